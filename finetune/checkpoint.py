@@ -1,0 +1,109 @@
+"""Checkpoints that survive crashes: written under a temporary name, renamed when complete.
+
+A checkpoint folder `checkpoints/checkpoint-<step>` only ever appears whole, so `--resume latest`
+never picks a half-written one. Inside: accelerate's state (optimizer, LR scheduler, RNG states of
+every process), the trainable parameters only (a LoRA checkpoint is megabytes, not the whole UNet),
+and `trainer_state.json` with the step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+
+from finetune.errors import FinetuneError
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    save_file(tensors, str(partial), metadata=metadata)
+    partial.replace(path)
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def register_trainable_only_hooks(accelerator: Accelerator) -> None:
+    """Make accelerate's save_state/load_state store just the parameters that train, not frozen weights."""
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for i, model in enumerate(models):
+                tensors = trainable_state_dict(accelerator.unwrap_model(model))
+                save_file(tensors, os.path.join(output_dir, f"trainable_{i}.safetensors"))
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        for i, model in enumerate(models):
+            tensors = load_file(os.path.join(input_dir, f"trainable_{i}.safetensors"))
+            unwrapped = accelerator.unwrap_model(model)
+            expected = set(trainable_state_dict(unwrapped))
+            if set(tensors) != expected:
+                raise FinetuneError(
+                    f"checkpoint {input_dir} does not match this recipe's trainable parameters "
+                    f"({len(tensors)} saved, {len(expected)} expected): resume with the recipe that wrote it"
+                )
+            unwrapped.load_state_dict(tensors, strict=False)
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders never match the pattern)."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = [p for p in checkpoints_dir.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+
+
+def resolve_resume(resume: str | None, checkpoints_dir: Path) -> Path | None:
+    """`latest` -> newest complete checkpoint (None if there is none yet); a path must be a checkpoint."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(checkpoints_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise FinetuneError(f"--resume {resume}: not a complete checkpoint folder (no {STATE_FILE}); use 'latest' or a checkpoints/checkpoint-N folder")
+    return path
+
+
+def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, state: dict, keep_last: int) -> Path:
+    """Collective: every process calls it. Returns the final folder."""
+    final = checkpoints_dir / f"checkpoint-{step}"
+    partial = checkpoints_dir / f".partial-checkpoint-{step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (partial / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
+        for old in list_checkpoints(checkpoints_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path) -> dict:
+    accelerator.load_state(str(path))
+    return json.loads((path / STATE_FILE).read_text())

@@ -1,0 +1,145 @@
+"""The `finetune` command (also `python -m finetune` and `accelerate launch -m finetune`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from finetune.errors import FinetuneError
+
+EXAMPLES = """examples:
+  finetune train recipes/quickstart.yaml
+  finetune train recipes/lora.yaml optimizer.lr=5e-5 train.max_steps=2000
+  accelerate launch --config_file accelerate_config.yaml -m finetune train recipes/lora.yaml
+  finetune train recipes/lora.yaml --resume latest
+  finetune sample --base outputs/quickstart/base --lora outputs/quickstart --prompt "a red striped circle"
+  finetune make-tiny-model outputs/tiny-sd
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="finetune",
+        description="Fine-tune Stable Diffusion on your own images: LoRA, DreamBooth, ControlNet.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = commands.add_parser(
+        "train",
+        help="train with a YAML recipe",
+        description="Train with a YAML recipe. Any recipe key can be overridden as dotted.key=value.",
+        epilog="example: finetune train recipes/lora.yaml optimizer.lr=1e-4 data.image_dir=my_photos",
+    )
+    train.add_argument("recipe", help="path of a recipe, e.g. recipes/lora.yaml")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. train.max_steps=500")
+    train.add_argument("--resume", metavar="CHECKPOINT", help="'latest' or a checkpoints/checkpoint-N folder to continue from")
+
+    sample = commands.add_parser(
+        "sample",
+        help="generate images from a base model plus a trained adapter",
+        description="Generate images from a base model, optionally with a trained LoRA, and save them with a grid.",
+    )
+    sample.add_argument("--base", required=True, help="base model: hub id, diffusers folder or .safetensors file")
+    sample.add_argument("--lora", help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
+    sample.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
+    sample.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several)")
+    sample.add_argument("--negative-prompt", default=None)
+    sample.add_argument("--num-images", type=int, default=4, help="images per prompt (seeds seed..seed+N-1)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    sample.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    sample.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")
+    sample.add_argument("--out", default="outputs/samples", help="output folder (default outputs/samples)")
+
+    tiny = commands.add_parser(
+        "make-tiny-model",
+        help="write a small random Stable Diffusion pipeline (for tests and benchmarks)",
+        description="Write a complete diffusers Stable Diffusion pipeline with tiny random weights, offline, in seconds.",
+    )
+    tiny.add_argument("output_dir")
+    tiny.add_argument("--preset", choices=["tiny", "medium"], default="tiny", help="tiny (~1M UNet params) or medium (SD1.5 block pattern, ~19M)")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon")
+
+    data = commands.add_parser(
+        "make-sample-data",
+        help="regenerate the sample datasets under datasets/",
+        description="Write the sample datasets (striped/ and star/, from the toy world) into a folder.",
+    )
+    data.add_argument("output_dir", nargs="?", default="datasets")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return COMMANDS[args.command](args)
+    except FinetuneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _train(args) -> int:
+    from finetune.config import load_recipe
+    from finetune.trainer import train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    result = train(recipe, resume=args.resume)
+    if result.interrupted:
+        return 130
+    for path in result.sample_grids[-1:]:
+        print(f"samples: {path}")
+    for path in result.saved_files:
+        print(f"output: {path}")
+    return 0
+
+
+def _sample(args) -> int:
+    from finetune.inference import sample_to_folder
+
+    written = sample_to_folder(
+        base=args.base,
+        lora=args.lora,
+        lora_scale=args.lora_scale,
+        prompts=args.prompt,
+        negative_prompt=args.negative_prompt,
+        num_images=args.num_images,
+        seed=args.seed,
+        steps=args.steps,
+        guidance=args.guidance,
+        resolution=args.resolution,
+        output_dir=Path(args.out),
+    )
+    print(f"wrote {len(written) - 1} images and a grid: {written[-1]}")
+    return 0
+
+
+def _make_tiny_model(args) -> int:
+    from finetune.tiny_model import make_tiny_model
+
+    path = make_tiny_model(args.output_dir, preset=args.preset, seed=args.seed, prediction_type=args.prediction_type)
+    print(f"wrote a {args.preset} Stable Diffusion pipeline to {path}")
+    return 0
+
+
+def _make_sample_data(args) -> int:
+    from finetune.sample_data import make_sample_data
+
+    for folder in make_sample_data(args.output_dir):
+        print(f"wrote {folder}")
+    return 0
+
+
+COMMANDS = {
+    "train": _train,
+    "sample": _sample,
+    "make-tiny-model": _make_tiny_model,
+    "make-sample-data": _make_sample_data,
+}

@@ -1,0 +1,35 @@
+"""The frozen encoders: images to VAE latents, captions to text-encoder hidden states."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL
+from transformers import CLIPTextModel, CLIPTokenizer
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str]) -> torch.Tensor:
+    tokens = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    return text_encoder(tokens.input_ids.to(text_encoder.device))[0]
+
+
+@torch.no_grad()
+def encode_images(vae: AutoencoderKL, pixel_values: torch.Tensor, posterior_noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Latents from the VAE posterior, scaled the way the UNet was trained to see them.
+
+    With `posterior_noise` (standard normal, latent-shaped) the sample is mean + std * noise, drawn
+    by the caller so it is reproducible; without it, the posterior mean.
+    """
+    pixel_values = pixel_values.to(device=vae.device, dtype=vae.dtype)
+    posterior = vae.encode(pixel_values).latent_dist
+    latents = posterior.mean
+    if posterior_noise is not None:
+        latents = latents + posterior.std * posterior_noise.to(latents.device, latents.dtype)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((latents - shift) * vae.config.scaling_factor).float()

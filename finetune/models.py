@@ -1,0 +1,127 @@
+"""Load the pretrained parts of Stable Diffusion and freeze the ones that do not train.
+
+A base model is named the way creators name it: a hub id ("stable-diffusion-v1-5/stable-diffusion-v1-5"),
+a local diffusers folder, or one `.safetensors`/`.ckpt` file from a model site. Whatever the source, the
+result is the same `BaseModel` bundle, and a source that is not there is one clear line, not a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from finetune.config import ModelConfig
+from finetune.errors import FinetuneError
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+@dataclass
+class BaseModel:
+    """The five parts of a Stable Diffusion pipeline, as the trainer uses them."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+    source: str
+
+
+def freeze(module: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """No gradients, eval mode (no dropout), and optionally cast to the frozen weights' dtype."""
+    module.requires_grad_(False)
+    module.eval()
+    if dtype is not None:
+        module.to(dtype=dtype)
+    return module
+
+
+def resolve_model_folder(config: ModelConfig) -> Path | None:
+    """Return the local diffusers folder for `config.pretrained`, or None for a single-file checkpoint."""
+    name = config.pretrained
+    path = Path(name).expanduser()
+    if path.suffix in SINGLE_FILE_SUFFIXES:
+        if not path.is_file():
+            raise FinetuneError(f"base model file {name} not found: check model.pretrained in the recipe")
+        return None
+    if path.is_dir():
+        if not (path / "model_index.json").is_file() and not (path / "unet" / "config.json").is_file():
+            raise FinetuneError(
+                f"base model folder {name} is not a diffusers pipeline (no model_index.json): "
+                "point model.pretrained at a folder saved with save_pretrained, or at a .safetensors file"
+            )
+        return path
+    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise FinetuneError(f"base model {name} not found: no such folder or file (check model.pretrained)")
+    return _download_or_find_in_cache(name, config.revision)
+
+
+def _download_or_find_in_cache(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:
+        folder = snapshot_download(
+            repo_id,
+            revision=revision,
+            local_files_only=offline,
+            allow_patterns=["*.json", "*.txt", "*.safetensors"],
+            ignore_patterns=["*.ckpt", "*non_ema*", "*.fp16.*", "safety_checker/*", "*/diffusion_pytorch_model.bin"],
+        )
+    except (LocalEntryNotFoundError, FileNotFoundError):
+        raise FinetuneError(
+            f"base model {repo_id} is not in the local Hugging Face cache and downloads are off (HF_HUB_OFFLINE=1): "
+            "download it once with network, or set model.pretrained to a local diffusers folder or .safetensors file"
+        ) from None
+    except (RepositoryNotFoundError, HFValidationError):
+        raise FinetuneError(f"base model {repo_id} not found on the hub: check model.pretrained") from None
+    except OSError as err:
+        raise FinetuneError(f"base model {repo_id} could not be fetched ({err.__class__.__name__}): check the network or use a local folder") from None
+    return Path(folder)
+
+
+def load_base_model(config: ModelConfig, weight_dtype: torch.dtype = torch.float32) -> BaseModel:
+    """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler; freeze VAE and text encoder."""
+    folder = resolve_model_folder(config)
+    if folder is None:
+        pipeline = _load_single_file(config)
+        tokenizer, text_encoder, vae, unet = pipeline.tokenizer, pipeline.text_encoder, pipeline.vae, pipeline.unet
+        scheduler_config = pipeline.scheduler.config
+    else:
+        kwargs = dict(variant=config.variant) if config.variant else {}
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kwargs)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kwargs)
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kwargs)
+        scheduler_config = DDPMScheduler.load_config(folder, subfolder="scheduler")
+
+    # Training always adds noise the DDPM way; the model's own config says which betas and target.
+    noise_scheduler = DDPMScheduler.from_config(scheduler_config)
+    if config.prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=config.prediction_type)
+
+    freeze(vae, weight_dtype)
+    freeze(text_encoder, weight_dtype)
+    unet.train()
+    return BaseModel(tokenizer, text_encoder, vae, unet, noise_scheduler, source=config.pretrained)
+
+
+def _load_single_file(config: ModelConfig) -> StableDiffusionPipeline:
+    kwargs = {}
+    if config.single_file_config:
+        kwargs["config"] = config.single_file_config
+    try:
+        return StableDiffusionPipeline.from_single_file(config.pretrained, **kwargs)
+    except OSError as err:
+        raise FinetuneError(
+            f"could not read base model file {config.pretrained}: {str(err).splitlines()[0]} "
+            "(offline, set model.single_file_config to a local diffusers folder with the matching configs)"
+        ) from None

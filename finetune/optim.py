@@ -1,0 +1,33 @@
+"""Optimizers and learning-rate schedules named in the recipe."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from diffusers.optimization import get_scheduler
+
+from finetune.config import OptimizerConfig
+
+logger = logging.getLogger(__name__)
+
+
+def build_optimizer(config: OptimizerConfig, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    kwargs = dict(lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay)
+    if config.name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(parameters, **kwargs)
+        except Exception as err:  # no CUDA/CPU backend, or bitsandbytes missing
+            logger.warning("optimizer.name=adamw8bit: bitsandbytes cannot run here (%s); falling back to torch AdamW (32-bit states)", err)
+    return torch.optim.AdamW(parameters, **kwargs)
+
+
+def build_lr_scheduler(config: OptimizerConfig, optimizer: torch.optim.Optimizer, max_steps: int):
+    return get_scheduler(
+        config.scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=config.warmup_steps,
+        num_training_steps=max_steps,
+    )

@@ -1,0 +1,107 @@
+"""Turning models into pictures: inference pipelines, fixed-seed generation, and image grids."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from PIL import Image, ImageDraw
+
+from finetune.models import BaseModel
+
+
+def build_pipeline(base: BaseModel, unet: torch.nn.Module | None = None, **extra) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline over the base model's parts (and a trained UNet), sampling with DDIM."""
+    pipeline = StableDiffusionPipeline(
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=unet if unet is not None else base.unet,
+        scheduler=DDIMScheduler.from_config(base.noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        **extra,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def autocast_for(module: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """Autocast when some weights are half precision, so fp32 adapters and bf16/fp16 bases mix."""
+    dtypes = {p.dtype for p in module.parameters()}
+    half = [d for d in (torch.bfloat16, torch.float16) if d in dtypes]
+    if not half:
+        return contextlib.nullcontext()
+    device = next(module.parameters()).device
+    return torch.autocast(device_type=device.type, dtype=half[0])
+
+
+@torch.no_grad()
+def generate(
+    pipeline,
+    prompts: list[str],
+    images_per_prompt: int,
+    seed: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    resolution: int,
+    negative_prompt: str | None = None,
+    **call_kwargs,
+) -> list[list[Image.Image]]:
+    """images[p][k] for prompt p and seed `seed + k`: the same seeds for every prompt and every run."""
+    rows = []
+    for prompt in prompts:
+        row = []
+        for k in range(images_per_prompt):
+            generator = torch.Generator("cpu").manual_seed(seed + k)
+            with autocast_for(pipeline.unet):
+                result = pipeline(
+                    prompt,
+                    negative_prompt=negative_prompt,
+                    num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale,
+                    height=resolution,
+                    width=resolution,
+                    generator=generator,
+                    **call_kwargs,
+                )
+            row.append(result.images[0])
+        rows.append(row)
+    return rows
+
+
+def make_grid(rows: list[list[Image.Image]], row_labels: list[str] | None = None, label_width: int = 0) -> Image.Image:
+    """Paste images into a grid, one row per list; optional text labels in a left margin."""
+    cell_w, cell_h = rows[0][0].size
+    columns = max(len(row) for row in rows)
+    margin = label_width if row_labels else 0
+    grid = Image.new("RGB", (margin + columns * cell_w, len(rows) * cell_h), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            grid.paste(image.convert("RGB"), (margin + c * cell_w, r * cell_h))
+        if row_labels:
+            draw.text((2, r * cell_h + 2), _wrap(row_labels[r], label_width // 6), fill="black")
+    return grid
+
+
+def _wrap(text: str, width: int) -> str:
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return "\n".join(lines + [line])
+
+
+def save_image_atomic(image: Image.Image, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    image.save(partial, format="PNG")
+    partial.replace(path)
+    return path

@@ -1,0 +1,285 @@
+"""The one training loop, shared by every method (see `finetune.methods`).
+
+Read top to bottom: check the data and the base model (cheap, before anything heavy), load the frozen
+parts, let the method attach what trains, then loop: encode, noise, predict, loss, step; with
+validation grids, TensorBoard, checkpoints, and a clean stop on Ctrl-C that leaves a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+from finetune import checkpoint as ckpt
+from finetune.config import Recipe, dump_recipe
+from finetune.data import CaptionedImageDataset, EpochBatchSampler, collate, load_examples
+from finetune.diffusion import add_noise, draw_noise, per_sample_loss
+from finetune.encoders import encode_images, encode_prompts
+from finetune.methods import METHODS
+from finetune.models import load_base_model, resolve_model_folder
+from finetune.optim import build_lr_scheduler, build_optimizer
+from finetune.sampling import generate, make_grid, save_image_atomic
+
+logger = logging.getLogger(__name__)
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_step: int
+    saved_files: list[Path] = field(default_factory=list)
+    sample_grids: list[Path] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # per optimizer step, this run only
+    interrupted: bool = False
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM set a flag; the loop stops at the next step boundary, saves, and exits.
+
+    A second Ctrl-C aborts at once (the last complete checkpoint is still there).
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        """All processes stop together, or none does (a lone stop would hang the others' collectives)."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
+    output_dir = Path(recipe.output_dir)
+    checkpoints_dir = output_dir / "checkpoints"
+    train_cfg = recipe.train
+
+    # Cheap checks first: a bad image or a missing model is reported before any weight is loaded.
+    examples = load_examples(recipe.data)
+    resolve_model_folder(recipe.model)
+    resume_from = ckpt.resolve_resume(resume, checkpoints_dir)
+
+    accelerator = Accelerator(
+        mixed_precision=train_cfg.mixed_precision,
+        gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
+        log_with="tensorboard" if recipe.logging.tensorboard else None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    set_seed(recipe.seed)  # the same adapter initialisation on every process
+    if torch.cuda.is_available() and train_cfg.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    weight_dtype = WEIGHT_DTYPES[train_cfg.mixed_precision]
+
+    base = load_base_model(recipe.model, weight_dtype)
+    base.vae.to(accelerator.device)
+    base.text_encoder.to(accelerator.device)
+    method = METHODS[recipe.method](recipe, base, weight_dtype)
+    method.setup()
+    if train_cfg.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+
+    optimizer = build_optimizer(recipe.optimizer, method.trainable_parameters())
+    lr_scheduler = build_lr_scheduler(recipe.optimizer, optimizer, train_cfg.max_steps)
+    names = list(method.trained_modules())
+    *wrapped, optimizer = accelerator.prepare(*method.trained_modules().values(), optimizer)
+    modules = dict(zip(names, wrapped))
+    accelerator.register_for_checkpointing(lr_scheduler)
+    ckpt.register_trainable_only_hooks(accelerator)
+
+    step = 0
+    if resume_from is not None:
+        step = ckpt.load_checkpoint(accelerator, resume_from)["step"]
+        accelerator.print(f"resumed from {resume_from} at step {step}")
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        dump_recipe(recipe, output_dir / "recipe.yaml")
+        accelerator.init_trackers("finetune", config=_flat_hparams(recipe))
+
+    accumulation = train_cfg.gradient_accumulation_steps
+    sampler = EpochBatchSampler(
+        len(examples), train_cfg.batch_size, accelerator.num_processes, accelerator.process_index, recipe.seed, start=step * accumulation
+    )
+    loader = torch.utils.data.DataLoader(
+        CaptionedImageDataset(examples, recipe.data, recipe.seed),
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=recipe.data.num_workers,
+    )
+    result = TrainResult(output_dir=output_dir, final_step=step)
+
+    def validate(at_step: int) -> None:
+        grid = run_validation(recipe, method, modules, accelerator, at_step)
+        if grid is not None:
+            result.sample_grids.append(grid)
+
+    def save_checkpoint() -> None:
+        ckpt.save_checkpoint(accelerator, checkpoints_dir, step, {"epoch_micro_batch": step * accumulation}, recipe.checkpoint.keep_last)
+
+    if step == 0 and recipe.validation.at_start:
+        validate(0)
+
+    rows = slice(accelerator.process_index * train_cfg.batch_size, (accelerator.process_index + 1) * train_cfg.batch_size)
+    progress = tqdm(total=train_cfg.max_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process)
+    batches = iter(loader)
+    running_loss = torch.zeros((), device=accelerator.device)
+    last_checkpoint_step = step
+    with StopRequest() as stop:
+        while step < train_cfg.max_steps:
+            for micro in range(accumulation):
+                micro_batch = step * accumulation + micro
+                batch = next(batches)
+                with accelerator.accumulate(*modules.values()):
+                    losses = training_loss(recipe, method, modules, base, batch, micro_batch, rows, sampler.global_batch, accelerator)
+                    accelerator.backward(losses["loss"])
+                    if accelerator.sync_gradients and train_cfg.max_grad_norm:
+                        accelerator.clip_grad_norm_(method.trainable_parameters(), train_cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                running_loss += losses["loss"].detach() / accumulation
+            lr_scheduler.step()
+            step += 1
+
+            step_loss = accelerator.reduce(running_loss, reduction="mean").item()
+            running_loss.zero_()
+            result.losses.append(step_loss)
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+            if step % recipe.logging.every_n_steps == 0 or step == train_cfg.max_steps:
+                logs = {f"train/{k}": v.detach().float().item() for k, v in losses.items() if k != "loss"}
+                accelerator.log({"train/loss": step_loss, "train/lr": lr_scheduler.get_last_lr()[0], **logs}, step=step)
+
+            if stop.agreed(accelerator):
+                save_checkpoint()
+                result.interrupted = True
+                accelerator.print(f"\nstopped at step {step}; checkpoint saved in {checkpoints_dir}; continue with --resume latest")
+                break
+            if recipe.checkpoint.every_n_steps and step % recipe.checkpoint.every_n_steps == 0 and step < train_cfg.max_steps:
+                save_checkpoint()
+                last_checkpoint_step = step
+            if recipe.validation.every_n_steps and step % recipe.validation.every_n_steps == 0 and step < train_cfg.max_steps:
+                validate(step)
+    progress.close()
+    result.final_step = step
+
+    if not result.interrupted:
+        if last_checkpoint_step != step:
+            save_checkpoint()
+        validate(step)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            unwrapped = {name: accelerator.unwrap_model(module) for name, module in modules.items()}
+            result.saved_files = method.save(output_dir, unwrapped, output_metadata(recipe, step))
+            for path in result.saved_files:
+                accelerator.print(f"saved {path}")
+    accelerator.end_training()
+    return result
+
+
+def training_loss(recipe, method, modules, base, batch, micro_batch, rows, global_batch, accelerator) -> dict[str, torch.Tensor]:
+    """Encode with the frozen parts, noise the latents, and ask the method for its loss terms."""
+    pixel_values = batch["pixel_values"].to(accelerator.device)
+    latent_shape = (global_batch, base.vae.config.latent_channels, pixel_values.shape[-2] // 8, pixel_values.shape[-1] // 8)
+    posterior_noise = draw_noise(latent_shape, 1, recipe.seed + 1, micro_batch, rows)[0]
+    latents = encode_images(base.vae, pixel_values, posterior_noise.to(accelerator.device))
+    encoder_hidden_states = encode_prompts(base.tokenizer, base.text_encoder, batch["captions"])
+    noise, timesteps = draw_noise(latent_shape, base.noise_scheduler.config.num_train_timesteps, recipe.seed, micro_batch, rows, recipe.train.noise_offset)
+    noised = add_noise(base.noise_scheduler, latents, noise.to(latents.device), timesteps.to(latents.device))
+    with accelerator.autocast():
+        prediction = method.predict(modules, noised.noisy_latents, noised.timesteps, encoder_hidden_states, batch)
+    return method.combine_losses(per_sample_loss(prediction, noised, base.noise_scheduler, recipe.train.snr_gamma), batch)
+
+
+def run_validation(recipe, method, modules, accelerator, step: int) -> Path | None:
+    """Render the recipe's prompts with fixed seeds into samples/step-N.png (main process only)."""
+    settings = recipe.validation
+    if not settings.prompts:
+        return None
+    path = None
+    if accelerator.is_main_process:
+        unwrapped = {name: accelerator.unwrap_model(module) for name, module in modules.items()}
+        for module in unwrapped.values():
+            module.eval()
+        # Sampling must not disturb the training RNG: a resumed run then follows the same curve.
+        with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
+            rows = generate(
+                method.pipeline(unwrapped),
+                settings.prompts,
+                settings.images_per_prompt,
+                settings.seed,
+                settings.num_inference_steps,
+                settings.guidance_scale,
+                recipe.data.resolution,
+            )
+        for module in unwrapped.values():
+            module.train()
+        grid = make_grid(rows, row_labels=settings.prompts, label_width=160)
+        path = save_image_atomic(grid, Path(recipe.output_dir) / "samples" / f"step-{step:06d}.png")
+        tensorboard = _tensorboard_writer(accelerator)
+        if tensorboard is not None:
+            import numpy as np
+
+            tensorboard.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+    accelerator.wait_for_everyone()
+    return path
+
+
+def _tensorboard_writer(accelerator: Accelerator):
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            return tracker.writer
+    return None
+
+
+def output_metadata(recipe: Recipe, step: int) -> dict[str, str]:
+    """Recorded in every saved file, so an adapter can be traced to its base, method and recipe."""
+    metadata = {
+        "finetune.method": recipe.method,
+        "finetune.base_model": recipe.model.pretrained,
+        "finetune.steps": str(step),
+        "finetune.resolution": str(recipe.data.resolution),
+        "finetune.recipe_hash": recipe.fingerprint(),
+    }
+    if recipe.method == "lora":
+        metadata.update({"finetune.rank": str(recipe.lora.rank), "finetune.alpha": str(recipe.lora.alpha)})
+    return metadata
+
+
+def _flat_hparams(recipe: Recipe) -> dict:
+    """TensorBoard's hparams take scalars and strings only."""
+    flat = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, child in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, child)
+        elif isinstance(value, (int, float, str, bool)):
+            flat[prefix] = value
+        elif value is not None:
+            flat[prefix] = str(value)
+
+    walk("", recipe.model_dump(mode="json"))
+    return flat

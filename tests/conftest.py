@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny random Stable Diffusion on disk, a small captioned dataset, recipes."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import pytest
+
+from finetune.config import recipe_from_dict
+from finetune.tiny_model import make_tiny_model
+from finetune.toyworld.world import write_folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-sd") / "model", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_vpred_model(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-sd-v") / "model", preset="tiny", seed=0, prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """Four striped shapes with .txt captions and a metadata.jsonl."""
+    return write_folder(tmp_path_factory.mktemp("data") / "striped", 4, seed=7, include_held_out="only_style")
+
+
+@pytest.fixture
+def make_recipe(tiny_model, image_folder, tmp_path):
+    """A fast LoRA recipe on the tiny model; keyword overrides use dotted names with '__' for '.'."""
+
+    def build(**overrides):
+        raw = {
+            "method": "lora",
+            "seed": 3,
+            "output_dir": str(tmp_path / "run"),
+            "model": {"pretrained": str(tiny_model)},
+            "data": {"image_dir": str(image_folder), "resolution": 64},
+            "lora": {"rank": 4, "alpha": 2},
+            "train": {"batch_size": 2, "max_steps": 4},
+            "optimizer": {"lr": 1e-3},
+            "validation": {"prompts": []},
+            "checkpoint": {"every_n_steps": 0, "keep_last": 5},
+            "logging": {"tensorboard": False},
+        }
+        for dotted, value in overrides.items():
+            node = raw
+            keys = dotted.split("__")
+            for key in keys[:-1]:
+                node = node.setdefault(key, {})
+            node[keys[-1]] = value
+        return recipe_from_dict(raw)
+
+    return build

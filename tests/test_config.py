@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import pytest
+
+from finetune.config import load_recipe, recipe_from_dict
+from finetune.errors import FinetuneError
+
+RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
+MINIMAL = {"data": {"image_dir": "images"}}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.data.resolution % 8 == 0
+
+
+def test_unknown_key_names_it_and_suggests_the_closest(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("data: {image_dir: x}\noptimizer:\n  lrr: 0.1\n")
+    with pytest.raises(FinetuneError, match=r"unknown key 'optimizer.lrr' \(did you mean 'optimizer.lr'\?\)"):
+        load_recipe(path)
+
+
+def test_unknown_top_level_section():
+    with pytest.raises(FinetuneError, match=r"unknown key 'optimzer' \(did you mean 'optimizer'\?\)"):
+        recipe_from_dict({**MINIMAL, "optimzer": {}})
+
+
+def test_wrong_type_names_key_and_type():
+    with pytest.raises(FinetuneError, match=r"key 'train.max_steps': Input should be a valid integer"):
+        recipe_from_dict({**MINIMAL, "train": {"max_steps": "many"}})
+
+
+def test_resolution_must_be_multiple_of_8():
+    with pytest.raises(FinetuneError, match=r"key 'data.resolution': must be a positive multiple of 8"):
+        recipe_from_dict({"data": {"image_dir": "x", "resolution": 500}})
+
+
+def test_overrides_use_dotted_paths_and_yaml_values(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("data: {image_dir: x}\n")
+    recipe = load_recipe(path, ["optimizer.lr=5e-5", "lora.target_modules=[to_q, to_v]", "train.snr_gamma=null", "data.resolution=256"])
+    assert recipe.optimizer.lr == 5e-5
+    assert recipe.lora.target_modules == ["to_q", "to_v"]
+    assert recipe.train.snr_gamma is None
+    assert recipe.data.resolution == 256
+
+
+def test_override_without_equals_is_an_error(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("data: {image_dir: x}\n")
+    with pytest.raises(FinetuneError, match="must look like key=value"):
+        load_recipe(path, ["optimizer.lr"])
+
+
+def test_missing_recipe_file():
+    with pytest.raises(FinetuneError, match="recipe nope.yaml not found"):
+        load_recipe("nope.yaml")
+
+
+def test_data_needs_exactly_one_source():
+    with pytest.raises(FinetuneError, match="set exactly one of data.image_dir"):
+        recipe_from_dict({"data": {"image_dir": "a", "dataset": "b"}})
+
+
+def test_fingerprint_changes_with_any_setting():
+    a = recipe_from_dict(MINIMAL)
+    b = recipe_from_dict({**MINIMAL, "optimizer": {"lr": 2e-4}})
+    assert a.fingerprint() != b.fingerprint()
+    assert a.fingerprint() == recipe_from_dict(MINIMAL).fingerprint()

@@ -1,0 +1,149 @@
+"""Data sources, early checks with one-line errors, and reproducible augmentation and ordering."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from finetune.config import DataConfig
+from finetune.data import CaptionedImageDataset, EpochBatchSampler, load_examples, open_rgb
+from finetune.errors import FinetuneError
+
+
+def write_image(path, size=(64, 64), colour="red", mode="RGB"):
+    Image.new(mode, size, colour).save(path)
+    return path
+
+
+def test_folder_with_txt_sidecars(image_folder):
+    examples = load_examples(DataConfig(image_dir=str(image_folder), resolution=64))
+    assert len(examples) == 4
+    for example in examples:
+        assert example.caption == open(example.source.replace(".png", ".txt")).read().strip()
+
+
+def test_metadata_jsonl_wins_over_missing_sidecars(tmp_path):
+    write_image(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "from metadata"}) + "\n")
+    assert load_examples(DataConfig(image_dir=str(tmp_path), resolution=64))[0].caption == "from metadata"
+
+
+def test_fixed_caption_needs_no_caption_files(tmp_path):
+    write_image(tmp_path / "a.png")
+    assert load_examples(DataConfig(image_dir=str(tmp_path), resolution=64, caption="a sks toy"))[0].caption == "a sks toy"
+
+
+def test_missing_caption_names_the_image(tmp_path):
+    write_image(tmp_path / "a.png")
+    with pytest.raises(FinetuneError, match=r"image .*a\.png has no caption: add a\.txt"):
+        load_examples(DataConfig(image_dir=str(tmp_path), resolution=64))
+
+
+def test_missing_and_empty_folders(tmp_path):
+    with pytest.raises(FinetuneError, match=r"data folder .*nothere not found"):
+        load_examples(DataConfig(image_dir=str(tmp_path / "nothere"), resolution=64))
+    with pytest.raises(FinetuneError, match=r"data folder .* has no images"):
+        load_examples(DataConfig(image_dir=str(tmp_path), resolution=64))
+
+
+def test_truncated_image_is_named(tmp_path):
+    good = write_image(tmp_path / "good.png")
+    (tmp_path / "good.txt").write_text("ok")
+    data = good.read_bytes()
+    (tmp_path / "broken.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "broken.txt").write_text("broken")
+    with pytest.raises(FinetuneError, match=r"image .*broken\.png cannot be read"):
+        load_examples(DataConfig(image_dir=str(tmp_path), resolution=64))
+
+
+def test_not_an_image_at_all_is_named(tmp_path):
+    (tmp_path / "fake.jpg").write_text("this is text")
+    (tmp_path / "fake.txt").write_text("fake")
+    with pytest.raises(FinetuneError, match=r"image .*fake\.jpg cannot be read"):
+        load_examples(DataConfig(image_dir=str(tmp_path), resolution=64))
+
+
+def test_tiny_image_is_an_error(tmp_path):
+    write_image(tmp_path / "tiny.png", size=(20, 20))
+    (tmp_path / "tiny.txt").write_text("tiny")
+    with pytest.raises(FinetuneError, match=r"tiny\.png is 20x20, smaller than 32 px"):
+        load_examples(DataConfig(image_dir=str(tmp_path), resolution=64))
+
+
+@pytest.mark.parametrize("mode,colour", [("RGBA", (255, 0, 0, 0)), ("CMYK", (0, 255, 255, 0)), ("L", 128), ("I;16", 65535)])
+def test_odd_modes_become_rgb(tmp_path, mode, colour):
+    path = tmp_path / ("x.tiff" if mode == "CMYK" else "x.png")
+    Image.new(mode, (8, 8), colour).save(path)
+    from finetune.data import Example
+
+    image = open_rgb(Example(str(path), "", lambda: Image.open(path)))
+    assert image.mode == "RGB"
+    if mode == "RGBA":  # fully transparent pixels become white, not the hidden red
+        assert image.getpixel((0, 0)) == (255, 255, 255)
+    if mode == "I;16":
+        assert image.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_datasets_dataset_saved_to_disk(tmp_path):
+    import datasets
+
+    images = [Image.new("RGB", (64, 64), c) for c in ("red", "blue")]
+    datasets.Dataset.from_dict({"img": images, "caption": ["a red thing", "a blue thing"]}).save_to_disk(tmp_path / "ds")
+    config = DataConfig(dataset=str(tmp_path / "ds"), image_column="img", caption_column="caption", resolution=64)
+    examples = load_examples(config)
+    assert [e.caption for e in examples] == ["a red thing", "a blue thing"]
+    item = CaptionedImageDataset(examples, config, seed=0)[(1, 0)]
+    assert item["pixel_values"].shape == (3, 64, 64)
+    assert item["pixel_values"][2].mean() > 0.9  # the blue image
+
+
+def test_datasets_missing_column_lists_the_columns(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"img": [Image.new("RGB", (64, 64))], "text": ["x"]}).save_to_disk(tmp_path / "ds")
+    with pytest.raises(FinetuneError, match=r"no column 'image' \(data.image_column\); its columns are: img, text"):
+        load_examples(DataConfig(dataset=str(tmp_path / "ds"), resolution=64))
+
+
+def test_random_crop_and_flip_are_reproducible_per_epoch(tmp_path):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8))
+    image.save(tmp_path / "a.png")
+    config = DataConfig(image_dir=str(tmp_path), caption="x", resolution=64, crop="random", random_flip=True)
+    dataset = CaptionedImageDataset(load_examples(config), config, seed=1)
+    again = CaptionedImageDataset(load_examples(config), config, seed=1)
+    assert torch.equal(dataset[(0, 0)]["pixel_values"], again[(0, 0)]["pixel_values"])
+    views = {dataset[(0, epoch)]["pixel_values"].sum().item() for epoch in range(8)}
+    assert len(views) > 1  # different epochs see different crops/flips
+
+
+def test_caption_dropout_share(tmp_path):
+    write_image(tmp_path / "a.png")
+    config = DataConfig(image_dir=str(tmp_path), caption="x", resolution=64, caption_dropout=0.3)
+    dataset = CaptionedImageDataset(load_examples(config), config, seed=0)
+    dropped = sum(dataset[(0, epoch)]["caption"] == "" for epoch in range(400))
+    assert 80 < dropped < 160
+
+
+def test_sampler_two_processes_see_what_one_process_sees():
+    one = EpochBatchSampler(10, batch_size=4, num_processes=1, process_index=0, seed=5)
+    ranks = [EpochBatchSampler(10, batch_size=2, num_processes=2, process_index=r, seed=5) for r in range(2)]
+    streams = [iter(s) for s in (one, *ranks)]
+    for _ in range(7):  # crosses epoch boundaries (2 batches per epoch)
+        whole, first, second = (next(s) for s in streams)
+        assert whole == first + second
+    seen = one.global_batch_indices(0) + one.global_batch_indices(1)
+    assert len(set(seen)) == 8  # no image twice within an epoch
+
+
+def test_sampler_resumes_mid_stream():
+    full = iter(EpochBatchSampler(7, batch_size=2, num_processes=1, process_index=0, seed=1))
+    batches = [next(full) for _ in range(9)]
+    resumed = iter(EpochBatchSampler(7, batch_size=2, num_processes=1, process_index=0, seed=1, start=5))
+    assert [next(resumed) for _ in range(4)] == batches[5:]
+
+
+def test_too_few_images_for_one_global_batch():
+    with pytest.raises(FinetuneError, match="fewer than one global batch"):
+        EpochBatchSampler(3, batch_size=2, num_processes=2, process_index=0, seed=0)

@@ -1,0 +1,211 @@
+"""Toy world: generator correctness, the shipped evaluator's accuracy, metric sanity.
+
+Fast (well under a minute on CPU): uses the shipped classifier, never retrains.
+"""
+
+import io
+import json
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from finetune.toyworld import metrics
+from finetune.toyworld.classifier import DEFAULT_PATH, load_classifier, predict
+from finetune.toyworld.world import (
+    ATTRIBUTES,
+    HELD_OUT_SHAPES,
+    HELD_OUT_STYLES,
+    RGB,
+    WORLD_WORDS,
+    Scene,
+    caption,
+    draw,
+    generate,
+    parse_caption,
+    render,
+    sample_scenes,
+    shape_mask,
+    write_folder,
+)
+
+# Seeds used to train / validate the shipped classifier are 0 and 1_000_003.
+FRESH_SEED = 4242
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def samples():
+    """400 fresh samples of every attribute (held-out ones included)."""
+    return generate(400, FRESH_SEED, include_held_out="all")
+
+
+# ------------------------------------------------------------------------ generator
+
+
+def test_same_seed_same_bytes_different_seed_different():
+    a = [_png(s[0]) for s in generate(12, 7, "all")]
+    b = [_png(s[0]) for s in generate(12, 7, "all")]
+    c = [_png(s[0]) for s in generate(12, 8, "all")]
+    assert a == b
+    assert a != c
+    scene = sample_scenes(1, 3)[0]
+    assert _png(render(scene, rng=5)) == _png(draw(scene, rng=5)[0])
+    assert np.array_equal(shape_mask(scene, rng=5), draw(scene, rng=5)[1])
+
+
+def test_samples_are_prefix_stable():
+    assert sample_scenes(5, 11) == sample_scenes(50, 11)[:5]
+
+
+def test_captions_match_pixels(samples):
+    areas = {"small": [], "large": []}
+    for image, text, scene, mask in samples:
+        assert text == caption(scene)
+        pixels = np.asarray(image)
+        assert image.size == (64, 64) and image.mode == "RGB"
+        assert 0 < mask.sum() < 64 * 64 / 4
+        # the mask's centroid lies in the captioned position
+        ys, xs = np.nonzero(mask)
+        cx, cy = xs.mean(), ys.mean()
+        if scene.position == "center":
+            assert abs(cx - 32) < 6 and abs(cy - 32) < 6
+        else:
+            vertical, horizontal = scene.position.split()
+            assert (cy < 32) == (vertical == "top"), (text, cy)
+            assert (cx < 32) == (horizontal == "left"), (text, cx)
+        # the dominant colour inside the mask is the named colour
+        colours, counts = np.unique(pixels[mask], axis=0, return_counts=True)
+        assert tuple(colours[counts.argmax()]) == RGB[scene.colour], text
+        # everything outside the mask is the named background
+        assert (pixels[~mask] == RGB[scene.background]).all(), text
+        # striped shapes have a second colour inside the mask, solid ones do not
+        assert (len(colours) == 2) == (scene.style == "striped"), text
+        areas[scene.size].append(mask.sum())
+    assert min(areas["large"]) > max(areas["small"])
+
+
+def test_scenes_never_put_a_shape_on_its_own_colour():
+    assert all(s.colour != s.background for s in sample_scenes(2000, 1, "all"))
+    with pytest.raises(ValueError):
+        Scene("circle", "blue", "blue", "small", "center")
+    with pytest.raises(ValueError):
+        Scene("hexagon", "red", "blue", "small", "center")
+
+
+def test_held_out_modes():
+    base = sample_scenes(2000, 2, "no")
+    assert not any(s.shape in HELD_OUT_SHAPES or s.style in HELD_OUT_STYLES for s in base)
+    assert {s.shape for s in base} == set(ATTRIBUTES["shape"]) - set(HELD_OUT_SHAPES)
+    only_shape = sample_scenes(200, 2, "only_shape")
+    assert all(s.shape == "star" and s.style == "solid" for s in only_shape)
+    only_style = sample_scenes(200, 2, "only_style")
+    assert all(s.style == "striped" and s.shape != "star" for s in only_style)
+    every = sample_scenes(2000, 2, "all")
+    for name, vocab in ATTRIBUTES.items():
+        assert {getattr(s, name) for s in every} == set(vocab), name
+    with pytest.raises(ValueError):
+        sample_scenes(1, 0, "maybe")
+
+
+def test_parse_caption_round_trips_and_tolerates_prompts():
+    for scene in sample_scenes(500, 3, "all"):
+        expected = asdict(scene)
+        if scene.style == "solid":
+            expected["style"] = None  # canonical captions do not say "solid"
+        assert parse_caption(caption(scene)) == expected, caption(scene)
+        assert set(caption(scene).replace(",", "").split()) <= set(WORLD_WORDS)
+    assert list(WORLD_WORDS) == sorted(WORLD_WORDS)
+    p = parse_caption("a photo of sks star")
+    assert p["shape"] == "star" and p["colour"] is None and p["background"] is None
+    p = parse_caption("a sks star on a blue background")
+    assert p["shape"] == "star" and p["background"] == "blue" and p["colour"] is None
+    p = parse_caption("A large Red striped cross on a grey background, in the centre")
+    assert p == {
+        "shape": "cross", "colour": "red", "background": "gray",
+        "size": "large", "position": "center", "style": "striped",
+    }  # fmt: skip
+    assert parse_caption("nothing here") == dict.fromkeys(ATTRIBUTES)
+
+
+def test_write_folder(tmp_path):
+    out = write_folder(tmp_path / "ds", 5, seed=9, include_held_out="only_style", conditioning=True)
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["file_name"] for r in rows] == [f"{i:04d}.png" for i in range(5)]
+    for row, (image, text, _, mask) in zip(rows, generate(5, 9, "only_style")):
+        assert row["text"] == text == (out / row["file_name"]).with_suffix(".txt").read_text().strip()
+        assert _png(Image.open(out / row["file_name"])) == _png(image)
+        cond = np.asarray(Image.open(out / row["conditioning_file_name"]).convert("L")) > 127
+        assert np.array_equal(cond, mask)
+
+
+def test_other_sizes_render():
+    image, mask = draw(Scene("star", "red", "blue", "large", "top left"), size=128, rng=0)
+    assert image.size == (128, 128) and mask.shape == (128, 128) and mask[:64, :64].any()
+
+
+# ----------------------------------------------------------------------- classifier
+
+
+def test_shipped_classifier_is_small_and_accurate(samples):
+    assert DEFAULT_PATH.exists() and DEFAULT_PATH.stat().st_size < 2_000_000
+    model = load_classifier()
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+    preds = predict([s[0] for s in samples], model)
+    for name in ATTRIBUTES:
+        acc = np.mean([p[name] == getattr(s[2], name) for p, s in zip(preds, samples)])
+        assert acc >= 0.98, (name, acc)
+
+
+# -------------------------------------------------------------------------- metrics
+
+
+def test_control_iou_own_masks_vs_chance(samples):
+    images, masks = [s[0] for s in samples], [s[3] for s in samples]
+    own = metrics.control_iou(images, masks)
+    chance = metrics.chance_iou(images, masks)
+    assert own > 0.9
+    assert chance < 0.3 and own - chance > 0.6
+    # PIL mask images and other sizes are accepted
+    mask_images = [Image.fromarray(m.astype(np.uint8) * 255).resize((128, 128)) for m in masks[:20]]
+    assert metrics.control_iou(images[:20], mask_images) > 0.85
+
+
+def test_frechet_distance_real_vs_real_much_smaller_than_real_vs_noise(samples):
+    real_a = [s[0] for s in samples[:200]]
+    real_b = [s[0] for s in generate(200, FRESH_SEED + 1, "all")]
+    rng = np.random.default_rng(0)
+    noise = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(200)]
+    real_real = metrics.frechet_distance(real_a, real_b)
+    real_noise = metrics.frechet_distance(real_a, noise)
+    assert 0 <= real_real * 10 < real_noise
+
+
+def test_prompt_adherence_subject_fidelity_and_prior_drift(samples):
+    images, prompts = [s[0] for s in samples], [s[1] for s in samples]
+    scores = metrics.prompt_adherence(images, prompts)
+    assert scores["all"] > 0.95 and scores["n"] == len(images)
+    assert set(scores) == set(ATTRIBUTES) | {"all", "n"}
+    # captions with the wrong colour do not adhere
+    wrong = [p.replace(" red ", " green ") if " red " in p else p.replace(" ", " red ", 1) for p in prompts]
+    assert metrics.prompt_adherence(images, wrong)["colour"] < 0.2
+
+    stars = [s[0] for s in generate(60, 5, "only_shape")]
+    others = [s[0] for s in generate(60, 5, "no")]
+    assert metrics.subject_fidelity(stars, "star") > 0.95
+    assert metrics.prior_drift(others, "star") < 0.05
+    assert metrics.attribute_share([s[0] for s in generate(60, 5, "only_style")], "style", "striped") > 0.95
+
+    bundle = metrics.evaluate(
+        stars, ["a sks star"] * len(stars), subject_shape="star", class_images=others,
+        reference_images=others, masks=[s[3] for s in generate(60, 5, "only_shape")],
+    )  # fmt: skip
+    assert {"adherence_shape", "adherence_all", "subject_fidelity", "prior_drift",
+            "frechet_distance", "control_iou", "chance_iou"} <= set(bundle)  # fmt: skip
+    assert bundle["adherence_shape"] > 0.95
