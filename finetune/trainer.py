@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
@@ -128,6 +129,8 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
         batch_sampler=sampler,
         collate_fn=collate,
         num_workers=recipe.data.num_workers,
+        # Its own generator: creating the iterator must not draw from the (restored) global RNG.
+        generator=torch.Generator().manual_seed(recipe.seed),
     )
     result = TrainResult(output_dir=output_dir, final_step=step)
 
@@ -196,6 +199,10 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
             for path in result.saved_files:
                 accelerator.print(f"saved {path}")
     accelerator.end_training()
+    # Accelerate keeps its settings in process-wide singletons; clear them so the next train() in this
+    # process (a benchmark, a notebook, a test) may choose another precision. The process group stays.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     return result
 
 

@@ -112,6 +112,7 @@ def caption(scene: Scene) -> str:
     )
 
 
+_COLOUR_WORDS = frozenset(COLOURS) | frozenset(BACKGROUNDS)
 _SYNONYMS = {"grey": "gray", "centre": "center", "middle": "center", "big": "large", "plus": "cross"}
 
 
@@ -123,7 +124,9 @@ def parse_caption(text: str) -> dict:
 
     - shape: the first shape word (plural "stars" and "plus" are accepted);
     - background: the colour word directly before "background";
-    - colour: the first other colour word;
+    - colour: the first other colour word.
+      Colours outside the vocabulary of their attribute ("a gray star", "on a red
+      background") are returned as written: such prompts can never be satisfied;
     - size: "small" / "large" ("big");
     - position: "top"/"bottom" + "left"/"right", or "center" ("centre", "middle");
     - style: "striped" or "solid" when written, else ``None`` (canonical captions of
@@ -135,14 +138,14 @@ def parse_caption(text: str) -> dict:
 
     bg_index = None
     for i in range(1, len(words)):
-        if words[i] == "background" and words[i - 1] in BACKGROUNDS:
+        if words[i] == "background" and words[i - 1] in _COLOUR_WORDS:
             bg_index, out["background"] = i - 1, words[i - 1]
             break
     for i, w in enumerate(words):
         shape = w if w in SHAPES else (w[:-1] if w.endswith("s") and w[:-1] in SHAPES else None)
         if shape and out["shape"] is None:
             out["shape"] = shape
-        elif w in COLOURS and i != bg_index and out["colour"] is None:
+        elif w in _COLOUR_WORDS and i != bg_index and out["colour"] is None:
             out["colour"] = w
         elif w in SIZES and out["size"] is None:
             out["size"] = w

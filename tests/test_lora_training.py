@@ -1,0 +1,176 @@
+"""LoRA end to end on the tiny model: it learns, touches nothing else, saves what diffusers loads,
+and resumes bit for bit."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from finetune.checkpoint import list_checkpoints
+from finetune.config import ModelConfig
+from finetune.data import CaptionedImageDataset, collate, load_examples
+from finetune.diffusion import add_noise, per_sample_loss
+from finetune.encoders import encode_images, encode_prompts
+from finetune.methods.lora import LORA_WEIGHTS_NAME, LoRAMethod
+from finetune.models import load_base_model
+from finetune.trainer import train
+
+
+def fixed_batch_loss(base, unet, recipe) -> float:
+    """The loss on the whole tiny dataset with fixed noise and timesteps: comparable across models."""
+    examples = load_examples(recipe.data)
+    batch = collate([CaptionedImageDataset(examples, recipe.data, seed=0)[(i, 0)] for i in range(len(examples))])
+    generator = torch.Generator().manual_seed(1234)
+    latents = encode_images(base.vae, batch["pixel_values"])
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.linspace(50, 950, len(examples)).long()
+    noised = add_noise(base.noise_scheduler, latents, noise, timesteps)
+    text = encode_prompts(base.tokenizer, base.text_encoder, batch["captions"])
+    with torch.no_grad():
+        prediction = unet(noised.noisy_latents, timesteps, text).sample
+    return per_sample_loss(prediction, noised, base.noise_scheduler).mean().item()
+
+
+def unet_output(unet, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
+    with torch.no_grad():
+        return unet(latents, torch.tensor([10, 700]), text).sample
+
+
+def lora_model(recipe, lora_file: Path | None = None):
+    """The base model with the recipe's LoRA attached (and loaded from our own output file)."""
+    base = load_base_model(recipe.model)
+    method = LoRAMethod(recipe, base, torch.float32)
+    method.setup()
+    if lora_file is not None:
+        pipeline = StableDiffusionPipeline.from_pretrained(recipe.model.pretrained)
+        pipeline.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+        return base, pipeline.unet
+    return base, base.unet
+
+
+def test_loss_falls_on_a_fixed_batch(make_recipe):
+    recipe = make_recipe(train__max_steps=120, train__batch_size=4, optimizer__lr=5e-3, lora__rank=8, lora__alpha=8)
+    base = load_base_model(recipe.model)
+    before = fixed_batch_loss(base, base.unet, recipe)
+    result = train(recipe)
+    _, trained = lora_model(recipe, result.output_dir / LORA_WEIGHTS_NAME)
+    after = fixed_batch_loss(base, trained, recipe)
+    assert after < 0.85 * before, (before, after)
+
+
+def test_only_lora_weights_change_and_saved_file_reproduces_the_trained_unet(make_recipe):
+    recipe = make_recipe(train__max_steps=3, lora__rank=4, lora__alpha=2)  # alpha != rank on purpose
+    result = train(recipe)
+    lora_file = result.output_dir / LORA_WEIGHTS_NAME
+    assert result.saved_files == [lora_file]
+
+    # Rebuild the trained UNet exactly: base + LoRA with the saved weights, through peft directly.
+    base, unet = lora_model(recipe)
+    tensors = load_file(lora_file)
+    from peft import set_peft_model_state_dict
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in tensors.items()}))
+    expected = unet_output(unet)
+
+    # diffusers' own loader, in a fresh pipeline, gives the same output: keys and alpha/rank both right.
+    pipeline = StableDiffusionPipeline.from_pretrained(recipe.model.pretrained)
+    pipeline.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+    assert torch.allclose(unet_output(pipeline.unet), expected, atol=1e-5)
+    assert not torch.allclose(unet_output(base.unet.disable_adapters() or base.unet), expected, atol=1e-4)
+
+    # The trained adapter is not a no-op, and every non-LoRA tensor in the file-backed pipeline is the base's.
+    fresh = load_base_model(recipe.model)
+    for name, tensor in fresh.unet.state_dict().items():
+        peft_name = name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        loaded = pipeline.unet.state_dict().get(name, pipeline.unet.state_dict().get(peft_name))
+        assert torch.equal(loaded, tensor), name
+    with safe_open(str(lora_file), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["finetune.rank"] == "4" and metadata["finetune.alpha"] == "2.0"
+    assert metadata["finetune.base_model"] == str(recipe.model.pretrained)
+
+
+def test_frozen_parts_are_bit_identical_after_training(make_recipe):
+    """Train in-process and compare every non-LoRA tensor of the UNet, VAE and text encoder to a fresh load."""
+    recipe = make_recipe(train__max_steps=3)
+    import finetune.trainer as trainer_module
+
+    captured = {}
+    original = trainer_module.load_base_model
+
+    def capture(*args, **kwargs):
+        captured["base"] = original(*args, **kwargs)
+        return captured["base"]
+
+    trainer_module.load_base_model = capture
+    try:
+        train(recipe)
+    finally:
+        trainer_module.load_base_model = original
+    trained, fresh = captured["base"], load_base_model(recipe.model)
+    changed_lora = 0
+    for part in ("vae", "text_encoder"):
+        for name, tensor in getattr(fresh, part).state_dict().items():
+            assert torch.equal(getattr(trained, part).state_dict()[name], tensor), f"{part}.{name}"
+    trained_state = trained.unet.state_dict()
+    for name, tensor in trained_state.items():
+        if "lora_" in name:
+            changed_lora += 1
+            continue
+        original_name = name.replace(".base_layer.", ".")
+        assert torch.equal(tensor, fresh.unet.state_dict()[original_name]), name
+    assert changed_lora > 0
+    assert all(not p.requires_grad for p in trained.vae.parameters())
+    assert all(not p.requires_grad for p in trained.text_encoder.parameters())
+    assert not trained.vae.training and not trained.text_encoder.training
+
+
+def test_at_init_the_adapter_is_a_no_op(make_recipe):
+    recipe = make_recipe()
+    base = load_base_model(recipe.model)
+    reference = unet_output(base.unet)
+    method = LoRAMethod(recipe, base, torch.float32)
+    method.setup()
+    assert any("lora_A" in n for n, _ in base.unet.named_parameters())
+    assert torch.equal(unet_output(base.unet), reference)
+
+
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(make_recipe, tmp_path):
+    common = dict(train__max_steps=6, train__gradient_accumulation_steps=2, lora__dropout=0.1, data__random_flip=True, data__crop="random")
+    straight = train(make_recipe(output_dir=str(tmp_path / "straight"), **common))
+
+    interrupted = make_recipe(output_dir=str(tmp_path / "resumed"), checkpoint__every_n_steps=3, **{**common, "train__max_steps": 3})
+    train(interrupted)
+    assert [p.name for p in list_checkpoints(tmp_path / "resumed" / "checkpoints")] == ["checkpoint-3"]
+    resumed = train(make_recipe(output_dir=str(tmp_path / "resumed"), checkpoint__every_n_steps=3, **common), resume="latest")
+
+    assert resumed.final_step == 6 and len(resumed.losses) == 3
+    assert resumed.losses == straight.losses[3:]
+    a = load_file(straight.output_dir / LORA_WEIGHTS_NAME)
+    b = load_file(resumed.output_dir / LORA_WEIGHTS_NAME)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_v_prediction_model_trains_against_velocity(tiny_vpred_model, make_recipe):
+    recipe = make_recipe(model__pretrained=str(tiny_vpred_model), train__max_steps=2)
+    base = load_base_model(recipe.model)
+    assert base.noise_scheduler.config.prediction_type == "v_prediction"
+    result = train(recipe)
+    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_bf16_mixed_precision_keeps_lora_weights_fp32(make_recipe):
+    recipe = make_recipe(train__mixed_precision="bf16", train__max_steps=2)
+    result = train(recipe)
+    tensors = load_file(result.output_dir / LORA_WEIGHTS_NAME)
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    assert all(torch.isfinite(torch.tensor(result.losses)))
