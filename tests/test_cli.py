@@ -1,0 +1,151 @@
+"""The command line: useful --help, and one clear line with a non-zero exit for bad input, before training."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from finetune.cli import main
+
+SUBCOMMANDS = ["train", "sample", "make-tiny-model", "make-sample-data"]
+
+
+def test_help_lists_every_subcommand_with_examples(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for command in SUBCOMMANDS:
+        assert command in text
+    assert "accelerate launch" in text
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: finetune " + command)
+    assert len(text.splitlines()) > 4
+
+
+def write_recipe(tmp_path: Path, **sections) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), **sections}))
+    return path
+
+
+def run_train(tmp_path, capsys, recipe_path, *extra):
+    code = main(["train", str(recipe_path), *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+def assert_one_line_error(code, err, pattern, tmp_path):
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    import re
+
+    assert re.search(pattern, err[0]), err[0]
+    assert not (tmp_path / "out" / "checkpoints").exists()  # stopped before training
+
+
+def good_folder(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), "red").save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("a red square")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "case,pattern",
+    [
+        ("missing_folder", r"data folder .*missing not found"),
+        ("empty_folder", r"data folder .*empty has no images"),
+        ("truncated_image", r"image .*bad\.png cannot be read"),
+        ("missing_caption", r"image .*nocap\.png has no caption"),
+        ("unknown_key", r"unknown key 'train.max_step' \(did you mean 'train.max_steps'\?\)"),
+        ("bad_resolution", r"key 'data.resolution': must be a positive multiple of 8"),
+        ("missing_model_path", r"base model .*nowhere not found"),
+        ("uncached_hub_model", r"base model someone/not-cached is not in the local Hugging Face cache"),
+        ("missing_model_file", r"base model file .*model\.safetensors not found"),
+    ],
+)
+def test_bad_input_is_one_line_before_training(case, pattern, tmp_path, capsys, tiny_model, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    data = {"image_dir": str(good_folder(tmp_path)), "resolution": 64}
+    model = {"pretrained": str(tiny_model)}
+    train = {"max_steps": 1}
+    if case == "missing_folder":
+        data["image_dir"] = str(tmp_path / "missing")
+    elif case == "empty_folder":
+        (tmp_path / "empty").mkdir()
+        data["image_dir"] = str(tmp_path / "empty")
+    elif case == "truncated_image":
+        good = (Path(data["image_dir"]) / "0.png").read_bytes()
+        (Path(data["image_dir"]) / "bad.png").write_bytes(good[: len(good) // 2])
+        (Path(data["image_dir"]) / "bad.txt").write_text("x")
+    elif case == "missing_caption":
+        Image.new("RGB", (64, 64)).save(Path(data["image_dir"]) / "nocap.png")
+    elif case == "unknown_key":
+        train = {"max_step": 1}
+    elif case == "bad_resolution":
+        data["resolution"] = 60
+    elif case == "missing_model_path":
+        model["pretrained"] = str(tmp_path / "nowhere")
+    elif case == "uncached_hub_model":
+        model["pretrained"] = "someone/not-cached"
+    elif case == "missing_model_file":
+        model["pretrained"] = str(tmp_path / "model.safetensors")
+    recipe = write_recipe(tmp_path, data=data, model=model, train=train)
+    code, err = run_train(tmp_path, capsys, recipe)
+    assert_one_line_error(code, err, pattern, tmp_path)
+
+
+def test_resume_from_something_that_is_not_a_checkpoint(tmp_path, capsys, tiny_model):
+    recipe = write_recipe(tmp_path, data={"image_dir": str(good_folder(tmp_path)), "resolution": 64}, model={"pretrained": str(tiny_model)})
+    code, err = run_train(tmp_path, capsys, recipe, "--resume", str(tmp_path))
+    assert_one_line_error(code, err, r"not a complete checkpoint folder", tmp_path)
+
+
+def test_train_then_sample_with_the_adapter(tmp_path, capsys, tiny_model, image_folder):
+    recipe = write_recipe(
+        tmp_path,
+        model={"pretrained": str(tiny_model)},
+        data={"image_dir": str(image_folder), "resolution": 64},
+        train={"max_steps": 2, "batch_size": 2},
+        validation={"prompts": ["a red striped circle"], "num_inference_steps": 2, "images_per_prompt": 2},
+        logging={"tensorboard": True},
+    )
+    assert main(["train", str(recipe), "optimizer.lr=1e-3"]) == 0
+    out = capsys.readouterr().out
+    assert "output: " in out and "samples: " in out
+    grids = sorted((tmp_path / "out" / "samples").glob("step-*.png"))
+    assert [g.name for g in grids] == ["step-000000.png", "step-000002.png"]  # before and after
+    assert Image.open(grids[-1]).size == (160 + 2 * 64, 64)
+    assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents.*"))
+
+    samples = tmp_path / "samples"
+    code = main(["sample", "--base", str(tiny_model), "--lora", str(tmp_path / "out"), "--prompt", "a red striped circle",
+                 "--num-images", "2", "--steps", "2", "--out", str(samples)])
+    assert code == 0
+    assert sorted(p.name for p in samples.iterdir()) == ["grid.png", "prompt0_seed0.png", "prompt0_seed1.png"]
+
+
+def test_sample_refuses_pickle_files(tmp_path, capsys, tiny_model):
+    (tmp_path / "lora.bin").write_bytes(b"not safe")
+    code = main(["sample", "--base", str(tiny_model), "--lora", str(tmp_path / "lora.bin"), "--prompt", "x"])
+    assert code == 2
+    assert "pickle checkpoints are not loaded" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "finetune", "make-tiny-model", str(tmp_path / "m")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "m" / "model_index.json").is_file()
