@@ -21,22 +21,42 @@ class NoisedBatch:
     target: torch.Tensor
 
 
+@dataclass(frozen=True)
+class BatchRandomness:
+    """The random draws of one micro-batch, made for the whole global batch; this process keeps `rows`.
+
+    Each kind of draw has its own stream number, so adding a draw never shifts another one.
+    """
+
+    seed: int
+    micro_batch: int
+    global_batch: int
+    rows: slice
+
+    def _generator(self, stream: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.micro_batch) * 16 + stream)
+
+    def normal(self, per_sample_shape: tuple[int, ...], stream: int) -> torch.Tensor:
+        return torch.randn((self.global_batch, *per_sample_shape), generator=self._generator(stream))[self.rows]
+
+    def integers(self, high: int, stream: int) -> torch.Tensor:
+        return torch.randint(0, high, (self.global_batch,), generator=self._generator(stream))[self.rows]
+
+
+# Stream numbers for BatchRandomness.
+POSTERIOR_STREAM, NOISE_STREAM, TIMESTEP_STREAM, OFFSET_STREAM = range(4)
+
+
 def draw_noise(
-    shape: tuple[int, ...],
-    num_train_timesteps: int,
-    seed: int,
-    micro_batch: int,
-    rows: slice,
-    noise_offset: float = 0.0,
+    randomness: BatchRandomness, latent_shape: tuple[int, ...], num_train_timesteps: int, noise_offset: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(noise, timesteps) for this process's `rows` of the global batch `shape`, on the CPU."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + micro_batch)
-    noise = torch.randn(shape, generator=generator)
-    timesteps = torch.randint(0, num_train_timesteps, (shape[0],), generator=generator)
+    """(noise, timesteps) for this process's rows, on the CPU; `latent_shape` is per sample (C, H, W)."""
+    noise = randomness.normal(latent_shape, NOISE_STREAM)
+    timesteps = randomness.integers(num_train_timesteps, TIMESTEP_STREAM)
     if noise_offset:
         # Offset noise: a per-channel constant lets the model shift overall brightness.
-        noise = noise + noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
-    return noise[rows], timesteps[rows]
+        noise = noise + noise_offset * randomness.normal((latent_shape[0], 1, 1), OFFSET_STREAM)
+    return noise, timesteps
 
 
 def add_noise(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> NoisedBatch:

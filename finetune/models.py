@@ -37,7 +37,7 @@ def freeze(module: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.n
     """No gradients, eval mode (no dropout), and optionally cast to the frozen weights' dtype."""
     module.requires_grad_(False)
     module.eval()
-    if dtype is not None:
+    if dtype is not None and module.dtype != dtype:
         module.to(dtype=dtype)
     return module
 

@@ -21,12 +21,11 @@ from tqdm.auto import tqdm
 from finetune import checkpoint as ckpt
 from finetune.config import Recipe, dump_recipe
 from finetune.data import CaptionedImageDataset, EpochBatchSampler, collate, load_examples
-from finetune.diffusion import add_noise, draw_noise, per_sample_loss
-from finetune.encoders import encode_images, encode_prompts
+from finetune.diffusion import BatchRandomness
 from finetune.methods import METHODS
 from finetune.models import load_base_model, resolve_model_folder
 from finetune.optim import build_lr_scheduler, build_optimizer
-from finetune.sampling import generate, make_grid, save_image_atomic
+from finetune.sampling import make_grid, save_image_atomic
 
 logger = logging.getLogger(__name__)
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -155,8 +154,11 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
             for micro in range(accumulation):
                 micro_batch = step * accumulation + micro
                 batch = next(batches)
+                batch["pixel_values"] = batch["pixel_values"].to(accelerator.device)
+                randomness = BatchRandomness(recipe.seed, micro_batch, sampler.global_batch, rows)
                 with accelerator.accumulate(*modules.values()):
-                    losses = training_loss(recipe, method, modules, base, batch, micro_batch, rows, sampler.global_batch, accelerator)
+                    with accelerator.autocast():
+                        losses = method.loss(modules, batch, randomness)
                     accelerator.backward(losses["loss"])
                     if accelerator.sync_gradients and train_cfg.max_grad_norm:
                         accelerator.clip_grad_norm_(method.trainable_parameters(), train_cfg.max_grad_norm)
@@ -206,20 +208,6 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     return result
 
 
-def training_loss(recipe, method, modules, base, batch, micro_batch, rows, global_batch, accelerator) -> dict[str, torch.Tensor]:
-    """Encode with the frozen parts, noise the latents, and ask the method for its loss terms."""
-    pixel_values = batch["pixel_values"].to(accelerator.device)
-    latent_shape = (global_batch, base.vae.config.latent_channels, pixel_values.shape[-2] // 8, pixel_values.shape[-1] // 8)
-    posterior_noise = draw_noise(latent_shape, 1, recipe.seed + 1, micro_batch, rows)[0]
-    latents = encode_images(base.vae, pixel_values, posterior_noise.to(accelerator.device))
-    encoder_hidden_states = encode_prompts(base.tokenizer, base.text_encoder, batch["captions"])
-    noise, timesteps = draw_noise(latent_shape, base.noise_scheduler.config.num_train_timesteps, recipe.seed, micro_batch, rows, recipe.train.noise_offset)
-    noised = add_noise(base.noise_scheduler, latents, noise.to(latents.device), timesteps.to(latents.device))
-    with accelerator.autocast():
-        prediction = method.predict(modules, noised.noisy_latents, noised.timesteps, encoder_hidden_states, batch)
-    return method.combine_losses(per_sample_loss(prediction, noised, base.noise_scheduler, recipe.train.snr_gamma), batch)
-
-
 def run_validation(recipe, method, modules, accelerator, step: int) -> Path | None:
     """Render the recipe's prompts with fixed seeds into samples/step-N.png (main process only)."""
     settings = recipe.validation
@@ -232,18 +220,10 @@ def run_validation(recipe, method, modules, accelerator, step: int) -> Path | No
             module.eval()
         # Sampling must not disturb the training RNG: a resumed run then follows the same curve.
         with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
-            rows = generate(
-                method.pipeline(unwrapped),
-                settings.prompts,
-                settings.images_per_prompt,
-                settings.seed,
-                settings.num_inference_steps,
-                settings.guidance_scale,
-                recipe.data.resolution,
-            )
+            rows, labels = method.validation_images(unwrapped)
         for module in unwrapped.values():
             module.train()
-        grid = make_grid(rows, row_labels=settings.prompts, label_width=160)
+        grid = make_grid(rows, row_labels=labels, label_width=160)
         path = save_image_atomic(grid, Path(recipe.output_dir) / "samples" / f"step-{step:06d}.png")
         tensorboard = _tensorboard_writer(accelerator)
         if tensorboard is not None:

@@ -1,7 +1,9 @@
 """What a training method is: which parameters train, how a batch becomes a loss, and what is saved.
 
-The training loop (`finetune.trainer`) owns everything else: data, noise, precision, accumulation,
-checkpoints, logging and validation. A new method is a subclass of `TrainingMethod` in its own module.
+The training loop (`finetune.trainer`) owns everything else: data, precision, accumulation,
+checkpoints, logging and validation. A new method is a subclass in its own module. Methods that
+denoise latents (LoRA, DreamBooth, ControlNet, UNet pretraining) subclass `DiffusionMethod`, which
+implements the shared objective and asks only for the model's prediction.
 """
 
 from __future__ import annotations
@@ -11,9 +13,13 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
+from PIL import Image
 
 from finetune.config import Recipe
+from finetune.diffusion import POSTERIOR_STREAM, BatchRandomness, add_noise, draw_noise, per_sample_loss
+from finetune.encoders import encode_images, encode_prompts
 from finetune.models import BaseModel
+from finetune.sampling import generate
 
 
 class TrainingMethod(ABC):
@@ -26,7 +32,7 @@ class TrainingMethod(ABC):
 
     @abstractmethod
     def setup(self) -> None:
-        """Attach adapters, freeze what does not train, cast frozen weights to `weight_dtype`."""
+        """Attach adapters, set what trains (fp32) and what is frozen (cast to `weight_dtype`)."""
 
     @abstractmethod
     def trained_modules(self) -> dict[str, torch.nn.Module]:
@@ -36,24 +42,54 @@ class TrainingMethod(ABC):
         return [p for module in self.trained_modules().values() for p in module.parameters() if p.requires_grad]
 
     @abstractmethod
-    def predict(
-        self,
-        modules: dict[str, torch.nn.Module],
-        noisy_latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        batch: dict,
-    ) -> torch.Tensor:
-        """The model's prediction (noise or velocity) for a noised batch; `modules` are the wrapped ones."""
-
-    def combine_losses(self, per_sample_loss: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
-        """Reduce per-sample losses to {"loss": ..., other logged terms}; DreamBooth splits instance/class."""
-        return {"loss": per_sample_loss.mean()}
+    def loss(self, modules: dict[str, torch.nn.Module], batch: dict, randomness: BatchRandomness) -> dict[str, torch.Tensor]:
+        """{"loss": scalar to minimise, other terms to log}; `modules` are the accelerate-wrapped ones."""
 
     @abstractmethod
     def save(self, output_dir: Path, modules: dict[str, torch.nn.Module], metadata: dict[str, str]) -> list[Path]:
-        """Write the method's result (unwrapped `modules`) where creators load it; return the files written."""
+        """Write the result (from unwrapped `modules`) where creators load it; return the paths written."""
+
+    def validation_images(self, modules: dict[str, torch.nn.Module]) -> tuple[list[list[Image.Image]], list[str]]:
+        """(rows of images, a label per row) for the validation grid, from the unwrapped modules."""
+        settings = self.recipe.validation
+        rows = generate(
+            self.pipeline(modules),
+            settings.prompts,
+            settings.images_per_prompt,
+            settings.seed,
+            settings.num_inference_steps,
+            settings.guidance_scale,
+            self.recipe.data.resolution,
+        )
+        return rows, list(settings.prompts)
+
+    def pipeline(self, modules: dict[str, torch.nn.Module]) -> DiffusionPipeline:
+        """An inference pipeline over the current (unwrapped) trained modules."""
+        raise NotImplementedError(f"method {self.name} has no inference pipeline")
+
+
+class DiffusionMethod(TrainingMethod):
+    """The latent-diffusion objective: encode, add noise at a random timestep, predict, regress."""
 
     @abstractmethod
-    def pipeline(self, modules: dict[str, torch.nn.Module]) -> DiffusionPipeline:
-        """An inference pipeline using the current (unwrapped) trained modules, for validation samples."""
+    def predict(self, modules, noisy_latents, timesteps, encoder_hidden_states, batch) -> torch.Tensor:
+        """The model's prediction (noise or velocity) for a noised batch."""
+
+    def encode_text(self, modules, captions: list[str]) -> torch.Tensor:
+        """Frozen text encoder by default; methods that train it override this."""
+        return encode_prompts(self.base.tokenizer, self.base.text_encoder, captions)
+
+    def combine_losses(self, per_sample: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        """Reduce per-sample losses; DreamBooth splits instance and class images here."""
+        return {"loss": per_sample.mean()}
+
+    def loss(self, modules, batch, randomness) -> dict[str, torch.Tensor]:
+        base, train = self.base, self.recipe.train
+        pixel_values = batch["pixel_values"]
+        latent_shape = (base.vae.config.latent_channels, pixel_values.shape[-2] // 8, pixel_values.shape[-1] // 8)
+        latents = encode_images(base.vae, pixel_values, randomness.normal(latent_shape, POSTERIOR_STREAM))
+        encoder_hidden_states = self.encode_text(modules, batch["captions"])
+        noise, timesteps = draw_noise(randomness, latent_shape, base.noise_scheduler.config.num_train_timesteps, train.noise_offset)
+        noised = add_noise(base.noise_scheduler, latents, noise.to(latents.device), timesteps.to(latents.device))
+        prediction = self.predict(modules, noised.noisy_latents, noised.timesteps, encoder_hidden_states, batch)
+        return self.combine_losses(per_sample_loss(prediction, noised, base.noise_scheduler, train.snr_gamma), batch)

@@ -17,19 +17,20 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from finetune.checkpoint import atomic_save_safetensors
-from finetune.methods.base import TrainingMethod
+from finetune.methods.base import DiffusionMethod
+from finetune.models import freeze
 from finetune.sampling import build_pipeline
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
-class LoRAMethod(TrainingMethod):
+class LoRAMethod(DiffusionMethod):
     name = "lora"
 
     def setup(self) -> None:
         unet = self.base.unet
-        unet.requires_grad_(False)
-        unet.to(dtype=self.weight_dtype)
+        freeze(unet, self.weight_dtype)
+        unet.train()  # LoRA dropout is active while training
         settings = self.recipe.lora
         unet.add_adapter(
             LoraConfig(

@@ -1,0 +1,51 @@
+"""Nothing a user made is lost: atomic checkpoints, rotation, and a clean stop on Ctrl-C."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import yaml
+
+from finetune.checkpoint import STATE_FILE, list_checkpoints, resolve_resume
+from finetune.trainer import train
+
+
+def test_latest_ignores_partial_and_incomplete_folders(tmp_path):
+    folder = tmp_path / "checkpoints"
+    for name, complete in [("checkpoint-5", True), ("checkpoint-10", True), ("checkpoint-20", False), (".partial-checkpoint-30", True)]:
+        (folder / name).mkdir(parents=True)
+        if complete:
+            (folder / name / STATE_FILE).write_text('{"step": 0}')
+    assert resolve_resume("latest", folder).name == "checkpoint-10"
+    assert resolve_resume("latest", tmp_path / "none") is None
+
+
+def test_rotation_keeps_the_last_n(make_recipe):
+    result = train(make_recipe(train__max_steps=5, checkpoint__every_n_steps=1, checkpoint__keep_last=2))
+    assert [p.name for p in list_checkpoints(result.output_dir / "checkpoints")] == ["checkpoint-4", "checkpoint-5"]
+    assert not [p for p in (result.output_dir / "checkpoints").iterdir() if p.name.startswith(".partial")]
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(make_recipe, tmp_path):
+    recipe = make_recipe(train__max_steps=100_000, checkpoint__every_n_steps=0)
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    process = subprocess.Popen([sys.executable, "-m", "finetune", "train", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    output_dir = tmp_path / "run"
+    deadline = time.time() + 120
+    while not (output_dir / "recipe.yaml").exists() and time.time() < deadline:  # written just before the loop
+        time.sleep(0.2)
+    time.sleep(3)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert "continue with --resume latest" in stdout
+    saved = list_checkpoints(output_dir / "checkpoints")
+    assert len(saved) == 1
+    stopped_at = int(saved[0].name.split("-")[1])
+    assert stopped_at >= 1
+
+    resumed = train(make_recipe(train__max_steps=stopped_at + 2), resume="latest")
+    assert resumed.final_step == stopped_at + 2 and len(resumed.losses) == 2
