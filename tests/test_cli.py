@@ -149,3 +149,18 @@ def test_python_dash_m_entry_point(tmp_path):
     result = subprocess.run([sys.executable, "-m", "finetune", "make-tiny-model", str(tmp_path / "m")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "m" / "model_index.json").is_file()
+
+
+def test_accelerate_launch_runs_the_same_training(tmp_path, tiny_model, image_folder):
+    recipe = write_recipe(
+        tmp_path,
+        model={"pretrained": str(tiny_model)},
+        data={"image_dir": str(image_folder), "resolution": 64},
+        train={"max_steps": 2, "batch_size": 2},
+        validation={"prompts": []},
+    )
+    config = Path(__file__).resolve().parent.parent / "accelerate_config.yaml"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "finetune", "train", str(recipe)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
