@@ -72,6 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write the sample datasets (striped/ and star/, from the toy world) into a folder.",
     )
     data.add_argument("output_dir", nargs="?", default="datasets")
+
+    world = commands.add_parser(
+        "make-world-data",
+        help="write toy-world images with captions (the base model's pretraining data)",
+        description="Write held-in toy-world images (no star, no stripes) with .txt captions and metadata.jsonl.",
+    )
+    world.add_argument("output_dir")
+    world.add_argument("--num-images", type=int, default=20000)
+    world.add_argument("--seed", type=int, default=0)
+
+    export = commands.add_parser(
+        "export-base",
+        help="save a trained pipeline compactly (fp16 safetensors), e.g. to ship the toy-world base",
+        description="Copy a diffusers pipeline folder, converting its weights to fp16 safetensors.",
+    )
+    export.add_argument("source", help="a diffusers pipeline folder (e.g. outputs/base/unet/pipeline)")
+    export.add_argument("destination")
     return parser
 
 
@@ -139,9 +156,25 @@ def _make_sample_data(args) -> int:
     return 0
 
 
+def _make_world_data(args) -> int:
+    from finetune.sample_data import make_world_data
+
+    print(f"wrote {args.num_images} images to {make_world_data(args.output_dir, args.num_images, args.seed)}")
+    return 0
+
+
+def _export_base(args) -> int:
+    from finetune.pipeline_io import export_fp16
+
+    print(f"wrote {export_fp16(Path(args.source), Path(args.destination))}")
+    return 0
+
+
 COMMANDS = {
     "train": _train,
     "sample": _sample,
     "make-tiny-model": _make_tiny_model,
     "make-sample-data": _make_sample_data,
+    "make-world-data": _make_world_data,
+    "export-base": _export_base,
 }

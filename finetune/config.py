@@ -83,6 +83,23 @@ class LoRAConfig(Section):
     target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
+class FullConfig(Section):
+    """`method: full`: every UNet weight trains (and the text encoder, if asked)."""
+
+    train_text_encoder: bool = False
+    text_encoder_lr: Optional[float] = None  # None: the same as optimizer.lr
+
+
+class VAEConfig(Section):
+    """`method: vae`: train the autoencoder itself (pretraining a base model from scratch)."""
+
+    # Weight of the KL term that keeps latents near N(0, 1), as in the latent diffusion paper's KL-f8.
+    kl_weight: float = 1.0e-6
+    # L1 reconstruction is sharper than L2 for edges; both are summed with these weights.
+    l1_weight: float = 1.0
+    l2_weight: float = 1.0
+
+
 class TrainConfig(Section):
     batch_size: int = 1
     gradient_accumulation_steps: int = 1
@@ -129,12 +146,14 @@ class LoggingConfig(Section):
 
 
 class Recipe(Section):
-    method: Literal["lora"] = "lora"
+    method: Literal["lora", "full", "vae"] = "lora"
     seed: int = 42
     output_dir: str = "outputs/run"
     model: ModelConfig = ModelConfig()
     data: DataConfig
     lora: LoRAConfig = LoRAConfig()
+    full: FullConfig = FullConfig()
+    vae: VAEConfig = VAEConfig()
     train: TrainConfig = TrainConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     validation: ValidationConfig = ValidationConfig()

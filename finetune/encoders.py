@@ -7,16 +7,19 @@ from diffusers import AutoencoderKL
 from transformers import CLIPTextModel, CLIPTokenizer
 
 
+def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
+    """Token ids padded to the tokenizer's full length (77 for CLIP), as Stable Diffusion was trained."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+
+
+def text_hidden_states(tokenizer: CLIPTokenizer, text_encoder: torch.nn.Module, prompts: list[str], device: torch.device) -> torch.Tensor:
+    """The last hidden states, which the UNet cross-attends to (with gradients, for a trained encoder)."""
+    return text_encoder(tokenize(tokenizer, prompts).to(device))[0]
+
+
 @torch.no_grad()
 def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str]) -> torch.Tensor:
-    tokens = tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
-    return text_encoder(tokens.input_ids.to(text_encoder.device))[0]
+    return text_hidden_states(tokenizer, text_encoder, prompts, text_encoder.device)
 
 
 @torch.no_grad()

@@ -96,11 +96,12 @@ def load_base_model(config: ModelConfig, weight_dtype: torch.dtype = torch.float
         tokenizer, text_encoder, vae, unet = pipeline.tokenizer, pipeline.text_encoder, pipeline.vae, pipeline.unet
         scheduler_config = pipeline.scheduler.config
     else:
-        kwargs = dict(variant=config.variant) if config.variant else {}
+        # Always fp32 in memory (an fp16 file is upcast); the trainer casts frozen parts as the recipe asks.
+        variant = dict(variant=config.variant) if config.variant else {}
         tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kwargs)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kwargs)
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kwargs)
+        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=torch.float32, **variant)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32, **variant)
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32, **variant)
         scheduler_config = DDPMScheduler.load_config(folder, subfolder="scheduler")
 
     # Training always adds noise the DDPM way; the model's own config says which betas and target.

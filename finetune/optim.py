@@ -12,7 +12,8 @@ from finetune.config import OptimizerConfig
 logger = logging.getLogger(__name__)
 
 
-def build_optimizer(config: OptimizerConfig, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(config: OptimizerConfig, parameters: list) -> torch.optim.Optimizer:
+    """`parameters`: a list of tensors, or of parameter groups (dicts) with their own settings."""
     kwargs = dict(lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay)
     if config.name == "adamw8bit":
         try:

@@ -18,6 +18,11 @@ SAMPLE_SETS = {
 }
 
 
+def make_world_data(folder: str | Path, num_images: int, seed: int) -> Path:
+    """Held-in world images (no star, no stripes) with captions: the base model's pretraining data."""
+    return write_folder(folder, num_images, seed, include_held_out="no")
+
+
 def make_sample_data(root: str | Path) -> list[Path]:
     root = Path(root)
     return [write_folder(root / name, n, seed, include_held_out=held_out) for name, (n, held_out, seed) in SAMPLE_SETS.items()]

@@ -73,6 +73,12 @@ def generate(
     return rows
 
 
+def tensor_to_image(pixels: torch.Tensor) -> Image.Image:
+    """CHW in [-1, 1] (the VAE's range) -> a PIL image."""
+    array = ((pixels.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(array)
+
+
 def make_grid(rows: list[list[Image.Image]], row_labels: list[str] | None = None, label_width: int = 0) -> Image.Image:
     """Paste images into a grid, one row per list; optional text labels in a left margin."""
     cell_w, cell_h = rows[0][0].size

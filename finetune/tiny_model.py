@@ -47,6 +47,18 @@ PRESETS = {
         text_layers=2,
         vae_channels=(16, 32, 32, 32),
     ),
+    # The toy-world base model's architecture (pretrained by recipes/pretrain_*.yaml).
+    "world": Preset(
+        resolution=64,
+        unet_channels=(32, 64, 64),
+        unet_down_blocks=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        unet_up_blocks=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1,
+        attention_head_dim=8,
+        text_hidden=64,
+        text_layers=2,
+        vae_channels=(16, 32, 64, 64),
+    ),
     "medium": Preset(
         resolution=64,
         unet_channels=(48, 96, 192, 192),

@@ -102,7 +102,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     if train_cfg.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
 
-    optimizer = build_optimizer(recipe.optimizer, method.trainable_parameters())
+    optimizer = build_optimizer(recipe.optimizer, method.parameter_groups())
     lr_scheduler = build_lr_scheduler(recipe.optimizer, optimizer, train_cfg.max_steps)
     names = list(method.trained_modules())
     *wrapped, optimizer = accelerator.prepare(*method.trained_modules().values(), optimizer)
@@ -210,9 +210,6 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
 
 def run_validation(recipe, method, modules, accelerator, step: int) -> Path | None:
     """Render the recipe's prompts with fixed seeds into samples/step-N.png (main process only)."""
-    settings = recipe.validation
-    if not settings.prompts:
-        return None
     path = None
     if accelerator.is_main_process:
         unwrapped = {name: accelerator.unwrap_model(module) for name, module in modules.items()}
@@ -223,10 +220,11 @@ def run_validation(recipe, method, modules, accelerator, step: int) -> Path | No
             rows, labels = method.validation_images(unwrapped)
         for module in unwrapped.values():
             module.train()
-        grid = make_grid(rows, row_labels=labels, label_width=160)
-        path = save_image_atomic(grid, Path(recipe.output_dir) / "samples" / f"step-{step:06d}.png")
+        if rows:
+            grid = make_grid(rows, row_labels=labels, label_width=160)
+            path = save_image_atomic(grid, Path(recipe.output_dir) / "samples" / f"step-{step:06d}.png")
         tensorboard = _tensorboard_writer(accelerator)
-        if tensorboard is not None:
+        if path is not None and tensorboard is not None:
             import numpy as np
 
             tensorboard.add_image("validation", np.asarray(grid), step, dataformats="HWC")

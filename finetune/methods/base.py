@@ -41,6 +41,10 @@ class TrainingMethod(ABC):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for module in self.trained_modules().values() for p in module.parameters() if p.requires_grad]
 
+    def parameter_groups(self) -> list[dict]:
+        """Optimizer parameter groups; override to give some parameters their own learning rate."""
+        return [{"params": self.trainable_parameters()}]
+
     @abstractmethod
     def loss(self, modules: dict[str, torch.nn.Module], batch: dict, randomness: BatchRandomness) -> dict[str, torch.Tensor]:
         """{"loss": scalar to minimise, other terms to log}; `modules` are the accelerate-wrapped ones."""
@@ -52,6 +56,8 @@ class TrainingMethod(ABC):
     def validation_images(self, modules: dict[str, torch.nn.Module]) -> tuple[list[list[Image.Image]], list[str]]:
         """(rows of images, a label per row) for the validation grid, from the unwrapped modules."""
         settings = self.recipe.validation
+        if not settings.prompts:
+            return [], []
         rows = generate(
             self.pipeline(modules),
             settings.prompts,

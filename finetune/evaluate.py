@@ -1,0 +1,332 @@
+"""`finetune eval`: score a base model (plus an optional LoRA) on the toy world.
+
+Every method proves it learns here. A suite generates images for a fixed prompt set and
+reads them with the toy-world classifier (``finetune.toyworld.metrics``):
+
+==========  ==========  ===========================================================
+suite       prompts     metrics
+==========  ==========  ===========================================================
+adherence   held_in     ``adherence_<attribute>``, ``adherence_all`` (prompt_adherence)
+fid         held_in     ``fid``: Fréchet distance to real renders of the same scenes
+subject     subject     ``subject_fidelity``: share drawn as the subject shape
+drift       class       ``prior_drift``: share of class prompts drawn as the subject
+style       style       ``style_share``: share classified ``striped``
+==========  ==========  ===========================================================
+
+Prompt sets come from their own fixed seeds, not from the generation ``seed``, so every
+run, method and checkpoint is scored on the same prompts; ``seed`` only picks the noise
+(image k of every prompt uses ``seed + k``, as in ``finetune sample``):
+
+- ``held_in_prompts``: captions of ``sample_scenes(n, 2_000_001, "no")``, the world the
+  base model was pretrained on ("a small red circle on a blue background, top left").
+- ``style_prompts``: captions of ``sample_scenes(n, 2_000_002, "only_style")``: held-in
+  shapes captioned "striped" (a style LoRA should raise ``style_share`` towards 1).
+- ``subject_prompts`` / ``class_prompts``: ``"a {identifier} {class_word}"`` /
+  ``"a {class_word}"`` plus a suffix cycling over (none, " on a <bg> background",
+  ", <position>", both), with background and position from
+  ``sample_scenes(n, 2_000_003, "no")``. Prompt i of both sets has the same suffix, so
+  fidelity and drift are measured on paired prompts. The class word defaults to
+  "shape": drift is the subject leaking into its class, which only shows when the class
+  prompt does not itself name the subject ("a star" drawn as a star is not drift).
+  Use the identifier and class word of the DreamBooth run's instance prompt.
+
+To add a suite (e.g. a ControlNet ``control`` suite): add a prompt-set builder to
+``_PROMPT_SETS`` and a scorer to ``SUITES``; conditioning images can reach the pipeline
+through ``sampling.generate``'s extra keyword arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from finetune.errors import FinetuneError
+from finetune.toyworld.metrics import attribute_share, frechet_distance, prior_drift, prompt_adherence, subject_fidelity
+from finetune.toyworld.world import SHAPES, Scene, caption, draw, sample_scenes
+
+HELD_IN_SEED, STYLE_SEED, SUBJECT_SEED = 2_000_001, 2_000_002, 2_000_003
+DEFAULT_SUITES = ("adherence", "fid")
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Prompts plus the scene each one describes (rendered for FID references and the ceiling)."""
+
+    prompts: list[str]
+    scenes: list[Scene]
+    seed: int
+
+
+def _held_in(n: int, seed: int = HELD_IN_SEED) -> PromptSet:
+    scenes = sample_scenes(n, seed, "no")
+    return PromptSet([caption(s) for s in scenes], scenes, seed)
+
+
+def _style(n: int, seed: int = STYLE_SEED) -> PromptSet:
+    scenes = sample_scenes(n, seed, "only_style")
+    return PromptSet([caption(s) for s in scenes], scenes, seed)
+
+
+def _suffix(scene: Scene, i: int) -> str:
+    background = f" on a {scene.background} background" if i % 4 in (1, 3) else ""
+    position = f", {scene.position}" if i % 4 in (2, 3) else ""
+    return background + position
+
+
+def _subject(n: int, identifier: str, class_word: str, subject: str, seed: int = SUBJECT_SEED) -> PromptSet:
+    scenes = [replace(s, shape=subject) for s in sample_scenes(n, seed, "no")]
+    head = " ".join(w for w in ("a", identifier, class_word) if w)
+    return PromptSet([head + _suffix(s, i) for i, s in enumerate(scenes)], scenes, seed)
+
+
+def _class(n: int, class_word: str, seed: int = SUBJECT_SEED) -> PromptSet:
+    # Real class images are the held-in scenes themselves: their drift is 0 unless the
+    # subject is a held-in shape.
+    scenes = sample_scenes(n, seed, "no")
+    return PromptSet([f"a {class_word}" + _suffix(s, i) for i, s in enumerate(scenes)], scenes, seed)
+
+
+def held_in_prompts(n: int = 64, seed: int = HELD_IN_SEED) -> list[str]:
+    """Canonical captions of ``n`` held-in scenes (no star, no stripes)."""
+    return _held_in(n, seed).prompts
+
+
+def style_prompts(n: int = 64, seed: int = STYLE_SEED) -> list[str]:
+    """Captions of ``n`` held-in shapes drawn in the held-out striped style."""
+    return _style(n, seed).prompts
+
+
+def subject_prompts(n: int = 64, identifier: str = "sks", class_word: str = "shape", seed: int = SUBJECT_SEED) -> list[str]:
+    """DreamBooth subject prompts: ``"a sks shape"``, ``"a sks shape on a blue background"``, ..."""
+    return _subject(n, identifier, class_word, "star", seed).prompts
+
+
+def class_prompts(n: int = 64, class_word: str = "shape", seed: int = SUBJECT_SEED) -> list[str]:
+    """Prior-drift prompts: :func:`subject_prompts` without the identifier."""
+    return _class(n, class_word, seed).prompts
+
+
+_PROMPT_SETS = {
+    "held_in": lambda o: _held_in(o["n"]),
+    "style": lambda o: _style(o["n"]),
+    "subject": lambda o: _subject(o["n"], o["identifier"], o["class_word"], o["subject"]),
+    "class": lambda o: _class(o["n"], o["class_word"]),
+}
+
+
+def _render(ps: PromptSet, per_prompt: int, salt: tuple[int, ...] = ()) -> list[list]:
+    """Real world images of the prompt set's scenes, jittered by (set seed, prompt, image, *salt)."""
+    return [[draw(s, 64, np.random.default_rng([ps.seed, i, k, *salt]))[0] for k in range(per_prompt)] for i, s in enumerate(ps.scenes)]
+
+
+def _adherence(images, prompts, ps, o):
+    scores = prompt_adherence(images, prompts)
+    n = scores.pop("n")
+    return {f"adherence_{k}": (v, n) for k, v in scores.items()}
+
+
+def _fid(images, prompts, ps, o):
+    real = [im for row in _render(ps, o["images_per_prompt"]) for im in row]
+    return {"fid": (frechet_distance(images, real), len(images))}
+
+
+#: suite -> (prompt set, scorer(images, prompts, prompt set, options) -> {metric: (value, n)})
+SUITES = {
+    "adherence": ("held_in", _adherence),
+    "fid": ("held_in", _fid),
+    "subject": ("subject", lambda im, p, ps, o: {"subject_fidelity": (subject_fidelity(im, o["subject"]), len(im))}),
+    "drift": ("class", lambda im, p, ps, o: {"prior_drift": (prior_drift(im, o["subject"]), len(im))}),
+    "style": ("style", lambda im, p, ps, o: {"style_share": (attribute_share(im, "style", "striped"), len(im))}),
+}
+
+
+def _validate(suites, options: dict) -> list[str]:
+    """Check the request before any model is loaded; return the suites, deduplicated."""
+    suites = list(dict.fromkeys(suites or DEFAULT_SUITES))
+    unknown = [s for s in suites if s not in SUITES]
+    if unknown:
+        raise FinetuneError(f"unknown eval suite {unknown[0]!r}: choose from {', '.join(SUITES)}")
+    if options["subject"] not in SHAPES:
+        raise FinetuneError(f"subject {options['subject']!r} is not a toy-world shape: choose from {', '.join(SHAPES)}")
+    images = options["n"] * options["images_per_prompt"]
+    if options["n"] < 1 or options["images_per_prompt"] < 1 or ("fid" in suites and images < 2):
+        raise FinetuneError("--num-prompts and --images-per-prompt must be >= 1 (and give >= 2 images for the fid suite)")
+    return suites
+
+
+def _score(make_rows, suites, options: dict) -> dict:
+    """Generate each needed prompt set once (``make_rows(prompt set) -> images[p][k]``), score every suite."""
+    suites = _validate(suites, options)
+    sets, rows, result = {}, {}, {"metrics": {}, "n": {}, "prompts": {}, "images": {}}
+    for suite in suites:
+        name, scorer = SUITES[suite]
+        if name not in sets:
+            sets[name] = _PROMPT_SETS[name](options)
+            rows[name] = make_rows(sets[name])
+        ps = sets[name]
+        images = [im for row in rows[name] for im in row]
+        prompts = [p for p, row in zip(ps.prompts, rows[name]) for _ in row]
+        for metric, (value, n) in scorer(images, prompts, ps, options).items():
+            result["metrics"][metric], result["n"][metric] = float(value), int(n)
+        result["prompts"][name], result["images"][name] = ps.prompts, rows[name]
+    return result
+
+
+def run_eval(
+    base: str,
+    lora: str | None = None,
+    lora_scale: float = 1.0,
+    suites=DEFAULT_SUITES,
+    num_prompts: int = 64,
+    images_per_prompt: int = 1,
+    steps: int = 25,
+    guidance: float = 5.0,
+    seed: int = 0,
+    identifier: str = "sks",
+    subject: str = "star",
+    class_word: str = "shape",
+    controlnet: str | None = None,
+    out: str | Path | None = None,
+) -> dict:
+    """Generate with ``base`` (+ ``lora``) for each suite and score the images.
+
+    Returns ``{"settings", "metrics": {name: value}, "n": {name: images scored},
+    "prompts": {prompt set: prompts}, "images": {prompt set: images[p][k]}}``; with ``out``
+    also writes it (images as grids) via :func:`write_report`.
+    """
+    if controlnet is not None:
+        raise FinetuneError("ControlNet evaluation is not supported yet: leave out controlnet")
+    from finetune.inference import load_sampling_pipeline
+    from finetune.sampling import generate
+
+    options = dict(n=num_prompts, images_per_prompt=images_per_prompt, identifier=identifier, subject=subject, class_word=class_word)
+    suites = _validate(suites, options)  # before the (slow) model load
+    pipeline = load_sampling_pipeline(base, lora, lora_scale)
+    pipeline.unet.eval()
+    if torch.cuda.is_available():
+        pipeline.to("cuda")
+    resolution = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+
+    def make_rows(ps: PromptSet):
+        return generate(pipeline, ps.prompts, images_per_prompt, seed, steps, guidance, resolution)
+
+    result = _score(make_rows, suites, options)
+    result["settings"] = dict(
+        base=str(base), lora=None if lora is None else str(lora), lora_scale=lora_scale, suites=suites,
+        num_prompts=num_prompts, images_per_prompt=images_per_prompt, steps=steps, guidance=guidance, seed=seed,
+        identifier=identifier, subject=subject, class_word=class_word, resolution=resolution,
+    )  # fmt: skip
+    if out:
+        write_report(result, out)
+    return result
+
+
+def evaluate_real_images(
+    num_prompts: int = 64, seed: int = 0, suites=DEFAULT_SUITES, images_per_prompt: int = 1, subject: str = "star"
+) -> dict:
+    """The same suites with the world's own renders in place of a model: the ceiling.
+
+    Each prompt's scene is rendered with a jitter (salted by ``seed``) different from the
+    FID reference, so ``fid`` is the floor a perfect generator would reach at this size
+    and adherence is ~1.0 (anything lower is classifier error).
+    """
+    options = dict(n=num_prompts, images_per_prompt=images_per_prompt, identifier="sks", subject=subject, class_word="shape")
+    suites = _validate(suites, options)
+    result = _score(lambda ps: _render(ps, images_per_prompt, salt=(seed + 1,)), suites, options)
+    result["settings"] = dict(base="real toy-world images", lora=None, suites=suites,
+                              num_prompts=num_prompts, images_per_prompt=images_per_prompt, seed=seed)  # fmt: skip
+    return result
+
+
+def write_report(result: dict, out: str | Path, grid_prompts: int = 8) -> Path:
+    """Write ``result`` (without images) as JSON to ``out``, plus ``<out stem>_<prompt set>.png``:
+    the first ``grid_prompts`` prompts of each prompt set, one labelled row each (for the docs)."""
+    from finetune.sampling import make_grid, save_image_atomic
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {k: result[k] for k in ("settings", "metrics", "n", "prompts") if k in result}
+    report["grids"] = {}
+    for name, rows in result.get("images", {}).items():
+        grid = out.with_name(f"{out.stem}_{name}.png")
+        save_image_atomic(make_grid(rows[:grid_prompts], row_labels=result["prompts"][name][:grid_prompts], label_width=160), grid)
+        report["grids"][name] = grid.name
+    partial = out.with_name(f".{out.name}.partial")
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(partial, out)
+    return out
+
+
+def print_table(result: dict) -> None:
+    """One row per metric: name, value, number of images scored."""
+    from rich.console import Console
+    from rich.table import Table
+
+    settings = result.get("settings", {})
+    title = f"eval of {settings.get('base')}" + (f" + {settings['lora']}" if settings.get("lora") else "")
+    table = Table("metric", "value", "n", title=title)
+    for metric, value in result["metrics"].items():
+        table.add_row(metric, f"{value:.3f}" if metric != "fid" else f"{value:.2f}", str(result["n"][metric]))
+    Console().print(table)
+
+
+# -------------------------------------------------------------------------------- CLI
+
+EVAL_EXAMPLE = """examples:
+  finetune eval --base finetune/assets/toyworld-base
+  finetune eval --base finetune/assets/toyworld-base --lora outputs/striped --suite style --suite adherence
+  finetune eval --base finetune/assets/toyworld-base --lora outputs/dreambooth --suite subject --suite drift
+
+lower fid is better; lower prior_drift is better; every other metric is a share in [0, 1], higher is better."""
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``eval`` on the ``finetune`` subcommand parsers (``parser.add_subparsers()``)."""
+    p = subparsers.add_parser(
+        "eval",
+        help="score a base model (+ LoRA) on the toy world: adherence, FID, subject, drift, style",
+        description="Generate images for fixed toy-world prompt suites and score them with the toy-world classifier. "
+        "Prints a table and writes JSON plus one grid PNG per suite.",
+        epilog=EVAL_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--base", required=True, help="base model: hub id, diffusers folder or .safetensors file")
+    p.add_argument("--lora", help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
+    p.add_argument("--suite", action="append", choices=list(SUITES), help="suite to run; repeat for several (default: adherence and fid)")
+    p.add_argument("--num-prompts", type=int, default=64, help="prompts per suite (default 64)")
+    p.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt, seeds seed..seed+N-1 (default 1)")
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5.0)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed; the prompts are fixed (default 0)")
+    p.add_argument("--identifier", default="sks", help="DreamBooth identifier in subject prompts (default sks)")
+    p.add_argument("--subject", default="star", choices=list(SHAPES), help="shape the subject should look like (default star)")
+    p.add_argument("--class-word", default="shape", help="class word of subject/class prompts, 'a sks <class word>' (default shape)")
+    p.add_argument("--out", help="JSON report path (default: <LoRA folder>/eval.json, or outputs/eval/<base name>/eval.json)")
+    return p
+
+
+def default_out(base: str, lora: str | None) -> Path:
+    """Next to the LoRA (its training output folder) or under outputs/eval/<base name>/."""
+    if lora:
+        path = Path(lora)
+        return (path if path.is_dir() else path.parent) / "eval.json"
+    return Path("outputs/eval") / (Path(base.rstrip("/")).stem or "base") / "eval.json"
+
+
+def run_eval_command(args) -> int:
+    """``finetune eval``: run, print the table, write the report."""
+    out = Path(args.out) if args.out else default_out(args.base, args.lora)
+    result = run_eval(
+        args.base, args.lora, args.lora_scale, args.suite or DEFAULT_SUITES, args.num_prompts, args.images_per_prompt,
+        args.steps, args.guidance, args.seed, args.identifier, args.subject, args.class_word, out=out,
+    )  # fmt: skip
+    print_table(result)
+    print(f"wrote {out}")
+    return 0

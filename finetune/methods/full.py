@@ -1,0 +1,60 @@
+"""Full fine-tuning: every UNet weight trains; optionally the text encoder too, at its own rate.
+
+Used to pretrain the toy-world base model from random weights (with the text encoder), and as the
+base of full-UNet DreamBooth. The output is a complete diffusers pipeline folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+
+from finetune.encoders import text_hidden_states
+from finetune.methods.base import DiffusionMethod
+from finetune.pipeline_io import save_pipeline
+from finetune.sampling import build_pipeline
+
+PIPELINE_DIR = "pipeline"
+
+
+class FullMethod(DiffusionMethod):
+    name = "full"
+
+    def setup(self) -> None:
+        unet = self.base.unet
+        unet.to(torch.float32).requires_grad_(True).train()
+        if self.recipe.full.train_text_encoder:
+            self.base.text_encoder.to(torch.float32).requires_grad_(True).train()
+
+    def trained_modules(self) -> dict[str, torch.nn.Module]:
+        modules = {"unet": self.base.unet}
+        if self.recipe.full.train_text_encoder:
+            modules["text_encoder"] = self.base.text_encoder
+        return modules
+
+    def parameter_groups(self) -> list[dict]:
+        groups = [{"params": [p for p in self.base.unet.parameters() if p.requires_grad]}]
+        if self.recipe.full.train_text_encoder:
+            text_params = [p for p in self.base.text_encoder.parameters() if p.requires_grad]
+            lr = self.recipe.full.text_encoder_lr or self.recipe.optimizer.lr
+            groups.append({"params": text_params, "lr": lr})
+        return groups
+
+    def encode_text(self, modules, captions: list[str]) -> torch.Tensor:
+        if "text_encoder" not in modules:
+            return super().encode_text(modules, captions)
+        return text_hidden_states(self.base.tokenizer, modules["text_encoder"], captions, self.base.unet.device)
+
+    def predict(self, modules, noisy_latents, timesteps, encoder_hidden_states, batch) -> torch.Tensor:
+        return modules["unet"](noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+
+    def save(self, output_dir: Path, modules, metadata: dict[str, str]) -> list[Path]:
+        return [save_pipeline(self.base, output_dir / PIPELINE_DIR, **modules)]
+
+    def pipeline(self, modules) -> DiffusionPipeline:
+        pipeline = build_pipeline(self.base, unet=modules["unet"])
+        if "text_encoder" in modules:
+            pipeline.text_encoder = modules["text_encoder"]
+        return pipeline

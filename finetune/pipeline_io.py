@@ -1,0 +1,62 @@
+"""Saving whole pipelines: what full fine-tunes and pretraining produce, in diffusers format."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+from finetune.models import BaseModel
+
+
+def save_pipeline(
+    base: BaseModel,
+    output_dir: Path,
+    dtype: torch.dtype = torch.float32,
+    **replacements: torch.nn.Module,
+) -> Path:
+    """Write base's parts, with `replacements` (unet=, vae=, text_encoder=) swapped in, to `output_dir`.
+
+    Written beside the target and renamed into place, so a crash never leaves half a pipeline; frozen
+    parts are saved as they were loaded (cast to `dtype`, which defaults to full precision).
+    """
+    parts = {"unet": base.unet, "vae": base.vae, "text_encoder": base.text_encoder, **replacements}
+    pipeline = StableDiffusionPipeline(
+        tokenizer=base.tokenizer,
+        scheduler=DDIMScheduler.from_config(base.noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        **parts,
+    )
+    partial = output_dir.with_name(f".{output_dir.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    original_dtypes = {name: module.dtype for name, module in parts.items()}
+    try:
+        for module in parts.values():
+            module.to(dtype)
+        pipeline.save_pretrained(partial, safe_serialization=True)
+    finally:
+        for name, module in parts.items():
+            module.to(original_dtypes[name])
+    shutil.rmtree(output_dir, ignore_errors=True)
+    partial.rename(output_dir)
+    return output_dir
+
+
+def export_fp16(source: Path, destination: Path) -> Path:
+    """A compact copy of a pipeline: fp16 safetensors (half the bytes), loaded back as fp32 for training."""
+    from finetune.errors import FinetuneError
+
+    if not (source / "model_index.json").is_file():
+        raise FinetuneError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
+    pipeline = StableDiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False)
+    pipeline.to(torch.float16)
+    partial = destination.with_name(f".{destination.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    pipeline.save_pretrained(partial, safe_serialization=True)
+    shutil.rmtree(destination, ignore_errors=True)
+    partial.rename(destination)
+    return destination

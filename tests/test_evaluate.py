@@ -1,0 +1,130 @@
+"""`finetune eval`: deterministic prompt suites, scores in range on a random model, a sane ceiling, clear errors.
+
+Fast (a few seconds on one CPU thread): the tiny random model, 2-3 prompts, 1-2 DDIM steps.
+"""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from finetune.errors import FinetuneError
+from finetune.evaluate import (
+    SUITES,
+    add_eval_parser,
+    class_prompts,
+    evaluate_real_images,
+    held_in_prompts,
+    run_eval,
+    run_eval_command,
+    style_prompts,
+    subject_prompts,
+)
+from finetune.toyworld.world import SHAPES, parse_caption, sample_scenes, scene_dict
+
+torch.set_num_threads(1)
+
+
+def test_prompt_suites_are_deterministic_and_parse_back():
+    assert held_in_prompts(16) == held_in_prompts(16)
+    assert held_in_prompts(8) == held_in_prompts(16)[:8]  # prefix-stable: more prompts keep the first ones
+    assert held_in_prompts(8, seed=1) != held_in_prompts(8)
+    for prompt, scene in zip(held_in_prompts(32, seed=5), sample_scenes(32, 5, "no")):
+        assert parse_caption(prompt) == {**scene_dict(scene), "style": None}  # solid is not written
+    for prompt in style_prompts(32):
+        parsed = parse_caption(prompt)
+        assert parsed["style"] == "striped" and parsed["shape"] in SHAPES and parsed["shape"] != "star"
+
+    subject, klass = subject_prompts(8, identifier="zwx", class_word="star"), class_prompts(8, class_word="star")
+    assert subject == subject_prompts(8, identifier="zwx", class_word="star")
+    assert subject[0] == "a zwx star" and klass[0] == "a star"
+    for s, c in zip(subject, klass):
+        assert s.startswith("a zwx star") and c == s.replace("zwx ", "")  # paired prompts
+        ps, pc = parse_caption(s), parse_caption(c)
+        assert ps == pc and ps["shape"] == "star" and ps["colour"] is None
+    named = [parse_caption(p) for p in subject[:4]]
+    assert [p["background"] is not None for p in named] == [False, True, False, True]
+    assert [p["position"] is not None for p in named] == [False, False, True, True]
+    assert subject_prompts(2) == ["a sks shape", subject_prompts(2)[1]] and "sks" not in class_prompts(4)[3]
+
+
+def test_run_eval_on_tiny_model_scores_every_suite_and_writes_json(tiny_model, tmp_path):
+    out = tmp_path / "report" / "eval.json"
+    result = run_eval(str(tiny_model), suites=list(SUITES), num_prompts=3, steps=2, out=out)
+    metrics = result["metrics"]
+    expected = {"adherence_all", "adherence_shape", "adherence_colour", "fid", "subject_fidelity", "prior_drift", "style_share"}
+    assert expected <= set(metrics)
+    for name, value in metrics.items():
+        assert value >= 0 if name == "fid" else 0.0 <= value <= 1.0, name
+        assert result["n"][name] == 3
+    report = json.loads(out.read_text())
+    assert report["metrics"] == pytest.approx(metrics)
+    assert report["settings"]["base"] == str(tiny_model) and report["settings"]["steps"] == 2
+    assert report["settings"]["suites"] == list(SUITES) and report["settings"]["seed"] == 0
+    for grid in report["grids"].values():
+        assert (out.parent / grid).is_file()
+    # Fixed seeds: a second run gives the same numbers.
+    again = run_eval(str(tiny_model), suites=["adherence"], num_prompts=3, steps=2)
+    assert again["metrics"]["adherence_all"] == metrics["adherence_all"]
+
+
+def test_real_image_ceiling_is_near_perfect():
+    result = evaluate_real_images(48, seed=0, suites=list(SUITES))["metrics"]
+    assert result["adherence_shape"] > 0.95 and result["adherence_colour"] > 0.95
+    assert result["adherence_all"] > 0.9
+    assert result["subject_fidelity"] > 0.95 and result["style_share"] > 0.95 and result["prior_drift"] < 0.05
+    assert result["fid"] >= 0
+
+
+def _one_line_error(call) -> str:
+    with pytest.raises(FinetuneError) as info:
+        call()
+    message = str(info.value)
+    assert message and "\n" not in message
+    return message
+
+
+def test_bad_requests_are_one_line_errors(tmp_path, tiny_model):
+    assert "sharpness" in _one_line_error(lambda: run_eval(str(tiny_model), suites=["sharpness"]))
+    assert "missing" in _one_line_error(lambda: run_eval(str(tmp_path / "missing"), num_prompts=2, steps=1))
+    assert "hexagon" in _one_line_error(lambda: run_eval(str(tiny_model), suites=["subject"], subject="hexagon"))
+    _one_line_error(lambda: run_eval(str(tiny_model), suites=["fid"], num_prompts=1))
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="finetune")
+    add_eval_parser(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_cli_writes_report_and_documents_every_flag(tiny_model, tmp_path, capsys):
+    parser = _parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "--help"])
+    help_text = capsys.readouterr().out
+    for flag in ("--base", "--lora", "--lora-scale", "--suite", "--num-prompts", "--images-per-prompt", "--steps",
+                 "--guidance", "--seed", "--identifier", "--subject", "--class-word", "--out", "example"):  # fmt: skip
+        assert flag in help_text
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "--base", "x", "--suite", "nope"])
+
+    out = tmp_path / "eval.json"
+    args = parser.parse_args(["eval", "--base", str(tiny_model), "--suite", "adherence", "--suite", "style",
+                              "--num-prompts", "2", "--steps", "1", "--out", str(out)])  # fmt: skip
+    assert run_eval_command(args) == 0
+    printed = capsys.readouterr().out
+    assert "adherence_all" in printed and "style_share" in printed
+    assert json.loads(out.read_text())["settings"]["suites"] == ["adherence", "style"]
+
+
+def test_finetune_cli_main_runs_eval(tiny_model, tmp_path, capsys):
+    from finetune import cli
+
+    if "eval" not in cli.COMMANDS:
+        pytest.skip("eval is not registered in finetune.cli yet")
+    out = tmp_path / "eval.json"
+    assert cli.main(["eval", "--base", str(tiny_model), "--suite", "adherence", "--num-prompts", "2", "--steps", "1", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["metrics"]["adherence_all"] >= 0
+    assert cli.main(["eval", "--base", str(tmp_path / "missing")]) == 2
+    assert "error:" in capsys.readouterr().err

@@ -1,0 +1,32 @@
+"""The methods that pretrain the toy-world base: the VAE, then the UNet with the text encoder."""
+
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+from finetune.models import load_base_model
+from finetune.trainer import train
+
+
+def test_vae_method_learns_to_reconstruct_and_saves_a_pipeline(make_recipe):
+    recipe = make_recipe(method="vae", train__max_steps=30, train__batch_size=4, optimizer__lr=2e-3, validation__at_start=False)
+    before = load_base_model(recipe.model)
+    result = train(recipe)
+    assert result.losses[-1] < 0.7 * result.losses[0]
+    pipeline_dir = result.output_dir / "pipeline"
+    vae = AutoencoderKL.from_pretrained(pipeline_dir, subfolder="vae")
+    assert vae.config.scaling_factor != before.vae.config.scaling_factor  # set from the latents' std
+    after = load_base_model(recipe.model.model_copy(update={"pretrained": str(pipeline_dir)}))
+    for name, tensor in before.unet.state_dict().items():  # only the VAE trained
+        assert torch.equal(after.unet.state_dict()[name], tensor)
+    assert list((result.output_dir / "samples").glob("step-*.png"))
+
+
+def test_full_method_with_text_encoder_trains_both_and_reloads(make_recipe):
+    recipe = make_recipe(method="full", full__train_text_encoder=True, full__text_encoder_lr=1e-4, train__max_steps=2)
+    before = load_base_model(recipe.model)
+    result = train(recipe)
+    pipeline = StableDiffusionPipeline.from_pretrained(result.output_dir / "pipeline")
+    changed = lambda a, b: any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert changed(pipeline.unet, before.unet)
+    assert changed(pipeline.text_encoder, before.text_encoder)
+    assert not changed(pipeline.vae, before.vae)
