@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   finetune train recipes/lora.yaml --resume latest
   finetune sample --base outputs/quickstart/base --lora outputs/quickstart --prompt "a red striped circle"
   finetune make-tiny-model outputs/tiny-sd
+  finetune eval --base finetune/assets/toyworld-base --lora outputs/quickstart --suite style
 """
 
 
@@ -62,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a complete diffusers Stable Diffusion pipeline with tiny random weights, offline, in seconds.",
     )
     tiny.add_argument("output_dir")
-    tiny.add_argument("--preset", choices=["tiny", "medium"], default="tiny", help="tiny (~1M UNet params) or medium (SD1.5 block pattern, ~19M)")
+    tiny.add_argument("--preset", choices=["tiny", "world", "medium"], default="tiny",
+                      help="tiny (~1M UNet params), world (the toy-world base architecture) or medium (SD1.5 block pattern, ~19M)")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon")
 
@@ -76,11 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     world = commands.add_parser(
         "make-world-data",
         help="write toy-world images with captions (the base model's pretraining data)",
-        description="Write held-in toy-world images (no star, no stripes) with .txt captions and metadata.jsonl.",
+        description="Write toy-world images with .txt captions and metadata.jsonl.",
     )
     world.add_argument("output_dir")
     world.add_argument("--num-images", type=int, default=20000)
     world.add_argument("--seed", type=int, default=0)
+    world.add_argument("--include-held-out", choices=["no", "all"], default="no",
+                       help="no: held-in only (UNet pretraining); all: stars and stripes too (VAE pretraining)")
 
     export = commands.add_parser(
         "export-base",
@@ -89,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("source", help="a diffusers pipeline folder (e.g. outputs/base/unet/pipeline)")
     export.add_argument("destination")
+
+    from finetune.evaluate import add_eval_parser
+
+    add_eval_parser(commands)
     return parser
 
 
@@ -159,7 +167,7 @@ def _make_sample_data(args) -> int:
 def _make_world_data(args) -> int:
     from finetune.sample_data import make_world_data
 
-    print(f"wrote {args.num_images} images to {make_world_data(args.output_dir, args.num_images, args.seed)}")
+    print(f"wrote {args.num_images} images to {make_world_data(args.output_dir, args.num_images, args.seed, args.include_held_out)}")
     return 0
 
 
@@ -170,6 +178,12 @@ def _export_base(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from finetune.evaluate import run_eval_command
+
+    return run_eval_command(args)
+
+
 COMMANDS = {
     "train": _train,
     "sample": _sample,
@@ -177,4 +191,5 @@ COMMANDS = {
     "make-sample-data": _make_sample_data,
     "make-world-data": _make_world_data,
     "export-base": _export_base,
+    "eval": _eval,
 }

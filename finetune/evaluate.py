@@ -152,6 +152,8 @@ def _validate(suites, options: dict) -> list[str]:
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
         raise FinetuneError(f"unknown eval suite {unknown[0]!r}: choose from {', '.join(SUITES)}")
+    if not options["class_word"].strip():
+        raise FinetuneError("the class word is empty: pass e.g. --class-word shape")
     if options["subject"] not in SHAPES:
         raise FinetuneError(f"subject {options['subject']!r} is not a toy-world shape: choose from {', '.join(SHAPES)}")
     images = options["n"] * options["images_per_prompt"]
@@ -283,7 +285,8 @@ EVAL_EXAMPLE = """examples:
   finetune eval --base finetune/assets/toyworld-base --lora outputs/striped --suite style --suite adherence
   finetune eval --base finetune/assets/toyworld-base --lora outputs/dreambooth --suite subject --suite drift
 
-lower fid is better; lower prior_drift is better; every other metric is a share in [0, 1], higher is better."""
+shares in [0, 1], higher is better, except prior_drift (lower is better; compare with the base model's);
+fid: lower is better, comparable only between runs scoring the same number of images."""
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
@@ -291,8 +294,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "eval",
         help="score a base model (+ LoRA) on the toy world: adherence, FID, subject, drift, style",
-        description="Generate images for fixed toy-world prompt suites and score them with the toy-world classifier. "
-        "Prints a table and writes JSON plus one grid PNG per suite.",
+        description="Generate images for fixed toy-world prompt suites and score them with the toy-world classifier.\n"
+        "Prints a table and writes a JSON report plus one grid PNG per prompt set.",
         epilog=EVAL_EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -18,9 +18,14 @@ SAMPLE_SETS = {
 }
 
 
-def make_world_data(folder: str | Path, num_images: int, seed: int) -> Path:
-    """Held-in world images (no star, no stripes) with captions: the base model's pretraining data."""
-    return write_folder(folder, num_images, seed, include_held_out="no")
+def make_world_data(folder: str | Path, num_images: int, seed: int, include_held_out: str = "no") -> Path:
+    """World images with captions: the base model's pretraining data.
+
+    The UNet and text encoder see held-in images only ("no": no star, no stripes). The VAE sees
+    everything ("all"): like Stable Diffusion's VAE, trained on general images, it must be able to
+    represent what fine-tuning will teach; it is the text-to-image model that has never seen it.
+    """
+    return write_folder(folder, num_images, seed, include_held_out=include_held_out)
 
 
 def make_sample_data(root: str | Path) -> list[Path]:
