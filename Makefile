@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup quickstart test test-slow clean
+.PHONY: setup quickstart test test-slow base-model clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,17 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# Regenerate the shipped toy-world base model from nothing (about an hour on 2 CPU cores):
+# world data -> random init -> VAE (recipes/pretrain_vae.yaml) -> UNet + text encoder
+# (recipes/pretrain_unet.yaml) -> fp16 copy in finetune/assets/toyworld-base.
+base-model: setup
+	$(BIN)/finetune make-world-data outputs/world/all --include-held-out all --num-images 10000 --seed 1
+	$(BIN)/finetune make-world-data outputs/world/train --num-images 20000 --seed 0
+	$(BIN)/finetune make-tiny-model outputs/base/init --preset world --seed 0
+	$(BIN)/finetune train recipes/pretrain_vae.yaml
+	$(BIN)/finetune train recipes/pretrain_unet.yaml
+	$(BIN)/finetune export-base outputs/base/unet/pipeline finetune/assets/toyworld-base
 
 clean:
 	rm -rf outputs

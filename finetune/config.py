@@ -66,11 +66,6 @@ class DataConfig(Section):
             raise ValueError(f"must be between 0 and 1, got {value}")
         return value
 
-    @model_validator(mode="after")
-    def _one_source(self) -> "DataConfig":
-        if (self.image_dir is None) == (self.dataset is None):
-            raise ValueError("set exactly one of data.image_dir (a folder) or data.dataset (a datasets name or path)")
-        return self
 
 
 class LoRAConfig(Section):
@@ -98,6 +93,48 @@ class VAEConfig(Section):
     # L1 reconstruction is sharper than L2 for edges; both are summed with these weights.
     l1_weight: float = 1.0
     l2_weight: float = 1.0
+
+
+class ClassImageGeneration(Section):
+    """How missing class images are generated with the frozen base model (DreamBooth prior preservation)."""
+
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    batch_size: int = 4
+    seed: int = 0
+    negative_prompt: Optional[str] = None
+
+
+class Concept(Section):
+    """One subject to learn: its images, the prompt that names it, and the class it belongs to."""
+
+    instance_dir: str
+    instance_prompt: str  # with a rare identifier, e.g. "a photo of sks dog"
+    # Read each image's .txt/metadata caption instead of instance_prompt.
+    use_captions: bool = False
+    class_prompt: Optional[str] = None  # e.g. "a photo of a dog"; required with prior preservation
+    # Folder of class images; missing ones are generated there. Default: <output_dir>/class_images/<n>.
+    class_dir: Optional[str] = None
+
+
+class DreamBoothConfig(Section):
+    """`method: dreambooth` (Ruiz et al., 2023): learn subjects while preserving the class prior."""
+
+    concepts: list[Concept]
+    adapter: Literal["full", "lora"] = "full"  # lora uses the `lora:` section's settings
+    prior_preservation: bool = True
+    prior_loss_weight: float = 1.0
+    num_class_images: int = 100  # per concept
+    class_generation: ClassImageGeneration = ClassImageGeneration()
+    train_text_encoder: bool = False
+    text_encoder_lr: Optional[float] = None  # None: the same as optimizer.lr
+
+    @field_validator("concepts")
+    @classmethod
+    def _at_least_one(cls, value: list) -> list:
+        if not value:
+            raise ValueError("list at least one concept (instance_dir and instance_prompt)")
+        return value
 
 
 class TrainConfig(Section):
@@ -146,11 +183,12 @@ class LoggingConfig(Section):
 
 
 class Recipe(Section):
-    method: Literal["lora", "full", "vae"] = "lora"
+    method: Literal["lora", "full", "vae", "dreambooth"] = "lora"
     seed: int = 42
     output_dir: str = "outputs/run"
     model: ModelConfig = ModelConfig()
-    data: DataConfig
+    data: DataConfig = DataConfig()
+    dreambooth: Optional[DreamBoothConfig] = None
     lora: LoRAConfig = LoRAConfig()
     full: FullConfig = FullConfig()
     vae: VAEConfig = VAEConfig()
@@ -159,6 +197,24 @@ class Recipe(Section):
     validation: ValidationConfig = ValidationConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _data_sources_fit_the_method(self) -> "Recipe":
+        sources = [self.data.image_dir, self.data.dataset]
+        if self.method == "dreambooth":
+            if self.dreambooth is None:
+                raise ValueError("method dreambooth needs a dreambooth: section with concepts")
+            if any(sources):
+                raise ValueError("method dreambooth reads dreambooth.concepts; remove data.image_dir/data.dataset")
+            for i, concept in enumerate(self.dreambooth.concepts):
+                if self.dreambooth.prior_preservation and not concept.class_prompt:
+                    raise ValueError(
+                        f"dreambooth.concepts[{i}] has no class_prompt, which prior preservation needs "
+                        "(e.g. 'a photo of a dog'); set it or dreambooth.prior_preservation: false"
+                    )
+        elif sum(source is not None for source in sources) != 1:
+            raise ValueError("set exactly one of data.image_dir (a folder) or data.dataset (a datasets name or path)")
+        return self
 
     def fingerprint(self) -> str:
         """A short hash of every setting, recorded in saved files so a result can be traced to its recipe."""

@@ -170,6 +170,14 @@ def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
 
 
+def prepare_image(example: Example, config: DataConfig, rng: np.random.Generator) -> torch.Tensor:
+    """Decode, resize, crop and maybe flip (as `config` says, drawing from `rng`); CHW in [-1, 1]."""
+    image = resize_and_crop(open_rgb(example), config.resolution, config.crop, rng)
+    if config.random_flip and rng.random() < 0.5:
+        image = ImageOps.mirror(image)
+    return to_tensor(image)
+
+
 class CaptionedImageDataset(torch.utils.data.Dataset):
     """Items are looked up by (index, epoch) so augmentation is reproducible; see `EpochBatchSampler`."""
 
@@ -185,13 +193,11 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         index, epoch = key
         example = self.examples[index]
         rng = item_rng(self.seed, epoch, index)
-        image = resize_and_crop(open_rgb(example), self.config.resolution, self.config.crop, rng)
-        if self.config.random_flip and rng.random() < 0.5:
-            image = ImageOps.mirror(image)
+        pixel_values = prepare_image(example, self.config, rng)
         caption = example.caption
         if self.config.caption_dropout > 0 and rng.random() < self.config.caption_dropout:
             caption = ""
-        return {"pixel_values": to_tensor(image), "caption": caption, "index": index}
+        return {"pixel_values": pixel_values, "caption": caption, "index": index}
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -7,7 +7,9 @@ gives the same samples whether it runs on one process or many.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -25,22 +27,37 @@ class NoisedBatch:
 class BatchRandomness:
     """The random draws of one micro-batch, made for the whole global batch; this process keeps `rows`.
 
-    Each kind of draw has its own stream number, so adding a draw never shifts another one.
+    Each kind of draw has its own stream number, so adding a draw never shifts another one. A batch
+    made of several aligned parts (DreamBooth: instance images, then their class images) has
+    `copies` > 1, and each part gets draws of its own.
     """
 
     seed: int
     micro_batch: int
     global_batch: int
     rows: slice
+    copies: int = 1
 
-    def _generator(self, stream: int) -> torch.Generator:
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.micro_batch) * 16 + stream)
+    def _generator(self, stream: int, copy: int) -> torch.Generator:
+        mixed = np.random.SeedSequence([self.seed, self.micro_batch, stream, copy]).generate_state(1)[0]
+        return torch.Generator().manual_seed(int(mixed))
 
     def normal(self, per_sample_shape: tuple[int, ...], stream: int) -> torch.Tensor:
-        return torch.randn((self.global_batch, *per_sample_shape), generator=self._generator(stream))[self.rows]
+        return torch.cat([
+            torch.randn((self.global_batch, *per_sample_shape), generator=self._generator(stream, c))[self.rows]
+            for c in range(self.copies)
+        ])
 
     def integers(self, high: int, stream: int) -> torch.Tensor:
-        return torch.randint(0, high, (self.global_batch,), generator=self._generator(stream))[self.rows]
+        return torch.cat([
+            torch.randint(0, high, (self.global_batch,), generator=self._generator(stream, c))[self.rows]
+            for c in range(self.copies)
+        ])
+
+    def for_batch_of(self, rows_here: int) -> "BatchRandomness":
+        """The same draws for a batch of `rows_here` rows, made of aligned parts of this process's size."""
+        local = self.rows.stop - self.rows.start
+        return replace(self, copies=rows_here // local)
 
 
 # Stream numbers for BatchRandomness.

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from finetune import checkpoint as ckpt
 from finetune.config import Recipe, dump_recipe
-from finetune.data import CaptionedImageDataset, EpochBatchSampler, collate, load_examples
+from finetune.data import EpochBatchSampler
 from finetune.diffusion import BatchRandomness
 from finetune.methods import METHODS
 from finetune.models import load_base_model, resolve_model_folder
@@ -79,7 +79,8 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     train_cfg = recipe.train
 
     # Cheap checks first: a bad image or a missing model is reported before any weight is loaded.
-    examples = load_examples(recipe.data)
+    method = METHODS[recipe.method](recipe)
+    method.check_data()
     resolve_model_folder(recipe.model)
     resume_from = ckpt.resolve_resume(resume, checkpoints_dir)
 
@@ -97,8 +98,7 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     base = load_base_model(recipe.model, weight_dtype)
     base.vae.to(accelerator.device)
     base.text_encoder.to(accelerator.device)
-    method = METHODS[recipe.method](recipe, base, weight_dtype)
-    method.setup()
+    method.setup(base, weight_dtype)
     if train_cfg.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
 
@@ -120,13 +120,14 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
         accelerator.init_trackers("finetune", config=_flat_hparams(recipe))
 
     accumulation = train_cfg.gradient_accumulation_steps
+    dataset, collate_fn = method.training_data(accelerator)
     sampler = EpochBatchSampler(
-        len(examples), train_cfg.batch_size, accelerator.num_processes, accelerator.process_index, recipe.seed, start=step * accumulation
+        len(dataset), train_cfg.batch_size, accelerator.num_processes, accelerator.process_index, recipe.seed, start=step * accumulation
     )
     loader = torch.utils.data.DataLoader(
-        CaptionedImageDataset(examples, recipe.data, recipe.seed),
+        dataset,
         batch_sampler=sampler,
-        collate_fn=collate,
+        collate_fn=collate_fn,
         num_workers=recipe.data.num_workers,
         # Its own generator: creating the iterator must not draw from the (restored) global RNG.
         generator=torch.Generator().manual_seed(recipe.seed),
@@ -248,7 +249,7 @@ def output_metadata(recipe: Recipe, step: int) -> dict[str, str]:
         "finetune.resolution": str(recipe.data.resolution),
         "finetune.recipe_hash": recipe.fingerprint(),
     }
-    if recipe.method == "lora":
+    if recipe.method == "lora" or (recipe.dreambooth and recipe.dreambooth.adapter == "lora"):
         metadata.update({"finetune.rank": str(recipe.lora.rank), "finetune.alpha": str(recipe.lora.alpha)})
     return metadata
 

@@ -45,8 +45,7 @@ def unet_output(unet, seed=0):
 def lora_model(recipe, lora_file: Path | None = None):
     """The base model with the recipe's LoRA attached (and loaded from our own output file)."""
     base = load_base_model(recipe.model)
-    method = LoRAMethod(recipe, base, torch.float32)
-    method.setup()
+    LoRAMethod(recipe).setup(base)
     if lora_file is not None:
         pipeline = StableDiffusionPipeline.from_pretrained(recipe.model.pretrained)
         pipeline.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
@@ -136,8 +135,7 @@ def test_at_init_the_adapter_is_a_no_op(make_recipe):
     recipe = make_recipe()
     base = load_base_model(recipe.model)
     reference = unet_output(base.unet)
-    method = LoRAMethod(recipe, base, torch.float32)
-    method.setup()
+    LoRAMethod(recipe).setup(base)
     assert any("lora_A" in n for n, _ in base.unet.named_parameters())
     assert torch.equal(unet_output(base.unet), reference)
 

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Callable
 
 import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
 
+from torch.utils.data import Dataset
+
 from finetune.config import Recipe
+from finetune.data import CaptionedImageDataset, collate, load_examples
 from finetune.diffusion import POSTERIOR_STREAM, BatchRandomness, add_noise, draw_noise, per_sample_loss
-from finetune.encoders import encode_images, encode_prompts
+from finetune.encoders import encode_images, encode_prompts, text_hidden_states
 from finetune.models import BaseModel
 from finetune.sampling import generate
 
@@ -25,14 +29,26 @@ from finetune.sampling import generate
 class TrainingMethod(ABC):
     name: str
 
-    def __init__(self, recipe: Recipe, base: BaseModel, weight_dtype: torch.dtype):
+    def __init__(self, recipe: Recipe):
         self.recipe = recipe
-        self.base = base
-        self.weight_dtype = weight_dtype
+        self.base: BaseModel | None = None
+        self.weight_dtype = torch.float32
+
+    def check_data(self) -> None:
+        """Read and check the training data; runs before any model is loaded, so errors come fast."""
+        self.examples = load_examples(self.recipe.data)
+
+    def setup(self, base: BaseModel, weight_dtype: torch.dtype = torch.float32) -> None:
+        self.base, self.weight_dtype = base, weight_dtype
+        self.configure_model()
 
     @abstractmethod
-    def setup(self) -> None:
+    def configure_model(self) -> None:
         """Attach adapters, set what trains (fp32) and what is frozen (cast to `weight_dtype`)."""
+
+    def training_data(self, accelerator) -> tuple[Dataset, Callable]:
+        """(dataset, collate function); items are looked up by (index, epoch) keys, see EpochBatchSampler."""
+        return CaptionedImageDataset(self.examples, self.recipe.data, self.recipe.seed), collate
 
     @abstractmethod
     def trained_modules(self) -> dict[str, torch.nn.Module]:
@@ -82,7 +98,9 @@ class DiffusionMethod(TrainingMethod):
         """The model's prediction (noise or velocity) for a noised batch."""
 
     def encode_text(self, modules, captions: list[str]) -> torch.Tensor:
-        """Frozen text encoder by default; methods that train it override this."""
+        """Through the trained text encoder when the method trains one, else the frozen one (no grad)."""
+        if "text_encoder" in modules:
+            return text_hidden_states(self.base.tokenizer, modules["text_encoder"], captions, self.base.unet.device)
         return encode_prompts(self.base.tokenizer, self.base.text_encoder, captions)
 
     def combine_losses(self, per_sample: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
@@ -92,6 +110,7 @@ class DiffusionMethod(TrainingMethod):
     def loss(self, modules, batch, randomness) -> dict[str, torch.Tensor]:
         base, train = self.base, self.recipe.train
         pixel_values = batch["pixel_values"]
+        randomness = randomness.for_batch_of(pixel_values.shape[0])
         latent_shape = (base.vae.config.latent_channels, pixel_values.shape[-2] // 8, pixel_values.shape[-1] // 8)
         latents = encode_images(base.vae, pixel_values, randomness.normal(latent_shape, POSTERIOR_STREAM))
         encoder_hidden_states = self.encode_text(modules, batch["captions"])
@@ -99,3 +118,11 @@ class DiffusionMethod(TrainingMethod):
         noised = add_noise(base.noise_scheduler, latents, noise.to(latents.device), timesteps.to(latents.device))
         prediction = self.predict(modules, noised.noisy_latents, noised.timesteps, encoder_hidden_states, batch)
         return self.combine_losses(per_sample_loss(prediction, noised, base.noise_scheduler, train.snr_gamma), batch)
+
+
+def text_encoder_groups(base: BaseModel, train_text_encoder: bool, text_encoder_lr: float) -> list[dict]:
+    """Parameter groups: the UNet's trainable weights, and the text encoder's at their own rate."""
+    groups = [{"params": [p for p in base.unet.parameters() if p.requires_grad]}]
+    if train_text_encoder:
+        groups.append({"params": [p for p in base.text_encoder.parameters() if p.requires_grad], "lr": text_encoder_lr})
+    return groups

@@ -11,8 +11,7 @@ from pathlib import Path
 import torch
 from diffusers import DiffusionPipeline
 
-from finetune.encoders import text_hidden_states
-from finetune.methods.base import DiffusionMethod
+from finetune.methods.base import DiffusionMethod, text_encoder_groups
 from finetune.pipeline_io import save_pipeline
 from finetune.sampling import build_pipeline
 
@@ -22,30 +21,25 @@ PIPELINE_DIR = "pipeline"
 class FullMethod(DiffusionMethod):
     name = "full"
 
-    def setup(self) -> None:
+    def __init__(self, recipe, train_text_encoder: bool | None = None, text_encoder_lr: float | None = None):
+        super().__init__(recipe)
+        self.train_text_encoder = recipe.full.train_text_encoder if train_text_encoder is None else train_text_encoder
+        self.text_encoder_lr = text_encoder_lr if train_text_encoder is not None else recipe.full.text_encoder_lr
+
+    def configure_model(self) -> None:
         unet = self.base.unet
         unet.to(torch.float32).requires_grad_(True).train()
-        if self.recipe.full.train_text_encoder:
+        if self.train_text_encoder:
             self.base.text_encoder.to(torch.float32).requires_grad_(True).train()
 
     def trained_modules(self) -> dict[str, torch.nn.Module]:
         modules = {"unet": self.base.unet}
-        if self.recipe.full.train_text_encoder:
+        if self.train_text_encoder:
             modules["text_encoder"] = self.base.text_encoder
         return modules
 
     def parameter_groups(self) -> list[dict]:
-        groups = [{"params": [p for p in self.base.unet.parameters() if p.requires_grad]}]
-        if self.recipe.full.train_text_encoder:
-            text_params = [p for p in self.base.text_encoder.parameters() if p.requires_grad]
-            lr = self.recipe.full.text_encoder_lr or self.recipe.optimizer.lr
-            groups.append({"params": text_params, "lr": lr})
-        return groups
-
-    def encode_text(self, modules, captions: list[str]) -> torch.Tensor:
-        if "text_encoder" not in modules:
-            return super().encode_text(modules, captions)
-        return text_hidden_states(self.base.tokenizer, modules["text_encoder"], captions, self.base.unet.device)
+        return text_encoder_groups(self.base, self.train_text_encoder, self.text_encoder_lr or self.recipe.optimizer.lr)
 
     def predict(self, modules, noisy_latents, timesteps, encoder_hidden_states, batch) -> torch.Tensor:
         return modules["unet"](noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]

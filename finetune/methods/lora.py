@@ -1,6 +1,6 @@
 """LoRA on the UNet (Hu et al., 2021) through peft: low-rank updates to chosen layers, base frozen.
 
-The saved file is diffusers' `pytorch_lora_weights.safetensors` layout, so
+Optionally (DreamBooth's switch) also LoRA on the text encoder's attention projections. The saved file is diffusers' `pytorch_lora_weights.safetensors` layout, so
 `StableDiffusionPipeline.load_lora_weights()` reads it with no missing or unexpected keys; the LoRA
 config (rank, alpha, targets) travels in the file's metadata so the strength alpha/rank is preserved.
 """
@@ -17,54 +17,76 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from finetune.checkpoint import atomic_save_safetensors
-from finetune.methods.base import DiffusionMethod
+from finetune.methods.base import DiffusionMethod, text_encoder_groups
 from finetune.models import freeze
 from finetune.sampling import build_pipeline
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 class LoRAMethod(DiffusionMethod):
     name = "lora"
 
-    def setup(self) -> None:
-        unet = self.base.unet
-        freeze(unet, self.weight_dtype)
-        unet.train()  # LoRA dropout is active while training
+    def __init__(self, recipe, train_text_encoder: bool = False, text_encoder_lr: float | None = None):
+        super().__init__(recipe)
+        self.train_text_encoder = train_text_encoder
+        self.text_encoder_lr = text_encoder_lr
+
+    def configure_model(self) -> None:
         settings = self.recipe.lora
-        unet.add_adapter(
-            LoraConfig(
-                r=settings.rank,
-                lora_alpha=settings.alpha,
-                lora_dropout=settings.dropout,
-                target_modules=list(settings.target_modules),
-                init_lora_weights="gaussian",  # A random, B zero: the adapter starts as a no-op
-            )
-        )
-        # Adapter weights train in fp32 even when the frozen base runs in bf16/fp16.
-        for parameter in unet.parameters():
-            if parameter.requires_grad:
-                parameter.data = parameter.data.float()
+        add_lora(self.base.unet, settings.target_modules, self.weight_dtype, settings)
+        if self.train_text_encoder:
+            add_lora(self.base.text_encoder, TEXT_ENCODER_TARGETS, self.weight_dtype, settings)
 
     def trained_modules(self) -> dict[str, torch.nn.Module]:
-        return {"unet": self.base.unet}
+        modules = {"unet": self.base.unet}
+        if self.train_text_encoder:
+            modules["text_encoder"] = self.base.text_encoder
+        return modules
+
+    def parameter_groups(self) -> list[dict]:
+        return text_encoder_groups(self.base, self.train_text_encoder, self.text_encoder_lr or self.recipe.optimizer.lr)
 
     def predict(self, modules, noisy_latents, timesteps, encoder_hidden_states, batch) -> torch.Tensor:
         return modules["unet"](noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
 
     def save(self, output_dir: Path, modules, metadata: dict[str, str]) -> list[Path]:
-        return [save_unet_lora(modules["unet"], output_dir / LORA_WEIGHTS_NAME, metadata)]
+        return [save_lora(modules, output_dir / LORA_WEIGHTS_NAME, metadata)]
 
     def pipeline(self, modules) -> DiffusionPipeline:
-        return build_pipeline(self.base, unet=modules["unet"])
+        pipeline = build_pipeline(self.base, unet=modules["unet"])
+        if "text_encoder" in modules:
+            pipeline.text_encoder = modules["text_encoder"]
+        return pipeline
 
 
-def save_unet_lora(unet: torch.nn.Module, path: Path, metadata: dict[str, str]) -> Path:
-    """Write the UNet's LoRA weights in diffusers' layout, with the LoRA config in the metadata."""
-    weights = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    tensors = {f"unet.{key}": value.detach().to("cpu", torch.float32).contiguous() for key, value in weights.items()}
-    lora_config = unet.peft_config["default"].to_dict()
-    lora_config = {f"unet.{key}": sorted(value) if isinstance(value, set) else value for key, value in lora_config.items()}
+def add_lora(model: torch.nn.Module, target_modules: list[str], weight_dtype: torch.dtype, settings) -> None:
+    """Freeze `model` in `weight_dtype` and attach a LoRA whose own weights stay fp32."""
+    freeze(model, weight_dtype)
+    model.train()  # LoRA dropout is active while training
+    model.add_adapter(
+        LoraConfig(
+            r=settings.rank,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.dropout,
+            target_modules=list(target_modules),
+            init_lora_weights="gaussian",  # A random, B zero: the adapter starts as a no-op
+        )
+    )
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+
+
+def save_lora(modules: dict[str, torch.nn.Module], path: Path, metadata: dict[str, str]) -> Path:
+    """Write the LoRA weights of `unet` (and `text_encoder`) in diffusers' layout, configs in the metadata."""
+    tensors, lora_config = {}, {}
+    for prefix, model in modules.items():
+        weights = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+        tensors.update({f"{prefix}.{key}": value.detach().to("cpu", torch.float32).contiguous() for key, value in weights.items()})
+        config = model.peft_config["default"].to_dict()
+        lora_config.update({f"{prefix}.{key}": sorted(value) if isinstance(value, set) else value for key, value in config.items()})
     full_metadata = {
         "format": "pt",
         # diffusers reads this key back in load_lora_weights to restore alpha (and so the strength).

@@ -38,7 +38,7 @@ class AutoencoderForTraining(torch.nn.Module):
 class VAEMethod(TrainingMethod):
     name = "vae"
 
-    def setup(self) -> None:
+    def configure_model(self) -> None:
         self.base.vae.to(torch.float32).requires_grad_(True).train()
         self.model = AutoencoderForTraining(self.base.vae)
         self.preview: torch.Tensor | None = None

@@ -1,0 +1,85 @@
+"""Class images for DreamBooth's prior preservation: reuse what is there, generate only what is missing.
+
+Generated files are named `<prompt-hash>-<k>.png`: the hash (of the class prompt and the generation
+settings) keeps images of another prompt from ever being counted, and image k is always made from
+seed `seed + k`, so an interrupted generation continues where it stopped and reproduces exactly what
+an uninterrupted one would have made. In distributed runs each process generates its share.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from finetune.config import ClassImageGeneration
+from finetune.data import IMAGE_SUFFIXES
+from finetune.sampling import autocast_for, save_image_atomic
+
+logger = logging.getLogger(__name__)
+
+
+def generation_key(class_prompt: str, settings: ClassImageGeneration, resolution: int) -> str:
+    described = json.dumps({"prompt": class_prompt, "resolution": resolution, **settings.model_dump()}, sort_keys=True)
+    return hashlib.sha256(described.encode()).hexdigest()[:10]
+
+
+def is_generated_name(path: Path) -> bool:
+    stem = path.stem
+    return len(stem) == 16 and stem[10] == "-" and stem[11:].isdigit()
+
+
+def plan_class_images(folder: Path, key: str, wanted: int) -> tuple[list[Path], list[int]]:
+    """(the class images to train on, indices k still to generate) for `wanted` images in `folder`.
+
+    Images a user put in the folder count first (sorted by name); generated images of this key fill
+    the rest. Generated images of another key (another prompt or settings) are never used.
+    """
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    user_images = [p for p in files if not is_generated_name(p)][:wanted]
+    needed = wanted - len(user_images)
+    generated = [folder / f"{key}-{k:05d}.png" for k in range(needed)]
+    missing = [k for k, path in enumerate(generated) if not path.is_file()]
+    others = [p for p in files if is_generated_name(p) and not p.name.startswith(key)]
+    if others:
+        logger.warning("%s: ignoring %d generated images of another class prompt or settings", folder, len(others))
+    return user_images + generated, missing
+
+
+@torch.no_grad()
+def generate_class_images(
+    pipeline,
+    class_prompt: str,
+    folder: Path,
+    key: str,
+    indices: list[int],
+    settings: ClassImageGeneration,
+    resolution: int,
+    process_index: int = 0,
+    num_processes: int = 1,
+) -> int:
+    """Generate this process's share of `indices`; returns how many images it wrote."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mine = indices[process_index::num_processes]
+    batches = [mine[i : i + settings.batch_size] for i in range(0, len(mine), settings.batch_size)]
+    written = 0
+    for batch in tqdm(batches, desc=f"class images '{class_prompt}'", disable=process_index != 0 or not batches):
+        generators = [torch.Generator("cpu").manual_seed(settings.seed + k) for k in batch]
+        with autocast_for(pipeline.unet):
+            images = pipeline(
+                [class_prompt] * len(batch),
+                negative_prompt=[settings.negative_prompt] * len(batch) if settings.negative_prompt else None,
+                num_inference_steps=settings.num_inference_steps,
+                guidance_scale=settings.guidance_scale,
+                height=resolution,
+                width=resolution,
+                generator=generators,
+            ).images
+        for k, image in zip(batch, images):
+            save_image_atomic(image, folder / f"{key}-{k:05d}.png")
+            written += 1
+    return written

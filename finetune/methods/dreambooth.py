@@ -1,0 +1,155 @@
+"""DreamBooth (Ruiz et al., 2023): teach the model subjects, with prior preservation.
+
+Each concept is a folder of a subject's images named by a prompt with a rare identifier ("a photo of
+sks dog"). With prior preservation every batch also holds as many class images ("a photo of a dog"),
+made by the frozen base model where the class folder has too few, and the loss is
+
+    instance loss + prior_loss_weight x class loss,
+
+so the model learns the subject without forgetting what the class looks like. The adapter is either
+the full UNet or a LoRA (the `lora:` section), optionally with the text encoder; several concepts can
+train in one run.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+from finetune.class_images import generate_class_images, generation_key, plan_class_images
+from finetune.config import Concept, Recipe
+from finetune.data import Example, check_images, item_rng, load_examples, prepare_image
+from finetune.errors import FinetuneError
+from finetune.methods.base import DiffusionMethod
+from finetune.methods.full import FullMethod
+from finetune.methods.lora import LoRAMethod
+from finetune.sampling import build_pipeline
+from pathlib import Path
+from PIL import Image
+
+
+class DreamBoothDataset(Dataset):
+    """Item i: instance image i with its prompt, paired with a class image of the same concept.
+
+    The class image cycles with the epoch, so over the run every class image is used.
+    """
+
+    def __init__(self, instances: list[tuple[int, Example]], class_examples: list[list[Example]], recipe: Recipe):
+        self.instances = instances
+        self.class_examples = class_examples
+        self.config = recipe.data
+        self.seed = recipe.seed
+
+    def __len__(self) -> int:
+        return len(self.instances)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, epoch = key
+        concept, example = self.instances[index]
+        rng = item_rng(self.seed, epoch, index)
+        item = {"pixel_values": prepare_image(example, self.config, rng), "caption": example.caption, "index": index}
+        if self.class_examples:
+            pool = self.class_examples[concept]
+            class_example = pool[(index + epoch * len(self.instances)) % len(pool)]
+            item["class_pixel_values"] = prepare_image(class_example, self.config, rng)
+            item["class_caption"] = class_example.caption
+        return item
+
+
+def dreambooth_collate(items: list[dict]) -> dict:
+    """Instances first, then their class images: the loss splits the batch at `num_instance`."""
+    pixel_values = [item["pixel_values"] for item in items]
+    captions = [item["caption"] for item in items]
+    if "class_pixel_values" in items[0]:
+        pixel_values += [item["class_pixel_values"] for item in items]
+        captions += [item["class_caption"] for item in items]
+    return {
+        "pixel_values": torch.stack(pixel_values),
+        "captions": captions,
+        "num_instance": len(items),
+        "indices": torch.tensor([item["index"] for item in items]),
+    }
+
+
+class DreamBoothMethod(DiffusionMethod):
+    name = "dreambooth"
+
+    def __init__(self, recipe: Recipe):
+        super().__init__(recipe)
+        settings = recipe.dreambooth
+        adapter_class = FullMethod if settings.adapter == "full" else LoRAMethod
+        self.adapter = adapter_class(recipe, train_text_encoder=settings.train_text_encoder, text_encoder_lr=settings.text_encoder_lr)
+
+    # -- data -----------------------------------------------------------------------------------
+
+    def check_data(self) -> None:
+        self.instances: list[tuple[int, Example]] = []
+        for i, concept in enumerate(self.recipe.dreambooth.concepts):
+            caption = None if concept.use_captions else concept.instance_prompt
+            config = self.recipe.data.model_copy(update={"image_dir": concept.instance_dir, "caption": caption})
+            self.instances += [(i, example) for example in load_examples(config)]
+        settings = self.recipe.dreambooth
+        if settings.prior_preservation and settings.num_class_images < 1:
+            raise FinetuneError("dreambooth.num_class_images must be at least 1 with prior preservation")
+
+    def class_dir(self, index: int, concept: Concept) -> Path:
+        return Path(concept.class_dir) if concept.class_dir else Path(self.recipe.output_dir) / "class_images" / f"concept-{index}"
+
+    def training_data(self, accelerator):
+        settings = self.recipe.dreambooth
+        class_examples: list[list[Example]] = []
+        if settings.prior_preservation:
+            for i, concept in enumerate(settings.concepts):
+                class_examples.append(self._class_images(i, concept, accelerator))
+        return DreamBoothDataset(self.instances, class_examples, self.recipe), dreambooth_collate
+
+    def _class_images(self, index: int, concept: Concept, accelerator) -> list[Example]:
+        settings = self.recipe.dreambooth
+        folder = self.class_dir(index, concept)
+        key = generation_key(concept.class_prompt, settings.class_generation, self.recipe.data.resolution)
+        paths, missing = plan_class_images(folder, key, settings.num_class_images)
+        if missing:
+            accelerator.print(f"generating {len(missing)} class images for '{concept.class_prompt}' in {folder}")
+            pipeline = build_pipeline(self.base)
+            self.base.unet.eval()
+            with torch.random.fork_rng(devices=[]):
+                generate_class_images(
+                    pipeline, concept.class_prompt, folder, key, missing, settings.class_generation,
+                    self.recipe.data.resolution, accelerator.process_index, accelerator.num_processes,
+                )
+            self.base.unet.train()
+        accelerator.wait_for_everyone()
+        examples = [Example(str(p), concept.class_prompt, lambda p=p: Image.open(p)) for p in paths]
+        # Class images a user brought may have any size: they are resized and cropped like instance
+        # images; only unreadable or too-small ones stop the run.
+        check_images(examples, self.recipe.data.min_image_size or self.recipe.data.resolution // 2)
+        return examples
+
+    # -- model: everything but the loss split is the adapter's ------------------------------------
+
+    def configure_model(self) -> None:
+        self.adapter.setup(self.base, self.weight_dtype)
+
+    def trained_modules(self):
+        return self.adapter.trained_modules()
+
+    def parameter_groups(self):
+        return self.adapter.parameter_groups()
+
+    def predict(self, modules, noisy_latents, timesteps, encoder_hidden_states, batch):
+        return self.adapter.predict(modules, noisy_latents, timesteps, encoder_hidden_states, batch)
+
+    def combine_losses(self, per_sample: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        n = batch["num_instance"]
+        instance_loss = per_sample[:n].mean()
+        if per_sample.shape[0] == n:  # no prior preservation
+            return {"loss": instance_loss, "instance_loss": instance_loss.detach()}
+        class_loss = per_sample[n:].mean()
+        loss = instance_loss + self.recipe.dreambooth.prior_loss_weight * class_loss
+        return {"loss": loss, "instance_loss": instance_loss.detach(), "class_loss": class_loss.detach()}
+
+    def save(self, output_dir, modules, metadata):
+        return self.adapter.save(output_dir, modules, metadata)
+
+    def pipeline(self, modules):
+        return self.adapter.pipeline(modules)
