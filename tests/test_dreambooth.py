@@ -1,0 +1,163 @@
+"""DreamBooth: class images made exactly and resumably, the prior term on the class half, frozen
+parts untouched, and a saved pipeline that reproduces the trained UNet."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from finetune.class_images import generate_class_images, generation_key, plan_class_images
+from finetune.config import ClassImageGeneration
+from finetune.errors import FinetuneError
+from finetune.methods.dreambooth import DreamBoothMethod, dreambooth_collate
+from finetune.models import load_base_model
+from finetune.sampling import build_pipeline
+from finetune.toyworld.world import write_folder
+from finetune.trainer import train
+
+SETTINGS = ClassImageGeneration(num_inference_steps=2, guidance_scale=3.0, batch_size=2, seed=5)
+
+
+@pytest.fixture(scope="module")
+def star_folder(tmp_path_factory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("star") / "star", 3, seed=11, include_held_out="only_shape")
+
+
+def dreambooth_recipe(make_recipe, star_folder, tmp_path, **overrides):
+    concept = {"instance_dir": str(star_folder), "instance_prompt": "a sks shape", "class_prompt": "a shape"}
+    settings = {
+        "concepts": [concept],
+        "num_class_images": 4,
+        "class_generation": SETTINGS.model_dump(),
+        **overrides.pop("dreambooth", {}),
+    }
+    return make_recipe(method="dreambooth", dreambooth=settings, data__image_dir=None, train__batch_size=1, **overrides)
+
+
+def test_generation_makes_exactly_the_missing_images_and_resumes(tiny_model, tmp_path):
+    folder = tmp_path / "class"
+    folder.mkdir()
+    for name in ("mine-a.png", "mine-b.png"):
+        Image.new("RGB", (64, 64), "red").save(folder / name)
+    key = generation_key("a shape", SETTINGS, 64)
+    paths, missing = plan_class_images(folder, key, wanted=5)
+    assert missing == [0, 1, 2] and [p.name for p in paths[:2]] == ["mine-a.png", "mine-b.png"]
+
+    pipeline = build_pipeline(load_base_model(_model(tiny_model)))
+    assert generate_class_images(pipeline, "a shape", folder, key, missing, SETTINGS, 64) == 3
+    first_run = {p.name: p.read_bytes() for p in folder.glob(f"{key}-*.png")}
+    assert len(first_run) == 3
+
+    # An interrupted generation: one image never got written. Only that one is made, identically.
+    (folder / f"{key}-00001.png").unlink()
+    _, missing = plan_class_images(folder, key, wanted=5)
+    assert missing == [1]
+    assert generate_class_images(pipeline, "a shape", folder, key, missing, SETTINGS, 64) == 1
+    assert {p.name: p.read_bytes() for p in folder.glob(f"{key}-*.png")} == first_run
+
+    # Another class prompt never counts these images.
+    other = generation_key("a dog", SETTINGS, 64)
+    _, missing_other = plan_class_images(folder, other, wanted=5)
+    assert missing_other == [0, 1, 2]
+    # Fewer wanted than the user brought: the first ones by name, nothing generated.
+    paths, missing = plan_class_images(folder, key, wanted=1)
+    assert [p.name for p in paths] == ["mine-a.png"] and missing == []
+
+
+def _model(path):
+    from finetune.config import ModelConfig
+
+    return ModelConfig(pretrained=str(path))
+
+
+def test_prior_loss_is_computed_on_the_class_half(make_recipe, star_folder, tmp_path):
+    recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path, dreambooth={"prior_loss_weight": 0.5})
+    method = DreamBoothMethod(recipe)
+    per_sample = torch.tensor([1.0, 3.0, 10.0, 20.0])  # instances first, then their class images
+    losses = method.combine_losses(per_sample, {"num_instance": 2})
+    assert losses["instance_loss"].item() == 2.0
+    assert losses["class_loss"].item() == 15.0
+    assert losses["loss"].item() == 2.0 + 0.5 * 15.0
+
+    items = [
+        {"pixel_values": torch.full((3, 2, 2), float(i)), "caption": f"inst{i}", "index": i,
+         "class_pixel_values": torch.full((3, 2, 2), 10.0 + i), "class_caption": "a shape"}
+        for i in range(2)
+    ]
+    batch = dreambooth_collate(items)
+    assert batch["captions"] == ["inst0", "inst1", "a shape", "a shape"]
+    assert batch["pixel_values"][:, 0, 0, 0].tolist() == [0.0, 1.0, 10.0, 11.0]
+    assert batch["num_instance"] == 2
+
+
+def test_full_dreambooth_trains_the_unet_only_and_the_saved_pipeline_reproduces_it(make_recipe, star_folder, tmp_path):
+    recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path, train__max_steps=3, optimizer__lr=1e-4)
+    import finetune.trainer as trainer_module
+
+    captured = {}
+    original = trainer_module.load_base_model
+    trainer_module.load_base_model = lambda *a, **k: captured.setdefault("base", original(*a, **k))
+    try:
+        result = train(recipe)
+    finally:
+        trainer_module.load_base_model = original
+    trained, fresh = captured["base"], load_base_model(recipe.model)
+
+    class_dir = Path(recipe.output_dir) / "class_images" / "concept-0"
+    assert len(list(class_dir.glob("*.png"))) == 4
+    for part in ("vae", "text_encoder"):
+        for name, tensor in getattr(fresh, part).state_dict().items():
+            assert torch.equal(getattr(trained, part).state_dict()[name], tensor), f"{part}.{name}"
+    assert any(not torch.equal(a, b) for a, b in zip(trained.unet.state_dict().values(), fresh.unet.state_dict().values()))
+
+    pipeline = StableDiffusionPipeline.from_pretrained(result.output_dir / "pipeline")
+    generator = torch.Generator().manual_seed(0)
+    latents, text = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 77, 32, generator=generator)
+    with torch.no_grad():
+        expected = trained.unet(latents, torch.tensor([500]), text).sample
+        assert torch.equal(pipeline.unet(latents, torch.tensor([500]), text).sample, expected)
+    for name, tensor in fresh.vae.state_dict().items():  # frozen parts saved as they were
+        assert torch.equal(pipeline.vae.state_dict()[name], tensor)
+
+
+def test_dreambooth_lora_with_two_concepts_and_text_encoder(make_recipe, star_folder, image_folder, tmp_path):
+    concepts = [
+        {"instance_dir": str(star_folder), "instance_prompt": "a sks shape", "class_prompt": "a shape"},
+        {"instance_dir": str(image_folder), "instance_prompt": "a zwx pattern", "class_prompt": "a pattern"},
+    ]
+    recipe = dreambooth_recipe(
+        make_recipe, star_folder, tmp_path, train__max_steps=2,
+        dreambooth={"concepts": concepts, "adapter": "lora", "train_text_encoder": True, "num_class_images": 2},
+    )
+    result = train(recipe)
+    for i in range(2):
+        assert len(list((Path(recipe.output_dir) / "class_images" / f"concept-{i}").glob("*.png"))) == 2
+    from safetensors.torch import load_file
+
+    keys = load_file(result.output_dir / "pytorch_lora_weights.safetensors").keys()
+    assert any(k.startswith("unet.") for k in keys) and any(k.startswith("text_encoder.") for k in keys)
+    pipeline = StableDiffusionPipeline.from_pretrained(recipe.model.pretrained)
+    pipeline.load_lora_weights(str(result.output_dir))  # diffusers accepts both parts
+
+
+def test_instance_folder_without_images(make_recipe, star_folder, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    concept = {"instance_dir": str(empty), "instance_prompt": "a sks shape", "class_prompt": "a shape"}
+    recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path, dreambooth={"concepts": [concept]})
+    with pytest.raises(FinetuneError, match=r"data folder .*empty has no images"):
+        train(recipe)
+
+
+def test_class_images_of_another_size_are_resized_but_tiny_ones_stop_the_run(make_recipe, star_folder, tmp_path):
+    class_dir = tmp_path / "classes"
+    class_dir.mkdir()
+    Image.new("RGB", (200, 120), "blue").save(class_dir / "big.png")
+    concept = {"instance_dir": str(star_folder), "instance_prompt": "a sks shape", "class_prompt": "a shape", "class_dir": str(class_dir)}
+    recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path, train__max_steps=1, dreambooth={"concepts": [concept], "num_class_images": 1})
+    train(recipe)  # the 200x120 image is resized and cropped to 64x64 like any training image
+    Image.new("RGB", (10, 10), "blue").save(class_dir / "a-tiny.png")
+    with pytest.raises(FinetuneError, match=r"a-tiny\.png is 10x10"):
+        train(recipe)
