@@ -250,18 +250,32 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:
 
 
 def apply_override(raw: dict[str, Any], override: str, source: str = "command line") -> None:
-    """Apply `optimizer.lr=1e-4` to a nested dict; the value is parsed as YAML (numbers, lists, null)."""
+    """Apply `optimizer.lr=1e-4` to a nested dict; the value is parsed as YAML (numbers, lists, null).
+
+    A number in the path indexes a list: `dreambooth.concepts.0.instance_dir=photos`.
+    """
     if "=" not in override:
         raise FinetuneError(f"override '{override}' must look like key=value, e.g. optimizer.lr=1e-4")
     dotted, value_text = override.split("=", 1)
     keys = dotted.strip().split(".")
-    node = raw
-    for key in keys[:-1]:
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise FinetuneError(f"override '{override}': '{key}' is not a section in {source}")
-        node = child
-    node[keys[-1]] = yaml.safe_load(value_text) if value_text.strip() else None
+    node: Any = raw
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1
+        value = yaml.safe_load(value_text) if value_text.strip() else None
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise FinetuneError(f"override '{override}': '{key}' is not an index of the list at '{'.'.join(keys[:depth])}' in {source}")
+            if last:
+                node[int(key)] = value
+            else:
+                node = node[int(key)]
+        elif isinstance(node, dict):
+            if last:
+                node[key] = value
+            else:
+                node = node.setdefault(key, {})
+        else:
+            raise FinetuneError(f"override '{override}': '{keys[depth - 1]}' is not a section in {source}")
 
 
 def describe_validation_error(err: ValidationError, raw: dict[str, Any]) -> str:

@@ -69,3 +69,13 @@ def test_fingerprint_changes_with_any_setting():
     b = recipe_from_dict({**MINIMAL, "optimizer": {"lr": 2e-4}})
     assert a.fingerprint() != b.fingerprint()
     assert a.fingerprint() == recipe_from_dict(MINIMAL).fingerprint()
+
+
+def test_override_indexes_lists():
+    from finetune.config import apply_override
+
+    raw = {"dreambooth": {"concepts": [{"instance_dir": "a"}, {"instance_dir": "b"}]}}
+    apply_override(raw, "dreambooth.concepts.1.instance_dir=photos")
+    assert raw["dreambooth"]["concepts"][1]["instance_dir"] == "photos"
+    with pytest.raises(FinetuneError, match="'5' is not an index"):
+        apply_override(raw, "dreambooth.concepts.5.instance_dir=x")
