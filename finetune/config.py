@@ -148,8 +148,12 @@ class TrainConfig(Section):
     snr_gamma: Optional[float] = None
     # Offset noise (Guttenberg 2023) helps very dark/bright images; 0.05-0.1 is typical.
     noise_offset: float = 0.0
-    # Use SDPA attention (PyTorch's fused kernels); diffusers does by default on torch>=2.
     allow_tf32: bool = True
+    # Compute frozen encoders' outputs once per distinct input (see finetune/cache.py): VAE posteriors
+    # keyed by the cropped/flipped pixels, text hidden states by caption. Exact: same loss as uncached.
+    cache_latents: bool = False
+    cache_text_embeddings: bool = False  # ignored when the text encoder trains
+    cache_dir: Optional[str] = None  # None: in memory for this run; a folder: on disk, reused by later runs
 
 
 class OptimizerConfig(Section):

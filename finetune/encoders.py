@@ -23,16 +23,20 @@ def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompt
 
 
 @torch.no_grad()
-def encode_images(vae: AutoencoderKL, pixel_values: torch.Tensor, posterior_noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Latents from the VAE posterior, scaled the way the UNet was trained to see them.
+def posterior_moments(vae: AutoencoderKL, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The VAE posterior's mean and std, concatenated on the channel axis (what the latent cache keeps)."""
+    posterior = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    return torch.cat([posterior.mean, posterior.std], dim=1).float()
 
-    With `posterior_noise` (standard normal, latent-shaped) the sample is mean + std * noise, drawn
-    by the caller so it is reproducible; without it, the posterior mean.
-    """
-    pixel_values = pixel_values.to(device=vae.device, dtype=vae.dtype)
-    posterior = vae.encode(pixel_values).latent_dist
-    latents = posterior.mean
-    if posterior_noise is not None:
-        latents = latents + posterior.std * posterior_noise.to(latents.device, latents.dtype)
+
+def latents_from_moments(vae: AutoencoderKL, moments: torch.Tensor, posterior_noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled latents: mean + std * noise (noise drawn by the caller, so it is reproducible), or the mean."""
+    mean, std = moments.chunk(2, dim=1)
+    latents = mean if posterior_noise is None else mean + std * posterior_noise.to(mean.device, mean.dtype)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return ((latents - shift) * vae.config.scaling_factor).float()
+    return (latents - shift) * vae.config.scaling_factor
+
+
+def encode_images(vae: AutoencoderKL, pixel_values: torch.Tensor, posterior_noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Latents from the VAE posterior, scaled the way the UNet was trained to see them."""
+    return latents_from_moments(vae, posterior_moments(vae, pixel_values), posterior_noise)

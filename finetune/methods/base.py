@@ -21,7 +21,8 @@ from torch.utils.data import Dataset
 from finetune.config import Recipe
 from finetune.data import CaptionedImageDataset, collate, load_examples
 from finetune.diffusion import POSTERIOR_STREAM, BatchRandomness, add_noise, draw_noise, per_sample_loss
-from finetune.encoders import encode_images, encode_prompts, text_hidden_states
+from finetune.cache import EncodingCache, content_key, model_fingerprint
+from finetune.encoders import encode_prompts, latents_from_moments, posterior_moments, text_hidden_states
 from finetune.models import BaseModel
 from finetune.sampling import generate
 
@@ -93,6 +94,26 @@ class TrainingMethod(ABC):
 class DiffusionMethod(TrainingMethod):
     """The latent-diffusion objective: encode, add noise at a random timestep, predict, regress."""
 
+    def setup(self, base: BaseModel, weight_dtype: torch.dtype = torch.float32) -> None:
+        super().setup(base, weight_dtype)
+        train = self.recipe.train
+        root = Path(train.cache_dir) if train.cache_dir else None
+
+        def cache(kind: str, encoder: torch.nn.Module) -> EncodingCache:
+            return EncodingCache(root / f"{kind}-{model_fingerprint(encoder)}" if root else None)
+
+        self.latent_cache = cache("latents", base.vae) if train.cache_latents else None
+        self.text_cache = cache("text", base.text_encoder) if train.cache_text_embeddings else None
+
+    def encode_latents(self, pixel_values: torch.Tensor, posterior_noise: torch.Tensor) -> torch.Tensor:
+        vae = self.base.vae
+        if self.latent_cache is None:
+            moments = posterior_moments(vae, pixel_values)
+        else:
+            keys = [content_key(pixels) for pixels in pixel_values]
+            moments = self.latent_cache.lookup(keys, lambda rows: posterior_moments(vae, pixel_values[rows]), pixel_values.device)
+        return latents_from_moments(vae, moments, posterior_noise)
+
     @abstractmethod
     def predict(self, modules, noisy_latents, timesteps, encoder_hidden_states, batch) -> torch.Tensor:
         """The model's prediction (noise or velocity) for a noised batch."""
@@ -101,7 +122,10 @@ class DiffusionMethod(TrainingMethod):
         """Through the trained text encoder when the method trains one, else the frozen one (no grad)."""
         if "text_encoder" in modules:
             return text_hidden_states(self.base.tokenizer, modules["text_encoder"], captions, self.base.unet.device)
-        return encode_prompts(self.base.tokenizer, self.base.text_encoder, captions)
+        encode = lambda rows: encode_prompts(self.base.tokenizer, self.base.text_encoder, [captions[i] for i in rows])
+        if self.text_cache is None:
+            return encode(range(len(captions)))
+        return self.text_cache.lookup([content_key(c) for c in captions], encode, self.base.text_encoder.device)
 
     def combine_losses(self, per_sample: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         """Reduce per-sample losses; DreamBooth splits instance and class images here."""
@@ -112,7 +136,7 @@ class DiffusionMethod(TrainingMethod):
         pixel_values = batch["pixel_values"]
         randomness = randomness.for_batch_of(pixel_values.shape[0])
         latent_shape = (base.vae.config.latent_channels, pixel_values.shape[-2] // 8, pixel_values.shape[-1] // 8)
-        latents = encode_images(base.vae, pixel_values, randomness.normal(latent_shape, POSTERIOR_STREAM))
+        latents = self.encode_latents(pixel_values, randomness.normal(latent_shape, POSTERIOR_STREAM))
         encoder_hidden_states = self.encode_text(modules, batch["captions"])
         noise, timesteps = draw_noise(randomness, latent_shape, base.noise_scheduler.config.num_train_timesteps, train.noise_offset)
         noised = add_noise(base.noise_scheduler, latents, noise.to(latents.device), timesteps.to(latents.device))

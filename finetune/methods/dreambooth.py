@@ -128,7 +128,9 @@ class DreamBoothMethod(DiffusionMethod):
     # -- model: everything but the loss split is the adapter's ------------------------------------
 
     def configure_model(self) -> None:
-        self.adapter.setup(self.base, self.weight_dtype)
+        # The adapter only configures the model; encoding (and its caches) stay this method's.
+        self.adapter.base, self.adapter.weight_dtype = self.base, self.weight_dtype
+        self.adapter.configure_model()
 
     def trained_modules(self):
         return self.adapter.trained_modules()

@@ -1,0 +1,50 @@
+"""Cached latents and text embeddings: exact, invalidated by any change, reusable from disk."""
+
+import torch
+
+from finetune.cache import EncodingCache, content_key
+from finetune.trainer import train
+
+
+def test_cached_run_has_the_same_losses_as_the_uncached_one(make_recipe, tmp_path):
+    common = dict(train__max_steps=6, data__random_flip=True, train__batch_size=2)
+    plain = train(make_recipe(output_dir=str(tmp_path / "plain"), **common))
+    cached = train(make_recipe(output_dir=str(tmp_path / "cached"), train__cache_latents=True, train__cache_text_embeddings=True, **common))
+    assert torch.allclose(torch.tensor(plain.losses), torch.tensor(cached.losses), rtol=1e-5, atol=1e-6)
+
+
+def test_a_changed_image_is_a_new_entry():
+    cache = EncodingCache()
+    calls = []
+
+    def encode(rows):
+        calls.append(list(rows))
+        return torch.stack([images[i].mean(dim=0) for i in rows])
+
+    images = torch.zeros(2, 3, 4, 4)
+    cache.lookup([content_key(x) for x in images], encode, torch.device("cpu"))
+    cache.lookup([content_key(x) for x in images], encode, torch.device("cpu"))
+    images[1, 0, 0, 0] = 1.0  # one pixel of one image changes
+    result = cache.lookup([content_key(x) for x in images], encode, torch.device("cpu"))
+    assert calls == [[0, 1], [1]]
+    assert result[1, 0, 0] == 1.0 / 3
+    assert content_key("a cat") != content_key("a cat ")
+
+
+def test_disk_cache_is_reused_by_a_later_run(make_recipe, tmp_path, monkeypatch):
+    settings = dict(train__max_steps=2, train__cache_latents=True, train__cache_text_embeddings=True, train__cache_dir=str(tmp_path / "cache"))
+    train(make_recipe(output_dir=str(tmp_path / "a"), **settings))
+    latent_dirs = list((tmp_path / "cache").glob("latents-*"))
+    text_dirs = list((tmp_path / "cache").glob("text-*"))
+    assert len(latent_dirs) == 1 and len(text_dirs) == 1
+    entries = len(list(latent_dirs[0].glob("*.safetensors")))
+    assert entries == 4  # the 4 images, center-cropped, unflipped: one entry each
+    # The second run must not run the encoders at all: every entry comes from disk.
+    import finetune.methods.base as base_module
+
+    def must_not_encode(*args, **kwargs):
+        raise AssertionError("encoder called although everything is cached on disk")
+
+    monkeypatch.setattr(base_module, "posterior_moments", must_not_encode)
+    monkeypatch.setattr(base_module, "encode_prompts", must_not_encode)
+    train(make_recipe(output_dir=str(tmp_path / "b"), **settings))
