@@ -16,7 +16,10 @@ EXAMPLES = """examples:
   accelerate launch --config_file accelerate_config.yaml -m finetune train recipes/lora.yaml
   finetune train recipes/lora.yaml --resume latest
   finetune sample --base outputs/quickstart/base --lora outputs/quickstart --prompt "a red striped circle"
+  finetune export outputs/quickstart outputs/webui --to kohya
+  finetune merge --base outputs/tiny-sd --lora outputs/quickstart --strength 0.8 outputs/merged
   finetune make-tiny-model outputs/tiny-sd
+  finetune make-conditions my_photos my_controlnet_data --kind canny
   finetune eval --base finetune/assets/toyworld-base --lora outputs/quickstart --suite style
 """
 
@@ -93,6 +96,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("source", help="a diffusers pipeline folder (e.g. outputs/base/unet/pipeline)")
     export.add_argument("destination")
+
+    lora_export = commands.add_parser(
+        "export",
+        help="convert a LoRA between diffusers and kohya (webui/ComfyUI) layouts, with a model card",
+        description="Convert a LoRA file to the kohya layout (AUTOMATIC1111/Forge webui, ComfyUI, sd-scripts) or to "
+        "diffusers' layout, keeping every module's rank and alpha. Writes the file, its metadata and a README.md "
+        "model card (with the newest sample grid of the training folder).",
+        epilog="example: finetune export outputs/lora outputs/webui --to kohya   (writes outputs/webui/lora.safetensors)",
+    )
+    lora_export.add_argument("input", help="a LoRA .safetensors file (either layout) or a training output folder")
+    lora_export.add_argument("output", help="a .safetensors path, or a folder for the file and its README.md")
+    lora_export.add_argument("--to", required=True, choices=["kohya", "diffusers"], help="layout to write")
+
+    merge = commands.add_parser(
+        "merge",
+        help="fold a LoRA into its base model and save a full pipeline",
+        description="Add a LoRA (either layout) into the base UNet and, if it has one, text encoder at the given "
+        "strength, and write a complete diffusers pipeline that needs no LoRA loading.",
+        epilog="example: finetune merge --base stable-diffusion-v1-5/stable-diffusion-v1-5 --lora outputs/lora --strength 0.8 outputs/merged",
+    )
+    merge.add_argument("output_dir", help="folder for the merged pipeline")
+    merge.add_argument("--base", required=True, help="base model: hub id, diffusers folder or .safetensors file")
+    merge.add_argument("--lora", required=True, help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
+    merge.add_argument("--strength", type=float, default=1.0, help="LoRA strength, as --lora-scale in sampling (default 1.0)")
+
+    conditions = commands.add_parser(
+        "make-conditions",
+        help="make ControlNet conditioning images (canny edges, luminance, a mask) and a metadata.jsonl",
+        description="Write a ControlNet training folder from a folder of images: the images, conditioning/<name>.png "
+        "(canny: edges, white on black; luminance: a grayscale depth-like map; mask: pixels far from the border's "
+        "colour, for the toy world) and a metadata.jsonl with file_name, conditioning_file_name and text (captions "
+        "from the input's metadata.jsonl or .txt files).",
+        epilog="example: finetune make-conditions my_photos my_controlnet_data --kind canny   then: "
+        "finetune train recipes/controlnet.yaml data.image_dir=my_controlnet_data",
+    )
+    conditions.add_argument("input_dir", help="folder of images (with .txt captions or a metadata.jsonl)")
+    conditions.add_argument("output_dir", help="training folder to write (may be input_dir itself)")
+    conditions.add_argument("--kind", required=True, choices=["canny", "luminance", "mask"])
+    conditions.add_argument("--low", type=float, default=20.0, help="canny: weak edge threshold, in colour levels 0-255 (default 20)")
+    conditions.add_argument("--high", type=float, default=40.0, help="canny: strong edge threshold, in colour levels 0-255 (default 40)")
+    conditions.add_argument("--sigma", type=float, default=1.0, help="canny: Gaussian blur before the gradients, in pixels (default 1.0)")
+    conditions.add_argument("--threshold", type=float, default=40.0, help="mask: RGB distance from the border colour that counts as shape (default 40)")
 
     from finetune.evaluate import add_eval_parser
 
@@ -178,6 +223,32 @@ def _export_base(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from finetune.kohya import export_lora
+
+    path, card = export_lora(Path(args.input), Path(args.output), args.to)
+    print(f"wrote {path} ({args.to} layout) and {card}")
+    return 0
+
+
+def _merge(args) -> int:
+    from finetune.merge import merge_lora
+
+    print(f"wrote {merge_lora(args.base, args.lora, args.strength, Path(args.output_dir))}")
+    return 0
+
+
+def _make_conditions(args) -> int:
+    from finetune.conditions import make_conditions
+
+    options = {"canny": dict(low=args.low, high=args.high, sigma=args.sigma), "mask": dict(threshold=args.threshold)}.get(args.kind, {})
+    folder, count, uncaptioned = make_conditions(args.input_dir, args.output_dir, args.kind, **options)
+    print(f"wrote {count} {args.kind} conditioning images and metadata.jsonl to {folder}")
+    if uncaptioned:
+        print(f"note: {uncaptioned} images had no caption (.txt or metadata.jsonl) and train with an empty prompt")
+    return 0
+
+
 def _eval(args) -> int:
     from finetune.evaluate import run_eval_command
 
@@ -191,5 +262,8 @@ COMMANDS = {
     "make-sample-data": _make_sample_data,
     "make-world-data": _make_world_data,
     "export-base": _export_base,
+    "export": _export,
+    "merge": _merge,
+    "make-conditions": _make_conditions,
     "eval": _eval,
 }

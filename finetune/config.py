@@ -137,6 +137,34 @@ class DreamBoothConfig(Section):
         return value
 
 
+class ControlNetConfig(Section):
+    """`method: controlnet` (Zhang et al., 2023): a zero-initialised trainable copy of the UNet encoder
+    steers the frozen UNet with a conditioning image (edges, a mask, a depth-like map)."""
+
+    # An existing diffusers ControlNet folder to continue from; None: copy the UNet's encoder.
+    pretrained: Optional[str] = None
+    # Datasets: the column holding the conditioning image (folders: metadata.jsonl conditioning_file_name).
+    conditioning_column: str = "conditioning_image"
+    # Share of training captions replaced by "" (0.5 in the ControlNet paper: learn to read the image).
+    empty_prompt_share: float = 0.5
+    # Strength of the control in validation samples (training always uses 1.0).
+    conditioning_scale: float = 1.0
+    # Add only the mid-block residual to the UNet; the down-block zero convs stay zero and frozen.
+    only_mid_control: bool = False
+    # The paper's sd_locked=False: also train the UNet's decoder (up blocks, conv_norm_out, conv_out).
+    unlock_unet_decoder: bool = False
+    # Conditioning images for validation rows, paired with validation.prompts (one of them may have
+    # length 1 and is then used for every row). Empty: the first training examples' conditioning images.
+    validation_conditions: list[str] = []
+
+    @field_validator("empty_prompt_share")
+    @classmethod
+    def _share(cls, value: float) -> float:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"must be between 0 and 1, got {value}")
+        return value
+
+
 class TrainConfig(Section):
     batch_size: int = 1
     gradient_accumulation_steps: int = 1
@@ -187,12 +215,13 @@ class LoggingConfig(Section):
 
 
 class Recipe(Section):
-    method: Literal["lora", "full", "vae", "dreambooth"] = "lora"
+    method: Literal["lora", "full", "vae", "dreambooth", "controlnet"] = "lora"
     seed: int = 42
     output_dir: str = "outputs/run"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     dreambooth: Optional[DreamBoothConfig] = None
+    controlnet: ControlNetConfig = ControlNetConfig()  # used by method controlnet only
     lora: LoRAConfig = LoRAConfig()
     full: FullConfig = FullConfig()
     vae: VAEConfig = VAEConfig()
@@ -218,6 +247,17 @@ class Recipe(Section):
                     )
         elif sum(source is not None for source in sources) != 1:
             raise ValueError("set exactly one of data.image_dir (a folder) or data.dataset (a datasets name or path)")
+        if self.method == "controlnet":
+            if self.data.caption_dropout:
+                raise ValueError("method controlnet empties captions with controlnet.empty_prompt_share; set data.caption_dropout to 0")
+            conditions, prompts = len(self.controlnet.validation_conditions), len(self.validation.prompts)
+            if conditions and not prompts:
+                raise ValueError("controlnet.validation_conditions needs validation.prompts (one prompt serves every image; '' for none)")
+            if conditions > 1 and prompts > 1 and conditions != prompts:
+                raise ValueError(
+                    f"controlnet.validation_conditions has {conditions} images for {prompts} validation.prompts: "
+                    "give one image per prompt, or one image (or one prompt) for all"
+                )
         return self
 
     def fingerprint(self) -> str:

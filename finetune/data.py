@@ -32,9 +32,11 @@ class Example:
     load: Callable[[], Image.Image]
 
 
-def load_examples(config: DataConfig) -> list[Example]:
+def load_examples(config: DataConfig, check: bool = True) -> list[Example]:
+    """The examples of a folder or dataset; with `check`, every image is decoded and its size checked."""
     examples = _folder_examples(config) if config.image_dir else _dataset_examples(config)
-    check_images(examples, min_size=config.min_image_size or config.resolution // 2)
+    if check:
+        check_images(examples, min_size=config.min_image_size or config.resolution // 2)
     return examples
 
 
@@ -82,7 +84,8 @@ def _read_metadata_jsonl(path: Path) -> dict[str, str]:
     return captions
 
 
-def _dataset_examples(config: DataConfig) -> list[Example]:
+def open_dataset(config: DataConfig):
+    """The `datasets.Dataset` of `config.dataset` (hub name, local path or save_to_disk folder), split chosen."""
     import datasets
 
     name = config.dataset
@@ -99,6 +102,12 @@ def _dataset_examples(config: DataConfig) -> list[Example]:
         if config.dataset_split not in loaded:
             raise FinetuneError(f"dataset {name} has no split '{config.dataset_split}' (has {', '.join(loaded)}): set data.dataset_split")
         loaded = loaded[config.dataset_split]
+    return loaded
+
+
+def _dataset_examples(config: DataConfig) -> list[Example]:
+    name = config.dataset
+    loaded = open_dataset(config)
     columns = loaded.column_names
     needed = [("data.image_column", config.image_column)]
     if config.caption is None:

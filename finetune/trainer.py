@@ -8,6 +8,7 @@ validation grids, TensorBoard, checkpoints, and a clean stop on Ctrl-C that leav
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,9 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     resume_from = ckpt.resolve_resume(resume, checkpoints_dir)
 
     accelerator = Accelerator(
+        # Several processes on a machine without CUDA (torchrun, `accelerate launch --multi_gpu`):
+        # accelerate only joins them (over gloo) when told to use the CPU.
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         mixed_precision=train_cfg.mixed_precision,
         gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
         log_with="tensorboard" if recipe.logging.tensorboard else None,

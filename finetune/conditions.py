@@ -1,0 +1,228 @@
+"""`finetune make-conditions`: conditioning images for ControlNet, computed with numpy and PIL only.
+
+Three kinds, each an RGB image of the same size as its source, as ControlNet reads them:
+
+- ``canny``: Canny edges (white on black): Gaussian blur, Sobel gradients, non-maximum suppression,
+  double threshold and hysteresis. Gradients are taken on every colour channel and the strongest
+  channel wins at each pixel, so edges between colours of equal brightness (red on green) are found
+  too; on a gray image this is plain Canny. Thresholds are in colour levels (0-255): a straight sharp
+  step of 40 levels has magnitude 40, whatever the blur.
+- ``luminance``: a grayscale, depth-like map (ITU-R BT.601 luma, ``0.299 R + 0.587 G + 0.114 B``).
+- ``mask``: a segmentation for the toy world: pixels whose colour is farther than ``threshold`` from
+  the median colour of the image border (the background) are the shape (white on black).
+
+`make_conditions` turns a folder of images into a training folder for ``method: controlnet``: the
+images (copied), ``conditioning/<name>.png`` and a ``metadata.jsonl`` with ``file_name``,
+``conditioning_file_name`` and ``text`` (from the input's ``metadata.jsonl`` or ``.txt`` sidecars).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from finetune.errors import FinetuneError
+
+KINDS = ("canny", "luminance", "mask")
+LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float64)
+CANNY_LOW, CANNY_HIGH, CANNY_SIGMA = 20.0, 40.0, 1.0
+# The toy world's closest shape/background colours are ~83 apart (see toyworld.metrics.SEGMENT_THRESHOLD).
+MASK_THRESHOLD = 40.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Filters
+
+
+def _correlate_1d(array: np.ndarray, kernel: np.ndarray, axis: int) -> np.ndarray:
+    """Correlate along `axis` with a centred odd-length kernel; borders mirrored (no edge at the frame)."""
+    radius = len(kernel) // 2
+    pad = [(0, 0)] * array.ndim
+    pad[axis] = (radius, radius)
+    padded = np.pad(array, pad, mode="symmetric")
+    length = array.shape[axis]
+    out = np.zeros(array.shape, dtype=np.float64)
+    for offset, weight in enumerate(kernel):
+        if weight:
+            out += weight * np.take(padded, np.arange(offset, offset + length), axis=axis)
+    return out
+
+
+def _gaussian_kernel(sigma: float) -> np.ndarray:
+    radius = max(1, int(np.ceil(3.0 * sigma)))
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernel = np.exp(-0.5 * (x / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def gaussian_blur(array: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of an (H, W) or (H, W, C) array; sigma 0 returns a float copy."""
+    array = np.asarray(array, dtype=np.float64)
+    if sigma <= 0:
+        return array.copy()
+    kernel = _gaussian_kernel(sigma)
+    return _correlate_1d(_correlate_1d(array, kernel, 0), kernel, 1)
+
+
+SOBEL_SMOOTH, SOBEL_DIFF = np.array([1.0, 2.0, 1.0]), np.array([-1.0, 0.0, 1.0])
+
+
+def sobel(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(gx, gy): 3x3 Sobel derivatives along x (columns, rightwards) and y (rows, downwards)."""
+    gx = _correlate_1d(_correlate_1d(array, SOBEL_SMOOTH, 0), SOBEL_DIFF, 1)
+    gy = _correlate_1d(_correlate_1d(array, SOBEL_DIFF, 0), SOBEL_SMOOTH, 1)
+    return gx, gy
+
+
+def _step_response(sigma: float) -> float:
+    """Sobel magnitude at a straight unit step after the blur: dividing by it puts thresholds in levels."""
+    step = np.repeat(np.array([0.0] * 16 + [1.0] * 16)[None, :], 3, axis=0)
+    gx, _ = sobel(gaussian_blur(step, sigma))
+    return float(np.abs(gx[1]).max())
+
+
+def canny(image: Image.Image, low: float = CANNY_LOW, high: float = CANNY_HIGH, sigma: float = CANNY_SIGMA) -> np.ndarray:
+    """bool (H, W) edge map of `image` (see the module docstring); `low` <= `high`, in levels 0-255."""
+    if not 0 <= low <= high:
+        raise FinetuneError(f"canny thresholds must satisfy 0 <= low <= high, got low={low}, high={high}")
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
+    gx, gy = sobel(gaussian_blur(pixels, sigma))
+    strength = gx**2 + gy**2
+    channel = strength.argmax(axis=2)[..., None]  # the strongest channel's gradient at each pixel
+    gx, gy = np.take_along_axis(gx, channel, 2)[..., 0], np.take_along_axis(gy, channel, 2)[..., 0]
+    magnitude = np.hypot(gx, gy) / _step_response(sigma)
+    thin = _non_maximum_suppression(magnitude, gx, gy)
+    return _hysteresis(thin >= high, thin >= low)
+
+
+def _non_maximum_suppression(magnitude: np.ndarray, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
+    """Keep pixels that are the maximum along their gradient direction (quantised to 4 directions).
+
+    Ties (a sharp step gives two equal pixels) go to the pixel on the negative side, so edges are
+    one pixel wide: a pixel must beat its neighbour behind it and at least equal the one ahead.
+    """
+    h, w = magnitude.shape
+    padded = np.pad(magnitude, 1, mode="constant")
+    angle = np.rad2deg(np.arctan2(gy, gx)) % 180.0
+    bins = (((angle + 22.5) // 45.0) % 4).astype(int)  # 0: along x, 1: 45 deg, 2: along y, 3: 135 deg
+    # (dy, dx) of the neighbour ahead along the gradient, per bin (rows grow downwards).
+    steps = {0: (0, 1), 1: (1, 1), 2: (1, 0), 3: (1, -1)}
+    tolerance = 1e-9 * float(magnitude.max())  # float rounding must not break a tie at random
+    keep = np.zeros((h, w), dtype=bool)
+    for b, (dy, dx) in steps.items():
+        ahead = padded[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+        behind = padded[1 - dy : 1 - dy + h, 1 - dx : 1 - dx + w]
+        keep |= (bins == b) & (magnitude >= ahead - tolerance) & (magnitude > behind + tolerance)
+    return np.where(keep & (magnitude > 0), magnitude, 0.0)
+
+
+def _hysteresis(strong: np.ndarray, weak: np.ndarray) -> np.ndarray:
+    """Weak pixels survive when 8-connected (through weak pixels) to a strong one."""
+    h, w = weak.shape
+    keep = strong.copy()
+    weak_rows = weak.tolist()
+    kept_rows = keep.tolist()
+    stack = list(zip(*np.nonzero(strong)))
+    while stack:
+        y, x = stack.pop()
+        for ny in (y - 1, y, y + 1):
+            if 0 <= ny < h:
+                for nx in (x - 1, x, x + 1):
+                    if 0 <= nx < w and weak_rows[ny][nx] and not kept_rows[ny][nx]:
+                        kept_rows[ny][nx] = True
+                        stack.append((ny, nx))
+    return np.array(kept_rows, dtype=bool).reshape(h, w)
+
+
+def luminance(image: Image.Image) -> np.ndarray:
+    """uint8 (H, W) BT.601 luma."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
+    return np.clip(np.rint(pixels @ LUMA_WEIGHTS), 0, 255).astype(np.uint8)
+
+
+def border_mask(image: Image.Image, threshold: float = MASK_THRESHOLD) -> np.ndarray:
+    """bool (H, W): pixels farther than `threshold` (RGB distance, 0-255) from the border's median colour."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
+    background = np.median(border, axis=0)
+    return np.linalg.norm(pixels - background, axis=2) > threshold
+
+
+def make_condition(image: Image.Image, kind: str, **options) -> Image.Image:
+    """The conditioning image of `kind` for `image`, as an RGB image of the same size."""
+    if kind == "canny":
+        array = np.where(canny(image, **options), 255, 0).astype(np.uint8)
+    elif kind == "luminance":
+        array = luminance(image)
+    elif kind == "mask":
+        array = np.where(border_mask(image, **options), 255, 0).astype(np.uint8)
+    else:
+        raise FinetuneError(f"unknown conditioning kind '{kind}': use one of {', '.join(KINDS)}")
+    return Image.fromarray(array, "L").convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Folders
+
+
+def make_conditions(input_dir: str | Path, output_dir: str | Path, kind: str, **options) -> tuple[Path, int, int]:
+    """Write a ControlNet training folder from a folder of images; returns (folder, images, uncaptioned).
+
+    Images are copied to `output_dir` (unless it is `input_dir`), conditioning images written to
+    `output_dir/conditioning/<stem>.png`, and `metadata.jsonl` lists all three columns. Captions come
+    from the input's metadata.jsonl, else a .txt beside the image; an image with neither gets "".
+    """
+    from finetune.data import IMAGE_SUFFIXES, Example, open_rgb
+
+    if kind not in KINDS:
+        raise FinetuneError(f"unknown conditioning kind '{kind}': use one of {', '.join(KINDS)}")
+    source, target = Path(input_dir), Path(output_dir)
+    if not source.is_dir():
+        raise FinetuneError(f"input folder {source} not found")
+    images = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise FinetuneError(f"input folder {source} has no images ({', '.join(IMAGE_SUFFIXES)})")
+    captions = _metadata_captions(source / "metadata.jsonl")
+    (target / "conditioning").mkdir(parents=True, exist_ok=True)
+    same_folder = source.resolve() == target.resolve()
+    rows, uncaptioned, written = [], 0, set()
+    for path in images:
+        conditioning_name = f"conditioning/{path.stem}.png"
+        if conditioning_name in written:
+            raise FinetuneError(f"images {path.name} and another with the stem '{path.stem}' would share {conditioning_name}: rename one")
+        written.add(conditioning_name)
+        image = open_rgb(Example(str(path), "", lambda p=path: Image.open(p)))
+        make_condition(image, kind, **options).save(target / conditioning_name)
+        if not same_folder:
+            shutil.copyfile(path, target / path.name)
+        if path.name in captions:
+            text = captions[path.name]
+        elif path.with_suffix(".txt").is_file():
+            text = path.with_suffix(".txt").read_text(encoding="utf-8").strip()
+        else:
+            text, uncaptioned = "", uncaptioned + 1
+        rows.append({"file_name": path.name, "conditioning_file_name": conditioning_name, "text": text})
+    partial = target / ".metadata.jsonl.partial"
+    partial.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    partial.replace(target / "metadata.jsonl")
+    return target, len(rows), uncaptioned
+
+
+def _metadata_captions(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        return {}
+    captions = {}
+    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if "text" in row:
+                captions[Path(row["file_name"]).name] = str(row["text"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise FinetuneError(f"{path} line {line_number}: expected a JSON object with 'file_name' and 'text'") from None
+    return captions

@@ -1,0 +1,349 @@
+"""LoRA files in both layouts creators meet: ours (diffusers) and kohya's (webui, ComfyUI, sd-scripts).
+
+Both layouts are read into one neutral form, `LoRA`: per adapted module its `down` (A), `up` (B) and
+`alpha`, keyed `unet.<module path>` or `text_encoder.<module path>`. Export, import and merging all go
+through it, so alpha travels with every module and rank != alpha keeps its strength in every direction.
+
+Kohya names a module by its diffusers path with `.` turned into `_`:
+`lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q` and, for CLIP,
+`lora_te_text_model_encoder_layers_0_self_attn_q_proj`. webui and ComfyUI map these names onto their own
+models. We write that conversion ourselves because diffusers' `convert_state_dict_to_kohya` writes
+alpha = rank (losing the trained strength) and, with transformers 5 (whose CLIPTextModel has no
+`text_model` level), text-encoder names without `text_model_`, which those tools do not recognise.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from finetune.checkpoint import atomic_save_safetensors
+from finetune.errors import FinetuneError
+
+PARTS = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+# Module-path segments of the SD UNet and CLIP that contain "_": kohya's names flatten `.` and `_`
+# alike, so reading one back joins the underscore-separated words that form these segments.
+COMPOUND_SEGMENTS = frozenset(
+    """activation_fn add_embedding add_time_proj conv_act conv_in conv_norm_out conv_out conv_shortcut
+    down_blocks final_layer_norm k_proj layer_norm1 layer_norm2 linear_1 linear_2 mid_block out_proj
+    position_embedding proj_in proj_out q_proj self_attn text_model text_projection time_emb_proj
+    time_embedding time_proj to_k to_out to_q to_v token_embedding transformer_blocks up_blocks v_proj""".split()
+)
+# The text encoder's module paths are stored relative to CLIPTextModel as transformers 5 builds it
+# (no `text_model` level); kohya names always include it.
+CLIP_ROOT = "text_model."
+# Where a LoRA layer's A and B live in diffusers-layout files: what `save_lora` writes per part, and
+# peft's own names, which other trainers write.
+DIFFUSERS_SUFFIXES = {
+    "unet": (".lora.down.weight", ".lora.up.weight"),
+    "text_encoder": (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
+}
+DIFFUSERS_SUFFIX_PAIRS = [*DIFFUSERS_SUFFIXES.values(), (".lora_A.weight", ".lora_B.weight")]
+KOHYA_ONLY_METADATA = ("ss_",)
+DIFFUSERS_ONLY_METADATA = ("lora_adapter_metadata",)
+
+
+@dataclass
+class LoRALayer:
+    """One adapted module: W + (alpha / rank) * up @ down."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def delta(self, strength: float = 1.0) -> torch.Tensor:
+        """The weight update at `strength`, shaped like the module's weight (Linear or Conv2d)."""
+        up, down = self.up.float().flatten(1), self.down.float().flatten(1)
+        update = (up @ down) * (strength * self.alpha / self.rank)
+        return update.reshape(self.up.shape[0], *self.down.shape[1:])
+
+
+@dataclass
+class LoRA:
+    layers: dict[str, LoRALayer]  # "unet.<module>" / "text_encoder.<module>"
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def common_rank_alpha(self) -> tuple[int, float]:
+        """The most frequent (rank, alpha): what tools show as "the" rank and alpha of the file."""
+        counts = collections.Counter((layer.rank, layer.alpha) for layer in self.layers.values())
+        return counts.most_common(1)[0][0]
+
+
+# --- names ---------------------------------------------------------------------------------------
+
+
+def kohya_name(key: str) -> str:
+    """`unet.down_blocks.0.attentions.0...to_q` -> `lora_unet_down_blocks_0_attentions_0_..._to_q`."""
+    part, module = key.split(".", 1)
+    if part == "text_encoder" and not module.startswith(CLIP_ROOT):
+        module = CLIP_ROOT + module
+    return PARTS[part] + module.replace(".", "_")
+
+
+def module_key(name: str) -> str:
+    """The inverse of `kohya_name`: rejoin the words of known compound segments, dots elsewhere."""
+    for part, prefix in PARTS.items():
+        if name.startswith(prefix):
+            words, segments, i = name[len(prefix):].split("_"), [], 0
+            while i < len(words):
+                for length in (3, 2, 1):
+                    candidate = "_".join(words[i : i + length])
+                    if length == 1 or candidate in COMPOUND_SEGMENTS:
+                        segments.append(candidate)
+                        i += length
+                        break
+            module = ".".join(segments)
+            if part == "text_encoder":
+                module = module.removeprefix(CLIP_ROOT)
+            return f"{part}.{module}"
+    raise FinetuneError(f"LoRA key {name} is not a kohya UNet or SD1.x text-encoder name (lora_unet_..., lora_te_...)")
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+
+def load_lora(path: Path) -> LoRA:
+    """Read a LoRA .safetensors file in either layout (detected from its keys)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise FinetuneError(f"LoRA {path} is not a .safetensors file: pickle checkpoints are not loaded (they can run code)")
+    if not path.is_file():
+        raise FinetuneError(f"LoRA file {path} not found")
+    with safe_open(str(path), "pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+        metadata = dict(f.metadata() or {})
+    metadata.pop("format", None)
+    if any(key.startswith(tuple(PARTS.values())) for key in tensors):
+        return from_kohya(tensors, metadata)
+    if any(key.startswith(("unet.", "text_encoder.")) for key in tensors):
+        return from_diffusers(tensors, metadata)
+    raise FinetuneError(f"{path} holds no SD1.x LoRA weights (expected unet./text_encoder. or lora_unet_/lora_te_ keys)")
+
+
+def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> LoRA:
+    if any(key.endswith(".dora_scale") for key in tensors):
+        raise FinetuneError("DoRA files are not supported: only plain LoRA (lora_down/lora_up/alpha) converts exactly")
+    layers = {}
+    for key in sorted(tensors):
+        if not key.endswith(".lora_down.weight"):
+            continue
+        name = key.removesuffix(".lora_down.weight")
+        up = tensors.get(f"{name}.lora_up.weight")
+        if up is None:
+            raise FinetuneError(f"LoRA key {key} has no matching {name}.lora_up.weight")
+        down = tensors[key]
+        alpha = tensors.get(f"{name}.alpha")
+        # No alpha in a kohya file means alpha = rank (strength 1), as sd-scripts and webui read it.
+        layers[module_key(name)] = LoRALayer(down, up, float(alpha.item()) if alpha is not None else float(down.shape[0]))
+    leftover = set(tensors) - {f"{kohya_name(k)}.{s}" for k in layers for s in ("lora_down.weight", "lora_up.weight", "alpha")}
+    if leftover:
+        raise FinetuneError(f"LoRA key {sorted(leftover)[0]} is not a plain LoRA weight (LoCon/LoHa/LoKr files are not supported)")
+    return LoRA(layers, _finetune_metadata_from_kohya(metadata))
+
+
+def from_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> LoRA:
+    """Our layout (`unet.<module>.lora.down.weight`, peft config in `lora_adapter_metadata`)."""
+    config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    layers, used = {}, set()
+    for key in sorted(tensors):
+        for down_suffix, up_suffix in DIFFUSERS_SUFFIX_PAIRS:
+            if not key.endswith(down_suffix):
+                continue
+            module = key.removesuffix(down_suffix)
+            part, path = module.split(".", 1)
+            if module + up_suffix not in tensors:
+                raise FinetuneError(f"LoRA key {key} has no matching {module + up_suffix}")
+            down, up, alpha = tensors[key], tensors[module + up_suffix], tensors.get(f"{module}.alpha")
+            alpha = float(alpha.item()) if alpha is not None else _peft_alpha(config, part, path, down.shape[0])
+            if part == "text_encoder":
+                path = path.removeprefix(CLIP_ROOT)
+            layers[f"{part}.{path}"] = LoRALayer(down, up, alpha)
+            used.update({key, module + up_suffix, f"{module}.alpha"})
+    leftover = set(tensors) - used
+    if leftover or not layers:
+        raise FinetuneError(f"LoRA key {min(leftover, default='(none)')} is not a plain LoRA down/up weight of the UNet or text encoder")
+    return LoRA(layers, {k: v for k, v in metadata.items() if not k.startswith(DIFFUSERS_ONLY_METADATA)})
+
+
+def _peft_alpha(config: dict, part: str, module: str, rank: int) -> float:
+    """The alpha peft would use for `module`, from the saved LoraConfig (alpha = rank if none was saved)."""
+    if f"{part}.lora_alpha" not in config:
+        return float(rank)
+    if config.get(f"{part}.use_dora"):
+        raise FinetuneError("DoRA adapters are not supported: only plain LoRA converts exactly")
+    alpha = config[f"{part}.lora_alpha"]
+    for pattern, value in (config.get(f"{part}.alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pattern}", module):  # peft matches pattern keys against the name's end
+            alpha = value
+            break
+    if config.get(f"{part}.use_rslora"):
+        alpha = alpha * math.sqrt(rank)  # rsLoRA scales by alpha/sqrt(r): the same update as alpha*sqrt(r)/r
+    return float(alpha)
+
+
+def _finetune_metadata_from_kohya(metadata: dict[str, str]) -> dict[str, str]:
+    """Keep our keys; for files from sd-scripts, take base model and steps from its `ss_` keys."""
+    kept = {k: v for k, v in metadata.items() if not k.startswith(KOHYA_ONLY_METADATA)}
+    for ours, theirs in (("finetune.base_model", "ss_sd_model_name"), ("finetune.steps", "ss_max_train_steps")):
+        if ours not in kept and metadata.get(theirs):
+            kept[ours] = metadata[theirs]
+    return kept
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+
+def to_kohya(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors = {}
+    for key, layer in lora.layers.items():
+        name = kohya_name(key)
+        tensors[f"{name}.lora_down.weight"] = layer.down.contiguous()
+        tensors[f"{name}.lora_up.weight"] = layer.up.contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(layer.alpha, dtype=torch.float32)
+    ranks = {layer.rank for layer in lora.layers.values()}
+    alphas = {layer.alpha for layer in lora.layers.values()}
+    metadata = {
+        **_with_rank_alpha(lora),
+        # Read by webui's and sd-scripts' LoRA info panels; "Dynamic" is sd-scripts' word for mixed ranks.
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
+        "ss_network_alpha": str(float(alphas.pop())) if len(alphas) == 1 else "Dynamic",
+    }
+    for theirs, ours in (("ss_sd_model_name", "finetune.base_model"), ("ss_max_train_steps", "finetune.steps")):
+        if ours in lora.metadata:
+            metadata[theirs] = lora.metadata[ours]
+    return tensors, metadata
+
+
+def to_diffusers(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Our layout, with a LoraConfig per part that `load_lora_weights` applies as-is (alpha included)."""
+    tensors, config = {}, {}
+    for part in PARTS:
+        layers = {key.split(".", 1)[1]: layer for key, layer in lora.layers.items() if key.startswith(part + ".")}
+        if not layers:
+            continue
+        down_suffix, up_suffix = DIFFUSERS_SUFFIXES[part]
+        for module, layer in layers.items():
+            tensors[f"{part}.{module}{down_suffix}"] = layer.down.contiguous()
+            tensors[f"{part}.{module}{up_suffix}"] = layer.up.contiguous()
+        rank, alpha = collections.Counter((l.rank, l.alpha) for l in layers.values()).most_common(1)[0][0]
+        config.update({
+            f"{part}.r": rank,
+            f"{part}.lora_alpha": alpha,
+            # Full module paths: exactly these modules get a LoRA, and patterns match one module each.
+            f"{part}.target_modules": sorted(layers),
+            f"{part}.rank_pattern": {m: l.rank for m, l in layers.items() if l.rank != rank},
+            f"{part}.alpha_pattern": {m: l.alpha for m, l in layers.items() if l.alpha != alpha},
+        })
+    return tensors, {**_with_rank_alpha(lora), "lora_adapter_metadata": json.dumps(config, sort_keys=True)}
+
+
+def _with_rank_alpha(lora: LoRA) -> dict[str, str]:
+    rank, alpha = lora.common_rank_alpha()
+    return {**lora.metadata, "finetune.rank": lora.metadata.get("finetune.rank", str(rank)),
+            "finetune.alpha": lora.metadata.get("finetune.alpha", str(float(alpha)))}
+
+
+def save_lora_file(lora: LoRA, path: Path, layout: str) -> Path:
+    writers = {"kohya": to_kohya, "diffusers": to_diffusers}
+    if layout not in writers:
+        raise FinetuneError(f"unknown LoRA layout {layout!r}: choose kohya or diffusers")
+    tensors, metadata = writers[layout](lora)
+    atomic_save_safetensors(tensors, Path(path), {"format": "pt", **metadata})
+    return Path(path)
+
+
+# --- the export command --------------------------------------------------------------------------
+
+
+def resolve_output_file(output: Path, layout: str, source: Path) -> Path:
+    """A .safetensors path is used as given; a folder gets the conventional name for the layout."""
+    if output.suffix == ".safetensors":
+        return output
+    from finetune.methods.lora import LORA_WEIGHTS_NAME
+
+    # webui lists a LoRA by its file name, so a kohya file is named after the training run.
+    run_name = source.parent.name if source.name == LORA_WEIGHTS_NAME else source.stem
+    return output / (f"{run_name}.safetensors" if layout == "kohya" else LORA_WEIGHTS_NAME)
+
+
+def export_lora(source: Path, output: Path, layout: str) -> tuple[Path, Path]:
+    """Convert `source` (a file or training folder) to `layout`; write the file and a README.md card."""
+    from finetune.inference import resolve_lora_file
+
+    source = resolve_lora_file(str(source))
+    lora = load_lora(source)
+    path = save_lora_file(lora, resolve_output_file(Path(output), layout, source), layout)
+    return path, write_model_card(lora, path, layout, training_dir=source.parent)
+
+
+def newest_sample_grid(training_dir: Path) -> Path | None:
+    grids = sorted(training_dir.glob("samples/step-*.png"))  # zero-padded steps sort in order
+    return grids[-1] if grids else None
+
+
+def write_model_card(lora: LoRA, path: Path, layout: str, training_dir: Path | None = None) -> Path:
+    """README.md beside the file: provenance, rank/alpha, and how to load it in diffusers and webui/ComfyUI."""
+    meta = lora.metadata
+    rank, alpha = lora.common_rank_alpha()
+    parts = sorted({key.split(".", 1)[0] for key in lora.layers})
+    lines = [
+        f"# {path.stem if layout == 'kohya' else path.parent.name} (LoRA)",
+        "",
+        f"A LoRA for Stable Diffusion 1.x in the {layout} layout" + (", trained with `finetune`." if "finetune.method" in meta else "."),
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| base model | `{meta.get('finetune.base_model', 'unknown')}` |",
+        f"| method | {meta.get('finetune.method', 'lora')} |",
+        f"| rank / alpha | {rank} / {alpha:g} (updates scaled by alpha/rank = {alpha / rank:g}) |",
+        f"| adapted | {', '.join(parts)} ({len(lora.layers)} layers) |",
+        f"| steps | {meta.get('finetune.steps', 'unknown')} |",
+        f"| resolution | {meta.get('finetune.resolution', 'unknown')} |",
+        f"| recipe hash | `{meta.get('finetune.recipe_hash', 'unknown')}` |",
+        "",
+    ]
+    grid = newest_sample_grid(training_dir) if training_dir else None
+    if grid is not None:
+        target = path.parent / "samples" / grid.name
+        if grid.resolve() != target.resolve():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(grid, target)
+        lines += [f"## Samples ({grid.stem}, one row per validation prompt)", "", f"![samples](samples/{grid.name})", ""]
+    lines += [
+        "## diffusers",
+        "",
+        "```python",
+        "from diffusers import StableDiffusionPipeline",
+        "",
+        f'pipeline = StableDiffusionPipeline.from_pretrained("{meta.get("finetune.base_model", "BASE_MODEL")}")',
+        f'pipeline.load_lora_weights(".", weight_name="{path.name}", adapter_name="lora")',
+        'pipeline.set_adapters(["lora"], adapter_weights=[1.0])  # the strength',
+        "```",
+        "",
+        "## AUTOMATIC1111 / Forge webui and ComfyUI",
+        "",
+    ]
+    if layout == "kohya":
+        lines += [
+            f"Copy `{path.name}` to `models/Lora/` (webui) or `models/loras/` (ComfyUI).",
+            f"In webui, add `<lora:{path.stem}:1.0>` to the prompt; in ComfyUI, use a *Load LoRA* node.",
+        ]
+    else:
+        lines += [f"Convert first: `finetune export {path} {path.parent} --to kohya`, then copy the `.safetensors` file to `models/Lora/`."]
+    lines += ["", f"Fold it into the base model instead: `finetune merge --base BASE --lora {path.name} --strength 1.0 merged/`.", ""]
+    card = path.parent / "README.md"
+    card.write_text("\n".join(lines))
+    return card

@@ -1,0 +1,70 @@
+"""`finetune merge`: fold a LoRA into the base weights, for tools and hosts that take one full model.
+
+Each adapted weight becomes W + s * (alpha / rank) * up @ down, computed in fp32 from our neutral
+`LoRA` form, so a kohya file and one of ours merge identically and alpha != rank keeps its strength.
+The result equals the LoRA applied at scale s (what `set_adapters(..., adapter_weights=[s])` does),
+and is written as a complete diffusers pipeline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from finetune.config import ModelConfig
+from finetune.errors import FinetuneError
+from finetune.kohya import CLIP_ROOT, LoRA, load_lora
+from finetune.models import load_base_model
+from finetune.pipeline_io import save_pipeline
+
+
+def merge_into(models: dict[str, torch.nn.Module], lora: LoRA, strength: float) -> None:
+    """Add every layer's update in place; a layer the model does not have is an error, not a skip."""
+    for key, layer in lora.layers.items():
+        part, path = key.split(".", 1)
+        module = _find_module(models[part], path, part)
+        weight, delta = module.weight, layer.delta(strength)
+        if weight.shape != delta.shape:
+            raise FinetuneError(f"LoRA layer {key} has shape {tuple(delta.shape)} but the base model's is {tuple(weight.shape)}: another base model?")
+        with torch.no_grad():
+            weight.copy_((weight.float() + delta).to(weight.dtype))
+
+
+def _find_module(model: torch.nn.Module, path: str, part: str) -> torch.nn.Module:
+    # transformers 4 nests CLIP under `text_model`, transformers 5 does not.
+    for candidate in (path, CLIP_ROOT + path) if part == "text_encoder" else (path,):
+        try:
+            return model.get_submodule(candidate)
+        except AttributeError:
+            continue
+    raise FinetuneError(f"LoRA layer {part}.{path} is not in the base model: the LoRA was trained on another architecture")
+
+
+def merge_lora(base: str, lora_path: str, strength: float, output_dir: Path) -> Path:
+    """Load `base`, fold in the LoRA at `strength`, save a full pipeline with a short model card."""
+    from finetune.inference import resolve_lora_file
+
+    lora_file = resolve_lora_file(lora_path)
+    lora = load_lora(lora_file)
+    model = load_base_model(ModelConfig(pretrained=base))
+    merge_into({"unet": model.unet, "text_encoder": model.text_encoder}, lora, strength)
+    output_dir = save_pipeline(model, Path(output_dir))
+    _write_card(output_dir, base, lora_file, lora, strength)
+    return output_dir
+
+
+def _write_card(output_dir: Path, base: str, lora_file: Path, lora: LoRA, strength: float) -> None:
+    rank, alpha = lora.common_rank_alpha()
+    parts = " and ".join(sorted({key.split(".", 1)[0] for key in lora.layers}))
+    facts = [f"rank {rank}, alpha {alpha:g}"]
+    facts += [f"{label} {lora.metadata[key]}" for key, label in (("finetune.steps", "steps"), ("finetune.recipe_hash", "recipe hash"))
+              if key in lora.metadata]
+    (output_dir / "README.md").write_text(
+        f"# {output_dir.name}\n\n"
+        f"Stable Diffusion pipeline: `{base}` with the LoRA `{lora_file}` ({', '.join(facts)}) merged into its "
+        f"{parts} at strength {strength:g}, written by `finetune merge`.\n\n"
+        "```python\nfrom diffusers import StableDiffusionPipeline\n\n"
+        f'pipeline = StableDiffusionPipeline.from_pretrained("{output_dir.name}")\n```\n\n'
+        f'Or sample with `finetune sample --base {output_dir.name} --prompt "..."`.\n'
+    )

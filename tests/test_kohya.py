@@ -1,0 +1,220 @@
+"""LoRA files that load everywhere: kohya export/import keeps keys and alpha exact, merging equals the
+LoRA at strength s, and exported files carry metadata and a model card."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from finetune.cli import main
+from finetune.kohya import export_lora, kohya_name, load_lora, module_key, save_lora_file
+from finetune.merge import merge_into
+from finetune.methods.lora import LORA_WEIGHTS_NAME, TEXT_ENCODER_TARGETS, add_lora, save_lora
+from finetune.tiny_model import build_tiny_pipeline
+from finetune.trainer import output_metadata
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+class Settings:
+    rank, alpha, dropout = 4, 2.0, 0.0  # alpha != rank: a lost alpha changes every output
+
+
+def randomise_lora(model: torch.nn.Module, seed: int) -> None:
+    """Stand-in for training: give every LoRA B a non-zero value (at init B = 0 and the LoRA is a no-op)."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.data = torch.randn(parameter.shape, generator=generator) * 0.1
+
+
+def load_pipeline(path) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None, requires_safety_checker=False)
+
+
+def unet_output(unet) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
+    with torch.no_grad():
+        return unet(latents, torch.tensor([10, 700]), text).sample
+
+
+def text_output(text_encoder) -> torch.Tensor:
+    with torch.no_grad():
+        return text_encoder(torch.arange(2, 20).reshape(2, 9))[0]
+
+
+def outputs(pipeline) -> tuple[torch.Tensor, torch.Tensor]:
+    return unet_output(pipeline.unet), text_output(pipeline.text_encoder)
+
+
+def assert_close(a, b, atol=1e-5):
+    for x, y in zip(a, b):
+        assert torch.allclose(x, y, atol=atol), (x - y).abs().max()
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, tmp_path_factory, image_folder):
+    """A training output folder as `finetune train` leaves it: LoRA (UNet + text encoder), samples, and
+    the reference outputs of the live peft model."""
+    from finetune.config import recipe_from_dict
+
+    run = tmp_path_factory.mktemp("run") / "striped-lora"
+    recipe = recipe_from_dict({
+        "method": "lora", "output_dir": str(run), "model": {"pretrained": str(tiny_model)},
+        "data": {"image_dir": str(image_folder), "resolution": 64}, "lora": {"rank": 4, "alpha": 2},
+    })
+    pipeline = load_pipeline(tiny_model)
+    add_lora(pipeline.unet, UNET_TARGETS, torch.float32, Settings)
+    add_lora(pipeline.text_encoder, TEXT_ENCODER_TARGETS, torch.float32, Settings)
+    randomise_lora(pipeline.unet, 1)
+    randomise_lora(pipeline.text_encoder, 2)
+    pipeline.unet.eval(), pipeline.text_encoder.eval()
+    save_lora({"unet": pipeline.unet, "text_encoder": pipeline.text_encoder}, run / LORA_WEIGHTS_NAME, output_metadata(recipe, 150))
+    (run / "samples").mkdir()
+    for step in (0, 50, 150):
+        Image.new("RGB", (64, 64), (step, 0, 0)).save(run / "samples" / f"step-{step:06d}.png")
+    return SimpleNamespace(path=run, expected=outputs(pipeline))  # what the trained model computes
+
+
+def test_kohya_export_loads_in_diffusers_with_the_same_outputs(trained, tiny_model, tmp_path):
+    path, _ = export_lora(trained.path, tmp_path, "kohya")
+    assert path == tmp_path / "striped-lora.safetensors"
+    tensors = load_file(path)
+    assert all(k.startswith(("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_", "lora_te_text_model_encoder_layers_")) for k in tensors)
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in tensors
+    alphas = [v for k, v in tensors.items() if k.endswith(".alpha")]
+    assert len(alphas) == len(tensors) // 3 and all(a.shape == () and a.item() == 2.0 for a in alphas)
+
+    pipeline = load_pipeline(tiny_model)
+    base = outputs(pipeline)
+    pipeline.load_lora_weights(str(path.parent), weight_name=path.name)
+    assert_close(outputs(pipeline), trained.expected)
+    assert not torch.allclose(base[0], trained.expected[0], atol=1e-3) and not torch.allclose(base[1], trained.expected[1], atol=1e-3)
+
+
+def test_kohya_import_round_trips_exactly(trained, tmp_path):
+    ours = load_file(trained.path / LORA_WEIGHTS_NAME)
+    kohya = save_lora_file(load_lora(trained.path / LORA_WEIGHTS_NAME), tmp_path / "k.safetensors", "kohya")
+    back = save_lora_file(load_lora(kohya), tmp_path / "d.safetensors", "diffusers")
+    again = save_lora_file(load_lora(back), tmp_path / "k2.safetensors", "kohya")
+    assert load_file(back).keys() == ours.keys()
+    assert all(torch.equal(load_file(back)[k], ours[k]) for k in ours)
+    first, second = load_file(kohya), load_file(again)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_per_module_alpha_and_rank_survive_import(trained, tiny_model, tmp_path):
+    """Files from other tools may mix alphas and ranks: the imported file gives each module its own
+    alpha/rank in diffusers. (diffusers 0.42 loading such a kohya file directly drops the odd alphas:
+    its alpha_pattern keys miss the modules, a reason to import first.)"""
+    tensors = load_file(save_lora_file(load_lora(trained.path / LORA_WEIGHTS_NAME), tmp_path / "k.safetensors", "kohya"))
+    unet_name = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k"
+    te_name = "lora_te_text_model_encoder_layers_1_self_attn_v_proj"
+    tensors[f"{unet_name}.alpha"], tensors[f"{te_name}.alpha"] = torch.tensor(7.0), torch.tensor(0.5)
+    tensors[f"{unet_name}.lora_down.weight"] = tensors[f"{unet_name}.lora_down.weight"][:2].contiguous()  # rank 2 here
+    tensors[f"{unet_name}.lora_up.weight"] = tensors[f"{unet_name}.lora_up.weight"][:, :2].contiguous()
+    save_file(tensors, str(tmp_path / "mixed.safetensors"))
+    imported = save_lora_file(load_lora(tmp_path / "mixed.safetensors"), tmp_path / "ours.safetensors", "diffusers")
+
+    pipeline = load_pipeline(tiny_model)
+    pipeline.load_lora_weights(str(tmp_path), weight_name=imported.name, adapter_name="x")
+    scalings = {f"unet.{n}": m.scaling["x"] for n, m in pipeline.unet.named_modules() if hasattr(m, "scaling")}
+    scalings.update({f"text_encoder.{n}": m.scaling["x"] for n, m in pipeline.text_encoder.named_modules() if hasattr(m, "scaling")})
+    expected = {key: 0.5 for key in load_lora(trained.path / LORA_WEIGHTS_NAME).layers}
+    expected["unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k"] = 7.0 / 2
+    expected["text_encoder.encoder.layers.1.self_attn.v_proj"] = 0.5 / 4
+    assert scalings == expected
+
+    merged = load_pipeline(tiny_model)  # merging computes W + alpha/rank * up @ down per module
+    merge_into({"unet": merged.unet, "text_encoder": merged.text_encoder}, load_lora(tmp_path / "mixed.safetensors"), 1.0)
+    assert_close(outputs(pipeline), outputs(merged))
+
+
+def test_sd15_shaped_unet_gets_the_names_webui_expects(tmp_path):
+    pipeline = build_tiny_pipeline("medium")
+    add_lora(pipeline.unet, UNET_TARGETS, torch.float32, Settings)
+    save_lora({"unet": pipeline.unet}, tmp_path / LORA_WEIGHTS_NAME, {})
+    keys = set(load_file(save_lora_file(load_lora(tmp_path / LORA_WEIGHTS_NAME), tmp_path / "k.safetensors", "kohya")))
+
+    # SD1.5: 3 cross-attention down blocks x 2 transformers, 1 in the middle, 3 up blocks x 3.
+    blocks = [f"down_blocks_{b}_attentions_{a}" for b in range(3) for a in range(2)] + ["mid_block_attentions_0"]
+    blocks += [f"up_blocks_{b}_attentions_{a}" for b in (1, 2, 3) for a in range(3)]
+    expected = {
+        f"lora_unet_{block}_transformer_blocks_0_{attn}_{proj}.{tensor}"
+        for block in blocks
+        for attn in ("attn1", "attn2")
+        for proj in ("to_q", "to_k", "to_v", "to_out_0")
+        for tensor in ("lora_down.weight", "lora_up.weight", "alpha")
+    }
+    assert keys == expected and len(keys) == 16 * 8 * 3
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_up.weight" in keys
+    assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k.alpha" in keys
+
+    # Every module of the SD1.5-shaped UNet and CLIP reads back from its kohya name.
+    for part, model in (("unet", pipeline.unet), ("text_encoder", pipeline.text_encoder)):
+        for module, _ in model.named_modules():
+            if module and "lora_" not in module and not module.endswith(("base_layer", "lora_dropout")):
+                assert module_key(kohya_name(f"{part}.{module}")) == f"{part}.{module}"
+    assert kohya_name("text_encoder.encoder.layers.11.mlp.fc1") == "lora_te_text_model_encoder_layers_11_mlp_fc1"
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_merge_equals_the_lora_at_that_strength(trained, tiny_model, tmp_path, capsys, strength):
+    lora = trained.path / LORA_WEIGHTS_NAME
+    if strength == 1.0:  # merging a kohya file is the same as merging ours
+        lora, _ = export_lora(trained.path, tmp_path / "kohya", "kohya")
+    assert main(["merge", "--base", str(tiny_model), "--lora", str(lora), "--strength", str(strength), str(tmp_path / "merged")]) == 0
+    assert str(tmp_path / "merged") in capsys.readouterr().out
+    merged = outputs(load_pipeline(tmp_path / "merged"))
+
+    pipeline = load_pipeline(tiny_model)
+    pipeline.load_lora_weights(str(trained.path), weight_name=LORA_WEIGHTS_NAME, adapter_name="lora")
+    pipeline.set_adapters(["lora"], adapter_weights=[strength])
+    assert_close(merged, outputs(pipeline))
+    if strength == 1.0:
+        assert_close(merged, trained.expected)
+    assert "strength" in (tmp_path / "merged" / "README.md").read_text()
+
+
+def test_export_command_writes_metadata_and_a_model_card(trained, tiny_model, tmp_path, capsys):
+    assert main(["export", str(trained.path), str(tmp_path / "webui"), "--to", "kohya"]) == 0
+    assert "README.md" in capsys.readouterr().out
+    path = tmp_path / "webui" / "striped-lora.safetensors"
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "2.0"
+    assert metadata["finetune.rank"] == "4" and metadata["finetune.alpha"] == "2.0"
+    assert metadata["finetune.base_model"] == str(tiny_model) and metadata["finetune.steps"] == "150"
+    assert metadata["finetune.method"] == "lora" and metadata["finetune.resolution"] == "64" and metadata["finetune.recipe_hash"]
+    assert "lora_adapter_metadata" not in metadata  # diffusers must read alpha from the .alpha tensors
+
+    card = (tmp_path / "webui" / "README.md").read_text()
+    for text in (str(tiny_model), "4 / 2", "150", "load_lora_weights", "<lora:striped-lora:1.0>", "ComfyUI", "samples/step-000150.png"):
+        assert text in card, text
+    assert (tmp_path / "webui" / "samples" / "step-000150.png").is_file()
+
+    # ... and back to our layout: loads with alpha from the LoraConfig in its metadata.
+    assert main(["export", str(path), str(tmp_path / "ours"), "--to", "diffusers"]) == 0
+    with safe_open(str(tmp_path / "ours" / LORA_WEIGHTS_NAME), "pt") as f:
+        metadata = f.metadata()
+    config = json.loads(metadata["lora_adapter_metadata"])
+    assert config["unet.r"] == 4 and config["unet.lora_alpha"] == 2.0 and config["text_encoder.lora_alpha"] == 2.0
+    assert metadata["finetune.steps"] == "150" and not any(k.startswith("ss_") for k in metadata)
+    assert "pipeline.load_lora_weights" in (tmp_path / "ours" / "README.md").read_text()
+
+
+def test_export_of_something_that_is_not_a_lora_is_one_line(tmp_path, capsys):
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    assert main(["export", str(tmp_path / "model.safetensors"), str(tmp_path / "out"), "--to", "kohya"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no SD1.x LoRA weights" in err[0]
