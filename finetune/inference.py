@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
 
+from finetune.checkpoint import atomic_save_safetensors
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
+from finetune.kohya import load_lora, to_diffusers
 from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.models import load_base_model
 from finetune.sampling import build_pipeline, generate, make_grid, save_image_atomic
@@ -24,14 +27,25 @@ def resolve_lora_file(lora: str) -> Path:
     return path
 
 
+def load_lora_into(pipeline, lora_file: Path, adapter_name: str) -> None:
+    """Load a LoRA file of either layout (ours/diffusers or kohya) as a named adapter.
+
+    The file is first read into our neutral form and rewritten in our layout, with per-module alphas in
+    its metadata: diffusers reads a kohya file's alphas only when they are all equal.
+    """
+    tensors, metadata = to_diffusers(load_lora(lora_file))
+    with tempfile.TemporaryDirectory() as folder:
+        atomic_save_safetensors(tensors, Path(folder) / LORA_WEIGHTS_NAME, metadata)
+        try:
+            pipeline.load_lora_weights(folder, weight_name=LORA_WEIGHTS_NAME, adapter_name=adapter_name)
+        except (ValueError, RuntimeError, KeyError) as err:
+            raise FinetuneError(f"LoRA {lora_file} does not fit this base model: {str(err).splitlines()[0][:200]}") from None
+
+
 def load_sampling_pipeline(base: str, lora: str | None = None, lora_scale: float = 1.0):
     pipeline = build_pipeline(load_base_model(ModelConfig(pretrained=base)))
     if lora:
-        lora_file = resolve_lora_file(lora)
-        try:
-            pipeline.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name, adapter_name="lora")
-        except (ValueError, RuntimeError, KeyError) as err:
-            raise FinetuneError(f"LoRA {lora_file} does not fit base model {base}: {str(err).splitlines()[0][:200]}") from None
+        load_lora_into(pipeline, resolve_lora_file(lora), adapter_name="lora")
         pipeline.set_adapters(["lora"], adapter_weights=[lora_scale])
     return pipeline
 

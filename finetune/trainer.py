@@ -12,6 +12,7 @@ import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -23,6 +24,7 @@ from finetune import checkpoint as ckpt
 from finetune.config import Recipe, dump_recipe
 from finetune.data import EpochBatchSampler
 from finetune.diffusion import BatchRandomness
+from finetune.errors import FinetuneError
 from finetune.methods import METHODS
 from finetune.models import load_base_model, resolve_model_folder
 from finetune.optim import build_lr_scheduler, build_optimizer
@@ -74,7 +76,8 @@ class StopRequest:
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
-def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
+def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], None] | None = None) -> TrainResult:
+    """Train `recipe`; `on_step(step)` is called after each optimizer step (the benchmark times steps with it)."""
     output_dir = Path(recipe.output_dir)
     checkpoints_dir = output_dir / "checkpoints"
     train_cfg = recipe.train
@@ -88,12 +91,14 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     accelerator = Accelerator(
         # Several processes on a machine without CUDA (torchrun, `accelerate launch --multi_gpu`):
         # accelerate only joins them (over gloo) when told to use the CPU.
-        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not deepspeed_requested(),
         mixed_precision=train_cfg.mixed_precision,
         gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
         log_with="tensorboard" if recipe.logging.tensorboard else None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
+    configure_deepspeed(accelerator, recipe)
+    accelerator.print(f"training on {accelerator.num_processes} process(es), {accelerator.distributed_type.value}, device {accelerator.device}")
     set_seed(recipe.seed)  # the same adapter initialisation on every process
     if torch.cuda.is_available() and train_cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -176,6 +181,8 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
             step_loss = accelerator.reduce(running_loss, reduction="mean").item()
             running_loss.zero_()
             result.losses.append(step_loss)
+            if on_step is not None:
+                on_step(step)
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
             if step % recipe.logging.every_n_steps == 0 or step == train_cfg.max_steps:
@@ -211,6 +218,29 @@ def train(recipe: Recipe, resume: str | None = None) -> TrainResult:
     AcceleratorState._reset_state()
     GradientState._reset_state()
     return result
+
+
+def deepspeed_requested() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def configure_deepspeed(accelerator: Accelerator, recipe: Recipe) -> None:
+    """Batch size, accumulation and clipping come from the recipe, so DeepSpeed's JSON cannot disagree."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    if not torch.cuda.is_available():
+        # accelerate's DeepSpeed path on CPU counts one process while DeepSpeed counts them all.
+        raise FinetuneError(
+            "DeepSpeed needs CUDA GPUs here; on CPU launch several processes without DeepSpeed "
+            "(accelerate launch --multi_gpu --num_processes N -m finetune train RECIPE)"
+        )
+    train_cfg = recipe.train
+    config = plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = train_cfg.batch_size
+    config["gradient_accumulation_steps"] = train_cfg.gradient_accumulation_steps
+    config["train_batch_size"] = train_cfg.batch_size * train_cfg.gradient_accumulation_steps * accelerator.num_processes
+    config["gradient_clipping"] = train_cfg.max_grad_norm or 0.0
 
 
 def run_validation(recipe, method, modules, accelerator, step: int) -> Path | None:

@@ -1,0 +1,408 @@
+"""What the browser demo does, without the browser: find adapters in a folder, render comparisons.
+
+Kept apart from `finetune.demo` (the Gradio page) so it can be tested and reused without a web
+server, and so every safety rule lives in one place that the page cannot go around:
+
+- Adapters are found by scanning one folder and are addressed by **name** (their path relative to
+  that folder). A request names adapters; `DemoEngine.adapter` looks the name up in the last scan and
+  refuses anything else, so no path from the browser ever reaches the file system.
+- Only safetensors are read. Pickle files (`.bin`, `.ckpt`, `.pt`, `.pth`) found while scanning are
+  listed as refused, with the reason, and never loaded (unpickling can run code).
+- LoRAs are applied by adding their updates into the weights for one column and copying the saved
+  originals back afterwards: the same arithmetic as `finetune merge` (our neutral `LoRA` form, so
+  kohya and diffusers files behave the same and alpha != rank keeps its strength), exact to the bit
+  when removed, and several LoRAs at different strengths need no adapter bookkeeping in peft.
+- Every adapter is checked against the model's shapes before anything renders, so a LoRA or
+  ControlNet trained on another base is one readable sentence, not a stack trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+from safetensors import safe_open
+
+from finetune.config import ModelConfig
+from finetune.errors import FinetuneError
+from finetune.kohya import LoRA, load_lora
+from finetune.merge import _find_module
+from finetune.models import BaseModel, freeze, load_base_model
+from finetune.sampling import build_pipeline, generate, make_grid
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+# Folders the trainer writes that hold no finished adapter (resumable state, logs, sample grids).
+SKIPPED_FOLDERS = {"checkpoints", "logs", "samples", "sample", "__pycache__", "node_modules"}
+MAX_SCAN_DEPTH = 6
+BASE = "(base model)"
+CONDITIONING_KINDS = ("as uploaded", "canny", "luminance", "mask")
+MAX_INPUT_PIXELS = 4096 * 4096
+MIN_CELL = 192  # grid cells are enlarged (nearest neighbour) to at least this, so 64 px models are visible
+
+
+@dataclass
+class Adapter:
+    """One entry of the adapters folder; `refused` says why it cannot be used (it is still listed)."""
+
+    name: str
+    kind: str  # "lora", "pipeline" (DreamBooth / full fine-tune) or "controlnet"
+    path: Path
+    layout: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    refused: str | None = None
+
+    def row(self) -> list[str]:
+        meta = self.metadata
+        label = {"lora": f"LoRA ({self.layout})", "pipeline": "DreamBooth pipeline", "controlnet": "ControlNet"}.get(self.kind, self.kind)
+        return [self.name, label, meta.get("finetune.base_model", "?"), meta.get("finetune.method", "?"),
+                meta.get("finetune.steps", "?"), meta.get("finetune.rank", "-"), self.refused or "ok"]
+
+
+TABLE_HEADERS = ["name", "type", "base", "method", "steps", "rank", "status"]
+
+
+# --- scanning ------------------------------------------------------------------------------------
+
+
+def scan_adapters(root: Path, exclude: tuple[Path, ...] = ()) -> dict[str, Adapter]:
+    """Every LoRA file, pipeline folder and ControlNet folder under `root`, by name (sorted)."""
+    root = Path(root)
+    excluded = {p.resolve() for p in exclude}
+    found: list[Adapter] = []
+    if not root.is_dir():
+        return {}
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder)
+        depth = len(here.relative_to(root).parts)
+        model = None if here.resolve() in excluded else _model_folder(here, root, files)
+        if model is not None or depth >= MAX_SCAN_DEPTH or here.resolve() in excluded:
+            dirs.clear()  # the files inside a model folder are its weights, not adapters
+            found += [model] if model is not None else []
+            continue
+        dirs[:] = sorted(d for d in dirs if d not in SKIPPED_FOLDERS and not d.startswith("."))
+        for name in sorted(files):
+            path = here / name
+            if name.endswith(".safetensors"):
+                adapter = _lora_file(path, root)
+            elif name.endswith(PICKLE_SUFFIXES):
+                adapter = Adapter(_name(path, root), "lora", path, "pickle", refused="pickle checkpoint: only .safetensors files are loaded")
+            else:
+                continue
+            found += [adapter] if adapter is not None else []
+    adapters: dict[str, Adapter] = {}
+    for adapter in found:
+        if adapter.name in adapters or adapter.name == BASE:
+            adapter.name = path_name(adapter.path, root)
+        adapters[adapter.name] = adapter
+    return dict(sorted(adapters.items()))
+
+
+def path_name(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def _name(path: Path, root: Path) -> str:
+    """A training folder's LoRA is named after the folder; other files after their path, no suffix."""
+    if path.name.startswith("pytorch_lora_weights.") and path.parent != root:
+        return path_name(path.parent, root)
+    return path_name(path.with_suffix(""), root)
+
+
+def _lora_file(path: Path, root: Path) -> Adapter | None:
+    """Read only the header (keys, shapes, metadata); a safetensors file without LoRA keys is skipped."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+            meta = dict(f.metadata() or {})
+            downs = [k for k in keys if k.endswith(("lora_down.weight", "lora.down.weight", "lora_A.weight"))]
+            rank = str(f.get_slice(downs[0]).get_shape()[0]) if downs else "?"
+    except Exception as err:  # noqa: BLE001 - any unreadable file is listed, not raised
+        return Adapter(_name(path, root), "lora", path, "?", refused=f"unreadable safetensors file ({err.__class__.__name__})")
+    if any(k.startswith(("lora_unet_", "lora_te_")) for k in keys):
+        layout = "kohya"
+        for ours, theirs in (("finetune.base_model", "ss_sd_model_name"), ("finetune.steps", "ss_max_train_steps"), ("finetune.rank", "ss_network_dim")):
+            if ours not in meta and meta.get(theirs):
+                meta[ours] = meta[theirs]
+    elif any(k.startswith(("unet.", "text_encoder.")) for k in keys):
+        layout = "diffusers"
+    else:
+        return None
+    meta.setdefault("finetune.rank", rank)
+    meta.setdefault("finetune.method", "lora")
+    return Adapter(_name(path, root), "lora", path, layout, {k: v for k, v in meta.items() if k.startswith("finetune.")})
+
+
+def _model_folder(folder: Path, root: Path, files: list[str]) -> Adapter | None:
+    if "model_index.json" in files:
+        missing = [part for part in ("unet", "vae", "text_encoder") if not list((folder / part).glob("*.safetensors"))]
+        refused = f"{', '.join(missing)} weights are not .safetensors (pickle checkpoints are not loaded)" if missing else None
+        return Adapter(path_name(folder, root), "pipeline", folder, "diffusers", _folder_metadata(folder), refused)
+    if "config.json" in files:
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(config, dict) or config.get("_class_name") != "ControlNetModel":
+            return None
+        has_weights = (folder / "diffusion_pytorch_model.safetensors").is_file()
+        refused = None if has_weights else "no diffusion_pytorch_model.safetensors (pickle checkpoints are not loaded)"
+        return Adapter(path_name(folder, root), "controlnet", folder, "diffusers", _folder_metadata(folder), refused)
+    return None
+
+
+def _folder_metadata(folder: Path) -> dict[str, str]:
+    """finetune_metadata.json (ControlNet) or, for a saved pipeline, the training run's recipe.yaml."""
+    path = folder / "finetune_metadata.json"
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        if path.is_file():
+            return {str(k): str(v) for k, v in json.loads(path.read_text()).items()}
+        recipe = yaml.safe_load((folder.parent / "recipe.yaml").read_text())
+        return {"finetune.method": str(recipe.get("method", "?")), "finetune.base_model": str(recipe["model"]["pretrained"]),
+                "finetune.steps": str(recipe["train"]["max_steps"])}
+    return {}
+
+
+# --- rendering -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Request:
+    """One comparison: columns = [base alone] + [adapters at each strength], rows = seeds."""
+
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int = 20
+    guidance: float = 7.5
+    size: int = 64
+    model: str = BASE
+    loras: list[tuple[str, float]] = field(default_factory=list)
+    controlnet: str | None = None
+    conditioning_image: Image.Image | None = None
+    conditioning_kind: str = "as uploaded"
+    conditioning_scale: float = 1.0
+    strengths: list[float] = field(default_factory=lambda: [1.0])
+    include_base: bool = True
+    rows: int = 1
+
+
+def parse_strengths(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in str(text).replace(";", ",").split(",") if v.strip()]
+    except ValueError:
+        raise FinetuneError(f"strengths '{text}' must be numbers separated by commas, e.g. 0.5, 1.0") from None
+    if not values or len(values) > 6 or any(abs(v) > 4 for v in values):
+        raise FinetuneError("give 1 to 6 strengths between -4 and 4, e.g. 0.5, 1.0")
+    return values
+
+
+class DemoEngine:
+    """Holds the base model and the last scan; renders `Request`s (one at a time, under a lock)."""
+
+    def __init__(self, base: str, adapters_dir: Path, exclude: tuple[Path, ...] = ()):
+        if Path(base).suffix in PICKLE_SUFFIXES:
+            raise FinetuneError(f"base model {base} is a pickle checkpoint: only .safetensors files and diffusers folders are loaded")
+        self.base_name, self.adapters_dir, self.exclude = base, Path(adapters_dir), exclude
+        self.base = _frozen(load_base_model(ModelConfig(pretrained=base)))
+        self.lock = threading.Lock()
+        self._cache: dict[tuple, object] = {}
+        self.adapters: dict[str, Adapter] = {}
+        self.rescan()
+
+    def rescan(self) -> dict[str, Adapter]:
+        self.adapters = scan_adapters(self.adapters_dir, self.exclude)
+        self._cache.clear()
+        return self.adapters
+
+    def names(self, kind: str) -> list[str]:
+        return [a.name for a in self.adapters.values() if a.kind == kind and not a.refused]
+
+    def adapter(self, name: str, kind: str) -> Adapter:
+        """The scanned adapter called `name`: the only way a request reaches a file."""
+        adapter = self.adapters.get(name)
+        if adapter is None or adapter.kind != kind:
+            raise FinetuneError(f"unknown {kind} '{name}': pick one from the list (press Rescan for newly trained ones)")
+        if adapter.refused:
+            raise FinetuneError(f"{kind} '{name}' cannot be used: {adapter.refused}")
+        return adapter
+
+    def _cached(self, adapter: Adapter, load: Callable[[], object]) -> object:
+        stat = adapter.path.stat()
+        key = (adapter.kind, str(adapter.path), stat.st_mtime_ns, stat.st_size)
+        if key not in self._cache:
+            self._cache[key] = load()
+        return self._cache[key]
+
+    def model(self, name: str) -> BaseModel:
+        if name in (BASE, "", None):
+            return self.base
+        adapter = self.adapter(name, "pipeline")
+        return self._cached(adapter, lambda: _frozen(load_base_model(ModelConfig(pretrained=str(adapter.path)))))
+
+    def render(self, request: Request, progress: Callable[[int, int], None] | None = None):
+        """(grid, [(image, caption)], summary): the grid has one column per variant, one row per seed."""
+        with self.lock:
+            return self._render(request, progress or (lambda done, total: None))
+
+    def _render(self, request: Request, progress):
+        started = time.perf_counter()
+        _check_request(request)
+        model = self.model(request.model)
+        models = {"unet": model.unet, "text_encoder": model.text_encoder}
+        loras = []
+        for name, strength in request.loras:
+            lora = self._cached(self.adapter(name, "lora"), lambda n=name: load_lora(self.adapters[n].path))
+            _check_lora_fits(models, lora, name, self.base_name)
+            loras.append((lora, strength))
+        controlnet = condition = None
+        if request.controlnet:
+            controlnet = self._cached(self.adapter(request.controlnet, "controlnet"), lambda: _load_controlnet(self.adapters[request.controlnet].path))
+            _check_controlnet_fits(controlnet, model.unet, request.controlnet, self.base_name)
+            condition = conditioning_image(request.conditioning_image, request.conditioning_kind, request.size)
+        columns = [("base", self.base, [], None, 0.0)] if request.include_base else []
+        chosen = [name for name, _ in request.loras] + ([request.controlnet] if controlnet else []) + ([request.model] if model is not self.base else [])
+        label = "+".join(n.rsplit("/", 1)[-1] for n in chosen)
+        label = label if len(label) <= 20 else "adapters"
+        for s in request.strengths if chosen else ([] if request.include_base else [1.0]):
+            columns.append((f"{label} x{s:g}" if chosen else "base", model, [(lora, w * s) for lora, w in loras], controlnet, request.conditioning_scale * s))
+        total, done = max(1, len(columns) * request.rows * request.steps), 0
+        results: list[list[Image.Image]] = [[] for _ in range(request.rows)]
+        for _label, column_model, column_loras, column_controlnet, scale in columns:
+            pipeline = _pipeline(column_model, column_controlnet)
+            extra = dict(image=condition, controlnet_conditioning_scale=scale) if column_controlnet is not None else {}
+
+            def step_done(pipe, step, timestep, kwargs):
+                nonlocal done
+                done += 1
+                progress(done, total)
+                return kwargs
+
+            with loras_applied({"unet": column_model.unet, "text_encoder": column_model.text_encoder}, column_loras):
+                for r in range(request.rows):
+                    image = generate(pipeline, [request.prompt], 1, request.seed + r, request.steps, request.guidance, request.size,
+                                     negative_prompt=request.negative_prompt or None, callback_on_step_end=step_done, **extra)[0][0]
+                    results[r].append(image)
+        labels = [c[0] for c in columns]
+        if condition is not None:
+            labels, results = ["conditioning", *labels], [[condition, *row] for row in results]
+        captions = [(image, f"{label}, seed {request.seed + r}") for r, row in enumerate(results) for label, image in zip(labels, row)]
+        grid = labelled_grid(results, labels, [f"seed {request.seed + r}" for r in range(request.rows)])
+        return grid, captions, f"{len(columns)} column(s) x {request.rows} row(s) in {time.perf_counter() - started:.1f} s"
+
+
+def _frozen(model: BaseModel) -> BaseModel:
+    for part in (model.unet, model.vae, model.text_encoder):
+        freeze(part)
+    return model
+
+
+def _check_request(request: Request) -> None:
+    if not 1 <= request.steps <= 150:
+        raise FinetuneError(f"steps must be 1 to 150, got {request.steps}")
+    if request.size % 8 or not 32 <= request.size <= 1024:
+        raise FinetuneError(f"size must be a multiple of 8 from 32 to 1024, got {request.size}")
+    if not 1 <= request.rows <= 4:
+        raise FinetuneError(f"rows must be 1 to 4, got {request.rows}")
+    names = [name for name, _ in request.loras]
+    if len(set(names)) != len(names):
+        raise FinetuneError("the same LoRA is selected twice: pick each LoRA once and set its strength")
+
+
+def _check_lora_fits(models: dict[str, torch.nn.Module], lora: LoRA, name: str, base: str) -> None:
+    trained_on = lora.metadata.get("finetune.base_model", "unknown")
+    for key, layer in lora.layers.items():
+        part, path = key.split(".", 1)
+        try:
+            weight = _find_module(models[part], path, part).weight
+        except (FinetuneError, AttributeError):
+            raise FinetuneError(f"LoRA '{name}' does not fit base model {base}: it has no layer {key} (the LoRA was trained on {trained_on})") from None
+        expected = tuple(layer.up.shape[:1]) + tuple(layer.down.shape[1:])
+        if tuple(weight.shape) != expected:
+            raise FinetuneError(f"LoRA '{name}' does not fit base model {base}: layer {key} is {tuple(weight.shape)} in the model but "
+                                f"{expected} in the LoRA (the LoRA was trained on {trained_on})")
+
+
+@contextlib.contextmanager
+def loras_applied(models: dict[str, torch.nn.Module], loras: list[tuple[LoRA, float]]):
+    """W + sum of s * (alpha/rank) * up @ down for the block, then the saved originals back, exactly."""
+    originals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    try:
+        with torch.no_grad():
+            for lora, strength in loras:
+                for key, layer in lora.layers.items():
+                    part, path = key.split(".", 1)
+                    weight = _find_module(models[part], path, part).weight
+                    originals.setdefault(id(weight), (weight, weight.detach().clone()))
+                    weight.copy_((weight.float() + layer.delta(strength)).to(weight.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for weight, saved in originals.values():
+                weight.copy_(saved)
+
+
+def _load_controlnet(folder: Path):
+    from diffusers import ControlNetModel
+
+    return ControlNetModel.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True).eval().requires_grad_(False)
+
+
+def _check_controlnet_fits(controlnet, unet, name: str, base: str) -> None:
+    for key in ("block_out_channels", "cross_attention_dim", "in_channels", "down_block_types", "layers_per_block"):
+        mine, theirs = controlnet.config.get(key), unet.config.get(key)
+        if mine is not None and theirs is not None and json.dumps(mine) != json.dumps(theirs):
+            raise FinetuneError(f"ControlNet '{name}' does not fit base model {base}: its {key} is {mine}, the UNet's is {theirs}")
+
+
+def _pipeline(model: BaseModel, controlnet):
+    """A DDIM pipeline over the model's parts; with a ControlNet, diffusers' ControlNet pipeline."""
+    if controlnet is None:
+        return build_pipeline(model)
+    from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline
+
+    pipeline = StableDiffusionControlNetPipeline(
+        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet, controlnet=controlnet,
+        scheduler=DDIMScheduler.from_config(model.noise_scheduler.config), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def conditioning_image(image: Image.Image | None, kind: str, size: int) -> Image.Image:
+    """The uploaded image, center-cropped to `size`, used as is or turned into a conditioning map."""
+    from finetune.conditions import make_condition
+
+    if image is None:
+        raise FinetuneError("a ControlNet needs a conditioning image: upload one, or a photo and pick canny, luminance or mask")
+    if kind not in CONDITIONING_KINDS:
+        raise FinetuneError(f"unknown conditioning kind '{kind}': use one of {', '.join(CONDITIONING_KINDS)}")
+    if image.width * image.height > MAX_INPUT_PIXELS:
+        raise FinetuneError(f"the uploaded image is {image.width}x{image.height}: at most {MAX_INPUT_PIXELS // 1_000_000} megapixels")
+    fitted = ImageOps.fit(image.convert("RGB"), (size, size), Image.Resampling.LANCZOS)
+    return fitted if kind == "as uploaded" else make_condition(fitted, kind)
+
+
+def labelled_grid(rows: list[list[Image.Image]], column_labels: list[str], row_labels: list[str]) -> Image.Image:
+    """`make_grid` with cells enlarged to MIN_CELL px and a header naming each column."""
+    cell = rows[0][0].size
+    factor = max(1, -(-MIN_CELL // min(cell)))
+    big = [[image.convert("RGB").resize((cell[0] * factor, cell[1] * factor), Image.Resampling.NEAREST) for image in row] for row in rows]
+    margin = 64
+    body = make_grid(big, row_labels=row_labels, label_width=margin)
+    font = ImageFont.load_default(size=14)
+    grid = Image.new("RGB", (body.width, body.height + 24), "white")
+    grid.paste(body, (0, 24))
+    draw = ImageDraw.Draw(grid)
+    for c, label in enumerate(column_labels):
+        draw.text((margin + c * cell[0] * factor + 4, 4), label, fill="black", font=font)
+    return grid
