@@ -149,7 +149,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             result.sample_grids.append(grid)
 
     def save_checkpoint() -> None:
-        ckpt.save_checkpoint(accelerator, checkpoints_dir, step, {"epoch_micro_batch": step * accumulation}, recipe.checkpoint.keep_last)
+        ckpt.save_checkpoint(accelerator, checkpoints_dir, step, {"recipe_hash": recipe.fingerprint()}, recipe.checkpoint.keep_last)
 
     if step == 0 and recipe.validation.at_start:
         validate(0)
