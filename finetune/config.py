@@ -185,7 +185,8 @@ class TrainConfig(Section):
 
 
 class OptimizerConfig(Section):
-    name: Literal["adamw", "adamw8bit"] = "adamw"
+    # adamw8bit, paged_adamw8bit and lion8bit come from bitsandbytes (8-bit states for large tensors).
+    name: Literal["adamw", "adamw8bit", "paged_adamw8bit", "lion8bit"] = "adamw"
     lr: float = 1e-4
     weight_decay: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.999)

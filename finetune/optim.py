@@ -14,15 +14,20 @@ logger = logging.getLogger(__name__)
 
 def build_optimizer(config: OptimizerConfig, parameters: list) -> torch.optim.Optimizer:
     """`parameters`: a list of tensors, or of parameter groups (dicts) with their own settings."""
-    kwargs = dict(lr=config.lr, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay)
-    if config.name == "adamw8bit":
+    kwargs = dict(lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+    if config.name in BITSANDBYTES_OPTIMIZERS:
         try:
             import bitsandbytes as bnb
 
-            return bnb.optim.AdamW8bit(parameters, **kwargs)
+            optimizer_class = getattr(bnb.optim, BITSANDBYTES_OPTIMIZERS[config.name])
+            extra = {} if config.name == "lion8bit" else {"eps": config.eps}  # Lion has no epsilon
+            return optimizer_class(parameters, **kwargs, **extra)
         except Exception as err:  # no CUDA/CPU backend, or bitsandbytes missing
-            logger.warning("optimizer.name=adamw8bit: bitsandbytes cannot run here (%s); falling back to torch AdamW (32-bit states)", err)
-    return torch.optim.AdamW(parameters, **kwargs)
+            logger.warning("optimizer.name=%s: bitsandbytes cannot run here (%s); falling back to torch AdamW (32-bit states)", config.name, err)
+    return torch.optim.AdamW(parameters, eps=config.eps, **kwargs)
+
+
+BITSANDBYTES_OPTIMIZERS = {"adamw8bit": "AdamW8bit", "paged_adamw8bit": "PagedAdamW8bit", "lion8bit": "Lion8bit"}
 
 
 def build_lr_scheduler(config: OptimizerConfig, optimizer: torch.optim.Optimizer, max_steps: int):
