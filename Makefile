@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup quickstart test test-slow base-model clean
+.PHONY: setup browser quickstart test test-slow demo base-model clean
 
 setup: $(VENV)/.installed
 
@@ -27,8 +27,20 @@ quickstart: setup
 	$(BIN)/finetune sample --base outputs/tiny-sd --lora outputs/quickstart --num-images 4 --steps 20 --guidance 5 \
 		--prompt "a large red striped circle on a blue background, center" --out outputs/quickstart/sample
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q
+
+# Headless Chromium for the demo's browser test (Debian packages; needs root, or sudo when there is one).
+# Idempotent: nothing happens when /usr/bin/chromium is already installed.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver; \
+	fi
+
+# The browser demo on http://127.0.0.1:7860 (base: the shipped toy-world base, else a tiny model).
+demo: setup
+	$(BIN)/finetune demo --adapters outputs
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

@@ -21,6 +21,8 @@ EXAMPLES = """examples:
   finetune make-tiny-model outputs/tiny-sd
   finetune make-conditions my_photos my_controlnet_data --kind canny
   finetune eval --base finetune/assets/toyworld-base --lora outputs/quickstart --suite style
+  finetune bench --preset medium --steps 10 --out outputs/bench.json
+  finetune demo --base outputs/tiny-sd --adapters outputs
 """
 
 
@@ -142,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     from finetune.evaluate import add_eval_parser
 
     add_eval_parser(commands)
+    from finetune.bench import add_bench_parser
+
+    add_bench_parser(commands)
+    from finetune.demo import add_demo_parser
+
+    add_demo_parser(commands)
     return parser
 
 
@@ -255,6 +263,18 @@ def _eval(args) -> int:
     return run_eval_command(args)
 
 
+def _bench(args) -> int:
+    from finetune.bench import run_bench_command
+
+    return run_bench_command(args)
+
+
+def _demo(args) -> int:
+    from finetune.demo import run_demo_command
+
+    return run_demo_command(args)
+
+
 COMMANDS = {
     "train": _train,
     "sample": _sample,
@@ -266,4 +286,6 @@ COMMANDS = {
     "merge": _merge,
     "make-conditions": _make_conditions,
     "eval": _eval,
+    "bench": _bench,
+    "demo": _demo,
 }

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from finetune.demo_engine import BASE, CONDITIONING_KINDS, MAX_INPUT_PIXELS, TABLE_HEADERS, DemoEngine, Request, parse_strengths
+# Only light imports here: `finetune --help` builds this module's parser; torch, diffusers and gradio load
+# when the demo starts.
 from finetune.errors import FinetuneError
 
 DEFAULT_BASE = Path(__file__).resolve().parent / "assets" / "toyworld-base"
@@ -24,6 +25,8 @@ NONE = "(none)"
 LORA_SLOTS = 3
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "sans-serif"]
 SYSTEM_MONO_FONTS = ["ui-monospace", "Consolas", "monospace"]
+TABLE_HEADERS = ["name", "type", "base", "method", "steps", "rank", "status"]
+MIN_CELL = 192  # grid cells are enlarged (nearest neighbour) to at least this, so 64 px models are visible
 
 
 def resolve_base(base: str | None) -> tuple[str, str]:
@@ -43,6 +46,35 @@ def resolve_base(base: str | None) -> tuple[str, str]:
     )
 
 
+def table_row(adapter) -> list[str]:
+    """An adapter's line in the page's table: what the trainer recorded in its file or folder."""
+    meta = adapter.metadata
+    kind = {"lora": f"LoRA ({adapter.layout})", "pipeline": "DreamBooth pipeline", "controlnet": "ControlNet"}.get(adapter.kind, adapter.kind)
+    base = meta.get("finetune.base_model", "?")
+    base = base if len(base) <= 48 else "…" + base[-47:]
+    return [adapter.name, kind, base, meta.get("finetune.method", "?"), meta.get("finetune.steps", "?"), meta.get("finetune.rank", "-"),
+            adapter.refused or "ok"]
+
+
+def labelled_grid(rows: list[list], column_labels: list[str], seeds: list[int]):
+    """`make_grid` with cells enlarged to MIN_CELL px, a header naming each column and a seed per row."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from finetune.sampling import make_grid
+
+    cell = rows[0][0].size
+    factor = max(1, -(-MIN_CELL // min(cell)))
+    big = [[image.convert("RGB").resize((cell[0] * factor, cell[1] * factor), Image.Resampling.NEAREST) for image in row] for row in rows]
+    margin = 64
+    body = make_grid(big, row_labels=[f"seed {seed}" for seed in seeds], label_width=margin)
+    grid = Image.new("RGB", (body.width, body.height + 24), "white")
+    grid.paste(body, (0, 24))
+    draw, font = ImageDraw.Draw(grid), ImageFont.load_default(size=14)
+    for c, label in enumerate(column_labels):
+        draw.text((margin + c * cell[0] * factor + 4, 4), label, fill="black", font=font)
+    return grid
+
+
 def offline_theme():
     """gradio's default look with system fonts only: nothing to download, not even gradio's own font files."""
     import gradio as gr
@@ -50,22 +82,25 @@ def offline_theme():
     return gr.themes.Default(font=SYSTEM_FONTS, font_mono=SYSTEM_MONO_FONTS)
 
 
-def build_app(engine: DemoEngine, note: str = "", queue_size: int = 8):
+def build_app(engine, note: str = "", queue_size: int = 8):
     """The Blocks app over `engine`, with its queue configured (launch it with `launch_app`)."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     import gradio as gr
+
+    from finetune.demo_engine import BASE, CONDITIONING_KINDS, Request, parse_strengths
 
     def choices(kind: str, first: str = NONE) -> list[str]:
         return [first, *engine.names(kind)]
 
     def table() -> list[list[str]]:
-        return [adapter.row() for adapter in engine.adapters.values()] or [["(no adapters found)", "", "", "", "", "", ""]]
+        return [table_row(adapter) for adapter in engine.adapters.values()] or [["(no adapters found)", "", "", "", "", "", ""]]
 
     def folder_note() -> str:
         usable = sum(1 for a in engine.adapters.values() if not a.refused)
         return f"Adapters in `{engine.adapters_dir}`: {usable} usable, {len(engine.adapters) - usable} refused."
 
-    with gr.Blocks(title="finetune demo", analytics_enabled=False) as app:
+    # delete_cache: rendered images gradio keeps for the browser are removed after an hour (checked every 10 minutes).
+    with gr.Blocks(title="finetune demo", analytics_enabled=False, delete_cache=(600, 3600)) as app:
         gr.Markdown(f"# finetune demo\nBase model: `{engine.base_name}`" + (f"\n\n{note}" if note else ""), elem_id="base-note")
         with gr.Row():
             with gr.Column(scale=1):
@@ -89,19 +124,21 @@ def build_app(engine: DemoEngine, note: str = "", queue_size: int = 8):
                     kind = gr.Radio(list(CONDITIONING_KINDS), value="as uploaded", label="use the upload as is, or make (as finetune make-conditions)")
                     scale = gr.Slider(0, 2, value=1.0, step=0.05, label="conditioning scale")
                 with gr.Accordion("Compare", open=True):
-                    strengths = gr.Textbox(label="adapter strengths, one column each (multiply every LoRA strength and the conditioning scale)", value="1.0")
+                    strengths = gr.Textbox(label="adapter strengths, one column each (multiply every LoRA strength and the conditioning scale)", value="1.0", elem_id="strengths")
                     include_base = gr.Checkbox(value=True, label="add a column with the base model alone (no adapters)")
                     rows = gr.Slider(1, 4, value=1, step=1, label="rows (seeds seed, seed+1, ...)")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=1):
-                result = gr.Image(label="side by side (same seed in every column)", type="pil", format="png", interactive=False, elem_id="result")
-                summary = gr.Markdown(elem_id="summary")
+                gr.Markdown("**Side by side**: the same seed in every column, one row per seed.")
+                result = gr.Image(label="side by side", show_label=False, type="pil", format="png", interactive=False, elem_id="result")
+                summary = gr.Markdown(elem_id="summary", label="summary")
                 with gr.Accordion("single images", open=False):
                     gallery = gr.Gallery(label="single images", columns=4, format="png", elem_id="singles")
         with gr.Row():
-            found = gr.Markdown(folder_note())
+            found = gr.Markdown(folder_note(), label="adapters folder")
             rescan = gr.Button("Rescan adapters", elem_id="rescan", scale=0)
-        adapters = gr.Dataframe(value=table(), headers=TABLE_HEADERS, interactive=False, wrap=True, label="adapters (metadata recorded by the trainer)")
+        adapters = gr.Dataframe(value=table(), headers=TABLE_HEADERS, interactive=False, wrap=True,
+                                label="adapters (metadata recorded by the trainer)", column_widths=["17%", "15%", "26%", "11%", "7%", "6%", "18%"])
 
         def generate_images(prompt, negative_prompt, seed, steps, guidance, size, model, lora_1, strength_1, lora_2, strength_2,
                             lora_3, strength_3, controlnet, conditioning_image, conditioning_kind, conditioning_scale, strengths,
@@ -116,12 +153,13 @@ def build_app(engine: DemoEngine, note: str = "", queue_size: int = 8):
                     strengths=parse_strengths(strengths), include_base=bool(include_base), rows=int(rows),
                 )
                 progress(0, desc="starting")
-                grid, captions, text = engine.render(request, lambda done, total: progress(done / total, desc=f"denoising {done}/{total}"))
+                images, labels, seeds, text = engine.render(request, lambda done, total: progress(done / total, desc=f"denoising {done}/{total}"))
             except FinetuneError as err:
                 raise gr.Error(str(err)) from None
             except (RuntimeError, ValueError) as err:  # a model that cannot run this request: one line, not a traceback
                 raise gr.Error(f"generation failed: {str(err).splitlines()[0][:300]}") from None
-            return grid, captions, text
+            captions = [(image, f"{label}, seed {seed}") for seed, row in zip(seeds, images) for label, image in zip(labels, row)]
+            return labelled_grid(images, labels, seeds), captions, text
 
         def rescan_adapters():
             engine.rescan()
@@ -138,6 +176,8 @@ def build_app(engine: DemoEngine, note: str = "", queue_size: int = 8):
 def launch_app(app, host: str = "127.0.0.1", port: int | None = None, max_upload_mb: float = 10, block: bool = True):
     """Serve `app` locally: no share link, no SSR, uploads limited to `max_upload_mb` MB; returns the URL."""
     from PIL import Image
+
+    from finetune.demo_engine import MAX_INPUT_PIXELS
 
     # Decoding a small, highly compressed image can still need gigabytes: PIL refuses past twice this.
     Image.MAX_IMAGE_PIXELS = MAX_INPUT_PIXELS
@@ -167,6 +207,8 @@ def add_demo_parser(commands) -> None:
 
 
 def run_demo_command(args) -> int:
+    from finetune.demo_engine import DemoEngine
+
     base, note = resolve_base(args.base)
     engine = DemoEngine(base, Path(args.adapters), exclude=(Path(base),))
     print(f"base model: {base}; {len(engine.adapters)} adapters under {args.adapters}")

@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 import yaml
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageOps
 from safetensors import safe_open
 
 from finetune.config import ModelConfig
@@ -37,7 +37,7 @@ from finetune.errors import FinetuneError
 from finetune.kohya import LoRA, load_lora
 from finetune.merge import _find_module
 from finetune.models import BaseModel, freeze, load_base_model
-from finetune.sampling import build_pipeline, generate, make_grid
+from finetune.sampling import build_pipeline, generate
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 # Folders the trainer writes that hold no finished adapter (resumable state, logs, sample grids).
@@ -46,7 +46,7 @@ MAX_SCAN_DEPTH = 6
 BASE = "(base model)"
 CONDITIONING_KINDS = ("as uploaded", "canny", "luminance", "mask")
 MAX_INPUT_PIXELS = 4096 * 4096
-MIN_CELL = 192  # grid cells are enlarged (nearest neighbour) to at least this, so 64 px models are visible
+CACHE_SIZE = {"lora": 8, "controlnet": 2, "pipeline": 1}
 
 
 @dataclass
@@ -59,15 +59,6 @@ class Adapter:
     layout: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
     refused: str | None = None
-
-    def row(self) -> list[str]:
-        meta = self.metadata
-        label = {"lora": f"LoRA ({self.layout})", "pipeline": "DreamBooth pipeline", "controlnet": "ControlNet"}.get(self.kind, self.kind)
-        return [self.name, label, meta.get("finetune.base_model", "?"), meta.get("finetune.method", "?"),
-                meta.get("finetune.steps", "?"), meta.get("finetune.rank", "-"), self.refused or "ok"]
-
-
-TABLE_HEADERS = ["name", "type", "base", "method", "steps", "rank", "status"]
 
 
 # --- scanning ------------------------------------------------------------------------------------
@@ -101,20 +92,20 @@ def scan_adapters(root: Path, exclude: tuple[Path, ...] = ()) -> dict[str, Adapt
     adapters: dict[str, Adapter] = {}
     for adapter in found:
         if adapter.name in adapters or adapter.name == BASE:
-            adapter.name = path_name(adapter.path, root)
+            adapter.name = _relative(adapter.path, root)
         adapters[adapter.name] = adapter
     return dict(sorted(adapters.items()))
 
 
-def path_name(path: Path, root: Path) -> str:
+def _relative(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
 def _name(path: Path, root: Path) -> str:
     """A training folder's LoRA is named after the folder; other files after their path, no suffix."""
     if path.name.startswith("pytorch_lora_weights.") and path.parent != root:
-        return path_name(path.parent, root)
-    return path_name(path.with_suffix(""), root)
+        return _relative(path.parent, root)
+    return _relative(path.with_suffix(""), root)
 
 
 def _lora_file(path: Path, root: Path) -> Adapter | None:
@@ -145,7 +136,7 @@ def _model_folder(folder: Path, root: Path, files: list[str]) -> Adapter | None:
     if "model_index.json" in files:
         missing = [part for part in ("unet", "vae", "text_encoder") if not list((folder / part).glob("*.safetensors"))]
         refused = f"{', '.join(missing)} weights are not .safetensors (pickle checkpoints are not loaded)" if missing else None
-        return Adapter(path_name(folder, root), "pipeline", folder, "diffusers", _folder_metadata(folder), refused)
+        return Adapter(_relative(folder, root), "pipeline", folder, "diffusers", _folder_metadata(folder), refused)
     if "config.json" in files:
         try:
             config = json.loads((folder / "config.json").read_text())
@@ -155,7 +146,7 @@ def _model_folder(folder: Path, root: Path, files: list[str]) -> Adapter | None:
             return None
         has_weights = (folder / "diffusion_pytorch_model.safetensors").is_file()
         refused = None if has_weights else "no diffusion_pytorch_model.safetensors (pickle checkpoints are not loaded)"
-        return Adapter(path_name(folder, root), "controlnet", folder, "diffusers", _folder_metadata(folder), refused)
+        return Adapter(_relative(folder, root), "controlnet", folder, "diffusers", _folder_metadata(folder), refused)
     return None
 
 
@@ -236,11 +227,21 @@ class DemoEngine:
         return adapter
 
     def _cached(self, adapter: Adapter, load: Callable[[], object]) -> object:
-        stat = adapter.path.stat()
+        """Loaded adapters, keyed by file and modification time (a retrained file is read again); at
+        most CACHE_SIZE of a kind stay in memory (a DreamBooth pipeline is a whole model)."""
+        try:
+            stat = adapter.path.stat()
+        except OSError:
+            raise FinetuneError(f"{adapter.kind} '{adapter.name}' is gone from {self.adapters_dir}: press Rescan") from None
         key = (adapter.kind, str(adapter.path), stat.st_mtime_ns, stat.st_size)
-        if key not in self._cache:
-            self._cache[key] = load()
-        return self._cache[key]
+        value = self._cache.get(key)
+        if value is None:
+            value = load()
+            same_kind = [k for k in self._cache if k[0] == adapter.kind]
+            for old in same_kind[: max(0, len(same_kind) - CACHE_SIZE[adapter.kind] + 1)]:
+                self._cache.pop(old, None)
+            self._cache[key] = value
+        return value
 
     def model(self, name: str) -> BaseModel:
         if name in (BASE, "", None):
@@ -249,7 +250,7 @@ class DemoEngine:
         return self._cached(adapter, lambda: _frozen(load_base_model(ModelConfig(pretrained=str(adapter.path)))))
 
     def render(self, request: Request, progress: Callable[[int, int], None] | None = None):
-        """(grid, [(image, caption)], summary): the grid has one column per variant, one row per seed."""
+        """(images[row][column], column labels, the row's seeds, a one-line summary)."""
         with self.lock:
             return self._render(request, progress or (lambda done, total: None))
 
@@ -260,13 +261,15 @@ class DemoEngine:
         models = {"unet": model.unet, "text_encoder": model.text_encoder}
         loras = []
         for name, strength in request.loras:
-            lora = self._cached(self.adapter(name, "lora"), lambda n=name: load_lora(self.adapters[n].path))
-            _check_lora_fits(models, lora, name, self.base_name)
+            adapter = self.adapter(name, "lora")
+            lora = self._cached(adapter, lambda: load_lora(adapter.path))
+            _check_lora_fits(models, lora, name, model.source)
             loras.append((lora, strength))
         controlnet = condition = None
         if request.controlnet:
-            controlnet = self._cached(self.adapter(request.controlnet, "controlnet"), lambda: _load_controlnet(self.adapters[request.controlnet].path))
-            _check_controlnet_fits(controlnet, model.unet, request.controlnet, self.base_name)
+            adapter = self.adapter(request.controlnet, "controlnet")
+            controlnet = self._cached(adapter, lambda: _load_controlnet(adapter.path))
+            _check_controlnet_fits(controlnet, model.unet, request.controlnet, model.source)
             condition = conditioning_image(request.conditioning_image, request.conditioning_kind, request.size)
         columns = [("base", self.base, [], None, 0.0)] if request.include_base else []
         chosen = [name for name, _ in request.loras] + ([request.controlnet] if controlnet else []) + ([request.model] if model is not self.base else [])
@@ -294,9 +297,8 @@ class DemoEngine:
         labels = [c[0] for c in columns]
         if condition is not None:
             labels, results = ["conditioning", *labels], [[condition, *row] for row in results]
-        captions = [(image, f"{label}, seed {request.seed + r}") for r, row in enumerate(results) for label, image in zip(labels, row)]
-        grid = labelled_grid(results, labels, [f"seed {request.seed + r}" for r in range(request.rows)])
-        return grid, captions, f"{len(columns)} column(s) x {request.rows} row(s) in {time.perf_counter() - started:.1f} s"
+        seeds = [request.seed + r for r in range(request.rows)]
+        return results, labels, seeds, f"{len(columns)} column(s) x {request.rows} row(s) in {time.perf_counter() - started:.1f} s"
 
 
 def _frozen(model: BaseModel) -> BaseModel:
@@ -306,15 +308,17 @@ def _frozen(model: BaseModel) -> BaseModel:
 
 
 def _check_request(request: Request) -> None:
-    if not 1 <= request.steps <= 150:
-        raise FinetuneError(f"steps must be 1 to 150, got {request.steps}")
-    if request.size % 8 or not 32 <= request.size <= 1024:
-        raise FinetuneError(f"size must be a multiple of 8 from 32 to 1024, got {request.size}")
-    if not 1 <= request.rows <= 4:
-        raise FinetuneError(f"rows must be 1 to 4, got {request.rows}")
     names = [name for name, _ in request.loras]
-    if len(set(names)) != len(names):
-        raise FinetuneError("the same LoRA is selected twice: pick each LoRA once and set its strength")
+    for bad, message in (
+        (max(len(request.prompt), len(request.negative_prompt)) > 2000, "prompts are limited to 2000 characters (the text encoder reads 77 tokens)"),
+        (not 0 <= request.seed < 2**32, f"seed must be 0 to 2^32-1, got {request.seed}"),
+        (not 1 <= request.steps <= 150, f"steps must be 1 to 150, got {request.steps}"),
+        (request.size % 8 or not 32 <= request.size <= 1024, f"size must be a multiple of 8 from 32 to 1024, got {request.size}"),
+        (not 1 <= request.rows <= 4, f"rows must be 1 to 4, got {request.rows}"),
+        (len(set(names)) != len(names), "the same LoRA is selected twice: pick each LoRA once and set its strength"),
+    ):
+        if bad:
+            raise FinetuneError(message)
 
 
 def _check_lora_fits(models: dict[str, torch.nn.Module], lora: LoRA, name: str, base: str) -> None:
@@ -390,19 +394,3 @@ def conditioning_image(image: Image.Image | None, kind: str, size: int) -> Image
         raise FinetuneError(f"the uploaded image is {image.width}x{image.height}: at most {MAX_INPUT_PIXELS // 1_000_000} megapixels")
     fitted = ImageOps.fit(image.convert("RGB"), (size, size), Image.Resampling.LANCZOS)
     return fitted if kind == "as uploaded" else make_condition(fitted, kind)
-
-
-def labelled_grid(rows: list[list[Image.Image]], column_labels: list[str], row_labels: list[str]) -> Image.Image:
-    """`make_grid` with cells enlarged to MIN_CELL px and a header naming each column."""
-    cell = rows[0][0].size
-    factor = max(1, -(-MIN_CELL // min(cell)))
-    big = [[image.convert("RGB").resize((cell[0] * factor, cell[1] * factor), Image.Resampling.NEAREST) for image in row] for row in rows]
-    margin = 64
-    body = make_grid(big, row_labels=row_labels, label_width=margin)
-    font = ImageFont.load_default(size=14)
-    grid = Image.new("RGB", (body.width, body.height + 24), "white")
-    grid.paste(body, (0, 24))
-    draw = ImageDraw.Draw(grid)
-    for c, label in enumerate(column_labels):
-        draw.text((margin + c * cell[0] * factor + 4, 4), label, fill="black", font=font)
-    return grid

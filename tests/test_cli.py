@@ -10,7 +10,7 @@ from PIL import Image
 
 from finetune.cli import main
 
-SUBCOMMANDS = ["train", "sample", "eval", "make-tiny-model", "make-sample-data", "make-world-data", "export-base", "export", "merge"]
+SUBCOMMANDS = ["train", "sample", "eval", "make-tiny-model", "make-sample-data", "make-world-data", "export-base", "export", "merge", "demo", "bench"]
 
 
 def test_help_lists_every_subcommand_with_examples(capsys):

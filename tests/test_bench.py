@@ -1,0 +1,110 @@
+"""`finetune bench`: the command runs variants through the real loop and writes a complete report; the
+SD1.5-size model it builds for GPUs has SD1.5's architecture. No timing is asserted."""
+
+import json
+from datetime import datetime
+
+import pytest
+import torch
+
+from finetune.bench import build_sd15_pipeline, markdown_table, peak_tflops
+from finetune.cli import main
+from finetune.models import load_base_model
+from finetune.config import ModelConfig
+from finetune.trainer import train
+
+
+def test_bench_runs_two_variants_and_writes_the_report(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--preset", "tiny", "--steps", "2", "--warmup", "1", "--batch", "2", "--num-images", "2"]
+    code = main([*args, "--recipes", "lora,dreambooth", "--workdir", str(tmp_path / "work"), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "lora" in printed and "dreambooth" in printed and "s/step" in printed
+
+    report = json.loads(out.read_text())
+    assert report["command"].startswith("finetune bench --preset tiny --steps 2 --warmup 1 --batch 2 --resolution 64")
+    datetime.fromisoformat(report["date"])
+    machine = report["machine"]
+    assert machine["cpu"] and machine["cpu_cores"] >= 1 and machine["torch"] == torch.__version__
+    assert machine["device"] == ("cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name())
+    assert report["settings"]["preset"] == "tiny" and report["settings"]["resolution"] == 64
+
+    rows = {row["variant"]: row for row in report["results"]}
+    assert list(rows) == ["lora", "dreambooth"]
+    assert rows["lora"]["method"] == "lora" and rows["dreambooth"]["method"] == "dreambooth"
+    assert rows["lora"]["images_per_step"] == 2
+    assert rows["dreambooth"]["images_per_step"] == 2  # one instance and one class image
+    for row in rows.values():
+        assert "error" not in row
+        for key in ("sec_per_step", "sec_per_step_median", "cpu_sec_per_step", "images_per_sec", "peak_memory_mb", "flops_per_step", "achieved_tflops", "speedup_vs_lora"):
+            assert row[key] > 0, (row["variant"], key, row[key])
+        assert row["images_per_sec"] == pytest.approx(row["images_per_step"] / row["sec_per_step"])
+        assert len(row["step_seconds"]) == 2 and sum(row["step_seconds"]) == pytest.approx(2 * row["sec_per_step"], rel=1e-3)
+        assert row["memory_kind"] in ("max RSS", "cuda max allocated")
+        assert row["final_loss"] == row["final_loss"]  # not NaN
+        if not torch.cuda.is_available():
+            assert "mfu" not in row  # no peak FLOP/s for a CPU
+    assert rows["lora"]["speedup_vs_lora"] == 1.0
+    assert "| lora |" in markdown_table(report)
+
+
+def test_bad_bench_arguments_are_one_line_errors(tmp_path, capsys):
+    assert main(["bench", "--recipes", "lora,lora_fast", "--out", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown variant lora_fast" in err[0] and "lora_cached" in err[0]
+    if not torch.cuda.is_available():
+        assert main(["bench", "--preset", "sd15", "--out", str(tmp_path / "b.json")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "needs a CUDA GPU" in err[0]
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_train_reports_every_step_to_the_hook(make_recipe):
+    steps = []
+    train(make_recipe(train__max_steps=3), on_step=steps.append)
+    assert steps == [1, 2, 3]
+
+
+def test_sd15_preset_has_sd15_architecture():
+    """Built on the meta device (no memory): the parameter counts of SD1.5's UNet, VAE and CLIP text encoder."""
+    pipeline = build_sd15_pipeline(device="meta")
+    count = lambda module: sum(p.numel() for p in module.parameters())
+    assert count(pipeline.unet) == 859_520_964
+    assert count(pipeline.vae) == 83_653_863
+    assert count(pipeline.text_encoder) == 123_060_480
+    config = pipeline.unet.config
+    assert tuple(config.block_out_channels) == (320, 640, 1280, 1280) and config.cross_attention_dim == 768
+    assert config.sample_size == 64 and pipeline.vae.config.sample_size == 512
+
+
+def test_sd15_pipeline_at_small_width_saves_loads_and_runs(tmp_path):
+    pipeline = build_sd15_pipeline(width_divisor=8)
+    assert tuple(pipeline.unet.config.block_out_channels) == (40, 80, 160, 160)
+    pipeline.save_pretrained(tmp_path / "sd15-small", safe_serialization=True)
+    base = load_base_model(ModelConfig(pretrained=str(tmp_path / "sd15-small")))
+    with torch.no_grad():
+        pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+        latents = base.vae.encode(pixels).latent_dist.mean
+        assert latents.shape == (1, 4, 8, 8)
+        ids = base.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        text = base.text_encoder(ids)[0]
+        assert text.shape == (1, 77, 96)
+        out = base.unet(latents, torch.tensor([500]), text).sample
+    assert out.shape == latents.shape and torch.isfinite(out).all()
+
+
+def test_peak_flops_table():
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4
+    assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
+    assert peak_tflops("NVIDIA H200", "bf16") == 989.4
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "tf32") == 494.7
+    assert peak_tflops("Some Other GPU", "bf16") is None
+
+
+def test_repeated_runs_keep_the_median_one():
+    from finetune.bench import median_run
+
+    runs = [{"sec_per_step": 3.0}, {"sec_per_step": 1.0}, {"sec_per_step": 2.0}]
+    assert median_run(runs) == {"sec_per_step": 2.0, "runs_sec_per_step": [3.0, 1.0, 2.0]}
+    assert median_run([{"sec_per_step": 1.0}, {"error": "exit 1: boom"}]) == {"error": "exit 1: boom"}

@@ -1,0 +1,320 @@
+"""The browser demo, launched for real on a free localhost port: driven with gradio_client and Chromium.
+
+One app serves the module: the tiny model as base, and an adapters folder holding what the trainer
+and the other commands write (a LoRA trained for 2 steps, its kohya export, a ControlNet, a
+DreamBooth pipeline) plus what must be refused or must not fit (a pickle file, a LoRA of another base).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from finetune.config import recipe_from_dict
+from finetune.errors import FinetuneError
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+PROMPT = "a large red striped circle on a blue background, center"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def adapters_dir(tmp_path_factory, tiny_model, image_folder) -> Path:
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from finetune.kohya import load_lora, save_lora_file
+    from finetune.methods.controlnet import save_model_folder
+    from finetune.methods.lora import add_lora, save_lora
+    from finetune.tiny_model import build_tiny_pipeline, make_tiny_model
+    from finetune.trainer import train
+
+    root = tmp_path_factory.mktemp("adapters")
+    train(recipe_from_dict({
+        "method": "lora", "seed": 3, "output_dir": str(root / "trained"), "model": {"pretrained": str(tiny_model)},
+        "data": {"image_dir": str(image_folder), "resolution": 64}, "lora": {"rank": 4, "alpha": 4},
+        "train": {"batch_size": 2, "max_steps": 2}, "optimizer": {"lr": 1e-2}, "validation": {"prompts": []},
+        "checkpoint": {"every_n_steps": 0}, "logging": {"tensorboard": False},
+    }))
+    save_lora_file(load_lora(root / "trained" / "pytorch_lora_weights.safetensors"), root / "webui" / "trained.safetensors", "kohya")
+
+    # A LoRA of another architecture (the toy-world preset: wider text encoder), random non-zero B.
+    other = build_tiny_pipeline("world").unet
+    add_lora(other, ["to_q", "to_k", "to_v", "to_out.0"], torch.float32, SimpleNamespace(rank=4, alpha=4, dropout=0.0))
+    for name, parameter in other.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.5)
+    save_lora({"unet": other}, root / "other-base" / "pytorch_lora_weights.safetensors", {"finetune.base_model": "toyworld", "finetune.method": "lora"})
+
+    # A ControlNet of the tiny UNet whose zero convolutions are not zero, so it visibly steers.
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet"))
+    for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block, controlnet.controlnet_cond_embedding.conv_out]:
+        conv.weight.data.normal_(0, 0.3)
+    save_model_folder(controlnet, root / "edges" / "controlnet", {"finetune.method": "controlnet", "finetune.base_model": str(tiny_model), "finetune.steps": "7"})
+
+    make_tiny_model(root / "db" / "pipeline", seed=1)  # a "DreamBooth" pipeline: other weights, same architecture
+    (root / "db" / "recipe.yaml").write_text(yaml.safe_dump({"method": "dreambooth", "model": {"pretrained": str(tiny_model)}, "train": {"max_steps": 5}}))
+
+    (root / "evil").mkdir()
+    (root / "evil" / "pytorch_lora_weights.bin").write_bytes(b"\x80\x04K\x01.")  # a pickle: never opened
+    return root
+
+
+@pytest.fixture(scope="module")
+def demo(adapters_dir, tiny_model):
+    from finetune.demo import build_app, launch_app
+    from finetune.demo_engine import DemoEngine
+
+    engine = DemoEngine(str(tiny_model), adapters_dir)
+    app = build_app(engine, note="tiny test model", queue_size=4)
+    url = launch_app(app, port=free_port(), max_upload_mb=1, block=False)
+    yield SimpleNamespace(url=url, engine=engine, app=app)
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def client(demo):
+    from gradio_client import Client
+
+    return Client(demo.url, verbose=False)
+
+
+def run(client, **inputs) -> tuple[list[np.ndarray], list[str], str]:
+    """Call /generate; return the single images (as arrays), their captions and the summary."""
+    values = dict(prompt=PROMPT, steps=6, conditioning_image=None)
+    values.update(inputs)
+    _grid, gallery, summary = client.predict(api_name="/generate", **values)
+    return [np.asarray(Image.open(item["image"]).convert("RGB"), dtype=np.float64) for item in gallery], [item["caption"] for item in gallery], summary
+
+
+def test_with_and_without_a_lora_gives_two_different_images(client):
+    images, captions, summary = run(client, lora_1="trained")
+    assert captions == ["base, seed 0", "trained x1, seed 0"]
+    assert images[0].shape == images[1].shape == (64, 64, 3)
+    assert np.abs(images[0] - images[1]).mean() > 0.5
+    assert "2 column(s) x 1 row(s)" in summary
+
+
+def test_the_same_seed_gives_the_same_image(client):
+    first, _, _ = run(client, lora_1="trained", seed=5)
+    again, _, _ = run(client, lora_1="trained", seed=5)
+    other, _, _ = run(client, lora_1="trained", seed=6)
+    assert all((a == b).all() for a, b in zip(first, again))
+    assert not (first[0] == other[0]).all()
+
+
+def test_several_strengths_and_layouts(client):
+    images, captions, _ = run(client, lora_1="trained", strengths="0, 0.5, 1")
+    assert [c.split(",")[0] for c in captions] == ["base", "trained x0", "trained x0.5", "trained x1"]
+    assert (images[0] == images[1]).all()  # strength 0 is the base, exactly: the weights are restored bit for bit
+    assert not (images[2] == images[3]).all()
+    kohya, _, _ = run(client, lora_1="webui/trained")  # the kohya export renders what the original does
+    assert np.abs(kohya[1] - images[3]).max() <= 2
+    two, captions, _ = run(client, lora_1="trained", strength_1=0.5, lora_2="webui/trained", strength_2=0.5, include_base=False)
+    assert captions == ["trained+trained x1, seed 0"] and np.abs(two[0] - images[3]).max() <= 2
+
+
+def test_unknown_or_refused_adapters_are_rejected(client, demo):
+    from gradio_client.exceptions import AppError
+
+    for name in ("nope", "../trained", "evil", str(demo.engine.adapters["trained"].path)):
+        with pytest.raises(AppError, match="not in the list of choices"):
+            run(client, lora_1=name)
+    with pytest.raises(FinetuneError, match="unknown lora 'nope'"):
+        demo.engine.adapter("nope", "lora")
+    with pytest.raises(FinetuneError, match="pickle checkpoint: only .safetensors files are loaded"):
+        demo.engine.adapter("evil", "lora")
+    with pytest.raises(FinetuneError, match="unknown lora 'edges/controlnet'"):
+        demo.engine.adapter("edges/controlnet", "lora")  # a name of another kind is not a LoRA
+
+
+def test_a_lora_of_another_base_is_a_readable_message(client):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as error:
+        run(client, lora_1="other-base")
+    message = str(error.value)
+    assert "LoRA 'other-base' does not fit base model" in message and "trained on toyworld" in message
+    assert "Traceback" not in message and len(message.splitlines()) == 1
+
+
+def test_the_table_lists_every_adapter_with_its_metadata(client, tiny_model):
+    note, table, *_ = client.predict(api_name="/rescan")
+    rows = {row[0]: row for row in table["data"]}
+    for name in ("trained", "webui/trained", "edges/controlnet", "db/pipeline"):
+        assert str(tiny_model).endswith(rows[name][2].lstrip("…")), rows[name]  # the base the trainer recorded
+    assert [rows[name][i] for name in ("trained", "webui/trained", "edges/controlnet", "db/pipeline") for i in (1, 3, 4, 5, 6)] == [
+        "LoRA (diffusers)", "lora", "2", "4", "ok",
+        "LoRA (kohya)", "lora", "2", "4", "ok",
+        "ControlNet", "controlnet", "7", "-", "ok",
+        "DreamBooth pipeline", "dreambooth", "5", "-", "ok",
+    ]
+    assert "pickle" in rows["evil"][-1]
+    assert "5 usable, 1 refused" in note
+
+
+def test_rescan_finds_an_adapter_trained_while_the_demo_runs(client, demo, adapters_dir):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError):
+        run(client, lora_1="late")
+    shutil.copytree(adapters_dir / "trained", adapters_dir / "late")
+    try:
+        _, table, _, _, lora_1, *_ = client.predict(api_name="/rescan")
+        assert "late" in [row[0] for row in table["data"]]
+        assert "late" in demo.engine.names("lora")
+        images, captions, _ = run(client, lora_1="late")
+        assert captions[1].startswith("late x1")
+    finally:
+        shutil.rmtree(adapters_dir / "late")
+        demo.engine.rescan()
+
+
+def test_controlnet_with_a_conditioning_made_from_a_photo(client, image_folder):
+    from gradio_client import handle_file
+
+    photo = sorted(image_folder.glob("*.png"))[0]
+    images, captions, _ = run(client, controlnet="edges/controlnet", conditioning_image=handle_file(str(photo)), conditioning_kind="canny")
+    assert [c.split(",")[0] for c in captions] == ["conditioning", "base", "controlnet x1"]
+    assert set(np.unique(images[0])) <= {0.0, 255.0} and images[0].max() == 255  # canny edges, white on black
+    assert np.abs(images[1] - images[2]).mean() > 0.5
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="needs a conditioning image"):
+        run(client, controlnet="edges/controlnet")
+
+
+def test_a_dreambooth_pipeline_replaces_the_base(client):
+    images, captions, _ = run(client, model="db/pipeline")
+    assert [c.split(",")[0] for c in captions] == ["base", "pipeline x1"]
+    assert np.abs(images[0] - images[1]).mean() > 0.5
+
+
+def test_uploads_are_size_limited(client, demo, tmp_path):
+    import httpx
+    from gradio_client import handle_file
+
+    big = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (800, 800, 3), dtype=np.uint8)).save(big)
+    assert big.stat().st_size > 1024 * 1024  # the fixture's limit is 1 MB
+    with pytest.raises(ValueError, match="exceeds the maximum file size"):  # the client reads the limit from the app
+        run(client, controlnet="edges/controlnet", conditioning_image=handle_file(str(big)))
+    response = httpx.post(demo.url + "gradio_api/upload", files={"files": ("big.png", big.read_bytes(), "image/png")})
+    assert response.status_code == 413  # and the server refuses it whoever sends it
+
+
+def test_offline_and_local_by_default(demo):
+    import urllib.request
+
+    assert demo.url.startswith("http://127.0.0.1:")
+    assert demo.app.analytics_enabled is False and demo.app.share is False
+    page = urllib.request.urlopen(demo.url).read().decode()
+    theme = urllib.request.urlopen(demo.url + "theme.css").read().decode()
+    assert "fonts.googleapis" not in page + theme and "@font-face" not in theme  # system fonts: nothing to fetch
+    assert demo.app._queue.max_size == 4 and demo.app._queue.default_concurrency_limit == 1
+
+
+def test_progress_is_reported_per_denoising_step(demo):
+    from finetune.demo_engine import Request
+
+    seen = []
+    demo.engine.render(Request(prompt=PROMPT, steps=3, loras=[("trained", 1.0)], strengths=[0.5, 1.0], rows=2), lambda done, total: seen.append((done, total)))
+    assert seen == [(k, 18) for k in range(1, 19)]  # 3 columns x 2 rows x 3 steps
+
+
+def test_default_base_falls_back_to_a_tiny_model(tmp_path, monkeypatch):
+    import finetune.demo as demo_module
+    from finetune.demo_engine import DemoEngine
+
+    monkeypatch.setattr(demo_module, "DEFAULT_BASE", tmp_path / "missing")
+    monkeypatch.setattr(demo_module, "FALLBACK_BASE", tmp_path / "demo-base")
+    base, note = demo_module.resolve_base(None)
+    assert base == str(tmp_path / "demo-base") and (tmp_path / "demo-base" / "model_index.json").is_file()
+    assert "make_tiny_model" in note and "toyworld-base" in note
+    with pytest.raises(FinetuneError, match="pickle checkpoint"):
+        DemoEngine(str(tmp_path / "model.ckpt"), tmp_path)
+
+
+# --- a real browser ------------------------------------------------------------------------------
+
+
+def chromium_driver(profile: Path):
+    """Headless Chromium with nothing running in the background that could reach the network."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,1000", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+
+
+def test_in_a_browser_pick_an_adapter_and_generate(demo, tmp_path):
+    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+        if os.environ.get("FINETUNE_REQUIRE_BROWSER"):
+            pytest.fail("Chromium is missing: run `make browser` (apt-get install chromium chromium-driver)")
+        pytest.skip("Chromium is missing: run `make browser` (apt-get install chromium chromium-driver)")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    started = time.perf_counter()
+    driver = chromium_driver(Path(tempfile.mkdtemp(dir=tmp_path)))
+    try:
+        wait = WebDriverWait(driver, 30)
+        driver.get(demo.url)
+        wait.until(lambda d: d.find_element(By.ID, "generate").is_enabled())
+        driver.find_element(By.CSS_SELECTOR, "#lora-1 input").click()
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, '[role=option][aria-label="trained"]')).click()
+        assert driver.find_element(By.CSS_SELECTOR, "#lora-1 input").get_attribute("value") == "trained"
+        strengths = driver.find_element(By.CSS_SELECTOR, "#strengths textarea")
+        strengths.send_keys(Keys.CONTROL, "a")
+        strengths.send_keys("0.5, 1")
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: "column(s)" in d.find_element(By.ID, "summary").text)
+        result = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#result img"))
+        wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", result))
+        assert "3 column(s)" in driver.find_element(By.ID, "summary").text
+        shown = np.asarray(Image.open(__import__("io").BytesIO(result.screenshot_as_png)).convert("L"), dtype=np.float64)
+        assert shown.shape[0] > 100 and shown.std() > 10, "the result image is blank"
+        requested = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        assert requested and all(url.startswith(demo.url) for url in requested), [u for u in requested if not u.startswith(demo.url)]
+        # The whole page, top to bottom: controls, the result, and the adapters table with its metadata.
+        driver.execute_script("window.scrollTo(0, 0)")
+        driver.set_window_size(1280, min(2400, driver.execute_script("return document.documentElement.scrollHeight") + 140))
+        time.sleep(0.5)
+        driver.save_screenshot(str(tmp_path / "demo.png"))
+        if os.environ.get("FINETUNE_WRITE_DOCS") == "1":
+            (ROOT / "docs" / "images").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(tmp_path / "demo.png", ROOT / "docs" / "images" / "demo.png")
+
+        # A LoRA of another base: a readable message in the page, not a stack trace.
+        driver.find_element(By.CSS_SELECTOR, "#lora-1 input").click()
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, '[role=option][aria-label="other-base"]')).click()
+        driver.find_element(By.ID, "generate").click()
+        toast = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, '[data-testid="toast-text"]'))
+        wait.until(lambda d: "does not fit" in toast.get_attribute("textContent"))
+        assert "LoRA 'other-base' does not fit base model" in toast.get_attribute("textContent")
+        assert "Traceback" not in driver.find_element(By.TAG_NAME, "body").text
+    finally:
+        driver.quit()
+    assert time.perf_counter() - started < 60
