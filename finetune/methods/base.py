@@ -24,7 +24,7 @@ from finetune.diffusion import POSTERIOR_STREAM, BatchRandomness, add_noise, dra
 from finetune.cache import EncodingCache, content_key, model_fingerprint
 from finetune.encoders import encode_prompts, latents_from_moments, posterior_moments, text_hidden_states
 from finetune.models import BaseModel
-from finetune.sampling import generate
+from finetune.sampling import build_pipeline, generate
 
 
 class TrainingMethod(ABC):
@@ -142,6 +142,33 @@ class DiffusionMethod(TrainingMethod):
         noised = add_noise(base.noise_scheduler, latents, noise.to(latents.device), timesteps.to(latents.device))
         prediction = self.predict(modules, noised.noisy_latents, noised.timesteps, encoder_hidden_states, batch)
         return self.combine_losses(per_sample_loss(prediction, noised, base.noise_scheduler, train.snr_gamma), batch)
+
+
+class UNetMethod(DiffusionMethod):
+    """A method that trains (part of) the UNet, and optionally the text encoder at its own rate."""
+
+    def __init__(self, recipe: Recipe, train_text_encoder: bool = False, text_encoder_lr: float | None = None):
+        super().__init__(recipe)
+        self.train_text_encoder = train_text_encoder
+        self.text_encoder_lr = text_encoder_lr
+
+    def trained_modules(self) -> dict[str, torch.nn.Module]:
+        modules = {"unet": self.base.unet}
+        if self.train_text_encoder:
+            modules["text_encoder"] = self.base.text_encoder
+        return modules
+
+    def parameter_groups(self) -> list[dict]:
+        return text_encoder_groups(self.base, self.train_text_encoder, self.text_encoder_lr or self.recipe.optimizer.lr)
+
+    def predict(self, modules, noisy_latents, timesteps, encoder_hidden_states, batch) -> torch.Tensor:
+        return modules["unet"](noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+
+    def pipeline(self, modules) -> DiffusionPipeline:
+        pipeline = build_pipeline(self.base, unet=modules["unet"])
+        if "text_encoder" in modules:
+            pipeline.text_encoder = modules["text_encoder"]
+        return pipeline
 
 
 def text_encoder_groups(base: BaseModel, train_text_encoder: bool, text_encoder_lr: float) -> list[dict]:

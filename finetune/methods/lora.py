@@ -11,27 +11,20 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from finetune.checkpoint import atomic_save_safetensors
-from finetune.methods.base import DiffusionMethod, text_encoder_groups
+from finetune.methods.base import UNetMethod
 from finetune.models import freeze
-from finetune.sampling import build_pipeline
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
-class LoRAMethod(DiffusionMethod):
+class LoRAMethod(UNetMethod):
     name = "lora"
-
-    def __init__(self, recipe, train_text_encoder: bool = False, text_encoder_lr: float | None = None):
-        super().__init__(recipe)
-        self.train_text_encoder = train_text_encoder
-        self.text_encoder_lr = text_encoder_lr
 
     def configure_model(self) -> None:
         settings = self.recipe.lora
@@ -39,26 +32,8 @@ class LoRAMethod(DiffusionMethod):
         if self.train_text_encoder:
             add_lora(self.base.text_encoder, TEXT_ENCODER_TARGETS, self.weight_dtype, settings)
 
-    def trained_modules(self) -> dict[str, torch.nn.Module]:
-        modules = {"unet": self.base.unet}
-        if self.train_text_encoder:
-            modules["text_encoder"] = self.base.text_encoder
-        return modules
-
-    def parameter_groups(self) -> list[dict]:
-        return text_encoder_groups(self.base, self.train_text_encoder, self.text_encoder_lr or self.recipe.optimizer.lr)
-
-    def predict(self, modules, noisy_latents, timesteps, encoder_hidden_states, batch) -> torch.Tensor:
-        return modules["unet"](noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-
     def save(self, output_dir: Path, modules, metadata: dict[str, str]) -> list[Path]:
         return [save_lora(modules, output_dir / LORA_WEIGHTS_NAME, metadata)]
-
-    def pipeline(self, modules) -> DiffusionPipeline:
-        pipeline = build_pipeline(self.base, unet=modules["unet"])
-        if "text_encoder" in modules:
-            pipeline.text_encoder = modules["text_encoder"]
-        return pipeline
 
 
 def add_lora(model: torch.nn.Module, target_modules: list[str], weight_dtype: torch.dtype, settings) -> None:
