@@ -35,7 +35,7 @@ from safetensors import safe_open
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
 from finetune.kohya import LoRA, load_lora
-from finetune.merge import _find_module
+from finetune.merge import find_module
 from finetune.models import BaseModel, freeze, load_base_model
 from finetune.sampling import build_pipeline, generate
 
@@ -326,7 +326,7 @@ def _check_lora_fits(models: dict[str, torch.nn.Module], lora: LoRA, name: str, 
     for key, layer in lora.layers.items():
         part, path = key.split(".", 1)
         try:
-            weight = _find_module(models[part], path, part).weight
+            weight = find_module(models[part], path, part).weight
         except (FinetuneError, AttributeError):
             raise FinetuneError(f"LoRA '{name}' does not fit base model {base}: it has no layer {key} (the LoRA was trained on {trained_on})") from None
         expected = tuple(layer.up.shape[:1]) + tuple(layer.down.shape[1:])
@@ -344,7 +344,7 @@ def loras_applied(models: dict[str, torch.nn.Module], loras: list[tuple[LoRA, fl
             for lora, strength in loras:
                 for key, layer in lora.layers.items():
                     part, path = key.split(".", 1)
-                    weight = _find_module(models[part], path, part).weight
+                    weight = find_module(models[part], path, part).weight
                     originals.setdefault(id(weight), (weight, weight.detach().clone()))
                     weight.copy_((weight.float() + layer.delta(strength)).to(weight.dtype))
         yield

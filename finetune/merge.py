@@ -23,7 +23,7 @@ def merge_into(models: dict[str, torch.nn.Module], lora: LoRA, strength: float) 
     """Add every layer's update in place; a layer the model does not have is an error, not a skip."""
     for key, layer in lora.layers.items():
         part, path = key.split(".", 1)
-        module = _find_module(models[part], path, part)
+        module = find_module(models[part], path, part)
         weight, delta = module.weight, layer.delta(strength)
         if weight.shape != delta.shape:
             raise FinetuneError(f"LoRA layer {key} has shape {tuple(delta.shape)} but the base model's is {tuple(weight.shape)}: another base model?")
@@ -31,7 +31,7 @@ def merge_into(models: dict[str, torch.nn.Module], lora: LoRA, strength: float) 
             weight.copy_((weight.float() + delta).to(weight.dtype))
 
 
-def _find_module(model: torch.nn.Module, path: str, part: str) -> torch.nn.Module:
+def find_module(model: torch.nn.Module, path: str, part: str) -> torch.nn.Module:
     # transformers 4 nests CLIP under `text_model`, transformers 5 does not.
     for candidate in (path, CLIP_ROOT + path) if part == "text_encoder" else (path,):
         try:
