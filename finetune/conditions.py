@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from finetune.data import read_metadata_captions
 from finetune.errors import FinetuneError
 
 KINDS = ("canny", "luminance", "mask")
@@ -186,7 +187,7 @@ def make_conditions(input_dir: str | Path, output_dir: str | Path, kind: str, **
     images = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise FinetuneError(f"input folder {source} has no images ({', '.join(IMAGE_SUFFIXES)})")
-    captions = _metadata_captions(source / "metadata.jsonl")
+    captions = read_metadata_captions(source / "metadata.jsonl", require_text=False)
     (target / "conditioning").mkdir(parents=True, exist_ok=True)
     same_folder = source.resolve() == target.resolve()
     rows, uncaptioned, written = [], 0, set()
@@ -210,19 +211,3 @@ def make_conditions(input_dir: str | Path, output_dir: str | Path, kind: str, **
     partial.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     partial.replace(target / "metadata.jsonl")
     return target, len(rows), uncaptioned
-
-
-def _metadata_captions(path: Path) -> dict[str, str]:
-    if not path.is_file():
-        return {}
-    captions = {}
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if "text" in row:
-                captions[Path(row["file_name"]).name] = str(row["text"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise FinetuneError(f"{path} line {line_number}: expected a JSON object with 'file_name' and 'text'") from None
-    return captions

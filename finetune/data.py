@@ -51,7 +51,7 @@ def _folder_examples(config: DataConfig) -> list[Example]:
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise FinetuneError(f"data folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}): add some or fix data.image_dir")
-    metadata = _read_metadata_jsonl(folder / "metadata.jsonl")
+    metadata = read_metadata_captions(folder / "metadata.jsonl")
     examples = []
     for path in images:
         if config.caption is not None:
@@ -69,7 +69,8 @@ def _folder_examples(config: DataConfig) -> list[Example]:
     return examples
 
 
-def _read_metadata_jsonl(path: Path) -> dict[str, str]:
+def read_metadata_captions(path: Path, require_text: bool = True) -> dict[str, str]:
+    """{file name: caption} from a metadata.jsonl; rows without "text" are an error unless not required."""
     if not path.is_file():
         return {}
     captions = {}
@@ -78,7 +79,8 @@ def _read_metadata_jsonl(path: Path) -> dict[str, str]:
             continue
         try:
             row = json.loads(line)
-            captions[Path(row["file_name"]).name] = str(row["text"])
+            if require_text or "text" in row:
+                captions[Path(row["file_name"]).name] = str(row["text"])
         except (json.JSONDecodeError, KeyError, TypeError):
             raise FinetuneError(f"{path} line {line_number}: expected a JSON object with 'file_name' and 'text'") from None
     return captions

@@ -12,9 +12,10 @@ from PIL import Image, ImageDraw
 from finetune.models import BaseModel
 
 
-def build_pipeline(base: BaseModel, unet: torch.nn.Module | None = None, **extra) -> StableDiffusionPipeline:
-    """A StableDiffusionPipeline over the base model's parts (and a trained UNet), sampling with DDIM."""
-    pipeline = StableDiffusionPipeline(
+def build_pipeline(base: BaseModel, unet: torch.nn.Module | None = None, pipeline_class=StableDiffusionPipeline, **extra):
+    """A pipeline (StableDiffusionPipeline by default) over the base model's parts and a trained UNet,
+    sampling with DDIM; `extra` passes further parts, e.g. controlnet= with the ControlNet pipeline class."""
+    pipeline = pipeline_class(
         vae=base.vae,
         text_encoder=base.text_encoder,
         tokenizer=base.tokenizer,

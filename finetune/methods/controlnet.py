@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
@@ -40,7 +40,7 @@ from finetune.diffusion import BatchRandomness
 from finetune.errors import FinetuneError
 from finetune.methods.base import DiffusionMethod
 from finetune.models import freeze
-from finetune.sampling import generate
+from finetune.sampling import build_pipeline, generate
 
 CONTROLNET_DIR, UNET_DIR, METADATA_FILE = "controlnet", "unet", "finetune_metadata.json"
 # The UNet parts that train with unlock_unet_decoder (the original's output_blocks and out).
@@ -297,20 +297,9 @@ class ControlNetMethod(DiffusionMethod):
         return paths
 
     def pipeline(self, modules) -> StableDiffusionControlNetPipeline:
-        base = self.base
-        pipeline = StableDiffusionControlNetPipeline(
-            vae=base.vae,
-            text_encoder=base.text_encoder,
-            tokenizer=base.tokenizer,
-            unet=modules.get("unet", base.unet),
-            controlnet=modules["controlnet"],
-            scheduler=DDIMScheduler.from_config(base.noise_scheduler.config),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+        return build_pipeline(
+            self.base, unet=modules.get("unet"), pipeline_class=StableDiffusionControlNetPipeline, controlnet=modules["controlnet"]
         )
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline
 
     def validation_conditions(self) -> list[Image.Image]:
         """Conditioning views (resized, center-cropped) for validation: the recipe's images, or the
