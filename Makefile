@@ -52,6 +52,8 @@ base-model: setup
 	$(BIN)/finetune make-world-data outputs/world/all --include-held-out all --num-images 10000 --seed 1
 	$(BIN)/finetune make-world-data outputs/world/train --num-images 20000 --seed 0
 	$(BIN)/finetune make-tiny-model outputs/base/init --preset world --seed 0
+	test -f finetune/assets/toyworld_perceptual.safetensors || \
+		$(BIN)/python -m finetune.toyworld.classifier --seed 1 --threads 1 --out finetune/assets/toyworld_perceptual.safetensors
 	$(BIN)/finetune train recipes/pretrain_vae.yaml
 	$(BIN)/finetune train recipes/pretrain_unet.yaml
 	$(BIN)/finetune export-base outputs/base/unet/pipeline finetune/assets/toyworld-base

@@ -93,6 +93,9 @@ class VAEConfig(Section):
     # L1 reconstruction is sharper than L2 for edges; both are summed with these weights.
     l1_weight: float = 1.0
     l2_weight: float = 1.0
+    # Weight of the perceptual term (0: off) and the toy-world classifier file whose features define it.
+    perceptual_weight: float = 0.0
+    perceptual_network: Optional[str] = None  # None: the shipped finetune/assets/toyworld_perceptual.safetensors
 
 
 class ClassImageGeneration(Section):
