@@ -145,10 +145,10 @@ def build_sd15_pipeline(width_divisor: int = 1, seed: int = 0, device: str | Non
     ~1/64-size copy for tests); `device="meta"` builds it without allocating weights.
     """
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from finetune.tiny_model import DEFAULT_WORDS, sd15_scheduler_config
+    from finetune.tiny_model import DEFAULT_WORDS, assemble_pipeline
     from finetune.tokenizer import make_clip_tokenizer
 
     if 32 % width_divisor:
@@ -191,16 +191,7 @@ def build_sd15_pipeline(width_divisor: int = 1, seed: int = 0, device: str | Non
                 pad_token_id=tokenizer.pad_token_id,
             )
         )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(**sd15_scheduler_config()),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    return assemble_pipeline(vae, text_encoder, tokenizer, unet)
 
 
 # ---------------------------------------------------------------------------------------------------

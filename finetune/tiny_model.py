@@ -143,6 +143,11 @@ def build_tiny_pipeline(
             projection_dim=spec.text_hidden,
         )
     )
+    return assemble_pipeline(vae, text_encoder, tokenizer, unet, prediction_type)
+
+
+def assemble_pipeline(vae, text_encoder, tokenizer, unet, prediction_type: str = "epsilon") -> StableDiffusionPipeline:
+    """An SD pipeline from its parts, with SD1.5's noise schedule and DDIM sampling, no safety checker."""
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
