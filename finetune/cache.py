@@ -1,7 +1,7 @@
 """Caching what frozen encoders compute: VAE posteriors and text-encoder hidden states.
 
-An entry is keyed by a hash of exactly what went in (the image's pixels after crop and flip, or the
-caption text) and, on disk, by a fingerprint of the encoder's weights. So a changed image, another
+An entry is keyed by a hash of exactly what went in (the image's pixels after crop and flip with their
+shape, so two buckets' crops of equal bytes never share an entry; or the caption text) and, on disk, by a fingerprint of the encoder's weights. So a changed image, another
 crop, a dropped caption or another model can never be served a stale result, and random crops and
 flips simply fill the cache with one entry per view. Cached posteriors are (mean, std): the latent
 is still sampled per step with fresh noise, exactly as without the cache.
@@ -18,7 +18,11 @@ from safetensors.torch import load_file, save_file
 
 
 def content_key(value: torch.Tensor | str) -> str:
-    data = value.encode("utf-8") if isinstance(value, str) else value.detach().cpu().contiguous().numpy().tobytes()
+    if isinstance(value, str):
+        data = value.encode("utf-8")
+    else:
+        # The shape matters too: a flat 64x128 crop has the same bytes as a flat 128x64 one.
+        data = f"{tuple(value.shape)}{value.dtype}".encode() + value.detach().cpu().contiguous().numpy().tobytes()
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 

@@ -15,6 +15,7 @@ EXAMPLES = """examples:
   finetune train recipes/lora.yaml optimizer.lr=5e-5 train.max_steps=2000
   accelerate launch --config_file accelerate_config.yaml -m finetune train recipes/lora.yaml
   finetune train recipes/lora.yaml --resume latest
+  finetune check-data recipes/lora.yaml data.image_dir=my_photos data.bucketing.enabled=true
   finetune sample --base outputs/quickstart/base --lora outputs/quickstart --prompt "a red striped circle"
   finetune export outputs/quickstart outputs/webui --to kohya
   finetune merge --base outputs/tiny-sd --lora outputs/quickstart --strength 0.8 outputs/merged
@@ -141,6 +142,21 @@ def build_parser() -> argparse.ArgumentParser:
     conditions.add_argument("--sigma", type=float, default=1.0, help="canny: Gaussian blur before the gradients, in pixels (default 1.0)")
     conditions.add_argument("--threshold", type=float, default=40.0, help="mask: RGB distance from the border colour that counts as shape (default 40)")
 
+    check = commands.add_parser(
+        "check-data",
+        help="check a dataset the way training reads it: counts, sizes, buckets, bad or odd images, captions",
+        description="Decode every image of a recipe's data (or of --image-dir) as training will and report counts, "
+        "sizes, aspect-ratio buckets, and problems: fatal ones (unreadable, truncated, too small, no caption) that "
+        "stop training, warnings (upscaled images, duplicates), and conversions (EXIF rotation, CMYK, 16-bit, "
+        "transparency, palette). Exit status 1 when training would stop.",
+        epilog="example: finetune check-data recipes/lora.yaml data.image_dir=my_photos   "
+        "or: finetune check-data --image-dir my_photos --resolution 512",
+    )
+    check.add_argument("recipe", nargs="?", help="a recipe, e.g. recipes/lora.yaml (default: data settings' defaults)")
+    check.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. data.bucketing.enabled=true")
+    check.add_argument("--image-dir", help="folder of images to check (instead of the recipe's data.image_dir)")
+    check.add_argument("--resolution", type=int, help="training resolution (instead of the recipe's data.resolution)")
+
     from finetune.evaluate import add_eval_parser
 
     add_eval_parser(commands)
@@ -257,6 +273,12 @@ def _make_conditions(args) -> int:
     return 0
 
 
+def _check_data(args) -> int:
+    from finetune.check_data import run_check_data_command
+
+    return run_check_data_command(args)
+
+
 def _eval(args) -> int:
     from finetune.evaluate import run_eval_command
 
@@ -285,6 +307,7 @@ COMMANDS = {
     "export": _export,
     "merge": _merge,
     "make-conditions": _make_conditions,
+    "check-data": _check_data,
     "eval": _eval,
     "bench": _bench,
     "demo": _demo,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -33,6 +34,43 @@ class ModelConfig(Section):
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None
 
 
+class BucketConfig(Section):
+    """`data.bucketing`: train each image near its own aspect ratio (see finetune/buckets.py)."""
+
+    # Off: every image is resized and cropped to resolution x resolution, as without this section.
+    enabled: bool = False
+    # Bucket sides are multiples of this; keep it 64 for SD (smaller models need 8 x their UNet's downsampling).
+    step: int = 64
+    # Shortest and longest bucket side; None: resolution / 2 and resolution x 2 (rounded to step).
+    min_side: Optional[int] = None
+    max_side: Optional[int] = None
+
+    @field_validator("step")
+    @classmethod
+    def _step_multiple_of_8(cls, value: int) -> int:
+        if value <= 0 or value % 8 != 0:
+            raise ValueError("must be a positive multiple of 8 (the VAE downsamples by 8)")
+        return value
+
+
+class FolderConfig(Section):
+    """One entry of `data.folders`: a subfolder of data.image_dir with its own repeats and caption template."""
+
+    path: str  # relative to data.image_dir (or absolute); "." is image_dir itself
+    # Times each image of this folder is used per epoch: 1 means no repeat, 3 means three times.
+    repeats: int = 1
+    # The prompt: "{caption}" is replaced by the image's own caption ("a photo of {caption}"); a template
+    # without "{caption}" is the prompt of every image in the folder, and its captions are not read.
+    template: Optional[str] = None
+
+    @field_validator("repeats")
+    @classmethod
+    def _at_least_once(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1 (1 means no repeat; remove the folder to leave it out)")
+        return value
+
+
 class DataConfig(Section):
     # Either a folder of images with captions, or a `datasets` dataset (hub name, or a local path).
     image_dir: Optional[str] = None
@@ -48,8 +86,18 @@ class DataConfig(Section):
     random_flip: bool = False
     # Share of training captions replaced by "" so classifier-free guidance keeps working.
     caption_dropout: float = 0.0
+    # Comma-separated tags ("sks, dog, grass") are shuffled per image and epoch, the first keep_tokens
+    # staying in place (a trigger word first), so the model does not learn one tag order.
+    shuffle_tags: bool = False
+    keep_tokens: int = 0
     # Images whose shorter side is below this are an error (default: half the resolution).
     min_image_size: Optional[int] = None
+    # Images that would stop the run (unreadable, truncated, too small, no caption) are skipped and
+    # listed instead; default: training stops before it starts and names the first one.
+    skip_bad_images: bool = False
+    bucketing: BucketConfig = BucketConfig()
+    # Subfolders of image_dir with their own repeats and prompt templates; empty: image_dir alone, once.
+    folders: list[FolderConfig] = []
     num_workers: int = 0
 
     @field_validator("resolution")
@@ -65,6 +113,28 @@ class DataConfig(Section):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"must be between 0 and 1, got {value}")
         return value
+
+    @field_validator("keep_tokens")
+    @classmethod
+    def _not_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"must be 0 or more, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _buckets_and_folders_fit(self) -> "DataConfig":
+        buckets = self.bucketing
+        if buckets.enabled:
+            for key, value in (("resolution", self.resolution), ("bucketing.min_side", buckets.min_side), ("bucketing.max_side", buckets.max_side)):
+                if value is not None and value % buckets.step != 0:
+                    raise ValueError(f"data.{key} ({value}) must be a multiple of data.bucketing.step ({buckets.step})")
+            if buckets.min_side is not None and buckets.min_side > self.resolution:
+                raise ValueError(f"data.bucketing.min_side ({buckets.min_side}) must be at most data.resolution ({self.resolution})")
+            if buckets.max_side is not None and buckets.max_side < self.resolution:
+                raise ValueError(f"data.bucketing.max_side ({buckets.max_side}) must be at least data.resolution ({self.resolution})")
+        if self.folders and self.image_dir is None:
+            raise ValueError("data.folders are subfolders of data.image_dir: set data.image_dir (a dataset has no folders)")
+        return self
 
 
 
@@ -93,6 +163,9 @@ class VAEConfig(Section):
     # L1 reconstruction is sharper than L2 for edges; both are summed with these weights.
     l1_weight: float = 1.0
     l2_weight: float = 1.0
+    # Pixels far from the image's median colour weigh up to 1 + salience_weight times more in the
+    # reconstruction loss, so a small object's colour is not outvoted by its background (0: plain mean).
+    salience_weight: float = 0.0
     # Weight of the perceptual term (0: off) and the toy-world classifier file whose features define it.
     perceptual_weight: float = 0.0
     perceptual_network: Optional[str] = None  # None: the shipped finetune/assets/toyworld_perceptual.safetensors
@@ -349,11 +422,18 @@ def describe_validation_error(err: ValidationError, raw: dict[str, Any]) -> str:
 def _valid_keys(section_path: list[str]) -> list[str]:
     model: type[BaseModel] = Recipe
     for name in section_path:
-        annotation = model.model_fields[name].annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        model = _section_type(model.model_fields[name].annotation)
+        if model is None:
             return []
-        model = annotation
     return list(model.model_fields)
+
+
+def _section_type(annotation) -> type[BaseModel] | None:
+    """The section class in a field's annotation: X, Optional[X] or list[X]."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def dump_recipe(recipe: Recipe, path: Path) -> None:

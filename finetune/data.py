@@ -1,14 +1,14 @@
-"""Training data: a folder of captioned images or a `datasets` dataset, checked before training.
+"""Training data: folders of captioned images or a `datasets` dataset, checked before training.
 
-Every image is opened and decoded once up front, so a corrupt, truncated or tiny file stops the run
-with its name before any model is loaded. Randomness (crop, flip, caption dropout) is drawn from a
-generator seeded by (seed, epoch, index): the same item looks the same in a resumed run and on any
-number of processes.
+Every image is opened and decoded once up front (finetune/check_data.py), so a corrupt, truncated or
+tiny file stops the run with its name before any model is loaded. Randomness (crop, flip, caption
+dropout, tag order) is drawn from generators seeded by (seed, epoch, index): the same item looks the
+same in a resumed run and on any number of processes. With `data.bucketing` each image is cropped to
+its aspect-ratio bucket (finetune/buckets.py) instead of a square.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -17,7 +17,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from finetune.config import DataConfig
+from finetune.buckets import BucketBatchSampler, Size, assign_buckets
+from finetune.captions import (
+    apply_template,
+    folder_captions,
+    missing_caption_message,
+    read_metadata_captions,  # noqa: F401  (re-exported: make-conditions reads captions through here)
+    sidecar_caption,
+    template_needs_caption,
+    training_caption,
+)
+from finetune.config import DataConfig, FolderConfig
 from finetune.errors import FinetuneError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -28,16 +38,38 @@ class Example:
     """One training image: where to find it (a file or a dataset row) and its caption."""
 
     source: str  # a file path, or "dataset row N"
-    caption: str
+    caption: str | None  # None: no caption was found (the check reports it)
     load: Callable[[], Image.Image]
+    repeats: int = 1  # uses per epoch (data.folders); load_examples lists the example this many times
+    size: Size | None = None  # upright (width, height), known once the check has decoded the image
+
+
+def read_examples(config: DataConfig) -> list[Example]:
+    """Every image of the folders or the dataset once, unchecked (some may lack a caption)."""
+    return _folder_examples(config) if config.image_dir else _dataset_examples(config)
 
 
 def load_examples(config: DataConfig, check: bool = True) -> list[Example]:
-    """The examples of a folder or dataset; with `check`, every image is decoded and its size checked."""
-    examples = _folder_examples(config) if config.image_dir else _dataset_examples(config)
+    """The training examples, each listed `repeats` times; with `check`, every image is decoded and checked
+    first (stopping on a bad one, or skipping it with data.skip_bad_images)."""
+    examples = read_examples(config)
     if check:
-        check_images(examples, min_size=config.min_image_size or config.resolution // 2)
-    return examples
+        from finetune.check_data import check_examples  # the check builds on this module
+
+        examples = check_examples(examples, config).usable
+    else:
+        require_captions(examples)
+    return expand_repeats(examples)
+
+
+def require_captions(examples: list[Example]) -> None:
+    for example in examples:
+        if example.caption is None:
+            raise FinetuneError(missing_caption_message(Path(example.source)))
+
+
+def expand_repeats(examples: list[Example]) -> list[Example]:
+    return [example for example in examples for _ in range(example.repeats)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -45,45 +77,34 @@ def load_examples(config: DataConfig, check: bool = True) -> list[Example]:
 
 
 def _folder_examples(config: DataConfig) -> list[Example]:
-    folder = Path(config.image_dir)
-    if not folder.is_dir():
-        raise FinetuneError(f"data folder {folder} not found: check data.image_dir in the recipe")
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise FinetuneError(f"data folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}): add some or fix data.image_dir")
-    metadata = read_metadata_captions(folder / "metadata.jsonl")
+    root = Path(config.image_dir)
+    if not root.is_dir():
+        raise FinetuneError(f"data folder {root} not found: check data.image_dir in the recipe")
     examples = []
-    for path in images:
-        if config.caption is not None:
-            caption = config.caption
-        elif path.name in metadata:
-            caption = metadata[path.name]
-        elif path.with_suffix(".txt").is_file():
-            caption = path.with_suffix(".txt").read_text(encoding="utf-8").strip()
-        else:
-            raise FinetuneError(
-                f"image {path} has no caption: add {path.with_suffix('.txt').name}, a metadata.jsonl entry, "
-                "or set data.caption to one prompt for all images"
-            )
-        examples.append(Example(str(path), caption, lambda p=path: Image.open(p)))
+    for settings in config.folders or [FolderConfig(path=".")]:
+        folder = root / settings.path  # an absolute path stays absolute
+        key = "data.image_dir" if not config.folders else f"data.folders path '{settings.path}'"
+        if not folder.is_dir():
+            raise FinetuneError(f"data folder {folder} not found: check {key} in the recipe")
+        images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise FinetuneError(f"data folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}): add some or fix {key}")
+        examples += _images_of_folder(folder, images, settings, config.caption)
     return examples
 
 
-def read_metadata_captions(path: Path, require_text: bool = True) -> dict[str, str]:
-    """{file name: caption} from a metadata.jsonl; rows without "text" are an error unless not required."""
-    if not path.is_file():
-        return {}
-    captions = {}
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if require_text or "text" in row:
-                captions[Path(row["file_name"]).name] = str(row["text"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise FinetuneError(f"{path} line {line_number}: expected a JSON object with 'file_name' and 'text'") from None
-    return captions
+def _images_of_folder(folder: Path, images: list[Path], settings: FolderConfig, fixed_caption: str | None) -> list[Example]:
+    reads_captions = fixed_caption is None and template_needs_caption(settings.template)
+    metadata = folder_captions(folder) if reads_captions else {}
+    examples = []
+    for path in images:
+        if not template_needs_caption(settings.template):
+            caption = settings.template
+        else:
+            own = fixed_caption if fixed_caption is not None else metadata[path.name] if path.name in metadata else sidecar_caption(path)
+            caption = None if own is None else apply_template(settings.template, own)
+        examples.append(Example(str(path), caption, lambda p=path: Image.open(p), repeats=settings.repeats))
+    return examples
 
 
 def open_dataset(config: DataConfig):
@@ -131,44 +152,67 @@ def _dataset_examples(config: DataConfig) -> list[Example]:
 # Checks and transforms
 
 
-def open_rgb(example: Example) -> Image.Image:
-    """Decode fully (so truncation shows), apply EXIF rotation, and convert any mode to RGB."""
+def decode(example: Example) -> Image.Image:
+    """Open and decode fully, so a truncated file fails here with its name rather than mid-training."""
     try:
         image = example.load()
         image.load()
     except Exception as err:  # PIL raises many types for broken files
         raise FinetuneError(f"image {example.source} cannot be read ({err.__class__.__name__}: {err}): fix or remove it") from None
+    return image
+
+
+def has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+
+
+def is_16_bit(image: Image.Image) -> bool:
+    return image.mode.startswith("I;16") or image.mode == "I"
+
+
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """Apply EXIF rotation and convert any mode (CMYK, 16-bit, alpha, palette, grey) to 8-bit RGB."""
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if has_alpha(image):
         # Transparent areas become white rather than whatever colour the hidden pixels hold.
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
-    if image.mode == "I;16" or image.mode == "I":
+    if is_16_bit(image):
         image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8))
     return image.convert("RGB")
 
 
-def check_images(examples: list[Example], min_size: int) -> None:
-    for example in examples:
-        image = open_rgb(example)
-        if min(image.size) < min_size:
-            raise FinetuneError(
-                f"image {example.source} is {image.size[0]}x{image.size[1]}, smaller than {min_size} px on its short side: "
-                "remove it, or lower data.min_image_size"
-            )
+def open_rgb(example: Example) -> Image.Image:
+    """Decode fully (so truncation shows), apply EXIF rotation, and convert any mode to RGB."""
+    return upright_rgb(decode(example))
 
 
-def resize_and_crop(image: Image.Image, resolution: int, crop: str, rng: np.random.Generator) -> Image.Image:
-    scale = resolution / min(image.size)
-    new_size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+def upright_size(example: Example) -> Size:
+    """(width, height) as trained, after EXIF rotation; from the check, else from the file's header."""
+    if example.size is not None:
+        return example.size
+    image = decode(example)
+    rotated = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # orientations that swap width and height
+    return (image.height, image.width) if rotated else image.size
+
+
+def cover_and_crop(image: Image.Image, target: Size, crop: str, rng: np.random.Generator) -> tuple[Image.Image, tuple[int, int]]:
+    """Resize to cover `target` (width, height) keeping the aspect ratio, then crop it: (view, (top, left))."""
+    width, height = target
+    scale = max(width / image.width, height / image.height)
+    new_size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
     image = image.resize(new_size, Image.Resampling.LANCZOS)
-    extra_x, extra_y = image.width - resolution, image.height - resolution
+    extra_x, extra_y = image.width - width, image.height - height
     if crop == "random":
         left, top = int(rng.integers(0, extra_x + 1)), int(rng.integers(0, extra_y + 1))
     else:
         left, top = extra_x // 2, extra_y // 2
-    return image.crop((left, top, left + resolution, top + resolution))
+    return image.crop((left, top, left + width, top + height)), (top, left)
+
+
+def resize_and_crop(image: Image.Image, resolution: int, crop: str, rng: np.random.Generator) -> Image.Image:
+    return cover_and_crop(image, (resolution, resolution), crop, rng)[0]
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -181,21 +225,40 @@ def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
 
 
-def prepare_image(example: Example, config: DataConfig, rng: np.random.Generator) -> torch.Tensor:
-    """Decode, resize, crop and maybe flip (as `config` says, drawing from `rng`); CHW in [-1, 1]."""
-    image = resize_and_crop(open_rgb(example), config.resolution, config.crop, rng)
+@dataclass(frozen=True)
+class View:
+    """An image as trained: CHW pixels in [-1, 1], plus what SDXL-style size conditioning needs."""
+
+    pixel_values: torch.Tensor
+    original_size: tuple[int, int]  # (height, width) of the upright image before resizing
+    crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized image
+
+
+def prepare_view(example: Example, config: DataConfig, rng: np.random.Generator, target: Size | None = None) -> View:
+    """Decode, resize to cover `target` (default the resolution square), crop and maybe flip, drawing from `rng`."""
+    image = open_rgb(example)
+    view, crop_top_left = cover_and_crop(image, target or (config.resolution, config.resolution), config.crop, rng)
     if config.random_flip and rng.random() < 0.5:
-        image = ImageOps.mirror(image)
-    return to_tensor(image)
+        view = ImageOps.mirror(view)
+    return View(to_tensor(view), (image.height, image.width), crop_top_left)
+
+
+def prepare_image(example: Example, config: DataConfig, rng: np.random.Generator, target: Size | None = None) -> torch.Tensor:
+    """Decode, resize, crop and maybe flip (as `config` says, drawing from `rng`); CHW in [-1, 1]."""
+    return prepare_view(example, config, rng, target).pixel_values
 
 
 class CaptionedImageDataset(torch.utils.data.Dataset):
-    """Items are looked up by (index, epoch) so augmentation is reproducible; see `EpochBatchSampler`."""
+    """Items are looked up by (index, epoch) so augmentation is reproducible; see `EpochBatchSampler`.
+
+    With bucketing, `bucket_of[i]` is item i's (width, height) and `make_batch_sampler` batches by it.
+    """
 
     def __init__(self, examples: list[Example], config: DataConfig, seed: int):
         self.examples = examples
         self.config = config
         self.seed = seed
+        self.bucket_of = assign_buckets([upright_size(e) for e in examples], config) if config.bucketing.enabled else None
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -204,11 +267,17 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         index, epoch = key
         example = self.examples[index]
         rng = item_rng(self.seed, epoch, index)
-        pixel_values = prepare_image(example, self.config, rng)
-        caption = example.caption
+        view = prepare_view(example, self.config, rng, self.bucket_of[index] if self.bucket_of else None)
+        caption = training_caption(example.caption, self.config.shuffle_tags, self.config.keep_tokens, self.seed, epoch, index)
         if self.config.caption_dropout > 0 and rng.random() < self.config.caption_dropout:
             caption = ""
-        return {"pixel_values": pixel_values, "caption": caption, "index": index}
+        return {
+            "pixel_values": view.pixel_values,
+            "caption": caption,
+            "index": index,
+            "original_size": view.original_size,
+            "crop_top_left": view.crop_top_left,
+        }
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -216,6 +285,8 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         "pixel_values": torch.stack([item["pixel_values"] for item in items]),
         "captions": [item["caption"] for item in items],
         "indices": torch.tensor([item["index"] for item in items]),
+        "original_size": torch.tensor([item["original_size"] for item in items]),  # (B, 2): height, width
+        "crop_top_left": torch.tensor([item["crop_top_left"] for item in items]),  # (B, 2): top, left
     }
 
 
@@ -254,6 +325,10 @@ class EpochBatchSampler:
         first = position * self.global_batch
         return self.permutation(epoch)[first : first + self.global_batch]
 
+    def rows_of(self, micro_batch: int) -> tuple[int, slice]:
+        """(size of global batch `micro_batch`, this process's rows of it): always full here."""
+        return self.global_batch, slice(self.process_index * self.batch_size, (self.process_index + 1) * self.batch_size)
+
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         micro_batch = self.start
         while True:
@@ -262,3 +337,11 @@ class EpochBatchSampler:
             mine = indices[self.process_index * self.batch_size : (self.process_index + 1) * self.batch_size]
             yield [(index, epoch) for index in mine]
             micro_batch += 1
+
+
+def make_batch_sampler(dataset, batch_size: int, num_processes: int, process_index: int, seed: int, start: int = 0):
+    """Batches of one bucket each for a dataset with `bucket_of` (bucketing on), else square batches."""
+    bucket_of = getattr(dataset, "bucket_of", None)
+    if bucket_of is None:
+        return EpochBatchSampler(len(dataset), batch_size, num_processes, process_index, seed, start=start)
+    return BucketBatchSampler(bucket_of, batch_size, num_processes, process_index, seed, start=start)

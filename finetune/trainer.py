@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from finetune import checkpoint as ckpt
 from finetune.config import Recipe, dump_recipe
-from finetune.data import EpochBatchSampler
+from finetune.data import make_batch_sampler
 from finetune.diffusion import BatchRandomness
 from finetune.errors import FinetuneError
 from finetune.methods import METHODS
@@ -99,6 +99,10 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     )
     configure_deepspeed(accelerator, recipe)
     accelerator.print(f"training on {accelerator.num_processes} process(es), {accelerator.distributed_type.value}, device {accelerator.device}")
+    # The data check's summary (counts, buckets, skipped images, warnings): nothing is left out unseen.
+    for report in method.data_reports:
+        for line in report.lines(limit=10):
+            accelerator.print(line)
     set_seed(recipe.seed)  # the same adapter initialisation on every process
     if torch.cuda.is_available() and train_cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -130,8 +134,8 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
 
     accumulation = train_cfg.gradient_accumulation_steps
     dataset, collate_fn = method.training_data(accelerator)
-    sampler = EpochBatchSampler(
-        len(dataset), train_cfg.batch_size, accelerator.num_processes, accelerator.process_index, recipe.seed, start=step * accumulation
+    sampler = make_batch_sampler(
+        dataset, train_cfg.batch_size, accelerator.num_processes, accelerator.process_index, recipe.seed, start=step * accumulation
     )
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -154,7 +158,6 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     if step == 0 and recipe.validation.at_start:
         validate(0)
 
-    rows = slice(accelerator.process_index * train_cfg.batch_size, (accelerator.process_index + 1) * train_cfg.batch_size)
     progress = tqdm(total=train_cfg.max_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process)
     batches = iter(loader)
     running_loss = torch.zeros((), device=accelerator.device)
@@ -165,7 +168,9 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
                 micro_batch = step * accumulation + micro
                 batch = next(batches)
                 batch["pixel_values"] = batch["pixel_values"].to(accelerator.device)
-                randomness = BatchRandomness(recipe.seed, micro_batch, sampler.global_batch, rows)
+                # Bucketed global batches vary in size (a bucket's last batch may be smaller).
+                global_size, rows = sampler.rows_of(micro_batch)
+                randomness = BatchRandomness(recipe.seed, micro_batch, global_size, rows)
                 with accelerator.accumulate(*modules.values()):
                     with accelerator.autocast():
                         losses = method.loss(modules, batch, randomness)

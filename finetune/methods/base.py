@@ -19,7 +19,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from finetune.config import Recipe
-from finetune.data import CaptionedImageDataset, collate, load_examples
+from finetune.check_data import DataReport, checked_examples
+from finetune.data import CaptionedImageDataset, collate
 from finetune.diffusion import POSTERIOR_STREAM, BatchRandomness, add_noise, draw_noise, per_sample_loss
 from finetune.cache import EncodingCache, content_key, model_fingerprint
 from finetune.encoders import encode_prompts, latents_from_moments, posterior_moments, text_hidden_states
@@ -34,10 +35,12 @@ class TrainingMethod(ABC):
         self.recipe = recipe
         self.base: BaseModel | None = None
         self.weight_dtype = torch.float32
+        self.data_reports: list[DataReport] = []  # printed at the start of training
 
     def check_data(self) -> None:
         """Read and check the training data; runs before any model is loaded, so errors come fast."""
-        self.examples = load_examples(self.recipe.data)
+        self.examples, report = checked_examples(self.recipe.data)
+        self.data_reports = [report]
 
     def setup(self, base: BaseModel, weight_dtype: torch.dtype = torch.float32) -> None:
         self.base, self.weight_dtype = base, weight_dtype

@@ -34,6 +34,7 @@ from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from finetune.captions import training_caption
 from finetune.config import DataConfig, Recipe
 from finetune.data import Example, item_rng, load_examples, open_dataset, open_rgb, to_tensor
 from finetune.diffusion import BatchRandomness
@@ -174,7 +175,7 @@ class ControlNetDataset(Dataset):
         pair = self.pairs[index]
         rng = item_rng(self.seed, epoch, index)
         image, conditioning = paired_views(open_rgb(pair.image), open_rgb(pair.conditioning), self.config, rng)
-        caption = pair.image.caption
+        caption = training_caption(pair.image.caption, self.config.shuffle_tags, self.config.keep_tokens, self.seed, epoch, index)
         if self.empty_prompt_share > 0 and rng.random() < self.empty_prompt_share:
             caption = ""
         return {"pixel_values": to_tensor(image), "conditioning_pixel_values": conditioning_tensor(conditioning), "caption": caption, "index": index}
@@ -202,6 +203,10 @@ class ControlNetMethod(DiffusionMethod):
         self.controlnet: ControlNetModel | None = None
 
     def check_data(self) -> None:
+        data = self.recipe.data
+        # Pairs share one crop of one size, read from one folder's metadata.jsonl.
+        if data.bucketing.enabled or data.folders:
+            raise FinetuneError("method controlnet does not support data.bucketing or data.folders yet: remove them from the recipe")
         self.pairs = load_pairs(self.recipe)
         for path in self.settings.validation_conditions:
             if not Path(path).is_file():

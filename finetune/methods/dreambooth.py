@@ -18,7 +18,10 @@ from torch.utils.data import Dataset
 
 from finetune.class_images import generate_class_images, generation_key, plan_class_images
 from finetune.config import Concept, Recipe
-from finetune.data import Example, check_images, item_rng, load_examples, prepare_image
+from finetune.buckets import assign_buckets
+from finetune.captions import training_caption
+from finetune.check_data import check_examples, checked_examples, data_configs
+from finetune.data import Example, item_rng, prepare_image, upright_size
 from finetune.errors import FinetuneError
 from finetune.methods.base import DiffusionMethod
 from finetune.methods.full import FullMethod
@@ -31,7 +34,8 @@ from PIL import Image
 class DreamBoothDataset(Dataset):
     """Item i: instance image i with its prompt, paired with a class image of the same concept.
 
-    The class image cycles with the epoch, so over the run every class image is used.
+    The class image cycles with the epoch, so over the run every class image is used. With bucketing
+    the class image is cropped to its instance's bucket, so both stack into one batch.
     """
 
     def __init__(self, instances: list[tuple[int, Example]], class_examples: list[list[Example]], recipe: Recipe):
@@ -39,6 +43,8 @@ class DreamBoothDataset(Dataset):
         self.class_examples = class_examples
         self.config = recipe.data
         self.seed = recipe.seed
+        sizes = [upright_size(example) for _, example in instances] if self.config.bucketing.enabled else []
+        self.bucket_of = assign_buckets(sizes, self.config)
 
     def __len__(self) -> int:
         return len(self.instances)
@@ -47,11 +53,13 @@ class DreamBoothDataset(Dataset):
         index, epoch = key
         concept, example = self.instances[index]
         rng = item_rng(self.seed, epoch, index)
-        item = {"pixel_values": prepare_image(example, self.config, rng), "caption": example.caption, "index": index}
+        target = self.bucket_of[index] if self.bucket_of else None
+        caption = training_caption(example.caption, self.config.shuffle_tags, self.config.keep_tokens, self.seed, epoch, index)
+        item = {"pixel_values": prepare_image(example, self.config, rng, target), "caption": caption, "index": index}
         if self.class_examples:
             pool = self.class_examples[concept]
             class_example = pool[(index + epoch * len(self.instances)) % len(pool)]
-            item["class_pixel_values"] = prepare_image(class_example, self.config, rng)
+            item["class_pixel_values"] = prepare_image(class_example, self.config, rng, target)
             item["class_caption"] = class_example.caption
         return item
 
@@ -84,10 +92,10 @@ class DreamBoothMethod(DiffusionMethod):
 
     def check_data(self) -> None:
         self.instances: list[tuple[int, Example]] = []
-        for i, concept in enumerate(self.recipe.dreambooth.concepts):
-            caption = None if concept.use_captions else concept.instance_prompt
-            config = self.recipe.data.model_copy(update={"image_dir": concept.instance_dir, "caption": caption})
-            self.instances += [(i, example) for example in load_examples(config)]
+        for i, config in enumerate(data_configs(self.recipe)):
+            examples, report = checked_examples(config)
+            self.instances += [(i, example) for example in examples]
+            self.data_reports.append(report)
         settings = self.recipe.dreambooth
         if settings.prior_preservation and settings.num_class_images < 1:
             raise FinetuneError("dreambooth.num_class_images must be at least 1 with prior preservation")
@@ -121,9 +129,11 @@ class DreamBoothMethod(DiffusionMethod):
         accelerator.wait_for_everyone()
         examples = [Example(str(p), concept.class_prompt, lambda p=p: Image.open(p)) for p in paths]
         # Class images a user brought may have any size: they are resized and cropped like instance
-        # images; only unreadable or too-small ones stop the run.
-        check_images(examples, self.recipe.data.min_image_size or self.recipe.data.resolution // 2)
-        return examples
+        # images; only unreadable or too-small ones stop the run (or are skipped with data.skip_bad_images).
+        report = check_examples(examples, self.recipe.data, f"class images {folder}")
+        for finding in report.skipped:
+            accelerator.print(f"skipped: {finding.message}")
+        return report.usable
 
     # -- model: everything but the loss split is the adapter's ------------------------------------
 

@@ -40,6 +40,44 @@ class AutoencoderForTraining(torch.nn.Module):
         return self.vae.decode(latents).sample, posterior
 
 
+def salience(pixels: torch.Tensor) -> torch.Tensor:
+    """Per-pixel distance ``(B, 1, H, W)`` from each image's median colour, scaled to [0, 1]."""
+    median = pixels.flatten(2).median(dim=2).values[..., None, None]
+    return (pixels - median).norm(dim=1, keepdim=True) / (2 * pixels.shape[1] ** 0.5)
+
+
+def reconstruction_losses(reconstruction, pixels, salience_weight: float = 0.0):
+    """(L1, L2) per pixel, averaged with weights ``1 + salience_weight * salience(pixels)``."""
+    weights = 1.0 + salience_weight * salience(pixels)
+    weights = weights / weights.mean(dim=(2, 3), keepdim=True)
+    error = reconstruction - pixels
+    return (weights * error.abs()).mean(), (weights * error.square()).mean()
+
+
+def feature_maps(network: torch.nn.Module, pixels: torch.Tensor) -> list[torch.Tensor]:
+    """The perceptual network's activation maps after each block (every SiLU of ``network.body``)."""
+    maps, h = [], pixels
+    for layer in network.body:
+        h = layer(h)
+        if isinstance(layer, torch.nn.SiLU):
+            maps.append(h)
+    return maps
+
+
+def perceptual_distance(network: torch.nn.Module, reconstruction: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """LPIPS without the learned weights: per-location distance of channel-normalised feature maps.
+
+    Spatial maps, not the network's pooled feature vector: a pooled vector is matched just as well by
+    a texture with the right statistics, and the decoder learns to paint such textures.
+    """
+    total = reconstruction.new_zeros(())
+    for a, b in zip(feature_maps(network, reconstruction), feature_maps(network, pixels)):
+        a = a / (a.norm(dim=1, keepdim=True) + 1e-6)
+        b = b / (b.norm(dim=1, keepdim=True) + 1e-6)
+        total = total + (a - b).square().sum(dim=1).mean()
+    return total
+
+
 class VAEMethod(TrainingMethod):
     name = "vae"
 
@@ -70,15 +108,14 @@ class VAEMethod(TrainingMethod):
         noise = randomness.normal(latent_shape, stream=0).to(pixels.device)
         reconstruction, posterior = modules["autoencoder"](pixels, noise)
         settings = self.recipe.vae
-        l1 = F.l1_loss(reconstruction.float(), pixels.float())
-        l2 = F.mse_loss(reconstruction.float(), pixels.float())
+        l1, l2 = reconstruction_losses(reconstruction.float(), pixels.float(), settings.salience_weight)
         kl = posterior.kl().mean() / pixels[0].numel()
         std = posterior.mean.detach().float().std()
         self.latent_std = std if self.latent_std is None else 0.99 * self.latent_std + 0.01 * std
         loss = settings.l1_weight * l1 + settings.l2_weight * l2 + settings.kl_weight * kl
         terms = {}
         if self.perceptual is not None:
-            perceptual = F.mse_loss(self.perceptual.features(reconstruction.float()), self.perceptual.features(pixels.float()))
+            perceptual = perceptual_distance(self.perceptual, reconstruction.float(), pixels.float())
             loss = loss + settings.perceptual_weight * perceptual
             terms["perceptual"] = perceptual.detach()
         return {"loss": loss, "l1": l1.detach(), "l2": l2.detach(), "kl": kl.detach(), "latent_std": std, **terms}

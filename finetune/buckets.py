@@ -1,0 +1,128 @@
+"""Aspect-ratio bucketing: train each image near its own shape instead of a centre square.
+
+Buckets are (width, height) pairs whose sides are multiples of `data.bucketing.step`, between
+`min_side` and `max_side`, with at most resolution^2 pixels (the memory a square batch takes): for
+512 and step 64, 512x512, 448x576, 384x640, 320x768 ... and their transposes. Each image goes to the
+bucket closest to its aspect ratio, is resized to cover it and cropped (centre or random, as
+`data.crop` says), so little of the image is lost and nothing is stretched.
+
+Batches hold one bucket at a time (a batch is one tensor). Each epoch every image is used exactly
+once: a bucket's images are dealt into global batches, the last one of a bucket may be smaller, and
+the batches of all buckets are shuffled together. With several processes a global batch is split
+as evenly as possible; a bucket's last batch with fewer images than processes borrows images of the
+same bucket so every process has one (the only case where an image is used twice in an epoch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Iterator
+
+import torch
+
+from finetune.config import DataConfig
+from finetune.errors import FinetuneError
+
+Size = tuple[int, int]  # (width, height), PIL's order
+
+
+def side_limits(config: DataConfig) -> tuple[int, int]:
+    settings, step = config.bucketing, config.bucketing.step
+    min_side = settings.min_side if settings.min_side is not None else max(step, config.resolution // 2 // step * step)
+    max_side = settings.max_side if settings.max_side is not None else config.resolution * 2
+    return min_side, max_side
+
+
+def make_buckets(config: DataConfig) -> list[Size]:
+    """Every bucket for the config, sorted from the widest to the tallest (the scheme of kohya's sd-scripts)."""
+    step, area = config.bucketing.step, config.resolution * config.resolution
+    min_side, max_side = side_limits(config)
+    buckets = {(config.resolution, config.resolution)}
+    for width in range(min_side, max_side + 1, step):
+        height = min(max_side, area // width // step * step)
+        if height >= min_side:
+            buckets.update({(width, height), (height, width)})
+    return sorted(buckets, key=lambda size: (-size[0] / size[1], size))
+
+
+def nearest_bucket(size: Size, buckets: list[Size]) -> Size:
+    """The bucket whose aspect ratio is closest to the image's (in log scale: 2:1 and 1:2 are as far from 1:1)."""
+    aspect = math.log(size[0] / size[1])
+    return min(buckets, key=lambda bucket: (abs(math.log(bucket[0] / bucket[1]) - aspect), -bucket[0] * bucket[1]))
+
+
+def assign_buckets(sizes: list[Size], config: DataConfig) -> list[Size] | None:
+    """Each image's bucket, or None when bucketing is off (every image is a resolution square)."""
+    if not config.bucketing.enabled:
+        return None
+    buckets = make_buckets(config)
+    return [nearest_bucket(size, buckets) for size in sizes]
+
+
+def bucket_counts_line(bucket_of: list[Size], noun: str = "images") -> str:
+    counts = Counter(bucket_of)
+    order = sorted(counts, key=lambda size: (-size[0] / size[1], size))
+    return f"buckets (width x height: {noun}): " + ", ".join(f"{w}x{h}: {counts[(w, h)]}" for w, h in order)
+
+
+def split_rows(count: int, num_processes: int, process_index: int) -> slice:
+    """Process r's rows of a global batch of `count`: contiguous, sizes differing by at most one."""
+    base, extra = divmod(count, num_processes)
+    start = process_index * base + min(process_index, extra)
+    return slice(start, start + base + (1 if process_index < extra else 0))
+
+
+class BucketBatchSampler:
+    """Like `EpochBatchSampler` (deterministic global batches, resumable at any micro-batch, the same
+    data on one process or many) with every batch drawn from one bucket; see the module docstring."""
+
+    def __init__(self, bucket_of: list[Size], batch_size: int, num_processes: int, process_index: int, seed: int, start: int = 0):
+        if len(bucket_of) < num_processes:
+            raise FinetuneError(f"the dataset has {len(bucket_of)} images, fewer than the {num_processes} processes: add images")
+        self.bucket_of = bucket_of
+        self.global_batch = batch_size * num_processes
+        self.num_processes = num_processes
+        self.process_index = process_index
+        self.seed = seed
+        self.start = start
+        self.batches_per_epoch = sum(math.ceil(count / self.global_batch) for count in Counter(bucket_of).values())
+        self._cached: tuple[int, list[list[int]]] = (-1, [])
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The global batches of `epoch`, in training order."""
+        if self._cached[0] == epoch:
+            return self._cached[1]
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        members: dict[Size, list[int]] = {}
+        for index in torch.randperm(len(self.bucket_of), generator=generator).tolist():
+            members.setdefault(self.bucket_of[index], []).append(index)
+        batches = []
+        for bucket in sorted(members):
+            items = members[bucket]
+            for first in range(0, len(items), self.global_batch):
+                batch = items[first : first + self.global_batch]
+                batch += [items[i % len(items)] for i in range(self.num_processes - len(batch))]
+                batches.append(batch)
+        order = torch.randperm(len(batches), generator=generator).tolist()
+        self._cached = (epoch, [batches[i] for i in order])
+        return self._cached[1]
+
+    def global_batch_indices(self, micro_batch: int) -> list[int]:
+        epoch, position = divmod(micro_batch, self.batches_per_epoch)
+        return self.epoch_batches(epoch)[position]
+
+    def rows_of(self, micro_batch: int) -> tuple[int, slice]:
+        """(size of global batch `micro_batch`, this process's rows of it)."""
+        count = len(self.global_batch_indices(micro_batch))
+        return count, split_rows(count, self.num_processes, self.process_index)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        micro_batch = self.start
+        while True:
+            epoch = micro_batch // self.batches_per_epoch
+            indices = self.global_batch_indices(micro_batch)
+            mine = indices[split_rows(len(indices), self.num_processes, self.process_index)]
+            yield [(index, epoch) for index in mine]
+            micro_batch += 1
+

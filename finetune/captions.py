@@ -1,0 +1,100 @@
+"""Captions: where they are read from, per-folder templates, and tag shuffling.
+
+A folder's captions come from (first match wins) `data.caption`, the folder's metadata.jsonl or
+metadata.csv (columns file_name and text, as Hugging Face's imagefolder reads them), or a .txt file
+beside the image. A folder's `template` then wraps the caption. Tag shuffling happens per item at
+training time, drawn from its own generator seeded by (seed, epoch, index), so enabling it never
+changes the crops and flips an image gets.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from finetune.errors import FinetuneError
+
+CAPTION_PLACEHOLDER = "{caption}"
+# Stream number of the tag-shuffle generator, beside item_rng's (seed, epoch, index) stream.
+TAG_STREAM = 1
+
+
+def read_metadata_captions(path: Path, require_text: bool = True) -> dict[str, str]:
+    """{file name: caption} from a metadata.jsonl; rows without "text" are an error unless not required."""
+    if not path.is_file():
+        return {}
+    captions = {}
+    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if require_text or "text" in row:
+                captions[Path(row["file_name"]).name] = str(row["text"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise FinetuneError(f"{path} line {line_number}: expected a JSON object with 'file_name' and 'text'") from None
+    return captions
+
+
+def read_csv_captions(path: Path) -> dict[str, str]:
+    """{file name: caption} from a metadata.csv with a header row naming file_name and text columns."""
+    if not path.is_file():
+        return {}
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        if "file_name" not in columns or "text" not in columns:
+            raise FinetuneError(f"{path} must have a header row with 'file_name' and 'text' columns (has: {', '.join(columns) or 'none'})")
+        captions = {}
+        for row in reader:
+            if row["file_name"]:
+                captions[Path(row["file_name"]).name] = (row["text"] or "").strip()
+    return captions
+
+
+def folder_captions(folder: Path) -> dict[str, str]:
+    """The captions a folder's metadata file gives, {} without one; both kinds at once is ambiguous."""
+    jsonl, table = folder / "metadata.jsonl", folder / "metadata.csv"
+    if jsonl.is_file() and table.is_file():
+        raise FinetuneError(f"data folder {folder} has both metadata.jsonl and metadata.csv: keep one of them")
+    return read_metadata_captions(jsonl) if jsonl.is_file() else read_csv_captions(table)
+
+
+def sidecar_caption(image_path: Path) -> str | None:
+    sidecar = image_path.with_suffix(".txt")
+    return sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else None
+
+
+def missing_caption_message(image_path: Path) -> str:
+    return (
+        f"image {image_path} has no caption: add {image_path.with_suffix('.txt').name}, a metadata.jsonl or metadata.csv entry, "
+        "or set data.caption to one prompt for all images"
+    )
+
+
+def template_needs_caption(template: str | None) -> bool:
+    return template is None or CAPTION_PLACEHOLDER in template
+
+
+def apply_template(template: str | None, caption: str) -> str:
+    # str.replace rather than str.format: captions and templates may hold other braces.
+    return caption if template is None else template.replace(CAPTION_PLACEHOLDER, caption)
+
+
+def shuffle_tags(caption: str, keep_tokens: int, rng: np.random.Generator) -> str:
+    """Shuffle the comma-separated tags of `caption` after the first `keep_tokens`, which stay in place."""
+    tags = [tag.strip() for tag in caption.split(",")]
+    tags = [tag for tag in tags if tag]
+    kept, rest = tags[:keep_tokens], tags[keep_tokens:]
+    order = rng.permutation(len(rest))
+    return ", ".join(kept + [rest[i] for i in order])
+
+
+def training_caption(caption: str, shuffle: bool, keep_tokens: int, seed: int, epoch: int, index: int) -> str:
+    """The caption item `index` trains with in `epoch`: tags shuffled if asked, the same on every process."""
+    if not shuffle or "," not in caption:
+        return caption
+    return shuffle_tags(caption, keep_tokens, np.random.default_rng([seed, epoch, index, TAG_STREAM]))

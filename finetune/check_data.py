@@ -1,0 +1,233 @@
+"""Check a dataset the way training reads it, before any model is loaded: `finetune check-data`.
+
+Every image is decoded once. Findings come in three levels:
+
+- fatal: training would stop (unreadable or truncated file, image too small, no caption). Training
+  stops on the first one with a one-line error naming the file, unless `data.skip_bad_images` is
+  set: then such images are left out and listed.
+- warning: training runs, but the data may not be what you meant (upscaled images, duplicates).
+- converted: handled on the fly (EXIF rotation, CMYK, 16-bit, transparency, palette): said so that
+  nothing happens unseen.
+
+Training runs the same check (`checked_examples`) and prints the same summary at its start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from finetune.buckets import Size, assign_buckets, bucket_counts_line
+from finetune.captions import missing_caption_message
+from finetune.config import DataConfig, Recipe, describe_validation_error, load_recipe
+from finetune.data import Example, decode, expand_repeats, has_alpha, is_16_bit, read_examples, upright_rgb
+from finetune.errors import FinetuneError
+
+FATAL, WARNING, CONVERTED = "fatal", "warning", "converted"
+SKIP_HINT = "or set data.skip_bad_images: true to skip bad images"
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # FATAL, WARNING or CONVERTED
+    source: str  # the image it is about
+    message: str  # one line naming the image, what is wrong, and what to do (or what is done)
+
+
+@dataclass
+class DataReport:
+    label: str  # what was checked, e.g. "data folder my_photos"
+    config: DataConfig
+    found: int = 0
+    usable: list[Example] = field(default_factory=list)  # each once, with its size; repeats not expanded
+    findings: list[Finding] = field(default_factory=list)
+    skipped: list[Finding] = field(default_factory=list)  # fatal findings left out by data.skip_bad_images
+
+    def of_level(self, level: str) -> list[Finding]:
+        return [finding for finding in self.findings if finding.level == level]
+
+    @property
+    def bucket_of(self) -> list[Size] | None:
+        return assign_buckets([example.size for example in self.usable], self.config)
+
+    def lines(self, limit: int | None = None) -> list[str]:
+        """The summary: counts, sizes, buckets, then every finding (at most `limit` of each level)."""
+        config, uses = self.config, sum(example.repeats for example in self.usable)
+        skipped = self.found - len(self.usable) if self.skipped else 0  # images, not findings (one may have two)
+        lines = [f"{self.label}: {self.found} images, {len(self.usable)} used, {skipped} skipped; {uses} uses per epoch"]
+        sizes = [example.size for example in self.usable]
+        if sizes:
+            shapes = Counter("landscape" if w > h else "portrait" if h > w else "square" for w, h in sizes)
+            short = sorted(min(size) for size in sizes)
+            lines.append(f"sizes: short side {short[0]}-{short[-1]} px; " + ", ".join(f"{n} {shape}" for shape, n in sorted(shapes.items())))
+            if config.bucketing.enabled:
+                lines.append(bucket_counts_line(self.bucket_of))
+            else:
+                lines.append(f"training size: {config.resolution}x{config.resolution}, {config.crop} crops (data.bucketing keeps aspect ratios)")
+        for level, entries in ((FATAL, self.of_level(FATAL)), ("skipped", self.skipped), (WARNING, self.of_level(WARNING)), (CONVERTED, self.of_level(CONVERTED))):
+            shown = entries if limit is None else entries[:limit]
+            lines += [f"{level}: {finding.message}" for finding in shown]
+            if len(entries) > len(shown):
+                lines.append(f"{level}: ... and {len(entries) - len(shown)} more (finetune check-data lists them all)")
+        return lines
+
+
+# ---------------------------------------------------------------------------------------------------
+# One image
+
+
+def conversions(image) -> list[str]:
+    """What `upright_rgb` will do to this decoded image, in words."""
+    done = []
+    orientation = image.getexif().get(0x0112, 1)
+    if orientation not in (None, 1):
+        done.append(f"EXIF orientation {orientation}: rotated upright")
+    if image.mode == "CMYK":
+        done.append("CMYK: converted to RGB")
+    elif is_16_bit(image):
+        done.append(f"16-bit ({image.mode}): scaled to 8-bit RGB")
+    elif has_alpha(image):
+        done.append(f"transparency ({image.mode}): composited on white")
+    elif image.mode == "P":
+        done.append("palette image: converted to RGB")
+    elif image.mode != "RGB":
+        done.append(f"mode {image.mode}: converted to RGB")
+    return done
+
+
+def inspect(example: Example, config: DataConfig) -> tuple[Example | None, list[Finding], str | None]:
+    """(the example with its size, or None if unusable; findings; a hash of its decoded pixels)."""
+    source, findings = example.source, []
+    if example.caption is None:
+        findings.append(Finding(FATAL, source, missing_caption_message(Path(source))))
+    try:
+        raw = decode(example)
+        image = upright_rgb(raw)
+    except FinetuneError as err:
+        return None, findings + [Finding(FATAL, source, str(err))], None
+    except Exception as err:  # a file that decodes but cannot be converted
+        message = f"image {source} cannot be converted to RGB ({err.__class__.__name__}: {err}): re-save it as PNG or JPEG"
+        return None, findings + [Finding(FATAL, source, message)], None
+    findings += [Finding(CONVERTED, source, f"image {source}: {what}") for what in conversions(raw)]
+    width, height = image.size
+    min_size = config.min_image_size or config.resolution // 2
+    if min(width, height) < min_size:
+        message = f"image {source} is {width}x{height}, smaller than {min_size} px on its short side: remove it, or lower data.min_image_size"
+        findings.append(Finding(FATAL, source, message))
+    digest = hashlib.blake2b(f"{width}x{height}".encode() + image.tobytes(), digest_size=16).hexdigest()
+    usable = None if any(f.level == FATAL for f in findings) else replace(example, size=(width, height))
+    return usable, findings, digest
+
+
+# ---------------------------------------------------------------------------------------------------
+# A dataset
+
+
+def inspect_examples(examples: list[Example], config: DataConfig, label: str) -> DataReport:
+    """Check every example; never raises for a bad image (see `check_examples`)."""
+    report = DataReport(label=label, config=config, found=len(examples))
+    by_hash: dict[str, list[str]] = {}
+    for example in examples:
+        usable, findings, digest = inspect(example, config)
+        report.findings += findings
+        if usable is not None:
+            report.usable.append(usable)
+        if digest is not None:
+            by_hash.setdefault(digest, []).append(example.source)
+    targets = report.bucket_of or [(config.resolution, config.resolution)] * len(report.usable)
+    for example, (width, height) in zip(report.usable, targets):
+        scale = max(width / example.size[0], height / example.size[1])
+        if scale > 1.0:
+            message = (
+                f"image {example.source} is {example.size[0]}x{example.size[1]}, upscaled {scale:.2f}x to cover "
+                f"{width}x{height}: it may train soft"
+            )
+            report.findings.append(Finding(WARNING, example.source, message))
+    for sources in by_hash.values():
+        if len(sources) > 1:
+            others = ", ".join(sources[1:6]) + (f" and {len(sources) - 6} more" if len(sources) > 6 else "")
+            message = f"image {sources[0]} has the same pixels as {others}: each copy trains as its own image (remove copies, or use data.folders repeats)"
+            report.findings.append(Finding(WARNING, sources[0], message))
+    if config.skip_bad_images:
+        report.skipped = report.of_level(FATAL)
+        report.findings = [finding for finding in report.findings if finding.level != FATAL]
+    return report
+
+
+def check_examples(examples: list[Example], config: DataConfig, label: str = "data") -> DataReport:
+    """Inspect, then stop on the first fatal problem with a one-line error (unless bad images are skipped)."""
+    report = inspect_examples(examples, config, label)
+    fatal = report.of_level(FATAL)
+    if fatal:
+        more = f" ({len(fatal) - 1} more problems: finetune check-data lists them)" if len(fatal) > 1 else ""
+        raise FinetuneError(f"{fatal[0].message}, {SKIP_HINT}{more}")
+    if not report.usable:
+        raise FinetuneError(f"{label}: all {report.found} images were skipped as bad ({report.skipped[0].message}): fix them")
+    return report
+
+
+def data_label(config: DataConfig) -> str:
+    return f"data folder {config.image_dir}" if config.image_dir else f"dataset {config.dataset}"
+
+
+def checked_examples(config: DataConfig) -> tuple[list[Example], DataReport]:
+    """The training examples (repeats expanded) and the report training prints at its start."""
+    report = check_examples(read_examples(config), config, data_label(config))
+    return expand_repeats(report.usable), report
+
+
+def data_configs(recipe: Recipe) -> list[DataConfig]:
+    """What training reads: `data`, or for DreamBooth each concept's folder with its prompt."""
+    if recipe.method != "dreambooth":
+        return [recipe.data]
+    return [
+        recipe.data.model_copy(update={"image_dir": concept.instance_dir, "caption": None if concept.use_captions else concept.instance_prompt})
+        for concept in recipe.dreambooth.concepts
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command
+
+
+def configs_from_args(args) -> list[DataConfig]:
+    if args.recipe is None and args.overrides:
+        raise FinetuneError("check-data: key=value overrides need a recipe first, e.g. finetune check-data recipes/lora.yaml data.image_dir=x")
+    if args.recipe is None and args.image_dir is None:
+        raise FinetuneError("check-data needs a recipe or --image-dir: e.g. finetune check-data --image-dir my_photos")
+    configs = data_configs(load_recipe(args.recipe, args.overrides)) if args.recipe else [DataConfig()]
+    update = {}
+    if args.image_dir is not None:
+        update.update(image_dir=args.image_dir, dataset=None)
+    if args.resolution is not None:
+        update["resolution"] = args.resolution
+    if not update:
+        return configs
+    revised = []
+    for config in configs:
+        raw = {**config.model_dump(), **update}
+        try:
+            revised.append(DataConfig.model_validate(raw))
+        except ValidationError as err:
+            raise FinetuneError(f"check-data: {describe_validation_error(err, raw)}") from None
+    return revised
+
+
+def run_check_data_command(args) -> int:
+    """Print the report of each data source; exit status 1 when training would stop on it."""
+    fatal, warnings = 0, 0
+    for config in configs_from_args(args):
+        report = inspect_examples(read_examples(config), config, data_label(config))
+        for line in report.lines():
+            print(line)
+        fatal += len(report.of_level(FATAL)) or (0 if report.usable else 1)  # all skipped: nothing to train
+        warnings += len(report.of_level(WARNING))
+    if fatal:
+        print(f"result: training would stop: {fatal} fatal problem(s); fix them, {SKIP_HINT}")
+        return 1
+    print("result: ready to train" + (f" ({warnings} warnings)" if warnings else ""))
+    return 0

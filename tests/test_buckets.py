@@ -1,0 +1,246 @@
+"""Aspect-ratio bucketing: buckets, crops, one-bucket batches, every image once per epoch, and training."""
+
+import math
+from collections import Counter
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from finetune.buckets import BucketBatchSampler, make_buckets, nearest_bucket, split_rows
+from finetune.cache import content_key
+from finetune.config import DataConfig
+from finetune.data import CaptionedImageDataset, EpochBatchSampler, Example, collate, cover_and_crop, load_examples, make_batch_sampler
+from finetune.errors import FinetuneError
+from finetune.trainer import train
+
+SHAPES = {"wide0": (96, 48), "wide1": (100, 50), "tall0": (48, 96), "tall1": (50, 100), "square": (64, 64)}
+
+
+def noise_image(width, height, seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture
+def mixed_folder(tmp_path):
+    """Two landscape (2:1), two portrait (1:2) and one square image, with captions."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i, (name, (width, height)) in enumerate(SHAPES.items()):
+        noise_image(width, height, seed=i).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text("a red striped circle")
+    return folder
+
+
+def bucketed(folder, **extra) -> DataConfig:
+    return DataConfig(image_dir=str(folder), resolution=64, bucketing={"enabled": True, "step": 16}, **extra)
+
+
+def test_buckets_for_sd15_settings():
+    buckets = make_buckets(DataConfig(image_dir="x", resolution=512, bucketing={"enabled": True}))
+    assert {(512, 512), (448, 576), (576, 448), (384, 640), (640, 384), (256, 1024), (1024, 256)} <= set(buckets)
+    for width, height in buckets:
+        assert width % 64 == 0 and height % 64 == 0
+        assert width * height <= 512 * 512
+        assert 256 <= min(width, height) and max(width, height) <= 1024
+    assert buckets == sorted(buckets, key=lambda b: -b[0] / b[1])  # widest first
+    narrow = make_buckets(DataConfig(image_dir="x", resolution=512, bucketing={"enabled": True, "min_side": 384, "max_side": 640}))
+    assert all(384 <= side <= 640 for bucket in narrow for side in bucket)
+
+
+def test_each_image_goes_to_the_closest_aspect_ratio():
+    buckets = make_buckets(DataConfig(image_dir="x", resolution=512, bucketing={"enabled": True}))
+    for size in [(1000, 500), (500, 1000), (640, 480), (4000, 4000), (3000, 500)]:
+        chosen = nearest_bucket(size, buckets)
+        distance = lambda b: abs(math.log(b[0] / b[1]) - math.log(size[0] / size[1]))  # noqa: E731
+        assert distance(chosen) == min(distance(b) for b in buckets)
+    assert nearest_bucket((4000, 4000), buckets) == (512, 512)
+    assert nearest_bucket((1000, 500), buckets)[0] > nearest_bucket((1000, 500), buckets)[1]
+
+
+def test_cover_and_crop_keeps_aspect_and_records_the_crop():
+    image = noise_image(300, 100)
+    view, (top, left) = cover_and_crop(image, (128, 64), "center", np.random.default_rng(0))
+    assert view.size == (128, 64) and (top, left) == (0, 32)  # resized to 192x64, centre cut
+    expected = image.resize((192, 64), Image.Resampling.LANCZOS).crop((32, 0, 160, 64))
+    assert np.array_equal(np.asarray(view), np.asarray(expected))
+    offsets = {cover_and_crop(image, (128, 64), "random", np.random.default_rng(s))[1] for s in range(20)}
+    assert len(offsets) > 3 and all(top == 0 and 0 <= left <= 64 for top, left in offsets)
+
+
+def test_dataset_items_have_their_bucket_size_original_size_and_crop(mixed_folder):
+    config = bucketed(mixed_folder)
+    examples = load_examples(config)
+    dataset = CaptionedImageDataset(examples, config, seed=0)
+    names = [e.source.rsplit("/", 1)[-1][:-4] for e in examples]
+    expected = {"wide0": (80, 48), "wide1": (80, 48), "tall0": (48, 80), "tall1": (48, 80), "square": (64, 64)}
+    assert dict(zip(names, dataset.bucket_of)) == expected
+    for index, name in enumerate(names):
+        item = dataset[(index, 0)]
+        width, height = expected[name]
+        assert item["pixel_values"].shape == (3, height, width)
+        assert item["original_size"] == (SHAPES[name][1], SHAPES[name][0])  # (height, width)
+    # wide1 (100x50) is scaled to 96x48 to cover 80x48, then cut in the middle: 8 px from the left.
+    assert dataset[(names.index("wide1"), 0)]["crop_top_left"] == (0, 8)
+    batch = collate([dataset[(names.index(n), 0)] for n in ("wide0", "wide1")])
+    assert batch["pixel_values"].shape == (2, 3, 48, 80)
+    assert batch["original_size"].tolist() == [[48, 96], [50, 100]]
+
+
+def test_without_bucketing_everything_is_a_square_as_before(mixed_folder):
+    config = DataConfig(image_dir=str(mixed_folder), resolution=64)
+    dataset = CaptionedImageDataset(load_examples(config), config, seed=0)
+    assert dataset.bucket_of is None
+    assert all(dataset[(i, 0)]["pixel_values"].shape == (3, 64, 64) for i in range(len(dataset)))
+    sampler = make_batch_sampler(dataset, 2, 1, 0, seed=4)
+    assert isinstance(sampler, EpochBatchSampler)
+    assert list(islice(sampler, 7)) == list(islice(EpochBatchSampler(len(dataset), 2, 1, 0, seed=4), 7))
+    assert sampler.rows_of(3) == (2, slice(0, 2))
+
+
+def run_epochs(sampler, epochs):
+    stream = iter(sampler)
+    return [[next(stream) for _ in range(sampler.batches_per_epoch)] for _ in range(epochs)]
+
+
+def test_every_image_once_per_epoch_and_one_bucket_per_batch():
+    bucket_of = [(80, 48)] * 7 + [(64, 64)] * 3 + [(48, 80)] * 1
+    sampler = BucketBatchSampler(bucket_of, batch_size=3, num_processes=1, process_index=0, seed=2)
+    assert sampler.batches_per_epoch == 3 + 1 + 1  # ceil(7/3) + ceil(3/3) + ceil(1/3)
+    orders = []
+    for epoch, batches in enumerate(run_epochs(sampler, 3)):
+        seen = [index for batch in batches for index, batch_epoch in batch if batch_epoch == epoch]
+        assert sorted(seen) == list(range(11))  # exactly once each: no drop, no repeat
+        for batch in batches:
+            assert len({bucket_of[index] for index, _ in batch}) == 1
+        assert sorted(len(b) for b in batches) == [1, 1, 3, 3, 3]  # smaller last batch per bucket, never dropped
+        orders.append(seen)
+    assert orders[0] != orders[1]  # reshuffled per epoch
+    assert run_epochs(BucketBatchSampler(bucket_of, 3, 1, 0, seed=2), 3) == run_epochs(sampler, 3)  # deterministic
+
+
+def test_bucket_sampler_resumes_and_splits_across_processes():
+    bucket_of = [(80, 48)] * 5 + [(64, 64)] * 4 + [(48, 80)] * 1
+    full = iter(BucketBatchSampler(bucket_of, 2, 1, 0, seed=1))
+    batches = [next(full) for _ in range(13)]
+    resumed = iter(BucketBatchSampler(bucket_of, 2, 1, 0, seed=1, start=7))
+    assert [next(resumed) for _ in range(6)] == batches[7:]
+
+    one = BucketBatchSampler(bucket_of, 4, 1, 0, seed=3)
+    ranks = [BucketBatchSampler(bucket_of, 2, 2, r, seed=3) for r in range(2)]
+    streams = [iter(s) for s in (one, *ranks)]
+    for micro_batch in range(2 * one.batches_per_epoch):
+        whole, first, second = (next(s) for s in streams)
+        if len(whole) >= 2:
+            assert whole == first + second
+        else:  # a bucket's last, single image: the second process borrows one of the same bucket
+            assert first == whole and bucket_of[second[0][0]] == bucket_of[whole[0][0]]
+        assert first and second
+        size, rows = ranks[1].rows_of(micro_batch)
+        assert size == max(len(whole), 2) and rows == split_rows(size, 2, 1)
+
+
+def test_split_rows_is_contiguous_and_even():
+    assert [split_rows(5, 2, r) for r in range(2)] == [slice(0, 3), slice(3, 5)]
+    assert [split_rows(8, 2, r) for r in range(2)] == [slice(0, 4), slice(4, 8)]
+    with pytest.raises(FinetuneError, match="fewer than the 3 processes"):
+        BucketBatchSampler([(64, 64)] * 2, 1, 3, 0, seed=0)
+
+
+def test_bucket_settings_are_validated():
+    with pytest.raises(ValueError, match=r"data.resolution \(72\) must be a multiple of data.bucketing.step \(16\)"):
+        DataConfig(image_dir="x", resolution=72, bucketing={"enabled": True, "step": 16})
+    with pytest.raises(ValueError, match="must be a positive multiple of 8"):
+        DataConfig(image_dir="x", bucketing={"step": 12})
+    with pytest.raises(ValueError, match="max_side"):
+        DataConfig(image_dir="x", resolution=512, bucketing={"enabled": True, "max_side": 448})
+
+
+def test_cache_key_includes_the_crop_size():
+    flat = torch.zeros(3, 48, 80)
+    assert content_key(flat) != content_key(torch.zeros(3, 80, 48))  # same bytes, other bucket
+    assert content_key(flat) == content_key(flat.clone())
+
+
+def record_batches(monkeypatch):
+    """Wrap the LoRA loss to record each batch's indices and pixel shape."""
+    from finetune.methods.lora import LoRAMethod
+
+    seen, original = [], LoRAMethod.loss
+
+    def loss(self, modules, batch, randomness):
+        seen.append((batch["indices"].tolist(), tuple(batch["pixel_values"].shape[-2:])))
+        return original(self, modules, batch, randomness)
+
+    monkeypatch.setattr(LoRAMethod, "loss", loss)
+    return seen
+
+
+def test_mixed_aspect_ratios_train_with_buckets(make_recipe, mixed_folder, monkeypatch, capsys):
+    seen = record_batches(monkeypatch)
+    data = {"image_dir": str(mixed_folder), "resolution": 64, "bucketing": {"enabled": True, "step": 16}}
+    result = train(make_recipe(data=data, train__max_steps=6, train__batch_size=2))  # 2 epochs of 3 batches
+    assert len(result.losses) == 6 and all(np.isfinite(result.losses))
+    examples = load_examples(bucketed(mixed_folder))
+    bucket_of = CaptionedImageDataset(examples, bucketed(mixed_folder), seed=3).bucket_of
+    for epoch in range(2):
+        batches = seen[3 * epoch : 3 * epoch + 3]
+        assert sorted(i for indices, _ in batches for i in indices) == list(range(5))  # every image once
+        for indices, (height, width) in batches:
+            assert {bucket_of[i] for i in indices} == {(width, height)}  # trained at its bucket's size
+    assert {shape for _, shape in seen} == {(48, 80), (80, 48), (64, 64)}
+    out = capsys.readouterr().out
+    assert "buckets (width x height: images): 80x48: 2, 64x64: 1, 48x80: 2" in out
+    assert "5 images, 5 used, 0 skipped" in out
+
+
+def test_cached_latents_match_uncached_with_buckets(make_recipe, mixed_folder, tmp_path):
+    data = {"image_dir": str(mixed_folder), "resolution": 64, "bucketing": {"enabled": True, "step": 16}}
+    common = dict(data=data, train__max_steps=6, train__batch_size=2)  # two epochs: the second reads the cache
+    plain = train(make_recipe(output_dir=str(tmp_path / "plain"), **common))
+    cache_dir = tmp_path / "cache"
+    cached = train(make_recipe(output_dir=str(tmp_path / "cached"), train__cache_latents=True, train__cache_dir=str(cache_dir), **common))
+    assert torch.allclose(torch.tensor(plain.losses), torch.tensor(cached.losses), rtol=1e-5, atol=1e-6)
+    entries = list(cache_dir.glob("latents-*/*.safetensors"))
+    assert len(entries) == 5  # one per image at its own bucket size, reused in epoch 2
+
+
+def test_repeats_are_counted_per_bucket(tmp_path):
+    folder = tmp_path / "data"
+    (folder / "wide").mkdir(parents=True)
+    noise_image(96, 48).save(folder / "wide" / "a.png")
+    noise_image(64, 64, seed=1).save(folder / "b.png")
+    config = bucketed(folder, caption="x", folders=[{"path": "wide", "repeats": 3}, {"path": "."}])
+    dataset = CaptionedImageDataset(load_examples(config), config, seed=0)
+    assert Counter(dataset.bucket_of) == {(80, 48): 3, (64, 64): 1}
+    assert isinstance(make_batch_sampler(dataset, 2, 1, 0, seed=0), BucketBatchSampler)
+
+
+def test_dreambooth_class_images_take_their_instance_images_bucket(tmp_path):
+    from finetune.config import recipe_from_dict
+    from finetune.methods.dreambooth import DreamBoothDataset, dreambooth_collate
+
+    for i, (width, height) in enumerate([(96, 48), (48, 96)]):
+        noise_image(width, height, seed=i).save(tmp_path / f"{i}.png")
+    recipe = recipe_from_dict({
+        "method": "dreambooth",
+        "data": {"resolution": 64, "bucketing": {"enabled": True, "step": 16}},
+        "dreambooth": {"concepts": [{"instance_dir": str(tmp_path), "instance_prompt": "sks", "class_prompt": "a thing"}]},
+    })
+    config = recipe.data.model_copy(update={"image_dir": str(tmp_path), "caption": "sks"})
+    instances = [(0, example) for example in load_examples(config)]
+    square = Example("class.png", "a thing", lambda: noise_image(64, 64, seed=9))
+    dataset = DreamBoothDataset(instances, [[square]], recipe)
+    for index, expected in enumerate([(48, 80), (80, 48)]):
+        batch = dreambooth_collate([dataset[(index, 0)]])
+        assert batch["pixel_values"].shape == (2, 3, *expected)  # instance and class image stack
+
+
+def test_controlnet_says_it_does_not_bucket(make_recipe):
+    from finetune.methods.controlnet import ControlNetMethod
+
+    recipe = make_recipe(method="controlnet", data__bucketing={"enabled": True, "step": 16})
+    with pytest.raises(FinetuneError, match="method controlnet does not support data.bucketing or data.folders yet"):
+        ControlNetMethod(recipe).check_data()

@@ -1,0 +1,126 @@
+"""Captions: metadata.csv, folder templates and repeats, tag shuffling that keeps the first tags."""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from finetune.captions import shuffle_tags, training_caption
+from finetune.config import DataConfig, recipe_from_dict
+from finetune.data import CaptionedImageDataset, EpochBatchSampler, load_examples
+from finetune.errors import FinetuneError
+
+TAGS = "sks, dog, grass, sunny, red collar, park, running"
+
+
+def write_image(path, colour="red", size=(64, 64)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def names_and_captions(config):
+    return [(Path(e.source).name, e.caption) for e in load_examples(config)]
+
+
+def test_metadata_csv_captions(tmp_path):
+    write_image(tmp_path / "a.png")
+    write_image(tmp_path / "b.png", "blue")
+    (tmp_path / "b.txt").write_text("from the sidecar")
+    (tmp_path / "metadata.csv").write_text('file_name,text\na.png,"a red square, flat"\n', encoding="utf-8")
+    got = names_and_captions(DataConfig(image_dir=str(tmp_path), resolution=64))
+    assert got == [("a.png", "a red square, flat"), ("b.png", "from the sidecar")]
+
+
+def test_metadata_csv_needs_its_columns_and_is_exclusive_with_jsonl(tmp_path):
+    write_image(tmp_path / "a.png")
+    (tmp_path / "metadata.csv").write_text("name,caption\na.png,x\n")
+    with pytest.raises(FinetuneError, match=r"metadata\.csv must have a header row with 'file_name' and 'text' columns \(has: name, caption\)"):
+        load_examples(DataConfig(image_dir=str(tmp_path), resolution=64))
+    (tmp_path / "metadata.csv").write_text("file_name,text\na.png,x\n")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "y"}) + "\n")
+    with pytest.raises(FinetuneError, match="has both metadata.jsonl and metadata.csv: keep one"):
+        load_examples(DataConfig(image_dir=str(tmp_path), resolution=64))
+
+
+def test_folder_templates_wrap_captions_or_replace_them(tmp_path):
+    write_image(tmp_path / "styled" / "a.png")
+    (tmp_path / "styled" / "a.txt").write_text("a cat on a mat")
+    write_image(tmp_path / "subject" / "b.png", "blue")  # no caption file: the template is the prompt
+    folders = [{"path": "styled", "template": "a painting of {caption}, in sks style"}, {"path": "subject", "template": "a photo of sks dog"}]
+    got = names_and_captions(DataConfig(image_dir=str(tmp_path), resolution=64, folders=folders))
+    assert got == [("a.png", "a painting of a cat on a mat, in sks style"), ("b.png", "a photo of sks dog")]
+    # data.caption is the caption the template wraps
+    got = names_and_captions(DataConfig(image_dir=str(tmp_path), resolution=64, caption="x", folders=[{"path": "styled", "template": "<{caption}>"}]))
+    assert got == [("a.png", "<x>")]
+
+
+def test_repeats_multiply_an_images_uses_per_epoch(tmp_path):
+    write_image(tmp_path / "rare" / "r.png", "green")
+    write_image(tmp_path / "common" / "c0.png")
+    write_image(tmp_path / "common" / "c1.png", "blue")
+    folders = [{"path": "rare", "repeats": 3}, {"path": "common"}]
+    examples = load_examples(DataConfig(image_dir=str(tmp_path), resolution=64, caption="x", folders=folders))
+    assert Counter(Path(e.source).name for e in examples) == {"r.png": 3, "c0.png": 1, "c1.png": 1}
+    sampler = EpochBatchSampler(len(examples), batch_size=1, num_processes=1, process_index=0, seed=0)
+    for epoch in range(2):
+        used = [Path(examples[i].source).name for m in range(5) for i in sampler.global_batch_indices(epoch * 5 + m)]
+        assert Counter(used) == {"r.png": 3, "c0.png": 1, "c1.png": 1}
+    # Each repeat is its own item: with random crops the three uses differ.
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(tmp_path / "rare" / "r.png")
+    config = DataConfig(image_dir=str(tmp_path), resolution=64, caption="x", crop="random", folders=[{"path": "rare", "repeats": 3}])
+    dataset = CaptionedImageDataset(load_examples(config), config, seed=0)
+    assert len({dataset[(i, 0)]["pixel_values"].sum().item() for i in range(3)}) > 1
+
+
+def test_folder_settings_are_validated(tmp_path):
+    with pytest.raises(ValueError, match="must be at least 1 \\(1 means no repeat"):
+        DataConfig(image_dir="x", folders=[{"path": "a", "repeats": 0}])
+    with pytest.raises(FinetuneError, match="data.folders are subfolders of data.image_dir"):
+        recipe_from_dict({"data": {"dataset": "some/dataset", "folders": [{"path": "a"}]}})
+    write_image(tmp_path / "a.png")
+    with pytest.raises(FinetuneError, match=r"data folder .*nothere not found: check data.folders path 'nothere'"):
+        load_examples(DataConfig(image_dir=str(tmp_path), caption="x", folders=[{"path": "nothere"}]))
+
+
+def test_shuffle_keeps_the_first_tags_and_the_tag_set():
+    orders = set()
+    for seed in range(30):
+        shuffled = shuffle_tags(TAGS, keep_tokens=2, rng=np.random.default_rng(seed))
+        tags = shuffled.split(", ")
+        assert tags[:2] == ["sks", "dog"]
+        assert sorted(tags) == sorted(TAGS.split(", "))
+        orders.add(shuffled)
+    assert len(orders) > 10  # really shuffled
+    assert shuffle_tags("a, b", keep_tokens=5, rng=np.random.default_rng(0)) == "a, b"
+
+
+def test_tag_shuffle_is_deterministic_per_seed_epoch_and_index():
+    first = training_caption(TAGS, True, 1, seed=3, epoch=0, index=4)
+    assert first == training_caption(TAGS, True, 1, seed=3, epoch=0, index=4)
+    others = {training_caption(TAGS, True, 1, seed=3, epoch=e, index=4) for e in range(1, 12)}
+    assert len(others | {first}) > 3
+    assert training_caption(TAGS, False, 1, seed=3, epoch=0, index=4) == TAGS  # off: untouched
+    assert training_caption("one caption without tags", True, 0, 3, 0, 0) == "one caption without tags"
+
+
+def test_dataset_shuffles_tags_without_changing_the_images(tmp_path):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8))
+    image.save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text(TAGS)
+    common = dict(image_dir=str(tmp_path), resolution=64, crop="random", random_flip=True)
+    shuffled_config = DataConfig(**common, shuffle_tags=True, keep_tokens=1)
+    plain = CaptionedImageDataset(load_examples(DataConfig(**common)), DataConfig(**common), seed=5)
+    shuffled = CaptionedImageDataset(load_examples(shuffled_config), shuffled_config, seed=5)
+    captions = set()
+    for epoch in range(8):
+        item, reference = shuffled[(0, epoch)], plain[(0, epoch)]
+        assert torch.equal(item["pixel_values"], reference["pixel_values"])  # its own random stream
+        assert item["caption"].startswith("sks, ") and item["caption"] == shuffled[(0, epoch)]["caption"]
+        captions.add(item["caption"])
+        assert reference["caption"] == TAGS
+    assert len(captions) > 3

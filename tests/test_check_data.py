@@ -1,0 +1,220 @@
+"""The data check: every kind of bad or odd image is reported (and handled), training stops on fatal
+problems naming the file unless data.skip_bad_images is set, and `finetune check-data` reports the same."""
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from finetune.check_data import CONVERTED, FATAL, WARNING, inspect_examples
+from finetune.cli import main
+from finetune.config import DataConfig
+from finetune.data import CaptionedImageDataset, load_examples, open_rgb, read_examples
+from finetune.errors import FinetuneError
+from finetune.trainer import train
+
+
+def noise(width, height, seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+def upright_red_on_top(width=64, height=96):
+    image = Image.new("RGB", (width, height), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, width, height // 2))
+    return image
+
+
+def save_exif_rotated(path):
+    """Stored lying on its side with EXIF orientation 6, as phones save portrait photos."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the viewer turns it 90 degrees clockwise
+    upright_red_on_top().transpose(Image.Transpose.ROTATE_90).save(path, exif=exif)
+
+
+def captioned(folder, name, image=None, caption="a thing"):
+    folder.mkdir(parents=True, exist_ok=True)
+    (image or noise(64, 64, seed=hash(name) % 1000)).save(folder / name)
+    (folder / name).with_suffix(".txt").write_text(caption)
+    return folder / name
+
+
+@pytest.fixture
+def odd_folder(tmp_path):
+    """One image of every kind the check knows, each with a caption unless said otherwise."""
+    folder = tmp_path / "odd"
+    captioned(folder, "good.png", noise(64, 64, seed=1))
+    (folder / "corrupt.jpg").write_text("this is not a JPEG")
+    (folder / "corrupt.txt").write_text("x")
+    data = io.BytesIO()
+    noise(64, 64, seed=2).save(data, "PNG")
+    (folder / "truncated.png").write_bytes(data.getvalue()[: len(data.getvalue()) // 2])
+    (folder / "truncated.txt").write_text("x")
+    captioned(folder, "tiny.png", noise(20, 20, seed=3))
+    captioned(folder, "small.png", noise(40, 48, seed=4))
+    captioned(folder, "cmyk.jpg", Image.new("CMYK", (64, 64), (0, 255, 255, 0)))  # red in CMYK
+    captioned(folder, "deep.png", Image.new("I;16", (64, 64), 128 * 257))  # mid grey
+    captioned(folder, "alpha.png", Image.new("RGBA", (64, 64), (255, 0, 0, 0)))
+    captioned(folder, "palette.png", noise(64, 64, seed=5).convert("P"))
+    save_exif_rotated(folder / "rotated.png")
+    (folder / "rotated.txt").write_text("x")
+    captioned(folder, "copy1.png", noise(64, 64, seed=1))  # the same pixels as good.png
+    noise(64, 64, seed=1).save(folder / "copy2.bmp")  # ... in another container
+    (folder / "copy2.txt").write_text("x")
+    noise(64, 64, seed=6).save(folder / "uncaptioned.png")
+    return folder
+
+
+def findings_by_file(report):
+    found = {}
+    for finding in report.findings + report.skipped:
+        found.setdefault(Path(finding.source).name, []).append((finding.level, finding.message))
+    return found
+
+
+def test_every_kind_of_odd_image_is_reported(odd_folder):
+    config = DataConfig(image_dir=str(odd_folder), resolution=64)
+    report = inspect_examples(read_examples(config), config, "odd")
+    found = findings_by_file(report)
+
+    def only(name, level, pattern):
+        import re
+
+        entries = [message for lvl, message in found.get(name, []) if lvl == level]
+        assert entries and re.search(pattern, entries[0]), (name, found.get(name))
+        assert str(odd_folder / name) in entries[0]  # names the file
+
+    only("corrupt.jpg", FATAL, r"cannot be read \(UnidentifiedImageError")
+    only("truncated.png", FATAL, r"cannot be read \(OSError: image file is truncated")
+    only("tiny.png", FATAL, r"is 20x20, smaller than 32 px on its short side: remove it, or lower data.min_image_size")
+    only("uncaptioned.png", FATAL, r"has no caption: add uncaptioned\.txt")
+    only("small.png", WARNING, r"is 40x48, upscaled 1\.60x to cover 64x64")
+    only("cmyk.jpg", CONVERTED, r"CMYK: converted to RGB")
+    only("deep.png", CONVERTED, r"16-bit \(I;16\): scaled to 8-bit RGB")
+    only("alpha.png", CONVERTED, r"transparency \(RGBA\): composited on white")
+    only("palette.png", CONVERTED, r"palette image: converted to RGB")
+    only("rotated.png", CONVERTED, r"EXIF orientation 6: rotated upright")
+    only("copy1.png", WARNING, r"has the same pixels as .*copy2\.bmp, .*good\.png: each copy trains as its own image")
+    assert "good.png" not in found  # nothing else to say about it
+    usable = sorted(Path(e.source).name for e in report.usable)
+    assert usable == sorted(["good.png", "small.png", "cmyk.jpg", "deep.png", "alpha.png", "palette.png", "rotated.png", "copy1.png", "copy2.bmp"])
+    lines = "\n".join(report.lines())
+    assert "odd: 13 images, 9 used, 0 skipped" in lines
+
+
+def test_converted_images_train_as_rgb(odd_folder):
+    for name, pixel in [("cmyk.jpg", (255, 0, 0)), ("deep.png", (128, 128, 128)), ("alpha.png", (255, 255, 255))]:
+        example = next(e for e in read_examples(DataConfig(image_dir=str(odd_folder))) if e.source.endswith(name))
+        image = open_rgb(example)
+        assert image.mode == "RGB"
+        assert np.abs(np.asarray(image.getpixel((5, 5)), dtype=int) - pixel).max() <= 2, name
+
+
+def test_exif_rotated_image_comes_out_upright(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    save_exif_rotated(folder / "rotated.png")
+    assert Image.open(folder / "rotated.png").size == (96, 64)  # stored on its side
+    for bucketing in (False, True):
+        config = DataConfig(image_dir=str(folder), caption="x", resolution=64, bucketing={"enabled": bucketing, "step": 16})
+        item = CaptionedImageDataset(load_examples(config), config, seed=0)[(0, 0)]
+        pixels = ((item["pixel_values"] + 1) * 127.5).round()
+        height = pixels.shape[1]
+        assert pixels[:, 2, :].mean(dim=1).tolist() == pytest.approx([255, 0, 0], abs=3)  # red on top
+        assert pixels[:, height - 3, :].mean(dim=1).tolist() == pytest.approx([0, 0, 255], abs=3)  # blue below
+        if bucketing:
+            assert tuple(pixels.shape[1:]) == (80, 48)  # a portrait bucket: the upright shape counts
+            assert item["original_size"] == (96, 64)
+
+
+def test_one_corrupt_image_stops_loading_and_names_it(tmp_path):
+    folder = tmp_path / "data"
+    for i in range(3):
+        captioned(folder, f"good{i}.png", noise(64, 64, seed=i))
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    (folder / "broken.txt").write_text("x")
+    with pytest.raises(FinetuneError) as error:
+        load_examples(DataConfig(image_dir=str(folder), resolution=64))
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"image {folder / 'broken.png'} cannot be read" in message
+    assert "set data.skip_bad_images: true" in message
+    examples = load_examples(DataConfig(image_dir=str(folder), resolution=64, skip_bad_images=True))
+    assert sorted(Path(e.source).name for e in examples) == ["good0.png", "good1.png", "good2.png"]
+
+
+def test_several_problems_are_counted_in_the_one_line_error(odd_folder):
+    with pytest.raises(FinetuneError, match=r"corrupt\.jpg cannot be read .* \(3 more problems: finetune check-data lists them\)$"):
+        load_examples(DataConfig(image_dir=str(odd_folder), resolution=64))
+
+
+def test_all_images_bad_is_an_error_even_when_skipping(tmp_path):
+    (tmp_path / "a.png").write_text("no")
+    with pytest.raises(FinetuneError, match="all 1 images were skipped as bad"):
+        load_examples(DataConfig(image_dir=str(tmp_path), caption="x", resolution=64, skip_bad_images=True))
+
+
+def corrupt_among_good(tmp_path, image_folder):
+    folder = tmp_path / "data"
+    shutil.copytree(image_folder, folder)
+    (folder / "zz_corrupt.png").write_bytes(b"garbage")
+    (folder / "zz_corrupt.txt").write_text("x")
+    return folder
+
+
+def test_training_stops_before_it_starts_on_a_corrupt_image(make_recipe, image_folder, tmp_path):
+    folder = corrupt_among_good(tmp_path, image_folder)
+    recipe = make_recipe(data__image_dir=str(folder), train__max_steps=1)
+    with pytest.raises(FinetuneError, match=r"zz_corrupt\.png cannot be read"):
+        train(recipe)
+    assert not Path(recipe.output_dir).exists()
+
+
+def test_training_with_the_skip_switch_skips_and_lists_the_file(make_recipe, image_folder, tmp_path, capsys):
+    folder = corrupt_among_good(tmp_path, image_folder)
+    result = train(make_recipe(data__image_dir=str(folder), data__skip_bad_images=True, train__max_steps=1))
+    assert result.final_step == 1
+    out = capsys.readouterr().out
+    assert "5 images, 4 used, 1 skipped" in out
+    assert f"skipped: image {folder / 'zz_corrupt.png'} cannot be read" in out
+
+
+def test_check_data_command_reports_and_fails_on_fatal_problems(odd_folder, capsys):
+    code = main(["check-data", "--image-dir", str(odd_folder), "--resolution", "64"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "13 images, 9 used, 0 skipped" in out
+    assert "sizes: short side 40-64 px" in out
+    for name in ("corrupt.jpg", "truncated.png", "tiny.png", "uncaptioned.png"):
+        assert any(line.startswith("fatal: ") and name in line for line in out.splitlines()), name
+    assert any(line.startswith("converted: ") and "rotated.png" in line for line in out.splitlines())
+    assert "result: training would stop: 4 fatal problem(s)" in out
+
+
+def test_check_data_reads_a_recipe_with_overrides(odd_folder, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"data": {"image_dir": str(odd_folder), "resolution": 64}}))
+    code = main(["check-data", str(recipe), "data.skip_bad_images=true", "data.bucketing.enabled=true", "data.bucketing.step=16"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "13 images, 9 used, 4 skipped" in out
+    assert "buckets (width x height: images): " in out and "48x80: 1" in out  # the upright rotated photo
+    assert "result: ready to train" in out
+
+
+def test_check_data_without_recipe_or_folder_is_a_one_line_error(capsys):
+    assert main(["check-data"]) == 2
+    assert capsys.readouterr().err.strip() == "error: check-data needs a recipe or --image-dir: e.g. finetune check-data --image-dir my_photos"
+
+
+def test_check_data_is_listed_with_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "check-data" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["check-data", "--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: finetune check-data") and "--image-dir" in text and "--resolution" in text
