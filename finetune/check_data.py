@@ -103,7 +103,7 @@ def inspect(example: Example, config: DataConfig) -> tuple[Example | None, list[
     """(the example with its size, or None if unusable; findings; a hash of its decoded pixels)."""
     source, findings = example.source, []
     if example.caption is None:
-        findings.append(Finding(FATAL, source, missing_caption_message(Path(source))))
+        findings.append(Finding(FATAL, source, missing_caption_message(source)))
     try:
         raw = decode(example)
         image = upright_rgb(raw)

@@ -65,7 +65,7 @@ def load_examples(config: DataConfig, check: bool = True) -> list[Example]:
 def require_captions(examples: list[Example]) -> None:
     for example in examples:
         if example.caption is None:
-            raise FinetuneError(missing_caption_message(Path(example.source)))
+            raise FinetuneError(missing_caption_message(example.source))
 
 
 def expand_repeats(examples: list[Example]) -> list[Example]:
@@ -143,9 +143,14 @@ def _dataset_examples(config: DataConfig) -> list[Example]:
     captions = [config.caption] * len(loaded) if config.caption is not None else loaded[config.caption_column]
     images = loaded.select_columns([config.image_column])
     return [
-        Example(f"dataset {name} row {row}", str(captions[row]), lambda row=row: images[row][config.image_column])
+        Example(f"dataset {name} row {row}", _caption_or_none(captions[row]), lambda row=row: images[row][config.image_column])
         for row in range(len(loaded))
     ]
+
+
+def _caption_or_none(value) -> str | None:
+    """A dataset's caption cell; None or blank is a missing caption (reported by the check), not "None"."""
+    return None if value is None or not str(value).strip() else str(value)
 
 
 # ---------------------------------------------------------------------------------------------------

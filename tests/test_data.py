@@ -99,6 +99,15 @@ def test_datasets_dataset_saved_to_disk(tmp_path):
     assert item["pixel_values"][2].mean() > 0.9  # the blue image
 
 
+def test_datasets_empty_caption_names_the_row(tmp_path):
+    import datasets
+
+    images = [Image.new("RGB", (64, 64), c) for c in ("red", "blue")]
+    datasets.Dataset.from_dict({"image": images, "text": ["a red thing", None]}).save_to_disk(tmp_path / "ds")
+    with pytest.raises(FinetuneError, match=r"row 1 has an empty caption"):
+        load_examples(DataConfig(dataset=str(tmp_path / "ds"), resolution=64))
+
+
 def test_datasets_missing_column_lists_the_columns(tmp_path):
     import datasets
 
