@@ -49,11 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser(
         "sample",
         help="generate images from a base model plus a trained adapter",
-        description="Generate images from a base model, optionally with a trained LoRA, and save them with a grid.",
+        description="Generate images from a base model, optionally with a trained LoRA and/or ControlNet, and save them "
+        "with a grid (with a ControlNet each row starts with the conditioning image).",
+        epilog="example: finetune sample --base finetune/assets/toyworld-base --controlnet outputs/controlnet "
+        '--condition mask.png --prompt "a small red circle on a blue background, top left"',
     )
     sample.add_argument("--base", required=True, help="base model: hub id, diffusers folder or .safetensors file")
     sample.add_argument("--lora", help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
     sample.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
+    sample.add_argument("--controlnet", help="ControlNet folder (config.json + weights), or a controlnet training output folder")
+    sample.add_argument("--condition", help="conditioning image for --controlnet (edges, mask, ...), used for every prompt")
+    sample.add_argument("--conditioning-scale", type=float, default=None, help="ControlNet strength (default 1.0; 0 = the base model alone)")
     sample.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several)")
     sample.add_argument("--negative-prompt", default=None)
     sample.add_argument("--num-images", type=int, default=4, help="images per prompt (seeds seed..seed+N-1)")
@@ -212,6 +218,9 @@ def _sample(args) -> int:
         guidance=args.guidance,
         resolution=args.resolution,
         output_dir=Path(args.out),
+        controlnet=args.controlnet,
+        condition=args.condition,
+        conditioning_scale=args.conditioning_scale,
     )
     print(f"wrote {len(written) - 1} images and a grid: {written[-1]}")
     return 0

@@ -1,4 +1,4 @@
-"""`finetune eval`: score a base model (plus an optional LoRA) on the toy world.
+"""`finetune eval`: score a base model (plus an optional LoRA or ControlNet) on the toy world.
 
 Every method proves it learns here. A suite generates images for a fixed prompt set and
 reads them with the toy-world classifier (``finetune.toyworld.metrics``):
@@ -11,6 +11,9 @@ fid         held_in     ``fid``: Fréchet distance to real renders of the same s
 subject     subject     ``subject_fidelity``: share drawn as the subject shape
 drift       class       ``prior_drift``: share of class prompts drawn as the subject
 style       style       ``style_share``: share classified ``striped``
+control     control     ``control_iou``: mean IoU of the generated shape (segmented) with
+                        the control mask; ``control_chance_iou``: the same with another
+                        scene's mask (the level of a model that ignores the control)
 ==========  ==========  ===========================================================
 
 Prompt sets come from their own fixed seeds, not from the generation ``seed``, so every
@@ -29,10 +32,23 @@ run, method and checkpoint is scored on the same prompts; ``seed`` only picks th
   "shape": drift is the subject leaking into its class, which only shows when the class
   prompt does not itself name the subject ("a star" drawn as a star is not drift).
   Use the identifier and class word of the DreamBooth run's instance prompt.
+- ``control_set``: ``world.generate(n, 2_000_004)``, held-in scenes jittered with the seed
+  ``(2_000_004, i)``: prompt i is scene i's caption and its conditioning image is scene i's
+  shape mask at the model's resolution, white on black RGB, exactly what
+  ``write_folder(..., conditioning=True)`` writes for a ControlNet training folder.
 
-To add a suite (e.g. a ControlNet ``control`` suite): add a prompt-set builder to
-``_PROMPT_SETS`` and a scorer to ``SUITES``; conditioning images can reach the pipeline
-through ``sampling.generate``'s extra keyword arguments.
+With ``controlnet`` (``--controlnet``) the control suite samples with
+``StableDiffusionControlNetPipeline`` (prompt + mask, ``conditioning_scale``); it is the
+default suite then, and the only one (the other prompt sets have no conditioning
+images). Without it the control suite samples the same prompts with the plain pipeline:
+the "base model with no ControlNet" row, whose IoU is only what the caption's size and
+position give. Each generated image is segmented (``metrics.segment``) and compared with
+its own scene's mask (``control_iou``) and, for the chance level, with the next scene's
+(``metrics.chance_iou``'s derangement, taken per seed so an image is never compared with
+its own prompt's mask).
+
+To add a suite: add a prompt-set builder to ``_PROMPT_SETS`` and a scorer to ``SUITES``;
+a prompt set's ``conditions`` (one image per prompt) reach a ControlNet pipeline.
 """
 
 from __future__ import annotations
@@ -40,27 +56,39 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from finetune.errors import FinetuneError
-from finetune.toyworld.metrics import attribute_share, frechet_distance, prior_drift, prompt_adherence, subject_fidelity
-from finetune.toyworld.world import SHAPES, Scene, caption, draw, sample_scenes
+from finetune.toyworld.metrics import (
+    attribute_share,
+    chance_iou,
+    control_iou,
+    frechet_distance,
+    prior_drift,
+    prompt_adherence,
+    subject_fidelity,
+)
+from finetune.toyworld.world import SHAPES, Scene, caption, draw, generate as world_samples, sample_scenes
 
-HELD_IN_SEED, STYLE_SEED, SUBJECT_SEED = 2_000_001, 2_000_002, 2_000_003
+HELD_IN_SEED, STYLE_SEED, SUBJECT_SEED, CONTROL_SEED = 2_000_001, 2_000_002, 2_000_003, 2_000_004
 DEFAULT_SUITES = ("adherence", "fid")
+CONTROL_SUITES = ("control",)  # the default, and the only suites, with a ControlNet
 
 
 @dataclass(frozen=True)
 class PromptSet:
-    """Prompts plus the scene each one describes (rendered for FID references and the ceiling)."""
+    """Prompts plus the scene each one describes (rendered for FID references and the ceiling),
+    and for ControlNet suites one conditioning image per prompt."""
 
     prompts: list[str]
     scenes: list[Scene]
     seed: int
+    conditions: list[Image.Image] = field(default_factory=list)
 
 
 def _held_in(n: int, seed: int = HELD_IN_SEED) -> PromptSet:
@@ -92,6 +120,18 @@ def _class(n: int, class_word: str, seed: int = SUBJECT_SEED) -> PromptSet:
     return PromptSet([f"a {class_word}" + _suffix(s, i) for i, s in enumerate(scenes)], scenes, seed)
 
 
+def mask_image(mask: np.ndarray) -> Image.Image:
+    """A bool shape mask as a conditioning image: white shape on black, RGB (as write_folder writes it)."""
+    return Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), "L").convert("RGB")
+
+
+def control_set(n: int = 64, resolution: int = 64, seed: int = CONTROL_SEED) -> PromptSet:
+    """Captions of ``n`` held-in scenes and their shape masks at ``resolution`` as conditioning images."""
+    samples = world_samples(n, seed, "no", size=resolution)
+    return PromptSet([text for _, text, _, _ in samples], [scene for _, _, scene, _ in samples], seed,
+                     [mask_image(mask) for _, _, _, mask in samples])  # fmt: skip
+
+
 def held_in_prompts(n: int = 64, seed: int = HELD_IN_SEED) -> list[str]:
     """Canonical captions of ``n`` held-in scenes (no star, no stripes)."""
     return _held_in(n, seed).prompts
@@ -117,6 +157,7 @@ _PROMPT_SETS = {
     "style": lambda o: _style(o["n"]),
     "subject": lambda o: _subject(o["n"], o["identifier"], o["class_word"], o["subject"]),
     "class": lambda o: _class(o["n"], o["class_word"]),
+    "control": lambda o: control_set(o["n"], o["resolution"]),
 }
 
 
@@ -136,6 +177,15 @@ def _fid(images, prompts, ps, o):
     return {"fid": (frechet_distance(images, real), len(images))}
 
 
+def _control(images, prompts, ps, o):
+    per_prompt = o["images_per_prompt"]
+    own_masks = [mask for mask in ps.conditions for _ in range(per_prompt)]  # images are prompt-major
+    # Chance: image k of prompt p against prompt p+1's mask (metrics.chance_iou over the images of seed k).
+    # Shifting the flat list instead would pair a prompt's image with its own mask whenever per_prompt > 1.
+    chance = np.mean([chance_iou(images[k::per_prompt], ps.conditions) for k in range(per_prompt)])
+    return {"control_iou": (control_iou(images, own_masks), len(images)), "control_chance_iou": (chance, len(images))}
+
+
 #: suite -> (prompt set, scorer(images, prompts, prompt set, options) -> {metric: (value, n)})
 SUITES = {
     "adherence": ("held_in", _adherence),
@@ -143,6 +193,7 @@ SUITES = {
     "subject": ("subject", lambda im, p, ps, o: {"subject_fidelity": (subject_fidelity(im, o["subject"]), len(im))}),
     "drift": ("class", lambda im, p, ps, o: {"prior_drift": (prior_drift(im, o["subject"]), len(im))}),
     "style": ("style", lambda im, p, ps, o: {"style_share": (attribute_share(im, "style", "striped"), len(im))}),
+    "control": ("control", _control),
 }
 
 
@@ -159,13 +210,21 @@ def _validate(suites, options: dict) -> list[str]:
     images = options["n"] * options["images_per_prompt"]
     if options["n"] < 1 or options["images_per_prompt"] < 1 or ("fid" in suites and images < 2):
         raise FinetuneError("--num-prompts and --images-per-prompt must be >= 1 (and give >= 2 images for the fid suite)")
+    if "control" in suites and options["n"] < 2:
+        raise FinetuneError("the control suite needs --num-prompts >= 2 (its chance level compares each image with another scene's mask)")
+    if options.get("controlnet"):
+        other = [s for s in suites if s not in CONTROL_SUITES]
+        if other:
+            raise FinetuneError(
+                f"suite {other[0]!r} has no conditioning images for --controlnet: pass --suite control, or leave out --controlnet"
+            )
     return suites
 
 
 def _score(make_rows, suites, options: dict) -> dict:
     """Generate each needed prompt set once (``make_rows(prompt set) -> images[p][k]``), score every suite."""
     suites = _validate(suites, options)
-    sets, rows, result = {}, {}, {"metrics": {}, "n": {}, "prompts": {}, "images": {}}
+    sets, rows, result = {}, {}, {"metrics": {}, "n": {}, "prompts": {}, "images": {}, "conditions": {}}
     for suite in suites:
         name, scorer = SUITES[suite]
         if name not in sets:
@@ -177,6 +236,8 @@ def _score(make_rows, suites, options: dict) -> dict:
         for metric, (value, n) in scorer(images, prompts, ps, options).items():
             result["metrics"][metric], result["n"][metric] = float(value), int(n)
         result["prompts"][name], result["images"][name] = ps.prompts, rows[name]
+        if ps.conditions:
+            result["conditions"][name] = ps.conditions
     return result
 
 
@@ -184,7 +245,7 @@ def run_eval(
     base: str,
     lora: str | None = None,
     lora_scale: float = 1.0,
-    suites=DEFAULT_SUITES,
+    suites=None,
     num_prompts: int = 64,
     images_per_prompt: int = 1,
     steps: int = 25,
@@ -194,33 +255,51 @@ def run_eval(
     subject: str = "star",
     class_word: str = "shape",
     controlnet: str | None = None,
+    conditioning_scale: float | None = None,
     out: str | Path | None = None,
 ) -> dict:
-    """Generate with ``base`` (+ ``lora``) for each suite and score the images.
+    """Generate with ``base`` (+ ``lora``, + ``controlnet``) for each suite and score the images.
+
+    ``suites`` defaults to adherence and fid, or to control with a ``controlnet`` (a ControlNet
+    folder or a controlnet run's output folder), which steers every image with its scene's mask
+    at ``conditioning_scale`` (default 1.0).
 
     Returns ``{"settings", "metrics": {name: value}, "n": {name: images scored},
-    "prompts": {prompt set: prompts}, "images": {prompt set: images[p][k]}}``; with ``out``
-    also writes it (images as grids) via :func:`write_report`.
+    "prompts": {prompt set: prompts}, "images": {prompt set: images[p][k]},
+    "conditions": {prompt set: conditioning image per prompt}}``; with ``out`` also writes it
+    (images as grids) via :func:`write_report`.
     """
-    if controlnet is not None:
-        raise FinetuneError("ControlNet evaluation is not supported yet: leave out controlnet")
-    from finetune.inference import load_sampling_pipeline
+    from finetune.inference import load_sampling_pipeline, resolve_controlnet_folder
     from finetune.sampling import generate
 
-    options = dict(n=num_prompts, images_per_prompt=images_per_prompt, identifier=identifier, subject=subject, class_word=class_word)
-    suites = _validate(suites, options)  # before the (slow) model load
-    pipeline = load_sampling_pipeline(base, lora, lora_scale)
+    if controlnet is None and conditioning_scale is not None:
+        raise FinetuneError("--conditioning-scale steers a ControlNet: pass --controlnet PATH too, or leave it out")
+    if controlnet is not None:
+        resolve_controlnet_folder(controlnet)
+    scale = 1.0 if conditioning_scale is None else conditioning_scale
+    options = dict(n=num_prompts, images_per_prompt=images_per_prompt, identifier=identifier, subject=subject,
+                   class_word=class_word, controlnet=controlnet is not None)  # fmt: skip
+    suites = _validate(suites or (CONTROL_SUITES if controlnet else DEFAULT_SUITES), options)  # before the (slow) model load
+    pipeline = load_sampling_pipeline(base, lora, lora_scale, controlnet)
     pipeline.unet.eval()
     if torch.cuda.is_available():
         pipeline.to("cuda")
     resolution = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    options["resolution"] = resolution
 
     def make_rows(ps: PromptSet):
-        return generate(pipeline, ps.prompts, images_per_prompt, seed, steps, guidance, resolution)
+        if controlnet is None:
+            return generate(pipeline, ps.prompts, images_per_prompt, seed, steps, guidance, resolution)
+        return [
+            generate(pipeline, [prompt], images_per_prompt, seed, steps, guidance, resolution, image=condition,
+                     controlnet_conditioning_scale=scale)[0]
+            for prompt, condition in zip(ps.prompts, ps.conditions)
+        ]  # fmt: skip
 
     result = _score(make_rows, suites, options)
     result["settings"] = dict(
-        base=str(base), lora=None if lora is None else str(lora), lora_scale=lora_scale, suites=suites,
+        base=str(base), lora=None if lora is None else str(lora), lora_scale=lora_scale,
+        controlnet=None if controlnet is None else str(controlnet), conditioning_scale=scale if controlnet else None, suites=suites,
         num_prompts=num_prompts, images_per_prompt=images_per_prompt, steps=steps, guidance=guidance, seed=seed,
         identifier=identifier, subject=subject, class_word=class_word, resolution=resolution,
     )  # fmt: skip
@@ -236,9 +315,12 @@ def evaluate_real_images(
 
     Each prompt's scene is rendered with a jitter (salted by ``seed``) different from the
     FID reference, so ``fid`` is the floor a perfect generator would reach at this size
-    and adherence is ~1.0 (anything lower is classifier error).
+    and adherence is ~1.0 (anything lower is classifier error). For ``control`` the renders
+    are the right scenes at another jitter than their masks: the IoU of a generator that
+    draws exactly what the caption says but reads nothing from the control (the ceiling of
+    the base model without a ControlNet).
     """
-    options = dict(n=num_prompts, images_per_prompt=images_per_prompt, identifier="sks", subject=subject, class_word="shape")
+    options = dict(n=num_prompts, images_per_prompt=images_per_prompt, identifier="sks", subject=subject, class_word="shape", resolution=64)
     suites = _validate(suites, options)
     result = _score(lambda ps: _render(ps, images_per_prompt, salt=(seed + 1,)), suites, options)
     result["settings"] = dict(base="real toy-world images", lora=None, suites=suites,
@@ -248,7 +330,8 @@ def evaluate_real_images(
 
 def write_report(result: dict, out: str | Path, grid_prompts: int = 8) -> Path:
     """Write ``result`` (without images) as JSON to ``out``, plus ``<out stem>_<prompt set>.png``:
-    the first ``grid_prompts`` prompts of each prompt set, one labelled row each (for the docs)."""
+    the first ``grid_prompts`` prompts of each prompt set, one labelled row each (for the docs),
+    starting with the prompt's conditioning image where the set has them."""
     from finetune.sampling import make_grid, save_image_atomic
 
     out = Path(out)
@@ -256,6 +339,9 @@ def write_report(result: dict, out: str | Path, grid_prompts: int = 8) -> Path:
     report = {k: result[k] for k in ("settings", "metrics", "n", "prompts") if k in result}
     report["grids"] = {}
     for name, rows in result.get("images", {}).items():
+        conditions = result.get("conditions", {}).get(name)
+        if conditions:
+            rows = [[condition, *row] for condition, row in zip(conditions, rows)]
         grid = out.with_name(f"{out.stem}_{name}.png")
         save_image_atomic(make_grid(rows[:grid_prompts], row_labels=result["prompts"][name][:grid_prompts], label_width=160), grid)
         report["grids"][name] = grid.name
@@ -271,7 +357,7 @@ def print_table(result: dict) -> None:
     from rich.table import Table
 
     settings = result.get("settings", {})
-    title = f"eval of {settings.get('base')}" + (f" + {settings['lora']}" if settings.get("lora") else "")
+    title = f"eval of {settings.get('base')}" + "".join(f" + {settings[k]}" for k in ("lora", "controlnet") if settings.get(k))
     table = Table("metric", "value", "n", title=title)
     for metric, value in result["metrics"].items():
         table.add_row(metric, f"{value:.3f}" if metric != "fid" else f"{value:.2f}", str(result["n"][metric]))
@@ -284,16 +370,19 @@ EVAL_EXAMPLE = """examples:
   finetune eval --base finetune/assets/toyworld-base
   finetune eval --base finetune/assets/toyworld-base --lora outputs/striped --suite style --suite adherence
   finetune eval --base finetune/assets/toyworld-base --lora outputs/dreambooth --suite subject --suite drift
+  finetune eval --base finetune/assets/toyworld-base --controlnet outputs/controlnet     (the control suite)
+  finetune eval --base finetune/assets/toyworld-base --suite control                     (the same prompts, no ControlNet)
 
 shares in [0, 1], higher is better, except prior_drift (lower is better; compare with the base model's);
-fid: lower is better, comparable only between runs scoring the same number of images."""
+fid: lower is better, comparable only between runs scoring the same number of images;
+control_iou: higher is better, compare with control_chance_iou and with the run without --controlnet."""
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``eval`` on the ``finetune`` subcommand parsers (``parser.add_subparsers()``)."""
     p = subparsers.add_parser(
         "eval",
-        help="score a base model (+ LoRA) on the toy world: adherence, FID, subject, drift, style",
+        help="score a base model (+ LoRA or ControlNet) on the toy world: adherence, FID, subject, drift, style, control",
         description="Generate images for fixed toy-world prompt suites and score them with the toy-world classifier.\n"
         "Prints a table and writes a JSON report plus one grid PNG per prompt set.",
         epilog=EVAL_EXAMPLE,
@@ -302,7 +391,10 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="base model: hub id, diffusers folder or .safetensors file")
     p.add_argument("--lora", help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
     p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
-    p.add_argument("--suite", action="append", choices=list(SUITES), help="suite to run; repeat for several (default: adherence and fid)")
+    p.add_argument("--controlnet", help="ControlNet folder, or a controlnet training output folder (runs the control suite)")
+    p.add_argument("--conditioning-scale", type=float, default=None, help="ControlNet strength (default 1.0)")
+    p.add_argument("--suite", action="append", choices=list(SUITES),
+                   help="suite to run; repeat for several (default: adherence and fid; control with --controlnet)")
     p.add_argument("--num-prompts", type=int, default=64, help="prompts per suite (default 64)")
     p.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt, seeds seed..seed+N-1 (default 1)")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
@@ -311,12 +403,20 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--identifier", default="sks", help="DreamBooth identifier in subject prompts (default sks)")
     p.add_argument("--subject", default="star", choices=list(SHAPES), help="shape the subject should look like (default star)")
     p.add_argument("--class-word", default="shape", help="class word of subject/class prompts, 'a sks <class word>' (default shape)")
-    p.add_argument("--out", help="JSON report path (default: <LoRA folder>/eval.json, or outputs/eval/<base name>/eval.json)")
+    p.add_argument("--out", help="JSON report path (default: <ControlNet run folder>/eval.json, <LoRA folder>/eval.json, "
+                   "or outputs/eval/<base name>/eval.json)")
     return p
 
 
-def default_out(base: str, lora: str | None) -> Path:
-    """Next to the LoRA (its training output folder) or under outputs/eval/<base name>/."""
+def default_out(base: str, lora: str | None, controlnet: str | None = None) -> Path:
+    """In the ControlNet's or the LoRA's training output folder, else under outputs/eval/<name>/."""
+    if controlnet:
+        from finetune.inference import resolve_controlnet_folder
+        from finetune.methods.controlnet import CONTROLNET_DIR
+
+        folder = resolve_controlnet_folder(controlnet)
+        # Not inside the ControlNet folder: a model folder holds only the model.
+        return folder.parent / "eval.json" if folder.name == CONTROLNET_DIR else Path("outputs/eval") / folder.name / "eval.json"
     if lora:
         path = Path(lora)
         return (path if path.is_dir() else path.parent) / "eval.json"
@@ -325,10 +425,11 @@ def default_out(base: str, lora: str | None) -> Path:
 
 def run_eval_command(args) -> int:
     """``finetune eval``: run, print the table, write the report."""
-    out = Path(args.out) if args.out else default_out(args.base, args.lora)
+    out = Path(args.out) if args.out else default_out(args.base, args.lora, args.controlnet)
     result = run_eval(
-        args.base, args.lora, args.lora_scale, args.suite or DEFAULT_SUITES, args.num_prompts, args.images_per_prompt,
-        args.steps, args.guidance, args.seed, args.identifier, args.subject, args.class_word, out=out,
+        args.base, args.lora, args.lora_scale, args.suite, args.num_prompts, args.images_per_prompt,
+        args.steps, args.guidance, args.seed, args.identifier, args.subject, args.class_word,
+        controlnet=args.controlnet, conditioning_scale=args.conditioning_scale, out=out,
     )  # fmt: skip
     print_table(result)
     print(f"wrote {out}")

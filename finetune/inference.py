@@ -1,19 +1,31 @@
-"""`finetune sample`: a base model plus an optional LoRA, fixed seeds, images and a grid on disk."""
+"""`finetune sample`: a base model plus an optional LoRA and/or ControlNet, fixed seeds, images and a grid on disk.
+
+With a ControlNet every prompt is sampled with the one conditioning image (`--condition`), and each grid row
+starts with that image as the ControlNet saw it: conditioning | samples, as in the training's validation grids.
+"""
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel
+from PIL import Image
 
 from finetune.checkpoint import atomic_save_safetensors
 from finetune.config import ModelConfig
+from finetune.data import Example, cover_and_crop, open_rgb
 from finetune.errors import FinetuneError
 from finetune.kohya import load_lora, to_diffusers
+from finetune.methods.controlnet import CONTROLNET_DIR, METADATA_FILE, UNET_DIR
 from finetune.methods.lora import LORA_WEIGHTS_NAME
-from finetune.models import load_base_model
+from finetune.models import BaseModel, load_base_model
 from finetune.sampling import build_pipeline, generate, make_grid, save_image_atomic
+
+# Config keys that must agree for a ControlNet's residuals to fit the UNet's skip connections.
+CONTROLNET_FIT_KEYS = ("block_out_channels", "cross_attention_dim", "in_channels", "down_block_types", "layers_per_block")
 
 
 def resolve_lora_file(lora: str) -> Path:
@@ -42,8 +54,86 @@ def load_lora_into(pipeline, lora_file: Path, adapter_name: str) -> None:
             raise FinetuneError(f"LoRA {lora_file} does not fit this base model: {str(err).splitlines()[0][:200]}") from None
 
 
-def load_sampling_pipeline(base: str, lora: str | None = None, lora_scale: float = 1.0):
-    pipeline = build_pipeline(load_base_model(ModelConfig(pretrained=base)))
+# ---------------------------------------------------------------------------------------------------
+# ControlNet
+
+
+def resolve_controlnet_folder(controlnet: str) -> Path:
+    """The ControlNet folder: the one given, or `<output>/controlnet` when given a controlnet run's output folder."""
+    path = Path(controlnet).expanduser()
+    if (path / CONTROLNET_DIR / "config.json").is_file():
+        path = path / CONTROLNET_DIR
+    if not path.is_dir():
+        raise FinetuneError(f"ControlNet {controlnet} not found: pass a ControlNet folder, or the output folder of a controlnet training run")
+    if not (path / "config.json").is_file():
+        raise FinetuneError(
+            f"ControlNet folder {controlnet} has no config.json: pass the {CONTROLNET_DIR}/ folder a controlnet training run "
+            "writes (a ControlNetModel.save_pretrained folder), or the run's output folder"
+        )
+    return path
+
+
+def unlocked_decoder_folder(controlnet_folder: Path) -> Path | None:
+    """The UNet that a run with controlnet.unlock_unet_decoder saved beside its ControlNet, else None.
+
+    That ControlNet was trained against the changed decoder and only works with it. Both folders of one
+    run carry the same metadata, so a unet/ left by another run is not picked up.
+    """
+    unet = controlnet_folder.parent / UNET_DIR
+    ours, theirs = controlnet_folder / METADATA_FILE, unet / METADATA_FILE
+    if not ((unet / "config.json").is_file() and ours.is_file() and theirs.is_file()):
+        return None
+    return unet if ours.read_text() == theirs.read_text() else None
+
+
+def load_controlnet(folder: Path, base: BaseModel) -> ControlNetModel:
+    try:
+        controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise FinetuneError(f"could not load ControlNet {folder}: {str(err).splitlines()[0][:200]}") from None
+    for key in CONTROLNET_FIT_KEYS:
+        ours, theirs = controlnet.config.get(key), base.unet.config.get(key)
+        if ours is not None and theirs is not None and list(np.atleast_1d(ours)) != list(np.atleast_1d(theirs)):
+            raise FinetuneError(f"ControlNet {folder} does not fit base model {base.source}: its {key} is {ours}, the UNet's {theirs}")
+    return controlnet.eval()
+
+
+def load_condition(path: str | Path, resolution: int) -> Image.Image:
+    """The conditioning image as the ControlNet sees it: RGB, resized to cover the resolution and center-cropped."""
+    if not Path(path).is_file():
+        raise FinetuneError(f"conditioning image {path} not found: check --condition")
+    image = open_rgb(Example(str(path), "", lambda: Image.open(path)))
+    return cover_and_crop(image, (resolution, resolution), "center", np.random.default_rng(0))[0]
+
+
+def check_control_options(controlnet: str | None, condition: str | None, conditioning_scale: float | None) -> None:
+    """Refuse half-given ControlNet options before any model loads."""
+    if controlnet is None:
+        if condition is not None or conditioning_scale is not None:
+            raise FinetuneError("--condition and --conditioning-scale steer a ControlNet: pass --controlnet PATH too, or leave them out")
+        return
+    resolve_controlnet_folder(controlnet)
+    if condition is None:
+        raise FinetuneError(f"--controlnet {controlnet} needs a conditioning image: pass --condition IMAGE (e.g. one written by finetune make-conditions)")
+    if not Path(condition).is_file():
+        raise FinetuneError(f"conditioning image {condition} not found: check --condition")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def load_sampling_pipeline(base: str, lora: str | None = None, lora_scale: float = 1.0, controlnet: str | None = None):
+    """StableDiffusionPipeline over the base (+ LoRA); StableDiffusionControlNetPipeline with `controlnet`."""
+    base_model = load_base_model(ModelConfig(pretrained=base))
+    if controlnet is None:
+        pipeline = build_pipeline(base_model)
+    else:
+        folder = resolve_controlnet_folder(controlnet)
+        decoder = unlocked_decoder_folder(folder)
+        unet = UNet2DConditionModel.from_pretrained(decoder, torch_dtype=torch.float32) if decoder else None
+        model = load_controlnet(folder, base_model)
+        pipeline = build_pipeline(base_model, unet=unet, pipeline_class=StableDiffusionControlNetPipeline, controlnet=model)
     if lora:
         load_lora_into(pipeline, resolve_lora_file(lora), adapter_name="lora")
         pipeline.set_adapters(["lora"], adapter_weights=[lora_scale])
@@ -62,17 +152,30 @@ def sample_to_folder(
     guidance: float,
     resolution: int | None,
     output_dir: Path,
+    controlnet: str | None = None,
+    condition: str | None = None,
+    conditioning_scale: float | None = None,
 ) -> list[Path]:
-    """Write prompt-P_seed-S.png for each image, then grid.png (rows = prompts); return all paths, grid last."""
-    pipeline = load_sampling_pipeline(base, lora, lora_scale)
+    """Write prompt-P_seed-S.png for each image, then grid.png (rows = prompts); return all paths, grid last.
+
+    With `controlnet`, every image is steered by the `condition` image (at `conditioning_scale`, default
+    1.0) and each grid row starts with it.
+    """
+    check_control_options(controlnet, condition, conditioning_scale)
+    pipeline = load_sampling_pipeline(base, lora, lora_scale, controlnet)
     resolution = resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     if resolution % 8:
         raise FinetuneError(f"--resolution {resolution} must be a multiple of 8")
+    control = {}
+    if controlnet is not None:
+        control_image = load_condition(condition, resolution)
+        control = dict(image=control_image, controlnet_conditioning_scale=1.0 if conditioning_scale is None else conditioning_scale)
     with torch.no_grad():
-        rows = generate(pipeline, prompts, num_images, seed, steps, guidance, resolution, negative_prompt=negative_prompt)
+        rows = generate(pipeline, prompts, num_images, seed, steps, guidance, resolution, negative_prompt=negative_prompt, **control)
     written = []
     for p, row in enumerate(rows):
         for k, image in enumerate(row):
             written.append(save_image_atomic(image, output_dir / f"prompt{p}_seed{seed + k}.png"))
-    written.append(save_image_atomic(make_grid(rows, row_labels=prompts, label_width=160), output_dir / "grid.png"))
+    grid_rows = [[control["image"], *row] for row in rows] if control else rows
+    written.append(save_image_atomic(make_grid(grid_rows, row_labels=prompts, label_width=160), output_dir / "grid.png"))
     return written

@@ -1,0 +1,131 @@
+"""`finetune sample --controlnet`: the grid is conditioning | samples, the ControlNet really steers
+(and exactly not at creation or at scale 0), run folders and unlocked decoders load, and half-given
+options are one line before any model loads."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from controlnet_folders import METADATA, write_controlnet_run
+from diffusers import ControlNetModel, UNet2DConditionModel
+from PIL import Image
+
+import finetune.inference as inference
+from finetune.cli import main
+from finetune.evaluate import mask_image
+from finetune.methods.controlnet import save_model_folder
+from finetune.toyworld.world import Scene, draw
+
+torch.set_num_threads(1)
+PROMPT = "a small red circle on a blue background, top left"
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("controlnets")
+    return {kind: write_controlnet_run(tiny_model, root / kind, trained=kind == "trained") for kind in ("fresh", "trained")}
+
+
+@pytest.fixture(scope="module")
+def condition(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("condition") / "mask.png"
+    mask_image(draw(Scene("square", "red", "blue", "large", "bottom right"), 64)[1]).save(path)
+    return path
+
+
+def sample(tiny_model, out: Path, *options: str) -> list[np.ndarray]:
+    """Run `finetune sample` (2 images, 2 steps); return the two images as arrays."""
+    argv = ["sample", "--base", str(tiny_model), "--prompt", PROMPT, "--num-images", "2", "--steps", "2", "--out", str(out), *options]
+    assert main(argv) == 0
+    return [np.asarray(Image.open(out / f"prompt0_seed{k}.png")) for k in range(2)]
+
+
+def test_grid_is_conditioning_then_samples_and_the_controlnet_steers(tiny_model, runs, condition, tmp_path):
+    plain = sample(tiny_model, tmp_path / "plain")
+    steered = sample(tiny_model, tmp_path / "steered", "--controlnet", str(runs["trained"] / "controlnet"), "--condition", str(condition))
+
+    grid = np.asarray(Image.open(tmp_path / "steered" / "grid.png"))
+    assert grid.shape == (64, 160 + 3 * 64, 3)  # label | conditioning | 2 samples
+    assert np.array_equal(grid[:, 160:224], np.asarray(Image.open(condition).convert("RGB")))
+    assert np.array_equal(grid[:, 224:288], steered[0]) and np.array_equal(grid[:, 288:352], steered[1])
+    assert sorted(p.name for p in (tmp_path / "steered").iterdir()) == ["grid.png", "prompt0_seed0.png", "prompt0_seed1.png"]
+
+    # The trained ControlNet changes the images; the same one at scale 0, or a fresh one (zero
+    # convs), gives exactly the base model's images: same seeds, prompts and scheduler, nothing added.
+    assert not np.array_equal(steered[0], plain[0])
+    off = sample(tiny_model, tmp_path / "off", "--controlnet", str(runs["trained"]), "--condition", str(condition), "--conditioning-scale", "0")
+    fresh = sample(tiny_model, tmp_path / "fresh", "--controlnet", str(runs["fresh"]), "--condition", str(condition))
+    for images in (off, fresh):
+        assert all(np.array_equal(a, b) for a, b in zip(images, plain))
+
+    # The conditioning image matters, not only the ControlNet's presence.
+    empty = tmp_path / "empty.png"
+    Image.new("RGB", (64, 64)).save(empty)
+    other = sample(tiny_model, tmp_path / "other", "--controlnet", str(runs["trained"]), "--condition", str(empty))
+    assert not np.array_equal(other[0], steered[0])
+
+
+def test_condition_is_resized_and_center_cropped_to_the_model_resolution(tiny_model, runs, tmp_path):
+    wide = tmp_path / "wide.png"
+    pixels = np.zeros((128, 256, 3), dtype=np.uint8)
+    pixels[:, 40:216] = 255  # the centre square (64:192) is white; squeezing or a side crop would show black
+    Image.fromarray(pixels).save(wide)
+    sample(tiny_model, tmp_path / "out", "--controlnet", str(runs["trained"]), "--condition", str(wide))
+    cell = np.asarray(Image.open(tmp_path / "out" / "grid.png"))[:, 160:224]
+    assert cell.shape == (64, 64, 3) and cell.min() == 255
+
+
+def test_run_folder_with_an_unlocked_decoder_samples_with_its_unet(tiny_model, tmp_path):
+    run = write_controlnet_run(tiny_model, tmp_path / "run", trained=True)
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    with torch.no_grad():
+        unet.conv_out.weight.add_(1.0)  # a decoder that trained
+    save_model_folder(unet, run / "unet", METADATA)
+
+    pipeline = inference.load_sampling_pipeline(str(tiny_model), controlnet=str(run))
+    assert torch.equal(pipeline.unet.conv_out.weight, unet.conv_out.weight)
+    saved = ControlNetModel.from_pretrained(run / "controlnet")
+    assert all(torch.equal(a, b) for a, b in zip(pipeline.controlnet.parameters(), saved.parameters()))
+
+    # A unet/ folder from another run (other metadata) is not this ControlNet's decoder.
+    save_model_folder(unet, run / "unet", {**METADATA, "finetune.steps": "7"})
+    pipeline = inference.load_sampling_pipeline(str(tiny_model), controlnet=str(run / "controlnet"))
+    assert not torch.equal(pipeline.unet.conv_out.weight, unet.conv_out.weight)
+
+
+def test_controlnet_of_another_architecture_is_one_line(tiny_model, tmp_path, capsys):
+    controlnet = ControlNetModel.from_pretrained(write_controlnet_run(tiny_model, tmp_path / "run", trained=False) / "controlnet")
+    other = ControlNetModel.from_config({**controlnet.config, "cross_attention_dim": controlnet.config.cross_attention_dim * 2})
+    other.save_pretrained(tmp_path / "other")
+    Image.new("RGB", (64, 64)).save(tmp_path / "x.png")
+    code = main(["sample", "--base", str(tiny_model), "--controlnet", str(tmp_path / "other"), "--condition", str(tmp_path / "x.png"), "--prompt", "x"])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not fit base model" in err and "cross_attention_dim" in err
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["no condition", "condition missing", "no config.json", "controlnet missing", "condition without controlnet", "scale without controlnet"],
+)
+def test_half_given_control_options_are_one_line_before_any_model_loads(case, tiny_model, runs, condition, tmp_path, capsys, monkeypatch):
+    empty_folder = tmp_path / "not-a-controlnet"
+    empty_folder.mkdir()
+    options, pattern = {
+        "no condition": (["--controlnet", str(runs["fresh"])], r"needs a conditioning image: pass --condition IMAGE"),
+        "condition missing": (["--controlnet", str(runs["fresh"]), "--condition", str(tmp_path / "nope.png")], r"conditioning image \S+nope\.png not found"),
+        "no config.json": (["--controlnet", str(empty_folder), "--condition", str(condition)], r"ControlNet folder \S+not-a-controlnet has no config\.json"),
+        "controlnet missing": (["--controlnet", str(tmp_path / "gone"), "--condition", str(condition)], r"ControlNet \S+gone not found"),
+        "condition without controlnet": (["--condition", str(condition)], r"pass --controlnet PATH too"),
+        "scale without controlnet": (["--conditioning-scale", "0.5"], r"pass --controlnet PATH too"),
+    }[case]
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the options were checked")
+
+    monkeypatch.setattr(inference, "load_base_model", no_model)
+    assert main(["sample", "--base", str(tiny_model), "--prompt", "x", *options]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert re.search(pattern, err), err
