@@ -22,10 +22,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 quickstart: setup
-	$(BIN)/finetune make-tiny-model outputs/tiny-sd
 	$(BIN)/finetune train recipes/quickstart.yaml
-	$(BIN)/finetune sample --base outputs/tiny-sd --lora outputs/quickstart --num-images 4 --steps 20 --guidance 5 \
-		--prompt "a large red striped circle on a blue background, center" --out outputs/quickstart/sample
+	$(BIN)/finetune sample --base finetune/assets/toyworld-base --lora outputs/quickstart --num-images 4 --steps 25 --guidance 5 \
+		--prompt "a large orange star on a gray background, bottom left" --out outputs/quickstart/sample
 
 test: setup browser
 	$(BIN)/python -m pytest -q
@@ -45,9 +44,9 @@ demo: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
-# Regenerate the shipped toy-world base model from nothing (about an hour on 2 CPU cores):
+# Regenerate the shipped toy-world base model from nothing (about 1.5 hours on 2 CPU cores):
 # world data -> random init -> VAE (recipes/pretrain_vae.yaml) -> UNet + text encoder
-# (recipes/pretrain_unet.yaml) -> fp16 copy in finetune/assets/toyworld-base.
+# (recipes/pretrain_unet.yaml, then recipes/pretrain_unet_2.yaml) -> fp16 copy in finetune/assets/toyworld-base.
 base-model: setup
 	$(BIN)/finetune make-world-data outputs/world/all --include-held-out all --num-images 10000 --seed 1
 	$(BIN)/finetune make-world-data outputs/world/train --num-images 20000 --seed 0
@@ -56,7 +55,8 @@ base-model: setup
 		$(BIN)/python -m finetune.toyworld.classifier --seed 1 --threads 1 --out finetune/assets/toyworld_perceptual.safetensors
 	$(BIN)/finetune train recipes/pretrain_vae.yaml
 	$(BIN)/finetune train recipes/pretrain_unet.yaml
-	$(BIN)/finetune export-base outputs/base/unet/pipeline finetune/assets/toyworld-base
+	$(BIN)/finetune train recipes/pretrain_unet_2.yaml
+	$(BIN)/finetune export-base outputs/base/unet2/pipeline finetune/assets/toyworld-base
 
 clean:
 	rm -rf outputs

@@ -104,7 +104,7 @@ def build_app(engine, note: str = "", queue_size: int = 8):
         gr.Markdown(f"# finetune demo\nBase model: `{engine.base_name}`" + (f"\n\n{note}" if note else ""), elem_id="base-note")
         with gr.Row():
             with gr.Column(scale=1):
-                prompt = gr.Textbox(label="prompt", value="a large red striped circle on a blue background, center", lines=2, max_length=1000)
+                prompt = gr.Textbox(label="prompt", value="a large red star on a blue background, center", lines=2, max_length=1000, elem_id="prompt")
                 negative = gr.Textbox(label="negative prompt", value="", max_length=1000)
                 with gr.Row():
                     seed = gr.Number(label="seed", value=0, precision=0, minimum=0, maximum=2**31 - 1)

@@ -11,9 +11,29 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config import recipe_from_dict
+from finetune.config import load_recipe, recipe_from_dict
 from finetune.tiny_model import make_tiny_model
 from finetune.toyworld.world import write_folder
+
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED_BASE = REPO / "finetune" / "assets" / "toyworld-base"
+
+
+@pytest.fixture(scope="session")
+def quickstart_lora(tmp_path_factory) -> Path:
+    """recipes/quickstart.yaml (about 20 s) on the shipped base: the output folder of a LoRA that draws stars."""
+    from finetune.trainer import train
+
+    out = tmp_path_factory.mktemp("quickstart") / "quickstart"
+    recipe = load_recipe(
+        REPO / "recipes" / "quickstart.yaml",
+        [f"output_dir={out}", f"model.pretrained={SHIPPED_BASE}", f"data.image_dir={REPO / 'datasets' / 'star'}",
+         "validation.at_start=false", "validation.prompts=[]",
+         "checkpoint.every_n_steps=0", "logging.tensorboard=false"],
+    )  # fmt: skip
+    train(recipe)
+    return out
 
 
 @pytest.fixture(scope="session")

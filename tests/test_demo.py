@@ -268,11 +268,15 @@ def chromium_driver(profile: Path):
     return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
 
 
-def test_in_a_browser_pick_an_adapter_and_generate(demo, tmp_path):
+def require_browser() -> None:
     if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
         if os.environ.get("FINETUNE_REQUIRE_BROWSER"):
             pytest.fail("Chromium is missing: run `make browser` (apt-get install chromium chromium-driver)")
         pytest.skip("Chromium is missing: run `make browser` (apt-get install chromium chromium-driver)")
+
+
+def test_in_a_browser_pick_an_adapter_and_generate(demo, tmp_path):
+    require_browser()
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -298,14 +302,6 @@ def test_in_a_browser_pick_an_adapter_and_generate(demo, tmp_path):
         assert shown.shape[0] > 100 and shown.std() > 10, "the result image is blank"
         requested = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
         assert requested and all(url.startswith(demo.url) for url in requested), [u for u in requested if not u.startswith(demo.url)]
-        # The whole page, top to bottom: controls, the result, and the adapters table with its metadata.
-        driver.execute_script("window.scrollTo(0, 0)")
-        driver.set_window_size(1280, min(2400, driver.execute_script("return document.documentElement.scrollHeight") + 140))
-        time.sleep(0.5)
-        driver.save_screenshot(str(tmp_path / "demo.png"))
-        if os.environ.get("FINETUNE_WRITE_DOCS") == "1":
-            (ROOT / "docs" / "images").mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(tmp_path / "demo.png", ROOT / "docs" / "images" / "demo.png")
 
         # A LoRA of another base: a readable message in the page, not a stack trace.
         driver.find_element(By.CSS_SELECTOR, "#lora-1 input").click()
@@ -318,3 +314,47 @@ def test_in_a_browser_pick_an_adapter_and_generate(demo, tmp_path):
     finally:
         driver.quit()
     assert time.perf_counter() - started < 60
+
+
+def test_in_a_browser_the_quickstart_star_on_the_shipped_base(quickstart_lora, tmp_path):
+    """The README's screenshot (FINETUNE_WRITE_DOCS=1 rewrites docs/images/demo.png): the shipped base beside
+    the quickstart's LoRA at two strengths, for a star prompt."""
+    require_browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from finetune.demo import build_app, launch_app, resolve_base
+    from finetune.demo_engine import DemoEngine
+
+    base, note = resolve_base(None)
+    engine = DemoEngine(base, quickstart_lora.parent)
+    app = build_app(engine, note=note, queue_size=4)
+    url = launch_app(app, port=free_port(), max_upload_mb=1, block=False)
+    driver = chromium_driver(Path(tempfile.mkdtemp(dir=tmp_path)))
+    try:
+        wait = WebDriverWait(driver, 60)
+        driver.get(url)
+        wait.until(lambda d: d.find_element(By.ID, "generate").is_enabled())
+        assert "toy-world base" in driver.find_element(By.ID, "base-note").text
+        driver.find_element(By.CSS_SELECTOR, "#lora-1 input").click()
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f'[role=option][aria-label="{quickstart_lora.name}"]')).click()
+        strengths = driver.find_element(By.CSS_SELECTOR, "#strengths textarea")
+        strengths.clear()
+        strengths.send_keys("0.5, 1")
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: "column(s)" in d.find_element(By.ID, "summary").text)
+        result = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#result img"))
+        wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", result))
+        shown = np.asarray(Image.open(__import__("io").BytesIO(result.screenshot_as_png)).convert("L"), dtype=np.float64)
+        assert shown.shape[0] > 100 and shown.std() > 10, "the result image is blank"
+        # The whole page, top to bottom: controls, the result, and the adapters table with its metadata.
+        driver.execute_script("window.scrollTo(0, 0)")
+        driver.set_window_size(1280, min(2400, driver.execute_script("return document.documentElement.scrollHeight") + 140))
+        time.sleep(0.5)
+        driver.save_screenshot(str(tmp_path / "demo.png"))
+        if os.environ.get("FINETUNE_WRITE_DOCS") == "1":
+            (ROOT / "docs" / "images").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(tmp_path / "demo.png", ROOT / "docs" / "images" / "demo.png")
+    finally:
+        driver.quit()
+        app.close()
