@@ -18,7 +18,8 @@ control     control     ``control_iou``: mean IoU of the generated shape (segmen
 
 Prompt sets come from their own fixed seeds, not from the generation ``seed``, so every
 run, method and checkpoint is scored on the same prompts; ``seed`` only picks the noise
-(image k of every prompt uses ``seed + k``, as in ``finetune sample``):
+(image k of prompt p uses ``seed + p * images_per_prompt + k``: every image of a suite has its
+own noise, see ``generate_per_prompt``):
 
 - ``held_in_prompts``: captions of ``sample_scenes(n, 2_000_001, "no")``, the world the
   base model was pretrained on ("a small red circle on a blue background, top left").
@@ -241,6 +242,22 @@ def _score(make_rows, suites, options: dict) -> dict:
     return result
 
 
+def generate_per_prompt(pipeline, prompts, images_per_prompt, seed, steps, guidance, resolution, conditions=None, **call_kwargs):
+    """images[p][k] with seed ``seed + p * images_per_prompt + k``: fresh noise for every image.
+
+    With one seed for all prompts (as ``finetune sample`` does, to compare prompts) the images of a
+    suite would share their noise, and what the noise decides (here: much of the shape) would count
+    once, not once per image. Prompt i of the subject and class sets still share a seed (paired).
+    """
+    from finetune.sampling import generate  # torch/diffusers-heavy: loaded when generating
+
+    rows = []
+    for p, prompt in enumerate(prompts):
+        extra = dict(call_kwargs) if conditions is None else dict(call_kwargs, image=conditions[p])
+        rows.append(generate(pipeline, [prompt], images_per_prompt, seed + p * images_per_prompt, steps, guidance, resolution, **extra)[0])
+    return rows
+
+
 def run_eval(
     base: str,
     lora: str | None = None,
@@ -270,7 +287,6 @@ def run_eval(
     (images as grids) via :func:`write_report`.
     """
     from finetune.inference import load_sampling_pipeline, resolve_controlnet_folder
-    from finetune.sampling import generate
 
     if controlnet is None and conditioning_scale is not None:
         raise FinetuneError("--conditioning-scale steers a ControlNet: pass --controlnet PATH too, or leave it out")
@@ -288,13 +304,9 @@ def run_eval(
     options["resolution"] = resolution
 
     def make_rows(ps: PromptSet):
-        if controlnet is None:
-            return generate(pipeline, ps.prompts, images_per_prompt, seed, steps, guidance, resolution)
-        return [
-            generate(pipeline, [prompt], images_per_prompt, seed, steps, guidance, resolution, image=condition,
-                     controlnet_conditioning_scale=scale)[0]
-            for prompt, condition in zip(ps.prompts, ps.conditions)
-        ]  # fmt: skip
+        control = {} if controlnet is None else dict(controlnet_conditioning_scale=scale)
+        return generate_per_prompt(pipeline, ps.prompts, images_per_prompt, seed, steps, guidance, resolution,
+                                   ps.conditions if controlnet is not None else None, **control)  # fmt: skip
 
     result = _score(make_rows, suites, options)
     result["settings"] = dict(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import SHIPPED_BASE
 from finetune.inference import load_sampling_pipeline
-from finetune.sampling import generate
+from finetune.evaluate import generate_per_prompt
 from finetune.toyworld.metrics import attribute_share
 from finetune.toyworld.world import caption, sample_scenes
 
@@ -16,5 +16,5 @@ STAR_PROMPTS = [caption(replace(scene, shape="star")) for scene in sample_scenes
 
 def star_share(lora: Path | None) -> float:
     pipeline = load_sampling_pipeline(str(SHIPPED_BASE), None if lora is None else str(lora), 1.0)
-    rows = generate(pipeline, STAR_PROMPTS, 1, 0, 20, 5.0, 64)
+    rows = generate_per_prompt(pipeline, STAR_PROMPTS, 1, 0, 20, 5.0, 64)
     return attribute_share([image for row in rows for image in row], "shape", "star")
