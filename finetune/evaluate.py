@@ -74,7 +74,7 @@ from finetune.toyworld.metrics import (
     prompt_adherence,
     subject_fidelity,
 )
-from finetune.toyworld.world import SHAPES, Scene, caption, draw, generate as world_samples, sample_scenes
+from finetune.toyworld.world import SHAPES, Scene, caption, draw, generate as world_samples, mask_image, sample_scenes
 
 HELD_IN_SEED, STYLE_SEED, SUBJECT_SEED, CONTROL_SEED = 2_000_001, 2_000_002, 2_000_003, 2_000_004
 DEFAULT_SUITES = ("adherence", "fid")
@@ -119,11 +119,6 @@ def _class(n: int, class_word: str, seed: int = SUBJECT_SEED) -> PromptSet:
     # subject is a held-in shape.
     scenes = sample_scenes(n, seed, "no")
     return PromptSet([f"a {class_word}" + _suffix(s, i) for i, s in enumerate(scenes)], scenes, seed)
-
-
-def mask_image(mask: np.ndarray) -> Image.Image:
-    """A bool shape mask as a conditioning image: white shape on black, RGB (as write_folder writes it)."""
-    return Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), "L").convert("RGB")
 
 
 def control_set(n: int = 64, resolution: int = 64, seed: int = CONTROL_SEED) -> PromptSet:

@@ -27,7 +27,7 @@ from finetune.methods.controlnet import (
     paired_views,
 )
 from finetune.models import load_base_model
-from finetune.toyworld.world import draw, generate, sample_scenes, write_folder
+from finetune.toyworld.world import draw, generate, mask_image, sample_scenes, write_folder
 from finetune.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -262,7 +262,7 @@ def test_datasets_source_with_custom_columns(make_recipe, tmp_path):
     import datasets
 
     samples = generate(3, seed=2)
-    masks = [Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)).convert("RGB") for _, _, _, mask in samples]
+    masks = [mask_image(mask) for _, _, _, mask in samples]
     data = datasets.Dataset.from_dict({"picture": [s[0] for s in samples], "hint": masks, "prompt": [s[1] for s in samples]})
     data.save_to_disk(tmp_path / "saved")
     recipe = make_recipe(

@@ -14,9 +14,8 @@ from PIL import Image
 
 import finetune.inference as inference
 from finetune.cli import main
-from finetune.evaluate import mask_image
 from finetune.methods.controlnet import save_model_folder
-from finetune.toyworld.world import Scene, draw
+from finetune.toyworld.world import Scene, draw, mask_image
 
 torch.set_num_threads(1)
 PROMPT = "a small red circle on a blue background, top left"

@@ -328,6 +328,11 @@ def generate(
     return out
 
 
+def mask_image(mask: np.ndarray) -> Image.Image:
+    """A bool shape mask as a ControlNet conditioning image: white shape on black, RGB."""
+    return Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), "L").convert("RGB")
+
+
 def write_folder(
     directory: str | Path,
     n: int,
@@ -357,7 +362,7 @@ def write_folder(
         (directory / name).with_suffix(".txt").write_text(text + "\n")
         row = {"file_name": name, "text": text}
         if conditioning:
-            cond = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), "L").convert("RGB")
+            cond = mask_image(mask)
             cond.save(directory / "conditioning" / name)
             row["conditioning_file_name"] = f"conditioning/{name}"
         rows.append(row)
