@@ -44,19 +44,23 @@ demo: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
-# Regenerate the shipped toy-world base model from nothing (about 1.5 hours on 2 CPU cores):
+# Regenerate the shipped toy-world base model from nothing (about 1.75 hours on 2 CPU cores):
 # world data -> random init -> VAE (recipes/pretrain_vae.yaml) -> UNet + text encoder
-# (recipes/pretrain_unet.yaml, then recipes/pretrain_unet_2.yaml) -> fp16 copy in finetune/assets/toyworld-base.
+# (recipes/pretrain_unet.yaml, recipes/pretrain_unet_2.yaml, fp16 copy, recipes/pretrain_unet_3.yaml
+# with partial captions) -> fp16 copy in finetune/assets/toyworld-base.
 base-model: setup
 	$(BIN)/finetune make-world-data outputs/world/all --include-held-out all --num-images 10000 --seed 1
 	$(BIN)/finetune make-world-data outputs/world/train --num-images 20000 --seed 0
+	$(BIN)/finetune make-world-data outputs/world/train_partial --num-images 20000 --seed 0 --partial-captions 0.3
 	$(BIN)/finetune make-tiny-model outputs/base/init --preset world --seed 0
 	test -f finetune/assets/toyworld_perceptual.safetensors || \
 		$(BIN)/python -m finetune.toyworld.classifier --seed 1 --threads 1 --out finetune/assets/toyworld_perceptual.safetensors
 	$(BIN)/finetune train recipes/pretrain_vae.yaml
 	$(BIN)/finetune train recipes/pretrain_unet.yaml
 	$(BIN)/finetune train recipes/pretrain_unet_2.yaml
-	$(BIN)/finetune export-base outputs/base/unet2/pipeline finetune/assets/toyworld-base
+	$(BIN)/finetune export-base outputs/base/unet2/pipeline outputs/base/unet2-fp16
+	$(BIN)/finetune train recipes/pretrain_unet_3.yaml
+	$(BIN)/finetune export-base outputs/base/unet3/pipeline finetune/assets/toyworld-base
 
 clean:
 	rm -rf outputs

@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     world.add_argument("--seed", type=int, default=0)
     world.add_argument("--include-held-out", choices=["no", "all"], default="no",
                        help="no: held-in only (UNet pretraining); all: stars and stripes too (VAE pretraining)")
+    world.add_argument("--partial-captions", type=float, default=0.0, metavar="SHARE",
+                       help="share of images captioned with only some attributes ('a red shape, top left'; default 0)")
+    world.add_argument("--conditioning", action="store_true",
+                       help="also write shape masks (conditioning/NNNN.png) for ControlNet training")
 
     export = commands.add_parser(
         "export-base",
@@ -245,7 +249,9 @@ def _make_sample_data(args) -> int:
 def _make_world_data(args) -> int:
     from finetune.sample_data import make_world_data
 
-    print(f"wrote {args.num_images} images to {make_world_data(args.output_dir, args.num_images, args.seed, args.include_held_out)}")
+    folder = make_world_data(args.output_dir, args.num_images, args.seed, args.include_held_out,
+                             partial_captions=args.partial_captions, conditioning=args.conditioning)
+    print(f"wrote {args.num_images} images to {folder}")
     return 0
 
 

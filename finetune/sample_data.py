@@ -18,14 +18,16 @@ SAMPLE_SETS = {
 }
 
 
-def make_world_data(folder: str | Path, num_images: int, seed: int, include_held_out: str = "no") -> Path:
+def make_world_data(
+    folder: str | Path, num_images: int, seed: int, include_held_out: str = "no", partial_captions: float = 0.0, conditioning: bool = False
+) -> Path:
     """World images with captions: the base model's pretraining data.
 
     The UNet and text encoder see held-in images only ("no": no star, no stripes). The VAE sees
     everything ("all"): like Stable Diffusion's VAE, trained on general images, it must be able to
     represent what fine-tuning will teach; it is the text-to-image model that has never seen it.
     """
-    return write_folder(folder, num_images, seed, include_held_out=include_held_out)
+    return write_folder(folder, num_images, seed, include_held_out=include_held_out, partial_captions=partial_captions, conditioning=conditioning)
 
 
 def make_sample_data(root: str | Path) -> list[Path]:

@@ -147,6 +147,26 @@ def test_write_folder(tmp_path):
         assert np.array_equal(cond, mask)
 
 
+def test_partial_captions_name_a_subset_of_the_scene_and_leave_images_alone(tmp_path):
+    full = write_folder(tmp_path / "full", 200, seed=4)
+    partial = write_folder(tmp_path / "partial", 200, seed=4, partial_captions=0.3)
+    rows = [json.loads(line) for line in (partial / "metadata.jsonl").read_text().splitlines()]
+    changed = 0
+    for row, (_, _, scene, _) in zip(rows, generate(200, 4)):
+        assert (partial / row["file_name"]).read_bytes() == (full / row["file_name"]).read_bytes()
+        if row["text"] == caption(scene):
+            continue
+        changed += 1
+        named = parse_caption(row["text"])
+        # Whatever a partial caption names is true of the image; "shape" names no shape.
+        assert all(value is None or value == getattr(scene, name) for name, value in named.items()), row
+        assert named["shape"] is not None or " shape" in row["text"]
+    assert 40 <= changed <= 80  # about 30% of 200 (a partial caption can come out complete by chance)
+    assert write_folder(tmp_path / "again", 200, seed=4, partial_captions=0.3).joinpath("metadata.jsonl").read_text() == (
+        partial / "metadata.jsonl"
+    ).read_text()
+
+
 def test_other_sizes_render():
     image, mask = draw(Scene("star", "red", "blue", "large", "top left"), size=128, rng=0)
     assert image.size == (128, 128) and mask.shape == (128, 128) and mask[:64, :64].any()

@@ -55,3 +55,7 @@ def test_shipped_base_follows_held_in_prompts(held_in_eval):
 
 def test_shipped_base_has_not_seen_the_held_out_subject():
     assert star_share(None) <= 0.05  # measured: 0 of 32
+    # Underspecified prompts ("a star", "a star, top left"): the word is unknown to the base, which
+    # must fill in a shape of its own world, not a star-like blob (measured: 1 of 64 at 25 steps).
+    underspecified = run_eval(str(SHIPPED_BASE), suites=["subject"], num_prompts=32, steps=20, guidance=5.0, identifier="", class_word="star")
+    assert underspecified["metrics"]["subject_fidelity"] <= 0.05, underspecified["prompts"]["subject"][:4]

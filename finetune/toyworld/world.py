@@ -65,10 +65,14 @@ RGB = {
 # Stripe colours: the one farthest from both the shape colour and the background.
 _STRIPE_CANDIDATES = ((30, 30, 30), (235, 235, 235), (128, 128, 128))
 
-#: Every word ``caption`` can produce, sorted (e.g. for a tokenizer vocabulary).
+#: The generic word a partial caption uses instead of the shape's name ("a red shape").
+GENERIC_SHAPE = "shape"
+
+
+#: Every word ``caption`` and ``partial_caption`` can produce, sorted (e.g. for a tokenizer vocabulary).
 WORLD_WORDS = tuple(
     sorted(
-        {"a", "on", "background", "striped"}
+        {"a", "on", "background", "striped", GENERIC_SHAPE}
         | set(SHAPES)
         | set(COLOURS)
         | set(BACKGROUNDS)
@@ -110,6 +114,27 @@ def caption(scene: Scene) -> str:
         f"a {scene.size} {scene.colour} {style}{scene.shape} "
         f"on a {scene.background} background, {scene.position}"
     )
+
+
+def partial_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """A caption that leaves some attributes unsaid: "a red shape, top left", "a small circle".
+
+    Size, colour, background and position are each named with probability 1/2 and the shape
+    with 1/2 (else the generic "shape"). A base model trained only on full captions has never
+    seen an underspecified prompt, so "a shape" (DreamBooth's class prompt) or a word it does not
+    know draws whatever blob the noise suggests; with some partial captions in its data it learns
+    to fill in what the prompt leaves open with things of its world.
+    """
+    keep = rng.random(5) < 0.5
+    style = "striped " if scene.style == "striped" else ""
+    words = ["a", scene.size if keep[0] else "", scene.colour if keep[1] else "", style.strip(),
+             scene.shape if keep[2] else GENERIC_SHAPE]
+    text = " ".join(w for w in words if w)
+    if keep[3]:
+        text += f" on a {scene.background} background"
+    if keep[4]:
+        text += f", {scene.position}"
+    return text
 
 
 _COLOUR_WORDS = frozenset(COLOURS) | frozenset(BACKGROUNDS)
@@ -341,13 +366,16 @@ def write_folder(
     size: int = 64,
     conditioning: bool = False,
     metadata: bool = True,
+    partial_captions: float = 0.0,
 ) -> Path:
     """Write a dataset folder: ``0000.png`` + ``0000.txt`` (caption) per sample.
 
     With ``conditioning=True`` also writes ``conditioning/0000.png`` (the shape mask,
     white on black, RGB) for ControlNet. With ``metadata=True`` writes a
     ``metadata.jsonl`` (``file_name``, ``text`` and, with conditioning,
-    ``conditioning_file_name``) in the Hugging Face ``imagefolder`` layout.
+    ``conditioning_file_name``) in the Hugging Face ``imagefolder`` layout. A share
+    ``partial_captions`` of the images get a :func:`partial_caption` (drawn with the seed
+    ``(seed, i, 1)``) instead of the full one; the images themselves do not change.
     Returns the directory.
     """
     directory = Path(directory)
@@ -358,6 +386,10 @@ def write_folder(
     rows = []
     for i, (image, text, scene, mask) in enumerate(generate(n, seed, include_held_out, size)):
         name = f"{i:0{digits}d}.png"
+        if partial_captions:
+            caption_rng = np.random.default_rng([seed, i, 1])
+            if caption_rng.random() < partial_captions:
+                text = partial_caption(scene, caption_rng)
         image.save(directory / name)
         (directory / name).with_suffix(".txt").write_text(text + "\n")
         row = {"file_name": name, "text": text}
