@@ -14,6 +14,8 @@ style       style       ``style_share``: share classified ``striped``
 control     control     ``control_iou``: mean IoU of the generated shape (segmented) with
                         the control mask; ``control_chance_iou``: the same with another
                         scene's mask (the level of a model that ignores the control)
+placement   placement   ``placement_iou`` / ``placement_chance_iou``: the same, but the
+                        prompts leave size and position to the mask
 ==========  ==========  ===========================================================
 
 Prompt sets come from their own fixed seeds, not from the generation ``seed``, so every
@@ -37,11 +39,15 @@ own noise, see ``generate_per_prompt``):
   ``(2_000_004, i)``: prompt i is scene i's caption and its conditioning image is scene i's
   shape mask at the model's resolution, white on black RGB, exactly what
   ``write_folder(..., conditioning=True)`` writes for a ControlNet training folder.
+- ``placement_set``: the same scenes and masks with prompts that name only colour, shape and
+  background ("a red circle on a blue background"). The full captions of ``control_set`` already
+  say where and how large the shape is, so a base model with no ControlNet scores well there too;
+  here only the mask says it, and a model that ignores the mask scores near chance.
 
-With ``controlnet`` (``--controlnet``) the control suite samples with
-``StableDiffusionControlNetPipeline`` (prompt + mask, ``conditioning_scale``); it is the
-default suite then, and the only one (the other prompt sets have no conditioning
-images). Without it the control suite samples the same prompts with the plain pipeline:
+With ``controlnet`` (``--controlnet``) the control and placement suites sample with
+``StableDiffusionControlNetPipeline`` (prompt + mask, ``conditioning_scale``); they are the
+default suites then, and the only ones (the other prompt sets have no conditioning
+images). Without it they sample the same prompts with the plain pipeline:
 the "base model with no ControlNet" row, whose IoU is only what the caption's size and
 position give. Each generated image is segmented (``metrics.segment``) and compared with
 its own scene's mask (``control_iou``) and, for the chance level, with the next scene's
@@ -78,7 +84,7 @@ from finetune.toyworld.world import SHAPES, Scene, caption, draw, generate as wo
 
 HELD_IN_SEED, STYLE_SEED, SUBJECT_SEED, CONTROL_SEED = 2_000_001, 2_000_002, 2_000_003, 2_000_004
 DEFAULT_SUITES = ("adherence", "fid")
-CONTROL_SUITES = ("control",)  # the default, and the only suites, with a ControlNet
+CONTROL_SUITES = ("control", "placement")  # the default, and the only suites, with a ControlNet
 
 
 @dataclass(frozen=True)
@@ -128,6 +134,13 @@ def control_set(n: int = 64, resolution: int = 64, seed: int = CONTROL_SEED) -> 
                      [mask_image(mask) for _, _, _, mask in samples])  # fmt: skip
 
 
+def placement_set(n: int = 64, resolution: int = 64, seed: int = CONTROL_SEED) -> PromptSet:
+    """:func:`control_set` with prompts that leave size and position to the mask."""
+    ps = control_set(n, resolution, seed)
+    prompts = [f"a {s.colour} {s.shape} on a {s.background} background" for s in ps.scenes]
+    return replace(ps, prompts=prompts)
+
+
 def held_in_prompts(n: int = 64, seed: int = HELD_IN_SEED) -> list[str]:
     """Canonical captions of ``n`` held-in scenes (no star, no stripes)."""
     return _held_in(n, seed).prompts
@@ -154,6 +167,7 @@ _PROMPT_SETS = {
     "subject": lambda o: _subject(o["n"], o["identifier"], o["class_word"], o["subject"]),
     "class": lambda o: _class(o["n"], o["class_word"]),
     "control": lambda o: control_set(o["n"], o["resolution"]),
+    "placement": lambda o: placement_set(o["n"], o["resolution"]),
 }
 
 
@@ -173,13 +187,13 @@ def _fid(images, prompts, ps, o):
     return {"fid": (frechet_distance(images, real), len(images))}
 
 
-def _control(images, prompts, ps, o):
+def _control(images, prompts, ps, o, prefix="control"):
     per_prompt = o["images_per_prompt"]
     own_masks = [mask for mask in ps.conditions for _ in range(per_prompt)]  # images are prompt-major
     # Chance: image k of prompt p against prompt p+1's mask (metrics.chance_iou over the images of seed k).
     # Shifting the flat list instead would pair a prompt's image with its own mask whenever per_prompt > 1.
     chance = np.mean([chance_iou(images[k::per_prompt], ps.conditions) for k in range(per_prompt)])
-    return {"control_iou": (control_iou(images, own_masks), len(images)), "control_chance_iou": (chance, len(images))}
+    return {f"{prefix}_iou": (control_iou(images, own_masks), len(images)), f"{prefix}_chance_iou": (chance, len(images))}
 
 
 #: suite -> (prompt set, scorer(images, prompts, prompt set, options) -> {metric: (value, n)})
@@ -190,6 +204,7 @@ SUITES = {
     "drift": ("class", lambda im, p, ps, o: {"prior_drift": (prior_drift(im, o["subject"]), len(im))}),
     "style": ("style", lambda im, p, ps, o: {"style_share": (attribute_share(im, "style", "striped"), len(im))}),
     "control": ("control", _control),
+    "placement": ("placement", lambda im, p, ps, o: _control(im, p, ps, o, prefix="placement")),
 }
 
 
@@ -206,13 +221,13 @@ def _validate(suites, options: dict) -> list[str]:
     images = options["n"] * options["images_per_prompt"]
     if options["n"] < 1 or options["images_per_prompt"] < 1 or ("fid" in suites and images < 2):
         raise FinetuneError("--num-prompts and --images-per-prompt must be >= 1 (and give >= 2 images for the fid suite)")
-    if "control" in suites and options["n"] < 2:
-        raise FinetuneError("the control suite needs --num-prompts >= 2 (its chance level compares each image with another scene's mask)")
+    if set(CONTROL_SUITES) & set(suites) and options["n"] < 2:
+        raise FinetuneError("the control and placement suites need --num-prompts >= 2 (its chance level compares each image with another scene's mask)")
     if options.get("controlnet"):
         other = [s for s in suites if s not in CONTROL_SUITES]
         if other:
             raise FinetuneError(
-                f"suite {other[0]!r} has no conditioning images for --controlnet: pass --suite control, or leave out --controlnet"
+                f"suite {other[0]!r} has no conditioning images for --controlnet: pass --suite control/placement, or leave out --controlnet"
             )
     return suites
 
@@ -377,12 +392,12 @@ EVAL_EXAMPLE = """examples:
   finetune eval --base finetune/assets/toyworld-base
   finetune eval --base finetune/assets/toyworld-base --lora outputs/striped --suite style --suite adherence
   finetune eval --base finetune/assets/toyworld-base --lora outputs/dreambooth --suite subject --suite drift
-  finetune eval --base finetune/assets/toyworld-base --controlnet outputs/controlnet     (the control suite)
-  finetune eval --base finetune/assets/toyworld-base --suite control                     (the same prompts, no ControlNet)
+  finetune eval --base finetune/assets/toyworld-base --controlnet outputs/controlnet     (control and placement suites)
+  finetune eval --base finetune/assets/toyworld-base --suite control --suite placement   (the same prompts, no ControlNet)
 
 shares in [0, 1], higher is better, except prior_drift (lower is better; compare with the base model's);
 fid: lower is better, comparable only between runs scoring the same number of images;
-control_iou: higher is better, compare with control_chance_iou and with the run without --controlnet."""
+control_iou, placement_iou: higher is better, compare with their chance levels and with the run without --controlnet."""
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:

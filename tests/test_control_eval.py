@@ -12,9 +12,9 @@ from PIL import Image
 
 import finetune.sampling as sampling
 from finetune.errors import FinetuneError
-from finetune.evaluate import CONTROL_SEED, control_set, evaluate_real_images, run_eval
+from finetune.evaluate import CONTROL_SEED, control_set, evaluate_real_images, placement_set, run_eval
 from finetune.toyworld.metrics import chance_iou, control_iou
-from finetune.toyworld.world import HELD_OUT_SHAPES, write_folder
+from finetune.toyworld.world import HELD_OUT_SHAPES, parse_caption, write_folder
 
 torch.set_num_threads(1)
 
@@ -42,6 +42,15 @@ def test_control_set_is_what_write_folder_writes_for_controlnet_training(tmp_pat
     assert large.prompts == ps.prompts and large.conditions[0].size == (128, 128)
 
 
+def test_placement_set_leaves_size_and_position_to_the_mask():
+    control, placement = control_set(8), placement_set(8)
+    assert placement.scenes == control.scenes and all(np.array_equal(pixels(a), pixels(b)) for a, b in zip(placement.conditions, control.conditions))
+    for prompt, scene in zip(placement.prompts, placement.scenes):
+        named = parse_caption(prompt)
+        assert (named["shape"], named["colour"], named["background"]) == (scene.shape, scene.colour, scene.background)
+        assert named["size"] is None and named["position"] is None, prompt
+
+
 class FakeGenerate:
     """Stands in for sampling.generate: images[p][k] = draw(prompt p, its conditioning, k); records the calls."""
 
@@ -56,7 +65,7 @@ class FakeGenerate:
 def fake_eval(monkeypatch, tiny_model, draw, **options):
     fake = FakeGenerate(draw)
     monkeypatch.setattr(sampling, "generate", fake)
-    result = run_eval(str(tiny_model), suites=["control"], steps=1, **{"num_prompts": 5, **options})
+    result = run_eval(str(tiny_model), steps=1, **{"num_prompts": 5, "suites": ["control"], **options})
     return result, fake
 
 
@@ -75,6 +84,11 @@ def test_suite_scores_are_the_metrics_on_the_generated_images(tiny_model, runs, 
     assert all(np.array_equal(pixels(call["image"]), pixels(mask)) for call, mask in zip(fake.calls, masks))
     assert {call["controlnet_conditioning_scale"] for call in fake.calls} == {0.7}
     assert all(r == [m] for r, m in zip(result["images"]["control"], result["conditions"]["control"]))
+
+    # The placement suite scores its images the same way, under its own names.
+    both, _ = fake_eval(monkeypatch, tiny_model, lambda p, condition, k: condition, controlnet=str(runs["fresh"]), suites=["control", "placement"])
+    assert both["metrics"]["placement_iou"] == 1.0 and both["metrics"]["placement_chance_iou"] == both["metrics"]["control_chance_iou"]
+    assert both["prompts"]["placement"] == placement_set(5).prompts
 
     # Empty images: nothing overlaps the masks.
     result, _ = fake_eval(monkeypatch, tiny_model, lambda p, condition, k: blank, controlnet=str(runs["fresh"]))
@@ -141,13 +155,14 @@ def test_real_renders_follow_the_caption_not_the_control_jitter():
     assert metrics["control_chance_iou"] < 0.2 < 0.6 < metrics["control_iou"] < 1.0
 
 
-def test_cli_defaults_to_the_control_suite_next_to_the_run(tiny_model, runs, capsys):
+def test_cli_defaults_to_the_control_suites_next_to_the_run(tiny_model, runs, capsys):
     from finetune.cli import main
 
     assert main(["eval", "--base", str(tiny_model), "--controlnet", str(runs["fresh"]), "--num-prompts", "2", "--steps", "1"]) == 0
     assert "control_iou" in capsys.readouterr().out
     report = json.loads((runs["fresh"] / "eval.json").read_text())
-    assert report["settings"]["suites"] == ["control"] and set(report["metrics"]) == {"control_iou", "control_chance_iou"}
+    assert report["settings"]["suites"] == ["control", "placement"]
+    assert set(report["metrics"]) == {"control_iou", "control_chance_iou", "placement_iou", "placement_chance_iou"}
 
 
 @pytest.mark.parametrize(
@@ -155,7 +170,8 @@ def test_cli_defaults_to_the_control_suite_next_to_the_run(tiny_model, runs, cap
     [
         (dict(controlnet="RUN", suites=["adherence"]), r"suite 'adherence' has no conditioning images for --controlnet: pass --suite control"),
         (dict(controlnet="RUN", suites=["control", "fid"]), r"suite 'fid' has no conditioning images"),
-        (dict(suites=["control"], num_prompts=1), r"the control suite needs --num-prompts >= 2"),
+        (dict(suites=["control"], num_prompts=1), r"the control and placement suites need --num-prompts >= 2"),
+        (dict(suites=["placement"], num_prompts=1), r"the control and placement suites need --num-prompts >= 2"),
         (dict(suites=["control"], conditioning_scale=0.5), r"--conditioning-scale steers a ControlNet: pass --controlnet PATH too"),
         (dict(controlnet="EMPTY"), r"ControlNet folder \S+empty has no config\.json"),
     ],

@@ -377,18 +377,21 @@ def test_control_use_score_is_exactly_zero_at_creation_and_moves_with_training(m
 @pytest.mark.slow
 @pytest.mark.skipif(not (TOYWORLD_BASE / "model_index.json").is_file(), reason=f"needs the pretrained toy-world base at {TOYWORLD_BASE} (make base-model)")
 def test_control_use_is_clearly_positive_after_training_on_the_toyworld_base(tmp_path, monkeypatch):
-    from finetune.config import recipe_from_dict
+    """recipes/toyworld/controlnet_mask.yaml for 1,000 steps (about 5 minutes on 2 cores).
 
-    folder = write_folder(tmp_path / "world", 256, seed=21, conditioning=True)
-    recipe = recipe_from_dict({
-        "method": "controlnet", "seed": 0, "output_dir": str(tmp_path / "run"),
-        "model": {"pretrained": str(TOYWORLD_BASE)},
-        "data": {"image_dir": str(folder), "resolution": 64},
-        # Not yet calibrated on the base (it did not exist when this was written): on a random "world"
-        # init, 600 such steps lower the loss through the ControlNet without using the condition yet.
-        "train": {"batch_size": 16, "max_steps": 1000}, "optimizer": {"lr": 1e-4, "scheduler": "constant"},
-        "validation": {"prompts": []}, "checkpoint": {"every_n_steps": 0}, "logging": {"tensorboard": False},
-    })
+    On the documented run the control took hold between steps 500 and 1,000 (placement IoU 0.13 ->
+    0.51, docs/results.md) and the gap of the 3,000-step ControlNet is 0.84-0.99. Shorter runs stay at
+    a gap of 0: 1,500 steps of batch 16 on 256 images, or 800 of batch 32 at lr 5e-4, ended within
+    +-0.001 (the ControlNet lowers the loss without reading the mask before the control takes hold),
+    which is why this check is not in the default suite.
+    """
+    from finetune.config import load_recipe
+
+    folder = write_folder(tmp_path / "world", 10000, seed=3, conditioning=True)
+    recipe = load_recipe(ROOT / "recipes" / "toyworld" / "controlnet_mask.yaml", [
+        f"output_dir={tmp_path / 'run'}", f"data.image_dir={folder}", "train.max_steps=1000", "train.cache_dir=null",
+        "validation.prompts=[]", "controlnet.validation_conditions=[]", "checkpoint.every_n_steps=0", "logging.tensorboard=false",
+    ])  # fmt: skip
     capture = Capture(monkeypatch)
     train(recipe)
     method = capture.method
