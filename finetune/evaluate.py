@@ -18,31 +18,9 @@ placement   placement   ``placement_iou`` / ``placement_chance_iou``: the same, 
                         prompts leave size and position to the mask
 ==========  ==========  ===========================================================
 
-Prompt sets come from their own fixed seeds, not from the generation ``seed``, so every
-run, method and checkpoint is scored on the same prompts; ``seed`` only picks the noise
-(image k of prompt p uses ``seed + p * images_per_prompt + k``: every image of a suite has its
-own noise, see ``generate_per_prompt``):
-
-- ``held_in_prompts``: captions of ``sample_scenes(n, 2_000_001, "no")``, the world the
-  base model was pretrained on ("a small red circle on a blue background, top left").
-- ``style_prompts``: captions of ``sample_scenes(n, 2_000_002, "only_style")``: held-in
-  shapes captioned "striped" (a style LoRA should raise ``style_share`` towards 1).
-- ``subject_prompts`` / ``class_prompts``: ``"a {identifier} {class_word}"`` /
-  ``"a {class_word}"`` plus a suffix cycling over (none, " on a <bg> background",
-  ", <position>", both), with background and position from
-  ``sample_scenes(n, 2_000_003, "no")``. Prompt i of both sets has the same suffix, so
-  fidelity and drift are measured on paired prompts. The class word defaults to
-  "shape": drift is the subject leaking into its class, which only shows when the class
-  prompt does not itself name the subject ("a star" drawn as a star is not drift).
-  Use the identifier and class word of the DreamBooth run's instance prompt.
-- ``control_set``: ``world.generate(n, 2_000_004)``, held-in scenes jittered with the seed
-  ``(2_000_004, i)``: prompt i is scene i's caption and its conditioning image is scene i's
-  shape mask at the model's resolution, white on black RGB, exactly what
-  ``write_folder(..., conditioning=True)`` writes for a ControlNet training folder.
-- ``placement_set``: the same scenes and masks with prompts that name only colour, shape and
-  background ("a red circle on a blue background"). The full captions of ``control_set`` already
-  say where and how large the shape is, so a base model with no ControlNet scores well there too;
-  here only the mask says it, and a model that ignores the mask scores near chance.
+The prompt sets (fixed prompts, their scenes, and masks for the control suites) are built in
+``finetune.toyworld.prompt_sets``, which documents each one; ``seed`` only picks the noise
+(image k of prompt p uses ``seed + p * images_per_prompt + k``, see ``generate_per_prompt``).
 
 With ``controlnet`` (``--controlnet``) the control and placement suites sample with
 ``StableDiffusionControlNetPipeline`` (prompt + mask, ``conditioning_scale``); they are the
@@ -54,7 +32,7 @@ its own scene's mask (``control_iou``) and, for the chance level, with the next 
 (``metrics.chance_iou``'s derangement, taken per seed so an image is never compared with
 its own prompt's mask).
 
-To add a suite: add a prompt-set builder to ``_PROMPT_SETS`` and a scorer to ``SUITES``;
+To add a suite: add a prompt-set builder to ``prompt_sets.PROMPT_SETS`` and a scorer to ``SUITES``;
 a prompt set's ``conditions`` (one image per prompt) reach a ControlNet pipeline.
 """
 
@@ -63,12 +41,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from finetune.errors import FinetuneError
 from finetune.toyworld.metrics import (
@@ -80,95 +56,11 @@ from finetune.toyworld.metrics import (
     prompt_adherence,
     subject_fidelity,
 )
-from finetune.toyworld.world import SHAPES, Scene, caption, draw, generate as world_samples, mask_image, sample_scenes
+from finetune.toyworld.prompt_sets import PROMPT_SETS, PromptSet
+from finetune.toyworld.world import SHAPES, draw
 
-HELD_IN_SEED, STYLE_SEED, SUBJECT_SEED, CONTROL_SEED = 2_000_001, 2_000_002, 2_000_003, 2_000_004
 DEFAULT_SUITES = ("adherence", "fid")
 CONTROL_SUITES = ("control", "placement")  # the default, and the only suites, with a ControlNet
-
-
-@dataclass(frozen=True)
-class PromptSet:
-    """Prompts plus the scene each one describes (rendered for FID references and the ceiling),
-    and for ControlNet suites one conditioning image per prompt."""
-
-    prompts: list[str]
-    scenes: list[Scene]
-    seed: int
-    conditions: list[Image.Image] = field(default_factory=list)
-
-
-def _held_in(n: int, seed: int = HELD_IN_SEED) -> PromptSet:
-    scenes = sample_scenes(n, seed, "no")
-    return PromptSet([caption(s) for s in scenes], scenes, seed)
-
-
-def _style(n: int, seed: int = STYLE_SEED) -> PromptSet:
-    scenes = sample_scenes(n, seed, "only_style")
-    return PromptSet([caption(s) for s in scenes], scenes, seed)
-
-
-def _suffix(scene: Scene, i: int) -> str:
-    background = f" on a {scene.background} background" if i % 4 in (1, 3) else ""
-    position = f", {scene.position}" if i % 4 in (2, 3) else ""
-    return background + position
-
-
-def _subject(n: int, identifier: str, class_word: str, subject: str, seed: int = SUBJECT_SEED) -> PromptSet:
-    scenes = [replace(s, shape=subject) for s in sample_scenes(n, seed, "no")]
-    head = " ".join(w for w in ("a", identifier, class_word) if w)
-    return PromptSet([head + _suffix(s, i) for i, s in enumerate(scenes)], scenes, seed)
-
-
-def _class(n: int, class_word: str, seed: int = SUBJECT_SEED) -> PromptSet:
-    # Real class images are the held-in scenes themselves: their drift is 0 unless the
-    # subject is a held-in shape.
-    scenes = sample_scenes(n, seed, "no")
-    return PromptSet([f"a {class_word}" + _suffix(s, i) for i, s in enumerate(scenes)], scenes, seed)
-
-
-def control_set(n: int = 64, resolution: int = 64, seed: int = CONTROL_SEED) -> PromptSet:
-    """Captions of ``n`` held-in scenes and their shape masks at ``resolution`` as conditioning images."""
-    samples = world_samples(n, seed, "no", size=resolution)
-    return PromptSet([text for _, text, _, _ in samples], [scene for _, _, scene, _ in samples], seed,
-                     [mask_image(mask) for _, _, _, mask in samples])  # fmt: skip
-
-
-def placement_set(n: int = 64, resolution: int = 64, seed: int = CONTROL_SEED) -> PromptSet:
-    """:func:`control_set` with prompts that leave size and position to the mask."""
-    ps = control_set(n, resolution, seed)
-    prompts = [f"a {s.colour} {s.shape} on a {s.background} background" for s in ps.scenes]
-    return replace(ps, prompts=prompts)
-
-
-def held_in_prompts(n: int = 64, seed: int = HELD_IN_SEED) -> list[str]:
-    """Canonical captions of ``n`` held-in scenes (no star, no stripes)."""
-    return _held_in(n, seed).prompts
-
-
-def style_prompts(n: int = 64, seed: int = STYLE_SEED) -> list[str]:
-    """Captions of ``n`` held-in shapes drawn in the held-out striped style."""
-    return _style(n, seed).prompts
-
-
-def subject_prompts(n: int = 64, identifier: str = "sks", class_word: str = "shape", seed: int = SUBJECT_SEED) -> list[str]:
-    """DreamBooth subject prompts: ``"a sks shape"``, ``"a sks shape on a blue background"``, ..."""
-    return _subject(n, identifier, class_word, "star", seed).prompts
-
-
-def class_prompts(n: int = 64, class_word: str = "shape", seed: int = SUBJECT_SEED) -> list[str]:
-    """Prior-drift prompts: :func:`subject_prompts` without the identifier."""
-    return _class(n, class_word, seed).prompts
-
-
-_PROMPT_SETS = {
-    "held_in": lambda o: _held_in(o["n"]),
-    "style": lambda o: _style(o["n"]),
-    "subject": lambda o: _subject(o["n"], o["identifier"], o["class_word"], o["subject"]),
-    "class": lambda o: _class(o["n"], o["class_word"]),
-    "control": lambda o: control_set(o["n"], o["resolution"]),
-    "placement": lambda o: placement_set(o["n"], o["resolution"]),
-}
 
 
 def _render(ps: PromptSet, per_prompt: int, salt: tuple[int, ...] = ()) -> list[list]:
@@ -222,7 +114,7 @@ def _validate(suites, options: dict) -> list[str]:
     if options["n"] < 1 or options["images_per_prompt"] < 1 or ("fid" in suites and images < 2):
         raise FinetuneError("--num-prompts and --images-per-prompt must be >= 1 (and give >= 2 images for the fid suite)")
     if set(CONTROL_SUITES) & set(suites) and options["n"] < 2:
-        raise FinetuneError("the control and placement suites need --num-prompts >= 2 (its chance level compares each image with another scene's mask)")
+        raise FinetuneError("the control and placement suites need --num-prompts >= 2 (their chance level compares each image with another scene's mask)")
     if options.get("controlnet"):
         other = [s for s in suites if s not in CONTROL_SUITES]
         if other:
@@ -239,7 +131,7 @@ def _score(make_rows, suites, options: dict) -> dict:
     for suite in suites:
         name, scorer = SUITES[suite]
         if name not in sets:
-            sets[name] = _PROMPT_SETS[name](options)
+            sets[name] = PROMPT_SETS[name](options)
             rows[name] = make_rows(sets[name])
         ps = sets[name]
         images = [im for row in rows[name] for im in row]

@@ -12,7 +12,8 @@ from PIL import Image
 
 import finetune.sampling as sampling
 from finetune.errors import FinetuneError
-from finetune.evaluate import CONTROL_SEED, control_set, evaluate_real_images, placement_set, run_eval
+from finetune.evaluate import evaluate_real_images, run_eval
+from finetune.toyworld.prompt_sets import CONTROL_SEED, control_set, placement_set
 from finetune.toyworld.metrics import chance_iou, control_iou
 from finetune.toyworld.world import HELD_OUT_SHAPES, parse_caption, write_folder
 

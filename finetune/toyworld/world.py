@@ -126,9 +126,8 @@ def partial_caption(scene: Scene, rng: np.random.Generator) -> str:
     to fill in what the prompt leaves open with things of its world.
     """
     keep = rng.random(5) < 0.5
-    style = "striped " if scene.style == "striped" else ""
-    words = ["a", scene.size if keep[0] else "", scene.colour if keep[1] else "", style.strip(),
-             scene.shape if keep[2] else GENERIC_SHAPE]
+    style = "striped" if scene.style == "striped" else ""
+    words = ["a", scene.size if keep[0] else "", scene.colour if keep[1] else "", style, scene.shape if keep[2] else GENERIC_SHAPE]
     text = " ".join(w for w in words if w)
     if keep[3]:
         text += f" on a {scene.background} background"
