@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup browser quickstart test test-slow demo base-model clean
+.PHONY: setup browser quickstart test demo base-model clean
 
 setup: $(VENV)/.installed
 
@@ -40,9 +40,6 @@ browser:
 # The browser demo on http://127.0.0.1:7860 (base: the shipped toy-world base, else a tiny model).
 demo: setup
 	$(BIN)/finetune demo --adapters outputs
-
-test-slow: setup
-	$(BIN)/python -m pytest -q -m slow
 
 # Regenerate the shipped toy-world base model from nothing (about 1.75 hours on 2 CPU cores):
 # world data -> random init -> VAE (recipes/pretrain_vae.yaml) -> UNet + text encoder
