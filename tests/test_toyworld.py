@@ -151,7 +151,7 @@ def test_partial_captions_name_a_subset_of_the_scene_and_leave_images_alone(tmp_
     full = write_folder(tmp_path / "full", 200, seed=4)
     partial = write_folder(tmp_path / "partial", 200, seed=4, partial_captions=0.3)
     rows = [json.loads(line) for line in (partial / "metadata.jsonl").read_text().splitlines()]
-    changed = 0
+    changed, named_or_not = 0, {name: set() for name in ("shape", "colour", "size", "background", "position")}
     for row, (_, _, scene, _) in zip(rows, generate(200, 4)):
         assert (partial / row["file_name"]).read_bytes() == (full / row["file_name"]).read_bytes()
         if row["text"] == caption(scene):
@@ -161,6 +161,9 @@ def test_partial_captions_name_a_subset_of_the_scene_and_leave_images_alone(tmp_
         # Whatever a partial caption names is true of the image; "shape" names no shape.
         assert all(value is None or value == getattr(scene, name) for name, value in named.items()), row
         assert named["shape"] is not None or " shape" in row["text"]
+        for name in named_or_not:
+            named_or_not[name].add(named[name] is not None)
+    assert all(seen == {True, False} for seen in named_or_not.values()), named_or_not  # each one sometimes left out
     assert 40 <= changed <= 80  # about 30% of 200 (a partial caption can come out complete by chance)
     assert write_folder(tmp_path / "again", 200, seed=4, partial_captions=0.3).joinpath("metadata.jsonl").read_text() == (
         partial / "metadata.jsonl"
