@@ -93,6 +93,11 @@ VARIANTS: dict[str, Variant] = {
         "LoRA with cached VAE latents and text embeddings", lambda c, s: _lora(c, s, cache_latents=True, cache_text_embeddings=True)
     ),
     "lora_gc": Variant("LoRA with gradient checkpointing", lambda c, s: _lora(c, s, gradient_checkpointing=True)),
+    "lora_cl": Variant("LoRA with channels-last UNet and VAE", lambda c, s: _lora(c, s, channels_last=True)),
+    "lora_cached_cl": Variant(
+        "LoRA, cached latents and embeddings, channels-last",
+        lambda c, s: _lora(c, s, cache_latents=True, cache_text_embeddings=True, channels_last=True),
+    ),
     "dreambooth": Variant("DreamBooth, full UNet, prior preservation, 8-bit AdamW", lambda c, s: _dreambooth(c, s, "full")),
     "dreambooth_lora": Variant("DreamBooth with a LoRA adapter, prior preservation", lambda c, s: _dreambooth(c, s, "lora")),
     "controlnet": Variant("ControlNet (trainable encoder copy), frozen UNet", lambda c, s: _controlnet(c, s)),

@@ -83,15 +83,15 @@ def resolve_resume(resume: str | None, checkpoints_dir: Path) -> Path | None:
     return path
 
 
-def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, state: dict, keep_last: int) -> Path:
-    """Collective: every process calls it. Returns the final folder."""
+def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, state: dict, keep_last: int, **save_options) -> Path:
+    """Collective: every process calls it. Returns the final folder. `save_options` go to accelerate's save_state."""
     final = checkpoints_dir / f"checkpoint-{step}"
     partial = checkpoints_dir / f".partial-checkpoint-{step}"
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
+    accelerator.save_state(str(partial), **save_options)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (partial / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
@@ -104,6 +104,6 @@ def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, 
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> dict:
-    accelerator.load_state(str(path))
+def load_checkpoint(accelerator: Accelerator, path: Path, **load_options) -> dict:
+    accelerator.load_state(str(path), **load_options)
     return json.loads((path / STATE_FILE).read_text())

@@ -1,9 +1,10 @@
 """Class images for DreamBooth's prior preservation: reuse what is there, generate only what is missing.
 
-Generated files are named `<prompt-hash>-<k>.png`: the hash (of the class prompt and the generation
-settings) keeps images of another prompt from ever being counted, and image k is always made from
-seed `seed + k`, so an interrupted generation continues where it stopped and reproduces exactly what
-an uninterrupted one would have made. In distributed runs each process generates its share.
+Generated files are named `<prompt-hash>-<k>.png`: the hash (of the class prompts and the generation
+settings) keeps images of other prompts from ever being counted, and image k is always made from
+prompt `k mod len(prompts)` and seed `seed + k`, so an interrupted generation continues where it
+stopped and reproduces exactly what an uninterrupted one would have made. In distributed runs each
+process generates its share.
 """
 
 from __future__ import annotations
@@ -23,14 +24,25 @@ from finetune.sampling import autocast_for, save_image_atomic
 logger = logging.getLogger(__name__)
 
 
-def generation_key(class_prompt: str, settings: ClassImageGeneration, resolution: int) -> str:
-    described = json.dumps({"prompt": class_prompt, "resolution": resolution, **settings.model_dump()}, sort_keys=True)
+def generation_key(class_prompts: list[str], settings: ClassImageGeneration, resolution: int) -> str:
+    # One prompt hashes as the bare string, as before lists were allowed: existing images stay valid.
+    prompt = class_prompts[0] if len(class_prompts) == 1 else class_prompts
+    described = json.dumps({"prompt": prompt, "resolution": resolution, **settings.model_dump()}, sort_keys=True)
     return hashlib.sha256(described.encode()).hexdigest()[:10]
 
 
 def is_generated_name(path: Path) -> bool:
     stem = path.stem
     return len(stem) == 16 and stem[10] == "-" and stem[11:].isdigit()
+
+
+def generated_prompt(class_prompts: list[str], k: int) -> str:
+    return class_prompts[k % len(class_prompts)]
+
+
+def class_image_caption(path: Path, class_prompts: list[str]) -> str:
+    """A generated image trains with the prompt that made it; a user's own class image with the first."""
+    return generated_prompt(class_prompts, int(path.stem[11:])) if is_generated_name(path) else class_prompts[0]
 
 
 def plan_class_images(folder: Path, key: str, wanted: int) -> tuple[list[Path], list[int]]:
@@ -53,7 +65,7 @@ def plan_class_images(folder: Path, key: str, wanted: int) -> tuple[list[Path], 
 @torch.no_grad()
 def generate_class_images(
     pipeline,
-    class_prompt: str,
+    class_prompts: list[str],
     folder: Path,
     key: str,
     indices: list[int],
@@ -67,11 +79,12 @@ def generate_class_images(
     mine = indices[process_index::num_processes]
     batches = [mine[i : i + settings.batch_size] for i in range(0, len(mine), settings.batch_size)]
     written = 0
-    for batch in tqdm(batches, desc=f"class images '{class_prompt}'", disable=process_index != 0 or not batches):
+    name = class_prompts[0] if len(class_prompts) == 1 else f"{class_prompts[0]}' and {len(class_prompts) - 1} more '"
+    for batch in tqdm(batches, desc=f"class images '{name}'", disable=process_index != 0 or not batches):
         generators = [torch.Generator("cpu").manual_seed(settings.seed + k) for k in batch]
         with autocast_for(pipeline.unet):
             images = pipeline(
-                [class_prompt] * len(batch),
+                [generated_prompt(class_prompts, k) for k in batch],
                 negative_prompt=[settings.negative_prompt] * len(batch) if settings.negative_prompt else None,
                 num_inference_steps=settings.num_inference_steps,
                 guidance_scale=settings.guidance_scale,

@@ -11,7 +11,7 @@ import hashlib
 import json
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
@@ -188,9 +188,25 @@ class Concept(Section):
     instance_prompt: str  # with a rare identifier, e.g. "a photo of sks dog"
     # Read each image's .txt/metadata caption instead of instance_prompt.
     use_captions: bool = False
-    class_prompt: Optional[str] = None  # e.g. "a photo of a dog"; required with prior preservation
+    # e.g. "a photo of a dog"; required with prior preservation. A list of prompts ("a photo of a dog
+    # on grass", "a photo of a small dog", ...) spreads the prior over the prompts you will use:
+    # generated class image k comes from prompt k mod len(list) and trains with it.
+    class_prompt: Union[str, list[str], None] = None
     # Folder of class images; missing ones are generated there. Default: <output_dir>/class_images/<n>.
     class_dir: Optional[str] = None
+
+    @field_validator("class_prompt")
+    @classmethod
+    def _no_empty_prompts(cls, value):
+        if isinstance(value, list) and (not value or not all(p.strip() for p in value)):
+            raise ValueError("class_prompt: list one or more non-empty prompts")
+        return value
+
+    @property
+    def class_prompts(self) -> list[str]:
+        if self.class_prompt is None:
+            return []
+        return [self.class_prompt] if isinstance(self.class_prompt, str) else list(self.class_prompt)
 
 
 class DreamBoothConfig(Section):
@@ -247,6 +263,9 @@ class TrainConfig(Section):
     max_steps: int = 1000
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
+    # Channels-last (NHWC) memory format for the UNet, VAE and ControlNet: the layout tensor-core and
+    # oneDNN convolutions prefer, so no transposes around every conv. Same math, same loss.
+    channels_last: bool = False
     max_grad_norm: Optional[float] = 1.0
     # Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's value, None disables it.
     snr_gamma: Optional[float] = None

@@ -8,7 +8,6 @@ validation grids, TensorBoard, checkpoints, and a clean stop on Ctrl-C that leav
 from __future__ import annotations
 
 import logging
-import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from finetune import checkpoint as ckpt
 from finetune.config import Recipe, dump_recipe
 from finetune.data import make_batch_sampler
 from finetune.diffusion import BatchRandomness
-from finetune.errors import FinetuneError
+from finetune.distributed import accelerator_options, checkpoint_options, configure_deepspeed, full_parameters, unsharded_loading, uses_deepspeed, zero_stage
 from finetune.methods import METHODS
 from finetune.models import load_base_model, resolve_model_folder
 from finetune.optim import build_lr_scheduler, build_optimizer
@@ -89,15 +88,12 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     resume_from = ckpt.resolve_resume(resume, checkpoints_dir)
 
     accelerator = Accelerator(
-        # Several processes on a machine without CUDA (torchrun, `accelerate launch --multi_gpu`):
-        # accelerate only joins them (over gloo) when told to use the CPU.
-        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not deepspeed_requested(),
+        **accelerator_options(),  # how several processes join, also on machines without CUDA
         mixed_precision=train_cfg.mixed_precision,
         gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
         log_with="tensorboard" if recipe.logging.tensorboard else None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
-    configure_deepspeed(accelerator, recipe)
     accelerator.print(f"training on {accelerator.num_processes} process(es), {accelerator.distributed_type.value}, device {accelerator.device}")
     # The data check's summary (counts, buckets, skipped images, warnings): nothing is left out unseen.
     for report in method.data_reports:
@@ -108,24 +104,31 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         torch.backends.cuda.matmul.allow_tf32 = True
     weight_dtype = WEIGHT_DTYPES[train_cfg.mixed_precision]
 
-    base = load_base_model(recipe.model, weight_dtype)
+    with unsharded_loading(accelerator):
+        base = load_base_model(recipe.model, weight_dtype)
     base.vae.to(accelerator.device)
     base.text_encoder.to(accelerator.device)
     method.setup(base, weight_dtype)
     if train_cfg.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
+    if train_cfg.channels_last:
+        for module in {base.unet, base.vae, *method.trained_modules().values()}:
+            module.to(memory_format=torch.channels_last)
 
+    configure_deepspeed(accelerator, recipe, list(method.trained_modules()))
     optimizer = build_optimizer(recipe.optimizer, method.parameter_groups())
     lr_scheduler = build_lr_scheduler(recipe.optimizer, optimizer, train_cfg.max_steps)
     names = list(method.trained_modules())
     *wrapped, optimizer = accelerator.prepare(*method.trained_modules().values(), optimizer)
     modules = dict(zip(names, wrapped))
     accelerator.register_for_checkpointing(lr_scheduler)
-    ckpt.register_trainable_only_hooks(accelerator)
+    save_options, load_options = checkpoint_options(accelerator)
+    if not uses_deepspeed(accelerator):  # DeepSpeed's engine writes its own, see finetune.distributed
+        ckpt.register_trainable_only_hooks(accelerator)
 
     step = 0
     if resume_from is not None:
-        step = ckpt.load_checkpoint(accelerator, resume_from)["step"]
+        step = ckpt.load_checkpoint(accelerator, resume_from, **load_options)["step"]
         accelerator.print(f"resumed from {resume_from} at step {step}")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -153,7 +156,9 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             result.sample_grids.append(grid)
 
     def save_checkpoint() -> None:
-        ckpt.save_checkpoint(accelerator, checkpoints_dir, step, {"recipe_hash": recipe.fingerprint()}, recipe.checkpoint.keep_last)
+        ckpt.save_checkpoint(
+            accelerator, checkpoints_dir, step, {"recipe_hash": recipe.fingerprint()}, recipe.checkpoint.keep_last, **save_options
+        )
 
     if step == 0 and recipe.validation.at_start:
         validate(0)
@@ -212,11 +217,12 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             save_checkpoint()
         validate(step)
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            unwrapped = {name: accelerator.unwrap_model(module) for name, module in modules.items()}
-            result.saved_files = method.save(output_dir, unwrapped, output_metadata(recipe, step))
-            for path in result.saved_files:
-                accelerator.print(f"saved {path}")
+        with full_parameters(accelerator, modules):
+            if accelerator.is_main_process:
+                unwrapped = {name: accelerator.unwrap_model(module) for name, module in modules.items()}
+                result.saved_files = method.save(output_dir, unwrapped, output_metadata(recipe, step))
+        for path in result.saved_files:
+            accelerator.print(f"saved {path}")
     accelerator.end_training()
     # Accelerate keeps its settings in process-wide singletons; clear them so the next train() in this
     # process (a benchmark, a notebook, a test) may choose another precision. The process group stays.
@@ -225,33 +231,11 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     return result
 
 
-def deepspeed_requested() -> bool:
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-
-
-def configure_deepspeed(accelerator: Accelerator, recipe: Recipe) -> None:
-    """Batch size, accumulation and clipping come from the recipe, so DeepSpeed's JSON cannot disagree."""
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is None:
-        return
-    if not torch.cuda.is_available():
-        # accelerate's DeepSpeed path on CPU counts one process while DeepSpeed counts them all.
-        raise FinetuneError(
-            "DeepSpeed needs CUDA GPUs here; on CPU launch several processes without DeepSpeed "
-            "(accelerate launch --multi_gpu --num_processes N -m finetune train RECIPE)"
-        )
-    train_cfg = recipe.train
-    config = plugin.deepspeed_config
-    config["train_micro_batch_size_per_gpu"] = train_cfg.batch_size
-    config["gradient_accumulation_steps"] = train_cfg.gradient_accumulation_steps
-    config["train_batch_size"] = train_cfg.batch_size * train_cfg.gradient_accumulation_steps * accelerator.num_processes
-    config["gradient_clipping"] = train_cfg.max_grad_norm or 0.0
-
-
 def run_validation(recipe, method, modules, accelerator, step: int) -> Path | None:
-    """Render the recipe's prompts with fixed seeds into samples/step-N.png (main process only)."""
+    """Render the recipe's prompts with fixed seeds into samples/step-N.png (the main process saves)."""
     path = None
-    if accelerator.is_main_process:
+    # Under ZeRO-3 each forward gathers sharded weights from every process: all of them sample alike.
+    if accelerator.is_main_process or zero_stage(accelerator) == 3:
         unwrapped = {name: accelerator.unwrap_model(module) for name, module in modules.items()}
         for module in unwrapped.values():
             module.eval()
@@ -260,11 +244,11 @@ def run_validation(recipe, method, modules, accelerator, step: int) -> Path | No
             rows, labels = method.validation_images(unwrapped)
         for module in unwrapped.values():
             module.train()
-        if rows:
-            grid = make_grid(rows, row_labels=labels, label_width=160)
-            path = save_image_atomic(grid, Path(recipe.output_dir) / "samples" / f"step-{step:06d}.png")
+    if accelerator.is_main_process and rows:
+        grid = make_grid(rows, row_labels=labels, label_width=160)
+        path = save_image_atomic(grid, Path(recipe.output_dir) / "samples" / f"step-{step:06d}.png")
         tensorboard = _tensorboard_writer(accelerator)
-        if path is not None and tensorboard is not None:
+        if tensorboard is not None:
             import numpy as np
 
             tensorboard.add_image("validation", np.asarray(grid), step, dataformats="HWC")

@@ -1,5 +1,6 @@
 """The command line: useful --help, and one clear line with a non-zero exit for bad input, before training."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 from PIL import Image
+from ports import free_port
 
 from finetune.cli import main
 
@@ -151,7 +153,7 @@ def test_python_dash_m_entry_point(tmp_path):
     assert (tmp_path / "m" / "model_index.json").is_file()
 
 
-def test_accelerate_launch_runs_the_same_training(tmp_path, tiny_model, image_folder):
+def test_accelerate_launch_with_the_top_level_config_trains_with_deepspeed(tmp_path, tiny_model, image_folder):
     recipe = write_recipe(
         tmp_path,
         model={"pretrained": str(tiny_model)},
@@ -159,8 +161,11 @@ def test_accelerate_launch_runs_the_same_training(tmp_path, tiny_model, image_fo
         train={"max_steps": 2, "batch_size": 2},
         validation={"prompts": []},
     )
-    config = Path(__file__).resolve().parent.parent / "accelerate_config.yaml"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "finetune", "train", str(recipe)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    repo = Path(__file__).resolve().parent.parent
+    # The README's command, from the repository root (the config names configs/deepspeed/zero2.json).
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_config.yaml",
+               "--main_process_port", str(free_port()), "-m", "finetune", "train", str(recipe)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=repo, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "training on 2 process(es), DEEPSPEED" in result.stdout
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()

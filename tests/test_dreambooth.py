@@ -8,7 +8,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from finetune.class_images import generate_class_images, generation_key, plan_class_images
+from finetune.class_images import class_image_caption, generate_class_images, generation_key, plan_class_images
 from finetune.config import ClassImageGeneration
 from finetune.errors import FinetuneError
 from finetune.methods.dreambooth import DreamBoothMethod, dreambooth_collate
@@ -41,12 +41,12 @@ def test_generation_makes_exactly_the_missing_images_and_resumes(tiny_model, tmp
     folder.mkdir()
     for name in ("mine-a.png", "mine-b.png"):
         Image.new("RGB", (64, 64), "red").save(folder / name)
-    key = generation_key("a shape", SETTINGS, 64)
+    key = generation_key(["a shape"], SETTINGS, 64)
     paths, missing = plan_class_images(folder, key, wanted=5)
     assert missing == [0, 1, 2] and [p.name for p in paths[:2]] == ["mine-a.png", "mine-b.png"]
 
     pipeline = build_pipeline(load_base_model(_model(tiny_model)))
-    assert generate_class_images(pipeline, "a shape", folder, key, missing, SETTINGS, 64) == 3
+    assert generate_class_images(pipeline, ["a shape"], folder, key, missing, SETTINGS, 64) == 3
     first_run = {p.name: p.read_bytes() for p in folder.glob(f"{key}-*.png")}
     assert len(first_run) == 3
 
@@ -54,16 +54,36 @@ def test_generation_makes_exactly_the_missing_images_and_resumes(tiny_model, tmp
     (folder / f"{key}-00001.png").unlink()
     _, missing = plan_class_images(folder, key, wanted=5)
     assert missing == [1]
-    assert generate_class_images(pipeline, "a shape", folder, key, missing, SETTINGS, 64) == 1
+    assert generate_class_images(pipeline, ["a shape"], folder, key, missing, SETTINGS, 64) == 1
     assert {p.name: p.read_bytes() for p in folder.glob(f"{key}-*.png")} == first_run
 
     # Another class prompt never counts these images.
-    other = generation_key("a dog", SETTINGS, 64)
+    other = generation_key(["a dog"], SETTINGS, 64)
     _, missing_other = plan_class_images(folder, other, wanted=5)
     assert missing_other == [0, 1, 2]
     # Fewer wanted than the user brought: the first ones by name, nothing generated.
     paths, missing = plan_class_images(folder, key, wanted=1)
     assert [p.name for p in paths] == ["mine-a.png"] and missing == []
+
+
+def test_a_list_of_class_prompts_makes_image_k_from_prompt_k_mod_n_and_trains_it_with_that_prompt(tiny_model, tmp_path):
+    prompts = ["a shape", "a shape on a blue background", "a shape, top left"]
+    one_at_a_time = SETTINGS.model_copy(update={"batch_size": 1})  # batch size must not change the pixels compared
+    key = generation_key(prompts, one_at_a_time, 64)
+    assert key != generation_key(prompts[:1], one_at_a_time, 64) != generation_key(prompts[::-1], one_at_a_time, 64)
+    folder = tmp_path / "class"
+    pipeline = build_pipeline(load_base_model(_model(tiny_model)))
+    assert generate_class_images(pipeline, prompts, folder, key, [0, 1, 2, 3, 4], one_at_a_time, 64) == 5
+
+    # Image 4 is prompt 4 mod 3 = 1 with seed 5 + 4: the same pixels as that prompt alone at index 4.
+    single = generation_key(prompts[1:2], one_at_a_time, 64)
+    generate_class_images(pipeline, prompts[1:2], tmp_path / "single", single, [4], one_at_a_time, 64)
+    assert (folder / f"{key}-00004.png").read_bytes() == (tmp_path / "single" / f"{single}-00004.png").read_bytes()
+    assert (folder / f"{key}-00004.png").read_bytes() != (folder / f"{key}-00003.png").read_bytes()
+
+    captions = [class_image_caption(folder / f"{key}-{k:05d}.png", prompts) for k in range(5)]
+    assert captions == [prompts[0], prompts[1], prompts[2], prompts[0], prompts[1]]
+    assert class_image_caption(folder / "my-own-dog.png", prompts) == prompts[0]
 
 
 def _model(path):

@@ -172,3 +172,20 @@ def test_bf16_mixed_precision_keeps_lora_weights_fp32(make_recipe):
     tensors = load_file(result.output_dir / LORA_WEIGHTS_NAME)
     assert all(t.dtype == torch.float32 for t in tensors.values())
     assert all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_channels_last_is_applied_and_trains_the_same_adapter(make_recipe, tmp_path, monkeypatch):
+    import finetune.trainer as trainer
+
+    loaded = []
+    monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: loaded.append(load_base_model(*a, **k)) or loaded[-1])
+    plain = train(make_recipe(output_dir=str(tmp_path / "plain"), train__max_steps=3))
+    nhwc = train(make_recipe(output_dir=str(tmp_path / "nhwc"), train__max_steps=3, train__channels_last=True))
+
+    for base, expected in zip(loaded, (False, True)):
+        for model in (base.unet, base.vae):
+            conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+            assert conv.weight.is_contiguous(memory_format=torch.channels_last) == expected
+    assert torch.allclose(torch.tensor(plain.losses), torch.tensor(nhwc.losses), rtol=1e-4)
+    a, b = load_file(plain.output_dir / LORA_WEIGHTS_NAME), load_file(nhwc.output_dir / LORA_WEIGHTS_NAME)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

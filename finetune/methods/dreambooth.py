@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from finetune.class_images import generate_class_images, generation_key, plan_class_images
+from finetune.class_images import class_image_caption, generate_class_images, generation_key, plan_class_images
 from finetune.config import Concept, Recipe
 from finetune.buckets import assign_buckets
 from finetune.captions import training_caption
@@ -114,20 +114,21 @@ class DreamBoothMethod(DiffusionMethod):
     def _class_images(self, index: int, concept: Concept, accelerator) -> list[Example]:
         settings = self.recipe.dreambooth
         folder = self.class_dir(index, concept)
-        key = generation_key(concept.class_prompt, settings.class_generation, self.recipe.data.resolution)
+        prompts = concept.class_prompts
+        key = generation_key(prompts, settings.class_generation, self.recipe.data.resolution)
         paths, missing = plan_class_images(folder, key, settings.num_class_images)
         if missing:
-            accelerator.print(f"generating {len(missing)} class images for '{concept.class_prompt}' in {folder}")
+            accelerator.print(f"generating {len(missing)} class images ({len(prompts)} prompts) in {folder}")
             pipeline = build_pipeline(self.base)
             self.base.unet.eval()
             with torch.random.fork_rng(devices=[]):
                 generate_class_images(
-                    pipeline, concept.class_prompt, folder, key, missing, settings.class_generation,
+                    pipeline, prompts, folder, key, missing, settings.class_generation,
                     self.recipe.data.resolution, accelerator.process_index, accelerator.num_processes,
                 )
             self.base.unet.train()
         accelerator.wait_for_everyone()
-        examples = [Example(str(p), concept.class_prompt, lambda p=p: Image.open(p)) for p in paths]
+        examples = [Example(str(p), class_image_caption(p, prompts), lambda p=p: Image.open(p)) for p in paths]
         # Class images a user brought may have any size: they are resized and cropped like instance
         # images; only unreadable or too-small ones stop the run (or are skipped with data.skip_bad_images).
         report = check_examples(examples, self.recipe.data, f"class images {folder}")

@@ -1,0 +1,117 @@
+"""What the training loop needs to know about running in several processes: DDP and DeepSpeed ZeRO.
+
+accelerate does most of it. What is left here:
+
+- Several processes on a machine without CUDA join over gloo. accelerate does this for DDP when told
+  to use the CPU; under DeepSpeed it must be handed the gloo backend, or it counts one process.
+- DeepSpeed's batch size, gradient accumulation and clipping are taken from the recipe, so its JSON
+  ("auto") and the recipe never disagree.
+- DeepSpeed wraps exactly one trained module in its engine (the frozen VAE and text encoder stay out
+  of it); a recipe that trains two (the UNet and the text encoder) is stopped with a clear error.
+- Under ZeRO-3 the base model is loaded whole (not sharded as it loads), so the frozen parts work.
+- Checkpoints under DeepSpeed are its own (each process writes its optimizer shard) without the
+  frozen weights. Under ZeRO-3 the parameters are gathered on every process before the main process
+  saves the ordinary diffusers/peft output, and every process samples the validation images (each
+  forward gathers the shards from all of them; see `trainer.run_validation`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+from finetune.config import Recipe
+from finetune.errors import FinetuneError
+
+
+def deepspeed_requested() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def several_processes() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def accelerator_options() -> dict:
+    """The Accelerator arguments that choose how processes join."""
+    if torch.cuda.is_available() or not several_processes():
+        return {}
+    if deepspeed_requested():
+        # DeepSpeed's CPU accelerator talks gloo; accelerate must be told, or it sees no backend.
+        return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+    return {"cpu": True}  # accelerate joins CPU processes over gloo only when told to use the CPU
+
+
+def uses_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def zero_stage(accelerator: Accelerator) -> int:
+    if not uses_deepspeed(accelerator):
+        return 0
+    return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def configure_deepspeed(accelerator: Accelerator, recipe: Recipe, trained_modules: list[str]) -> None:
+    """Take batch size, accumulation and clipping from the recipe; refuse what DeepSpeed cannot do."""
+    if not uses_deepspeed(accelerator):
+        return
+    if len(trained_modules) != 1:
+        raise FinetuneError(
+            f"DeepSpeed trains one model per run, this recipe trains {len(trained_modules)} ({', '.join(trained_modules)}): "
+            "set dreambooth.train_text_encoder (or full.train_text_encoder) to false, or launch without DeepSpeed"
+        )
+    train_cfg = recipe.train
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    offloaded = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+    if offloaded and recipe.optimizer.name != "adamw":
+        raise FinetuneError(
+            f"optimizer.name {recipe.optimizer.name} with DeepSpeed optimizer offload: offload runs DeepSpeed's own CPU Adam; "
+            "set optimizer.name: adamw or use a config without offload_optimizer"
+        )
+    config["train_micro_batch_size_per_gpu"] = train_cfg.batch_size
+    config["gradient_accumulation_steps"] = train_cfg.gradient_accumulation_steps
+    config["train_batch_size"] = train_cfg.batch_size * train_cfg.gradient_accumulation_steps * accelerator.num_processes
+    config["gradient_clipping"] = train_cfg.max_grad_norm or 0.0
+
+
+@contextlib.contextmanager
+def unsharded_loading(accelerator: Accelerator):
+    """Load the base model whole on every process. Under DeepSpeed accelerate registers its config with
+    transformers, which then shards every model it loads as for ZeRO-3 (zero.Init), the frozen text
+    encoder included, and a frozen model outside the engine never gathers its weights back. The UNet
+    is sharded by the engine in `prepare` instead."""
+    if not uses_deepspeed(accelerator):
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
+def checkpoint_options(accelerator: Accelerator) -> tuple[dict, dict]:
+    """(save_state, load_state) keyword arguments: DeepSpeed checkpoints leave the frozen weights out."""
+    if not uses_deepspeed(accelerator):
+        return {}, {}
+    return {"exclude_frozen_parameters": True}, {"load_module_strict": False}
+
+
+@contextlib.contextmanager
+def full_parameters(accelerator: Accelerator, modules: dict[str, torch.nn.Module]):
+    """Collective: inside, every parameter of `modules` is whole on every process (ZeRO-3 shards them)."""
+    if zero_stage(accelerator) < 3:
+        yield
+        return
+    import deepspeed
+
+    params = [p for module in modules.values() for p in accelerator.unwrap_model(module).parameters()]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
