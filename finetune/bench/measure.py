@@ -1,0 +1,102 @@
+"""What runs in the child process: train one variant's recipe and measure its steps (`python -m finetune.bench --worker`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from finetune.bench.sd15 import peak_tflops
+
+# ---------------------------------------------------------------------------------------------------
+# The worker: one variant, in its own process
+
+
+def _max_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def measure(spec: dict) -> dict:
+    """Train the spec's recipe, timing steps warmup+1 .. warmup+steps; count FLOPs of one more step."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from finetune.config import recipe_from_dict
+    from finetune.trainer import train
+
+    recipe = recipe_from_dict(spec["recipe"], source=f"bench variant {spec['name']}")
+    warmup, steps = spec["warmup"], spec["steps"]
+    cuda = torch.cuda.is_available()
+    marks: dict = {"ends": []}
+    baseline = torch.cuda.memory_allocated() / 2**20 if cuda else _max_rss_mb()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def on_step(step: int) -> None:
+        if cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if warmup <= step <= warmup + steps:
+            marks["ends"].append(now)
+        if step == warmup:
+            marks["start"], marks["cpu_start"] = now, time.process_time()
+        elif step == warmup + steps:
+            marks["end"], marks["cpu_end"] = now, time.process_time()
+            marks["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else _max_rss_mb()
+            if spec["count_flops"]:
+                marks["counter"] = FlopCounterMode(display=False)
+                marks["counter"].__enter__()
+        elif step == warmup + steps + 1 and "counter" in marks:
+            marks["counter"].__exit__(None, None, None)
+            marks["flops"] = marks.pop("counter").get_total_flops()
+
+    result = train(recipe, on_step=on_step)
+    sec_per_step = (marks["end"] - marks["start"]) / steps
+    step_seconds = [round(b - a, 6) for a, b in zip(marks["ends"], marks["ends"][1:])]
+    row = {
+        "method": recipe.method,
+        "sec_per_step": sec_per_step,
+        # Each measured step's seconds: a spike is another process taking the CPU (compare the median).
+        "step_seconds": step_seconds,
+        "sec_per_step_median": statistics.median(step_seconds),
+        "images_per_step": spec["images_per_step"],
+        "images_per_sec": spec["images_per_step"] / sec_per_step,
+        "peak_memory_mb": marks["peak_mb"],
+        "baseline_memory_mb": baseline,
+        "memory_kind": "cuda max allocated" if cuda else "max RSS",
+        # CPU seconds of all this process's threads: per step, and per wall second (well under the thread
+        # count: the process waited, for other processes on a shared machine or for a GPU). With one thread
+        # on a busy CPU, CPU seconds per step are close to the wall time the step takes on an idle one.
+        "cpu_sec_per_step": (marks["cpu_end"] - marks["cpu_start"]) / steps,
+        "cpu_busy": (marks["cpu_end"] - marks["cpu_start"]) / (marks["end"] - marks["start"]),
+        "final_loss": result.losses[warmup + steps - 1],
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch_threads": torch.get_num_threads(),
+    }
+    if "flops" in marks:
+        row["flops_per_step"] = marks["flops"]
+        row["achieved_tflops"] = marks["flops"] / sec_per_step / 1e12
+        if cuda:
+            mp = recipe.train.mixed_precision
+            precision = mp if mp != "no" else ("tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32")
+            peak = spec.get("peak_tflops") or peak_tflops(row["device"], precision)
+            row["precision"], row["peak_tflops"] = precision, peak
+            row["mfu"] = row["achieved_tflops"] / peak if peak else None
+    return row
+
+
+def _worker(argv: list[str]) -> int:
+    spec_path, result_path = argv
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    row = measure(json.loads(Path(spec_path).read_text()))
+    Path(result_path).write_text(json.dumps(row))
+    return 0

@@ -1,0 +1,119 @@
+"""The report: the median of repeated runs, speedups, the machine, and the results as a table."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+
+def median_run(runs: list[dict]) -> dict:
+    """Of several fresh-process runs of one variant, the one with the median seconds per step (a failure wins)."""
+    failed = [run for run in runs if "error" in run]
+    if failed:
+        return failed[0]
+    ordered = sorted(runs, key=lambda run: run["sec_per_step"])
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    if len(runs) > 1:
+        chosen["runs_sec_per_step"] = [run["sec_per_step"] for run in runs]
+    return chosen
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """`speedup_vs_lora`: the plain LoRA row's seconds per step / this row's."""
+    reference = next((row for row in rows if row["variant"] == "lora" and "error" not in row), None)
+    for row in rows:
+        if reference is not None and "error" not in row:
+            row["speedup_vs_lora"] = round(reference["sec_per_step"] / row["sec_per_step"], 3)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(rows: list[dict]) -> dict:
+    import diffusers
+    import torch
+
+    measured = next((row for row in rows if "error" not in row), {})
+    return {
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": measured.get("torch_threads"),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,  # at the end
+        "memory_gb": _total_memory_gb(),
+        "device": measured.get("device", "cuda" if torch.cuda.is_available() else "cpu"),
+        "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def _total_memory_gb() -> float | None:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+COLUMNS = ("variant", "s/step", "CPU s/step", "images/s", "vs lora", "peak MB", "GFLOP/step", "TFLOP/s", "MFU")
+
+
+def row_cells(row: dict) -> list[str]:
+    """One result row as the table's cells ("-" where a number does not apply)."""
+    if "error" in row:
+        return [row["variant"], "failed", row["error"], *[""] * (len(COLUMNS) - 3)]
+    flops, speedup, mfu = row.get("flops_per_step"), row.get("speedup_vs_lora"), row.get("mfu")
+    return [
+        row["variant"],
+        f"{row['sec_per_step']:.3f}",
+        f"{row['cpu_sec_per_step']:.3f}",
+        f"{row['images_per_sec']:.2f}",
+        f"{speedup:.2f}x" if speedup else "-",
+        f"{row['peak_memory_mb']:.0f}",
+        f"{flops / 1e9:.1f}" if flops else "-",
+        f"{row['achieved_tflops']:.3f}" if flops else "-",
+        f"{100 * mfu:.1f}%" if mfu is not None else "-",
+    ]
+
+
+def memory_label(report: dict) -> str:
+    on_gpu = any(row.get("memory_kind") == "cuda max allocated" for row in report["results"])
+    return "peak MB (cuda max allocated)" if on_gpu else "peak MB (max RSS)"
+
+
+def print_table(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    settings, machine = report["settings"], report["machine"]
+    title = (
+        f"finetune bench: {settings['preset']} at {settings['resolution']} px, batch {settings['batch']}, "
+        f"{settings['steps']} steps after {settings['warmup']} warmup, precision {settings['mixed_precision']}"
+    )
+    caption = f"{machine['device']} | {machine['cpu']} | torch {machine['torch']}, {machine['torch_threads']} threads | {memory_label(report)}"
+    table = Table(title=title, caption=caption)
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column == "variant" else "right", no_wrap=True)
+    for row in report["results"]:
+        table.add_row(*row_cells(row), style="red" if "error" in row else None)
+    console = Console()
+    (console if console.is_terminal else Console(width=120)).print(table)
+
+
+def markdown_table(report: dict) -> str:
+    """The results as a Markdown table (as in docs/benchmarks.md)."""
+    header = [memory_label(report) if column == "peak MB" else column for column in COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(COLUMNS) - 1)]
+    lines += ["| " + " | ".join(row_cells(row)) + " |" for row in report["results"]]
+    return "\n".join(lines)

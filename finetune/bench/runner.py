@@ -1,0 +1,203 @@
+"""The parent: settings, model, data, one subprocess per variant, and the report it writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from finetune.bench.report import add_speedups, machine_info, median_run
+from finetune.bench.sd15 import build_sd15_pipeline
+from finetune.bench.variants import VARIANTS, images_per_step
+from finetune.errors import FinetuneError
+
+# ---------------------------------------------------------------------------------------------------
+# The parent: model, data, one subprocess per variant, and the JSON report (the table: report.py)
+
+
+@dataclass
+class BenchSettings:
+    preset: str
+    steps: int
+    warmup: int
+    batch: int
+    resolution: int
+    mixed_precision: str
+    num_images: int
+    count_flops: bool
+    peak_tflops: float | None
+    data_dir: Path = Path()
+    class_dir: Path = Path()
+
+
+def default_resolution(preset: str) -> int:
+    from finetune.tiny_model import PRESETS
+
+    return 512 if preset == "sd15" else PRESETS[preset].resolution
+
+
+def parse_variants(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown or not names:
+        raise FinetuneError(f"--recipes: unknown variant {', '.join(unknown) or '(none given)'}; choose from {','.join(VARIANTS)}")
+    return names
+
+
+def common_recipe(settings: BenchSettings, model: str, output_dir: Path) -> dict:
+    return {
+        "seed": 0,
+        "output_dir": str(output_dir),
+        "model": {"pretrained": model},
+        # Center crops and no flips: one view per image, so the cached variant's cache is full after one epoch.
+        "data": {"image_dir": str(settings.data_dir), "resolution": settings.resolution, "crop": "center", "random_flip": False},
+        "train": {
+            "batch_size": settings.batch,
+            "max_steps": settings.warmup + settings.steps + (1 if settings.count_flops else 0),
+            "mixed_precision": settings.mixed_precision,
+            "max_grad_norm": 1.0,
+        },
+        "optimizer": {"name": "adamw", "lr": 1.0e-4, "scheduler": "constant"},
+        "validation": {"prompts": [], "at_start": False},
+        "checkpoint": {"every_n_steps": 0},
+        "logging": {"tensorboard": False},
+    }
+
+
+def run_benchmark(
+    preset: str = "medium",
+    steps: int = 10,
+    warmup: int = 2,
+    variants: list[str] | None = None,
+    out: Path | None = None,
+    base: str | None = None,
+    resolution: int | None = None,
+    batch: int = 4,
+    mixed_precision: str = "no",
+    num_images: int = 8,
+    repeat: int = 1,
+    count_flops: bool = True,
+    peak: float | None = None,
+    workdir: Path | None = None,
+    command: str = "",
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Build the model and data, run each variant in its own process, and return (and write) the report."""
+    variants = variants or list(VARIANTS)
+    if steps < 1 or warmup < 1:
+        raise FinetuneError("--steps and --warmup must be at least 1 (the first step's end starts the clock)")
+    if repeat < 1:
+        raise FinetuneError("--repeat must be at least 1")
+    if batch < 1 or num_images < batch:
+        raise FinetuneError(f"--batch must be at least 1 and at most --num-images ({num_images})")
+    import torch
+
+    if preset == "sd15" and not torch.cuda.is_available() and base is None:
+        raise FinetuneError("--preset sd15 (an 860M-parameter UNet at 512 px) needs a CUDA GPU; on a CPU use --preset medium")
+    resolution = resolution or default_resolution(preset)
+    if resolution % 8:
+        raise FinetuneError(f"--resolution must be a multiple of 8, got {resolution}")
+    settings = BenchSettings(preset, steps, warmup, batch, resolution, mixed_precision, num_images, count_flops, peak)
+    load_at_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+    with tempfile.TemporaryDirectory(prefix="finetune-bench-") as scratch:
+        root = Path(workdir) if workdir else Path(scratch)
+        root.mkdir(parents=True, exist_ok=True)
+        model = base or str(prepare_model(preset, root / "model", log))
+        settings.data_dir, settings.class_dir = prepare_data(root, num_images, resolution)
+        rows = []
+        for name in variants:
+            log(f"{name}: {VARIANTS[name].description} ...")
+            recipe = VARIANTS[name].build(common_recipe(settings, model, root / "runs" / name), settings)
+            runs = [run_variant_process(name, recipe, settings, root / "runs" / f"{name}.json") for _ in range(repeat)]
+            row = median_run(runs)
+            rows.append(row)
+            log(f"{name}: " + (f"{row['sec_per_step']:.3f} s/step, {row['images_per_sec']:.2f} images/s" if "error" not in row else f"failed: {row['error']}"))
+
+    report = {
+        "command": command,
+        "date": datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds"),
+        "machine": {**machine_info(rows), "load_average_1min_start": load_at_start},
+        "settings": {
+            "preset": preset,
+            "base": base,
+            "resolution": resolution,
+            "batch": batch,
+            "steps": steps,
+            "warmup": warmup,
+            "mixed_precision": mixed_precision,
+            "num_images": num_images,
+            "repeat": repeat,
+            "count_flops": count_flops,
+        },
+        "results": rows,
+    }
+    add_speedups(report["results"])
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def prepare_model(preset: str, folder: Path, log: Callable[[str], None]) -> Path:
+    if (folder / "model_index.json").is_file():
+        return folder
+    if preset == "sd15":
+        log("building SD1.5's architecture with random weights (UNet 860M, text encoder 123M, VAE 84M) ...")
+        import torch
+
+        # Random init of ~1.07B weights is much faster on the GPU; the files are the same either way.
+        build_sd15_pipeline(device="cuda" if torch.cuda.is_available() else None).save_pretrained(folder, safe_serialization=True)
+        return folder
+    from finetune.tiny_model import PRESETS, make_tiny_model
+
+    if preset not in PRESETS:
+        raise FinetuneError(f"--preset {preset}: choose one of {', '.join([*PRESETS, 'sd15'])}")
+    return make_tiny_model(folder, preset=preset, seed=0)
+
+
+def prepare_data(root: Path, num_images: int, resolution: int) -> tuple[Path, Path]:
+    """Toy-world images at the resolution: instances (with ControlNet conditioning masks) and class images."""
+    from finetune.toyworld.world import write_folder
+
+    data = write_folder(root / "data", num_images, seed=0, size=resolution, conditioning=True)
+    classes = write_folder(root / "class", num_images, seed=1, size=resolution, metadata=False)
+    return data, classes
+
+
+def run_variant_process(name: str, recipe: dict, settings: BenchSettings, result_path: Path) -> dict:
+    """Run one variant in a fresh interpreter (its own peak memory) and read back its measurements."""
+    result_path.parent.mkdir(parents=True, exist_ok=True)
+    spec = {
+        "name": name,
+        "recipe": recipe,
+        "warmup": settings.warmup,
+        "steps": settings.steps,
+        "count_flops": settings.count_flops,
+        "peak_tflops": settings.peak_tflops,
+        "images_per_step": images_per_step(name, settings.batch),
+    }
+    spec_path = result_path.with_suffix(".spec.json")
+    spec_path.write_text(json.dumps(spec))
+    result_path.unlink(missing_ok=True)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.run(
+        [sys.executable, "-m", "finetune.bench", "--worker", str(spec_path), str(result_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    row = {"variant": name, "description": VARIANTS[name].description}
+    if process.returncode != 0 or not result_path.is_file():
+        tail = [line for line in (process.stderr or process.stdout).strip().splitlines() if line.strip()][-1:]
+        row["error"] = f"exit {process.returncode}: {tail[0] if tail else 'no output'}"
+        return row
+    row.update(json.loads(result_path.read_text()))
+    return row

@@ -1,0 +1,76 @@
+"""The benchmark's variants: a name, what it is, and how its recipe is built from the common one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from finetune.bench.runner import BenchSettings
+
+
+# ---------------------------------------------------------------------------------------------------
+# Variants: a name, what it is, and its recipe
+
+
+@dataclass(frozen=True)
+class Variant:
+    description: str
+    build: Callable[[dict, "BenchSettings"], dict]  # (common recipe, settings) -> recipe dict
+
+
+def _lora(common: dict, settings: "BenchSettings", **train) -> dict:
+    return {**common, "method": "lora", "train": {**common["train"], **train}}
+
+
+def _dreambooth(common: dict, settings: "BenchSettings", adapter: str) -> dict:
+    recipe = {key: value for key, value in common.items() if key != "data"}
+    recipe["data"] = {key: value for key, value in common["data"].items() if key != "image_dir"}
+    recipe["method"] = "dreambooth"
+    recipe["dreambooth"] = {
+        "concepts": [
+            {
+                "instance_dir": str(settings.data_dir),
+                "instance_prompt": "a photo of sks shape",
+                "class_prompt": "a photo of a shape",
+                "class_dir": str(settings.class_dir),  # already filled: no class images are generated
+            }
+        ],
+        "adapter": adapter,
+        "prior_preservation": True,
+        "num_class_images": settings.num_images,
+    }
+    # Instance images plus as many class images: the UNet sees `batch` images, as in the other rows.
+    recipe["train"] = {**common["train"], "batch_size": dreambooth_instances(settings.batch)}
+    if adapter == "full":
+        recipe["optimizer"] = {**common["optimizer"], "name": "adamw8bit", "lr": 5.0e-6}  # as recipes/dreambooth.yaml
+    return recipe
+
+
+def _controlnet(common: dict, settings: "BenchSettings") -> dict:
+    return {**common, "method": "controlnet"}
+
+
+VARIANTS: dict[str, Variant] = {
+    "lora": Variant("LoRA (rank 16, attention), VAE and text encoder run every step", lambda c, s: _lora(c, s)),
+    "lora_cached": Variant(
+        "LoRA with cached VAE latents and text embeddings", lambda c, s: _lora(c, s, cache_latents=True, cache_text_embeddings=True)
+    ),
+    "lora_gc": Variant("LoRA with gradient checkpointing", lambda c, s: _lora(c, s, gradient_checkpointing=True)),
+    "lora_cl": Variant("LoRA with channels-last UNet and VAE", lambda c, s: _lora(c, s, channels_last=True)),
+    "lora_cached_cl": Variant(
+        "LoRA, cached latents and embeddings, channels-last",
+        lambda c, s: _lora(c, s, cache_latents=True, cache_text_embeddings=True, channels_last=True),
+    ),
+    "dreambooth": Variant("DreamBooth, full UNet, prior preservation, 8-bit AdamW", lambda c, s: _dreambooth(c, s, "full")),
+    "dreambooth_lora": Variant("DreamBooth with a LoRA adapter, prior preservation", lambda c, s: _dreambooth(c, s, "lora")),
+    "controlnet": Variant("ControlNet (trainable encoder copy), frozen UNet", lambda c, s: _controlnet(c, s)),
+}
+
+
+def dreambooth_instances(batch: int) -> int:
+    return max(1, batch // 2)
+
+
+def images_per_step(name: str, batch: int) -> int:
+    return 2 * dreambooth_instances(batch) if name.startswith("dreambooth") else batch
