@@ -116,6 +116,8 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             module.to(memory_format=torch.channels_last)
 
     configure_deepspeed(accelerator, recipe, list(method.trained_modules()))
+    # Before `prepare`: DreamBooth may generate class images with the UNet, which ZeRO-3 then shards.
+    dataset, collate_fn = method.training_data(accelerator)
     optimizer = build_optimizer(recipe.optimizer, method.parameter_groups())
     lr_scheduler = build_lr_scheduler(recipe.optimizer, optimizer, train_cfg.max_steps)
     names = list(method.trained_modules())
@@ -136,7 +138,6 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         accelerator.init_trackers("finetune", config=_flat_hparams(recipe))
 
     accumulation = train_cfg.gradient_accumulation_steps
-    dataset, collate_fn = method.training_data(accelerator)
     sampler = make_batch_sampler(
         dataset, train_cfg.batch_size, accelerator.num_processes, accelerator.process_index, recipe.seed, start=step * accumulation
     )
