@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.toyworld.world import write_folder
+from finetune.toyworld.datasets import write_folder
 
 SAMPLE_SETS = {
     # name: (number of images, which held-out things they show, seed)

@@ -13,7 +13,7 @@ import pytest
 
 from finetune.config import load_recipe, recipe_from_dict
 from finetune.tiny_model import make_tiny_model
-from finetune.toyworld.world import write_folder
+from finetune.toyworld.datasets import write_folder
 
 
 REPO = Path(__file__).resolve().parent.parent

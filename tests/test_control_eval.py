@@ -15,7 +15,8 @@ from finetune.errors import FinetuneError
 from finetune.evaluate import evaluate_real_images, run_eval
 from finetune.toyworld.prompt_sets import CONTROL_SEED, control_set, placement_set
 from finetune.toyworld.metrics import chance_iou, control_iou
-from finetune.toyworld.world import HELD_OUT_SHAPES, parse_caption, write_folder
+from finetune.toyworld.datasets import write_folder
+from finetune.toyworld.world import HELD_OUT_SHAPES, parse_caption
 
 torch.set_num_threads(1)
 

@@ -16,18 +16,15 @@ import finetune.trainer as trainer_module
 from finetune.cli import main
 from finetune.conditions import border_mask, canny, luminance, make_conditions
 from finetune.config import DataConfig
+from finetune.control_score import control_use_score
+from finetune.controlnet_data import ControlNetDataset, Pair, paired_views
 from finetune.data import Example, item_rng, prepare_image
 from finetune.errors import FinetuneError
 from finetune.methods import METHODS
-from finetune.methods.controlnet import (
-    ControlNetDataset,
-    ControlNetMethod,
-    Pair,
-    control_use_score,
-    paired_views,
-)
+from finetune.methods.controlnet import ControlNetMethod
 from finetune.models import load_base_model
-from finetune.toyworld.world import draw, generate, mask_image, sample_scenes, write_folder
+from finetune.toyworld.datasets import generate, write_folder
+from finetune.toyworld.world import draw, mask_image, sample_scenes
 from finetune.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -241,7 +238,7 @@ def test_image_and_conditioning_get_the_same_crop_and_flip():
 
 
 def test_empty_prompt_share(pairs_folder):
-    from finetune.methods.controlnet import load_pairs
+    from finetune.controlnet_data import load_pairs
     from finetune.config import recipe_from_dict
 
     recipe = recipe_from_dict({"method": "controlnet", "data": {"image_dir": str(pairs_folder), "resolution": 64}})

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from finetune.distributed import configure_deepspeed
 from finetune.errors import FinetuneError
 from finetune.methods.lora import LORA_WEIGHTS_NAME
-from finetune.toyworld.world import write_folder
+from finetune.toyworld.datasets import write_folder
 from finetune.trainer import train
 
 WORKER = Path(__file__).parent / "distributed_worker.py"

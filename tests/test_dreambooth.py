@@ -14,7 +14,7 @@ from finetune.errors import FinetuneError
 from finetune.methods.dreambooth import DreamBoothMethod, dreambooth_collate
 from finetune.models import load_base_model
 from finetune.sampling import build_pipeline
-from finetune.toyworld.world import write_folder
+from finetune.toyworld.datasets import write_folder
 from finetune.trainer import train
 
 SETTINGS = ClassImageGeneration(num_inference_steps=2, guidance_scale=3.0, batch_size=2, seed=5)

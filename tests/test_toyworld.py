@@ -13,6 +13,7 @@ from PIL import Image
 
 from finetune.toyworld import metrics
 from finetune.toyworld.classifier import DEFAULT_PATH, load_classifier, predict
+from finetune.toyworld.datasets import generate, write_folder
 from finetune.toyworld.world import (
     ATTRIBUTES,
     HELD_OUT_SHAPES,
@@ -22,12 +23,10 @@ from finetune.toyworld.world import (
     Scene,
     caption,
     draw,
-    generate,
     parse_caption,
     render,
     sample_scenes,
     shape_mask,
-    write_folder,
 )
 
 # Seeds used to train / validate the shipped classifier are 0 and 1_000_003.

@@ -17,7 +17,7 @@ from finetune.evaluate import run_eval
 from finetune.models import load_base_model
 from finetune.sampling import tensor_to_image
 from finetune.toyworld.classifier import predict, to_tensor
-from finetune.toyworld.world import generate
+from finetune.toyworld.datasets import generate
 
 
 def test_shipped_base_is_small_fp16_safetensors():

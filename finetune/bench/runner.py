@@ -165,7 +165,7 @@ def prepare_model(preset: str, folder: Path, log: Callable[[str], None]) -> Path
 
 def prepare_data(root: Path, num_images: int, resolution: int) -> tuple[Path, Path]:
     """Toy-world images at the resolution: instances (with ControlNet conditioning masks) and class images."""
-    from finetune.toyworld.world import write_folder
+    from finetune.toyworld.datasets import write_folder
 
     data = write_folder(root / "data", num_images, seed=0, size=resolution, conditioning=True)
     classes = write_folder(root / "class", num_images, seed=1, size=resolution, metadata=False)

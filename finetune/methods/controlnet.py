@@ -12,10 +12,11 @@ model's behaviour instead of disturbing it.
   the output norm + conv) trains too and is saved as a UNet folder beside the ControlNet.
 - `controlnet.only_mid_control`: only the mid-block residual reaches the UNet. The down-block zero
   convs are set to zero and frozen, so the saved ControlNet behaves the same in any diffusers pipeline.
-- Data are triples (image, conditioning image, caption). One crop and one flip are drawn per item from
-  the (seed, epoch, index) generator and applied to both images; then a share of captions
-  (`controlnet.empty_prompt_share`, 0.5 as in the paper) is emptied, so the model learns to read the
-  conditioning image rather than the prompt. Conditioning images reach the ControlNet in [0, 1].
+- Data are triples (image, conditioning image, caption), read by `finetune.controlnet_data`. One crop
+  and one flip are drawn per item from the (seed, epoch, index) generator and applied to both images;
+  then a share of captions (`controlnet.empty_prompt_share`, 0.5 as in the paper) is emptied, so the
+  model learns to read the conditioning image rather than the prompt. Conditioning images reach the
+  ControlNet in [0, 1].
 - Output: `output_dir/controlnet`, a diffusers `ControlNetModel` folder that
   `StableDiffusionControlNetPipeline` uses. Validation rows show conditioning | samples.
 """
@@ -25,19 +26,16 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
-from PIL import Image, ImageOps
-from torch.utils.data import Dataset
+from PIL import Image
 
-from finetune.captions import training_caption
-from finetune.config import DataConfig, Recipe
-from finetune.data import Example, item_rng, load_examples, open_dataset, open_rgb, to_tensor
-from finetune.diffusion import BatchRandomness
+from finetune.config import Recipe
+from finetune.controlnet_data import ControlNetDataset, controlnet_collate, load_pairs, paired_views
+from finetune.data import Example, open_rgb
 from finetune.errors import FinetuneError
 from finetune.methods.base import DiffusionMethod
 from finetune.models import freeze
@@ -46,148 +44,6 @@ from finetune.sampling import build_pipeline, generate
 CONTROLNET_DIR, UNET_DIR, METADATA_FILE = "controlnet", "unet", "finetune_metadata.json"
 # The UNet parts that train with unlock_unet_decoder (the original's output_blocks and out).
 DECODER_PARTS = ("up_blocks", "conv_norm_out", "conv_out")
-
-
-@dataclass(frozen=True)
-class Pair:
-    """A training image and its conditioning image (the caption is the image example's)."""
-
-    image: Example
-    conditioning: Example
-
-
-# ---------------------------------------------------------------------------------------------------
-# Data
-
-
-def load_pairs(recipe: Recipe) -> list[Pair]:
-    """Read (image, conditioning, caption) triples and check every pair; one-line errors name the row or file."""
-    config, settings = recipe.data, recipe.controlnet
-    if config.dataset is not None:
-        dataset = open_dataset(config)
-        column = settings.conditioning_column
-        if column not in dataset.column_names:
-            raise FinetuneError(
-                f"dataset {config.dataset} has no conditioning column '{column}' (controlnet.conditioning_column); "
-                f"its columns are: {', '.join(dataset.column_names)}"
-            )
-        examples = load_examples(config, check=False)
-        conditionings = dataset.select_columns([column])
-        pairs = [
-            Pair(example, Example(f"{example.source} column '{column}'", "", lambda row=row: conditionings[row][column]))
-            for row, example in enumerate(examples)
-        ]
-    else:
-        examples = load_examples(config, check=False)
-        folder = Path(config.image_dir)
-        files = _conditioning_files(folder)
-        pairs = []
-        for example in examples:
-            name = Path(example.source).name
-            if name not in files:
-                raise FinetuneError(
-                    f"image {example.source} has no conditioning image: give it a conditioning_file_name in "
-                    f"{folder / 'metadata.jsonl'} (finetune make-conditions writes one)"
-                )
-            path = folder / files[name]
-            if not path.is_file():
-                raise FinetuneError(f"conditioning image {path} of image {example.source} not found: fix its conditioning_file_name in metadata.jsonl")
-            pairs.append(Pair(example, Example(str(path), "", lambda p=path: Image.open(p))))
-    check_pairs(pairs, config.min_image_size or config.resolution // 2)
-    return pairs
-
-
-def _conditioning_files(folder: Path) -> dict[str, str]:
-    """{image file name: conditioning file name relative to the folder} from metadata.jsonl."""
-    path = folder / "metadata.jsonl"
-    if not path.is_file():
-        raise FinetuneError(
-            f"data folder {folder} has no metadata.jsonl naming conditioning images (file_name, conditioning_file_name, text): "
-            "write one, or make one with finetune make-conditions"
-        )
-    files = {}
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if row.get("conditioning_file_name"):
-                files[Path(row["file_name"]).name] = str(row["conditioning_file_name"])
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise FinetuneError(f"{path} line {line_number}: expected a JSON object with 'file_name', 'conditioning_file_name' and 'text'") from None
-    return files
-
-
-def check_pairs(pairs: list[Pair], min_size: int) -> None:
-    """Decode both images of every pair: readable, large enough, and of the same size."""
-    for pair in pairs:
-        image = open_rgb(pair.image)
-        if min(image.size) < min_size:
-            raise FinetuneError(
-                f"image {pair.image.source} is {image.size[0]}x{image.size[1]}, smaller than {min_size} px on its short side: "
-                "remove it, or lower data.min_image_size"
-            )
-        conditioning = open_rgb(pair.conditioning)
-        if conditioning.size != image.size:
-            raise FinetuneError(
-                f"conditioning image {pair.conditioning.source} is {conditioning.size[0]}x{conditioning.size[1]} but image "
-                f"{pair.image.source} is {image.size[0]}x{image.size[1]}: they must be the same size (one crop is cut from both)"
-            )
-
-
-def paired_views(image: Image.Image, conditioning: Image.Image, config: DataConfig, rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
-    """Resize both to the resolution (short side), then cut ONE crop and apply ONE flip to both.
-
-    The draws are those `data.prepare_image` makes (crop offsets, then the flip), so the image view is
-    the one a LoRA run would see; the conditioning view is the same geometry.
-    """
-    resolution = config.resolution
-    scale = resolution / min(image.size)
-    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-    views = [im.resize(size, Image.Resampling.LANCZOS) for im in (image, conditioning)]
-    extra_x, extra_y = size[0] - resolution, size[1] - resolution
-    if config.crop == "random":
-        left, top = int(rng.integers(0, extra_x + 1)), int(rng.integers(0, extra_y + 1))
-    else:
-        left, top = extra_x // 2, extra_y // 2
-    views = [view.crop((left, top, left + resolution, top + resolution)) for view in views]
-    if config.random_flip and rng.random() < 0.5:
-        views = [ImageOps.mirror(view) for view in views]
-    return views[0], views[1]
-
-
-def conditioning_tensor(image: Image.Image) -> torch.Tensor:
-    """HWC uint8 -> CHW float in [0, 1], the range diffusers' ControlNet pipelines feed the ControlNet."""
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
-
-
-class ControlNetDataset(Dataset):
-    """Item (index, epoch): the pair's views, drawn from the (seed, epoch, index) generator."""
-
-    def __init__(self, pairs: list[Pair], config: DataConfig, seed: int, empty_prompt_share: float):
-        self.pairs, self.config, self.seed, self.empty_prompt_share = pairs, config, seed, empty_prompt_share
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        index, epoch = key
-        pair = self.pairs[index]
-        rng = item_rng(self.seed, epoch, index)
-        image, conditioning = paired_views(open_rgb(pair.image), open_rgb(pair.conditioning), self.config, rng)
-        caption = training_caption(pair.image.caption, self.config.shuffle_tags, self.config.keep_tokens, self.seed, epoch, index)
-        if self.empty_prompt_share > 0 and rng.random() < self.empty_prompt_share:
-            caption = ""
-        return {"pixel_values": to_tensor(image), "conditioning_pixel_values": conditioning_tensor(conditioning), "caption": caption, "index": index}
-
-
-def controlnet_collate(items: list[dict]) -> dict:
-    return {
-        "pixel_values": torch.stack([item["pixel_values"] for item in items]),
-        "conditioning_pixel_values": torch.stack([item["conditioning_pixel_values"] for item in items]),
-        "captions": [item["caption"] for item in items],
-        "indices": torch.tensor([item["index"] for item in items]),
-    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -392,33 +248,3 @@ def save_model_folder(model: torch.nn.Module, folder: Path, metadata: dict[str, 
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
     return folder
-
-
-@torch.no_grad()
-def control_use_score(method: ControlNetMethod, modules: dict, batch: dict, seed: int = 0) -> dict[str, float]:
-    """How much the model uses its conditioning, from three losses with the same noise and timesteps.
-
-    `right`: the batch's own conditioning images; `shuffled`: each row gets the next row's (a fixed
-    derangement; the batch needs two or more distinct conditionings); `off`: conditioning scale 0, the
-    base UNet alone. `gap = (shuffled - right) / off` is 0 for a model that ignores the conditioning
-    (exactly 0 right after creation) and grows as the right conditioning explains the image better.
-    """
-    rows = batch["pixel_values"].shape[0]
-    if rows < 2:
-        raise ValueError("control_use_score needs a batch of at least two examples")
-    randomness = BatchRandomness(seed, 0, rows, slice(0, rows))
-    batch = {**batch, "pixel_values": batch["pixel_values"].to(method.base.vae.device)}
-    modes = {name: module.training for name, module in modules.items()}
-    for module in modules.values():
-        module.eval()
-
-    def loss(**changes) -> float:
-        return method.loss(modules, {**batch, **changes}, randomness)["loss"].item()
-
-    try:
-        conditioning = batch["conditioning_pixel_values"]
-        right, shuffled, off = loss(), loss(conditioning_pixel_values=conditioning.roll(1, dims=0)), loss(conditioning_scale=0.0)
-    finally:
-        for name, module in modules.items():
-            module.train(modes[name])
-    return {"right": right, "shuffled": shuffled, "off": off, "gap": (shuffled - right) / off}

@@ -1,11 +1,13 @@
 """The toy world: captioned 64x64 shape images, an exact evaluator, and metrics.
 
-- :mod:`finetune.toyworld.world`: scenes, captions, rendering, dataset folders;
+- :mod:`finetune.toyworld.world`: scenes, captions, rendering;
+- :mod:`finetune.toyworld.datasets`: rendered samples and dataset folders;
 - :mod:`finetune.toyworld.classifier`: a small CNN that recognises every attribute;
 - :mod:`finetune.toyworld.metrics`: prompt adherence, subject fidelity, prior drift,
   control IoU and a Fréchet distance on the classifier's features.
 """
 
+from .datasets import generate, write_folder
 from .world import (
     ATTRIBUTES,
     BACKGROUNDS,
@@ -21,12 +23,10 @@ from .world import (
     Scene,
     caption,
     draw,
-    generate,
     parse_caption,
     render,
     sample_scenes,
     shape_mask,
-    write_folder,
 )
 
 __all__ = [

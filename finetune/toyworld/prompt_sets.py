@@ -16,7 +16,7 @@ noise, see ``finetune.evaluate.generate_per_prompt``):
   "shape": drift is the subject leaking into its class, which only shows when the class
   prompt does not itself name the subject ("a star" drawn as a star is not drift).
   Use the identifier and class word of the DreamBooth run's instance prompt.
-- ``control_set``: ``world.generate(n, 2_000_004)``, held-in scenes jittered with the seed
+- ``control_set``: ``datasets.generate(n, 2_000_004)``, held-in scenes jittered with the seed
   ``(2_000_004, i)``: prompt i is scene i's caption and its conditioning image is scene i's
   shape mask at the model's resolution, white on black RGB, exactly what
   ``write_folder(..., conditioning=True)`` writes for a ControlNet training folder.
@@ -32,7 +32,8 @@ from dataclasses import dataclass, field, replace
 
 from PIL import Image
 
-from finetune.toyworld.world import Scene, caption, generate as world_samples, mask_image, sample_scenes
+from finetune.toyworld.datasets import generate as world_samples
+from finetune.toyworld.world import Scene, caption, mask_image, sample_scenes
 
 HELD_IN_SEED, STYLE_SEED, SUBJECT_SEED, CONTROL_SEED = 2_000_001, 2_000_002, 2_000_003, 2_000_004
 

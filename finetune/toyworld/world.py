@@ -12,14 +12,13 @@ A scene is one coloured shape on a plain background::
     'a small red circle on a blue background, top left'
 
 Rendering is deterministic: the same scene and seed give byte-identical images.
+Dataset folders of rendered scenes are written by :mod:`finetune.toyworld.datasets`.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -293,7 +292,7 @@ def shape_mask(scene: Scene, size: int = 64, rng=None) -> np.ndarray:
     return draw(scene, size, rng)[1]
 
 
-# ------------------------------------------------------------------------------ datasets
+# -------------------------------------------------------------------------------- scenes
 
 _HELD_OUT_MODES = ("no", "only_shape", "only_style", "all")
 
@@ -340,68 +339,9 @@ def sample_scenes(n: int, seed: int, include_held_out: str = "no") -> list[Scene
     return scenes
 
 
-def generate(
-    n: int, seed: int, include_held_out: str = "no", size: int = 64
-) -> list[tuple[Image.Image, str, Scene, np.ndarray]]:
-    """``n`` samples ``(image, caption, scene, mask)``; image ``i`` is jittered with the
-    seed ``(seed, i)``, so any sample can be re-rendered on its own."""
-    out = []
-    for i, scene in enumerate(sample_scenes(n, seed, include_held_out)):
-        image, mask = draw(scene, size, np.random.default_rng([seed, i]))
-        out.append((image, caption(scene), scene, mask))
-    return out
-
-
 def mask_image(mask: np.ndarray) -> Image.Image:
     """A bool shape mask as a ControlNet conditioning image: white shape on black, RGB."""
     return Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), "L").convert("RGB")
-
-
-def write_folder(
-    directory: str | Path,
-    n: int,
-    seed: int,
-    include_held_out: str = "no",
-    size: int = 64,
-    conditioning: bool = False,
-    metadata: bool = True,
-    partial_captions: float = 0.0,
-) -> Path:
-    """Write a dataset folder: ``0000.png`` + ``0000.txt`` (caption) per sample.
-
-    With ``conditioning=True`` also writes ``conditioning/0000.png`` (the shape mask,
-    white on black, RGB) for ControlNet. With ``metadata=True`` writes a
-    ``metadata.jsonl`` (``file_name``, ``text`` and, with conditioning,
-    ``conditioning_file_name``) in the Hugging Face ``imagefolder`` layout. A share
-    ``partial_captions`` of the images get a :func:`partial_caption` (drawn with the seed
-    ``(seed, i, 1)``) instead of the full one; the images themselves do not change.
-    Returns the directory.
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    if conditioning:
-        (directory / "conditioning").mkdir(exist_ok=True)
-    digits = max(4, len(str(max(n - 1, 0))))
-    rows = []
-    for i, (image, text, scene, mask) in enumerate(generate(n, seed, include_held_out, size)):
-        name = f"{i:0{digits}d}.png"
-        if partial_captions:
-            caption_rng = np.random.default_rng([seed, i, 1])
-            if caption_rng.random() < partial_captions:
-                text = partial_caption(scene, caption_rng)
-        image.save(directory / name)
-        (directory / name).with_suffix(".txt").write_text(text + "\n")
-        row = {"file_name": name, "text": text}
-        if conditioning:
-            cond = mask_image(mask)
-            cond.save(directory / "conditioning" / name)
-            row["conditioning_file_name"] = f"conditioning/{name}"
-        rows.append(row)
-    if metadata:
-        with open(directory / "metadata.jsonl", "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-    return directory
 
 
 def scene_dict(scene: Scene) -> dict:
