@@ -234,7 +234,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
 
 def run_validation(recipe, method, modules, accelerator, step: int) -> Path | None:
     """Render the recipe's prompts with fixed seeds into samples/step-N.png (the main process saves)."""
-    path = None
+    path, rows, labels = None, [], []
     # Under ZeRO-3 each forward gathers sharded weights from every process: all of them sample alike.
     if accelerator.is_main_process or zero_stage(accelerator) == 3:
         unwrapped = {name: accelerator.unwrap_model(module) for name, module in modules.items()}
@@ -245,7 +245,7 @@ def run_validation(recipe, method, modules, accelerator, step: int) -> Path | No
             rows, labels = method.validation_images(unwrapped)
         for module in unwrapped.values():
             module.train()
-    if accelerator.is_main_process and rows:
+    if rows and accelerator.is_main_process:
         grid = make_grid(rows, row_labels=labels, label_width=160)
         path = save_image_atomic(grid, Path(recipe.output_dir) / "samples" / f"step-{step:06d}.png")
         tensorboard = _tensorboard_writer(accelerator)
