@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
+from finetune.distributed import unwrap
 from finetune.errors import FinetuneError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -41,14 +42,14 @@ def register_trainable_only_hooks(accelerator: Accelerator) -> None:
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for i, model in enumerate(models):
-                tensors = trainable_state_dict(accelerator.unwrap_model(model))
+                tensors = trainable_state_dict(unwrap(accelerator, model))
                 save_file(tensors, os.path.join(output_dir, f"trainable_{i}.safetensors"))
         weights.clear()
 
     def load_hook(models, input_dir):
         for i, model in enumerate(models):
             tensors = load_file(os.path.join(input_dir, f"trainable_{i}.safetensors"))
-            unwrapped = accelerator.unwrap_model(model)
+            unwrapped = unwrap(accelerator, model)
             expected = set(trainable_state_dict(unwrapped))
             if set(tensors) != expected:
                 raise FinetuneError(

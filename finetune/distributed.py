@@ -28,6 +28,13 @@ from finetune.config import Recipe
 from finetune.errors import FinetuneError
 
 
+def unwrap(accelerator: Accelerator, module: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under accelerate's wrappers (DDP, DeepSpeed, and torch.compile's, which
+    accelerate keeps by default): parameter names without `_orig_mod.`, as diffusers and peft files
+    and our checkpoints name them, and a module that samples without recompiling for each shape."""
+    return accelerator.unwrap_model(module, keep_torch_compile=False)
+
+
 def deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
@@ -112,6 +119,6 @@ def full_parameters(accelerator: Accelerator, modules: dict[str, torch.nn.Module
         return
     import deepspeed
 
-    params = [p for module in modules.values() for p in accelerator.unwrap_model(module).parameters()]
+    params = [p for module in modules.values() for p in unwrap(accelerator, module).parameters()]
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         yield

@@ -23,7 +23,7 @@ from finetune import checkpoint as ckpt
 from finetune.config import Recipe, dump_recipe
 from finetune.data import make_batch_sampler
 from finetune.diffusion import BatchRandomness
-from finetune.distributed import accelerator_options, checkpoint_options, configure_deepspeed, full_parameters, unsharded_loading, uses_deepspeed, zero_stage
+from finetune.distributed import accelerator_options, checkpoint_options, configure_deepspeed, full_parameters, unsharded_loading, unwrap, uses_deepspeed, zero_stage
 from finetune.methods import METHODS
 from finetune.models import load_base_model, resolve_model_folder
 from finetune.optim import build_lr_scheduler, build_optimizer
@@ -220,7 +220,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         accelerator.wait_for_everyone()
         with full_parameters(accelerator, modules):
             if accelerator.is_main_process:
-                unwrapped = {name: accelerator.unwrap_model(module) for name, module in modules.items()}
+                unwrapped = {name: unwrap(accelerator, module) for name, module in modules.items()}
                 result.saved_files = method.save(output_dir, unwrapped, output_metadata(recipe, step))
         for path in result.saved_files:
             accelerator.print(f"saved {path}")
@@ -237,7 +237,7 @@ def run_validation(recipe, method, modules, accelerator, step: int) -> Path | No
     path, rows, labels = None, [], []
     # Under ZeRO-3 each forward gathers sharded weights from every process: all of them sample alike.
     if accelerator.is_main_process or zero_stage(accelerator) == 3:
-        unwrapped = {name: accelerator.unwrap_model(module) for name, module in modules.items()}
+        unwrapped = {name: unwrap(accelerator, module) for name, module in modules.items()}
         for module in unwrapped.values():
             module.eval()
         # Sampling must not disturb the training RNG: a resumed run then follows the same curve.

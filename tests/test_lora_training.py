@@ -189,3 +189,27 @@ def test_channels_last_is_applied_and_trains_the_same_adapter(make_recipe, tmp_p
     assert torch.allclose(torch.tensor(plain.losses), torch.tensor(nhwc.losses), rtol=1e-4)
     a, b = load_file(plain.output_dir / LORA_WEIGHTS_NAME), load_file(nhwc.output_dir / LORA_WEIGHTS_NAME)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_torch_compile_through_accelerate_saves_and_checkpoints_plain_names(make_recipe, tmp_path, monkeypatch):
+    """`accelerate launch --dynamo_backend ...` compiles the UNet; the files must not name `_orig_mod.`."""
+    compiled = []
+    original_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or original_compile(model, **kw))
+    common = dict(train__max_steps=3, checkpoint__every_n_steps=2, validation__prompts=["a shape"], validation__num_inference_steps=2)
+    plain = train(make_recipe(output_dir=str(tmp_path / "plain"), **common))
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "AOT_EAGER")  # traced like inductor, no C++ build
+    fast = train(make_recipe(output_dir=str(tmp_path / "compiled"), **common))
+    assert len(compiled) == 1 and fast.sample_grids
+
+    a, b = load_file(plain.output_dir / LORA_WEIGHTS_NAME), load_file(fast.output_dir / LORA_WEIGHTS_NAME)
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert torch.allclose(torch.tensor(plain.losses), torch.tensor(fast.losses), rtol=1e-5)
+    # An uncompiled run resumes from the compiled run's last checkpoint (step 3) like from the plain run's.
+    monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND")
+    longer = {**common, "train__max_steps": 4}
+    after_plain = train(make_recipe(output_dir=str(tmp_path / "plain"), **longer), resume="latest")
+    after_compiled = train(make_recipe(output_dir=str(tmp_path / "compiled"), **longer), resume="latest")
+    assert after_compiled.final_step == 4 and len(after_compiled.losses) == 1
+    assert after_compiled.losses == pytest.approx(after_plain.losses, rel=1e-5)

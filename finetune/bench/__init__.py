@@ -39,7 +39,7 @@ from pathlib import Path
 from finetune.bench.report import markdown_table, median_run, print_table
 from finetune.bench.runner import default_resolution, parse_variants, run_benchmark
 from finetune.bench.sd15 import build_sd15_pipeline, peak_tflops
-from finetune.bench.variants import VARIANTS
+from finetune.bench.variants import DEFAULT_VARIANTS, VARIANTS
 
 __all__ = [
     "add_bench_parser",
@@ -55,7 +55,7 @@ __all__ = [
 
 
 BENCH_EXAMPLES = """examples:
-  finetune bench                                          # medium preset, 64 px, batch 4, every variant
+  finetune bench                                          # medium preset, 64 px, batch 4, the default variants
   finetune bench --resolution 256 --steps 5 --recipes lora,lora_cached,lora_gc
   finetune bench --preset sd15 --mixed-precision bf16     # SD1.5-size UNet at 512 px, on a GPU
 """
@@ -85,7 +85,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=8, help="images in the generated dataset (default 8)")
     p.add_argument("--repeat", type=int, default=1,
                    help="runs of each variant, each in a fresh process; the report keeps the median run (default 1)")
-    p.add_argument("--recipes", default=",".join(VARIANTS), help=f"comma-separated variants (default all: {','.join(VARIANTS)})")
+    p.add_argument("--recipes", default=",".join(DEFAULT_VARIANTS),
+                   help=f"comma-separated variants (default: {','.join(DEFAULT_VARIANTS)}; also: {','.join(sorted(set(VARIANTS) - set(DEFAULT_VARIANTS)))})")
     p.add_argument("--no-flops", action="store_true", help="skip the extra step that counts FLOPs")
     p.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (default: looked up for H100/H200/A100)")
     p.add_argument("--workdir", help="keep the model, data and runs here (default: a temporary folder)")

@@ -14,7 +14,7 @@ from typing import Callable
 
 from finetune.bench.report import add_speedups, machine_info, median_run
 from finetune.bench.sd15 import build_sd15_pipeline
-from finetune.bench.variants import VARIANTS, images_per_step
+from finetune.bench.variants import DEFAULT_VARIANTS, VARIANTS, images_per_step
 from finetune.errors import FinetuneError
 
 # ---------------------------------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def run_benchmark(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Build the model and data, run each variant in its own process, and return (and write) the report."""
-    variants = variants or list(VARIANTS)
+    variants = variants or list(DEFAULT_VARIANTS)
     if steps < 1 or warmup < 1:
         raise FinetuneError("--steps and --warmup must be at least 1 (the first step's end starts the clock)")
     if repeat < 1:
@@ -187,14 +187,14 @@ def run_variant_process(name: str, recipe: dict, settings: BenchSettings, result
     spec_path = result_path.with_suffix(".spec.json")
     spec_path.write_text(json.dumps(spec))
     result_path.unlink(missing_ok=True)
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **VARIANTS[name].environment}
     process = subprocess.run(
         [sys.executable, "-m", "finetune.bench", "--worker", str(spec_path), str(result_path)],
         capture_output=True,
         text=True,
         env=env,
     )
-    row = {"variant": name, "description": VARIANTS[name].description}
+    row = {"variant": name, "description": VARIANTS[name].description, "environment": VARIANTS[name].environment}
     if process.returncode != 0 or not result_path.is_file():
         tail = [line for line in (process.stderr or process.stdout).strip().splitlines() if line.strip()][-1:]
         row["error"] = f"exit {process.returncode}: {tail[0] if tail else 'no output'}"

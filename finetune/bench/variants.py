@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 class Variant:
     description: str
     build: Callable[[dict, "BenchSettings"], dict]  # (common recipe, settings) -> recipe dict
+    # Set for the variant's process: what `accelerate launch` options would set (e.g. --dynamo_backend).
+    environment: dict[str, str] = field(default_factory=dict)
 
 
 def _lora(common: dict, settings: "BenchSettings", **train) -> dict:
@@ -62,10 +64,22 @@ VARIANTS: dict[str, Variant] = {
         "LoRA, cached latents and embeddings, channels-last",
         lambda c, s: _lora(c, s, cache_latents=True, cache_text_embeddings=True, channels_last=True),
     ),
+    # torch.compile as `accelerate launch --dynamo_backend inductor` applies it (to the trained UNet);
+    # the compile happens in the first step, which --warmup leaves out of the timing.
+    "lora_compiled": Variant("LoRA, UNet compiled with torch.compile (inductor)", lambda c, s: _lora(c, s), {"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"}),
+    "lora_cached_compiled": Variant(
+        "LoRA, cached latents and embeddings, UNet compiled (inductor)",
+        lambda c, s: _lora(c, s, cache_latents=True, cache_text_embeddings=True),
+        {"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"},
+    ),
     "dreambooth": Variant("DreamBooth, full UNet, prior preservation, 8-bit AdamW", lambda c, s: _dreambooth(c, s, "full")),
     "dreambooth_lora": Variant("DreamBooth with a LoRA adapter, prior preservation", lambda c, s: _dreambooth(c, s, "lora")),
     "controlnet": Variant("ControlNet (trainable encoder copy), frozen UNet", lambda c, s: _controlnet(c, s)),
 }
+
+
+# Compiling takes minutes on a CPU (about 2 for the medium preset on 2 cores): ask for those by name.
+DEFAULT_VARIANTS = [name for name, variant in VARIANTS.items() if not variant.environment]
 
 
 def dreambooth_instances(batch: int) -> int:
