@@ -441,13 +441,13 @@ def describe_validation_error(err: ValidationError, raw: dict[str, Any]) -> str:
 def _valid_keys(section_path: list[str]) -> list[str]:
     model: type[BaseModel] = Recipe
     for name in section_path:
-        model = _section_type(model.model_fields[name].annotation)
+        model = section_type(model.model_fields[name].annotation)
         if model is None:
             return []
     return list(model.model_fields)
 
 
-def _section_type(annotation) -> type[BaseModel] | None:
+def section_type(annotation) -> type[BaseModel] | None:
     """The section class in a field's annotation: X, Optional[X] or list[X]."""
     for candidate in (annotation, *typing.get_args(annotation)):
         if isinstance(candidate, type) and issubclass(candidate, BaseModel):

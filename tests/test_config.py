@@ -1,8 +1,9 @@
+import re
 from pathlib import Path
 
 import pytest
 
-from finetune.config import load_recipe, recipe_from_dict
+from finetune.config import Recipe, section_type, load_recipe, recipe_from_dict
 from finetune.errors import FinetuneError
 
 RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
@@ -13,6 +14,44 @@ MINIMAL = {"data": {"image_dir": "images"}}
 def test_every_shipped_recipe_validates(path):
     recipe = load_recipe(path)
     assert recipe.data.resolution % 8 == 0
+
+
+def schema_keys(model, prefix="") -> list[str]:
+    """Dotted names of every setting under a config class (nested sections included)."""
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        section = section_type(field.annotation)
+        if section is not None:
+            keys += schema_keys(section, f"{prefix}{name}.")
+    return keys
+
+
+def named_in(text: str, dotted: str) -> bool:
+    """The key's last part appears as `key:` (set, or shown in a comment; a line or a {flow: map}) in the YAML text."""
+    return re.search(rf"(^[ \t#-]*|[{{,] *){re.escape(dotted.split('.')[-1])}:", text, re.MULTILINE) is not None
+
+
+# The reference recipes name every knob of their sections, so a user reads all options in one file;
+# dreambooth.yaml documents its own section and points to lora.yaml for the shared ones.
+REFERENCE_RECIPES = {
+    "lora.yaml": ["model", "data", "lora", "train", "optimizer", "validation", "checkpoint", "logging"],
+    "controlnet.yaml": ["model", "data", "controlnet", "train", "optimizer", "validation", "checkpoint", "logging"],
+    "dreambooth.yaml": ["dreambooth"],
+}
+NOT_FOR_CONTROLNET = {"data.skip_bad_images", "data.bucketing", "data.folders", "data.folders.path", "data.folders.repeats", "data.folders.template"}
+
+
+@pytest.mark.parametrize("name", list(REFERENCE_RECIPES))
+def test_reference_recipes_name_every_key(name):
+    text = (RECIPES[0].parent / name).read_text()
+    missing = []
+    for section in REFERENCE_RECIPES[name]:
+        for key in schema_keys(section_type(Recipe.model_fields[section].annotation), f"{section}."):
+            skipped = name == "controlnet.yaml" and (key in NOT_FOR_CONTROLNET or key.startswith("data.bucketing."))
+            if not skipped and not named_in(text, key):
+                missing.append(key)
+    assert not missing, f"recipes/{name} does not name: {missing}"
 
 
 def test_unknown_key_names_it_and_suggests_the_closest(tmp_path):

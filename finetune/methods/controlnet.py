@@ -61,8 +61,10 @@ class ControlNetMethod(DiffusionMethod):
     def check_data(self) -> None:
         data = self.recipe.data
         # Pairs share one crop of one size, read from one folder's metadata.jsonl.
-        if data.bucketing.enabled or data.folders:
-            raise FinetuneError("method controlnet does not support data.bucketing or data.folders yet: remove them from the recipe")
+        unsupported = [key for key, used in (("bucketing", data.bucketing.enabled), ("folders", data.folders), ("skip_bad_images", data.skip_bad_images)) if used]
+        if unsupported:
+            keys = ", ".join(f"data.{key}" for key in unsupported)
+            raise FinetuneError(f"method controlnet does not support {keys} yet: remove it from the recipe (a bad pair stops the run, named)")
         self.pairs = load_pairs(self.recipe)
         for path in self.settings.validation_conditions:
             if not Path(path).is_file():
