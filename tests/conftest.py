@@ -52,6 +52,12 @@ def image_folder(tmp_path_factory) -> Path:
     return write_folder(tmp_path_factory.mktemp("data") / "striped", 4, seed=7, include_held_out="only_style")
 
 
+@pytest.fixture(scope="session")
+def pairs_folder(tmp_path_factory) -> Path:
+    """ControlNet data: four toy-world images with their shape masks as conditioning (metadata.jsonl names both)."""
+    return write_folder(tmp_path_factory.mktemp("pairs") / "pairs", 4, seed=5, conditioning=True)
+
+
 @pytest.fixture
 def make_recipe(tiny_model, image_folder, tmp_path):
     """A fast LoRA recipe on the tiny model; keyword overrides use dotted names with '__' for '.'."""

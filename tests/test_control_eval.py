@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from controlnet_folders import write_controlnet_run
+from controlnet_helpers import write_controlnet_run
 from PIL import Image
 
 import finetune.sampling as sampling

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from controlnet_folders import METADATA, write_controlnet_run
+from controlnet_helpers import METADATA, write_controlnet_run
 from diffusers import ControlNetModel, UNet2DConditionModel
 from PIL import Image
 

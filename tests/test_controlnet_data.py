@@ -1,0 +1,230 @@
+"""ControlNet data: one crop and flip for image and conditioning, the empty-prompt share, `datasets`
+sources with their own columns, bad input as one line before any model loads, and `make-conditions`
+(canny edges, luminance, toy-world masks)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from controlnet_helpers import controlnet_recipe
+from PIL import Image
+
+import finetune.trainer as trainer_module
+from finetune.cli import main
+from finetune.conditions import border_mask, canny, luminance, make_conditions
+from finetune.config import DataConfig
+from finetune.controlnet_data import ControlNetDataset, Pair, paired_views
+from finetune.data import Example, item_rng, prepare_image
+from finetune.errors import FinetuneError
+from finetune.methods.controlnet import ControlNetMethod
+from finetune.toyworld.datasets import generate, write_folder
+from finetune.toyworld.world import draw, mask_image, sample_scenes
+from finetune.trainer import train
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+
+
+def test_image_and_conditioning_get_the_same_crop_and_flip():
+    pixels = np.random.default_rng(0).integers(0, 256, (80, 120, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    conditioning = Image.fromarray(np.ascontiguousarray(pixels[..., ::-1]))  # a pixel-exact function of the image
+    config = DataConfig(image_dir="unused", resolution=64, crop="random", random_flip=True)
+    example = Example("image.png", "a caption", lambda: image)
+    dataset = ControlNetDataset([Pair(example, Example("cond.png", "", lambda: conditioning))], config, seed=1, empty_prompt_share=0.0)
+    views = set()
+    for epoch in range(12):
+        image_view, conditioning_view = paired_views(image, conditioning, config, item_rng(1, epoch, 0))
+        assert np.array_equal(np.asarray(conditioning_view), np.asarray(image_view)[..., ::-1])
+        views.add(np.asarray(image_view).tobytes())
+        # The image's view is the one the standard image path draws (same crop, then flip, draws).
+        item = dataset[(0, epoch)]
+        assert torch.equal(item["pixel_values"], prepare_image(example, config, item_rng(1, epoch, 0)))
+        # Conditioning in [0, 1], the image in [-1, 1]: the same pixels, channels reversed.
+        image_levels = ((item["pixel_values"] + 1) * 127.5).round()
+        conditioning_levels = (item["conditioning_pixel_values"] * 255).round()
+        assert 0.0 <= item["conditioning_pixel_values"].min() and item["conditioning_pixel_values"].max() <= 1.0
+        assert torch.equal(conditioning_levels, image_levels.flip(0))
+    assert len(views) >= 6  # crops and flips really varied
+
+
+def test_empty_prompt_share(pairs_folder):
+    from finetune.controlnet_data import load_pairs
+    from finetune.config import recipe_from_dict
+
+    recipe = recipe_from_dict({"method": "controlnet", "data": {"image_dir": str(pairs_folder), "resolution": 64}})
+    pairs = load_pairs(recipe)
+    captions = [pair.image.caption for pair in pairs]
+
+    def drawn(share):
+        dataset = ControlNetDataset(pairs, recipe.data, seed=0, empty_prompt_share=share)
+        return [dataset[(i, epoch)]["caption"] for epoch in range(50) for i in range(len(pairs))]
+
+    assert drawn(0.0) == captions * 50
+    assert drawn(1.0) == [""] * 200
+    half = drawn(0.5)
+    assert half == drawn(0.5)  # deterministic per (seed, epoch, index)
+    assert 0.4 < half.count("") / len(half) < 0.6
+    assert all(c in ("", captions[i % 4]) for i, c in enumerate(half))
+
+
+def test_datasets_source_with_custom_columns(make_recipe, tmp_path):
+    import datasets
+
+    samples = generate(3, seed=2)
+    masks = [mask_image(mask) for _, _, _, mask in samples]
+    data = datasets.Dataset.from_dict({"picture": [s[0] for s in samples], "hint": masks, "prompt": [s[1] for s in samples]})
+    data.save_to_disk(tmp_path / "saved")
+    recipe = make_recipe(
+        method="controlnet", data__image_dir=None, data__dataset=str(tmp_path / "saved"),
+        data__image_column="picture", data__caption_column="prompt", controlnet__conditioning_column="hint",
+    )
+    method = ControlNetMethod(recipe)
+    method.check_data()
+    dataset, collate_fn = method.training_data(None)
+    batch = collate_fn([dataset[(i, 0)] for i in range(3)])
+    for i, (_, _, _, mask) in enumerate(samples):
+        assert torch.equal(batch["conditioning_pixel_values"][i, 0] > 0.5, torch.from_numpy(mask))
+    assert batch["pixel_values"].shape == (3, 3, 64, 64)
+
+    missing = make_recipe(method="controlnet", data__image_dir=None, data__dataset=str(tmp_path / "saved"), data__image_column="picture", data__caption_column="prompt")
+    with pytest.raises(FinetuneError, match=r"has no conditioning column 'conditioning_image' \(controlnet.conditioning_column\); its columns are: picture, hint, prompt"):
+        ControlNetMethod(missing).check_data()
+
+
+def broken_copy(folder: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "broken"
+    shutil.copytree(folder, copy)
+    return copy
+
+
+def rewrite_metadata(folder: Path, edit) -> None:
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(edit(row)) + "\n" for row in rows))
+
+
+BAD_INPUTS = {
+    "no conditioning entry": (
+        lambda f: rewrite_metadata(f, lambda row: {k: v for k, v in row.items() if k != "conditioning_file_name" or row["file_name"] != "0001.png"}),
+        r"image \S+/0001\.png has no conditioning image: give it a conditioning_file_name in \S+metadata\.jsonl",
+    ),
+    "conditioning file missing": (
+        lambda f: (f / "conditioning" / "0002.png").unlink(),
+        r"conditioning image \S+/conditioning/0002\.png of image \S+/0002\.png not found",
+    ),
+    "sizes differ": (
+        lambda f: Image.new("RGB", (32, 48)).save(f / "conditioning" / "0000.png"),
+        r"conditioning image \S+/conditioning/0000\.png is 32x48 but image \S+/0000\.png is 64x64: they must be the same size",
+    ),
+    "conditioning unreadable": (
+        lambda f: (f / "conditioning" / "0003.png").write_bytes(b"not a png"),
+        r"image \S+/conditioning/0003\.png cannot be read",
+    ),
+    "no metadata": (
+        lambda f: (f / "metadata.jsonl").unlink(),
+        r"data folder \S+ has no metadata\.jsonl naming conditioning images",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_before_any_model_loads(case, make_recipe, pairs_folder, tmp_path, monkeypatch):
+    breaking, pattern = BAD_INPUTS[case]
+    folder = broken_copy(pairs_folder, tmp_path)
+    breaking(folder)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the data was checked")
+
+    monkeypatch.setattr(trainer_module, "load_base_model", no_model)
+    with pytest.raises(FinetuneError, match=pattern) as error:
+        train(controlnet_recipe(make_recipe, folder))
+    assert "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# make-conditions
+
+
+def square_image(colour=(255, 255, 255), background=(0, 0, 0)) -> tuple[Image.Image, np.ndarray]:
+    pixels = np.empty((64, 64, 3), dtype=np.uint8)
+    pixels[:] = background
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[20:44, 16:40] = True
+    pixels[mask] = colour
+    return Image.fromarray(pixels), mask
+
+
+@pytest.mark.parametrize("colours", [((255, 255, 255), (0, 0, 0)), ((220, 40, 40), (40, 170, 60))], ids=["white-on-black", "red-on-green"])
+def test_canny_finds_the_border_of_a_square_and_nothing_else(colours):
+    image, mask = square_image(*colours)
+    edges = canny(image)
+    # The true boundary: pixels of the square next to the outside, and outside pixels next to the square.
+    padded = np.pad(mask, 1)
+    grown = np.zeros_like(mask)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            grown |= padded[1 + dy : 65 + dy, 1 + dx : 65 + dx]
+    near_boundary = grown & ~_eroded(mask)
+    assert edges.any() and not (edges & ~near_boundary).any(), "edge pixels away from the square's border"
+    # Every side is found along its whole length (corners are rounded by the blur).
+    rows, cols = np.nonzero(edges)
+    for side in (rows[(cols > 20) & (cols < 36)], cols[(rows > 24) & (rows < 40)]):
+        assert len(side) >= 2 * 15
+    assert edges.sum() < 0.6 * near_boundary.sum()  # one pixel wide, not the two-pixel band
+    assert not canny(Image.new("RGB", (64, 64), (90, 90, 90))).any()
+
+
+def _eroded(mask: np.ndarray) -> np.ndarray:
+    padded = np.pad(mask, 1)
+    out = mask.copy()
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            out &= padded[1 + dy : 65 + dy, 1 + dx : 65 + dx]
+    return out
+
+
+def test_mask_matches_the_true_shape_and_luminance_is_bt601():
+    ious = []
+    for image, _, _, truth in generate(40, seed=9, include_held_out="all"):
+        found = border_mask(image)
+        ious.append((found & truth).sum() / (found | truth).sum())
+    assert min(ious) > 0.9, min(ious)
+
+    pixels = np.array([[[100, 100, 100], [255, 0, 0], [0, 255, 0], [0, 0, 255]]], dtype=np.uint8)
+    assert luminance(Image.fromarray(pixels)).tolist() == [[100, 76, 150, 29]]
+
+
+def test_make_conditions_writes_a_training_folder(make_recipe, tmp_path, capsys):
+    source = write_folder(tmp_path / "photos", 4, seed=4, include_held_out="all", metadata=False)  # .txt captions only
+    (source / "0003.txt").unlink()
+    out = tmp_path / "controlnet-data"
+    assert main(["make-conditions", str(source), str(out), "--kind", "mask"]) == 0
+    assert "wrote 4 mask conditioning images" in capsys.readouterr().out
+
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    scenes = sample_scenes(4, seed=4, include_held_out="all")
+    for i, row in enumerate(rows):
+        assert row["file_name"] == f"{i:04d}.png" and row["conditioning_file_name"] == f"conditioning/{i:04d}.png"
+        assert (out / row["file_name"]).read_bytes() == (source / row["file_name"]).read_bytes()
+        truth = draw(scenes[i], 64, np.random.default_rng([4, i]))[1]
+        found = np.asarray(Image.open(out / row["conditioning_file_name"]))[..., 0] > 127
+        assert (found & truth).sum() / (found | truth).sum() > 0.9
+    assert rows[0]["text"] == (source / "0000.txt").read_text().strip() and rows[3]["text"] == ""
+
+    method = ControlNetMethod(controlnet_recipe(make_recipe, out))
+    method.check_data()  # ready for training as written
+    assert len(method.pairs) == 4
+
+    for kind in ("canny", "luminance"):
+        folder, count, _ = make_conditions(source, tmp_path / kind, kind)
+        assert count == 4 and Image.open(folder / "conditioning" / "0000.png").size == (64, 64)
+    with pytest.raises(SystemExit):
+        main(["make-conditions", "--help"])
+    assert capsys.readouterr().out.startswith("usage: finetune make-conditions")
+    assert main(["make-conditions", str(tmp_path / "nowhere"), str(out), "--kind", "canny"]) == 2
+    assert "input folder" in capsys.readouterr().err
