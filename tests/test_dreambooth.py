@@ -181,3 +181,22 @@ def test_class_images_of_another_size_are_resized_but_tiny_ones_stop_the_run(mak
     Image.new("RGB", (10, 10), "blue").save(class_dir / "a-tiny.png")
     with pytest.raises(FinetuneError, match=r"a-tiny\.png is 10x10"):
         train(recipe)
+
+
+def test_cached_encoders_give_the_same_instance_and_class_losses(make_recipe, star_folder, tmp_path, monkeypatch):
+    """Instance and class images share the latent cache (keyed by pixels): same losses, fewer encodings."""
+    import finetune.methods.base as base_module
+
+    encoded = []
+    original = base_module.posterior_moments
+    monkeypatch.setattr(base_module, "posterior_moments", lambda vae, pixels: encoded.append(len(pixels)) or original(vae, pixels))
+    concept = {"instance_dir": str(star_folder), "instance_prompt": "a sks shape", "class_prompt": "a shape", "class_dir": str(tmp_path / "class")}
+    common = dict(dreambooth={"concepts": [concept], "adapter": "lora"}, train__max_steps=12, data__random_flip=True)
+    plain = train(dreambooth_recipe(make_recipe, star_folder, tmp_path, output_dir=str(tmp_path / "plain"), **common))
+    assert sum(encoded) == 12 * 2  # one instance and one class image per step
+    encoded.clear()
+    cached = train(dreambooth_recipe(
+        make_recipe, star_folder, tmp_path, output_dir=str(tmp_path / "cached"), train__cache_latents=True, train__cache_text_embeddings=True, **common
+    ))  # fmt: skip
+    assert torch.allclose(torch.tensor(plain.losses), torch.tensor(cached.losses), rtol=1e-5, atol=1e-6)
+    assert sum(encoded) <= (3 + 4) * 2  # at most each instance and class image, flipped or not, once
