@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -153,14 +152,24 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
             message = f"image {sources[0]} has the same pixels as {others}: each copy trains as its own image (remove copies, or use data.folders repeats)"
             report.findings.append(Finding(WARNING, sources[0], message))
     if config.skip_bad_images:
-        report.skipped = report.of_level(FATAL)
-        report.findings = [finding for finding in report.findings if finding.level != FATAL]
+        skip_fatal(report)
     return report
+
+
+def skip_fatal(report: DataReport) -> None:
+    """data.skip_bad_images: fatal findings become the skipped list (their images are not in `usable`)."""
+    report.skipped += report.of_level(FATAL)
+    report.findings = [finding for finding in report.findings if finding.level != FATAL]
 
 
 def check_examples(examples: list[Example], config: DataConfig, label: str = "data") -> DataReport:
     """Inspect, then stop on the first fatal problem with a one-line error (unless bad images are skipped)."""
-    report = inspect_examples(examples, config, label)
+    return stop_unless_trainable(inspect_examples(examples, config, label))
+
+
+def stop_unless_trainable(report: DataReport) -> DataReport:
+    """Raise a one-line error for the first fatal finding, or when every image was skipped."""
+    label = report.label
     fatal = report.of_level(FATAL)
     if fatal:
         more = f" ({len(fatal) - 1} more problems: finetune check-data lists them)" if len(fatal) > 1 else ""
@@ -194,12 +203,12 @@ def data_configs(recipe: Recipe) -> list[DataConfig]:
 # The command
 
 
-def configs_from_args(args) -> list[DataConfig]:
+def configs_from_args(args, recipe: Recipe | None) -> list[DataConfig]:
     if args.recipe is None and args.overrides:
         raise FinetuneError("check-data: key=value overrides need a recipe first, e.g. finetune check-data recipes/lora.yaml data.image_dir=x")
     if args.recipe is None and args.image_dir is None:
         raise FinetuneError("check-data needs a recipe or --image-dir: e.g. finetune check-data --image-dir my_photos")
-    configs = data_configs(load_recipe(args.recipe, args.overrides)) if args.recipe else [DataConfig()]
+    configs = data_configs(recipe) if recipe is not None else [DataConfig()]
     update = {}
     if args.image_dir is not None:
         update.update(image_dir=args.image_dir, dataset=None)
@@ -220,8 +229,14 @@ def configs_from_args(args) -> list[DataConfig]:
 def run_check_data_command(args) -> int:
     """Print the report of each data source; exit status 1 when training would stop on it."""
     fatal, warnings = 0, 0
-    for config in configs_from_args(args):
-        report = inspect_examples(read_examples(config), config, data_label(config))
+    recipe = load_recipe(args.recipe, args.overrides) if args.recipe else None
+    for config in configs_from_args(args, recipe):
+        if recipe is not None and recipe.method == "controlnet":
+            from finetune.controlnet_data import inspect_pairs  # it builds on this module
+
+            report = inspect_pairs(recipe.model_copy(update={"data": config}))[1]
+        else:
+            report = inspect_examples(read_examples(config), config, data_label(config))
         for line in report.lines():
             print(line)
         fatal += len(report.of_level(FATAL)) or (0 if report.usable else 1)  # all skipped: nothing to train

@@ -1,7 +1,7 @@
 """ControlNet training data: (image, conditioning image, caption) triples and the dataset that serves them.
 
 Pairs come from a data folder's metadata.jsonl (`conditioning_file_name`) or a dataset's conditioning
-column (`controlnet.conditioning_column`); every pair is checked before training. One crop and one flip
+column (`controlnet.conditioning_column`); every pair is checked before training (`checked_pairs`). One crop and one flip
 are drawn per item from the (seed, epoch, index) generator and applied to both images; then a share of
 captions (`controlnet.empty_prompt_share`) is emptied. Conditioning images come out in [0, 1].
 """
@@ -19,7 +19,8 @@ from torch.utils.data import Dataset
 
 from finetune.captions import training_caption
 from finetune.config import DataConfig, Recipe
-from finetune.data import Example, item_rng, load_examples, open_dataset, open_rgb, to_tensor
+from finetune.check_data import FATAL, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable
+from finetune.data import Example, item_rng, open_dataset, open_rgb, read_examples, to_tensor
 from finetune.errors import FinetuneError
 
 
@@ -31,8 +32,47 @@ class Pair:
     conditioning: Example
 
 
-def load_pairs(recipe: Recipe) -> list[Pair]:
-    """Read (image, conditioning, caption) triples and check every pair; one-line errors name the row or file."""
+def checked_pairs(recipe: Recipe) -> tuple[list[Pair], DataReport]:
+    """The (image, conditioning, caption) triples that train, and the report training prints.
+
+    A bad pair stops the run with a one-line error naming it, or with data.skip_bad_images is left out
+    and listed.
+    """
+    pairs, report = inspect_pairs(recipe)
+    stop_unless_trainable(report)
+    return pairs, report
+
+
+def inspect_pairs(recipe: Recipe) -> tuple[list[Pair], DataReport]:
+    """Check every pair without stopping (what `finetune check-data` prints for a ControlNet recipe).
+
+    Images get the standard check (`finetune.check_data`: readable, large enough, captioned,
+    duplicates, conversions); each pair also needs a readable conditioning image of its image's size.
+    """
+    config = recipe.data
+    pairs, unpaired = read_pairs(recipe)
+    report = inspect_examples([pair.image for pair in pairs], config.model_copy(update={"skip_bad_images": False}), data_label(config))
+    report.config, report.found = config, report.found + len(unpaired)
+    report.findings = unpaired + report.findings
+    checked_images = {example.source: example for example in report.usable}
+    usable = []
+    for pair in pairs:
+        image = checked_images.get(pair.image.source)
+        if image is None:
+            continue
+        problems = conditioning_problems(pair, image.size)
+        report.findings += problems
+        if problems:
+            report.usable.remove(image)
+        else:
+            usable.append(Pair(image, pair.conditioning))
+    if config.skip_bad_images:
+        skip_fatal(report)
+    return usable, report
+
+
+def read_pairs(recipe: Recipe) -> tuple[list[Pair], list[Finding]]:
+    """Every image with the conditioning image the data names for it, and fatal findings for images without one."""
     config, settings = recipe.data, recipe.controlnet
     if config.dataset is not None:
         dataset = open_dataset(config)
@@ -42,30 +82,30 @@ def load_pairs(recipe: Recipe) -> list[Pair]:
                 f"dataset {config.dataset} has no conditioning column '{column}' (controlnet.conditioning_column); "
                 f"its columns are: {', '.join(dataset.column_names)}"
             )
-        examples = load_examples(config, check=False)
         conditionings = dataset.select_columns([column])
         pairs = [
             Pair(example, Example(f"{example.source} column '{column}'", "", lambda row=row: conditionings[row][column]))
-            for row, example in enumerate(examples)
+            for row, example in enumerate(read_examples(config))
         ]
-    else:
-        examples = load_examples(config, check=False)
-        folder = Path(config.image_dir)
-        files = _conditioning_files(folder)
-        pairs = []
-        for example in examples:
-            name = Path(example.source).name
-            if name not in files:
-                raise FinetuneError(
-                    f"image {example.source} has no conditioning image: give it a conditioning_file_name in "
-                    f"{folder / 'metadata.jsonl'} (finetune make-conditions writes one)"
-                )
-            path = folder / files[name]
-            if not path.is_file():
-                raise FinetuneError(f"conditioning image {path} of image {example.source} not found: fix its conditioning_file_name in metadata.jsonl")
+        return pairs, []
+    folder = Path(config.image_dir)
+    files = _conditioning_files(folder)
+    pairs, unpaired = [], []
+    for example in read_examples(config):
+        name = Path(example.source).name
+        path = folder / files[name] if name in files else None
+        if path is None:
+            message = (
+                f"image {example.source} has no conditioning image: give it a conditioning_file_name in "
+                f"{folder / 'metadata.jsonl'} (finetune make-conditions writes one)"
+            )
+        elif not path.is_file():
+            message = f"conditioning image {path} of image {example.source} not found: fix its conditioning_file_name in metadata.jsonl"
+        else:
             pairs.append(Pair(example, Example(str(path), "", lambda p=path: Image.open(p))))
-    check_pairs(pairs, config.min_image_size or config.resolution // 2)
-    return pairs
+            continue
+        unpaired.append(Finding(FATAL, example.source, message))
+    return pairs, unpaired
 
 
 def _conditioning_files(folder: Path) -> dict[str, str]:
@@ -89,21 +129,19 @@ def _conditioning_files(folder: Path) -> dict[str, str]:
     return files
 
 
-def check_pairs(pairs: list[Pair], min_size: int) -> None:
-    """Decode both images of every pair: readable, large enough, and of the same size."""
-    for pair in pairs:
-        image = open_rgb(pair.image)
-        if min(image.size) < min_size:
-            raise FinetuneError(
-                f"image {pair.image.source} is {image.size[0]}x{image.size[1]}, smaller than {min_size} px on its short side: "
-                "remove it, or lower data.min_image_size"
-            )
+def conditioning_problems(pair: Pair, image_size: tuple[int, int]) -> list[Finding]:
+    """A fatal finding if the pair's conditioning image cannot be read or is not its image's size."""
+    try:
         conditioning = open_rgb(pair.conditioning)
-        if conditioning.size != image.size:
-            raise FinetuneError(
-                f"conditioning image {pair.conditioning.source} is {conditioning.size[0]}x{conditioning.size[1]} but image "
-                f"{pair.image.source} is {image.size[0]}x{image.size[1]}: they must be the same size (one crop is cut from both)"
-            )
+    except FinetuneError as err:
+        return [Finding(FATAL, pair.image.source, str(err))]
+    if conditioning.size != image_size:
+        message = (
+            f"conditioning image {pair.conditioning.source} is {conditioning.size[0]}x{conditioning.size[1]} but image "
+            f"{pair.image.source} is {image_size[0]}x{image_size[1]}: they must be the same size (one crop is cut from both)"
+        )
+        return [Finding(FATAL, pair.image.source, message)]
+    return []
 
 
 def paired_views(image: Image.Image, conditioning: Image.Image, config: DataConfig, rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:

@@ -242,5 +242,5 @@ def test_controlnet_says_it_does_not_bucket(make_recipe):
     from finetune.methods.controlnet import ControlNetMethod
 
     recipe = make_recipe(method="controlnet", data__bucketing={"enabled": True, "step": 16})
-    with pytest.raises(FinetuneError, match="method controlnet does not support data.bucketing yet: remove it"):
+    with pytest.raises(FinetuneError, match="method controlnet does not support data.bucketing or data.folders yet"):
         ControlNetMethod(recipe).check_data()

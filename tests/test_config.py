@@ -39,7 +39,7 @@ REFERENCE_RECIPES = {
     "controlnet.yaml": ["model", "data", "controlnet", "train", "optimizer", "validation", "checkpoint", "logging"],
     "dreambooth.yaml": ["dreambooth"],
 }
-NOT_FOR_CONTROLNET = {"data.skip_bad_images", "data.bucketing", "data.folders", "data.folders.path", "data.folders.repeats", "data.folders.template"}
+NOT_FOR_CONTROLNET = {"data.bucketing", "data.folders", "data.folders.path", "data.folders.repeats", "data.folders.template"}
 
 
 @pytest.mark.parametrize("name", list(REFERENCE_RECIPES))

@@ -169,5 +169,3 @@ def test_recipe_checks(make_recipe, pairs_folder, tmp_path):
         ControlNetMethod(
             controlnet_recipe(make_recipe, pairs_folder, controlnet__validation_conditions=[str(tmp_path / "missing.png")], validation__prompts=["x"])
         ).check_data()
-    with pytest.raises(FinetuneError, match=r"does not support data.bucketing, data.skip_bad_images yet"):
-        ControlNetMethod(controlnet_recipe(make_recipe, pairs_folder, data__bucketing={"enabled": True}, data__skip_bad_images=True)).check_data()

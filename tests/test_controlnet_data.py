@@ -3,6 +3,7 @@ sources with their own columns, bad input as one line before any model loads, an
 (canny edges, luminance, toy-world masks)."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -53,11 +54,11 @@ def test_image_and_conditioning_get_the_same_crop_and_flip():
 
 
 def test_empty_prompt_share(pairs_folder):
-    from finetune.controlnet_data import load_pairs
+    from finetune.controlnet_data import checked_pairs
     from finetune.config import recipe_from_dict
 
     recipe = recipe_from_dict({"method": "controlnet", "data": {"image_dir": str(pairs_folder), "resolution": 64}})
-    pairs = load_pairs(recipe)
+    pairs, _ = checked_pairs(recipe)
     captions = [pair.image.caption for pair in pairs]
 
     def drawn(share):
@@ -144,6 +145,35 @@ def test_bad_input_is_one_line_before_any_model_loads(case, make_recipe, pairs_f
     with pytest.raises(FinetuneError, match=pattern) as error:
         train(controlnet_recipe(make_recipe, folder))
     assert "\n" not in str(error.value)
+
+
+def test_with_skip_bad_images_bad_pairs_are_left_out_and_listed(make_recipe, tmp_path, capsys):
+    folder = write_folder(tmp_path / "pairs", 6, seed=5, conditioning=True)
+    for case in ("no conditioning entry", "conditioning file missing", "sizes differ", "conditioning unreadable"):
+        BAD_INPUTS[case][0](folder)  # breaks the pairs of images 0001, 0002, 0000 and 0003
+    Image.new("RGB", (8, 8)).save(folder / "0004.png")  # and image 0004 is too small
+    method = ControlNetMethod(controlnet_recipe(make_recipe, folder, data__skip_bad_images=True))
+    method.check_data()
+
+    assert [Path(pair.image.source).name for pair in method.pairs] == ["0005.png"]
+    report = method.data_reports[0]
+    assert sorted(Path(finding.source).name for finding in report.skipped) == ["0000.png", "0001.png", "0002.png", "0003.png", "0004.png"]
+    lines = report.lines()
+    assert lines[0].endswith("6 images, 1 used, 5 skipped; 1 uses per epoch")
+    for case in ("no conditioning entry", "conditioning file missing", "sizes differ", "conditioning unreadable"):
+        assert any(re.search(BAD_INPUTS[case][1], line) for line in lines if line.startswith("skipped: ")), case
+    assert any("smaller than 32 px on its short side" in line for line in lines)
+
+    # Without the switch the first bad pair stops the run and says how to skip; check-data lists them all.
+    with pytest.raises(FinetuneError, match=r"0001\.png has no conditioning image: .*, or set data.skip_bad_images: true to skip bad images \(4 more problems"):
+        ControlNetMethod(controlnet_recipe(make_recipe, folder)).check_data()
+    recipe = tmp_path / "controlnet.yaml"
+    recipe.write_text(f"method: controlnet\ndata: {{image_dir: {folder}, resolution: 64}}\n")
+    assert main(["check-data", str(recipe)]) == 1
+    printed = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("fatal: ") for line in printed) == 5
+    assert any(re.search(BAD_INPUTS["sizes differ"][1], line) for line in printed)
+    assert printed[-1].startswith("result: training would stop: 5 fatal problem(s)")
 
 
 # ---------------------------------------------------------------------------------------------------

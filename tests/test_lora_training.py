@@ -10,7 +10,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from finetune.checkpoint import list_checkpoints
-from finetune.config import ModelConfig
 from finetune.data import CaptionedImageDataset, collate, load_examples
 from finetune.diffusion import add_noise, per_sample_loss
 from finetune.encoders import encode_images, encode_prompts

@@ -34,7 +34,7 @@ from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 from PIL import Image
 
 from finetune.config import Recipe
-from finetune.controlnet_data import ControlNetDataset, controlnet_collate, load_pairs, paired_views
+from finetune.controlnet_data import ControlNetDataset, checked_pairs, controlnet_collate, paired_views
 from finetune.data import Example, open_rgb
 from finetune.errors import FinetuneError
 from finetune.methods.base import DiffusionMethod
@@ -61,11 +61,10 @@ class ControlNetMethod(DiffusionMethod):
     def check_data(self) -> None:
         data = self.recipe.data
         # Pairs share one crop of one size, read from one folder's metadata.jsonl.
-        unsupported = [key for key, used in (("bucketing", data.bucketing.enabled), ("folders", data.folders), ("skip_bad_images", data.skip_bad_images)) if used]
-        if unsupported:
-            keys = ", ".join(f"data.{key}" for key in unsupported)
-            raise FinetuneError(f"method controlnet does not support {keys} yet: remove it from the recipe (a bad pair stops the run, named)")
-        self.pairs = load_pairs(self.recipe)
+        if data.bucketing.enabled or data.folders:
+            raise FinetuneError("method controlnet does not support data.bucketing or data.folders yet: remove them from the recipe")
+        self.pairs, report = checked_pairs(self.recipe)
+        self.data_reports = [report]
         for path in self.settings.validation_conditions:
             if not Path(path).is_file():
                 raise FinetuneError(f"validation conditioning image {path} not found: check controlnet.validation_conditions")
