@@ -108,3 +108,19 @@ def test_repeated_runs_keep_the_median_one():
     runs = [{"sec_per_step": 3.0}, {"sec_per_step": 1.0}, {"sec_per_step": 2.0}]
     assert median_run(runs) == {"sec_per_step": 2.0, "runs_sec_per_step": [3.0, 1.0, 2.0]}
     assert median_run([{"sec_per_step": 1.0}, {"error": "exit 1: boom"}]) == {"error": "exit 1: boom"}
+
+
+def test_a_run_cut_short_keeps_the_variants_it_measured(tmp_path):
+    """The report is rewritten after every variant: a stop (here while the second starts) loses none."""
+    from finetune.bench.runner import run_benchmark
+
+    def log(line: str) -> None:
+        if line.startswith("dreambooth: "):
+            raise KeyboardInterrupt
+
+    out = tmp_path / "bench.json"
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(preset="tiny", steps=1, warmup=1, batch=2, num_images=2, variants=["lora", "dreambooth"],
+                      count_flops=False, workdir=tmp_path / "work", out=out, log=log)  # fmt: skip
+    report = json.loads(out.read_text())
+    assert [row["variant"] for row in report["results"]] == ["lora"] and report["results"][0]["sec_per_step"] > 0

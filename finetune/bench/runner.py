@@ -106,6 +106,35 @@ def run_benchmark(
     settings = BenchSettings(preset, steps, warmup, batch, resolution, mixed_precision, num_images, count_flops, peak)
     load_at_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
+    report = {
+        "command": command,
+        "date": None,
+        "machine": {},
+        "settings": {
+            "preset": preset,
+            "base": base,
+            "resolution": resolution,
+            "batch": batch,
+            "steps": steps,
+            "warmup": warmup,
+            "mixed_precision": mixed_precision,
+            "num_images": num_images,
+            "repeat": repeat,
+            "count_flops": count_flops,
+        },
+        "results": [],
+    }
+
+    def finish(rows: list[dict]) -> None:
+        """Fill in the report; written after every variant, so a run cut short keeps what it measured."""
+        report["date"] = datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
+        report["machine"] = {**machine_info(rows), "load_average_1min_start": load_at_start}
+        report["results"] = rows
+        add_speedups(rows)
+        if out is not None:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(json.dumps(report, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory(prefix="finetune-bench-") as scratch:
         root = Path(workdir) if workdir else Path(scratch)
         root.mkdir(parents=True, exist_ok=True)
@@ -119,30 +148,7 @@ def run_benchmark(
             row = median_run(runs)
             rows.append(row)
             log(f"{name}: " + (f"{row['sec_per_step']:.3f} s/step, {row['images_per_sec']:.2f} images/s" if "error" not in row else f"failed: {row['error']}"))
-
-    report = {
-        "command": command,
-        "date": datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds"),
-        "machine": {**machine_info(rows), "load_average_1min_start": load_at_start},
-        "settings": {
-            "preset": preset,
-            "base": base,
-            "resolution": resolution,
-            "batch": batch,
-            "steps": steps,
-            "warmup": warmup,
-            "mixed_precision": mixed_precision,
-            "num_images": num_images,
-            "repeat": repeat,
-            "count_flops": count_flops,
-        },
-        "results": rows,
-    }
-    add_speedups(report["results"])
-    if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+            finish(rows)
     return report
 
 
