@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from finetune.captions import training_caption
 from finetune.config import DataConfig, Recipe
 from finetune.check_data import FATAL, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable
-from finetune.data import Example, item_rng, open_dataset, open_rgb, read_examples, to_tensor
+from finetune.data import REDUCING_GAP, Example, item_rng, open_dataset, open_rgb, read_examples, to_tensor
 from finetune.errors import FinetuneError
 
 
@@ -153,7 +153,7 @@ def paired_views(image: Image.Image, conditioning: Image.Image, config: DataConf
     resolution = config.resolution
     scale = resolution / min(image.size)
     size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-    views = [im.resize(size, Image.Resampling.LANCZOS) for im in (image, conditioning)]
+    views = [im.resize(size, Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP) for im in (image, conditioning)]
     extra_x, extra_y = size[0] - resolution, size[1] - resolution
     if config.crop == "random":
         left, top = int(rng.integers(0, extra_x + 1)), int(rng.integers(0, extra_y + 1))
@@ -183,7 +183,8 @@ class ControlNetDataset(Dataset):
         index, epoch = key
         pair = self.pairs[index]
         rng = item_rng(self.seed, epoch, index)
-        image, conditioning = paired_views(open_rgb(pair.image), open_rgb(pair.conditioning), self.config, rng)
+        at_least = 2 * self.config.resolution
+        image, conditioning = paired_views(open_rgb(pair.image, at_least), open_rgb(pair.conditioning, at_least), self.config, rng)
         caption = training_caption(pair.image.caption, self.config.shuffle_tags, self.config.keep_tokens, self.seed, epoch, index)
         if self.empty_prompt_share > 0 and rng.random() < self.empty_prompt_share:
             caption = ""

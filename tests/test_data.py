@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from finetune.config import DataConfig
-from finetune.data import CaptionedImageDataset, EpochBatchSampler, load_examples, open_rgb
+from finetune.data import CaptionedImageDataset, EpochBatchSampler, Example, load_examples, open_rgb
 from finetune.errors import FinetuneError
 
 
@@ -156,3 +156,28 @@ def test_sampler_resumes_mid_stream():
 def test_too_few_images_for_one_global_batch():
     with pytest.raises(FinetuneError, match="fewer than one global batch"):
         EpochBatchSampler(3, batch_size=2, num_processes=2, process_index=0, seed=0)
+
+
+def test_a_large_jpeg_is_decoded_at_reduced_scale_into_the_same_view(tmp_path):
+    """A 2400x1800 photo trained at 256 px: decoded at half scale (both sides stay >= 2 x 256), and the
+    view matches full decoding and a plain LANCZOS resize to within JPEG-level noise."""
+    small = np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(small).resize((2400, 1800), Image.Resampling.BICUBIC).save(path, quality=92)
+    opened = []
+
+    def load():
+        opened.append(Image.open(path))
+        return opened[-1]
+
+    config = DataConfig(image_dir=str(tmp_path), resolution=256, crop="center", random_flip=False)
+    dataset = CaptionedImageDataset([Example(str(path), "a photo", load)], config, seed=0)
+    item = dataset[(0, 0)]
+    assert opened[0].size == (1200, 900)  # what the decoder produced
+    assert item["original_size"] == (1800, 2400)  # (height, width) of the file, not of the reduced decode
+
+    full = Image.open(path).convert("RGB").resize((341, 256), Image.Resampling.LANCZOS).crop((42, 0, 298, 256))
+    expected = np.asarray(full, dtype=np.float64)
+    got = (item["pixel_values"].permute(1, 2, 0).numpy().astype(np.float64) + 1.0) * 127.5
+    psnr = 10 * np.log10(255.0**2 / ((got - expected) ** 2).mean())
+    assert psnr > 35.0, psnr
