@@ -20,7 +20,8 @@ from torch.utils.data import Dataset
 from finetune.captions import training_caption
 from finetune.config import DataConfig, Recipe
 from finetune.check_data import FATAL, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable
-from finetune.data import REDUCING_GAP, Example, item_rng, open_dataset, open_rgb, read_examples, to_tensor
+from finetune.buckets import Size, assign_buckets
+from finetune.data import Example, cut, item_rng, open_dataset, open_rgb, plan_cover_crop, read_examples, to_tensor, upright_size
 from finetune.errors import FinetuneError
 
 
@@ -144,22 +145,18 @@ def conditioning_problems(pair: Pair, image_size: tuple[int, int]) -> list[Findi
     return []
 
 
-def paired_views(image: Image.Image, conditioning: Image.Image, config: DataConfig, rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
-    """Resize both to the resolution (short side), then cut ONE crop and apply ONE flip to both.
+def paired_views(
+    image: Image.Image, conditioning: Image.Image, config: DataConfig, rng: np.random.Generator, target: Size | None = None
+) -> tuple[Image.Image, Image.Image]:
+    """Resize both to cover `target` (width, height; default the resolution square), then cut ONE crop
+    and apply ONE flip to both.
 
     The draws are those `data.prepare_image` makes (crop offsets, then the flip), so the image view is
     the one a LoRA run would see; the conditioning view is the same geometry.
     """
-    resolution = config.resolution
-    scale = resolution / min(image.size)
-    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-    views = [im.resize(size, Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP) for im in (image, conditioning)]
-    extra_x, extra_y = size[0] - resolution, size[1] - resolution
-    if config.crop == "random":
-        left, top = int(rng.integers(0, extra_x + 1)), int(rng.integers(0, extra_y + 1))
-    else:
-        left, top = extra_x // 2, extra_y // 2
-    views = [view.crop((left, top, left + resolution, top + resolution)) for view in views]
+    target = target or (config.resolution, config.resolution)
+    resized, top_left = plan_cover_crop(image.size, target, config.crop, rng)
+    views = [cut(im, resized, top_left, target) for im in (image, conditioning)]
     if config.random_flip and rng.random() < 0.5:
         views = [ImageOps.mirror(view) for view in views]
     return views[0], views[1]
@@ -171,10 +168,15 @@ def conditioning_tensor(image: Image.Image) -> torch.Tensor:
 
 
 class ControlNetDataset(Dataset):
-    """Item (index, epoch): the pair's views, drawn from the (seed, epoch, index) generator."""
+    """Item (index, epoch): the pair's views, drawn from the (seed, epoch, index) generator.
+
+    With bucketing, `bucket_of[i]` is pair i's (width, height) and `make_batch_sampler` batches by it.
+    """
 
     def __init__(self, pairs: list[Pair], config: DataConfig, seed: int, empty_prompt_share: float):
         self.pairs, self.config, self.seed, self.empty_prompt_share = pairs, config, seed, empty_prompt_share
+        sizes = [upright_size(pair.image) for pair in pairs]
+        self.bucket_of = assign_buckets(sizes, config) if config.bucketing.enabled else None
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -183,8 +185,9 @@ class ControlNetDataset(Dataset):
         index, epoch = key
         pair = self.pairs[index]
         rng = item_rng(self.seed, epoch, index)
-        at_least = 2 * self.config.resolution
-        image, conditioning = paired_views(open_rgb(pair.image, at_least), open_rgb(pair.conditioning, at_least), self.config, rng)
+        target = self.bucket_of[index] if self.bucket_of else (self.config.resolution, self.config.resolution)
+        at_least = 2 * max(target)
+        image, conditioning = paired_views(open_rgb(pair.image, at_least), open_rgb(pair.conditioning, at_least), self.config, rng, target)
         caption = training_caption(pair.image.caption, self.config.shuffle_tags, self.config.keep_tokens, self.seed, epoch, index)
         if self.empty_prompt_share > 0 and rng.random() < self.empty_prompt_share:
             caption = ""

@@ -216,20 +216,32 @@ def upright_size(example: Example) -> Size:
 
 def cover_and_crop(image: Image.Image, target: Size, crop: str, rng: np.random.Generator) -> tuple[Image.Image, tuple[int, int]]:
     """Resize to cover `target` (width, height) keeping the aspect ratio, then crop it: (view, (top, left))."""
+    resized, (top, left) = plan_cover_crop(image.size, target, crop, rng)
+    return cut(image, resized, (top, left), target), (top, left)
+
+
+def plan_cover_crop(size: Size, target: Size, crop: str, rng: np.random.Generator) -> tuple[Size, tuple[int, int]]:
+    """The resized size that covers `target` (width, height) and the crop's (top, left) in it.
+
+    Only the random crop draws from `rng` (left, then top), so an image and its conditioning image
+    can share one plan.
+    """
     width, height = target
-    scale = max(width / image.width, height / image.height)
-    new_size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    image = image.resize(new_size, Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP)
-    extra_x, extra_y = image.width - width, image.height - height
+    scale = max(width / size[0], height / size[1])
+    resized = (max(width, round(size[0] * scale)), max(height, round(size[1] * scale)))
+    extra_x, extra_y = resized[0] - width, resized[1] - height
     if crop == "random":
         left, top = int(rng.integers(0, extra_x + 1)), int(rng.integers(0, extra_y + 1))
     else:
         left, top = extra_x // 2, extra_y // 2
-    return image.crop((left, top, left + width, top + height)), (top, left)
+    return resized, (top, left)
 
 
-def resize_and_crop(image: Image.Image, resolution: int, crop: str, rng: np.random.Generator) -> Image.Image:
-    return cover_and_crop(image, (resolution, resolution), crop, rng)[0]
+def cut(image: Image.Image, resized: Size, top_left: tuple[int, int], target: Size) -> Image.Image:
+    """Resize to `resized` and crop `target` (width, height) at `top_left` (top, left)."""
+    top, left = top_left
+    image = image.resize(resized, Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP)
+    return image.crop((left, top, left + target[0], top + target[1]))
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

@@ -238,9 +238,33 @@ def test_dreambooth_class_images_take_their_instance_images_bucket(tmp_path):
         assert batch["pixel_values"].shape == (2, 3, *expected)  # instance and class image stack
 
 
-def test_controlnet_says_it_does_not_bucket(make_recipe):
+def test_controlnet_pairs_are_bucketed_with_one_geometry_and_train(make_recipe, mixed_folder):
+    """Each conditioning image is its image with the channels reversed: any crop, flip or resize that
+    differed between the two would break the equality."""
+    import json
+
     from finetune.methods.controlnet import ControlNetMethod
 
-    recipe = make_recipe(method="controlnet", data__bucketing={"enabled": True, "step": 16})
-    with pytest.raises(FinetuneError, match="method controlnet does not support data.bucketing or data.folders yet"):
-        ControlNetMethod(recipe).check_data()
+    (mixed_folder / "conditioning").mkdir()
+    with open(mixed_folder / "metadata.jsonl", "w") as metadata:
+        for name in SHAPES:
+            pixels = np.asarray(Image.open(mixed_folder / f"{name}.png"))
+            Image.fromarray(np.ascontiguousarray(pixels[..., ::-1])).save(mixed_folder / "conditioning" / f"{name}.png")
+            metadata.write(json.dumps({"file_name": f"{name}.png", "conditioning_file_name": f"conditioning/{name}.png", "text": "a shape"}) + "\n")
+    recipe = make_recipe(
+        method="controlnet", data__image_dir=str(mixed_folder), data__bucketing={"enabled": True, "step": 16},
+        data__crop="random", data__random_flip=True, train__batch_size=2, train__max_steps=3,
+    )  # fmt: skip
+    method = ControlNetMethod(recipe)
+    method.check_data()
+    dataset, collate_fn = method.training_data(None)
+    for index, pair in enumerate(dataset.pairs):
+        width, height = dataset.bucket_of[index]
+        assert (width > height) == (pair.image.size[0] > pair.image.size[1]), pair.image.source  # its own shape
+        for epoch in range(3):
+            item = dataset[(index, epoch)]
+            assert item["pixel_values"].shape == (3, height, width)
+            image_levels = ((item["pixel_values"] + 1) * 127.5).round()
+            assert torch.equal((item["conditioning_pixel_values"] * 255).round(), image_levels.flip(0))
+    result = train(recipe)
+    assert len(result.losses) == 3 and all(math.isfinite(loss) for loss in result.losses)

@@ -60,9 +60,9 @@ class ControlNetMethod(DiffusionMethod):
 
     def check_data(self) -> None:
         data = self.recipe.data
-        # Pairs share one crop of one size, read from one folder's metadata.jsonl.
-        if data.bucketing.enabled or data.folders:
-            raise FinetuneError("method controlnet does not support data.bucketing or data.folders yet: remove them from the recipe")
+        # Pairs are read from one folder's metadata.jsonl.
+        if data.folders:
+            raise FinetuneError("method controlnet does not support data.folders yet: remove them from the recipe")
         self.pairs, report = checked_pairs(self.recipe)
         self.data_reports = [report]
         for path in self.settings.validation_conditions:
