@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from finetune.data import read_metadata_captions
+from finetune.captions import read_metadata_captions
 from finetune.errors import FinetuneError
 
 KINDS = ("canny", "luminance", "mask")

@@ -22,7 +22,6 @@ from finetune.captions import (
     apply_template,
     folder_captions,
     missing_caption_message,
-    read_metadata_captions,  # noqa: F401  (re-exported: make-conditions reads captions through here)
     sidecar_caption,
     template_needs_caption,
     training_caption,
