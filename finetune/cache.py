@@ -1,9 +1,11 @@
 """Caching what frozen encoders compute: VAE posteriors and text-encoder hidden states.
 
-An entry is keyed by a hash of exactly what went in (the image's pixels after crop and flip with their
-shape, so two buckets' crops of equal bytes never share an entry; or the caption text) and, on disk, by a fingerprint of the encoder's weights. So a changed image, another
-crop, a dropped caption or another model can never be served a stale result, and random crops and
-flips simply fill the cache with one entry per view. Cached posteriors are (mean, std): the latent
+An entry is keyed by what went in: for latents the image's content digest and its view (crop, flip,
+size; `finetune.views.view_key`), or the pixels themselves for a batch built outside the training
+dataset (`content_key`, with their shape); for text the caption. On disk the folder is named by a
+fingerprint of the encoder's weights. So a changed image, another crop, a dropped caption or another
+model can never be served a stale result, and random crops and flips simply fill the cache with one
+entry per view. Cached posteriors are (mean, std): the latent
 is still sampled per step with fresh noise, exactly as without the cache.
 """
 

@@ -118,7 +118,7 @@ def inspect(example: Example, config: DataConfig) -> tuple[Example | None, list[
         message = f"image {source} is {width}x{height}, smaller than {min_size} px on its short side: remove it, or lower data.min_image_size"
         findings.append(Finding(FATAL, source, message))
     digest = hashlib.blake2b(f"{width}x{height}".encode() + image.tobytes(), digest_size=16).hexdigest()
-    usable = None if any(f.level == FATAL for f in findings) else replace(example, size=(width, height))
+    usable = None if any(f.level == FATAL for f in findings) else replace(example, size=(width, height), digest=digest)
     return usable, findings, digest
 
 

@@ -14,14 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset
 
 from finetune.captions import training_caption
 from finetune.config import DataConfig, Recipe
 from finetune.check_data import FATAL, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable
 from finetune.buckets import Size, assign_buckets
-from finetune.data import Example, cut, item_rng, open_dataset, open_rgb, plan_cover_crop, read_examples, to_tensor, upright_size
+from finetune.data import Example, collate_images, item_rng, open_dataset, open_rgb, read_examples, render_pixels, upright_size, view_entry
+from finetune.views import ViewPlan, plan_view, render
 from finetune.errors import FinetuneError
 
 
@@ -154,12 +155,8 @@ def paired_views(
     The draws are those `data.prepare_image` makes (crop offsets, then the flip), so the image view is
     the one a LoRA run would see; the conditioning view is the same geometry.
     """
-    target = target or (config.resolution, config.resolution)
-    resized, top_left = plan_cover_crop(image.size, target, config.crop, rng)
-    views = [cut(im, resized, top_left, target) for im in (image, conditioning)]
-    if config.random_flip and rng.random() < 0.5:
-        views = [ImageOps.mirror(view) for view in views]
-    return views[0], views[1]
+    plan = plan_view(image.size, target or (config.resolution, config.resolution), config.crop, config.random_flip, rng)
+    return render(image, plan), render(conditioning, plan)
 
 
 def conditioning_tensor(image: Image.Image) -> torch.Tensor:
@@ -173,10 +170,11 @@ class ControlNetDataset(Dataset):
     With bucketing, `bucket_of[i]` is pair i's (width, height) and `make_batch_sampler` batches by it.
     """
 
-    def __init__(self, pairs: list[Pair], config: DataConfig, seed: int, empty_prompt_share: float):
+    def __init__(self, pairs: list[Pair], config: DataConfig, seed: int, empty_prompt_share: float, latent_keys: bool = False):
         self.pairs, self.config, self.seed, self.empty_prompt_share = pairs, config, seed, empty_prompt_share
         sizes = [upright_size(pair.image) for pair in pairs]
         self.bucket_of = assign_buckets(sizes, config) if config.bucketing.enabled else None
+        self.latent_keys = latent_keys  # the image's latents may be cached; the conditioning is always decoded
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -185,18 +183,24 @@ class ControlNetDataset(Dataset):
         index, epoch = key
         pair = self.pairs[index]
         rng = item_rng(self.seed, epoch, index)
-        target = self.bucket_of[index] if self.bucket_of else (self.config.resolution, self.config.resolution)
-        at_least = 2 * max(target)
-        image, conditioning = paired_views(open_rgb(pair.image, at_least), open_rgb(pair.conditioning, at_least), self.config, rng, target)
-        caption = training_caption(pair.image.caption, self.config.shuffle_tags, self.config.keep_tokens, self.seed, epoch, index)
+        config = self.config
+        target = self.bucket_of[index] if self.bucket_of else (config.resolution, config.resolution)
+        plan = plan_view(upright_size(pair.image), target, config.crop, config.random_flip, rng)
+        conditioning = render(open_rgb(pair.conditioning, at_least=2 * max(target)), plan)
+        caption = training_caption(pair.image.caption, config.shuffle_tags, config.keep_tokens, self.seed, epoch, index)
         if self.empty_prompt_share > 0 and rng.random() < self.empty_prompt_share:
             caption = ""
-        return {"pixel_values": to_tensor(image), "conditioning_pixel_values": conditioning_tensor(conditioning), "caption": caption, "index": index}
+        item = {"conditioning_pixel_values": conditioning_tensor(conditioning), "caption": caption, "index": index}
+        return {**item, **view_entry(pair.image, plan, index, self.latent_keys)}
+
+    def render(self, view: tuple[int, ViewPlan]) -> torch.Tensor:
+        index, plan = view
+        return render_pixels(self.pairs[index].image, plan)
 
 
 def controlnet_collate(items: list[dict]) -> dict:
     return {
-        "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+        **collate_images(items),
         "conditioning_pixel_values": torch.stack([item["conditioning_pixel_values"] for item in items]),
         "captions": [item["caption"] for item in items],
         "indices": torch.tensor([item["index"] for item in items]),

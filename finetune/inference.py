@@ -16,7 +16,8 @@ from PIL import Image
 
 from finetune.checkpoint import atomic_save_safetensors
 from finetune.config import ModelConfig
-from finetune.data import Example, cover_and_crop, open_rgb
+from finetune.data import Example, open_rgb
+from finetune.views import cover_and_crop
 from finetune.errors import FinetuneError
 from finetune.kohya import load_lora, to_diffusers
 from finetune.methods.controlnet import CONTROLNET_DIR, METADATA_FILE, UNET_DIR

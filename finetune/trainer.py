@@ -173,7 +173,8 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             for micro in range(accumulation):
                 micro_batch = step * accumulation + micro
                 batch = next(batches)
-                batch["pixel_values"] = batch["pixel_values"].to(accelerator.device)
+                if "pixel_values" in batch:  # absent when the batch names cached latents instead (finetune.views)
+                    batch["pixel_values"] = batch["pixel_values"].to(accelerator.device)
                 # Bucketed global batches vary in size (a bucket's last batch may be smaller).
                 global_size, rows = sampler.rows_of(micro_batch)
                 randomness = BatchRandomness(recipe.seed, micro_batch, global_size, rows)

@@ -12,7 +12,8 @@ from PIL import Image
 from finetune.buckets import BucketBatchSampler, make_buckets, nearest_bucket, split_rows
 from finetune.cache import content_key
 from finetune.config import DataConfig
-from finetune.data import CaptionedImageDataset, EpochBatchSampler, Example, collate, cover_and_crop, load_examples, make_batch_sampler
+from finetune.data import CaptionedImageDataset, EpochBatchSampler, Example, collate, load_examples, make_batch_sampler
+from finetune.views import cover_and_crop
 from finetune.errors import FinetuneError
 from finetune.trainer import train
 

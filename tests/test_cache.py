@@ -9,7 +9,10 @@ from finetune.trainer import train
 def test_cached_run_has_the_same_losses_as_the_uncached_one(make_recipe, tmp_path):
     common = dict(train__max_steps=6, data__random_flip=True, train__batch_size=2)
     plain = train(make_recipe(output_dir=str(tmp_path / "plain"), **common))
-    cached = train(make_recipe(output_dir=str(tmp_path / "cached"), train__cache_latents=True, train__cache_text_embeddings=True, **common))
+    # Two loader processes: the items that name views (not pixels) travel between processes too.
+    cached = train(make_recipe(
+        output_dir=str(tmp_path / "cached"), train__cache_latents=True, train__cache_text_embeddings=True, data__num_workers=2, **common
+    ))  # fmt: skip
     assert torch.allclose(torch.tensor(plain.losses), torch.tensor(cached.losses), rtol=1e-5, atol=1e-6)
 
 
@@ -48,3 +51,33 @@ def test_disk_cache_is_reused_by_a_later_run(make_recipe, tmp_path, monkeypatch)
     monkeypatch.setattr(base_module, "posterior_moments", must_not_encode)
     monkeypatch.setattr(base_module, "encode_prompts", must_not_encode)
     train(make_recipe(output_dir=str(tmp_path / "b"), **settings))
+
+
+def test_a_cached_view_is_never_decoded_again_and_a_changed_image_is_encoded_anew(make_recipe, image_folder, tmp_path, monkeypatch):
+    """Items name their views (image digest, crop, flip, size): a cache hit skips decoding altogether."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    import finetune.data as data_module
+    import finetune.methods.base as base_module
+
+    folder = tmp_path / "images"
+    shutil.copytree(image_folder, folder)
+    decoded, encoded = [], []
+    open_rgb, posterior_moments = data_module.open_rgb, base_module.posterior_moments
+    monkeypatch.setattr(data_module, "open_rgb", lambda example, **kw: decoded.append(example.source) or open_rgb(example, **kw))
+    monkeypatch.setattr(base_module, "posterior_moments", lambda vae, pixels: encoded.append(len(pixels)) or posterior_moments(vae, pixels))
+    settings = dict(data__image_dir=str(folder), train__max_steps=6, train__batch_size=2, train__cache_latents=True, train__cache_dir=str(tmp_path / "cache"))
+
+    train(make_recipe(output_dir=str(tmp_path / "a"), **settings))  # 3 epochs of 4 images
+    assert len(decoded) == 4 and sum(encoded) == 4  # each image's one view (center crop, no flip), once
+
+    first = sorted(folder.glob("*.png"))[0]
+    pixels = np.asarray(Image.open(first).convert("RGB")).copy()
+    pixels[:8] = 255 - pixels[:8]
+    Image.fromarray(pixels).save(first)
+    decoded.clear(), encoded.clear()
+    train(make_recipe(output_dir=str(tmp_path / "b"), **settings))  # the disk cache serves the other three
+    assert decoded == [str(first)] and sum(encoded) == 1

@@ -171,9 +171,9 @@ def test_a_large_jpeg_is_decoded_at_reduced_scale_into_the_same_view(tmp_path):
         return opened[-1]
 
     config = DataConfig(image_dir=str(tmp_path), resolution=256, crop="center", random_flip=False)
-    dataset = CaptionedImageDataset([Example(str(path), "a photo", load)], config, seed=0)
+    dataset = CaptionedImageDataset([Example(str(path), "a photo", load, size=(2400, 1800))], config, seed=0)  # size: as checked
     item = dataset[(0, 0)]
-    assert opened[0].size == (1200, 900)  # what the decoder produced
+    assert [image.size for image in opened] == [(1200, 900)]  # opened once, decoded at half scale
     assert item["original_size"] == (1800, 2400)  # (height, width) of the file, not of the reduced decode
 
     full = Image.open(path).convert("RGB").resize((341, 256), Image.Resampling.LANCZOS).crop((42, 0, 298, 256))

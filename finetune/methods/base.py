@@ -52,7 +52,12 @@ class TrainingMethod(ABC):
 
     def training_data(self, accelerator) -> tuple[Dataset, Callable]:
         """(dataset, collate function); items are looked up by (index, epoch) keys, see EpochBatchSampler."""
-        return CaptionedImageDataset(self.examples, self.recipe.data, self.recipe.seed), collate
+        self.training_dataset = CaptionedImageDataset(self.examples, self.recipe.data, self.recipe.seed, latent_keys=self.names_latents())
+        return self.training_dataset, collate
+
+    def names_latents(self) -> bool:
+        """Whether items name their cached latents instead of carrying pixels (see finetune.views)."""
+        return False
 
     @abstractmethod
     def trained_modules(self) -> dict[str, torch.nn.Module]:
@@ -97,6 +102,11 @@ class TrainingMethod(ABC):
 class DiffusionMethod(TrainingMethod):
     """The latent-diffusion objective: encode, add noise at a random timestep, predict, regress."""
 
+    def __init__(self, recipe: Recipe):
+        super().__init__(recipe)
+        self.latent_cache: EncodingCache | None = None  # set up with the model (train.cache_latents)
+        self.text_cache: EncodingCache | None = None
+
     def setup(self, base: BaseModel, weight_dtype: torch.dtype = torch.float32) -> None:
         super().setup(base, weight_dtype)
         train = self.recipe.train
@@ -108,13 +118,23 @@ class DiffusionMethod(TrainingMethod):
         self.latent_cache = cache("latents", base.vae) if train.cache_latents else None
         self.text_cache = cache("text", base.text_encoder) if train.cache_text_embeddings else None
 
-    def encode_latents(self, pixel_values: torch.Tensor, posterior_noise: torch.Tensor) -> torch.Tensor:
+    def names_latents(self) -> bool:
+        return self.latent_cache is not None
+
+    def encode_latents(self, batch: dict, posterior_noise: torch.Tensor) -> torch.Tensor:
+        """Latents of the batch's images: encoded, or from the cache by the views' keys, where only a
+        view not cached yet is decoded (by the training dataset) and encoded."""
         vae = self.base.vae
-        if self.latent_cache is None:
-            moments = posterior_moments(vae, pixel_values)
-        else:
+        if "latent_keys" in batch:
+            views = batch["views"]
+            pixels_of = lambda rows: torch.stack([self.training_dataset.render(views[i]) for i in rows])
+            moments = self.latent_cache.lookup(batch["latent_keys"], lambda rows: posterior_moments(vae, pixels_of(rows)), vae.device)
+        elif self.latent_cache is not None:  # a batch built without the dataset (an evaluation's fixed batch)
+            pixel_values = batch["pixel_values"]
             keys = [content_key(pixels) for pixels in pixel_values]
             moments = self.latent_cache.lookup(keys, lambda rows: posterior_moments(vae, pixel_values[rows]), pixel_values.device)
+        else:
+            moments = posterior_moments(vae, batch["pixel_values"])
         return latents_from_moments(vae, moments, posterior_noise)
 
     @abstractmethod
@@ -136,10 +156,10 @@ class DiffusionMethod(TrainingMethod):
 
     def loss(self, modules, batch, randomness) -> dict[str, torch.Tensor]:
         base, train = self.base, self.recipe.train
-        pixel_values = batch["pixel_values"]
-        randomness = randomness.for_batch_of(pixel_values.shape[0])
-        latent_shape = (base.vae.config.latent_channels, pixel_values.shape[-2] // 8, pixel_values.shape[-1] // 8)
-        latents = self.encode_latents(pixel_values, randomness.normal(latent_shape, POSTERIOR_STREAM))
+        height, width = batch["pixel_values"].shape[-2:] if "pixel_values" in batch else batch["pixel_size"]
+        randomness = randomness.for_batch_of(len(batch["captions"]))
+        latent_shape = (base.vae.config.latent_channels, height // 8, width // 8)
+        latents = self.encode_latents(batch, randomness.normal(latent_shape, POSTERIOR_STREAM))
         encoder_hidden_states = self.encode_text(modules, batch["captions"])
         noise, timesteps = draw_noise(randomness, latent_shape, base.noise_scheduler.config.num_train_timesteps, train.noise_offset)
         noised = add_noise(base.noise_scheduler, latents, noise.to(latents.device), timesteps.to(latents.device))

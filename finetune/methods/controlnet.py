@@ -80,7 +80,10 @@ class ControlNetMethod(DiffusionMethod):
                 )
 
     def training_data(self, accelerator):
-        return ControlNetDataset(self.pairs, self.recipe.data, self.recipe.seed, self.settings.empty_prompt_share), controlnet_collate
+        self.training_dataset = ControlNetDataset(
+            self.pairs, self.recipe.data, self.recipe.seed, self.settings.empty_prompt_share, latent_keys=self.names_latents()
+        )
+        return self.training_dataset, controlnet_collate
 
     # -- model --------------------------------------------------------------------------------------
 

@@ -21,7 +21,8 @@ from finetune.config import Concept, Recipe
 from finetune.buckets import assign_buckets
 from finetune.captions import training_caption
 from finetune.check_data import check_examples, checked_examples, data_configs
-from finetune.data import Example, item_rng, prepare_image, upright_size
+from finetune.data import Example, collate_images, item_rng, render_pixels, upright_size, view_entry
+from finetune.views import plan_view
 from finetune.errors import FinetuneError
 from finetune.methods.base import DiffusionMethod
 from finetune.methods.full import FullMethod
@@ -38,13 +39,14 @@ class DreamBoothDataset(Dataset):
     the class image is cropped to its instance's bucket, so both stack into one batch.
     """
 
-    def __init__(self, instances: list[tuple[int, Example]], class_examples: list[list[Example]], recipe: Recipe):
+    def __init__(self, instances: list[tuple[int, Example]], class_examples: list[list[Example]], recipe: Recipe, latent_keys: bool = False):
         self.instances = instances
         self.class_examples = class_examples
         self.config = recipe.data
         self.seed = recipe.seed
         sizes = [upright_size(example) for _, example in instances] if self.config.bucketing.enabled else []
         self.bucket_of = assign_buckets(sizes, self.config)
+        self.latent_keys = latent_keys  # items name their cached latents (see CaptionedImageDataset)
 
     def __len__(self) -> int:
         return len(self.instances)
@@ -53,26 +55,31 @@ class DreamBoothDataset(Dataset):
         index, epoch = key
         concept, example = self.instances[index]
         rng = item_rng(self.seed, epoch, index)
-        target = self.bucket_of[index] if self.bucket_of else None
-        caption = training_caption(example.caption, self.config.shuffle_tags, self.config.keep_tokens, self.seed, epoch, index)
-        item = {"pixel_values": prepare_image(example, self.config, rng, target), "caption": caption, "index": index}
+        config = self.config
+        target = self.bucket_of[index] if self.bucket_of else (config.resolution, config.resolution)
+        caption = training_caption(example.caption, config.shuffle_tags, config.keep_tokens, self.seed, epoch, index)
+        plan = plan_view(upright_size(example), target, config.crop, config.random_flip, rng)
+        item = {"caption": caption, "index": index, **view_entry(example, plan, ("instance", index), self.latent_keys)}
         if self.class_examples:
             pool = self.class_examples[concept]
-            class_example = pool[(index + epoch * len(self.instances)) % len(pool)]
-            item["class_pixel_values"] = prepare_image(class_example, self.config, rng, target)
-            item["class_caption"] = class_example.caption
+            class_index = (index + epoch * len(self.instances)) % len(pool)
+            class_plan = plan_view(upright_size(pool[class_index]), target, config.crop, config.random_flip, rng)
+            item.update(view_entry(pool[class_index], class_plan, ("class", concept, class_index), self.latent_keys, prefix="class_"))
+            item["class_caption"] = pool[class_index].caption
         return item
+
+    def render(self, view: tuple) -> torch.Tensor:
+        (kind, *where), plan = view
+        example = self.instances[where[0]][1] if kind == "instance" else self.class_examples[where[0]][where[1]]
+        return render_pixels(example, plan)
 
 
 def dreambooth_collate(items: list[dict]) -> dict:
     """Instances first, then their class images: the loss splits the batch at `num_instance`."""
-    pixel_values = [item["pixel_values"] for item in items]
-    captions = [item["caption"] for item in items]
-    if "class_pixel_values" in items[0]:
-        pixel_values += [item["class_pixel_values"] for item in items]
-        captions += [item["class_caption"] for item in items]
+    with_class = "class_caption" in items[0]
+    captions = [item["caption"] for item in items] + ([item["class_caption"] for item in items] if with_class else [])
     return {
-        "pixel_values": torch.stack(pixel_values),
+        **collate_images(items, ("", "class_") if with_class else ("",)),
         "captions": captions,
         "num_instance": len(items),
         "indices": torch.tensor([item["index"] for item in items]),
@@ -109,7 +116,8 @@ class DreamBoothMethod(DiffusionMethod):
         if settings.prior_preservation:
             for i, concept in enumerate(settings.concepts):
                 class_examples.append(self._class_images(i, concept, accelerator))
-        return DreamBoothDataset(self.instances, class_examples, self.recipe), dreambooth_collate
+        self.training_dataset = DreamBoothDataset(self.instances, class_examples, self.recipe, latent_keys=self.names_latents())
+        return self.training_dataset, dreambooth_collate
 
     def _class_images(self, index: int, concept: Concept, accelerator) -> list[Example]:
         settings = self.recipe.dreambooth
