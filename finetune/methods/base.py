@@ -126,9 +126,11 @@ class DiffusionMethod(TrainingMethod):
         view not cached yet is decoded (by the training dataset) and encoded."""
         vae = self.base.vae
         if "latent_keys" in batch:
-            views = batch["views"]
-            pixels_of = lambda rows: torch.stack([self.training_dataset.render(views[i]) for i in rows])
-            moments = self.latent_cache.lookup(batch["latent_keys"], lambda rows: posterior_moments(vae, pixels_of(rows)), vae.device)
+
+            def encode_views(rows: list[int]) -> torch.Tensor:
+                return posterior_moments(vae, torch.stack([self.training_dataset.render(batch["views"][i]) for i in rows]))
+
+            moments = self.latent_cache.lookup(batch["latent_keys"], encode_views, vae.device)
         elif self.latent_cache is not None:  # a batch built without the dataset (an evaluation's fixed batch)
             pixel_values = batch["pixel_values"]
             keys = [content_key(pixels) for pixels in pixel_values]

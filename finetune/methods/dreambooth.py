@@ -22,12 +22,12 @@ from finetune.buckets import assign_buckets
 from finetune.captions import training_caption
 from finetune.check_data import check_examples, checked_examples, data_configs
 from finetune.data import Example, collate_images, item_rng, render_pixels, upright_size, view_entry
-from finetune.views import plan_view
 from finetune.errors import FinetuneError
 from finetune.methods.base import DiffusionMethod
 from finetune.methods.full import FullMethod
 from finetune.methods.lora import LoRAMethod
 from finetune.sampling import build_pipeline
+from finetune.views import plan_view
 from pathlib import Path
 from PIL import Image
 
