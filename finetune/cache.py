@@ -65,6 +65,10 @@ class EncodingCache:
             save_file({"value": value}, str(partial))
             partial.replace(self.folder / f"{key}.safetensors")
 
+    def stored(self, key: str) -> bool:
+        """Whether `key` is cached (a data-loader process sees the disk, and memory as it was when it started)."""
+        return key in self.memory or (self.folder is not None and (self.folder / f"{key}.safetensors").is_file())
+
     def lookup(self, keys: list[str], compute: Callable[[list[int]], torch.Tensor], device: torch.device) -> torch.Tensor:
         """Stacked rows for `keys`; `compute(indices)` encodes only the rows not cached yet."""
         rows = [self._load(key) for key in keys]

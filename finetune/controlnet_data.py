@@ -21,7 +21,8 @@ from finetune.captions import training_caption
 from finetune.config import DataConfig, Recipe
 from finetune.check_data import FATAL, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable
 from finetune.buckets import Size, assign_buckets
-from finetune.data import Example, collate_images, item_rng, open_dataset, open_rgb, read_examples, render_pixels, upright_size, view_entry
+from finetune.cache import EncodingCache
+from finetune.data import Example, collate_images, item_rng, likely_new_view, open_dataset, open_rgb, read_examples, render_pixels, upright_size, view_entry
 from finetune.views import ViewPlan, plan_view, render
 from finetune.errors import FinetuneError
 
@@ -170,11 +171,11 @@ class ControlNetDataset(Dataset):
     With bucketing, `bucket_of[i]` is pair i's (width, height) and `make_batch_sampler` batches by it.
     """
 
-    def __init__(self, pairs: list[Pair], config: DataConfig, seed: int, empty_prompt_share: float, latent_keys: bool = False):
+    def __init__(self, pairs: list[Pair], config: DataConfig, seed: int, empty_prompt_share: float, latent_cache: EncodingCache | None = None):
         self.pairs, self.config, self.seed, self.empty_prompt_share = pairs, config, seed, empty_prompt_share
         sizes = [upright_size(pair.image) for pair in pairs]
         self.bucket_of = assign_buckets(sizes, config) if config.bucketing.enabled else None
-        self.latent_keys = latent_keys  # the image's latents may be cached; the conditioning is always decoded
+        self.latent_cache = latent_cache  # the image's latents may be cached; the conditioning is always decoded
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -191,7 +192,7 @@ class ControlNetDataset(Dataset):
         if self.empty_prompt_share > 0 and rng.random() < self.empty_prompt_share:
             caption = ""
         item = {"conditioning_pixel_values": conditioning_tensor(conditioning), "caption": caption, "index": index}
-        return {**item, **view_entry(pair.image, plan, index, self.latent_keys)}
+        return {**item, **view_entry(pair.image, plan, index, self.latent_cache, likely_new_view(config, epoch))}
 
     def render(self, view: tuple[int, ViewPlan]) -> torch.Tensor:
         index, plan = view

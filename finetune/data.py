@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageOps
 
 from finetune.buckets import BucketBatchSampler, Size, assign_buckets
+from finetune.cache import EncodingCache
 from finetune.captions import (
     apply_template,
     folder_captions,
@@ -248,16 +249,15 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
     """Items are looked up by (index, epoch) so augmentation is reproducible; see `EpochBatchSampler`.
 
     With bucketing, `bucket_of[i]` is item i's (width, height) and `make_batch_sampler` batches by it.
-    With `latent_keys` (cached latents) an item names its view (`latent_key`, `view`) instead of
-    carrying pixels, and `render(view)` decodes it only for a view not cached yet.
+    With a latent cache an item names its view (see `view_entry`), and `render(view)` decodes it.
     """
 
-    def __init__(self, examples: list[Example], config: DataConfig, seed: int, latent_keys: bool = False):
+    def __init__(self, examples: list[Example], config: DataConfig, seed: int, latent_cache: EncodingCache | None = None):
         self.examples = examples
         self.config = config
         self.seed = seed
         self.bucket_of = assign_buckets([upright_size(e) for e in examples], config) if config.bucketing.enabled else None
-        self.latent_keys = latent_keys
+        self.latent_cache = latent_cache
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -273,20 +273,34 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
             caption = ""
         width, height = upright_size(example)
         item = {"caption": caption, "index": index, "original_size": (height, width), "crop_top_left": plan.top_left}
-        return {**item, **view_entry(example, plan, index, self.latent_keys)}
+        return {**item, **view_entry(example, plan, index, self.latent_cache, likely_new_view(self.config, epoch))}
 
     def render(self, view: tuple[int, ViewPlan]) -> torch.Tensor:
         index, plan = view
         return render_pixels(self.examples[index], plan)
 
 
-def view_entry(example: Example, plan: ViewPlan, view: Any, latent_keys: bool, prefix: str = "") -> dict[str, Any]:
-    """An item's image: its pixels, or with `latent_keys` the key of its cached latents and how to render it."""
-    if not latent_keys:
+def likely_new_view(config: DataConfig, epoch: int) -> bool:
+    """Whether this epoch's view of an image may not be cached yet: the first epoch (two with flips,
+    which have two views), or any epoch of random crops."""
+    return config.crop == "random" or epoch < (2 if config.random_flip else 1)
+
+
+def view_entry(example: Example, plan: ViewPlan, view: Any, cache: EncodingCache | None, likely_new: bool, prefix: str = "") -> dict[str, Any]:
+    """An item's image: its pixels; with a latent cache also its cache key and how to render it.
+
+    The pixels are left out when the view is likely cached (`likely_new` false) or is on disk: a cached
+    view is not decoded, and a view that was not cached after all is decoded by the training process.
+    """
+    if cache is None:
         return {f"{prefix}pixel_values": render_pixels(example, plan)}
     if example.digest is None:
         raise ValueError(f"image {example.source} has no content digest: cached latents need examples from finetune.check_data")
-    return {f"{prefix}latent_key": view_key(example.digest, plan), f"{prefix}view": (view, plan)}
+    key = view_key(example.digest, plan)
+    entry = {f"{prefix}latent_key": key, f"{prefix}view": (view, plan)}
+    if likely_new and not cache.stored(key):
+        entry[f"{prefix}pixel_values"] = render_pixels(example, plan)
+    return entry
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -300,7 +314,8 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def collate_images(items: list[dict[str, Any]], prefixes: tuple[str, ...] = ("",)) -> dict[str, Any]:
-    """`pixel_values` stacked, or `latent_keys`, `views` and `pixel_size` (height, width) for named views.
+    """`pixel_values` stacked; or for named views `latent_keys`, `views`, `view_pixels` (each row's
+    pixels, or None where the loader left them out) and `pixel_size` (height, width).
 
     `prefixes`: the item's image entries in batch order (DreamBooth: "" for instances, "class_" after).
     """
@@ -309,7 +324,12 @@ def collate_images(items: list[dict[str, Any]], prefixes: tuple[str, ...] = ("",
         return {"pixel_values": torch.stack([item[f"{prefix}pixel_values"] for item, prefix in rows])}
     views = [item[f"{prefix}view"] for item, prefix in rows]
     width, height = views[0][1].target
-    return {"latent_keys": [item[f"{prefix}latent_key"] for item, prefix in rows], "views": views, "pixel_size": (height, width)}
+    return {
+        "latent_keys": [item[f"{prefix}latent_key"] for item, prefix in rows],
+        "views": views,
+        "view_pixels": [item.get(f"{prefix}pixel_values") for item, prefix in rows],
+        "pixel_size": (height, width),
+    }
 
 
 class EpochBatchSampler:

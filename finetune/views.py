@@ -2,9 +2,9 @@
 
 A view is planned (`plan_view`: the draws from the item's generator) before any pixel is decoded, so
 it can be named without decoding: `view_key` hashes the image's content digest (from the data check)
-and the plan. With cached latents an item carries that key instead of pixels, and the image is
-decoded only when its view is not in the cache yet (`finetune.methods.base`): by the training process
-itself, so the first epoch of a cached run does not use `data.num_workers`; later ones decode nothing.
+and the plan. With cached latents an item carries that key, and pixels only while its view is likely
+new (the first epoch, or two with flips; see `data.view_entry`): the data loader decodes those, later
+epochs decode nothing, and a view that was not cached after all is decoded by the training process.
 """
 
 from __future__ import annotations

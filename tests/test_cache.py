@@ -81,3 +81,16 @@ def test_a_cached_view_is_never_decoded_again_and_a_changed_image_is_encoded_ane
     decoded.clear(), encoded.clear()
     train(make_recipe(output_dir=str(tmp_path / "b"), **settings))  # the disk cache serves the other three
     assert decoded == [str(first)] and sum(encoded) == 1
+
+
+def test_with_loader_workers_the_first_epoch_is_decoded_by_them(make_recipe, tmp_path, monkeypatch):
+    """Views likely new (the first epoch) come decoded from the loader processes; the training process
+    decodes nothing, and later epochs are served by the cache."""
+    import finetune.data as data_module
+
+    in_training_process = []
+    open_rgb = data_module.open_rgb
+    monkeypatch.setattr(data_module, "open_rgb", lambda example, **kw: in_training_process.append(example.source) or open_rgb(example, **kw))
+    # Loader processes start after the patch but count into their own copies of the list.
+    train(make_recipe(train__max_steps=6, train__batch_size=2, train__cache_latents=True, data__num_workers=2))
+    assert in_training_process == []

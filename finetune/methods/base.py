@@ -52,12 +52,12 @@ class TrainingMethod(ABC):
 
     def training_data(self, accelerator) -> tuple[Dataset, Callable]:
         """(dataset, collate function); items are looked up by (index, epoch) keys, see EpochBatchSampler."""
-        self.training_dataset = CaptionedImageDataset(self.examples, self.recipe.data, self.recipe.seed, latent_keys=self.names_latents())
+        self.training_dataset = CaptionedImageDataset(self.examples, self.recipe.data, self.recipe.seed, self.item_latent_cache())
         return self.training_dataset, collate
 
-    def names_latents(self) -> bool:
-        """Whether items name their cached latents instead of carrying pixels (see finetune.views)."""
-        return False
+    def item_latent_cache(self) -> EncodingCache | None:
+        """The latent cache whose keys dataset items carry (see `finetune.data.view_entry`), if any."""
+        return None
 
     @abstractmethod
     def trained_modules(self) -> dict[str, torch.nn.Module]:
@@ -118,17 +118,19 @@ class DiffusionMethod(TrainingMethod):
         self.latent_cache = cache("latents", base.vae) if train.cache_latents else None
         self.text_cache = cache("text", base.text_encoder) if train.cache_text_embeddings else None
 
-    def names_latents(self) -> bool:
-        return self.latent_cache is not None
+    def item_latent_cache(self) -> EncodingCache | None:
+        return self.latent_cache
 
     def encode_latents(self, batch: dict, posterior_noise: torch.Tensor) -> torch.Tensor:
         """Latents of the batch's images: encoded, or from the cache by the views' keys, where only a
-        view not cached yet is decoded (by the training dataset) and encoded."""
+        view not cached yet is encoded (decoded by the data loader, or else by the training dataset)."""
         vae = self.base.vae
         if "latent_keys" in batch:
 
             def encode_views(rows: list[int]) -> torch.Tensor:
-                return posterior_moments(vae, torch.stack([self.training_dataset.render(batch["views"][i]) for i in rows]))
+                # Pixels the data loader decoded (views likely new), else decoded here.
+                pixels = [batch["view_pixels"][i] if batch["view_pixels"][i] is not None else self.training_dataset.render(batch["views"][i]) for i in rows]
+                return posterior_moments(vae, torch.stack(pixels))
 
             moments = self.latent_cache.lookup(batch["latent_keys"], encode_views, vae.device)
         elif self.latent_cache is not None:  # a batch built without the dataset (an evaluation's fixed batch)

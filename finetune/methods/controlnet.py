@@ -81,7 +81,7 @@ class ControlNetMethod(DiffusionMethod):
 
     def training_data(self, accelerator):
         self.training_dataset = ControlNetDataset(
-            self.pairs, self.recipe.data, self.recipe.seed, self.settings.empty_prompt_share, latent_keys=self.names_latents()
+            self.pairs, self.recipe.data, self.recipe.seed, self.settings.empty_prompt_share, self.item_latent_cache()
         )
         return self.training_dataset, controlnet_collate
 

@@ -21,7 +21,8 @@ from finetune.config import Concept, Recipe
 from finetune.buckets import assign_buckets
 from finetune.captions import training_caption
 from finetune.check_data import check_examples, checked_examples, data_configs
-from finetune.data import Example, collate_images, item_rng, render_pixels, upright_size, view_entry
+from finetune.cache import EncodingCache
+from finetune.data import Example, collate_images, item_rng, likely_new_view, render_pixels, upright_size, view_entry
 from finetune.errors import FinetuneError
 from finetune.methods.base import DiffusionMethod
 from finetune.methods.full import FullMethod
@@ -39,14 +40,16 @@ class DreamBoothDataset(Dataset):
     the class image is cropped to its instance's bucket, so both stack into one batch.
     """
 
-    def __init__(self, instances: list[tuple[int, Example]], class_examples: list[list[Example]], recipe: Recipe, latent_keys: bool = False):
+    def __init__(
+        self, instances: list[tuple[int, Example]], class_examples: list[list[Example]], recipe: Recipe, latent_cache: EncodingCache | None = None
+    ):
         self.instances = instances
         self.class_examples = class_examples
         self.config = recipe.data
         self.seed = recipe.seed
         sizes = [upright_size(example) for _, example in instances] if self.config.bucketing.enabled else []
         self.bucket_of = assign_buckets(sizes, self.config)
-        self.latent_keys = latent_keys  # items name their cached latents (see CaptionedImageDataset)
+        self.latent_cache = latent_cache  # items name their cached latents (see data.view_entry)
 
     def __len__(self) -> int:
         return len(self.instances)
@@ -59,12 +62,15 @@ class DreamBoothDataset(Dataset):
         target = self.bucket_of[index] if self.bucket_of else (config.resolution, config.resolution)
         caption = training_caption(example.caption, config.shuffle_tags, config.keep_tokens, self.seed, epoch, index)
         plan = plan_view(upright_size(example), target, config.crop, config.random_flip, rng)
-        item = {"caption": caption, "index": index, **view_entry(example, plan, ("instance", index), self.latent_keys)}
+        likely_new = likely_new_view(config, epoch)
+        item = {"caption": caption, "index": index, **view_entry(example, plan, ("instance", index), self.latent_cache, likely_new)}
         if self.class_examples:
             pool = self.class_examples[concept]
             class_index = (index + epoch * len(self.instances)) % len(pool)
             class_plan = plan_view(upright_size(pool[class_index]), target, config.crop, config.random_flip, rng)
-            item.update(view_entry(pool[class_index], class_plan, ("class", concept, class_index), self.latent_keys, prefix="class_"))
+            # A class image's view is likely new in any epoch that reaches it first: leave that to the cache.
+            class_view = ("class", concept, class_index)
+            item.update(view_entry(pool[class_index], class_plan, class_view, self.latent_cache, likely_new=True, prefix="class_"))
             item["class_caption"] = pool[class_index].caption
         return item
 
@@ -116,7 +122,7 @@ class DreamBoothMethod(DiffusionMethod):
         if settings.prior_preservation:
             for i, concept in enumerate(settings.concepts):
                 class_examples.append(self._class_images(i, concept, accelerator))
-        self.training_dataset = DreamBoothDataset(self.instances, class_examples, self.recipe, latent_keys=self.names_latents())
+        self.training_dataset = DreamBoothDataset(self.instances, class_examples, self.recipe, self.item_latent_cache())
         return self.training_dataset, dreambooth_collate
 
     def _class_images(self, index: int, concept: Concept, accelerator) -> list[Example]:
