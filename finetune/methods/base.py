@@ -130,13 +130,15 @@ class DiffusionMethod(TrainingMethod):
             def encode_views(rows: list[int]) -> torch.Tensor:
                 # Pixels the data loader decoded (views likely new), else decoded here.
                 pixels = [batch["view_pixels"][i] if batch["view_pixels"][i] is not None else self.training_dataset.render(batch["views"][i]) for i in rows]
-                return posterior_moments(vae, torch.stack(pixels))
+                return posterior_moments(vae, torch.stack(pixels)).to(vae.dtype)
 
-            moments = self.latent_cache.lookup(batch["latent_keys"], encode_views, vae.device)
+            # Kept in the VAE's dtype (half the memory under bf16), exact: its outputs have no more bits.
+            moments = self.latent_cache.lookup(batch["latent_keys"], encode_views, vae.device).float()
         elif self.latent_cache is not None:  # a batch built without the dataset (an evaluation's fixed batch)
             pixel_values = batch["pixel_values"]
             keys = [content_key(pixels) for pixels in pixel_values]
-            moments = self.latent_cache.lookup(keys, lambda rows: posterior_moments(vae, pixel_values[rows]), pixel_values.device)
+            encode_rows = lambda rows: posterior_moments(vae, pixel_values[rows]).to(vae.dtype)  # noqa: E731
+            moments = self.latent_cache.lookup(keys, encode_rows, pixel_values.device).float()
         else:
             moments = posterior_moments(vae, batch["pixel_values"])
         return latents_from_moments(vae, moments, posterior_noise)
