@@ -78,7 +78,8 @@ def test_a_cached_view_is_never_decoded_again_and_a_changed_image_is_encoded_ane
     pixels = np.asarray(Image.open(first).convert("RGB")).copy()
     pixels[:8] = 255 - pixels[:8]
     Image.fromarray(pixels).save(first)
-    decoded.clear(), encoded.clear()
+    decoded.clear()
+    encoded.clear()
     train(make_recipe(output_dir=str(tmp_path / "b"), **settings))  # the disk cache serves the other three
     assert decoded == [str(first)] and sum(encoded) == 1
 

@@ -184,7 +184,7 @@ def test_class_images_of_another_size_are_resized_but_tiny_ones_stop_the_run(mak
 
 
 def test_cached_encoders_give_the_same_instance_and_class_losses(make_recipe, star_folder, tmp_path, monkeypatch):
-    """Instance and class images share the latent cache (keyed by pixels): same losses, fewer encodings."""
+    """Instance and class images share the latent cache (keyed by content and view): same losses, fewer encodings."""
     import finetune.methods.base as base_module
 
     encoded = []
