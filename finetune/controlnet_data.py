@@ -43,7 +43,7 @@ def checked_pairs(recipe: Recipe) -> tuple[list[Pair], DataReport]:
     """
     pairs, report = inspect_pairs(recipe)
     stop_unless_trainable(report)
-    return pairs, report
+    return [pair for pair in pairs for _ in range(pair.image.repeats)], report  # data.folders repeats
 
 
 def inspect_pairs(recipe: Recipe) -> tuple[list[Pair], DataReport]:
@@ -91,11 +91,13 @@ def read_pairs(recipe: Recipe) -> tuple[list[Pair], list[Finding]]:
             for row, example in enumerate(read_examples(config))
         ]
         return pairs, []
-    folder = Path(config.image_dir)
-    files = _conditioning_files(folder)
+    files_in: dict[Path, dict[str, str]] = {}  # each folder's metadata.jsonl (data.folders: one per subfolder)
     pairs, unpaired = [], []
     for example in read_examples(config):
-        name = Path(example.source).name
+        folder, name = Path(example.source).parent, Path(example.source).name
+        if folder not in files_in:
+            files_in[folder] = _conditioning_files(folder)
+        files = files_in[folder]
         path = folder / files[name] if name in files else None
         if path is None:
             message = (

@@ -147,6 +147,25 @@ def test_bad_input_is_one_line_before_any_model_loads(case, make_recipe, pairs_f
     assert "\n" not in str(error.value)
 
 
+def test_subfolders_with_their_own_metadata_repeats_and_templates(make_recipe, tmp_path):
+    root = tmp_path / "root"
+    write_folder(root / "a", 2, seed=1, conditioning=True)
+    write_folder(root / "b", 3, seed=2, conditioning=True)
+    folders = [{"path": "a", "repeats": 3, "template": "{caption}, style a"}, {"path": "b"}]
+    recipe = controlnet_recipe(make_recipe, root, data__folders=folders, train__max_steps=2)
+    method = ControlNetMethod(recipe)
+    method.check_data()
+
+    sources = [Path(pair.image.source) for pair in method.pairs]
+    assert [source.parent.name for source in sources] == ["a"] * 6 + ["b"] * 3  # a's two pairs, three times each
+    assert all(pair.image.caption.endswith(", style a") for pair in method.pairs[:6])
+    assert not any(pair.image.caption.endswith(", style a") for pair in method.pairs[6:])
+    for pair in method.pairs:  # each image with the conditioning image its own folder names
+        assert Path(pair.conditioning.source) == Path(pair.image.source).parent / "conditioning" / Path(pair.image.source).name
+    assert method.data_reports[0].lines()[0].endswith("5 images, 5 used, 0 skipped; 9 uses per epoch")
+    assert len(train(recipe).losses) == 2
+
+
 def test_with_skip_bad_images_bad_pairs_are_left_out_and_listed(make_recipe, tmp_path, capsys):
     folder = write_folder(tmp_path / "pairs", 6, seed=5, conditioning=True)
     for case in ("no conditioning entry", "conditioning file missing", "sizes differ", "conditioning unreadable"):

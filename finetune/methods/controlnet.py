@@ -59,10 +59,6 @@ class ControlNetMethod(DiffusionMethod):
         self.controlnet: ControlNetModel | None = None
 
     def check_data(self) -> None:
-        data = self.recipe.data
-        # Pairs are read from one folder's metadata.jsonl.
-        if data.folders:
-            raise FinetuneError("method controlnet does not support data.folders yet: remove them from the recipe")
         self.pairs, report = checked_pairs(self.recipe)
         self.data_reports = [report]
         for path in self.settings.validation_conditions:
