@@ -10,6 +10,7 @@ from PIL import Image
 
 from finetune.class_images import class_image_caption, generate_class_images, generation_key, plan_class_images
 from finetune.config import ClassImageGeneration
+from finetune.data import Example
 from finetune.errors import FinetuneError
 from finetune.methods.dreambooth import DreamBoothMethod, dreambooth_collate
 from finetune.models import load_base_model
@@ -200,3 +201,20 @@ def test_cached_encoders_give_the_same_instance_and_class_losses(make_recipe, st
     ))  # fmt: skip
     assert torch.allclose(torch.tensor(plain.losses), torch.tensor(cached.losses), rtol=1e-5, atol=1e-6)
     assert sum(encoded) <= (3 + 4) * 2  # at most each instance and class image, flipped or not, once
+
+
+def test_every_class_image_of_every_concept_is_used(make_recipe, star_folder, tmp_path):
+    """Two concepts of two instances and four class images each: two epochs deal out all eight. (Dealing
+    by the item's index over all instances used only half of each pool.)"""
+    from finetune.methods.dreambooth import DreamBoothDataset
+
+    def image_example(name: str) -> Example:
+        return Example(name, name, lambda: Image.new("RGB", (64, 64)), size=(64, 64))
+
+    instances = [(concept, image_example(f"instance {concept}.{i}")) for concept in (0, 1) for i in range(2)]
+    class_examples = [[image_example(f"class {concept}.{k}") for k in range(4)] for concept in (0, 1)]
+    dataset = DreamBoothDataset(instances, class_examples, dreambooth_recipe(make_recipe, star_folder, tmp_path))
+    used = {dataset[(index, epoch)]["class_caption"] for epoch in (0, 1) for index in range(4)}
+    assert used == {f"class {concept}.{k}" for concept in (0, 1) for k in range(4)}
+    for index in range(4):  # a class image of the instance's own concept
+        assert dataset[(index, 0)]["class_caption"].startswith(f"class {instances[index][0]}.")

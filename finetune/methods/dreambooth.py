@@ -13,6 +13,9 @@ train in one run.
 
 from __future__ import annotations
 
+import math
+from collections import Counter
+
 import torch
 from torch.utils.data import Dataset
 
@@ -36,8 +39,9 @@ from PIL import Image
 class DreamBoothDataset(Dataset):
     """Item i: instance image i with its prompt, paired with a class image of the same concept.
 
-    The class image cycles with the epoch, so over the run every class image is used. With bucketing
-    the class image is cropped to its instance's bucket, so both stack into one batch.
+    A concept's class images are dealt out to its instances in turn, continuing each epoch, so over
+    the run every class image is used. With bucketing the class image is cropped to its instance's
+    bucket, so both stack into one batch.
     """
 
     def __init__(
@@ -50,6 +54,11 @@ class DreamBoothDataset(Dataset):
         sizes = [upright_size(example) for _, example in instances] if self.config.bucketing.enabled else []
         self.bucket_of = assign_buckets(sizes, self.config)
         self.latent_cache = latent_cache  # items name their cached latents (see data.view_entry)
+        self.position: list[int] = []  # instance i is the position[i]-th of its concept
+        self.per_concept: Counter[int] = Counter()
+        for concept, _ in instances:
+            self.position.append(self.per_concept[concept])
+            self.per_concept[concept] += 1
 
     def __len__(self) -> int:
         return len(self.instances)
@@ -65,12 +74,14 @@ class DreamBoothDataset(Dataset):
         likely_new = likely_new_view(config, epoch)
         item = {"caption": caption, "index": index, **view_entry(example, plan, ("instance", index), self.latent_cache, likely_new)}
         if self.class_examples:
-            pool = self.class_examples[concept]
-            class_index = (index + epoch * len(self.instances)) % len(pool)
+            pool, dealt = self.class_examples[concept], self.per_concept[concept]
+            class_index = (self.position[index] + epoch * dealt) % len(pool)
             class_plan = plan_view(upright_size(pool[class_index]), target, config.crop, config.random_flip, rng)
-            # A class image's view is likely new in any epoch that reaches it first: leave that to the cache.
+            # The pool is dealt out once every ceil(len(pool) / dealt) epochs: its views are new in the first deal(s).
+            deals = math.ceil(len(pool) / dealt) * (2 if config.random_flip else 1)
+            class_likely_new = config.crop == "random" or epoch < deals
             class_view = ("class", concept, class_index)
-            item.update(view_entry(pool[class_index], class_plan, class_view, self.latent_cache, likely_new=True, prefix="class_"))
+            item.update(view_entry(pool[class_index], class_plan, class_view, self.latent_cache, class_likely_new, prefix="class_"))
             item["class_caption"] = pool[class_index].caption
         return item
 
