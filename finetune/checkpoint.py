@@ -29,7 +29,18 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
     save_file(tensors, str(partial), metadata=metadata)
-    partial.replace(path)
+    with_default_permissions(partial).replace(path)
+
+
+def with_default_permissions(path: Path) -> Path:
+    """Give `path` (a file, or every file in a folder) the mode a new file gets here (0644 with the usual
+    umask): safetensors writes its files readable by their owner only, which a webui or ComfyUI running
+    as another user cannot load."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        os.chmod(file, 0o666 & ~mask)
+    return path
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

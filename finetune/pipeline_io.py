@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+from finetune.checkpoint import with_default_permissions
 from finetune.models import BaseModel
 
 
@@ -42,7 +43,7 @@ def save_pipeline(
         for name, module in parts.items():
             module.to(original_dtypes[name])
     shutil.rmtree(output_dir, ignore_errors=True)
-    partial.rename(output_dir)
+    with_default_permissions(partial).rename(output_dir)
     return output_dir
 
 
@@ -58,5 +59,5 @@ def export_fp16(source: Path, destination: Path) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     pipeline.save_pretrained(partial, safe_serialization=True)
     shutil.rmtree(destination, ignore_errors=True)
-    partial.rename(destination)
+    with_default_permissions(partial).rename(destination)
     return destination

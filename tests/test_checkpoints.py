@@ -49,3 +49,18 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(make_recipe, tmp_path):
 
     resumed = train(make_recipe(train__max_steps=stopped_at + 2), resume="latest")
     assert resumed.final_step == stopped_at + 2 and len(resumed.losses) == 2
+
+
+def test_outputs_are_readable_by_other_users_like_any_new_file(make_recipe, pairs_folder, tmp_path):
+    """safetensors alone writes 0600 files; the adapter, a ControlNet folder and a pipeline get the umask's mode."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    expected = 0o666 & ~mask
+    lora = train(make_recipe(output_dir=str(tmp_path / "lora"), train__max_steps=1))
+    controlnet = train(make_recipe(method="controlnet", data__image_dir=str(pairs_folder), output_dir=str(tmp_path / "cn"), train__max_steps=1))
+    full = train(make_recipe(method="full", output_dir=str(tmp_path / "full"), train__max_steps=1))
+    files = [lora.saved_files[0], *(p for out in (controlnet, full) for folder in out.saved_files for p in folder.rglob("*") if p.is_file())]
+    assert any(p.suffix == ".safetensors" for p in files[1:])
+    assert {p: oct(p.stat().st_mode & 0o777) for p in files} == {p: oct(expected) for p in files}
