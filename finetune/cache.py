@@ -1,12 +1,11 @@
 """Caching what frozen encoders compute: VAE posteriors and text-encoder hidden states.
 
 An entry is keyed by what went in: for latents the image's content digest and its view (crop, flip,
-size; `finetune.views.view_key`), or the pixels themselves for a batch built outside the training
-dataset (`content_key`, with their shape); for text the caption. On disk the folder is named by a
-fingerprint of the encoder's weights. So a changed image, another crop, a dropped caption or another
+size; `finetune.views.view_key`), for text the caption (`caption_key`). On disk the folder is named by
+a fingerprint of the encoder's weights. So a changed image, another crop, a dropped caption or another
 model can never be served a stale result, and random crops and flips simply fill the cache with one
-entry per view. Cached posteriors are (mean, std): the latent
-is still sampled per step with fresh noise, exactly as without the cache.
+entry per view. Cached posteriors are (mean, std): the latent is still sampled per step with fresh
+noise, exactly as without the cache.
 """
 
 from __future__ import annotations
@@ -19,13 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-def content_key(value: torch.Tensor | str) -> str:
-    if isinstance(value, str):
-        data = value.encode("utf-8")
-    else:
-        # The shape matters too: a flat 64x128 crop has the same bytes as a flat 128x64 one.
-        data = f"{tuple(value.shape)}{value.dtype}".encode() + value.detach().cpu().contiguous().numpy().tobytes()
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+def caption_key(caption: str) -> str:
+    return hashlib.blake2b(caption.encode("utf-8"), digest_size=16).hexdigest()
 
 
 def model_fingerprint(module: torch.nn.Module) -> str:

@@ -273,8 +273,8 @@ class TrainConfig(Section):
     noise_offset: float = 0.0
     allow_tf32: bool = True
     # Compute frozen encoders' outputs once per distinct input (see finetune/cache.py): VAE posteriors
-    # keyed by the image's content and view (crop, flip, size), text hidden states by caption. Exact:
-    # the same loss as uncached; a cached view is not decoded again.
+    # keyed by the image's content and view (crop, flip, size), text hidden states by caption. The
+    # same loss as uncached (in bf16 to rounding); a cached view is not decoded again.
     cache_latents: bool = False
     cache_text_embeddings: bool = False  # ignored when the text encoder trains
     cache_dir: Optional[str] = None  # None: in memory for this run; a folder: on disk, reused by later runs

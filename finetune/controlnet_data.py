@@ -19,12 +19,12 @@ from torch.utils.data import Dataset
 
 from finetune.captions import training_caption
 from finetune.config import DataConfig, Recipe
-from finetune.check_data import FATAL, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable
 from finetune.buckets import Size, assign_buckets
 from finetune.cache import EncodingCache
+from finetune.check_data import FATAL, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable
 from finetune.data import Example, collate_images, item_rng, likely_new_view, open_dataset, open_rgb, read_examples, render_pixels, upright_size, view_entry
-from finetune.views import ViewPlan, plan_view, render
 from finetune.errors import FinetuneError
+from finetune.views import ViewPlan, plan_view, render
 
 
 @dataclass(frozen=True)
@@ -155,8 +155,8 @@ def paired_views(
     """Resize both to cover `target` (width, height; default the resolution square), then cut ONE crop
     and apply ONE flip to both.
 
-    The draws are those `data.prepare_image` makes (crop offsets, then the flip), so the image view is
-    the one a LoRA run would see; the conditioning view is the same geometry.
+    The draws are those of `views.plan_view` (crop offsets, then the flip), as for any training image;
+    the conditioning view is the same geometry.
     """
     plan = plan_view(image.size, target or (config.resolution, config.resolution), config.crop, config.random_flip, rng)
     return render(image, plan), render(conditioning, plan)

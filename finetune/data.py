@@ -219,30 +219,9 @@ def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
 
 
-@dataclass(frozen=True)
-class View:
-    """An image as trained: CHW pixels in [-1, 1], plus what SDXL-style size conditioning needs."""
-
-    pixel_values: torch.Tensor
-    original_size: tuple[int, int]  # (height, width) of the upright image before resizing
-    crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized image
-
-
-def prepare_view(example: Example, config: DataConfig, rng: np.random.Generator, target: Size | None = None) -> View:
-    """Decode, resize to cover `target` (default the resolution square), crop and maybe flip, drawing from `rng`."""
-    plan = plan_view(upright_size(example), target or (config.resolution, config.resolution), config.crop, config.random_flip, rng)
-    width, height = upright_size(example)
-    return View(render_pixels(example, plan), (height, width), plan.top_left)
-
-
 def render_pixels(example: Example, plan: ViewPlan) -> torch.Tensor:
     """The planned view of `example` as CHW pixels in [-1, 1] (a JPEG may decode at a reduced scale)."""
     return to_tensor(render(open_rgb(example, at_least=2 * max(plan.target)), plan))
-
-
-def prepare_image(example: Example, config: DataConfig, rng: np.random.Generator, target: Size | None = None) -> torch.Tensor:
-    """Decode, resize, crop and maybe flip (as `config` says, drawing from `rng`); CHW in [-1, 1]."""
-    return prepare_view(example, config, rng, target).pixel_values
 
 
 class CaptionedImageDataset(torch.utils.data.Dataset):
@@ -267,11 +246,12 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         example = self.examples[index]
         rng = item_rng(self.seed, epoch, index)
         target = self.bucket_of[index] if self.bucket_of else (self.config.resolution, self.config.resolution)
-        plan = plan_view(upright_size(example), target, self.config.crop, self.config.random_flip, rng)
+        width, height = upright_size(example)
+        plan = plan_view((width, height), target, self.config.crop, self.config.random_flip, rng)
         caption = training_caption(example.caption, self.config.shuffle_tags, self.config.keep_tokens, self.seed, epoch, index)
         if self.config.caption_dropout > 0 and rng.random() < self.config.caption_dropout:
             caption = ""
-        width, height = upright_size(example)
+        # original_size and crop_top_left: what SDXL-style size conditioning takes.
         item = {"caption": caption, "index": index, "original_size": (height, width), "crop_top_left": plan.top_left}
         return {**item, **view_entry(example, plan, index, self.latent_cache, likely_new_view(self.config, epoch))}
 
@@ -280,10 +260,11 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         return render_pixels(self.examples[index], plan)
 
 
-def likely_new_view(config: DataConfig, epoch: int) -> bool:
-    """Whether this epoch's view of an image may not be cached yet: the first epoch (two with flips,
-    which have two views), or any epoch of random crops."""
-    return config.crop == "random" or epoch < (2 if config.random_flip else 1)
+def likely_new_view(config: DataConfig, epoch: int, epochs_per_visit: int = 1) -> bool:
+    """Whether this epoch's view of an image may not be cached yet: until the image has been visited
+    once (twice with flips, which make two views; a visit takes `epochs_per_visit` epochs when a pool
+    is dealt out over several), or in any epoch of random crops."""
+    return config.crop == "random" or epoch < epochs_per_visit * (2 if config.random_flip else 1)
 
 
 def view_entry(example: Example, plan: ViewPlan, view: Any, cache: EncodingCache | None, likely_new: bool, prefix: str = "") -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Aspect-ratio bucketing: buckets, crops, one-bucket batches, every image once per epoch, and training."""
 
 import math
+from dataclasses import replace
 from collections import Counter
 from itertools import islice
 
@@ -10,10 +11,9 @@ import torch
 from PIL import Image
 
 from finetune.buckets import BucketBatchSampler, make_buckets, nearest_bucket, split_rows
-from finetune.cache import content_key
 from finetune.config import DataConfig
 from finetune.data import CaptionedImageDataset, EpochBatchSampler, Example, collate, load_examples, make_batch_sampler
-from finetune.views import cover_and_crop
+from finetune.views import ViewPlan, cover_and_crop, view_key
 from finetune.errors import FinetuneError
 from finetune.trainer import train
 
@@ -160,9 +160,11 @@ def test_bucket_settings_are_validated():
 
 
 def test_cache_key_includes_the_crop_size():
-    flat = torch.zeros(3, 48, 80)
-    assert content_key(flat) != content_key(torch.zeros(3, 80, 48))  # same bytes, other bucket
-    assert content_key(flat) == content_key(flat.clone())
+    plan = ViewPlan(resized=(80, 80), top_left=(0, 0), target=(80, 48), flip=False)
+    assert view_key("digest", plan) == view_key("digest", ViewPlan((80, 80), (0, 0), (80, 48), False))
+    assert view_key("digest", plan) != view_key("digest", replace(plan, target=(48, 80)))  # another bucket
+    assert view_key("digest", plan) != view_key("digest", replace(plan, flip=True))
+    assert view_key("digest", plan) != view_key("other image", plan)
 
 
 def record_batches(monkeypatch):

@@ -18,7 +18,7 @@ from finetune.cli import main
 from finetune.conditions import border_mask, canny, luminance, make_conditions
 from finetune.config import DataConfig
 from finetune.controlnet_data import ControlNetDataset, Pair, paired_views
-from finetune.data import Example, item_rng, prepare_image
+from finetune.data import CaptionedImageDataset, Example, item_rng
 from finetune.errors import FinetuneError
 from finetune.methods.controlnet import ControlNetMethod
 from finetune.toyworld.datasets import generate, write_folder
@@ -37,14 +37,15 @@ def test_image_and_conditioning_get_the_same_crop_and_flip():
     config = DataConfig(image_dir="unused", resolution=64, crop="random", random_flip=True)
     example = Example("image.png", "a caption", lambda: image)
     dataset = ControlNetDataset([Pair(example, Example("cond.png", "", lambda: conditioning))], config, seed=1, empty_prompt_share=0.0)
+    images = CaptionedImageDataset([example], config, seed=1)
     views = set()
     for epoch in range(12):
         image_view, conditioning_view = paired_views(image, conditioning, config, item_rng(1, epoch, 0))
         assert np.array_equal(np.asarray(conditioning_view), np.asarray(image_view)[..., ::-1])
         views.add(np.asarray(image_view).tobytes())
-        # The image's view is the one the standard image path draws (same crop, then flip, draws).
+        # The image's view is the one a LoRA run draws for the same image, seed and epoch.
         item = dataset[(0, epoch)]
-        assert torch.equal(item["pixel_values"], prepare_image(example, config, item_rng(1, epoch, 0)))
+        assert torch.equal(item["pixel_values"], images[(0, epoch)]["pixel_values"])
         # Conditioning in [0, 1], the image in [-1, 1]: the same pixels, channels reversed.
         image_levels = ((item["pixel_values"] + 1) * 127.5).round()
         conditioning_levels = (item["conditioning_pixel_values"] * 255).round()

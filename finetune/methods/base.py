@@ -22,7 +22,7 @@ from finetune.config import Recipe
 from finetune.check_data import DataReport, checked_examples
 from finetune.data import CaptionedImageDataset, collate
 from finetune.diffusion import POSTERIOR_STREAM, BatchRandomness, add_noise, draw_noise, per_sample_loss
-from finetune.cache import EncodingCache, content_key, model_fingerprint
+from finetune.cache import EncodingCache, caption_key, model_fingerprint
 from finetune.encoders import encode_prompts, latents_from_moments, posterior_moments, text_hidden_states
 from finetune.models import BaseModel
 from finetune.sampling import build_pipeline, generate
@@ -122,8 +122,9 @@ class DiffusionMethod(TrainingMethod):
         return self.latent_cache
 
     def encode_latents(self, batch: dict, posterior_noise: torch.Tensor) -> torch.Tensor:
-        """Latents of the batch's images: encoded, or from the cache by the views' keys, where only a
-        view not cached yet is encoded (decoded by the data loader, or else by the training dataset)."""
+        """Latents of the batch's images: from the cache by the views' keys, where only a view not
+        cached yet is encoded (decoded by the data loader, or else by the training dataset); a batch
+        of pixels (no cache, or a fixed evaluation batch) is encoded as it is."""
         vae = self.base.vae
         if "latent_keys" in batch:
 
@@ -134,11 +135,6 @@ class DiffusionMethod(TrainingMethod):
 
             # Kept in the VAE's dtype (half the memory under bf16), exact: its outputs have no more bits.
             moments = self.latent_cache.lookup(batch["latent_keys"], encode_views, vae.device).float()
-        elif self.latent_cache is not None:  # a batch built without the dataset (an evaluation's fixed batch)
-            pixel_values = batch["pixel_values"]
-            keys = [content_key(pixels) for pixels in pixel_values]
-            encode_rows = lambda rows: posterior_moments(vae, pixel_values[rows]).to(vae.dtype)  # noqa: E731
-            moments = self.latent_cache.lookup(keys, encode_rows, pixel_values.device).float()
         else:
             moments = posterior_moments(vae, batch["pixel_values"])
         return latents_from_moments(vae, moments, posterior_noise)
@@ -154,7 +150,7 @@ class DiffusionMethod(TrainingMethod):
         encode = lambda rows: encode_prompts(self.base.tokenizer, self.base.text_encoder, [captions[i] for i in rows])
         if self.text_cache is None:
             return encode(range(len(captions)))
-        return self.text_cache.lookup([content_key(c) for c in captions], encode, self.base.text_encoder.device)
+        return self.text_cache.lookup([caption_key(c) for c in captions], encode, self.base.text_encoder.device)
 
     def combine_losses(self, per_sample: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         """Reduce per-sample losses; DreamBooth splits instance and class images here."""
