@@ -194,10 +194,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args) -> int:
     from finetune.config import load_recipe
+    from finetune.distributed import leave_process_group
     from finetune.trainer import train
 
     recipe = load_recipe(args.recipe, args.overrides)
-    result = train(recipe, resume=args.resume)
+    try:
+        result = train(recipe, resume=args.resume)
+    finally:
+        leave_process_group()
     if result.interrupted:
         return 130
     for path in result.sample_grids[-1:]:

@@ -35,6 +35,12 @@ def unwrap(accelerator: Accelerator, module: torch.nn.Module) -> torch.nn.Module
     return accelerator.unwrap_model(module, keep_torch_compile=False)
 
 
+def leave_process_group() -> None:
+    """At the end of a program that trained: close the process group that `train` leaves open."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 

@@ -225,9 +225,12 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
                 result.saved_files = method.save(output_dir, unwrapped, output_metadata(recipe, step))
         for path in result.saved_files:
             accelerator.print(f"saved {path}")
-    accelerator.end_training()
+    # Not accelerator.end_training(): it also closes the process group, and a later train() in this
+    # process could not reliably join again (gloo's second rendezvous fails). The program closes it.
+    for tracker in accelerator.trackers:
+        tracker.finish()
     # Accelerate keeps its settings in process-wide singletons; clear them so the next train() in this
-    # process (a benchmark, a notebook, a test) may choose another precision. The process group stays.
+    # process (a notebook, a sweep, a test) may choose another precision. The process group stays.
     AcceleratorState._reset_state()
     GradientState._reset_state()
     return result
