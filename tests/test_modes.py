@@ -1,0 +1,91 @@
+"""Every method (LoRA, full-UNet DreamBooth with prior preservation, ControlNet) in the single-process
+modes: gradient checkpointing trains the very weights plain training does, and an 8-bit optimizer
+(which falls back to torch's AdamW, with a warning, where bitsandbytes cannot run) keeps 8-bit states
+for the method's large tensors and trains. The multi-process modes: tests/test_distributed.py."""
+
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import finetune.trainer as trainer
+from finetune.config import OptimizerConfig
+from finetune.optim import build_optimizer
+from finetune.toyworld.datasets import write_folder
+from finetune.trainer import train
+
+
+@pytest.fixture(scope="module")
+def dreambooth_folders(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("dreambooth")
+    # A filled class folder: no class images are generated.
+    return write_folder(root / "star", 2, seed=11), write_folder(root / "class", 2, seed=1, metadata=False)
+
+
+@pytest.fixture
+def method_recipe(make_recipe, pairs_folder, dreambooth_folders):
+    def build(method: str, **overrides):
+        if method == "dreambooth":
+            star, classes = dreambooth_folders
+            concept = {"instance_dir": str(star), "instance_prompt": "a sks shape", "class_prompt": "a shape", "class_dir": str(classes)}
+            settings = dict(dreambooth={"concepts": [concept], "num_class_images": 2}, data__image_dir=None, train__batch_size=1, optimizer__lr=1e-4)
+        elif method == "controlnet":
+            settings = dict(data__image_dir=str(pairs_folder))
+        else:
+            settings = {}
+        return make_recipe(method=method, train__max_steps=2, **{**settings, **overrides})
+
+    return build
+
+
+def saved_tensors(output_dir: Path) -> dict[str, torch.Tensor]:
+    """Every weight the run saved (adapter file, ControlNet folder or pipeline), by file and name."""
+    files = [path for path in output_dir.rglob("*.safetensors") if "checkpoints" not in path.parts]
+    assert files, f"nothing saved in {output_dir}"
+    return {f"{path.relative_to(output_dir)}:{key}": value for path in files for key, value in load_file(path).items()}
+
+
+METHODS = ["lora", "dreambooth", "controlnet"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradient_checkpointing_trains_the_same_weights(method_recipe, method, tmp_path, monkeypatch):
+    recomputed = []  # blocks run under torch's checkpoint (their forward is recomputed in the backward)
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda function, *a, **k: recomputed.append(function) or checkpoint(function, *a, **k))
+    plain = train(method_recipe(method, output_dir=str(tmp_path / "plain")))
+    assert not recomputed
+    checkpointed = train(method_recipe(method, output_dir=str(tmp_path / "checkpointed"), train__gradient_checkpointing=True))
+    assert recomputed
+    assert checkpointed.losses == plain.losses  # the recomputed forward is the same forward
+    expected, got = saved_tensors(plain.output_dir), saved_tensors(checkpointed.output_dir)
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[key], expected[key]) for key in got)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_an_8bit_optimizer_trains_every_method_with_8bit_states(method_recipe, method, tmp_path, monkeypatch):
+    optimizers = []
+    monkeypatch.setattr(trainer, "build_optimizer", lambda *args: optimizers.append(build_optimizer(*args)) or optimizers[-1])
+    # Rank 64: the tiny UNet's 64-wide LoRA matrices reach bitsandbytes' 4096 elements for 8-bit states.
+    result = train(method_recipe(method, optimizer__name="adamw8bit", lora__rank=64))
+    (optimizer,) = optimizers
+    assert type(optimizer).__module__.startswith("bitsandbytes")
+    dtypes = [(parameter.numel() >= 4096, optimizer.state[parameter]["state1"].dtype) for parameter in optimizer.state]
+    assert (True, torch.uint8) in dtypes
+    assert all(dtype == (torch.uint8 if large else torch.float32) for large, dtype in dtypes)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert all(torch.isfinite(t).all() for t in saved_tensors(result.output_dir).values())
+
+
+def test_8bit_optimizer_falls_back_to_adamw_with_a_warning_where_bitsandbytes_cannot_run(monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
+    parameter = torch.nn.Parameter(torch.zeros(4))
+    with caplog.at_level(logging.WARNING, logger="finetune.optim"):
+        optimizer = build_optimizer(OptimizerConfig(name="paged_adamw8bit", lr=1e-3), [parameter])
+    assert type(optimizer) is torch.optim.AdamW
+    assert "optimizer.name=paged_adamw8bit: bitsandbytes cannot run here" in caplog.text
+    assert "falling back to torch AdamW (32-bit states)" in caplog.text
