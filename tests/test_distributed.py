@@ -164,28 +164,40 @@ def test_deepspeed_zero2_trains_checkpoints_resumes_and_saves_the_single_process
     assert sum("lora" in name for name, _ in pipeline.unet.named_parameters()) == len(adapter)
 
 
-def test_deepspeed_zero3_dreambooth_generates_samples_and_gathers_a_pipeline_equal_to_one_process(make_recipe, tmp_path):
+def test_deepspeed_zero3_dreambooth_and_controlnet_sample_and_gather_what_one_process_trains(make_recipe, pairs_folder, tmp_path):
+    """Full-UNet DreamBooth and ControlNet under ZeRO-3 (one launch, two runs): both sample validation
+    images with sharded weights and save the gathered model one process trains."""
     star = write_folder(tmp_path / "star", 2, seed=11, include_held_out="only_shape")
     concept = {"instance_dir": str(star), "instance_prompt": "a sks shape", "class_prompt": ["a shape", "a red shape"]}
     generation = {"num_inference_steps": 2, "batch_size": 1}
-    common = dict(method="dreambooth", data__image_dir=None, train__batch_size=1, train__max_steps=2, optimizer__lr=1e-4,
-                  dreambooth={"concepts": [concept], "num_class_images": 2, "class_generation": generation},
-                  validation__prompts=["a sks shape"], validation__num_inference_steps=2, validation__images_per_prompt=1)  # fmt: skip
-    sharded = make_recipe(output_dir=str(tmp_path / "zero3"), **common)
-    wait(launch(deepspeed("zero3.json"), write(sharded, tmp_path / "zero3.yaml")))
-    out = Path(sharded.output_dir)
+    sampling = dict(validation__prompts=["a sks shape"], validation__num_inference_steps=2, validation__images_per_prompt=1)
+    dreambooth = dict(method="dreambooth", data__image_dir=None, train__max_steps=2, optimizer__lr=1e-4,
+                      dreambooth={"concepts": [concept], "num_class_images": 2, "class_generation": generation}, **sampling)  # fmt: skip
+    controlnet = dict(method="controlnet", data__image_dir=str(pairs_folder), train__max_steps=2, **sampling)
+    sharded = {name: make_recipe(output_dir=str(tmp_path / f"{name}-zero3"), train__batch_size=1, **settings)
+               for name, settings in {"dreambooth": dreambooth, "controlnet": controlnet}.items()}  # fmt: skip
+    wait(launch(deepspeed("zero3.json"), *[write(recipe, tmp_path / f"{name}.yaml") for name, recipe in sharded.items()]))
+    for recipe in sharded.values():
+        out = Path(recipe.output_dir)
+        assert all(t.numel() == 0 for t in load_file(out / "rank0.safetensors").values())  # ZeRO-3: outside the gather each process holds a shard
+        # Sampling needs every process under ZeRO-3 (a main-process-only forward would wait forever).
+        assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000000.png", "step-000002.png"]
+    out = Path(sharded["dreambooth"].output_dir)
     assert len(list((out / "class_images" / "concept-0").glob("*.png"))) == 2  # generated before prepare, split across the processes
-    rank0 = load_file(out / "rank0.safetensors")
-    assert all(t.numel() == 0 for t in rank0.values())  # ZeRO-3: outside the gather each process holds a shard
-    # Sampling needs every process under ZeRO-3 (a main-process-only forward would wait forever).
-    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000000.png", "step-000002.png"]
 
-    single = make_recipe(output_dir=str(tmp_path / "single"), **{**common, "train__batch_size": 2})
+    single = make_recipe(output_dir=str(tmp_path / "dreambooth-single"), train__batch_size=2, **dreambooth)
     train(single)
     gathered = UNet2DConditionModel.from_pretrained(out / "pipeline" / "unet").state_dict()
     expected = UNet2DConditionModel.from_pretrained(Path(single.output_dir) / "pipeline" / "unet").state_dict()
-    base = UNet2DConditionModel.from_pretrained(Path(sharded.model.pretrained) / "unet").state_dict()
+    base = UNet2DConditionModel.from_pretrained(Path(single.model.pretrained) / "unet").state_dict()
     assert_same_update(gathered, expected, base)  # measured: a difference of 1.9e-3 x the update
+
+    out = Path(sharded["controlnet"].output_dir)
+    single = make_recipe(output_dir=str(tmp_path / "controlnet-single"), train__batch_size=2, **controlnet)
+    train(single)
+    gathered = ControlNetModel.from_pretrained(out / CONTROLNET_DIR).state_dict()
+    expected = ControlNetModel.from_pretrained(Path(single.output_dir) / CONTROLNET_DIR).state_dict()
+    assert_same_update(gathered, expected, {key.removeprefix("controlnet."): value for key, value in load_file(out / "initial.safetensors").items()})
 
 
 def test_deepspeed_zero2_offload_controlnet_saves_the_single_process_controlnet(make_recipe, pairs_folder, tmp_path):
