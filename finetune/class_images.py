@@ -82,7 +82,7 @@ def generate_class_images(
     name = class_prompts[0] if len(class_prompts) == 1 else f"{class_prompts[0]}' and {len(class_prompts) - 1} more '"
     for batch in tqdm(batches, desc=f"class images '{name}'", disable=process_index != 0 or not batches):
         generators = [torch.Generator("cpu").manual_seed(settings.seed + k) for k in batch]
-        with autocast_for(pipeline.unet):
+        with autocast_for(pipeline):
             images = pipeline(
                 [generated_prompt(class_prompts, k) for k in batch],
                 negative_prompt=[settings.negative_prompt] * len(batch) if settings.negative_prompt else None,

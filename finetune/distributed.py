@@ -9,6 +9,7 @@ accelerate does most of it. What is left here:
 - DeepSpeed wraps exactly one trained module in its engine (the frozen VAE and text encoder stay out
   of it); a recipe that trains two (the UNet and the text encoder) is stopped with a clear error.
 - Under ZeRO-3 the base model is loaded whole (not sharded as it loads), so the frozen parts work.
+- Under DeepSpeed the forward pass runs in torch's autocast (accelerate's is off there).
 - Checkpoints under DeepSpeed are its own (each process writes its optimizer shard) without the
   frozen weights. Under ZeRO-3 the parameters are gathered on every process before the main process
   saves the ordinary diffusers/peft output, and every process samples the validation images (each
@@ -39,6 +40,13 @@ def leave_process_group() -> None:
     """At the end of a program that trained: close the process group that `train` leaves open."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def gpu_available() -> bool:
+    """A device accelerate runs fp16 autocast on (CUDA, Apple's MPS, Intel's XPU)."""
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or bool(mps and mps.is_available()) or bool(xpu and xpu.is_available())
 
 
 def deepspeed_requested() -> bool:
@@ -90,6 +98,16 @@ def configure_deepspeed(accelerator: Accelerator, recipe: Recipe, trained_module
     config["gradient_accumulation_steps"] = train_cfg.gradient_accumulation_steps
     config["train_batch_size"] = train_cfg.batch_size * train_cfg.gradient_accumulation_steps * accelerator.num_processes
     config["gradient_clipping"] = train_cfg.max_grad_norm or 0.0
+
+
+def autocast(accelerator: Accelerator):
+    """Mixed precision for the forward pass. accelerate's own autocast does nothing under DeepSpeed,
+    whose engine holds the trained model in bf16/fp16 (fp32 master weights in the optimizer): fp32
+    inputs (latents, timestep embeddings) would meet half-precision weights. So torch's autocast."""
+    precision = accelerator.state.mixed_precision
+    if uses_deepspeed(accelerator) and precision in ("bf16", "fp16"):
+        return torch.autocast(device_type=accelerator.device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return accelerator.autocast()
 
 
 @contextlib.contextmanager

@@ -90,29 +90,41 @@ def _download_or_find_in_cache(repo_id: str, revision: str | None) -> Path:
 
 def load_base_model(config: ModelConfig, weight_dtype: torch.dtype = torch.float32) -> BaseModel:
     """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler; freeze VAE and text encoder."""
-    folder = resolve_model_folder(config)
-    if folder is None:
-        pipeline = _load_single_file(config)
-        tokenizer, text_encoder, vae, unet = pipeline.tokenizer, pipeline.text_encoder, pipeline.vae, pipeline.unet
-        scheduler_config = pipeline.scheduler.config
-    else:
-        # Always fp32 in memory (an fp16 file is upcast); the trainer casts frozen parts as the recipe asks.
-        variant = dict(variant=config.variant) if config.variant else {}
-        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=torch.float32, **variant)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32, **variant)
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32, **variant)
-        scheduler_config = DDPMScheduler.load_config(folder, subfolder="scheduler")
-
+    parts = load_parts(config, ["tokenizer", "text_encoder", "vae", "unet", "scheduler_config"])
     # Training always adds noise the DDPM way; the model's own config says which betas and target.
-    noise_scheduler = DDPMScheduler.from_config(scheduler_config)
+    noise_scheduler = DDPMScheduler.from_config(parts["scheduler_config"])
     if config.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=config.prediction_type)
 
-    freeze(vae, weight_dtype)
-    freeze(text_encoder, weight_dtype)
-    unet.train()
-    return BaseModel(tokenizer, text_encoder, vae, unet, noise_scheduler, source=config.pretrained)
+    freeze(parts["vae"], weight_dtype)
+    freeze(parts["text_encoder"], weight_dtype)
+    parts["unet"].train()
+    return BaseModel(parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"], noise_scheduler, source=config.pretrained)
+
+
+def load_parts(config: ModelConfig, names: list[str]) -> dict:
+    """The named parts of the base model ("tokenizer", "text_encoder", "vae", "unet", "scheduler_config"),
+    always fp32 in memory (an fp16 file is upcast); the trainer casts frozen parts as the recipe asks."""
+    folder = resolve_model_folder(config)
+    if folder is None:
+        pipeline = _load_single_file(config)
+        return {name: pipeline.scheduler.config if name == "scheduler_config" else getattr(pipeline, name) for name in names}
+    variant = dict(variant=config.variant) if config.variant else {}
+    loaders = {
+        "tokenizer": lambda: CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+        "text_encoder": lambda: CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=torch.float32, **variant),
+        "vae": lambda: AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32, **variant),
+        "unet": lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32, **variant),
+        "scheduler_config": lambda: DDPMScheduler.load_config(folder, subfolder="scheduler"),
+    }
+    return {name: loaders[name]() for name in names}
+
+
+def frozen_parts_at_source_precision(config: ModelConfig, base: BaseModel, trained: set[str]) -> dict[str, torch.nn.Module]:
+    """For a saved pipeline: the frozen parts the run holds in bf16/fp16, loaded again as the source has
+    them (a bf16 round trip would cost the output's VAE and text encoder 8 bits of mantissa)."""
+    reduced = [name for name in ("text_encoder", "vae", "unet") if name not in trained and getattr(base, name).dtype != torch.float32]
+    return {name: freeze(module) for name, module in load_parts(config, reduced).items()} if reduced else {}
 
 
 def _load_single_file(config: ModelConfig) -> StableDiffusionPipeline:

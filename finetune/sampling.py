@@ -30,14 +30,15 @@ def build_pipeline(base: BaseModel, unet: torch.nn.Module | None = None, pipelin
     return pipeline
 
 
-def autocast_for(module: torch.nn.Module) -> contextlib.AbstractContextManager:
-    """Autocast when some weights are half precision, so fp32 adapters and bf16/fp16 bases mix."""
-    dtypes = {p.dtype for p in module.parameters()}
-    half = [d for d in (torch.bfloat16, torch.float16) if d in dtypes]
+def autocast_for(pipeline) -> contextlib.AbstractContextManager:
+    """Autocast when some of the pipeline's weights are half precision, so fp32 parts (a LoRA, a
+    ControlNet, a fully fine-tuned UNet) and a bf16/fp16 text encoder and VAE mix."""
+    modules = [component for component in pipeline.components.values() if isinstance(component, torch.nn.Module)]
+    parameters = [p for module in modules for p in module.parameters()]
+    half = [d for d in (torch.bfloat16, torch.float16) if d in {p.dtype for p in parameters}]
     if not half:
         return contextlib.nullcontext()
-    device = next(module.parameters()).device
-    return torch.autocast(device_type=device.type, dtype=half[0])
+    return torch.autocast(device_type=parameters[0].device.type, dtype=half[0])
 
 
 @torch.no_grad()
@@ -58,7 +59,7 @@ def generate(
         row = []
         for k in range(images_per_prompt):
             generator = torch.Generator("cpu").manual_seed(seed + k)
-            with autocast_for(pipeline.unet):
+            with autocast_for(pipeline):
                 result = pipeline(
                     prompt,
                     negative_prompt=negative_prompt,

@@ -23,7 +23,8 @@ from finetune import checkpoint as ckpt
 from finetune.config import Recipe, dump_recipe
 from finetune.data import make_batch_sampler
 from finetune.diffusion import BatchRandomness
-from finetune.distributed import accelerator_options, checkpoint_options, configure_deepspeed, full_parameters, unsharded_loading, unwrap, uses_deepspeed, zero_stage
+from finetune.errors import FinetuneError
+from finetune.distributed import accelerator_options, autocast, checkpoint_options, configure_deepspeed, full_parameters, gpu_available, unsharded_loading, unwrap, uses_deepspeed, zero_stage
 from finetune.methods import METHODS
 from finetune.models import load_base_model, resolve_model_folder
 from finetune.optim import build_lr_scheduler, build_optimizer
@@ -86,6 +87,9 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     method.check_data()
     resolve_model_folder(recipe.model)
     resume_from = ckpt.resolve_resume(resume, checkpoints_dir)
+    if train_cfg.mixed_precision == "fp16" and not gpu_available():
+        # accelerate turns fp16 autocast off on a CPU, and the fp16 frozen weights would then meet fp32 inputs.
+        raise FinetuneError("train.mixed_precision fp16 needs a GPU; on a CPU use bf16 or no")
 
     accelerator = Accelerator(
         **accelerator_options(),  # how several processes join, also on machines without CUDA
@@ -179,7 +183,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
                 global_size, rows = sampler.rows_of(micro_batch)
                 randomness = BatchRandomness(recipe.seed, micro_batch, global_size, rows)
                 with accelerator.accumulate(*modules.values()):
-                    with accelerator.autocast():
+                    with autocast(accelerator):
                         losses = method.loss(modules, batch, randomness)
                     accelerator.backward(losses["loss"])
                     if accelerator.sync_gradients and train_cfg.max_grad_norm:
@@ -220,9 +224,11 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         validate(step)
         accelerator.wait_for_everyone()
         with full_parameters(accelerator, modules):
+            # Saving may load frozen parts again at the source's precision: whole, as at the start.
             if accelerator.is_main_process:
                 unwrapped = {name: unwrap(accelerator, module) for name, module in modules.items()}
-                result.saved_files = method.save(output_dir, unwrapped, output_metadata(recipe, step))
+                with unsharded_loading(accelerator):
+                    result.saved_files = method.save(output_dir, unwrapped, output_metadata(recipe, step))
         for path in result.saved_files:
             accelerator.print(f"saved {path}")
     # Not accelerator.end_training(): it also closes the process group, and a later train() in this

@@ -200,6 +200,35 @@ def test_deepspeed_zero3_dreambooth_and_controlnet_sample_and_gather_what_one_pr
     assert_same_update(gathered, expected, {key.removeprefix("controlnet."): value for key, value in load_file(out / "initial.safetensors").items()})
 
 
+def test_deepspeed_bf16_trains_samples_and_saves_every_method(make_recipe, pairs_folder, tmp_path):
+    """DeepSpeed holds the trained model in bf16 and accelerate's autocast is off there: fp32 inputs
+    met bf16 weights (every method failed at its first step). ZeRO-3, one launch, three methods."""
+    star = write_folder(tmp_path / "star", 2, seed=11)
+    concept = {"instance_dir": str(star), "instance_prompt": "a sks shape", "class_prompt": "a shape"}
+    common = dict(train__batch_size=1, train__max_steps=2, train__mixed_precision="bf16", checkpoint__every_n_steps=1,
+                  validation__prompts=["a shape"], validation__num_inference_steps=2, validation__images_per_prompt=1)  # fmt: skip
+    recipes = {
+        "lora": make_recipe(output_dir=str(tmp_path / "lora"), **common),
+        "controlnet": make_recipe(output_dir=str(tmp_path / "controlnet"), method="controlnet", data__image_dir=str(pairs_folder), **common),
+        "dreambooth": make_recipe(output_dir=str(tmp_path / "dreambooth"), method="dreambooth", data__image_dir=None, optimizer__lr=1e-4,
+                                  dreambooth={"concepts": [concept], "num_class_images": 2, "class_generation": {"num_inference_steps": 2, "batch_size": 1}},
+                                  **common),
+    }  # fmt: skip
+    wait(launch(deepspeed("zero3.json"), *[write(recipe, tmp_path / f"{name}.yaml") for name, recipe in recipes.items()]))
+    for name, recipe in recipes.items():
+        out = Path(recipe.output_dir)
+        assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000000.png", "step-000002.png"], name
+        assert (out / "checkpoints" / "checkpoint-2").is_dir(), name
+    adapter = load_file(tmp_path / "lora" / LORA_WEIGHTS_NAME)
+    assert any(t.any() for k, t in adapter.items() if "lora.up" in k) and all(t.isfinite().all() for t in adapter.values())
+    controlnet = ControlNetModel.from_pretrained(tmp_path / "controlnet" / CONTROLNET_DIR).state_dict()
+    assert any(t.any() for k, t in controlnet.items() if k.startswith("controlnet_mid_block"))
+    pipeline = StableDiffusionPipeline.from_pretrained(tmp_path / "dreambooth" / "pipeline")
+    source = StableDiffusionPipeline.from_pretrained(recipes["dreambooth"].model.pretrained)
+    assert not torch.equal(pipeline.unet.conv_out.weight, source.unet.conv_out.weight)  # it trained
+    assert all(torch.equal(t, source.vae.state_dict()[k]) for k, t in pipeline.vae.state_dict().items())  # reloaded, not bf16-rounded
+
+
 def test_deepspeed_zero2_offload_controlnet_saves_the_single_process_controlnet(make_recipe, pairs_folder, tmp_path):
     """ControlNet under ZeRO-2 with the optimizer offloaded to CPU (DeepSpeed's own CPU Adam, built on first use)."""
     common = dict(method="controlnet", data__image_dir=str(pairs_folder), train__max_steps=2, checkpoint__every_n_steps=1)

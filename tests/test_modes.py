@@ -1,7 +1,8 @@
 """Every method (LoRA, full-UNet DreamBooth with prior preservation, ControlNet) in the single-process
-modes: gradient checkpointing trains the very weights plain training does, and an 8-bit optimizer
-(which falls back to torch's AdamW, with a warning, where bitsandbytes cannot run) keeps 8-bit states
-for the method's large tensors and trains. The multi-process modes: tests/test_distributed.py."""
+modes: gradient checkpointing trains the very weights plain training does; an 8-bit optimizer (which
+falls back to torch's AdamW, with a warning, where bitsandbytes cannot run) keeps 8-bit states for the
+method's large tensors and trains; bf16 trains, samples (class images, validation) and saves outputs
+whose frozen parts are the base's. The multi-process modes: tests/test_distributed.py."""
 
 import logging
 import sys
@@ -9,10 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 import finetune.trainer as trainer
 from finetune.config import OptimizerConfig
+from finetune.errors import FinetuneError
 from finetune.optim import build_optimizer
 from finetune.toyworld.datasets import write_folder
 from finetune.trainer import train
@@ -89,3 +92,33 @@ def test_8bit_optimizer_falls_back_to_adamw_with_a_warning_where_bitsandbytes_ca
     assert type(optimizer) is torch.optim.AdamW
     assert "optimizer.name=paged_adamw8bit: bitsandbytes cannot run here" in caplog.text
     assert "falling back to torch AdamW (32-bit states)" in caplog.text
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bf16_trains_samples_and_saves_each_method(method_recipe, method, tmp_path):
+    validation = dict(validation__prompts=["a shape"], validation__num_inference_steps=2, validation__images_per_prompt=1)
+    overrides = dict(train__mixed_precision="bf16", output_dir=str(tmp_path / "run"), **validation)
+    if method == "dreambooth":  # class images made by the bf16 text encoder and VAE with the fp32 UNet
+        settings = method_recipe(method).dreambooth.model_dump()
+        settings["concepts"][0]["class_dir"] = str(tmp_path / "class")
+        overrides["dreambooth"] = {**settings, "class_generation": {"num_inference_steps": 2, "batch_size": 1}}
+    recipe = method_recipe(method, **overrides)
+    result = train(recipe)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert [path.name for path in result.sample_grids] == ["step-000000.png", "step-000002.png"]
+    saved = saved_tensors(result.output_dir)
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in saved.values())  # trained in fp32
+    if method == "dreambooth":
+        assert len(list((tmp_path / "class").glob("*.png"))) == 2
+        # The output pipeline's frozen parts are the base's own, not their bf16 roundings.
+        output = StableDiffusionPipeline.from_pretrained(result.output_dir / "pipeline")
+        source = StableDiffusionPipeline.from_pretrained(recipe.model.pretrained)
+        for part in ("vae", "text_encoder"):
+            expected = getattr(source, part).state_dict()
+            assert all(torch.equal(tensor, expected[key]) for key, tensor in getattr(output, part).state_dict().items()), part
+
+
+def test_fp16_on_a_cpu_stops_with_one_line_before_loading_the_model(make_recipe, monkeypatch):
+    monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(FinetuneError, match="train.mixed_precision fp16 needs a GPU; on a CPU use bf16 or no"):
+        train(make_recipe(train__mixed_precision="fp16"))
