@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # bitsandbytes warns on import about optional CPU kernels that training never uses.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # diffusers warns on every cast of a model whose list of float32-only modules is empty (nothing to keep).
+    logging.getLogger("diffusers.models.modeling_utils").addFilter(lambda record: "kept in float32: []." not in record.getMessage())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return COMMANDS[args.command](args)
