@@ -11,6 +11,7 @@ noise, exactly as without the cache.
 from __future__ import annotations
 
 import hashlib
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -55,7 +56,9 @@ class EncodingCache:
         value = value.detach().cpu().contiguous()
         self.memory[key] = value
         if self.folder is not None:
-            partial = self.folder / f".{key}.partial"
+            # Its own partial file: several processes may write the same entry at once (every one
+            # encodes the DreamBooth instance prompt at the first step), each then renames its own.
+            partial = self.folder / f".{key}.{uuid.uuid4().hex}.partial"
             save_file({"value": value}, str(partial))
             partial.replace(self.folder / f"{key}.safetensors")
 

@@ -33,6 +33,26 @@ def test_lookup_encodes_only_the_rows_not_cached():
     assert result.flatten().tolist() == [5.0, 6.0]
 
 
+def test_two_processes_writing_the_same_disk_entry_at_once_both_succeed(tmp_path, monkeypatch):
+    """Processes share the disk cache, and all of them encode a shared caption at the first step. Here
+    the second writes the whole entry while the first is between writing and renaming its file."""
+    import finetune.cache as cache_module
+
+    first, second = EncodingCache(tmp_path), EncodingCache(tmp_path)
+    save_file = cache_module.save_file
+
+    def save_while_the_other_process_writes(tensors, path):
+        save_file(tensors, path)
+        if not second.stored("k"):
+            second.lookup(["k"], lambda rows: torch.ones(len(rows), 3), torch.device("cpu"))
+
+    monkeypatch.setattr(cache_module, "save_file", save_while_the_other_process_writes)
+    values = first.lookup(["k"], lambda rows: torch.ones(len(rows), 3), torch.device("cpu"))
+    assert torch.equal(values, torch.ones(1, 3))
+    assert [p.name for p in tmp_path.iterdir()] == ["k.safetensors"]  # no partial file left behind
+    assert torch.equal(EncodingCache(tmp_path).lookup(["k"], lambda rows: 1 / 0, torch.device("cpu")), torch.ones(1, 3))
+
+
 def test_disk_cache_is_reused_by_a_later_run(make_recipe, tmp_path, monkeypatch):
     settings = dict(train__max_steps=2, train__cache_latents=True, train__cache_text_embeddings=True, train__cache_dir=str(tmp_path / "cache"))
     train(make_recipe(output_dir=str(tmp_path / "a"), **settings))
