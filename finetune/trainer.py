@@ -23,8 +23,8 @@ from finetune import checkpoint as ckpt
 from finetune.config import Recipe, dump_recipe
 from finetune.data import make_batch_sampler
 from finetune.diffusion import BatchRandomness
-from finetune.errors import FinetuneError
 from finetune.distributed import accelerator_options, autocast, checkpoint_options, configure_deepspeed, full_parameters, gpu_available, unsharded_loading, unwrap, uses_deepspeed, zero_stage
+from finetune.errors import FinetuneError
 from finetune.methods import METHODS
 from finetune.models import load_base_model, resolve_model_folder
 from finetune.optim import build_lr_scheduler, build_optimizer
