@@ -11,9 +11,10 @@ accelerate does most of it. What is left here:
 - Under ZeRO-3 the base model is loaded whole (not sharded as it loads), so the frozen parts work.
 - Under DeepSpeed the forward pass runs in torch's autocast (accelerate's is off there).
 - Checkpoints under DeepSpeed are its own (each process writes its optimizer shard) without the
-  frozen weights. Under ZeRO-3 the parameters are gathered on every process before the main process
-  saves the ordinary diffusers/peft output, and every process samples the validation images (each
-  forward gathers the shards from all of them; see `trainer.run_validation`).
+  frozen weights. Before the main process saves the ordinary diffusers/peft output, the parameters
+  are gathered on every process (ZeRO-3) and the trained ones take their fp32 master values (bf16/fp16).
+  Under ZeRO-3 every process samples the validation images (each forward gathers the shards from all
+  of them; see `trainer.run_validation`).
 """
 
 from __future__ import annotations
@@ -137,12 +138,27 @@ def checkpoint_options(accelerator: Accelerator) -> tuple[dict, dict]:
 
 @contextlib.contextmanager
 def full_parameters(accelerator: Accelerator, modules: dict[str, torch.nn.Module]):
-    """Collective: inside, every parameter of `modules` is whole on every process (ZeRO-3 shards them)."""
-    if zero_stage(accelerator) < 3:
+    """Collective: inside, every parameter of `modules` is whole on every process (ZeRO-3 shards them),
+    and under DeepSpeed's bf16/fp16 each trained one holds its fp32 master value (the engine computes
+    with a half-precision copy; saving that copy would round away what the optimizer accumulated)."""
+    if not uses_deepspeed(accelerator):
         yield
         return
     import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
 
     params = [p for module in modules.values() for p in unwrap(accelerator, module).parameters()]
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        yield
+    gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage(accelerator) == 3 else contextlib.nullcontext()
+    with gather:
+        swapped = []
+        for p in params:
+            if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+                master = safe_get_full_fp32_param(p)  # a collective: every process, the same order
+                if master is not None:
+                    swapped.append((p, p.data))
+                    p.data = master.to(p.device).view(p.shape)
+        try:
+            yield
+        finally:
+            for p, data in swapped:
+                p.data = data  # the engine's own tensors again, before ZeRO-3 partitions them

@@ -202,7 +202,8 @@ def test_deepspeed_zero3_dreambooth_and_controlnet_sample_and_gather_what_one_pr
 
 def test_deepspeed_bf16_trains_samples_and_saves_every_method(make_recipe, pairs_folder, tmp_path):
     """DeepSpeed holds the trained model in bf16 and accelerate's autocast is off there: fp32 inputs
-    met bf16 weights (every method failed at its first step). ZeRO-3, one launch, three methods."""
+    met bf16 weights (every method failed at its first step). ZeRO-3, one launch, three methods; the
+    outputs carry the fp32 master weights."""
     star = write_folder(tmp_path / "star", 2, seed=11)
     concept = {"instance_dir": str(star), "instance_prompt": "a sks shape", "class_prompt": "a shape"}
     common = dict(train__batch_size=1, train__max_steps=2, train__mixed_precision="bf16", checkpoint__every_n_steps=1,
@@ -221,11 +222,14 @@ def test_deepspeed_bf16_trains_samples_and_saves_every_method(make_recipe, pairs
         assert (out / "checkpoints" / "checkpoint-2").is_dir(), name
     adapter = load_file(tmp_path / "lora" / LORA_WEIGHTS_NAME)
     assert any(t.any() for k, t in adapter.items() if "lora.up" in k) and all(t.isfinite().all() for t in adapter.values())
+    # Saved from the optimizer's fp32 masters, not the engine's bf16 copy (which rounds small updates away).
+    assert not all(torch.equal(t, t.bfloat16().float()) for t in adapter.values())
     controlnet = ControlNetModel.from_pretrained(tmp_path / "controlnet" / CONTROLNET_DIR).state_dict()
     assert any(t.any() for k, t in controlnet.items() if k.startswith("controlnet_mid_block"))
     pipeline = StableDiffusionPipeline.from_pretrained(tmp_path / "dreambooth" / "pipeline")
     source = StableDiffusionPipeline.from_pretrained(recipes["dreambooth"].model.pretrained)
     assert not torch.equal(pipeline.unet.conv_out.weight, source.unet.conv_out.weight)  # it trained
+    assert not torch.equal(pipeline.unet.conv_out.weight, pipeline.unet.conv_out.weight.bfloat16().float())  # fp32 masters
     assert all(torch.equal(t, source.vae.state_dict()[k]) for k, t in pipeline.vae.state_dict().items())  # reloaded, not bf16-rounded
 
 
