@@ -182,15 +182,19 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
                 # Bucketed global batches vary in size (a bucket's last batch may be smaller).
                 global_size, rows = sampler.rows_of(micro_batch)
                 randomness = BatchRandomness(recipe.seed, micro_batch, global_size, rows)
+                # The loss is a mean over this process's rows and the processes' gradients are averaged:
+                # where the rows split unevenly (2 + 1), weigh each process by its rows, so every image
+                # of the global batch counts the same, as in one process (even splits: a factor of 1).
+                share = (rows.stop - rows.start) * accelerator.num_processes / global_size
                 with accelerator.accumulate(*modules.values()):
                     with autocast(accelerator):
                         losses = method.loss(modules, batch, randomness)
-                    accelerator.backward(losses["loss"])
+                    accelerator.backward(losses["loss"] * share)
                     if accelerator.sync_gradients and train_cfg.max_grad_norm:
                         accelerator.clip_grad_norm_(method.trainable_parameters(), train_cfg.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                running_loss += losses["loss"].detach() / accumulation
+                running_loss += losses["loss"].detach() * share / accumulation
             lr_scheduler.step()
             step += 1
 

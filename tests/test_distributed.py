@@ -7,11 +7,13 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from accelerate.utils import DistributedType
 from diffusers import ControlNetModel, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
 from ports import free_port
 from safetensors.torch import load_file
 
@@ -95,9 +97,15 @@ def test_ddp_two_processes_match_each_other_and_one_process_with_the_same_global
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in ddp_file.items() if "lora.up" in k)
 
 
-def test_ddp_dreambooth_and_controlnet_match_one_process_with_the_same_global_batch(make_recipe, pairs_folder, tmp_path):
+def test_ddp_dreambooth_controlnet_and_buckets_match_one_process_with_the_same_global_batch(make_recipe, pairs_folder, tmp_path):
     """The other methods under DDP: DreamBooth (instance and class halves, LoRA on the UNet and the text
-    encoder: two wrapped models) and ControlNet (with cached encoders, random flips, accumulation)."""
+    encoder: two wrapped models) and ControlNet (with cached encoders, random flips, accumulation); and
+    LoRA with aspect-ratio buckets of 3 images, whose global batches of 3 split 2 + 1 over the processes."""
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for i, (width, height) in enumerate([(96, 48)] * 3 + [(48, 96)] * 3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (height, width, 3), dtype=np.uint8)).save(mixed / f"{i}.png")
+        (mixed / f"{i}.txt").write_text("a red striped circle")
     star = write_folder(tmp_path / "star", 2, seed=11, include_held_out="only_shape")
     concept = {"instance_dir": str(star), "instance_prompt": "a sks shape", "class_prompt": "a shape", "class_dir": str(tmp_path / "class")}
     dreambooth = dict(method="dreambooth", data__image_dir=None, train__max_steps=3, data__random_flip=True,
@@ -105,10 +113,11 @@ def test_ddp_dreambooth_and_controlnet_match_one_process_with_the_same_global_ba
                                   "class_generation": {"num_inference_steps": 2, "batch_size": 1}})
     controlnet = dict(method="controlnet", data__image_dir=str(pairs_folder), train__max_steps=2, train__gradient_accumulation_steps=2,
                       data__random_flip=True, train__cache_latents=True, train__cache_text_embeddings=True)  # fmt: skip
+    buckets = dict(data={"image_dir": str(mixed), "resolution": 64, "bucketing": {"enabled": True, "step": 16}}, train__max_steps=2)
     ddp, single = {}, {}
-    for name, settings in {"dreambooth": dreambooth, "controlnet": controlnet}.items():
-        ddp[name] = write(make_recipe(output_dir=str(tmp_path / f"{name}-ddp"), train__batch_size=1, **settings), tmp_path / f"{name}-ddp.yaml")
-        single[name] = write(make_recipe(output_dir=str(tmp_path / f"{name}-single"), train__batch_size=2, **settings), tmp_path / f"{name}-single.yaml")
+    for name, (settings, batch) in {"dreambooth": (dreambooth, 1), "controlnet": (controlnet, 1), "buckets": (buckets, 2)}.items():
+        ddp[name] = write(make_recipe(output_dir=str(tmp_path / f"{name}-ddp"), train__batch_size=batch, **settings), tmp_path / f"{name}-ddp.yaml")
+        single[name] = write(make_recipe(output_dir=str(tmp_path / f"{name}-single"), train__batch_size=2 * batch, **settings), tmp_path / f"{name}-single.yaml")
     wait(launch(["--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port())], *ddp.values()))
     assert len(list((tmp_path / "class").glob("*.png"))) == 2  # made by the two processes, reused below
     alone = subprocess.Popen([sys.executable, str(WORKER), *map(str, single.values())], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
