@@ -30,7 +30,11 @@ class BaseModel:
     vae: AutoencoderKL
     unet: UNet2DConditionModel
     noise_scheduler: DDPMScheduler
-    source: str
+    config: ModelConfig  # where the parts came from (to load one again)
+
+    @property
+    def source(self) -> str:
+        return self.config.pretrained
 
 
 def freeze(module: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
@@ -99,7 +103,7 @@ def load_base_model(config: ModelConfig, weight_dtype: torch.dtype = torch.float
     freeze(parts["vae"], weight_dtype)
     freeze(parts["text_encoder"], weight_dtype)
     parts["unet"].train()
-    return BaseModel(parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"], noise_scheduler, source=config.pretrained)
+    return BaseModel(parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"], noise_scheduler, config)
 
 
 def load_parts(config: ModelConfig, names: list[str]) -> dict:
@@ -120,11 +124,12 @@ def load_parts(config: ModelConfig, names: list[str]) -> dict:
     return {name: loaders[name]() for name in names}
 
 
-def frozen_parts_at_source_precision(config: ModelConfig, base: BaseModel, trained: set[str]) -> dict[str, torch.nn.Module]:
-    """For a saved pipeline: the frozen parts the run holds in bf16/fp16, loaded again as the source has
-    them (a bf16 round trip would cost the output's VAE and text encoder 8 bits of mantissa)."""
-    reduced = [name for name in ("text_encoder", "vae", "unet") if name not in trained and getattr(base, name).dtype != torch.float32]
-    return {name: freeze(module) for name, module in load_parts(config, reduced).items()} if reduced else {}
+def at_source_precision(base: BaseModel, names: list[str]) -> dict[str, torch.nn.Module]:
+    """The named parts as the source has them: those the run holds in bf16/fp16 are loaded again (a
+    bf16 round trip would cost a saved VAE or text encoder 8 bits of mantissa)."""
+    reduced = [name for name in names if getattr(base, name).dtype != torch.float32]
+    reloaded = {name: freeze(module) for name, module in load_parts(base.config, reduced).items()} if reduced else {}
+    return {name: reloaded.get(name, getattr(base, name)) for name in names}
 
 
 def _load_single_file(config: ModelConfig) -> StableDiffusionPipeline:

@@ -9,7 +9,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from finetune.checkpoint import with_default_permissions
-from finetune.models import BaseModel
+from finetune.models import BaseModel, at_source_precision
 
 
 def save_pipeline(
@@ -20,10 +20,11 @@ def save_pipeline(
 ) -> Path:
     """Write base's parts, with `replacements` (unet=, vae=, text_encoder=) swapped in, to `output_dir`.
 
-    Written beside the target and renamed into place, so a crash never leaves half a pipeline; frozen
-    parts are saved as they were loaded (cast to `dtype`, which defaults to full precision).
+    Written beside the target and renamed into place, so a crash never leaves half a pipeline; the
+    other parts are saved as the source has them (cast to `dtype`, which defaults to full precision).
     """
-    parts = {"unet": base.unet, "vae": base.vae, "text_encoder": base.text_encoder, **replacements}
+    frozen = [name for name in ("unet", "vae", "text_encoder") if name not in replacements]
+    parts = {**at_source_precision(base, frozen), **replacements}
     pipeline = StableDiffusionPipeline(
         tokenizer=base.tokenizer,
         scheduler=DDIMScheduler.from_config(base.noise_scheduler.config),

@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 
 from finetune.methods.base import UNetMethod
-from finetune.models import frozen_parts_at_source_precision
 from finetune.pipeline_io import save_pipeline
 
 PIPELINE_DIR = "pipeline"
@@ -33,5 +32,4 @@ class FullMethod(UNetMethod):
             self.base.text_encoder.to(torch.float32).requires_grad_(True).train()
 
     def save(self, output_dir: Path, modules, metadata: dict[str, str]) -> list[Path]:
-        frozen = frozen_parts_at_source_precision(self.recipe.model, self.base, trained=set(modules))
-        return [save_pipeline(self.base, output_dir / PIPELINE_DIR, **frozen, **modules)]
+        return [save_pipeline(self.base, output_dir / PIPELINE_DIR, **modules)]

@@ -19,7 +19,6 @@ from diffusers import AutoencoderKL
 
 from finetune.errors import FinetuneError
 from finetune.methods.base import TrainingMethod
-from finetune.models import frozen_parts_at_source_precision
 from finetune.pipeline_io import save_pipeline
 from finetune.sampling import tensor_to_image
 
@@ -124,8 +123,7 @@ class VAEMethod(TrainingMethod):
         vae = modules["autoencoder"].vae
         if self.latent_std is not None:
             vae.register_to_config(scaling_factor=float(1.0 / self.latent_std))
-        frozen = frozen_parts_at_source_precision(self.recipe.model, self.base, trained={"vae"})
-        return [save_pipeline(self.base, output_dir / PIPELINE_DIR, **frozen, vae=vae)]
+        return [save_pipeline(self.base, output_dir / PIPELINE_DIR, vae=vae)]
 
     @torch.no_grad()
     def validation_images(self, modules):
