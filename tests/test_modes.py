@@ -1,5 +1,6 @@
 """Every method (LoRA, full-UNet DreamBooth with prior preservation, ControlNet) in the single-process
-modes: gradient checkpointing trains the very weights plain training does; an 8-bit optimizer (which
+modes: gradient checkpointing trains the very weights plain training does; channels-last puts every
+convolution in NHWC and trains the same weights up to float order; an 8-bit optimizer (which
 falls back to torch's AdamW, with a warning, where bitsandbytes cannot run) keeps 8-bit states for the
 method's large tensors and trains; bf16 trains, samples (class images, validation) and saves outputs
 whose frozen parts are the base's. The multi-process modes: tests/test_distributed.py."""
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 import finetune.trainer as trainer
 from finetune.config import OptimizerConfig
 from finetune.errors import FinetuneError
+from finetune.models import load_base_model
 from finetune.optim import build_optimizer
 from finetune.toyworld.datasets import write_folder
 from finetune.trainer import train
@@ -70,6 +72,37 @@ def test_gradient_checkpointing_trains_the_same_weights(method_recipe, method, t
         return
     assert checkpointed.losses == plain.losses  # the recomputed forward is the same forward
     assert all(torch.equal(got[key], expected[key]) for key in got)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_channels_last_trains_the_same_weights_in_nhwc(method_recipe, method, tmp_path, monkeypatch):
+    runs = []  # per run: the base model, the optimizer's parameters, and their values before training
+
+    def recording_build_optimizer(config, groups):
+        parameters = [p for group in groups for p in group["params"]]
+        runs[-1]["trained"], runs[-1]["initial"] = parameters, [p.detach().clone() for p in parameters]
+        return build_optimizer(config, groups)
+
+    def recording_load_base_model(*args, **kwargs):
+        runs.append({"base": load_base_model(*args, **kwargs)})
+        return runs[-1]["base"]
+
+    monkeypatch.setattr(trainer, "build_optimizer", recording_build_optimizer)
+    monkeypatch.setattr(trainer, "load_base_model", recording_load_base_model)
+    plain = train(method_recipe(method, output_dir=str(tmp_path / "plain")))
+    nhwc = train(method_recipe(method, output_dir=str(tmp_path / "nhwc"), train__channels_last=True))
+
+    for run, expected in zip(runs, (False, True)):
+        convolutions = [m.weight for part in (run["base"].unet, run["base"].vae) for m in part.modules() if isinstance(m, torch.nn.Conv2d)]
+        convolutions += [p for p in run["trained"] if p.dim() == 4]  # ControlNet's own, or the full UNet's
+        assert convolutions and all(w.is_contiguous(memory_format=torch.channels_last) == expected for w in convolutions if w.shape[-1] > 1)
+    assert torch.allclose(torch.tensor(nhwc.losses), torch.tensor(plain.losses), rtol=1e-4)
+    # The same update up to float summation order (NHWC kernels sum in another order), as a whole: Adam
+    # moves a weight with a near-zero gradient by about lr either way.
+    (plain_run, nhwc_run) = runs
+    difference = sum(((a - b) ** 2).sum() for a, b in zip(nhwc_run["trained"], plain_run["trained"])) ** 0.5
+    update = sum(((a - b) ** 2).sum() for a, b in zip(plain_run["trained"], plain_run["initial"])) ** 0.5
+    assert update > 0 and difference < 1e-2 * update, (difference, update)
 
 
 @pytest.mark.parametrize("method", METHODS)
