@@ -1,8 +1,12 @@
 """Run by `accelerate launch` in tests/test_distributed.py: train each recipe in turn (one launch,
-several runs: the process group stays), optionally resuming the first: `distributed_worker.py
-RECIPE [RECIPE ...] [--resume PATH]`. After each run this rank's trained weights go to
-<output_dir>/rank<N>.safetensors so the test can compare ranks, and the weights they started from
-to <output_dir>/initial.safetensors (names: the trained module's, a dot, the parameter's)."""
+several runs: the process group stays), each optionally resumed from a checkpoint (also one that an
+earlier run of the same launch wrote):
+
+    distributed_worker.py [--resume CHECKPOINT] RECIPE [[--resume CHECKPOINT] RECIPE ...]
+
+After each run this rank's trained weights go to <output_dir>/rank<N>.safetensors so the test can
+compare ranks, and the weights they started from to <output_dir>/initial.safetensors (names: the
+trained module's, a dot, the parameter's)."""
 
 import os
 import sys
@@ -15,12 +19,14 @@ from finetune.checkpoint import trainable_state_dict
 from finetune.config import load_recipe
 from finetune.distributed import leave_process_group
 
-arguments = sys.argv[1:]
-resume = None
-if "--resume" in arguments:
-    at = arguments.index("--resume")
-    resume = arguments[at + 1]
-    del arguments[at : at + 2]
+runs = []  # (recipe path, checkpoint to resume from or None)
+arguments = iter(sys.argv[1:])
+for argument in arguments:
+    if argument == "--resume":
+        checkpoint = next(arguments)
+        runs.append((next(arguments), checkpoint))
+    else:
+        runs.append((argument, None))
 
 methods = []  # each run's method: it knows which modules trained (the UNet's LoRA, the ControlNet, ...)
 
@@ -40,10 +46,9 @@ def remembered(method_class):
 
 
 trainer.METHODS = {name: remembered(method_class) for name, method_class in trainer.METHODS.items()}
-for path in arguments:
+for path, resume in runs:
     recipe = load_recipe(path)
     trainer.train(recipe, resume=resume)
-    resume = None
     out, rank = Path(recipe.output_dir), int(os.environ.get("RANK", "0"))
     save_file(trained_weights(methods[-1]), str(out / f"rank{rank}.safetensors"))
     if rank == 0:

@@ -28,13 +28,14 @@ WORKER = Path(__file__).parent / "distributed_worker.py"
 REPO = Path(__file__).resolve().parent.parent
 
 
-def launch(args: list[str], *recipe_paths: Path, resume: str | None = None) -> subprocess.Popen:
-    """Train the recipes one after the other in one launch of the worker (see tests/distributed_worker.py)."""
+def launch(args: list[str], *recipe_paths: Path | str, resume: str | None = None) -> subprocess.Popen:
+    """Train the recipes one after the other in one launch of the worker (see tests/distributed_worker.py);
+    `resume` is the first one's checkpoint ("--resume", CHECKPOINT among the paths: the next one's)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # --multi_gpu picks the torchrun launcher; with no GPU there, accelerate runs the processes on CPU with gloo.
     mode = [] if "--use_deepspeed" in args else ["--multi_gpu"]
     command = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--mixed_precision", "no", "--dynamo_backend", "no",
-               *args, str(WORKER), *map(str, recipe_paths), *(["--resume", resume] if resume else [])]
+               *args, str(WORKER), *(["--resume", resume] if resume else []), *map(str, recipe_paths)]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -207,6 +208,37 @@ def test_deepspeed_zero3_dreambooth_and_controlnet_sample_and_gather_what_one_pr
     gathered = ControlNetModel.from_pretrained(out / CONTROLNET_DIR).state_dict()
     expected = ControlNetModel.from_pretrained(Path(single.output_dir) / CONTROLNET_DIR).state_dict()
     assert_same_update(gathered, expected, {key.removeprefix("controlnet."): value for key, value in load_file(out / "initial.safetensors").items()})
+
+
+def test_deepspeed_zero3_resumes_full_dreambooth_and_lora_where_they_stopped(make_recipe, tmp_path):
+    """Under ZeRO-3 each process's checkpoint holds its shard of the weights and optimizer; a run resumed
+    from step 2 ends with the uninterrupted run's full UNet (DreamBooth) and adapter (LoRA). One launch:
+    each uninterrupted run, then its resumption from the checkpoint that run wrote."""
+    star, classes = write_folder(tmp_path / "star", 2, seed=11), write_folder(tmp_path / "class", 2, seed=1, metadata=False)
+    concept = {"instance_dir": str(star), "instance_prompt": "a sks shape", "class_prompt": "a shape", "class_dir": str(classes)}
+    common = dict(train__batch_size=1, train__max_steps=4, data__random_flip=True, checkpoint__every_n_steps=2)
+    settings = {
+        "dreambooth": dict(method="dreambooth", data__image_dir=None, optimizer__lr=1e-4, dreambooth={"concepts": [concept], "num_class_images": 2}),
+        "lora": {},
+    }
+    arguments = []
+    for name, extra in settings.items():
+        for run in ("uninterrupted", "resumed"):
+            recipe = make_recipe(output_dir=str(tmp_path / f"{name}-{run}"), **common, **extra)
+            if run == "resumed":
+                arguments += ["--resume", str(tmp_path / f"{name}-uninterrupted" / "checkpoints" / "checkpoint-2")]
+            arguments.append(write(recipe, tmp_path / f"{name}-{run}.yaml"))
+    wait(launch(deepspeed("zero3.json"), *arguments))
+
+    shards = tmp_path / "dreambooth-uninterrupted" / "checkpoints" / "checkpoint-2" / "pytorch_model"
+    assert sorted(p.name for p in shards.glob("*model_states.pt")) == ["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"]
+    unets = [UNet2DConditionModel.from_pretrained(tmp_path / f"dreambooth-{run}" / "pipeline" / "unet").state_dict() for run in ("uninterrupted", "resumed")]
+    base = UNet2DConditionModel.from_pretrained(Path(make_recipe().model.pretrained) / "unet").state_dict()
+    assert not all(torch.equal(unets[0][key], base[key]) for key in base)  # it trained
+    assert_same_weights(unets[1], unets[0], exact=False)
+    adapters = [load_file(tmp_path / f"lora-{run}" / LORA_WEIGHTS_NAME) for run in ("uninterrupted", "resumed")]
+    assert any(t.any() for k, t in adapters[0].items() if "lora.up" in k)
+    assert_same_weights(adapters[1], adapters[0], exact=False)
 
 
 def test_deepspeed_bf16_trains_samples_and_saves_every_method(make_recipe, pairs_folder, tmp_path):
