@@ -11,12 +11,16 @@ noise, exactly as without the cache.
 from __future__ import annotations
 
 import hashlib
+import time
 import uuid
 from pathlib import Path
 from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
+
+# A partial file this old was left by a run that was killed mid-write (a live write takes well under a second).
+STALE_PARTIAL_SECONDS = 3600
 
 
 def caption_key(caption: str) -> str:
@@ -43,6 +47,16 @@ class EncodingCache:
         self.misses = 0
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_partial_files()
+
+    def _remove_stale_partial_files(self) -> None:
+        """Partial files a killed run left (SIGKILL, power loss); a young one may be another process's write."""
+        for partial in self.folder.glob(".*.partial"):
+            try:
+                if time.time() - partial.stat().st_mtime > STALE_PARTIAL_SECONDS:
+                    partial.unlink()
+            except FileNotFoundError:  # renamed or removed by its writer meanwhile
+                pass
 
     def _load(self, key: str) -> torch.Tensor | None:
         if key in self.memory:
@@ -59,8 +73,11 @@ class EncodingCache:
             # Its own partial file: several processes may write the same entry at once (every one
             # encodes the DreamBooth instance prompt at the first step), each then renames its own.
             partial = self.folder / f".{key}.{uuid.uuid4().hex}.partial"
-            save_file({"value": value}, str(partial))
-            partial.replace(self.folder / f"{key}.safetensors")
+            try:
+                save_file({"value": value}, str(partial))
+                partial.replace(self.folder / f"{key}.safetensors")
+            finally:  # a full disk or a second Ctrl-C mid-write leaves no partial file behind
+                partial.unlink(missing_ok=True)
 
     def stored(self, key: str) -> bool:
         """Whether `key` is cached (a data-loader process sees the disk, and memory as it was when it started)."""

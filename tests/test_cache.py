@@ -1,5 +1,10 @@
 """Cached latents and text embeddings: exact, invalidated by any change, reusable from disk."""
 
+import os
+import time
+from pathlib import Path
+
+import pytest
 import torch
 
 from finetune.cache import EncodingCache, caption_key
@@ -51,6 +56,29 @@ def test_two_processes_writing_the_same_disk_entry_at_once_both_succeed(tmp_path
     assert torch.equal(values, torch.ones(1, 3))
     assert [p.name for p in tmp_path.iterdir()] == ["k.safetensors"]  # no partial file left behind
     assert torch.equal(EncodingCache(tmp_path).lookup(["k"], lambda rows: 1 / 0, torch.device("cpu")), torch.ones(1, 3))
+
+
+def test_a_failed_disk_write_leaves_no_partial_file_and_a_stale_one_is_removed(tmp_path, monkeypatch):
+    import finetune.cache as cache_module
+
+    def disk_full(tensors, path):
+        Path(path).write_bytes(b"half an entry")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache_module, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        EncodingCache(tmp_path).lookup(["k"], lambda rows: torch.ones(len(rows), 3), torch.device("cpu"))
+    assert list(tmp_path.iterdir()) == []
+
+    # What a killed run leaves (no finally runs): removed when a cache opens the folder, once it is old
+    # enough that no live process can still be writing it.
+    stale, fresh = tmp_path / ".a.1.partial", tmp_path / ".b.2.partial"
+    for path in (stale, fresh):
+        path.write_bytes(b"half an entry")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(stale, (hours_ago, hours_ago))
+    EncodingCache(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [fresh.name]
 
 
 def test_disk_cache_is_reused_by_a_later_run(make_recipe, tmp_path, monkeypatch):
