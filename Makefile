@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 quickstart: setup
-	$(BIN)/finetune train recipes/quickstart.yaml
+	$(BIN)/finetune train recipes/quickstart.yaml --overwrite
 	$(BIN)/finetune sample --base finetune/assets/toyworld-base --lora outputs/quickstart --num-images 4 --steps 25 --guidance 5 \
 		--prompt "a large orange star on a gray background, bottom left" --out outputs/quickstart/sample
 

@@ -193,10 +193,13 @@ def data_configs(recipe: Recipe) -> list[DataConfig]:
     """What training reads: `data`, or for DreamBooth each concept's folder with its prompt."""
     if recipe.method != "dreambooth":
         return [recipe.data]
-    return [
-        recipe.data.model_copy(update={"image_dir": concept.instance_dir, "caption": None if concept.use_captions else concept.instance_prompt})
-        for concept in recipe.dreambooth.concepts
-    ]
+    configs = []
+    for index, concept in enumerate(recipe.dreambooth.concepts):
+        caption = None if concept.use_captions else concept.instance_prompt
+        config = recipe.data.model_copy(update={"image_dir": concept.instance_dir, "caption": caption})
+        config._image_dir_key = f"dreambooth.concepts.{index}.instance_dir"
+        configs.append(config)
+    return configs
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -223,6 +226,7 @@ def configs_from_args(args, recipe: Recipe | None) -> list[DataConfig]:
             revised.append(DataConfig.model_validate(raw))
         except ValidationError as err:
             raise FinetuneError(f"check-data: {describe_validation_error(err, raw)}") from None
+        revised[-1]._image_dir_key = "--image-dir" if args.image_dir is not None else config._image_dir_key
     return revised
 
 

@@ -95,6 +95,29 @@ def resolve_resume(resume: str | None, checkpoints_dir: Path) -> Path | None:
     return path
 
 
+# What a run leaves in its output_dir besides its outputs: `overwrite` clears these (DreamBooth's generated
+# class images stay: they are named by their prompt and settings, so a new run reuses only matching ones).
+RUN_FOLDERS = ("checkpoints", "samples", "logs")
+
+
+def guard_earlier_run(output_dir: Path, resume_from: Path | None, overwrite: bool) -> None:
+    """A fresh run must not mix with an earlier run's checkpoints: its rotation would delete theirs (or
+    replace a checkpoint of the same step), and `--resume latest` would later pick theirs. Cheap: it
+    runs before anything is loaded."""
+    earlier = list_checkpoints(output_dir / "checkpoints")
+    if resume_from is not None or not earlier or overwrite:
+        return
+    raise FinetuneError(
+        f"output_dir {output_dir} holds an earlier run ({earlier[-1].name}): continue it with --resume latest, "
+        f"replace it with --overwrite (deletes its checkpoints, samples and logs), or set output_dir to a new folder"
+    )
+
+
+def clear_earlier_run(output_dir: Path) -> None:
+    for name in RUN_FOLDERS:
+        shutil.rmtree(output_dir / name, ignore_errors=True)
+
+
 def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, state: dict, keep_last: int, **save_options) -> Path:
     """Collective: every process calls it. Returns the final folder. `save_options` go to accelerate's save_state."""
     final = checkpoints_dir / f"checkpoint-{step}"

@@ -16,14 +16,14 @@ EXAMPLES = """examples:
   accelerate launch --config_file accelerate_config.yaml -m finetune train recipes/lora.yaml
   finetune train recipes/lora.yaml --resume latest
   finetune check-data recipes/lora.yaml data.image_dir=my_photos data.bucketing.enabled=true
-  finetune sample --base outputs/quickstart/base --lora outputs/quickstart --prompt "a red striped circle"
+  finetune sample --base finetune/assets/toyworld-base --lora outputs/quickstart --prompt "a large orange star on a gray background"
   finetune export outputs/quickstart outputs/webui --to kohya
-  finetune merge --base outputs/tiny-sd --lora outputs/quickstart --strength 0.8 outputs/merged
+  finetune merge --base finetune/assets/toyworld-base --lora outputs/quickstart --strength 0.8 outputs/merged
   finetune make-tiny-model outputs/tiny-sd
   finetune make-conditions my_photos my_controlnet_data --kind canny
   finetune eval --base finetune/assets/toyworld-base --lora outputs/quickstart --suite style
   finetune bench --preset medium --steps 10 --out outputs/bench.json
-  finetune demo --base outputs/tiny-sd --adapters outputs
+  finetune demo --adapters outputs
 """
 
 
@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="path of a recipe, e.g. recipes/lora.yaml")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. train.max_steps=500")
     train.add_argument("--resume", metavar="CHECKPOINT", help="'latest' or a checkpoints/checkpoint-N folder to continue from")
+    train.add_argument(
+        "--overwrite", action="store_true", help="start over in an output_dir that holds an earlier run (deletes its checkpoints, samples and logs)"
+    )
 
     sample = commands.add_parser(
         "sample",
@@ -179,13 +182,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+def quiet_third_party_warnings() -> None:
+    """Warnings libraries print on every run that say nothing about the user's run."""
+
+    def drop(loggers: str | tuple[str, ...], text: str) -> None:
+        for logger in (loggers,) if isinstance(loggers, str) else loggers:
+            logging.getLogger(logger).addFilter(lambda record: text not in record.getMessage())
+
     # bitsandbytes warns on import about optional CPU kernels that training never uses.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # diffusers warns on every cast of a model whose list of float32-only modules is empty (nothing to keep).
-    logging.getLogger("diffusers.models.modeling_utils").addFilter(lambda record: "kept in float32: []." not in record.getMessage())
+    drop("diffusers.models.modeling_utils", "kept in float32: [].")
+    # ... and for every part a LoRA file does not adapt (most LoRAs leave the text encoder alone).
+    drop(("diffusers.loaders.peft", "diffusers.loaders.lora_base", "diffusers.loaders.lora_pipeline"), "No LoRA keys associated to")
+    # transformers: CLIP's image processor (which Stable Diffusion pipelines never use) without torchvision.
+    drop("transformers.utils.import_utils", "requires torchvision (not installed)")
+    # DeepSpeed, imported by accelerate, on a machine without a GPU (where it is not used unless asked for).
+    drop("DeepSpeed", "Setting accelerator to CPU")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet_third_party_warnings()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return COMMANDS[args.command](args)
@@ -201,7 +220,7 @@ def _train(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     try:
-        result = train(recipe, resume=args.resume)
+        result = train(recipe, resume=args.resume, overwrite=args.overwrite)
     finally:
         leave_process_group()
     if result.interrupted:

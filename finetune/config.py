@@ -9,12 +9,13 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator, model_validator
 
 from finetune.errors import FinetuneError
 
@@ -32,6 +33,14 @@ class ModelConfig(Section):
     single_file_config: Optional[str] = None
     # None keeps the scheduler's own prediction type (epsilon for SD1.5, v_prediction for SD2.x-768).
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None
+    # Not a recipe key: what set `pretrained`, for messages (a command's --base option).
+    _key: str = PrivateAttr("model.pretrained")
+
+    @classmethod
+    def from_option(cls, pretrained: str, option: str = "--base") -> "ModelConfig":
+        config = cls(pretrained=pretrained)
+        config._key = option
+        return config
 
 
 class BucketConfig(Section):
@@ -74,6 +83,8 @@ class FolderConfig(Section):
 class DataConfig(Section):
     # Either a folder of images with captions, or a `datasets` dataset (hub name, or a local path).
     image_dir: Optional[str] = None
+    # Not a recipe key: the key that set image_dir, for messages (a DreamBooth concept's instance_dir).
+    _image_dir_key: str = PrivateAttr("data.image_dir")
     dataset: Optional[str] = None
     dataset_config: Optional[str] = None
     dataset_split: str = "train"
@@ -393,12 +404,12 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:
 def apply_override(raw: dict[str, Any], override: str, source: str = "command line") -> None:
     """Apply `optimizer.lr=1e-4` to a nested dict; the value is parsed as YAML (numbers, lists, null).
 
-    A number in the path indexes a list: `dreambooth.concepts.0.instance_dir=photos`.
+    A number in the path indexes a list: `dreambooth.concepts.0.instance_dir=photos` (or `concepts[0]`).
     """
     if "=" not in override:
         raise FinetuneError(f"override '{override}' must look like key=value, e.g. optimizer.lr=1e-4")
     dotted, value_text = override.split("=", 1)
-    keys = dotted.strip().split(".")
+    keys = re.sub(r"\[(\d+)\]", r".\1", dotted.strip()).split(".")
     node: Any = raw
     for depth, key in enumerate(keys):
         last = depth == len(keys) - 1

@@ -81,13 +81,13 @@ def expand_repeats(examples: list[Example]) -> list[Example]:
 def _folder_examples(config: DataConfig) -> list[Example]:
     root = Path(config.image_dir)
     if not root.is_dir():
-        raise FinetuneError(f"data folder {root} not found: check data.image_dir in the recipe")
+        raise FinetuneError(f"data folder {root} not found: check {config._image_dir_key}")
     examples = []
     for settings in config.folders or [FolderConfig(path=".")]:
         folder = root / settings.path  # an absolute path stays absolute
-        key = "data.image_dir" if not config.folders else f"data.folders path '{settings.path}'"
+        key = config._image_dir_key if not config.folders else f"data.folders path '{settings.path}'"
         if not folder.is_dir():
-            raise FinetuneError(f"data folder {folder} not found: check {key} in the recipe")
+            raise FinetuneError(f"data folder {folder} not found: check {key}")
         images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not images:
             raise FinetuneError(f"data folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}): add some or fix {key}")

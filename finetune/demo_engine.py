@@ -203,7 +203,7 @@ class DemoEngine:
         if Path(base).suffix in PICKLE_SUFFIXES:
             raise FinetuneError(f"base model {base} is a pickle checkpoint: only .safetensors files and diffusers folders are loaded")
         self.base_name, self.adapters_dir, self.exclude = base, Path(adapters_dir), exclude
-        self.base = _frozen(load_base_model(ModelConfig(pretrained=base)))
+        self.base = _frozen(load_base_model(ModelConfig.from_option(base)))
         self.lock = threading.Lock()
         self._cache: dict[tuple, object] = {}
         self.adapters: dict[str, Adapter] = {}

@@ -20,6 +20,7 @@ from finetune.data import Example, open_rgb
 from finetune.views import cover_and_crop
 from finetune.errors import FinetuneError
 from finetune.kohya import load_lora, to_diffusers
+from finetune.merge import check_lora_fits
 from finetune.methods.controlnet import CONTROLNET_DIR, METADATA_FILE, UNET_DIR
 from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.models import BaseModel, load_base_model
@@ -30,11 +31,16 @@ CONTROLNET_FIT_KEYS = ("block_out_channels", "cross_attention_dim", "in_channels
 
 
 def resolve_lora_file(lora: str) -> Path:
+    """A LoRA file, a training output folder, or a folder holding one .safetensors file (`finetune export`'s)."""
     path = Path(lora)
     if path.is_dir():
-        path = path / LORA_WEIGHTS_NAME
+        candidates = sorted(path.glob("*.safetensors"))
+        path = path / LORA_WEIGHTS_NAME if (path / LORA_WEIGHTS_NAME).is_file() or len(candidates) != 1 else candidates[0]
     if not path.is_file():
-        raise FinetuneError(f"LoRA {lora} not found: pass a .safetensors file or a training output folder containing {LORA_WEIGHTS_NAME}")
+        raise FinetuneError(
+            f"LoRA {lora} not found: pass a .safetensors file, a training output folder containing {LORA_WEIGHTS_NAME}, "
+            "or a folder holding one .safetensors file"
+        )
     if path.suffix != ".safetensors":
         raise FinetuneError(f"LoRA {path} is not a .safetensors file: pickle checkpoints are not loaded (they can run code)")
     return path
@@ -46,7 +52,12 @@ def load_lora_into(pipeline, lora_file: Path, adapter_name: str) -> None:
     The file is first read into our neutral form and rewritten in our layout, with per-module alphas in
     its metadata: diffusers reads a kohya file's alphas only when they are all equal.
     """
-    tensors, metadata = to_diffusers(load_lora(lora_file))
+    lora = load_lora(lora_file)
+    try:
+        check_lora_fits({"unet": pipeline.unet, "text_encoder": pipeline.text_encoder}, lora)
+    except FinetuneError as err:
+        raise FinetuneError(f"LoRA {lora_file} does not fit this base model: {err}") from None
+    tensors, metadata = to_diffusers(lora)
     with tempfile.TemporaryDirectory() as folder:
         atomic_save_safetensors(tensors, Path(folder) / LORA_WEIGHTS_NAME, metadata)
         try:
@@ -126,7 +137,7 @@ def check_control_options(controlnet: str | None, condition: str | None, conditi
 
 def load_sampling_pipeline(base: str, lora: str | None = None, lora_scale: float = 1.0, controlnet: str | None = None):
     """StableDiffusionPipeline over the base (+ LoRA); StableDiffusionControlNetPipeline with `controlnet`."""
-    base_model = load_base_model(ModelConfig(pretrained=base))
+    base_model = load_base_model(ModelConfig.from_option(base))
     if controlnet is None:
         pipeline = build_pipeline(base_model)
     else:

@@ -63,11 +63,16 @@ class LoRALayer:
     def rank(self) -> int:
         return self.down.shape[0]
 
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The shape of the adapted module's weight (Linear or Conv2d)."""
+        return (self.up.shape[0], *self.down.shape[1:])
+
     def delta(self, strength: float = 1.0) -> torch.Tensor:
-        """The weight update at `strength`, shaped like the module's weight (Linear or Conv2d)."""
+        """The weight update at `strength`, shaped like the module's weight."""
         up, down = self.up.float().flatten(1), self.down.float().flatten(1)
         update = (up @ down) * (strength * self.alpha / self.rank)
-        return update.reshape(self.up.shape[0], *self.down.shape[1:])
+        return update.reshape(self.weight_shape)
 
 
 @dataclass
@@ -326,10 +331,12 @@ def write_model_card(lora: LoRA, path: Path, layout: str, training_dir: Path | N
         "## diffusers",
         "",
         "```python",
+        "import torch",
         "from diffusers import StableDiffusionPipeline",
         "",
-        f'pipeline = StableDiffusionPipeline.from_pretrained("{meta.get("finetune.base_model", "BASE_MODEL")}")',
-        f'pipeline.load_lora_weights(".", weight_name="{path.name}", adapter_name="lora")',
+        "# One dtype for every part (torch.float16 on a GPU): a base saved in mixed precisions would otherwise mix them.",
+        f'pipeline = StableDiffusionPipeline.from_pretrained("{meta.get("finetune.base_model", "BASE_MODEL")}", torch_dtype=torch.float32)',
+        f'pipeline.load_lora_weights("{path.parent}", weight_name="{path.name}", adapter_name="lora")  # this folder',
         'pipeline.set_adapters(["lora"], adapter_weights=[1.0])  # the strength',
         "```",
         "",

@@ -19,16 +19,23 @@ from finetune.models import load_base_model
 from finetune.pipeline_io import save_pipeline
 
 
-def merge_into(models: dict[str, torch.nn.Module], lora: LoRA, strength: float) -> None:
-    """Add every layer's update in place; a layer the model does not have is an error, not a skip."""
+def check_lora_fits(models: dict[str, torch.nn.Module], lora: LoRA) -> None:
+    """Every layer of the LoRA is in the model with its shape; else one line naming the first that is not."""
     for key, layer in lora.layers.items():
         part, path = key.split(".", 1)
-        module = find_module(models[part], path, part)
-        weight, delta = module.weight, layer.delta(strength)
-        if weight.shape != delta.shape:
-            raise FinetuneError(f"LoRA layer {key} has shape {tuple(delta.shape)} but the base model's is {tuple(weight.shape)}: another base model?")
+        weight = find_module(models[part], path, part).weight
+        if tuple(weight.shape) != layer.weight_shape:
+            raise FinetuneError(f"LoRA layer {key} has shape {layer.weight_shape} but the base model's is {tuple(weight.shape)}: another base model?")
+
+
+def merge_into(models: dict[str, torch.nn.Module], lora: LoRA, strength: float) -> None:
+    """Add every layer's update in place; a layer the model does not have is an error, not a skip."""
+    check_lora_fits(models, lora)
+    for key, layer in lora.layers.items():
+        part, path = key.split(".", 1)
+        weight = find_module(models[part], path, part).weight
         with torch.no_grad():
-            weight.copy_((weight.float() + delta).to(weight.dtype))
+            weight.copy_((weight.float() + layer.delta(strength)).to(weight.dtype))
 
 
 def find_module(model: torch.nn.Module, path: str, part: str) -> torch.nn.Module:
@@ -47,7 +54,7 @@ def merge_lora(base: str, lora_path: str, strength: float, output_dir: Path) -> 
 
     lora_file = resolve_lora_file(lora_path)
     lora = load_lora(lora_file)
-    model = load_base_model(ModelConfig(pretrained=base))
+    model = load_base_model(ModelConfig.from_option(base))
     merge_into({"unet": model.unet, "text_encoder": model.text_encoder}, lora, strength)
     output_dir = save_pipeline(model, Path(output_dir))
     _write_card(output_dir, base, lora_file, lora, strength)
@@ -64,7 +71,7 @@ def _write_card(output_dir: Path, base: str, lora_file: Path, lora: LoRA, streng
         f"# {output_dir.name}\n\n"
         f"Stable Diffusion pipeline: `{base}` with the LoRA `{lora_file}` ({', '.join(facts)}) merged into its "
         f"{parts} at strength {strength:g}, written by `finetune merge`.\n\n"
-        "```python\nfrom diffusers import StableDiffusionPipeline\n\n"
-        f'pipeline = StableDiffusionPipeline.from_pretrained("{output_dir.name}")\n```\n\n'
-        f'Or sample with `finetune sample --base {output_dir.name} --prompt "..."`.\n'
+        "```python\nimport torch\nfrom diffusers import StableDiffusionPipeline\n\n"
+        f'pipeline = StableDiffusionPipeline.from_pretrained("{output_dir}", torch_dtype=torch.float32)  # torch.float16 on a GPU\n```\n\n'
+        f'Or sample with `finetune sample --base {output_dir} --prompt "..."`.\n'
     )

@@ -52,22 +52,22 @@ def resolve_model_folder(config: ModelConfig) -> Path | None:
     path = Path(name).expanduser()
     if path.suffix in SINGLE_FILE_SUFFIXES:
         if not path.is_file():
-            raise FinetuneError(f"base model file {name} not found: check model.pretrained in the recipe")
+            raise FinetuneError(f"base model file {name} not found: check {config._key}")
         return None
     if path.is_dir():
         if not (path / "model_index.json").is_file() and not (path / "unet" / "config.json").is_file():
             raise FinetuneError(
                 f"base model folder {name} is not a diffusers pipeline (no model_index.json): "
-                "point model.pretrained at a folder saved with save_pretrained, or at a .safetensors file"
+                f"point {config._key} at a folder saved with save_pretrained, or at a .safetensors file"
             )
         return path
     looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
     if not looks_like_hub_id:
-        raise FinetuneError(f"base model {name} not found: no such folder or file (check model.pretrained)")
-    return _download_or_find_in_cache(name, config.revision)
+        raise FinetuneError(f"base model {name} not found: no such folder or file (check {config._key})")
+    return _download_or_find_in_cache(name, config.revision, config._key)
 
 
-def _download_or_find_in_cache(repo_id: str, revision: str | None) -> Path:
+def _download_or_find_in_cache(repo_id: str, revision: str | None, key: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -83,10 +83,10 @@ def _download_or_find_in_cache(repo_id: str, revision: str | None) -> Path:
     except (LocalEntryNotFoundError, FileNotFoundError):
         raise FinetuneError(
             f"base model {repo_id} is not in the local Hugging Face cache and downloads are off (HF_HUB_OFFLINE=1): "
-            "download it once with network, or set model.pretrained to a local diffusers folder or .safetensors file"
+            f"download it once with network, or set {key} to a local diffusers folder or .safetensors file"
         ) from None
     except (RepositoryNotFoundError, HFValidationError):
-        raise FinetuneError(f"base model {repo_id} not found on the hub: check model.pretrained") from None
+        raise FinetuneError(f"base model {repo_id} not found on the hub: check {key}") from None
     except OSError as err:
         raise FinetuneError(f"base model {repo_id} could not be fetched ({err.__class__.__name__}): check the network or use a local folder") from None
     return Path(folder)

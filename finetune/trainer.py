@@ -76,8 +76,16 @@ class StopRequest:
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
-def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], None] | None = None) -> TrainResult:
-    """Train `recipe`; `on_step(step)` is called after each optimizer step (the benchmark times steps with it)."""
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """In data-loader workers: `timeout`, systemd and SLURM send SIGTERM (and a terminal Ctrl-C) to the
+    whole process group; a worker it killed would crash the run before the trainer saves and stops."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], None] | None = None, overwrite: bool = False) -> TrainResult:
+    """Train `recipe`; `on_step(step)` is called after each optimizer step (the benchmark times steps with it).
+    `overwrite`: start over in an output_dir that holds an earlier run (its checkpoints, samples and logs go)."""
     output_dir = Path(recipe.output_dir)
     checkpoints_dir = output_dir / "checkpoints"
     train_cfg = recipe.train
@@ -87,6 +95,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     method.check_data()
     resolve_model_folder(recipe.model)
     resume_from = ckpt.resolve_resume(resume, checkpoints_dir)
+    ckpt.guard_earlier_run(output_dir, resume_from, overwrite)
     if train_cfg.mixed_precision == "fp16" and not gpu_available():
         # accelerate turns fp16 autocast off on a CPU, and the fp16 frozen weights would then meet fp32 inputs.
         raise FinetuneError("train.mixed_precision fp16 needs a GPU; on a CPU use bf16 or no")
@@ -99,6 +108,12 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
     accelerator.print(f"training on {accelerator.num_processes} process(es), {accelerator.distributed_type.value}, device {accelerator.device}")
+    if resume == "latest" and resume_from is None:
+        accelerator.print(f"--resume latest: no checkpoint in {checkpoints_dir} yet, starting at step 0")
+    if overwrite and resume_from is None:
+        if accelerator.is_main_process:
+            ckpt.clear_earlier_run(output_dir)
+        accelerator.wait_for_everyone()
     # The data check's summary (counts, buckets, skipped images, warnings): nothing is left out unseen.
     for report in method.data_reports:
         for line in report.lines(limit=10):
@@ -152,6 +167,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         num_workers=recipe.data.num_workers,
         # Its own generator: creating the iterator must not draw from the (restored) global RNG.
         generator=torch.Generator().manual_seed(recipe.seed),
+        worker_init_fn=_leave_stop_signals_to_the_trainer if recipe.data.num_workers else None,
     )
     result = TrainResult(output_dir=output_dir, final_step=step)
 

@@ -205,9 +205,11 @@ def test_check_data_reads_a_recipe_with_overrides(odd_folder, tmp_path, capsys):
     assert "result: ready to train" in out
 
 
-def test_check_data_without_recipe_or_folder_is_a_one_line_error(capsys):
+def test_check_data_without_recipe_or_folder_is_a_one_line_error(capsys, tmp_path):
     assert main(["check-data"]) == 2
     assert capsys.readouterr().err.strip() == "error: check-data needs a recipe or --image-dir: e.g. finetune check-data --image-dir my_photos"
+    assert main(["check-data", "--image-dir", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.strip().endswith("nowhere not found: check --image-dir")
 
 
 def test_check_data_is_listed_with_help(capsys):

@@ -1,13 +1,16 @@
 """Nothing a user made is lost: atomic checkpoints, rotation, and a clean stop on Ctrl-C."""
 
+import os
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 
 from finetune.checkpoint import STATE_FILE, list_checkpoints, resolve_resume
+from finetune.errors import FinetuneError
 from finetune.trainer import train
 
 
@@ -27,17 +30,41 @@ def test_rotation_keeps_the_last_n(make_recipe):
     assert not [p for p in (result.output_dir / "checkpoints").iterdir() if p.name.startswith(".partial")]
 
 
-def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(make_recipe, tmp_path):
-    recipe = make_recipe(train__max_steps=100_000, checkpoint__every_n_steps=0)
+def test_a_new_run_does_not_mix_with_an_earlier_one_in_its_output_dir(make_recipe, monkeypatch):
+    import finetune.trainer as trainer
+
+    earlier = train(make_recipe(train__max_steps=3, checkpoint__every_n_steps=1))
+    monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
+    # Its rotation would delete the earlier run's checkpoints, and --resume latest would pick checkpoint-3.
+    with pytest.raises(FinetuneError, match=r"output_dir .*run holds an earlier run \(checkpoint-3\): continue it with --resume latest, replace it with --overwrite"):
+        train(make_recipe(train__max_steps=2, optimizer__lr=5e-4))
+    assert [p.name for p in list_checkpoints(earlier.output_dir / "checkpoints")] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+
+    monkeypatch.undo()
+    replaced = train(make_recipe(train__max_steps=2, optimizer__lr=5e-4), overwrite=True)
+    assert [p.name for p in list_checkpoints(replaced.output_dir / "checkpoints")] == ["checkpoint-2"]
+    resumed = train(make_recipe(train__max_steps=3, optimizer__lr=5e-4), resume="latest")  # continuing needs no --overwrite
+    assert resumed.final_step == 3 and len(resumed.losses) == 1
+
+
+@pytest.mark.parametrize(
+    "stop,num_workers",
+    [(signal.SIGINT, 0), (signal.SIGTERM, 2)],
+    ids=["ctrl-c", "sigterm-to-the-process-group-with-loader-workers"],  # how timeout, systemd and SLURM stop a job
+)
+def test_a_stop_signal_writes_a_checkpoint_and_resume_finishes(make_recipe, tmp_path, stop, num_workers):
+    recipe = make_recipe(train__max_steps=100_000, checkpoint__every_n_steps=0, data__num_workers=num_workers)
     path = tmp_path / "long.yaml"
     path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
-    process = subprocess.Popen([sys.executable, "-m", "finetune", "train", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "finetune", "train", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     output_dir = tmp_path / "run"
     deadline = time.time() + 120
     while not (output_dir / "recipe.yaml").exists() and time.time() < deadline:  # written just before the loop
         time.sleep(0.2)
     time.sleep(3)
-    process.send_signal(signal.SIGINT)
+    os.killpg(process.pid, stop)  # the trainer and its data-loader workers, as a terminal or `timeout` does
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr
@@ -47,7 +74,7 @@ def test_ctrl_c_writes_a_checkpoint_and_resume_finishes(make_recipe, tmp_path):
     stopped_at = int(saved[0].name.split("-")[1])
     assert stopped_at >= 1
 
-    resumed = train(make_recipe(train__max_steps=stopped_at + 2), resume="latest")
+    resumed = train(make_recipe(train__max_steps=stopped_at + 2, data__num_workers=num_workers), resume="latest")
     assert resumed.final_step == stopped_at + 2 and len(resumed.losses) == 2
 
 

@@ -1,6 +1,7 @@
 """The command line: useful --help, and one clear line with a non-zero exit for bad input, before training."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from PIL import Image
+from conftest import SHIPPED_BASE
 from ports import free_port
 
 from finetune.cli import main
@@ -49,8 +51,6 @@ def run_train(tmp_path, capsys, recipe_path, *extra):
 def assert_one_line_error(code, err, pattern, tmp_path):
     assert code == 2
     assert len(err) == 1 and err[0].startswith("error: "), err
-    import re
-
     assert re.search(pattern, err[0]), err[0]
     assert not (tmp_path / "out" / "checkpoints").exists()  # stopped before training
 
@@ -139,6 +139,19 @@ def test_train_then_sample_with_the_adapter(tmp_path, capsys, tiny_model, image_
     assert code == 0
     assert sorted(p.name for p in samples.iterdir()) == ["grid.png", "prompt0_seed0.png", "prompt0_seed1.png"]
 
+    # `finetune export`'s folder holds one .safetensors file: --lora takes the folder too.
+    assert main(["export", str(tmp_path / "out"), str(tmp_path / "webui"), "--to", "kohya"]) == 0
+    code = main(["sample", "--base", str(tiny_model), "--lora", str(tmp_path / "webui"), "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "s2")])
+    assert code == 0 and (tmp_path / "s2" / "grid.png").is_file()
+    capsys.readouterr()
+    # Another base model: one line naming a layer that does not fit; a base that is not there names --base.
+    code = main(["sample", "--base", str(SHIPPED_BASE), "--lora", str(tmp_path / "out"), "--prompt", "x", "--out", str(tmp_path / "s3")])
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("Loading weights")]  # progress bars
+    assert code == 2 and len(err) == 1, err
+    assert re.search(r"does not fit this base model: LoRA layer unet\..* has shape \(.*\) but the base model's is \(.*\): another base model\?$", err[0])
+    code = main(["sample", "--base", str(tmp_path / "nowhere"), "--prompt", "x"])
+    assert code == 2 and capsys.readouterr().err.strip().endswith("nowhere not found: no such folder or file (check --base)")
+
 
 def test_sample_refuses_pickle_files(tmp_path, capsys, tiny_model):
     (tmp_path / "lora.bin").write_bytes(b"not safe")
@@ -151,6 +164,20 @@ def test_python_dash_m_entry_point(tmp_path):
     result = subprocess.run([sys.executable, "-m", "finetune", "make-tiny-model", str(tmp_path / "m")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "m" / "model_index.json").is_file()
+
+
+def test_train_and_sample_print_no_third_party_noise(tmp_path, tiny_model, image_folder):
+    """Warnings libraries print on every run (CLIP's image processor without torchvision, DeepSpeed on a
+    CPU, diffusers on a LoRA that leaves the text encoder alone) drown what the run says."""
+    recipe = write_recipe(tmp_path, model={"pretrained": str(tiny_model)}, data={"image_dir": str(image_folder), "resolution": 64}, train={"max_steps": 1})
+    commands = [["train", str(recipe)],
+                ["sample", "--base", str(tiny_model), "--lora", str(tmp_path / "out"), "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "s")]]  # fmt: skip
+    script = f"from finetune.cli import main\nfor command in {commands!r}:\n    assert main(command) == 0"  # one interpreter start
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "s" / "grid.png").is_file()
+    for noise in ("requires torchvision", "Setting accelerator to CPU", "No LoRA keys associated", "kept in float32"):
+        assert noise not in result.stdout + result.stderr, noise
 
 
 def test_accelerate_launch_with_the_top_level_config_trains_with_deepspeed(tmp_path, tiny_model, image_folder):

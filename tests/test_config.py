@@ -114,5 +114,7 @@ def test_override_indexes_lists():
     raw = {"dreambooth": {"concepts": [{"instance_dir": "a"}, {"instance_dir": "b"}]}}
     apply_override(raw, "dreambooth.concepts.1.instance_dir=photos")
     assert raw["dreambooth"]["concepts"][1]["instance_dir"] == "photos"
+    apply_override(raw, "dreambooth.concepts[0].instance_dir=mine")  # the bracket spelling means the same
+    assert [c["instance_dir"] for c in raw["dreambooth"]["concepts"]] == ["mine", "photos"]
     with pytest.raises(FinetuneError, match="'5' is not an index"):
         apply_override(raw, "dreambooth.concepts.5.instance_dir=x")

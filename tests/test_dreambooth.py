@@ -163,12 +163,15 @@ def test_dreambooth_lora_with_two_concepts_and_text_encoder(make_recipe, star_fo
     pipeline.load_lora_weights(str(result.output_dir))  # diffusers accepts both parts
 
 
-def test_instance_folder_without_images(make_recipe, star_folder, tmp_path):
+def test_an_empty_or_missing_instance_folder_names_its_concept_key(make_recipe, star_folder, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    concept = {"instance_dir": str(empty), "instance_prompt": "a sks shape", "class_prompt": "a shape"}
-    recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path, dreambooth={"concepts": [concept]})
-    with pytest.raises(FinetuneError, match=r"data folder .*empty has no images"):
+    good = {"instance_dir": str(star_folder), "instance_prompt": "a sks shape", "class_prompt": "a shape"}
+    recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path, dreambooth={"concepts": [good, {**good, "instance_dir": str(empty)}]})
+    with pytest.raises(FinetuneError, match=r"data folder .*empty has no images .*: add some or fix dreambooth.concepts.1.instance_dir$"):
+        train(recipe)
+    recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path, dreambooth={"concepts": [{**good, "instance_dir": "my_subject"}]})
+    with pytest.raises(FinetuneError, match=r"^data folder my_subject not found: check dreambooth.concepts.0.instance_dir$"):
         train(recipe)
 
 
@@ -181,7 +184,7 @@ def test_class_images_of_another_size_are_resized_but_tiny_ones_stop_the_run(mak
     train(recipe)  # the 200x120 image is resized and cropped to 64x64 like any training image
     Image.new("RGB", (10, 10), "blue").save(class_dir / "a-tiny.png")
     with pytest.raises(FinetuneError, match=r"a-tiny\.png is 10x10"):
-        train(recipe)
+        train(recipe, overwrite=True)
 
 
 def test_cached_encoders_give_the_same_instance_and_class_losses(make_recipe, star_folder, tmp_path, monkeypatch):

@@ -55,7 +55,7 @@ def measure(spec: dict) -> dict:
             marks["counter"].__exit__(None, None, None)
             marks["flops"] = marks.pop("counter").get_total_flops()
 
-    result = train(recipe, on_step=on_step)
+    result = train(recipe, on_step=on_step, overwrite=True)  # --repeat runs a variant again in its folder
     sec_per_step = (marks["end"] - marks["start"]) / steps
     step_seconds = [round(b - a, 6) for a, b in zip(marks["ends"], marks["ends"][1:])]
     row = {
