@@ -27,12 +27,12 @@ def read_metadata_captions(path: Path, require_text: bool = True) -> dict[str, s
     if not path.is_file():
         return {}
     captions = {}
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            if require_text or "text" in row:
+            if (require_text or "text" in row) and row["text"] is not None:  # null: no caption (reported as missing)
                 captions[Path(row["file_name"]).name] = str(row["text"])
         except (json.JSONDecodeError, KeyError, TypeError):
             raise FinetuneError(f"{path} line {line_number}: expected a JSON object with 'file_name' and 'text'") from None
@@ -43,7 +43,7 @@ def read_csv_captions(path: Path) -> dict[str, str]:
     """{file name: caption} from a metadata.csv with a header row naming file_name and text columns."""
     if not path.is_file():
         return {}
-    with path.open(encoding="utf-8", newline="") as handle:
+    with path.open(encoding="utf-8-sig", newline="") as handle:  # -sig: Excel's "CSV UTF-8" starts with a byte-order mark
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
         if "file_name" not in columns or "text" not in columns:

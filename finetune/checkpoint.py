@@ -61,12 +61,18 @@ def register_trainable_only_hooks(accelerator: Accelerator) -> None:
         for i, model in enumerate(models):
             tensors = load_file(os.path.join(input_dir, f"trainable_{i}.safetensors"))
             unwrapped = unwrap(accelerator, model)
-            expected = set(trainable_state_dict(unwrapped))
-            if set(tensors) != expected:
+            expected = trainable_state_dict(unwrapped)
+            if set(tensors) != set(expected):
                 raise FinetuneError(
                     f"checkpoint {input_dir} does not match this recipe's trainable parameters "
                     f"({len(tensors)} saved, {len(expected)} expected): resume with the recipe that wrote it"
                 )
+            for name, tensor in tensors.items():
+                if tensor.shape != expected[name].shape:
+                    raise FinetuneError(
+                        f"checkpoint {input_dir} holds {name} of shape {tuple(tensor.shape)}, this recipe's is "
+                        f"{tuple(expected[name].shape)} (another lora.rank?): resume with the recipe that wrote it"
+                    )
             unwrapped.load_state_dict(tensors, strict=False)
         models.clear()
 

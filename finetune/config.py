@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from finetune.errors import FinetuneError
 
@@ -122,14 +122,14 @@ class DataConfig(Section):
     @classmethod
     def _probability(cls, value: float) -> float:
         if not 0.0 <= value <= 1.0:
-            raise ValueError(f"must be between 0 and 1, got {value}")
+            raise ValueError("must be between 0 and 1")
         return value
 
     @field_validator("keep_tokens")
     @classmethod
     def _not_negative(cls, value: int) -> int:
         if value < 0:
-            raise ValueError(f"must be 0 or more, got {value}")
+            raise ValueError("must be 0 or more")
         return value
 
     @model_validator(mode="after")
@@ -150,13 +150,13 @@ class DataConfig(Section):
 
 
 class LoRAConfig(Section):
-    rank: int = 16
+    rank: int = Field(16, ge=1)
     # The LoRA update is scaled by alpha / rank; saved with the weights so strength is preserved.
-    alpha: float = 16.0
-    dropout: float = 0.0
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
     # Names of UNet submodules to adapt: attention projections by default; add "proj_in", "proj_out",
     # "ff.net.0.proj", "ff.net.2", "conv1", "conv2" for feed-forward and conv layers.
-    target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+    target_modules: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
 
 
 class FullConfig(Section):
@@ -264,14 +264,14 @@ class ControlNetConfig(Section):
     @classmethod
     def _share(cls, value: float) -> float:
         if not 0.0 <= value <= 1.0:
-            raise ValueError(f"must be between 0 and 1, got {value}")
+            raise ValueError("must be between 0 and 1")
         return value
 
 
 class TrainConfig(Section):
-    batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    max_steps: int = 1000
+    batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_steps: int = Field(1000, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     # Channels-last (NHWC) memory format for the UNet, VAE and ControlNet: the layout tensor-core and
@@ -355,6 +355,11 @@ class Recipe(Section):
                     )
         elif sum(source is not None for source in sources) != 1:
             raise ValueError("set exactly one of data.image_dir (a folder) or data.dataset (a datasets name or path)")
+        if self.optimizer.scheduler != "constant" and self.optimizer.warmup_steps >= self.train.max_steps:
+            raise ValueError(
+                f"optimizer.warmup_steps ({self.optimizer.warmup_steps}) must be below train.max_steps ({self.train.max_steps}): "
+                "the learning rate would never reach optimizer.lr"
+            )
         if self.method == "controlnet":
             if self.data.caption_dropout:
                 raise ValueError("method controlnet empties captions with controlnet.empty_prompt_share; set data.caption_dropout to 0")
@@ -433,12 +438,13 @@ def apply_override(raw: dict[str, Any], override: str, source: str = "command li
 def describe_validation_error(err: ValidationError, raw: dict[str, Any]) -> str:
     """Turn pydantic's report into one line: the dotted key, what is wrong, and what to do."""
     first = err.errors()[0]
-    location = [str(part) for part in first["loc"] if not isinstance(part, int)]
-    dotted = ".".join(location)
+    location = [str(part) for part in first["loc"] if not isinstance(part, int)]  # the schema's names
+    path = [str(part) for part in first["loc"]]  # with list indexes, as the user writes overrides
+    dotted = ".".join(path)
     if first["type"] == "extra_forbidden":
         valid = _valid_keys(location[:-1])
         close = difflib.get_close_matches(location[-1], valid, n=1, cutoff=0.5)
-        hint = f" (did you mean '{'.'.join(location[:-1] + close)}'?)" if close else f" (valid keys: {', '.join(valid)})"
+        hint = f" (did you mean '{'.'.join(path[:-1] + close)}'?)" if close else f" (valid keys: {', '.join(valid)})"
         return f"unknown key '{dotted}'{hint}"
     if first["type"] == "missing":
         return f"missing required key '{dotted}'"

@@ -114,15 +114,20 @@ def open_dataset(config: DataConfig):
     import datasets
 
     name = config.dataset
+    # What save_to_disk writes: a Dataset (dataset_info.json, state.json) or a DatasetDict (dataset_dict.json).
+    saved = Path(name).is_dir() and any((Path(name) / marker).is_file() for marker in ("dataset_info.json", "state.json", "dataset_dict.json"))
     try:
-        if Path(name).is_dir() and ((Path(name) / "dataset_info.json").is_file() or (Path(name) / "state.json").is_file()):
-            loaded = datasets.load_from_disk(name)  # a dataset saved with save_to_disk
-        else:
-            loaded = datasets.load_dataset(name, config.dataset_config, split=config.dataset_split)
+        loaded = datasets.load_from_disk(name) if saved else datasets.load_dataset(name, config.dataset_config, split=config.dataset_split)
     except FileNotFoundError as err:
         raise FinetuneError(f"dataset {name} not found: {str(err).splitlines()[0]}") from None
     except ConnectionError:
         raise FinetuneError(f"dataset {name} is not in the local cache and the hub cannot be reached: use a local path") from None
+    except ValueError as err:
+        if "Unknown split" not in str(err):
+            raise
+        raise FinetuneError(f"dataset {name} has no split '{config.dataset_split}' ({str(err).splitlines()[0]}): set data.dataset_split") from None
+    if isinstance(loaded, datasets.Dataset) and saved and config.dataset_split != "train":
+        raise FinetuneError(f"dataset {name} is a single split saved with save_to_disk (no split '{config.dataset_split}' to pick): remove data.dataset_split")
     if isinstance(loaded, datasets.DatasetDict):
         if config.dataset_split not in loaded:
             raise FinetuneError(f"dataset {name} has no split '{config.dataset_split}' (has {', '.join(loaded)}): set data.dataset_split")

@@ -27,6 +27,36 @@ SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "sans
 SYSTEM_MONO_FONTS = ["ui-monospace", "Consolas", "monospace"]
 TABLE_HEADERS = ["name", "type", "base", "method", "steps", "rank", "status"]
 MIN_CELL = 192  # grid cells are enlarged (nearest neighbour) to at least this, so 64 px models are visible
+MAX_UPLOAD_SIDE = 4096  # a small PNG may declare a vast canvas (a decompression bomb): refused by its header
+UNREADABLE_UPLOAD = "the uploaded conditioning image cannot be read as an image: upload a PNG, JPEG or WebP"
+
+
+def check_upload(path: str) -> None:
+    """An uploaded image must be an image of a sensible size; else one line for the page."""
+    from PIL import Image
+
+    too_large = f"the uploaded conditioning image is larger than {MAX_UPLOAD_SIDE}x{MAX_UPLOAD_SIDE} pixels"
+    try:
+        with Image.open(path) as header:
+            width, height = header.size
+    except Image.DecompressionBombError:  # PIL's own limit (the size is not read)
+        raise FinetuneError(too_large) from None
+    except OSError:
+        raise FinetuneError(UNREADABLE_UPLOAD) from None
+    if width * height > MAX_UPLOAD_SIDE**2:
+        raise FinetuneError(f"{too_large} ({width}x{height})")
+
+
+def read_upload(path: str | None):
+    """The uploaded conditioning image in RGB (None: no upload)."""
+    if not path:
+        return None
+    from PIL import Image
+
+    from finetune.data import Example, open_rgb
+
+    check_upload(path)
+    return open_rgb(Example(path, "", lambda: Image.open(path)))
 
 
 def resolve_base(base: str | None) -> tuple[str, str]:
@@ -99,6 +129,20 @@ def build_app(engine, note: str = "", queue_size: int = 8):
         usable = sum(1 for a in engine.adapters.values() if not a.refused)
         return f"Adapters in `{engine.adapters_dir}`: {usable} usable, {len(engine.adapters) - usable} refused."
 
+    class ConditionUpload(gr.Image):
+        """gradio decodes an upload before the handler runs, and a file it cannot decode (or a vast canvas)
+        ends there in a generic "the app raised an exception": checked first, with a readable message."""
+
+        def preprocess(self, payload):
+            try:
+                if payload is not None:
+                    check_upload(payload.path)
+                return super().preprocess(payload)
+            except FinetuneError as err:
+                raise gr.Error(str(err)) from None
+            except Exception:
+                raise gr.Error(UNREADABLE_UPLOAD) from None
+
     # delete_cache: rendered images gradio keeps for the browser are removed after an hour (checked every 10 minutes).
     with gr.Blocks(title="finetune demo", analytics_enabled=False, delete_cache=(600, 3600)) as app:
         gr.Markdown(f"# finetune demo\nBase model: `{engine.base_name}`" + (f"\n\n{note}" if note else ""), elem_id="base-note")
@@ -120,7 +164,7 @@ def build_app(engine, note: str = "", queue_size: int = 8):
                             slots.append(gr.Slider(-2, 2, value=1.0, step=0.05, label=f"strength {i}", scale=2))
                 with gr.Accordion("ControlNet", open=False):
                     controlnet = gr.Dropdown(choices("controlnet"), value=NONE, label="ControlNet", elem_id="controlnet")
-                    condition = gr.Image(label="conditioning image, or a photo to make one from", type="pil", sources=["upload"], image_mode="RGB")
+                    condition = ConditionUpload(label="conditioning image, or a photo to make one from", type="filepath", sources=["upload"])
                     kind = gr.Radio(list(CONDITIONING_KINDS), value="as uploaded", label="use the upload as is, or make (as finetune make-conditions)")
                     scale = gr.Slider(0, 2, value=1.0, step=0.05, label="conditioning scale")
                 with gr.Accordion("Compare", open=True):
@@ -148,7 +192,7 @@ def build_app(engine, note: str = "", queue_size: int = 8):
                 request = Request(
                     prompt=str(prompt or ""), negative_prompt=str(negative_prompt or ""), seed=int(seed or 0), steps=int(steps),
                     guidance=float(guidance), size=int(size), model=model or BASE, loras=picked,
-                    controlnet=None if controlnet in (None, "", NONE) else controlnet, conditioning_image=conditioning_image,
+                    controlnet=None if controlnet in (None, "", NONE) else controlnet, conditioning_image=read_upload(conditioning_image),
                     conditioning_kind=conditioning_kind or "as uploaded", conditioning_scale=float(conditioning_scale),
                     strengths=parse_strengths(strengths), include_base=bool(include_base), rows=int(rows),
                 )

@@ -46,6 +46,19 @@ def freeze(module: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.n
     return module
 
 
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def check_pipeline_parts(path: Path, name: str) -> None:
+    """A folder missing a part (or a model's weights) would fail deep in loading, or at the first step."""
+    missing = [part for part in PIPELINE_PARTS if not (path / part).is_dir()]
+    if missing:
+        raise FinetuneError(f"base model folder {name} has no {', '.join(missing)}: a Stable Diffusion pipeline folder holds {', '.join(PIPELINE_PARTS)}")
+    for part in ("unet", "vae", "text_encoder"):
+        if not any((path / part).glob("*.safetensors")) and not any((path / part).glob("*.bin")):
+            raise FinetuneError(f"base model folder {name} has no weights in {part}: copy the whole pipeline folder again")
+
+
 def resolve_model_folder(config: ModelConfig) -> Path | None:
     """Return the local diffusers folder for `config.pretrained`, or None for a single-file checkpoint."""
     name = config.pretrained
@@ -60,6 +73,7 @@ def resolve_model_folder(config: ModelConfig) -> Path | None:
                 f"base model folder {name} is not a diffusers pipeline (no model_index.json): "
                 f"point {config._key} at a folder saved with save_pretrained, or at a .safetensors file"
             )
+        check_pipeline_parts(path, name)
         return path
     looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
     if not looks_like_hub_id:

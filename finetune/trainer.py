@@ -107,7 +107,10 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         log_with="tensorboard" if recipe.logging.tensorboard else None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
-    accelerator.print(f"training on {accelerator.num_processes} process(es), {accelerator.distributed_type.value}, device {accelerator.device}")
+    accelerator.print(
+        f"training on {accelerator.num_processes} process(es) (distributed: {accelerator.distributed_type.value.lower()}), "
+        f"device {accelerator.device}, mixed precision {train_cfg.mixed_precision}"
+    )
     if resume == "latest" and resume_from is None:
         accelerator.print(f"--resume latest: no checkpoint in {checkpoints_dir} yet, starting at step 0")
     if overwrite and resume_from is None:

@@ -36,6 +36,17 @@ def test_metadata_csv_captions(tmp_path):
     assert got == [("a.png", "a red square, flat"), ("b.png", "from the sidecar")]
 
 
+def test_a_byte_order_mark_is_read_and_a_null_caption_is_a_missing_one(tmp_path):
+    write_image(tmp_path / "a.png")
+    # Excel's "CSV UTF-8" starts with a byte-order mark, which would become part of the first column's name.
+    (tmp_path / "metadata.csv").write_text("file_name,text\na.png,from excel\n", encoding="utf-8-sig")
+    assert names_and_captions(DataConfig(image_dir=str(tmp_path), resolution=64)) == [("a.png", "from excel")]
+    (tmp_path / "metadata.csv").unlink()
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": None}) + "\n")  # not the caption "None"
+    with pytest.raises(FinetuneError, match=r"a\.png has no caption"):
+        load_examples(DataConfig(image_dir=str(tmp_path), resolution=64))
+
+
 def test_metadata_csv_needs_its_columns_and_is_exclusive_with_jsonl(tmp_path):
     write_image(tmp_path / "a.png")
     (tmp_path / "metadata.csv").write_text("name,caption\na.png,x\n")

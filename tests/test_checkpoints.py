@@ -47,6 +47,12 @@ def test_a_new_run_does_not_mix_with_an_earlier_one_in_its_output_dir(make_recip
     assert resumed.final_step == 3 and len(resumed.losses) == 1
 
 
+def test_resuming_with_another_lora_rank_is_one_line(make_recipe):
+    train(make_recipe(train__max_steps=2))
+    with pytest.raises(FinetuneError, match=r"checkpoint-2 holds .*lora.* of shape \(4, .*\), this recipe's is \(8, .*\) \(another lora.rank\?\)"):
+        train(make_recipe(train__max_steps=3, lora__rank=8), resume="latest")
+
+
 @pytest.mark.parametrize(
     "stop,num_workers",
     [(signal.SIGINT, 0), (signal.SIGTERM, 2)],

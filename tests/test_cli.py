@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +77,8 @@ def good_folder(tmp_path):
         ("missing_model_path", r"base model .*nowhere not found"),
         ("uncached_hub_model", r"base model someone/not-cached is not in the local Hugging Face cache"),
         ("missing_model_file", r"base model file .*model\.safetensors not found"),
+        ("model_without_vae", r"base model folder .*partial has no vae: a Stable Diffusion pipeline folder holds unet, vae, "),
+        ("model_without_unet_weights", r"base model folder .*partial has no weights in unet: "),
     ],
 )
 def test_bad_input_is_one_line_before_training(case, pattern, tmp_path, capsys, tiny_model, monkeypatch):
@@ -105,6 +108,14 @@ def test_bad_input_is_one_line_before_training(case, pattern, tmp_path, capsys, 
         model["pretrained"] = "someone/not-cached"
     elif case == "missing_model_file":
         model["pretrained"] = str(tmp_path / "model.safetensors")
+    elif case in ("model_without_vae", "model_without_unet_weights"):
+        shutil.copytree(tiny_model, tmp_path / "partial")
+        model["pretrained"] = str(tmp_path / "partial")
+        if case == "model_without_vae":
+            shutil.rmtree(tmp_path / "partial" / "vae")
+        else:
+            for weights in (tmp_path / "partial" / "unet").glob("*.safetensors"):
+                weights.unlink()
     recipe = write_recipe(tmp_path, data=data, model=model, train=train)
     code, err = run_train(tmp_path, capsys, recipe)
     assert_one_line_error(code, err, pattern, tmp_path)
@@ -194,5 +205,5 @@ def test_accelerate_launch_with_the_top_level_config_trains_with_deepspeed(tmp_p
                "--main_process_port", str(free_port()), "-m", "finetune", "train", str(recipe)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=repo, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "training on 2 process(es), DEEPSPEED" in result.stdout
+    assert "training on 2 process(es) (distributed: deepspeed)" in result.stdout
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()

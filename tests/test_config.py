@@ -118,3 +118,25 @@ def test_override_indexes_lists():
     assert [c["instance_dir"] for c in raw["dreambooth"]["concepts"]] == ["mine", "photos"]
     with pytest.raises(FinetuneError, match="'5' is not an index"):
         apply_override(raw, "dreambooth.concepts.5.instance_dir=x")
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("lora.rank=0", r"^key 'lora.rank': Input should be greater than or equal to 1 \(got 0\)$"),
+        ("lora.alpha=0", r"^key 'lora.alpha': Input should be greater than 0 \(got 0\)$"),
+        ("lora.dropout=2", r"^key 'lora.dropout': Input should be less than 1 \(got 2\)$"),
+        ("lora.target_modules=[]", r"^key 'lora.target_modules': List should have at least 1 item"),
+        ("train.max_steps=0", r"^key 'train.max_steps': Input should be greater than or equal to 1 \(got 0\)$"),
+        ("optimizer.warmup_steps=50", r"optimizer.warmup_steps \(50\) must be below train.max_steps \(10\): the learning rate would never reach"),
+        ("data.caption_dropout=1.5", r"^key 'data.caption_dropout': must be between 0 and 1 \(got 1.5\)$"),
+        ("data.folders=[{path: a, repeats: 0}]", r"^key 'data.folders.0.repeats': must be at least 1"),
+    ],
+)
+def test_values_that_cannot_train_are_one_line_errors_naming_the_key(override, message, tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("data: {image_dir: images}\ntrain: {max_steps: 10}\noptimizer: {scheduler: cosine}\n")
+    with pytest.raises(FinetuneError) as raised:
+        load_recipe(path, [override])
+    text = str(raised.value)
+    assert text.startswith(f"{path}: ") and re.search(message, text.removeprefix(f"{path}: ")), text

@@ -99,6 +99,21 @@ def test_datasets_dataset_saved_to_disk(tmp_path):
     assert item["pixel_values"][2].mean() > 0.9  # the blue image
 
 
+def test_a_saved_dataset_dict_picks_its_split_and_a_wrong_split_is_one_line(tmp_path):
+    import datasets
+
+    def split(colour):
+        return datasets.Dataset.from_dict({"image": [Image.new("RGB", (64, 64), colour)], "text": [f"a {colour} thing"]})
+
+    datasets.DatasetDict({"train": split("red"), "test": split("blue")}).save_to_disk(tmp_path / "dd")
+    assert [e.caption for e in load_examples(DataConfig(dataset=str(tmp_path / "dd"), dataset_split="test", resolution=64))] == ["a blue thing"]
+    with pytest.raises(FinetuneError, match=r"dd has no split 'validation' \(has train, test\): set data.dataset_split$"):
+        load_examples(DataConfig(dataset=str(tmp_path / "dd"), dataset_split="validation", resolution=64))
+    split("red").save_to_disk(tmp_path / "one")  # a split asked of a single saved split is not silently ignored
+    with pytest.raises(FinetuneError, match=r"one is a single split saved with save_to_disk \(no split 'test' to pick\)"):
+        load_examples(DataConfig(dataset=str(tmp_path / "one"), dataset_split="test", resolution=64))
+
+
 def test_datasets_empty_caption_names_the_row(tmp_path):
     import datasets
 

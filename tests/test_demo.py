@@ -220,6 +220,23 @@ def test_uploads_are_size_limited(client, demo, tmp_path):
     assert response.status_code == 413  # and the server refuses it whoever sends it
 
 
+@pytest.mark.parametrize("upload", ["not_an_image", "vast_canvas"])
+def test_a_bad_upload_is_a_readable_message(client, tmp_path, upload):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    path = tmp_path / "condition.png"
+    if upload == "not_an_image":
+        path.write_text("a text file named .png")
+        expected = "the uploaded conditioning image cannot be read as an image: upload a PNG, JPEG or WebP"
+    else:
+        Image.new("1", (12000, 12000)).save(path)  # a few KB declaring 144 megapixels
+        expected = "the uploaded conditioning image is larger than 4096x4096 pixels"
+    with pytest.raises(AppError) as error:
+        run(client, controlnet="edges/controlnet", conditioning_image=handle_file(str(path)))
+    assert str(error.value).startswith(expected)
+
+
 def test_offline_and_local_by_default(demo):
     import urllib.request
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from finetune.checkpoint import list_checkpoints
 from finetune.data import CaptionedImageDataset, collate, load_examples
+from finetune.errors import FinetuneError
 from finetune.diffusion import add_noise, per_sample_loss
 from finetune.encoders import encode_images, encode_prompts
 from finetune.methods.lora import LORA_WEIGHTS_NAME, LoRAMethod
@@ -212,3 +213,15 @@ def test_torch_compile_through_accelerate_saves_and_checkpoints_plain_names(make
     after_compiled = train(make_recipe(output_dir=str(tmp_path / "compiled"), **longer), resume="latest")
     assert after_compiled.final_step == 4 and len(after_compiled.losses) == 1
     assert after_compiled.losses == pytest.approx(after_plain.losses, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "targets,message",
+    [
+        (["to_q", "attn_foo"], r"^lora.target_modules: 'attn_foo' names no layer of the UNet2DConditionModel"),  # peft skips it silently
+        (["norm1"], r"^lora.target_modules: 'norm1' names .*LayerNorm layers; LoRA adapts Linear and Conv2d layers$"),
+    ],
+)
+def test_target_modules_that_adapt_nothing_are_one_line_errors(make_recipe, targets, message):
+    with pytest.raises(FinetuneError, match=message):
+        train(make_recipe(lora__target_modules=targets, train__max_steps=1))

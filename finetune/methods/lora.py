@@ -16,6 +16,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from finetune.checkpoint import atomic_save_safetensors
+from finetune.errors import FinetuneError
 from finetune.methods.base import UNetMethod
 from finetune.models import freeze
 
@@ -36,8 +37,21 @@ class LoRAMethod(UNetMethod):
         return [save_lora(modules, output_dir / LORA_WEIGHTS_NAME, metadata)]
 
 
+def check_targets(model: torch.nn.Module, target_modules: list[str]) -> None:
+    """Each name must match layers LoRA can adapt (peft matches a name or a dotted suffix of one, and
+    skips a name that matches nothing as long as another name matches)."""
+    for target in target_modules:
+        matched = [m for name, m in model.named_modules() if name == target or name.endswith("." + target)]
+        if not matched:
+            raise FinetuneError(f"lora.target_modules: '{target}' names no layer of the {type(model).__name__} (e.g. to_q, proj_in, ff.net.2, conv1)")
+        kinds = {type(m).__name__ for m in matched if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+        if kinds:
+            raise FinetuneError(f"lora.target_modules: '{target}' names {', '.join(sorted(kinds))} layers; LoRA adapts Linear and Conv2d layers")
+
+
 def add_lora(model: torch.nn.Module, target_modules: list[str], weight_dtype: torch.dtype, settings) -> None:
     """Freeze `model` in `weight_dtype` and attach a LoRA whose own weights stay fp32."""
+    check_targets(model, target_modules)
     freeze(model, weight_dtype)
     model.train()  # LoRA dropout is active while training
     model.add_adapter(

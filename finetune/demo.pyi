@@ -1,0 +1,248 @@
+"""`finetune demo`: a Gradio page to try trained adapters side by side with the base model.
+
+The page is a thin layer over `finetune.demo_engine` (scanning, safety checks, rendering), so what
+the browser can do is exactly what the engine allows: adapters are picked by name from the scanned
+folder, only safetensors are loaded, and a mismatched adapter is a message, not a traceback.
+
+It is built to run on a laptop with no network: analytics are off, no share link is made, the theme
+uses the system's fonts (gradio's default theme would serve its own font files; a Google font would be
+fetched from fonts.googleapis.com), server-side rendering (a Node process) is off, and the server binds
+to 127.0.0.1 unless told otherwise. One generation runs at a time, behind a queue of bounded size.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Only light imports here: `finetune --help` builds this module's parser; torch, diffusers and gradio load
+# when the demo starts.
+from finetune.errors import FinetuneError
+
+DEFAULT_BASE = Path(__file__).resolve().parent / "assets" / "toyworld-base"
+FALLBACK_BASE = Path("outputs/demo-base")
+NONE = "(none)"
+LORA_SLOTS = 3
+SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "sans-serif"]
+SYSTEM_MONO_FONTS = ["ui-monospace", "Consolas", "monospace"]
+TABLE_HEADERS = ["name", "type", "base", "method", "steps", "rank", "status"]
+MIN_CELL = 192  # grid cells are enlarged (nearest neighbour) to at least this, so 64 px models are visible
+MAX_UPLOAD_SIDE = 4096  # a small PNG may declare a vast canvas (a decompression bomb): refused by its header
+UNREADABLE_UPLOAD = "the uploaded conditioning image cannot be read as an image: upload a PNG, JPEG or WebP"
+
+
+def read_upload(path: str | None):
+    """The uploaded conditioning image in RGB, or one line for the page (gradio's own decoding of a bad
+    file ends in a generic "the app raised an exception")."""
+    if not path:
+        return None
+    from PIL import Image
+
+    from finetune.data import Example, open_rgb
+
+    try:
+        with Image.open(path) as header:
+            width, height = header.size
+    except (OSError, Image.DecompressionBombError):
+        raise FinetuneError(UNREADABLE_UPLOAD) from None
+    if width * height > MAX_UPLOAD_SIDE**2:
+        raise FinetuneError(f"the uploaded conditioning image is {width}x{height}: at most {MAX_UPLOAD_SIDE}x{MAX_UPLOAD_SIDE} pixels")
+    return open_rgb(Example(path, "", lambda: Image.open(path)))
+
+
+def resolve_base(base: str | None) -> tuple[str, str]:
+    """(base model, a note for the page): the given base, else the shipped toy-world base, else a tiny one."""
+    if base:
+        return base, ""
+    if (DEFAULT_BASE / "model_index.json").is_file():
+        return str(DEFAULT_BASE), "the shipped toy-world base model"
+    if not (FALLBACK_BASE / "model_index.json").is_file():
+        from finetune.tiny_model import make_tiny_model
+
+        make_tiny_model(FALLBACK_BASE)
+    return str(FALLBACK_BASE), (
+        f"The shipped toy-world base (`finetune/assets/toyworld-base`) is not in this checkout yet, so the demo runs on a "
+        f"**tiny random model** made with `make_tiny_model` in `{FALLBACK_BASE}`: its pictures are noise. "
+        "Start it with `--base <model>` (the base your adapters were trained on) for real pictures."
+    )
+
+
+def table_row(adapter) -> list[str]:
+    """An adapter's line in the page's table: what the trainer recorded in its file or folder."""
+    meta = adapter.metadata
+    kind = {"lora": f"LoRA ({adapter.layout})", "pipeline": "DreamBooth pipeline", "controlnet": "ControlNet"}.get(adapter.kind, adapter.kind)
+    base = meta.get("finetune.base_model", "?")
+    base = base if len(base) <= 48 else "…" + base[-47:]
+    return [adapter.name, kind, base, meta.get("finetune.method", "?"), meta.get("finetune.steps", "?"), meta.get("finetune.rank", "-"),
+            adapter.refused or "ok"]
+
+
+def labelled_grid(rows: list[list], column_labels: list[str], seeds: list[int]):
+    """`make_grid` with cells enlarged to MIN_CELL px, a header naming each column and a seed per row."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from finetune.sampling import make_grid
+
+    cell = rows[0][0].size
+    factor = max(1, -(-MIN_CELL // min(cell)))
+    big = [[image.convert("RGB").resize((cell[0] * factor, cell[1] * factor), Image.Resampling.NEAREST) for image in row] for row in rows]
+    margin = 64
+    body = make_grid(big, row_labels=[f"seed {seed}" for seed in seeds], label_width=margin)
+    grid = Image.new("RGB", (body.width, body.height + 24), "white")
+    grid.paste(body, (0, 24))
+    draw, font = ImageDraw.Draw(grid), ImageFont.load_default(size=14)
+    for c, label in enumerate(column_labels):
+        draw.text((margin + c * cell[0] * factor + 4, 4), label, fill="black", font=font)
+    return grid
+
+
+def offline_theme():
+    """gradio's default look with system fonts only: nothing to download, not even gradio's own font files."""
+    import gradio as gr
+
+    return gr.themes.Default(font=SYSTEM_FONTS, font_mono=SYSTEM_MONO_FONTS)
+
+
+def build_app(engine, note: str = "", queue_size: int = 8):
+    """The Blocks app over `engine`, with its queue configured (launch it with `launch_app`)."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    import gradio as gr
+
+    from finetune.demo_engine import BASE, CONDITIONING_KINDS, Request, parse_strengths
+
+    def choices(kind: str, first: str = NONE) -> list[str]:
+        return [first, *engine.names(kind)]
+
+    def table() -> list[list[str]]:
+        return [table_row(adapter) for adapter in engine.adapters.values()] or [["(no adapters found)", "", "", "", "", "", ""]]
+
+    def folder_note() -> str:
+        usable = sum(1 for a in engine.adapters.values() if not a.refused)
+        return f"Adapters in `{engine.adapters_dir}`: {usable} usable, {len(engine.adapters) - usable} refused."
+from gradio.events import Dependency
+
+    class ConditionUpload(gr.Image):
+        """gradio decodes an upload before the handler runs, and a file it cannot decode ends there in a
+        generic "the app raised an exception"; the handler decodes the file itself (read_upload)."""
+
+        def preprocess(self, payload):
+            try:
+                return super().preprocess(payload)
+            except Exception:
+                raise gr.Error(UNREADABLE_UPLOAD) from None
+
+    # delete_cache: rendered images gradio keeps for the browser are removed after an hour (checked every 10 minutes).
+    with gr.Blocks(title="finetune demo", analytics_enabled=False, delete_cache=(600, 3600)) as app:
+        gr.Markdown(f"# finetune demo\nBase model: `{engine.base_name}`" + (f"\n\n{note}" if note else ""), elem_id="base-note")
+        with gr.Row():
+            with gr.Column(scale=1):
+                prompt = gr.Textbox(label="prompt", value="a large red star on a blue background, center", lines=2, max_length=1000, elem_id="prompt")
+                negative = gr.Textbox(label="negative prompt", value="", max_length=1000)
+                with gr.Row():
+                    seed = gr.Number(label="seed", value=0, precision=0, minimum=0, maximum=2**31 - 1)
+                    steps = gr.Slider(1, 100, value=20, step=1, label="steps")
+                    guidance = gr.Slider(0, 20, value=5.0, step=0.5, label="guidance")
+                    size = gr.Slider(32, 1024, value=engine.base.unet.config.sample_size * 8, step=8, label="size")
+                model = gr.Dropdown([BASE, *engine.names("pipeline")], value=BASE, label="model (base or a DreamBooth pipeline)", elem_id="model")
+                slots = []
+                with gr.Accordion("LoRAs (several at once, each with its strength)", open=True):
+                    for i in range(1, LORA_SLOTS + 1):
+                        with gr.Row():
+                            slots.append(gr.Dropdown(choices("lora"), value=NONE, label=f"LoRA {i}", elem_id=f"lora-{i}", scale=3))
+                            slots.append(gr.Slider(-2, 2, value=1.0, step=0.05, label=f"strength {i}", scale=2))
+                with gr.Accordion("ControlNet", open=False):
+                    controlnet = gr.Dropdown(choices("controlnet"), value=NONE, label="ControlNet", elem_id="controlnet")
+                    condition = ConditionUpload(label="conditioning image, or a photo to make one from", type="filepath", sources=["upload"])
+                    kind = gr.Radio(list(CONDITIONING_KINDS), value="as uploaded", label="use the upload as is, or make (as finetune make-conditions)")
+                    scale = gr.Slider(0, 2, value=1.0, step=0.05, label="conditioning scale")
+                with gr.Accordion("Compare", open=True):
+                    strengths = gr.Textbox(label="adapter strengths, one column each (multiply every LoRA strength and the conditioning scale)", value="1.0", elem_id="strengths")
+                    include_base = gr.Checkbox(value=True, label="add a column with the base model alone (no adapters)")
+                    rows = gr.Slider(1, 4, value=1, step=1, label="rows (seeds seed, seed+1, ...)")
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column(scale=1):
+                gr.Markdown("**Side by side**: the same seed in every column, one row per seed.")
+                result = gr.Image(label="side by side", show_label=False, type="pil", format="png", interactive=False, elem_id="result")
+                summary = gr.Markdown(elem_id="summary", label="summary")
+                with gr.Accordion("single images", open=False):
+                    gallery = gr.Gallery(label="single images", columns=4, format="png", elem_id="singles")
+        with gr.Row():
+            found = gr.Markdown(folder_note(), label="adapters folder")
+            rescan = gr.Button("Rescan adapters", elem_id="rescan", scale=0)
+        adapters = gr.Dataframe(value=table(), headers=TABLE_HEADERS, interactive=False, wrap=True,
+                                label="adapters (metadata recorded by the trainer)", column_widths=["17%", "15%", "26%", "11%", "7%", "6%", "18%"])
+
+        def generate_images(prompt, negative_prompt, seed, steps, guidance, size, model, lora_1, strength_1, lora_2, strength_2,
+                            lora_3, strength_3, controlnet, conditioning_image, conditioning_kind, conditioning_scale, strengths,
+                            include_base, rows, progress=gr.Progress()):
+            picked = [(name, float(s)) for name, s in ((lora_1, strength_1), (lora_2, strength_2), (lora_3, strength_3)) if name and name != NONE]
+            try:
+                request = Request(
+                    prompt=str(prompt or ""), negative_prompt=str(negative_prompt or ""), seed=int(seed or 0), steps=int(steps),
+                    guidance=float(guidance), size=int(size), model=model or BASE, loras=picked,
+                    controlnet=None if controlnet in (None, "", NONE) else controlnet, conditioning_image=read_upload(conditioning_image),
+                    conditioning_kind=conditioning_kind or "as uploaded", conditioning_scale=float(conditioning_scale),
+                    strengths=parse_strengths(strengths), include_base=bool(include_base), rows=int(rows),
+                )
+                progress(0, desc="starting")
+                images, labels, seeds, text = engine.render(request, lambda done, total: progress(done / total, desc=f"denoising {done}/{total}"))
+            except FinetuneError as err:
+                raise gr.Error(str(err)) from None
+            except (RuntimeError, ValueError) as err:  # a model that cannot run this request: one line, not a traceback
+                raise gr.Error(f"generation failed: {str(err).splitlines()[0][:300]}") from None
+            captions = [(image, f"{label}, seed {seed}") for seed, row in zip(seeds, images) for label, image in zip(labels, row)]
+            return labelled_grid(images, labels, seeds), captions, text
+
+        def rescan_adapters():
+            engine.rescan()
+            lora_updates = [gr.Dropdown(choices=choices("lora")) for _ in range(LORA_SLOTS)]
+            return (folder_note(), table(), gr.Dropdown(choices=[BASE, *engine.names("pipeline")]), gr.Dropdown(choices=choices("controlnet")), *lora_updates)
+
+        inputs = [prompt, negative, seed, steps, guidance, size, model, *slots, controlnet, condition, kind, scale, strengths, include_base, rows]
+        button.click(generate_images, inputs, [result, gallery, summary], api_name="generate", show_progress="full")
+        rescan.click(rescan_adapters, None, [found, adapters, model, controlnet, *slots[::2]], api_name="rescan", queue=False)
+    app.queue(max_size=queue_size, default_concurrency_limit=1)
+    return app
+
+
+def launch_app(app, host: str = "127.0.0.1", port: int | None = None, max_upload_mb: float = 10, block: bool = True):
+    """Serve `app` locally: no share link, no SSR, uploads limited to `max_upload_mb` MB; returns the URL."""
+    from PIL import Image
+
+    from finetune.demo_engine import MAX_INPUT_PIXELS
+
+    # Decoding a small, highly compressed image can still need gigabytes: PIL refuses past twice this.
+    Image.MAX_IMAGE_PIXELS = MAX_INPUT_PIXELS
+    _, url, _ = app.launch(
+        server_name=host, server_port=port, share=False, prevent_thread_lock=not block, max_file_size=int(max_upload_mb * 1024 * 1024),
+        theme=offline_theme(), ssr_mode=False, mcp_server=False, pwa=False, show_error=False, quiet=not block, inbrowser=False,
+    )
+    return url
+
+
+def add_demo_parser(commands) -> None:
+    demo = commands.add_parser(
+        "demo",
+        help="open a browser demo to try trained adapters side by side with the base model",
+        description="Start a local Gradio page that loads a base model and lists the adapters found under a folder (LoRAs in "
+        "diffusers or kohya layout, DreamBooth pipelines, ControlNets) with their recorded metadata, and renders the same "
+        "seed with and without them in one grid. Offline; binds to 127.0.0.1.",
+        epilog="example: finetune demo --base outputs/tiny-sd --adapters outputs   then open http://127.0.0.1:7860",
+    )
+    demo.add_argument("--base", default=None, help="base model: hub id, diffusers folder or .safetensors file "
+                      "(default: the shipped toy-world base, else a tiny model in outputs/demo-base)")
+    demo.add_argument("--adapters", default="outputs", help="folder scanned for adapters (default outputs)")
+    demo.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    demo.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    demo.add_argument("--queue-size", type=int, default=8, help="requests waiting at most; more are turned away (default 8)")
+    demo.add_argument("--max-upload-mb", type=float, default=10, help="largest upload accepted, in MB (default 10)")
+
+
+def run_demo_command(args) -> int:
+    from finetune.demo_engine import DemoEngine
+
+    base, note = resolve_base(args.base)
+    engine = DemoEngine(base, Path(args.adapters), exclude=(Path(base),))
+    print(f"base model: {base}; {len(engine.adapters)} adapters under {args.adapters}")
+    launch_app(build_app(engine, note, args.queue_size), args.host, args.port, args.max_upload_mb, block=True)
+    return 0
