@@ -13,7 +13,7 @@ Three kinds, each an RGB image of the same size as its source, as ControlNet rea
 
 `make_conditions` turns a folder of images into a training folder for ``method: controlnet``: the
 images (copied), ``conditioning/<name>.png`` and a ``metadata.jsonl`` with ``file_name``,
-``conditioning_file_name`` and ``text`` (from the input's ``metadata.jsonl`` or ``.txt`` sidecars).
+``conditioning_file_name`` and ``text`` (from the input's ``metadata.jsonl``, ``metadata.csv`` or ``.txt`` sidecars).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from finetune.captions import read_metadata_captions
+from finetune.captions import read_csv_captions, read_metadata_captions
 from finetune.errors import FinetuneError
 
 KINDS = ("canny", "luminance", "mask")
@@ -175,7 +175,7 @@ def make_conditions(input_dir: str | Path, output_dir: str | Path, kind: str, **
 
     Images are copied to `output_dir` (unless it is `input_dir`), conditioning images written to
     `output_dir/conditioning/<stem>.png`, and `metadata.jsonl` lists all three columns. Captions come
-    from the input's metadata.jsonl, else a .txt beside the image; an image with neither gets "".
+    from the input's metadata.jsonl or metadata.csv, else a .txt beside the image; an image with none gets "".
     """
     from finetune.data import IMAGE_SUFFIXES, Example, open_rgb
 
@@ -187,9 +187,12 @@ def make_conditions(input_dir: str | Path, output_dir: str | Path, kind: str, **
     images = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise FinetuneError(f"input folder {source} has no images ({', '.join(IMAGE_SUFFIXES)})")
-    captions = read_metadata_captions(source / "metadata.jsonl", require_text=False)
+    jsonl, table = source / "metadata.jsonl", source / "metadata.csv"
+    same_folder = target.is_dir() and source.resolve() == target.resolve()
+    if same_folder and table.is_file():
+        raise FinetuneError(f"{table} would sit beside the metadata.jsonl this writes (a folder must have one): write to another folder")
+    captions = read_metadata_captions(jsonl, require_text=False) if jsonl.is_file() else read_csv_captions(table)
     (target / "conditioning").mkdir(parents=True, exist_ok=True)
-    same_folder = source.resolve() == target.resolve()
     rows, uncaptioned, written = [], 0, set()
     for path in images:
         conditioning_name = f"conditioning/{path.stem}.png"

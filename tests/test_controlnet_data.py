@@ -278,3 +278,17 @@ def test_make_conditions_writes_a_training_folder(make_recipe, tmp_path, capsys)
     assert capsys.readouterr().out.startswith("usage: finetune make-conditions")
     assert main(["make-conditions", str(tmp_path / "nowhere"), str(out), "--kind", "canny"]) == 2
     assert "input folder" in capsys.readouterr().err
+
+
+def test_make_conditions_reads_csv_captions_and_will_not_leave_two_caption_files(tmp_path):
+    source = write_folder(tmp_path / "photos", 2, seed=4, metadata=False)
+    for text in source.glob("*.txt"):
+        text.unlink()
+    (source / "metadata.csv").write_text("file_name,text\n0000.png,first\n0001.png,second\n", encoding="utf-8")
+    folder, count, uncaptioned = make_conditions(source, tmp_path / "out", "canny")
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert [row["text"] for row in rows] == ["first", "second"] and uncaptioned == 0
+    # In place, its metadata.jsonl would sit beside metadata.csv, which training refuses as ambiguous.
+    with pytest.raises(FinetuneError, match=r"metadata\.csv would sit beside the metadata\.jsonl this writes .*: write to another folder"):
+        make_conditions(source, source, "canny")
+    assert not (source / "metadata.jsonl").exists() and not (source / "conditioning").exists()

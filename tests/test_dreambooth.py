@@ -187,6 +187,19 @@ def test_class_images_of_another_size_are_resized_but_tiny_ones_stop_the_run(mak
         train(recipe, overwrite=True)
 
 
+def test_a_bad_class_image_of_the_user_stops_the_run_before_the_model_loads_to_generate(make_recipe, star_folder, tmp_path, monkeypatch):
+    import finetune.trainer as trainer
+
+    class_dir = tmp_path / "classes"
+    class_dir.mkdir()
+    Image.new("RGB", (10, 10), "blue").save(class_dir / "tiny.png")
+    concept = {"instance_dir": str(star_folder), "instance_prompt": "a sks shape", "class_prompt": "a shape", "class_dir": str(class_dir)}
+    recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path, dreambooth={"concepts": [concept], "num_class_images": 3})
+    monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("loaded the model (to generate 2 class images)"))
+    with pytest.raises(FinetuneError, match=r"tiny\.png is 10x10"):
+        train(recipe)
+
+
 def test_cached_encoders_give_the_same_instance_and_class_losses(make_recipe, star_folder, tmp_path, monkeypatch):
     """Instance and class images share the latent cache (keyed by content and view): same losses, fewer encodings."""
     import finetune.methods.base as base_module

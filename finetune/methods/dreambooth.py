@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset
 
-from finetune.class_images import class_image_caption, generate_class_images, generation_key, plan_class_images
+from finetune.class_images import class_image_caption, generate_class_images, generation_key, is_generated_name, plan_class_images
 from finetune.config import Concept, Recipe
 from finetune.buckets import assign_buckets
 from finetune.captions import training_caption
-from finetune.check_data import check_examples, checked_examples, data_configs
+from finetune.check_data import DataReport, check_examples, checked_examples, data_configs
 from finetune.cache import EncodingCache
 from finetune.data import Example, collate_images, item_rng, likely_new_view, render_pixels, upright_size, view_entry
 from finetune.errors import FinetuneError
@@ -102,6 +103,17 @@ def dreambooth_collate(items: list[dict]) -> dict:
     }
 
 
+@dataclass
+class ClassImagePlan:
+    """A concept's class images, planned before the model loads: which to train on, which to generate."""
+
+    folder: Path
+    key: str  # names generated images: prompts and generation settings
+    paths: list[Path]  # the user's own images first, then generated ones (existing or to be made)
+    missing: list[int]  # indices k of generated images still to make
+    own: list[Example]  # the user's images that passed the data check
+
+
 class DreamBoothMethod(DiffusionMethod):
     name = "dreambooth"
 
@@ -122,6 +134,16 @@ class DreamBoothMethod(DiffusionMethod):
         settings = self.recipe.dreambooth
         if settings.prior_preservation and settings.num_class_images < 1:
             raise FinetuneError("dreambooth.num_class_images must be at least 1 with prior preservation")
+        # Class images a user brought are checked now, before the model loads and generates the rest.
+        self.class_plans: list[ClassImagePlan] = []
+        for i, concept in enumerate(settings.concepts if settings.prior_preservation else []):
+            folder = self.class_dir(i, concept)
+            key = generation_key(concept.class_prompts, settings.class_generation, self.recipe.data.resolution)
+            paths, missing = plan_class_images(folder, key, settings.num_class_images)
+            report = self._check_class_images([p for p in paths if not is_generated_name(p)], concept, folder)
+            if report is not None:
+                self.data_reports.append(report)  # printed with the instance images' summary
+            self.class_plans.append(ClassImagePlan(folder, key, paths, missing, report.usable if report else []))
 
     def class_dir(self, index: int, concept: Concept) -> Path:
         return Path(concept.class_dir) if concept.class_dir else Path(self.recipe.output_dir) / "class_images" / f"concept-{index}"
@@ -129,36 +151,35 @@ class DreamBoothMethod(DiffusionMethod):
     def training_data(self, accelerator):
         settings = self.recipe.dreambooth
         class_examples: list[list[Example]] = []
-        if settings.prior_preservation:
-            for i, concept in enumerate(settings.concepts):
-                class_examples.append(self._class_images(i, concept, accelerator))
+        for concept, plan in zip(settings.concepts, self.class_plans):
+            class_examples.append(self._class_images(concept, plan, accelerator))
         self.training_dataset = DreamBoothDataset(self.instances, class_examples, self.recipe, self.item_latent_cache())
         return self.training_dataset, dreambooth_collate
 
-    def _class_images(self, index: int, concept: Concept, accelerator) -> list[Example]:
+    def _check_class_images(self, paths: list[Path], concept: Concept, folder: Path) -> DataReport | None:
+        """Class images may have any size: they are resized and cropped like instance images; only
+        unreadable or too-small ones stop the run (or are skipped with data.skip_bad_images)."""
+        if not paths:
+            return None
+        examples = [Example(str(p), class_image_caption(p, concept.class_prompts), lambda p=p: Image.open(p)) for p in paths]
+        return check_examples(examples, self.recipe.data, f"class images {folder}")
+
+    def _class_images(self, concept: Concept, plan: "ClassImagePlan", accelerator) -> list[Example]:
         settings = self.recipe.dreambooth
-        folder = self.class_dir(index, concept)
-        prompts = concept.class_prompts
-        key = generation_key(prompts, settings.class_generation, self.recipe.data.resolution)
-        paths, missing = plan_class_images(folder, key, settings.num_class_images)
-        if missing:
-            accelerator.print(f"generating {len(missing)} class images ({len(prompts)} prompts) in {folder}")
+        if plan.missing:
+            prompts = concept.class_prompts
+            accelerator.print(f"generating {len(plan.missing)} class images ({len(prompts)} prompts) in {plan.folder}")
             pipeline = build_pipeline(self.base)
             self.base.unet.eval()
             with torch.random.fork_rng(devices=[]):
                 generate_class_images(
-                    pipeline, prompts, folder, key, missing, settings.class_generation,
+                    pipeline, prompts, plan.folder, plan.key, plan.missing, settings.class_generation,
                     self.recipe.data.resolution, accelerator.process_index, accelerator.num_processes,
                 )
             self.base.unet.train()
         accelerator.wait_for_everyone()
-        examples = [Example(str(p), class_image_caption(p, prompts), lambda p=p: Image.open(p)) for p in paths]
-        # Class images a user brought may have any size: they are resized and cropped like instance
-        # images; only unreadable or too-small ones stop the run (or are skipped with data.skip_bad_images).
-        report = check_examples(examples, self.recipe.data, f"class images {folder}")
-        for finding in report.skipped:
-            accelerator.print(f"skipped: {finding.message}")
-        return report.usable
+        generated = self._check_class_images([p for p in plan.paths if is_generated_name(p)], concept, plan.folder)
+        return plan.own + (generated.usable if generated else [])
 
     # -- model: everything but the loss split is the adapter's ------------------------------------
 
