@@ -157,3 +157,8 @@ def _load_single_file(config: ModelConfig) -> StableDiffusionPipeline:
             f"could not read base model file {config.pretrained}: {str(err).splitlines()[0]} "
             "(offline, set model.single_file_config to a local diffusers folder with the matching configs)"
         ) from None
+    except ValueError as err:  # a config folder that is not there, or describes another architecture
+        raise FinetuneError(
+            f"could not load base model file {config.pretrained} with model.single_file_config {config.single_file_config}: "
+            f"{str(err).splitlines()[0][:300]}"
+        ) from None

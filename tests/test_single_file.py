@@ -5,12 +5,15 @@ layers, 4 VAE blocks of 2 layers) whose diffusers weights are renamed to the ori
 layout, then loads it with `model.single_file_config` pointing at the matching diffusers configs.
 """
 
+import pytest
 import torch
+from conftest import REPO
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from finetune.config import ModelConfig
+from finetune.errors import FinetuneError
 from finetune.models import load_base_model
 from finetune.tiny_model import DEFAULT_WORDS, sd15_scheduler_config
 from finetune.tokenizer import make_clip_tokenizer
@@ -124,3 +127,8 @@ def test_single_safetensors_file_loads_offline_with_local_configs(tmp_path):
     with torch.no_grad():
         assert torch.equal(base.text_encoder(ids)[0], pipeline.text_encoder(ids)[0])
     assert not base.vae.training and not any(p.requires_grad for p in base.text_encoder.parameters())
+
+    # A config folder that is not there, or describes another architecture: one line, not a traceback.
+    for config in (tmp_path / "confgs", REPO / "finetune" / "assets" / "toyworld-base"):
+        with pytest.raises(FinetuneError, match=rf"^could not load base model file .*model\.safetensors with model.single_file_config {config}: "):
+            load_base_model(ModelConfig(pretrained=str(path), single_file_config=str(config)))
