@@ -124,6 +124,19 @@ def clear_earlier_run(output_dir: Path) -> None:
         shutil.rmtree(output_dir / name, ignore_errors=True)
 
 
+# Settings a resumed run may change without a word: how long it runs, where and how often it reports.
+RESUMABLE_CHANGES = ("train.max_steps", "output_dir", "checkpoint.", "validation.", "logging.")
+
+
+def changed_settings(saved: dict | None, current: dict) -> list[str]:
+    """'key old -> new' for each setting (flattened recipe) that differs from the checkpoint's recipe."""
+    if saved is None:  # a checkpoint from before the recipe was stored
+        return []
+    keys = sorted(set(saved) | set(current))
+    return [f"{key} {saved.get(key)} -> {current.get(key)}" for key in keys
+            if saved.get(key) != current.get(key) and not key.startswith(RESUMABLE_CHANGES)]  # fmt: skip
+
+
 def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, state: dict, keep_last: int, **save_options) -> Path:
     """Collective: every process calls it. Returns the final folder. `save_options` go to accelerate's save_state."""
     final = checkpoints_dir / f"checkpoint-{step}"

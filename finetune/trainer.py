@@ -152,8 +152,12 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
 
     step = 0
     if resume_from is not None:
-        step = ckpt.load_checkpoint(accelerator, resume_from, **load_options)["step"]
+        state = ckpt.load_checkpoint(accelerator, resume_from, **load_options)
+        step = state["step"]
         accelerator.print(f"resumed from {resume_from} at step {step}")
+        changed = ckpt.changed_settings(state.get("recipe"), _flat_hparams(recipe))
+        if changed:
+            accelerator.print(f"warning: settings changed since {resume_from.name}: {', '.join(changed)}")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         dump_recipe(recipe, output_dir / "recipe.yaml")
@@ -181,7 +185,8 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
 
     def save_checkpoint() -> None:
         ckpt.save_checkpoint(
-            accelerator, checkpoints_dir, step, {"recipe_hash": recipe.fingerprint()}, recipe.checkpoint.keep_last, **save_options
+            accelerator, checkpoints_dir, step, {"recipe_hash": recipe.fingerprint(), "recipe": _flat_hparams(recipe)},
+            recipe.checkpoint.keep_last, **save_options
         )
 
     if step == 0 and recipe.validation.at_start:

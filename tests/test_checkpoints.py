@@ -47,6 +47,14 @@ def test_a_new_run_does_not_mix_with_an_earlier_one_in_its_output_dir(make_recip
     assert resumed.final_step == 3 and len(resumed.losses) == 1
 
 
+def test_resuming_names_the_settings_changed_since_the_checkpoint(make_recipe, capsys):
+    train(make_recipe(train__max_steps=2))
+    capsys.readouterr()
+    train(make_recipe(train__max_steps=3, lora__alpha=8, optimizer__lr=5e-4), resume="latest")  # alpha: 4x the strength so far
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: settings changed")]
+    assert lines == ["warning: settings changed since checkpoint-2: lora.alpha 2.0 -> 8.0, optimizer.lr 0.001 -> 0.0005"]
+
+
 def test_resuming_with_another_lora_rank_is_one_line(make_recipe):
     train(make_recipe(train__max_steps=2))
     with pytest.raises(FinetuneError, match=r"checkpoint-2 holds .*lora.* of shape \(4, .*\), this recipe's is \(8, .*\) \(another lora.rank\?\)"):
