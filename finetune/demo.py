@@ -47,6 +47,25 @@ def check_upload(path: str) -> None:
         raise FinetuneError(f"{too_large} ({width}x{height})")
 
 
+def checked_preprocess(preprocess):
+    """gradio decodes an upload before the handler runs, and a file it cannot decode (or a vast canvas)
+    ends there in a generic "the app raised an exception": checked first, with a readable message.
+    (Wrapped on the instance: gradio writes a .pyi stub beside any module that subclasses a component.)"""
+    import gradio as gr
+
+    def checked(payload):
+        try:
+            if payload is not None:
+                check_upload(payload.path)
+            return preprocess(payload)
+        except FinetuneError as err:
+            raise gr.Error(str(err)) from None
+        except Exception:
+            raise gr.Error(UNREADABLE_UPLOAD) from None
+
+    return checked
+
+
 def read_upload(path: str | None):
     """The uploaded conditioning image in RGB (None: no upload)."""
     if not path:
@@ -129,20 +148,6 @@ def build_app(engine, note: str = "", queue_size: int = 8):
         usable = sum(1 for a in engine.adapters.values() if not a.refused)
         return f"Adapters in `{engine.adapters_dir}`: {usable} usable, {len(engine.adapters) - usable} refused."
 
-    class ConditionUpload(gr.Image):
-        """gradio decodes an upload before the handler runs, and a file it cannot decode (or a vast canvas)
-        ends there in a generic "the app raised an exception": checked first, with a readable message."""
-
-        def preprocess(self, payload):
-            try:
-                if payload is not None:
-                    check_upload(payload.path)
-                return super().preprocess(payload)
-            except FinetuneError as err:
-                raise gr.Error(str(err)) from None
-            except Exception:
-                raise gr.Error(UNREADABLE_UPLOAD) from None
-
     # delete_cache: rendered images gradio keeps for the browser are removed after an hour (checked every 10 minutes).
     with gr.Blocks(title="finetune demo", analytics_enabled=False, delete_cache=(600, 3600)) as app:
         gr.Markdown(f"# finetune demo\nBase model: `{engine.base_name}`" + (f"\n\n{note}" if note else ""), elem_id="base-note")
@@ -164,7 +169,8 @@ def build_app(engine, note: str = "", queue_size: int = 8):
                             slots.append(gr.Slider(-2, 2, value=1.0, step=0.05, label=f"strength {i}", scale=2))
                 with gr.Accordion("ControlNet", open=False):
                     controlnet = gr.Dropdown(choices("controlnet"), value=NONE, label="ControlNet", elem_id="controlnet")
-                    condition = ConditionUpload(label="conditioning image, or a photo to make one from", type="filepath", sources=["upload"])
+                    condition = gr.Image(label="conditioning image, or a photo to make one from", type="filepath", sources=["upload"])
+                    condition.preprocess = checked_preprocess(condition.preprocess)
                     kind = gr.Radio(list(CONDITIONING_KINDS), value="as uploaded", label="use the upload as is, or make (as finetune make-conditions)")
                     scale = gr.Slider(0, 2, value=1.0, step=0.05, label="conditioning scale")
                 with gr.Accordion("Compare", open=True):
