@@ -164,7 +164,7 @@ class DreamBoothMethod(DiffusionMethod):
         examples = [Example(str(p), class_image_caption(p, concept.class_prompts), lambda p=p: Image.open(p)) for p in paths]
         return check_examples(examples, self.recipe.data, f"class images {folder}")
 
-    def _class_images(self, concept: Concept, plan: "ClassImagePlan", accelerator) -> list[Example]:
+    def _class_images(self, concept: Concept, plan: ClassImagePlan, accelerator) -> list[Example]:
         settings = self.recipe.dreambooth
         if plan.missing:
             prompts = concept.class_prompts
