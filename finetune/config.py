@@ -145,6 +145,8 @@ class DataConfig(Section):
                 raise ValueError(f"data.bucketing.max_side ({buckets.max_side}) must be at least data.resolution ({self.resolution})")
         if self.folders and self.image_dir is None:
             raise ValueError("data.folders are subfolders of data.image_dir: set data.image_dir (a dataset has no folders)")
+        if self.keep_tokens and not self.shuffle_tags:
+            raise ValueError("data.keep_tokens keeps the first tags in place while data.shuffle_tags shuffles the rest: set data.shuffle_tags: true")
         return self
 
 

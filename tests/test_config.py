@@ -131,6 +131,7 @@ def test_override_indexes_lists():
         ("optimizer.warmup_steps=50", r"optimizer.warmup_steps \(50\) must be below train.max_steps \(10\): the learning rate would never reach"),
         ("data.caption_dropout=1.5", r"^key 'data.caption_dropout': must be between 0 and 1 \(got 1.5\)$"),
         ("data.folders=[{path: a, repeats: 0}]", r"^key 'data.folders.0.repeats': must be at least 1"),
+        ("data.keep_tokens=2", r"^key 'data': data.keep_tokens keeps the first tags in place while data.shuffle_tags shuffles the rest: set data.shuffle_tags: true"),
     ],
 )
 def test_values_that_cannot_train_are_one_line_errors_naming_the_key(override, message, tmp_path):
