@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -182,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@functools.cache  # once per process: main() may run many times in one (tests, notebooks)
 def quiet_third_party_warnings() -> None:
     """Warnings libraries print on every run that say nothing about the user's run."""
 

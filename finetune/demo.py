@@ -67,14 +67,13 @@ def checked_preprocess(preprocess):
 
 
 def read_upload(path: str | None):
-    """The uploaded conditioning image in RGB (None: no upload)."""
+    """The uploaded conditioning image in RGB (None: no upload); checked_preprocess has checked it."""
     if not path:
         return None
     from PIL import Image
 
     from finetune.data import Example, open_rgb
 
-    check_upload(path)
     return open_rgb(Example(path, "", lambda: Image.open(path)))
 
 
