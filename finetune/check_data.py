@@ -5,7 +5,8 @@ Every image is decoded once. Findings come in three levels:
 - fatal: training would stop (unreadable or truncated file, image too small, no caption). Training
   stops on the first one with a one-line error naming the file, unless `data.skip_bad_images` is
   set: then such images are left out and listed.
-- warning: training runs, but the data may not be what you meant (upscaled images, duplicates).
+- warning: training runs, but the data may not be what you meant (upscaled images, duplicates, a
+  metadata row naming a file that is not there).
 - converted: handled on the fly (EXIF rotation, CMYK, 16-bit, transparency, palette): said so that
   nothing happens unseen.
 
@@ -23,7 +24,16 @@ from pydantic import ValidationError
 from finetune.buckets import Size, assign_buckets, bucket_counts_line
 from finetune.captions import missing_caption_message
 from finetune.config import DataConfig, Recipe, describe_validation_error, load_recipe
-from finetune.data import Example, decode, expand_repeats, has_alpha, is_16_bit, read_examples, upright_rgb
+from finetune.data import (
+    Example,
+    decode,
+    expand_repeats,
+    has_alpha,
+    is_16_bit,
+    metadata_rows_without_images,
+    read_examples,
+    upright_rgb,
+)
 from finetune.errors import FinetuneError
 
 FATAL, WARNING, CONVERTED = "fatal", "warning", "converted"
@@ -151,6 +161,10 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
             others = ", ".join(sources[1:6]) + (f" and {len(sources) - 6} more" if len(sources) > 6 else "")
             message = f"image {sources[0]} has the same pixels as {others}: each copy trains as its own image (remove copies, or use data.folders repeats)"
             report.findings.append(Finding(WARNING, sources[0], message))
+    for metadata, names in metadata_rows_without_images(config):
+        listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        message = f"{metadata} names {len(names)} file(s) that are not images in its folder ({listed}): their captions are unused; fix file_name"
+        report.findings.append(Finding(WARNING, str(metadata), message))
     if config.skip_bad_images:
         skip_fatal(report)
     return report

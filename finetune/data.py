@@ -88,11 +88,32 @@ def _folder_examples(config: DataConfig) -> list[Example]:
         key = config._image_dir_key if not config.folders else f"data.folders path '{settings.path}'"
         if not folder.is_dir():
             raise FinetuneError(f"data folder {folder} not found: check {key}")
-        images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        images = folder_images(folder)
         if not images:
             raise FinetuneError(f"data folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}): add some or fix {key}")
         examples += _images_of_folder(folder, images, settings, config.caption)
     return examples
+
+
+def folder_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def metadata_rows_without_images(config: DataConfig) -> list[tuple[Path, list[str]]]:
+    """(metadata file, the file names it lists that are no image in its folder) for each folder with such
+    rows: a typo or a renamed file, whose caption then trains nothing."""
+    if not config.image_dir or config.caption is not None:
+        return []
+    unmatched = []
+    for settings in config.folders or [FolderConfig(path=".")]:
+        folder = Path(config.image_dir) / settings.path
+        if not template_needs_caption(settings.template) or not folder.is_dir():
+            continue
+        named = set(folder_captions(folder)) - {path.name for path in folder_images(folder)}
+        if named:
+            metadata = folder / ("metadata.jsonl" if (folder / "metadata.jsonl").is_file() else "metadata.csv")
+            unmatched.append((metadata, sorted(named)))
+    return unmatched
 
 
 def _images_of_folder(folder: Path, images: list[Path], settings: FolderConfig, fixed_caption: str | None) -> list[Example]:
