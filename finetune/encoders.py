@@ -12,6 +12,23 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
     return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
 
 
+def long_captions_line(tokenizer: CLIPTokenizer, captions: dict[str, str]) -> str | None:
+    """A warning for the captions ({source: caption}) the tokenizer cuts, naming the longest; None if none.
+
+    Said once at the start, not per batch: the text encoder reads 77 tokens (75 words and marks after the
+    start and end tokens), and what is past them does not train, however much care went into it."""
+    unique = sorted(set(captions.values()))
+    lengths = dict(zip(unique, map(len, tokenizer(unique, truncation=False, verbose=False)["input_ids"]))) if unique else {}
+    cut = {source: lengths[caption] for source, caption in captions.items() if lengths[caption] > tokenizer.model_max_length}
+    if not cut:
+        return None
+    longest = max(cut, key=cut.get)
+    return (
+        f"{len(cut)} of {len(captions)} captions are longer than the text encoder's {tokenizer.model_max_length} tokens and are cut there "
+        f"(the longest: {longest}, {cut[longest]} tokens): the words past the cut do not train; shorten those captions"
+    )
+
+
 def text_hidden_states(tokenizer: CLIPTokenizer, text_encoder: torch.nn.Module, prompts: list[str], device: torch.device) -> torch.Tensor:
     """The last hidden states, which the UNet cross-attends to (with gradients, for a trained encoder)."""
     return text_encoder(tokenize(tokenizer, prompts).to(device))[0]

@@ -24,6 +24,7 @@ from finetune.config import Recipe, dump_recipe
 from finetune.data import make_batch_sampler
 from finetune.diffusion import BatchRandomness
 from finetune.distributed import accelerator_options, autocast, checkpoint_options, configure_deepspeed, full_parameters, gpu_available, unsharded_loading, unwrap, uses_deepspeed, zero_stage
+from finetune.encoders import long_captions_line
 from finetune.errors import FinetuneError
 from finetune.methods import METHODS
 from finetune.models import load_base_model, resolve_model_folder
@@ -128,6 +129,9 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
 
     with unsharded_loading(accelerator):
         base = load_base_model(recipe.model, weight_dtype)
+    cut_captions = long_captions_line(base.tokenizer, {e.source: e.caption for report in method.data_reports for e in report.usable})
+    if cut_captions:
+        accelerator.print(f"warning: {cut_captions}")
     base.vae.to(accelerator.device)
     base.text_encoder.to(accelerator.device)
     method.setup(base, weight_dtype)

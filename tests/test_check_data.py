@@ -239,3 +239,15 @@ def test_a_metadata_row_naming_no_image_is_a_warning_that_names_it(tmp_path, cap
     assert code == 0 and f"warning: {warning.message}" in capsys.readouterr().out
     (folder / "metadata.jsonl").write_text(json.dumps(rows[0]) + "\n")  # every row matched: nothing to say
     assert inspect_examples(read_examples(config), config, "photos").of_level(WARNING) == []
+
+
+def test_training_warns_once_about_captions_the_text_encoder_cuts(make_recipe, image_folder, tmp_path, capsys):
+    folder = tmp_path / "data"
+    shutil.copytree(image_folder, folder)
+    (folder / "metadata.jsonl").unlink()  # the .txt sidecars caption the images
+    sidecars = sorted(folder.glob("*.txt"))
+    sidecars[0].write_text("a red circle, " * 30)  # about 120 tokens
+    train(make_recipe(data__image_dir=str(folder), train__max_steps=1))
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "longer than the text encoder's 77 tokens" in line]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"warning: 1 of 4 captions are longer than the text encoder's 77 tokens and are cut there (the longest: {sidecars[0].with_suffix('.png')}, ")
