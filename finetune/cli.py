@@ -28,6 +28,16 @@ EXAMPLES = """examples:
 """
 
 
+def add_base_options(parser: argparse.ArgumentParser, required: bool = True, default: str = "") -> None:
+    """--base and --base-config, as sample, merge, eval and demo take them (training: model.pretrained and
+    model.single_file_config)."""
+    parser.add_argument("--base", required=required, help="base model: hub id, diffusers folder or .safetensors file" + default)
+    parser.add_argument(
+        "--base-config",
+        help="for a .safetensors/.ckpt base: a diffusers folder or hub id with the configs that describe it (needed offline)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="finetune",
@@ -58,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: finetune sample --base finetune/assets/toyworld-base --controlnet outputs/controlnet "
         '--condition mask.png --prompt "a small red circle on a blue background, top left"',
     )
-    sample.add_argument("--base", required=True, help="base model: hub id, diffusers folder or .safetensors file")
+    add_base_options(sample)
     sample.add_argument("--lora", help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
     sample.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
     sample.add_argument("--controlnet", help="ControlNet folder (config.json + weights), or a controlnet training output folder")
@@ -134,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: finetune merge --base stable-diffusion-v1-5/stable-diffusion-v1-5 --lora outputs/lora --strength 0.8 outputs/merged",
     )
     merge.add_argument("output_dir", help="folder for the merged pipeline")
-    merge.add_argument("--base", required=True, help="base model: hub id, diffusers folder or .safetensors file")
+    add_base_options(merge)
     merge.add_argument("--lora", required=True, help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
     merge.add_argument("--strength", type=float, default=1.0, help="LoRA strength, as --lora-scale in sampling (default 1.0)")
 
@@ -239,6 +249,7 @@ def _sample(args) -> int:
 
     written = sample_to_folder(
         base=args.base,
+        base_config=args.base_config,
         lora=args.lora,
         lora_scale=args.lora_scale,
         prompts=args.prompt,
@@ -300,7 +311,7 @@ def _export(args) -> int:
 def _merge(args) -> int:
     from finetune.merge import merge_lora
 
-    print(f"wrote {merge_lora(args.base, args.lora, args.strength, Path(args.output_dir))}")
+    print(f"wrote {merge_lora(args.base, args.lora, args.strength, Path(args.output_dir), base_config=args.base_config)}")
     return 0
 
 

@@ -33,13 +33,15 @@ class ModelConfig(Section):
     single_file_config: Optional[str] = None
     # None keeps the scheduler's own prediction type (epsilon for SD1.5, v_prediction for SD2.x-768).
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None
-    # Not a recipe key: what set `pretrained`, for messages (a command's --base option).
+    # Not recipe keys: what set `pretrained` and `single_file_config`, for messages (a command's options).
     _key: str = PrivateAttr("model.pretrained")
+    _single_file_config_key: str = PrivateAttr("model.single_file_config")
 
     @classmethod
-    def from_option(cls, pretrained: str, option: str = "--base") -> "ModelConfig":
-        config = cls(pretrained=pretrained)
-        config._key = option
+    def from_option(cls, pretrained: str, single_file_config: str | None = None) -> "ModelConfig":
+        """The base model of a command's --base (and --base-config) options."""
+        config = cls(pretrained=pretrained, single_file_config=single_file_config)
+        config._key, config._single_file_config_key = "--base", "--base-config"
         return config
 
 

@@ -238,6 +238,8 @@ def launch_app(app, host: str = "127.0.0.1", port: int | None = None, max_upload
 
 
 def add_demo_parser(commands) -> None:
+    from finetune.cli import add_base_options
+
     demo = commands.add_parser(
         "demo",
         help="open a browser demo to try trained adapters side by side with the base model",
@@ -246,8 +248,7 @@ def add_demo_parser(commands) -> None:
         "seed with and without them in one grid. Offline; binds to 127.0.0.1.",
         epilog="example: finetune demo --base outputs/tiny-sd --adapters outputs   then open http://127.0.0.1:7860",
     )
-    demo.add_argument("--base", default=None, help="base model: hub id, diffusers folder or .safetensors file "
-                      "(default: the shipped toy-world base, else a tiny model in outputs/demo-base)")
+    add_base_options(demo, required=False, default=" (default: the shipped toy-world base, else a tiny model in outputs/demo-base)")
     demo.add_argument("--adapters", default="outputs", help="folder scanned for adapters (default outputs)")
     demo.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     demo.add_argument("--port", type=int, default=7860, help="port (default 7860)")
@@ -259,7 +260,7 @@ def run_demo_command(args) -> int:
     from finetune.demo_engine import DemoEngine
 
     base, note = resolve_base(args.base)
-    engine = DemoEngine(base, Path(args.adapters), exclude=(Path(base),))
+    engine = DemoEngine(base, Path(args.adapters), exclude=(Path(base),), base_config=args.base_config)
     print(f"base model: {base}; {len(engine.adapters)} adapters under {args.adapters}")
     launch_app(build_app(engine, note, args.queue_size), args.host, args.port, args.max_upload_mb, block=True)
     return 0

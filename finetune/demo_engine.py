@@ -199,11 +199,11 @@ def parse_strengths(text: str) -> list[float]:
 class DemoEngine:
     """Holds the base model and the last scan; renders `Request`s (one at a time, under a lock)."""
 
-    def __init__(self, base: str, adapters_dir: Path, exclude: tuple[Path, ...] = ()):
+    def __init__(self, base: str, adapters_dir: Path, exclude: tuple[Path, ...] = (), base_config: str | None = None):
         if Path(base).suffix in PICKLE_SUFFIXES:
             raise FinetuneError(f"base model {base} is a pickle checkpoint: only .safetensors files and diffusers folders are loaded")
         self.base_name, self.adapters_dir, self.exclude = base, Path(adapters_dir), exclude
-        self.base = _frozen(load_base_model(ModelConfig.from_option(base)))
+        self.base = _frozen(load_base_model(ModelConfig.from_option(base, base_config)))
         self.lock = threading.Lock()
         self._cache: dict[tuple, object] = {}
         self.adapters: dict[str, Adapter] = {}

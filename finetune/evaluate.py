@@ -176,6 +176,7 @@ def run_eval(
     controlnet: str | None = None,
     conditioning_scale: float | None = None,
     out: str | Path | None = None,
+    base_config: str | None = None,
 ) -> dict:
     """Generate with ``base`` (+ ``lora``, + ``controlnet``) for each suite and score the images.
 
@@ -198,7 +199,7 @@ def run_eval(
     options = dict(n=num_prompts, images_per_prompt=images_per_prompt, identifier=identifier, subject=subject,
                    class_word=class_word, controlnet=controlnet is not None)  # fmt: skip
     suites = _validate(suites or (CONTROL_SUITES if controlnet else DEFAULT_SUITES), options)  # before the (slow) model load
-    pipeline = load_sampling_pipeline(base, lora, lora_scale, controlnet)
+    pipeline = load_sampling_pipeline(base, lora, lora_scale, controlnet, base_config=base_config)
     pipeline.unet.eval()
     if torch.cuda.is_available():
         pipeline.to("cuda")
@@ -294,6 +295,8 @@ control_iou, placement_iou: higher is better, compare with their chance levels a
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``eval`` on the ``finetune`` subcommand parsers (``parser.add_subparsers()``)."""
+    from finetune.cli import add_base_options
+
     p = subparsers.add_parser(
         "eval",
         help="score a base model (+ LoRA or ControlNet) on the toy world: adherence, FID, subject, drift, style, control",
@@ -302,7 +305,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         epilog=EVAL_EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--base", required=True, help="base model: hub id, diffusers folder or .safetensors file")
+    add_base_options(p)
     p.add_argument("--lora", help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
     p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
     p.add_argument("--controlnet", help="ControlNet folder, or a controlnet training output folder (runs the control suite)")
@@ -343,7 +346,7 @@ def run_eval_command(args) -> int:
     result = run_eval(
         args.base, args.lora, args.lora_scale, args.suite, args.num_prompts, args.images_per_prompt,
         args.steps, args.guidance, args.seed, args.identifier, args.subject, args.class_word,
-        controlnet=args.controlnet, conditioning_scale=args.conditioning_scale, out=out,
+        controlnet=args.controlnet, conditioning_scale=args.conditioning_scale, out=out, base_config=args.base_config,
     )  # fmt: skip
     print_table(result)
     print(f"wrote {out}")

@@ -135,9 +135,12 @@ def check_control_options(controlnet: str | None, condition: str | None, conditi
 # Sampling
 
 
-def load_sampling_pipeline(base: str, lora: str | None = None, lora_scale: float = 1.0, controlnet: str | None = None):
-    """StableDiffusionPipeline over the base (+ LoRA); StableDiffusionControlNetPipeline with `controlnet`."""
-    base_model = load_base_model(ModelConfig.from_option(base))
+def load_sampling_pipeline(
+    base: str, lora: str | None = None, lora_scale: float = 1.0, controlnet: str | None = None, base_config: str | None = None
+):
+    """StableDiffusionPipeline over the base (+ LoRA); StableDiffusionControlNetPipeline with `controlnet`.
+    `base_config` describes a single-file base (as --base-config)."""
+    base_model = load_base_model(ModelConfig.from_option(base, base_config))
     if controlnet is None:
         pipeline = build_pipeline(base_model)
     else:
@@ -167,6 +170,7 @@ def sample_to_folder(
     controlnet: str | None = None,
     condition: str | None = None,
     conditioning_scale: float | None = None,
+    base_config: str | None = None,
 ) -> list[Path]:
     """Write prompt-P_seed-S.png for each image, then grid.png (rows = prompts); return all paths, grid last.
 
@@ -174,7 +178,7 @@ def sample_to_folder(
     1.0) and each grid row starts with it.
     """
     check_control_options(controlnet, condition, conditioning_scale)
-    pipeline = load_sampling_pipeline(base, lora, lora_scale, controlnet)
+    pipeline = load_sampling_pipeline(base, lora, lora_scale, controlnet, base_config)
     resolution = resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     if resolution % 8:
         raise FinetuneError(f"--resolution {resolution} must be a multiple of 8")

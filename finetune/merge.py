@@ -48,13 +48,14 @@ def find_module(model: torch.nn.Module, path: str, part: str) -> torch.nn.Module
     raise FinetuneError(f"LoRA layer {part}.{path} is not in the base model: the LoRA was trained on another architecture")
 
 
-def merge_lora(base: str, lora_path: str, strength: float, output_dir: Path) -> Path:
-    """Load `base`, fold in the LoRA at `strength`, save a full pipeline with a short model card."""
+def merge_lora(base: str, lora_path: str, strength: float, output_dir: Path, base_config: str | None = None) -> Path:
+    """Load `base` (described by `base_config` when it is a single file), fold in the LoRA at `strength`,
+    save a full pipeline with a short model card."""
     from finetune.inference import resolve_lora_file
 
     lora_file = resolve_lora_file(lora_path)
     lora = load_lora(lora_file)
-    model = load_base_model(ModelConfig.from_option(base))
+    model = load_base_model(ModelConfig.from_option(base, base_config))
     merge_into({"unet": model.unet, "text_encoder": model.text_encoder}, lora, strength)
     output_dir = save_pipeline(model, Path(output_dir))
     _write_card(output_dir, base, lora_file, lora, strength)

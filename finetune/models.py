@@ -67,6 +67,10 @@ def resolve_model_folder(config: ModelConfig) -> Path | None:
         if not path.is_file():
             raise FinetuneError(f"base model file {name} not found: check {config._key}")
         return None
+    if config.single_file_config:
+        raise FinetuneError(
+            f"{config._single_file_config_key} describes a single .safetensors/.ckpt base, but {name} is not one: leave it out"
+        )
     if path.is_dir():
         if not (path / "model_index.json").is_file() and not (path / "unet" / "config.json").is_file():
             raise FinetuneError(
@@ -150,15 +154,16 @@ def _load_single_file(config: ModelConfig) -> StableDiffusionPipeline:
     kwargs = {}
     if config.single_file_config:
         kwargs["config"] = config.single_file_config
+    config_key = config._single_file_config_key
     try:
         return StableDiffusionPipeline.from_single_file(config.pretrained, **kwargs)
     except OSError as err:
         raise FinetuneError(
             f"could not read base model file {config.pretrained}: {str(err).splitlines()[0]} "
-            "(offline, set model.single_file_config to a local diffusers folder with the matching configs)"
+            f"(offline, set {config_key} to a local diffusers folder with the matching configs)"
         ) from None
     except ValueError as err:  # a config folder that is not there, or describes another architecture
         raise FinetuneError(
-            f"could not load base model file {config.pretrained} with model.single_file_config {config.single_file_config}: "
+            f"could not load base model file {config.pretrained} with {config_key} {config.single_file_config}: "
             f"{str(err).splitlines()[0][:300]}"
         ) from None

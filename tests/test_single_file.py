@@ -5,6 +5,9 @@ layers, 4 VAE blocks of 2 layers) whose diffusers weights are renamed to the ori
 layout, then loads it with `model.single_file_config` pointing at the matching diffusers configs.
 """
 
+import copy
+from types import SimpleNamespace
+
 import pytest
 import torch
 from conftest import REPO
@@ -12,8 +15,11 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from finetune.cli import main
 from finetune.config import ModelConfig
+from finetune.demo_engine import DemoEngine
 from finetune.errors import FinetuneError
+from finetune.methods.lora import add_lora, save_lora
 from finetune.models import load_base_model
 from finetune.tiny_model import DEFAULT_WORDS, sd15_scheduler_config
 from finetune.tokenizer import make_clip_tokenizer
@@ -103,7 +109,9 @@ def to_ldm_vae(state: dict) -> dict:
     return out
 
 
-def test_single_safetensors_file_loads_offline_with_local_configs(tmp_path):
+@pytest.fixture
+def single_file(tmp_path):
+    """(the .safetensors file, a diffusers folder with its configs, the pipeline it was written from)."""
     pipeline = sd15_shaped_pipeline(tmp_path)
     configs = tmp_path / "configs"
     pipeline.save_pretrained(configs)
@@ -116,7 +124,11 @@ def test_single_safetensors_file_loads_offline_with_local_configs(tmp_path):
     }
     path = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in checkpoint.items()}, str(path))
+    return path, configs, pipeline
 
+
+def test_single_safetensors_file_loads_offline_with_local_configs(single_file, tmp_path):
+    path, configs, pipeline = single_file
     base = load_base_model(ModelConfig(pretrained=str(path), single_file_config=str(configs)))
     for part in ("unet", "vae"):
         loaded, original = getattr(base, part).state_dict(), getattr(pipeline, part).state_dict()
@@ -132,3 +144,37 @@ def test_single_safetensors_file_loads_offline_with_local_configs(tmp_path):
     for config in (tmp_path / "confgs", REPO / "finetune" / "assets" / "toyworld-base"):
         with pytest.raises(FinetuneError, match=rf"^could not load base model file .*model\.safetensors with model.single_file_config {config}: "):
             load_base_model(ModelConfig(pretrained=str(path), single_file_config=str(config)))
+
+
+def test_sample_merge_and_demo_take_a_single_file_base_with_base_config(single_file, tmp_path, capsys):
+    path, configs, pipeline = single_file
+    # A LoRA of this architecture, with B made non-zero as training would.
+    unet = copy.deepcopy(pipeline.unet)
+    add_lora(unet, ["to_q", "to_k", "to_v", "to_out.0"], torch.float32, SimpleNamespace(rank=4, alpha=2.0, dropout=0.0))
+    generator = torch.Generator().manual_seed(0)
+    for name, parameter in unet.named_parameters():
+        if "lora_B" in name:
+            parameter.data = torch.randn(parameter.shape, generator=generator) * 0.1
+    lora = save_lora({"unet": unet}, tmp_path / "lora.safetensors", {})
+
+    # Offline, a single file needs its configs: the error names the option that gives them.
+    assert main(["sample", "--base", str(path), "--prompt", "a red circle", "--out", str(tmp_path / "x")]) == 2
+    assert "set --base-config to a local diffusers folder" in capsys.readouterr().err
+    assert main(["sample", "--base", str(configs), "--base-config", str(configs), "--prompt", "a", "--out", str(tmp_path / "x")]) == 2
+    assert "--base-config describes a single .safetensors/.ckpt base" in capsys.readouterr().err
+
+    out = tmp_path / "samples"
+    argv = ["sample", "--base", str(path), "--base-config", str(configs), "--lora", str(lora), "--prompt", "a red circle",
+            "--num-images", "1", "--steps", "2", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0 and (out / "grid.png").is_file()
+
+    merged = tmp_path / "merged"
+    assert main(["merge", "--base", str(path), "--base-config", str(configs), "--lora", str(lora), str(merged)]) == 0
+    sample = torch.randn(1, 4, 8, 8, generator=generator), torch.tensor([10]), torch.randn(1, 77, 32, generator=generator)
+    with torch.no_grad():
+        expected = unet.eval()(*sample).sample
+        assert torch.allclose(UNet2DConditionModel.from_pretrained(merged / "unet")(*sample).sample, expected, atol=1e-5)
+        assert not torch.allclose(pipeline.unet(*sample).sample, expected, atol=1e-3)  # the LoRA changed the output
+
+    engine = DemoEngine(str(path), tmp_path / "adapters", base_config=str(configs))
+    assert all(torch.equal(a, b) for a, b in zip(engine.base.unet.state_dict().values(), pipeline.unet.state_dict().values()))
