@@ -34,10 +34,12 @@ from safetensors import safe_open
 
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
-from finetune.kohya import LoRA, load_lora
+from finetune.inference import controlnet_metadata
+from finetune.kohya import LoRA, finetune_metadata_from_kohya, load_lora
 from finetune.merge import find_module
+from finetune.methods.controlnet import METADATA_FILE
 from finetune.models import BaseModel, freeze, load_base_model
-from finetune.sampling import build_pipeline, generate
+from finetune.sampling import build_pipeline, follow_adapters_prediction_type, generate
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 # Folders the trainer writes that hold no finished adapter (resumable state, logs, sample grids).
@@ -120,9 +122,10 @@ def _lora_file(path: Path, root: Path) -> Adapter | None:
         return Adapter(_name(path, root), "lora", path, "?", refused=f"unreadable safetensors file ({err.__class__.__name__})")
     if any(k.startswith(("lora_unet_", "lora_te_")) for k in keys):
         layout = "kohya"
-        for ours, theirs in (("finetune.base_model", "ss_sd_model_name"), ("finetune.steps", "ss_max_train_steps"), ("finetune.rank", "ss_network_dim")):
-            if ours not in meta and meta.get(theirs):
-                meta[ours] = meta[theirs]
+        dim = meta.get("ss_network_dim")  # "Dynamic" for mixed ranks
+        meta = finetune_metadata_from_kohya(meta)
+        if dim:
+            meta.setdefault("finetune.rank", dim)
     elif any(k.startswith(("unet.", "text_encoder.")) for k in keys):
         layout = "diffusers"
     else:
@@ -151,11 +154,10 @@ def _model_folder(folder: Path, root: Path, files: list[str]) -> Adapter | None:
 
 
 def _folder_metadata(folder: Path) -> dict[str, str]:
-    """finetune_metadata.json (ControlNet) or, for a saved pipeline, the training run's recipe.yaml."""
-    path = folder / "finetune_metadata.json"
+    """A ControlNet's finetune_metadata.json or, for a saved pipeline, the training run's recipe.yaml."""
+    if (folder / METADATA_FILE).is_file():
+        return controlnet_metadata(folder)
     with contextlib.suppress(OSError, ValueError, AttributeError):
-        if path.is_file():
-            return {str(k): str(v) for k, v in json.loads(path.read_text()).items()}
         recipe = yaml.safe_load((folder.parent / "recipe.yaml").read_text())
         return {"finetune.method": str(recipe.get("method", "?")), "finetune.base_model": str(recipe["model"]["pretrained"]),
                 "finetune.steps": str(recipe["train"]["max_steps"])}
@@ -273,14 +275,17 @@ class DemoEngine:
             condition = conditioning_image(request.conditioning_image, request.conditioning_kind, request.size)
         columns = [("base", self.base, [], None, 0.0)] if request.include_base else []
         chosen = [name for name, _ in request.loras] + ([request.controlnet] if controlnet else []) + ([request.model] if model is not self.base else [])
+        trained_for = {name: self.adapters[name].metadata for name in chosen}  # their metadata, for the prediction type
         label = "+".join(n.rsplit("/", 1)[-1] for n in chosen)
         label = label if len(label) <= 20 else "adapters"
         for s in request.strengths if chosen else ([] if request.include_base else [1.0]):
             columns.append((f"{label} x{s:g}" if chosen else "base", model, [(lora, w * s) for lora, w in loras], controlnet, request.conditioning_scale * s))
         total, done = max(1, len(columns) * request.rows * request.steps), 0
         results: list[list[Image.Image]] = [[] for _ in range(request.rows)]
-        for _label, column_model, column_loras, column_controlnet, scale in columns:
+        for column_label, column_model, column_loras, column_controlnet, scale in columns:
             pipeline = _pipeline(column_model, column_controlnet)
+            if column_label != "base":
+                follow_adapters_prediction_type(pipeline, trained_for)
             extra = dict(image=condition, controlnet_conditioning_scale=scale) if column_controlnet is not None else {}
 
             def step_done(pipe, step, timestep, kwargs):

@@ -6,6 +6,7 @@ starts with that image as the ControlNet saw it: conditioning | samples, as in t
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -17,14 +18,14 @@ from PIL import Image
 from finetune.checkpoint import atomic_save_safetensors
 from finetune.config import ModelConfig
 from finetune.data import Example, open_rgb
-from finetune.views import cover_and_crop
 from finetune.errors import FinetuneError
 from finetune.kohya import load_lora, to_diffusers
 from finetune.merge import check_lora_fits
 from finetune.methods.controlnet import CONTROLNET_DIR, METADATA_FILE, UNET_DIR
 from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.models import BaseModel, load_base_model
-from finetune.sampling import build_pipeline, generate, make_grid, save_image_atomic
+from finetune.sampling import build_pipeline, follow_adapters_prediction_type, generate, make_grid, save_image_atomic
+from finetune.views import cover_and_crop
 
 # Config keys that must agree for a ControlNet's residuals to fit the UNet's skip connections.
 CONTROLNET_FIT_KEYS = ("block_out_channels", "cross_attention_dim", "in_channels", "down_block_types", "layers_per_block")
@@ -46,8 +47,8 @@ def resolve_lora_file(lora: str) -> Path:
     return path
 
 
-def load_lora_into(pipeline, lora_file: Path, adapter_name: str) -> None:
-    """Load a LoRA file of either layout (ours/diffusers or kohya) as a named adapter.
+def load_lora_into(pipeline, lora_file: Path, adapter_name: str) -> dict[str, str]:
+    """Load a LoRA file of either layout (ours/diffusers or kohya) as a named adapter; return its metadata.
 
     The file is first read into our neutral form and rewritten in our layout, with per-module alphas in
     its metadata: diffusers reads a kohya file's alphas only when they are all equal.
@@ -64,6 +65,7 @@ def load_lora_into(pipeline, lora_file: Path, adapter_name: str) -> None:
             pipeline.load_lora_weights(folder, weight_name=LORA_WEIGHTS_NAME, adapter_name=adapter_name)
         except (ValueError, RuntimeError, KeyError) as err:
             raise FinetuneError(f"LoRA {lora_file} does not fit this base model: {str(err).splitlines()[0][:200]}") from None
+    return lora.metadata
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -83,6 +85,16 @@ def resolve_controlnet_folder(controlnet: str) -> Path:
             "writes (a ControlNetModel.save_pretrained folder), or the run's output folder"
         )
     return path
+
+
+def controlnet_metadata(folder: Path) -> dict[str, str]:
+    """What training recorded beside a ControlNet (base, steps, prediction type); {} for one from elsewhere."""
+    path = folder / METADATA_FILE
+    try:
+        metadata = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
 
 
 def unlocked_decoder_folder(controlnet_folder: Path) -> Path | None:
@@ -141,6 +153,7 @@ def load_sampling_pipeline(
     """StableDiffusionPipeline over the base (+ LoRA); StableDiffusionControlNetPipeline with `controlnet`.
     `base_config` describes a single-file base (as --base-config)."""
     base_model = load_base_model(ModelConfig.from_option(base, base_config))
+    adapters = {}  # name: metadata
     if controlnet is None:
         pipeline = build_pipeline(base_model)
     else:
@@ -149,9 +162,11 @@ def load_sampling_pipeline(
         unet = UNet2DConditionModel.from_pretrained(decoder, torch_dtype=torch.float32) if decoder else None
         model = load_controlnet(folder, base_model)
         pipeline = build_pipeline(base_model, unet=unet, pipeline_class=StableDiffusionControlNetPipeline, controlnet=model)
+        adapters[controlnet] = controlnet_metadata(folder)
     if lora:
-        load_lora_into(pipeline, resolve_lora_file(lora), adapter_name="lora")
+        adapters[lora] = load_lora_into(pipeline, resolve_lora_file(lora), adapter_name="lora")
         pipeline.set_adapters(["lora"], adapter_weights=[lora_scale])
+    follow_adapters_prediction_type(pipeline, adapters)
     return pipeline
 
 

@@ -155,7 +155,7 @@ def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Lo
     leftover = set(tensors) - {f"{kohya_name(k)}.{s}" for k in layers for s in ("lora_down.weight", "lora_up.weight", "alpha")}
     if leftover:
         raise FinetuneError(f"LoRA key {sorted(leftover)[0]} is not a plain LoRA weight (LoCon/LoHa/LoKr files are not supported)")
-    return LoRA(layers, _finetune_metadata_from_kohya(metadata))
+    return LoRA(layers, finetune_metadata_from_kohya(metadata))
 
 
 def from_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> LoRA:
@@ -198,12 +198,14 @@ def _peft_alpha(config: dict, part: str, module: str, rank: int) -> float:
     return float(alpha)
 
 
-def _finetune_metadata_from_kohya(metadata: dict[str, str]) -> dict[str, str]:
-    """Keep our keys; for files from sd-scripts, take base model and steps from its `ss_` keys."""
+def finetune_metadata_from_kohya(metadata: dict[str, str]) -> dict[str, str]:
+    """Keep our keys; for files from sd-scripts, take base model, steps and v-prediction from its `ss_` keys."""
     kept = {k: v for k, v in metadata.items() if not k.startswith(KOHYA_ONLY_METADATA)}
     for ours, theirs in (("finetune.base_model", "ss_sd_model_name"), ("finetune.steps", "ss_max_train_steps")):
         if ours not in kept and metadata.get(theirs):
             kept[ours] = metadata[theirs]
+    if "finetune.prediction_type" not in kept and metadata.get("ss_v_parameterization") in ("True", "False"):
+        kept["finetune.prediction_type"] = "v_prediction" if metadata["ss_v_parameterization"] == "True" else "epsilon"
     return kept
 
 
@@ -229,6 +231,8 @@ def to_kohya(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     for theirs, ours in (("ss_sd_model_name", "finetune.base_model"), ("ss_max_train_steps", "finetune.steps")):
         if ours in lora.metadata:
             metadata[theirs] = lora.metadata[ours]
+    if "finetune.prediction_type" in lora.metadata:  # sd-scripts' flag, "True"/"False"
+        metadata["ss_v_parameterization"] = str(lora.metadata["finetune.prediction_type"] == "v_prediction")
     return tensors, metadata
 
 

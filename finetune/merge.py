@@ -57,6 +57,8 @@ def merge_lora(base: str, lora_path: str, strength: float, output_dir: Path, bas
     lora = load_lora(lora_file)
     model = load_base_model(ModelConfig.from_option(base, base_config))
     merge_into({"unet": model.unet, "text_encoder": model.text_encoder}, lora, strength)
+    if lora.metadata.get("finetune.prediction_type"):  # the merged UNet predicts what the LoRA was trained for
+        model.noise_scheduler.register_to_config(prediction_type=lora.metadata["finetune.prediction_type"])
     output_dir = save_pipeline(model, Path(output_dir))
     _write_card(output_dir, base, lora_file, lora, strength)
     return output_dir

@@ -9,6 +9,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
+from finetune.errors import FinetuneError
 from finetune.models import BaseModel
 
 
@@ -28,6 +29,19 @@ def build_pipeline(base: BaseModel, unet: torch.nn.Module | None = None, pipelin
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def follow_adapters_prediction_type(pipeline, adapters: dict[str, dict[str, str]]) -> None:
+    """Sample with the prediction type the adapters ({name: metadata}) were trained for, where it is not
+    the base scheduler's: a LoRA trained with model.prediction_type=v_prediction on an epsilon base
+    predicts v, and read as epsilon it gives noise. Adapters trained for different types do not mix."""
+    recorded = {name: meta["finetune.prediction_type"] for name, meta in adapters.items() if meta.get("finetune.prediction_type")}
+    kinds = set(recorded.values())
+    if len(kinds) > 1:
+        listed = ", ".join(f"{name} ({kind})" for name, kind in recorded.items())
+        raise FinetuneError(f"adapters trained for different prediction types cannot be combined: {listed}")
+    if kinds and kinds != {pipeline.scheduler.config.prediction_type}:
+        pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, prediction_type=kinds.pop())
 
 
 def autocast_for(pipeline) -> contextlib.AbstractContextManager:

@@ -260,7 +260,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             if accelerator.is_main_process:
                 unwrapped = {name: unwrap(accelerator, module) for name, module in modules.items()}
                 with unsharded_loading(accelerator):
-                    result.saved_files = method.save(output_dir, unwrapped, output_metadata(recipe, step))
+                    result.saved_files = method.save(output_dir, unwrapped, output_metadata(recipe, step, method.base.noise_scheduler.config.prediction_type))
         for path in result.saved_files:
             accelerator.print(f"saved {path}")
     # Not accelerator.end_training(): it also closes the process group, and a later train() in this
@@ -306,12 +306,14 @@ def _tensorboard_writer(accelerator: Accelerator):
     return None
 
 
-def output_metadata(recipe: Recipe, step: int) -> dict[str, str]:
-    """Recorded in every saved file, so an adapter can be traced to its base, method and recipe."""
+def output_metadata(recipe: Recipe, step: int, prediction_type: str) -> dict[str, str]:
+    """Recorded in every saved file, so an adapter can be traced to its base, method and recipe, and
+    sampled with the target it learned (`prediction_type`, which model.prediction_type may change)."""
     metadata = {
         "finetune.method": recipe.method,
         "finetune.base_model": recipe.model.pretrained,
         "finetune.steps": str(step),
+        "finetune.prediction_type": prediction_type,
         "finetune.resolution": str(recipe.data.resolution),
         "finetune.recipe_hash": recipe.fingerprint(),
     }

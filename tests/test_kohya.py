@@ -78,7 +78,7 @@ def trained(tiny_model, tmp_path_factory, image_folder):
     randomise_lora(pipeline.unet, 1)
     randomise_lora(pipeline.text_encoder, 2)
     pipeline.unet.eval(), pipeline.text_encoder.eval()
-    save_lora({"unet": pipeline.unet, "text_encoder": pipeline.text_encoder}, run / LORA_WEIGHTS_NAME, output_metadata(recipe, 150))
+    save_lora({"unet": pipeline.unet, "text_encoder": pipeline.text_encoder}, run / LORA_WEIGHTS_NAME, output_metadata(recipe, 150, "epsilon"))
     (run / "samples").mkdir()
     for step in (0, 50, 150):
         Image.new("RGB", (64, 64), (step, 0, 0)).save(run / "samples" / f"step-{step:06d}.png")

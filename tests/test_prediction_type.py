@@ -1,0 +1,91 @@
+"""An adapter trained with model.prediction_type=v_prediction on an epsilon base predicts v: its files
+say so, and sample, merge, export and the demo sample it as v (read as epsilon it gives noise)."""
+
+import json
+
+import pytest
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from finetune import demo_engine
+from finetune.cli import main
+from finetune.config import recipe_from_dict
+from finetune.demo_engine import DemoEngine, Request
+from finetune.errors import FinetuneError
+from finetune.inference import load_sampling_pipeline
+from finetune.kohya import load_lora
+from finetune.methods.controlnet import CONTROLNET_DIR, METADATA_FILE
+from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.trainer import train
+
+
+def one_step(method: str, output_dir, base, data, prediction_type: str | None):
+    train(recipe_from_dict({
+        "method": method, "seed": 0, "output_dir": str(output_dir), "model": {"pretrained": str(base), "prediction_type": prediction_type},
+        "data": {"image_dir": str(data), "resolution": 64}, "train": {"batch_size": 2, "max_steps": 1},
+        "validation": {"prompts": []}, "checkpoint": {"every_n_steps": 0}, "logging": {"tensorboard": False},
+    }))  # fmt: skip
+    return output_dir
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model, image_folder, pairs_folder, tmp_path_factory):
+    """Training output folders on the epsilon tiny model: LoRAs trained for v and for epsilon, a v ControlNet."""
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "v": one_step("lora", root / "v", tiny_model, image_folder, "v_prediction"),
+        "epsilon": one_step("lora", root / "epsilon", tiny_model, image_folder, None),
+        "controlnet-v": one_step("controlnet", root / "controlnet-v", tiny_model, pairs_folder, "v_prediction"),
+    }
+
+
+def recorded(lora_file) -> str | None:
+    with safe_open(str(lora_file), "pt") as f:
+        return (f.metadata() or {}).get("finetune.prediction_type")
+
+
+def test_outputs_record_the_prediction_type_they_trained_for(adapters):
+    assert recorded(adapters["v"] / LORA_WEIGHTS_NAME) == "v_prediction"
+    assert recorded(adapters["epsilon"] / LORA_WEIGHTS_NAME) == "epsilon"  # the base's own, recorded too
+    metadata = json.loads((adapters["controlnet-v"] / CONTROLNET_DIR / METADATA_FILE).read_text())
+    assert metadata["finetune.prediction_type"] == "v_prediction"
+
+
+def test_sample_merge_and_export_follow_a_v_prediction_adapter(adapters, tiny_model, tmp_path):
+    prediction_type = lambda pipeline: pipeline.scheduler.config.prediction_type  # noqa: E731
+    assert prediction_type(load_sampling_pipeline(str(tiny_model))) == "epsilon"
+    assert prediction_type(load_sampling_pipeline(str(tiny_model), lora=str(adapters["epsilon"]))) == "epsilon"
+    assert prediction_type(load_sampling_pipeline(str(tiny_model), lora=str(adapters["v"]))) == "v_prediction"
+    assert prediction_type(load_sampling_pipeline(str(tiny_model), controlnet=str(adapters["controlnet-v"]))) == "v_prediction"
+    with pytest.raises(FinetuneError, match=r"^adapters trained for different prediction types cannot be combined: .*\(v_prediction\), .*\(epsilon\)$"):
+        load_sampling_pipeline(str(tiny_model), lora=str(adapters["epsilon"]), controlnet=str(adapters["controlnet-v"]))
+
+    # Merged, the UNet predicts v: the pipeline's scheduler says so.
+    assert main(["merge", "--base", str(tiny_model), "--lora", str(adapters["v"]), str(tmp_path / "merged")]) == 0
+    assert json.loads((tmp_path / "merged" / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+
+    # In sd-scripts' layout it is their ss_v_parameterization flag, and it reads back.
+    assert main(["export", str(adapters["v"]), str(tmp_path / "kohya"), "--to", "kohya"]) == 0
+    [kohya_file] = (tmp_path / "kohya").glob("*.safetensors")
+    with safe_open(str(kohya_file), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["ss_v_parameterization"] == "True"
+    # A file from sd-scripts itself has only its ss_ keys.
+    theirs = {key: value for key, value in metadata.items() if not key.startswith("finetune.")}
+    save_file(load_file(kohya_file), tmp_path / "sd-scripts.safetensors", theirs)
+    assert load_lora(tmp_path / "sd-scripts.safetensors").metadata["finetune.prediction_type"] == "v_prediction"
+
+
+def test_the_demo_samples_each_column_with_its_adapters_prediction_type(adapters, tiny_model, monkeypatch):
+    engine = DemoEngine(str(tiny_model), adapters["v"].parent)
+    used = []  # the scheduler's prediction type of every image rendered, column by column
+    real_generate = demo_engine.generate
+    monkeypatch.setattr(demo_engine, "generate", lambda pipeline, *a, **k: used.append(pipeline.scheduler.config.prediction_type) or real_generate(pipeline, *a, **k))
+
+    engine.render(Request(prompt="a red circle", steps=1, loras=[("v", 1.0)]))
+    assert used == ["epsilon", "v_prediction"]  # the base alone, then with the LoRA
+    used.clear()
+    engine.render(Request(prompt="a red circle", steps=1, loras=[("epsilon", 1.0)]))
+    assert used == ["epsilon", "epsilon"]
+    with pytest.raises(FinetuneError, match=r"cannot be combined"):
+        engine.render(Request(prompt="a red circle", steps=1, loras=[("v", 1.0), ("epsilon", 1.0)]))
