@@ -303,6 +303,24 @@ def newest_sample_grid(training_dir: Path) -> Path | None:
     return grids[-1] if grids else None
 
 
+V_PREDICTION_CODE = (
+    'pipeline.scheduler = pipeline.scheduler.from_config(pipeline.scheduler.config, prediction_type="v_prediction")  # trained to predict v'
+)
+
+
+def diffusers_loading_code(source: str) -> list[str]:
+    """The model cards' first lines of Python: load `source` on a GPU in fp16 when there is one."""
+    return [
+        "import torch",
+        "from diffusers import StableDiffusionPipeline",
+        "",
+        'device = "cuda" if torch.cuda.is_available() else "cpu"',
+        "# One dtype for every part: a base saved in mixed precisions would otherwise mix them.",
+        "dtype = torch.float16 if device == \"cuda\" else torch.float32",
+        f'pipeline = StableDiffusionPipeline.from_pretrained("{source}", torch_dtype=dtype).to(device)',
+    ]
+
+
 def write_model_card(lora: LoRA, path: Path, layout: str, training_dir: Path | None = None) -> Path:
     """README.md beside the file: provenance, rank/alpha, and how to load it in diffusers and webui/ComfyUI."""
     meta = lora.metadata
@@ -321,6 +339,7 @@ def write_model_card(lora: LoRA, path: Path, layout: str, training_dir: Path | N
         f"| adapted | {', '.join(parts)} ({len(lora.layers)} layers) |",
         f"| steps | {meta.get('finetune.steps', 'unknown')} |",
         f"| resolution | {meta.get('finetune.resolution', 'unknown')} |",
+        f"| prediction type | {meta.get('finetune.prediction_type', 'unknown')} |",
         f"| recipe hash | `{meta.get('finetune.recipe_hash', 'unknown')}` |",
         "",
     ]
@@ -335,13 +354,13 @@ def write_model_card(lora: LoRA, path: Path, layout: str, training_dir: Path | N
         "## diffusers",
         "",
         "```python",
-        "import torch",
-        "from diffusers import StableDiffusionPipeline",
-        "",
-        "# One dtype for every part (torch.float16 on a GPU): a base saved in mixed precisions would otherwise mix them.",
-        f'pipeline = StableDiffusionPipeline.from_pretrained("{meta.get("finetune.base_model", "BASE_MODEL")}", torch_dtype=torch.float32)',
+        *diffusers_loading_code(meta.get("finetune.base_model", "BASE_MODEL")),
         f'pipeline.load_lora_weights("{path.parent}", weight_name="{path.name}", adapter_name="lora")  # this folder',
         'pipeline.set_adapters(["lora"], adapter_weights=[1.0])  # the strength',
+    ]
+    if meta.get("finetune.prediction_type") == "v_prediction":
+        lines.append(V_PREDICTION_CODE)
+    lines += [
         "```",
         "",
         "## AUTOMATIC1111 / Forge webui and ComfyUI",

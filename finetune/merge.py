@@ -14,7 +14,7 @@ import torch
 
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
-from finetune.kohya import CLIP_ROOT, LoRA, load_lora
+from finetune.kohya import CLIP_ROOT, LoRA, diffusers_loading_code, load_lora
 from finetune.models import load_base_model
 from finetune.pipeline_io import save_pipeline
 
@@ -74,7 +74,6 @@ def _write_card(output_dir: Path, base: str, lora_file: Path, lora: LoRA, streng
         f"# {output_dir.name}\n\n"
         f"Stable Diffusion pipeline: `{base}` with the LoRA `{lora_file}` ({', '.join(facts)}) merged into its "
         f"{parts} at strength {strength:g}, written by `finetune merge`.\n\n"
-        "```python\nimport torch\nfrom diffusers import StableDiffusionPipeline\n\n"
-        f'pipeline = StableDiffusionPipeline.from_pretrained("{output_dir}", torch_dtype=torch.float32)  # torch.float16 on a GPU\n```\n\n'
+        "```python\n" + "\n".join(diffusers_loading_code(str(output_dir))) + "\n```\n\n"
         f'Or sample with `finetune sample --base {output_dir} --prompt "..."`.\n'
     )

@@ -7,6 +7,8 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from test_quickstart import python_block
+
 from finetune import demo_engine
 from finetune.cli import main
 from finetune.config import recipe_from_dict
@@ -74,6 +76,10 @@ def test_sample_merge_and_export_follow_a_v_prediction_adapter(adapters, tiny_mo
     theirs = {key: value for key, value in metadata.items() if not key.startswith("finetune.")}
     save_file(load_file(kohya_file), tmp_path / "sd-scripts.safetensors", theirs)
     assert load_lora(tmp_path / "sd-scripts.safetensors").metadata["finetune.prediction_type"] == "v_prediction"
+    # The export's model card: its diffusers code, pasted, samples as v.
+    namespace: dict = {}
+    exec(python_block(tmp_path / "kohya" / "README.md"), namespace)
+    assert namespace["pipeline"].scheduler.config.prediction_type == "v_prediction"
 
 
 def test_the_demo_samples_each_column_with_its_adapters_prediction_type(adapters, tiny_model, monkeypatch):
