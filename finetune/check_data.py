@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from finetune.buckets import Size, assign_buckets, bucket_counts_line
 from finetune.captions import missing_caption_message
-from finetune.config import DataConfig, Recipe, describe_validation_error, load_recipe
+from finetune.config import DataConfig, Recipe
 from finetune.data import (
     Example,
     decode,
@@ -35,6 +35,7 @@ from finetune.data import (
     upright_rgb,
 )
 from finetune.errors import FinetuneError
+from finetune.recipe_loading import describe_validation_error, load_recipe
 
 FATAL, WARNING, CONVERTED = "fatal", "warning", "converted"
 SKIP_HINT = "or set data.skip_bad_images: true to skip bad images"

@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args) -> int:
-    from finetune.config import load_recipe
+    from finetune.recipe_loading import load_recipe
     from finetune.distributed import leave_process_group
     from finetune.trainer import train
 

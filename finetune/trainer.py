@@ -20,7 +20,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from finetune import checkpoint as ckpt
-from finetune.config import Recipe, dump_recipe
+from finetune.config import Recipe
 from finetune.data import make_batch_sampler
 from finetune.diffusion import BatchRandomness
 from finetune.distributed import accelerator_options, autocast, checkpoint_options, configure_deepspeed, full_parameters, gpu_available, unsharded_loading, unwrap, uses_deepspeed, zero_stage
@@ -29,6 +29,7 @@ from finetune.errors import FinetuneError
 from finetune.methods import METHODS
 from finetune.models import load_base_model, resolve_model_folder
 from finetune.optim import build_lr_scheduler, build_optimizer
+from finetune.recipe_loading import dump_recipe
 from finetune.sampling import make_grid, save_image_atomic
 
 logger = logging.getLogger(__name__)

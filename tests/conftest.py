@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config import load_recipe, recipe_from_dict
+from finetune.recipe_loading import load_recipe, recipe_from_dict
 from finetune.tiny_model import make_tiny_model
 from finetune.toyworld.datasets import write_folder
 

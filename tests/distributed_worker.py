@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 
 import finetune.trainer as trainer
 from finetune.checkpoint import trainable_state_dict
-from finetune.config import load_recipe
 from finetune.distributed import leave_process_group
+from finetune.recipe_loading import load_recipe
 
 runs = []  # (recipe path, checkpoint to resume from or None)
 arguments = iter(sys.argv[1:])

@@ -222,8 +222,8 @@ def test_repeats_are_counted_per_bucket(tmp_path):
 
 
 def test_dreambooth_class_images_take_their_instance_images_bucket(tmp_path):
-    from finetune.config import recipe_from_dict
     from finetune.methods.dreambooth import DreamBoothDataset, dreambooth_collate
+    from finetune.recipe_loading import recipe_from_dict
 
     for i, (width, height) in enumerate([(96, 48), (48, 96)]):
         noise_image(width, height, seed=i).save(tmp_path / f"{i}.png")

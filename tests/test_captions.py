@@ -10,9 +10,10 @@ import torch
 from PIL import Image
 
 from finetune.captions import shuffle_tags, training_caption
-from finetune.config import DataConfig, recipe_from_dict
+from finetune.config import DataConfig
 from finetune.data import CaptionedImageDataset, EpochBatchSampler, load_examples
 from finetune.errors import FinetuneError
+from finetune.recipe_loading import recipe_from_dict
 
 TAGS = "sks, dog, grass, sunny, red collar, park, running"
 

@@ -3,8 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config import Recipe, section_type, load_recipe, recipe_from_dict
+from finetune.config import Recipe
 from finetune.errors import FinetuneError
+from finetune.recipe_loading import load_recipe, recipe_from_dict, section_type
 
 RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
 MINIMAL = {"data": {"image_dir": "images"}}
@@ -109,7 +110,7 @@ def test_fingerprint_changes_with_any_setting():
 
 
 def test_override_indexes_lists():
-    from finetune.config import apply_override
+    from finetune.recipe_loading import apply_override
 
     raw = {"dreambooth": {"concepts": [{"instance_dir": "a"}, {"instance_dir": "b"}]}}
     apply_override(raw, "dreambooth.concepts.1.instance_dir=photos")

@@ -56,7 +56,7 @@ def test_image_and_conditioning_get_the_same_crop_and_flip():
 
 def test_empty_prompt_share(pairs_folder):
     from finetune.controlnet_data import checked_pairs
-    from finetune.config import recipe_from_dict
+    from finetune.recipe_loading import recipe_from_dict
 
     recipe = recipe_from_dict({"method": "controlnet", "data": {"image_dir": str(pairs_folder), "resolution": 64}})
     pairs, _ = checked_pairs(recipe)

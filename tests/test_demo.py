@@ -21,8 +21,8 @@ import torch
 import yaml
 from PIL import Image
 
-from finetune.config import recipe_from_dict
 from finetune.errors import FinetuneError
+from finetune.recipe_loading import recipe_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")

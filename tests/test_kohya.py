@@ -65,7 +65,7 @@ def assert_close(a, b, atol=1e-5):
 def trained(tiny_model, tmp_path_factory, image_folder):
     """A training output folder as `finetune train` leaves it: LoRA (UNet + text encoder), samples, and
     the reference outputs of the live peft model."""
-    from finetune.config import recipe_from_dict
+    from finetune.recipe_loading import recipe_from_dict
 
     run = tmp_path_factory.mktemp("run") / "striped-lora"
     recipe = recipe_from_dict({

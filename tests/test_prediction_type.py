@@ -11,13 +11,13 @@ from test_quickstart import python_block
 
 from finetune import demo_engine
 from finetune.cli import main
-from finetune.config import recipe_from_dict
 from finetune.demo_engine import DemoEngine, Request
 from finetune.errors import FinetuneError
 from finetune.inference import load_sampling_pipeline
 from finetune.kohya import load_lora
 from finetune.methods.controlnet import CONTROLNET_DIR, METADATA_FILE
 from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.recipe_loading import recipe_from_dict
 from finetune.trainer import train
 
 

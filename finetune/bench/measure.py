@@ -26,7 +26,7 @@ def measure(spec: dict) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from finetune.config import recipe_from_dict
+    from finetune.recipe_loading import recipe_from_dict
     from finetune.trainer import train
 
     recipe = recipe_from_dict(spec["recipe"], source=f"bench variant {spec['name']}")

@@ -1,0 +1,113 @@
+"""Recipe files to a validated `Recipe`: YAML loading, `key=value` overrides, and pydantic's errors
+turned into one line that names the key (and the closest valid one for a typo).
+
+The schema itself, every section and its validation, is finetune/config.py.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from finetune.config import Recipe
+from finetune.errors import FinetuneError
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe, apply `key.sub=value` overrides, validate, or raise a one-line FinetuneError."""
+    path = Path(path)
+    if not path.is_file():
+        raise FinetuneError(f"recipe {path} not found: pass the path of a YAML file such as recipes/lora.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise FinetuneError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise FinetuneError(f"recipe {path} must be a mapping of keys to values at the top level")
+    for override in overrides:
+        apply_override(raw, override, source=str(path))
+    return recipe_from_dict(raw, source=str(path))
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise FinetuneError(f"{source}: {describe_validation_error(err, raw)}") from None
+
+
+def apply_override(raw: dict[str, Any], override: str, source: str = "command line") -> None:
+    """Apply `optimizer.lr=1e-4` to a nested dict; the value is parsed as YAML (numbers, lists, null).
+
+    A number in the path indexes a list: `dreambooth.concepts.0.instance_dir=photos` (or `concepts[0]`).
+    """
+    if "=" not in override:
+        raise FinetuneError(f"override '{override}' must look like key=value, e.g. optimizer.lr=1e-4")
+    dotted, value_text = override.split("=", 1)
+    keys = re.sub(r"\[(\d+)\]", r".\1", dotted.strip()).split(".")
+    node: Any = raw
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1
+        value = yaml.safe_load(value_text) if value_text.strip() else None
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise FinetuneError(f"override '{override}': '{key}' is not an index of the list at '{'.'.join(keys[:depth])}' in {source}")
+            if last:
+                node[int(key)] = value
+            else:
+                node = node[int(key)]
+        elif isinstance(node, dict):
+            if last:
+                node[key] = value
+            else:
+                node = node.setdefault(key, {})
+        else:
+            raise FinetuneError(f"override '{override}': '{keys[depth - 1]}' is not a section in {source}")
+
+
+def describe_validation_error(err: ValidationError, raw: dict[str, Any]) -> str:
+    """Turn pydantic's report into one line: the dotted key, what is wrong, and what to do."""
+    first = err.errors()[0]
+    location = [str(part) for part in first["loc"] if not isinstance(part, int)]  # the schema's names
+    path = [str(part) for part in first["loc"]]  # with list indexes, as the user writes overrides
+    dotted = ".".join(path)
+    if first["type"] == "extra_forbidden":
+        valid = _valid_keys(location[:-1])
+        close = difflib.get_close_matches(location[-1], valid, n=1, cutoff=0.5)
+        hint = f" (did you mean '{'.'.join(path[:-1] + close)}'?)" if close else f" (valid keys: {', '.join(valid)})"
+        return f"unknown key '{dotted}'{hint}"
+    if first["type"] == "missing":
+        return f"missing required key '{dotted}'"
+    message = first["msg"].removeprefix("Value error, ")
+    if not dotted:
+        return message
+    received = first.get("input")
+    shown = "" if isinstance(received, dict) else f" (got {received!r})"
+    return f"key '{dotted}': {message}{shown}"
+
+
+def _valid_keys(section_path: list[str]) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for name in section_path:
+        model = section_type(model.model_fields[name].annotation)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def section_type(annotation) -> type[BaseModel] | None:
+    """The section class in a field's annotation: X, Optional[X] or list[X]."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def dump_recipe(recipe: Recipe, path: Path) -> None:
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
