@@ -376,15 +376,9 @@ def _pipeline(model: BaseModel, controlnet):
     """A DDIM pipeline over the model's parts; with a ControlNet, diffusers' ControlNet pipeline."""
     if controlnet is None:
         return build_pipeline(model)
-    from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline
+    from diffusers import StableDiffusionControlNetPipeline
 
-    pipeline = StableDiffusionControlNetPipeline(
-        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet, controlnet=controlnet,
-        scheduler=DDIMScheduler.from_config(model.noise_scheduler.config), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return build_pipeline(model, pipeline_class=StableDiffusionControlNetPipeline, controlnet=controlnet)
 
 
 def conditioning_image(image: Image.Image | None, kind: str, size: int) -> Image.Image:
