@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -137,8 +138,17 @@ def changed_settings(saved: dict | None, current: dict) -> list[str]:
             if saved.get(key) != current.get(key) and not key.startswith(RESUMABLE_CHANGES)]  # fmt: skip
 
 
-def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, state: dict, keep_last: int, **save_options) -> Path:
-    """Collective: every process calls it. Returns the final folder. `save_options` go to accelerate's save_state."""
+def save_checkpoint(
+    accelerator: Accelerator,
+    checkpoints_dir: Path,
+    step: int,
+    state: dict,
+    keep_last: int,
+    extra: Callable[[Path], None] | None = None,
+    **save_options,
+) -> Path:
+    """Collective: every process calls it. Returns the final folder. `extra(folder)` writes more files
+    (on the main process, before the folder is complete); `save_options` go to accelerate's save_state."""
     final = checkpoints_dir / f"checkpoint-{step}"
     partial = checkpoints_dir / f".partial-checkpoint-{step}"
     if accelerator.is_main_process:
@@ -148,6 +158,8 @@ def save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, 
     accelerator.save_state(str(partial), **save_options)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if extra is not None:
+            extra(partial)
         (partial / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
         if final.exists():
             shutil.rmtree(final)

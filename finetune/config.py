@@ -281,6 +281,9 @@ class TrainConfig(Section):
     # Offset noise (Guttenberg 2023) helps very dark/bright images; 0.05-0.1 is typical.
     noise_offset: float = 0.0
     allow_tf32: bool = True
+    # Keep an exponential moving average of the trained weights (finetune/ema.py) and sample and save
+    # it instead of the last step's weights; 0.999-0.9999 for full fine-tunes. None: off.
+    ema_decay: Optional[float] = Field(None, gt=0, lt=1)
     # Compute frozen encoders' outputs once per distinct input (see finetune/cache.py): VAE posteriors
     # keyed by the image's content and view (crop, flip, size), text hidden states by caption. The
     # same loss as uncached (in bf16 to rounding); a cached view is not decoded again.

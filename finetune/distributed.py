@@ -88,6 +88,11 @@ def configure_deepspeed(accelerator: Accelerator, recipe: Recipe, trained_module
             "set dreambooth.train_text_encoder (or full.train_text_encoder) to false, or launch without DeepSpeed"
         )
     train_cfg = recipe.train
+    if train_cfg.ema_decay is not None and zero_stage(accelerator) == 3:
+        raise FinetuneError(
+            "train.ema_decay with DeepSpeed ZeRO-3: each process holds a shard of the weights, not the whole to average; "
+            "use a ZeRO-2 config or set train.ema_decay: null"
+        )
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     offloaded = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
     if offloaded and recipe.optimizer.name != "adamw":

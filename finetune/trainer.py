@@ -7,6 +7,7 @@ validation grids, TensorBoard, checkpoints, and a clean stop on Ctrl-C that leav
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from finetune.config import Recipe
 from finetune.data import make_batch_sampler
 from finetune.diffusion import BatchRandomness
 from finetune.distributed import accelerator_options, autocast, checkpoint_options, configure_deepspeed, full_parameters, gpu_available, unsharded_loading, unwrap, uses_deepspeed, zero_stage
+from finetune.ema import EMA_FILE, WeightAverage
 from finetune.encoders import long_captions_line
 from finetune.errors import FinetuneError
 from finetune.methods import METHODS
@@ -155,11 +157,15 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     if not uses_deepspeed(accelerator):  # DeepSpeed's engine writes its own, see finetune.distributed
         ckpt.register_trainable_only_hooks(accelerator)
 
+    average = WeightAverage(trained_parameters(modules, accelerator), train_cfg.ema_decay) if train_cfg.ema_decay else None
+
     step = 0
     if resume_from is not None:
         state = ckpt.load_checkpoint(accelerator, resume_from, **load_options)
         step = state["step"]
         accelerator.print(f"resumed from {resume_from} at step {step}")
+        if average is not None and not average.load(resume_from / EMA_FILE):
+            accelerator.print(f"warning: {resume_from.name} has no weight average (train.ema_decay was off): it starts from the resumed weights")
         changed = ckpt.changed_settings(state.get("recipe"), _flat_hparams(recipe))
         if changed:
             accelerator.print(f"warning: settings changed since {resume_from.name}: {', '.join(changed)}")
@@ -184,14 +190,15 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     result = TrainResult(output_dir=output_dir, final_step=step)
 
     def validate(at_step: int) -> None:
-        grid = run_validation(recipe, method, modules, accelerator, at_step)
+        with average.applied() if average else contextlib.nullcontext():
+            grid = run_validation(recipe, method, modules, accelerator, at_step)
         if grid is not None:
             result.sample_grids.append(grid)
 
     def save_checkpoint() -> None:
         ckpt.save_checkpoint(
             accelerator, checkpoints_dir, step, {"recipe_hash": recipe.fingerprint(), "recipe": _flat_hparams(recipe)},
-            recipe.checkpoint.keep_last, **save_options
+            recipe.checkpoint.keep_last, extra=(lambda folder: average.save(folder / EMA_FILE)) if average else None, **save_options
         )
 
     if step == 0 and recipe.validation.at_start:
@@ -225,6 +232,8 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
                     optimizer.zero_grad(set_to_none=True)
                 running_loss += losses["loss"].detach() * share / accumulation
             lr_scheduler.step()
+            if average is not None:
+                average.update()
             step += 1
 
             step_loss = accelerator.reduce(running_loss, reduction="mean").item()
@@ -260,7 +269,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             # Saving may load frozen parts again at the source's precision: whole, as at the start.
             if accelerator.is_main_process:
                 unwrapped = {name: unwrap(accelerator, module) for name, module in modules.items()}
-                with unsharded_loading(accelerator):
+                with unsharded_loading(accelerator), average.applied() if average else contextlib.nullcontext():
                     result.saved_files = method.save(output_dir, unwrapped, output_metadata(recipe, step, method.base.noise_scheduler.config.prediction_type))
         for path in result.saved_files:
             accelerator.print(f"saved {path}")
@@ -273,6 +282,16 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     AcceleratorState._reset_state()
     GradientState._reset_state()
     return result
+
+
+def trained_parameters(modules: dict[str, torch.nn.Module], accelerator: Accelerator) -> dict[str, torch.nn.Parameter]:
+    """Every parameter that trains, by a stable name (module name, then its own), for the weight average."""
+    return {
+        f"{name}.{parameter_name}": parameter
+        for name, module in modules.items()
+        for parameter_name, parameter in unwrap(accelerator, module).named_parameters()
+        if parameter.requires_grad
+    }
 
 
 def run_validation(recipe, method, modules, accelerator, step: int) -> Path | None:
