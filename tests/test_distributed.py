@@ -18,6 +18,7 @@ from ports import free_port
 from safetensors.torch import load_file
 
 from finetune.distributed import configure_deepspeed
+from finetune.ema import EMA_FILE
 from finetune.errors import FinetuneError
 from finetune.methods.controlnet import CONTROLNET_DIR
 from finetune.methods.lora import LORA_WEIGHTS_NAME
@@ -149,12 +150,14 @@ def test_two_machines_of_one_process_each_on_loopback(distributed_recipes, tmp_p
 
 
 def test_deepspeed_zero2_trains_checkpoints_resumes_and_saves_the_single_process_adapter(make_recipe, tmp_path):
+    # With a weight average: what is saved (and compared below) is the average, which the checkpoint keeps.
     common = dict(train__batch_size=1, train__max_steps=4, train__gradient_accumulation_steps=2, data__random_flip=True,
-                  checkpoint__every_n_steps=2)  # fmt: skip
+                  checkpoint__every_n_steps=2, train__ema_decay=0.5)  # fmt: skip
     uninterrupted = make_recipe(output_dir=str(tmp_path / "zero2"), **common)
     wait(launch(deepspeed("zero2.json"), write(uninterrupted, tmp_path / "zero2.yaml")))
     out = Path(uninterrupted.output_dir)
     checkpoint = out / "checkpoints" / "checkpoint-2"
+    assert (checkpoint / EMA_FILE).is_file()
     assert sorted(p.name for p in (checkpoint / "pytorch_model").glob("*optim_states.pt")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]  # one shard per process
     assert_same_weights(load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors"), exact=True)
