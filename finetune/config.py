@@ -155,6 +155,10 @@ class LoRAConfig(Section):
     # Names of UNet submodules to adapt: attention projections by default; add "proj_in", "proj_out",
     # "ff.net.0.proj", "ff.net.2", "conv1", "conv2" for feed-forward and conv layers.
     target_modules: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
+    # Also a LoRA on the text encoder's attention projections (method lora; DreamBooth has its own switch).
+    # It learns new words' meanings faster; text embeddings are then not cached.
+    train_text_encoder: bool = False
+    text_encoder_lr: Optional[float] = None  # None: the same as optimizer.lr; sd-scripts users often halve it
 
 
 class FullConfig(Section):
@@ -348,6 +352,8 @@ class Recipe(Section):
                 raise ValueError("method dreambooth needs a dreambooth: section with concepts")
             if any(sources):
                 raise ValueError("method dreambooth reads dreambooth.concepts; remove data.image_dir/data.dataset")
+            if self.lora.train_text_encoder:
+                raise ValueError("method dreambooth trains the text encoder with dreambooth.train_text_encoder; remove lora.train_text_encoder")
             for i, concept in enumerate(self.dreambooth.concepts):
                 if self.dreambooth.prior_preservation and not concept.class_prompt:
                     raise ValueError(

@@ -225,3 +225,27 @@ def test_torch_compile_through_accelerate_saves_and_checkpoints_plain_names(make
 def test_target_modules_that_adapt_nothing_are_one_line_errors(make_recipe, targets, message):
     with pytest.raises(FinetuneError, match=message):
         train(make_recipe(lora__target_modules=targets, train__max_steps=1))
+
+
+def test_lora_on_the_text_encoder_trains_at_its_own_rate_and_loads_in_diffusers(make_recipe, tiny_model):
+    # A learning rate 1e9 times smaller for the text encoder's LoRA: its B (zero at the start) barely moves.
+    recipe = make_recipe(lora__train_text_encoder=True, lora__text_encoder_lr=1e-12, train__max_steps=2, train__cache_text_embeddings=True)
+    result = train(recipe)
+    tensors = load_file(result.output_dir / LORA_WEIGHTS_NAME)
+    ups = {part: [t for k, t in tensors.items() if k.startswith(part) and k.endswith("up.weight")] for part in ("unet.", "text_encoder.")}
+    assert ups["text_encoder."] and max(t.abs().max().item() for t in ups["text_encoder."]) < 1e-9
+    assert max(t.abs().max().item() for t in ups["unet."]) > 1e-4
+
+    # At optimizer.lr it learns (the text-embedding cache, asked for, is not used while the encoder trains).
+    recipe = make_recipe(output_dir=str(result.output_dir), lora__train_text_encoder=True, train__max_steps=2, train__cache_text_embeddings=True)
+    result = train(recipe, overwrite=True)
+    pipeline = StableDiffusionPipeline.from_pretrained(str(tiny_model))
+    ids = pipeline.tokenizer(["a red circle"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = pipeline.text_encoder(ids)[0]
+        pipeline.load_lora_weights(str(result.output_dir))  # diffusers takes both parts
+        assert not torch.allclose(pipeline.text_encoder(ids)[0], before, atol=1e-6)
+
+    with pytest.raises(FinetuneError, match=r"method dreambooth trains the text encoder with dreambooth.train_text_encoder; remove lora.train_text_encoder"):
+        make_recipe(method="dreambooth", data__image_dir=None, lora__train_text_encoder=True,
+                    dreambooth={"concepts": [{"instance_dir": "x", "instance_prompt": "a sks shape", "class_prompt": "a shape"}]})  # fmt: skip

@@ -1,7 +1,8 @@
 """LoRA on the UNet (Hu et al., 2021) through peft: low-rank updates to chosen layers, base frozen.
 
-Optionally (DreamBooth's switch) also LoRA on the text encoder's attention projections. The saved file is diffusers' `pytorch_lora_weights.safetensors` layout, so
-`StableDiffusionPipeline.load_lora_weights()` reads it with no missing or unexpected keys; the LoRA
+Optionally (`lora.train_text_encoder`, or DreamBooth's switch) also LoRA on the text encoder's attention
+projections (sd-scripts trains one by default). The saved file is diffusers' `pytorch_lora_weights.safetensors`
+layout, so `StableDiffusionPipeline.load_lora_weights()` reads it with no missing or unexpected keys; the LoRA
 config (rank, alpha, targets) travels in the file's metadata so the strength alpha/rank is preserved.
 """
 
@@ -26,6 +27,12 @@ TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 class LoRAMethod(UNetMethod):
     name = "lora"
+
+    def __init__(self, recipe, train_text_encoder: bool | None = None, text_encoder_lr: float | None = None):
+        # Standalone (`method: lora`) the recipe's lora: section decides; DreamBooth passes its own switch.
+        if train_text_encoder is None:
+            train_text_encoder, text_encoder_lr = recipe.lora.train_text_encoder, recipe.lora.text_encoder_lr
+        super().__init__(recipe, train_text_encoder, text_encoder_lr)
 
     def configure_model(self) -> None:
         settings = self.recipe.lora
