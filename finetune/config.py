@@ -152,6 +152,9 @@ class LoRAConfig(Section):
     # The LoRA update is scaled by alpha / rank; saved with the weights so strength is preserved.
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
+    # rsLoRA (Kalajdzievski 2023): scale by alpha / sqrt(rank) instead of alpha / rank, so higher ranks
+    # keep learning at one learning rate. Saved in the metadata; every loader here and diffusers honour it.
+    use_rslora: bool = False
     # Names of UNet submodules to adapt: attention projections by default; add "proj_in", "proj_out",
     # "ff.net.0.proj", "ff.net.2", "conv1", "conv2" for feed-forward and conv layers.
     target_modules: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1)

@@ -21,6 +21,7 @@ import torch
 import yaml
 from PIL import Image
 
+from finetune.config import LoRAConfig
 from finetune.errors import FinetuneError
 from finetune.recipe_loading import recipe_from_dict
 
@@ -56,7 +57,7 @@ def adapters_dir(tmp_path_factory, tiny_model, image_folder) -> Path:
 
     # A LoRA of another architecture (the toy-world preset: wider text encoder), random non-zero B.
     other = build_tiny_pipeline("world").unet
-    add_lora(other, ["to_q", "to_k", "to_v", "to_out.0"], torch.float32, SimpleNamespace(rank=4, alpha=4, dropout=0.0))
+    add_lora(other, ["to_q", "to_k", "to_v", "to_out.0"], torch.float32, LoRAConfig(rank=4, alpha=4))
     for name, parameter in other.named_parameters():
         if "lora_B" in name:
             parameter.data.normal_(0, 0.5)

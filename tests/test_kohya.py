@@ -14,17 +14,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from finetune.cli import main
+from finetune.config import LoRAConfig
 from finetune.kohya import export_lora, kohya_name, load_lora, module_key, save_lora_file
 from finetune.merge import merge_into
 from finetune.methods.lora import LORA_WEIGHTS_NAME, TEXT_ENCODER_TARGETS, add_lora, save_lora
 from finetune.tiny_model import build_tiny_pipeline
-from finetune.trainer import output_metadata
+from finetune.trainer import output_metadata, train
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-class Settings:
-    rank, alpha, dropout = 4, 2.0, 0.0  # alpha != rank: a lost alpha changes every output
+Settings = LoRAConfig(rank=4, alpha=2.0)  # alpha != rank: a lost alpha changes every output
 
 
 def randomise_lora(model: torch.nn.Module, seed: int) -> None:
@@ -218,3 +218,23 @@ def test_export_of_something_that_is_not_a_lora_is_one_line(tmp_path, capsys):
     assert main(["export", str(tmp_path / "model.safetensors"), str(tmp_path / "out"), "--to", "kohya"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds no SD1.x LoRA weights" in err[0]
+
+
+def test_an_rslora_run_merges_exports_and_loads_in_diffusers_alike(make_recipe, tiny_model, tmp_path):
+    """lora.use_rslora scales by alpha/sqrt(rank) (2/2 here, not 2/4): diffusers reads that from the saved
+    LoraConfig, and merge and the kohya export (alpha * sqrt(rank)) must give the same model."""
+    result = train(make_recipe(lora__use_rslora=True, lora__rank=4, lora__alpha=2, optimizer__lr=1e-2, train__max_steps=2))
+    with safe_open(str(result.output_dir / LORA_WEIGHTS_NAME), "pt") as f:
+        assert json.loads(f.metadata()["lora_adapter_metadata"])["unet.use_rslora"] is True
+    pipeline = load_pipeline(tiny_model)
+    base = outputs(pipeline)
+    pipeline.load_lora_weights(str(result.output_dir), weight_name=LORA_WEIGHTS_NAME)
+    expected = outputs(pipeline)
+    assert not torch.allclose(expected[0], base[0], atol=1e-4)
+
+    assert main(["merge", "--base", str(tiny_model), "--lora", str(result.output_dir), str(tmp_path / "merged")]) == 0
+    assert_close(outputs(load_pipeline(tmp_path / "merged")), expected)
+    kohya_file, _ = export_lora(result.output_dir, tmp_path / "kohya", "kohya")
+    pipeline = load_pipeline(tiny_model)
+    pipeline.load_lora_weights(str(kohya_file.parent), weight_name=kohya_file.name)
+    assert_close(outputs(pipeline), expected)

@@ -6,7 +6,6 @@ layout, then loads it with `model.single_file_config` pointing at the matching d
 """
 
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from finetune.cli import main
-from finetune.config import ModelConfig
+from finetune.config import LoRAConfig, ModelConfig
 from finetune.demo_engine import DemoEngine
 from finetune.errors import FinetuneError
 from finetune.methods.lora import add_lora, save_lora
@@ -150,7 +149,7 @@ def test_sample_merge_and_demo_take_a_single_file_base_with_base_config(single_f
     path, configs, pipeline = single_file
     # A LoRA of this architecture, with B made non-zero as training would.
     unet = copy.deepcopy(pipeline.unet)
-    add_lora(unet, ["to_q", "to_k", "to_v", "to_out.0"], torch.float32, SimpleNamespace(rank=4, alpha=2.0, dropout=0.0))
+    add_lora(unet, ["to_q", "to_k", "to_v", "to_out.0"], torch.float32, LoRAConfig(rank=4, alpha=2.0))
     generator = torch.Generator().manual_seed(0)
     for name, parameter in unet.named_parameters():
         if "lora_B" in name:

@@ -66,6 +66,7 @@ def add_lora(model: torch.nn.Module, target_modules: list[str], weight_dtype: to
             r=settings.rank,
             lora_alpha=settings.alpha,
             lora_dropout=settings.dropout,
+            use_rslora=settings.use_rslora,
             target_modules=list(target_modules),
             init_lora_weights="gaussian",  # A random, B zero: the adapter starts as a no-op
         )
