@@ -226,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args) -> int:
-    from finetune.recipe_loading import load_recipe
     from finetune.distributed import leave_process_group
+    from finetune.recipe_loading import load_recipe
     from finetune.trainer import train
 
     recipe = load_recipe(args.recipe, args.overrides)
