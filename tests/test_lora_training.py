@@ -63,8 +63,14 @@ def test_loss_falls_on_a_fixed_batch(make_recipe):
     assert after < 0.85 * before, (before, after)
 
 
-def test_only_lora_weights_change_and_saved_file_reproduces_the_trained_unet(make_recipe):
-    recipe = make_recipe(train__max_steps=3, lora__rank=4, lora__alpha=2)  # alpha != rank on purpose
+# Attention alone (recipes/lora.yaml), and with the feed-forward, projection and conv layers (the quickstart's).
+TARGETS = {"attention": ["to_q", "to_k", "to_v", "to_out.0"],
+           "all": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]}
+
+
+@pytest.mark.parametrize("targets", list(TARGETS))
+def test_only_lora_weights_change_and_saved_file_reproduces_the_trained_unet(make_recipe, targets):
+    recipe = make_recipe(train__max_steps=3, lora__rank=4, lora__alpha=2, lora__target_modules=TARGETS[targets])  # alpha != rank on purpose
     result = train(recipe)
     lora_file = result.output_dir / LORA_WEIGHTS_NAME
     assert result.saved_files == [lora_file]

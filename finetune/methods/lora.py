@@ -18,6 +18,7 @@ from peft.utils import get_peft_model_state_dict
 
 from finetune.checkpoint import atomic_save_safetensors
 from finetune.errors import FinetuneError
+from finetune.kohya import DIFFUSERS_SUFFIXES
 from finetune.methods.base import UNetMethod
 from finetune.models import freeze
 
@@ -81,6 +82,10 @@ def save_lora(modules: dict[str, torch.nn.Module], path: Path, metadata: dict[st
     tensors, lora_config = {}, {}
     for prefix, model in modules.items():
         weights = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+        # diffusers' converter renames attention layers only; left in peft's names (lora_A/lora_B), the
+        # other layers (proj, ff, conv) make load_lora_weights skip the renamed ones: one naming for all.
+        down, up = DIFFUSERS_SUFFIXES[prefix]
+        weights = {key.replace(".lora_A.weight", down).replace(".lora_B.weight", up): value for key, value in weights.items()}
         tensors.update({f"{prefix}.{key}": value.detach().to("cpu", torch.float32).contiguous() for key, value in weights.items()})
         config = model.peft_config["default"].to_dict()
         lora_config.update({f"{prefix}.{key}": sorted(value) if isinstance(value, set) else value for key, value in config.items()})
