@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_base_options(merge)
     merge.add_argument("--lora", required=True, help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
     merge.add_argument("--strength", type=float, default=1.0, help="LoRA strength, as --lora-scale in sampling (default 1.0)")
+    merge.add_argument("--overwrite", action="store_true", help="replace the contents of an existing output folder")
 
     conditions = commands.add_parser(
         "make-conditions",
@@ -311,7 +312,7 @@ def _export(args) -> int:
 def _merge(args) -> int:
     from finetune.merge import merge_lora
 
-    print(f"wrote {merge_lora(args.base, args.lora, args.strength, Path(args.output_dir), base_config=args.base_config)}")
+    print(f"wrote {merge_lora(args.base, args.lora, args.strength, Path(args.output_dir), base_config=args.base_config, overwrite=args.overwrite)}")
     return 0
 
 

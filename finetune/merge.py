@@ -48,12 +48,15 @@ def find_module(model: torch.nn.Module, path: str, part: str) -> torch.nn.Module
     raise FinetuneError(f"LoRA layer {part}.{path} is not in the base model: the LoRA was trained on another architecture")
 
 
-def merge_lora(base: str, lora_path: str, strength: float, output_dir: Path, base_config: str | None = None) -> Path:
+def merge_lora(
+    base: str, lora_path: str, strength: float, output_dir: Path, base_config: str | None = None, overwrite: bool = False
+) -> Path:
     """Load `base` (described by `base_config` when it is a single file), fold in the LoRA at `strength`,
-    save a full pipeline with a short model card."""
+    save a full pipeline with a short model card. An existing folder is replaced only with `overwrite`."""
     from finetune.inference import resolve_lora_file
 
     lora_file = resolve_lora_file(lora_path)
+    check_output_folder(Path(output_dir), lora_file, overwrite)
     lora = load_lora(lora_file)
     model = load_base_model(ModelConfig.from_option(base, base_config))
     merge_into({"unet": model.unet, "text_encoder": model.text_encoder}, lora, strength)
@@ -62,6 +65,16 @@ def merge_lora(base: str, lora_path: str, strength: float, output_dir: Path, bas
     output_dir = save_pipeline(model, Path(output_dir))
     _write_card(output_dir, base, lora_file, lora, strength)
     return output_dir
+
+
+def check_output_folder(output_dir: Path, lora_file: Path, overwrite: bool) -> None:
+    """The merged pipeline replaces the whole folder: never one the user keeps other things in, unasked."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FinetuneError(f"merge output {output_dir} is a file: give a folder for the merged pipeline")
+    if output_dir.resolve() in lora_file.resolve().parents:
+        raise FinetuneError(f"merge output {output_dir} holds the LoRA being merged ({lora_file}): pick another folder")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise FinetuneError(f"merge output {output_dir} is not empty: pick a new folder, or pass --overwrite to replace what is in it")
 
 
 def _write_card(output_dir: Path, base: str, lora_file: Path, lora: LoRA, strength: float) -> None:

@@ -238,3 +238,23 @@ def test_an_rslora_run_merges_exports_and_loads_in_diffusers_alike(make_recipe, 
     pipeline = load_pipeline(tiny_model)
     pipeline.load_lora_weights(str(kohya_file.parent), weight_name=kohya_file.name)
     assert_close(outputs(pipeline), expected)
+
+
+def test_merge_replaces_an_existing_folder_only_when_asked_and_never_its_source(trained, tiny_model, tmp_path, capsys):
+    merge = ["merge", "--base", str(tiny_model), "--lora", str(trained.path)]
+    before = sorted(p.name for p in trained.path.iterdir())
+    assert main([*merge, str(trained.path), "--overwrite"]) == 2  # the training folder it merges from
+    assert "holds the LoRA being merged" in capsys.readouterr().err
+    assert sorted(p.name for p in trained.path.iterdir()) == before
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert main([*merge, str(mine)]) == 2
+    assert "is not empty: pick a new folder, or pass --overwrite" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "keep me"
+    assert main([*merge, str(mine), "--overwrite"]) == 0 and (mine / "model_index.json").is_file()
+
+    assert main([*merge, str(trained.path / LORA_WEIGHTS_NAME)]) == 2
+    assert "is a file: give a folder" in capsys.readouterr().err
+    assert not list(trained.path.glob(".*partial"))
