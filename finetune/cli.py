@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     lora_export.add_argument("input", help="a LoRA .safetensors file (either layout) or a training output folder")
     lora_export.add_argument("output", help="a .safetensors path, or a folder for the file and its README.md")
     lora_export.add_argument("--to", required=True, choices=["kohya", "diffusers"], help="layout to write")
+    lora_export.add_argument("--overwrite", action="store_true", help="replace the file and README.md if they exist")
 
     merge = commands.add_parser(
         "merge",
@@ -304,7 +305,7 @@ def _export_base(args) -> int:
 def _export(args) -> int:
     from finetune.kohya import export_lora
 
-    path, card = export_lora(Path(args.input), Path(args.output), args.to)
+    path, card = export_lora(Path(args.input), Path(args.output), args.to, overwrite=args.overwrite)
     print(f"wrote {path} ({args.to} layout) and {card}")
     return 0
 

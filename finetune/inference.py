@@ -19,7 +19,7 @@ from finetune.checkpoint import atomic_save_safetensors
 from finetune.config import ModelConfig
 from finetune.data import Example, open_rgb
 from finetune.errors import FinetuneError
-from finetune.kohya import load_lora, to_diffusers
+from finetune.kohya import LoRA, load_lora, to_diffusers
 from finetune.merge import check_lora_fits
 from finetune.methods.controlnet import CONTROLNET_DIR, METADATA_FILE, UNET_DIR
 from finetune.methods.lora import LORA_WEIGHTS_NAME
@@ -47,13 +47,12 @@ def resolve_lora_file(lora: str) -> Path:
     return path
 
 
-def load_lora_into(pipeline, lora_file: Path, adapter_name: str) -> dict[str, str]:
-    """Load a LoRA file of either layout (ours/diffusers or kohya) as a named adapter; return its metadata.
+def load_lora_into(pipeline, lora: LoRA, lora_file: Path, adapter_name: str) -> None:
+    """Load a LoRA read from a file of either layout (ours/diffusers or kohya) as a named adapter.
 
-    The file is first read into our neutral form and rewritten in our layout, with per-module alphas in
-    its metadata: diffusers reads a kohya file's alphas only when they are all equal.
+    It is rewritten in our layout, with per-module alphas in its metadata: diffusers reads a kohya
+    file's alphas only when they are all equal.
     """
-    lora = load_lora(lora_file)
     try:
         check_lora_fits({"unet": pipeline.unet, "text_encoder": pipeline.text_encoder}, lora)
     except FinetuneError as err:
@@ -65,7 +64,6 @@ def load_lora_into(pipeline, lora_file: Path, adapter_name: str) -> dict[str, st
             pipeline.load_lora_weights(folder, weight_name=LORA_WEIGHTS_NAME, adapter_name=adapter_name)
         except (ValueError, RuntimeError, KeyError) as err:
             raise FinetuneError(f"LoRA {lora_file} does not fit this base model: {str(err).splitlines()[0][:200]}") from None
-    return lora.metadata
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -152,6 +150,8 @@ def load_sampling_pipeline(
 ):
     """StableDiffusionPipeline over the base (+ LoRA); StableDiffusionControlNetPipeline with `controlnet`.
     `base_config` describes a single-file base (as --base-config)."""
+    lora_file = resolve_lora_file(lora) if lora else None
+    lora_weights = load_lora(lora_file) if lora_file else None  # a broken file stops before the model loads
     base_model = load_base_model(ModelConfig.from_option(base, base_config))
     adapters = {}  # name: metadata
     if controlnet is None:
@@ -164,7 +164,8 @@ def load_sampling_pipeline(
         pipeline = build_pipeline(base_model, unet=unet, pipeline_class=StableDiffusionControlNetPipeline, controlnet=model)
         adapters[controlnet] = controlnet_metadata(folder)
     if lora:
-        adapters[lora] = load_lora_into(pipeline, resolve_lora_file(lora), adapter_name="lora")
+        load_lora_into(pipeline, lora_weights, lora_file, adapter_name="lora")
+        adapters[lora] = lora_weights.metadata
         pipeline.set_adapters(["lora"], adapter_weights=[lora_scale])
     follow_adapters_prediction_type(pipeline, adapters)
     return pipeline

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from finetune.checkpoint import atomic_save_safetensors
 from finetune.errors import FinetuneError
@@ -126,9 +126,12 @@ def load_lora(path: Path) -> LoRA:
         raise FinetuneError(f"LoRA {path} is not a .safetensors file: pickle checkpoints are not loaded (they can run code)")
     if not path.is_file():
         raise FinetuneError(f"LoRA file {path} not found")
-    with safe_open(str(path), "pt") as f:
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-        metadata = dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), "pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            metadata = dict(f.metadata() or {})
+    except (SafetensorError, OSError) as err:
+        raise FinetuneError(f"LoRA {path} is not a readable safetensors file ({str(err).splitlines()[0][:120]}): a truncated download? get it again") from None
     metadata.pop("format", None)
     if any(key.startswith(tuple(PARTS.values())) for key in tensors):
         return from_kohya(tensors, metadata)
@@ -288,13 +291,20 @@ def resolve_output_file(output: Path, layout: str, source: Path) -> Path:
     return output / (f"{run_name}.safetensors" if layout == "kohya" else LORA_WEIGHTS_NAME)
 
 
-def export_lora(source: Path, output: Path, layout: str) -> tuple[Path, Path]:
-    """Convert `source` (a file or training folder) to `layout`; write the file and a README.md card."""
+def export_lora(source: Path, output: Path, layout: str, overwrite: bool = False) -> tuple[Path, Path]:
+    """Convert `source` (a file or training folder) to `layout`; write the file and a README.md card.
+    Files already there (an earlier export, a trained LoRA, the user's README) are replaced only with `overwrite`."""
     from finetune.inference import resolve_lora_file
 
     source = resolve_lora_file(str(source))
+    destination = resolve_output_file(Path(output), layout, source)
+    if destination.resolve() == source.resolve():
+        raise FinetuneError(f"export would write {destination} over the LoRA it reads: give another output")
+    existing = [path for path in (destination, destination.parent / "README.md") if path.exists()]
+    if existing and not overwrite:
+        raise FinetuneError(f"export would replace {', '.join(map(str, existing))}: give another output, or pass --overwrite")
     lora = load_lora(source)
-    path = save_lora_file(lora, resolve_output_file(Path(output), layout, source), layout)
+    path = save_lora_file(lora, destination, layout)
     return path, write_model_card(lora, path, layout, training_dir=source.parent)
 
 

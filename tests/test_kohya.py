@@ -258,3 +258,23 @@ def test_merge_replaces_an_existing_folder_only_when_asked_and_never_its_source(
     assert main([*merge, str(trained.path / LORA_WEIGHTS_NAME)]) == 2
     assert "is a file: give a folder" in capsys.readouterr().err
     assert not list(trained.path.glob(".*partial"))
+
+
+def test_export_replaces_files_only_when_asked_and_a_truncated_lora_is_one_line(trained, tiny_model, tmp_path, capsys):
+    out = tmp_path / "webui"
+    out.mkdir()
+    (out / "README.md").write_text("# my notes")
+    assert main(["export", str(trained.path), str(out), "--to", "kohya"]) == 2
+    assert f"export would replace {out / 'README.md'}: give another output, or pass --overwrite" in capsys.readouterr().err
+    assert (out / "README.md").read_text() == "# my notes" and not list(out.glob("*.safetensors"))
+    assert main(["export", str(trained.path), str(out), "--to", "kohya", "--overwrite"]) == 0
+    assert main(["export", str(trained.path), str(trained.path), "--to", "diffusers", "--overwrite"]) == 2
+    assert "over the LoRA it reads" in capsys.readouterr().err
+
+    truncated = tmp_path / "download.safetensors"
+    truncated.write_bytes((trained.path / LORA_WEIGHTS_NAME).read_bytes()[:100])
+    sample = ["sample", "--base", str(tiny_model), "--lora", str(truncated), "--prompt", "a", "--steps", "1", "--out", str(tmp_path / "s")]
+    for argv in (["export", str(truncated), str(tmp_path / "x"), "--to", "kohya"], sample):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"LoRA {truncated} is not a readable safetensors file" in err[0], err
