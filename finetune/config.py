@@ -190,9 +190,9 @@ class VAEConfig(Section):
 class ClassImageGeneration(Section):
     """How missing class images are generated with the frozen base model (DreamBooth prior preservation)."""
 
-    num_inference_steps: int = 25
+    num_inference_steps: int = Field(25, ge=1)
     guidance_scale: float = 7.5
-    batch_size: int = 4
+    batch_size: int = Field(4, ge=1)
     seed: int = 0
     negative_prompt: Optional[str] = None
 
@@ -231,8 +231,8 @@ class DreamBoothConfig(Section):
     concepts: list[Concept]
     adapter: Literal["full", "lora"] = "full"  # lora uses the `lora:` section's settings
     prior_preservation: bool = True
-    prior_loss_weight: float = 1.0
-    num_class_images: int = 100  # per concept
+    prior_loss_weight: float = Field(1.0, ge=0)
+    num_class_images: int = Field(100, ge=0)  # per concept
     class_generation: ClassImageGeneration = ClassImageGeneration()
     train_text_encoder: bool = False
     text_encoder_lr: Optional[float] = None  # None: the same as optimizer.lr
@@ -298,6 +298,11 @@ class TrainConfig(Section):
     cache_text_embeddings: bool = False  # ignored when the text encoder trains
     cache_dir: Optional[str] = None  # None: in memory for this run; a folder: on disk, reused by later runs
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _unquoted_no(cls, value):
+        return "no" if value is False else value  # YAML 1.1 reads an unquoted `no` as false
+
 
 class OptimizerConfig(Section):
     # adamw8bit, paged_adamw8bit and lion8bit come from bitsandbytes (8-bit states for large tensors).
@@ -312,21 +317,21 @@ class OptimizerConfig(Section):
 
 class ValidationConfig(Section):
     prompts: list[str] = []
-    every_n_steps: int = 0  # 0: only at the end of training
+    every_n_steps: int = Field(0, ge=0)  # 0: only at the end of training
     at_start: bool = True  # also sample before the first step, for a before/after comparison
-    num_inference_steps: int = 25
+    num_inference_steps: int = Field(25, ge=1)
     guidance_scale: float = 7.5
-    images_per_prompt: int = 2
+    images_per_prompt: int = Field(2, ge=1)
     seed: int = 0
 
 
 class CheckpointConfig(Section):
-    every_n_steps: int = 500
-    keep_last: int = 3
+    every_n_steps: int = Field(500, ge=0)  # 0: only at the end (and on Ctrl-C)
+    keep_last: int = Field(3, ge=0)  # 0: keep every checkpoint
 
 
 class LoggingConfig(Section):
-    every_n_steps: int = 10
+    every_n_steps: int = Field(10, ge=1)
     tensorboard: bool = True
 
 

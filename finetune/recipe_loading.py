@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import difflib
 import re
+import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -43,7 +44,9 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:
 
 
 def apply_override(raw: dict[str, Any], override: str, source: str = "command line") -> None:
-    """Apply `optimizer.lr=1e-4` to a nested dict; the value is parsed as YAML (numbers, lists, null).
+    """Apply `optimizer.lr=1e-4` to a nested dict. A text key takes the text as typed (a caption with
+    a `#`, a folder named `2024-01-01`, `mixed_precision=no`); other values are parsed as YAML
+    (numbers, lists, null).
 
     A number in the path indexes a list: `dreambooth.concepts.0.instance_dir=photos` (or `concepts[0]`).
     """
@@ -51,10 +54,10 @@ def apply_override(raw: dict[str, Any], override: str, source: str = "command li
         raise FinetuneError(f"override '{override}' must look like key=value, e.g. optimizer.lr=1e-4")
     dotted, value_text = override.split("=", 1)
     keys = re.sub(r"\[(\d+)\]", r".\1", dotted.strip()).split(".")
+    value = _override_value(keys, value_text, override)
     node: Any = raw
     for depth, key in enumerate(keys):
         last = depth == len(keys) - 1
-        value = yaml.safe_load(value_text) if value_text.strip() else None
         if isinstance(node, list):
             if not key.isdigit() or int(key) >= len(node):
                 raise FinetuneError(f"override '{override}': '{key}' is not an index of the list at '{'.'.join(keys[:depth])}' in {source}")
@@ -69,6 +72,46 @@ def apply_override(raw: dict[str, Any], override: str, source: str = "command li
                 node = node.setdefault(key, {})
         else:
             raise FinetuneError(f"override '{override}': '{keys[depth - 1]}' is not a section in {source}")
+
+
+def _override_value(keys: list[str], text: str, override: str) -> Any:
+    if not text.strip() or text.strip() in ("null", "~"):
+        return None
+    annotation, stripped = _annotation_at(keys), text.strip()
+    quoted = len(stripped) > 1 and stripped[0] == stripped[-1] and stripped[0] in "'\""
+    a_list = stripped.startswith("[") and _takes(annotation, list)
+    if _takes(annotation, str) and not quoted and not a_list:
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise FinetuneError(f"override '{override}': the value is not valid YAML ({str(err).splitlines()[0]}): quote it") from None
+
+
+def _annotation_at(keys: list[str]) -> Any:
+    """The schema's type for a dotted path (list indexes skipped), or None for a key it does not have."""
+    annotation: Any = Recipe
+    for key in keys:
+        if key.isdigit():
+            continue
+        model = section_type(annotation)
+        if model is None or key not in model.model_fields:
+            return None
+        annotation = model.model_fields[key].annotation
+    return annotation
+
+
+def _takes(annotation: Any, kind: type) -> bool:
+    """Whether a field of this type takes a `kind` (str or list): the type itself, a Literal of strings,
+    or a member of an Optional/Union (class_prompt takes both)."""
+    origin = typing.get_origin(annotation)
+    if annotation is kind or origin is kind:
+        return True
+    if origin is Literal:
+        return kind is str and all(isinstance(choice, str) for choice in typing.get_args(annotation))
+    if origin in (Union, types.UnionType):
+        return any(_takes(member, kind) for member in typing.get_args(annotation))
+    return False
 
 
 def describe_validation_error(err: ValidationError, raw: dict[str, Any]) -> str:

@@ -133,6 +133,11 @@ def test_override_indexes_lists():
         ("data.caption_dropout=1.5", r"^key 'data.caption_dropout': must be between 0 and 1 \(got 1.5\)$"),
         ("data.folders=[{path: a, repeats: 0}]", r"^key 'data.folders.0.repeats': must be at least 1"),
         ("data.keep_tokens=2", r"^key 'data': data.keep_tokens keeps the first tags in place while data.shuffle_tags shuffles the rest: set data.shuffle_tags: true"),
+        # Each of these crashed mid-run (the validation ones after training, before the adapter was saved).
+        ("validation.num_inference_steps=0", r"^key 'validation.num_inference_steps': Input should be greater than or equal to 1 \(got 0\)$"),
+        ("validation.images_per_prompt=0", r"^key 'validation.images_per_prompt': Input should be greater than or equal to 1"),
+        ("logging.every_n_steps=0", r"^key 'logging.every_n_steps': Input should be greater than or equal to 1"),
+        ("checkpoint.keep_last=-1", r"^key 'checkpoint.keep_last': Input should be greater than or equal to 0"),
     ],
 )
 def test_values_that_cannot_train_are_one_line_errors_naming_the_key(override, message, tmp_path):
@@ -142,3 +147,19 @@ def test_values_that_cannot_train_are_one_line_errors_naming_the_key(override, m
         load_recipe(path, [override])
     text = str(raised.value)
     assert text.startswith(f"{path}: ") and re.search(message, text.removeprefix(f"{path}: ")), text
+
+
+def test_override_values_for_text_keys_are_taken_as_typed(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("data: {image_dir: x}\ntrain: {mixed_precision: no}\n")  # YAML reads this `no` as false
+    assert load_recipe(path).train.mixed_precision == "no"
+    recipe = load_recipe(path, [
+        "data.caption=a photo of sks dog #1 best",  # YAML would drop the "comment"
+        "data.image_dir=2024-01-01", "output_dir=[draft] run",  # YAML: a date; a parse error
+        "train.mixed_precision=no", "validation.prompts=[a, b]", "lora.rank=8", "train.snr_gamma=null",
+    ])  # fmt: skip
+    assert recipe.data.caption == "a photo of sks dog #1 best" and recipe.data.image_dir == "2024-01-01"
+    assert recipe.output_dir == "[draft] run" and recipe.train.mixed_precision == "no"
+    assert recipe.validation.prompts == ["a", "b"] and recipe.lora.rank == 8 and recipe.train.snr_gamma is None
+    with pytest.raises(FinetuneError, match=r"^override 'train.max_steps=\[1': the value is not valid YAML .*: quote it$"):
+        load_recipe(path, ["train.max_steps=[1"])

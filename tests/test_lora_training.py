@@ -255,3 +255,16 @@ def test_lora_on_the_text_encoder_trains_at_its_own_rate_and_loads_in_diffusers(
     with pytest.raises(FinetuneError, match=r"method dreambooth trains the text encoder with dreambooth.train_text_encoder; remove lora.train_text_encoder"):
         make_recipe(method="dreambooth", data__image_dir=None, lora__train_text_encoder=True,
                     dreambooth={"concepts": [{"instance_dir": "x", "instance_prompt": "a sks shape", "class_prompt": "a shape"}]})  # fmt: skip
+
+
+def test_the_trained_adapter_is_on_disk_before_the_last_validation_samples(make_recipe, monkeypatch):
+    import finetune.trainer as trainer_module
+
+    def broken_sampler(*args, **kwargs):
+        raise RuntimeError("the sampler broke")
+
+    monkeypatch.setattr(trainer_module, "run_validation", broken_sampler)
+    recipe = make_recipe(train__max_steps=2, validation__at_start=False)
+    with pytest.raises(RuntimeError, match="the sampler broke"):
+        train(recipe)
+    assert (Path(recipe.output_dir) / LORA_WEIGHTS_NAME).is_file()
