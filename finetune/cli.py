@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("source", help="a diffusers pipeline folder (e.g. outputs/base/unet/pipeline)")
     export.add_argument("destination")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing destination folder")
 
     lora_export = commands.add_parser(
         "export",
@@ -298,7 +299,7 @@ def _make_world_data(args) -> int:
 def _export_base(args) -> int:
     from finetune.pipeline_io import export_fp16
 
-    print(f"wrote {export_fp16(Path(args.source), Path(args.destination))}")
+    print(f"wrote {export_fp16(Path(args.source), Path(args.destination), overwrite=args.overwrite)}")
     return 0
 
 

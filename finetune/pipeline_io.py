@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -48,17 +49,26 @@ def save_pipeline(
     return output_dir
 
 
-def export_fp16(source: Path, destination: Path) -> Path:
-    """A compact copy of a pipeline: fp16 safetensors (half the bytes), loaded back as fp32 for training."""
+def export_fp16(source: Path, destination: Path, overwrite: bool = False) -> Path:
+    """A compact copy of a pipeline: fp16 safetensors (half the bytes), loaded back as fp32 for training
+    and by a plain `from_pretrained` (every part in one dtype; mixed, the first matmul fails)."""
     from finetune.errors import FinetuneError
 
     if not (source / "model_index.json").is_file():
         raise FinetuneError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
+    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())) and not overwrite:
+        raise FinetuneError(f"{destination} exists and is not empty: pick a new folder, or pass --overwrite to replace it")
     pipeline = StableDiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False)
     pipeline.to(torch.float16)
     partial = destination.with_name(f".{destination.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     pipeline.save_pretrained(partial, safe_serialization=True)
+    # diffusers loads the UNet and VAE as fp32 whatever their files hold; transformers loads the text
+    # encoder in its config's dtype: say fp32 there too.
+    config_path = partial / "text_encoder" / "config.json"
+    config = json.loads(config_path.read_text())
+    config.update({key: "float32" for key in ("dtype", "torch_dtype") if key in config})
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(destination, ignore_errors=True)
     with_default_permissions(partial).rename(destination)
     return destination

@@ -39,3 +39,23 @@ def test_the_model_cards_diffusers_code_runs_on_the_shipped_base(quickstart_lora
         exec(python_block(card), namespace)
         image = namespace["pipeline"]("a star", num_inference_steps=1, output_type="np").images[0]
         assert image.shape == (64, 64, 3) and np.isfinite(image).all(), card
+
+
+def test_the_shipped_base_samples_in_plain_diffusers_and_export_base_keeps_it_so(tmp_path, capsys):
+    """Files in fp16 (half the bytes), every part fp32 when loaded with no dtype given: a text encoder
+    loaded as fp16 beside an fp32 UNet failed at the first matmul."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    for folder in (SHIPPED_BASE, tmp_path / "copy"):
+        if folder != SHIPPED_BASE:
+            assert main(["export-base", str(SHIPPED_BASE), str(folder)]) == 0
+        with safe_open(str(folder / "text_encoder" / "model.safetensors"), "pt") as f:
+            assert f.get_slice(next(iter(f.keys()))).get_dtype() == "F16"
+        pipeline = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
+        assert {pipeline.unet.dtype, pipeline.vae.dtype, pipeline.text_encoder.dtype} == {torch.float32}
+        assert pipeline("a red star", num_inference_steps=1, output_type="np").images[0].shape == (64, 64, 3)
+    assert main(["export-base", str(SHIPPED_BASE), str(tmp_path / "copy")]) == 2  # not over an existing folder, unasked
+    assert "exists and is not empty: pick a new folder, or pass --overwrite" in capsys.readouterr().err
+    assert main(["export-base", str(SHIPPED_BASE), str(tmp_path / "copy"), "--overwrite"]) == 0
