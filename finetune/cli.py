@@ -28,6 +28,17 @@ EXAMPLES = """examples:
 """
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (0 images or steps crashed deep in sampling)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_base_options(parser: argparse.ArgumentParser, required: bool = True, default: str = "") -> None:
     """--base and --base-config, as sample, merge, eval and demo take them (training: model.pretrained and
     model.single_file_config)."""
@@ -72,13 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--lora", help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
     sample.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
     sample.add_argument("--controlnet", help="ControlNet folder (config.json + weights), or a controlnet training output folder")
-    sample.add_argument("--condition", help="conditioning image for --controlnet (edges, mask, ...), used for every prompt")
+    sample.add_argument("--condition", action="append", help="conditioning image for --controlnet (edges, mask, ...), used for every prompt")
     sample.add_argument("--conditioning-scale", type=float, default=None, help="ControlNet strength (default 1.0; 0 = the base model alone)")
     sample.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several)")
     sample.add_argument("--negative-prompt", default=None)
-    sample.add_argument("--num-images", type=int, default=4, help="images per prompt (seeds seed..seed+N-1)")
+    sample.add_argument("--num-images", type=positive_int, default=4, help="images per prompt (seeds seed..seed+N-1)")
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    sample.add_argument("--steps", type=positive_int, default=25, help="DDIM steps")
     sample.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     sample.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")
     sample.add_argument("--out", default="outputs/samples", help="output folder (default outputs/samples)")
@@ -216,8 +227,20 @@ def quiet_third_party_warnings() -> None:
     drop("DeepSpeed", "Setting accelerator to CPU")
 
 
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    """`key=value` overrides may also come after options (`train R --resume latest train.max_steps=5`):
+    argparse stops collecting a positional list at the first option, so the rest are added here."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     quiet_third_party_warnings()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -226,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     except FinetuneError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # training stops itself cleanly; this is Ctrl-C anywhere else (loading, class images, sampling)
+        print("\nstopped (Ctrl-C): files written so far are kept; run the command again to continue", file=sys.stderr)
+        return 130
 
 
 def _train(args) -> int:
@@ -250,6 +276,9 @@ def _train(args) -> int:
 def _sample(args) -> int:
     from finetune.inference import sample_to_folder
 
+    if args.condition and len(args.condition) > 1:
+        raise FinetuneError("--condition takes one image, used for every prompt: sample each conditioning image in its own run")
+
     written = sample_to_folder(
         base=args.base,
         base_config=args.base_config,
@@ -264,7 +293,7 @@ def _sample(args) -> int:
         resolution=args.resolution,
         output_dir=Path(args.out),
         controlnet=args.controlnet,
-        condition=args.condition,
+        condition=args.condition[0] if args.condition else None,
         conditioning_scale=args.conditioning_scale,
     )
     print(f"wrote {len(written) - 1} images and a grid: {written[-1]}")

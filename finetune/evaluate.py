@@ -295,7 +295,7 @@ control_iou, placement_iou: higher is better, compare with their chance levels a
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``eval`` on the ``finetune`` subcommand parsers (``parser.add_subparsers()``)."""
-    from finetune.cli import add_base_options
+    from finetune.cli import add_base_options, positive_int
 
     p = subparsers.add_parser(
         "eval",
@@ -312,9 +312,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--conditioning-scale", type=float, default=None, help="ControlNet strength (default 1.0)")
     p.add_argument("--suite", action="append", choices=list(SUITES),
                    help="suite to run; repeat for several (default: adherence and fid; control with --controlnet)")
-    p.add_argument("--num-prompts", type=int, default=64, help="prompts per suite (default 64)")
-    p.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt, seeds seed..seed+N-1 (default 1)")
-    p.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
+    p.add_argument("--num-prompts", type=positive_int, default=64, help="prompts per suite (default 64)")
+    p.add_argument("--images-per-prompt", type=positive_int, default=1, help="images per prompt, seeds seed..seed+N-1 (default 1)")
+    p.add_argument("--steps", type=positive_int, default=25, help="DDIM steps (default 25)")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5.0)")
     p.add_argument("--seed", type=int, default=0, help="noise seed; the prompts are fixed (default 0)")
     p.add_argument("--identifier", default="sks", help="DreamBooth identifier in subject prompts (default sks)")

@@ -207,3 +207,36 @@ def test_accelerate_launch_with_the_top_level_config_trains_with_deepspeed(tmp_p
     assert result.returncode == 0, result.stderr[-3000:]
     assert "training on 2 process(es) (distributed: deepspeed)" in result.stdout
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_overrides_may_follow_the_options_and_anything_else_is_still_refused(capsys):
+    from finetune.cli import parse_arguments
+
+    args = parse_arguments(["train", "recipes/lora.yaml", "data.image_dir=a", "--resume", "latest", "train.max_steps=5", "--overwrite", "lora.rank=4"])
+    assert args.overrides == ["data.image_dir=a", "train.max_steps=5", "lora.rank=4"] and args.resume == "latest" and args.overwrite
+    with pytest.raises(SystemExit):
+        parse_arguments(["train", "recipes/lora.yaml", "--resume", "latest", "stray"])
+    assert "unrecognized arguments: stray" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_arguments(["sample", "--base", "b", "--prompt", "p", "a=b"])  # no overrides there
+
+
+def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(monkeypatch, capsys):
+    import finetune.inference
+
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune.inference, "sample_to_folder", interrupted)
+    assert main(["sample", "--base", "b", "--prompt", "p"]) == 130
+    assert capsys.readouterr().err.strip() == "stopped (Ctrl-C): files written so far are kept; run the command again to continue"
+
+
+def test_sample_refuses_zero_images_or_steps_and_a_second_condition(capsys, tiny_model):
+    for option in ("--steps", "--num-images"):
+        with pytest.raises(SystemExit):
+            main(["sample", "--base", str(tiny_model), "--prompt", "a", option, "0"])
+        assert f"argument {option}: must be at least 1, got 0" in capsys.readouterr().err
+    two = ["--condition", "a.png", "--condition", "b.png"]
+    assert main(["sample", "--base", str(tiny_model), "--controlnet", "c", *two, "--prompt", "a", "--prompt", "b"]) == 2
+    assert "--condition takes one image, used for every prompt" in capsys.readouterr().err
