@@ -5,8 +5,8 @@ Every image is decoded once. Findings come in three levels:
 - fatal: training would stop (unreadable or truncated file, image too small, no caption). Training
   stops on the first one with a one-line error naming the file, unless `data.skip_bad_images` is
   set: then such images are left out and listed.
-- warning: training runs, but the data may not be what you meant (upscaled images, duplicates, a
-  metadata row naming a file that is not there).
+- warning: training runs, but the data may not be what you meant (upscaled images, duplicates, an
+  empty caption, a metadata row naming a file that is not there).
 - converted: handled on the fly (EXIF rotation, CMYK, 16-bit, transparency, palette): said so that
   nothing happens unseen.
 
@@ -114,6 +114,10 @@ def inspect(example: Example, config: DataConfig) -> tuple[Example | None, list[
     source, findings = example.source, []
     if example.caption is None:
         findings.append(Finding(FATAL, source, missing_caption_message(source)))
+    elif not example.caption.strip() and config.caption is None:  # an empty .txt or metadata text, not data.caption: ""
+        # Not fatal: ControlNet data (make-conditions' output) trains uncaptioned images on purpose.
+        message = f"image {source} has an empty caption: it trains as the empty prompt; write one in its .txt or metadata row if that is not meant"
+        findings.append(Finding(WARNING, source, message))
     try:
         raw = decode(example)
         image = upright_rgb(raw)

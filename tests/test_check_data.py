@@ -251,3 +251,17 @@ def test_training_warns_once_about_captions_the_text_encoder_cuts(make_recipe, i
     warnings = [line for line in capsys.readouterr().out.splitlines() if "longer than the text encoder's 77 tokens" in line]
     assert len(warnings) == 1
     assert warnings[0].startswith(f"warning: 1 of 4 captions are longer than the text encoder's 77 tokens and are cut there (the longest: {sidecars[0].with_suffix('.png')}, ")
+
+
+def test_an_empty_caption_is_a_warning_unless_data_caption_asks_for_none(tmp_path):
+    folder = tmp_path / "photos"
+    captioned(folder, "a.png")
+    captioned(folder, "b.png", caption="  \n")  # an empty .txt
+    noise(64, 64, seed=9).save(folder / "c.png")
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "c.png", "text": ""}) + "\n")
+    config = DataConfig(image_dir=str(folder), resolution=64)
+    report = inspect_examples(read_examples(config), config, "photos")
+    assert sorted(Path(f.source).name for f in report.of_level(WARNING)) == ["b.png", "c.png"] and len(report.usable) == 3
+    assert all("has an empty caption: it trains as the empty prompt" in f.message for f in report.of_level(WARNING))
+    config = DataConfig(image_dir=str(folder), resolution=64, caption="")
+    assert inspect_examples(read_examples(config), config, "photos").findings == []
