@@ -102,6 +102,16 @@ def resolve_resume(resume: str | None, checkpoints_dir: Path) -> Path | None:
     return path
 
 
+def check_resumable(checkpoint: Path, max_steps: int) -> None:
+    """Before anything loads: a checkpoint at or past train.max_steps has nothing left to train."""
+    step = json.loads((checkpoint / STATE_FILE).read_text()).get("step", 0)
+    if step >= max_steps:
+        raise FinetuneError(
+            f"{checkpoint} is at step {step} and train.max_steps is {max_steps}: nothing left to train; "
+            f"raise train.max_steps to continue (e.g. train.max_steps={step + max(step // 2, 1)})"
+        )
+
+
 # What a run leaves in its output_dir besides its outputs: `overwrite` clears these (DreamBooth's generated
 # class images stay: they are named by their prompt and settings, so a new run reuses only matching ones).
 RUN_FOLDERS = ("checkpoints", "samples", "logs")

@@ -303,6 +303,12 @@ class TrainConfig(Section):
     def _unquoted_no(cls, value):
         return "no" if value is False else value  # YAML 1.1 reads an unquoted `no` as false
 
+    @model_validator(mode="after")
+    def _cache_dir_caches_something(self) -> "TrainConfig":
+        if self.cache_dir and not (self.cache_latents or self.cache_text_embeddings):
+            raise ValueError("train.cache_dir keeps cached encodings, but nothing is cached: set train.cache_latents (or cache_text_embeddings) to true, or remove cache_dir")
+        return self
+
 
 class OptimizerConfig(Section):
     # adamw8bit, paged_adamw8bit and lion8bit come from bitsandbytes (8-bit states for large tensors).

@@ -99,6 +99,8 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     method.check_data()
     resolve_model_folder(recipe.model)
     resume_from = ckpt.resolve_resume(resume, checkpoints_dir)
+    if resume_from is not None:
+        ckpt.check_resumable(resume_from, train_cfg.max_steps)
     ckpt.guard_earlier_run(output_dir, resume_from, overwrite)
     if train_cfg.mixed_precision == "fp16" and not gpu_available():
         # accelerate turns fp16 autocast off on a CPU, and the fp16 frozen weights would then meet fp32 inputs.
@@ -164,6 +166,12 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         state = ckpt.load_checkpoint(accelerator, resume_from, **load_options)
         step = state["step"]
         accelerator.print(f"resumed from {resume_from} at step {step}")
+        if state.get("processes", accelerator.num_processes) != accelerator.num_processes:
+            accelerator.print(
+                f"warning: {resume_from.name} was trained by {state['processes']} processes, this run has {accelerator.num_processes}: "
+                f"the global batch changes from {state['processes'] * train_cfg.batch_size} to {accelerator.num_processes * train_cfg.batch_size} "
+                "images per micro-step (and the data order with it)"
+            )
         if average is not None and not average.load(resume_from / EMA_FILE):
             accelerator.print(f"warning: {resume_from.name} has no weight average (train.ema_decay was off): it starts from the resumed weights")
         changed = ckpt.changed_settings(state.get("recipe"), _flat_hparams(recipe))
@@ -197,7 +205,8 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
 
     def save_checkpoint() -> None:
         ckpt.save_checkpoint(
-            accelerator, checkpoints_dir, step, {"recipe_hash": recipe.fingerprint(), "recipe": _flat_hparams(recipe)},
+            accelerator, checkpoints_dir, step,
+            {"recipe_hash": recipe.fingerprint(), "recipe": _flat_hparams(recipe), "processes": accelerator.num_processes},
             recipe.checkpoint.keep_last, extra=(lambda folder: average.save(folder / EMA_FILE)) if average else None, **save_options
         )
 

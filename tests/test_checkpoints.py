@@ -1,10 +1,12 @@
 """Nothing a user made is lost: atomic checkpoints, rotation, and a clean stop on Ctrl-C."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -53,6 +55,26 @@ def test_resuming_names_the_settings_changed_since_the_checkpoint(make_recipe, c
     train(make_recipe(train__max_steps=3, lora__alpha=8, optimizer__lr=5e-4), resume="latest")  # alpha: 4x the strength so far
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: settings changed")]
     assert lines == ["warning: settings changed since checkpoint-2: lora.alpha 2.0 -> 8.0, optimizer.lr 0.001 -> 0.0005"]
+
+
+def test_resuming_where_nothing_is_left_or_with_another_process_count_says_so(make_recipe, monkeypatch, capsys):
+    import finetune.trainer as trainer
+
+    train(make_recipe(train__max_steps=2))
+    checkpoint = list_checkpoints(Path(make_recipe().output_dir) / "checkpoints")[-1]
+    monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
+    for max_steps in (2, 1):
+        with pytest.raises(FinetuneError, match=rf"checkpoint-2 is at step 2 and train.max_steps is {max_steps}: nothing left to train; raise train.max_steps"):
+            train(make_recipe(train__max_steps=max_steps), resume="latest")
+    monkeypatch.undo()
+
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    assert state["processes"] == 1
+    (checkpoint / STATE_FILE).write_text(json.dumps({**state, "processes": 2}))  # as a 2-process launch writes it
+    capsys.readouterr()
+    train(make_recipe(train__max_steps=3), resume="latest")
+    assert ("warning: checkpoint-2 was trained by 2 processes, this run has 1: the global batch changes from 4 to 2 images per micro-step"
+            in capsys.readouterr().out)  # fmt: skip
 
 
 def test_resuming_with_another_lora_rank_is_one_line(make_recipe):

@@ -138,6 +138,7 @@ def test_override_indexes_lists():
         ("validation.images_per_prompt=0", r"^key 'validation.images_per_prompt': Input should be greater than or equal to 1"),
         ("logging.every_n_steps=0", r"^key 'logging.every_n_steps': Input should be greater than or equal to 1"),
         ("checkpoint.keep_last=-1", r"^key 'checkpoint.keep_last': Input should be greater than or equal to 0"),
+        ("train.cache_dir=/tmp/cache", r"^key 'train': train.cache_dir keeps cached encodings, but nothing is cached: set train.cache_latents"),
     ],
 )
 def test_values_that_cannot_train_are_one_line_errors_naming_the_key(override, message, tmp_path):
