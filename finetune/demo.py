@@ -21,6 +21,7 @@ from finetune.errors import FinetuneError
 
 DEFAULT_BASE = Path(__file__).resolve().parent / "assets" / "toyworld-base"
 FALLBACK_BASE = Path("outputs/demo-base")
+ADAPTERS_DEFAULT = "outputs"  # where training runs write
 NONE = "(none)"
 LORA_SLOTS = 3
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "sans-serif"]
@@ -59,9 +60,9 @@ def checked_preprocess(preprocess):
                 check_upload(payload.path)
             return preprocess(payload)
         except FinetuneError as err:
-            raise gr.Error(str(err)) from None
+            raise gr.Error(str(err), print_exception=False) from None
         except Exception:
-            raise gr.Error(UNREADABLE_UPLOAD) from None
+            raise gr.Error(UNREADABLE_UPLOAD, print_exception=False) from None
 
     return checked
 
@@ -204,9 +205,9 @@ def build_app(engine, note: str = "", queue_size: int = 8):
                 progress(0, desc="starting")
                 images, labels, seeds, text = engine.render(request, lambda done, total: progress(done / total, desc=f"denoising {done}/{total}"))
             except FinetuneError as err:
-                raise gr.Error(str(err)) from None
+                raise gr.Error(str(err), print_exception=False) from None
             except (RuntimeError, ValueError) as err:  # a model that cannot run this request: one line, not a traceback
-                raise gr.Error(f"generation failed: {str(err).splitlines()[0][:300]}") from None
+                raise gr.Error(f"generation failed: {str(err).splitlines()[0][:300]}", print_exception=False) from None
             captions = [(image, f"{label}, seed {seed}") for seed, row in zip(seeds, images) for label, image in zip(labels, row)]
             return labelled_grid(images, labels, seeds), captions, text
 
@@ -230,10 +231,13 @@ def launch_app(app, host: str = "127.0.0.1", port: int | None = None, max_upload
 
     # Decoding a small, highly compressed image can still need gigabytes: PIL refuses past twice this.
     Image.MAX_IMAGE_PIXELS = MAX_INPUT_PIXELS
-    _, url, _ = app.launch(
-        server_name=host, server_port=port, share=False, prevent_thread_lock=not block, max_file_size=int(max_upload_mb * 1024 * 1024),
-        theme=offline_theme(), ssr_mode=False, mcp_server=False, pwa=False, show_error=False, quiet=not block, inbrowser=False,
-    )
+    try:
+        _, url, _ = app.launch(
+            server_name=host, server_port=port, share=False, prevent_thread_lock=not block, max_file_size=int(max_upload_mb * 1024 * 1024),
+            theme=offline_theme(), ssr_mode=False, mcp_server=False, pwa=False, show_error=False, quiet=not block, inbrowser=False,
+        )
+    except OSError as err:  # gradio's message tells of environment variables and launch() arguments
+        raise FinetuneError(f"cannot serve the demo on {host}:{port} ({str(err).splitlines()[0][:100]}): is another demo running? pass --port N") from None
     return url
 
 
@@ -249,7 +253,7 @@ def add_demo_parser(commands) -> None:
         epilog="example: finetune demo --base outputs/tiny-sd --adapters outputs   then open http://127.0.0.1:7860",
     )
     add_base_options(demo, required=False, default=" (default: the shipped toy-world base, else a tiny model in outputs/demo-base)")
-    demo.add_argument("--adapters", default="outputs", help="folder scanned for adapters (default outputs)")
+    demo.add_argument("--adapters", default=ADAPTERS_DEFAULT, help=f"folder scanned for adapters (default {ADAPTERS_DEFAULT})")
     demo.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     demo.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     demo.add_argument("--queue-size", type=int, default=8, help="requests waiting at most; more are turned away (default 8)")
@@ -259,6 +263,10 @@ def add_demo_parser(commands) -> None:
 def run_demo_command(args) -> int:
     from finetune.demo_engine import DemoEngine
 
+    if not Path(args.adapters).is_dir():
+        if args.adapters != ADAPTERS_DEFAULT:  # a typo would show an empty list and no word why
+            raise FinetuneError(f"adapters folder {args.adapters} not found: pass --adapters with the folder your training runs write to")
+        Path(args.adapters).mkdir(parents=True)  # where training runs will write; Rescan finds them there
     base, note = resolve_base(args.base)
     engine = DemoEngine(base, Path(args.adapters), exclude=(Path(base),), base_config=args.base_config)
     print(f"base model: {base}; {len(engine.adapters)} adapters under {args.adapters}")

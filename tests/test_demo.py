@@ -21,6 +21,7 @@ import torch
 import yaml
 from PIL import Image
 
+from finetune.cli import main
 from finetune.config import LoRAConfig
 from finetune.errors import FinetuneError
 from finetune.recipe_loading import recipe_from_dict
@@ -146,14 +147,29 @@ def test_unknown_or_refused_adapters_are_rejected(client, demo):
         demo.engine.adapter("edges/controlnet", "lora")  # a name of another kind is not a LoRA
 
 
-def test_a_lora_of_another_base_is_a_readable_message(client):
+def test_a_lora_of_another_base_is_a_readable_message(client, capfd):
     from gradio_client.exceptions import AppError
 
+    capfd.readouterr()
     with pytest.raises(AppError) as error:
         run(client, lora_1="other-base")
     message = str(error.value)
     assert "LoRA 'other-base' does not fit base model" in message and "trained on toyworld" in message
     assert "Traceback" not in message and len(message.splitlines()) == 1
+    assert "Traceback" not in capfd.readouterr().err  # nor in the terminal that runs the demo
+
+
+def test_a_busy_port_or_a_missing_adapters_folder_is_one_line(tiny_model, tmp_path, capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["demo", "--base", str(tiny_model), "--adapters", str(tmp_path), "--port", str(port)]) == 2
+    assert f"cannot serve the demo on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert main(["demo", "--base", str(tiny_model), "--adapters", str(tmp_path / "typo")]) == 2
+    assert f"adapters folder {tmp_path / 'typo'} not found" in capsys.readouterr().err
 
 
 def test_the_table_lists_every_adapter_with_its_metadata(client, tiny_model):
