@@ -326,7 +326,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def default_out(base: str, lora: str | None, controlnet: str | None = None) -> Path:
-    """In the ControlNet's or the LoRA's training output folder, else under outputs/eval/<name>/."""
+    """In the ControlNet's, the LoRA's or a full pipeline's training output folder, else under outputs/eval/<name>/."""
     if controlnet:
         from finetune.inference import resolve_controlnet_folder
         from finetune.methods.controlnet import CONTROLNET_DIR
@@ -337,7 +337,10 @@ def default_out(base: str, lora: str | None, controlnet: str | None = None) -> P
     if lora:
         path = Path(lora)
         return (path if path.is_dir() else path.parent) / "eval.json"
-    return Path("outputs/eval") / (Path(base.rstrip("/")).stem or "base") / "eval.json"
+    base_path = Path(base.rstrip("/"))
+    if base_path.name == "pipeline" and (base_path.parent / "recipe.yaml").is_file():  # a DreamBooth or full run's pipeline
+        return base_path.parent / "eval.json"
+    return Path("outputs/eval") / (base_path.stem or "base") / "eval.json"
 
 
 def run_eval_command(args) -> int:

@@ -37,6 +37,10 @@ def resolve_lora_file(lora: str) -> Path:
     if path.is_dir():
         candidates = sorted(path.glob("*.safetensors"))
         path = path / LORA_WEIGHTS_NAME if (path / LORA_WEIGHTS_NAME).is_file() or len(candidates) != 1 else candidates[0]
+        if not path.is_file():
+            for folder, option in ((CONTROLNET_DIR, "--controlnet"), ("pipeline", "--base")):
+                if (Path(lora) / folder / "config.json").is_file() or (Path(lora) / folder / "model_index.json").is_file():
+                    raise FinetuneError(f"{lora} holds no LoRA but a {folder}/ (its run trained no LoRA): pass {option} {Path(lora) / folder}")
     if not path.is_file():
         raise FinetuneError(
             f"LoRA {lora} not found: pass a .safetensors file, a training output folder containing {LORA_WEIGHTS_NAME}, "

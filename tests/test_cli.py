@@ -240,3 +240,20 @@ def test_sample_refuses_zero_images_or_steps_and_a_second_condition(capsys, tiny
     two = ["--condition", "a.png", "--condition", "b.png"]
     assert main(["sample", "--base", str(tiny_model), "--controlnet", "c", *two, "--prompt", "a", "--prompt", "b"]) == 2
     assert "--condition takes one image, used for every prompt" in capsys.readouterr().err
+
+
+def test_a_run_folder_of_the_wrong_kind_says_what_to_pass(tmp_path, capsys, tiny_model):
+    from finetune.evaluate import default_out
+
+    full = tmp_path / "full-run"  # what method full or full DreamBooth writes
+    shutil.copytree(tiny_model, full / "pipeline")
+    (full / "recipe.yaml").write_text("method: full\n")
+    (tmp_path / "cn-run" / "controlnet").mkdir(parents=True)
+    (tmp_path / "cn-run" / "controlnet" / "config.json").write_text("{}")
+    for lora, hint in ((full, f"pass --base {full / 'pipeline'}"), (tmp_path / "cn-run", f"pass --controlnet {tmp_path / 'cn-run' / 'controlnet'}")):
+        assert main(["sample", "--base", str(tiny_model), "--lora", str(lora), "--prompt", "x"]) == 2
+        assert f"{lora} holds no LoRA but a" in (err := capsys.readouterr().err) and hint in err, err
+    assert main(["sample", "--base", str(full), "--prompt", "x"]) == 2
+    assert f"is a training run's folder: point --base at {full / 'pipeline'}" in capsys.readouterr().err
+    # Each run's eval report goes into its own folder (every such pipeline folder is named "pipeline").
+    assert default_out(str(full / "pipeline"), None) == full / "eval.json"
