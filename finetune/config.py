@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
@@ -73,6 +74,15 @@ class FolderConfig(Section):
     def _at_least_once(cls, value: int) -> int:
         if value < 1:
             raise ValueError("must be at least 1 (1 means no repeat; remove the folder to leave it out)")
+        return value
+
+    @field_validator("template")
+    @classmethod
+    def _only_the_caption_placeholder(cls, value: Optional[str]) -> Optional[str]:
+        # "{captions}" would make a fixed prompt of the whole folder, its captions unread.
+        unknown = sorted(set(re.findall(r"\{[^{}]*\}", value or "")) - {"{caption}"})
+        if unknown:
+            raise ValueError(f"{unknown[0]} is not a placeholder: the template's one placeholder is {{caption}}")
         return value
 
 

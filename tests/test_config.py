@@ -138,6 +138,7 @@ def test_override_indexes_lists():
         ("validation.images_per_prompt=0", r"^key 'validation.images_per_prompt': Input should be greater than or equal to 1"),
         ("logging.every_n_steps=0", r"^key 'logging.every_n_steps': Input should be greater than or equal to 1"),
         ("checkpoint.keep_last=-1", r"^key 'checkpoint.keep_last': Input should be greater than or equal to 0"),
+        ("data.folders=[{path: a, template: 'sks, {captions}'}]", r"^key 'data.folders.0.template': \{captions\} is not a placeholder: the template's one placeholder is \{caption\}"),
         ("train.cache_dir=/tmp/cache", r"^key 'train': train.cache_dir keeps cached encodings, but nothing is cached: set train.cache_latents"),
     ],
 )
