@@ -253,13 +253,19 @@ def run_check_data_command(args) -> int:
     """Print the report of each data source; exit status 1 when training would stop on it."""
     fatal, warnings = 0, 0
     recipe = load_recipe(args.recipe, args.overrides) if args.recipe else None
+    reports = []
     for config in configs_from_args(args, recipe):
         if recipe is not None and recipe.method == "controlnet":
             from finetune.controlnet_data import inspect_pairs  # it builds on this module
 
-            report = inspect_pairs(recipe.model_copy(update={"data": config}))[1]
+            reports.append(inspect_pairs(recipe.model_copy(update={"data": config}))[1])
         else:
-            report = inspect_examples(read_examples(config), config, data_label(config))
+            reports.append(inspect_examples(read_examples(config), config, data_label(config)))
+    if recipe is not None and recipe.method == "dreambooth":
+        from finetune.methods.dreambooth import inspect_class_images  # it builds on this module
+
+        reports += inspect_class_images(recipe)
+    for report in reports:
         for line in report.lines():
             print(line)
         fatal += len(report.of_level(FATAL)) or (0 if report.usable else 1)  # all skipped: nothing to train

@@ -234,3 +234,22 @@ def test_every_class_image_of_every_concept_is_used(make_recipe, star_folder, tm
     assert used == {f"class {concept}.{k}" for concept in (0, 1) for k in range(4)}
     for index in range(4):  # a class image of the instance's own concept
         assert dataset[(index, 0)]["class_caption"].startswith(f"class {instances[index][0]}.")
+
+
+def test_check_data_checks_the_class_images_as_training_does(make_recipe, star_folder, tmp_path, capsys):
+    import yaml
+
+    from finetune.cli import main
+
+    class_dir = tmp_path / "classes"
+    class_dir.mkdir()
+    Image.new("RGB", (64, 64), "blue").save(class_dir / "good.png")
+    (class_dir / "broken.png").write_bytes(b"not a png")
+    concept = {"instance_dir": str(star_folder), "instance_prompt": "a sks shape", "class_prompt": "a shape", "class_dir": str(class_dir)}
+    recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path, dreambooth={"concepts": [concept], "num_class_images": 3})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    assert main(["check-data", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert f"class images {class_dir} (1 more to generate): 2 images, 1 used" in out
+    assert f"fatal: image {class_dir / 'broken.png'} cannot be read" in out

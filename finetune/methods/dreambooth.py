@@ -24,7 +24,7 @@ from finetune.class_images import class_image_caption, generate_class_images, ge
 from finetune.config import Concept, Recipe
 from finetune.buckets import assign_buckets
 from finetune.captions import training_caption
-from finetune.check_data import DataReport, check_examples, checked_examples, data_configs
+from finetune.check_data import DataReport, check_examples, checked_examples, data_configs, inspect_examples
 from finetune.cache import EncodingCache
 from finetune.data import Example, collate_images, item_rng, likely_new_view, render_pixels, upright_size, view_entry
 from finetune.errors import FinetuneError
@@ -114,6 +114,34 @@ class ClassImagePlan:
     own: list[Example]  # the user's images that passed the data check
 
 
+def class_image_plans(recipe: Recipe) -> list[tuple[Path, str, list[Path], list[int]]]:
+    """Per concept with prior preservation: (class folder, generation key, images to train on, indices
+    still to generate). Default folder: <output_dir>/class_images/concept-<n>."""
+    settings, plans = recipe.dreambooth, []
+    for i, concept in enumerate(settings.concepts if settings.prior_preservation else []):
+        folder = Path(concept.class_dir) if concept.class_dir else Path(recipe.output_dir) / "class_images" / f"concept-{i}"
+        key = generation_key(concept.class_prompts, settings.class_generation, recipe.data.resolution)
+        plans.append((folder, key, *plan_class_images(folder, key, settings.num_class_images)))
+    return plans
+
+
+def class_examples(paths: list[Path], concept: Concept) -> list[Example]:
+    return [Example(str(p), class_image_caption(p, concept.class_prompts), lambda p=p: Image.open(p)) for p in paths]
+
+
+def inspect_class_images(recipe: Recipe) -> list[DataReport]:
+    """`finetune check-data` of a DreamBooth recipe: the class images there now (a user's and those
+    generated so far), checked as training checks them, with how many are still to generate."""
+    reports = []
+    for concept, (folder, _key, paths, missing) in zip(recipe.dreambooth.concepts, class_image_plans(recipe)):
+        present = [p for p in paths if p.is_file()]
+        if present:
+            report = inspect_examples(class_examples(present, concept), recipe.data, f"class images {folder}")
+            report.label += f" ({len(missing)} more to generate)" if missing else ""
+            reports.append(report)
+    return reports
+
+
 class DreamBoothMethod(DiffusionMethod):
     name = "dreambooth"
 
@@ -136,17 +164,11 @@ class DreamBoothMethod(DiffusionMethod):
             raise FinetuneError("dreambooth.num_class_images must be at least 1 with prior preservation")
         # Class images a user brought are checked now, before the model loads and generates the rest.
         self.class_plans: list[ClassImagePlan] = []
-        for i, concept in enumerate(settings.concepts if settings.prior_preservation else []):
-            folder = self.class_dir(i, concept)
-            key = generation_key(concept.class_prompts, settings.class_generation, self.recipe.data.resolution)
-            paths, missing = plan_class_images(folder, key, settings.num_class_images)
+        for concept, (folder, key, paths, missing) in zip(settings.concepts, class_image_plans(self.recipe)):
             report = self._check_class_images([p for p in paths if not is_generated_name(p)], concept, folder)
             if report is not None:
                 self.data_reports.append(report)  # printed with the instance images' summary
             self.class_plans.append(ClassImagePlan(folder, key, paths, missing, report.usable if report else []))
-
-    def class_dir(self, index: int, concept: Concept) -> Path:
-        return Path(concept.class_dir) if concept.class_dir else Path(self.recipe.output_dir) / "class_images" / f"concept-{index}"
 
     def training_data(self, accelerator):
         settings = self.recipe.dreambooth
@@ -161,8 +183,7 @@ class DreamBoothMethod(DiffusionMethod):
         unreadable or too-small ones stop the run (or are skipped with data.skip_bad_images)."""
         if not paths:
             return None
-        examples = [Example(str(p), class_image_caption(p, concept.class_prompts), lambda p=p: Image.open(p)) for p in paths]
-        return check_examples(examples, self.recipe.data, f"class images {folder}")
+        return check_examples(class_examples(paths, concept), self.recipe.data, f"class images {folder}")
 
     def _class_images(self, concept: Concept, plan: ClassImagePlan, accelerator) -> list[Example]:
         settings = self.recipe.dreambooth
