@@ -68,15 +68,12 @@ def sidecar_caption(image_path: Path) -> str | None:
     return sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else None
 
 
-def missing_caption_message(source: str | Path) -> str:
-    """`source` is an image file, or a `datasets` row ("dataset NAME row N")."""
+def missing_caption_message(source: str | Path, alternative: str = "set data.caption to one prompt for all images") -> str:
+    """`source` is an image file, or a `datasets` row ("dataset NAME row N"); `alternative` is the other fix."""
     if str(source).startswith("dataset "):
-        return f"{source} has an empty caption: fill the caption column, or set data.caption to one prompt for all images"
+        return f"{source} has an empty caption: fill the caption column, or {alternative}"
     image_path = Path(source)
-    return (
-        f"image {image_path} has no caption: add {image_path.with_suffix('.txt').name}, a metadata.jsonl or metadata.csv entry, "
-        "or set data.caption to one prompt for all images"
-    )
+    return f"image {image_path} has no caption: add {image_path.with_suffix('.txt').name}, a metadata.jsonl or metadata.csv entry, or {alternative}"
 
 
 def template_needs_caption(template: str | None) -> bool:

@@ -113,7 +113,7 @@ def inspect(example: Example, config: DataConfig) -> tuple[Example | None, list[
     """(the example with its size, or None if unusable; findings; a hash of its decoded pixels)."""
     source, findings = example.source, []
     if example.caption is None:
-        findings.append(Finding(FATAL, source, missing_caption_message(source)))
+        findings.append(Finding(FATAL, source, missing_caption_message(source, config._caption_alternative)))
     elif not example.caption.strip() and config.caption is None:  # an empty .txt or metadata text, not data.caption: ""
         # Not fatal: ControlNet data (make-conditions' output) trains uncaptioned images on purpose.
         message = f"image {source} has an empty caption: it trains as the empty prompt; write one in its .txt or metadata row if that is not meant"
@@ -217,6 +217,7 @@ def data_configs(recipe: Recipe) -> list[DataConfig]:
         caption = None if concept.use_captions else concept.instance_prompt
         config = recipe.data.model_copy(update={"image_dir": concept.instance_dir, "caption": caption})
         config._image_dir_key = f"dreambooth.concepts.{index}.instance_dir"
+        config._caption_alternative = f"set dreambooth.concepts.{index}.use_captions: false to train with its instance_prompt"
         configs.append(config)
     return configs
 
@@ -246,6 +247,7 @@ def configs_from_args(args, recipe: Recipe | None) -> list[DataConfig]:
         except ValidationError as err:
             raise FinetuneError(f"check-data: {describe_validation_error(err, raw)}") from None
         revised[-1]._image_dir_key = "--image-dir" if args.image_dir is not None else config._image_dir_key
+        revised[-1]._caption_alternative = config._caption_alternative
     return revised
 
 

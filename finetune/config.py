@@ -91,6 +91,8 @@ class DataConfig(Section):
     image_dir: Optional[str] = None
     # Not a recipe key: the key that set image_dir, for messages (a DreamBooth concept's instance_dir).
     _image_dir_key: str = PrivateAttr("data.image_dir")
+    # Not a recipe key: what else a missing caption may be fixed with (DreamBooth concepts have their own).
+    _caption_alternative: str = PrivateAttr("set data.caption to one prompt for all images")
     dataset: Optional[str] = None
     dataset_config: Optional[str] = None
     dataset_split: str = "train"

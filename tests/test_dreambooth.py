@@ -253,3 +253,13 @@ def test_check_data_checks_the_class_images_as_training_does(make_recipe, star_f
     out = capsys.readouterr().out
     assert f"class images {class_dir} (1 more to generate): 2 images, 1 used" in out
     assert f"fatal: image {class_dir / 'broken.png'} cannot be read" in out
+
+
+def test_a_concept_reading_captions_says_how_to_do_without_them(make_recipe, tmp_path):
+    folder = tmp_path / "subject"
+    folder.mkdir()
+    Image.new("RGB", (64, 64), "red").save(folder / "0001.png")  # no caption beside it
+    concept = {"instance_dir": str(folder), "instance_prompt": "a sks shape", "class_prompt": "a shape", "use_captions": True}
+    recipe = dreambooth_recipe(make_recipe, folder, tmp_path, dreambooth={"concepts": [concept]})
+    with pytest.raises(FinetuneError, match=r"0001\.png has no caption: .* or set dreambooth.concepts.0.use_captions: false to train with its instance_prompt"):
+        train(recipe)
