@@ -57,6 +57,11 @@ def test_bad_bench_arguments_are_one_line_errors(tmp_path, capsys):
         assert main(["bench", "--preset", "sd15", "--out", str(tmp_path / "b.json")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "needs a CUDA GPU" in err[0]
+        assert main(["bench", "--preset", "tiny", "--mixed-precision", "fp16", "--out", str(tmp_path / "b.json")]) == 2
+        assert "--mixed-precision fp16 needs a GPU" in capsys.readouterr().err
+    # A base that is not there: one line before any variant starts (each failed in its own process).
+    assert main(["bench", "--base", str(tmp_path / "nope"), "--out", str(tmp_path / "b.json")]) == 2
+    assert f"base model {tmp_path / 'nope'} not found: no such folder or file (check --base)" in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
 
 

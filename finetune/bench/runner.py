@@ -100,6 +100,13 @@ def run_benchmark(
 
     if preset == "sd15" and not torch.cuda.is_available() and base is None:
         raise FinetuneError("--preset sd15 (an 860M-parameter UNet at 512 px) needs a CUDA GPU; on a CPU use --preset medium")
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise FinetuneError("--mixed-precision fp16 needs a GPU; on a CPU use bf16 or no")
+    if base is not None:  # before any variant starts a process that fails on it
+        from finetune.config import ModelConfig
+        from finetune.models import resolve_model_folder
+
+        resolve_model_folder(ModelConfig.from_option(base))
     resolution = resolution or default_resolution(preset)
     if resolution % 8:
         raise FinetuneError(f"--resolution must be a multiple of 8, got {resolution}")
