@@ -129,3 +129,16 @@ def test_a_run_cut_short_keeps_the_variants_it_measured(tmp_path):
                       count_flops=False, workdir=tmp_path / "work", out=out, log=log)  # fmt: skip
     report = json.loads(out.read_text())
     assert [row["variant"] for row in report["results"]] == ["lora"] and report["results"][0]["sec_per_step"] > 0
+
+
+def test_a_failed_variant_is_a_row_and_its_error_a_line_below_the_table(capsys):
+    from finetune.bench.report import print_table
+
+    settings = dict(preset="tiny", resolution=64, batch=2, steps=1, warmup=1, mixed_precision="no")
+    machine = dict(device="cpu", cpu="test cpu", torch="2.13.0", torch_threads=None)  # no variant ran to measure it
+    error = "exit 1: base model /somewhere/that/is/quite/long/and/would/not/fit/in/a/table/cell not found: check --base"
+    print_table({"settings": settings, "machine": machine, "results": [{"variant": "lora", "error": error}, {"variant": "lora_gc", "error": error}]})
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if "failed" in line and "│" in line]
+    assert len(rows) == 2 and "lora " in rows[0] and "lora_gc" in rows[1]
+    assert f"lora failed: {error}" in out.replace("\n", " ") and "? threads" in out

@@ -71,8 +71,8 @@ COLUMNS = ("variant", "s/step", "CPU s/step", "images/s", "vs lora", "peak MB", 
 
 def row_cells(row: dict) -> list[str]:
     """One result row as the table's cells ("-" where a number does not apply)."""
-    if "error" in row:
-        return [row["variant"], "failed", row["error"], *[""] * (len(COLUMNS) - 3)]
+    if "error" in row:  # the message itself goes below the table: in a cell it broke the layout
+        return [row["variant"], "failed", *["-"] * (len(COLUMNS) - 2)]
     flops, speedup, mfu = row.get("flops_per_step"), row.get("speedup_vs_lora"), row.get("mfu")
     return [
         row["variant"],
@@ -101,14 +101,19 @@ def print_table(report: dict) -> None:
         f"finetune bench: {settings['preset']} at {settings['resolution']} px, batch {settings['batch']}, "
         f"{settings['steps']} steps after {settings['warmup']} warmup, precision {settings['mixed_precision']}"
     )
-    caption = f"{machine['device']} | {machine['cpu']} | torch {machine['torch']}, {machine['torch_threads']} threads | {memory_label(report)}"
+    threads = machine.get("torch_threads") or "?"  # measured by a variant: unknown when none ran
+    caption = f"{machine['device']} | {machine['cpu']} | torch {machine['torch']}, {threads} threads | {memory_label(report)}"
     table = Table(title=title, caption=caption)
     for column in COLUMNS:
         table.add_column(column, justify="left" if column == "variant" else "right", no_wrap=True)
     for row in report["results"]:
         table.add_row(*row_cells(row), style="red" if "error" in row else None)
     console = Console()
-    (console if console.is_terminal else Console(width=120)).print(table)
+    console = console if console.is_terminal else Console(width=120)
+    console.print(table)
+    for row in report["results"]:
+        if "error" in row:
+            console.print(f"{row['variant']} failed: {row['error']}", style="red", soft_wrap=True)
 
 
 def markdown_table(report: dict) -> str:
