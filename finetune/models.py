@@ -66,6 +66,8 @@ def resolve_model_folder(config: ModelConfig) -> Path | None:
     if path.suffix in SINGLE_FILE_SUFFIXES:
         if not path.is_file():
             raise FinetuneError(f"base model file {name} not found: check {config._key}")
+        if path.suffix == ".safetensors" and _holds_a_lora(path):
+            raise FinetuneError(f"{name} is a LoRA, not a base model: pass it as --lora, with {config._key} the model it was trained on")
         return None
     if config.single_file_config:
         raise FinetuneError(
@@ -85,6 +87,18 @@ def resolve_model_folder(config: ModelConfig) -> Path | None:
     if not looks_like_hub_id:
         raise FinetuneError(f"base model {name} not found: no such folder or file (check {config._key})")
     return _download_or_find_in_cache(name, config.revision, config._key)
+
+
+def _holds_a_lora(path: Path) -> bool:
+    """Whether a .safetensors file's names (its header only) are a LoRA's, in any layout."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError):
+        return False  # the loader reports an unreadable file
+    return bool(keys) and all("lora" in key or key.endswith(".alpha") for key in keys)
 
 
 def _download_or_find_in_cache(repo_id: str, revision: str | None, key: str) -> Path:

@@ -177,3 +177,9 @@ def test_sample_merge_and_demo_take_a_single_file_base_with_base_config(single_f
 
     engine = DemoEngine(str(path), tmp_path / "adapters", base_config=str(configs))
     assert all(torch.equal(a, b) for a, b in zip(engine.base.unet.state_dict().values(), pipeline.unet.state_dict().values()))
+
+
+def test_a_lora_given_as_the_base_is_named_as_one(quickstart_lora, capsys):
+    lora = quickstart_lora / "pytorch_lora_weights.safetensors"
+    assert main(["sample", "--base", str(lora), "--prompt", "a star"]) == 2
+    assert f"{lora} is a LoRA, not a base model: pass it as --lora, with --base the model it was trained on" in capsys.readouterr().err
