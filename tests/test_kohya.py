@@ -254,6 +254,12 @@ def test_merge_replaces_an_existing_folder_only_when_asked_and_never_its_source(
     assert "is not empty: pick a new folder, or pass --overwrite" in capsys.readouterr().err
     assert (mine / "notes.txt").read_text() == "keep me"
     assert main([*merge, str(mine), "--overwrite"]) == 0 and (mine / "model_index.json").is_file()
+    # The demo lists it with what was merged, as it lists a training run's pipeline.
+    from finetune.demo_engine import scan_adapters
+
+    [merged] = [a for a in scan_adapters(tmp_path).values() if a.path == mine]
+    assert merged.kind == "pipeline" and merged.metadata == {
+        "finetune.method": "lora merged at 1", "finetune.base_model": str(tiny_model), "finetune.steps": "150"}
 
     assert main([*merge, str(trained.path / LORA_WEIGHTS_NAME)]) == 2
     assert "is a file: give a folder" in capsys.readouterr().err
