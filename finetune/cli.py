@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from finetune.errors import FinetuneError
@@ -225,6 +226,9 @@ def quiet_third_party_warnings() -> None:
     drop("transformers.utils.import_utils", "requires torchvision (not installed)")
     # DeepSpeed, imported by accelerate, on a machine without a GPU (where it is not used unless asked for).
     drop("DeepSpeed", "Setting accelerator to CPU")
+    # peft, saving a text-encoder LoRA of a local base: it looks for a hub config to see if the vocabulary
+    # grew (it never does here).
+    warnings.filterwarnings("ignore", message="Could not find a config file in", category=UserWarning)
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
