@@ -191,7 +191,8 @@ def stop_unless_trainable(report: DataReport) -> DataReport:
     label = report.label
     fatal = report.of_level(FATAL)
     if fatal:
-        more = f" ({len(fatal) - 1} more problems: finetune check-data lists them)" if len(fatal) > 1 else ""
+        others = len(fatal) - 1
+        more = f" ({others} more problem{'s' if others > 1 else ''}: finetune check-data lists them)" if others else ""
         raise FinetuneError(f"{fatal[0].message}, {SKIP_HINT}{more}")
     if not report.usable:
         raise FinetuneError(f"{label}: all {report.found} images were skipped as bad ({report.skipped[0].message}): fix them")

@@ -79,8 +79,8 @@ def generate_class_images(
     mine = indices[process_index::num_processes]
     batches = [mine[i : i + settings.batch_size] for i in range(0, len(mine), settings.batch_size)]
     written = 0
-    name = class_prompts[0] if len(class_prompts) == 1 else f"{class_prompts[0]}' and {len(class_prompts) - 1} more '"
-    for batch in tqdm(batches, desc=f"class images '{name}'", disable=process_index != 0 or not batches):
+    name = f"'{class_prompts[0]}'" + (f" and {len(class_prompts) - 1} more prompts" if len(class_prompts) > 1 else "")
+    for batch in tqdm(batches, desc=f"class images {name}", disable=process_index != 0 or not batches):
         generators = [torch.Generator("cpu").manual_seed(settings.seed + k) for k in batch]
         with autocast_for(pipeline):
             images = pipeline(

@@ -80,6 +80,8 @@ def expand_repeats(examples: list[Example]) -> list[Example]:
 
 def _folder_examples(config: DataConfig) -> list[Example]:
     root = Path(config.image_dir)
+    if root.is_file():
+        raise FinetuneError(f"{config._image_dir_key} {root} is a file: give the folder that holds the images")
     if not root.is_dir():
         raise FinetuneError(f"data folder {root} not found: check {config._image_dir_key}")
     examples = []

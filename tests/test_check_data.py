@@ -169,7 +169,7 @@ def corrupt_among_good(tmp_path, image_folder):
 def test_training_stops_before_it_starts_on_a_corrupt_image(make_recipe, image_folder, tmp_path):
     folder = corrupt_among_good(tmp_path, image_folder)
     recipe = make_recipe(data__image_dir=str(folder), train__max_steps=1)
-    with pytest.raises(FinetuneError, match=r"zz_corrupt\.png cannot be read"):
+    with pytest.raises(FinetuneError, match=r"zz_corrupt\.png cannot be read.*skip bad images$"):  # the only problem: no "(N more)"
         train(recipe)
     assert not Path(recipe.output_dir).exists()
 

@@ -44,6 +44,10 @@ def test_missing_caption_names_the_image(tmp_path):
 def test_missing_and_empty_folders(tmp_path):
     with pytest.raises(FinetuneError, match=r"data folder .*nothere not found"):
         load_examples(DataConfig(image_dir=str(tmp_path / "nothere"), resolution=64))
+    write_image(tmp_path / "a.png")
+    with pytest.raises(FinetuneError, match=r"^data.image_dir .*a\.png is a file: give the folder that holds the images$"):
+        load_examples(DataConfig(image_dir=str(tmp_path / "a.png"), resolution=64))
+    (tmp_path / "a.png").unlink()
     with pytest.raises(FinetuneError, match=r"data folder .* has no images"):
         load_examples(DataConfig(image_dir=str(tmp_path), resolution=64))
 
