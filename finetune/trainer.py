@@ -272,16 +272,18 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     if not result.interrupted:
         if last_checkpoint_step != step:
             save_checkpoint()
-        accelerator.wait_for_everyone()
-        with full_parameters(accelerator, modules):
-            # Saving may load frozen parts again at the source's precision: whole, as at the start.
-            if accelerator.is_main_process:
-                unwrapped = {name: unwrap(accelerator, module) for name, module in modules.items()}
-                with unsharded_loading(accelerator), average.applied() if average else contextlib.nullcontext():
-                    result.saved_files = method.save(output_dir, unwrapped, output_metadata(recipe, step, method.base.noise_scheduler.config.prediction_type))
+        try:
+            validate(step)
+        finally:  # whatever happens while sampling, the trained result goes to disk
+            accelerator.wait_for_everyone()
+            with full_parameters(accelerator, modules):
+                # Saving may load frozen parts again at the source's precision: whole, as at the start.
+                if accelerator.is_main_process:
+                    unwrapped = {name: unwrap(accelerator, module) for name, module in modules.items()}
+                    with unsharded_loading(accelerator), average.applied() if average else contextlib.nullcontext():
+                        result.saved_files = method.save(output_dir, unwrapped, output_metadata(recipe, step, method.base.noise_scheduler.config.prediction_type))
         for path in result.saved_files:
             accelerator.print(f"saved {path}")
-        validate(step)  # after saving: whatever happens while sampling, the trained result is on disk
     # Not accelerator.end_training(): it also closes the process group, and a later train() in this
     # process could not reliably join again (gloo's second rendezvous fails). The program closes it.
     for tracker in accelerator.trackers:
