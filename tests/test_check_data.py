@@ -265,3 +265,8 @@ def test_an_empty_caption_is_a_warning_unless_data_caption_asks_for_none(tmp_pat
     assert all("has an empty caption: it trains as the empty prompt" in f.message for f in report.of_level(WARNING))
     config = DataConfig(image_dir=str(folder), resolution=64, caption="")
     assert inspect_examples(read_examples(config), config, "photos").findings == []
+
+
+def test_check_data_names_the_option_a_bad_value_came_from(image_folder, capsys):
+    assert main(["check-data", "--image-dir", str(image_folder), "--resolution", "100"]) == 2
+    assert capsys.readouterr().err.strip() == "error: check-data: --resolution: must be a positive multiple of 8 (the VAE downsamples by 8) (got 100)"
