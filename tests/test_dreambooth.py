@@ -263,3 +263,15 @@ def test_a_concept_reading_captions_says_how_to_do_without_them(make_recipe, tmp
     recipe = dreambooth_recipe(make_recipe, folder, tmp_path, dreambooth={"concepts": [concept]})
     with pytest.raises(FinetuneError, match=r"0001\.png has no caption: .* or set dreambooth.concepts.0.use_captions: false to train with its instance_prompt"):
         train(recipe)
+
+
+def test_class_images_skipped_as_bad_are_counted_in_a_warning(make_recipe, star_folder, tmp_path, capsys):
+    class_dir = tmp_path / "classes"
+    class_dir.mkdir()
+    Image.new("RGB", (64, 64), "blue").save(class_dir / "good.png")
+    (class_dir / "broken.png").write_bytes(b"not a png")
+    concept = {"instance_dir": str(star_folder), "instance_prompt": "a sks shape", "class_prompt": "a shape", "class_dir": str(class_dir)}
+    recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path, train__max_steps=1, data__skip_bad_images=True,
+                               dreambooth={"concepts": [concept], "num_class_images": 3})  # fmt: skip
+    train(recipe)
+    assert f"warning: 2 of 3 class images in {class_dir} are usable (the others were skipped as bad)" in capsys.readouterr().out

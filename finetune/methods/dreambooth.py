@@ -200,7 +200,13 @@ class DreamBoothMethod(DiffusionMethod):
             self.base.unet.train()
         accelerator.wait_for_everyone()
         generated = self._check_class_images([p for p in plan.paths if is_generated_name(p)], concept, plan.folder)
-        return plan.own + (generated.usable if generated else [])
+        examples = plan.own + (generated.usable if generated else [])
+        if len(examples) < len(plan.paths):  # data.skip_bad_images left some out: they are not replaced
+            accelerator.print(
+                f"warning: {len(examples)} of {len(plan.paths)} class images in {plan.folder} are usable "
+                "(the others were skipped as bad): remove those files and run again to generate replacements"
+            )
+        return examples
 
     # -- model: everything but the loss split is the adapter's ------------------------------------
 
