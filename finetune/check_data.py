@@ -247,8 +247,8 @@ def configs_from_args(args, recipe: Recipe | None) -> list[DataConfig]:
             revised.append(DataConfig.model_validate(raw))
         except ValidationError as err:
             message = describe_validation_error(err, raw)
-            for field, option in (("resolution", "--resolution"), ("image_dir", "--image-dir")):
-                message = message.replace(f"key '{field}'", option)  # the option the user typed
+            for key, option in (("resolution", "--resolution"), ("image_dir", "--image-dir")):
+                message = message.replace(f"key '{key}'", option)  # the option the user typed
             raise FinetuneError(f"check-data: {message}") from None
         revised[-1]._image_dir_key = "--image-dir" if args.image_dir is not None else config._image_dir_key
         revised[-1]._caption_alternative = config._caption_alternative
