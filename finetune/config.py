@@ -213,7 +213,8 @@ class Concept(Section):
     """One subject to learn: its images, the prompt that names it, and the class it belongs to."""
 
     instance_dir: str
-    instance_prompt: str  # with a rare identifier, e.g. "a photo of sks dog"
+    # With a rare identifier, e.g. "a photo of sks dog"; not needed with use_captions (it would be unused).
+    instance_prompt: Optional[str] = None
     # Read each image's .txt/metadata caption instead of instance_prompt.
     use_captions: bool = False
     # e.g. "a photo of a dog"; required with prior preservation. A list of prompts ("a photo of a dog
@@ -222,6 +223,12 @@ class Concept(Section):
     class_prompt: Union[str, list[str], None] = None
     # Folder of class images; missing ones are generated there. Default: <output_dir>/class_images/<n>.
     class_dir: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _a_prompt_or_captions(self) -> "Concept":
+        if not self.use_captions and not self.instance_prompt:
+            raise ValueError("set instance_prompt (e.g. 'a photo of sks dog'), or use_captions: true to train with each image's caption")
+        return self
 
     @field_validator("class_prompt")
     @classmethod

@@ -139,6 +139,7 @@ def test_override_indexes_lists():
         ("logging.every_n_steps=0", r"^key 'logging.every_n_steps': Input should be greater than or equal to 1"),
         ("checkpoint.keep_last=-1", r"^key 'checkpoint.keep_last': Input should be greater than or equal to 0"),
         ("data.folders=[{path: a, template: 'sks, {captions}'}]", r"^key 'data.folders.0.template': \{captions\} is not a placeholder: the template's one placeholder is \{caption\}"),
+        ("dreambooth={concepts: [{instance_dir: a}]}", r"^key 'dreambooth.concepts.0': set instance_prompt \(e.g. 'a photo of sks dog'\), or use_captions: true"),
         ("train.cache_dir=/tmp/cache", r"^key 'train': train.cache_dir keeps cached encodings, but nothing is cached: set train.cache_latents"),
     ],
 )
@@ -165,3 +166,9 @@ def test_override_values_for_text_keys_are_taken_as_typed(tmp_path):
     assert recipe.validation.prompts == ["a", "b"] and recipe.lora.rank == 8 and recipe.train.snr_gamma is None
     with pytest.raises(FinetuneError, match=r"^override 'train.max_steps=\[1': the value is not valid YAML .*: quote it$"):
         load_recipe(path, ["train.max_steps=[1"])
+
+
+def test_a_concept_reading_captions_needs_no_instance_prompt():
+    concept = {"instance_dir": "photos", "use_captions": True, "class_prompt": "a photo of a dog"}
+    recipe = recipe_from_dict({"method": "dreambooth", "dreambooth": {"concepts": [concept]}})
+    assert recipe.dreambooth.concepts[0].instance_prompt is None
