@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 from finetune.errors import FinetuneError
+from finetune.library_noise import quiet_third_party_warnings
 
 EXAMPLES = """examples:
   finetune train recipes/quickstart.yaml
@@ -206,29 +205,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_demo_parser(commands)
     return parser
-
-
-@functools.cache  # once per process: main() may run many times in one (tests, notebooks)
-def quiet_third_party_warnings() -> None:
-    """Warnings libraries print on every run that say nothing about the user's run."""
-
-    def drop(loggers: str | tuple[str, ...], text: str) -> None:
-        for logger in (loggers,) if isinstance(loggers, str) else loggers:
-            logging.getLogger(logger).addFilter(lambda record: text not in record.getMessage())
-
-    # bitsandbytes warns on import about optional CPU kernels that training never uses.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    # diffusers warns on every cast of a model whose list of float32-only modules is empty (nothing to keep).
-    drop("diffusers.models.modeling_utils", "kept in float32: [].")
-    # ... and for every part a LoRA file does not adapt (most LoRAs leave the text encoder alone).
-    drop(("diffusers.loaders.peft", "diffusers.loaders.lora_base", "diffusers.loaders.lora_pipeline"), "No LoRA keys associated to")
-    # transformers: CLIP's image processor (which Stable Diffusion pipelines never use) without torchvision.
-    drop("transformers.utils.import_utils", "requires torchvision (not installed)")
-    # DeepSpeed, imported by accelerate, on a machine without a GPU (where it is not used unless asked for).
-    drop("DeepSpeed", "Setting accelerator to CPU")
-    # peft, saving a text-encoder LoRA of a local base: it looks for a hub config to see if the vocabulary
-    # grew (it never does here).
-    warnings.filterwarnings("ignore", message="Could not find a config file in", category=UserWarning)
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:

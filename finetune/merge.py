@@ -18,7 +18,7 @@ from finetune.errors import FinetuneError
 from finetune.kohya import CLIP_ROOT, LoRA, diffusers_loading_code, load_lora
 from finetune.methods.controlnet import METADATA_FILE
 from finetune.models import load_base_model
-from finetune.pipeline_io import save_pipeline
+from finetune.pipeline_io import check_replaceable, save_pipeline
 
 
 def check_lora_fits(models: dict[str, torch.nn.Module], lora: LoRA) -> None:
@@ -73,13 +73,11 @@ def merge_lora(
 
 
 def check_output_folder(output_dir: Path, lora_file: Path, overwrite: bool) -> None:
-    """The merged pipeline replaces the whole folder: never one the user keeps other things in, unasked."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise FinetuneError(f"merge output {output_dir} is a file: give a folder for the merged pipeline")
+    """The merged pipeline replaces the whole folder: never the one holding the LoRA, nor one the user
+    keeps other things in, unasked."""
     if output_dir.resolve() in lora_file.resolve().parents:
         raise FinetuneError(f"merge output {output_dir} holds the LoRA being merged ({lora_file}): pick another folder")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise FinetuneError(f"merge output {output_dir} is not empty: pick a new folder, or pass --overwrite to replace what is in it")
+    check_replaceable(output_dir, overwrite, "merge output")
 
 
 def _write_card(output_dir: Path, base: str, lora_file: Path, lora: LoRA, strength: float) -> None:

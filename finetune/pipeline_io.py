@@ -49,6 +49,17 @@ def save_pipeline(
     return output_dir
 
 
+def check_replaceable(folder: Path, overwrite: bool, what: str) -> None:
+    """Writing a pipeline replaces its folder whole (merge, export-base): never a file, nor a folder
+    with contents the user did not ask to replace."""
+    from finetune.errors import FinetuneError
+
+    if folder.exists() and not folder.is_dir():
+        raise FinetuneError(f"{what} {folder} is a file: give a folder for the pipeline")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise FinetuneError(f"{what} {folder} is not empty: pick a new folder, or pass --overwrite to replace what is in it")
+
+
 def export_fp16(source: Path, destination: Path, overwrite: bool = False) -> Path:
     """A compact copy of a pipeline: fp16 safetensors (half the bytes), loaded back as fp32 for training
     and by a plain `from_pretrained` (every part in one dtype; mixed, the first matmul fails)."""
@@ -56,8 +67,7 @@ def export_fp16(source: Path, destination: Path, overwrite: bool = False) -> Pat
 
     if not (source / "model_index.json").is_file():
         raise FinetuneError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
-    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())) and not overwrite:
-        raise FinetuneError(f"{destination} exists and is not empty: pick a new folder, or pass --overwrite to replace it")
+    check_replaceable(destination, overwrite, "export-base destination")
     pipeline = StableDiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False)
     pipeline.to(torch.float16)
     partial = destination.with_name(f".{destination.name}.partial")

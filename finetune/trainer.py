@@ -197,8 +197,11 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     )
     result = TrainResult(output_dir=output_dir, final_step=step)
 
+    def averaged():  # the weight average in place of the trained weights, with train.ema_decay
+        return average.applied() if average else contextlib.nullcontext()
+
     def validate(at_step: int) -> None:
-        with average.applied() if average else contextlib.nullcontext():
+        with averaged():
             grid = run_validation(recipe, method, modules, accelerator, at_step)
         if grid is not None:
             result.sample_grids.append(grid)
@@ -280,7 +283,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
                 # Saving may load frozen parts again at the source's precision: whole, as at the start.
                 if accelerator.is_main_process:
                     unwrapped = {name: unwrap(accelerator, module) for name, module in modules.items()}
-                    with unsharded_loading(accelerator), average.applied() if average else contextlib.nullcontext():
+                    with unsharded_loading(accelerator), averaged():
                         result.saved_files = method.save(output_dir, unwrapped, output_metadata(recipe, step, method.base.noise_scheduler.config.prediction_type))
         for path in result.saved_files:
             accelerator.print(f"saved {path}")

@@ -236,16 +236,21 @@ def test_every_class_image_of_every_concept_is_used(make_recipe, star_folder, tm
         assert dataset[(index, 0)]["class_caption"].startswith(f"class {instances[index][0]}.")
 
 
+def concept_with_a_broken_class_image(star_folder, tmp_path) -> tuple[Path, dict]:
+    """(its class folder: a good image and an unreadable one, the concept)."""
+    class_dir = tmp_path / "classes"
+    class_dir.mkdir()
+    Image.new("RGB", (64, 64), "blue").save(class_dir / "good.png")
+    (class_dir / "broken.png").write_bytes(b"not a png")
+    return class_dir, {"instance_dir": str(star_folder), "instance_prompt": "a sks shape", "class_prompt": "a shape", "class_dir": str(class_dir)}
+
+
 def test_check_data_checks_the_class_images_as_training_does(make_recipe, star_folder, tmp_path, capsys):
     import yaml
 
     from finetune.cli import main
 
-    class_dir = tmp_path / "classes"
-    class_dir.mkdir()
-    Image.new("RGB", (64, 64), "blue").save(class_dir / "good.png")
-    (class_dir / "broken.png").write_bytes(b"not a png")
-    concept = {"instance_dir": str(star_folder), "instance_prompt": "a sks shape", "class_prompt": "a shape", "class_dir": str(class_dir)}
+    class_dir, concept = concept_with_a_broken_class_image(star_folder, tmp_path)
     recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path, dreambooth={"concepts": [concept], "num_class_images": 3})
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
@@ -266,11 +271,7 @@ def test_a_concept_reading_captions_says_how_to_do_without_them(make_recipe, tmp
 
 
 def test_class_images_skipped_as_bad_are_counted_in_a_warning(make_recipe, star_folder, tmp_path, capsys):
-    class_dir = tmp_path / "classes"
-    class_dir.mkdir()
-    Image.new("RGB", (64, 64), "blue").save(class_dir / "good.png")
-    (class_dir / "broken.png").write_bytes(b"not a png")
-    concept = {"instance_dir": str(star_folder), "instance_prompt": "a sks shape", "class_prompt": "a shape", "class_dir": str(class_dir)}
+    class_dir, concept = concept_with_a_broken_class_image(star_folder, tmp_path)
     recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path, train__max_steps=1, data__skip_bad_images=True,
                                dreambooth={"concepts": [concept], "num_class_images": 3})  # fmt: skip
     train(recipe)

@@ -262,7 +262,7 @@ def test_merge_replaces_an_existing_folder_only_when_asked_and_never_its_source(
         "finetune.method": "lora merged at 1", "finetune.base_model": str(tiny_model), "finetune.steps": "150"}
 
     assert main([*merge, str(trained.path / LORA_WEIGHTS_NAME)]) == 2
-    assert "is a file: give a folder" in capsys.readouterr().err
+    assert f"merge output {trained.path / LORA_WEIGHTS_NAME} is a file: give a folder for the pipeline" in capsys.readouterr().err
     assert not list(trained.path.glob(".*partial"))
 
 

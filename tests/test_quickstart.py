@@ -57,5 +57,5 @@ def test_the_shipped_base_samples_in_plain_diffusers_and_export_base_keeps_it_so
         assert {pipeline.unet.dtype, pipeline.vae.dtype, pipeline.text_encoder.dtype} == {torch.float32}
         assert pipeline("a red star", num_inference_steps=1, output_type="np").images[0].shape == (64, 64, 3)
     assert main(["export-base", str(SHIPPED_BASE), str(tmp_path / "copy")]) == 2  # not over an existing folder, unasked
-    assert "exists and is not empty: pick a new folder, or pass --overwrite" in capsys.readouterr().err
+    assert f"export-base destination {tmp_path / 'copy'} is not empty: pick a new folder, or pass --overwrite" in capsys.readouterr().err
     assert main(["export-base", str(SHIPPED_BASE), str(tmp_path / "copy"), "--overwrite"]) == 0
