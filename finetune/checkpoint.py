@@ -157,8 +157,9 @@ def save_checkpoint(
     extra: Callable[[Path], None] | None = None,
     **save_options,
 ) -> Path:
-    """Collective: every process calls it. Returns the final folder. `extra(folder)` writes more files
-    (on the main process, before the folder is complete); `save_options` go to accelerate's save_state."""
+    """Collective: every process calls it. Returns the final folder. `extra(folder)`, also called on every
+    process (it may gather sharded weights), writes more files before the folder is complete;
+    `save_options` go to accelerate's save_state."""
     final = checkpoints_dir / f"checkpoint-{step}"
     partial = checkpoints_dir / f".partial-checkpoint-{step}"
     if accelerator.is_main_process:
@@ -167,9 +168,10 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial), **save_options)
     accelerator.wait_for_everyone()
+    if extra is not None:
+        extra(partial)
+        accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if extra is not None:
-            extra(partial)
         (partial / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
         if final.exists():
             shutil.rmtree(final)

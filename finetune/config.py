@@ -353,6 +353,9 @@ class ValidationConfig(Section):
 class CheckpointConfig(Section):
     every_n_steps: int = Field(500, ge=0)  # 0: only at the end (and on Ctrl-C)
     keep_last: int = Field(3, ge=0)  # 0: keep every checkpoint
+    # Each checkpoint also holds what the run saves at its end, as of that step (the LoRA file, the ControlNet
+    # or the pipeline folder), to compare steps in `finetune sample` or the demo; false saves the disk.
+    save_outputs: bool = True
 
 
 class LoggingConfig(Section):

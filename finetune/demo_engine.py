@@ -32,18 +32,23 @@ import yaml
 from PIL import Image, ImageOps
 from safetensors import safe_open
 
+from finetune.checkpoint import CHECKPOINT_PATTERN, STATE_FILE
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
 from finetune.inference import controlnet_metadata
 from finetune.kohya import LoRA, finetune_metadata_from_kohya, load_lora
 from finetune.merge import find_module
-from finetune.methods.controlnet import METADATA_FILE
+from finetune.methods.controlnet import CONTROLNET_DIR, METADATA_FILE, UNET_DIR
+from finetune.methods.full import PIPELINE_DIR
+from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.models import BaseModel, freeze, load_base_model
 from finetune.sampling import build_pipeline, follow_adapters_prediction_type, generate
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-# Folders the trainer writes that hold no finished adapter (resumable state, logs, sample grids).
-SKIPPED_FOLDERS = {"checkpoints", "logs", "samples", "sample", "__pycache__", "node_modules"}
+# Folders the trainer writes that hold no finished adapter (logs, sample grids).
+SKIPPED_FOLDERS = {"logs", "samples", "sample", "__pycache__", "node_modules"}
+# What a checkpoint holds besides its resumable state (checkpoint.save_outputs): the run's outputs at its step.
+CHECKPOINT_OUTPUTS = {LORA_WEIGHTS_NAME, CONTROLNET_DIR, UNET_DIR, PIPELINE_DIR}
 MAX_SCAN_DEPTH = 6
 BASE = "(base model)"
 CONDITIONING_KINDS = ("as uploaded", "canny", "luminance", "mask")
@@ -81,8 +86,10 @@ def scan_adapters(root: Path, exclude: tuple[Path, ...] = ()) -> dict[str, Adapt
             dirs.clear()  # the files inside a model folder are its weights, not adapters
             found += [model] if model is not None else []
             continue
-        dirs[:] = sorted(d for d in dirs if d not in SKIPPED_FOLDERS and not d.startswith("."))
+        dirs[:] = _folders_to_scan(here, dirs)
         for name in sorted(files):
+            if _is_checkpoint(here) and name not in CHECKPOINT_OUTPUTS:
+                continue
             path = here / name
             if name.endswith(".safetensors"):
                 adapter = _lora_file(path, root)
@@ -97,6 +104,20 @@ def scan_adapters(root: Path, exclude: tuple[Path, ...] = ()) -> dict[str, Adapt
             adapter.name = _relative(adapter.path, root)
         adapters[adapter.name] = adapter
     return dict(sorted(adapters.items()))
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    return folder.parent.name == "checkpoints" and CHECKPOINT_PATTERN.match(folder.name) is not None
+
+
+def _folders_to_scan(here: Path, dirs: list[str]) -> list[str]:
+    """A run's checkpoints are listed by their outputs only: the resumable state beside them (optimizer,
+    DeepSpeed's pickle shards) is no adapter, nor is a checkpoint still being written."""
+    if here.name == "checkpoints":
+        return sorted(d for d in dirs if CHECKPOINT_PATTERN.match(d))
+    if _is_checkpoint(here):
+        return sorted(d for d in dirs if d in CHECKPOINT_OUTPUTS)
+    return sorted(d for d in dirs if d not in SKIPPED_FOLDERS and not d.startswith("."))
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -154,9 +175,14 @@ def _model_folder(folder: Path, root: Path, files: list[str]) -> Adapter | None:
 
 
 def _folder_metadata(folder: Path) -> dict[str, str]:
-    """A ControlNet's finetune_metadata.json or, for a saved pipeline, the training run's recipe.yaml."""
+    """A ControlNet's finetune_metadata.json or, for a saved pipeline, the training run's recipe.yaml (a
+    checkpoint's: the recipe and step in its state)."""
     if (folder / METADATA_FILE).is_file():
         return controlnet_metadata(folder)
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        state = json.loads((folder.parent / STATE_FILE).read_text())
+        return {"finetune.method": str(state["recipe"]["method"]), "finetune.base_model": str(state["recipe"]["model.pretrained"]),
+                "finetune.steps": str(state["step"])}
     with contextlib.suppress(OSError, ValueError, AttributeError):
         recipe = yaml.safe_load((folder.parent / "recipe.yaml").read_text())
         return {"finetune.method": str(recipe.get("method", "?")), "finetune.base_model": str(recipe["model"]["pretrained"]),

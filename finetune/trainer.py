@@ -206,11 +206,28 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         if grid is not None:
             result.sample_grids.append(grid)
 
-    def save_checkpoint() -> None:
+    def save_outputs(folder: Path) -> list[Path]:
+        """Collective: the method's outputs (from the weight average, if any) into `folder`, by the main process."""
+        accelerator.wait_for_everyone()
+        with full_parameters(accelerator, modules):
+            # Saving may load frozen parts again at the source's precision: whole, as at the start.
+            if not accelerator.is_main_process:
+                return []
+            unwrapped = {name: unwrap(accelerator, module) for name, module in modules.items()}
+            with unsharded_loading(accelerator), averaged():
+                return method.save(folder, unwrapped, output_metadata(recipe, step, method.base.noise_scheduler.config.prediction_type))
+
+    def save_checkpoint(with_outputs: bool = True) -> None:
+        def extra(folder: Path) -> None:
+            if average is not None and accelerator.is_main_process:
+                average.save(folder / EMA_FILE)
+            if with_outputs and recipe.checkpoint.save_outputs:
+                save_outputs(folder)
+
         ckpt.save_checkpoint(
             accelerator, checkpoints_dir, step,
             {"recipe_hash": recipe.fingerprint(), "recipe": _flat_hparams(recipe), "processes": accelerator.num_processes},
-            recipe.checkpoint.keep_last, extra=(lambda folder: average.save(folder / EMA_FILE)) if average else None, **save_options
+            recipe.checkpoint.keep_last, extra=extra, **save_options
         )
 
     if step == 0 and recipe.validation.at_start:
@@ -274,17 +291,11 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
 
     if not result.interrupted:
         if last_checkpoint_step != step:
-            save_checkpoint()
+            save_checkpoint(with_outputs=False)  # the outputs of the last step go to output_dir below
         try:
             validate(step)
         finally:  # whatever happens while sampling, the trained result goes to disk
-            accelerator.wait_for_everyone()
-            with full_parameters(accelerator, modules):
-                # Saving may load frozen parts again at the source's precision: whole, as at the start.
-                if accelerator.is_main_process:
-                    unwrapped = {name: unwrap(accelerator, module) for name, module in modules.items()}
-                    with unsharded_loading(accelerator), averaged():
-                        result.saved_files = method.save(output_dir, unwrapped, output_metadata(recipe, step, method.base.noise_scheduler.config.prediction_type))
+            result.saved_files = save_outputs(output_dir)
         for path in result.saved_files:
             accelerator.print(f"saved {path}")
     # Not accelerator.end_training(): it also closes the process group, and a later train() in this

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from finetune.checkpoint import STATE_FILE, list_checkpoints, resolve_resume
@@ -127,3 +128,39 @@ def test_outputs_are_readable_by_other_users_like_any_new_file(make_recipe, pair
     files = [lora.saved_files[0], *(p for out in (controlnet, full) for folder in out.saved_files for p in folder.rglob("*") if p.is_file())]
     assert any(p.suffix == ".safetensors" for p in files[1:])
     assert {p: oct(p.stat().st_mode & 0o777) for p in files} == {p: oct(expected) for p in files}
+
+
+def _tensors_under(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    files = [path] if path.is_file() else sorted(path.rglob("*.safetensors"))
+    return {(f.relative_to(path).as_posix() if path.is_dir() else f.name, key): value for f in files for key, value in load_file(f).items()}
+
+
+@pytest.mark.parametrize("method", ["lora", "controlnet", "full"])
+def test_each_checkpoint_holds_the_outputs_of_its_step(make_recipe, pairs_folder, tmp_path, method):
+    """checkpoint-2 of a 4-step run holds what a 2-step run saves, bit for bit, and the demo and `sample`
+    find it there; the last step's outputs are in output_dir only; checkpoint.save_outputs=false leaves them out."""
+    from finetune.demo_engine import scan_adapters
+    from finetune.inference import resolve_lora_file
+
+    data = {} if method == "lora" else {"data__image_dir": str(pairs_folder)}
+    long = train(make_recipe(method=method, output_dir=str(tmp_path / "long"), train__max_steps=4, checkpoint__every_n_steps=2, **data))
+    short = train(make_recipe(method=method, output_dir=str(tmp_path / "short"), train__max_steps=2, checkpoint__every_n_steps=1,
+                              checkpoint__save_outputs=False, **data))  # fmt: skip
+    at_step_2 = long.output_dir / "checkpoints" / "checkpoint-2"
+    [output] = short.saved_files
+    held = at_step_2 / output.name
+    expected = _tensors_under(output)
+    assert expected and set(_tensors_under(held)) == set(expected)
+    assert all(torch.equal(_tensors_under(held)[key], value) for key, value in expected.items())
+    assert not (long.output_dir / "checkpoints" / "checkpoint-4" / output.name).exists()
+    assert not (short.output_dir / "checkpoints" / "checkpoint-1" / output.name).exists()
+
+    adapters = scan_adapters(tmp_path)  # the resumable state beside the outputs (trainable_0, optimizer) is no adapter
+    suffix = "" if method == "lora" else f"/{output.name}"
+    assert sorted(adapters) == sorted(f"{run}{suffix}" for run in ("long", "long/checkpoints/checkpoint-2", "short"))
+    assert adapters[f"long/checkpoints/checkpoint-2{suffix}"].metadata["finetune.steps"] == "2"
+    assert adapters[f"long{suffix}"].metadata["finetune.steps"] == "4"
+    if method == "lora":
+        assert resolve_lora_file(str(at_step_2)) == held

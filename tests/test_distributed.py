@@ -242,6 +242,14 @@ def test_deepspeed_zero3_resumes_full_dreambooth_and_lora_where_they_stopped(mak
     adapters = [load_file(tmp_path / f"lora-{run}" / LORA_WEIGHTS_NAME) for run in ("uninterrupted", "resumed")]
     assert any(t.any() for k, t in adapters[0].items() if "lora.up" in k)
     assert_same_weights(adapters[1], adapters[0], exact=False)
+    # Each checkpoint also holds the outputs of its step (checkpoint.save_outputs), gathered whole.
+    checkpoint = {name: tmp_path / f"{name}-uninterrupted" / "checkpoints" / "checkpoint-2" for name in settings}
+    at_step_2 = load_file(checkpoint["lora"] / LORA_WEIGHTS_NAME)
+    assert {k: t.shape for k, t in at_step_2.items()} == {k: t.shape for k, t in adapters[0].items()}
+    assert not any(torch.equal(at_step_2[k], adapters[0][k]) for k in at_step_2 if "lora.up" in k)
+    unet_at_step_2 = UNet2DConditionModel.from_pretrained(checkpoint["dreambooth"] / "pipeline" / "unet").state_dict()
+    assert not all(torch.equal(unet_at_step_2[key], unets[0][key]) for key in base)
+    assert not all(torch.equal(unet_at_step_2[key], base[key]) for key in base)
 
 
 def test_deepspeed_bf16_trains_samples_and_saves_every_method(make_recipe, pairs_folder, tmp_path):
