@@ -1,9 +1,9 @@
-"""What the browser demo does, without the browser: find adapters in a folder, render comparisons.
+"""What the browser demo does, without the browser: render comparisons of the adapters in a folder.
 
 Kept apart from `finetune.demo` (the Gradio page) so it can be tested and reused without a web
 server, and so every safety rule lives in one place that the page cannot go around:
 
-- Adapters are found by scanning one folder and are addressed by **name** (their path relative to
+- Adapters are found by scanning one folder (`finetune.adapter_scan`) and are addressed by **name** (their path relative to
   that folder). A request names adapters; `DemoEngine.adapter` looks the name up in the last scan and
   refuses anything else, so no path from the browser ever reaches the file system.
 - Only safetensors are read. Pickle files (`.bin`, `.ckpt`, `.pt`, `.pth`) found while scanning are
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,166 +27,19 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import yaml
 from PIL import Image, ImageOps
-from safetensors import safe_open
 
-from finetune.checkpoint import CHECKPOINT_PATTERN, STATE_FILE
+from finetune.adapter_scan import BASE, PICKLE_SUFFIXES, Adapter, scan_adapters
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
-from finetune.inference import controlnet_metadata
-from finetune.kohya import LoRA, finetune_metadata_from_kohya, load_lora
+from finetune.kohya import LoRA, load_lora
 from finetune.merge import find_module
-from finetune.methods.controlnet import CONTROLNET_DIR, METADATA_FILE, UNET_DIR
-from finetune.methods.full import PIPELINE_DIR
-from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.models import BaseModel, freeze, load_base_model
 from finetune.sampling import build_pipeline, follow_adapters_prediction_type, generate
 
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-# Folders the trainer writes that hold no finished adapter (logs, sample grids).
-SKIPPED_FOLDERS = {"logs", "samples", "sample", "__pycache__", "node_modules"}
-# What a checkpoint holds besides its resumable state (checkpoint.save_outputs): the run's outputs at its step.
-CHECKPOINT_OUTPUTS = {LORA_WEIGHTS_NAME, CONTROLNET_DIR, UNET_DIR, PIPELINE_DIR}
-MAX_SCAN_DEPTH = 6
-BASE = "(base model)"
 CONDITIONING_KINDS = ("as uploaded", "canny", "luminance", "mask")
 MAX_INPUT_PIXELS = 4096 * 4096
 CACHE_SIZE = {"lora": 8, "controlnet": 2, "pipeline": 1}
-
-
-@dataclass
-class Adapter:
-    """One entry of the adapters folder; `refused` says why it cannot be used (it is still listed)."""
-
-    name: str
-    kind: str  # "lora", "pipeline" (DreamBooth / full fine-tune) or "controlnet"
-    path: Path
-    layout: str = ""
-    metadata: dict[str, str] = field(default_factory=dict)
-    refused: str | None = None
-
-
-# --- scanning ------------------------------------------------------------------------------------
-
-
-def scan_adapters(root: Path, exclude: tuple[Path, ...] = ()) -> dict[str, Adapter]:
-    """Every LoRA file, pipeline folder and ControlNet folder under `root`, by name (sorted)."""
-    root = Path(root)
-    excluded = {p.resolve() for p in exclude}
-    found: list[Adapter] = []
-    if not root.is_dir():
-        return {}
-    for folder, dirs, files in os.walk(root):
-        here = Path(folder)
-        depth = len(here.relative_to(root).parts)
-        model = None if here.resolve() in excluded else _model_folder(here, root, files)
-        if model is not None or depth >= MAX_SCAN_DEPTH or here.resolve() in excluded:
-            dirs.clear()  # the files inside a model folder are its weights, not adapters
-            found += [model] if model is not None else []
-            continue
-        dirs[:] = _folders_to_scan(here, dirs)
-        for name in sorted(files):
-            if _is_checkpoint(here) and name not in CHECKPOINT_OUTPUTS:
-                continue
-            path = here / name
-            if name.endswith(".safetensors"):
-                adapter = _lora_file(path, root)
-            elif name.endswith(PICKLE_SUFFIXES):
-                adapter = Adapter(_name(path, root), "lora", path, "pickle", refused="pickle checkpoint: only .safetensors files are loaded")
-            else:
-                continue
-            found += [adapter] if adapter is not None else []
-    adapters: dict[str, Adapter] = {}
-    for adapter in found:
-        if adapter.name in adapters or adapter.name == BASE:
-            adapter.name = _relative(adapter.path, root)
-        adapters[adapter.name] = adapter
-    return dict(sorted(adapters.items()))
-
-
-def _is_checkpoint(folder: Path) -> bool:
-    return folder.parent.name == "checkpoints" and CHECKPOINT_PATTERN.match(folder.name) is not None
-
-
-def _folders_to_scan(here: Path, dirs: list[str]) -> list[str]:
-    """A run's checkpoints are listed by their outputs only: the resumable state beside them (optimizer,
-    DeepSpeed's pickle shards) is no adapter, nor is a checkpoint still being written."""
-    if here.name == "checkpoints":
-        return sorted(d for d in dirs if CHECKPOINT_PATTERN.match(d))
-    if _is_checkpoint(here):
-        return sorted(d for d in dirs if d in CHECKPOINT_OUTPUTS)
-    return sorted(d for d in dirs if d not in SKIPPED_FOLDERS and not d.startswith("."))
-
-
-def _relative(path: Path, root: Path) -> str:
-    return path.relative_to(root).as_posix()
-
-
-def _name(path: Path, root: Path) -> str:
-    """A training folder's LoRA is named after the folder; other files after their path, no suffix."""
-    if path.name.startswith("pytorch_lora_weights.") and path.parent != root:
-        return _relative(path.parent, root)
-    return _relative(path.with_suffix(""), root)
-
-
-def _lora_file(path: Path, root: Path) -> Adapter | None:
-    """Read only the header (keys, shapes, metadata); a safetensors file without LoRA keys is skipped."""
-    try:
-        with safe_open(str(path), "pt") as f:
-            keys = list(f.keys())
-            meta = dict(f.metadata() or {})
-            downs = [k for k in keys if k.endswith(("lora_down.weight", "lora.down.weight", "lora_A.weight"))]
-            rank = str(f.get_slice(downs[0]).get_shape()[0]) if downs else "?"
-    except Exception as err:  # noqa: BLE001 - any unreadable file is listed, not raised
-        return Adapter(_name(path, root), "lora", path, "?", refused=f"unreadable safetensors file ({err.__class__.__name__})")
-    if any(k.startswith(("lora_unet_", "lora_te_")) for k in keys):
-        layout = "kohya"
-        dim = meta.get("ss_network_dim")  # "Dynamic" for mixed ranks
-        meta = finetune_metadata_from_kohya(meta)
-        if dim:
-            meta.setdefault("finetune.rank", dim)
-    elif any(k.startswith(("unet.", "text_encoder.")) for k in keys):
-        layout = "diffusers"
-    else:
-        return None
-    meta.setdefault("finetune.rank", rank)
-    meta.setdefault("finetune.method", "lora")
-    return Adapter(_name(path, root), "lora", path, layout, {k: v for k, v in meta.items() if k.startswith("finetune.")})
-
-
-def _model_folder(folder: Path, root: Path, files: list[str]) -> Adapter | None:
-    if "model_index.json" in files:
-        missing = [part for part in ("unet", "vae", "text_encoder") if not list((folder / part).glob("*.safetensors"))]
-        refused = f"{', '.join(missing)} weights are not .safetensors (pickle checkpoints are not loaded)" if missing else None
-        return Adapter(_relative(folder, root), "pipeline", folder, "diffusers", _folder_metadata(folder), refused)
-    if "config.json" in files:
-        try:
-            config = json.loads((folder / "config.json").read_text())
-        except (OSError, ValueError):
-            return None
-        if not isinstance(config, dict) or config.get("_class_name") != "ControlNetModel":
-            return None
-        has_weights = (folder / "diffusion_pytorch_model.safetensors").is_file()
-        refused = None if has_weights else "no diffusion_pytorch_model.safetensors (pickle checkpoints are not loaded)"
-        return Adapter(_relative(folder, root), "controlnet", folder, "diffusers", _folder_metadata(folder), refused)
-    return None
-
-
-def _folder_metadata(folder: Path) -> dict[str, str]:
-    """A ControlNet's finetune_metadata.json or, for a saved pipeline, the training run's recipe.yaml (a
-    checkpoint's: the recipe and step in its state)."""
-    if (folder / METADATA_FILE).is_file():
-        return controlnet_metadata(folder)
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        state = json.loads((folder.parent / STATE_FILE).read_text())
-        return {"finetune.method": str(state["recipe"]["method"]), "finetune.base_model": str(state["recipe"]["model.pretrained"]),
-                "finetune.steps": str(state["step"])}
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        recipe = yaml.safe_load((folder.parent / "recipe.yaml").read_text())
-        return {"finetune.method": str(recipe.get("method", "?")), "finetune.base_model": str(recipe["model"]["pretrained"]),
-                "finetune.steps": str(recipe["train"]["max_steps"])}
-    return {}
 
 
 # --- rendering -----------------------------------------------------------------------------------

@@ -141,7 +141,7 @@ def _tensors_under(path: Path) -> dict:
 def test_each_checkpoint_holds_the_outputs_of_its_step(make_recipe, pairs_folder, tmp_path, method):
     """checkpoint-2 of a 4-step run holds what a 2-step run saves, bit for bit, and the demo and `sample`
     find it there; the last step's outputs are in output_dir only; checkpoint.save_outputs=false leaves them out."""
-    from finetune.demo_engine import scan_adapters
+    from finetune.adapter_scan import scan_adapters
     from finetune.inference import resolve_lora_file
 
     data = {} if method == "lora" else {"data__image_dir": str(pairs_folder)}

@@ -255,7 +255,7 @@ def test_merge_replaces_an_existing_folder_only_when_asked_and_never_its_source(
     assert (mine / "notes.txt").read_text() == "keep me"
     assert main([*merge, str(mine), "--overwrite"]) == 0 and (mine / "model_index.json").is_file()
     # The demo lists it with what was merged, as it lists a training run's pipeline.
-    from finetune.demo_engine import scan_adapters
+    from finetune.adapter_scan import scan_adapters
 
     [merged] = [a for a in scan_adapters(tmp_path).values() if a.path == mine]
     assert merged.kind == "pipeline" and merged.metadata == {
