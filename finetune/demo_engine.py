@@ -3,9 +3,9 @@
 Kept apart from `finetune.demo` (the Gradio page) so it can be tested and reused without a web
 server, and so every safety rule lives in one place that the page cannot go around:
 
-- Adapters are found by scanning one folder (`finetune.adapter_scan`) and are addressed by **name** (their path relative to
-  that folder). A request names adapters; `DemoEngine.adapter` looks the name up in the last scan and
-  refuses anything else, so no path from the browser ever reaches the file system.
+- Adapters are found by scanning one folder (`finetune.adapter_scan`) and are addressed by **name**
+  (their path relative to that folder). A request names adapters; `DemoEngine.adapter` looks the name
+  up in the last scan and refuses anything else, so no path from the browser ever reaches the file system.
 - Only safetensors are read. Pickle files (`.bin`, `.ckpt`, `.pt`, `.pth`) found while scanning are
   listed as refused, with the reason, and never loaded (unpickling can run code).
 - LoRAs are applied by adding their updates into the weights for one column and copying the saved
