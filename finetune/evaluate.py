@@ -100,6 +100,10 @@ SUITES = {
 }
 
 
+def default_suites(suites, controlnet: str | None) -> list[str]:
+    return list(dict.fromkeys(suites or (CONTROL_SUITES if controlnet else DEFAULT_SUITES)))
+
+
 def _validate(suites, options: dict) -> list[str]:
     """Check the request before any model is loaded; return the suites, deduplicated."""
     suites = list(dict.fromkeys(suites or DEFAULT_SUITES))
@@ -198,7 +202,7 @@ def run_eval(
     scale = 1.0 if conditioning_scale is None else conditioning_scale
     options = dict(n=num_prompts, images_per_prompt=images_per_prompt, identifier=identifier, subject=subject,
                    class_word=class_word, controlnet=controlnet is not None)  # fmt: skip
-    suites = _validate(suites or (CONTROL_SUITES if controlnet else DEFAULT_SUITES), options)  # before the (slow) model load
+    suites = _validate(default_suites(suites, controlnet), options)  # before the (slow) model load
     pipeline = load_sampling_pipeline(base, lora, lora_scale, controlnet, base_config=base_config)
     pipeline.unet.eval()
     if torch.cuda.is_available():
@@ -320,34 +324,42 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--identifier", default="sks", help="DreamBooth identifier in subject prompts (default sks)")
     p.add_argument("--subject", default="star", choices=list(SHAPES), help="shape the subject should look like (default star)")
     p.add_argument("--class-word", default="shape", help="class word of subject/class prompts, 'a sks <class word>' (default shape)")
-    p.add_argument("--out", help="JSON report path (default: <ControlNet run folder>/eval.json, <LoRA folder>/eval.json, "
-                   "or outputs/eval/<base name>/eval.json)")
+    p.add_argument("--out", help="JSON report path (default: eval-<suites>.json in the ControlNet's or LoRA's run folder, "
+                   "or in outputs/eval/<base name>/)")
     return p
 
 
-def default_out(base: str, lora: str | None, controlnet: str | None = None) -> Path:
-    """In the ControlNet's, the LoRA's or a full pipeline's training output folder, else under outputs/eval/<name>/."""
+def default_out(base: str, lora: str | None, controlnet: str | None = None, suites=(), lora_scale: float = 1.0) -> Path:
+    """In the ControlNet's, the LoRA's or a full pipeline's training output folder, else under outputs/eval/<name>/;
+    named by what it scores (`eval-style.json`), so reports of other suites, strengths or LoRA files of
+    one folder do not replace each other."""
+    name = "eval" + "".join(f"-{suite}" for suite in suites) + ("" if lora_scale == 1.0 else f"-strength{lora_scale:g}") + ".json"
     if controlnet:
         from finetune.inference import resolve_controlnet_folder
         from finetune.methods.controlnet import CONTROLNET_DIR
 
         folder = resolve_controlnet_folder(controlnet)
         # Not inside the ControlNet folder: a model folder holds only the model.
-        return folder.parent / "eval.json" if folder.name == CONTROLNET_DIR else Path("outputs/eval") / folder.name / "eval.json"
+        return folder.parent / name if folder.name == CONTROLNET_DIR else Path("outputs/eval") / folder.name / name
     if lora:
+        from finetune.methods.lora import LORA_WEIGHTS_NAME
+
         path = Path(lora)
-        return (path if path.is_dir() else path.parent) / "eval.json"
+        if path.is_dir():
+            return path / name
+        return path.parent / (name if path.name == LORA_WEIGHTS_NAME else f"{path.stem}-{name}")
     base_path = Path(base.rstrip("/"))
     if base_path.name == "pipeline" and (base_path.parent / "recipe.yaml").is_file():  # a DreamBooth or full run's pipeline
-        return base_path.parent / "eval.json"
-    return Path("outputs/eval") / (base_path.stem or "base") / "eval.json"
+        return base_path.parent / name
+    return Path("outputs/eval") / (base_path.stem or "base") / name
 
 
 def run_eval_command(args) -> int:
     """``finetune eval``: run, print the table, write the report."""
-    out = Path(args.out) if args.out else default_out(args.base, args.lora, args.controlnet)
+    suites = default_suites(args.suite, args.controlnet)
+    out = Path(args.out) if args.out else default_out(args.base, args.lora, args.controlnet, suites, args.lora_scale)
     result = run_eval(
-        args.base, args.lora, args.lora_scale, args.suite, args.num_prompts, args.images_per_prompt,
+        args.base, args.lora, args.lora_scale, suites, args.num_prompts, args.images_per_prompt,
         args.steps, args.guidance, args.seed, args.identifier, args.subject, args.class_word,
         controlnet=args.controlnet, conditioning_scale=args.conditioning_scale, out=out, base_config=args.base_config,
     )  # fmt: skip

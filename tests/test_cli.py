@@ -258,4 +258,8 @@ def test_a_run_folder_of_the_wrong_kind_says_what_to_pass(tmp_path, capsys, tiny
     assert main(["sample", "--base", str(full), "--prompt", "x"]) == 2
     assert f"is a training run's folder: point --base at {full / 'pipeline'}" in capsys.readouterr().err
     # Each run's eval report goes into its own folder (every such pipeline folder is named "pipeline").
-    assert default_out(str(full / "pipeline"), None) == full / "eval.json"
+    assert default_out(str(full / "pipeline"), None, suites=["style"]) == full / "eval-style.json"
+    # Named by what it scores: other suites, strengths or LoRA files of one folder keep their own reports.
+    assert default_out("base", str(full), suites=["adherence", "fid"], lora_scale=0.5) == full / "eval-adherence-fid-strength0.5.json"
+    assert default_out("base", str(full / "mine.safetensors"), suites=["style"]) == full / "mine-eval-style.json"
+    assert default_out("base", str(full / "pytorch_lora_weights.safetensors"), suites=["style"]) == full / "eval-style.json"

@@ -162,7 +162,7 @@ def test_cli_defaults_to_the_control_suites_next_to_the_run(tiny_model, runs, ca
 
     assert main(["eval", "--base", str(tiny_model), "--controlnet", str(runs["fresh"]), "--num-prompts", "2", "--steps", "1"]) == 0
     assert "control_iou" in capsys.readouterr().out
-    report = json.loads((runs["fresh"] / "eval.json").read_text())
+    report = json.loads((runs["fresh"] / "eval-control-placement.json").read_text())
     assert report["settings"]["suites"] == ["control", "placement"]
     assert set(report["metrics"]) == {"control_iou", "control_chance_iou", "placement_iou", "placement_chance_iou"}
 
