@@ -78,12 +78,25 @@ class DataReport:
                 lines.append(bucket_counts_line(self.bucket_of))
             else:
                 lines.append(f"training size: {config.resolution}x{config.resolution}, {config.crop} crops (data.bucketing keeps aspect ratios)")
+        if len(config.folders) > 1:
+            lines.append(folder_shares_line(self.usable, config))
         for level, entries in ((FATAL, self.of_level(FATAL)), ("skipped", self.skipped), (WARNING, self.of_level(WARNING)), (CONVERTED, self.of_level(CONVERTED))):
             shown = entries if limit is None else entries[:limit]
             lines += [f"{level}: {finding.message}" for finding in shown]
             if len(entries) > len(shown):
                 lines.append(f"{level}: ... and {len(entries) - len(shown)} more (finetune check-data lists them all)")
         return lines
+
+
+def folder_shares_line(usable: list[Example], config: DataConfig) -> str:
+    """How much each data.folders entry weighs in an epoch: the balance its repeats are there to set."""
+    images, uses = [0] * len(config.folders), [0] * len(config.folders)
+    for example in usable:
+        images[example.folder_index] += 1
+        uses[example.folder_index] += example.repeats
+    total = max(sum(uses), 1)
+    shares = [f"'{folder.path}' {n} x{folder.repeats} = {u} ({100 * u / total:.0f}%)" for folder, n, u in zip(config.folders, images, uses)]
+    return "uses per epoch by folder: " + ", ".join(shares)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -150,7 +163,7 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
         report.findings += findings
         if usable is not None:
             report.usable.append(usable)
-        if digest is not None:
+        if digest is not None and example.source not in by_hash.get(digest, []):  # one file in two data.folders entries is no copy
             by_hash.setdefault(digest, []).append(example.source)
     targets = report.bucket_of or [(config.resolution, config.resolution)] * len(report.usable)
     for example, (width, height) in zip(report.usable, targets):

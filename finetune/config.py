@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from typing import Literal, Optional, Union
 
@@ -153,6 +154,10 @@ class DataConfig(Section):
                 raise ValueError(f"data.bucketing.max_side ({buckets.max_side}) must be at least data.resolution ({self.resolution})")
         if self.folders and self.image_dir is None:
             raise ValueError("data.folders are subfolders of data.image_dir: set data.image_dir (a dataset has no folders)")
+        entries = [(os.path.normpath(folder.path), folder.template) for folder in self.folders]
+        twice = next((folder.path for folder, entry in zip(self.folders, entries) if entries.count(entry) > 1), None)
+        if twice is not None:  # (with another template it is another set of prompts for the same images)
+            raise ValueError(f"data.folders lists '{twice}' twice with the same template: list it once and raise its repeats")
         if self.keep_tokens and not self.shuffle_tags:
             raise ValueError("data.keep_tokens keeps the first tags in place while data.shuffle_tags shuffles the rest: set data.shuffle_tags: true")
         return self

@@ -9,7 +9,7 @@ its aspect-ratio bucket (finetune/buckets.py) instead of a square.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -42,6 +42,7 @@ class Example:
     caption: str | None  # None: no caption was found (the check reports it)
     load: Callable[[], Image.Image]
     repeats: int = 1  # uses per epoch (data.folders); load_examples lists the example this many times
+    folder_index: int = 0  # which entry of data.folders it comes from
     size: Size | None = None  # upright (width, height), known once the check has decoded the image
     digest: str | None = None  # a hash of the decoded pixels, from the check: names its cached latents
 
@@ -85,7 +86,7 @@ def _folder_examples(config: DataConfig) -> list[Example]:
     if not root.is_dir():
         raise FinetuneError(f"data folder {root} not found: check {config._image_dir_key}")
     examples = []
-    for settings in config.folders or [FolderConfig(path=".")]:
+    for index, settings in enumerate(config.folders or [FolderConfig(path=".")]):
         folder = root / settings.path  # an absolute path stays absolute
         key = config._image_dir_key if not config.folders else f"data.folders path '{settings.path}'"
         if not folder.is_dir():
@@ -93,7 +94,7 @@ def _folder_examples(config: DataConfig) -> list[Example]:
         images = folder_images(folder)
         if not images:
             raise FinetuneError(f"data folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}): add some or fix {key}")
-        examples += _images_of_folder(folder, images, settings, config.caption)
+        examples += [replace(example, folder_index=index) for example in _images_of_folder(folder, images, settings, config.caption)]
     return examples
 
 
@@ -106,11 +107,12 @@ def metadata_rows_without_images(config: DataConfig) -> list[tuple[Path, list[st
     rows: a typo or a renamed file, whose caption then trains nothing."""
     if not config.image_dir or config.caption is not None:
         return []
-    unmatched = []
+    unmatched, seen = [], set()
     for settings in config.folders or [FolderConfig(path=".")]:
         folder = Path(config.image_dir) / settings.path
-        if not template_needs_caption(settings.template) or not folder.is_dir():
+        if not template_needs_caption(settings.template) or not folder.is_dir() or folder.resolve() in seen:
             continue
+        seen.add(folder.resolve())
         named = set(folder_captions(folder)) - {path.name for path in folder_images(folder)}
         if named:
             metadata = folder / ("metadata.jsonl" if (folder / "metadata.jsonl").is_file() else "metadata.csv")

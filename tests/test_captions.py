@@ -89,6 +89,25 @@ def test_repeats_multiply_an_images_uses_per_epoch(tmp_path):
     assert len({dataset[(i, 0)]["pixel_values"].sum().item() for i in range(3)}) > 1
 
 
+def test_each_folders_share_of_an_epoch_is_reported_and_one_folder_under_two_templates_is_no_copy(tmp_path):
+    from finetune.check_data import inspect_examples
+    from finetune.data import read_examples
+
+    write_image(tmp_path / "rare" / "r.png", "green")
+    write_image(tmp_path / "common" / "c0.png")
+    write_image(tmp_path / "common" / "c1.png", "blue")
+    folders = [{"path": "rare", "repeats": 3, "template": "{caption}"}, {"path": "common"}, {"path": "rare", "template": "a photo of {caption}"}]
+    config = DataConfig(image_dir=str(tmp_path), resolution=64, caption="x", folders=folders)
+    lines = inspect_examples(read_examples(config), config, "photos").lines()
+    assert "uses per epoch by folder: 'rare' 1 x3 = 3 (50%), 'common' 2 x1 = 2 (33%), 'rare' 1 x1 = 1 (17%)" in lines
+    assert not [line for line in lines if "same pixels" in line], lines
+    copied = tmp_path / "common" / "c2.png"  # a real copy is still named
+    copied.write_bytes((tmp_path / "common" / "c0.png").read_bytes())
+    lines = inspect_examples(read_examples(config), config, "photos").lines()
+    assert [line for line in lines if "same pixels" in line] == [f"warning: image {tmp_path / 'common' / 'c0.png'} has the same pixels as {copied}: "
+                                                                 "each copy trains as its own image (remove copies, or use data.folders repeats)"]  # fmt: skip
+
+
 def test_folder_settings_are_validated(tmp_path):
     with pytest.raises(ValueError, match="must be at least 1 \\(1 means no repeat"):
         DataConfig(image_dir="x", folders=[{"path": "a", "repeats": 0}])
