@@ -227,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except FinetuneError as err:
-        print(f"error: {err}", file=sys.stderr)
+        # Under `accelerate launch` every process checks the same recipe and files: one line per machine.
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # training stops itself cleanly; this is Ctrl-C anywhere else (loading, class images, sampling)
         print("\nstopped (Ctrl-C): files written so far are kept; run the command again to continue", file=sys.stderr)

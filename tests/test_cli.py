@@ -121,6 +121,15 @@ def test_bad_input_is_one_line_before_training(case, pattern, tmp_path, capsys, 
     assert_one_line_error(code, err, pattern, tmp_path)
 
 
+def test_under_a_launcher_the_error_line_comes_once_per_machine(tmp_path, capsys, monkeypatch):
+    """Every process of `accelerate launch` checks the same recipe: local rank 0 says it, the others only exit 2."""
+    recipe = write_recipe(tmp_path, train={"max_step": 1})
+    for local_rank, lines in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        code, err = run_train(tmp_path, capsys, recipe)
+        assert code == 2 and len(err) == lines, err
+
+
 def test_resume_from_something_that_is_not_a_checkpoint(tmp_path, capsys, tiny_model):
     recipe = write_recipe(tmp_path, data={"image_dir": str(good_folder(tmp_path)), "resolution": 64}, model={"pretrained": str(tiny_model)})
     code, err = run_train(tmp_path, capsys, recipe, "--resume", str(tmp_path))
