@@ -335,14 +335,21 @@ class TrainConfig(Section):
 
 
 class OptimizerConfig(Section):
-    # adamw8bit, paged_adamw8bit and lion8bit come from bitsandbytes (8-bit states for large tensors).
-    name: Literal["adamw", "adamw8bit", "paged_adamw8bit", "lion8bit"] = "adamw"
-    lr: float = 1e-4
+    # adamw8bit, paged_adamw8bit and lion8bit come from bitsandbytes (8-bit states for large tensors);
+    # adafactor keeps factored second moments only (the smallest state); prodigy finds its own step size.
+    name: Literal["adamw", "adamw8bit", "paged_adamw8bit", "lion8bit", "adafactor", "prodigy"] = "adamw"
+    lr: float = 1e-4  # prodigy: a multiplier of the step size it finds, near 1.0
     weight_decay: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
     warmup_steps: int = 0
+
+    @model_validator(mode="after")
+    def _prodigy_multiplier(self) -> "OptimizerConfig":
+        if self.name == "prodigy" and self.lr < 0.1:  # 1e-4, as for AdamW, would leave it all but still
+            raise ValueError(f"optimizer.lr with prodigy multiplies the step size it finds: set it near 1.0 (got {self.lr:g})")
+        return self
 
 
 class ValidationConfig(Section):

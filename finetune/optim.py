@@ -8,6 +8,7 @@ import torch
 from diffusers.optimization import get_scheduler
 
 from finetune.config import OptimizerConfig
+from finetune.errors import FinetuneError
 
 logger = logging.getLogger(__name__)
 
@@ -15,6 +16,14 @@ logger = logging.getLogger(__name__)
 def build_optimizer(config: OptimizerConfig, parameters: list) -> torch.optim.Optimizer:
     """`parameters`: a list of tensors, or of parameter groups (dicts) with their own settings."""
     kwargs = dict(lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+    if config.name == "prodigy":
+        return _prodigy(config, parameters, kwargs)
+    if config.name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # At the recipe's learning rate and schedule, not Adafactor's own relative step; no first moment:
+        # its factored second moments (a row and a column per matrix) are what make it small.
+        return Adafactor(parameters, lr=config.lr, weight_decay=config.weight_decay, scale_parameter=False, relative_step=False)
     if config.name in BITSANDBYTES_OPTIMIZERS:
         try:
             import bitsandbytes as bnb
@@ -27,6 +36,16 @@ def build_optimizer(config: OptimizerConfig, parameters: list) -> torch.optim.Op
     # One fused kernel for all tensors instead of a loop over them (CPU's default): LoRA has hundreds of
     # small tensors; the loop took ~5% of a cached LoRA step of the medium benchmark model.
     return torch.optim.AdamW(parameters, eps=config.eps, fused=fused_supported(parameters), **kwargs)
+
+
+def _prodigy(config: OptimizerConfig, parameters: list, kwargs: dict) -> torch.optim.Optimizer:
+    """Prodigy estimates the step size itself; optimizer.lr multiplies it (1.0 as its authors use it).
+    Bias correction and, with warm-up steps, the safeguard: the settings its authors give for diffusion."""
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        raise FinetuneError("optimizer.name prodigy needs the prodigyopt package: pip install prodigyopt") from None
+    return Prodigy(parameters, eps=config.eps, use_bias_correction=True, safeguard_warmup=config.warmup_steps > 0, **kwargs)
 
 
 def fused_supported(parameters: list) -> bool:

@@ -43,3 +43,33 @@ def test_adamw_is_fused_and_steps_like_the_per_tensor_loop():
         results.append(parameters)
     for fused, loop, start in zip(*results, weights):
         assert not torch.equal(fused, start) and torch.allclose(fused, loop, atol=1e-7)
+
+
+def _descend(optimizer, parameter, target, steps):
+    losses = []
+    for _ in range(steps):
+        loss = (parameter - target).square().mean()
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return losses
+
+
+def test_adafactor_keeps_a_row_and_a_column_per_matrix_and_descends():
+    torch.manual_seed(0)
+    weight, target = torch.nn.Parameter(torch.zeros(64, 32)), torch.randn(64, 32)
+    optimizer = build_optimizer(OptimizerConfig(name="adafactor", lr=1e-2, weight_decay=0.0), [weight])
+    losses = _descend(optimizer, weight, target, 50)
+    state = optimizer.state[weight]
+    assert state["exp_avg_sq_row"].shape == (64,) and state["exp_avg_sq_col"].shape == (32,) and "exp_avg" not in state
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_prodigy_finds_its_own_step_size_from_a_multiplier_of_one():
+    torch.manual_seed(0)
+    weight, target = torch.nn.Parameter(torch.zeros(64, 32)), torch.randn(64, 32)
+    optimizer = build_optimizer(OptimizerConfig(name="prodigy", lr=1.0, weight_decay=0.0), [weight])
+    losses = _descend(optimizer, weight, target, 100)
+    assert optimizer.param_groups[0]["d"] > 1e3 * optimizer.param_groups[0]["d0"]  # it grew the step from 1e-6
+    assert losses[-1] < 0.1 * losses[0]
