@@ -358,6 +358,7 @@ class ValidationConfig(Section):
     at_start: bool = True  # also sample before the first step, for a before/after comparison
     num_inference_steps: int = Field(25, ge=1)
     guidance_scale: float = 7.5
+    negative_prompt: Optional[str] = None  # e.g. "blurry, low quality"; the same for every prompt
     images_per_prompt: int = Field(2, ge=1)
     seed: int = 0
 

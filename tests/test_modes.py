@@ -159,3 +159,21 @@ def test_fp16_on_a_cpu_stops_with_one_line_before_loading_the_model(make_recipe,
     monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
     with pytest.raises(FinetuneError, match="train.mixed_precision fp16 needs a GPU; on a CPU use bf16 or no"):
         train(make_recipe(train__mixed_precision="fp16"))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_validation_samples_with_the_negative_prompt(method_recipe, method):
+    """validation.negative_prompt replaces the unconditional prompt of every validation image (not of the first only)."""
+    from finetune.methods import METHODS as METHOD_CLASSES
+
+    images = {}
+    for negative in (None, "a blue square"):
+        recipe = method_recipe(method, validation__prompts=["a red circle"], validation__num_inference_steps=2, validation__images_per_prompt=2,
+                               validation__guidance_scale=5.0, validation__negative_prompt=negative)  # fmt: skip
+        chosen = METHOD_CLASSES[recipe.method](recipe)
+        chosen.check_data()
+        torch.manual_seed(recipe.seed)
+        chosen.setup(load_base_model(recipe.model))
+        rows, _ = chosen.validation_images(chosen.trained_modules())
+        images[negative] = [torch.tensor(list(image.getdata()), dtype=torch.float32) for image in rows[0][-2:]]
+    assert all(not torch.equal(a, b) for a, b in zip(images[None], images["a blue square"]))

@@ -91,6 +91,7 @@ class TrainingMethod(ABC):
             settings.num_inference_steps,
             settings.guidance_scale,
             self.recipe.data.resolution,
+            settings.negative_prompt,
         )
         return rows, list(settings.prompts)
 

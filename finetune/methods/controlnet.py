@@ -192,7 +192,8 @@ class ControlNetMethod(DiffusionMethod):
             for condition, prompt in zip(conditions, prompts):
                 samples = generate(
                     pipeline, [prompt], settings.images_per_prompt, settings.seed, settings.num_inference_steps,
-                    settings.guidance_scale, self.recipe.data.resolution, image=condition, controlnet_conditioning_scale=scale,
+                    settings.guidance_scale, self.recipe.data.resolution, settings.negative_prompt, image=condition,
+                    controlnet_conditioning_scale=scale,
                 )[0]
                 rows.append([condition, *samples])
                 labels.append(prompt if scale == 1.0 else f"{prompt} (control x{scale:g})")
