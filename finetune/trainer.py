@@ -186,6 +186,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     sampler = make_batch_sampler(
         dataset, train_cfg.batch_size, accelerator.num_processes, accelerator.process_index, recipe.seed, start=step * accumulation
     )
+    accelerator.print(run_length_line(train_cfg, sampler.batches_per_epoch, len(dataset), accelerator.num_processes))
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -342,6 +343,13 @@ def run_validation(recipe, method, modules, accelerator, step: int) -> Path | No
             tensorboard.add_image("validation", np.asarray(grid), step, dataformats="HWC")
     accelerator.wait_for_everyone()
     return path
+
+
+def run_length_line(train_cfg, batches_per_epoch: int, items: int, processes: int) -> str:
+    """train.max_steps in the epochs that sd-scripts users count (an epoch uses each image its repeats times)."""
+    per_step = train_cfg.batch_size * processes * train_cfg.gradient_accumulation_steps
+    epochs = train_cfg.max_steps * train_cfg.gradient_accumulation_steps / max(batches_per_epoch, 1)
+    return f"length: {train_cfg.max_steps} steps of {per_step} images = {epochs:.3g} epochs of {items} images"
 
 
 def _tensorboard_writer(accelerator: Accelerator):

@@ -63,6 +63,11 @@ def test_loss_falls_on_a_fixed_batch(make_recipe):
     assert after < 0.85 * before, (before, after)
 
 
+def test_the_run_length_is_also_said_in_epochs(make_recipe, capsys):
+    train(make_recipe(train__max_steps=3, train__gradient_accumulation_steps=2))  # 4 images, 2 per micro-batch, 2 micro-batches a step
+    assert "length: 3 steps of 4 images = 3 epochs of 4 images" in capsys.readouterr().out.splitlines()
+
+
 # Attention alone (recipes/lora.yaml), and with the feed-forward, projection and conv layers (the quickstart's).
 TARGETS = {"attention": ["to_q", "to_k", "to_v", "to_out.0"],
            "all": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]}
