@@ -311,6 +311,13 @@ class TrainConfig(Section):
     snr_gamma: Optional[float] = None
     # Offset noise (Guttenberg 2023) helps very dark/bright images; 0.05-0.1 is typical.
     noise_offset: float = 0.0
+    # huber: the scheduled pseudo-Huber loss (Khrapov et al. 2024), less pulled by a few odd images;
+    # huber_c is its threshold at high noise (it rises to 1, i.e. MSE, at low noise).
+    loss: Literal["mse", "huber"] = "mse"
+    huber_c: float = Field(0.1, gt=0, le=1)
+    # Train on timesteps min_timestep <= t < max_timestep only (None: up to the model's 1000).
+    min_timestep: int = Field(0, ge=0)
+    max_timestep: Optional[int] = Field(None, ge=1)
     allow_tf32: bool = True
     # Keep an exponential moving average of the trained weights (finetune/ema.py) and sample and save
     # it instead of the last step's weights; 0.999-0.9999 for full fine-tunes. None: off.
@@ -331,6 +338,8 @@ class TrainConfig(Section):
     def _cache_dir_caches_something(self) -> "TrainConfig":
         if self.cache_dir and not (self.cache_latents or self.cache_text_embeddings):
             raise ValueError("train.cache_dir keeps cached encodings, but nothing is cached: set train.cache_latents (or cache_text_embeddings) to true, or remove cache_dir")
+        if self.max_timestep is not None and self.min_timestep >= self.max_timestep:
+            raise ValueError(f"train.min_timestep ({self.min_timestep}) must be below train.max_timestep ({self.max_timestep})")
         return self
 
 

@@ -65,11 +65,12 @@ POSTERIOR_STREAM, NOISE_STREAM, TIMESTEP_STREAM, OFFSET_STREAM = range(4)
 
 
 def draw_noise(
-    randomness: BatchRandomness, latent_shape: tuple[int, ...], num_train_timesteps: int, noise_offset: float = 0.0
+    randomness: BatchRandomness, latent_shape: tuple[int, ...], timesteps: range, noise_offset: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(noise, timesteps) for this process's rows, on the CPU; `latent_shape` is per sample (C, H, W)."""
+    """(noise, timesteps) for this process's rows, on the CPU; `latent_shape` is per sample (C, H, W);
+    the timesteps are drawn uniformly from the range `timesteps` (all the model's, by default)."""
     noise = randomness.normal(latent_shape, NOISE_STREAM)
-    timesteps = randomness.integers(num_train_timesteps, TIMESTEP_STREAM)
+    timesteps = timesteps.start + randomness.integers(len(timesteps), TIMESTEP_STREAM)
     if noise_offset:
         # Offset noise: a per-channel constant lets the model shift overall brightness.
         noise = noise + noise_offset * randomness.normal((latent_shape[0], 1, 1), OFFSET_STREAM)
@@ -94,14 +95,30 @@ def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
     return alphas_cumprod / (1.0 - alphas_cumprod)
 
 
+def huber_threshold(scheduler: DDPMScheduler, timesteps: torch.Tensor, huber_c: float) -> torch.Tensor:
+    """The pseudo-Huber loss's threshold at each timestep, on the SNR schedule of Khrapov et al. (2024), as
+    sd-scripts uses it: about 1 at low noise (where it is MSE), falling to `huber_c` at high noise (where
+    it grows only linearly with the error, so a few odd images pull less)."""
+    alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    sigmas = ((1.0 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    return (1.0 - huber_c) / (1.0 + sigmas) ** 2 + huber_c
+
+
 def per_sample_loss(
     prediction: torch.Tensor,
     batch: NoisedBatch,
     scheduler: DDPMScheduler,
     snr_gamma: float | None = None,
+    huber_c: float | None = None,
 ) -> torch.Tensor:
-    """Mean squared error per sample, optionally Min-SNR-gamma weighted (Hang et al., 2023)."""
-    loss = F.mse_loss(prediction.float(), batch.target.float(), reduction="none").mean(dim=(1, 2, 3))
+    """Mean squared error per sample (with `huber_c`: the scheduled pseudo-Huber loss instead), optionally
+    Min-SNR-gamma weighted (Hang et al., 2023)."""
+    if huber_c is None:
+        loss = F.mse_loss(prediction.float(), batch.target.float(), reduction="none").mean(dim=(1, 2, 3))
+    else:
+        threshold = huber_threshold(scheduler, batch.timesteps, huber_c).view(-1, 1, 1, 1)
+        squared = (prediction.float() - batch.target.float()).square()
+        loss = (2.0 * threshold * (torch.sqrt(squared + threshold**2) - threshold)).mean(dim=(1, 2, 3))
     if snr_gamma is None:
         return loss
     signal_to_noise = snr(scheduler, batch.timesteps)

@@ -132,6 +132,7 @@ def test_override_indexes_lists():
         ("optimizer.warmup_steps=50", r"optimizer.warmup_steps \(50\) must be below train.max_steps \(10\): the learning rate would never reach"),
         ("data.caption_dropout=1.5", r"^key 'data.caption_dropout': must be between 0 and 1 \(got 1.5\)$"),
         ("data.folders=[{path: a, repeats: 0}]", r"^key 'data.folders.0.repeats': must be at least 1"),
+        ("train={max_steps: 10, min_timestep: 600, max_timestep: 500}", r"^key 'train': train.min_timestep \(600\) must be below train.max_timestep \(500\)"),
         ("optimizer.name=prodigy", r"^key 'optimizer': optimizer.lr with prodigy multiplies the step size it finds: set it near 1.0 \(got 0.0001\)"),
         ("data.folders=[{path: a}, {path: ./a/}]", r"^key 'data': data.folders lists 'a' twice with the same template: list it once and raise its repeats"),
         ("data.keep_tokens=2", r"^key 'data': data.keep_tokens keeps the first tags in place while data.shuffle_tags shuffles the rest: set data.shuffle_tags: true"),

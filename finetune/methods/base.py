@@ -24,6 +24,7 @@ from finetune.data import CaptionedImageDataset, collate
 from finetune.diffusion import POSTERIOR_STREAM, BatchRandomness, add_noise, draw_noise, per_sample_loss
 from finetune.cache import EncodingCache, caption_key, model_fingerprint
 from finetune.encoders import encode_prompts, latents_from_moments, posterior_moments, text_hidden_states
+from finetune.errors import FinetuneError
 from finetune.models import BaseModel
 from finetune.sampling import build_pipeline, generate
 
@@ -118,6 +119,7 @@ class DiffusionMethod(TrainingMethod):
 
         self.latent_cache = cache("latents", base.vae) if train.cache_latents else None
         self.text_cache = cache("text", base.text_encoder) if train.cache_text_embeddings else None
+        self.timesteps = training_timesteps(train, base.noise_scheduler.config.num_train_timesteps)
 
     def item_latent_cache(self) -> EncodingCache | None:
         return self.latent_cache
@@ -164,10 +166,19 @@ class DiffusionMethod(TrainingMethod):
         latent_shape = (base.vae.config.latent_channels, height // 8, width // 8)
         latents = self.encode_latents(batch, randomness.normal(latent_shape, POSTERIOR_STREAM))
         encoder_hidden_states = self.encode_text(modules, batch["captions"])
-        noise, timesteps = draw_noise(randomness, latent_shape, base.noise_scheduler.config.num_train_timesteps, train.noise_offset)
+        noise, timesteps = draw_noise(randomness, latent_shape, self.timesteps, train.noise_offset)
         noised = add_noise(base.noise_scheduler, latents, noise.to(latents.device), timesteps.to(latents.device))
         prediction = self.predict(modules, noised.noisy_latents, noised.timesteps, encoder_hidden_states, batch)
-        return self.combine_losses(per_sample_loss(prediction, noised, base.noise_scheduler, train.snr_gamma), batch)
+        huber_c = train.huber_c if train.loss == "huber" else None
+        return self.combine_losses(per_sample_loss(prediction, noised, base.noise_scheduler, train.snr_gamma, huber_c), batch)
+
+
+def training_timesteps(train, num_train_timesteps: int) -> range:
+    """The timesteps training draws from: all the model's, or train.min_timestep..max_timestep."""
+    high = num_train_timesteps if train.max_timestep is None else train.max_timestep
+    if high > num_train_timesteps:
+        raise FinetuneError(f"train.max_timestep {high} is beyond the base model's {num_train_timesteps} training timesteps: set at most {num_train_timesteps}")
+    return range(train.min_timestep, high)
 
 
 class UNetMethod(DiffusionMethod):
