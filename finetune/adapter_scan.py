@@ -18,11 +18,12 @@ import yaml
 from safetensors import safe_open
 
 from finetune.checkpoint import CHECKPOINT_PATTERN, STATE_FILE
-from finetune.inference import controlnet_metadata
+from finetune.inference import saved_model_metadata
 from finetune.kohya import finetune_metadata_from_kohya
-from finetune.methods.controlnet import CONTROLNET_DIR, METADATA_FILE, UNET_DIR
+from finetune.methods.controlnet import CONTROLNET_DIR, UNET_DIR
 from finetune.methods.full import PIPELINE_DIR
 from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.pipeline_io import METADATA_FILE
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 # Folders the trainer writes that hold no finished adapter (logs, sample grids).
@@ -149,10 +150,10 @@ def _model_folder(folder: Path, root: Path, files: list[str]) -> Adapter | None:
 
 
 def _folder_metadata(folder: Path) -> dict[str, str]:
-    """A ControlNet's finetune_metadata.json or, for a saved pipeline, the training run's recipe.yaml (a
-    checkpoint's: the recipe and step in its state)."""
+    """What was saved with a ControlNet or pipeline (finetune_metadata.json) or, for a pipeline saved
+    before that file was, the training run's recipe.yaml (a checkpoint's: the recipe and step in its state)."""
     if (folder / METADATA_FILE).is_file():
-        return controlnet_metadata(folder)
+        return saved_model_metadata(folder)
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         state = json.loads((folder.parent / STATE_FILE).read_text())
         return {"finetune.method": str(state["recipe"]["method"]), "finetune.base_model": str(state["recipe"]["model.pretrained"]),

@@ -24,10 +24,12 @@ from finetune.sampling import autocast_for, save_image_atomic
 logger = logging.getLogger(__name__)
 
 
-def generation_key(class_prompts: list[str], settings: ClassImageGeneration, resolution: int) -> str:
-    # One prompt hashes as the bare string, as before lists were allowed: existing images stay valid.
+def generation_key(class_prompts: list[str], settings: ClassImageGeneration, resolution: int, clip_skip: int = 1) -> str:
+    # One prompt hashes as the bare string, as before lists were allowed, and clip skip 1 is left out, as
+    # before it existed: existing images stay valid.
     prompt = class_prompts[0] if len(class_prompts) == 1 else class_prompts
-    described = json.dumps({"prompt": prompt, "resolution": resolution, **settings.model_dump()}, sort_keys=True)
+    skip = {"clip_skip": clip_skip} if clip_skip > 1 else {}
+    described = json.dumps({"prompt": prompt, "resolution": resolution, **settings.model_dump(), **skip}, sort_keys=True)
     return hashlib.sha256(described.encode()).hexdigest()[:10]
 
 

@@ -29,6 +29,9 @@ class ModelConfig(Section):
     single_file_config: Optional[str] = None
     # None keeps the scheduler's own prediction type (epsilon for SD1.5, v_prediction for SD2.x-768).
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None
+    # Counted as the webui and sd-scripts count it: 1 uses the text encoder's last layer, 2 the one before
+    # (what anime bases built on NovelAI's were trained with). Sampling follows the adapter's.
+    clip_skip: int = Field(1, ge=1)
     # Not recipe keys: what set `pretrained` and `single_file_config`, for messages (a command's options).
     _key: str = PrivateAttr("model.pretrained")
     _single_file_config_key: str = PrivateAttr("model.single_file_config")
@@ -420,6 +423,10 @@ class Recipe(Section):
                     )
         elif sum(source is not None for source in sources) != 1:
             raise ValueError("set exactly one of data.image_dir (a folder) or data.dataset (a datasets name or path)")
+        trains_text_encoder = self.full.train_text_encoder if self.method == "full" else (
+            self.dreambooth is not None and self.dreambooth.adapter == "full" and self.dreambooth.train_text_encoder)
+        if self.model.clip_skip > 1 and trains_text_encoder:  # its skipped layers would be saved untrained, or not at all
+            raise ValueError("model.clip_skip above 1 leaves the text encoder's last layers out: train it with a LoRA, or set clip_skip to 1")
         if self.optimizer.scheduler != "constant" and self.optimizer.warmup_steps >= self.train.max_steps:
             raise ValueError(
                 f"optimizer.warmup_steps ({self.optimizer.warmup_steps}) must be below train.max_steps ({self.train.max_steps}): "

@@ -31,11 +31,12 @@ from PIL import Image, ImageOps
 
 from finetune.adapter_scan import BASE, PICKLE_SUFFIXES, Adapter, scan_adapters
 from finetune.config import ModelConfig
+from finetune.encoders import clip_skipped
 from finetune.errors import FinetuneError
 from finetune.kohya import LoRA, load_lora
 from finetune.merge import find_module
 from finetune.models import BaseModel, freeze, load_base_model
-from finetune.sampling import build_pipeline, follow_adapters_prediction_type, generate
+from finetune.sampling import adapters_clip_skip, build_pipeline, follow_adapters_prediction_type, generate
 
 CONDITIONING_KINDS = ("as uploaded", "canny", "luminance", "mask")
 MAX_INPUT_PIXELS = 4096 * 4096
@@ -153,7 +154,8 @@ class DemoEngine:
             condition = conditioning_image(request.conditioning_image, request.conditioning_kind, request.size)
         columns = [("base", self.base, [], None, 0.0)] if request.include_base else []
         chosen = [name for name, _ in request.loras] + ([request.controlnet] if controlnet else []) + ([request.model] if model is not self.base else [])
-        trained_for = {name: self.adapters[name].metadata for name in chosen}  # their metadata, for the prediction type
+        trained_for = {name: self.adapters[name].metadata for name in chosen}  # their metadata: prediction type, clip skip
+        clip_skip = adapters_clip_skip(trained_for)
         label = "+".join(n.rsplit("/", 1)[-1] for n in chosen)
         label = label if len(label) <= 20 else "adapters"
         for s in request.strengths if chosen else ([] if request.include_base else [1.0]):
@@ -162,6 +164,7 @@ class DemoEngine:
         results: list[list[Image.Image]] = [[] for _ in range(request.rows)]
         for column_label, column_model, column_loras, column_controlnet, scale in columns:
             pipeline = _pipeline(column_model, column_controlnet)
+            column_skip = 1 if column_label == "base" else clip_skip
             if column_label != "base":
                 follow_adapters_prediction_type(pipeline, trained_for)
             extra = dict(image=condition, controlnet_conditioning_scale=scale) if column_controlnet is not None else {}
@@ -172,7 +175,8 @@ class DemoEngine:
                 progress(done, total)
                 return kwargs
 
-            with loras_applied({"unet": column_model.unet, "text_encoder": column_model.text_encoder}, column_loras):
+            with loras_applied({"unet": column_model.unet, "text_encoder": column_model.text_encoder}, column_loras), \
+                    clip_skipped(column_model.text_encoder, column_skip):
                 for r in range(request.rows):
                     image = generate(pipeline, [request.prompt], 1, request.seed + r, request.steps, request.guidance, request.size,
                                      negative_prompt=request.negative_prompt or None, callback_on_step_end=step_done, **extra)[0][0]

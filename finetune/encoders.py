@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from diffusers import AutoencoderKL
 from transformers import CLIPTextModel, CLIPTokenizer
+
+from finetune.errors import FinetuneError
 
 
 def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
@@ -32,6 +36,32 @@ def long_captions_line(tokenizer: CLIPTokenizer, captions: dict[str, str]) -> st
 def text_hidden_states(tokenizer: CLIPTokenizer, text_encoder: torch.nn.Module, prompts: list[str], device: torch.device) -> torch.Tensor:
     """The last hidden states, which the UNet cross-attends to (with gradients, for a trained encoder)."""
     return text_encoder(tokenize(tokenizer, prompts).to(device))[0]
+
+
+def skip_last_layers(text_encoder: CLIPTextModel, clip_skip: int) -> None:
+    """Leave out the text encoder's last `clip_skip - 1` layers: its output is then the earlier layer's
+    through the final layer norm, which is what clip_skip means in the webui, sd-scripts and diffusers."""
+    encoder = _layer_stack(text_encoder)
+    if not 1 <= clip_skip <= len(encoder.layers):
+        raise FinetuneError(f"model.clip_skip {clip_skip}: this text encoder has {len(encoder.layers)} layers; use 1 to {len(encoder.layers)}")
+    encoder.layers = encoder.layers[: len(encoder.layers) - (clip_skip - 1)]
+
+
+def _layer_stack(text_encoder: CLIPTextModel) -> torch.nn.Module:
+    # transformers 5 holds the layers at text_encoder.encoder; 4.x one level down, in text_model.
+    return getattr(text_encoder, "text_model", text_encoder).encoder
+
+
+@contextlib.contextmanager
+def clip_skipped(text_encoder: CLIPTextModel, clip_skip: int):
+    """`skip_last_layers` for the duration only (the demo's columns sample one base at different skips)."""
+    encoder = _layer_stack(text_encoder)
+    layers = encoder.layers
+    skip_last_layers(text_encoder, clip_skip)
+    try:
+        yield
+    finally:
+        encoder.layers = layers
 
 
 @torch.no_grad()

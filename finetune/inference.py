@@ -18,13 +18,15 @@ from PIL import Image
 from finetune.checkpoint import atomic_save_safetensors
 from finetune.config import ModelConfig
 from finetune.data import Example, open_rgb
+from finetune.encoders import skip_last_layers
 from finetune.errors import FinetuneError
 from finetune.kohya import LoRA, load_lora, to_diffusers
 from finetune.merge import check_lora_fits
-from finetune.methods.controlnet import CONTROLNET_DIR, METADATA_FILE, UNET_DIR
+from finetune.methods.controlnet import CONTROLNET_DIR, UNET_DIR
 from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.models import BaseModel, load_base_model
-from finetune.sampling import build_pipeline, follow_adapters_prediction_type, generate, make_grid, save_image_atomic
+from finetune.pipeline_io import METADATA_FILE
+from finetune.sampling import adapters_clip_skip, build_pipeline, follow_adapters_prediction_type, generate, make_grid, save_image_atomic
 from finetune.views import cover_and_crop
 
 # Config keys that must agree for a ControlNet's residuals to fit the UNet's skip connections.
@@ -89,8 +91,9 @@ def resolve_controlnet_folder(controlnet: str) -> Path:
     return path
 
 
-def controlnet_metadata(folder: Path) -> dict[str, str]:
-    """What training recorded beside a ControlNet (base, steps, prediction type); {} for one from elsewhere."""
+def saved_model_metadata(folder: Path) -> dict[str, str]:
+    """What training (or merge) recorded beside a ControlNet or pipeline folder (base, steps, prediction type,
+    clip skip); {} for one from elsewhere."""
     path = folder / METADATA_FILE
     try:
         metadata = json.loads(path.read_text()) if path.is_file() else {}
@@ -156,21 +159,28 @@ def load_sampling_pipeline(
     `base_config` describes a single-file base (as --base-config)."""
     lora_file = resolve_lora_file(lora) if lora else None
     lora_weights = load_lora(lora_file) if lora_file else None  # a broken file stops before the model loads
-    base_model = load_base_model(ModelConfig.from_option(base, base_config))
+    folder = resolve_controlnet_folder(controlnet) if controlnet else None
     adapters = {}  # name: metadata
+    if Path(base).is_dir() and saved_model_metadata(Path(base)):  # a full fine-tune's or a merge's pipeline
+        adapters[base] = saved_model_metadata(Path(base))
+    if controlnet:
+        adapters[controlnet] = saved_model_metadata(folder)
+    if lora:
+        adapters[lora] = lora_weights.metadata
+    clip_skip = adapters_clip_skip(adapters)
+    base_model = load_base_model(ModelConfig.from_option(base, base_config))
     if controlnet is None:
         pipeline = build_pipeline(base_model)
     else:
-        folder = resolve_controlnet_folder(controlnet)
         decoder = unlocked_decoder_folder(folder)
         unet = UNet2DConditionModel.from_pretrained(decoder, torch_dtype=torch.float32) if decoder else None
         model = load_controlnet(folder, base_model)
         pipeline = build_pipeline(base_model, unet=unet, pipeline_class=StableDiffusionControlNetPipeline, controlnet=model)
-        adapters[controlnet] = controlnet_metadata(folder)
     if lora:
         load_lora_into(pipeline, lora_weights, lora_file, adapter_name="lora")
-        adapters[lora] = lora_weights.metadata
         pipeline.set_adapters(["lora"], adapter_weights=[lora_scale])
+    if clip_skip > 1:  # after the LoRA: sd-scripts' files also hold (unused) LoRAs of the skipped layers
+        skip_last_layers(pipeline.text_encoder, clip_skip)
     follow_adapters_prediction_type(pipeline, adapters)
     return pipeline
 

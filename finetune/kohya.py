@@ -202,10 +202,10 @@ def _peft_alpha(config: dict, part: str, module: str, rank: int) -> float:
 
 
 def finetune_metadata_from_kohya(metadata: dict[str, str]) -> dict[str, str]:
-    """Keep our keys; for files from sd-scripts, take base model, steps and v-prediction from its `ss_` keys."""
+    """Keep our keys; for files from sd-scripts, take base model, steps, clip skip and v-prediction from its `ss_` keys."""
     kept = {k: v for k, v in metadata.items() if not k.startswith(KOHYA_ONLY_METADATA)}
-    for ours, theirs in (("finetune.base_model", "ss_sd_model_name"), ("finetune.steps", "ss_max_train_steps")):
-        if ours not in kept and metadata.get(theirs):
+    for ours, theirs in (("finetune.base_model", "ss_sd_model_name"), ("finetune.steps", "ss_max_train_steps"), ("finetune.clip_skip", "ss_clip_skip")):
+        if ours not in kept and metadata.get(theirs) not in (None, "", "None"):  # sd-scripts writes "None" for unset
             kept[ours] = metadata[theirs]
     if "finetune.prediction_type" not in kept and metadata.get("ss_v_parameterization") in ("True", "False"):
         kept["finetune.prediction_type"] = "v_prediction" if metadata["ss_v_parameterization"] == "True" else "epsilon"
@@ -231,7 +231,7 @@ def to_kohya(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
         "ss_network_alpha": str(float(alphas.pop())) if len(alphas) == 1 else "Dynamic",
     }
-    for theirs, ours in (("ss_sd_model_name", "finetune.base_model"), ("ss_max_train_steps", "finetune.steps")):
+    for theirs, ours in (("ss_sd_model_name", "finetune.base_model"), ("ss_max_train_steps", "finetune.steps"), ("ss_clip_skip", "finetune.clip_skip")):
         if ours in lora.metadata:
             metadata[theirs] = lora.metadata[ours]
     if "finetune.prediction_type" in lora.metadata:  # sd-scripts' flag, "True"/"False"
@@ -350,6 +350,7 @@ def write_model_card(lora: LoRA, path: Path, layout: str, training_dir: Path | N
         f"| steps | {meta.get('finetune.steps', 'unknown')} |",
         f"| resolution | {meta.get('finetune.resolution', 'unknown')} |",
         f"| prediction type | {meta.get('finetune.prediction_type', 'unknown')} |",
+        f"| clip skip | {meta.get('finetune.clip_skip', 'unknown')} (the webui's count) |",
         f"| recipe hash | `{meta.get('finetune.recipe_hash', 'unknown')}` |",
         "",
     ]
@@ -370,12 +371,21 @@ def write_model_card(lora: LoRA, path: Path, layout: str, training_dir: Path | N
     ]
     if meta.get("finetune.prediction_type") == "v_prediction":
         lines.append(V_PREDICTION_CODE)
+    clip_skip = int(meta["finetune.clip_skip"]) if str(meta.get("finetune.clip_skip", "")).isdigit() else 1
+    if clip_skip > 1:  # not pipeline(clip_skip=...): that looks for text_model, which transformers 5 no longer has
+        lines += [
+            f"# Trained with clip skip {clip_skip}: prompts go through all but the text encoder's last {clip_skip - 1} layer(s).",
+            'stack = getattr(pipeline.text_encoder, "text_model", pipeline.text_encoder).encoder',
+            f"stack.layers = stack.layers[:-{clip_skip - 1}]",
+        ]
     lines += [
         "```",
         "",
         "## AUTOMATIC1111 / Forge webui and ComfyUI",
         "",
     ]
+    if clip_skip > 1:
+        lines += [f"Trained with clip skip {clip_skip}: set *Clip skip* to {clip_skip} in the webui (a *CLIP Set Last Layer* node at -{clip_skip} in ComfyUI).", ""]
     if layout == "kohya":
         lines += [
             f"Copy `{path.name}` to `models/Lora/` (webui) or `models/loras/` (ComfyUI).",

@@ -8,7 +8,6 @@ and is written as a complete diffusers pipeline.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -16,7 +15,6 @@ import torch
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
 from finetune.kohya import CLIP_ROOT, LoRA, diffusers_loading_code, load_lora
-from finetune.methods.controlnet import METADATA_FILE
 from finetune.models import load_base_model
 from finetune.pipeline_io import check_replaceable, save_pipeline
 
@@ -64,11 +62,11 @@ def merge_lora(
     merge_into({"unet": model.unet, "text_encoder": model.text_encoder}, lora, strength)
     if lora.metadata.get("finetune.prediction_type"):  # the merged UNet predicts what the LoRA was trained for
         model.noise_scheduler.register_to_config(prediction_type=lora.metadata["finetune.prediction_type"])
-    output_dir = save_pipeline(model, Path(output_dir))
+    # What the demo's adapter table shows for this pipeline, and the clip skip sample and the demo use with it.
+    recorded = {"finetune.method": f"lora merged at {strength:g}", "finetune.base_model": base, "finetune.steps": lora.metadata.get("finetune.steps", "?"),
+                **{key: lora.metadata[key] for key in ("finetune.clip_skip",) if key in lora.metadata}}  # fmt: skip
+    output_dir = save_pipeline(model, Path(output_dir), metadata=recorded)
     _write_card(output_dir, base, lora_file, lora, strength)
-    # What the demo's adapter table shows for this pipeline (as a training run's recipe.yaml would).
-    recorded = {"finetune.method": f"lora merged at {strength:g}", "finetune.base_model": base, "finetune.steps": lora.metadata.get("finetune.steps", "?")}
-    (output_dir / METADATA_FILE).write_text(json.dumps(recorded, indent=2, sort_keys=True))
     return output_dir
 
 

@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from finetune.config import ModelConfig
+from finetune.encoders import skip_last_layers
 from finetune.errors import FinetuneError
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -134,6 +135,8 @@ def load_base_model(config: ModelConfig, weight_dtype: torch.dtype = torch.float
     if config.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=config.prediction_type)
 
+    if config.clip_skip > 1:
+        skip_last_layers(parts["text_encoder"], config.clip_skip)
     freeze(parts["vae"], weight_dtype)
     freeze(parts["text_encoder"], weight_dtype)
     parts["unet"].train()
@@ -161,7 +164,8 @@ def load_parts(config: ModelConfig, names: list[str]) -> dict:
 def at_source_precision(base: BaseModel, names: list[str]) -> dict[str, torch.nn.Module]:
     """The named parts as the source has them: those the run holds in bf16/fp16 are loaded again (a
     bf16 round trip would cost a saved VAE or text encoder 8 bits of mantissa)."""
-    reduced = [name for name in names if getattr(base, name).dtype != torch.float32]
+    # (and a text encoder without its last layers, model.clip_skip: the saved one is whole)
+    reduced = [name for name in names if getattr(base, name).dtype != torch.float32 or (name == "text_encoder" and base.config.clip_skip > 1)]
     reloaded = {name: freeze(module) for name, module in load_parts(base.config, reduced).items()} if reduced else {}
     return {name: reloaded.get(name, getattr(base, name)) for name in names}
 

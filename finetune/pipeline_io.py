@@ -12,14 +12,19 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from finetune.checkpoint import with_default_permissions
 from finetune.models import BaseModel, at_source_precision
 
+# Beside a saved model (pipeline or ControlNet folder): what trained it, for sample, eval and the demo.
+METADATA_FILE = "finetune_metadata.json"
+
 
 def save_pipeline(
     base: BaseModel,
     output_dir: Path,
     dtype: torch.dtype = torch.float32,
+    metadata: dict[str, str] | None = None,
     **replacements: torch.nn.Module,
 ) -> Path:
-    """Write base's parts, with `replacements` (unet=, vae=, text_encoder=) swapped in, to `output_dir`.
+    """Write base's parts, with `replacements` (unet=, vae=, text_encoder=) swapped in, to `output_dir`,
+    and `metadata` as its METADATA_FILE.
 
     Written beside the target and renamed into place, so a crash never leaves half a pipeline; the
     other parts are saved as the source has them (cast to `dtype`, which defaults to full precision).
@@ -44,6 +49,8 @@ def save_pipeline(
     finally:
         for name, module in parts.items():
             module.to(original_dtypes[name])
+    if metadata is not None:
+        (partial / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
     shutil.rmtree(output_dir, ignore_errors=True)
     with_default_permissions(partial).rename(output_dir)
     return output_dir

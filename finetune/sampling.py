@@ -44,6 +44,16 @@ def follow_adapters_prediction_type(pipeline, adapters: dict[str, dict[str, str]
         pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, prediction_type=kinds.pop())
 
 
+def adapters_clip_skip(adapters: dict[str, dict[str, str]]) -> int:
+    """The model.clip_skip the adapters ({name: metadata}) were trained with (1 where none is recorded):
+    prompts encoded another way than in training miss what the adapter learned."""
+    recorded = {name: int(meta["finetune.clip_skip"]) for name, meta in adapters.items() if str(meta.get("finetune.clip_skip", "")).isdigit()}
+    if len(set(recorded.values())) > 1:
+        listed = ", ".join(f"{name} ({skip})" for name, skip in recorded.items())
+        raise FinetuneError(f"adapters trained with different clip_skip cannot be combined: {listed}")
+    return next(iter(recorded.values()), 1)
+
+
 def autocast_for(pipeline) -> contextlib.AbstractContextManager:
     """Autocast when some of the pipeline's weights are half precision, so fp32 parts (a LoRA, a
     ControlNet, a fully fine-tuned UNet) and a bf16/fp16 text encoder and VAE mix."""

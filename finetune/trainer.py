@@ -367,6 +367,7 @@ def output_metadata(recipe: Recipe, step: int, prediction_type: str) -> dict[str
         "finetune.base_model": recipe.model.pretrained,
         "finetune.steps": str(step),
         "finetune.prediction_type": prediction_type,
+        "finetune.clip_skip": str(recipe.model.clip_skip),
         "finetune.resolution": str(recipe.data.resolution),
         "finetune.recipe_hash": recipe.fingerprint(),
     }

@@ -40,9 +40,10 @@ from finetune.data import Example, open_rgb
 from finetune.errors import FinetuneError
 from finetune.methods.base import DiffusionMethod
 from finetune.models import freeze
+from finetune.pipeline_io import METADATA_FILE
 from finetune.sampling import build_pipeline, generate
 
-CONTROLNET_DIR, UNET_DIR, METADATA_FILE = "controlnet", "unet", "finetune_metadata.json"
+CONTROLNET_DIR, UNET_DIR = "controlnet", "unet"
 # The UNet parts that train with unlock_unet_decoder (the original's output_blocks and out).
 DECODER_PARTS = ("up_blocks", "conv_norm_out", "conv_out")
 

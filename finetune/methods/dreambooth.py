@@ -120,7 +120,7 @@ def class_image_plans(recipe: Recipe) -> list[tuple[Path, str, list[Path], list[
     settings, plans = recipe.dreambooth, []
     for i, concept in enumerate(settings.concepts if settings.prior_preservation else []):
         folder = Path(concept.class_dir) if concept.class_dir else Path(recipe.output_dir) / "class_images" / f"concept-{i}"
-        key = generation_key(concept.class_prompts, settings.class_generation, recipe.data.resolution)
+        key = generation_key(concept.class_prompts, settings.class_generation, recipe.data.resolution, recipe.model.clip_skip)
         plans.append((folder, key, *plan_class_images(folder, key, settings.num_class_images)))
     return plans
 

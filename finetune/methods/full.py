@@ -32,4 +32,4 @@ class FullMethod(UNetMethod):
             self.base.text_encoder.to(torch.float32).requires_grad_(True).train()
 
     def save(self, output_dir: Path, modules, metadata: dict[str, str]) -> list[Path]:
-        return [save_pipeline(self.base, output_dir / PIPELINE_DIR, **modules)]
+        return [save_pipeline(self.base, output_dir / PIPELINE_DIR, metadata=metadata, **modules)]

@@ -123,7 +123,7 @@ class VAEMethod(TrainingMethod):
         vae = modules["autoencoder"].vae
         if self.latent_std is not None:
             vae.register_to_config(scaling_factor=float(1.0 / self.latent_std))
-        return [save_pipeline(self.base, output_dir / PIPELINE_DIR, vae=vae)]
+        return [save_pipeline(self.base, output_dir / PIPELINE_DIR, metadata=metadata, vae=vae)]
 
     @torch.no_grad()
     def validation_images(self, modules):
