@@ -1,7 +1,7 @@
 """Recipe files to a validated `Recipe`: YAML loading, `key=value` overrides, and pydantic's errors
 turned into one line that names the key (and the closest valid one for a typo).
 
-The schema itself, every section and its validation, is finetune/config.py.
+The schema itself, every section and its validation, is the finetune/config package.
 """
 
 from __future__ import annotations

@@ -1,0 +1,22 @@
+"""Typed recipes: every section of a recipe, its defaults and its validation (pydantic).
+
+Every knob has a name and a default here; recipe files under `recipes/` document them for users.
+Unknown keys are rejected, so a typo never silently trains the wrong thing. Reading a YAML file,
+`key=value` overrides and the one-line errors are finetune/recipe_loading.py.
+
+- `base.py`: `Section`, what every section is;
+- `data.py`: the `data:` section (folders, buckets);
+- `methods.py`: the sections of the methods (`lora:`, `full:`, `vae:`, `dreambooth:`, `controlnet:`);
+- `recipe.py`: the other sections and `Recipe`, which checks that the sections fit together.
+"""
+
+from finetune.config.base import Section
+from finetune.config.data import BucketConfig, DataConfig, FolderConfig
+from finetune.config.methods import ClassImageGeneration, Concept, ControlNetConfig, DreamBoothConfig, FullConfig, LoRAConfig, VAEConfig
+from finetune.config.recipe import CheckpointConfig, LoggingConfig, ModelConfig, OptimizerConfig, Recipe, TrainConfig, ValidationConfig
+
+__all__ = [
+    "BucketConfig", "CheckpointConfig", "ClassImageGeneration", "Concept", "ControlNetConfig", "DataConfig", "DreamBoothConfig",
+    "FolderConfig", "FullConfig", "LoRAConfig", "LoggingConfig", "ModelConfig", "OptimizerConfig", "Recipe", "Section",
+    "TrainConfig", "VAEConfig", "ValidationConfig",
+]  # fmt: skip

@@ -1,0 +1,133 @@
+"""The `data:` section: where the images and captions come from and how they are read."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Literal, Optional
+
+from pydantic import PrivateAttr, field_validator, model_validator
+
+from finetune.config.base import Section
+
+
+class BucketConfig(Section):
+    """`data.bucketing`: train each image near its own aspect ratio (see finetune/buckets.py)."""
+
+    # Off: every image is resized and cropped to resolution x resolution, as without this section.
+    enabled: bool = False
+    # Bucket sides are multiples of this; keep it 64 for SD (smaller models need 8 x their UNet's downsampling).
+    step: int = 64
+    # Shortest and longest bucket side; None: resolution / 2 and resolution x 2 (rounded to step).
+    min_side: Optional[int] = None
+    max_side: Optional[int] = None
+
+    @field_validator("step")
+    @classmethod
+    def _step_multiple_of_8(cls, value: int) -> int:
+        if value <= 0 or value % 8 != 0:
+            raise ValueError("must be a positive multiple of 8 (the VAE downsamples by 8)")
+        return value
+
+
+class FolderConfig(Section):
+    """One entry of `data.folders`: a subfolder of data.image_dir with its own repeats and caption template."""
+
+    path: str  # relative to data.image_dir (or absolute); "." is image_dir itself
+    # Times each image of this folder is used per epoch: 1 means no repeat, 3 means three times.
+    repeats: int = 1
+    # The prompt: "{caption}" is replaced by the image's own caption ("a photo of {caption}"); a template
+    # without "{caption}" is the prompt of every image in the folder, and its captions are not read.
+    template: Optional[str] = None
+
+    @field_validator("repeats")
+    @classmethod
+    def _at_least_once(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1 (1 means no repeat; remove the folder to leave it out)")
+        return value
+
+    @field_validator("template")
+    @classmethod
+    def _only_the_caption_placeholder(cls, value: Optional[str]) -> Optional[str]:
+        # "{captions}" would make a fixed prompt of the whole folder, its captions unread.
+        unknown = sorted(set(re.findall(r"\{[^{}]*\}", value or "")) - {"{caption}"})
+        if unknown:
+            raise ValueError(f"{unknown[0]} is not a placeholder: the template's one placeholder is {{caption}}")
+        return value
+
+
+class DataConfig(Section):
+    # Either a folder of images with captions, or a `datasets` dataset (hub name, or a local path).
+    image_dir: Optional[str] = None
+    # Not a recipe key: the key that set image_dir, for messages (a DreamBooth concept's instance_dir).
+    _image_dir_key: str = PrivateAttr("data.image_dir")
+    # Not a recipe key: what else a missing caption may be fixed with (DreamBooth concepts have their own).
+    _caption_alternative: str = PrivateAttr("set data.caption to one prompt for all images")
+    dataset: Optional[str] = None
+    dataset_config: Optional[str] = None
+    dataset_split: str = "train"
+    image_column: str = "image"
+    caption_column: str = "text"
+    # One prompt for every image; when set, captions are not read.
+    caption: Optional[str] = None
+    resolution: int = 512
+    crop: Literal["center", "random"] = "center"
+    random_flip: bool = False
+    # Share of training captions replaced by "" so classifier-free guidance keeps working.
+    caption_dropout: float = 0.0
+    # Comma-separated tags ("sks, dog, grass") are shuffled per image and epoch, the first keep_tokens
+    # staying in place (a trigger word first), so the model does not learn one tag order.
+    shuffle_tags: bool = False
+    keep_tokens: int = 0
+    # Images whose shorter side is below this are an error (default: half the resolution).
+    min_image_size: Optional[int] = None
+    # Images that would stop the run (unreadable, truncated, too small, no caption) are skipped and
+    # listed instead; default: training stops before it starts and names the first one.
+    skip_bad_images: bool = False
+    bucketing: BucketConfig = BucketConfig()
+    # Subfolders of image_dir with their own repeats and prompt templates; empty: image_dir alone, once.
+    folders: list[FolderConfig] = []
+    num_workers: int = 0
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution_multiple_of_8(cls, value: int) -> int:
+        if value <= 0 or value % 8 != 0:
+            raise ValueError("must be a positive multiple of 8 (the VAE downsamples by 8)")
+        return value
+
+    @field_validator("caption_dropout")
+    @classmethod
+    def _probability(cls, value: float) -> float:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError("must be between 0 and 1")
+        return value
+
+    @field_validator("keep_tokens")
+    @classmethod
+    def _not_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("must be 0 or more")
+        return value
+
+    @model_validator(mode="after")
+    def _buckets_and_folders_fit(self) -> "DataConfig":
+        buckets = self.bucketing
+        if buckets.enabled:
+            for key, value in (("resolution", self.resolution), ("bucketing.min_side", buckets.min_side), ("bucketing.max_side", buckets.max_side)):
+                if value is not None and value % buckets.step != 0:
+                    raise ValueError(f"data.{key} ({value}) must be a multiple of data.bucketing.step ({buckets.step})")
+            if buckets.min_side is not None and buckets.min_side > self.resolution:
+                raise ValueError(f"data.bucketing.min_side ({buckets.min_side}) must be at most data.resolution ({self.resolution})")
+            if buckets.max_side is not None and buckets.max_side < self.resolution:
+                raise ValueError(f"data.bucketing.max_side ({buckets.max_side}) must be at least data.resolution ({self.resolution})")
+        if self.folders and self.image_dir is None:
+            raise ValueError("data.folders are subfolders of data.image_dir: set data.image_dir (a dataset has no folders)")
+        entries = [(os.path.normpath(folder.path), folder.template) for folder in self.folders]
+        twice = next((folder.path for folder, entry in zip(self.folders, entries) if entries.count(entry) > 1), None)
+        if twice is not None:  # (with another template it is another set of prompts for the same images)
+            raise ValueError(f"data.folders lists '{twice}' twice with the same template: list it once and raise its repeats")
+        if self.keep_tokens and not self.shuffle_tags:
+            raise ValueError("data.keep_tokens keeps the first tags in place while data.shuffle_tags shuffles the rest: set data.shuffle_tags: true")
+        return self

@@ -1,0 +1,142 @@
+"""The sections of each method: `lora:`, `full:`, `vae:`, `dreambooth:` and `controlnet:`."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import Field, field_validator, model_validator
+
+from finetune.config.base import Section
+
+
+class LoRAConfig(Section):
+    rank: int = Field(16, ge=1)
+    # The LoRA update is scaled by alpha / rank; saved with the weights so strength is preserved.
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # rsLoRA (Kalajdzievski 2023): scale by alpha / sqrt(rank) instead of alpha / rank, so higher ranks
+    # keep learning at one learning rate. Saved in the metadata; every loader here and diffusers honour it.
+    use_rslora: bool = False
+    # Names of UNet submodules to adapt: attention projections by default; add "proj_in", "proj_out",
+    # "ff.net.0.proj", "ff.net.2", "conv1", "conv2" for feed-forward and conv layers.
+    target_modules: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
+    # Also a LoRA on the text encoder's attention projections (method lora; DreamBooth has its own switch).
+    # It learns new words' meanings faster; text embeddings are then not cached.
+    train_text_encoder: bool = False
+    text_encoder_lr: Optional[float] = None  # None: the same as optimizer.lr; sd-scripts users often halve it
+
+
+class FullConfig(Section):
+    """`method: full`: every UNet weight trains (and the text encoder, if asked)."""
+
+    train_text_encoder: bool = False
+    text_encoder_lr: Optional[float] = None  # None: the same as optimizer.lr
+
+
+class VAEConfig(Section):
+    """`method: vae`: train the autoencoder itself (pretraining a base model from scratch)."""
+
+    # Weight of the KL term that keeps latents near N(0, 1), as in the latent diffusion paper's KL-f8.
+    kl_weight: float = 1.0e-6
+    # L1 reconstruction is sharper than L2 for edges; both are summed with these weights.
+    l1_weight: float = 1.0
+    l2_weight: float = 1.0
+    # Pixels far from the image's median colour weigh up to 1 + salience_weight times more in the
+    # reconstruction loss, so a small object's colour is not outvoted by its background (0: plain mean).
+    salience_weight: float = 0.0
+    # Weight of the perceptual term (0: off) and the toy-world classifier file whose features define it.
+    perceptual_weight: float = 0.0
+    perceptual_network: Optional[str] = None  # None: the shipped finetune/assets/toyworld_perceptual.safetensors
+
+
+class ClassImageGeneration(Section):
+    """How missing class images are generated with the frozen base model (DreamBooth prior preservation)."""
+
+    num_inference_steps: int = Field(25, ge=1)
+    guidance_scale: float = 7.5
+    batch_size: int = Field(4, ge=1)
+    seed: int = 0
+    negative_prompt: Optional[str] = None
+
+
+class Concept(Section):
+    """One subject to learn: its images, the prompt that names it, and the class it belongs to."""
+
+    instance_dir: str
+    # With a rare identifier, e.g. "a photo of sks dog"; not needed with use_captions (it would be unused).
+    instance_prompt: Optional[str] = None
+    # Read each image's .txt/metadata caption instead of instance_prompt.
+    use_captions: bool = False
+    # e.g. "a photo of a dog"; required with prior preservation. A list of prompts ("a photo of a dog
+    # on grass", "a photo of a small dog", ...) spreads the prior over the prompts you will use:
+    # generated class image k comes from prompt k mod len(list) and trains with it.
+    class_prompt: Union[str, list[str], None] = None
+    # Folder of class images; missing ones are generated there. Default: <output_dir>/class_images/<n>.
+    class_dir: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _a_prompt_or_captions(self) -> "Concept":
+        if not self.use_captions and not self.instance_prompt:
+            raise ValueError("set instance_prompt (e.g. 'a photo of sks dog'), or use_captions: true to train with each image's caption")
+        return self
+
+    @field_validator("class_prompt")
+    @classmethod
+    def _no_empty_prompts(cls, value):
+        if isinstance(value, list) and (not value or not all(p.strip() for p in value)):
+            raise ValueError("class_prompt: list one or more non-empty prompts")
+        return value
+
+    @property
+    def class_prompts(self) -> list[str]:
+        if self.class_prompt is None:
+            return []
+        return [self.class_prompt] if isinstance(self.class_prompt, str) else list(self.class_prompt)
+
+
+class DreamBoothConfig(Section):
+    """`method: dreambooth` (Ruiz et al., 2023): learn subjects while preserving the class prior."""
+
+    concepts: list[Concept]
+    adapter: Literal["full", "lora"] = "full"  # lora uses the `lora:` section's settings
+    prior_preservation: bool = True
+    prior_loss_weight: float = Field(1.0, ge=0)
+    num_class_images: int = Field(100, ge=0)  # per concept
+    class_generation: ClassImageGeneration = ClassImageGeneration()
+    train_text_encoder: bool = False
+    text_encoder_lr: Optional[float] = None  # None: the same as optimizer.lr
+
+    @field_validator("concepts")
+    @classmethod
+    def _at_least_one(cls, value: list) -> list:
+        if not value:
+            raise ValueError("list at least one concept (instance_dir and instance_prompt)")
+        return value
+
+
+class ControlNetConfig(Section):
+    """`method: controlnet` (Zhang et al., 2023): a zero-initialised trainable copy of the UNet encoder
+    steers the frozen UNet with a conditioning image (edges, a mask, a depth-like map)."""
+
+    # An existing diffusers ControlNet folder to continue from; None: copy the UNet's encoder.
+    pretrained: Optional[str] = None
+    # Datasets: the column holding the conditioning image (folders: metadata.jsonl conditioning_file_name).
+    conditioning_column: str = "conditioning_image"
+    # Share of training captions replaced by "" (0.5 in the ControlNet paper: learn to read the image).
+    empty_prompt_share: float = 0.5
+    # Strength of the control in validation samples (training always uses 1.0).
+    conditioning_scale: float = 1.0
+    # Add only the mid-block residual to the UNet; the down-block zero convs stay zero and frozen.
+    only_mid_control: bool = False
+    # The paper's sd_locked=False: also train the UNet's decoder (up blocks, conv_norm_out, conv_out).
+    unlock_unet_decoder: bool = False
+    # Conditioning images for validation rows, paired with validation.prompts (one of them may have
+    # length 1 and is then used for every row). Empty: the first training examples' conditioning images.
+    validation_conditions: list[str] = []
+
+    @field_validator("empty_prompt_share")
+    @classmethod
+    def _share(cls, value: float) -> float:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError("must be between 0 and 1")
+        return value

@@ -1,0 +1,189 @@
+"""The recipe: the base model, training, optimizer, validation, checkpoint and logging sections, and
+`Recipe`, which holds every section and checks that they fit together."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal, Optional
+
+from pydantic import Field, PrivateAttr, field_validator, model_validator
+
+from finetune.config.base import Section
+from finetune.config.data import DataConfig
+from finetune.config.methods import ControlNetConfig, DreamBoothConfig, FullConfig, LoRAConfig, VAEConfig
+
+
+class ModelConfig(Section):
+    # A hub id, a local diffusers folder, or a single .safetensors/.ckpt checkpoint file.
+    pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    revision: Optional[str] = None
+    variant: Optional[str] = None
+    # For a single-file checkpoint: the diffusers folder or hub id whose configs describe it.
+    single_file_config: Optional[str] = None
+    # None keeps the scheduler's own prediction type (epsilon for SD1.5, v_prediction for SD2.x-768).
+    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None
+    # Counted as the webui and sd-scripts count it: 1 uses the text encoder's last layer, 2 the one before
+    # (what anime bases built on NovelAI's were trained with). Sampling follows the adapter's.
+    clip_skip: int = Field(1, ge=1)
+    # Not recipe keys: what set `pretrained` and `single_file_config`, for messages (a command's options).
+    _key: str = PrivateAttr("model.pretrained")
+    _single_file_config_key: str = PrivateAttr("model.single_file_config")
+
+    @classmethod
+    def from_option(cls, pretrained: str, single_file_config: str | None = None) -> "ModelConfig":
+        """The base model of a command's --base (and --base-config) options."""
+        config = cls(pretrained=pretrained, single_file_config=single_file_config)
+        config._key, config._single_file_config_key = "--base", "--base-config"
+        return config
+
+
+class TrainConfig(Section):
+    batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_steps: int = Field(1000, ge=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    # Channels-last (NHWC) memory format for the UNet, VAE and ControlNet: the layout tensor-core and
+    # oneDNN convolutions prefer, so no transposes around every conv. Same math, same loss.
+    channels_last: bool = False
+    max_grad_norm: Optional[float] = 1.0
+    # Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's value, None disables it.
+    snr_gamma: Optional[float] = None
+    # Offset noise (Guttenberg 2023) helps very dark/bright images; 0.05-0.1 is typical.
+    noise_offset: float = 0.0
+    # huber: the scheduled pseudo-Huber loss (Khrapov et al. 2024), less pulled by a few odd images;
+    # huber_c is its threshold at high noise (it rises to 1, i.e. MSE, at low noise).
+    loss: Literal["mse", "huber"] = "mse"
+    huber_c: float = Field(0.1, gt=0, le=1)
+    # Train on timesteps min_timestep <= t < max_timestep only (None: up to the model's 1000).
+    min_timestep: int = Field(0, ge=0)
+    max_timestep: Optional[int] = Field(None, ge=1)
+    allow_tf32: bool = True
+    # Keep an exponential moving average of the trained weights (finetune/ema.py) and sample and save
+    # it instead of the last step's weights; 0.999-0.9999 for full fine-tunes. None: off.
+    ema_decay: Optional[float] = Field(None, gt=0, lt=1)
+    # Compute frozen encoders' outputs once per distinct input (see finetune/cache.py): VAE posteriors
+    # keyed by the image's content and view (crop, flip, size), text hidden states by caption. The
+    # same loss as uncached (in bf16 to rounding); a cached view is not decoded again.
+    cache_latents: bool = False
+    cache_text_embeddings: bool = False  # ignored when the text encoder trains
+    cache_dir: Optional[str] = None  # None: in memory for this run; a folder: on disk, reused by later runs
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _unquoted_no(cls, value):
+        return "no" if value is False else value  # YAML 1.1 reads an unquoted `no` as false
+
+    @model_validator(mode="after")
+    def _cache_dir_caches_something(self) -> "TrainConfig":
+        if self.cache_dir and not (self.cache_latents or self.cache_text_embeddings):
+            raise ValueError("train.cache_dir keeps cached encodings, but nothing is cached: set train.cache_latents (or cache_text_embeddings) to true, or remove cache_dir")
+        if self.max_timestep is not None and self.min_timestep >= self.max_timestep:
+            raise ValueError(f"train.min_timestep ({self.min_timestep}) must be below train.max_timestep ({self.max_timestep})")
+        return self
+
+
+class OptimizerConfig(Section):
+    # adamw8bit, paged_adamw8bit and lion8bit come from bitsandbytes (8-bit states for large tensors);
+    # adafactor keeps factored second moments only (the smallest state); prodigy finds its own step size.
+    name: Literal["adamw", "adamw8bit", "paged_adamw8bit", "lion8bit", "adafactor", "prodigy"] = "adamw"
+    lr: float = 1e-4  # prodigy: a multiplier of the step size it finds, near 1.0
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    warmup_steps: int = 0
+
+    @model_validator(mode="after")
+    def _prodigy_multiplier(self) -> "OptimizerConfig":
+        if self.name == "prodigy" and self.lr < 0.1:  # 1e-4, as for AdamW, would leave it all but still
+            raise ValueError(f"optimizer.lr with prodigy multiplies the step size it finds: set it near 1.0 (got {self.lr:g})")
+        return self
+
+
+class ValidationConfig(Section):
+    prompts: list[str] = []
+    every_n_steps: int = Field(0, ge=0)  # 0: only at the end of training
+    at_start: bool = True  # also sample before the first step, for a before/after comparison
+    num_inference_steps: int = Field(25, ge=1)
+    guidance_scale: float = 7.5
+    negative_prompt: Optional[str] = None  # e.g. "blurry, low quality"; the same for every prompt
+    images_per_prompt: int = Field(2, ge=1)
+    seed: int = 0
+
+
+class CheckpointConfig(Section):
+    every_n_steps: int = Field(500, ge=0)  # 0: only at the end (and on Ctrl-C)
+    keep_last: int = Field(3, ge=0)  # 0: keep every checkpoint
+    # Each checkpoint also holds what the run saves at its end, as of that step (the LoRA file, the ControlNet
+    # or the pipeline folder), to compare steps in `finetune sample` or the demo; false saves the disk.
+    save_outputs: bool = True
+
+
+class LoggingConfig(Section):
+    every_n_steps: int = Field(10, ge=1)
+    tensorboard: bool = True
+
+
+class Recipe(Section):
+    method: Literal["lora", "full", "vae", "dreambooth", "controlnet"] = "lora"
+    seed: int = 42
+    output_dir: str = "outputs/run"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    dreambooth: Optional[DreamBoothConfig] = None
+    controlnet: ControlNetConfig = ControlNetConfig()  # used by method controlnet only
+    lora: LoRAConfig = LoRAConfig()
+    full: FullConfig = FullConfig()
+    vae: VAEConfig = VAEConfig()
+    train: TrainConfig = TrainConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    validation: ValidationConfig = ValidationConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _data_sources_fit_the_method(self) -> "Recipe":
+        sources = [self.data.image_dir, self.data.dataset]
+        if self.method == "dreambooth":
+            if self.dreambooth is None:
+                raise ValueError("method dreambooth needs a dreambooth: section with concepts")
+            if any(sources):
+                raise ValueError("method dreambooth reads dreambooth.concepts; remove data.image_dir/data.dataset")
+            if self.lora.train_text_encoder:
+                raise ValueError("method dreambooth trains the text encoder with dreambooth.train_text_encoder; remove lora.train_text_encoder")
+            for i, concept in enumerate(self.dreambooth.concepts):
+                if self.dreambooth.prior_preservation and not concept.class_prompt:
+                    raise ValueError(
+                        f"dreambooth.concepts[{i}] has no class_prompt, which prior preservation needs "
+                        "(e.g. 'a photo of a dog'); set it or dreambooth.prior_preservation: false"
+                    )
+        elif sum(source is not None for source in sources) != 1:
+            raise ValueError("set exactly one of data.image_dir (a folder) or data.dataset (a datasets name or path)")
+        trains_text_encoder = self.full.train_text_encoder if self.method == "full" else (
+            self.dreambooth is not None and self.dreambooth.adapter == "full" and self.dreambooth.train_text_encoder)
+        if self.model.clip_skip > 1 and trains_text_encoder:  # its skipped layers would be saved untrained, or not at all
+            raise ValueError("model.clip_skip above 1 leaves the text encoder's last layers out: train it with a LoRA, or set clip_skip to 1")
+        if self.optimizer.scheduler != "constant" and self.optimizer.warmup_steps >= self.train.max_steps:
+            raise ValueError(
+                f"optimizer.warmup_steps ({self.optimizer.warmup_steps}) must be below train.max_steps ({self.train.max_steps}): "
+                "the learning rate would never reach optimizer.lr"
+            )
+        if self.method == "controlnet":
+            if self.data.caption_dropout:
+                raise ValueError("method controlnet empties captions with controlnet.empty_prompt_share; set data.caption_dropout to 0")
+            conditions, prompts = len(self.controlnet.validation_conditions), len(self.validation.prompts)
+            if conditions and not prompts:
+                raise ValueError("controlnet.validation_conditions needs validation.prompts (one prompt serves every image; '' for none)")
+            if conditions > 1 and prompts > 1 and conditions != prompts:
+                raise ValueError(
+                    f"controlnet.validation_conditions has {conditions} images for {prompts} validation.prompts: "
+                    "give one image per prompt, or one image (or one prompt) for all"
+                )
+        return self
+
+    def fingerprint(self) -> str:
+        """A short hash of every setting, recorded in saved files so a result can be traced to its recipe."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
