@@ -63,9 +63,16 @@ def folder_captions(folder: Path) -> dict[str, str]:
     return read_metadata_captions(jsonl) if jsonl.is_file() else read_csv_captions(table)
 
 
+# sd-scripts datasets often keep captions in `.caption` files; `.txt` is read first where both are.
+SIDECAR_SUFFIXES = (".txt", ".caption")
+
+
 def sidecar_caption(image_path: Path) -> str | None:
-    sidecar = image_path.with_suffix(".txt")
-    return sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else None
+    for suffix in SIDECAR_SUFFIXES:
+        sidecar = image_path.with_suffix(suffix)
+        if sidecar.is_file():
+            return sidecar.read_text(encoding="utf-8").strip()
+    return None
 
 
 def missing_caption_message(source: str | Path, alternative: str = "set data.caption to one prompt for all images") -> str:

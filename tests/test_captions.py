@@ -35,6 +35,12 @@ def test_metadata_csv_captions(tmp_path):
     (tmp_path / "metadata.csv").write_text('file_name,text\na.png,"a red square, flat"\n', encoding="utf-8")
     got = names_and_captions(DataConfig(image_dir=str(tmp_path), resolution=64))
     assert got == [("a.png", "a red square, flat"), ("b.png", "from the sidecar")]
+    # sd-scripts' .caption sidecars too; .txt first where both are.
+    write_image(tmp_path / "c.png", "green")
+    (tmp_path / "c.caption").write_text("from a kohya dataset\n")
+    (tmp_path / "b.caption").write_text("not read")
+    got = names_and_captions(DataConfig(image_dir=str(tmp_path), resolution=64))
+    assert got == [("a.png", "a red square, flat"), ("b.png", "from the sidecar"), ("c.png", "from a kohya dataset")]
 
 
 def test_a_byte_order_mark_is_read_and_a_null_caption_is_a_missing_one(tmp_path):
