@@ -63,6 +63,35 @@ def test_loss_falls_on_a_fixed_batch(make_recipe):
     assert after < 0.85 * before, (before, after)
 
 
+def test_init_from_starts_as_base_plus_that_lora_in_any_layout(make_recipe, tiny_model, tmp_path):
+    """sd-scripts' network_weights: a new run starts from a trained LoRA (ours or sd-scripts' layout, another alpha)."""
+    from finetune.cli import main
+
+    first = train(make_recipe(output_dir=str(tmp_path / "first"), train__max_steps=3, lora__train_text_encoder=True))
+    assert main(["export", str(first.output_dir), str(tmp_path / "kohya"), "--to", "kohya"]) == 0
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_model)
+    pipeline.load_lora_weights(str(first.output_dir), weight_name=LORA_WEIGHTS_NAME)
+    prompts = ["a red circle"]
+    expected_unet = unet_output(pipeline.unet)
+    expected_text = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, prompts)
+    for source in (first.output_dir, next((tmp_path / "kohya").glob("*.safetensors"))):
+        recipe = make_recipe(lora__init_from=str(source), lora__alpha=8, lora__train_text_encoder=True)  # the first run's alpha is 2
+        base, unet = lora_model(recipe)
+        assert torch.allclose(unet_output(unet), expected_unet, atol=1e-5), source
+        assert torch.allclose(encode_prompts(base.tokenizer, base.text_encoder, prompts), expected_text, atol=1e-5), source
+    for overrides, message in (
+        ({"lora__rank": 8, "lora__train_text_encoder": True}, r"has rank 4 at .*, this recipe's lora.rank is 8: set lora.rank: 4"),
+        ({}, r"has text-encoder layers: set lora.train_text_encoder: true"),
+        ({"lora__target_modules": ["to_q"], "lora__train_text_encoder": True}, r"adapts unet\..*, which this recipe's lora.target_modules leave out"),
+    ):
+        with pytest.raises(FinetuneError, match=message):
+            lora_model(make_recipe(lora__init_from=str(first.output_dir), **overrides))
+    with pytest.raises(FinetuneError, match=r"lora.init_from .*nothere not found: give a LoRA .safetensors file"):
+        train(make_recipe(lora__init_from=str(tmp_path / "nothere")))
+    with pytest.raises(FinetuneError, match=r"lora.init_from starts a LoRA, and method full trains none"):
+        make_recipe(method="full", lora__init_from=str(first.output_dir))
+
+
 def test_the_run_length_is_also_said_in_epochs(make_recipe, capsys):
     train(make_recipe(train__max_steps=3, train__gradient_accumulation_steps=2))  # 4 images, 2 per micro-batch, 2 micro-batches a step
     assert "length: 3 steps of 4 images = 3 epochs of 4 images" in capsys.readouterr().out.splitlines()

@@ -24,6 +24,9 @@ class LoRAConfig(Section):
     # It learns new words' meanings faster; text embeddings are then not cached.
     train_text_encoder: bool = False
     text_encoder_lr: Optional[float] = None  # None: the same as optimizer.lr; sd-scripts users often halve it
+    # Start from a trained LoRA instead of a no-op (sd-scripts' network_weights): a .safetensors file in our,
+    # diffusers' or sd-scripts' layout, or a training folder; same rank and target layers as this recipe.
+    init_from: Optional[str] = None
 
 
 class FullConfig(Section):

@@ -163,6 +163,9 @@ class Recipe(Section):
             raise ValueError("set exactly one of data.image_dir (a folder) or data.dataset (a datasets name or path)")
         trains_text_encoder = self.full.train_text_encoder if self.method == "full" else (
             self.dreambooth is not None and self.dreambooth.adapter == "full" and self.dreambooth.train_text_encoder)
+        uses_lora = self.method == "lora" or (self.dreambooth is not None and self.dreambooth.adapter == "lora")
+        if self.lora.init_from and not uses_lora:
+            raise ValueError(f"lora.init_from starts a LoRA, and method {self.method} trains none: remove it (or use method lora)")
         if self.model.clip_skip > 1 and trains_text_encoder:  # its skipped layers would be saved untrained, or not at all
             raise ValueError("model.clip_skip above 1 leaves the text encoder's last layers out: train it with a LoRA, or set clip_skip to 1")
         if self.optimizer.scheduler != "constant" and self.optimizer.warmup_steps >= self.train.max_steps:

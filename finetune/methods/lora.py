@@ -18,7 +18,8 @@ from peft.utils import get_peft_model_state_dict
 
 from finetune.checkpoint import atomic_save_safetensors
 from finetune.errors import FinetuneError
-from finetune.kohya import DIFFUSERS_SUFFIXES
+from finetune.kohya import DIFFUSERS_SUFFIXES, LoRA, load_lora
+from finetune.merge import find_module
 from finetune.methods.base import UNetMethod
 from finetune.models import freeze
 
@@ -34,12 +35,16 @@ class LoRAMethod(UNetMethod):
         if train_text_encoder is None:
             train_text_encoder, text_encoder_lr = recipe.lora.train_text_encoder, recipe.lora.text_encoder_lr
         super().__init__(recipe, train_text_encoder, text_encoder_lr)
+        # Read now, before any model loads: a missing or broken file is one line at once.
+        self.initial_lora = read_initial_lora(recipe.lora.init_from) if recipe.lora.init_from else None
 
     def configure_model(self) -> None:
         settings = self.recipe.lora
         add_lora(self.base.unet, settings.target_modules, self.weight_dtype, settings)
         if self.train_text_encoder:
             add_lora(self.base.text_encoder, TEXT_ENCODER_TARGETS, self.weight_dtype, settings)
+        if self.initial_lora is not None:
+            start_from(self.trained_modules(), self.initial_lora, settings.init_from)
 
     def save(self, output_dir: Path, modules, metadata: dict[str, str]) -> list[Path]:
         return [save_lora(modules, output_dir / LORA_WEIGHTS_NAME, metadata)]
@@ -75,6 +80,32 @@ def add_lora(model: torch.nn.Module, target_modules: list[str], weight_dtype: to
     for parameter in model.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
+
+
+def read_initial_lora(source: str) -> LoRA:
+    path = Path(source)
+    path = path / LORA_WEIGHTS_NAME if path.is_dir() else path
+    if not path.is_file():
+        raise FinetuneError(f"lora.init_from {source} not found: give a LoRA .safetensors file or a training folder holding {LORA_WEIGHTS_NAME}")
+    return load_lora(path)
+
+
+def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str) -> None:
+    """Set the attached (peft) LoRA to `lora`'s weights, so the model starts as base + that LoRA; its own
+    alpha is kept by scaling the up weights to this recipe's alpha/rank."""
+    for key, layer in lora.layers.items():
+        part, path = key.split(".", 1)
+        if part not in modules:
+            raise FinetuneError(f"lora.init_from {source} has text-encoder layers: set lora.train_text_encoder: true to start from them too")
+        module = find_module(modules[part], path, part)
+        if not hasattr(module, "lora_A"):
+            raise FinetuneError(f"lora.init_from {source} adapts {key}, which this recipe's lora.target_modules leave out: add it to them")
+        down, up = module.lora_A["default"].weight, module.lora_B["default"].weight
+        if tuple(down.shape) != tuple(layer.down.shape) or tuple(up.shape) != tuple(layer.up.shape):
+            raise FinetuneError(f"lora.init_from {source} has rank {layer.rank} at {key}, this recipe's lora.rank is {down.shape[0]}: set lora.rank: {layer.rank}")
+        with torch.no_grad():
+            down.copy_(layer.down)
+            up.copy_(layer.up * (layer.alpha / layer.rank) / module.scaling["default"])
 
 
 def save_lora(modules: dict[str, torch.nn.Module], path: Path, metadata: dict[str, str]) -> Path:
