@@ -87,6 +87,20 @@ def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+@contextlib.contextmanager
+def batches_of(loader: torch.utils.data.DataLoader):
+    """The loader's endless stream of batches, whose worker processes stop on the way out, an error
+    included: they ignore SIGTERM (above), so the interpreter's exit, which terminates and then waits
+    for them, would otherwise wait forever."""
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # what the iterator's __del__ calls
+        if shutdown is not None:
+            shutdown()
+
+
 def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], None] | None = None, overwrite: bool = False) -> TrainResult:
     """Train `recipe`; `on_step(step)` is called after each optimizer step (the benchmark times steps with it).
     `overwrite`: start over in an output_dir that holds an earlier run (its checkpoints, samples and logs go)."""
@@ -235,10 +249,9 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         validate(0)
 
     progress = tqdm(total=train_cfg.max_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process)
-    batches = iter(loader)
     running_loss = torch.zeros((), device=accelerator.device)
     last_checkpoint_step = step
-    with StopRequest() as stop:
+    with StopRequest() as stop, batches_of(loader) as batches:
         while step < train_cfg.max_steps:
             for micro in range(accumulation):
                 micro_batch = step * accumulation + micro

@@ -115,6 +115,26 @@ def test_a_stop_signal_writes_a_checkpoint_and_resume_finishes(make_recipe, tmp_
     assert resumed.final_step == stopped_at + 2 and len(resumed.losses) == 2
 
 
+def test_a_run_that_fails_with_loader_workers_exits(make_recipe, tmp_path):
+    """The workers ignore SIGTERM (so a stop signal reaches only the trainer); left running after an error,
+    the interpreter's exit would wait on them forever."""
+    recipe = make_recipe(train__max_steps=100, data__num_workers=2)
+    path = tmp_path / "failing.yaml"
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    script = (
+        "import sys, finetune.trainer as trainer\n"
+        "def failing(*args, **kwargs):\n"
+        "    raise RuntimeError('the third step failed')\n"
+        "real = trainer.BatchRandomness\n"
+        "calls = []\n"
+        "trainer.BatchRandomness = lambda *a, **k: calls.append(1) or (failing() if len(calls) == 3 else real(*a, **k))\n"
+        "from finetune.cli import main\n"
+        f"sys.exit(main(['train', {str(path)!r}]))\n"
+    )
+    process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert process.returncode == 1 and "RuntimeError: the third step failed" in process.stderr, process.stderr[-2000:]
+
+
 def test_outputs_are_readable_by_other_users_like_any_new_file(make_recipe, pairs_folder, tmp_path):
     """safetensors alone writes 0600 files; the adapter, a ControlNet folder and a pipeline get the umask's mode."""
     import os

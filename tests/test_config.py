@@ -175,3 +175,12 @@ def test_a_concept_reading_captions_needs_no_instance_prompt():
     concept = {"instance_dir": "photos", "use_captions": True, "class_prompt": "a photo of a dog"}
     recipe = recipe_from_dict({"method": "dreambooth", "dreambooth": {"concepts": [concept]}})
     assert recipe.dreambooth.concepts[0].instance_prompt is None
+
+
+def test_prodigy_takes_one_learning_rate_for_every_parameter(tmp_path):
+    """Prodigy refuses parameter groups with their own rates at its first step: said on load instead."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text("data: {image_dir: images}\noptimizer: {name: prodigy, lr: 1.0}\n")
+    with pytest.raises(FinetuneError, match=r"recipe.yaml: lora.text_encoder_lr with prodigy: it takes one optimizer.lr for every parameter; remove lora.text_encoder_lr"):
+        load_recipe(path, ["lora.train_text_encoder=true", "lora.text_encoder_lr=5e-5"])
+    assert load_recipe(path, ["lora.train_text_encoder=true"]).optimizer.name == "prodigy"

@@ -163,6 +163,11 @@ class Recipe(Section):
             raise ValueError("set exactly one of data.image_dir (a folder) or data.dataset (a datasets name or path)")
         trains_text_encoder = self.full.train_text_encoder if self.method == "full" else (
             self.dreambooth is not None and self.dreambooth.adapter == "full" and self.dreambooth.train_text_encoder)
+        if self.optimizer.name == "prodigy":  # it finds one step size for all parameters; its own check fails mid-run
+            for key, value in (("lora.text_encoder_lr", self.lora.text_encoder_lr), ("full.text_encoder_lr", self.full.text_encoder_lr),
+                               ("dreambooth.text_encoder_lr", self.dreambooth.text_encoder_lr if self.dreambooth else None)):  # fmt: skip
+                if value is not None and value != self.optimizer.lr:
+                    raise ValueError(f"{key} with prodigy: it takes one optimizer.lr for every parameter; remove {key}")
         uses_lora = self.method == "lora" or (self.dreambooth is not None and self.dreambooth.adapter == "lora")
         if self.lora.init_from and not uses_lora:
             raise ValueError(f"lora.init_from starts a LoRA, and method {self.method} trains none: remove it (or use method lora)")
