@@ -82,7 +82,8 @@ def scan_adapters(root: Path, exclude: tuple[Path, ...] = ()) -> dict[str, Adapt
 
 
 def _is_checkpoint(folder: Path) -> bool:
-    return folder.parent.name == "checkpoints" and CHECKPOINT_PATTERN.match(folder.name) is not None
+    """A checkpoint, also one copied out of its run (a step picked to keep) under another name."""
+    return (folder / STATE_FILE).is_file()
 
 
 def _folders_to_scan(here: Path, dirs: list[str]) -> list[str]:

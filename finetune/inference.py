@@ -15,7 +15,7 @@ import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel
 from PIL import Image
 
-from finetune.checkpoint import atomic_save_safetensors
+from finetune.checkpoint import STATE_FILE, atomic_save_safetensors
 from finetune.config import ModelConfig
 from finetune.data import Example, open_rgb
 from finetune.encoders import skip_last_layers
@@ -37,12 +37,15 @@ def resolve_lora_file(lora: str) -> Path:
     """A LoRA file, a training output folder, or a folder holding one .safetensors file (`finetune export`'s)."""
     path = Path(lora)
     if path.is_dir():
-        candidates = sorted(path.glob("*.safetensors"))
+        # A checkpoint's other .safetensors files are resumable state (trainable_0, ema), never the LoRA.
+        candidates = [] if (path / STATE_FILE).is_file() else sorted(path.glob("*.safetensors"))
         path = path / LORA_WEIGHTS_NAME if (path / LORA_WEIGHTS_NAME).is_file() or len(candidates) != 1 else candidates[0]
         if not path.is_file():
-            for folder, option in ((CONTROLNET_DIR, "--controlnet"), ("pipeline", "--base")):
+            for folder, use in ((CONTROLNET_DIR, "as the ControlNet (--controlnet)"), ("pipeline", "as the base model (--base)")):
                 if (Path(lora) / folder / "config.json").is_file() or (Path(lora) / folder / "model_index.json").is_file():
-                    raise FinetuneError(f"{lora} holds no LoRA but a {folder}/ (its run trained no LoRA): pass {option} {Path(lora) / folder}")
+                    raise FinetuneError(f"{lora} holds no LoRA but a {folder}/ (its run trained no LoRA): use {Path(lora) / folder} {use}")
+            if (Path(lora) / STATE_FILE).is_file():
+                raise FinetuneError(f"checkpoint {lora} holds no LoRA file: its run had checkpoint.save_outputs: false (the run's last LoRA is in its output_dir)")
     if not path.is_file():
         raise FinetuneError(
             f"LoRA {lora} not found: pass a .safetensors file, a training output folder containing {LORA_WEIGHTS_NAME}, "

@@ -232,11 +232,11 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             with unsharded_loading(accelerator), averaged():
                 return method.save(folder, unwrapped, output_metadata(recipe, step, method.base.noise_scheduler.config.prediction_type))
 
-    def save_checkpoint(with_outputs: bool = True) -> None:
+    def save_checkpoint() -> None:
         def extra(folder: Path) -> None:
             if average is not None and accelerator.is_main_process:
                 average.save(folder / EMA_FILE)
-            if with_outputs and recipe.checkpoint.save_outputs:
+            if recipe.checkpoint.save_outputs:
                 save_outputs(folder)
 
         ckpt.save_checkpoint(
@@ -305,7 +305,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
 
     if not result.interrupted:
         if last_checkpoint_step != step:
-            save_checkpoint(with_outputs=False)  # the outputs of the last step go to output_dir below
+            save_checkpoint()  # its outputs too: a resumed, longer run replaces output_dir's
         try:
             validate(step)
         finally:  # whatever happens while sampling, the trained result goes to disk

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -160,7 +161,8 @@ def _tensors_under(path: Path) -> dict:
 @pytest.mark.parametrize("method", ["lora", "controlnet", "full"])
 def test_each_checkpoint_holds_the_outputs_of_its_step(make_recipe, pairs_folder, tmp_path, method):
     """checkpoint-2 of a 4-step run holds what a 2-step run saves, bit for bit, and the demo and `sample`
-    find it there; the last step's outputs are in output_dir only; checkpoint.save_outputs=false leaves them out."""
+    find it there; the last checkpoint holds the run's own outputs (a resumed, longer run replaces those in
+    output_dir); checkpoint.save_outputs=false leaves them out."""
     from finetune.adapter_scan import scan_adapters
     from finetune.inference import resolve_lora_file
 
@@ -174,13 +176,18 @@ def test_each_checkpoint_holds_the_outputs_of_its_step(make_recipe, pairs_folder
     expected = _tensors_under(output)
     assert expected and set(_tensors_under(held)) == set(expected)
     assert all(torch.equal(_tensors_under(held)[key], value) for key, value in expected.items())
-    assert not (long.output_dir / "checkpoints" / "checkpoint-4" / output.name).exists()
+    in_last, final = _tensors_under(long.output_dir / "checkpoints" / "checkpoint-4" / output.name), _tensors_under(long.saved_files[0])
+    assert in_last.keys() == final.keys() and all(torch.equal(in_last[key], value) for key, value in final.items())
     assert not (short.output_dir / "checkpoints" / "checkpoint-1" / output.name).exists()
 
+    shutil.copytree(at_step_2, tmp_path / "picked" / "step-2")  # a step copied out to keep, as sd-scripts users do
     adapters = scan_adapters(tmp_path)  # the resumable state beside the outputs (trainable_0, optimizer) is no adapter
     suffix = "" if method == "lora" else f"/{output.name}"
-    assert sorted(adapters) == sorted(f"{run}{suffix}" for run in ("long", "long/checkpoints/checkpoint-2", "short"))
+    runs = ("long", "long/checkpoints/checkpoint-2", "long/checkpoints/checkpoint-4", "picked/step-2", "short")
+    assert sorted(adapters) == sorted(f"{run}{suffix}" for run in runs)
     assert adapters[f"long/checkpoints/checkpoint-2{suffix}"].metadata["finetune.steps"] == "2"
     assert adapters[f"long{suffix}"].metadata["finetune.steps"] == "4"
     if method == "lora":
         assert resolve_lora_file(str(at_step_2)) == held
+        with pytest.raises(FinetuneError, match=r"checkpoint .*checkpoint-1 holds no LoRA file: its run had checkpoint.save_outputs: false"):
+            resolve_lora_file(str(short.output_dir / "checkpoints" / "checkpoint-1"))  # not its trainable_0.safetensors

@@ -261,7 +261,7 @@ def test_a_run_folder_of_the_wrong_kind_says_what_to_pass(tmp_path, capsys, tiny
     (full / "recipe.yaml").write_text("method: full\n")
     (tmp_path / "cn-run" / "controlnet").mkdir(parents=True)
     (tmp_path / "cn-run" / "controlnet" / "config.json").write_text("{}")
-    for lora, hint in ((full, f"pass --base {full / 'pipeline'}"), (tmp_path / "cn-run", f"pass --controlnet {tmp_path / 'cn-run' / 'controlnet'}")):
+    for lora, hint in ((full, f"use {full / 'pipeline'} as the base model (--base)"), (tmp_path / "cn-run", f"use {tmp_path / 'cn-run' / 'controlnet'} as the ControlNet (--controlnet)")):
         assert main(["sample", "--base", str(tiny_model), "--lora", str(lora), "--prompt", "x"]) == 2
         assert f"{lora} holds no LoRA but a" in (err := capsys.readouterr().err) and hint in err, err
     assert main(["sample", "--base", str(full), "--prompt", "x"]) == 2
