@@ -74,11 +74,26 @@ def scan_adapters(root: Path, exclude: tuple[Path, ...] = ()) -> dict[str, Adapt
                 continue
             found += [adapter] if adapter is not None else []
     adapters: dict[str, Adapter] = {}
-    for adapter in found:
+    for adapter in _without_copies_of_the_run(found):
         if adapter.name in adapters or adapter.name == BASE:
             adapter.name = _relative(adapter.path, root)
         adapters[adapter.name] = adapter
     return dict(sorted(adapters.items()))
+
+
+def _without_copies_of_the_run(found: list[Adapter]) -> list[Adapter]:
+    """A run's last checkpoint holds what the run itself saved: listed once, by the run's name."""
+    by_path = {adapter.path: adapter for adapter in found}
+    kept = []
+    for adapter in found:
+        parts = adapter.path.parts
+        at = len(parts) - 1 - parts[::-1].index("checkpoints") if "checkpoints" in parts else None
+        if at is not None and at + 1 < len(parts) and CHECKPOINT_PATTERN.match(parts[at + 1]):
+            run_output = by_path.get(Path(*parts[:at], *parts[at + 2 :]))
+            if run_output is not None and run_output.metadata.get("finetune.steps") == adapter.metadata.get("finetune.steps"):
+                continue
+        kept.append(adapter)
+    return kept
 
 
 def _is_checkpoint(folder: Path) -> bool:

@@ -176,6 +176,7 @@ def build_app(engine, note: str = "", queue_size: int = 8):
                 with gr.Accordion("Compare", open=True):
                     strengths = gr.Textbox(label="adapter strengths, one column each (multiply every LoRA strength and the conditioning scale)", value="1.0", elem_id="strengths")
                     include_base = gr.Checkbox(value=True, label="add a column with the base model alone (no adapters)")
+                    separate = gr.Checkbox(value=False, label="each LoRA in its own columns (compare runs, or a run's checkpoints), not all together", elem_id="separate")
                     rows = gr.Slider(1, 4, value=1, step=1, label="rows (seeds seed, seed+1, ...)")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=1):
@@ -192,7 +193,7 @@ def build_app(engine, note: str = "", queue_size: int = 8):
 
         def generate_images(prompt, negative_prompt, seed, steps, guidance, size, model, lora_1, strength_1, lora_2, strength_2,
                             lora_3, strength_3, controlnet, conditioning_image, conditioning_kind, conditioning_scale, strengths,
-                            include_base, rows, progress=gr.Progress()):
+                            include_base, rows, separate=False, progress=gr.Progress()):
             picked = [(name, float(s)) for name, s in ((lora_1, strength_1), (lora_2, strength_2), (lora_3, strength_3)) if name and name != NONE]
             try:
                 request = Request(
@@ -200,7 +201,7 @@ def build_app(engine, note: str = "", queue_size: int = 8):
                     guidance=float(guidance), size=int(size), model=model or BASE, loras=picked,
                     controlnet=None if controlnet in (None, "", NONE) else controlnet, conditioning_image=read_upload(conditioning_image),
                     conditioning_kind=conditioning_kind or "as uploaded", conditioning_scale=float(conditioning_scale),
-                    strengths=parse_strengths(strengths), include_base=bool(include_base), rows=int(rows),
+                    strengths=parse_strengths(strengths), include_base=bool(include_base), rows=int(rows), separate=bool(separate),
                 )
                 progress(0, desc="starting")
                 images, labels, seeds, text = engine.render(request, lambda done, total: progress(done / total, desc=f"denoising {done}/{total}"))
@@ -216,7 +217,7 @@ def build_app(engine, note: str = "", queue_size: int = 8):
             lora_updates = [gr.Dropdown(choices=choices("lora")) for _ in range(LORA_SLOTS)]
             return (folder_note(), table(), gr.Dropdown(choices=[BASE, *engine.names("pipeline")]), gr.Dropdown(choices=choices("controlnet")), *lora_updates)
 
-        inputs = [prompt, negative, seed, steps, guidance, size, model, *slots, controlnet, condition, kind, scale, strengths, include_base, rows]
+        inputs = [prompt, negative, seed, steps, guidance, size, model, *slots, controlnet, condition, kind, scale, strengths, include_base, rows, separate]
         button.click(generate_images, inputs, [result, gallery, summary], api_name="generate", show_progress="full")
         rescan.click(rescan_adapters, None, [found, adapters, model, controlnet, *slots[::2]], api_name="rescan", queue=False)
     app.queue(max_size=queue_size, default_concurrency_limit=1)

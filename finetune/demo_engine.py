@@ -33,10 +33,11 @@ from finetune.adapter_scan import BASE, PICKLE_SUFFIXES, Adapter, scan_adapters
 from finetune.config import ModelConfig
 from finetune.encoders import clip_skipped
 from finetune.errors import FinetuneError
+from finetune.inference import unlocked_decoder_folder
 from finetune.kohya import LoRA, load_lora
 from finetune.merge import find_module
 from finetune.models import BaseModel, freeze, load_base_model
-from finetune.sampling import adapters_clip_skip, build_pipeline, follow_adapters_prediction_type, generate
+from finetune.sampling import adapters_clip_skip, adapters_prediction_type, build_pipeline, follow_adapters_prediction_type, generate
 
 CONDITIONING_KINDS = ("as uploaded", "canny", "luminance", "mask")
 MAX_INPUT_PIXELS = 4096 * 4096
@@ -65,6 +66,20 @@ class Request:
     strengths: list[float] = field(default_factory=lambda: [1.0])
     include_base: bool = True
     rows: int = 1
+    separate: bool = False  # each LoRA in columns of its own (compare runs, or a run's steps), not all together
+
+
+@dataclass
+class Column:
+    """One column of a comparison: a model with adapters at their strengths."""
+
+    label: str
+    model: BaseModel
+    loras: list[tuple[LoRA, float]]
+    names: list[str]  # the adapters in it: their metadata set the prediction type and clip skip
+    controlnet: object = None
+    unet: torch.nn.Module | None = None  # a ControlNet's own UNet (controlnet.unlock_unet_decoder), else the model's
+    scale: float = 0.0
 
 
 def parse_strengths(text: str) -> list[float]:
@@ -146,28 +161,25 @@ class DemoEngine:
             lora = self._cached(adapter, lambda: load_lora(adapter.path))
             _check_lora_fits(models, lora, name, model.source)
             loras.append((lora, strength))
-        controlnet = condition = None
+        controlnet = condition = decoder = None
         if request.controlnet:
             adapter = self.adapter(request.controlnet, "controlnet")
-            controlnet = self._cached(adapter, lambda: _load_controlnet(adapter.path))
+            controlnet, decoder = self._cached(adapter, lambda: _load_controlnet(adapter.path))
             _check_controlnet_fits(controlnet, model.unet, request.controlnet, model.source)
             condition = conditioning_image(request.conditioning_image, request.conditioning_kind, request.size)
-        columns = [("base", self.base, [], None, 0.0)] if request.include_base else []
-        chosen = [name for name, _ in request.loras] + ([request.controlnet] if controlnet else []) + ([request.model] if model is not self.base else [])
-        trained_for = {name: self.adapters[name].metadata for name in chosen}  # their metadata: prediction type, clip skip
-        clip_skip = adapters_clip_skip(trained_for)
-        label = "+".join(n.rsplit("/", 1)[-1] for n in chosen)
-        label = label if len(label) <= 20 else "adapters"
-        for s in request.strengths if chosen else ([] if request.include_base else [1.0]):
-            columns.append((f"{label} x{s:g}" if chosen else "base", model, [(lora, w * s) for lora, w in loras], controlnet, request.conditioning_scale * s))
+        columns = self._columns(request, model, loras, controlnet, decoder)
+        for column in columns:  # adapters that cannot be combined stop the request before anything renders
+            trained_for = {name: self.adapters[name].metadata for name in column.names}
+            adapters_prediction_type(trained_for)
+            adapters_clip_skip(trained_for)
         total, done = max(1, len(columns) * request.rows * request.steps), 0
         results: list[list[Image.Image]] = [[] for _ in range(request.rows)]
-        for column_label, column_model, column_loras, column_controlnet, scale in columns:
-            pipeline = _pipeline(column_model, column_controlnet)
-            column_skip = 1 if column_label == "base" else clip_skip
-            if column_label != "base":
-                follow_adapters_prediction_type(pipeline, trained_for)
-            extra = dict(image=condition, controlnet_conditioning_scale=scale) if column_controlnet is not None else {}
+        for column in columns:
+            trained_for = {name: self.adapters[name].metadata for name in column.names}
+            unet = column.unet or column.model.unet
+            pipeline = _pipeline(column.model, column.controlnet, unet)
+            follow_adapters_prediction_type(pipeline, trained_for)
+            extra = dict(image=condition, controlnet_conditioning_scale=column.scale) if column.controlnet is not None else {}
 
             def step_done(pipe, step, timestep, kwargs):
                 nonlocal done
@@ -175,17 +187,42 @@ class DemoEngine:
                 progress(done, total)
                 return kwargs
 
-            with loras_applied({"unet": column_model.unet, "text_encoder": column_model.text_encoder}, column_loras), \
-                    clip_skipped(column_model.text_encoder, column_skip):
+            with loras_applied({"unet": unet, "text_encoder": column.model.text_encoder}, column.loras), \
+                    clip_skipped(column.model.text_encoder, adapters_clip_skip(trained_for)):
                 for r in range(request.rows):
                     image = generate(pipeline, [request.prompt], 1, request.seed + r, request.steps, request.guidance, request.size,
                                      negative_prompt=request.negative_prompt or None, callback_on_step_end=step_done, **extra)[0][0]
                     results[r].append(image)
-        labels = [c[0] for c in columns]
+        labels = [column.label for column in columns]
         if condition is not None:
             labels, results = ["conditioning", *labels], [[condition, *row] for row in results]
         seeds = [request.seed + r for r in range(request.rows)]
         return results, labels, seeds, f"{len(columns)} column(s) x {request.rows} row(s) in {time.perf_counter() - started:.1f} s"
+
+
+    def _columns(self, request: Request, model: BaseModel, loras: list, controlnet, decoder) -> list[Column]:
+        """The base alone (if asked), then the adapters at each strength: all together, or with
+        `request.separate` each LoRA in columns of its own."""
+        columns = [Column("base", self.base, [], [])] if request.include_base else []
+        shared = ([request.controlnet] if controlnet else []) + ([request.model] if model is not self.base else [])
+        named = list(zip([name for name, _ in request.loras], loras))
+        groups = [[pair] for pair in named] if request.separate and len(named) > 1 else [named]
+        for group in groups:
+            names = [name for name, _ in group] + shared
+            label = "+".join(short_name(name) for name in names)
+            label = label if len(label) <= 24 else "adapters"
+            for s in request.strengths if names else ([] if request.include_base else [1.0]):
+                loras_at = [(lora, strength * s) for _, (lora, strength) in group]
+                columns.append(Column(f"{label} x{s:g}" if names else "base", model, loras_at, names, controlnet, decoder, request.conditioning_scale * s))
+        return columns
+
+
+def short_name(name: str) -> str:
+    """A column label: a checkpoint's run and step (`quickstart@200`), else the last part of the name."""
+    parts = name.split("/")
+    if len(parts) >= 3 and parts[-2] == "checkpoints" and parts[-1].startswith("checkpoint-"):
+        return f"{parts[-3]}@{parts[-1].removeprefix('checkpoint-')}"
+    return parts[-1]
 
 
 def _frozen(model: BaseModel) -> BaseModel:
@@ -242,9 +279,13 @@ def loras_applied(models: dict[str, torch.nn.Module], loras: list[tuple[LoRA, fl
 
 
 def _load_controlnet(folder: Path):
-    from diffusers import ControlNetModel
+    """(the ControlNet, the UNet its run trained with it (controlnet.unlock_unet_decoder) or None)."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
 
-    return ControlNetModel.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True).eval().requires_grad_(False)
+    controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True).eval().requires_grad_(False)
+    decoder = unlocked_decoder_folder(folder)
+    unet = UNet2DConditionModel.from_pretrained(decoder, torch_dtype=torch.float32).eval().requires_grad_(False) if decoder else None
+    return controlnet, unet
 
 
 def _check_controlnet_fits(controlnet, unet, name: str, base: str) -> None:
@@ -254,13 +295,13 @@ def _check_controlnet_fits(controlnet, unet, name: str, base: str) -> None:
             raise FinetuneError(f"ControlNet '{name}' does not fit base model {base}: its {key} is {mine}, the UNet's is {theirs}")
 
 
-def _pipeline(model: BaseModel, controlnet):
-    """A DDIM pipeline over the model's parts; with a ControlNet, diffusers' ControlNet pipeline."""
+def _pipeline(model: BaseModel, controlnet, unet):
+    """A DDIM pipeline over the model's parts and `unet`; with a ControlNet, diffusers' ControlNet pipeline."""
     if controlnet is None:
-        return build_pipeline(model)
+        return build_pipeline(model, unet=unet)
     from diffusers import StableDiffusionControlNetPipeline
 
-    return build_pipeline(model, pipeline_class=StableDiffusionControlNetPipeline, controlnet=controlnet)
+    return build_pipeline(model, unet=unet, pipeline_class=StableDiffusionControlNetPipeline, controlnet=controlnet)
 
 
 def conditioning_image(image: Image.Image | None, kind: str, size: int) -> Image.Image:

@@ -31,17 +31,22 @@ def build_pipeline(base: BaseModel, unet: torch.nn.Module | None = None, pipelin
     return pipeline
 
 
-def follow_adapters_prediction_type(pipeline, adapters: dict[str, dict[str, str]]) -> None:
-    """Sample with the prediction type the adapters ({name: metadata}) were trained for, where it is not
-    the base scheduler's: a LoRA trained with model.prediction_type=v_prediction on an epsilon base
-    predicts v, and read as epsilon it gives noise. Adapters trained for different types do not mix."""
+def adapters_prediction_type(adapters: dict[str, dict[str, str]]) -> str | None:
+    """The prediction type the adapters ({name: metadata}) were trained for (None where none is recorded):
+    a LoRA trained with model.prediction_type=v_prediction on an epsilon base predicts v, and read as
+    epsilon it gives noise. Adapters trained for different types do not mix."""
     recorded = {name: meta["finetune.prediction_type"] for name, meta in adapters.items() if meta.get("finetune.prediction_type")}
-    kinds = set(recorded.values())
-    if len(kinds) > 1:
+    if len(set(recorded.values())) > 1:
         listed = ", ".join(f"{name} ({kind})" for name, kind in recorded.items())
         raise FinetuneError(f"adapters trained for different prediction types cannot be combined: {listed}")
-    if kinds and kinds != {pipeline.scheduler.config.prediction_type}:
-        pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, prediction_type=kinds.pop())
+    return next(iter(recorded.values()), None)
+
+
+def follow_adapters_prediction_type(pipeline, adapters: dict[str, dict[str, str]]) -> None:
+    """Sample with the adapters' prediction type where it is not the base scheduler's."""
+    kind = adapters_prediction_type(adapters)
+    if kind is not None and kind != pipeline.scheduler.config.prediction_type:
+        pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, prediction_type=kind)
 
 
 def adapters_clip_skip(adapters: dict[str, dict[str, str]]) -> int:

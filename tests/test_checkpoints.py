@@ -183,11 +183,20 @@ def test_each_checkpoint_holds_the_outputs_of_its_step(make_recipe, pairs_folder
     shutil.copytree(at_step_2, tmp_path / "picked" / "step-2")  # a step copied out to keep, as sd-scripts users do
     adapters = scan_adapters(tmp_path)  # the resumable state beside the outputs (trainable_0, optimizer) is no adapter
     suffix = "" if method == "lora" else f"/{output.name}"
-    runs = ("long", "long/checkpoints/checkpoint-2", "long/checkpoints/checkpoint-4", "picked/step-2", "short")
+    runs = ("long", "long/checkpoints/checkpoint-2", "picked/step-2", "short")  # checkpoint-4 holds what "long" does: listed once
     assert sorted(adapters) == sorted(f"{run}{suffix}" for run in runs)
     assert adapters[f"long/checkpoints/checkpoint-2{suffix}"].metadata["finetune.steps"] == "2"
     assert adapters[f"long{suffix}"].metadata["finetune.steps"] == "4"
     if method == "lora":
         assert resolve_lora_file(str(at_step_2)) == held
+        # The demo compares the run with its step 2, one column each (together they would add up).
+        from finetune.demo_engine import DemoEngine, Request
+
+        engine = DemoEngine(str(make_recipe().model.pretrained), tmp_path)
+        request = dict(prompt="a red circle", steps=2, include_base=False)
+        images, labels, _, _ = engine.render(Request(**request, loras=[("long", 1.0), ("long/checkpoints/checkpoint-2", 1.0)], separate=True))
+        assert labels == ["long x1", "long@2 x1"]
+        alone, _, _, _ = engine.render(Request(**request, loras=[("long/checkpoints/checkpoint-2", 1.0)]))
+        assert images[0][1].tobytes() == alone[0][0].tobytes() and images[0][0].tobytes() != alone[0][0].tobytes()
         with pytest.raises(FinetuneError, match=r"checkpoint .*checkpoint-1 holds no LoRA file: its run had checkpoint.save_outputs: false"):
             resolve_lora_file(str(short.output_dir / "checkpoints" / "checkpoint-1"))  # not its trainable_0.safetensors

@@ -87,6 +87,16 @@ def test_run_folder_with_an_unlocked_decoder_samples_with_its_unet(tiny_model, t
     assert torch.equal(pipeline.unet.conv_out.weight, unet.conv_out.weight)
     saved = ControlNetModel.from_pretrained(run / "controlnet")
     assert all(torch.equal(a, b) for a, b in zip(pipeline.controlnet.parameters(), saved.parameters()))
+    # The demo too: the ControlNet's columns sample with its UNet, the base column with the base's.
+    from finetune import demo_engine
+
+    used = []
+    real_generate = demo_engine.generate
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(demo_engine, "generate", lambda pipe, *a, **k: used.append(pipe.unet.conv_out.weight.sum().item()) or real_generate(pipe, *a, **k))
+        engine = demo_engine.DemoEngine(str(tiny_model), tmp_path)
+        engine.render(demo_engine.Request(prompt="x", steps=1, controlnet="run/controlnet", conditioning_image=Image.new("RGB", (64, 64))))
+    assert used == [engine.base.unet.conv_out.weight.sum().item(), unet.conv_out.weight.sum().item()]
 
     # A unet/ folder from another run (other metadata) is not this ControlNet's decoder.
     save_model_folder(unet, run / "unet", {**METADATA, "finetune.steps": "7"})
