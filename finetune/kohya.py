@@ -286,8 +286,12 @@ def resolve_output_file(output: Path, layout: str, source: Path) -> Path:
         return output
     from finetune.methods.lora import LORA_WEIGHTS_NAME
 
-    # webui lists a LoRA by its file name, so a kohya file is named after the training run.
+    # webui lists a LoRA by its file name, so a kohya file is named after the training run, and a
+    # checkpoint's after its run and step as sd-scripts names them (`quickstart-000200`).
     run_name = source.parent.name if source.name == LORA_WEIGHTS_NAME else source.stem
+    checkpoint = re.fullmatch(r"checkpoint-(\d+)", run_name) if source.parent.parent.name == "checkpoints" else None
+    if checkpoint:
+        run_name = f"{source.parent.parent.parent.name}-{int(checkpoint.group(1)):06d}"
     return output / (f"{run_name}.safetensors" if layout == "kohya" else LORA_WEIGHTS_NAME)
 
 
