@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from finetune.checkpoint import STATE_FILE
 from finetune.errors import FinetuneError
 from finetune.toyworld.metrics import (
     attribute_share,
@@ -312,7 +313,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     add_base_options(p)
     p.add_argument("--lora", help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
     p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
-    p.add_argument("--controlnet", help="ControlNet folder, or a controlnet training output folder (runs the control suite)")
+    p.add_argument("--controlnet", help="ControlNet folder, or a controlnet training output folder (runs the control and placement suites)")
     p.add_argument("--conditioning-scale", type=float, default=None, help="ControlNet strength (default 1.0)")
     p.add_argument("--suite", action="append", choices=list(SUITES),
                    help="suite to run; repeat for several (default: adherence and fid; control with --controlnet)")
@@ -329,11 +330,24 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def default_out(base: str, lora: str | None, controlnet: str | None = None, suites=(), lora_scale: float = 1.0) -> Path:
-    """In the ControlNet's, the LoRA's or a full pipeline's training output folder, else under outputs/eval/<name>/;
-    named by what it scores (`eval-style.json`), so reports of other suites, strengths or LoRA files of
-    one folder do not replace each other."""
-    name = "eval" + "".join(f"-{suite}" for suite in suites) + ("" if lora_scale == 1.0 else f"-strength{lora_scale:g}") + ".json"
+def default_out(base: str, lora: str | None, controlnet: str | None = None, suites=(), lora_scale: float = 1.0,
+                conditioning_scale: float | None = None) -> Path:
+    """In the ControlNet's, the LoRA's or a full pipeline's run (or checkpoint) folder, else under
+    outputs/eval/<name>/; named by what it scores (`eval-style.json`, `eval-control-placement-scale0.5.json`,
+    `eval-style-with-mine.json` for a ControlNet with the LoRA mine), so reports of other suites, strengths,
+    combinations or LoRA files of one folder do not replace each other."""
+    from finetune.methods.lora import LORA_WEIGHTS_NAME
+
+    lora_path = Path(lora) if lora else None
+    lora_name = None if lora_path is None else (lora_path.parent.name if lora_path.name == LORA_WEIGHTS_NAME else lora_path.name)
+    parts = [*suites]
+    if lora and lora_scale != 1.0:
+        parts.append(f"strength{lora_scale:g}")
+    if controlnet and conditioning_scale not in (None, 1.0):
+        parts.append(f"scale{conditioning_scale:g}")
+    if controlnet and lora:
+        parts.append(f"with-{Path(lora_name).stem}")
+    name = "-".join(["eval", *parts]) + ".json"
     if controlnet:
         from finetune.inference import resolve_controlnet_folder
         from finetune.methods.controlnet import CONTROLNET_DIR
@@ -341,23 +355,23 @@ def default_out(base: str, lora: str | None, controlnet: str | None = None, suit
         folder = resolve_controlnet_folder(controlnet)
         # Not inside the ControlNet folder: a model folder holds only the model.
         return folder.parent / name if folder.name == CONTROLNET_DIR else Path("outputs/eval") / folder.name / name
-    if lora:
-        from finetune.methods.lora import LORA_WEIGHTS_NAME
-
-        path = Path(lora)
-        if path.is_dir():
-            return path / name
-        return path.parent / (name if path.name == LORA_WEIGHTS_NAME else f"{path.stem}-{name}")
+    if lora_path is not None:
+        if lora_path.is_dir():
+            return lora_path / name
+        return lora_path.parent / (name if lora_path.name == LORA_WEIGHTS_NAME else f"{lora_path.stem}-{name}")
     base_path = Path(base.rstrip("/"))
-    if base_path.name == "pipeline" and (base_path.parent / "recipe.yaml").is_file():  # a DreamBooth or full run's pipeline
-        return base_path.parent / name
+    run = base_path.parent
+    if base_path.name == "pipeline" and ((run / "recipe.yaml").is_file() or (run / STATE_FILE).is_file()):  # a run's or a checkpoint's pipeline
+        return run / name
     return Path("outputs/eval") / (base_path.stem or "base") / name
 
 
 def run_eval_command(args) -> int:
     """``finetune eval``: run, print the table, write the report."""
     suites = default_suites(args.suite, args.controlnet)
-    out = Path(args.out) if args.out else default_out(args.base, args.lora, args.controlnet, suites, args.lora_scale)
+    if args.lora is None and args.lora_scale != 1.0:
+        raise FinetuneError("--lora-scale is the LoRA's strength: pass --lora too, or leave it out")
+    out = Path(args.out) if args.out else default_out(args.base, args.lora, args.controlnet, suites, args.lora_scale, args.conditioning_scale)
     result = run_eval(
         args.base, args.lora, args.lora_scale, suites, args.num_prompts, args.images_per_prompt,
         args.steps, args.guidance, args.seed, args.identifier, args.subject, args.class_word,

@@ -272,3 +272,10 @@ def test_a_run_folder_of_the_wrong_kind_says_what_to_pass(tmp_path, capsys, tiny
     assert default_out("base", str(full), suites=["adherence", "fid"], lora_scale=0.5) == full / "eval-adherence-fid-strength0.5.json"
     assert default_out("base", str(full / "mine.safetensors"), suites=["style"]) == full / "mine-eval-style.json"
     assert default_out("base", str(full / "pytorch_lora_weights.safetensors"), suites=["style"]) == full / "eval-style.json"
+    checkpoint = full / "checkpoints" / "checkpoint-4"  # a checkpoint's pipeline: into that checkpoint
+    (checkpoint / "pipeline").mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text('{"step": 4}')
+    assert default_out(str(checkpoint / "pipeline"), None, suites=["subject"]) == checkpoint / "eval-subject.json"
+    (tmp_path / "cn-run" / "controlnet" / "config.json").write_text('{"_class_name": "ControlNetModel"}')
+    with_lora = default_out("base", str(full / "mine.safetensors"), str(tmp_path / "cn-run"), ["control"], conditioning_scale=0.5)
+    assert with_lora == tmp_path / "cn-run" / "eval-control-scale0.5-with-mine.json"

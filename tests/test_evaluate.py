@@ -119,3 +119,5 @@ def test_finetune_cli_main_runs_eval(tiny_model, tmp_path, capsys):
     assert json.loads(out.read_text())["metrics"]["adherence_all"] >= 0
     assert cli.main(["eval", "--base", str(tmp_path / "missing")]) == 2
     assert "error:" in capsys.readouterr().err
+    assert cli.main(["eval", "--base", str(tiny_model), "--lora-scale", "0.5"]) == 2  # a strength of no LoRA
+    assert "error: --lora-scale is the LoRA's strength: pass --lora too, or leave it out" in capsys.readouterr().err
