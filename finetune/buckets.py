@@ -87,6 +87,7 @@ class BucketBatchSampler:
         self.seed = seed
         self.start = start
         self.batches_per_epoch = sum(math.ceil(count / self.global_batch) for count in Counter(bucket_of).values())
+        self.images_per_epoch = len(bucket_of)  # every image: a bucket's last batch may be smaller
         self._cached: tuple[int, list[list[int]]] = (-1, [])
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:

@@ -365,6 +365,7 @@ class EpochBatchSampler:
         self.seed = seed
         self.start = start
         self.batches_per_epoch = num_items // self.global_batch
+        self.images_per_epoch = self.batches_per_epoch * self.global_batch  # the rest wait for the next epoch's shuffle
         self._cached: tuple[int, list[int]] = (-1, [])
 
     def permutation(self, epoch: int) -> list[int]:

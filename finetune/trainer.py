@@ -200,7 +200,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     sampler = make_batch_sampler(
         dataset, train_cfg.batch_size, accelerator.num_processes, accelerator.process_index, recipe.seed, start=step * accumulation
     )
-    accelerator.print(run_length_line(train_cfg, sampler.batches_per_epoch, len(dataset), accelerator.num_processes))
+    accelerator.print(run_length_line(train_cfg, sampler, len(dataset), accelerator.num_processes))
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -358,11 +358,15 @@ def run_validation(recipe, method, modules, accelerator, step: int) -> Path | No
     return path
 
 
-def run_length_line(train_cfg, batches_per_epoch: int, items: int, processes: int) -> str:
+def run_length_line(train_cfg, sampler, items: int, processes: int) -> str:
     """train.max_steps in the epochs that sd-scripts users count (an epoch uses each image its repeats times)."""
     per_step = train_cfg.batch_size * processes * train_cfg.gradient_accumulation_steps
-    epochs = train_cfg.max_steps * train_cfg.gradient_accumulation_steps / max(batches_per_epoch, 1)
-    return f"length: {train_cfg.max_steps} steps of {per_step} images = {epochs:.3g} epochs of {items} images"
+    epochs = train_cfg.max_steps * train_cfg.gradient_accumulation_steps / max(sampler.batches_per_epoch, 1)
+    line = f"length: {train_cfg.max_steps} steps of {per_step} images = {epochs:.3g} epochs of "
+    if sampler.images_per_epoch < items:
+        left = items - sampler.images_per_epoch
+        return line + f"{sampler.images_per_epoch} of the {items} images (each epoch leaves {left} out at random, to fill whole batches)"
+    return line + f"{items} images"
 
 
 def _tensorboard_writer(accelerator: Accelerator):

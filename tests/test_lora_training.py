@@ -95,6 +95,8 @@ def test_init_from_starts_as_base_plus_that_lora_in_any_layout(make_recipe, tiny
 def test_the_run_length_is_also_said_in_epochs(make_recipe, capsys):
     train(make_recipe(train__max_steps=3, train__gradient_accumulation_steps=2))  # 4 images, 2 per micro-batch, 2 micro-batches a step
     assert "length: 3 steps of 4 images = 3 epochs of 4 images" in capsys.readouterr().out.splitlines()
+    train(make_recipe(train__max_steps=3, train__batch_size=3), overwrite=True)  # 4 images in batches of 3: one batch an epoch
+    assert "length: 3 steps of 3 images = 3 epochs of 3 of the 4 images (each epoch leaves 1 out at random, to fill whole batches)" in capsys.readouterr().out.splitlines()
 
 
 # Attention alone (recipes/lora.yaml), and with the feed-forward, projection and conv layers (the quickstart's).
