@@ -68,7 +68,9 @@ class DataReport:
         """The summary: counts, sizes, buckets, then every finding (at most `limit` of each level)."""
         config, uses = self.config, sum(example.repeats for example in self.usable)
         skipped = self.found - len(self.usable) if self.skipped else 0  # images, not findings (one may have two)
-        lines = [f"{self.label}: {self.found} images, {len(self.usable)} used, {skipped} skipped; {uses} uses per epoch"]
+        files = len({example.source for example in self.usable})  # data.folders may list a folder under two templates
+        counted = f"{self.found} images" + (f" ({files} files, some under two templates)" if files < len(self.usable) else "")
+        lines = [f"{self.label}: {counted}, {len(self.usable)} used, {skipped} skipped; {uses} uses per epoch"]
         sizes = [example.size for example in self.usable]
         if sizes:
             shapes = Counter("landscape" if w > h else "portrait" if h > w else "square" for w, h in sizes)
@@ -95,7 +97,9 @@ def folder_shares_line(usable: list[Example], config: DataConfig) -> str:
         images[example.folder_index] += 1
         uses[example.folder_index] += example.repeats
     total = max(sum(uses), 1)
-    shares = [f"'{folder.path}' {n} x{folder.repeats} = {u} ({100 * u / total:.0f}%)" for folder, n, u in zip(config.folders, images, uses)]
+    paths = [folder.path for folder in config.folders]
+    labels = [f"'{f.path}'" + (f" ({f.template or 'captions'})" if paths.count(f.path) > 1 else "") for f in config.folders]
+    shares = [f"{label} {n} x{folder.repeats} = {u} ({100 * u / total:.0f}%)" for label, folder, n, u in zip(labels, config.folders, images, uses)]
     return "uses per epoch by folder: " + ", ".join(shares)
 
 

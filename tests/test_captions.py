@@ -105,7 +105,8 @@ def test_each_folders_share_of_an_epoch_is_reported_and_one_folder_under_two_tem
     folders = [{"path": "rare", "repeats": 3, "template": "{caption}"}, {"path": "common"}, {"path": "rare", "template": "a photo of {caption}"}]
     config = DataConfig(image_dir=str(tmp_path), resolution=64, caption="x", folders=folders)
     lines = inspect_examples(read_examples(config), config, "photos").lines()
-    assert "uses per epoch by folder: 'rare' 1 x3 = 3 (50%), 'common' 2 x1 = 2 (33%), 'rare' 1 x1 = 1 (17%)" in lines
+    assert "uses per epoch by folder: 'rare' ({caption}) 1 x3 = 3 (50%), 'common' 2 x1 = 2 (33%), 'rare' (a photo of {caption}) 1 x1 = 1 (17%)" in lines
+    assert lines[0] == "photos: 4 images (3 files, some under two templates), 4 used, 0 skipped; 6 uses per epoch"
     assert not [line for line in lines if "same pixels" in line], lines
     copied = tmp_path / "common" / "c2.png"  # a real copy is still named
     copied.write_bytes((tmp_path / "common" / "c0.png").read_bytes())

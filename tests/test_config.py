@@ -135,6 +135,7 @@ def test_override_indexes_lists():
         ("train={max_steps: 10, min_timestep: 600, max_timestep: 500}", r"^key 'train': train.min_timestep \(600\) must be below train.max_timestep \(500\)"),
         ("optimizer.name=prodigy", r"^key 'optimizer': optimizer.lr with prodigy multiplies the step size it finds: set it near 1.0 \(got 0.0001\)"),
         ("data.folders=[{path: a}, {path: ./a/}]", r"^key 'data': data.folders lists 'a' twice with the same template: list it once and raise its repeats"),
+        ("data.folders=[{path: a, template: '{caption}'}, {path: ../images/a}]", r"^key 'data': data.folders lists 'a' twice with the same template"),
         ("data.keep_tokens=2", r"^key 'data': data.keep_tokens keeps the first tags in place while data.shuffle_tags shuffles the rest: set data.shuffle_tags: true"),
         # Each of these crashed mid-run (the validation ones after training, before the adapter was saved).
         ("validation.num_inference_steps=0", r"^key 'validation.num_inference_steps': Input should be greater than or equal to 1 \(got 0\)$"),

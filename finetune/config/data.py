@@ -124,7 +124,9 @@ class DataConfig(Section):
                 raise ValueError(f"data.bucketing.max_side ({buckets.max_side}) must be at least data.resolution ({self.resolution})")
         if self.folders and self.image_dir is None:
             raise ValueError("data.folders are subfolders of data.image_dir: set data.image_dir (a dataset has no folders)")
-        entries = [(os.path.normpath(folder.path), folder.template) for folder in self.folders]
+        # The same folder by another spelling (absolute, ./a/) and the same prompts ("{caption}" is no template).
+        entries = [(os.path.abspath(os.path.join(self.image_dir, folder.path)), None if folder.template == "{caption}" else folder.template)
+                   for folder in self.folders]  # fmt: skip
         twice = next((folder.path for folder, entry in zip(self.folders, entries) if entries.count(entry) > 1), None)
         if twice is not None:  # (with another template it is another set of prompts for the same images)
             raise ValueError(f"data.folders lists '{twice}' twice with the same template: list it once and raise its repeats")
