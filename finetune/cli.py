@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: finetune sample --base finetune/assets/toyworld-base --controlnet outputs/controlnet "
         '--condition mask.png --prompt "a small red circle on a blue background, top left"',
     )
-    add_base_options(sample)
+    add_base_options(sample, required=False, default=" (default: the base the --lora or --controlnet run recorded)")
     sample.add_argument("--lora", help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
     sample.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
     sample.add_argument("--controlnet", help="ControlNet folder (config.json + weights), or a controlnet training output folder")
@@ -256,13 +256,16 @@ def _train(args) -> int:
 
 
 def _sample(args) -> int:
-    from finetune.inference import sample_to_folder
+    from finetune.inference import recorded_base, sample_to_folder
 
     if args.condition and len(args.condition) > 1:
         raise FinetuneError("--condition takes one image, used for every prompt: sample each conditioning image in its own run")
+    base = args.base or recorded_base(args.lora, args.controlnet)
+    if not args.base:
+        print(f"base model: {base} (recorded by the adapter's training run; --base picks another)")
 
     written = sample_to_folder(
-        base=args.base,
+        base=base,
         base_config=args.base_config,
         lora=args.lora,
         lora_scale=args.lora_scale,

@@ -94,6 +94,19 @@ def resolve_controlnet_folder(controlnet: str) -> Path:
     return path
 
 
+def recorded_base(lora: str | None, controlnet: str | None) -> str:
+    """The base model a LoRA's or ControlNet's training run recorded, for a command given no --base."""
+    recorded = None
+    if lora:
+        recorded = load_lora(resolve_lora_file(lora)).metadata.get("finetune.base_model")  # sd-scripts' files: their ss_sd_model_name
+    elif controlnet:
+        recorded = saved_model_metadata(resolve_controlnet_folder(controlnet)).get("finetune.base_model")
+    if not recorded:
+        adapter = f" ({lora or controlnet} records none)" if lora or controlnet else ""
+        raise FinetuneError(f"pass --base MODEL: the base model to sample{adapter}")
+    return recorded
+
+
 def saved_model_metadata(folder: Path) -> dict[str, str]:
     """What training (or merge) recorded beside a ControlNet or pipeline folder (base, steps, prediction type,
     clip skip); {} for one from elsewhere."""

@@ -164,6 +164,11 @@ def test_train_then_sample_with_the_adapter(tmp_path, capsys, tiny_model, image_
     code = main(["sample", "--base", str(tiny_model), "--lora", str(tmp_path / "webui"), "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "s2")])
     assert code == 0 and (tmp_path / "s2" / "grid.png").is_file()
     capsys.readouterr()
+    # Without --base: the base its training run recorded (in sd-scripts' layout too); with none recorded, one line.
+    code = main(["sample", "--lora", str(tmp_path / "webui"), "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "s4")])
+    assert code == 0 and f"base model: {tiny_model} (recorded by the adapter's training run" in capsys.readouterr().out
+    assert main(["sample", "--prompt", "x"]) == 2
+    assert "error: pass --base MODEL: the base model to sample" in capsys.readouterr().err
     # Another base model: one line naming a layer that does not fit; a base that is not there names --base.
     code = main(["sample", "--base", str(SHIPPED_BASE), "--lora", str(tmp_path / "out"), "--prompt", "x", "--out", str(tmp_path / "s3")])
     err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("Loading weights")]  # progress bars
