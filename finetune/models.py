@@ -77,7 +77,7 @@ def resolve_model_folder(config: ModelConfig) -> Path | None:
     if path.is_dir():
         if not (path / "model_index.json").is_file() and not (path / "unet" / "config.json").is_file():
             if (path / "pipeline" / "model_index.json").is_file():  # a full fine-tune's or DreamBooth's run folder
-                raise FinetuneError(f"base model folder {name} is a training run's folder: point {config._key} at {path / 'pipeline'}")
+                raise FinetuneError(f"base model folder {name} is a training run's (or checkpoint's) folder: point {config._key} at {path / 'pipeline'}")
             raise FinetuneError(
                 f"base model folder {name} is not a diffusers pipeline (no model_index.json): "
                 f"point {config._key} at a folder saved with save_pretrained, or at a .safetensors file"

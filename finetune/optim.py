@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 
 import torch
@@ -45,7 +47,8 @@ def _prodigy(config: OptimizerConfig, parameters: list, kwargs: dict) -> torch.o
         from prodigyopt import Prodigy
     except ImportError:
         raise FinetuneError("optimizer.name prodigy needs the prodigyopt package: pip install prodigyopt") from None
-    return Prodigy(parameters, eps=config.eps, use_bias_correction=True, safeguard_warmup=config.warmup_steps > 0, **kwargs)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay" on every process
+        return Prodigy(parameters, eps=config.eps, use_bias_correction=True, safeguard_warmup=config.warmup_steps > 0, **kwargs)
 
 
 def fused_supported(parameters: list) -> bool:

@@ -270,7 +270,7 @@ def test_a_run_folder_of_the_wrong_kind_says_what_to_pass(tmp_path, capsys, tiny
         assert main(["sample", "--base", str(tiny_model), "--lora", str(lora), "--prompt", "x"]) == 2
         assert f"{lora} holds no LoRA but a" in (err := capsys.readouterr().err) and hint in err, err
     assert main(["sample", "--base", str(full), "--prompt", "x"]) == 2
-    assert f"is a training run's folder: point --base at {full / 'pipeline'}" in capsys.readouterr().err
+    assert f"is a training run's (or checkpoint's) folder: point --base at {full / 'pipeline'}" in capsys.readouterr().err
     # Each run's eval report goes into its own folder (every such pipeline folder is named "pipeline").
     assert default_out(str(full / "pipeline"), None, suites=["style"]) == full / "eval-style.json"
     # Named by what it scores: other suites, strengths or LoRA files of one folder keep their own reports.
