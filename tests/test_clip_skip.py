@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from kohya_helpers import sd_scripts_round_trip
 from test_quickstart import python_block
 
 from finetune import demo_engine
@@ -17,7 +18,6 @@ from finetune.demo_engine import DemoEngine, Request
 from finetune.encoders import clip_skipped, encode_prompts, tokenize
 from finetune.errors import FinetuneError
 from finetune.inference import load_sampling_pipeline
-from finetune.kohya import load_lora
 from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.models import load_base_model
 from finetune.trainer import train
@@ -58,14 +58,8 @@ def test_a_lora_trained_with_clip_skip_records_it_and_is_sampled_with_it(tiny_mo
     assert layer_count(load_sampling_pipeline(str(tiny_model), str(skipped.output_dir)).text_encoder) == whole - 1
 
     # sd-scripts' layout keeps it both ways (ss_clip_skip), and its model card says how to sample with it.
-    assert main(["export", str(lora_file), str(tmp_path / "kohya"), "--to", "kohya"]) == 0
-    [kohya_file] = (tmp_path / "kohya").glob("*.safetensors")
-    with safe_open(str(kohya_file), "pt") as f:
-        metadata = f.metadata()
-    assert metadata["ss_clip_skip"] == "2"
-    theirs = {key: value for key, value in metadata.items() if not key.startswith("finetune.")}
-    save_file(load_file(kohya_file), tmp_path / "sd-scripts.safetensors", theirs)
-    assert load_lora(tmp_path / "sd-scripts.safetensors").metadata["finetune.clip_skip"] == "2"
+    metadata, theirs = sd_scripts_round_trip(lora_file, tmp_path / "kohya")
+    assert metadata["ss_clip_skip"] == "2" and theirs.metadata["finetune.clip_skip"] == "2"
     card = (tmp_path / "kohya" / "README.md").read_text()
     assert "set *Clip skip* to 2 in the webui" in card
     namespace: dict = {}  # the card's diffusers code, pasted, encodes prompts without the last layer

@@ -5,8 +5,8 @@ import json
 
 import pytest
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
+from kohya_helpers import sd_scripts_round_trip
 from test_quickstart import python_block
 
 from finetune import demo_engine
@@ -14,9 +14,9 @@ from finetune.cli import main
 from finetune.demo_engine import DemoEngine, Request
 from finetune.errors import FinetuneError
 from finetune.inference import load_sampling_pipeline
-from finetune.kohya import load_lora
-from finetune.methods.controlnet import CONTROLNET_DIR, METADATA_FILE
+from finetune.methods.controlnet import CONTROLNET_DIR
 from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.pipeline_io import METADATA_FILE
 from finetune.recipe_loading import recipe_from_dict
 from finetune.trainer import train
 
@@ -67,15 +67,8 @@ def test_sample_merge_and_export_follow_a_v_prediction_adapter(adapters, tiny_mo
     assert json.loads((tmp_path / "merged" / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
 
     # In sd-scripts' layout it is their ss_v_parameterization flag, and it reads back.
-    assert main(["export", str(adapters["v"]), str(tmp_path / "kohya"), "--to", "kohya"]) == 0
-    [kohya_file] = (tmp_path / "kohya").glob("*.safetensors")
-    with safe_open(str(kohya_file), "pt") as f:
-        metadata = f.metadata()
-    assert metadata["ss_v_parameterization"] == "True"
-    # A file from sd-scripts itself has only its ss_ keys.
-    theirs = {key: value for key, value in metadata.items() if not key.startswith("finetune.")}
-    save_file(load_file(kohya_file), tmp_path / "sd-scripts.safetensors", theirs)
-    assert load_lora(tmp_path / "sd-scripts.safetensors").metadata["finetune.prediction_type"] == "v_prediction"
+    metadata, theirs = sd_scripts_round_trip(adapters["v"], tmp_path / "kohya")  # a file from sd-scripts itself has only its ss_ keys
+    assert metadata["ss_v_parameterization"] == "True" and theirs.metadata["finetune.prediction_type"] == "v_prediction"
     # The export's model card: its diffusers code, pasted, samples as v.
     namespace: dict = {}
     exec(python_block(tmp_path / "kohya" / "README.md"), namespace)

@@ -8,7 +8,7 @@ from typing import Literal, Optional
 
 from pydantic import PrivateAttr, field_validator, model_validator
 
-from finetune.config.base import Section
+from finetune.config.base import PixelSize, Section, Share
 
 
 class BucketConfig(Section):
@@ -17,17 +17,10 @@ class BucketConfig(Section):
     # Off: every image is resized and cropped to resolution x resolution, as without this section.
     enabled: bool = False
     # Bucket sides are multiples of this; keep it 64 for SD (smaller models need 8 x their UNet's downsampling).
-    step: int = 64
+    step: PixelSize = 64
     # Shortest and longest bucket side; None: resolution / 2 and resolution x 2 (rounded to step).
     min_side: Optional[int] = None
     max_side: Optional[int] = None
-
-    @field_validator("step")
-    @classmethod
-    def _step_multiple_of_8(cls, value: int) -> int:
-        if value <= 0 or value % 8 != 0:
-            raise ValueError("must be a positive multiple of 8 (the VAE downsamples by 8)")
-        return value
 
 
 class FolderConfig(Section):
@@ -71,11 +64,11 @@ class DataConfig(Section):
     caption_column: str = "text"
     # One prompt for every image; when set, captions are not read.
     caption: Optional[str] = None
-    resolution: int = 512
+    resolution: PixelSize = 512
     crop: Literal["center", "random"] = "center"
     random_flip: bool = False
     # Share of training captions replaced by "" so classifier-free guidance keeps working.
-    caption_dropout: float = 0.0
+    caption_dropout: Share = 0.0
     # Comma-separated tags ("sks, dog, grass") are shuffled per image and epoch, the first keep_tokens
     # staying in place (a trigger word first), so the model does not learn one tag order.
     shuffle_tags: bool = False
@@ -89,20 +82,6 @@ class DataConfig(Section):
     # Subfolders of image_dir with their own repeats and prompt templates; empty: image_dir alone, once.
     folders: list[FolderConfig] = []
     num_workers: int = 0
-
-    @field_validator("resolution")
-    @classmethod
-    def _resolution_multiple_of_8(cls, value: int) -> int:
-        if value <= 0 or value % 8 != 0:
-            raise ValueError("must be a positive multiple of 8 (the VAE downsamples by 8)")
-        return value
-
-    @field_validator("caption_dropout")
-    @classmethod
-    def _probability(cls, value: float) -> float:
-        if not 0.0 <= value <= 1.0:
-            raise ValueError("must be between 0 and 1")
-        return value
 
     @field_validator("keep_tokens")
     @classmethod

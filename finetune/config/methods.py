@@ -6,7 +6,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from finetune.config.base import Section
+from finetune.config.base import Section, Share
 
 
 class LoRAConfig(Section):
@@ -126,7 +126,7 @@ class ControlNetConfig(Section):
     # Datasets: the column holding the conditioning image (folders: metadata.jsonl conditioning_file_name).
     conditioning_column: str = "conditioning_image"
     # Share of training captions replaced by "" (0.5 in the ControlNet paper: learn to read the image).
-    empty_prompt_share: float = 0.5
+    empty_prompt_share: Share = 0.5
     # Strength of the control in validation samples (training always uses 1.0).
     conditioning_scale: float = 1.0
     # Add only the mid-block residual to the UNet; the down-block zero convs stay zero and frozen.
@@ -136,10 +136,3 @@ class ControlNetConfig(Section):
     # Conditioning images for validation rows, paired with validation.prompts (one of them may have
     # length 1 and is then used for every row). Empty: the first training examples' conditioning images.
     validation_conditions: list[str] = []
-
-    @field_validator("empty_prompt_share")
-    @classmethod
-    def _share(cls, value: float) -> float:
-        if not 0.0 <= value <= 1.0:
-            raise ValueError("must be between 0 and 1")
-        return value
