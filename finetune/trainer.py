@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -33,6 +32,7 @@ from finetune.models import load_base_model, resolve_model_folder
 from finetune.optim import build_lr_scheduler, build_optimizer
 from finetune.recipe_loading import dump_recipe
 from finetune.sampling import make_grid, save_image_atomic
+from finetune.stopping import StopRequest, batches_of, leave_stop_signals_to_the_trainer
 
 logger = logging.getLogger(__name__)
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -46,59 +46,6 @@ class TrainResult:
     sample_grids: list[Path] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)  # per optimizer step, this run only
     interrupted: bool = False
-
-
-class StopRequest:
-    """Ctrl-C / SIGTERM set a flag; the loop stops at the next step boundary, saves, and exits.
-
-    A second Ctrl-C aborts at once (the last complete checkpoint is still there).
-    """
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def agreed(self, accelerator: Accelerator) -> bool:
-        """All processes stop together, or none does (a lone stop would hang the others' collectives)."""
-        if accelerator.num_processes == 1:
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
-
-
-def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
-    """In data-loader workers: `timeout`, systemd and SLURM send SIGTERM (and a terminal Ctrl-C) to the
-    whole process group; a worker it killed would crash the run before the trainer saves and stops."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-@contextlib.contextmanager
-def batches_of(loader: torch.utils.data.DataLoader):
-    """The loader's endless stream of batches, whose worker processes stop on the way out, an error
-    included: they ignore SIGTERM (above), so the interpreter's exit, which terminates and then waits
-    for them, would otherwise wait forever."""
-    batches = iter(loader)
-    try:
-        yield batches
-    finally:
-        shutdown = getattr(batches, "_shutdown_workers", None)  # what the iterator's __del__ calls
-        if shutdown is not None:
-            shutdown()
 
 
 def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], None] | None = None, overwrite: bool = False) -> TrainResult:
@@ -208,7 +155,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         num_workers=recipe.data.num_workers,
         # Its own generator: creating the iterator must not draw from the (restored) global RNG.
         generator=torch.Generator().manual_seed(recipe.seed),
-        worker_init_fn=_leave_stop_signals_to_the_trainer if recipe.data.num_workers else None,
+        worker_init_fn=leave_stop_signals_to_the_trainer if recipe.data.num_workers else None,
     )
     result = TrainResult(output_dir=output_dir, final_step=step)
 
