@@ -71,7 +71,10 @@ def sidecar_caption(image_path: Path) -> str | None:
     for suffix in SIDECAR_SUFFIXES:
         sidecar = image_path.with_suffix(suffix)
         if sidecar.is_file():
-            return sidecar.read_text(encoding="utf-8").strip()
+            try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the caption
+                return sidecar.read_text(encoding="utf-8-sig").strip()
+            except UnicodeDecodeError:
+                raise FinetuneError(f"caption {sidecar} is not UTF-8 text: save it as UTF-8 (most editors offer it under 'encoding')") from None
     return None
 
 

@@ -41,6 +41,11 @@ def test_metadata_csv_captions(tmp_path):
     (tmp_path / "b.caption").write_text("not read")
     got = names_and_captions(DataConfig(image_dir=str(tmp_path), resolution=64))
     assert got == [("a.png", "a red square, flat"), ("b.png", "from the sidecar"), ("c.png", "from a kohya dataset")]
+    (tmp_path / "c.caption").write_text("from notepad", encoding="utf-8-sig")  # a byte-order mark is no part of it
+    assert names_and_captions(DataConfig(image_dir=str(tmp_path), resolution=64))[2] == ("c.png", "from notepad")
+    (tmp_path / "c.caption").write_bytes("caf\xe9 star".encode("latin-1"))
+    with pytest.raises(FinetuneError, match=r"caption .*c.caption is not UTF-8 text: save it as UTF-8"):
+        load_examples(DataConfig(image_dir=str(tmp_path), resolution=64))
 
 
 def test_a_byte_order_mark_is_read_and_a_null_caption_is_a_missing_one(tmp_path):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from kohya_helpers import sd_scripts_round_trip
 from test_quickstart import python_block
@@ -55,6 +55,16 @@ def test_a_lora_trained_with_clip_skip_records_it_and_is_sampled_with_it(tiny_mo
         last = layer_count(load_base_model(make_recipe().model).text_encoder) - 1
         assert not [k for k in f.keys() if f"layers.{last}." in k]  # the skipped layer has no LoRA
     whole = layer_count(load_sampling_pipeline(str(tiny_model), str(plain.output_dir)).text_encoder)
+
+    # lora.init_from: another clip skip than the run's is one line; a file with LoRAs of the skipped layer
+    # (as sd-scripts saves them) starts the layers the run keeps.
+    continued = dict(model__clip_skip=2, lora__train_text_encoder=True, train__max_steps=1, output_dir=str(tmp_path / "continued"))
+    with pytest.raises(FinetuneError, match=r"was trained with clip skip 1, this recipe's model.clip_skip is 2: set it to 1"):
+        train(make_recipe(lora__init_from=str(plain.output_dir), **continued))
+    with safe_open(str(plain.output_dir / LORA_WEIGHTS_NAME), "pt") as f:
+        relabelled = {**f.metadata(), "finetune.clip_skip": "2"}
+    save_file(load_file(plain.output_dir / LORA_WEIGHTS_NAME), tmp_path / "all-layers-skip2.safetensors", relabelled)
+    assert train(make_recipe(lora__init_from=str(tmp_path / "all-layers-skip2.safetensors"), **continued)).final_step == 1
     assert layer_count(load_sampling_pipeline(str(tiny_model), str(skipped.output_dir)).text_encoder) == whole - 1
 
     # sd-scripts' layout keeps it both ways (ss_clip_skip), and its model card says how to sample with it.

@@ -9,6 +9,7 @@ config (rank, alpha, targets) travels in the file's metadata so the strength alp
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -44,6 +45,7 @@ class LoRAMethod(UNetMethod):
         if self.train_text_encoder:
             add_lora(self.base.text_encoder, TEXT_ENCODER_TARGETS, self.weight_dtype, settings)
         if self.initial_lora is not None:
+            check_trained_alike(self.initial_lora, settings.init_from, self.recipe.model.clip_skip, self.base.noise_scheduler.config.prediction_type)
             start_from(self.trained_modules(), self.initial_lora, settings.init_from)
 
     def save(self, output_dir: Path, modules, metadata: dict[str, str]) -> list[Path]:
@@ -90,11 +92,25 @@ def read_initial_lora(source: str) -> LoRA:
     return load_lora(path)
 
 
+def check_trained_alike(lora: LoRA, source: str, clip_skip: int, prediction_type: str) -> None:
+    """A LoRA continued with other prompts encodings or another target would start from what it did not learn."""
+    recorded_skip, recorded_type = lora.metadata.get("finetune.clip_skip", ""), lora.metadata.get("finetune.prediction_type")
+    if recorded_skip.isdigit() and int(recorded_skip) != clip_skip:
+        raise FinetuneError(f"lora.init_from {source} was trained with clip skip {recorded_skip}, this recipe's model.clip_skip is {clip_skip}: set it to {recorded_skip}")
+    if recorded_type and recorded_type != prediction_type:
+        raise FinetuneError(f"lora.init_from {source} was trained for {recorded_type}, this run trains for {prediction_type}: set model.prediction_type: {recorded_type}")
+
+
 def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str) -> None:
     """Set the attached (peft) LoRA to `lora`'s weights, so the model starts as base + that LoRA; its own
-    alpha is kept by scaling the up weights to this recipe's alpha/rank."""
+    alpha is kept by scaling the up weights to this recipe's alpha/rank. Layers that model.clip_skip leaves
+    out have nothing to start (sd-scripts saves LoRAs of them, unused)."""
+    kept_layers = len(getattr(modules["text_encoder"], "text_model", modules["text_encoder"]).encoder.layers) if "text_encoder" in modules else None
     for key, layer in lora.layers.items():
         part, path = key.split(".", 1)
+        index = re.search(r"encoder\.layers\.(\d+)\.", path) if part == "text_encoder" else None
+        if index and kept_layers is not None and int(index.group(1)) >= kept_layers:
+            continue
         if part not in modules:
             raise FinetuneError(f"lora.init_from {source} has text-encoder layers: set lora.train_text_encoder: true to start from them too")
         module = find_module(modules[part], path, part)
