@@ -33,7 +33,7 @@ from finetune.adapter_scan import BASE, PICKLE_SUFFIXES, Adapter, scan_adapters
 from finetune.config import ModelConfig
 from finetune.encoders import clip_skipped
 from finetune.errors import FinetuneError
-from finetune.inference import unlocked_decoder_folder
+from finetune.inference import saved_model_metadata, unlocked_decoder_folder
 from finetune.kohya import LoRA, load_lora
 from finetune.merge import find_module
 from finetune.models import BaseModel, freeze, load_base_model
@@ -100,6 +100,8 @@ class DemoEngine:
             raise FinetuneError(f"base model {base} is a pickle checkpoint: only .safetensors files and diffusers folders are loaded")
         self.base_name, self.adapters_dir, self.exclude = base, Path(adapters_dir), exclude
         self.base = _frozen(load_base_model(ModelConfig.from_option(base, base_config)))
+        # A fine-tuned or merged pipeline as the base: what it was trained with (clip skip) holds in every column.
+        self.base_metadata = saved_model_metadata(Path(base)) if Path(base).is_dir() else {}
         self.lock = threading.Lock()
         self._cache: dict[tuple, object] = {}
         self.adapters: dict[str, Adapter] = {}
@@ -169,13 +171,13 @@ class DemoEngine:
             condition = conditioning_image(request.conditioning_image, request.conditioning_kind, request.size)
         columns = self._columns(request, model, loras, controlnet, decoder)
         for column in columns:  # adapters that cannot be combined stop the request before anything renders
-            trained_for = {name: self.adapters[name].metadata for name in column.names}
+            trained_for = self._trained_for(column)
             adapters_prediction_type(trained_for)
             adapters_clip_skip(trained_for)
         total, done = max(1, len(columns) * request.rows * request.steps), 0
         results: list[list[Image.Image]] = [[] for _ in range(request.rows)]
         for column in columns:
-            trained_for = {name: self.adapters[name].metadata for name in column.names}
+            trained_for = self._trained_for(column)
             unet = column.unet or column.model.unet
             pipeline = _pipeline(column.model, column.controlnet, unet)
             follow_adapters_prediction_type(pipeline, trained_for)
@@ -200,6 +202,11 @@ class DemoEngine:
         return results, labels, seeds, f"{len(columns)} column(s) x {request.rows} row(s) in {time.perf_counter() - started:.1f} s"
 
 
+    def _trained_for(self, column: Column) -> dict[str, dict[str, str]]:
+        """{name: metadata} of the column's adapters, and of the base when it is a saved pipeline of ours."""
+        base = {self.base_name: self.base_metadata} if column.model is self.base and self.base_metadata else {}
+        return {**base, **{name: self.adapters[name].metadata for name in column.names}}
+
     def _columns(self, request: Request, model: BaseModel, loras: list, controlnet, decoder) -> list[Column]:
         """The base alone (if asked), then the adapters at each strength: all together, or with
         `request.separate` each LoRA in columns of its own."""
@@ -207,21 +214,34 @@ class DemoEngine:
         shared = ([request.controlnet] if controlnet else []) + ([request.model] if model is not self.base else [])
         named = list(zip([name for name, _ in request.loras], loras))
         groups = [[pair] for pair in named] if request.separate and len(named) > 1 else [named]
-        for group in groups:
+        labels = [label_of([name for name, _ in group] + shared, short=True) for group in groups]
+        if len(set(labels)) < len(labels):  # two runs' `lora` folders, say: their full names tell them apart
+            labels = [label_of([name for name, _ in group] + shared, short=False) for group in groups]
+        for group, label in zip(groups, labels):
             names = [name for name, _ in group] + shared
-            label = "+".join(short_name(name) for name in names)
-            label = label if len(label) <= 24 else "adapters"
             for s in request.strengths if names else ([] if request.include_base else [1.0]):
                 loras_at = [(lora, strength * s) for _, (lora, strength) in group]
                 columns.append(Column(f"{label} x{s:g}" if names else "base", model, loras_at, names, controlnet, decoder, request.conditioning_scale * s))
         return columns
 
 
+def label_of(names: list[str], short: bool) -> str:
+    """A column's label: its adapters' names joined; past 40 characters the first one and a count."""
+    named = [short_name(name) if short else name for name in names]
+    label = "+".join(named)
+    return label if len(label) <= 40 or len(named) == 1 else f"{named[0]} +{len(named) - 1} more"
+
+
 def short_name(name: str) -> str:
-    """A column label: a checkpoint's run and step (`quickstart@200`), else the last part of the name."""
+    """A checkpoint's run and step (`quickstart@200`); a run's pipeline or ControlNet by its run's name;
+    else the last part of the name."""
     parts = name.split("/")
     if len(parts) >= 3 and parts[-2] == "checkpoints" and parts[-1].startswith("checkpoint-"):
         return f"{parts[-3]}@{parts[-1].removeprefix('checkpoint-')}"
+    if len(parts) >= 4 and parts[-3] == "checkpoints" and parts[-1] in ("pipeline", "controlnet"):
+        return f"{parts[-4]}@{parts[-2].removeprefix('checkpoint-')}"
+    if len(parts) >= 2 and parts[-1] in ("pipeline", "controlnet"):
+        return parts[-2]
     return parts[-1]
 
 

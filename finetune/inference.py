@@ -104,6 +104,9 @@ def recorded_base(lora: str | None, controlnet: str | None) -> str:
     if not recorded:
         adapter = f" ({lora or controlnet} records none)" if lora or controlnet else ""
         raise FinetuneError(f"pass --base MODEL: the base model to sample{adapter}")
+    looks_like_hub_id = recorded.count("/") == 1 and not recorded.startswith((".", "/", "~"))
+    if not Path(recorded).exists() and not looks_like_hub_id:  # e.g. a relative path, from where it was trained
+        raise FinetuneError(f"pass --base MODEL: {lora or controlnet} records the base {recorded}, which is not there from here")
     return recorded
 
 

@@ -313,6 +313,8 @@ def run_length_line(train_cfg, sampler, items: int, processes: int) -> str:
     if sampler.images_per_epoch < items:
         left = items - sampler.images_per_epoch
         return line + f"{sampler.images_per_epoch} of the {items} images (each epoch leaves {left} out at random, to fill whole batches)"
+    if sampler.batches_per_epoch * train_cfg.batch_size * processes > items:  # buckets: every image, in some smaller batches
+        return line + f"{items} images (in {sampler.batches_per_epoch} batches an epoch: a bucket's last batch may be smaller)"
     return line + f"{items} images"
 
 

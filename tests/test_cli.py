@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from safetensors.torch import load_file, save_file
 from PIL import Image
 from conftest import SHIPPED_BASE
 from ports import free_port
@@ -169,6 +170,10 @@ def test_train_then_sample_with_the_adapter(tmp_path, capsys, tiny_model, image_
     assert code == 0 and f"base model: {tiny_model} (recorded by the adapter's training run" in capsys.readouterr().out
     assert main(["sample", "--prompt", "x"]) == 2
     assert "error: pass --base MODEL: the base model to sample" in capsys.readouterr().err
+    moved = tmp_path / "moved.safetensors"  # trained elsewhere with a relative model.pretrained
+    save_file(load_file(next((tmp_path / "webui").glob("*.safetensors"))), moved, {"finetune.base_model": "models/sd/base", "format": "pt"})
+    assert main(["sample", "--lora", str(moved), "--prompt", "x"]) == 2
+    assert "records the base models/sd/base, which is not there from here" in capsys.readouterr().err
     # Another base model: one line naming a layer that does not fit; a base that is not there names --base.
     code = main(["sample", "--base", str(SHIPPED_BASE), "--lora", str(tmp_path / "out"), "--prompt", "x", "--out", str(tmp_path / "s3")])
     err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("Loading weights")]  # progress bars

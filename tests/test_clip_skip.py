@@ -92,7 +92,7 @@ def test_a_lora_trained_with_clip_skip_records_it_and_is_sampled_with_it(tiny_mo
         engine.render(Request(prompt="a red circle", steps=1, loras=[("skip2", 1.0), ("skip1", 1.0)]))
 
 
-def test_a_full_fine_tune_with_clip_skip_saves_a_whole_text_encoder_and_samples_with_its_skip(tiny_model, make_recipe, tmp_path):
+def test_a_full_fine_tune_with_clip_skip_saves_a_whole_text_encoder_and_samples_with_its_skip(tiny_model, make_recipe, tmp_path, monkeypatch):
     result = train(make_recipe(method="full", model__clip_skip=2, train__max_steps=1))  # fp32: the text encoder is not reloaded for its precision
     pipeline_dir = result.output_dir / "pipeline"
     saved = load_file(next((pipeline_dir / "text_encoder").glob("*.safetensors")))
@@ -101,6 +101,12 @@ def test_a_full_fine_tune_with_clip_skip_saves_a_whole_text_encoder_and_samples_
     assert json.loads((pipeline_dir / "finetune_metadata.json").read_text())["finetune.clip_skip"] == "2"
     whole = layer_count(load_base_model(make_recipe().model).text_encoder)
     assert layer_count(load_sampling_pipeline(str(pipeline_dir)).text_encoder) == whole - 1
+    # The demo with that pipeline as its base: the base column too.
+    used = []
+    real_generate = demo_engine.generate
+    monkeypatch.setattr(demo_engine, "generate", lambda pipeline, *a, **k: used.append(layer_count(pipeline.text_encoder)) or real_generate(pipeline, *a, **k))
+    DemoEngine(str(pipeline_dir), tmp_path / "no-adapters").render(Request(prompt="a red circle", steps=1))
+    assert used == [whole - 1]
 
 
 def test_training_the_whole_text_encoder_with_clip_skip_is_refused(make_recipe):

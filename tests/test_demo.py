@@ -209,7 +209,7 @@ def test_controlnet_with_a_conditioning_made_from_a_photo(client, image_folder):
 
     photo = sorted(image_folder.glob("*.png"))[0]
     images, captions, _ = run(client, controlnet="edges/controlnet", conditioning_image=handle_file(str(photo)), conditioning_kind="canny")
-    assert [c.split(",")[0] for c in captions] == ["conditioning", "base", "controlnet x1"]
+    assert [c.split(",")[0] for c in captions] == ["conditioning", "base", "edges x1"]  # a run's ControlNet by its run
     assert set(np.unique(images[0])) <= {0.0, 255.0} and images[0].max() == 255  # canny edges, white on black
     assert np.abs(images[1] - images[2]).mean() > 0.5
     from gradio_client.exceptions import AppError
@@ -220,8 +220,17 @@ def test_controlnet_with_a_conditioning_made_from_a_photo(client, image_folder):
 
 def test_a_dreambooth_pipeline_replaces_the_base(client):
     images, captions, _ = run(client, model="db/pipeline")
-    assert [c.split(",")[0] for c in captions] == ["base", "pipeline x1"]
+    assert [c.split(",")[0] for c in captions] == ["base", "db x1"]
     assert np.abs(images[0] - images[1]).mean() > 0.5
+
+
+def test_separate_columns_are_labelled_so_they_tell_the_adapters_apart(demo):
+    from finetune.demo_engine import Request, label_of, short_name
+
+    _, labels, _, _ = demo.engine.render(Request(prompt=PROMPT, steps=1, loras=[("trained", 1.0), ("webui/trained", 1.0)], separate=True))
+    assert labels == ["base", "trained x1", "webui/trained x1"]  # both are "trained" for short: full names then
+    assert [short_name(n) for n in ("q/checkpoints/checkpoint-200", "db/checkpoints/checkpoint-4/pipeline", "edges/controlnet")] == ["q@200", "db@4", "edges"]
+    assert label_of(["a_very_long_run_name_for_style_v2", "edges/controlnet", "db/pipeline"], short=True) == "a_very_long_run_name_for_style_v2 +2 more"
 
 
 def test_uploads_are_size_limited(client, demo, tmp_path):
