@@ -41,21 +41,28 @@ def text_hidden_states(tokenizer: CLIPTokenizer, text_encoder: torch.nn.Module, 
 def skip_last_layers(text_encoder: CLIPTextModel, clip_skip: int) -> None:
     """Leave out the text encoder's last `clip_skip - 1` layers: its output is then the earlier layer's
     through the final layer norm, which is what clip_skip means in the webui, sd-scripts and diffusers."""
-    encoder = _layer_stack(text_encoder)
+    encoder = layer_stack(text_encoder)
     if not 1 <= clip_skip <= len(encoder.layers):
         raise FinetuneError(f"model.clip_skip {clip_skip}: this text encoder has {len(encoder.layers)} layers; use 1 to {len(encoder.layers)}")
     encoder.layers = encoder.layers[: len(encoder.layers) - (clip_skip - 1)]
 
 
-def _layer_stack(text_encoder: CLIPTextModel) -> torch.nn.Module:
-    # transformers 5 holds the layers at text_encoder.encoder; 4.x one level down, in text_model.
+def layer_stack(text_encoder: CLIPTextModel) -> torch.nn.Module:
+    """The encoder whose `.layers` clip skip shortens: transformers 5 holds it at text_encoder.encoder,
+    4.x one level down, in text_model."""
     return getattr(text_encoder, "text_model", text_encoder).encoder
+
+
+def recorded_clip_skip(metadata: dict[str, str]) -> int | None:
+    """The clip skip an adapter's metadata records (ours, or sd-scripts' read into ours); None if none."""
+    value = str(metadata.get("finetune.clip_skip", ""))
+    return int(value) if value.isdigit() else None
 
 
 @contextlib.contextmanager
 def clip_skipped(text_encoder: CLIPTextModel, clip_skip: int):
     """`skip_last_layers` for the duration only (the demo's columns sample one base at different skips)."""
-    encoder = _layer_stack(text_encoder)
+    encoder = layer_stack(text_encoder)
     layers = encoder.layers
     skip_last_layers(text_encoder, clip_skip)
     try:

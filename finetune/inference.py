@@ -24,7 +24,7 @@ from finetune.kohya import LoRA, load_lora, to_diffusers
 from finetune.merge import check_lora_fits
 from finetune.methods.controlnet import CONTROLNET_DIR, UNET_DIR
 from finetune.methods.lora import LORA_WEIGHTS_NAME
-from finetune.models import BaseModel, load_base_model
+from finetune.models import BaseModel, load_base_model, looks_like_hub_id
 from finetune.pipeline_io import METADATA_FILE
 from finetune.sampling import adapters_clip_skip, build_pipeline, follow_adapters_prediction_type, generate, make_grid, save_image_atomic
 from finetune.views import cover_and_crop
@@ -104,8 +104,7 @@ def recorded_base(lora: str | None, controlnet: str | None) -> str:
     if not recorded:
         adapter = f" ({lora or controlnet} records none)" if lora or controlnet else ""
         raise FinetuneError(f"pass --base MODEL: the base model to sample{adapter}")
-    looks_like_hub_id = recorded.count("/") == 1 and not recorded.startswith((".", "/", "~"))
-    if not Path(recorded).exists() and not looks_like_hub_id:  # e.g. a relative path, from where it was trained
+    if not Path(recorded).exists() and not looks_like_hub_id(recorded):  # e.g. a relative path, from where it was trained
         raise FinetuneError(f"pass --base MODEL: {lora or controlnet} records the base {recorded}, which is not there from here")
     return recorded
 
@@ -180,8 +179,9 @@ def load_sampling_pipeline(
     lora_weights = load_lora(lora_file) if lora_file else None  # a broken file stops before the model loads
     folder = resolve_controlnet_folder(controlnet) if controlnet else None
     adapters = {}  # name: metadata
-    if Path(base).is_dir() and saved_model_metadata(Path(base)):  # a full fine-tune's or a merge's pipeline
-        adapters[base] = saved_model_metadata(Path(base))
+    base_metadata = saved_model_metadata(Path(base)) if Path(base).is_dir() else {}
+    if base_metadata:  # a full fine-tune's or a merge's pipeline
+        adapters[base] = base_metadata
     if controlnet:
         adapters[controlnet] = saved_model_metadata(folder)
     if lora:

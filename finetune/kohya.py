@@ -18,7 +18,6 @@ import collections
 import json
 import math
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -309,95 +308,6 @@ def export_lora(source: Path, output: Path, layout: str, overwrite: bool = False
         raise FinetuneError(f"export would replace {', '.join(map(str, existing))}: give another output, or pass --overwrite")
     lora = load_lora(source)
     path = save_lora_file(lora, destination, layout)
+    from finetune.model_card import write_model_card
+
     return path, write_model_card(lora, path, layout, training_dir=source.parent)
-
-
-def newest_sample_grid(training_dir: Path) -> Path | None:
-    grids = sorted(training_dir.glob("samples/step-*.png"))  # zero-padded steps sort in order
-    return grids[-1] if grids else None
-
-
-V_PREDICTION_CODE = (
-    'pipeline.scheduler = pipeline.scheduler.from_config(pipeline.scheduler.config, prediction_type="v_prediction")  # trained to predict v'
-)
-
-
-def diffusers_loading_code(source: str) -> list[str]:
-    """The model cards' first lines of Python: load `source` on a GPU in fp16 when there is one."""
-    return [
-        "import torch",
-        "from diffusers import StableDiffusionPipeline",
-        "",
-        'device = "cuda" if torch.cuda.is_available() else "cpu"',
-        "# One dtype for every part: a base saved in mixed precisions would otherwise mix them.",
-        "dtype = torch.float16 if device == \"cuda\" else torch.float32",
-        f'pipeline = StableDiffusionPipeline.from_pretrained("{source}", torch_dtype=dtype).to(device)',
-    ]
-
-
-def write_model_card(lora: LoRA, path: Path, layout: str, training_dir: Path | None = None) -> Path:
-    """README.md beside the file: provenance, rank/alpha, and how to load it in diffusers and webui/ComfyUI."""
-    meta = lora.metadata
-    rank, alpha = lora.common_rank_alpha()
-    parts = sorted({key.split(".", 1)[0] for key in lora.layers})
-    lines = [
-        f"# {path.stem if layout == 'kohya' else path.parent.name} (LoRA)",
-        "",
-        f"A LoRA for Stable Diffusion 1.x in the {layout} layout" + (", trained with `finetune`." if "finetune.method" in meta else "."),
-        "",
-        "| | |",
-        "| --- | --- |",
-        f"| base model | `{meta.get('finetune.base_model', 'unknown')}` |",
-        f"| method | {meta.get('finetune.method', 'lora')} |",
-        f"| rank / alpha | {rank} / {alpha:g} (updates scaled by alpha/rank = {alpha / rank:g}) |",
-        f"| adapted | {', '.join(parts)} ({len(lora.layers)} layers) |",
-        f"| steps | {meta.get('finetune.steps', 'unknown')} |",
-        f"| resolution | {meta.get('finetune.resolution', 'unknown')} |",
-        f"| prediction type | {meta.get('finetune.prediction_type', 'unknown')} |",
-        f"| clip skip | {meta.get('finetune.clip_skip', 'unknown')} (the webui's count) |",
-        f"| recipe hash | `{meta.get('finetune.recipe_hash', 'unknown')}` |",
-        "",
-    ]
-    grid = newest_sample_grid(training_dir) if training_dir else None
-    if grid is not None:
-        target = path.parent / "samples" / grid.name
-        if grid.resolve() != target.resolve():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(grid, target)
-        lines += [f"## Samples ({grid.stem}, one row per validation prompt)", "", f"![samples](samples/{grid.name})", ""]
-    lines += [
-        "## diffusers",
-        "",
-        "```python",
-        *diffusers_loading_code(meta.get("finetune.base_model", "BASE_MODEL")),
-        f'pipeline.load_lora_weights("{path.parent}", weight_name="{path.name}", adapter_name="lora")  # this folder',
-        'pipeline.set_adapters(["lora"], adapter_weights=[1.0])  # the strength',
-    ]
-    if meta.get("finetune.prediction_type") == "v_prediction":
-        lines.append(V_PREDICTION_CODE)
-    clip_skip = int(meta["finetune.clip_skip"]) if str(meta.get("finetune.clip_skip", "")).isdigit() else 1
-    if clip_skip > 1:  # not pipeline(clip_skip=...): that looks for text_model, which transformers 5 no longer has
-        lines += [
-            f"# Trained with clip skip {clip_skip}: prompts go through all but the text encoder's last {clip_skip - 1} layer(s).",
-            'stack = getattr(pipeline.text_encoder, "text_model", pipeline.text_encoder).encoder',
-            f"stack.layers = stack.layers[:-{clip_skip - 1}]",
-        ]
-    lines += [
-        "```",
-        "",
-        "## AUTOMATIC1111 / Forge webui and ComfyUI",
-        "",
-    ]
-    if clip_skip > 1:
-        lines += [f"Trained with clip skip {clip_skip}: set *Clip skip* to {clip_skip} in the webui (a *CLIP Set Last Layer* node at -{clip_skip} in ComfyUI).", ""]
-    if layout == "kohya":
-        lines += [
-            f"Copy `{path.name}` to `models/Lora/` (webui) or `models/loras/` (ComfyUI).",
-            f"In webui, add `<lora:{path.stem}:1.0>` to the prompt; in ComfyUI, use a *Load LoRA* node.",
-        ]
-    else:
-        lines += [f"Convert first: `finetune export {path} {path.parent} --to kohya`, then copy the `.safetensors` file to `models/Lora/`."]
-    lines += ["", f"Fold it into the base model instead: `finetune merge --base BASE --lora {path.name} --strength 1.0 merged/`.", ""]
-    card = path.parent / "README.md"
-    card.write_text("\n".join(lines))
-    return card

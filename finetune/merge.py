@@ -14,7 +14,8 @@ import torch
 
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
-from finetune.kohya import CLIP_ROOT, LoRA, diffusers_loading_code, load_lora
+from finetune.kohya import CLIP_ROOT, LoRA, load_lora
+from finetune.model_card import diffusers_loading_code
 from finetune.models import load_base_model
 from finetune.pipeline_io import check_replaceable, save_pipeline
 

@@ -84,10 +84,14 @@ def resolve_model_folder(config: ModelConfig) -> Path | None:
             )
         check_pipeline_parts(path, name)
         return path
-    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
-    if not looks_like_hub_id:
+    if not looks_like_hub_id(name):
         raise FinetuneError(f"base model {name} not found: no such folder or file (check {config._key})")
     return _download_or_find_in_cache(name, config.revision, config._key)
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """`owner/name`, as the hub spells models; not a local path."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~"))
 
 
 def _holds_a_lora(path: Path) -> bool:

@@ -9,6 +9,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
+from finetune.encoders import recorded_clip_skip
 from finetune.errors import FinetuneError
 from finetune.models import BaseModel
 
@@ -52,7 +53,7 @@ def follow_adapters_prediction_type(pipeline, adapters: dict[str, dict[str, str]
 def adapters_clip_skip(adapters: dict[str, dict[str, str]]) -> int:
     """The model.clip_skip the adapters ({name: metadata}) were trained with (1 where none is recorded):
     prompts encoded another way than in training miss what the adapter learned."""
-    recorded = {name: int(meta["finetune.clip_skip"]) for name, meta in adapters.items() if str(meta.get("finetune.clip_skip", "")).isdigit()}
+    recorded = {name: recorded_clip_skip(meta) for name, meta in adapters.items() if recorded_clip_skip(meta) is not None}
     if len(set(recorded.values())) > 1:
         listed = ", ".join(f"{name} ({skip})" for name, skip in recorded.items())
         raise FinetuneError(f"adapters trained with different clip_skip cannot be combined: {listed}")

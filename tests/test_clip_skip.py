@@ -15,7 +15,7 @@ from test_quickstart import python_block
 from finetune import demo_engine
 from finetune.cli import main
 from finetune.demo_engine import DemoEngine, Request
-from finetune.encoders import clip_skipped, encode_prompts, tokenize
+from finetune.encoders import clip_skipped, encode_prompts, layer_stack, tokenize
 from finetune.errors import FinetuneError
 from finetune.inference import load_sampling_pipeline
 from finetune.methods.lora import LORA_WEIGHTS_NAME
@@ -24,7 +24,7 @@ from finetune.trainer import train
 
 
 def layer_count(text_encoder) -> int:
-    return len(getattr(text_encoder, "text_model", text_encoder).encoder.layers)
+    return len(layer_stack(text_encoder).layers)
 
 
 def test_clip_skip_2_is_diffusers_clip_skip_1_and_is_undone_after(make_recipe):

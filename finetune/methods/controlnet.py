@@ -39,7 +39,7 @@ from finetune.controlnet_data import ControlNetDataset, checked_pairs, controlne
 from finetune.data import Example, open_rgb
 from finetune.errors import FinetuneError
 from finetune.methods.base import DiffusionMethod
-from finetune.models import freeze
+from finetune.models import freeze, looks_like_hub_id
 from finetune.pipeline_io import METADATA_FILE
 from finetune.sampling import build_pipeline, generate
 
@@ -70,8 +70,7 @@ class ControlNetMethod(DiffusionMethod):
         pretrained = self.settings.pretrained
         if pretrained is not None:
             path = Path(pretrained).expanduser()
-            looks_like_hub_id = pretrained.count("/") == 1 and not pretrained.startswith((".", "/", "~")) and not path.exists()
-            if not looks_like_hub_id and not (path / "config.json").is_file():
+            if not (looks_like_hub_id(pretrained) and not path.exists()) and not (path / "config.json").is_file():
                 raise FinetuneError(
                     f"ControlNet {pretrained} not found: controlnet.pretrained must be a diffusers ControlNet folder "
                     "(with config.json), a hub id, or null to start from the UNet"

@@ -18,6 +18,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from finetune.checkpoint import atomic_save_safetensors
+from finetune.encoders import layer_stack, recorded_clip_skip
 from finetune.errors import FinetuneError
 from finetune.kohya import DIFFUSERS_SUFFIXES, LoRA, load_lora
 from finetune.merge import find_module
@@ -94,8 +95,8 @@ def read_initial_lora(source: str) -> LoRA:
 
 def check_trained_alike(lora: LoRA, source: str, clip_skip: int, prediction_type: str) -> None:
     """A LoRA continued with other prompts encodings or another target would start from what it did not learn."""
-    recorded_skip, recorded_type = lora.metadata.get("finetune.clip_skip", ""), lora.metadata.get("finetune.prediction_type")
-    if recorded_skip.isdigit() and int(recorded_skip) != clip_skip:
+    recorded_skip, recorded_type = recorded_clip_skip(lora.metadata), lora.metadata.get("finetune.prediction_type")
+    if recorded_skip is not None and recorded_skip != clip_skip:
         raise FinetuneError(f"lora.init_from {source} was trained with clip skip {recorded_skip}, this recipe's model.clip_skip is {clip_skip}: set it to {recorded_skip}")
     if recorded_type and recorded_type != prediction_type:
         raise FinetuneError(f"lora.init_from {source} was trained for {recorded_type}, this run trains for {prediction_type}: set model.prediction_type: {recorded_type}")
@@ -105,7 +106,7 @@ def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str) -> 
     """Set the attached (peft) LoRA to `lora`'s weights, so the model starts as base + that LoRA; its own
     alpha is kept by scaling the up weights to this recipe's alpha/rank. Layers that model.clip_skip leaves
     out have nothing to start (sd-scripts saves LoRAs of them, unused)."""
-    kept_layers = len(getattr(modules["text_encoder"], "text_model", modules["text_encoder"]).encoder.layers) if "text_encoder" in modules else None
+    kept_layers = len(layer_stack(modules["text_encoder"]).layers) if "text_encoder" in modules else None
     for key, layer in lora.layers.items():
         part, path = key.split(".", 1)
         index = re.search(r"encoder\.layers\.(\d+)\.", path) if part == "text_encoder" else None
