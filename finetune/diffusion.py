@@ -54,31 +54,82 @@ class BatchRandomness:
             for c in range(self.copies)
         ])
 
+    def uniform(self, stream: int) -> float:
+        """One number in [0, 1), the same for every row and process."""
+        return torch.rand((), generator=self._generator(stream, 0)).item()
+
     def for_batch_of(self, rows_here: int) -> "BatchRandomness":
         """The same draws for a batch of `rows_here` rows, made of aligned parts of this process's size."""
         local = self.rows.stop - self.rows.start
         return replace(self, copies=rows_here // local)
 
 
-# Stream numbers for BatchRandomness.
-POSTERIOR_STREAM, NOISE_STREAM, TIMESTEP_STREAM, OFFSET_STREAM = range(4)
+# Stream numbers for BatchRandomness (multi-resolution noise level i uses MULTIRES_STREAM + i).
+POSTERIOR_STREAM, NOISE_STREAM, TIMESTEP_STREAM, OFFSET_STREAM, PERTURBATION_STREAM, MULTIRES_SCALE_STREAM = range(6)
+MULTIRES_STREAM = 100
+
+
+@dataclass(frozen=True)
+class NoiseOptions:
+    """How the training noise departs from plain Gaussian noise; every option is off by default."""
+
+    # Offset noise (Guttenberg 2023): a per-channel constant lets the model shift overall brightness.
+    offset: float = 0.0
+    # Multi-resolution ("pyramid") noise (Whitaker 2023, sd-scripts' multires_noise_*): coarser noise
+    # added at `multires_iterations` smaller scales, each weighed by discount**level.
+    multires_iterations: int = 0
+    multires_discount: float = 0.3
+    # Input perturbation (Ning et al. 2023): the noised latents get extra noise the target does not know of.
+    input_perturbation: float = 0.0
+
+    @classmethod
+    def of(cls, train) -> "NoiseOptions":
+        return cls(train.noise_offset, train.multires_noise_iterations, train.multires_noise_discount, train.input_perturbation)
 
 
 def draw_noise(
-    randomness: BatchRandomness, latent_shape: tuple[int, ...], timesteps: range, noise_offset: float = 0.0
+    randomness: BatchRandomness, latent_shape: tuple[int, ...], timesteps: range, options: NoiseOptions = NoiseOptions()
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(noise, timesteps) for this process's rows, on the CPU; `latent_shape` is per sample (C, H, W);
     the timesteps are drawn uniformly from the range `timesteps` (all the model's, by default)."""
     noise = randomness.normal(latent_shape, NOISE_STREAM)
     timesteps = timesteps.start + randomness.integers(len(timesteps), TIMESTEP_STREAM)
-    if noise_offset:
-        # Offset noise: a per-channel constant lets the model shift overall brightness.
-        noise = noise + noise_offset * randomness.normal((latent_shape[0], 1, 1), OFFSET_STREAM)
+    if options.offset:
+        noise = noise + options.offset * randomness.normal((latent_shape[0], 1, 1), OFFSET_STREAM)
+    if options.multires_iterations:
+        noise = multires_noise(noise, randomness, options.multires_iterations, options.multires_discount)
     return noise, timesteps
 
 
-def add_noise(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> NoisedBatch:
-    noisy = scheduler.add_noise(latents, noise, timesteps)
+def multires_noise(noise: torch.Tensor, randomness: BatchRandomness, iterations: int, discount: float) -> torch.Tensor:
+    """`noise` plus bilinearly upsampled noise drawn at sizes shrinking by a random factor r in [2, 4)
+    per level (r**level smaller; down to 1x1), weighed by discount**level, then rescaled to unit variance.
+
+    As sd-scripts' pyramid_noise_like, except that the variance is rescaled per sample, not over the
+    batch: a sample's noise must not depend on its batch, nor on how the batch is split over processes.
+    """
+    channels, height, width = noise.shape[1:]
+    ratio = 2.0 + 2.0 * randomness.uniform(MULTIRES_SCALE_STREAM)
+    for level in range(1, iterations + 1):
+        small = (max(1, int(height / ratio**level)), max(1, int(width / ratio**level)))
+        coarse = randomness.normal((channels, *small), MULTIRES_STREAM + level)
+        noise = noise + F.interpolate(coarse, size=(height, width), mode="bilinear") * discount**level
+        if 1 in small:
+            break
+    return noise / noise.std(dim=(1, 2, 3), keepdim=True)
+
+
+def draw_perturbation(randomness: BatchRandomness, latent_shape: tuple[int, ...], scale: float) -> torch.Tensor | None:
+    """Input perturbation's extra noise for this process's rows (None when off)."""
+    return scale * randomness.normal(latent_shape, PERTURBATION_STREAM) if scale else None
+
+
+def add_noise(
+    scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, perturbation: torch.Tensor | None = None
+) -> NoisedBatch:
+    """Noise `latents` to `timesteps`; the target is the model's (noise or velocity) for `noise`, also when
+    the noised latents carry an input `perturbation` on top of it."""
+    noisy = scheduler.add_noise(latents, noise if perturbation is None else noise + perturbation, timesteps)
     prediction_type = scheduler.config.prediction_type
     if prediction_type == "epsilon":
         target = noise
@@ -110,21 +161,29 @@ def per_sample_loss(
     scheduler: DDPMScheduler,
     snr_gamma: float | None = None,
     huber_c: float | None = None,
+    debiased: bool = False,
 ) -> torch.Tensor:
     """Mean squared error per sample (with `huber_c`: the scheduled pseudo-Huber loss instead), optionally
-    Min-SNR-gamma weighted (Hang et al., 2023)."""
+    Min-SNR-gamma weighted (Hang et al., 2023) and/or debiased (Yu et al., 2024; see `debiased_weight`)."""
     if huber_c is None:
         loss = F.mse_loss(prediction.float(), batch.target.float(), reduction="none").mean(dim=(1, 2, 3))
     else:
         threshold = huber_threshold(scheduler, batch.timesteps, huber_c).view(-1, 1, 1, 1)
         squared = (prediction.float() - batch.target.float()).square()
         loss = (2.0 * threshold * (torch.sqrt(squared + threshold**2) - threshold)).mean(dim=(1, 2, 3))
-    if snr_gamma is None:
-        return loss
-    signal_to_noise = snr(scheduler, batch.timesteps)
-    clipped = torch.clamp(signal_to_noise, max=snr_gamma)
-    if scheduler.config.prediction_type == "v_prediction":
-        weight = clipped / (signal_to_noise + 1.0)
-    else:
-        weight = clipped / signal_to_noise
-    return loss * weight
+    v_prediction = scheduler.config.prediction_type == "v_prediction"
+    if snr_gamma is not None:
+        signal_to_noise = snr(scheduler, batch.timesteps)
+        clipped = torch.clamp(signal_to_noise, max=snr_gamma)
+        loss = loss * (clipped / (signal_to_noise + 1.0) if v_prediction else clipped / signal_to_noise)
+    if debiased:
+        loss = loss * debiased_weight(scheduler, batch.timesteps, v_prediction)
+    return loss
+
+
+def debiased_weight(scheduler: DDPMScheduler, timesteps: torch.Tensor, v_prediction: bool) -> torch.Tensor:
+    """Debiased estimation's loss weight, as sd-scripts applies it: 1/sqrt(SNR) for noise prediction,
+    1/(SNR+1) for v-prediction, with the SNR capped at 1000 (it is near-infinite at timestep 0). Low-noise
+    steps, which the plain loss over-weighs, count less."""
+    capped = torch.clamp(snr(scheduler, timesteps), max=1000.0)
+    return 1.0 / (capped + 1.0) if v_prediction else 1.0 / capped.sqrt()

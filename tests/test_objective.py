@@ -1,20 +1,24 @@
-"""The training objective's options: the timestep range, Min-SNR-gamma weighting and the scheduled
-pseudo-Huber loss, each against its formula, and each reaching the trainer."""
+"""The training objective's options: the timestep range, Min-SNR-gamma and debiased weighting, the
+scheduled pseudo-Huber loss, multi-resolution noise and input perturbation, each against its formula,
+and each reaching the trainer."""
 
 import pytest
 import torch
 from diffusers import DDPMScheduler
 
 import finetune.methods.base as method_base
-from finetune.diffusion import BatchRandomness, NoisedBatch, draw_noise, huber_threshold, per_sample_loss, snr
+from finetune.diffusion import (
+    BatchRandomness, NoisedBatch, NoiseOptions, add_noise, debiased_weight, draw_noise, draw_perturbation, huber_threshold, per_sample_loss, snr,
+)  # fmt: skip
 from finetune.errors import FinetuneError
 from finetune.trainer import train
 
 SCHEDULER = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+V_SCHEDULER = DDPMScheduler.from_config(SCHEDULER.config, prediction_type="v_prediction")
 
 
-def randomness(micro_batch=0, size=64):
-    return BatchRandomness(seed=0, micro_batch=micro_batch, global_batch=size, rows=slice(0, size))
+def randomness(micro_batch=0, size=64, rows=None):
+    return BatchRandomness(seed=0, micro_batch=micro_batch, global_batch=size, rows=rows or slice(0, size))
 
 
 def test_timesteps_are_drawn_from_the_range_and_all_of_them_by_default():
@@ -37,6 +41,41 @@ def test_min_snr_gamma_weighs_each_sample_by_min_snr_gamma_over_snr():
     assert weighted[0] < 0.25 and torch.isclose(weighted[2], torch.tensor(0.25))  # low noise weighed down, high noise as MSE
 
 
+def test_debiased_estimation_weighs_by_one_over_sqrt_snr_and_one_over_snr_plus_one_for_v():
+    batch, prediction = batch_at([0, 10, 500, 990], 0.5)
+    ratio = snr(SCHEDULER, batch.timesteps)
+    assert torch.allclose(per_sample_loss(prediction, batch, SCHEDULER, debiased=True), 0.25 / torch.clamp(ratio, max=1000).sqrt())
+    assert debiased_weight(SCHEDULER, torch.tensor([0]), False).item() == pytest.approx(1000**-0.5)  # SNR capped at t=0
+    assert torch.allclose(per_sample_loss(prediction, batch, V_SCHEDULER, debiased=True), 0.25 / (torch.clamp(ratio, max=1000) + 1))
+    both = per_sample_loss(prediction, batch, SCHEDULER, snr_gamma=5.0, debiased=True)
+    assert torch.allclose(both, per_sample_loss(prediction, batch, SCHEDULER, snr_gamma=5.0) * debiased_weight(SCHEDULER, batch.timesteps, False))
+
+
+def test_multires_noise_has_unit_variance_per_sample_more_coarse_structure_and_ignores_the_batch_split():
+    shape, options = (4, 32, 32), NoiseOptions(multires_iterations=6, multires_discount=0.3)
+    plain, _ = draw_noise(randomness(), shape, range(1000))
+    assert torch.equal(plain, randomness().normal(shape, 1))  # off by default: the same draws as before the option
+    pyramid, _ = draw_noise(randomness(), shape, range(1000), options)
+    assert torch.allclose(pyramid.std(dim=(1, 2, 3)), torch.ones(64), atol=1e-5)
+    # Coarse noise: each channel's mean over the image varies more than plain noise's (~1/1024), the
+    # more so the less each level is discounted (measured 4x at 0.3, 200x at 0.8).
+    coarse, _ = draw_noise(randomness(), shape, range(1000), NoiseOptions(multires_iterations=6, multires_discount=0.8))
+    assert plain.mean(dim=(2, 3)).var() * 2 < pyramid.mean(dim=(2, 3)).var() < coarse.mean(dim=(2, 3)).var() / 10
+    half, _ = draw_noise(randomness(rows=slice(32, 64)), shape, range(1000), options)  # the second process's rows
+    assert torch.allclose(half, pyramid[32:], atol=1e-6)
+
+
+def test_input_perturbation_noises_the_input_but_not_the_target():
+    latents, timesteps = torch.randn(8, 4, 8, 8), torch.tensor([10, 100, 200, 300, 400, 500, 600, 900])
+    noise, perturbation = torch.randn(8, 4, 8, 8), draw_perturbation(randomness(size=8), (4, 8, 8), 0.1)
+    assert draw_perturbation(randomness(size=8), (4, 8, 8), 0.0) is None and 0.09 < perturbation.std() < 0.11
+    for scheduler in (SCHEDULER, V_SCHEDULER):
+        plain, perturbed = add_noise(scheduler, latents, noise, timesteps), add_noise(scheduler, latents, noise, timesteps, perturbation)
+        assert torch.equal(perturbed.target, plain.target)
+        assert torch.allclose(perturbed.noisy_latents, scheduler.add_noise(latents, noise + perturbation, timesteps))
+        assert not torch.allclose(perturbed.noisy_latents, plain.noisy_latents)
+
+
 def test_pseudo_huber_is_mse_for_small_errors_at_low_noise_and_linear_for_large_ones_at_high_noise():
     threshold = huber_threshold(SCHEDULER, torch.tensor([0, 999]), 0.1)
     assert 0.9 < threshold[0] <= 1.0 and 0.1 <= threshold[1] < 0.11
@@ -51,12 +90,15 @@ def test_pseudo_huber_is_mse_for_small_errors_at_low_noise_and_linear_for_large_
 def test_the_trainer_draws_from_the_range_and_uses_the_huber_loss(make_recipe, monkeypatch):
     drawn = []
     real_add_noise = method_base.add_noise
-    monkeypatch.setattr(method_base, "add_noise", lambda s, latents, noise, timesteps: drawn.append(timesteps) or real_add_noise(s, latents, noise, timesteps))
+    monkeypatch.setattr(method_base, "add_noise", lambda s, latents, noise, timesteps, *rest: drawn.append(timesteps) or real_add_noise(s, latents, noise, timesteps, *rest))
     narrow = train(make_recipe(train__max_steps=2, train__min_timestep=500, train__max_timestep=510))
     assert drawn and all(500 <= t < 510 for batch in drawn for t in batch.tolist())
     mse, huber = (train(make_recipe(train__max_steps=2, output_dir=str(narrow.output_dir) + f"-{loss}", train__loss=loss)).losses for loss in ("mse", "huber"))
     assert narrow.losses != mse
     assert all(h < m for h, m in zip(huber, mse))  # the same draws; pseudo-Huber is below the squared error
+    for option, value in {"debiased_estimation": True, "multires_noise_iterations": 4, "input_perturbation": 0.1}.items():
+        changed = train(make_recipe(train__max_steps=2, output_dir=str(narrow.output_dir) + f"-{option}", **{f"train__{option}": value}))
+        assert changed.losses[0] != mse[0], option
 
 
 def test_a_timestep_range_the_model_does_not_have_is_one_line(make_recipe):

@@ -50,8 +50,18 @@ class TrainConfig(Section):
     max_grad_norm: Optional[float] = 1.0
     # Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's value, None disables it.
     snr_gamma: Optional[float] = None
+    # Debiased estimation (Yu et al. 2024, sd-scripts' debiased_estimation_loss): weigh each timestep's
+    # loss by 1/sqrt(SNR) (v-prediction: 1/(SNR+1)), so low-noise steps count less. With snr_gamma, both apply.
+    debiased_estimation: bool = False
     # Offset noise (Guttenberg 2023) helps very dark/bright images; 0.05-0.1 is typical.
     noise_offset: float = 0.0
+    # Multi-resolution noise (sd-scripts' multires_noise_*): noise at up to this many coarser scales is
+    # added, each weighed by discount**level; 6-10 iterations with discount 0.3 are typical. 0: off.
+    multires_noise_iterations: int = Field(0, ge=0)
+    multires_noise_discount: float = Field(0.3, gt=0, le=1)
+    # Input perturbation (Ning et al. 2023; sd-scripts' ip_noise_gamma): extra noise on the model's input
+    # that its target does not include, against exposure bias; 0.1 is typical. 0: off.
+    input_perturbation: float = Field(0.0, ge=0)
     # huber: the scheduled pseudo-Huber loss (Khrapov et al. 2024), less pulled by a few odd images;
     # huber_c is its threshold at high noise (it rises to 1, i.e. MSE, at low noise).
     loss: Literal["mse", "huber"] = "mse"

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from finetune.config import Recipe
 from finetune.check_data import DataReport, checked_examples
 from finetune.data import CaptionedImageDataset, collate
-from finetune.diffusion import POSTERIOR_STREAM, BatchRandomness, add_noise, draw_noise, per_sample_loss
+from finetune.diffusion import POSTERIOR_STREAM, BatchRandomness, NoiseOptions, add_noise, draw_noise, draw_perturbation, per_sample_loss
 from finetune.cache import EncodingCache, caption_key, model_fingerprint
 from finetune.encoders import encode_prompts, latents_from_moments, posterior_moments, text_hidden_states
 from finetune.errors import FinetuneError
@@ -166,11 +166,16 @@ class DiffusionMethod(TrainingMethod):
         latent_shape = (base.vae.config.latent_channels, height // 8, width // 8)
         latents = self.encode_latents(batch, randomness.normal(latent_shape, POSTERIOR_STREAM))
         encoder_hidden_states = self.encode_text(modules, batch["captions"])
-        noise, timesteps = draw_noise(randomness, latent_shape, self.timesteps, train.noise_offset)
-        noised = add_noise(base.noise_scheduler, latents, noise.to(latents.device), timesteps.to(latents.device))
+        noise, timesteps = draw_noise(randomness, latent_shape, self.timesteps, NoiseOptions.of(train))
+        perturbation = draw_perturbation(randomness, latent_shape, train.input_perturbation)
+        noised = add_noise(
+            base.noise_scheduler, latents, noise.to(latents.device), timesteps.to(latents.device),
+            None if perturbation is None else perturbation.to(latents.device),
+        )  # fmt: skip
         prediction = self.predict(modules, noised.noisy_latents, noised.timesteps, encoder_hidden_states, batch)
         huber_c = train.huber_c if train.loss == "huber" else None
-        return self.combine_losses(per_sample_loss(prediction, noised, base.noise_scheduler, train.snr_gamma, huber_c), batch)
+        per_sample = per_sample_loss(prediction, noised, base.noise_scheduler, train.snr_gamma, huber_c, train.debiased_estimation)
+        return self.combine_losses(per_sample, batch)
 
 
 def training_timesteps(train, num_train_timesteps: int) -> range:
