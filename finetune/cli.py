@@ -49,6 +49,20 @@ def add_base_options(parser: argparse.ArgumentParser, required: bool = True, def
     )
 
 
+RECORDED_BASE_HELP = " (default: the base the --lora or --controlnet run recorded)"
+
+
+def base_or_recorded(args) -> str:
+    """--base, else the base the adapter's training run recorded (named on the console)."""
+    if args.base:
+        return args.base
+    from finetune.inference import recorded_base
+
+    base = recorded_base(args.lora, getattr(args, "controlnet", None))
+    print(f"base model: {base} (recorded by the adapter's training run; --base picks another)")
+    return base
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="finetune",
@@ -79,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: finetune sample --base finetune/assets/toyworld-base --controlnet outputs/controlnet "
         '--condition mask.png --prompt "a small red circle on a blue background, top left"',
     )
-    add_base_options(sample, required=False, default=" (default: the base the --lora or --controlnet run recorded)")
+    add_base_options(sample, required=False, default=RECORDED_BASE_HELP)
     sample.add_argument("--lora", help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
     sample.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
     sample.add_argument("--controlnet", help="ControlNet folder (config.json + weights), or a controlnet training output folder")
@@ -157,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: finetune merge --base stable-diffusion-v1-5/stable-diffusion-v1-5 --lora outputs/lora --strength 0.8 outputs/merged",
     )
     merge.add_argument("output_dir", help="folder for the merged pipeline")
-    add_base_options(merge)
+    add_base_options(merge, required=False, default=" (default: the base the --lora run recorded)")
     merge.add_argument("--lora", required=True, help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
     merge.add_argument("--strength", type=float, default=1.0, help="LoRA strength, as --lora-scale in sampling (default 1.0)")
     merge.add_argument("--overwrite", action="store_true", help="replace the contents of an existing output folder")
@@ -256,13 +270,11 @@ def _train(args) -> int:
 
 
 def _sample(args) -> int:
-    from finetune.inference import recorded_base, sample_to_folder
+    from finetune.inference import sample_to_folder
 
     if args.condition and len(args.condition) > 1:
         raise FinetuneError("--condition takes one image, used for every prompt: sample each conditioning image in its own run")
-    base = args.base or recorded_base(args.lora, args.controlnet)
-    if not args.base:
-        print(f"base model: {base} (recorded by the adapter's training run; --base picks another)")
+    base = base_or_recorded(args)
 
     written = sample_to_folder(
         base=base,
@@ -328,7 +340,7 @@ def _export(args) -> int:
 def _merge(args) -> int:
     from finetune.merge import merge_lora
 
-    print(f"wrote {merge_lora(args.base, args.lora, args.strength, Path(args.output_dir), base_config=args.base_config, overwrite=args.overwrite)}")
+    print(f"wrote {merge_lora(base_or_recorded(args), args.lora, args.strength, Path(args.output_dir), base_config=args.base_config, overwrite=args.overwrite)}")
     return 0
 
 

@@ -300,7 +300,7 @@ control_iou, placement_iou: higher is better, compare with their chance levels a
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``eval`` on the ``finetune`` subcommand parsers (``parser.add_subparsers()``)."""
-    from finetune.cli import add_base_options, positive_int
+    from finetune.cli import RECORDED_BASE_HELP, add_base_options, positive_int
 
     p = subparsers.add_parser(
         "eval",
@@ -310,7 +310,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         epilog=EVAL_EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_base_options(p)
+    add_base_options(p, required=False, default=RECORDED_BASE_HELP)
     p.add_argument("--lora", help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
     p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
     p.add_argument("--controlnet", help="ControlNet folder, or a controlnet training output folder (runs the control and placement suites)")
@@ -368,12 +368,15 @@ def default_out(base: str, lora: str | None, controlnet: str | None = None, suit
 
 def run_eval_command(args) -> int:
     """``finetune eval``: run, print the table, write the report."""
+    from finetune.cli import base_or_recorded
+
     suites = default_suites(args.suite, args.controlnet)
     if args.lora is None and args.lora_scale != 1.0:
         raise FinetuneError("--lora-scale is the LoRA's strength: pass --lora too, or leave it out")
-    out = Path(args.out) if args.out else default_out(args.base, args.lora, args.controlnet, suites, args.lora_scale, args.conditioning_scale)
+    base = base_or_recorded(args)
+    out = Path(args.out) if args.out else default_out(base, args.lora, args.controlnet, suites, args.lora_scale, args.conditioning_scale)
     result = run_eval(
-        args.base, args.lora, args.lora_scale, suites, args.num_prompts, args.images_per_prompt,
+        base, args.lora, args.lora_scale, suites, args.num_prompts, args.images_per_prompt,
         args.steps, args.guidance, args.seed, args.identifier, args.subject, args.class_word,
         controlnet=args.controlnet, conditioning_scale=args.conditioning_scale, out=out, base_config=args.base_config,
     )  # fmt: skip

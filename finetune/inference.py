@@ -103,7 +103,7 @@ def recorded_base(lora: str | None, controlnet: str | None) -> str:
         recorded = saved_model_metadata(resolve_controlnet_folder(controlnet)).get("finetune.base_model")
     if not recorded:
         adapter = f" ({lora or controlnet} records none)" if lora or controlnet else ""
-        raise FinetuneError(f"pass --base MODEL: the base model to sample{adapter}")
+        raise FinetuneError(f"pass --base MODEL: the base model to use{adapter}")
     if not Path(recorded).exists() and not looks_like_hub_id(recorded):  # e.g. a relative path, from where it was trained
         raise FinetuneError(f"pass --base MODEL: {lora or controlnet} records the base {recorded}, which is not there from here")
     return recorded

@@ -169,7 +169,14 @@ def test_train_then_sample_with_the_adapter(tmp_path, capsys, tiny_model, image_
     code = main(["sample", "--lora", str(tmp_path / "webui"), "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "s4")])
     assert code == 0 and f"base model: {tiny_model} (recorded by the adapter's training run" in capsys.readouterr().out
     assert main(["sample", "--prompt", "x"]) == 2
-    assert "error: pass --base MODEL: the base model to sample" in capsys.readouterr().err
+    assert "error: pass --base MODEL: the base model to use" in capsys.readouterr().err
+    # eval and merge take the recorded base the same way.
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--lora", str(tmp_path / "webui"), "--suite", "style", "--num-prompts", "1", "--steps", "1", "--out", str(report)]) == 0
+    assert f"base model: {tiny_model} (recorded" in capsys.readouterr().out and yaml.safe_load(report.read_text())["settings"]["base"] == str(tiny_model)
+    assert main(["merge", "--lora", str(tmp_path / "webui"), str(tmp_path / "merged")]) == 0
+    assert yaml.safe_load((tmp_path / "merged" / "finetune_metadata.json").read_text())["finetune.base_model"] == str(tiny_model)
+    assert main(["eval", "--suite", "style"]) == 2 and "error: pass --base MODEL" in capsys.readouterr().err
     moved = tmp_path / "moved.safetensors"  # trained elsewhere with a relative model.pretrained
     save_file(load_file(next((tmp_path / "webui").glob("*.safetensors"))), moved, {"finetune.base_model": "models/sd/base", "format": "pt"})
     assert main(["sample", "--lora", str(moved), "--prompt", "x"]) == 2
