@@ -86,9 +86,14 @@ class TrainConfig(Section):
         return "no" if value is False else value  # YAML 1.1 reads an unquoted `no` as false
 
     @model_validator(mode="after")
-    def _cache_dir_caches_something(self) -> "TrainConfig":
+    def _settings_take_effect(self) -> "TrainConfig":
         if self.cache_dir and not (self.cache_latents or self.cache_text_embeddings):
             raise ValueError("train.cache_dir keeps cached encodings, but nothing is cached: set train.cache_latents (or cache_text_embeddings) to true, or remove cache_dir")
+        # A value of their own for these would do nothing (the reference recipes name them with their defaults).
+        if self.loss != "huber" and self.huber_c != TrainConfig.model_fields["huber_c"].default:
+            raise ValueError(f"train.huber_c ({self.huber_c:g}) is the pseudo-Huber loss's threshold: set train.loss: huber, or remove huber_c")
+        if not self.multires_noise_iterations and self.multires_noise_discount != TrainConfig.model_fields["multires_noise_discount"].default:
+            raise ValueError("train.multires_noise_discount weighs multi-resolution noise, which is off: set train.multires_noise_iterations (e.g. 6), or remove the discount")
         if self.max_timestep is not None and self.min_timestep >= self.max_timestep:
             raise ValueError(f"train.min_timestep ({self.min_timestep}) must be below train.max_timestep ({self.max_timestep})")
         return self
