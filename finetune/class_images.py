@@ -17,19 +17,23 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from finetune.config import ClassImageGeneration
+from finetune.config import ClassImageGeneration, ModelConfig
 from finetune.data import IMAGE_SUFFIXES
 from finetune.sampling import autocast_for, save_image_atomic
 
 logger = logging.getLogger(__name__)
 
 
-def generation_key(class_prompts: list[str], settings: ClassImageGeneration, resolution: int, clip_skip: int = 1) -> str:
+def generation_key(class_prompts: list[str], settings: ClassImageGeneration, resolution: int, model: ModelConfig) -> str:
+    """What a generated class image depends on: its prompts, the generation settings, and the base model
+    (where it is, its revision, and the clip skip that encodes the prompts)."""
     # One prompt hashes as the bare string, as before lists were allowed, and clip skip 1 is left out, as
-    # before it existed: existing images stay valid.
+    # before it existed.
     prompt = class_prompts[0] if len(class_prompts) == 1 else class_prompts
-    skip = {"clip_skip": clip_skip} if clip_skip > 1 else {}
-    described = json.dumps({"prompt": prompt, "resolution": resolution, **settings.model_dump(), **skip}, sort_keys=True)
+    skip = {"clip_skip": model.clip_skip} if model.clip_skip > 1 else {}
+    source = Path(model.pretrained)
+    base = {"base": str(source.resolve()) if source.exists() else model.pretrained, "revision": model.revision}
+    described = json.dumps({"prompt": prompt, "resolution": resolution, **settings.model_dump(), **skip, **base}, sort_keys=True)
     return hashlib.sha256(described.encode()).hexdigest()[:10]
 
 

@@ -30,8 +30,9 @@ class BaseModel:
     text_encoder: CLIPTextModel
     vae: AutoencoderKL
     unet: UNet2DConditionModel
-    noise_scheduler: DDPMScheduler
+    noise_scheduler: DDPMScheduler  # training's: model.prediction_type may have changed its target
     config: ModelConfig  # where the parts came from (to load one again)
+    pretrained_prediction_type: str = "epsilon"  # what the base model itself predicts
 
     @property
     def source(self) -> str:
@@ -136,6 +137,7 @@ def load_base_model(config: ModelConfig, weight_dtype: torch.dtype = torch.float
     parts = load_parts(config, ["tokenizer", "text_encoder", "vae", "unet", "scheduler_config"])
     # Training always adds noise the DDPM way; the model's own config says which betas and target.
     noise_scheduler = DDPMScheduler.from_config(parts["scheduler_config"])
+    pretrained_prediction_type = noise_scheduler.config.prediction_type
     if config.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=config.prediction_type)
 
@@ -144,7 +146,7 @@ def load_base_model(config: ModelConfig, weight_dtype: torch.dtype = torch.float
     freeze(parts["vae"], weight_dtype)
     freeze(parts["text_encoder"], weight_dtype)
     parts["unet"].train()
-    return BaseModel(parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"], noise_scheduler, config)
+    return BaseModel(parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"], noise_scheduler, config, pretrained_prediction_type)
 
 
 def load_parts(config: ModelConfig, names: list[str]) -> dict:

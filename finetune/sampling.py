@@ -14,15 +14,19 @@ from finetune.errors import FinetuneError
 from finetune.models import BaseModel
 
 
-def build_pipeline(base: BaseModel, unet: torch.nn.Module | None = None, pipeline_class=StableDiffusionPipeline, **extra):
+def build_pipeline(
+    base: BaseModel, unet: torch.nn.Module | None = None, pipeline_class=StableDiffusionPipeline, prediction_type: str | None = None, **extra
+):
     """A pipeline (StableDiffusionPipeline by default) over the base model's parts and a trained UNet,
-    sampling with DDIM; `extra` passes further parts, e.g. controlnet= with the ControlNet pipeline class."""
+    sampling with DDIM for what training targets (or `prediction_type`); `extra` passes further parts,
+    e.g. controlnet= with the ControlNet pipeline class."""
+    scheduler_config = base.noise_scheduler.config
     pipeline = pipeline_class(
         vae=base.vae,
         text_encoder=base.text_encoder,
         tokenizer=base.tokenizer,
         unet=unet if unet is not None else base.unet,
-        scheduler=DDIMScheduler.from_config(base.noise_scheduler.config),
+        scheduler=DDIMScheduler.from_config(scheduler_config, prediction_type=prediction_type or scheduler_config.prediction_type),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

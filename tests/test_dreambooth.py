@@ -9,7 +9,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from finetune.class_images import class_image_caption, generate_class_images, generation_key, plan_class_images
-from finetune.config import ClassImageGeneration
+from finetune.config import ClassImageGeneration, ModelConfig
 from finetune.data import Example
 from finetune.errors import FinetuneError
 from finetune.methods.dreambooth import DreamBoothMethod, dreambooth_collate
@@ -19,6 +19,7 @@ from finetune.toyworld.datasets import write_folder
 from finetune.trainer import train
 
 SETTINGS = ClassImageGeneration(num_inference_steps=2, guidance_scale=3.0, batch_size=2, seed=5)
+BASE = ModelConfig(pretrained="some/base")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def test_generation_makes_exactly_the_missing_images_and_resumes(tiny_model, tmp
     folder.mkdir()
     for name in ("mine-a.png", "mine-b.png"):
         Image.new("RGB", (64, 64), "red").save(folder / name)
-    key = generation_key(["a shape"], SETTINGS, 64)
+    key = generation_key(["a shape"], SETTINGS, 64, BASE)
     paths, missing = plan_class_images(folder, key, wanted=5)
     assert missing == [0, 1, 2] and [p.name for p in paths[:2]] == ["mine-a.png", "mine-b.png"]
 
@@ -58,10 +59,14 @@ def test_generation_makes_exactly_the_missing_images_and_resumes(tiny_model, tmp
     assert generate_class_images(pipeline, ["a shape"], folder, key, missing, SETTINGS, 64) == 1
     assert {p.name: p.read_bytes() for p in folder.glob(f"{key}-*.png")} == first_run
 
-    # Another class prompt never counts these images.
-    other = generation_key(["a dog"], SETTINGS, 64)
+    # Another class prompt never counts these images, nor does another base model (or its other revision).
+    other = generation_key(["a dog"], SETTINGS, 64, BASE)
     _, missing_other = plan_class_images(folder, other, wanted=5)
     assert missing_other == [0, 1, 2]
+    for model in (ModelConfig(pretrained="other/base"), BASE.model_copy(update={"revision": "v2"}), BASE.model_copy(update={"clip_skip": 2})):
+        assert generation_key(["a shape"], SETTINGS, 64, model) != key
+    same_folder = (ModelConfig(pretrained=str(tiny_model)), ModelConfig(pretrained=str(tiny_model / ".." / tiny_model.name)))
+    assert len({generation_key(["a shape"], SETTINGS, 64, model) for model in same_folder}) == 1
     # Fewer wanted than the user brought: the first ones by name, nothing generated.
     paths, missing = plan_class_images(folder, key, wanted=1)
     assert [p.name for p in paths] == ["mine-a.png"] and missing == []
@@ -70,14 +75,14 @@ def test_generation_makes_exactly_the_missing_images_and_resumes(tiny_model, tmp
 def test_a_list_of_class_prompts_makes_image_k_from_prompt_k_mod_n_and_trains_it_with_that_prompt(tiny_model, tmp_path):
     prompts = ["a shape", "a shape on a blue background", "a shape, top left"]
     one_at_a_time = SETTINGS.model_copy(update={"batch_size": 1})  # batch size must not change the pixels compared
-    key = generation_key(prompts, one_at_a_time, 64)
-    assert key != generation_key(prompts[:1], one_at_a_time, 64) != generation_key(prompts[::-1], one_at_a_time, 64)
+    key = generation_key(prompts, one_at_a_time, 64, BASE)
+    assert key != generation_key(prompts[:1], one_at_a_time, 64, BASE) != generation_key(prompts[::-1], one_at_a_time, 64, BASE)
     folder = tmp_path / "class"
     pipeline = build_pipeline(load_base_model(_model(tiny_model)))
     assert generate_class_images(pipeline, prompts, folder, key, [0, 1, 2, 3, 4], one_at_a_time, 64) == 5
 
     # Image 4 is prompt 4 mod 3 = 1 with seed 5 + 4: the same pixels as that prompt alone at index 4.
-    single = generation_key(prompts[1:2], one_at_a_time, 64)
+    single = generation_key(prompts[1:2], one_at_a_time, 64, BASE)
     generate_class_images(pipeline, prompts[1:2], tmp_path / "single", single, [4], one_at_a_time, 64)
     assert (folder / f"{key}-00004.png").read_bytes() == (tmp_path / "single" / f"{single}-00004.png").read_bytes()
     assert (folder / f"{key}-00004.png").read_bytes() != (folder / f"{key}-00003.png").read_bytes()
@@ -91,6 +96,19 @@ def _model(path):
     from finetune.config import ModelConfig
 
     return ModelConfig(pretrained=str(path))
+
+
+def test_class_images_come_from_the_base_as_it_predicts_when_training_targets_another_type(make_recipe, star_folder, tmp_path, monkeypatch):
+    """model.prediction_type=v_prediction on an epsilon base (as for v on SD1.5): the frozen base still
+    predicts noise, and class images sampled as if it predicted v would be noise."""
+    import finetune.methods.dreambooth as dreambooth
+
+    used, real_generate = [], dreambooth.generate_class_images
+    monkeypatch.setattr(dreambooth, "generate_class_images", lambda pipeline, *a: used.append(pipeline.scheduler.config.prediction_type) or real_generate(pipeline, *a))
+    recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path, model__prediction_type="v_prediction", train__max_steps=1)
+    recipe.dreambooth.num_class_images = 1
+    train(recipe)
+    assert used == ["epsilon"]
 
 
 def test_prior_loss_is_computed_on_the_class_half(make_recipe, star_folder, tmp_path):

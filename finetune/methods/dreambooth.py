@@ -120,7 +120,7 @@ def class_image_plans(recipe: Recipe) -> list[tuple[Path, str, list[Path], list[
     settings, plans = recipe.dreambooth, []
     for i, concept in enumerate(settings.concepts if settings.prior_preservation else []):
         folder = Path(concept.class_dir) if concept.class_dir else Path(recipe.output_dir) / "class_images" / f"concept-{i}"
-        key = generation_key(concept.class_prompts, settings.class_generation, recipe.data.resolution, recipe.model.clip_skip)
+        key = generation_key(concept.class_prompts, settings.class_generation, recipe.data.resolution, recipe.model)
         plans.append((folder, key, *plan_class_images(folder, key, settings.num_class_images)))
     return plans
 
@@ -190,7 +190,8 @@ class DreamBoothMethod(DiffusionMethod):
         if plan.missing:
             prompts = concept.class_prompts
             accelerator.print(f"generating {len(plan.missing)} class images ({len(prompts)} prompts) in {plan.folder}")
-            pipeline = build_pipeline(self.base)
+            # The frozen base, sampled for what it predicts (model.prediction_type changes only what training targets).
+            pipeline = build_pipeline(self.base, prediction_type=self.base.pretrained_prediction_type)
             self.base.unet.eval()
             with torch.random.fork_rng(devices=[]):
                 generate_class_images(
