@@ -66,3 +66,18 @@ def build_lr_scheduler(config: OptimizerConfig, optimizer: torch.optim.Optimizer
         num_warmup_steps=config.warmup_steps,
         num_training_steps=max_steps,
     )
+
+
+def apply_recipe_settings(optimizer: torch.optim.Optimizer, lr_scheduler, group_lrs: list[float], config: OptimizerConfig) -> None:
+    """After a resume: the recipe's learning rates (`group_lrs`, one per parameter group), weight decay,
+    betas and epsilon, where the loaded checkpoint restored the ones it was saved with. A changed value is
+    reported as changed at the resume; it must then also be the one used. The schedule continues at its step."""
+    for index, (group, base_lr) in enumerate(zip(optimizer.param_groups, group_lrs)):
+        lr_scheduler.base_lrs[index] = group["initial_lr"] = base_lr
+        group["lr"] = base_lr * lr_scheduler.lr_lambdas[index](lr_scheduler.last_epoch)
+        group["weight_decay"] = config.weight_decay
+        if "betas" in group:
+            group["betas"] = tuple(config.betas)
+        if "eps" in group and config.name != "adafactor":  # Adafactor's own pair of epsilons was not the recipe's
+            group["eps"] = config.eps
+    lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

@@ -29,7 +29,7 @@ from finetune.encoders import long_captions_line
 from finetune.errors import FinetuneError
 from finetune.methods import METHODS
 from finetune.models import load_base_model, resolve_model_folder
-from finetune.optim import build_lr_scheduler, build_optimizer
+from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer
 from finetune.recipe_loading import dump_recipe
 from finetune.sampling import make_grid, save_image_atomic
 from finetune.stopping import StopRequest, batches_of, leave_stop_signals_to_the_trainer
@@ -110,7 +110,8 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     configure_deepspeed(accelerator, recipe, list(method.trained_modules()))
     # Before `prepare`: DreamBooth may generate class images with the UNet, which ZeRO-3 then shards.
     dataset, collate_fn = method.training_data(accelerator)
-    optimizer = build_optimizer(recipe.optimizer, method.parameter_groups())
+    parameter_groups = method.parameter_groups()
+    optimizer = build_optimizer(recipe.optimizer, parameter_groups)
     lr_scheduler = build_lr_scheduler(recipe.optimizer, optimizer, train_cfg.max_steps)
     names = list(method.trained_modules())
     *wrapped, optimizer = accelerator.prepare(*method.trained_modules().values(), optimizer)
@@ -126,6 +127,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     if resume_from is not None:
         state = ckpt.load_checkpoint(accelerator, resume_from, **load_options)
         step = state["step"]
+        apply_recipe_settings(optimizer, lr_scheduler, [group.get("lr", recipe.optimizer.lr) for group in parameter_groups], recipe.optimizer)
         accelerator.print(f"resumed from {resume_from} at step {step}")
         if state.get("processes", accelerator.num_processes) != accelerator.num_processes:
             accelerator.print(

@@ -15,6 +15,7 @@ import yaml
 
 from finetune.checkpoint import STATE_FILE, list_checkpoints, resolve_resume
 from finetune.errors import FinetuneError
+from finetune.optim import build_lr_scheduler
 from finetune.trainer import train
 
 
@@ -57,6 +58,26 @@ def test_resuming_names_the_settings_changed_since_the_checkpoint(make_recipe, c
     train(make_recipe(train__max_steps=3, lora__alpha=8, optimizer__lr=5e-4), resume="latest")  # alpha: 4x the strength so far
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: settings changed")]
     assert lines == ["warning: settings changed since checkpoint-2: lora.alpha 2.0 -> 8.0, optimizer.lr 0.001 -> 0.0005"]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_a_resumed_run_uses_the_optimizer_settings_it_reports_as_changed(make_recipe, monkeypatch, optimizer):
+    """The checkpoint restores the optimizer's own settings with its state; the recipe's changed ones win,
+    and the schedule continues at its step (linear: the lr at step 3 of 4 is a quarter of the new one)."""
+    import finetune.trainer as trainer
+
+    built = []
+    monkeypatch.setattr(trainer, "build_lr_scheduler", lambda config, opt, steps: built.append((opt, build_lr_scheduler(config, opt, steps))) or built[-1][1])
+    settings = {"optimizer__name": optimizer, "optimizer__scheduler": "linear", "train__max_steps": 4}
+    train(make_recipe(checkpoint__every_n_steps=2, **settings))
+    changed = dict(optimizer__lr=4e-3, optimizer__weight_decay=0.5, optimizer__betas=[0.8, 0.9], optimizer__eps=1e-6)
+    lrs = []
+    resume = str(Path(make_recipe().output_dir) / "checkpoints" / "checkpoint-2")
+    train(make_recipe(**{**settings, **changed}), resume=resume, on_step=lambda step: lrs.append(built[-1][0].param_groups[0]["lr"]))
+    group = built[-1][0].param_groups[0]
+    assert lrs[0] == pytest.approx(1e-3) and built[-1][1].base_lrs == [4e-3] and group["weight_decay"] == 0.5
+    if optimizer == "adamw":
+        assert group["betas"] == (0.8, 0.9) and group["eps"] == 1e-6
 
 
 def test_resuming_where_nothing_is_left_or_with_another_process_count_says_so(make_recipe, monkeypatch, capsys):
