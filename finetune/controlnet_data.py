@@ -122,7 +122,7 @@ def _conditioning_files(folder: Path) -> dict[str, str]:
             "write one, or make one with finetune make-conditions"
         )
     files = {}
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -145,6 +145,8 @@ def test_override_indexes_lists():
         ("data.folders=[{path: a, template: 'sks, {captions}'}]", r"^key 'data.folders.0.template': \{captions\} is not a placeholder: the template's one placeholder is \{caption\}"),
         ("dreambooth={concepts: [{instance_dir: a}]}", r"^key 'dreambooth.concepts.0': set instance_prompt \(e.g. 'a photo of sks dog'\), or use_captions: true"),
         ("train.cache_dir=/tmp/cache", r"^key 'train': train.cache_dir keeps cached encodings, but nothing is cached: set train.cache_latents"),
+        ("optimizer={scheduler: constant, warmup_steps: 5}", r"^key 'optimizer': optimizer.warmup_steps \(5\) does nothing with scheduler constant: use constant_with_warmup"),
+        ("data.bucketing={enabled: true, min_side: 0}", r"^key 'data': data.bucketing.min_side \(0\) must be at least data.bucketing.step \(64\)$"),
         # Values that would do nothing (their defaults, as the reference recipes name them, are fine).
         ("train.huber_c=0.2", r"^key 'train': train.huber_c \(0.2\) is the pseudo-Huber loss's threshold: set train.loss: huber, or remove huber_c$"),
         ("train.multires_noise_discount=0.5", r"^key 'train': train.multires_noise_discount weighs multi-resolution noise, which is off: set train.multires_noise_iterations"),

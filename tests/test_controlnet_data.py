@@ -148,6 +148,16 @@ def test_bad_input_is_one_line_before_any_model_loads(case, make_recipe, pairs_f
     assert "\n" not in str(error.value)
 
 
+def test_a_metadata_file_with_a_byte_order_mark_is_read(make_recipe, pairs_folder, tmp_path):
+    """Windows editors write one; captions read such a file too."""
+    folder = broken_copy(pairs_folder, tmp_path)
+    metadata = folder / "metadata.jsonl"
+    metadata.write_bytes(b"\xef\xbb\xbf" + metadata.read_bytes())
+    method = ControlNetMethod(controlnet_recipe(make_recipe, folder))
+    method.check_data()
+    assert len(method.pairs) == 4 and all(pair.image.caption for pair in method.pairs)
+
+
 def test_subfolders_with_their_own_metadata_repeats_and_templates(make_recipe, tmp_path):
     root = tmp_path / "root"
     write_folder(root / "a", 2, seed=1, conditioning=True)

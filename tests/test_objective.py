@@ -104,3 +104,5 @@ def test_the_trainer_draws_from_the_range_and_uses_the_huber_loss(make_recipe, m
 def test_a_timestep_range_the_model_does_not_have_is_one_line(make_recipe):
     with pytest.raises(FinetuneError, match=r"train.max_timestep 1200 is beyond the base model's 1000 training timesteps: set at most 1000"):
         train(make_recipe(train__max_timestep=1200))
+    with pytest.raises(FinetuneError, match=r"train.min_timestep 1000 leaves no timestep below the base model's 1000: set it lower"):
+        train(make_recipe(train__min_timestep=1000))

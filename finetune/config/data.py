@@ -97,6 +97,8 @@ class DataConfig(Section):
             for key, value in (("resolution", self.resolution), ("bucketing.min_side", buckets.min_side), ("bucketing.max_side", buckets.max_side)):
                 if value is not None and value % buckets.step != 0:
                     raise ValueError(f"data.{key} ({value}) must be a multiple of data.bucketing.step ({buckets.step})")
+            if buckets.min_side is not None and buckets.min_side < buckets.step:
+                raise ValueError(f"data.bucketing.min_side ({buckets.min_side}) must be at least data.bucketing.step ({buckets.step})")
             if buckets.min_side is not None and buckets.min_side > self.resolution:
                 raise ValueError(f"data.bucketing.min_side ({buckets.min_side}) must be at most data.resolution ({self.resolution})")
             if buckets.max_side is not None and buckets.max_side < self.resolution:

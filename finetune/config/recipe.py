@@ -108,12 +108,14 @@ class OptimizerConfig(Section):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
-    warmup_steps: int = 0
+    warmup_steps: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _prodigy_multiplier(self) -> "OptimizerConfig":
         if self.name == "prodigy" and self.lr < 0.1:  # 1e-4, as for AdamW, would leave it all but still
             raise ValueError(f"optimizer.lr with prodigy multiplies the step size it finds: set it near 1.0 (got {self.lr:g})")
+        if self.scheduler == "constant" and self.warmup_steps:  # diffusers' constant schedule has no warm-up
+            raise ValueError(f"optimizer.warmup_steps ({self.warmup_steps}) does nothing with scheduler constant: use constant_with_warmup, or set warmup_steps: 0")
         return self
 
 

@@ -183,6 +183,8 @@ def training_timesteps(train, num_train_timesteps: int) -> range:
     high = num_train_timesteps if train.max_timestep is None else train.max_timestep
     if high > num_train_timesteps:
         raise FinetuneError(f"train.max_timestep {high} is beyond the base model's {num_train_timesteps} training timesteps: set at most {num_train_timesteps}")
+    if train.min_timestep >= high:
+        raise FinetuneError(f"train.min_timestep {train.min_timestep} leaves no timestep below the base model's {num_train_timesteps}: set it lower")
     return range(train.min_timestep, high)
 
 
