@@ -253,6 +253,12 @@ def test_every_class_image_of_every_concept_is_used(make_recipe, star_folder, tm
     for index in range(4):  # a class image of the instance's own concept
         assert dataset[(index, 0)]["class_caption"].startswith(f"class {instances[index][0]}.")
 
+    # data.caption_dropout empties instance captions (as for the other methods); class images keep theirs.
+    dropping = DreamBoothDataset(instances, class_examples, dreambooth_recipe(make_recipe, star_folder, tmp_path, data__caption_dropout=0.5))
+    items = [dropping[(index, epoch)] for epoch in range(8) for index in range(4)]
+    dropped = [item["caption"] == "" for item in items]
+    assert 4 < sum(dropped) < 28 and all(item["class_caption"].startswith("class ") for item in items)
+
 
 def concept_with_a_broken_class_image(star_folder, tmp_path) -> tuple[Path, dict]:
     """(its class folder: a good image and an unreadable one, the concept)."""

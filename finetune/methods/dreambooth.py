@@ -72,6 +72,8 @@ class DreamBoothDataset(Dataset):
         target = self.bucket_of[index] if self.bucket_of else (config.resolution, config.resolution)
         caption = training_caption(example.caption, config.shuffle_tags, config.keep_tokens, self.seed, epoch, index)
         plan = plan_view(upright_size(example), target, config.crop, config.random_flip, rng)
+        if config.caption_dropout > 0 and rng.random() < config.caption_dropout:  # instances only: class images keep the prior's prompt
+            caption = ""
         likely_new = likely_new_view(config, epoch)
         item = {"caption": caption, "index": index, **view_entry(example, plan, ("instance", index), self.latent_cache, likely_new)}
         if self.class_examples:
