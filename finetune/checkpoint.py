@@ -102,9 +102,13 @@ def resolve_resume(resume: str | None, checkpoints_dir: Path) -> Path | None:
     return path
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    return json.loads((checkpoint / STATE_FILE).read_text()).get("step", 0)
+
+
 def check_resumable(checkpoint: Path, max_steps: int) -> None:
     """Before anything loads: a checkpoint at or past train.max_steps has nothing left to train."""
-    step = json.loads((checkpoint / STATE_FILE).read_text()).get("step", 0)
+    step = checkpoint_step(checkpoint)
     if step >= max_steps:
         raise FinetuneError(
             f"{checkpoint} is at step {step} and train.max_steps is {max_steps}: nothing left to train; "
@@ -122,7 +126,18 @@ def guard_earlier_run(output_dir: Path, resume_from: Path | None, overwrite: boo
     replace a checkpoint of the same step), and `--resume latest` would later pick theirs. Cheap: it
     runs before anything is loaded."""
     earlier = list_checkpoints(output_dir / "checkpoints")
-    if resume_from is not None or not earlier or overwrite:
+    if resume_from is not None:
+        # Resumed from an older step, the run would retrain the steps of the later ones: they are another
+        # history, which rotation would keep over the new one's and `--resume latest` would pick.
+        step = checkpoint_step(resume_from)
+        later = [p.name for p in earlier if checkpoint_step(p) > step]
+        if later:
+            raise FinetuneError(
+                f"--resume {resume_from.name}: {output_dir / 'checkpoints'} also holds later checkpoints of the steps it would train again "
+                f"({', '.join(later)}): move them out of that folder to keep them (or delete them), then resume"
+            )
+        return
+    if not earlier or overwrite:
         return
     raise FinetuneError(
         f"output_dir {output_dir} holds an earlier run ({earlier[-1].name}): continue it with --resume latest, "

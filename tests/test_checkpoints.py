@@ -73,11 +73,28 @@ def test_a_resumed_run_uses_the_optimizer_settings_it_reports_as_changed(make_re
     changed = dict(optimizer__lr=4e-3, optimizer__weight_decay=0.5, optimizer__betas=[0.8, 0.9], optimizer__eps=1e-6)
     lrs = []
     resume = str(Path(make_recipe().output_dir) / "checkpoints" / "checkpoint-2")
-    train(make_recipe(**{**settings, **changed}), resume=resume, on_step=lambda step: lrs.append(built[-1][0].param_groups[0]["lr"]))
+    resumed = make_recipe(output_dir=str(Path(make_recipe().output_dir).parent / "resumed"), **{**settings, **changed})
+    train(resumed, resume=resume, on_step=lambda step: lrs.append(built[-1][0].param_groups[0]["lr"]))
     group = built[-1][0].param_groups[0]
     assert lrs[0] == pytest.approx(1e-3) and built[-1][1].base_lrs == [4e-3] and group["weight_decay"] == 0.5
     if optimizer == "adamw":
         assert group["betas"] == (0.8, 0.9) and group["eps"] == 1e-6
+
+
+def test_resuming_an_older_checkpoint_beside_later_ones_says_to_move_them(make_recipe, monkeypatch):
+    """Its run would train their steps again: rotation would keep theirs over the new ones, and a later
+    --resume latest would pick them. Before anything loads; they are not touched."""
+    import finetune.trainer as trainer
+
+    first = train(make_recipe(train__max_steps=4, checkpoint__every_n_steps=2))
+    checkpoints = first.output_dir / "checkpoints"
+    monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(FinetuneError, match=rf"^--resume checkpoint-2: {checkpoints} also holds later checkpoints of the steps it would train again \(checkpoint-4\): move them out"):
+        train(make_recipe(train__max_steps=6), resume=str(checkpoints / "checkpoint-2"))
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["checkpoint-2", "checkpoint-4"]
+    monkeypatch.undo()
+    shutil.move(checkpoints / "checkpoint-4", first.output_dir / "kept-checkpoint-4")
+    assert train(make_recipe(train__max_steps=3), resume=str(checkpoints / "checkpoint-2")).final_step == 3
 
 
 def test_resuming_where_nothing_is_left_or_with_another_process_count_says_so(make_recipe, monkeypatch, capsys):
