@@ -127,6 +127,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     if resume_from is not None:
         state = ckpt.load_checkpoint(accelerator, resume_from, **load_options)
         step = state["step"]
+        method.load_checkpoint_state(state.get("method", {}))
         apply_recipe_settings(optimizer, lr_scheduler, [group.get("lr", recipe.optimizer.lr) for group in parameter_groups], recipe.optimizer)
         accelerator.print(f"resumed from {resume_from} at step {step}")
         if state.get("processes", accelerator.num_processes) != accelerator.num_processes:
@@ -190,7 +191,8 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
 
         ckpt.save_checkpoint(
             accelerator, checkpoints_dir, step,
-            {"recipe_hash": recipe.fingerprint(), "recipe": _flat_hparams(recipe), "processes": accelerator.num_processes},
+            {"recipe_hash": recipe.fingerprint(), "recipe": _flat_hparams(recipe), "processes": accelerator.num_processes,
+             "method": method.checkpoint_state()},
             recipe.checkpoint.keep_last, extra=extra, **save_options
         )
 

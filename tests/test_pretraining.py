@@ -21,6 +21,15 @@ def test_vae_method_learns_to_reconstruct_and_saves_a_pipeline(make_recipe):
     assert list((result.output_dir / "samples").glob("step-*.png"))
 
 
+def test_a_resumed_vae_run_saves_the_scaling_factor_of_an_uninterrupted_one(make_recipe, tmp_path):
+    """The factor comes from a running std of the latents over all steps, which the checkpoint keeps."""
+    common = dict(method="vae", train__max_steps=4, train__batch_size=2, validation__at_start=False, checkpoint__every_n_steps=2)
+    whole = train(make_recipe(output_dir=str(tmp_path / "whole"), **common))
+    resumed = train(make_recipe(output_dir=str(tmp_path / "resumed"), **common), resume=str(whole.output_dir / "checkpoints" / "checkpoint-2"))
+    factors = [AutoencoderKL.load_config(run.output_dir / "pipeline" / "vae")["scaling_factor"] for run in (whole, resumed)]
+    assert factors[0] == factors[1]
+
+
 def test_full_method_with_text_encoder_trains_both_and_reloads(make_recipe):
     recipe = make_recipe(method="full", full__train_text_encoder=True, full__text_encoder_lr=1e-4, train__max_steps=2)
     before = load_base_model(recipe.model)

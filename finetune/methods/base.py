@@ -79,6 +79,13 @@ class TrainingMethod(ABC):
     def save(self, output_dir: Path, modules: dict[str, torch.nn.Module], metadata: dict[str, str]) -> list[Path]:
         """Write the result (from unwrapped `modules`) where creators load it; return the paths written."""
 
+    def checkpoint_state(self) -> dict:
+        """What the method itself keeps across steps besides weights (JSON values), for checkpoints."""
+        return {}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        """Restore what `checkpoint_state` returned, on resume."""
+
     def validation_images(self, modules: dict[str, torch.nn.Module]) -> tuple[list[list[Image.Image]], list[str]]:
         """(rows of images, a label per row) for the validation grid, from the unwrapped modules."""
         settings = self.recipe.validation

@@ -99,6 +99,14 @@ class VAEMethod(TrainingMethod):
     def trained_modules(self) -> dict[str, torch.nn.Module]:
         return {"autoencoder": self.model}
 
+    def checkpoint_state(self) -> dict:
+        # A resumed run continues the running std, so it saves the scaling factor an uninterrupted one would.
+        return {} if self.latent_std is None else {"latent_std": self.latent_std.item()}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        if "latent_std" in state:
+            self.latent_std = torch.tensor(state["latent_std"], dtype=torch.float32)
+
     def loss(self, modules, batch, randomness) -> dict[str, torch.Tensor]:
         pixels = batch["pixel_values"]
         if self.preview is None:
