@@ -87,7 +87,7 @@ def resolve_model_folder(config: ModelConfig) -> Path | None:
         return path
     if not looks_like_hub_id(name):
         raise FinetuneError(f"base model {name} not found: no such folder or file (check {config._key})")
-    return _download_or_find_in_cache(name, config.revision, config._key)
+    return _download_or_find_in_cache(name, config.revision, config.variant, config._key)
 
 
 def looks_like_hub_id(name: str) -> bool:
@@ -107,19 +107,25 @@ def _holds_a_lora(path: Path) -> bool:
     return bool(keys) and all("lora" in key or key.endswith(".alpha") for key in keys)
 
 
-def _download_or_find_in_cache(repo_id: str, revision: str | None, key: str) -> Path:
+def download_patterns(variant: str | None) -> tuple[list[str], list[str]]:
+    """(allow, ignore) file patterns for a diffusers repo: the parts' configs and safetensors weights (of
+    `variant`, e.g. fp16, when one is asked for), not the single-file checkpoints many repos also keep at
+    their top level (SD1.5's are 11 GB), nor the safety checker, EMA-less copies or pickles."""
+    allow = ["*.json", "*.txt", "*/*.safetensors"]
+    ignore = ["*non_ema*", "safety_checker/*"]
+    if variant != "fp16":
+        ignore.append("*.fp16.*")
+    return allow, ignore
+
+
+def _download_or_find_in_cache(repo_id: str, revision: str | None, variant: str | None, key: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:
-        folder = snapshot_download(
-            repo_id,
-            revision=revision,
-            local_files_only=offline,
-            allow_patterns=["*.json", "*.txt", "*.safetensors"],
-            ignore_patterns=["*.ckpt", "*non_ema*", "*.fp16.*", "safety_checker/*", "*/diffusion_pytorch_model.bin"],
-        )
+        allow, ignore = download_patterns(variant)
+        folder = snapshot_download(repo_id, revision=revision, local_files_only=offline, allow_patterns=allow, ignore_patterns=ignore)
     except (LocalEntryNotFoundError, FileNotFoundError):
         raise FinetuneError(
             f"base model {repo_id} is not in the local Hugging Face cache and downloads are off (HF_HUB_OFFLINE=1): "

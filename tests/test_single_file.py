@@ -1,4 +1,5 @@
-"""Loading a base model from one original-format (LDM/webui) .safetensors file, offline.
+"""Loading a base model from one original-format (LDM/webui) .safetensors file, offline; and which files
+of a hub repo a hub id downloads.
 
 The test writes such a file itself: an SD1.5-shaped pipeline with tiny widths (4 UNet blocks of 2
 layers, 4 VAE blocks of 2 layers) whose diffusers weights are renamed to the original Stable Diffusion
@@ -183,3 +184,34 @@ def test_a_lora_given_as_the_base_is_named_as_one(quickstart_lora, capsys):
     lora = quickstart_lora / "pytorch_lora_weights.safetensors"
     assert main(["sample", "--base", str(lora), "--prompt", "a star"]) == 2
     assert f"{lora} is a LoRA, not a base model: pass it as --lora, with --base the model it was trained on" in capsys.readouterr().err
+
+
+SD15_REPO_FILES = [  # stable-diffusion-v1-5/stable-diffusion-v1-5, as the hub lists it
+    "model_index.json", "README.md", "v1-inference.yaml", "v1-5-pruned.ckpt", "v1-5-pruned.safetensors", "v1-5-pruned-emaonly.safetensors",
+    "feature_extractor/preprocessor_config.json", "safety_checker/config.json", "safety_checker/model.safetensors",
+    "scheduler/scheduler_config.json", "text_encoder/config.json", "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors",
+    "text_encoder/pytorch_model.bin", "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+    "unet/diffusion_pytorch_model.non_ema.safetensors", "unet/diffusion_pytorch_model.bin", "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", [None, "fp16"])
+def test_a_hub_base_downloads_the_parts_of_its_variant_and_not_the_single_file_checkpoints(variant):
+    """Not the 11 GB of top-level checkpoints SD1.5's repo also holds, nor the safety checker; with
+    model.variant: fp16, the fp16 weights (which from_pretrained then asks for)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from finetune.models import download_patterns
+
+    allow, ignore = download_patterns(variant)
+    fetched = set(filter_repo_objects(SD15_REPO_FILES, allow_patterns=allow, ignore_patterns=ignore))
+    weights = {f"{part}/{name}" for part, name in (("text_encoder", "model"), ("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"))}
+    suffix = ".fp16.safetensors" if variant else ".safetensors"
+    assert {name + suffix for name in weights} <= fetched
+    assert not {name for name in fetched if "/" not in name} - {"model_index.json"}  # no top-level checkpoint
+    assert not any(name.startswith("safety_checker/") or "non_ema" in name or name.endswith((".bin", ".ckpt")) for name in fetched)
+    assert {"tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler/scheduler_config.json", "unet/config.json"} <= fetched
+    if not variant:
+        assert not any(".fp16." in name for name in fetched)
