@@ -8,6 +8,7 @@ result is the same `BaseModel` bundle, and a source that is not there is one cle
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,17 @@ class BaseModel:
     @property
     def source(self) -> str:
         return self.config.pretrained
+
+    @contextmanager
+    def predicting_as_pretrained(self):
+        """Pipelines built inside sample for what the base itself predicts (e.g. the untrained step 0 of
+        a run that trains v-prediction on an epsilon base), not for what training targets."""
+        trained_for = self.noise_scheduler.config.prediction_type
+        self.noise_scheduler.register_to_config(prediction_type=self.pretrained_prediction_type)
+        try:
+            yield
+        finally:
+            self.noise_scheduler.register_to_config(prediction_type=trained_for)
 
 
 def freeze(module: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:

@@ -292,9 +292,12 @@ def run_validation(recipe, method, modules, accelerator, step: int) -> Path | No
         unwrapped = {name: unwrap(accelerator, module) for name, module in modules.items()}
         for module in unwrapped.values():
             module.eval()
+        # Before the first step the model is the base (plus no-op adapters), unless it starts from a LoRA.
+        untrained = step == 0 and not recipe.lora.init_from
         # Sampling must not disturb the training RNG: a resumed run then follows the same curve.
         with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
-            rows, labels = method.validation_images(unwrapped)
+            with method.base.predicting_as_pretrained() if untrained else contextlib.nullcontext():
+                rows, labels = method.validation_images(unwrapped)
         for module in unwrapped.values():
             module.train()
     if rows and accelerator.is_main_process:

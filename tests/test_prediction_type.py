@@ -88,3 +88,19 @@ def test_the_demo_samples_each_column_with_its_adapters_prediction_type(adapters
     assert used == ["epsilon", "epsilon"]
     with pytest.raises(FinetuneError, match=r"cannot be combined"):
         engine.render(Request(prompt="a red circle", steps=1, loras=[("v", 1.0), ("epsilon", 1.0)]))
+
+
+def test_validation_samples_the_untrained_step_0_as_the_base_predicts_and_later_steps_as_trained(tiny_model, image_folder, tmp_path, monkeypatch):
+    """Training v on an epsilon base: the "before" grid is the base itself, read as epsilon; afterwards
+    the model predicts v. (Step 0 read as v was noise.)"""
+    import finetune.methods.base as method_base
+
+    used, real_generate = [], method_base.generate
+    monkeypatch.setattr(method_base, "generate", lambda pipeline, *a: used.append(pipeline.scheduler.config.prediction_type) or real_generate(pipeline, *a))
+    train(recipe_from_dict({
+        "method": "lora", "seed": 0, "output_dir": str(tmp_path / "run"), "model": {"pretrained": str(tiny_model), "prediction_type": "v_prediction"},
+        "data": {"image_dir": str(image_folder), "resolution": 64}, "train": {"batch_size": 2, "max_steps": 1},
+        "validation": {"prompts": ["a red circle"], "num_inference_steps": 1, "images_per_prompt": 1},
+        "checkpoint": {"every_n_steps": 0}, "logging": {"tensorboard": False},
+    }))  # fmt: skip
+    assert used == ["epsilon", "v_prediction"]
