@@ -318,7 +318,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--suite", action="append", choices=list(SUITES),
                    help="suite to run; repeat for several (default: adherence and fid; control with --controlnet)")
     p.add_argument("--num-prompts", type=positive_int, default=64, help="prompts per suite (default 64)")
-    p.add_argument("--images-per-prompt", type=positive_int, default=1, help="images per prompt, seeds seed..seed+N-1 (default 1)")
+    p.add_argument("--images-per-prompt", type=positive_int, default=1, help="images per prompt; prompt p's image k has seed seed+p*N+k (default 1)")
     p.add_argument("--steps", type=positive_int, default=25, help="DDIM steps (default 25)")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5.0)")
     p.add_argument("--seed", type=int, default=0, help="noise seed; the prompts are fixed (default 0)")

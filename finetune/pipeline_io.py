@@ -86,6 +86,8 @@ def export_fp16(source: Path, destination: Path, overwrite: bool = False) -> Pat
     config = json.loads(config_path.read_text())
     config.update({key: "float32" for key in ("dtype", "torch_dtype") if key in config})
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if (source / METADATA_FILE).is_file():  # what training recorded (clip skip, prediction type) goes along
+        shutil.copyfile(source / METADATA_FILE, partial / METADATA_FILE)
     shutil.rmtree(destination, ignore_errors=True)
     with_default_permissions(partial).rename(destination)
     return destination

@@ -80,6 +80,9 @@ def test_a_lora_trained_with_clip_skip_records_it_and_is_sampled_with_it(tiny_mo
     assert main(["merge", "--base", str(tiny_model), "--lora", str(lora_file), str(tmp_path / "merged")]) == 0
     assert json.loads((tmp_path / "merged" / "finetune_metadata.json").read_text())["finetune.clip_skip"] == "2"
     assert layer_count(load_sampling_pipeline(str(tmp_path / "merged")).text_encoder) == whole - 1
+    # export-base's fp16 copy keeps what was recorded.
+    assert main(["export-base", str(tmp_path / "merged"), str(tmp_path / "fp16")]) == 0
+    assert layer_count(load_sampling_pipeline(str(tmp_path / "fp16")).text_encoder) == whole - 1
 
     # The demo: the base column with every layer, the adapter's with its skip; adapters that disagree are refused.
     engine = DemoEngine(str(tiny_model), tmp_path)
