@@ -295,7 +295,7 @@ def resolve_output_file(output: Path, layout: str, source: Path) -> Path:
 
 
 def export_lora(source: Path, output: Path, layout: str, overwrite: bool = False) -> tuple[Path, Path]:
-    """Convert `source` (a file or training folder) to `layout`; write the file and a README.md card.
+    """Convert `source` (a file or training folder) to `layout`; write the file and its model card.
     Files already there (an earlier export, a trained LoRA, the user's README) are replaced only with `overwrite`."""
     from finetune.inference import resolve_lora_file
 
@@ -303,11 +303,12 @@ def export_lora(source: Path, output: Path, layout: str, overwrite: bool = False
     destination = resolve_output_file(Path(output), layout, source)
     if destination.resolve() == source.resolve():
         raise FinetuneError(f"export would write {destination} over the LoRA it reads: give another output")
-    existing = [path for path in (destination, destination.parent / "README.md") if path.exists()]
+    from finetune.model_card import model_card_path, write_model_card
+
+    existing = [path for path in (destination, model_card_path(destination, layout)) if path.exists()]
     if existing and not overwrite:
         raise FinetuneError(f"export would replace {', '.join(map(str, existing))}: give another output, or pass --overwrite")
     lora = load_lora(source)
     path = save_lora_file(lora, destination, layout)
-    from finetune.model_card import write_model_card
 
     return path, write_model_card(lora, path, layout, training_dir=source.parent)

@@ -1,5 +1,6 @@
-"""The README.md written beside an exported LoRA: where it came from, its rank and alpha, its samples,
-and how to load it in diffusers, the webui and ComfyUI (with its clip skip and prediction type)."""
+"""The model card written beside an exported LoRA (README.md, or `<name>.md` beside a kohya file): where
+it came from, its rank and alpha, its samples, and how to load it in diffusers, the webui and ComfyUI
+(with its clip skip and prediction type)."""
 
 from __future__ import annotations
 
@@ -33,8 +34,14 @@ def diffusers_loading_code(source: str) -> list[str]:
     ]
 
 
+def model_card_path(path: Path, layout: str) -> Path:
+    """README.md in a diffusers LoRA's folder (one LoRA per folder); `<name>.md` beside a kohya file, so
+    several exports share a webui `models/Lora` folder."""
+    return path.with_suffix(".md") if layout == "kohya" else path.parent / "README.md"
+
+
 def write_model_card(lora: LoRA, path: Path, layout: str, training_dir: Path | None = None) -> Path:
-    """README.md beside the file: provenance, rank/alpha, and how to load it in diffusers and webui/ComfyUI."""
+    """The card beside the file: provenance, rank/alpha, and how to load it in diffusers and webui/ComfyUI."""
     meta = lora.metadata
     rank, alpha = lora.common_rank_alpha()
     parts = sorted({key.split(".", 1)[0] for key in lora.layers})
@@ -58,11 +65,11 @@ def write_model_card(lora: LoRA, path: Path, layout: str, training_dir: Path | N
     ]
     grid = newest_sample_grid(training_dir) if training_dir else None
     if grid is not None:
-        target = path.parent / "samples" / grid.name
+        target = path.parent / "samples" / (f"{path.stem}-{grid.name}" if layout == "kohya" else grid.name)
         if grid.resolve() != target.resolve():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(grid, target)
-        lines += [f"## Samples ({grid.stem}, one row per validation prompt)", "", f"![samples](samples/{grid.name})", ""]
+        lines += [f"## Samples ({grid.stem}, one row per validation prompt)", "", f"![samples](samples/{target.name})", ""]
     lines += [
         "## diffusers",
         "",
@@ -96,6 +103,6 @@ def write_model_card(lora: LoRA, path: Path, layout: str, training_dir: Path | N
     else:
         lines += [f"Convert first: `finetune export {path} {path.parent} --to kohya`, then copy the `.safetensors` file to `models/Lora/`."]
     lines += ["", f"Fold it into the base model instead: `finetune merge --base BASE --lora {path.name} --strength 1.0 merged/`.", ""]
-    card = path.parent / "README.md"
+    card = model_card_path(path, layout)
     card.write_text("\n".join(lines))
     return card

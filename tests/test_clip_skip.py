@@ -70,10 +70,10 @@ def test_a_lora_trained_with_clip_skip_records_it_and_is_sampled_with_it(tiny_mo
     # sd-scripts' layout keeps it both ways (ss_clip_skip), and its model card says how to sample with it.
     metadata, theirs = sd_scripts_round_trip(lora_file, tmp_path / "kohya")
     assert metadata["ss_clip_skip"] == "2" and theirs.metadata["finetune.clip_skip"] == "2"
-    card = (tmp_path / "kohya" / "README.md").read_text()
-    assert "set *Clip skip* to 2 in the webui" in card
+    [card_path] = (tmp_path / "kohya").glob("*.md")
+    assert "set *Clip skip* to 2 in the webui" in card_path.read_text()
     namespace: dict = {}  # the card's diffusers code, pasted, encodes prompts without the last layer
-    exec(python_block(tmp_path / "kohya" / "README.md"), namespace)
+    exec(python_block(card_path), namespace)
     assert layer_count(namespace["pipeline"].text_encoder) == whole - 1
 
     # A merge keeps it for sample and the demo.

@@ -188,7 +188,7 @@ def test_merge_equals_the_lora_at_that_strength(trained, tiny_model, tmp_path, c
 
 def test_export_command_writes_metadata_and_a_model_card(trained, tiny_model, tmp_path, capsys):
     assert main(["export", str(trained.path), str(tmp_path / "webui"), "--to", "kohya"]) == 0
-    assert "README.md" in capsys.readouterr().out
+    assert "striped-lora.md" in capsys.readouterr().out
     path = tmp_path / "webui" / "striped-lora.safetensors"
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata()
@@ -198,10 +198,10 @@ def test_export_command_writes_metadata_and_a_model_card(trained, tiny_model, tm
     assert metadata["finetune.method"] == "lora" and metadata["finetune.resolution"] == "64" and metadata["finetune.recipe_hash"]
     assert "lora_adapter_metadata" not in metadata  # diffusers must read alpha from the .alpha tensors
 
-    card = (tmp_path / "webui" / "README.md").read_text()
-    for text in (str(tiny_model), "4 / 2", "150", "load_lora_weights", "<lora:striped-lora:1.0>", "ComfyUI", "samples/step-000150.png"):
+    card = (tmp_path / "webui" / "striped-lora.md").read_text()  # one card per file: a webui models/Lora folder holds many
+    for text in (str(tiny_model), "4 / 2", "150", "load_lora_weights", "<lora:striped-lora:1.0>", "ComfyUI", "samples/striped-lora-step-000150.png"):
         assert text in card, text
-    assert (tmp_path / "webui" / "samples" / "step-000150.png").is_file()
+    assert (tmp_path / "webui" / "samples" / "striped-lora-step-000150.png").is_file()
 
     # ... and back to our layout: loads with alpha from the LoraConfig in its metadata.
     assert main(["export", str(path), str(tmp_path / "ours"), "--to", "diffusers"]) == 0
@@ -210,7 +210,11 @@ def test_export_command_writes_metadata_and_a_model_card(trained, tiny_model, tm
     config = json.loads(metadata["lora_adapter_metadata"])
     assert config["unet.r"] == 4 and config["unet.lora_alpha"] == 2.0 and config["text_encoder.lora_alpha"] == 2.0
     assert metadata["finetune.steps"] == "150" and not any(k.startswith("ss_") for k in metadata)
-    assert "pipeline.load_lora_weights" in (tmp_path / "ours" / "README.md").read_text()
+    ours_card = (tmp_path / "ours" / "README.md").read_text()
+    assert "pipeline.load_lora_weights" in ours_card
+    # The webui conversion that card gives runs as written, into the same folder.
+    convert = ours_card.split("Convert first: `finetune ", 1)[1].split("`", 1)[0].split()
+    assert main(convert) == 0 and (tmp_path / "ours" / "ours.safetensors").is_file() and (tmp_path / "ours" / "ours.md").is_file()
 
 
 def test_export_of_something_that_is_not_a_lora_is_one_line(tmp_path, capsys):
@@ -270,9 +274,12 @@ def test_export_replaces_files_only_when_asked_and_a_truncated_lora_is_one_line(
     out = tmp_path / "webui"
     out.mkdir()
     (out / "README.md").write_text("# my notes")
+    assert main(["export", str(trained.path), str(out), "--to", "kohya"]) == 0  # its card is striped-lora.md
+    assert (out / "README.md").read_text() == "# my notes"
+    card = (out / "striped-lora.md").read_text()
     assert main(["export", str(trained.path), str(out), "--to", "kohya"]) == 2
-    assert f"export would replace {out / 'README.md'}: give another output, or pass --overwrite" in capsys.readouterr().err
-    assert (out / "README.md").read_text() == "# my notes" and not list(out.glob("*.safetensors"))
+    message = f"export would replace {out / 'striped-lora.safetensors'}, {out / 'striped-lora.md'}: give another output, or pass --overwrite"
+    assert message in capsys.readouterr().err and (out / "striped-lora.md").read_text() == card
     assert main(["export", str(trained.path), str(out), "--to", "kohya", "--overwrite"]) == 0
     assert main(["export", str(trained.path), str(trained.path), "--to", "diffusers", "--overwrite"]) == 2
     assert "over the LoRA it reads" in capsys.readouterr().err

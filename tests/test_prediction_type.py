@@ -71,7 +71,8 @@ def test_sample_merge_and_export_follow_a_v_prediction_adapter(adapters, tiny_mo
     assert metadata["ss_v_parameterization"] == "True" and theirs.metadata["finetune.prediction_type"] == "v_prediction"
     # The export's model card: its diffusers code, pasted, samples as v.
     namespace: dict = {}
-    exec(python_block(tmp_path / "kohya" / "README.md"), namespace)
+    [card] = (tmp_path / "kohya").glob("*.md")
+    exec(python_block(card), namespace)
     assert namespace["pipeline"].scheduler.config.prediction_type == "v_prediction"
 
 
