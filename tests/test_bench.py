@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from finetune.bench import build_sd15_pipeline, markdown_table, peak_tflops
+from finetune.bench.runner import default_resolution
 from finetune.cli import main
 from finetune.models import load_base_model
 from finetune.config import ModelConfig
@@ -29,6 +30,7 @@ def test_bench_runs_two_variants_and_writes_the_report(tmp_path, capsys):
     assert machine["cpu"] and machine["cpu_cores"] >= 1 and machine["torch"] == torch.__version__
     assert machine["device"] == ("cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name())
     assert report["settings"]["preset"] == "tiny" and report["settings"]["resolution"] == 64
+    assert (tmp_path / "work" / "models" / "tiny" / "model_index.json").is_file()  # another preset gets its own
 
     rows = {row["variant"]: row for row in report["results"]}
     assert list(rows) == ["lora", "dreambooth"]
@@ -97,6 +99,8 @@ def test_sd15_pipeline_at_small_width_saves_loads_and_runs(tmp_path):
         assert text.shape == (1, 77, 96)
         out = base.unet(latents, torch.tensor([500]), text).sample
     assert out.shape == latents.shape and torch.isfinite(out).all()
+    # Benchmarked as a --base, it runs at its own 512 px, not at the default preset's size.
+    assert default_resolution("medium", str(tmp_path / "sd15-small")) == 512 and default_resolution("medium") == 64
 
 
 def test_peak_flops_table():

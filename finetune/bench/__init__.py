@@ -80,7 +80,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="measured steps per variant (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default 2; fills lora_cached's cache)")
     p.add_argument("--batch", type=int, default=4, help="images per step (default 4)")
-    p.add_argument("--resolution", type=int, help="image size in pixels (default: the preset's; 64 for medium, 512 for sd15)")
+    p.add_argument("--resolution", type=int, help="image size in pixels (default: the preset's, 64 for medium and 512 for sd15; with --base, the base's own)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="train.mixed_precision (default no)")
     p.add_argument("--num-images", type=int, default=8, help="images in the generated dataset (default 8)")
     p.add_argument("--repeat", type=int, default=1,
@@ -100,7 +100,7 @@ def format_command(args) -> str:
     if args.base:
         parts += ["--base", args.base]
     parts += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)]
-    parts += ["--resolution", str(args.resolution or default_resolution(args.preset))]
+    parts += ["--resolution", str(args.resolution)]
     parts += ["--mixed-precision", args.mixed_precision, "--num-images", str(args.num_images), "--repeat", str(args.repeat)]
     parts += ["--recipes", args.recipes]
     if args.no_flops:
@@ -112,6 +112,7 @@ def format_command(args) -> str:
 
 def run_bench_command(args) -> int:
     """`finetune bench`: run, print the table, write the report; exit 1 if a variant failed."""
+    args.resolution = args.resolution or default_resolution(args.preset, args.base)
     report = run_benchmark(
         preset=args.preset,
         steps=args.steps,

@@ -98,7 +98,7 @@ def print_table(report: dict) -> None:
 
     settings, machine = report["settings"], report["machine"]
     title = (
-        f"finetune bench: {settings['preset']} at {settings['resolution']} px, batch {settings['batch']}, "
+        f"finetune bench: {settings.get('base') or settings['preset']} at {settings['resolution']} px, batch {settings['batch']}, "
         f"{settings['steps']} steps after {settings['warmup']} warmup, precision {settings['mixed_precision']}"
     )
     threads = machine.get("torch_threads") or "?"  # measured by a variant: unknown when none ran

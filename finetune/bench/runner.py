@@ -36,10 +36,21 @@ class BenchSettings:
     class_dir: Path = Path()
 
 
-def default_resolution(preset: str) -> int:
-    from finetune.tiny_model import PRESETS
+def default_resolution(preset: str, base: str | None = None) -> int:
+    """The preset's resolution; with a base model, the base's own (its UNet's sample size times the
+    VAE's downsampling; 512, SD1.x's, for a single-file base). A base that is not there is one line."""
+    if base is None:
+        from finetune.tiny_model import PRESETS
 
-    return 512 if preset == "sd15" else PRESETS[preset].resolution
+        return 512 if preset == "sd15" else PRESETS[preset].resolution
+    from finetune.config import ModelConfig
+    from finetune.models import resolve_model_folder
+
+    folder = resolve_model_folder(ModelConfig.from_option(base))
+    if folder is None:
+        return 512
+    unet, vae = (json.loads((folder / part / "config.json").read_text()) for part in ("unet", "vae"))
+    return unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def parse_variants(text: str) -> list[str]:
@@ -102,12 +113,9 @@ def run_benchmark(
         raise FinetuneError("--preset sd15 (an 860M-parameter UNet at 512 px) needs a CUDA GPU; on a CPU use --preset medium")
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise FinetuneError("--mixed-precision fp16 needs a GPU; on a CPU use bf16 or no")
-    if base is not None:  # before any variant starts a process that fails on it
-        from finetune.config import ModelConfig
-        from finetune.models import resolve_model_folder
-
-        resolve_model_folder(ModelConfig.from_option(base))
-    resolution = resolution or default_resolution(preset)
+    # With a base: checks it is there before any variant starts a process that fails on it.
+    base_resolution = default_resolution(preset, base)
+    resolution = resolution or base_resolution
     if resolution % 8:
         raise FinetuneError(f"--resolution must be a multiple of 8, got {resolution}")
     settings = BenchSettings(preset, steps, warmup, batch, resolution, mixed_precision, num_images, count_flops, peak)
@@ -145,7 +153,7 @@ def run_benchmark(
     with tempfile.TemporaryDirectory(prefix="finetune-bench-") as scratch:
         root = Path(workdir) if workdir else Path(scratch)
         root.mkdir(parents=True, exist_ok=True)
-        model = base or str(prepare_model(preset, root / "model", log))
+        model = base or str(prepare_model(preset, root / "models" / preset, log))  # one per preset: a workdir serves several
         settings.data_dir, settings.class_dir = prepare_data(root, num_images, resolution)
         rows = []
         for name in variants:
