@@ -331,11 +331,13 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def default_out(base: str, lora: str | None, controlnet: str | None = None, suites=(), lora_scale: float = 1.0,
-                conditioning_scale: float | None = None) -> Path:
+                conditioning_scale: float | None = None, recorded_base: str | None = None) -> Path:
     """In the ControlNet's, the LoRA's or a full pipeline's run (or checkpoint) folder, else under
     outputs/eval/<name>/; named by what it scores (`eval-style.json`, `eval-control-placement-scale0.5.json`,
-    `eval-style-with-mine.json` for a ControlNet with the LoRA mine), so reports of other suites, strengths,
-    combinations or LoRA files of one folder do not replace each other."""
+    `eval-style-with-mine.json` for a ControlNet with the LoRA mine, `eval-style-on-other.json` on a base other
+    than the `recorded_base` of the adapter's run), so reports of other suites, strengths, combinations, bases or LoRA
+    files of one folder do not replace each other."""
+    from finetune.inference import same_model
     from finetune.methods.lora import LORA_WEIGHTS_NAME
 
     lora_path = Path(lora) if lora else None
@@ -347,6 +349,9 @@ def default_out(base: str, lora: str | None, controlnet: str | None = None, suit
         parts.append(f"scale{conditioning_scale:g}")
     if controlnet and lora:
         parts.append(f"with-{Path(lora_name).stem}")
+    if (lora or controlnet) and recorded_base and not same_model(base, recorded_base):
+        base_path = Path(base.rstrip("/"))
+        parts.append(f"on-{base_path.parent.name if base_path.name == 'pipeline' else base_path.stem}")
     name = "-".join(["eval", *parts]) + ".json"
     if controlnet:
         from finetune.inference import resolve_controlnet_folder
@@ -369,12 +374,14 @@ def default_out(base: str, lora: str | None, controlnet: str | None = None, suit
 def run_eval_command(args) -> int:
     """``finetune eval``: run, print the table, write the report."""
     from finetune.cli import base_or_recorded
+    from finetune.inference import adapter_base
 
     suites = default_suites(args.suite, args.controlnet)
     if args.lora is None and args.lora_scale != 1.0:
         raise FinetuneError("--lora-scale is the LoRA's strength: pass --lora too, or leave it out")
     base = base_or_recorded(args)
-    out = Path(args.out) if args.out else default_out(base, args.lora, args.controlnet, suites, args.lora_scale, args.conditioning_scale)
+    recorded = adapter_base(args.lora, args.controlnet)
+    out = Path(args.out) if args.out else default_out(base, args.lora, args.controlnet, suites, args.lora_scale, args.conditioning_scale, recorded)
     result = run_eval(
         base, args.lora, args.lora_scale, suites, args.num_prompts, args.images_per_prompt,
         args.steps, args.guidance, args.seed, args.identifier, args.subject, args.class_word,

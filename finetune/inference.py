@@ -94,13 +94,25 @@ def resolve_controlnet_folder(controlnet: str) -> Path:
     return path
 
 
+def adapter_base(lora: str | None, controlnet: str | None) -> str | None:
+    """The base model a LoRA's (else a ControlNet's) training run recorded, if any."""
+    if lora:
+        return load_lora(resolve_lora_file(lora)).metadata.get("finetune.base_model")  # sd-scripts' files: their ss_sd_model_name
+    if controlnet:
+        return saved_model_metadata(resolve_controlnet_folder(controlnet)).get("finetune.base_model")
+    return None
+
+
+def same_model(a: str | None, b: str | None) -> bool:
+    """Two spellings of one base model (a hub id, or a path written relative or absolute)."""
+    if a is None or b is None:
+        return False
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+
 def recorded_base(lora: str | None, controlnet: str | None) -> str:
     """The base model a LoRA's or ControlNet's training run recorded, for a command given no --base."""
-    recorded = None
-    if lora:
-        recorded = load_lora(resolve_lora_file(lora)).metadata.get("finetune.base_model")  # sd-scripts' files: their ss_sd_model_name
-    elif controlnet:
-        recorded = saved_model_metadata(resolve_controlnet_folder(controlnet)).get("finetune.base_model")
+    recorded = adapter_base(lora, controlnet)
     if not recorded:
         adapter = f" ({lora or controlnet} records none)" if lora or controlnet else ""
         raise FinetuneError(f"pass --base MODEL: the base model to use{adapter}")

@@ -286,13 +286,16 @@ def test_a_run_folder_of_the_wrong_kind_says_what_to_pass(tmp_path, capsys, tiny
     # Each run's eval report goes into its own folder (every such pipeline folder is named "pipeline").
     assert default_out(str(full / "pipeline"), None, suites=["style"]) == full / "eval-style.json"
     # Named by what it scores: other suites, strengths or LoRA files of one folder keep their own reports.
-    assert default_out("base", str(full), suites=["adherence", "fid"], lora_scale=0.5) == full / "eval-adherence-fid-strength0.5.json"
-    assert default_out("base", str(full / "mine.safetensors"), suites=["style"]) == full / "mine-eval-style.json"
-    assert default_out("base", str(full / "pytorch_lora_weights.safetensors"), suites=["style"]) == full / "eval-style.json"
+    assert default_out("base", str(full), suites=["adherence", "fid"], lora_scale=0.5, recorded_base="base") == full / "eval-adherence-fid-strength0.5.json"
+    assert default_out("base", str(full / "mine.safetensors"), suites=["style"], recorded_base="base") == full / "mine-eval-style.json"
+    assert default_out("base", str(full / "pytorch_lora_weights.safetensors"), suites=["style"], recorded_base="base") == full / "eval-style.json"
+    # ... or bases: on another base than the one its run recorded, the report says which.
+    assert default_out("org/other-sd", str(full), suites=["style"], recorded_base="base") == full / "eval-style-on-other-sd.json"
+    assert default_out(str(tmp_path / "db" / "pipeline"), str(full), suites=["style"], recorded_base="base") == full / "eval-style-on-db.json"
     checkpoint = full / "checkpoints" / "checkpoint-4"  # a checkpoint's pipeline: into that checkpoint
     (checkpoint / "pipeline").mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text('{"step": 4}')
     assert default_out(str(checkpoint / "pipeline"), None, suites=["subject"]) == checkpoint / "eval-subject.json"
     (tmp_path / "cn-run" / "controlnet" / "config.json").write_text('{"_class_name": "ControlNetModel"}')
-    with_lora = default_out("base", str(full / "mine.safetensors"), str(tmp_path / "cn-run"), ["control"], conditioning_scale=0.5)
+    with_lora = default_out("base", str(full / "mine.safetensors"), str(tmp_path / "cn-run"), ["control"], conditioning_scale=0.5, recorded_base="base")
     assert with_lora == tmp_path / "cn-run" / "eval-control-scale0.5-with-mine.json"
