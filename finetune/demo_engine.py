@@ -205,7 +205,15 @@ class DemoEngine:
     def _trained_for(self, column: Column) -> dict[str, dict[str, str]]:
         """{name: metadata} of the column's adapters, and of the base when it is a saved pipeline of ours."""
         base = {self.base_name: self.base_metadata} if column.model is self.base and self.base_metadata else {}
-        return {**base, **{name: self.adapters[name].metadata for name in column.names}}
+        return {**base, **{name: self._metadata_now(name) for name in column.names}}
+
+    def _metadata_now(self, name: str) -> dict[str, str]:
+        """What an adapter's files record now: one retrained since the last scan is loaded again (see
+        `_cached`), and its clip skip or prediction type may have changed with it."""
+        adapter = self.adapters[name]
+        if adapter.kind == "lora":
+            return self._cached(adapter, lambda: load_lora(adapter.path)).metadata
+        return saved_model_metadata(adapter.path) or adapter.metadata
 
     def _columns(self, request: Request, model: BaseModel, loras: list, controlnet, decoder) -> list[Column]:
         """The base alone (if asked), then the adapters at each strength: all together, or with
@@ -219,9 +227,13 @@ class DemoEngine:
             labels = [label_of([name for name, _ in group] + shared, short=False) for group in groups]
         for group, label in zip(groups, labels):
             names = [name for name, _ in group] + shared
-            for s in request.strengths if names else ([] if request.include_base else [1.0]):
+            # A strength scales LoRAs and the ControlNet; a fine-tuned model alone is one column.
+            scaled = bool(group) or controlnet is not None
+            strengths = request.strengths if scaled else [1.0]
+            for s in strengths if names else ([] if request.include_base else [1.0]):
                 loras_at = [(lora, strength * s) for _, (lora, strength) in group]
-                columns.append(Column(f"{label} x{s:g}" if names else "base", model, loras_at, names, controlnet, decoder, request.conditioning_scale * s))
+                title = (f"{label} x{s:g}" if scaled else label) if names else "base"
+                columns.append(Column(title, model, loras_at, names, controlnet, decoder, request.conditioning_scale * s))
         return columns
 
 

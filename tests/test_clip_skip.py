@@ -93,6 +93,13 @@ def test_a_lora_trained_with_clip_skip_records_it_and_is_sampled_with_it(tiny_mo
     assert used == [whole, whole - 1]
     with pytest.raises(FinetuneError, match=r"adapters trained with different clip_skip cannot be combined"):
         engine.render(Request(prompt="a red circle", steps=1, loras=[("skip2", 1.0), ("skip1", 1.0)]))
+    # skip2 retrained with clip skip 1 while the demo runs: its new file is read with its new skip, unrescanned.
+    with safe_open(str(lora_file), "pt") as f:
+        retrained = {**f.metadata(), "finetune.clip_skip": "1"}
+    save_file(load_file(lora_file), lora_file, retrained)
+    used.clear()
+    engine.render(Request(prompt="a red circle", steps=1, loras=[("skip2", 1.0)], include_base=False))
+    assert used == [whole]
 
 
 def test_a_full_fine_tune_with_clip_skip_saves_a_whole_text_encoder_and_samples_with_its_skip(tiny_model, make_recipe, tmp_path, monkeypatch):

@@ -218,10 +218,13 @@ def test_controlnet_with_a_conditioning_made_from_a_photo(client, image_folder):
         run(client, controlnet="edges/controlnet")
 
 
-def test_a_dreambooth_pipeline_replaces_the_base(client):
+def test_a_dreambooth_pipeline_replaces_the_base(client, demo):
     images, captions, _ = run(client, model="db/pipeline")
-    assert [c.split(",")[0] for c in captions] == ["base", "db x1"]
+    assert [c.split(",")[0] for c in captions] == ["base", "db"]  # strengths scale adapters: one column for a model
     assert np.abs(images[0] - images[1]).mean() > 0.5
+    from finetune.demo_engine import Request
+
+    assert demo.engine.render(Request(prompt=PROMPT, steps=1, model="db/pipeline", strengths=[0.5, 1.0]))[1] == ["base", "db"]
 
 
 def test_separate_columns_are_labelled_so_they_tell_the_adapters_apart(demo):
