@@ -33,7 +33,7 @@ from finetune.adapter_scan import BASE, PICKLE_SUFFIXES, Adapter, scan_adapters
 from finetune.config import ModelConfig
 from finetune.encoders import clip_skipped
 from finetune.errors import FinetuneError
-from finetune.inference import saved_model_metadata, unlocked_decoder_folder
+from finetune.inference import refuse_replacing_a_fine_tuned_unet, saved_model_metadata, unlocked_decoder_folder
 from finetune.kohya import LoRA, load_lora
 from finetune.merge import find_module
 from finetune.models import BaseModel, freeze, load_base_model
@@ -167,6 +167,8 @@ class DemoEngine:
         if request.controlnet:
             adapter = self.adapter(request.controlnet, "controlnet")
             controlnet, decoder = self._cached(adapter, lambda: _load_controlnet(adapter.path))
+            if decoder is not None and (model is not self.base or self.base_metadata):
+                refuse_replacing_a_fine_tuned_unet(request.controlnet, request.model if model is not self.base else self.base_name)
             _check_controlnet_fits(controlnet, model.unet, request.controlnet, model.source)
             condition = conditioning_image(request.conditioning_image, request.conditioning_kind, request.size)
         columns = self._columns(request, model, loras, controlnet, decoder)

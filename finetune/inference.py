@@ -182,6 +182,15 @@ def check_control_options(controlnet: str | None, condition: str | None, conditi
 # Sampling
 
 
+def refuse_replacing_a_fine_tuned_unet(controlnet: str, model: str) -> None:
+    """A ControlNet trained with controlnet.unlock_unet_decoder brings the whole UNet it trained with; on a
+    fine-tuned model (DreamBooth, a full fine-tune, a merge) that model's own UNet would silently go unused."""
+    raise FinetuneError(
+        f"ControlNet {controlnet} was trained with controlnet.unlock_unet_decoder and brings its own UNet, which would "
+        f"replace the fine-tuned UNet of {model}: use it on the base model it was trained on"
+    )
+
+
 def load_sampling_pipeline(
     base: str, lora: str | None = None, lora_scale: float = 1.0, controlnet: str | None = None, base_config: str | None = None
 ):
@@ -196,6 +205,9 @@ def load_sampling_pipeline(
         adapters[base] = base_metadata
     if controlnet:
         adapters[controlnet] = saved_model_metadata(folder)
+        decoder = unlocked_decoder_folder(folder)
+        if decoder and base_metadata:
+            refuse_replacing_a_fine_tuned_unet(controlnet, base)
     if lora:
         adapters[lora] = lora_weights.metadata
     clip_skip = adapters_clip_skip(adapters)
@@ -203,7 +215,6 @@ def load_sampling_pipeline(
     if controlnet is None:
         pipeline = build_pipeline(base_model)
     else:
-        decoder = unlocked_decoder_folder(folder)
         unet = UNet2DConditionModel.from_pretrained(decoder, torch_dtype=torch.float32) if decoder else None
         model = load_controlnet(folder, base_model)
         pipeline = build_pipeline(base_model, unet=unet, pipeline_class=StableDiffusionControlNetPipeline, controlnet=model)

@@ -14,6 +14,7 @@ from PIL import Image
 
 import finetune.inference as inference
 from finetune.cli import main
+from finetune.errors import FinetuneError
 from finetune.methods.controlnet import save_model_folder
 from finetune.toyworld.world import Scene, draw, mask_image
 
@@ -97,6 +98,18 @@ def test_run_folder_with_an_unlocked_decoder_samples_with_its_unet(tiny_model, t
         engine = demo_engine.DemoEngine(str(tiny_model), tmp_path)
         engine.render(demo_engine.Request(prompt="x", steps=1, controlnet="run/controlnet", conditioning_image=Image.new("RGB", (64, 64))))
     assert used == [engine.base.unet.conv_out.weight.sum().item(), unet.conv_out.weight.sum().item()]
+
+    # On a fine-tuned model (a DreamBooth pipeline) it would replace that model's UNet: refused, in both.
+    from finetune.tiny_model import make_tiny_model
+
+    dreambooth = make_tiny_model(tmp_path / "db" / "pipeline", seed=1)
+    (dreambooth / "finetune_metadata.json").write_text('{"finetune.method": "dreambooth"}')
+    refused = r"brings its own UNet, which would replace the fine-tuned UNet of \S*db/pipeline: use it on the base model it was trained on"
+    with pytest.raises(FinetuneError, match=refused):
+        inference.load_sampling_pipeline(str(dreambooth), controlnet=str(run))
+    with pytest.raises(FinetuneError, match=refused):
+        engine.rescan()
+        engine.render(demo_engine.Request(prompt="x", steps=1, model="db/pipeline", controlnet="run/controlnet", conditioning_image=Image.new("RGB", (64, 64))))
 
     # A unet/ folder from another run (other metadata) is not this ControlNet's decoder.
     save_model_folder(unet, run / "unet", {**METADATA, "finetune.steps": "7"})
