@@ -1,6 +1,7 @@
 # One entry point for setup, the quickstart and the tests (see README.md).
 #   make quickstart   set up .venv and run a real LoRA training on the sample data
 #   make test         set up .venv and run the test suite (what CI runs)
+#   make test-slow    the minutes-long checks the suite leaves out
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 TORCH_VERSION ?= 2.13.0
 VENV ?= .venv
@@ -8,7 +9,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup browser quickstart test demo base-model clean
+.PHONY: setup browser quickstart test test-slow demo base-model clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +29,10 @@ quickstart: setup
 
 test: setup browser
 	$(BIN)/python -m pytest -q
+
+# The minutes-long checks the default suite leaves out (pytest -m slow): a ControlNet learning its control.
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
 
 # Headless Chromium for the demo's browser test (Debian packages; needs root, or sudo when there is one).
 # Idempotent: nothing happens when /usr/bin/chromium is already installed.

@@ -56,7 +56,7 @@ def test_attached_controlnet_changes_nothing_at_creation(make_recipe, pairs_fold
 
 def test_training_changes_only_the_controlnet_and_the_saved_folder_reproduces_it(make_recipe, pairs_folder, monkeypatch):
     recipe = controlnet_recipe(
-        make_recipe, pairs_folder, train__max_steps=3,
+        make_recipe, pairs_folder, train__max_steps=3, optimizer__weight_decay=0.0,
         validation={"prompts": ["a red circle"], "num_inference_steps": 1, "images_per_prompt": 1, "at_start": False},
     )
     capture = Capture(monkeypatch)
@@ -66,6 +66,11 @@ def test_training_changes_only_the_controlnet_and_the_saved_folder_reproduces_it
 
     for name, conv in zero_convs(trained).items():
         assert conv.abs().sum() > 0, f"zero conv {name} did not learn"
+    # The conditioning images reach it: the first conv of its conditioning embedding learns from their
+    # pixels once the zero convs behind it have (step 3; no weight decay, so an all-zero input would
+    # leave these weights exactly as created).
+    created = set_up(recipe).controlnet.controlnet_cond_embedding.conv_in.weight
+    assert not torch.equal(trained.controlnet_cond_embedding.conv_in.weight, created)
     for part in ("unet", "vae", "text_encoder"):
         for name, tensor in getattr(fresh, part).state_dict().items():
             assert torch.equal(getattr(method.base, part).state_dict()[name], tensor), f"{part}.{name}"
