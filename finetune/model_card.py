@@ -61,6 +61,7 @@ def write_model_card(lora: LoRA, path: Path, layout: str, training_dir: Path | N
         f"| prediction type | {meta.get('finetune.prediction_type', 'unknown')} |",
         f"| clip skip | {meta.get('finetune.clip_skip', 'unknown')} (the webui's count) |",
         f"| recipe hash | `{meta.get('finetune.recipe_hash', 'unknown')}` |",
+        *([f"| started from | the LoRA `{meta['finetune.init_from']}` (lora.init_from; steps above are this run's) |"] if meta.get("finetune.init_from") else []),
         "",
     ]
     grid = newest_sample_grid(training_dir) if training_dir else None

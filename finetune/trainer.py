@@ -101,6 +101,8 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     base.vae.to(accelerator.device)
     base.text_encoder.to(accelerator.device)
     method.setup(base, weight_dtype)
+    for line in method.start_lines if resume_from is None else []:
+        accelerator.print(line)
     if train_cfg.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
     if train_cfg.channels_last:
@@ -138,6 +140,9 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             )
         if average is not None and not average.load(resume_from / EMA_FILE):
             accelerator.print(f"warning: {resume_from.name} has no weight average (train.ema_decay was off): it starts from the resumed weights")
+        saved_init = (state.get("recipe") or {}).get("lora.init_from")
+        if saved_init and recipe.lora.init_from is None:  # its weights are the checkpoint's now; the record keeps where they began
+            recipe.lora.init_from = saved_init
         changed = ckpt.changed_settings(state.get("recipe"), _flat_hparams(recipe))
         if changed:
             accelerator.print(f"warning: settings changed since {resume_from.name}: {', '.join(changed)}")
@@ -346,6 +351,8 @@ def output_metadata(recipe: Recipe, step: int, prediction_type: str) -> dict[str
     }
     if recipe.method == "lora" or (recipe.dreambooth and recipe.dreambooth.adapter == "lora"):
         metadata.update({"finetune.rank": str(recipe.lora.rank), "finetune.alpha": str(recipe.lora.alpha)})
+    if recipe.lora.init_from:  # its name only: a path would carry the user's folders into shared files
+        metadata["finetune.init_from"] = Path(recipe.lora.init_from).name
     return metadata
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 from finetune.checkpoint import list_checkpoints
 from finetune.data import CaptionedImageDataset, collate, load_examples
 from finetune.errors import FinetuneError
+from finetune.kohya import load_lora
 from finetune.diffusion import add_noise, per_sample_loss
 from finetune.encoders import encode_images, encode_prompts
 from finetune.methods.lora import LORA_WEIGHTS_NAME, LoRAMethod
@@ -90,6 +92,28 @@ def test_init_from_starts_as_base_plus_that_lora_in_any_layout(make_recipe, tiny
         train(make_recipe(lora__init_from=str(tmp_path / "nothere")))
     with pytest.raises(FinetuneError, match=r"lora.init_from starts a LoRA, and method full trains none"):
         make_recipe(method="full", lora__init_from=str(first.output_dir))
+
+
+def test_a_run_started_from_a_lora_says_so_records_it_and_keeps_it_when_resumed(make_recipe, tmp_path, capsys):
+    first = train(make_recipe(output_dir=str(tmp_path / "first"), train__max_steps=3))
+    capsys.readouterr()
+    common = dict(output_dir=str(tmp_path / "continued"), checkpoint__every_n_steps=1)
+    continued = train(make_recipe(lora__init_from=str(first.output_dir), train__max_steps=2, **common))
+    layers = len(load_lora(first.output_dir / LORA_WEIGHTS_NAME).layers)
+    assert f"starting from the LoRA {first.output_dir} (lora.init_from): {layers} layers, rank 4, alpha 2, trained 3 steps" in capsys.readouterr().out
+    with safe_open(str(continued.output_dir / LORA_WEIGHTS_NAME), "pt") as f:
+        assert f.metadata()["finetune.init_from"] == "first" and f.metadata()["finetune.steps"] == "2"
+    from finetune.cli import main
+
+    assert main(["export", str(continued.output_dir), str(tmp_path / "webui"), "--to", "kohya"]) == 0
+    assert "| started from | the LoRA `first`" in (tmp_path / "webui" / "continued.md").read_text()
+    # Resumed without the key (it was a command-line override): the record keeps where the weights began.
+    train(make_recipe(train__max_steps=3, **common), resume="latest")
+    out = capsys.readouterr().out
+    assert "starting from the LoRA" not in out and "lora.init_from" not in out  # nor a "settings changed" warning
+    assert yaml.safe_load((continued.output_dir / "recipe.yaml").read_text())["lora"]["init_from"] == str(first.output_dir)
+    with safe_open(str(continued.output_dir / LORA_WEIGHTS_NAME), "pt") as f:
+        assert f.metadata()["finetune.init_from"] == "first"
 
 
 def test_the_run_length_is_also_said_in_epochs(make_recipe, capsys):

@@ -48,6 +48,12 @@ class LoRAMethod(UNetMethod):
         if self.initial_lora is not None:
             check_trained_alike(self.initial_lora, settings.init_from, self.recipe.model.clip_skip, self.base.noise_scheduler.config.prediction_type)
             start_from(self.trained_modules(), self.initial_lora, settings.init_from)
+            rank, alpha = self.initial_lora.common_rank_alpha()
+            steps = self.initial_lora.metadata.get("finetune.steps")
+            self.start_lines.append(
+                f"starting from the LoRA {settings.init_from} (lora.init_from): {len(self.initial_lora.layers)} layers, "
+                f"rank {rank}, alpha {alpha:g}" + (f", trained {steps} steps" if steps else "")
+            )
 
     def save(self, output_dir: Path, modules, metadata: dict[str, str]) -> list[Path]:
         return [save_lora(modules, output_dir / LORA_WEIGHTS_NAME, metadata)]
