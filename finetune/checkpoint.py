@@ -152,6 +152,7 @@ def clear_earlier_run(output_dir: Path) -> None:
 
 # Settings a resumed run may change without a word: how long it runs, where and how often it reports.
 RESUMABLE_CHANGES = ("train.max_steps", "output_dir", "checkpoint.", "validation.", "logging.")
+TRAINING_DATA_CHANGES = ("validation.loss_images",)  # among those: it changes which images train
 
 
 def changed_settings(saved: dict | None, current: dict) -> list[str]:
@@ -160,7 +161,7 @@ def changed_settings(saved: dict | None, current: dict) -> list[str]:
         return []
     keys = sorted(set(saved) | set(current))
     return [f"{key} {saved.get(key)} -> {current.get(key)}" for key in keys
-            if saved.get(key) != current.get(key) and not key.startswith(RESUMABLE_CHANGES)]  # fmt: skip
+            if saved.get(key) != current.get(key) and (not key.startswith(RESUMABLE_CHANGES) or key in TRAINING_DATA_CHANGES)]  # fmt: skip
 
 
 def save_checkpoint(

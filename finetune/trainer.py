@@ -27,6 +27,7 @@ from finetune.distributed import accelerator_options, autocast, checkpoint_optio
 from finetune.ema import EMA_FILE, WeightAverage
 from finetune.encoders import long_captions_line
 from finetune.errors import FinetuneError
+from finetune.held_out import TrainingSubset, held_out_indices, held_out_loss
 from finetune.methods import METHODS
 from finetune.models import load_base_model, resolve_model_folder
 from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer
@@ -45,6 +46,7 @@ class TrainResult:
     saved_files: list[Path] = field(default_factory=list)
     sample_grids: list[Path] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)  # per optimizer step, this run only
+    validation_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss on the held-out images)
     interrupted: bool = False
 
 
@@ -88,6 +90,10 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     for report in method.data_reports:
         for line in report.lines(limit=10):
             accelerator.print(line)
+    items = method.training_item_count()
+    held_out = held_out_indices(items, recipe.validation.loss_images, train_cfg.batch_size * accelerator.num_processes, recipe.seed)
+    if held_out:
+        accelerator.print(f"validation loss: {len(held_out)} of the {items} images held out of training, scored at each validation")
     set_seed(recipe.seed)  # the same adapter initialisation on every process
     if torch.cuda.is_available() and train_cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -112,6 +118,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     configure_deepspeed(accelerator, recipe, list(method.trained_modules()))
     # Before `prepare`: DreamBooth may generate class images with the UNet, which ZeRO-3 then shards.
     dataset, collate_fn = method.training_data(accelerator)
+    training_set = TrainingSubset(dataset, held_out) if held_out else dataset
     parameter_groups = method.parameter_groups()
     optimizer = build_optimizer(recipe.optimizer, parameter_groups)
     lr_scheduler = build_lr_scheduler(recipe.optimizer, optimizer, train_cfg.max_steps)
@@ -153,11 +160,11 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
 
     accumulation = train_cfg.gradient_accumulation_steps
     sampler = make_batch_sampler(
-        dataset, train_cfg.batch_size, accelerator.num_processes, accelerator.process_index, recipe.seed, start=step * accumulation
+        training_set, train_cfg.batch_size, accelerator.num_processes, accelerator.process_index, recipe.seed, start=step * accumulation
     )
-    accelerator.print(run_length_line(train_cfg, sampler, len(dataset), accelerator.num_processes))
+    accelerator.print(run_length_line(train_cfg, sampler, len(training_set), accelerator.num_processes))
     loader = torch.utils.data.DataLoader(
-        dataset,
+        training_set,
         batch_sampler=sampler,
         collate_fn=collate_fn,
         num_workers=recipe.data.num_workers,
@@ -173,6 +180,11 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     def validate(at_step: int) -> None:
         with averaged():
             grid = run_validation(recipe, method, modules, accelerator, at_step)
+            if held_out:
+                terms = held_out_loss(method, modules, dataset, collate_fn, held_out, recipe.seed, accelerator.device, lambda: autocast(accelerator))
+                result.validation_losses.append((at_step, terms["loss"]))
+                accelerator.print(f"validation loss at step {at_step}: {terms['loss']:.4f}")
+                accelerator.log({f"validation/{name}": value for name, value in terms.items()}, step=at_step)
         if grid is not None:
             result.sample_grids.append(grid)
 

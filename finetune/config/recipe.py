@@ -128,6 +128,9 @@ class ValidationConfig(Section):
     negative_prompt: Optional[str] = None  # e.g. "blurry, low quality"; the same for every prompt
     images_per_prompt: int = Field(2, ge=1)
     seed: int = 0
+    # Hold this many training images out of training and report the loss on them at each validation
+    # (fixed noise and timesteps: it falls while the model generalises and turns up when it overfits). 0: off.
+    loss_images: int = Field(0, ge=0)
 
 
 class CheckpointConfig(Section):

@@ -60,6 +60,9 @@ class ControlNetMethod(DiffusionMethod):
         self.settings = recipe.controlnet
         self.controlnet: ControlNetModel | None = None
 
+    def training_item_count(self) -> int:
+        return len(self.pairs)
+
     def check_data(self) -> None:
         self.pairs, report = checked_pairs(self.recipe)
         self.data_reports = [report]

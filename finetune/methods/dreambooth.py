@@ -155,6 +155,9 @@ class DreamBoothMethod(DiffusionMethod):
 
     # -- data -----------------------------------------------------------------------------------
 
+    def training_item_count(self) -> int:
+        return len(self.instances)  # each with its class image
+
     def check_data(self) -> None:
         self.instances: list[tuple[int, Example]] = []
         for i, config in enumerate(data_configs(self.recipe)):

@@ -1,0 +1,51 @@
+"""validation.loss_images: images held out of training, their loss reported at each validation with
+fixed draws, for every method."""
+
+import math
+
+import pytest
+from controlnet_helpers import controlnet_recipe
+
+import finetune.held_out as held_out_module
+from finetune.errors import FinetuneError
+from finetune.held_out import held_out_indices
+from finetune.trainer import train
+
+
+def test_held_out_images_never_train_and_their_loss_is_reported_at_each_validation(make_recipe, tmp_path, monkeypatch, capsys):
+    trained_on = set()
+    real_getitem = held_out_module.TrainingSubset.__getitem__
+    monkeypatch.setattr(held_out_module.TrainingSubset, "__getitem__", lambda self, key: trained_on.add(self.kept[key[0]]) or real_getitem(self, key))
+    common = dict(validation__loss_images=1, validation__every_n_steps=2, checkpoint__every_n_steps=2, train__max_steps=4)
+    whole = train(make_recipe(output_dir=str(tmp_path / "whole"), **common))  # 4 images, batch 2
+    [held] = held_out_indices(4, 1, 2, make_recipe().seed)
+    assert trained_on == {0, 1, 2, 3} - {held}
+    assert [step for step, _ in whole.validation_losses] == [0, 2, 4] and all(math.isfinite(loss) for _, loss in whole.validation_losses)
+    assert whole.validation_losses[0][1] != whole.validation_losses[-1][1]
+    out = capsys.readouterr().out
+    assert "validation loss: 1 of the 4 images held out of training, scored at each validation" in out
+    assert f"validation loss at step 4: {whole.validation_losses[-1][1]:.4f}" in out
+    assert "length: 4 steps of 2 images = 4 epochs of 2 of the 3 images" in out  # the held-out image is not counted
+
+    # The same draws every time: an untrained model scores the same at step 0 of any run, and a
+    # resumed run ends at the uninterrupted one's number.
+    again = train(make_recipe(output_dir=str(tmp_path / "again"), **{**common, "train__max_steps": 1}))
+    assert again.validation_losses[0] == whole.validation_losses[0]
+    resumed = train(make_recipe(output_dir=str(tmp_path / "resumed"), **common), resume=str(whole.output_dir / "checkpoints" / "checkpoint-2"))
+    assert resumed.validation_losses[-1] == whole.validation_losses[-1]
+
+    with pytest.raises(FinetuneError, match=r"^validation.loss_images \(3\) holds out too much of the 4 training images: at least 2 \(one global batch\)"):
+        train(make_recipe(output_dir=str(tmp_path / "greedy"), validation__loss_images=3))
+
+
+@pytest.mark.parametrize("method", ["controlnet", "dreambooth"])
+def test_every_method_reports_its_validation_loss(method, make_recipe, pairs_folder, image_folder, tmp_path):
+    settings = dict(validation__loss_images=1, validation__at_start=False, train__max_steps=1, train__batch_size=1)
+    if method == "controlnet":
+        recipe = controlnet_recipe(make_recipe, pairs_folder, **settings)
+    else:
+        concept = {"instance_dir": str(image_folder), "instance_prompt": "a sks shape", "class_prompt": "a shape", "class_dir": str(tmp_path / "class")}
+        dreambooth = {"concepts": [concept], "adapter": "lora", "num_class_images": 2, "class_generation": {"num_inference_steps": 1}}
+        recipe = make_recipe(method="dreambooth", dreambooth=dreambooth, data__image_dir=None, **settings)
+    [(step, loss)] = train(recipe).validation_losses
+    assert step == 1 and math.isfinite(loss) and loss > 0
