@@ -208,6 +208,8 @@ def finetune_metadata_from_kohya(metadata: dict[str, str]) -> dict[str, str]:
             kept[ours] = metadata[theirs]
     if "finetune.prediction_type" not in kept and metadata.get("ss_v_parameterization") in ("True", "False"):
         kept["finetune.prediction_type"] = "v_prediction" if metadata["ss_v_parameterization"] == "True" else "epsilon"
+    if "finetune.zero_terminal_snr" not in kept and metadata.get("ss_zero_terminal_snr") == "True":
+        kept["finetune.zero_terminal_snr"] = "true"
     return kept
 
 
@@ -233,8 +235,10 @@ def to_kohya(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     for theirs, ours in (("ss_sd_model_name", "finetune.base_model"), ("ss_max_train_steps", "finetune.steps"), ("ss_clip_skip", "finetune.clip_skip")):
         if ours in lora.metadata:
             metadata[theirs] = lora.metadata[ours]
-    if "finetune.prediction_type" in lora.metadata:  # sd-scripts' flag, "True"/"False"
+    if "finetune.prediction_type" in lora.metadata:  # sd-scripts' flags, "True"/"False"
         metadata["ss_v_parameterization"] = str(lora.metadata["finetune.prediction_type"] == "v_prediction")
+    if "finetune.method" in lora.metadata:
+        metadata["ss_zero_terminal_snr"] = str(lora.metadata.get("finetune.zero_terminal_snr") == "true")
     return tensors, metadata
 
 

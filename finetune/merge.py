@@ -16,7 +16,7 @@ from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
 from finetune.kohya import CLIP_ROOT, LoRA, load_lora
 from finetune.model_card import diffusers_loading_code
-from finetune.models import load_base_model
+from finetune.models import load_base_model, zero_terminal_snr_schedule
 from finetune.pipeline_io import check_replaceable, save_pipeline
 
 
@@ -63,9 +63,11 @@ def merge_lora(
     merge_into({"unet": model.unet, "text_encoder": model.text_encoder}, lora, strength)
     if lora.metadata.get("finetune.prediction_type"):  # the merged UNet predicts what the LoRA was trained for
         model.noise_scheduler.register_to_config(prediction_type=lora.metadata["finetune.prediction_type"])
+    if lora.metadata.get("finetune.zero_terminal_snr") == "true":  # and on the schedule it was trained on
+        model.noise_scheduler = zero_terminal_snr_schedule(model.noise_scheduler)
     # What the demo's adapter table shows for this pipeline, and the clip skip sample and the demo use with it.
     recorded = {"finetune.method": f"lora merged at {strength:g}", "finetune.base_model": base, "finetune.steps": lora.metadata.get("finetune.steps", "?"),
-                **{key: lora.metadata[key] for key in ("finetune.clip_skip",) if key in lora.metadata}}  # fmt: skip
+                **{key: lora.metadata[key] for key in ("finetune.clip_skip", "finetune.zero_terminal_snr") if key in lora.metadata}}  # fmt: skip
     output_dir = save_pipeline(model, Path(output_dir), metadata=recorded)
     _write_card(output_dir, base, lora_file, lora, strength)
     return output_dir

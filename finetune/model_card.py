@@ -19,6 +19,10 @@ def newest_sample_grid(training_dir: Path) -> Path | None:
 V_PREDICTION_CODE = (
     'pipeline.scheduler = pipeline.scheduler.from_config(pipeline.scheduler.config, prediction_type="v_prediction")  # trained to predict v'
 )
+ZERO_TERMINAL_SNR_CODE = (
+    "pipeline.scheduler = pipeline.scheduler.from_config(pipeline.scheduler.config, rescale_betas_zero_snr=True, "
+    'timestep_spacing="trailing")  # trained with zero terminal SNR'
+)
 
 
 def diffusers_loading_code(source: str) -> list[str]:
@@ -60,6 +64,7 @@ def write_model_card(lora: LoRA, path: Path, layout: str, training_dir: Path | N
         f"| resolution | {meta.get('finetune.resolution', 'unknown')} |",
         f"| prediction type | {meta.get('finetune.prediction_type', 'unknown')} |",
         f"| clip skip | {meta.get('finetune.clip_skip', 'unknown')} (the webui's count) |",
+        *(["| noise schedule | zero terminal SNR (sample from the last timestep, trailing spacing) |"] if meta.get("finetune.zero_terminal_snr") == "true" else []),
         f"| recipe hash | `{meta.get('finetune.recipe_hash', 'unknown')}` |",
         *([f"| started from | the LoRA `{meta['finetune.init_from']}` (lora.init_from; steps above are this run's) |"] if meta.get("finetune.init_from") else []),
         "",
@@ -81,6 +86,9 @@ def write_model_card(lora: LoRA, path: Path, layout: str, training_dir: Path | N
     ]
     if meta.get("finetune.prediction_type") == "v_prediction":
         lines.append(V_PREDICTION_CODE)
+    zero_snr = meta.get("finetune.zero_terminal_snr") == "true"
+    if zero_snr:
+        lines.append(ZERO_TERMINAL_SNR_CODE)
     clip_skip = recorded_clip_skip(meta) or 1
     if clip_skip > 1:  # not pipeline(clip_skip=...): that looks for text_model, which transformers 5 no longer has
         lines += [
@@ -96,6 +104,8 @@ def write_model_card(lora: LoRA, path: Path, layout: str, training_dir: Path | N
     ]
     if clip_skip > 1:
         lines += [f"Trained with clip skip {clip_skip}: set *Clip skip* to {clip_skip} in the webui (a *CLIP Set Last Layer* node at -{clip_skip} in ComfyUI).", ""]
+    if zero_snr:
+        lines += ["Trained with zero terminal SNR (v-prediction): in ComfyUI, a *ModelSamplingDiscrete* node set to v_prediction with zsnr on.", ""]
     if layout == "kohya":
         lines += [
             f"Copy `{path.name}` to `models/Lora/` (webui) or `models/loras/` (ComfyUI).",

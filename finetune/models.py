@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,9 +31,14 @@ class BaseModel:
     text_encoder: CLIPTextModel
     vae: AutoencoderKL
     unet: UNet2DConditionModel
-    noise_scheduler: DDPMScheduler  # training's: model.prediction_type may have changed its target
+    noise_scheduler: DDPMScheduler  # training's: model.prediction_type and zero_terminal_snr may have changed it
     config: ModelConfig  # where the parts came from (to load one again)
-    pretrained_prediction_type: str = "epsilon"  # what the base model itself predicts
+    # What the base model itself was trained for: its scheduler's target, noise schedule and spacing.
+    pretrained_schedule: dict = field(default_factory=lambda: dict(PRETRAINED_SCHEDULE_DEFAULTS))
+
+    @property
+    def pretrained_prediction_type(self) -> str:
+        return self.pretrained_schedule["prediction_type"]
 
     @property
     def source(self) -> str:
@@ -41,14 +46,14 @@ class BaseModel:
 
     @contextmanager
     def predicting_as_pretrained(self):
-        """Pipelines built inside sample for what the base itself predicts (e.g. the untrained step 0 of
-        a run that trains v-prediction on an epsilon base), not for what training targets."""
-        trained_for = self.noise_scheduler.config.prediction_type
-        self.noise_scheduler.register_to_config(prediction_type=self.pretrained_prediction_type)
+        """Pipelines built inside sample as the base itself was trained (e.g. the untrained step 0 of a
+        run that trains v-prediction on an epsilon base), not for what training targets."""
+        trained_for = {key: self.noise_scheduler.config[key] for key in self.pretrained_schedule}
+        self.noise_scheduler.register_to_config(**self.pretrained_schedule)
         try:
             yield
         finally:
-            self.noise_scheduler.register_to_config(prediction_type=trained_for)
+            self.noise_scheduler.register_to_config(**trained_for)
 
 
 def freeze(module: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
@@ -155,16 +160,31 @@ def load_base_model(config: ModelConfig, weight_dtype: torch.dtype = torch.float
     parts = load_parts(config, ["tokenizer", "text_encoder", "vae", "unet", "scheduler_config"])
     # Training always adds noise the DDPM way; the model's own config says which betas and target.
     noise_scheduler = DDPMScheduler.from_config(parts["scheduler_config"])
-    pretrained_prediction_type = noise_scheduler.config.prediction_type
+    pretrained_schedule = {key: noise_scheduler.config.get(key, default) for key, default in PRETRAINED_SCHEDULE_DEFAULTS.items()}
     if config.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=config.prediction_type)
+    if config.zero_terminal_snr:
+        noise_scheduler = zero_terminal_snr_schedule(noise_scheduler)
 
     if config.clip_skip > 1:
         skip_last_layers(parts["text_encoder"], config.clip_skip)
     freeze(parts["vae"], weight_dtype)
     freeze(parts["text_encoder"], weight_dtype)
     parts["unet"].train()
-    return BaseModel(parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"], noise_scheduler, config, pretrained_prediction_type)
+    return BaseModel(parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"], noise_scheduler, config, pretrained_schedule)
+
+
+def zero_terminal_snr_schedule(scheduler: DDPMScheduler) -> DDPMScheduler:
+    """The schedule rescaled so its last timestep is pure noise (Lin et al. 2024), sampled from that last
+    timestep ("trailing" spacing): images can then be as dark or bright as the data, not mid-grey on average.
+    With signal-to-noise 0 there is nothing to predict the noise from: it takes v-prediction."""
+    if scheduler.config.prediction_type != "v_prediction":
+        raise FinetuneError("model.zero_terminal_snr needs v-prediction (at the last timestep the input is pure noise): set model.prediction_type: v_prediction")
+    return DDPMScheduler.from_config(scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+
+
+# The scheduler settings that say what a model was trained for, as diffusers defaults them.
+PRETRAINED_SCHEDULE_DEFAULTS = {"prediction_type": "epsilon", "rescale_betas_zero_snr": False, "timestep_spacing": "leading"}
 
 
 def load_parts(config: ModelConfig, names: list[str]) -> dict:

@@ -15,18 +15,17 @@ from finetune.models import BaseModel
 
 
 def build_pipeline(
-    base: BaseModel, unet: torch.nn.Module | None = None, pipeline_class=StableDiffusionPipeline, prediction_type: str | None = None, **extra
+    base: BaseModel, unet: torch.nn.Module | None = None, pipeline_class=StableDiffusionPipeline, as_pretrained: bool = False, **extra
 ):
     """A pipeline (StableDiffusionPipeline by default) over the base model's parts and a trained UNet,
-    sampling with DDIM for what training targets (or `prediction_type`); `extra` passes further parts,
-    e.g. controlnet= with the ControlNet pipeline class."""
-    scheduler_config = base.noise_scheduler.config
+    sampling with DDIM for what training targets (`as_pretrained`: as the base itself was trained);
+    `extra` passes further parts, e.g. controlnet= with the ControlNet pipeline class."""
     pipeline = pipeline_class(
         vae=base.vae,
         text_encoder=base.text_encoder,
         tokenizer=base.tokenizer,
         unet=unet if unet is not None else base.unet,
-        scheduler=DDIMScheduler.from_config(scheduler_config, prediction_type=prediction_type or scheduler_config.prediction_type),
+        scheduler=DDIMScheduler.from_config(base.noise_scheduler.config, **(base.pretrained_schedule if as_pretrained else {})),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -48,10 +47,26 @@ def adapters_prediction_type(adapters: dict[str, dict[str, str]]) -> str | None:
 
 
 def follow_adapters_prediction_type(pipeline, adapters: dict[str, dict[str, str]]) -> None:
-    """Sample with the adapters' prediction type where it is not the base scheduler's."""
+    """Sample with the adapters' prediction type where it is not the base scheduler's, and on the
+    zero-terminal-SNR schedule where they were trained on it."""
     kind = adapters_prediction_type(adapters)
-    if kind is not None and kind != pipeline.scheduler.config.prediction_type:
-        pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, prediction_type=kind)
+    changes = {} if kind is None or kind == pipeline.scheduler.config.prediction_type else {"prediction_type": kind}
+    if adapters_zero_terminal_snr(adapters) and not pipeline.scheduler.config.get("rescale_betas_zero_snr"):
+        changes.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    if changes:
+        pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, **changes)
+
+
+def adapters_zero_terminal_snr(adapters: dict[str, dict[str, str]]) -> bool:
+    """Whether the adapters were trained with model.zero_terminal_snr (those that record nothing were not);
+    adapters trained on the two schedules do not mix."""
+    # Ours record it when on (its absence means off); a file from sd-scripts only when on (ss_zero_terminal_snr).
+    recorded = {name: meta.get("finetune.zero_terminal_snr") == "true" for name, meta in adapters.items()
+                if "finetune.method" in meta or "finetune.zero_terminal_snr" in meta}  # fmt: skip
+    if len(set(recorded.values())) > 1:
+        listed = ", ".join(f"{name} ({'zero terminal SNR' if on else 'the base schedule'})" for name, on in recorded.items())
+        raise FinetuneError(f"adapters trained on different noise schedules cannot be combined: {listed}")
+    return any(recorded.values())
 
 
 def adapters_clip_skip(adapters: dict[str, dict[str, str]]) -> int:

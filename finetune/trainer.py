@@ -358,6 +358,7 @@ def output_metadata(recipe: Recipe, step: int, prediction_type: str) -> dict[str
         "finetune.steps": str(step),
         "finetune.prediction_type": prediction_type,
         "finetune.clip_skip": str(recipe.model.clip_skip),
+        **({"finetune.zero_terminal_snr": "true"} if recipe.model.zero_terminal_snr else {}),
         "finetune.resolution": str(recipe.data.resolution),
         "finetune.recipe_hash": recipe.fingerprint(),
     }

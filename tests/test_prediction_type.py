@@ -105,3 +105,42 @@ def test_validation_samples_the_untrained_step_0_as_the_base_predicts_and_later_
         "checkpoint": {"every_n_steps": 0}, "logging": {"tensorboard": False},
     }))  # fmt: skip
     assert used == ["epsilon", "v_prediction"]
+
+
+def test_zero_terminal_snr_trains_on_the_rescaled_schedule_and_everything_samples_on_it(tiny_model, image_folder, tmp_path, monkeypatch):
+    import finetune.methods.base as method_base
+    from finetune.config import ModelConfig
+    from finetune.models import load_base_model
+    from finetune.sampling import adapters_zero_terminal_snr
+
+    def recipe(output_dir, **model):
+        return recipe_from_dict({
+            "method": "lora", "seed": 0, "output_dir": str(output_dir), "model": {"pretrained": str(tiny_model), **model},
+            "data": {"image_dir": str(image_folder), "resolution": 64}, "train": {"batch_size": 2, "max_steps": 1},
+            "validation": {"prompts": ["a red circle"], "num_inference_steps": 1, "images_per_prompt": 1},
+            "checkpoint": {"every_n_steps": 0}, "logging": {"tensorboard": False},
+        })  # fmt: skip
+
+    with pytest.raises(FinetuneError, match=r"^model.zero_terminal_snr needs v-prediction .*: set model.prediction_type: v_prediction$"):
+        train(recipe(tmp_path / "epsilon", zero_terminal_snr=True))
+    schedule = load_base_model(ModelConfig(pretrained=str(tiny_model), prediction_type="v_prediction", zero_terminal_snr=True)).noise_scheduler
+    assert schedule.alphas_cumprod[-1] < 1e-9 < 1e-3 < load_base_model(ModelConfig(pretrained=str(tiny_model))).noise_scheduler.alphas_cumprod[-1]
+
+    used, real_generate = [], method_base.generate
+    remember = lambda pipeline: used.append((pipeline.scheduler.config.prediction_type, pipeline.scheduler.config.rescale_betas_zero_snr))
+    monkeypatch.setattr(method_base, "generate", lambda pipeline, *a: remember(pipeline) or real_generate(pipeline, *a))
+    run = train(recipe(tmp_path / "zsnr", prediction_type="v_prediction", zero_terminal_snr=True)).output_dir
+    assert used == [("epsilon", False), ("v_prediction", True)]  # step 0: the base as it was trained
+    assert recorded(run / LORA_WEIGHTS_NAME) == "v_prediction"
+    # sample and merge follow it; sd-scripts' layout keeps it both ways (ss_zero_terminal_snr).
+    scheduler = load_sampling_pipeline(str(tiny_model), str(run)).scheduler.config
+    assert (scheduler.prediction_type, scheduler.rescale_betas_zero_snr, scheduler.timestep_spacing) == ("v_prediction", True, "trailing")
+    assert main(["merge", "--lora", str(run), str(tmp_path / "merged")]) == 0
+    assert load_sampling_pipeline(str(tmp_path / "merged")).scheduler.config.rescale_betas_zero_snr is True
+    metadata, theirs = sd_scripts_round_trip(run, tmp_path / "kohya")
+    assert metadata["ss_zero_terminal_snr"] == "True" and theirs.metadata["finetune.zero_terminal_snr"] == "true"
+    namespace: dict = {}  # the export's model card: its diffusers code, pasted, samples on that schedule
+    exec(python_block(next((tmp_path / "kohya").glob("*.md"))), namespace)
+    assert namespace["pipeline"].scheduler.config.rescale_betas_zero_snr is True
+    with pytest.raises(FinetuneError, match=r"adapters trained on different noise schedules cannot be combined"):
+        adapters_zero_terminal_snr({"zsnr": theirs.metadata, "plain": {"finetune.method": "lora"}})

@@ -26,6 +26,10 @@ class ModelConfig(Section):
     # Counted as the webui and sd-scripts count it: 1 uses the text encoder's last layer, 2 the one before
     # (what anime bases built on NovelAI's were trained with). Sampling follows the adapter's.
     clip_skip: int = Field(1, ge=1)
+    # Rescale the noise schedule so its last timestep is pure noise, and sample from there (Lin et al. 2024;
+    # sd-scripts' zero_terminal_snr): the model learns images as dark or bright as the data. Needs
+    # v-prediction. Outputs record it and sample, eval, merge and the demo follow.
+    zero_terminal_snr: bool = False
     # Not recipe keys: what set `pretrained` and `single_file_config`, for messages (a command's options).
     _key: str = PrivateAttr("model.pretrained")
     _single_file_config_key: str = PrivateAttr("model.single_file_config")

@@ -195,8 +195,8 @@ class DreamBoothMethod(DiffusionMethod):
         if plan.missing:
             prompts = concept.class_prompts
             accelerator.print(f"generating {len(plan.missing)} class images ({len(prompts)} prompts) in {plan.folder}")
-            # The frozen base, sampled for what it predicts (model.prediction_type changes only what training targets).
-            pipeline = build_pipeline(self.base, prediction_type=self.base.pretrained_prediction_type)
+            # The frozen base, sampled as it was trained (model.prediction_type and zero_terminal_snr change training's target).
+            pipeline = build_pipeline(self.base, as_pretrained=True)
             self.base.unet.eval()
             with torch.random.fork_rng(devices=[]):
                 generate_class_images(
