@@ -120,6 +120,8 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     dataset, collate_fn = method.training_data(accelerator)
     training_set = TrainingSubset(dataset, held_out) if held_out else dataset
     parameter_groups = method.parameter_groups()
+    # The recipe's rates, read before the optimizer and the schedule's warm-up write into these groups.
+    group_lrs = [group.get("lr", recipe.optimizer.lr) for group in parameter_groups]
     optimizer = build_optimizer(recipe.optimizer, parameter_groups)
     lr_scheduler = build_lr_scheduler(recipe.optimizer, optimizer, train_cfg.max_steps)
     names = list(method.trained_modules())
@@ -137,7 +139,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         state = ckpt.load_checkpoint(accelerator, resume_from, **load_options)
         step = state["step"]
         method.load_checkpoint_state(state.get("method", {}))
-        apply_recipe_settings(optimizer, lr_scheduler, [group.get("lr", recipe.optimizer.lr) for group in parameter_groups], recipe.optimizer)
+        apply_recipe_settings(optimizer, lr_scheduler, group_lrs, recipe.optimizer)
         accelerator.print(f"resumed from {resume_from} at step {step}")
         if state.get("processes", accelerator.num_processes) != accelerator.num_processes:
             accelerator.print(

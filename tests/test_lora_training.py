@@ -215,9 +215,10 @@ def test_at_init_the_adapter_is_a_no_op(make_recipe):
 
 @pytest.mark.parametrize("optimizer", [{}, {"name": "prodigy", "lr": 1.0}, {"name": "adafactor"}], ids=["adamw", "prodigy", "adafactor"])
 def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(make_recipe, tmp_path, optimizer):
-    """Also with the optimizers whose state lives partly in their parameter groups (Prodigy's step-size estimate)."""
+    """Also with the optimizers whose state lives partly in their parameter groups (Prodigy's step-size estimate),
+    and through a warm-up (a resume once restarted at its first step's learning rate, 0, for good)."""
     common = dict(train__max_steps=6, train__gradient_accumulation_steps=2, lora__dropout=0.1, data__random_flip=True, data__crop="random",
-                  **{f"optimizer__{key}": value for key, value in optimizer.items()})  # fmt: skip
+                  optimizer__warmup_steps=2, **{f"optimizer__{key}": value for key, value in optimizer.items()})  # fmt: skip
     straight = train(make_recipe(output_dir=str(tmp_path / "straight"), **common))
 
     interrupted = make_recipe(output_dir=str(tmp_path / "resumed"), checkpoint__every_n_steps=3, **{**common, "train__max_steps": 3})
