@@ -272,6 +272,18 @@ def configs_from_args(args, recipe: Recipe | None) -> list[DataConfig]:
     return revised
 
 
+def too_few_to_batch(items: int, recipe: Recipe, processes: int = 1) -> str | None:
+    """Why `items` usable images cannot train (they do not fill one global batch), or None."""
+    held_out = recipe.validation.loss_images
+    batch = recipe.train.batch_size
+    needed = processes if recipe.data.bucketing.enabled else batch * processes  # a bucket's last batch may be smaller
+    if items - held_out >= needed:
+        return None
+    held = f", {held_out} of them held out for validation.loss_images," if held_out else ""
+    per = f"train.batch_size {batch}" + (f" x {processes} processes" if processes > 1 else "")
+    return f"{items} usable images{held} leave fewer than one batch ({per}) to train on: lower train.batch_size or add images"
+
+
 def run_check_data_command(args) -> int:
     """Print the report of each data source; exit status 1 when training would stop on it."""
     fatal, warnings = 0, 0
@@ -284,6 +296,7 @@ def run_check_data_command(args) -> int:
             reports.append(inspect_pairs(recipe.model_copy(update={"data": config}))[1])
         else:
             reports.append(inspect_examples(read_examples(config), config, data_label(config)))
+    training_items = sum(len(report.usable) for report in reports)
     if recipe is not None and recipe.method == "dreambooth":
         from finetune.methods.dreambooth import inspect_class_images  # it builds on this module
 
@@ -293,6 +306,10 @@ def run_check_data_command(args) -> int:
             print(line)
         fatal += len(report.of_level(FATAL)) or (0 if report.usable else 1)  # all skipped: nothing to train
         warnings += len(report.of_level(WARNING))
+    short = too_few_to_batch(training_items, recipe) if recipe is not None and not fatal else None
+    if short:
+        print(f"result: training would stop: {short}")
+        return 1
     if fatal:
         print(f"result: training would stop: {fatal} fatal problem(s); fix them, {SKIP_HINT}")
         return 1

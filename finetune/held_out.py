@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from finetune.diffusion import BatchRandomness
-from finetune.errors import FinetuneError
 
 # Micro-batch numbers no training run reaches: the validation draws are never a training step's.
 FIRST_DRAW = 2**40
@@ -20,16 +19,10 @@ FIRST_DRAW = 2**40
 DRAWS_PER_IMAGE = 4
 
 
-def held_out_indices(num_items: int, count: int, min_left: int, seed: int) -> list[int]:
-    """`count` dataset items chosen by `seed` (the same on every process and resume), leaving at least
-    `min_left` (one global batch) to train on."""
+def held_out_indices(num_items: int, count: int, seed: int) -> list[int]:
+    """`count` of the dataset's items, chosen by `seed`: the same on every process and in a resumed run."""
     if count == 0:
         return []
-    if num_items - count < min_left:
-        raise FinetuneError(
-            f"validation.loss_images ({count}) holds out too much of the {num_items} training images: "
-            f"at least {min_left} (one global batch) must stay to train on; lower it"
-        )
     generator = torch.Generator().manual_seed(seed)
     return sorted(torch.randperm(num_items, generator=generator)[:count].tolist())
 

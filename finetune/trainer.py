@@ -20,6 +20,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from finetune import checkpoint as ckpt
+from finetune.check_data import too_few_to_batch
 from finetune.config import Recipe
 from finetune.data import make_batch_sampler
 from finetune.diffusion import BatchRandomness
@@ -91,7 +92,10 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         for line in report.lines(limit=10):
             accelerator.print(line)
     items = method.training_item_count()
-    held_out = held_out_indices(items, recipe.validation.loss_images, train_cfg.batch_size * accelerator.num_processes, recipe.seed)
+    short = too_few_to_batch(items, recipe, accelerator.num_processes)
+    if short:
+        raise FinetuneError(short)
+    held_out = held_out_indices(items, recipe.validation.loss_images, recipe.seed)
     if held_out:
         accelerator.print(f"validation loss: {len(held_out)} of the {items} images held out of training, scored at each validation")
     set_seed(recipe.seed)  # the same adapter initialisation on every process

@@ -204,6 +204,10 @@ def test_check_data_reads_a_recipe_with_overrides(odd_folder, tmp_path, capsys):
     assert "13 images, 9 used, 4 skipped" in out
     assert "buckets (width x height: images): " in out and "48x80: 1" in out  # the upright rotated photo
     assert "result: ready to train" in out
+    # Usable images that do not fill a batch stop training: check-data says so too.
+    code = main(["check-data", str(recipe), "data.skip_bad_images=true", "train.batch_size=8", "validation.loss_images=2"])
+    out = capsys.readouterr().out
+    assert code == 1 and "result: training would stop: 9 usable images, 2 of them held out for validation.loss_images, leave fewer than one batch (train.batch_size 8)" in out
 
 
 def test_check_data_without_recipe_or_folder_is_a_one_line_error(capsys, tmp_path):

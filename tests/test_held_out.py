@@ -18,7 +18,7 @@ def test_held_out_images_never_train_and_their_loss_is_reported_at_each_validati
     monkeypatch.setattr(held_out_module.TrainingSubset, "__getitem__", lambda self, key: trained_on.add(self.kept[key[0]]) or real_getitem(self, key))
     common = dict(validation__loss_images=1, validation__every_n_steps=2, checkpoint__every_n_steps=2, train__max_steps=4)
     whole = train(make_recipe(output_dir=str(tmp_path / "whole"), **common))  # 4 images, batch 2
-    [held] = held_out_indices(4, 1, 2, make_recipe().seed)
+    [held] = held_out_indices(4, 1, make_recipe().seed)
     assert trained_on == {0, 1, 2, 3} - {held}
     assert [step for step, _ in whole.validation_losses] == [0, 2, 4] and all(math.isfinite(loss) for _, loss in whole.validation_losses)
     assert whole.validation_losses[0][1] != whole.validation_losses[-1][1]
@@ -34,7 +34,10 @@ def test_held_out_images_never_train_and_their_loss_is_reported_at_each_validati
     resumed = train(make_recipe(output_dir=str(tmp_path / "resumed"), **common), resume=str(whole.output_dir / "checkpoints" / "checkpoint-2"))
     assert resumed.validation_losses[-1] == whole.validation_losses[-1]
 
-    with pytest.raises(FinetuneError, match=r"^validation.loss_images \(3\) holds out too much of the 4 training images: at least 2 \(one global batch\)"):
+    import finetune.trainer as trainer  # before any model loads
+
+    monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(FinetuneError, match=r"^4 usable images, 3 of them held out for validation.loss_images, leave fewer than one batch \(train.batch_size 2\)"):
         train(make_recipe(output_dir=str(tmp_path / "greedy"), validation__loss_images=3))
 
 
