@@ -66,6 +66,12 @@ def apply_override(raw: dict[str, Any], override: str, source: str = "command li
             else:
                 node = node[int(key)]
         elif isinstance(node, dict):
+            if not last and keys[depth + 1].isdigit() and not isinstance(node.get(key), list):
+                # An index into a list the recipe does not have: say how to give the list instead.
+                raise FinetuneError(
+                    f"override '{override}': {source} has no list at '{'.'.join(keys[: depth + 1])}' to index; "
+                    f"give the whole list instead, e.g. {'.'.join(keys[: depth + 1])}=[{{...}}]"
+                )
             if last:
                 node[key] = value
             else:

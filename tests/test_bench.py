@@ -146,3 +146,18 @@ def test_a_failed_variant_is_a_row_and_its_error_a_line_below_the_table(capsys):
     rows = [line for line in out.splitlines() if "failed" in line and "│" in line]
     assert len(rows) == 2 and "lora " in rows[0] and "lora_gc" in rows[1]
     assert f"lora failed: {error}" in out.replace("\n", " ") and "? threads" in out
+
+
+def test_too_short_a_warmup_for_the_cache_is_said_before_anything_runs(tmp_path):
+    from finetune.bench.runner import run_benchmark
+
+    lines = []
+
+    def log(line: str) -> None:
+        lines.append(line)
+        if line.startswith("lora_cached: "):  # the first variant starts: enough
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(preset="tiny", steps=1, warmup=1, batch=2, num_images=4, variants=["lora_cached"], workdir=tmp_path / "work", log=log)
+    assert lines[0] == "note: --warmup 1 x --batch 2 images < --num-images 4: lora_cached would time steps that still fill the cache; --warmup 2 fills it first"

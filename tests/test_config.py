@@ -119,6 +119,8 @@ def test_override_indexes_lists():
     assert [c["instance_dir"] for c in raw["dreambooth"]["concepts"]] == ["mine", "photos"]
     with pytest.raises(FinetuneError, match="'5' is not an index"):
         apply_override(raw, "dreambooth.concepts.5.instance_dir=x")
+    with pytest.raises(FinetuneError, match=r"has no list at 'dreambooth.concepts' to index; give the whole list instead, e.g. dreambooth.concepts=\[\{\.\.\.\}\]"):
+        apply_override({"method": "lora"}, "dreambooth.concepts.0.instance_dir=x")  # a LoRA recipe has no concepts
 
 
 @pytest.mark.parametrize(

@@ -161,7 +161,7 @@ def test_full_dreambooth_trains_the_unet_only_and_the_saved_pipeline_reproduces_
         assert torch.equal(pipeline.vae.state_dict()[name], tensor)
 
 
-def test_dreambooth_lora_with_two_concepts_and_text_encoder(make_recipe, star_folder, image_folder, tmp_path):
+def test_dreambooth_lora_with_two_concepts_and_text_encoder(make_recipe, star_folder, image_folder, tmp_path, capsys):
     concepts = [
         {"instance_dir": str(star_folder), "instance_prompt": "a sks shape", "class_prompt": "a shape"},
         {"instance_dir": str(image_folder), "instance_prompt": "a zwx pattern", "class_prompt": "a pattern"},
@@ -179,6 +179,17 @@ def test_dreambooth_lora_with_two_concepts_and_text_encoder(make_recipe, star_fo
     assert any(k.startswith("unet.") for k in keys) and any(k.startswith("text_encoder.") for k in keys)
     pipeline = StableDiffusionPipeline.from_pretrained(recipe.model.pretrained)
     pipeline.load_lora_weights(str(result.output_dir))  # diffusers accepts both parts
+
+    # Continued from that LoRA, with more class prompts than class images: both are said at the start.
+    concepts[0]["class_prompt"] = ["a shape", "a shape, small", "a shape, large"]
+    capsys.readouterr()
+    train(dreambooth_recipe(
+        make_recipe, star_folder, tmp_path, train__max_steps=1, output_dir=str(tmp_path / "continued"), lora__init_from=str(result.output_dir),
+        dreambooth={"concepts": concepts, "adapter": "lora", "train_text_encoder": True, "num_class_images": 2},
+    ))  # fmt: skip
+    out = capsys.readouterr().out
+    assert f"starting from the LoRA {result.output_dir} (lora.init_from)" in out
+    assert "warning: dreambooth.concepts[0] lists 3 class prompts and dreambooth.num_class_images is 2: the last 1 prompts make no class image" in out
 
 
 def test_an_empty_or_missing_instance_folder_names_its_concept_key(make_recipe, star_folder, tmp_path):

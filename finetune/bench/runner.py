@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -103,6 +104,10 @@ def run_benchmark(
     variants = variants or list(DEFAULT_VARIANTS)
     if steps < 1 or warmup < 1:
         raise FinetuneError("--steps and --warmup must be at least 1 (the first step's end starts the clock)")
+    cached = [name for name in variants if "cached" in name]
+    if cached and warmup * batch < num_images:  # the timed steps would still encode images
+        log(f"note: --warmup {warmup} x --batch {batch} images < --num-images {num_images}: {', '.join(cached)} would time steps that "
+            f"still fill the cache; --warmup {math.ceil(num_images / batch)} fills it first")
     if repeat < 1:
         raise FinetuneError("--repeat must be at least 1")
     if batch < 1 or num_images < batch:

@@ -167,6 +167,13 @@ class DreamBoothMethod(DiffusionMethod):
         settings = self.recipe.dreambooth
         if settings.prior_preservation and settings.num_class_images < 1:
             raise FinetuneError("dreambooth.num_class_images must be at least 1 with prior preservation")
+        for i, concept in enumerate(settings.concepts if settings.prior_preservation else []):
+            if settings.num_class_images < len(concept.class_prompts):  # image k comes from prompt k mod n
+                self.start_lines.append(
+                    f"warning: dreambooth.concepts[{i}] lists {len(concept.class_prompts)} class prompts and dreambooth.num_class_images is "
+                    f"{settings.num_class_images}: the last {len(concept.class_prompts) - settings.num_class_images} prompts make no class image; "
+                    f"raise num_class_images to at least {len(concept.class_prompts)}"
+                )
         # Class images a user brought are checked now, before the model loads and generates the rest.
         self.class_plans: list[ClassImagePlan] = []
         for concept, (folder, key, paths, missing) in zip(settings.concepts, class_image_plans(self.recipe)):
@@ -220,6 +227,7 @@ class DreamBoothMethod(DiffusionMethod):
         # The adapter only configures the model; encoding (and its caches) stay this method's.
         self.adapter.base, self.adapter.weight_dtype = self.base, self.weight_dtype
         self.adapter.configure_model()
+        self.start_lines += self.adapter.start_lines  # e.g. the LoRA it starts from (lora.init_from)
 
     def trained_modules(self):
         return self.adapter.trained_modules()
