@@ -252,7 +252,7 @@ def write_report(result: dict, out: str | Path, grid_prompts: int = 8) -> Path:
     """Write ``result`` (without images) as JSON to ``out``, plus ``<out stem>_<prompt set>.png``:
     the first ``grid_prompts`` prompts of each prompt set, one labelled row each (for the docs),
     starting with the prompt's conditioning image where the set has them."""
-    from finetune.sampling import make_grid, save_image_atomic
+    from finetune.sampling import GRID_LABEL_WIDTH, make_grid, save_image_atomic
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -263,7 +263,7 @@ def write_report(result: dict, out: str | Path, grid_prompts: int = 8) -> Path:
         if conditions:
             rows = [[condition, *row] for condition, row in zip(conditions, rows)]
         grid = out.with_name(f"{out.stem}_{name}.png")
-        save_image_atomic(make_grid(rows[:grid_prompts], row_labels=result["prompts"][name][:grid_prompts], label_width=160), grid)
+        save_image_atomic(make_grid(rows[:grid_prompts], row_labels=result["prompts"][name][:grid_prompts], label_width=GRID_LABEL_WIDTH), grid)
         report["grids"][name] = grid.name
     partial = out.with_name(f".{out.name}.partial")
     partial.write_text(json.dumps(report, indent=2) + "\n")

@@ -26,7 +26,7 @@ from finetune.methods.controlnet import CONTROLNET_DIR, UNET_DIR
 from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.models import BaseModel, load_base_model, looks_like_hub_id
 from finetune.pipeline_io import METADATA_FILE
-from finetune.sampling import adapters_clip_skip, build_pipeline, follow_adapters_prediction_type, generate, make_grid, save_image_atomic
+from finetune.sampling import GRID_LABEL_WIDTH, adapters_clip_skip, build_pipeline, follow_adapters_prediction_type, generate, make_grid, save_image_atomic
 from finetune.views import cover_and_crop
 
 # Config keys that must agree for a ControlNet's residuals to fit the UNet's skip connections.
@@ -265,5 +265,5 @@ def sample_to_folder(
         for k, image in enumerate(row):
             written.append(save_image_atomic(image, output_dir / f"prompt{p}_seed{seed + k}.png"))
     grid_rows = [[control["image"], *row] for row in rows] if control else rows
-    written.append(save_image_atomic(make_grid(grid_rows, row_labels=prompts, label_width=160), output_dir / "grid.png"))
+    written.append(save_image_atomic(make_grid(grid_rows, row_labels=prompts, label_width=GRID_LABEL_WIDTH), output_dir / "grid.png"))
     return written

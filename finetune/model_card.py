@@ -38,6 +38,18 @@ def diffusers_loading_code(source: str) -> list[str]:
     ]
 
 
+def write_webui_preview(grid: Path, resolution: str | None, preview: Path) -> None:
+    """The grid's first sample as `<name>.preview.png`, the thumbnail the webui's Lora tab shows."""
+    from PIL import Image
+
+    from finetune.sampling import first_cell
+
+    with Image.open(grid) as image:
+        cell = first_cell(image, int(resolution)) if resolution and resolution.isdigit() else None
+        if cell is not None:
+            cell.save(preview)
+
+
 def model_card_path(path: Path, layout: str) -> Path:
     """README.md in a diffusers LoRA's folder (one LoRA per folder); `<name>.md` beside a kohya file, so
     several exports share a webui `models/Lora` folder."""
@@ -76,6 +88,8 @@ def write_model_card(lora: LoRA, path: Path, layout: str, training_dir: Path | N
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(grid, target)
         lines += [f"## Samples ({grid.stem}, one row per validation prompt)", "", f"![samples](samples/{target.name})", ""]
+        if layout == "kohya":
+            write_webui_preview(grid, meta.get("finetune.resolution"), path.with_suffix(".preview.png"))
     lines += [
         "## diffusers",
         "",

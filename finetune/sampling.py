@@ -130,6 +130,16 @@ def tensor_to_image(pixels: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
+GRID_LABEL_WIDTH = 160  # the left margin of labelled grids (sample grids, validation grids, eval grids)
+
+
+def first_cell(grid: Image.Image, cell: int) -> Image.Image | None:
+    """The top-left image of a labelled grid of `cell` x `cell` images (None when it holds none)."""
+    if grid.width < GRID_LABEL_WIDTH + cell or grid.height < cell:
+        return None
+    return grid.crop((GRID_LABEL_WIDTH, 0, GRID_LABEL_WIDTH + cell, cell))
+
+
 def make_grid(rows: list[list[Image.Image]], row_labels: list[str] | None = None, label_width: int = 0) -> Image.Image:
     """Paste images into a grid, one row per list; optional text labels in a left margin."""
     cell_w, cell_h = rows[0][0].size

@@ -33,7 +33,7 @@ from finetune.methods import METHODS
 from finetune.models import load_base_model, resolve_model_folder
 from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer
 from finetune.recipe_loading import dump_recipe
-from finetune.sampling import make_grid, save_image_atomic
+from finetune.sampling import GRID_LABEL_WIDTH, make_grid, save_image_atomic
 from finetune.stopping import StopRequest, batches_of, leave_stop_signals_to_the_trainer
 
 logger = logging.getLogger(__name__)
@@ -324,7 +324,7 @@ def run_validation(recipe, method, modules, accelerator, step: int) -> Path | No
         for module in unwrapped.values():
             module.train()
     if rows and accelerator.is_main_process:
-        grid = make_grid(rows, row_labels=labels, label_width=160)
+        grid = make_grid(rows, row_labels=labels, label_width=GRID_LABEL_WIDTH)
         path = save_image_atomic(grid, Path(recipe.output_dir) / "samples" / f"step-{step:06d}.png")
         tensorboard = _tensorboard_writer(accelerator)
         if tensorboard is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -14,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from finetune.cli import main
+from finetune.sampling import GRID_LABEL_WIDTH, make_grid
 from finetune.config import LoRAConfig
 from finetune.kohya import export_lora, kohya_name, load_lora, module_key, save_lora_file
 from finetune.merge import merge_into
@@ -80,8 +82,9 @@ def trained(tiny_model, tmp_path_factory, image_folder):
     pipeline.unet.eval(), pipeline.text_encoder.eval()
     save_lora({"unet": pipeline.unet, "text_encoder": pipeline.text_encoder}, run / LORA_WEIGHTS_NAME, output_metadata(recipe, 150, "epsilon"))
     (run / "samples").mkdir()
-    for step in (0, 50, 150):
-        Image.new("RGB", (64, 64), (step, 0, 0)).save(run / "samples" / f"step-{step:06d}.png")
+    for step in (0, 50, 150):  # validation grids as the trainer writes them: a label, then the samples
+        samples = [Image.new("RGB", (64, 64), (step, 0, 0)), Image.new("RGB", (64, 64), (0, step, 0))]
+        make_grid([samples], row_labels=["a prompt"], label_width=GRID_LABEL_WIDTH).save(run / "samples" / f"step-{step:06d}.png")
     return SimpleNamespace(path=run, expected=outputs(pipeline))  # what the trained model computes
 
 
@@ -201,7 +204,10 @@ def test_export_command_writes_metadata_and_a_model_card(trained, tiny_model, tm
     card = (tmp_path / "webui" / "striped-lora.md").read_text()  # one card per file: a webui models/Lora folder holds many
     for text in (str(tiny_model), "4 / 2", "150", "load_lora_weights", "<lora:striped-lora:1.0>", "ComfyUI", "samples/striped-lora-step-000150.png"):
         assert text in card, text
-    assert (tmp_path / "webui" / "samples" / "striped-lora-step-000150.png").is_file()
+    grid = Image.open(tmp_path / "webui" / "samples" / "striped-lora-step-000150.png")
+    preview = Image.open(tmp_path / "webui" / "striped-lora.preview.png")  # the webui's Lora tab thumbnail: the first sample
+    assert preview.size == (64, 64) and np.array_equal(np.asarray(preview), np.asarray(grid.crop((160, 0, 224, 64))))
+    assert np.asarray(preview)[0, 0].tolist() == [150, 0, 0]  # the newest grid's first sample
 
     # ... and back to our layout: loads with alpha from the LoraConfig in its metadata.
     assert main(["export", str(path), str(tmp_path / "ours"), "--to", "diffusers"]) == 0
