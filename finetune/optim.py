@@ -81,3 +81,10 @@ def apply_recipe_settings(optimizer: torch.optim.Optimizer, lr_scheduler, group_
         if "eps" in group and config.name != "adafactor":  # Adafactor's own pair of epsilons was not the recipe's
             group["eps"] = config.eps
     lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def step_size(optimizer: torch.optim.Optimizer) -> float:
+    """The first parameter group's learning rate as it is applied: Prodigy's `lr` only multiplies the
+    step size `d` it finds, so it shows d x lr (a number comparable with AdamW's learning rates)."""
+    group = optimizer.param_groups[0]
+    return group["lr"] * group.get("d", 1.0)

@@ -31,7 +31,7 @@ from finetune.errors import FinetuneError
 from finetune.held_out import TrainingSubset, held_out_indices, held_out_loss
 from finetune.methods import METHODS
 from finetune.models import load_base_model, resolve_model_folder
-from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer
+from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer, step_size
 from finetune.recipe_loading import dump_recipe
 from finetune.sampling import GRID_LABEL_WIDTH, make_grid, save_image_atomic
 from finetune.stopping import StopRequest, batches_of, leave_stop_signals_to_the_trainer
@@ -259,10 +259,11 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             if on_step is not None:
                 on_step(step)
             progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+            lr = step_size(optimizer)
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
             if step % recipe.logging.every_n_steps == 0 or step == train_cfg.max_steps:
                 logs = {f"train/{k}": v.detach().float().item() for k, v in losses.items() if k != "loss"}
-                accelerator.log({"train/loss": step_loss, "train/lr": lr_scheduler.get_last_lr()[0], **logs}, step=step)
+                accelerator.log({"train/loss": step_loss, "train/lr": lr, **logs}, step=step)
 
             if stop.agreed(accelerator):
                 save_checkpoint()

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from finetune.config import OptimizerConfig
-from finetune.optim import build_optimizer
+from finetune.optim import build_optimizer, step_size
 
 
 @pytest.mark.parametrize("name,states", [("adamw8bit", ("state1", "state2")), ("paged_adamw8bit", ("state1", "state2")), ("lion8bit", ("state1",))])
@@ -75,3 +75,6 @@ def test_prodigy_finds_its_own_step_size_from_a_multiplier_of_one(capsys):
     losses = _descend(optimizer, weight, target, 100)
     assert optimizer.param_groups[0]["d"] > 1e3 * optimizer.param_groups[0]["d0"]  # it grew the step from 1e-6
     assert losses[-1] < 0.1 * losses[0]
+    # The progress bar and TensorBoard show the step it applies (d x lr), not the multiplier 1.0.
+    assert step_size(optimizer) == optimizer.param_groups[0]["d"] != 1.0
+    assert step_size(build_optimizer(OptimizerConfig(lr=3e-4), [weight])) == 3e-4
