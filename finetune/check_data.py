@@ -272,16 +272,16 @@ def configs_from_args(args, recipe: Recipe | None) -> list[DataConfig]:
     return revised
 
 
-def too_few_to_batch(items: int, recipe: Recipe, processes: int = 1) -> str | None:
-    """Why `items` usable images cannot train (they do not fill one global batch), or None."""
-    held_out = recipe.validation.loss_images
+def too_few_to_batch(trained: int, recipe: Recipe, processes: int = 1, items: int | None = None) -> str | None:
+    """Why `trained` items (repeats counted; of `items` before validation.loss_images held some out)
+    cannot train, as they do not fill one global batch; or None."""
     batch = recipe.train.batch_size
     needed = processes if recipe.data.bucketing.enabled else batch * processes  # a bucket's last batch may be smaller
-    if items - held_out >= needed:
+    if trained >= needed:
         return None
-    held = f", {held_out} of them held out for validation.loss_images," if held_out else ""
+    held = f" ({items} before validation.loss_images held {recipe.validation.loss_images} images out)" if items not in (None, trained) else ""
     per = f"train.batch_size {batch}" + (f" x {processes} processes" if processes > 1 else "")
-    return f"{items} usable images{held} leave fewer than one batch ({per}) to train on: lower train.batch_size or add images"
+    return f"{trained} training images (repeats counted){held} are fewer than one batch ({per}): lower train.batch_size or add images"
 
 
 def run_check_data_command(args) -> int:
@@ -296,7 +296,7 @@ def run_check_data_command(args) -> int:
             reports.append(inspect_pairs(recipe.model_copy(update={"data": config}))[1])
         else:
             reports.append(inspect_examples(read_examples(config), config, data_label(config)))
-    training_items = sum(len(report.usable) for report in reports)
+    sources = [example.source for report in reports for example in expand_repeats(report.usable)]  # as the trainer counts
     if recipe is not None and recipe.method == "dreambooth":
         from finetune.methods.dreambooth import inspect_class_images  # it builds on this module
 
@@ -306,7 +306,12 @@ def run_check_data_command(args) -> int:
             print(line)
         fatal += len(report.of_level(FATAL)) or (0 if report.usable else 1)  # all skipped: nothing to train
         warnings += len(report.of_level(WARNING))
-    short = too_few_to_batch(training_items, recipe) if recipe is not None and not fatal else None
+    short = None
+    if recipe is not None and not fatal:
+        from finetune.held_out import split_held_out
+
+        trained, _ = split_held_out(sources, recipe.validation.loss_images, recipe.seed)
+        short = too_few_to_batch(len(trained), recipe, 1, len(sources))
     if short:
         print(f"result: training would stop: {short}")
         return 1

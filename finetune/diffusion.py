@@ -54,9 +54,9 @@ class BatchRandomness:
             for c in range(self.copies)
         ])
 
-    def uniform(self, stream: int) -> float:
-        """One number in [0, 1), the same for every row and process."""
-        return torch.rand((), generator=self._generator(stream, 0)).item()
+    def uniform(self, stream: int, index: int = 0) -> float:
+        """Number `index` of `stream`: one value in [0, 1), the same for every row and process."""
+        return torch.rand((), generator=self._generator(stream, index)).item()
 
     def for_batch_of(self, rows_here: int) -> "BatchRandomness":
         """The same draws for a batch of `rows_here` rows, made of aligned parts of this process's size."""
@@ -102,15 +102,16 @@ def draw_noise(
 
 
 def multires_noise(noise: torch.Tensor, randomness: BatchRandomness, iterations: int, discount: float) -> torch.Tensor:
-    """`noise` plus bilinearly upsampled noise drawn at sizes shrinking by a random factor r in [2, 4)
-    per level (r**level smaller; down to 1x1), weighed by discount**level, then rescaled to unit variance.
+    """sd-scripts' pyramid_noise_like: to `noise`, add for level i = 0..iterations-1 noise drawn at the
+    size shrunk by r**i (r in [2, 4), drawn per level; down to 1x1), bilinearly upsampled and weighed by
+    discount**i, then rescale to unit variance.
 
-    As sd-scripts' pyramid_noise_like, except that the variance is rescaled per sample, not over the
-    batch: a sample's noise must not depend on its batch, nor on how the batch is split over processes.
+    Except that the variance is rescaled per sample, not over the batch: a sample's noise must not
+    depend on its batch, nor on how the batch is split over processes.
     """
     channels, height, width = noise.shape[1:]
-    ratio = 2.0 + 2.0 * randomness.uniform(MULTIRES_SCALE_STREAM)
-    for level in range(1, iterations + 1):
+    for level in range(iterations):
+        ratio = 2.0 + 2.0 * randomness.uniform(MULTIRES_SCALE_STREAM, level)
         small = (max(1, int(height / ratio**level)), max(1, int(width / ratio**level)))
         coarse = randomness.normal((channels, *small), MULTIRES_STREAM + level)
         noise = noise + F.interpolate(coarse, size=(height, width), mode="bilinear") * discount**level

@@ -330,6 +330,17 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def base_tag(base: str) -> str:
+    """A base model in a file name: a run's pipeline by its run, a file by its stem, a folder by its name,
+    a hub id as the hub cache spells it (org--name)."""
+    path = Path(base.rstrip("/"))
+    if path.name == "pipeline":
+        return path.parent.name
+    if path.exists():
+        return path.stem if path.is_file() else path.name
+    return base.strip("/").replace("/", "--")
+
+
 def default_out(base: str, lora: str | None, controlnet: str | None = None, suites=(), lora_scale: float = 1.0,
                 conditioning_scale: float | None = None, recorded_base: str | None = None) -> Path:
     """In the ControlNet's, the LoRA's or a full pipeline's run (or checkpoint) folder, else under
@@ -350,8 +361,7 @@ def default_out(base: str, lora: str | None, controlnet: str | None = None, suit
     if controlnet and lora:
         parts.append(f"with-{Path(lora_name).stem}")
     if (lora or controlnet) and recorded_base and not same_model(base, recorded_base):
-        base_path = Path(base.rstrip("/"))
-        parts.append(f"on-{base_path.parent.name if base_path.name == 'pipeline' else base_path.stem}")
+        parts.append(f"on-{base_tag(base)}")
     name = "-".join(["eval", *parts]) + ".json"
     if controlnet:
         from finetune.inference import resolve_controlnet_folder

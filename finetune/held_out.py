@@ -19,22 +19,27 @@ FIRST_DRAW = 2**40
 DRAWS_PER_IMAGE = 4
 
 
-def held_out_indices(num_items: int, count: int, seed: int) -> list[int]:
-    """`count` of the dataset's items, chosen by `seed`: the same on every process and in a resumed run."""
+def split_held_out(sources: list[str], count: int, seed: int) -> tuple[list[int], list[int]]:
+    """(items to train on, items to score): `count` distinct images, chosen by `seed` among the sorted
+    image paths (the same on every process, in a resume and in check-data), leave training with every
+    copy of them (data.folders repeats, a folder under two templates); one copy of each is scored.
+    `sources` names the image of each dataset item."""
     if count == 0:
-        return []
+        return list(range(len(sources))), []
+    images = sorted(set(sources))
     generator = torch.Generator().manual_seed(seed)
-    return sorted(torch.randperm(num_items, generator=generator)[:count].tolist())
+    held = {images[i] for i in torch.randperm(len(images), generator=generator)[:count].tolist()}
+    scored = sorted({source: index for index, source in reversed(list(enumerate(sources))) if source in held}.values())
+    return [index for index, source in enumerate(sources) if source not in held], scored
 
 
 class TrainingSubset:
     """A method's training dataset without the held-out items; items keep their own index (their
     augmentation and caption draws are those of the whole dataset)."""
 
-    def __init__(self, dataset, held_out: list[int]):
-        excluded = set(held_out)
+    def __init__(self, dataset, kept: list[int]):
         self.dataset = dataset
-        self.kept = [i for i in range(len(dataset)) if i not in excluded]
+        self.kept = kept
         buckets = getattr(dataset, "bucket_of", None)
         self.bucket_of = None if buckets is None else [buckets[i] for i in self.kept]
 
@@ -56,18 +61,20 @@ def held_out_loss(method, modules: dict, dataset, collate_fn, held_out: list[int
     for module in modules.values():
         module.eval()
     totals: dict[str, float] = {}
-    try:
-        for n, index in enumerate(held_out):
-            batch = collate_fn([dataset[(index, 0)]])
-            if "pixel_values" in batch:
-                batch["pixel_values"] = batch["pixel_values"].to(device)
-            for draw in range(DRAWS_PER_IMAGE):
-                randomness = BatchRandomness(seed, FIRST_DRAW + n * DRAWS_PER_IMAGE + draw, 1, slice(0, 1))
-                with autocast():
-                    terms = method.loss(modules, batch, randomness)
-                for name, value in terms.items():
-                    totals[name] = totals.get(name, 0.0) + value.detach().float().item()
-    finally:
-        for name, module in modules.items():
-            module.train(modes[name])
+    # Scoring must not disturb the training RNG: a resumed run then follows the same curve.
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        try:
+            for n, index in enumerate(held_out):
+                batch = collate_fn([dataset[(index, 0)]])
+                if "pixel_values" in batch:
+                    batch["pixel_values"] = batch["pixel_values"].to(device)
+                for draw in range(DRAWS_PER_IMAGE):
+                    randomness = BatchRandomness(seed, FIRST_DRAW + n * DRAWS_PER_IMAGE + draw, 1, slice(0, 1))
+                    with autocast():
+                        terms = method.loss(modules, batch, randomness)
+                    for name, value in terms.items():
+                        totals[name] = totals.get(name, 0.0) + value.detach().float().item()
+        finally:
+            for name, module in modules.items():
+                module.train(modes[name])
     return {name: total / (len(held_out) * DRAWS_PER_IMAGE) for name, total in totals.items()}

@@ -80,6 +80,8 @@ def apply_recipe_settings(optimizer: torch.optim.Optimizer, lr_scheduler, group_
             group["betas"] = tuple(config.betas)
         if "eps" in group and config.name != "adafactor":  # Adafactor's own pair of epsilons was not the recipe's
             group["eps"] = config.eps
+        if config.name == "prodigy":  # as _prodigy sets it: its safeguard follows the warm-up
+            group["safeguard_warmup"] = config.warmup_steps > 0
     lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 

@@ -28,7 +28,7 @@ from finetune.distributed import accelerator_options, autocast, checkpoint_optio
 from finetune.ema import EMA_FILE, WeightAverage
 from finetune.encoders import long_captions_line
 from finetune.errors import FinetuneError
-from finetune.held_out import TrainingSubset, held_out_indices, held_out_loss
+from finetune.held_out import TrainingSubset, held_out_loss, split_held_out
 from finetune.methods import METHODS
 from finetune.models import load_base_model, resolve_model_folder
 from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer, step_size
@@ -91,13 +91,13 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     for report in method.data_reports:
         for line in report.lines(limit=10):
             accelerator.print(line)
-    items = method.training_item_count()
-    short = too_few_to_batch(items, recipe, accelerator.num_processes)
+    sources = method.training_item_sources()
+    trained_items, held_out = split_held_out(sources, recipe.validation.loss_images, recipe.seed)
+    short = too_few_to_batch(len(trained_items), recipe, accelerator.num_processes, len(sources))
     if short:
         raise FinetuneError(short)
-    held_out = held_out_indices(items, recipe.validation.loss_images, recipe.seed)
     if held_out:
-        accelerator.print(f"validation loss: {len(held_out)} of the {items} images held out of training, scored at each validation")
+        accelerator.print(f"validation loss: {len(held_out)} of the {len(set(sources))} images held out of training, scored at each validation")
     set_seed(recipe.seed)  # the same adapter initialisation on every process
     if torch.cuda.is_available() and train_cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -122,7 +122,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     configure_deepspeed(accelerator, recipe, list(method.trained_modules()))
     # Before `prepare`: DreamBooth may generate class images with the UNet, which ZeRO-3 then shards.
     dataset, collate_fn = method.training_data(accelerator)
-    training_set = TrainingSubset(dataset, held_out) if held_out else dataset
+    training_set = TrainingSubset(dataset, trained_items) if held_out else dataset
     parameter_groups = method.parameter_groups()
     # The recipe's rates, read before the optimizer and the schedule's warm-up write into these groups.
     group_lrs = [group.get("lr", recipe.optimizer.lr) for group in parameter_groups]

@@ -207,7 +207,9 @@ def test_check_data_reads_a_recipe_with_overrides(odd_folder, tmp_path, capsys):
     # Usable images that do not fill a batch stop training: check-data says so too.
     code = main(["check-data", str(recipe), "data.skip_bad_images=true", "train.batch_size=8", "validation.loss_images=2"])
     out = capsys.readouterr().out
-    assert code == 1 and "result: training would stop: 9 usable images, 2 of them held out for validation.loss_images, leave fewer than one batch (train.batch_size 8)" in out
+    assert code == 1 and "result: training would stop: 7 training images (repeats counted) (9 before validation.loss_images held 2 images out) are fewer than one batch (train.batch_size 8)" in out
+    code = main(["check-data", str(recipe), "data.skip_bad_images=true", "train.batch_size=16", "data.folders=[{path: ., repeats: 2}]"])
+    assert code == 0, capsys.readouterr().out  # 9 images used twice an epoch fill a batch of 16, as training counts them
 
 
 def test_check_data_without_recipe_or_folder_is_a_one_line_error(capsys, tmp_path):

@@ -290,7 +290,8 @@ def test_a_run_folder_of_the_wrong_kind_says_what_to_pass(tmp_path, capsys, tiny
     assert default_out("base", str(full / "mine.safetensors"), suites=["style"], recorded_base="base") == full / "mine-eval-style.json"
     assert default_out("base", str(full / "pytorch_lora_weights.safetensors"), suites=["style"], recorded_base="base") == full / "eval-style.json"
     # ... or bases: on another base than the one its run recorded, the report says which.
-    assert default_out("org/other-sd", str(full), suites=["style"], recorded_base="base") == full / "eval-style-on-other-sd.json"
+    assert default_out("org/sd-v1.5", str(full), suites=["style"], recorded_base="base") == full / "eval-style-on-org--sd-v1.5.json"
+    assert default_out("org/sd-v1.4", str(full), suites=["style"], recorded_base="base") == full / "eval-style-on-org--sd-v1.4.json"
     assert default_out(str(tmp_path / "db" / "pipeline"), str(full), suites=["style"], recorded_base="base") == full / "eval-style-on-db.json"
     checkpoint = full / "checkpoints" / "checkpoint-4"  # a checkpoint's pipeline: into that checkpoint
     (checkpoint / "pipeline").mkdir(parents=True)

@@ -1,6 +1,7 @@
 """validation.loss_images: images held out of training, their loss reported at each validation with
 fixed draws, for every method."""
 
+import json
 import math
 
 import pytest
@@ -8,7 +9,7 @@ from controlnet_helpers import controlnet_recipe
 
 import finetune.held_out as held_out_module
 from finetune.errors import FinetuneError
-from finetune.held_out import held_out_indices
+from finetune.held_out import split_held_out
 from finetune.trainer import train
 
 
@@ -18,7 +19,7 @@ def test_held_out_images_never_train_and_their_loss_is_reported_at_each_validati
     monkeypatch.setattr(held_out_module.TrainingSubset, "__getitem__", lambda self, key: trained_on.add(self.kept[key[0]]) or real_getitem(self, key))
     common = dict(validation__loss_images=1, validation__every_n_steps=2, checkpoint__every_n_steps=2, train__max_steps=4)
     whole = train(make_recipe(output_dir=str(tmp_path / "whole"), **common))  # 4 images, batch 2
-    [held] = held_out_indices(4, 1, make_recipe().seed)
+    _, [held] = split_held_out([f"image-{i}" for i in range(4)], 1, make_recipe().seed)
     assert trained_on == {0, 1, 2, 3} - {held}
     assert [step for step, _ in whole.validation_losses] == [0, 2, 4] and all(math.isfinite(loss) for _, loss in whole.validation_losses)
     assert whole.validation_losses[0][1] != whole.validation_losses[-1][1]
@@ -37,7 +38,7 @@ def test_held_out_images_never_train_and_their_loss_is_reported_at_each_validati
     import finetune.trainer as trainer  # before any model loads
 
     monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
-    with pytest.raises(FinetuneError, match=r"^4 usable images, 3 of them held out for validation.loss_images, leave fewer than one batch \(train.batch_size 2\)"):
+    with pytest.raises(FinetuneError, match=r"^1 training images \(repeats counted\) \(4 before validation.loss_images held 3 images out\) are fewer than one batch \(train.batch_size 2\)"):
         train(make_recipe(output_dir=str(tmp_path / "greedy"), validation__loss_images=3))
 
 
@@ -52,3 +53,24 @@ def test_every_method_reports_its_validation_loss(method, make_recipe, pairs_fol
         recipe = make_recipe(method="dreambooth", dreambooth=dreambooth, data__image_dir=None, **settings)
     [(step, loss)] = train(recipe).validation_losses
     assert step == 1 and math.isfinite(loss) and loss > 0
+
+
+def test_every_copy_of_a_held_out_image_leaves_training():
+    """data.folders repeats (or one folder under two templates) list an image several times."""
+    sources = ["a", "b", "b", "b", "c", "c"]
+    trained, scored = split_held_out(sources, 2, seed=0)
+    held = {sources[i] for i in scored}
+    assert len(held) == 2 and len(scored) == 2  # two images, each scored once
+    assert not held & {sources[i] for i in trained} and len(trained) + sum(sources.count(h) for h in held) == 6
+    listed_otherwise = sources[::-1]  # the choice is by image, whatever the order the method lists them in
+    assert {listed_otherwise[i] for i in split_held_out(listed_otherwise, 2, seed=0)[1]} == held
+
+
+def test_a_vae_run_keeps_its_scaling_factor_and_preview_from_training_images(make_recipe, tmp_path):
+    """Scoring held-out images must not feed the running latent std, nor become the reconstruction preview."""
+    common = dict(method="vae", train__max_steps=4, train__batch_size=2, validation__every_n_steps=2, checkpoint__every_n_steps=2)
+    scored = train(make_recipe(output_dir=str(tmp_path / "scored"), validation__loss_images=1, **common))
+    resumed = train(make_recipe(output_dir=str(tmp_path / "resumed"), validation__loss_images=1, **common),
+                    resume=str(scored.output_dir / "checkpoints" / "checkpoint-2"))  # fmt: skip
+    factors = [json.loads((run.output_dir / "pipeline" / "vae" / "config.json").read_text())["scaling_factor"] for run in (scored, resumed)]
+    assert factors[0] == factors[1]

@@ -44,9 +44,10 @@ class TrainingMethod(ABC):
         self.examples, report = checked_examples(self.recipe.data)
         self.data_reports = [report]
 
-    def training_item_count(self) -> int:
-        """How many items the training dataset will have (known after `check_data`, before any model loads)."""
-        return len(self.examples)
+    def training_item_sources(self) -> list[str]:
+        """The image of each item the training dataset will have (known after `check_data`, before any
+        model loads); an image used several times (data.folders repeats) is listed each time."""
+        return [example.source for example in self.examples]
 
     def setup(self, base: BaseModel, weight_dtype: torch.dtype = torch.float32) -> None:
         self.base, self.weight_dtype = base, weight_dtype

@@ -109,7 +109,8 @@ class VAEMethod(TrainingMethod):
 
     def loss(self, modules, batch, randomness) -> dict[str, torch.Tensor]:
         pixels = batch["pixel_values"]
-        if self.preview is None:
+        training = torch.is_grad_enabled()  # a training step; held-out images are scored without gradients
+        if self.preview is None and training:
             self.preview = pixels[:4].detach().cpu()
         latent_shape = (self.base.vae.config.latent_channels, pixels.shape[-2] // 8, pixels.shape[-1] // 8)
         noise = randomness.normal(latent_shape, stream=0).to(pixels.device)
@@ -118,7 +119,8 @@ class VAEMethod(TrainingMethod):
         l1, l2 = reconstruction_losses(reconstruction.float(), pixels.float(), settings.salience_weight)
         kl = posterior.kl().mean() / pixels[0].numel()
         std = posterior.mean.detach().float().std()
-        self.latent_std = std if self.latent_std is None else 0.99 * self.latent_std + 0.01 * std
+        if training:  # the scaling factor describes the training images' latents
+            self.latent_std = std if self.latent_std is None else 0.99 * self.latent_std + 0.01 * std
         loss = settings.l1_weight * l1 + settings.l2_weight * l2 + settings.kl_weight * kl
         terms = {}
         if self.perceptual is not None:
