@@ -59,8 +59,8 @@ class TrainConfig(Section):
     debiased_estimation: bool = False
     # Offset noise (Guttenberg 2023) helps very dark/bright images; 0.05-0.1 is typical.
     noise_offset: float = 0.0
-    # Multi-resolution noise (sd-scripts' multires_noise_*): noise at up to this many coarser scales is
-    # added, each weighed by discount**level; 6-10 iterations with discount 0.3 are typical. 0: off.
+    # Multi-resolution noise (sd-scripts' multires_noise_*): noise drawn at up to this many scales (full
+    # size, then ever coarser) is added, level i weighed by discount**i; 6-10 with discount 0.3 are typical. 0: off.
     multires_noise_iterations: int = Field(0, ge=0)
     multires_noise_discount: float = Field(0.3, gt=0, le=1)
     # Input perturbation (Ning et al. 2023; sd-scripts' ip_noise_gamma): extra noise on the model's input
