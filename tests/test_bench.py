@@ -161,3 +161,12 @@ def test_too_short_a_warmup_for_the_cache_is_said_before_anything_runs(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         run_benchmark(preset="tiny", steps=1, warmup=1, batch=2, num_images=4, variants=["lora_cached"], workdir=tmp_path / "work", log=log)
     assert lines[0] == "note: --warmup 1 x --batch 2 images < --num-images 4: lora_cached would time steps that still fill the cache; --warmup 2 fills it first"
+
+
+def test_vs_lora_compares_images_per_second():
+    """DreamBooth with an odd --batch pushes one image fewer a step: per step it would look faster than it is."""
+    from finetune.bench.report import add_speedups
+
+    rows = [{"variant": "lora", "sec_per_step": 1.0, "images_per_sec": 5.0}, {"variant": "dreambooth", "sec_per_step": 0.9, "images_per_sec": 4.44}]
+    add_speedups(rows)
+    assert [row["speedup_vs_lora"] for row in rows] == [1.0, 0.888]

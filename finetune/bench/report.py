@@ -20,11 +20,12 @@ def median_run(runs: list[dict]) -> dict:
 
 
 def add_speedups(rows: list[dict]) -> None:
-    """`speedup_vs_lora`: the plain LoRA row's seconds per step / this row's."""
+    """`speedup_vs_lora`: this row's images per second / the plain LoRA row's (the seconds-per-step ratio
+    where both push --batch images a step; DreamBooth with an odd --batch pushes one fewer)."""
     reference = next((row for row in rows if row["variant"] == "lora" and "error" not in row), None)
     for row in rows:
         if reference is not None and "error" not in row:
-            row["speedup_vs_lora"] = round(reference["sec_per_step"] / row["sec_per_step"], 3)
+            row["speedup_vs_lora"] = round(row["images_per_sec"] / reference["images_per_sec"], 3)
 
 
 def cpu_model() -> str:
