@@ -221,11 +221,22 @@ def run_eval(
         base=str(base), lora=None if lora is None else str(lora), lora_scale=lora_scale,
         controlnet=None if controlnet is None else str(controlnet), conditioning_scale=scale if controlnet else None, suites=suites,
         num_prompts=num_prompts, images_per_prompt=images_per_prompt, steps=steps, guidance=guidance, seed=seed,
-        identifier=identifier, subject=subject, class_word=class_word, resolution=resolution,
+        identifier=identifier, subject=subject, class_word=class_word, resolution=resolution, **sampled_as(pipeline),
     )  # fmt: skip
     if out:
         write_report(result, out)
     return result
+
+
+def sampled_as(pipeline) -> dict:
+    """How the pipeline encodes prompts and samples, as the adapters' runs recorded it: two reports of one
+    adapter compare only when these agree."""
+    from finetune.encoders import layer_stack
+
+    layers = pipeline.text_encoder.config.num_hidden_layers
+    scheduler = pipeline.scheduler.config
+    return dict(clip_skip=layers - len(layer_stack(pipeline.text_encoder).layers) + 1, prediction_type=scheduler.prediction_type,
+                zero_terminal_snr=bool(scheduler.get("rescale_betas_zero_snr", False)))  # fmt: skip
 
 
 def evaluate_real_images(

@@ -76,6 +76,10 @@ def test_a_lora_trained_with_clip_skip_records_it_and_is_sampled_with_it(tiny_mo
     exec(python_block(card_path), namespace)
     assert layer_count(namespace["pipeline"].text_encoder) == whole - 1
 
+    # eval samples with it and its report says so.
+    assert main(["eval", "--lora", str(lora_file), "--suite", "style", "--num-prompts", "1", "--steps", "1", "--out", str(tmp_path / "eval.json")]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["settings"]["clip_skip"] == 2
+
     # A merge keeps it for sample and the demo.
     assert main(["merge", "--base", str(tiny_model), "--lora", str(lora_file), str(tmp_path / "merged")]) == 0
     assert json.loads((tmp_path / "merged" / "finetune_metadata.json").read_text())["finetune.clip_skip"] == "2"

@@ -52,6 +52,7 @@ def test_run_eval_on_tiny_model_scores_every_suite_and_writes_json(tiny_model, t
     report = json.loads(out.read_text())
     assert report["metrics"] == pytest.approx(metrics)
     assert report["settings"]["base"] == str(tiny_model) and report["settings"]["steps"] == 2
+    assert (report["settings"]["clip_skip"], report["settings"]["prediction_type"], report["settings"]["zero_terminal_snr"]) == (1, "epsilon", False)
     assert report["settings"]["suites"] == list(SUITES) and report["settings"]["seed"] == 0
     for grid in report["grids"].values():
         assert (out.parent / grid).is_file()
