@@ -57,12 +57,14 @@ def inspect_pairs(recipe: Recipe) -> tuple[list[Pair], DataReport]:
     report = inspect_examples([pair.image for pair in pairs], config.model_copy(update={"skip_bad_images": False}), data_label(config))
     report.config, report.found = config, report.found + len(unpaired)
     report.findings = unpaired + report.findings
-    checked_images = {example.source: example for example in report.usable}
+    # The checked images, in the pairs' order (a bad one left out): matched by position, not by file, as
+    # one folder under two templates lists each file twice with two captions.
+    checked, next_checked = list(report.usable), 0
     usable = []
     for pair in pairs:
-        image = checked_images.get(pair.image.source)
-        if image is None:
+        if next_checked == len(checked) or checked[next_checked].source != pair.image.source:
             continue
+        image, next_checked = checked[next_checked], next_checked + 1
         problems = conditioning_problems(pair, image.size)
         report.findings += problems
         if problems:

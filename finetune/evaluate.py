@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -345,11 +346,14 @@ def base_tag(base: str) -> str:
     """A base model in a file name: a run's pipeline by its run, a file by its stem, a folder by its name,
     a hub id as the hub cache spells it (org--name)."""
     path = Path(base.rstrip("/"))
+    if not path.exists():
+        return base.strip("/").replace("/", "--")
+    path = path.resolve()  # `--base pipeline` or `.` from inside a run
     if path.name == "pipeline":
-        return path.parent.name
-    if path.exists():
-        return path.stem if path.is_file() else path.name
-    return base.strip("/").replace("/", "--")
+        run = path.parent
+        checkpoint = re.fullmatch(r"checkpoint-(\d+)", run.name) if run.parent.name == "checkpoints" else None
+        return f"{run.parent.parent.name}-{checkpoint.group(1)}" if checkpoint else run.name
+    return path.stem if path.is_file() else path.name
 
 
 def default_out(base: str, lora: str | None, controlnet: str | None = None, suites=(), lora_scale: float = 1.0,

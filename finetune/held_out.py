@@ -9,6 +9,8 @@ with its class image, ControlNet's with its conditioning), one image at a time (
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from finetune.diffusion import BatchRandomness
@@ -26,11 +28,12 @@ def split_held_out(sources: list[str], count: int, seed: int) -> tuple[list[int]
     `sources` names the image of each dataset item."""
     if count == 0:
         return list(range(len(sources))), []
-    images = sorted(set(sources))
+    files = [os.path.realpath(source) if os.path.isfile(source) else source for source in sources]  # one file, however written
+    images = sorted(set(files))
     generator = torch.Generator().manual_seed(seed)
     held = {images[i] for i in torch.randperm(len(images), generator=generator)[:count].tolist()}
-    scored = sorted({source: index for index, source in reversed(list(enumerate(sources))) if source in held}.values())
-    return [index for index, source in enumerate(sources) if source not in held], scored
+    scored = sorted({file: index for index, file in reversed(list(enumerate(files))) if file in held}.values())
+    return [index for index, file in enumerate(files) if file not in held], scored
 
 
 class TrainingSubset:

@@ -96,8 +96,9 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     short = too_few_to_batch(len(trained_items), recipe, accelerator.num_processes, len(sources))
     if short:
         raise FinetuneError(short)
+    method.held_out_items = frozenset(range(len(sources))) - frozenset(trained_items)
     if held_out:
-        accelerator.print(f"validation loss: {len(held_out)} of the {len(set(sources))} images held out of training, scored at each validation")
+        accelerator.print(f"validation loss: {len(held_out)} image{'s' if len(held_out) > 1 else ''} held out of training, scored at each validation")
     set_seed(recipe.seed)  # the same adapter initialisation on every process
     if torch.cuda.is_available() and train_cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -270,7 +270,7 @@ def test_sample_refuses_zero_images_or_steps_and_a_second_condition(capsys, tiny
     assert "--condition takes one image, used for every prompt" in capsys.readouterr().err
 
 
-def test_a_run_folder_of_the_wrong_kind_says_what_to_pass(tmp_path, capsys, tiny_model):
+def test_a_run_folder_of_the_wrong_kind_says_what_to_pass(tmp_path, capsys, tiny_model, monkeypatch):
     from finetune.evaluate import default_out
 
     full = tmp_path / "full-run"  # what method full or full DreamBooth writes
@@ -292,7 +292,11 @@ def test_a_run_folder_of_the_wrong_kind_says_what_to_pass(tmp_path, capsys, tiny
     # ... or bases: on another base than the one its run recorded, the report says which.
     assert default_out("org/sd-v1.5", str(full), suites=["style"], recorded_base="base") == full / "eval-style-on-org--sd-v1.5.json"
     assert default_out("org/sd-v1.4", str(full), suites=["style"], recorded_base="base") == full / "eval-style-on-org--sd-v1.4.json"
+    (tmp_path / "db" / "pipeline").mkdir(parents=True)
     assert default_out(str(tmp_path / "db" / "pipeline"), str(full), suites=["style"], recorded_base="base") == full / "eval-style-on-db.json"
+    (tmp_path / "db" / "checkpoints" / "checkpoint-500" / "pipeline").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "db" / "checkpoints" / "checkpoint-500")  # `--base pipeline` from inside a checkpoint
+    assert default_out("pipeline", str(full), suites=["style"], recorded_base="base") == full / "eval-style-on-db-500.json"
     checkpoint = full / "checkpoints" / "checkpoint-4"  # a checkpoint's pipeline: into that checkpoint
     (checkpoint / "pipeline").mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text('{"step": 4}')

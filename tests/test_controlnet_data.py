@@ -176,6 +176,11 @@ def test_subfolders_with_their_own_metadata_repeats_and_templates(make_recipe, t
     assert method.data_reports[0].lines()[0].endswith("5 images, 5 used, 0 skipped; 9 uses per epoch")
     assert len(train(recipe).losses) == 2
 
+    # One folder under two templates: each copy keeps its own caption.
+    twice = ControlNetMethod(controlnet_recipe(make_recipe, root, data__folders=[{"path": "b", "template": "A {caption}"}, {"path": "b", "template": "B {caption}"}]))
+    twice.check_data()
+    assert [pair.image.caption[0] for pair in twice.pairs] == ["A"] * 3 + ["B"] * 3
+
 
 def test_with_skip_bad_images_bad_pairs_are_left_out_and_listed(make_recipe, tmp_path, capsys):
     folder = write_folder(tmp_path / "pairs", 6, seed=5, conditioning=True)

@@ -263,6 +263,11 @@ def test_every_class_image_of_every_concept_is_used(make_recipe, star_folder, tm
     assert used == {f"class {concept}.{k}" for concept in (0, 1) for k in range(4)}
     for index in range(4):  # a class image of the instance's own concept
         assert dataset[(index, 0)]["class_caption"].startswith(f"class {instances[index][0]}.")
+    # An instance held out of training (validation.loss_images): the others are dealt its turns, so
+    # every class image still trains.
+    without_0 = DreamBoothDataset(instances, class_examples, dreambooth_recipe(make_recipe, star_folder, tmp_path), held_out=frozenset({0}))
+    used = {without_0[(index, epoch)]["class_caption"] for epoch in range(4) for index in (1, 2, 3)}
+    assert used == {f"class {concept}.{k}" for concept in (0, 1) for k in range(4)}
 
     # data.caption_dropout empties instance captions (as for the other methods); class images keep theirs.
     dropping = DreamBoothDataset(instances, class_examples, dreambooth_recipe(make_recipe, star_folder, tmp_path, data__caption_dropout=0.5))

@@ -24,7 +24,7 @@ def test_held_out_images_never_train_and_their_loss_is_reported_at_each_validati
     assert [step for step, _ in whole.validation_losses] == [0, 2, 4] and all(math.isfinite(loss) for _, loss in whole.validation_losses)
     assert whole.validation_losses[0][1] != whole.validation_losses[-1][1]
     out = capsys.readouterr().out
-    assert "validation loss: 1 of the 4 images held out of training, scored at each validation" in out
+    assert "validation loss: 1 image held out of training, scored at each validation" in out
     assert f"validation loss at step 4: {whole.validation_losses[-1][1]:.4f}" in out
     assert "length: 4 steps of 2 images = 4 epochs of 2 of the 3 images" in out  # the held-out image is not counted
 
@@ -55,8 +55,15 @@ def test_every_method_reports_its_validation_loss(method, make_recipe, pairs_fol
     assert step == 1 and math.isfinite(loss) and loss > 0
 
 
-def test_every_copy_of_a_held_out_image_leaves_training():
-    """data.folders repeats (or one folder under two templates) list an image several times."""
+def test_every_copy_of_a_held_out_image_leaves_training(tmp_path):
+    """data.folders repeats (or one folder under two templates, or spelled another way) list an image several times."""
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(b"")
+    spellings = [str(tmp_path / "a.png"), str(tmp_path / ".." / tmp_path.name / "a.png"), str(tmp_path / "b.png")]
+    for seed in range(4):
+        trained, [scored] = split_held_out(spellings, 1, seed)
+        assert trained == ([2] if scored in (0, 1) else [0, 1])
+
     sources = ["a", "b", "b", "b", "c", "c"]
     trained, scored = split_held_out(sources, 2, seed=0)
     held = {sources[i] for i in scored}
@@ -74,3 +81,4 @@ def test_a_vae_run_keeps_its_scaling_factor_and_preview_from_training_images(mak
                     resume=str(scored.output_dir / "checkpoints" / "checkpoint-2"))  # fmt: skip
     factors = [json.loads((run.output_dir / "pipeline" / "vae" / "config.json").read_text())["scaling_factor"] for run in (scored, resumed)]
     assert factors[0] == factors[1]
+    assert scored.sample_grids[-1].read_bytes() == resumed.sample_grids[-1].read_bytes()  # the same images reconstructed

@@ -38,6 +38,7 @@ class TrainingMethod(ABC):
         self.weight_dtype = torch.float32
         self.data_reports: list[DataReport] = []  # printed at the start of training
         self.start_lines: list[str] = []  # what setup did that a fresh run should say (not printed on resume)
+        self.held_out_items: frozenset[int] = frozenset()  # dataset items validation.loss_images keeps out of training
 
     def check_data(self) -> None:
         """Read and check the training data; runs before any model is loaded, so errors come fast."""

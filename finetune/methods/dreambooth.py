@@ -46,8 +46,9 @@ class DreamBoothDataset(Dataset):
     """
 
     def __init__(
-        self, instances: list[tuple[int, Example]], class_examples: list[list[Example]], recipe: Recipe, latent_cache: EncodingCache | None = None
-    ):
+        self, instances: list[tuple[int, Example]], class_examples: list[list[Example]], recipe: Recipe, latent_cache: EncodingCache | None = None,
+        held_out: frozenset[int] = frozenset(),
+    ):  # fmt: skip
         self.instances = instances
         self.class_examples = class_examples
         self.config = recipe.data
@@ -57,7 +58,10 @@ class DreamBoothDataset(Dataset):
         self.latent_cache = latent_cache  # items name their cached latents (see data.view_entry)
         self.position: list[int] = []  # instance i is the position[i]-th of its concept
         self.per_concept: Counter[int] = Counter()
-        for concept, _ in instances:
+        for index, (concept, _) in enumerate(instances):
+            if index in held_out:  # validation.loss_images: scored, not trained; dealt only the first class image
+                self.position.append(0)
+                continue
             self.position.append(self.per_concept[concept])
             self.per_concept[concept] += 1
 
@@ -187,7 +191,7 @@ class DreamBoothMethod(DiffusionMethod):
         class_examples: list[list[Example]] = []
         for concept, plan in zip(settings.concepts, self.class_plans):
             class_examples.append(self._class_images(concept, plan, accelerator))
-        self.training_dataset = DreamBoothDataset(self.instances, class_examples, self.recipe, self.item_latent_cache())
+        self.training_dataset = DreamBoothDataset(self.instances, class_examples, self.recipe, self.item_latent_cache(), self.held_out_items)
         return self.training_dataset, dreambooth_collate
 
     def _check_class_images(self, paths: list[Path], concept: Concept, folder: Path) -> DataReport | None:

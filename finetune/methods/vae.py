@@ -99,6 +99,15 @@ class VAEMethod(TrainingMethod):
     def trained_modules(self) -> dict[str, torch.nn.Module]:
         return {"autoencoder": self.model}
 
+    def training_data(self, accelerator):
+        dataset, collate_fn = super().training_data(accelerator)
+        # The validation grid reconstructs the first four training images (as the first epoch renders them),
+        # the same in a resumed run.
+        first = [index for index in range(len(dataset)) if index not in self.held_out_items][:4]
+        pixels = [dataset[(index, 0)]["pixel_values"] for index in first]
+        self.preview = torch.stack([image for image in pixels if image.shape == pixels[0].shape])  # one bucket
+        return dataset, collate_fn
+
     def checkpoint_state(self) -> dict:
         # A resumed run continues the running std, so it saves the scaling factor an uninterrupted one would.
         return {} if self.latent_std is None else {"latent_std": self.latent_std.item()}
@@ -110,8 +119,6 @@ class VAEMethod(TrainingMethod):
     def loss(self, modules, batch, randomness) -> dict[str, torch.Tensor]:
         pixels = batch["pixel_values"]
         training = torch.is_grad_enabled()  # a training step; held-out images are scored without gradients
-        if self.preview is None and training:
-            self.preview = pixels[:4].detach().cpu()
         latent_shape = (self.base.vae.config.latent_channels, pixels.shape[-2] // 8, pixels.shape[-1] // 8)
         noise = randomness.normal(latent_shape, stream=0).to(pixels.device)
         reconstruction, posterior = modules["autoencoder"](pixels, noise)
