@@ -345,10 +345,10 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 def base_tag(base: str) -> str:
     """A base model in a file name: a run's pipeline by its run, a file by its stem, a folder by its name,
     a hub id as the hub cache spells it (org--name)."""
-    path = Path(base.rstrip("/"))
+    path = Path(base.rstrip("/") or base)
     if not path.exists():
         return base.strip("/").replace("/", "--")
-    path = path.resolve()  # `--base pipeline` or `.` from inside a run
+    path = Path(os.path.abspath(path))  # `--base pipeline` or `.` from inside a run; a link keeps its own name
     if path.name == "pipeline":
         run = path.parent
         checkpoint = re.fullmatch(r"checkpoint-(\d+)", run.name) if run.parent.name == "checkpoints" else None

@@ -297,6 +297,12 @@ def test_a_run_folder_of_the_wrong_kind_says_what_to_pass(tmp_path, capsys, tiny
     (tmp_path / "db" / "checkpoints" / "checkpoint-500" / "pipeline").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "db" / "checkpoints" / "checkpoint-500")  # `--base pipeline` from inside a checkpoint
     assert default_out("pipeline", str(full), suites=["style"], recorded_base="base") == full / "eval-style-on-db-500.json"
+    from finetune.evaluate import base_tag
+
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "9f8e7d").write_bytes(b"")
+    (tmp_path / "sd15.safetensors").symlink_to(tmp_path / "blobs" / "9f8e7d")  # as the hub cache keeps files
+    assert base_tag(str(tmp_path / "sd15.safetensors")) == "sd15"
     checkpoint = full / "checkpoints" / "checkpoint-4"  # a checkpoint's pipeline: into that checkpoint
     (checkpoint / "pipeline").mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text('{"step": 4}')

@@ -268,6 +268,8 @@ def test_every_class_image_of_every_concept_is_used(make_recipe, star_folder, tm
     without_0 = DreamBoothDataset(instances, class_examples, dreambooth_recipe(make_recipe, star_folder, tmp_path), held_out=frozenset({0}))
     used = {without_0[(index, epoch)]["class_caption"] for epoch in range(4) for index in (1, 2, 3)}
     assert used == {f"class {concept}.{k}" for concept in (0, 1) for k in range(4)}
+    every_1_held = DreamBoothDataset(instances, class_examples, dreambooth_recipe(make_recipe, star_folder, tmp_path), held_out=frozenset({2, 3}))
+    assert [every_1_held[(index, 0)]["class_caption"] for index in (2, 3)] == ["class 1.0", "class 1.0"]  # scored; none of concept 1 trains
 
     # data.caption_dropout empties instance captions (as for the other methods); class images keep theirs.
     dropping = DreamBoothDataset(instances, class_examples, dreambooth_recipe(make_recipe, star_folder, tmp_path, data__caption_dropout=0.5))

@@ -85,7 +85,7 @@ class DreamBoothDataset(Dataset):
             class_index = (self.position[index] + epoch * dealt) % len(pool)
             class_plan = plan_view(upright_size(pool[class_index]), target, config.crop, config.random_flip, rng)
             # The whole pool is dealt out once every ceil(len(pool) / dealt) epochs.
-            class_likely_new = likely_new_view(config, epoch, epochs_per_visit=math.ceil(len(pool) / dealt))
+            class_likely_new = likely_new_view(config, epoch, epochs_per_visit=math.ceil(len(pool) / max(dealt, 1)))  # 0: all held out
             class_view = ("class", concept, class_index)
             item.update(view_entry(pool[class_index], class_plan, class_view, self.latent_cache, class_likely_new, prefix="class_"))
             item["class_caption"] = pool[class_index].caption

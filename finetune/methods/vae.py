@@ -103,8 +103,11 @@ class VAEMethod(TrainingMethod):
         dataset, collate_fn = super().training_data(accelerator)
         # The validation grid reconstructs the first four training images (as the first epoch renders them),
         # the same in a resumed run.
-        first = [index for index in range(len(dataset)) if index not in self.held_out_items][:4]
-        pixels = [dataset[(index, 0)]["pixel_values"] for index in first]
+        first = {}  # four distinct images (repeats list an image several times in a row)
+        for index, example in enumerate(dataset.examples):
+            if index not in self.held_out_items and len(first) < 4:
+                first.setdefault(example.source, index)
+        pixels = [dataset[(index, 0)]["pixel_values"] for index in first.values()]
         self.preview = torch.stack([image for image in pixels if image.shape == pixels[0].shape])  # one bucket
         return dataset, collate_fn
 
