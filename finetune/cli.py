@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--image-dir", help="folder of images to check (instead of the recipe's data.image_dir)")
     check.add_argument("--resolution", type=int, help="training resolution (instead of the recipe's data.resolution)")
 
-    from finetune.evaluate import add_eval_parser
+    from finetune.eval_command import add_eval_parser
 
     add_eval_parser(commands)
     from finetune.bench import add_bench_parser
@@ -362,7 +362,7 @@ def _check_data(args) -> int:
 
 
 def _eval(args) -> int:
-    from finetune.evaluate import run_eval_command
+    from finetune.eval_command import run_eval_command
 
     return run_eval_command(args)
 

@@ -37,7 +37,7 @@ from finetune.inference import refuse_replacing_a_fine_tuned_unet, saved_model_m
 from finetune.kohya import LoRA, load_lora
 from finetune.merge import find_module
 from finetune.models import BaseModel, freeze, load_base_model
-from finetune.sampling import adapters_clip_skip, adapters_prediction_type, build_pipeline, follow_adapters_prediction_type, generate
+from finetune.sampling import adapters_clip_skip, adapters_prediction_type, adapters_zero_terminal_snr, build_pipeline, follow_adapters_schedule, generate
 
 CONDITIONING_KINDS = ("as uploaded", "canny", "luminance", "mask")
 MAX_INPUT_PIXELS = 4096 * 4096
@@ -175,6 +175,7 @@ class DemoEngine:
         for column in columns:  # adapters that cannot be combined stop the request before anything renders
             trained_for = self._trained_for(column)
             adapters_prediction_type(trained_for)
+            adapters_zero_terminal_snr(trained_for)
             adapters_clip_skip(trained_for)
         total, done = max(1, len(columns) * request.rows * request.steps), 0
         results: list[list[Image.Image]] = [[] for _ in range(request.rows)]
@@ -182,7 +183,7 @@ class DemoEngine:
             trained_for = self._trained_for(column)
             unet = column.unet or column.model.unet
             pipeline = _pipeline(column.model, column.controlnet, unet)
-            follow_adapters_prediction_type(pipeline, trained_for)
+            follow_adapters_schedule(pipeline, trained_for)
             extra = dict(image=condition, controlnet_conditioning_scale=column.scale) if column.controlnet is not None else {}
 
             def step_done(pipe, step, timestep, kwargs):

@@ -32,8 +32,11 @@ def split_held_out(sources: list[str], count: int, seed: int) -> tuple[list[int]
     images = sorted(set(files))
     generator = torch.Generator().manual_seed(seed)
     held = {images[i] for i in torch.randperm(len(images), generator=generator)[:count].tolist()}
-    scored = sorted({file: index for index, file in reversed(list(enumerate(files))) if file in held}.values())
-    return [index for index, file in enumerate(files) if file not in held], scored
+    first_copy: dict[str, int] = {}
+    for index, file in enumerate(files):
+        if file in held:
+            first_copy.setdefault(file, index)
+    return [index for index, file in enumerate(files) if file not in held], sorted(first_copy.values())
 
 
 class TrainingSubset:

@@ -26,7 +26,7 @@ from finetune.methods.controlnet import CONTROLNET_DIR, UNET_DIR
 from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.models import BaseModel, load_base_model, looks_like_hub_id
 from finetune.pipeline_io import METADATA_FILE
-from finetune.sampling import GRID_LABEL_WIDTH, adapters_clip_skip, build_pipeline, follow_adapters_prediction_type, generate, make_grid, save_image_atomic
+from finetune.sampling import GRID_LABEL_WIDTH, adapters_clip_skip, build_pipeline, follow_adapters_schedule, generate, make_grid, save_image_atomic
 from finetune.views import cover_and_crop
 
 # Config keys that must agree for a ControlNet's residuals to fit the UNet's skip connections.
@@ -223,7 +223,7 @@ def load_sampling_pipeline(
         pipeline.set_adapters(["lora"], adapter_weights=[lora_scale])
     if clip_skip > 1:  # after the LoRA: sd-scripts' files also hold (unused) LoRAs of the skipped layers
         skip_last_layers(pipeline.text_encoder, clip_skip)
-    follow_adapters_prediction_type(pipeline, adapters)
+    follow_adapters_schedule(pipeline, adapters)
     return pipeline
 
 

@@ -46,7 +46,7 @@ def adapters_prediction_type(adapters: dict[str, dict[str, str]]) -> str | None:
     return next(iter(recorded.values()), None)
 
 
-def follow_adapters_prediction_type(pipeline, adapters: dict[str, dict[str, str]]) -> None:
+def follow_adapters_schedule(pipeline, adapters: dict[str, dict[str, str]]) -> None:
     """Sample with the adapters' prediction type where it is not the base scheduler's, and on the
     zero-terminal-SNR schedule where they were trained on it."""
     kind = adapters_prediction_type(adapters)

@@ -271,7 +271,7 @@ def test_sample_refuses_zero_images_or_steps_and_a_second_condition(capsys, tiny
 
 
 def test_a_run_folder_of_the_wrong_kind_says_what_to_pass(tmp_path, capsys, tiny_model, monkeypatch):
-    from finetune.evaluate import default_out
+    from finetune.eval_command import default_out
 
     full = tmp_path / "full-run"  # what method full or full DreamBooth writes
     shutil.copytree(tiny_model, full / "pipeline")
@@ -297,7 +297,7 @@ def test_a_run_folder_of_the_wrong_kind_says_what_to_pass(tmp_path, capsys, tiny
     (tmp_path / "db" / "checkpoints" / "checkpoint-500" / "pipeline").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "db" / "checkpoints" / "checkpoint-500")  # `--base pipeline` from inside a checkpoint
     assert default_out("pipeline", str(full), suites=["style"], recorded_base="base") == full / "eval-style-on-db-500.json"
-    from finetune.evaluate import base_tag
+    from finetune.eval_command import base_tag
 
     (tmp_path / "blobs").mkdir()
     (tmp_path / "blobs" / "9f8e7d").write_bytes(b"")

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from finetune.errors import FinetuneError
-from finetune.evaluate import SUITES, add_eval_parser, evaluate_real_images, run_eval, run_eval_command
+from finetune.eval_command import add_eval_parser, run_eval_command
+from finetune.evaluate import SUITES, evaluate_real_images, run_eval
 from finetune.toyworld.prompt_sets import class_prompts, held_in_prompts, style_prompts, subject_prompts
 from finetune.toyworld.world import SHAPES, parse_caption, sample_scenes, scene_dict
 

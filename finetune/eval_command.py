@@ -1,0 +1,132 @@
+"""The `finetune eval` command: its options, where its report goes, and the run (`finetune.evaluate`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+from finetune.checkpoint import STATE_FILE
+from finetune.errors import FinetuneError
+from finetune.evaluate import SUITES, default_suites, print_table, run_eval
+from finetune.toyworld.world import SHAPES
+
+EVAL_EXAMPLE = """examples:
+  finetune eval --base finetune/assets/toyworld-base
+  finetune eval --base finetune/assets/toyworld-base --lora outputs/striped --suite style --suite adherence
+  finetune eval --base finetune/assets/toyworld-base --lora outputs/dreambooth --suite subject --suite drift
+  finetune eval --base finetune/assets/toyworld-base --controlnet outputs/controlnet     (control and placement suites)
+  finetune eval --base finetune/assets/toyworld-base --suite control --suite placement   (the same prompts, no ControlNet)
+
+shares in [0, 1], higher is better, except prior_drift (lower is better; compare with the base model's);
+fid: lower is better, comparable only between runs scoring the same number of images;
+control_iou, placement_iou: higher is better, compare with their chance levels and with the run without --controlnet."""
+
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``eval`` on the ``finetune`` subcommand parsers (``parser.add_subparsers()``)."""
+    from finetune.cli import RECORDED_BASE_HELP, add_base_options, positive_int
+
+    p = subparsers.add_parser(
+        "eval",
+        help="score a base model (+ LoRA or ControlNet) on the toy world: adherence, FID, subject, drift, style, control",
+        description="Generate images for fixed toy-world prompt suites and score them with the toy-world classifier.\n"
+        "Prints a table and writes a JSON report plus one grid PNG per prompt set.",
+        epilog=EVAL_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_base_options(p, required=False, default=RECORDED_BASE_HELP)
+    p.add_argument("--lora", help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
+    p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
+    p.add_argument("--controlnet", help="ControlNet folder, or a controlnet training output folder (runs the control and placement suites)")
+    p.add_argument("--conditioning-scale", type=float, default=None, help="ControlNet strength (default 1.0)")
+    p.add_argument("--suite", action="append", choices=list(SUITES),
+                   help="suite to run; repeat for several (default: adherence and fid; control with --controlnet)")
+    p.add_argument("--num-prompts", type=positive_int, default=64, help="prompts per suite (default 64)")
+    p.add_argument("--images-per-prompt", type=positive_int, default=1, help="images per prompt; prompt p's image k has seed seed+p*N+k (default 1)")
+    p.add_argument("--steps", type=positive_int, default=25, help="DDIM steps (default 25)")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5.0)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed; the prompts are fixed (default 0)")
+    p.add_argument("--identifier", default="sks", help="DreamBooth identifier in subject prompts (default sks)")
+    p.add_argument("--subject", default="star", choices=list(SHAPES), help="shape the subject should look like (default star)")
+    p.add_argument("--class-word", default="shape", help="class word of subject/class prompts, 'a sks <class word>' (default shape)")
+    p.add_argument("--out", help="JSON report path (default: eval-<suites>.json in the ControlNet's or LoRA's run folder, "
+                   "or in outputs/eval/<base name>/)")
+    return p
+
+
+def base_tag(base: str) -> str:
+    """A base model in a file name: a run's pipeline by its run, a file by its stem, a folder by its name,
+    a hub id as the hub cache spells it (org--name)."""
+    path = Path(base.rstrip("/") or base)
+    if not path.exists():
+        return base.strip("/").replace("/", "--")
+    path = Path(os.path.abspath(path))  # `--base pipeline` or `.` from inside a run; a link keeps its own name
+    if path.name == "pipeline":
+        run = path.parent
+        checkpoint = re.fullmatch(r"checkpoint-(\d+)", run.name) if run.parent.name == "checkpoints" else None
+        return f"{run.parent.parent.name}-{checkpoint.group(1)}" if checkpoint else run.name
+    return path.stem if path.is_file() else path.name
+
+
+def default_out(base: str, lora: str | None, controlnet: str | None = None, suites=(), lora_scale: float = 1.0,
+                conditioning_scale: float | None = None, recorded_base: str | None = None) -> Path:
+    """In the ControlNet's, the LoRA's or a full pipeline's run (or checkpoint) folder, else under
+    outputs/eval/<name>/; named by what it scores (`eval-style.json`, `eval-control-placement-scale0.5.json`,
+    `eval-style-with-mine.json` for a ControlNet with the LoRA mine, `eval-style-on-other.json` on a base other
+    than the `recorded_base` of the adapter's run), so reports of other suites, strengths, combinations, bases or LoRA
+    files of one folder do not replace each other."""
+    from finetune.inference import same_model
+    from finetune.methods.lora import LORA_WEIGHTS_NAME
+
+    lora_path = Path(lora) if lora else None
+    lora_name = None if lora_path is None else (lora_path.parent.name if lora_path.name == LORA_WEIGHTS_NAME else lora_path.name)
+    parts = [*suites]
+    if lora and lora_scale != 1.0:
+        parts.append(f"strength{lora_scale:g}")
+    if controlnet and conditioning_scale not in (None, 1.0):
+        parts.append(f"scale{conditioning_scale:g}")
+    if controlnet and lora:
+        parts.append(f"with-{Path(lora_name).stem}")
+    if (lora or controlnet) and recorded_base and not same_model(base, recorded_base):
+        parts.append(f"on-{base_tag(base)}")
+    name = "-".join(["eval", *parts]) + ".json"
+    if controlnet:
+        from finetune.inference import resolve_controlnet_folder
+        from finetune.methods.controlnet import CONTROLNET_DIR
+
+        folder = resolve_controlnet_folder(controlnet)
+        # Not inside the ControlNet folder: a model folder holds only the model.
+        return folder.parent / name if folder.name == CONTROLNET_DIR else Path("outputs/eval") / folder.name / name
+    if lora_path is not None:
+        if lora_path.is_dir():
+            return lora_path / name
+        return lora_path.parent / (name if lora_path.name == LORA_WEIGHTS_NAME else f"{lora_path.stem}-{name}")
+    base_path = Path(base.rstrip("/"))
+    run = base_path.parent
+    if base_path.name == "pipeline" and ((run / "recipe.yaml").is_file() or (run / STATE_FILE).is_file()):  # a run's or a checkpoint's pipeline
+        return run / name
+    return Path("outputs/eval") / (base_path.stem or "base") / name
+
+
+def run_eval_command(args) -> int:
+    """``finetune eval``: run, print the table, write the report."""
+    from finetune.cli import base_or_recorded
+    from finetune.inference import adapter_base
+
+    suites = default_suites(args.suite, args.controlnet)
+    if args.lora is None and args.lora_scale != 1.0:
+        raise FinetuneError("--lora-scale is the LoRA's strength: pass --lora too, or leave it out")
+    base = base_or_recorded(args)
+    recorded = adapter_base(args.lora, args.controlnet) if args.base else base  # without --base, it is the recorded one
+    out = Path(args.out) if args.out else default_out(base, args.lora, args.controlnet, suites, args.lora_scale, args.conditioning_scale, recorded)
+    result = run_eval(
+        base, args.lora, args.lora_scale, suites, args.num_prompts, args.images_per_prompt,
+        args.steps, args.guidance, args.seed, args.identifier, args.subject, args.class_word,
+        controlnet=args.controlnet, conditioning_scale=args.conditioning_scale, out=out, base_config=args.base_config,
+    )  # fmt: skip
+    print_table(result)
+    print(f"wrote {out}")
+    return 0
