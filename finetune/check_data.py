@@ -35,6 +35,7 @@ from finetune.data import (
     upright_rgb,
 )
 from finetune.errors import FinetuneError
+from finetune.loss_mask import alpha_mask, mask_area, mask_path, read_mask_file
 from finetune.recipe_loading import describe_validation_error, load_recipe
 
 FATAL, WARNING, CONVERTED = "fatal", "warning", "converted"
@@ -82,12 +83,25 @@ class DataReport:
                 lines.append(f"training size: {config.resolution}x{config.resolution}, {config.crop} crops (data.bucketing keeps aspect ratios)")
         if len(config.folders) > 1:
             lines.append(folder_shares_line(self.usable, config))
+        if config.loss_mask.enabled:
+            lines.append(loss_mask_line(self.usable, config))
         for level, entries in ((FATAL, self.of_level(FATAL)), ("skipped", self.skipped), (WARNING, self.of_level(WARNING)), (CONVERTED, self.of_level(CONVERTED))):
             shown = entries if limit is None else entries[:limit]
             lines += [f"{level}: {finding.message}" for finding in shown]
             if len(entries) > len(shown):
                 lines.append(f"{level}: ... and {len(entries) - len(shown)} more (finetune check-data lists them all)")
         return lines
+
+
+def loss_mask_line(usable: list[Example], config: DataConfig) -> str:
+    """How many images are masked and how much of them trains: a mask that is nearly all white or black shows."""
+    settings = config.loss_mask
+    where = "their transparency" if settings.source == "alpha" else f"files in each folder's {settings.folder}/"
+    areas = sorted(example.mask_area for example in usable if example.mask_area is not None)
+    line = f"loss masks ({where}): {len(areas)} of {len(usable)} images masked"
+    if areas:
+        line += f", trained area {100 * areas[0]:.0f}-{100 * areas[-1]:.0f}% (mean {100 * sum(areas) / len(areas):.0f}%)"
+    return line + f"; background weight {settings.unmasked_weight:g}"
 
 
 def folder_shares_line(usable: list[Example], config: DataConfig) -> str:
@@ -150,8 +164,42 @@ def inspect(example: Example, config: DataConfig) -> tuple[Example | None, list[
         message = f"image {source} is {width}x{height}, smaller than {min_size} px on its short side: remove it, or lower data.min_image_size"
         findings.append(Finding(FATAL, source, message))
     digest = hashlib.blake2b(f"{width}x{height}".encode() + image.tobytes(), digest_size=16).hexdigest()
-    usable = None if any(f.level == FATAL for f in findings) else replace(example, size=(width, height), digest=digest)
+    example = replace(example, size=(width, height), digest=digest)
+    if config.loss_mask.enabled:
+        example, mask_findings = inspect_loss_mask(example, raw, config)
+        findings += mask_findings
+    usable = None if any(f.level == FATAL for f in findings) else example
     return usable, findings, digest
+
+
+def inspect_loss_mask(example: Example, raw, config: DataConfig) -> tuple[Example, list[Finding]]:
+    """(the example with its mask loader and trained area, findings): the mask must be there, readable,
+    of the image's upright size, and train something."""
+    settings, source = config.loss_mask, example.source
+    if settings.source == "alpha":
+        if not has_alpha(raw):
+            message = f"image {source} has no transparency: it trains whole (data.loss_mask.source alpha); add an alpha channel to mask it"
+            return example, [Finding(WARNING, source, message)]
+        mask, named, load = alpha_mask(raw), f"the transparency of image {source}", lambda load=example.load: alpha_mask(load())
+    else:
+        path = mask_path(source, settings)
+        if not path.is_file():
+            message = (f"image {source} has no loss mask: expected {path} (greyscale, the image's size, white where it trains; "
+                       "data.loss_mask.folder names the folder)")  # fmt: skip
+            return example, [Finding(FATAL, source, message)]
+        try:
+            mask = read_mask_file(path)
+        except FinetuneError as err:
+            return example, [Finding(FATAL, source, str(err))]
+        named, load = f"loss mask {path}", lambda path=path: read_mask_file(path)
+    if mask.size != example.size:
+        message = f"{named} is {mask.size[0]}x{mask.size[1]} but image {source} is {example.size[0]}x{example.size[1]}: a mask must have its image's size"
+        return example, [Finding(FATAL, source, message)]
+    area = mask_area(mask)
+    if area == 0.0 and settings.unmasked_weight == 0.0:
+        message = f"{named} is black everywhere, so image {source} would train nothing: whiten what should train, or remove the image"
+        return example, [Finding(FATAL, source, message)]
+    return replace(example, load_mask=load, mask_area=area), []
 
 
 # ---------------------------------------------------------------------------------------------------

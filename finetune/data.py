@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from finetune.buckets import BucketBatchSampler, Size, assign_buckets
+from finetune.buckets import Size, assign_buckets
 from finetune.cache import EncodingCache
 from finetune.captions import (
     apply_template,
@@ -29,6 +29,7 @@ from finetune.captions import (
 )
 from finetune.config import DataConfig, FolderConfig
 from finetune.errors import FinetuneError
+from finetune.loss_mask import mask_tensor
 from finetune.views import ViewPlan, plan_view, render, view_key
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -45,6 +46,8 @@ class Example:
     folder_index: int = 0  # which entry of data.folders it comes from
     size: Size | None = None  # upright (width, height), known once the check has decoded the image
     digest: str | None = None  # a hash of the decoded pixels, from the check: names its cached latents
+    load_mask: Callable[[], Image.Image] | None = None  # its upright greyscale loss mask, from the check (data.loss_mask)
+    mask_area: float | None = None  # the share of the image its loss mask trains
 
 
 def read_examples(config: DataConfig) -> list[Example]:
@@ -254,8 +257,15 @@ def render_pixels(example: Example, plan: ViewPlan) -> torch.Tensor:
     return to_tensor(render(open_rgb(example, at_least=2 * max(plan.target)), plan))
 
 
+def render_mask(example: Example, plan: ViewPlan) -> torch.Tensor:
+    """The planned view of `example`'s loss mask as (1, H, W) weights in [0, 1]; all 1 without a mask."""
+    if example.load_mask is None:
+        return torch.ones(1, plan.target[1], plan.target[0])
+    return mask_tensor(render(example.load_mask(), plan))
+
+
 class CaptionedImageDataset(torch.utils.data.Dataset):
-    """Items are looked up by (index, epoch) so augmentation is reproducible; see `EpochBatchSampler`.
+    """Items are looked up by (index, epoch) so augmentation is reproducible; see `finetune.batches`.
 
     With bucketing, `bucket_of[i]` is item i's (width, height) and `make_batch_sampler` batches by it.
     With a latent cache an item names its view (see `view_entry`), and `render(view)` decodes it.
@@ -283,6 +293,8 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
             caption = ""
         # original_size and crop_top_left: what SDXL-style size conditioning takes.
         item = {"caption": caption, "index": index, "original_size": (height, width), "crop_top_left": plan.top_left}
+        if self.config.loss_mask.enabled:
+            item["loss_mask"] = render_mask(example, plan)
         return {**item, **view_entry(example, plan, index, self.latent_cache, likely_new_view(self.config, epoch))}
 
     def render(self, view: tuple[int, ViewPlan]) -> torch.Tensor:
@@ -326,76 +338,21 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 def collate_images(items: list[dict[str, Any]], prefixes: tuple[str, ...] = ("",)) -> dict[str, Any]:
     """`pixel_values` stacked; or for named views `latent_keys`, `views`, `view_pixels` (each row's
-    pixels, or None where the loader left them out) and `pixel_size` (height, width).
+    pixels, or None where the loader left them out) and `pixel_size` (height, width). With
+    data.loss_mask also `loss_mask` (B, 1, H, W).
 
     `prefixes`: the item's image entries in batch order (DreamBooth: "" for instances, "class_" after).
     """
     rows = [(item, prefix) for prefix in prefixes for item in items]
+    masks = {"loss_mask": torch.stack([item[f"{prefix}loss_mask"] for item, prefix in rows])} if "loss_mask" in items[0] else {}
     if f"{prefixes[0]}latent_key" not in items[0]:
-        return {"pixel_values": torch.stack([item[f"{prefix}pixel_values"] for item, prefix in rows])}
+        return {"pixel_values": torch.stack([item[f"{prefix}pixel_values"] for item, prefix in rows]), **masks}
     views = [item[f"{prefix}view"] for item, prefix in rows]
     width, height = views[0][1].target
     return {
+        **masks,
         "latent_keys": [item[f"{prefix}latent_key"] for item, prefix in rows],
         "views": views,
         "view_pixels": [item.get(f"{prefix}pixel_values") for item, prefix in rows],
         "pixel_size": (height, width),
     }
-
-
-class EpochBatchSampler:
-    """An endless, deterministic stream of this process's micro-batches, starting at any micro-batch.
-
-    Micro-batch m covers the global batch m of a seeded permutation of the dataset (a new permutation
-    each epoch); process r takes its slice [r*B, (r+1)*B). One process with batch N*B therefore sees
-    exactly what N processes with batch B see together, and a resumed run starts where it stopped
-    without replaying anything.
-    """
-
-    def __init__(self, num_items: int, batch_size: int, num_processes: int, process_index: int, seed: int, start: int = 0):
-        self.global_batch = batch_size * num_processes
-        if num_items < self.global_batch:
-            raise FinetuneError(
-                f"the dataset has {num_items} images, fewer than one global batch ({batch_size} x {num_processes} processes): "
-                "lower train.batch_size or add images"
-            )
-        self.num_items = num_items
-        self.batch_size = batch_size
-        self.process_index = process_index
-        self.seed = seed
-        self.start = start
-        self.batches_per_epoch = num_items // self.global_batch
-        self.images_per_epoch = self.batches_per_epoch * self.global_batch  # the rest wait for the next epoch's shuffle
-        self._cached: tuple[int, list[int]] = (-1, [])
-
-    def permutation(self, epoch: int) -> list[int]:
-        if self._cached[0] != epoch:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._cached = (epoch, torch.randperm(self.num_items, generator=generator).tolist())
-        return self._cached[1]
-
-    def global_batch_indices(self, micro_batch: int) -> list[int]:
-        epoch, position = divmod(micro_batch, self.batches_per_epoch)
-        first = position * self.global_batch
-        return self.permutation(epoch)[first : first + self.global_batch]
-
-    def rows_of(self, micro_batch: int) -> tuple[int, slice]:
-        """(size of global batch `micro_batch`, this process's rows of it): always full here."""
-        return self.global_batch, slice(self.process_index * self.batch_size, (self.process_index + 1) * self.batch_size)
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        micro_batch = self.start
-        while True:
-            epoch = micro_batch // self.batches_per_epoch
-            indices = self.global_batch_indices(micro_batch)
-            mine = indices[self.process_index * self.batch_size : (self.process_index + 1) * self.batch_size]
-            yield [(index, epoch) for index in mine]
-            micro_batch += 1
-
-
-def make_batch_sampler(dataset, batch_size: int, num_processes: int, process_index: int, seed: int, start: int = 0):
-    """Batches of one bucket each for a dataset with `bucket_of` (bucketing on), else square batches."""
-    bucket_of = getattr(dataset, "bucket_of", None)
-    if bucket_of is None:
-        return EpochBatchSampler(len(dataset), batch_size, num_processes, process_index, seed, start=start)
-    return BucketBatchSampler(bucket_of, batch_size, num_processes, process_index, seed, start=start)

@@ -163,15 +163,24 @@ def per_sample_loss(
     snr_gamma: float | None = None,
     huber_c: float | None = None,
     debiased: bool = False,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean squared error per sample (with `huber_c`: the scheduled pseudo-Huber loss instead), optionally
-    Min-SNR-gamma weighted (Hang et al., 2023) and/or debiased (Yu et al., 2024; see `debiased_weight`)."""
+    Min-SNR-gamma weighted (Hang et al., 2023) and/or debiased (Yu et al., 2024; see `debiased_weight`).
+
+    `weights` (B, 1, h, w), from loss masks: each sample's mean is weighed by them per latent pixel.
+    """
     if huber_c is None:
-        loss = F.mse_loss(prediction.float(), batch.target.float(), reduction="none").mean(dim=(1, 2, 3))
+        elementwise = F.mse_loss(prediction.float(), batch.target.float(), reduction="none")
     else:
         threshold = huber_threshold(scheduler, batch.timesteps, huber_c).view(-1, 1, 1, 1)
         squared = (prediction.float() - batch.target.float()).square()
-        loss = (2.0 * threshold * (torch.sqrt(squared + threshold**2) - threshold)).mean(dim=(1, 2, 3))
+        elementwise = 2.0 * threshold * (torch.sqrt(squared + threshold**2) - threshold)
+    if weights is None:
+        loss = elementwise.mean(dim=(1, 2, 3))
+    else:  # a sample whose crop is all unweighted (black) has loss 0, not 0/0
+        total_weight = weights.sum(dim=(1, 2, 3)) * elementwise.shape[1]
+        loss = (elementwise * weights).sum(dim=(1, 2, 3)) / total_weight.clamp_min(1e-8)
     v_prediction = scheduler.config.prediction_type == "v_prediction"
     if snr_gamma is not None:
         signal_to_noise = snr(scheduler, batch.timesteps)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from finetune import checkpoint as ckpt
 from finetune.check_data import too_few_to_batch
 from finetune.config import Recipe
-from finetune.data import make_batch_sampler
+from finetune.batches import make_batch_sampler
 from finetune.diffusion import BatchRandomness
 from finetune.distributed import accelerator_options, autocast, checkpoint_options, configure_deepspeed, full_parameters, gpu_available, unsharded_loading, unwrap, uses_deepspeed, zero_stage
 from finetune.ema import EMA_FILE, WeightAverage

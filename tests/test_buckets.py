@@ -12,7 +12,8 @@ from PIL import Image
 
 from finetune.buckets import BucketBatchSampler, make_buckets, nearest_bucket, split_rows
 from finetune.config import DataConfig
-from finetune.data import CaptionedImageDataset, EpochBatchSampler, Example, collate, load_examples, make_batch_sampler
+from finetune.batches import EpochBatchSampler, make_batch_sampler
+from finetune.data import CaptionedImageDataset, Example, collate, load_examples
 from finetune.views import ViewPlan, cover_and_crop, view_key
 from finetune.errors import FinetuneError
 from finetune.trainer import train

@@ -11,7 +11,8 @@ from PIL import Image
 
 from finetune.captions import shuffle_tags, training_caption
 from finetune.config import DataConfig
-from finetune.data import CaptionedImageDataset, EpochBatchSampler, load_examples
+from finetune.batches import EpochBatchSampler
+from finetune.data import CaptionedImageDataset, load_examples
 from finetune.errors import FinetuneError
 from finetune.recipe_loading import recipe_from_dict
 

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from finetune.config import DataConfig
-from finetune.data import CaptionedImageDataset, EpochBatchSampler, Example, load_examples, open_rgb
+from finetune.batches import EpochBatchSampler
+from finetune.data import CaptionedImageDataset, Example, load_examples, open_rgb
 from finetune.errors import FinetuneError
 
 

@@ -50,6 +50,29 @@ class FolderConfig(Section):
         return value
 
 
+class LossMaskConfig(Section):
+    """`data.loss_mask`: train on part of each image (a subject, a face), weighing the loss per pixel."""
+
+    # none: every pixel counts. alpha: each image's own transparency (opaque trains). files: a greyscale
+    # mask per image in `folder`, with the image's file name or stem (white trains, black does not).
+    source: Literal["none", "alpha", "files"] = "none"
+    # Where masks are, relative to each image folder (data.folders entries, DreamBooth instance_dir).
+    folder: str = "masks"
+    # The loss weight where the mask is black: 0 ignores the background, 0.1 keeps a little of it.
+    unmasked_weight: float = 0.0
+
+    @field_validator("unmasked_weight")
+    @classmethod
+    def _below_one(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0:
+            raise ValueError("must be at least 0 and below 1 (1 weighs the background fully: set data.loss_mask.source: none)")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return self.source != "none"
+
+
 class DataConfig(Section):
     # Either a folder of images with captions, or a `datasets` dataset (hub name, or a local path).
     image_dir: Optional[str] = None
@@ -81,6 +104,7 @@ class DataConfig(Section):
     bucketing: BucketConfig = BucketConfig()
     # Subfolders of image_dir with their own repeats and prompt templates; empty: image_dir alone, once.
     folders: list[FolderConfig] = []
+    loss_mask: LossMaskConfig = LossMaskConfig()
     num_workers: int = 0
 
     @field_validator("keep_tokens")
@@ -111,6 +135,11 @@ class DataConfig(Section):
         twice = next((folder.path for folder, entry in zip(self.folders, entries) if entries.count(entry) > 1), None)
         if twice is not None:  # (with another template it is another set of prompts for the same images)
             raise ValueError(f"data.folders lists '{twice}' twice with the same template: list it once and raise its repeats")
+        if self.loss_mask.source == "files" and self.dataset is not None:
+            raise ValueError(
+                "data.loss_mask.source files reads masks from folders beside the images; a dataset's images can carry "
+                "their mask as transparency: use source alpha"
+            )
         if self.keep_tokens and not self.shuffle_tags:
             raise ValueError("data.keep_tokens keeps the first tags in place while data.shuffle_tags shuffles the rest: set data.shuffle_tags: true")
         return self

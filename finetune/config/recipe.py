@@ -202,6 +202,8 @@ class Recipe(Section):
                 f"optimizer.warmup_steps ({self.optimizer.warmup_steps}) must be below train.max_steps ({self.train.max_steps}): "
                 "the learning rate would never reach optimizer.lr"
             )
+        if self.data.loss_mask.enabled and self.method in ("controlnet", "vae"):
+            raise ValueError(f"data.loss_mask weighs the denoising loss of lora, full and dreambooth; method {self.method} does not use it: remove it")
         if self.method == "controlnet":
             if self.data.caption_dropout:
                 raise ValueError("method controlnet empties captions with controlnet.empty_prompt_share; set data.caption_dropout to 0")

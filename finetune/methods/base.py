@@ -25,6 +25,7 @@ from finetune.diffusion import POSTERIOR_STREAM, BatchRandomness, NoiseOptions, 
 from finetune.cache import EncodingCache, caption_key, model_fingerprint
 from finetune.encoders import encode_prompts, latents_from_moments, posterior_moments, text_hidden_states
 from finetune.errors import FinetuneError
+from finetune.loss_mask import latent_loss_weights
 from finetune.models import BaseModel
 from finetune.sampling import build_pipeline, generate
 
@@ -59,7 +60,7 @@ class TrainingMethod(ABC):
         """Attach adapters, set what trains (fp32) and what is frozen (cast to `weight_dtype`)."""
 
     def training_data(self, accelerator) -> tuple[Dataset, Callable]:
-        """(dataset, collate function); items are looked up by (index, epoch) keys, see EpochBatchSampler."""
+        """(dataset, collate function); items are looked up by (index, epoch) keys, see finetune.batches."""
         self.training_dataset = CaptionedImageDataset(self.examples, self.recipe.data, self.recipe.seed, self.item_latent_cache())
         return self.training_dataset, collate
 
@@ -188,7 +189,10 @@ class DiffusionMethod(TrainingMethod):
         )  # fmt: skip
         prediction = self.predict(modules, noised.noisy_latents, noised.timesteps, encoder_hidden_states, batch)
         huber_c = train.huber_c if train.loss == "huber" else None
-        per_sample = per_sample_loss(prediction, noised, base.noise_scheduler, train.snr_gamma, huber_c, train.debiased_estimation)
+        weights = None
+        if "loss_mask" in batch:  # data.loss_mask
+            weights = latent_loss_weights(batch["loss_mask"].to(prediction.device), latent_shape[1:], self.recipe.data.loss_mask.unmasked_weight)
+        per_sample = per_sample_loss(prediction, noised, base.noise_scheduler, train.snr_gamma, huber_c, train.debiased_estimation, weights)
         return self.combine_losses(per_sample, batch)
 
 

@@ -21,12 +21,12 @@ import torch
 from torch.utils.data import Dataset
 
 from finetune.class_images import class_image_caption, generate_class_images, generation_key, is_generated_name, plan_class_images
-from finetune.config import Concept, Recipe
+from finetune.config import Concept, DataConfig, LossMaskConfig, Recipe
 from finetune.buckets import assign_buckets
 from finetune.captions import training_caption
 from finetune.check_data import DataReport, check_examples, checked_examples, data_configs, inspect_examples
 from finetune.cache import EncodingCache
-from finetune.data import Example, collate_images, item_rng, likely_new_view, render_pixels, upright_size, view_entry
+from finetune.data import Example, collate_images, item_rng, likely_new_view, render_mask, render_pixels, upright_size, view_entry
 from finetune.errors import FinetuneError
 from finetune.methods.base import DiffusionMethod
 from finetune.methods.full import FullMethod
@@ -80,6 +80,8 @@ class DreamBoothDataset(Dataset):
             caption = ""
         likely_new = likely_new_view(config, epoch)
         item = {"caption": caption, "index": index, **view_entry(example, plan, ("instance", index), self.latent_cache, likely_new)}
+        if config.loss_mask.enabled:  # class images have none: their rows weigh every pixel
+            item["loss_mask"] = render_mask(example, plan)
         if self.class_examples:
             pool, dealt = self.class_examples[concept], self.per_concept[concept]
             class_index = (self.position[index] + epoch * dealt) % len(pool)
@@ -89,6 +91,8 @@ class DreamBoothDataset(Dataset):
             class_view = ("class", concept, class_index)
             item.update(view_entry(pool[class_index], class_plan, class_view, self.latent_cache, class_likely_new, prefix="class_"))
             item["class_caption"] = pool[class_index].caption
+            if config.loss_mask.enabled:
+                item["class_loss_mask"] = render_mask(pool[class_index], class_plan)
         return item
 
     def render(self, view: tuple) -> torch.Tensor:
@@ -135,6 +139,11 @@ def class_examples(paths: list[Path], concept: Concept) -> list[Example]:
     return [Example(str(p), class_image_caption(p, concept.class_prompts), lambda p=p: Image.open(p)) for p in paths]
 
 
+def class_data_config(recipe: Recipe) -> DataConfig:
+    """How class images are read: as instances are, but unmasked (data.loss_mask masks the subject)."""
+    return recipe.data.model_copy(update={"loss_mask": LossMaskConfig()})
+
+
 def inspect_class_images(recipe: Recipe) -> list[DataReport]:
     """`finetune check-data` of a DreamBooth recipe: the class images there now (a user's and those
     generated so far), checked as training checks them, with how many are still to generate."""
@@ -142,7 +151,7 @@ def inspect_class_images(recipe: Recipe) -> list[DataReport]:
     for concept, (folder, _key, paths, missing) in zip(recipe.dreambooth.concepts, class_image_plans(recipe)):
         present = [p for p in paths if p.is_file()]
         if present:
-            report = inspect_examples(class_examples(present, concept), recipe.data, f"class images {folder}")
+            report = inspect_examples(class_examples(present, concept), class_data_config(recipe), f"class images {folder}")
             report.label += f" ({len(missing)} more to generate)" if missing else ""
             reports.append(report)
     return reports
@@ -199,7 +208,7 @@ class DreamBoothMethod(DiffusionMethod):
         unreadable or too-small ones stop the run (or are skipped with data.skip_bad_images)."""
         if not paths:
             return None
-        return check_examples(class_examples(paths, concept), self.recipe.data, f"class images {folder}")
+        return check_examples(class_examples(paths, concept), class_data_config(self.recipe), f"class images {folder}")
 
     def _class_images(self, concept: Concept, plan: ClassImagePlan, accelerator) -> list[Example]:
         settings = self.recipe.dreambooth

@@ -1,0 +1,225 @@
+"""Loss masks (data.loss_mask): the weighted loss against its formula, masks cut exactly like their
+images, every bad mask one line before training, and in training: black pixels get no gradient, class
+images stay unmasked, and cached latents change nothing."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import finetune.methods.base as method_base
+from finetune.check_data import WARNING, inspect_examples
+from finetune.cli import main
+from finetune.config import DataConfig, LossMaskConfig
+from finetune.data import CaptionedImageDataset, load_examples, read_examples
+from finetune.diffusion import NoisedBatch, per_sample_loss
+from finetune.errors import FinetuneError
+from finetune.loss_mask import latent_loss_weights
+from finetune.trainer import train
+from test_dreambooth import dreambooth_recipe
+from test_objective import SCHEDULER
+
+
+def noise(width, height, seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+def masked_folder(folder: Path, count=4, size=(64, 64), mask=lambda width, height: half_mask(width, height)) -> Path:
+    """`count` noise images with captions, and in masks/ a mask per image (by default its left half white)."""
+    (folder / "masks").mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        noise(*size, seed=i).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"image {i}")
+        mask(*size).save(folder / "masks" / f"{i}.png")
+    return folder
+
+
+def half_mask(width, height):
+    mask = Image.new("L", (width, height), 0)
+    mask.paste(255, (0, 0, width // 2, height))
+    return mask
+
+
+def test_weighted_loss_is_the_weighted_mean_per_sample_and_ignores_unweighted_pixels():
+    target = torch.zeros(2, 4, 4, 4)
+    batch = NoisedBatch(noisy_latents=target, timesteps=torch.tensor([10, 500]), target=target)
+    prediction = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    ones = torch.ones(2, 1, 4, 4)
+    assert torch.allclose(per_sample_loss(prediction, batch, SCHEDULER, weights=ones), per_sample_loss(prediction, batch, SCHEDULER))
+    weights = ones.clone()
+    weights[:, :, :, 2:] = 0.0
+    weights[1, :, :, :2] = 0.5  # grey: normalized away within the sample
+    expected = prediction[:, :, :, :2].square().mean(dim=(1, 2, 3))
+    assert torch.allclose(per_sample_loss(prediction, batch, SCHEDULER, weights=weights), expected)
+    changed = prediction.clone()
+    changed[:, :, :, 2:] += 100.0  # only where the weight is 0
+    assert torch.allclose(per_sample_loss(changed, batch, SCHEDULER, weights=weights), expected)
+    assert torch.equal(per_sample_loss(prediction, batch, SCHEDULER, weights=torch.zeros(2, 1, 4, 4)), torch.zeros(2))  # not NaN
+    huber = per_sample_loss(changed, batch, SCHEDULER, huber_c=0.1, weights=weights)
+    left = NoisedBatch(noisy_latents=target[..., :2], timesteps=batch.timesteps, target=target[..., :2])
+    assert torch.allclose(huber, per_sample_loss(prediction[..., :2], left, SCHEDULER, huber_c=0.1))
+
+
+def test_latent_weights_average_each_8x8_patch_and_raise_black_to_the_unmasked_weight():
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., :8, :8] = 1.0  # one whole patch
+    mask[..., :8, 8:12] = 1.0  # half a patch
+    assert torch.equal(latent_loss_weights(mask, (2, 2), 0.0), torch.tensor([[[[1.0, 0.5], [0.0, 0.0]]]]))
+    assert torch.allclose(latent_loss_weights(mask, (2, 2), 0.1), torch.tensor([[[[1.0, 0.55], [0.1, 0.1]]]]))
+
+
+def test_a_mask_is_cut_like_its_image_through_crops_flips_and_buckets(tmp_path):
+    """Each image's red channel is its mask: every view of the pair must still agree pixel for pixel."""
+    folder = tmp_path / "data"
+    (folder / "masks").mkdir(parents=True)
+    for i, size in enumerate([(96, 64), (64, 112), (80, 80)]):
+        mask = Image.fromarray(np.random.default_rng(i).integers(0, 256, size[::-1], dtype=np.uint8))
+        Image.merge("RGB", (mask, Image.new("L", size, 0), Image.new("L", size, 0))).save(folder / f"{i}.png")
+        mask.save(folder / "masks" / f"{i}.webp", lossless=True)  # found by the image's stem, any format
+        (folder / f"{i}.txt").write_text("x")
+    for extra in ({}, {"bucketing": {"enabled": True, "step": 16}}):
+        config = DataConfig(image_dir=str(folder), resolution=48, crop="random", random_flip=True, loss_mask={"source": "files"}, **extra)
+        dataset = CaptionedImageDataset(load_examples(config), config, seed=0)
+        flips = set()
+        for epoch in range(4):
+            for index in range(3):
+                item = dataset[(index, epoch)]
+                red = (item["pixel_values"][0] + 1.0) * 127.5 / 255.0
+                assert item["loss_mask"].shape == (1, *red.shape)
+                assert torch.allclose(item["loss_mask"][0], red, atol=1e-5)
+                flips.add(bool(torch.allclose(item["loss_mask"][0], red.flip(-1), atol=1e-5)))
+        assert flips == {False}  # (the check means something: a mirrored mask would not match)
+
+
+def test_every_bad_mask_is_one_line_naming_the_file_before_training(tmp_path, make_recipe):
+    folder = masked_folder(tmp_path / "data")
+    config = DataConfig(image_dir=str(folder), resolution=64, loss_mask={"source": "files"})
+    assert [e.mask_area for e in load_examples(config)] == [0.5] * 4
+    (folder / "masks" / "1.png").unlink()
+    with pytest.raises(FinetuneError, match=rf"image {folder / '1.png'} has no loss mask: expected {folder / 'masks' / '1.png'} \(greyscale"):
+        load_examples(config)
+    half_mask(64, 48).save(folder / "masks" / "1.png")
+    with pytest.raises(FinetuneError, match=rf"loss mask {folder / 'masks' / '1.png'} is 64x48 but image {folder / '1.png'} is 64x64: a mask must have"):
+        load_examples(config)
+    Image.new("L", (64, 64), 0).save(folder / "masks" / "1.png")
+    with pytest.raises(FinetuneError, match=r"is black everywhere, so image .*1.png would train nothing"):
+        load_examples(config)
+    assert len(load_examples(config.model_copy(update={"loss_mask": LossMaskConfig(source="files", unmasked_weight=0.1)}))) == 4  # trains a little
+    (folder / "masks" / "1.png").write_bytes(b"not a png")
+    with pytest.raises(FinetuneError, match=rf"loss mask {folder / 'masks' / '1.png'} cannot be read"):
+        load_examples(config)
+    # The same check stops training before any model loads (the model path does not exist).
+    with pytest.raises(FinetuneError, match=r"cannot be read"):
+        train(make_recipe(data__image_dir=str(folder), data__loss_mask={"source": "files"}, model__pretrained=str(tmp_path / "no-model")))
+    # data.skip_bad_images leaves the image out, as any bad image.
+    skipped = config.model_copy(update={"skip_bad_images": True})
+    assert len(load_examples(skipped)) == 3
+
+
+def test_alpha_masks_come_from_transparency_and_an_opaque_image_trains_whole(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rgba = noise(64, 64).convert("RGBA")
+    rgba.putalpha(half_mask(64, 64))
+    rgba.save(folder / "cut-out.png")
+    noise(64, 64, seed=1).save(folder / "opaque.png")
+    for name in ("cut-out", "opaque"):
+        (folder / f"{name}.txt").write_text(name)
+    config = DataConfig(image_dir=str(folder), resolution=64, loss_mask={"source": "alpha"})
+    report = inspect_examples(read_examples(config), config, "data")
+    assert [(f.level, f.message) for f in report.findings if f.level == WARNING] == [
+        (WARNING, f"image {folder / 'opaque.png'} has no transparency: it trains whole (data.loss_mask.source alpha); add an alpha channel to mask it")
+    ]
+    assert "loss masks (their transparency): 1 of 2 images masked, trained area 50-50% (mean 50%); background weight 0" in report.lines()
+    dataset = CaptionedImageDataset(load_examples(config), config, seed=0)
+    cut_out, opaque = dataset[(0, 0)]["loss_mask"], dataset[(1, 0)]["loss_mask"]
+    assert torch.equal(cut_out[0, :, :32], torch.ones(64, 32)) and torch.equal(cut_out[0, :, 32:], torch.zeros(64, 32))
+    assert torch.equal(opaque, torch.ones(1, 64, 64))
+
+
+def test_recipes_that_cannot_use_masks_are_refused_on_load(make_recipe, pairs_folder):
+    with pytest.raises(FinetuneError, match=r"data.loss_mask.source files reads masks from folders beside the images.*use source alpha"):
+        make_recipe(data__image_dir=None, data__dataset="some/dataset", data__loss_mask={"source": "files"})
+    with pytest.raises(FinetuneError, match=r"data.loss_mask weighs the denoising loss of lora, full and dreambooth; method controlnet does not use it"):
+        make_recipe(method="controlnet", data__image_dir=str(pairs_folder), data__loss_mask={"source": "alpha"})
+    with pytest.raises(FinetuneError, match=r"data.loss_mask.unmasked_weight.*below 1"):
+        make_recipe(data__loss_mask={"source": "files", "unmasked_weight": 1.0})
+
+
+def record_loss_gradients(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(weights, d loss / d prediction) of each training step's per-sample loss."""
+    seen, real = [], method_base.per_sample_loss
+
+    def per_sample_loss(prediction, batch, scheduler, *args):
+        loss = real(prediction, batch, scheduler, *args)
+        gradient = torch.autograd.grad(loss.sum(), prediction, retain_graph=True)[0]
+        seen.append((args[-1], gradient))
+        return loss
+
+    monkeypatch.setattr(method_base, "per_sample_loss", per_sample_loss)
+    return seen
+
+
+def test_in_training_black_pixels_get_no_gradient_and_a_white_mask_changes_nothing(make_recipe, tmp_path, monkeypatch):
+    folder = masked_folder(tmp_path / "data")
+    common = dict(data__image_dir=str(folder), data__random_flip=True, train__max_steps=3)
+    seen = record_loss_gradients(monkeypatch)
+    train(make_recipe(output_dir=str(tmp_path / "masked"), data__loss_mask={"source": "files"}, **common))
+    assert len(seen) == 3
+    for weights, gradient in seen:  # tiny model: 64 px images make 8x8 latents, 4 columns of them white
+        for row_weights, row_gradient in zip(weights, gradient):
+            trained = row_weights[0, 0] > 0  # a row's weights: its left half, or the right one when flipped
+            assert trained.sum() == 4 and torch.equal(trained, row_weights[0, -1] > 0)
+            assert torch.all(row_gradient[..., ~trained] == 0) and torch.all(row_gradient[..., trained] != 0)
+    masked_folder(folder, mask=lambda width, height: Image.new("L", (width, height), 255))
+    monkeypatch.undo()  # the real per_sample_loss again
+    white = train(make_recipe(output_dir=str(tmp_path / "white"), data__loss_mask={"source": "files"}, **common))
+    plain = train(make_recipe(output_dir=str(tmp_path / "plain"), **common))
+    assert torch.allclose(torch.tensor(white.losses), torch.tensor(plain.losses), rtol=1e-5)
+
+
+def test_cached_latents_give_the_masked_run_the_same_losses(make_recipe, tmp_path):
+    folder = masked_folder(tmp_path / "data")
+    common = dict(data__image_dir=str(folder), data__random_flip=True, train__max_steps=4, data__loss_mask={"source": "files"})
+    plain = train(make_recipe(output_dir=str(tmp_path / "plain"), **common))
+    cached = train(make_recipe(output_dir=str(tmp_path / "cached"), train__cache_latents=True, train__cache_text_embeddings=True, **common))
+    unmasked = train(make_recipe(output_dir=str(tmp_path / "unmasked"), **{**common, "data__loss_mask": {"source": "none"}}))
+    assert torch.allclose(torch.tensor(plain.losses), torch.tensor(cached.losses), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(torch.tensor(plain.losses), torch.tensor(unmasked.losses), rtol=1e-3)
+
+
+def test_dreambooth_masks_its_instances_and_not_its_class_images(make_recipe, tmp_path, monkeypatch):
+    folder = masked_folder(tmp_path / "subject", count=2)
+    seen = record_loss_gradients(monkeypatch)
+    recipe = dreambooth_recipe(make_recipe, folder, tmp_path, data__loss_mask={"source": "files"}, train__max_steps=2)
+    train(recipe)
+    for weights, _ in seen:
+        instance, class_image = weights  # batch size 1: the instance row, then its class image's
+        assert instance.sum() == 32 and torch.equal(class_image, torch.ones_like(class_image))
+
+
+def test_check_data_reports_the_masks_and_stops_on_a_missing_one(tmp_path, capsys):
+    folder = masked_folder(tmp_path / "data")
+    args = ["check-data", "--image-dir", str(folder), "--resolution", "64"]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"data:\n  image_dir: {folder}\n  resolution: 64\n  loss_mask:\n    source: files\n")
+    assert main(["check-data", str(recipe)]) == 0
+    assert "loss masks (files in each folder's masks/): 4 of 4 images masked, trained area 50-50% (mean 50%); background weight 0" in capsys.readouterr().out
+    (folder / "masks" / "2.png").unlink()
+    assert main(["check-data", str(recipe)]) == 1
+    assert f"fatal: image {folder / '2.png'} has no loss mask" in capsys.readouterr().out
+    assert main(args) == 0  # without the recipe's loss_mask, masks are not looked for
+
+
+def test_held_out_images_are_scored_with_their_masks(make_recipe, tmp_path):
+    folder = masked_folder(tmp_path / "data", count=5)
+    common = dict(data__image_dir=str(folder), train__max_steps=1, validation__loss_images=1, validation__at_start=True)
+    first = {}  # the loss at step 0, before any training: the same model, only the weighting differs
+    for name, mask in (("masked", "files"), ("plain", "none")):
+        first[name] = train(make_recipe(output_dir=str(tmp_path / name), data__loss_mask={"source": mask}, **common)).validation_losses[0]
+    masked_folder(folder, count=5, mask=lambda width, height: Image.new("L", (width, height), 255))
+    first["white"] = train(make_recipe(output_dir=str(tmp_path / "white"), data__loss_mask={"source": "files"}, **common)).validation_losses[0]
+    assert first["masked"][0] == first["plain"][0] == 0 and first["masked"][1] != pytest.approx(first["plain"][1], rel=1e-3)
+    assert first["white"][1] == pytest.approx(first["plain"][1], rel=1e-5)
