@@ -198,6 +198,20 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path, **load_options) -> dict:
-    accelerator.load_state(str(path), **load_options)
-    return json.loads((path / STATE_FILE).read_text())
+def load_checkpoint(accelerator: Accelerator, path: Path, current_settings: dict | None = None, **load_options) -> dict:
+    """Restore the state saved in `path`; return its trainer state. A checkpoint of other trained modules
+    or parameter groups (a text encoder, LoRA+ switched on or off) is one line naming what changed."""
+    state = json.loads((path / STATE_FILE).read_text())
+    try:
+        accelerator.load_state(str(path), **load_options)
+    except (ValueError, FileNotFoundError) as err:
+        # torch's optimizer: "... different number of parameter groups" / "... doesn't match the size of
+        # optimizer's group"; the load hook: a trainable_<i> file for a module the checkpoint did not train.
+        if "parameter group" not in str(err) and "optimizer's group" not in str(err) and "trainable_" not in str(err):
+            raise
+        changed = changed_settings(state.get("recipe"), current_settings or {})
+        raise FinetuneError(
+            f"checkpoint {path} was written for other trained modules or parameter groups than this recipe's"
+            + (f" (changed since: {', '.join(changed)})" if changed else "") + ": resume with the settings that wrote it"
+        ) from None
+    return state

@@ -141,7 +141,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
 
     step = 0
     if resume_from is not None:
-        state = ckpt.load_checkpoint(accelerator, resume_from, **load_options)
+        state = ckpt.load_checkpoint(accelerator, resume_from, _flat_hparams(recipe), **load_options)
         step = state["step"]
         method.load_checkpoint_state(state.get("method", {}))
         apply_recipe_settings(optimizer, lr_scheduler, group_lrs, recipe.optimizer)

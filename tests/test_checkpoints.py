@@ -242,3 +242,16 @@ def test_each_checkpoint_holds_the_outputs_of_its_step(make_recipe, pairs_folder
         assert exported.name == "long-000002.safetensors"
         with pytest.raises(FinetuneError, match=r"checkpoint .*checkpoint-1 holds no LoRA file: its run had checkpoint.save_outputs: false"):
             resolve_lora_file(str(short.output_dir / "checkpoints" / "checkpoint-1"))  # not its trainable_0.safetensors
+
+
+def test_resuming_with_other_trained_modules_or_parameter_groups_is_one_line_naming_the_change(make_recipe, capsys):
+    first = train(make_recipe(train__max_steps=4, checkpoint__every_n_steps=2, lora__loraplus_lr_ratio=4.0))
+    checkpoint = first.output_dir / "checkpoints" / "checkpoint-2"
+    for changed, named in ((dict(lora__loraplus_lr_ratio=None), "lora.loraplus_lr_ratio 4.0 -> None"),
+                           (dict(lora__train_text_encoder=True), "lora.train_text_encoder False -> True")):  # fmt: skip
+        recipe = make_recipe(train__max_steps=6, output_dir=str(first.output_dir) + "-other", **{"lora__loraplus_lr_ratio": 4.0, **changed})
+        with pytest.raises(FinetuneError, match=rf"^checkpoint {checkpoint} was written for other trained modules or parameter groups than this recipe's \(changed since: {named}\): resume"):
+            train(recipe, resume=str(checkpoint))
+    # Another ratio keeps the groups: it resumes at the new rates, and says so.
+    train(make_recipe(train__max_steps=6, output_dir=str(first.output_dir) + "-ratio", lora__loraplus_lr_ratio=8.0), resume=str(checkpoint))
+    assert "warning: settings changed since checkpoint-2: lora.loraplus_lr_ratio 4.0 -> 8.0" in capsys.readouterr().out

@@ -27,6 +27,9 @@ class LoRAConfig(Section):
     # Start from a trained LoRA instead of a no-op (sd-scripts' network_weights): a .safetensors file in our,
     # diffusers' or sd-scripts' layout, or a training folder; same rank and target layers as this recipe.
     init_from: Optional[str] = None
+    # LoRA+ (Hayou et al., 2024; sd-scripts' loraplus_lr_ratio): the up (B) matrices learn this many times
+    # faster than the down (A) ones, which the paper finds trains faster and better (it uses 16). None: off.
+    loraplus_lr_ratio: Optional[float] = Field(None, gt=0)
 
 
 class FullConfig(Section):
