@@ -36,6 +36,7 @@ from finetune.data import (
 )
 from finetune.errors import FinetuneError
 from finetune.loss_mask import alpha_mask, mask_area, mask_path, read_mask_file
+from finetune.views import cut, plan_cover_crop
 from finetune.recipe_loading import describe_validation_error, load_recipe
 
 FATAL, WARNING, CONVERTED = "fatal", "warning", "converted"
@@ -83,7 +84,7 @@ class DataReport:
                 lines.append(f"training size: {config.resolution}x{config.resolution}, {config.crop} crops (data.bucketing keeps aspect ratios)")
         if len(config.folders) > 1:
             lines.append(folder_shares_line(self.usable, config))
-        if config.loss_mask.enabled:
+        if config.loss_mask.enabled and self.usable:
             lines.append(loss_mask_line(self.usable, config))
         for level, entries in ((FATAL, self.of_level(FATAL)), ("skipped", self.skipped), (WARNING, self.of_level(WARNING)), (CONVERTED, self.of_level(CONVERTED))):
             shown = entries if limit is None else entries[:limit]
@@ -98,7 +99,8 @@ def loss_mask_line(usable: list[Example], config: DataConfig) -> str:
     settings = config.loss_mask
     where = "their transparency" if settings.source == "alpha" else f"files in each folder's {settings.folder}/"
     areas = sorted(example.mask_area for example in usable if example.mask_area is not None)
-    line = f"loss masks ({where}): {len(areas)} of {len(usable)} images masked"
+    unmasked = [folder.path for folder in config.folders if not folder.loss_mask]
+    line = f"loss masks ({where}): {len(areas)} of {len(usable)} images masked" + (f" (unmasked folders: {', '.join(unmasked)})" if unmasked else "")
     if areas:
         line += f", trained area {100 * areas[0]:.0f}-{100 * areas[-1]:.0f}% (mean {100 * sum(areas) / len(areas):.0f}%)"
     return line + f"; background weight {settings.unmasked_weight:g}"
@@ -176,6 +178,8 @@ def inspect_loss_mask(example: Example, raw, config: DataConfig) -> tuple[Exampl
     """(the example with its mask loader and trained area, findings): the mask must be there, readable,
     of the image's upright size, and train something."""
     settings, source = config.loss_mask, example.source
+    if config.folders and not config.folders[example.folder_index].loss_mask:
+        return example, []  # its folder trains whole (data.folders loss_mask: false)
     if settings.source == "alpha":
         if not has_alpha(raw):
             message = f"image {source} has no transparency: it trains whole (data.loss_mask.source alpha); add an alpha channel to mask it"
@@ -184,16 +188,19 @@ def inspect_loss_mask(example: Example, raw, config: DataConfig) -> tuple[Exampl
     else:
         path = mask_path(source, settings)
         if not path.is_file():
-            message = (f"image {source} has no loss mask: expected {path} (greyscale, the image's size, white where it trains; "
-                       "data.loss_mask.folder names the folder)")  # fmt: skip
+            message = (f"image {source} has no loss mask: expected {path} (or {path.stem} with another image suffix; greyscale, "
+                       "the image's size, white where it trains)")  # fmt: skip
             return example, [Finding(FATAL, source, message)]
         try:
             mask = read_mask_file(path)
         except FinetuneError as err:
             return example, [Finding(FATAL, source, str(err))]
         named, load = f"loss mask {path}", lambda path=path: read_mask_file(path)
-    if mask.size != example.size:
-        message = f"{named} is {mask.size[0]}x{mask.size[1]} but image {source} is {example.size[0]}x{example.size[1]}: a mask must have its image's size"
+    (mask_width, mask_height), (width, height) = mask.size, example.size
+    if abs(mask_width / width - mask_height / height) > 0.01:  # another scale is fine: it is resized with its image
+        rotated = raw.getexif().get(0x0112, 1) in (5, 6, 7, 8) and (mask_width, mask_height) == (height, width)
+        hint = "save the mask upright: the image is turned by its EXIF orientation" if rotated else "a mask must have its image's size"
+        message = f"{named} is {mask_width}x{mask_height} but image {source} is {width}x{height} upright: {hint}"
         return example, [Finding(FATAL, source, message)]
     area = mask_area(mask)
     if area == 0.0 and settings.unmasked_weight == 0.0:
@@ -226,6 +233,7 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
                 f"{width}x{height}: it may train soft"
             )
             report.findings.append(Finding(WARNING, example.source, message))
+    report.findings += masks_out_of_view(report, targets)
     for sources in by_hash.values():
         if len(sources) > 1:
             others = ", ".join(sources[1:6]) + (f" and {len(sources) - 6} more" if len(sources) > 6 else "")
@@ -240,10 +248,36 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
     return report
 
 
+def masks_out_of_view(report: DataReport, targets: list[Size]) -> list[Finding]:
+    """Fatal findings for masks that train nothing as the data is read: a centre crop (or bucket) that
+    leaves the whole mask out (a random crop finds it at times), or source alpha with no transparency at all."""
+    config, findings = report.config, []
+    if not config.loss_mask.enabled or config.loss_mask.unmasked_weight > 0.0:
+        return []
+    if config.loss_mask.source == "alpha" and report.usable and all(example.mask_area is None for example in report.usable):
+        message = (f"{report.label}: data.loss_mask.source alpha, and none of its {len(report.usable)} images has transparency, so none is "
+                   "masked: save cut-outs with an alpha channel, or use source files")  # fmt: skip
+        return [Finding(FATAL, report.label, message)]
+    if config.crop == "random":
+        return []
+    blind = []
+    for example, target in zip(report.usable, targets):
+        if example.load_mask is not None:
+            resized, top_left = plan_cover_crop(example.size, target, "center", None)
+            if mask_area(cut(example.load_mask(), resized, top_left, target)) == 0.0:
+                blind.append(example)
+                message = (f"image {example.source}: its loss mask is black everywhere in its centre crop to {target[0]}x{target[1]}, so it would "
+                           "train nothing: set data.crop: random, data.bucketing, or widen the mask")  # fmt: skip
+                findings.append(Finding(FATAL, example.source, message))
+    report.usable = [example for example in report.usable if not any(example is other for other in blind)]
+    return findings
+
+
 def skip_fatal(report: DataReport) -> None:
     """data.skip_bad_images: fatal findings become the skipped list (their images are not in `usable`)."""
-    report.skipped += report.of_level(FATAL)
-    report.findings = [finding for finding in report.findings if finding.level != FATAL]
+    skipped = [finding for finding in report.of_level(FATAL) if finding.source != report.label]  # findings about the whole dataset stay
+    report.skipped += skipped
+    report.findings = [finding for finding in report.findings if not any(finding is other for other in skipped)]
 
 
 def check_examples(examples: list[Example], config: DataConfig, label: str = "data") -> DataReport:
@@ -258,7 +292,8 @@ def stop_unless_trainable(report: DataReport) -> DataReport:
     if fatal:
         others = len(fatal) - 1
         more = f" ({others} more problem{'s' if others > 1 else ''}: finetune check-data lists them)" if others else ""
-        raise FinetuneError(f"{fatal[0].message}, {SKIP_HINT}{more}")
+        hint = "" if fatal[0].source == label else f", {SKIP_HINT}"  # about the whole dataset: skipping images is no fix
+        raise FinetuneError(f"{fatal[0].message}{hint}{more}")
     if not report.usable:
         raise FinetuneError(f"{label}: all {report.found} images were skipped as bad ({report.skipped[0].message}): fix them")
     return report

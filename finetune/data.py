@@ -208,7 +208,8 @@ def decode(example: Example, at_least: int | None = None) -> Image.Image:
 
 
 def has_alpha(image: Image.Image) -> bool:
-    return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    # "transparency": a palette's transparent entries, or the one transparent colour of an RGB or grey PNG (tRNS).
+    return image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
 
 
 def is_16_bit(image: Image.Image) -> bool:

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from finetune.loss_mask import MIN_NORMALIZING_SHARE
+
 
 @dataclass
 class NoisedBatch:
@@ -168,7 +170,8 @@ def per_sample_loss(
     """Mean squared error per sample (with `huber_c`: the scheduled pseudo-Huber loss instead), optionally
     Min-SNR-gamma weighted (Hang et al., 2023) and/or debiased (Yu et al., 2024; see `debiased_weight`).
 
-    `weights` (B, 1, h, w), from loss masks: each sample's mean is weighed by them per latent pixel.
+    `weights` (B, 1, h, w), from loss masks: each sample's mean is weighed by them per latent pixel (see
+    finetune/loss_mask.py: normalized by the sample's weight, at least MIN_NORMALIZING_SHARE of its pixels).
     """
     if huber_c is None:
         elementwise = F.mse_loss(prediction.float(), batch.target.float(), reduction="none")
@@ -178,9 +181,10 @@ def per_sample_loss(
         elementwise = 2.0 * threshold * (torch.sqrt(squared + threshold**2) - threshold)
     if weights is None:
         loss = elementwise.mean(dim=(1, 2, 3))
-    else:  # a sample whose crop is all unweighted (black) has loss 0, not 0/0
-        total_weight = weights.sum(dim=(1, 2, 3)) * elementwise.shape[1]
-        loss = (elementwise * weights).sum(dim=(1, 2, 3)) / total_weight.clamp_min(1e-8)
+    else:  # the weighted mean; a crop with little or no weight (a sliver of the subject) is not scaled up past a floor
+        floor = MIN_NORMALIZING_SHARE * weights.shape[-2] * weights.shape[-1]
+        total_weight = weights.sum(dim=(1, 2, 3)).clamp_min(floor) * elementwise.shape[1]
+        loss = (elementwise * weights).sum(dim=(1, 2, 3)) / total_weight
     v_prediction = scheduler.config.prediction_type == "v_prediction"
     if snr_gamma is not None:
         signal_to_noise = snr(scheduler, batch.timesteps)

@@ -1,19 +1,22 @@
 """Loss masks (`data.loss_mask`): train on part of each image, such as a subject without its background.
 
-A mask is a greyscale image of its image's size: white pixels train fully, black ones weigh
+A mask is a greyscale image of its image's shape: white pixels train fully, black ones weigh
 `data.loss_mask.unmasked_weight` (0: not at all), grey ones in between. It is the image's own
 transparency (source `alpha`) or a file in a folder beside the images (source `files`:
 `masks/0001.png` for `0001.jpg`, as ControlNet's `conditioning/` folder pairs by name).
 
 The mask is cut exactly like its image (the same resize, crop and flip: `finetune.views`), averaged
-over each 8x8 patch to the latents' size, and each image's loss is the mean over its latents weighed
-by it. The weights are normalized per image, so a small subject trains as strongly as a whole image.
+over each 8x8 patch to the latents' size, and each crop's loss is the mean over its latents weighed
+by it, divided by the crop's weight (at least MIN_NORMALIZING_SHARE of it), so a small subject trains
+as strongly as a whole image.
 Masks are not cached with the latents: they are read again each step (a small greyscale file, or for
 `alpha` the image itself), so a changed mask takes effect in the next run without re-encoding.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,29 +27,49 @@ from PIL import Image, ImageOps
 from finetune.config import LossMaskConfig
 from finetune.errors import FinetuneError
 
-# A mask may be saved in any of these formats, whatever its image's format.
+# A mask may be saved in any of these formats (any letter case), whatever its image's format.
 MASK_SUFFIXES = (".png", ".webp", ".bmp", ".jpg", ".jpeg")
+# Per-image normalization divides by the mask's weight in the crop, but never by less than this share of
+# it: a crop that catches only a sliver of the subject (or a JPEG mask's faint fringe) is not blown up to
+# a whole image's loss; subjects filling at least 1/32 of the crop train at full strength.
+MIN_NORMALIZING_SHARE = 1.0 / 32.0
 
 
 def mask_path(image_path: str, settings: LossMaskConfig) -> Path:
-    """The mask file of an image: in `settings.folder` beside it, with its file name or its stem and
-    any image suffix; the expected name (its own) if none is there, for the error that says so."""
+    """The mask file of an image: in `settings.folder` beside it, with its file name, or its stem and any
+    of MASK_SUFFIXES in any case; the expected name (its own) if none is there, for the error that says so."""
     image = Path(image_path)
     folder = image.parent / settings.folder
-    for candidate in [folder / image.name, *(folder / (image.stem + suffix) for suffix in MASK_SUFFIXES)]:
-        if candidate.is_file():
-            return candidate
-    return folder / image.name
+    exact = folder / image.name
+    if exact.is_file():
+        return exact
+    names = _file_names_by_lowercase(str(folder), folder.stat().st_mtime_ns if folder.is_dir() else 0)
+    for wanted in [image.name, *(image.stem + suffix for suffix in MASK_SUFFIXES)]:
+        if wanted.lower() in names:
+            return folder / names[wanted.lower()]
+    return exact
+
+
+@functools.lru_cache(maxsize=64)
+def _file_names_by_lowercase(folder: str, modified: int) -> dict[str, str]:
+    """A folder's file names by their lowercase; `modified` (the folder's mtime) renews it when files
+    are added, removed or renamed."""
+    return {name.lower(): name for name in os.listdir(folder)} if modified else {}
 
 
 def read_mask_file(path: Path) -> Image.Image:
-    """A mask file as upright 8-bit greyscale (colour and alpha are dropped: only brightness counts)."""
+    """A mask file as upright 8-bit greyscale: its red channel (white and red train, as sd-scripts reads
+    masks), 16-bit greys scaled to 8 bits, and transparent areas black."""
     try:
         with Image.open(path) as opened:
             opened.load()
-            return ImageOps.exif_transpose(opened).convert("L")
+            mask = ImageOps.exif_transpose(opened)
     except Exception as err:  # PIL raises many types for broken files
         raise FinetuneError(f"loss mask {path} cannot be read ({err.__class__.__name__}: {err}): fix or remove it") from None
+    if mask.mode.startswith("I"):  # 16-bit greyscale: convert("L") would clip, not scale
+        mask = Image.fromarray((np.asarray(mask, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8))
+    rgba = mask.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).getchannel("R")
 
 
 def alpha_mask(raw: Image.Image) -> Image.Image:

@@ -16,7 +16,7 @@ from finetune.config import DataConfig, LossMaskConfig
 from finetune.data import CaptionedImageDataset, load_examples, read_examples
 from finetune.diffusion import NoisedBatch, per_sample_loss
 from finetune.errors import FinetuneError
-from finetune.loss_mask import latent_loss_weights
+from finetune.loss_mask import MIN_NORMALIZING_SHARE, latent_loss_weights, read_mask_file
 from finetune.trainer import train
 from test_dreambooth import dreambooth_recipe
 from test_objective import SCHEDULER
@@ -57,6 +57,11 @@ def test_weighted_loss_is_the_weighted_mean_per_sample_and_ignores_unweighted_pi
     changed[:, :, :, 2:] += 100.0  # only where the weight is 0
     assert torch.allclose(per_sample_loss(changed, batch, SCHEDULER, weights=weights), expected)
     assert torch.equal(per_sample_loss(prediction, batch, SCHEDULER, weights=torch.zeros(2, 1, 4, 4)), torch.zeros(2))  # not NaN
+    # A sliver of weight (one latent at 0.01) is normalized by at least 1/32 of the pixels, not by 0.01 alone.
+    sliver = torch.zeros(2, 1, 4, 4)
+    sliver[:, :, 0, 0] = 0.01
+    floor = MIN_NORMALIZING_SHARE * 16
+    assert torch.allclose(per_sample_loss(prediction, batch, SCHEDULER, weights=sliver), prediction[:, :, 0, 0].square().mean(dim=1) * 0.01 / floor)
     huber = per_sample_loss(changed, batch, SCHEDULER, huber_c=0.1, weights=weights)
     left = NoisedBatch(noisy_latents=target[..., :2], timesteps=batch.timesteps, target=target[..., :2])
     assert torch.allclose(huber, per_sample_loss(prediction[..., :2], left, SCHEDULER, huber_c=0.1))
@@ -98,10 +103,10 @@ def test_every_bad_mask_is_one_line_naming_the_file_before_training(tmp_path, ma
     config = DataConfig(image_dir=str(folder), resolution=64, loss_mask={"source": "files"})
     assert [e.mask_area for e in load_examples(config)] == [0.5] * 4
     (folder / "masks" / "1.png").unlink()
-    with pytest.raises(FinetuneError, match=rf"image {folder / '1.png'} has no loss mask: expected {folder / 'masks' / '1.png'} \(greyscale"):
+    with pytest.raises(FinetuneError, match=rf"image {folder / '1.png'} has no loss mask: expected {folder / 'masks' / '1.png'} \(or 1 with another image suffix"):
         load_examples(config)
     half_mask(64, 48).save(folder / "masks" / "1.png")
-    with pytest.raises(FinetuneError, match=rf"loss mask {folder / 'masks' / '1.png'} is 64x48 but image {folder / '1.png'} is 64x64: a mask must have"):
+    with pytest.raises(FinetuneError, match=rf"loss mask {folder / 'masks' / '1.png'} is 64x48 but image {folder / '1.png'} is 64x64 upright: a mask must have"):
         load_examples(config)
     Image.new("L", (64, 64), 0).save(folder / "masks" / "1.png")
     with pytest.raises(FinetuneError, match=r"is black everywhere, so image .*1.png would train nothing"):
@@ -223,3 +228,81 @@ def test_held_out_images_are_scored_with_their_masks(make_recipe, tmp_path):
     first["white"] = train(make_recipe(output_dir=str(tmp_path / "white"), data__loss_mask={"source": "files"}, **common)).validation_losses[0]
     assert first["masked"][0] == first["plain"][0] == 0 and first["masked"][1] != pytest.approx(first["plain"][1], rel=1e-3)
     assert first["white"][1] == pytest.approx(first["plain"][1], rel=1e-5)
+
+
+def test_mask_files_in_other_forms_read_as_a_user_means_them(tmp_path):
+    """16-bit greys are scaled (not clipped), transparency is black, colour is read by its red channel (as
+    sd-scripts does), a mask may have another scale or suffix case, and a rotated photo's mask names EXIF."""
+    sixteen = Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16))
+    sixteen.save(tmp_path / "sixteen.png")
+    assert np.asarray(read_mask_file(tmp_path / "sixteen.png")).tolist() == [[127] * 4] * 4  # 32768 / 257, not clipped to 255
+    cut_out = Image.new("RGBA", (4, 4), (255, 255, 255, 0))
+    cut_out.paste((255, 255, 255, 255), (0, 0, 2, 4))
+    cut_out.save(tmp_path / "cut-out.png")
+    assert np.asarray(read_mask_file(tmp_path / "cut-out.png"))[0].tolist() == [255, 255, 0, 0]
+    Image.new("RGB", (4, 4), (255, 0, 0)).save(tmp_path / "red.png")
+    assert np.asarray(read_mask_file(tmp_path / "red.png")).min() == 255
+
+    folder = masked_folder(tmp_path / "data", count=2, size=(64, 96))
+    (folder / "masks" / "0.png").rename(folder / "masks" / "0.PNG")  # any case
+    half_mask(32, 48).save(folder / "masks" / "1.png")  # half the image's size: resized with it
+    config = DataConfig(image_dir=str(folder), resolution=64, loss_mask={"source": "files"})
+    dataset = CaptionedImageDataset(load_examples(config), config, seed=0)
+    full, half = dataset[(0, 0)]["loss_mask"], dataset[(1, 0)]["loss_mask"]
+    assert (full - half).abs().mean() < 0.02 and half.mean() == pytest.approx(0.5, abs=0.02)  # the same but the edge's blur
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored on its side; upright it is 64x96
+    noise(96, 64).save(folder / "0.jpg", exif=exif)
+    (folder / "0.png").unlink()
+    (folder / "0.txt").write_text("rotated")
+    half_mask(96, 64).save(folder / "masks" / "0.PNG")  # made from the stored pixels, not the upright image
+    with pytest.raises(FinetuneError, match=r"0.PNG is 96x64 but image .*0.jpg is 64x96 upright: save the mask upright: the image is turned by its EXIF"):
+        load_examples(config)
+
+
+def test_settings_that_would_do_nothing_or_mask_with_the_image_itself_are_refused(make_recipe):
+    for loss_mask, message in (
+        ({"source": "files", "folder": "./"}, r"data.loss_mask.folder is the image folder itself"),
+        ({"source": "alpha", "folder": "cutouts"}, r"data.loss_mask.folder is where source files finds masks; with source alpha it does nothing"),
+        ({"unmasked_weight": 0.1}, r"data.loss_mask.unmasked_weight weighs the masked-out background; with source none nothing is masked"),
+    ):
+        with pytest.raises(FinetuneError, match=message):
+            make_recipe(data__loss_mask=loss_mask)
+    assert make_recipe(data__loss_mask={"source": "none", "folder": "masks", "unmasked_weight": 0.0})  # the defaults, as a dumped recipe names them
+
+
+def test_a_folder_can_train_unmasked_beside_masked_ones(tmp_path):
+    root = tmp_path / "data"
+    masked_folder(root / "subject", count=2)
+    (root / "regularisation").mkdir()
+    for i in range(2):
+        noise(64, 64, seed=10 + i).save(root / "regularisation" / f"{i}.png")
+        (root / "regularisation" / f"{i}.txt").write_text("a photo")
+    folders = [{"path": "subject"}, {"path": "regularisation", "loss_mask": False}]
+    config = DataConfig(image_dir=str(root), resolution=64, folders=folders, loss_mask={"source": "files"})
+    report = inspect_examples(read_examples(config), config, "data")
+    assert not report.findings and "loss masks (files in each folder's masks/): 2 of 4 images masked (unmasked folders: regularisation)" in report.lines()[-1]
+    dataset = CaptionedImageDataset(load_examples(config), config, seed=0)
+    assert [dataset[(i, 0)]["loss_mask"].mean().item() for i in range(4)] == [0.5, 0.5, 1.0, 1.0]
+
+
+def test_a_mask_no_view_can_reach_and_alpha_without_any_transparency_stop_before_training(tmp_path):
+    folder = masked_folder(tmp_path / "data", count=2, size=(192, 64), mask=lambda width, height: half_mask(width // 4, height).crop((0, 0, width, height)))
+    config = DataConfig(image_dir=str(folder), resolution=64, loss_mask={"source": "files"})  # centre crops: x 64-128 of 192
+    with pytest.raises(FinetuneError, match=r"image .*0.png: its loss mask is black everywhere in its centre crop to 64x64, so it would train nothing: set data.crop: random"):
+        load_examples(config)
+    assert len(load_examples(config.model_copy(update={"crop": "random"}))) == 2  # a random crop reaches it at times
+
+    opaque = tmp_path / "opaque"
+    opaque.mkdir()
+    for i in range(2):
+        noise(64, 64, seed=i).save(opaque / f"{i}.png")
+        (opaque / f"{i}.txt").write_text("x")
+    alpha = DataConfig(image_dir=str(opaque), resolution=64, loss_mask={"source": "alpha"}, skip_bad_images=True)
+    with pytest.raises(FinetuneError, match=r"^data: data.loss_mask.source alpha, and none of its 2 images has transparency, so none is masked: save cut-outs with an alpha channel, or use source files$"):
+        load_examples(alpha)
+    # One transparent colour (a PNG tRNS chunk) is transparency too: black is transparent here, white opaque.
+    keyed = Image.new("RGB", (64, 64), (0, 0, 0))
+    keyed.paste((255, 255, 255), (32, 0, 64, 64))
+    keyed.save(opaque / "0.png", transparency=(0, 0, 0))
+    assert [example.mask_area for example in load_examples(alpha)] == [0.5, None]

@@ -32,6 +32,8 @@ class FolderConfig(Section):
     # The prompt: "{caption}" is replaced by the image's own caption ("a photo of {caption}"); a template
     # without "{caption}" is the prompt of every image in the folder, and its captions are not read.
     template: Optional[str] = None
+    # With data.loss_mask on: false trains this folder's images whole, with no masks (a regularisation folder).
+    loss_mask: bool = True
 
     @field_validator("repeats")
     @classmethod
@@ -67,6 +69,17 @@ class LossMaskConfig(Section):
         if not 0.0 <= value < 1.0:
             raise ValueError("must be at least 0 and below 1 (1 weighs the background fully: set data.loss_mask.source: none)")
         return value
+
+    @model_validator(mode="after")
+    def _settings_that_act(self) -> "LossMaskConfig":
+        if os.path.normpath(self.folder) == ".":
+            raise ValueError("data.loss_mask.folder is the image folder itself (each image would be its own mask): name a subfolder, e.g. masks")
+        # Other values than the defaults only: a dumped recipe (which names every key) loads again.
+        if self.folder != "masks" and self.source != "files":
+            raise ValueError(f"data.loss_mask.folder is where source files finds masks; with source {self.source} it does nothing: remove it")
+        if self.unmasked_weight != 0.0 and self.source == "none":
+            raise ValueError("data.loss_mask.unmasked_weight weighs the masked-out background; with source none nothing is masked: set a source")
+        return self
 
     @property
     def enabled(self) -> bool:
