@@ -23,8 +23,10 @@ from safetensors.torch import load_file, save_file
 STALE_PARTIAL_SECONDS = 3600
 
 
-def caption_key(caption: str) -> str:
-    return hashlib.blake2b(caption.encode("utf-8"), digest_size=16).hexdigest()
+def caption_key(caption: str, chunks: int = 1) -> str:
+    """A caption's cache key; encoded in `chunks` of 75 tokens (model.max_token_length) it is another entry."""
+    text = caption if chunks == 1 else f"{chunks}x75|{caption}"  # 1: the keys of caches made before chunks existed
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
 
 
 def model_fingerprint(module: torch.nn.Module) -> str:

@@ -16,26 +16,57 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
     return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
 
 
-def long_captions_line(tokenizer: CLIPTokenizer, captions: dict[str, str]) -> str | None:
-    """A warning for the captions ({source: caption}) the tokenizer cuts, naming the longest; None if none.
+def token_chunks(tokenizer: CLIPTokenizer, prompts: list[str], chunks: int) -> torch.Tensor:
+    """(len(prompts) * chunks, 77) token ids, as sd-scripts' max_token_length splits a caption: its first
+    75 x `chunks` tokens, 75 per chunk, each chunk between a start token and an end token and padded."""
+    width = tokenizer.model_max_length - 2  # tokens between the start and end marks
+    ids = tokenizer(prompts, padding="max_length", max_length=width * chunks + 2, truncation=True, return_tensors="pt").input_ids
+    rows = torch.stack([torch.cat([ids[:, :1], ids[:, 1 + i * width : 1 + (i + 1) * width], ids[:, -1:]], dim=1) for i in range(chunks)], dim=1)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    # Where padding is not the end token (SD2's tokenizer): a chunk full of words still ends with the end
+    # token, and an empty chunk starts with it (as sd-scripts does).
+    full = (rows[:, :, -2] != eos) & (rows[:, :, -2] != pad)
+    rows[:, :, -1] = torch.where(full, torch.full_like(rows[:, :, -1], eos), rows[:, :, -1])
+    rows[:, :, 1] = torch.where(rows[:, :, 1] == pad, torch.full_like(rows[:, :, 1], eos), rows[:, :, 1])
+    return rows.reshape(-1, tokenizer.model_max_length)
 
-    Said once at the start, not per batch: the text encoder reads 77 tokens (75 words and marks after the
-    start and end tokens), and what is past them does not train, however much care went into it."""
+
+def chunks_needed(tokenizer: CLIPTokenizer, prompts: list[str]) -> int:
+    """How many chunks of 75 tokens hold the longest of `prompts` whole (1: it fits CLIP's own 77)."""
+    longest = max(len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False)["input_ids"])
+    width = tokenizer.model_max_length - 2
+    return max(1, -(-(longest - 2) // width))
+
+
+def long_captions_line(tokenizer: CLIPTokenizer, captions: dict[str, str], max_token_length: int = 75) -> str | None:
+    """A warning for the captions ({source: caption}) cut at `max_token_length` tokens (model.max_token_length,
+    the start and end marks not counted), naming the longest; None if none.
+
+    Said once at the start, not per batch: what is past the cut does not train, however much care went into it."""
     unique = sorted(set(captions.values()))
-    lengths = dict(zip(unique, map(len, tokenizer(unique, truncation=False, verbose=False)["input_ids"]))) if unique else {}
-    cut = {source: lengths[caption] for source, caption in captions.items() if lengths[caption] > tokenizer.model_max_length}
+    lengths = dict(zip(unique, (len(ids) - 2 for ids in tokenizer(unique, truncation=False, verbose=False)["input_ids"]))) if unique else {}
+    cut = {source: lengths[caption] for source, caption in captions.items() if lengths[caption] > max_token_length}
     if not cut:
         return None
     longest = max(cut, key=cut.get)
+    remedy = "shorten those captions" + (", or raise model.max_token_length to 150 or 225 (sd-scripts' long captions)" if max_token_length < 225 else "")
     return (
-        f"{len(cut)} of {len(captions)} captions are longer than the text encoder's {tokenizer.model_max_length} tokens and are cut there "
-        f"(the longest: {longest}, {cut[longest]} tokens): the words past the cut do not train; shorten those captions"
+        f"{len(cut)} of {len(captions)} captions are longer than model.max_token_length ({max_token_length} tokens) and are cut there "
+        f"(the longest: {longest}, {cut[longest]} tokens): the words past the cut do not train; {remedy}"
     )
 
 
-def text_hidden_states(tokenizer: CLIPTokenizer, text_encoder: torch.nn.Module, prompts: list[str], device: torch.device) -> torch.Tensor:
-    """The last hidden states, which the UNet cross-attends to (with gradients, for a trained encoder)."""
-    return text_encoder(tokenize(tokenizer, prompts).to(device))[0]
+def text_hidden_states(tokenizer: CLIPTokenizer, text_encoder: torch.nn.Module, prompts: list[str], device: torch.device, chunks: int = 1) -> torch.Tensor:
+    """The last hidden states, which the UNet cross-attends to (with gradients, for a trained encoder).
+
+    With `chunks` > 1 (model.max_token_length 150 or 225) each chunk is encoded on its own and the states
+    joined as sd-scripts joins them: the first chunk's start, every chunk's 75 word states, the last
+    chunk's end: 2 + 75 x chunks states."""
+    if chunks == 1:
+        return text_encoder(tokenize(tokenizer, prompts).to(device))[0]
+    states = text_encoder(token_chunks(tokenizer, prompts, chunks).to(device))[0]
+    states = states.reshape(len(prompts), chunks, *states.shape[1:])
+    return torch.cat([states[:, 0, :1], *(states[:, i, 1:-1] for i in range(chunks)), states[:, -1, -1:]], dim=1)
 
 
 def skip_last_layers(text_encoder: CLIPTextModel, clip_skip: int) -> None:
@@ -72,8 +103,8 @@ def clip_skipped(text_encoder: CLIPTextModel, clip_skip: int):
 
 
 @torch.no_grad()
-def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str]) -> torch.Tensor:
-    return text_hidden_states(tokenizer, text_encoder, prompts, text_encoder.device)
+def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str], chunks: int = 1) -> torch.Tensor:
+    return text_hidden_states(tokenizer, text_encoder, prompts, text_encoder.device, chunks)
 
 
 @torch.no_grad()

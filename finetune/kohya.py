@@ -47,6 +47,13 @@ DIFFUSERS_SUFFIXES = {
 }
 DIFFUSERS_SUFFIX_PAIRS = [*DIFFUSERS_SUFFIXES.values(), (".lora_A.weight", ".lora_B.weight")]
 KOHYA_ONLY_METADATA = ("ss_",)
+# Our metadata keys and sd-scripts' keys for the same thing, copied across on import and export.
+KOHYA_KEYS = (
+    ("finetune.base_model", "ss_sd_model_name"),
+    ("finetune.steps", "ss_max_train_steps"),
+    ("finetune.clip_skip", "ss_clip_skip"),
+    ("finetune.max_token_length", "ss_max_token_length"),
+)
 DIFFUSERS_ONLY_METADATA = ("lora_adapter_metadata",)
 
 
@@ -203,7 +210,7 @@ def _peft_alpha(config: dict, part: str, module: str, rank: int) -> float:
 def finetune_metadata_from_kohya(metadata: dict[str, str]) -> dict[str, str]:
     """Keep our keys; for files from sd-scripts, take base model, steps, clip skip and v-prediction from its `ss_` keys."""
     kept = {k: v for k, v in metadata.items() if not k.startswith(KOHYA_ONLY_METADATA)}
-    for ours, theirs in (("finetune.base_model", "ss_sd_model_name"), ("finetune.steps", "ss_max_train_steps"), ("finetune.clip_skip", "ss_clip_skip")):
+    for ours, theirs in KOHYA_KEYS:
         if ours not in kept and metadata.get(theirs) not in (None, "", "None"):  # sd-scripts writes "None" for unset
             kept[ours] = metadata[theirs]
     if "finetune.prediction_type" not in kept and metadata.get("ss_v_parameterization") in ("True", "False"):
@@ -232,7 +239,7 @@ def to_kohya(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
         "ss_network_alpha": str(float(alphas.pop())) if len(alphas) == 1 else "Dynamic",
     }
-    for theirs, ours in (("ss_sd_model_name", "finetune.base_model"), ("ss_max_train_steps", "finetune.steps"), ("ss_clip_skip", "finetune.clip_skip")):
+    for ours, theirs in KOHYA_KEYS:
         if ours in lora.metadata:
             metadata[theirs] = lora.metadata[ours]
     if "finetune.prediction_type" in lora.metadata:  # sd-scripts' flags, "True"/"False"

@@ -9,7 +9,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
-from finetune.encoders import recorded_clip_skip
+from finetune.encoders import chunks_needed, recorded_clip_skip, text_hidden_states
 from finetune.errors import FinetuneError
 from finetune.models import BaseModel
 
@@ -102,7 +102,11 @@ def generate(
     negative_prompt: str | None = None,
     **call_kwargs,
 ) -> list[list[Image.Image]]:
-    """images[p][k] for prompt p and seed `seed + k`: the same seeds for every prompt and every run."""
+    """images[p][k] for prompt p and seed `seed + k`: the same seeds for every prompt and every run.
+
+    A prompt (or negative prompt) longer than the text encoder's 77 tokens is read whole, in chunks of 75
+    as training with model.max_token_length reads captions (the webui reads long prompts in chunks too).
+    """
     rows = []
     for prompt in prompts:
         row = []
@@ -110,8 +114,7 @@ def generate(
             generator = torch.Generator("cpu").manual_seed(seed + k)
             with autocast_for(pipeline):
                 result = pipeline(
-                    prompt,
-                    negative_prompt=negative_prompt,
+                    **prompt_arguments(pipeline, prompt, negative_prompt),
                     num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale,
                     height=resolution,
@@ -122,6 +125,16 @@ def generate(
             row.append(result.images[0])
         rows.append(row)
     return rows
+
+
+def prompt_arguments(pipeline, prompt: str, negative_prompt: str | None) -> dict:
+    """The pipeline's prompt arguments: the texts, or for a prompt past 77 tokens both encoded in chunks
+    (the same number for both: classifier-free guidance stacks them)."""
+    chunks = chunks_needed(pipeline.tokenizer, [prompt, negative_prompt or ""])
+    if chunks == 1:
+        return {"prompt": prompt, "negative_prompt": negative_prompt}
+    encode = lambda text: text_hidden_states(pipeline.tokenizer, pipeline.text_encoder, [text], pipeline.text_encoder.device, chunks)
+    return {"prompt_embeds": encode(prompt), "negative_prompt_embeds": encode(negative_prompt or "")}
 
 
 def tensor_to_image(pixels: torch.Tensor) -> Image.Image:

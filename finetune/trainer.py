@@ -106,7 +106,9 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
 
     with unsharded_loading(accelerator):
         base = load_base_model(recipe.model, weight_dtype)
-    cut_captions = long_captions_line(base.tokenizer, {e.source: e.caption for report in method.data_reports for e in report.usable})
+    cut_captions = long_captions_line(
+        base.tokenizer, {e.source: e.caption for report in method.data_reports for e in report.usable}, recipe.model.max_token_length
+    )
     if cut_captions:
         accelerator.print(f"warning: {cut_captions}")
     base.vae.to(accelerator.device)
@@ -367,6 +369,7 @@ def output_metadata(recipe: Recipe, step: int, prediction_type: str) -> dict[str
         "finetune.prediction_type": prediction_type,
         "finetune.clip_skip": str(recipe.model.clip_skip),
         **({"finetune.zero_terminal_snr": "true"} if recipe.model.zero_terminal_snr else {}),
+        **({"finetune.max_token_length": str(recipe.model.max_token_length)} if recipe.model.max_token_length != 75 else {}),
         "finetune.resolution": str(recipe.data.resolution),
         "finetune.recipe_hash": recipe.fingerprint(),
     }

@@ -254,9 +254,10 @@ def test_training_warns_once_about_captions_the_text_encoder_cuts(make_recipe, i
     sidecars = sorted(folder.glob("*.txt"))
     sidecars[0].write_text("a red circle, " * 30)  # about 120 tokens
     train(make_recipe(data__image_dir=str(folder), train__max_steps=1))
-    warnings = [line for line in capsys.readouterr().out.splitlines() if "longer than the text encoder's 77 tokens" in line]
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "longer than model.max_token_length (75 tokens)" in line]
     assert len(warnings) == 1
-    assert warnings[0].startswith(f"warning: 1 of 4 captions are longer than the text encoder's 77 tokens and are cut there (the longest: {sidecars[0].with_suffix('.png')}, ")
+    assert warnings[0].startswith(f"warning: 1 of 4 captions are longer than model.max_token_length (75 tokens) and are cut there (the longest: {sidecars[0].with_suffix('.png')}, ")
+    assert warnings[0].endswith("shorten those captions, or raise model.max_token_length to 150 or 225 (sd-scripts' long captions)")
 
 
 def test_an_empty_caption_is_a_warning_unless_data_caption_asks_for_none(tmp_path):

@@ -30,6 +30,9 @@ class ModelConfig(Section):
     # sd-scripts' zero_terminal_snr): the model learns images as dark or bright as the data. Needs
     # v-prediction. Outputs record it and sample, eval, merge and the demo follow.
     zero_terminal_snr: bool = False
+    # Caption tokens the text encoder reads in training, as sd-scripts' max_token_length: 75 (CLIP's own,
+    # the rest is cut), or 150 / 225 in chunks of 75 for long tag lists. Sampling reads any prompt whole.
+    max_token_length: Literal[75, 150, 225] = 75
     # Not recipe keys: what set `pretrained` and `single_file_config`, for messages (a command's options).
     _key: str = PrivateAttr("model.pretrained")
     _single_file_config_key: str = PrivateAttr("model.single_file_config")

@@ -163,12 +163,13 @@ class DiffusionMethod(TrainingMethod):
 
     def encode_text(self, modules, captions: list[str]) -> torch.Tensor:
         """Through the trained text encoder when the method trains one, else the frozen one (no grad)."""
+        chunks = self.recipe.model.max_token_length // 75  # model.max_token_length: chunks of 75 tokens
         if "text_encoder" in modules:
-            return text_hidden_states(self.base.tokenizer, modules["text_encoder"], captions, self.base.unet.device)
-        encode = lambda rows: encode_prompts(self.base.tokenizer, self.base.text_encoder, [captions[i] for i in rows])
+            return text_hidden_states(self.base.tokenizer, modules["text_encoder"], captions, self.base.unet.device, chunks)
+        encode = lambda rows: encode_prompts(self.base.tokenizer, self.base.text_encoder, [captions[i] for i in rows], chunks)
         if self.text_cache is None:
             return encode(range(len(captions)))
-        return self.text_cache.lookup([caption_key(c) for c in captions], encode, self.base.text_encoder.device)
+        return self.text_cache.lookup([caption_key(c, chunks) for c in captions], encode, self.base.text_encoder.device)
 
     def combine_losses(self, per_sample: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         """Reduce per-sample losses; DreamBooth splits instance and class images here."""

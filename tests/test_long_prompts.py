@@ -1,0 +1,114 @@
+"""Long captions and prompts (model.max_token_length): chunks of 75 tokens laid out as sd-scripts lays
+them out, words past CLIP's 77 tokens reaching training and sampling, the text cache keyed by the
+chunking, and the setting recorded where sd-scripts records it."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import CLIPTokenizer
+
+from finetune.cache import caption_key
+from finetune.config import ModelConfig
+from finetune.encoders import chunks_needed, text_hidden_states, token_chunks
+from finetune.kohya import finetune_metadata_from_kohya, to_kohya
+from finetune.models import load_base_model
+from finetune.sampling import build_pipeline, generate, prompt_arguments
+from finetune.trainer import train
+
+LONG = ", ".join(["red circle", "blue square", "green triangle"] * 14)  # ~84 words: over 75 tokens, under 150
+
+
+def sd_scripts_chunks(tokenizer, caption, max_token_length, v2):
+    """sd-scripts' get_input_ids (library/train_util.py) for one caption, as it is written there."""
+    tokenizer_max_length = max_token_length + 2
+    input_ids = tokenizer(caption, padding="max_length", truncation=True, max_length=tokenizer_max_length, return_tensors="pt").input_ids[0]
+    iids_list = []
+    for i in range(1, tokenizer_max_length - tokenizer.model_max_length + 2, tokenizer.model_max_length - 2):
+        ids_chunk = (input_ids[0].unsqueeze(0), input_ids[i : i + tokenizer.model_max_length - 2], input_ids[-1].unsqueeze(0))
+        ids_chunk = torch.cat(ids_chunk)
+        if v2:
+            if ids_chunk[-2] != tokenizer.eos_token_id and ids_chunk[-2] != tokenizer.pad_token_id:
+                ids_chunk[-1] = tokenizer.eos_token_id
+            if ids_chunk[1] == tokenizer.pad_token_id:
+                ids_chunk[1] = tokenizer.eos_token_id
+        iids_list.append(ids_chunk)
+    return torch.stack(iids_list)
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model):
+    return load_base_model(ModelConfig(pretrained=str(tiny_model)))
+
+
+@pytest.mark.parametrize("max_token_length", [150, 225])
+def test_chunks_are_laid_out_as_sd_scripts_lays_them_out(base, tmp_path, max_token_length):
+    tokenizer = base.tokenizer
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id  # SD1's tokenizer pads with the end token
+    sd2_style = CLIPTokenizer.from_pretrained(tokenizer.name_or_path, pad_token="!", model_max_length=77)  # SD2's pads with "!"
+    assert sd2_style.pad_token_id != sd2_style.eos_token_id
+    chunks = max_token_length // 75
+    for tok, v2 in ((tokenizer, False), (sd2_style, True)):
+        for caption in ("red circle", LONG, LONG + ", " + LONG, ""):
+            assert torch.equal(token_chunks(tok, [caption], chunks), sd_scripts_chunks(tok, caption, max_token_length, v2)), (v2, caption[:20])
+
+
+def test_hidden_states_join_the_chunks_and_words_past_77_tokens_count(base):
+    tokenizer, encoder = base.tokenizer, base.text_encoder
+    assert chunks_needed(tokenizer, ["red circle"]) == 1 and chunks_needed(tokenizer, [LONG]) == 2
+    with torch.no_grad():
+        plain = text_hidden_states(tokenizer, encoder, ["red circle", LONG], "cpu")
+        assert torch.equal(text_hidden_states(tokenizer, encoder, ["red circle", LONG], "cpu", chunks=1), plain)
+        joined = text_hidden_states(tokenizer, encoder, ["red circle", LONG], "cpu", chunks=3)
+        assert joined.shape == (2, 2 + 75 * 3, plain.shape[-1])
+        # A short caption's first chunk is its plain encoding: start and word states are the same.
+        assert torch.allclose(joined[0, :76], plain[0, :76], atol=1e-6)
+        # The long caption's last words (cut at 77 tokens) change the chunked states, not the plain ones.
+        changed = LONG.rsplit(",", 1)[0] + ", yellow star"
+        other = text_hidden_states(tokenizer, encoder, ["red circle", changed], "cpu", chunks=3)
+        assert torch.equal(text_hidden_states(tokenizer, encoder, ["red circle", changed], "cpu")[1], plain[1])
+        assert not torch.allclose(other[1], joined[1])
+    assert caption_key(LONG) != caption_key(LONG, chunks=2) and caption_key(LONG) == caption_key(LONG, chunks=1)
+
+
+def test_training_reads_long_captions_whole_and_the_text_cache_agrees(make_recipe, tmp_path, capsys):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    from PIL import Image
+
+    for i in range(2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(LONG + (", yellow star" if i else ", purple hexagon"))
+    common = dict(data__image_dir=str(folder), train__max_steps=3)
+    short = train(make_recipe(output_dir=str(tmp_path / "short"), **common))
+    assert "2 of 2 captions are longer than model.max_token_length (75 tokens) and are cut there" in capsys.readouterr().out
+    long = train(make_recipe(output_dir=str(tmp_path / "long"), model__max_token_length=150, **common))
+    assert "captions are longer" not in capsys.readouterr().out
+    cached = train(make_recipe(output_dir=str(tmp_path / "cached"), model__max_token_length=150, train__cache_text_embeddings=True, **common))
+    assert short.losses != long.losses
+    assert torch.allclose(torch.tensor(long.losses), torch.tensor(cached.losses), rtol=1e-5, atol=1e-6)
+    from safetensors import safe_open
+
+    with safe_open(str(long.output_dir / "pytorch_lora_weights.safetensors"), "pt") as weights:
+        metadata = weights.metadata()
+    assert metadata["finetune.max_token_length"] == "150"
+    lora_metadata = to_kohya_metadata(long.output_dir / "pytorch_lora_weights.safetensors")
+    assert lora_metadata["ss_max_token_length"] == "150"
+    assert finetune_metadata_from_kohya({"ss_max_token_length": "225"})["finetune.max_token_length"] == "225"
+    assert "finetune.max_token_length" not in finetune_metadata_from_kohya({"ss_max_token_length": "None"})
+
+
+def to_kohya_metadata(path):
+    from finetune.kohya import load_lora
+
+    return to_kohya(load_lora(path))[1]
+
+
+def test_sampling_reads_a_long_prompt_whole(base):
+    pipeline = build_pipeline(base)
+    assert prompt_arguments(pipeline, "red circle", None) == {"prompt": "red circle", "negative_prompt": None}
+    arguments = prompt_arguments(pipeline, LONG, "blurry")
+    assert arguments["prompt_embeds"].shape == arguments["negative_prompt_embeds"].shape == (1, 152, base.text_encoder.config.hidden_size)
+    ids = pipeline.tokenizer(LONG, truncation=True).input_ids  # what the pipeline alone would read: the first 77 tokens
+    truncated = pipeline.tokenizer.decode(ids[1:-1])
+    whole, cut = (np.asarray(generate(pipeline, [prompt], 1, 0, 2, 7.5, 64, negative_prompt="blurry")[0][0], dtype=np.float32) for prompt in (LONG, truncated))
+    assert np.abs(whole - cut).mean() > 0.5  # the words past 77 tokens reach the image
