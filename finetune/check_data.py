@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from finetune.buckets import Size, assign_buckets, bucket_counts_line
 from finetune.captions import missing_caption_message
-from finetune.config import DataConfig, Recipe
+from finetune.config import DataConfig, LossMaskConfig, Recipe
 from finetune.data import (
     Example,
     decode,
@@ -181,10 +181,11 @@ def inspect_loss_mask(example: Example, raw, config: DataConfig) -> tuple[Exampl
     if config.folders and not config.folders[example.folder_index].loss_mask:
         return example, []  # its folder trains whole (data.folders loss_mask: false)
     if settings.source == "alpha":
-        if not has_alpha(raw):
+        mask = alpha_mask(raw) if has_alpha(raw) else None
+        if mask is None or mask.getextrema()[0] == 255:  # no alpha channel, or one opaque everywhere
             message = f"image {source} has no transparency: it trains whole (data.loss_mask.source alpha); add an alpha channel to mask it"
             return example, [Finding(WARNING, source, message)]
-        mask, named, load = alpha_mask(raw), f"the transparency of image {source}", lambda load=example.load: alpha_mask(load())
+        named, load = f"the transparency of image {source}", lambda load=example.load: alpha_mask(load())
     else:
         path = mask_path(source, settings)
         if not path.is_file():
@@ -197,7 +198,7 @@ def inspect_loss_mask(example: Example, raw, config: DataConfig) -> tuple[Exampl
             return example, [Finding(FATAL, source, str(err))]
         named, load = f"loss mask {path}", lambda path=path: read_mask_file(path)
     (mask_width, mask_height), (width, height) = mask.size, example.size
-    if abs(mask_width / width - mask_height / height) > 0.01:  # another scale is fine: it is resized with its image
+    if abs(mask_width * height / (mask_height * width) - 1.0) > 0.01:  # another scale is fine: it is resized with its image
         rotated = raw.getexif().get(0x0112, 1) in (5, 6, 7, 8) and (mask_width, mask_height) == (height, width)
         hint = "save the mask upright: the image is turned by its EXIF orientation" if rotated else "a mask must have its image's size"
         message = f"{named} is {mask_width}x{mask_height} but image {source} is {width}x{height} upright: {hint}"
@@ -255,8 +256,10 @@ def masks_out_of_view(report: DataReport, targets: list[Size]) -> list[Finding]:
     if not config.loss_mask.enabled or config.loss_mask.unmasked_weight > 0.0:
         return []
     if config.loss_mask.source == "alpha" and report.usable and all(example.mask_area is None for example in report.usable):
+        concept = config._image_dir_key.removesuffix(".instance_dir") if config._image_dir_key.startswith("dreambooth.") else None
         message = (f"{report.label}: data.loss_mask.source alpha, and none of its {len(report.usable)} images has transparency, so none is "
-                   "masked: save cut-outs with an alpha channel, or use source files")  # fmt: skip
+                   "masked: save cut-outs with an alpha channel, or use source files"
+                   + (f", or set {concept}.loss_mask: false to train this concept whole" if concept else ""))  # fmt: skip
         return [Finding(FATAL, report.label, message)]
     if config.crop == "random":
         return []
@@ -267,7 +270,7 @@ def masks_out_of_view(report: DataReport, targets: list[Size]) -> list[Finding]:
             if mask_area(cut(example.load_mask(), resized, top_left, target)) == 0.0:
                 blind.append(example)
                 message = (f"image {example.source}: its loss mask is black everywhere in its centre crop to {target[0]}x{target[1]}, so it would "
-                           "train nothing: set data.crop: random, data.bucketing, or widen the mask")  # fmt: skip
+                           "train nothing: set data.crop: random, or widen the mask")  # fmt: skip
                 findings.append(Finding(FATAL, example.source, message))
     report.usable = [example for example in report.usable if not any(example is other for other in blind)]
     return findings
@@ -316,7 +319,8 @@ def data_configs(recipe: Recipe) -> list[DataConfig]:
     configs = []
     for index, concept in enumerate(recipe.dreambooth.concepts):
         caption = None if concept.use_captions else concept.instance_prompt
-        config = recipe.data.model_copy(update={"image_dir": concept.instance_dir, "caption": caption})
+        update = {"image_dir": concept.instance_dir, "caption": caption, **({} if concept.loss_mask else {"loss_mask": LossMaskConfig()})}
+        config = recipe.data.model_copy(update=update)
         config._image_dir_key = f"dreambooth.concepts.{index}.instance_dir"
         config._caption_alternative = f"set dreambooth.concepts.{index}.use_captions: false to train with its instance_prompt"
         configs.append(config)

@@ -208,8 +208,9 @@ def decode(example: Example, at_least: int | None = None) -> Image.Image:
 
 
 def has_alpha(image: Image.Image) -> bool:
-    # "transparency": a palette's transparent entries, or the one transparent colour of an RGB or grey PNG (tRNS).
-    return image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+    # "transparency": a palette's transparent entries, or the one transparent colour of an RGB or grey PNG
+    # (tRNS); not of a 16-bit one, which converting to RGBA would clip before it is scaled to 8 bits.
+    return image.mode in ("RGBA", "LA", "PA") or ("transparency" in image.info and not is_16_bit(image))
 
 
 def is_16_bit(image: Image.Image) -> bool:

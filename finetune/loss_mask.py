@@ -40,14 +40,15 @@ def mask_path(image_path: str, settings: LossMaskConfig) -> Path:
     of MASK_SUFFIXES in any case; the expected name (its own) if none is there, for the error that says so."""
     image = Path(image_path)
     folder = image.parent / settings.folder
-    exact = folder / image.name
-    if exact.is_file():
-        return exact
+    wanted = [image.name, *(image.stem + suffix for suffix in MASK_SUFFIXES)]
+    for name in wanted:  # the exact names first: Cat.jpg and cat.jpg each find their own
+        if (folder / name).is_file():
+            return folder / name
     names = _file_names_by_lowercase(str(folder), folder.stat().st_mtime_ns if folder.is_dir() else 0)
-    for wanted in [image.name, *(image.stem + suffix for suffix in MASK_SUFFIXES)]:
-        if wanted.lower() in names:
-            return folder / names[wanted.lower()]
-    return exact
+    for name in wanted:
+        if name.lower() in names:
+            return folder / names[name.lower()]
+    return folder / image.name
 
 
 @functools.lru_cache(maxsize=64)
@@ -67,7 +68,9 @@ def read_mask_file(path: Path) -> Image.Image:
     except Exception as err:  # PIL raises many types for broken files
         raise FinetuneError(f"loss mask {path} cannot be read ({err.__class__.__name__}: {err}): fix or remove it") from None
     if mask.mode.startswith("I"):  # 16-bit greyscale: convert("L") would clip, not scale
-        mask = Image.fromarray((np.asarray(mask, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8))
+        values = np.asarray(mask, dtype=np.float64)
+        scale = 257.0 if values.max() > 255 else 1.0  # 0/255 written as 16 bits (numpy, OpenCV) are 8-bit values
+        mask = Image.fromarray((values / scale).clip(0, 255).astype(np.uint8))
     rgba = mask.convert("RGBA")
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).getchannel("R")
 

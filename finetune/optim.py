@@ -85,8 +85,8 @@ def apply_recipe_settings(optimizer: torch.optim.Optimizer, lr_scheduler, group_
     lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
-def step_size(optimizer: torch.optim.Optimizer) -> float:
-    """The first parameter group's learning rate as it is applied: Prodigy's `lr` only multiplies the
-    step size `d` it finds, so it shows d x lr (a number comparable with AdamW's learning rates)."""
-    group = optimizer.param_groups[0]
+def step_size(optimizer: torch.optim.Optimizer, group_index: int = 0) -> float:
+    """A parameter group's learning rate as it is applied: Prodigy's `lr` only multiplies the step size
+    `d` it finds, so it shows d x lr (a number comparable with AdamW's learning rates)."""
+    group = optimizer.param_groups[group_index]
     return group["lr"] * group.get("d", 1.0)

@@ -127,6 +127,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     dataset, collate_fn = method.training_data(accelerator)
     training_set = TrainingSubset(dataset, trained_items) if held_out else dataset
     parameter_groups = method.parameter_groups()
+    group_names = [group.pop("name") for group in parameter_groups]  # for the logs; optimizers need no names
     # The recipe's rates, read before the optimizer and the schedule's warm-up write into these groups.
     group_lrs = [group.get("lr", recipe.optimizer.lr) for group in parameter_groups]
     optimizer = build_optimizer(recipe.optimizer, parameter_groups)
@@ -266,6 +267,8 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
             if step % recipe.logging.every_n_steps == 0 or step == train_cfg.max_steps:
                 logs = {f"train/{k}": v.detach().float().item() for k, v in losses.items() if k != "loss"}
+                if len(group_names) > 1:  # each group's rate (text encoder, LoRA+ up weights); train/lr is the first's
+                    logs.update({f"train/lr/{name}": step_size(optimizer, i) for i, name in enumerate(group_names)})
                 accelerator.log({"train/loss": step_loss, "train/lr": lr, **logs}, step=step)
 
             if stop.agreed(accelerator):

@@ -341,22 +341,33 @@ def test_the_trained_adapter_is_on_disk_before_the_last_validation_samples(make_
     assert (Path(recipe.output_dir) / LORA_WEIGHTS_NAME).is_file()
 
 
-def test_loraplus_moves_the_up_weights_ratio_times_faster_in_each_group(make_recipe, tmp_path, capsys):
+def test_loraplus_moves_the_up_weights_ratio_times_faster_in_each_group(make_recipe, tmp_path, capsys, monkeypatch):
     """One AdamW step from B = 0 moves each up weight by its group's learning rate (Adam's first step is
     lr x the gradient's sign), so the saved ups show each group's rate: the UNet's and the text encoder's."""
+    from accelerate import Accelerator
+
+    logged = []
+    monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, log_kwargs=None: logged.append(values))
     largest = {}
-    for ratio in (None, 16.0):
+    for ratios in ((None, None), (16.0, None), (16.0, 4.0)):
         recipe = make_recipe(
-            output_dir=str(tmp_path / str(ratio)), train__max_steps=1, optimizer__lr=1e-3, optimizer__scheduler="constant", optimizer__warmup_steps=0,
-            optimizer__weight_decay=0.0, lora__train_text_encoder=True, lora__text_encoder_lr=1e-4, lora__loraplus_lr_ratio=ratio,
+            output_dir=str(tmp_path / str(ratios)), train__max_steps=1, optimizer__lr=1e-3, optimizer__scheduler="constant", optimizer__warmup_steps=0,
+            optimizer__weight_decay=0.0, lora__train_text_encoder=True, lora__text_encoder_lr=1e-4,
+            lora__loraplus_lr_ratio=ratios[0], lora__loraplus_text_encoder_lr_ratio=ratios[1],
         )  # fmt: skip
         tensors = load_file(train(recipe).output_dir / LORA_WEIGHTS_NAME)
         for part in ("unet.", "text_encoder."):
-            largest[ratio, part] = max(t.abs().max().item() for k, t in tensors.items() if k.startswith(part) and k.endswith("up.weight"))
-    assert largest[None, "unet."] == pytest.approx(1e-3, rel=1e-3) and largest[None, "text_encoder."] == pytest.approx(1e-4, rel=1e-3)
-    assert largest[16.0, "unet."] == pytest.approx(16e-3, rel=1e-3) and largest[16.0, "text_encoder."] == pytest.approx(16e-4, rel=1e-3)
-    assert "LoRA+ (lora.loraplus_lr_ratio): the up weights learn at 16 x the learning rate" in capsys.readouterr().out
+            largest[ratios, part] = max(t.abs().max().item() for k, t in tensors.items() if k.startswith(part) and k.endswith("up.weight"))
+    expected = {(None, None): (1e-3, 1e-4), (16.0, None): (16e-3, 16e-4), (16.0, 4.0): (16e-3, 4e-4)}
+    for ratios, (unet, text_encoder) in expected.items():
+        assert largest[ratios, "unet."] == pytest.approx(unet, rel=1e-3) and largest[ratios, "text_encoder."] == pytest.approx(text_encoder, rel=1e-3)
+    # Each group's rate is logged by name; train/lr stays the UNet's (down weights') rate.
+    rates = {key: value for key, value in logged[-1].items() if key.startswith("train/lr")}
+    assert rates == pytest.approx({"train/lr": 1e-3, "train/lr/unet": 1e-3, "train/lr/unet_up": 16e-3, "train/lr/text_encoder": 1e-4, "train/lr/text_encoder_up": 4e-4})
+    out = capsys.readouterr().out
+    assert "LoRA+ (lora.loraplus_lr_ratio): the up weights learn at 16 x the learning rate" in out
+    assert "LoRA+ for the text encoder (lora.loraplus_text_encoder_lr_ratio): its up weights at 4 x its rate" in out
     with pytest.raises(FinetuneError, match=r"lora.loraplus_lr_ratio sets a LoRA's learning rates, and method full trains none"):
         make_recipe(method="full", lora__loraplus_lr_ratio=16)
-    with pytest.raises(FinetuneError, match=r"lora.loraplus_lr_ratio with prodigy: it takes one optimizer.lr for every parameter"):
-        make_recipe(optimizer__name="prodigy", optimizer__lr=1.0, lora__loraplus_lr_ratio=16)
+    with pytest.raises(FinetuneError, match=r"lora.loraplus_text_encoder_lr_ratio with prodigy: it takes one optimizer.lr for every parameter"):
+        make_recipe(optimizer__name="prodigy", optimizer__lr=1.0, lora__loraplus_text_encoder_lr_ratio=4)

@@ -264,11 +264,11 @@ def test_settings_that_would_do_nothing_or_mask_with_the_image_itself_are_refuse
     for loss_mask, message in (
         ({"source": "files", "folder": "./"}, r"data.loss_mask.folder is the image folder itself"),
         ({"source": "alpha", "folder": "cutouts"}, r"data.loss_mask.folder is where source files finds masks; with source alpha it does nothing"),
-        ({"unmasked_weight": 0.1}, r"data.loss_mask.unmasked_weight weighs the masked-out background; with source none nothing is masked"),
     ):
         with pytest.raises(FinetuneError, match=message):
             make_recipe(data__loss_mask=loss_mask)
-    assert make_recipe(data__loss_mask={"source": "none", "folder": "masks", "unmasked_weight": 0.0})  # the defaults, as a dumped recipe names them
+    # source none switches masks off whatever else the section says (an A/B run's one override).
+    assert not make_recipe(data__loss_mask={"source": "none", "folder": "cutouts", "unmasked_weight": 0.1}).data.loss_mask.enabled
 
 
 def test_a_folder_can_train_unmasked_beside_masked_ones(tmp_path):
@@ -306,3 +306,55 @@ def test_a_mask_no_view_can_reach_and_alpha_without_any_transparency_stop_before
     keyed.paste((255, 255, 255), (32, 0, 64, 64))
     keyed.save(opaque / "0.png", transparency=(0, 0, 0))
     assert [example.mask_area for example in load_examples(alpha)] == [0.5, None]
+
+
+def test_review_cases_exact_names_first_8_bit_values_in_16_bits_opaque_alpha_and_16_bit_keyed_images(tmp_path):
+    from finetune.data import open_rgb, Example
+
+    folder = tmp_path / "data"
+    (folder / "masks").mkdir(parents=True)
+    for name, left in (("Cat", True), ("cat", False)):  # two images whose names differ in case only
+        noise(64, 64).save(folder / f"{name}.jpg")
+        (folder / f"{name}.txt").write_text(name)
+        mask = half_mask(64, 64)
+        (mask if left else mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)).save(folder / "masks" / f"{name}.png")
+    config = DataConfig(image_dir=str(folder), resolution=64, loss_mask={"source": "files"})
+    dataset = CaptionedImageDataset(load_examples(config), config, seed=0)
+    by_name = {Path(example.source).stem: i for i, example in enumerate(dataset.examples)}
+    assert dataset[(by_name["Cat"], 0)]["loss_mask"][0, 0, 0] == 1 and dataset[(by_name["cat"], 0)]["loss_mask"][0, 0, 0] == 0
+
+    Image.fromarray(np.array([[0, 255]], dtype=np.uint16)).save(tmp_path / "eight-in-sixteen.png")  # as numpy/OpenCV write 0/255
+    assert np.asarray(read_mask_file(tmp_path / "eight-in-sixteen.png")).tolist() == [[0, 255]]
+
+    opaque = tmp_path / "opaque"
+    opaque.mkdir()
+    noise(64, 64).convert("RGBA").save(opaque / "0.png")  # an alpha channel, opaque everywhere
+    (opaque / "0.txt").write_text("x")
+    alpha = DataConfig(image_dir=str(opaque), resolution=64, loss_mask={"source": "alpha"})
+    with pytest.raises(FinetuneError, match=r"none of its 1 images has transparency"):
+        load_examples(alpha)
+
+    ramp = np.linspace(0, 63000, 64 * 64).astype(np.uint16).reshape(64, 64)
+    Image.fromarray(ramp).save(tmp_path / "keyed16.png", transparency=0)  # 16 bits with a transparent value
+    pixels = np.asarray(open_rgb(Example(str(tmp_path / "keyed16.png"), "x", lambda: Image.open(tmp_path / "keyed16.png"))))[..., 0]
+    assert pixels[0, :4].tolist() == (ramp[0, :4] / 257).astype(np.uint8).tolist() and pixels.max() == 245  # scaled, not clipped
+
+
+def test_a_dreambooth_concept_can_train_unmasked(make_recipe, tmp_path, monkeypatch):
+    cut_outs, style = tmp_path / "subject", tmp_path / "style"
+    for folder, transparent in ((cut_outs, True), (style, False)):
+        folder.mkdir()
+        for i in range(2):
+            image = noise(64, 64, seed=i).convert("RGBA")
+            if transparent:
+                image.putalpha(half_mask(64, 64))
+            image.save(folder / f"{i}.png")
+    concepts = [{"instance_dir": str(cut_outs), "instance_prompt": "a sks shape"}, {"instance_dir": str(style), "instance_prompt": "in zwx style"}]
+    settings = {"concepts": concepts, "prior_preservation": False}
+    with pytest.raises(FinetuneError, match=rf"data folder {style}: data.loss_mask.source alpha, and none of its 2 images has transparency.*set dreambooth.concepts.1.loss_mask: false"):
+        train(make_recipe(method="dreambooth", dreambooth=settings, data__image_dir=None, data__loss_mask={"source": "alpha"}, train__max_steps=1))
+    concepts[1]["loss_mask"] = False
+    seen = record_loss_gradients(monkeypatch)
+    train(make_recipe(method="dreambooth", dreambooth=settings, data__image_dir=None, data__loss_mask={"source": "alpha"}, train__max_steps=4))
+    sums = sorted({float(weights.sum()) for step in seen for weights in step[0]})
+    assert sums == [32.0, 64.0]  # masked rows (the subject's left halves) and the style's whole rows

@@ -74,11 +74,9 @@ class LossMaskConfig(Section):
     def _settings_that_act(self) -> "LossMaskConfig":
         if os.path.normpath(self.folder) == ".":
             raise ValueError("data.loss_mask.folder is the image folder itself (each image would be its own mask): name a subfolder, e.g. masks")
-        # Other values than the defaults only: a dumped recipe (which names every key) loads again.
-        if self.folder != "masks" and self.source != "files":
-            raise ValueError(f"data.loss_mask.folder is where source files finds masks; with source {self.source} it does nothing: remove it")
-        if self.unmasked_weight != 0.0 and self.source == "none":
-            raise ValueError("data.loss_mask.unmasked_weight weighs the masked-out background; with source none nothing is masked: set a source")
+        # Source none switches masks off whatever the other keys say (data.loss_mask.source=none for an A/B run).
+        if self.folder != "masks" and self.source == "alpha":
+            raise ValueError("data.loss_mask.folder is where source files finds masks; with source alpha it does nothing: remove it")
         return self
 
     @property

@@ -30,6 +30,9 @@ class LoRAConfig(Section):
     # LoRA+ (Hayou et al., 2024; sd-scripts' loraplus_lr_ratio): the up (B) matrices learn this many times
     # faster than the down (A) ones, which the paper finds trains faster and better (it uses 16). None: off.
     loraplus_lr_ratio: Optional[float] = Field(None, gt=0)
+    # The text encoder's LoRA+ ratio, where it should differ (sd-scripts' loraplus_text_encoder_lr_ratio,
+    # e.g. 4 with 16 for the UNet); None: loraplus_lr_ratio.
+    loraplus_text_encoder_lr_ratio: Optional[float] = Field(None, gt=0)
 
 
 class FullConfig(Section):
@@ -79,6 +82,8 @@ class Concept(Section):
     class_prompt: Union[str, list[str], None] = None
     # Folder of class images; missing ones are generated there. Default: <output_dir>/class_images/<n>.
     class_dir: Optional[str] = None
+    # With data.loss_mask on: false trains this concept's images whole, with no masks (a style concept).
+    loss_mask: bool = True
 
     @model_validator(mode="after")
     def _a_prompt_or_captions(self) -> "Concept":

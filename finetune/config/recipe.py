@@ -198,10 +198,13 @@ class Recipe(Section):
         uses_lora = self.method == "lora" or (self.dreambooth is not None and self.dreambooth.adapter == "lora")
         if self.lora.init_from and not uses_lora:
             raise ValueError(f"lora.init_from starts a LoRA, and method {self.method} trains none: remove it (or use method lora)")
-        if self.lora.loraplus_lr_ratio is not None and not uses_lora:
-            raise ValueError(f"lora.loraplus_lr_ratio sets a LoRA's learning rates, and method {self.method} trains none: remove it (or use method lora)")
-        if self.optimizer.name == "prodigy" and self.lora.loraplus_lr_ratio is not None:
-            raise ValueError("lora.loraplus_lr_ratio with prodigy: it takes one optimizer.lr for every parameter; remove lora.loraplus_lr_ratio")
+        for key in ("loraplus_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+            if getattr(self.lora, key) is None:
+                continue
+            if not uses_lora:
+                raise ValueError(f"lora.{key} sets a LoRA's learning rates, and method {self.method} trains none: remove it (or use method lora)")
+            if self.optimizer.name == "prodigy":
+                raise ValueError(f"lora.{key} with prodigy: it takes one optimizer.lr for every parameter; remove lora.{key}")
         if self.model.clip_skip > 1 and trains_text_encoder:  # its skipped layers would be saved untrained, or not at all
             raise ValueError("model.clip_skip above 1 leaves the text encoder's last layers out: train it with a LoRA, or set clip_skip to 1")
         if self.optimizer.scheduler != "constant" and self.optimizer.warmup_steps >= self.train.max_steps:

@@ -76,8 +76,9 @@ class TrainingMethod(ABC):
         return [p for module in self.trained_modules().values() for p in module.parameters() if p.requires_grad]
 
     def parameter_groups(self) -> list[dict]:
-        """Optimizer parameter groups; override to give some parameters their own learning rate."""
-        return [{"params": self.trainable_parameters()}]
+        """Optimizer parameter groups, each with a "name" (for the logs; the trainer takes it out); override
+        to give some parameters their own learning rate."""
+        return [{"name": self.name, "params": self.trainable_parameters()}]
 
     @abstractmethod
     def loss(self, modules: dict[str, torch.nn.Module], batch: dict, randomness: BatchRandomness) -> dict[str, torch.Tensor]:
@@ -236,7 +237,7 @@ class UNetMethod(DiffusionMethod):
 
 def text_encoder_groups(base: BaseModel, train_text_encoder: bool, text_encoder_lr: float) -> list[dict]:
     """Parameter groups: the UNet's trainable weights, and the text encoder's at their own rate."""
-    groups = [{"params": [p for p in base.unet.parameters() if p.requires_grad]}]
+    groups = [{"name": "unet", "params": [p for p in base.unet.parameters() if p.requires_grad]}]
     if train_text_encoder:
-        groups.append({"params": [p for p in base.text_encoder.parameters() if p.requires_grad], "lr": text_encoder_lr})
+        groups.append({"name": "text_encoder", "params": [p for p in base.text_encoder.parameters() if p.requires_grad], "lr": text_encoder_lr})
     return groups

@@ -47,6 +47,8 @@ class LoRAMethod(UNetMethod):
             add_lora(self.base.text_encoder, TEXT_ENCODER_TARGETS, self.weight_dtype, settings)
         if settings.loraplus_lr_ratio is not None:
             self.start_lines.append(f"LoRA+ (lora.loraplus_lr_ratio): the up weights learn at {settings.loraplus_lr_ratio:g} x the learning rate")
+        if self.train_text_encoder and settings.loraplus_text_encoder_lr_ratio is not None:
+            self.start_lines.append(f"LoRA+ for the text encoder (lora.loraplus_text_encoder_lr_ratio): its up weights at {settings.loraplus_text_encoder_lr_ratio:g} x its rate")
         if self.initial_lora is not None:
             check_trained_alike(self.initial_lora, settings.init_from, self.recipe.model.clip_skip, self.base.noise_scheduler.config.prediction_type)
             start_from(self.trained_modules(), self.initial_lora, settings.init_from)
@@ -58,23 +60,28 @@ class LoRAMethod(UNetMethod):
             )
 
     def parameter_groups(self) -> list[dict]:
-        groups = super().parameter_groups()
-        ratio = self.recipe.lora.loraplus_lr_ratio
-        return groups if ratio is None else loraplus_groups(groups, self.trained_modules(), self.recipe.optimizer.lr, ratio)
+        groups, settings = super().parameter_groups(), self.recipe.lora
+        ratios = {"unet": settings.loraplus_lr_ratio, "text_encoder": settings.loraplus_text_encoder_lr_ratio or settings.loraplus_lr_ratio}
+        if not any(ratios.values()):
+            return groups
+        return loraplus_groups(groups, self.trained_modules(), self.recipe.optimizer.lr, ratios)
 
     def save(self, output_dir: Path, modules, metadata: dict[str, str]) -> list[Path]:
         return [save_lora(modules, output_dir / LORA_WEIGHTS_NAME, metadata)]
 
 
-def loraplus_groups(groups: list[dict], modules: dict[str, torch.nn.Module], default_lr: float, ratio: float) -> list[dict]:
-    """LoRA+: each parameter group split in two, its down (A) weights at the group's learning rate and its
-    up (B) weights at `ratio` times it."""
+def loraplus_groups(groups: list[dict], modules: dict[str, torch.nn.Module], default_lr: float, ratios: dict[str, float | None]) -> list[dict]:
+    """LoRA+: each named parameter group with a ratio split in two, its down (A) weights at the group's
+    learning rate and its up (B) weights (`<name>_up`) at ratio times it."""
     up = {id(p) for module in modules.values() for name, p in module.named_parameters() if ".lora_B." in name}
     split = []
     for group in groups:
-        lr = group.get("lr", default_lr)
+        ratio, lr = ratios.get(group["name"]), group.get("lr", default_lr)
+        if ratio is None:
+            split.append(group)
+            continue
         split.append({**group, "params": [p for p in group["params"] if id(p) not in up], "lr": lr})
-        split.append({**group, "params": [p for p in group["params"] if id(p) in up], "lr": lr * ratio})
+        split.append({**group, "name": f"{group['name']}_up", "params": [p for p in group["params"] if id(p) in up], "lr": lr * ratio})
     return split
 
 
