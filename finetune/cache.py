@@ -24,9 +24,11 @@ STALE_PARTIAL_SECONDS = 3600
 
 
 def caption_key(caption: str, chunks: int = 1) -> str:
-    """A caption's cache key; encoded in `chunks` of 75 tokens (model.max_token_length) it is another entry."""
-    text = caption if chunks == 1 else f"{chunks}x75|{caption}"  # 1: the keys of caches made before chunks existed
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+    """A caption's cache key; encoded in `chunks` of 75 tokens (model.max_token_length) it is another entry:
+    its own hash domain, so no caption of one setting can take another's key (1: the keys of caches made
+    before chunks existed)."""
+    domain = b"" if chunks == 1 else f"chunks{chunks}".encode()
+    return hashlib.blake2b(caption.encode("utf-8"), digest_size=16, person=domain).hexdigest()
 
 
 def model_fingerprint(module: torch.nn.Module) -> str:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from finetune.config import ClassImageGeneration, ModelConfig
 from finetune.data import IMAGE_SUFFIXES
-from finetune.sampling import autocast_for, save_image_atomic
+from finetune.sampling import autocast_for, prompt_arguments, save_image_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +90,9 @@ def generate_class_images(
         generators = [torch.Generator("cpu").manual_seed(settings.seed + k) for k in batch]
         with autocast_for(pipeline):
             images = pipeline(
-                [generated_prompt(class_prompts, k) for k in batch],
-                negative_prompt=[settings.negative_prompt] * len(batch) if settings.negative_prompt else None,
+                **prompt_arguments(
+                    pipeline, [generated_prompt(class_prompts, k) for k in batch], [settings.negative_prompt] * len(batch) if settings.negative_prompt else None
+                ),
                 num_inference_steps=settings.num_inference_steps,
                 guidance_scale=settings.guidance_scale,
                 height=resolution,

@@ -269,7 +269,7 @@ def _frozen(model: BaseModel) -> BaseModel:
 def _check_request(request: Request) -> None:
     names = [name for name, _ in request.loras]
     for bad, message in (
-        (max(len(request.prompt), len(request.negative_prompt)) > 2000, "prompts are limited to 2000 characters (the text encoder reads 77 tokens)"),
+        (max(len(request.prompt), len(request.negative_prompt)) > 2000, "prompts are limited to 2000 characters"),
         (not 0 <= request.seed < 2**32, f"seed must be 0 to 2^32-1, got {request.seed}"),
         (not 1 <= request.steps <= 150, f"steps must be 1 to 150, got {request.steps}"),
         (request.size % 8 or not 32 <= request.size <= 1024, f"size must be a multiple of 8 from 32 to 1024, got {request.size}"),

@@ -208,7 +208,8 @@ def _peft_alpha(config: dict, part: str, module: str, rank: int) -> float:
 
 
 def finetune_metadata_from_kohya(metadata: dict[str, str]) -> dict[str, str]:
-    """Keep our keys; for files from sd-scripts, take base model, steps, clip skip and v-prediction from its `ss_` keys."""
+    """Keep our keys; for files from sd-scripts, take base model, steps, clip skip, max token length, v-prediction and
+    zero terminal SNR from its `ss_` keys."""
     kept = {k: v for k, v in metadata.items() if not k.startswith(KOHYA_ONLY_METADATA)}
     for ours, theirs in KOHYA_KEYS:
         if ours not in kept and metadata.get(theirs) not in (None, "", "None"):  # sd-scripts writes "None" for unset

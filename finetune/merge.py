@@ -67,7 +67,7 @@ def merge_lora(
         model.noise_scheduler = zero_terminal_snr_schedule(model.noise_scheduler)
     # What the demo's adapter table shows for this pipeline, and the clip skip sample and the demo use with it.
     recorded = {"finetune.method": f"lora merged at {strength:g}", "finetune.base_model": base, "finetune.steps": lora.metadata.get("finetune.steps", "?"),
-                **{key: lora.metadata[key] for key in ("finetune.clip_skip", "finetune.zero_terminal_snr") if key in lora.metadata}}  # fmt: skip
+                **{key: lora.metadata[key] for key in ("finetune.clip_skip", "finetune.zero_terminal_snr", "finetune.max_token_length") if key in lora.metadata}}  # fmt: skip
     output_dir = save_pipeline(model, Path(output_dir), metadata=recorded)
     _write_card(output_dir, base, lora_file, lora, strength)
     return output_dir

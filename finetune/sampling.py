@@ -127,14 +127,16 @@ def generate(
     return rows
 
 
-def prompt_arguments(pipeline, prompt: str, negative_prompt: str | None) -> dict:
-    """The pipeline's prompt arguments: the texts, or for a prompt past 77 tokens both encoded in chunks
-    (the same number for both: classifier-free guidance stacks them)."""
-    chunks = chunks_needed(pipeline.tokenizer, [prompt, negative_prompt or ""])
+def prompt_arguments(pipeline, prompt: str | list[str], negative_prompt: str | list[str] | None) -> dict:
+    """The pipeline's prompt arguments (one prompt, or a batch): the texts, or for a prompt past 77 tokens
+    all encoded in chunks (the same number for prompts and negatives: classifier-free guidance stacks them)."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    negatives = list(negative_prompt) if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
+    chunks = chunks_needed(pipeline.tokenizer, prompts + negatives)
     if chunks == 1:
         return {"prompt": prompt, "negative_prompt": negative_prompt}
-    encode = lambda text: text_hidden_states(pipeline.tokenizer, pipeline.text_encoder, [text], pipeline.text_encoder.device, chunks)
-    return {"prompt_embeds": encode(prompt), "negative_prompt_embeds": encode(negative_prompt or "")}
+    encode = lambda texts: text_hidden_states(pipeline.tokenizer, pipeline.text_encoder, texts, pipeline.text_encoder.device, chunks)
+    return {"prompt_embeds": encode(prompts), "negative_prompt_embeds": encode(negatives)}
 
 
 def tensor_to_image(pixels: torch.Tensor) -> Image.Image:

@@ -5,6 +5,7 @@ chunking, and the setting recorded where sd-scripts records it."""
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import CLIPTokenizer
 
 from finetune.cache import caption_key
@@ -73,8 +74,6 @@ def test_hidden_states_join_the_chunks_and_words_past_77_tokens_count(base):
 def test_training_reads_long_captions_whole_and_the_text_cache_agrees(make_recipe, tmp_path, capsys):
     folder = tmp_path / "data"
     folder.mkdir()
-    from PIL import Image
-
     for i in range(2):
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
         (folder / f"{i}.txt").write_text(LONG + (", yellow star" if i else ", purple hexagon"))
@@ -112,3 +111,20 @@ def test_sampling_reads_a_long_prompt_whole(base):
     truncated = pipeline.tokenizer.decode(ids[1:-1])
     whole, cut = (np.asarray(generate(pipeline, [prompt], 1, 0, 2, 7.5, 64, negative_prompt="blurry")[0][0], dtype=np.float32) for prompt in (LONG, truncated))
     assert np.abs(whole - cut).mean() > 0.5  # the words past 77 tokens reach the image
+
+
+def test_class_images_and_batches_read_long_prompts_whole(base, tmp_path):
+    from finetune.class_images import generate_class_images
+    from finetune.config import ClassImageGeneration
+
+    pipeline = build_pipeline(base)
+    batch = prompt_arguments(pipeline, ["red circle", LONG], None)
+    assert batch["prompt_embeds"].shape[:2] == batch["negative_prompt_embeds"].shape[:2] == (2, 152)
+    truncated = pipeline.tokenizer.decode(pipeline.tokenizer(LONG, truncation=True).input_ids[1:-1])
+    settings = ClassImageGeneration(num_inference_steps=2, guidance_scale=7.5, batch_size=1, seed=5)
+    images = {}
+    for name, prompt in (("whole", LONG), ("cut", truncated)):
+        generate_class_images(pipeline, [prompt], tmp_path / name, "k", [0], settings, 64)
+        images[name] = np.asarray(Image.open(next((tmp_path / name).glob("*.png"))), dtype=np.float32)
+    assert np.abs(images["whole"] - images["cut"]).mean() > 0.5  # the words past 77 tokens reach the class image
+    assert caption_key("a cat", 2) != caption_key("a cat") and len({caption_key("a cat", n) for n in (1, 2, 3)}) == 3
