@@ -95,3 +95,18 @@ def latent_loss_weights(masks: torch.Tensor, latent_size: tuple[int, int], unmas
     patch's mean, raised from 0 to `unmasked_weight` where it is black."""
     patches = F.interpolate(masks.float(), size=latent_size, mode="area")
     return unmasked_weight + (1.0 - unmasked_weight) * patches
+
+
+def preview(dataset, count: int = 8) -> Image.Image:
+    """What trains in the first `count` items' first views, side by side: each image dimmed where its mask
+    weighs little, so a mask that does not sit on its subject (after crops, flips, EXIF) shows at a glance."""
+    cells = []
+    for index in range(min(count, len(dataset))):
+        item = dataset[(index, 0)]
+        pixels = item["pixel_values"] if "pixel_values" in item else dataset.render(item["view"])  # a cached view names its pixels
+        shown = (pixels + 1.0) / 2.0 * (0.15 + 0.85 * item["loss_mask"])
+        cells.append(Image.fromarray((shown.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()))
+    strip = Image.new("RGB", (sum(cell.width for cell in cells), max(cell.height for cell in cells)), "white")
+    for i, cell in enumerate(cells):
+        strip.paste(cell, (sum(c.width for c in cells[:i]), 0))
+    return strip

@@ -33,6 +33,7 @@ from finetune.methods import METHODS
 from finetune.models import load_base_model, resolve_model_folder
 from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer, step_size
 from finetune.recipe_loading import dump_recipe
+from finetune.loss_mask import preview as mask_preview
 from finetune.sampling import GRID_LABEL_WIDTH, make_grid, save_image_atomic
 from finetune.stopping import StopRequest, batches_of, leave_stop_signals_to_the_trainer
 
@@ -126,6 +127,9 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     # Before `prepare`: DreamBooth may generate class images with the UNet, which ZeRO-3 then shards.
     dataset, collate_fn = method.training_data(accelerator)
     training_set = TrainingSubset(dataset, trained_items) if held_out else dataset
+    if recipe.data.loss_mask.enabled and accelerator.is_main_process and resume_from is None:
+        path = save_image_atomic(mask_preview(dataset), output_dir / "samples" / "loss-masks.png")
+        accelerator.print(f"loss masks: what trains in the first images (the rest dimmed): {path}")
     parameter_groups = method.parameter_groups()
     group_names = [group.pop("name") for group in parameter_groups]  # for the logs; optimizers need no names
     # The recipe's rates, read before the optimizer and the schedule's warm-up write into these groups.
@@ -144,7 +148,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
 
     step = 0
     if resume_from is not None:
-        state = ckpt.load_checkpoint(accelerator, resume_from, _flat_hparams(recipe), **load_options)
+        state = ckpt.load_checkpoint(accelerator, resume_from, recipe.flat_settings(), **load_options)
         step = state["step"]
         method.load_checkpoint_state(state.get("method", {}))
         apply_recipe_settings(optimizer, lr_scheduler, group_lrs, recipe.optimizer)
@@ -160,13 +164,13 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         saved_init = (state.get("recipe") or {}).get("lora.init_from")
         if saved_init and recipe.lora.init_from is None:  # its weights are the checkpoint's now; the record keeps where they began
             recipe.lora.init_from = saved_init
-        changed = ckpt.changed_settings(state.get("recipe"), _flat_hparams(recipe))
+        changed = ckpt.changed_settings(state.get("recipe"), recipe.flat_settings())
         if changed:
             accelerator.print(f"warning: settings changed since {resume_from.name}: {', '.join(changed)}")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         dump_recipe(recipe, output_dir / "recipe.yaml")
-        accelerator.init_trackers("finetune", config=_flat_hparams(recipe))
+        accelerator.init_trackers("finetune", config=recipe.flat_settings())
 
     accumulation = train_cfg.gradient_accumulation_steps
     sampler = make_batch_sampler(
@@ -218,7 +222,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
 
         ckpt.save_checkpoint(
             accelerator, checkpoints_dir, step,
-            {"recipe_hash": recipe.fingerprint(), "recipe": _flat_hparams(recipe), "processes": accelerator.num_processes,
+            {"recipe_hash": recipe.fingerprint(), "recipe": recipe.flat_settings(), "processes": accelerator.num_processes,
              "method": method.checkpoint_state()},
             recipe.checkpoint.keep_last, extra=extra, **save_options
         )
@@ -381,20 +385,3 @@ def output_metadata(recipe: Recipe, step: int, prediction_type: str) -> dict[str
     if recipe.lora.init_from:  # its name only: a path would carry the user's folders into shared files
         metadata["finetune.init_from"] = Path(recipe.lora.init_from).name
     return metadata
-
-
-def _flat_hparams(recipe: Recipe) -> dict:
-    """TensorBoard's hparams take scalars and strings only."""
-    flat = {}
-
-    def walk(prefix: str, value) -> None:
-        if isinstance(value, dict):
-            for key, child in value.items():
-                walk(f"{prefix}.{key}" if prefix else key, child)
-        elif isinstance(value, (int, float, str, bool)):
-            flat[prefix] = value
-        elif value is not None:
-            flat[prefix] = str(value)
-
-    walk("", recipe.model_dump(mode="json"))
-    return flat

@@ -193,6 +193,15 @@ def test_cached_latents_give_the_masked_run_the_same_losses(make_recipe, tmp_pat
     unmasked = train(make_recipe(output_dir=str(tmp_path / "unmasked"), **{**common, "data__loss_mask": {"source": "none"}}))
     assert torch.allclose(torch.tensor(plain.losses), torch.tensor(cached.losses), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(torch.tensor(plain.losses), torch.tensor(unmasked.losses), rtol=1e-3)
+    # Each run shows what trains: the first views with their masked-out halves dimmed (the cached run's views
+    # are rendered from their names).
+    for run in (plain, cached):
+        strip = np.asarray(Image.open(run.output_dir / "samples" / "loss-masks.png"), dtype=np.float32)
+        assert strip.shape == (64, 4 * 64, 3)
+        for cell in np.split(strip, 4, axis=1):
+            halves = sorted([cell[:, :32].mean(), cell[:, 32:].mean()])
+            assert halves[0] < 0.3 * halves[1]  # one half (the left, or the right when flipped) dimmed
+    assert not (unmasked.output_dir / "samples" / "loss-masks.png").exists()
 
 
 def test_dreambooth_masks_its_instances_and_not_its_class_images(make_recipe, tmp_path, monkeypatch):
@@ -222,8 +231,9 @@ def test_held_out_images_are_scored_with_their_masks(make_recipe, tmp_path):
     folder = masked_folder(tmp_path / "data", count=5)
     common = dict(data__image_dir=str(folder), train__max_steps=1, validation__loss_images=1, validation__at_start=True)
     first = {}  # the loss at step 0, before any training: the same model, only the weighting differs
-    for name, mask in (("masked", "files"), ("plain", "none")):
-        first[name] = train(make_recipe(output_dir=str(tmp_path / name), data__loss_mask={"source": mask}, **common)).validation_losses[0]
+    for name, mask in (("masked", "files"), ("plain", "none")):  # (the masked run with cached latents: the same numbers)
+        cached = {"train__cache_latents": True} if name == "masked" else {}
+        first[name] = train(make_recipe(output_dir=str(tmp_path / name), data__loss_mask={"source": mask}, **common, **cached)).validation_losses[0]
     masked_folder(folder, count=5, mask=lambda width, height: Image.new("L", (width, height), 255))
     first["white"] = train(make_recipe(output_dir=str(tmp_path / "white"), data__loss_mask={"source": "files"}, **common)).validation_losses[0]
     assert first["masked"][0] == first["plain"][0] == 0 and first["masked"][1] != pytest.approx(first["plain"][1], rel=1e-3)

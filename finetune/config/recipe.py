@@ -227,6 +227,23 @@ class Recipe(Section):
                 )
         return self
 
+    def flat_settings(self) -> dict:
+        """Every setting by its dotted key ("lora.rank"), as scalars and strings (what TensorBoard's hparams
+        take, and what checkpoints keep to say what changed at a resume)."""
+        flat = {}
+
+        def walk(prefix: str, value) -> None:
+            if isinstance(value, dict):
+                for key, child in value.items():
+                    walk(f"{prefix}.{key}" if prefix else key, child)
+            elif isinstance(value, (int, float, str, bool)):
+                flat[prefix] = value
+            elif value is not None:
+                flat[prefix] = str(value)
+
+        walk("", self.model_dump(mode="json"))
+        return flat
+
     def fingerprint(self) -> str:
         """A short hash of every setting, recorded in saved files so a result can be traced to its recipe."""
         text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
