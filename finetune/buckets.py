@@ -57,7 +57,16 @@ def assign_buckets(sizes: list[Size], config: DataConfig) -> list[Size] | None:
     if not config.bucketing.enabled:
         return None
     buckets = make_buckets(config)
-    return [nearest_bucket(size, buckets) for size in sizes]
+    return [own_size_bucket(size, config) or nearest_bucket(size, buckets) for size in sizes]
+
+
+def own_size_bucket(size: Size, config: DataConfig) -> Size | None:
+    """With data.bucketing.no_upscale, a bucket of the image's own size (sides rounded down to the step)
+    when it has at most resolution^2 pixels, so it is cropped a little but never enlarged; else None."""
+    step, (width, height) = config.bucketing.step, size
+    if not config.bucketing.no_upscale or width * height > config.resolution**2 or min(width, height) < step:
+        return None
+    return (width // step * step, height // step * step)
 
 
 def bucket_counts_line(bucket_of: list[Size], noun: str = "images") -> str:

@@ -13,7 +13,8 @@ from PIL import Image
 from finetune.buckets import BucketBatchSampler, make_buckets, nearest_bucket, split_rows
 from finetune.config import DataConfig
 from finetune.batches import EpochBatchSampler, make_batch_sampler
-from finetune.data import CaptionedImageDataset, Example, collate, load_examples
+from finetune.check_data import inspect_examples
+from finetune.data import CaptionedImageDataset, Example, collate, load_examples, read_examples
 from finetune.views import ViewPlan, cover_and_crop, view_key
 from finetune.errors import FinetuneError
 from finetune.trainer import train
@@ -272,3 +273,22 @@ def test_controlnet_pairs_are_bucketed_with_one_geometry_and_train(make_recipe, 
             assert torch.equal((item["conditioning_pixel_values"] * 255).round(), image_levels.flip(0))
     result = train(recipe)
     assert len(result.losses) == 3 and all(math.isfinite(loss) for loss in result.losses)
+
+
+def test_no_upscale_trains_small_images_at_their_own_size(make_recipe, tmp_path, monkeypatch, capsys):
+    """sd-scripts' bucket_no_upscale: an image of at most resolution^2 pixels keeps its size (sides rounded
+    down to the step) instead of being enlarged to cover a bucket; a larger one buckets as usual."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    for i, (width, height) in enumerate([(60, 40), (60, 40), (40, 60), (40, 60), (100, 50), (100, 50)]):
+        noise_image(width, height, seed=i).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("a red striped circle")
+    config = DataConfig(image_dir=str(folder), resolution=64, bucketing={"enabled": True, "step": 16, "no_upscale": True})
+    report_lines = "\n".join(inspect_examples(read_examples(config), config, "data").lines())
+    assert "buckets (width x height: images): 80x48: 2, 48x32: 2, 32x48: 2" in report_lines and "upscaled" not in report_lines
+    plain = config.model_copy(update={"bucketing": config.bucketing.model_copy(update={"no_upscale": False})})
+    assert CaptionedImageDataset(load_examples(plain), plain, seed=0).bucket_of[:4] == [(80, 48), (80, 48), (48, 80), (48, 80)]  # enlarged
+    seen = record_batches(monkeypatch)
+    data = {"image_dir": str(folder), "resolution": 64, "bucketing": {"enabled": True, "step": 16, "no_upscale": True}}
+    result = train(make_recipe(data=data, train__max_steps=3, train__batch_size=2))
+    assert all(np.isfinite(result.losses)) and {shape for _, shape in seen} == {(32, 48), (48, 32), (48, 80)}  # (height, width)
