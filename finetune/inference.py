@@ -26,6 +26,7 @@ from finetune.methods.controlnet import CONTROLNET_DIR, UNET_DIR
 from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.models import BaseModel, load_base_model, looks_like_hub_id
 from finetune.pipeline_io import METADATA_FILE
+from finetune.prompt_options import PromptSettings, with_options
 from finetune.sampling import GRID_LABEL_WIDTH, adapters_clip_skip, build_pipeline, follow_adapters_schedule, generate, make_grid, save_image_atomic
 from finetune.views import cover_and_crop
 
@@ -250,6 +251,10 @@ def sample_to_folder(
     1.0) and each grid row starts with it.
     """
     check_control_options(controlnet, condition, conditioning_scale)
+    try:  # each prompt with its own options (--n, --d, --l, --s), before anything loads
+        settings = [with_options(text, PromptSettings(text, negative_prompt, seed, guidance, steps)) for text in prompts]
+    except ValueError as err:
+        raise FinetuneError(f"--prompt {err}") from None
     pipeline = load_sampling_pipeline(base, lora, lora_scale, controlnet, base_config)
     resolution = resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     if resolution % 8:
@@ -258,12 +263,15 @@ def sample_to_folder(
     if controlnet is not None:
         control_image = load_condition(condition, resolution)
         control = dict(image=control_image, controlnet_conditioning_scale=1.0 if conditioning_scale is None else conditioning_scale)
+    rows = []
     with torch.no_grad():
-        rows = generate(pipeline, prompts, num_images, seed, steps, guidance, resolution, negative_prompt=negative_prompt, **control)
+        for prompt in settings:
+            rows += generate(pipeline, [prompt.prompt], num_images, prompt.seed, prompt.num_inference_steps, prompt.guidance_scale, resolution,
+                             negative_prompt=prompt.negative_prompt, **control)  # fmt: skip
     written = []
     for p, row in enumerate(rows):
         for k, image in enumerate(row):
-            written.append(save_image_atomic(image, output_dir / f"prompt{p}_seed{seed + k}.png"))
+            written.append(save_image_atomic(image, output_dir / f"prompt{p}_seed{settings[p].seed + k}.png"))
     grid_rows = [[control["image"], *row] for row in rows] if control else rows
     written.append(save_image_atomic(make_grid(grid_rows, row_labels=prompts, label_width=GRID_LABEL_WIDTH), output_dir / "grid.png"))
     return written

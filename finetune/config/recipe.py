@@ -12,6 +12,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from finetune.config.base import Section
 from finetune.config.data import DataConfig
 from finetune.config.methods import ControlNetConfig, DreamBoothConfig, FullConfig, LoRAConfig, VAEConfig
+from finetune.prompt_options import PromptSettings, with_options
 
 
 class ModelConfig(Section):
@@ -127,6 +128,8 @@ class OptimizerConfig(Section):
 
 
 class ValidationConfig(Section):
+    # Each may end in sd-scripts' per-prompt options: "a dog --n blurry --d 7 --l 5 --s 30" (negative
+    # prompt, seed, guidance scale, steps; finetune/prompt_options.py).
     prompts: list[str] = []
     every_n_steps: int = Field(0, ge=0)  # 0: only at the end of training
     at_start: bool = True  # also sample before the first step, for a before/after comparison
@@ -138,6 +141,17 @@ class ValidationConfig(Section):
     # Hold this many training images out of training and report the loss on them at each validation
     # (fixed noise and timesteps: it falls while the model generalises and turns up when it overfits). 0: off.
     loss_images: int = Field(0, ge=0)
+
+    @field_validator("prompts")
+    @classmethod
+    def _options_known(cls, prompts: list[str]) -> list[str]:
+        for prompt in prompts:
+            with_options(prompt, PromptSettings("", None, 0, 1.0, 1))  # raises on an unknown option or value
+        return prompts
+
+    def prompt_settings(self, text: str) -> PromptSettings:
+        """A validation prompt with its own options, the section's settings for the rest."""
+        return with_options(text, PromptSettings(text, self.negative_prompt, self.seed, self.guidance_scale, self.num_inference_steps))
 
 
 class CheckpointConfig(Section):

@@ -100,16 +100,13 @@ class TrainingMethod(ABC):
         settings = self.recipe.validation
         if not settings.prompts:
             return [], []
-        rows = generate(
-            self.pipeline(modules),
-            settings.prompts,
-            settings.images_per_prompt,
-            settings.seed,
-            settings.num_inference_steps,
-            settings.guidance_scale,
-            self.recipe.data.resolution,
-            settings.negative_prompt,
-        )
+        pipeline, rows = self.pipeline(modules), []
+        for text in settings.prompts:  # each with its own options (--n, --d, --l, --s), if it has any
+            prompt = settings.prompt_settings(text)
+            rows += generate(
+                pipeline, [prompt.prompt], settings.images_per_prompt, prompt.seed, prompt.num_inference_steps, prompt.guidance_scale,
+                self.recipe.data.resolution, prompt.negative_prompt,
+            )  # fmt: skip
         return rows, list(settings.prompts)
 
     def pipeline(self, modules: dict[str, torch.nn.Module]) -> DiffusionPipeline:

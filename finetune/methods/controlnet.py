@@ -193,9 +193,10 @@ class ControlNetMethod(DiffusionMethod):
         rows, labels = [], []
         with residuals_in(modules["controlnet"], self.weight_dtype):
             for condition, prompt in zip(conditions, prompts):
+                options = settings.prompt_settings(prompt)  # its own --n, --d, --l, --s, if any
                 samples = generate(
-                    pipeline, [prompt], settings.images_per_prompt, settings.seed, settings.num_inference_steps,
-                    settings.guidance_scale, self.recipe.data.resolution, settings.negative_prompt, image=condition,
+                    pipeline, [options.prompt], settings.images_per_prompt, options.seed, options.num_inference_steps,
+                    options.guidance_scale, self.recipe.data.resolution, options.negative_prompt, image=condition,
                     controlnet_conditioning_scale=scale,
                 )[0]
                 rows.append([condition, *samples])
