@@ -65,7 +65,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     resolve_model_folder(recipe.model)
     resume_from = ckpt.resolve_resume(resume, checkpoints_dir)
     if resume_from is not None:
-        ckpt.check_resumable(resume_from, train_cfg.max_steps)
+        ckpt.check_resumable(resume_from, train_cfg.max_steps, recipe.flat_settings())
     ckpt.guard_earlier_run(output_dir, resume_from, overwrite)
     if train_cfg.mixed_precision == "fp16" and not gpu_available():
         # accelerate turns fp16 autocast off on a CPU, and the fp16 frozen weights would then meet fp32 inputs.

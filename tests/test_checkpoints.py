@@ -1,6 +1,7 @@
 """Nothing a user made is lost: atomic checkpoints, rotation, and a clean stop on Ctrl-C."""
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -118,7 +119,12 @@ def test_resuming_where_nothing_is_left_or_with_another_process_count_says_so(ma
 
 
 def test_resuming_with_another_lora_rank_is_one_line(make_recipe):
-    train(make_recipe(train__max_steps=2))
+    first = train(make_recipe(train__max_steps=2))
+    with pytest.raises(FinetuneError, match=r"checkpoint-2 trained other weights or optimizer groups than this recipe would \(lora.rank 4 -> 8\)"):
+        train(make_recipe(train__max_steps=3, lora__rank=8), resume="latest")
+    # A checkpoint that keeps no recipe (written before it did): the weights' shapes say it when they load.
+    state_file = first.output_dir / "checkpoints" / "checkpoint-2" / STATE_FILE
+    state_file.write_text(json.dumps({key: value for key, value in json.loads(state_file.read_text()).items() if key != "recipe"}))
     with pytest.raises(FinetuneError, match=r"checkpoint-2 holds .*lora.* of shape \(4, .*\), this recipe's is \(8, .*\) \(another lora.rank\?\)"):
         train(make_recipe(train__max_steps=3, lora__rank=8), resume="latest")
 
@@ -244,14 +250,28 @@ def test_each_checkpoint_holds_the_outputs_of_its_step(make_recipe, pairs_folder
             resolve_lora_file(str(short.output_dir / "checkpoints" / "checkpoint-1"))  # not its trainable_0.safetensors
 
 
-def test_resuming_with_other_trained_modules_or_parameter_groups_is_one_line_naming_the_change(make_recipe, capsys):
+def test_resuming_with_other_trained_modules_or_parameter_groups_is_one_line_naming_the_change(make_recipe, capsys, monkeypatch):
+    import finetune.trainer as trainer
+
     first = train(make_recipe(train__max_steps=4, checkpoint__every_n_steps=2, lora__loraplus_lr_ratio=4.0))
     checkpoint = first.output_dir / "checkpoints" / "checkpoint-2"
-    for changed, named in ((dict(lora__loraplus_lr_ratio=None), "lora.loraplus_lr_ratio 4.0 -> None"),
-                           (dict(lora__train_text_encoder=True), "lora.train_text_encoder False -> True")):  # fmt: skip
-        recipe = make_recipe(train__max_steps=6, output_dir=str(first.output_dir) + "-other", **{"lora__loraplus_lr_ratio": 4.0, **changed})
-        with pytest.raises(FinetuneError, match=rf"^checkpoint {checkpoint} was written for other trained modules or parameter groups than this recipe's \(changed since: {named}\): resume"):
-            train(recipe, resume=str(checkpoint))
+    changes = ((dict(lora__loraplus_lr_ratio=None), "LoRA+ (UNet) True -> False"),
+               (dict(lora__train_text_encoder=True), "LoRA+ (text encoder) False -> True, text encoder trained False -> True"),
+               (dict(lora__rank=8), "lora.rank 4 -> 8"))  # fmt: skip
+    with monkeypatch.context() as patch:  # said before the model loads
+        patch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
+        for changed, named in changes:
+            recipe = make_recipe(train__max_steps=6, output_dir=str(first.output_dir) + "-other", **{"lora__loraplus_lr_ratio": 4.0, **changed})
+            with pytest.raises(FinetuneError, match="^" + re.escape(f"{checkpoint} trained other weights or optimizer groups than this recipe would ({named}): resume")):
+                train(recipe, resume=str(checkpoint))
+    # A checkpoint that keeps no recipe (written before it did) is caught when the optimizer's groups load.
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    (checkpoint / STATE_FILE).write_text(json.dumps({key: value for key, value in state.items() if key != "recipe"}))
+    recipe = make_recipe(train__max_steps=6, output_dir=str(first.output_dir) + "-old", lora__loraplus_lr_ratio=None)
+    with pytest.raises(FinetuneError, match=rf"^checkpoint {checkpoint} was written for other trained modules or parameter groups than this recipe's: resume"):
+        train(recipe, resume=str(checkpoint))
+    (checkpoint / STATE_FILE).write_text(json.dumps(state))
     # Another ratio keeps the groups: it resumes at the new rates, and says so.
+    capsys.readouterr()
     train(make_recipe(train__max_steps=6, output_dir=str(first.output_dir) + "-ratio", lora__loraplus_lr_ratio=8.0), resume=str(checkpoint))
     assert "warning: settings changed since checkpoint-2: lora.loraplus_lr_ratio 4.0 -> 8.0" in capsys.readouterr().out
