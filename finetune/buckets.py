@@ -61,12 +61,16 @@ def assign_buckets(sizes: list[Size], config: DataConfig) -> list[Size] | None:
 
 
 def own_size_bucket(size: Size, config: DataConfig) -> Size | None:
-    """With data.bucketing.no_upscale, a bucket of the image's own size (sides rounded down to the step)
-    when it has at most resolution^2 pixels, so it is cropped a little but never enlarged; else None."""
+    """With data.bucketing.no_upscale, as sd-scripts' bucket_no_upscale: a bucket of the image's own shape,
+    at its own size or shrunk to resolution^2 pixels if it is larger, sides rounded down to the step, so it
+    is cropped a little and never enlarged. None without the setting, or for an image with a side too short
+    for one step once shrunk (it takes the nearest regular bucket)."""
     step, (width, height) = config.bucketing.step, size
-    if not config.bucketing.no_upscale or width * height > config.resolution**2 or min(width, height) < step:
+    if not config.bucketing.no_upscale:
         return None
-    return (width // step * step, height // step * step)
+    scale = min(1.0, math.sqrt(config.resolution**2 / (width * height)))
+    bucket = (int(width * scale) // step * step, int(height * scale) // step * step)
+    return bucket if min(bucket) >= step else None
 
 
 def bucket_counts_line(bucket_of: list[Size], noun: str = "images") -> str:

@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--conditioning-scale", type=float, default=None, help="ControlNet strength (default 1.0; 0 = the base model alone)")
     sample.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several); may end in --n NEGATIVE --d SEED --l GUIDANCE --s STEPS, quoted with it")
     sample.add_argument("--negative-prompt", default=None)
-    sample.add_argument("--num-images", type=positive_int, default=4, help="images per prompt (seeds seed..seed+N-1)")
+    sample.add_argument("--num-images", type=positive_int, default=4, help="images per prompt (seeds seed..seed+N-1, from a prompt's own --d if it has one)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--steps", type=positive_int, default=25, help="DDIM steps")
     sample.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")

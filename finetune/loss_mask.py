@@ -33,6 +33,9 @@ MASK_SUFFIXES = (".png", ".webp", ".bmp", ".jpg", ".jpeg")
 # it: a crop that catches only a sliver of the subject (or a JPEG mask's faint fringe) is not blown up to
 # a whole image's loss; subjects filling at least 1/32 of the crop train at full strength.
 MIN_NORMALIZING_SHARE = 1.0 / 32.0
+# The preview looks for masked images among this many first items (each is decoded), so a large unmasked
+# folder listed first does not hold up the start.
+PREVIEW_SCAN = 200
 
 
 def mask_path(image_path: str, settings: LossMaskConfig) -> Path:
@@ -97,15 +100,24 @@ def latent_loss_weights(masks: torch.Tensor, latent_size: tuple[int, int], unmas
     return unmasked_weight + (1.0 - unmasked_weight) * patches
 
 
-def preview(dataset, count: int = 8) -> Image.Image:
-    """What trains in the first `count` items' first views, side by side: each image dimmed where its mask
-    weighs little, so a mask that does not sit on its subject (after crops, flips, EXIF) shows at a glance."""
-    cells = []
-    for index in range(min(count, len(dataset))):
-        item = dataset[(index, 0)]
+def preview(dataset, sources: list[str], unmasked_weight: float, count: int = 8) -> Image.Image | None:
+    """What trains in the first views of the first `count` masked images (`sources` names each item's
+    image: repeats count once), side by side: each dimmed where its mask weighs little (to the
+    background's weight, or to 0.15 so the scene still shows), so a mask that does not sit on its subject
+    (after crops, flips, EXIF) shows at a glance. None when no image is masked."""
+    floor, cells, shown_sources = max(0.15, unmasked_weight), [], set()
+    for index, source in enumerate(sources[:PREVIEW_SCAN]):
+        if len(cells) == count:
+            break
+        item = dataset[(index, 0)] if source not in shown_sources else None
+        if item is None or bool(item["loss_mask"].min() == 1.0):  # a repeat, or an unmasked folder or concept
+            continue
+        shown_sources.add(source)
         pixels = item["pixel_values"] if "pixel_values" in item else dataset.render(item["view"])  # a cached view names its pixels
-        shown = (pixels + 1.0) / 2.0 * (0.15 + 0.85 * item["loss_mask"])
+        shown = (pixels + 1.0) / 2.0 * (floor + (1.0 - floor) * item["loss_mask"])
         cells.append(Image.fromarray((shown.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()))
+    if not cells:
+        return None
     strip = Image.new("RGB", (sum(cell.width for cell in cells), max(cell.height for cell in cells)), "white")
     for i, cell in enumerate(cells):
         strip.paste(cell, (sum(c.width for c in cells[:i]), 0))

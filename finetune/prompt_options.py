@@ -4,11 +4,15 @@
 
 `--n` is the negative prompt, `--d` the seed, `--l` the guidance scale and `--s` the number of steps;
 each replaces the section's own setting (validation.*, or the command's options) for that prompt
-only. Sizes (`--w`, `--h`) are refused: a grid's images share one size.
+only. Option letters are read in any case, and an option starts at " --", as in sd-scripts. Its other
+options (`--w`/`--h` sizes, `--ss` sampler, `--cn`, `--am`, `--f`) are accepted and ignored, so its
+prompt lines can be pasted: a grid's images share the run's resolution and scheduler. Any other option
+is refused (a typo would otherwise vanish).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 # Option letter -> (field of PromptSettings, the type its value is read as, what it means).
@@ -18,6 +22,9 @@ OPTIONS = {
     "l": ("guidance_scale", float, "guidance scale"),
     "s": ("num_inference_steps", int, "steps"),
 }
+IGNORED = ("w", "h", "ss", "cn", "am", "f")  # sd-scripts' other options: sizes, sampler, ControlNet image, ...
+MAX_SEED = 2**63 - 1  # torch's generators take a signed 64-bit seed
+MAX_STEPS = 1000  # the schedulers' training timesteps (sd-scripts caps --s there too)
 
 
 @dataclass(frozen=True)
@@ -32,21 +39,23 @@ class PromptSettings:
 def with_options(text: str, defaults: PromptSettings) -> PromptSettings:
     """The prompt of `text` with the settings its options give, the others from `defaults`; a ValueError
     names an option that is unknown or has no valid value."""
-    prompt, *options = text.split(" --")
+    prompt, *options = (" " + text).split(" --")  # the space: a text that is only options ("--n blurry") has an empty prompt
     settings = replace(defaults, prompt=prompt.strip())
     for option in options:
-        letter, _, value = option.strip().partition(" ")
-        if letter in ("w", "h"):
-            raise ValueError(f"'{text}': --{letter} (a size) is not supported: every image of a grid has the resolution of the run")
+        name, _, value = option.strip().partition(" ")
+        letter, value = name.lower(), value.strip()
+        if letter in IGNORED:
+            continue
         if letter not in OPTIONS:
             known = ", ".join(f"--{key} ({meaning})" for key, (_, _, meaning) in OPTIONS.items())
-            raise ValueError(f"'{text}': unknown option --{letter}; the options are {known}")
+            raise ValueError(f"'{text}': unknown option --{name} (' --' starts an option); the options are {known}")
         field, kind, meaning = OPTIONS[letter]
         try:
-            parsed = kind(value.strip())
+            parsed = kind(value)
         except ValueError:
-            raise ValueError(f"'{text}': --{letter} needs a {meaning}, got '{value.strip()}'") from None
-        if letter == "s" and parsed < 1:
-            raise ValueError(f"'{text}': --s needs at least 1 step")
+            raise ValueError(f"'{text}': --{name} needs a {meaning}, got '{value}'") from None
+        if (letter == "d" and not 0 <= parsed <= MAX_SEED) or (letter == "s" and not 1 <= parsed <= MAX_STEPS) or (letter == "l" and not math.isfinite(parsed)):
+            limits = {"d": f"0 to {MAX_SEED}", "s": f"1 to {MAX_STEPS}", "l": "a finite number"}[letter]
+            raise ValueError(f"'{text}': --{name} {value} is out of range ({limits})")
         settings = replace(settings, **{field: parsed})
     return settings

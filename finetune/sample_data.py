@@ -2,7 +2,8 @@
 
 Both come from the toy world (`finetune.toyworld`) and show what the base model never saw:
 `striped/` the held-out striped style (a LoRA style), `star/` the held-out star shape (a DreamBooth
-subject). Images are 64x64 PNGs with `.txt` captions and a `metadata.jsonl`.
+subject, with each star's mask in `star/masks/` for loss-masked training). Images are 64x64 PNGs with
+`.txt` captions and a `metadata.jsonl`.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from pathlib import Path
 from finetune.toyworld.datasets import write_folder
 
 SAMPLE_SETS = {
-    # name: (number of images, which held-out things they show, seed)
-    "striped": (16, "only_style", 1001),
-    "star": (6, "only_shape", 1002),
+    # name: (number of images, which held-out things they show, seed, with loss masks)
+    "striped": (16, "only_style", 1001, False),
+    "star": (6, "only_shape", 1002, True),
 }
 
 
@@ -32,4 +33,4 @@ def make_world_data(
 
 def make_sample_data(root: str | Path) -> list[Path]:
     root = Path(root)
-    return [write_folder(root / name, n, seed, include_held_out=held_out) for name, (n, held_out, seed) in SAMPLE_SETS.items()]
+    return [write_folder(root / name, n, seed, include_held_out=held_out, masks=masks) for name, (n, held_out, seed, masks) in SAMPLE_SETS.items()]

@@ -276,8 +276,8 @@ def test_controlnet_pairs_are_bucketed_with_one_geometry_and_train(make_recipe, 
 
 
 def test_no_upscale_trains_small_images_at_their_own_size(make_recipe, tmp_path, monkeypatch, capsys):
-    """sd-scripts' bucket_no_upscale: an image of at most resolution^2 pixels keeps its size (sides rounded
-    down to the step) instead of being enlarged to cover a bucket; a larger one buckets as usual."""
+    """sd-scripts' bucket_no_upscale: an image keeps its shape at its own size (of at most resolution^2
+    pixels: a larger one is shrunk to that), sides rounded down to the step; nothing is enlarged."""
     folder = tmp_path / "small"
     folder.mkdir()
     for i, (width, height) in enumerate([(60, 40), (60, 40), (40, 60), (40, 60), (100, 50), (100, 50)]):
@@ -285,10 +285,15 @@ def test_no_upscale_trains_small_images_at_their_own_size(make_recipe, tmp_path,
         (folder / f"{i}.txt").write_text("a red striped circle")
     config = DataConfig(image_dir=str(folder), resolution=64, bucketing={"enabled": True, "step": 16, "no_upscale": True})
     report_lines = "\n".join(inspect_examples(read_examples(config), config, "data").lines())
-    assert "buckets (width x height: images): 80x48: 2, 48x32: 2, 32x48: 2" in report_lines and "upscaled" not in report_lines
+    # 100x50 has 5000 pixels > 64^2: shrunk to 90x45, then 80x32.
+    assert "buckets (width x height: images): 80x32: 2, 48x32: 2, 32x48: 2" in report_lines and "upscaled" not in report_lines
     plain = config.model_copy(update={"bucketing": config.bucketing.model_copy(update={"no_upscale": False})})
     assert CaptionedImageDataset(load_examples(plain), plain, seed=0).bucket_of[:4] == [(80, 48), (80, 48), (48, 80), (48, 80)]  # enlarged
     seen = record_batches(monkeypatch)
     data = {"image_dir": str(folder), "resolution": 64, "bucketing": {"enabled": True, "step": 16, "no_upscale": True}}
     result = train(make_recipe(data=data, train__max_steps=3, train__batch_size=2))
-    assert all(np.isfinite(result.losses)) and {shape for _, shape in seen} == {(32, 48), (48, 32), (48, 80)}  # (height, width)
+    assert all(np.isfinite(result.losses)) and {shape for _, shape in seen} == {(32, 48), (48, 32), (32, 80)}  # (height, width)
+    for bucketing, message in (({"no_upscale": True}, r"no_upscale sizes buckets: set data.bucketing.enabled"),
+                               ({"enabled": True, "no_upscale": True, "max_side": 128}, r"min_side and max_side do not apply with no_upscale")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            DataConfig(image_dir=str(folder), resolution=64, bucketing=bucketing)

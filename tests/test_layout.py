@@ -24,5 +24,6 @@ def test_sample_data_is_what_the_generator_writes(tmp_path):
 
     for folder in make_sample_data(tmp_path):
         shipped = ROOT / "datasets" / folder.name
-        for generated in sorted(folder.iterdir()):
-            assert (shipped / generated.name).read_bytes() == generated.read_bytes(), generated.name
+        for generated in sorted(path for path in folder.rglob("*") if path.is_file()):
+            name = generated.relative_to(folder)
+            assert (shipped / name).read_bytes() == generated.read_bytes(), name

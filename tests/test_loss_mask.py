@@ -16,7 +16,7 @@ from finetune.config import DataConfig, LossMaskConfig
 from finetune.data import CaptionedImageDataset, load_examples, read_examples
 from finetune.diffusion import NoisedBatch, per_sample_loss
 from finetune.errors import FinetuneError
-from finetune.loss_mask import MIN_NORMALIZING_SHARE, latent_loss_weights, read_mask_file
+from finetune.loss_mask import MIN_NORMALIZING_SHARE, latent_loss_weights, preview, read_mask_file
 from finetune.trainer import train
 from test_dreambooth import dreambooth_recipe
 from test_objective import SCHEDULER
@@ -288,12 +288,17 @@ def test_a_folder_can_train_unmasked_beside_masked_ones(tmp_path):
     for i in range(2):
         noise(64, 64, seed=10 + i).save(root / "regularisation" / f"{i}.png")
         (root / "regularisation" / f"{i}.txt").write_text("a photo")
-    folders = [{"path": "subject"}, {"path": "regularisation", "loss_mask": False}]
+    folders = [{"path": "regularisation", "loss_mask": False}, {"path": "subject", "repeats": 3}]
     config = DataConfig(image_dir=str(root), resolution=64, folders=folders, loss_mask={"source": "files"})
     report = inspect_examples(read_examples(config), config, "data")
     assert not report.findings and "loss masks (files in each folder's masks/): 2 of 4 images masked (unmasked folders: regularisation)" in report.lines()[-1]
-    dataset = CaptionedImageDataset(load_examples(config), config, seed=0)
-    assert [dataset[(i, 0)]["loss_mask"].mean().item() for i in range(4)] == [0.5, 0.5, 1.0, 1.0]
+    examples = load_examples(config)
+    dataset = CaptionedImageDataset(examples, config, seed=0)
+    assert [dataset[(i, 0)]["loss_mask"].mean().item() for i in range(8)] == [1.0, 1.0] + [0.5] * 6
+    # The preview shows each masked image once (not the unmasked folder, not the repeats), dimmed to the floor.
+    strip = np.asarray(preview(dataset, [e.source for e in examples], unmasked_weight=0.0), dtype=np.float32)
+    assert strip.shape == (64, 2 * 64, 3)
+    assert preview(dataset, [e.source for e in examples][:2], unmasked_weight=0.0) is None  # only the unmasked folder
 
 
 def test_a_mask_no_view_can_reach_and_alpha_without_any_transparency_stop_before_training(tmp_path):

@@ -131,6 +131,10 @@ class DataConfig(Section):
     @model_validator(mode="after")
     def _buckets_and_folders_fit(self) -> "DataConfig":
         buckets = self.bucketing
+        if buckets.no_upscale and not buckets.enabled:
+            raise ValueError("data.bucketing.no_upscale sizes buckets: set data.bucketing.enabled: true as well")
+        if buckets.no_upscale and (buckets.min_side is not None or buckets.max_side is not None):
+            raise ValueError("data.bucketing.min_side and max_side do not apply with no_upscale (each image buckets at its own shape): remove them")
         if buckets.enabled:
             for key, value in (("resolution", self.resolution), ("bucketing.min_side", buckets.min_side), ("bucketing.max_side", buckets.max_side)):
                 if value is not None and value % buckets.step != 0:

@@ -135,9 +135,9 @@ class ValidationConfig(Section):
     at_start: bool = True  # also sample before the first step, for a before/after comparison
     num_inference_steps: int = Field(25, ge=1)
     guidance_scale: float = 7.5
-    negative_prompt: Optional[str] = None  # e.g. "blurry, low quality"; the same for every prompt
+    negative_prompt: Optional[str] = None  # e.g. "blurry, low quality"; for every prompt without its own --n
     images_per_prompt: int = Field(2, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**63 - 1)  # image k of a prompt uses seed + k (a prompt's --d replaces it)
     # Hold this many training images out of training and report the loss on them at each validation
     # (fixed noise and timesteps: it falls while the model generalises and turns up when it overfits). 0: off.
     loss_images: int = Field(0, ge=0)

@@ -35,6 +35,7 @@ def write_folder(
     conditioning: bool = False,
     metadata: bool = True,
     partial_captions: float = 0.0,
+    masks: bool = False,
 ) -> Path:
     """Write a dataset folder: ``0000.png`` + ``0000.txt`` (caption) per sample.
 
@@ -44,12 +45,16 @@ def write_folder(
     ``conditioning_file_name``) in the Hugging Face ``imagefolder`` layout. A share
     ``partial_captions`` of the images get a :func:`partial_caption` (drawn with the seed
     ``(seed, i, 1)``) instead of the full one; the images themselves do not change.
+    With ``masks=True`` also writes ``masks/0000.png``, the shape mask in greyscale: the
+    loss mask (``data.loss_mask.source: files``) of a subject without its background.
     Returns the directory.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if conditioning:
         (directory / "conditioning").mkdir(exist_ok=True)
+    if masks:
+        (directory / "masks").mkdir(exist_ok=True)
     digits = max(4, len(str(max(n - 1, 0))))
     rows = []
     for i, (image, text, scene, mask) in enumerate(generate(n, seed, include_held_out, size)):
@@ -65,6 +70,8 @@ def write_folder(
             cond = mask_image(mask)
             cond.save(directory / "conditioning" / name)
             row["conditioning_file_name"] = f"conditioning/{name}"
+        if masks:
+            mask_image(mask).convert("L").save(directory / "masks" / name)
         rows.append(row)
     if metadata:
         with open(directory / "metadata.jsonl", "w") as f:
