@@ -10,7 +10,8 @@ Every image is decoded once. Findings come in three levels:
 - converted: handled on the fly (EXIF rotation, CMYK, 16-bit, transparency, palette): said so that
   nothing happens unseen.
 
-Training runs the same check (`checked_examples`) and prints the same summary at its start.
+Training runs the same check (`checked_examples`) and prints the same summary at its start; the
+command that prints it is finetune/check_data_command.py.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field, replace
-
-from pydantic import ValidationError
 
 from finetune.buckets import Size, assign_buckets, bucket_counts_line
 from finetune.captions import missing_caption_message
@@ -37,7 +36,6 @@ from finetune.data import (
 from finetune.errors import FinetuneError
 from finetune.loss_mask import alpha_mask, mask_area, mask_path, read_mask_file
 from finetune.views import cut, plan_cover_crop
-from finetune.recipe_loading import describe_validation_error, load_recipe
 
 FATAL, WARNING, CONVERTED = "fatal", "warning", "converted"
 SKIP_HINT = "or set data.skip_bad_images: true to skip bad images"
@@ -327,38 +325,6 @@ def data_configs(recipe: Recipe) -> list[DataConfig]:
     return configs
 
 
-# ---------------------------------------------------------------------------------------------------
-# The command
-
-
-def configs_from_args(args, recipe: Recipe | None) -> list[DataConfig]:
-    if args.recipe is None and args.overrides:
-        raise FinetuneError("check-data: key=value overrides need a recipe first, e.g. finetune check-data recipes/lora.yaml data.image_dir=x")
-    if args.recipe is None and args.image_dir is None:
-        raise FinetuneError("check-data needs a recipe or --image-dir: e.g. finetune check-data --image-dir my_photos")
-    configs = data_configs(recipe) if recipe is not None else [DataConfig()]
-    update = {}
-    if args.image_dir is not None:
-        update.update(image_dir=args.image_dir, dataset=None)
-    if args.resolution is not None:
-        update["resolution"] = args.resolution
-    if not update:
-        return configs
-    revised = []
-    for config in configs:
-        raw = {**config.model_dump(), **update}
-        try:
-            revised.append(DataConfig.model_validate(raw))
-        except ValidationError as err:
-            message = describe_validation_error(err, raw)
-            for key, option in (("resolution", "--resolution"), ("image_dir", "--image-dir")):
-                message = message.replace(f"key '{key}'", option)  # the option the user typed
-            raise FinetuneError(f"check-data: {message}") from None
-        revised[-1]._image_dir_key = "--image-dir" if args.image_dir is not None else config._image_dir_key
-        revised[-1]._caption_alternative = config._caption_alternative
-    return revised
-
-
 def too_few_to_batch(trained: int, recipe: Recipe, processes: int = 1, items: int | None = None) -> str | None:
     """Why `trained` items (repeats counted; of `items` before validation.loss_images held some out)
     cannot train, as they do not fill one global batch; or None."""
@@ -369,41 +335,3 @@ def too_few_to_batch(trained: int, recipe: Recipe, processes: int = 1, items: in
     held = f" ({items} before validation.loss_images held {recipe.validation.loss_images} images out)" if items not in (None, trained) else ""
     per = f"train.batch_size {batch}" + (f" x {processes} processes" if processes > 1 else "")
     return f"{trained} training images (repeats counted){held} are fewer than one batch ({per}): lower train.batch_size or add images"
-
-
-def run_check_data_command(args) -> int:
-    """Print the report of each data source; exit status 1 when training would stop on it."""
-    fatal, warnings = 0, 0
-    recipe = load_recipe(args.recipe, args.overrides) if args.recipe else None
-    reports = []
-    for config in configs_from_args(args, recipe):
-        if recipe is not None and recipe.method == "controlnet":
-            from finetune.controlnet_data import inspect_pairs  # it builds on this module
-
-            reports.append(inspect_pairs(recipe.model_copy(update={"data": config}))[1])
-        else:
-            reports.append(inspect_examples(read_examples(config), config, data_label(config)))
-    sources = [example.source for report in reports for example in expand_repeats(report.usable)]  # as the trainer counts
-    if recipe is not None and recipe.method == "dreambooth":
-        from finetune.methods.dreambooth import inspect_class_images  # it builds on this module
-
-        reports += inspect_class_images(recipe)
-    for report in reports:
-        for line in report.lines():
-            print(line)
-        fatal += len(report.of_level(FATAL)) or (0 if report.usable else 1)  # all skipped: nothing to train
-        warnings += len(report.of_level(WARNING))
-    short = None
-    if recipe is not None and not fatal:
-        from finetune.held_out import split_held_out
-
-        trained, _ = split_held_out(sources, recipe.validation.loss_images, recipe.seed)
-        short = too_few_to_batch(len(trained), recipe, 1, len(sources))
-    if short:
-        print(f"result: training would stop: {short}")
-        return 1
-    if fatal:
-        print(f"result: training would stop: {fatal} fatal problem(s); fix them, {SKIP_HINT}")
-        return 1
-    print("result: ready to train" + (f" ({warnings} warnings)" if warnings else ""))
-    return 0

@@ -356,7 +356,7 @@ def _make_conditions(args) -> int:
 
 
 def _check_data(args) -> int:
-    from finetune.check_data import run_check_data_command
+    from finetune.check_data_command import run_check_data_command
 
     return run_check_data_command(args)
 
