@@ -21,8 +21,8 @@ class BucketConfig(Section):
     # Shortest and longest bucket side; None: resolution / 2 and resolution x 2 (rounded to step).
     min_side: Optional[int] = None
     max_side: Optional[int] = None
-    # sd-scripts' bucket_no_upscale: an image of at most resolution^2 pixels trains at its own size (its
-    # sides rounded down to the step) instead of being enlarged to a bucket; larger ones bucket as usual.
+    # sd-scripts' bucket_no_upscale: each image gets a bucket of its own shape, at its own size (shrunk to
+    # resolution^2 pixels if larger), sides rounded down to the step: never enlarged. min/max_side then do not apply.
     no_upscale: bool = False
 
 
