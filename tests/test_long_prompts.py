@@ -128,3 +128,12 @@ def test_class_images_and_batches_read_long_prompts_whole(base, tmp_path):
         images[name] = np.asarray(Image.open(next((tmp_path / name).glob("*.png"))), dtype=np.float32)
     assert np.abs(images["whole"] - images["cut"]).mean() > 0.5  # the words past 77 tokens reach the class image
     assert caption_key("a cat", 2) != caption_key("a cat") and len({caption_key("a cat", n) for n in (1, 2, 3)}) == 3
+
+
+def test_starting_from_a_lora_trained_on_another_caption_length_warns(make_recipe, tmp_path, capsys):
+    first = train(make_recipe(output_dir=str(tmp_path / "long"), model__max_token_length=150, train__max_steps=1))
+    train(make_recipe(output_dir=str(tmp_path / "short"), lora__init_from=str(first.output_dir), train__max_steps=1))
+    assert (f"warning: lora.init_from {first.output_dir} was trained reading 150 caption tokens, this run reads 75 (model.max_token_length): "
+            "set it to 150" in capsys.readouterr().out)  # fmt: skip
+    train(make_recipe(output_dir=str(tmp_path / "same"), lora__init_from=str(first.output_dir), model__max_token_length=150, train__max_steps=1))
+    assert "caption tokens" not in capsys.readouterr().out

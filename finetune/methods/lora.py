@@ -51,6 +51,13 @@ class LoRAMethod(UNetMethod):
             self.start_lines.append(f"LoRA+ for the text encoder (lora.loraplus_text_encoder_lr_ratio): its up weights at {settings.loraplus_text_encoder_lr_ratio:g} x its rate")
         if self.initial_lora is not None:
             check_trained_alike(self.initial_lora, settings.init_from, self.recipe.model.clip_skip, self.base.noise_scheduler.config.prediction_type)
+            # Ours record it when not 75; files from elsewhere say nothing unless sd-scripts' ss_max_token_length did.
+            recorded = self.initial_lora.metadata.get("finetune.max_token_length") or ("75" if "finetune.method" in self.initial_lora.metadata else None)
+            if recorded is not None and int(recorded) != self.recipe.model.max_token_length:
+                self.start_lines.append(
+                    f"warning: lora.init_from {settings.init_from} was trained reading {recorded} caption tokens, this run reads "
+                    f"{self.recipe.model.max_token_length} (model.max_token_length): set it to {recorded} to continue as it was trained"
+                )
             start_from(self.trained_modules(), self.initial_lora, settings.init_from)
             rank, alpha = self.initial_lora.common_rank_alpha()
             steps = self.initial_lora.metadata.get("finetune.steps")
