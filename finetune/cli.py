@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     lora_export.add_argument("output", help="a .safetensors path, or a folder for the file and its README.md")
     lora_export.add_argument("--to", required=True, choices=["kohya", "diffusers"], help="layout to write")
     lora_export.add_argument("--overwrite", action="store_true", help="replace the file and README.md if they exist")
+    lora_export.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
+                             help="the weights' precision: fp16 halves the file, as most shared LoRAs are (default fp32, as trained)")  # fmt: skip
 
     merge = commands.add_parser(
         "merge",
@@ -332,8 +334,8 @@ def _export_base(args) -> int:
 def _export(args) -> int:
     from finetune.kohya import export_lora
 
-    path, card = export_lora(Path(args.input), Path(args.output), args.to, overwrite=args.overwrite)
-    print(f"wrote {path} ({args.to} layout) and {card}")
+    path, card = export_lora(Path(args.input), Path(args.output), args.to, overwrite=args.overwrite, precision=args.precision)
+    print(f"wrote {path} ({args.to} layout, {args.precision}) and {card}")
     return 0
 
 

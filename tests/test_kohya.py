@@ -297,3 +297,17 @@ def test_export_replaces_files_only_when_asked_and_a_truncated_lora_is_one_line(
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"LoRA {truncated} is not a readable safetensors file" in err[0], err
+
+
+def test_an_fp16_export_is_half_the_file_and_loads_in_diffusers_alike(trained, tiny_model, tmp_path, capsys):
+    assert main(["export", str(trained.path), str(tmp_path / "half"), "--to", "kohya", "--precision", "fp16"]) == 0
+    assert "(kohya layout, fp16)" in capsys.readouterr().out
+    half, full = tmp_path / "half" / "striped-lora.safetensors", export_lora(trained.path, tmp_path / "full", "kohya")[0]
+    tensors = load_file(half)
+    assert {t.dtype for k, t in tensors.items() if not k.endswith(".alpha")} == {torch.float16}
+    assert {t.dtype for k, t in tensors.items() if k.endswith(".alpha")} == {torch.float32}
+    weight_bytes = lambda path: sum(t.numel() * t.element_size() for k, t in load_file(path).items() if not k.endswith(".alpha"))
+    assert weight_bytes(half) * 2 == weight_bytes(full) and half.stat().st_size < full.stat().st_size  # (the tiny file's header weighs much)
+    pipeline = load_pipeline(tiny_model)
+    pipeline.load_lora_weights(str(half.parent), weight_name=half.name)
+    assert_close(outputs(pipeline), trained.expected, atol=1e-3)  # the same model, to fp16's rounding
