@@ -68,9 +68,22 @@ def own_size_bucket(size: Size, config: DataConfig) -> Size | None:
     step, (width, height) = config.bucketing.step, size
     if not config.bucketing.no_upscale:
         return None
-    scale = min(1.0, math.sqrt(config.resolution**2 / (width * height)))
-    bucket = (int(width * scale) // step * step, int(height * scale) // step * step)
+    if width * height > config.resolution**2:  # shrunk to resolution^2 pixels, rounded as sd-scripts rounds
+        width, height = shrunk_size(size, config.resolution**2, step)
+    bucket = (width - width % step, height - height % step)
     return bucket if min(bucket) >= step else None
+
+
+def shrunk_size(size: Size, area: int, step: int) -> Size:
+    """An image's size shrunk to `area` pixels, one side a multiple of `step` and the other following the
+    aspect ratio: whichever choice keeps the ratio closer (sd-scripts' BucketManager.select_bucket)."""
+    aspect = size[0] / size[1]
+    to_step = lambda x: int(x + 0.5) - int(x + 0.5) % step
+    width, height = math.sqrt(area * aspect), area / math.sqrt(area * aspect)
+    by_width, by_height = to_step(width), to_step(height)
+    width_error = abs(by_width / max(to_step(by_width / aspect), 1) - aspect)
+    height_error = abs(to_step(by_height * aspect) / max(by_height, 1) - aspect)
+    return (by_width, int(by_width / aspect + 0.5)) if width_error < height_error else (int(by_height * aspect + 0.5), by_height)
 
 
 def bucket_counts_line(bucket_of: list[Size], noun: str = "images") -> str:

@@ -198,7 +198,7 @@ def inspect_loss_mask(example: Example, raw, config: DataConfig) -> tuple[Exampl
     (mask_width, mask_height), (width, height) = mask.size, example.size
     if abs(mask_width * height / (mask_height * width) - 1.0) > 0.01:  # another scale is fine: it is resized with its image
         rotated = raw.getexif().get(0x0112, 1) in (5, 6, 7, 8) and (mask_width, mask_height) == (height, width)
-        hint = "save the mask upright: the image is turned by its EXIF orientation" if rotated else "a mask must have its image's size"
+        hint = "save the mask upright: the image is turned by its EXIF orientation" if rotated else "a mask must have its image's shape (its size, or another scale of it)"
         message = f"{named} is {mask_width}x{mask_height} but image {source} is {width}x{height} upright: {hint}"
         return example, [Finding(FATAL, source, message)]
     area = mask_area(mask)
@@ -230,7 +230,8 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
             message = (
                 f"image {example.source} is {example.size[0]}x{example.size[1]}, upscaled {scale:.2f}x to cover "
                 f"{width}x{height}: it may train soft"
-            )
+            ) + (f" (data.bucketing.no_upscale keeps no side shorter than the step, {config.bucketing.step}: lower it)"
+                 if config.bucketing.enabled and config.bucketing.no_upscale else "")  # fmt: skip
             report.findings.append(Finding(WARNING, example.source, message))
     report.findings += masks_out_of_view(report, targets)
     for sources in by_hash.values():

@@ -109,38 +109,41 @@ def checkpoint_step(checkpoint: Path) -> int:
 def check_resumable(checkpoint: Path, max_steps: int, settings: dict | None = None) -> None:
     """Before anything loads: a checkpoint at or past train.max_steps has nothing left to train, and one
     of other trained weights or optimizer groups than the recipe's `settings` (flat) cannot continue."""
+    saved = json.loads((checkpoint / STATE_FILE).read_text()).get("recipe")
+    if saved is not None and settings is not None:  # (a checkpoint from before the recipe was stored has none)
+        before, now = trained_structure(saved), trained_structure(settings)
+        keys = ["method"] if before["method"] != now["method"] else [key for key in now if before.get(key) != now[key]]
+        # The keys the user changed (the text encoder's LoRA+ split follows lora.train_text_encoder, unchanged itself).
+        keys = [key for key in keys if saved.get(key) != settings.get(key)] or keys
+        changed = [f"{key} {saved.get(key)} -> {settings.get(key)}" for key in keys]
+        if changed:
+            raise FinetuneError(
+                f"{checkpoint} trained other weights or optimizer groups than this recipe would ({', '.join(changed)}): resume with "
+                "the settings that wrote it, or start a new run (another output_dir, or --overwrite)"
+            )
     step = checkpoint_step(checkpoint)
     if step >= max_steps:
         raise FinetuneError(
             f"{checkpoint} is at step {step} and train.max_steps is {max_steps}: nothing left to train; "
             f"raise train.max_steps to continue (e.g. train.max_steps={step + max(step // 2, 1)})"
         )
-    saved = json.loads((checkpoint / STATE_FILE).read_text()).get("recipe")
-    if saved is None or settings is None:  # a checkpoint from before the recipe was stored
-        return
-    before, now = trained_structure(saved), trained_structure(settings)
-    changed = [f"{key} {before.get(key)} -> {now.get(key)}" for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
-    if changed:
-        raise FinetuneError(
-            f"{checkpoint} trained other weights or optimizer groups than this recipe would ({', '.join(changed)}): "
-            "resume with the settings that wrote it, or start a new run"
-        )
 
 
 def trained_structure(settings: dict) -> dict:
     """What decides which weights a run trains and how its optimizer groups them, from flat settings (a
     recipe's, or the one a checkpoint keeps); everything else may change at a resume."""
+    # Keyed by the recipe key that decides each (the error shows those keys' values); compared as below.
     method = settings.get("method")
     adapter = settings.get("dreambooth.adapter") if method == "dreambooth" else method
     text_encoder = bool(settings.get(f"{method}.train_text_encoder")) if method in ("lora", "full", "dreambooth") else False
-    structure = {"method": method, "adapter": adapter, "text encoder trained": text_encoder}
+    structure = {"method": method, "dreambooth.adapter": adapter, f"{method}.train_text_encoder": text_encoder}
     if adapter == "lora":
         te_ratio = settings.get("lora.loraplus_text_encoder_lr_ratio") or settings.get("lora.loraplus_lr_ratio")
         structure.update({
             "lora.rank": settings.get("lora.rank"),
             "lora.target_modules": settings.get("lora.target_modules"),
-            "LoRA+ (UNet)": settings.get("lora.loraplus_lr_ratio") is not None,
-            "LoRA+ (text encoder)": text_encoder and te_ratio is not None,
+            "lora.loraplus_lr_ratio": settings.get("lora.loraplus_lr_ratio") is not None,  # on or off: the value may change
+            "lora.loraplus_text_encoder_lr_ratio": text_encoder and te_ratio is not None,
         })  # fmt: skip
     if method == "controlnet":
         structure["controlnet.unlock_unet_decoder"] = bool(settings.get("controlnet.unlock_unet_decoder"))

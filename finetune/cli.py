@@ -154,16 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="convert a LoRA between diffusers and kohya (webui/ComfyUI) layouts, with a model card",
         description="Convert a LoRA file to the kohya layout (AUTOMATIC1111/Forge webui, ComfyUI, sd-scripts) or to "
-        "diffusers' layout, keeping every module's rank and alpha. Writes the file, its metadata and a README.md "
-        "model card (with the newest sample grid of the training folder).",
+        "diffusers' layout, keeping every module's rank and alpha. Writes the file, its metadata and a model card "
+        "(with the newest sample grid of the training folder): <name>.md and <name>.preview.png beside a kohya file, "
+        "README.md in a diffusers folder.",
         epilog="example: finetune export outputs/lora outputs/webui --to kohya   (writes outputs/webui/lora.safetensors)",
     )
     lora_export.add_argument("input", help="a LoRA .safetensors file (either layout) or a training output folder")
     lora_export.add_argument("output", help="a .safetensors path, or a folder for the file and its README.md")
     lora_export.add_argument("--to", required=True, choices=["kohya", "diffusers"], help="layout to write")
     lora_export.add_argument("--overwrite", action="store_true", help="replace the file and README.md if they exist")
-    lora_export.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
-                             help="the weights' precision: fp16 halves the file, as most shared LoRAs are (default fp32, as trained)")  # fmt: skip
+    lora_export.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
+                             help="the weights' precision: fp16 halves the file, as most shared LoRAs are (default: the input's; training writes fp32)")  # fmt: skip
 
     merge = commands.add_parser(
         "merge",
@@ -335,7 +336,7 @@ def _export(args) -> int:
     from finetune.kohya import export_lora
 
     path, card = export_lora(Path(args.input), Path(args.output), args.to, overwrite=args.overwrite, precision=args.precision)
-    print(f"wrote {path} ({args.to} layout, {args.precision}) and {card}")
+    print(f"wrote {path} ({args.to} layout{', ' + args.precision if args.precision else ''}) and {card}")
     return 0
 
 

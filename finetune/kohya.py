@@ -282,15 +282,15 @@ def _with_rank_alpha(lora: LoRA) -> dict[str, str]:
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def save_lora_file(lora: LoRA, path: Path, layout: str, precision: str = "fp32") -> Path:
+def save_lora_file(lora: LoRA, path: Path, layout: str, precision: str | None = None) -> Path:
     """Write `lora` in `layout`; its weights in `precision` (fp16 halves the file, as most shared LoRAs
-    are; the alphas stay fp32)."""
+    are; the alphas stay fp32), or as they are (None)."""
     writers = {"kohya": to_kohya, "diffusers": to_diffusers}
     if layout not in writers:
         raise FinetuneError(f"unknown LoRA layout {layout!r}: choose kohya or diffusers")
     tensors, metadata = writers[layout](lora)
-    dtype = PRECISIONS[precision]
-    tensors = {key: value if key.endswith(".alpha") else value.to(dtype) for key, value in tensors.items()}
+    if precision is not None:
+        tensors = {key: value if key.endswith(".alpha") else value.to(PRECISIONS[precision]) for key, value in tensors.items()}
     atomic_save_safetensors(tensors, Path(path), {"format": "pt", **metadata})
     return Path(path)
 
@@ -313,7 +313,7 @@ def resolve_output_file(output: Path, layout: str, source: Path) -> Path:
     return output / (f"{run_name}.safetensors" if layout == "kohya" else LORA_WEIGHTS_NAME)
 
 
-def export_lora(source: Path, output: Path, layout: str, overwrite: bool = False, precision: str = "fp32") -> tuple[Path, Path]:
+def export_lora(source: Path, output: Path, layout: str, overwrite: bool = False, precision: str | None = None) -> tuple[Path, Path]:
     """Convert `source` (a file or training folder) to `layout`; write the file and its model card.
     Files already there (an earlier export, a trained LoRA, the user's README) are replaced only with `overwrite`."""
     from finetune.inference import resolve_lora_file

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.buckets import BucketBatchSampler, make_buckets, nearest_bucket, split_rows
+from finetune.buckets import BucketBatchSampler, assign_buckets, make_buckets, nearest_bucket, split_rows
 from finetune.config import DataConfig
 from finetune.batches import EpochBatchSampler, make_batch_sampler
 from finetune.check_data import inspect_examples
@@ -285,14 +285,17 @@ def test_no_upscale_trains_small_images_at_their_own_size(make_recipe, tmp_path,
         (folder / f"{i}.txt").write_text("a red striped circle")
     config = DataConfig(image_dir=str(folder), resolution=64, bucketing={"enabled": True, "step": 16, "no_upscale": True})
     report_lines = "\n".join(inspect_examples(read_examples(config), config, "data").lines())
-    # 100x50 has 5000 pixels > 64^2: shrunk to 90x45, then 80x32.
-    assert "buckets (width x height: images): 80x32: 2, 48x32: 2, 32x48: 2" in report_lines and "upscaled" not in report_lines
+    # 100x50 has 5000 pixels > 64^2: shrunk to them as sd-scripts rounds (64x32, the ratio kept).
+    assert "buckets (width x height: images): 64x32: 2, 48x32: 2, 32x48: 2" in report_lines and "upscaled" not in report_lines
     plain = config.model_copy(update={"bucketing": config.bucketing.model_copy(update={"no_upscale": False})})
     assert CaptionedImageDataset(load_examples(plain), plain, seed=0).bucket_of[:4] == [(80, 48), (80, 48), (48, 80), (48, 80)]  # enlarged
     seen = record_batches(monkeypatch)
     data = {"image_dir": str(folder), "resolution": 64, "bucketing": {"enabled": True, "step": 16, "no_upscale": True}}
     result = train(make_recipe(data=data, train__max_steps=3, train__batch_size=2))
-    assert all(np.isfinite(result.losses)) and {shape for _, shape in seen} == {(32, 48), (48, 32), (32, 80)}  # (height, width)
+    assert all(np.isfinite(result.losses)) and {shape for _, shape in seen} == {(32, 48), (48, 32), (32, 64)}  # (height, width)
+    # At 512, the sizes sd-scripts' bucket_no_upscale gives (its BucketManager, worked by hand).
+    sd15 = DataConfig(image_dir="x", resolution=512, bucketing={"enabled": True, "no_upscale": True})
+    assert assign_buckets([(4000, 3000), (700, 380), (600, 400)], sd15) == [(512, 384), (576, 320), (576, 384)]
     for bucketing, message in (({"no_upscale": True}, r"no_upscale sizes buckets: set data.bucketing.enabled"),
                                ({"enabled": True, "no_upscale": True, "max_side": 128}, r"min_side and max_side do not apply with no_upscale")):  # fmt: skip
         with pytest.raises(ValueError, match=message):

@@ -311,3 +311,6 @@ def test_an_fp16_export_is_half_the_file_and_loads_in_diffusers_alike(trained, t
     pipeline = load_pipeline(tiny_model)
     pipeline.load_lora_weights(str(half.parent), weight_name=half.name)
     assert_close(outputs(pipeline), trained.expected, atol=1e-3)  # the same model, to fp16's rounding
+    # Converted again without --precision, an fp16 file stays fp16 (not doubled back to fp32).
+    again, _ = export_lora(half, tmp_path / "again", "diffusers")
+    assert {t.dtype for t in load_file(again).values()} == {torch.float16}

@@ -369,5 +369,7 @@ def test_loraplus_moves_the_up_weights_ratio_times_faster_in_each_group(make_rec
     assert "LoRA+ for the text encoder (lora.loraplus_text_encoder_lr_ratio): its up weights at 4 x its rate" in out
     with pytest.raises(FinetuneError, match=r"lora.loraplus_lr_ratio sets a LoRA's learning rates, and method full trains none"):
         make_recipe(method="full", lora__loraplus_lr_ratio=16)
+    with pytest.raises(FinetuneError, match=r"lora.loraplus_text_encoder_lr_ratio is the text encoder's LoRA\+ ratio, and no text encoder trains"):
+        make_recipe(lora__loraplus_text_encoder_lr_ratio=4)
     with pytest.raises(FinetuneError, match=r"lora.loraplus_text_encoder_lr_ratio with prodigy: it takes one optimizer.lr for every parameter"):
         make_recipe(optimizer__name="prodigy", optimizer__lr=1.0, lora__loraplus_text_encoder_lr_ratio=4)

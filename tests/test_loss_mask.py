@@ -149,6 +149,8 @@ def test_recipes_that_cannot_use_masks_are_refused_on_load(make_recipe, pairs_fo
         make_recipe(data__image_dir=None, data__dataset="some/dataset", data__loss_mask={"source": "files"})
     with pytest.raises(FinetuneError, match=r"data.loss_mask weighs the denoising loss of lora, full and dreambooth; method controlnet does not use it"):
         make_recipe(method="controlnet", data__image_dir=str(pairs_folder), data__loss_mask={"source": "alpha"})
+    with pytest.raises(FinetuneError, match=r"data.loss_mask is a section, not 'files': set data.loss_mask.source: files or alpha"):
+        make_recipe(data__loss_mask="files")
     with pytest.raises(FinetuneError, match=r"data.loss_mask.unmasked_weight.*below 1"):
         make_recipe(data__loss_mask={"source": "files", "unmasked_weight": 1.0})
 

@@ -66,6 +66,13 @@ class LossMaskConfig(Section):
     # The loss weight where the mask is black: 0 ignores the background, 0.1 keeps a little of it.
     unmasked_weight: float = 0.0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _a_section(cls, value):
+        if not isinstance(value, (dict, LossMaskConfig)):  # data.loss_mask=files, or sd-scripts' masked_loss: true
+            raise ValueError(f"data.loss_mask is a section, not {value!r}: set data.loss_mask.source: files or alpha")
+        return value
+
     @field_validator("unmasked_weight")
     @classmethod
     def _below_one(cls, value: float) -> float:

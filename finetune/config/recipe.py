@@ -219,6 +219,10 @@ class Recipe(Section):
                 raise ValueError(f"lora.{key} sets a LoRA's learning rates, and method {self.method} trains none: remove it (or use method lora)")
             if self.optimizer.name == "prodigy":
                 raise ValueError(f"lora.{key} with prodigy: it takes one optimizer.lr for every parameter; remove lora.{key}")
+        trains_text_encoder_lora = self.lora.train_text_encoder or (self.method == "dreambooth" and self.dreambooth.train_text_encoder)
+        if self.lora.loraplus_text_encoder_lr_ratio is not None and not trains_text_encoder_lora:
+            raise ValueError("lora.loraplus_text_encoder_lr_ratio is the text encoder's LoRA+ ratio, and no text encoder trains: remove it "
+                             "(or set lora.train_text_encoder: true)")  # fmt: skip
         if self.model.clip_skip > 1 and trains_text_encoder:  # its skipped layers would be saved untrained, or not at all
             raise ValueError("model.clip_skip above 1 leaves the text encoder's last layers out: train it with a LoRA, or set clip_skip to 1")
         if self.optimizer.scheduler != "constant" and self.optimizer.warmup_steps >= self.train.max_steps:
