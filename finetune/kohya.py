@@ -245,8 +245,9 @@ def to_kohya(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             metadata[theirs] = lora.metadata[ours]
     if "finetune.prediction_type" in lora.metadata:  # sd-scripts' flags, "True"/"False"
         metadata["ss_v_parameterization"] = str(lora.metadata["finetune.prediction_type"] == "v_prediction")
-    if "finetune.method" in lora.metadata:
+    if "finetune.method" in lora.metadata:  # ours record these when on: their absence means off
         metadata["ss_zero_terminal_snr"] = str(lora.metadata.get("finetune.zero_terminal_snr") == "true")
+        metadata["ss_masked_loss"] = str("finetune.loss_mask" in lora.metadata)
     return tensors, metadata
 
 

@@ -79,6 +79,7 @@ def write_model_card(lora: LoRA, path: Path, layout: str, training_dir: Path | N
         *([f"| caption tokens | {meta['finetune.max_token_length']} (long captions read in chunks of 75, as sd-scripts' max_token_length) |"]
           if meta.get("finetune.max_token_length") else []),
         *(["| noise schedule | zero terminal SNR (sample from the last timestep, trailing spacing) |"] if meta.get("finetune.zero_terminal_snr") == "true" else []),
+        *([f"| loss masks | {meta['finetune.loss_mask']} (the loss weighed per pixel: a subject without its background) |"] if meta.get("finetune.loss_mask") else []),
         f"| recipe hash | `{meta.get('finetune.recipe_hash', 'unknown')}` |",
         *([f"| started from | the LoRA `{meta['finetune.init_from']}` (lora.init_from; steps above are this run's) |"] if meta.get("finetune.init_from") else []),
         "",

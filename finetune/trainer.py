@@ -379,6 +379,7 @@ def output_metadata(recipe: Recipe, step: int, prediction_type: str) -> dict[str
         "finetune.clip_skip": str(recipe.model.clip_skip),
         **({"finetune.zero_terminal_snr": "true"} if recipe.model.zero_terminal_snr else {}),
         **({"finetune.max_token_length": str(recipe.model.max_token_length)} if recipe.model.max_token_length != 75 else {}),
+        **({"finetune.loss_mask": recipe.data.loss_mask.source} if recipe.data.loss_mask.enabled else {}),
         "finetune.resolution": str(recipe.data.resolution),
         "finetune.recipe_hash": recipe.fingerprint(),
     }

@@ -204,6 +204,12 @@ def test_cached_latents_give_the_masked_run_the_same_losses(make_recipe, tmp_pat
             halves = sorted([cell[:, :32].mean(), cell[:, 32:].mean()])
             assert halves[0] < 0.3 * halves[1]  # one half (the left, or the right when flipped) dimmed
     assert not (unmasked.output_dir / "samples" / "loss-masks.png").exists()
+    # Recorded, and in the kohya export as sd-scripts' ss_masked_loss (which LoRA inspectors show).
+    from finetune.kohya import load_lora, to_kohya
+
+    masked_lora, plain_lora = (load_lora(run.output_dir / "pytorch_lora_weights.safetensors") for run in (plain, unmasked))
+    assert masked_lora.metadata["finetune.loss_mask"] == "files" and "finetune.loss_mask" not in plain_lora.metadata
+    assert to_kohya(masked_lora)[1]["ss_masked_loss"] == "True" and to_kohya(plain_lora)[1]["ss_masked_loss"] == "False"
 
 
 def test_dreambooth_masks_its_instances_and_not_its_class_images(make_recipe, tmp_path, monkeypatch):
