@@ -110,11 +110,13 @@ def generate(
     rows = []
     for prompt in prompts:
         row = []
+        with autocast_for(pipeline):  # a long prompt is encoded once for all its images
+            arguments = prompt_arguments(pipeline, prompt, negative_prompt)
         for k in range(images_per_prompt):
             generator = torch.Generator("cpu").manual_seed(seed + k)
             with autocast_for(pipeline):
                 result = pipeline(
-                    **prompt_arguments(pipeline, prompt, negative_prompt),
+                    **arguments,
                     num_inference_steps=num_inference_steps,
                     guidance_scale=guidance_scale,
                     height=resolution,

@@ -127,7 +127,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     # Before `prepare`: DreamBooth may generate class images with the UNet, which ZeRO-3 then shards.
     dataset, collate_fn = method.training_data(accelerator)
     training_set = TrainingSubset(dataset, trained_items) if held_out else dataset
-    strip = mask_preview(dataset, method.training_item_sources(), recipe.data.loss_mask.unmasked_weight) if (
+    strip = mask_preview(dataset, sources, recipe.data.loss_mask.unmasked_weight) if (
         recipe.data.loss_mask.enabled and accelerator.is_main_process and resume_from is None) else None  # fmt: skip
     if strip is not None:
         path = save_image_atomic(strip, output_dir / "samples" / "loss-masks.png")
