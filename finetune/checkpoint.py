@@ -106,9 +106,10 @@ def checkpoint_step(checkpoint: Path) -> int:
     return json.loads((checkpoint / STATE_FILE).read_text()).get("step", 0)
 
 
-def check_resumable(checkpoint: Path, max_steps: int, settings: dict | None = None) -> None:
-    """Before anything loads: a checkpoint at or past train.max_steps has nothing left to train, and one
-    of other trained weights or optimizer groups than the recipe's `settings` (flat) cannot continue."""
+def check_resumable(checkpoint: Path, max_steps: int | None, settings: dict | None = None) -> None:
+    """Before anything loads: a checkpoint at or past train.max_steps has nothing left to train (None: the
+    length is in epochs, checked with `check_steps_left` once the data is read), and one of other trained
+    weights or optimizer groups than the recipe's `settings` (flat) cannot continue."""
     saved = json.loads((checkpoint / STATE_FILE).read_text()).get("recipe")
     if saved is not None and settings is not None:  # (a checkpoint from before the recipe was stored has none)
         before, now = trained_structure(saved), trained_structure(settings)
@@ -121,12 +122,25 @@ def check_resumable(checkpoint: Path, max_steps: int, settings: dict | None = No
                 f"{checkpoint} trained other weights or optimizer groups than this recipe would ({', '.join(changed)}): resume with "
                 "the settings that wrote it, or start a new run (another output_dir, or --overwrite)"
             )
+    if max_steps is not None:
+        check_steps_left(checkpoint, max_steps)
+
+
+def check_steps_left(checkpoint: Path, max_steps: int, max_epochs: int | None = None) -> None:
+    """A checkpoint at or past the run's last step has nothing left to train; `max_epochs`: the length
+    the recipe gives, which `max_steps` counts in steps."""
     step = checkpoint_step(checkpoint)
-    if step >= max_steps:
+    if step < max_steps:
+        return
+    if max_epochs is None:
         raise FinetuneError(
             f"{checkpoint} is at step {step} and train.max_steps is {max_steps}: nothing left to train; "
             f"raise train.max_steps to continue (e.g. train.max_steps={step + max(step // 2, 1)})"
         )
+    raise FinetuneError(
+        f"{checkpoint} is at step {step} and train.max_epochs {max_epochs} ends at step {max_steps}: nothing left to train; "
+        f"raise train.max_epochs to continue"
+    )
 
 
 def trained_structure(settings: dict) -> dict:
@@ -185,7 +199,7 @@ def clear_earlier_run(output_dir: Path) -> None:
 
 
 # Settings a resumed run may change without a word: how long it runs, where and how often it reports.
-RESUMABLE_CHANGES = ("train.max_steps", "output_dir", "checkpoint.", "validation.", "logging.")
+RESUMABLE_CHANGES = ("train.max_steps", "train.max_epochs", "output_dir", "checkpoint.", "validation.", "logging.")
 TRAINING_DATA_CHANGES = ("validation.loss_images",)  # among those: it changes which images train
 
 

@@ -33,7 +33,18 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise FinetuneError(f"recipe {path} must be a mapping of keys to values at the top level")
     for override in overrides:
         apply_override(raw, override, source=str(path))
+    _length_from_the_command_line(raw, overrides)
     return recipe_from_dict(raw, source=str(path))
+
+
+def _length_from_the_command_line(raw: dict[str, Any], overrides: list[str]) -> None:
+    """`train.max_epochs=10` on the command line replaces the recipe's train.max_steps (and the other way
+    round), instead of the two clashing; both given there are left to clash, and `=null` replaces nothing."""
+    given = {re.sub(r"\s+", "", override.split("=", 1)[0]) for override in overrides}
+    for key, other in (("max_steps", "max_epochs"), ("max_epochs", "max_steps")):
+        train = raw.get("train")
+        if f"train.{key}" in given and f"train.{other}" not in given and isinstance(train, dict) and train.get(key) is not None:
+            train.pop(other, None)
 
 
 def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:

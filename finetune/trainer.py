@@ -33,6 +33,7 @@ from finetune.methods import METHODS
 from finetune.models import load_base_model, resolve_model_folder
 from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer, step_size
 from finetune.recipe_loading import dump_recipe
+from finetune.run_length import check_warmup_fits, due, epochs_done, finished_epoch, planned_steps, run_length_line
 from finetune.loss_mask import preview as mask_preview
 from finetune.sampling import GRID_LABEL_WIDTH, make_grid, save_image_atomic
 from finetune.stopping import StopRequest, batches_of, leave_stop_signals_to_the_trainer
@@ -127,6 +128,16 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     # Before `prepare`: DreamBooth may generate class images with the UNet, which ZeRO-3 then shards.
     dataset, collate_fn = method.training_data(accelerator)
     training_set = TrainingSubset(dataset, trained_items) if held_out else dataset
+
+    def batch_sampler(start: int = 0):
+        return make_batch_sampler(training_set, train_cfg.batch_size, accelerator.num_processes, accelerator.process_index, recipe.seed, start=start)
+
+    batches_per_epoch = batch_sampler().batches_per_epoch
+    max_steps = planned_steps(train_cfg, batches_per_epoch)  # train.max_steps, or train.max_epochs counted in steps
+    if train_cfg.max_epochs is not None:  # what the recipe's validation checks for max_steps, now that the steps are known
+        check_warmup_fits(recipe, max_steps)
+        if resume_from is not None:
+            ckpt.check_steps_left(resume_from, max_steps, train_cfg.max_epochs)
     strip = mask_preview(dataset, sources, recipe.data.loss_mask.unmasked_weight) if (
         recipe.data.loss_mask.enabled and accelerator.is_main_process and resume_from is None) else None  # fmt: skip
     if strip is not None:
@@ -137,7 +148,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     # The recipe's rates, read before the optimizer and the schedule's warm-up write into these groups.
     group_lrs = [group.get("lr", recipe.optimizer.lr) for group in parameter_groups]
     optimizer = build_optimizer(recipe.optimizer, parameter_groups)
-    lr_scheduler = build_lr_scheduler(recipe.optimizer, optimizer, train_cfg.max_steps)
+    lr_scheduler = build_lr_scheduler(recipe.optimizer, optimizer, max_steps)
     names = list(method.trained_modules())
     *wrapped, optimizer = accelerator.prepare(*method.trained_modules().values(), optimizer)
     modules = dict(zip(names, wrapped))
@@ -175,10 +186,8 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         accelerator.init_trackers("finetune", config=recipe.flat_settings())
 
     accumulation = train_cfg.gradient_accumulation_steps
-    sampler = make_batch_sampler(
-        training_set, train_cfg.batch_size, accelerator.num_processes, accelerator.process_index, recipe.seed, start=step * accumulation
-    )
-    accelerator.print(run_length_line(train_cfg, sampler, len(training_set), accelerator.num_processes))
+    sampler = batch_sampler(start=step * accumulation)
+    accelerator.print(run_length_line(train_cfg, max_steps, sampler, len(training_set), accelerator.num_processes))
     loader = torch.utils.data.DataLoader(
         training_set,
         batch_sampler=sampler,
@@ -232,11 +241,11 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     if step == 0 and recipe.validation.at_start:
         validate(0)
 
-    progress = tqdm(total=train_cfg.max_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process)
+    progress = tqdm(total=max_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process)
     running_loss = torch.zeros((), device=accelerator.device)
     last_checkpoint_step = step
     with StopRequest() as stop, batches_of(loader) as batches:
-        while step < train_cfg.max_steps:
+        while step < max_steps:
             for micro in range(accumulation):
                 micro_batch = step * accumulation + micro
                 batch = next(batches)
@@ -270,11 +279,13 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
                 on_step(step)
             progress.update(1)
             lr = step_size(optimizer)
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-            if step % recipe.logging.every_n_steps == 0 or step == train_cfg.max_steps:
+            epoch, epochs = finished_epoch(step, accumulation, batches_per_epoch), epochs_done(step, accumulation, batches_per_epoch)
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", **({"epoch": f"{epochs:.2f}/{train_cfg.max_epochs}"} if train_cfg.max_epochs else {}))
+            if step % recipe.logging.every_n_steps == 0 or step == max_steps:
                 logs = {f"train/{k}": v.detach().float().item() for k, v in losses.items() if k != "loss"}
                 if len(group_names) > 1:  # each group's rate (text encoder, LoRA+ up weights); train/lr is the first's
                     logs.update({f"train/lr/{name}": step_size(optimizer, i) for i, name in enumerate(group_names)})
+                logs["train/epoch"] = epochs
                 accelerator.log({"train/loss": step_loss, "train/lr": lr, **logs}, step=step)
 
             if stop.agreed(accelerator):
@@ -282,10 +293,10 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
                 result.interrupted = True
                 accelerator.print(f"\nstopped at step {step}; checkpoint saved in {checkpoints_dir}; continue with --resume latest")
                 break
-            if recipe.checkpoint.every_n_steps and step % recipe.checkpoint.every_n_steps == 0 and step < train_cfg.max_steps:
+            if due(step, recipe.checkpoint.every_n_steps, epoch, recipe.checkpoint.every_n_epochs) and step < max_steps:
                 save_checkpoint()
                 last_checkpoint_step = step
-            if recipe.validation.every_n_steps and step % recipe.validation.every_n_steps == 0 and step < train_cfg.max_steps:
+            if due(step, recipe.validation.every_n_steps, epoch, recipe.validation.every_n_epochs) and step < max_steps:
                 validate(step)
     progress.close()
     result.final_step = step
@@ -346,19 +357,6 @@ def run_validation(recipe, method, modules, accelerator, step: int) -> Path | No
             tensorboard.add_image("validation", np.asarray(grid), step, dataformats="HWC")
     accelerator.wait_for_everyone()
     return path
-
-
-def run_length_line(train_cfg, sampler, items: int, processes: int) -> str:
-    """train.max_steps in the epochs that sd-scripts users count (an epoch uses each image its repeats times)."""
-    per_step = train_cfg.batch_size * processes * train_cfg.gradient_accumulation_steps
-    epochs = train_cfg.max_steps * train_cfg.gradient_accumulation_steps / max(sampler.batches_per_epoch, 1)
-    line = f"length: {train_cfg.max_steps} steps of {per_step} images = {epochs:.3g} epochs of "
-    if sampler.images_per_epoch < items:
-        left = items - sampler.images_per_epoch
-        return line + f"{sampler.images_per_epoch} of the {items} images (each epoch leaves {left} out at random, to fill whole batches)"
-    if sampler.batches_per_epoch * train_cfg.batch_size * processes > items:  # buckets: every image, in some smaller batches
-        return line + f"{items} images (in {sampler.batches_per_epoch} batches an epoch: a bucket's last batch may be smaller)"
-    return line + f"{items} images"
 
 
 def _tensorboard_writer(accelerator: Accelerator):

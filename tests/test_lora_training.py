@@ -123,10 +123,10 @@ def test_the_run_length_is_also_said_in_epochs(make_recipe, capsys):
     assert "length: 3 steps of 3 images = 3 epochs of 3 of the 4 images (each epoch leaves 1 out at random, to fill whole batches)" in capsys.readouterr().out.splitlines()
     from types import SimpleNamespace
 
-    from finetune.trainer import run_length_line
+    from finetune.run_length import run_length_line
 
     buckets = SimpleNamespace(batches_per_epoch=8, images_per_epoch=24)  # 24 images in buckets, some batches partial
-    line = run_length_line(make_recipe(train__max_steps=10, train__batch_size=4).train, buckets, 24, 1)
+    line = run_length_line(make_recipe(train__max_steps=10, train__batch_size=4).train, 10, buckets, 24, 1)
     assert line == "length: 10 steps of 4 images = 1.25 epochs of 24 images (in 8 batches an epoch: a bucket's last batch may be smaller)"
 
 

@@ -49,7 +49,10 @@ class ModelConfig(Section):
 class TrainConfig(Section):
     batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    max_steps: int = Field(1000, ge=1)
+    max_steps: Optional[int] = Field(1000, ge=1)  # optimizer steps; null with max_epochs
+    # The length in epochs instead, as sd-scripts' max_train_epochs counts it (an epoch uses each image its
+    # folder's repeats times); the run turns it into optimizer steps once the data is read.
+    max_epochs: Optional[int] = Field(None, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     # Channels-last (NHWC) memory format for the UNet, VAE and ControlNet: the layout tensor-core and
@@ -93,8 +96,21 @@ class TrainConfig(Section):
     def _unquoted_no(cls, value):
         return "no" if value is False else value  # YAML 1.1 reads an unquoted `no` as false
 
+    @model_validator(mode="before")
+    @classmethod
+    def _epochs_replace_the_default_steps(cls, data):
+        if isinstance(data, dict) and data.get("max_epochs") is not None and "max_steps" not in data:
+            return {**data, "max_steps": None}  # so the recipe as run (recipe.yaml) says null, and loads again
+        return data
+
     @model_validator(mode="after")
     def _settings_take_effect(self) -> "TrainConfig":
+        if (self.max_steps is None) == (self.max_epochs is None):
+            raise ValueError(
+                f"train.max_steps ({self.max_steps}) and train.max_epochs ({self.max_epochs}) both set the run's length: "
+                "keep one (set the other to null)" if self.max_steps else
+                "train.max_steps is null: set it, or train.max_epochs"
+            )  # fmt: skip
         if self.cache_dir and not (self.cache_latents or self.cache_text_embeddings):
             raise ValueError("train.cache_dir keeps cached encodings, but nothing is cached: set train.cache_latents (or cache_text_embeddings) to true, or remove cache_dir")
         # A value of their own for these would do nothing (the reference recipes name them with their defaults).
@@ -132,6 +148,7 @@ class ValidationConfig(Section):
     # prompt, seed, guidance scale, steps; finetune/prompt_options.py).
     prompts: list[str] = []
     every_n_steps: int = Field(0, ge=0)  # 0: only at the end of training
+    every_n_epochs: int = Field(0, ge=0)  # also at the end of every Nth epoch (sd-scripts' sample_every_n_epochs); 0: off
     at_start: bool = True  # also sample before the first step, for a before/after comparison
     num_inference_steps: int = Field(25, ge=1)
     guidance_scale: float = 7.5
@@ -156,6 +173,7 @@ class ValidationConfig(Section):
 
 class CheckpointConfig(Section):
     every_n_steps: int = Field(500, ge=0)  # 0: only at the end (and on Ctrl-C)
+    every_n_epochs: int = Field(0, ge=0)  # also at the end of every Nth epoch (sd-scripts' save_every_n_epochs); 0: off
     keep_last: int = Field(3, ge=0)  # 0: keep every checkpoint
     # Each checkpoint also holds what the run saves at its end, as of that step (the LoRA file, the ControlNet
     # or the pipeline folder), to compare steps in `finetune sample` or the demo; false saves the disk.
@@ -225,7 +243,8 @@ class Recipe(Section):
                              "(or set lora.train_text_encoder: true)")  # fmt: skip
         if self.model.clip_skip > 1 and trains_text_encoder:  # its skipped layers would be saved untrained, or not at all
             raise ValueError("model.clip_skip above 1 leaves the text encoder's last layers out: train it with a LoRA, or set clip_skip to 1")
-        if self.optimizer.scheduler != "constant" and self.optimizer.warmup_steps >= self.train.max_steps:
+        # With train.max_epochs the trainer checks this once it knows the steps.
+        if self.optimizer.scheduler != "constant" and self.train.max_epochs is None and self.optimizer.warmup_steps >= self.train.max_steps:
             raise ValueError(
                 f"optimizer.warmup_steps ({self.optimizer.warmup_steps}) must be below train.max_steps ({self.train.max_steps}): "
                 "the learning rate would never reach optimizer.lr"

@@ -1,0 +1,61 @@
+"""How long a run is: optimizer steps (`train.max_steps`), or the epochs sd-scripts users count
+(`train.max_epochs`; an epoch uses each image its folder's repeats times), and which step ends an epoch
+(`checkpoint.every_n_epochs`, `validation.every_n_epochs`).
+
+An epoch is the sampler's `batches_per_epoch` micro-batches (see `finetune.batches`); an optimizer step
+takes `gradient_accumulation_steps` of them, so with accumulation an epoch may end inside a step: the
+step that completes it counts as its end, and a run of N epochs ends at the first step that completes N.
+"""
+
+from __future__ import annotations
+
+import math
+
+from finetune.config import Recipe, TrainConfig
+from finetune.errors import FinetuneError
+
+
+def planned_steps(train: TrainConfig, batches_per_epoch: int) -> int:
+    """The run's optimizer steps: train.max_steps, or train.max_epochs in steps."""
+    if train.max_epochs is None:
+        return train.max_steps
+    return math.ceil(train.max_epochs * batches_per_epoch / train.gradient_accumulation_steps)
+
+
+def check_warmup_fits(recipe: Recipe, max_steps: int) -> None:
+    """With train.max_epochs: the warm-up check that recipe validation makes for train.max_steps."""
+    warmup = recipe.optimizer.warmup_steps
+    if recipe.optimizer.scheduler != "constant" and warmup >= max_steps:
+        raise FinetuneError(
+            f"optimizer.warmup_steps ({warmup}) must be below the run's {max_steps} steps (train.max_epochs {recipe.train.max_epochs}): "
+            "the learning rate would never reach optimizer.lr; lower warmup_steps or raise max_epochs"
+        )
+
+
+def epochs_done(step: int, accumulation: int, batches_per_epoch: int) -> float:
+    """Epochs trained after `step` optimizer steps (fractional: TensorBoard's train/epoch)."""
+    return step * accumulation / batches_per_epoch
+
+
+def finished_epoch(step: int, accumulation: int, batches_per_epoch: int) -> int | None:
+    """The epoch (1, 2, ...) that optimizer step `step` (1-based) completes, or None when it ends none."""
+    now, before = (step * accumulation) // batches_per_epoch, ((step - 1) * accumulation) // batches_per_epoch
+    return now if now > before else None
+
+
+def due(step: int, every_n_steps: int, epoch: int | None, every_n_epochs: int) -> bool:
+    """Whether a periodic save or validation falls on this step: every N steps, or at the end of every Nth epoch."""
+    return bool(every_n_steps and step % every_n_steps == 0) or bool(every_n_epochs and epoch and epoch % every_n_epochs == 0)
+
+
+def run_length_line(train: TrainConfig, max_steps: int, sampler, items: int, processes: int) -> str:
+    """The run's length in steps and in epochs (an epoch uses each image its repeats times)."""
+    per_step = train.batch_size * processes * train.gradient_accumulation_steps
+    epochs = epochs_done(max_steps, train.gradient_accumulation_steps, max(sampler.batches_per_epoch, 1))
+    line = f"length: {max_steps} steps of {per_step} images = {epochs:.3g} epochs of "
+    if sampler.images_per_epoch < items:
+        left = items - sampler.images_per_epoch
+        return line + f"{sampler.images_per_epoch} of the {items} images (each epoch leaves {left} out at random, to fill whole batches)"
+    if sampler.batches_per_epoch * train.batch_size * processes > items:  # buckets: every image, in some smaller batches
+        return line + f"{items} images (in {sampler.batches_per_epoch} batches an epoch: a bucket's last batch may be smaller)"
+    return line + f"{items} images"

@@ -1,0 +1,69 @@
+"""A run's length in epochs (train.max_epochs) and saves and samples at epoch ends (every_n_epochs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune.checkpoint import list_checkpoints
+from finetune.errors import FinetuneError
+from finetune.recipe_loading import load_recipe
+from finetune.run_length import due, finished_epoch, planned_steps
+from finetune.trainer import train
+
+
+def test_epochs_are_counted_in_micro_batches_and_end_inside_an_accumulated_step(make_recipe):
+    # 3 micro-batches an epoch, 2 per optimizer step: epochs end in steps 2 (micro-batch 3 of 4) and 3 (6 of 6).
+    assert [finished_epoch(step, 2, 3) for step in range(1, 7)] == [None, 1, 2, None, 3, 4]
+    assert [finished_epoch(step, 1, 2) for step in range(1, 5)] == [None, 1, None, 2]
+    recipe = make_recipe(train__max_steps=None, train__max_epochs=3, train__gradient_accumulation_steps=2)
+    assert planned_steps(recipe.train, 3) == 5  # 9 micro-batches: the 5th step completes the third epoch
+    assert planned_steps(make_recipe(train__max_steps=7).train, 3) == 7
+    assert [due(step, 0, finished_epoch(step, 1, 2), 2) for step in range(1, 9)] == [False, False, False, True] * 2
+    assert [due(step, 3, None, 2) for step in range(1, 7)] == [False, False, True, False, False, True]
+
+
+def test_max_steps_and_max_epochs_take_one_length(tmp_path, make_recipe):
+    with pytest.raises(FinetuneError, match=r"train.max_steps \(4\) and train.max_epochs \(2\) both set the run's length: keep one"):
+        make_recipe(train__max_epochs=2)
+    with pytest.raises(FinetuneError, match=r"train.max_steps is null: set it, or train.max_epochs"):
+        make_recipe(train__max_steps=None)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"data": {"image_dir": "x"}, "train": {"max_steps": 1500}}))
+    # On the command line, one length replaces the recipe's other; both there clash as in a file.
+    assert (load_recipe(path, ["train.max_epochs=10"]).train.max_steps, load_recipe(path, ["train.max_epochs=10"]).train.max_epochs) == (None, 10)
+    path.write_text(yaml.safe_dump({"data": {"image_dir": "x"}, "train": {"max_epochs": 10}}))
+    assert (load_recipe(path, ["train.max_steps=20"]).train.max_steps, load_recipe(path, ["train.max_steps=20"]).train.max_epochs) == (20, None)
+    with pytest.raises(FinetuneError, match=r"both set the run's length"):
+        load_recipe(path, ["train.max_steps=20", "train.max_epochs=3"])
+    with pytest.raises(FinetuneError, match=r"optimizer.warmup_steps \(5\) must be below train.max_steps \(4\)"):
+        make_recipe(optimizer__warmup_steps=5)
+
+
+def test_a_run_of_epochs_saves_and_samples_at_epoch_ends_and_resumes_for_more(make_recipe, capsys):
+    # 4 images in batches of 2: two steps an epoch, so 3 epochs are 6 steps.
+    recipe = make_recipe(train__max_steps=None, train__max_epochs=3, checkpoint__every_n_epochs=2, validation__every_n_epochs=1,
+                         validation__prompts=["a red circle"], validation__images_per_prompt=1, validation__num_inference_steps=2,
+                         validation__at_start=False)  # fmt: skip
+    result = train(recipe)
+    assert result.final_step == 6 and len(result.losses) == 6
+    assert "length: 6 steps of 2 images = 3 epochs of 4 images" in capsys.readouterr().out
+    checkpoints = Path(recipe.output_dir) / "checkpoints"
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["checkpoint-4", "checkpoint-6"]  # epoch 2, and the end
+    assert [p.name for p in result.sample_grids] == ["step-000002.png", "step-000004.png", "step-000006.png"]
+    saved = yaml.safe_load((Path(recipe.output_dir) / "recipe.yaml").read_text())
+    assert (saved["train"]["max_steps"], saved["train"]["max_epochs"]) == (None, 3)  # the recipe as run loads again
+
+    # (Steps counted from epochs are known once the data is read, after the model loads: the check comes then.)
+    with pytest.raises(FinetuneError, match=r"checkpoint-6 is at step 6 and train.max_epochs 3 ends at step 6: nothing left to train; raise train.max_epochs"):
+        train(recipe, resume="latest")
+    longer = make_recipe(train__max_steps=None, train__max_epochs=4, validation__prompts=[])
+    assert train(longer, resume="latest").final_step == 8
+
+
+def test_warmup_longer_than_the_epochs_is_one_line_before_training(make_recipe):
+    recipe = make_recipe(train__max_steps=None, train__max_epochs=2, optimizer__warmup_steps=4, optimizer__scheduler="linear")
+    with pytest.raises(FinetuneError, match=r"optimizer.warmup_steps \(4\) must be below the run's 4 steps \(train.max_epochs 2\)"):
+        train(recipe)
