@@ -15,6 +15,7 @@ alpha = rank (losing the trained strength) and, with transformers 5 (whose CLIPT
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import re
@@ -47,6 +48,8 @@ DIFFUSERS_SUFFIXES = {
 }
 DIFFUSERS_SUFFIX_PAIRS = [*DIFFUSERS_SUFFIXES.values(), (".lora_A.weight", ".lora_B.weight")]
 KOHYA_ONLY_METADATA = ("ss_",)
+# LoRA+ ratios: sd-scripts takes them as network_args and records those as JSON in ss_network_args.
+LORAPLUS_KEYS = ("loraplus_lr_ratio", "loraplus_text_encoder_lr_ratio")
 # Our metadata keys and sd-scripts' keys for the same thing, copied across on import and export.
 KOHYA_KEYS = (
     ("finetune.base_model", "ss_sd_model_name"),
@@ -218,6 +221,9 @@ def finetune_metadata_from_kohya(metadata: dict[str, str]) -> dict[str, str]:
         kept["finetune.prediction_type"] = "v_prediction" if metadata["ss_v_parameterization"] == "True" else "epsilon"
     if "finetune.zero_terminal_snr" not in kept and metadata.get("ss_zero_terminal_snr") == "True":
         kept["finetune.zero_terminal_snr"] = "true"
+    with contextlib.suppress(ValueError, TypeError, AttributeError):  # other trainers' network_args may be anything
+        network_args = json.loads(metadata.get("ss_network_args") or "{}")
+        kept.update({f"finetune.{key}": str(network_args[key]) for key in LORAPLUS_KEYS if key in network_args and f"finetune.{key}" not in kept})
     return kept
 
 
@@ -248,6 +254,9 @@ def to_kohya(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if "finetune.method" in lora.metadata:  # ours record these when on: their absence means off
         metadata["ss_zero_terminal_snr"] = str(lora.metadata.get("finetune.zero_terminal_snr") == "true")
         metadata["ss_masked_loss"] = str("finetune.loss_mask" in lora.metadata)
+    network_args = {key: lora.metadata[f"finetune.{key}"] for key in LORAPLUS_KEYS if f"finetune.{key}" in lora.metadata}
+    if network_args:
+        metadata["ss_network_args"] = json.dumps(network_args)
     return tensors, metadata
 
 
@@ -331,4 +340,4 @@ def export_lora(source: Path, output: Path, layout: str, overwrite: bool = False
     lora = load_lora(source)
     path = save_lora_file(lora, destination, layout, precision)
 
-    return path, write_model_card(lora, path, layout, training_dir=source.parent)
+    return path, write_model_card(lora, path, layout, training_dir=source.parent, precision=precision)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import torch
+
 from finetune.encoders import recorded_clip_skip
 from finetune.kohya import LoRA
 
@@ -56,8 +58,16 @@ def model_card_path(path: Path, layout: str) -> Path:
     return path.with_suffix(".md") if layout == "kohya" else path.parent / "README.md"
 
 
-def write_model_card(lora: LoRA, path: Path, layout: str, training_dir: Path | None = None) -> Path:
-    """The card beside the file: provenance, rank/alpha, and how to load it in diffusers and webui/ComfyUI."""
+def precision_name(lora: LoRA) -> str:
+    """The weights' dtype(s), as creators name them (fp16 files are half the size of fp32 ones)."""
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    dtypes = {layer.down.dtype for layer in lora.layers.values()} | {layer.up.dtype for layer in lora.layers.values()}
+    return " and ".join(sorted(names.get(dtype, str(dtype).removeprefix("torch.")) for dtype in dtypes))
+
+
+def write_model_card(lora: LoRA, path: Path, layout: str, training_dir: Path | None = None, precision: str | None = None) -> Path:
+    """The card beside the file: provenance, rank/alpha, and how to load it in diffusers and webui/ComfyUI.
+    `precision`: the file's, where it was written in another than `lora`'s own."""
     meta = lora.metadata
     rank, alpha = lora.common_rank_alpha()
     parts = sorted({key.split(".", 1)[0] for key in lora.layers})
@@ -80,6 +90,10 @@ def write_model_card(lora: LoRA, path: Path, layout: str, training_dir: Path | N
           if meta.get("finetune.max_token_length") else []),
         *(["| noise schedule | zero terminal SNR (sample from the last timestep, trailing spacing) |"] if meta.get("finetune.zero_terminal_snr") == "true" else []),
         *([f"| loss masks | {meta['finetune.loss_mask']} (the loss weighed per pixel: a subject without its background) |"] if meta.get("finetune.loss_mask") else []),
+        *([f"| LoRA+ | up weights at {meta['finetune.loraplus_lr_ratio']} x the learning rate |"] if meta.get("finetune.loraplus_lr_ratio") else []),
+        *([f"| LoRA+ (text encoder) | up weights at {meta['finetune.loraplus_text_encoder_lr_ratio']} x its learning rate |"]
+          if meta.get("finetune.loraplus_text_encoder_lr_ratio") else []),
+        f"| precision | {precision or precision_name(lora)} |",
         f"| recipe hash | `{meta.get('finetune.recipe_hash', 'unknown')}` |",
         *([f"| started from | the LoRA `{meta['finetune.init_from']}` (lora.init_from; steps above are this run's) |"] if meta.get("finetune.init_from") else []),
         "",

@@ -34,6 +34,7 @@ from finetune.models import load_base_model, resolve_model_folder
 from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer, step_size
 from finetune.recipe_loading import dump_recipe
 from finetune.run_length import check_warmup_fits, due, epochs_done, finished_epoch, planned_steps, run_length_line
+from finetune.kohya import LORAPLUS_KEYS
 from finetune.loss_mask import preview as mask_preview
 from finetune.sampling import GRID_LABEL_WIDTH, make_grid, save_image_atomic
 from finetune.stopping import StopRequest, batches_of, leave_stop_signals_to_the_trainer
@@ -383,6 +384,8 @@ def output_metadata(recipe: Recipe, step: int, prediction_type: str) -> dict[str
     }
     if recipe.method == "lora" or (recipe.dreambooth and recipe.dreambooth.adapter == "lora"):
         metadata.update({"finetune.rank": str(recipe.lora.rank), "finetune.alpha": str(recipe.lora.alpha)})
+        # LoRA+ ratios under sd-scripts' names (the kohya export writes them as its network_args).
+        metadata.update({f"finetune.{key}": f"{getattr(recipe.lora, key):g}" for key in LORAPLUS_KEYS if getattr(recipe.lora, key) is not None})
     if recipe.lora.init_from:  # its name only: a path would carry the user's folders into shared files
         metadata["finetune.init_from"] = Path(recipe.lora.init_from).name
     return metadata

@@ -202,7 +202,8 @@ def test_export_command_writes_metadata_and_a_model_card(trained, tiny_model, tm
     assert "lora_adapter_metadata" not in metadata  # diffusers must read alpha from the .alpha tensors
 
     card = (tmp_path / "webui" / "striped-lora.md").read_text()  # one card per file: a webui models/Lora folder holds many
-    for text in (str(tiny_model), "4 / 2", "150", "load_lora_weights", "<lora:striped-lora:1.0>", "ComfyUI", "samples/striped-lora-step-000150.png"):
+    for text in (str(tiny_model), "4 / 2", "150", "load_lora_weights", "<lora:striped-lora:1.0>", "ComfyUI", "samples/striped-lora-step-000150.png",
+                 "| precision | fp32 |"):
         assert text in card, text
     grid = Image.open(tmp_path / "webui" / "samples" / "striped-lora-step-000150.png")
     preview = Image.open(tmp_path / "webui" / "striped-lora.preview.png")  # the webui's Lora tab thumbnail: the first sample
@@ -302,6 +303,7 @@ def test_export_replaces_files_only_when_asked_and_a_truncated_lora_is_one_line(
 def test_an_fp16_export_is_half_the_file_and_loads_in_diffusers_alike(trained, tiny_model, tmp_path, capsys):
     assert main(["export", str(trained.path), str(tmp_path / "half"), "--to", "kohya", "--precision", "fp16"]) == 0
     assert "(kohya layout, fp16)" in capsys.readouterr().out
+    assert "| precision | fp16 |" in (tmp_path / "half" / "striped-lora.md").read_text()
     half, full = tmp_path / "half" / "striped-lora.safetensors", export_lora(trained.path, tmp_path / "full", "kohya")[0]
     tensors = load_file(half)
     assert {t.dtype for k, t in tensors.items() if not k.endswith(".alpha")} == {torch.float16}

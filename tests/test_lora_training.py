@@ -1,6 +1,7 @@
 """LoRA end to end on the tiny model: it learns, touches nothing else, saves what diffusers loads,
 and resumes bit for bit."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,11 @@ from safetensors.torch import load_file
 from finetune.checkpoint import list_checkpoints
 from finetune.data import CaptionedImageDataset, collate, load_examples
 from finetune.errors import FinetuneError
-from finetune.kohya import load_lora
+from finetune.kohya import LORAPLUS_KEYS, finetune_metadata_from_kohya, load_lora, to_kohya
 from finetune.diffusion import add_noise, per_sample_loss
 from finetune.encoders import encode_images, encode_prompts
 from finetune.methods.lora import LORA_WEIGHTS_NAME, LoRAMethod
+from finetune.model_card import write_model_card
 from finetune.models import load_base_model
 from finetune.trainer import train
 
@@ -356,6 +358,16 @@ def test_loraplus_moves_the_up_weights_ratio_times_faster_in_each_group(make_rec
             lora__loraplus_lr_ratio=ratios[0], lora__loraplus_text_encoder_lr_ratio=ratios[1],
         )  # fmt: skip
         tensors = load_file(train(recipe).output_dir / LORA_WEIGHTS_NAME)
+        lora = load_lora(Path(recipe.output_dir) / LORA_WEIGHTS_NAME)
+        recorded = {key: value for key, value in lora.metadata.items() if "loraplus" in key}
+        assert recorded == {f"finetune.{key}": f"{value:g}" for key, value in zip(LORAPLUS_KEYS, ratios) if value is not None}
+        # In the kohya export as sd-scripts' network_args (JSON in ss_network_args), read back on import; in the card.
+        kohya_metadata = to_kohya(lora)[1]
+        assert json.loads(kohya_metadata.get("ss_network_args", "{}")) == {key[len("finetune."):]: value for key, value in recorded.items()}
+        assert {k: v for k, v in finetune_metadata_from_kohya(kohya_metadata).items() if "loraplus" in k} == recorded
+        card = write_model_card(lora, Path(recipe.output_dir) / LORA_WEIGHTS_NAME, "diffusers").read_text()
+        assert ("| LoRA+ | up weights at 16 x the learning rate |" in card) == (ratios[0] is not None)
+        assert ("| LoRA+ (text encoder) | up weights at 4 x its learning rate |" in card) == (ratios[1] is not None)
         for part in ("unet.", "text_encoder."):
             largest[ratios, part] = max(t.abs().max().item() for k, t in tensors.items() if k.startswith(part) and k.endswith("up.weight"))
     expected = {(None, None): (1e-3, 1e-4), (16.0, None): (16e-3, 16e-4), (16.0, 4.0): (16e-3, 4e-4)}
