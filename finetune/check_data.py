@@ -121,8 +121,9 @@ def folder_shares_line(usable: list[Example], config: DataConfig) -> str:
 # One image
 
 
-def conversions(image) -> list[str]:
-    """What `upright_rgb` will do to this decoded image, in words."""
+def conversions(image, alpha_is_mask: bool = False) -> list[str]:
+    """What `upright_rgb` will do to this decoded image, in words (`alpha_is_mask`: its transparency is
+    its loss mask, data.loss_mask.source alpha)."""
     done = []
     orientation = image.getexif().get(0x0112, 1)
     if orientation not in (None, 1):
@@ -132,7 +133,7 @@ def conversions(image) -> list[str]:
     elif is_16_bit(image):
         done.append(f"16-bit ({image.mode}): scaled to 8-bit RGB")
     elif has_alpha(image):
-        done.append(f"transparency ({image.mode}): composited on white")
+        done.append(f"transparency ({image.mode}): " + ("its loss mask; the pixels composited on white" if alpha_is_mask else "composited on white"))
     elif image.mode == "P":
         done.append("palette image: converted to RGB")
     elif image.mode != "RGB":
@@ -157,7 +158,8 @@ def inspect(example: Example, config: DataConfig) -> tuple[Example | None, list[
     except Exception as err:  # a file that decodes but cannot be converted
         message = f"image {source} cannot be converted to RGB ({err.__class__.__name__}: {err}): re-save it as PNG or JPEG"
         return None, findings + [Finding(FATAL, source, message)], None
-    findings += [Finding(CONVERTED, source, f"image {source}: {what}") for what in conversions(raw)]
+    alpha_is_mask = config.loss_mask.source == "alpha" and (not config.folders or config.folders[example.folder_index].loss_mask)
+    findings += [Finding(CONVERTED, source, f"image {source}: {what}") for what in conversions(raw, alpha_is_mask)]
     width, height = image.size
     min_size = config.min_image_size or config.resolution // 2
     if min(width, height) < min_size:

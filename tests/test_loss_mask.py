@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import finetune.methods.base as method_base
-from finetune.check_data import WARNING, inspect_examples
+from finetune.check_data import CONVERTED, WARNING, inspect_examples
 from finetune.cli import main
 from finetune.config import DataConfig, LossMaskConfig
 from finetune.data import CaptionedImageDataset, load_examples, read_examples
@@ -138,6 +138,8 @@ def test_alpha_masks_come_from_transparency_and_an_opaque_image_trains_whole(tmp
         (WARNING, f"image {folder / 'opaque.png'} has no transparency: it trains whole (data.loss_mask.source alpha); add an alpha channel to mask it")
     ]
     assert "loss masks (their transparency): 1 of 2 images masked, trained area 50-50% (mean 50%); background weight 0" in report.lines()
+    converted = [f.message for f in report.findings if f.level == CONVERTED]
+    assert converted == [f"image {folder / 'cut-out.png'}: transparency (RGBA): its loss mask; the pixels composited on white"]
     dataset = CaptionedImageDataset(load_examples(config), config, seed=0)
     cut_out, opaque = dataset[(0, 0)]["loss_mask"], dataset[(1, 0)]["loss_mask"]
     assert torch.equal(cut_out[0, :, :32], torch.ones(64, 32)) and torch.equal(cut_out[0, :, 32:], torch.zeros(64, 32))
