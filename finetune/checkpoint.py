@@ -108,7 +108,7 @@ def checkpoint_step(checkpoint: Path) -> int:
 
 def check_resumable(checkpoint: Path, max_steps: int | None, settings: dict | None = None) -> None:
     """Before anything loads: a checkpoint at or past train.max_steps has nothing left to train (None: the
-    length is in epochs, checked with `check_steps_left` once the data is read), and one of other trained
+    length is in epochs, checked once the data is read: `finetune.run_length`), and one of other trained
     weights or optimizer groups than the recipe's `settings` (flat) cannot continue."""
     saved = json.loads((checkpoint / STATE_FILE).read_text()).get("recipe")
     if saved is not None and settings is not None:  # (a checkpoint from before the recipe was stored has none)
@@ -122,25 +122,12 @@ def check_resumable(checkpoint: Path, max_steps: int | None, settings: dict | No
                 f"{checkpoint} trained other weights or optimizer groups than this recipe would ({', '.join(changed)}): resume with "
                 "the settings that wrote it, or start a new run (another output_dir, or --overwrite)"
             )
-    if max_steps is not None:
-        check_steps_left(checkpoint, max_steps)
-
-
-def check_steps_left(checkpoint: Path, max_steps: int, max_epochs: int | None = None) -> None:
-    """A checkpoint at or past the run's last step has nothing left to train; `max_epochs`: the length
-    the recipe gives, which `max_steps` counts in steps."""
     step = checkpoint_step(checkpoint)
-    if step < max_steps:
-        return
-    if max_epochs is None:
+    if max_steps is not None and step >= max_steps:
         raise FinetuneError(
             f"{checkpoint} is at step {step} and train.max_steps is {max_steps}: nothing left to train; "
             f"raise train.max_steps to continue (e.g. train.max_steps={step + max(step // 2, 1)})"
         )
-    raise FinetuneError(
-        f"{checkpoint} is at step {step} and train.max_epochs {max_epochs} ends at step {max_steps}: nothing left to train; "
-        f"raise train.max_epochs to continue"
-    )
 
 
 def trained_structure(settings: dict) -> dict:

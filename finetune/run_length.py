@@ -10,7 +10,9 @@ step that completes it counts as its end, and a run of N epochs ends at the firs
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+from finetune.checkpoint import checkpoint_step
 from finetune.config import Recipe, TrainConfig
 from finetune.errors import FinetuneError
 
@@ -22,13 +24,20 @@ def planned_steps(train: TrainConfig, batches_per_epoch: int) -> int:
     return math.ceil(train.max_epochs * batches_per_epoch / train.gradient_accumulation_steps)
 
 
-def check_warmup_fits(recipe: Recipe, max_steps: int) -> None:
-    """With train.max_epochs: the warm-up check that recipe validation makes for train.max_steps."""
-    warmup = recipe.optimizer.warmup_steps
+def check_epoch_run(recipe: Recipe, max_steps: int, batches_per_epoch: int, resume_from: Path | None) -> None:
+    """With train.max_epochs, once its steps are known: the checks made for train.max_steps when the recipe
+    loads (a warm-up shorter than the run) and before a resume (something left to train)."""
+    warmup, epochs = recipe.optimizer.warmup_steps, recipe.train.max_epochs
     if recipe.optimizer.scheduler != "constant" and warmup >= max_steps:
         raise FinetuneError(
-            f"optimizer.warmup_steps ({warmup}) must be below the run's {max_steps} steps (train.max_epochs {recipe.train.max_epochs}): "
+            f"optimizer.warmup_steps ({warmup}) must be below the run's {max_steps} steps (train.max_epochs {epochs}): "
             "the learning rate would never reach optimizer.lr; lower warmup_steps or raise max_epochs"
+        )
+    step = checkpoint_step(resume_from) if resume_from is not None else 0
+    if step >= max_steps:
+        raise FinetuneError(
+            f"{resume_from} is at step {step} and train.max_epochs {epochs} ends at step {max_steps}: nothing left to train; "
+            f"raise train.max_epochs to continue (e.g. train.max_epochs={epochs_to_continue(recipe.train, batches_per_epoch, step)})"
         )
 
 
@@ -37,15 +46,21 @@ def epochs_done(step: int, accumulation: int, batches_per_epoch: int) -> float:
     return step * accumulation / batches_per_epoch
 
 
-def finished_epoch(step: int, accumulation: int, batches_per_epoch: int) -> int | None:
-    """The epoch (1, 2, ...) that optimizer step `step` (1-based) completes, or None when it ends none."""
-    now, before = (step * accumulation) // batches_per_epoch, ((step - 1) * accumulation) // batches_per_epoch
-    return now if now > before else None
+def finished_epochs(step: int, accumulation: int, batches_per_epoch: int) -> range:
+    """The epochs (1, 2, ...) that optimizer step `step` (1-based) completes: none, one, or several (when
+    an epoch has fewer micro-batches than a step accumulates)."""
+    before, now = ((step - 1) * accumulation) // batches_per_epoch, (step * accumulation) // batches_per_epoch
+    return range(before + 1, now + 1)
 
 
-def due(step: int, every_n_steps: int, epoch: int | None, every_n_epochs: int) -> bool:
+def due(step: int, every_n_steps: int, epochs: range, every_n_epochs: int) -> bool:
     """Whether a periodic save or validation falls on this step: every N steps, or at the end of every Nth epoch."""
-    return bool(every_n_steps and step % every_n_steps == 0) or bool(every_n_epochs and epoch and epoch % every_n_epochs == 0)
+    return bool(every_n_steps and step % every_n_steps == 0) or any(every_n_epochs and epoch % every_n_epochs == 0 for epoch in epochs)
+
+
+def epochs_to_continue(train: TrainConfig, batches_per_epoch: int, step: int) -> int:
+    """The fewest epochs whose steps go past `step`: what a resume at `step` needs train.max_epochs to be."""
+    return math.floor(step * train.gradient_accumulation_steps / batches_per_epoch) + 1
 
 
 def run_length_line(train: TrainConfig, max_steps: int, sampler, items: int, processes: int) -> str:

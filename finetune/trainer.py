@@ -29,12 +29,12 @@ from finetune.ema import EMA_FILE, WeightAverage
 from finetune.encoders import long_captions_line
 from finetune.errors import FinetuneError
 from finetune.held_out import TrainingSubset, held_out_loss, split_held_out
+from finetune.kohya import LORAPLUS_KEYS
 from finetune.methods import METHODS
 from finetune.models import load_base_model, resolve_model_folder
 from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer, step_size
 from finetune.recipe_loading import dump_recipe
-from finetune.run_length import check_warmup_fits, due, epochs_done, finished_epoch, planned_steps, run_length_line
-from finetune.kohya import LORAPLUS_KEYS
+from finetune.run_length import check_epoch_run, due, epochs_done, finished_epochs, planned_steps, run_length_line
 from finetune.loss_mask import preview as mask_preview
 from finetune.sampling import GRID_LABEL_WIDTH, make_grid, save_image_atomic
 from finetune.stopping import StopRequest, batches_of, leave_stop_signals_to_the_trainer
@@ -86,10 +86,6 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     )
     if resume == "latest" and resume_from is None:
         accelerator.print(f"--resume latest: no checkpoint in {checkpoints_dir} yet, starting at step 0")
-    if overwrite and resume_from is None:
-        if accelerator.is_main_process:
-            ckpt.clear_earlier_run(output_dir)
-        accelerator.wait_for_everyone()
     # The data check's summary (counts, buckets, skipped images, warnings): nothing is left out unseen.
     for report in method.data_reports:
         for line in report.lines(limit=10):
@@ -135,10 +131,12 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
 
     batches_per_epoch = batch_sampler().batches_per_epoch
     max_steps = planned_steps(train_cfg, batches_per_epoch)  # train.max_steps, or train.max_epochs counted in steps
-    if train_cfg.max_epochs is not None:  # what the recipe's validation checks for max_steps, now that the steps are known
-        check_warmup_fits(recipe, max_steps)
-        if resume_from is not None:
-            ckpt.check_steps_left(resume_from, max_steps, train_cfg.max_epochs)
+    if train_cfg.max_epochs is not None:
+        check_epoch_run(recipe, max_steps, batches_per_epoch, resume_from)
+    if overwrite and resume_from is None:  # only now: every check that could refuse the run has passed
+        if accelerator.is_main_process:
+            ckpt.clear_earlier_run(output_dir)
+        accelerator.wait_for_everyone()
     strip = mask_preview(dataset, sources, recipe.data.loss_mask.unmasked_weight) if (
         recipe.data.loss_mask.enabled and accelerator.is_main_process and resume_from is None) else None  # fmt: skip
     if strip is not None:
@@ -280,7 +278,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
                 on_step(step)
             progress.update(1)
             lr = step_size(optimizer)
-            epoch, epochs = finished_epoch(step, accumulation, batches_per_epoch), epochs_done(step, accumulation, batches_per_epoch)
+            ended, epochs = finished_epochs(step, accumulation, batches_per_epoch), epochs_done(step, accumulation, batches_per_epoch)
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", **({"epoch": f"{epochs:.2f}/{train_cfg.max_epochs}"} if train_cfg.max_epochs else {}))
             if step % recipe.logging.every_n_steps == 0 or step == max_steps:
                 logs = {f"train/{k}": v.detach().float().item() for k, v in losses.items() if k != "loss"}
@@ -294,10 +292,10 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
                 result.interrupted = True
                 accelerator.print(f"\nstopped at step {step}; checkpoint saved in {checkpoints_dir}; continue with --resume latest")
                 break
-            if due(step, recipe.checkpoint.every_n_steps, epoch, recipe.checkpoint.every_n_epochs) and step < max_steps:
+            if due(step, recipe.checkpoint.every_n_steps, ended, recipe.checkpoint.every_n_epochs) and step < max_steps:
                 save_checkpoint()
                 last_checkpoint_step = step
-            if due(step, recipe.validation.every_n_steps, epoch, recipe.validation.every_n_epochs) and step < max_steps:
+            if due(step, recipe.validation.every_n_steps, ended, recipe.validation.every_n_epochs) and step < max_steps:
                 validate(step)
     progress.close()
     result.final_step = step

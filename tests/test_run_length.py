@@ -10,19 +10,26 @@ import yaml
 from finetune.checkpoint import list_checkpoints
 from finetune.errors import FinetuneError
 from finetune.recipe_loading import load_recipe
-from finetune.run_length import due, finished_epoch, planned_steps
+from finetune.run_length import due, epochs_to_continue, finished_epochs, planned_steps
 from finetune.trainer import train
 
 
 def test_epochs_are_counted_in_micro_batches_and_end_inside_an_accumulated_step(make_recipe):
     # 3 micro-batches an epoch, 2 per optimizer step: epochs end in steps 2 (micro-batch 3 of 4) and 3 (6 of 6).
-    assert [finished_epoch(step, 2, 3) for step in range(1, 7)] == [None, 1, 2, None, 3, 4]
-    assert [finished_epoch(step, 1, 2) for step in range(1, 5)] == [None, 1, None, 2]
+    assert [list(finished_epochs(step, 2, 3)) for step in range(1, 7)] == [[], [1], [2], [], [3], [4]]
+    assert [list(finished_epochs(step, 1, 2)) for step in range(1, 5)] == [[], [1], [], [2]]
+    # An epoch shorter than a step (2 micro-batches, 4 a step): each step ends two, and every one counts.
+    assert [list(finished_epochs(step, 4, 2)) for step in range(1, 4)] == [[1, 2], [3, 4], [5, 6]]
+    assert [due(step, 0, finished_epochs(step, 4, 2), 3) for step in range(1, 4)] == [False, True, True]
     recipe = make_recipe(train__max_steps=None, train__max_epochs=3, train__gradient_accumulation_steps=2)
     assert planned_steps(recipe.train, 3) == 5  # 9 micro-batches: the 5th step completes the third epoch
     assert planned_steps(make_recipe(train__max_steps=7).train, 3) == 7
-    assert [due(step, 0, finished_epoch(step, 1, 2), 2) for step in range(1, 9)] == [False, False, False, True] * 2
-    assert [due(step, 3, None, 2) for step in range(1, 7)] == [False, False, True, False, False, True]
+    assert [due(step, 0, finished_epochs(step, 1, 2), 2) for step in range(1, 9)] == [False, False, False, True] * 2
+    assert [due(step, 3, range(0), 2) for step in range(1, 7)] == [False, False, True, False, False, True]
+    # The fewest epochs that train past a step: with 4 micro-batches a step and 2 an epoch, 5 and 6 epochs are both 3 steps.
+    accumulating = make_recipe(train__max_steps=None, train__max_epochs=5, train__gradient_accumulation_steps=4).train
+    assert [planned_steps(accumulating.model_copy(update={"max_epochs": e}), 2) for e in (5, 6, 7)] == [3, 3, 4]
+    assert epochs_to_continue(accumulating, 2, 3) == 7
 
 
 def test_max_steps_and_max_epochs_take_one_length(tmp_path, make_recipe):
@@ -57,13 +64,24 @@ def test_a_run_of_epochs_saves_and_samples_at_epoch_ends_and_resumes_for_more(ma
     assert (saved["train"]["max_steps"], saved["train"]["max_epochs"]) == (None, 3)  # the recipe as run loads again
 
     # (Steps counted from epochs are known once the data is read, after the model loads: the check comes then.)
-    with pytest.raises(FinetuneError, match=r"checkpoint-6 is at step 6 and train.max_epochs 3 ends at step 6: nothing left to train; raise train.max_epochs"):
+    with pytest.raises(FinetuneError, match=r"checkpoint-6 is at step 6 and train.max_epochs 3 ends at step 6: nothing left to train; "
+                                            r"raise train.max_epochs to continue \(e.g. train.max_epochs=4\)"):
         train(recipe, resume="latest")
     longer = make_recipe(train__max_steps=None, train__max_epochs=4, validation__prompts=[])
     assert train(longer, resume="latest").final_step == 8
 
 
-def test_warmup_longer_than_the_epochs_is_one_line_before_training(make_recipe):
+def test_warmup_longer_than_the_epochs_is_one_line_before_training_and_before_overwrite_clears(make_recipe):
+    earlier = train(make_recipe(train__max_steps=2, checkpoint__every_n_steps=1))
     recipe = make_recipe(train__max_steps=None, train__max_epochs=2, optimizer__warmup_steps=4, optimizer__scheduler="linear")
     with pytest.raises(FinetuneError, match=r"optimizer.warmup_steps \(4\) must be below the run's 4 steps \(train.max_epochs 2\)"):
-        train(recipe)
+        train(recipe, overwrite=True)
+    assert [p.name for p in list_checkpoints(earlier.output_dir / "checkpoints")] == ["checkpoint-1", "checkpoint-2"]  # nothing lost
+
+
+def test_every_epoch_end_counts_when_a_step_ends_several(make_recipe):
+    # 4 images in batches of 2 with 4 micro-batches a step: two epochs a step; epoch 3 ends inside step 2.
+    recipe = make_recipe(train__max_steps=None, train__max_epochs=6, train__gradient_accumulation_steps=4, checkpoint__every_n_epochs=3)
+    result = train(recipe)
+    assert result.final_step == 3
+    assert [p.name for p in list_checkpoints(result.output_dir / "checkpoints")] == ["checkpoint-2", "checkpoint-3"]
