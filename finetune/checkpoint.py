@@ -142,6 +142,7 @@ def trained_structure(settings: dict) -> dict:
         te_ratio = settings.get("lora.loraplus_text_encoder_lr_ratio") or settings.get("lora.loraplus_lr_ratio")
         structure.update({
             "lora.rank": settings.get("lora.rank"),
+            "lora.conv_rank": settings.get("lora.conv_rank"),
             "lora.target_modules": settings.get("lora.target_modules"),
             "lora.loraplus_lr_ratio": settings.get("lora.loraplus_lr_ratio") is not None,  # on or off: the value may change
             "lora.loraplus_text_encoder_lr_ratio": text_encoder and te_ratio is not None,

@@ -73,6 +73,11 @@ class LoRALayer:
         return self.down.shape[0]
 
     @property
+    def is_conv_3x3(self) -> bool:
+        """A LoRA of a 3x3 convolution (LoCon), not of a linear or pointwise (1x1) layer."""
+        return self.down.ndim == 4 and tuple(self.down.shape[2:]) != (1, 1)
+
+    @property
     def weight_shape(self) -> tuple[int, ...]:
         """The shape of the adapted module's weight (Linear or Conv2d)."""
         return (self.up.shape[0], *self.down.shape[1:])
@@ -224,6 +229,9 @@ def finetune_metadata_from_kohya(metadata: dict[str, str]) -> dict[str, str]:
     with contextlib.suppress(ValueError, TypeError, AttributeError):  # other trainers' network_args may be anything
         network_args = json.loads(metadata.get("ss_network_args") or "{}")
         kept.update({f"finetune.{key}": str(network_args[key]) for key in LORAPLUS_KEYS if key in network_args and f"finetune.{key}" not in kept})
+        for theirs, ours in (("conv_dim", "finetune.conv_rank"), ("conv_alpha", "finetune.conv_alpha")):
+            if network_args.get(theirs) not in (None, "Dynamic") and ours not in kept:
+                kept[ours] = str(network_args[theirs])
     return kept
 
 
@@ -237,14 +245,15 @@ def to_kohya(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         tensors[f"{name}.lora_down.weight"] = layer.down.contiguous()
         tensors[f"{name}.lora_up.weight"] = layer.up.contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(layer.alpha, dtype=torch.float32)
-    ranks = {layer.rank for layer in lora.layers.values()}
-    alphas = {layer.alpha for layer in lora.layers.values()}
+    # sd-scripts gives the 3x3 convolutions (LoCon) their own rank and alpha, in its network_args.
+    convs = [layer for layer in lora.layers.values() if layer.is_conv_3x3]
+    rest = [layer for layer in lora.layers.values() if not layer.is_conv_3x3] or convs
     metadata = {
         **_with_rank_alpha(lora),
         # Read by webui's and sd-scripts' LoRA info panels; "Dynamic" is sd-scripts' word for mixed ranks.
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
-        "ss_network_alpha": str(float(alphas.pop())) if len(alphas) == 1 else "Dynamic",
+        "ss_network_dim": _one_or_dynamic(layer.rank for layer in rest),
+        "ss_network_alpha": _one_or_dynamic(float(layer.alpha) for layer in rest),
     }
     for ours, theirs in KOHYA_KEYS:
         if ours in lora.metadata:
@@ -255,9 +264,16 @@ def to_kohya(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         metadata["ss_zero_terminal_snr"] = str(lora.metadata.get("finetune.zero_terminal_snr") == "true")
         metadata["ss_masked_loss"] = str("finetune.loss_mask" in lora.metadata)
     network_args = {key: lora.metadata[f"finetune.{key}"] for key in LORAPLUS_KEYS if f"finetune.{key}" in lora.metadata}
+    if convs:
+        network_args.update(conv_dim=_one_or_dynamic(layer.rank for layer in convs), conv_alpha=_one_or_dynamic(float(layer.alpha) for layer in convs))
     if network_args:
         metadata["ss_network_args"] = json.dumps(network_args)
     return tensors, metadata
+
+
+def _one_or_dynamic(values) -> str:
+    distinct = set(values)
+    return str(distinct.pop()) if len(distinct) == 1 else "Dynamic"
 
 
 def to_diffusers(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -82,6 +82,8 @@ def write_model_card(lora: LoRA, path: Path, layout: str, training_dir: Path | N
         f"| method | {meta.get('finetune.method', 'lora')} |",
         f"| rank / alpha | {rank} / {alpha:g} (updates scaled by alpha/rank = {alpha / rank:g}) |",
         f"| adapted | {', '.join(parts)} ({len(lora.layers)} layers) |",
+        *([f"| 3x3 conv layers (LoCon) | rank {meta['finetune.conv_rank']} / alpha {meta['finetune.conv_alpha']} |"]
+          if meta.get("finetune.conv_rank") and meta.get("finetune.conv_alpha") else []),
         f"| steps | {meta.get('finetune.steps', 'unknown')} |",
         f"| resolution | {meta.get('finetune.resolution', 'unknown')} |",
         f"| prediction type | {meta.get('finetune.prediction_type', 'unknown')} |",

@@ -382,6 +382,8 @@ def output_metadata(recipe: Recipe, step: int, prediction_type: str) -> dict[str
     }
     if recipe.method == "lora" or (recipe.dreambooth and recipe.dreambooth.adapter == "lora"):
         metadata.update({"finetune.rank": str(recipe.lora.rank), "finetune.alpha": str(recipe.lora.alpha)})
+        if recipe.lora.conv_rank is not None:
+            metadata.update(zip(("finetune.conv_rank", "finetune.conv_alpha"), map(str, recipe.lora.conv_rank_alpha())))
         # LoRA+ ratios under sd-scripts' names (the kohya export writes them as its network_args).
         metadata.update({f"finetune.{key}": f"{getattr(recipe.lora, key):g}" for key in LORAPLUS_KEYS if getattr(recipe.lora, key) is not None})
     if recipe.lora.init_from:  # its name only: a path would carry the user's folders into shared files

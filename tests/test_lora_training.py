@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from finetune.checkpoint import list_checkpoints
 from finetune.data import CaptionedImageDataset, collate, load_examples
 from finetune.errors import FinetuneError
-from finetune.kohya import LORAPLUS_KEYS, finetune_metadata_from_kohya, load_lora, to_kohya
+from finetune.kohya import LORAPLUS_KEYS, finetune_metadata_from_kohya, load_lora, save_lora_file, to_kohya
 from finetune.diffusion import add_noise, per_sample_loss
 from finetune.encoders import encode_images, encode_prompts
 from finetune.methods.lora import LORA_WEIGHTS_NAME, LoRAMethod
@@ -137,9 +137,13 @@ TARGETS = {"attention": ["to_q", "to_k", "to_v", "to_out.0"],
            "all": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]}
 
 
-@pytest.mark.parametrize("targets", list(TARGETS))
-def test_only_lora_weights_change_and_saved_file_reproduces_the_trained_unet(make_recipe, targets):
-    recipe = make_recipe(train__max_steps=3, lora__rank=4, lora__alpha=2, lora__target_modules=TARGETS[targets])  # alpha != rank on purpose
+# LoCon: the 3x3 convolutions at their own rank and alpha (lora.conv_rank, conv_alpha).
+LOCON = {"lora__conv_rank": 2, "lora__conv_alpha": 3.0}
+
+
+@pytest.mark.parametrize("targets, conv", [("attention", {}), ("all", {}), ("all", LOCON)], ids=["attention", "all", "locon"])
+def test_only_lora_weights_change_and_saved_file_reproduces_the_trained_unet(make_recipe, targets, conv):
+    recipe = make_recipe(train__max_steps=3, lora__rank=4, lora__alpha=2, lora__target_modules=TARGETS[targets], **conv)  # alpha != rank on purpose
     result = train(recipe)
     lora_file = result.output_dir / LORA_WEIGHTS_NAME
     assert result.saved_files == [lora_file]
@@ -169,6 +173,22 @@ def test_only_lora_weights_change_and_saved_file_reproduces_the_trained_unet(mak
         metadata = f.metadata()
     assert metadata["finetune.rank"] == "4" and metadata["finetune.alpha"] == "2.0"
     assert metadata["finetune.base_model"] == str(recipe.model.pretrained)
+    lora = load_lora(lora_file)
+    convs = {key for key, layer in lora.layers.items() if layer.is_conv_3x3}
+    assert convs == ({key for key in lora.layers if key.endswith(("conv1", "conv2"))} if targets == "all" else set())
+    conv_rank, conv_alpha = (2, 3.0) if conv else (4, 2.0)
+    assert {(layer.rank, layer.alpha) for key, layer in lora.layers.items() if key in convs} <= {(conv_rank, conv_alpha)}
+    assert {(layer.rank, layer.alpha) for key, layer in lora.layers.items() if key not in convs} == {(4, 2.0)}
+    kohya_metadata = to_kohya(lora)[1]
+    assert (kohya_metadata["ss_network_dim"], kohya_metadata["ss_network_alpha"]) == ("4", "2.0")
+    assert json.loads(kohya_metadata.get("ss_network_args", "{}")) == ({"conv_dim": str(conv_rank), "conv_alpha": str(conv_alpha)} if convs else {})
+    if conv:  # recorded, in the card, and the kohya layout loads in diffusers as the same model
+        assert (metadata["finetune.conv_rank"], metadata["finetune.conv_alpha"]) == ("2", "3.0")
+        assert "| 3x3 conv layers (LoCon) | rank 2 / alpha 3.0 |" in write_model_card(lora, lora_file, "diffusers").read_text()
+        kohya_file = save_lora_file(lora, result.output_dir / "kohya" / "locon.safetensors", "kohya")
+        webui = StableDiffusionPipeline.from_pretrained(recipe.model.pretrained)
+        webui.load_lora_weights(str(kohya_file.parent), weight_name=kohya_file.name)
+        assert torch.allclose(unet_output(webui.unet), expected, atol=1e-5)
 
 
 def test_frozen_parts_are_bit_identical_after_training(make_recipe):
@@ -385,3 +405,16 @@ def test_loraplus_moves_the_up_weights_ratio_times_faster_in_each_group(make_rec
         make_recipe(lora__loraplus_text_encoder_lr_ratio=4)
     with pytest.raises(FinetuneError, match=r"lora.loraplus_text_encoder_lr_ratio with prodigy: it takes one optimizer.lr for every parameter"):
         make_recipe(optimizer__name="prodigy", optimizer__lr=1.0, lora__loraplus_text_encoder_lr_ratio=4)
+
+
+def test_conv_rank_settings_are_checked_and_keep_the_scale(make_recipe):
+    from finetune.config import LoRAConfig
+
+    assert LoRAConfig(rank=16, alpha=8, conv_rank=4).conv_rank_alpha() == (4, 2.0)  # alpha/rank kept: 8/16 = 2/4
+    assert LoRAConfig(rank=16, alpha=8, conv_rank=4, use_rslora=True).conv_rank_alpha() == (4, 4.0)  # alpha/sqrt(rank): 8/4 = 4/2
+    assert LoRAConfig(rank=16, alpha=8, conv_rank=4, conv_alpha=1).conv_rank_alpha() == (4, 1.0)
+    assert LoRAConfig(rank=16, alpha=8).conv_rank_alpha() == (16, 8.0)
+    with pytest.raises(FinetuneError, match=r"lora.conv_alpha scales the 3x3 conv layers' LoRA, which lora.conv_rank sets: set conv_rank too"):
+        make_recipe(lora__conv_alpha=2)
+    with pytest.raises(FinetuneError, match=r"^lora.conv_rank sets the rank of the 3x3 conv layers, and lora.target_modules adapts none: add conv1 and conv2"):
+        train(make_recipe(lora__conv_rank=2))  # the attention layers only

@@ -20,6 +20,11 @@ class LoRAConfig(Section):
     # Names of UNet submodules to adapt: attention projections by default; add "proj_in", "proj_out",
     # "ff.net.0.proj", "ff.net.2", "conv1", "conv2" for feed-forward and conv layers.
     target_modules: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
+    # LoCon (sd-scripts' conv_dim and conv_alpha): the rank and alpha of the 3x3 convolutions among the
+    # targets (the ResNets' conv1 and conv2, the down- and upsamplers' conv), often lower than the rest's
+    # for style LoRAs. None: lora.rank, and an alpha at the same scale (alpha x conv_rank / rank).
+    conv_rank: Optional[int] = Field(None, ge=1)
+    conv_alpha: Optional[float] = Field(None, gt=0)
     # Also a LoRA on the text encoder's attention projections (method lora; DreamBooth has its own switch).
     # It learns new words' meanings faster; text embeddings are then not cached.
     train_text_encoder: bool = False
@@ -33,6 +38,22 @@ class LoRAConfig(Section):
     # The text encoder's LoRA+ ratio, where it should differ (sd-scripts' loraplus_text_encoder_lr_ratio,
     # e.g. 4 with 16 for the UNet); None: loraplus_lr_ratio.
     loraplus_text_encoder_lr_ratio: Optional[float] = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _conv_alpha_needs_a_conv_rank(self) -> "LoRAConfig":
+        if self.conv_alpha is not None and self.conv_rank is None:
+            raise ValueError("lora.conv_alpha scales the 3x3 conv layers' LoRA, which lora.conv_rank sets: set conv_rank too (e.g. 8), or remove conv_alpha")
+        return self
+
+    def conv_rank_alpha(self) -> tuple[int, float]:
+        """The 3x3 convolutions' rank and alpha (the rest's, where conv_rank is not set)."""
+        if self.conv_rank is None:
+            return self.rank, self.alpha
+        if self.conv_alpha is not None:
+            return self.conv_rank, self.conv_alpha
+        # The same scale as the other layers: alpha/rank, or with rsLoRA alpha/sqrt(rank).
+        share = self.conv_rank / self.rank
+        return self.conv_rank, self.alpha * (share**0.5 if self.use_rslora else share)
 
 
 class FullConfig(Section):

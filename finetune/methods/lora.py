@@ -42,6 +42,13 @@ class LoRAMethod(UNetMethod):
 
     def configure_model(self) -> None:
         settings = self.recipe.lora
+        if settings.conv_rank is not None:
+            convs = conv_3x3_targets(self.base.unet, settings.target_modules)
+            if not convs:
+                raise FinetuneError("lora.conv_rank sets the rank of the 3x3 conv layers, and lora.target_modules adapts none: "
+                                    "add conv1 and conv2 (the ResNet blocks' convolutions) to it, or remove conv_rank")  # fmt: skip
+            conv_rank, conv_alpha = settings.conv_rank_alpha()
+            self.start_lines.append(f"LoCon (lora.conv_rank): {len(convs)} 3x3 conv layers at rank {conv_rank}, alpha {conv_alpha:g}")
         add_lora(self.base.unet, settings.target_modules, self.weight_dtype, settings)
         if self.train_text_encoder:
             add_lora(self.base.text_encoder, TEXT_ENCODER_TARGETS, self.weight_dtype, settings)
@@ -104,9 +111,23 @@ def check_targets(model: torch.nn.Module, target_modules: list[str]) -> None:
             raise FinetuneError(f"lora.target_modules: '{target}' names {', '.join(sorted(kinds))} layers; LoRA adapts Linear and Conv2d layers")
 
 
+def is_conv_3x3(module: torch.nn.Module) -> bool:
+    """A convolution that is not pointwise (SD1.5's proj_in/proj_out are 1x1 Conv2d, adapted as linear layers)."""
+    return isinstance(module, torch.nn.Conv2d) and module.kernel_size != (1, 1)
+
+
+def conv_3x3_targets(model: torch.nn.Module, target_modules: list[str]) -> list[str]:
+    """The full names of the 3x3 convolutions `target_modules` adapt: the layers lora.conv_rank sets."""
+    return [name for name, module in model.named_modules()
+            if is_conv_3x3(module) and any(name == target or name.endswith("." + target) for target in target_modules)]  # fmt: skip
+
+
 def add_lora(model: torch.nn.Module, target_modules: list[str], weight_dtype: torch.dtype, settings) -> None:
-    """Freeze `model` in `weight_dtype` and attach a LoRA whose own weights stay fp32."""
+    """Freeze `model` in `weight_dtype` and attach a LoRA whose own weights stay fp32 (the 3x3
+    convolutions at lora.conv_rank where it is set)."""
     check_targets(model, target_modules)
+    convs = conv_3x3_targets(model, target_modules) if settings.conv_rank is not None else []
+    conv_rank, conv_alpha = settings.conv_rank_alpha()
     freeze(model, weight_dtype)
     model.train()  # LoRA dropout is active while training
     model.add_adapter(
@@ -116,6 +137,9 @@ def add_lora(model: torch.nn.Module, target_modules: list[str], weight_dtype: to
             lora_dropout=settings.dropout,
             use_rslora=settings.use_rslora,
             target_modules=list(target_modules),
+            # Full names: peft matches a pattern against the end of each module's name.
+            rank_pattern={name: conv_rank for name in convs},
+            alpha_pattern={name: conv_alpha for name in convs},
             init_lora_weights="gaussian",  # A random, B zero: the adapter starts as a no-op
         )
     )
@@ -158,7 +182,8 @@ def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str) -> 
             raise FinetuneError(f"lora.init_from {source} adapts {key}, which this recipe's lora.target_modules leave out: add it to them")
         down, up = module.lora_A["default"].weight, module.lora_B["default"].weight
         if tuple(down.shape) != tuple(layer.down.shape) or tuple(up.shape) != tuple(layer.up.shape):
-            raise FinetuneError(f"lora.init_from {source} has rank {layer.rank} at {key}, this recipe's lora.rank is {down.shape[0]}: set lora.rank: {layer.rank}")
+            setting = "lora.conv_rank" if is_conv_3x3(module.get_base_layer()) else "lora.rank"
+            raise FinetuneError(f"lora.init_from {source} has rank {layer.rank} at {key}, this recipe's {setting} is {down.shape[0]}: set {setting}: {layer.rank}")
         with torch.no_grad():
             down.copy_(layer.down)
             up.copy_(layer.up * (layer.alpha / layer.rank) / module.scaling["default"])
