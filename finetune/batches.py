@@ -3,11 +3,14 @@ micro-batch, and the same images whether one process or many share a global batc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from finetune.buckets import BucketBatchSampler
+from finetune.buckets import BucketBatchSampler, Size, assign_buckets
+from finetune.config import DataConfig
+from finetune.data import Example, upright_size
 from finetune.errors import FinetuneError
 
 
@@ -61,8 +64,25 @@ class EpochBatchSampler:
             micro_batch += 1
 
 
+@dataclass(frozen=True)
+class ItemLayout:
+    """What a batch sampler reads of a dataset: its length and, with bucketing, each item's bucket. Known
+    from the checked data, before any model loads (so the run's length in epochs is known then too)."""
+
+    bucket_of: list[Size] | None
+    num_items: int
+
+    def __len__(self) -> int:
+        return self.num_items
+
+
+def item_layout(items: list[Example], config: DataConfig) -> ItemLayout:
+    """The layout a dataset of these items (each item's image) will have: buckets as the datasets assign them."""
+    return ItemLayout(assign_buckets([upright_size(item) for item in items], config), len(items))
+
+
 def make_batch_sampler(dataset, batch_size: int, num_processes: int, process_index: int, seed: int, start: int = 0):
-    """Batches of one bucket each for a dataset with `bucket_of` (bucketing on), else square batches."""
+    """Batches of one bucket each for a dataset (or ItemLayout) with `bucket_of` (bucketing on), else square batches."""
     bucket_of = getattr(dataset, "bucket_of", None)
     if bucket_of is None:
         return EpochBatchSampler(len(dataset), batch_size, num_processes, process_index, seed, start=start)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from finetune import checkpoint as ckpt
 from finetune.check_data import too_few_to_batch
 from finetune.config import Recipe
-from finetune.batches import make_batch_sampler
+from finetune.batches import item_layout, make_batch_sampler
 from finetune.diffusion import BatchRandomness
 from finetune.distributed import accelerator_options, autocast, checkpoint_options, configure_deepspeed, full_parameters, gpu_available, unsharded_loading, unwrap, uses_deepspeed, zero_stage
 from finetune.ema import EMA_FILE, WeightAverage
@@ -90,11 +90,26 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     for report in method.data_reports:
         for line in report.lines(limit=10):
             accelerator.print(line)
-    sources = method.training_item_sources()
+    items = method.training_items()
+    sources = [item.source for item in items]
     trained_items, held_out = split_held_out(sources, recipe.validation.loss_images, recipe.seed)
     short = too_few_to_batch(len(trained_items), recipe, accelerator.num_processes, len(sources))
     if short:
         raise FinetuneError(short)
+    # The run's length from the checked data, laid out as the sampler will batch it (train.max_epochs counts its batches).
+    layout = item_layout([items[i] for i in trained_items], recipe.data)
+
+    def batch_sampler(start: int = 0):
+        return make_batch_sampler(layout, train_cfg.batch_size, accelerator.num_processes, accelerator.process_index, recipe.seed, start=start)
+
+    batches_per_epoch = batch_sampler().batches_per_epoch
+    max_steps = planned_steps(train_cfg, batches_per_epoch)  # train.max_steps, or train.max_epochs counted in steps
+    if train_cfg.max_epochs is not None:
+        check_epoch_run(recipe, max_steps, batches_per_epoch, resume_from)
+    if overwrite and resume_from is None:  # only now: every check that could refuse the run has passed
+        if accelerator.is_main_process:
+            ckpt.clear_earlier_run(output_dir)
+        accelerator.wait_for_everyone()
     method.held_out_items = frozenset(range(len(sources))) - frozenset(trained_items)
     if held_out:
         accelerator.print(f"validation loss: {len(held_out)} image{'s' if len(held_out) > 1 else ''} held out of training, scored at each validation")
@@ -125,18 +140,8 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     # Before `prepare`: DreamBooth may generate class images with the UNet, which ZeRO-3 then shards.
     dataset, collate_fn = method.training_data(accelerator)
     training_set = TrainingSubset(dataset, trained_items) if held_out else dataset
-
-    def batch_sampler(start: int = 0):
-        return make_batch_sampler(training_set, train_cfg.batch_size, accelerator.num_processes, accelerator.process_index, recipe.seed, start=start)
-
-    batches_per_epoch = batch_sampler().batches_per_epoch
-    max_steps = planned_steps(train_cfg, batches_per_epoch)  # train.max_steps, or train.max_epochs counted in steps
-    if train_cfg.max_epochs is not None:
-        check_epoch_run(recipe, max_steps, batches_per_epoch, resume_from)
-    if overwrite and resume_from is None:  # only now: every check that could refuse the run has passed
-        if accelerator.is_main_process:
-            ckpt.clear_earlier_run(output_dir)
-        accelerator.wait_for_everyone()
+    if (len(training_set), getattr(training_set, "bucket_of", None)) != (len(layout), layout.bucket_of):
+        raise RuntimeError(f"method {recipe.method}: its dataset is not laid out as its training_items() said")  # a bug, not the data
     strip = mask_preview(dataset, sources, recipe.data.loss_mask.unmasked_weight) if (
         recipe.data.loss_mask.enabled and accelerator.is_main_process and resume_from is None) else None  # fmt: skip
     if strip is not None:

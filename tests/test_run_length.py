@@ -49,7 +49,9 @@ def test_max_steps_and_max_epochs_take_one_length(tmp_path, make_recipe):
         make_recipe(optimizer__warmup_steps=5)
 
 
-def test_a_run_of_epochs_saves_and_samples_at_epoch_ends_and_resumes_for_more(make_recipe, capsys):
+def test_a_run_of_epochs_saves_and_samples_at_epoch_ends_and_resumes_for_more(make_recipe, capsys, monkeypatch):
+    import finetune.trainer as trainer
+
     # 4 images in batches of 2: two steps an epoch, so 3 epochs are 6 steps.
     recipe = make_recipe(train__max_steps=None, train__max_epochs=3, checkpoint__every_n_epochs=2, validation__every_n_epochs=1,
                          validation__prompts=["a red circle"], validation__images_per_prompt=1, validation__num_inference_steps=2,
@@ -63,17 +65,21 @@ def test_a_run_of_epochs_saves_and_samples_at_epoch_ends_and_resumes_for_more(ma
     saved = yaml.safe_load((Path(recipe.output_dir) / "recipe.yaml").read_text())
     assert (saved["train"]["max_steps"], saved["train"]["max_epochs"]) == (None, 3)  # the recipe as run loads again
 
-    # (Steps counted from epochs are known once the data is read, after the model loads: the check comes then.)
+    monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))  # the data's layout gives the steps
     with pytest.raises(FinetuneError, match=r"checkpoint-6 is at step 6 and train.max_epochs 3 ends at step 6: nothing left to train; "
                                             r"raise train.max_epochs to continue \(e.g. train.max_epochs=4\)"):
         train(recipe, resume="latest")
+    monkeypatch.undo()
     longer = make_recipe(train__max_steps=None, train__max_epochs=4, validation__prompts=[])
     assert train(longer, resume="latest").final_step == 8
 
 
-def test_warmup_longer_than_the_epochs_is_one_line_before_training_and_before_overwrite_clears(make_recipe):
+def test_warmup_longer_than_the_epochs_is_one_line_before_the_model_loads_and_before_overwrite_clears(make_recipe, monkeypatch):
+    import finetune.trainer as trainer
+
     earlier = train(make_recipe(train__max_steps=2, checkpoint__every_n_steps=1))
     recipe = make_recipe(train__max_steps=None, train__max_epochs=2, optimizer__warmup_steps=4, optimizer__scheduler="linear")
+    monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
     with pytest.raises(FinetuneError, match=r"optimizer.warmup_steps \(4\) must be below the run's 4 steps \(train.max_epochs 2\)"):
         train(recipe, overwrite=True)
     assert [p.name for p in list_checkpoints(earlier.output_dir / "checkpoints")] == ["checkpoint-1", "checkpoint-2"]  # nothing lost

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from finetune.config import Recipe
 from finetune.check_data import DataReport, checked_examples
-from finetune.data import CaptionedImageDataset, collate
+from finetune.data import CaptionedImageDataset, Example, collate
 from finetune.diffusion import POSTERIOR_STREAM, BatchRandomness, NoiseOptions, add_noise, draw_noise, draw_perturbation, per_sample_loss
 from finetune.cache import EncodingCache, caption_key, model_fingerprint
 from finetune.encoders import encode_prompts, latents_from_moments, posterior_moments, text_hidden_states
@@ -46,10 +46,10 @@ class TrainingMethod(ABC):
         self.examples, report = checked_examples(self.recipe.data)
         self.data_reports = [report]
 
-    def training_item_sources(self) -> list[str]:
-        """The image of each item the training dataset will have (known after `check_data`, before any
-        model loads); an image used several times (data.folders repeats) is listed each time."""
-        return [example.source for example in self.examples]
+    def training_items(self) -> list[Example]:
+        """The image of each item the training dataset will have, with its source and size (known after
+        `check_data`, before any model loads); an image used several times (data.folders repeats) is listed each time."""
+        return self.examples
 
     def setup(self, base: BaseModel, weight_dtype: torch.dtype = torch.float32) -> None:
         self.base, self.weight_dtype = base, weight_dtype

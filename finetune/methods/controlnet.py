@@ -60,8 +60,8 @@ class ControlNetMethod(DiffusionMethod):
         self.settings = recipe.controlnet
         self.controlnet: ControlNetModel | None = None
 
-    def training_item_sources(self) -> list[str]:
-        return [pair.image.source for pair in self.pairs]
+    def training_items(self) -> list[Example]:
+        return [pair.image for pair in self.pairs]
 
     def check_data(self) -> None:
         self.pairs, report = checked_pairs(self.recipe)

@@ -168,8 +168,8 @@ class DreamBoothMethod(DiffusionMethod):
 
     # -- data -----------------------------------------------------------------------------------
 
-    def training_item_sources(self) -> list[str]:
-        return [example.source for _, example in self.instances]  # each item: an instance with its class image
+    def training_items(self) -> list[Example]:
+        return [example for _, example in self.instances]  # each item: an instance with its class image
 
     def check_data(self) -> None:
         self.instances: list[tuple[int, Example]] = []
