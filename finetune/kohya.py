@@ -95,9 +95,15 @@ class LoRA:
     metadata: dict[str, str] = field(default_factory=dict)
 
     def common_rank_alpha(self) -> tuple[int, float]:
-        """The most frequent (rank, alpha): what tools show as "the" rank and alpha of the file."""
-        counts = collections.Counter((layer.rank, layer.alpha) for layer in self.layers.values())
-        return counts.most_common(1)[0][0]
+        """The most frequent (rank, alpha) of the layers other than 3x3 convolutions (of all, in a LoRA of
+        only those): what tools show as "the" rank and alpha of the file, as sd-scripts' network_dim."""
+        layers = [layer for layer in self.layers.values() if not layer.is_conv_3x3] or list(self.layers.values())
+        return collections.Counter((layer.rank, layer.alpha) for layer in layers).most_common(1)[0][0]
+
+    def conv_rank_alpha(self) -> tuple[int, float] | None:
+        """The most frequent (rank, alpha) of its 3x3 convolutions (LoCon, sd-scripts' conv_dim), or None."""
+        convs = [(layer.rank, layer.alpha) for layer in self.layers.values() if layer.is_conv_3x3]
+        return collections.Counter(convs).most_common(1)[0][0] if convs else None
 
 
 # --- names ---------------------------------------------------------------------------------------
@@ -171,7 +177,7 @@ def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Lo
         layers[module_key(name)] = LoRALayer(down, up, float(alpha.item()) if alpha is not None else float(down.shape[0]))
     leftover = set(tensors) - {f"{kohya_name(k)}.{s}" for k in layers for s in ("lora_down.weight", "lora_up.weight", "alpha")}
     if leftover:
-        raise FinetuneError(f"LoRA key {sorted(leftover)[0]} is not a plain LoRA weight (LoCon/LoHa/LoKr files are not supported)")
+        raise FinetuneError(f"LoRA key {sorted(leftover)[0]} is not a plain LoRA weight (LyCORIS LoHa, LoKr and Tucker-decomposed LoCon files are not supported)")
     return LoRA(layers, finetune_metadata_from_kohya(metadata))
 
 
@@ -229,9 +235,6 @@ def finetune_metadata_from_kohya(metadata: dict[str, str]) -> dict[str, str]:
     with contextlib.suppress(ValueError, TypeError, AttributeError):  # other trainers' network_args may be anything
         network_args = json.loads(metadata.get("ss_network_args") or "{}")
         kept.update({f"finetune.{key}": str(network_args[key]) for key in LORAPLUS_KEYS if key in network_args and f"finetune.{key}" not in kept})
-        for theirs, ours in (("conv_dim", "finetune.conv_rank"), ("conv_alpha", "finetune.conv_alpha")):
-            if network_args.get(theirs) not in (None, "Dynamic") and ours not in kept:
-                kept[ours] = str(network_args[theirs])
     return kept
 
 
@@ -253,7 +256,7 @@ def to_kohya(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         # Read by webui's and sd-scripts' LoRA info panels; "Dynamic" is sd-scripts' word for mixed ranks.
         "ss_network_module": "networks.lora",
         "ss_network_dim": _one_or_dynamic(layer.rank for layer in rest),
-        "ss_network_alpha": _one_or_dynamic(float(layer.alpha) for layer in rest),
+        "ss_network_alpha": _one_or_dynamic(_alpha_value(layer) for layer in rest),
     }
     for ours, theirs in KOHYA_KEYS:
         if ours in lora.metadata:
@@ -265,10 +268,15 @@ def to_kohya(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         metadata["ss_masked_loss"] = str("finetune.loss_mask" in lora.metadata)
     network_args = {key: lora.metadata[f"finetune.{key}"] for key in LORAPLUS_KEYS if f"finetune.{key}" in lora.metadata}
     if convs:
-        network_args.update(conv_dim=_one_or_dynamic(layer.rank for layer in convs), conv_alpha=_one_or_dynamic(float(layer.alpha) for layer in convs))
+        network_args.update(conv_dim=_one_or_dynamic(layer.rank for layer in convs), conv_alpha=_one_or_dynamic(_alpha_value(layer) for layer in convs))
     if network_args:
         metadata["ss_network_args"] = json.dumps(network_args)
     return tensors, metadata
+
+
+def _alpha_value(layer: LoRALayer) -> float:
+    """Its alpha as written in sd-scripts' metadata: rounded, so rsLoRA's alpha x sqrt(rank) reads 4.0, not 4.000000000000001."""
+    return float(f"{layer.alpha:.6g}")
 
 
 def _one_or_dynamic(values) -> str:

@@ -70,6 +70,7 @@ def write_model_card(lora: LoRA, path: Path, layout: str, training_dir: Path | N
     `precision`: the file's, where it was written in another than `lora`'s own."""
     meta = lora.metadata
     rank, alpha = lora.common_rank_alpha()
+    conv = lora.conv_rank_alpha()
     parts = sorted({key.split(".", 1)[0] for key in lora.layers})
     lines = [
         f"# {path.stem if layout == 'kohya' else path.parent.name} (LoRA)",
@@ -82,8 +83,7 @@ def write_model_card(lora: LoRA, path: Path, layout: str, training_dir: Path | N
         f"| method | {meta.get('finetune.method', 'lora')} |",
         f"| rank / alpha | {rank} / {alpha:g} (updates scaled by alpha/rank = {alpha / rank:g}) |",
         f"| adapted | {', '.join(parts)} ({len(lora.layers)} layers) |",
-        *([f"| 3x3 conv layers (LoCon) | rank {meta['finetune.conv_rank']} / alpha {meta['finetune.conv_alpha']} |"]
-          if meta.get("finetune.conv_rank") and meta.get("finetune.conv_alpha") else []),
+        *([f"| 3x3 conv layers (LoCon) | rank {conv[0]} / alpha {conv[1]:g} (scaled by {conv[1] / conv[0]:g}) |"] if conv else []),
         f"| steps | {meta.get('finetune.steps', 'unknown')} |",
         f"| resolution | {meta.get('finetune.resolution', 'unknown')} |",
         f"| prediction type | {meta.get('finetune.prediction_type', 'unknown')} |",

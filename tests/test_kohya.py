@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from finetune.cli import main
 from finetune.sampling import GRID_LABEL_WIDTH, make_grid
 from finetune.config import LoRAConfig
-from finetune.kohya import export_lora, kohya_name, load_lora, module_key, save_lora_file
+from finetune.kohya import LoRA, LoRALayer, export_lora, kohya_name, load_lora, module_key, save_lora_file, to_kohya
 from finetune.merge import merge_into
 from finetune.methods.lora import LORA_WEIGHTS_NAME, TEXT_ENCODER_TARGETS, add_lora, save_lora
 from finetune.tiny_model import build_tiny_pipeline
@@ -316,3 +316,23 @@ def test_an_fp16_export_is_half_the_file_and_loads_in_diffusers_alike(trained, t
     # Converted again without --precision, an fp16 file stays fp16 (not doubled back to fp32).
     again, _ = export_lora(half, tmp_path / "again", "diffusers")
     assert {t.dtype for t in load_file(again).values()} == {torch.float16}
+
+
+def test_locon_files_name_the_linear_layers_rank_and_the_convolutions_apart(tmp_path):
+    """sd-scripts' network_dim is the linear (and 1x1) layers' rank, conv_dim the 3x3 convolutions', even
+    where the convolutions are the most; rsLoRA's alphas (alpha x sqrt(rank)) are written rounded."""
+    from finetune.model_card import write_model_card
+
+    linear = LoRALayer(torch.zeros(4, 8), torch.zeros(8, 4), 4.000000000000001)
+    conv = LoRALayer(torch.zeros(2, 8, 3, 3), torch.zeros(8, 2, 1, 1), 2.0000000000000004)
+    pointwise = LoRALayer(torch.zeros(4, 8, 1, 1), torch.zeros(8, 4, 1, 1), 4.000000000000001)  # proj_in: not a LoCon layer
+    lora = LoRA({"unet.a.to_q": linear, "unet.a.proj_in": pointwise, **{f"unet.b{i}.conv1": conv for i in range(3)}}, {})
+    assert lora.common_rank_alpha() == (4, 4.000000000000001) and lora.conv_rank_alpha() == (2, 2.0000000000000004)
+    metadata = to_kohya(lora)[1]
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("4", "4.0")
+    assert json.loads(metadata["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "2.0"}
+    card = write_model_card(lora, tmp_path / LORA_WEIGHTS_NAME, "diffusers").read_text()
+    assert "| rank / alpha | 4 / 4 (updates scaled by alpha/rank = 1) |" in card
+    assert "| 3x3 conv layers (LoCon) | rank 2 / alpha 2 (scaled by 1) |" in card
+    plain = LoRA({"unet.a.to_q": linear}, {})
+    assert plain.conv_rank_alpha() is None and "ss_network_args" not in to_kohya(plain)[1] and "LoCon" not in write_model_card(plain, tmp_path / "x.safetensors", "kohya").read_text()

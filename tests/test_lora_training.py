@@ -184,7 +184,7 @@ def test_only_lora_weights_change_and_saved_file_reproduces_the_trained_unet(mak
     assert json.loads(kohya_metadata.get("ss_network_args", "{}")) == ({"conv_dim": str(conv_rank), "conv_alpha": str(conv_alpha)} if convs else {})
     if conv:  # recorded, in the card, and the kohya layout loads in diffusers as the same model
         assert (metadata["finetune.conv_rank"], metadata["finetune.conv_alpha"]) == ("2", "3.0")
-        assert "| 3x3 conv layers (LoCon) | rank 2 / alpha 3.0 |" in write_model_card(lora, lora_file, "diffusers").read_text()
+        assert "| 3x3 conv layers (LoCon) | rank 2 / alpha 3 (scaled by 1.5) |" in write_model_card(lora, lora_file, "diffusers").read_text()
         kohya_file = save_lora_file(lora, result.output_dir / "kohya" / "locon.safetensors", "kohya")
         webui = StableDiffusionPipeline.from_pretrained(recipe.model.pretrained)
         webui.load_lora_weights(str(kohya_file.parent), weight_name=kohya_file.name)
@@ -416,5 +416,7 @@ def test_conv_rank_settings_are_checked_and_keep_the_scale(make_recipe):
     assert LoRAConfig(rank=16, alpha=8).conv_rank_alpha() == (16, 8.0)
     with pytest.raises(FinetuneError, match=r"lora.conv_alpha scales the 3x3 conv layers' LoRA, which lora.conv_rank sets: set conv_rank too"):
         make_recipe(lora__conv_alpha=2)
+    with pytest.raises(FinetuneError, match=r"lora.conv_rank shapes a LoRA, and method full trains none: remove it"):
+        make_recipe(method="full", lora__conv_rank=2)
     with pytest.raises(FinetuneError, match=r"^lora.conv_rank sets the rank of the 3x3 conv layers, and lora.target_modules adapts none: add conv1 and conv2"):
         train(make_recipe(lora__conv_rank=2))  # the attention layers only

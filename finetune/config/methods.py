@@ -22,7 +22,8 @@ class LoRAConfig(Section):
     target_modules: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1)
     # LoCon (sd-scripts' conv_dim and conv_alpha): the rank and alpha of the 3x3 convolutions among the
     # targets (the ResNets' conv1 and conv2, the down- and upsamplers' conv), often lower than the rest's
-    # for style LoRAs. None: lora.rank, and an alpha at the same scale (alpha x conv_rank / rank).
+    # for style LoRAs. None: lora.rank; conv_alpha None: the other layers' scale (alpha x conv_rank / rank;
+    # with rsLoRA alpha x sqrt(conv_rank / rank)), where sd-scripts takes 1: set it to match a run of its.
     conv_rank: Optional[int] = Field(None, ge=1)
     conv_alpha: Optional[float] = Field(None, gt=0)
     # Also a LoRA on the text encoder's attention projections (method lora; DreamBooth has its own switch).

@@ -182,8 +182,10 @@ def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str) -> 
             raise FinetuneError(f"lora.init_from {source} adapts {key}, which this recipe's lora.target_modules leave out: add it to them")
         down, up = module.lora_A["default"].weight, module.lora_B["default"].weight
         if tuple(down.shape) != tuple(layer.down.shape) or tuple(up.shape) != tuple(layer.up.shape):
-            setting = "lora.conv_rank" if is_conv_3x3(module.get_base_layer()) else "lora.rank"
-            raise FinetuneError(f"lora.init_from {source} has rank {layer.rank} at {key}, this recipe's {setting} is {down.shape[0]}: set {setting}: {layer.rank}")
+            if is_conv_3x3(module.get_base_layer()):  # LoCon: lora.conv_rank, or lora.rank where it is not set
+                raise FinetuneError(f"lora.init_from {source} has rank {layer.rank} at the 3x3 conv layer {key}, this recipe gives those rank "
+                                    f"{down.shape[0]}: set lora.conv_rank: {layer.rank}")  # fmt: skip
+            raise FinetuneError(f"lora.init_from {source} has rank {layer.rank} at {key}, this recipe's lora.rank is {down.shape[0]}: set lora.rank: {layer.rank}")
         with torch.no_grad():
             down.copy_(layer.down)
             up.copy_(layer.up * (layer.alpha / layer.rank) / module.scaling["default"])
