@@ -93,6 +93,11 @@ def configure_deepspeed(accelerator: Accelerator, recipe: Recipe, trained_module
             "train.ema_decay with DeepSpeed ZeRO-3: each process holds a shard of the weights, not the whole to average; "
             "use a ZeRO-2 config or set train.ema_decay: null"
         )
+    if recipe.lora.max_norm is not None:
+        raise FinetuneError(
+            "lora.max_norm with DeepSpeed: it rescales the LoRA weights after each step, and DeepSpeed's engine keeps its own "
+            "copy of them (its fp32 master weights): launch without DeepSpeed, or set lora.max_norm: null"
+        )
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     offloaded = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
     if offloaded and recipe.optimizer.name != "adamw":

@@ -56,6 +56,7 @@ KOHYA_KEYS = (
     ("finetune.steps", "ss_max_train_steps"),
     ("finetune.clip_skip", "ss_clip_skip"),
     ("finetune.max_token_length", "ss_max_token_length"),
+    ("finetune.max_norm", "ss_scale_weight_norms"),
 )
 DIFFUSERS_ONLY_METADATA = ("lora_adapter_metadata",)
 

@@ -95,6 +95,8 @@ def write_model_card(lora: LoRA, path: Path, layout: str, training_dir: Path | N
         *([f"| LoRA+ | up weights at {meta['finetune.loraplus_lr_ratio']} x the learning rate |"] if meta.get("finetune.loraplus_lr_ratio") else []),
         *([f"| LoRA+ (text encoder) | up weights at {meta['finetune.loraplus_text_encoder_lr_ratio']} x its learning rate |"]
           if meta.get("finetune.loraplus_text_encoder_lr_ratio") else []),
+        *([f"| max norm | {meta['finetune.max_norm']} (each layer's update kept within it: lora.max_norm, sd-scripts' scale_weight_norms) |"]
+          if meta.get("finetune.max_norm") else []),
         f"| precision | {precision or precision_name(lora)} |",
         f"| recipe hash | `{meta.get('finetune.recipe_hash', 'unknown')}` |",
         *([f"| started from | the LoRA `{meta['finetune.init_from']}` (lora.init_from; steps above are this run's) |"] if meta.get("finetune.init_from") else []),

@@ -29,9 +29,9 @@ from finetune.ema import EMA_FILE, WeightAverage
 from finetune.encoders import long_captions_line
 from finetune.errors import FinetuneError
 from finetune.held_out import TrainingSubset, held_out_loss, split_held_out
-from finetune.kohya import LORAPLUS_KEYS
 from finetune.methods import METHODS
 from finetune.models import load_base_model, resolve_model_folder
+from finetune.output_metadata import output_metadata
 from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer, step_size
 from finetune.recipe_loading import dump_recipe
 from finetune.run_length import check_epoch_run, due, epochs_done, finished_epochs, planned_steps, run_length_line
@@ -247,6 +247,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
 
     progress = tqdm(total=max_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process)
     running_loss = torch.zeros((), device=accelerator.device)
+    step_logs: dict[str, float] = {}  # what the method reports after each optimizer step (lora.max_norm)
     last_checkpoint_step = step
     with StopRequest() as stop, batches_of(loader) as batches:
         while step < max_steps:
@@ -270,6 +271,8 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
                         accelerator.clip_grad_norm_(method.trainable_parameters(), train_cfg.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                    if accelerator.sync_gradients:  # a real step, not one of accumulation's
+                        step_logs = method.after_step(modules)
                 running_loss += losses["loss"].detach() * share / accumulation
             lr_scheduler.step()
             if average is not None:
@@ -287,6 +290,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", **({"epoch": f"{epochs:.2f}/{train_cfg.max_epochs}"} if train_cfg.max_epochs else {}))
             if step % recipe.logging.every_n_steps == 0 or step == max_steps:
                 logs = {f"train/{k}": v.detach().float().item() for k, v in losses.items() if k != "loss"}
+                logs.update({f"train/{k}": v for k, v in step_logs.items()})
                 if len(group_names) > 1:  # each group's rate (text encoder, LoRA+ up weights); train/lr is the first's
                     logs.update({f"train/lr/{name}": step_size(optimizer, i) for i, name in enumerate(group_names)})
                 logs["train/epoch"] = epochs
@@ -368,29 +372,3 @@ def _tensorboard_writer(accelerator: Accelerator):
         if tracker.name == "tensorboard":
             return tracker.writer
     return None
-
-
-def output_metadata(recipe: Recipe, step: int, prediction_type: str) -> dict[str, str]:
-    """Recorded in every saved file, so an adapter can be traced to its base, method and recipe, and
-    sampled with the target it learned (`prediction_type`, which model.prediction_type may change)."""
-    metadata = {
-        "finetune.method": recipe.method,
-        "finetune.base_model": recipe.model.pretrained,
-        "finetune.steps": str(step),
-        "finetune.prediction_type": prediction_type,
-        "finetune.clip_skip": str(recipe.model.clip_skip),
-        **({"finetune.zero_terminal_snr": "true"} if recipe.model.zero_terminal_snr else {}),
-        **({"finetune.max_token_length": str(recipe.model.max_token_length)} if recipe.model.max_token_length != 75 else {}),
-        **({"finetune.loss_mask": recipe.data.loss_mask.source} if recipe.data.loss_mask.enabled else {}),
-        "finetune.resolution": str(recipe.data.resolution),
-        "finetune.recipe_hash": recipe.fingerprint(),
-    }
-    if recipe.method == "lora" or (recipe.dreambooth and recipe.dreambooth.adapter == "lora"):
-        metadata.update({"finetune.rank": str(recipe.lora.rank), "finetune.alpha": str(recipe.lora.alpha)})
-        if recipe.lora.conv_rank is not None:
-            metadata.update(zip(("finetune.conv_rank", "finetune.conv_alpha"), map(str, recipe.lora.conv_rank_alpha())))
-        # LoRA+ ratios under sd-scripts' names (the kohya export writes them as its network_args).
-        metadata.update({f"finetune.{key}": f"{getattr(recipe.lora, key):g}" for key in LORAPLUS_KEYS if getattr(recipe.lora, key) is not None})
-    if recipe.lora.init_from:  # its name only: a path would carry the user's folders into shared files
-        metadata["finetune.init_from"] = Path(recipe.lora.init_from).name
-    return metadata

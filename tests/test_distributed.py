@@ -312,6 +312,8 @@ def test_deepspeed_refuses_what_it_cannot_do_before_training(make_recipe):
     offload = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
     with pytest.raises(FinetuneError, match="optimizer.name adamw8bit with DeepSpeed optimizer offload"):
         configure_deepspeed(accelerator(offload), make_recipe(optimizer__name="adamw8bit"), ["unet"])
+    with pytest.raises(FinetuneError, match="^lora.max_norm with DeepSpeed: .* launch without DeepSpeed, or set lora.max_norm: null$"):
+        configure_deepspeed(accelerator({}), make_recipe(lora__max_norm=1.0), ["unet"])
 
     config = {"train_batch_size": "auto", "gradient_accumulation_steps": "auto"}
     configure_deepspeed(accelerator(config), make_recipe(train__batch_size=3, train__gradient_accumulation_steps=2), ["unet"])

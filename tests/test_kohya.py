@@ -21,7 +21,8 @@ from finetune.kohya import LoRA, LoRALayer, export_lora, kohya_name, load_lora, 
 from finetune.merge import merge_into
 from finetune.methods.lora import LORA_WEIGHTS_NAME, TEXT_ENCODER_TARGETS, add_lora, save_lora
 from finetune.tiny_model import build_tiny_pipeline
-from finetune.trainer import output_metadata, train
+from finetune.output_metadata import output_metadata
+from finetune.trainer import train
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 

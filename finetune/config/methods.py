@@ -39,6 +39,9 @@ class LoRAConfig(Section):
     # The text encoder's LoRA+ ratio, where it should differ (sd-scripts' loraplus_text_encoder_lr_ratio,
     # e.g. 4 with 16 for the UNet); None: loraplus_lr_ratio.
     loraplus_text_encoder_lr_ratio: Optional[float] = Field(None, gt=0)
+    # Max-norm regularization (sd-scripts' scale_weight_norms, often 1.0): after each step, a layer whose
+    # update (alpha/rank x up @ down) has a norm above this is scaled back to it, so none over-trains. None: off.
+    max_norm: Optional[float] = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _conv_alpha_needs_a_conv_rank(self) -> "LoRAConfig":

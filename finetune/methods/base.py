@@ -88,6 +88,10 @@ class TrainingMethod(ABC):
     def save(self, output_dir: Path, modules: dict[str, torch.nn.Module], metadata: dict[str, str]) -> list[Path]:
         """Write the result (from unwrapped `modules`) where creators load it; return the paths written."""
 
+    def after_step(self, modules: dict[str, torch.nn.Module]) -> dict[str, float]:
+        """Called after each optimizer step, with its trained weights; returns values for TensorBoard."""
+        return {}
+
     def checkpoint_state(self) -> dict:
         """What the method itself keeps across steps besides weights (JSON values), for checkpoints."""
         return {}

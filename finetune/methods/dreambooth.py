@@ -260,6 +260,9 @@ class DreamBoothMethod(DiffusionMethod):
         loss = instance_loss + self.recipe.dreambooth.prior_loss_weight * class_loss
         return {"loss": loss, "instance_loss": instance_loss.detach(), "class_loss": class_loss.detach()}
 
+    def after_step(self, modules):
+        return self.adapter.after_step(modules)
+
     def save(self, output_dir, modules, metadata):
         return self.adapter.save(output_dir, modules, metadata)
 

@@ -21,6 +21,7 @@ from finetune.checkpoint import atomic_save_safetensors
 from finetune.encoders import layer_stack, recorded_clip_skip
 from finetune.errors import FinetuneError
 from finetune.kohya import DIFFUSERS_SUFFIXES, LoRA, load_lora
+from finetune.max_norm import apply_max_norm
 from finetune.merge import find_module
 from finetune.methods.base import UNetMethod
 from finetune.models import freeze
@@ -79,6 +80,9 @@ class LoRAMethod(UNetMethod):
         if not any(ratios.values()):
             return groups
         return loraplus_groups(groups, self.trained_modules(), self.recipe.optimizer.lr, ratios)
+
+    def after_step(self, modules) -> dict[str, float]:
+        return apply_max_norm(modules, self.recipe.lora.max_norm) if self.recipe.lora.max_norm else {}
 
     def save(self, output_dir: Path, modules, metadata: dict[str, str]) -> list[Path]:
         return [save_lora(modules, output_dir / LORA_WEIGHTS_NAME, metadata)]

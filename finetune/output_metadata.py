@@ -1,0 +1,37 @@
+"""What every saved result records of its run (safetensors metadata, finetune_metadata.json): its base,
+method and recipe, and the settings a loader or a LoRA inspector needs to use or describe it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from finetune.config import Recipe
+from finetune.kohya import LORAPLUS_KEYS
+
+
+def output_metadata(recipe: Recipe, step: int, prediction_type: str) -> dict[str, str]:
+    """Recorded in every saved file, so an adapter can be traced to its base, method and recipe, and
+    sampled with the target it learned (`prediction_type`, which model.prediction_type may change)."""
+    metadata = {
+        "finetune.method": recipe.method,
+        "finetune.base_model": recipe.model.pretrained,
+        "finetune.steps": str(step),
+        "finetune.prediction_type": prediction_type,
+        "finetune.clip_skip": str(recipe.model.clip_skip),
+        **({"finetune.zero_terminal_snr": "true"} if recipe.model.zero_terminal_snr else {}),
+        **({"finetune.max_token_length": str(recipe.model.max_token_length)} if recipe.model.max_token_length != 75 else {}),
+        **({"finetune.loss_mask": recipe.data.loss_mask.source} if recipe.data.loss_mask.enabled else {}),
+        "finetune.resolution": str(recipe.data.resolution),
+        "finetune.recipe_hash": recipe.fingerprint(),
+    }
+    if recipe.method == "lora" or (recipe.dreambooth and recipe.dreambooth.adapter == "lora"):
+        metadata.update({"finetune.rank": str(recipe.lora.rank), "finetune.alpha": str(recipe.lora.alpha)})
+        if recipe.lora.conv_rank is not None:
+            metadata.update(zip(("finetune.conv_rank", "finetune.conv_alpha"), map(str, recipe.lora.conv_rank_alpha())))
+        # LoRA+ ratios under sd-scripts' names (the kohya export writes them as its network_args).
+        metadata.update({f"finetune.{key}": f"{getattr(recipe.lora, key):g}" for key in LORAPLUS_KEYS if getattr(recipe.lora, key) is not None})
+        if recipe.lora.max_norm is not None:
+            metadata["finetune.max_norm"] = f"{recipe.lora.max_norm:g}"
+    if recipe.lora.init_from:  # its name only: a path would carry the user's folders into shared files
+        metadata["finetune.init_from"] = Path(recipe.lora.init_from).name
+    return metadata

@@ -1,0 +1,75 @@
+"""lora.max_norm (sd-scripts' scale_weight_norms): each layer's update is kept within a norm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from finetune.config import LoRAConfig
+from finetune.errors import FinetuneError
+from finetune.kohya import load_lora, to_kohya
+from finetune.max_norm import apply_max_norm, lora_layers, update_norm
+from finetune.methods.lora import LORA_WEIGHTS_NAME, add_lora
+from finetune.model_card import write_model_card
+from finetune.models import load_base_model
+from finetune.trainer import train
+
+
+def explicit_norm(layer) -> torch.Tensor:
+    update = layer.lora_B["default"].weight.flatten(1) @ layer.lora_A["default"].weight.flatten(1)
+    return torch.linalg.norm(update) * layer.scaling["default"]
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_update_norms_without_forming_the_update_and_shrinking_only_the_large_ones(make_recipe, rslora):
+    recipe = make_recipe()
+    unet = load_base_model(recipe.model).unet
+    add_lora(unet, ["to_q", "to_out.0", "conv1"], torch.float32, LoRAConfig(rank=4, alpha=2, use_rslora=rslora))
+    generator = torch.Generator().manual_seed(0)
+    for name, parameter in unet.named_parameters():
+        if "lora_B" in name:
+            parameter.data = torch.randn(parameter.shape, generator=generator) * torch.rand((), generator=generator)
+    layers = lora_layers({"unet": unet})
+    assert {type(layer.get_base_layer()).__name__ for layer in layers.values()} == {"Linear", "Conv2d"}
+    before = {name: explicit_norm(layer) for name, layer in layers.items()}
+    for name, layer in layers.items():
+        assert update_norm(layer).item() == pytest.approx(before[name].item(), rel=1e-4)
+
+    ordered = sorted(norm.item() for norm in before.values())
+    limit = (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2  # half the layers above it
+    weights = {name: (layer.lora_A["default"].weight.clone(), layer.lora_B["default"].weight.clone()) for name, layer in layers.items()}
+    logs = apply_max_norm({"unet": unet}, limit)
+    above = {name for name, norm in before.items() if norm > limit}
+    assert logs["lora/layers_scaled"] == len(above) > 0 and logs["lora/max_norm"] == pytest.approx(limit, rel=1e-4)
+    for name, layer in layers.items():
+        if name in above:  # shrunk to the limit, down and up alike (the update keeps its direction)
+            assert explicit_norm(layer).item() == pytest.approx(limit, rel=1e-4)
+            ratio = layer.lora_A["default"].weight / weights[name][0]
+            assert torch.allclose(ratio, ratio.flatten()[0]) and torch.allclose(layer.lora_B["default"].weight, weights[name][1] * ratio.flatten()[0])
+        else:
+            assert torch.equal(layer.lora_A["default"].weight, weights[name][0]) and torch.equal(layer.lora_B["default"].weight, weights[name][1])
+
+
+def test_a_run_with_max_norm_keeps_every_layer_within_it_and_logs_it(make_recipe, tmp_path, monkeypatch):
+    logged = []
+    monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, log_kwargs=None: logged.append(values))
+    settings = dict(train__max_steps=6, optimizer__lr=3e-2, logging__every_n_steps=1, lora__target_modules=["to_q", "to_v", "conv1"])
+    free = train(make_recipe(output_dir=str(tmp_path / "free"), **settings))
+    held = train(make_recipe(output_dir=str(tmp_path / "held"), lora__max_norm=0.05, **settings))
+    norms = {run: [torch.linalg.norm(layer.delta()).item() for layer in load_lora(result.output_dir / LORA_WEIGHTS_NAME).layers.values()]
+             for run, result in (("free", free), ("held", held))}  # fmt: skip
+    assert max(norms["free"]) > 0.05  # without it, this learning rate takes layers past the limit
+    assert max(norms["held"]) <= 0.05 * (1 + 1e-4)
+    scaled = [values["train/lora/layers_scaled"] for values in logged if "train/lora/layers_scaled" in values]
+    assert len(scaled) == 6 and scaled[-1] > 0  # logged with the held run's every step
+    # Recorded, and in the kohya export as sd-scripts' ss_scale_weight_norms; in the model card.
+    lora = load_lora(held.output_dir / LORA_WEIGHTS_NAME)
+    assert lora.metadata["finetune.max_norm"] == "0.05" and to_kohya(lora)[1]["ss_scale_weight_norms"] == "0.05"
+    assert "| max norm | 0.05 " in write_model_card(lora, held.output_dir / LORA_WEIGHTS_NAME, "diffusers").read_text()
+    assert "finetune.max_norm" not in load_lora(free.output_dir / LORA_WEIGHTS_NAME).metadata
+
+
+def test_max_norm_needs_a_lora(make_recipe):
+    with pytest.raises(FinetuneError, match=r"lora.max_norm shapes a LoRA, and method full trains none: remove it"):
+        make_recipe(method="full", lora__max_norm=1.0)
