@@ -101,8 +101,8 @@ def table_row(adapter) -> list[str]:
     kind = {"lora": f"LoRA ({adapter.layout})", "pipeline": "DreamBooth pipeline", "controlnet": "ControlNet"}.get(adapter.kind, adapter.kind)
     base = meta.get("finetune.base_model", "?")
     base = base if len(base) <= 48 else "…" + base[-47:]
-    return [adapter.name, kind, base, meta.get("finetune.method", "?"), meta.get("finetune.steps", "?"), meta.get("finetune.rank", "-"),
-            adapter.refused or "ok"]
+    rank = meta.get("finetune.rank", "-") + (f" (3x3 conv {meta['finetune.conv_rank']})" if meta.get("finetune.conv_rank") else "")
+    return [adapter.name, kind, base, meta.get("finetune.method", "?"), meta.get("finetune.steps", "?"), rank, adapter.refused or "ok"]
 
 
 def labelled_grid(rows: list[list], column_labels: list[str], seeds: list[int]):

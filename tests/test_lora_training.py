@@ -184,6 +184,11 @@ def test_only_lora_weights_change_and_saved_file_reproduces_the_trained_unet(mak
     assert json.loads(kohya_metadata.get("ss_network_args", "{}")) == ({"conv_dim": str(conv_rank), "conv_alpha": str(conv_alpha)} if convs else {})
     if conv:  # recorded, in the card, and the kohya layout loads in diffusers as the same model
         assert (metadata["finetune.conv_rank"], metadata["finetune.conv_alpha"]) == ("2", "3.0")
+        from types import SimpleNamespace
+
+        from finetune.demo import table_row  # the demo's adapter table
+
+        assert table_row(SimpleNamespace(name="r", kind="lora", layout="diffusers", metadata=metadata, refused=None))[5] == "4 (3x3 conv 2)"
         assert "| 3x3 conv layers (LoCon) | rank 2 / alpha 3 (scaled by 1.5) |" in write_model_card(lora, lora_file, "diffusers").read_text()
         kohya_file = save_lora_file(lora, result.output_dir / "kohya" / "locon.safetensors", "kohya")
         webui = StableDiffusionPipeline.from_pretrained(recipe.model.pretrained)
