@@ -287,7 +287,8 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             progress.update(1)
             lr = step_size(optimizer)
             ended, epochs = finished_epochs(step, accumulation, batches_per_epoch), epochs_done(step, accumulation, batches_per_epoch)
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", **({"epoch": f"{epochs:.2f}/{train_cfg.max_epochs}"} if train_cfg.max_epochs else {}))
+            shown_epochs = {"epoch": f"{epochs:.2f}/{train_cfg.max_epochs}"} if train_cfg.max_epochs else {}
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", **shown_epochs)
             if step % recipe.logging.every_n_steps == 0 or step == max_steps:
                 logs = {f"train/{k}": v.detach().float().item() for k, v in losses.items() if k != "loss"}
                 logs.update({f"train/{k}": v for k, v in step_logs.items()})
