@@ -106,10 +106,6 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     max_steps = planned_steps(train_cfg, batches_per_epoch)  # train.max_steps, or train.max_epochs counted in steps
     if train_cfg.max_epochs is not None:
         check_epoch_run(recipe, max_steps, batches_per_epoch, resume_from)
-    if overwrite and resume_from is None:  # only now: every check that could refuse the run has passed
-        if accelerator.is_main_process:
-            ckpt.clear_earlier_run(output_dir)
-        accelerator.wait_for_everyone()
     method.held_out_items = frozenset(range(len(sources))) - frozenset(trained_items)
     if held_out:
         accelerator.print(f"validation loss: {len(held_out)} image{'s' if len(held_out) > 1 else ''} held out of training, scored at each validation")
@@ -142,6 +138,11 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     training_set = TrainingSubset(dataset, trained_items) if held_out else dataset
     if (len(training_set), getattr(training_set, "bucket_of", None)) != (len(layout), layout.bucket_of):
         raise RuntimeError(f"method {recipe.method}: its dataset is not laid out as its training_items() said")  # a bug, not the data
+    # Only now, with the model set up and the data built, has every check that could refuse the run passed.
+    if overwrite and resume_from is None:
+        if accelerator.is_main_process:
+            ckpt.clear_earlier_run(output_dir)
+        accelerator.wait_for_everyone()
     strip = mask_preview(dataset, sources, recipe.data.loss_mask.unmasked_weight) if (
         recipe.data.loss_mask.enabled and accelerator.is_main_process and resume_from is None) else None  # fmt: skip
     if strip is not None:

@@ -83,6 +83,11 @@ def test_warmup_longer_than_the_epochs_is_one_line_before_the_model_loads_and_be
     with pytest.raises(FinetuneError, match=r"optimizer.warmup_steps \(4\) must be below the run's 4 steps \(train.max_epochs 2\)"):
         train(recipe, overwrite=True)
     assert [p.name for p in list_checkpoints(earlier.output_dir / "checkpoints")] == ["checkpoint-1", "checkpoint-2"]  # nothing lost
+    monkeypatch.undo()
+    # Nor by a refusal that comes once the model is set up (the earlier run is cleared only after every check).
+    with pytest.raises(FinetuneError, match=r"lora.target_modules: 'no_such_layer' names no layer"):
+        train(make_recipe(train__max_steps=2, lora__target_modules=["no_such_layer"]), overwrite=True)
+    assert [p.name for p in list_checkpoints(earlier.output_dir / "checkpoints")] == ["checkpoint-1", "checkpoint-2"]
 
 
 def test_every_epoch_end_counts_when_a_step_ends_several(make_recipe):

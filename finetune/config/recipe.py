@@ -232,7 +232,8 @@ class Recipe(Section):
             raise ValueError(f"lora.init_from starts a LoRA, and method {self.method} trains none: remove it (or use method lora)")
         for key in ("conv_rank", "conv_alpha", "max_norm"):
             if getattr(self.lora, key) is not None and not uses_lora:
-                raise ValueError(f"lora.{key} shapes a LoRA, and method {self.method} trains none: remove it (or use method lora)")
+                remedy = "dreambooth.adapter: lora" if self.method == "dreambooth" else "method lora"
+                raise ValueError(f"lora.{key} shapes a LoRA, and method {self.method} trains none: remove it (or use {remedy})")
         for key in ("loraplus_lr_ratio", "loraplus_text_encoder_lr_ratio"):
             if getattr(self.lora, key) is None:
                 continue
