@@ -158,8 +158,6 @@ def inspect(example: Example, config: DataConfig) -> tuple[Example | None, list[
     except Exception as err:  # a file that decodes but cannot be converted
         message = f"image {source} cannot be converted to RGB ({err.__class__.__name__}: {err}): re-save it as PNG or JPEG"
         return None, findings + [Finding(FATAL, source, message)], None
-    alpha_is_mask = config.loss_mask.source == "alpha" and (not config.folders or config.folders[example.folder_index].loss_mask)
-    findings += [Finding(CONVERTED, source, f"image {source}: {what}") for what in conversions(raw, alpha_is_mask)]
     width, height = image.size
     min_size = config.min_image_size or config.resolution // 2
     if min(width, height) < min_size:
@@ -170,6 +168,8 @@ def inspect(example: Example, config: DataConfig) -> tuple[Example | None, list[
     if config.loss_mask.enabled:
         example, mask_findings = inspect_loss_mask(example, raw, config)
         findings += mask_findings
+    alpha_is_mask = config.loss_mask.source == "alpha" and example.load_mask is not None  # some of it is transparent, and that masks
+    findings += [Finding(CONVERTED, source, f"image {source}: {what}") for what in conversions(raw, alpha_is_mask)]
     usable = None if any(f.level == FATAL for f in findings) else example
     return usable, findings, digest
 

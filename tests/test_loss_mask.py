@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 import finetune.methods.base as method_base
@@ -333,7 +334,7 @@ def test_a_mask_no_view_can_reach_and_alpha_without_any_transparency_stop_before
     assert [example.mask_area for example in load_examples(alpha)] == [0.5, None]
 
 
-def test_review_cases_exact_names_first_8_bit_values_in_16_bits_opaque_alpha_and_16_bit_keyed_images(tmp_path):
+def test_review_cases_exact_names_first_8_bit_values_in_16_bits_opaque_alpha_and_16_bit_keyed_images(tmp_path, capsys):
     from finetune.data import open_rgb, Example
 
     folder = tmp_path / "data"
@@ -358,6 +359,15 @@ def test_review_cases_exact_names_first_8_bit_values_in_16_bits_opaque_alpha_and
     alpha = DataConfig(image_dir=str(opaque), resolution=64, loss_mask={"source": "alpha"})
     with pytest.raises(FinetuneError, match=r"none of its 1 images has transparency"):
         load_examples(alpha)
+    # A problem of the whole dataset: skipping images (already on) is not offered as a fix.
+    recipe = tmp_path / "alpha.yaml"
+    recipe.write_text(yaml.safe_dump({"data": {"image_dir": str(opaque), "resolution": 64, "loss_mask": {"source": "alpha"}, "skip_bad_images": True}}))
+    capsys.readouterr()
+    assert main(["check-data", str(recipe)]) == 1
+    assert capsys.readouterr().out.splitlines()[-1] == "result: training would stop: 1 fatal problem(s); fix them"
+    # Its alpha channel masks nothing, so check-data calls it a plain conversion, not a loss mask.
+    converted = [f.message for f in inspect_examples(read_examples(alpha), alpha, "data").findings if f.level == CONVERTED]
+    assert converted == [f"image {opaque / '0.png'}: transparency (RGBA): composited on white"]
 
     ramp = np.linspace(0, 63000, 64 * 64).astype(np.uint16).reshape(64, 64)
     Image.fromarray(ramp).save(tmp_path / "keyed16.png", transparency=0)  # 16 bits with a transparent value
