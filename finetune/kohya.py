@@ -53,7 +53,9 @@ LORAPLUS_KEYS = ("loraplus_lr_ratio", "loraplus_text_encoder_lr_ratio")
 # Our metadata keys and sd-scripts' keys for the same thing, copied across on import and export.
 KOHYA_KEYS = (
     ("finetune.base_model", "ss_sd_model_name"),
-    ("finetune.steps", "ss_max_train_steps"),
+    ("finetune.steps", "ss_steps"),  # the step it was saved at
+    ("finetune.epoch", "ss_epoch"),  # the epochs completed by then
+    ("finetune.max_steps", "ss_max_train_steps"),  # the run's length
     ("finetune.clip_skip", "ss_clip_skip"),
     ("finetune.max_token_length", "ss_max_token_length"),
     ("finetune.max_norm", "ss_scale_weight_norms"),
@@ -229,6 +231,8 @@ def finetune_metadata_from_kohya(metadata: dict[str, str]) -> dict[str, str]:
     for ours, theirs in KOHYA_KEYS:
         if ours not in kept and metadata.get(theirs) not in (None, "", "None"):  # sd-scripts writes "None" for unset
             kept[ours] = metadata[theirs]
+    if "finetune.steps" not in kept and metadata.get("ss_max_train_steps") not in (None, "", "None"):  # sd-scripts files without ss_steps
+        kept["finetune.steps"] = metadata["ss_max_train_steps"]
     if "finetune.prediction_type" not in kept and metadata.get("ss_v_parameterization") in ("True", "False"):
         kept["finetune.prediction_type"] = "v_prediction" if metadata["ss_v_parameterization"] == "True" else "epsilon"
     if "finetune.zero_terminal_snr" not in kept and metadata.get("ss_zero_terminal_snr") == "True":
@@ -340,12 +344,19 @@ def resolve_output_file(output: Path, layout: str, source: Path) -> Path:
     from finetune.methods.lora import LORA_WEIGHTS_NAME
 
     # webui lists a LoRA by its file name, so a kohya file is named after the training run, and a
-    # checkpoint's after its run and step as sd-scripts names them (`quickstart-000200`).
+    # checkpoint's after its run and step as sd-scripts names its step saves (`quickstart-step00000200`;
+    # `quickstart-000004` would read as its epoch 4).
     run_name = source.parent.name if source.name == LORA_WEIGHTS_NAME else source.stem
-    checkpoint = re.fullmatch(r"checkpoint-(\d+)", run_name) if source.parent.parent.name == "checkpoints" else None
-    if checkpoint:
-        run_name = f"{source.parent.parent.parent.name}-{int(checkpoint.group(1)):06d}"
+    checkpoint = checkpoint_step_of(source)
+    if checkpoint is not None:
+        run_name = f"{source.parent.parent.parent.name}-step{checkpoint:08d}"
     return output / (f"{run_name}.safetensors" if layout == "kohya" else LORA_WEIGHTS_NAME)
+
+
+def checkpoint_step_of(lora_file: Path) -> int | None:
+    """The step of a LoRA file a run's checkpoint holds (`<run>/checkpoints/checkpoint-N/...`), else None."""
+    checkpoint = re.fullmatch(r"checkpoint-(\d+)", lora_file.parent.name) if lora_file.parent.parent.name == "checkpoints" else None
+    return int(checkpoint.group(1)) if checkpoint else None
 
 
 def export_lora(source: Path, output: Path, layout: str, overwrite: bool = False, precision: str | None = None) -> tuple[Path, Path]:
@@ -365,4 +376,7 @@ def export_lora(source: Path, output: Path, layout: str, overwrite: bool = False
     lora = load_lora(source)
     path = save_lora_file(lora, destination, layout, precision)
 
-    return path, write_model_card(lora, path, layout, training_dir=source.parent, precision=precision)
+    # A checkpoint's card shows its run's samples up to its step.
+    step = checkpoint_step_of(source)
+    training_dir = source.parent if step is None else source.parent.parent.parent
+    return path, write_model_card(lora, path, layout, training_dir=training_dir, precision=precision, up_to_step=step)

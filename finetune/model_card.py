@@ -13,8 +13,11 @@ from finetune.encoders import recorded_clip_skip
 from finetune.kohya import LoRA
 
 
-def newest_sample_grid(training_dir: Path) -> Path | None:
+def newest_sample_grid(training_dir: Path, up_to_step: int | None = None) -> Path | None:
+    """The run's newest validation grid (samples/step-N.png), or its newest at or before `up_to_step`."""
     grids = sorted(training_dir.glob("samples/step-*.png"))  # zero-padded steps sort in order
+    if up_to_step is not None:
+        grids = [grid for grid in grids if grid.stem.removeprefix("step-").isdigit() and int(grid.stem.removeprefix("step-")) <= up_to_step]
     return grids[-1] if grids else None
 
 
@@ -65,9 +68,12 @@ def precision_name(lora: LoRA) -> str:
     return " and ".join(sorted(names.get(dtype, str(dtype).removeprefix("torch.")) for dtype in dtypes))
 
 
-def write_model_card(lora: LoRA, path: Path, layout: str, training_dir: Path | None = None, precision: str | None = None) -> Path:
+def write_model_card(
+    lora: LoRA, path: Path, layout: str, training_dir: Path | None = None, precision: str | None = None, up_to_step: int | None = None
+) -> Path:
     """The card beside the file: provenance, rank/alpha, and how to load it in diffusers and webui/ComfyUI.
-    `precision`: the file's, where it was written in another than `lora`'s own."""
+    `precision`: the file's, where it was written in another than `lora`'s own; `up_to_step`: the newest
+    sample grid shown is of that step or before (a checkpoint's)."""
     meta = lora.metadata
     rank, alpha = lora.common_rank_alpha()
     conv = lora.conv_rank_alpha()
@@ -84,7 +90,7 @@ def write_model_card(lora: LoRA, path: Path, layout: str, training_dir: Path | N
         f"| rank / alpha | {rank} / {alpha:g} (updates scaled by alpha/rank = {alpha / rank:g}) |",
         f"| adapted | {', '.join(parts)} ({len(lora.layers)} layers) |",
         *([f"| 3x3 conv layers (LoCon) | rank {conv[0]} / alpha {conv[1]:g} (scaled by {conv[1] / conv[0]:g}) |"] if conv else []),
-        f"| steps | {meta.get('finetune.steps', 'unknown')} |",
+        f"| steps | {meta.get('finetune.steps', 'unknown')}" + (f" ({meta['finetune.epoch']} epochs)" if meta.get("finetune.epoch") else "") + " |",
         f"| resolution | {meta.get('finetune.resolution', 'unknown')} |",
         f"| prediction type | {meta.get('finetune.prediction_type', 'unknown')} |",
         f"| clip skip | {meta.get('finetune.clip_skip', 'unknown')} (the webui's count) |",
@@ -102,7 +108,7 @@ def write_model_card(lora: LoRA, path: Path, layout: str, training_dir: Path | N
         *([f"| started from | the LoRA `{meta['finetune.init_from']}` (lora.init_from; steps above are this run's) |"] if meta.get("finetune.init_from") else []),
         "",
     ]
-    grid = newest_sample_grid(training_dir) if training_dir else None
+    grid = newest_sample_grid(training_dir, up_to_step) if training_dir else None
     if grid is not None:
         target = path.parent / "samples" / (f"{path.stem}-{grid.name}" if layout == "kohya" else grid.name)
         if grid.resolve() != target.resolve():

@@ -9,13 +9,16 @@ from finetune.config import Recipe
 from finetune.kohya import LORAPLUS_KEYS
 
 
-def output_metadata(recipe: Recipe, step: int, prediction_type: str) -> dict[str, str]:
+def output_metadata(recipe: Recipe, step: int, prediction_type: str, epoch: int | None = None, max_steps: int | None = None) -> dict[str, str]:
     """Recorded in every saved file, so an adapter can be traced to its base, method and recipe, and
-    sampled with the target it learned (`prediction_type`, which model.prediction_type may change)."""
+    sampled with the target it learned (`prediction_type`, which model.prediction_type may change).
+    `step` is the step it was saved at, `epoch` the epochs completed by then, `max_steps` the run's length."""
     metadata = {
         "finetune.method": recipe.method,
         "finetune.base_model": recipe.model.pretrained,
         "finetune.steps": str(step),
+        **({"finetune.epoch": str(epoch)} if epoch is not None else {}),
+        **({"finetune.max_steps": str(max_steps)} if max_steps is not None else {}),
         "finetune.prediction_type": prediction_type,
         "finetune.clip_skip": str(recipe.model.clip_skip),
         **({"finetune.zero_terminal_snr": "true"} if recipe.model.zero_terminal_snr else {}),

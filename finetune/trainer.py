@@ -226,8 +226,9 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             if not accelerator.is_main_process:
                 return []
             unwrapped = {name: unwrap(accelerator, module) for name, module in modules.items()}
+            progress = {"epoch": int(epochs_done(step, accumulation, batches_per_epoch)), "max_steps": max_steps}
             with unsharded_loading(accelerator), averaged():
-                return method.save(folder, unwrapped, output_metadata(recipe, step, method.base.noise_scheduler.config.prediction_type))
+                return method.save(folder, unwrapped, output_metadata(recipe, step, method.base.noise_scheduler.config.prediction_type, **progress))
 
     def save_checkpoint() -> None:
         def extra(folder: Path) -> None:

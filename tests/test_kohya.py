@@ -198,7 +198,7 @@ def test_export_command_writes_metadata_and_a_model_card(trained, tiny_model, tm
         metadata = f.metadata()
     assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "2.0"
     assert metadata["finetune.rank"] == "4" and metadata["finetune.alpha"] == "2.0"
-    assert metadata["finetune.base_model"] == str(tiny_model) and metadata["finetune.steps"] == "150"
+    assert metadata["finetune.base_model"] == str(tiny_model) and metadata["finetune.steps"] == metadata["ss_steps"] == "150"
     assert metadata["finetune.method"] == "lora" and metadata["finetune.resolution"] == "64" and metadata["finetune.recipe_hash"]
     assert "lora_adapter_metadata" not in metadata  # diffusers must read alpha from the .alpha tensors
 

@@ -51,12 +51,14 @@ def test_update_norms_without_forming_the_update_and_shrinking_only_the_large_on
             assert torch.equal(layer.lora_A["default"].weight, weights[name][0]) and torch.equal(layer.lora_B["default"].weight, weights[name][1])
 
 
-def test_a_run_with_max_norm_keeps_every_layer_within_it_and_logs_it(make_recipe, tmp_path, monkeypatch):
+def test_a_run_with_max_norm_keeps_every_layer_within_it_and_logs_it(make_recipe, tmp_path, monkeypatch, capsys):
     logged = []
     monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, log_kwargs=None: logged.append(values))
     settings = dict(train__max_steps=6, optimizer__lr=3e-2, logging__every_n_steps=1, lora__target_modules=["to_q", "to_v", "conv1"])
     free = train(make_recipe(output_dir=str(tmp_path / "free"), **settings))
+    capsys.readouterr()
     held = train(make_recipe(output_dir=str(tmp_path / "held"), lora__max_norm=0.05, **settings))
+    assert "max-norm (lora.max_norm): each layer's update is kept within 0.05 after every step" in capsys.readouterr().out
     norms = {run: [torch.linalg.norm(layer.delta()).item() for layer in load_lora(result.output_dir / LORA_WEIGHTS_NAME).layers.values()]
              for run, result in (("free", free), ("held", held))}  # fmt: skip
     assert max(norms["free"]) > 0.05  # without it, this learning rate takes layers past the limit

@@ -9,6 +9,8 @@ import yaml
 
 from finetune.checkpoint import list_checkpoints
 from finetune.errors import FinetuneError
+from finetune.kohya import export_lora, load_lora, to_kohya
+from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.recipe_loading import load_recipe
 from finetune.run_length import due, epochs_to_continue, finished_epochs, planned_steps
 from finetune.trainer import train
@@ -62,6 +64,16 @@ def test_a_run_of_epochs_saves_and_samples_at_epoch_ends_and_resumes_for_more(ma
     checkpoints = Path(recipe.output_dir) / "checkpoints"
     assert [p.name for p in list_checkpoints(checkpoints)] == ["checkpoint-4", "checkpoint-6"]  # epoch 2, and the end
     assert [p.name for p in result.sample_grids] == ["step-000002.png", "step-000004.png", "step-000006.png"]
+    # Each saved LoRA records its step, the epochs done by then and the run's length, as sd-scripts'
+    # ss_steps, ss_epoch and ss_max_train_steps; a checkpoint exports under sd-scripts' step name,
+    # with its card showing the run's samples up to its step.
+    assert {key: load_lora(result.output_dir / LORA_WEIGHTS_NAME).metadata[key] for key in ("finetune.steps", "finetune.epoch", "finetune.max_steps")} == {
+        "finetune.steps": "6", "finetune.epoch": "3", "finetune.max_steps": "6"}  # fmt: skip
+    exported, card = export_lora(checkpoints / "checkpoint-4", result.output_dir / "webui", "kohya")
+    assert exported.name == "run-step00000004.safetensors"
+    metadata = load_lora(exported).metadata | to_kohya(load_lora(exported))[1]
+    assert (metadata["ss_steps"], metadata["ss_epoch"], metadata["ss_max_train_steps"]) == ("4", "2", "6")
+    assert "| steps | 4 (2 epochs) |" in card.read_text() and "samples/run-step00000004-step-000004.png" in card.read_text()
     saved = yaml.safe_load((Path(recipe.output_dir) / "recipe.yaml").read_text())
     assert (saved["train"]["max_steps"], saved["train"]["max_epochs"]) == (None, 3)  # the recipe as run loads again
 

@@ -53,6 +53,9 @@ class LoRAMethod(UNetMethod):
         add_lora(self.base.unet, settings.target_modules, self.weight_dtype, settings)
         if self.train_text_encoder:
             add_lora(self.base.text_encoder, TEXT_ENCODER_TARGETS, self.weight_dtype, settings)
+        if settings.max_norm is not None:
+            self.start_lines.append(f"max-norm (lora.max_norm): each layer's update is kept within {settings.max_norm:g} after every step "
+                                    "(TensorBoard: train/lora/layers_scaled, mean_norm, max_norm)")  # fmt: skip
         if settings.loraplus_lr_ratio is not None:
             self.start_lines.append(f"LoRA+ (lora.loraplus_lr_ratio): the up weights learn at {settings.loraplus_lr_ratio:g} x the learning rate")
         if self.train_text_encoder and settings.loraplus_text_encoder_lr_ratio is not None:
