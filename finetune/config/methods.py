@@ -23,7 +23,7 @@ class LoRAConfig(Section):
     # LoCon (sd-scripts' conv_dim and conv_alpha): the rank and alpha of the 3x3 convolutions among the
     # targets (the ResNets' conv1 and conv2, the down- and upsamplers' conv), often lower than the rest's
     # for style LoRAs. None: lora.rank; conv_alpha None: the other layers' scale (alpha x conv_rank / rank;
-    # with rsLoRA alpha x sqrt(conv_rank / rank)), where sd-scripts takes 1: set it to match a run of its.
+    # with rsLoRA alpha x sqrt(conv_rank / rank)); sd-scripts' default is 1, so set it to repeat one of its runs.
     conv_rank: Optional[int] = Field(None, ge=1)
     conv_alpha: Optional[float] = Field(None, gt=0)
     # Also a LoRA on the text encoder's attention projections (method lora; DreamBooth has its own switch).
