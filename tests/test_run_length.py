@@ -60,7 +60,9 @@ def test_a_run_of_epochs_saves_and_samples_at_epoch_ends_and_resumes_for_more(ma
                          validation__at_start=False)  # fmt: skip
     result = train(recipe)
     assert result.final_step == 6 and len(result.losses) == 6
-    assert "length: 6 steps of 2 images = 3 epochs of 4 images" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "length: 6 steps of 2 images = 3 epochs of 4 images" in out
+    assert f"saved {Path(recipe.output_dir) / 'checkpoints' / 'checkpoint-4'} (step 4, 2 epochs)" in out.splitlines()  # said when saved
     checkpoints = Path(recipe.output_dir) / "checkpoints"
     assert [p.name for p in list_checkpoints(checkpoints)] == ["checkpoint-4", "checkpoint-6"]  # epoch 2, and the end
     assert [p.name for p in result.sample_grids] == ["step-000002.png", "step-000004.png", "step-000006.png"]
