@@ -207,7 +207,8 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     def averaged():  # the weight average in place of the trained weights, with train.ema_decay
         return average.applied() if average else contextlib.nullcontext()
 
-    def validate(at_step: int) -> None:
+    def validate(at_step: int) -> Path | None:
+        """The validation grid of this step (and the held-out loss); returns the grid's path, if one was drawn."""
         with averaged():
             grid = run_validation(recipe, method, modules, accelerator, at_step)
             if held_out:
@@ -217,6 +218,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
                 accelerator.log({f"validation/{name}": value for name, value in terms.items()}, step=at_step)
         if grid is not None:
             result.sample_grids.append(grid)
+        return grid
 
     def save_outputs(folder: Path) -> list[Path]:
         """Collective: the method's outputs (from the weight average, if any) into `folder`, by the main process."""
@@ -310,7 +312,9 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
                 if accelerator.is_local_main_process:  # a line above the progress bar, as sd-scripts says each save
                     progress.write(f"saved {checkpoints_dir / f'checkpoint-{step}'} (step {step}, {epochs:.3g} epochs)")
             if due(step, recipe.validation.every_n_steps, ended, recipe.validation.every_n_epochs) and step < max_steps:
-                validate(step)
+                grid = validate(step)
+                if grid is not None and accelerator.is_local_main_process:
+                    progress.write(f"samples: {grid}")
     progress.close()
     result.final_step = step
 

@@ -63,6 +63,7 @@ def test_a_run_of_epochs_saves_and_samples_at_epoch_ends_and_resumes_for_more(ma
     out = capsys.readouterr().out
     assert "length: 6 steps of 2 images = 3 epochs of 4 images" in out
     assert f"saved {Path(recipe.output_dir) / 'checkpoints' / 'checkpoint-4'} (step 4, 2 epochs)" in out.splitlines()  # said when saved
+    assert f"samples: {Path(recipe.output_dir) / 'samples' / 'step-000002.png'}" in out.splitlines()
     checkpoints = Path(recipe.output_dir) / "checkpoints"
     assert [p.name for p in list_checkpoints(checkpoints)] == ["checkpoint-4", "checkpoint-6"]  # epoch 2, and the end
     assert [p.name for p in result.sample_grids] == ["step-000002.png", "step-000004.png", "step-000006.png"]
