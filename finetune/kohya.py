@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from finetune.checkpoint import atomic_save_safetensors
+from finetune.checkpoint import CHECKPOINT_PATTERN, atomic_save_safetensors
 from finetune.errors import FinetuneError
 
 PARTS = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
@@ -355,7 +355,7 @@ def resolve_output_file(output: Path, layout: str, source: Path) -> Path:
 
 def checkpoint_step_of(lora_file: Path) -> int | None:
     """The step of a LoRA file a run's checkpoint holds (`<run>/checkpoints/checkpoint-N/...`), else None."""
-    checkpoint = re.fullmatch(r"checkpoint-(\d+)", lora_file.parent.name) if lora_file.parent.parent.name == "checkpoints" else None
+    checkpoint = CHECKPOINT_PATTERN.match(lora_file.parent.name) if lora_file.parent.parent.name == "checkpoints" else None
     return int(checkpoint.group(1)) if checkpoint else None
 
 

@@ -32,10 +32,9 @@ def update_norm(layer: torch.nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def apply_max_norm(modules: dict[str, torch.nn.Module], max_norm: float) -> dict[str, float]:
-    """Shrink every layer whose update norm exceeds `max_norm` back to it; return what TensorBoard shows:
-    how many layers were shrunk, and the mean and largest norm after shrinking."""
-    layers = lora_layers(modules)
+def apply_max_norm(layers: dict[str, torch.nn.Module], max_norm: float) -> dict[str, float]:
+    """Shrink every LoRA layer (`lora_layers`) whose update norm exceeds `max_norm` back to it; return what
+    TensorBoard shows: how many layers were shrunk, and the mean and largest norm after shrinking."""
     norms = torch.stack([update_norm(layer) for layer in layers.values()])
     ratios = (max_norm / norms.clamp(min=max_norm)).tolist()  # 1 where the norm is within bounds
     for layer, ratio in zip(layers.values(), ratios):

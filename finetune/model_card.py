@@ -16,8 +16,8 @@ from finetune.kohya import LoRA
 def newest_sample_grid(training_dir: Path, up_to_step: int | None = None) -> Path | None:
     """The run's newest validation grid (samples/step-N.png), or its newest at or before `up_to_step`."""
     grids = sorted(training_dir.glob("samples/step-*.png"))  # zero-padded steps sort in order
-    if up_to_step is not None:
-        grids = [grid for grid in grids if grid.stem.removeprefix("step-").isdigit() and int(grid.stem.removeprefix("step-")) <= up_to_step]
+    if up_to_step is not None:  # the names sort as their steps do
+        grids = [grid for grid in grids if grid.name <= f"step-{up_to_step:06d}.png"]
     return grids[-1] if grids else None
 
 

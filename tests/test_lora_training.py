@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from finetune.checkpoint import list_checkpoints
 from finetune.data import CaptionedImageDataset, collate, load_examples
 from finetune.errors import FinetuneError
-from finetune.kohya import LORAPLUS_KEYS, finetune_metadata_from_kohya, load_lora, save_lora_file, to_kohya
+from finetune.kohya import load_lora, save_lora_file, to_kohya
 from finetune.diffusion import add_noise, per_sample_loss
 from finetune.encoders import encode_images, encode_prompts
 from finetune.methods.lora import LORA_WEIGHTS_NAME, LoRAMethod
@@ -116,20 +116,6 @@ def test_a_run_started_from_a_lora_says_so_records_it_and_keeps_it_when_resumed(
     assert yaml.safe_load((continued.output_dir / "recipe.yaml").read_text())["lora"]["init_from"] == str(first.output_dir)
     with safe_open(str(continued.output_dir / LORA_WEIGHTS_NAME), "pt") as f:
         assert f.metadata()["finetune.init_from"] == "first"
-
-
-def test_the_run_length_is_also_said_in_epochs(make_recipe, capsys):
-    train(make_recipe(train__max_steps=3, train__gradient_accumulation_steps=2))  # 4 images, 2 per micro-batch, 2 micro-batches a step
-    assert "length: 3 steps of 4 images = 3 epochs of 4 images" in capsys.readouterr().out.splitlines()
-    train(make_recipe(train__max_steps=3, train__batch_size=3), overwrite=True)  # 4 images in batches of 3: one batch an epoch
-    assert "length: 3 steps of 3 images = 3 epochs of 3 of the 4 images (each epoch leaves 1 out at random, to fill whole batches)" in capsys.readouterr().out.splitlines()
-    from types import SimpleNamespace
-
-    from finetune.run_length import run_length_line
-
-    buckets = SimpleNamespace(batches_per_epoch=8, images_per_epoch=24)  # 24 images in buckets, some batches partial
-    line = run_length_line(make_recipe(train__max_steps=10, train__batch_size=4).train, 10, buckets, 24, 1)
-    assert line == "length: 10 steps of 4 images = 1.25 epochs of 24 images (in 8 batches an epoch: a bucket's last batch may be smaller)"
 
 
 # Attention alone (recipes/lora.yaml), and with the feed-forward, projection and conv layers (the quickstart's).
@@ -366,62 +352,3 @@ def test_the_trained_adapter_is_on_disk_before_the_last_validation_samples(make_
     with pytest.raises(RuntimeError, match="the sampler broke"):
         train(recipe)
     assert (Path(recipe.output_dir) / LORA_WEIGHTS_NAME).is_file()
-
-
-def test_loraplus_moves_the_up_weights_ratio_times_faster_in_each_group(make_recipe, tmp_path, capsys, monkeypatch):
-    """One AdamW step from B = 0 moves each up weight by its group's learning rate (Adam's first step is
-    lr x the gradient's sign), so the saved ups show each group's rate: the UNet's and the text encoder's."""
-    from accelerate import Accelerator
-
-    logged = []
-    monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, log_kwargs=None: logged.append(values))
-    largest = {}
-    for ratios in ((None, None), (16.0, None), (16.0, 4.0)):
-        recipe = make_recipe(
-            output_dir=str(tmp_path / str(ratios)), train__max_steps=1, optimizer__lr=1e-3, optimizer__scheduler="constant", optimizer__warmup_steps=0,
-            optimizer__weight_decay=0.0, lora__train_text_encoder=True, lora__text_encoder_lr=1e-4,
-            lora__loraplus_lr_ratio=ratios[0], lora__loraplus_text_encoder_lr_ratio=ratios[1],
-        )  # fmt: skip
-        tensors = load_file(train(recipe).output_dir / LORA_WEIGHTS_NAME)
-        lora = load_lora(Path(recipe.output_dir) / LORA_WEIGHTS_NAME)
-        recorded = {key: value for key, value in lora.metadata.items() if "loraplus" in key}
-        assert recorded == {f"finetune.{key}": f"{value:g}" for key, value in zip(LORAPLUS_KEYS, ratios) if value is not None}
-        # In the kohya export as sd-scripts' network_args (JSON in ss_network_args), read back on import; in the card.
-        kohya_metadata = to_kohya(lora)[1]
-        assert json.loads(kohya_metadata.get("ss_network_args", "{}")) == {key[len("finetune."):]: value for key, value in recorded.items()}
-        assert {k: v for k, v in finetune_metadata_from_kohya(kohya_metadata).items() if "loraplus" in k} == recorded
-        card = write_model_card(lora, Path(recipe.output_dir) / LORA_WEIGHTS_NAME, "diffusers").read_text()
-        assert ("| LoRA+ | up weights at 16 x the learning rate |" in card) == (ratios[0] is not None)
-        assert ("| LoRA+ (text encoder) | up weights at 4 x its learning rate |" in card) == (ratios[1] is not None)
-        for part in ("unet.", "text_encoder."):
-            largest[ratios, part] = max(t.abs().max().item() for k, t in tensors.items() if k.startswith(part) and k.endswith("up.weight"))
-    expected = {(None, None): (1e-3, 1e-4), (16.0, None): (16e-3, 16e-4), (16.0, 4.0): (16e-3, 4e-4)}
-    for ratios, (unet, text_encoder) in expected.items():
-        assert largest[ratios, "unet."] == pytest.approx(unet, rel=1e-3) and largest[ratios, "text_encoder."] == pytest.approx(text_encoder, rel=1e-3)
-    # Each group's rate is logged by name; train/lr stays the UNet's (down weights') rate.
-    rates = {key: value for key, value in logged[-1].items() if key.startswith("train/lr")}
-    assert rates == pytest.approx({"train/lr": 1e-3, "train/lr/unet": 1e-3, "train/lr/unet_up": 16e-3, "train/lr/text_encoder": 1e-4, "train/lr/text_encoder_up": 4e-4})
-    out = capsys.readouterr().out
-    assert "LoRA+ (lora.loraplus_lr_ratio): the up weights learn at 16 x the learning rate" in out
-    assert "LoRA+ for the text encoder (lora.loraplus_text_encoder_lr_ratio): its up weights at 4 x its rate" in out
-    with pytest.raises(FinetuneError, match=r"lora.loraplus_lr_ratio sets a LoRA's learning rates, and method full trains none"):
-        make_recipe(method="full", lora__loraplus_lr_ratio=16)
-    with pytest.raises(FinetuneError, match=r"lora.loraplus_text_encoder_lr_ratio is the text encoder's LoRA\+ ratio, and no text encoder trains"):
-        make_recipe(lora__loraplus_text_encoder_lr_ratio=4)
-    with pytest.raises(FinetuneError, match=r"lora.loraplus_text_encoder_lr_ratio with prodigy: it takes one optimizer.lr for every parameter"):
-        make_recipe(optimizer__name="prodigy", optimizer__lr=1.0, lora__loraplus_text_encoder_lr_ratio=4)
-
-
-def test_conv_rank_settings_are_checked_and_keep_the_scale(make_recipe):
-    from finetune.config import LoRAConfig
-
-    assert LoRAConfig(rank=16, alpha=8, conv_rank=4).conv_rank_alpha() == (4, 2.0)  # alpha/rank kept: 8/16 = 2/4
-    assert LoRAConfig(rank=16, alpha=8, conv_rank=4, use_rslora=True).conv_rank_alpha() == (4, 4.0)  # alpha/sqrt(rank): 8/4 = 4/2
-    assert LoRAConfig(rank=16, alpha=8, conv_rank=4, conv_alpha=1).conv_rank_alpha() == (4, 1.0)
-    assert LoRAConfig(rank=16, alpha=8).conv_rank_alpha() == (16, 8.0)
-    with pytest.raises(FinetuneError, match=r"lora.conv_alpha scales the 3x3 conv layers' LoRA, which lora.conv_rank sets: set conv_rank too"):
-        make_recipe(lora__conv_alpha=2)
-    with pytest.raises(FinetuneError, match=r"lora.conv_rank shapes a LoRA, and method full trains none: remove it"):
-        make_recipe(method="full", lora__conv_rank=2)
-    with pytest.raises(FinetuneError, match=r"^lora.conv_rank sets the rank of the 3x3 conv layers, and lora.target_modules adapts none: add conv1 and conv2"):
-        train(make_recipe(lora__conv_rank=2))  # the attention layers only

@@ -39,7 +39,7 @@ def test_update_norms_without_forming_the_update_and_shrinking_only_the_large_on
     ordered = sorted(norm.item() for norm in before.values())
     limit = (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2  # half the layers above it
     weights = {name: (layer.lora_A["default"].weight.clone(), layer.lora_B["default"].weight.clone()) for name, layer in layers.items()}
-    logs = apply_max_norm({"unet": unet}, limit)
+    logs = apply_max_norm(layers, limit)
     above = {name for name, norm in before.items() if norm > limit}
     assert logs["lora/layers_scaled"] == len(above) > 0 and logs["lora/max_norm"] == pytest.approx(limit, rel=1e-4)
     for name, layer in layers.items():

@@ -111,3 +111,17 @@ def test_every_epoch_end_counts_when_a_step_ends_several(make_recipe):
     result = train(recipe)
     assert result.final_step == 3
     assert [p.name for p in list_checkpoints(result.output_dir / "checkpoints")] == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_the_run_length_is_also_said_in_epochs(make_recipe, capsys):
+    train(make_recipe(train__max_steps=3, train__gradient_accumulation_steps=2))  # 4 images, 2 per micro-batch, 2 micro-batches a step
+    assert "length: 3 steps of 4 images = 3 epochs of 4 images" in capsys.readouterr().out.splitlines()
+    train(make_recipe(train__max_steps=3, train__batch_size=3), overwrite=True)  # 4 images in batches of 3: one batch an epoch
+    assert "length: 3 steps of 3 images = 3 epochs of 3 of the 4 images (each epoch leaves 1 out at random, to fill whole batches)" in capsys.readouterr().out.splitlines()
+    from types import SimpleNamespace
+
+    from finetune.run_length import run_length_line
+
+    buckets = SimpleNamespace(batches_per_epoch=8, images_per_epoch=24)  # 24 images in buckets, some batches partial
+    line = run_length_line(make_recipe(train__max_steps=10, train__batch_size=4).train, 10, buckets, 24, 1)
+    assert line == "length: 10 steps of 4 images = 1.25 epochs of 24 images (in 8 batches an epoch: a bucket's last batch may be smaller)"

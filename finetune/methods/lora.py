@@ -21,7 +21,7 @@ from finetune.checkpoint import atomic_save_safetensors
 from finetune.encoders import layer_stack, recorded_clip_skip
 from finetune.errors import FinetuneError
 from finetune.kohya import DIFFUSERS_SUFFIXES, LoRA, load_lora
-from finetune.max_norm import apply_max_norm
+from finetune.max_norm import apply_max_norm, lora_layers
 from finetune.merge import find_module
 from finetune.methods.base import UNetMethod
 from finetune.models import freeze
@@ -38,6 +38,7 @@ class LoRAMethod(UNetMethod):
         if train_text_encoder is None:
             train_text_encoder, text_encoder_lr = recipe.lora.train_text_encoder, recipe.lora.text_encoder_lr
         super().__init__(recipe, train_text_encoder, text_encoder_lr)
+        self.max_norm_layers: dict[str, torch.nn.Module] | None = None  # lora.max_norm's layers, found at the first step
         # Read now, before any model loads: a missing or broken file is one line at once.
         self.initial_lora = read_initial_lora(recipe.lora.init_from) if recipe.lora.init_from else None
 
@@ -85,7 +86,11 @@ class LoRAMethod(UNetMethod):
         return loraplus_groups(groups, self.trained_modules(), self.recipe.optimizer.lr, ratios)
 
     def after_step(self, modules) -> dict[str, float]:
-        return apply_max_norm(modules, self.recipe.lora.max_norm) if self.recipe.lora.max_norm else {}
+        if not self.recipe.lora.max_norm:
+            return {}
+        if self.max_norm_layers is None:  # found once: walking every module each step would cost the hot path
+            self.max_norm_layers = lora_layers(modules)
+        return apply_max_norm(self.max_norm_layers, self.recipe.lora.max_norm)
 
     def save(self, output_dir: Path, modules, metadata: dict[str, str]) -> list[Path]:
         return [save_lora(modules, output_dir / LORA_WEIGHTS_NAME, metadata)]

@@ -1,0 +1,72 @@
+"""LoRA's optional settings: LoRA+ learning rates (lora.loraplus_*) and LoCon's conv rank (lora.conv_rank)."""
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from finetune.errors import FinetuneError
+from finetune.kohya import LORAPLUS_KEYS, finetune_metadata_from_kohya, load_lora, to_kohya
+from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.model_card import write_model_card
+from finetune.trainer import train
+
+
+def test_loraplus_moves_the_up_weights_ratio_times_faster_in_each_group(make_recipe, tmp_path, capsys, monkeypatch):
+    """One AdamW step from B = 0 moves each up weight by its group's learning rate (Adam's first step is
+    lr x the gradient's sign), so the saved ups show each group's rate: the UNet's and the text encoder's."""
+    from accelerate import Accelerator
+
+    logged = []
+    monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, log_kwargs=None: logged.append(values))
+    largest = {}
+    for ratios in ((None, None), (16.0, None), (16.0, 4.0)):
+        recipe = make_recipe(
+            output_dir=str(tmp_path / str(ratios)), train__max_steps=1, optimizer__lr=1e-3, optimizer__scheduler="constant", optimizer__warmup_steps=0,
+            optimizer__weight_decay=0.0, lora__train_text_encoder=True, lora__text_encoder_lr=1e-4,
+            lora__loraplus_lr_ratio=ratios[0], lora__loraplus_text_encoder_lr_ratio=ratios[1],
+        )  # fmt: skip
+        tensors = load_file(train(recipe).output_dir / LORA_WEIGHTS_NAME)
+        lora = load_lora(Path(recipe.output_dir) / LORA_WEIGHTS_NAME)
+        recorded = {key: value for key, value in lora.metadata.items() if "loraplus" in key}
+        assert recorded == {f"finetune.{key}": f"{value:g}" for key, value in zip(LORAPLUS_KEYS, ratios) if value is not None}
+        # In the kohya export as sd-scripts' network_args (JSON in ss_network_args), read back on import; in the card.
+        kohya_metadata = to_kohya(lora)[1]
+        assert json.loads(kohya_metadata.get("ss_network_args", "{}")) == {key[len("finetune."):]: value for key, value in recorded.items()}
+        assert {k: v for k, v in finetune_metadata_from_kohya(kohya_metadata).items() if "loraplus" in k} == recorded
+        card = write_model_card(lora, Path(recipe.output_dir) / LORA_WEIGHTS_NAME, "diffusers").read_text()
+        assert ("| LoRA+ | up weights at 16 x the learning rate |" in card) == (ratios[0] is not None)
+        assert ("| LoRA+ (text encoder) | up weights at 4 x its learning rate |" in card) == (ratios[1] is not None)
+        for part in ("unet.", "text_encoder."):
+            largest[ratios, part] = max(t.abs().max().item() for k, t in tensors.items() if k.startswith(part) and k.endswith("up.weight"))
+    expected = {(None, None): (1e-3, 1e-4), (16.0, None): (16e-3, 16e-4), (16.0, 4.0): (16e-3, 4e-4)}
+    for ratios, (unet, text_encoder) in expected.items():
+        assert largest[ratios, "unet."] == pytest.approx(unet, rel=1e-3) and largest[ratios, "text_encoder."] == pytest.approx(text_encoder, rel=1e-3)
+    # Each group's rate is logged by name; train/lr stays the UNet's (down weights') rate.
+    rates = {key: value for key, value in logged[-1].items() if key.startswith("train/lr")}
+    assert rates == pytest.approx({"train/lr": 1e-3, "train/lr/unet": 1e-3, "train/lr/unet_up": 16e-3, "train/lr/text_encoder": 1e-4, "train/lr/text_encoder_up": 4e-4})
+    out = capsys.readouterr().out
+    assert "LoRA+ (lora.loraplus_lr_ratio): the up weights learn at 16 x the learning rate" in out
+    assert "LoRA+ for the text encoder (lora.loraplus_text_encoder_lr_ratio): its up weights at 4 x its rate" in out
+    with pytest.raises(FinetuneError, match=r"lora.loraplus_lr_ratio sets a LoRA's learning rates, and method full trains none"):
+        make_recipe(method="full", lora__loraplus_lr_ratio=16)
+    with pytest.raises(FinetuneError, match=r"lora.loraplus_text_encoder_lr_ratio is the text encoder's LoRA\+ ratio, and no text encoder trains"):
+        make_recipe(lora__loraplus_text_encoder_lr_ratio=4)
+    with pytest.raises(FinetuneError, match=r"lora.loraplus_text_encoder_lr_ratio with prodigy: it takes one optimizer.lr for every parameter"):
+        make_recipe(optimizer__name="prodigy", optimizer__lr=1.0, lora__loraplus_text_encoder_lr_ratio=4)
+
+
+def test_conv_rank_settings_are_checked_and_keep_the_scale(make_recipe):
+    from finetune.config import LoRAConfig
+
+    assert LoRAConfig(rank=16, alpha=8, conv_rank=4).conv_rank_alpha() == (4, 2.0)  # alpha/rank kept: 8/16 = 2/4
+    assert LoRAConfig(rank=16, alpha=8, conv_rank=4, use_rslora=True).conv_rank_alpha() == (4, 4.0)  # alpha/sqrt(rank): 8/4 = 4/2
+    assert LoRAConfig(rank=16, alpha=8, conv_rank=4, conv_alpha=1).conv_rank_alpha() == (4, 1.0)
+    assert LoRAConfig(rank=16, alpha=8).conv_rank_alpha() == (16, 8.0)
+    with pytest.raises(FinetuneError, match=r"lora.conv_alpha scales the 3x3 conv layers' LoRA, which lora.conv_rank sets: set conv_rank too"):
+        make_recipe(lora__conv_alpha=2)
+    with pytest.raises(FinetuneError, match=r"lora.conv_rank shapes a LoRA, and method full trains none: remove it"):
+        make_recipe(method="full", lora__conv_rank=2)
+    with pytest.raises(FinetuneError, match=r"^lora.conv_rank sets the rank of the 3x3 conv layers, and lora.target_modules adapts none: add conv1 and conv2"):
+        train(make_recipe(lora__conv_rank=2))  # the attention layers only
