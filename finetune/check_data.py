@@ -207,7 +207,8 @@ def inspect_loss_mask(example: Example, raw, config: DataConfig) -> tuple[Exampl
     if area == 0.0 and settings.unmasked_weight == 0.0:
         message = f"{named} is black everywhere, so image {source} would train nothing: whiten what should train, or remove the image"
         return example, [Finding(FATAL, source, message)]
-    return replace(example, load_mask=load, mask_area=area), []
+    mask_digest = hashlib.blake2b(f"{mask_width}x{mask_height}".encode() + mask.tobytes(), digest_size=16).hexdigest()
+    return replace(example, load_mask=load, mask_area=area, mask_digest=mask_digest), []
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ class Example:
     digest: str | None = None  # a hash of the decoded pixels, from the check: names its cached latents
     load_mask: Callable[[], Image.Image] | None = None  # its upright greyscale loss mask, from the check (data.loss_mask)
     mask_area: float | None = None  # the share of the image its loss mask trains
+    mask_digest: str | None = None  # a hash of the mask's pixels, from the check: names its cached views
 
 
 def read_examples(config: DataConfig) -> list[Example]:
@@ -295,13 +296,18 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
             caption = ""
         # original_size and crop_top_left: what SDXL-style size conditioning takes.
         item = {"caption": caption, "index": index, "original_size": (height, width), "crop_top_left": plan.top_left}
+        likely_new = likely_new_view(self.config, epoch)
         if self.config.loss_mask.enabled:
-            item["loss_mask"] = render_mask(example, plan)
-        return {**item, **view_entry(example, plan, index, self.latent_cache, likely_new_view(self.config, epoch))}
+            item.update(mask_entry(example, plan, self.latent_cache, likely_new))
+        return {**item, **view_entry(example, plan, index, self.latent_cache, likely_new)}
 
     def render(self, view: tuple[int, ViewPlan]) -> torch.Tensor:
         index, plan = view
         return render_pixels(self.examples[index], plan)
+
+    def render_mask(self, view: tuple[int, ViewPlan]) -> torch.Tensor:
+        index, plan = view
+        return render_mask(self.examples[index], plan)
 
 
 def likely_new_view(config: DataConfig, epoch: int, epochs_per_visit: int = 1) -> bool:
@@ -328,6 +334,25 @@ def view_entry(example: Example, plan: ViewPlan, view: Any, cache: EncodingCache
     return entry
 
 
+def mask_entry(example: Example, plan: ViewPlan, cache: EncodingCache | None, likely_new: bool, prefix: str = "") -> dict[str, Any]:
+    """An item's loss mask (data.loss_mask) as `view_entry` gives its image: the view of the mask; with a
+    latent cache its key instead (None: the image has no mask, every pixel trains), and the view only
+    while it is likely new. The cache holds the mask at the latents' size (`DiffusionMethod.loss_weights`),
+    so a cached view neither decodes its mask nor, for data.loss_mask.source alpha, its image.
+    """
+    if cache is None:
+        return {f"{prefix}loss_mask": render_mask(example, plan)}
+    if example.load_mask is None:
+        return {f"{prefix}mask_key": None}
+    if example.mask_digest is None:
+        raise ValueError(f"image {example.source} has no mask digest: cached masks need examples from finetune.check_data")
+    key = view_key(f"mask-{example.mask_digest}", plan)
+    entry = {f"{prefix}mask_key": key}
+    if likely_new and not cache.stored(key):
+        entry[f"{prefix}loss_mask"] = render_mask(example, plan)
+    return entry
+
+
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         **collate_images(items),
@@ -341,16 +366,20 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 def collate_images(items: list[dict[str, Any]], prefixes: tuple[str, ...] = ("",)) -> dict[str, Any]:
     """`pixel_values` stacked; or for named views `latent_keys`, `views`, `view_pixels` (each row's
     pixels, or None where the loader left them out) and `pixel_size` (height, width). With
-    data.loss_mask also `loss_mask` (B, 1, H, W).
+    data.loss_mask also `loss_mask` (B, 1, H, W); for named views `mask_keys` and `view_masks` instead
+    (as `latent_keys` and `view_pixels`; see `mask_entry`).
 
     `prefixes`: the item's image entries in batch order (DreamBooth: "" for instances, "class_" after).
     """
     rows = [(item, prefix) for prefix in prefixes for item in items]
-    masks = {"loss_mask": torch.stack([item[f"{prefix}loss_mask"] for item, prefix in rows])} if "loss_mask" in items[0] else {}
     if f"{prefixes[0]}latent_key" not in items[0]:
+        masks = {"loss_mask": torch.stack([item[f"{prefix}loss_mask"] for item, prefix in rows])} if "loss_mask" in items[0] else {}
         return {"pixel_values": torch.stack([item[f"{prefix}pixel_values"] for item, prefix in rows]), **masks}
     views = [item[f"{prefix}view"] for item, prefix in rows]
     width, height = views[0][1].target
+    masks = {}
+    if "mask_key" in items[0]:
+        masks = {"mask_keys": [item[f"{prefix}mask_key"] for item, prefix in rows], "view_masks": [item.get(f"{prefix}loss_mask") for item, prefix in rows]}
     return {
         **masks,
         "latent_keys": [item[f"{prefix}latent_key"] for item, prefix in rows],

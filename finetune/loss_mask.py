@@ -9,8 +9,9 @@ The mask is cut exactly like its image (the same resize, crop and flip: `finetun
 over each 8x8 patch to the latents' size, and each crop's loss is the mean over its latents weighed
 by it, divided by the crop's weight (at least MIN_NORMALIZING_SHARE of it), so a small subject trains
 as strongly as a whole image.
-Masks are not cached with the latents: they are read again each step (a small greyscale file, or for
-`alpha` the image itself), so a changed mask takes effect in the next run without re-encoding.
+With cached latents (train.cache_latents) each view's mask is cached beside its latents, at their size
+and keyed by the mask's content and the view (`finetune.data.mask_entry`), so a cached view reads neither
+its mask file nor, for `alpha`, its image; a changed mask is another key, cut anew.
 """
 
 from __future__ import annotations
@@ -109,12 +110,17 @@ def preview(dataset, sources: list[str], unmasked_weight: float, count: int = 8)
     for index, source in enumerate(sources[:PREVIEW_SCAN]):
         if len(cells) == count:
             break
-        item = dataset[(index, 0)] if source not in shown_sources else None
-        if item is None or bool(item["loss_mask"].min() == 1.0):  # a repeat, or an unmasked folder or concept
+        if source in shown_sources:  # a repeat
+            continue
+        item = dataset[(index, 0)]
+        mask = item.get("loss_mask")
+        if mask is None and item.get("mask_key") is not None:  # a cached view names its mask
+            mask = dataset.render_mask(item["view"])
+        if mask is None or bool(mask.min() == 1.0):  # an unmasked folder or concept
             continue
         shown_sources.add(source)
         pixels = item["pixel_values"] if "pixel_values" in item else dataset.render(item["view"])  # a cached view names its pixels
-        shown = (pixels + 1.0) / 2.0 * (floor + (1.0 - floor) * item["loss_mask"])
+        shown = (pixels + 1.0) / 2.0 * (floor + (1.0 - floor) * mask)
         cells.append(Image.fromarray((shown.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()))
     if not cells:
         return None

@@ -2,10 +2,12 @@
 
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from finetune.cache import EncodingCache, caption_key
 from finetune.trainer import train
@@ -160,3 +162,49 @@ def test_under_bf16_the_cache_keeps_bf16_and_the_losses_match(make_recipe, tmp_p
     assert torch.allclose(torch.tensor(plain.losses), torch.tensor(cached.losses), rtol=2e-3)
     memory = methods[-1].latent_cache.memory
     assert memory and all(value.dtype == torch.bfloat16 for value in memory.values())
+
+
+@pytest.mark.parametrize("source", ["files", "alpha"])
+def test_a_cached_view_reads_its_loss_mask_once_and_a_changed_mask_is_cut_anew(make_recipe, tmp_path, monkeypatch, source):
+    """With cached latents each view's loss mask is cached beside them, at their size: later epochs and later
+    runs read no mask file (nor, for source alpha, the image's transparency), and a changed mask is another
+    entry, so it trains as an uncached run with that mask does."""
+    import finetune.check_data as check_module
+    from test_loss_mask import half_mask, masked_folder
+
+    folder = masked_folder(tmp_path / "data")
+    for i in range(4):  # four different masks: one mask on two images is one cache entry per view
+        mask = half_mask(64, 64)
+        mask.paste(0, (0, 8 * i, 32, 8 * i + 8))
+        mask.save(folder / "masks" / f"{i}.png")
+        if source == "alpha":  # the masks as the images' transparency
+            image = Image.open(folder / f"{i}.png").convert("RGBA")
+            image.putalpha(mask)
+            image.save(folder / f"{i}.png")
+    reader = "read_mask_file" if source == "files" else "alpha_mask"
+    reads, read = [], getattr(check_module, reader)
+    name = str if source == "files" else lambda image: hash(image.tobytes())  # a mask file's path, or the image's pixels
+    monkeypatch.setattr(check_module, reader, lambda image: reads.append(name(image)) or read(image))
+    settings = dict(data__image_dir=str(folder), data__loss_mask={"source": source}, train__max_steps=6, train__batch_size=2)
+    cached = dict(train__cache_latents=True, train__cache_dir=str(tmp_path / "cache"))
+
+    train(make_recipe(output_dir=str(tmp_path / "first"), **settings, **cached))  # 3 epochs of 4 images, one view each
+    # Each mask is read twice by the check, cut for loss-masks.png, and for its first epoch only (not in all 3).
+    assert sorted(Counter(reads).values()) == [4] * 4
+    reads.clear()
+    before = train(make_recipe(output_dir=str(tmp_path / "again"), **settings, **cached))
+    assert sorted(Counter(reads).values()) == [3] * 4  # the disk cache serves every epoch
+
+    changed = half_mask(64, 64).transpose(Image.Transpose.FLIP_LEFT_RIGHT)  # image 0 now trains its right half
+    if source == "files":
+        changed.save(folder / "masks" / "0.png")
+    else:
+        image = Image.open(folder / "0.png")
+        image.putalpha(changed)
+        image.save(folder / "0.png")
+    reads.clear()
+    after = train(make_recipe(output_dir=str(tmp_path / "changed"), **settings, **cached))
+    assert sorted(Counter(reads).values()) == [3, 3, 3, 4]  # the changed one is cut again
+    uncached = train(make_recipe(output_dir=str(tmp_path / "uncached"), **settings))
+    assert torch.allclose(torch.tensor(after.losses), torch.tensor(uncached.losses), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(torch.tensor(after.losses), torch.tensor(before.losses), rtol=1e-3)

@@ -215,10 +215,11 @@ def test_cached_latents_give_the_masked_run_the_same_losses(make_recipe, tmp_pat
     assert to_kohya(masked_lora)[1]["ss_masked_loss"] == "True" and to_kohya(plain_lora)[1]["ss_masked_loss"] == "False"
 
 
-def test_dreambooth_masks_its_instances_and_not_its_class_images(make_recipe, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cache_latents", [False, True])
+def test_dreambooth_masks_its_instances_and_not_its_class_images(make_recipe, tmp_path, monkeypatch, cache_latents):
     folder = masked_folder(tmp_path / "subject", count=2)
     seen = record_loss_gradients(monkeypatch)
-    recipe = dreambooth_recipe(make_recipe, folder, tmp_path, data__loss_mask={"source": "files"}, train__max_steps=2)
+    recipe = dreambooth_recipe(make_recipe, folder, tmp_path, data__loss_mask={"source": "files"}, train__max_steps=2, train__cache_latents=cache_latents)
     train(recipe)
     for weights, _ in seen:
         instance, class_image = weights  # batch size 1: the instance row, then its class image's

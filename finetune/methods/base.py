@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 from PIL import Image
 
@@ -159,6 +160,30 @@ class DiffusionMethod(TrainingMethod):
             moments = posterior_moments(vae, batch["pixel_values"])
         return latents_from_moments(vae, moments, posterior_noise)
 
+    def loss_weights(self, batch: dict, latent_size: tuple[int, int], device: torch.device) -> torch.Tensor | None:
+        """Per-latent loss weights (B, 1, h, w) from the batch's loss masks (data.loss_mask), or None.
+
+        Named views' masks come from the latent cache, kept at the latents' size (each 8x8 patch's mean,
+        as `latent_loss_weights` takes it): a mask not cached yet is cut here unless the loader did.
+        """
+        unmasked_weight = self.recipe.data.loss_mask.unmasked_weight
+        if "loss_mask" in batch:
+            return latent_loss_weights(batch["loss_mask"].to(device), latent_size, unmasked_weight)
+        if "mask_keys" not in batch:
+            return None
+        keys = batch["mask_keys"]
+        masks = torch.ones(len(keys), 1, *latent_size)
+        masked = [i for i, key in enumerate(keys) if key is not None]  # the others have no mask: every pixel trains
+
+        def shrink_views(rows: list[int]) -> torch.Tensor:
+            views = [batch["view_masks"][masked[j]] for j in rows]
+            views = [view if view is not None else self.training_dataset.render_mask(batch["views"][masked[j]]) for j, view in zip(rows, views)]
+            return F.interpolate(torch.stack(views), size=latent_size, mode="area")
+
+        if masked:
+            masks[masked] = self.latent_cache.lookup([keys[i] for i in masked], shrink_views, torch.device("cpu"))
+        return latent_loss_weights(masks.to(device), latent_size, unmasked_weight)
+
     @abstractmethod
     def predict(self, modules, noisy_latents, timesteps, encoder_hidden_states, batch) -> torch.Tensor:
         """The model's prediction (noise or velocity) for a noised batch."""
@@ -192,9 +217,7 @@ class DiffusionMethod(TrainingMethod):
         )  # fmt: skip
         prediction = self.predict(modules, noised.noisy_latents, noised.timesteps, encoder_hidden_states, batch)
         huber_c = train.huber_c if train.loss == "huber" else None
-        weights = None
-        if "loss_mask" in batch:  # data.loss_mask
-            weights = latent_loss_weights(batch["loss_mask"].to(prediction.device), latent_shape[1:], self.recipe.data.loss_mask.unmasked_weight)
+        weights = self.loss_weights(batch, latent_shape[1:], prediction.device)
         per_sample = per_sample_loss(prediction, noised, base.noise_scheduler, train.snr_gamma, huber_c, train.debiased_estimation, weights)
         return self.combine_losses(per_sample, batch)
 

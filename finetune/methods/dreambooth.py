@@ -26,7 +26,7 @@ from finetune.buckets import assign_buckets
 from finetune.captions import training_caption
 from finetune.check_data import DataReport, check_examples, checked_examples, data_configs, inspect_examples
 from finetune.cache import EncodingCache
-from finetune.data import Example, collate_images, item_rng, likely_new_view, render_mask, render_pixels, upright_size, view_entry
+from finetune.data import Example, collate_images, item_rng, likely_new_view, mask_entry, render_mask, render_pixels, upright_size, view_entry
 from finetune.errors import FinetuneError
 from finetune.methods.base import DiffusionMethod
 from finetune.methods.full import FullMethod
@@ -81,7 +81,7 @@ class DreamBoothDataset(Dataset):
         likely_new = likely_new_view(config, epoch)
         item = {"caption": caption, "index": index, **view_entry(example, plan, ("instance", index), self.latent_cache, likely_new)}
         if config.loss_mask.enabled:  # class images have none: their rows weigh every pixel
-            item["loss_mask"] = render_mask(example, plan)
+            item.update(mask_entry(example, plan, self.latent_cache, likely_new))
         if self.class_examples:
             pool, dealt = self.class_examples[concept], self.per_concept[concept]
             class_index = (self.position[index] + epoch * dealt) % len(pool)
@@ -92,13 +92,18 @@ class DreamBoothDataset(Dataset):
             item.update(view_entry(pool[class_index], class_plan, class_view, self.latent_cache, class_likely_new, prefix="class_"))
             item["class_caption"] = pool[class_index].caption
             if config.loss_mask.enabled:
-                item["class_loss_mask"] = render_mask(pool[class_index], class_plan)
+                item.update(mask_entry(pool[class_index], class_plan, self.latent_cache, class_likely_new, prefix="class_"))
         return item
 
+    def example_of(self, view: tuple) -> Example:
+        kind, *where = view
+        return self.instances[where[0]][1] if kind == "instance" else self.class_examples[where[0]][where[1]]
+
     def render(self, view: tuple) -> torch.Tensor:
-        (kind, *where), plan = view
-        example = self.instances[where[0]][1] if kind == "instance" else self.class_examples[where[0]][where[1]]
-        return render_pixels(example, plan)
+        return render_pixels(self.example_of(view[0]), view[1])
+
+    def render_mask(self, view: tuple) -> torch.Tensor:
+        return render_mask(self.example_of(view[0]), view[1])
 
 
 def dreambooth_collate(items: list[dict]) -> dict:
