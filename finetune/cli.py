@@ -335,8 +335,9 @@ def _export_base(args) -> int:
 def _export(args) -> int:
     from finetune.kohya import export_lora
 
-    path, card = export_lora(Path(args.input), Path(args.output), args.to, overwrite=args.overwrite, precision=args.precision)
-    print(f"wrote {path} ({args.to} layout{', ' + args.precision if args.precision else ''}) and {card}")
+    path, card, images = export_lora(Path(args.input), Path(args.output), args.to, overwrite=args.overwrite, precision=args.precision)
+    print(f"wrote {path} ({args.to} layout{', ' + args.precision if args.precision else ''}), its model card {card}"
+          + "".join(f", {image}" for image in images))  # fmt: skip
     return 0
 
 

@@ -359,9 +359,10 @@ def checkpoint_step_of(lora_file: Path) -> int | None:
     return int(checkpoint.group(1)) if checkpoint else None
 
 
-def export_lora(source: Path, output: Path, layout: str, overwrite: bool = False, precision: str | None = None) -> tuple[Path, Path]:
+def export_lora(source: Path, output: Path, layout: str, overwrite: bool = False, precision: str | None = None) -> tuple[Path, Path, list[Path]]:
     """Convert `source` (a file or training folder) to `layout`; write the file and its model card.
-    Files already there (an earlier export, a trained LoRA, the user's README) are replaced only with `overwrite`."""
+    Files already there (an earlier export, a trained LoRA, the user's README) are replaced only with `overwrite`.
+    Returns (the file, its card, the card's images: see `write_model_card`)."""
     from finetune.inference import resolve_lora_file
 
     source = resolve_lora_file(str(source))
@@ -379,4 +380,4 @@ def export_lora(source: Path, output: Path, layout: str, overwrite: bool = False
     # A checkpoint's card shows its run's samples up to its step.
     step = checkpoint_step_of(source)
     training_dir = source.parent if step is None else source.parent.parent.parent
-    return path, write_model_card(lora, path, layout, training_dir=training_dir, precision=precision, up_to_step=step)
+    return path, *write_model_card(lora, path, layout, training_dir=training_dir, precision=precision, up_to_step=step)

@@ -43,16 +43,19 @@ def diffusers_loading_code(source: str) -> list[str]:
     ]
 
 
-def write_webui_preview(grid: Path, resolution: str | None, preview: Path) -> None:
-    """The grid's first sample as `<name>.preview.png`, the thumbnail the webui's Lora tab shows."""
+def write_webui_preview(grid: Path, resolution: str | None, preview: Path) -> Path | None:
+    """The grid's first sample as `<name>.preview.png`, the thumbnail the webui's Lora tab shows; None when
+    the grid's cell size is not known."""
     from PIL import Image
 
     from finetune.sampling import first_cell
 
     with Image.open(grid) as image:
         cell = first_cell(image, int(resolution)) if resolution and resolution.isdigit() else None
-        if cell is not None:
-            cell.save(preview)
+        if cell is None:
+            return None
+        cell.save(preview)
+    return preview
 
 
 def model_card_path(path: Path, layout: str) -> Path:
@@ -70,10 +73,11 @@ def precision_name(lora: LoRA) -> str:
 
 def write_model_card(
     lora: LoRA, path: Path, layout: str, training_dir: Path | None = None, precision: str | None = None, up_to_step: int | None = None
-) -> Path:
+) -> tuple[Path, list[Path]]:
     """The card beside the file: provenance, rank/alpha, and how to load it in diffusers and webui/ComfyUI.
     `precision`: the file's, where it was written in another than `lora`'s own; `up_to_step`: the newest
-    sample grid shown is of that step or before (a checkpoint's)."""
+    sample grid shown is of that step or before (a checkpoint's). Returns (the card, the images written
+    for it: the run's newest sample grid, and for kohya the webui's preview)."""
     meta = lora.metadata
     rank, alpha = lora.common_rank_alpha()
     conv = lora.conv_rank_alpha()
@@ -108,15 +112,16 @@ def write_model_card(
         *([f"| started from | the LoRA `{meta['finetune.init_from']}` (lora.init_from; steps above are this run's) |"] if meta.get("finetune.init_from") else []),
         "",
     ]
-    grid = newest_sample_grid(training_dir, up_to_step) if training_dir else None
+    grid, images = newest_sample_grid(training_dir, up_to_step) if training_dir else None, []
     if grid is not None:
         target = path.parent / "samples" / (f"{path.stem}-{grid.name}" if layout == "kohya" else grid.name)
         if grid.resolve() != target.resolve():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(grid, target)
+            images.append(target)
         lines += [f"## Samples ({grid.stem}, one row per validation prompt)", "", f"![samples](samples/{target.name})", ""]
         if layout == "kohya":
-            write_webui_preview(grid, meta.get("finetune.resolution"), path.with_suffix(".preview.png"))
+            images.append(write_webui_preview(grid, meta.get("finetune.resolution"), path.with_suffix(".preview.png")))
     lines += [
         "## diffusers",
         "",
@@ -125,6 +130,11 @@ def write_model_card(
         f'pipeline.load_lora_weights("{path.parent}", weight_name="{path.name}", adapter_name="lora")  # this folder',
         'pipeline.set_adapters(["lora"], adapter_weights=[1.0])  # the strength',
     ]
+    if meta.get("finetune.max_token_length"):
+        lines += [
+            f"# Trained on captions of up to {meta['finetune.max_token_length']} tokens, read in chunks of 75. The pipeline cuts a",
+            "# prompt at 77 tokens: pass a longer one as prompt_embeds encoded in chunks (as `finetune sample` and the webui read it).",
+        ]
     if meta.get("finetune.prediction_type") == "v_prediction":
         lines.append(V_PREDICTION_CODE)
     zero_snr = meta.get("finetune.zero_terminal_snr") == "true"
@@ -157,4 +167,4 @@ def write_model_card(
     lines += ["", f"Fold it into the base model instead: `finetune merge --base BASE --lora {path.name} --strength 1.0 merged/`.", ""]
     card = model_card_path(path, layout)
     card.write_text("\n".join(lines))
-    return card
+    return card, [image for image in images if image is not None]

@@ -245,7 +245,7 @@ def test_each_checkpoint_holds_the_outputs_of_its_step(make_recipe, pairs_folder
         assert images[0][1].tobytes() == alone[0][0].tobytes() and images[0][0].tobytes() != alone[0][0].tobytes()
         from finetune.kohya import export_lora
 
-        exported, _ = export_lora(at_step_2, tmp_path / "webui", "kohya")  # sd-scripts' name for a step: webui lists it apart
+        exported, *_ = export_lora(at_step_2, tmp_path / "webui", "kohya")  # sd-scripts' name for a step: webui lists it apart
         assert exported.name == "long-step00000002.safetensors"
         with pytest.raises(FinetuneError, match=r"checkpoint .*checkpoint-1 holds no LoRA file: its run had checkpoint.save_outputs: false"):
             resolve_lora_file(str(short.output_dir / "checkpoints" / "checkpoint-1"))  # not its trainable_0.safetensors

@@ -90,7 +90,7 @@ def trained(tiny_model, tmp_path_factory, image_folder):
 
 
 def test_kohya_export_loads_in_diffusers_with_the_same_outputs(trained, tiny_model, tmp_path):
-    path, _ = export_lora(trained.path, tmp_path, "kohya")
+    path, *_ = export_lora(trained.path, tmp_path, "kohya")
     assert path == tmp_path / "striped-lora.safetensors"
     tensors = load_file(path)
     assert all(k.startswith(("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_", "lora_te_text_model_encoder_layers_")) for k in tensors)
@@ -176,7 +176,7 @@ def test_sd15_shaped_unet_gets_the_names_webui_expects(tmp_path):
 def test_merge_equals_the_lora_at_that_strength(trained, tiny_model, tmp_path, capsys, strength):
     lora = trained.path / LORA_WEIGHTS_NAME
     if strength == 1.0:  # merging a kohya file is the same as merging ours
-        lora, _ = export_lora(trained.path, tmp_path / "kohya", "kohya")
+        lora, *_ = export_lora(trained.path, tmp_path / "kohya", "kohya")
     assert main(["merge", "--base", str(tiny_model), "--lora", str(lora), "--strength", str(strength), str(tmp_path / "merged")]) == 0
     assert str(tmp_path / "merged") in capsys.readouterr().out
     merged = outputs(load_pipeline(tmp_path / "merged"))
@@ -192,8 +192,9 @@ def test_merge_equals_the_lora_at_that_strength(trained, tiny_model, tmp_path, c
 
 def test_export_command_writes_metadata_and_a_model_card(trained, tiny_model, tmp_path, capsys):
     assert main(["export", str(trained.path), str(tmp_path / "webui"), "--to", "kohya"]) == 0
-    assert "striped-lora.md" in capsys.readouterr().out
-    path = tmp_path / "webui" / "striped-lora.safetensors"
+    path, webui = tmp_path / "webui" / "striped-lora.safetensors", tmp_path / "webui"
+    assert capsys.readouterr().out.strip() == (f"wrote {path} (kohya layout), its model card {webui / 'striped-lora.md'}, "
+                                               f"{webui / 'samples' / 'striped-lora-step-000150.png'}, {webui / 'striped-lora.preview.png'}")  # fmt: skip
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata()
     assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "2.0"
@@ -246,7 +247,7 @@ def test_an_rslora_run_merges_exports_and_loads_in_diffusers_alike(make_recipe, 
 
     assert main(["merge", "--base", str(tiny_model), "--lora", str(result.output_dir), str(tmp_path / "merged")]) == 0
     assert_close(outputs(load_pipeline(tmp_path / "merged")), expected)
-    kohya_file, _ = export_lora(result.output_dir, tmp_path / "kohya", "kohya")
+    kohya_file, *_ = export_lora(result.output_dir, tmp_path / "kohya", "kohya")
     pipeline = load_pipeline(tiny_model)
     pipeline.load_lora_weights(str(kohya_file.parent), weight_name=kohya_file.name)
     assert_close(outputs(pipeline), expected)
@@ -315,7 +316,7 @@ def test_an_fp16_export_is_half_the_file_and_loads_in_diffusers_alike(trained, t
     pipeline.load_lora_weights(str(half.parent), weight_name=half.name)
     assert_close(outputs(pipeline), trained.expected, atol=1e-3)  # the same model, to fp16's rounding
     # Converted again without --precision, an fp16 file stays fp16 (not doubled back to fp32).
-    again, _ = export_lora(half, tmp_path / "again", "diffusers")
+    again, *_ = export_lora(half, tmp_path / "again", "diffusers")
     assert {t.dtype for t in load_file(again).values()} == {torch.float16}
 
 
@@ -332,8 +333,8 @@ def test_locon_files_name_the_linear_layers_rank_and_the_convolutions_apart(tmp_
     metadata = to_kohya(lora)[1]
     assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("4", "4.0")
     assert json.loads(metadata["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "2.0"}
-    card = write_model_card(lora, tmp_path / LORA_WEIGHTS_NAME, "diffusers").read_text()
+    card = write_model_card(lora, tmp_path / LORA_WEIGHTS_NAME, "diffusers")[0].read_text()
     assert "| rank / alpha | 4 / 4 (updates scaled by alpha/rank = 1) |" in card
     assert "| 3x3 conv layers (LoCon) | rank 2 / alpha 2 (scaled by 1) |" in card
     plain = LoRA({"unet.a.to_q": linear}, {})
-    assert plain.conv_rank_alpha() is None and "ss_network_args" not in to_kohya(plain)[1] and "LoCon" not in write_model_card(plain, tmp_path / "x.safetensors", "kohya").read_text()
+    assert plain.conv_rank_alpha() is None and "ss_network_args" not in to_kohya(plain)[1] and "LoCon" not in write_model_card(plain, tmp_path / "x.safetensors", "kohya")[0].read_text()

@@ -137,3 +137,14 @@ def test_starting_from_a_lora_trained_on_another_caption_length_warns(make_recip
             "set it to 150" in capsys.readouterr().out)  # fmt: skip
     train(make_recipe(output_dir=str(tmp_path / "same"), lora__init_from=str(first.output_dir), model__max_token_length=150, train__max_steps=1))
     assert "caption tokens" not in capsys.readouterr().out
+
+
+def test_the_model_card_says_the_pipeline_cuts_long_prompts(tmp_path):
+    from finetune.kohya import LoRA, LoRALayer
+    from finetune.model_card import write_model_card
+
+    layers = {"unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q": LoRALayer(torch.zeros(2, 4), torch.zeros(4, 2), 2.0)}
+    long_card = write_model_card(LoRA(layers, {"finetune.max_token_length": "150"}), tmp_path / "long.safetensors", "kohya")[0].read_text()
+    plain_card = write_model_card(LoRA(layers), tmp_path / "plain.safetensors", "kohya")[0].read_text()
+    assert "# Trained on captions of up to 150 tokens, read in chunks of 75. The pipeline cuts a" in long_card
+    assert "chunks of 75. The pipeline" not in plain_card

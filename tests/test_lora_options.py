@@ -35,7 +35,7 @@ def test_loraplus_moves_the_up_weights_ratio_times_faster_in_each_group(make_rec
         kohya_metadata = to_kohya(lora)[1]
         assert json.loads(kohya_metadata.get("ss_network_args", "{}")) == {key[len("finetune."):]: value for key, value in recorded.items()}
         assert {k: v for k, v in finetune_metadata_from_kohya(kohya_metadata).items() if "loraplus" in k} == recorded
-        card = write_model_card(lora, Path(recipe.output_dir) / LORA_WEIGHTS_NAME, "diffusers").read_text()
+        card = write_model_card(lora, Path(recipe.output_dir) / LORA_WEIGHTS_NAME, "diffusers")[0].read_text()
         assert ("| LoRA+ | up weights at 16 x the learning rate |" in card) == (ratios[0] is not None)
         assert ("| LoRA+ (text encoder) | up weights at 4 x its learning rate |" in card) == (ratios[1] is not None)
         for part in ("unet.", "text_encoder."):

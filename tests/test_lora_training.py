@@ -175,7 +175,7 @@ def test_only_lora_weights_change_and_saved_file_reproduces_the_trained_unet(mak
         from finetune.demo import table_row  # the demo's adapter table
 
         assert table_row(SimpleNamespace(name="r", kind="lora", layout="diffusers", metadata=metadata, refused=None))[5] == "4 (3x3 conv 2)"
-        assert "| 3x3 conv layers (LoCon) | rank 2 / alpha 3 (scaled by 1.5) |" in write_model_card(lora, lora_file, "diffusers").read_text()
+        assert "| 3x3 conv layers (LoCon) | rank 2 / alpha 3 (scaled by 1.5) |" in write_model_card(lora, lora_file, "diffusers")[0].read_text()
         kohya_file = save_lora_file(lora, result.output_dir / "kohya" / "locon.safetensors", "kohya")
         webui = StableDiffusionPipeline.from_pretrained(recipe.model.pretrained)
         webui.load_lora_weights(str(kohya_file.parent), weight_name=kohya_file.name)

@@ -68,7 +68,7 @@ def test_a_run_with_max_norm_keeps_every_layer_within_it_and_logs_it(make_recipe
     # Recorded, and in the kohya export as sd-scripts' ss_scale_weight_norms; in the model card.
     lora = load_lora(held.output_dir / LORA_WEIGHTS_NAME)
     assert lora.metadata["finetune.max_norm"] == "0.05" and to_kohya(lora)[1]["ss_scale_weight_norms"] == "0.05"
-    assert "| max norm | 0.05 " in write_model_card(lora, held.output_dir / LORA_WEIGHTS_NAME, "diffusers").read_text()
+    assert "| max norm | 0.05 " in write_model_card(lora, held.output_dir / LORA_WEIGHTS_NAME, "diffusers")[0].read_text()
     assert "finetune.max_norm" not in load_lora(free.output_dir / LORA_WEIGHTS_NAME).metadata
 
 

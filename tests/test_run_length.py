@@ -72,7 +72,7 @@ def test_a_run_of_epochs_saves_and_samples_at_epoch_ends_and_resumes_for_more(ma
     # with its card showing the run's samples up to its step.
     assert {key: load_lora(result.output_dir / LORA_WEIGHTS_NAME).metadata[key] for key in ("finetune.steps", "finetune.epoch", "finetune.max_steps")} == {
         "finetune.steps": "6", "finetune.epoch": "3", "finetune.max_steps": "6"}  # fmt: skip
-    exported, card = export_lora(checkpoints / "checkpoint-4", result.output_dir / "webui", "kohya")
+    exported, card, _ = export_lora(checkpoints / "checkpoint-4", result.output_dir / "webui", "kohya")
     assert exported.name == "run-step00000004.safetensors"
     metadata = load_lora(exported).metadata | to_kohya(load_lora(exported))[1]
     assert (metadata["ss_steps"], metadata["ss_epoch"], metadata["ss_max_train_steps"]) == ("4", "2", "6")
