@@ -6,7 +6,7 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from finetune.check_data import FATAL, SKIP_HINT, WARNING, data_configs, data_label, inspect_examples, too_few_to_batch
-from finetune.config import DataConfig, Recipe
+from finetune.config import DataConfig, ModelConfig, Recipe
 from finetune.data import expand_repeats, read_examples
 from finetune.errors import FinetuneError
 from finetune.recipe_loading import describe_validation_error, load_recipe
@@ -40,6 +40,20 @@ def configs_from_args(args, recipe: Recipe | None) -> list[DataConfig]:
     return revised
 
 
+def caption_tokens_line(model: ModelConfig, captions: dict[str, str]) -> str | None:
+    """The warning training gives at its start for captions past model.max_token_length, given here where the
+    base model's tokenizer is at hand (a diffusers folder, or the hub); else a line saying they are not counted."""
+    from finetune.encoders import long_captions_line  # torch and the model libraries: only with a recipe
+    from finetune.models import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(model)
+    except Exception:  # not found, offline, a single file: the model's own load says what is wrong, if anything
+        return f"captions: not counted in tokens, {model.pretrained}'s tokenizer is not at hand (training counts them once the model loads)"
+    cut = long_captions_line(tokenizer, captions, model.max_token_length)
+    return f"warning: {cut}" if cut else None
+
+
 def run_check_data_command(args) -> int:
     """Print the report of each data source; exit status 1 when training would stop on it."""
     fatal, warnings = 0, 0
@@ -62,6 +76,11 @@ def run_check_data_command(args) -> int:
             print(line)
         fatal += len(report.of_level(FATAL)) or (0 if report.usable else 1)  # all skipped: nothing to train
         warnings += len(report.of_level(WARNING))
+    if recipe is not None:
+        tokens = caption_tokens_line(recipe.model, {e.source: e.caption for report in reports for e in report.usable})
+        if tokens:
+            print(tokens)
+            warnings += tokens.startswith("warning")
     short = None
     if recipe is not None and not fatal:
         from finetune.held_out import split_held_out

@@ -205,6 +205,16 @@ def load_parts(config: ModelConfig, names: list[str]) -> dict:
     return {name: loaders[name]() for name in names}
 
 
+def load_tokenizer(config: ModelConfig) -> CLIPTokenizer:
+    """The base model's tokenizer alone, nothing else loaded or downloaded: from its diffusers folder, a
+    single file's `model.single_file_config` folder, or the hub (its tokenizer files only)."""
+    if Path(config.pretrained).suffix in SINGLE_FILE_SUFFIXES:
+        if not config.single_file_config:  # the tokenizer comes with the configs diffusers picks when the file loads
+            raise FinetuneError(f"{config.pretrained} is a single file: its tokenizer is known once it loads")
+        return CLIPTokenizer.from_pretrained(config.single_file_config, subfolder="tokenizer")
+    return CLIPTokenizer.from_pretrained(str(Path(config.pretrained).expanduser()), subfolder="tokenizer", revision=config.revision)
+
+
 def at_source_precision(base: BaseModel, names: list[str]) -> dict[str, torch.nn.Module]:
     """The named parts as the source has them: those the run holds in bf16/fp16 are loaded again (a
     bf16 round trip would cost a saved VAE or text encoder 8 bits of mantissa)."""

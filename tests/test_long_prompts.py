@@ -148,3 +148,23 @@ def test_the_model_card_says_the_pipeline_cuts_long_prompts(tmp_path):
     plain_card = write_model_card(LoRA(layers), tmp_path / "plain.safetensors", "kohya")[0].read_text()
     assert "# Trained on captions of up to 150 tokens, read in chunks of 75. The pipeline cuts a" in long_card
     assert "chunks of 75. The pipeline" not in plain_card
+
+
+def test_check_data_counts_caption_tokens_with_the_recipes_tokenizer(tiny_model, tmp_path, capsys):
+    from finetune.cli import main
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i, caption in enumerate([LONG, "red circle"]):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(caption)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model:\n  pretrained: {tiny_model}\ndata:\n  image_dir: {folder}\n  resolution: 64\n")
+    assert main(["check-data", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert (f"warning: 1 of 2 captions are longer than model.max_token_length (75 tokens) and are cut there (the longest: {folder / '0.png'}, "
+            in out and "result: ready to train (1 warnings)" in out)  # fmt: skip
+    assert main(["check-data", str(recipe), "model.max_token_length=150"]) == 0
+    assert "captions are longer" not in capsys.readouterr().out
+    assert main(["check-data", str(recipe), f"model.pretrained={tmp_path / 'nowhere'}"]) == 0
+    assert f"captions: not counted in tokens, {tmp_path / 'nowhere'}'s tokenizer is not at hand" in capsys.readouterr().out
