@@ -1,10 +1,10 @@
-"""Captions: where they are read from, per-folder templates, and tag shuffling.
+"""Captions: where they are read from, per-folder templates, and tag shuffling and dropout.
 
 A folder's captions come from (first match wins) `data.caption`, the folder's metadata.jsonl or
 metadata.csv (columns file_name and text, as Hugging Face's imagefolder reads them), or a .txt file
-beside the image. A folder's `template` then wraps the caption. Tag shuffling happens per item at
-training time, drawn from its own generator seeded by (seed, epoch, index), so enabling it never
-changes the crops and flips an image gets.
+beside the image. A folder's `template` then wraps the caption. Tags are shuffled and dropped per item
+at training time, drawn from their own generator seeded by (seed, epoch, index), so enabling either
+never changes the crops and flips an image gets.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune.config import DataConfig
 from finetune.errors import FinetuneError
 
 CAPTION_PLACEHOLDER = "{caption}"
@@ -95,17 +96,23 @@ def apply_template(template: str | None, caption: str) -> str:
     return caption if template is None else template.replace(CAPTION_PLACEHOLDER, caption)
 
 
-def shuffle_tags(caption: str, keep_tokens: int, rng: np.random.Generator) -> str:
-    """Shuffle the comma-separated tags of `caption` after the first `keep_tokens`, which stay in place."""
+def edit_tags(caption: str, keep_tokens: int, rng: np.random.Generator, shuffle: bool = True, dropout: float = 0.0) -> str:
+    """The comma-separated tags of `caption` after the first `keep_tokens` (which stay, in place): shuffled,
+    then each left out with probability `dropout`."""
     tags = [tag.strip() for tag in caption.split(",")]
     tags = [tag for tag in tags if tag]
     kept, rest = tags[:keep_tokens], tags[keep_tokens:]
-    order = rng.permutation(len(rest))
-    return ", ".join(kept + [rest[i] for i in order])
+    if shuffle:
+        rest = [rest[i] for i in rng.permutation(len(rest))]
+    if dropout > 0:
+        rest = [tag for tag, draw in zip(rest, rng.random(len(rest))) if draw >= dropout]
+    return ", ".join(kept + rest)
 
 
-def training_caption(caption: str, shuffle: bool, keep_tokens: int, seed: int, epoch: int, index: int) -> str:
-    """The caption item `index` trains with in `epoch`: tags shuffled if asked, the same on every process."""
-    if not shuffle or "," not in caption:
+def training_caption(caption: str, config: DataConfig, seed: int, epoch: int, index: int) -> str:
+    """The caption item `index` trains with in `epoch`: its tags shuffled (data.shuffle_tags) and dropped
+    (data.tag_dropout) past the first data.keep_tokens, the same on every process."""
+    if not (config.shuffle_tags or config.tag_dropout) or "," not in caption:
         return caption
-    return shuffle_tags(caption, keep_tokens, np.random.default_rng([seed, epoch, index, TAG_STREAM]))
+    rng = np.random.default_rng([seed, epoch, index, TAG_STREAM])
+    return edit_tags(caption, config.keep_tokens, rng, config.shuffle_tags, config.tag_dropout)

@@ -192,7 +192,7 @@ class ControlNetDataset(Dataset):
         target = self.bucket_of[index] if self.bucket_of else (config.resolution, config.resolution)
         plan = plan_view(upright_size(pair.image), target, config.crop, config.random_flip, rng)
         conditioning = render(open_rgb(pair.conditioning, at_least=2 * max(target)), plan)
-        caption = training_caption(pair.image.caption, config.shuffle_tags, config.keep_tokens, self.seed, epoch, index)
+        caption = training_caption(pair.image.caption, config, self.seed, epoch, index)
         if self.empty_prompt_share > 0 and rng.random() < self.empty_prompt_share:
             caption = ""
         item = {"conditioning_pixel_values": conditioning_tensor(conditioning), "caption": caption, "index": index}

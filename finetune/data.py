@@ -291,7 +291,7 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         target = self.bucket_of[index] if self.bucket_of else (self.config.resolution, self.config.resolution)
         width, height = upright_size(example)
         plan = plan_view((width, height), target, self.config.crop, self.config.random_flip, rng)
-        caption = training_caption(example.caption, self.config.shuffle_tags, self.config.keep_tokens, self.seed, epoch, index)
+        caption = training_caption(example.caption, self.config, self.seed, epoch, index)
         if self.config.caption_dropout > 0 and rng.random() < self.config.caption_dropout:
             caption = ""
         # original_size and crop_top_left: what SDXL-style size conditioning takes.

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.captions import shuffle_tags, training_caption
+from finetune.captions import edit_tags, training_caption
 from finetune.config import DataConfig
 from finetune.batches import EpochBatchSampler
 from finetune.data import CaptionedImageDataset, load_examples
@@ -134,22 +134,44 @@ def test_folder_settings_are_validated(tmp_path):
 def test_shuffle_keeps_the_first_tags_and_the_tag_set():
     orders = set()
     for seed in range(30):
-        shuffled = shuffle_tags(TAGS, keep_tokens=2, rng=np.random.default_rng(seed))
+        shuffled = edit_tags(TAGS, keep_tokens=2, rng=np.random.default_rng(seed))
         tags = shuffled.split(", ")
         assert tags[:2] == ["sks", "dog"]
         assert sorted(tags) == sorted(TAGS.split(", "))
         orders.add(shuffled)
     assert len(orders) > 10  # really shuffled
-    assert shuffle_tags("a, b", keep_tokens=5, rng=np.random.default_rng(0)) == "a, b"
+    assert edit_tags("a, b", keep_tokens=5, rng=np.random.default_rng(0)) == "a, b"
 
 
 def test_tag_shuffle_is_deterministic_per_seed_epoch_and_index():
-    first = training_caption(TAGS, True, 1, seed=3, epoch=0, index=4)
-    assert first == training_caption(TAGS, True, 1, seed=3, epoch=0, index=4)
-    others = {training_caption(TAGS, True, 1, seed=3, epoch=e, index=4) for e in range(1, 12)}
+    shuffled = DataConfig(image_dir="x", shuffle_tags=True, keep_tokens=1)
+    first = training_caption(TAGS, shuffled, seed=3, epoch=0, index=4)
+    assert first == training_caption(TAGS, shuffled, seed=3, epoch=0, index=4)
+    others = {training_caption(TAGS, shuffled, seed=3, epoch=e, index=4) for e in range(1, 12)}
     assert len(others | {first}) > 3
-    assert training_caption(TAGS, False, 1, seed=3, epoch=0, index=4) == TAGS  # off: untouched
-    assert training_caption("one caption without tags", True, 0, 3, 0, 0) == "one caption without tags"
+    assert training_caption(TAGS, DataConfig(image_dir="x"), seed=3, epoch=0, index=4) == TAGS  # off: untouched
+    assert training_caption("one caption without tags", shuffled, 3, 0, 0) == "one caption without tags"
+
+
+def test_tag_dropout_leaves_out_tags_at_its_rate_and_never_the_kept_ones():
+    """sd-scripts' caption_tag_dropout_rate: each tag past keep_tokens is dropped with that probability, in its
+    order unless shuffled too; the shuffle alone draws as it did without dropout."""
+    dropping = DataConfig(image_dir="x", tag_dropout=0.25, keep_tokens=1)
+    tags, dropped = TAGS.split(", "), []
+    for index in range(400):
+        caption = training_caption(TAGS, dropping, seed=0, epoch=0, index=index).split(", ")
+        assert caption[0] == "sks" and caption == [tag for tag in tags if tag in caption]  # the trigger stays; order kept
+        dropped.append(len(tags) - len(caption))
+    assert np.mean(dropped) / (len(tags) - 1) == pytest.approx(0.25, abs=0.03)
+    both = DataConfig(image_dir="x", shuffle_tags=True, tag_dropout=0.25, keep_tokens=1)
+    shuffled = DataConfig(image_dir="x", shuffle_tags=True, keep_tokens=1)
+    for index in range(20):  # the same shuffle, then some tags left out of it
+        order = training_caption(TAGS, shuffled, seed=0, epoch=0, index=index).split(", ")
+        kept = training_caption(TAGS, both, seed=0, epoch=0, index=index).split(", ")
+        assert kept == [tag for tag in order if tag in kept]
+    with pytest.raises(ValueError, match="data.keep_tokens keeps the first tags in place"):
+        DataConfig(image_dir="x", keep_tokens=1)
+    assert training_caption(TAGS, DataConfig(image_dir="x", tag_dropout=0.0), 0, 0, 0) == TAGS
 
 
 def test_dataset_shuffles_tags_without_changing_the_images(tmp_path):

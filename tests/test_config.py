@@ -140,7 +140,8 @@ def test_override_indexes_lists():
         ("optimizer.name=prodigy", r"^key 'optimizer': optimizer.lr with prodigy multiplies the step size it finds: set it near 1.0 \(got 0.0001\)"),
         ("data.folders=[{path: a}, {path: ./a/}]", r"^key 'data': data.folders lists 'a' twice with the same template: list it once and raise its repeats"),
         ("data.folders=[{path: a, template: '{caption}'}, {path: ../images/a}]", r"^key 'data': data.folders lists 'a' twice with the same template"),
-        ("data.keep_tokens=2", r"^key 'data': data.keep_tokens keeps the first tags in place while data.shuffle_tags shuffles the rest: set data.shuffle_tags: true"),
+        ("data.keep_tokens=2", r"^key 'data': data.keep_tokens keeps the first tags in place while data.shuffle_tags shuffles or data.tag_dropout drops the others: "
+                               r"set data.shuffle_tags: true \(or data.tag_dropout\)$"),
         # Each of these crashed mid-run (the validation ones after training, before the adapter was saved).
         ("validation.num_inference_steps=0", r"^key 'validation.num_inference_steps': Input should be greater than or equal to 1 \(got 0\)$"),
         ("validation.images_per_prompt=0", r"^key 'validation.images_per_prompt': Input should be greater than or equal to 1"),

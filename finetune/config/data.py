@@ -117,6 +117,9 @@ class DataConfig(Section):
     # staying in place (a trigger word first), so the model does not learn one tag order.
     shuffle_tags: bool = False
     keep_tokens: int = 0
+    # Each tag past the first keep_tokens is left out with this probability, per image and epoch (sd-scripts'
+    # caption_tag_dropout_rate), so no tag becomes a crutch the trigger word cannot do without.
+    tag_dropout: Share = 0.0
     # Images whose shorter side is below this are an error (default: half the resolution).
     min_image_size: Optional[int] = None
     # Images that would stop the run (unreadable, truncated, too small, no caption) are skipped and
@@ -165,6 +168,7 @@ class DataConfig(Section):
                 "data.loss_mask.source files reads masks from folders beside the images; a dataset's images can carry "
                 "their mask as transparency: use source alpha"
             )
-        if self.keep_tokens and not self.shuffle_tags:
-            raise ValueError("data.keep_tokens keeps the first tags in place while data.shuffle_tags shuffles the rest: set data.shuffle_tags: true")
+        if self.keep_tokens and not (self.shuffle_tags or self.tag_dropout):
+            raise ValueError("data.keep_tokens keeps the first tags in place while data.shuffle_tags shuffles or data.tag_dropout drops the "
+                             "others: set data.shuffle_tags: true (or data.tag_dropout)")  # fmt: skip
         return self

@@ -74,7 +74,7 @@ class DreamBoothDataset(Dataset):
         rng = item_rng(self.seed, epoch, index)
         config = self.config
         target = self.bucket_of[index] if self.bucket_of else (config.resolution, config.resolution)
-        caption = training_caption(example.caption, config.shuffle_tags, config.keep_tokens, self.seed, epoch, index)
+        caption = training_caption(example.caption, config, self.seed, epoch, index)
         plan = plan_view(upright_size(example), target, config.crop, config.random_flip, rng)
         if config.caption_dropout > 0 and rng.random() < config.caption_dropout:  # instances only: class images keep the prior's prompt
             caption = ""
