@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -23,20 +23,38 @@ CAPTION_PLACEHOLDER = "{caption}"
 TAG_STREAM = 1
 
 
+def metadata_key(file_name: str) -> str:
+    """A metadata row's file_name as images are matched to it: its path relative to the folder, with `/`
+    (`./a.png` and `a.png` are one; `sub/a.png` names an image in a subfolder, which is not `a.png`)."""
+    return PurePosixPath(str(file_name).strip().replace("\\", "/")).as_posix().removeprefix("./")
+
+
+def _add_row(captions: dict[str, str], rows: dict[str, int], path: Path, row_number: int, file_name: str, caption: str | None) -> None:
+    key = metadata_key(file_name)
+    if key in rows:
+        raise FinetuneError(f"{path} row {row_number} names {key} again (first in row {rows[key]}): keep one row per image")
+    rows[key] = row_number
+    if caption is not None:
+        captions[key] = caption
+
+
 def read_metadata_captions(path: Path, require_text: bool = True) -> dict[str, str]:
     """{file name: caption} from a metadata.jsonl; rows without "text" are an error unless not required."""
     if not path.is_file():
         return {}
-    captions = {}
+    captions, rows = {}, {}
     for line_number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            if (require_text or "text" in row) and row["text"] is not None:  # null: no caption (reported as missing)
-                captions[Path(row["file_name"]).name] = str(row["text"])
+            text = row["text"] if require_text or "text" in row else None
+            file_name = row["file_name"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise FinetuneError(f"{path} line {line_number}: expected a JSON object with 'file_name' and 'text'") from None
+        if text is not None and not isinstance(text, str):  # null: no caption (reported as missing)
+            raise FinetuneError(f"{path} line {line_number}: 'text' is {type(text).__name__}, not a string: write the caption as one string")
+        _add_row(captions, rows, path, line_number, file_name, text)
     return captions
 
 
@@ -49,10 +67,10 @@ def read_csv_captions(path: Path) -> dict[str, str]:
         columns = reader.fieldnames or []
         if "file_name" not in columns or "text" not in columns:
             raise FinetuneError(f"{path} must have a header row with 'file_name' and 'text' columns (has: {', '.join(columns) or 'none'})")
-        captions = {}
-        for row in reader:
+        captions, rows = {}, {}
+        for row_number, row in enumerate(reader, start=2):  # the header is row 1
             if row["file_name"]:
-                captions[Path(row["file_name"]).name] = (row["text"] or "").strip()
+                _add_row(captions, rows, path, row_number, row["file_name"], (row["text"] or "").strip())
     return captions
 
 
@@ -69,7 +87,7 @@ SIDECAR_SUFFIXES = (".txt", ".caption")
 
 
 def sidecar_caption(image_path: Path) -> str | None:
-    for suffix in SIDECAR_SUFFIXES:
+    for suffix in (variant for suffix in SIDECAR_SUFFIXES for variant in (suffix, suffix.upper())):  # IMG_1.JPG's IMG_1.TXT too
         sidecar = image_path.with_suffix(suffix)
         if sidecar.is_file():
             try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the caption

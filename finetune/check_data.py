@@ -20,21 +20,25 @@ import hashlib
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from finetune.buckets import Size, assign_buckets, bucket_counts_line
 from finetune.captions import missing_caption_message
 from finetune.config import DataConfig, LossMaskConfig, Recipe
 from finetune.data import (
     Example,
+    data_folders,
     decode,
     expand_repeats,
     has_alpha,
     is_16_bit,
     metadata_rows_without_images,
     read_examples,
+    unread_images,
     upright_rgb,
 )
 from finetune.errors import FinetuneError
-from finetune.loss_mask import alpha_mask, mask_area, mask_path, read_mask_file
+from finetune.loss_mask import alpha_mask, mask_area, mask_digest, mask_path, read_mask_file
 from finetune.views import cut, plan_cover_crop
 
 FATAL, WARNING, CONVERTED = "fatal", "warning", "converted"
@@ -126,12 +130,13 @@ def conversions(image, alpha_is_mask: bool = False) -> list[str]:
     its loss mask, data.loss_mask.source alpha)."""
     done = []
     orientation = image.getexif().get(0x0112, 1)
-    if orientation not in (None, 1):
+    if orientation in range(2, 9):  # 1 is upright; other values are invalid, and ImageOps.exif_transpose ignores them
         done.append(f"EXIF orientation {orientation}: rotated upright")
     if image.mode == "CMYK":
         done.append("CMYK: converted to RGB")
     elif is_16_bit(image):
-        done.append(f"16-bit ({image.mode}): scaled to 8-bit RGB")
+        eight_bit_values = int(np.asarray(image).max(initial=0)) <= 255  # see views.to_8_bit
+        done.append(f"16-bit ({image.mode}): " + ("its values are 8-bit ones (none above 255), read as such" if eight_bit_values else "scaled to 8-bit RGB"))
     elif has_alpha(image):
         done.append(f"transparency ({image.mode}): " + ("its loss mask; the pixels composited on white" if alpha_is_mask else "composited on white"))
     elif image.mode == "P":
@@ -149,6 +154,10 @@ def inspect(example: Example, config: DataConfig) -> tuple[Example | None, list[
     elif not example.caption.strip() and config.caption is None:  # an empty .txt or metadata text, not data.caption: ""
         # Not fatal: ControlNet data (make-conditions' output) trains uncaptioned images on purpose.
         message = f"image {source} has an empty caption: it trains as the empty prompt; write one in its .txt or metadata row if that is not meant"
+        findings.append(Finding(WARNING, source, message))
+    elif len(lines := [line for line in example.caption.splitlines() if line.strip()]) > 1:
+        message = (f"image {source} has a caption of {len(lines)} lines: they train as one caption (sd-scripts reads only the first line); "
+                   "join them with commas, or keep the one meant")  # fmt: skip
         findings.append(Finding(WARNING, source, message))
     try:
         raw = decode(example)
@@ -207,8 +216,7 @@ def inspect_loss_mask(example: Example, raw, config: DataConfig) -> tuple[Exampl
     if area == 0.0 and settings.unmasked_weight == 0.0:
         message = f"{named} is black everywhere, so image {source} would train nothing: whiten what should train, or remove the image"
         return example, [Finding(FATAL, source, message)]
-    mask_digest = hashlib.blake2b(f"{mask_width}x{mask_height}".encode() + mask.tobytes(), digest_size=16).hexdigest()
-    return replace(example, load_mask=load, mask_area=area, mask_digest=mask_digest), []
+    return replace(example, load_mask=load, mask_area=area, mask_digest=mask_digest(mask)), []
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -242,9 +250,21 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
             others = ", ".join(sources[1:6]) + (f" and {len(sources) - 6} more" if len(sources) > 6 else "")
             message = f"image {sources[0]} has the same pixels as {others}: each copy trains as its own image (remove copies, or use data.folders repeats)"
             report.findings.append(Finding(WARNING, sources[0], message))
+    for folder in data_folders(config):
+        files, subfolders = unread_images(folder, config)
+        if files:
+            kinds = ", ".join(sorted({path.suffix.lower() for path in files}))
+            message = f"data folder {folder} has {len(files)} image(s) training does not read ({kinds}, e.g. {files[0].name}): convert them to PNG or JPEG"
+            report.findings.append(Finding(WARNING, str(folder), message))
+        if subfolders:
+            names = ", ".join(path.name for path in subfolders[:5]) + (f" and {len(subfolders) - 5} more" if len(subfolders) > 5 else "")
+            message = f"data folder {folder} has subfolders with images ({names}), which are not read: list each in data.folders (with its repeats) to train it"
+            report.findings.append(Finding(WARNING, str(folder), message))
     for metadata, names in metadata_rows_without_images(config):
         listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        message = f"{metadata} names {len(names)} file(s) that are not images in its folder ({listed}): their captions are unused; fix file_name"
+        nested = any("/" in name for name in names)  # folders are not read recursively
+        message = (f"{metadata} names {len(names)} file(s) that are not images in its folder ({listed}): their captions are unused; fix file_name"
+                   + ("; images in a subfolder train only as a data.folders entry, with a metadata file of their own" if nested else ""))  # fmt: skip
         report.findings.append(Finding(WARNING, str(metadata), message))
     if config.skip_bad_images:
         skip_fatal(report)

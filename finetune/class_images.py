@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from finetune.config import ClassImageGeneration, ModelConfig
-from finetune.data import IMAGE_SUFFIXES
+from finetune.data import folder_images
 from finetune.sampling import autocast_for, prompt_arguments, save_image_atomic
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def plan_class_images(folder: Path, key: str, wanted: int) -> tuple[list[Path], 
     Images a user put in the folder count first (sorted by name); generated images of this key fill
     the rest. Generated images of another key (another prompt or settings) are never used.
     """
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    files = folder_images(folder) if folder.is_dir() else []
     user_images = [p for p in files if not is_generated_name(p)][:wanted]
     needed = wanted - len(user_images)
     generated = [folder / f"{key}-{k:05d}.png" for k in range(needed)]

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, one_line
 from finetune.library_noise import quiet_third_party_warnings
 
 EXAMPLES = """examples:
@@ -246,11 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     except FinetuneError as err:
         # Under `accelerate launch` every process checks the same recipe and files: one line per machine.
         if os.environ.get("LOCAL_RANK", "0") == "0":
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # training stops itself cleanly; this is Ctrl-C anywhere else (loading, class images, sampling)
         print("\nstopped (Ctrl-C): files written so far are kept; run the command again to continue", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`finetune check-data ... | head`): no traceback for that
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's last flush would raise again
+        return 141  # as a shell reports a process ended by SIGPIPE
 
 
 def _train(args) -> int:
@@ -336,8 +339,7 @@ def _export(args) -> int:
     from finetune.kohya import export_lora
 
     path, card, images = export_lora(Path(args.input), Path(args.output), args.to, overwrite=args.overwrite, precision=args.precision)
-    print(f"wrote {path} ({args.to} layout{', ' + args.precision if args.precision else ''}), its model card {card}"
-          + "".join(f", {image}" for image in images))  # fmt: skip
+    print(f"wrote {path} ({args.to} layout{', ' + args.precision if args.precision else ''}), its model card {card}" + "".join(f", {i}" for i in images))
     return 0
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from finetune.captions import read_csv_captions, read_metadata_captions
+from finetune.captions import read_csv_captions, read_metadata_captions, sidecar_caption
 from finetune.errors import FinetuneError
 
 KINDS = ("canny", "luminance", "mask")
@@ -177,14 +177,14 @@ def make_conditions(input_dir: str | Path, output_dir: str | Path, kind: str, **
     `output_dir/conditioning/<stem>.png`, and `metadata.jsonl` lists all three columns. Captions come
     from the input's metadata.jsonl or metadata.csv, else a .txt beside the image; an image with none gets "".
     """
-    from finetune.data import IMAGE_SUFFIXES, Example, open_rgb
+    from finetune.data import IMAGE_SUFFIXES, Example, folder_images, open_rgb
 
     if kind not in KINDS:
         raise FinetuneError(f"unknown conditioning kind '{kind}': use one of {', '.join(KINDS)}")
     source, target = Path(input_dir), Path(output_dir)
     if not source.is_dir():
         raise FinetuneError(f"input folder {source} not found")
-    images = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    images = folder_images(source)
     if not images:
         raise FinetuneError(f"input folder {source} has no images ({', '.join(IMAGE_SUFFIXES)})")
     jsonl, table = source / "metadata.jsonl", source / "metadata.csv"
@@ -203,11 +203,8 @@ def make_conditions(input_dir: str | Path, output_dir: str | Path, kind: str, **
         make_condition(image, kind, **options).save(target / conditioning_name)
         if not same_folder:
             shutil.copyfile(path, target / path.name)
-        if path.name in captions:
-            text = captions[path.name]
-        elif path.with_suffix(".txt").is_file():
-            text = path.with_suffix(".txt").read_text(encoding="utf-8").strip()
-        else:
+        text = captions[path.name] if path.name in captions else sidecar_caption(path)  # as training reads captions
+        if text is None:
             text, uncaptioned = "", uncaptioned + 1
         rows.append({"file_name": path.name, "conditioning_file_name": conditioning_name, "text": text})
     partial = target / ".metadata.jsonl.partial"

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from finetune.captions import training_caption
+from finetune.captions import metadata_key, training_caption
 from finetune.config import DataConfig, Recipe
 from finetune.buckets import Size, assign_buckets
 from finetune.cache import EncodingCache
@@ -85,7 +85,7 @@ def read_pairs(recipe: Recipe) -> tuple[list[Pair], list[Finding]]:
         if column not in dataset.column_names:
             raise FinetuneError(
                 f"dataset {config.dataset} has no conditioning column '{column}' (controlnet.conditioning_column); "
-                f"its columns are: {', '.join(dataset.column_names)}"
+                f"its columns are: {', '.join(repr(c) for c in dataset.column_names)}"
             )
         conditionings = dataset.select_columns([column])
         pairs = [
@@ -130,7 +130,7 @@ def _conditioning_files(folder: Path) -> dict[str, str]:
         try:
             row = json.loads(line)
             if row.get("conditioning_file_name"):
-                files[Path(row["file_name"]).name] = str(row["conditioning_file_name"])
+                files[metadata_key(row["file_name"])] = str(row["conditioning_file_name"])
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise FinetuneError(f"{path} line {line_number}: expected a JSON object with 'file_name', 'conditioning_file_name' and 'text'") from None
     return files

@@ -9,6 +9,7 @@ its aspect-ratio bucket (finetune/buckets.py) instead of a square.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -29,10 +30,16 @@ from finetune.captions import (
 )
 from finetune.config import DataConfig, FolderConfig
 from finetune.errors import FinetuneError
-from finetune.loss_mask import mask_tensor
-from finetune.views import ViewPlan, plan_view, render, view_key
+from finetune.loss_mask import mask_digest, mask_tensor
+from finetune.views import ViewPlan, plan_view, render, to_8_bit, view_key
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Images that are in a folder but not read: animations, print and phone formats (convert them to PNG or JPEG).
+UNREAD_IMAGE_SUFFIXES = (".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jfif", ".psd")
+# Pillow refuses images over 2x this many pixels as "decompression bombs" (89M by default: a 108 MP phone
+# photo warns, a 200 MP one fails). A user's own photos are trusted input; the check still stops on a corrupt one.
+Image.MAX_IMAGE_PIXELS = 300_000_000
+DATASET_ROW = "dataset {name} row {row}"  # the source of a dataset's example (a folder's is its file's path)
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,12 @@ class Example:
     load_mask: Callable[[], Image.Image] | None = None  # its upright greyscale loss mask, from the check (data.loss_mask)
     mask_area: float | None = None  # the share of the image its loss mask trains
     mask_digest: str | None = None  # a hash of the mask's pixels, from the check: names its cached views
+
+
+def source_folder(example: Example) -> str:
+    """The name of the folder an example's image is in, or of its dataset: how sd-scripts groups a LoRA's tags."""
+    row = re.fullmatch(DATASET_ROW.format(name="(.+)", row=r"\d+"), example.source)
+    return Path(row.group(1)).name if row else Path(example.source).parent.name
 
 
 def read_examples(config: DataConfig) -> list[Example]:
@@ -103,7 +116,32 @@ def _folder_examples(config: DataConfig) -> list[Example]:
 
 
 def folder_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """The images training reads in `folder` (not its subfolders), by name. Hidden files are left out: macOS
+    writes a `._name.jpg` of metadata beside each image it copies to a foreign drive."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def data_folders(config: DataConfig) -> list[Path]:
+    """The folders a folder dataset reads its images from, each once; none for a `datasets` dataset."""
+    if not config.image_dir:
+        return []
+    folders: dict[Path, Path] = {}
+    for settings in config.folders or [FolderConfig(path=".")]:
+        folder = Path(config.image_dir) / settings.path
+        if folder.is_dir():
+            folders.setdefault(folder.resolve(), folder)
+    return list(folders.values())
+
+
+def unread_images(folder: Path, config: DataConfig) -> tuple[list[Path], list[Path]]:
+    """(image files of kinds training does not read, subfolders holding images) in `folder`: said, so that
+    no image a user put there is left out unseen. Subfolders count for data.image_dir alone (without
+    data.folders); its masks and conditioning folders are no such subfolder."""
+    visible = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    files = sorted(p for p in visible if p.is_file() and p.suffix.lower() in UNREAD_IMAGE_SUFFIXES)
+    own = (config.loss_mask.folder, "conditioning")
+    subfolders = sorted(p for p in visible if not config.folders and p.is_dir() and p.name not in own and folder_images(p))
+    return files, subfolders
 
 
 def metadata_rows_without_images(config: DataConfig) -> list[tuple[Path, list[str]]]:
@@ -145,16 +183,26 @@ def open_dataset(config: DataConfig):
     name = config.dataset
     # What save_to_disk writes: a Dataset (dataset_info.json, state.json) or a DatasetDict (dataset_dict.json).
     saved = Path(name).is_dir() and any((Path(name) / marker).is_file() for marker in ("dataset_info.json", "state.json", "dataset_dict.json"))
+    folder = Path(name).is_dir() and not saved
+    if folder and folder_images(Path(name)):
+        metadata = any((Path(name) / meta).is_file() for meta in ("metadata.jsonl", "metadata.csv"))
+        if not metadata or any(Path(name).glob("*.txt")):  # datasets would read the .txt captions as a text dataset of their lines
+            raise FinetuneError(f"dataset {name} is a folder of images with " + ("a metadata file and .txt captions" if metadata else "no metadata file")
+                                + f": train it as data.image_dir={name} (with data.dataset=null)")  # fmt: skip
     try:
         loaded = datasets.load_from_disk(name) if saved else datasets.load_dataset(name, config.dataset_config, split=config.dataset_split)
     except FileNotFoundError as err:
         raise FinetuneError(f"dataset {name} not found: {str(err).splitlines()[0]}") from None
     except ConnectionError:
         raise FinetuneError(f"dataset {name} is not in the local cache and the hub cannot be reached: use a local path") from None
-    except ValueError as err:
-        if "Unknown split" not in str(err):
+    except Exception as err:  # datasets' builders raise many kinds (pyarrow's ArrowInvalid, a ValueError, on a malformed metadata row)
+        if isinstance(err, ValueError) and "Unknown split" in str(err):
+            raise FinetuneError(f"dataset {name} has no split '{config.dataset_split}' ({str(err).splitlines()[0]}): set data.dataset_split") from None
+        if not folder:
             raise
-        raise FinetuneError(f"dataset {name} has no split '{config.dataset_split}' ({str(err).splitlines()[0]}): set data.dataset_split") from None
+        cause = err.__cause__ or err
+        raise FinetuneError(f"dataset folder {name} cannot be read ({type(cause).__name__}: {str(cause).splitlines()[0][:200]}): "
+                            "fix its metadata.jsonl/metadata.csv (each row one JSON object with file_name and text strings)") from None  # fmt: skip
     if isinstance(loaded, datasets.Dataset) and saved and config.dataset_split != "train":
         raise FinetuneError(f"dataset {name} is a single split saved with save_to_disk (no split '{config.dataset_split}' to pick): remove data.dataset_split")
     if isinstance(loaded, datasets.DatasetDict):
@@ -173,20 +221,29 @@ def _dataset_examples(config: DataConfig) -> list[Example]:
         needed.append(("data.caption_column", config.caption_column))
     for key, column in needed:
         if column not in columns:
-            raise FinetuneError(f"dataset {name} has no column '{column}' ({key}); its columns are: {', '.join(columns)}")
+            raise FinetuneError(f"dataset {name} has no column '{column}' ({key}); its columns are: {', '.join(repr(c) for c in columns)}")
     if len(loaded) == 0:
         raise FinetuneError(f"dataset {name} split '{config.dataset_split}' is empty")
+    image_feature = loaded.features[config.image_column]
+    if type(image_feature).__name__ != "Image" or not getattr(image_feature, "decode", True):
+        raise FinetuneError(
+            f"dataset {name} column '{config.image_column}' (data.image_column) holds {image_feature}, not decoded images: "
+            f"cast it with dataset.cast_column('{config.image_column}', datasets.Image()) and save it again, or set data.image_column"
+        )
     captions = [config.caption] * len(loaded) if config.caption is not None else loaded[config.caption_column]
     images = loaded.select_columns([config.image_column])
     return [
-        Example(f"dataset {name} row {row}", _caption_or_none(captions[row]), lambda row=row: images[row][config.image_column])
+        Example(DATASET_ROW.format(name=name, row=row), _caption_or_none(captions[row], name, config.caption_column, row), lambda row=row: images[row][config.image_column])
         for row in range(len(loaded))
     ]
 
 
-def _caption_or_none(value) -> str | None:
+def _caption_or_none(value, name: str, column: str, row: int) -> str | None:
     """A dataset's caption cell; None or blank is a missing caption (reported by the check), not "None"."""
-    return None if value is None or not str(value).strip() else str(value)
+    if value is not None and not isinstance(value, str):  # a list of captions would train as its Python text
+        raise FinetuneError(f"dataset {name} row {row}: caption column '{column}' holds {type(value).__name__}, not text: "
+                            "give each row one caption (e.g. the first, with dataset.map), or set data.caption_column")  # fmt: skip
+    return None if value is None or not value.strip() else value
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -227,7 +284,7 @@ def upright_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     if is_16_bit(image):
-        image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8))
+        image = to_8_bit(image)
     return image.convert("RGB")
 
 
@@ -260,11 +317,18 @@ def render_pixels(example: Example, plan: ViewPlan) -> torch.Tensor:
     return to_tensor(render(open_rgb(example, at_least=2 * max(plan.target)), plan))
 
 
-def render_mask(example: Example, plan: ViewPlan) -> torch.Tensor:
-    """The planned view of `example`'s loss mask as (1, H, W) weights in [0, 1]; all 1 without a mask."""
+def render_mask(example: Example, plan: ViewPlan, as_checked: bool = False) -> torch.Tensor:
+    """The planned view of `example`'s loss mask as (1, H, W) weights in [0, 1]; all 1 without a mask.
+
+    `as_checked`: the mask must still be the one the data check read, as for views cached under its digest.
+    """
     if example.load_mask is None:
         return torch.ones(1, plan.target[1], plan.target[0])
-    return mask_tensor(render(example.load_mask(), plan))
+    mask = example.load_mask()
+    if as_checked and example.mask_digest is not None and mask_digest(mask) != example.mask_digest:
+        raise FinetuneError(f"the loss mask of image {example.source} changed since this run's data check: restart the run to train with it "
+                            "(train.cache_latents keeps each view's mask under the content checked at the start)")  # fmt: skip
+    return mask_tensor(render(mask, plan))
 
 
 class CaptionedImageDataset(torch.utils.data.Dataset):
@@ -307,7 +371,7 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
 
     def render_mask(self, view: tuple[int, ViewPlan]) -> torch.Tensor:
         index, plan = view
-        return render_mask(self.examples[index], plan)
+        return render_mask(self.examples[index], plan, as_checked=True)  # a cached view's (see mask_entry)
 
 
 def likely_new_view(config: DataConfig, epoch: int, epochs_per_visit: int = 1) -> bool:
@@ -349,7 +413,7 @@ def mask_entry(example: Example, plan: ViewPlan, cache: EncodingCache | None, li
     key = view_key(f"mask-{example.mask_digest}", plan)
     entry = {f"{prefix}mask_key": key}
     if likely_new and not cache.stored(key):
-        entry[f"{prefix}loss_mask"] = render_mask(example, plan)
+        entry[f"{prefix}loss_mask"] = render_mask(example, plan, as_checked=True)
     return entry
 
 

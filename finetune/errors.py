@@ -8,3 +8,10 @@ with status 2 instead of showing a traceback.
 
 class FinetuneError(Exception):
     """A problem with the user's input, explained in one line."""
+
+
+def one_line(err: FinetuneError) -> str:
+    """The error's line; raised in a data-loader worker, torch hands it back with the worker's traceback
+    around it, whose last line is ours."""
+    text = str(err).strip()
+    return text.splitlines()[-1].split("FinetuneError: ", 1)[-1] if "Original Traceback" in text else text

@@ -59,6 +59,11 @@ KOHYA_KEYS = (
     ("finetune.clip_skip", "ss_clip_skip"),
     ("finetune.max_token_length", "ss_max_token_length"),
     ("finetune.max_norm", "ss_scale_weight_norms"),
+    # The training data: images per epoch, and per folder its images and repeats and its captions' tag counts
+    # (JSON), which the webui's LoRA metadata editor and LoRA managers offer as trigger words.
+    ("finetune.num_train_images", "ss_num_train_images"),
+    ("finetune.dataset_dirs", "ss_dataset_dirs"),
+    ("finetune.tag_frequency", "ss_tag_frequency"),
 )
 DIFFUSERS_ONLY_METADATA = ("lora_adapter_metadata",)
 
@@ -266,6 +271,8 @@ def to_kohya(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     for ours, theirs in KOHYA_KEYS:
         if ours in lora.metadata:
             metadata[theirs] = lora.metadata[ours]
+    if lora.metadata.get("finetune.resolution", "").isdigit():  # sd-scripts writes the training size as a (width, height) tuple
+        metadata["ss_resolution"] = f"({lora.metadata['finetune.resolution']}, {lora.metadata['finetune.resolution']})"
     if "finetune.prediction_type" in lora.metadata:  # sd-scripts' flags, "True"/"False"
         metadata["ss_v_parameterization"] = str(lora.metadata["finetune.prediction_type"] == "v_prediction")
     if "finetune.method" in lora.metadata:  # ours record these when on: their absence means off

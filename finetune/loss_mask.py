@@ -17,6 +17,7 @@ its mask file nor, for `alpha`, its image; a changed mask is another key, cut an
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from PIL import Image, ImageOps
 
 from finetune.config import LossMaskConfig
 from finetune.errors import FinetuneError
+from finetune.views import to_8_bit
 
 # A mask may be saved in any of these formats (any letter case), whatever its image's format.
 MASK_SUFFIXES = (".png", ".webp", ".bmp", ".jpg", ".jpeg")
@@ -72,9 +74,7 @@ def read_mask_file(path: Path) -> Image.Image:
     except Exception as err:  # PIL raises many types for broken files
         raise FinetuneError(f"loss mask {path} cannot be read ({err.__class__.__name__}: {err}): fix or remove it") from None
     if mask.mode.startswith("I"):  # 16-bit greyscale: convert("L") would clip, not scale
-        values = np.asarray(mask, dtype=np.float64)
-        scale = 257.0 if values.max() > 255 else 1.0  # 0/255 written as 16 bits (numpy, OpenCV) are 8-bit values
-        mask = Image.fromarray((values / scale).clip(0, 255).astype(np.uint8))
+        mask = to_8_bit(mask)
     rgba = mask.convert("RGBA")
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).getchannel("R")
 
@@ -82,6 +82,11 @@ def read_mask_file(path: Path) -> Image.Image:
 def alpha_mask(raw: Image.Image) -> Image.Image:
     """The transparency of a decoded image (one with alpha), upright, as 8-bit greyscale."""
     return ImageOps.exif_transpose(raw).convert("RGBA").getchannel("A")
+
+
+def mask_digest(mask: Image.Image) -> str:
+    """A hash of a mask's pixels (8-bit greyscale, as read): the name of its views in the latent cache."""
+    return hashlib.blake2b(f"{mask.width}x{mask.height}".encode() + mask.tobytes(), digest_size=16).hexdigest()
 
 
 def mask_tensor(mask: Image.Image) -> torch.Tensor:

@@ -4,6 +4,8 @@ it came from, its rank and alpha, its samples, and how to load it in diffusers, 
 
 from __future__ import annotations
 
+import collections
+import json
 import shutil
 from pathlib import Path
 
@@ -58,6 +60,20 @@ def write_webui_preview(grid: Path, resolution: str | None, preview: Path) -> Pa
     return preview
 
 
+def frequent_tags(tag_frequency: str | None, count: int = 10) -> str | None:
+    """The `count` most frequent tags of sd-scripts' tag_frequency JSON ({folder: {tag: images}}), over all
+    folders: "sks (12), dog (12), ..."; None when there are none or it cannot be read."""
+    try:
+        folders = json.loads(tag_frequency or "{}")
+        totals = collections.Counter()
+        for tags in folders.values():
+            totals.update({str(tag): int(images) for tag, images in tags.items()})
+    except (ValueError, TypeError, AttributeError):  # another trainer's file may hold anything there
+        return None
+    shown = ", ".join(f"{tag} ({images})" for tag, images in totals.most_common(count)).replace("|", "\\|")  # a table cell
+    return shown or None
+
+
 def model_card_path(path: Path, layout: str) -> Path:
     """README.md in a diffusers LoRA's folder (one LoRA per folder); `<name>.md` beside a kohya file, so
     several exports share a webui `models/Lora` folder."""
@@ -96,6 +112,7 @@ def write_model_card(
         *([f"| 3x3 conv layers (LoCon) | rank {conv[0]} / alpha {conv[1]:g} (scaled by {conv[1] / conv[0]:g}) |"] if conv else []),
         f"| steps | {meta.get('finetune.steps', 'unknown')}" + (f" ({meta['finetune.epoch']} epochs)" if meta.get("finetune.epoch") else "") + " |",
         f"| resolution | {meta.get('finetune.resolution', 'unknown')} |",
+        *([f"| most frequent caption tags | {tags} |"] if (tags := frequent_tags(meta.get("finetune.tag_frequency"))) else []),
         f"| prediction type | {meta.get('finetune.prediction_type', 'unknown')} |",
         f"| clip skip | {meta.get('finetune.clip_skip', 'unknown')} (the webui's count) |",
         *([f"| caption tokens | {meta['finetune.max_token_length']} (long captions read in chunks of 75, as sd-scripts' max_token_length) |"]
@@ -112,7 +129,8 @@ def write_model_card(
         *([f"| started from | the LoRA `{meta['finetune.init_from']}` (lora.init_from; steps above are this run's) |"] if meta.get("finetune.init_from") else []),
         "",
     ]
-    grid, images = newest_sample_grid(training_dir, up_to_step) if training_dir else None, []
+    grid = newest_sample_grid(training_dir, up_to_step) if training_dir else None
+    images = []  # written beside the card
     if grid is not None:
         target = path.parent / "samples" / (f"{path.stem}-{grid.name}" if layout == "kohya" else grid.name)
         if grid.resolve() != target.resolve():

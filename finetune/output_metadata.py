@@ -3,16 +3,43 @@ method and recipe, and the settings a loader or a LoRA inspector needs to use or
 
 from __future__ import annotations
 
+import collections
+import json
 from pathlib import Path
 
 from finetune.config import Recipe
+from finetune.data import Example, source_folder
 from finetune.kohya import LORAPLUS_KEYS
 
 
-def output_metadata(recipe: Recipe, step: int, prediction_type: str, epoch: int | None = None, max_steps: int | None = None) -> dict[str, str]:
+def dataset_metadata(items: list[Example]) -> dict[str, str]:
+    """What a LoRA records of the images it trained on (each listed once per use in an epoch), in sd-scripts'
+    forms: per folder its images and repeats, and its captions' tag counts. The webui's LoRA metadata editor
+    and LoRA managers offer those tags as the LoRA's trigger words."""
+    folders: dict[str, dict] = {}
+    seen = set()
+    for item in items:
+        folder = folders.setdefault(source_folder(item), {"n_repeats": item.repeats, "img_count": 0, "tags": collections.Counter()})
+        if (item.source, item.folder_index) in seen:  # its repeats
+            continue
+        seen.add((item.source, item.folder_index))
+        folder["img_count"] += 1
+        # Each tag counts once per image, as sd-scripts counts them; a caption without commas is one tag.
+        folder["tags"].update(list(dict.fromkeys(tag.strip() for tag in (item.caption or "").split(",") if tag.strip())))
+    return {
+        "finetune.num_train_images": str(len(items)),
+        "finetune.dataset_dirs": json.dumps({name: {"n_repeats": f["n_repeats"], "img_count": f["img_count"]} for name, f in folders.items()}),
+        "finetune.tag_frequency": json.dumps({name: dict(f["tags"].most_common()) for name, f in folders.items()}, ensure_ascii=False),
+    }
+
+
+def output_metadata(
+    recipe: Recipe, step: int, prediction_type: str, epoch: int | None = None, max_steps: int | None = None, dataset: dict[str, str] | None = None
+) -> dict[str, str]:
     """Recorded in every saved file, so an adapter can be traced to its base, method and recipe, and
     sampled with the target it learned (`prediction_type`, which model.prediction_type may change).
-    `step` is the step it was saved at, `epoch` the epochs completed by then, `max_steps` the run's length."""
+    `step` is the step it was saved at, `epoch` the epochs completed by then, `max_steps` the run's length;
+    a LoRA also records `dataset` (`dataset_metadata`)."""
     metadata = {
         "finetune.method": recipe.method,
         "finetune.base_model": recipe.model.pretrained,
@@ -35,6 +62,7 @@ def output_metadata(recipe: Recipe, step: int, prediction_type: str, epoch: int 
         metadata.update({f"finetune.{key}": f"{getattr(recipe.lora, key):g}" for key in LORAPLUS_KEYS if getattr(recipe.lora, key) is not None})
         if recipe.lora.max_norm is not None:
             metadata["finetune.max_norm"] = f"{recipe.lora.max_norm:g}"
+        metadata.update(dataset or {})
     if recipe.lora.init_from:  # its name only: a path would carry the user's folders into shared files
         metadata["finetune.init_from"] = Path(recipe.lora.init_from).name
     return metadata

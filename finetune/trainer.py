@@ -31,7 +31,7 @@ from finetune.errors import FinetuneError
 from finetune.held_out import TrainingSubset, held_out_loss, split_held_out
 from finetune.methods import METHODS
 from finetune.models import load_base_model, resolve_model_folder
-from finetune.output_metadata import output_metadata
+from finetune.output_metadata import dataset_metadata, output_metadata
 from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer, step_size
 from finetune.recipe_loading import dump_recipe
 from finetune.run_length import check_epoch_run, due, epochs_done, finished_epochs, planned_steps, run_length_line
@@ -98,6 +98,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         raise FinetuneError(short)
     # The run's length from the checked data, laid out as the sampler will batch it (train.max_epochs counts its batches).
     layout = item_layout([items[i] for i in trained_items], recipe.data)
+    trained_data = dataset_metadata([items[i] for i in trained_items])  # a LoRA records its folders and tags
 
     def batch_sampler(start: int = 0):
         return make_batch_sampler(layout, train_cfg.batch_size, accelerator.num_processes, accelerator.process_index, recipe.seed, start=start)
@@ -228,7 +229,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             if not accelerator.is_main_process:
                 return []
             unwrapped = {name: unwrap(accelerator, module) for name, module in modules.items()}
-            progress = {"epoch": int(epochs_done(step, accumulation, batches_per_epoch)), "max_steps": max_steps}
+            progress = {"epoch": int(epochs_done(step, accumulation, batches_per_epoch)), "max_steps": max_steps, "dataset": trained_data}
             with unsharded_loading(accelerator), averaged():
                 return method.save(folder, unwrapped, output_metadata(recipe, step, method.base.noise_scheduler.config.prediction_type, **progress))
 

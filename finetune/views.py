@@ -73,6 +73,14 @@ def cover_and_crop(image: Image.Image, target: Size, crop: str, rng: np.random.G
     return cut(image, resized, top_left, target), top_left
 
 
+def to_8_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image (mode I;16 or I) as 8-bit L: scaled by 257, unless no value is above 255,
+    as when numpy or OpenCV writes 8-bit values into a 16-bit file (scaled, those would train black)."""
+    values = np.asarray(image, dtype=np.float64)
+    scale = 257.0 if values.max(initial=0) > 255 else 1.0
+    return Image.fromarray((values / scale).clip(0, 255).astype(np.uint8))
+
+
 def view_key(digest: str, plan: ViewPlan) -> str:
     """A cache key for one view of one image content: another image, crop, flip or size is another key."""
     text = f"{digest}|{plan.resized}|{plan.top_left}|{plan.target}|{plan.flip}|lanczos-gap{REDUCING_GAP}"

@@ -208,3 +208,26 @@ def test_a_cached_view_reads_its_loss_mask_once_and_a_changed_mask_is_cut_anew(m
     uncached = train(make_recipe(output_dir=str(tmp_path / "uncached"), **settings))
     assert torch.allclose(torch.tensor(after.losses), torch.tensor(uncached.losses), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(torch.tensor(after.losses), torch.tensor(before.losses), rtol=1e-3)
+
+
+def test_a_mask_edited_after_the_check_stops_a_cached_run_instead_of_being_cached_under_the_old_one(tmp_path):
+    """Its views are named by the mask the check read; stored under that name, an edited mask would be served
+    to a later run whose mask is the checked one again (an edit undone)."""
+    from finetune.cache import EncodingCache
+    from finetune.config import DataConfig
+    from finetune.data import CaptionedImageDataset, load_examples
+    from finetune.errors import FinetuneError
+    from test_loss_mask import half_mask, masked_folder
+
+    folder = masked_folder(tmp_path / "data", count=2)
+    config = DataConfig(image_dir=str(folder), resolution=64, loss_mask={"source": "files"})
+    examples = load_examples(config)
+    dataset = CaptionedImageDataset(examples, config, seed=0, latent_cache=EncodingCache())
+    assert dataset[(0, 0)]["mask_key"] is not None
+    half_mask(64, 64).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / "masks" / "0.png")
+    with pytest.raises(FinetuneError, match=rf"^the loss mask of image {folder / '0.png'} changed since this run's data check: restart"):
+        dataset[(0, 0)]
+    with pytest.raises(FinetuneError, match="changed since this run's data check"):
+        dataset.render_mask((0, dataset[(1, 0)]["view"][1]))  # as the training process cuts a view not cached yet (same plan)
+    uncached = CaptionedImageDataset(examples, config, seed=0)  # read every step: the edit simply takes effect
+    assert float(uncached[(0, 0)]["loss_mask"][0, :, 32:].mean()) == 1.0

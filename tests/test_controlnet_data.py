@@ -94,7 +94,7 @@ def test_datasets_source_with_custom_columns(make_recipe, tmp_path):
     assert batch["pixel_values"].shape == (3, 3, 64, 64)
 
     missing = make_recipe(method="controlnet", data__image_dir=None, data__dataset=str(tmp_path / "saved"), data__image_column="picture", data__caption_column="prompt")
-    with pytest.raises(FinetuneError, match=r"has no conditioning column 'conditioning_image' \(controlnet.conditioning_column\); its columns are: picture, hint, prompt"):
+    with pytest.raises(FinetuneError, match=r"has no conditioning column 'conditioning_image' \(controlnet.conditioning_column\); its columns are: 'picture', 'hint', 'prompt'"):
         ControlNetMethod(missing).check_data()
 
 

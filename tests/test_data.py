@@ -132,7 +132,7 @@ def test_datasets_missing_column_lists_the_columns(tmp_path):
     import datasets
 
     datasets.Dataset.from_dict({"img": [Image.new("RGB", (64, 64))], "text": ["x"]}).save_to_disk(tmp_path / "ds")
-    with pytest.raises(FinetuneError, match=r"no column 'image' \(data.image_column\); its columns are: img, text"):
+    with pytest.raises(FinetuneError, match=r"no column 'image' \(data.image_column\); its columns are: 'img', 'text'"):
         load_examples(DataConfig(dataset=str(tmp_path / "ds"), resolution=64))
 
 

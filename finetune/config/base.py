@@ -3,6 +3,7 @@ value types several sections share."""
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
@@ -26,3 +27,4 @@ def _between_0_and_1(value: float) -> float:
 
 PixelSize = Annotated[int, AfterValidator(_multiple_of_8)]  # an image side the VAE turns into whole latents
 Share = Annotated[float, AfterValidator(_between_0_and_1)]  # a probability
+UserPath = Annotated[str, AfterValidator(os.path.expanduser)]  # a file or folder: ~ is the user's home, as in a shell

@@ -6,9 +6,9 @@ import os
 import re
 from typing import Literal, Optional
 
-from pydantic import PrivateAttr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from finetune.config.base import PixelSize, Section, Share
+from finetune.config.base import PixelSize, Section, Share, UserPath
 
 
 class BucketConfig(Section):
@@ -25,11 +25,18 @@ class BucketConfig(Section):
     # resolution^2 pixels if larger), sides rounded down to the step: never enlarged. min/max_side then do not apply.
     no_upscale: bool = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _a_section(cls, value):
+        if not isinstance(value, (dict, BucketConfig)):  # data.bucketing=true, or sd-scripts' enable_bucket: true
+            raise ValueError(f"data.bucketing is a section, not {value!r}: set data.bucketing.enabled: true")
+        return value
+
 
 class FolderConfig(Section):
     """One entry of `data.folders`: a subfolder of data.image_dir with its own repeats and caption template."""
 
-    path: str  # relative to data.image_dir (or absolute); "." is image_dir itself
+    path: UserPath  # relative to data.image_dir (or absolute); "." is image_dir itself
     # Times each image of this folder is used per epoch: 1 means no repeat, 3 means three times.
     repeats: int = 1
     # The prompt: "{caption}" is replaced by the image's own caption ("a photo of {caption}"); a template
@@ -96,12 +103,12 @@ class LossMaskConfig(Section):
 
 class DataConfig(Section):
     # Either a folder of images with captions, or a `datasets` dataset (hub name, or a local path).
-    image_dir: Optional[str] = None
+    image_dir: Optional[UserPath] = None
     # Not a recipe key: the key that set image_dir, for messages (a DreamBooth concept's instance_dir).
     _image_dir_key: str = PrivateAttr("data.image_dir")
     # Not a recipe key: what else a missing caption may be fixed with (DreamBooth concepts have their own).
     _caption_alternative: str = PrivateAttr("set data.caption to one prompt for all images")
-    dataset: Optional[str] = None
+    dataset: Optional[UserPath] = None
     dataset_config: Optional[str] = None
     dataset_split: str = "train"
     image_column: str = "image"
@@ -121,7 +128,7 @@ class DataConfig(Section):
     # caption_tag_dropout_rate), so no tag becomes a crutch the trigger word cannot do without.
     tag_dropout: Share = 0.0
     # Images whose shorter side is below this are an error (default: half the resolution).
-    min_image_size: Optional[int] = None
+    min_image_size: Optional[int] = Field(None, ge=1)
     # Images that would stop the run (unreadable, truncated, too small, no caption) are skipped and
     # listed instead; default: training stops before it starts and names the first one.
     skip_bad_images: bool = False
@@ -129,7 +136,7 @@ class DataConfig(Section):
     # Subfolders of image_dir with their own repeats and prompt templates; empty: image_dir alone, once.
     folders: list[FolderConfig] = []
     loss_mask: LossMaskConfig = LossMaskConfig()
-    num_workers: int = 0
+    num_workers: int = Field(0, ge=0)
 
     @field_validator("keep_tokens")
     @classmethod

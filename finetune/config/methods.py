@@ -6,7 +6,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from finetune.config.base import Section, Share
+from finetune.config.base import Section, Share, UserPath
 
 
 class LoRAConfig(Section):
@@ -32,7 +32,7 @@ class LoRAConfig(Section):
     text_encoder_lr: Optional[float] = None  # None: the same as optimizer.lr; sd-scripts users often halve it
     # Start from a trained LoRA instead of a no-op (sd-scripts' network_weights): a .safetensors file in our,
     # diffusers' or sd-scripts' layout, or a training folder; same rank and target layers as this recipe.
-    init_from: Optional[str] = None
+    init_from: Optional[UserPath] = None
     # LoRA+ (Hayou et al., 2024; sd-scripts' loraplus_lr_ratio): the up (B) matrices learn this many times
     # faster than the down (A) ones, which the paper finds trains faster and better (it uses 16). None: off.
     loraplus_lr_ratio: Optional[float] = Field(None, gt=0)
@@ -80,7 +80,7 @@ class VAEConfig(Section):
     salience_weight: float = 0.0
     # Weight of the perceptual term (0: off) and the toy-world classifier file whose features define it.
     perceptual_weight: float = 0.0
-    perceptual_network: Optional[str] = None  # None: the shipped finetune/assets/toyworld_perceptual.safetensors
+    perceptual_network: Optional[UserPath] = None  # None: the shipped finetune/assets/toyworld_perceptual.safetensors
 
 
 class ClassImageGeneration(Section):
@@ -96,7 +96,7 @@ class ClassImageGeneration(Section):
 class Concept(Section):
     """One subject to learn: its images, the prompt that names it, and the class it belongs to."""
 
-    instance_dir: str
+    instance_dir: UserPath
     # With a rare identifier, e.g. "a photo of sks dog"; not needed with use_captions (it would be unused).
     instance_prompt: Optional[str] = None
     # Read each image's .txt/metadata caption instead of instance_prompt.
@@ -106,7 +106,7 @@ class Concept(Section):
     # generated class image k comes from prompt k mod len(list) and trains with it.
     class_prompt: Union[str, list[str], None] = None
     # Folder of class images; missing ones are generated there. Default: <output_dir>/class_images/<n>.
-    class_dir: Optional[str] = None
+    class_dir: Optional[UserPath] = None
     # With data.loss_mask on: false trains this concept's images whole, with no masks (a style concept).
     loss_mask: bool = True
 
@@ -155,7 +155,7 @@ class ControlNetConfig(Section):
     steers the frozen UNet with a conditioning image (edges, a mask, a depth-like map)."""
 
     # An existing diffusers ControlNet folder to continue from; None: copy the UNet's encoder.
-    pretrained: Optional[str] = None
+    pretrained: Optional[UserPath] = None
     # Datasets: the column holding the conditioning image (folders: metadata.jsonl conditioning_file_name).
     conditioning_column: str = "conditioning_image"
     # Share of training captions replaced by "" (0.5 in the ControlNet paper: learn to read the image).
@@ -168,4 +168,4 @@ class ControlNetConfig(Section):
     unlock_unet_decoder: bool = False
     # Conditioning images for validation rows, paired with validation.prompts (one of them may have
     # length 1 and is then used for every row). Empty: the first training examples' conditioning images.
-    validation_conditions: list[str] = []
+    validation_conditions: list[UserPath] = []

@@ -9,7 +9,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from finetune.config.base import Section
+from finetune.config.base import Section, UserPath
 from finetune.config.data import DataConfig
 from finetune.config.methods import ControlNetConfig, DreamBoothConfig, FullConfig, LoRAConfig, VAEConfig
 from finetune.prompt_options import PromptSettings, with_options
@@ -17,11 +17,11 @@ from finetune.prompt_options import PromptSettings, with_options
 
 class ModelConfig(Section):
     # A hub id, a local diffusers folder, or a single .safetensors/.ckpt checkpoint file.
-    pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    pretrained: UserPath = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     revision: Optional[str] = None
     variant: Optional[str] = None
     # For a single-file checkpoint: the diffusers folder or hub id whose configs describe it.
-    single_file_config: Optional[str] = None
+    single_file_config: Optional[UserPath] = None
     # None keeps the scheduler's own prediction type (epsilon for SD1.5, v_prediction for SD2.x-768).
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = None
     # Counted as the webui and sd-scripts count it: 1 uses the text encoder's last layer, 2 the one before
@@ -89,7 +89,7 @@ class TrainConfig(Section):
     # same loss as uncached (in bf16 to rounding); a cached view is not decoded again.
     cache_latents: bool = False
     cache_text_embeddings: bool = False  # ignored when the text encoder trains
-    cache_dir: Optional[str] = None  # None: in memory for this run; a folder: on disk, reused by later runs
+    cache_dir: Optional[UserPath] = None  # None: in memory for this run; a folder: on disk, reused by later runs
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -188,7 +188,7 @@ class LoggingConfig(Section):
 class Recipe(Section):
     method: Literal["lora", "full", "vae", "dreambooth", "controlnet"] = "lora"
     seed: int = 42
-    output_dir: str = "outputs/run"
+    output_dir: UserPath = "outputs/run"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     dreambooth: Optional[DreamBoothConfig] = None

@@ -103,7 +103,7 @@ class DreamBoothDataset(Dataset):
         return render_pixels(self.example_of(view[0]), view[1])
 
     def render_mask(self, view: tuple) -> torch.Tensor:
-        return render_mask(self.example_of(view[0]), view[1])
+        return render_mask(self.example_of(view[0]), view[1], as_checked=True)  # a cached view's (see data.mask_entry)
 
 
 def dreambooth_collate(items: list[dict]) -> dict:

@@ -1,0 +1,165 @@
+"""Real creators' folders, as a walkthrough found them: macOS `._` files, nested metadata rows, 8-bit values in
+16-bit files, formats training does not read, list-valued dataset captions, paths with `~`, and huge
+photos. Each is read as meant, or is one line naming the file or key and what to do."""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from finetune.check_data import CONVERTED, FATAL, WARNING, inspect_examples
+from finetune.cli import main
+from finetune.config import DataConfig
+from finetune.data import CaptionedImageDataset, Example, decode, load_examples, read_examples
+from finetune.errors import FinetuneError
+
+
+def noise(path, size=(64, 64), seed=0):
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def report_of(folder, **settings):
+    config = DataConfig(image_dir=str(folder), resolution=64, **settings)
+    return inspect_examples(read_examples(config), config, "data")
+
+
+def test_hidden_files_are_not_images_and_unread_kinds_and_subfolders_are_said(tmp_path):
+    noise(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a cat")
+    (tmp_path / "._a.png").write_bytes(b"\x00\x05\x16\x07 macOS metadata")  # what a Mac copies beside each image
+    Image.new("RGB", (64, 64)).save(tmp_path / "anim.gif")
+    (tmp_path / "sub").mkdir()
+    noise(tmp_path / "sub" / "b.png")
+    report = report_of(tmp_path)
+    assert [example.source for example in report.usable] == [str(tmp_path / "a.png")] and report.of_level(FATAL) == []
+    assert [finding.message for finding in report.of_level(WARNING)] == [
+        f"data folder {tmp_path} has 1 image(s) training does not read (.gif, e.g. anim.gif): convert them to PNG or JPEG",
+        f"data folder {tmp_path} has subfolders with images (sub), which are not read: list each in data.folders (with its repeats) to train it",
+    ]
+
+
+def test_metadata_rows_match_their_own_file_and_a_row_twice_is_one_line(tmp_path):
+    noise(tmp_path / "c.png")
+    (tmp_path / "sub").mkdir()
+    noise(tmp_path / "sub" / "c.png", seed=1)
+    rows = [{"file_name": "sub/c.png", "text": "the nested one"}, {"file_name": "./d.png", "text": "d"}]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    noise(tmp_path / "d.png", seed=2)
+    report = report_of(tmp_path)
+    # c.png is not sub/c.png: it has no caption of its own (it used to take the nested one's)
+    assert [f.source for f in report.of_level(FATAL)] == [str(tmp_path / "c.png")]
+    assert [e.caption for e in report.usable] == ["d"]
+    nested = [f.message for f in report.of_level(WARNING) if "metadata.jsonl names" in f.message]
+    assert nested and nested[0].endswith("images in a subfolder train only as a data.folders entry, with a metadata file of their own")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "d.png", "text": "d"}) + "\n" + json.dumps({"file_name": "d.png", "text": "e"}) + "\n")
+    with pytest.raises(FinetuneError, match=r"metadata.jsonl row 2 names d.png again \(first in row 1\): keep one row per image$"):
+        read_examples(DataConfig(image_dir=str(tmp_path)))
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "d.png", "text": ["d", "e"]}) + "\n")
+    with pytest.raises(FinetuneError, match=r"line 1: 'text' is list, not a string: write the caption as one string$"):
+        read_examples(DataConfig(image_dir=str(tmp_path)))
+
+
+def test_a_16_bit_file_holding_8_bit_values_is_not_trained_black(tmp_path):
+    Image.fromarray(np.full((64, 64), 200, dtype=np.uint16)).save(tmp_path / "grey.png")  # as numpy or OpenCV write one
+    (tmp_path / "grey.txt").write_text("grey")
+    report = report_of(tmp_path)
+    assert [f.message for f in report.of_level(CONVERTED)] == [f"image {tmp_path / 'grey.png'}: 16-bit (I;16): its values are 8-bit ones (none above 255), read as such"]
+    config = DataConfig(image_dir=str(tmp_path), resolution=64)
+    pixels = CaptionedImageDataset(load_examples(config), config, seed=0)[(0, 0)]["pixel_values"]
+    assert float(pixels.mean()) == pytest.approx(200 / 127.5 - 1.0, abs=0.01)
+
+
+def test_captions_in_upper_case_files_and_of_several_lines(tmp_path):
+    noise(tmp_path / "IMG_1.JPG")
+    (tmp_path / "IMG_1.TXT").write_text("a photo")
+    noise(tmp_path / "two.png", seed=1)
+    (tmp_path / "two.txt").write_text("first line\nsecond line\n")
+    report = report_of(tmp_path)
+    assert [e.caption for e in report.usable] == ["a photo", "first line\nsecond line"] and report.of_level(FATAL) == []
+    assert [f.message for f in report.of_level(WARNING)] == [
+        f"image {tmp_path / 'two.png'} has a caption of 2 lines: they train as one caption (sd-scripts reads only the first line); "
+        "join them with commas, or keep the one meant"
+    ]
+
+
+def test_datasets_with_lists_of_captions_or_paths_for_images_are_one_line(tmp_path):
+    import datasets
+
+    images = [Image.new("RGB", (64, 64), colour) for colour in ("red", "blue")]
+    datasets.Dataset.from_dict({"image": images, "text": [["a dog", "a brown dog"], ["a cat"]]}).save_to_disk(tmp_path / "lists")
+    with pytest.raises(FinetuneError, match=r"row 0: caption column 'text' holds list, not text: give each row one caption"):
+        read_examples(DataConfig(dataset=str(tmp_path / "lists")))
+    datasets.Dataset.from_dict({"image": ["a.png", "b.png"], "text": ["a", "b"]}).save_to_disk(tmp_path / "paths")
+    with pytest.raises(FinetuneError, match=r"column 'image' \(data.image_column\) holds Value\('string'.*cast_column\('image', datasets.Image\(\)\)"):
+        read_examples(DataConfig(dataset=str(tmp_path / "paths")))
+    # A folder of images with .txt captions is a data.image_dir, not a dataset; a broken metadata row is one line.
+    (tmp_path / "kohya").mkdir()
+    noise(tmp_path / "kohya" / "a.png")
+    (tmp_path / "kohya" / "a.txt").write_text("a")
+    with pytest.raises(FinetuneError, match=r"is a folder of images with no metadata file: train it as data.image_dir="):
+        read_examples(DataConfig(dataset=str(tmp_path / "kohya")))
+    (tmp_path / "kohya" / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a",}\n')
+    with pytest.raises(FinetuneError, match=r"is a folder of images with a metadata file and .txt captions: train it as data.image_dir="):
+        read_examples(DataConfig(dataset=str(tmp_path / "kohya")))
+    (tmp_path / "kohya" / "a.txt").unlink()
+    with pytest.raises(FinetuneError, match=r"^dataset folder .*kohya cannot be read \(.*\): fix its metadata.jsonl/metadata.csv"):
+        read_examples(DataConfig(dataset=str(tmp_path / "kohya")))
+
+
+def test_paths_may_start_with_the_home_folder_and_bad_settings_name_their_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert DataConfig(image_dir="~/photos").image_dir == str(tmp_path / "photos")
+    with pytest.raises(ValueError, match="data.bucketing is a section, not True: set data.bucketing.enabled: true"):
+        DataConfig(image_dir="x", bucketing=True)
+    for key in ("num_workers", "min_image_size"):
+        with pytest.raises(ValueError, match=f"{key}\n  Input should be greater than or equal to"):
+            DataConfig(image_dir="x", **{key: -1})
+
+
+def test_a_108_megapixel_photo_is_no_decompression_bomb(tmp_path):
+    Image.new("L", (12000, 9000)).save(tmp_path / "phone.png")  # a real phone's size; Pillow warns above 89M pixels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert decode(Example(str(tmp_path / "phone.png"), "x", lambda: Image.open(tmp_path / "phone.png"))).size == (12000, 9000)
+
+
+def test_invalid_exif_orientations_are_not_said_to_rotate(tmp_path):
+    image = Image.new("RGB", (64, 64))
+    exif = image.getexif()
+    exif[0x0112] = 9  # not an orientation: nothing is rotated
+    image.save(tmp_path / "a.jpg", exif=exif)
+    (tmp_path / "a.txt").write_text("a")
+    assert report_of(tmp_path).of_level(CONVERTED) == []
+
+
+def test_make_conditions_reads_captions_as_training_does(tmp_path):
+    from finetune.conditions import make_conditions
+
+    (tmp_path / "in").mkdir()
+    noise(tmp_path / "in" / "a.png")
+    noise(tmp_path / "in" / "b.png", seed=1)
+    (tmp_path / "in" / "a.txt").write_text("\ufeffa caption", encoding="utf-8")  # with a byte-order mark
+    (tmp_path / "in" / "b.caption").write_text("b caption")  # sd-scripts' other sidecar
+    make_conditions(tmp_path / "in", tmp_path / "out", "canny")
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metadata.jsonl").read_text().splitlines()]
+    assert [row["text"] for row in rows] == ["a caption", "b caption"]
+
+
+def test_errors_from_loader_workers_and_closed_pipes_are_one_line(tmp_path, monkeypatch, capsys):
+    import finetune.cli as cli
+
+    worker = "Caught FinetuneError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n  File ...\nfinetune.errors.FinetuneError: the real message"
+    monkeypatch.setitem(cli.COMMANDS, "check-data", lambda args: (_ for _ in ()).throw(FinetuneError(worker)))
+    assert main(["check-data", "--image-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "error: the real message\n"
+    for i in range(600):  # a warning each (an empty caption): more output than a pipe holds once `head` has left
+        Image.new("RGB", (64, 64), (i % 256, i // 256, 0)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text("")
+    command = f"{sys.executable} -m finetune check-data --image-dir {tmp_path} --resolution 64 | head -1"
+    finished = subprocess.run(command, shell=True, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert finished.stdout.startswith("data folder") and "Traceback" not in finished.stderr, finished.stderr[-500:]
