@@ -244,6 +244,11 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
             ) + (f" (data.bucketing.no_upscale keeps no side shorter than the step, {config.bucketing.step}: lower it)"
                  if config.bucketing.enabled and config.bucketing.no_upscale else "")  # fmt: skip
             report.findings.append(Finding(WARNING, example.source, message))
+        kept = (width / scale) * (height / scale) / (example.size[0] * example.size[1])  # the crop's share of the image
+        if kept < 0.5:
+            message = (f"image {example.source} is {example.size[0]}x{example.size[1]}: its {width}x{height} {config.crop} crop keeps {kept:.0%} of it"
+                       + ("" if config.bucketing.enabled else "; data.bucketing.enabled: true trains it near its own shape"))  # fmt: skip
+            report.findings.append(Finding(WARNING, example.source, message))
     report.findings += masks_out_of_view(report, targets)
     for sources in by_hash.values():
         if len(sources) > 1:

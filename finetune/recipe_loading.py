@@ -124,6 +124,8 @@ def _takes(annotation: Any, kind: type) -> bool:
     origin = typing.get_origin(annotation)
     if annotation is kind or origin is kind:
         return True
+    if origin is typing.Annotated:  # e.g. UserPath: a str with a validator
+        return _takes(typing.get_args(annotation)[0], kind)
     if origin is Literal:
         return kind is str and all(isinstance(choice, str) for choice in typing.get_args(annotation))
     if origin in (Union, types.UnionType):

@@ -163,3 +163,13 @@ def test_errors_from_loader_workers_and_closed_pipes_are_one_line(tmp_path, monk
     command = f"{sys.executable} -m finetune check-data --image-dir {tmp_path} --resolution 64 | head -1"
     finished = subprocess.run(command, shell=True, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert finished.stdout.startswith("data folder") and "Traceback" not in finished.stderr, finished.stderr[-500:]
+
+
+def test_a_crop_that_keeps_little_of_its_image_is_said(tmp_path):
+    noise(tmp_path / "strip.png", size=(1000, 64))
+    noise(tmp_path / "photo.png", size=(96, 64), seed=1)  # 3:2, a crop keeps two thirds: fine
+    for name in ("strip", "photo"):
+        (tmp_path / f"{name}.txt").write_text(name)
+    assert [f.message for f in report_of(tmp_path).of_level(WARNING)] == [
+        f"image {tmp_path / 'strip.png'} is 1000x64: its 64x64 center crop keeps 6% of it; data.bucketing.enabled: true trains it near its own shape"
+    ]
