@@ -350,6 +350,7 @@ def data_configs(recipe: Recipe) -> list[DataConfig]:
         config = recipe.data.model_copy(update=update)
         config._image_dir_key = f"dreambooth.concepts.{index}.instance_dir"
         config._caption_alternative = f"set dreambooth.concepts.{index}.use_captions: false to train with its instance_prompt"
+        config._repeats = concept.repeats
         configs.append(config)
     return configs
 

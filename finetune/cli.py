@@ -196,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     conditions.add_argument("--high", type=float, default=40.0, help="canny: strong edge threshold, in colour levels 0-255 (default 40)")
     conditions.add_argument("--sigma", type=float, default=1.0, help="canny: Gaussian blur before the gradients, in pixels (default 1.0)")
     conditions.add_argument("--threshold", type=float, default=40.0, help="mask: RGB distance from the border colour that counts as shape (default 40)")
+    conditions.add_argument("--overwrite", action="store_true", help="replace the conditioning images of an earlier run")
 
     check = commands.add_parser(
         "check-data",
@@ -354,7 +355,7 @@ def _make_conditions(args) -> int:
     from finetune.conditions import make_conditions
 
     options = {"canny": dict(low=args.low, high=args.high, sigma=args.sigma), "mask": dict(threshold=args.threshold)}.get(args.kind, {})
-    folder, count, uncaptioned = make_conditions(args.input_dir, args.output_dir, args.kind, **options)
+    folder, count, uncaptioned = make_conditions(args.input_dir, args.output_dir, args.kind, overwrite=args.overwrite, **options)
     print(f"wrote {count} {args.kind} conditioning images and metadata.jsonl to {folder}")
     if uncaptioned:
         print(f"note: {uncaptioned} images had no caption (.txt or metadata.jsonl) and train with an empty prompt")

@@ -170,12 +170,13 @@ def make_condition(image: Image.Image, kind: str, **options) -> Image.Image:
 # Folders
 
 
-def make_conditions(input_dir: str | Path, output_dir: str | Path, kind: str, **options) -> tuple[Path, int, int]:
+def make_conditions(input_dir: str | Path, output_dir: str | Path, kind: str, overwrite: bool = False, **options) -> tuple[Path, int, int]:
     """Write a ControlNet training folder from a folder of images; returns (folder, images, uncaptioned).
 
     Images are copied to `output_dir` (unless it is `input_dir`), conditioning images written to
     `output_dir/conditioning/<stem>.png`, and `metadata.jsonl` lists all three columns. Captions come
     from the input's metadata.jsonl or metadata.csv, else a .txt beside the image; an image with none gets "".
+    Conditioning images already there (a ControlNet may have trained on them) are replaced only with `overwrite`.
     """
     from finetune.data import IMAGE_SUFFIXES, Example, folder_images, open_rgb
 
@@ -187,6 +188,9 @@ def make_conditions(input_dir: str | Path, output_dir: str | Path, kind: str, **
     images = folder_images(source)
     if not images:
         raise FinetuneError(f"input folder {source} has no images ({', '.join(IMAGE_SUFFIXES)})")
+    existing = [p for p in (target / "conditioning").iterdir() if p.is_file()] if (target / "conditioning").is_dir() else []
+    if existing and not overwrite:
+        raise FinetuneError(f"{target / 'conditioning'} already holds {len(existing)} conditioning images: write to another folder, or pass --overwrite")
     jsonl, table = source / "metadata.jsonl", source / "metadata.csv"
     same_folder = target.is_dir() and source.resolve() == target.resolve()
     if same_folder and table.is_file():

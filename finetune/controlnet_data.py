@@ -98,7 +98,7 @@ def read_pairs(recipe: Recipe) -> tuple[list[Pair], list[Finding]]:
     for example in read_examples(config):
         folder, name = Path(example.source).parent, Path(example.source).name
         if folder not in files_in:
-            files_in[folder] = _conditioning_files(folder)
+            files_in[folder] = _conditioning_files(folder, recipe.controlnet.conditioning_column)
         files = files_in[folder]
         path = folder / files[name] if name in files else None
         if path is None:
@@ -115,24 +115,31 @@ def read_pairs(recipe: Recipe) -> tuple[list[Pair], list[Finding]]:
     return pairs, unpaired
 
 
-def _conditioning_files(folder: Path) -> dict[str, str]:
-    """{image file name: conditioning file name relative to the folder} from metadata.jsonl."""
+def _conditioning_files(folder: Path, column: str = "conditioning_file_name") -> dict[str, str]:
+    """{image file name: conditioning file name relative to the folder} from metadata.jsonl: its
+    conditioning_file_name, or the recipe's controlnet.conditioning_column (diffusers' examples call it
+    conditioning_image)."""
     path = folder / "metadata.jsonl"
     if not path.is_file():
         raise FinetuneError(
             f"data folder {folder} has no metadata.jsonl naming conditioning images (file_name, conditioning_file_name, text): "
             "write one, or make one with finetune make-conditions"
         )
-    files = {}
+    files, keys = {}, set()
     for line_number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            if row.get("conditioning_file_name"):
-                files[metadata_key(row["file_name"])] = str(row["conditioning_file_name"])
+            keys.update(row)
+            named = row.get("conditioning_file_name") or row.get(column)
+            if named:
+                files[metadata_key(row["file_name"])] = str(named)
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise FinetuneError(f"{path} line {line_number}: expected a JSON object with 'file_name', 'conditioning_file_name' and 'text'") from None
+    if not {"conditioning_file_name", column} & keys:
+        raise FinetuneError(f"{path} names no conditioning images: its rows have {', '.join(repr(k) for k in sorted(keys))}; "
+                            f"add conditioning_file_name (or set controlnet.conditioning_column to the key that holds them)")  # fmt: skip
     return files
 
 

@@ -103,7 +103,7 @@ def _folder_examples(config: DataConfig) -> list[Example]:
     if not root.is_dir():
         raise FinetuneError(f"data folder {root} not found: check {config._image_dir_key}")
     examples = []
-    for index, settings in enumerate(config.folders or [FolderConfig(path=".")]):
+    for index, settings in enumerate(config.folders or [FolderConfig(path=".", repeats=config._repeats)]):
         folder = root / settings.path  # an absolute path stays absolute
         key = config._image_dir_key if not config.folders else f"data.folders path '{settings.path}'"
         if not folder.is_dir():

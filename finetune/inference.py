@@ -117,9 +117,13 @@ def recorded_base(lora: str | None, controlnet: str | None) -> str:
     if not recorded:
         adapter = f" ({lora or controlnet} records none)" if lora or controlnet else ""
         raise FinetuneError(f"pass --base MODEL: the base model to use{adapter}")
-    if not Path(recorded).exists() and not looks_like_hub_id(recorded):  # e.g. a relative path, from where it was trained
-        raise FinetuneError(f"pass --base MODEL: {lora or controlnet} records the base {recorded}, which is not there from here")
-    return recorded
+    if Path(recorded).exists() or looks_like_hub_id(recorded) or Path(recorded).is_absolute():
+        return recorded
+    # A relative path, from the folder training ran in: outputs usually sit below it.
+    for folder in Path(lora or controlnet).resolve().parents:
+        if (folder / recorded).exists():
+            return str(folder / recorded)
+    raise FinetuneError(f"pass --base MODEL: {lora or controlnet} records the base {recorded}, which is not there from here")
 
 
 def saved_model_metadata(folder: Path) -> dict[str, str]:
@@ -274,4 +278,7 @@ def sample_to_folder(
             written.append(save_image_atomic(image, output_dir / f"prompt{p}_seed{settings[p].seed + k}.png"))
     grid_rows = [[control["image"], *row] for row in rows] if control else rows
     written.append(save_image_atomic(make_grid(grid_rows, row_labels=prompts, label_width=GRID_LABEL_WIDTH), output_dir / "grid.png"))
+    earlier = sorted(set(output_dir.glob("prompt*_seed*.png")) - set(written))
+    if earlier:  # not deleted (they may be kept on purpose), but not to be taken for this run's
+        print(f"note: {output_dir} also holds {len(earlier)} image(s) of an earlier run (e.g. {earlier[0].name}): pass another --out to keep runs apart")
     return written

@@ -108,6 +108,7 @@ class DataConfig(Section):
     _image_dir_key: str = PrivateAttr("data.image_dir")
     # Not a recipe key: what else a missing caption may be fixed with (DreamBooth concepts have their own).
     _caption_alternative: str = PrivateAttr("set data.caption to one prompt for all images")
+    _repeats: int = PrivateAttr(1)  # image_dir's uses per epoch without data.folders (a DreamBooth concept's repeats)
     dataset: Optional[UserPath] = None
     dataset_config: Optional[str] = None
     dataset_split: str = "train"
@@ -163,7 +164,8 @@ class DataConfig(Section):
             if buckets.max_side is not None and buckets.max_side < self.resolution:
                 raise ValueError(f"data.bucketing.max_side ({buckets.max_side}) must be at least data.resolution ({self.resolution})")
         if self.folders and self.image_dir is None:
-            raise ValueError("data.folders are subfolders of data.image_dir: set data.image_dir (a dataset has no folders)")
+            raise ValueError("data.folders are subfolders of data.image_dir: set data.image_dir (a dataset has no folders; "
+                             "for DreamBooth, give each concept its repeats)")  # fmt: skip
         # The same folder by another spelling (absolute, ./a/) and the same prompts ("{caption}" is no template).
         entries = [(os.path.abspath(os.path.join(self.image_dir, folder.path)), None if folder.template == "{caption}" else folder.template)
                    for folder in self.folders]  # fmt: skip

@@ -109,6 +109,8 @@ class Concept(Section):
     class_dir: Optional[UserPath] = None
     # With data.loss_mask on: false trains this concept's images whole, with no masks (a style concept).
     loss_mask: bool = True
+    # Uses of each image per epoch, to balance concepts of few and many images (kohya's 10_name folder prefix).
+    repeats: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _a_prompt_or_captions(self) -> "Concept":
@@ -148,6 +150,12 @@ class DreamBoothConfig(Section):
         if not value:
             raise ValueError("list at least one concept (instance_dir and instance_prompt)")
         return value
+
+    @model_validator(mode="after")
+    def _class_images_to_preserve_with(self) -> "DreamBoothConfig":
+        if self.prior_preservation and self.num_class_images < 1:
+            raise ValueError("dreambooth.num_class_images must be at least 1 with prior preservation (or set prior_preservation: false)")
+        return self
 
 
 class ControlNetConfig(Section):

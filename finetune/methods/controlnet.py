@@ -58,6 +58,7 @@ class ControlNetMethod(DiffusionMethod):
     def __init__(self, recipe: Recipe):
         super().__init__(recipe)
         self.settings = recipe.controlnet
+        self.pretrained = self.settings.pretrained  # a run's output folder becomes its controlnet/ in check_data
         self.controlnet: ControlNetModel | None = None
 
     def training_items(self) -> list[Example]:
@@ -73,10 +74,12 @@ class ControlNetMethod(DiffusionMethod):
         pretrained = self.settings.pretrained
         if pretrained is not None:
             path = Path(pretrained).expanduser()
-            if not (looks_like_hub_id(pretrained) and not path.exists()) and not (path / "config.json").is_file():
+            if (path / CONTROLNET_DIR / "config.json").is_file():  # a controlnet run's output folder, as `finetune sample` takes it
+                self.pretrained = str(path / CONTROLNET_DIR)
+            elif not (looks_like_hub_id(pretrained) and not path.exists()) and not (path / "config.json").is_file():
                 raise FinetuneError(
                     f"ControlNet {pretrained} not found: controlnet.pretrained must be a diffusers ControlNet folder "
-                    "(with config.json), a hub id, or null to start from the UNet"
+                    "(with config.json), a controlnet run's output folder, a hub id, or null to start from the UNet"
                 )
 
     def training_data(self, accelerator):
@@ -109,7 +112,7 @@ class ControlNetMethod(DiffusionMethod):
             self.controlnet.enable_gradient_checkpointing()
 
     def _load_or_create(self, unet) -> ControlNetModel:
-        pretrained = self.settings.pretrained
+        pretrained = self.pretrained  # controlnet.pretrained, as check_data found it
         if pretrained is None:
             # Random init of the conditioning embedding from the global RNG, which the trainer seeded.
             return ControlNetModel.from_unet(unet)

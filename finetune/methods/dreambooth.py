@@ -27,7 +27,6 @@ from finetune.captions import training_caption
 from finetune.check_data import DataReport, check_examples, checked_examples, data_configs, inspect_examples
 from finetune.cache import EncodingCache
 from finetune.data import Example, collate_images, item_rng, likely_new_view, mask_entry, render_mask, render_pixels, upright_size, view_entry
-from finetune.errors import FinetuneError
 from finetune.methods.base import DiffusionMethod
 from finetune.methods.full import FullMethod
 from finetune.methods.lora import LoRAMethod
@@ -183,8 +182,6 @@ class DreamBoothMethod(DiffusionMethod):
             self.instances += [(i, example) for example in examples]
             self.data_reports.append(report)
         settings = self.recipe.dreambooth
-        if settings.prior_preservation and settings.num_class_images < 1:
-            raise FinetuneError("dreambooth.num_class_images must be at least 1 with prior preservation")
         for i, concept in enumerate(settings.concepts if settings.prior_preservation else []):
             if settings.num_class_images < len(concept.class_prompts):  # image k comes from prompt k mod n
                 self.start_lines.append(

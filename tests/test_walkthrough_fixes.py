@@ -1,0 +1,79 @@
+"""What a new user coming from diffusers' examples and sd-scripts ran into with DreamBooth and ControlNet:
+per-concept repeats, a class-image count refused only at training, diffusers' `conditioning_image` key,
+make-conditions over an earlier run's images, and a run folder given as controlnet.pretrained."""
+
+import json
+import shutil
+
+import pytest
+from PIL import Image
+
+from finetune.check_data import checked_examples, data_configs
+from finetune.cli import main
+from finetune.errors import FinetuneError
+from finetune.recipe_loading import recipe_from_dict
+
+
+def write_images(folder, count):
+    folder.mkdir(parents=True)
+    for i in range(count):
+        Image.new("RGB", (64, 64), (40 * i, 0, 0)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_dreambooth_concepts_take_repeats_to_balance_few_images_against_many(tmp_path, capsys):
+    few, many = write_images(tmp_path / "few", 2), write_images(tmp_path / "many", 5)
+    concepts = [{"instance_dir": str(few), "instance_prompt": "sks dog", "repeats": 3}, {"instance_dir": str(many), "instance_prompt": "zwx cat"}]
+    recipe = recipe_from_dict({"method": "dreambooth", "data": {"resolution": 64}, "dreambooth": {"concepts": concepts, "prior_preservation": False}})
+    (few_items, few_report), (many_items, _) = (checked_examples(config) for config in data_configs(recipe))
+    assert len(few_items) == 6 and len(many_items) == 5  # 2 images x 3 uses per epoch, and 5 x 1
+    assert "2 used, 0 skipped; 6 uses per epoch" in few_report.lines()[0]
+    with pytest.raises(FinetuneError, match="data.folders are subfolders of data.image_dir: .*for DreamBooth, give each concept its repeats"):
+        recipe_from_dict({"method": "dreambooth", "data": {"folders": [{"path": "a"}]}, "dreambooth": {"concepts": concepts}})
+
+
+def test_a_dreambooth_recipe_training_refuses_is_refused_on_load_so_check_data_says_so(tmp_path, capsys):
+    folder = write_images(tmp_path / "subject", 2)
+    recipe = tmp_path / "r.yaml"
+    concept = {"instance_dir": str(folder), "instance_prompt": "sks dog", "class_prompt": "a dog"}
+    recipe.write_text(json.dumps({"method": "dreambooth", "data": {"resolution": 64}, "dreambooth": {"concepts": [concept], "num_class_images": 0}}))
+    assert main(["check-data", str(recipe)]) == 2
+    assert "dreambooth.num_class_images must be at least 1 with prior preservation (or set prior_preservation: false)" in capsys.readouterr().err
+
+
+def test_controlnet_folders_take_diffusers_conditioning_image_key_and_a_metadata_without_one_is_one_line(make_recipe, pairs_folder, tmp_path):
+    from finetune.controlnet_data import read_pairs
+
+    folder = tmp_path / "pairs"
+    shutil.copytree(pairs_folder, folder)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    renamed = [{"file_name": row["file_name"], "conditioning_image": row["conditioning_file_name"], "text": row["text"]} for row in rows]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in renamed))
+    recipe = make_recipe(method="controlnet", data__image_dir=str(folder))  # controlnet.conditioning_column: conditioning_image
+    pairs, unpaired = read_pairs(recipe)
+    assert len(pairs) == len(rows) and unpaired == []
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": row["file_name"], "hint": "x.png", "text": "t"}) + "\n" for row in rows))
+    with pytest.raises(FinetuneError, match=r"names no conditioning images: its rows have 'file_name', 'hint', 'text'; add conditioning_file_name"):
+        read_pairs(recipe)
+
+
+def test_make_conditions_keeps_an_earlier_runs_conditioning_images_unless_told(tmp_path, capsys):
+    source = write_images(tmp_path / "photos", 2)
+    assert main(["make-conditions", str(source), str(tmp_path / "data"), "--kind", "canny"]) == 0
+    assert main(["make-conditions", str(source), str(tmp_path / "data"), "--kind", "luminance"]) == 2
+    assert f"{tmp_path / 'data' / 'conditioning'} already holds 2 conditioning images: write to another folder, or pass --overwrite" in capsys.readouterr().err
+    assert main(["make-conditions", str(source), str(tmp_path / "data"), "--kind", "luminance", "--overwrite"]) == 0
+
+
+def test_controlnet_pretrained_takes_a_controlnet_runs_output_folder(make_recipe, pairs_folder, tmp_path):
+    from finetune.methods.controlnet import ControlNetMethod
+
+    run = tmp_path / "earlier-run"
+    (run / "controlnet").mkdir(parents=True)
+    (run / "controlnet" / "config.json").write_text("{}")
+    method = ControlNetMethod(make_recipe(method="controlnet", data__image_dir=str(pairs_folder), controlnet__pretrained=str(run)))
+    method.check_data()
+    assert method.pretrained == str(run / "controlnet")
+    method = ControlNetMethod(make_recipe(method="controlnet", data__image_dir=str(pairs_folder), controlnet__pretrained=str(tmp_path)))
+    with pytest.raises(FinetuneError, match="not found: controlnet.pretrained must be a diffusers ControlNet folder .*, a controlnet run's output folder"):
+        method.check_data()
