@@ -74,6 +74,39 @@ def frequent_tags(tag_frequency: str | None, count: int = 10) -> str | None:
     return shown or None
 
 
+def write_pipeline_card(folder: Path, meta: dict[str, str]) -> Path:
+    """README.md of a trained pipeline (a full fine-tune, full DreamBooth): where it came from, the prompts
+    it learned, and how to load it."""
+    tags = frequent_tags(meta.get("finetune.tag_frequency"))
+    lines = [
+        f"# {folder.parent.name} ({meta.get('finetune.method', 'full')})",
+        "",
+        "A Stable Diffusion 1.x pipeline fine-tuned with `finetune`: every part is here, in the diffusers layout.",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| base model | `{meta.get('finetune.base_model', 'unknown')}` |",
+        f"| method | {meta.get('finetune.method', 'full')} |",
+        f"| steps | {meta.get('finetune.steps', 'unknown')}" + (f" ({meta['finetune.epoch']} epochs)" if meta.get("finetune.epoch") else "") + " |",
+        f"| resolution | {meta.get('finetune.resolution', 'unknown')} |",
+        *([f"| trained prompts and caption tags | {tags} |"] if tags else []),
+        f"| prediction type | {meta.get('finetune.prediction_type', 'unknown')} |",
+        f"| recipe hash | `{meta.get('finetune.recipe_hash', 'unknown')}` |",
+        "",
+        "## diffusers",
+        "",
+        "```python",
+        *diffusers_loading_code(str(folder)),
+        "```",
+        "",
+        f'Or sample with `finetune sample --base {folder} --prompt "..."`, and compare it with its base in `finetune demo`.',
+        "",
+    ]
+    card = folder / "README.md"
+    card.write_text("\n".join(lines))
+    return card
+
+
 def model_card_path(path: Path, layout: str) -> Path:
     """README.md in a diffusers LoRA's folder (one LoRA per folder); `<name>.md` beside a kohya file, so
     several exports share a webui `models/Lora` folder."""

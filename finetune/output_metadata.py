@@ -13,9 +13,9 @@ from finetune.kohya import LORAPLUS_KEYS
 
 
 def dataset_metadata(items: list[Example]) -> dict[str, str]:
-    """What a LoRA records of the images it trained on (each listed once per use in an epoch), in sd-scripts'
+    """What an output records of the images it trained on (each listed once per use in an epoch), in sd-scripts'
     forms: per folder its images and repeats, and its captions' tag counts. The webui's LoRA metadata editor
-    and LoRA managers offer those tags as the LoRA's trigger words."""
+    and LoRA managers offer those tags as a LoRA's trigger words; a DreamBooth pipeline's card shows its prompts."""
     folders: dict[str, dict] = {}
     seen = set()
     for item in items:
@@ -38,8 +38,8 @@ def output_metadata(
 ) -> dict[str, str]:
     """Recorded in every saved file, so an adapter can be traced to its base, method and recipe, and
     sampled with the target it learned (`prediction_type`, which model.prediction_type may change).
-    `step` is the step it was saved at, `epoch` the epochs completed by then, `max_steps` the run's length;
-    a LoRA also records `dataset` (`dataset_metadata`)."""
+    `step` is the step it was saved at, `epoch` the epochs completed by then, `max_steps` the run's length,
+    `dataset` what it trained on (`dataset_metadata`)."""
     metadata = {
         "finetune.method": recipe.method,
         "finetune.base_model": recipe.model.pretrained,
@@ -62,7 +62,7 @@ def output_metadata(
         metadata.update({f"finetune.{key}": f"{getattr(recipe.lora, key):g}" for key in LORAPLUS_KEYS if getattr(recipe.lora, key) is not None})
         if recipe.lora.max_norm is not None:
             metadata["finetune.max_norm"] = f"{recipe.lora.max_norm:g}"
-        metadata.update(dataset or {})
+    metadata.update(dataset or {})
     if recipe.lora.init_from:  # its name only: a path would carry the user's folders into shared files
         metadata["finetune.init_from"] = Path(recipe.lora.init_from).name
     return metadata

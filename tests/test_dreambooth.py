@@ -1,6 +1,7 @@
 """DreamBooth: class images made exactly and resumably, the prior term on the class half, frozen
 parts untouched, and a saved pipeline that reproduces the trained UNet."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,12 @@ def test_full_dreambooth_trains_the_unet_only_and_the_saved_pipeline_reproduces_
         assert torch.equal(pipeline.unet(latents, torch.tensor([500]), text).sample, expected)
     for name, tensor in fresh.vae.state_dict().items():  # frozen parts saved as they were
         assert torch.equal(pipeline.vae.state_dict()[name], tensor)
+    # It says what it learned: its instance prompt, in its metadata and in its card, with how to load it.
+    metadata = json.loads((result.output_dir / "pipeline" / "finetune_metadata.json").read_text())
+    images = len(list(star_folder.glob("*.png")))
+    assert json.loads(metadata["finetune.tag_frequency"]) == {star_folder.name: {"a sks shape": images}}
+    card = (result.output_dir / "pipeline" / "README.md").read_text()
+    assert f"| trained prompts and caption tags | a sks shape ({images}) |" in card and "StableDiffusionPipeline.from_pretrained" in card
 
 
 def test_dreambooth_lora_with_two_concepts_and_text_encoder(make_recipe, star_folder, image_folder, tmp_path, capsys):

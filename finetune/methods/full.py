@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from finetune.methods.base import UNetMethod
+from finetune.model_card import write_pipeline_card
 from finetune.pipeline_io import save_pipeline
 
 PIPELINE_DIR = "pipeline"
@@ -32,4 +33,6 @@ class FullMethod(UNetMethod):
             self.base.text_encoder.to(torch.float32).requires_grad_(True).train()
 
     def save(self, output_dir: Path, modules, metadata: dict[str, str]) -> list[Path]:
-        return [save_pipeline(self.base, output_dir / PIPELINE_DIR, metadata=metadata, **modules)]
+        folder = save_pipeline(self.base, output_dir / PIPELINE_DIR, metadata=metadata, **modules)
+        write_pipeline_card(folder, metadata)  # as diffusers' DreamBooth script writes one: the prompts it learned
+        return [folder]
