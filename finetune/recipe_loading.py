@@ -34,7 +34,14 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     for override in overrides:
         apply_override(raw, override, source=str(path))
     _length_from_the_command_line(raw, overrides)
-    return recipe_from_dict(raw, source=str(path))
+    try:
+        return recipe_from_dict(raw, source=str(path))
+    except FinetuneError as err:  # a key set on the command line is the override's fault, not the file's
+        for override in overrides:
+            key = re.sub(r"\s+", "", override.split("=", 1)[0])
+            if f"key '{key}'" in str(err):
+                raise FinetuneError(f"override '{override}'{str(err).removeprefix(str(path))}") from None
+        raise
 
 
 def _length_from_the_command_line(raw: dict[str, Any], overrides: list[str]) -> None:
@@ -142,7 +149,10 @@ def describe_validation_error(err: ValidationError, raw: dict[str, Any]) -> str:
     if first["type"] == "extra_forbidden":
         valid = _valid_keys(location[:-1])
         close = difflib.get_close_matches(location[-1], valid, n=1, cutoff=0.5)
-        hint = f" (did you mean '{'.'.join(path[:-1] + close)}'?)" if close else f" (valid keys: {', '.join(valid)})"
+        if location[-1] in OTHER_TRAINERS_NAMES:
+            hint = f" (here it is '{OTHER_TRAINERS_NAMES[location[-1]]}')"
+        else:
+            hint = f" (did you mean '{'.'.join(path[:-1] + close)}'?)" if close else f" (valid keys: {', '.join(valid)})"
         return f"unknown key '{dotted}'{hint}"
     if first["type"] == "missing":
         return f"missing required key '{dotted}'"
@@ -151,7 +161,21 @@ def describe_validation_error(err: ValidationError, raw: dict[str, Any]) -> str:
         return message
     received = first.get("input")
     shown = "" if isinstance(received, dict) else f" (got {received!r})"
+    if first["type"] == "list_type" and isinstance(received, str):  # `validation.prompts=a cat` on the command line
+        shown += f"; a list is written in brackets: {dotted}='[\"first\", \"second\"]'"
     return f"key '{dotted}': {message}{shown}"
+
+
+# sd-scripts' and diffusers' names for settings, which people type from habit.
+OTHER_TRAINERS_NAMES = {
+    "learning_rate": "optimizer.lr", "lr_scheduler": "optimizer.scheduler", "lr_warmup_steps": "optimizer.warmup_steps",
+    "network_dim": "lora.rank", "network_alpha": "lora.alpha", "rank": "lora.rank", "max_train_steps": "train.max_steps",
+    "max_train_epochs": "train.max_epochs", "train_batch_size": "train.batch_size", "output_dir": "output_dir",
+    "pretrained_model_name_or_path": "model.pretrained", "train_data_dir": "data.image_dir", "caption_extension": "a .txt beside each image",
+    "save_every_n_steps": "checkpoint.every_n_steps", "save_every_n_epochs": "checkpoint.every_n_epochs", "min_snr_gamma": "train.snr_gamma",
+    "enable_bucket": "data.bucketing.enabled", "shuffle_caption": "data.shuffle_tags", "caption_tag_dropout_rate": "data.tag_dropout",
+    "scale_weight_norms": "lora.max_norm", "v_parameterization": "model.prediction_type: v_prediction", "instance_data_dir": "dreambooth.concepts.0.instance_dir",
+}  # fmt: skip
 
 
 def _valid_keys(section_path: list[str]) -> list[str]:

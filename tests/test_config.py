@@ -162,8 +162,9 @@ def test_values_that_cannot_train_are_one_line_errors_naming_the_key(override, m
     path.write_text("data: {image_dir: images}\ntrain: {max_steps: 10}\noptimizer: {scheduler: cosine}\n")
     with pytest.raises(FinetuneError) as raised:
         load_recipe(path, [override])
-    text = str(raised.value)
-    assert text.startswith(f"{path}: ") and re.search(message, text.removeprefix(f"{path}: ")), text
+    text = str(raised.value)  # a key's value set by the override names the override; a clash of keys, the file
+    prefix = f"override '{override}': " if text.startswith("override") else f"{path}: "
+    assert text.startswith(prefix) and re.search(message, text.removeprefix(prefix)), text
 
 
 def test_override_values_for_text_keys_are_taken_as_typed(tmp_path):
@@ -195,3 +196,21 @@ def test_prodigy_takes_one_learning_rate_for_every_parameter(tmp_path):
     with pytest.raises(FinetuneError, match=r"recipe.yaml: lora.text_encoder_lr with prodigy: it takes one optimizer.lr for every parameter; remove lora.text_encoder_lr"):
         load_recipe(path, ["lora.train_text_encoder=true", "lora.text_encoder_lr=5e-5"])
     assert load_recipe(path, ["lora.train_text_encoder=true"]).optimizer.name == "prodigy"
+
+
+def test_other_trainers_names_and_command_line_mistakes_point_to_the_key(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("data: {image_dir: x}\n")
+    cases = {
+        "train.learning_rate=1e-4": "override 'train.learning_rate=1e-4': unknown key 'train.learning_rate' (here it is 'optimizer.lr')",
+        "lora.network_dim=8": "override 'lora.network_dim=8': unknown key 'lora.network_dim' (here it is 'lora.rank')",
+        "validation.prompts=a cat": "override 'validation.prompts=a cat': key 'validation.prompts': Input should be a valid list (got 'a cat'); "
+                                    "a list is written in brackets: validation.prompts='[\"first\", \"second\"]'",
+    }  # fmt: skip
+    for override, message in cases.items():
+        with pytest.raises(FinetuneError) as raised:
+            load_recipe(path, [override])
+        assert str(raised.value) == message
+    path.write_text("data: {image_dir: x}\ntrain: {max_train_steps: 100}\n")  # in the file, the file is named
+    with pytest.raises(FinetuneError, match=rf"^{re.escape(str(path))}: unknown key 'train.max_train_steps' \(here it is 'train.max_steps'\)$"):
+        load_recipe(path)
