@@ -182,6 +182,8 @@ def test_dreambooth_lora_with_two_concepts_and_text_encoder(make_recipe, star_fo
     result = train(recipe)
     for i in range(2):
         assert len(list((Path(recipe.output_dir) / "class_images" / f"concept-{i}").glob("*.png"))) == 2
+    class_dir = Path(recipe.output_dir) / "class_images" / "concept-1"
+    assert f"class images {class_dir}: 0 generated earlier, 2 to generate" in capsys.readouterr().out
     from safetensors.torch import load_file
 
     keys = load_file(result.output_dir / "pytorch_lora_weights.safetensors").keys()

@@ -193,8 +193,12 @@ class DreamBoothMethod(DiffusionMethod):
         self.class_plans: list[ClassImagePlan] = []
         for concept, (folder, key, paths, missing) in zip(settings.concepts, class_image_plans(self.recipe)):
             report = self._check_class_images([p for p in paths if not is_generated_name(p)], concept, folder)
+            made = sum(1 for p in paths if is_generated_name(p) and p.is_file())  # by an earlier run: checked once generation is done
             if report is not None:
+                report.label += f" (your own; {made} generated earlier, {len(missing)} to generate)"
                 self.data_reports.append(report)  # printed with the instance images' summary
+            else:
+                self.start_lines.append(f"class images {folder}: {made} generated earlier, {len(missing)} to generate")
             self.class_plans.append(ClassImagePlan(folder, key, paths, missing, report.usable if report else []))
 
     def training_data(self, accelerator):
