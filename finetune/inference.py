@@ -166,7 +166,10 @@ def load_condition(path: str | Path, resolution: int) -> Image.Image:
     """The conditioning image as the ControlNet sees it: RGB, resized to cover the resolution and center-cropped."""
     if not Path(path).is_file():
         raise FinetuneError(f"conditioning image {path} not found: check --condition")
-    image = open_rgb(Example(str(path), "", lambda: Image.open(path)))
+    try:
+        image = open_rgb(Example(str(path), "", lambda: Image.open(path)))
+    except FinetuneError as err:  # "image X cannot be read (...): fix or remove it" is for training data
+        raise FinetuneError(f"{str(err).rsplit(': fix or remove it', 1)[0]}: check --condition (a PNG or JPEG)") from None
     return cover_and_crop(image, (resolution, resolution), "center", np.random.default_rng(0))[0]
 
 

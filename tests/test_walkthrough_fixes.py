@@ -77,3 +77,11 @@ def test_controlnet_pretrained_takes_a_controlnet_runs_output_folder(make_recipe
     method = ControlNetMethod(make_recipe(method="controlnet", data__image_dir=str(pairs_folder), controlnet__pretrained=str(tmp_path)))
     with pytest.raises(FinetuneError, match="not found: controlnet.pretrained must be a diffusers ControlNet folder .*, a controlnet run's output folder"):
         method.check_data()
+
+
+def test_a_condition_that_is_no_image_names_the_option(tmp_path):
+    from finetune.inference import load_condition
+
+    (tmp_path / "edges.png").write_text("not an image")
+    with pytest.raises(FinetuneError, match=r"^image .*edges.png cannot be read \(.*\): check --condition \(a PNG or JPEG\)$"):
+        load_condition(tmp_path / "edges.png", 64)
