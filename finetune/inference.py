@@ -47,6 +47,10 @@ def resolve_lora_file(lora: str) -> Path:
                     raise FinetuneError(f"{lora} holds no LoRA but a {folder}/ (its run trained no LoRA): use {Path(lora) / folder} {use}")
             if (Path(lora) / STATE_FILE).is_file():
                 raise FinetuneError(f"checkpoint {lora} holds no LoRA file: its run had checkpoint.save_outputs: false (the run's last LoRA is in its output_dir)")
+            if (Path(lora) / "model_index.json").is_file():
+                raise FinetuneError(f"{lora} is a whole pipeline, not a LoRA: use it as the base model (--base {lora})")
+            if (Path(lora) / "config.json").is_file():
+                raise FinetuneError(f"{lora} is a model folder (a ControlNet?), not a LoRA: pass a ControlNet as --controlnet {lora}")
     if not path.is_file():
         raise FinetuneError(
             f"LoRA {lora} not found: pass a .safetensors file, a training output folder containing {LORA_WEIGHTS_NAME}, "

@@ -85,3 +85,16 @@ def test_a_condition_that_is_no_image_names_the_option(tmp_path):
     (tmp_path / "edges.png").write_text("not an image")
     with pytest.raises(FinetuneError, match=r"^image .*edges.png cannot be read \(.*\): check --condition \(a PNG or JPEG\)$"):
         load_condition(tmp_path / "edges.png", 64)
+
+
+def test_a_pipeline_or_controlnet_folder_given_as_the_lora_says_which_option_takes_it(tmp_path):
+    from finetune.inference import resolve_lora_file
+
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "pipeline" / "model_index.json").write_text("{}")
+    with pytest.raises(FinetuneError, match=r"pipeline is a whole pipeline, not a LoRA: use it as the base model \(--base .*pipeline\)$"):
+        resolve_lora_file(str(tmp_path / "pipeline"))
+    (tmp_path / "controlnet").mkdir()
+    (tmp_path / "controlnet" / "config.json").write_text("{}")
+    with pytest.raises(FinetuneError, match=r"controlnet is a model folder \(a ControlNet\?\), not a LoRA: pass a ControlNet as --controlnet"):
+        resolve_lora_file(str(tmp_path / "controlnet"))
