@@ -37,8 +37,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Images that are in a folder but not read: animations, print and phone formats (convert them to PNG or JPEG).
 UNREAD_IMAGE_SUFFIXES = (".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jfif", ".psd")
 # Pillow refuses images over 2x this many pixels as "decompression bombs" (89M by default: a 108 MP phone
-# photo warns, a 200 MP one fails). A user's own photos are trusted input; the check still stops on a corrupt one.
-Image.MAX_IMAGE_PIXELS = 300_000_000
+# photo warns, a 200 MP one fails). A user's own photos are trusted input; the check still stops on a corrupt
+# one. (The demo, serving uploads from a browser, sets a far lower limit in its own process.)
+TRUSTED_IMAGE_PIXELS = 300_000_000
+Image.MAX_IMAGE_PIXELS = TRUSTED_IMAGE_PIXELS
 DATASET_ROW = "dataset {name} row {row}"  # the source of a dataset's example (a folder's is its file's path)
 
 
