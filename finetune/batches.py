@@ -10,8 +10,9 @@ import torch
 
 from finetune.buckets import BucketBatchSampler, Size, assign_buckets
 from finetune.config import DataConfig
-from finetune.data import Example, upright_size
+from finetune.data import upright_size
 from finetune.errors import FinetuneError
+from finetune.sources import Example
 
 
 class EpochBatchSampler:

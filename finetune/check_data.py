@@ -25,20 +25,10 @@ import numpy as np
 from finetune.buckets import Size, assign_buckets, bucket_counts_line
 from finetune.captions import missing_caption_message
 from finetune.config import DataConfig, LossMaskConfig, Recipe
-from finetune.data import (
-    Example,
-    data_folders,
-    decode,
-    expand_repeats,
-    has_alpha,
-    is_16_bit,
-    metadata_rows_without_images,
-    read_examples,
-    unread_images,
-    upright_rgb,
-)
+from finetune.data import decode, has_alpha, is_16_bit, upright_rgb
 from finetune.errors import FinetuneError
 from finetune.loss_mask import alpha_mask, mask_area, mask_digest, mask_path, read_mask_file
+from finetune.sources import Example, data_folders, expand_repeats, metadata_rows_without_images, read_examples, unread_images
 from finetune.views import cut, plan_cover_crop
 
 FATAL, WARNING, CONVERTED = "fatal", "warning", "converted"

@@ -7,9 +7,9 @@ from pydantic import ValidationError
 
 from finetune.check_data import FATAL, SKIP_HINT, WARNING, data_configs, data_label, inspect_examples, too_few_to_batch
 from finetune.config import DataConfig, ModelConfig, Recipe
-from finetune.data import expand_repeats, read_examples
 from finetune.errors import FinetuneError
 from finetune.recipe_loading import describe_validation_error, load_recipe
+from finetune.sources import expand_repeats, read_examples
 
 
 def configs_from_args(args, recipe: Recipe | None) -> list[DataConfig]:

@@ -18,8 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from finetune.config import ClassImageGeneration, ModelConfig
-from finetune.data import folder_images
 from finetune.sampling import autocast_for, prompt_arguments, save_image_atomic
+from finetune.sources import folder_images
 
 logger = logging.getLogger(__name__)
 

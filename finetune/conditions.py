@@ -178,7 +178,8 @@ def make_conditions(input_dir: str | Path, output_dir: str | Path, kind: str, ov
     from the input's metadata.jsonl or metadata.csv, else a .txt beside the image; an image with none gets "".
     Conditioning images already there (a ControlNet may have trained on them) are replaced only with `overwrite`.
     """
-    from finetune.data import IMAGE_SUFFIXES, Example, folder_images, open_rgb
+    from finetune.data import open_rgb
+    from finetune.sources import IMAGE_SUFFIXES, Example, folder_images
 
     if kind not in KINDS:
         raise FinetuneError(f"unknown conditioning kind '{kind}': use one of {', '.join(KINDS)}")

@@ -17,13 +17,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from finetune.captions import metadata_key, training_caption
-from finetune.config import DataConfig, Recipe
 from finetune.buckets import Size, assign_buckets
 from finetune.cache import EncodingCache
+from finetune.captions import metadata_key, training_caption
 from finetune.check_data import FATAL, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable
-from finetune.data import Example, collate_images, item_rng, likely_new_view, open_dataset, open_rgb, read_examples, render_pixels, upright_size, view_entry
+from finetune.config import DataConfig, Recipe
+from finetune.data import collate_images, item_rng, likely_new_view, open_rgb, render_pixels, upright_size, view_entry
 from finetune.errors import FinetuneError
+from finetune.sources import Example, open_dataset, read_examples
 from finetune.views import ViewPlan, plan_view, render
 
 

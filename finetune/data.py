@@ -1,4 +1,4 @@
-"""Training data: folders of captioned images or a `datasets` dataset, checked before training.
+"""Training data: the checked examples (finetune/sources.py reads them) decoded into training items.
 
 Every image is opened and decoded once up front (finetune/check_data.py), so a corrupt, truncated or
 tiny file stops the run with its name before any model is loaded. Randomness (crop, flip, caption
@@ -9,10 +9,7 @@ its aspect-ratio bucket (finetune/buckets.py) instead of a square.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,55 +17,18 @@ from PIL import Image, ImageOps
 
 from finetune.buckets import Size, assign_buckets
 from finetune.cache import EncodingCache
-from finetune.captions import (
-    apply_template,
-    folder_captions,
-    missing_caption_message,
-    sidecar_caption,
-    template_needs_caption,
-    training_caption,
-)
-from finetune.config import DataConfig, FolderConfig
+from finetune.captions import training_caption
+from finetune.config import DataConfig
 from finetune.errors import FinetuneError
 from finetune.loss_mask import mask_digest, mask_tensor
+from finetune.sources import Example, expand_repeats, read_examples, require_captions
 from finetune.views import ViewPlan, plan_view, render, to_8_bit, view_key
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-# Images that are in a folder but not read: animations, print and phone formats (convert them to PNG or JPEG).
-UNREAD_IMAGE_SUFFIXES = (".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jfif", ".psd")
 # Pillow refuses images over 2x this many pixels as "decompression bombs" (89M by default: a 108 MP phone
 # photo warns, a 200 MP one fails). A user's own photos are trusted input; the check still stops on a corrupt
 # one. (The demo, serving uploads from a browser, sets a far lower limit in its own process.)
 TRUSTED_IMAGE_PIXELS = 300_000_000
 Image.MAX_IMAGE_PIXELS = TRUSTED_IMAGE_PIXELS
-DATASET_ROW = "dataset {name} row {row}"  # the source of a dataset's example (a folder's is its file's path)
-
-
-@dataclass(frozen=True)
-class Example:
-    """One training image: where to find it (a file or a dataset row) and its caption."""
-
-    source: str  # a file path, or "dataset row N"
-    caption: str | None  # None: no caption was found (the check reports it)
-    load: Callable[[], Image.Image]
-    repeats: int = 1  # uses per epoch (data.folders); load_examples lists the example this many times
-    folder_index: int = 0  # which entry of data.folders it comes from
-    size: Size | None = None  # upright (width, height), known once the check has decoded the image
-    digest: str | None = None  # a hash of the decoded pixels, from the check: names its cached latents
-    load_mask: Callable[[], Image.Image] | None = None  # its upright greyscale loss mask, from the check (data.loss_mask)
-    mask_area: float | None = None  # the share of the image its loss mask trains
-    mask_digest: str | None = None  # a hash of the mask's pixels, from the check: names its cached views
-
-
-def source_folder(example: Example) -> str:
-    """The name of the folder an example's image is in, or of its dataset: how sd-scripts groups a LoRA's tags."""
-    row = re.fullmatch(DATASET_ROW.format(name="(.+)", row=r"\d+"), example.source)
-    return Path(row.group(1)).name if row else Path(example.source).parent.name
-
-
-def read_examples(config: DataConfig) -> list[Example]:
-    """Every image of the folders or the dataset once, unchecked (some may lack a caption)."""
-    return _folder_examples(config) if config.image_dir else _dataset_examples(config)
 
 
 def load_examples(config: DataConfig, check: bool = True) -> list[Example]:
@@ -82,170 +42,6 @@ def load_examples(config: DataConfig, check: bool = True) -> list[Example]:
     else:
         require_captions(examples)
     return expand_repeats(examples)
-
-
-def require_captions(examples: list[Example]) -> None:
-    for example in examples:
-        if example.caption is None:
-            raise FinetuneError(missing_caption_message(example.source))
-
-
-def expand_repeats(examples: list[Example]) -> list[Example]:
-    return [example for example in examples for _ in range(example.repeats)]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Sources
-
-
-def _folder_examples(config: DataConfig) -> list[Example]:
-    root = Path(config.image_dir)
-    if root.is_file():
-        raise FinetuneError(f"{config._image_dir_key} {root} is a file: give the folder that holds the images")
-    if not root.is_dir():
-        raise FinetuneError(f"data folder {root} not found: check {config._image_dir_key}")
-    examples = []
-    for index, settings in enumerate(config.folders or [FolderConfig(path=".", repeats=config._repeats)]):
-        folder = root / settings.path  # an absolute path stays absolute
-        key = config._image_dir_key if not config.folders else f"data.folders path '{settings.path}'"
-        if not folder.is_dir():
-            raise FinetuneError(f"data folder {folder} not found: check {key}")
-        images = folder_images(folder)
-        if not images:
-            raise FinetuneError(f"data folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}): add some or fix {key}")
-        examples += [replace(example, folder_index=index) for example in _images_of_folder(folder, images, settings, config.caption)]
-    return examples
-
-
-def folder_images(folder: Path) -> list[Path]:
-    """The images training reads in `folder` (not its subfolders), by name. Hidden files are left out: macOS
-    writes a `._name.jpg` of metadata beside each image it copies to a foreign drive."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-
-
-def data_folders(config: DataConfig) -> list[Path]:
-    """The folders a folder dataset reads its images from, each once; none for a `datasets` dataset."""
-    if not config.image_dir:
-        return []
-    folders: dict[Path, Path] = {}
-    for settings in config.folders or [FolderConfig(path=".")]:
-        folder = Path(config.image_dir) / settings.path
-        if folder.is_dir():
-            folders.setdefault(folder.resolve(), folder)
-    return list(folders.values())
-
-
-def unread_images(folder: Path, config: DataConfig) -> tuple[list[Path], list[Path]]:
-    """(image files of kinds training does not read, subfolders holding images) in `folder`: said, so that
-    no image a user put there is left out unseen. Subfolders count for data.image_dir alone (without
-    data.folders); its masks and conditioning folders are no such subfolder."""
-    visible = [p for p in folder.iterdir() if not p.name.startswith(".")]
-    files = sorted(p for p in visible if p.is_file() and p.suffix.lower() in UNREAD_IMAGE_SUFFIXES)
-    own = (config.loss_mask.folder, "conditioning")
-    subfolders = sorted(p for p in visible if not config.folders and p.is_dir() and p.name not in own and folder_images(p))
-    return files, subfolders
-
-
-def metadata_rows_without_images(config: DataConfig) -> list[tuple[Path, list[str]]]:
-    """(metadata file, the file names it lists that are no image in its folder) for each folder with such
-    rows: a typo or a renamed file, whose caption then trains nothing."""
-    if not config.image_dir or config.caption is not None:
-        return []
-    unmatched, seen = [], set()
-    for settings in config.folders or [FolderConfig(path=".")]:
-        folder = Path(config.image_dir) / settings.path
-        if not template_needs_caption(settings.template) or not folder.is_dir() or folder.resolve() in seen:
-            continue
-        seen.add(folder.resolve())
-        named = set(folder_captions(folder)) - {path.name for path in folder_images(folder)}
-        if named:
-            metadata = folder / ("metadata.jsonl" if (folder / "metadata.jsonl").is_file() else "metadata.csv")
-            unmatched.append((metadata, sorted(named)))
-    return unmatched
-
-
-def _images_of_folder(folder: Path, images: list[Path], settings: FolderConfig, fixed_caption: str | None) -> list[Example]:
-    reads_captions = fixed_caption is None and template_needs_caption(settings.template)
-    metadata = folder_captions(folder) if reads_captions else {}
-    examples = []
-    for path in images:
-        if not template_needs_caption(settings.template):
-            caption = settings.template
-        else:
-            own = fixed_caption if fixed_caption is not None else metadata[path.name] if path.name in metadata else sidecar_caption(path)
-            caption = None if own is None else apply_template(settings.template, own)
-        examples.append(Example(str(path), caption, lambda p=path: Image.open(p), repeats=settings.repeats))
-    return examples
-
-
-def open_dataset(config: DataConfig):
-    """The `datasets.Dataset` of `config.dataset` (hub name, local path or save_to_disk folder), split chosen."""
-    import datasets
-
-    name = config.dataset
-    # What save_to_disk writes: a Dataset (dataset_info.json, state.json) or a DatasetDict (dataset_dict.json).
-    saved = Path(name).is_dir() and any((Path(name) / marker).is_file() for marker in ("dataset_info.json", "state.json", "dataset_dict.json"))
-    folder = Path(name).is_dir() and not saved
-    if folder and folder_images(Path(name)):
-        metadata = any((Path(name) / meta).is_file() for meta in ("metadata.jsonl", "metadata.csv"))
-        if not metadata or any(Path(name).glob("*.txt")):  # datasets would read the .txt captions as a text dataset of their lines
-            raise FinetuneError(f"dataset {name} is a folder of images with " + ("a metadata file and .txt captions" if metadata else "no metadata file")
-                                + f": train it as data.image_dir={name} (with data.dataset=null)")  # fmt: skip
-    try:
-        loaded = datasets.load_from_disk(name) if saved else datasets.load_dataset(name, config.dataset_config, split=config.dataset_split)
-    except FileNotFoundError as err:
-        raise FinetuneError(f"dataset {name} not found: {str(err).splitlines()[0]}") from None
-    except ConnectionError:
-        raise FinetuneError(f"dataset {name} is not in the local cache and the hub cannot be reached: use a local path") from None
-    except Exception as err:  # datasets' builders raise many kinds (pyarrow's ArrowInvalid, a ValueError, on a malformed metadata row)
-        if isinstance(err, ValueError) and "Unknown split" in str(err):
-            raise FinetuneError(f"dataset {name} has no split '{config.dataset_split}' ({str(err).splitlines()[0]}): set data.dataset_split") from None
-        if not folder:
-            raise
-        cause = err.__cause__ or err
-        raise FinetuneError(f"dataset folder {name} cannot be read ({type(cause).__name__}: {str(cause).splitlines()[0][:200]}): "
-                            "fix its metadata.jsonl/metadata.csv (each row one JSON object with file_name and text strings)") from None  # fmt: skip
-    if isinstance(loaded, datasets.Dataset) and saved and config.dataset_split != "train":
-        raise FinetuneError(f"dataset {name} is a single split saved with save_to_disk (no split '{config.dataset_split}' to pick): remove data.dataset_split")
-    if isinstance(loaded, datasets.DatasetDict):
-        if config.dataset_split not in loaded:
-            raise FinetuneError(f"dataset {name} has no split '{config.dataset_split}' (has {', '.join(loaded)}): set data.dataset_split")
-        loaded = loaded[config.dataset_split]
-    return loaded
-
-
-def _dataset_examples(config: DataConfig) -> list[Example]:
-    name = config.dataset
-    loaded = open_dataset(config)
-    columns = loaded.column_names
-    needed = [("data.image_column", config.image_column)]
-    if config.caption is None:
-        needed.append(("data.caption_column", config.caption_column))
-    for key, column in needed:
-        if column not in columns:
-            raise FinetuneError(f"dataset {name} has no column '{column}' ({key}); its columns are: {', '.join(repr(c) for c in columns)}")
-    if len(loaded) == 0:
-        raise FinetuneError(f"dataset {name} split '{config.dataset_split}' is empty")
-    image_feature = loaded.features[config.image_column]
-    if type(image_feature).__name__ != "Image" or not getattr(image_feature, "decode", True):
-        raise FinetuneError(
-            f"dataset {name} column '{config.image_column}' (data.image_column) holds {image_feature}, not decoded images: "
-            f"cast it with dataset.cast_column('{config.image_column}', datasets.Image()) and save it again, or set data.image_column"
-        )
-    captions = [config.caption] * len(loaded) if config.caption is not None else loaded[config.caption_column]
-    images = loaded.select_columns([config.image_column])
-    return [
-        Example(DATASET_ROW.format(name=name, row=row), _caption_or_none(captions[row], name, config.caption_column, row), lambda row=row: images[row][config.image_column])
-        for row in range(len(loaded))
-    ]
-
-
-def _caption_or_none(value, name: str, column: str, row: int) -> str | None:
-    """A dataset's caption cell; None or blank is a missing caption (reported by the check), not "None"."""
-    if value is not None and not isinstance(value, str):  # a list of captions would train as its Python text
-        raise FinetuneError(f"dataset {name} row {row}: caption column '{column}' holds {type(value).__name__}, not text: "
-                            "give each row one caption (e.g. the first, with dataset.map), or set data.caption_column")  # fmt: skip
-    return None if value is None or not value.strip() else value
 
 
 # ---------------------------------------------------------------------------------------------------

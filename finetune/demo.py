@@ -73,7 +73,9 @@ def read_upload(path: str | None):
         return None
     from PIL import Image
 
-    from finetune.data import Example, open_rgb
+    from finetune.data import open_rgb
+
+    from finetune.sources import Example
 
     return open_rgb(Example(path, "", lambda: Image.open(path)))
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from finetune.checkpoint import STATE_FILE, atomic_save_safetensors
 from finetune.config import ModelConfig
-from finetune.data import Example, open_rgb
+from finetune.data import open_rgb
 from finetune.encoders import skip_last_layers
 from finetune.errors import FinetuneError
 from finetune.kohya import LoRA, load_lora, to_diffusers
@@ -28,6 +28,7 @@ from finetune.models import BaseModel, load_base_model, looks_like_hub_id
 from finetune.pipeline_io import METADATA_FILE
 from finetune.prompt_options import PromptSettings, with_options
 from finetune.sampling import GRID_LABEL_WIDTH, adapters_clip_skip, build_pipeline, follow_adapters_schedule, generate, make_grid, save_image_atomic
+from finetune.sources import Example
 from finetune.views import cover_and_crop
 
 # Config keys that must agree for a ControlNet's residuals to fit the UNet's skip connections.

@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 from finetune.config import Recipe
-from finetune.data import Example, source_folder
 from finetune.kohya import LORAPLUS_KEYS
+from finetune.sources import Example, source_folder
 
 
 def dataset_metadata(items: list[Example]) -> dict[str, str]:

@@ -10,14 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.buckets import BucketBatchSampler, assign_buckets, make_buckets, nearest_bucket, split_rows
-from finetune.config import DataConfig
 from finetune.batches import EpochBatchSampler, make_batch_sampler
+from finetune.buckets import BucketBatchSampler, assign_buckets, make_buckets, nearest_bucket, split_rows
 from finetune.check_data import inspect_examples
-from finetune.data import CaptionedImageDataset, Example, collate, load_examples, read_examples
-from finetune.views import ViewPlan, cover_and_crop, view_key
+from finetune.config import DataConfig
+from finetune.data import CaptionedImageDataset, collate, load_examples
 from finetune.errors import FinetuneError
+from finetune.sources import Example, read_examples
 from finetune.trainer import train
+from finetune.views import ViewPlan, cover_and_crop, view_key
 
 SHAPES = {"wide0": (96, 48), "wide1": (100, 50), "tall0": (48, 96), "tall1": (50, 100), "square": (64, 64)}
 

@@ -103,7 +103,7 @@ def test_repeats_multiply_an_images_uses_per_epoch(tmp_path):
 
 def test_each_folders_share_of_an_epoch_is_reported_and_one_folder_under_two_templates_is_no_copy(tmp_path):
     from finetune.check_data import inspect_examples
-    from finetune.data import read_examples
+    from finetune.sources import read_examples
 
     write_image(tmp_path / "rare" / "r.png", "green")
     write_image(tmp_path / "common" / "c0.png")

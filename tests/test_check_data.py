@@ -14,8 +14,9 @@ from PIL import Image
 from finetune.check_data import CONVERTED, FATAL, WARNING, inspect_examples
 from finetune.cli import main
 from finetune.config import DataConfig
-from finetune.data import CaptionedImageDataset, load_examples, open_rgb, read_examples
+from finetune.data import CaptionedImageDataset, load_examples, open_rgb
 from finetune.errors import FinetuneError
+from finetune.sources import read_examples
 from finetune.trainer import train
 
 

@@ -18,9 +18,10 @@ from finetune.cli import main
 from finetune.conditions import border_mask, canny, luminance, make_conditions
 from finetune.config import DataConfig
 from finetune.controlnet_data import ControlNetDataset, Pair, paired_views
-from finetune.data import CaptionedImageDataset, Example, item_rng
+from finetune.data import CaptionedImageDataset, item_rng
 from finetune.errors import FinetuneError
 from finetune.methods.controlnet import ControlNetMethod
+from finetune.sources import Example
 from finetune.toyworld.datasets import generate, write_folder
 from finetune.toyworld.world import draw, mask_image, sample_scenes
 from finetune.trainer import train

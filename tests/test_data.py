@@ -7,10 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.config import DataConfig
 from finetune.batches import EpochBatchSampler
-from finetune.data import CaptionedImageDataset, Example, load_examples, open_rgb
+from finetune.config import DataConfig
+from finetune.data import CaptionedImageDataset, load_examples, open_rgb
 from finetune.errors import FinetuneError
+from finetune.sources import Example
 
 
 def write_image(path, size=(64, 64), colour="red", mode="RGB"):
@@ -81,7 +82,7 @@ def test_tiny_image_is_an_error(tmp_path):
 def test_odd_modes_become_rgb(tmp_path, mode, colour):
     path = tmp_path / ("x.tiff" if mode == "CMYK" else "x.png")
     Image.new(mode, (8, 8), colour).save(path)
-    from finetune.data import Example
+    from finetune.sources import Example
 
     image = open_rgb(Example(str(path), "", lambda: Image.open(path)))
     assert image.mode == "RGB"

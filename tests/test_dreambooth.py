@@ -11,11 +11,11 @@ from PIL import Image
 
 from finetune.class_images import class_image_caption, generate_class_images, generation_key, plan_class_images
 from finetune.config import ClassImageGeneration, ModelConfig
-from finetune.data import Example
 from finetune.errors import FinetuneError
 from finetune.methods.dreambooth import DreamBoothMethod, dreambooth_collate
 from finetune.models import load_base_model
 from finetune.sampling import build_pipeline
+from finetune.sources import Example
 from finetune.toyworld.datasets import write_folder
 from finetune.trainer import train
 

@@ -14,10 +14,11 @@ import finetune.methods.base as method_base
 from finetune.check_data import CONVERTED, WARNING, inspect_examples
 from finetune.cli import main
 from finetune.config import DataConfig, LossMaskConfig
-from finetune.data import CaptionedImageDataset, load_examples, read_examples
+from finetune.data import CaptionedImageDataset, load_examples
 from finetune.diffusion import NoisedBatch, per_sample_loss
 from finetune.errors import FinetuneError
 from finetune.loss_mask import MIN_NORMALIZING_SHARE, latent_loss_weights, preview, read_mask_file
+from finetune.sources import read_examples
 from finetune.trainer import train
 from test_dreambooth import dreambooth_recipe
 from test_objective import SCHEDULER
@@ -336,7 +337,8 @@ def test_a_mask_no_view_can_reach_and_alpha_without_any_transparency_stop_before
 
 
 def test_review_cases_exact_names_first_8_bit_values_in_16_bits_opaque_alpha_and_16_bit_keyed_images(tmp_path, capsys):
-    from finetune.data import open_rgb, Example
+    from finetune.data import open_rgb
+    from finetune.sources import Example
 
     folder = tmp_path / "data"
     (folder / "masks").mkdir(parents=True)

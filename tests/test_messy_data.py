@@ -15,8 +15,9 @@ from PIL import Image
 from finetune.check_data import CONVERTED, FATAL, WARNING, inspect_examples
 from finetune.cli import main
 from finetune.config import DataConfig
-from finetune.data import CaptionedImageDataset, Example, decode, load_examples, read_examples
+from finetune.data import CaptionedImageDataset, decode, load_examples
 from finetune.errors import FinetuneError
+from finetune.sources import Example, read_examples
 
 
 def noise(path, size=(64, 64), seed=0):

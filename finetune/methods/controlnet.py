@@ -36,12 +36,13 @@ from PIL import Image
 from finetune.checkpoint import with_default_permissions
 from finetune.config import Recipe
 from finetune.controlnet_data import ControlNetDataset, checked_pairs, controlnet_collate, paired_views
-from finetune.data import Example, open_rgb
+from finetune.data import open_rgb
 from finetune.errors import FinetuneError
 from finetune.methods.base import DiffusionMethod
 from finetune.models import freeze, looks_like_hub_id
 from finetune.pipeline_io import METADATA_FILE
 from finetune.sampling import build_pipeline, generate
+from finetune.sources import Example
 
 CONTROLNET_DIR, UNET_DIR = "controlnet", "unet"
 # The UNet parts that train with unlock_unet_decoder (the original's output_blocks and out).

@@ -20,17 +20,18 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from finetune.class_images import class_image_caption, generate_class_images, generation_key, is_generated_name, plan_class_images
-from finetune.config import Concept, DataConfig, LossMaskConfig, Recipe
 from finetune.buckets import assign_buckets
+from finetune.cache import EncodingCache
 from finetune.captions import training_caption
 from finetune.check_data import DataReport, check_examples, checked_examples, data_configs, inspect_examples
-from finetune.cache import EncodingCache
-from finetune.data import Example, collate_images, item_rng, likely_new_view, mask_entry, render_mask, render_pixels, upright_size, view_entry
+from finetune.class_images import class_image_caption, generate_class_images, generation_key, is_generated_name, plan_class_images
+from finetune.config import Concept, DataConfig, LossMaskConfig, Recipe
+from finetune.data import collate_images, item_rng, likely_new_view, mask_entry, render_mask, render_pixels, upright_size, view_entry
 from finetune.methods.base import DiffusionMethod
 from finetune.methods.full import FullMethod
 from finetune.methods.lora import LoRAMethod
 from finetune.sampling import build_pipeline
+from finetune.sources import Example
 from finetune.views import plan_view
 from pathlib import Path
 from PIL import Image
