@@ -4,13 +4,23 @@ value types several sections share."""
 from __future__ import annotations
 
 import os
-from typing import Annotated
+from typing import Annotated, ClassVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, model_validator
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # What to write instead, when a user gives a plain value for the whole section (data.bucketing=true,
+    # sd-scripts' enable_bucket habit); {value!r} is the value. None: pydantic's own message.
+    plain_value_hint: ClassVar[str | None] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _a_section(cls, value):
+        if cls.plain_value_hint is not None and not isinstance(value, (dict, cls)):
+            raise ValueError(cls.plain_value_hint.format(value=value))
+        return value
 
 
 def _multiple_of_8(value: int) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
@@ -25,12 +25,7 @@ class BucketConfig(Section):
     # resolution^2 pixels if larger), sides rounded down to the step: never enlarged. min/max_side then do not apply.
     no_upscale: bool = False
 
-    @model_validator(mode="before")
-    @classmethod
-    def _a_section(cls, value):
-        if not isinstance(value, (dict, BucketConfig)):  # data.bucketing=true, or sd-scripts' enable_bucket: true
-            raise ValueError(f"data.bucketing is a section, not {value!r}: set data.bucketing.enabled: true")
-        return value
+    plain_value_hint: ClassVar[str] = "data.bucketing is a section, not {value!r}: set data.bucketing.enabled: true"
 
 
 class FolderConfig(Section):
@@ -73,12 +68,8 @@ class LossMaskConfig(Section):
     # The loss weight where the mask is black: 0 ignores the background, 0.1 keeps a little of it.
     unmasked_weight: float = 0.0
 
-    @model_validator(mode="before")
-    @classmethod
-    def _a_section(cls, value):
-        if not isinstance(value, (dict, LossMaskConfig)):  # data.loss_mask=files, or sd-scripts' masked_loss: true
-            raise ValueError(f"data.loss_mask is a section, not {value!r}: set data.loss_mask.source: files or alpha")
-        return value
+    # data.loss_mask=files, or sd-scripts' masked_loss: true
+    plain_value_hint: ClassVar[str] = "data.loss_mask is a section, not {value!r}: set data.loss_mask.source: files or alpha"
 
     @field_validator("unmasked_weight")
     @classmethod
