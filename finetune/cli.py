@@ -178,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--lora", required=True, help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
     merge.add_argument("--strength", type=float, default=1.0, help="LoRA strength, as --lora-scale in sampling (default 1.0)")
     merge.add_argument("--overwrite", action="store_true", help="replace the contents of an existing output folder")
+    merge.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights of the merged pipeline (default fp32; fp16 halves it)")
 
     conditions = commands.add_parser(
         "make-conditions",
@@ -347,7 +348,7 @@ def _export(args) -> int:
 def _merge(args) -> int:
     from finetune.merge import merge_lora
 
-    print(f"wrote {merge_lora(base_or_recorded(args), args.lora, args.strength, Path(args.output_dir), base_config=args.base_config, overwrite=args.overwrite)}")
+    print(f"wrote {merge_lora(base_or_recorded(args), args.lora, args.strength, Path(args.output_dir), args.base_config, args.overwrite, args.precision)}")
     return 0
 
 

@@ -14,7 +14,7 @@ import torch
 
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
-from finetune.kohya import CLIP_ROOT, LoRA, load_lora
+from finetune.kohya import CLIP_ROOT, PRECISIONS, LoRA, load_lora
 from finetune.model_card import diffusers_loading_code
 from finetune.models import load_base_model, zero_terminal_snr_schedule
 from finetune.pipeline_io import check_replaceable, save_pipeline
@@ -50,10 +50,12 @@ def find_module(model: torch.nn.Module, path: str, part: str) -> torch.nn.Module
 
 
 def merge_lora(
-    base: str, lora_path: str, strength: float, output_dir: Path, base_config: str | None = None, overwrite: bool = False
+    base: str, lora_path: str, strength: float, output_dir: Path, base_config: str | None = None, overwrite: bool = False,
+    precision: str = "fp32",
 ) -> Path:
     """Load `base` (described by `base_config` when it is a single file), fold in the LoRA at `strength`,
-    save a full pipeline with a short model card. An existing folder is replaced only with `overwrite`."""
+    save a full pipeline in `precision` (fp16 halves it, as most shared checkpoints are) with a short model
+    card. An existing folder is replaced only with `overwrite`."""
     from finetune.inference import resolve_lora_file
 
     lora_file = resolve_lora_file(lora_path)
@@ -68,7 +70,7 @@ def merge_lora(
     # What the demo's adapter table shows for this pipeline, and the clip skip sample and the demo use with it.
     recorded = {"finetune.method": f"lora merged at {strength:g}", "finetune.base_model": base, "finetune.steps": lora.metadata.get("finetune.steps", "?"),
                 **{key: lora.metadata[key] for key in ("finetune.clip_skip", "finetune.zero_terminal_snr", "finetune.max_token_length") if key in lora.metadata}}  # fmt: skip
-    output_dir = save_pipeline(model, Path(output_dir), metadata=recorded)
+    output_dir = save_pipeline(model, Path(output_dir), dtype=PRECISIONS[precision], metadata=recorded)
     _write_card(output_dir, base, lora_file, lora, strength)
     return output_dir
 

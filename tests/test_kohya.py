@@ -338,3 +338,16 @@ def test_locon_files_name_the_linear_layers_rank_and_the_convolutions_apart(tmp_
     assert "| 3x3 conv layers (LoCon) | rank 2 / alpha 2 (scaled by 1) |" in card
     plain = LoRA({"unet.a.to_q": linear}, {})
     assert plain.conv_rank_alpha() is None and "ss_network_args" not in to_kohya(plain)[1] and "LoCon" not in write_model_card(plain, tmp_path / "x.safetensors", "kohya")[0].read_text()
+
+
+def test_merge_writes_fp16_when_asked_and_it_loads(trained, tiny_model, tmp_path):
+    from safetensors import safe_open
+
+    assert main(["merge", "--base", str(tiny_model), "--lora", str(trained.path), "--precision", "fp16", str(tmp_path / "half")]) == 0
+    with safe_open(str(next((tmp_path / "half" / "unet").glob("*.safetensors"))), "pt") as f:
+        assert {f.get_tensor(key).dtype for key in f.keys()} == {torch.float16}
+    half = StableDiffusionPipeline.from_pretrained(tmp_path / "half", torch_dtype=torch.float32)
+    assert main(["merge", "--base", str(tiny_model), "--lora", str(trained.path), str(tmp_path / "full")]) == 0
+    full = StableDiffusionPipeline.from_pretrained(tmp_path / "full")
+    for name, tensor in full.unet.state_dict().items():  # the same merge, rounded to fp16
+        assert torch.allclose(half.unet.state_dict()[name], tensor.half().float()), name
