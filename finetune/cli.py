@@ -81,9 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="path of a recipe, e.g. recipes/lora.yaml")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. train.max_steps=500")
     train.add_argument("--resume", metavar="CHECKPOINT", help="'latest' or a checkpoints/checkpoint-N folder to continue from")
-    train.add_argument(
-        "--overwrite", action="store_true", help="start over in an output_dir that holds an earlier run (deletes its checkpoints, samples and logs)"
-    )
+    train.add_argument("--overwrite", action="store_true", help="start over in an output_dir that holds an earlier run (deletes its checkpoints, samples and logs)")
 
     sample = commands.add_parser(
         "sample",
