@@ -12,7 +12,7 @@ from finetune.kohya import LORAPLUS_KEYS
 from finetune.sources import Example, source_folder
 
 
-def dataset_metadata(items: list[Example]) -> dict[str, str]:
+def dataset_metadata(items: list[Example], with_tags: bool = True) -> dict[str, str]:
     """What an output records of the images it trained on (each listed once per use in an epoch), in sd-scripts'
     forms: per folder its images and repeats, and its captions' tag counts. The webui's LoRA metadata editor
     and LoRA managers offer those tags as a LoRA's trigger words; a DreamBooth pipeline's card shows its prompts."""
@@ -26,11 +26,13 @@ def dataset_metadata(items: list[Example]) -> dict[str, str]:
         folder["img_count"] += 1
         # Each tag counts once per image, as sd-scripts counts them; a caption without commas is one tag.
         folder["tags"].update(list(dict.fromkeys(tag.strip() for tag in (item.caption or "").split(",") if tag.strip())))
-    return {
+    recorded = {
         "finetune.num_train_images": str(len(items)),
         "finetune.dataset_dirs": json.dumps({name: {"n_repeats": f["n_repeats"], "img_count": f["img_count"]} for name, f in folders.items()}),
-        "finetune.tag_frequency": json.dumps({name: dict(f["tags"].most_common()) for name, f in folders.items()}, ensure_ascii=False),
     }
+    if with_tags:  # checkpoint.record_caption_tags
+        recorded["finetune.tag_frequency"] = json.dumps({name: dict(f["tags"].most_common()) for name, f in folders.items()}, ensure_ascii=False)
+    return recorded
 
 
 def output_metadata(

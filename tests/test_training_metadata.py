@@ -49,3 +49,9 @@ def test_the_cards_tag_row_survives_other_trainers_metadata():
 
     assert frequent_tags(None) is None and frequent_tags("{oops") is None and frequent_tags('{"dir": 3}') is None and frequent_tags("{}") is None
     assert frequent_tags('{"a": {"x|y": 2, "z": 1}, "b": {"z": 2}}') == "z (3), x\\|y (2)"  # over all folders; | kept out of the table
+
+
+def test_caption_tags_can_be_left_out_of_the_files(make_recipe, tmp_path):
+    result = train(make_recipe(output_dir=str(tmp_path / "private"), train__max_steps=1, checkpoint__record_caption_tags=False))
+    metadata = metadata_of(result.output_dir / LORA_WEIGHTS_NAME)
+    assert "finetune.tag_frequency" not in metadata and metadata["finetune.num_train_images"] == "4"

@@ -178,6 +178,9 @@ class CheckpointConfig(Section):
     # Each checkpoint also holds what the run saves at its end, as of that step (the LoRA file, the ControlNet
     # or the pipeline folder), to compare steps in `finetune sample` or the demo; false saves the disk.
     save_outputs: bool = True
+    # Saved outputs record each folder's caption tags with their counts (sd-scripts' ss_tag_frequency, which
+    # LoRA tools offer as trigger words); false leaves the captions out of files you may share.
+    record_caption_tags: bool = True
 
 
 class LoggingConfig(Section):
