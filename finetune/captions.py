@@ -23,17 +23,25 @@ CAPTION_PLACEHOLDER = "{caption}"
 TAG_STREAM = 1
 
 
-def metadata_key(file_name: str) -> str:
-    """A metadata row's file_name as images are matched to it: its path relative to the folder, with `/`
-    (`./a.png` and `a.png` are one; `sub/a.png` names an image in a subfolder, which is not `a.png`)."""
-    return PurePosixPath(str(file_name).strip().replace("\\", "/")).as_posix().removeprefix("./")
+def metadata_key(file_name: str, folder: Path) -> str:
+    """A metadata row's file_name as `folder`'s images are matched to it: its path relative to the folder,
+    with `/` (`./a.png` and `a.png` are one; `sub/a.png` names an image in a subfolder, not `a.png`). A
+    path through the folder itself (`photos/a.png` in photos/, or an absolute one) names its image."""
+    key = PurePosixPath(str(file_name).strip().replace("\\", "/"))
+    if key.is_absolute() and Path(key).parent.resolve() == folder.resolve():
+        return key.name
+    if len(key.parts) > 1 and key.parts[-2] == folder.resolve().name and not (folder / key.parent).is_dir():
+        return key.name
+    return key.as_posix().removeprefix("./")
 
 
-def _add_row(captions: dict[str, str], rows: dict[str, int], path: Path, row_number: int, file_name: str, caption: str | None) -> None:
-    key = metadata_key(file_name)
+def _add_row(captions: dict[str, str], rows: dict[str, str], path: Path, where: str, file_name, caption: str | None) -> None:
+    if not isinstance(file_name, str):
+        raise FinetuneError(f"{path} {where}: 'file_name' is {type(file_name).__name__}, not a file name")
+    key = metadata_key(file_name, path.parent)
     if key in rows:
-        raise FinetuneError(f"{path} row {row_number} names {key} again (first in row {rows[key]}): keep one row per image")
-    rows[key] = row_number
+        raise FinetuneError(f"{path} {where} names {key} again (first in {rows[key]}): keep one row per image")
+    rows[key] = where
     if caption is not None:
         captions[key] = caption
 
@@ -54,7 +62,7 @@ def read_metadata_captions(path: Path, require_text: bool = True) -> dict[str, s
             raise FinetuneError(f"{path} line {line_number}: expected a JSON object with 'file_name' and 'text'") from None
         if text is not None and not isinstance(text, str):  # null: no caption (reported as missing)
             raise FinetuneError(f"{path} line {line_number}: 'text' is {type(text).__name__}, not a string: write the caption as one string")
-        _add_row(captions, rows, path, line_number, file_name, text)
+        _add_row(captions, rows, path, f"line {line_number}", file_name, text)
     return captions
 
 
@@ -70,7 +78,7 @@ def read_csv_captions(path: Path) -> dict[str, str]:
         captions, rows = {}, {}
         for row_number, row in enumerate(reader, start=2):  # the header is row 1
             if row["file_name"]:
-                _add_row(captions, rows, path, row_number, row["file_name"], (row["text"] or "").strip())
+                _add_row(captions, rows, path, f"row {row_number}", row["file_name"], (row["text"] or "").strip())
     return captions
 
 

@@ -253,7 +253,8 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
             report.findings.append(Finding(WARNING, str(folder), message))
         if subfolders:
             names = ", ".join(path.name for path in subfolders[:5]) + (f" and {len(subfolders) - 5} more" if len(subfolders) > 5 else "")
-            message = f"data folder {folder} has subfolders with images ({names}), which are not read: list each in data.folders (with its repeats) to train it"
+            remedy = "add each as a concept of its own" if config._image_dir_key.startswith("dreambooth") else "list each in data.folders (with its repeats)"
+            message = f"data folder {folder} has subfolders with images ({names}), which are not read: {remedy} to train it"
             report.findings.append(Finding(WARNING, str(folder), message))
     for metadata, names in metadata_rows_without_images(config):
         listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")

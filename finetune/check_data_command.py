@@ -37,6 +37,7 @@ def configs_from_args(args, recipe: Recipe | None) -> list[DataConfig]:
             raise FinetuneError(f"check-data: {message}") from None
         revised[-1]._image_dir_key = "--image-dir" if args.image_dir is not None else config._image_dir_key
         revised[-1]._caption_alternative = config._caption_alternative
+        revised[-1]._repeats = config._repeats
     return revised
 
 

@@ -195,7 +195,8 @@ def changed_settings(saved: dict | None, current: dict) -> list[str]:
     """'key old -> new' for each setting (flattened recipe) that differs from the checkpoint's recipe."""
     if saved is None:  # a checkpoint from before the recipe was stored
         return []
-    keys = sorted(set(saved) | set(current))
+    # A key the checkpoint lacks is a setting added since it was made, not a change (this run has its default or a choice).
+    keys = sorted(saved)
     return [f"{key} {saved.get(key)} -> {current.get(key)}" for key in keys
             if saved.get(key) != current.get(key) and (not key.startswith(RESUMABLE_CHANGES) or key in TRAINING_DATA_CHANGES)]  # fmt: skip
 

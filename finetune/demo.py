@@ -74,7 +74,6 @@ def read_upload(path: str | None):
     from PIL import Image
 
     from finetune.data import open_rgb
-
     from finetune.sources import Example
 
     return open_rgb(Example(path, "", lambda: Image.open(path)))

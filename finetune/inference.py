@@ -122,12 +122,15 @@ def recorded_base(lora: str | None, controlnet: str | None) -> str:
     if not recorded:
         adapter = f" ({lora or controlnet} records none)" if lora or controlnet else ""
         raise FinetuneError(f"pass --base MODEL: the base model to use{adapter}")
-    if Path(recorded).exists() or looks_like_hub_id(recorded) or Path(recorded).is_absolute():
+    if Path(recorded).exists() or Path(recorded).is_absolute():
         return recorded
-    # A relative path, from the folder training ran in: outputs usually sit below it.
+    # A relative path, from the folder training ran in (outputs usually sit below it); `models/sd15` reads
+    # like a hub id too, so the folders come first.
     for folder in Path(lora or controlnet).resolve().parents:
         if (folder / recorded).exists():
             return str(folder / recorded)
+    if looks_like_hub_id(recorded):
+        return recorded
     raise FinetuneError(f"pass --base MODEL: {lora or controlnet} records the base {recorded}, which is not there from here")
 
 
@@ -172,9 +175,11 @@ def load_condition(path: str | Path, resolution: int) -> Image.Image:
     if not Path(path).is_file():
         raise FinetuneError(f"conditioning image {path} not found: check --condition")
     try:
-        image = open_rgb(Example(str(path), "", lambda: Image.open(path)))
-    except FinetuneError as err:  # "image X cannot be read (...): fix or remove it" is for training data
-        raise FinetuneError(f"{str(err).rsplit(': fix or remove it', 1)[0]}: check --condition (a PNG or JPEG)") from None
+        with Image.open(path) as opened:
+            opened.load()
+    except Exception as err:  # PIL raises many types for what is not an image
+        raise FinetuneError(f"conditioning image {path} cannot be read ({err.__class__.__name__}: {err}): check --condition (a PNG or JPEG)") from None
+    image = open_rgb(Example(str(path), "", lambda: Image.open(path)))
     return cover_and_crop(image, (resolution, resolution), "center", np.random.default_rng(0))[0]
 
 

@@ -65,6 +65,7 @@ KOHYA_KEYS = (
     ("finetune.dataset_dirs", "ss_dataset_dirs"),
     ("finetune.tag_frequency", "ss_tag_frequency"),
 )
+DATASET_KEYS = ("finetune.num_train_images", "finetune.dataset_dirs", "finetune.tag_frequency")
 DIFFUSERS_ONLY_METADATA = ("lora_adapter_metadata",)
 
 
@@ -240,6 +241,9 @@ def finetune_metadata_from_kohya(metadata: dict[str, str]) -> dict[str, str]:
         kept["finetune.steps"] = metadata["ss_max_train_steps"]
     if "finetune.prediction_type" not in kept and metadata.get("ss_v_parameterization") in ("True", "False"):
         kept["finetune.prediction_type"] = "v_prediction" if metadata["ss_v_parameterization"] == "True" else "epsilon"
+    square = re.fullmatch(r"\((\d+), ?(\d+)\)", metadata.get("ss_resolution") or "")
+    if "finetune.resolution" not in kept and square and square.group(1) == square.group(2):  # sd-scripts' "(512, 512)"
+        kept["finetune.resolution"] = square.group(1)
     if "finetune.zero_terminal_snr" not in kept and metadata.get("ss_zero_terminal_snr") == "True":
         kept["finetune.zero_terminal_snr"] = "true"
     with contextlib.suppress(ValueError, TypeError, AttributeError):  # other trainers' network_args may be anything
@@ -271,6 +275,8 @@ def to_kohya(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     for ours, theirs in KOHYA_KEYS:
         if ours in lora.metadata:
             metadata[theirs] = lora.metadata[ours]
+    for ours in DATASET_KEYS:  # large JSON: written once, under sd-scripts' name (an import reads it back as ours)
+        metadata.pop(ours, None)
     if lora.metadata.get("finetune.resolution", "").isdigit():  # sd-scripts writes the training size as a (width, height) tuple
         metadata["ss_resolution"] = f"({lora.metadata['finetune.resolution']}, {lora.metadata['finetune.resolution']})"
     if "finetune.prediction_type" in lora.metadata:  # sd-scripts' flags, "True"/"False"

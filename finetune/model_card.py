@@ -68,9 +68,9 @@ def frequent_tags(tag_frequency: str | None, count: int = 10) -> str | None:
         totals = collections.Counter()
         for tags in folders.values():
             totals.update({str(tag): int(images) for tag, images in tags.items()})
-    except (ValueError, TypeError, AttributeError):  # another trainer's file may hold anything there
+    except (ValueError, TypeError, AttributeError, OverflowError):  # another trainer's file may hold anything there
         return None
-    shown = ", ".join(f"{tag} ({images})" for tag, images in totals.most_common(count)).replace("|", "\\|")  # a table cell
+    shown = ", ".join(f"{' '.join(tag.split())} ({images})" for tag, images in totals.most_common(count)).replace("|", "\\|")  # a table cell
     return shown or None
 
 

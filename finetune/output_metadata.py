@@ -12,26 +12,36 @@ from finetune.kohya import LORAPLUS_KEYS
 from finetune.sources import Example, source_folder
 
 
+# Tags recorded per folder, the most frequent first: enough for every trigger word, and the file's header
+# stays small (a folder of 100,000 distinct sentence captions would otherwise write megabytes to each save).
+MAX_TAGS_PER_FOLDER = 1000
+
+
 def dataset_metadata(items: list[Example], with_tags: bool = True) -> dict[str, str]:
     """What an output records of the images it trained on (each listed once per use in an epoch), in sd-scripts'
     forms: per folder its images and repeats, and its captions' tag counts. The webui's LoRA metadata editor
     and LoRA managers offer those tags as a LoRA's trigger words; a DreamBooth pipeline's card shows its prompts."""
-    folders: dict[str, dict] = {}
+    folders: dict[Path, dict] = {}
     seen = set()
     for item in items:
-        folder = folders.setdefault(source_folder(item), {"n_repeats": item.repeats, "img_count": 0, "tags": collections.Counter()})
-        if (item.source, item.folder_index) in seen:  # its repeats
+        where = source_folder(item)
+        folder = folders.setdefault(where, {"n_repeats": item.repeats, "img_count": 0, "tags": collections.Counter()})
+        if (item.source, where, item.folder_index) in seen:  # its repeats
             continue
-        seen.add((item.source, item.folder_index))
+        seen.add((item.source, where, item.folder_index))
         folder["img_count"] += 1
         # Each tag counts once per image, as sd-scripts counts them; a caption without commas is one tag.
         folder["tags"].update(list(dict.fromkeys(tag.strip() for tag in (item.caption or "").split(",") if tag.strip())))
+    # Named as sd-scripts names them, by the folder's name; two folders of one name by their parent's too.
+    names = collections.Counter(path.name for path in folders)
+    named = {(path.name if names[path.name] == 1 else f"{path.parent.name}/{path.name}"): folder for path, folder in folders.items()}
     recorded = {
         "finetune.num_train_images": str(len(items)),
-        "finetune.dataset_dirs": json.dumps({name: {"n_repeats": f["n_repeats"], "img_count": f["img_count"]} for name, f in folders.items()}),
+        "finetune.dataset_dirs": json.dumps({name: {"n_repeats": f["n_repeats"], "img_count": f["img_count"]} for name, f in named.items()}),
     }
     if with_tags:  # checkpoint.record_caption_tags
-        recorded["finetune.tag_frequency"] = json.dumps({name: dict(f["tags"].most_common()) for name, f in folders.items()}, ensure_ascii=False)
+        tags = {name: dict(f["tags"].most_common(MAX_TAGS_PER_FOLDER)) for name, f in named.items()}
+        recorded["finetune.tag_frequency"] = json.dumps(tags, ensure_ascii=False)
     return recorded
 
 

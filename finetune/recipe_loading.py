@@ -37,9 +37,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     try:
         return recipe_from_dict(raw, source=str(path))
     except FinetuneError as err:  # a key set on the command line is the override's fault, not the file's
-        for override in overrides:
+        named = re.search(r"key '([^']+)'", str(err))
+        for override in reversed(overrides):  # the last override of a key is the one that counts
             key = re.sub(r"\s+", "", override.split("=", 1)[0])
-            if f"key '{key}'" in str(err):
+            if named and (named.group(1) == key or named.group(1).startswith(key + ".")):  # data.folders=[...] and its data.folders.0.repeats
                 raise FinetuneError(f"override '{override}'{str(err).removeprefix(str(path))}") from None
         raise
 

@@ -19,11 +19,10 @@ from finetune.captions import apply_template, folder_captions, missing_caption_m
 from finetune.config import DataConfig, FolderConfig
 from finetune.errors import FinetuneError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp")
 # Images that are in a folder but not read: animations, print and phone formats (convert them to PNG or JPEG).
-UNREAD_IMAGE_SUFFIXES = (".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".jfif", ".psd")
+UNREAD_IMAGE_SUFFIXES = (".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".psd")
 DATASET_ROW = "dataset {name} row {row}"  # the source of a dataset's example (a folder's is its file's path)
-
 
 
 @dataclass(frozen=True)
@@ -42,10 +41,10 @@ class Example:
     mask_digest: str | None = None  # a hash of the mask's pixels, from the check: names its cached views
 
 
-def source_folder(example: Example) -> str:
-    """The name of the folder an example's image is in, or of its dataset: how sd-scripts groups a LoRA's tags."""
+def source_folder(example: Example) -> Path:
+    """The folder an example's image is in, or its dataset's path or name: how sd-scripts groups a LoRA's tags."""
     row = re.fullmatch(DATASET_ROW.format(name="(.+)", row=r"\d+"), example.source)
-    return Path(row.group(1)).name if row else Path(example.source).parent.name
+    return Path(row.group(1)) if row else Path(example.source).resolve().parent
 
 
 def read_examples(config: DataConfig) -> list[Example]:
@@ -110,8 +109,11 @@ def unread_images(folder: Path, config: DataConfig) -> tuple[list[Path], list[Pa
     data.folders); its masks and conditioning folders are no such subfolder."""
     visible = [p for p in folder.iterdir() if not p.name.startswith(".")]
     files = sorted(p for p in visible if p.is_file() and p.suffix.lower() in UNREAD_IMAGE_SUFFIXES)
+    # Subfolders the metadata points into hold the images' partners (ControlNet's conditioning_images/).
+    metadata = [folder / name for name in ("metadata.jsonl", "metadata.csv") if (folder / name).is_file()]
+    named = metadata[0].read_text(encoding="utf-8-sig", errors="replace") if metadata else ""
     own = (config.loss_mask.folder, "conditioning")
-    subfolders = sorted(p for p in visible if not config.folders and p.is_dir() and p.name not in own and folder_images(p))
+    subfolders = sorted(p for p in visible if not config.folders and p.is_dir() and p.name not in own and f"{p.name}/" not in named and folder_images(p))
     return files, subfolders
 
 

@@ -58,8 +58,12 @@ def test_metadata_rows_match_their_own_file_and_a_row_twice_is_one_line(tmp_path
     nested = [f.message for f in report.of_level(WARNING) if "metadata.jsonl names" in f.message]
     assert nested and nested[0].endswith("images in a subfolder train only as a data.folders entry, with a metadata file of their own")
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "d.png", "text": "d"}) + "\n" + json.dumps({"file_name": "d.png", "text": "e"}) + "\n")
-    with pytest.raises(FinetuneError, match=r"metadata.jsonl row 2 names d.png again \(first in row 1\): keep one row per image$"):
+    with pytest.raises(FinetuneError, match=r"metadata.jsonl line 2 names d.png again \(first in line 1\): keep one row per image$"):
         read_examples(DataConfig(image_dir=str(tmp_path)))
+    # A path through the folder itself still names its image, as it always has: its own name, or absolute.
+    rows = [{"file_name": f"{tmp_path.name}/c.png", "text": "c"}, {"file_name": str(tmp_path / "d.png"), "text": "d"}]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert sorted(e.caption for e in read_examples(DataConfig(image_dir=str(tmp_path)))) == ["c", "d"]
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "d.png", "text": ["d", "e"]}) + "\n")
     with pytest.raises(FinetuneError, match=r"line 1: 'text' is list, not a string: write the caption as one string$"):
         read_examples(DataConfig(image_dir=str(tmp_path)))

@@ -5,6 +5,7 @@ LoRA's trigger words; carried through the kohya export and import, and shown in 
 import json
 
 import numpy as np
+import torch
 from PIL import Image
 from safetensors import safe_open
 
@@ -55,3 +56,35 @@ def test_caption_tags_can_be_left_out_of_the_files(make_recipe, tmp_path):
     result = train(make_recipe(output_dir=str(tmp_path / "private"), train__max_steps=1, checkpoint__record_caption_tags=False))
     metadata = metadata_of(result.output_dir / LORA_WEIGHTS_NAME)
     assert "finetune.tag_frequency" not in metadata and metadata["finetune.num_train_images"] == "4"
+
+
+def test_folders_of_one_name_stay_apart_and_tags_are_capped():
+    from finetune.output_metadata import MAX_TAGS_PER_FOLDER, dataset_metadata
+    from finetune.sources import Example
+
+    def image(path, caption, repeats=1):
+        return Example(path, caption, lambda: None, repeats=repeats)
+
+    items = [image("/data/a/img/1.png", "sks, dog", 2), image("/data/a/img/1.png", "sks, dog", 2), image("/data/b/img/2.png", "cat")]
+    recorded = dataset_metadata(items)
+    assert json.loads(recorded["finetune.dataset_dirs"]) == {"a/img": {"n_repeats": 2, "img_count": 1}, "b/img": {"n_repeats": 1, "img_count": 1}}
+    assert json.loads(recorded["finetune.tag_frequency"]) == {"a/img": {"sks": 1, "dog": 1}, "b/img": {"cat": 1}}
+    many = [image(f"/data/c/{i}.png", f"caption number {i}") for i in range(MAX_TAGS_PER_FOLDER + 50)]
+    assert len(json.loads(dataset_metadata(many)["finetune.tag_frequency"])["c"]) == MAX_TAGS_PER_FOLDER
+    assert "finetune.tag_frequency" not in dataset_metadata(items, with_tags=False)
+
+
+def test_the_kohya_export_writes_the_data_once_and_an_import_reads_it_back(tmp_path):
+    from finetune.kohya import LoRA, LoRALayer, load_lora, save_lora_file
+    from finetune.model_card import frequent_tags
+
+    metadata = {"finetune.tag_frequency": json.dumps({"img": {"sks": 3}}), "finetune.num_train_images": "3", "finetune.resolution": "512"}
+    layers = {"unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q": LoRALayer(torch.zeros(2, 4), torch.zeros(4, 2), 2.0)}
+    path = save_lora_file(LoRA(layers, metadata), tmp_path / "x.safetensors", "kohya")
+    written = metadata_of(path)
+    assert "finetune.tag_frequency" not in written and written["ss_tag_frequency"] == metadata["finetune.tag_frequency"]
+    assert written["ss_resolution"] == "(512, 512)"
+    read = load_lora(path).metadata
+    assert read["finetune.tag_frequency"] == metadata["finetune.tag_frequency"] and read["finetune.num_train_images"] == "3"
+    assert finetune_metadata_from_kohya({"ss_resolution": "(768, 768)"})["finetune.resolution"] == "768"
+    assert frequent_tags('{"a": {"t": Infinity}}') is None and frequent_tags('{"a": {"two\\nlines": 2}}') == "two lines (2)"

@@ -83,7 +83,7 @@ def test_a_condition_that_is_no_image_names_the_option(tmp_path):
     from finetune.inference import load_condition
 
     (tmp_path / "edges.png").write_text("not an image")
-    with pytest.raises(FinetuneError, match=r"^image .*edges.png cannot be read \(.*\): check --condition \(a PNG or JPEG\)$"):
+    with pytest.raises(FinetuneError, match=r"^conditioning image .*edges.png cannot be read \(.*\): check --condition \(a PNG or JPEG\)$"):
         load_condition(tmp_path / "edges.png", 64)
 
 
@@ -98,3 +98,47 @@ def test_a_pipeline_or_controlnet_folder_given_as_the_lora_says_which_option_tak
     (tmp_path / "controlnet" / "config.json").write_text("{}")
     with pytest.raises(FinetuneError, match=r"controlnet is a model folder \(a ControlNet\?\), not a LoRA: pass a ControlNet as --controlnet"):
         resolve_lora_file(str(tmp_path / "controlnet"))
+
+
+def test_review_cases_old_checkpoints_overrides_repeats_in_check_data_and_diffusers_conditioning_folders(make_recipe, pairs_folder, tmp_path, capsys):
+    from finetune.checkpoint import changed_settings
+    from finetune.recipe_loading import load_recipe
+
+    # A setting added since a checkpoint was made is no change at its resume.
+    assert changed_settings({"lora.rank": 4}, {"lora.rank": 4, "data.tag_dropout": 0.0}) == []
+    assert changed_settings({"lora.rank": 4}, {"lora.rank": 8}) == ["lora.rank 4 -> 8"]
+    # The last override of a key is the one named; a nested key's error names the override that set it.
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: {image_dir: x}\n")
+    with pytest.raises(FinetuneError, match=r"^override 'data.resolution=abc': key 'data.resolution'"):
+        load_recipe(recipe, ["data.resolution=500", "data.resolution=abc"])
+    with pytest.raises(FinetuneError, match=r"^override 'data.folders=\[\{path: x, repeats: a\}\]': key 'data.folders.0.repeats'"):
+        load_recipe(recipe, ["data.folders=[{path: x, repeats: a}]"])
+    # check-data's --resolution keeps a concept's repeats.
+    few = write_images(tmp_path / "few", 2)
+    concept = {"instance_dir": str(few), "instance_prompt": "sks dog", "repeats": 3}
+    recipe.write_text(json.dumps({"method": "dreambooth", "data": {"resolution": 64}, "dreambooth": {"concepts": [concept], "prior_preservation": False}}))
+    assert main(["check-data", str(recipe), "--resolution", "64"]) == 0 and "6 uses per epoch" in capsys.readouterr().out
+    # diffusers' ControlNet layout keeps its conditioning images in a subfolder the metadata names: no warning.
+    folder = tmp_path / "pairs"
+    shutil.copytree(pairs_folder, folder)
+    (folder / "conditioning").rename(folder / "conditioning_images")
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["conditioning_image"] = row.pop("conditioning_file_name").replace("conditioning/", "conditioning_images/")
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    recipe.write_text(json.dumps({"method": "controlnet", "data": {"image_dir": str(folder), "resolution": 64}}))
+    assert main(["check-data", str(recipe)]) == 0
+    assert "subfolders with images" not in capsys.readouterr().out
+
+
+def test_a_controlnet_trained_with_its_own_unet_decoder_is_not_continued_without_it(make_recipe, pairs_folder, tmp_path):
+    from finetune.methods.controlnet import ControlNetMethod
+
+    run = tmp_path / "unlocked-run"
+    for part in ("controlnet", "unet"):
+        (run / part).mkdir(parents=True)
+        (run / part / "config.json").write_text("{}")
+    method = ControlNetMethod(make_recipe(method="controlnet", data__image_dir=str(pairs_folder), controlnet__pretrained=str(run)))
+    with pytest.raises(FinetuneError, match=r"was trained with controlnet.unlock_unet_decoder and works only with its own UNet .*: set controlnet.pretrained: null$"):
+        method.check_data()

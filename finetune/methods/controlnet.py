@@ -76,7 +76,11 @@ class ControlNetMethod(DiffusionMethod):
         if pretrained is not None:
             path = Path(pretrained).expanduser()
             if (path / CONTROLNET_DIR / "config.json").is_file():  # a controlnet run's output folder, as `finetune sample` takes it
-                self.pretrained = str(path / CONTROLNET_DIR)
+                path = path / CONTROLNET_DIR
+                self.pretrained = str(path)
+            if (path / "config.json").is_file() and (path.parent / UNET_DIR / "config.json").is_file():
+                raise FinetuneError(f"controlnet.pretrained {pretrained} was trained with controlnet.unlock_unet_decoder and works only with its "
+                                    f"own UNet ({path.parent / UNET_DIR}), which a run does not start from: set controlnet.pretrained: null")  # fmt: skip
             elif not (looks_like_hub_id(pretrained) and not path.exists()) and not (path / "config.json").is_file():
                 raise FinetuneError(
                     f"ControlNet {pretrained} not found: controlnet.pretrained must be a diffusers ControlNet folder "
