@@ -20,8 +20,6 @@ import hashlib
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
-import numpy as np
-
 from finetune.buckets import Size, assign_buckets, bucket_counts_line
 from finetune.captions import missing_caption_message
 from finetune.config import DataConfig, LossMaskConfig, Recipe
@@ -29,7 +27,7 @@ from finetune.data import decode, has_alpha, is_16_bit, upright_rgb
 from finetune.errors import FinetuneError
 from finetune.loss_mask import alpha_mask, mask_area, mask_digest, mask_path, read_mask_file
 from finetune.sources import Example, data_folders, expand_repeats, metadata_rows_without_images, read_examples, unread_images
-from finetune.views import cut, plan_cover_crop
+from finetune.views import cut, holds_8_bit_values, plan_cover_crop
 
 FATAL, WARNING, CONVERTED = "fatal", "warning", "converted"
 SKIP_HINT = "or set data.skip_bad_images: true to skip bad images"
@@ -125,8 +123,7 @@ def conversions(image, alpha_is_mask: bool = False) -> list[str]:
     if image.mode == "CMYK":
         done.append("CMYK: converted to RGB")
     elif is_16_bit(image):
-        eight_bit_values = int(np.asarray(image).max(initial=0)) <= 255  # see views.to_8_bit
-        done.append(f"16-bit ({image.mode}): " + ("its values are 8-bit ones (none above 255), read as such" if eight_bit_values else "scaled to 8-bit RGB"))
+        done.append(f"16-bit ({image.mode}): " + ("its values are 8-bit ones (none above 255), read as such" if holds_8_bit_values(image) else "scaled to 8-bit RGB"))
     elif has_alpha(image):
         done.append(f"transparency ({image.mode}): " + ("its loss mask; the pixels composited on white" if alpha_is_mask else "composited on white"))
     elif image.mode == "P":

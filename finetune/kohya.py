@@ -59,13 +59,15 @@ KOHYA_KEYS = (
     ("finetune.clip_skip", "ss_clip_skip"),
     ("finetune.max_token_length", "ss_max_token_length"),
     ("finetune.max_norm", "ss_scale_weight_norms"),
-    # The training data: images per epoch, and per folder its images and repeats and its captions' tag counts
-    # (JSON), which the webui's LoRA metadata editor and LoRA managers offer as trigger words.
+)
+# The training data: images per epoch, and per folder its images and repeats and its captions' tag counts
+# (JSON), which the webui's LoRA metadata editor and LoRA managers offer as trigger words.
+DATASET_KOHYA_KEYS = (
     ("finetune.num_train_images", "ss_num_train_images"),
     ("finetune.dataset_dirs", "ss_dataset_dirs"),
     ("finetune.tag_frequency", "ss_tag_frequency"),
 )
-DATASET_KEYS = ("finetune.num_train_images", "finetune.dataset_dirs", "finetune.tag_frequency")
+KOHYA_KEYS += DATASET_KOHYA_KEYS
 DIFFUSERS_ONLY_METADATA = ("lora_adapter_metadata",)
 
 
@@ -275,7 +277,7 @@ def to_kohya(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     for ours, theirs in KOHYA_KEYS:
         if ours in lora.metadata:
             metadata[theirs] = lora.metadata[ours]
-    for ours in DATASET_KEYS:  # large JSON: written once, under sd-scripts' name (an import reads it back as ours)
+    for ours, _ in DATASET_KOHYA_KEYS:  # large JSON: written once, under sd-scripts' name (an import reads it back as ours)
         metadata.pop(ours, None)
     if lora.metadata.get("finetune.resolution", "").isdigit():  # sd-scripts writes the training size as a (width, height) tuple
         metadata["ss_resolution"] = f"({lora.metadata['finetune.resolution']}, {lora.metadata['finetune.resolution']})"

@@ -73,12 +73,16 @@ def cover_and_crop(image: Image.Image, target: Size, crop: str, rng: np.random.G
     return cut(image, resized, top_left, target), top_left
 
 
+def holds_8_bit_values(image: Image.Image) -> bool:
+    """Whether a 16-bit image has no value above 255, as when numpy or OpenCV writes 8-bit values into a
+    16-bit file (scaled by 257 as 16-bit values, those would train black)."""
+    return int(np.asarray(image).max(initial=0)) <= 255
+
+
 def to_8_bit(image: Image.Image) -> Image.Image:
-    """A 16-bit greyscale image (mode I;16 or I) as 8-bit L: scaled by 257, unless no value is above 255,
-    as when numpy or OpenCV writes 8-bit values into a 16-bit file (scaled, those would train black)."""
+    """A 16-bit greyscale image (mode I;16 or I) as 8-bit L: scaled by 257, unless it holds 8-bit values."""
     values = np.asarray(image, dtype=np.float64)
-    scale = 257.0 if values.max(initial=0) > 255 else 1.0
-    return Image.fromarray((values / scale).clip(0, 255).astype(np.uint8))
+    return Image.fromarray((values / (1.0 if holds_8_bit_values(image) else 257.0)).clip(0, 255).astype(np.uint8))
 
 
 def view_key(digest: str, plan: ViewPlan) -> str:
