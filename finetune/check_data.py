@@ -16,14 +16,13 @@ command that prints it is finetune/check_data_command.py.
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
 from finetune.buckets import Size, assign_buckets, bucket_counts_line
 from finetune.captions import missing_caption_message
 from finetune.config import DataConfig, LossMaskConfig, Recipe
-from finetune.data import decode, has_alpha, is_16_bit, upright_rgb
+from finetune.data import decode, file_stamp, has_alpha, is_16_bit, pixel_digest, upright_rgb
 from finetune.errors import FinetuneError
 from finetune.loss_mask import alpha_mask, mask_area, mask_digest, mask_path, read_mask_file
 from finetune.sources import Example, data_folders, expand_repeats, metadata_rows_without_images, read_examples, unread_images
@@ -147,6 +146,7 @@ def inspect(example: Example, config: DataConfig) -> tuple[Example | None, list[
                    "join them with commas, or keep the one meant")  # fmt: skip
         findings.append(Finding(WARNING, source, message))
     try:
+        stamp = file_stamp(source)  # before decoding: an edit while it decodes shows as a changed file
         raw = decode(example)
         image = upright_rgb(raw)
     except FinetuneError as err:
@@ -159,8 +159,8 @@ def inspect(example: Example, config: DataConfig) -> tuple[Example | None, list[
     if min(width, height) < min_size:
         message = f"image {source} is {width}x{height}, smaller than {min_size} px on its short side: remove it, or lower data.min_image_size"
         findings.append(Finding(FATAL, source, message))
-    digest = hashlib.blake2b(f"{width}x{height}".encode() + image.tobytes(), digest_size=16).hexdigest()
-    example = replace(example, size=(width, height), digest=digest)
+    digest = pixel_digest(image)
+    example = replace(example, size=(width, height), digest=digest, file_stamp=stamp)
     if config.loss_mask.enabled:
         example, mask_findings = inspect_loss_mask(example, raw, config)
         findings += mask_findings

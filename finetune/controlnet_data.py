@@ -208,7 +208,7 @@ class ControlNetDataset(Dataset):
 
     def render(self, view: tuple[int, ViewPlan]) -> torch.Tensor:
         index, plan = view
-        return render_pixels(self.pairs[index].image, plan)
+        return render_pixels(self.pairs[index].image, plan, as_checked=True)
 
 
 def controlnet_collate(items: list[dict]) -> dict:

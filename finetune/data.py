@@ -9,6 +9,8 @@ its aspect-ratio bucket (finetune/buckets.py) instead of a square.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from typing import Any
 
 import numpy as np
@@ -110,8 +112,31 @@ def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
 
 
-def render_pixels(example: Example, plan: ViewPlan) -> torch.Tensor:
-    """The planned view of `example` as CHW pixels in [-1, 1] (a JPEG may decode at a reduced scale)."""
+def pixel_digest(image: Image.Image) -> str:
+    """A hash of an upright RGB image's size and pixels: names its cached latents (see `view_key`)."""
+    return hashlib.blake2b(f"{image.width}x{image.height}".encode() + image.tobytes(), digest_size=16).hexdigest()
+
+
+def file_stamp(source: str) -> tuple[int, int] | None:
+    """(size, mtime_ns) of an image file; None for a dataset row."""
+    try:
+        stat = os.stat(source)
+    except (OSError, ValueError):
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def render_pixels(example: Example, plan: ViewPlan, as_checked: bool = False) -> torch.Tensor:
+    """The planned view of `example` as CHW pixels in [-1, 1] (a JPEG may decode at a reduced scale).
+
+    `as_checked`: the image must still be the one the data check read, as for views cached under its
+    digest. A file whose size or time changed is decoded in full and compared (a copy of the same
+    pixels, or a touched file, trains on).
+    """
+    if as_checked and example.file_stamp is not None and file_stamp(example.source) != example.file_stamp:
+        if pixel_digest(open_rgb(example)) != example.digest:
+            raise FinetuneError(f"image {example.source} changed since this run's data check: restart the run to train with it "
+                                "(train.cache_latents keeps each view's latents under the content checked at the start)")  # fmt: skip
     return to_tensor(render(open_rgb(example, at_least=2 * max(plan.target)), plan))
 
 
@@ -165,7 +190,7 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
 
     def render(self, view: tuple[int, ViewPlan]) -> torch.Tensor:
         index, plan = view
-        return render_pixels(self.examples[index], plan)
+        return render_pixels(self.examples[index], plan, as_checked=True)  # a cached view's (see view_entry)
 
     def render_mask(self, view: tuple[int, ViewPlan]) -> torch.Tensor:
         index, plan = view
@@ -192,7 +217,7 @@ def view_entry(example: Example, plan: ViewPlan, view: Any, cache: EncodingCache
     key = view_key(example.digest, plan)
     entry = {f"{prefix}latent_key": key, f"{prefix}view": (view, plan)}
     if likely_new and not cache.stored(key):
-        entry[f"{prefix}pixel_values"] = render_pixels(example, plan)
+        entry[f"{prefix}pixel_values"] = render_pixels(example, plan, as_checked=True)
     return entry
 
 

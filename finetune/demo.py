@@ -244,7 +244,7 @@ def launch_app(app, host: str = "127.0.0.1", port: int | None = None, max_upload
 
 
 def add_demo_parser(commands) -> None:
-    from finetune.cli import add_base_options
+    from finetune.cli_arguments import add_base_options
 
     demo = commands.add_parser(
         "demo",

@@ -27,7 +27,7 @@ control_iou, placement_iou: higher is better, compare with their chance levels a
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``eval`` on the ``finetune`` subcommand parsers (``parser.add_subparsers()``)."""
-    from finetune.cli import RECORDED_BASE_HELP, add_base_options, positive_int
+    from finetune.cli_arguments import RECORDED_BASE_HELP, add_base_options, positive_int
 
     p = subparsers.add_parser(
         "eval",

@@ -231,3 +231,34 @@ def test_a_mask_edited_after_the_check_stops_a_cached_run_instead_of_being_cache
         dataset.render_mask((0, dataset[(1, 0)]["view"][1]))  # as the training process cuts a view not cached yet (same plan)
     uncached = CaptionedImageDataset(examples, config, seed=0)  # read every step: the edit simply takes effect
     assert float(uncached[(0, 0)]["loss_mask"][0, :, 32:].mean()) == 1.0
+
+
+def test_an_image_edited_after_the_check_stops_a_cached_run_and_a_touched_one_trains_on(tmp_path):
+    """As for masks: a view cut from an edited image would be cached under the name of the checked pixels.
+    A file that was only touched or copied over with the same pixels (its time or size changed) trains on."""
+    from finetune.config import DataConfig
+    from finetune.data import CaptionedImageDataset, load_examples
+    from finetune.errors import FinetuneError
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (200 * i, 40, 90)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("a square")
+    config = DataConfig(image_dir=str(folder), resolution=64)
+    examples = load_examples(config)
+    assert examples[0].file_stamp == (os.stat(folder / "0.png").st_size, os.stat(folder / "0.png").st_mtime_ns)
+    dataset = CaptionedImageDataset(examples, config, seed=0, latent_cache=EncodingCache())
+    checked = dataset[(0, 0)]["pixel_values"]
+
+    os.utime(folder / "0.png", ns=(0, 12345))  # touched: decoded in full, the same pixels
+    Image.open(folder / "0.png").save(folder / "0.png", compress_level=0)  # re-saved: another size, the same pixels
+    assert torch.equal(dataset[(0, 0)]["pixel_values"], checked)
+
+    Image.new("RGB", (64, 64), (0, 255, 0)).save(folder / "0.png")
+    with pytest.raises(FinetuneError, match=rf"^image {folder / '0.png'} changed since this run's data check: restart the run"):
+        dataset[(0, 0)]
+    with pytest.raises(FinetuneError, match="changed since this run's data check"):
+        dataset.render((0, dataset[(1, 0)]["view"][1]))  # as the training process cuts a view the loader left out (same plan)
+    uncached = CaptionedImageDataset(examples, config, seed=0)  # decoded every step: the edit simply takes effect
+    assert float(uncached[(0, 0)]["pixel_values"][1].mean()) == 1.0

@@ -1,0 +1,219 @@
+"""The `finetune` command's arguments: one subparser per command (the handlers are in finetune/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+EXAMPLES = """examples:
+  finetune train recipes/quickstart.yaml
+  finetune train recipes/lora.yaml optimizer.lr=5e-5 train.max_steps=2000
+  accelerate launch --config_file accelerate_config.yaml -m finetune train recipes/lora.yaml
+  finetune train recipes/lora.yaml --resume latest
+  finetune check-data recipes/lora.yaml data.image_dir=my_photos data.bucketing.enabled=true
+  finetune sample --base finetune/assets/toyworld-base --lora outputs/quickstart --prompt "a large orange star on a gray background"
+  finetune export outputs/quickstart outputs/webui --to kohya
+  finetune merge --base finetune/assets/toyworld-base --lora outputs/quickstart --strength 0.8 outputs/merged
+  finetune make-tiny-model outputs/tiny-sd
+  finetune make-conditions my_photos my_controlnet_data --kind canny
+  finetune eval --base finetune/assets/toyworld-base --lora outputs/quickstart --suite style
+  finetune bench --preset medium --steps 10 --out outputs/bench.json
+  finetune demo --adapters outputs
+"""
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (0 images or steps crashed deep in sampling)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_base_options(parser: argparse.ArgumentParser, required: bool = True, default: str = "") -> None:
+    """--base and --base-config, as sample, merge, eval and demo take them (training: model.pretrained and
+    model.single_file_config)."""
+    parser.add_argument("--base", required=required, help="base model: hub id, diffusers folder or .safetensors file" + default)
+    parser.add_argument(
+        "--base-config",
+        help="for a .safetensors/.ckpt base: a diffusers folder or hub id with the configs that describe it (needed offline)",
+    )
+
+
+RECORDED_BASE_HELP = " (default: the base the --lora or --controlnet run recorded)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="finetune",
+        description="Fine-tune Stable Diffusion on your own images: LoRA, DreamBooth, ControlNet.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = commands.add_parser(
+        "train",
+        help="train with a YAML recipe",
+        description="Train with a YAML recipe. Any recipe key can be overridden as dotted.key=value.",
+        epilog="example: finetune train recipes/lora.yaml optimizer.lr=1e-4 data.image_dir=my_photos",
+    )
+    train.add_argument("recipe", help="path of a recipe, e.g. recipes/lora.yaml")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. train.max_steps=500")
+    train.add_argument("--resume", metavar="CHECKPOINT", help="'latest' or a checkpoints/checkpoint-N folder to continue from")
+    train.add_argument("--overwrite", action="store_true", help="start over in an output_dir that holds an earlier run (deletes its checkpoints, samples and logs)")
+
+    sample = commands.add_parser(
+        "sample",
+        help="generate images from a base model plus a trained adapter",
+        description="Generate images from a base model, optionally with a trained LoRA and/or ControlNet, and save them "
+        "with a grid (with a ControlNet each row starts with the conditioning image).",
+        epilog="example: finetune sample --base finetune/assets/toyworld-base --controlnet outputs/controlnet "
+        '--condition mask.png --prompt "a small red circle on a blue background, top left"',
+    )
+    add_base_options(sample, required=False, default=RECORDED_BASE_HELP)
+    sample.add_argument("--lora", help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
+    sample.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
+    sample.add_argument("--controlnet", help="ControlNet folder (config.json + weights), or a controlnet training output folder")
+    sample.add_argument("--condition", action="append", help="conditioning image for --controlnet (edges, mask, ...), used for every prompt")
+    sample.add_argument("--conditioning-scale", type=float, default=None, help="ControlNet strength (default 1.0; 0 = the base model alone)")
+    sample.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several); may end in --n NEGATIVE --d SEED --l GUIDANCE --s STEPS, quoted with it")
+    sample.add_argument("--negative-prompt", default=None)
+    sample.add_argument("--num-images", type=positive_int, default=4, help="images per prompt (seeds seed..seed+N-1, from a prompt's own --d if it has one)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--steps", type=positive_int, default=25, help="DDIM steps")
+    sample.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    sample.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")
+    sample.add_argument("--out", default="outputs/samples", help="output folder (default outputs/samples)")
+
+    tiny = commands.add_parser(
+        "make-tiny-model",
+        help="write a small random Stable Diffusion pipeline (for tests and benchmarks)",
+        description="Write a complete diffusers Stable Diffusion pipeline with tiny random weights, offline, in seconds.",
+    )
+    tiny.add_argument("output_dir")
+    tiny.add_argument("--preset", choices=["tiny", "world", "medium"], default="tiny",
+                      help="tiny (~1M UNet params), world (the toy-world base architecture) or medium (SD1.5 block pattern, ~19M)")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon")
+
+    data = commands.add_parser(
+        "make-sample-data",
+        help="regenerate the sample datasets under datasets/",
+        description="Write the sample datasets (striped/ and star/, from the toy world) into a folder.",
+    )
+    data.add_argument("output_dir", nargs="?", default="datasets")
+
+    world = commands.add_parser(
+        "make-world-data",
+        help="write toy-world images with captions (the base model's pretraining data)",
+        description="Write toy-world images with .txt captions and metadata.jsonl.",
+    )
+    world.add_argument("output_dir")
+    world.add_argument("--num-images", type=int, default=20000)
+    world.add_argument("--seed", type=int, default=0)
+    world.add_argument("--include-held-out", choices=["no", "all"], default="no",
+                       help="no: held-in only (UNet pretraining); all: stars and stripes too (VAE pretraining)")
+    world.add_argument("--partial-captions", type=float, default=0.0, metavar="SHARE",
+                       help="share of images captioned with only some attributes ('a red shape, top left'; default 0)")
+    world.add_argument("--conditioning", action="store_true",
+                       help="also write shape masks (conditioning/NNNN.png) for ControlNet training")
+
+    export = commands.add_parser(
+        "export-base",
+        help="save a trained pipeline compactly (fp16 safetensors), e.g. to ship the toy-world base",
+        description="Copy a diffusers pipeline folder, converting its weights to fp16 safetensors.",
+    )
+    export.add_argument("source", help="a diffusers pipeline folder (e.g. outputs/base/unet/pipeline)")
+    export.add_argument("destination")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing destination folder")
+
+    lora_export = commands.add_parser(
+        "export",
+        help="convert a LoRA between diffusers and kohya (webui/ComfyUI) layouts, with a model card",
+        description="Convert a LoRA file to the kohya layout (AUTOMATIC1111/Forge webui, ComfyUI, sd-scripts) or to "
+        "diffusers' layout, keeping every module's rank and alpha. Writes the file, its metadata and a model card "
+        "(with the newest sample grid of the training folder): <name>.md and <name>.preview.png beside a kohya file, "
+        "README.md in a diffusers folder.",
+        epilog="example: finetune export outputs/lora outputs/webui --to kohya   (writes outputs/webui/lora.safetensors)",
+    )
+    lora_export.add_argument("input", help="a LoRA .safetensors file (either layout) or a training output folder")
+    lora_export.add_argument("output", help="a .safetensors path, or a folder for the file and its README.md")
+    lora_export.add_argument("--to", required=True, choices=["kohya", "diffusers"], help="layout to write")
+    lora_export.add_argument("--overwrite", action="store_true", help="replace the file and README.md if they exist")
+    lora_export.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
+                             help="the weights' precision: fp16 halves the file, as most shared LoRAs are (default: the input's; training writes fp32)")  # fmt: skip
+
+    merge = commands.add_parser(
+        "merge",
+        help="fold a LoRA into its base model and save a full pipeline",
+        description="Add a LoRA (either layout) into the base UNet and, if it has one, text encoder at the given "
+        "strength, and write a complete diffusers pipeline that needs no LoRA loading.",
+        epilog="example: finetune merge --base stable-diffusion-v1-5/stable-diffusion-v1-5 --lora outputs/lora --strength 0.8 outputs/merged",
+    )
+    merge.add_argument("output_dir", help="folder for the merged pipeline")
+    add_base_options(merge, required=False, default=" (default: the base the --lora run recorded)")
+    merge.add_argument("--lora", required=True, help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
+    merge.add_argument("--strength", type=float, default=1.0, help="LoRA strength, as --lora-scale in sampling (default 1.0)")
+    merge.add_argument("--overwrite", action="store_true", help="replace the contents of an existing output folder")
+    merge.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights of the merged pipeline (default fp32; fp16 halves it)")
+
+    conditions = commands.add_parser(
+        "make-conditions",
+        help="make ControlNet conditioning images (canny edges, luminance, a mask) and a metadata.jsonl",
+        description="Write a ControlNet training folder from a folder of images: the images, conditioning/<name>.png "
+        "(canny: edges, white on black; luminance: a grayscale depth-like map; mask: pixels far from the border's "
+        "colour, for the toy world) and a metadata.jsonl with file_name, conditioning_file_name and text (captions "
+        "from the input's metadata.jsonl or .txt files).",
+        epilog="example: finetune make-conditions my_photos my_controlnet_data --kind canny   then: "
+        "finetune train recipes/controlnet.yaml data.image_dir=my_controlnet_data",
+    )
+    conditions.add_argument("input_dir", help="folder of images (with .txt captions or a metadata.jsonl)")
+    conditions.add_argument("output_dir", help="training folder to write (may be input_dir itself)")
+    conditions.add_argument("--kind", required=True, choices=["canny", "luminance", "mask"])
+    conditions.add_argument("--low", type=float, default=20.0, help="canny: weak edge threshold, in colour levels 0-255 (default 20)")
+    conditions.add_argument("--high", type=float, default=40.0, help="canny: strong edge threshold, in colour levels 0-255 (default 40)")
+    conditions.add_argument("--sigma", type=float, default=1.0, help="canny: Gaussian blur before the gradients, in pixels (default 1.0)")
+    conditions.add_argument("--threshold", type=float, default=40.0, help="mask: RGB distance from the border colour that counts as shape (default 40)")
+    conditions.add_argument("--overwrite", action="store_true", help="replace the conditioning images of an earlier run")
+
+    check = commands.add_parser(
+        "check-data",
+        help="check a dataset the way training reads it: counts, sizes, buckets, bad or odd images, captions",
+        description="Decode every image of a recipe's data (or of --image-dir) as training will and report counts, "
+        "sizes, aspect-ratio buckets, and problems: fatal ones (unreadable, truncated, too small, no caption) that "
+        "stop training, warnings (upscaled images, duplicates), and conversions (EXIF rotation, CMYK, 16-bit, "
+        "transparency, palette). Exit status 1 when training would stop.",
+        epilog="example: finetune check-data recipes/lora.yaml data.image_dir=my_photos   "
+        "or: finetune check-data --image-dir my_photos --resolution 512",
+    )
+    check.add_argument("recipe", nargs="?", help="a recipe, e.g. recipes/lora.yaml (default: data settings' defaults)")
+    check.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. data.bucketing.enabled=true")
+    check.add_argument("--image-dir", help="folder of images to check (instead of the recipe's data.image_dir)")
+    check.add_argument("--resolution", type=int, help="training resolution (instead of the recipe's data.resolution)")
+
+    from finetune.eval_command import add_eval_parser
+
+    add_eval_parser(commands)
+    from finetune.bench import add_bench_parser
+
+    add_bench_parser(commands)
+    from finetune.demo import add_demo_parser
+
+    add_demo_parser(commands)
+    return parser
+
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    """`key=value` overrides may also come after options (`train R --resume latest train.max_steps=5`):
+    argparse stops collecting a positional list at the first option, so the rest are added here."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
