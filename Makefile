@@ -30,7 +30,8 @@ quickstart: setup
 test: setup browser
 	$(BIN)/python -m pytest -q
 
-# The minutes-long checks the default suite leaves out (pytest -m slow): a ControlNet learning its control.
+# The minutes-long checks the default suite leaves out (pytest -m slow): a ControlNet learning its control,
+# and ControlNet under DeepSpeed's optimizer offload (DeepSpeed compiles its CPU Adam first).
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 

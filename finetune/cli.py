@@ -44,11 +44,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args) -> int:
-    from finetune.distributed import leave_process_group
     from finetune.recipe_loading import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)  # a bad recipe is said at once, before torch and diffusers load (~10 s)
+    from finetune.distributed import leave_process_group
     from finetune.trainer import train
 
-    recipe = load_recipe(args.recipe, args.overrides)
     try:
         result = train(recipe, resume=args.resume, overwrite=args.overwrite)
     finally:

@@ -188,16 +188,16 @@ class DemoEngine:
 
             def step_done(pipe, step, timestep, kwargs):
                 nonlocal done
-                done += 1
+                done += len(kwargs["latents"])  # the rows are denoised together
                 progress(done, total)
                 return kwargs
 
             with loras_applied({"unet": unet, "text_encoder": column.model.text_encoder}, column.loras), \
                     clip_skipped(column.model.text_encoder, adapters_clip_skip(trained_for)):
-                for r in range(request.rows):
-                    image = generate(pipeline, [request.prompt], 1, request.seed + r, request.steps, request.guidance, request.size,
-                                     negative_prompt=request.negative_prompt or None, callback_on_step_end=step_done, **extra)[0][0]
-                    results[r].append(image)
+                images = generate(pipeline, [request.prompt], request.rows, request.seed, request.steps, request.guidance, request.size,
+                                  negative_prompt=request.negative_prompt or None, callback_on_step_end=step_done, **extra)[0]
+            for row, image in zip(results, images):
+                row.append(image)
         labels = [column.label for column in columns]
         if condition is not None:
             labels, results = ["conditioning", *labels], [[condition, *row] for row in results]

@@ -7,7 +7,6 @@ import os
 import re
 from pathlib import Path
 
-from finetune.checkpoint import STATE_FILE
 from finetune.errors import FinetuneError
 from finetune.evaluate import SUITES, default_suites, print_table, run_eval
 from finetune.toyworld.world import SHAPES
@@ -104,6 +103,8 @@ def default_out(base: str, lora: str | None, controlnet: str | None = None, suit
         if lora_path.is_dir():
             return lora_path / name
         return lora_path.parent / (name if lora_path.name == LORA_WEIGHTS_NAME else f"{lora_path.stem}-{name}")
+    from finetune.checkpoint import STATE_FILE
+
     base_path = Path(base.rstrip("/"))
     run = base_path.parent
     if base_path.name == "pipeline" and ((run / "recipe.yaml").is_file() or (run / STATE_FILE).is_file()):  # a run's or a checkpoint's pipeline

@@ -43,7 +43,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from finetune.errors import FinetuneError
 from finetune.toyworld.metrics import (
@@ -156,11 +155,8 @@ def generate_per_prompt(pipeline, prompts, images_per_prompt, seed, steps, guida
     """
     from finetune.sampling import generate  # torch/diffusers-heavy: loaded when generating
 
-    rows = []
-    for p, prompt in enumerate(prompts):
-        extra = dict(call_kwargs) if conditions is None else dict(call_kwargs, image=conditions[p])
-        rows.append(generate(pipeline, [prompt], images_per_prompt, seed + p * images_per_prompt, steps, guidance, resolution, **extra)[0])
-    return rows
+    seeds = [seed + p * images_per_prompt for p in range(len(prompts))]
+    return generate(pipeline, prompts, images_per_prompt, seeds, steps, guidance, resolution, conditions=conditions, **call_kwargs)
 
 
 def run_eval(
@@ -202,6 +198,8 @@ def run_eval(
     options = dict(n=num_prompts, images_per_prompt=images_per_prompt, identifier=identifier, subject=subject,
                    class_word=class_word, controlnet=controlnet is not None)  # fmt: skip
     suites = _validate(default_suites(suites, controlnet), options)  # before the (slow) model load
+    import torch
+
     pipeline = load_sampling_pipeline(base, lora, lora_scale, controlnet, base_config=base_config)
     pipeline.unet.eval()
     if torch.cuda.is_available():

@@ -27,7 +27,7 @@ from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.models import BaseModel, load_base_model, looks_like_hub_id
 from finetune.pipeline_io import METADATA_FILE
 from finetune.prompt_options import PromptSettings, with_options
-from finetune.sampling import GRID_LABEL_WIDTH, adapters_clip_skip, build_pipeline, follow_adapters_schedule, generate, make_grid, save_image_atomic
+from finetune.sampling import GRID_LABEL_WIDTH, adapters_clip_skip, build_pipeline, follow_adapters_schedule, generate_with_settings, make_grid, save_image_atomic
 from finetune.sources import Example
 from finetune.views import cover_and_crop
 
@@ -280,11 +280,7 @@ def sample_to_folder(
     if controlnet is not None:
         control_image = load_condition(condition, resolution)
         control = dict(image=control_image, controlnet_conditioning_scale=1.0 if conditioning_scale is None else conditioning_scale)
-    rows = []
-    with torch.no_grad():
-        for prompt in settings:
-            rows += generate(pipeline, [prompt.prompt], num_images, prompt.seed, prompt.num_inference_steps, prompt.guidance_scale, resolution,
-                             negative_prompt=prompt.negative_prompt, **control)  # fmt: skip
+    rows = generate_with_settings(pipeline, settings, num_images, resolution, **control)
     written = []
     for p, row in enumerate(rows):
         for k, image in enumerate(row):

@@ -209,9 +209,14 @@ def test_sample_refuses_pickle_files(tmp_path, capsys, tiny_model):
 
 
 def test_python_dash_m_entry_point(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "finetune", "make-tiny-model", str(tmp_path / "m")], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert (tmp_path / "m" / "model_index.json").is_file()
+    """`python -m finetune` is the command (tests/test_checkpoints.py trains with it); a recipe that is not
+    there is said before the training stack loads."""
+    result = subprocess.run([sys.executable, "-m", "finetune", "train", str(tmp_path / "missing.yaml")], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == f"error: recipe {tmp_path / 'missing.yaml'} not found: pass the path of a YAML file such as recipes/lora.yaml\n"
+    assert "torch" not in subprocess.run(
+        [sys.executable, "-c", "import sys; from finetune.cli import main; main(['train', 'missing.yaml']); print(' '.join(sys.modules))"],
+        capture_output=True, text=True).stdout.split()  # fmt: skip
 
 
 def test_train_and_sample_print_no_third_party_noise(tmp_path, tiny_model, image_folder):

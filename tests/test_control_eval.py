@@ -59,9 +59,9 @@ class FakeGenerate:
     def __init__(self, draw):
         self.draw, self.calls = draw, []
 
-    def __call__(self, pipeline, prompts, images_per_prompt, seed, steps, guidance, resolution, negative_prompt=None, **kwargs):
-        self.calls.append({"prompts": prompts, **kwargs})
-        return [[self.draw(prompt, kwargs.get("image"), k) for k in range(images_per_prompt)] for prompt in prompts]
+    def __call__(self, pipeline, prompts, images_per_prompt, seed, steps, guidance, resolution, negative_prompt=None, conditions=None, **kwargs):
+        self.calls.append({"prompts": prompts, "conditions": conditions, **kwargs})
+        return [[self.draw(prompt, conditions and conditions[p], k) for k in range(images_per_prompt)] for p, prompt in enumerate(prompts)]
 
 
 def fake_eval(monkeypatch, tiny_model, draw, **options):
@@ -81,9 +81,9 @@ def test_suite_scores_are_the_metrics_on_the_generated_images(tiny_model, runs, 
     assert result["metrics"]["control_iou"] == 1.0
     assert result["metrics"]["control_chance_iou"] == pytest.approx(chance_iou(masks, masks)) and chance_iou(masks, masks) < 0.5
     assert result["n"] == {"control_iou": 5, "control_chance_iou": 5}
-    # One pipeline call per prompt with its own scene's mask, at the requested scale.
-    assert [call["prompts"] for call in fake.calls] == [[p] for p in ps.prompts]
-    assert all(np.array_equal(pixels(call["image"]), pixels(mask)) for call, mask in zip(fake.calls, masks))
+    # Every prompt with its own scene's mask, at the requested scale.
+    assert [call["prompts"] for call in fake.calls] == [ps.prompts] and len(fake.calls[0]["conditions"]) == len(masks)
+    assert all(np.array_equal(pixels(condition), pixels(mask)) for condition, mask in zip(fake.calls[0]["conditions"], masks))
     assert {call["controlnet_conditioning_scale"] for call in fake.calls} == {0.7}
     assert all(r == [m] for r, m in zip(result["images"]["control"], result["conditions"]["control"]))
 
@@ -114,7 +114,7 @@ def test_without_a_controlnet_the_same_prompts_are_scored_against_their_scenes_m
     ps = control_set(4)
     mask_of = dict(zip(ps.prompts, ps.conditions))
     result, fake = fake_eval(monkeypatch, tiny_model, lambda p, condition, k: mask_of[p], num_prompts=4)
-    assert all("image" not in call for call in fake.calls)  # the plain pipeline: no conditioning
+    assert all(call["conditions"] is None and "image" not in call for call in fake.calls)  # the plain pipeline: no conditioning
     assert result["metrics"]["control_iou"] == 1.0 and result["settings"]["controlnet"] is None
     assert result["metrics"]["control_chance_iou"] == pytest.approx(chance_iou(ps.conditions, ps.conditions))
 

@@ -282,7 +282,7 @@ def test_progress_is_reported_per_denoising_step(demo):
 
     seen = []
     demo.engine.render(Request(prompt=PROMPT, steps=3, loras=[("trained", 1.0)], strengths=[0.5, 1.0], rows=2), lambda done, total: seen.append((done, total)))
-    assert seen == [(k, 18) for k in range(1, 19)]  # 3 columns x 2 rows x 3 steps
+    assert seen == [(2 * k, 18) for k in range(1, 10)]  # 3 columns x 3 steps, each denoising both rows: 18 images' steps
 
 
 def test_default_base_falls_back_to_a_tiny_model(tmp_path, monkeypatch):

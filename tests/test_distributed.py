@@ -285,6 +285,7 @@ def test_deepspeed_bf16_trains_samples_and_saves_every_method(make_recipe, pairs
     assert all(torch.equal(t, source.vae.state_dict()[k]) for k, t in pipeline.vae.state_dict().items())  # reloaded, not bf16-rounded
 
 
+@pytest.mark.slow  # DeepSpeed compiles its CPU Adam on first use: over a minute of a 2-core machine before the first step
 def test_deepspeed_zero2_offload_controlnet_saves_the_single_process_controlnet(make_recipe, pairs_folder, tmp_path):
     """ControlNet under ZeRO-2 with the optimizer offloaded to CPU (DeepSpeed's own CPU Adam, built on first use)."""
     common = dict(method="controlnet", data__image_dir=str(pairs_folder), train__max_steps=2, checkpoint__every_n_steps=1)

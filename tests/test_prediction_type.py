@@ -94,10 +94,10 @@ def test_the_demo_samples_each_column_with_its_adapters_prediction_type(adapters
 def test_validation_samples_the_untrained_step_0_as_the_base_predicts_and_later_steps_as_trained(tiny_model, image_folder, tmp_path, monkeypatch):
     """Training v on an epsilon base: the "before" grid is the base itself, read as epsilon; afterwards
     the model predicts v. (Step 0 read as v was noise.)"""
-    import finetune.methods.base as method_base
+    import finetune.sampling as sampling
 
-    used, real_generate = [], method_base.generate
-    monkeypatch.setattr(method_base, "generate", lambda pipeline, *a: used.append(pipeline.scheduler.config.prediction_type) or real_generate(pipeline, *a))
+    used, real_generate = [], sampling.generate
+    monkeypatch.setattr(sampling, "generate", lambda pipeline, *a, **k: used.append(pipeline.scheduler.config.prediction_type) or real_generate(pipeline, *a, **k))
     train(recipe_from_dict({
         "method": "lora", "seed": 0, "output_dir": str(tmp_path / "run"), "model": {"pretrained": str(tiny_model), "prediction_type": "v_prediction"},
         "data": {"image_dir": str(image_folder), "resolution": 64}, "train": {"batch_size": 2, "max_steps": 1},
@@ -108,7 +108,7 @@ def test_validation_samples_the_untrained_step_0_as_the_base_predicts_and_later_
 
 
 def test_zero_terminal_snr_trains_on_the_rescaled_schedule_and_everything_samples_on_it(tiny_model, image_folder, tmp_path, monkeypatch):
-    import finetune.methods.base as method_base
+    import finetune.sampling as sampling
     from finetune.config import ModelConfig
     from finetune.models import load_base_model
     from finetune.sampling import adapters_zero_terminal_snr
@@ -126,9 +126,9 @@ def test_zero_terminal_snr_trains_on_the_rescaled_schedule_and_everything_sample
     schedule = load_base_model(ModelConfig(pretrained=str(tiny_model), prediction_type="v_prediction", zero_terminal_snr=True)).noise_scheduler
     assert schedule.alphas_cumprod[-1] < 1e-9 < 1e-3 < load_base_model(ModelConfig(pretrained=str(tiny_model))).noise_scheduler.alphas_cumprod[-1]
 
-    used, real_generate = [], method_base.generate
+    used, real_generate = [], sampling.generate
     remember = lambda pipeline: used.append((pipeline.scheduler.config.prediction_type, pipeline.scheduler.config.rescale_betas_zero_snr))
-    monkeypatch.setattr(method_base, "generate", lambda pipeline, *a: remember(pipeline) or real_generate(pipeline, *a))
+    monkeypatch.setattr(sampling, "generate", lambda pipeline, *a, **k: remember(pipeline) or real_generate(pipeline, *a, **k))
     run = train(recipe(tmp_path / "zsnr", prediction_type="v_prediction", zero_terminal_snr=True)).output_dir
     assert used == [("epsilon", False), ("v_prediction", True)]  # step 0: the base as it was trained
     assert recorded(run / LORA_WEIGHTS_NAME) == "v_prediction"

@@ -3,7 +3,7 @@ validation samples and `finetune sample`."""
 
 import pytest
 
-import finetune.methods.base as method_base
+import finetune.sampling as sampling
 from finetune.cli import main
 from finetune.errors import FinetuneError
 from finetune.prompt_options import PromptSettings, with_options
@@ -42,15 +42,16 @@ def test_unknown_options_and_bad_values_are_refused_in_one_line(make_recipe, tex
 
 
 def test_validation_samples_each_prompt_with_its_options(make_recipe, monkeypatch, tmp_path):
-    calls, real = [], method_base.generate
-    monkeypatch.setattr(method_base, "generate", lambda pipeline, prompts, *args, **kwargs: calls.append((prompts, *args)) or real(pipeline, prompts, *args, **kwargs))
-    prompts = ["a red circle --n blurry --d 7 --l 3 --s 2", "a blue square"]
+    calls, real = [], sampling.generate
+    monkeypatch.setattr(sampling, "generate", lambda pipeline, prompts, *args, **kwargs: calls.append((prompts, *args)) or real(pipeline, prompts, *args, **kwargs))
+    prompts = ["a red circle --n blurry --d 7 --l 3 --s 2", "a blue square", "a green star --d 9"]
     recipe = make_recipe(
         train__max_steps=1, validation__prompts=prompts, validation__at_start=False, validation__images_per_prompt=1,
         validation__num_inference_steps=3, validation__negative_prompt="dark", validation__seed=5, validation__guidance_scale=6.0,
     )  # fmt: skip
     train(recipe)
-    assert calls == [(["a red circle"], 1, 7, 2, 3.0, 64, "blurry"), (["a blue square"], 1, 5, 3, 6.0, 64, "dark")]
+    # Prompts of the same steps and guidance are one batch, each with its own seed and negative prompt.
+    assert calls == [(["a red circle"], 1, [7], 2, 3.0, 64, ["blurry"], None), (["a blue square", "a green star"], 1, [5, 9], 3, 6.0, 64, ["dark", "dark"], None)]
     assert (tmp_path / "run" / "samples" / "step-000001.png").is_file()
 
 

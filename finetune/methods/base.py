@@ -28,7 +28,7 @@ from finetune.encoders import encode_prompts, latents_from_moments, posterior_mo
 from finetune.errors import FinetuneError
 from finetune.loss_mask import latent_loss_weights
 from finetune.models import BaseModel
-from finetune.sampling import build_pipeline, generate
+from finetune.sampling import build_pipeline, generate_with_settings
 from finetune.sources import Example
 
 
@@ -106,13 +106,8 @@ class TrainingMethod(ABC):
         settings = self.recipe.validation
         if not settings.prompts:
             return [], []
-        pipeline, rows = self.pipeline(modules), []
-        for text in settings.prompts:  # each with its own options (--n, --d, --l, --s), if it has any
-            prompt = settings.prompt_settings(text)
-            rows += generate(
-                pipeline, [prompt.prompt], settings.images_per_prompt, prompt.seed, prompt.num_inference_steps, prompt.guidance_scale,
-                self.recipe.data.resolution, prompt.negative_prompt,
-            )  # fmt: skip
+        prompts = [settings.prompt_settings(text) for text in settings.prompts]  # each with its own --n, --d, --l, --s, if any
+        rows = generate_with_settings(self.pipeline(modules), prompts, settings.images_per_prompt, self.recipe.data.resolution)
         return rows, list(settings.prompts)
 
     def pipeline(self, modules: dict[str, torch.nn.Module]) -> DiffusionPipeline:

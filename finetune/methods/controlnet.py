@@ -41,7 +41,7 @@ from finetune.errors import FinetuneError
 from finetune.methods.base import DiffusionMethod
 from finetune.models import freeze, looks_like_hub_id
 from finetune.pipeline_io import METADATA_FILE
-from finetune.sampling import build_pipeline, generate
+from finetune.sampling import build_pipeline, generate_with_settings
 from finetune.sources import Example
 
 CONTROLNET_DIR, UNET_DIR = "controlnet", "unet"
@@ -198,17 +198,12 @@ class ControlNetMethod(DiffusionMethod):
         prompts = prompts * rows_count if len(prompts) == 1 else prompts
         pipeline = self.pipeline(modules)
         scale = self.settings.conditioning_scale
-        rows, labels = [], []
+        options = [settings.prompt_settings(prompt) for prompt in prompts]  # each with its own --n, --d, --l, --s, if any
         with residuals_in(modules["controlnet"], self.weight_dtype):
-            for condition, prompt in zip(conditions, prompts):
-                options = settings.prompt_settings(prompt)  # its own --n, --d, --l, --s, if any
-                samples = generate(
-                    pipeline, [options.prompt], settings.images_per_prompt, options.seed, options.num_inference_steps,
-                    options.guidance_scale, self.recipe.data.resolution, options.negative_prompt, image=condition,
-                    controlnet_conditioning_scale=scale,
-                )[0]
-                rows.append([condition, *samples])
-                labels.append(prompt if scale == 1.0 else f"{prompt} (control x{scale:g})")
+            samples = generate_with_settings(pipeline, options, settings.images_per_prompt, self.recipe.data.resolution,
+                                             conditions=conditions, controlnet_conditioning_scale=scale)  # fmt: skip
+        rows = [[condition, *row] for condition, row in zip(conditions, samples)]
+        labels = [prompt if scale == 1.0 else f"{prompt} (control x{scale:g})" for prompt in prompts]
         return rows, labels
 
     # -- measuring control --------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from .classifier import extract_features, predict
 from .world import ATTRIBUTES, parse_caption
 
 # Minimum RGB distance (0-255 scale) from the estimated background colour for a pixel
@@ -40,6 +39,8 @@ def prompt_adherence(images, prompts, model=None) -> dict:
     """
     if len(images) != len(prompts):
         raise ValueError("need one prompt per image")
+    from .classifier import predict  # torch: loaded when images are scored, not when the command line is read
+
     preds = predict(images, model)
     hits = {k: [] for k in ATTRIBUTES}
     all_ok = []
@@ -60,6 +61,8 @@ def attribute_share(images, attribute: str, value: str, model=None) -> float:
         raise ValueError(f"unknown {attribute}={value!r}")
     if len(images) == 0:
         return float("nan")
+    from .classifier import predict
+
     return float(np.mean([p[attribute] == value for p in predict(images, model)]))
 
 
@@ -171,6 +174,8 @@ def frechet_distance(images_a, images_b, model=None) -> float:
     upwards for small sets); use a few hundred images per set.
     """
     from scipy import linalg  # imported here: only this metric needs scipy
+
+    from .classifier import extract_features
 
     fa, fb = extract_features(images_a, model), extract_features(images_b, model)
     mu_a, mu_b = fa.mean(0), fb.mean(0)
