@@ -44,8 +44,7 @@ def configs_from_args(args, recipe: Recipe | None) -> list[DataConfig]:
 def caption_tokens_line(model: ModelConfig, captions: dict[str, str]) -> str | None:
     """The warning training gives at its start for captions past model.max_token_length, given here where the
     base model's tokenizer is at hand (a diffusers folder, or the hub); else a line saying they are not counted."""
-    from finetune.encoders import long_captions_line  # torch and the model libraries: only with a recipe
-    from finetune.models import load_tokenizer
+    from finetune.caption_tokens import load_tokenizer, long_captions_line  # transformers: only with a recipe
 
     try:
         tokenizer = load_tokenizer(model)

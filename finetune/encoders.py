@@ -38,24 +38,6 @@ def chunks_needed(tokenizer: CLIPTokenizer, prompts: list[str]) -> int:
     return max(1, -(-(longest - 2) // width))
 
 
-def long_captions_line(tokenizer: CLIPTokenizer, captions: dict[str, str], max_token_length: int = 75) -> str | None:
-    """A warning for the captions ({source: caption}) cut at `max_token_length` tokens (model.max_token_length,
-    the start and end marks not counted), naming the longest; None if none.
-
-    Said once at the start, not per batch: what is past the cut does not train, however much care went into it."""
-    unique = sorted(set(captions.values()))
-    lengths = dict(zip(unique, (len(ids) - 2 for ids in tokenizer(unique, truncation=False, verbose=False)["input_ids"]))) if unique else {}
-    cut = {source: lengths[caption] for source, caption in captions.items() if lengths[caption] > max_token_length}
-    if not cut:
-        return None
-    longest = max(cut, key=cut.get)
-    remedy = "shorten those captions" + (", or raise model.max_token_length to 150 or 225 (sd-scripts' long captions)" if max_token_length < 225 else "")
-    return (
-        f"{len(cut)} of {len(captions)} captions are longer than model.max_token_length ({max_token_length} tokens) and are cut there "
-        f"(the longest: {longest}, {cut[longest]} tokens): the words past the cut do not train; {remedy}"
-    )
-
-
 def text_hidden_states(tokenizer: CLIPTokenizer, text_encoder: torch.nn.Module, prompts: list[str], device: torch.device, chunks: int = 1) -> torch.Tensor:
     """The last hidden states, which the UNet cross-attends to (with gradients, for a trained encoder).
 

@@ -16,11 +16,10 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from finetune.config import ModelConfig
+from finetune.config import SINGLE_FILE_SUFFIXES, ModelConfig
 from finetune.encoders import skip_last_layers
 from finetune.errors import FinetuneError
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
 @dataclass
@@ -203,30 +202,6 @@ def load_parts(config: ModelConfig, names: list[str]) -> dict:
         "scheduler_config": lambda: DDPMScheduler.load_config(folder, subfolder="scheduler"),
     }
     return {name: loaders[name]() for name in names}
-
-
-TOKENIZER_FILES = ("vocab.json", "merges.txt")  # what a CLIP tokenizer is made of (or one tokenizer.json, as ours)
-
-
-def load_tokenizer(config: ModelConfig) -> CLIPTokenizer:
-    """The base model's tokenizer alone, nothing else loaded or downloaded: from its diffusers folder, a
-    single file's `model.single_file_config` folder, or the hub (its tokenizer files only)."""
-    source = config.pretrained
-    if Path(source).suffix in SINGLE_FILE_SUFFIXES:
-        if not config.single_file_config:  # the tokenizer comes with the configs diffusers picks when the file loads
-            raise FinetuneError(f"{source} is a single file: its tokenizer is known once it loads")
-        source = config.single_file_config
-    # Its files first: without them transformers builds an empty tokenizer that splits text by characters.
-    if Path(source).is_dir():
-        folder = Path(source) / "tokenizer"
-        if not (folder / "tokenizer.json").is_file() and not all((folder / name).is_file() for name in TOKENIZER_FILES):
-            raise FinetuneError(f"{source} has no tokenizer/ (tokenizer.json, or {' and '.join(TOKENIZER_FILES)})")
-    else:
-        from huggingface_hub import hf_hub_download  # the two small files only (from the cache when offline)
-
-        for name in TOKENIZER_FILES:
-            hf_hub_download(source, f"tokenizer/{name}", revision=config.revision)
-    return CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=config.revision)
 
 
 def at_source_precision(base: BaseModel, names: list[str]) -> dict[str, torch.nn.Module]:

@@ -26,7 +26,7 @@ from finetune.batches import item_layout, make_batch_sampler
 from finetune.diffusion import BatchRandomness
 from finetune.distributed import accelerator_options, autocast, checkpoint_options, configure_deepspeed, full_parameters, gpu_available, unsharded_loading, unwrap, uses_deepspeed, zero_stage
 from finetune.ema import EMA_FILE, WeightAverage
-from finetune.encoders import long_captions_line
+from finetune.caption_tokens import long_captions_line
 from finetune.errors import FinetuneError
 from finetune.held_out import TrainingSubset, held_out_loss, split_held_out
 from finetune.methods import METHODS

@@ -13,10 +13,10 @@ Unknown keys are rejected, so a typo never silently trains the wrong thing. Read
 from finetune.config.base import Section
 from finetune.config.data import BucketConfig, DataConfig, FolderConfig, LossMaskConfig
 from finetune.config.methods import ClassImageGeneration, Concept, ControlNetConfig, DreamBoothConfig, FullConfig, LoRAConfig, VAEConfig
-from finetune.config.recipe import CheckpointConfig, LoggingConfig, ModelConfig, OptimizerConfig, Recipe, TrainConfig, ValidationConfig
+from finetune.config.recipe import SINGLE_FILE_SUFFIXES, CheckpointConfig, LoggingConfig, ModelConfig, OptimizerConfig, Recipe, TrainConfig, ValidationConfig
 
 __all__ = [
-    "BucketConfig", "CheckpointConfig", "ClassImageGeneration", "Concept", "ControlNetConfig", "DataConfig", "DreamBoothConfig",
+    "SINGLE_FILE_SUFFIXES", "BucketConfig", "CheckpointConfig", "ClassImageGeneration", "Concept", "ControlNetConfig", "DataConfig", "DreamBoothConfig",
     "FolderConfig", "FullConfig", "LoRAConfig", "LoggingConfig", "LossMaskConfig", "ModelConfig", "OptimizerConfig", "Recipe", "Section",
     "TrainConfig", "VAEConfig", "ValidationConfig",
 ]  # fmt: skip

@@ -15,6 +15,9 @@ from finetune.config.methods import ControlNetConfig, DreamBoothConfig, FullConf
 from finetune.prompt_options import PromptSettings, with_options
 
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")  # a model.pretrained of one file (the webui's layout), not a folder or hub id
+
+
 class ModelConfig(Section):
     # A hub id, a local diffusers folder, or a single .safetensors/.ckpt checkpoint file.
     pretrained: UserPath = "stable-diffusion-v1-5/stable-diffusion-v1-5"

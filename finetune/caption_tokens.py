@@ -1,0 +1,52 @@
+"""Counting caption tokens with the base model's tokenizer alone: what `finetune check-data` and the
+start of a run say about captions past model.max_token_length, without loading the models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import CLIPTokenizer
+
+from finetune.config import SINGLE_FILE_SUFFIXES, ModelConfig
+from finetune.errors import FinetuneError
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt")  # what a CLIP tokenizer is made of (or one tokenizer.json, as ours)
+
+
+def load_tokenizer(config: ModelConfig) -> CLIPTokenizer:
+    """The base model's tokenizer alone, nothing else loaded or downloaded: from its diffusers folder, a
+    single file's `model.single_file_config` folder, or the hub (its tokenizer files only)."""
+    source = config.pretrained
+    if Path(source).suffix in SINGLE_FILE_SUFFIXES:
+        if not config.single_file_config:  # the tokenizer comes with the configs diffusers picks when the file loads
+            raise FinetuneError(f"{source} is a single file: its tokenizer is known once it loads")
+        source = config.single_file_config
+    # Its files first: without them transformers builds an empty tokenizer that splits text by characters.
+    if Path(source).is_dir():
+        folder = Path(source) / "tokenizer"
+        if not (folder / "tokenizer.json").is_file() and not all((folder / name).is_file() for name in TOKENIZER_FILES):
+            raise FinetuneError(f"{source} has no tokenizer/ (tokenizer.json, or {' and '.join(TOKENIZER_FILES)})")
+    else:
+        from huggingface_hub import hf_hub_download  # the two small files only (from the cache when offline)
+
+        for name in TOKENIZER_FILES:
+            hf_hub_download(source, f"tokenizer/{name}", revision=config.revision)
+    return CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=config.revision)
+
+
+def long_captions_line(tokenizer: CLIPTokenizer, captions: dict[str, str], max_token_length: int = 75) -> str | None:
+    """A warning for the captions ({source: caption}) cut at `max_token_length` tokens (model.max_token_length,
+    the start and end marks not counted), naming the longest; None if none.
+
+    Said once at the start, not per batch: what is past the cut does not train, however much care went into it."""
+    unique = sorted(set(captions.values()))
+    lengths = dict(zip(unique, (len(ids) - 2 for ids in tokenizer(unique, truncation=False, verbose=False)["input_ids"]))) if unique else {}
+    cut = {source: lengths[caption] for source, caption in captions.items() if lengths[caption] > max_token_length}
+    if not cut:
+        return None
+    longest = max(cut, key=cut.get)
+    remedy = "shorten those captions" + (", or raise model.max_token_length to 150 or 225 (sd-scripts' long captions)" if max_token_length < 225 else "")
+    return (
+        f"{len(cut)} of {len(captions)} captions are longer than model.max_token_length ({max_token_length} tokens) and are cut there "
+        f"(the longest: {longest}, {cut[longest]} tokens): the words past the cut do not train; {remedy}"
+    )
