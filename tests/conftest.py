@@ -58,30 +58,32 @@ def pairs_folder(tmp_path_factory) -> Path:
     return write_folder(tmp_path_factory.mktemp("pairs") / "pairs", 4, seed=5, conditioning=True)
 
 
+def build_recipe(tiny_model: Path, image_folder: Path, run_dir: Path, **overrides):
+    """A fast LoRA recipe on the tiny model writing to `run_dir` (unless output_dir= is given); keyword
+    overrides use dotted names with '__' for '.'."""
+    raw = {
+        "method": "lora",
+        "seed": 3,
+        "output_dir": str(run_dir),
+        "model": {"pretrained": str(tiny_model)},
+        "data": {"image_dir": str(image_folder), "resolution": 64},
+        "lora": {"rank": 4, "alpha": 2},
+        "train": {"batch_size": 2, "max_steps": 4},
+        "optimizer": {"lr": 1e-3},
+        "validation": {"prompts": []},
+        "checkpoint": {"every_n_steps": 0, "keep_last": 5},
+        "logging": {"tensorboard": False},
+    }
+    for dotted, value in overrides.items():
+        node = raw
+        keys = dotted.split("__")
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return recipe_from_dict(raw)
+
+
 @pytest.fixture
 def make_recipe(tiny_model, image_folder, tmp_path):
-    """A fast LoRA recipe on the tiny model; keyword overrides use dotted names with '__' for '.'."""
-
-    def build(**overrides):
-        raw = {
-            "method": "lora",
-            "seed": 3,
-            "output_dir": str(tmp_path / "run"),
-            "model": {"pretrained": str(tiny_model)},
-            "data": {"image_dir": str(image_folder), "resolution": 64},
-            "lora": {"rank": 4, "alpha": 2},
-            "train": {"batch_size": 2, "max_steps": 4},
-            "optimizer": {"lr": 1e-3},
-            "validation": {"prompts": []},
-            "checkpoint": {"every_n_steps": 0, "keep_last": 5},
-            "logging": {"tensorboard": False},
-        }
-        for dotted, value in overrides.items():
-            node = raw
-            keys = dotted.split("__")
-            for key in keys[:-1]:
-                node = node.setdefault(key, {})
-            node[keys[-1]] = value
-        return recipe_from_dict(raw)
-
-    return build
+    """`build_recipe` writing to tmp_path/run unless output_dir= says otherwise."""
+    return lambda **overrides: build_recipe(tiny_model, image_folder, tmp_path / "run", **overrides)

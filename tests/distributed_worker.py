@@ -19,15 +19,6 @@ from finetune.checkpoint import trainable_state_dict
 from finetune.distributed import leave_process_group
 from finetune.recipe_loading import load_recipe
 
-runs = []  # (recipe path, checkpoint to resume from or None)
-arguments = iter(sys.argv[1:])
-for argument in arguments:
-    if argument == "--resume":
-        checkpoint = next(arguments)
-        runs.append((next(arguments), checkpoint))
-    else:
-        runs.append((argument, None))
-
 methods = []  # each run's method: it knows which modules trained (the UNet's LoRA, the ControlNet, ...)
 
 
@@ -45,12 +36,31 @@ def remembered(method_class):
     return Remembered
 
 
-trainer.METHODS = {name: remembered(method_class) for name, method_class in trainer.METHODS.items()}
-for path, resume in runs:
-    recipe = load_recipe(path)
-    trainer.train(recipe, resume=resume)
-    out, rank = Path(recipe.output_dir), int(os.environ.get("RANK", "0"))
-    save_file(trained_weights(methods[-1]), str(out / f"rank{rank}.safetensors"))
-    if rank == 0:
-        save_file(methods[-1].initial_weights, str(out / "initial.safetensors"))
-leave_process_group()
+def train_and_record(runs: list[tuple[str, str | None]]) -> None:
+    """Train each (recipe path, checkpoint to resume from or None) and write the rank's weights beside its
+    outputs. Also called in the test's own process, for the single-process runs compared with a launch."""
+    real_methods = trainer.METHODS
+    trainer.METHODS = {name: remembered(method_class) for name, method_class in real_methods.items()}
+    try:
+        for path, resume in runs:
+            recipe = load_recipe(path)
+            trainer.train(recipe, resume=resume)
+            out, rank = Path(recipe.output_dir), int(os.environ.get("RANK", "0"))
+            save_file(trained_weights(methods[-1]), str(out / f"rank{rank}.safetensors"))
+            if rank == 0:
+                save_file(methods[-1].initial_weights, str(out / "initial.safetensors"))
+    finally:
+        trainer.METHODS = real_methods
+
+
+if __name__ == "__main__":
+    runs = []
+    arguments = iter(sys.argv[1:])
+    for argument in arguments:
+        if argument == "--resume":
+            checkpoint = next(arguments)
+            runs.append((next(arguments), checkpoint))
+        else:
+            runs.append((argument, None))
+    train_and_record(runs)
+    leave_process_group()

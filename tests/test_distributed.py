@@ -14,6 +14,8 @@ import yaml
 from accelerate.utils import DistributedType
 from diffusers import ControlNetModel, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
+from distributed_worker import train_and_record
+from conftest import build_recipe
 from ports import free_port
 from safetensors.torch import load_file
 
@@ -29,14 +31,14 @@ WORKER = Path(__file__).parent / "distributed_worker.py"
 REPO = Path(__file__).resolve().parent.parent
 
 
-def launch(args: list[str], *recipe_paths: Path | str, resume: str | None = None) -> subprocess.Popen:
+def launch(args: list[str], *recipe_paths: Path | str) -> subprocess.Popen:
     """Train the recipes one after the other in one launch of the worker (see tests/distributed_worker.py);
-    `resume` is the first one's checkpoint ("--resume", CHECKPOINT among the paths: the next one's)."""
+    "--resume", CHECKPOINT among the paths resumes the next one."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # --multi_gpu picks the torchrun launcher; with no GPU there, accelerate runs the processes on CPU with gloo.
     mode = [] if "--use_deepspeed" in args else ["--multi_gpu"]
     command = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--mixed_precision", "no", "--dynamo_backend", "no",
-               *args, str(WORKER), *(["--resume", resume] if resume else []), *map(str, recipe_paths)]
+               *args, str(WORKER), *map(str, recipe_paths)]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -76,21 +78,43 @@ def wait(process: subprocess.Popen) -> None:
     assert process.returncode == 0, stderr[-3000:]
 
 
-@pytest.fixture
-def distributed_recipes(make_recipe, tmp_path):
-    common = dict(train__max_steps=3, train__gradient_accumulation_steps=2, data__random_flip=True)
-    two_processes = make_recipe(output_dir=str(tmp_path / "ddp"), train__batch_size=1, **common)
-    one_process = make_recipe(output_dir=str(tmp_path / "single"), train__batch_size=2, **common)
-    return two_processes, one_process
+@pytest.fixture(scope="module")
+def ddp(tiny_model, image_folder, pairs_folder, tmp_path_factory) -> SimpleNamespace:
+    """The DDP runs of the two tests below in one launch of 2 processes (a launch starts two interpreters):
+    LoRA; DreamBooth (instance and class halves, LoRA on the UNet and the text encoder: two wrapped models);
+    ControlNet (with cached encoders, random flips, accumulation); LoRA with aspect-ratio buckets of 3
+    images, whose global batches of 3 split 2 + 1 over the processes. `settings`: each run's recipe overrides
+    and its batch per process, for the single-process runs the tests compare with (twice the batch)."""
+    root = tmp_path_factory.mktemp("ddp")
+    mixed = root / "mixed"
+    mixed.mkdir()
+    for i, (width, height) in enumerate([(96, 48)] * 3 + [(48, 96)] * 3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (height, width, 3), dtype=np.uint8)).save(mixed / f"{i}.png")
+        (mixed / f"{i}.txt").write_text("a red striped circle")
+    star = write_folder(root / "star", 2, seed=11, include_held_out="only_shape")
+    concept = {"instance_dir": str(star), "instance_prompt": "a sks shape", "class_prompt": "a shape", "class_dir": str(root / "class")}
+    settings = {
+        "lora": (dict(train__max_steps=3, train__gradient_accumulation_steps=2, data__random_flip=True), 1),
+        "dreambooth": (dict(method="dreambooth", data__image_dir=None, train__max_steps=3, data__random_flip=True,
+                            dreambooth={"concepts": [concept], "adapter": "lora", "train_text_encoder": True, "num_class_images": 2,
+                                        "class_generation": {"num_inference_steps": 2, "batch_size": 1}}), 1),
+        "controlnet": (dict(method="controlnet", data__image_dir=str(pairs_folder), train__max_steps=2, train__gradient_accumulation_steps=2,
+                            data__random_flip=True, train__cache_latents=True, train__cache_text_embeddings=True), 1),
+        "buckets": (dict(data={"image_dir": str(mixed), "resolution": 64, "bucketing": {"enabled": True, "step": 16}}, train__max_steps=2), 2),
+    }  # fmt: skip
+    recipes = {name: build_recipe(tiny_model, image_folder, root / f"{name}-ddp", train__batch_size=batch, **extra) for name, (extra, batch) in settings.items()}
+    wait(launch(["--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port())],
+                *[write(recipe, root / f"{name}-ddp.yaml") for name, recipe in recipes.items()]))  # fmt: skip
+    return SimpleNamespace(root=root, settings=settings)
 
 
-def test_ddp_two_processes_match_each_other_and_one_process_with_the_same_global_batch(distributed_recipes, tmp_path):
-    two_processes, one_process = distributed_recipes
-    wait(launch(["--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port())], write(two_processes, tmp_path / "ddp.yaml")))
-    out = Path(two_processes.output_dir)
+def test_ddp_two_processes_match_each_other_and_one_process_with_the_same_global_batch(ddp, make_recipe, tmp_path):
+    out = ddp.root / "lora-ddp"
     rank0, rank1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
     assert_same_weights(rank0, rank1, exact=True)  # DDP keeps the ranks in lockstep
 
+    extra, batch = ddp.settings["lora"]
+    one_process = make_recipe(output_dir=str(tmp_path / "single"), train__batch_size=2 * batch, **extra)
     train(one_process)
     ddp_file = load_file(out / LORA_WEIGHTS_NAME)
     single_file = load_file(Path(one_process.output_dir) / LORA_WEIGHTS_NAME)
@@ -99,45 +123,29 @@ def test_ddp_two_processes_match_each_other_and_one_process_with_the_same_global
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in ddp_file.items() if "lora.up" in k)
 
 
-def test_ddp_dreambooth_controlnet_and_buckets_match_one_process_with_the_same_global_batch(make_recipe, pairs_folder, tmp_path):
-    """The other methods under DDP: DreamBooth (instance and class halves, LoRA on the UNet and the text
-    encoder: two wrapped models) and ControlNet (with cached encoders, random flips, accumulation); and
-    LoRA with aspect-ratio buckets of 3 images, whose global batches of 3 split 2 + 1 over the processes."""
-    mixed = tmp_path / "mixed"
-    mixed.mkdir()
-    for i, (width, height) in enumerate([(96, 48)] * 3 + [(48, 96)] * 3):
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (height, width, 3), dtype=np.uint8)).save(mixed / f"{i}.png")
-        (mixed / f"{i}.txt").write_text("a red striped circle")
-    star = write_folder(tmp_path / "star", 2, seed=11, include_held_out="only_shape")
-    concept = {"instance_dir": str(star), "instance_prompt": "a sks shape", "class_prompt": "a shape", "class_dir": str(tmp_path / "class")}
-    dreambooth = dict(method="dreambooth", data__image_dir=None, train__max_steps=3, data__random_flip=True,
-                      dreambooth={"concepts": [concept], "adapter": "lora", "train_text_encoder": True, "num_class_images": 2,
-                                  "class_generation": {"num_inference_steps": 2, "batch_size": 1}})
-    controlnet = dict(method="controlnet", data__image_dir=str(pairs_folder), train__max_steps=2, train__gradient_accumulation_steps=2,
-                      data__random_flip=True, train__cache_latents=True, train__cache_text_embeddings=True)  # fmt: skip
-    buckets = dict(data={"image_dir": str(mixed), "resolution": 64, "bucketing": {"enabled": True, "step": 16}}, train__max_steps=2)
-    ddp, single = {}, {}
-    for name, (settings, batch) in {"dreambooth": (dreambooth, 1), "controlnet": (controlnet, 1), "buckets": (buckets, 2)}.items():
-        ddp[name] = write(make_recipe(output_dir=str(tmp_path / f"{name}-ddp"), train__batch_size=batch, **settings), tmp_path / f"{name}-ddp.yaml")
-        single[name] = write(make_recipe(output_dir=str(tmp_path / f"{name}-single"), train__batch_size=2 * batch, **settings), tmp_path / f"{name}-single.yaml")
-    wait(launch(["--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port())], *ddp.values()))
-    assert len(list((tmp_path / "class").glob("*.png"))) == 2  # made by the two processes, reused below
-    alone = subprocess.Popen([sys.executable, str(WORKER), *map(str, single.values())], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait(alone)  # the worker without a launcher: one process, the same global batches
+def test_ddp_dreambooth_controlnet_and_buckets_match_one_process_with_the_same_global_batch(ddp, make_recipe, tmp_path):
+    names = ("dreambooth", "controlnet", "buckets")
+    assert len(list((ddp.root / "class").glob("*.png"))) == 2  # made by the two processes, reused below
+    single = {}
+    for name in names:
+        extra, batch = ddp.settings[name]
+        single[name] = write(make_recipe(output_dir=str(tmp_path / f"{name}-single"), train__batch_size=2 * batch, **extra), tmp_path / f"{name}.yaml")
+    train_and_record([(str(path), None) for path in single.values()])  # the worker's runs in this process: the same global batches
 
-    for name in ddp:
-        out, single_out = tmp_path / f"{name}-ddp", tmp_path / f"{name}-single"
+    for name in names:
+        out, single_out = ddp.root / f"{name}-ddp", tmp_path / f"{name}-single"
         rank0 = load_file(out / "rank0.safetensors")
         assert_same_weights(rank0, load_file(out / "rank1.safetensors"), exact=True)  # DDP keeps the ranks in lockstep
         assert_same_update(rank0, load_file(single_out / "rank0.safetensors"), load_file(out / "initial.safetensors"))
-    adapter = load_file(tmp_path / "dreambooth-ddp" / LORA_WEIGHTS_NAME)
+    adapter = load_file(ddp.root / "dreambooth-ddp" / LORA_WEIGHTS_NAME)
     assert any(k.startswith("text_encoder.") for k in adapter) and any(k.startswith("unet.") for k in adapter)
-    saved = ControlNetModel.from_pretrained(tmp_path / "controlnet-ddp" / CONTROLNET_DIR).state_dict()
-    assert_same_weights({f"controlnet.{k}": v for k, v in saved.items()}, load_file(tmp_path / "controlnet-ddp" / "rank0.safetensors"), exact=True)
+    saved = ControlNetModel.from_pretrained(ddp.root / "controlnet-ddp" / CONTROLNET_DIR).state_dict()
+    assert_same_weights({f"controlnet.{k}": v for k, v in saved.items()}, load_file(ddp.root / "controlnet-ddp" / "rank0.safetensors"), exact=True)
 
 
-def test_two_machines_of_one_process_each_on_loopback(distributed_recipes, tmp_path):
-    two_processes, _ = distributed_recipes
+def test_two_machines_of_one_process_each_on_loopback(ddp, make_recipe, tmp_path):
+    extra, batch = ddp.settings["lora"]
+    two_processes = make_recipe(output_dir=str(tmp_path / "machines"), train__batch_size=batch, **extra)
     path = write(two_processes, tmp_path / "machines.yaml")
     port = str(free_port())
     common = ["--num_processes", "2", "--num_machines", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", port]
@@ -146,7 +154,8 @@ def test_two_machines_of_one_process_each_on_loopback(distributed_recipes, tmp_p
         wait(machine)
     out = Path(two_processes.output_dir)
     assert_same_weights(load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors"), exact=True)
-    assert (out / LORA_WEIGHTS_NAME).is_file()
+    # What two processes on one machine trained (the test above: that is what one process trains).
+    assert_same_weights(load_file(out / LORA_WEIGHTS_NAME), load_file(ddp.root / "lora-ddp" / LORA_WEIGHTS_NAME), exact=False)
 
 
 def test_deepspeed_zero2_trains_checkpoints_resumes_and_saves_the_single_process_adapter(make_recipe, tmp_path):
@@ -154,17 +163,17 @@ def test_deepspeed_zero2_trains_checkpoints_resumes_and_saves_the_single_process
     common = dict(train__batch_size=1, train__max_steps=4, train__gradient_accumulation_steps=2, data__random_flip=True,
                   checkpoint__every_n_steps=2, train__ema_decay=0.5)  # fmt: skip
     uninterrupted = make_recipe(output_dir=str(tmp_path / "zero2"), **common)
-    wait(launch(deepspeed("zero2.json"), write(uninterrupted, tmp_path / "zero2.yaml")))
+    resumed = make_recipe(output_dir=str(tmp_path / "zero2-resumed"), **common)
     out = Path(uninterrupted.output_dir)
     checkpoint = out / "checkpoints" / "checkpoint-2"
+    # One launch: the run, then a second run resumed from the first one's step 2.
+    wait(launch(deepspeed("zero2.json"), write(uninterrupted, tmp_path / "zero2.yaml"), "--resume", checkpoint, write(resumed, tmp_path / "resumed.yaml")))
     assert (checkpoint / EMA_FILE).is_file()
     assert sorted(p.name for p in (checkpoint / "pytorch_model").glob("*optim_states.pt")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]  # one shard per process
     assert_same_weights(load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors"), exact=True)
 
-    # A second run resumes from step 2 and ends where the uninterrupted one did.
-    resumed = make_recipe(output_dir=str(tmp_path / "zero2-resumed"), **common)
-    wait(launch(deepspeed("zero2.json"), write(resumed, tmp_path / "resumed.yaml"), resume=str(checkpoint)))
+    # The resumed run ends where the uninterrupted one did.
     adapter = load_file(out / LORA_WEIGHTS_NAME)
     assert_same_weights(load_file(Path(resumed.output_dir) / LORA_WEIGHTS_NAME), adapter, exact=False)
 
@@ -177,73 +186,89 @@ def test_deepspeed_zero2_trains_checkpoints_resumes_and_saves_the_single_process
     assert sum("lora" in name for name, _ in pipeline.unet.named_parameters()) == len(adapter)
 
 
-def test_deepspeed_zero3_dreambooth_and_controlnet_sample_and_gather_what_one_process_trains(make_recipe, pairs_folder, tmp_path):
-    """Full-UNet DreamBooth and ControlNet under ZeRO-3 (one launch, two runs): both sample validation
-    images with sharded weights and save the gathered model one process trains."""
-    star = write_folder(tmp_path / "star", 2, seed=11, include_held_out="only_shape")
-    concept = {"instance_dir": str(star), "instance_prompt": "a sks shape", "class_prompt": ["a shape", "a red shape"]}
+@pytest.fixture(scope="module")
+def zero3(tiny_model, image_folder, pairs_folder, tmp_path_factory) -> SimpleNamespace:
+    """The runs of the three ZeRO-3 tests below in one launch of zero3.json (each launch starts two
+    interpreters and DeepSpeed); each test checks its own runs. `settings`: each run's recipe overrides,
+    for the single-process runs the tests compare with; `recipes`: each run's recipe; `root`: their folder."""
+    root = tmp_path_factory.mktemp("zero3")
+    star, classes = write_folder(root / "star", 2, seed=11, include_held_out="only_shape"), write_folder(root / "class", 2, seed=1, metadata=False)
     generation = {"num_inference_steps": 2, "batch_size": 1}
     sampling = dict(validation__prompts=["a sks shape"], validation__num_inference_steps=2, validation__images_per_prompt=1)
-    dreambooth = dict(method="dreambooth", data__image_dir=None, train__max_steps=2, optimizer__lr=1e-4,
-                      dreambooth={"concepts": [concept], "num_class_images": 2, "class_generation": generation}, **sampling)  # fmt: skip
-    controlnet = dict(method="controlnet", data__image_dir=str(pairs_folder), train__max_steps=2, **sampling)
-    sharded = {name: make_recipe(output_dir=str(tmp_path / f"{name}-zero3"), train__batch_size=1, **settings)
-               for name, settings in {"dreambooth": dreambooth, "controlnet": controlnet}.items()}  # fmt: skip
-    wait(launch(deepspeed("zero3.json"), *[write(recipe, tmp_path / f"{name}.yaml") for name, recipe in sharded.items()]))
-    for recipe in sharded.values():
-        out = Path(recipe.output_dir)
+    resuming = dict(train__max_steps=4, data__random_flip=True, checkpoint__every_n_steps=2)
+    bf16 = dict(train__max_steps=2, train__mixed_precision="bf16", checkpoint__every_n_steps=1,
+                validation__prompts=["a shape"], validation__num_inference_steps=2, validation__images_per_prompt=1)  # fmt: skip
+    settings = {
+        # sample and gather: full-UNet DreamBooth (class images generated) and ControlNet
+        "dreambooth-sharded": dict(method="dreambooth", data__image_dir=None, train__max_steps=2, optimizer__lr=1e-4, dreambooth={
+            "concepts": [{"instance_dir": str(star), "instance_prompt": "a sks shape", "class_prompt": ["a shape", "a red shape"]}],
+            "num_class_images": 2, "class_generation": generation}, **sampling),  # fmt: skip
+        "controlnet-sharded": dict(method="controlnet", data__image_dir=str(pairs_folder), train__max_steps=2, **sampling),
+        # resume: full DreamBooth and LoRA, each uninterrupted, then resumed from its checkpoint-2
+        "dreambooth-uninterrupted": dict(method="dreambooth", data__image_dir=None, optimizer__lr=1e-4, dreambooth={
+            "concepts": [{"instance_dir": str(star), "instance_prompt": "a sks shape", "class_prompt": "a shape", "class_dir": str(classes)}],
+            "num_class_images": 2}, **resuming),  # fmt: skip
+        "lora-uninterrupted": dict(**resuming),
+        # bf16: every method
+        "lora-bf16": dict(**bf16),
+        "controlnet-bf16": dict(method="controlnet", data__image_dir=str(pairs_folder), **bf16),
+        "dreambooth-bf16": dict(method="dreambooth", data__image_dir=None, optimizer__lr=1e-4, dreambooth={
+            "concepts": [{"instance_dir": str(star), "instance_prompt": "a sks shape", "class_prompt": "a shape"}],
+            "num_class_images": 2, "class_generation": generation}, **bf16),  # fmt: skip
+    }
+    settings["dreambooth-resumed"], settings["lora-resumed"] = settings["dreambooth-uninterrupted"], settings["lora-uninterrupted"]
+    recipes = {name: build_recipe(tiny_model, image_folder, root / name, train__batch_size=1, **extra) for name, extra in settings.items()}
+    arguments = []
+    for name in ("dreambooth-sharded", "controlnet-sharded", "dreambooth-uninterrupted", "dreambooth-resumed", "lora-uninterrupted",
+                 "lora-resumed", "lora-bf16", "controlnet-bf16", "dreambooth-bf16"):  # fmt: skip
+        if name.endswith("-resumed"):
+            arguments += ["--resume", str(root / name.replace("resumed", "uninterrupted") / "checkpoints" / "checkpoint-2")]
+        arguments.append(write(recipes[name], root / f"{name}.yaml"))
+    wait(launch(deepspeed("zero3.json"), *arguments))
+    return SimpleNamespace(root=root, settings=settings, recipes=recipes)
+
+
+def test_deepspeed_zero3_dreambooth_and_controlnet_sample_and_gather_what_one_process_trains(zero3, make_recipe, tmp_path):
+    """Full-UNet DreamBooth and ControlNet under ZeRO-3: both sample validation images with sharded
+    weights and save the gathered model one process trains."""
+    for name in ("dreambooth-sharded", "controlnet-sharded"):
+        out = zero3.root / name
         assert all(t.numel() == 0 for t in load_file(out / "rank0.safetensors").values())  # ZeRO-3: outside the gather each process holds a shard
         # Sampling needs every process under ZeRO-3 (a main-process-only forward would wait forever).
         assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000000.png", "step-000002.png"]
-    out = Path(sharded["dreambooth"].output_dir)
+    out = zero3.root / "dreambooth-sharded"
     assert len(list((out / "class_images" / "concept-0").glob("*.png"))) == 2  # generated before prepare, split across the processes
 
-    single = make_recipe(output_dir=str(tmp_path / "dreambooth-single"), train__batch_size=2, **dreambooth)
+    single = make_recipe(output_dir=str(tmp_path / "dreambooth-single"), train__batch_size=2, **zero3.settings["dreambooth-sharded"])
     train(single)
     gathered = UNet2DConditionModel.from_pretrained(out / "pipeline" / "unet").state_dict()
     expected = UNet2DConditionModel.from_pretrained(Path(single.output_dir) / "pipeline" / "unet").state_dict()
     base = UNet2DConditionModel.from_pretrained(Path(single.model.pretrained) / "unet").state_dict()
     assert_same_update(gathered, expected, base)  # measured: a difference of 1.9e-3 x the update
 
-    out = Path(sharded["controlnet"].output_dir)
-    single = make_recipe(output_dir=str(tmp_path / "controlnet-single"), train__batch_size=2, **controlnet)
+    out = zero3.root / "controlnet-sharded"
+    single = make_recipe(output_dir=str(tmp_path / "controlnet-single"), train__batch_size=2, **zero3.settings["controlnet-sharded"])
     train(single)
     gathered = ControlNetModel.from_pretrained(out / CONTROLNET_DIR).state_dict()
     expected = ControlNetModel.from_pretrained(Path(single.output_dir) / CONTROLNET_DIR).state_dict()
     assert_same_update(gathered, expected, {key.removeprefix("controlnet."): value for key, value in load_file(out / "initial.safetensors").items()})
 
 
-def test_deepspeed_zero3_resumes_full_dreambooth_and_lora_where_they_stopped(make_recipe, tmp_path):
+def test_deepspeed_zero3_resumes_full_dreambooth_and_lora_where_they_stopped(zero3):
     """Under ZeRO-3 each process's checkpoint holds its shard of the weights and optimizer; a run resumed
-    from step 2 ends with the uninterrupted run's full UNet (DreamBooth) and adapter (LoRA). One launch:
-    each uninterrupted run, then its resumption from the checkpoint that run wrote."""
-    star, classes = write_folder(tmp_path / "star", 2, seed=11), write_folder(tmp_path / "class", 2, seed=1, metadata=False)
-    concept = {"instance_dir": str(star), "instance_prompt": "a sks shape", "class_prompt": "a shape", "class_dir": str(classes)}
-    common = dict(train__batch_size=1, train__max_steps=4, data__random_flip=True, checkpoint__every_n_steps=2)
-    settings = {
-        "dreambooth": dict(method="dreambooth", data__image_dir=None, optimizer__lr=1e-4, dreambooth={"concepts": [concept], "num_class_images": 2}),
-        "lora": {},
-    }
-    arguments = []
-    for name, extra in settings.items():
-        for run in ("uninterrupted", "resumed"):
-            recipe = make_recipe(output_dir=str(tmp_path / f"{name}-{run}"), **common, **extra)
-            if run == "resumed":
-                arguments += ["--resume", str(tmp_path / f"{name}-uninterrupted" / "checkpoints" / "checkpoint-2")]
-            arguments.append(write(recipe, tmp_path / f"{name}-{run}.yaml"))
-    wait(launch(deepspeed("zero3.json"), *arguments))
-
-    shards = tmp_path / "dreambooth-uninterrupted" / "checkpoints" / "checkpoint-2" / "pytorch_model"
+    from step 2 ends with the uninterrupted run's full UNet (DreamBooth) and adapter (LoRA)."""
+    root = zero3.root
+    shards = root / "dreambooth-uninterrupted" / "checkpoints" / "checkpoint-2" / "pytorch_model"
     assert sorted(p.name for p in shards.glob("*model_states.pt")) == ["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt"]
-    unets = [UNet2DConditionModel.from_pretrained(tmp_path / f"dreambooth-{run}" / "pipeline" / "unet").state_dict() for run in ("uninterrupted", "resumed")]
-    base = UNet2DConditionModel.from_pretrained(Path(make_recipe().model.pretrained) / "unet").state_dict()
+    unets = [UNet2DConditionModel.from_pretrained(root / f"dreambooth-{run}" / "pipeline" / "unet").state_dict() for run in ("uninterrupted", "resumed")]
+    base = UNet2DConditionModel.from_pretrained(Path(zero3.recipes["lora-uninterrupted"].model.pretrained) / "unet").state_dict()
     assert not all(torch.equal(unets[0][key], base[key]) for key in base)  # it trained
     assert_same_weights(unets[1], unets[0], exact=False)
-    adapters = [load_file(tmp_path / f"lora-{run}" / LORA_WEIGHTS_NAME) for run in ("uninterrupted", "resumed")]
+    adapters = [load_file(root / f"lora-{run}" / LORA_WEIGHTS_NAME) for run in ("uninterrupted", "resumed")]
     assert any(t.any() for k, t in adapters[0].items() if "lora.up" in k)
     assert_same_weights(adapters[1], adapters[0], exact=False)
     # Each checkpoint also holds the outputs of its step (checkpoint.save_outputs), gathered whole.
-    checkpoint = {name: tmp_path / f"{name}-uninterrupted" / "checkpoints" / "checkpoint-2" for name in settings}
+    checkpoint = {name: root / f"{name}-uninterrupted" / "checkpoints" / "checkpoint-2" for name in ("dreambooth", "lora")}
     at_step_2 = load_file(checkpoint["lora"] / LORA_WEIGHTS_NAME)
     assert {k: t.shape for k, t in at_step_2.items()} == {k: t.shape for k, t in adapters[0].items()}
     assert not any(torch.equal(at_step_2[k], adapters[0][k]) for k in at_step_2 if "lora.up" in k)
@@ -252,34 +277,22 @@ def test_deepspeed_zero3_resumes_full_dreambooth_and_lora_where_they_stopped(mak
     assert not all(torch.equal(unet_at_step_2[key], base[key]) for key in base)
 
 
-def test_deepspeed_bf16_trains_samples_and_saves_every_method(make_recipe, pairs_folder, tmp_path):
+def test_deepspeed_bf16_trains_samples_and_saves_every_method(zero3):
     """DeepSpeed holds the trained model in bf16 and accelerate's autocast is off there: fp32 inputs
-    met bf16 weights (every method failed at its first step). ZeRO-3, one launch, three methods; the
-    outputs carry the fp32 master weights."""
-    star = write_folder(tmp_path / "star", 2, seed=11)
-    concept = {"instance_dir": str(star), "instance_prompt": "a sks shape", "class_prompt": "a shape"}
-    common = dict(train__batch_size=1, train__max_steps=2, train__mixed_precision="bf16", checkpoint__every_n_steps=1,
-                  validation__prompts=["a shape"], validation__num_inference_steps=2, validation__images_per_prompt=1)  # fmt: skip
-    recipes = {
-        "lora": make_recipe(output_dir=str(tmp_path / "lora"), **common),
-        "controlnet": make_recipe(output_dir=str(tmp_path / "controlnet"), method="controlnet", data__image_dir=str(pairs_folder), **common),
-        "dreambooth": make_recipe(output_dir=str(tmp_path / "dreambooth"), method="dreambooth", data__image_dir=None, optimizer__lr=1e-4,
-                                  dreambooth={"concepts": [concept], "num_class_images": 2, "class_generation": {"num_inference_steps": 2, "batch_size": 1}},
-                                  **common),
-    }  # fmt: skip
-    wait(launch(deepspeed("zero3.json"), *[write(recipe, tmp_path / f"{name}.yaml") for name, recipe in recipes.items()]))
-    for name, recipe in recipes.items():
-        out = Path(recipe.output_dir)
+    met bf16 weights (every method failed at its first step). ZeRO-3, the three methods after fp32 runs
+    in the same launch; the outputs carry the fp32 master weights."""
+    for name in ("lora-bf16", "controlnet-bf16", "dreambooth-bf16"):
+        out = zero3.root / name
         assert sorted(p.name for p in (out / "samples").iterdir()) == ["step-000000.png", "step-000002.png"], name
         assert (out / "checkpoints" / "checkpoint-2").is_dir(), name
-    adapter = load_file(tmp_path / "lora" / LORA_WEIGHTS_NAME)
+    adapter = load_file(zero3.root / "lora-bf16" / LORA_WEIGHTS_NAME)
     assert any(t.any() for k, t in adapter.items() if "lora.up" in k) and all(t.isfinite().all() for t in adapter.values())
     # Saved from the optimizer's fp32 masters, not the engine's bf16 copy (which rounds small updates away).
     assert not all(torch.equal(t, t.bfloat16().float()) for t in adapter.values())
-    controlnet = ControlNetModel.from_pretrained(tmp_path / "controlnet" / CONTROLNET_DIR).state_dict()
+    controlnet = ControlNetModel.from_pretrained(zero3.root / "controlnet-bf16" / CONTROLNET_DIR).state_dict()
     assert any(t.any() for k, t in controlnet.items() if k.startswith("controlnet_mid_block"))
-    pipeline = StableDiffusionPipeline.from_pretrained(tmp_path / "dreambooth" / "pipeline")
-    source = StableDiffusionPipeline.from_pretrained(recipes["dreambooth"].model.pretrained)
+    pipeline = StableDiffusionPipeline.from_pretrained(zero3.root / "dreambooth-bf16" / "pipeline")
+    source = StableDiffusionPipeline.from_pretrained(zero3.recipes["dreambooth-bf16"].model.pretrained)
     assert not torch.equal(pipeline.unet.conv_out.weight, source.unet.conv_out.weight)  # it trained
     assert not torch.equal(pipeline.unet.conv_out.weight, pipeline.unet.conv_out.weight.bfloat16().float())  # fp32 masters
     assert all(torch.equal(t, source.vae.state_dict()[k]) for k, t in pipeline.vae.state_dict().items())  # reloaded, not bf16-rounded
