@@ -58,13 +58,13 @@ def lora_model(recipe, lora_file: Path | None = None):
 
 
 def test_loss_falls_on_a_fixed_batch(make_recipe):
-    recipe = make_recipe(train__max_steps=120, train__batch_size=4, optimizer__lr=5e-3, lora__rank=8, lora__alpha=8)
+    recipe = make_recipe(train__max_steps=60, train__batch_size=4, optimizer__lr=5e-3, lora__rank=8, lora__alpha=8)
     base = load_base_model(recipe.model)
     before = fixed_batch_loss(base, base.unet, recipe)
     result = train(recipe)
     _, trained = lora_model(recipe, result.output_dir / LORA_WEIGHTS_NAME)
     after = fixed_batch_loss(base, trained, recipe)
-    assert after < 0.85 * before, (before, after)
+    assert after < 0.85 * before, (before, after)  # measured: 1.146 -> 0.818 (0.71x)
 
 
 def test_init_from_starts_as_base_plus_that_lora_in_any_layout(make_recipe, tiny_model, tmp_path):
