@@ -196,9 +196,12 @@ def changed_settings(saved: dict | None, current: dict) -> list[str]:
     if saved is None:  # a checkpoint from before the recipe was stored
         return []
     # A key the checkpoint lacks is a setting added since it was made, not a change (this run has its default or a choice).
-    keys = sorted(saved)
-    return [f"{key} {saved.get(key)} -> {current.get(key)}" for key in keys
-            if saved.get(key) != current.get(key) and (not key.startswith(RESUMABLE_CHANGES) or key in TRAINING_DATA_CHANGES)]  # fmt: skip
+    def differs(key: str) -> bool:
+        if key not in current and any(name.startswith(f"{key}.") for name in current):
+            return False  # a list of sections kept as one value, by a checkpoint made before they were kept item by item
+        return saved[key] != current.get(key) and (not key.startswith(RESUMABLE_CHANGES) or key in TRAINING_DATA_CHANGES)
+
+    return [f"{key} {saved[key]} -> {current.get(key)}" for key in sorted(saved) if differs(key)]
 
 
 def save_checkpoint(

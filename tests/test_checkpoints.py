@@ -61,6 +61,26 @@ def test_resuming_names_the_settings_changed_since_the_checkpoint(make_recipe, c
     assert lines == ["warning: settings changed since checkpoint-2: lora.alpha 2.0 -> 8.0, optimizer.lr 0.001 -> 0.0005"]
 
 
+def test_a_change_in_a_list_of_sections_is_named_by_its_item_and_setting(make_recipe, tmp_path):
+    """DreamBooth concepts and data.folders are compared setting by setting; a checkpoint that kept such a
+    list as one value (made before) does not count the new form, or a concept's new default, as a change."""
+    from finetune.checkpoint import changed_settings
+
+    def concepts(*prompts, **extra):
+        return make_recipe(method="dreambooth", data__image_dir=None, dreambooth={"concepts": [
+            {"instance_dir": str(tmp_path / f"c{i}"), "instance_prompt": prompt, "class_prompt": "a shape", **extra} for i, prompt in enumerate(prompts)]})
+
+    saved = concepts("a sks shape", "a zwx shape").flat_settings()
+    assert saved["dreambooth.concepts.1.instance_prompt"] == "a zwx shape" and saved["dreambooth.concepts.0.repeats"] == 1
+    assert changed_settings(saved, concepts("a sks shape", "a qrs shape").flat_settings()) == [
+        "dreambooth.concepts.1.instance_prompt a zwx shape -> a qrs shape"]
+    removed = changed_settings(saved, concepts("a sks shape").flat_settings())
+    assert "dreambooth.concepts.1.instance_prompt a zwx shape -> None" in removed  # a concept left out is said
+    older = {key: value for key, value in saved.items() if not key.startswith("dreambooth.concepts")}
+    older["dreambooth.concepts"] = str([{"instance_dir": str(tmp_path / "c0"), "instance_prompt": "a sks shape"}])  # kept whole, no repeats
+    assert changed_settings(older, concepts("a sks shape", "a zwx shape").flat_settings()) == []
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
 def test_a_resumed_run_uses_the_optimizer_settings_it_reports_as_changed(make_recipe, monkeypatch, optimizer):
     """The checkpoint restores the optimizer's own settings with its state; the recipe's changed ones win,

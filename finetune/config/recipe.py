@@ -283,6 +283,9 @@ class Recipe(Section):
             if isinstance(value, dict):
                 for key, child in value.items():
                     walk(f"{prefix}.{key}" if prefix else key, child)
+            elif isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+                for index, item in enumerate(value):  # sections in a list (dreambooth.concepts, data.folders): each setting by its own key
+                    walk(f"{prefix}.{index}", item)
             elif isinstance(value, (int, float, str, bool)):
                 flat[prefix] = value
             elif value is not None:
