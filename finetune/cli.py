@@ -131,6 +131,16 @@ def _export(args) -> int:
     return 0
 
 
+def _export_checkpoint(args) -> int:
+    from finetune.single_file_export import export_checkpoint
+
+    path, notes = export_checkpoint(Path(args.input), Path(args.output), args.precision, overwrite=args.overwrite)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:,.1f} MB{', ' + args.precision if args.precision else ''})")
+    for note in notes:
+        print(f"note: {note}")
+    return 0
+
+
 def _merge(args) -> int:
     from finetune.merge import merge_lora
 
@@ -181,6 +191,7 @@ COMMANDS = {
     "make-world-data": _make_world_data,
     "export-base": _export_base,
     "export": _export,
+    "export-checkpoint": _export_checkpoint,
     "merge": _merge,
     "make-conditions": _make_conditions,
     "check-data": _check_data,

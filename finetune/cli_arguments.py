@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   finetune check-data recipes/lora.yaml data.image_dir=my_photos data.bucketing.enabled=true
   finetune sample --base finetune/assets/toyworld-base --lora outputs/quickstart --prompt "a large orange star on a gray background"
   finetune export outputs/quickstart outputs/webui --to kohya
+  finetune export-checkpoint outputs/dreambooth outputs/webui/dreambooth.safetensors --precision fp16
   finetune merge --base finetune/assets/toyworld-base --lora outputs/quickstart --strength 0.8 outputs/merged
   finetune make-tiny-model outputs/tiny-sd
   finetune make-conditions my_photos my_controlnet_data --kind canny
@@ -146,6 +147,21 @@ def build_parser() -> argparse.ArgumentParser:
     lora_export.add_argument("--overwrite", action="store_true", help="replace the file and README.md if they exist")
     lora_export.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
                              help="the weights' precision: fp16 halves the file, as most shared LoRAs are (default: the input's; training writes fp32)")  # fmt: skip
+
+    checkpoint_export = commands.add_parser(
+        "export-checkpoint",
+        help="write a full pipeline as one webui/ComfyUI checkpoint file (SD1.x's original layout)",
+        description="Convert an SD1.x-shaped diffusers pipeline (a full or DreamBooth-full run, or finetune merge's output) "
+        "to one .safetensors file in the original Stable Diffusion layout (model.diffusion_model.*, first_stage_model.*, "
+        "cond_stage_model.*) that AUTOMATIC1111/Forge webui, ComfyUI and model sites load, with the run's metadata. "
+        "A LoRA is folded into its base with finetune merge first.",
+        epilog="example: finetune export-checkpoint outputs/dreambooth outputs/webui/dreambooth.safetensors --precision fp16",
+    )
+    checkpoint_export.add_argument("input", help="a pipeline folder (model_index.json), or a run or checkpoint folder holding pipeline/")
+    checkpoint_export.add_argument("output", help="the .safetensors file to write")
+    checkpoint_export.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
+                                   help="the weights' precision: fp16 halves the file, as most shared checkpoints are (default: as the pipeline holds them)")  # fmt: skip
+    checkpoint_export.add_argument("--overwrite", action="store_true", help="replace the file if it exists")
 
     merge = commands.add_parser(
         "merge",

@@ -84,7 +84,7 @@ def resolve_model_folder(config: ModelConfig) -> Path | None:
     if path.suffix in SINGLE_FILE_SUFFIXES:
         if not path.is_file():
             raise FinetuneError(f"base model file {name} not found: check {config._key}")
-        if path.suffix == ".safetensors" and _holds_a_lora(path):
+        if path.suffix == ".safetensors" and holds_a_lora(path):
             raise FinetuneError(f"{name} is a LoRA, not a base model: pass it as --lora, with {config._key} the model it was trained on")
         return None
     if config.single_file_config:
@@ -111,7 +111,7 @@ def looks_like_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~"))
 
 
-def _holds_a_lora(path: Path) -> bool:
+def holds_a_lora(path: Path) -> bool:
     """Whether a .safetensors file's names (its header only) are a LoRA's, in any layout."""
     from safetensors import SafetensorError, safe_open
 

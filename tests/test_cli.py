@@ -16,7 +16,7 @@ from ports import free_port
 
 from finetune.cli import main
 
-SUBCOMMANDS = ["train", "sample", "eval", "make-tiny-model", "make-sample-data", "make-world-data", "export-base", "export", "merge", "demo", "bench"]
+SUBCOMMANDS = ["train", "sample", "eval", "make-tiny-model", "make-sample-data", "make-world-data", "export-base", "export", "export-checkpoint", "merge", "demo", "bench"]
 
 
 def test_help_lists_every_subcommand_with_examples(capsys):

@@ -1,18 +1,21 @@
-"""Loading a base model from one original-format (LDM/webui) .safetensors file, offline; and which files
-of a hub repo a hub id downloads.
+"""Writing a pipeline as one original-layout (LDM/webui) .safetensors file (`finetune export-checkpoint`) and
+loading a base model from such a file, offline; and which files of a hub repo a hub id downloads.
 
-The test writes such a file itself: an SD1.5-shaped pipeline with tiny widths (4 UNet blocks of 2
-layers, 4 VAE blocks of 2 layers) whose diffusers weights are renamed to the original Stable Diffusion
-layout, then loads it with `model.single_file_config` pointing at the matching diffusers configs.
+The file is written from an SD1.5-shaped pipeline with tiny widths (4 UNet blocks of 2 layers, 4 VAE
+blocks of 2 layers) and loaded with `model.single_file_config` pointing at the matching diffusers configs:
+diffusers' own single-file loader must give back every weight.
 """
 
 import copy
+import json
+import shutil
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, SHIPPED_BASE, build_recipe
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from finetune.cli import main
@@ -21,6 +24,7 @@ from finetune.demo_engine import DemoEngine
 from finetune.errors import FinetuneError
 from finetune.methods.lora import add_lora, save_lora
 from finetune.models import load_base_model
+from finetune.single_file_export import export_checkpoint
 from finetune.tiny_model import DEFAULT_WORDS, sd15_scheduler_config
 from finetune.tokenizer import make_clip_tokenizer
 
@@ -46,95 +50,41 @@ def sd15_shaped_pipeline(tmp_path) -> StableDiffusionPipeline:
                                    feature_extractor=None, requires_safety_checker=False)
 
 
-def ldm_unet_names() -> list[tuple[str, str]]:
-    """(original prefix, diffusers prefix) for SD1.5's UNet layout, most specific first."""
-    pairs = []
-    for i in range(4):
-        for j in range(2):
-            pairs.append((f"input_blocks.{3 * i + j + 1}.0.", f"down_blocks.{i}.resnets.{j}."))
-            if i < 3:
-                pairs.append((f"input_blocks.{3 * i + j + 1}.1.", f"down_blocks.{i}.attentions.{j}."))
-        for j in range(3):
-            pairs.append((f"output_blocks.{3 * i + j}.0.", f"up_blocks.{i}.resnets.{j}."))
-            if i > 0:
-                pairs.append((f"output_blocks.{3 * i + j}.1.", f"up_blocks.{i}.attentions.{j}."))
-        if i < 3:
-            pairs.append((f"input_blocks.{3 * (i + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv."))
-            pairs.append((f"output_blocks.{3 * i + 2}.{1 if i == 0 else 2}.", f"up_blocks.{i}.upsamplers.0."))
-    pairs.append(("middle_block.1.", "mid_block.attentions.0."))
-    pairs += [(f"middle_block.{2 * j}.", f"mid_block.resnets.{j}.") for j in range(2)]
-    return pairs
-
-
-def to_ldm_unet(state: dict) -> dict:
-    whole = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
-             "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2."}
-    resnet = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
-              "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
-    out = {}
-    for name, tensor in state.items():
-        new = name
-        for hf, sd in whole.items():
-            if new.startswith(hf):
-                new = sd + new[len(hf):]
-        if "resnets" in name:
-            for hf, sd in resnet.items():
-                new = new.replace(f".{hf}.", f".{sd}.")
-        for sd, hf in ldm_unet_names():
-            new = new.replace(hf, sd)
-        out["model.diffusion_model." + new] = tensor
-    return out
-
-
-def to_ldm_vae(state: dict) -> dict:
-    pairs = [("nin_shortcut", "conv_shortcut"), ("norm_out", "conv_norm_out"), ("mid.attn_1.", "mid_block.attentions.0.")]
-    for i in range(4):
-        pairs += [(f"encoder.down.{i}.block.{j}.", f"encoder.down_blocks.{i}.resnets.{j}.") for j in range(2)]
-        pairs += [(f"decoder.up.{3 - i}.block.{j}.", f"decoder.up_blocks.{i}.resnets.{j}.") for j in range(3)]
-        if i < 3:
-            pairs += [(f"down.{i}.downsample.", f"down_blocks.{i}.downsamplers.0."), (f"up.{3 - i}.upsample.", f"up_blocks.{i}.upsamplers.0.")]
-    pairs += [(f"mid.block_{i + 1}.", f"mid_block.resnets.{i}.") for i in range(2)]
-    attention = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("proj_out.", "to_out.0.")]
-    out = {}
-    for name, tensor in state.items():
-        new = name
-        for sd, hf in pairs:
-            new = new.replace(hf, sd)
-        if "attentions" in name:
-            for sd, hf in attention:
-                new = new.replace(hf, sd)
-            if tensor.ndim == 2:  # linear in diffusers, 1x1 conv in the original
-                tensor = tensor[:, :, None, None]
-        out["first_stage_model." + new] = tensor
-    return out
-
-
 @pytest.fixture
 def single_file(tmp_path):
     """(the .safetensors file, a diffusers folder with its configs, the pipeline it was written from)."""
     pipeline = sd15_shaped_pipeline(tmp_path)
     configs = tmp_path / "configs"
     pipeline.save_pretrained(configs)
-    checkpoint = {
-        **to_ldm_unet(pipeline.unet.state_dict()),
-        **to_ldm_vae(pipeline.vae.state_dict()),
-        # The original layout names the text model's weights text_model.* (transformers 5 drops that level).
-        **{"cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v
-           for k, v in pipeline.text_encoder.state_dict().items()},
-    }
-    path = tmp_path / "model.safetensors"
-    save_file({k: v.contiguous() for k, v in checkpoint.items()}, str(path))
+    path, _ = export_checkpoint(configs, tmp_path / "model.safetensors")
     return path, configs, pipeline
 
 
-def test_single_safetensors_file_loads_offline_with_local_configs(single_file, tmp_path):
-    path, configs, pipeline = single_file
+def assert_loads_back(path, configs, pipeline, rounded=lambda tensor: tensor):
+    """diffusers' single-file loader, through ours, gives back every weight of `pipeline` (as `rounded` makes them)."""
     base = load_base_model(ModelConfig(pretrained=str(path), single_file_config=str(configs)))
-    for part in ("unet", "vae"):
+    for part in ("unet", "vae", "text_encoder"):
         loaded, original = getattr(base, part).state_dict(), getattr(pipeline, part).state_dict()
         assert loaded.keys() == original.keys()
         for name, tensor in original.items():
-            assert torch.equal(loaded[name].reshape(tensor.shape), tensor), f"{part}.{name}"
+            assert torch.equal(loaded[name].reshape(tensor.shape), rounded(tensor)), f"{part}.{name}"
+    return base
+
+
+def test_single_safetensors_file_loads_offline_with_local_configs(single_file, tmp_path):
+    """The export's file is what diffusers' (and so the webui's) single-file layout reads: every weight in its place."""
+    path, configs, pipeline = single_file
+    with safe_open(str(path), "pt") as f:
+        keys, metadata = set(f.keys()), f.metadata()
+        assert f.get_slice("first_stage_model.encoder.mid.attn_1.q.weight").get_shape() == [32, 32, 1, 1]  # a 1x1 conv there
+    # The keys loaders tell SD1.x by, and nothing outside the three parts.
+    assert {"model.diffusion_model.output_blocks.11.0.skip_connection.weight", "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"} <= keys
+    assert all(key.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model.")) for key in keys)
+    assert len(keys) == sum(len(getattr(pipeline, part).state_dict()) for part in ("unet", "vae", "text_encoder"))
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1" and metadata["modelspec.prediction_type"] == "epsilon"
+    assert metadata["modelspec.resolution"] == "64x64" and metadata["modelspec.title"] == "model"
+
+    base = assert_loads_back(path, configs, pipeline)
     ids = base.tokenizer(["a red circle"], return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(base.text_encoder(ids)[0], pipeline.text_encoder(ids)[0])
@@ -144,6 +94,103 @@ def test_single_safetensors_file_loads_offline_with_local_configs(single_file, t
     for config in (tmp_path / "confgs", REPO / "finetune" / "assets" / "toyworld-base"):
         with pytest.raises(FinetuneError, match=rf"^could not load base model file .*model\.safetensors with model.single_file_config {config}: "):
             load_base_model(ModelConfig(pretrained=str(path), single_file_config=str(config)))
+
+
+def test_fp16_export_is_half_the_size_and_loads_back_rounded(single_file, tmp_path, capsys):
+    path, configs, pipeline = single_file
+    half = tmp_path / "half.safetensors"
+    assert main(["export-checkpoint", str(configs), str(half), "--precision", "fp16"]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {half} (")
+    with safe_open(str(half), "pt") as f:
+        assert {f.get_slice(key).get_dtype() for key in f.keys()} == {"F16"}
+    assert 0.45 < half.stat().st_size / path.stat().st_size < 0.55
+    assert_loads_back(half, configs, pipeline, rounded=lambda tensor: tensor.half().float())
+
+    # Without --precision each weight stays as the pipeline holds it: an fp16 pipeline gives the same file.
+    from finetune.pipeline_io import export_fp16
+
+    fp16_pipeline = export_fp16(configs, tmp_path / "fp16-pipeline")
+    as_held = tmp_path / "as-held.safetensors"
+    assert main(["export-checkpoint", str(fp16_pipeline), str(as_held)]) == 0
+    held, halved = load_file(str(as_held)), load_file(str(half))
+    assert held.keys() == halved.keys() and all(torch.equal(held[key], halved[key]) for key in halved)
+
+
+def test_a_full_run_folder_exports_with_its_metadata_and_a_v_prediction_note(single_file, image_folder, tmp_path, capsys):
+    """`finetune export-checkpoint RUN`: a full fine-tune's pipeline/ (here trained to predict v), its recorded metadata in the header."""
+    from finetune.trainer import train
+
+    _, configs, _ = single_file
+    run = tmp_path / "run"
+    train(build_recipe(configs, image_folder, run, method="full", model__prediction_type="v_prediction", train__max_steps=1, train__batch_size=1,
+                       checkpoint__every_n_steps=1))  # fmt: skip
+    out = tmp_path / "webui" / "run.safetensors"
+    capsys.readouterr()  # training's own lines
+    assert main(["export-checkpoint", str(run), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"wrote {out} (") and 'note: it predicts v (v-prediction): the webui needs run.yaml beside it' in printed
+    with safe_open(str(out), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["finetune.method"] == "full" and metadata["finetune.steps"] == "1" and metadata["modelspec.prediction_type"] == "v"
+    trained = UNet2DConditionModel.from_pretrained(run / "pipeline" / "unet")
+    base = load_base_model(ModelConfig(pretrained=str(out), single_file_config=str(run / "pipeline")))
+    assert all(torch.equal(a, b) for a, b in zip(base.unet.state_dict().values(), trained.state_dict().values(), strict=True))
+
+    # A checkpoint's pipeline/ too (it holds the run's result as of its step).
+    assert main(["export-checkpoint", str(run / "checkpoints" / "checkpoint-1"), str(tmp_path / "step1.safetensors")]) == 0
+    assert load_file(str(tmp_path / "step1.safetensors")).keys() == load_file(str(out)).keys()
+
+
+def edited_pipeline(configs, tmp_path, part: str, **changes):
+    """A copy of the pipeline folder with `changes` in one part's config.json (or model_index.json: part "")."""
+    folder = tmp_path / f"edited-{part}-{'-'.join(changes)}"
+    shutil.copytree(configs, folder)
+    path = folder / part / ("config.json" if part else "model_index.json")
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return folder
+
+
+def test_what_the_layout_cannot_hold_is_refused_in_one_line_before_anything_is_written(single_file, tiny_model, tmp_path, capsys):
+    path, configs, _ = single_file
+    out = tmp_path / "out.safetensors"
+    not_sd1 = "cannot be exported as a webui checkpoint: that layout describes SD1.x's architecture, and "
+    lora_run = tmp_path / "lora_run"
+    lora_run.mkdir()
+    save_file({"unet.conv_in.lora.down.weight": torch.zeros(1, 4)}, str(lora_run / "pytorch_lora_weights.safetensors"))
+    refusals = {
+        str(SHIPPED_BASE): f"{SHIPPED_BASE} {not_sd1}this UNet has 3 blocks of 1 layer (SD1.x's: 4 of 2)",
+        str(tiny_model): f"{tiny_model} {not_sd1}this UNet has",
+        str(lora_run): f"{lora_run} holds a LoRA, not a whole model: fold it into its base first (finetune merge --lora {lora_run} MERGED)",
+        str(lora_run / "pytorch_lora_weights.safetensors"): f"{lora_run / 'pytorch_lora_weights.safetensors'} holds a LoRA, not a whole model",
+        str(tmp_path / "missing"): f"export-checkpoint input {tmp_path / 'missing'} not found",
+        str(path): f"{path} is not a diffusers pipeline folder (no model_index.json) nor a run's folder holding pipeline/",
+    }
+    for edit, what in (
+        (("unet", {"layers_per_block": 1}), "this UNet has 4 blocks of 1 layer (SD1.x's: 4 of 2)"),
+        (("unet", {"up_block_types": ["UpBlock2D"] * 4}), "this UNet's blocks are"),
+        (("unet", {"use_linear_projection": True}), "this is SD2-style (OpenCLIP text encoder"),
+        (("text_encoder", {"hidden_act": "gelu"}), "this is SD2-style (OpenCLIP text encoder"),
+        (("", {"text_encoder": ["transformers", "CLIPTextModelWithProjection"]}), "its text encoder is a CLIPTextModelWithProjection, not a CLIPTextModel"),
+        (("vae", {"layers_per_block": 1}), "this VAE has 4 blocks of 1 layer and 4 latent channels (SD1.x's: 4 of 2, 4 channels)"),
+    ):
+        folder = edited_pipeline(configs, tmp_path, edit[0], **edit[1])
+        refusals[str(folder)] = f"{folder} {not_sd1}{what}"
+    for source, message in refusals.items():
+        assert main(["export-checkpoint", source, str(out)]) == 2, source
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+        assert not out.exists() and not list(tmp_path.glob(".out.safetensors*"))
+
+    # An existing file is replaced only with --overwrite; the name must be a .safetensors file's.
+    out.write_text("keep me")
+    assert main(["export-checkpoint", str(configs), str(out)]) == 2
+    assert capsys.readouterr().err == f"error: export-checkpoint would replace {out}: give another output, or pass --overwrite\n"
+    assert out.read_text() == "keep me"
+    assert main(["export-checkpoint", str(configs), str(tmp_path / "webui")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: export-checkpoint output {tmp_path / 'webui'} is not a .safetensors file name")
+    assert main(["export-checkpoint", str(configs), str(out), "--overwrite"]) == 0
+    replaced, exported = load_file(str(out)), load_file(str(path))
+    assert replaced.keys() == exported.keys() and all(torch.equal(replaced[key], exported[key]) for key in exported)
 
 
 def test_sample_merge_and_demo_take_a_single_file_base_with_base_config(single_file, tmp_path, capsys):

@@ -1,0 +1,227 @@
+"""`finetune export-checkpoint`: a diffusers SD1.x pipeline as one .safetensors file in the original layout.
+
+AUTOMATIC1111/Forge webui, ComfyUI and model sites load whole models as one file in the original
+(CompVis/LDM) Stable Diffusion layout, as sd-scripts writes it: the UNet under `model.diffusion_model.`,
+the VAE under `first_stage_model.`, the CLIP text encoder under `cond_stage_model.transformer.text_model.`.
+Its names number SD1.x's blocks and layers, so only an SD1.x-shaped pipeline is written: anything else is
+refused from its configs, before its weights are read. diffusers' `from_single_file` reads the file back
+exactly (tests/test_single_file.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from finetune.checkpoint import atomic_save_safetensors
+from finetune.errors import FinetuneError
+from finetune.inference import saved_model_metadata
+from finetune.kohya import CLIP_ROOT, PRECISIONS
+from finetune.methods.full import PIPELINE_DIR
+from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.models import check_pipeline_parts, holds_a_lora
+
+UNET_ROOT, VAE_ROOT, TEXT_ENCODER_ROOT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model."
+WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors"}
+SD1_DOWN_BLOCKS = ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+SD1_UP_BLOCKS = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
+# SD1.5's widths: the webui builds SD1.x from its v1-inference.yaml at these sizes, whatever the file holds.
+SD15_WIDTHS = {"unet": [320, 640, 1280, 1280], "text_encoder": 768, "vae": [128, 256, 512, 512]}
+
+# --- names ---------------------------------------------------------------------------------------
+
+
+def unet_prefixes() -> dict[str, str]:
+    """diffusers' module prefix -> the original's, for SD1.x's UNet (4 blocks of 2 layers).
+
+    The original numbers its modules in one sequence per direction. input_blocks: 0 is conv_in, then per
+    block its 2 layers and its downsampler. output_blocks: 3 layers per block (one more than going down: the
+    extra one takes the skip from the downsampler's level), the upsampler inside the block's last layer.
+    """
+    names = {
+        "time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.", "conv_in.": "input_blocks.0.0.",
+        "mid_block.resnets.0.": "middle_block.0.", "mid_block.attentions.0.": "middle_block.1.", "mid_block.resnets.1.": "middle_block.2.",
+        "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
+    }  # fmt: skip
+    for i in range(4):
+        for j in range(2):
+            names[f"down_blocks.{i}.resnets.{j}."] = f"input_blocks.{3 * i + j + 1}.0."
+            if i < 3:
+                names[f"down_blocks.{i}.attentions.{j}."] = f"input_blocks.{3 * i + j + 1}.1."
+        for j in range(3):
+            names[f"up_blocks.{i}.resnets.{j}."] = f"output_blocks.{3 * i + j}.0."
+            if i > 0:
+                names[f"up_blocks.{i}.attentions.{j}."] = f"output_blocks.{3 * i + j}.1."
+        if i < 3:
+            names[f"down_blocks.{i}.downsamplers.0.conv."] = f"input_blocks.{3 * i + 3}.0.op."
+            # After the resnet, and after the attention in the blocks that have one (all but the first).
+            names[f"up_blocks.{i}.upsamplers.0."] = f"output_blocks.{3 * i + 2}.{2 if i else 1}."
+    return names
+
+
+def vae_prefixes() -> dict[str, str]:
+    """diffusers' module prefix -> the original's, for SD1.x's VAE (4 blocks of 2 layers; 3 in the decoder)."""
+    names = {name: name for name in ("encoder.conv_in.", "encoder.conv_out.", "decoder.conv_in.", "decoder.conv_out.", "quant_conv.", "post_quant_conv.")}
+    for coder in ("encoder", "decoder"):
+        names.update({f"{coder}.conv_norm_out.": f"{coder}.norm_out.", f"{coder}.mid_block.attentions.0.": f"{coder}.mid.attn_1."})
+        names.update({f"{coder}.mid_block.resnets.{j}.": f"{coder}.mid.block_{j + 1}." for j in range(2)})
+    for i in range(4):
+        names.update({f"encoder.down_blocks.{i}.resnets.{j}.": f"encoder.down.{i}.block.{j}." for j in range(2)})
+        # The original numbers the decoder's blocks from full resolution up, diffusers from the latent down.
+        names.update({f"decoder.up_blocks.{i}.resnets.{j}.": f"decoder.up.{3 - i}.block.{j}." for j in range(3)})
+        if i < 3:
+            names[f"encoder.down_blocks.{i}.downsamplers.0."] = f"encoder.down.{i}.downsample."
+            names[f"decoder.up_blocks.{i}.upsamplers.0."] = f"decoder.up.{3 - i}.upsample."
+    return names
+
+
+UNET_RESNET_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+                     "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}  # fmt: skip
+VAE_RESNET_NAMES = {"conv_shortcut": "nin_shortcut"}
+VAE_ATTENTION_NAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _rename(state: dict[str, torch.Tensor], prefixes: dict[str, str], inner: dict[str, dict[str, str]], part: str) -> dict[str, tuple[str, torch.Tensor]]:
+    """{diffusers name: (original name, tensor)}: each module prefix replaced, and within the modules whose
+    diffusers prefix contains a key of `inner` (resnets, attentions) the module name after it too."""
+    out = {}
+    for name, tensor in state.items():
+        prefix = next((p for p in prefixes if name.startswith(p)), None)
+        if prefix is None:
+            raise FinetuneError(f"{part} weight {name} has no place in SD1.x's original layout: is the pipeline SD1.x?")
+        rest = name[len(prefix):]
+        kind = next((kind for kind in inner if f".{kind}." in prefix), None)
+        for old, new in inner.get(kind, {}).items():
+            if rest.startswith(old + "."):
+                rest = new + rest[len(old):]
+                break
+        out[name] = (prefixes[prefix] + rest, tensor)
+    return out
+
+
+def to_original_unet(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {UNET_ROOT + new: tensor for new, tensor in _rename(state, unet_prefixes(), {"resnets": UNET_RESNET_NAMES}, "UNet").values()}
+
+
+def to_original_vae(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    renamed = _rename(state, vae_prefixes(), {"resnets": VAE_RESNET_NAMES, "attentions": VAE_ATTENTION_NAMES}, "VAE")
+    # The original's attention projects with 1x1 convolutions where diffusers uses linear layers.
+    return {VAE_ROOT + new: tensor[:, :, None, None] if ".attentions." in name and tensor.ndim == 2 else tensor
+            for name, (new, tensor) in renamed.items()}  # fmt: skip
+
+
+def to_original_text_encoder(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # transformers 5's CLIPTextModel has no `text_model` level (its files may come from either version).
+    return {TEXT_ENCODER_ROOT + name.removeprefix(CLIP_ROOT): tensor for name, tensor in state.items()}
+
+
+# --- the pipeline --------------------------------------------------------------------------------
+
+
+def resolve_pipeline_folder(source: Path) -> Path:
+    """The pipeline folder `source` is, or the pipeline/ that a full or DreamBooth-full run (or one of its
+    checkpoints) saved in it."""
+    folder = source / PIPELINE_DIR if (source / PIPELINE_DIR / "model_index.json").is_file() else source
+    if (folder / "model_index.json").is_file():
+        check_pipeline_parts(folder, str(folder))
+        return folder
+    if (source / LORA_WEIGHTS_NAME).is_file() or (source.suffix == ".safetensors" and source.is_file() and holds_a_lora(source)):
+        raise FinetuneError(f"{source} holds a LoRA, not a whole model: fold it into its base first (finetune merge --lora {source} MERGED), then export MERGED")
+    if not source.exists():
+        raise FinetuneError(f"export-checkpoint input {source} not found: pass a pipeline folder, or a full or DreamBooth run's output folder")
+    raise FinetuneError(f"{source} is not a diffusers pipeline folder (no model_index.json) nor a run's folder holding {PIPELINE_DIR}/: pass one of those")
+
+
+def _config(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise FinetuneError(f"{path} cannot be read ({err.__class__.__name__}): copy the whole pipeline folder again") from None
+
+
+def _layers(count) -> str:
+    return f"{count} layer{'' if count == 1 else 's'}"
+
+
+def check_sd1_shape(folder: Path) -> dict[str, dict]:
+    """The parts' configs, once each is known to be SD1.x's shape (whatever its widths)."""
+    configs = {part: _config(folder / part / "config.json") for part in ("unet", "vae", "text_encoder")}
+    unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
+    encoder_class = (_config(folder / "model_index.json").get("text_encoder") or [None, None])[-1]
+    down, up = list(unet.get("down_block_types", [])), list(unet.get("up_block_types", []))
+    vae_blocks, vae_layers, latent_channels = len(vae.get("down_block_types", [])), vae.get("layers_per_block"), vae.get("latent_channels")
+    problems = [
+        (encoder_class != "CLIPTextModel", f"its text encoder is a {encoder_class}, not a CLIPTextModel"),
+        ((len(down), unet.get("layers_per_block")) != (4, 2), f"this UNet has {len(down)} blocks of {_layers(unet.get('layers_per_block'))} (SD1.x's: 4 of 2)"),
+        ((down, up) != (SD1_DOWN_BLOCKS, SD1_UP_BLOCKS) or unet.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn",
+         f"this UNet's blocks are {down} down, {up} up (SD1.x's: 3 CrossAttnDownBlock2D and a DownBlock2D, mirrored up)"),
+        (unet.get("transformer_layers_per_block", 1) != 1, "this UNet has several transformer layers per attention (SD1.x's: 1)"),
+        (unet.get("class_embed_type") or unet.get("addition_embed_type"), "this UNet takes class or added embeddings (SD1.x's does not)"),
+        (unet.get("use_linear_projection") or unet.get("cross_attention_dim") == 1024 or text.get("hidden_act") != "quick_gelu",
+         "this is SD2-style (OpenCLIP text encoder, 1024-wide cross-attention or linear attention projections), which that layout stores differently"),
+        ((vae_blocks, vae_layers, latent_channels) != (4, 2, 4),
+         f"this VAE has {vae_blocks} blocks of {_layers(vae_layers)} and {latent_channels} latent channels (SD1.x's: 4 of 2, 4 channels)"),
+    ]  # fmt: skip
+    for wrong, what in problems:
+        if wrong:
+            raise FinetuneError(f"{folder} cannot be exported as a webui checkpoint: that layout describes SD1.x's architecture, and {what}")
+    return configs
+
+
+def _weights(folder: Path, part: str) -> dict[str, torch.Tensor]:
+    path = folder / part / WEIGHTS[part]
+    if not path.is_file():
+        raise FinetuneError(f"{folder / part} has no {WEIGHTS[part]}: export-checkpoint reads a pipeline saved with safetensors weights (save_pretrained writes them)")
+    return load_file(str(path))
+
+
+def export_checkpoint(source: Path, output: Path, precision: str | None = None, overwrite: bool = False) -> tuple[Path, list[str]]:
+    """Write the pipeline of `source` (a pipeline folder, or a full or DreamBooth-full run's folder) to the
+    `output` .safetensors file in the original SD1.x layout, its weights in `precision` (None: as the
+    pipeline holds each). Returns the file and notes on how to load it."""
+    folder = resolve_pipeline_folder(Path(source))
+    if output.suffix != ".safetensors":
+        raise FinetuneError(f"export-checkpoint output {output} is not a .safetensors file name: give one, e.g. outputs/webui/mymodel.safetensors")
+    if output.exists() and not overwrite:
+        raise FinetuneError(f"export-checkpoint would replace {output}: give another output, or pass --overwrite")
+    configs = check_sd1_shape(folder)
+    tensors = {**to_original_unet(_weights(folder, "unet")), **to_original_vae(_weights(folder, "vae")),
+               **to_original_text_encoder(_weights(folder, "text_encoder"))}  # fmt: skip
+    if precision is not None:  # integer buffers (an older file's position_ids) stay as they are
+        tensors = {key: value.to(PRECISIONS[precision]) if value.is_floating_point() else value for key, value in tensors.items()}
+    schedule = _config(folder / "scheduler" / "scheduler_config.json")
+    recorded = saved_model_metadata(folder)  # what training or merge recorded of the pipeline
+    resolution = recorded.get("finetune.resolution") or str(configs["unet"].get("sample_size", 64) * 8)
+    metadata = {
+        "format": "pt",
+        # Stability AI's model spec, as sd-scripts writes it: model sites and managers read these.
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-v1",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": output.stem,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.prediction_type": "v" if schedule.get("prediction_type") == "v_prediction" else "epsilon",
+        **recorded,
+    }
+    atomic_save_safetensors({key: value.contiguous() for key, value in tensors.items()}, output, metadata)
+    return output, usage_notes(output, configs, schedule, recorded)
+
+
+def usage_notes(output: Path, configs: dict[str, dict], schedule: dict, recorded: dict[str, str]) -> list[str]:
+    """What a loader of the file must be told, which the layout cannot say."""
+    notes = []
+    if schedule.get("prediction_type") == "v_prediction":
+        zero_snr = ", zsnr on (it was trained with zero terminal SNR)" if schedule.get("rescale_betas_zero_snr") else ""
+        notes.append(f"it predicts v (v-prediction): the webui needs {output.with_suffix('.yaml').name} beside it, a copy of SD1.x's "
+                     f'v1-inference.yaml with parameterization: "v" under model.params; ComfyUI a ModelSamplingDiscrete node set to v_prediction{zero_snr}')
+    if recorded.get("finetune.clip_skip", "1") != "1":
+        notes.append(f"it was trained with clip skip {recorded['finetune.clip_skip']}: set the same in the webui (Clip skip) or ComfyUI (CLIPSetLastLayer -{recorded['finetune.clip_skip']})")
+    widths = {"unet": configs["unet"].get("block_out_channels"), "text_encoder": configs["text_encoder"].get("hidden_size"),
+              "vae": configs["vae"].get("block_out_channels")}  # fmt: skip
+    if widths != SD15_WIDTHS:
+        notes.append(f"its widths are not SD1.5's ({widths}): the webui builds SD1.x at SD1.5's and will not load it; "
+                     "diffusers' from_single_file does, given this pipeline's configs (config=<the pipeline folder>)")  # fmt: skip
+    return notes
