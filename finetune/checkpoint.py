@@ -191,17 +191,34 @@ RESUMABLE_CHANGES = ("train.max_steps", "train.max_epochs", "output_dir", "check
 TRAINING_DATA_CHANGES = ("validation.loss_images",)  # among those: it changes which images train
 
 
+LIST_ITEM = re.compile(r"(?P<item>(?P<list>.+?)\.\d+)\.")  # a setting of an item of a list of sections: dreambooth.concepts.1.instance_dir
+
+
 def changed_settings(saved: dict | None, current: dict) -> list[str]:
     """'key old -> new' for each setting (flattened recipe) that differs from the checkpoint's recipe."""
     if saved is None:  # a checkpoint from before the recipe was stored
         return []
-    # A key the checkpoint lacks is a setting added since it was made, not a change (this run has its default or a choice).
+
+    def kept_whole(key: str) -> bool:  # a list of sections kept as one value, by a checkpoint made before they were kept item by item
+        return isinstance(saved.get(key), str) and saved[key].startswith("[{")
+
     def differs(key: str) -> bool:
         if key not in current and any(name.startswith(f"{key}.") for name in current):
-            return False  # a list of sections kept as one value, by a checkpoint made before they were kept item by item
+            return False  # a list kept whole (or empty) then, item by item now: its items are compared below
         return saved[key] != current.get(key) and (not key.startswith(RESUMABLE_CHANGES) or key in TRAINING_DATA_CHANGES)
 
-    return [f"{key} {saved[key]} -> {current.get(key)}" for key in sorted(saved) if differs(key)]
+    changes = {key: f"{key} {saved[key]} -> {current.get(key)}" for key in saved if differs(key)}
+    # A key the checkpoint lacks is a setting added since it was made, not a change (this run has its default or a
+    # choice); but in a list of sections it is an item added, or an item's setting given where it had none.
+    for key in current.keys() - saved.keys():
+        item = LIST_ITEM.match(key)
+        if item is None or kept_whole(item["list"]) or item["list"].startswith(RESUMABLE_CHANGES):
+            continue
+        if any(name.startswith(f"{item['item']}.") for name in saved):
+            changes[key] = f"{key} None -> {current[key]}"
+        else:
+            changes[item["item"]] = f"{item['item']} added"
+    return [changes[key] for key in sorted(changes)]
 
 
 def save_checkpoint(

@@ -13,8 +13,6 @@ import os
 
 import torch
 
-from finetune.diffusion import BatchRandomness
-
 # Micro-batch numbers no training run reaches: the validation draws are never a training step's.
 FIRST_DRAW = 2**40
 # Noise and timestep draws per image: four times the forwards for a steadier number.
@@ -63,6 +61,8 @@ def held_out_loss(method, modules: dict, dataset, collate_fn, held_out: list[int
 
     Every process computes it whole (under ZeRO-3 each forward needs all of them) and gets the same
     numbers. Trained modules are in eval mode meanwhile (no LoRA dropout)."""
+    from finetune.diffusion import BatchRandomness  # diffusers: loaded to score, not for check-data
+
     modes = {name: module.training for name, module in modules.items()}
     for module in modules.values():
         module.eval()

@@ -76,6 +76,13 @@ def test_a_change_in_a_list_of_sections_is_named_by_its_item_and_setting(make_re
         "dreambooth.concepts.1.instance_prompt a zwx shape -> a qrs shape"]
     removed = changed_settings(saved, concepts("a sks shape").flat_settings())
     assert "dreambooth.concepts.1.instance_prompt a zwx shape -> None" in removed  # a concept left out is said
+    assert changed_settings(saved, concepts("a sks shape", "a zwx shape", "a qrs shape").flat_settings()) == ["dreambooth.concepts.2 added"]
+    given = concepts("a sks shape", "a zwx shape", class_dir=str(tmp_path / "classes")).flat_settings()  # where it was None (not kept)
+    assert changed_settings(saved, given) == [f"dreambooth.concepts.{i}.class_dir None -> {tmp_path / 'classes'}" for i in (0, 1)]
+    no_folders, folders = make_recipe().flat_settings(), make_recipe(data__folders=[{"path": "."}]).flat_settings()
+    assert no_folders["data.folders"] == "[]" and changed_settings(no_folders, folders) == ["data.folders.0 added"]
+    dropped = changed_settings(folders, no_folders)  # each setting of the folder left out
+    assert "data.folders.0.path . -> None" in dropped and all(line.startswith("data.folders.0.") and line.endswith(" -> None") for line in dropped)
     older = {key: value for key, value in saved.items() if not key.startswith("dreambooth.concepts")}
     older["dreambooth.concepts"] = str([{"instance_dir": str(tmp_path / "c0"), "instance_prompt": "a sks shape"}])  # kept whole, no repeats
     assert changed_settings(older, concepts("a sks shape", "a zwx shape").flat_settings()) == []

@@ -214,9 +214,10 @@ def test_python_dash_m_entry_point(tmp_path):
     result = subprocess.run([sys.executable, "-m", "finetune", "train", str(tmp_path / "missing.yaml")], capture_output=True, text=True)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == f"error: recipe {tmp_path / 'missing.yaml'} not found: pass the path of a YAML file such as recipes/lora.yaml\n"
-    assert "torch" not in subprocess.run(
-        [sys.executable, "-c", "import sys; from finetune.cli import main; main(['train', 'missing.yaml']); print(' '.join(sys.modules))"],
-        capture_output=True, text=True).stdout.split()  # fmt: skip
+    script = "import sys; from finetune.cli import main; assert main(['train', 'missing.yaml']) == 2; print(' '.join(sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert loaded.returncode == 0 and "finetune.recipe_loading" in loaded.stdout.split(), loaded.stderr[-2000:]
+    assert "torch" not in loaded.stdout.split()
 
 
 def test_train_and_sample_print_no_third_party_noise(tmp_path, tiny_model, image_folder):

@@ -2,6 +2,10 @@
 them out, words past CLIP's 77 tokens reaching training and sampling, the text cache keyed by the
 chunking, and the setting recorded where sd-scripts records it."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -168,3 +172,8 @@ def test_check_data_counts_caption_tokens_with_the_recipes_tokenizer(tiny_model,
     assert "captions are longer" not in capsys.readouterr().out
     assert main(["check-data", str(recipe), f"model.pretrained={tmp_path / 'nowhere'}"]) == 0
     assert f"captions: not counted in tokens, {tmp_path / 'nowhere'}'s tokenizer is not at hand" in capsys.readouterr().out
+    # The tokenizer alone: the check does not wait for diffusers and the models to load.
+    script = f"import sys; from finetune.cli import main; assert main(['check-data', {str(recipe)!r}]) == 0; print(' '.join(sys.modules))"
+    checked = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert checked.returncode == 0 and "captions are longer" in checked.stdout, checked.stderr[-2000:]
+    assert "transformers" in checked.stdout.split() and "diffusers" not in checked.stdout.split()
