@@ -84,14 +84,14 @@ VAE_RESNET_NAMES = {"conv_shortcut": "nin_shortcut"}
 VAE_ATTENTION_NAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
-def _rename(state: dict[str, torch.Tensor], prefixes: dict[str, str], inner: dict[str, dict[str, str]], part: str) -> dict[str, tuple[str, torch.Tensor]]:
+def _rename(state: dict[str, torch.Tensor], prefixes: dict[str, str], inner: dict[str, dict[str, str]], part: str, folder: Path) -> dict[str, tuple[str, torch.Tensor]]:
     """{diffusers name: (original name, tensor)}: each module prefix replaced, and within the modules whose
     diffusers prefix contains a key of `inner` (resnets, attentions) the module name after it too."""
     out = {}
     for name, tensor in state.items():
         prefix = next((p for p in prefixes if name.startswith(p)), None)
         if prefix is None:
-            raise FinetuneError(f"{part} weight {name} has no place in SD1.x's original layout: is the pipeline SD1.x?")
+            raise FinetuneError(f"{folder} cannot be exported as a webui checkpoint: its {part} weight {name} has no place in SD1.x's original layout")
         rest = name[len(prefix):]
         kind = next((kind for kind in inner if f".{kind}." in prefix), None)
         for old, new in inner.get(kind, {}).items():
@@ -102,12 +102,12 @@ def _rename(state: dict[str, torch.Tensor], prefixes: dict[str, str], inner: dic
     return out
 
 
-def to_original_unet(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {UNET_ROOT + new: tensor for new, tensor in _rename(state, unet_prefixes(), {"resnets": UNET_RESNET_NAMES}, "UNet").values()}
+def to_original_unet(state: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:
+    return {UNET_ROOT + new: tensor for new, tensor in _rename(state, unet_prefixes(), {"resnets": UNET_RESNET_NAMES}, "UNet", folder).values()}
 
 
-def to_original_vae(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    renamed = _rename(state, vae_prefixes(), {"resnets": VAE_RESNET_NAMES, "attentions": VAE_ATTENTION_NAMES}, "VAE")
+def to_original_vae(state: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:
+    renamed = _rename(state, vae_prefixes(), {"resnets": VAE_RESNET_NAMES, "attentions": VAE_ATTENTION_NAMES}, "VAE", folder)
     # The original's attention projects with 1x1 convolutions where diffusers uses linear layers.
     return {VAE_ROOT + new: tensor[:, :, None, None] if ".attentions." in name and tensor.ndim == 2 else tensor
             for name, (new, tensor) in renamed.items()}  # fmt: skip
@@ -160,6 +160,7 @@ def check_sd1_shape(folder: Path) -> dict[str, dict]:
          f"this UNet's blocks are {down} down, {up} up (SD1.x's: 3 CrossAttnDownBlock2D and a DownBlock2D, mirrored up)"),
         (unet.get("transformer_layers_per_block", 1) != 1, "this UNet has several transformer layers per attention (SD1.x's: 1)"),
         (unet.get("class_embed_type") or unet.get("addition_embed_type"), "this UNet takes class or added embeddings (SD1.x's does not)"),
+        (unet.get("time_cond_proj_dim"), "this UNet takes a guidance embedding (time_cond_proj_dim, as LCM-distilled models), which SD1.x's has no place for"),
         (unet.get("use_linear_projection") or unet.get("cross_attention_dim") == 1024 or text.get("hidden_act") != "quick_gelu",
          "this is SD2-style (OpenCLIP text encoder, 1024-wide cross-attention or linear attention projections), which that layout stores differently"),
         ((vae_blocks, vae_layers, latent_channels) != (4, 2, 4),
@@ -171,11 +172,17 @@ def check_sd1_shape(folder: Path) -> dict[str, dict]:
     return configs
 
 
-def _weights(folder: Path, part: str) -> dict[str, torch.Tensor]:
+def weights_file(folder: Path, part: str) -> Path:
+    """The part's safetensors weights: the plain file, else its one variant (diffusion_pytorch_model.fp16.safetensors)."""
     path = folder / part / WEIGHTS[part]
-    if not path.is_file():
-        raise FinetuneError(f"{folder / part} has no {WEIGHTS[part]}: export-checkpoint reads a pipeline saved with safetensors weights (save_pretrained writes them)")
-    return load_file(str(path))
+    if path.is_file():
+        return path
+    stem = WEIGHTS[part].removesuffix(".safetensors")
+    variants = sorted((folder / part).glob(f"{stem}.*.safetensors"))
+    if len(variants) == 1:
+        return variants[0]
+    found = f"it has {', '.join(p.name for p in variants)}: keep one" if variants else "save_pretrained writes one; sharded or .bin weights are not read"
+    raise FinetuneError(f"{folder / part} has no single {stem}[.<variant>].safetensors file ({found})")
 
 
 def export_checkpoint(source: Path, output: Path, precision: str | None = None, overwrite: bool = False) -> tuple[Path, list[str]]:
@@ -185,14 +192,19 @@ def export_checkpoint(source: Path, output: Path, precision: str | None = None, 
     folder = resolve_pipeline_folder(Path(source))
     if output.suffix != ".safetensors":
         raise FinetuneError(f"export-checkpoint output {output} is not a .safetensors file name: give one, e.g. outputs/webui/mymodel.safetensors")
+    if output.resolve().is_relative_to(folder.resolve()):
+        raise FinetuneError(f"export-checkpoint would write {output} inside the pipeline it reads ({folder}): give an output outside it")
+    if output.is_dir() or any(parent.is_file() for parent in output.parents):
+        raise FinetuneError(f"export-checkpoint output {output} is a folder, or inside a file: give a .safetensors file path")
     if output.exists() and not overwrite:
         raise FinetuneError(f"export-checkpoint would replace {output}: give another output, or pass --overwrite")
     configs = check_sd1_shape(folder)
-    tensors = {**to_original_unet(_weights(folder, "unet")), **to_original_vae(_weights(folder, "vae")),
-               **to_original_text_encoder(_weights(folder, "text_encoder"))}  # fmt: skip
+    schedule = _config(folder / "scheduler" / "scheduler_config.json")
+    files = {part: weights_file(folder, part) for part in ("unet", "vae", "text_encoder")}
+    tensors = {**to_original_unet(load_file(str(files["unet"])), folder), **to_original_vae(load_file(str(files["vae"])), folder),
+               **to_original_text_encoder(load_file(str(files["text_encoder"])))}  # fmt: skip
     if precision is not None:  # integer buffers (an older file's position_ids) stay as they are
         tensors = {key: value.to(PRECISIONS[precision]) if value.is_floating_point() else value for key, value in tensors.items()}
-    schedule = _config(folder / "scheduler" / "scheduler_config.json")
     recorded = saved_model_metadata(folder)  # what training or merge recorded of the pipeline
     resolution = recorded.get("finetune.resolution") or str(configs["unet"].get("sample_size", 64) * 8)
     metadata = {
@@ -206,7 +218,11 @@ def export_checkpoint(source: Path, output: Path, precision: str | None = None, 
         "modelspec.prediction_type": "v" if schedule.get("prediction_type") == "v_prediction" else "epsilon",
         **recorded,
     }
-    atomic_save_safetensors({key: value.contiguous() for key, value in tensors.items()}, output, metadata)
+    try:
+        atomic_save_safetensors({key: value.contiguous() for key, value in tensors.items()}, output, metadata)
+    except OSError as err:  # a full disk, a folder not writable
+        output.with_name(f".{output.name}.partial").unlink(missing_ok=True)
+        raise FinetuneError(f"export-checkpoint could not write {output} ({err.__class__.__name__}: {err.strerror or err}): free space or pick another folder") from None
     return output, usage_notes(output, configs, schedule, recorded)
 
 

@@ -79,6 +79,9 @@ def test_single_safetensors_file_loads_offline_with_local_configs(single_file, t
         assert f.get_slice("first_stage_model.encoder.mid.attn_1.q.weight").get_shape() == [32, 32, 1, 1]  # a 1x1 conv there
     # The keys loaders tell SD1.x by, and nothing outside the three parts.
     assert {"model.diffusion_model.output_blocks.11.0.skip_connection.weight", "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight"} <= keys
+    # Where SD1.x's own files keep the samplers (diffusers' loader also finds an upsampler one place off, the webui does not).
+    samplers = [f"input_blocks.{i}.0.op.weight" for i in (3, 6, 9)] + ["output_blocks.2.1.conv.weight", "output_blocks.5.2.conv.weight", "output_blocks.8.2.conv.weight"]
+    assert {f"model.diffusion_model.{name}" for name in samplers} <= keys
     assert all(key.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model.")) for key in keys)
     assert len(keys) == sum(len(getattr(pipeline, part).state_dict()) for part in ("unet", "vae", "text_encoder"))
     assert metadata["modelspec.architecture"] == "stable-diffusion-v1" and metadata["modelspec.prediction_type"] == "epsilon"
@@ -172,6 +175,7 @@ def test_what_the_layout_cannot_hold_is_refused_in_one_line_before_anything_is_w
         (("text_encoder", {"hidden_act": "gelu"}), "this is SD2-style (OpenCLIP text encoder"),
         (("", {"text_encoder": ["transformers", "CLIPTextModelWithProjection"]}), "its text encoder is a CLIPTextModelWithProjection, not a CLIPTextModel"),
         (("vae", {"layers_per_block": 1}), "this VAE has 4 blocks of 1 layer and 4 latent channels (SD1.x's: 4 of 2, 4 channels)"),
+        (("unet", {"time_cond_proj_dim": 256}), "this UNet takes a guidance embedding (time_cond_proj_dim, as LCM-distilled models)"),
     ):
         folder = edited_pipeline(configs, tmp_path, edit[0], **edit[1])
         refusals[str(folder)] = f"{folder} {not_sd1}{what}"
@@ -191,6 +195,36 @@ def test_what_the_layout_cannot_hold_is_refused_in_one_line_before_anything_is_w
     assert main(["export-checkpoint", str(configs), str(out), "--overwrite"]) == 0
     replaced, exported = load_file(str(out)), load_file(str(path))
     assert replaced.keys() == exported.keys() and all(torch.equal(replaced[key], exported[key]) for key in exported)
+    # Never over the weights it reads, a folder, or a path inside a file; nothing is left behind.
+    own = configs / "unet" / "diffusion_pytorch_model.safetensors"
+    for output, message in ((own, f"export-checkpoint would write {own} inside the pipeline it reads ({configs})"),
+                            (tmp_path / "dir.safetensors", f"export-checkpoint output {tmp_path / 'dir.safetensors'} is a folder, or inside a file"),
+                            (out / "x.safetensors", f"export-checkpoint output {out / 'x.safetensors'} is a folder, or inside a file")):  # fmt: skip
+        (tmp_path / "dir.safetensors").mkdir(exist_ok=True)
+        assert main(["export-checkpoint", str(configs), str(output), "--overwrite"]) == 2
+        assert capsys.readouterr().err.startswith(f"error: {message}")
+    assert "conv_in.weight" in load_file(str(own)) and not list(tmp_path.glob(".*.partial"))  # still the UNet's own weights
+
+
+def test_a_variants_weights_are_read_and_the_notes_say_what_the_layout_cannot(single_file, tmp_path):
+    """A pipeline of fp16 variant files (as model.variant downloads them) exports; the notes name the widths
+    the webui would not build and a recorded clip skip, and say nothing at SD1.5's own widths."""
+    from finetune.pipeline_io import METADATA_FILE
+    from finetune.single_file_export import SD15_WIDTHS, usage_notes
+
+    _, configs, pipeline = single_file
+    variant = tmp_path / "variant"
+    shutil.copytree(configs, variant)
+    for part in ("unet", "vae", "text_encoder"):
+        plain = next((variant / part).glob("*.safetensors"))
+        plain.rename(plain.with_name(plain.name.replace(".safetensors", ".fp16.safetensors")))
+    (variant / METADATA_FILE).write_text(json.dumps({"finetune.clip_skip": "2"}))
+    out, notes = export_checkpoint(variant, tmp_path / "variant.safetensors")
+    assert load_file(str(out)).keys() == load_file(str(single_file[0])).keys()
+    assert len(notes) == 2 and notes[0].startswith("it was trained with clip skip 2: set the same in the webui")
+    assert notes[1].startswith("its widths are not SD1.5's ({'unet': [32, 32, 64, 64], 'text_encoder': 32")
+    sd15 = {"unet": {"block_out_channels": SD15_WIDTHS["unet"]}, "text_encoder": {"hidden_size": 768}, "vae": {"block_out_channels": SD15_WIDTHS["vae"]}}
+    assert usage_notes(out, sd15, {"prediction_type": "epsilon"}, {}) == []
 
 
 def test_sample_merge_and_demo_take_a_single_file_base_with_base_config(single_file, tmp_path, capsys):
