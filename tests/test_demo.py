@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from ports import free_port
 
 from finetune.cli import main
 from finetune.config import LoRAConfig
@@ -29,12 +29,6 @@ from finetune.recipe_loading import recipe_from_dict
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 PROMPT = "a large red striped circle on a blue background, center"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
