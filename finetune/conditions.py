@@ -29,6 +29,9 @@ from finetune.captions import read_csv_captions, read_metadata_captions, sidecar
 from finetune.errors import FinetuneError
 
 KINDS = ("canny", "luminance", "mask")
+# Beside metadata.jsonl: how the conditioning images were made. A ControlNet trained on the folder records it
+# (finetune.conditioning), so `finetune sample` can say what kind of image it wants.
+RECORD_FILE = "conditioning.json"
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float64)
 CANNY_LOW, CANNY_HIGH, CANNY_SIGMA = 20.0, 40.0, 1.0
 # The toy world's closest shape/background colours are ~83 apart (see toyworld.metrics.SEGMENT_THRESHOLD).
@@ -215,4 +218,24 @@ def make_conditions(input_dir: str | Path, output_dir: str | Path, kind: str, ov
     partial = target / ".metadata.jsonl.partial"
     partial.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     partial.replace(target / "metadata.jsonl")
+    (target / RECORD_FILE).write_text(json.dumps({"kind": kind, **options}))
     return target, len(rows), uncaptioned
+
+
+def conditioning_record(folder: Path) -> dict | None:
+    """What `make_conditions` recorded of the folder's conditioning images ({"kind": ..., its options}), if it made them."""
+    try:
+        record = json.loads((folder / RECORD_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("kind") in KINDS else None
+
+
+def recorded_conditioning(metadata: dict[str, str]) -> str | None:
+    """'canny (low 20, high 40, sigma 1)': how a ControlNet's training images were made (its finetune.conditioning), if known."""
+    try:
+        record = json.loads(metadata["finetune.conditioning"])
+        options = ", ".join(f"{name} {value:g}" for name, value in record.items() if name != "kind")
+        return f"{record['kind']} ({options})" if options else str(record["kind"])
+    except (KeyError, ValueError, TypeError, AttributeError):  # not recorded, or not by us
+        return None

@@ -16,6 +16,7 @@ from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UNet2D
 from PIL import Image
 
 from finetune.checkpoint import STATE_FILE, atomic_save_safetensors
+from finetune.conditions import recorded_conditioning
 from finetune.config import ModelConfig
 from finetune.data import open_rgb
 from finetune.encoders import skip_last_layers
@@ -272,6 +273,8 @@ def sample_to_folder(
         settings = [with_options(text, PromptSettings(text, negative_prompt, seed, guidance, steps)) for text in prompts]
     except ValueError as err:
         raise FinetuneError(f"--prompt {err}") from None
+    if controlnet is not None and (made := recorded_conditioning(saved_model_metadata(resolve_controlnet_folder(controlnet)))):
+        print(f"note: this ControlNet was trained on {made} conditioning images (finetune make-conditions); --condition is used as it is: give one of that kind")
     pipeline = load_sampling_pipeline(base, lora, lora_scale, controlnet, base_config)
     resolution = resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     if resolution % 8:

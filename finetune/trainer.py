@@ -98,7 +98,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         raise FinetuneError(short)
     # The run's length from the checked data, laid out as the sampler will batch it (train.max_epochs counts its batches).
     layout = item_layout([items[i] for i in trained_items], recipe.data)
-    trained_data = dataset_metadata([items[i] for i in trained_items], recipe.checkpoint.record_caption_tags)  # folders and caption tags
+    trained_data = {**dataset_metadata([items[i] for i in trained_items], recipe.checkpoint.record_caption_tags), **method.data_metadata()}  # folders, tags
 
     def batch_sampler(start: int = 0):
         return make_batch_sampler(layout, train_cfg.batch_size, accelerator.num_processes, accelerator.process_index, recipe.seed, start=start)

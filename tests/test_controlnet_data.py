@@ -296,6 +296,32 @@ def test_make_conditions_writes_a_training_folder(make_recipe, tmp_path, capsys)
     assert "input folder" in capsys.readouterr().err
 
 
+def test_a_controlnet_records_how_its_conditioning_was_made_and_sample_says_it(make_recipe, tiny_model, pairs_folder, tmp_path, capsys):
+    """make-conditions writes its kind and thresholds beside metadata.jsonl; a ControlNet trained on the folder
+    records them, and `finetune sample` says what kind of --condition it wants (a photo given to an edge
+    ControlNet is the usual mistake). A folder of conditioning images made otherwise records nothing."""
+    from finetune.inference import saved_model_metadata
+    from finetune.methods.controlnet import CONTROLNET_DIR
+
+    source = write_folder(tmp_path / "photos", 2, seed=4)
+    data = tmp_path / "edges"
+    assert main(["make-conditions", str(source), str(data), "--kind", "canny", "--low", "25", "--high", "50"]) == 0
+    assert json.loads((data / "conditioning.json").read_text()) == {"kind": "canny", "low": 25.0, "high": 50.0, "sigma": 1.0}
+    run = train(controlnet_recipe(make_recipe, data, output_dir=str(tmp_path / "run"), train__max_steps=1)).output_dir
+    assert json.loads(saved_model_metadata(run / CONTROLNET_DIR)["finetune.conditioning"])["kind"] == "canny"
+    capsys.readouterr()
+    sample = ["sample", "--base", str(tiny_model), "--prompt", "a shape", "--steps", "1", "--num-images", "1", "--condition", str(source / "0000.png")]
+    assert main([*sample, "--controlnet", str(run), "--out", str(tmp_path / "s")]) == 0
+    assert ("note: this ControlNet was trained on canny (low 25, high 50, sigma 1) conditioning images (finetune make-conditions); "
+            "--condition is used as it is: give one of that kind") in capsys.readouterr().out  # fmt: skip
+
+    other = train(controlnet_recipe(make_recipe, pairs_folder, output_dir=str(tmp_path / "other"), train__max_steps=1)).output_dir
+    assert "finetune.conditioning" not in saved_model_metadata(other / CONTROLNET_DIR)
+    capsys.readouterr()
+    assert main([*sample, "--controlnet", str(other), "--out", str(tmp_path / "s2")]) == 0
+    assert "note: this ControlNet was trained on" not in capsys.readouterr().out
+
+
 def test_make_conditions_reads_csv_captions_and_will_not_leave_two_caption_files(tmp_path):
     source = write_folder(tmp_path / "photos", 2, seed=4, metadata=False)
     for text in source.glob("*.txt"):

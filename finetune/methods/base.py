@@ -98,6 +98,10 @@ class TrainingMethod(ABC):
         """What the method itself keeps across steps besides weights (JSON values), for checkpoints."""
         return {}
 
+    def data_metadata(self) -> dict[str, str]:
+        """What the saved files record of the training data beyond its folders and tags (see output_metadata)."""
+        return {}
+
     def load_checkpoint_state(self, state: dict) -> None:
         """Restore what `checkpoint_state` returned, on resume."""
 

@@ -65,6 +65,13 @@ class ControlNetMethod(DiffusionMethod):
     def training_items(self) -> list[Example]:
         return [pair.image for pair in self.pairs]
 
+    def data_metadata(self) -> dict[str, str]:
+        """How `finetune make-conditions` made the conditioning images, if it did: `finetune sample` names it."""
+        from finetune.conditions import conditioning_record
+
+        record = conditioning_record(Path(self.recipe.data.image_dir)) if self.recipe.data.image_dir else None
+        return {"finetune.conditioning": json.dumps(record)} if record else {}
+
     def check_data(self) -> None:
         self.pairs, report = checked_pairs(self.recipe)
         self.data_reports = [report]
