@@ -17,6 +17,7 @@ from pathlib import Path
 
 # Only light imports here: `finetune --help` builds this module's parser; torch, diffusers and gradio load
 # when the demo starts.
+from finetune.conditions import recorded_conditioning
 from finetune.errors import FinetuneError
 
 DEFAULT_BASE = Path(__file__).resolve().parent / "assets" / "toyworld-base"
@@ -99,7 +100,9 @@ def resolve_base(base: str | None) -> tuple[str, str]:
 def table_row(adapter) -> list[str]:
     """An adapter's line in the page's table: what the trainer recorded in its file or folder."""
     meta = adapter.metadata
-    kind = {"lora": f"LoRA ({adapter.layout})", "pipeline": "DreamBooth pipeline", "controlnet": "ControlNet"}.get(adapter.kind, adapter.kind)
+    made = recorded_conditioning(meta)  # the conditioning images a ControlNet wants, as make-conditions made them
+    controlnet = f"ControlNet, trained on {made}" if made else "ControlNet"
+    kind = {"lora": f"LoRA ({adapter.layout})", "pipeline": "DreamBooth pipeline", "controlnet": controlnet}.get(adapter.kind, adapter.kind)
     base = meta.get("finetune.base_model", "?")
     base = base if len(base) <= 48 else "…" + base[-47:]
     rank = meta.get("finetune.rank", "-") + (f" (3x3 conv {meta['finetune.conv_rank']})" if meta.get("finetune.conv_rank") else "")

@@ -63,7 +63,8 @@ def adapters_dir(tmp_path_factory, tiny_model, image_folder) -> Path:
     controlnet = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet"))
     for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block, controlnet.controlnet_cond_embedding.conv_out]:
         conv.weight.data.normal_(0, 0.3)
-    save_model_folder(controlnet, root / "edges" / "controlnet", {"finetune.method": "controlnet", "finetune.base_model": str(tiny_model), "finetune.steps": "7"})
+    made = {"finetune.conditioning": '{"kind": "canny", "low": 20.0, "high": 40.0, "sigma": 1.0}'}  # as make-conditions records it
+    save_model_folder(controlnet, root / "edges" / "controlnet", {"finetune.method": "controlnet", "finetune.base_model": str(tiny_model), "finetune.steps": "7", **made})
 
     make_tiny_model(root / "db" / "pipeline", seed=1)  # a "DreamBooth" pipeline: other weights, same architecture
     (root / "db" / "recipe.yaml").write_text(yaml.safe_dump({"method": "dreambooth", "model": {"pretrained": str(tiny_model)}, "train": {"max_steps": 5}}))
@@ -174,7 +175,7 @@ def test_the_table_lists_every_adapter_with_its_metadata(client, tiny_model):
     assert [rows[name][i] for name in ("trained", "webui/trained", "edges/controlnet", "db/pipeline") for i in (1, 3, 4, 5, 6)] == [
         "LoRA (diffusers)", "lora", "2", "4", "ok",
         "LoRA (kohya)", "lora", "2", "4", "ok",
-        "ControlNet", "controlnet", "7", "-", "ok",
+        "ControlNet, trained on canny (low 20, high 40, sigma 1)", "controlnet", "7", "-", "ok",
         "DreamBooth pipeline", "dreambooth", "5", "-", "ok",
     ]
     assert "pickle" in rows["evil"][-1]
