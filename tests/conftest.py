@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random Stable Diffusion on disk, a small captioned dataset, recipes."""
+"""Shared fixtures: a tiny random Stable Diffusion on disk, a small captioned dataset, recipes, the launched demo."""
 
 from __future__ import annotations
 
@@ -8,9 +8,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
+import yaml
+from ports import free_port
 
+from finetune.config import LoRAConfig
 from finetune.recipe_loading import load_recipe, recipe_from_dict
 from finetune.tiny_model import make_tiny_model
 from finetune.toyworld.datasets import write_folder
@@ -87,3 +92,63 @@ def build_recipe(tiny_model: Path, image_folder: Path, run_dir: Path, **override
 def make_recipe(tiny_model, image_folder, tmp_path):
     """`build_recipe` writing to tmp_path/run unless output_dir= says otherwise."""
     return lambda **overrides: build_recipe(tiny_model, image_folder, tmp_path / "run", **overrides)
+
+
+@pytest.fixture(scope="session")
+def adapters_dir(tmp_path_factory, tiny_model, image_folder) -> Path:
+    """The demo's adapters folder (tests/test_demo.py): what the trainer and the other commands write (a LoRA
+    trained for 2 steps, its kohya export, a ControlNet, a DreamBooth pipeline) plus what must be refused or
+    must not fit (a pickle file, a LoRA of another base)."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from finetune.kohya import load_lora, save_lora_file
+    from finetune.methods.controlnet import save_model_folder
+    from finetune.methods.lora import add_lora, save_lora
+    from finetune.tiny_model import build_tiny_pipeline, make_tiny_model
+    from finetune.trainer import train
+
+    root = tmp_path_factory.mktemp("adapters")
+    train(recipe_from_dict({
+        "method": "lora", "seed": 3, "output_dir": str(root / "trained"), "model": {"pretrained": str(tiny_model)},
+        "data": {"image_dir": str(image_folder), "resolution": 64}, "lora": {"rank": 4, "alpha": 4},
+        "train": {"batch_size": 2, "max_steps": 2}, "optimizer": {"lr": 1e-2}, "validation": {"prompts": []},
+        "checkpoint": {"every_n_steps": 0}, "logging": {"tensorboard": False},
+    }))
+    save_lora_file(load_lora(root / "trained" / "pytorch_lora_weights.safetensors"), root / "webui" / "trained.safetensors", "kohya")
+
+    # A LoRA of another architecture (the toy-world preset: wider text encoder), random non-zero B.
+    other = build_tiny_pipeline("world").unet
+    add_lora(other, ["to_q", "to_k", "to_v", "to_out.0"], torch.float32, LoRAConfig(rank=4, alpha=4))
+    for name, parameter in other.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.5)
+    save_lora({"unet": other}, root / "other-base" / "pytorch_lora_weights.safetensors", {"finetune.base_model": "toyworld", "finetune.method": "lora"})
+
+    # A ControlNet of the tiny UNet whose zero convolutions are not zero, so it visibly steers.
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet"))
+    for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block, controlnet.controlnet_cond_embedding.conv_out]:
+        conv.weight.data.normal_(0, 0.3)
+    made = {"finetune.conditioning": '{"kind": "canny", "low": 20.0, "high": 40.0, "sigma": 1.0}'}  # as make-conditions records it
+    save_model_folder(controlnet, root / "edges" / "controlnet", {"finetune.method": "controlnet", "finetune.base_model": str(tiny_model), "finetune.steps": "7", **made})
+
+    make_tiny_model(root / "db" / "pipeline", seed=1)  # a "DreamBooth" pipeline: other weights, same architecture
+    (root / "db" / "recipe.yaml").write_text(yaml.safe_dump({"method": "dreambooth", "model": {"pretrained": str(tiny_model)}, "train": {"max_steps": 5}}))
+
+    (root / "evil").mkdir()
+    (root / "evil" / "pytorch_lora_weights.bin").write_bytes(b"\x80\x04K\x01.")  # a pickle: never opened
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo(adapters_dir, tiny_model):
+    """The demo launched for real on a free localhost port, with the tiny model as its base: one app for all of
+    tests/test_demo.py (session-scoped here so that file stays readable at its size)."""
+    from finetune.demo import build_app, launch_app
+    from finetune.demo_engine import DemoEngine
+
+    engine = DemoEngine(str(tiny_model), adapters_dir)
+    app = build_app(engine, note="tiny test model", queue_size=4)
+    url = launch_app(app, port=free_port(), max_upload_mb=1, block=False)
+    yield SimpleNamespace(url=url, engine=engine, app=app)
+    app.close()

@@ -1,89 +1,31 @@
 """The browser demo, launched for real on a free localhost port: driven with gradio_client and Chromium.
 
-One app serves the module: the tiny model as base, and an adapters folder holding what the trainer
-and the other commands write (a LoRA trained for 2 steps, its kohya export, a ControlNet, a
-DreamBooth pipeline) plus what must be refused or must not fit (a pickle file, a LoRA of another base).
+One app serves the module (the `demo` fixture in tests/conftest.py): the tiny model as base, and an adapters
+folder (`adapters_dir`) holding what the trainer and the other commands write (a LoRA trained for 2 steps, its
+kohya export, a ControlNet, a DreamBooth pipeline) plus what must be refused or must not fit (a pickle file,
+a LoRA of another base).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
-import yaml
 from PIL import Image
 from ports import free_port
 
 from finetune.cli import main
-from finetune.config import LoRAConfig
 from finetune.errors import FinetuneError
-from finetune.recipe_loading import recipe_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 PROMPT = "a large red striped circle on a blue background, center"
-
-
-@pytest.fixture(scope="module")
-def adapters_dir(tmp_path_factory, tiny_model, image_folder) -> Path:
-    from diffusers import ControlNetModel, UNet2DConditionModel
-
-    from finetune.kohya import load_lora, save_lora_file
-    from finetune.methods.controlnet import save_model_folder
-    from finetune.methods.lora import add_lora, save_lora
-    from finetune.tiny_model import build_tiny_pipeline, make_tiny_model
-    from finetune.trainer import train
-
-    root = tmp_path_factory.mktemp("adapters")
-    train(recipe_from_dict({
-        "method": "lora", "seed": 3, "output_dir": str(root / "trained"), "model": {"pretrained": str(tiny_model)},
-        "data": {"image_dir": str(image_folder), "resolution": 64}, "lora": {"rank": 4, "alpha": 4},
-        "train": {"batch_size": 2, "max_steps": 2}, "optimizer": {"lr": 1e-2}, "validation": {"prompts": []},
-        "checkpoint": {"every_n_steps": 0}, "logging": {"tensorboard": False},
-    }))
-    save_lora_file(load_lora(root / "trained" / "pytorch_lora_weights.safetensors"), root / "webui" / "trained.safetensors", "kohya")
-
-    # A LoRA of another architecture (the toy-world preset: wider text encoder), random non-zero B.
-    other = build_tiny_pipeline("world").unet
-    add_lora(other, ["to_q", "to_k", "to_v", "to_out.0"], torch.float32, LoRAConfig(rank=4, alpha=4))
-    for name, parameter in other.named_parameters():
-        if "lora_B" in name:
-            parameter.data.normal_(0, 0.5)
-    save_lora({"unet": other}, root / "other-base" / "pytorch_lora_weights.safetensors", {"finetune.base_model": "toyworld", "finetune.method": "lora"})
-
-    # A ControlNet of the tiny UNet whose zero convolutions are not zero, so it visibly steers.
-    torch.manual_seed(0)
-    controlnet = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet"))
-    for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block, controlnet.controlnet_cond_embedding.conv_out]:
-        conv.weight.data.normal_(0, 0.3)
-    made = {"finetune.conditioning": '{"kind": "canny", "low": 20.0, "high": 40.0, "sigma": 1.0}'}  # as make-conditions records it
-    save_model_folder(controlnet, root / "edges" / "controlnet", {"finetune.method": "controlnet", "finetune.base_model": str(tiny_model), "finetune.steps": "7", **made})
-
-    make_tiny_model(root / "db" / "pipeline", seed=1)  # a "DreamBooth" pipeline: other weights, same architecture
-    (root / "db" / "recipe.yaml").write_text(yaml.safe_dump({"method": "dreambooth", "model": {"pretrained": str(tiny_model)}, "train": {"max_steps": 5}}))
-
-    (root / "evil").mkdir()
-    (root / "evil" / "pytorch_lora_weights.bin").write_bytes(b"\x80\x04K\x01.")  # a pickle: never opened
-    return root
-
-
-@pytest.fixture(scope="module")
-def demo(adapters_dir, tiny_model):
-    from finetune.demo import build_app, launch_app
-    from finetune.demo_engine import DemoEngine
-
-    engine = DemoEngine(str(tiny_model), adapters_dir)
-    app = build_app(engine, note="tiny test model", queue_size=4)
-    url = launch_app(app, port=free_port(), max_upload_mb=1, block=False)
-    yield SimpleNamespace(url=url, engine=engine, app=app)
-    app.close()
 
 
 @pytest.fixture(scope="module")
@@ -316,6 +258,17 @@ def require_browser() -> None:
         pytest.skip("Chromium is missing: run `make browser` (apt-get install chromium chromium-driver)")
 
 
+def assert_a_result_is_shown(wait) -> None:
+    """Wait for a generated grid and check that the browser shows an image, not a blank."""
+    from selenium.webdriver.common.by import By
+
+    wait.until(lambda d: "column(s)" in d.find_element(By.ID, "summary").text)
+    result = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#result img"))
+    wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", result))
+    shown = np.asarray(Image.open(io.BytesIO(result.screenshot_as_png)).convert("L"), dtype=np.float64)
+    assert shown.shape[0] > 100 and shown.std() > 10, "the result image is blank"
+
+
 def test_in_a_browser_pick_an_adapter_and_generate(demo, tmp_path):
     require_browser()
     from selenium.webdriver.common.by import By
@@ -335,12 +288,8 @@ def test_in_a_browser_pick_an_adapter_and_generate(demo, tmp_path):
         strengths.send_keys(Keys.CONTROL, "a")
         strengths.send_keys("0.5, 1")
         driver.find_element(By.ID, "generate").click()
-        wait.until(lambda d: "column(s)" in d.find_element(By.ID, "summary").text)
-        result = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#result img"))
-        wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", result))
+        assert_a_result_is_shown(wait)
         assert "3 column(s)" in driver.find_element(By.ID, "summary").text
-        shown = np.asarray(Image.open(__import__("io").BytesIO(result.screenshot_as_png)).convert("L"), dtype=np.float64)
-        assert shown.shape[0] > 100 and shown.std() > 10, "the result image is blank"
         requested = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
         assert requested and all(url.startswith(demo.url) for url in requested), [u for u in requested if not u.startswith(demo.url)]
 
@@ -383,11 +332,7 @@ def test_in_a_browser_the_quickstart_star_on_the_shipped_base(quickstart_lora, t
         strengths.clear()
         strengths.send_keys("0.5, 1")
         driver.find_element(By.ID, "generate").click()
-        wait.until(lambda d: "column(s)" in d.find_element(By.ID, "summary").text)
-        result = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#result img"))
-        wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", result))
-        shown = np.asarray(Image.open(__import__("io").BytesIO(result.screenshot_as_png)).convert("L"), dtype=np.float64)
-        assert shown.shape[0] > 100 and shown.std() > 10, "the result image is blank"
+        assert_a_result_is_shown(wait)
         # The whole page, top to bottom: controls, the result, and the adapters table with its metadata.
         driver.execute_script("window.scrollTo(0, 0)")
         driver.set_window_size(1280, min(2400, driver.execute_script("return document.documentElement.scrollHeight") + 140))
