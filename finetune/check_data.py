@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 
 from finetune.buckets import Size, assign_buckets, bucket_counts_line
 from finetune.captions import missing_caption_message
+from finetune.check_threads import each_on_threads
 from finetune.config import DataConfig, LossMaskConfig, Recipe
 from finetune.data import decode, file_stamp, has_alpha, is_16_bit, pixel_digest, upright_rgb
 from finetune.errors import FinetuneError
@@ -214,8 +215,7 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
     """Check every example; never raises for a bad image (see `check_examples`)."""
     report = DataReport(label=label, config=config, found=len(examples))
     by_hash: dict[str, list[str]] = {}
-    for example in examples:
-        usable, findings, digest = inspect(example, config)
+    for example, (usable, findings, digest) in zip(examples, each_on_threads(lambda e: inspect(e, config), examples, f"checking {label}")):
         report.findings += findings
         if usable is not None:
             report.usable.append(usable)

@@ -21,6 +21,7 @@ from finetune.buckets import Size, assign_buckets
 from finetune.cache import EncodingCache
 from finetune.captions import metadata_key, training_caption
 from finetune.check_data import FATAL, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable
+from finetune.check_threads import each_on_threads
 from finetune.config import DataConfig, Recipe
 from finetune.data import collate_images, item_rng, likely_new_view, open_rgb, render_pixels, upright_size, view_entry
 from finetune.errors import FinetuneError
@@ -61,17 +62,19 @@ def inspect_pairs(recipe: Recipe) -> tuple[list[Pair], DataReport]:
     # The checked images, in the pairs' order (a bad one left out): matched by position, not by file, as
     # one folder under two templates lists each file twice with two captions.
     checked, next_checked = list(report.usable), 0
-    usable = []
+    matched = []
     for pair in pairs:
         if next_checked == len(checked) or checked[next_checked].source != pair.image.source:
             continue
-        image, next_checked = checked[next_checked], next_checked + 1
-        problems = conditioning_problems(pair, image.size)
+        matched.append(Pair(checked[next_checked], pair.conditioning))
+        next_checked += 1
+    usable = []
+    for pair, problems in zip(matched, each_on_threads(lambda p: conditioning_problems(p, p.image.size), matched, "checking conditioning images")):
         report.findings += problems
         if problems:
-            report.usable.remove(image)
+            report.usable.remove(pair.image)
         else:
-            usable.append(Pair(image, pair.conditioning))
+            usable.append(pair)
     if config.skip_bad_images:
         skip_fatal(report)
     return usable, report
