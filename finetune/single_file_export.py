@@ -113,9 +113,13 @@ def to_original_vae(state: dict[str, torch.Tensor], folder: Path) -> dict[str, t
             for name, (new, tensor) in renamed.items()}  # fmt: skip
 
 
-def to_original_text_encoder(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def to_original_text_encoder(state: dict[str, torch.Tensor], positions: int) -> dict[str, torch.Tensor]:
     # transformers 5's CLIPTextModel has no `text_model` level (its files may come from either version).
-    return {TEXT_ENCODER_ROOT + name.removeprefix(CLIP_ROOT): tensor for name, tensor in state.items()}
+    renamed = {TEXT_ENCODER_ROOT + name.removeprefix(CLIP_ROOT): tensor for name, tensor in state.items()}
+    # The original files hold the position ids (int64, 1 x 77), which transformers no longer saves: tools
+    # that tell a model's parts by their keys (the webui's model toolkit) look for them, loaders ignore them.
+    renamed.setdefault(TEXT_ENCODER_ROOT + "embeddings.position_ids", torch.arange(positions, dtype=torch.int64)[None])
+    return renamed
 
 
 # --- the pipeline --------------------------------------------------------------------------------
@@ -202,8 +206,8 @@ def export_checkpoint(source: Path, output: Path, precision: str | None = None, 
     schedule = _config(folder / "scheduler" / "scheduler_config.json")
     files = {part: weights_file(folder, part) for part in ("unet", "vae", "text_encoder")}
     tensors = {**to_original_unet(load_file(str(files["unet"])), folder), **to_original_vae(load_file(str(files["vae"])), folder),
-               **to_original_text_encoder(load_file(str(files["text_encoder"])))}  # fmt: skip
-    if precision is not None:  # integer buffers (an older file's position_ids) stay as they are
+               **to_original_text_encoder(load_file(str(files["text_encoder"])), configs["text_encoder"].get("max_position_embeddings", 77))}  # fmt: skip
+    if precision is not None:  # integer buffers (the position ids) stay as they are
         tensors = {key: value.to(PRECISIONS[precision]) if value.is_floating_point() else value for key, value in tensors.items()}
     recorded = saved_model_metadata(folder)  # what training or merge recorded of the pipeline
     resolution = recorded.get("finetune.resolution") or str(configs["unet"].get("sample_size", 64) * 8)

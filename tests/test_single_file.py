@@ -60,6 +60,9 @@ def single_file(tmp_path):
     return path, configs, pipeline
 
 
+POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+
+
 def assert_loads_back(path, configs, pipeline, rounded=lambda tensor: tensor):
     """diffusers' single-file loader, through ours, gives back every weight of `pipeline` (as `rounded` makes them)."""
     base = load_base_model(ModelConfig(pretrained=str(path), single_file_config=str(configs)))
@@ -83,7 +86,9 @@ def test_single_safetensors_file_loads_offline_with_local_configs(single_file, t
     samplers = [f"input_blocks.{i}.0.op.weight" for i in (3, 6, 9)] + ["output_blocks.2.1.conv.weight", "output_blocks.5.2.conv.weight", "output_blocks.8.2.conv.weight"]
     assert {f"model.diffusion_model.{name}" for name in samplers} <= keys
     assert all(key.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model.")) for key in keys)
-    assert len(keys) == sum(len(getattr(pipeline, part).state_dict()) for part in ("unet", "vae", "text_encoder"))
+    # Every weight, and the position ids the original files hold (transformers no longer saves them).
+    assert len(keys) == sum(len(getattr(pipeline, part).state_dict()) for part in ("unet", "vae", "text_encoder")) + 1
+    assert torch.equal(load_file(str(path))[POSITION_IDS], torch.arange(77)[None])
     assert metadata["modelspec.architecture"] == "stable-diffusion-v1" and metadata["modelspec.prediction_type"] == "epsilon"
     assert metadata["modelspec.resolution"] == "64x64" and metadata["modelspec.title"] == "model"
 
@@ -105,7 +110,8 @@ def test_fp16_export_is_half_the_size_and_loads_back_rounded(single_file, tmp_pa
     assert main(["export-checkpoint", str(configs), str(half), "--precision", "fp16"]) == 0
     assert capsys.readouterr().out.startswith(f"wrote {half} (")
     with safe_open(str(half), "pt") as f:
-        assert {f.get_slice(key).get_dtype() for key in f.keys()} == {"F16"}
+        assert {f.get_slice(key).get_dtype() for key in f.keys() if key != POSITION_IDS} == {"F16"}
+        assert f.get_slice(POSITION_IDS).get_dtype() == "I64"  # an index, as in the original files
     assert 0.45 < half.stat().st_size / path.stat().st_size < 0.55
     assert_loads_back(half, configs, pipeline, rounded=lambda tensor: tensor.half().float())
 
