@@ -95,6 +95,7 @@ def autocast_for(pipeline) -> contextlib.AbstractContextManager:
 # For SD1.5 that is a UNet batch of 4 with classifier-free guidance, twice what one image at a time ran, kept
 # small because validation samples beside the training state (GPU memory not measured here). One call of
 # many images runs the UNet on a batch: on a CPU, 16 images of 64 px take 1.5 s in one call and 8.5 s in 16.
+# Lowered for the rest of the process when a call runs out of GPU memory (see `_in_batches_that_fit`).
 PIXELS_PER_CALL = 2 * 512 * 512
 
 
@@ -127,13 +128,11 @@ def generate(
     by_chunks: dict[int, list[tuple[int, int]]] = {}
     for p in range(len(prompts)):
         by_chunks.setdefault(chunks_needed(pipeline.tokenizer, [prompts[p], negatives[p]]), []).extend((p, k) for k in range(images_per_prompt))
-    per_call = max(1, PIXELS_PER_CALL // (resolution * resolution))
-    batches = [jobs[i : i + per_call] for jobs in by_chunks.values() for i in range(0, len(jobs), per_call)]
-    images = {}
-    for batch in batches:
+
+    def make(batch: list[tuple[int, int]]) -> list[Image.Image]:
         extra = dict(call_kwargs, image=[conditions[p] for p, _ in batch]) if conditions is not None else call_kwargs
         with autocast_for(pipeline):
-            result = pipeline(
+            return pipeline(
                 **prompt_arguments(pipeline, [prompts[p] for p, _ in batch], [negatives[p] for p, _ in batch]),
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
@@ -141,9 +140,35 @@ def generate(
                 width=resolution,
                 generator=[torch.Generator("cpu").manual_seed(seeds[p] + k) for p, k in batch],
                 **extra,
-            )
-        images.update(zip(batch, result.images))
+            ).images
+
+    images = {}
+    for jobs in by_chunks.values():
+        images.update(_in_batches_that_fit(make, jobs, resolution * resolution))
     return [[images[p, k] for k in range(images_per_prompt)] for p in range(len(prompts))]
+
+
+def _in_batches_that_fit(make, jobs: list, pixels_per_image: int) -> dict:
+    """{job: image} from `make(batch)` over batches of up to `PIXELS_PER_CALL` pixels. A batch that runs out
+    of GPU memory is made again in halves, and the smaller size kept for later calls (validation beside a
+    training state on a small GPU); one image that does not fit raises as before."""
+    global PIXELS_PER_CALL  # a process-wide limit: the GPU is the same for every later call
+    images, pending = {}, list(jobs)
+    while pending:
+        batch = pending[: max(1, PIXELS_PER_CALL // pixels_per_image)]
+        try:
+            images.update(zip(batch, make(batch)))
+            pending = pending[len(batch) :]
+            continue
+        except torch.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+        # Out of the except block, so the failed call's tensors (held by its traceback) are freed first.
+        PIXELS_PER_CALL = max(pixels_per_image, len(batch) // 2 * pixels_per_image)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        print(f"sampling: {len(batch)} images at once ran out of GPU memory; making {len(batch) // 2} at a time from now on")
+    return images
 
 
 def generate_with_settings(

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 import finetune.sampling as sampling
 from finetune.config import ModelConfig
@@ -48,3 +49,38 @@ def test_a_batch_draws_what_each_prompt_and_seed_draw_alone(pipeline, monkeypatc
     assert np.abs(first - second).mean() > 1  # seeds 3 and 4: two images
     same_seed = np.asarray(batched[2][0], dtype=np.int16)  # prompt 2 starts at seed 3 too: another prompt, another image
     assert np.abs(first - same_seed).mean() > 1
+
+
+class SmallGpuPipeline(CountedPipeline):
+    """The pipeline on a GPU that holds at most `fits` images at once: more raise its out-of-memory error."""
+
+    def __init__(self, pipeline, fits):
+        super().__init__(pipeline)
+        self.fits, self.tried = fits, []
+
+    def __call__(self, **kwargs):
+        self.tried.append(len(kwargs["generator"]))
+        if len(kwargs["generator"]) > self.fits:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().__call__(**kwargs)
+
+
+def test_a_batch_out_of_gpu_memory_is_made_in_halves_and_later_calls_stay_small(pipeline, monkeypatch, capsys):
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    alone = generate(pipeline, prompts, 2, 5, 3, 7.5, 64)
+    monkeypatch.setattr(sampling, "PIXELS_PER_CALL", 6 * 64 * 64)  # all six images in one call
+    small_gpu = SmallGpuPipeline(pipeline, fits=2)
+    made = generate(small_gpu, prompts, 2, 5, 3, 7.5, 64)
+    assert small_gpu.tried == [6, 3, 1, 1, 1, 1, 1, 1]  # six fail, three fail, then one at a time
+    assert small_gpu.batch_sizes == [1] * 6
+    assert "6 images at once ran out of GPU memory; making 3 at a time" in capsys.readouterr().out
+    for row, row_alone in zip(made, alone):
+        for image, image_alone in zip(row, row_alone):
+            assert np.abs(np.asarray(image, dtype=np.int16) - np.asarray(image_alone, dtype=np.int16)).max() <= 1
+    assert sampling.PIXELS_PER_CALL == 64 * 64  # kept for the next validation, which starts at one image
+    small_gpu.tried.clear()
+    generate(small_gpu, prompts[:1], 2, 5, 3, 7.5, 64)
+    assert small_gpu.tried == [1, 1]
+
+    with pytest.raises(torch.OutOfMemoryError):  # one image that does not fit: nothing smaller to try
+        generate(SmallGpuPipeline(pipeline, fits=0), prompts[:1], 1, 5, 3, 7.5, 64)
