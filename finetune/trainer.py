@@ -205,8 +205,14 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     )
     result = TrainResult(output_dir=output_dir, final_step=step)
 
+    @contextlib.contextmanager
     def averaged():  # the weight average in place of the trained weights, with train.ema_decay
-        return average.applied() if average else contextlib.nullcontext()
+        if average is None:
+            yield
+            return
+        with average.applied():
+            method.hold_weight_limits(modules)
+            yield
 
     def validate(at_step: int) -> Path | None:
         """The validation grid of this step (and the held-out loss); returns the grid's path, if one was drawn."""
@@ -277,7 +283,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     if accelerator.sync_gradients:  # a real step, not one of accumulation's
-                        step_logs = method.after_step(modules)
+                        step_logs = method.hold_weight_limits(modules)
                 running_loss += losses["loss"].detach() * share / accumulation
             lr_scheduler.step()
             if average is not None:

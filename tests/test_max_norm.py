@@ -7,6 +7,7 @@ import torch
 from accelerate import Accelerator
 
 from finetune.config import LoRAConfig
+from finetune.ema import WeightAverage
 from finetune.errors import FinetuneError
 from finetune.kohya import load_lora, to_kohya
 from finetune.max_norm import apply_max_norm, lora_layers, update_norm
@@ -75,3 +76,21 @@ def test_a_run_with_max_norm_keeps_every_layer_within_it_and_logs_it(make_recipe
 def test_max_norm_needs_a_lora(make_recipe):
     with pytest.raises(FinetuneError, match=r"lora.max_norm shapes a LoRA, and method full trains none: remove it"):
         make_recipe(method="full", lora__max_norm=1.0)
+
+
+def test_the_weight_average_is_held_within_max_norm_where_it_samples_and_saves(make_recipe, tmp_path, monkeypatch):
+    """The average of the down and of the up weights, each taken apart, need not keep their product within the
+    limit every step kept; forced past it here (the up weights' averages x 10), the saved LoRA is still within."""
+    update = WeightAverage.update
+
+    def update_past_the_limit(self):
+        update(self)
+        for name, average in self.averages.items():
+            if "lora_B" in name:
+                average.mul_(10.0)
+
+    monkeypatch.setattr(WeightAverage, "update", update_past_the_limit)
+    settings = dict(train__max_steps=3, train__ema_decay=0.5, lora__target_modules=["to_q", "to_v"], lora__max_norm=0.05)
+    held = train(make_recipe(output_dir=str(tmp_path / "held"), **settings))
+    norms = [torch.linalg.norm(layer.delta()).item() for layer in load_lora(held.output_dir / LORA_WEIGHTS_NAME).layers.values()]
+    assert max(norms) == pytest.approx(0.05, rel=1e-3)  # past it before being held (x 10 on the up weights)

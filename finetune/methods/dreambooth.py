@@ -267,8 +267,8 @@ class DreamBoothMethod(DiffusionMethod):
         loss = instance_loss + self.recipe.dreambooth.prior_loss_weight * class_loss
         return {"loss": loss, "instance_loss": instance_loss.detach(), "class_loss": class_loss.detach()}
 
-    def after_step(self, modules):
-        return self.adapter.after_step(modules)
+    def hold_weight_limits(self, modules):
+        return self.adapter.hold_weight_limits(modules)
 
     def save(self, output_dir, modules, metadata):
         return self.adapter.save(output_dir, modules, metadata)

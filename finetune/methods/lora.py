@@ -85,7 +85,7 @@ class LoRAMethod(UNetMethod):
             return groups
         return loraplus_groups(groups, self.trained_modules(), self.recipe.optimizer.lr, ratios)
 
-    def after_step(self, modules) -> dict[str, float]:
+    def hold_weight_limits(self, modules) -> dict[str, float]:
         if not self.recipe.lora.max_norm:
             return {}
         if self.max_norm_layers is None:  # found once: walking every module each step would cost the hot path
