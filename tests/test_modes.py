@@ -161,6 +161,29 @@ def test_fp16_on_a_cpu_stops_with_one_line_before_loading_the_model(make_recipe,
         train(make_recipe(train__mixed_precision="fp16"))
 
 
+def test_bf16_on_a_gpu_without_it_stops_with_one_line_before_loading_the_model(make_recipe, monkeypatch):
+    """torch and accelerate accept bf16 on a GPU before Ampere (a T4, as free notebooks give) and emulate it."""
+    monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(FinetuneError, match=r"^train.mixed_precision bf16: this GPU \(Tesla T4, compute capability 7.5\) has no bf16 arithmetic "
+                                            r"\(NVIDIA's came with Ampere, 8.0\) and would emulate it, far slower: set train.mixed_precision: fp16$"):
+        train(make_recipe(train__mixed_precision="bf16"))
+
+    class PastTheCheck(Exception):
+        pass
+
+    def accelerator(**options):
+        raise PastTheCheck
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100: the run goes on
+    monkeypatch.setattr(trainer, "Accelerator", accelerator)
+    with pytest.raises(PastTheCheck):
+        train(make_recipe(train__mixed_precision="bf16"))
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_validation_samples_with_the_negative_prompt(method_recipe, method):
     """validation.negative_prompt replaces the unconditional prompt of every validation image (not of the first only)."""
