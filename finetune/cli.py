@@ -86,6 +86,8 @@ def _sample(args) -> int:
         controlnet=args.controlnet,
         condition=args.condition[0] if args.condition else None,
         conditioning_scale=args.conditioning_scale,
+        device=args.device,
+        precision=args.precision,
     )
     print(f"wrote {len(written) - 1} images and a grid: {written[-1]}")
     return 0

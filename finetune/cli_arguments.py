@@ -44,6 +44,13 @@ def add_base_options(parser: argparse.ArgumentParser, required: bool = True, def
     )
 
 
+def add_placement_options(parser: argparse.ArgumentParser) -> None:
+    """--device and --precision, as sample and demo take them (finetune/placement.py)."""
+    parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="where to sample (default: the GPU if there is one)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                        help="the model's weights while sampling (default: fp16 on CUDA, fp32 elsewhere)")  # fmt: skip
+
+
 RECORDED_BASE_HELP = " (default: the base the --lora or --controlnet run recorded)"
 
 
@@ -89,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     sample.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")
     sample.add_argument("--out", default="outputs/samples", help="output folder (default outputs/samples)")
+    add_placement_options(sample)
 
     tiny = commands.add_parser(
         "make-tiny-model",

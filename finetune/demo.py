@@ -247,7 +247,7 @@ def launch_app(app, host: str = "127.0.0.1", port: int | None = None, max_upload
 
 
 def add_demo_parser(commands) -> None:
-    from finetune.cli_arguments import add_base_options
+    from finetune.cli_arguments import add_base_options, add_placement_options
 
     demo = commands.add_parser(
         "demo",
@@ -263,17 +263,19 @@ def add_demo_parser(commands) -> None:
     demo.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     demo.add_argument("--queue-size", type=int, default=8, help="requests waiting at most; more are turned away (default 8)")
     demo.add_argument("--max-upload-mb", type=float, default=10, help="largest upload accepted, in MB (default 10)")
+    add_placement_options(demo)
 
 
 def run_demo_command(args) -> int:
     from finetune.demo_engine import DemoEngine
+    from finetune.placement import placement_line
 
     if not Path(args.adapters).is_dir():
         if args.adapters != ADAPTERS_DEFAULT:  # a typo would show an empty list and no word why
             raise FinetuneError(f"adapters folder {args.adapters} not found: pass --adapters with the folder your training runs write to")
         Path(args.adapters).mkdir(parents=True)  # where training runs will write; Rescan finds them there
     base, note = resolve_base(args.base)
-    engine = DemoEngine(base, Path(args.adapters), exclude=(Path(base),), base_config=args.base_config)
-    print(f"base model: {base}; {len(engine.adapters)} adapters under {args.adapters}")
+    engine = DemoEngine(base, Path(args.adapters), exclude=(Path(base),), base_config=args.base_config, device=args.device, precision=args.precision)
+    print(f"base model: {base}; {len(engine.adapters)} adapters under {args.adapters}; {placement_line(*engine.placement)}")
     launch_app(build_app(engine, note, args.queue_size), args.host, args.port, args.max_upload_mb, block=True)
     return 0

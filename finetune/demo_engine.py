@@ -37,6 +37,7 @@ from finetune.inference import refuse_replacing_a_fine_tuned_unet, saved_model_m
 from finetune.kohya import LoRA, load_lora
 from finetune.merge import find_module
 from finetune.models import BaseModel, freeze, load_base_model
+from finetune.placement import inference_placement, place
 from finetune.sampling import adapters_clip_skip, adapters_prediction_type, adapters_zero_terminal_snr, build_pipeline, follow_adapters_schedule, generate
 
 CONDITIONING_KINDS = ("as uploaded", "canny", "luminance", "mask")
@@ -95,11 +96,13 @@ def parse_strengths(text: str) -> list[float]:
 class DemoEngine:
     """Holds the base model and the last scan; renders `Request`s (one at a time, under a lock)."""
 
-    def __init__(self, base: str, adapters_dir: Path, exclude: tuple[Path, ...] = (), base_config: str | None = None):
+    def __init__(self, base: str, adapters_dir: Path, exclude: tuple[Path, ...] = (), base_config: str | None = None,
+                 device: str = "auto", precision: str = "auto"):  # fmt: skip
         if Path(base).suffix in PICKLE_SUFFIXES:
             raise FinetuneError(f"base model {base} is a pickle checkpoint: only .safetensors files and diffusers folders are loaded")
         self.base_name, self.adapters_dir, self.exclude = base, Path(adapters_dir), exclude
-        self.base = _frozen(load_base_model(ModelConfig.from_option(base, base_config)))
+        self.placement = inference_placement(device, precision)  # every model the demo loads goes there (finetune/placement.py)
+        self.base = self._frozen(load_base_model(ModelConfig.from_option(base, base_config)))
         # A fine-tuned or merged pipeline as the base: what it was trained with (clip skip) holds in every column.
         self.base_metadata = saved_model_metadata(Path(base)) if Path(base).is_dir() else {}
         self.lock = threading.Lock()
@@ -145,7 +148,12 @@ class DemoEngine:
         if name in (BASE, "", None):
             return self.base
         adapter = self.adapter(name, "pipeline")
-        return self._cached(adapter, lambda: _frozen(load_base_model(ModelConfig(pretrained=str(adapter.path)))))
+        return self._cached(adapter, lambda: self._frozen(load_base_model(ModelConfig(pretrained=str(adapter.path)))))
+
+    def _frozen(self, model: BaseModel) -> BaseModel:
+        for part in (model.unet, model.vae, model.text_encoder):
+            place(freeze(part), *self.placement)
+        return model
 
     def render(self, request: Request, progress: Callable[[int, int], None] | None = None):
         """(images[row][column], column labels, the row's seeds, a one-line summary)."""
@@ -166,7 +174,7 @@ class DemoEngine:
         controlnet = condition = decoder = None
         if request.controlnet:
             adapter = self.adapter(request.controlnet, "controlnet")
-            controlnet, decoder = self._cached(adapter, lambda: _load_controlnet(adapter.path))
+            controlnet, decoder = self._cached(adapter, lambda: place(_load_controlnet(adapter.path), *self.placement))
             if decoder is not None and (model is not self.base or self.base_metadata):
                 refuse_replacing_a_fine_tuned_unet(request.controlnet, request.model if model is not self.base else self.base_name)
             _check_controlnet_fits(controlnet, model.unet, request.controlnet, model.source)
@@ -260,12 +268,6 @@ def short_name(name: str) -> str:
     return parts[-1]
 
 
-def _frozen(model: BaseModel) -> BaseModel:
-    for part in (model.unet, model.vae, model.text_encoder):
-        freeze(part)
-    return model
-
-
 def _check_request(request: Request) -> None:
     names = [name for name, _ in request.loras]
     for bad, message in (
@@ -305,7 +307,7 @@ def loras_applied(models: dict[str, torch.nn.Module], loras: list[tuple[LoRA, fl
                     part, path = key.split(".", 1)
                     weight = find_module(models[part], path, part).weight
                     originals.setdefault(id(weight), (weight, weight.detach().clone()))
-                    weight.copy_((weight.float() + layer.delta(strength)).to(weight.dtype))
+                    weight.copy_((weight.float() + layer.delta(strength).to(weight.device)).to(weight.dtype))
         yield
     finally:
         with torch.no_grad():

@@ -198,12 +198,11 @@ def run_eval(
     options = dict(n=num_prompts, images_per_prompt=images_per_prompt, identifier=identifier, subject=subject,
                    class_word=class_word, controlnet=controlnet is not None)  # fmt: skip
     suites = _validate(default_suites(suites, controlnet), options)  # before the (slow) model load
-    import torch
+    from finetune.placement import inference_placement, place
 
     pipeline = load_sampling_pipeline(base, lora, lora_scale, controlnet, base_config=base_config)
     pipeline.unet.eval()
-    if torch.cuda.is_available():
-        pipeline.to("cuda")
+    place(pipeline, *inference_placement("auto", "fp32"))  # the GPU if any; fp32, so reports compare across machines
     resolution = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     options["resolution"] = resolution
 

@@ -27,6 +27,7 @@ from finetune.methods.controlnet import CONTROLNET_DIR, UNET_DIR
 from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.models import BaseModel, load_base_model, looks_like_hub_id
 from finetune.pipeline_io import METADATA_FILE
+from finetune.placement import inference_placement, place, placement_line
 from finetune.prompt_options import PromptSettings, with_options
 from finetune.sampling import GRID_LABEL_WIDTH, adapters_clip_skip, build_pipeline, follow_adapters_schedule, generate_with_settings, make_grid, save_image_atomic
 from finetune.sources import Example
@@ -262,20 +263,24 @@ def sample_to_folder(
     condition: str | None = None,
     conditioning_scale: float | None = None,
     base_config: str | None = None,
+    device: str = "auto",
+    precision: str = "auto",
 ) -> list[Path]:
     """Write prompt-P_seed-S.png for each image, then grid.png (rows = prompts); return all paths, grid last.
 
     With `controlnet`, every image is steered by the `condition` image (at `conditioning_scale`, default
-    1.0) and each grid row starts with it.
+    1.0) and each grid row starts with it. `device`, `precision`: see finetune/placement.py.
     """
     check_control_options(controlnet, condition, conditioning_scale)
+    placement = inference_placement(device, precision)
     try:  # each prompt with its own options (--n, --d, --l, --s), before anything loads
         settings = [with_options(text, PromptSettings(text, negative_prompt, seed, guidance, steps)) for text in prompts]
     except ValueError as err:
         raise FinetuneError(f"--prompt {err}") from None
     if controlnet is not None and (made := recorded_conditioning(saved_model_metadata(resolve_controlnet_folder(controlnet)))):
         print(f"note: this ControlNet was trained on {made} conditioning images (finetune make-conditions); --condition is used as it is: give one of that kind")
-    pipeline = load_sampling_pipeline(base, lora, lora_scale, controlnet, base_config)
+    pipeline = place(load_sampling_pipeline(base, lora, lora_scale, controlnet, base_config), *placement)
+    print(placement_line(*placement))
     resolution = resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     if resolution % 8:
         raise FinetuneError(f"--resolution {resolution} must be a multiple of 8")

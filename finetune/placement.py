@@ -1,0 +1,51 @@
+"""Where `finetune sample`, `finetune eval` and the demo run a model: the device and the weights' precision.
+
+Training places models through accelerate; sampling outside training chooses here. By default it uses
+the GPU when there is one (CUDA, else Apple's MPS), in fp16 on CUDA, as the webui and diffusers'
+examples sample SD1.x (half the memory, tensor cores), and in fp32 elsewhere. `--device` and
+`--precision` choose otherwise (`--device cpu` while a GPU trains, `--precision fp32` to compare
+with fp32 validation grids).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from finetune.errors import FinetuneError
+
+DEVICES = ("auto", "cuda", "mps", "cpu")
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps and mps.is_available())
+
+
+def inference_placement(device: str = "auto", precision: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) for `--device` and `--precision` ("auto": see the module's docstring)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise FinetuneError("--device cuda: torch sees no CUDA GPU here (a CPU build of torch, or no driver): leave --device out to use the CPU")
+    elif device == "mps" and not _mps_available():
+        raise FinetuneError("--device mps: Apple's MPS is not available here: leave --device out")
+    if precision == "auto":
+        precision = "fp16" if device == "cuda" else "fp32"
+    if precision == "fp16" and device == "cpu":
+        raise FinetuneError("--precision fp16 needs a GPU: on a CPU use fp32 or bf16")
+    return torch.device(device), PRECISIONS[precision]
+
+
+def place(modules, device: torch.device, dtype: torch.dtype):
+    """Move a pipeline or modules (frozen, for sampling) to `device` in `dtype`; returns what it was given."""
+    for module in modules if isinstance(modules, (list, tuple)) else [modules]:
+        if module is not None:
+            module.to(device=device, dtype=dtype)
+    return modules
+
+
+def placement_line(device: torch.device, dtype: torch.dtype) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    precision = next(key for key, value in PRECISIONS.items() if value == dtype)
+    return f"sampling on {name} in {precision}" + (" (--device cpu or --precision fp32 to choose otherwise)" if device.type == "cuda" else "")
