@@ -15,6 +15,8 @@ from typing import Callable, Sequence, TypeVar
 
 from tqdm.auto import tqdm
 
+from finetune.errors import FinetuneError
+
 Item, Result = TypeVar("Item"), TypeVar("Result")
 
 # Each thread holds one decoded image and its RGB copy (~150 MB at 12 MP, ~4 GB at 300 MP), hence a cap.
@@ -26,8 +28,10 @@ PROGRESS_FROM = 50
 def check_threads() -> int:
     """This process's share of the CPUs it may run on (the processes of one machine split them), at most
     MAX_CHECK_THREADS; FINETUNE_CHECK_THREADS sets it."""
-    if os.environ.get("FINETUNE_CHECK_THREADS"):
-        return max(1, int(os.environ["FINETUNE_CHECK_THREADS"]))
+    if asked := os.environ.get("FINETUNE_CHECK_THREADS"):
+        if not asked.isdigit() or int(asked) < 1:
+            raise FinetuneError(f"FINETUNE_CHECK_THREADS={asked}: give a number of threads (1 or more), or unset it for one per CPU")
+        return int(asked)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
     return max(1, min(MAX_CHECK_THREADS, cpus // processes_here))

@@ -185,7 +185,7 @@ class DemoEngine:
             adapters_prediction_type(trained_for)
             adapters_zero_terminal_snr(trained_for)
             adapters_clip_skip(trained_for)
-        total, done = max(1, len(columns) * request.rows * request.steps), 0
+        total, done, in_call = max(1, len(columns) * request.rows * request.steps), 0, 0
         results: list[list[Image.Image]] = [[] for _ in range(request.rows)]
         for column in columns:
             trained_for = self._trained_for(column)
@@ -195,9 +195,13 @@ class DemoEngine:
             extra = dict(image=condition, controlnet_conditioning_scale=column.scale) if column.controlnet is not None else {}
 
             def step_done(pipe, step, timestep, kwargs):
-                nonlocal done
-                done += len(kwargs["latents"])  # the rows are denoised together
-                progress(done, total)
+                # Image-steps of the pipeline call under way (its rows are denoised together), counted as done when
+                # the call ends: a call that runs out of GPU memory is made again in halves and must not count twice.
+                nonlocal done, in_call
+                in_call = (step + 1) * len(kwargs["latents"])
+                if step + 1 == request.steps:
+                    done, in_call = done + in_call, 0
+                progress(done + in_call, total)
                 return kwargs
 
             with loras_applied({"unet": unet, "text_encoder": column.model.text_encoder}, column.loras), \

@@ -28,6 +28,7 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
 from finetune.config import Recipe
 from finetune.errors import FinetuneError
+from finetune.placement import bf16_emulated
 
 
 def unwrap(accelerator: Accelerator, module: torch.nn.Module) -> torch.nn.Module:
@@ -55,11 +56,8 @@ def mixed_precision_problem(mixed_precision: str) -> str | None:
     if mixed_precision == "fp16" and not gpu_available():
         # accelerate turns fp16 autocast off on a CPU, and the fp16 frozen weights would then meet fp32 inputs.
         return "train.mixed_precision fp16 needs a GPU; on a CPU use bf16 or no"
-    if mixed_precision == "bf16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
-        # torch, and so accelerate, accept bf16 on such a GPU and emulate it: the run would be far slower than in fp16.
-        major, minor = torch.cuda.get_device_capability()
-        return (f"train.mixed_precision bf16: this GPU ({torch.cuda.get_device_name()}, compute capability {major}.{minor}) has no bf16 "
-                "arithmetic (NVIDIA's came with Ampere, 8.0) and would emulate it, far slower: set train.mixed_precision: fp16")  # fmt: skip
+    if mixed_precision == "bf16" and (emulated := bf16_emulated()):
+        return f"train.mixed_precision bf16: {emulated}: set train.mixed_precision: fp16"
     return None
 
 

@@ -22,6 +22,16 @@ def _mps_available() -> bool:
     return bool(mps and mps.is_available())
 
 
+def bf16_emulated() -> str | None:
+    """Why bf16 would be emulated on this machine's CUDA GPU (one before NVIDIA's Ampere: a T4, a V100), in words;
+    None where it is native or there is no CUDA GPU. torch, and so accelerate, accept bf16 there and emulate it."""
+    if not torch.cuda.is_available() or torch.cuda.is_bf16_supported(including_emulation=False):
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return (f"this GPU ({torch.cuda.get_device_name()}, compute capability {major}.{minor}) has no bf16 arithmetic "
+            "(NVIDIA's came with Ampere, 8.0) and would emulate it, far slower")  # fmt: skip
+
+
 def inference_placement(device: str = "auto", precision: str = "auto") -> tuple[torch.device, torch.dtype]:
     """(device, dtype) for `--device` and `--precision` ("auto": see the module's docstring)."""
     if device == "auto":
@@ -34,6 +44,8 @@ def inference_placement(device: str = "auto", precision: str = "auto") -> tuple[
         precision = "fp16" if device == "cuda" else "fp32"
     if precision == "fp16" and device == "cpu":
         raise FinetuneError("--precision fp16 needs a GPU: on a CPU use fp32 or bf16")
+    if precision == "bf16" and device == "cuda" and (emulated := bf16_emulated()):
+        raise FinetuneError(f"--precision bf16: {emulated}: leave --precision out (fp16)")
     return torch.device(device), PRECISIONS[precision]
 
 

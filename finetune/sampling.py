@@ -97,6 +97,20 @@ def autocast_for(pipeline) -> contextlib.AbstractContextManager:
 # many images runs the UNet on a batch: on a CPU, 16 images of 64 px take 1.5 s in one call and 8.5 s in 16.
 # Lowered for the rest of the process when a call runs out of GPU memory (see `_in_batches_that_fit`).
 PIXELS_PER_CALL = 2 * 512 * 512
+_halving_allowed = True  # off while processes sample in lockstep (`in_lockstep`)
+
+
+@contextlib.contextmanager
+def in_lockstep():
+    """Sampling in step with other processes (validation under ZeRO-3, where each forward gathers the weights from
+    all of them): one process must not remake a batch in halves alone, or their gathers no longer pair up and the
+    run hangs; out of memory then stops the run, as it would without halving."""
+    global _halving_allowed
+    _halving_allowed = False
+    try:
+        yield
+    finally:
+        _halving_allowed = True
 
 
 @torch.no_grad()
@@ -161,12 +175,14 @@ def _in_batches_that_fit(make, jobs: list, pixels_per_image: int) -> dict:
             pending = pending[len(batch) :]
             continue
         except torch.OutOfMemoryError:
-            if len(batch) == 1:
+            if len(batch) == 1 or not _halving_allowed:
                 raise
         # Out of the except block, so the failed call's tensors (held by its traceback) are freed first.
         PIXELS_PER_CALL = max(pixels_per_image, len(batch) // 2 * pixels_per_image)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            torch.mps.empty_cache()
         print(f"sampling: {len(batch)} images at once ran out of GPU memory; making {len(batch) // 2} at a time from now on")
     return images
 

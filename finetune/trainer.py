@@ -36,7 +36,7 @@ from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_opti
 from finetune.recipe_loading import dump_recipe
 from finetune.run_length import check_epoch_run, due, epochs_done, finished_epochs, planned_steps, run_length_line
 from finetune.loss_mask import preview as mask_preview
-from finetune.sampling import GRID_LABEL_WIDTH, make_grid, save_image_atomic
+from finetune.sampling import GRID_LABEL_WIDTH, in_lockstep, make_grid, save_image_atomic
 from finetune.stopping import StopRequest, batches_of, leave_stop_signals_to_the_trainer
 
 logger = logging.getLogger(__name__)
@@ -366,7 +366,8 @@ def run_validation(recipe, method, modules, accelerator, step: int) -> Path | No
         untrained = step == 0 and not recipe.lora.init_from
         # Sampling must not disturb the training RNG: a resumed run then follows the same curve.
         with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
-            with method.base.predicting_as_pretrained() if untrained else contextlib.nullcontext():
+            with method.base.predicting_as_pretrained() if untrained else contextlib.nullcontext(), \
+                    in_lockstep() if zero_stage(accelerator) == 3 else contextlib.nullcontext():
                 rows, labels = method.validation_images(unwrapped)
         for module in unwrapped.values():
             module.train()

@@ -355,3 +355,9 @@ def test_processes_of_one_machine_share_its_cpus(monkeypatch):
     assert check_threads.check_threads() == 4
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
     assert check_threads.check_threads() == 1
+    monkeypatch.setenv("FINETUNE_CHECK_THREADS", "3")
+    assert check_threads.check_threads() == 3
+    for wrong in ("auto", "0"):
+        monkeypatch.setenv("FINETUNE_CHECK_THREADS", wrong)
+        with pytest.raises(FinetuneError, match=rf"^FINETUNE_CHECK_THREADS={wrong}: give a number of threads \(1 or more\)"):
+            check_threads.check_threads()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from ports import free_port
 
@@ -220,6 +221,38 @@ def test_progress_is_reported_per_denoising_step(demo):
     seen = []
     demo.engine.render(Request(prompt=PROMPT, steps=3, loras=[("trained", 1.0)], strengths=[0.5, 1.0], rows=2), lambda done, total: seen.append((done, total)))
     assert seen == [(2 * k, 18) for k in range(1, 10)]  # 3 columns x 3 steps, each denoising both rows: 18 images' steps
+
+
+def test_progress_does_not_count_a_batch_remade_after_running_out_of_memory(demo, monkeypatch):
+    import finetune.demo_engine as demo_engine
+    import finetune.sampling as sampling
+    from finetune.demo_engine import Request
+
+    class OutOfMemoryAtTheSecondStep:  # a GPU that holds the two rows for one step, then one at a time
+        def __init__(self, pipeline):
+            self.pipeline = pipeline
+
+        def __getattr__(self, name):
+            return getattr(self.pipeline, name)
+
+        def __call__(self, **kwargs):
+            if len(kwargs["generator"]) == 1:
+                return self.pipeline(**kwargs)
+            report = kwargs["callback_on_step_end"]
+
+            def fail_after_the_first_step(pipe, step, timestep, values):
+                report(pipe, step, timestep, values)
+                raise torch.OutOfMemoryError("CUDA out of memory")
+
+            return self.pipeline(**{**kwargs, "callback_on_step_end": fail_after_the_first_step})
+
+    build = demo_engine._pipeline
+    monkeypatch.setattr(demo_engine, "_pipeline", lambda *parts: OutOfMemoryAtTheSecondStep(build(*parts)))
+    monkeypatch.setattr(sampling, "PIXELS_PER_CALL", sampling.PIXELS_PER_CALL)  # the halving lowers it: restored after
+    seen = []
+    demo.engine.render(Request(prompt=PROMPT, steps=3, loras=[("trained", 1.0)], rows=2), lambda done, total: seen.append((done, total)))
+    assert max(done for done, _ in seen) == seen[-1][0] == 12 and seen[-1][1] == 12  # 2 columns x 2 rows x 3 steps, none twice
+    assert seen[0] == (2, 12) and (1, 12) in seen  # the failed call's step shown, then taken back when the halves start
 
 
 def test_default_base_falls_back_to_a_tiny_model(tmp_path, monkeypatch):

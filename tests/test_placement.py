@@ -25,6 +25,11 @@ def test_auto_is_the_gpu_in_fp16_when_there_is_one_and_the_cpu_in_fp32(monkeypat
     assert inference_placement() == (torch.device("cuda"), torch.float16)
     assert inference_placement("auto", "fp32") == (torch.device("cuda"), torch.float32)
     assert inference_placement("cpu") == (torch.device("cpu"), torch.float32)  # a GPU busy training: sample on the CPU
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)  # a T4
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(FinetuneError, match=r"^--precision bf16: this GPU \(Tesla T4, compute capability 7.5\) has no bf16 .* leave --precision out \(fp16\)$"):
+        inference_placement("auto", "bf16")
 
 
 def test_sample_runs_in_the_precision_asked_and_says_where(tiny_model, tmp_path, monkeypatch, capsys):

@@ -84,3 +84,15 @@ def test_a_batch_out_of_gpu_memory_is_made_in_halves_and_later_calls_stay_small(
 
     with pytest.raises(torch.OutOfMemoryError):  # one image that does not fit: nothing smaller to try
         generate(SmallGpuPipeline(pipeline, fits=0), prompts[:1], 1, 5, 3, 7.5, 64)
+
+
+def test_processes_sampling_in_lockstep_do_not_halve_alone(pipeline, monkeypatch):
+    """Under ZeRO-3 every process samples validation together (each forward gathers weights from all): one that
+    remade its batch in halves would leave the others waiting, so out of memory stops the run there."""
+    monkeypatch.setattr(sampling, "PIXELS_PER_CALL", 2 * 64 * 64)
+    small_gpu = SmallGpuPipeline(pipeline, fits=1)
+    with sampling.in_lockstep(), pytest.raises(torch.OutOfMemoryError):
+        generate(small_gpu, ["a red circle"], 2, 5, 2, 7.5, 64)
+    assert small_gpu.tried == [2] and sampling.PIXELS_PER_CALL == 2 * 64 * 64
+    generate(small_gpu, ["a red circle"], 2, 5, 2, 7.5, 64)  # outside it, halving again
+    assert small_gpu.tried == [2, 2, 1, 1]
