@@ -219,7 +219,8 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
         report.findings += findings
         if usable is not None:
             report.usable.append(usable)
-        if digest is not None and example.source not in by_hash.get(digest, []):  # one file in two data.folders entries is no copy
+        # Copies among the images that train (a skipped one is not another copy); one file in two data.folders entries is no copy.
+        if usable is not None and example.source not in by_hash.get(digest, []):
             by_hash.setdefault(digest, []).append(example.source)
     targets = report.bucket_of or [(config.resolution, config.resolution)] * len(report.usable)
     for example, (width, height) in zip(report.usable, targets):

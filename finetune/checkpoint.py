@@ -97,6 +97,10 @@ def resolve_resume(resume: str | None, checkpoints_dir: Path) -> Path | None:
         found = list_checkpoints(checkpoints_dir)
         return found[-1] if found else None
     path = Path(resume)
+    if not path.exists():
+        found = list_checkpoints(checkpoints_dir)
+        have = f"the newest in {checkpoints_dir} is {found[-1].name}" if found else f"{checkpoints_dir} holds none yet"
+        raise FinetuneError(f"--resume {resume}: no such folder ({have}); use 'latest' or a checkpoints/checkpoint-N folder")
     if not (path / STATE_FILE).is_file():
         raise FinetuneError(f"--resume {resume}: not a complete checkpoint folder (no {STATE_FILE}); use 'latest' or a checkpoints/checkpoint-N folder")
     return path

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: finetune train recipes/lora.yaml optimizer.lr=1e-4 data.image_dir=my_photos",
     )
     train.add_argument("recipe", help="path of a recipe, e.g. recipes/lora.yaml")
-    train.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. train.max_steps=500")
+    train.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="recipe overrides, e.g. train.max_steps=500")
     train.add_argument("--resume", metavar="CHECKPOINT", help="'latest' or a checkpoints/checkpoint-N folder to continue from")
     train.add_argument("--overwrite", action="store_true", help="start over in an output_dir that holds an earlier run (deletes its checkpoints, samples and logs)")
 
@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         "or: finetune check-data --image-dir my_photos --resolution 512",
     )
     check.add_argument("recipe", nargs="?", help="a recipe, e.g. recipes/lora.yaml (default: data settings' defaults)")
-    check.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. data.bucketing.enabled=true")
+    check.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="recipe overrides, e.g. data.bucketing.enabled=true")
     check.add_argument("--image-dir", help="folder of images to check (instead of the recipe's data.image_dir)")
     check.add_argument("--resolution", type=int, help="training resolution (instead of the recipe's data.resolution)")
 

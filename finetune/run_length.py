@@ -67,7 +67,8 @@ def run_length_line(train: TrainConfig, max_steps: int, sampler, items: int, pro
     """The run's length in steps and in epochs (an epoch uses each image its repeats times)."""
     per_step = train.batch_size * processes * train.gradient_accumulation_steps
     epochs = epochs_done(max_steps, train.gradient_accumulation_steps, max(sampler.batches_per_epoch, 1))
-    line = f"length: {max_steps} steps of {per_step} images = {epochs:.3g} epochs of "
+    shown = f"{epochs:.0f}" if epochs >= 100 else f"{epochs:.3g}"  # 2000, not 2e+03
+    line = f"length: {max_steps} steps of {per_step} images = {shown} epochs of "
     if sampler.images_per_epoch < items:
         left = items - sampler.images_per_epoch
         return line + f"{sampler.images_per_epoch} of the {items} images (each epoch leaves {left} out at random, to fill whole batches)"

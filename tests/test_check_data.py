@@ -111,6 +111,16 @@ def test_every_kind_of_odd_image_is_reported(odd_folder):
     assert "odd: 13 images, 9 used, 0 skipped" in lines
 
 
+def test_a_copy_that_does_not_train_is_not_named_as_a_copy(tmp_path):
+    folder = tmp_path / "copies"
+    for name in ("a.png", "b.png", "c.png"):
+        captioned(folder, name, noise(64, 64, seed=7))
+    (folder / "c.txt").unlink()  # no caption: skipped, so it trains nothing
+    config = DataConfig(image_dir=str(folder), resolution=64, skip_bad_images=True)
+    warnings = [finding.message for finding in inspect_examples(read_examples(config), config, "copies").of_level(WARNING)]
+    assert len(warnings) == 1 and warnings[0].endswith(f"a.png has the same pixels as {folder / 'b.png'}: each copy trains as its own image (remove copies, or use data.folders repeats)")
+
+
 def test_converted_images_train_as_rgb(odd_folder):
     for name, pixel in [("cmyk.jpg", (255, 0, 0)), ("deep.png", (128, 128, 128)), ("alpha.png", (255, 255, 255))]:
         example = next(e for e in read_examples(DataConfig(image_dir=str(odd_folder))) if e.source.endswith(name))

@@ -28,6 +28,13 @@ def test_latest_ignores_partial_and_incomplete_folders(tmp_path):
             (folder / name / STATE_FILE).write_text('{"step": 0}')
     assert resolve_resume("latest", folder).name == "checkpoint-10"
     assert resolve_resume("latest", tmp_path / "none") is None
+    # A path is a checkpoint, or said to be missing (with the newest there is), or said to be incomplete.
+    with pytest.raises(FinetuneError, match=rf"^--resume {folder}/checkpoint-99: no such folder \(the newest in {folder} is checkpoint-10\); use 'latest'"):
+        resolve_resume(str(folder / "checkpoint-99"), folder)
+    with pytest.raises(FinetuneError, match=rf"no such folder \({tmp_path}/none holds none yet\)"):
+        resolve_resume(str(tmp_path / "none" / "checkpoint-1"), tmp_path / "none")
+    with pytest.raises(FinetuneError, match=r"checkpoint-20: not a complete checkpoint folder \(no trainer_state.json\)"):
+        resolve_resume(str(folder / "checkpoint-20"), folder)
 
 
 def test_rotation_keeps_the_last_n(make_recipe):

@@ -125,3 +125,5 @@ def test_the_run_length_is_also_said_in_epochs(make_recipe, capsys):
     buckets = SimpleNamespace(batches_per_epoch=8, images_per_epoch=24)  # 24 images in buckets, some batches partial
     line = run_length_line(make_recipe(train__max_steps=10, train__batch_size=4).train, 10, buckets, 24, 1)
     assert line == "length: 10 steps of 4 images = 1.25 epochs of 24 images (in 8 batches an epoch: a bucket's last batch may be smaller)"
+    line = run_length_line(make_recipe(train__max_steps=9000, train__batch_size=4).train, 9000, buckets, 24, 1)
+    assert line.startswith("length: 9000 steps of 4 images = 1125 epochs of 24 images")  # not 1.12e+03

@@ -29,7 +29,7 @@ class LoRAConfig(Section):
     # Also a LoRA on the text encoder's attention projections (method lora; DreamBooth has its own switch).
     # It learns new words' meanings faster; text embeddings are then not cached.
     train_text_encoder: bool = False
-    text_encoder_lr: Optional[float] = None  # None: the same as optimizer.lr; sd-scripts users often halve it
+    text_encoder_lr: Optional[float] = Field(None, gt=0)  # None: the same as optimizer.lr; sd-scripts users often halve it
     # Start from a trained LoRA instead of a no-op (sd-scripts' network_weights): a .safetensors file in our,
     # diffusers' or sd-scripts' layout, or a training folder; same rank and target layers as this recipe.
     init_from: Optional[UserPath] = None
@@ -64,7 +64,7 @@ class FullConfig(Section):
     """`method: full`: every UNet weight trains (and the text encoder, if asked)."""
 
     train_text_encoder: bool = False
-    text_encoder_lr: Optional[float] = None  # None: the same as optimizer.lr
+    text_encoder_lr: Optional[float] = Field(None, gt=0)  # None: the same as optimizer.lr
 
 
 class VAEConfig(Section):
@@ -142,7 +142,7 @@ class DreamBoothConfig(Section):
     num_class_images: int = Field(100, ge=0)  # per concept
     class_generation: ClassImageGeneration = ClassImageGeneration()
     train_text_encoder: bool = False
-    text_encoder_lr: Optional[float] = None  # None: the same as optimizer.lr
+    text_encoder_lr: Optional[float] = Field(None, gt=0)  # None: the same as optimizer.lr
 
     @field_validator("concepts")
     @classmethod

@@ -61,7 +61,7 @@ class TrainConfig(Section):
     # Channels-last (NHWC) memory format for the UNet, VAE and ControlNet: the layout tensor-core and
     # oneDNN convolutions prefer, so no transposes around every conv. Same math, same loss.
     channels_last: bool = False
-    max_grad_norm: Optional[float] = 1.0
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)  # null: no clipping (a negative norm would flip the gradients)
     # Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's value, None disables it.
     snr_gamma: Optional[float] = None
     # Debiased estimation (Yu et al. 2024, sd-scripts' debiased_estimation_loss): weigh each timestep's
@@ -130,12 +130,19 @@ class OptimizerConfig(Section):
     # adamw8bit, paged_adamw8bit and lion8bit come from bitsandbytes (8-bit states for large tensors);
     # adafactor keeps factored second moments only (the smallest state); prodigy finds its own step size.
     name: Literal["adamw", "adamw8bit", "paged_adamw8bit", "lion8bit", "adafactor", "prodigy"] = "adamw"
-    lr: float = 1e-4  # prodigy: a multiplier of the step size it finds, near 1.0
-    weight_decay: float = 1e-2
+    lr: float = Field(1e-4, gt=0)  # prodigy: a multiplier of the step size it finds, near 1.0
+    weight_decay: float = Field(1e-2, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    eps: float = Field(1e-8, gt=0)
     scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
     warmup_steps: int = Field(0, ge=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_below_one(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= beta < 1.0 for beta in value):
+            raise ValueError("each beta must be at least 0 and below 1 (the moments' decay)")
+        return value
 
     @model_validator(mode="after")
     def _prodigy_multiplier(self) -> "OptimizerConfig":
