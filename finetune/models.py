@@ -143,8 +143,10 @@ def _download_or_find_in_cache(repo_id: str, revision: str | None, variant: str 
         allow, ignore = download_patterns(variant)
         folder = snapshot_download(repo_id, revision=revision, local_files_only=offline, allow_patterns=allow, ignore_patterns=ignore)
     except (LocalEntryNotFoundError, FileNotFoundError):
+        # Offline, or online with the hub out of reach (huggingface_hub then looks in the cache, and raises this too).
+        why = "downloads are off (HF_HUB_OFFLINE=1)" if offline else "the hub could not be reached (no network?)"
         raise FinetuneError(
-            f"base model {repo_id} is not in the local Hugging Face cache and downloads are off (HF_HUB_OFFLINE=1): "
+            f"base model {repo_id} is not in the local Hugging Face cache and {why}: "
             f"download it once with network, or set {key} to a local diffusers folder or .safetensors file"
         ) from None
     except (RepositoryNotFoundError, HFValidationError):

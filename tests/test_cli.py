@@ -122,6 +122,24 @@ def test_bad_input_is_one_line_before_training(case, pattern, tmp_path, capsys, 
     assert_one_line_error(code, err, pattern, tmp_path)
 
 
+def test_an_uncached_hub_model_is_said_to_need_the_network_or_a_local_copy(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from finetune.config import ModelConfig
+    from finetune.errors import FinetuneError
+    from finetune.models import load_base_model
+
+    def not_in_the_cache(*args, **kwargs):  # what huggingface_hub raises offline, and online when the hub is out of reach
+        raise LocalEntryNotFoundError("not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", not_in_the_cache)
+    for offline, why in (("1", r"downloads are off \(HF_HUB_OFFLINE=1\)"), ("0", r"the hub could not be reached \(no network\?\)")):
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+        with pytest.raises(FinetuneError, match=rf"^base model someone/sd is not in the local Hugging Face cache and {why}: download it once"):
+            load_base_model(ModelConfig(pretrained="someone/sd"))
+
+
 def test_under_a_launcher_the_error_line_comes_once_per_machine(tmp_path, capsys, monkeypatch):
     """Every process of `accelerate launch` checks the same recipe: local rank 0 says it, the others only exit 2."""
     recipe = write_recipe(tmp_path, train={"max_step": 1})
