@@ -86,10 +86,19 @@ def test_init_from_starts_as_base_plus_that_lora_in_any_layout(make_recipe, tiny
     for overrides, message in (
         ({"lora__rank": 8, "lora__train_text_encoder": True}, r"has rank 4 at .*, this recipe's lora.rank is 8: set lora.rank: 4"),
         ({}, r"has text-encoder layers: set lora.train_text_encoder: true"),
-        ({"lora__target_modules": ["to_q"], "lora__train_text_encoder": True}, r"adapts unet\..*, which this recipe's lora.target_modules leave out"),
+        # Every left-out kind at once, by the name lora.target_modules takes (not the layer's path, which it refuses).
+        ({"lora__target_modules": ["to_q"], "lora__train_text_encoder": True},
+         r"adapts \d+ layer\(s\) this recipe's LoRA leaves out \(e\.g\. unet\.\S+\): add to_k, to_out\.0, to_v to lora\.target_modules$"),
     ):
         with pytest.raises(FinetuneError, match=message):
             lora_model(make_recipe(lora__init_from=str(first.output_dir), **overrides))
+    # A LoRA (from another trainer) of text-encoder layers this project's text-encoder LoRA does not train.
+    lora = load_lora(first.output_dir / LORA_WEIGHTS_NAME)
+    lora.layers = {key.replace("self_attn.q_proj", "mlp.fc1"): layer for key, layer in lora.layers.items()}
+    save_lora_file(lora, tmp_path / "mlp" / "mlp.safetensors", "kohya")
+    with pytest.raises(FinetuneError, match=r"\(e\.g\. text_encoder\.\S+\.mlp\.fc1\): the text encoder's LoRA trains q_proj, k_proj, v_proj, out_proj only, "
+                                            r"so it cannot start from fc1$"):
+        lora_model(make_recipe(lora__init_from=str(tmp_path / "mlp" / "mlp.safetensors"), lora__train_text_encoder=True))
     with pytest.raises(FinetuneError, match=r"lora.init_from .*nothere not found: give a LoRA .safetensors file"):
         train(make_recipe(lora__init_from=str(tmp_path / "nothere")))
     with pytest.raises(FinetuneError, match=r"lora.init_from starts a LoRA, and method full trains none"):

@@ -182,6 +182,7 @@ def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str) -> 
     alpha is kept by scaling the up weights to this recipe's alpha/rank. Layers that model.clip_skip leaves
     out have nothing to start (sd-scripts saves LoRAs of them, unused)."""
     kept_layers = len(layer_stack(modules["text_encoder"]).layers) if "text_encoder" in modules else None
+    starts, left_out = [], []
     for key, layer in lora.layers.items():
         part, path = key.split(".", 1)
         index = re.search(r"encoder\.layers\.(\d+)\.", path) if part == "text_encoder" else None
@@ -190,8 +191,15 @@ def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str) -> 
         if part not in modules:
             raise FinetuneError(f"lora.init_from {source} has text-encoder layers: set lora.train_text_encoder: true to start from them too")
         module = find_module(modules[part], path, part)
-        if not hasattr(module, "lora_A"):
-            raise FinetuneError(f"lora.init_from {source} adapts {key}, which this recipe's lora.target_modules leave out: add it to them")
+        (starts if hasattr(module, "lora_A") else left_out).append((key, layer, module))
+    for part, remedy in (("unet", "add {names} to lora.target_modules"),
+                         ("text_encoder", f"the text encoder's LoRA trains {', '.join(TEXT_ENCODER_TARGETS)} only, so it cannot start from {{names}}")):
+        keys = [key for key, _, _ in left_out if key.startswith(part + ".")]
+        if keys:
+            names = ", ".join(dict.fromkeys(target_name(key) for key in keys))
+            raise FinetuneError(f"lora.init_from {source} adapts {len(keys)} layer(s) this recipe's LoRA leaves out (e.g. {keys[0]}): "
+                                + remedy.format(names=names))  # fmt: skip
+    for key, layer, module in starts:
         down, up = module.lora_A["default"].weight, module.lora_B["default"].weight
         if tuple(down.shape) != tuple(layer.down.shape) or tuple(up.shape) != tuple(layer.up.shape):
             if is_conv_3x3(module.get_base_layer()):  # LoCon: lora.conv_rank, or lora.rank where it is not set
@@ -201,6 +209,16 @@ def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str) -> 
         with torch.no_grad():
             down.copy_(layer.down)
             up.copy_(layer.up * (layer.alpha / layer.rank) / module.scaling["default"])
+
+
+def target_name(key: str) -> str:
+    """The lora.target_modules name of a layer (`unet.down_blocks.0.attentions.0.proj_in` -> proj_in): its last
+    name, with the indices and the feed-forward's `net` that the recipes' names carry (to_out.0, ff.net.0.proj)."""
+    parts = key.split(".")
+    taken = 1
+    while taken < len(parts) and (parts[-taken].isdigit() or parts[-taken] == "net" or parts[-taken:] == ["proj"]):
+        taken += 1
+    return ".".join(parts[-taken:])
 
 
 def save_lora(modules: dict[str, torch.nn.Module], path: Path, metadata: dict[str, str]) -> Path:
