@@ -88,13 +88,17 @@ class EncodingCache:
         return key in self.memory or (self.folder is not None and (self.folder / f"{key}.safetensors").is_file())
 
     def lookup(self, keys: list[str], compute: Callable[[list[int]], torch.Tensor], device: torch.device) -> torch.Tensor:
-        """Stacked rows for `keys`; `compute(indices)` encodes only the rows not cached yet."""
+        """Stacked rows for `keys`; `compute(indices)` encodes only the rows not cached yet.
+
+        Each row is encoded alone: an encoder's output for a batch differs from its output for one input in the
+        last float bits (batched kernels sum in another order), so an entry must not depend on which rows
+        missed with it. A resumed run, or one on another number of processes, then makes the same entries.
+        """
         rows = [self._load(key) for key in keys]
         missing = [i for i, row in enumerate(rows) if row is None]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
-        if missing:
-            for i, value in zip(missing, compute(missing)):
-                self._store(keys[i], value)
-                rows[i] = self.memory[keys[i]]
+        for i in missing:
+            self._store(keys[i], compute([i])[0])
+            rows[i] = self.memory[keys[i]]
         return torch.stack(rows).to(device)
