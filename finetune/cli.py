@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
 def _train(args) -> int:
     from finetune.recipe_loading import load_recipe
 
+    if args.overwrite and args.resume:
+        raise FinetuneError("--overwrite starts over (deleting the earlier run's checkpoints) and --resume continues one: pass one of them")
     recipe = load_recipe(args.recipe, args.overrides)  # a bad recipe is said at once, before torch and diffusers load (~10 s)
     from finetune.distributed import leave_process_group
     from finetune.trainer import train

@@ -153,6 +153,8 @@ def test_resume_from_something_that_is_not_a_checkpoint(tmp_path, capsys, tiny_m
     recipe = write_recipe(tmp_path, data={"image_dir": str(good_folder(tmp_path)), "resolution": 64}, model={"pretrained": str(tiny_model)})
     code, err = run_train(tmp_path, capsys, recipe, "--resume", str(tmp_path))
     assert_one_line_error(code, err, r"not a complete checkpoint folder", tmp_path)
+    code, err = run_train(tmp_path, capsys, recipe, "--resume", "latest", "--overwrite")
+    assert_one_line_error(code, err, r"--overwrite starts over .* and --resume continues one: pass one of them", tmp_path)
 
 
 def test_train_then_sample_with_the_adapter(tmp_path, capsys, tiny_model, image_folder):
