@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import unicodedata
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -23,16 +24,22 @@ CAPTION_PLACEHOLDER = "{caption}"
 TAG_STREAM = 1
 
 
+def name_key(name: str) -> str:
+    """A file name as metadata rows are matched to it: in Unicode's composed form (NFC), as most tools write
+    text, where macOS names files decomposed (NFD): `café.png` is then one name in both."""
+    return unicodedata.normalize("NFC", name)
+
+
 def metadata_key(file_name: str, folder: Path) -> str:
     """A metadata row's file_name as `folder`'s images are matched to it: its path relative to the folder,
     with `/` (`./a.png` and `a.png` are one; `sub/a.png` names an image in a subfolder, not `a.png`). A
     path through the folder itself (`photos/a.png` in photos/, or an absolute one) names its image."""
     key = PurePosixPath(str(file_name).strip().replace("\\", "/"))
     if key.is_absolute() and Path(key).parent.resolve() == folder.resolve():
-        return key.name
+        return name_key(key.name)
     if len(key.parts) > 1 and key.parts[-2] == folder.resolve().name and not (folder / key.parent).is_dir():
-        return key.name
-    return key.as_posix().removeprefix("./")
+        return name_key(key.name)
+    return name_key(key.as_posix().removeprefix("./"))
 
 
 def _add_row(captions: dict[str, str], rows: dict[str, str], path: Path, where: str, file_name, caption: str | None) -> None:

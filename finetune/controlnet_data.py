@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from finetune.buckets import Size, assign_buckets
 from finetune.cache import EncodingCache
-from finetune.captions import metadata_key, training_caption
+from finetune.captions import metadata_key, name_key, training_caption
 from finetune.check_data import FATAL, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable
 from finetune.check_threads import each_on_threads
 from finetune.config import DataConfig, Recipe
@@ -100,7 +100,7 @@ def read_pairs(recipe: Recipe) -> tuple[list[Pair], list[Finding]]:
     files_in: dict[Path, dict[str, str]] = {}  # each folder's metadata.jsonl (data.folders: one per subfolder)
     pairs, unpaired = [], []
     for example in read_examples(config):
-        folder, name = Path(example.source).parent, Path(example.source).name
+        folder, name = Path(example.source).parent, name_key(Path(example.source).name)
         if folder not in files_in:
             files_in[folder] = _conditioning_files(folder, recipe.controlnet.conditioning_column)
         files = files_in[folder]

@@ -15,7 +15,7 @@ from typing import Callable
 from PIL import Image
 
 from finetune.buckets import Size
-from finetune.captions import apply_template, folder_captions, missing_caption_message, sidecar_caption, template_needs_caption
+from finetune.captions import apply_template, folder_captions, missing_caption_message, name_key, sidecar_caption, template_needs_caption
 from finetune.config import DataConfig, FolderConfig
 from finetune.errors import FinetuneError
 
@@ -129,7 +129,7 @@ def metadata_rows_without_images(config: DataConfig) -> list[tuple[Path, list[st
         if not template_needs_caption(settings.template) or not folder.is_dir() or folder.resolve() in seen:
             continue
         seen.add(folder.resolve())
-        named = set(folder_captions(folder)) - {path.name for path in folder_images(folder)}
+        named = set(folder_captions(folder)) - {name_key(path.name) for path in folder_images(folder)}
         if named:
             metadata = folder / ("metadata.jsonl" if (folder / "metadata.jsonl").is_file() else "metadata.csv")
             unmatched.append((metadata, sorted(named)))
@@ -144,7 +144,7 @@ def _images_of_folder(folder: Path, images: list[Path], settings: FolderConfig, 
         if not template_needs_caption(settings.template):
             caption = settings.template
         else:
-            own = fixed_caption if fixed_caption is not None else metadata[path.name] if path.name in metadata else sidecar_caption(path)
+            own = fixed_caption if fixed_caption is not None else metadata[name_key(path.name)] if name_key(path.name) in metadata else sidecar_caption(path)
             caption = None if own is None else apply_template(settings.template, own)
         examples.append(Example(str(path), caption, lambda p=path: Image.open(p), repeats=settings.repeats))
     return examples

@@ -60,6 +60,20 @@ def test_a_byte_order_mark_is_read_and_a_null_caption_is_a_missing_one(tmp_path)
         load_examples(DataConfig(image_dir=str(tmp_path), resolution=64))
 
 
+@pytest.mark.parametrize("file_form,row_form", [("NFD", "NFC"), ("NFC", "NFD")])
+def test_a_name_in_either_unicode_form_finds_its_metadata_row(tmp_path, file_form, row_form):
+    """macOS names files decomposed (e + combining accent), most tools write the composed form: one name."""
+    import unicodedata
+
+    image = write_image(tmp_path / unicodedata.normalize(file_form, "café.png"))
+    rows = [{"file_name": unicodedata.normalize(row_form, "café.png"), "text": "a cup"}]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    assert names_and_captions(DataConfig(image_dir=str(tmp_path), resolution=64)) == [(image.name, "a cup")]
+    from finetune.sources import metadata_rows_without_images
+
+    assert metadata_rows_without_images(DataConfig(image_dir=str(tmp_path), resolution=64)) == []  # not "names no image" either
+
+
 def test_metadata_csv_needs_its_columns_and_is_exclusive_with_jsonl(tmp_path):
     write_image(tmp_path / "a.png")
     (tmp_path / "metadata.csv").write_text("name,caption\na.png,x\n")
