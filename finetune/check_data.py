@@ -16,8 +16,10 @@ command that prints it is finetune/check_data_command.py.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from finetune.buckets import Size, assign_buckets, bucket_counts_line
 from finetune.captions import missing_caption_message
@@ -26,7 +28,8 @@ from finetune.config import DataConfig, LossMaskConfig, Recipe
 from finetune.data import decode, file_stamp, has_alpha, is_16_bit, pixel_digest, upright_rgb
 from finetune.errors import FinetuneError
 from finetune.loss_mask import alpha_mask, mask_area, mask_digest, mask_path, read_mask_file
-from finetune.sources import Example, data_folders, expand_repeats, metadata_rows_without_images, read_examples, unread_images
+from finetune.sources import (Example, data_folders, expand_repeats, folder_images, metadata_rows_without_images, read_examples,
+                              unlisted_image_folders, unread_images)  # fmt: skip
 from finetune.views import cut, holds_8_bit_values, plan_cover_crop
 
 FATAL, WARNING, CONVERTED = "fatal", "warning", "converted"
@@ -254,6 +257,11 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
             remedy = "add each as a concept of its own" if config._image_dir_key.startswith("dreambooth") else "list each in data.folders (with its repeats)"
             message = f"data folder {folder} has subfolders with images ({names}), which are not read: {remedy} to train it"
             report.findings.append(Finding(WARNING, str(folder), message))
+    for folder in unlisted_image_folders(config):
+        count, entry = len(folder_images(folder)), "{path: .}" if folder == Path(config.image_dir) else f"{{path: {json.dumps(folder.name)}}}"
+        message = (f"data folder {folder} holds {count} image(s) that no data.folders entry lists: they do not train "
+                   f"(add {entry} with its repeats to data.folders to train them)")  # fmt: skip
+        report.findings.append(Finding(WARNING, str(folder), message))
     for metadata, names in metadata_rows_without_images(config):
         listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         nested = any("/" in name for name in names)  # folders are not read recursively

@@ -7,6 +7,7 @@ every one, and finetune/data.py makes training items of them.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -80,6 +81,8 @@ def _folder_examples(config: DataConfig) -> list[Example]:
         if not folder.is_dir():
             raise FinetuneError(f"data folder {folder} not found: check {key}")
         images = folder_images(folder)
+        if not images and not config.folders and (subfolders := image_subfolders(folder, config)):
+            raise FinetuneError(subfolders_message(folder, subfolders, config))
         if not images:
             raise FinetuneError(f"data folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}): add some or fix {key}")
         examples += [replace(example, folder_index=index) for example in _images_of_folder(folder, images, settings, config.caption)]
@@ -104,6 +107,36 @@ def data_folders(config: DataConfig) -> list[Path]:
     return list(folders.values())
 
 
+def image_subfolders(folder: Path, config: DataConfig) -> list[Path]:
+    """Subfolders of `folder` that hold images, but not its masks or conditioning images."""
+    own = (config.loss_mask.folder, "conditioning")
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in own and folder_images(p))
+
+
+def subfolders_message(folder: Path, subfolders: list[Path], config: DataConfig) -> str:
+    """For a folder of image folders only, as sd-scripts' train_data_dir holds them (`10_sks dog`: 10 repeats)."""
+    names = ", ".join(p.name for p in subfolders[:5]) + (f" and {len(subfolders) - 5} more" if len(subfolders) > 5 else "")
+    if config._image_dir_key.startswith("dreambooth"):
+        return f"data folder {folder} has no images of its own, only subfolders with images ({names}): give each its own concept (instance_dir)"
+    entries = []
+    for path in subfolders:
+        repeats = re.match(r"(\d+)_", path.name)  # sd-scripts' N_name folders: N is the repeats
+        entries.append(f"{{path: {json.dumps(path.name)}, repeats: {int(repeats.group(1)) if repeats else 1}}}")
+    return (f"data folder {folder} has no images of its own, only subfolders with images ({names}): list each in data.folders "
+            f"with its repeats, e.g. data.folders='[{', '.join(entries)}]'")  # fmt: skip
+
+
+def unlisted_image_folders(config: DataConfig) -> list[Path]:
+    """With data.folders: image_dir itself and its subfolders that hold images and that no entry lists (an
+    sd-scripts user listing one of two `N_name` folders would not train the other, unseen)."""
+    if not config.folders or not config.image_dir:
+        return []
+    root = Path(config.image_dir)
+    listed = {folder.resolve() for folder in data_folders(config)}
+    candidates = ([root] if folder_images(root) else []) + image_subfolders(root, config)
+    return [folder for folder in candidates if folder.resolve() not in listed]
+
+
 def unread_images(folder: Path, config: DataConfig) -> tuple[list[Path], list[Path]]:
     """(image files of kinds training does not read, subfolders holding images) in `folder`: said, so that
     no image a user put there is left out unseen. Subfolders count for data.image_dir alone (without
@@ -113,8 +146,7 @@ def unread_images(folder: Path, config: DataConfig) -> tuple[list[Path], list[Pa
     # Subfolders the metadata points into hold the images' partners (ControlNet's conditioning_images/).
     metadata = [folder / name for name in ("metadata.jsonl", "metadata.csv") if (folder / name).is_file()]
     named = metadata[0].read_text(encoding="utf-8-sig", errors="replace") if metadata else ""
-    own = (config.loss_mask.folder, "conditioning")
-    subfolders = sorted(p for p in visible if not config.folders and p.is_dir() and p.name not in own and f"{p.name}/" not in named and folder_images(p))
+    subfolders = [] if config.folders else [p for p in image_subfolders(folder, config) if f"{p.name}/" not in named]
     return files, subfolders
 
 

@@ -121,6 +121,32 @@ def test_a_copy_that_does_not_train_is_not_named_as_a_copy(tmp_path):
     assert len(warnings) == 1 and warnings[0].endswith(f"a.png has the same pixels as {folder / 'b.png'}: each copy trains as its own image (remove copies, or use data.folders repeats)")
 
 
+def test_a_folder_of_kohya_folders_gets_the_data_folders_it_needs_and_an_unlisted_one_is_said(tmp_path, capsys):
+    """sd-scripts' train_data_dir holds `N_name` folders (N: the repeats); listed in data.folders they train."""
+    root = tmp_path / "train"
+    for name in ("0.png", "1.png"):
+        captioned(root / "10_sks dog", name)
+        captioned(root / "1_dog", name)
+    captioned(root / "masks", "0.png")  # a masks folder is no image folder
+    assert main(["check-data", "--image-dir", str(root), "--resolution", "64"]) == 2
+    error = capsys.readouterr().err.strip()
+    suggestion = error.split("e.g. ")[1]
+    assert error == (f"error: data folder {root} has no images of its own, only subfolders with images (10_sks dog, 1_dog): list each in "
+                     f"data.folders with its repeats, e.g. {suggestion}")
+    assert suggestion == """data.folders='[{path: "10_sks dog", repeats: 10}, {path: "1_dog", repeats: 1}]'"""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"data": {"image_dir": str(root), "resolution": 64}}))
+    assert main(["check-data", str(recipe), suggestion.replace("'", "")]) == 0  # the suggestion, as the shell passes it
+    assert "uses per epoch by folder: '10_sks dog' 2 x10 = 20 (91%), '1_dog' 2 x1 = 2 (9%)" in capsys.readouterr().out
+
+    captioned(root, "own.png")
+    assert main(["check-data", str(recipe), 'data.folders=[{path: "10_sks dog", repeats: 10}]']) == 0
+    out = capsys.readouterr().out
+    assert f"warning: data folder {root} holds 1 image(s) that no data.folders entry lists: they do not train (add {{path: .}}" in out
+    assert f'warning: data folder {root / "1_dog"} holds 2 image(s) that no data.folders entry lists: they do not train (add {{path: "1_dog"}}' in out
+    assert "masks" not in out
+
+
 def test_converted_images_train_as_rgb(odd_folder):
     for name, pixel in [("cmyk.jpg", (255, 0, 0)), ("deep.png", (128, 128, 128)), ("alpha.png", (255, 255, 255))]:
         example = next(e for e in read_examples(DataConfig(image_dir=str(odd_folder))) if e.source.endswith(name))
