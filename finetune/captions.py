@@ -115,7 +115,7 @@ def sidecar_caption(image_path: Path) -> str | None:
 def missing_caption_message(source: str | Path, alternative: str = "set data.caption to one prompt for all images") -> str:
     """`source` is an image file, or a `datasets` row ("dataset NAME row N"); `alternative` is the other fix."""
     if str(source).startswith("dataset "):
-        return f"{source} has an empty caption: fill the caption column, or {alternative}"
+        return f"{source} has no caption (a null cell): fill the caption column, or {alternative}"
     image_path = Path(source)
     return f"image {image_path} has no caption: add {image_path.with_suffix('.txt').name}, a metadata.jsonl or metadata.csv entry, or {alternative}"
 

@@ -143,7 +143,8 @@ def inspect(example: Example, config: DataConfig) -> tuple[Example | None, list[
         findings.append(Finding(FATAL, source, missing_caption_message(source, config._caption_alternative)))
     elif not example.caption.strip() and config.caption is None:  # an empty .txt or metadata text, not data.caption: ""
         # Not fatal: ControlNet data (make-conditions' output) trains uncaptioned images on purpose.
-        message = f"image {source} has an empty caption: it trains as the empty prompt; write one in its .txt or metadata row if that is not meant"
+        where = "its caption column" if source.startswith("dataset ") else "its .txt or metadata row"
+        message = f"{'' if source.startswith('dataset ') else 'image '}{source} has an empty caption: it trains as the empty prompt; write one in {where} if that is not meant"
         findings.append(Finding(WARNING, source, message))
     elif len(lines := [line for line in example.caption.splitlines() if line.strip()]) > 1:
         message = (f"image {source} has a caption of {len(lines)} lines: they train as one caption (sd-scripts reads only the first line); "

@@ -245,8 +245,9 @@ def _dataset_examples(config: DataConfig) -> list[Example]:
 
 
 def _caption_or_none(value, name: str, column: str, row: int) -> str | None:
-    """A dataset's caption cell; None or blank is a missing caption (reported by the check), not "None"."""
+    """A dataset's caption cell: None is a missing caption (fatal in the check), not "None"; a blank one trains
+    as the empty prompt (a warning in the check), as an empty .txt does."""
     if value is not None and not isinstance(value, str):  # a list of captions would train as its Python text
         raise FinetuneError(f"dataset {name} row {row}: caption column '{column}' holds {type(value).__name__}, not text: "
                             "give each row one caption (e.g. the first, with dataset.map), or set data.caption_column")  # fmt: skip
-    return None if value is None or not value.strip() else value
+    return value

@@ -120,13 +120,22 @@ def test_a_saved_dataset_dict_picks_its_split_and_a_wrong_split_is_one_line(tmp_
         load_examples(DataConfig(dataset=str(tmp_path / "one"), dataset_split="test", resolution=64))
 
 
-def test_datasets_empty_caption_names_the_row(tmp_path):
+def test_datasets_missing_caption_names_the_row_and_an_empty_one_is_a_warning(tmp_path):
     import datasets
+
+    from finetune.check_data import WARNING, inspect_examples
+    from finetune.sources import read_examples
 
     images = [Image.new("RGB", (64, 64), c) for c in ("red", "blue")]
     datasets.Dataset.from_dict({"image": images, "text": ["a red thing", None]}).save_to_disk(tmp_path / "ds")
-    with pytest.raises(FinetuneError, match=r"row 1 has an empty caption"):
+    with pytest.raises(FinetuneError, match=r"row 1 has no caption \(a null cell\): fill the caption column"):
         load_examples(DataConfig(dataset=str(tmp_path / "ds"), resolution=64))
+    # A blank caption trains as the empty prompt, as an empty .txt does (ControlNet data may mean it).
+    datasets.Dataset.from_dict({"image": images, "text": ["a red thing", " "]}).save_to_disk(tmp_path / "blank")
+    config = DataConfig(dataset=str(tmp_path / "blank"), resolution=64)
+    assert [e.caption.strip() for e in load_examples(config)] == ["a red thing", ""]
+    warnings = [f.message for f in inspect_examples(read_examples(config), config, "blank").of_level(WARNING)]
+    assert warnings == [f"dataset {tmp_path / 'blank'} row 1 has an empty caption: it trains as the empty prompt; write one in its caption column if that is not meant"]
 
 
 def test_datasets_missing_column_lists_the_columns(tmp_path):
