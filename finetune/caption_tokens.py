@@ -45,7 +45,8 @@ def long_captions_line(tokenizer: CLIPTokenizer, captions: dict[str, str], max_t
     if not cut:
         return None
     longest = max(cut, key=cut.get)
-    remedy = "shorten those captions" + (", or raise model.max_token_length to 150 or 225 (sd-scripts' long captions)" if max_token_length < 225 else "")
+    longer = [length for length in (150, 225) if length > max_token_length]  # sd-scripts' long-caption lengths
+    remedy = "shorten those captions" + (f", or raise model.max_token_length to {' or '.join(map(str, longer))} (sd-scripts' long captions)" if longer else "")
     return (
         f"{len(cut)} of {len(captions)} captions are longer than model.max_token_length ({max_token_length} tokens) and are cut there "
         f"(the longest: {longest}, {cut[longest]} tokens): the words past the cut do not train; {remedy}"

@@ -360,6 +360,10 @@ def too_few_to_batch(trained: int, recipe: Recipe, processes: int = 1, items: in
     needed = processes if recipe.data.bucketing.enabled else batch * processes  # a bucket's last batch may be smaller
     if trained >= needed:
         return None
-    held = f" ({items} before validation.loss_images held {recipe.validation.loss_images} images out)" if items not in (None, trained) else ""
+    held_out = items not in (None, trained)
+    if held_out and trained == 0:
+        return f"validation.loss_images ({recipe.validation.loss_images}) holds out every image, leaving none to train: lower it below the number of images"
+    held = f" ({items} before validation.loss_images held some out)" if held_out else ""
     per = f"train.batch_size {batch}" + (f" x {processes} processes" if processes > 1 else "")
-    return f"{trained} training images (repeats counted){held} are fewer than one batch ({per}): lower train.batch_size or add images"
+    remedy = ("lower validation.loss_images or train.batch_size, or add images" if held_out else "lower train.batch_size or add images")
+    return f"{trained} training images (repeats counted){held} are fewer than one batch ({per}): {remedy}"

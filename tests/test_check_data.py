@@ -248,7 +248,7 @@ def test_check_data_reads_a_recipe_with_overrides(odd_folder, tmp_path, capsys):
     # Usable images that do not fill a batch stop training: check-data says so too.
     code = main(["check-data", str(recipe), "data.skip_bad_images=true", "train.batch_size=8", "validation.loss_images=2"])
     out = capsys.readouterr().out
-    assert code == 1 and "result: training would stop: 7 training images (repeats counted) (9 before validation.loss_images held 2 images out) are fewer than one batch (train.batch_size 8)" in out
+    assert code == 1 and "result: training would stop: 7 training images (repeats counted) (9 before validation.loss_images held some out) are fewer than one batch (train.batch_size 8)" in out
     code = main(["check-data", str(recipe), "data.skip_bad_images=true", "train.batch_size=16", "data.folders=[{path: ., repeats: 2}]"])
     assert code == 0, capsys.readouterr().out  # 9 images used twice an epoch fill a batch of 16, as training counts them
 
@@ -299,6 +299,11 @@ def test_training_warns_once_about_captions_the_text_encoder_cuts(make_recipe, i
     assert len(warnings) == 1
     assert warnings[0].startswith(f"warning: 1 of 4 captions are longer than model.max_token_length (75 tokens) and are cut there (the longest: {sidecars[0].with_suffix('.png')}, ")
     assert warnings[0].endswith("shorten those captions, or raise model.max_token_length to 150 or 225 (sd-scripts' long captions)")
+    from finetune.caption_tokens import load_tokenizer, long_captions_line
+
+    recipe = make_recipe()
+    line = long_captions_line(load_tokenizer(recipe.model), {"a.png": "a red circle, " * 60}, 150)  # already at 150: only 225 is left
+    assert line.endswith("shorten those captions, or raise model.max_token_length to 225 (sd-scripts' long captions)"), line
 
 
 def test_an_empty_caption_is_a_warning_unless_data_caption_asks_for_none(tmp_path):
