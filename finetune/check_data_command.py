@@ -3,6 +3,8 @@ reads them (finetune/check_data.py checks), and whether training would start."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import ValidationError
 
 from finetune.check_data import FATAL, SKIP_HINT, WARNING, data_configs, data_label, inspect_examples, too_few_to_batch
@@ -57,6 +59,8 @@ def caption_tokens_line(model: ModelConfig, captions: dict[str, str]) -> str | N
 def run_check_data_command(args) -> int:
     """Print the report of each data source; exit status 1 when training would stop on it."""
     fatal, warnings = 0, 0
+    if args.recipe and "=" in args.recipe and not Path(args.recipe).is_file():  # argparse took an override for the recipe
+        args.recipe, args.overrides = None, [args.recipe, *args.overrides]
     recipe = load_recipe(args.recipe, args.overrides) if args.recipe else None
     reports = []
     for config in configs_from_args(args, recipe):
@@ -85,7 +89,10 @@ def run_check_data_command(args) -> int:
     if recipe is not None and not fatal:
         from finetune.held_out import split_held_out
 
-        trained, _ = split_held_out(sources, recipe.validation.loss_images, recipe.seed)
+        trained, held = split_held_out(sources, recipe.validation.loss_images, recipe.seed)
+        if held:  # the same images training holds out (the split depends on the seed and the data only)
+            print(f"held out: {len(held)} images for the validation loss (validation.loss_images), leaving {len(trained)} of the {len(sources)} "
+                  "uses per epoch to train")  # fmt: skip
         short = too_few_to_batch(len(trained), recipe, 1, len(sources))
     if short:
         print(f"result: training would stop: {short}")

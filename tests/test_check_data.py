@@ -249,6 +249,7 @@ def test_check_data_reads_a_recipe_with_overrides(odd_folder, tmp_path, capsys):
     code = main(["check-data", str(recipe), "data.skip_bad_images=true", "train.batch_size=8", "validation.loss_images=2"])
     out = capsys.readouterr().out
     assert code == 1 and "result: training would stop: 7 training images (repeats counted) (9 before validation.loss_images held some out) are fewer than one batch (train.batch_size 8)" in out
+    assert "held out: 2 images for the validation loss (validation.loss_images), leaving 7 of the 9 uses per epoch to train" in out
     code = main(["check-data", str(recipe), "data.skip_bad_images=true", "train.batch_size=16", "data.folders=[{path: ., repeats: 2}]"])
     assert code == 0, capsys.readouterr().out  # 9 images used twice an epoch fill a batch of 16, as training counts them
 
@@ -258,6 +259,8 @@ def test_check_data_without_recipe_or_folder_is_a_one_line_error(capsys, tmp_pat
     assert capsys.readouterr().err.strip() == "error: check-data needs a recipe or --image-dir: e.g. finetune check-data --image-dir my_photos"
     assert main(["check-data", "--image-dir", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.strip().endswith("nowhere not found: check --image-dir")
+    assert main(["check-data", "--image-dir", str(tmp_path), "data.skip_bad_images=true"]) == 2  # an override is no recipe
+    assert capsys.readouterr().err.strip() == "error: check-data: key=value overrides need a recipe first, e.g. finetune check-data recipes/lora.yaml data.image_dir=x"
 
 
 def test_check_data_is_listed_with_help(capsys):
