@@ -57,9 +57,13 @@ def decode(example: Example, at_least: int | None = None) -> Image.Image:
     """
     try:
         image = example.load()
+        if image is None:  # a dataset row whose image cell is null
+            raise FinetuneError(f"{example.source} has no image (a null cell): fill its image column, or remove the row")
         if at_least is not None:
             image.draft(None, (at_least, at_least))  # a no-op for other formats and decoded images
         image.load()
+    except FinetuneError:
+        raise
     except Exception as err:  # PIL raises many types for broken files
         raise FinetuneError(f"image {example.source} cannot be read ({err.__class__.__name__}: {err}): fix or remove it") from None
     return image
