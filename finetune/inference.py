@@ -45,9 +45,14 @@ def resolve_lora_file(lora: str) -> Path:
         candidates = [] if (path / STATE_FILE).is_file() else sorted(path.glob("*.safetensors"))
         path = path / LORA_WEIGHTS_NAME if (path / LORA_WEIGHTS_NAME).is_file() or len(candidates) != 1 else candidates[0]
         if not path.is_file():
-            for folder, use in ((CONTROLNET_DIR, "as the ControlNet (--controlnet)"), ("pipeline", "as the base model (--base)")):
+            # The same words for every command that takes a LoRA (sample, eval, merge, export): what the folder is
+            # instead, and the commands that take that.
+            uses = {CONTROLNET_DIR: "sample or evaluate it with --controlnet {folder} (a ControlNet is not merged or exported as a LoRA)",
+                    "pipeline": "sample or evaluate it with --base {folder}, or write it as one webui/ComfyUI checkpoint with "
+                                "finetune export-checkpoint {run} OUT.safetensors"}  # fmt: skip
+            for folder, use in uses.items():
                 if (Path(lora) / folder / "config.json").is_file() or (Path(lora) / folder / "model_index.json").is_file():
-                    raise FinetuneError(f"{lora} holds no LoRA but a {folder}/ (its run trained no LoRA): use {Path(lora) / folder} {use}")
+                    raise FinetuneError(f"{lora} holds no LoRA but a {folder}/ (its run trained no LoRA): " + use.format(folder=Path(lora) / folder, run=lora))
             if (Path(lora) / STATE_FILE).is_file():
                 raise FinetuneError(f"checkpoint {lora} holds no LoRA file: its run had checkpoint.save_outputs: false (the run's last LoRA is in its output_dir)")
             if (Path(lora) / "model_index.json").is_file():

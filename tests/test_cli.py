@@ -315,9 +315,13 @@ def test_a_run_folder_of_the_wrong_kind_says_what_to_pass(tmp_path, capsys, tiny
     (full / "recipe.yaml").write_text("method: full\n")
     (tmp_path / "cn-run" / "controlnet").mkdir(parents=True)
     (tmp_path / "cn-run" / "controlnet" / "config.json").write_text("{}")
-    for lora, hint in ((full, f"use {full / 'pipeline'} as the base model (--base)"), (tmp_path / "cn-run", f"use {tmp_path / 'cn-run' / 'controlnet'} as the ControlNet (--controlnet)")):
-        assert main(["sample", "--base", str(tiny_model), "--lora", str(lora), "--prompt", "x"]) == 2
-        assert f"{lora} holds no LoRA but a" in (err := capsys.readouterr().err) and hint in err, err
+    hints = {full: f"sample or evaluate it with --base {full / 'pipeline'}, or write it as one webui/ComfyUI checkpoint with finetune export-checkpoint {full} OUT.safetensors",
+             tmp_path / "cn-run": f"sample or evaluate it with --controlnet {tmp_path / 'cn-run' / 'controlnet'} (a ControlNet is not merged or exported as a LoRA)"}
+    for lora, hint in hints.items():  # the same words from every command that takes a LoRA, each naming what takes this
+        for command in (["sample", "--base", str(tiny_model), "--lora", str(lora), "--prompt", "x"], ["export", str(lora), str(tmp_path / "x"), "--to", "kohya"],
+                        ["merge", "--base", str(tiny_model), "--lora", str(lora), str(tmp_path / "merged")]):
+            assert main(command) == 2
+            assert f"{lora} holds no LoRA but a" in (err := capsys.readouterr().err) and err.strip().endswith(hint), err
     assert main(["sample", "--base", str(full), "--prompt", "x"]) == 2
     assert f"is a training run's (or checkpoint's) folder: point --base at {full / 'pipeline'}" in capsys.readouterr().err
     # Each run's eval report goes into its own folder (every such pipeline folder is named "pipeline").
