@@ -51,6 +51,16 @@ def add_placement_options(parser: argparse.ArgumentParser) -> None:
                         help="the model's weights while sampling (default: fp16 on CUDA, fp32 elsewhere)")  # fmt: skip
 
 
+class OneLoRA(argparse.Action):
+    """--lora given once: argparse would keep the last of two silently, and the user would get one of the LoRAs asked for."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} is given twice: these commands take one LoRA (the demo applies several together; to merge "
+                         "several, merge one, then merge the next into that output given as --base)")  # fmt: skip
+        setattr(namespace, self.dest, values)
+
+
 RECORDED_BASE_HELP = " (default: the base the --lora or --controlnet run recorded)"
 
 
@@ -83,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         '--condition mask.png --prompt "a small red circle on a blue background, top left"',
     )
     add_base_options(sample, required=False, default=RECORDED_BASE_HELP)
-    sample.add_argument("--lora", help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
+    sample.add_argument("--lora", action=OneLoRA, help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
     sample.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
     sample.add_argument("--controlnet", help="ControlNet folder (config.json + weights), or a controlnet training output folder")
     sample.add_argument("--condition", action="append", help="conditioning image for --controlnet (edges, mask, ...), used for every prompt")
@@ -180,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("output_dir", help="folder for the merged pipeline")
     add_base_options(merge, required=False, default=" (default: the base the --lora run recorded)")
-    merge.add_argument("--lora", required=True, help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
+    merge.add_argument("--lora", action=OneLoRA, required=True, help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
     merge.add_argument("--strength", type=float, default=1.0, help="LoRA strength, as --lora-scale in sampling (default 1.0)")
     merge.add_argument("--overwrite", action="store_true", help="replace the contents of an existing output folder")
     merge.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights of the merged pipeline (default fp32; fp16 halves it)")

@@ -26,7 +26,7 @@ control_iou, placement_iou: higher is better, compare with their chance levels a
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``eval`` on the ``finetune`` subcommand parsers (``parser.add_subparsers()``)."""
-    from finetune.cli_arguments import RECORDED_BASE_HELP, add_base_options, positive_int
+    from finetune.cli_arguments import RECORDED_BASE_HELP, OneLoRA, add_base_options, positive_int
 
     p = subparsers.add_parser(
         "eval",
@@ -37,7 +37,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_base_options(p, required=False, default=RECORDED_BASE_HELP)
-    p.add_argument("--lora", help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
+    p.add_argument("--lora", action=OneLoRA, help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
     p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
     p.add_argument("--controlnet", help="ControlNet folder, or a controlnet training output folder (runs the control and placement suites)")
     p.add_argument("--conditioning-scale", type=float, default=None, help="ControlNet strength (default 1.0)")

@@ -307,6 +307,15 @@ def test_sample_refuses_zero_images_or_steps_and_a_second_condition(capsys, tiny
     assert "--condition takes one image, used for every prompt" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["sample", "--prompt", "x"], ["merge", "out"], ["eval"]])
+def test_a_second_lora_is_refused_not_dropped(command, capsys):
+    """argparse kept the last of two --lora silently: a merge of 'two' LoRAs held one."""
+    with pytest.raises(SystemExit):
+        main([*command, "--lora", "a.safetensors", "--lora", "b.safetensors"])
+    assert capsys.readouterr().err.strip().endswith("error: --lora is given twice: these commands take one LoRA (the demo applies several together; "
+                                                    "to merge several, merge one, then merge the next into that output given as --base)")
+
+
 def test_a_run_folder_of_the_wrong_kind_says_what_to_pass(tmp_path, capsys, tiny_model, monkeypatch):
     from finetune.eval_command import default_out
 
