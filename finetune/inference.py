@@ -241,6 +241,8 @@ def load_sampling_pipeline(
         pipeline = build_pipeline(base_model)
     else:
         unet = UNet2DConditionModel.from_pretrained(decoder, torch_dtype=torch.float32) if decoder else None
+        if decoder:
+            print(f"note: ControlNet {controlnet} was trained with controlnet.unlock_unet_decoder: sampling with the UNet its run saved ({decoder})")
         model = load_controlnet(folder, base_model)
         pipeline = build_pipeline(base_model, unet=unet, pipeline_class=StableDiffusionControlNetPipeline, controlnet=model)
     if lora:

@@ -100,7 +100,7 @@ def test_training_changes_only_the_controlnet_and_the_saved_folder_reproduces_it
         assert torch.equal(resumed.controlnet.state_dict()[name], tensor), name
 
 
-def test_unlocked_decoder_and_mid_only_control(make_recipe, pairs_folder, monkeypatch):
+def test_unlocked_decoder_and_mid_only_control(make_recipe, pairs_folder, monkeypatch, capsys, tmp_path):
     recipe = controlnet_recipe(
         make_recipe, pairs_folder, train__max_steps=2,
         controlnet={"unlock_unet_decoder": True, "only_mid_control": True},
@@ -129,6 +129,14 @@ def test_unlocked_decoder_and_mid_only_control(make_recipe, pairs_folder, monkey
     with torch.no_grad():
         down, mid = loaded(latents, timesteps, text, conditioning, return_dict=False)
     assert all(not residual.any() for residual in down) and mid.any()
+
+    # finetune sample takes the run's UNet with its ControlNet, and says so.
+    from finetune.cli import main
+
+    condition = sorted((pairs_folder / "conditioning").glob("*.png"))[0]
+    arguments = ["--condition", str(condition), "--prompt", "x", "--num-images", "1", "--steps", "1", "--out", str(tmp_path / "s")]
+    assert main(["sample", "--controlnet", str(result.output_dir), *arguments]) == 0
+    assert f"trained with controlnet.unlock_unet_decoder: sampling with the UNet its run saved ({result.output_dir / 'unet'})" in capsys.readouterr().out
 
 
 def test_mixed_precision_trains_and_samples(make_recipe, pairs_folder, monkeypatch):
