@@ -192,6 +192,11 @@ def make_conditions(input_dir: str | Path, output_dir: str | Path, kind: str, ov
     images = folder_images(source)
     if not images:
         raise FinetuneError(f"input folder {source} has no images ({', '.join(IMAGE_SUFFIXES)})")
+    stems: dict[str, str] = {}
+    for path in images:  # before anything is written: a clash found halfway would leave half a folder behind
+        if path.stem in stems:
+            raise FinetuneError(f"images {stems[path.stem]} and {path.name} would share conditioning/{path.stem}.png: rename one")
+        stems[path.stem] = path.name
     existing = [p for p in (target / "conditioning").iterdir() if p.is_file()] if (target / "conditioning").is_dir() else []
     if existing and not overwrite:
         raise FinetuneError(f"{target / 'conditioning'} already holds {len(existing)} conditioning images: write to another folder, or pass --overwrite")
@@ -201,12 +206,9 @@ def make_conditions(input_dir: str | Path, output_dir: str | Path, kind: str, ov
         raise FinetuneError(f"{table} would sit beside the metadata.jsonl this writes (a folder must have one): write to another folder")
     captions = read_metadata_captions(jsonl, require_text=False) if jsonl.is_file() else read_csv_captions(table)
     (target / "conditioning").mkdir(parents=True, exist_ok=True)
-    rows, uncaptioned, written = [], 0, set()
+    rows, uncaptioned = [], 0
     for path in images:
         conditioning_name = f"conditioning/{path.stem}.png"
-        if conditioning_name in written:
-            raise FinetuneError(f"images {path.name} and another with the stem '{path.stem}' would share {conditioning_name}: rename one")
-        written.add(conditioning_name)
         image = open_rgb(Example(str(path), "", lambda p=path: Image.open(p)))
         make_condition(image, kind, **options).save(target / conditioning_name)
         if not same_folder:

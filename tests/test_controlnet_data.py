@@ -334,3 +334,13 @@ def test_make_conditions_reads_csv_captions_and_will_not_leave_two_caption_files
     with pytest.raises(FinetuneError, match=r"metadata\.csv would sit beside the metadata\.jsonl this writes .*: write to another folder"):
         make_conditions(source, source, "canny")
     assert not (source / "metadata.jsonl").exists() and not (source / "conditioning").exists()
+
+
+def test_make_conditions_refuses_two_images_of_one_stem_before_writing_anything(tmp_path):
+    source = write_folder(tmp_path / "photos", 2, seed=4, metadata=False)
+    Image.open(source / "0000.png").convert("RGB").save(source / "0001.jpg")  # 0001.png and 0001.jpg: one conditioning name
+    with pytest.raises(FinetuneError, match=r"^images 0001\.jpg and 0001\.png would share conditioning/0001\.png: rename one$"):
+        make_conditions(source, tmp_path / "out", "canny")
+    assert not (tmp_path / "out").exists()  # so renaming one is all it takes to run it again
+    (source / "0001.jpg").rename(source / "0002.jpg")
+    assert make_conditions(source, tmp_path / "out", "canny")[1] == 3
