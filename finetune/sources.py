@@ -108,9 +108,13 @@ def data_folders(config: DataConfig) -> list[Path]:
 
 
 def image_subfolders(folder: Path, config: DataConfig) -> list[Path]:
-    """Subfolders of `folder` that hold images, but not its masks or conditioning images."""
+    """Subfolders of `folder` that hold images, but not its masks or conditioning images (nor a subfolder its
+    metadata file points into: ControlNet's `conditioning_images/` holds the images' partners)."""
     own = (config.loss_mask.folder, "conditioning")
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in own and folder_images(p))
+    metadata = [folder / name for name in ("metadata.jsonl", "metadata.csv") if (folder / name).is_file()]
+    named = metadata[0].read_text(encoding="utf-8-sig", errors="replace") if metadata else ""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and p.name not in own and f"{p.name}/" not in named and folder_images(p))  # fmt: skip
 
 
 def subfolders_message(folder: Path, subfolders: list[Path], config: DataConfig) -> str:
@@ -141,13 +145,8 @@ def unread_images(folder: Path, config: DataConfig) -> tuple[list[Path], list[Pa
     """(image files of kinds training does not read, subfolders holding images) in `folder`: said, so that
     no image a user put there is left out unseen. Subfolders count for data.image_dir alone (without
     data.folders); its masks and conditioning folders are no such subfolder."""
-    visible = [p for p in folder.iterdir() if not p.name.startswith(".")]
-    files = sorted(p for p in visible if p.is_file() and p.suffix.lower() in UNREAD_IMAGE_SUFFIXES)
-    # Subfolders the metadata points into hold the images' partners (ControlNet's conditioning_images/).
-    metadata = [folder / name for name in ("metadata.jsonl", "metadata.csv") if (folder / name).is_file()]
-    named = metadata[0].read_text(encoding="utf-8-sig", errors="replace") if metadata else ""
-    subfolders = [] if config.folders else [p for p in image_subfolders(folder, config) if f"{p.name}/" not in named]
-    return files, subfolders
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in UNREAD_IMAGE_SUFFIXES)
+    return files, [] if config.folders else image_subfolders(folder, config)
 
 
 def metadata_rows_without_images(config: DataConfig) -> list[tuple[Path, list[str]]]:
