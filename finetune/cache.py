@@ -99,6 +99,7 @@ class EncodingCache:
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         for i in missing:
-            self._store(keys[i], compute([i])[0])
+            if keys[i] not in self.memory:  # a key twice in one batch (the dropped caption "") is encoded once
+                self._store(keys[i], compute([i])[0])
             rows[i] = self.memory[keys[i]]
         return torch.stack(rows).to(device)

@@ -259,7 +259,7 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
             message = f"data folder {folder} has subfolders with images ({names}), which are not read: {remedy} to train it"
             report.findings.append(Finding(WARNING, str(folder), message))
     for folder in unlisted_image_folders(config):
-        count, entry = len(folder_images(folder)), "{path: .}" if folder == Path(config.image_dir) else f"{{path: {json.dumps(folder.name)}}}"
+        count, entry = len(folder_images(folder)), "{path: .}" if folder == Path(config.image_dir) else f"{{path: {json.dumps(folder.name, ensure_ascii=False)}}}"
         message = (f"data folder {folder} holds {count} image(s) that no data.folders entry lists: they do not train "
                    f"(add {entry} with its repeats to data.folders to train them)")  # fmt: skip
         report.findings.append(Finding(WARNING, str(folder), message))

@@ -58,7 +58,7 @@ def decode(example: Example, at_least: int | None = None) -> Image.Image:
     try:
         image = example.load()
         if image is None:  # a dataset row whose image cell is null
-            raise FinetuneError(f"{example.source} has no image (a null cell): fill its image column, or remove the row")
+            raise FinetuneError(f"{example.source} has no image (a null cell): fill that cell, or remove the row")
         if at_least is not None:
             image.draft(None, (at_least, at_least))  # a no-op for other formats and decoded images
         image.load()

@@ -138,7 +138,7 @@ def _download_or_find_in_cache(repo_id: str, revision: str | None, variant: str 
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")  # as huggingface_hub reads it
     try:
         allow, ignore = download_patterns(variant)
         folder = snapshot_download(repo_id, revision=revision, local_files_only=offline, allow_patterns=allow, ignore_patterns=ignore)

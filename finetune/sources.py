@@ -8,6 +8,7 @@ every one, and finetune/data.py makes training items of them.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -125,9 +126,10 @@ def subfolders_message(folder: Path, subfolders: list[Path], config: DataConfig)
     entries = []
     for path in subfolders:
         repeats = re.match(r"(\d+)_", path.name)  # sd-scripts' N_name folders: N is the repeats
-        entries.append(f"{{path: {json.dumps(path.name)}, repeats: {int(repeats.group(1)) if repeats else 1}}}")
-    return (f"data folder {folder} has no images of its own, only subfolders with images ({names}): list each in data.folders "
-            f"with its repeats, e.g. data.folders='[{', '.join(entries)}]'")  # fmt: skip
+        entries.append(f"{{path: {json.dumps(path.name, ensure_ascii=False)}, repeats: {int(repeats.group(1)) if repeats else 1}}}")
+    # As the recipe's YAML (a flow list): also right for `check-data --image-dir`, which takes no overrides.
+    return (f"data folder {folder} has no images of its own, only subfolders with images ({names}): list each with its repeats "
+            f"in the recipe's data section, e.g. folders: [{', '.join(entries)}]")  # fmt: skip
 
 
 def unlisted_image_folders(config: DataConfig) -> list[Path]:
@@ -136,9 +138,10 @@ def unlisted_image_folders(config: DataConfig) -> list[Path]:
     if not config.folders or not config.image_dir:
         return []
     root = Path(config.image_dir)
-    listed = {folder.resolve() for folder in data_folders(config)}
+    listed = data_folders(config)
     candidates = ([root] if folder_images(root) else []) + image_subfolders(root, config)
-    return [folder for folder in candidates if folder.resolve() not in listed]
+    # samefile: one folder however its name is written (case or Unicode form, on file systems that ignore them).
+    return [folder for folder in candidates if not any(os.path.samefile(folder, other) for other in listed)]
 
 
 def unread_images(folder: Path, config: DataConfig) -> tuple[list[Path], list[Path]]:

@@ -128,15 +128,17 @@ def test_a_folder_of_kohya_folders_gets_the_data_folders_it_needs_and_an_unliste
         captioned(root / "10_sks dog", name)
         captioned(root / "1_dog", name)
     captioned(root / "masks", "0.png")  # a masks folder is no image folder
+    captioned(root / "conditioning_images", "x.png")  # a folder the metadata points into holds partners, not training images
+    (root / "metadata.jsonl").write_text(json.dumps({"file_name": "x.png", "conditioning_image": "conditioning_images/x.png"}) + "\n")
     assert main(["check-data", "--image-dir", str(root), "--resolution", "64"]) == 2
     error = capsys.readouterr().err.strip()
     suggestion = error.split("e.g. ")[1]
-    assert error == (f"error: data folder {root} has no images of its own, only subfolders with images (10_sks dog, 1_dog): list each in "
-                     f"data.folders with its repeats, e.g. {suggestion}")
-    assert suggestion == """data.folders='[{path: "10_sks dog", repeats: 10}, {path: "1_dog", repeats: 1}]'"""
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"data": {"image_dir": str(root), "resolution": 64}}))
-    assert main(["check-data", str(recipe), suggestion.replace("'", "")]) == 0  # the suggestion, as the shell passes it
+    assert error == (f"error: data folder {root} has no images of its own, only subfolders with images (10_sks dog, 1_dog): list each with its "
+                     f"repeats in the recipe's data section, e.g. {suggestion}")
+    assert suggestion == """folders: [{path: "10_sks dog", repeats: 10}, {path: "1_dog", repeats: 1}]"""
+    recipe = tmp_path / "recipe.yaml"  # the suggestion, pasted into a recipe
+    recipe.write_text(f"data:\n  image_dir: {root}\n  resolution: 64\n  {suggestion}\n")
+    assert main(["check-data", str(recipe)]) == 0
     assert "uses per epoch by folder: '10_sks dog' 2 x10 = 20 (91%), '1_dog' 2 x1 = 2 (9%)" in capsys.readouterr().out
 
     captioned(root, "own.png")

@@ -137,7 +137,7 @@ def test_datasets_missing_caption_names_the_row_and_an_empty_one_is_a_warning(tm
     warnings = [f.message for f in inspect_examples(read_examples(config), config, "blank").of_level(WARNING)]
     assert warnings == [f"dataset {tmp_path / 'blank'} row 1 has an empty caption: it trains as the empty prompt; write one in its caption column if that is not meant"]
     datasets.Dataset.from_dict({"image": [images[0], None], "text": ["a", "b"]}).save_to_disk(tmp_path / "no-image")
-    with pytest.raises(FinetuneError, match=r"no-image row 1 has no image \(a null cell\): fill its image column, or remove the row"):
+    with pytest.raises(FinetuneError, match=r"no-image row 1 has no image \(a null cell\): fill that cell, or remove the row"):
         load_examples(DataConfig(dataset=str(tmp_path / "no-image"), resolution=64))
 
 

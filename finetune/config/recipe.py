@@ -61,7 +61,7 @@ class TrainConfig(Section):
     # Channels-last (NHWC) memory format for the UNet, VAE and ControlNet: the layout tensor-core and
     # oneDNN convolutions prefer, so no transposes around every conv. Same math, same loss.
     channels_last: bool = False
-    max_grad_norm: Optional[float] = Field(1.0, gt=0)  # null: no clipping (a negative norm would flip the gradients)
+    max_grad_norm: Optional[float] = Field(1.0, ge=0)  # null or 0 (as sd-scripts): no clipping; a negative norm would flip the gradients
     # Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's value, None disables it.
     snr_gamma: Optional[float] = None
     # Debiased estimation (Yu et al. 2024, sd-scripts' debiased_estimation_loss): weigh each timestep's
