@@ -242,7 +242,9 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
                        + ("" if config.bucketing.enabled else "; data.bucketing.enabled: true trains it near its own shape"))  # fmt: skip
             report.findings.append(Finding(WARNING, example.source, message))
     report.findings += masks_out_of_view(report, targets)
+    trained = {example.source for example in report.usable}  # after the masks' check took out the blind ones
     for sources in by_hash.values():
+        sources = [source for source in sources if source in trained]
         if len(sources) > 1:
             others = ", ".join(sources[1:6]) + (f" and {len(sources) - 6} more" if len(sources) > 6 else "")
             message = f"image {sources[0]} has the same pixels as {others}: each copy trains as its own image (remove copies, or use data.folders repeats)"

@@ -149,6 +149,21 @@ def test_a_folder_of_kohya_folders_gets_the_data_folders_it_needs_and_an_unliste
     assert "masks" not in out
 
 
+def test_a_copy_left_out_by_its_mask_is_not_named_as_a_copy(tmp_path):
+    folder = tmp_path / "masked"
+    for name in ("a.png", "b.png", "c.png"):
+        captioned(folder, name, noise(128, 64, seed=8))
+        mask = Image.new("L", (128, 64), 0)
+        mask.paste(255, (0, 0, 32, 64) if name == "b.png" else (32, 0, 96, 64))  # b's white is outside its centre crop
+        (folder / "masks").mkdir(exist_ok=True)
+        mask.save(folder / "masks" / name)
+    config = DataConfig(image_dir=str(folder), resolution=64, skip_bad_images=True, loss_mask={"source": "files"})
+    report = inspect_examples(read_examples(config), config, "masked")
+    assert [Path(e.source).name for e in report.usable] == ["a.png", "c.png"] and "black everywhere in its centre crop" in report.skipped[0].message
+    assert [f.message for f in report.of_level(WARNING)] == [f"image {folder / 'a.png'} has the same pixels as {folder / 'c.png'}: each copy "
+                                                             "trains as its own image (remove copies, or use data.folders repeats)"]
+
+
 def test_converted_images_train_as_rgb(odd_folder):
     for name, pixel in [("cmyk.jpg", (255, 0, 0)), ("deep.png", (128, 128, 128)), ("alpha.png", (255, 255, 255))]:
         example = next(e for e in read_examples(DataConfig(image_dir=str(odd_folder))) if e.source.endswith(name))

@@ -96,9 +96,10 @@ def test_init_from_starts_as_base_plus_that_lora_in_any_layout(make_recipe, tiny
     lora = load_lora(first.output_dir / LORA_WEIGHTS_NAME)
     lora.layers = {key.replace("self_attn.q_proj", "mlp.fc1"): layer for key, layer in lora.layers.items()}
     save_lora_file(lora, tmp_path / "mlp" / "mlp.safetensors", "kohya")
-    with pytest.raises(FinetuneError, match=r"\(e\.g\. text_encoder\.\S+\.mlp\.fc1\): the text encoder's LoRA trains q_proj, k_proj, v_proj, out_proj only, "
-                                            r"so it cannot start from fc1$"):
-        lora_model(make_recipe(lora__init_from=str(tmp_path / "mlp" / "mlp.safetensors"), lora__train_text_encoder=True))
+    for text_encoder in (True, False):  # said either way: lora.train_text_encoder could not take them
+        with pytest.raises(FinetuneError, match=r"adapts text-encoder layers \(fc1; e\.g\. text_encoder\.\S+\.mlp\.fc1\) that this project's text-encoder LoRA "
+                                                r"does not train \(it trains q_proj, k_proj, v_proj, out_proj\): it cannot start from this file$"):
+            lora_model(make_recipe(lora__init_from=str(tmp_path / "mlp" / "mlp.safetensors"), lora__train_text_encoder=text_encoder))
     with pytest.raises(FinetuneError, match=r"lora.init_from .*nothere not found: give a LoRA .safetensors file"):
         train(make_recipe(lora__init_from=str(tmp_path / "nothere")))
     with pytest.raises(FinetuneError, match=r"lora.init_from starts a LoRA, and method full trains none"):

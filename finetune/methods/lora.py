@@ -182,23 +182,31 @@ def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str) -> 
     alpha is kept by scaling the up weights to this recipe's alpha/rank. Layers that model.clip_skip leaves
     out have nothing to start (sd-scripts saves LoRAs of them, unused)."""
     kept_layers = len(layer_stack(modules["text_encoder"]).layers) if "text_encoder" in modules else None
-    starts, left_out = [], []
+    starts, left_out, text_layers = [], [], []
     for key, layer in lora.layers.items():
         part, path = key.split(".", 1)
         index = re.search(r"encoder\.layers\.(\d+)\.", path) if part == "text_encoder" else None
         if index and kept_layers is not None and int(index.group(1)) >= kept_layers:
             continue
-        if part not in modules:
-            raise FinetuneError(f"lora.init_from {source} has text-encoder layers: set lora.train_text_encoder: true to start from them too")
-        module = find_module(modules[part], path, part)
-        (starts if hasattr(module, "lora_A") else left_out).append((key, layer, module))
-    for part, remedy in (("unet", "add {names} to lora.target_modules"),
-                         ("text_encoder", f"the text encoder's LoRA trains {', '.join(TEXT_ENCODER_TARGETS)} only, so it cannot start from {{names}}")):
-        keys = [key for key, _, _ in left_out if key.startswith(part + ".")]
-        if keys:
-            names = ", ".join(dict.fromkeys(target_name(key) for key in keys))
-            raise FinetuneError(f"lora.init_from {source} adapts {len(keys)} layer(s) this recipe's LoRA leaves out (e.g. {keys[0]}): "
-                                + remedy.format(names=names))  # fmt: skip
+        if part == "text_encoder" and target_name(key) not in TEXT_ENCODER_TARGETS:
+            left_out.append(key)  # a layer no setting of this project trains (sd-scripts also adapts the MLP: fc1, fc2)
+        elif part not in modules:
+            text_layers.append(key)
+        elif hasattr(module := find_module(modules[part], path, part), "lora_A"):
+            starts.append((key, layer, module))
+        else:
+            left_out.append(key)
+    foreign = [key for key in left_out if key.startswith("text_encoder.")]
+    if foreign:  # before asking for the text encoder's LoRA, which could not take them either
+        names = ", ".join(dict.fromkeys(target_name(key) for key in foreign))
+        raise FinetuneError(f"lora.init_from {source} adapts text-encoder layers ({names}; e.g. {foreign[0]}) that this project's text-encoder LoRA "
+                            f"does not train (it trains {', '.join(TEXT_ENCODER_TARGETS)}): it cannot start from this file")  # fmt: skip
+    if text_layers:
+        raise FinetuneError(f"lora.init_from {source} has text-encoder layers: set lora.train_text_encoder: true to start from them too")
+    if left_out:
+        names = ", ".join(dict.fromkeys(target_name(key) for key in left_out))
+        raise FinetuneError(f"lora.init_from {source} adapts {len(left_out)} layer(s) this recipe's LoRA leaves out (e.g. {left_out[0]}): "
+                            f"add {names} to lora.target_modules")  # fmt: skip
     for key, layer, module in starts:
         down, up = module.lora_A["default"].weight, module.lora_B["default"].weight
         if tuple(down.shape) != tuple(layer.down.shape) or tuple(up.shape) != tuple(layer.up.shape):
