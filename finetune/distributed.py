@@ -94,9 +94,10 @@ def configure_deepspeed(accelerator: Accelerator, recipe: Recipe, trained_module
     if not uses_deepspeed(accelerator):
         return
     if len(trained_modules) != 1:
+        switch = f"{recipe.method}.train_text_encoder"  # lora, full and dreambooth each have theirs; the others train one model
         raise FinetuneError(
             f"DeepSpeed trains one model per run, this recipe trains {len(trained_modules)} ({', '.join(trained_modules)}): "
-            "set dreambooth.train_text_encoder (or full.train_text_encoder) to false, or launch without DeepSpeed"
+            f"set {switch} to false, or launch without DeepSpeed"
         )
     train_cfg = recipe.train
     if train_cfg.ema_decay is not None and zero_stage(accelerator) == 3:

@@ -321,8 +321,9 @@ def test_deepspeed_refuses_what_it_cannot_do_before_training(make_recipe):
         plugin = SimpleNamespace(deepspeed_config=config)
         return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=2, state=SimpleNamespace(deepspeed_plugin=plugin))
 
-    with pytest.raises(FinetuneError, match="DeepSpeed trains one model per run, this recipe trains 2 \\(unet, text_encoder\\)"):
-        configure_deepspeed(accelerator({}), make_recipe(), ["unet", "text_encoder"])
+    for method, overrides in (("lora", {}), ("full", {"method": "full"})):  # the switch of the recipe's own method
+        with pytest.raises(FinetuneError, match=rf"^DeepSpeed trains one model per run, this recipe trains 2 \(unet, text_encoder\): set {method}.train_text_encoder to false, or"):
+            configure_deepspeed(accelerator({}), make_recipe(**overrides), ["unet", "text_encoder"])
     offload = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
     with pytest.raises(FinetuneError, match="optimizer.name adamw8bit with DeepSpeed optimizer offload"):
         configure_deepspeed(accelerator(offload), make_recipe(optimizer__name="adamw8bit"), ["unet"])
