@@ -216,14 +216,24 @@ def build_app(engine, note: str = "", queue_size: int = 8):
             captions = [(image, f"{label}, seed {seed}") for seed, row in zip(seeds, images) for label, image in zip(labels, row)]
             return labelled_grid(images, labels, seeds), captions, text
 
-        def rescan_adapters():
-            engine.rescan()
+        def adapter_views():  # the lists and table as the engine's last scan has them
             lora_updates = [gr.Dropdown(choices=choices("lora")) for _ in range(LORA_SLOTS)]
             return (folder_note(), table(), gr.Dropdown(choices=[BASE, *engine.names("pipeline")]), gr.Dropdown(choices=choices("controlnet")), *lora_updates)
 
+        def rescan_adapters():
+            engine.rescan()
+            # Also the components' own lists, which a session opened later starts from (an API client runs no page load).
+            for dropdown, names in ((model, [BASE, *engine.names("pipeline")]), (controlnet, choices("controlnet")),
+                                    *((slot, choices("lora")) for slot in slots[::2])):  # fmt: skip
+                dropdown.choices = [(name, name) for name in names]
+            return adapter_views()
+
         inputs = [prompt, negative, seed, steps, guidance, size, model, *slots, controlnet, condition, kind, scale, strengths, include_base, rows, separate]
         button.click(generate_images, inputs, [result, gallery, summary], api_name="generate", show_progress="full")
-        rescan.click(rescan_adapters, None, [found, adapters, model, controlnet, *slots[::2]], api_name="rescan", queue=False)
+        views = [found, adapters, model, controlnet, *slots[::2]]
+        rescan.click(rescan_adapters, None, views, api_name="rescan", queue=False)
+        # A page opened (or reloaded) after a rescan in another tab shows that scan, not the one at start.
+        app.load(adapter_views, None, views, queue=False)
     app.queue(max_size=queue_size, default_concurrency_limit=1)
     return app
 

@@ -137,9 +137,13 @@ def test_rescan_finds_an_adapter_trained_while_the_demo_runs(client, demo, adapt
         assert "late" in demo.engine.names("lora")
         images, captions, _ = run(client, lora_1="late")
         assert captions[1].startswith("late x1")
+        from gradio_client import Client  # a page opened after that rescan (another tab, a reload) lists it too
+
+        images, captions, _ = run(Client(demo.url, verbose=False), lora_1="late")
+        assert captions[1].startswith("late x1")
     finally:
         shutil.rmtree(adapters_dir / "late")
-        demo.engine.rescan()
+        client.predict(api_name="/rescan")
 
 
 def test_controlnet_with_a_conditioning_made_from_a_photo(client, image_folder):
