@@ -223,8 +223,7 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
         report.findings += findings
         if usable is not None:
             report.usable.append(usable)
-        # Copies among the images that train (a skipped one is not another copy); one file in two data.folders entries is no copy.
-        if usable is not None and example.source not in by_hash.get(digest, []):
+        if digest is not None and example.source not in by_hash.get(digest, []):  # one file in two data.folders entries is no copy
             by_hash.setdefault(digest, []).append(example.source)
     targets = report.bucket_of or [(config.resolution, config.resolution)] * len(report.usable)
     for example, (width, height) in zip(report.usable, targets):
@@ -242,7 +241,8 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
                        + ("" if config.bucketing.enabled else "; data.bucketing.enabled: true trains it near its own shape"))  # fmt: skip
             report.findings.append(Finding(WARNING, example.source, message))
     report.findings += masks_out_of_view(report, targets)
-    trained = {example.source for example in report.usable}  # after the masks' check took out the blind ones
+    # Copies among the images that train: not a skipped one, nor one the masks' check took out.
+    trained = {example.source for example in report.usable}
     for sources in by_hash.values():
         sources = [source for source in sources if source in trained]
         if len(sources) > 1:

@@ -1,11 +1,8 @@
 """The data check: every kind of bad or odd image is reported (and handled), training stops on fatal
 problems naming the file unless data.skip_bad_images is set, and `finetune check-data` reports the same."""
 
-import io
 import json
 import shutil
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -13,65 +10,19 @@ import pytest
 import yaml
 from PIL import Image
 
-from finetune import check_data, check_threads
 from finetune.check_data import CONVERTED, FATAL, WARNING, inspect_examples
-from finetune.check_threads import each_on_threads
 from finetune.cli import main
 from finetune.config import DataConfig
 from finetune.data import CaptionedImageDataset, load_examples, open_rgb
 from finetune.errors import FinetuneError
 from finetune.sources import read_examples
 from finetune.trainer import train
-
-
-def noise(width, height, seed=0):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8))
-
-
-def upright_red_on_top(width=64, height=96):
-    image = Image.new("RGB", (width, height), (0, 0, 255))
-    image.paste((255, 0, 0), (0, 0, width, height // 2))
-    return image
-
-
-def save_exif_rotated(path):
-    """Stored lying on its side with EXIF orientation 6, as phones save portrait photos."""
-    exif = Image.Exif()
-    exif[0x0112] = 6  # the viewer turns it 90 degrees clockwise
-    upright_red_on_top().transpose(Image.Transpose.ROTATE_90).save(path, exif=exif)
-
-
-def captioned(folder, name, image=None, caption="a thing"):
-    folder.mkdir(parents=True, exist_ok=True)
-    (image or noise(64, 64, seed=hash(name) % 1000)).save(folder / name)
-    (folder / name).with_suffix(".txt").write_text(caption)
-    return folder / name
+from odd_images import captioned, noise, save_exif_rotated, write_odd_folder
 
 
 @pytest.fixture
 def odd_folder(tmp_path):
-    """One image of every kind the check knows, each with a caption unless said otherwise."""
-    folder = tmp_path / "odd"
-    captioned(folder, "good.png", noise(64, 64, seed=1))
-    (folder / "corrupt.jpg").write_text("this is not a JPEG")
-    (folder / "corrupt.txt").write_text("x")
-    data = io.BytesIO()
-    noise(64, 64, seed=2).save(data, "PNG")
-    (folder / "truncated.png").write_bytes(data.getvalue()[: len(data.getvalue()) // 2])
-    (folder / "truncated.txt").write_text("x")
-    captioned(folder, "tiny.png", noise(20, 20, seed=3))
-    captioned(folder, "small.png", noise(40, 48, seed=4))
-    captioned(folder, "cmyk.jpg", Image.new("CMYK", (64, 64), (0, 255, 255, 0)))  # red in CMYK
-    captioned(folder, "deep.png", Image.new("I;16", (64, 64), 128 * 257))  # mid grey
-    captioned(folder, "alpha.png", Image.new("RGBA", (64, 64), (255, 0, 0, 0)))
-    captioned(folder, "palette.png", noise(64, 64, seed=5).convert("P"))
-    save_exif_rotated(folder / "rotated.png")
-    (folder / "rotated.txt").write_text("x")
-    captioned(folder, "copy1.png", noise(64, 64, seed=1))  # the same pixels as good.png
-    noise(64, 64, seed=1).save(folder / "copy2.bmp")  # ... in another container
-    (folder / "copy2.txt").write_text("x")
-    noise(64, 64, seed=6).save(folder / "uncaptioned.png")
-    return folder
+    return write_odd_folder(tmp_path / "odd")
 
 
 def findings_by_file(report):
@@ -343,82 +294,3 @@ def test_an_empty_caption_is_a_warning_unless_data_caption_asks_for_none(tmp_pat
 def test_check_data_names_the_option_a_bad_value_came_from(image_folder, capsys):
     assert main(["check-data", "--image-dir", str(image_folder), "--resolution", "100"]) == 2
     assert capsys.readouterr().err.strip() == "error: check-data: --resolution: must be a positive multiple of 8 (the VAE downsamples by 8) (got 100)"
-
-
-# ---------------------------------------------------------------------------------------------------
-# The check runs on several threads: the same report as one thread, a progress bar for long checks (one per
-# machine), and an error or Ctrl-C stops it without decoding the images not yet begun.
-
-
-def report_of(folder, monkeypatch, threads):
-    monkeypatch.setenv("FINETUNE_CHECK_THREADS", str(threads))
-    config = DataConfig(image_dir=str(folder), resolution=64)
-    return inspect_examples(read_examples(config), config, "odd")
-
-
-def test_threads_give_the_report_of_one_thread(odd_folder, monkeypatch):
-    seen_threads = set()
-    inspect = check_data.inspect
-
-    def inspect_slowly(example, config):
-        seen_threads.add(threading.get_ident())
-        time.sleep(0.02)  # long enough that a second thread takes the next image
-        return inspect(example, config)
-
-    monkeypatch.setattr(check_data, "inspect", inspect_slowly)
-    serial = report_of(odd_folder, monkeypatch, threads=1)
-    assert len(seen_threads) == 1
-    seen_threads.clear()
-    threaded = report_of(odd_folder, monkeypatch, threads=4)
-    assert len(seen_threads) > 1
-    assert threaded.lines() == serial.lines()  # findings in the same order, duplicates named the same way
-    checked = lambda report: [(e.source, e.caption, e.size, e.digest, e.file_stamp) for e in report.usable]  # noqa: E731
-    assert checked(threaded) == checked(serial)
-    assert len(serial.usable) == 9 and len(serial.findings) > 9  # the odd folder's findings, not an empty report
-
-
-def test_a_long_check_shows_progress_on_the_machines_first_process_only(odd_folder, monkeypatch, capsys):
-    monkeypatch.setattr(check_threads, "PROGRESS_FROM", 5)
-    report_of(odd_folder, monkeypatch, threads=2)
-    assert "checking odd" in capsys.readouterr().err
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    report_of(odd_folder, monkeypatch, threads=2)
-    assert "checking odd" not in capsys.readouterr().err
-    monkeypatch.setattr(check_threads, "PROGRESS_FROM", 50)  # the odd folder's 13 images are below it
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    report_of(odd_folder, monkeypatch, threads=2)
-    assert "checking odd" not in capsys.readouterr().err
-
-
-def test_an_error_stops_the_check_without_running_the_rest(monkeypatch):
-    monkeypatch.setenv("FINETUNE_CHECK_THREADS", "2")
-    started = []
-
-    def check(item):
-        started.append(item)
-        if item == 0:
-            raise KeyboardInterrupt  # as Ctrl-C arrives in the main thread, or any error of one image's check
-        time.sleep(0.02)
-        return item
-
-    with pytest.raises(KeyboardInterrupt):
-        each_on_threads(check, list(range(200)), "checking")
-    time.sleep(0.1)  # a thread still in its image finishes it; none starts another
-    assert len(started) < 20
-
-
-def test_processes_of_one_machine_share_its_cpus(monkeypatch):
-    monkeypatch.delenv("FINETUNE_CHECK_THREADS", raising=False)
-    monkeypatch.setattr(check_threads.os, "sched_getaffinity", lambda pid: set(range(16)))
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert check_threads.check_threads() == check_threads.MAX_CHECK_THREADS
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert check_threads.check_threads() == 4
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
-    assert check_threads.check_threads() == 1
-    monkeypatch.setenv("FINETUNE_CHECK_THREADS", "3")
-    assert check_threads.check_threads() == 3
-    for wrong in ("auto", "0"):
-        monkeypatch.setenv("FINETUNE_CHECK_THREADS", wrong)
-        with pytest.raises(FinetuneError, match=rf"^FINETUNE_CHECK_THREADS={wrong}: give a number of threads \(1 or more\)"):
-            check_threads.check_threads()

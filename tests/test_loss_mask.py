@@ -21,11 +21,8 @@ from finetune.loss_mask import MIN_NORMALIZING_SHARE, latent_loss_weights, previ
 from finetune.sources import read_examples
 from finetune.trainer import train
 from test_dreambooth import dreambooth_recipe
+from odd_images import noise
 from test_objective import SCHEDULER
-
-
-def noise(width, height, seed=0):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8))
 
 
 def masked_folder(folder: Path, count=4, size=(64, 64), mask=lambda width, height: half_mask(width, height)) -> Path:

@@ -1,0 +1,94 @@
+"""The data check runs on several threads: the same report as one thread, a progress bar for long checks (one per
+machine), and an error or Ctrl-C stops it without decoding the images not yet begun."""
+
+import threading
+import time
+
+import pytest
+
+from finetune import check_data, check_threads
+from finetune.check_data import inspect_examples
+from finetune.check_threads import each_on_threads
+from finetune.config import DataConfig
+from finetune.errors import FinetuneError
+from finetune.sources import read_examples
+from odd_images import write_odd_folder
+
+
+@pytest.fixture
+def odd_folder(tmp_path):
+    return write_odd_folder(tmp_path / "odd")
+
+
+def report_of(folder, monkeypatch, threads):
+    monkeypatch.setenv("FINETUNE_CHECK_THREADS", str(threads))
+    config = DataConfig(image_dir=str(folder), resolution=64)
+    return inspect_examples(read_examples(config), config, "odd")
+
+
+def test_threads_give_the_report_of_one_thread(odd_folder, monkeypatch):
+    seen_threads = set()
+    inspect = check_data.inspect
+
+    def inspect_slowly(example, config):
+        seen_threads.add(threading.get_ident())
+        time.sleep(0.02)  # long enough that a second thread takes the next image
+        return inspect(example, config)
+
+    monkeypatch.setattr(check_data, "inspect", inspect_slowly)
+    serial = report_of(odd_folder, monkeypatch, threads=1)
+    assert len(seen_threads) == 1
+    seen_threads.clear()
+    threaded = report_of(odd_folder, monkeypatch, threads=4)
+    assert len(seen_threads) > 1
+    assert threaded.lines() == serial.lines()  # findings in the same order, duplicates named the same way
+    checked = lambda report: [(e.source, e.caption, e.size, e.digest, e.file_stamp) for e in report.usable]  # noqa: E731
+    assert checked(threaded) == checked(serial)
+    assert len(serial.usable) == 9 and len(serial.findings) > 9  # the odd folder's findings, not an empty report
+
+
+def test_a_long_check_shows_progress_on_the_machines_first_process_only(odd_folder, monkeypatch, capsys):
+    monkeypatch.setattr(check_threads, "PROGRESS_FROM", 5)
+    report_of(odd_folder, monkeypatch, threads=2)
+    assert "checking odd" in capsys.readouterr().err
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    report_of(odd_folder, monkeypatch, threads=2)
+    assert "checking odd" not in capsys.readouterr().err
+    monkeypatch.setattr(check_threads, "PROGRESS_FROM", 50)  # the odd folder's 13 images are below it
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    report_of(odd_folder, monkeypatch, threads=2)
+    assert "checking odd" not in capsys.readouterr().err
+
+
+def test_an_error_stops_the_check_without_running_the_rest(monkeypatch):
+    monkeypatch.setenv("FINETUNE_CHECK_THREADS", "2")
+    started = []
+
+    def check(item):
+        started.append(item)
+        if item == 0:
+            raise KeyboardInterrupt  # as Ctrl-C arrives in the main thread, or any error of one image's check
+        time.sleep(0.02)
+        return item
+
+    with pytest.raises(KeyboardInterrupt):
+        each_on_threads(check, list(range(200)), "checking")
+    time.sleep(0.1)  # a thread still in its image finishes it; none starts another
+    assert len(started) < 20
+
+
+def test_processes_of_one_machine_share_its_cpus(monkeypatch):
+    monkeypatch.delenv("FINETUNE_CHECK_THREADS", raising=False)
+    monkeypatch.setattr(check_threads.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert check_threads.check_threads() == check_threads.MAX_CHECK_THREADS
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert check_threads.check_threads() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert check_threads.check_threads() == 1
+    monkeypatch.setenv("FINETUNE_CHECK_THREADS", "3")
+    assert check_threads.check_threads() == 3
+    for wrong in ("auto", "0"):
+        monkeypatch.setenv("FINETUNE_CHECK_THREADS", wrong)
+        with pytest.raises(FinetuneError, match=rf"^FINETUNE_CHECK_THREADS={wrong}: give a number of threads \(1 or more\)"):
+            check_threads.check_threads()
