@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import SCALER_NAME
 from safetensors.torch import load_file, save_file
 
 from finetune.distributed import unwrap
@@ -263,6 +264,11 @@ def load_checkpoint(accelerator: Accelerator, path: Path, current_settings: dict
     """Restore the state saved in `path`; return its trainer state. A checkpoint of other trained modules
     or parameter groups (a text encoder, LoRA+ switched on or off) is one line naming what changed."""
     state = json.loads((path / STATE_FILE).read_text())
+    scaler = accelerator.scaler
+    if scaler is not None and not (path / SCALER_NAME).is_file():
+        # An fp16 run (the loss scaler) resuming a bf16 or fp32 checkpoint, as a bf16 run moved to a GPU
+        # without bf16 does: accelerate would fail on the missing file; the scale starts afresh instead.
+        accelerator.scaler = None
     try:
         accelerator.load_state(str(path), **load_options)
     except (ValueError, FileNotFoundError) as err:
@@ -275,4 +281,6 @@ def load_checkpoint(accelerator: Accelerator, path: Path, current_settings: dict
             f"checkpoint {path} was written for other trained modules or parameter groups than this recipe's"
             + (f" (changed since: {', '.join(changed)})" if changed else "") + ": resume with the settings that wrote it"
         ) from None
+    finally:
+        accelerator.scaler = scaler
     return state

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -66,6 +67,30 @@ def plan_class_images(folder: Path, key: str, wanted: int) -> tuple[list[Path], 
     if others:
         logger.warning("%s: ignoring %d generated images of another class prompt or settings", folder, len(others))
     return user_images + generated, missing
+
+
+@contextmanager
+def as_loaded_base(*models: torch.nn.Module):
+    """The models as the base was loaded: LoRA layers off (a `lora.init_from` start is already in them),
+    and in eval mode (LoRA dropout would draw from the device's random numbers); restored afterwards."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [module for model in models for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    trainable = {parameter: parameter.requires_grad for model in models for parameter in model.parameters()}
+    modes = [(model, model.training) for model in models]
+    for layer in layers:
+        layer.enable_adapters(False)
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for parameter, flag in trainable.items():  # peft's enable_adapters sets its own
+            parameter.requires_grad_(flag)
+        for model, training in modes:
+            model.train(training)
 
 
 @torch.no_grad()

@@ -198,7 +198,7 @@ def run_eval(
     options = dict(n=num_prompts, images_per_prompt=images_per_prompt, identifier=identifier, subject=subject,
                    class_word=class_word, controlnet=controlnet is not None)  # fmt: skip
     suites = _validate(default_suites(suites, controlnet), options)  # before the (slow) model load
-    from finetune.placement import inference_placement, place
+    from finetune.placement import inference_placement, place, without_tf32
 
     pipeline = load_sampling_pipeline(base, lora, lora_scale, controlnet, base_config=base_config)
     pipeline.unet.eval()
@@ -211,7 +211,8 @@ def run_eval(
         return generate_per_prompt(pipeline, ps.prompts, images_per_prompt, seed, steps, guidance, resolution,
                                    ps.conditions if controlnet is not None else None, **control)  # fmt: skip
 
-    result = _score(make_rows, suites, options)
+    with without_tf32():  # fp32 in full: TF32 would make a GPU's scores differ more from a CPU's
+        result = _score(make_rows, suites, options)
     result["settings"] = dict(
         base=str(base), lora=None if lora is None else str(lora), lora_scale=lora_scale,
         controlnet=None if controlnet is None else str(controlnet), conditioning_scale=scale if controlnet else None, suites=suites,

@@ -9,6 +9,8 @@ with fp32 validation grids).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from finetune.errors import FinetuneError
@@ -61,3 +63,15 @@ def placement_line(device: torch.device, dtype: torch.dtype) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     precision = next(key for key, value in PRECISIONS.items() if value == dtype)
     return f"sampling on {name} in {precision}" + (" (--device cpu or --precision fp32 to choose otherwise)" if device.type == "cuda" else "")
+
+
+@contextmanager
+def without_tf32():
+    """Full fp32 on CUDA: cuBLAS matmuls and cuDNN convolutions (cuDNN's in TF32 by default, and training may
+    have turned TF32 on for matmuls) both in fp32 while inside; the flags as they were afterwards."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -110,8 +110,9 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     if held_out:
         accelerator.print(f"validation loss: {len(held_out)} image{'s' if len(held_out) > 1 else ''} held out of training, scored at each validation")
     set_seed(recipe.seed)  # the same adapter initialisation on every process
-    if torch.cuda.is_available() and train_cfg.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = True
+    # TF32 (Ampere and newer GPUs) for cuBLAS matmuls and cuDNN convolutions alike: cuDNN's switch is on by
+    # default, so `allow_tf32: false` left the convolutions in TF32.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = train_cfg.allow_tf32
     weight_dtype = WEIGHT_DTYPES[train_cfg.mixed_precision]
 
     with unsharded_loading(accelerator):

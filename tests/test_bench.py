@@ -173,3 +173,15 @@ def test_vs_lora_compares_images_per_second():
     rows = [{"variant": "lora", "sec_per_step": 1.0, "images_per_sec": 5.0}, {"variant": "dreambooth", "sec_per_step": 0.9, "images_per_sec": 4.44}]
     add_speedups(rows)
     assert [row["speedup_vs_lora"] for row in rows] == [1.0, 0.888]
+
+
+def test_the_command_of_a_run_of_a_base_names_the_base_and_no_preset():
+    """A --base run once recorded `--preset medium` (the default, unused) beside it, as if it had run that model."""
+    from types import SimpleNamespace
+
+    from finetune.bench import format_command
+
+    args = SimpleNamespace(preset="medium", base="/models/sd15", steps=5, warmup=1, batch=32, resolution=512, mixed_precision="bf16",
+                           num_images=32, repeat=1, recipes="lora_cached", no_flops=False, peak_tflops=None, out="b.json")  # fmt: skip
+    assert format_command(args).startswith("finetune bench --base /models/sd15 --steps 5 ")
+    assert format_command(SimpleNamespace(**{**vars(args), "base": None})).startswith("finetune bench --preset medium --steps 5 ")

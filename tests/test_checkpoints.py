@@ -312,3 +312,25 @@ def test_resuming_with_other_trained_modules_or_parameter_groups_is_one_line_nam
     capsys.readouterr()
     train(make_recipe(train__max_steps=6, output_dir=str(first.output_dir) + "-ratio", lora__loraplus_lr_ratio=8.0), resume=str(checkpoint))
     assert "warning: settings changed since checkpoint-2: lora.loraplus_lr_ratio 4.0 -> 8.0" in capsys.readouterr().out
+
+
+def test_an_fp16_run_resumes_a_checkpoint_written_without_a_loss_scaler(tmp_path):
+    """fp16 on a GPU keeps a loss scaler; a bf16 run moved to a GPU without bf16 resumes as fp16 from a
+    checkpoint that has no scaler.pt, which accelerate failed on. The scale starts afresh. On the CPU a
+    scaler is added by hand, as accelerate adds one for fp16 on CUDA."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from finetune import checkpoint as ckpt
+
+    accelerator = Accelerator(mixed_precision="bf16")
+    try:
+        model, optimizer = accelerator.prepare(torch.nn.Linear(2, 2), torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()))
+        accelerator.save_state(str(tmp_path))
+        (tmp_path / STATE_FILE).write_text(json.dumps({"step": 1}))
+        accelerator.scaler = scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        assert ckpt.load_checkpoint(accelerator, tmp_path, {})["step"] == 1
+        assert accelerator.scaler is scaler and scaler.get_scale() == 1024.0
+    finally:
+        AcceleratorState._reset_state()
+        GradientState._reset_state()

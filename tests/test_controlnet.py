@@ -70,10 +70,10 @@ def test_training_changes_only_the_controlnet_and_the_saved_folder_reproduces_it
     # pixels once the zero convs behind it have (step 3; no weight decay, so an all-zero input would
     # leave these weights exactly as created).
     created = set_up(recipe).controlnet.controlnet_cond_embedding.conv_in.weight
-    assert not torch.equal(trained.controlnet_cond_embedding.conv_in.weight, created)
+    assert not torch.equal(trained.controlnet_cond_embedding.conv_in.weight.cpu(), created)
     for part in ("unet", "vae", "text_encoder"):
         for name, tensor in getattr(fresh, part).state_dict().items():
-            assert torch.equal(getattr(method.base, part).state_dict()[name], tensor), f"{part}.{name}"
+            assert torch.equal(getattr(method.base, part).state_dict()[name].cpu(), tensor), f"{part}.{name}"
 
     folder = result.output_dir / "controlnet"
     assert result.saved_files == [folder]
@@ -112,7 +112,7 @@ def test_unlocked_decoder_and_mid_only_control(make_recipe, pairs_folder, monkey
 
     # Decoder trained, encoder untouched.
     trained_state, fresh_state = unet.state_dict(), fresh.unet.state_dict()
-    changed = {name.split(".")[0] for name in fresh_state if not torch.equal(trained_state[name], fresh_state[name])}
+    changed = {name.split(".")[0] for name in fresh_state if not torch.equal(trained_state[name].cpu(), fresh_state[name])}
     assert changed == {"up_blocks", "conv_norm_out", "conv_out"}
     # Mid-only: the down zero convs never left zero; the mid one did.
     convs = zero_convs(method.controlnet)

@@ -3,6 +3,7 @@ parts untouched, and a saved pipeline that reproduces the trained UNet."""
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -329,3 +330,71 @@ def test_class_images_skipped_as_bad_are_counted_in_a_warning(make_recipe, star_
                                dreambooth={"concepts": [concept], "num_class_images": 3})  # fmt: skip
     train(recipe)
     assert f"warning: 2 of 3 class images in {class_dir} are usable (the others were skipped as bad)" in capsys.readouterr().out
+
+
+def set_up_to_make_class_images(recipe, monkeypatch, on_generate):
+    """The method as training sets it up, `on_generate(pipeline)` in place of the generation; returns
+    (method, base, make) where make() runs the method's class-image step for the first concept."""
+    import finetune.methods.dreambooth as dreambooth
+
+    recipe.dreambooth.num_class_images = 1
+    method = DreamBoothMethod(recipe)
+    method.check_data()
+    base = load_base_model(recipe.model)
+    method.setup(base)
+    monkeypatch.setattr(dreambooth, "generate_class_images", lambda pipeline, *args: on_generate(pipeline))
+    accelerator = SimpleNamespace(print=print, process_index=0, num_processes=1, wait_for_everyone=lambda: None)
+    return method, base, lambda: method._class_images(recipe.dreambooth.concepts[0], method.class_plans[0], accelerator)
+
+
+def unet_output(unet) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8, generator=generator)
+    text = torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator)
+    with torch.no_grad():
+        return unet(latents, torch.tensor([500]), text).sample
+
+
+def test_class_images_are_made_with_the_unet_where_the_vae_and_text_encoder_are(make_recipe, star_folder, tmp_path, monkeypatch):
+    """On a GPU the trainer moves the VAE and text encoder there before the data is built, and the UNet only
+    moves at accelerate's `prepare`: generation ran with the UNet on the CPU ('mat1 is on cuda:0 ... cpu').
+    The meta device stands in for the GPU."""
+    devices = []
+
+    def record_and_stop(pipeline):
+        devices.append({p.device.type for part in (pipeline.unet, pipeline.vae, pipeline.text_encoder) for p in part.parameters()})
+        raise InterruptedError
+
+    recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path, train__max_steps=1)
+    _, base, make = set_up_to_make_class_images(recipe, monkeypatch, record_and_stop)
+    base.vae.to("meta"), base.text_encoder.to("meta")
+    with pytest.raises(InterruptedError):
+        make()
+    assert devices == [{"meta"}]
+
+
+def test_class_images_come_from_the_loaded_base_when_the_lora_starts_from_a_file(make_recipe, star_folder, tmp_path, monkeypatch):
+    """With lora.init_from the starting LoRA is in the UNet before class images are made: they came from
+    base + LoRA, not the base's own prior. Its dropout is off then too (no draws from the device's random
+    numbers); afterwards the LoRA, its trainable weights and train mode are back."""
+    first = train(make_recipe(output_dir=str(tmp_path / "first"), train__max_steps=2, optimizer__lr=0.05))  # far from a no-op
+    recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path, dreambooth={"adapter": "lora", "train_text_encoder": True},
+                               lora__init_from=str(first.output_dir), lora__dropout=0.5, train__max_steps=1)  # fmt: skip
+    bare = unet_output(load_base_model(recipe.model).unet)
+    seen = []
+
+    def record_and_stop(pipeline):
+        seen.append((unet_output(pipeline.unet), pipeline.unet.training, pipeline.text_encoder.training))
+        raise InterruptedError
+
+    _, base, make = set_up_to_make_class_images(recipe, monkeypatch, record_and_stop)
+    started = unet_output(base.unet.eval())  # dropout off, to compare
+    assert not torch.allclose(started, bare, atol=1e-4)
+    base.unet.train()
+    with pytest.raises(InterruptedError):
+        make()
+    (output, unet_training, text_training), = seen
+    assert torch.equal(output, bare) and not unet_training and not text_training
+    assert base.unet.training and base.text_encoder.training and torch.equal(unet_output(base.unet.eval()), started)
+    trainable = [name for part in (base.unet, base.text_encoder) for name, p in part.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)

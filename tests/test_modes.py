@@ -100,8 +100,8 @@ def test_channels_last_trains_the_same_weights_in_nhwc(method_recipe, method, tm
     # The same update up to float summation order (NHWC kernels sum in another order), as a whole: Adam
     # moves a weight with a near-zero gradient by about lr either way.
     (plain_run, nhwc_run) = runs
-    difference = sum(((a - b) ** 2).sum() for a, b in zip(nhwc_run["trained"], plain_run["trained"])) ** 0.5
-    update = sum(((a - b) ** 2).sum() for a, b in zip(plain_run["trained"], plain_run["initial"])) ** 0.5
+    difference = sum(((a.cpu() - b.cpu()) ** 2).sum() for a, b in zip(nhwc_run["trained"], plain_run["trained"])) ** 0.5
+    update = sum(((a.cpu() - b.cpu()) ** 2).sum() for a, b in zip(plain_run["trained"], plain_run["initial"])) ** 0.5
     assert update > 0 and difference < 1e-2 * update, (difference, update)
 
 

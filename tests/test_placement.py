@@ -9,7 +9,7 @@ import finetune.inference as inference
 from finetune.cli import main
 from finetune.demo_engine import DemoEngine, Request
 from finetune.errors import FinetuneError
-from finetune.placement import inference_placement
+from finetune.placement import inference_placement, without_tf32
 
 
 def test_auto_is_the_gpu_in_fp16_when_there_is_one_and_the_cpu_in_fp32(monkeypatch):
@@ -62,3 +62,25 @@ def test_the_demo_renders_in_the_precision_asked_and_gives_the_base_weights_back
     assert labels == ["base", "trained x1"] and len(images[0]) == 2
     assert not np.array_equal(np.asarray(images[0][0]), np.asarray(images[0][1]))  # the LoRA, applied to bf16 weights, changes the image
     assert all(torch.equal(tensor, before[name]) for name, tensor in engine.base.unet.state_dict().items())
+
+
+def test_training_sets_tf32_for_convolutions_as_for_matmuls_and_eval_turns_both_off(make_recipe, monkeypatch, tmp_path):
+    """cuDNN's TF32 switch is on by default: `train.allow_tf32: false` left a GPU's convolutions in TF32, and
+    eval's "fp32, so reports compare across machines" was not fp32 for them."""
+    import finetune.trainer as trainer
+    from finetune.models import load_base_model
+
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    saved = flags()
+    seen = []
+    monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: seen.append(flags()) or load_base_model(*a, **k))
+    try:
+        torch.backends.cudnn.allow_tf32 = True  # torch's default
+        for allowed in (False, True):
+            trainer.train(make_recipe(output_dir=str(tmp_path / str(allowed)), train__max_steps=1, train__allow_tf32=allowed))
+        assert seen == [(False, False), (True, True)]
+        with without_tf32():
+            assert flags() == (False, False)
+        assert flags() == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

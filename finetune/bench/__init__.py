@@ -96,9 +96,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 def format_command(args) -> str:
     """The command line with every option spelled out, to repeat a run exactly."""
-    parts = ["finetune", "bench", "--preset", args.preset]
-    if args.base:
-        parts += ["--base", args.base]
+    # With --base the preset is not used: naming it would say the run was of the preset's model.
+    parts = ["finetune", "bench"] + (["--base", args.base] if args.base else ["--preset", args.preset])
     parts += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)]
     parts += ["--resolution", str(args.resolution)]
     parts += ["--mixed-precision", args.mixed_precision, "--num-images", str(args.num_images), "--repeat", str(args.repeat)]

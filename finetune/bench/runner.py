@@ -131,7 +131,7 @@ def run_benchmark(
         "date": None,
         "machine": {},
         "settings": {
-            "preset": preset,
+            "preset": None if base else preset,  # a --base is benchmarked, not the preset
             "base": base,
             "resolution": resolution,
             "batch": batch,

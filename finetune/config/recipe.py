@@ -83,7 +83,7 @@ class TrainConfig(Section):
     # Train on timesteps min_timestep <= t < max_timestep only (None: up to the model's 1000).
     min_timestep: int = Field(0, ge=0)
     max_timestep: Optional[int] = Field(None, ge=1)
-    allow_tf32: bool = True
+    allow_tf32: bool = True  # TF32 for fp32 matmuls and convolutions on Ampere and newer GPUs (off: full fp32)
     # Keep an exponential moving average of the trained weights (finetune/ema.py) and sample and save
     # it instead of the last step's weights; 0.999-0.9999 for full fine-tunes. None: off.
     ema_decay: Optional[float] = Field(None, gt=0, lt=1)

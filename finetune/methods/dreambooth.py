@@ -24,7 +24,9 @@ from finetune.buckets import assign_buckets
 from finetune.cache import EncodingCache
 from finetune.captions import training_caption
 from finetune.check_data import DataReport, check_examples, checked_examples, data_configs, inspect_examples
-from finetune.class_images import class_image_caption, generate_class_images, generation_key, is_generated_name, plan_class_images
+from finetune.class_images import (
+    as_loaded_base, class_image_caption, generate_class_images, generation_key, is_generated_name, plan_class_images,
+)
 from finetune.config import Concept, DataConfig, LossMaskConfig, Recipe
 from finetune.data import collate_images, item_rng, likely_new_view, mask_entry, render_mask, render_pixels, upright_size, view_entry
 from finetune.methods.base import DiffusionMethod
@@ -223,14 +225,15 @@ class DreamBoothMethod(DiffusionMethod):
             prompts = concept.class_prompts
             accelerator.print(f"generating {len(plan.missing)} class images ({len(prompts)} prompts) in {plan.folder}")
             # The frozen base, sampled as it was trained (model.prediction_type and zero_terminal_snr change training's target).
+            # The trainer has moved the VAE and text encoder to the device; the UNet only goes there at
+            # accelerate's `prepare`, after the data is built: bring it along now.
+            self.base.unet.to(self.base.vae.device)
             pipeline = build_pipeline(self.base, as_pretrained=True)
-            self.base.unet.eval()
-            with torch.random.fork_rng(devices=[]):
+            with as_loaded_base(self.base.unet, self.base.text_encoder), torch.random.fork_rng(devices=[]):
                 generate_class_images(
                     pipeline, prompts, plan.folder, plan.key, plan.missing, settings.class_generation,
                     self.recipe.data.resolution, accelerator.process_index, accelerator.num_processes,
                 )
-            self.base.unet.train()
         accelerator.wait_for_everyone()
         generated = self._check_class_images([p for p in plan.paths if is_generated_name(p)], concept, plan.folder)
         examples = plan.own + (generated.usable if generated else [])

@@ -1,0 +1,62 @@
+"""Where a training step's time goes on a GPU: torch.profiler over a few steps of one bench variant.
+
+Run by .ci/gpu-profile on the device machine: `python .ci/gpu_profile.py MODEL_DIR WORKDIR OUT_TXT [batch] [variant]`.
+Prints the GPU's kernel time per step beside the step's wall time (a step far longer than its kernels
+is bound by the CPU issuing them), and the ops that take the most CPU and GPU time.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from finetune.bench.runner import BenchSettings, common_recipe, prepare_data
+from finetune.bench.variants import VARIANTS
+from finetune.recipe_loading import recipe_from_dict
+from finetune.trainer import train
+
+
+def main(model: str, workdir: Path, out: Path, batch: int = 4, variant: str = "lora_cached") -> None:
+    warmup, profiled = 3, 4
+    settings = BenchSettings("profile", profiled, warmup, batch, 512, "bf16", max(8, batch), False, None)
+    settings.data_dir, settings.class_dir = prepare_data(workdir, settings.num_images, 512)
+    recipe_dict = VARIANTS[variant].build(common_recipe(settings, model, workdir / "run"), settings)
+    recipe = recipe_from_dict(recipe_dict, source=f"profile {variant}")
+    cuda = torch.cuda.is_available()
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    state: dict = {}
+
+    def on_step(step: int) -> None:
+        if cuda:
+            torch.cuda.synchronize()
+        if step == warmup:
+            state["profiler"] = torch.profiler.profile(activities=activities)
+            state["profiler"].__enter__()
+            state["start"] = time.perf_counter()
+        elif step == warmup + profiled:
+            state["wall"] = (time.perf_counter() - state["start"]) / profiled
+            state["profiler"].__exit__(None, None, None)
+
+    train(recipe, on_step=on_step, overwrite=True)
+    events = state["profiler"].key_averages()
+    # Kernel rows only: an op's row also counts the kernels it launched (torch's own table sums them so too).
+    device_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    lines = [
+        f"{variant}, batch {batch}, SD1.5 at 512 px, bf16, {profiled} profiled steps",
+        f"wall per step (under the profiler): {state['wall'] * 1e3:.1f} ms; GPU kernel time per step: {device_us / profiled / 1e3:.1f} ms",
+        "",
+        "by GPU time:",
+        events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=25, max_name_column_width=60),
+        "by CPU time:",
+        events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60),
+    ]
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:2]))
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    main(args[0], Path(args[1]), Path(args[2]), *(int(a) if a.isdigit() else a for a in args[3:]))
