@@ -50,20 +50,22 @@ demo: setup
 # Regenerate the shipped toy-world base model from nothing (about 1.75 hours on 2 CPU cores):
 # world data -> random init -> VAE (recipes/pretrain_vae.yaml) -> UNet + text encoder
 # (recipes/pretrain_unet.yaml, recipes/pretrain_unet_2.yaml, fp16 copy, recipes/pretrain_unet_3.yaml
-# with partial captions) -> fp16 copy in finetune/assets/toyworld-base.
+# with partial captions) -> fp16 copy in finetune/assets/toyworld-base (replacing the shipped one).
+# Data already written is kept; to train again from nothing, remove outputs/base first.
 base-model: setup
-	$(BIN)/finetune make-world-data outputs/world/all --include-held-out all --num-images 10000 --seed 1
-	$(BIN)/finetune make-world-data outputs/world/train --num-images 20000 --seed 0
-	$(BIN)/finetune make-world-data outputs/world/train_partial --num-images 20000 --seed 0 --partial-captions 0.3
+	test -f outputs/world/all/metadata.jsonl || $(BIN)/finetune make-world-data outputs/world/all --include-held-out all --num-images 10000 --seed 1
+	test -f outputs/world/train/metadata.jsonl || $(BIN)/finetune make-world-data outputs/world/train --num-images 20000 --seed 0
+	test -f outputs/world/train_partial/metadata.jsonl || \
+		$(BIN)/finetune make-world-data outputs/world/train_partial --num-images 20000 --seed 0 --partial-captions 0.3
 	$(BIN)/finetune make-tiny-model outputs/base/init --preset world --seed 0
 	test -f finetune/assets/toyworld_perceptual.safetensors || \
 		$(BIN)/python -m finetune.toyworld.classifier --seed 1 --threads 1 --out finetune/assets/toyworld_perceptual.safetensors
 	$(BIN)/finetune train recipes/pretrain_vae.yaml
 	$(BIN)/finetune train recipes/pretrain_unet.yaml
 	$(BIN)/finetune train recipes/pretrain_unet_2.yaml
-	$(BIN)/finetune export-base outputs/base/unet2/pipeline outputs/base/unet2-fp16
+	$(BIN)/finetune export-base outputs/base/unet2/pipeline outputs/base/unet2-fp16 --overwrite
 	$(BIN)/finetune train recipes/pretrain_unet_3.yaml
-	$(BIN)/finetune export-base outputs/base/unet3/pipeline finetune/assets/toyworld-base
+	$(BIN)/finetune export-base outputs/base/unet3/pipeline finetune/assets/toyworld-base --overwrite
 
 clean:
 	rm -rf outputs

@@ -112,8 +112,9 @@ def _make_sample_data(args) -> int:
 
 
 def _make_world_data(args) -> int:
-    from finetune.sample_data import make_world_data
+    from finetune.sample_data import check_world_data_arguments, make_world_data
 
+    check_world_data_arguments(Path(args.output_dir), args.num_images, args.partial_captions)
     folder = make_world_data(args.output_dir, args.num_images, args.seed, args.include_held_out,
                              partial_captions=args.partial_captions, conditioning=args.conditioning)
     print(f"wrote {args.num_images} images to {folder}")

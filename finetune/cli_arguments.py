@@ -131,11 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="write toy-world images with captions (the base model's pretraining data)",
         description="Write toy-world images with .txt captions and metadata.jsonl.",
     )
-    world.add_argument("output_dir")
-    world.add_argument("--num-images", type=int, default=20000)
-    world.add_argument("--seed", type=int, default=0)
-    world.add_argument("--include-held-out", choices=["no", "all"], default="no",
-                       help="no: held-in only (UNet pretraining); all: stars and stripes too (VAE pretraining)")
+    world.add_argument("output_dir", help="a new or empty folder")
+    world.add_argument("--num-images", type=int, default=20000, help="images to write (default 20000, ~160 MB)")
+    world.add_argument("--seed", type=int, default=0, help="the same seed writes the same images (default 0)")
+    world.add_argument("--include-held-out", choices=["no", "only_shape", "only_style", "all"], default="no",
+                       help="no (default): held-in only (UNet pretraining); only_shape: solid stars only (a DreamBooth subject); "
+                       "only_style: striped shapes only (a new-style LoRA's data); all: stars and stripes too (VAE pretraining)")
     world.add_argument("--partial-captions", type=float, default=0.0, metavar="SHARE",
                        help="share of images captioned with only some attributes ('a red shape, top left'; default 0)")
     world.add_argument("--conditioning", action="store_true",

@@ -42,7 +42,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--controlnet", help="ControlNet folder, or a controlnet training output folder (runs the control and placement suites)")
     p.add_argument("--conditioning-scale", type=float, default=None, help="ControlNet strength (default 1.0)")
     p.add_argument("--suite", action="append", choices=list(SUITES),
-                   help="suite to run; repeat for several (default: adherence and fid; control with --controlnet)")
+                   help="suite to run; repeat for several (default: adherence and fid; control and placement with --controlnet)")
     p.add_argument("--num-prompts", type=positive_int, default=64, help="prompts per suite (default 64)")
     p.add_argument("--images-per-prompt", type=positive_int, default=1, help="images per prompt; prompt p's image k has seed seed+p*N+k (default 1)")
     p.add_argument("--steps", type=positive_int, default=25, help="DDIM steps (default 25)")
@@ -51,8 +51,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--identifier", default="sks", help="DreamBooth identifier in subject prompts (default sks)")
     p.add_argument("--subject", default="star", choices=list(SHAPES), help="shape the subject should look like (default star)")
     p.add_argument("--class-word", default="shape", help="class word of subject/class prompts, 'a sks <class word>' (default shape)")
-    p.add_argument("--out", help="JSON report path (default: eval-<suites>.json in the ControlNet's or LoRA's run folder, "
-                   "or in outputs/eval/<base name>/)")
+    p.add_argument("--out", help="JSON report file (default: eval-<suites>.json in the LoRA's or ControlNet's run folder, in a full "
+                   "run's folder for its pipeline, else in outputs/eval/<name of the ControlNet folder or base>/)")
     return p
 
 
@@ -112,6 +112,15 @@ def default_out(base: str, lora: str | None, controlnet: str | None = None, suit
     return Path("outputs/eval") / (base_path.stem or "base") / name
 
 
+def check_report_path(out: Path) -> None:
+    """Before the images are made: the report is written as a file, its grids beside it."""
+    if out.is_dir():
+        raise FinetuneError(f"--out {out} is a folder: give the report's file name, e.g. {out / 'eval.json'}")
+    existing = next(folder for folder in out.parents if folder.exists())  # the root, at least, exists
+    if not existing.is_dir():
+        raise FinetuneError(f"--out {out}: {existing} is a file, not a folder")
+
+
 def run_eval_command(args) -> int:
     """``finetune eval``: run, print the table, write the report."""
     from finetune.cli import base_or_recorded
@@ -123,6 +132,7 @@ def run_eval_command(args) -> int:
     base = base_or_recorded(args)
     recorded = adapter_base(args.lora, args.controlnet) if args.base else base  # without --base, it is the recorded one
     out = Path(args.out) if args.out else default_out(base, args.lora, args.controlnet, suites, args.lora_scale, args.conditioning_scale, recorded)
+    check_report_path(out)
     result = run_eval(
         base, args.lora, args.lora_scale, suites, args.num_prompts, args.images_per_prompt,
         args.steps, args.guidance, args.seed, args.identifier, args.subject, args.class_word,

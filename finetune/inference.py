@@ -42,7 +42,8 @@ def resolve_lora_file(lora: str) -> Path:
     path = Path(lora)
     if path.is_dir():
         # A checkpoint's other .safetensors files are resumable state (trainable_0, ema), never the LoRA.
-        candidates = [] if (path / STATE_FILE).is_file() else sorted(path.glob("*.safetensors"))
+        # A model folder's (config.json: a ControlNet's) single file is not a LoRA either.
+        candidates = [] if (path / STATE_FILE).is_file() or (path / "config.json").is_file() else sorted(path.glob("*.safetensors"))
         path = path / LORA_WEIGHTS_NAME if (path / LORA_WEIGHTS_NAME).is_file() or len(candidates) != 1 else candidates[0]
         if not path.is_file():
             # The same words for every command that takes a LoRA (sample, eval, merge, export): what the folder is
@@ -59,6 +60,9 @@ def resolve_lora_file(lora: str) -> Path:
                 raise FinetuneError(f"{lora} is a whole pipeline, not a LoRA: use it as the base model (--base {lora})")
             if (Path(lora) / "config.json").is_file():
                 raise FinetuneError(f"{lora} is a model folder (a ControlNet?), not a LoRA: pass a ControlNet as --controlnet {lora}")
+            if len(candidates) > 1:
+                names = ", ".join(c.name for c in candidates[:3]) + (", ..." if len(candidates) > 3 else "")
+                raise FinetuneError(f"{lora} holds {len(candidates)} .safetensors files ({names}) and no {LORA_WEIGHTS_NAME}: pass the LoRA file itself")
     if not path.is_file():
         raise FinetuneError(
             f"LoRA {lora} not found: pass a .safetensors file, a training output folder containing {LORA_WEIGHTS_NAME}, "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from finetune.errors import FinetuneError
 from finetune.toyworld.datasets import write_folder
 
 SAMPLE_SETS = {
@@ -29,6 +30,19 @@ def make_world_data(
     represent what fine-tuning will teach; it is the text-to-image model that has never seen it.
     """
     return write_folder(folder, num_images, seed, include_held_out=include_held_out, partial_captions=partial_captions, conditioning=conditioning)
+
+
+def check_world_data_arguments(folder: Path, num_images: int, partial_captions: float) -> None:
+    """One line for what `make-world-data` cannot do, before it writes anything. A folder that already holds
+    images is refused: the new metadata.jsonl would list only the new ones and the rest would train too."""
+    if num_images < 1:
+        raise FinetuneError(f"--num-images must be at least 1, got {num_images}")
+    if not 0 <= partial_captions <= 1:
+        raise FinetuneError(f"--partial-captions is a share of the images, from 0 to 1; got {partial_captions}")
+    if folder.exists() and not folder.is_dir():
+        raise FinetuneError(f"{folder} is a file: give a new or empty folder to write the images in")
+    if folder.is_dir() and any(folder.iterdir()):
+        raise FinetuneError(f"{folder} is not empty: give a new or empty folder (images already there would train beside the new ones)")
 
 
 def make_sample_data(root: str | Path) -> list[Path]:

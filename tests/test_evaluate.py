@@ -123,3 +123,30 @@ def test_finetune_cli_main_runs_eval(tiny_model, tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
     assert cli.main(["eval", "--base", str(tiny_model), "--lora-scale", "0.5"]) == 2  # a strength of no LoRA
     assert "error: --lora-scale is the LoRA's strength: pass --lora too, or leave it out" in capsys.readouterr().err
+
+
+def test_an_out_that_is_a_folder_is_one_line_before_any_image_is_made_and_scoring_runs_in_full_fp32(tiny_model, tmp_path, monkeypatch):
+    """--out of a folder failed after all the generating, with a traceback and stray files beside it. Scoring
+    runs with TF32 off for matmuls and convolutions alike (on a GPU, cuDNN's is on by default)."""
+    import finetune.evaluate as evaluate
+
+    monkeypatch.setattr("finetune.inference.load_sampling_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "a-file").write_text("")
+    for out, message in ((tmp_path, r"is a folder: give the report's file name, e\.g\. .*eval\.json$"),
+                         (tmp_path / "a-file" / "eval.json", r"a-file is a file, not a folder$")):  # fmt: skip
+        with pytest.raises(FinetuneError, match=message):
+            run_eval_command(_parser().parse_args(["eval", "--base", str(tiny_model), "--out", str(out)]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+    monkeypatch.undo()
+    flags = []
+
+    def record(*args, **kwargs):
+        flags.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        raise InterruptedError
+
+    monkeypatch.setattr(evaluate, "_score", record)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    with pytest.raises(InterruptedError):
+        run_eval(str(tiny_model), suites=["adherence"], num_prompts=1, steps=1)
+    assert flags == [(False, False)] and torch.backends.cudnn.allow_tf32

@@ -50,9 +50,15 @@ def test_vae_perceptual_term_is_added_with_its_weight(make_recipe, tmp_path):
     assert weighted.losses[0] > plain.losses[0]  # same batch and noise: the difference is the perceptual term
 
 
-def test_vae_perceptual_network_must_exist(make_recipe, tmp_path):
+def test_vae_perceptual_network_must_be_a_classifier_file(make_recipe, tmp_path):
+    """Another model's weights gave a RuntimeError listing every missing and unexpected key; a folder, 'not found'."""
+    from safetensors.torch import save_file
     from finetune.errors import FinetuneError
     import pytest
 
-    with pytest.raises(FinetuneError, match="vae.perceptual_network .* not found"):
-        train(make_recipe(method="vae", train__max_steps=1, vae__perceptual_weight=0.1, vae__perceptual_network=str(tmp_path / "none.safetensors")))
+    save_file({"unet.up.lora_A.weight": torch.zeros(2, 2)}, tmp_path / "lora.safetensors")
+    for network, message in ((tmp_path / "none.safetensors", r"vae.perceptual_network .* not found"),
+                             (tmp_path, r"vae.perceptual_network .* is a folder: give the classifier's .safetensors file$"),
+                             (tmp_path / "lora.safetensors", r"lora.safetensors is not a toy-world classifier file \(.*\): train one with ")):  # fmt: skip
+        with pytest.raises(FinetuneError, match=message):
+            train(make_recipe(method="vae", output_dir=str(tmp_path / "run"), train__max_steps=1, vae__perceptual_weight=0.1, vae__perceptual_network=str(network)))

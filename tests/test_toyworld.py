@@ -5,6 +5,7 @@ Fast (well under a minute on CPU): uses the shipped classifier, never retrains.
 
 import io
 import json
+import re
 from dataclasses import asdict
 
 import numpy as np
@@ -233,3 +234,22 @@ def test_prompt_adherence_subject_fidelity_and_prior_drift(samples):
     assert {"adherence_shape", "adherence_all", "subject_fidelity", "prior_drift",
             "frechet_distance", "control_iou", "chance_iou"} <= set(bundle)  # fmt: skip
     assert bundle["adherence_shape"] > 0.95
+
+
+def test_make_world_data_takes_every_held_out_mode_and_refuses_what_it_cannot_write(tmp_path, capsys):
+    """docs/toyworld.md lists four --include-held-out modes (the CLI took two); a folder already holding images got
+    a metadata.jsonl of the new ones while the others stayed and trained too; -3 images were 'written'."""
+    from finetune.cli import main
+
+    assert main(["make-world-data", str(tmp_path / "style"), "--num-images", "3", "--include-held-out", "only_style"]) == 0
+    assert all("striped" in caption.read_text() for caption in (tmp_path / "style").glob("*.txt"))
+    (tmp_path / "a-file").write_text("")
+    for arguments, message in (
+        ([str(tmp_path / "style"), "--num-images", "2"], r"style is not empty: give a new or empty folder"),
+        ([str(tmp_path / "new"), "--num-images", "-3"], r"--num-images must be at least 1, got -3$"),
+        ([str(tmp_path / "new"), "--partial-captions", "1.5"], r"--partial-captions is a share of the images, from 0 to 1; got 1.5$"),
+        ([str(tmp_path / "a-file")], r"a-file is a file: give a new or empty folder"),
+    ):
+        assert main(["make-world-data", *arguments]) == 2
+        assert re.search(message, capsys.readouterr().err.strip()), arguments
+    assert len(list((tmp_path / "style").glob("*.png"))) == 3 and not (tmp_path / "new").exists()

@@ -98,6 +98,16 @@ def test_a_pipeline_or_controlnet_folder_given_as_the_lora_says_which_option_tak
     (tmp_path / "controlnet" / "config.json").write_text("{}")
     with pytest.raises(FinetuneError, match=r"controlnet is a model folder \(a ControlNet\?\), not a LoRA: pass a ControlNet as --controlnet"):
         resolve_lora_file(str(tmp_path / "controlnet"))
+    # With its weights file, as ControlNets are saved: that one .safetensors was taken for the LoRA.
+    (tmp_path / "controlnet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    with pytest.raises(FinetuneError, match=r"controlnet is a model folder \(a ControlNet\?\), not a LoRA"):
+        resolve_lora_file(str(tmp_path / "controlnet"))
+    (tmp_path / "two").mkdir()
+    for name in ("a.safetensors", "b.safetensors"):
+        (tmp_path / "two" / name).write_bytes(b"")
+    with pytest.raises(FinetuneError, match=r"two holds 2 .safetensors files \(a.safetensors, b.safetensors\) and no pytorch_lora_weights.safetensors: "
+                                            r"pass the LoRA file itself$"):
+        resolve_lora_file(str(tmp_path / "two"))
 
 
 def test_review_cases_old_checkpoints_overrides_repeats_in_check_data_and_diffusers_conditioning_folders(make_recipe, pairs_folder, tmp_path, capsys):

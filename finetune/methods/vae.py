@@ -88,9 +88,16 @@ class VAEMethod(TrainingMethod):
             from finetune.toyworld.classifier import load_classifier
 
             path = Path(settings.perceptual_network) if settings.perceptual_network else SHIPPED_PERCEPTUAL_NETWORK
+            if path.is_dir():
+                raise FinetuneError(f"vae.perceptual_network {path} is a folder: give the classifier's .safetensors file")
             if not path.is_file():
                 raise FinetuneError(f"vae.perceptual_network {path} not found: train one with python -m finetune.toyworld.classifier --seed 1 --out {path}")
-            self.perceptual = load_classifier(path).requires_grad_(False).eval().to(self.base.vae.device)
+            try:
+                classifier = load_classifier(path)
+            except (RuntimeError, ValueError, OSError) as err:  # another model's weights (a LoRA, a UNet), or not safetensors
+                raise FinetuneError(f"vae.perceptual_network {path} is not a toy-world classifier file ({str(err).splitlines()[0][:120]}): "
+                                    "train one with python -m finetune.toyworld.classifier") from None
+            self.perceptual = classifier.requires_grad_(False).eval().to(self.base.vae.device)
         self.model = AutoencoderForTraining(self.base.vae)
         self.preview: torch.Tensor | None = None
         # Running std of the latents: saved as 1/scaling_factor so the UNet sees unit-variance latents.
