@@ -220,3 +220,12 @@ def test_other_trainers_names_and_command_line_mistakes_point_to_the_key(tmp_pat
     path.write_text("data: {image_dir: x}\ntrain: {max_train_steps: 100}\n")  # in the file, the file is named
     with pytest.raises(FinetuneError, match=rf"^{re.escape(str(path))}: unknown key 'train.max_train_steps' \(here it is 'train.max_steps'\)$"):
         load_recipe(path)
+
+
+def test_the_vae_method_refuses_settings_of_the_denoising_loss_it_does_not_have(make_recipe):
+    """method vae took train.cache_latents, snr_gamma and validation.prompts and ignored them without a word."""
+    for overrides, named in (({"train__cache_latents": True}, "train.cache_latents"), ({"train__snr_gamma": 5.0}, "train.snr_gamma"),
+                             ({"validation__prompts": ["a red circle"]}, "validation.prompts")):  # fmt: skip
+        with pytest.raises(FinetuneError, match=rf"method vae trains the autoencoder on reconstructions, so {re.escape(named)} would do nothing: remove it$"):
+            make_recipe(method="vae", **overrides)
+    make_recipe(method="vae", train__max_grad_norm=0.5)  # what it does use

@@ -49,6 +49,11 @@ class ModelConfig(Section):
         return config
 
 
+# What only a denoising loss uses (the VAE method trains on reconstructions).
+DENOISING_SETTINGS = ("snr_gamma", "debiased_estimation", "noise_offset", "multires_noise_iterations", "input_perturbation", "loss",
+                      "min_timestep", "max_timestep", "cache_latents", "cache_text_embeddings")
+
+
 class TrainConfig(Section):
     batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
@@ -268,6 +273,11 @@ class Recipe(Section):
             )
         if self.data.loss_mask.enabled and self.method in ("controlnet", "vae"):
             raise ValueError(f"data.loss_mask weighs the denoising loss of lora, full and dreambooth; method {self.method} does not use it: remove it")
+        if self.method == "vae":  # it trains the autoencoder on reconstructions: no denoising loss, no prompts
+            unused = [f"train.{key}" for key in DENOISING_SETTINGS if getattr(self.train, key) != TrainConfig.model_fields[key].default]
+            unused += ["validation.prompts"] if self.validation.prompts else []
+            if unused:
+                raise ValueError(f"method vae trains the autoencoder on reconstructions, so {', '.join(unused)} would do nothing: remove it")
         if self.method == "controlnet":
             if self.data.caption_dropout:
                 raise ValueError("method controlnet empties captions with controlnet.empty_prompt_share; set data.caption_dropout to 0")
