@@ -277,7 +277,7 @@ class Recipe(Section):
             unused = [f"train.{key}" for key in DENOISING_SETTINGS if getattr(self.train, key) != TrainConfig.model_fields[key].default]
             unused += ["validation.prompts"] if self.validation.prompts else []
             if unused:
-                raise ValueError(f"method vae trains the autoencoder on reconstructions, so {', '.join(unused)} would do nothing: remove it")
+                raise ValueError(f"method vae trains the autoencoder on reconstructions, so {', '.join(unused)} would do nothing: remove {'them' if len(unused) > 1 else 'it'}")
         if self.method == "controlnet":
             if self.data.caption_dropout:
                 raise ValueError("method controlnet empties captions with controlnet.empty_prompt_share; set data.caption_dropout to 0")
