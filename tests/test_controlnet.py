@@ -16,6 +16,7 @@ from finetune.methods import METHODS
 from finetune.methods.controlnet import ControlNetMethod
 from finetune.models import load_base_model
 from finetune.trainer import train
+from numerics import bit_identical_on_cpu
 
 
 def random_inputs(unet, seed=0, batch=2):
@@ -152,6 +153,7 @@ def test_mixed_precision_trains_and_samples(make_recipe, pairs_folder, monkeypat
     assert len(result.sample_grids) == 1 and np.isfinite(result.losses).all()
 
 
+@bit_identical_on_cpu
 def test_resumed_run_matches_an_uninterrupted_one(make_recipe, pairs_folder, tmp_path, monkeypatch):
     def run(output_dir, max_steps, resume=None):
         recipe = controlnet_recipe(

@@ -21,6 +21,7 @@ from finetune.methods.lora import LORA_WEIGHTS_NAME, LoRAMethod
 from finetune.model_card import write_model_card
 from finetune.models import load_base_model
 from finetune.trainer import train
+from numerics import bit_identical_on_cpu
 
 
 def fixed_batch_loss(base, unet, recipe) -> float:
@@ -236,6 +237,7 @@ def test_at_init_the_adapter_is_a_no_op(make_recipe):
     assert torch.equal(unet_output(base.unet), reference)
 
 
+@bit_identical_on_cpu
 @pytest.mark.parametrize("optimizer", [{}, {"name": "prodigy", "lr": 1.0}, {"name": "adafactor"}], ids=["adamw", "prodigy", "adafactor"])
 def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(make_recipe, tmp_path, optimizer):
     """Also with the optimizers whose state lives partly in their parameter groups (Prodigy's step-size estimate),
@@ -258,6 +260,7 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(make_recipe, tmp_p
         assert torch.equal(a[key], b[key]), key
 
 
+@bit_identical_on_cpu
 def test_a_resumed_run_with_cached_encodings_is_bit_identical_too(make_recipe, tmp_path):
     """The resumed run fills its in-memory cache again, in other batches than the first run did: an entry
     encoded within a batch would differ in its last bits from the same image encoded among others."""
@@ -286,6 +289,7 @@ def test_bf16_mixed_precision_keeps_lora_weights_fp32(make_recipe):
     assert all(torch.isfinite(torch.tensor(result.losses)))
 
 
+@bit_identical_on_cpu
 def test_channels_last_is_applied_and_trains_the_same_adapter(make_recipe, tmp_path, monkeypatch):
     import finetune.trainer as trainer
 
@@ -303,6 +307,7 @@ def test_channels_last_is_applied_and_trains_the_same_adapter(make_recipe, tmp_p
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+@bit_identical_on_cpu
 def test_torch_compile_through_accelerate_saves_and_checkpoints_plain_names(make_recipe, tmp_path, monkeypatch):
     """`accelerate launch --dynamo_backend ...` compiles the UNet; the files must not name `_orig_mod.`."""
     compiled = []

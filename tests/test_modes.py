@@ -21,6 +21,7 @@ from finetune.models import load_base_model
 from finetune.optim import build_optimizer
 from finetune.toyworld.datasets import write_folder
 from finetune.trainer import train
+from numerics import bit_identical_on_cpu
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +75,7 @@ def test_gradient_checkpointing_trains_the_same_weights(method_recipe, method, t
     assert all(torch.equal(got[key], expected[key]) for key in got)
 
 
+@bit_identical_on_cpu
 @pytest.mark.parametrize("method", METHODS)
 def test_channels_last_trains_the_same_weights_in_nhwc(method_recipe, method, tmp_path, monkeypatch):
     runs = []  # per run: the base model, the optimizer's parameters, and their values before training
