@@ -11,13 +11,17 @@ noise, exactly as without the cache.
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 import uuid
 from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
 
 # A partial file this old was left by a run that was killed mid-write (a live write takes well under a second).
 STALE_PARTIAL_SECONDS = 3600
@@ -65,8 +69,14 @@ class EncodingCache:
     def _load(self, key: str) -> torch.Tensor | None:
         if key in self.memory:
             return self.memory[key]
-        if self.folder is not None and (self.folder / f"{key}.safetensors").is_file():
-            self.memory[key] = load_file(self.folder / f"{key}.safetensors")["value"]
+        path = None if self.folder is None else self.folder / f"{key}.safetensors"
+        if path is not None and path.is_file():
+            try:
+                self.memory[key] = load_file(path)["value"]
+            except (SafetensorError, KeyError, OSError):  # cut off or garbled (a full disk, a copy gone wrong)
+                logger.warning("cache entry %s is damaged: encoding it again", path)
+                path.unlink(missing_ok=True)
+                return None
             return self.memory[key]
         return None
 

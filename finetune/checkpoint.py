@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import SCALER_NAME
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from finetune.distributed import unwrap
@@ -30,8 +33,25 @@ STATE_FILE = "trainer_state.json"
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
-    save_file(tensors, str(partial), metadata=metadata)
+    try:
+        save_file(tensors, str(partial), metadata=metadata)
+    except BaseException:  # a full disk, Ctrl-C: no half file left behind
+        partial.unlink(missing_ok=True)
+        raise
     with_default_permissions(partial).replace(path)
+
+
+def replace_folder(new: Path, final: Path) -> Path:
+    """Put the complete folder `new` in `final`'s place. An existing `final` is renamed aside first and removed
+    last, so a crash at any point leaves a whole folder: the old one (in place, or aside as `.NAME.old`) or
+    the new one; never neither (as removing first, then renaming, did)."""
+    aside = final.with_name(f".{final.name}.old")
+    shutil.rmtree(aside, ignore_errors=True)
+    if final.exists():
+        final.rename(aside)
+    new.rename(final)
+    shutil.rmtree(aside, ignore_errors=True)
+    return final
 
 
 def with_default_permissions(path: Path) -> Path:
@@ -107,15 +127,28 @@ def resolve_resume(resume: str | None, checkpoints_dir: Path) -> Path | None:
     return path
 
 
+def read_state(checkpoint: Path) -> dict:
+    """A checkpoint's trainer state; a damaged file (a crash or a full disk while it was written) is one line."""
+    try:
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+    except (OSError, ValueError) as err:
+        state, problem = None, f"{type(err).__name__}: {err}"
+    if not isinstance(state, dict):
+        problem = "not a JSON object" if state is not None else problem
+        raise FinetuneError(f"checkpoint {checkpoint} is damaged ({STATE_FILE}: {problem}): move it out of "
+                            f"{checkpoint.parent} and resume from the one before it")
+    return state
+
+
 def checkpoint_step(checkpoint: Path) -> int:
-    return json.loads((checkpoint / STATE_FILE).read_text()).get("step", 0)
+    return read_state(checkpoint).get("step", 0)
 
 
 def check_resumable(checkpoint: Path, max_steps: int | None, settings: dict | None = None) -> None:
     """Before anything loads: a checkpoint at or past train.max_steps has nothing left to train (None: the
     length is in epochs, checked once the data is read: `finetune.run_length`), and one of other trained
     weights or optimizer groups than the recipe's `settings` (flat) cannot continue."""
-    saved = json.loads((checkpoint / STATE_FILE).read_text()).get("recipe")
+    saved = read_state(checkpoint).get("recipe")
     if saved is not None and settings is not None:  # (a checkpoint from before the recipe was stored has none)
         before, now = trained_structure(saved), trained_structure(settings)
         keys = ["method"] if before["method"] != now["method"] else [key for key in now if before.get(key) != now[key]]
@@ -165,13 +198,19 @@ RUN_FOLDERS = ("checkpoints", "samples", "logs")
 def guard_earlier_run(output_dir: Path, resume_from: Path | None, overwrite: bool) -> None:
     """A fresh run must not mix with an earlier run's checkpoints: its rotation would delete theirs (or
     replace a checkpoint of the same step), and `--resume latest` would later pick theirs. Cheap: it
-    runs before anything is loaded."""
+    runs before anything is loaded, as does the check that output_dir can be written at all."""
+    existing = next(folder for folder in (output_dir, *output_dir.parents) if folder.exists())  # the root, at least
+    if not existing.is_dir():
+        raise FinetuneError(f"output_dir {output_dir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FinetuneError(f"output_dir {output_dir}: {existing} cannot be written to (permissions, or a read-only disk): choose another output_dir")
     earlier = list_checkpoints(output_dir / "checkpoints")
     if resume_from is not None:
         # Resumed from an older step, the run would retrain the steps of the later ones: they are another
         # history, which rotation would keep over the new one's and `--resume latest` would pick.
         step = checkpoint_step(resume_from)
-        later = [p.name for p in earlier if checkpoint_step(p) > step]
+        # By the folders' names: an earlier checkpoint's damaged state must not stop a resume from another.
+        later = [p.name for p in earlier if int(CHECKPOINT_PATTERN.match(p.name).group(1)) > step]
         if later:
             raise FinetuneError(
                 f"--resume {resume_from.name}: {output_dir / 'checkpoints'} also holds later checkpoints of the steps it would train again "
@@ -241,29 +280,63 @@ def save_checkpoint(
     final = checkpoints_dir / f"checkpoint-{step}"
     partial = checkpoints_dir / f".partial-checkpoint-{step}"
     if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
+        for stale in checkpoints_dir.glob(".partial-checkpoint-*"):  # what a killed run left
+            shutil.rmtree(stale, ignore_errors=True)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial), **save_options)
-    accelerator.wait_for_everyone()
-    if extra is not None:
-        extra(partial)
+    try:
+        accelerator.save_state(str(partial), **save_options)
         accelerator.wait_for_everyone()
+        if extra is not None:
+            extra(partial)
+            accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (partial / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
+    except (OSError, RuntimeError) as err:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        # torch.save reports a full disk as a RuntimeError of its zip writer ("unexpected pos").
+        if isinstance(err, RuntimeError) and "inline_container" not in str(err):
+            raise
+        raise FinetuneError(
+            f"could not write checkpoint {final} ({type(err).__name__}: {str(err).splitlines()[0][:100]}): make room or fix the "
+            f"permissions of {checkpoints_dir}, then --resume latest (the last complete checkpoint is kept)"
+        ) from None
     if accelerator.is_main_process:
-        (partial / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        partial.rename(final)
+        replace_folder(partial, final)
         for old in list_checkpoints(checkpoints_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
+def damaged_file(err: Exception) -> bool:
+    """Whether loading failed on a missing, cut-off or garbled file (a crash or a full disk while it was
+    written), rather than on a bug: torch.load's zip reader, pickle, safetensors, accelerate's file count."""
+    words = ("PytorchStreamReader", "zip archive", "custom checkpoints", "Ran out of input")
+    return isinstance(err, (FileNotFoundError, EOFError, pickle.UnpicklingError, SafetensorError)) or (
+        isinstance(err, RuntimeError) and any(w in str(err) for w in words))
+
+
+def unreadable_files(folder: Path) -> list[str]:
+    """The files of a checkpoint that cannot be opened: safetensors by their header, torch.save's by their zip."""
+    bad = []
+    for file in sorted(folder.iterdir()):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt"):
+                    pass
+            elif file.suffix in (".bin", ".pkl", ".pt") and not zipfile.is_zipfile(file):
+                bad.append(file.name)
+        except (SafetensorError, OSError):
+            bad.append(file.name)
+    return bad
+
+
 def load_checkpoint(accelerator: Accelerator, path: Path, current_settings: dict | None = None, **load_options) -> dict:
     """Restore the state saved in `path`; return its trainer state. A checkpoint of other trained modules
     or parameter groups (a text encoder, LoRA+ switched on or off) is one line naming what changed."""
-    state = json.loads((path / STATE_FILE).read_text())
+    state = read_state(path)
     scaler = accelerator.scaler
     if scaler is not None and not (path / SCALER_NAME).is_file():
         # An fp16 run (the loss scaler) resuming a bf16 or fp32 checkpoint, as a bf16 run moved to a GPU
@@ -271,16 +344,24 @@ def load_checkpoint(accelerator: Accelerator, path: Path, current_settings: dict
         accelerator.scaler = None
     try:
         accelerator.load_state(str(path), **load_options)
-    except (ValueError, FileNotFoundError) as err:
+    except Exception as err:
         # torch's optimizer: "... different number of parameter groups" / "... doesn't match the size of
         # optimizer's group"; the load hook: a trainable_<i> file for a module the checkpoint did not train.
-        if "parameter group" not in str(err) and "optimizer's group" not in str(err) and "trainable_" not in str(err):
-            raise
+        other_modules = isinstance(err, (ValueError, FileNotFoundError)) and any(
+            words in str(err) for words in ("parameter group", "optimizer's group", "trainable_"))
         changed = changed_settings(state.get("recipe"), current_settings or {})
-        raise FinetuneError(
-            f"checkpoint {path} was written for other trained modules or parameter groups than this recipe's"
-            + (f" (changed since: {', '.join(changed)})" if changed else "") + ": resume with the settings that wrote it"
-        ) from None
+        if other_modules and (changed or not isinstance(err, FileNotFoundError)):
+            raise FinetuneError(
+                f"checkpoint {path} was written for other trained modules or parameter groups than this recipe's"
+                + (f" (changed since: {', '.join(changed)})" if changed else "") + ": resume with the settings that wrote it"
+            ) from None
+        if damaged_file(err):
+            named = [Path(err.filename).name] if getattr(err, "filename", None) else unreadable_files(path)
+            raise FinetuneError(
+                f"checkpoint {path} is damaged or incomplete ({', '.join(named) + ': ' if named else ''}{type(err).__name__}: "
+                f"{str(err).splitlines()[0][:100]}): move it out of {path.parent} and resume from the one before it"
+            ) from None
+        raise
     finally:
         accelerator.scaler = scaler
     return state

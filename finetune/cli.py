@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     quiet_third_party_warnings()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # SIGTERM (timeout, systemd, SLURM) stops a command as Ctrl-C does, not silently; training defers both.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return COMMANDS[args.command](args)
     except FinetuneError as err:

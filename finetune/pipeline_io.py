@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from finetune.checkpoint import with_default_permissions
+from finetune.checkpoint import replace_folder, with_default_permissions
 from finetune.models import BaseModel, at_source_precision
 
 # Beside a saved model (pipeline or ControlNet folder): what trained it, for sample, eval and the demo.
@@ -51,9 +51,7 @@ def save_pipeline(
             module.to(original_dtypes[name])
     if metadata is not None:
         (partial / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
-    shutil.rmtree(output_dir, ignore_errors=True)
-    with_default_permissions(partial).rename(output_dir)
-    return output_dir
+    return replace_folder(with_default_permissions(partial), output_dir)
 
 
 def check_replaceable(folder: Path, overwrite: bool, what: str) -> None:
@@ -88,6 +86,4 @@ def export_fp16(source: Path, destination: Path, overwrite: bool = False) -> Pat
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if (source / METADATA_FILE).is_file():  # what training recorded (clip skip, prediction type) goes along
         shutil.copyfile(source / METADATA_FILE, partial / METADATA_FILE)
-    shutil.rmtree(destination, ignore_errors=True)
-    with_default_permissions(partial).rename(destination)
-    return destination
+    return replace_folder(with_default_permissions(partial), destination)

@@ -329,12 +329,15 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     result.final_step = step
 
     if not result.interrupted:
-        if last_checkpoint_step != step:
-            save_checkpoint()  # its outputs too: a resumed, longer run replaces output_dir's
-        try:
-            validate(step)
-        finally:  # whatever happens while sampling, the trained result goes to disk
-            result.saved_files = save_outputs(output_dir)
+        # Trained: a Ctrl-C or SIGTERM now skips the last samples but waits for the outputs (a second one interrupts).
+        with StopRequest() as stop:
+            try:
+                if last_checkpoint_step != step:
+                    save_checkpoint()  # its outputs too: a resumed, longer run replaces output_dir's
+                if not stop.agreed(accelerator):
+                    validate(step)
+            finally:  # whatever happens while checkpointing or sampling, the trained result goes to disk
+                result.saved_files = save_outputs(output_dir)
         for path in result.saved_files:
             accelerator.print(f"saved {path}")
     # Not accelerator.end_training(): it also closes the process group, and a later train() in this

@@ -33,7 +33,7 @@ import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 from PIL import Image
 
-from finetune.checkpoint import with_default_permissions
+from finetune.checkpoint import replace_folder, with_default_permissions
 from finetune.config import Recipe
 from finetune.controlnet_data import ControlNetDataset, checked_pairs, controlnet_collate, paired_views
 from finetune.data import open_rgb
@@ -261,6 +261,4 @@ def save_model_folder(model: torch.nn.Module, folder: Path, metadata: dict[str, 
         for parameter, dtype in zip(model.parameters(), dtypes):
             parameter.data = parameter.data.to(dtype)
     (partial / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
-    shutil.rmtree(folder, ignore_errors=True)
-    with_default_permissions(partial).rename(folder)
-    return folder
+    return replace_folder(with_default_permissions(partial), folder)

@@ -1,0 +1,126 @@
+"""What a crash, a stop at the wrong moment or a damaged file leaves: never a lost result, and one line
+naming the file where something cannot be read."""
+
+import os
+import shutil
+import signal
+
+import pytest
+
+import finetune.trainer as trainer
+from finetune.errors import FinetuneError
+from finetune.methods.lora import LORA_WEIGHTS_NAME
+
+
+def test_a_stop_while_the_last_checkpoint_is_written_waits_for_it_and_the_outputs(make_recipe, monkeypatch, tmp_path):
+    """After the loop a Ctrl-C (or SIGTERM) interrupted the last checkpoint mid-write and no output was saved
+    (only the loop deferred it): now it skips the last samples and waits for the checkpoint and the outputs."""
+    real = trainer.ckpt.save_checkpoint
+
+    def stopped_while_saving(accelerator, checkpoints_dir, step, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # handled at once, in this thread, before the write
+        return real(accelerator, checkpoints_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.ckpt, "save_checkpoint", stopped_while_saving)
+    result = trainer.train(make_recipe(output_dir=str(tmp_path / "run"), train__max_steps=2, checkpoint__every_n_steps=0,
+                                       validation__prompts=["a shape"], validation__num_inference_steps=1, validation__at_start=False))  # fmt: skip
+    assert (result.output_dir / LORA_WEIGHTS_NAME).is_file() and (result.output_dir / "checkpoints" / "checkpoint-2").is_dir()
+    assert not result.sample_grids and not result.interrupted
+
+
+def test_a_damaged_checkpoint_is_one_line_naming_it(make_recipe, tmp_path):
+    common = dict(train__max_steps=4, checkpoint__every_n_steps=2, validation__prompts=[])
+    run = trainer.train(make_recipe(output_dir=str(tmp_path / "run"), **common)).output_dir
+    damages = {
+        "optimizer.bin": lambda path: path.write_bytes(path.read_bytes()[:100]),
+        "trainable_0.safetensors": lambda path: path.write_bytes(path.read_bytes()[:50]),
+        "trainer_state.json": lambda path: path.write_text('{"step": 4'),
+    }
+    for name, damage in damages.items():
+        copy = tmp_path / name
+        shutil.copytree(run, copy)
+        damage(copy / "checkpoints" / "checkpoint-4" / name)
+        with pytest.raises(FinetuneError, match=rf"checkpoint .*checkpoint-4 is damaged.*{name}.*: move it out of .*checkpoints and resume from the one before it$"):
+            trainer.train(make_recipe(output_dir=str(copy), **{**common, "train__max_steps": 6}), resume="latest")
+    # A file gone (not a module of other settings: the recipe is the same) is said so too.
+    copy = tmp_path / "missing"
+    shutil.copytree(run, copy)
+    (copy / "checkpoints" / "checkpoint-4" / "optimizer.bin").unlink()
+    with pytest.raises(FinetuneError, match=r"checkpoint-4 is damaged or incomplete \(optimizer.bin: FileNotFoundError"):
+        trainer.train(make_recipe(output_dir=str(copy), **{**common, "train__max_steps": 6}), resume="latest")
+    # An earlier checkpoint's damaged state does not stop a resume from the latest.
+    (run / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text("")
+    resumed = trainer.train(make_recipe(output_dir=str(run), **{**common, "train__max_steps": 6}), resume="latest")
+    assert resumed.final_step == 6
+
+
+def test_a_damaged_disk_cache_entry_is_encoded_again(make_recipe, tmp_path):
+    cache = dict(train__cache_latents=True, train__cache_text_embeddings=True, train__cache_dir=str(tmp_path / "cache"),
+                 train__max_steps=2, validation__prompts=[])  # fmt: skip
+    first = trainer.train(make_recipe(output_dir=str(tmp_path / "first"), **cache))
+    entries = sorted((tmp_path / "cache").rglob("*.safetensors"))
+    entries[0].write_bytes(entries[0].read_bytes()[:50])
+    again = trainer.train(make_recipe(output_dir=str(tmp_path / "again"), **cache))
+    assert again.losses == first.losses and entries[0].stat().st_size > 50  # written anew, whole
+
+
+def test_a_full_disk_while_a_checkpoint_is_written_is_one_line_and_leaves_the_last_good_one(make_recipe, monkeypatch, tmp_path):
+    from accelerate import Accelerator
+
+    real, calls = Accelerator.save_state, []
+
+    def full_at_the_second(self, output_dir, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 2:
+            (tmp_path / "run" / "checkpoints" / ".partial-checkpoint-4" / "optimizer.bin").write_bytes(b"half")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1234 vs 1100")  # torch.save, disk full
+        return real(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", full_at_the_second)
+    with pytest.raises(FinetuneError, match=r"could not write checkpoint .*checkpoint-4 \(RuntimeError: .*unexpected pos.*\): make room or fix the "
+                                            r"permissions of .*checkpoints, then --resume latest \(the last complete checkpoint is kept\)$"):
+        trainer.train(make_recipe(output_dir=str(tmp_path / "run"), train__max_steps=6, checkpoint__every_n_steps=2, validation__prompts=[]))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["checkpoint-2"]
+
+
+def test_a_folder_is_replaced_so_that_a_crash_at_any_moment_leaves_a_whole_one(tmp_path, monkeypatch):
+    """The old folder was deleted before the new one was renamed in: a kill in between left neither."""
+    from pathlib import Path
+
+    from finetune.checkpoint import replace_folder
+
+    for name, content in (("final", "old"), (".partial", "new")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "weights").write_text(content)
+    real_rename = Path.rename
+    monkeypatch.setattr(Path, "rename", lambda self, target: (_ for _ in ()).throw(KeyboardInterrupt) if self.name == ".partial" else real_rename(self, target))
+    with pytest.raises(KeyboardInterrupt):  # killed between the two renames
+        replace_folder(tmp_path / ".partial", tmp_path / "final")
+    assert (tmp_path / ".final.old" / "weights").read_text() == "old"  # aside, whole
+    monkeypatch.undo()
+    replace_folder(tmp_path / ".partial", tmp_path / "final")
+    assert (tmp_path / "final" / "weights").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def test_an_output_dir_that_cannot_be_written_is_one_line_before_the_model_loads(make_recipe, tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(FinetuneError, match=r"output_dir .*a-file/run: .*a-file is a file, not a folder$"):
+        trainer.train(make_recipe(output_dir=str(tmp_path / "a-file" / "run")))
+    (tmp_path / "locked").mkdir(mode=0o555)
+    monkeypatch.setattr(trainer.ckpt.os, "access", lambda path, mode: False)  # as for a user who is not root
+    with pytest.raises(FinetuneError, match=r"locked cannot be written to \(permissions, or a read-only disk\): choose another output_dir$"):
+        trainer.train(make_recipe(output_dir=str(tmp_path / "locked" / "run")))
+
+
+def test_sigterm_outside_training_stops_a_command_as_ctrl_c_does(monkeypatch, capsys):
+    """It ended the process silently (exit -15) while the data was checked or class images were made."""
+    from finetune import cli
+
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setitem(cli.COMMANDS, "check-data", lambda args: os.kill(os.getpid(), signal.SIGTERM))
+    try:
+        assert cli.main(["check-data", "recipes/quickstart.yaml"]) == 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert "stopped (Ctrl-C): files written so far are kept" in capsys.readouterr().err
