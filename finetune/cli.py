@@ -53,10 +53,12 @@ def _train(args) -> int:
         raise FinetuneError("--overwrite starts over (deleting the earlier run's checkpoints) and --resume continues one: pass one of them")
     recipe = load_recipe(args.recipe, args.overrides)  # a bad recipe is said at once, before torch and diffusers load (~10 s)
     from finetune.distributed import leave_process_group
+    from finetune.run_lock import output_dir_lock
     from finetune.trainer import train
 
     try:
-        result = train(recipe, resume=args.resume, overwrite=args.overwrite)
+        with output_dir_lock(Path(recipe.output_dir)):
+            result = train(recipe, resume=args.resume, overwrite=args.overwrite)
     finally:
         leave_process_group()
     if result.interrupted:

@@ -124,3 +124,26 @@ def test_sigterm_outside_training_stops_a_command_as_ctrl_c_does(monkeypatch, ca
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert "stopped (Ctrl-C): files written so far are kept" in capsys.readouterr().err
+
+
+def test_a_second_run_in_the_same_output_dir_is_refused_while_the_first_runs(tmp_path):
+    """Nothing stopped it: it removed the first run's partial checkpoint and the two overwrote each other."""
+    import subprocess
+    import sys
+
+    from finetune.run_lock import output_dir_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); f.write(str(os.getpid())); f.flush(); print('locked', flush=True); time.sleep(60)",
+                               str(tmp_path / ".finetune.lock")], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FinetuneError, match=rf"output_dir .* is in use by another run \(process {holder.pid}\): let it finish or stop it"):
+            with output_dir_lock(tmp_path):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with output_dir_lock(tmp_path):  # free again once that process is gone
+        with output_dir_lock(tmp_path / "another"):
+            pass

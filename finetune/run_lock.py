@@ -1,0 +1,48 @@
+"""One run at a time in an output_dir: a second run started there would remove the first's partial
+checkpoint, replace its checkpoints and outputs, and mix their files."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+from finetune.errors import FinetuneError
+
+LOCK_FILE = ".finetune.lock"
+
+
+@contextmanager
+def output_dir_lock(output_dir: Path):
+    """Hold an exclusive lock on `output_dir` while inside (the launcher's first process holds it for all;
+    the operating system releases it if the process dies). Where it cannot be taken (no fcntl, as on
+    Windows, or a folder that cannot be made, which training then reports), the run goes on without it."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if fcntl is None or int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(output_dir / LOCK_FILE, "a+")
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        raise FinetuneError(f"output_dir {output_dir} is in use by another run{f' (process {holder})' if holder else ''}: "
+                            "let it finish or stop it, or choose another output_dir") from None
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
