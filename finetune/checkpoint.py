@@ -279,12 +279,12 @@ def save_checkpoint(
     `save_options` go to accelerate's save_state."""
     final = checkpoints_dir / f"checkpoint-{step}"
     partial = checkpoints_dir / f".partial-checkpoint-{step}"
-    if accelerator.is_main_process:
-        for stale in checkpoints_dir.glob(".partial-checkpoint-*"):  # what a killed run left
-            shutil.rmtree(stale, ignore_errors=True)
-        partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
     try:
+        if accelerator.is_main_process:
+            for stale in checkpoints_dir.glob(".partial-checkpoint-*"):  # what a killed run left
+                shutil.rmtree(stale, ignore_errors=True)
+            partial.mkdir(parents=True)
+        accelerator.wait_for_everyone()
         accelerator.save_state(str(partial), **save_options)
         accelerator.wait_for_everyone()
         if extra is not None:
