@@ -129,12 +129,12 @@ def resolve_resume(resume: str | None, checkpoints_dir: Path) -> Path | None:
 
 def read_state(checkpoint: Path) -> dict:
     """A checkpoint's trainer state; a damaged file (a crash or a full disk while it was written) is one line."""
+    problem = "not a JSON object"
     try:
         state = json.loads((checkpoint / STATE_FILE).read_text())
     except (OSError, ValueError) as err:
         state, problem = None, f"{type(err).__name__}: {err}"
     if not isinstance(state, dict):
-        problem = "not a JSON object" if state is not None else problem
         raise FinetuneError(f"checkpoint {checkpoint} is damaged ({STATE_FILE}: {problem}): move it out of "
                             f"{checkpoint.parent} and resume from the one before it")
     return state

@@ -147,3 +147,12 @@ def test_a_second_run_in_the_same_output_dir_is_refused_while_the_first_runs(tmp
     with output_dir_lock(tmp_path):  # free again once that process is gone
         with output_dir_lock(tmp_path / "another"):
             pass
+
+
+@pytest.mark.parametrize("text", ["", "null", "[1, 2]", '{"step": 4'])
+def test_a_trainer_state_that_is_not_a_json_object_is_one_line(tmp_path, text):
+    from finetune.checkpoint import STATE_FILE, read_state
+
+    (tmp_path / STATE_FILE).write_text(text)
+    with pytest.raises(FinetuneError, match=rf"checkpoint .* is damaged \({STATE_FILE}: .*\): move it out of .* and resume from the one before it$"):
+        read_state(tmp_path)
