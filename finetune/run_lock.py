@@ -16,7 +16,8 @@ LOCK_FILE = ".finetune.lock"
 def output_dir_lock(output_dir: Path):
     """Hold an exclusive lock on `output_dir` while inside (the launcher's first process holds it for all;
     the operating system releases it if the process dies). Where it cannot be taken (no fcntl, as on
-    Windows, or a folder that cannot be made, which training then reports), the run goes on without it."""
+    Windows; a file system without locks; a folder that cannot be made, which training then reports), the
+    run goes on without it."""
     try:
         import fcntl
     except ImportError:
@@ -38,6 +39,10 @@ def output_dir_lock(output_dir: Path):
         handle.close()
         raise FinetuneError(f"output_dir {output_dir} is in use by another run{f' (process {holder})' if holder else ''}: "
                             "let it finish or stop it, or choose another output_dir") from None
+    except OSError:  # a file system without locks (some network mounts): the run goes on without one
+        handle.close()
+        yield
+        return
     handle.truncate(0)
     handle.write(str(os.getpid()))
     handle.flush()

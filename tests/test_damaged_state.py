@@ -156,3 +156,17 @@ def test_a_trainer_state_that_is_not_a_json_object_is_one_line(tmp_path, text):
     (tmp_path / STATE_FILE).write_text(text)
     with pytest.raises(FinetuneError, match=rf"checkpoint .* is damaged \({STATE_FILE}: .*\): move it out of .* and resume from the one before it$"):
         read_state(tmp_path)
+
+
+def test_a_file_system_without_locks_trains_without_one(tmp_path, monkeypatch):
+    import fcntl
+
+    from finetune.run_lock import output_dir_lock
+
+    def no_locks(handle, operation):
+        raise OSError(37, "No locks available")  # ENOLCK, as some network mounts answer
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with output_dir_lock(tmp_path / "run"):
+        ran = True
+    assert ran
