@@ -101,6 +101,13 @@ def folder_captions(folder: Path) -> dict[str, str]:
 SIDECAR_SUFFIXES = (".txt", ".caption")
 
 
+def image_caption(image_path: Path, metadata: dict[str, str]) -> str | None:
+    """An image's own caption as training reads it: its row of the folder's metadata (`metadata`, by
+    `name_key`), else its .txt sidecar; None where it has neither."""
+    key = name_key(image_path.name)
+    return metadata[key] if key in metadata else sidecar_caption(image_path)
+
+
 def sidecar_caption(image_path: Path) -> str | None:
     for suffix in (variant for suffix in SIDECAR_SUFFIXES for variant in (suffix, suffix.upper())):  # IMG_1.JPG's IMG_1.TXT too
         sidecar = image_path.with_suffix(suffix)

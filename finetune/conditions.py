@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from finetune.captions import name_key, read_csv_captions, read_metadata_captions, sidecar_caption
+from finetune.captions import image_caption, read_csv_captions, read_metadata_captions
 from finetune.errors import FinetuneError
 
 KINDS = ("canny", "luminance", "mask")
@@ -213,7 +213,7 @@ def make_conditions(input_dir: str | Path, output_dir: str | Path, kind: str, ov
         make_condition(image, kind, **options).save(target / conditioning_name)
         if not same_folder:
             shutil.copyfile(path, target / path.name)
-        text = captions[name_key(path.name)] if name_key(path.name) in captions else sidecar_caption(path)  # as training reads captions
+        text = image_caption(path, captions)
         if text is None:
             text, uncaptioned = "", uncaptioned + 1
         rows.append({"file_name": path.name, "conditioning_file_name": conditioning_name, "text": text})

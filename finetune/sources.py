@@ -17,7 +17,7 @@ from typing import Callable
 from PIL import Image
 
 from finetune.buckets import Size
-from finetune.captions import apply_template, folder_captions, missing_caption_message, name_key, sidecar_caption, template_needs_caption
+from finetune.captions import apply_template, folder_captions, image_caption, missing_caption_message, name_key, template_needs_caption
 from finetune.config import DataConfig, FolderConfig
 from finetune.errors import FinetuneError
 
@@ -178,7 +178,7 @@ def _images_of_folder(folder: Path, images: list[Path], settings: FolderConfig, 
         if not template_needs_caption(settings.template):
             caption = settings.template
         else:
-            own = fixed_caption if fixed_caption is not None else metadata[name_key(path.name)] if name_key(path.name) in metadata else sidecar_caption(path)
+            own = fixed_caption if fixed_caption is not None else image_caption(path, metadata)
             caption = None if own is None else apply_template(settings.template, own)
         examples.append(Example(str(path), caption, lambda p=path: Image.open(p), repeats=settings.repeats))
     return examples
