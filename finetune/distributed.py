@@ -24,7 +24,7 @@ import os
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, str_to_bool
 
 from finetune.config import Recipe
 from finetune.errors import FinetuneError
@@ -51,14 +51,25 @@ def gpu_available() -> bool:
     return torch.cuda.is_available() or bool(mps and mps.is_available()) or bool(xpu and xpu.is_available())
 
 
-def mixed_precision_problem(mixed_precision: str) -> str | None:
-    """Why train.mixed_precision cannot (or should not) run on this machine, in one line; None when it can."""
+def launch_problem(mixed_precision: str) -> str | None:
+    """Why train.mixed_precision or accelerate's launch options cannot (or should not) run on this machine,
+    in one line; None when they can."""
+    if regional_compilation_requested():
+        # accelerate wraps each leaf layer outside the repeated blocks, and the UNet's forward tests its
+        # conv_norm_out for truth, which a compiled wrapper answers with a TypeError (torch 2.11 to 2.13).
+        return ("accelerate's regional compilation (--dynamo_use_regional_compilation) cannot run diffusers' UNet: "
+                "compile the whole UNet with --dynamo_backend inductor alone")  # fmt: skip
     if mixed_precision == "fp16" and not gpu_available():
         # accelerate turns fp16 autocast off on a CPU, and the fp16 frozen weights would then meet fp32 inputs.
         return "train.mixed_precision fp16 needs a GPU; on a CPU use bf16 or no"
     if mixed_precision == "bf16" and (emulated := bf16_emulated()):
         return f"train.mixed_precision bf16: {emulated}: set train.mixed_precision: fp16"
     return None
+
+
+def regional_compilation_requested() -> bool:
+    compiling = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower() != "no"
+    return compiling and str_to_bool(os.environ.get("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "false")) == 1
 
 
 def deepspeed_requested() -> bool:

@@ -24,7 +24,7 @@ from finetune.check_data import too_few_to_batch
 from finetune.config import Recipe
 from finetune.batches import item_layout, make_batch_sampler
 from finetune.diffusion import BatchRandomness
-from finetune.distributed import accelerator_options, autocast, checkpoint_options, configure_deepspeed, full_parameters, mixed_precision_problem, unsharded_loading, unwrap, uses_deepspeed, zero_stage
+from finetune.distributed import accelerator_options, autocast, checkpoint_options, configure_deepspeed, full_parameters, launch_problem, unsharded_loading, unwrap, uses_deepspeed, zero_stage
 from finetune.ema import EMA_FILE, WeightAverage
 from finetune.caption_tokens import long_captions_line
 from finetune.errors import FinetuneError
@@ -69,7 +69,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     if resume_from is not None:
         ckpt.check_resumable(resume_from, train_cfg.max_steps, recipe.flat_settings())
     ckpt.guard_earlier_run(output_dir, resume_from, overwrite)
-    if problem := mixed_precision_problem(train_cfg.mixed_precision):
+    if problem := launch_problem(train_cfg.mixed_precision):
         raise FinetuneError(problem)
 
     accelerator = Accelerator(

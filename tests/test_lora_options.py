@@ -70,3 +70,52 @@ def test_conv_rank_settings_are_checked_and_keep_the_scale(make_recipe):
         make_recipe(method="full", lora__conv_rank=2)
     with pytest.raises(FinetuneError, match=r"^lora.conv_rank sets the rank of the 3x3 conv layers, and lora.target_modules adapts none: add conv1 and conv2"):
         train(make_recipe(lora__conv_rank=2))  # the attention layers only
+
+
+def test_lora_layers_keep_their_half_precision_input_under_autocast():
+    """peft casts a LoRA layer's bf16 input to its fp32 weights, and autocast casts it back for the
+    matmul: finetune turns that cast off. Same loss and gradients to the bit, fewer copies."""
+    import collections
+
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from finetune.config import LoRAConfig
+    from finetune.methods.lora import add_lora
+    from finetune.tiny_model import build_tiny_pipeline
+
+    class CountOperations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.counts[func.overloadpacket] += 1
+            return func(*args, **(kwargs or {}))
+
+    unet = build_tiny_pipeline(seed=3).unet
+    add_lora(unet, ["to_q", "to_k", "to_v", "to_out.0", "conv1"], torch.bfloat16, LoRAConfig(rank=4, alpha=4))
+    layers = [module for module in unet.modules() if isinstance(module, BaseTunerLayer)]
+    generator = torch.Generator().manual_seed(0)
+    for parameter in unet.parameters():
+        if parameter.requires_grad:  # B starts at zero: give the LoRA an output and gradients everywhere
+            parameter.data = torch.randn(parameter.shape, generator=generator) * 0.05
+    inputs = (torch.randn(2, unet.config.in_channels, 16, 16, generator=generator), torch.tensor([10, 700]),
+              torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator))  # fmt: skip
+
+    def step(cast_inputs: bool):
+        for layer in layers:
+            layer.cast_input_dtype_enabled = cast_inputs
+        unet.zero_grad(set_to_none=True)
+        with CountOperations() as operations:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = unet(*inputs).sample.float().pow(2).mean()
+            loss.backward()
+        return loss.item(), [p.grad.clone() for p in unet.parameters() if p.requires_grad], operations.counts[torch.ops.aten._to_copy]
+
+    assert all(not layer.cast_input_dtype_enabled for layer in layers)  # as add_lora leaves them
+    ours, peft_default = step(cast_inputs=False), step(cast_inputs=True)
+    assert ours[0] == peft_default[0]
+    assert all(torch.equal(a, b) for a, b in zip(ours[1], peft_default[1]))
+    assert ours[2] < peft_default[2] - len(layers)  # at least one copy fewer per layer, forward and backward
