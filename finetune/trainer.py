@@ -288,7 +288,8 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
                     if accelerator.sync_gradients:  # a real step, not one of accumulation's
                         step_logs = method.hold_weight_limits(modules)
                 running_loss += losses["loss"].detach() * share / accumulation
-            lr_scheduler.step()
+            if not optimizer.step_was_skipped:  # fp16 loss scaling skips a step whose gradients overflowed
+                lr_scheduler.step()
             if average is not None:
                 average.update()
             step += 1

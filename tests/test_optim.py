@@ -78,3 +78,24 @@ def test_prodigy_finds_its_own_step_size_from_a_multiplier_of_one(capsys):
     # The progress bar and TensorBoard show the step it applies (d x lr), not the multiplier 1.0.
     assert step_size(optimizer) == optimizer.param_groups[0]["d"] != 1.0
     assert step_size(build_optimizer(OptimizerConfig(lr=3e-4), [weight])) == 3e-4
+
+
+def test_a_step_fp16_loss_scaling_skips_does_not_advance_the_learning_rate_schedule(make_recipe, tmp_path, monkeypatch):
+    """GradScaler skips an optimizer step whose gradients overflowed; the warm-up waits for it, as
+    accelerate's own prepared schedulers do. (fp16 needs a GPU: the skip is simulated at step 2.)"""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from finetune.trainer import train
+
+    def learning_rates(skipped_steps: set[int], name: str) -> list[float]:
+        logged, finished = [], [0]
+        monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, log_kwargs=None: logged.append(values["train/lr"]))
+        monkeypatch.setattr(AcceleratedOptimizer, "step_was_skipped", property(lambda self: finished[0] + 1 in skipped_steps))
+        recipe = make_recipe(output_dir=str(tmp_path / name), train__max_steps=5, optimizer__scheduler="constant_with_warmup", optimizer__warmup_steps=4, logging__every_n_steps=1)
+        train(recipe, on_step=lambda step: finished.__setitem__(0, step))
+        return logged
+
+    plain, skipping = learning_rates(set(), "plain"), learning_rates({2}, "skipping")
+    assert plain[0] < plain[1] < plain[2] < plain[3]  # warming up
+    assert skipping == [plain[0], plain[0], plain[1], plain[2], plain[3]]
