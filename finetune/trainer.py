@@ -331,14 +331,15 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
 
     if not result.interrupted:
         # Trained: a Ctrl-C or SIGTERM now skips the last samples but waits for the outputs (a second one interrupts).
+        # The outputs come before the samples, so a kill while sampling leaves them written.
         with StopRequest() as stop:
             try:
                 if last_checkpoint_step != step:
                     save_checkpoint()  # its outputs too: a resumed, longer run replaces output_dir's
-                if not stop.agreed(accelerator):
-                    validate(step)
-            finally:  # whatever happens while checkpointing or sampling, the trained result goes to disk
+            finally:  # whatever happens while checkpointing, the trained result goes to disk
                 result.saved_files = save_outputs(output_dir)
+            if not stop.agreed(accelerator):
+                validate(step)
         for path in result.saved_files:
             accelerator.print(f"saved {path}")
     # Not accelerator.end_training(): it also closes the process group, and a later train() in this

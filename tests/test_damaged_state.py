@@ -28,6 +28,22 @@ def test_a_stop_while_the_last_checkpoint_is_written_waits_for_it_and_the_output
     assert not result.sample_grids and not result.interrupted
 
 
+def test_the_outputs_are_on_disk_before_the_last_samples_are_drawn(make_recipe, monkeypatch, tmp_path):
+    """A kill (OOM, a scheduler's SIGKILL) while the last grid renders left the last checkpoint and no output:
+    `--resume latest` then had nothing left to train. The outputs now come first."""
+    real, written_at_last_samples = trainer.run_validation, []
+
+    def validation(recipe, method, modules, accelerator, step):
+        if step == recipe.train.max_steps:
+            written_at_last_samples.append((tmp_path / "run" / LORA_WEIGHTS_NAME).is_file())
+        return real(recipe, method, modules, accelerator, step)
+
+    monkeypatch.setattr(trainer, "run_validation", validation)
+    result = trainer.train(make_recipe(output_dir=str(tmp_path / "run"), train__max_steps=2, validation__prompts=["a shape"],
+                                       validation__num_inference_steps=1, validation__at_start=False))  # fmt: skip
+    assert written_at_last_samples == [True] and len(result.sample_grids) == 1
+
+
 def test_a_damaged_checkpoint_is_one_line_naming_it(make_recipe, tmp_path):
     common = dict(train__max_steps=4, checkpoint__every_n_steps=2, validation__prompts=[])
     run = trainer.train(make_recipe(output_dir=str(tmp_path / "run"), **common)).output_dir
