@@ -59,13 +59,16 @@ class DataReport:
     def bucket_of(self) -> list[Size] | None:
         return assign_buckets([example.size for example in self.usable], self.config)
 
-    def lines(self, limit: int | None = None) -> list[str]:
-        """The summary: counts, sizes, buckets, then every finding (at most `limit` of each level)."""
-        config, uses = self.config, sum(example.repeats for example in self.usable)
+    def lines(self, limit: int | None = None, held_out: frozenset[str] = frozenset()) -> list[str]:
+        """The summary: counts, sizes, buckets, then every finding (at most `limit` of each level). `held_out`:
+        the sources validation.loss_images keeps out of training, which an epoch does not use."""
+        config, uses = self.config, sum(example.repeats for example in self.usable if example.source not in held_out)
         skipped = self.found - len(self.usable) if self.skipped else 0  # images, not findings (one may have two)
         files = len({example.source for example in self.usable})  # data.folders may list a folder under two templates
         counted = f"{self.found} images" + (f" ({files} files, some under two templates)" if files < len(self.usable) else "")
-        lines = [f"{self.label}: {counted}, {len(self.usable)} used, {skipped} skipped; {uses} uses per epoch"]
+        held = len({example.source for example in self.usable} & held_out)
+        lines = [f"{self.label}: {counted}, {len(self.usable)} used, {skipped} skipped; {uses} uses per epoch"
+                 + (f" ({held} held out by validation.loss_images)" if held else "")]  # fmt: skip
         sizes = [example.size for example in self.usable]
         if sizes:
             shapes = Counter("landscape" if w > h else "portrait" if h > w else "square" for w, h in sizes)
@@ -76,7 +79,7 @@ class DataReport:
             else:
                 lines.append(f"training size: {config.resolution}x{config.resolution}, {config.crop} crops (data.bucketing keeps aspect ratios)")
         if len(config.folders) > 1:
-            lines.append(folder_shares_line(self.usable, config))
+            lines.append(folder_shares_line([example for example in self.usable if example.source not in held_out], config))
         if config.loss_mask.enabled and self.usable:
             lines.append(loss_mask_line(self.usable, config))
         for level, entries in ((FATAL, self.of_level(FATAL)), ("skipped", self.skipped), (WARNING, self.of_level(WARNING)), (CONVERTED, self.of_level(CONVERTED))):

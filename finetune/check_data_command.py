@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from finetune.check_data import FATAL, SKIP_HINT, WARNING, data_configs, data_label, inspect_examples, too_few_to_batch
 from finetune.config import DataConfig, ModelConfig, Recipe
 from finetune.errors import FinetuneError
+from finetune.held_out import split_held_out
 from finetune.recipe_loading import describe_validation_error, load_recipe
 from finetune.sources import expand_repeats, read_examples
 
@@ -71,12 +72,15 @@ def run_check_data_command(args) -> int:
         else:
             reports.append(inspect_examples(read_examples(config), config, data_label(config)))
     sources = [example.source for report in reports for example in expand_repeats(report.usable)]  # as the trainer counts
+    # The same images training holds out (the split depends on the seed and the data only).
+    trained, held = split_held_out(sources, recipe.validation.loss_images, recipe.seed) if recipe is not None else (range(len(sources)), [])
+    held_sources = frozenset(sources) - {sources[i] for i in trained}
     if recipe is not None and recipe.method == "dreambooth":
         from finetune.methods.dreambooth import inspect_class_images  # it builds on this module
 
         reports += inspect_class_images(recipe)
     for report in reports:
-        for line in report.lines():
+        for line in report.lines(held_out=held_sources):
             print(line)
         fatal += len(report.of_level(FATAL)) or (0 if report.usable else 1)  # all skipped: nothing to train
         warnings += len(report.of_level(WARNING))
@@ -87,10 +91,7 @@ def run_check_data_command(args) -> int:
             warnings += tokens.startswith("warning")
     short = None
     if recipe is not None and not fatal:
-        from finetune.held_out import split_held_out
-
-        trained, held = split_held_out(sources, recipe.validation.loss_images, recipe.seed)
-        if held:  # the same images training holds out (the split depends on the seed and the data only)
+        if held:
             print(f"held out: {len(held)} images for the validation loss (validation.loss_images), leaving {len(trained)} of the {len(sources)} "
                   "uses per epoch to train")  # fmt: skip
         short = too_few_to_batch(len(trained), recipe, 1, len(sources))

@@ -85,13 +85,13 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     )
     if resume == "latest" and resume_from is None:
         accelerator.print(f"--resume latest: no checkpoint in {checkpoints_dir} yet, starting at step 0")
-    # The data check's summary (counts, buckets, skipped images, warnings): nothing is left out unseen.
-    for report in method.data_reports:
-        for line in report.lines(limit=10):
-            accelerator.print(line)
     items = method.training_items()
     sources = [item.source for item in items]
     trained_items, held_out = split_held_out(sources, recipe.validation.loss_images, recipe.seed)
+    # The data check's summary (counts, buckets, skipped images, warnings): nothing is left out unseen.
+    for report in method.data_reports:
+        for line in report.lines(limit=10, held_out=frozenset(sources) - {sources[i] for i in trained_items}):
+            accelerator.print(line)
     short = too_few_to_batch(len(trained_items), recipe, accelerator.num_processes, len(sources))
     if short:
         raise FinetuneError(short)

@@ -25,6 +25,7 @@ def test_held_out_images_never_train_and_their_loss_is_reported_at_each_validati
     assert whole.validation_losses[0][1] != whole.validation_losses[-1][1]
     out = capsys.readouterr().out
     assert "validation loss: 1 image held out of training, scored at each validation" in out
+    assert "4 used, 0 skipped; 3 uses per epoch (1 held out by validation.loss_images)" in out  # the summary counts what trains
     assert f"validation loss at step 4: {whole.validation_losses[-1][1]:.4f}" in out
     assert "length: 4 steps of 2 images = 4 epochs of 2 of the 3 images" in out  # the held-out image is not counted
 

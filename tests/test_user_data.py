@@ -1,0 +1,38 @@
+"""A user's own data, as a walkthrough of docs/data.md found it: held-out images in the epoch's count, captions
+of several lines, two images sharing one caption file, and folders of folders for make-conditions."""
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from finetune.cli import main
+
+
+def noise(path, size=(64, 64), seed=0):
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def captioned_folder(folder, count):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        noise(folder / f"{i}.png", seed=i)
+        (folder / f"{i}.txt").write_text(f"image {i}")
+    return folder
+
+
+def test_the_epoch_counts_leave_out_the_held_out_images(tmp_path, capsys):
+    """validation.loss_images keeps images out of training: the summary's uses per epoch (and each folder's share) are what trains."""
+    root = tmp_path / "data"
+    captioned_folder(root / "subject", 2), captioned_folder(root / "style", 4)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"data": {"image_dir": str(root), "resolution": 64, "folders": [{"path": "subject", "repeats": 5}, {"path": "style"}]},
+                                      "train": {"batch_size": 1}, "validation": {"loss_images": 2}}))  # fmt: skip
+    assert main(["check-data", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    held = [line for line in out.splitlines() if line.startswith("held out: ")]
+    assert len(held) == 1, out
+    trained = int(held[0].split("leaving ")[1].split(" ")[0])
+    first = out.splitlines()[0]
+    assert first.startswith(f"data folder {root}: 6 images, 6 used, 0 skipped; {trained} uses per epoch (2 held out by validation.loss_images)"), first
+    shares = next(line for line in out.splitlines() if line.startswith("uses per epoch by folder: "))
+    assert sum(int(part.split(" = ")[1].split(" ")[0]) for part in shares.split(", ")) == trained
