@@ -108,15 +108,37 @@ def image_caption(image_path: Path, metadata: dict[str, str]) -> str | None:
     return metadata[key] if key in metadata else sidecar_caption(image_path)
 
 
-def sidecar_caption(image_path: Path) -> str | None:
+def sidecar_path(image_path: Path) -> Path | None:
+    """The caption file beside an image that `sidecar_caption` reads, if any."""
     for suffix in (variant for suffix in SIDECAR_SUFFIXES for variant in (suffix, suffix.upper())):  # IMG_1.JPG's IMG_1.TXT too
         sidecar = image_path.with_suffix(suffix)
         if sidecar.is_file():
-            try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the caption
-                return sidecar.read_text(encoding="utf-8-sig").strip()
-            except UnicodeDecodeError:
-                raise FinetuneError(f"caption {sidecar} is not UTF-8 text: save it as UTF-8 (most editors offer it under 'encoding')") from None
+            return sidecar
     return None
+
+
+def sidecar_caption(image_path: Path) -> str | None:
+    sidecar = sidecar_path(image_path)
+    if sidecar is None:
+        return None
+    try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the caption
+        return sidecar.read_text(encoding="utf-8-sig").strip()
+    except UnicodeDecodeError:
+        raise FinetuneError(f"caption {sidecar} is not UTF-8 text: save it as UTF-8 (most editors offer it under 'encoding')") from None
+
+
+def require_own_sidecars(images: list[Path], metadata: dict[str, str]) -> None:
+    """Stop where two images (0001.png and 0001.jpg) would both take their caption from one file (0001.txt):
+    most likely one is a converted copy or the caption was meant for one of them only."""
+    readers: dict[Path, Path] = {}
+    for image_path in images:
+        sidecar = None if name_key(image_path.name) in metadata else sidecar_path(image_path)
+        if sidecar is None:
+            continue
+        if sidecar in readers:
+            raise FinetuneError(f"images {readers[sidecar]} and {image_path.name} share the caption file {sidecar}: remove one image (a copy?), "
+                                "or rename it with a caption file of its own, or caption each in a metadata.jsonl row")  # fmt: skip
+        readers[sidecar] = image_path.name
 
 
 def missing_caption_message(source: str | Path, alternative: str = "set data.caption to one prompt for all images") -> str:

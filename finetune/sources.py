@@ -17,7 +17,8 @@ from typing import Callable
 from PIL import Image
 
 from finetune.buckets import Size
-from finetune.captions import apply_template, folder_captions, image_caption, missing_caption_message, name_key, template_needs_caption
+from finetune.captions import (apply_template, folder_captions, image_caption, missing_caption_message, name_key, require_own_sidecars,
+                               template_needs_caption)  # fmt: skip
 from finetune.config import DataConfig, FolderConfig
 from finetune.errors import FinetuneError
 
@@ -173,6 +174,8 @@ def metadata_rows_without_images(config: DataConfig) -> list[tuple[Path, list[st
 def _images_of_folder(folder: Path, images: list[Path], settings: FolderConfig, fixed_caption: str | None) -> list[Example]:
     reads_captions = fixed_caption is None and template_needs_caption(settings.template)
     metadata = folder_captions(folder) if reads_captions else {}
+    if reads_captions:
+        require_own_sidecars(images, metadata)
     examples = []
     for path in images:
         if not template_needs_caption(settings.template):

@@ -1,11 +1,18 @@
 """A user's own data, as a walkthrough of docs/data.md found it: held-out images in the epoch's count, captions
 of several lines, two images sharing one caption file, and folders of folders for make-conditions."""
 
+import json
+import re
+
 import numpy as np
+import pytest
 import yaml
 from PIL import Image
 
 from finetune.cli import main
+from finetune.config import DataConfig
+from finetune.errors import FinetuneError
+from finetune.sources import read_examples
 
 
 def noise(path, size=(64, 64), seed=0):
@@ -36,3 +43,22 @@ def test_the_epoch_counts_leave_out_the_held_out_images(tmp_path, capsys):
     assert first.startswith(f"data folder {root}: 6 images, 6 used, 0 skipped; {trained} uses per epoch (2 held out by validation.loss_images)"), first
     shares = next(line for line in out.splitlines() if line.startswith("uses per epoch by folder: "))
     assert sum(int(part.split(" = ")[1].split(" ")[0]) for part in shares.split(", ")) == trained
+
+
+def test_two_images_sharing_one_caption_file_is_one_line_naming_both(tmp_path, make_recipe, monkeypatch, capsys):
+    folder = captioned_folder(tmp_path / "photos", 2)
+    noise(folder / "0.jpg", seed=9)  # a converted copy beside 0.png: which one is "image 0"?
+    expected = (f"images 0.jpg and 0.png share the caption file {folder / '0.txt'}: remove one image (a copy?), "
+                "or rename it with a caption file of its own, or caption each in a metadata.jsonl row")  # fmt: skip
+    assert main(["check-data", "--image-dir", str(folder), "--resolution", "64"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {expected}"
+    import finetune.trainer as trainer
+
+    monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(FinetuneError, match=f"^{re.escape(expected)}$"):
+        trainer.train(make_recipe(data__image_dir=str(folder)))
+    # One prompt for all, or a metadata row of its own, is no ambiguity.
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "0.jpg", "text": "the jpeg"}) + "\n")
+    assert sorted(e.caption for e in read_examples(DataConfig(image_dir=str(folder)))) == ["image 0", "image 1", "the jpeg"]
+    (folder / "metadata.jsonl").unlink()
+    assert len(read_examples(DataConfig(image_dir=str(folder), caption="a photo"))) == 3
