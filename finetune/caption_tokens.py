@@ -7,6 +7,7 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
+from finetune.captions import caption_lines
 from finetune.config import SINGLE_FILE_SUFFIXES, ModelConfig
 from finetune.errors import FinetuneError
 
@@ -39,9 +40,11 @@ def long_captions_line(tokenizer: CLIPTokenizer, captions: dict[str, str], max_t
     the start and end marks not counted), naming the longest; None if none.
 
     Said once at the start, not per batch: what is past the cut does not train, however much care went into it."""
-    unique = sorted(set(captions.values()))
+    lines = {source: caption_lines(caption) or [caption] for source, caption in captions.items()}  # each line trains on its own
+    unique = sorted({line for texts in lines.values() for line in texts})
     lengths = dict(zip(unique, (len(ids) - 2 for ids in tokenizer(unique, truncation=False, verbose=False)["input_ids"]))) if unique else {}
-    cut = {source: lengths[caption] for source, caption in captions.items() if lengths[caption] > max_token_length}
+    longest_line = {source: max(lengths[line] for line in texts) for source, texts in lines.items()}
+    cut = {source: length for source, length in longest_line.items() if length > max_token_length}
     if not cut:
         return None
     longest = max(cut, key=cut.get)

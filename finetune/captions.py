@@ -22,6 +22,7 @@ from finetune.errors import FinetuneError
 CAPTION_PLACEHOLDER = "{caption}"
 # Stream number of the tag-shuffle generator, beside item_rng's (seed, epoch, index) stream.
 TAG_STREAM = 1
+LINE_STREAM = 2  # the generator that picks one line of a caption of several
 
 
 def name_key(name: str) -> str:
@@ -153,9 +154,19 @@ def template_needs_caption(template: str | None) -> bool:
     return template is None or CAPTION_PLACEHOLDER in template
 
 
+def caption_lines(caption: str) -> list[str]:
+    """The captions one caption text holds: each of its non-blank lines (see `training_caption`)."""
+    return [line.strip() for line in caption.splitlines() if line.strip()]
+
+
 def apply_template(template: str | None, caption: str) -> str:
     # str.replace rather than str.format: captions and templates may hold other braces.
-    return caption if template is None else template.replace(CAPTION_PLACEHOLDER, caption)
+    if template is None:
+        return caption
+    lines = caption_lines(caption)
+    if len(lines) > 1:  # each line is a caption of its own, and each gets the template
+        return "\n".join(template.replace(CAPTION_PLACEHOLDER, line) for line in lines)
+    return template.replace(CAPTION_PLACEHOLDER, caption)
 
 
 def edit_tags(caption: str, keep_tokens: int, rng: np.random.Generator, shuffle: bool = True, dropout: float = 0.0) -> str:
@@ -172,8 +183,12 @@ def edit_tags(caption: str, keep_tokens: int, rng: np.random.Generator, shuffle:
 
 
 def training_caption(caption: str, config: DataConfig, seed: int, epoch: int, index: int) -> str:
-    """The caption item `index` trains with in `epoch`: its tags shuffled (data.shuffle_tags) and dropped
-    (data.tag_dropout) past the first data.keep_tokens, the same on every process."""
+    """The caption item `index` trains with in `epoch`: one line of a caption of several (each line is a
+    caption of the image, as SimpleTuner and sd-scripts' enable_wildcard read them), its tags shuffled
+    (data.shuffle_tags) and dropped (data.tag_dropout) past the first data.keep_tokens, the same on every process."""
+    lines = caption_lines(caption)
+    if len(lines) > 1:
+        caption = lines[np.random.default_rng([seed, epoch, index, LINE_STREAM]).integers(len(lines))]
     if not (config.shuffle_tags or config.tag_dropout) or "," not in caption:
         return caption
     rng = np.random.default_rng([seed, epoch, index, TAG_STREAM])

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from finetune.buckets import Size, assign_buckets, bucket_counts_line
-from finetune.captions import missing_caption_message
+from finetune.captions import caption_lines, missing_caption_message
 from finetune.check_threads import each_on_threads
 from finetune.config import DataConfig, LossMaskConfig, Recipe
 from finetune.data import decode, file_stamp, has_alpha, is_16_bit, pixel_digest, upright_rgb
@@ -149,10 +149,10 @@ def inspect(example: Example, config: DataConfig) -> tuple[Example | None, list[
         where = "its caption column" if source.startswith("dataset ") else "its .txt or metadata row"
         message = f"{'' if source.startswith('dataset ') else 'image '}{source} has an empty caption: it trains as the empty prompt; write one in {where} if that is not meant"
         findings.append(Finding(WARNING, source, message))
-    elif len(lines := [line for line in example.caption.splitlines() if line.strip()]) > 1:
-        message = (f"image {source} has a caption of {len(lines)} lines: they train as one caption (sd-scripts reads only the first line); "
-                   "join them with commas, or keep the one meant")  # fmt: skip
-        findings.append(Finding(WARNING, source, message))
+    elif len(lines := caption_lines(example.caption)) > 1:
+        message = (f"image {source}: caption of {len(lines)} lines, each a caption of its own: one line trains each epoch "
+                   "(to train them together, join them with commas on one line)")  # fmt: skip
+        findings.append(Finding(CONVERTED, source, message))
     try:
         stamp = file_stamp(source)  # before decoding: an edit while it decodes shows as a changed file
         raw = decode(example)

@@ -30,8 +30,10 @@ def dataset_metadata(items: list[Example], with_tags: bool = True) -> dict[str, 
             continue
         seen.add((item.source, where, item.folder_index))
         folder["img_count"] += 1
-        # Each tag counts once per image, as sd-scripts counts them; a caption without commas is one tag.
-        folder["tags"].update(list(dict.fromkeys(tag.strip() for tag in (item.caption or "").split(",") if tag.strip())))
+        # Each tag counts once per image, as sd-scripts counts them; a caption without commas is one tag, and
+        # each line of a caption of several lines is a caption of its own.
+        tags = (tag.strip() for line in (item.caption or "").splitlines() for tag in line.split(","))
+        folder["tags"].update(list(dict.fromkeys(tag for tag in tags if tag)))
     # Named as sd-scripts names them, by the folder's name; two folders of one name by their parent's too.
     names = collections.Counter(path.name for path in folders)
     named = {(path.name if names[path.name] == 1 else f"{path.parent.name}/{path.name}"): folder for path, folder in folders.items()}

@@ -86,9 +86,9 @@ def test_captions_in_upper_case_files_and_of_several_lines(tmp_path):
     (tmp_path / "two.txt").write_text("first line\nsecond line\n")
     report = report_of(tmp_path)
     assert [e.caption for e in report.usable] == ["a photo", "first line\nsecond line"] and report.of_level(FATAL) == []
-    assert [f.message for f in report.of_level(WARNING)] == [
-        f"image {tmp_path / 'two.png'} has a caption of 2 lines: they train as one caption (sd-scripts reads only the first line); "
-        "join them with commas, or keep the one meant"
+    assert [f.message for f in report.of_level(CONVERTED)] == [
+        f"image {tmp_path / 'two.png'}: caption of 2 lines, each a caption of its own: one line trains each epoch "
+        "(to train them together, join them with commas on one line)"
     ]
 
 

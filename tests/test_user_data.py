@@ -7,11 +7,16 @@ import re
 import numpy as np
 import pytest
 import yaml
+from conftest import SHIPPED_BASE
 from PIL import Image
+from transformers import CLIPTokenizer
 
+from finetune.caption_tokens import long_captions_line
 from finetune.cli import main
 from finetune.config import DataConfig
+from finetune.data import CaptionedImageDataset
 from finetune.errors import FinetuneError
+from finetune.output_metadata import dataset_metadata
 from finetune.sources import read_examples
 
 
@@ -62,3 +67,27 @@ def test_two_images_sharing_one_caption_file_is_one_line_naming_both(tmp_path, m
     assert sorted(e.caption for e in read_examples(DataConfig(image_dir=str(folder)))) == ["image 0", "image 1", "the jpeg"]
     (folder / "metadata.jsonl").unlink()
     assert len(read_examples(DataConfig(image_dir=str(folder), caption="a photo"))) == 3
+
+
+def test_each_line_of_a_caption_of_several_lines_is_a_caption_of_its_own(tmp_path, capsys):
+    """As SimpleTuner and sd-scripts' enable_wildcard read them: one line each epoch, not the lines glued into one prompt."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    noise(folder / "a.png")
+    (folder / "a.txt").write_text("\ufeffsks dog, grass, sunny\r\n\r\nsks dog, on a sofa\r\n")  # a Windows editor's file
+    config = DataConfig(image_dir=str(folder), resolution=64, folders=[{"path": ".", "template": "photo of {caption}"}], shuffle_tags=True, keep_tokens=1)
+    [example] = read_examples(config)
+    assert example.caption == "photo of sks dog, grass, sunny\nphoto of sks dog, on a sofa"  # the template wraps each line
+    dataset = CaptionedImageDataset([example], config, seed=0)
+    captions = {dataset[(0, epoch)]["caption"] for epoch in range(12)}
+    assert captions == {"photo of sks dog, grass, sunny", "photo of sks dog, sunny, grass", "photo of sks dog, on a sofa"}
+    assert main(["check-data", "--image-dir", str(folder), "--resolution", "64"]) == 0
+    assert (f"converted: image {folder / 'a.png'}: caption of 2 lines, each a caption of its own: one line trains each epoch "
+            "(to train them together, join them with commas on one line)") in capsys.readouterr().out.splitlines()  # fmt: skip
+    # Each line is counted as a prompt of its own: in tokens, and in the tags an output records.
+    tokenizer = CLIPTokenizer.from_pretrained(SHIPPED_BASE, subfolder="tokenizer")
+    two_lines = "a dog " * 30 + "\n" + "a cat " * 30  # 60 tokens each
+    assert long_captions_line(tokenizer, {"a.png": two_lines}, 75) is None
+    assert "(the longest: a.png, 60 tokens)" in long_captions_line(tokenizer, {"a.png": two_lines}, 50)
+    tags = json.loads(dataset_metadata([example])["finetune.tag_frequency"])
+    assert tags == {"photos": {"photo of sks dog": 1, "grass": 1, "sunny": 1, "on a sofa": 1}}
