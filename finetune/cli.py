@@ -159,13 +159,20 @@ def _merge(args) -> int:
 
 
 def _make_conditions(args) -> int:
-    from finetune.conditions import make_conditions
+    from finetune.conditions import make_condition_folders
 
     options = {"canny": dict(low=args.low, high=args.high, sigma=args.sigma), "mask": dict(threshold=args.threshold)}.get(args.kind, {})
-    folder, count, uncaptioned = make_conditions(args.input_dir, args.output_dir, args.kind, overwrite=args.overwrite, **options)
-    print(f"wrote {count} {args.kind} conditioning images and metadata.jsonl to {folder}")
-    if uncaptioned:
-        print(f"note: {uncaptioned} images had no caption (.txt or metadata.jsonl) and train with an empty prompt")
+    made = make_condition_folders(args.input_dir, args.output_dir, args.kind, overwrite=args.overwrite, **options)
+    for folder, count, uncaptioned in made:
+        print(f"wrote {count} {args.kind} conditioning images and metadata.jsonl to {folder}")
+        if uncaptioned:
+            print(f"note: {uncaptioned} images had no caption (.txt or metadata.jsonl) and train with an empty prompt")
+    subfolders = [folder.name for folder, _, _ in made if folder.parent == Path(args.output_dir)]
+    if subfolders:  # each has its own metadata.jsonl: training reads them as data.folders entries
+        from finetune.sources import folders_entries
+
+        entries = folders_entries((["."] if len(made) > len(subfolders) else []) + subfolders)
+        print(f"note: train the subfolders as data.folders entries, in the recipe's data section: {entries}")
     return 0
 
 

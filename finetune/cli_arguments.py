@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a ControlNet training folder from a folder of images: the images, conditioning/<name>.png "
         "(canny: edges, white on black; luminance: a grayscale depth-like map; mask: pixels far from the border's "
         "colour, for the toy world) and a metadata.jsonl with file_name, conditioning_file_name and text (captions "
-        "from the input's metadata.jsonl or .txt files).",
+        "from the input's metadata.jsonl or .txt files). Each subfolder holding images is written to the output's subfolder "
+        "of its name, for data.folders.",
         epilog="example: finetune make-conditions my_photos my_controlnet_data --kind canny   then: "
         "finetune train recipes/controlnet.yaml data.image_dir=my_controlnet_data",
     )

@@ -173,6 +173,50 @@ def make_condition(image: Image.Image, kind: str, **options) -> Image.Image:
 # Folders
 
 
+def make_condition_folders(input_dir: str | Path, output_dir: str | Path, kind: str, overwrite: bool = False, **options) -> list[tuple[Path, int, int]]:
+    """`make_conditions` for a folder and for each of its subfolders that hold images (sd-scripts' `10_name`
+    folders, trained as data.folders entries, each with its own metadata.jsonl): a subfolder is written to the
+    output's subfolder of its name. Returns (folder, images, uncaptioned) per folder written."""
+    from finetune.config import DataConfig
+    from finetune.sources import IMAGE_SUFFIXES, folder_images, image_subfolders
+
+    source, target = Path(input_dir), Path(output_dir)
+    if not source.is_dir():
+        raise FinetuneError(f"input folder {source} not found")
+    subfolders = [sub for sub in image_subfolders(source, DataConfig()) if sub.resolve() != target.resolve()]  # not a rerun's output
+    pairs = ([(source, target)] if folder_images(source) else []) + [(sub, target / sub.name) for sub in subfolders]
+    if not pairs:
+        raise FinetuneError(f"input folder {source} has no images ({', '.join(IMAGE_SUFFIXES)})")
+    for folder, written in pairs:  # every folder before any is written: a clash found halfway would leave half the data behind
+        _checked_input(folder, written, overwrite)
+    made = [make_conditions(folder, written, kind, overwrite, **options) for folder, written in pairs]
+    if subfolders:  # where a ControlNet trained on data.image_dir (with data.folders) looks for how its conditioning was made
+        target.mkdir(parents=True, exist_ok=True)
+        (target / RECORD_FILE).write_text(json.dumps({"kind": kind, **options}))
+    return made
+
+
+def _checked_input(source: Path, target: Path, overwrite: bool) -> tuple[list[Path], dict[str, str]]:
+    """(images, captions from the metadata file) of one input folder, once nothing stops writing `target` from it."""
+    from finetune.sources import IMAGE_SUFFIXES, folder_images
+
+    images = folder_images(source)
+    if not images:
+        raise FinetuneError(f"input folder {source} has no images ({', '.join(IMAGE_SUFFIXES)})")
+    stems: dict[str, str] = {}
+    for path in images:
+        if path.stem in stems:
+            raise FinetuneError(f"images {stems[path.stem]} and {path.name} would share conditioning/{path.stem}.png: rename one")
+        stems[path.stem] = path.name
+    existing = [p for p in (target / "conditioning").iterdir() if p.is_file()] if (target / "conditioning").is_dir() else []
+    if existing and not overwrite:
+        raise FinetuneError(f"{target / 'conditioning'} already holds {len(existing)} conditioning images: write to another folder, or pass --overwrite")
+    jsonl, table = source / "metadata.jsonl", source / "metadata.csv"
+    if target.is_dir() and source.resolve() == target.resolve() and table.is_file():
+        raise FinetuneError(f"{table} would sit beside the metadata.jsonl this writes (a folder must have one): write to another folder")
+    return images, read_metadata_captions(jsonl, require_text=False) if jsonl.is_file() else read_csv_captions(table)
+
+
 def make_conditions(input_dir: str | Path, output_dir: str | Path, kind: str, overwrite: bool = False, **options) -> tuple[Path, int, int]:
     """Write a ControlNet training folder from a folder of images; returns (folder, images, uncaptioned).
 
@@ -182,29 +226,15 @@ def make_conditions(input_dir: str | Path, output_dir: str | Path, kind: str, ov
     Conditioning images already there (a ControlNet may have trained on them) are replaced only with `overwrite`.
     """
     from finetune.data import open_rgb
-    from finetune.sources import IMAGE_SUFFIXES, Example, folder_images
+    from finetune.sources import Example
 
     if kind not in KINDS:
         raise FinetuneError(f"unknown conditioning kind '{kind}': use one of {', '.join(KINDS)}")
     source, target = Path(input_dir), Path(output_dir)
     if not source.is_dir():
         raise FinetuneError(f"input folder {source} not found")
-    images = folder_images(source)
-    if not images:
-        raise FinetuneError(f"input folder {source} has no images ({', '.join(IMAGE_SUFFIXES)})")
-    stems: dict[str, str] = {}
-    for path in images:  # before anything is written: a clash found halfway would leave half a folder behind
-        if path.stem in stems:
-            raise FinetuneError(f"images {stems[path.stem]} and {path.name} would share conditioning/{path.stem}.png: rename one")
-        stems[path.stem] = path.name
-    existing = [p for p in (target / "conditioning").iterdir() if p.is_file()] if (target / "conditioning").is_dir() else []
-    if existing and not overwrite:
-        raise FinetuneError(f"{target / 'conditioning'} already holds {len(existing)} conditioning images: write to another folder, or pass --overwrite")
-    jsonl, table = source / "metadata.jsonl", source / "metadata.csv"
+    images, captions = _checked_input(source, target, overwrite)  # before anything is written
     same_folder = target.is_dir() and source.resolve() == target.resolve()
-    if same_folder and table.is_file():
-        raise FinetuneError(f"{table} would sit beside the metadata.jsonl this writes (a folder must have one): write to another folder")
-    captions = read_metadata_captions(jsonl, require_text=False) if jsonl.is_file() else read_csv_captions(table)
     (target / "conditioning").mkdir(parents=True, exist_ok=True)
     rows, uncaptioned = [], 0
     for path in images:

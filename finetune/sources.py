@@ -124,13 +124,18 @@ def subfolders_message(folder: Path, subfolders: list[Path], config: DataConfig)
     names = ", ".join(p.name for p in subfolders[:5]) + (f" and {len(subfolders) - 5} more" if len(subfolders) > 5 else "")
     if config._image_dir_key.startswith("dreambooth"):
         return f"data folder {folder} has no images of its own, only subfolders with images ({names}): give each its own concept (instance_dir)"
-    entries = []
-    for path in subfolders:
-        repeats = re.match(r"(\d+)_", path.name)  # sd-scripts' N_name folders: N is the repeats
-        entries.append(f"{{path: {json.dumps(path.name, ensure_ascii=False)}, repeats: {int(repeats.group(1)) if repeats else 1}}}")
-    # As the recipe's YAML (a flow list): also right for `check-data --image-dir`, which takes no overrides.
     return (f"data folder {folder} has no images of its own, only subfolders with images ({names}): list each with its repeats "
-            f"in the recipe's data section, e.g. folders: [{', '.join(entries)}]")  # fmt: skip
+            f"in the recipe's data section, e.g. {folders_entries([path.name for path in subfolders])}")  # fmt: skip
+
+
+def folders_entries(names: list[str]) -> str:
+    """`folders: [...]` training the subfolders `names`, as the recipe's YAML (a flow list): also right for
+    `check-data --image-dir`, which takes no overrides."""
+    entries = []
+    for name in names:
+        repeats = re.match(r"(\d+)_", name)  # sd-scripts' N_name folders: N is the repeats
+        entries.append(f"{{path: {json.dumps(name, ensure_ascii=False)}, repeats: {int(repeats.group(1)) if repeats else 1}}}")
+    return f"folders: [{', '.join(entries)}]"
 
 
 def unlisted_image_folders(config: DataConfig) -> list[Path]:

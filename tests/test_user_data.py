@@ -13,9 +13,11 @@ from transformers import CLIPTokenizer
 
 from finetune.caption_tokens import long_captions_line
 from finetune.cli import main
+from finetune.conditions import make_condition_folders
 from finetune.config import DataConfig
 from finetune.data import CaptionedImageDataset
 from finetune.errors import FinetuneError
+from finetune.methods.controlnet import ControlNetMethod
 from finetune.output_metadata import dataset_metadata
 from finetune.sources import read_examples
 
@@ -91,3 +93,24 @@ def test_each_line_of_a_caption_of_several_lines_is_a_caption_of_its_own(tmp_pat
     assert "(the longest: a.png, 60 tokens)" in long_captions_line(tokenizer, {"a.png": two_lines}, 50)
     tags = json.loads(dataset_metadata([example])["finetune.tag_frequency"])
     assert tags == {"photos": {"photo of sks dog": 1, "grass": 1, "sunny": 1, "on a sofa": 1}}
+
+
+def test_make_conditions_writes_each_image_subfolder_as_its_own_training_folder(tmp_path, make_recipe, capsys):
+    """A folder of sd-scripts' `N_name` folders: each subfolder gets its conditioning images and metadata.jsonl (they were left out unseen)."""
+    source = tmp_path / "photos"
+    captioned_folder(source / "10_sks dog", 2), captioned_folder(source / "1_style", 3)
+    out = tmp_path / "controlnet-data"
+    assert main(["make-conditions", str(source), str(out), "--kind", "luminance"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [f"wrote 2 luminance conditioning images and metadata.jsonl to {out / '10_sks dog'}",
+                       f"wrote 3 luminance conditioning images and metadata.jsonl to {out / '1_style'}",
+                       'note: train the subfolders as data.folders entries, in the recipe\'s data section: '
+                       'folders: [{path: "10_sks dog", repeats: 10}, {path: "1_style", repeats: 1}]']  # fmt: skip
+    method = ControlNetMethod(make_recipe(method="controlnet", data__image_dir=str(out), data__folders=[{"path": "10_sks dog", "repeats": 10}, {"path": "1_style"}]))
+    method.check_data()  # ready to train as written
+    assert len(method.pairs) == 23 and method.data_metadata()["finetune.conditioning"] == '{"kind": "luminance"}'
+    # A clash in one subfolder stops the command before any folder is written.
+    noise(source / "1_style" / "0.jpg")
+    with pytest.raises(FinetuneError, match=r"^images 0.jpg and 0.png would share conditioning/0.png: rename one$"):
+        make_condition_folders(source, tmp_path / "again", "canny")
+    assert not (tmp_path / "again").exists()
