@@ -85,6 +85,10 @@ def _folder_examples(config: DataConfig) -> list[Example]:
         images = folder_images(folder)
         if not images and not config.folders and (subfolders := image_subfolders(folder, config)):
             raise FinetuneError(subfolders_message(folder, subfolders, config))
+        if not images and (unread := unread_images(folder, config)[0]):  # an iPhone's .HEIC photos: not "no images"
+            kinds = ", ".join(sorted({path.suffix.lower() for path in unread}))
+            raise FinetuneError(f"data folder {folder} has no images training reads, only {len(unread)} it does not ({kinds}, e.g. {unread[0].name}): "
+                                "convert them to PNG or JPEG")  # fmt: skip
         if not images:
             raise FinetuneError(f"data folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}): add some or fix {key}")
         examples += [replace(example, folder_index=index) for example in _images_of_folder(folder, images, settings, config.caption)]

@@ -114,3 +114,13 @@ def test_make_conditions_writes_each_image_subfolder_as_its_own_training_folder(
     with pytest.raises(FinetuneError, match=r"^images 0.jpg and 0.png would share conditioning/0.png: rename one$"):
         make_condition_folders(source, tmp_path / "again", "canny")
     assert not (tmp_path / "again").exists()
+
+
+def test_a_folder_of_only_photos_of_unread_kinds_says_so(tmp_path, capsys):
+    """An iPhone's .HEIC photos are images, of a kind training does not read: not "no images"."""
+    for name in ("IMG_0001.HEIC", "IMG_0002.HEIC"):
+        (tmp_path / name).write_bytes(b"\x00\x00\x00\x18ftypheic")
+        (tmp_path / name).with_suffix(".txt").write_text("a photo")
+    assert main(["check-data", "--image-dir", str(tmp_path), "--resolution", "64"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: data folder {tmp_path} has no images training reads, only 2 it does not "
+                                               "(.heic, e.g. IMG_0001.HEIC): convert them to PNG or JPEG")  # fmt: skip
