@@ -65,6 +65,8 @@ def decode(example: Example, at_least: int | None = None) -> Image.Image:
     except FinetuneError:
         raise
     except Exception as err:  # PIL raises many types for broken files
+        if os.path.islink(example.source) and not os.path.exists(example.source):  # what it links to was moved or deleted
+            raise FinetuneError(f"image {example.source} is a link to {os.readlink(example.source)}, which is not there: fix the link or remove it") from None
         raise FinetuneError(f"image {example.source} cannot be read ({err.__class__.__name__}: {err}): fix or remove it") from None
     return image
 

@@ -97,8 +97,9 @@ def _folder_examples(config: DataConfig) -> list[Example]:
 
 def folder_images(folder: Path) -> list[Path]:
     """The images training reads in `folder` (not its subfolders), by name. Hidden files are left out: macOS
-    writes a `._name.jpg` of metadata beside each image it copies to a foreign drive."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    writes a `._name.jpg` of metadata beside each image it copies to a foreign drive. A broken link is listed,
+    for the check to name it (is_file is false for it)."""
+    return sorted(p for p in folder.iterdir() if (p.is_file() or p.is_symlink()) and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
 def data_folders(config: DataConfig) -> list[Path]:

@@ -12,6 +12,7 @@ from PIL import Image
 from transformers import CLIPTokenizer
 
 from finetune.caption_tokens import long_captions_line
+from finetune.check_data import FATAL, inspect_examples
 from finetune.cli import main
 from finetune.conditions import make_condition_folders
 from finetune.config import DataConfig
@@ -124,3 +125,15 @@ def test_a_folder_of_only_photos_of_unread_kinds_says_so(tmp_path, capsys):
     assert main(["check-data", "--image-dir", str(tmp_path), "--resolution", "64"]) == 2
     assert capsys.readouterr().err.strip() == (f"error: data folder {tmp_path} has no images training reads, only 2 it does not "
                                                "(.heic, e.g. IMG_0001.HEIC): convert them to PNG or JPEG")  # fmt: skip
+
+
+def test_a_broken_link_among_the_images_is_named(tmp_path):
+    """A linked image whose file was moved: it would have been left out unseen, its caption with it."""
+    captioned_folder(tmp_path, 1)
+    (tmp_path / "gone.png").symlink_to(tmp_path / "moved" / "gone.png")
+    (tmp_path / "gone.txt").write_text("the moved one")
+    config = DataConfig(image_dir=str(tmp_path), resolution=64)
+    report = inspect_examples(read_examples(config), config, "data")
+    assert [f.message for f in report.of_level(FATAL)] == [
+        f"image {tmp_path / 'gone.png'} is a link to {tmp_path / 'moved' / 'gone.png'}, which is not there: fix the link or remove it"
+    ]
