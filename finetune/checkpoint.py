@@ -23,46 +23,12 @@ from accelerate.utils import SCALER_NAME
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from finetune.atomic_files import replace_folder
 from finetune.distributed import unwrap
 from finetune.errors import FinetuneError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        save_file(tensors, str(partial), metadata=metadata)
-    except BaseException:  # a full disk, Ctrl-C: no half file left behind
-        partial.unlink(missing_ok=True)
-        raise
-    with_default_permissions(partial).replace(path)
-
-
-def replace_folder(new: Path, final: Path) -> Path:
-    """Put the complete folder `new` in `final`'s place. An existing `final` is renamed aside first and removed
-    last, so a crash at any point leaves a whole folder: the old one (in place, or aside as `.NAME.old`) or
-    the new one; never neither (as removing first, then renaming, did)."""
-    aside = final.with_name(f".{final.name}.old")
-    shutil.rmtree(aside, ignore_errors=True)
-    if final.exists():
-        final.rename(aside)
-    new.rename(final)
-    shutil.rmtree(aside, ignore_errors=True)
-    return final
-
-
-def with_default_permissions(path: Path) -> Path:
-    """Give `path` (a file, or every file in a folder) the mode a new file gets here (0644 with the usual
-    umask): safetensors writes its files readable by their owner only, which a webui or ComfyUI running
-    as another user cannot load."""
-    mask = os.umask(0)
-    os.umask(mask)
-    for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
-        os.chmod(file, 0o666 & ~mask)
-    return path
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

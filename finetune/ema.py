@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from finetune.checkpoint import atomic_save_safetensors
+from finetune.atomic_files import atomic_save_safetensors
 from finetune.errors import FinetuneError
 
 EMA_FILE = "ema.safetensors"

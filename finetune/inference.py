@@ -15,7 +15,8 @@ import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel
 from PIL import Image
 
-from finetune.checkpoint import STATE_FILE, atomic_save_safetensors
+from finetune.atomic_files import atomic_save_safetensors
+from finetune.checkpoint import STATE_FILE
 from finetune.conditions import recorded_conditioning
 from finetune.config import ModelConfig
 from finetune.data import open_rgb

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from finetune.checkpoint import CHECKPOINT_PATTERN, atomic_save_safetensors
+from finetune.atomic_files import atomic_save_safetensors
+from finetune.checkpoint import CHECKPOINT_PATTERN
 from finetune.errors import FinetuneError
 
 PARTS = {"unet": "lora_unet_", "text_encoder": "lora_te_"}

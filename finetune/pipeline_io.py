@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from finetune.checkpoint import replace_folder, with_default_permissions
+from finetune.atomic_files import replace_folder, with_default_permissions
 from finetune.models import BaseModel, at_source_precision
 
 # Beside a saved model (pipeline or ControlNet folder): what trained it, for sample, eval and the demo.

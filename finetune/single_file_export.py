@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from finetune.checkpoint import atomic_save_safetensors
+from finetune.atomic_files import atomic_save_safetensors
 from finetune.errors import FinetuneError
 from finetune.inference import saved_model_metadata
 from finetune.kohya import CLIP_ROOT, PRECISIONS

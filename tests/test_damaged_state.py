@@ -103,7 +103,7 @@ def test_a_folder_is_replaced_so_that_a_crash_at_any_moment_leaves_a_whole_one(t
     """The old folder was deleted before the new one was renamed in: a kill in between left neither."""
     from pathlib import Path
 
-    from finetune.checkpoint import replace_folder
+    from finetune.atomic_files import replace_folder
 
     for name, content in (("final", "old"), (".partial", "new")):
         (tmp_path / name).mkdir()
@@ -186,3 +186,24 @@ def test_a_file_system_without_locks_trains_without_one(tmp_path, monkeypatch):
     with output_dir_lock(tmp_path / "run"):
         ran = True
     assert ran
+
+
+def test_checkpoints_and_outputs_are_on_the_disk_before_their_names(make_recipe, monkeypatch, tmp_path):
+    """A rename publishes only data already flushed (fsync): a power cut after it cannot leave a checkpoint,
+    or the adapter file, of empty files in place of the previous one."""
+    from pathlib import Path
+
+    events, real_fsync, real_rename, real_replace = [], os.fsync, Path.rename, Path.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd))
+    monkeypatch.setattr(Path, "rename", lambda self, target: events.append(("rename", str(self))) or real_rename(self, target))
+    monkeypatch.setattr(Path, "replace", lambda self, target: events.append(("rename", str(self))) or real_replace(self, target))
+    result = trainer.train(make_recipe(output_dir=str(tmp_path / "run"), train__max_steps=2, validation__prompts=[]))
+
+    def flushed_before_renamed(partial: Path, files: list[str]) -> bool:
+        renamed = events.index(("rename", str(partial)))
+        return all(("fsync", str(partial / name)) in events[:renamed] for name in files)
+
+    checkpoint = result.output_dir / "checkpoints" / "checkpoint-2"
+    files = [str(path.relative_to(checkpoint)) for path in checkpoint.rglob("*") if path.is_file()]
+    assert len(files) >= 4 and flushed_before_renamed(checkpoint.with_name(".partial-checkpoint-2"), files)
+    assert flushed_before_renamed(result.output_dir / f".{LORA_WEIGHTS_NAME}.partial", [""])

@@ -33,7 +33,7 @@ import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 from PIL import Image
 
-from finetune.checkpoint import replace_folder, with_default_permissions
+from finetune.atomic_files import replace_folder, with_default_permissions
 from finetune.config import Recipe
 from finetune.controlnet_data import ControlNetDataset, checked_pairs, controlnet_collate, paired_views
 from finetune.data import open_rgb

@@ -18,7 +18,7 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
-from finetune.checkpoint import atomic_save_safetensors
+from finetune.atomic_files import atomic_save_safetensors
 from finetune.encoders import layer_stack, recorded_clip_skip
 from finetune.errors import FinetuneError
 from finetune.kohya import DIFFUSERS_SUFFIXES, LoRA, load_lora

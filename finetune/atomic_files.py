@@ -1,0 +1,80 @@
+"""Files and folders that appear whole: written under a temporary name, flushed to disk, then renamed into
+place, so a crash or a power cut leaves the previous version or the new one, never a half-written file."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        save_file(tensors, str(partial), metadata=metadata)
+    except BaseException:  # a full disk, Ctrl-C: no half file left behind
+        partial.unlink(missing_ok=True)
+        raise
+    flush_to_disk(with_default_permissions(partial)).replace(path)
+    sync_folder(path.parent)
+
+
+def replace_folder(new: Path, final: Path) -> Path:
+    """Put the complete folder `new` in `final`'s place. An existing `final` is renamed aside first and removed
+    last, so a crash at any point leaves a whole folder: the old one (in place, or aside as `.NAME.old`) or
+    the new one; never neither (as removing first, then renaming, did)."""
+    aside = final.with_name(f".{final.name}.old")
+    shutil.rmtree(aside, ignore_errors=True)
+    flush_to_disk(new)
+    if final.exists():
+        final.rename(aside)
+    new.rename(final)
+    sync_folder(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+    return final
+
+
+def flush_to_disk(path: Path) -> Path:
+    """Make the data of `path` (a file, or a folder's files) durable before a rename publishes it. File systems
+    write data later than names (ext4, XFS): after a power cut the new name could hold empty files while the
+    previous checkpoint, rotated out or renamed aside, is gone."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for file in files:
+        descriptor = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    for folder in sorted({file.parent for file in files if file != path}):
+        sync_folder(folder)
+    return path
+
+
+def sync_folder(folder: Path) -> None:
+    """Make `folder`'s entries (a new file, a rename) durable. Best effort: some systems cannot open or
+    fsync a folder (Windows, some network mounts), and the data itself is already flushed."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def with_default_permissions(path: Path) -> Path:
+    """Give `path` (a file, or every file in a folder) the mode a new file gets here (0644 with the usual
+    umask): safetensors writes its files readable by their owner only, which a webui or ComfyUI running
+    as another user cannot load."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        os.chmod(file, 0o666 & ~mask)
+    return path
