@@ -56,7 +56,7 @@ def launch_problem(mixed_precision: str) -> str | None:
     in one line; None when they can."""
     if regional_compilation_requested():
         # accelerate wraps each leaf layer outside the repeated blocks, and the UNet's forward tests its
-        # conv_norm_out for truth, which a compiled wrapper answers with a TypeError (torch 2.11 to 2.13).
+        # conv_norm_out for truth, which a compiled wrapper answers with a TypeError (torch 2.13, accelerate 1.15).
         return ("accelerate's regional compilation (--dynamo_use_regional_compilation) cannot run diffusers' UNet: "
                 "compile the whole UNet with --dynamo_backend inductor alone")  # fmt: skip
     if mixed_precision == "fp16" and not gpu_available():
