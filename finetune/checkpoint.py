@@ -24,11 +24,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from finetune.atomic_files import replace_folder
-from finetune.distributed import unwrap
+from finetune.distributed import unwrap, uses_deepspeed, zero_stage
 from finetune.errors import FinetuneError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
+DEEPSPEED_FOLDER = "pytorch_model"  # where accelerate has DeepSpeed's engine write a checkpoint's weights and optimizer
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -299,10 +300,41 @@ def unreadable_files(folder: Path) -> list[str]:
     return bad
 
 
+def deepspeed_stage_of(checkpoint: Path) -> int | None:
+    """The ZeRO stage whose files hold a checkpoint's weights and optimizer: 3 (each process's shard of the
+    weights), 2 (the weights whole; ZeRO-1 writes the same files), or None: written without DeepSpeed."""
+    folder = checkpoint / DEEPSPEED_FOLDER
+    if not folder.is_dir():
+        return None
+    return 3 if any(folder.glob("zero_pp_rank_*_model_states.pt")) else 2
+
+
+def check_same_engine(checkpoint: Path, saved_processes: int | None, stage: int | None, processes: int) -> None:
+    """DeepSpeed reads its checkpoints only at the ZeRO stage and number of processes that wrote them, and
+    neither DeepSpeed nor accelerate reads the other's: one line saying so, instead of an assertion or a
+    "damaged checkpoint" from deep inside either. `stage`: this run's ZeRO stage, None without DeepSpeed."""
+    written = deepspeed_stage_of(checkpoint)
+    if written is None and stage is None:
+        return  # without DeepSpeed any number of processes resumes (the batch change is a warning)
+    if written is not None and stage is not None and (written == 3) == (stage == 3) and saved_processes in (None, processes):
+        return
+
+    def engine(zero: int | None, count: int | None) -> str:
+        return "without DeepSpeed" if zero is None else f"under DeepSpeed ZeRO-{zero} by {count or '?'} process(es)"
+
+    raise FinetuneError(
+        f"checkpoint {checkpoint} was written {engine(written, saved_processes)}, this run is {engine(stage, processes)}: "
+        "DeepSpeed resumes only its own checkpoints, at the ZeRO stage and number of processes that wrote them; "
+        "resume it as it was written, or start a new run from the outputs it holds (a LoRA: lora.init_from=CHECKPOINT)"
+    )
+
+
 def load_checkpoint(accelerator: Accelerator, path: Path, current_settings: dict | None = None, **load_options) -> dict:
     """Restore the state saved in `path`; return its trainer state. A checkpoint of other trained modules
     or parameter groups (a text encoder, LoRA+ switched on or off) is one line naming what changed."""
     state = read_state(path)
+    stage = zero_stage(accelerator) if uses_deepspeed(accelerator) else None
+    check_same_engine(path, state.get("processes"), stage, accelerator.num_processes)
     scaler = accelerator.scaler
     if scaler is not None and not (path / SCALER_NAME).is_file():
         # An fp16 run (the loss scaler) resuming a bf16 or fp32 checkpoint, as a bf16 run moved to a GPU

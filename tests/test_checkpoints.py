@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from finetune.checkpoint import STATE_FILE, list_checkpoints, resolve_resume
+from finetune.checkpoint import DEEPSPEED_FOLDER, STATE_FILE, check_same_engine, list_checkpoints, resolve_resume
 from finetune.errors import FinetuneError
 from finetune.optim import build_lr_scheduler
 from finetune.trainer import train
@@ -334,3 +334,25 @@ def test_an_fp16_run_resumes_a_checkpoint_written_without_a_loss_scaler(tmp_path
     finally:
         AcceleratorState._reset_state()
         GradientState._reset_state()
+
+
+def test_a_checkpoint_resumes_only_under_the_engine_that_wrote_it(tmp_path):
+    """DeepSpeed's checkpoints (its files in pytorch_model/) load only at their ZeRO stage and number of
+    processes, and ours only without DeepSpeed: each other case is one line, not an assertion deep in DeepSpeed."""
+    plain, zero2, zero3 = (tmp_path / name for name in ("plain", "zero2", "zero3"))
+    (plain / "trainable_0.safetensors").parent.mkdir()
+    (zero2 / DEEPSPEED_FOLDER).mkdir(parents=True)
+    (zero2 / DEEPSPEED_FOLDER / "mp_rank_00_model_states.pt").touch()
+    (zero3 / DEEPSPEED_FOLDER).mkdir(parents=True)
+    (zero3 / DEEPSPEED_FOLDER / "zero_pp_rank_0_mp_rank_00_model_states.pt").touch()
+    for checkpoint, saved, stage, processes in ((plain, 2, None, 1), (zero2, 2, 2, 2), (zero2, None, 2, 4), (zero3, 2, 3, 2)):
+        check_same_engine(checkpoint, saved, stage, processes)
+    refused = {
+        (plain, 2, 2, 2): "written without DeepSpeed, this run is under DeepSpeed ZeRO-2 by 2 process",
+        (zero2, 2, None, 2): r"written under DeepSpeed ZeRO-2 by 2 process\(es\), this run is without DeepSpeed: ",
+        (zero2, 2, 3, 2): "written under DeepSpeed ZeRO-2 by 2 process.*, this run is under DeepSpeed ZeRO-3 by 2 process",
+        (zero3, 2, 3, 1): "written under DeepSpeed ZeRO-3 by 2 process.*, this run is under DeepSpeed ZeRO-3 by 1 process",
+    }
+    for (checkpoint, saved, stage, processes), message in refused.items():
+        with pytest.raises(FinetuneError, match=rf"^checkpoint {checkpoint} was {message}.*; resume it as it was written, or start"):
+            check_same_engine(checkpoint, saved, stage, processes)
