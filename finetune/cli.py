@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # training stops itself cleanly; this is Ctrl-C anywhere else (loading, class images, sampling)
-        print("\nstopped (Ctrl-C): files written so far are kept; run the command again to continue", file=sys.stderr)
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # every process got it: one line per machine, as for errors
+            print("\nstopped (Ctrl-C): files written so far are kept; run the command again to continue", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader left (`finetune check-data ... | head`): no traceback for that
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's last flush would raise again
