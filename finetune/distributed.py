@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -88,6 +89,23 @@ def accelerator_options() -> dict:
         # DeepSpeed's CPU accelerator talks gloo; accelerate must be told, or it sees no backend.
         return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
     return {"cpu": True}  # accelerate joins CPU processes over gloo only when told to use the CPU
+
+
+def agree_on_start(accelerator: Accelerator, step: int, checkpoints_dir: Path, latest: bool) -> None:
+    """Collective: every process starts at the same step (0, or that of the checkpoint it resumes), and where
+    `--resume latest` found no checkpoint, that is said. Each process looks for checkpoints on its own machine's
+    disk: where output_dir is not one folder shared by every machine, one would start over while the others
+    resume, and their collectives would never match (a hang, not an error)."""
+    if latest and step == 0:
+        accelerator.print(f"--resume latest: no checkpoint in {checkpoints_dir} yet, starting at step 0")
+    if accelerator.num_processes == 1:
+        return
+    steps = accelerator.gather(torch.tensor([step], device=accelerator.device)).tolist()
+    if len(set(steps)) > 1:
+        raise FinetuneError(
+            f"the processes would start at different steps ({', '.join(map(str, steps))}, by rank): they do not see the same "
+            f"checkpoints in {checkpoints_dir}; on several machines output_dir must be a folder every machine shares (a network disk)"
+        )
 
 
 def uses_deepspeed(accelerator: Accelerator) -> bool:

@@ -24,7 +24,7 @@ from finetune.check_data import too_few_to_batch
 from finetune.config import Recipe
 from finetune.batches import item_layout, make_batch_sampler
 from finetune.diffusion import BatchRandomness
-from finetune.distributed import accelerator_options, autocast, checkpoint_options, configure_deepspeed, full_parameters, launch_problem, unsharded_loading, unwrap, uses_deepspeed, zero_stage
+from finetune.distributed import accelerator_options, agree_on_start, autocast, checkpoint_options, configure_deepspeed, full_parameters, launch_problem, unsharded_loading, unwrap, uses_deepspeed, zero_stage
 from finetune.ema import EMA_FILE, WeightAverage
 from finetune.caption_tokens import long_captions_line
 from finetune.errors import FinetuneError
@@ -83,8 +83,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         f"training on {accelerator.num_processes} process(es) (distributed: {accelerator.distributed_type.value.lower()}), "
         f"device {accelerator.device}, mixed precision {train_cfg.mixed_precision}"
     )
-    if resume == "latest" and resume_from is None:
-        accelerator.print(f"--resume latest: no checkpoint in {checkpoints_dir} yet, starting at step 0")
+    agree_on_start(accelerator, ckpt.checkpoint_step(resume_from) if resume_from else 0, checkpoints_dir, resume == "latest")
     items = method.training_items()
     sources = [item.source for item in items]
     trained_items, held_out = split_held_out(sources, recipe.validation.loss_images, recipe.seed)

@@ -19,7 +19,7 @@ from conftest import build_recipe
 from ports import free_port
 from safetensors.torch import load_file
 
-from finetune.distributed import configure_deepspeed
+from finetune.distributed import agree_on_start, configure_deepspeed
 from finetune.ema import EMA_FILE
 from finetune.errors import FinetuneError
 from finetune.methods.controlnet import CONTROLNET_DIR
@@ -333,3 +333,14 @@ def test_deepspeed_refuses_what_it_cannot_do_before_training(make_recipe):
     config = {"train_batch_size": "auto", "gradient_accumulation_steps": "auto"}
     configure_deepspeed(accelerator(config), make_recipe(train__batch_size=3, train__gradient_accumulation_steps=2), ["unet"])
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"], config["train_batch_size"]) == (3, 2, 12)
+
+
+def test_processes_that_would_start_at_different_steps_are_one_line_not_a_hang(tmp_path):
+    """Each process finds --resume latest's checkpoint on its own machine's disk: where output_dir is not shared,
+    one would start over while the others resume, and their collectives would wait on each other for ever."""
+    def accelerator(steps: list[int]):
+        return SimpleNamespace(num_processes=len(steps), device=torch.device("cpu"), print=print, gather=lambda mine: torch.tensor(steps))
+
+    agree_on_start(accelerator([4, 4]), 4, tmp_path, latest=True)
+    with pytest.raises(FinetuneError, match=r"^the processes would start at different steps \(4, 0, by rank\): .* output_dir must be a folder every machine shares"):
+        agree_on_start(accelerator([4, 0]), 4, tmp_path, latest=True)
