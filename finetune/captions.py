@@ -1,7 +1,7 @@
 """Captions: where they are read from, per-folder templates, and tag shuffling and dropout.
 
 A folder's captions come from (first match wins) `data.caption`, the folder's metadata.jsonl or
-metadata.csv (columns file_name and text, as Hugging Face's imagefolder reads them), or a .txt file
+metadata.csv (columns file_name and text, or data.caption_column, as Hugging Face's imagefolder reads them), or a .txt file
 beside the image. A folder's `template` then wraps the caption. Tags are shuffled and dropped per item
 at training time, drawn from their own generator seeded by (seed, epoch, index), so enabling either
 never changes the crops and flips an image gets.
@@ -54,8 +54,9 @@ def _add_row(captions: dict[str, str], rows: dict[str, str], path: Path, where: 
         captions[key] = caption
 
 
-def read_metadata_captions(path: Path, require_text: bool = True) -> dict[str, str]:
-    """{file name: caption} from a metadata.jsonl; rows without "text" are an error unless not required."""
+def read_metadata_captions(path: Path, require_text: bool = True, column: str = "text") -> dict[str, str]:
+    """{file name: caption} from a metadata.jsonl, the caption in `column` (data.caption_column); rows
+    without it are an error unless not required."""
     if not path.is_file():
         return {}
     captions, rows = {}, {}
@@ -64,38 +65,43 @@ def read_metadata_captions(path: Path, require_text: bool = True) -> dict[str, s
             continue
         try:
             row = json.loads(line)
-            text = row["text"] if require_text or "text" in row else None
-            file_name = row["file_name"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise FinetuneError(f"{path} line {line_number}: expected a JSON object with 'file_name' and 'text'") from None
+        except json.JSONDecodeError:
+            raise FinetuneError(f"{path} line {line_number}: expected a JSON object with 'file_name' and '{column}'") from None
+        if not isinstance(row, dict) or "file_name" not in row or (require_text and column not in row):
+            found = f"its keys are {', '.join(repr(key) for key in row) or 'none'}" if isinstance(row, dict) else f"it is {type(row).__name__}"
+            raise FinetuneError(f"{path} line {line_number}: expected a JSON object with 'file_name' and '{column}' (data.caption_column), "
+                                f"but {found}: rename the key, or set data.caption_column")  # fmt: skip
+        text, file_name = row.get(column), row["file_name"]
         if text is not None and not isinstance(text, str):  # null: no caption (reported as missing)
-            raise FinetuneError(f"{path} line {line_number}: 'text' is {type(text).__name__}, not a string: write the caption as one string")
+            raise FinetuneError(f"{path} line {line_number}: '{column}' is {type(text).__name__}, not a string: write the caption as one string")
         _add_row(captions, rows, path, f"line {line_number}", file_name, text)
     return captions
 
 
-def read_csv_captions(path: Path) -> dict[str, str]:
-    """{file name: caption} from a metadata.csv with a header row naming file_name and text columns."""
+def read_csv_captions(path: Path, column: str = "text") -> dict[str, str]:
+    """{file name: caption} from a metadata.csv with a header row naming file_name and `column` (data.caption_column)."""
     if not path.is_file():
         return {}
     with path.open(encoding="utf-8-sig", newline="") as handle:  # -sig: Excel's "CSV UTF-8" starts with a byte-order mark
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
-        if "file_name" not in columns or "text" not in columns:
-            raise FinetuneError(f"{path} must have a header row with 'file_name' and 'text' columns (has: {', '.join(columns) or 'none'})")
+        if "file_name" not in columns or column not in columns:
+            raise FinetuneError(f"{path} must have a header row with 'file_name' and '{column}' columns (has: {', '.join(columns) or 'none'}): "
+                                "rename the column, or set data.caption_column to the caption's")  # fmt: skip
         captions, rows = {}, {}
         for row_number, row in enumerate(reader, start=2):  # the header is row 1
             if row["file_name"]:
-                _add_row(captions, rows, path, f"row {row_number}", row["file_name"], (row["text"] or "").strip())
+                _add_row(captions, rows, path, f"row {row_number}", row["file_name"], (row[column] or "").strip())
     return captions
 
 
-def folder_captions(folder: Path) -> dict[str, str]:
-    """The captions a folder's metadata file gives, {} without one; both kinds at once is ambiguous."""
+def folder_captions(folder: Path, column: str = "text") -> dict[str, str]:
+    """The captions a folder's metadata file gives in `column` (data.caption_column), {} without one; both
+    kinds at once is ambiguous."""
     jsonl, table = folder / "metadata.jsonl", folder / "metadata.csv"
     if jsonl.is_file() and table.is_file():
         raise FinetuneError(f"data folder {folder} has both metadata.jsonl and metadata.csv: keep one of them")
-    return read_metadata_captions(jsonl) if jsonl.is_file() else read_csv_captions(table)
+    return read_metadata_captions(jsonl, column=column) if jsonl.is_file() else read_csv_captions(table, column)
 
 
 # sd-scripts datasets often keep captions in `.caption` files; `.txt` is read first where both are.

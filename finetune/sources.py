@@ -91,7 +91,7 @@ def _folder_examples(config: DataConfig) -> list[Example]:
                                 "convert them to PNG or JPEG")  # fmt: skip
         if not images:
             raise FinetuneError(f"data folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}): add some or fix {key}")
-        examples += [replace(example, folder_index=index) for example in _images_of_folder(folder, images, settings, config.caption)]
+        examples += [replace(example, folder_index=index) for example in _images_of_folder(folder, images, settings, config)]
     return examples
 
 
@@ -174,16 +174,17 @@ def metadata_rows_without_images(config: DataConfig) -> list[tuple[Path, list[st
         if not template_needs_caption(settings.template) or not folder.is_dir() or folder.resolve() in seen:
             continue
         seen.add(folder.resolve())
-        named = set(folder_captions(folder)) - {name_key(path.name) for path in folder_images(folder)}
+        named = set(folder_captions(folder, config.caption_column)) - {name_key(path.name) for path in folder_images(folder)}
         if named:
             metadata = folder / ("metadata.jsonl" if (folder / "metadata.jsonl").is_file() else "metadata.csv")
             unmatched.append((metadata, sorted(named)))
     return unmatched
 
 
-def _images_of_folder(folder: Path, images: list[Path], settings: FolderConfig, fixed_caption: str | None) -> list[Example]:
+def _images_of_folder(folder: Path, images: list[Path], settings: FolderConfig, config: DataConfig) -> list[Example]:
+    fixed_caption = config.caption
     reads_captions = fixed_caption is None and template_needs_caption(settings.template)
-    metadata = folder_captions(folder) if reads_captions else {}
+    metadata = folder_captions(folder, config.caption_column) if reads_captions else {}
     if reads_captions:
         require_own_sidecars(images, metadata)
     examples = []

@@ -1,0 +1,40 @@
+"""A user's own folder of images as other trainers' tools leave it: the caption column they name, caption
+files in other encodings and Unicode forms, metadata rows, subfolders and loss masks."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from finetune.config import DataConfig
+from finetune.errors import FinetuneError
+from finetune.sources import metadata_rows_without_images, read_examples
+
+
+def noise(path, size=(64, 64), seed=0):
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def captions(folder, **settings):
+    return {e.source.rsplit("/", 1)[1]: e.caption for e in read_examples(DataConfig(image_dir=str(folder), resolution=64, **settings))}
+
+
+def test_a_folders_metadata_reads_the_caption_column(tmp_path):
+    """data.caption_column names the caption's key in a folder's metadata.jsonl or column in its metadata.csv, as for a dataset."""
+    noise(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "caption": "a dog"}) + "\n")
+    assert captions(tmp_path, caption_column="caption") == {"a.png": "a dog"}
+    assert metadata_rows_without_images(DataConfig(image_dir=str(tmp_path), caption_column="caption")) == []
+    expected = (f"{tmp_path / 'metadata.jsonl'} line 1: expected a JSON object with 'file_name' and 'text' (data.caption_column), "
+                "but its keys are 'file_name', 'caption': rename the key, or set data.caption_column")  # fmt: skip
+    with pytest.raises(FinetuneError, match=f"^{re.escape(expected)}$"):
+        captions(tmp_path)
+    (tmp_path / "metadata.jsonl").unlink()
+    (tmp_path / "metadata.csv").write_text("file_name,caption\na.png,a cat\n")
+    assert captions(tmp_path, caption_column="caption") == {"a.png": "a cat"}
+    expected = (f"{tmp_path / 'metadata.csv'} must have a header row with 'file_name' and 'prompt' columns (has: file_name, caption): "
+                "rename the column, or set data.caption_column to the caption's")  # fmt: skip
+    with pytest.raises(FinetuneError, match=f"^{re.escape(expected)}$"):
+        captions(tmp_path, caption_column="prompt")
