@@ -9,6 +9,7 @@ never changes the crops and flips an image gets.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import unicodedata
@@ -128,10 +129,25 @@ def sidecar_caption(image_path: Path) -> str | None:
     sidecar = sidecar_path(image_path)
     if sidecar is None:
         return None
-    try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the caption
-        return sidecar.read_text(encoding="utf-8-sig").strip()
+    raw = sidecar.read_bytes()
+    encoding = caption_file_encoding(raw)
+    try:
+        return raw.decode(encoding).strip()
     except UnicodeDecodeError:
-        raise FinetuneError(f"caption {sidecar} is not UTF-8 text: save it as UTF-8 (most editors offer it under 'encoding')") from None
+        raise FinetuneError(f"caption {sidecar} is not {encoding.removesuffix('-sig').upper()} text: "
+                            "save it as UTF-8 (most editors offer it under 'encoding')") from None  # fmt: skip
+
+
+# Byte-order marks and the encodings they announce (the marks are not part of the caption): Windows
+# Notepad's "Unicode" is UTF-16 with one, its "UTF-8 with BOM" starts with one too. UTF-32's marks come
+# first, as UTF-32 LE's starts with UTF-16 LE's.
+BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+                    (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))  # fmt: skip
+
+
+def caption_file_encoding(raw: bytes) -> str:
+    """The encoding of a caption file's bytes: the one its byte-order mark announces, else UTF-8."""
+    return next((encoding for mark, encoding in BYTE_ORDER_MARKS if raw.startswith(mark)), "utf-8-sig")
 
 
 def require_own_sidecars(images: list[Path], metadata: dict[str, str]) -> None:

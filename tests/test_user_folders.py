@@ -38,3 +38,20 @@ def test_a_folders_metadata_reads_the_caption_column(tmp_path):
                 "rename the column, or set data.caption_column to the caption's")  # fmt: skip
     with pytest.raises(FinetuneError, match=f"^{re.escape(expected)}$"):
         captions(tmp_path, caption_column="prompt")
+
+
+def test_caption_files_are_decoded_by_their_byte_order_mark(tmp_path):
+    """Windows Notepad's "Unicode" is UTF-16 with a byte-order mark; "UTF-8 with BOM" has one too."""
+    written = {"le.png": "\ufeffcafé, dog\r\n".encode("utf-16-le"), "be.png": "\ufeffcafé, cat".encode("utf-16-be"),
+               "bom.png": "\ufeffcafé, cow".encode("utf-8"), "plain.png": "café, owl".encode("utf-8")}  # fmt: skip
+    for seed, (name, raw) in enumerate(written.items()):
+        noise(tmp_path / name, seed=seed)
+        (tmp_path / name).with_suffix(".txt").write_bytes(raw)
+    assert captions(tmp_path) == {"be.png": "café, cat", "bom.png": "café, cow", "le.png": "café, dog", "plain.png": "café, owl"}
+    # Neither: one line naming the file.
+    (tmp_path / "le.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(FinetuneError, match=f"^caption {re.escape(str(tmp_path / 'le.txt'))} is not UTF-8 text: save it as UTF-8"):
+        captions(tmp_path)
+    (tmp_path / "le.txt").write_bytes("\ufeffcafé".encode("utf-16-le")[:-1])  # cut in the middle of a character
+    with pytest.raises(FinetuneError, match=f"^caption {re.escape(str(tmp_path / 'le.txt'))} is not UTF-16 text: save it as UTF-8"):
+        captions(tmp_path)
