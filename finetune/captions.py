@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import codecs
 import csv
+import functools
 import json
+import os
 import unicodedata
 from pathlib import Path, PurePosixPath
 
@@ -117,12 +119,31 @@ def image_caption(image_path: Path, metadata: dict[str, str]) -> str | None:
 
 
 def sidecar_path(image_path: Path) -> Path | None:
-    """The caption file beside an image that `sidecar_caption` reads, if any."""
-    for suffix in (variant for suffix in SIDECAR_SUFFIXES for variant in (suffix, suffix.upper())):  # IMG_1.JPG's IMG_1.TXT too
-        sidecar = image_path.with_suffix(suffix)
-        if sidecar.is_file():
+    """The caption file beside an image that `sidecar_caption` reads, if any: its stem with a SIDECAR_SUFFIXES
+    suffix, by that exact name, else by one that differs only in letter case (IMG_1.JPG's IMG_1.TXT, a.Txt)
+    or Unicode form (macOS writes `café` decomposed, most tools composed), as a case-insensitive file
+    system finds it and metadata rows are matched (`name_key`). Two images led to one file stop the check
+    (`require_own_sidecars`)."""
+    for suffix in SIDECAR_SUFFIXES:
+        if (sidecar := image_path.with_suffix(suffix)).is_file():
             return sidecar
+        folder = image_path.parent
+        if (name := _caption_files(str(folder), folder.stat().st_mtime_ns).get(loose_name_key(image_path.stem + suffix))) is not None:
+            return folder / name
     return None
+
+
+def loose_name_key(name: str) -> str:
+    """A file name as a caption file is found by it where its exact name is not there: composed, any case."""
+    return name_key(name).casefold()
+
+
+@functools.lru_cache(maxsize=64)
+def _caption_files(folder: str, modified: int) -> dict[str, str]:
+    """A folder's caption files' names by `loose_name_key`; `modified` (the folder's mtime) renews it when
+    files are added, removed or renamed."""
+    with os.scandir(folder) as entries:
+        return {loose_name_key(e.name): e.name for e in entries if e.name.lower().endswith(SIDECAR_SUFFIXES) and e.is_file()}
 
 
 def sidecar_caption(image_path: Path) -> str | None:

@@ -3,6 +3,7 @@ files in other encodings and Unicode forms, metadata rows, subfolders and loss m
 
 import json
 import re
+import unicodedata
 
 import numpy as np
 import pytest
@@ -54,4 +55,20 @@ def test_caption_files_are_decoded_by_their_byte_order_mark(tmp_path):
         captions(tmp_path)
     (tmp_path / "le.txt").write_bytes("\ufeffcafé".encode("utf-16-le")[:-1])  # cut in the middle of a character
     with pytest.raises(FinetuneError, match=f"^caption {re.escape(str(tmp_path / 'le.txt'))} is not UTF-16 text: save it as UTF-8"):
+        captions(tmp_path)
+
+
+def test_a_caption_file_is_found_in_either_unicode_form_and_any_letter_case(tmp_path):
+    """macOS writes names decomposed (NFD), most tools composed (NFC); Windows keeps IMG_1.Txt's case: the file is there."""
+    nfd, nfc = unicodedata.normalize("NFD", "café"), unicodedata.normalize("NFC", "café")
+    noise(tmp_path / f"{nfd}.png"), noise(tmp_path / f"{nfc} 2.png", seed=1), noise(tmp_path / "IMG_1.JPG", seed=2), noise(tmp_path / "b.png", seed=3)
+    (tmp_path / f"{nfc}.txt").write_text("composed caption")
+    (tmp_path / f"{nfd} 2.txt").write_text("decomposed caption")
+    (tmp_path / "img_1.Txt").write_text("a photo")
+    (tmp_path / "b.CAPTION").write_text("a kohya caption")
+    assert {unicodedata.normalize("NFC", name): caption for name, caption in captions(tmp_path).items()} == {
+        f"{nfc}.png": "composed caption", f"{nfc} 2.png": "decomposed caption", "IMG_1.JPG": "a photo", "b.png": "a kohya caption"}
+    # Two images of names that differ in case only, and one caption file: both would train with it.
+    noise(tmp_path / "img_1.png", seed=4)
+    with pytest.raises(FinetuneError, match=r"^images IMG_1.JPG and img_1.png share the caption file .*img_1.Txt: remove one image"):
         captions(tmp_path)
