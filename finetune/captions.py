@@ -75,7 +75,10 @@ def read_metadata_captions(path: Path, require_text: bool = True, column: str = 
             raise FinetuneError(f"{path} line {line_number}: expected a JSON object with 'file_name' and '{column}' (data.caption_column), "
                                 f"but {found}: rename the key, or set data.caption_column")  # fmt: skip
         text, file_name = row.get(column), row["file_name"]
-        if text is not None and not isinstance(text, str):  # null: no caption (reported as missing)
+        if text is None and column in row:  # null: said here, not read as "no row" (its .txt would caption it, unseen)
+            raise FinetuneError(f"{path} line {line_number}: '{column}' is null, so {file_name} has no caption: write it as a string "
+                                '("" trains the image uncaptioned), or remove the row to caption the image by its .txt file')  # fmt: skip
+        if text is not None and not isinstance(text, str):
             raise FinetuneError(f"{path} line {line_number}: '{column}' is {type(text).__name__}, not a string: write the caption as one string")
         _add_row(captions, rows, path, f"line {line_number}", file_name, text)
     return captions

@@ -72,3 +72,16 @@ def test_a_caption_file_is_found_in_either_unicode_form_and_any_letter_case(tmp_
     noise(tmp_path / "img_1.png", seed=4)
     with pytest.raises(FinetuneError, match=r"^images IMG_1.JPG and img_1.png share the caption file .*img_1.Txt: remove one image"):
         captions(tmp_path)
+
+
+def test_a_null_caption_in_a_metadata_row_is_named_not_replaced_by_the_txt_file(tmp_path):
+    """`"text": null` is no caption (diffusers' scripts stop on it too): the row says so, the .txt beside the image does not step in unseen."""
+    noise(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("an older caption")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": None}) + "\n")
+    expected = (f"{tmp_path / 'metadata.jsonl'} line 1: 'text' is null, so a.png has no caption: write it as a string "
+                '("" trains the image uncaptioned), or remove the row to caption the image by its .txt file')  # fmt: skip
+    with pytest.raises(FinetuneError, match=f"^{re.escape(expected)}$"):
+        captions(tmp_path)
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": ""}) + "\n")
+    assert captions(tmp_path) == {"a.png": ""}
