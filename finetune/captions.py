@@ -110,6 +110,26 @@ def folder_captions(folder: Path, column: str = "text") -> dict[str, str]:
     return read_metadata_captions(jsonl, column=column) if jsonl.is_file() else read_csv_captions(table, column)
 
 
+def metadata_subfolders(folder: Path) -> set[str]:
+    """The subfolders of `folder` that its metadata file's rows name files in (ControlNet's
+    `conditioning_images/0001.png`): by each row's values that are the path of a file there, so a caption
+    that mentions `style/` names no folder. Read leniently: `folder_captions` reports a broken row."""
+    jsonl, table = folder / "metadata.jsonl", folder / "metadata.csv"
+    values: list = []
+    if jsonl.is_file():
+        for line in jsonl.read_text(encoding="utf-8-sig", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            values += row.values() if isinstance(row, dict) else []
+    elif table.is_file():
+        with table.open(encoding="utf-8-sig", errors="replace", newline="") as handle:
+            values = [value for row in csv.reader(handle) for value in row]
+    paths = [PurePosixPath(value.strip().replace("\\", "/").removeprefix("./")) for value in values if isinstance(value, str)]
+    return {path.parts[0] for path in paths if len(path.parts) > 1 and (folder / path).is_file()}
+
+
 # sd-scripts datasets often keep captions in `.caption` files; `.txt` is read first where both are.
 SIDECAR_SUFFIXES = (".txt", ".caption")
 

@@ -17,8 +17,8 @@ from typing import Callable
 from PIL import Image
 
 from finetune.buckets import Size
-from finetune.captions import (apply_template, folder_captions, image_caption, missing_caption_message, name_key, require_own_sidecars,
-                               template_needs_caption)  # fmt: skip
+from finetune.captions import (apply_template, folder_captions, image_caption, metadata_subfolders, missing_caption_message, name_key,
+                               require_own_sidecars, template_needs_caption)  # fmt: skip
 from finetune.config import DataConfig, FolderConfig
 from finetune.errors import FinetuneError
 
@@ -117,11 +117,8 @@ def data_folders(config: DataConfig) -> list[Path]:
 def image_subfolders(folder: Path, config: DataConfig) -> list[Path]:
     """Subfolders of `folder` that hold images, but not its masks or conditioning images (nor a subfolder its
     metadata file points into: ControlNet's `conditioning_images/` holds the images' partners)."""
-    own = (config.loss_mask.folder, "conditioning")
-    metadata = [folder / name for name in ("metadata.jsonl", "metadata.csv") if (folder / name).is_file()]
-    named = metadata[0].read_text(encoding="utf-8-sig", errors="replace") if metadata else ""
-    return sorted(p for p in folder.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and p.name not in own and f"{p.name}/" not in named and folder_images(p))  # fmt: skip
+    own = (config.loss_mask.folder, "conditioning", *metadata_subfolders(folder))
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in own and folder_images(p))
 
 
 def subfolders_message(folder: Path, subfolders: list[Path], config: DataConfig) -> str:

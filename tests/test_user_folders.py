@@ -11,7 +11,7 @@ from PIL import Image
 
 from finetune.config import DataConfig
 from finetune.errors import FinetuneError
-from finetune.sources import metadata_rows_without_images, read_examples
+from finetune.sources import metadata_rows_without_images, read_examples, unread_images
 
 
 def noise(path, size=(64, 64), seed=0):
@@ -85,3 +85,16 @@ def test_a_null_caption_in_a_metadata_row_is_named_not_replaced_by_the_txt_file(
         captions(tmp_path)
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": ""}) + "\n")
     assert captions(tmp_path) == {"a.png": ""}
+
+
+def test_a_caption_mentioning_a_folder_does_not_hide_it_from_the_unread_subfolders(tmp_path):
+    """Subfolders the metadata rows point into (ControlNet's conditioning images) are partners, not unread images; a caption's words are no path."""
+    noise(tmp_path / "a.png"), (tmp_path / "style").mkdir(), noise(tmp_path / "style" / "b.png", seed=1)
+    (tmp_path / "hints").mkdir(), noise(tmp_path / "hints" / "a.png", seed=2)
+    rows = [{"file_name": "a.png", "text": "in the style/ of x, see hints/", "conditioning_image": "./hints/a.png"}]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = DataConfig(image_dir=str(tmp_path), resolution=64)
+    assert unread_images(tmp_path, config) == ([], [tmp_path / "style"])
+    (tmp_path / "metadata.jsonl").unlink()
+    (tmp_path / "metadata.csv").write_text("file_name,text,conditioning_image\na.png,\"style/, hints\",hints\\a.png\n")
+    assert unread_images(tmp_path, config) == ([], [tmp_path / "style"])
