@@ -27,7 +27,7 @@ from finetune.check_threads import each_on_threads
 from finetune.config import DataConfig, LossMaskConfig, Recipe
 from finetune.data import decode, file_stamp, has_alpha, is_16_bit, pixel_digest, upright_rgb
 from finetune.errors import FinetuneError
-from finetune.loss_mask import alpha_mask, mask_area, mask_digest, mask_path, read_mask_file
+from finetune.loss_mask import alpha_mask, image_sharing_mask, mask_area, mask_digest, mask_path, read_mask_file
 from finetune.sources import (Example, data_folders, expand_repeats, folder_images, metadata_rows_without_images, read_examples,
                               unlisted_image_folders, unread_images)  # fmt: skip
 from finetune.views import cut, holds_8_bit_values, plan_cover_crop
@@ -195,6 +195,11 @@ def inspect_loss_mask(example: Example, raw, config: DataConfig) -> tuple[Exampl
         if not path.is_file():
             message = (f"image {source} has no loss mask: expected {path} (or {path.stem} with another image suffix; greyscale, "
                        "the image's size, white where it trains)")  # fmt: skip
+            return example, [Finding(FATAL, source, message)]
+        if (other := image_sharing_mask(source, settings)) is not None:
+            own = Path(settings.folder) / Path(source).name
+            message = (f"images {other} and {Path(source).name} share the loss mask {path}: name each image's mask by its full file name "
+                       f"({own} for {Path(source).name}), or remove one image (a copy?)")  # fmt: skip
             return example, [Finding(FATAL, source, message)]
         try:
             mask = read_mask_file(path)

@@ -28,6 +28,7 @@ from PIL import Image, ImageOps
 
 from finetune.config import LossMaskConfig
 from finetune.errors import FinetuneError
+from finetune.sources import IMAGE_SUFFIXES
 from finetune.views import to_8_bit
 
 # A mask may be saved in any of these formats (any letter case), whatever its image's format.
@@ -55,6 +56,27 @@ def mask_path(image_path: str, settings: LossMaskConfig) -> Path:
         if name.lower() in names:
             return folder / names[name.lower()]
     return folder / image.name
+
+
+def image_sharing_mask(image_path: str, settings: LossMaskConfig) -> str | None:
+    """Another image beside `image_path` of its stem that finds the same mask file, where that is not
+    `image_path`'s by its exact name (a.jpg finds a.png's masks/a.png by the stem): which image the mask
+    was made for cannot be told. The other's file name, or None."""
+    image, mask = Path(image_path), mask_path(image_path, settings)
+    if mask.name == image.name:
+        return None
+    namesakes = _images_by_lowercase_stem(str(image.parent), image.parent.stat().st_mtime_ns).get(image.stem.lower(), [])
+    return next((name for name in namesakes if name != image.name and mask_path(str(image.parent / name), settings) == mask), None)
+
+
+@functools.lru_cache(maxsize=64)
+def _images_by_lowercase_stem(folder: str, modified: int) -> dict[str, list[str]]:
+    """A folder's image file names (not hidden ones) by their lowercase stem; `modified` as for `_file_names_by_lowercase`."""
+    stems: dict[str, list[str]] = {}
+    for name in sorted(os.listdir(folder)):
+        if Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith("."):
+            stems.setdefault(Path(name).stem.lower(), []).append(name)
+    return stems
 
 
 @functools.lru_cache(maxsize=64)

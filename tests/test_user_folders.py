@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from finetune.check_data import FATAL, inspect_examples
 from finetune.config import DataConfig
 from finetune.errors import FinetuneError
 from finetune.sources import metadata_rows_without_images, read_examples, unread_images
@@ -98,3 +99,32 @@ def test_a_caption_mentioning_a_folder_does_not_hide_it_from_the_unread_subfolde
     (tmp_path / "metadata.jsonl").unlink()
     (tmp_path / "metadata.csv").write_text("file_name,text,conditioning_image\na.png,\"style/, hints\",hints\\a.png\n")
     assert unread_images(tmp_path, config) == ([], [tmp_path / "style"])
+
+
+def test_two_images_of_one_stem_finding_one_mask_by_it_is_one_line_naming_both(tmp_path):
+    """a.png and a.jpg (captioned by metadata rows) with masks/a.png only: which image the mask was made for cannot be told."""
+    noise(tmp_path / "a.png"), noise(tmp_path / "a.jpg", seed=1)
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps({"file_name": name, "text": name}) + "\n" for name in ("a.png", "a.jpg")))
+    (tmp_path / "masks").mkdir()
+    Image.new("L", (64, 64), 255).save(tmp_path / "masks" / "a.png")
+    config = DataConfig(image_dir=str(tmp_path), resolution=64, loss_mask={"source": "files"})
+    report = inspect_examples(read_examples(config), config, "data")
+    assert [f.message for f in report.of_level(FATAL)] == [
+        f"images a.png and a.jpg share the loss mask {tmp_path / 'masks' / 'a.png'}: name each image's mask by its full file name "
+        "(masks/a.jpg for a.jpg), or remove one image (a copy?)"]  # fmt: skip
+    Image.new("L", (64, 64), 128).save(tmp_path / "masks" / "a.jpg.png")
+    (tmp_path / "masks" / "a.jpg.png").rename(tmp_path / "masks" / "a.jpg")  # a PNG of the full name: each image has its own
+    report = inspect_examples(read_examples(config), config, "data")
+    assert report.of_level(FATAL) == [] and sorted(e.mask_area for e in report.usable) == pytest.approx([128 / 255, 1.0])
+    # Names that differ in case only: each finds its own mask by its exact name; with one mask between them, both would train with it.
+    for path in (tmp_path / "a.jpg", tmp_path / "masks" / "a.jpg", tmp_path / "masks" / "a.png"):
+        path.unlink()
+    noise(tmp_path / "A.png", seed=2)
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps({"file_name": name, "text": name}) + "\n" for name in ("a.png", "A.png")))
+    Image.new("L", (64, 64), 255).save(tmp_path / "masks" / "a.png")
+    report = inspect_examples(read_examples(config), config, "data")
+    assert [f.message for f in report.of_level(FATAL)] == [
+        f"images a.png and A.png share the loss mask {tmp_path / 'masks' / 'a.png'}: name each image's mask by its full file name "
+        "(masks/A.png for A.png), or remove one image (a copy?)"]  # fmt: skip
+    Image.new("L", (64, 64), 255).save(tmp_path / "masks" / "A.png")
+    assert inspect_examples(read_examples(config), config, "data").of_level(FATAL) == []
