@@ -11,7 +11,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from PIL import Image
@@ -83,8 +83,8 @@ def _folder_examples(config: DataConfig) -> list[Example]:
         if not folder.is_dir():
             raise FinetuneError(f"data folder {folder} not found: check {key}")
         images = folder_images(folder)
-        if not images and not config.folders and (subfolders := image_subfolders(folder, config)):
-            raise FinetuneError(subfolders_message(folder, subfolders, config))
+        if not images and (subfolders := image_subfolders(folder, config)):
+            raise FinetuneError(subfolders_message(folder, subfolders, config, settings.path if config.folders else None))
         if not images and (unread := unread_images(folder, config)[0]):  # an iPhone's .HEIC photos: not "no images"
             kinds = ", ".join(sorted({path.suffix.lower() for path in unread}))
             raise FinetuneError(f"data folder {folder} has no images training reads, only {len(unread)} it does not ({kinds}, e.g. {unread[0].name}): "
@@ -121,21 +121,25 @@ def image_subfolders(folder: Path, config: DataConfig) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in own and folder_images(p))
 
 
-def subfolders_message(folder: Path, subfolders: list[Path], config: DataConfig) -> str:
-    """For a folder of image folders only, as sd-scripts' train_data_dir holds them (`10_sks dog`: 10 repeats)."""
+def subfolders_message(folder: Path, subfolders: list[Path], config: DataConfig, entry: str | None = None) -> str:
+    """For a folder of image folders only, as sd-scripts' train_data_dir holds them (`10_sks dog`: 10 repeats);
+    `entry` is the data.folders path that names it, if one does."""
     names = ", ".join(p.name for p in subfolders[:5]) + (f" and {len(subfolders) - 5} more" if len(subfolders) > 5 else "")
     if config._image_dir_key.startswith("dreambooth"):
         return f"data folder {folder} has no images of its own, only subfolders with images ({names}): give each its own concept (instance_dir)"
+    if entry is not None:  # only the images directly in a data.folders entry are read
+        return (f"data folder {folder} has no images of its own, only subfolders with images ({names}): list each as its own data.folders "
+                f"entry in place of path '{entry}', e.g. {folders_entries([(PurePosixPath(entry) / path.name).as_posix() for path in subfolders])}")  # fmt: skip
     return (f"data folder {folder} has no images of its own, only subfolders with images ({names}): list each with its repeats "
             f"in the recipe's data section, e.g. {folders_entries([path.name for path in subfolders])}")  # fmt: skip
 
 
 def folders_entries(names: list[str]) -> str:
-    """`folders: [...]` training the subfolders `names`, as the recipe's YAML (a flow list): also right for
-    `check-data --image-dir`, which takes no overrides."""
+    """`folders: [...]` training the subfolders `names` (paths from image_dir), as the recipe's YAML (a flow
+    list): also right for `check-data --image-dir`, which takes no overrides."""
     entries = []
     for name in names:
-        repeats = re.match(r"(\d+)_", name)  # sd-scripts' N_name folders: N is the repeats
+        repeats = re.match(r"(\d+)_", PurePosixPath(name).name)  # sd-scripts' N_name folders: N is the repeats
         entries.append(f"{{path: {json.dumps(name, ensure_ascii=False)}, repeats: {int(repeats.group(1)) if repeats else 1}}}")
     return f"folders: [{', '.join(entries)}]"
 

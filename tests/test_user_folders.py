@@ -128,3 +128,18 @@ def test_two_images_of_one_stem_finding_one_mask_by_it_is_one_line_naming_both(t
         "(masks/A.png for A.png), or remove one image (a copy?)"]  # fmt: skip
     Image.new("L", (64, 64), 255).save(tmp_path / "masks" / "A.png")
     assert inspect_examples(read_examples(config), config, "data").of_level(FATAL) == []
+
+
+def test_a_data_folders_entry_of_only_image_folders_names_them_and_the_entries_that_train_them(tmp_path):
+    """Only the images directly in an entry's folder are read: sd-scripts' N_name folders one level down were 'no images'."""
+    for name in ("10_sks dog", "1_style"):
+        (tmp_path / "concepts" / name).mkdir(parents=True)
+        noise(tmp_path / "concepts" / name / "a.png")
+    config = DataConfig(image_dir=str(tmp_path), resolution=64, caption="a photo", folders=[{"path": "concepts", "repeats": 2}])
+    expected = (f"data folder {tmp_path / 'concepts'} has no images of its own, only subfolders with images (10_sks dog, 1_style): "
+                "list each as its own data.folders entry in place of path 'concepts', e.g. "
+                'folders: [{path: "concepts/10_sks dog", repeats: 10}, {path: "concepts/1_style", repeats: 1}]')  # fmt: skip
+    with pytest.raises(FinetuneError, match=f"^{re.escape(expected)}$"):
+        read_examples(config)
+    entries = [{"path": "concepts/10_sks dog", "repeats": 10}, {"path": "concepts/1_style"}]
+    assert len(read_examples(DataConfig(image_dir=str(tmp_path), resolution=64, caption="a photo", folders=entries))) == 2
