@@ -223,7 +223,8 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             if held_out:
                 terms = held_out_loss(method, modules, dataset, collate_fn, held_out, recipe.seed, accelerator.device, lambda: autocast(accelerator))
                 result.validation_losses.append((at_step, terms["loss"]))
-                accelerator.print(f"validation loss at step {at_step}: {terms['loss']:.4f}")
+                if accelerator.is_local_main_process:  # above the progress bar, not on its line
+                    tqdm.write(f"validation loss at step {at_step}: {terms['loss']:.4f}")
                 accelerator.log({f"validation/{name}": value for name, value in terms.items()}, step=at_step)
         if grid is not None:
             result.sample_grids.append(grid)
