@@ -108,6 +108,15 @@ def agree_on_start(accelerator: Accelerator, step: int, checkpoints_dir: Path, l
         )
 
 
+def release_gathered(accelerator: Accelerator, modules: dict[str, torch.nn.Module]) -> None:
+    """Under ZeRO-3, shard again the weights that forwards outside training (validation's sampling and loss)
+    gathered: DeepSpeed keeps them whole for reuse until the next training step, the whole model on every
+    process meanwhile."""
+    if zero_stage(accelerator) == 3:
+        for module in modules.values():
+            module.empty_partition_cache()
+
+
 def uses_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 

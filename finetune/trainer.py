@@ -24,7 +24,7 @@ from finetune.check_data import too_few_to_batch
 from finetune.config import Recipe
 from finetune.batches import item_layout, make_batch_sampler
 from finetune.diffusion import BatchRandomness
-from finetune.distributed import accelerator_options, agree_on_start, autocast, checkpoint_options, configure_deepspeed, full_parameters, launch_problem, unsharded_loading, unwrap, uses_deepspeed, zero_stage
+from finetune.distributed import accelerator_options, agree_on_start, autocast, checkpoint_options, configure_deepspeed, full_parameters, launch_problem, release_gathered, unsharded_loading, unwrap, uses_deepspeed, zero_stage
 from finetune.ema import EMA_FILE, WeightAverage
 from finetune.caption_tokens import long_captions_line
 from finetune.errors import FinetuneError
@@ -226,6 +226,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
                 if accelerator.is_local_main_process:  # above the progress bar, not on its line
                     tqdm.write(f"validation loss at step {at_step}: {terms['loss']:.4f}")
                 accelerator.log({f"validation/{name}": value for name, value in terms.items()}, step=at_step)
+        release_gathered(accelerator, modules)
         if grid is not None:
             result.sample_grids.append(grid)
         return grid
