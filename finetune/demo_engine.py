@@ -88,7 +88,8 @@ def parse_strengths(text: str) -> list[float]:
         values = [float(v) for v in str(text).replace(";", ",").split(",") if v.strip()]
     except ValueError:
         raise FinetuneError(f"strengths '{text}' must be numbers separated by commas, e.g. 0.5, 1.0") from None
-    if not values or len(values) > 6 or any(abs(v) > 4 for v in values):
+    # Written as a range so that "nan" (which float() reads, and which renders black images) is refused too.
+    if not values or len(values) > 6 or not all(-4 <= v <= 4 for v in values):
         raise FinetuneError("give 1 to 6 strengths between -4 and 4, e.g. 0.5, 1.0")
     return values
 

@@ -71,6 +71,15 @@ def test_several_strengths_and_layouts(client):
     assert captions == ["trained+trained x1, seed 0"] and np.abs(two[0] - images[3]).max() <= 2
 
 
+def test_strengths_that_are_not_numbers_in_range_are_refused():
+    from finetune.demo_engine import parse_strengths
+
+    assert parse_strengths(" 0.5 ; 1") == [0.5, 1.0]
+    for text in ("nan", "0.5, nan", "inf", "5"):  # "nan" rendered black columns labelled "xnan"
+        with pytest.raises(FinetuneError, match="strengths between -4 and 4"):
+            parse_strengths(text)
+
+
 def test_unknown_or_refused_adapters_are_rejected(client, demo):
     from gradio_client.exceptions import AppError
 
