@@ -17,10 +17,13 @@ def base_or_recorded(args) -> str:
     """--base, else the base the adapter's training run recorded (named on the console)."""
     if args.base:
         return args.base
-    from finetune.inference import recorded_base
+    from finetune.inference import recorded_base, recorded_base_config
 
     base = recorded_base(args.lora, getattr(args, "controlnet", None))
-    print(f"base model: {base} (recorded by the adapter's training run; --base picks another)")
+    if args.base_config is None:  # a single-file base loads offline only with the configs its run was given
+        args.base_config = recorded_base_config(args.lora, getattr(args, "controlnet", None))
+    configs = f" with the configs {args.base_config}" if args.base_config else ""
+    print(f"base model: {base}{configs} (recorded by the adapter's training run; --base picks another)")
     return base
 
 

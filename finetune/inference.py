@@ -112,12 +112,12 @@ def resolve_controlnet_folder(controlnet: str) -> Path:
     return path
 
 
-def adapter_base(lora: str | None, controlnet: str | None) -> str | None:
-    """The base model a LoRA's (else a ControlNet's) training run recorded, if any."""
+def adapter_base(lora: str | None, controlnet: str | None, key: str = "finetune.base_model") -> str | None:
+    """The base model a LoRA's (else a ControlNet's) training run recorded, if any (`key`: another record of it)."""
     if lora:
-        return load_lora(resolve_lora_file(lora)).metadata.get("finetune.base_model")  # sd-scripts' files: their ss_sd_model_name
+        return load_lora(resolve_lora_file(lora)).metadata.get(key)  # sd-scripts' files: their ss_sd_model_name
     if controlnet:
-        return saved_model_metadata(resolve_controlnet_folder(controlnet)).get("finetune.base_model")
+        return saved_model_metadata(resolve_controlnet_folder(controlnet)).get(key)
     return None
 
 
@@ -134,16 +134,29 @@ def recorded_base(lora: str | None, controlnet: str | None) -> str:
     if not recorded:
         adapter = f" ({lora or controlnet} records none)" if lora or controlnet else ""
         raise FinetuneError(f"pass --base MODEL: the base model to use{adapter}")
+    found = found_from_adapter(recorded, lora or controlnet)
+    if found is None:
+        raise FinetuneError(f"pass --base MODEL: {lora or controlnet} records the base {recorded}, which is not there from here")
+    return found
+
+
+def recorded_base_config(lora: str | None, controlnet: str | None) -> str | None:
+    """The configs a run on a single-file base described it with (model.single_file_config), found as its
+    base is; None where it recorded none or they are not there."""
+    recorded = adapter_base(lora, controlnet, key="finetune.base_config")
+    return found_from_adapter(recorded, lora or controlnet) if recorded else None
+
+
+def found_from_adapter(recorded: str, adapter: str) -> str | None:
+    """A path or hub id a run recorded as training was given it, as found from here; None if not found."""
     if Path(recorded).exists() or Path(recorded).is_absolute():
         return recorded
     # A relative path, from the folder training ran in (outputs usually sit below it); `models/sd15` reads
     # like a hub id too, so the folders come first.
-    for folder in Path(lora or controlnet).resolve().parents:
+    for folder in Path(adapter).resolve().parents:
         if (folder / recorded).exists():
             return str(folder / recorded)
-    if looks_like_hub_id(recorded):
-        return recorded
-    raise FinetuneError(f"pass --base MODEL: {lora or controlnet} records the base {recorded}, which is not there from here")
+    return recorded if looks_like_hub_id(recorded) else None
 
 
 def saved_model_metadata(folder: Path) -> dict[str, str]:

@@ -57,6 +57,7 @@ def output_metadata(
     metadata = {
         "finetune.method": recipe.method,
         "finetune.base_model": recipe.model.pretrained,
+        **({"finetune.base_config": recipe.model.single_file_config} if recipe.model.single_file_config else {}),
         "finetune.steps": str(step),
         **({"finetune.epoch": str(epoch)} if epoch is not None else {}),
         **({"finetune.max_steps": str(max_steps)} if max_steps is not None else {}),

@@ -267,6 +267,21 @@ def test_sample_merge_and_demo_take_a_single_file_base_with_base_config(single_f
     assert all(torch.equal(a, b) for a, b in zip(engine.base.unet.state_dict().values(), pipeline.unet.state_dict().values()))
 
 
+def test_a_lora_trained_on_a_single_file_base_samples_and_merges_with_its_recorded_configs(single_file, image_folder, tmp_path, capsys):
+    """Without --base, sample and merge take the recorded base; a single file loads offline only with the
+    configs its run named (model.single_file_config), which the LoRA records too."""
+    from finetune.trainer import train
+
+    path, configs, _ = single_file
+    run = tmp_path / "run"
+    train(build_recipe(path, image_folder, run, model__single_file_config=str(configs), train__max_steps=1, train__batch_size=1))
+    capsys.readouterr()
+    argv = ["sample", "--lora", str(run), "--prompt", "a red circle", "--num-images", "1", "--steps", "2", "--out", str(tmp_path / "s")]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert f"base model: {path} with the configs {configs} (recorded" in capsys.readouterr().out
+    assert main(["merge", "--lora", str(run), str(tmp_path / "merged")]) == 0
+
+
 def test_a_lora_given_as_the_base_is_named_as_one(quickstart_lora, capsys):
     lora = quickstart_lora / "pytorch_lora_weights.safetensors"
     assert main(["sample", "--base", str(lora), "--prompt", "a star"]) == 2
