@@ -33,7 +33,7 @@ from finetune.adapter_scan import BASE, PICKLE_SUFFIXES, Adapter, scan_adapters
 from finetune.config import ModelConfig
 from finetune.encoders import clip_skipped
 from finetune.errors import FinetuneError
-from finetune.inference import refuse_replacing_a_fine_tuned_unet, saved_model_metadata, unlocked_decoder_folder
+from finetune.inference import base_model_metadata, refuse_replacing_a_fine_tuned_unet, saved_model_metadata, unlocked_decoder_folder
 from finetune.kohya import LoRA, load_lora
 from finetune.merge import find_module
 from finetune.models import BaseModel, freeze, load_base_model
@@ -105,7 +105,7 @@ class DemoEngine:
         self.placement = inference_placement(device, precision)  # every model the demo loads goes there (finetune/placement.py)
         self.base = self._frozen(load_base_model(ModelConfig.from_option(base, base_config)))
         # A fine-tuned or merged pipeline as the base: what it was trained with (clip skip) holds in every column.
-        self.base_metadata = saved_model_metadata(Path(base)) if Path(base).is_dir() else {}
+        self.base_metadata = base_model_metadata(base)
         self.lock = threading.Lock()
         self._cache: dict[tuple, object] = {}
         self.adapters: dict[str, Adapter] = {}

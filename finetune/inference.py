@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel
 from PIL import Image
+from safetensors import SafetensorError, safe_open
 
 from finetune.atomic_files import atomic_save_safetensors
 from finetune.checkpoint import STATE_FILE
@@ -170,6 +171,23 @@ def saved_model_metadata(folder: Path) -> dict[str, str]:
     return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
 
 
+def base_model_metadata(base: str) -> dict[str, str]:
+    """What training or merge recorded of a base model of ours: beside its pipeline folder, or in the header
+    of `finetune export-checkpoint`'s file (its clip skip and prediction type, which that layout cannot
+    carry otherwise); {} for other models."""
+    path = Path(base)
+    if path.is_dir():
+        return saved_model_metadata(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    try:
+        with safe_open(str(path), "pt") as opened:
+            header = opened.metadata() or {}
+    except (SafetensorError, OSError):  # loading the model says what is wrong with the file
+        return {}
+    return {key: value for key, value in header.items() if key.startswith("finetune.")}
+
+
 def unlocked_decoder_folder(controlnet_folder: Path) -> Path | None:
     """The UNet that a run with controlnet.unlock_unet_decoder saved beside its ControlNet, else None.
 
@@ -243,7 +261,7 @@ def load_sampling_pipeline(
     lora_weights = load_lora(lora_file) if lora_file else None  # a broken file stops before the model loads
     folder = resolve_controlnet_folder(controlnet) if controlnet else None
     adapters = {}  # name: metadata
-    base_metadata = saved_model_metadata(Path(base)) if Path(base).is_dir() else {}
+    base_metadata = base_model_metadata(base)
     if base_metadata:  # a full fine-tune's or a merge's pipeline
         adapters[base] = base_metadata
     if controlnet:

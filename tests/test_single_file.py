@@ -10,6 +10,7 @@ import copy
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, SHIPPED_BASE, build_recipe
@@ -280,6 +281,29 @@ def test_a_lora_trained_on_a_single_file_base_samples_and_merges_with_its_record
     assert main(argv) == 0, capsys.readouterr().err
     assert f"base model: {path} with the configs {configs} (recorded" in capsys.readouterr().out
     assert main(["merge", "--lora", str(run), str(tmp_path / "merged")]) == 0
+
+
+def test_a_single_file_base_samples_with_the_clip_skip_its_header_records(single_file, tmp_path, capsys):
+    """export-checkpoint's header holds what training recorded; the layout itself cannot say clip skip 2."""
+    from PIL import Image
+
+    from finetune.pipeline_io import METADATA_FILE
+
+    _, configs, _ = single_file
+    pipeline = tmp_path / "clip-skip-2"
+    shutil.copytree(configs, pipeline)
+    (pipeline / METADATA_FILE).write_text(json.dumps({"finetune.method": "full", "finetune.clip_skip": "2"}))
+    path, _ = export_checkpoint(pipeline, tmp_path / "clip-skip-2.safetensors")
+
+    def sample(*base):
+        out = tmp_path / f"samples-{len(list(tmp_path.glob('samples-*')))}"
+        assert main(["sample", *base, "--prompt", "a red circle", "--num-images", "1", "--steps", "2", "--out", str(out)]) == 0, capsys.readouterr().err
+        return np.asarray(Image.open(out / "prompt0_seed0.png"))
+
+    from_folder = sample("--base", str(pipeline))
+    assert not np.array_equal(sample("--base", str(configs)), from_folder)  # clip skip 2 changes the image
+    assert np.array_equal(sample("--base", str(path), "--base-config", str(configs)), from_folder)
+    assert DemoEngine(str(path), tmp_path / "adapters", base_config=str(configs)).base_metadata["finetune.clip_skip"] == "2"
 
 
 def test_a_lora_given_as_the_base_is_named_as_one(quickstart_lora, capsys):
