@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 
 EXAMPLES = """examples:
@@ -31,6 +32,18 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a number, but not nan or inf, which float() reads and which give black images (and
+    a merged pipeline of nan weights) rather than an error."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
 
 
@@ -94,16 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_base_options(sample, required=False, default=RECORDED_BASE_HELP)
     sample.add_argument("--lora", action=OneLoRA, help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
-    sample.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
+    sample.add_argument("--lora-scale", type=finite_float, default=1.0, help="LoRA strength (default 1.0)")
     sample.add_argument("--controlnet", help="ControlNet folder (config.json + weights), or a controlnet training output folder")
     sample.add_argument("--condition", action="append", help="conditioning image for --controlnet (edges, mask, ...), used for every prompt")
-    sample.add_argument("--conditioning-scale", type=float, default=None, help="ControlNet strength (default 1.0; 0 = the base model alone)")
+    sample.add_argument("--conditioning-scale", type=finite_float, default=None, help="ControlNet strength (default 1.0; 0 = the base model alone)")
     sample.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several); may end in --n NEGATIVE --d SEED --l GUIDANCE --s STEPS, quoted with it")
     sample.add_argument("--negative-prompt", default=None)
     sample.add_argument("--num-images", type=positive_int, default=4, help="images per prompt (seeds seed..seed+N-1, from a prompt's own --d if it has one)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--steps", type=positive_int, default=25, help="DDIM steps")
-    sample.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    sample.add_argument("--guidance", type=finite_float, default=7.5, help="classifier-free guidance scale")
     sample.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")
     sample.add_argument("--out", default="outputs/samples", help="output folder (default outputs/samples)")
     add_placement_options(sample)
@@ -192,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("output_dir", help="folder for the merged pipeline")
     add_base_options(merge, required=False, default=" (default: the base the --lora run recorded)")
     merge.add_argument("--lora", action=OneLoRA, required=True, help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
-    merge.add_argument("--strength", type=float, default=1.0, help="LoRA strength, as --lora-scale in sampling (default 1.0)")
+    merge.add_argument("--strength", type=finite_float, default=1.0, help="LoRA strength, as --lora-scale in sampling (default 1.0)")
     merge.add_argument("--overwrite", action="store_true", help="replace the contents of an existing output folder")
     merge.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights of the merged pipeline (default fp32; fp16 halves it)")
 

@@ -26,7 +26,7 @@ control_iou, placement_iou: higher is better, compare with their chance levels a
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``eval`` on the ``finetune`` subcommand parsers (``parser.add_subparsers()``)."""
-    from finetune.cli_arguments import RECORDED_BASE_HELP, OneLoRA, add_base_options, positive_int
+    from finetune.cli_arguments import RECORDED_BASE_HELP, OneLoRA, add_base_options, finite_float, positive_int
 
     p = subparsers.add_parser(
         "eval",
@@ -38,15 +38,15 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     )
     add_base_options(p, required=False, default=RECORDED_BASE_HELP)
     p.add_argument("--lora", action=OneLoRA, help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
-    p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
+    p.add_argument("--lora-scale", type=finite_float, default=1.0, help="LoRA strength (default 1.0)")
     p.add_argument("--controlnet", help="ControlNet folder, or a controlnet training output folder (runs the control and placement suites)")
-    p.add_argument("--conditioning-scale", type=float, default=None, help="ControlNet strength (default 1.0)")
+    p.add_argument("--conditioning-scale", type=finite_float, default=None, help="ControlNet strength (default 1.0)")
     p.add_argument("--suite", action="append", choices=list(SUITES),
                    help="suite to run; repeat for several (default: adherence and fid; control and placement with --controlnet)")
     p.add_argument("--num-prompts", type=positive_int, default=64, help="prompts per suite (default 64)")
     p.add_argument("--images-per-prompt", type=positive_int, default=1, help="images per prompt; prompt p's image k has seed seed+p*N+k (default 1)")
     p.add_argument("--steps", type=positive_int, default=25, help="DDIM steps (default 25)")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5.0)")
+    p.add_argument("--guidance", type=finite_float, default=5.0, help="classifier-free guidance scale (default 5.0)")
     p.add_argument("--seed", type=int, default=0, help="noise seed; the prompts are fixed (default 0)")
     p.add_argument("--identifier", default="sks", help="DreamBooth identifier in subject prompts (default sks)")
     p.add_argument("--subject", default="star", choices=list(SHAPES), help="shape the subject should look like (default star)")

@@ -311,6 +311,16 @@ def test_sample_refuses_zero_images_or_steps_and_a_second_condition(capsys, tiny
     assert "--condition takes one image, used for every prompt" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["sample", "--prompt", "x", "--lora-scale"], ["sample", "--prompt", "x", "--guidance"], ["merge", "out", "--strength"],
+                                     ["eval", "--conditioning-scale"]])
+def test_a_strength_or_guidance_of_nan_is_refused(command, capsys):
+    """float() reads 'nan' and 'inf': sample drew black images, merge wrote a pipeline of nan weights."""
+    for value in ("nan", "inf"):
+        with pytest.raises(SystemExit):
+            main([*command, value])
+        assert f"error: argument {command[-1]}: expected a finite number, got '{value}'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", [["sample", "--prompt", "x"], ["merge", "out"], ["eval"]])
 def test_a_second_lora_is_refused_not_dropped(command, capsys):
     """argparse kept the last of two --lora silently: a merge of 'two' LoRAs held one."""
