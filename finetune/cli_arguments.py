@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--steps", type=positive_int, default=25, help="DDIM steps")
     sample.add_argument("--guidance", type=finite_float, default=7.5, help="classifier-free guidance scale")
-    sample.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")
+    sample.add_argument("--resolution", type=positive_int, default=None, help="image size (default: the model's)")
     sample.add_argument("--out", default="outputs/samples", help="output folder (default outputs/samples)")
     add_placement_options(sample)
 

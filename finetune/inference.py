@@ -331,7 +331,13 @@ def sample_to_folder(
     if controlnet is not None:
         control_image = load_condition(condition, resolution)
         control = dict(image=control_image, controlnet_conditioning_scale=1.0 if conditioning_scale is None else conditioning_scale)
-    rows = generate_with_settings(pipeline, settings, num_images, resolution, **control)
+    try:
+        rows = generate_with_settings(pipeline, settings, num_images, resolution, **control)
+    except RuntimeError as err:  # torch.OutOfMemoryError on a GPU; a plain RuntimeError from the CPU's allocator
+        if not (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)):
+            raise
+        native = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+        raise FinetuneError(f"out of memory sampling {resolution}x{resolution} px images: lower --resolution (this model's own is {native})") from None
     written = []
     for p, row in enumerate(rows):
         for k, image in enumerate(row):
