@@ -85,7 +85,11 @@ def resolve_model_folder(config: ModelConfig) -> Path | None:
         if not path.is_file():
             raise FinetuneError(f"base model file {name} not found: check {config._key}")
         if path.suffix == ".safetensors" and holds_a_lora(path):
-            raise FinetuneError(f"{name} is a LoRA, not a base model: pass it as --lora, with {config._key} the model it was trained on")
+            # What to do instead depends on where it was given: a recipe has no --lora (its key starts from a LoRA).
+            instead = ("set model.pretrained to the model it was trained on (lora.init_from starts a run from this LoRA)"
+                       if config._key == "model.pretrained" else
+                       f"pass it as --lora, with {config._key} the model it was trained on (the demo lists the LoRAs under --adapters)")
+            raise FinetuneError(f"{name} is a LoRA, not a base model: {instead}")
         return None
     if config.single_file_config:
         raise FinetuneError(

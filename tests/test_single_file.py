@@ -310,6 +310,11 @@ def test_a_lora_given_as_the_base_is_named_as_one(quickstart_lora, capsys):
     lora = quickstart_lora / "pytorch_lora_weights.safetensors"
     assert main(["sample", "--base", str(lora), "--prompt", "a star"]) == 2
     assert f"{lora} is a LoRA, not a base model: pass it as --lora, with --base the model it was trained on" in capsys.readouterr().err
+    # A recipe and the demo have no --lora: each is told what it takes instead.
+    with pytest.raises(FinetuneError, match=r"set model.pretrained to the model it was trained on \(lora.init_from starts a run from this LoRA\)$"):
+        load_base_model(ModelConfig(pretrained=str(lora)))
+    with pytest.raises(FinetuneError, match=r"the demo lists the LoRAs under --adapters\)$"):
+        DemoEngine(str(lora), lora.parent)
 
 
 SD15_REPO_FILES = [  # stable-diffusion-v1-5/stable-diffusion-v1-5, as the hub lists it
