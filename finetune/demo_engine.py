@@ -226,7 +226,9 @@ class DemoEngine:
     def _metadata_now(self, name: str) -> dict[str, str]:
         """What an adapter's files record now: one retrained since the last scan is loaded again (see
         `_cached`), and its clip skip or prediction type may have changed with it."""
-        adapter = self.adapters[name]
+        adapter = self.adapters.get(name)
+        if adapter is None:  # a Rescan (not queued behind renders) while this request rendered found it deleted
+            raise FinetuneError(f"'{name}' was removed from {self.adapters_dir} while this request rendered: pick another")
         if adapter.kind == "lora":
             return self._cached(adapter, lambda: load_lora(adapter.path)).metadata
         return saved_model_metadata(adapter.path) or adapter.metadata
