@@ -263,6 +263,16 @@ def conditioning_record(folder: Path) -> dict | None:
     return record if isinstance(record, dict) and record.get("kind") in KINDS else None
 
 
+def recorded_options(metadata: dict[str, str], kind: str) -> dict[str, float]:
+    """The thresholds a ControlNet's `kind` conditioning images were made with (its finetune.conditioning), so
+    that one made for it later (the demo's) is made the same way; {} where another kind or none is recorded."""
+    try:
+        record = json.loads(metadata["finetune.conditioning"])
+        return {name: float(value) for name, value in record.items() if name != "kind"} if record["kind"] == kind else {}
+    except (KeyError, ValueError, TypeError, AttributeError):  # not recorded, or not by us
+        return {}
+
+
 def recorded_conditioning(metadata: dict[str, str]) -> str | None:
     """'canny (low 20, high 40, sigma 1)': how a ControlNet's training images were made (its finetune.conditioning), if known."""
     try:

@@ -30,6 +30,7 @@ import torch
 from PIL import Image, ImageOps
 
 from finetune.adapter_scan import BASE, PICKLE_SUFFIXES, Adapter, scan_adapters
+from finetune.conditions import recorded_options
 from finetune.config import ModelConfig
 from finetune.encoders import clip_skipped
 from finetune.errors import FinetuneError
@@ -179,7 +180,8 @@ class DemoEngine:
             if decoder is not None and (model is not self.base or self.base_metadata):
                 refuse_replacing_a_fine_tuned_unet(request.controlnet, request.model if model is not self.base else self.base_name)
             _check_controlnet_fits(controlnet, model.unet, request.controlnet, model.source)
-            condition = conditioning_image(request.conditioning_image, request.conditioning_kind, request.size)
+            made_with = recorded_options(self._metadata_now(request.controlnet), request.conditioning_kind)
+            condition = conditioning_image(request.conditioning_image, request.conditioning_kind, request.size, made_with)
         columns = self._columns(request, model, loras, controlnet, decoder)
         for column in columns:  # adapters that cannot be combined stop the request before anything renders
             trained_for = self._trained_for(column)
@@ -348,8 +350,9 @@ def _pipeline(model: BaseModel, controlnet, unet):
     return build_pipeline(model, unet=unet, pipeline_class=StableDiffusionControlNetPipeline, controlnet=controlnet)
 
 
-def conditioning_image(image: Image.Image | None, kind: str, size: int) -> Image.Image:
-    """The uploaded image, center-cropped to `size`, used as is or turned into a conditioning map."""
+def conditioning_image(image: Image.Image | None, kind: str, size: int, options: dict[str, float] | None = None) -> Image.Image:
+    """The uploaded image, center-cropped to `size`, used as is or turned into a conditioning map (with
+    `options`: the thresholds the ControlNet's training images were made with)."""
     from finetune.conditions import make_condition
 
     if image is None:
@@ -359,4 +362,4 @@ def conditioning_image(image: Image.Image | None, kind: str, size: int) -> Image
     if image.width * image.height > MAX_INPUT_PIXELS:
         raise FinetuneError(f"the uploaded image is {image.width}x{image.height}: at most {MAX_INPUT_PIXELS // 1_000_000} megapixels")
     fitted = ImageOps.fit(image.convert("RGB"), (size, size), Image.Resampling.LANCZOS)
-    return fitted if kind == "as uploaded" else make_condition(fitted, kind)
+    return fitted if kind == "as uploaded" else make_condition(fitted, kind, **(options or {}))
