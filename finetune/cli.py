@@ -74,11 +74,19 @@ def _train(args) -> int:
     return 0
 
 
+def check_output_folder(out: Path) -> None:
+    """Before the model loads and the images are made: --out is (or will be) a folder."""
+    existing = next(folder for folder in (out, *out.parents) if folder.exists())  # the root, at least, exists
+    if not existing.is_dir():
+        raise FinetuneError(f"--out {out}: {existing} is a file, not a folder: give a folder for the images and grid")
+
+
 def _sample(args) -> int:
     from finetune.inference import sample_to_folder
 
     if args.condition and len(args.condition) > 1:
         raise FinetuneError("--condition takes one image, used for every prompt: sample each conditioning image in its own run")
+    check_output_folder(Path(args.out))
     base = base_or_recorded(args)
 
     written = sample_to_folder(

@@ -301,11 +301,15 @@ def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(monkeypatch, 
     assert capsys.readouterr().err == ""
 
 
-def test_sample_refuses_zero_images_or_steps_and_a_second_condition(capsys, tiny_model):
+def test_sample_refuses_zero_images_or_steps_a_file_as_out_and_a_second_condition(capsys, tiny_model, tmp_path):
     for option in ("--steps", "--num-images"):
         with pytest.raises(SystemExit):
             main(["sample", "--base", str(tiny_model), "--prompt", "a", option, "0"])
         assert f"argument {option}: must be at least 1, got 0" in capsys.readouterr().err
+    for out in ("file.txt", "file.txt/images"):  # a traceback after the images were made
+        (tmp_path / "file.txt").write_text("kept")
+        assert main(["sample", "--base", str(tiny_model), "--prompt", "a", "--out", str(tmp_path / out)]) == 2
+        assert f"error: --out {tmp_path / out}: {tmp_path / 'file.txt'} is a file, not a folder" in capsys.readouterr().err
     two = ["--condition", "a.png", "--condition", "b.png"]
     assert main(["sample", "--base", str(tiny_model), "--controlnet", "c", *two, "--prompt", "a", "--prompt", "b"]) == 2
     assert "--condition takes one image, used for every prompt" in capsys.readouterr().err
