@@ -74,11 +74,12 @@ def _train(args) -> int:
     return 0
 
 
-def check_output_folder(out: Path) -> None:
-    """Before the model loads and the images are made: --out is (or will be) a folder."""
-    existing = next(folder for folder in (out, *out.parents) if folder.exists())  # the root, at least, exists
+def check_output_folder(out: Path, what: str, holds: str, is_file: bool = False) -> None:
+    """Before anything loads or is made: `out` (with `is_file`, the folder it goes in) is, or can become, a folder."""
+    folder = out.parent if is_file else out
+    existing = next(path for path in (folder, *folder.parents) if path.exists())  # the root, at least, exists
     if not existing.is_dir():
-        raise FinetuneError(f"--out {out}: {existing} is a file, not a folder: give a folder for the images and grid")
+        raise FinetuneError(f"{what} {out}: {existing} is a file, not a folder: give a folder for {holds}")
 
 
 def _sample(args) -> int:
@@ -86,7 +87,7 @@ def _sample(args) -> int:
 
     if args.condition and len(args.condition) > 1:
         raise FinetuneError("--condition takes one image, used for every prompt: sample each conditioning image in its own run")
-    check_output_folder(Path(args.out))
+    check_output_folder(Path(args.out), "--out", "the images and grid")
     base = base_or_recorded(args)
 
     written = sample_to_folder(
@@ -148,6 +149,8 @@ def _export_base(args) -> int:
 def _export(args) -> int:
     from finetune.kohya import export_lora
 
+    output = Path(args.output)
+    check_output_folder(output, "export output", "the LoRA and its model card", is_file=output.suffix == ".safetensors")
     path, card, images = export_lora(Path(args.input), Path(args.output), args.to, overwrite=args.overwrite, precision=args.precision)
     print(f"wrote {path} ({args.to} layout{', ' + args.precision if args.precision else ''}), its model card {card}" + "".join(f", {i}" for i in images))
     return 0

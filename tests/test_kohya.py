@@ -279,7 +279,7 @@ def test_merge_replaces_an_existing_folder_only_when_asked_and_never_its_source(
     assert not list(trained.path.glob(".*partial"))
 
 
-def test_export_replaces_files_only_when_asked_and_a_truncated_lora_is_one_line(trained, tiny_model, tmp_path, capsys):
+def test_export_replaces_files_only_when_asked_refuses_a_file_as_folder_and_a_truncated_lora_is_one_line(trained, tiny_model, tmp_path, capsys):
     out = tmp_path / "webui"
     out.mkdir()
     (out / "README.md").write_text("# my notes")
@@ -292,6 +292,10 @@ def test_export_replaces_files_only_when_asked_and_a_truncated_lora_is_one_line(
     assert main(["export", str(trained.path), str(out), "--to", "kohya", "--overwrite"]) == 0
     assert main(["export", str(trained.path), str(trained.path), "--to", "diffusers", "--overwrite"]) == 2
     assert "over the LoRA it reads" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("kept")  # an output that is, or is inside, a file was a traceback
+    for output, layout in (("notes.txt", "kohya"), ("notes.txt/my.safetensors", "kohya"), ("notes.txt/lora", "diffusers")):
+        assert main(["export", str(trained.path), str(tmp_path / output), "--to", layout]) == 2
+        assert f"error: export output {tmp_path / output}: {tmp_path / 'notes.txt'} is a file, not a folder" in capsys.readouterr().err
 
     truncated = tmp_path / "download.safetensors"
     truncated.write_bytes((trained.path / LORA_WEIGHTS_NAME).read_bytes()[:100])
