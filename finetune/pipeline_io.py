@@ -61,6 +61,9 @@ def check_replaceable(folder: Path, overwrite: bool, what: str) -> None:
 
     if folder.exists() and not folder.is_dir():
         raise FinetuneError(f"{what} {folder} is a file: give a folder for the pipeline")
+    inside = next(path for path in folder.parents if path.exists())  # the root, at least, exists
+    if not inside.is_dir():
+        raise FinetuneError(f"{what} {folder} is inside a file ({inside}): give a folder for the pipeline")
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
         raise FinetuneError(f"{what} {folder} is not empty: pick a new folder, or pass --overwrite to replace what is in it")
 

@@ -276,6 +276,8 @@ def test_merge_replaces_an_existing_folder_only_when_asked_and_never_its_source(
 
     assert main([*merge, str(trained.path / LORA_WEIGHTS_NAME)]) == 2
     assert f"merge output {trained.path / LORA_WEIGHTS_NAME} is a file: give a folder for the pipeline" in capsys.readouterr().err
+    assert main([*merge, str(trained.path / LORA_WEIGHTS_NAME / "merged")]) == 2  # was a traceback after the merge
+    assert f"merge output {trained.path / LORA_WEIGHTS_NAME / 'merged'} is inside a file ({trained.path / LORA_WEIGHTS_NAME})" in capsys.readouterr().err
     assert not list(trained.path.glob(".*partial"))
 
 
