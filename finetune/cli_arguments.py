@@ -35,6 +35,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_number(text: str) -> int:
+    """An argparse type: a seed as recipes take one (finetune.config.base.Seed): 0 to 2**63 - 1, which torch's
+    and numpy's generators both take (a larger one was an overflow traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 2**63 - 1, got {value}")
+    return value
+
+
 def finite_float(text: str) -> float:
     """An argparse type: a number, but not nan or inf, which float() reads and which give black images (and
     a merged pipeline of nan weights) rather than an error."""
@@ -114,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several); may end in --n NEGATIVE --d SEED --l GUIDANCE --s STEPS, quoted with it")
     sample.add_argument("--negative-prompt", default=None)
     sample.add_argument("--num-images", type=positive_int, default=4, help="images per prompt (seeds seed..seed+N-1, from a prompt's own --d if it has one)")
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--seed", type=seed_number, default=0)
     sample.add_argument("--steps", type=positive_int, default=25, help="DDIM steps")
     sample.add_argument("--guidance", type=finite_float, default=7.5, help="classifier-free guidance scale")
     sample.add_argument("--resolution", type=positive_int, default=None, help="image size (default: the model's)")
@@ -129,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("output_dir")
     tiny.add_argument("--preset", choices=["tiny", "world", "medium"], default="tiny",
                       help="tiny (~1M UNet params), world (the toy-world base architecture) or medium (SD1.5 block pattern, ~19M)")
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--seed", type=seed_number, default=0)
     tiny.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon")
 
     data = commands.add_parser(
@@ -146,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     world.add_argument("output_dir", help="a new or empty folder")
     world.add_argument("--num-images", type=int, default=20000, help="images to write (default 20000, ~160 MB)")
-    world.add_argument("--seed", type=int, default=0, help="the same seed writes the same images (default 0)")
+    world.add_argument("--seed", type=seed_number, default=0, help="the same seed writes the same images (default 0)")
     world.add_argument("--include-held-out", choices=["no", "only_shape", "only_style", "all"], default="no",
                        help="no (default): held-in only (UNet pretraining); only_shape: solid stars only (a DreamBooth subject); "
                        "only_style: striped shapes only (a new-style LoRA's data); all: stars and stripes too (VAE pretraining)")

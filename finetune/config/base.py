@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Annotated, ClassVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 
 class Section(BaseModel):
@@ -37,4 +37,6 @@ def _between_0_and_1(value: float) -> float:
 
 PixelSize = Annotated[int, AfterValidator(_multiple_of_8)]  # an image side the VAE turns into whole latents
 Share = Annotated[float, AfterValidator(_between_0_and_1)]  # a probability
+# Random seeds: torch's generators take at most 64 bits, numpy's no negative numbers; image k draws from seed + k.
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 UserPath = Annotated[str, AfterValidator(os.path.expanduser)]  # a file or folder: ~ is the user's home, as in a shell

@@ -6,7 +6,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from finetune.config.base import Section, Share, UserPath
+from finetune.config.base import Section, Seed, Share, UserPath
 
 
 class LoRAConfig(Section):
@@ -89,7 +89,7 @@ class ClassImageGeneration(Section):
     num_inference_steps: int = Field(25, ge=1)
     guidance_scale: float = 7.5
     batch_size: int = Field(4, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     negative_prompt: Optional[str] = None
 
 

@@ -9,7 +9,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from finetune.config.base import Section, UserPath
+from finetune.config.base import Section, Seed, UserPath
 from finetune.config.data import DataConfig
 from finetune.config.methods import ControlNetConfig, DreamBoothConfig, FullConfig, LoRAConfig, VAEConfig
 from finetune.prompt_options import PromptSettings, with_options
@@ -169,7 +169,7 @@ class ValidationConfig(Section):
     guidance_scale: float = 7.5
     negative_prompt: Optional[str] = None  # e.g. "blurry, low quality"; for every prompt without its own --n
     images_per_prompt: int = Field(2, ge=1)
-    seed: int = Field(0, ge=0, le=2**63 - 1)  # image k of a prompt uses seed + k (a prompt's --d replaces it)
+    seed: Seed = 0  # image k of a prompt uses seed + k (a prompt's --d replaces it)
     # Hold this many training images out of training and report the loss on them at each validation
     # (fixed noise and timesteps: it falls while the model generalises and turns up when it overfits). 0: off.
     loss_images: int = Field(0, ge=0)
@@ -205,7 +205,7 @@ class LoggingConfig(Section):
 
 class Recipe(Section):
     method: Literal["lora", "full", "vae", "dreambooth", "controlnet"] = "lora"
-    seed: int = 42
+    seed: Seed = 42
     output_dir: UserPath = "outputs/run"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
