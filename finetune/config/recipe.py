@@ -205,7 +205,7 @@ class LoggingConfig(Section):
 
 class Recipe(Section):
     method: Literal["lora", "full", "vae", "dreambooth", "controlnet"] = "lora"
-    seed: Seed = 42
+    seed: int = Field(42, ge=0, le=2**32 - 1)  # accelerate's set_seed seeds numpy too, which takes 0 to 2**32 - 1
     output_dir: UserPath = "outputs/run"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
