@@ -158,6 +158,8 @@ def test_override_indexes_lists():
         ("optimizer.betas=[0.9, 1.5]", r"^key 'optimizer.betas': each beta must be at least 0 and below 1 \(the moments' decay\)"),
         ("train.max_grad_norm=-1", r"^key 'train.max_grad_norm': Input should be greater than or equal to 0 \(got -1\)$"),
         ("lora.text_encoder_lr=0", r"^key 'lora.text_encoder_lr': Input should be greater than 0 \(got 0\)$"),
+        ("seed=-1", r"^key 'seed': Input should be greater than or equal to 0 \(got -1\)$"),  # numpy's seeding raised once the model had loaded
+        ("seed=4294967296", r"^key 'seed': Input should be less than or equal to 4294967295"),
         # Values that would do nothing (their defaults, as the reference recipes name them, are fine).
         ("train.huber_c=0.2", r"^key 'train': train.huber_c \(0.2\) is the pseudo-Huber loss's threshold: set train.loss: huber, or remove huber_c$"),
         ("train.multires_noise_discount=0.5", r"^key 'train': train.multires_noise_discount weighs multi-resolution noise, which is off: set train.multires_noise_iterations"),
