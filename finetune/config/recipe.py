@@ -261,8 +261,9 @@ class Recipe(Section):
                 raise ValueError(f"lora.{key} with prodigy: it takes one optimizer.lr for every parameter; remove lora.{key}")
         trains_text_encoder_lora = self.lora.train_text_encoder or (self.method == "dreambooth" and self.dreambooth.train_text_encoder)
         if self.lora.loraplus_text_encoder_lr_ratio is not None and not trains_text_encoder_lora:
+            switch = "dreambooth.train_text_encoder" if self.method == "dreambooth" else "lora.train_text_encoder"
             raise ValueError("lora.loraplus_text_encoder_lr_ratio is the text encoder's LoRA+ ratio, and no text encoder trains: remove it "
-                             "(or set lora.train_text_encoder: true)")  # fmt: skip
+                             f"(or set {switch}: true)")  # fmt: skip
         if self.model.clip_skip > 1 and trains_text_encoder:  # its skipped layers would be saved untrained, or not at all
             raise ValueError("model.clip_skip above 1 leaves the text encoder's last layers out: train it with a LoRA, or set clip_skip to 1")
         # With train.max_epochs the trainer checks this once it knows the steps.
