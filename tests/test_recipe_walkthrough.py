@@ -17,3 +17,29 @@ def test_dreambooth_loraplus_for_a_frozen_text_encoder_names_dreambooths_switch(
     with pytest.raises(FinetuneError, match=r"no text encoder trains: remove it \(or set dreambooth.train_text_encoder: true\)$"):
         load_recipe(RECIPES / "dreambooth_lora.yaml", STAR + ["lora.loraplus_lr_ratio=4", "lora.loraplus_text_encoder_lr_ratio=2"])
     load_recipe(RECIPES / "dreambooth_lora.yaml", STAR + ["lora.loraplus_text_encoder_lr_ratio=2", "dreambooth.train_text_encoder=true"])
+
+
+@pytest.mark.parametrize(
+    "recipe,overrides,message",
+    [  # each trained with the text encoder frozen, or at the UNet's rate, without a word
+        ("dreambooth.yaml", STAR + ["full.train_text_encoder=true"],
+         r"full.train_text_encoder does nothing with method dreambooth \(its text encoder trains with dreambooth.train_text_encoder\): remove"),
+        ("dreambooth_lora.yaml", STAR + ["dreambooth.train_text_encoder=true", "lora.text_encoder_lr=1e-5"],
+         r"lora.text_encoder_lr does nothing with method dreambooth \(its text encoder trains with dreambooth.train_text_encoder\)"),
+        ("lora.yaml", ["full.train_text_encoder=true"], r"full.train_text_encoder does nothing with method lora \(its text encoder trains with lora.train_text_encoder\)"),
+        ("controlnet.yaml", ["lora.train_text_encoder=true"], r"lora.train_text_encoder does nothing with method controlnet \(it trains no text encoder\)"),
+        ("dreambooth.yaml", STAR + ["dreambooth.text_encoder_lr=1e-6"],
+         r"dreambooth.text_encoder_lr is the text encoder's rate, and it stays frozen: set dreambooth.train_text_encoder: true, or remove"),
+        ("lora.yaml", ["lora.text_encoder_lr=1e-5"], r"lora.text_encoder_lr is the text encoder's rate, and it stays frozen"),
+        ("pretrain_unet.yaml", ["full.train_text_encoder=false"], r"full.text_encoder_lr is the text encoder's rate, and it stays frozen"),
+    ],
+)  # fmt: skip
+def test_text_encoder_settings_that_would_do_nothing_are_refused(recipe, overrides, message):
+    with pytest.raises(FinetuneError, match=message):
+        load_recipe(RECIPES / recipe, overrides)
+
+
+def test_text_encoder_settings_of_the_methods_own_section_load():
+    load_recipe(RECIPES / "dreambooth.yaml", STAR + ["dreambooth.train_text_encoder=true", "dreambooth.text_encoder_lr=1e-6"])
+    load_recipe(RECIPES / "lora.yaml", ["lora.train_text_encoder=true", "lora.text_encoder_lr=1e-5"])
+    load_recipe(RECIPES / "pretrain_unet.yaml")

@@ -292,6 +292,21 @@ class Recipe(Section):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _text_encoder_settings_take_effect(self) -> "Recipe":
+        """The text encoder's switch and rate are read from the method's own section only (controlnet and vae
+        train none): another section's, or a rate for a text encoder left frozen, would do nothing."""
+        own = self.method if self.method in ("lora", "full", "dreambooth") else None
+        for section in ("lora", "full"):
+            for key in ("train_text_encoder", "text_encoder_lr"):
+                if section != own and getattr(getattr(self, section), key):
+                    trains = f"its text encoder trains with {own}.train_text_encoder" if own else "it trains no text encoder"
+                    raise ValueError(f"{section}.{key} does nothing with method {self.method} ({trains}): remove {section}.{key}")
+        settings = getattr(self, own) if own else None
+        if settings is not None and settings.text_encoder_lr is not None and not settings.train_text_encoder:
+            raise ValueError(f"{own}.text_encoder_lr is the text encoder's rate, and it stays frozen: set {own}.train_text_encoder: true, or remove {own}.text_encoder_lr")
+        return self
+
     def flat_settings(self) -> dict:
         """Every setting by its dotted key ("lora.rank"), as scalars and strings (what TensorBoard's hparams
         take, and what checkpoints keep to say what changed at a resume)."""
