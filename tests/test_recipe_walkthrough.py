@@ -43,3 +43,19 @@ def test_text_encoder_settings_of_the_methods_own_section_load():
     load_recipe(RECIPES / "dreambooth.yaml", STAR + ["dreambooth.train_text_encoder=true", "dreambooth.text_encoder_lr=1e-6"])
     load_recipe(RECIPES / "lora.yaml", ["lora.train_text_encoder=true", "lora.text_encoder_lr=1e-5"])
     load_recipe(RECIPES / "pretrain_unet.yaml")
+
+
+def test_a_dreambooth_lora_started_from_a_file_with_text_encoder_layers_names_dreambooths_switch(make_recipe, tmp_path):
+    import torch
+
+    from finetune.kohya import LoRA, LoRALayer, save_lora_file
+    from finetune.methods.lora import LoRAMethod
+    from finetune.models import load_base_model
+
+    layer = LoRALayer(down=torch.zeros(4, 32), up=torch.zeros(32, 4), alpha=4.0)
+    source = save_lora_file(LoRA({"text_encoder.text_model.encoder.layers.0.self_attn.q_proj": layer}), tmp_path / "te.safetensors", "diffusers")
+    concepts = [{"instance_dir": str(tmp_path), "instance_prompt": "a sks shape"}]
+    recipe = make_recipe(method="dreambooth", data__image_dir=None, lora__init_from=str(source),
+                         dreambooth={"concepts": concepts, "adapter": "lora", "prior_preservation": False})  # fmt: skip
+    with pytest.raises(FinetuneError, match=r"has text-encoder layers: set dreambooth.train_text_encoder: true to start from them too$"):
+        LoRAMethod(recipe).setup(load_base_model(recipe.model))  # as DreamBooth's adapter, with its text encoder frozen

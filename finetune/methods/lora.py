@@ -71,7 +71,8 @@ class LoRAMethod(UNetMethod):
                     f"warning: lora.init_from {settings.init_from} was trained reading {recorded} caption tokens, this run reads "
                     f"{self.recipe.model.max_token_length} (model.max_token_length): set it to {recorded} to continue as it was trained"
                 )
-            start_from(self.trained_modules(), self.initial_lora, settings.init_from)
+            switch = "dreambooth.train_text_encoder" if self.recipe.method == "dreambooth" else "lora.train_text_encoder"
+            start_from(self.trained_modules(), self.initial_lora, settings.init_from, switch)
             rank, alpha = self.initial_lora.common_rank_alpha()
             steps = self.initial_lora.metadata.get("finetune.steps")
             self.start_lines.append(
@@ -190,10 +191,11 @@ def check_trained_alike(lora: LoRA, source: str, clip_skip: int, prediction_type
         raise FinetuneError(f"lora.init_from {source} was trained for {recorded_type}, this run trains for {prediction_type}: set model.prediction_type: {recorded_type}")
 
 
-def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str) -> None:
+def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str, text_encoder_switch: str = "lora.train_text_encoder") -> None:
     """Set the attached (peft) LoRA to `lora`'s weights, so the model starts as base + that LoRA; its own
     alpha is kept by scaling the up weights to this recipe's alpha/rank. Layers that model.clip_skip leaves
-    out have nothing to start (sd-scripts saves LoRAs of them, unused)."""
+    out have nothing to start (sd-scripts saves LoRAs of them, unused). `text_encoder_switch` is the key
+    that trains the text encoder's LoRA (DreamBooth has its own)."""
     kept_layers = len(layer_stack(modules["text_encoder"]).layers) if "text_encoder" in modules else None
     starts, left_out, text_layers = [], [], []
     for key, layer in lora.layers.items():
@@ -215,7 +217,7 @@ def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str) -> 
         raise FinetuneError(f"lora.init_from {source} adapts text-encoder layers ({names}; e.g. {foreign[0]}) that this project's text-encoder LoRA "
                             f"does not train (it trains {', '.join(TEXT_ENCODER_TARGETS)}): it cannot start from this file")  # fmt: skip
     if text_layers:
-        raise FinetuneError(f"lora.init_from {source} has text-encoder layers: set lora.train_text_encoder: true to start from them too")
+        raise FinetuneError(f"lora.init_from {source} has text-encoder layers: set {text_encoder_switch}: true to start from them too")
     if left_out:
         names = ", ".join(dict.fromkeys(target_name(key) for key in left_out))
         raise FinetuneError(f"lora.init_from {source} adapts {len(left_out)} layer(s) this recipe's LoRA leaves out (e.g. {left_out[0]}): "
