@@ -59,3 +59,9 @@ def test_a_dreambooth_lora_started_from_a_file_with_text_encoder_layers_names_dr
                          dreambooth={"concepts": concepts, "adapter": "lora", "prior_preservation": False})  # fmt: skip
     with pytest.raises(FinetuneError, match=r"has text-encoder layers: set dreambooth.train_text_encoder: true to start from them too$"):
         LoRAMethod(recipe).setup(load_base_model(recipe.model))  # as DreamBooth's adapter, with its text encoder frozen
+
+
+def test_a_dreambooth_section_under_another_method_is_refused():
+    # recipes/lora.yaml with concepts given on the command line trained a LoRA on its data.image_dir alone.
+    with pytest.raises(FinetuneError, match=r"a dreambooth: section does nothing with method lora: set method: dreambooth to train its concepts, or remove the section$"):
+        load_recipe(RECIPES / "lora.yaml", ["dreambooth={concepts: [{instance_dir: datasets/star, instance_prompt: a sks shape, class_prompt: a shape}]}"])

@@ -236,6 +236,8 @@ class Recipe(Section):
                         f"dreambooth.concepts[{i}] has no class_prompt, which prior preservation needs "
                         "(e.g. 'a photo of a dog'); set it or dreambooth.prior_preservation: false"
                     )
+        elif self.dreambooth is not None:  # its concepts would be left untrained, without a word
+            raise ValueError(f"a dreambooth: section does nothing with method {self.method}: set method: dreambooth to train its concepts, or remove the section")
         elif sum(source is not None for source in sources) != 1:
             raise ValueError("set exactly one of data.image_dir (a folder) or data.dataset (a datasets name or path)")
         trains_text_encoder = self.full.train_text_encoder if self.method == "full" else (
