@@ -65,3 +65,11 @@ def test_a_dreambooth_section_under_another_method_is_refused():
     # recipes/lora.yaml with concepts given on the command line trained a LoRA on its data.image_dir alone.
     with pytest.raises(FinetuneError, match=r"a dreambooth: section does nothing with method lora: set method: dreambooth to train its concepts, or remove the section$"):
         load_recipe(RECIPES / "lora.yaml", ["dreambooth={concepts: [{instance_dir: datasets/star, instance_prompt: a sks shape, class_prompt: a shape}]}"])
+
+
+@pytest.mark.parametrize("class_prompt", ["1990", "[a dog, 2]", "{a: dog}", "yes"])
+def test_a_class_prompt_of_another_type_names_its_key(class_prompt, tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"method: dreambooth\ndreambooth:\n  concepts:\n    - {{instance_dir: a, instance_prompt: a sks dog, class_prompt: {class_prompt}}}\n")
+    with pytest.raises(FinetuneError, match=r"key 'dreambooth.concepts.0.class_prompt': write a prompt or a list of prompts, quoted where YAML would read a number"):
+        load_recipe(path)

@@ -118,6 +118,14 @@ class Concept(Section):
             raise ValueError("set instance_prompt (e.g. 'a photo of sks dog'), or use_captions: true to train with each image's caption")
         return self
 
+    @field_validator("class_prompt", mode="before")
+    @classmethod
+    def _a_prompt_or_prompts(cls, value):
+        # Else pydantic names the union's member as a key ('class_prompt.str') and asks for a string only.
+        if value is None or isinstance(value, str) or (isinstance(value, list) and all(isinstance(p, str) for p in value)):
+            return value
+        raise ValueError("write a prompt or a list of prompts, quoted where YAML would read a number or yes/no")
+
     @field_validator("class_prompt")
     @classmethod
     def _no_empty_prompts(cls, value):
