@@ -9,7 +9,8 @@ from finetune.errors import FinetuneError
 from finetune.recipe_loading import load_recipe
 
 RECIPES = Path(__file__).parent.parent / "recipes"
-STAR = ["dreambooth.concepts.0.instance_dir=datasets/star"]
+STAR_FOLDER = RECIPES.parent / "datasets" / "star"
+STAR = [f"dreambooth.concepts.0.instance_dir={STAR_FOLDER}"]
 
 
 def test_dreambooth_loraplus_for_a_frozen_text_encoder_names_dreambooths_switch():
@@ -73,3 +74,13 @@ def test_a_class_prompt_of_another_type_names_its_key(class_prompt, tmp_path):
     path.write_text(f"method: dreambooth\ndreambooth:\n  concepts:\n    - {{instance_dir: a, instance_prompt: a sks dog, class_prompt: {class_prompt}}}\n")
     with pytest.raises(FinetuneError, match=r"key 'dreambooth.concepts.0.class_prompt': write a prompt or a list of prompts, quoted where YAML would read a number"):
         load_recipe(path)
+
+
+def test_a_class_dir_that_is_a_file_is_one_line_before_the_model_loads(tmp_path, capsys):
+    from finetune.cli import main
+
+    recipe = RECIPES / "dreambooth_lora.yaml"
+    overrides = STAR + [f"dreambooth.concepts.0.class_dir={STAR_FOLDER / '0000.png'}", f"output_dir={tmp_path / 'run'}", "data.resolution=64"]
+    assert main(["check-data", str(recipe), *overrides]) == 2  # check-data plans the class images as training does
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: dreambooth.concepts.0.class_dir {STAR_FOLDER / '0000.png'} is a file, not a folder: name a folder for the class images (missing ones are generated there)")

@@ -29,6 +29,7 @@ from finetune.class_images import (
 )
 from finetune.config import Concept, DataConfig, LossMaskConfig, Recipe
 from finetune.data import collate_images, item_rng, likely_new_view, mask_entry, render_mask, render_pixels, upright_size, view_entry
+from finetune.errors import FinetuneError
 from finetune.methods.base import DiffusionMethod
 from finetune.methods.full import FullMethod
 from finetune.methods.lora import LoRAMethod
@@ -137,6 +138,8 @@ def class_image_plans(recipe: Recipe) -> list[tuple[Path, str, list[Path], list[
     settings, plans = recipe.dreambooth, []
     for i, concept in enumerate(settings.concepts if settings.prior_preservation else []):
         folder = Path(concept.class_dir) if concept.class_dir else Path(recipe.output_dir) / "class_images" / f"concept-{i}"
+        if folder.exists() and not folder.is_dir():  # else generation's mkdir raises once the model has loaded
+            raise FinetuneError(f"dreambooth.concepts.{i}.class_dir {folder} is a file, not a folder: name a folder for the class images (missing ones are generated there)")
         key = generation_key(concept.class_prompts, settings.class_generation, recipe.data.resolution, recipe.model)
         plans.append((folder, key, *plan_class_images(folder, key, settings.num_class_images)))
     return plans
