@@ -84,3 +84,15 @@ def test_a_class_dir_that_is_a_file_is_one_line_before_the_model_loads(tmp_path,
     assert main(["check-data", str(recipe), *overrides]) == 2  # check-data plans the class images as training does
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: dreambooth.concepts.0.class_dir {STAR_FOLDER / '0000.png'} is a file, not a folder: name a folder for the class images (missing ones are generated there)")
+
+
+@pytest.mark.parametrize("class_dir", [STAR_FOLDER, f"{STAR_FOLDER}/"])
+def test_a_class_dir_that_is_an_instance_dir_is_refused(class_dir, tmp_path, capsys):
+    from finetune.cli import main
+
+    # It trained the subject's own photos as "a photo of a dog", and would have generated class images among them.
+    overrides = STAR + [f"dreambooth.concepts.0.class_dir={class_dir}", f"output_dir={tmp_path / 'run'}", "data.resolution=64"]
+    assert main(["check-data", str(RECIPES / "dreambooth_lora.yaml"), *overrides]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: dreambooth.concepts.0.class_dir {STAR_FOLDER} is dreambooth.concepts.0.instance_dir: give class images a folder of their own "
+        f"(or class_dir: null for {tmp_path / 'run' / 'class_images' / 'concept-0'})")

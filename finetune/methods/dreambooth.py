@@ -140,6 +140,10 @@ def class_image_plans(recipe: Recipe) -> list[tuple[Path, str, list[Path], list[
         folder = Path(concept.class_dir) if concept.class_dir else Path(recipe.output_dir) / "class_images" / f"concept-{i}"
         if folder.exists() and not folder.is_dir():  # else generation's mkdir raises once the model has loaded
             raise FinetuneError(f"dreambooth.concepts.{i}.class_dir {folder} is a file, not a folder: name a folder for the class images (missing ones are generated there)")
+        subjects = [j for j, other in enumerate(settings.concepts) if Path(other.instance_dir).resolve() == folder.resolve()]
+        if subjects:  # the subject's photos would train as its class, and generated images would join a concept's photos
+            raise FinetuneError(f"dreambooth.concepts.{i}.class_dir {folder} is dreambooth.concepts.{subjects[0]}.instance_dir: give class images a folder "
+                                f"of their own (or class_dir: null for {Path(recipe.output_dir) / 'class_images' / f'concept-{i}'})")  # fmt: skip
         key = generation_key(concept.class_prompts, settings.class_generation, recipe.data.resolution, recipe.model)
         plans.append((folder, key, *plan_class_images(folder, key, settings.num_class_images)))
     return plans
