@@ -96,3 +96,9 @@ def test_a_class_dir_that_is_an_instance_dir_is_refused(class_dir, tmp_path, cap
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: dreambooth.concepts.0.class_dir {STAR_FOLDER} is dreambooth.concepts.0.instance_dir: give class images a folder of their own "
         f"(or class_dir: null for {tmp_path / 'run' / 'class_images' / 'concept-0'})")
+
+
+def test_data_caption_under_dreambooth_is_refused():
+    # Each concept's data is read with its instance_prompt as the caption: data.caption was silently replaced.
+    with pytest.raises(FinetuneError, match=r"method dreambooth captions each concept's images with its instance_prompt \(or use_captions: true\); remove data.caption$"):
+        load_recipe(RECIPES / "dreambooth.yaml", STAR + ["data.caption=a photo of sks dog"])

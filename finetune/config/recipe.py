@@ -228,6 +228,8 @@ class Recipe(Section):
                 raise ValueError("method dreambooth needs a dreambooth: section with concepts")
             if any(sources):
                 raise ValueError("method dreambooth reads dreambooth.concepts; remove data.image_dir/data.dataset")
+            if self.data.caption is not None:  # each concept's instance_prompt (or its captions) replaces it
+                raise ValueError("method dreambooth captions each concept's images with its instance_prompt (or use_captions: true); remove data.caption")
             if self.lora.train_text_encoder:
                 raise ValueError("method dreambooth trains the text encoder with dreambooth.train_text_encoder; remove lora.train_text_encoder")
             for i, concept in enumerate(self.dreambooth.concepts):
