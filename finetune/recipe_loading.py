@@ -150,8 +150,11 @@ def describe_validation_error(err: ValidationError, raw: dict[str, Any]) -> str:
     if first["type"] == "extra_forbidden":
         valid = _valid_keys(location[:-1])
         close = difflib.get_close_matches(location[-1], valid, n=1, cutoff=0.5)
+        listed = _list_taking(location[:-1], location[-1])
         if location[-1] in OTHER_TRAINERS_NAMES:
             hint = f" (here it is '{OTHER_TRAINERS_NAMES[location[-1]]}')"
+        elif listed:  # dreambooth.class_prompt, as diffusers' script has it: each concept has its own
+            hint = f" (each entry of '{'.'.join(path[:-1] + [listed])}' has its own: '{'.'.join(path[:-1] + [listed, '0', location[-1]])}')"
         else:
             hint = f" (did you mean '{'.'.join(path[:-1] + close)}'?)" if close else f" (valid keys: {', '.join(valid)})"
         return f"unknown key '{dotted}'{hint}"
@@ -186,6 +189,20 @@ def _valid_keys(section_path: list[str]) -> list[str]:
         if model is None:
             return []
     return list(model.model_fields)
+
+
+def _list_taking(section_path: list[str], key: str) -> str | None:
+    """The field of this section that lists sections taking `key` (dreambooth.concepts for class_prompt), or None."""
+    model: type[BaseModel] = Recipe
+    for name in section_path:
+        model = section_type(model.model_fields[name].annotation)
+        if model is None:
+            return None
+    for name, field in model.model_fields.items():
+        listed = section_type(field.annotation) if typing.get_origin(field.annotation) is list else None
+        if listed is not None and key in listed.model_fields:
+            return name
+    return None
 
 
 def section_type(annotation) -> type[BaseModel] | None:

@@ -102,3 +102,17 @@ def test_data_caption_under_dreambooth_is_refused():
     # Each concept's data is read with its instance_prompt as the caption: data.caption was silently replaced.
     with pytest.raises(FinetuneError, match=r"method dreambooth captions each concept's images with its instance_prompt \(or use_captions: true\); remove data.caption$"):
         load_recipe(RECIPES / "dreambooth.yaml", STAR + ["data.caption=a photo of sks dog"])
+
+
+@pytest.mark.parametrize(
+    "override,hint",
+    [  # diffusers' DreamBooth script has these flat; 'dreambooth.class_prompt' was offered 'dreambooth.class_generation'
+        ("dreambooth.class_prompt=a dog", "(each entry of 'dreambooth.concepts' has its own: 'dreambooth.concepts.0.class_prompt')"),
+        ("dreambooth.instance_dir=photos", "(each entry of 'dreambooth.concepts' has its own: 'dreambooth.concepts.0.instance_dir')"),
+        ("data.repeats=10", "(each entry of 'data.folders' has its own: 'data.folders.0.repeats')"),
+    ],
+)
+def test_a_key_of_a_listed_section_given_to_its_parent_names_where_it_goes(override, hint):
+    with pytest.raises(FinetuneError) as raised:
+        load_recipe(RECIPES / "dreambooth.yaml", STAR + [override])
+    assert str(raised.value).endswith(f"unknown key '{override.split('=')[0]}' {hint}"), raised.value
