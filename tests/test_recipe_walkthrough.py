@@ -116,3 +116,16 @@ def test_a_key_of_a_listed_section_given_to_its_parent_names_where_it_goes(overr
     with pytest.raises(FinetuneError) as raised:
         load_recipe(RECIPES / "dreambooth.yaml", STAR + [override])
     assert str(raised.value).endswith(f"unknown key '{override.split('=')[0]}' {hint}"), raised.value
+
+
+@pytest.mark.parametrize(
+    "recipe,overrides,message",
+    [
+        ("dreambooth.yaml", STAR + ["controlnet.conditioning_scale=0.5"], r"controlnet.conditioning_scale does nothing with method dreambooth: remove it \(or use method controlnet\)$"),
+        ("lora.yaml", ["vae.kl_weight=1e-4"], r"vae.kl_weight does nothing with method lora: remove it \(or use method vae\)$"),
+    ],
+)
+def test_another_methods_section_is_refused(recipe, overrides, message):
+    with pytest.raises(FinetuneError, match=message):
+        load_recipe(RECIPES / recipe, overrides)
+    load_recipe(RECIPES / recipe, [override for override in overrides if override.startswith("dreambooth")])  # with its defaults, it loads

@@ -297,6 +297,17 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
+    def _method_sections_under_their_method(self) -> "Recipe":
+        """controlnet: and vae: are read by their own method only: a value of their own under another would do nothing
+        (the reference recipes name them with their defaults)."""
+        for section, defaults in (("controlnet", ControlNetConfig()), ("vae", VAEConfig())):
+            given, default = getattr(self, section).model_dump(), defaults.model_dump()
+            changed = [key for key in given if given[key] != default[key]]
+            if self.method != section and changed:
+                raise ValueError(f"{section}.{changed[0]} does nothing with method {self.method}: remove it (or use method {section})")
+        return self
+
+    @model_validator(mode="after")
     def _text_encoder_settings_take_effect(self) -> "Recipe":
         """The text encoder's switch and rate are read from the method's own section only (controlnet and vae
         train none): another section's, or a rate for a text encoder left frozen, would do nothing."""
