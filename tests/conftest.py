@@ -72,7 +72,6 @@ def build_recipe(tiny_model: Path, image_folder: Path, run_dir: Path, **override
         "output_dir": str(run_dir),
         "model": {"pretrained": str(tiny_model)},
         "data": {"image_dir": str(image_folder), "resolution": 64},
-        "lora": {"rank": 4, "alpha": 2},
         "train": {"batch_size": 2, "max_steps": 4},
         "optimizer": {"lr": 1e-3},
         "validation": {"prompts": []},
@@ -85,6 +84,8 @@ def build_recipe(tiny_model: Path, image_folder: Path, run_dir: Path, **override
         for key in keys[:-1]:
             node = node.setdefault(key, {})
         node[keys[-1]] = value
+    if raw["method"] == "lora" or (raw.get("dreambooth") or {}).get("adapter") == "lora":  # a method training none refuses lora settings
+        raw["lora"] = {"rank": 4, "alpha": 2, **raw.get("lora", {})}
     return recipe_from_dict(raw)
 
 

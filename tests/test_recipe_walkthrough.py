@@ -129,3 +129,21 @@ def test_another_methods_section_is_refused(recipe, overrides, message):
     with pytest.raises(FinetuneError, match=message):
         load_recipe(RECIPES / recipe, overrides)
     load_recipe(RECIPES / recipe, [override for override in overrides if override.startswith("dreambooth")])  # with its defaults, it loads
+
+
+@pytest.mark.parametrize(
+    "recipe,overrides,message",
+    [  # as lora.conv_rank already was: these shaped nothing, unsaid
+        ("dreambooth_lora.yaml", STAR + ["dreambooth.adapter=full"], r"lora.rank shapes a LoRA, and method dreambooth trains none: remove it \(or use dreambooth.adapter: lora\)$"),
+        ("lora.yaml", ["method=full", "lora.target_modules=[to_q, ff.net.2]"], r"lora.target_modules shapes a LoRA, and method full trains none: remove it \(or use method lora\)$"),
+        ("controlnet.yaml", ["lora.use_rslora=true"], r"lora.use_rslora shapes a LoRA, and method controlnet trains none"),
+    ],
+)
+def test_lora_settings_of_their_own_under_a_method_that_trains_no_lora_are_refused(recipe, overrides, message):
+    with pytest.raises(FinetuneError, match=message):
+        load_recipe(RECIPES / recipe, overrides)
+
+
+def test_lora_settings_at_their_defaults_load_under_any_method():
+    load_recipe(RECIPES / "lora.yaml", ["method=full"])  # recipes/lora.yaml names every key with its default
+    load_recipe(RECIPES / "dreambooth_lora.yaml", STAR + ["dreambooth.adapter=full", "lora.rank=16", "lora.alpha=16"])

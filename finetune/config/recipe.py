@@ -252,8 +252,8 @@ class Recipe(Section):
         uses_lora = self.method == "lora" or (self.dreambooth is not None and self.dreambooth.adapter == "lora")
         if self.lora.init_from and not uses_lora:
             raise ValueError(f"lora.init_from starts a LoRA, and method {self.method} trains none: remove it (or use method lora)")
-        for key in ("conv_rank", "conv_alpha", "max_norm"):
-            if getattr(self.lora, key) is not None and not uses_lora:
+        for key in ("conv_rank", "conv_alpha", "max_norm", "rank", "alpha", "dropout", "use_rslora", "target_modules"):
+            if getattr(self.lora, key) != LoRAConfig.model_fields[key].default and not uses_lora:  # the defaults: no lora: section
                 remedy = "dreambooth.adapter: lora" if self.method == "dreambooth" else "method lora"
                 raise ValueError(f"lora.{key} shapes a LoRA, and method {self.method} trains none: remove it (or use {remedy})")
         for key in ("loraplus_lr_ratio", "loraplus_text_encoder_lr_ratio"):
