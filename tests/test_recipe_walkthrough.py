@@ -147,3 +147,13 @@ def test_lora_settings_of_their_own_under_a_method_that_trains_no_lora_are_refus
 def test_lora_settings_at_their_defaults_load_under_any_method():
     load_recipe(RECIPES / "lora.yaml", ["method=full"])  # recipes/lora.yaml names every key with its default
     load_recipe(RECIPES / "dreambooth_lora.yaml", STAR + ["dreambooth.adapter=full", "lora.rank=16", "lora.alpha=16"])
+
+
+@pytest.mark.parametrize("text,key", [("lora:\n  # rank: 8\n", "lora"), ("data:\n  image_dir: a\n  bucketing:\n", "data.bucketing")])
+def test_a_section_whose_keys_are_all_commented_out_says_so(text, key, tmp_path):
+    # It said "Input should be a valid dictionary or instance of LoRAConfig", or, for bucketing, to set enabled: true.
+    path = tmp_path / "recipe.yaml"
+    path.write_text("data: {image_dir: a}\n" + text if key == "lora" else text)
+    with pytest.raises(FinetuneError) as raised:
+        load_recipe(path)
+    assert str(raised.value) == f"{path}: key '{key}': this section has no keys (all commented out?): give it keys, indented under it, or remove its line (got None)"

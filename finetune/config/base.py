@@ -18,6 +18,8 @@ class Section(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _a_section(cls, value):
+        if value is None:  # `lora:` with every key under it commented out (pydantic would name the class, LoRAConfig)
+            raise ValueError("this section has no keys (all commented out?): give it keys, indented under it, or remove its line")
         if cls.plain_value_hint is not None and not isinstance(value, (dict, cls)):
             raise ValueError(cls.plain_value_hint.format(value=value))
         return value
