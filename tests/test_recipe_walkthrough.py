@@ -157,3 +157,11 @@ def test_a_section_whose_keys_are_all_commented_out_says_so(text, key, tmp_path)
     with pytest.raises(FinetuneError) as raised:
         load_recipe(path)
     assert str(raised.value) == f"{path}: key '{key}': this section has no keys (all commented out?): give it keys, indented under it, or remove its line (got None)"
+
+
+@pytest.mark.parametrize("override,key", [("model=sd15", "model"), ("dreambooth.concepts=[photos]", "dreambooth.concepts.0")])
+def test_a_plain_value_for_a_section_says_it_is_a_section(override, key):
+    # It said "Input should be a valid dictionary or instance of ModelConfig".
+    with pytest.raises(FinetuneError) as raised:
+        load_recipe(RECIPES / "dreambooth.yaml", STAR + [override])
+    assert str(raised.value) == f"override '{override}': key '{key}': this is a section: write its keys, indented under it (got {override.split('=')[1].strip('[]')!r})"

@@ -12,7 +12,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
     # What to write instead, when a user gives a plain value for the whole section (data.bucketing=true,
-    # sd-scripts' enable_bucket habit); {value!r} is the value. None: pydantic's own message.
+    # sd-scripts' enable_bucket habit); {value!r} is the value. None: that it is a section.
     plain_value_hint: ClassVar[str | None] = None
 
     @model_validator(mode="before")
@@ -20,8 +20,8 @@ class Section(BaseModel):
     def _a_section(cls, value):
         if value is None:  # `lora:` with every key under it commented out (pydantic would name the class, LoRAConfig)
             raise ValueError("this section has no keys (all commented out?): give it keys, indented under it, or remove its line")
-        if cls.plain_value_hint is not None and not isinstance(value, (dict, cls)):
-            raise ValueError(cls.plain_value_hint.format(value=value))
+        if not isinstance(value, (dict, cls)):  # pydantic would name the class ("instance of DataConfig")
+            raise ValueError(cls.plain_value_hint.format(value=value) if cls.plain_value_hint else "this is a section: write its keys, indented under it")
         return value
 
 
