@@ -23,12 +23,16 @@ from finetune.errors import FinetuneError
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read a YAML recipe, apply `key.sub=value` overrides, validate, or raise a one-line FinetuneError."""
     path = Path(path)
+    if path.is_dir():
+        raise FinetuneError(f"recipe {path} is a folder: pass the path of a YAML file in it, such as recipes/lora.yaml")
     if not path.is_file():
         raise FinetuneError(f"recipe {path} not found: pass the path of a YAML file such as recipes/lora.yaml")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise FinetuneError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    except UnicodeDecodeError:  # an image or a model file given in the recipe's place
+        raise FinetuneError(f"recipe {path} is not a text file: pass the path of a YAML file such as recipes/lora.yaml") from None
     if not isinstance(raw, dict):
         raise FinetuneError(f"recipe {path} must be a mapping of keys to values at the top level")
     for override in overrides:

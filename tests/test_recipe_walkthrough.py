@@ -165,3 +165,10 @@ def test_a_plain_value_for_a_section_says_it_is_a_section(override, key):
     with pytest.raises(FinetuneError) as raised:
         load_recipe(RECIPES / "dreambooth.yaml", STAR + [override])
     assert str(raised.value) == f"override '{override}': key '{key}': this is a section: write its keys, indented under it (got {override.split('=')[1].strip('[]')!r})"
+
+
+def test_a_recipe_path_that_is_a_folder_or_not_text_says_so():
+    with pytest.raises(FinetuneError, match=r"^recipe \S+recipes is a folder: pass the path of a YAML file in it, such as recipes/lora.yaml$"):
+        load_recipe(RECIPES)  # it said "not found"
+    with pytest.raises(FinetuneError, match=r"^recipe \S+0000.png is not a text file: pass the path of a YAML file such as recipes/lora.yaml$"):
+        load_recipe(STAR_FOLDER / "0000.png")  # a UnicodeDecodeError traceback
