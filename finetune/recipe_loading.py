@@ -28,7 +28,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not path.is_file():
         raise FinetuneError(f"recipe {path} not found: pass the path of a YAML file such as recipes/lora.yaml")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
         raise FinetuneError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     except UnicodeDecodeError:  # an image or a model file given in the recipe's place
@@ -47,6 +47,23 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
             if named and (named.group(1) == key or named.group(1).startswith(key + ".")):  # data.folders=[...] and its data.folders.0.repeats
                 raise FinetuneError(f"override '{override}'{str(err).removeprefix(str(path))}") from None
         raise
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, but a key given twice in one section is an error: PyYAML keeps the last one, so a
+    section pasted twice (a second train: at the end of the file) would silently replace the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:  # as written: a merge (<<: *base) may be overridden key by key
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            if key_node.value in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key_node.value}' is given twice in one section (again on line {key_node.start_mark.line + 1}): keep one", key_node.start_mark
+                )
+            seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
 
 
 def _length_from_the_command_line(raw: dict[str, Any], overrides: list[str]) -> None:

@@ -172,3 +172,14 @@ def test_a_recipe_path_that_is_a_folder_or_not_text_says_so():
         load_recipe(RECIPES)  # it said "not found"
     with pytest.raises(FinetuneError, match=r"^recipe \S+0000.png is not a text file: pass the path of a YAML file such as recipes/lora.yaml$"):
         load_recipe(STAR_FOLDER / "0000.png")  # a UnicodeDecodeError traceback
+
+
+def test_a_key_given_twice_in_a_recipe_file_is_refused(tmp_path):
+    # PyYAML keeps the last: the first train: section (max_steps 5) was dropped without a word.
+    path = tmp_path / "recipe.yaml"
+    path.write_text("data: {image_dir: a}\ntrain:\n  max_steps: 5\ntrain:\n  batch_size: 2\n")
+    with pytest.raises(FinetuneError, match=r"is not valid YAML: key 'train' is given twice in one section \(again on line 4\): keep one$"):
+        load_recipe(path)
+    path.write_text("base: &base {lr: 1.0e-4}\noptimizer:\n  <<: *base\n  lr: 2.0e-4\ndata: {image_dir: a}\n")  # a merge's key overridden: fine
+    with pytest.raises(FinetuneError, match=r"unknown key 'base'"):
+        load_recipe(path)
