@@ -100,7 +100,9 @@ def apply_override(raw: dict[str, Any], override: str, source: str = "command li
         last = depth == len(keys) - 1
         if isinstance(node, list):
             if not key.isdigit() or int(key) >= len(node):
-                raise FinetuneError(f"override '{override}': '{key}' is not an index of the list at '{'.'.join(keys[:depth])}' in {source}")
+                at = ".".join(keys[:depth])
+                adding = f": to add an entry, give the whole list, e.g. {at}=[{{...}}, {{...}}]" if key == str(len(node)) else ""  # a second concept
+                raise FinetuneError(f"override '{override}': '{key}' is not an index of the list at '{at}' in {source}, which has {len(node)}{adding}")
             if last:
                 node[int(key)] = value
             else:

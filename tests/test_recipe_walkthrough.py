@@ -183,3 +183,9 @@ def test_a_key_given_twice_in_a_recipe_file_is_refused(tmp_path):
     path.write_text("base: &base {lr: 1.0e-4}\noptimizer:\n  <<: *base\n  lr: 2.0e-4\ndata: {image_dir: a}\n")  # a merge's key overridden: fine
     with pytest.raises(FinetuneError, match=r"unknown key 'base'"):
         load_recipe(path)
+
+
+def test_an_index_past_a_list_says_how_to_add_an_entry():
+    with pytest.raises(FinetuneError, match=r"'1' is not an index of the list at 'dreambooth.concepts' in \S+dreambooth.yaml, which has 1: "
+                                            r"to add an entry, give the whole list, e.g. dreambooth.concepts=\[\{\.\.\.\}, \{\.\.\.\}\]$"):  # fmt: skip
+        load_recipe(RECIPES / "dreambooth.yaml", STAR + ["dreambooth.concepts.1.instance_dir=photos"])
