@@ -377,3 +377,16 @@ def too_few_to_batch(trained: int, recipe: Recipe, processes: int = 1, items: in
     per = f"train.batch_size {batch}" + (f" x {processes} processes" if processes > 1 else "")
     remedy = ("lower validation.loss_images or train.batch_size, or add images" if held_out else "lower train.batch_size or add images")
     return f"{trained} training images (repeats counted){held} are fewer than one batch ({per}): {remedy}"
+
+
+def concept_held_out_whole(reports: list[DataReport], sources: list[str], trained: list[int], recipe: Recipe) -> str | None:
+    """Why validation.loss_images leaves a DreamBooth concept none of its images to train on (it is chosen
+    among all concepts' images together), or None: that subject would be scored, never learned."""
+    kept = {sources[i] for i in trained}
+    for report in reports:
+        if report.config._image_dir_key.startswith("dreambooth.") and report.usable and not kept & {e.source for e in report.usable}:
+            concept = report.config._image_dir_key.removesuffix(".instance_dir")
+            return (f"validation.loss_images ({recipe.validation.loss_images}) holds out every image of {concept} ({report.config.image_dir}), "
+                    "which would never train: lower it")  # fmt: skip
+    return None
+

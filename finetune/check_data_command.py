@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from finetune.check_data import FATAL, SKIP_HINT, WARNING, data_configs, data_label, inspect_examples, too_few_to_batch
+from finetune.check_data import FATAL, SKIP_HINT, WARNING, concept_held_out_whole, data_configs, data_label, inspect_examples, too_few_to_batch
 from finetune.config import DataConfig, ModelConfig, Recipe
 from finetune.errors import FinetuneError
 from finetune.held_out import split_held_out
@@ -94,7 +94,7 @@ def run_check_data_command(args) -> int:
         if held:
             print(f"held out: {len(held)} images for the validation loss (validation.loss_images), leaving {len(trained)} of the {len(sources)} "
                   "uses per epoch to train")  # fmt: skip
-        short = too_few_to_batch(len(trained), recipe, 1, len(sources))
+        short = too_few_to_batch(len(trained), recipe, 1, len(sources)) or concept_held_out_whole(reports, sources, list(trained), recipe)
     if short:
         print(f"result: training would stop: {short}")
         return 1

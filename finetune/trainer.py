@@ -20,7 +20,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from finetune import checkpoint as ckpt
-from finetune.check_data import too_few_to_batch
+from finetune.check_data import concept_held_out_whole, too_few_to_batch
 from finetune.config import Recipe
 from finetune.batches import item_layout, make_batch_sampler
 from finetune.diffusion import BatchRandomness
@@ -91,7 +91,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     for report in method.data_reports:
         for line in report.lines(limit=10, held_out=frozenset(sources) - {sources[i] for i in trained_items}):
             accelerator.print(line)
-    short = too_few_to_batch(len(trained_items), recipe, accelerator.num_processes, len(sources))
+    short = too_few_to_batch(len(trained_items), recipe, accelerator.num_processes, len(sources)) or concept_held_out_whole(method.data_reports, sources, trained_items, recipe)
     if short:
         raise FinetuneError(short)
     # The run's length from the checked data, laid out as the sampler will batch it (train.max_epochs counts its batches).
