@@ -202,3 +202,14 @@ def test_validation_loss_images_holding_out_a_whole_concept_is_refused(capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1] == (
         f"result: training would stop: validation.loss_images (21) holds out every image of dreambooth.concepts.0 ({STAR_FOLDER}), which would never train: lower it")
     assert main(["check-data", str(RECIPES / "dreambooth_lora.yaml"), *overrides, "validation.loss_images=20"]) == 0
+
+
+def test_concepts_sharing_a_class_folder_and_prompt_generate_its_images_once(tmp_path):
+    from finetune.methods.dreambooth import DreamBoothMethod
+
+    striped, classes = RECIPES.parent / "datasets" / "striped", tmp_path / "class"
+    concepts = (f"dreambooth.concepts=[{{instance_dir: {STAR_FOLDER}, instance_prompt: a sks shape, class_prompt: a shape, class_dir: {classes}}}, "
+                f"{{instance_dir: {striped}, use_captions: true, class_prompt: a shape, class_dir: {classes}}}]")  # fmt: skip
+    method = DreamBoothMethod(load_recipe(RECIPES / "dreambooth_lora.yaml", [concepts, "dreambooth.num_class_images=3", "data.resolution=64"]))
+    method.check_data()  # before the model loads: the plan of what to generate
+    assert [plan.missing for plan in method.class_plans] == [[0, 1, 2], []]  # the second concept generated the same three again

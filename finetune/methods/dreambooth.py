@@ -201,7 +201,11 @@ class DreamBoothMethod(DiffusionMethod):
                 )
         # Class images a user brought are checked now, before the model loads and generates the rest.
         self.class_plans: list[ClassImagePlan] = []
+        planned: set[tuple[Path, str]] = set()
         for concept, (folder, key, paths, missing) in zip(settings.concepts, class_image_plans(self.recipe)):
+            if (folder.resolve(), key) in planned:  # concepts of one class folder and prompt share its images: made once
+                missing = []
+            planned.add((folder.resolve(), key))
             report = self._check_class_images([p for p in paths if not is_generated_name(p)], concept, folder)
             made = sum(1 for p in paths if is_generated_name(p) and p.is_file())  # by an earlier run: checked once generation is done
             if report is not None:
