@@ -177,6 +177,7 @@ def _make_conditions(args) -> int:
     from finetune.conditions import make_condition_folders
 
     options = {"canny": dict(low=args.low, high=args.high, sigma=args.sigma), "mask": dict(threshold=args.threshold)}.get(args.kind, {})
+    check_output_folder(Path(args.output_dir), "output_dir", "the conditioning images and metadata.jsonl")
     made = make_condition_folders(args.input_dir, args.output_dir, args.kind, overwrite=args.overwrite, **options)
     for folder, count, uncaptioned in made:
         print(f"wrote {count} {args.kind} conditioning images and metadata.jsonl to {folder}")

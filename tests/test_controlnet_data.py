@@ -265,6 +265,14 @@ def test_mask_matches_the_true_shape_and_luminance_is_bt601():
     assert luminance(Image.fromarray(pixels)).tolist() == [[100, 76, 150, 29]]
 
 
+def test_make_conditions_into_a_file_is_one_line(tmp_path, capsys):
+    from finetune.cli import main
+
+    (tmp_path / "notes.txt").write_text("not a folder")
+    assert main(["make-conditions", str(Path(__file__).parent.parent / "datasets" / "star"), str(tmp_path / "notes.txt" / "out"), "--kind", "canny"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{tmp_path / 'notes.txt'} is a file, not a folder: give a folder for the conditioning images and metadata.jsonl")
+
+
 def test_make_conditions_writes_a_training_folder(make_recipe, tmp_path, capsys):
     source = write_folder(tmp_path / "photos", 4, seed=4, include_held_out="all", metadata=False)  # .txt captions only
     (source / "0003.txt").unlink()
