@@ -248,3 +248,12 @@ def test_a_seed_the_random_generators_cannot_take_is_refused_where_it_is_given(c
             with pytest.raises(SystemExit):
                 main([*command, "--seed", value])
             assert f"error: argument --seed: must be from 0 to 2**63 - 1, got {value}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override", ["optimizer.lr=.inf", "lora.alpha=.nan", "train.noise_offset=.inf", "train.max_grad_norm=.inf"])
+def test_inf_and_nan_settings_are_refused(tmp_path, override):
+    """YAML reads .inf and .nan as floats: an infinite learning rate or alpha trained NaNs without a word."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text("data:\n  image_dir: images\n")
+    with pytest.raises(FinetuneError, match=rf"{re.escape(override.split('=')[0])}.*finite number"):
+        load_recipe(path, [override])

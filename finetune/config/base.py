@@ -10,7 +10,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan, which YAML reads as floats (.inf, .nan), would train NaNs (a learning rate, an alpha, a noise offset).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
     # What to write instead, when a user gives a plain value for the whole section (data.bucketing=true,
     # sd-scripts' enable_bucket habit); {value!r} is the value. None: that it is a section.
     plain_value_hint: ClassVar[str | None] = None
