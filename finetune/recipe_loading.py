@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from finetune.config import Recipe
 from finetune.errors import FinetuneError
+from finetune.recipe_warnings import print_unused_settings
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -39,7 +40,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         apply_override(raw, override, source=str(path))
     _length_from_the_command_line(raw, overrides)
     try:
-        return recipe_from_dict(raw, source=str(path))
+        recipe = recipe_from_dict(raw, source=str(path))
     except FinetuneError as err:  # a key set on the command line is the override's fault, not the file's
         named = re.search(r"key '([^']+)'", str(err))
         for override in reversed(overrides):  # the last override of a key is the one that counts
@@ -47,6 +48,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
             if named and (named.group(1) == key or named.group(1).startswith(key + ".")):  # data.folders=[...] and its data.folders.0.repeats
                 raise FinetuneError(f"override '{override}'{str(err).removeprefix(str(path))}") from None
         raise
+    print_unused_settings(raw, recipe)
+    return recipe
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

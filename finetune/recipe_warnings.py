@@ -1,0 +1,49 @@
+"""Recipe settings that load but do nothing, said in one `warning:` line each when the recipe loads.
+
+They are not errors: the shipped recipes name them, and switching a feature off for one run
+(`dreambooth.prior_preservation=false` on the command line) should not mean deleting its settings.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from finetune.config import Recipe
+
+# What only prior preservation reads: the class images, how they are made and how much their loss weighs.
+CLASS_SETTINGS = ("prior_loss_weight", "num_class_images", "class_generation")
+CONCEPT_CLASS_SETTINGS = ("class_prompt", "class_dir")
+
+
+def print_unused_settings(raw: dict[str, Any], recipe: Recipe) -> None:
+    """Print a warning line for each group of settings that `raw` gives and `recipe` will not use."""
+    if os.environ.get("LOCAL_RANK", "0") != "0":  # under `accelerate launch` every process loads the recipe: one line per machine
+        return
+    for line in unused_settings(raw, recipe):
+        print(f"warning: {line}", file=sys.stderr)
+
+
+def unused_settings(raw: dict[str, Any], recipe: Recipe) -> list[str]:
+    """One line per group of given settings that do nothing with the recipe's other settings."""
+    return _dreambooth_unused(raw, recipe)
+
+
+def _dreambooth_unused(raw: dict[str, Any], recipe: Recipe) -> list[str]:
+    section = raw.get("dreambooth")
+    if recipe.method != "dreambooth" or not isinstance(section, dict):
+        return []
+    lines = []
+    concepts = [c for c in section.get("concepts") or [] if isinstance(c, dict)]
+    if not recipe.dreambooth.prior_preservation:  # a null is no setting of the user's (the shipped class_dir: null)
+        unused = [f"dreambooth.{key}" for key in CLASS_SETTINGS if section.get(key) is not None]
+        unused += [f"dreambooth.concepts.{i}.{key}" for i, c in enumerate(concepts) for key in CONCEPT_CLASS_SETTINGS if c.get(key) is not None]
+        if unused:
+            lines.append(f"dreambooth.prior_preservation is false, so {', '.join(unused)} {'do' if len(unused) > 1 else 'does'} nothing "
+                         "(no class images are made or trained): set prior_preservation: true to use them")  # fmt: skip
+    captioned = [f"dreambooth.concepts.{i}.instance_prompt" for i, c in enumerate(concepts) if c.get("use_captions") is True and c.get("instance_prompt")]
+    if captioned:
+        lines.append(f"{', '.join(captioned)} {'are' if len(captioned) > 1 else 'is'} unused with use_captions: true "
+                     "(each image's caption is its prompt): set use_captions: false to train with it")  # fmt: skip
+    return lines

@@ -1,0 +1,28 @@
+"""Recipe settings that load but do nothing with the others: one `warning:` line each as the recipe loads
+(the shipped recipes name them, so they are not errors)."""
+
+from pathlib import Path
+
+from finetune.recipe_loading import load_recipe
+
+RECIPES = Path(__file__).parent.parent / "recipes"
+STAR = [f"dreambooth.concepts.0.instance_dir={RECIPES.parent / 'datasets' / 'star'}"]
+
+
+def test_class_settings_without_prior_preservation_are_named_in_one_warning(capsys):
+    load_recipe(RECIPES / "dreambooth.yaml", STAR + ["dreambooth.prior_preservation=false"])
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: dreambooth.prior_preservation is false, so ")
+    for key in ("dreambooth.prior_loss_weight", "dreambooth.num_class_images", "dreambooth.class_generation", "dreambooth.concepts.0.class_prompt"):
+        assert key in lines[0]
+    assert "class_dir" not in lines[0]  # null in the shipped recipe: no setting of the user's
+    load_recipe(RECIPES / "dreambooth.yaml", STAR)
+    assert capsys.readouterr().err == ""
+
+
+def test_an_instance_prompt_with_captions_is_named_as_unused(capsys):
+    load_recipe(RECIPES / "dreambooth.yaml", STAR + ["dreambooth.concepts.0.use_captions=true"])
+    assert capsys.readouterr().err == (
+        "warning: dreambooth.concepts.0.instance_prompt is unused with use_captions: true (each image's caption is its prompt): "
+        "set use_captions: false to train with it\n"
+    )
