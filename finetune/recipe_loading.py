@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from finetune.config import Recipe
 from finetune.errors import FinetuneError
-from finetune.recipe_warnings import print_unused_settings
+from finetune.recipe_warnings import print_empty_recipe, print_unused_settings
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -34,6 +34,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise FinetuneError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
     except UnicodeDecodeError:  # an image or a model file given in the recipe's place
         raise FinetuneError(f"recipe {path} is not a text file: pass the path of a YAML file such as recipes/lora.yaml") from None
+    if raw == {} and not overrides:  # else every default would load, and the first complaint would be a missing data source
+        raise FinetuneError(f"recipe {path} is empty (or only comments): write its settings, e.g. start from a copy of recipes/lora.yaml")
+    if raw == {}:
+        print_empty_recipe(path)
     if not isinstance(raw, dict):
         raise FinetuneError(f"recipe {path} must be a mapping of keys to values at the top level")
     for override in overrides:

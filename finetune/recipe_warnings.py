@@ -25,6 +25,12 @@ def print_unused_settings(raw: dict[str, Any], recipe: Recipe) -> None:
         print(f"warning: {line}", file=sys.stderr)
 
 
+def print_empty_recipe(path) -> None:
+    """An empty recipe with overrides: every setting not on the command line is its default, which may surprise."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"warning: recipe {path} is empty (or only comments): every setting not given on the command line is its default", file=sys.stderr)
+
+
 def unused_settings(raw: dict[str, Any], recipe: Recipe) -> list[str]:
     """One line per group of given settings that do nothing with the recipe's other settings."""
     return _dreambooth_unused(raw, recipe)

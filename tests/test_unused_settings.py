@@ -3,6 +3,9 @@
 
 from pathlib import Path
 
+import pytest
+
+from finetune.errors import FinetuneError
 from finetune.recipe_loading import load_recipe
 
 RECIPES = Path(__file__).parent.parent / "recipes"
@@ -26,3 +29,12 @@ def test_an_instance_prompt_with_captions_is_named_as_unused(capsys):
         "warning: dreambooth.concepts.0.instance_prompt is unused with use_captions: true (each image's caption is its prompt): "
         "set use_captions: false to train with it\n"
     )
+
+
+def test_an_empty_recipe_says_so(tmp_path, capsys):
+    recipe = tmp_path / "empty.yaml"
+    recipe.write_text("# method: lora\n")
+    with pytest.raises(FinetuneError, match=r"empty.yaml is empty \(or only comments\): write its settings"):
+        load_recipe(recipe)  # was: set exactly one of data.image_dir ..., as if the file had been read
+    load_recipe(recipe, [f"data.image_dir={RECIPES.parent / 'datasets' / 'star'}"])
+    assert capsys.readouterr().err == f"warning: recipe {recipe} is empty (or only comments): every setting not given on the command line is its default\n"
