@@ -33,7 +33,30 @@ def print_empty_recipe(path) -> None:
 
 def unused_settings(raw: dict[str, Any], recipe: Recipe) -> list[str]:
     """One line per group of given settings that do nothing with the recipe's other settings."""
-    return _dreambooth_unused(raw, recipe)
+    return _dreambooth_unused(raw, recipe) + _switched_off(recipe)
+
+
+def _changed(section, keys: tuple[str, ...]) -> list[str]:
+    """The keys of `section` set to other than their defaults (the shipped recipes name the defaults)."""
+    return [key for key in keys if getattr(section, key) != type(section).model_fields[key].default]
+
+
+def _switched_off(recipe: Recipe) -> list[str]:
+    """Settings of a feature whose switch is off: bucket sizes without bucketing, sampling without prompts."""
+    lines = []
+    unused = [f"data.bucketing.{key}" for key in _changed(recipe.data.bucketing, ("step", "min_side", "max_side"))]
+    if unused and not recipe.data.bucketing.enabled:
+        lines.append(f"{', '.join(unused)} {'do' if len(unused) > 1 else 'does'} nothing with bucketing off: set data.bucketing.enabled: true to use them")
+    validation = recipe.validation
+    if not validation.prompts:
+        keys = ("num_inference_steps", "guidance_scale", "negative_prompt", "images_per_prompt", "seed")
+        if recipe.method != "vae" and not validation.loss_images:  # the VAE's grids and the held-out loss are due on these too
+            keys += ("every_n_steps", "every_n_epochs", "at_start")
+        unused = [f"validation.{key}" for key in _changed(validation, keys)]
+        if unused:
+            lines.append(f"{', '.join(unused)} {'do' if len(unused) > 1 else 'does'} nothing without validation.prompts (nothing is sampled): "
+                         "add prompts to sample them")  # fmt: skip
+    return lines
 
 
 def _dreambooth_unused(raw: dict[str, Any], recipe: Recipe) -> list[str]:

@@ -38,3 +38,24 @@ def test_an_empty_recipe_says_so(tmp_path, capsys):
         load_recipe(recipe)  # was: set exactly one of data.image_dir ..., as if the file had been read
     load_recipe(recipe, [f"data.image_dir={RECIPES.parent / 'datasets' / 'star'}"])
     assert capsys.readouterr().err == f"warning: recipe {recipe} is empty (or only comments): every setting not given on the command line is its default\n"
+
+
+def test_bucket_sizes_without_bucketing_and_sampling_settings_without_prompts_are_warned_of(capsys):
+    load_recipe(RECIPES / "lora.yaml", ["data.bucketing.max_side=1024", "data.bucketing.step=32"])
+    assert capsys.readouterr().err == (
+        "warning: data.bucketing.step, data.bucketing.max_side do nothing with bucketing off: set data.bucketing.enabled: true to use them\n"
+    )
+    load_recipe(RECIPES / "lora.yaml", ["validation.prompts=[]"])  # lora.yaml samples every 250 steps, 2 images a prompt
+    assert capsys.readouterr().err == (
+        "warning: validation.every_n_steps does nothing without validation.prompts (nothing is sampled): add prompts to sample them\n"
+    )
+    load_recipe(RECIPES / "lora.yaml", ["validation.prompts=[]", "validation.loss_images=2", "validation.guidance_scale=5"])
+    assert capsys.readouterr().err == (  # the held-out loss is scored every 250 steps
+        "warning: validation.guidance_scale does nothing without validation.prompts (nothing is sampled): add prompts to sample them\n"
+    )
+
+
+def test_the_shipped_recipes_load_without_warnings(capsys):
+    for recipe in sorted(RECIPES.glob("*.yaml")):
+        load_recipe(recipe, STAR if recipe.name.startswith("dreambooth") else [])
+    assert capsys.readouterr().err == ""
