@@ -51,6 +51,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
             key = re.sub(r"\s+", "", override.split("=", 1)[0])
             if named and (named.group(1) == key or named.group(1).startswith(key + ".")):  # data.folders=[...] and its data.folders.0.repeats
                 raise FinetuneError(f"override '{override}'{str(err).removeprefix(str(path))}") from None
+        for override in reversed(overrides):  # a check across keys names the settings it compares ("train.max_steps (12)")
+            key = re.sub(r"\s+", "", override.split("=", 1)[0])
+            if re.search(rf"(?<![\w.]){re.escape(key)}(?![\w.])", str(err)):
+                raise FinetuneError(f"override '{override}'{str(err).removeprefix(str(path))}") from None
         raise
     print_unused_settings(raw, recipe)
     return recipe

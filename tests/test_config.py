@@ -201,7 +201,7 @@ def test_prodigy_takes_one_learning_rate_for_every_parameter(tmp_path):
     """Prodigy refuses parameter groups with their own rates at its first step: said on load instead."""
     path = tmp_path / "recipe.yaml"
     path.write_text("data: {image_dir: images}\noptimizer: {name: prodigy, lr: 1.0}\n")
-    with pytest.raises(FinetuneError, match=r"recipe.yaml: lora.text_encoder_lr with prodigy: it takes one optimizer.lr for every parameter; remove lora.text_encoder_lr"):
+    with pytest.raises(FinetuneError, match=r"override .lora.text_encoder_lr=5e-5.: lora.text_encoder_lr with prodigy: it takes one optimizer.lr for every parameter; remove lora.text_encoder_lr"):
         load_recipe(path, ["lora.train_text_encoder=true", "lora.text_encoder_lr=5e-5"])
     assert load_recipe(path, ["lora.train_text_encoder=true"]).optimizer.name == "prodigy"
 

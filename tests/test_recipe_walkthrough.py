@@ -213,3 +213,13 @@ def test_concepts_sharing_a_class_folder_and_prompt_generate_its_images_once(tmp
     method = DreamBoothMethod(load_recipe(RECIPES / "dreambooth_lora.yaml", [concepts, "dreambooth.num_class_images=3", "data.resolution=64"]))
     method.check_data()  # before the model loads: the plan of what to generate
     assert [plan.missing for plan in method.class_plans] == [[0, 1, 2], []]  # the second concept generated the same three again
+
+
+def test_a_check_across_keys_failed_by_an_override_names_the_override():
+    # lora.yaml warms up for 100 steps: it was "recipes/lora.yaml: optimizer.warmup_steps (100) must be below ...".
+    with pytest.raises(FinetuneError, match=r"^override 'train.max_steps=12': optimizer.warmup_steps \(100\) must be below train.max_steps \(12\)"):
+        load_recipe(RECIPES / "lora.yaml", ["train.max_steps=12"])
+    with pytest.raises(FinetuneError, match=r"^override 'lora.conv_alpha=3': .*set conv_rank too"):
+        load_recipe(RECIPES / "lora.yaml", ["lora.conv_alpha=3"])
+    with pytest.raises(FinetuneError, match=r"^override 'train.max_steps=12': "):  # not the last override, which the message does not name
+        load_recipe(RECIPES / "lora.yaml", ["train.max_steps=12", "seed=3"])
