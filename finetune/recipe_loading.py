@@ -6,6 +6,7 @@ The schema itself, every section and its validation, is the finetune/config pack
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import re
 import types
@@ -201,7 +202,18 @@ def describe_validation_error(err: ValidationError, raw: dict[str, Any]) -> str:
     shown = "" if isinstance(received, dict) else f" (got {received!r})"
     if first["type"] == "list_type" and isinstance(received, str):  # `validation.prompts=a cat` on the command line
         shown += f"; a list is written in brackets: {dotted}='[\"first\", \"second\"]'"
+    if first["type"] == "string_type":  # `image_dir: 2024`, `caption: yes`: YAML read a number, date or boolean
+        shown += _quoting_hint(received)
     return f"key '{dotted}': {message}{shown}"
+
+
+def _quoting_hint(received: Any) -> str:
+    """How to keep text that YAML read as another type: quote it."""
+    if isinstance(received, bool):  # its spelling (yes, on, true) is lost
+        return "; YAML reads an unquoted yes/no/on/off/true/false as a boolean: quote the text"
+    if isinstance(received, (int, float, datetime.date)):
+        return f'; YAML reads it as a {"date" if isinstance(received, datetime.date) else "number"}: quote it ("{received}")'
+    return ""
 
 
 # sd-scripts' and diffusers' names for settings, which people type from habit.

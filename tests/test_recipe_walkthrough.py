@@ -223,3 +223,16 @@ def test_a_check_across_keys_failed_by_an_override_names_the_override():
         load_recipe(RECIPES / "lora.yaml", ["lora.conv_alpha=3"])
     with pytest.raises(FinetuneError, match=r"^override 'train.max_steps=12': "):  # not the last override, which the message does not name
         load_recipe(RECIPES / "lora.yaml", ["train.max_steps=12", "seed=3"])
+
+
+@pytest.mark.parametrize(
+    "text,hint",
+    [("image_dir: 2024", r'\(got 2024\); YAML reads it as a number: quote it \("2024"\)$'),
+     ("image_dir: 2024-01-01", r'YAML reads it as a date: quote it \("2024-01-01"\)$'),
+     ("{image_dir: x, caption: yes}", r"\(got True\); YAML reads an unquoted yes/no/on/off/true/false as a boolean: quote the text$")],
+)  # fmt: skip
+def test_a_number_where_text_is_expected_says_to_quote_it(tmp_path, text, hint):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"data: {text}\n" if text.startswith("{") else f"data:\n  {text}\n")
+    with pytest.raises(FinetuneError, match=hint):
+        load_recipe(path)
