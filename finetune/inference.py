@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 
 from finetune.atomic_files import atomic_save_safetensors
-from finetune.checkpoint import STATE_FILE
+from finetune.checkpoint import STATE_FILE, list_checkpoints
 from finetune.conditions import recorded_conditioning
 from finetune.config import ModelConfig
 from finetune.data import open_rgb
@@ -62,6 +62,9 @@ def resolve_lora_file(lora: str) -> Path:
                 raise FinetuneError(f"{lora} is a whole pipeline, not a LoRA: use it as the base model (--base {lora})")
             if (Path(lora) / "config.json").is_file():
                 raise FinetuneError(f"{lora} is a model folder (a ControlNet?), not a LoRA: pass a ControlNet as --controlnet {lora}")
+            checkpoints = list_checkpoints(Path(lora))
+            if checkpoints:  # a run's checkpoints/: each checkpoint-N holds the LoRA as of step N
+                raise FinetuneError(f"{lora} holds a run's checkpoints: pick a checkpoint (checkpoint-N, of step N), e.g. {checkpoints[-1]}, the latest")
             if len(candidates) > 1:
                 names = ", ".join(c.name for c in candidates[:3]) + (", ..." if len(candidates) > 3 else "")
                 raise FinetuneError(f"{lora} holds {len(candidates)} .safetensors files ({names}) and no {LORA_WEIGHTS_NAME}: pass the LoRA file itself")

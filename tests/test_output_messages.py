@@ -1,0 +1,23 @@
+"""What export, export-checkpoint and merge say when handed the wrong thing from a run: one line that names
+what it is and what to pass instead."""
+
+import torch
+from safetensors.torch import save_file
+
+from finetune.cli import main
+
+
+def fake_checkpoints(run, steps):
+    for step in steps:
+        checkpoint = run / "checkpoints" / f"checkpoint-{step}"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "trainer_state.json").write_text("{}")
+        save_file({"weight": torch.zeros(2)}, str(checkpoint / "pytorch_lora_weights.safetensors"))
+    return run / "checkpoints"
+
+
+def test_a_runs_checkpoints_folder_says_to_pick_a_checkpoint(tmp_path, capsys):
+    checkpoints = fake_checkpoints(tmp_path / "run", [5, 10])
+    assert main(["export", str(checkpoints), str(tmp_path / "out"), "--to", "kohya"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {checkpoints} holds a run's checkpoints: pick a checkpoint (checkpoint-N, of step N), e.g. {checkpoints / 'checkpoint-10'}, the latest"]
