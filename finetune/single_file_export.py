@@ -20,6 +20,7 @@ from finetune.atomic_files import atomic_save_safetensors
 from finetune.errors import FinetuneError
 from finetune.inference import saved_model_metadata
 from finetune.kohya import CLIP_ROOT, PRECISIONS
+from finetune.methods.controlnet import CONTROLNET_DIR
 from finetune.methods.full import PIPELINE_DIR
 from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.models import check_pipeline_parts, holds_a_lora
@@ -136,6 +137,11 @@ def resolve_pipeline_folder(source: Path) -> Path:
         raise FinetuneError(f"{source} holds a LoRA, not a whole model: fold it into its base first (finetune merge --lora {source} MERGED), then export MERGED")
     if not source.exists():
         raise FinetuneError(f"export-checkpoint input {source} not found: pass a pipeline folder, or a full or DreamBooth run's output folder")
+    controlnet = source / CONTROLNET_DIR if (source / CONTROLNET_DIR / "config.json").is_file() else source
+    if (controlnet / "config.json").is_file() and _config(controlnet / "config.json").get("_class_name") == "ControlNetModel":
+        # A single-file checkpoint is a whole pipeline; a ControlNet is used beside its base as it is.
+        raise FinetuneError(f"{source} holds a ControlNet, not a whole model: use {controlnet} as it is (finetune sample --controlnet {controlnet}; "
+                            f"in diffusers ControlNetModel.from_pretrained('{controlnet}'))")  # fmt: skip
     raise FinetuneError(f"{source} is not a diffusers pipeline folder (no model_index.json) nor a run's folder holding {PIPELINE_DIR}/: pass one of those")
 
 

@@ -21,3 +21,14 @@ def test_a_runs_checkpoints_folder_says_to_pick_a_checkpoint(tmp_path, capsys):
     assert main(["export", str(checkpoints), str(tmp_path / "out"), "--to", "kohya"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {checkpoints} holds a run's checkpoints: pick a checkpoint (checkpoint-N, of step N), e.g. {checkpoints / 'checkpoint-10'}, the latest"]
+
+
+def test_export_checkpoint_of_a_controlnet_run_says_it_is_a_controlnet(tmp_path, capsys):
+    controlnet = tmp_path / "run" / "controlnet"
+    controlnet.mkdir(parents=True)
+    (controlnet / "config.json").write_text('{"_class_name": "ControlNetModel"}')
+    for source in (tmp_path / "run", controlnet):
+        assert main(["export-checkpoint", str(source), str(tmp_path / "out.safetensors")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: {source} holds a ControlNet, not a whole model: use {controlnet} as it is (finetune sample --controlnet {controlnet}; "
+                       f"in diffusers ControlNetModel.from_pretrained('{controlnet}'))"]  # fmt: skip
