@@ -62,7 +62,10 @@ def merge_lora(
     check_output_folder(Path(output_dir), lora_file, overwrite)
     lora = load_lora(lora_file)
     model = load_base_model(ModelConfig.from_option(base, base_config))
-    merge_into({"unet": model.unet, "text_encoder": model.text_encoder}, lora, strength)
+    try:
+        merge_into({"unet": model.unet, "text_encoder": model.text_encoder}, lora, strength)
+    except FinetuneError as err:  # name the LoRA, as sample and eval do: the layer alone does not say which file
+        raise FinetuneError(f"LoRA {lora_file} does not fit this base model: {err}") from None
     if lora.metadata.get("finetune.prediction_type"):  # the merged UNet predicts what the LoRA was trained for
         model.noise_scheduler.register_to_config(prediction_type=lora.metadata["finetune.prediction_type"])
     if lora.metadata.get("finetune.zero_terminal_snr") == "true":  # and on the schedule it was trained on

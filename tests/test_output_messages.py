@@ -32,3 +32,14 @@ def test_export_checkpoint_of_a_controlnet_run_says_it_is_a_controlnet(tmp_path,
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"error: {source} holds a ControlNet, not a whole model: use {controlnet} as it is (finetune sample --controlnet {controlnet}; "
                        f"in diffusers ControlNetModel.from_pretrained('{controlnet}'))"]  # fmt: skip
+
+
+def test_merge_of_a_lora_from_another_base_names_the_lora_file(tmp_path, capsys):
+    from finetune.kohya import LoRA, LoRALayer, save_lora_file
+    from conftest import SHIPPED_BASE
+
+    layer = LoRALayer(down=torch.zeros(4, 7), up=torch.zeros(7, 4), alpha=4.0)  # 7 features: no layer of the shipped base
+    lora = save_lora_file(LoRA({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": layer}), tmp_path / "other.safetensors", "diffusers")
+    assert main(["merge", "--base", str(SHIPPED_BASE), "--lora", str(lora), str(tmp_path / "merged")]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("Loading")]  # progress bars
+    assert len(err) == 1 and err[0].startswith(f"error: LoRA {lora} does not fit this base model: LoRA layer unet.down_blocks.0."), err
