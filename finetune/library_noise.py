@@ -22,6 +22,9 @@ def quiet_third_party_warnings() -> None:
     drop("diffusers.models.modeling_utils", "kept in float32: [].")
     # ... and for every part a LoRA file does not adapt (most LoRAs leave the text encoder alone).
     drop(("diffusers.loaders.peft", "diffusers.loaders.lora_base", "diffusers.loaders.lora_pipeline"), "No LoRA keys associated to")
+    # diffusers, reading a single-file base without configs: offline our one line follows, saying to give its configs
+    # (--base-config, model.single_file_config); online the configs just download.
+    drop("diffusers.loaders.single_file", "no local configs were found for this checkpoint")
     # transformers: CLIP's image processor (which Stable Diffusion pipelines never use) without torchvision.
     drop("transformers.utils.import_utils", "requires torchvision (not installed)")
     # DeepSpeed, imported by accelerate, on a machine without a GPU (where it is not used unless asked for).

@@ -8,6 +8,7 @@ result is the same `BaseModel` bundle, and a source that is not there is one cle
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,5 +235,11 @@ def _load_single_file(config: ModelConfig) -> StableDiffusionPipeline:
     except ValueError as err:  # a config folder that is not there, or describes another architecture
         raise FinetuneError(
             f"could not load base model file {config.pretrained} with {config_key} {config.single_file_config}: "
-            f"{str(err).splitlines()[0][:300]}"
+            f"{_first_sentence(str(err))} (give {config_key} the diffusers folder or hub id of the model this file was made from)"
         ) from None
+
+
+def _first_sentence(text: str) -> str:
+    """diffusers' first sentence, whole: what follows is advice for its own API (ignore_mismatched_sizes), no use here."""
+    words = " ".join(text.split())  # on one line (it also leaves two spaces where a part's name belongs)
+    return re.split(r"(?<=[.!?])\s", words, maxsplit=1)[0]
