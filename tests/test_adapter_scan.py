@@ -1,0 +1,47 @@
+"""The demo's adapter list says which LoRA files cannot load, from their header, before Generate is pressed."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from finetune.adapter_scan import scan_adapters
+from finetune.errors import FinetuneError
+from finetune.kohya import load_lora
+
+Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+PLAIN = {f"{Q}.lora_down.weight": torch.zeros(4, 32), f"{Q}.lora_up.weight": torch.zeros(32, 4), f"{Q}.alpha": torch.tensor(4.0)}
+FILES = {
+    "plain": (PLAIN, {}),
+    "loha": ({f"{Q}.hada_w1_a": torch.zeros(32, 4), f"{Q}.hada_w1_b": torch.zeros(4, 32), f"{Q}.alpha": torch.tensor(4.0)}, {}),
+    "dora": ({**PLAIN, f"{Q}.dora_scale": torch.ones(1, 32)}, {}),
+    "peft-dora": ({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight": torch.zeros(4, 32),
+                   "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.up.weight": torch.zeros(32, 4)},
+                  {"lora_adapter_metadata": json.dumps({"unet.lora_alpha": 4, "unet.use_dora": True})}),
+    "sdxl": ({"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 640),
+              "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(640, 4),
+              "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 768),
+              "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(768, 4)}, {}),
+}  # fmt: skip
+
+
+@pytest.fixture
+def adapters(tmp_path):
+    for name, (tensors, metadata) in FILES.items():
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"), metadata)
+    return scan_adapters(tmp_path)
+
+
+def test_lycoris_dora_and_sdxl_lora_files_are_listed_as_refused_with_the_reason(adapters):
+    refused = {name: adapter.refused for name, adapter in adapters.items()}
+    assert refused == {
+        "plain": None,
+        "loha": "a LyCORIS LoHa, LoKr or Tucker LoCon file: only plain LoRA (down/up weights) is loaded",
+        "dora": "a DoRA file: only plain LoRA is loaded",
+        "peft-dora": "a DoRA file: only plain LoRA is loaded",
+        "sdxl": "an SDXL LoRA (lora_te1_/lora_te2_, input_blocks names): only SD1.x LoRAs are loaded",
+    }
+    for name in ("loha", "dora", "peft-dora"):  # what the loader refuses when Generate is pressed
+        with pytest.raises(FinetuneError):
+            load_lora(adapters[name].path)
