@@ -25,7 +25,7 @@ from finetune.check_threads import each_on_threads
 from finetune.config import DataConfig, Recipe
 from finetune.data import collate_images, item_rng, likely_new_view, open_rgb, render_pixels, upright_size, view_entry
 from finetune.errors import FinetuneError
-from finetune.sources import Example, open_dataset, read_examples
+from finetune.sources import Example, open_dataset, read_examples, require_image_column
 from finetune.views import ViewPlan, plan_view, render
 
 
@@ -91,6 +91,7 @@ def read_pairs(recipe: Recipe) -> tuple[list[Pair], list[Finding]]:
                 f"dataset {config.dataset} has no conditioning column '{column}' (controlnet.conditioning_column); "
                 f"its columns are: {', '.join(repr(c) for c in dataset.column_names)}"
             )
+        require_image_column(dataset, config.dataset, column, "controlnet.conditioning_column")  # not file paths: those would fail row by row
         conditionings = dataset.select_columns([column])
         pairs = [
             Pair(example, Example(f"{example.source} column '{column}'", "", lambda row=row: conditionings[row][column]))

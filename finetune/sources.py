@@ -247,18 +247,23 @@ def _dataset_examples(config: DataConfig) -> list[Example]:
             raise FinetuneError(f"dataset {name} has no column '{column}' ({key}); its columns are: {', '.join(repr(c) for c in columns)}")
     if len(loaded) == 0:
         raise FinetuneError(f"dataset {name} split '{config.dataset_split}' is empty")
-    image_feature = loaded.features[config.image_column]
-    if type(image_feature).__name__ != "Image" or not getattr(image_feature, "decode", True):
-        raise FinetuneError(
-            f"dataset {name} column '{config.image_column}' (data.image_column) holds {image_feature}, not decoded images: "
-            f"cast it with dataset.cast_column('{config.image_column}', datasets.Image()) and save it again, or set data.image_column"
-        )
+    require_image_column(loaded, name, config.image_column, "data.image_column")
     captions = [config.caption] * len(loaded) if config.caption is not None else loaded[config.caption_column]
     images = loaded.select_columns([config.image_column])
     return [
         Example(DATASET_ROW.format(name=name, row=row), _caption_or_none(captions[row], name, config.caption_column, row), lambda row=row: images[row][config.image_column])
         for row in range(len(loaded))
     ]
+
+
+def require_image_column(loaded, name: str, column: str, key: str) -> None:
+    """Stop if a dataset column holds something other than decoded images (file paths, undecoded bytes)."""
+    feature = loaded.features[column]
+    if type(feature).__name__ != "Image" or not getattr(feature, "decode", True):
+        raise FinetuneError(
+            f"dataset {name} column '{column}' ({key}) holds {feature}, not decoded images: "
+            f"cast it with dataset.cast_column('{column}', datasets.Image()) and save it again, or set {key}"
+        )
 
 
 def _caption_or_none(value, name: str, column: str, row: int) -> str | None:
