@@ -25,7 +25,7 @@ from finetune.encoders import skip_last_layers
 from finetune.errors import FinetuneError
 from finetune.kohya import LoRA, load_lora, to_diffusers
 from finetune.merge import check_lora_fits
-from finetune.methods.controlnet import CONTROLNET_DIR, UNET_DIR
+from finetune.methods.controlnet import CONTROLNET_DIR, UNET_DIR, require_controlnet_config
 from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.models import BaseModel, load_base_model, looks_like_hub_id
 from finetune.pipeline_io import METADATA_FILE
@@ -113,6 +113,7 @@ def resolve_controlnet_folder(controlnet: str) -> Path:
             f"ControlNet folder {controlnet} has no config.json: pass the {CONTROLNET_DIR}/ folder a controlnet training run "
             "writes (a ControlNetModel.save_pretrained folder), or the run's output folder"
         )
+    require_controlnet_config(path, f"--controlnet {controlnet}")
     return path
 
 

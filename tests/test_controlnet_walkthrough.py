@@ -1,9 +1,10 @@
 """ControlNet training as a user sets it up: a `datasets` dataset with a conditioning column, and
-conditioning images in other modes than their targets."""
+another model's folder given as the ControlNet to start from or sample with."""
 
 import pytest
 
 from finetune.errors import FinetuneError
+from finetune.inference import check_control_options
 from finetune.methods.controlnet import ControlNetMethod
 from finetune.toyworld.datasets import generate
 from finetune.toyworld.world import mask_image
@@ -23,3 +24,16 @@ def test_a_conditioning_column_of_file_paths_is_one_line_naming_it(make_recipe, 
     with pytest.raises(FinetuneError, match=r"column 'guide' \(controlnet.conditioning_column\) holds .*string.*not decoded images: "
                                             r"cast it with dataset.cast_column\('guide', datasets.Image\(\)\)"):  # fmt: skip
         ControlNetMethod(recipe).check_data()
+
+
+@pytest.mark.parametrize("part, class_name", [("unet", "UNet2DConditionModel"), ("vae", "AutoencoderKL")])
+def test_a_unet_or_vae_folder_given_as_the_controlnet_is_one_line_naming_its_class(part, class_name, make_recipe, tiny_model, pairs_folder, tmp_path):
+    folder = tiny_model / part
+    recipe = make_recipe(method="controlnet", data__image_dir=str(pairs_folder), controlnet__pretrained=str(folder))
+    with pytest.raises(FinetuneError, match=rf"^controlnet.pretrained {folder} holds a {class_name}, not a ControlNet"):
+        ControlNetMethod(recipe).check_data()  # it said the folder was trained with controlnet.unlock_unet_decoder
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(FinetuneError, match=rf"^--controlnet {copy} holds a {class_name}, not a ControlNet"):
+        check_control_options(str(copy), str(pairs_folder / "metadata.jsonl"), None)  # it loaded the model and failed on meta tensors

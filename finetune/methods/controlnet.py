@@ -85,6 +85,8 @@ class ControlNetMethod(DiffusionMethod):
             if (path / CONTROLNET_DIR / "config.json").is_file():  # a controlnet run's output folder, as `finetune sample` takes it
                 path = path / CONTROLNET_DIR
                 self.pretrained = str(path)
+            if (path / "config.json").is_file():
+                require_controlnet_config(path, f"controlnet.pretrained {pretrained}")
             if (path / "config.json").is_file() and (path.parent / UNET_DIR / "config.json").is_file():
                 raise FinetuneError(f"controlnet.pretrained {pretrained} was trained with controlnet.unlock_unet_decoder and works only with its "
                                     f"own UNet ({path.parent / UNET_DIR}), which a run does not start from: set controlnet.pretrained: null")  # fmt: skip
@@ -246,6 +248,17 @@ def residuals_in(controlnet: torch.nn.Module, dtype: torch.dtype):
         yield
     finally:
         handle.remove()
+
+
+def require_controlnet_config(folder: Path, named: str) -> None:
+    """Stop before any model loads if `folder` holds another diffusers model (a UNet or VAE folder given
+    by mistake): diffusers would build a ControlNet from its config and fail on the meta tensors it left unset."""
+    try:
+        class_name = json.loads((folder / "config.json").read_text()).get("_class_name", "ControlNetModel")
+    except (OSError, ValueError, AttributeError):
+        raise FinetuneError(f"{named}: {folder / 'config.json'} is not a JSON model config") from None
+    if class_name != "ControlNetModel":
+        raise FinetuneError(f"{named} holds a {class_name}, not a ControlNet: pass a ControlNetModel folder (its config.json says _class_name ControlNetModel)")
 
 
 def save_model_folder(model: torch.nn.Module, folder: Path, metadata: dict[str, str]) -> Path:
