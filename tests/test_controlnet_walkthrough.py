@@ -1,6 +1,8 @@
 """ControlNet training as a user sets it up: a `datasets` dataset with a conditioning column, and
 another model's folder given as the ControlNet to start from or sample with."""
 
+import shutil
+
 import pytest
 
 from finetune.errors import FinetuneError
@@ -37,3 +39,15 @@ def test_a_unet_or_vae_folder_given_as_the_controlnet_is_one_line_naming_its_cla
     (copy / "config.json").write_text((folder / "config.json").read_text())
     with pytest.raises(FinetuneError, match=rf"^--controlnet {copy} holds a {class_name}, not a ControlNet"):
         check_control_options(str(copy), str(pairs_folder / "metadata.jsonl"), None)  # it loaded the model and failed on meta tensors
+
+
+def test_the_controlnet_of_a_saved_controlnet_pipeline_is_continued(make_recipe, tiny_model, pairs_folder, tmp_path):
+    from controlnet_helpers import write_controlnet_run
+
+    pipeline = write_controlnet_run(tiny_model, tmp_path / "pipeline", trained=True)  # controlnet/ ...
+    shutil.copytree(tiny_model / "unet", pipeline / "unet")  # ... beside the base's own unet/, as save_pretrained writes them
+    for given in (pipeline, pipeline / "controlnet"):
+        recipe = make_recipe(method="controlnet", data__image_dir=str(pairs_folder), controlnet__pretrained=str(given))
+        method = ControlNetMethod(recipe)
+        method.check_data()  # it said the ControlNet was trained with controlnet.unlock_unet_decoder
+        assert method.pretrained == str(pipeline / "controlnet")

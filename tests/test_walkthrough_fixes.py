@@ -149,6 +149,7 @@ def test_a_controlnet_trained_with_its_own_unet_decoder_is_not_continued_without
     for part in ("controlnet", "unet"):
         (run / part).mkdir(parents=True)
         (run / part / "config.json").write_text("{}")
+        (run / part / "finetune_metadata.json").write_text('{"finetune.method": "controlnet"}')  # the same in both, as one run saves them
     method = ControlNetMethod(make_recipe(method="controlnet", data__image_dir=str(pairs_folder), controlnet__pretrained=str(run)))
     with pytest.raises(FinetuneError, match=r"was trained with controlnet.unlock_unet_decoder and works only with its own UNet .*: set controlnet.pretrained: null$"):
         method.check_data()

@@ -73,6 +73,8 @@ class ControlNetMethod(DiffusionMethod):
         return {"finetune.conditioning": json.dumps(record)} if record else {}
 
     def check_data(self) -> None:
+        from finetune.inference import unlocked_decoder_folder  # inference imports this module
+
         self.pairs, report = checked_pairs(self.recipe)
         self.data_reports = [report]
         for path in self.settings.validation_conditions:
@@ -87,7 +89,7 @@ class ControlNetMethod(DiffusionMethod):
                 self.pretrained = str(path)
             if (path / "config.json").is_file():
                 require_controlnet_config(path, f"controlnet.pretrained {pretrained}")
-            if (path / "config.json").is_file() and (path.parent / UNET_DIR / "config.json").is_file():
+            if (path / "config.json").is_file() and unlocked_decoder_folder(path):  # not a pipeline's controlnet/ beside its unet/
                 raise FinetuneError(f"controlnet.pretrained {pretrained} was trained with controlnet.unlock_unet_decoder and works only with its "
                                     f"own UNet ({path.parent / UNET_DIR}), which a run does not start from: set controlnet.pretrained: null")  # fmt: skip
             elif not (looks_like_hub_id(pretrained) and not path.exists()) and not (path / "config.json").is_file():
