@@ -23,7 +23,18 @@ from finetune.captions import metadata_key, name_key, training_caption
 from finetune.check_data import FATAL, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable
 from finetune.check_threads import each_on_threads
 from finetune.config import DataConfig, Recipe
-from finetune.data import collate_images, item_rng, likely_new_view, open_rgb, render_pixels, upright_size, view_entry
+from finetune.data import (
+    collate_images,
+    decode,
+    has_alpha,
+    item_rng,
+    likely_new_view,
+    open_rgb,
+    render_pixels,
+    upright_rgb,
+    upright_size,
+    view_entry,
+)
 from finetune.errors import FinetuneError
 from finetune.sources import Example, open_dataset, read_examples, require_image_column
 from finetune.views import ViewPlan, plan_view, render
@@ -151,9 +162,17 @@ def _conditioning_files(folder: Path, column: str = "conditioning_file_name") ->
 def conditioning_problems(pair: Pair, image_size: tuple[int, int]) -> list[Finding]:
     """A fatal finding if the pair's conditioning image cannot be read or is not its image's size."""
     try:
-        conditioning = open_rgb(pair.conditioning)
+        decoded = decode(pair.conditioning)
     except FinetuneError as err:
         return [Finding(FATAL, pair.image.source, str(err))]
+    conditioning = upright_rgb(decoded)
+    if has_alpha(decoded) and one_colour(conditioning) and not one_colour(decoded.convert("RGB")):
+        # A white shape on a transparent background: flattened onto white, as every image is, nothing is left to read.
+        message = (
+            f"conditioning image {pair.conditioning.source} is one colour once its transparency is flattened onto white "
+            "(as it trains): its content is in the alpha channel; save it without transparency (e.g. white on black)"
+        )
+        return [Finding(FATAL, pair.image.source, message)]
     if conditioning.size != image_size:
         message = (
             f"conditioning image {pair.conditioning.source} is {conditioning.size[0]}x{conditioning.size[1]} but image "
@@ -161,6 +180,10 @@ def conditioning_problems(pair: Pair, image_size: tuple[int, int]) -> list[Findi
         )
         return [Finding(FATAL, pair.image.source, message)]
     return []
+
+
+def one_colour(image: Image.Image) -> bool:
+    return image.getcolors(1) is not None  # None: more colours than one
 
 
 def paired_views(

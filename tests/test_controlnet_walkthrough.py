@@ -1,9 +1,13 @@
-"""ControlNet training as a user sets it up: a `datasets` dataset with a conditioning column, and
-another model's folder given as the ControlNet to start from or sample with."""
+"""ControlNet training as a user sets it up: a `datasets` dataset with a conditioning column, a
+conditioning image drawn in its alpha channel, and another model's folder given as the ControlNet to
+start from or sample with."""
 
+import json
 import shutil
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from finetune.errors import FinetuneError
 from finetune.inference import check_control_options
@@ -51,3 +55,19 @@ def test_the_controlnet_of_a_saved_controlnet_pipeline_is_continued(make_recipe,
         method = ControlNetMethod(recipe)
         method.check_data()  # it said the ControlNet was trained with controlnet.unlock_unet_decoder
         assert method.pretrained == str(pipeline / "controlnet")
+
+
+def test_a_conditioning_image_drawn_only_in_its_alpha_channel_is_one_line(make_recipe, pairs_folder, tmp_path):
+    folder = tmp_path / "pairs"
+    shutil.copytree(pairs_folder, folder)
+    row = json.loads((folder / "metadata.jsonl").read_text().splitlines()[0])
+    mask = np.asarray(Image.open(folder / row["conditioning_file_name"]).convert("L"))
+    white_on_clear = np.dstack([mask, mask, mask, mask])  # white shape, transparent (black) background
+    Image.fromarray(white_on_clear, "RGBA").save(folder / row["conditioning_file_name"])
+    recipe = make_recipe(method="controlnet", data__image_dir=str(folder))
+    with pytest.raises(FinetuneError, match=r"conditioning image .* is one colour once its transparency is flattened onto white"):
+        ControlNetMethod(recipe).check_data()  # it trained on an all-white conditioning image
+
+    black_on_clear = np.dstack([255 - mask, 255 - mask, 255 - mask, mask])  # flattened onto white, the shape stays
+    Image.fromarray(black_on_clear, "RGBA").save(folder / row["conditioning_file_name"])
+    ControlNetMethod(recipe).check_data()
