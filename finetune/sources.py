@@ -89,6 +89,9 @@ def _folder_examples(config: DataConfig) -> list[Example]:
             kinds = ", ".join(sorted({path.suffix.lower() for path in unread}))
             raise FinetuneError(f"data folder {folder} has no images training reads, only {len(unread)} it does not ({kinds}, e.g. {unread[0].name}): "
                                 "convert them to PNG or JPEG")  # fmt: skip
+        if not images and (nested := nested_metadata_images(folder, config)):
+            raise FinetuneError(f"data folder {folder} has no images of its own: its metadata file names them in a subfolder ({nested[0]}), "
+                                "and training reads the images beside the metadata file: move them there and drop the subfolder from their file_name")  # fmt: skip
         if not images:
             raise FinetuneError(f"data folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}): add some or fix {key}")
         examples += [replace(example, folder_index=index) for example in _images_of_folder(folder, images, settings, config)]
@@ -100,6 +103,12 @@ def folder_images(folder: Path) -> list[Path]:
     writes a `._name.jpg` of metadata beside each image it copies to a foreign drive. A broken link is listed,
     for the check to name it (is_file is false for it)."""
     return sorted(p for p in folder.iterdir() if (p.is_file() or p.is_symlink()) and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def nested_metadata_images(folder: Path, config: DataConfig) -> list[str]:
+    """The file_names of `folder`'s metadata file that are images in a subfolder (diffusers' `images/0001.png`
+    layout beside `conditioning_images/`): that subfolder is not read as images of its own, as it is named there."""
+    return [name for name in folder_captions(folder, config.caption_column) if "/" in name and (folder / name).is_file()]
 
 
 def data_folders(config: DataConfig) -> list[Path]:

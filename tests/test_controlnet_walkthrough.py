@@ -1,9 +1,10 @@
 """ControlNet training as a user sets it up: a `datasets` dataset with a conditioning column, a
-conditioning image drawn in its alpha channel, and another model's folder given as the ControlNet to
-start from or sample with."""
+conditioning image drawn in its alpha channel, diffusers' images/ + conditioning_images/ layout, and
+another model's folder given as the ControlNet to start from or sample with."""
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,3 +72,18 @@ def test_a_conditioning_image_drawn_only_in_its_alpha_channel_is_one_line(make_r
     black_on_clear = np.dstack([255 - mask, 255 - mask, 255 - mask, mask])  # flattened onto white, the shape stays
     Image.fromarray(black_on_clear, "RGBA").save(folder / row["conditioning_file_name"])
     ControlNetMethod(recipe).check_data()
+
+
+def test_diffusers_images_and_conditioning_images_subfolders_are_one_line(make_recipe, pairs_folder, tmp_path):
+    folder = tmp_path / "diffusers-layout"
+    (folder / "images").mkdir(parents=True)
+    shutil.copytree(pairs_folder / "conditioning", folder / "conditioning_images")
+    rows = [json.loads(line) for line in (pairs_folder / "metadata.jsonl").read_text().splitlines()]
+    for row in rows:
+        shutil.copy(pairs_folder / row["file_name"], folder / "images" / row["file_name"])
+    lines = [{"file_name": f"images/{row['file_name']}", "conditioning_image": f"conditioning_images/{Path(row['conditioning_file_name']).name}",
+              "text": row["text"]} for row in rows]  # fmt: skip
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    recipe = make_recipe(method="controlnet", data__image_dir=str(folder))
+    with pytest.raises(FinetuneError, match=r"has no images of its own: its metadata file names them in a subfolder \(images/"):
+        ControlNetMethod(recipe).check_data()  # it said the folder has no images
