@@ -154,6 +154,7 @@ def trained_structure(settings: dict) -> dict:
         })  # fmt: skip
     if method == "controlnet":
         structure["controlnet.unlock_unet_decoder"] = bool(settings.get("controlnet.unlock_unet_decoder"))
+        structure["controlnet.only_mid_control"] = bool(settings.get("controlnet.only_mid_control"))  # freezes the down-block zero convs
     return structure
 
 

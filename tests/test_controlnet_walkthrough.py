@@ -87,3 +87,14 @@ def test_diffusers_images_and_conditioning_images_subfolders_are_one_line(make_r
     recipe = make_recipe(method="controlnet", data__image_dir=str(folder))
     with pytest.raises(FinetuneError, match=r"has no images of its own: its metadata file names them in a subfolder \(images/"):
         ControlNetMethod(recipe).check_data()  # it said the folder has no images
+
+
+def test_resuming_with_only_mid_control_switched_is_one_line_naming_it(make_recipe, pairs_folder, monkeypatch):
+    import finetune.trainer as trainer
+
+    first = trainer.train(make_recipe(method="controlnet", data__image_dir=str(pairs_folder), train__max_steps=2, checkpoint__every_n_steps=2))
+    checkpoint = first.output_dir / "checkpoints" / "checkpoint-2"
+    monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))  # said before it loads
+    recipe = make_recipe(method="controlnet", data__image_dir=str(pairs_folder), train__max_steps=4, controlnet__only_mid_control=True)
+    with pytest.raises(FinetuneError, match=r"trained other weights or optimizer groups than this recipe would \(controlnet.only_mid_control False -> True\)"):
+        trainer.train(recipe, resume=str(checkpoint))  # it loaded the model, then named only a count of parameters
