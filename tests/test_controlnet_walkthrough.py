@@ -98,3 +98,12 @@ def test_resuming_with_only_mid_control_switched_is_one_line_naming_it(make_reci
     recipe = make_recipe(method="controlnet", data__image_dir=str(pairs_folder), train__max_steps=4, controlnet__only_mid_control=True)
     with pytest.raises(FinetuneError, match=r"trained other weights or optimizer groups than this recipe would \(controlnet.only_mid_control False -> True\)"):
         trainer.train(recipe, resume=str(checkpoint))  # it loaded the model, then named only a count of parameters
+
+
+def test_validation_rows_show_different_conditioning_images_when_folders_repeat_them(make_recipe, pairs_folder):
+    folders = [{"path": ".", "repeats": 3}]
+    recipe = make_recipe(method="controlnet", data__image_dir=str(pairs_folder), data__folders=folders, validation__prompts=["a", "b", "c"])
+    method = ControlNetMethod(recipe)
+    method.check_data()
+    conditions = [image.tobytes() for image in method.validation_conditions()]
+    assert len(set(conditions)) == 3  # the first pair three times, repeated
