@@ -169,6 +169,17 @@ def make_condition(image: Image.Image, kind: str, **options) -> Image.Image:
     return Image.fromarray(array, "L").convert("RGB")
 
 
+def check_options(kind: str, **options) -> None:
+    """Refuse thresholds that make degenerate images, before any is written: a negative mask threshold counts
+    every pixel as shape (all white), a negative blur is no blur recorded as one."""
+    if kind == "canny" and not options.get("sigma", CANNY_SIGMA) >= 0:
+        raise FinetuneError(f"canny --sigma must be 0 or more (pixels of blur), got {options['sigma']}")
+    if kind == "mask" and not options.get("threshold", MASK_THRESHOLD) >= 0:
+        raise FinetuneError(f"mask --threshold must be 0 or more (an RGB distance; below 0 every pixel is shape), got {options['threshold']}")
+    if kind == "canny" and not 0 <= options.get("low", CANNY_LOW) <= options.get("high", CANNY_HIGH):
+        raise FinetuneError(f"canny thresholds must satisfy 0 <= low <= high, got low={options.get('low', CANNY_LOW)}, high={options.get('high', CANNY_HIGH)}")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Folders
 
@@ -183,6 +194,8 @@ def make_condition_folders(input_dir: str | Path, output_dir: str | Path, kind: 
     source, target = Path(input_dir), Path(output_dir)
     if not source.is_dir():
         raise FinetuneError(f"input folder {source} not found")
+    if kind in KINDS:
+        check_options(kind, **options)
     subfolders = [sub for sub in image_subfolders(source, DataConfig()) if sub.resolve() != target.resolve()]  # not a rerun's output
     pairs = ([(source, target)] if folder_images(source) else []) + [(sub, target / sub.name) for sub in subfolders]
     if not pairs:

@@ -107,3 +107,17 @@ def test_validation_rows_show_different_conditioning_images_when_folders_repeat_
     method.check_data()
     conditions = [image.tobytes() for image in method.validation_conditions()]
     assert len(set(conditions)) == 3  # the first pair three times, repeated
+
+
+@pytest.mark.parametrize("options, said", [
+    (["--kind", "mask", "--threshold", "-5"], "mask --threshold must be 0 or more (an RGB distance; below 0 every pixel is shape), got -5.0"),
+    (["--kind", "canny", "--sigma", "-1"], "canny --sigma must be 0 or more (pixels of blur), got -1.0"),
+    (["--kind", "canny", "--low", "50", "--high", "10"], "canny thresholds must satisfy 0 <= low <= high, got low=50.0, high=10.0"),
+])  # fmt: skip
+def test_make_conditions_refuses_degenerate_thresholds_before_writing_anything(options, said, tmp_path, capsys):
+    from finetune.cli import main
+
+    star = Path(__file__).parent.parent / "datasets" / "star"
+    assert main(["make-conditions", str(star), str(tmp_path / "out"), *options]) == 2  # a negative threshold wrote all-white masks
+    assert capsys.readouterr().err.strip() == f"error: {said}"
+    assert not (tmp_path / "out").exists()  # bad canny thresholds left an empty conditioning/ folder
