@@ -227,7 +227,22 @@ def _checked_input(source: Path, target: Path, overwrite: bool) -> tuple[list[Pa
     jsonl, table = source / "metadata.jsonl", source / "metadata.csv"
     if target.is_dir() and source.resolve() == target.resolve() and table.is_file():
         raise FinetuneError(f"{table} would sit beside the metadata.jsonl this writes (a folder must have one): write to another folder")
-    return images, read_metadata_captions(jsonl, require_text=False) if jsonl.is_file() else read_csv_captions(table)
+    if jsonl.is_file():
+        captions = read_metadata_captions(jsonl, require_text=False)
+        _refuse_captions_under_another_key(jsonl)
+        return images, captions
+    return images, read_csv_captions(table)
+
+
+def _refuse_captions_under_another_key(jsonl: Path) -> None:
+    """Rows whose captions are under another key than `text` (sd-scripts' `caption`, a dataset's `prompt`) would
+    leave every image uncaptioned, said only as 'had no caption'."""
+    keys: set[str] = set()
+    for line in jsonl.read_text(encoding="utf-8-sig").splitlines():
+        keys.update(json.loads(line) if line.strip() else {})  # each row a JSON object: read_metadata_captions checked
+    if "text" not in keys and keys - {"file_name", "conditioning_file_name", "conditioning_image"}:
+        raise FinetuneError(f"{jsonl} has no 'text' captions (its rows have {', '.join(repr(key) for key in sorted(keys))}): "
+                            "rename the key that holds the captions to text, as make-conditions reads them")  # fmt: skip
 
 
 def make_conditions(input_dir: str | Path, output_dir: str | Path, kind: str, overwrite: bool = False, **options) -> tuple[Path, int, int]:

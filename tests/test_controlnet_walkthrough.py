@@ -121,3 +121,20 @@ def test_make_conditions_refuses_degenerate_thresholds_before_writing_anything(o
     assert main(["make-conditions", str(star), str(tmp_path / "out"), *options]) == 2  # a negative threshold wrote all-white masks
     assert capsys.readouterr().err.strip() == f"error: {said}"
     assert not (tmp_path / "out").exists()  # bad canny thresholds left an empty conditioning/ folder
+
+
+def test_make_conditions_refuses_captions_under_another_key_than_text(tmp_path, capsys):
+    from finetune.cli import main
+
+    star = Path(__file__).parent.parent / "datasets" / "star"
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rows = []
+    for image in sorted(star.glob("*.png")):
+        shutil.copy(image, photos / image.name)
+        rows.append({"file_name": image.name, "caption": image.with_suffix(".txt").read_text().strip()})
+    (photos / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert main(["make-conditions", str(photos), str(tmp_path / "out"), "--kind", "mask"]) == 2  # it wrote every caption as ""
+    said = f"error: {photos / 'metadata.jsonl'} has no 'text' captions (its rows have 'caption', 'file_name'): rename the key that holds the captions to text"
+    assert capsys.readouterr().err.startswith(said)
+    assert not (tmp_path / "out").exists()
