@@ -160,11 +160,18 @@ def _conditioning_files(folder: Path, column: str = "conditioning_file_name") ->
 
 
 def conditioning_problems(pair: Pair, image_size: tuple[int, int]) -> list[Finding]:
-    """A fatal finding if the pair's conditioning image cannot be read or is not its image's size."""
+    """A fatal finding if the pair's conditioning image cannot be read, would train blank (drawn only in its alpha
+    channel, or float values of 0-1) or is not its image's size."""
     try:
         decoded = decode(pair.conditioning)
     except FinetuneError as err:
         return [Finding(FATAL, pair.image.source, str(err))]
+    if decoded.mode == "F" and decoded.getextrema()[1] <= 1.0:  # read as levels 0-255, a 0-1 depth map would train black
+        message = (
+            f"conditioning image {pair.conditioning.source} holds 32-bit float values of 0-1, which train as levels 0-255 "
+            "(all but black): save it as an 8- or 16-bit PNG (values scaled to 0-255 or 0-65535)"
+        )
+        return [Finding(FATAL, pair.image.source, message)]
     conditioning = upright_rgb(decoded)
     if has_alpha(decoded) and one_colour(conditioning) and not one_colour(decoded.convert("RGB")):
         # A white shape on a transparent background: flattened onto white, as every image is, nothing is left to read.

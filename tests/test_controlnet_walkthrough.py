@@ -138,3 +138,17 @@ def test_make_conditions_refuses_captions_under_another_key_than_text(tmp_path, 
     said = f"error: {photos / 'metadata.jsonl'} has no 'text' captions (its rows have 'caption', 'file_name'): rename the key that holds the captions to text"
     assert capsys.readouterr().err.startswith(said)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_float_depth_map_of_values_0_to_1_is_one_line(make_recipe, pairs_folder, tmp_path):
+    folder = tmp_path / "pairs"
+    shutil.copytree(pairs_folder, folder)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    size = Image.open(folder / rows[0]["file_name"]).size
+    depth = np.linspace(0, 1, size[0] * size[1], dtype=np.float32).reshape(size[1], size[0])
+    Image.fromarray(depth, "F").save(folder / "depth.tif")  # as a depth estimator's output is often saved
+    rows[0]["conditioning_file_name"] = "depth.tif"
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    recipe = make_recipe(method="controlnet", data__image_dir=str(folder))
+    with pytest.raises(FinetuneError, match=r"conditioning image .*depth.tif holds 32-bit float values of 0-1, which train as levels 0-255"):
+        ControlNetMethod(recipe).check_data()  # it trained on an all but black conditioning image
