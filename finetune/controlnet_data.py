@@ -150,7 +150,7 @@ def _conditioning_files(folder: Path, column: str = "conditioning_file_name") ->
             keys.update(row)
             named = row.get("conditioning_file_name") or row.get(column)
             if named:
-                files[metadata_key(row["file_name"], folder)] = str(named)
+                files[metadata_key(row["file_name"], folder)] = str(named).replace("\\", "/")  # written on Windows: conditioning\0001.png
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise FinetuneError(f"{path} line {line_number}: expected a JSON object with 'file_name', 'conditioning_file_name' and 'text'") from None
     if not {"conditioning_file_name", column} & keys:

@@ -152,3 +152,15 @@ def test_a_float_depth_map_of_values_0_to_1_is_one_line(make_recipe, pairs_folde
     recipe = make_recipe(method="controlnet", data__image_dir=str(folder))
     with pytest.raises(FinetuneError, match=r"conditioning image .*depth.tif holds 32-bit float values of 0-1, which train as levels 0-255"):
         ControlNetMethod(recipe).check_data()  # it trained on an all but black conditioning image
+
+
+def test_conditioning_file_names_written_on_windows_are_found(make_recipe, pairs_folder, tmp_path):
+    folder = tmp_path / "pairs"
+    shutil.copytree(pairs_folder, folder)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["conditioning_file_name"] = row["conditioning_file_name"].replace("/", "\\")  # conditioning\0000.png
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    method = ControlNetMethod(make_recipe(method="controlnet", data__image_dir=str(folder)))
+    method.check_data()  # it said each conditioning image was not found
+    assert [Path(pair.conditioning.source).parent for pair in method.pairs] == [folder / "conditioning"] * len(rows)
