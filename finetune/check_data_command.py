@@ -95,6 +95,10 @@ def run_check_data_command(args) -> int:
             print(f"held out: {len(held)} images for the validation loss (validation.loss_images), leaving {len(trained)} of the {len(sources)} "
                   "uses per epoch to train")  # fmt: skip
         short = too_few_to_batch(len(trained), recipe, 1, len(sources)) or concept_held_out_whole(reports, sources, list(trained), recipe)
+        if recipe.method == "controlnet" and not short:
+            from finetune.controlnet_data import validation_conditions_problem  # it builds on this module
+
+            short = validation_conditions_problem(recipe)
     if short:
         print(f"result: training would stop: {short}")
         return 1

@@ -91,6 +91,19 @@ def inspect_pairs(recipe: Recipe) -> tuple[list[Pair], DataReport]:
     return usable, report
 
 
+def validation_conditions_problem(recipe: Recipe) -> str | None:
+    """Why controlnet.validation_conditions would stop the run (an image missing or unreadable), or None;
+    `finetune check-data` says it too."""
+    for path in recipe.controlnet.validation_conditions:
+        if not Path(path).is_file():
+            return f"validation conditioning image {path} not found: check controlnet.validation_conditions"
+        try:
+            open_rgb(Example(path, "", lambda p=path: Image.open(p)))
+        except FinetuneError as err:
+            return str(err)
+    return None
+
+
 def read_pairs(recipe: Recipe) -> tuple[list[Pair], list[Finding]]:
     """Every image with the conditioning image the data names for it, and fatal findings for images without one."""
     config, settings = recipe.data, recipe.controlnet

@@ -164,3 +164,15 @@ def test_conditioning_file_names_written_on_windows_are_found(make_recipe, pairs
     method = ControlNetMethod(make_recipe(method="controlnet", data__image_dir=str(folder)))
     method.check_data()  # it said each conditioning image was not found
     assert [Path(pair.conditioning.source).parent for pair in method.pairs] == [folder / "conditioning"] * len(rows)
+
+
+def test_check_data_says_a_missing_validation_conditioning_image_stops_training(make_recipe, pairs_folder, tmp_path, capsys):
+    from finetune.cli import main
+
+    recipe = tmp_path / "recipe.json"
+    data = {"method": "controlnet", "data": {"image_dir": str(pairs_folder), "resolution": 64}, "validation": {"prompts": ["a star"]},
+            "controlnet": {"validation_conditions": [str(tmp_path / "gone.png")]}}  # fmt: skip
+    recipe.write_text(json.dumps(data))
+    assert main(["check-data", str(recipe)]) == 1  # it said ready to train; training stopped at once
+    said = f"result: training would stop: validation conditioning image {tmp_path / 'gone.png'} not found: check controlnet.validation_conditions"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == said

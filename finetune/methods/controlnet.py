@@ -35,7 +35,7 @@ from PIL import Image
 
 from finetune.atomic_files import replace_folder, with_default_permissions
 from finetune.config import Recipe
-from finetune.controlnet_data import ControlNetDataset, checked_pairs, controlnet_collate, paired_views
+from finetune.controlnet_data import ControlNetDataset, checked_pairs, controlnet_collate, paired_views, validation_conditions_problem
 from finetune.data import open_rgb
 from finetune.errors import FinetuneError
 from finetune.methods.base import DiffusionMethod
@@ -77,10 +77,9 @@ class ControlNetMethod(DiffusionMethod):
 
         self.pairs, report = checked_pairs(self.recipe)
         self.data_reports = [report]
-        for path in self.settings.validation_conditions:
-            if not Path(path).is_file():
-                raise FinetuneError(f"validation conditioning image {path} not found: check controlnet.validation_conditions")
-            open_rgb(Example(path, "", lambda p=path: Image.open(p)))
+        problem = validation_conditions_problem(self.recipe)
+        if problem:
+            raise FinetuneError(problem)
         pretrained = self.settings.pretrained
         if pretrained is not None:
             path = Path(pretrained).expanduser()
