@@ -379,12 +379,12 @@ def too_few_to_batch(trained: int, recipe: Recipe, processes: int = 1, items: in
     return f"{trained} training images (repeats counted){held} are fewer than one batch ({per}): {remedy}"
 
 
-def concept_held_out_whole(reports: list[DataReport], sources: list[str], trained: list[int], recipe: Recipe) -> str | None:
-    """Why validation.loss_images leaves a DreamBooth concept none of its images to train on (it is chosen
-    among all concepts' images together), or None: that subject would be scored, never learned."""
-    kept = {sources[i] for i in trained}
+def concept_held_out_whole(reports: list[DataReport], held_out: frozenset[str], recipe: Recipe) -> str | None:
+    """Why validation.loss_images (`held_out`: the images it keeps out) leaves a DreamBooth concept none of its
+    images to train on (they are chosen among all concepts' images together), or None: that subject would be
+    scored, never learned."""
     for report in reports:
-        if report.config._image_dir_key.startswith("dreambooth.") and report.usable and not kept & {e.source for e in report.usable}:
+        if report.config._image_dir_key.startswith("dreambooth.") and report.usable and {e.source for e in report.usable} <= held_out:
             concept = report.config._image_dir_key.removesuffix(".instance_dir")
             return (f"validation.loss_images ({recipe.validation.loss_images}) holds out every image of {concept} ({report.config.image_dir}), "
                     "which would never train: lower it")  # fmt: skip

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from finetune.check_data import FATAL, SKIP_HINT, WARNING, concept_held_out_whole, data_configs, data_label, inspect_examples, too_few_to_batch
 from finetune.config import DataConfig, ModelConfig, Recipe
 from finetune.errors import FinetuneError
-from finetune.held_out import split_held_out
+from finetune.held_out import held_out_sources, split_held_out
 from finetune.recipe_loading import describe_validation_error, load_recipe
 from finetune.sources import expand_repeats, read_examples
 
@@ -74,7 +74,7 @@ def run_check_data_command(args) -> int:
     sources = [example.source for report in reports for example in expand_repeats(report.usable)]  # as the trainer counts
     # The same images training holds out (the split depends on the seed and the data only).
     trained, held = split_held_out(sources, recipe.validation.loss_images, recipe.seed) if recipe is not None else (range(len(sources)), [])
-    held_sources = frozenset(sources) - {sources[i] for i in trained}
+    held_sources = held_out_sources(sources, trained)
     if recipe is not None and recipe.method == "dreambooth":
         from finetune.methods.dreambooth import inspect_class_images  # it builds on this module
 
@@ -94,7 +94,7 @@ def run_check_data_command(args) -> int:
         if held:
             print(f"held out: {len(held)} images for the validation loss (validation.loss_images), leaving {len(trained)} of the {len(sources)} "
                   "uses per epoch to train")  # fmt: skip
-        short = too_few_to_batch(len(trained), recipe, 1, len(sources)) or concept_held_out_whole(reports, sources, list(trained), recipe)
+        short = too_few_to_batch(len(trained), recipe, 1, len(sources)) or concept_held_out_whole(reports, held_sources, recipe)
         if recipe.method == "controlnet" and not short:
             from finetune.controlnet_data import validation_conditions_problem  # it builds on this module
 

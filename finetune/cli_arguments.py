@@ -24,12 +24,16 @@ EXAMPLES = """examples:
 """
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1 (0 images or steps crashed deep in sampling)."""
+def whole_number(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (0 images or steps crashed deep in sampling)."""
+    value = whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -38,10 +42,7 @@ def positive_int(text: str) -> int:
 def seed_number(text: str) -> int:
     """An argparse type: a seed as recipes take one (finetune.config.base.Seed): 0 to 2**63 - 1, which torch's
     and numpy's generators both take (a larger one was an overflow traceback)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    value = whole_number(text)
     if not 0 <= value < 2**63:
         raise argparse.ArgumentTypeError(f"must be from 0 to 2**63 - 1, got {value}")
     return value

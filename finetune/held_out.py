@@ -37,6 +37,11 @@ def split_held_out(sources: list[str], count: int, seed: int) -> tuple[list[int]
     return [index for index, file in enumerate(files) if file not in held], sorted(first_copy.values())
 
 
+def held_out_sources(sources: list[str], trained: list[int]) -> frozenset[str]:
+    """The image names (as items give them) that `split_held_out` keeps out of training: `trained` is its first list."""
+    return frozenset(sources) - {sources[i] for i in trained}
+
+
 class TrainingSubset:
     """A method's training dataset without the held-out items; items keep their own index (their
     augmentation and caption draws are those of the whole dataset)."""

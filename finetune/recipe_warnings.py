@@ -19,16 +19,18 @@ CONCEPT_CLASS_SETTINGS = ("class_prompt", "class_dir")
 
 def print_unused_settings(raw: dict[str, Any], recipe: Recipe) -> None:
     """Print a warning line for each group of settings that `raw` gives and `recipe` will not use."""
-    if os.environ.get("LOCAL_RANK", "0") != "0":  # under `accelerate launch` every process loads the recipe: one line per machine
-        return
     for line in unused_settings(raw, recipe):
-        print(f"warning: {line}", file=sys.stderr)
+        _warn(line)
 
 
 def print_empty_recipe(path) -> None:
     """An empty recipe with overrides: every setting not on the command line is its default, which may surprise."""
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        print(f"warning: recipe {path} is empty (or only comments): every setting not given on the command line is its default", file=sys.stderr)
+    _warn(f"recipe {path} is empty (or only comments): every setting not given on the command line is its default")
+
+
+def _warn(line: str) -> None:
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # under `accelerate launch` every process loads the recipe: one line per machine
+        print(f"warning: {line}", file=sys.stderr)
 
 
 def unused_settings(raw: dict[str, Any], recipe: Recipe) -> list[str]:
@@ -36,15 +38,10 @@ def unused_settings(raw: dict[str, Any], recipe: Recipe) -> list[str]:
     return _dreambooth_unused(raw, recipe) + _switched_off(recipe)
 
 
-def _changed(section, keys: tuple[str, ...]) -> list[str]:
-    """The keys of `section` set to other than their defaults (the shipped recipes name the defaults)."""
-    return [key for key in keys if getattr(section, key) != type(section).model_fields[key].default]
-
-
 def _switched_off(recipe: Recipe) -> list[str]:
     """Settings of a feature whose switch is off: bucket sizes without bucketing, sampling without prompts."""
     lines = []
-    unused = [f"data.bucketing.{key}" for key in _changed(recipe.data.bucketing, ("step", "min_side", "max_side"))]
+    unused = [f"data.bucketing.{key}" for key in recipe.data.bucketing.changed(("step", "min_side", "max_side"))]
     if unused and not recipe.data.bucketing.enabled:
         lines.append(f"{', '.join(unused)} {'do' if len(unused) > 1 else 'does'} nothing with bucketing off: set data.bucketing.enabled: true to use them")
     validation = recipe.validation
@@ -52,7 +49,7 @@ def _switched_off(recipe: Recipe) -> list[str]:
         keys = ("num_inference_steps", "guidance_scale", "negative_prompt", "images_per_prompt", "seed")
         if recipe.method != "vae" and not validation.loss_images:  # the VAE's grids and the held-out loss are due on these too
             keys += ("every_n_steps", "every_n_epochs", "at_start")
-        unused = [f"validation.{key}" for key in _changed(validation, keys)]
+        unused = [f"validation.{key}" for key in validation.changed(keys)]
         if unused:
             lines.append(f"{', '.join(unused)} {'do' if len(unused) > 1 else 'does'} nothing without validation.prompts (nothing is sampled): "
                          "add prompts to sample them")  # fmt: skip

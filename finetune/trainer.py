@@ -28,7 +28,7 @@ from finetune.distributed import accelerator_options, agree_on_start, autocast, 
 from finetune.ema import EMA_FILE, WeightAverage
 from finetune.caption_tokens import long_captions_line
 from finetune.errors import FinetuneError
-from finetune.held_out import TrainingSubset, held_out_loss, split_held_out
+from finetune.held_out import TrainingSubset, held_out_loss, held_out_sources, split_held_out
 from finetune.methods import METHODS
 from finetune.models import load_base_model, resolve_model_folder
 from finetune.output_metadata import dataset_metadata, output_metadata
@@ -87,11 +87,12 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     items = method.training_items()
     sources = [item.source for item in items]
     trained_items, held_out = split_held_out(sources, recipe.validation.loss_images, recipe.seed)
+    held_out_images = held_out_sources(sources, trained_items)
     # The data check's summary (counts, buckets, skipped images, warnings): nothing is left out unseen.
     for report in method.data_reports:
-        for line in report.lines(limit=10, held_out=frozenset(sources) - {sources[i] for i in trained_items}):
+        for line in report.lines(limit=10, held_out=held_out_images):
             accelerator.print(line)
-    short = too_few_to_batch(len(trained_items), recipe, accelerator.num_processes, len(sources)) or concept_held_out_whole(method.data_reports, sources, trained_items, recipe)
+    short = too_few_to_batch(len(trained_items), recipe, accelerator.num_processes, len(sources)) or concept_held_out_whole(method.data_reports, held_out_images, recipe)
     if short:
         raise FinetuneError(short)
     # The run's length from the checked data, laid out as the sampler will batch it (train.max_epochs counts its batches).

@@ -41,9 +41,10 @@ def test_text_encoder_settings_that_would_do_nothing_are_refused(recipe, overrid
 
 
 def test_text_encoder_settings_of_the_methods_own_section_load():
-    load_recipe(RECIPES / "dreambooth.yaml", STAR + ["dreambooth.train_text_encoder=true", "dreambooth.text_encoder_lr=1e-6"])
-    load_recipe(RECIPES / "lora.yaml", ["lora.train_text_encoder=true", "lora.text_encoder_lr=1e-5"])
-    load_recipe(RECIPES / "pretrain_unet.yaml")
+    # Loading is the check (a refusal raises); what loaded is what was given.
+    assert load_recipe(RECIPES / "dreambooth.yaml", STAR + ["dreambooth.train_text_encoder=true", "dreambooth.text_encoder_lr=1e-6"]).dreambooth.text_encoder_lr == 1e-6
+    assert load_recipe(RECIPES / "lora.yaml", ["lora.train_text_encoder=true", "lora.text_encoder_lr=1e-5"]).lora.text_encoder_lr == 1e-5
+    assert load_recipe(RECIPES / "pretrain_unet.yaml").method == "full"
 
 
 def test_a_dreambooth_lora_started_from_a_file_with_text_encoder_layers_names_dreambooths_switch(make_recipe, tmp_path):
@@ -145,8 +146,9 @@ def test_lora_settings_of_their_own_under_a_method_that_trains_no_lora_are_refus
 
 
 def test_lora_settings_at_their_defaults_load_under_any_method():
-    load_recipe(RECIPES / "lora.yaml", ["method=full"])  # recipes/lora.yaml names every key with its default
-    load_recipe(RECIPES / "dreambooth_lora.yaml", STAR + ["dreambooth.adapter=full", "lora.rank=16", "lora.alpha=16"])
+    # Loading is the check (a refusal raises): recipes/lora.yaml names every lora key with its default.
+    assert load_recipe(RECIPES / "lora.yaml", ["method=full"]).lora.changed() == []
+    assert load_recipe(RECIPES / "dreambooth_lora.yaml", STAR + ["dreambooth.adapter=full", "lora.rank=16", "lora.alpha=16"]).dreambooth.adapter == "full"
 
 
 @pytest.mark.parametrize("text,key", [("lora:\n  # rank: 8\n", "lora"), ("data:\n  image_dir: a\n  bucketing:\n", "data.bucketing")])

@@ -4,7 +4,7 @@ value types several sections share."""
 from __future__ import annotations
 
 import os
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Iterable
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -24,6 +24,12 @@ class Section(BaseModel):
         if not isinstance(value, (dict, cls)):  # pydantic would name the class ("instance of DataConfig")
             raise ValueError(cls.plain_value_hint.format(value=value) if cls.plain_value_hint else "this is a section: write its keys, indented under it")
         return value
+
+    def changed(self, keys: Iterable[str] | None = None) -> list[str]:
+        """The keys (of `keys`, else all) set to other than their defaults: a section a recipe leaves out, or
+        names with its defaults (as the shipped recipes do), changed none."""
+        fields = type(self).model_fields
+        return [key for key in (fields if keys is None else keys) if getattr(self, key) != fields[key].get_default(call_default_factory=True)]
 
 
 def _multiple_of_8(value: int) -> int:

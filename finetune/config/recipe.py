@@ -122,9 +122,9 @@ class TrainConfig(Section):
         if self.cache_dir and not (self.cache_latents or self.cache_text_embeddings):
             raise ValueError("train.cache_dir keeps cached encodings, but nothing is cached: set train.cache_latents (or cache_text_embeddings) to true, or remove cache_dir")
         # A value of their own for these would do nothing (the reference recipes name them with their defaults).
-        if self.loss != "huber" and self.huber_c != TrainConfig.model_fields["huber_c"].default:
+        if self.loss != "huber" and self.changed(["huber_c"]):
             raise ValueError(f"train.huber_c ({self.huber_c:g}) is the pseudo-Huber loss's threshold: set train.loss: huber, or remove huber_c")
-        if not self.multires_noise_iterations and self.multires_noise_discount != TrainConfig.model_fields["multires_noise_discount"].default:
+        if not self.multires_noise_iterations and self.changed(["multires_noise_discount"]):
             raise ValueError("train.multires_noise_discount weighs multi-resolution noise, which is off: set train.multires_noise_iterations (e.g. 6), or remove the discount")
         if self.max_timestep is not None and self.min_timestep >= self.max_timestep:
             raise ValueError(f"train.min_timestep ({self.min_timestep}) must be below train.max_timestep ({self.max_timestep})")
@@ -252,8 +252,8 @@ class Recipe(Section):
         uses_lora = self.method == "lora" or (self.dreambooth is not None and self.dreambooth.adapter == "lora")
         if self.lora.init_from and not uses_lora:
             raise ValueError(f"lora.init_from starts a LoRA, and method {self.method} trains none: remove it (or use method lora)")
-        for key in ("conv_rank", "conv_alpha", "max_norm", "rank", "alpha", "dropout", "use_rslora", "target_modules"):
-            if getattr(self.lora, key) != LoRAConfig.model_fields[key].default and not uses_lora:  # the defaults: no lora: section
+        for key in self.lora.changed(("conv_rank", "conv_alpha", "max_norm", "rank", "alpha", "dropout", "use_rslora", "target_modules")):
+            if not uses_lora:
                 remedy = "dreambooth.adapter: lora" if self.method == "dreambooth" else "method lora"
                 raise ValueError(f"lora.{key} shapes a LoRA, and method {self.method} trains none: remove it (or use {remedy})")
         for key in ("loraplus_lr_ratio", "loraplus_text_encoder_lr_ratio"):
@@ -279,7 +279,7 @@ class Recipe(Section):
         if self.data.loss_mask.enabled and self.method in ("controlnet", "vae"):
             raise ValueError(f"data.loss_mask weighs the denoising loss of lora, full and dreambooth; method {self.method} does not use it: remove it")
         if self.method == "vae":  # it trains the autoencoder on reconstructions: no denoising loss, no prompts
-            unused = [f"train.{key}" for key in DENOISING_SETTINGS if getattr(self.train, key) != TrainConfig.model_fields[key].default]
+            unused = [f"train.{key}" for key in self.train.changed(DENOISING_SETTINGS)]
             unused += ["validation.prompts"] if self.validation.prompts else []
             if unused:
                 raise ValueError(f"method vae trains the autoencoder on reconstructions, so {', '.join(unused)} would do nothing: remove {'them' if len(unused) > 1 else 'it'}")
@@ -300,9 +300,8 @@ class Recipe(Section):
     def _method_sections_under_their_method(self) -> "Recipe":
         """controlnet: and vae: are read by their own method only: a value of their own under another would do nothing
         (the reference recipes name them with their defaults)."""
-        for section, defaults in (("controlnet", ControlNetConfig()), ("vae", VAEConfig())):
-            given, default = getattr(self, section).model_dump(), defaults.model_dump()
-            changed = [key for key in given if given[key] != default[key]]
+        for section in ("controlnet", "vae"):
+            changed = getattr(self, section).changed()
             if self.method != section and changed:
                 raise ValueError(f"{section}.{changed[0]} does nothing with method {self.method}: remove it (or use method {section})")
         return self
