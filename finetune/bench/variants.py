@@ -72,6 +72,14 @@ VARIANTS: dict[str, Variant] = {
         lambda c, s: _lora(c, s, cache_latents=True, cache_text_embeddings=True),
         {"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"},
     ),
+    # `--dynamo_mode reduce-overhead`: inductor plus CUDA graphs, which replay a step's thousands of kernel
+    # launches as one (an eager SD1.5 LoRA step at batch 4 waits on the CPU's launches: docs/benchmarks.md).
+    # On a CPU there are no CUDA graphs and this is lora_cached_compiled.
+    "lora_cached_cudagraphs": Variant(
+        "LoRA, cached latents and embeddings, UNet compiled with CUDA graphs (reduce-overhead)",
+        lambda c, s: _lora(c, s, cache_latents=True, cache_text_embeddings=True),
+        {"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR", "ACCELERATE_DYNAMO_MODE": "reduce-overhead"},
+    ),
     "dreambooth": Variant("DreamBooth, full UNet, prior preservation, 8-bit AdamW", lambda c, s: _dreambooth(c, s, "full")),
     "dreambooth_lora": Variant("DreamBooth with a LoRA adapter, prior preservation", lambda c, s: _dreambooth(c, s, "lora")),
     "controlnet": Variant("ControlNet (trainable encoder copy), frozen UNet", lambda c, s: _controlnet(c, s)),
