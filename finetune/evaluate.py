@@ -285,7 +285,11 @@ def print_table(result: dict) -> None:
 
     settings = result.get("settings", {})
     title = f"eval of {settings.get('base')}" + "".join(f" + {settings[k]}" for k in ("lora", "controlnet") if settings.get(k))
-    table = Table("metric", "value", "n", title=title)
+    table = Table("metric", "value", "n")
     for metric, value in result["metrics"].items():
         table.add_row(metric, f"{value:.3f}" if metric != "fid" else f"{value:.2f}", str(result["n"][metric]))
-    Console().print(table)
+    console = Console()
+    # The title on a line of its own: as the table's title, rich wrapped it to the narrow table's width,
+    # splitting the model paths mid-word ("finetune/assets/toyworld-ba" / "se + outputs/...").
+    console.print(title, soft_wrap=True, highlight=False, markup=False)
+    console.print(table)
