@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import csv
 import functools
+import io
 import json
 import os
 import unicodedata
@@ -63,7 +64,7 @@ def read_metadata_captions(path: Path, require_text: bool = True, column: str = 
     if not path.is_file():
         return {}
     captions, rows = {}, {}
-    for line_number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    for line_number, line in enumerate(metadata_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -88,17 +89,42 @@ def read_csv_captions(path: Path, column: str = "text") -> dict[str, str]:
     """{file name: caption} from a metadata.csv with a header row naming file_name and `column` (data.caption_column)."""
     if not path.is_file():
         return {}
-    with path.open(encoding="utf-8-sig", newline="") as handle:  # -sig: Excel's "CSV UTF-8" starts with a byte-order mark
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        if "file_name" not in columns or column not in columns:
-            raise FinetuneError(f"{path} must have a header row with 'file_name' and '{column}' columns (has: {', '.join(columns) or 'none'}): "
-                                "rename the column, or set data.caption_column to the caption's")  # fmt: skip
-        captions, rows = {}, {}
-        for row_number, row in enumerate(reader, start=2):  # the header is row 1
-            if row["file_name"]:
-                _add_row(captions, rows, path, f"row {row_number}", row["file_name"], (row[column] or "").strip())
+    text = metadata_text(path)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text))
+    columns = reader.fieldnames or []
+    if "file_name" not in columns or column not in columns:
+        raise FinetuneError(f"{path} must have a header row with 'file_name' and '{column}' columns (has: {', '.join(columns) or 'none'}): "
+                            "rename the column, or set data.caption_column to the caption's")  # fmt: skip
+    captions, rows = {}, {}
+    for row_number, row in enumerate(reader, start=2):  # the header is row 1
+        if row["file_name"]:
+            _add_row(captions, rows, path, f"row {row_number}", row["file_name"], (row[column] or "").strip())
     return captions
+
+
+def metadata_text(path: Path) -> str:
+    """A metadata.jsonl's or metadata.csv's text, decoded as caption files are (`caption_file_encoding`): Excel's
+    "CSV UTF-8" starts with a byte-order mark, its "Unicode text" is UTF-16 with one; else UTF-8. A file in
+    none of them (Excel's plain "CSV" on Windows is the system's code page) stops with one line naming it."""
+    raw = path.read_bytes()
+    encoding = caption_file_encoding(raw)
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError:
+        raise FinetuneError(f"{path} is not {encoding.removesuffix('-sig').upper()} text: save it as UTF-8 "
+                            "(Excel: 'CSV UTF-8'; most editors offer it under 'encoding')") from None  # fmt: skip
+
+
+def lenient_metadata_text(path: Path) -> str:
+    """`metadata_text` with undecodable bytes replaced: for looking through a file that `folder_captions` reports."""
+    raw = path.read_bytes()
+    return raw.decode(caption_file_encoding(raw), errors="replace")
+
+
+def csv_delimiter(text: str) -> str:
+    """A tab where the header row has tabs and no comma (Excel's "Unicode text" separates columns by tabs), else a comma."""
+    header = text.split("\n", 1)[0]
+    return "\t" if "\t" in header and "," not in header else ","
 
 
 def folder_captions(folder: Path, column: str = "text") -> dict[str, str]:
@@ -117,15 +143,15 @@ def metadata_subfolders(folder: Path) -> set[str]:
     jsonl, table = folder / "metadata.jsonl", folder / "metadata.csv"
     values: list = []
     if jsonl.is_file():
-        for line in jsonl.read_text(encoding="utf-8-sig", errors="replace").splitlines():
+        for line in lenient_metadata_text(jsonl).splitlines():
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
             values += row.values() if isinstance(row, dict) else []
     elif table.is_file():
-        with table.open(encoding="utf-8-sig", errors="replace", newline="") as handle:
-            values = [value for row in csv.reader(handle) for value in row]
+        text = lenient_metadata_text(table)
+        values = [value for row in csv.reader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text)) for value in row]
     paths = [PurePosixPath(value.strip().replace("\\", "/").removeprefix("./")) for value in values if isinstance(value, str)]
     return {path.parts[0] for path in paths if len(path.parts) > 1 and (folder / path).is_file()}
 

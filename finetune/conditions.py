@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from finetune.captions import image_caption, read_csv_captions, read_metadata_captions
+from finetune.captions import image_caption, metadata_text, read_csv_captions, read_metadata_captions
 from finetune.errors import FinetuneError
 
 KINDS = ("canny", "luminance", "mask")
@@ -238,7 +238,7 @@ def _refuse_captions_under_another_key(jsonl: Path) -> None:
     """Rows whose captions are under another key than `text` (sd-scripts' `caption`, a dataset's `prompt`) would
     leave every image uncaptioned, said only as 'had no caption'."""
     keys: set[str] = set()
-    for line in jsonl.read_text(encoding="utf-8-sig").splitlines():
+    for line in metadata_text(jsonl).splitlines():
         keys.update(json.loads(line) if line.strip() else {})  # each row a JSON object: read_metadata_captions checked
     if "text" not in keys and keys - {"file_name", "conditioning_file_name", "conditioning_image"}:
         raise FinetuneError(f"{jsonl} has no 'text' captions (its rows have {', '.join(repr(key) for key in sorted(keys))}): "

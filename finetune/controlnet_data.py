@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from finetune.buckets import Size, assign_buckets
 from finetune.cache import EncodingCache
-from finetune.captions import metadata_key, name_key, training_caption
+from finetune.captions import metadata_key, metadata_text, name_key, training_caption
 from finetune.check_data import FATAL, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable
 from finetune.check_threads import each_on_threads
 from finetune.config import DataConfig, Recipe
@@ -155,7 +155,7 @@ def _conditioning_files(folder: Path, column: str = "conditioning_file_name") ->
             "write one, or make one with finetune make-conditions"
         )
     files, keys = {}, set()
-    for line_number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    for line_number, line in enumerate(metadata_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
