@@ -18,6 +18,8 @@ images (copied), ``conditioning/<name>.png`` and a ``metadata.jsonl`` with ``fil
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import shutil
 from pathlib import Path
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from finetune.captions import image_caption, metadata_text, read_csv_captions, read_metadata_captions
+from finetune.captions import csv_delimiter, image_caption, metadata_key, metadata_text, name_key, read_csv_captions, read_metadata_captions
 from finetune.errors import FinetuneError
 
 KINDS = ("canny", "luminance", "mask")
@@ -245,12 +247,28 @@ def _refuse_captions_under_another_key(jsonl: Path) -> None:
                             "rename the key that holds the captions to text, as make-conditions reads them")  # fmt: skip
 
 
+def _input_rows(source: Path) -> dict[str, dict]:
+    """The input metadata file's rows by the image they name (`metadata_key`), with all their columns: written
+    back with the conditioning column set, so that no column of the user's (a source, tags, another kind's
+    conditioning images) is lost, least of all where the folder's own metadata.jsonl is rewritten."""
+    jsonl, table = source / "metadata.jsonl", source / "metadata.csv"
+    if jsonl.is_file():
+        rows = [json.loads(line) for line in metadata_text(jsonl).splitlines() if line.strip()]  # read_metadata_captions checked each
+    elif table.is_file():
+        text = metadata_text(table)
+        rows = [row for row in csv.DictReader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text)) if row["file_name"]]
+    else:
+        return {}
+    return {metadata_key(row["file_name"], source): row for row in rows}
+
+
 def make_conditions(input_dir: str | Path, output_dir: str | Path, kind: str, overwrite: bool = False, **options) -> tuple[Path, int, int]:
     """Write a ControlNet training folder from a folder of images; returns (folder, images, uncaptioned).
 
     Images are copied to `output_dir` (unless it is `input_dir`), conditioning images written to
-    `output_dir/conditioning/<stem>.png`, and `metadata.jsonl` lists all three columns. Captions come
-    from the input's metadata.jsonl or metadata.csv, else a .txt beside the image; an image with none gets "".
+    `output_dir/conditioning/<stem>.png`, and `metadata.jsonl` lists all three columns, beside any other
+    columns (and rows) of the input's metadata file. Captions come from the input's metadata.jsonl or
+    metadata.csv, else a .txt beside the image; an image with none gets "".
     Conditioning images already there (a ControlNet may have trained on them) are replaced only with `overwrite`.
     """
     from finetune.data import open_rgb
@@ -264,6 +282,7 @@ def make_conditions(input_dir: str | Path, output_dir: str | Path, kind: str, ov
     images, captions = _checked_input(source, target, overwrite)  # before anything is written
     same_folder = target.is_dir() and source.resolve() == target.resolve()
     (target / "conditioning").mkdir(parents=True, exist_ok=True)
+    own_rows = _input_rows(source)
     rows, uncaptioned = [], 0
     for path in images:
         conditioning_name = f"conditioning/{path.stem}.png"
@@ -274,7 +293,9 @@ def make_conditions(input_dir: str | Path, output_dir: str | Path, kind: str, ov
         text = image_caption(path, captions)
         if text is None:
             text, uncaptioned = "", uncaptioned + 1
-        rows.append({"file_name": path.name, "conditioning_file_name": conditioning_name, "text": text})
+        own = own_rows.pop(name_key(path.name), {})
+        rows.append({**own, "file_name": path.name, "conditioning_file_name": conditioning_name, "text": text})
+    rows += own_rows.values()  # rows naming no image here (a typo, a moved file): kept, and reported by the data check as before
     partial = target / ".metadata.jsonl.partial"
     partial.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     partial.replace(target / "metadata.jsonl")

@@ -44,3 +44,25 @@ def test_metadata_in_another_encoding_is_one_line_naming_the_file(tmp_path):
     (tmp_path / "metadata.jsonl").write_bytes('{"file_name": "a.png", "text": "a café"}'.encode("cp1252"))
     with pytest.raises(FinetuneError, match=f"^{re.escape(str(tmp_path / 'metadata.jsonl'))} is not UTF-8 text"):
         captions(tmp_path)
+
+
+def test_make_conditions_keeps_every_column_and_row_of_the_users_metadata(tmp_path):
+    """Rewriting a folder's own metadata.jsonl in place (or writing another folder from a metadata.csv) adds the
+    conditioning column: the user's other columns, and rows naming no image, stay."""
+    from finetune.conditions import make_conditions
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    noise(folder / "a.png"), noise(folder / "b.png", seed=1)
+    rows = [{"file_name": "a.png", "text": "a cat", "source": "flickr", "depth_file_name": "depth/a.png"},
+            {"file_name": "b.png", "text": "a dog", "tags": ["dog", "grass"]}, {"file_name": "typo.png", "text": "a cow"}]  # fmt: skip
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    make_conditions(folder, folder, "luminance")
+    written = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert written == [{**rows[0], "conditioning_file_name": "conditioning/a.png"}, {**rows[1], "conditioning_file_name": "conditioning/b.png"}, rows[2]]
+
+    (folder / "metadata.jsonl").unlink()
+    (folder / "metadata.csv").write_text("file_name,text,source\na.png,a cat,flickr\nb.png,a dog,own\n")
+    make_conditions(folder, tmp_path / "out", "luminance", overwrite=True)
+    written = [json.loads(line) for line in (tmp_path / "out" / "metadata.jsonl").read_text().splitlines()]
+    assert [row["source"] for row in written] == ["flickr", "own"] and [row["text"] for row in written] == ["a cat", "a dog"]
