@@ -98,7 +98,7 @@ def validation_conditions_problem(recipe: Recipe) -> str | None:
         if not Path(path).is_file():
             return f"validation conditioning image {path} not found: check controlnet.validation_conditions"
         try:
-            open_rgb(Example(path, "", lambda p=path: Image.open(p)))
+            read_conditioning(Example(path, "", lambda p=path: Image.open(p)))
         except FinetuneError as err:
             return str(err)
     return None
@@ -179,20 +179,9 @@ def conditioning_problems(pair: Pair, image_size: tuple[int, int]) -> list[Findi
         decoded = decode(pair.conditioning)
     except FinetuneError as err:
         return [Finding(FATAL, pair.image.source, str(err))]
-    if decoded.mode == "F" and decoded.getextrema()[1] <= 1.0:  # read as levels 0-255, a 0-1 depth map would train black
-        message = (
-            f"conditioning image {pair.conditioning.source} holds 32-bit float values of 0-1, which train as levels 0-255 "
-            "(all but black): save it as an 8- or 16-bit PNG (values scaled to 0-255 or 0-65535)"
-        )
-        return [Finding(FATAL, pair.image.source, message)]
+    if (problem := conditioning_content_problem(decoded, pair.conditioning.source)) is not None:
+        return [Finding(FATAL, pair.image.source, problem)]
     conditioning = upright_rgb(decoded)
-    if has_alpha(decoded) and one_colour(conditioning) and not one_colour(decoded.convert("RGB")):
-        # A white shape on a transparent background: flattened onto white, as every image is, nothing is left to read.
-        message = (
-            f"conditioning image {pair.conditioning.source} is one colour once its transparency is flattened onto white "
-            "(as it trains): its content is in the alpha channel; save it without transparency (e.g. white on black)"
-        )
-        return [Finding(FATAL, pair.image.source, message)]
     if conditioning.size != image_size:
         message = (
             f"conditioning image {pair.conditioning.source} is {conditioning.size[0]}x{conditioning.size[1]} but image "
@@ -200,6 +189,37 @@ def conditioning_problems(pair: Pair, image_size: tuple[int, int]) -> list[Findi
         )
         return [Finding(FATAL, pair.image.source, message)]
     return []
+
+
+def conditioning_content_problem(decoded: Image.Image, source: str) -> str | None:
+    """Why a decoded conditioning image would steer as a blank one, or None. Training's pairs and validation
+    images, `finetune sample --condition` and the demo's uploads are read alike (`open_rgb`), so they are checked alike."""
+    if decoded.mode == "F" and decoded.getextrema()[1] <= 1.0:  # read as levels 0-255, a 0-1 depth map would train black
+        return (f"conditioning image {source} holds 32-bit float values of 0-1, which train as levels 0-255 "
+                "(all but black): save it as an 8- or 16-bit PNG (values scaled to 0-255 or 0-65535)")  # fmt: skip
+    if has_alpha(decoded) and one_colour(upright_rgb(decoded)) and not one_colour(decoded.convert("RGBA")):
+        # A white shape on a transparent background: flattened onto white, as every image is, nothing is left to read
+        # (whether the hidden pixels hold the shape too, or are white everywhere, as many editors save them).
+        return (f"conditioning image {source} is one colour once its transparency is flattened onto white "
+                "(as it trains): its content is in the alpha channel; save it without transparency (e.g. white on black)")  # fmt: skip
+    return None
+
+
+def read_conditioning(example: Example) -> Image.Image:
+    """A conditioning image to steer with, read as training reads its pairs' (`open_rgb`: EXIF rotation, 16-bit
+    scaled, transparency flattened onto white), after the same check (`conditioning_content_problem`)."""
+    decoded = decode(example)
+    if (problem := conditioning_content_problem(decoded, example.source)) is not None:
+        raise FinetuneError(problem)
+    return upright_rgb(decoded)
+
+
+def small_conditioning_problem(image: Image.Image, source: str, size: int) -> str | None:
+    """Why a conditioning image is too small to sample `size` px images with, or None: under half of it on its
+    short side, the limit training puts on its images (data.min_image_size), it is enlarged too far to steer by."""
+    if min(image.size) >= size // 2:
+        return None
+    return f"conditioning image {source} is {image.width}x{image.height}, smaller than {size // 2} px on its short side (half of the {size} px sampled): give a larger one"
 
 
 def one_colour(image: Image.Image) -> bool:

@@ -69,15 +69,16 @@ def checked_preprocess(preprocess):
 
 
 def read_upload(path: str | None):
-    """The uploaded conditioning image in RGB (None: no upload); checked_preprocess has checked it."""
+    """The uploaded conditioning image in RGB (None: no upload), read and checked as `finetune sample --condition`
+    is (`read_conditioning`); checked_preprocess has checked that it is an image."""
     if not path:
         return None
     from PIL import Image
 
-    from finetune.data import open_rgb
+    from finetune.controlnet_data import read_conditioning
     from finetune.sources import Example
 
-    return open_rgb(Example(path, "", lambda: Image.open(path)))
+    return read_conditioning(Example("(uploaded)", "", lambda: Image.open(path)))
 
 
 def resolve_base(base: str | None) -> tuple[str, str]:

@@ -32,6 +32,7 @@ from PIL import Image, ImageOps
 from finetune.adapter_scan import BASE, PICKLE_SUFFIXES, Adapter, scan_adapters
 from finetune.conditions import recorded_options
 from finetune.config import ModelConfig
+from finetune.controlnet_data import small_conditioning_problem
 from finetune.encoders import clip_skipped
 from finetune.errors import FinetuneError
 from finetune.inference import base_model_metadata, refuse_replacing_a_fine_tuned_unet, saved_model_metadata, unlocked_decoder_folder
@@ -361,5 +362,7 @@ def conditioning_image(image: Image.Image | None, kind: str, size: int, options:
         raise FinetuneError(f"unknown conditioning kind '{kind}': use one of {', '.join(CONDITIONING_KINDS)}")
     if image.width * image.height > MAX_INPUT_PIXELS:
         raise FinetuneError(f"the uploaded image is {image.width}x{image.height}: at most {MAX_INPUT_PIXELS // 1_000_000} megapixels")
+    if (problem := small_conditioning_problem(image, "(uploaded)", size)) is not None:
+        raise FinetuneError(f"{problem}, or a smaller size")
     fitted = ImageOps.fit(image.convert("RGB"), (size, size), Image.Resampling.LANCZOS)
     return fitted if kind == "as uploaded" else make_condition(fitted, kind, **(options or {}))

@@ -20,7 +20,7 @@ from finetune.atomic_files import atomic_save_safetensors
 from finetune.checkpoint import STATE_FILE, list_checkpoints
 from finetune.conditions import recorded_conditioning
 from finetune.config import ModelConfig
-from finetune.data import open_rgb
+from finetune.controlnet_data import read_conditioning, small_conditioning_problem
 from finetune.encoders import skip_last_layers
 from finetune.errors import FinetuneError
 from finetune.kohya import LoRA, load_lora, to_diffusers
@@ -219,6 +219,11 @@ def load_controlnet(folder: Path, base: BaseModel) -> ControlNetModel:
 
 def load_condition(path: str | Path, resolution: int) -> Image.Image:
     """The conditioning image as the ControlNet sees it: RGB, resized to cover the resolution and center-cropped."""
+    return fit_condition(read_condition(path), path, resolution)
+
+
+def read_condition(path: str | Path) -> Image.Image:
+    """--condition read and checked as training reads its conditioning images (`read_conditioning`), before any model loads."""
     if not Path(path).is_file():
         raise FinetuneError(f"conditioning image {path} not found: check --condition")
     try:
@@ -226,7 +231,14 @@ def load_condition(path: str | Path, resolution: int) -> Image.Image:
             opened.load()
     except Exception as err:  # PIL raises many types for what is not an image
         raise FinetuneError(f"conditioning image {path} cannot be read ({err.__class__.__name__}: {err}): check --condition (a PNG or JPEG)") from None
-    image = open_rgb(Example(str(path), "", lambda: Image.open(path)))
+    return read_conditioning(Example(str(path), "", lambda: Image.open(path)))
+
+
+def fit_condition(image: Image.Image, source: str | Path, resolution: int) -> Image.Image:
+    """`image` resized to cover `resolution` and center-cropped; one smaller than half of it on its short side is
+    refused, as training refuses such an image (data.min_image_size): enlarged that far it holds no detail to steer by."""
+    if (problem := small_conditioning_problem(image, str(source), resolution)) is not None:
+        raise FinetuneError(f"{problem}, or a smaller --resolution")
     return cover_and_crop(image, (resolution, resolution), "center", np.random.default_rng(0))[0]
 
 
@@ -326,6 +338,7 @@ def sample_to_folder(
         raise FinetuneError(f"--prompt {err}") from None
     if controlnet is not None and (made := recorded_conditioning(saved_model_metadata(resolve_controlnet_folder(controlnet)))):
         print(f"note: this ControlNet was trained on {made} conditioning images (finetune make-conditions); --condition is used as it is: give one of that kind")
+    condition_image = read_condition(condition) if controlnet is not None else None  # a bad one stops before the model loads
     pipeline = place(load_sampling_pipeline(base, lora, lora_scale, controlnet, base_config), *placement)
     print(placement_line(*placement))
     resolution = resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
@@ -333,7 +346,7 @@ def sample_to_folder(
         raise FinetuneError(f"--resolution {resolution} must be a multiple of 8")
     control = {}
     if controlnet is not None:
-        control_image = load_condition(condition, resolution)
+        control_image = fit_condition(condition_image, condition, resolution)
         control = dict(image=control_image, controlnet_conditioning_scale=1.0 if conditioning_scale is None else conditioning_scale)
     try:
         rows = generate_with_settings(pipeline, settings, num_images, resolution, **control)

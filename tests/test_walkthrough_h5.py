@@ -66,3 +66,51 @@ def test_make_conditions_keeps_every_column_and_row_of_the_users_metadata(tmp_pa
     make_conditions(folder, tmp_path / "out", "luminance", overwrite=True)
     written = [json.loads(line) for line in (tmp_path / "out" / "metadata.jsonl").read_text().splitlines()]
     assert [row["source"] for row in written] == ["flickr", "own"] and [row["text"] for row in written] == ["a cat", "a dog"]
+
+
+def odd_conditions(folder):
+    """{name: path}: conditioning images that would steer as blank ones, a tiny one, and two that are fine once read."""
+    folder.mkdir(exist_ok=True)
+    shape = np.zeros((64, 64), np.uint8)
+    shape[16:48, 16:48] = 255
+    Image.fromarray(np.dstack([np.full_like(shape, 255)] * 3 + [shape]), "RGBA").save(folder / "alpha_only.png")  # white on clear
+    Image.fromarray(shape.astype(np.float32) / 255, "F").save(folder / "depth.tif")  # float values 0-1
+    Image.new("RGB", (8, 8), "white").save(folder / "tiny.png")
+    Image.fromarray(shape.astype(np.uint16) * 257).save(folder / "deep.png")  # 16-bit: scaled to 8 bits
+    Image.fromarray(np.dstack([255 - shape] * 3 + [shape]), "RGBA").save(folder / "black_on_clear.png")  # flattened onto white: the shape stays
+    return {path.name: path for path in folder.iterdir()}
+
+
+def test_sample_reads_its_condition_as_training_reads_conditioning_images(tmp_path):
+    """A condition that would steer as a blank image (drawn in its alpha channel only, float values 0-1) or that is
+    far smaller than the images is one line, as for training's pairs; 16-bit and black-on-clear images are read as there."""
+    from finetune.inference import load_condition
+
+    paths = odd_conditions(tmp_path)
+    with pytest.raises(FinetuneError, match=r"^conditioning image .*alpha_only.png is one colour once its transparency is flattened onto white"):
+        load_condition(paths["alpha_only.png"], 64)
+    with pytest.raises(FinetuneError, match=r"^conditioning image .*depth.tif holds 32-bit float values of 0-1"):
+        load_condition(paths["depth.tif"], 64)
+    expected = f"conditioning image {paths['tiny.png']} is 8x8, smaller than 32 px on its short side (half of the 64 px sampled): give a larger one, or a smaller --resolution"
+    with pytest.raises(FinetuneError, match=f"^{re.escape(expected)}$"):
+        load_condition(paths["tiny.png"], 64)
+    for name in ("deep.png", "black_on_clear.png"):
+        pixels = np.asarray(load_condition(paths[name], 64))
+        assert pixels.shape == (64, 64, 3) and pixels[32, 32].tolist() == ([255] * 3 if name == "deep.png" else [0] * 3) and pixels[0, 0].tolist() == ([0] * 3 if name == "deep.png" else [255] * 3)
+
+
+def test_the_demo_reads_an_upload_as_sample_reads_its_condition(tmp_path):
+    from finetune.demo import read_upload
+    from finetune.demo_engine import conditioning_image
+
+    paths = odd_conditions(tmp_path)
+    with pytest.raises(FinetuneError, match=r"^conditioning image \(uploaded\) is one colour once its transparency is flattened onto white"):
+        read_upload(str(paths["alpha_only.png"]))
+    with pytest.raises(FinetuneError, match=r"^conditioning image \(uploaded\) holds 32-bit float values of 0-1"):
+        read_upload(str(paths["depth.tif"]))
+    with pytest.raises(FinetuneError, match=r"^conditioning image \(uploaded\) is 8x8, smaller than 32 px on its short side .*, or a smaller size$"):
+        conditioning_image(read_upload(str(paths["tiny.png"])), "as uploaded", 64)
+    from finetune.inference import load_condition
+
+    for name in ("deep.png", "black_on_clear.png"):
+        assert np.array_equal(np.asarray(conditioning_image(read_upload(str(paths[name])), "as uploaded", 64)), np.asarray(load_condition(paths[name], 64)))
