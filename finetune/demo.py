@@ -12,6 +12,7 @@ to 127.0.0.1 unless told otherwise. One generation runs at a time, behind a queu
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -66,6 +67,26 @@ def checked_preprocess(preprocess):
             raise gr.Error(UNREADABLE_UPLOAD, print_exception=False) from None
 
     return checked
+
+
+def number_required(component):
+    """Refuse a value that is no number for a slider or number field, naming it: sent through the API (null, text),
+    gradio's own bounds check fails on it as a generic "the app raised an exception" (and lets NaN through, which
+    renders black images: a raw JSON request may hold it). A number field may be empty (the handler reads an empty
+    seed as 0). Wrapped on the instance, as `checked_preprocess`."""
+    import gradio as gr
+
+    preprocess = component.preprocess
+    low, high = (str(int(v)) if float(v).is_integer() else f"{v:g}" for v in (component.minimum, component.maximum))
+
+    def checked(payload):
+        empty_allowed = payload is None and isinstance(component, gr.Number)
+        if not empty_allowed and (isinstance(payload, bool) or not isinstance(payload, (int, float)) or not math.isfinite(payload)):
+            raise gr.Error(f"{component.label} must be a number from {low} to {high}, got {payload!r}", print_exception=False)
+        return preprocess(payload)
+
+    component.preprocess = checked
+    return component
 
 
 def read_upload(path: str | None):
@@ -230,6 +251,8 @@ def build_app(engine, note: str = "", queue_size: int = 8):
             return adapter_views()
 
         inputs = [prompt, negative, seed, steps, guidance, size, model, *slots, controlnet, condition, kind, scale, strengths, include_base, rows, separate]
+        for number in (seed, steps, guidance, size, *slots[1::2], scale, rows):
+            number_required(number)
         button.click(generate_images, inputs, [result, gallery, summary], api_name="generate", show_progress="full")
         views = [found, adapters, model, controlnet, *slots[::2]]
         rescan.click(rescan_adapters, None, views, api_name="rescan", queue=False)
