@@ -20,7 +20,7 @@ from safetensors import safe_open
 from finetune.checkpoint import CHECKPOINT_PATTERN, STATE_FILE
 from finetune.inference import saved_model_metadata
 from finetune.kohya import finetune_metadata_from_kohya
-from finetune.methods.controlnet import CONTROLNET_DIR, UNET_DIR
+from finetune.methods.controlnet import CONTROLNET_DIR, UNET_DIR, conditioning_channels_problem
 from finetune.methods.full import PIPELINE_DIR
 from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.pipeline_io import METADATA_FILE
@@ -188,6 +188,7 @@ def _model_folder(folder: Path, root: Path, files: list[str]) -> Adapter | None:
             return None
         has_weights = (folder / "diffusion_pytorch_model.safetensors").is_file()
         refused = None if has_weights else "no diffusion_pytorch_model.safetensors (pickle checkpoints are not loaded)"
+        refused = refused or conditioning_channels_problem(config)
         return Adapter(_relative(folder, root), "controlnet", folder, "diffusers", _folder_metadata(folder), refused)
     return None
 

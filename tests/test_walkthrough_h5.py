@@ -138,3 +138,24 @@ def test_the_demo_api_names_an_input_that_is_no_number(demo):
         slider.preprocess(float("nan"))
     assert refused.value.message == "guidance must be a number from 0 to 20, got nan"
     assert slider.preprocess(7.5) == 7.5
+
+
+def test_a_controlnet_of_other_than_rgb_conditioning_is_one_line_in_training_sample_and_the_demo(tiny_model, make_recipe, pairs_folder, tmp_path, capsys):
+    """Conditioning images are read as RGB: a 1-channel ControlNet failed mid-run on torch's shape error; now it is
+    one line before any model loads (training, sample) or listed as refused with the reason (the demo)."""
+    from finetune.adapter_scan import scan_adapters
+    from finetune.cli import main
+    from finetune.methods.controlnet import ControlNetMethod
+
+    folder = tmp_path / "adapters" / "depth"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel", "conditioning_channels": 1}))
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    said = "takes 1-channel conditioning images (its config.json's conditioning_channels), but conditioning images are read as RGB (3 channels)"
+    with pytest.raises(FinetuneError, match=f"^controlnet.pretrained {re.escape(str(folder))} {re.escape(said)}"):
+        ControlNetMethod(make_recipe(method="controlnet", data__image_dir=str(pairs_folder), controlnet__pretrained=str(folder))).check_data()
+    condition = tmp_path / "c.png"
+    Image.new("RGB", (64, 64)).save(condition)
+    assert main(["sample", "--base", str(tiny_model), "--controlnet", str(folder), "--condition", str(condition), "--prompt", "x", "--out", str(tmp_path / "out")]) == 2
+    assert f"--controlnet {folder} {said}" in capsys.readouterr().err
+    assert scan_adapters(tmp_path / "adapters")["depth"].refused.startswith(said)

@@ -139,6 +139,8 @@ class ControlNetMethod(DiffusionMethod):
             mine, theirs = controlnet.config.get(key), unet.config.get(key)
             if mine is not None and theirs is not None and list(np.atleast_1d(mine)) != list(np.atleast_1d(theirs)):
                 raise FinetuneError(f"ControlNet {pretrained} does not fit base model {self.base.source}: its {key} is {mine}, the UNet's {theirs}")
+        if (problem := conditioning_channels_problem(controlnet.config)) is not None:  # a hub id: its config is read only here
+            raise FinetuneError(f"controlnet.pretrained {pretrained} {problem}")
         return controlnet
 
     def trained_modules(self) -> dict[str, torch.nn.Module]:
@@ -255,13 +257,28 @@ def residuals_in(controlnet: torch.nn.Module, dtype: torch.dtype):
 
 def require_controlnet_config(folder: Path, named: str) -> None:
     """Stop before any model loads if `folder` holds another diffusers model (a UNet or VAE folder given
-    by mistake): diffusers would build a ControlNet from its config and fail on the meta tensors it left unset."""
+    by mistake): diffusers would build a ControlNet from its config and fail on the meta tensors it left unset;
+    or a ControlNet that takes other than RGB conditioning images (`conditioning_channels_problem`)."""
     try:
-        class_name = json.loads((folder / "config.json").read_text()).get("_class_name", "ControlNetModel")
+        config = json.loads((folder / "config.json").read_text())
+        class_name = config.get("_class_name", "ControlNetModel")
     except (OSError, ValueError, AttributeError):
         raise FinetuneError(f"{named}: {folder / 'config.json'} is not a JSON model config") from None
     if class_name != "ControlNetModel":
         raise FinetuneError(f"{named} holds a {class_name}, not a ControlNet: pass a ControlNetModel folder (its config.json says _class_name ControlNetModel)")
+    if (problem := conditioning_channels_problem(config)) is not None:
+        raise FinetuneError(f"{named} {problem}")
+
+
+def conditioning_channels_problem(config) -> str | None:
+    """Why a ControlNet (its config) cannot take the conditioning images training, sample and the demo give it, or
+    None: they are read as RGB (`finetune.data.open_rgb`), and a ControlNet of another conditioning_channels (a
+    1-channel depth ControlNet) failed on its first convolution, mid-run, with torch's shape error."""
+    channels = config.get("conditioning_channels", 3)
+    if channels == 3:
+        return None
+    return (f"takes {channels}-channel conditioning images (its config.json's conditioning_channels), but conditioning images "
+            "are read as RGB (3 channels): use a ControlNet made for RGB conditioning images (conditioning_channels 3)")
 
 
 def save_model_folder(model: torch.nn.Module, folder: Path, metadata: dict[str, str]) -> Path:
