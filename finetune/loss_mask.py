@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
+from finetune.captions import loose_name_key
 from finetune.config import LossMaskConfig
 from finetune.errors import FinetuneError
 from finetune.sources import IMAGE_SUFFIXES
@@ -44,17 +45,19 @@ PREVIEW_SCAN = 200
 
 def mask_path(image_path: str, settings: LossMaskConfig) -> Path:
     """The mask file of an image: in `settings.folder` beside it, with its file name, or its stem and any
-    of MASK_SUFFIXES in any case; the expected name (its own) if none is there, for the error that says so."""
+    of MASK_SUFFIXES; where no file has the exact name, one that differs only in letter case or Unicode form
+    (macOS writes `café` decomposed), as its caption file is found (`loose_name_key`); the expected name (its
+    own) if none is there, for the error that says so."""
     image = Path(image_path)
     folder = image.parent / settings.folder
     wanted = [image.name, *(image.stem + suffix for suffix in MASK_SUFFIXES)]
     for name in wanted:  # the exact names first: Cat.jpg and cat.jpg each find their own
         if (folder / name).is_file():
             return folder / name
-    names = _file_names_by_lowercase(str(folder), folder.stat().st_mtime_ns if folder.is_dir() else 0)
+    names = _file_names_by_loose_key(str(folder), folder.stat().st_mtime_ns if folder.is_dir() else 0)
     for name in wanted:
-        if name.lower() in names:
-            return folder / names[name.lower()]
+        if loose_name_key(name) in names:
+            return folder / names[loose_name_key(name)]
     return folder / image.name
 
 
@@ -65,25 +68,25 @@ def image_sharing_mask(image_path: str, settings: LossMaskConfig) -> str | None:
     image, mask = Path(image_path), mask_path(image_path, settings)
     if mask.name == image.name:
         return None
-    namesakes = _images_by_lowercase_stem(str(image.parent), image.parent.stat().st_mtime_ns).get(image.stem.lower(), [])
+    namesakes = _images_by_loose_stem(str(image.parent), image.parent.stat().st_mtime_ns).get(loose_name_key(image.stem), [])
     return next((name for name in namesakes if name != image.name and mask_path(str(image.parent / name), settings) == mask), None)
 
 
 @functools.lru_cache(maxsize=64)
-def _images_by_lowercase_stem(folder: str, modified: int) -> dict[str, list[str]]:
-    """A folder's image file names (not hidden ones) by their lowercase stem; `modified` as for `_file_names_by_lowercase`."""
+def _images_by_loose_stem(folder: str, modified: int) -> dict[str, list[str]]:
+    """A folder's image file names (not hidden ones) by their stem's `loose_name_key`; `modified` as for `_file_names_by_loose_key`."""
     stems: dict[str, list[str]] = {}
     for name in sorted(os.listdir(folder)):
         if Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith("."):
-            stems.setdefault(Path(name).stem.lower(), []).append(name)
+            stems.setdefault(loose_name_key(Path(name).stem), []).append(name)
     return stems
 
 
 @functools.lru_cache(maxsize=64)
-def _file_names_by_lowercase(folder: str, modified: int) -> dict[str, str]:
-    """A folder's file names by their lowercase; `modified` (the folder's mtime) renews it when files
+def _file_names_by_loose_key(folder: str, modified: int) -> dict[str, str]:
+    """A folder's file names by their `loose_name_key`; `modified` (the folder's mtime) renews it when files
     are added, removed or renamed."""
-    return {name.lower(): name for name in os.listdir(folder)} if modified else {}
+    return {loose_name_key(name): name for name in os.listdir(folder)} if modified else {}
 
 
 def read_mask_file(path: Path) -> Image.Image:

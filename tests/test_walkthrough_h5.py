@@ -159,3 +159,21 @@ def test_a_controlnet_of_other_than_rgb_conditioning_is_one_line_in_training_sam
     assert main(["sample", "--base", str(tiny_model), "--controlnet", str(folder), "--condition", str(condition), "--prompt", "x", "--out", str(tmp_path / "out")]) == 2
     assert f"--controlnet {folder} {said}" in capsys.readouterr().err
     assert scan_adapters(tmp_path / "adapters")["depth"].refused.startswith(said)
+
+
+def test_a_loss_mask_is_found_in_either_unicode_form_and_any_letter_case_as_a_caption_file_is(tmp_path):
+    """macOS writes `café` decomposed (NFD), most tools composed; a mask saved by either is the image's mask."""
+    import unicodedata
+
+    from finetune.check_data import inspect_examples
+
+    nfd, nfc = unicodedata.normalize("NFD", "café"), unicodedata.normalize("NFC", "café")
+    (tmp_path / "masks").mkdir()
+    for seed, (image, mask) in enumerate(((f"{nfc}.png", f"{nfd}.png"), (f"{nfd} 2.jpg", f"{nfc} 2.png"), ("Straße.png", "STRASSE.png"))):
+        noise(tmp_path / image, seed=seed)
+        (tmp_path / image).with_suffix(".txt").write_text("a caption")
+        Image.new("L", (64, 64), 255).save(tmp_path / "masks" / mask)
+    config = DataConfig(image_dir=str(tmp_path), resolution=64, loss_mask={"source": "files"})
+    report = inspect_examples(read_examples(config), config, "data")
+    assert [f.message for f in report.findings if f.level == "fatal"] == [] and len(report.usable) == 3
+    assert all(example.load_mask is not None for example in report.usable)
