@@ -25,7 +25,7 @@ from finetune.buckets import Size, assign_buckets, bucket_counts_line
 from finetune.captions import caption_lines, missing_caption_message
 from finetune.check_threads import each_on_threads
 from finetune.config import DataConfig, LossMaskConfig, Recipe
-from finetune.data import decode, file_stamp, has_alpha, is_16_bit, pixel_digest, upright_rgb
+from finetune.data import decode, file_stamp, has_alpha, is_16_bit, pixel_digest, turned_on_its_side, upright_rgb
 from finetune.errors import FinetuneError
 from finetune.loss_mask import alpha_mask, image_sharing_mask, mask_area, mask_digest, mask_path, read_mask_file
 from finetune.sources import (Example, data_folders, expand_repeats, folder_images, metadata_rows_without_images, read_examples,
@@ -208,7 +208,7 @@ def inspect_loss_mask(example: Example, raw, config: DataConfig) -> tuple[Exampl
         named, load = f"loss mask {path}", lambda path=path: read_mask_file(path)
     (mask_width, mask_height), (width, height) = mask.size, example.size
     if abs(mask_width * height / (mask_height * width) - 1.0) > 0.01:  # another scale is fine: it is resized with its image
-        rotated = raw.getexif().get(0x0112, 1) in (5, 6, 7, 8) and (mask_width, mask_height) == (height, width)
+        rotated = turned_on_its_side(raw) and (mask_width, mask_height) == (height, width)
         hint = "save the mask upright: the image is turned by its EXIF orientation" if rotated else "a mask must have its image's shape (its size, or another scale of it)"
         message = f"{named} is {mask_width}x{mask_height} but image {source} is {width}x{height} upright: {hint}"
         return example, [Finding(FATAL, source, message)]

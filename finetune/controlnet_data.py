@@ -31,6 +31,7 @@ from finetune.data import (
     likely_new_view,
     open_rgb,
     render_pixels,
+    turned_on_its_side,
     upright_rgb,
     upright_size,
     view_entry,
@@ -183,9 +184,13 @@ def conditioning_problems(pair: Pair, image_size: tuple[int, int]) -> list[Findi
         return [Finding(FATAL, pair.image.source, problem)]
     conditioning = upright_rgb(decoded)
     if conditioning.size != image_size:
+        # Made from the image's stored pixels (both files lie the same way on disk), it would be cut across the upright image.
+        rotated = conditioning.size == image_size[::-1] and turned_on_its_side(pair.image.load())
+        hint = ("save the conditioning image upright: the image is turned by its EXIF orientation (finetune make-conditions writes them so)"
+                if rotated else "they must be the same size (one crop is cut from both)")  # fmt: skip
         message = (
             f"conditioning image {pair.conditioning.source} is {conditioning.size[0]}x{conditioning.size[1]} but image "
-            f"{pair.image.source} is {image_size[0]}x{image_size[1]}: they must be the same size (one crop is cut from both)"
+            f"{pair.image.source} is {image_size[0]}x{image_size[1]}{' upright' if rotated else ''}: {hint}"
         )
         return [Finding(FATAL, pair.image.source, message)]
     return []

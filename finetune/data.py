@@ -104,8 +104,12 @@ def upright_size(example: Example) -> Size:
     if example.size is not None:
         return example.size
     image = example.load()  # a file is only opened: the header has the size
-    rotated = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # orientations that swap width and height
-    return (image.height, image.width) if rotated else image.size
+    return (image.height, image.width) if turned_on_its_side(image) else image.size
+
+
+def turned_on_its_side(image: Image.Image) -> bool:
+    """Whether the image's EXIF orientation swaps its width and height (a phone's portrait photo, stored lying down)."""
+    return image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

@@ -177,3 +177,26 @@ def test_a_loss_mask_is_found_in_either_unicode_form_and_any_letter_case_as_a_ca
     report = inspect_examples(read_examples(config), config, "data")
     assert [f.message for f in report.findings if f.level == "fatal"] == [] and len(report.usable) == 3
     assert all(example.load_mask is not None for example in report.usable)
+
+
+def test_a_conditioning_image_made_from_a_phone_photos_stored_pixels_says_to_save_it_upright(make_recipe, tmp_path):
+    """Training turns the photo upright by its EXIF orientation, and its conditioning image and mask by theirs: one
+    made from the stored pixels (the two files the same size on disk) said only 'they must be the same size'."""
+    from finetune.controlnet_data import inspect_pairs
+    from finetune.conditions import make_conditions
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 96x64 lying down; upright it is 64x96
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(photos / "phone.jpg", exif=exif)
+    (photos / "phone.txt").write_text("a photo")
+    folder, _, _ = make_conditions(photos, tmp_path / "data", "luminance")
+    assert Image.open(folder / "conditioning" / "phone.png").size == (64, 96)  # written upright
+    recipe = make_recipe(method="controlnet", data__image_dir=str(folder))
+    assert [f.message for f in inspect_pairs(recipe)[1].findings if f.level == "fatal"] == []
+
+    Image.open(photos / "phone.jpg").convert("L").convert("RGB").save(folder / "conditioning" / "phone.png")  # from the stored pixels
+    (fatal,) = [f.message for f in inspect_pairs(recipe)[1].findings if f.level == "fatal"]
+    assert fatal.endswith("is 96x64 but image " + str(folder / "phone.jpg") + " is 64x96 upright: save the conditioning image upright: "
+                          "the image is turned by its EXIF orientation (finetune make-conditions writes them so)")  # fmt: skip
