@@ -196,15 +196,16 @@ def make_condition_folders(input_dir: str | Path, output_dir: str | Path, kind: 
     source, target = Path(input_dir), Path(output_dir)
     if not source.is_dir():
         raise FinetuneError(f"input folder {source} not found")
-    if kind in KINDS:
-        check_options(kind, **options)
+    if kind not in KINDS:
+        raise FinetuneError(f"unknown conditioning kind '{kind}': use one of {', '.join(KINDS)}")
+    check_options(kind, **options)
     subfolders = [sub for sub in image_subfolders(source, DataConfig()) if sub.resolve() != target.resolve()]  # not a rerun's output
     pairs = ([(source, target)] if folder_images(source) else []) + [(sub, target / sub.name) for sub in subfolders]
     if not pairs:
         raise FinetuneError(f"input folder {source} has no images ({', '.join(IMAGE_SUFFIXES)})")
-    for folder, written in pairs:  # every folder before any is written: a clash found halfway would leave half the data behind
-        _checked_input(folder, written, overwrite)
-    made = [make_conditions(folder, written, kind, overwrite, **options) for folder, written in pairs]
+    # Every folder is checked before any is written: a clash found halfway would leave half the data behind.
+    checked = [(folder, written, *_checked_input(folder, written, overwrite)) for folder, written in pairs]
+    made = [_write_conditions(folder, written, images, captions, kind, **options) for folder, written, images, captions in checked]
     if subfolders:  # where a ControlNet trained on data.image_dir (with data.folders) looks for how its conditioning was made
         target.mkdir(parents=True, exist_ok=True)
         (target / RECORD_FILE).write_text(json.dumps({"kind": kind, **options}))
@@ -271,15 +272,20 @@ def make_conditions(input_dir: str | Path, output_dir: str | Path, kind: str, ov
     metadata.csv, else a .txt beside the image; an image with none gets "".
     Conditioning images already there (a ControlNet may have trained on them) are replaced only with `overwrite`.
     """
-    from finetune.data import open_rgb
-    from finetune.sources import Example
-
     if kind not in KINDS:
         raise FinetuneError(f"unknown conditioning kind '{kind}': use one of {', '.join(KINDS)}")
     source, target = Path(input_dir), Path(output_dir)
     if not source.is_dir():
         raise FinetuneError(f"input folder {source} not found")
     images, captions = _checked_input(source, target, overwrite)  # before anything is written
+    return _write_conditions(source, target, images, captions, kind, **options)
+
+
+def _write_conditions(source: Path, target: Path, images: list[Path], captions: dict[str, str], kind: str, **options) -> tuple[Path, int, int]:
+    """`make_conditions`' writing, for the images and captions `_checked_input` gave for `source`."""
+    from finetune.data import open_rgb
+    from finetune.sources import Example
+
     same_folder = target.is_dir() and source.resolve() == target.resolve()
     (target / "conditioning").mkdir(parents=True, exist_ok=True)
     own_rows = _input_rows(source)

@@ -200,3 +200,19 @@ def test_a_conditioning_image_made_from_a_phone_photos_stored_pixels_says_to_sav
     (fatal,) = [f.message for f in inspect_pairs(recipe)[1].findings if f.level == "fatal"]
     assert fatal.endswith("is 96x64 but image " + str(folder / "phone.jpg") + " is 64x96 upright: save the conditioning image upright: "
                           "the image is turned by its EXIF orientation (finetune make-conditions writes them so)")  # fmt: skip
+
+
+def test_make_conditions_reads_each_input_folder_once(tmp_path, monkeypatch):
+    """The folders are all checked before any is written, and written from that check (it was done again per folder)."""
+    import finetune.conditions as conditions
+
+    for folder in (tmp_path / "in", tmp_path / "in" / "10_cat"):
+        folder.mkdir(parents=True)
+        noise(folder / "a.png")
+        (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "a cat"}) + "\n")
+    checked = []
+    original = conditions._checked_input
+    monkeypatch.setattr(conditions, "_checked_input", lambda source, *rest: checked.append(source) or original(source, *rest))
+    made = conditions.make_condition_folders(tmp_path / "in", tmp_path / "out", "luminance")
+    assert [count for _, count, _ in made] == [1, 1] and checked == [tmp_path / "in", tmp_path / "in" / "10_cat"]
+    assert json.loads((tmp_path / "out" / "10_cat" / "metadata.jsonl").read_text())["text"] == "a cat"
