@@ -20,6 +20,7 @@ from safetensors import safe_open
 from finetune.checkpoint import CHECKPOINT_PATTERN, STATE_FILE
 from finetune.inference import saved_model_metadata
 from finetune.kohya import finetune_metadata_from_kohya
+from finetune.lora_kinds import unsupported_kind
 from finetune.methods.controlnet import CONTROLNET_DIR, UNET_DIR, conditioning_channels_problem
 from finetune.methods.full import PIPELINE_DIR
 from finetune.methods.lora import LORA_WEIGHTS_NAME
@@ -140,38 +141,14 @@ def _lora_file(path: Path, root: Path) -> Adapter | None:
             meta.setdefault("finetune.rank", dim)
     elif any(k.startswith(("unet.", "text_encoder.")) for k in keys):
         layout = "diffusers"
+    elif unsupported_kind(keys, meta):  # e.g. an SDXL LoRA of its text encoders only (lora_te1_, lora_te2_)
+        layout = "?"
     else:
         return None
-    refused = _not_plain_sd1_lora(keys, meta)
+    refused = unsupported_kind(keys, meta)
     meta.setdefault("finetune.rank", rank)
     meta.setdefault("finetune.method", "lora")
     return Adapter(_name(path, root), "lora", path, layout, {k: v for k, v in meta.items() if k.startswith("finetune.")}, refused)
-
-
-# Key endings of adapters the loader refuses (finetune/kohya.py): listed as refused here, not failing at Generate.
-LYCORIS_ENDINGS = (".hada_w1_a", ".lokr_w1", ".lokr_w1_a", ".lora_mid.weight")  # LoHa, LoKr, Tucker-decomposed LoCon
-DORA_ENDINGS = (".dora_scale", ".lora_magnitude_vector", ".lora_magnitude_vector.weight")
-# SDXL's kohya names: two text encoders, and the UNet by the original layout's blocks.
-SDXL_PREFIXES = ("lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
-
-
-def _not_plain_sd1_lora(keys: list[str], metadata: dict[str, str]) -> str | None:
-    """Why a LoRA file's header says it cannot load here, or None."""
-    if any(key.endswith(LYCORIS_ENDINGS) for key in keys):
-        return "a LyCORIS LoHa, LoKr or Tucker LoCon file: only plain LoRA (down/up weights) is loaded"
-    if any(key.endswith(DORA_ENDINGS) for key in keys) or _peft_dora(metadata):
-        return "a DoRA file: only plain LoRA is loaded"
-    if any(key.startswith(SDXL_PREFIXES) for key in keys):
-        return "an SDXL LoRA (lora_te1_/lora_te2_, input_blocks names): only SD1.x LoRAs are loaded"
-    return None
-
-
-def _peft_dora(metadata: dict[str, str]) -> bool:
-    """Whether diffusers' saved peft config (`unet.use_dora`, ...) says DoRA."""
-    with contextlib.suppress(ValueError, AttributeError):
-        config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
-        return any(key.endswith("use_dora") and value for key, value in config.items())
-    return False
 
 
 def _model_folder(folder: Path, root: Path, files: list[str]) -> Adapter | None:

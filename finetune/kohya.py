@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from finetune.atomic_files import atomic_save_safetensors
 from finetune.checkpoint import CHECKPOINT_PATTERN
 from finetune.errors import FinetuneError
+from finetune.lora_kinds import unsupported_kind
 
 PARTS = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 # Module-path segments of the SD UNet and CLIP that contain "_": kohya's names flatten `.` and `_`
@@ -165,16 +166,19 @@ def load_lora(path: Path) -> LoRA:
     except (SafetensorError, OSError) as err:
         raise FinetuneError(f"LoRA {path} is not a readable safetensors file ({str(err).splitlines()[0][:120]}): a truncated download? get it again") from None
     metadata.pop("format", None)
-    if any(key.startswith(tuple(PARTS.values())) for key in tensors):
-        return from_kohya(tensors, metadata)
-    if any(key.startswith(("unet.", "text_encoder.")) for key in tensors):
-        return from_diffusers(tensors, metadata)
-    raise FinetuneError(f"{path} holds no SD1.x LoRA weights (expected unet./text_encoder. or lora_unet_/lora_te_ keys)")
+    unsupported = unsupported_kind(list(tensors), metadata)
+    if unsupported:  # said of the file, before its first unknown key would be
+        raise FinetuneError(f"LoRA {path} is {unsupported}")
+    kohya, ours = (any(key.startswith(prefixes) for key in tensors) for prefixes in (tuple(PARTS.values()), ("unet.", "text_encoder.")))
+    if not (kohya or ours):
+        raise FinetuneError(f"{path} holds no SD1.x LoRA weights (expected unet./text_encoder. or lora_unet_/lora_te_ keys)")
+    try:  # a key that is no LoRA weight, named with the file it is in
+        return from_kohya(tensors, metadata) if kohya else from_diffusers(tensors, metadata)
+    except FinetuneError as err:
+        raise FinetuneError(f"LoRA {path}: {err}") from None
 
 
 def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> LoRA:
-    if any(key.endswith(".dora_scale") for key in tensors):
-        raise FinetuneError("DoRA files are not supported: only plain LoRA (lora_down/lora_up/alpha) converts exactly")
     layers = {}
     for key in sorted(tensors):
         if not key.endswith(".lora_down.weight"):
@@ -189,7 +193,7 @@ def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Lo
         layers[module_key(name)] = LoRALayer(down, up, float(alpha.item()) if alpha is not None else float(down.shape[0]))
     leftover = set(tensors) - {f"{kohya_name(k)}.{s}" for k in layers for s in ("lora_down.weight", "lora_up.weight", "alpha")}
     if leftover:
-        raise FinetuneError(f"LoRA key {sorted(leftover)[0]} is not a plain LoRA weight (LyCORIS LoHa, LoKr and Tucker-decomposed LoCon files are not supported)")
+        raise FinetuneError(f"LoRA key {sorted(leftover)[0]} is not a LoRA down/up weight or alpha: a file with more than a LoRA in it is not loaded")
     return LoRA(layers, finetune_metadata_from_kohya(metadata))
 
 

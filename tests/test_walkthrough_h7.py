@@ -1,0 +1,46 @@
+"""Files other tools write, read as they are meant (or refused in one line naming the file and what it is)."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from finetune.adapter_scan import scan_adapters
+from finetune.errors import FinetuneError
+from finetune.kohya import load_lora
+
+Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+PLAIN = {f"{Q}.lora_down.weight": torch.zeros(4, 32), f"{Q}.lora_up.weight": torch.zeros(32, 4), f"{Q}.alpha": torch.tensor(4.0)}
+TE2 = "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer"
+UNET_Q = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora"
+TE1 = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+REFUSED = {
+    "loha": ({f"{Q}.hada_w1_a": torch.zeros(32, 4), f"{Q}.hada_w1_b": torch.zeros(4, 32), f"{Q}.alpha": torch.tensor(4.0)}, " is a LyCORIS LoHa"),
+    "lokr": ({f"{Q}.lokr_w1": torch.zeros(4, 4), f"{Q}.lokr_w2": torch.zeros(8, 8), f"{Q}.alpha": torch.tensor(4.0)}, " is a LyCORIS LoHa, LoKr"),
+    "dora": ({**PLAIN, f"{Q}.dora_scale": torch.ones(1, 32)}, " is a DoRA file"),
+    # diffusers' SDXL layout: its second text encoder (this was a KeyError traceback in sample, export and merge)
+    "sdxl-diffusers": ({f"{UNET_Q}.down.weight": torch.zeros(4, 640), f"{UNET_Q}.up.weight": torch.zeros(640, 4),
+                        f"{TE2}.down.weight": torch.zeros(4, 1280), f"{TE2}.up.weight": torch.zeros(1280, 4)}, " is an SDXL LoRA"),
+    # kohya's SDXL text encoders alone (this was "holds no SD1.x LoRA weights", and missing from the demo's list)
+    "sdxl-te": ({f"{TE1}.lora_down.weight": torch.zeros(4, 768), f"{TE1}.lora_up.weight": torch.zeros(768, 4)}, " is an SDXL LoRA"),
+    # a LoRA with an embedding bundled in (the webui's bundle_emb): the key is no LyCORIS one
+    "bundled": ({**PLAIN, "bundle_emb.sks.string_to_param.*": torch.zeros(2, 64)}, ": LoRA key bundle_emb.sks.string_to_param.* is not a LoRA down/up weight"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_a_file_of_a_kind_not_loaded_is_refused_naming_the_file_and_its_kind(name, tmp_path):
+    tensors, said = REFUSED[name]
+    path = tmp_path / f"{name}.safetensors"
+    save_file(tensors, str(path))
+    with pytest.raises(FinetuneError) as err:
+        load_lora(path)
+    assert str(err.value).startswith(f"LoRA {path}{said}")
+    assert "LyCORIS" not in str(err.value) or name in ("loha", "lokr")
+
+
+def test_the_demo_lists_sdxl_files_of_either_layout_as_refused(tmp_path):
+    for name in ("sdxl-diffusers", "sdxl-te"):
+        save_file(REFUSED[name][0], str(tmp_path / f"{name}.safetensors"))
+    adapters = scan_adapters(tmp_path)
+    assert sorted(adapters) == ["sdxl-diffusers", "sdxl-te"]
+    assert all(adapter.refused.startswith("an SDXL LoRA") for adapter in adapters.values())
