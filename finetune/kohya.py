@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from finetune.atomic_files import atomic_save_safetensors
 from finetune.checkpoint import CHECKPOINT_PATTERN
 from finetune.errors import FinetuneError
-from finetune.lora_kinds import unsupported_kind
+from finetune.lora_kinds import unsupported_kind, with_current_diffusers_names
 
 PARTS = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 # Module-path segments of the SD UNet and CLIP that contain "_": kohya's names flatten `.` and `_`
@@ -200,7 +200,7 @@ def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Lo
 def from_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> LoRA:
     """Our layout (`unet.<module>.lora.down.weight`, peft config in `lora_adapter_metadata`)."""
     config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
-    layers, used = {}, set()
+    tensors, layers, used = with_current_diffusers_names(tensors), {}, set()
     for key in sorted(tensors):
         for down_suffix, up_suffix in DIFFUSERS_SUFFIX_PAIRS:
             if not key.endswith(down_suffix):

@@ -1,4 +1,5 @@
-"""What kind of adapter a LoRA file's names say it is, when it is one this project does not load.
+"""What kind of adapter a LoRA file's names say it is, when it is one this project does not load; and the
+older names diffusers' own trainers wrote, renamed to today's.
 
 One check for the loader (`finetune.kohya.load_lora`: sample, merge, eval, export, lora.init_from) and the
 demo's adapter list (`finetune.adapter_scan`, from the header alone), so both name a LyCORIS, DoRA or SDXL
@@ -9,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
+
+import torch
 
 # Key endings of adapters the loader refuses.
 LYCORIS_ENDINGS = (".hada_w1_a", ".lokr_w1", ".lokr_w1_a", ".lora_mid.weight")  # LoHa, LoKr, Tucker-decomposed LoCon
@@ -35,3 +39,23 @@ def _peft_dora(metadata: dict[str, str]) -> bool:
         return any(key.endswith("use_dora") and value for key, value in config.items())
     return False
 
+
+# diffusers' attention-processor LoRAs, as its train_dreambooth_lora.py and train_text_to_image_lora.py saved them
+# in 2023 (and `load_lora_weights` still loads): `unet.<attention>.processor.to_q_lora.down.weight`, and for CLIP
+# `text_encoder.<layer>.self_attn.to_q_lora.down.weight` (its q_proj).
+OLD_PROCESSOR_NAME = re.compile(r"(\.processor)?\.to_(q|k|v|out)_lora\.(down|up)\.weight$")
+UNET_PROJECTIONS = {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"}
+
+
+def with_current_diffusers_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same tensors, attention-processor names renamed to the modules they adapt (`...attn1.to_q.lora.down.weight`,
+    `...self_attn.q_proj.lora_linear_layer.down.weight`); other names as they are."""
+    renamed = {}
+    for key, tensor in tensors.items():
+        match = OLD_PROCESSOR_NAME.search(key)
+        if match and key.startswith("unet."):
+            key = f"{key[:match.start()]}.{UNET_PROJECTIONS[match[2]]}.lora.{match[3]}.weight"
+        elif match and key.startswith("text_encoder."):
+            key = f"{key[:match.start()]}.{match[2]}_proj.lora_linear_layer.{match[3]}.weight"
+        renamed[key] = tensor
+    return renamed

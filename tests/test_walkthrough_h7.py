@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from finetune.adapter_scan import scan_adapters
 from finetune.errors import FinetuneError
@@ -44,3 +44,50 @@ def test_the_demo_lists_sdxl_files_of_either_layout_as_refused(tmp_path):
     adapters = scan_adapters(tmp_path)
     assert sorted(adapters) == ["sdxl-diffusers", "sdxl-te"]
     assert all(adapter.refused.startswith("an SDXL LoRA") for adapter in adapters.values())
+
+
+def attention_processor_lora(unet, text_encoder) -> dict[str, torch.Tensor]:
+    """A LoRA as diffusers' train_dreambooth_lora.py saved it in 2023: named after the attention processors."""
+    torch.manual_seed(0)
+    tensors = {}
+    for name, module in unet.named_modules():
+        if name.endswith(("attn1", "attn2")):
+            for short, linear in (("q", module.to_q), ("k", module.to_k), ("v", module.to_v), ("out", module.to_out[0])):
+                tensors[f"unet.{name}.processor.to_{short}_lora.down.weight"] = torch.randn(4, linear.in_features) * 0.3
+                tensors[f"unet.{name}.processor.to_{short}_lora.up.weight"] = torch.randn(linear.out_features, 4) * 0.3
+    for name, module in text_encoder.named_modules():
+        if name.endswith("self_attn"):
+            for short in ("q", "k", "v", "out"):
+                linear = getattr(module, f"{short}_proj")
+                tensors[f"text_encoder.text_model.{name}.to_{short}_lora.down.weight"] = torch.randn(4, linear.in_features) * 0.3
+                tensors[f"text_encoder.text_model.{name}.to_{short}_lora.up.weight"] = torch.randn(linear.out_features, 4) * 0.3
+    return tensors
+
+
+def test_an_attention_processor_lora_of_diffusers_loads_as_diffusers_loads_it(tmp_path):
+    """It was refused ('not a plain LoRA down/up weight'), though diffusers' load_lora_weights loads it."""
+    from conftest import SHIPPED_BASE
+    from diffusers import StableDiffusionPipeline
+
+    from finetune.inference import load_sampling_pipeline
+
+    base = load_sampling_pipeline(str(SHIPPED_BASE))
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file(attention_processor_lora(base.unet, base.text_encoder), str(path))
+    lora = load_lora(path)
+    assert len(lora.layers) == len([key for key in load_file(path) if key.endswith("down.weight")])
+    assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0" in lora.layers
+    assert "text_encoder.encoder.layers.0.self_attn.q_proj" in lora.layers
+
+    ours = load_sampling_pipeline(str(SHIPPED_BASE), str(path))
+    theirs = StableDiffusionPipeline.from_pretrained(SHIPPED_BASE, safety_checker=None)
+    theirs.load_lora_weights(str(path))
+    ids = theirs.tokenizer(["a red star"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        outputs = [
+            (encoded := pipeline.text_encoder(ids)[0], pipeline.unet(latents, 500, encoder_hidden_states=encoded).sample)
+            for pipeline in (ours, theirs, base)
+        ]
+    assert torch.allclose(outputs[0][0], outputs[1][0], atol=1e-5) and torch.allclose(outputs[0][1], outputs[1][1], atol=1e-5)
+    assert not torch.allclose(outputs[0][1], outputs[2][1], atol=1e-2)  # and the LoRA changes what the UNet predicts
