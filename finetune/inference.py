@@ -25,7 +25,7 @@ from finetune.encoders import skip_last_layers
 from finetune.errors import FinetuneError
 from finetune.kohya import LoRA, load_lora, to_diffusers
 from finetune.merge import check_lora_fits
-from finetune.methods.controlnet import CONTROLNET_DIR, UNET_DIR, require_controlnet_config
+from finetune.methods.controlnet import CONTROLNET_DIR, UNET_DIR, refuse_a_controlnet_file, require_controlnet_config
 from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.models import BaseModel, load_base_model, looks_like_hub_id
 from finetune.pipeline_io import METADATA_FILE
@@ -106,6 +106,7 @@ def resolve_controlnet_folder(controlnet: str) -> Path:
     path = Path(controlnet).expanduser()
     if (path / CONTROLNET_DIR / "config.json").is_file():
         path = path / CONTROLNET_DIR
+    refuse_a_controlnet_file(path, f"ControlNet {controlnet}")
     if not path.is_dir():
         raise FinetuneError(f"ControlNet {controlnet} not found: pass a ControlNet folder, or the output folder of a controlnet training run")
     if not (path / "config.json").is_file():

@@ -91,3 +91,24 @@ def test_an_attention_processor_lora_of_diffusers_loads_as_diffusers_loads_it(tm
         ]
     assert torch.allclose(outputs[0][0], outputs[1][0], atol=1e-5) and torch.allclose(outputs[0][1], outputs[1][1], atol=1e-5)
     assert not torch.allclose(outputs[0][1], outputs[2][1], atol=1e-2)  # and the LoRA changes what the UNet predicts
+
+
+def test_a_controlnet_given_as_one_file_is_said_to_be_one_not_missing(make_recipe, pairs_folder, tmp_path, capsys):
+    """`--controlnet FILE` and `controlnet.pretrained: FILE` said '... not found' of a file that is there."""
+    from conftest import REPO
+
+    from finetune.cli import main
+    from finetune.methods.controlnet import ControlNetMethod
+
+    original = tmp_path / "control_sd15_canny.safetensors"
+    save_file({"control_model.input_hint_block.0.weight": torch.zeros(16, 3, 3, 3)}, str(original))
+    inside = REPO / "finetune" / "assets" / "toyworld-controlnet-mask" / "diffusion_pytorch_model.safetensors"
+    condition = REPO / "datasets" / "star" / "0000.png"
+    for given, said in ((original, "is a single-file ControlNet in the original layout (control_model. keys"),
+                        (inside, f"is a file of the model folder {inside.parent}: pass that folder")):  # fmt: skip
+        assert main(["sample", "--base", "unused", "--controlnet", str(given), "--condition", str(condition), "--prompt", "x"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"ControlNet {given} {said}" in err[0]
+    method = ControlNetMethod(make_recipe(method="controlnet", data__image_dir=str(pairs_folder), controlnet__pretrained=str(original)))
+    with pytest.raises(FinetuneError, match=r"controlnet.pretrained \S+control_sd15_canny.safetensors is a single-file ControlNet in the original layout"):
+        method.check_data()

@@ -86,6 +86,7 @@ class ControlNetMethod(DiffusionMethod):
             if (path / CONTROLNET_DIR / "config.json").is_file():  # a controlnet run's output folder, as `finetune sample` takes it
                 path = path / CONTROLNET_DIR
                 self.pretrained = str(path)
+            refuse_a_controlnet_file(path, f"controlnet.pretrained {pretrained}")
             if (path / "config.json").is_file():
                 require_controlnet_config(path, f"controlnet.pretrained {pretrained}")
             if (path / "config.json").is_file() and unlocked_decoder_folder(path):  # not a pipeline's controlnet/ beside its unet/
@@ -253,6 +254,24 @@ def residuals_in(controlnet: torch.nn.Module, dtype: torch.dtype):
         yield
     finally:
         handle.remove()
+
+
+def refuse_a_controlnet_file(path: Path, named: str) -> None:
+    """A ControlNet is loaded from a diffusers folder (config.json beside its weights): one given as a single file
+    is said to be one, and which, not 'not found'."""
+    if not path.is_file():
+        return
+    if (path.parent / "config.json").is_file():
+        raise FinetuneError(f"{named} is a file of the model folder {path.parent}: pass that folder")
+    if path.suffix != ".safetensors":
+        raise FinetuneError(f"{named} is not a .safetensors file: pickle checkpoints are not loaded (they can run code)")
+    from safetensors import SafetensorError, safe_open
+
+    with contextlib.suppress(SafetensorError, OSError), safe_open(str(path), "pt") as opened:
+        if any(key.startswith(("control_model.", "input_hint_block.")) for key in opened.keys()):
+            raise FinetuneError(f"{named} is a single-file ControlNet in the original layout (control_model. keys, as model sites share it): "
+                                "convert it to a diffusers folder (diffusers' ControlNetModel.from_single_file, then save_pretrained) and pass that folder")  # fmt: skip
+    raise FinetuneError(f"{named} is a file, not a ControlNet folder: pass a diffusers ControlNet folder (config.json and diffusion_pytorch_model.safetensors)")
 
 
 def require_controlnet_config(folder: Path, named: str) -> None:
