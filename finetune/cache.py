@@ -21,6 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from finetune.errors import FinetuneError
+
 logger = logging.getLogger(__name__)
 
 # A partial file this old was left by a run that was killed mid-write (a live write takes well under a second).
@@ -54,8 +56,15 @@ class EncodingCache:
         self.hits = 0
         self.misses = 0
         if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as err:  # a file in the way, no permission, a read-only disk
+                raise self._unwritable(err) from None
             self._remove_stale_partial_files()
+
+    def _unwritable(self, err: OSError) -> FinetuneError:
+        return FinetuneError(f"train.cache_dir: {self.folder} cannot be written ({err.__class__.__name__}: {err.strerror or err}): "
+                             "free space or choose another train.cache_dir (or remove it to cache in memory)")  # fmt: skip
 
     def _remove_stale_partial_files(self) -> None:
         """Partial files a killed run left (SIGKILL, power loss); a young one may be another process's write."""
@@ -63,7 +72,7 @@ class EncodingCache:
             try:
                 if time.time() - partial.stat().st_mtime > STALE_PARTIAL_SECONDS:
                     partial.unlink()
-            except FileNotFoundError:  # renamed or removed by its writer meanwhile
+            except OSError:  # renamed or removed by its writer meanwhile, or a read-only cache (still read from)
                 pass
 
     def _load(self, key: str) -> torch.Tensor | None:
@@ -90,6 +99,8 @@ class EncodingCache:
             try:
                 save_file({"value": value}, str(partial))
                 partial.replace(self.folder / f"{key}.safetensors")
+            except OSError as err:  # a full disk mid-run, or a read-only cache that misses an entry
+                raise self._unwritable(err) from None
             finally:  # a full disk or a second Ctrl-C mid-write leaves no partial file behind
                 partial.unlink(missing_ok=True)
 
