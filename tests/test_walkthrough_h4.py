@@ -28,3 +28,28 @@ def test_a_read_only_cache_still_serves_what_it_holds(tmp_path, monkeypatch):
     monkeypatch.setattr("pathlib.Path.unlink", read_only)
     values = EncodingCache(tmp_path).lookup(["k"], lambda rows: 1 / 0, torch.device("cpu"))
     assert torch.equal(values, torch.ones(1, 3))
+
+
+def test_caches_of_inputs_that_rarely_repeat_are_warned_about(make_recipe, tmp_path, capsys):
+    from finetune.trainer import train
+    from finetune.methods.base import unrepeated_cache_warnings
+
+    from PIL import Image
+
+    wide = tmp_path / "wide"  # 96x64 photos cut to 64x64: a random crop moves across 32 columns
+    wide.mkdir()
+    for i in range(2):
+        Image.new("RGB", (96, 64), (40 * i, 90, 200)).save(wide / f"{i}.png")
+        (wide / f"{i}.txt").write_text("sks, a dog, grass")
+    caches = dict(train__max_steps=1, train__cache_latents=True, train__cache_text_embeddings=True)
+    train(make_recipe(output_dir=str(tmp_path / "random"), data__image_dir=str(wide), data__crop="random", data__shuffle_tags=True, **caches))
+    printed = capsys.readouterr().out
+    assert "warning: train.cache_latents with data.crop: random: nearly every crop is new" in printed
+    assert "warning: train.cache_text_embeddings with data.shuffle_tags or tag_dropout: nearly every caption is new" in printed
+    train(make_recipe(output_dir=str(tmp_path / "center"), data__image_dir=str(wide), **caches))
+    assert "warning: train.cache" not in capsys.readouterr().out
+    train(make_recipe(output_dir=str(tmp_path / "square"), data__crop="random", **caches))  # square images cut square: no room to move
+    assert "warning: train.cache" not in capsys.readouterr().out
+    # A random crop of images exactly their crop's shape never moves; a trained text encoder is never cached.
+    recipe = make_recipe(data__crop="random", data__tag_dropout=0.1, **caches)
+    assert unrepeated_cache_warnings(recipe, crops_vary=False, text_encoder_trains=True) == []

@@ -19,10 +19,11 @@ from PIL import Image
 
 from torch.utils.data import Dataset
 
+from finetune.batches import item_layout
 from finetune.cache import EncodingCache, caption_key, model_fingerprint
 from finetune.check_data import DataReport, checked_examples
 from finetune.config import Recipe
-from finetune.data import CaptionedImageDataset, collate
+from finetune.data import CaptionedImageDataset, collate, upright_size
 from finetune.diffusion import POSTERIOR_STREAM, BatchRandomness, NoiseOptions, add_noise, draw_noise, draw_perturbation, per_sample_loss
 from finetune.encoders import encode_prompts, latents_from_moments, posterior_moments, text_hidden_states
 from finetune.errors import FinetuneError
@@ -30,6 +31,7 @@ from finetune.loss_mask import latent_loss_weights
 from finetune.models import BaseModel
 from finetune.sampling import build_pipeline, generate_with_settings
 from finetune.sources import Example
+from finetune.views import plan_cover_crop
 
 
 class TrainingMethod(ABC):
@@ -139,6 +141,8 @@ class DiffusionMethod(TrainingMethod):
 
         self.latent_cache = cache("latents", base.vae) if train.cache_latents else None
         self.text_cache = cache("text", base.text_encoder) if train.cache_text_embeddings else None
+        crops_vary = train.cache_latents and self.recipe.data.crop == "random" and any_crop_room(self.training_items(), self.recipe.data)
+        self.start_lines += unrepeated_cache_warnings(self.recipe, crops_vary, text_encoder_trains="text_encoder" in self.trained_modules())
         self.timesteps = training_timesteps(train, base.noise_scheduler.config.num_train_timesteps)
 
     def item_latent_cache(self) -> EncodingCache | None:
@@ -222,6 +226,25 @@ class DiffusionMethod(TrainingMethod):
         weights = self.loss_weights(batch, latent_shape[1:], prediction.device)
         per_sample = per_sample_loss(prediction, noised, base.noise_scheduler, train.snr_gamma, huber_c, train.debiased_estimation, weights)
         return self.combine_losses(per_sample, batch)
+
+
+def any_crop_room(items: list[Example], data) -> bool:
+    """Whether a random crop can move on any item: its image, resized to cover its target, is larger than it."""
+    targets = item_layout(items, data).bucket_of or [(data.resolution, data.resolution)] * len(items)
+    return any(plan_cover_crop(upright_size(item), target, "center", None)[0] != target for item, target in zip(items, targets))
+
+
+def unrepeated_cache_warnings(recipe: Recipe, crops_vary: bool, text_encoder_trains: bool) -> list[str]:
+    """A warning line for each cache whose inputs rarely repeat: random crops that move, shuffled or dropped
+    tags. Each step then adds entries (kept for the whole run, in memory and train.cache_dir) seldom read back."""
+    train, data, lines = recipe.train, recipe.data, []
+    seldom = "so each step adds new entries to the cache (held in memory for the whole run, and in train.cache_dir) and seldom reads one back"
+    if train.cache_latents and crops_vary:
+        lines.append(f"warning: train.cache_latents with data.crop: random: nearly every crop is new, {seldom}: set train.cache_latents: false")
+    if train.cache_text_embeddings and not text_encoder_trains and (data.shuffle_tags or data.tag_dropout):
+        lines.append(f"warning: train.cache_text_embeddings with data.shuffle_tags or tag_dropout: nearly every caption is new, {seldom}: "
+                     "set train.cache_text_embeddings: false")  # fmt: skip
+    return lines
 
 
 def training_timesteps(train, num_train_timesteps: int) -> range:
