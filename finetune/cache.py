@@ -75,6 +75,18 @@ class EncodingCache:
             except OSError:  # renamed or removed by its writer meanwhile, or a read-only cache (still read from)
                 pass
 
+    def disk_line(self, what: str) -> str:
+        """What the disk cache holds when the run starts: a run that finds it empty encodes everything anew
+        (another base, VAE, dtype or clip skip makes another folder, and the earlier ones stay)."""
+        sizes = []
+        for entry in self.folder.glob("*.safetensors"):
+            try:
+                sizes.append(entry.stat().st_size)
+            except FileNotFoundError:  # a damaged entry another process removed meanwhile
+                pass
+        held = f"{len(sizes)} entries ({sum(sizes) / 1e6:.1f} MB) from earlier runs" if sizes else "empty: every entry is encoded in this run"
+        return f"train.cache_dir: {what} in {self.folder}: {held}"
+
     def _load(self, key: str) -> torch.Tensor | None:
         if key in self.memory:
             return self.memory[key]

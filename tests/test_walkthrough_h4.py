@@ -1,6 +1,8 @@
 """Walkthrough of the encoder caches (train.cache_latents, cache_text_embeddings, cache_dir): what a user
 hits when the cache folder cannot be used, or the settings make the cache grow without paying off."""
 
+import re
+
 import pytest
 import torch
 
@@ -53,3 +55,20 @@ def test_caches_of_inputs_that_rarely_repeat_are_warned_about(make_recipe, tmp_p
     # A random crop of images exactly their crop's shape never moves; a trained text encoder is never cached.
     recipe = make_recipe(data__crop="random", data__tag_dropout=0.1, **caches)
     assert unrepeated_cache_warnings(recipe, crops_vary=False, text_encoder_trains=True) == []
+
+
+def test_a_disk_cache_says_what_it_holds_at_the_start(make_recipe, tmp_path, capsys):
+    """So a user sees whether a later run reuses the cache, or starts another folder (another base, dtype, clip skip)."""
+    from finetune.trainer import train
+
+    caches = dict(train__max_steps=1, train__cache_latents=True, train__cache_text_embeddings=True, train__cache_dir=str(tmp_path / "cache"))
+    train(make_recipe(output_dir=str(tmp_path / "first"), **caches))
+    printed = capsys.readouterr().out
+    assert f"train.cache_dir: latents in {tmp_path / 'cache'}/latents-" in printed and printed.count(": empty: every entry is encoded in this run") == 2
+    train(make_recipe(output_dir=str(tmp_path / "again"), **caches))
+    printed = capsys.readouterr().out
+    for what in ("latents", "text embeddings"):  # one step of 2 images: 2 views and 2 captions
+        assert re.search(rf"train.cache_dir: {what} in .*: 2 entries \(\d+\.\d MB\) from earlier runs", printed)
+    # A trained text encoder's embeddings are not cached: no line says they are.
+    train(make_recipe(output_dir=str(tmp_path / "te"), lora__train_text_encoder=True, **caches))
+    assert "text embeddings in" not in capsys.readouterr().out

@@ -141,8 +141,11 @@ class DiffusionMethod(TrainingMethod):
 
         self.latent_cache = cache("latents", base.vae) if train.cache_latents else None
         self.text_cache = cache("text", base.text_encoder) if train.cache_text_embeddings else None
+        text_encoder_trains = "text_encoder" in self.trained_modules()  # its embeddings are not cached then
+        used = ((self.latent_cache, "latents"), (None if text_encoder_trains else self.text_cache, "text embeddings"))
+        self.start_lines += [cache.disk_line(what) for cache, what in used if cache and cache.folder]
         crops_vary = train.cache_latents and self.recipe.data.crop == "random" and any_crop_room(self.training_items(), self.recipe.data)
-        self.start_lines += unrepeated_cache_warnings(self.recipe, crops_vary, text_encoder_trains="text_encoder" in self.trained_modules())
+        self.start_lines += unrepeated_cache_warnings(self.recipe, crops_vary, text_encoder_trains)
         self.timesteps = training_timesteps(train, base.noise_scheduler.config.num_train_timesteps)
 
     def item_latent_cache(self) -> EncodingCache | None:
