@@ -97,7 +97,7 @@ class TrainConfig(Section):
     # same loss as uncached (in bf16 to rounding); a cached view is not decoded again.
     cache_latents: bool = False
     cache_text_embeddings: bool = False  # ignored when the text encoder trains
-    cache_dir: Optional[UserPath] = None  # None: in memory for this run; a folder: on disk, reused by later runs
+    cache_dir: Optional[UserPath] = None  # None: in memory for this run; a folder: also on disk, reused by later runs
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
