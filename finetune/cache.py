@@ -10,6 +10,7 @@ noise, exactly as without the cache.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -96,7 +97,8 @@ class EncodingCache:
                 self.memory[key] = load_file(path)["value"]
             except (SafetensorError, KeyError, OSError):  # cut off or garbled (a full disk, a copy gone wrong)
                 logger.warning("cache entry %s is damaged: encoding it again", path)
-                path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # a read-only cache: writing the new entry says so, in one line
+                    path.unlink(missing_ok=True)
                 return None
             return self.memory[key]
         return None
@@ -114,7 +116,8 @@ class EncodingCache:
             except OSError as err:  # a full disk mid-run, or a read-only cache that misses an entry
                 raise self._unwritable(err) from None
             finally:  # a full disk or a second Ctrl-C mid-write leaves no partial file behind
-                partial.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # a read-only disk refuses even to unlink a file not there (EROFS)
+                    partial.unlink(missing_ok=True)
 
     def stored(self, key: str) -> bool:
         """Whether `key` is cached (a data-loader process sees the disk, and memory as it was when it started)."""

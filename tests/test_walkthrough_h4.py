@@ -72,3 +72,18 @@ def test_a_disk_cache_says_what_it_holds_at_the_start(make_recipe, tmp_path, cap
     # A trained text encoder's embeddings are not cached: no line says they are.
     train(make_recipe(output_dir=str(tmp_path / "te"), lora__train_text_encoder=True, **caches))
     assert "text embeddings in" not in capsys.readouterr().out
+
+
+def test_a_damaged_entry_of_a_read_only_cache_is_one_line(tmp_path, monkeypatch):
+    """On a read-only disk even unlinking a file that is not there fails (EROFS): neither the damaged entry
+    nor the partial file of the write that failed may turn the one line into a traceback."""
+    (tmp_path / "k.safetensors").write_bytes(b"cut off")
+    cache = EncodingCache(tmp_path)
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr("pathlib.Path.unlink", read_only)
+    monkeypatch.setattr("finetune.cache.save_file", read_only)
+    with pytest.raises(FinetuneError, match="train.cache_dir: .* cannot be written .*Read-only file system"):
+        cache.lookup(["k"], lambda rows: torch.ones(len(rows), 3), torch.device("cpu"))
