@@ -144,8 +144,10 @@ class DiffusionMethod(TrainingMethod):
         text_encoder_trains = "text_encoder" in self.trained_modules()  # its embeddings are not cached then
         used = ((self.latent_cache, "latents"), (None if text_encoder_trains else self.text_cache, "text embeddings"))
         self.start_lines += [cache.disk_line(what) for cache, what in used if cache and cache.folder]
-        crops_vary = train.cache_latents and self.recipe.data.crop == "random" and any_crop_room(self.training_items(), self.recipe.data)
-        self.start_lines += unrepeated_cache_warnings(self.recipe, crops_vary, text_encoder_trains)
+        items, data = self.training_items(), self.recipe.data
+        crops_vary = train.cache_latents and data.crop == "random" and any_crop_room(items, data)
+        tags_vary = train.cache_text_embeddings and not text_encoder_trains and (data.shuffle_tags or data.tag_dropout) and any_tags_to_move(items, data)
+        self.start_lines += unrepeated_cache_warnings(crops_vary, tags_vary)
         self.timesteps = training_timesteps(train, base.noise_scheduler.config.num_train_timesteps)
 
     def item_latent_cache(self) -> EncodingCache | None:
@@ -237,14 +239,21 @@ def any_crop_room(items: list[Example], data) -> bool:
     return any(plan_cover_crop(upright_size(item), target, "center", None)[0] != target for item, target in zip(items, targets))
 
 
-def unrepeated_cache_warnings(recipe: Recipe, crops_vary: bool, text_encoder_trains: bool) -> list[str]:
+def any_tags_to_move(items: list[Example], data) -> bool:
+    """Whether data.shuffle_tags or tag_dropout can change any caption line: tags past data.keep_tokens (two to shuffle, one to drop)."""
+    least = 1 if data.tag_dropout else 2
+    lines = [line for item in items for line in (item.caption or "").splitlines()]
+    return any(len([tag for tag in line.split(",") if tag.strip()]) - data.keep_tokens >= least for line in lines)
+
+
+def unrepeated_cache_warnings(crops_vary: bool, tags_vary: bool) -> list[str]:
     """A warning line for each cache whose inputs rarely repeat: random crops that move, shuffled or dropped
     tags. Each step then adds entries (kept for the whole run, in memory and train.cache_dir) seldom read back."""
-    train, data, lines = recipe.train, recipe.data, []
     seldom = "so each step adds new entries to the cache (held in memory for the whole run, and in train.cache_dir) and seldom reads one back"
-    if train.cache_latents and crops_vary:
+    lines = []
+    if crops_vary:
         lines.append(f"warning: train.cache_latents with data.crop: random: nearly every crop is new, {seldom}: set train.cache_latents: false")
-    if train.cache_text_embeddings and not text_encoder_trains and (data.shuffle_tags or data.tag_dropout):
+    if tags_vary:
         lines.append(f"warning: train.cache_text_embeddings with data.shuffle_tags or tag_dropout: nearly every caption is new, {seldom}: "
                      "set train.cache_text_embeddings: false")  # fmt: skip
     return lines
