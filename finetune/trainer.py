@@ -314,7 +314,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
                 logs["train/epoch"] = epochs
                 accelerator.log({"train/loss": step_loss, "train/lr": lr, **logs}, step=step)
 
-            if stop.agreed(accelerator):
+            if step < max_steps and stop.agreed(accelerator):  # at the last step: finished, the outputs are written below
                 save_checkpoint()
                 result.interrupted = True
                 accelerator.print(f"\nstopped at step {step}; checkpoint saved in {checkpoints_dir}; continue with --resume latest")
@@ -334,7 +334,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     if not result.interrupted:
         # Trained: a Ctrl-C or SIGTERM now skips the last samples but waits for the outputs (a second one interrupts).
         # The outputs come before the samples, so a kill while sampling leaves them written.
-        with StopRequest() as stop:
+        with stop:  # the same request: a stop during the last step skips the last samples (a second one interrupts)
             try:
                 if last_checkpoint_step != step:
                     save_checkpoint()  # its outputs too: a resumed, longer run replaces output_dir's
