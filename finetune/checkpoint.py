@@ -260,11 +260,10 @@ def save_checkpoint(
             accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (partial / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
-    except (OSError, RuntimeError) as err:
+    except (OSError, RuntimeError, SafetensorError) as err:
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
-        # torch.save reports a full disk as a RuntimeError of its zip writer ("unexpected pos").
-        if isinstance(err, RuntimeError) and "inline_container" not in str(err):
+        if not failed_write(err):
             raise
         raise FinetuneError(
             f"could not write checkpoint {final} ({type(err).__name__}: {str(err).splitlines()[0][:100]}): make room or fix the "
@@ -276,6 +275,13 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def failed_write(err: Exception) -> bool:
+    """A file that could not be written (a full disk, permissions): an OSError, or how torch.save reports one (a
+    RuntimeError of its zip writer: "unexpected pos") and safetensors ("I/O error: No space left on device")."""
+    return isinstance(err, OSError) or (isinstance(err, RuntimeError) and "inline_container" in str(err)) or (
+        isinstance(err, SafetensorError) and "I/O error" in str(err))
 
 
 def damaged_file(err: Exception) -> bool:

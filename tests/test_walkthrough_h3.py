@@ -3,8 +3,11 @@
 import os
 import signal
 
+import pytest
+
 import finetune.trainer as trainer
 from finetune.checkpoint import list_checkpoints
+from finetune.errors import FinetuneError
 from finetune.methods.lora import LORA_WEIGHTS_NAME
 
 
@@ -17,3 +20,22 @@ def test_a_stop_during_the_last_step_finishes_the_run_with_its_outputs(make_reci
     assert not result.interrupted and result.final_step == 3 and not result.sample_grids
     assert (result.output_dir / LORA_WEIGHTS_NAME).is_file()
     assert [p.name for p in list_checkpoints(result.output_dir / "checkpoints")] == ["checkpoint-3"]
+
+
+def test_a_disk_that_fills_while_a_checkpoints_weights_are_written_is_one_line_and_leaves_the_last_good_one(make_recipe, monkeypatch, tmp_path):
+    """safetensors reports a full disk as its own SafetensorError, which went up as a traceback and left the
+    half-written folder behind."""
+    from safetensors import SafetensorError
+
+    real, calls = trainer.ckpt.save_file, []
+
+    def full_at_the_second(tensors, path, *args, **kwargs):  # the trainable weights, first file of a checkpoint
+        calls.append(path)
+        if len(calls) == 2:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.ckpt, "save_file", full_at_the_second)
+    with pytest.raises(FinetuneError, match=r"^could not write checkpoint .*checkpoint-4 \(SafetensorError: .*No space left on device.*\): make room"):
+        trainer.train(make_recipe(output_dir=str(tmp_path / "run"), train__max_steps=6, checkpoint__every_n_steps=2))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["checkpoint-2"]
