@@ -14,6 +14,7 @@ import pickle
 import re
 import shutil
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -282,6 +283,20 @@ def failed_write(err: Exception) -> bool:
     RuntimeError of its zip writer: "unexpected pos") and safetensors ("I/O error: No space left on device")."""
     return isinstance(err, OSError) or (isinstance(err, RuntimeError) and "inline_container" in str(err)) or (
         isinstance(err, SafetensorError) and "I/O error" in str(err))
+
+
+@contextmanager
+def outputs_written(output_dir: Path, checkpoints_dir: Path):
+    """A full disk (or permissions) while the run's outputs are written at its end is one line, not a traceback."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as err:
+        if not failed_write(err):
+            raise
+        raise FinetuneError(
+            f"could not write the outputs in {output_dir} ({type(err).__name__}: {str(err).splitlines()[0][:100]}): make room or fix "
+            f"its permissions; the newest complete checkpoint in {checkpoints_dir} holds what trained, as of its step"
+        ) from None
 
 
 def damaged_file(err: Exception) -> bool:

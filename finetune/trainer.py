@@ -334,7 +334,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     if not result.interrupted:
         # Trained: a Ctrl-C or SIGTERM now skips the last samples but waits for the outputs (a second one interrupts).
         # The outputs come before the samples, so a kill while sampling leaves them written.
-        with stop:  # the same request: a stop during the last step skips the last samples (a second one interrupts)
+        with stop, ckpt.outputs_written(output_dir, checkpoints_dir):  # the loop's request: a stop in the last step skips the samples
             try:
                 if last_checkpoint_step != step:
                     save_checkpoint()  # its outputs too: a resumed, longer run replaces output_dir's

@@ -39,3 +39,24 @@ def test_a_disk_that_fills_while_a_checkpoints_weights_are_written_is_one_line_a
     with pytest.raises(FinetuneError, match=r"^could not write checkpoint .*checkpoint-4 \(SafetensorError: .*No space left on device.*\): make room"):
         trainer.train(make_recipe(output_dir=str(tmp_path / "run"), train__max_steps=6, checkpoint__every_n_steps=2))
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["checkpoint-2"]
+
+
+def test_a_disk_that_fills_while_the_outputs_are_written_is_one_line(make_recipe, monkeypatch, tmp_path):
+    """The last checkpoint was written, the outputs beside it were not: a traceback of safetensors' own error."""
+    from safetensors import SafetensorError
+
+    import finetune.atomic_files as atomic_files
+
+    real = atomic_files.save_file
+
+    def full_outside_the_checkpoint(tensors, path, *args, **kwargs):
+        if ".partial-checkpoint-" not in path:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(atomic_files, "save_file", full_outside_the_checkpoint)
+    with pytest.raises(FinetuneError, match=r"^could not write the outputs in .*run \(SafetensorError: .*No space left on device.*\): make room or fix "
+                                            r"its permissions; the newest complete checkpoint in .*checkpoints holds what trained, as of its step$"):
+        trainer.train(make_recipe(output_dir=str(tmp_path / "run"), train__max_steps=2))
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["checkpoint-2"]
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint-2" / LORA_WEIGHTS_NAME).is_file()
