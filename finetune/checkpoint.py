@@ -8,6 +8,7 @@ and `trainer_state.json` with the step.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -232,6 +233,20 @@ def changed_settings(saved: dict | None, current: dict) -> list[str]:
         else:
             changes[item["item"]] = f"{item['item']} added"
     return [changes[key] for key in sorted(changes)]
+
+
+def data_record(items: list) -> dict:
+    """What a checkpoint keeps of the images it trains on (the check's examples, in training order): their count, and a
+    hash of their pixels and captions. Not settings, so changed_settings cannot see them: a folder's files changed."""
+    seen = [[item.digest or item.source, item.caption] for item in items]
+    return {"images": len(items), "hash": hashlib.sha256(json.dumps(seen).encode()).hexdigest()[:16]}
+
+
+def changed_data(saved: dict | None, now: dict) -> list[str]:
+    """'training images old -> new' where a resumed run's images differ from its checkpoint's (None: kept none then)."""
+    if saved is None or saved == now:
+        return []
+    return [f"training images {saved['images']} -> {now['images']}" + (" (other images or captions)" if saved["images"] == now["images"] else "")]
 
 
 def save_checkpoint(

@@ -186,7 +186,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         saved_init = (state.get("recipe") or {}).get("lora.init_from")
         if saved_init and recipe.lora.init_from is None:  # its weights are the checkpoint's now; the record keeps where they began
             recipe.lora.init_from = saved_init
-        changed = ckpt.changed_settings(state.get("recipe"), recipe.flat_settings())
+        changed = ckpt.changed_settings(state.get("recipe"), recipe.flat_settings()) + ckpt.changed_data(state.get("data"), ckpt.data_record([items[i] for i in trained_items]))
         if changed:
             accelerator.print(f"warning: settings changed since {resume_from.name}: {', '.join(changed)}")
     if accelerator.is_main_process:
@@ -254,7 +254,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         ckpt.save_checkpoint(
             accelerator, checkpoints_dir, step,
             {"recipe_hash": recipe.fingerprint(), "recipe": recipe.flat_settings(), "processes": accelerator.num_processes,
-             "method": method.checkpoint_state()},
+             "method": method.checkpoint_state(), "data": ckpt.data_record([items[i] for i in trained_items])},
             recipe.checkpoint.keep_last, extra=extra, **save_options
         )
 

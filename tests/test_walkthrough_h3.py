@@ -60,3 +60,23 @@ def test_a_disk_that_fills_while_the_outputs_are_written_is_one_line(make_recipe
         trainer.train(make_recipe(output_dir=str(tmp_path / "run"), train__max_steps=2))
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["checkpoint-2"]
     assert (tmp_path / "run" / "checkpoints" / "checkpoint-2" / LORA_WEIGHTS_NAME).is_file()
+
+
+def test_a_resume_says_when_the_training_images_changed_since_its_checkpoint(make_recipe, image_folder, tmp_path, capsys):
+    """Images added, removed or edited in the data folder change what the resumed run trains on and its data
+    order: no setting changed, so nothing was said."""
+    import shutil
+
+    folder = shutil.copytree(image_folder, tmp_path / "images", ignore=shutil.ignore_patterns("metadata.jsonl"))
+    trainer.train(make_recipe(data__image_dir=str(folder), train__max_steps=2))
+    resumed = dict(data__image_dir=str(folder))
+    capsys.readouterr()
+    trainer.train(make_recipe(train__max_steps=3, **resumed), resume="latest")  # the same images: nothing said
+    assert "warning: settings changed" not in capsys.readouterr().out
+    shutil.copy(folder / "0000.png", folder / "0009.png")
+    shutil.copy(folder / "0000.txt", folder / "0009.txt")
+    trainer.train(make_recipe(train__max_steps=4, **resumed), resume="latest")
+    assert "warning: settings changed since checkpoint-3: training images 4 -> 5" in capsys.readouterr().out
+    (folder / "0009.txt").write_text("another caption")
+    trainer.train(make_recipe(train__max_steps=5, **resumed), resume="latest")
+    assert "warning: settings changed since checkpoint-4: training images 5 -> 5 (other images or captions)" in capsys.readouterr().out
