@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -63,6 +64,13 @@ def _train(args) -> int:
     try:
         with output_dir_lock(Path(recipe.output_dir)):
             result = train(recipe, resume=args.resume, overwrite=args.overwrite)
+    except OSError as err:  # checkpoints and outputs say their own; a full disk under a sample grid or the logs is one line too
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise FinetuneError(
+            f"no space left on the disk of {recipe.output_dir}{f' (writing {err.filename})' if err.filename else ''}: make room, then "
+            "--resume latest (the last complete checkpoint is kept)"
+        ) from None
     finally:
         leave_process_group()
     if result.interrupted:

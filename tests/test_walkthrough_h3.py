@@ -80,3 +80,33 @@ def test_a_resume_says_when_the_training_images_changed_since_its_checkpoint(mak
     (folder / "0009.txt").write_text("another caption")
     trainer.train(make_recipe(train__max_steps=5, **resumed), resume="latest")
     assert "warning: settings changed since checkpoint-4: training images 5 -> 5 (other images or captions)" in capsys.readouterr().out
+
+
+def test_a_disk_that_fills_under_a_sample_grid_or_the_logs_is_one_line(make_recipe, monkeypatch, tmp_path, capsys):
+    """Checkpoints and outputs say a full disk in one line; the grids and TensorBoard's files, written between
+    them, ended the command with a traceback."""
+    import errno
+
+    import yaml
+
+    from finetune import cli
+
+    recipe = make_recipe(output_dir=str(tmp_path / "run"), train__max_steps=3, checkpoint__every_n_steps=1)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    grid = tmp_path / "run" / "samples" / "step-000002.png"
+
+    def full_at_step_2(recipe, method, modules, accelerator, step):
+        if step == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(grid))
+        return None
+
+    monkeypatch.setattr(trainer, "run_validation", full_at_step_2)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        assert cli.main(["train", str(tmp_path / "recipe.yaml"), "validation.every_n_steps=1"]) == 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and (
+        f"error: no space left on the disk of {tmp_path / 'run'} (writing {grid}): make room, then --resume latest (the last complete checkpoint is kept)\n") in err
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["checkpoint-1", "checkpoint-2"]
