@@ -26,6 +26,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp")
 # Images that are in a folder but not read: animations, print and phone formats (convert them to PNG or JPEG).
 UNREAD_IMAGE_SUFFIXES = (".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".psd")
 DATASET_ROW = "dataset {name} row {row}"  # the source of a dataset's example (a folder's is its file's path)
+# A data file given as data.dataset, by the `datasets` builder that reads it: load_dataset(path) itself reads
+# folders only ("Couldn't find any data file" for a file that is there).
+DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 
 
 @dataclass(frozen=True)
@@ -209,20 +212,26 @@ def _images_of_folder(folder: Path, images: list[Path], settings: FolderConfig, 
 
 
 def open_dataset(config: DataConfig):
-    """The `datasets.Dataset` of `config.dataset` (hub name, local path or save_to_disk folder), split chosen."""
+    """The `datasets.Dataset` of `config.dataset` (hub name, local folder or data file, or save_to_disk folder), split chosen."""
     import datasets
 
     name = config.dataset
     # What save_to_disk writes: a Dataset (dataset_info.json, state.json) or a DatasetDict (dataset_dict.json).
     saved = Path(name).is_dir() and any((Path(name) / marker).is_file() for marker in ("dataset_info.json", "state.json", "dataset_dict.json"))
     folder = Path(name).is_dir() and not saved
+    builder = DATA_FILE_BUILDERS.get(Path(name).suffix.lower()) if Path(name).is_file() else None
     if folder and folder_images(Path(name)):
         metadata = any((Path(name) / meta).is_file() for meta in ("metadata.jsonl", "metadata.csv"))
         if not metadata or any(Path(name).glob("*.txt")):  # datasets would read the .txt captions as a text dataset of their lines
             raise FinetuneError(f"dataset {name} is a folder of images with " + ("a metadata file and .txt captions" if metadata else "no metadata file")
                                 + f": train it as data.image_dir={name} (with data.dataset=null)")  # fmt: skip
     try:
-        loaded = datasets.load_from_disk(name) if saved else datasets.load_dataset(name, config.dataset_config, split=config.dataset_split)
+        if saved:
+            loaded = datasets.load_from_disk(name)
+        elif builder:
+            loaded = datasets.load_dataset(builder, data_files=name, split=config.dataset_split)
+        else:
+            loaded = datasets.load_dataset(name, config.dataset_config, split=config.dataset_split)
     except FileNotFoundError as err:
         raise FinetuneError(f"dataset {name} not found: {str(err).splitlines()[0]}") from None
     except ConnectionError:
