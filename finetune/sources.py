@@ -29,6 +29,8 @@ DATASET_ROW = "dataset {name} row {row}"  # the source of a dataset's example (a
 # A data file given as data.dataset, by the `datasets` builder that reads it: load_dataset(path) itself reads
 # folders only ("Couldn't find any data file" for a file that is there).
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+# Builders load_dataset(name) takes as a name, which read the data files of the current folder without data_files.
+FORMAT_BUILDERS = {*DATA_FILE_BUILDERS.values(), "imagefolder", "webdataset", "text"}
 
 
 @dataclass(frozen=True)
@@ -220,6 +222,12 @@ def open_dataset(config: DataConfig):
     saved = Path(name).is_dir() and any((Path(name) / marker).is_file() for marker in ("dataset_info.json", "state.json", "dataset_dict.json"))
     folder = Path(name).is_dir() and not saved
     builder = DATA_FILE_BUILDERS.get(Path(name).suffix.lower()) if Path(name).is_file() else None
+    if Path(name).is_file() and builder is None and Path(name).suffix != ".py":  # (a loading script: said below)
+        raise FinetuneError(f"dataset {name} is a file of no kind datasets reads as data: give a {', '.join(DATA_FILE_BUILDERS)} file, "
+                            "a folder of them or of images with a metadata.jsonl, or a save_to_disk folder")  # fmt: skip
+    if name in FORMAT_BUILDERS and not Path(name).exists():
+        raise FinetuneError(f"data.dataset '{name}' is a kind of data file, not a dataset: give the path of the file or folder "
+                            "(e.g. data.dataset=my_data/train.parquet, or data.dataset=my_data)")  # fmt: skip
     if folder and folder_images(Path(name)):
         metadata = any((Path(name) / meta).is_file() for meta in ("metadata.jsonl", "metadata.csv"))
         if not metadata or any(Path(name).glob("*.txt")):  # datasets would read the .txt captions as a text dataset of their lines
@@ -239,11 +247,9 @@ def open_dataset(config: DataConfig):
     except Exception as err:  # datasets' builders raise many kinds (pyarrow's ArrowInvalid, a ValueError, on a malformed metadata row)
         if isinstance(err, ValueError) and "Unknown split" in str(err):
             raise FinetuneError(f"dataset {name} has no split '{config.dataset_split}' ({str(err).splitlines()[0]}): set data.dataset_split") from None
-        if not folder:
+        if not Path(name).exists():  # a hub dataset: a failure this does not know keeps its traceback
             raise
-        cause = err.__cause__ or err
-        raise FinetuneError(f"dataset folder {name} cannot be read ({type(cause).__name__}: {str(cause).splitlines()[0][:200]}): "
-                            "fix its metadata.jsonl/metadata.csv (each row one JSON object with file_name and text strings)") from None  # fmt: skip
+        raise FinetuneError(_unreadable_dataset_message(name, saved, err)) from None
     if isinstance(loaded, datasets.Dataset) and saved and config.dataset_split != "train":
         raise FinetuneError(f"dataset {name} is a single split saved with save_to_disk (no split '{config.dataset_split}' to pick): remove data.dataset_split")
     if isinstance(loaded, datasets.DatasetDict):
@@ -251,6 +257,24 @@ def open_dataset(config: DataConfig):
             raise FinetuneError(f"dataset {name} has no split '{config.dataset_split}' (has {', '.join(loaded)}): set data.dataset_split")
         loaded = loaded[config.dataset_split]
     return loaded
+
+
+def _unreadable_dataset_message(name: str, saved: bool, err: Exception) -> str:
+    """A local dataset that `datasets` fails to read: a save_to_disk folder cut short, a damaged data file, a
+    malformed metadata row."""
+    cause = err.__cause__ or err
+    reason = f"{type(cause).__name__}: {str(cause).splitlines()[0][:200]}"
+    if "scripts are no longer supported" in str(cause):  # datasets 4 and later
+        return (f"dataset {name} cannot be read ({reason}): the installed datasets runs no loading scripts; write the dataset "
+                "out with save_to_disk or to_parquet where a datasets older than 4 runs its script, and train that")  # fmt: skip
+    if saved:
+        return f"dataset {name} (a save_to_disk folder) cannot be read ({reason}): save it again (a copy cut short?)"
+    if Path(name).is_file():
+        return f"dataset file {name} cannot be read ({reason}): fix or replace it"
+    if any((Path(name) / meta).is_file() for meta in ("metadata.jsonl", "metadata.csv")):
+        return (f"dataset folder {name} cannot be read ({reason}): fix its metadata.jsonl/metadata.csv "
+                "(each row one JSON object with file_name and text strings)")  # fmt: skip
+    return f"dataset folder {name} cannot be read ({reason}): fix or replace its damaged data file"
 
 
 def _dataset_examples(config: DataConfig) -> list[Example]:

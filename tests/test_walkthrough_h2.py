@@ -24,3 +24,25 @@ def test_one_data_file_is_a_dataset_of_its_rows(tmp_path):
         assert examples[1].load().convert("RGB").getpixel((0, 0)) == (0, 0, 255)
     with pytest.raises(FinetuneError, match=r"train.parquet has no split 'test' .*: set data.dataset_split$"):
         load_examples(DataConfig(dataset=str(tmp_path / "train.parquet"), dataset_split="test", resolution=64))
+
+
+def test_a_local_dataset_datasets_cannot_read_is_one_line_with_the_fix_for_its_kind(tmp_path, monkeypatch):
+    two_images().save_to_disk(tmp_path / "saved")
+    arrow = next((tmp_path / "saved").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])  # a copy cut short: it was a traceback
+    with pytest.raises(FinetuneError, match=r"saved \(a save_to_disk folder\) cannot be read \(\w+: .*\): save it again"):
+        load_examples(DataConfig(dataset=str(tmp_path / "saved"), resolution=64))
+    (tmp_path / "pq").mkdir()
+    (tmp_path / "pq" / "train.parquet").write_bytes(b"not parquet" * 100)  # no metadata file to fix, as it said
+    with pytest.raises(FinetuneError, match=r"folder .*pq cannot be read \(ArrowInvalid: .*\): fix or replace its damaged data file$"):
+        load_examples(DataConfig(dataset=str(tmp_path / "pq"), resolution=64))
+    (tmp_path / "recipe.yaml").write_text("method: lora\n")  # it was "not found", though there
+    with pytest.raises(FinetuneError, match=r"recipe.yaml is a file of no kind datasets reads as data: give a .parquet, "):
+        load_examples(DataConfig(dataset=str(tmp_path / "recipe.yaml"), resolution=64))
+    (tmp_path / "script").mkdir()
+    (tmp_path / "script" / "script.py").write_text("import datasets\n")
+    with pytest.raises(FinetuneError, match=r"script cannot be read \(RuntimeError: .*\): the installed datasets runs no loading scripts"):
+        load_examples(DataConfig(dataset=str(tmp_path / "script"), resolution=64))
+    monkeypatch.chdir(tmp_path / "pq")  # load_dataset("parquet") read the current folder's files: a traceback
+    with pytest.raises(FinetuneError, match=r"^data.dataset 'parquet' is a kind of data file, not a dataset: give the path"):
+        load_examples(DataConfig(dataset="parquet", resolution=64))
