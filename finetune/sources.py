@@ -228,6 +228,9 @@ def open_dataset(config: DataConfig):
     if name in FORMAT_BUILDERS and not Path(name).exists():
         raise FinetuneError(f"data.dataset '{name}' is a kind of data file, not a dataset: give the path of the file or folder "
                             "(e.g. data.dataset=my_data/train.parquet, or data.dataset=my_data)")  # fmt: skip
+    if config.dataset_config is not None and (saved or builder):  # not silently ignored: a config there is none of
+        kind = "a save_to_disk folder" if saved else "a data file"
+        raise FinetuneError(f"dataset {name} is {kind}, which has no configs (no '{config.dataset_config}' to pick): remove data.dataset_config")
     if folder and folder_images(Path(name)):
         metadata = any((Path(name) / meta).is_file() for meta in ("metadata.jsonl", "metadata.csv"))
         if not metadata or any(Path(name).glob("*.txt")):  # datasets would read the .txt captions as a text dataset of their lines
@@ -247,6 +250,8 @@ def open_dataset(config: DataConfig):
     except Exception as err:  # datasets' builders raise many kinds (pyarrow's ArrowInvalid, a ValueError, on a malformed metadata row)
         if isinstance(err, ValueError) and "Unknown split" in str(err):
             raise FinetuneError(f"dataset {name} has no split '{config.dataset_split}' ({str(err).splitlines()[0]}): set data.dataset_split") from None
+        if isinstance(err, ValueError) and "BuilderConfig" in str(err):  # a hub dataset's or a folder's, as for a split
+            raise FinetuneError(f"dataset {name} has no config '{config.dataset_config}' ({str(err).splitlines()[0]}): set data.dataset_config") from None
         if not Path(name).exists():  # a hub dataset: a failure this does not know keeps its traceback
             raise
         raise FinetuneError(_unreadable_dataset_message(name, saved, err)) from None

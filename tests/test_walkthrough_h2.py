@@ -46,3 +46,13 @@ def test_a_local_dataset_datasets_cannot_read_is_one_line_with_the_fix_for_its_k
     monkeypatch.chdir(tmp_path / "pq")  # load_dataset("parquet") read the current folder's files: a traceback
     with pytest.raises(FinetuneError, match=r"^data.dataset 'parquet' is a kind of data file, not a dataset: give the path"):
         load_examples(DataConfig(dataset="parquet", resolution=64))
+
+
+def test_a_dataset_config_there_is_none_of_is_one_line_not_ignored(tmp_path):
+    two_images().save_to_disk(tmp_path / "saved")  # it trained the dataset without a word
+    with pytest.raises(FinetuneError, match=r"saved is a save_to_disk folder, which has no configs \(no 'mine' to pick\): remove data.dataset_config$"):
+        load_examples(DataConfig(dataset=str(tmp_path / "saved"), dataset_config="mine", resolution=64))
+    (tmp_path / "folder").mkdir()
+    two_images().to_parquet(str(tmp_path / "folder" / "train.parquet"))  # it said fix or replace the data file
+    with pytest.raises(FinetuneError, match=r"folder has no config 'mine' \(BuilderConfig 'mine' not found.*\): set data.dataset_config$"):
+        load_examples(DataConfig(dataset=str(tmp_path / "folder"), dataset_config="mine", resolution=64))
