@@ -255,7 +255,7 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
         sources = [source for source in sources if source in trained]
         if len(sources) > 1:
             others = ", ".join(sources[1:6]) + (f" and {len(sources) - 6} more" if len(sources) > 6 else "")
-            message = f"image {sources[0]} has the same pixels as {others}: each copy trains as its own image (remove copies, or use data.folders repeats)"
+            message = f"image {sources[0]} has the same pixels as {others}: each copy trains as its own image ({_copies_remedy(config)})"
             report.findings.append(Finding(WARNING, sources[0], message))
     for folder in data_folders(config):
         files, subfolders = unread_images(folder, config)
@@ -282,6 +282,14 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
     if config.skip_bad_images:
         skip_fatal(report)
     return report
+
+
+def _copies_remedy(config: DataConfig) -> str:
+    """What to do about copies of an image: data.folders repeats only where there are folders to list."""
+    if config.dataset is not None:
+        return "remove the copies' rows"
+    concept = config._image_dir_key.removesuffix(".instance_dir")  # a DreamBooth concept has repeats of its own
+    return f"remove copies, or raise {concept}.repeats" if concept.startswith("dreambooth.") else "remove copies, or use data.folders repeats"
 
 
 def masks_out_of_view(report: DataReport, targets: list[Size]) -> list[Finding]:

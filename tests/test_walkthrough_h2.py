@@ -56,3 +56,22 @@ def test_a_dataset_config_there_is_none_of_is_one_line_not_ignored(tmp_path):
     two_images().to_parquet(str(tmp_path / "folder" / "train.parquet"))  # it said fix or replace the data file
     with pytest.raises(FinetuneError, match=r"folder has no config 'mine' \(BuilderConfig 'mine' not found.*\): set data.dataset_config$"):
         load_examples(DataConfig(dataset=str(tmp_path / "folder"), dataset_config="mine", resolution=64))
+
+
+def test_copies_in_a_dataset_or_a_dreambooth_concept_are_not_told_to_use_data_folders(tmp_path):
+    import datasets
+
+    from finetune.check_data import WARNING, inspect_examples
+    from finetune.sources import read_examples
+
+    red = Image.new("RGB", (64, 64), "red")
+    datasets.Dataset.from_dict({"image": [red, red], "text": ["a", "b"]}).save_to_disk(tmp_path / "copies")
+    config = DataConfig(dataset=str(tmp_path / "copies"), resolution=64)  # data.folders does not apply to a dataset
+    [warning] = [f.message for f in inspect_examples(read_examples(config), config, "copies").of_level(WARNING)]
+    assert warning.endswith(f"row 0 has the same pixels as dataset {tmp_path / 'copies'} row 1: each copy trains as its own image (remove the copies' rows)")
+    for name in ("a.png", "b.png"):
+        red.save(tmp_path / name)
+    config = DataConfig(image_dir=str(tmp_path), caption="sks", resolution=64)
+    config._image_dir_key = "dreambooth.concepts.0.instance_dir"  # as check_data.data_configs names a concept's folder
+    [warning] = [f.message for f in inspect_examples(read_examples(config), config, "concept").of_level(WARNING)]
+    assert warning.endswith("each copy trains as its own image (remove copies, or raise dreambooth.concepts.0.repeats)")
