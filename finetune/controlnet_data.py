@@ -37,7 +37,7 @@ from finetune.data import (
     view_entry,
 )
 from finetune.errors import FinetuneError
-from finetune.sources import Example, open_dataset, read_examples, require_image_column
+from finetune.sources import Example, open_dataset, read_examples, require_image_column, row_image
 from finetune.views import ViewPlan, plan_view, render
 
 
@@ -119,7 +119,7 @@ def read_pairs(recipe: Recipe) -> tuple[list[Pair], list[Finding]]:
         require_image_column(dataset, config.dataset, column, "controlnet.conditioning_column")  # not file paths: those would fail row by row
         conditionings = dataset.select_columns([column])
         pairs = [
-            Pair(example, Example(f"{example.source} column '{column}'", "", lambda row=row: conditionings[row][column]))
+            Pair(example, Example(source := f"{example.source} column '{column}'", "", lambda row=row, source=source: row_image(conditionings, row, column, source)))
             for row, example in enumerate(read_examples(config))
         ]
         return pairs, []

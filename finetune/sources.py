@@ -298,9 +298,26 @@ def _dataset_examples(config: DataConfig) -> list[Example]:
     captions = [config.caption] * len(loaded) if config.caption is not None else loaded[config.caption_column]
     images = loaded.select_columns([config.image_column])
     return [
-        Example(DATASET_ROW.format(name=name, row=row), _caption_or_none(captions[row], name, config.caption_column, row), lambda row=row: images[row][config.image_column])
+        Example(source := DATASET_ROW.format(name=name, row=row), _caption_or_none(captions[row], name, config.caption_column, row),
+                lambda row=row, source=source: row_image(images, row, config.image_column, source))  # fmt: skip
         for row in range(len(loaded))
     ]
+
+
+def row_image(images, row: int, column: str, source: str) -> Image.Image | None:
+    """The decoded image of a dataset row's cell. One that is a web address, not stored in the dataset, is
+    downloaded by `datasets` at every read: when that fails (offline) it is said, not just the error."""
+    try:
+        return images[row][column]
+    except Exception as err:
+        import datasets
+
+        path = images.cast_column(column, datasets.Image(decode=False))[row][column]["path"] or ""
+        if "://" not in path:
+            raise
+        raise FinetuneError(f"image {source} is the web address {path}, which cannot be read ({type(err).__name__}: {str(err)[:200]}): "
+                            "datasets downloads it at every read; store the images in the dataset where they can be downloaded, "
+                            "or check the connection") from None  # fmt: skip
 
 
 def require_image_column(loaded, name: str, column: str, key: str) -> None:

@@ -75,3 +75,23 @@ def test_copies_in_a_dataset_or_a_dreambooth_concept_are_not_told_to_use_data_fo
     config._image_dir_key = "dreambooth.concepts.0.instance_dir"  # as check_data.data_configs names a concept's folder
     [warning] = [f.message for f in inspect_examples(read_examples(config), config, "concept").of_level(WARNING)]
     assert warning.endswith("each copy trains as its own image (remove copies, or raise dreambooth.concepts.0.repeats)")
+
+
+def test_an_image_stored_as_a_web_address_that_cannot_be_downloaded_says_so(tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from finetune.check_data import FATAL, inspect_examples
+    from finetune.sources import read_examples
+
+    # As a dataset made with cast_column(datasets.Image()) over URLs keeps them: each read downloads the image.
+    cells = pa.array([{"bytes": None, "path": "http://127.0.0.1:9/a.png"}], type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    features = {"info": {"features": {"image": {"_type": "Image"}, "text": {"dtype": "string", "_type": "Value"}}}}
+    (tmp_path / "web").mkdir()
+    pq.write_table(pa.table({"image": cells, "text": ["a"]}).replace_schema_metadata({"huggingface": json.dumps(features)}), tmp_path / "web" / "train.parquet")
+    config = DataConfig(dataset=str(tmp_path / "web"), resolution=64)
+    [fatal] = [f.message for f in inspect_examples(read_examples(config), config, "web").of_level(FATAL)]
+    assert fatal.startswith(f"image dataset {tmp_path / 'web'} row 0 is the web address http://127.0.0.1:9/a.png, which cannot be read (")
+    assert fatal.endswith("datasets downloads it at every read; store the images in the dataset where they can be downloaded, or check the connection")
