@@ -1,6 +1,7 @@
 """Conditioning images, metadata files and masks as users bring them: metadata saved by Excel in other
-encodings, make-conditions over a folder with metadata columns of its own, and odd conditioning images
-given to sample and the demo."""
+encodings, make-conditions over a folder with metadata columns of its own, odd conditioning images given to
+sample and the demo, a ControlNet of other than RGB conditioning, the demo's API sent what is no number, mask
+files named in another Unicode form or case, and a conditioning image made from a phone photo's stored pixels."""
 
 import json
 import re
