@@ -37,6 +37,7 @@ from finetune.recipe_loading import dump_recipe
 from finetune.run_length import check_epoch_run, due, epochs_done, finished_epochs, planned_steps, run_length_line
 from finetune.loss_mask import preview as mask_preview
 from finetune.sampling import GRID_LABEL_WIDTH, in_lockstep, make_grid, save_image_atomic
+from finetune.step_losses import StepLosses
 from finetune.stopping import StopRequest, batches_of, leave_stop_signals_to_the_trainer
 
 logger = logging.getLogger(__name__)
@@ -262,7 +263,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         validate(0)
 
     progress = tqdm(total=max_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process)
-    running_loss = torch.zeros((), device=accelerator.device)
+    running = StepLosses()  # the loss and its terms over each step's micro-batches
     step_logs: dict[str, float] = {}  # what the method reports after each optimizer step (lora.max_norm)
     last_checkpoint_step = step
     with StopRequest() as stop, batches_of(loader) as batches:
@@ -289,15 +290,14 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
                     optimizer.zero_grad(set_to_none=True)
                     if accelerator.sync_gradients:  # a real step, not one of accumulation's
                         step_logs = method.hold_weight_limits(modules)
-                running_loss += losses["loss"].detach() * share / accumulation
+                running.add(losses, share / accumulation)
             if not optimizer.step_was_skipped:  # fp16 loss scaling skips a step whose gradients overflowed
                 lr_scheduler.step()
             if average is not None:
                 average.update()
             step += 1
 
-            step_loss = accelerator.reduce(running_loss, reduction="mean").item()
-            running_loss.zero_()
+            step_loss = running.loss(accelerator)
             result.losses.append(step_loss)
             if on_step is not None:
                 on_step(step)
@@ -307,12 +307,13 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             shown_epochs = {"epoch": f"{epochs:.2f}/{train_cfg.max_epochs}"} if train_cfg.max_epochs else {}
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", **shown_epochs)
             if step % recipe.logging.every_n_steps == 0 or step == max_steps:
-                logs = {f"train/{k}": v.detach().float().item() for k, v in losses.items() if k != "loss"}
+                logs = {f"train/{k}": v for k, v in running.terms(accelerator).items()}
                 logs.update({f"train/{k}": v for k, v in step_logs.items()})
                 if len(group_names) > 1:  # each group's rate (text encoder, LoRA+ up weights); train/lr is the first's
                     logs.update({f"train/lr/{name}": step_size(optimizer, i) for i, name in enumerate(group_names)})
                 logs["train/epoch"] = epochs
                 accelerator.log({"train/loss": step_loss, "train/lr": lr, **logs}, step=step)
+            running.clear()
 
             if step < max_steps and stop.agreed(accelerator):  # at the last step: finished, the outputs are written below
                 save_checkpoint()
