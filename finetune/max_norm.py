@@ -36,7 +36,9 @@ def apply_max_norm(layers: dict[str, torch.nn.Module], max_norm: float) -> dict[
     """Shrink every LoRA layer (`lora_layers`) whose update norm exceeds `max_norm` back to it; return what
     TensorBoard shows: how many layers were shrunk, and the mean and largest norm after shrinking."""
     norms = torch.stack([update_norm(layer) for layer in layers.values()])
-    ratios = (max_norm / norms.clamp(min=max_norm)).tolist()  # 1 where the norm is within bounds
+    # Exactly 1 where the norm is within bounds: torch divides a number by a tensor as its reciprocal times the
+    # number, so max_norm / max_norm (a clamp to it) could come out just below 1 and shrink and count that layer.
+    ratios = torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms)).tolist()
     for layer, ratio in zip(layers.values(), ratios):
         if ratio < 1.0:
             for weight in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):

@@ -1,8 +1,12 @@
 """Walkthrough h6: the training knobs do what they say (logged loss terms, optimizer settings)."""
 
+from types import SimpleNamespace
+
 import pytest
+import torch
 from accelerate import Accelerator
 
+from finetune.max_norm import apply_max_norm, update_norm
 from finetune.toyworld.datasets import write_folder
 from finetune.trainer import train
 
@@ -24,3 +28,24 @@ def test_logged_loss_terms_average_every_micro_batch_as_the_loss_does(make_recip
     for values in steps:
         assert values["train/loss"] == pytest.approx(values["train/instance_loss"] + 0.5 * values["train/class_loss"], rel=1e-5)
 
+
+def _lora_layer(norm: float) -> SimpleNamespace:
+    """A stand-in for a peft LoRA layer whose update, up @ down (scale 1), has Frobenius norm `norm`."""
+    down, up = torch.nn.Linear(4, 1, bias=False), torch.nn.Linear(1, 4, bias=False)
+    with torch.no_grad():
+        down.weight.copy_(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+        up.weight.copy_(torch.tensor([[norm], [0.0], [0.0], [0.0]]))
+    return SimpleNamespace(lora_A={"default": down}, lora_B={"default": up}, scaling={"default": 1.0})
+
+
+def test_max_norm_leaves_layers_within_the_limit_untouched_and_uncounted():
+    """A limit of any value: limit / limit in float32 (torch divides a number by a tensor as a reciprocal times the
+    number) came out 1 - 2^-24 for about one limit in seven, so every layer within it was counted and shrunk."""
+    limit = 9.709460258483887
+    layers = {"within": _lora_layer(5.0), "near": _lora_layer(9.7), "above": _lora_layer(20.0)}
+    before = {name: [w.detach().clone() for w in (layer.lora_A["default"].weight, layer.lora_B["default"].weight)] for name, layer in layers.items()}
+    logs = apply_max_norm(layers, limit)
+    assert logs["lora/layers_scaled"] == 1
+    for name in ("within", "near"):
+        assert torch.equal(layers[name].lora_A["default"].weight, before[name][0]) and torch.equal(layers[name].lora_B["default"].weight, before[name][1])
+    assert update_norm(layers["above"]).item() == pytest.approx(limit, rel=1e-6)
