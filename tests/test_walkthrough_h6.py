@@ -6,6 +6,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from finetune.errors import FinetuneError
 from finetune.max_norm import apply_max_norm, update_norm
 from finetune.toyworld.datasets import write_folder
 from finetune.trainer import train
@@ -49,3 +50,13 @@ def test_max_norm_leaves_layers_within_the_limit_untouched_and_uncounted():
     for name in ("within", "near"):
         assert torch.equal(layers[name].lora_A["default"].weight, before[name][0]) and torch.equal(layers[name].lora_B["default"].weight, before[name][1])
     assert update_norm(layers["above"]).item() == pytest.approx(limit, rel=1e-6)
+
+
+@pytest.mark.parametrize("name,setting", [("adafactor", {"betas": [0.8, 0.99]}), ("adafactor", {"eps": 1e-6}), ("lion8bit", {"eps": 1e-6})])
+def test_an_optimizer_setting_the_optimizer_does_not_read_is_one_line(make_recipe, name, setting):
+    """Adafactor keeps no first moment and has its own pair of epsilons, Lion has no epsilon: a value of one's
+    own for them did nothing, without a word. The defaults (as the shipped recipes name them) still load."""
+    key = next(iter(setting))
+    with pytest.raises(FinetuneError, match=rf"optimizer\.{key} .*does nothing with optimizer\.name {name}"):
+        make_recipe(optimizer={"name": name, "lr": 1e-3, **setting})
+    make_recipe(optimizer={"name": name, "lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8})

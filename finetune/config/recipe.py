@@ -155,7 +155,18 @@ class OptimizerConfig(Section):
             raise ValueError(f"optimizer.lr with prodigy multiplies the step size it finds: set it near 1.0 (got {self.lr:g})")
         if self.scheduler == "constant" and self.warmup_steps:  # diffusers' constant schedule has no warm-up
             raise ValueError(f"optimizer.warmup_steps ({self.warmup_steps}) does nothing with scheduler constant: use constant_with_warmup, or set warmup_steps: 0")
+        # A value of one's own for what the optimizer does not read would do nothing (the shipped recipes name them with their defaults).
+        keys, reason = UNREAD_OPTIMIZER_SETTINGS.get(self.name, ((), ""))
+        for key in self.changed(keys):
+            raise ValueError(f"optimizer.{key} does nothing with optimizer.name {self.name} ({reason}): remove it")
         return self
+
+
+# What an optimizer does not read of the section (finetune/optim.py), and why.
+UNREAD_OPTIMIZER_SETTINGS = {
+    "adafactor": (("betas", "eps"), "it keeps no first moment, and epsilons of its own"),
+    "lion8bit": (("eps",), "Lion divides by no second moment, so it has no epsilon"),
+}
 
 
 class ValidationConfig(Section):
