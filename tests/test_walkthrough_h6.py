@@ -60,3 +60,12 @@ def test_an_optimizer_setting_the_optimizer_does_not_read_is_one_line(make_recip
     with pytest.raises(FinetuneError, match=rf"optimizer\.{key} .*does nothing with optimizer\.name {name}"):
         make_recipe(optimizer={"name": name, "lr": 1e-3, **setting})
     make_recipe(optimizer={"name": name, "lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8})
+
+
+@pytest.mark.parametrize("gamma", [0, -5.0])
+def test_a_min_snr_gamma_that_would_weigh_every_loss_zero_or_negative_is_refused(make_recipe, gamma):
+    """min(SNR, gamma) / SNR: gamma 0 (sd-scripts' 'off') trained nothing at all (a loss of 0), a negative gamma
+    climbed the loss. null is off."""
+    with pytest.raises(FinetuneError, match=r"train\.snr_gamma.*greater than 0"):
+        make_recipe(train__snr_gamma=gamma)
+    assert make_recipe(train__snr_gamma=None).train.snr_gamma is None

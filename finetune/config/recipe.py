@@ -68,7 +68,7 @@ class TrainConfig(Section):
     channels_last: bool = False
     max_grad_norm: Optional[float] = Field(1.0, ge=0)  # null or 0 (as sd-scripts): no clipping; a negative norm would flip the gradients
     # Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's value, None disables it.
-    snr_gamma: Optional[float] = None
+    snr_gamma: Optional[float] = Field(None, gt=0)  # 0 would weigh every loss 0 (nothing trains), below 0 climb it
     # Debiased estimation (Yu et al. 2024, sd-scripts' debiased_estimation_loss): weigh each timestep's
     # loss by 1/sqrt(SNR) (v-prediction: 1/(SNR+1)), so low-noise steps count less. With snr_gamma, both apply.
     debiased_estimation: bool = False
