@@ -32,8 +32,12 @@ class WeightAverage:
     def __init__(self, parameters: dict[str, torch.nn.Parameter], decay: float):
         self.parameters = parameters
         self.decay = decay
+        self.start_from_weights()
+
+    def start_from_weights(self) -> None:
+        """A new average: the parameters as they are now, no update yet."""
         self.updates = 0
-        self.averages = {name: p.detach().float().clone() for name, p in parameters.items()}
+        self.averages = {name: p.detach().float().clone() for name, p in self.parameters.items()}
 
     def current_decay(self) -> float:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
@@ -64,8 +68,10 @@ class WeightAverage:
         atomic_save_safetensors(tensors, path, {"updates": str(self.updates)})
 
     def load(self, path: Path) -> bool:
-        """Read the averages a checkpoint kept; False when it has none (a run without train.ema_decay)."""
+        """Read the averages a checkpoint kept; False when it has none (a run without train.ema_decay): the
+        average then starts from the resumed weights, loaded after this average was made from the untrained ones."""
         if not path.is_file():
+            self.start_from_weights()
             return False
         with safe_open(str(path), "pt") as f:
             updates = int((f.metadata() or {}).get("updates", 0))

@@ -6,6 +6,9 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from safetensors.torch import load_file
+
+from finetune.ema import EMA_FILE
 from finetune.errors import FinetuneError
 from finetune.max_norm import apply_max_norm, update_norm
 from finetune.toyworld.datasets import write_folder
@@ -69,3 +72,15 @@ def test_a_min_snr_gamma_that_would_weigh_every_loss_zero_or_negative_is_refused
     with pytest.raises(FinetuneError, match=r"train\.snr_gamma.*greater than 0"):
         make_recipe(train__snr_gamma=gamma)
     assert make_recipe(train__snr_gamma=None).train.snr_gamma is None
+
+
+def test_an_average_begun_at_a_resume_starts_from_the_resumed_weights(make_recipe):
+    """A checkpoint without a weight average, resumed with train.ema_decay: the warning says the average starts
+    from the resumed weights, and so it does (it started from the untrained weights, read before the checkpoint)."""
+    train(make_recipe(train__max_steps=2, checkpoint__every_n_steps=2))
+    result = train(make_recipe(train__max_steps=3, train__ema_decay=0.5, checkpoint__every_n_steps=2), resume="latest")
+    checkpoints = result.output_dir / "checkpoints"
+    resumed, trained = (load_file(checkpoints / name / "trainable_0.safetensors") for name in ("checkpoint-2", "checkpoint-3"))
+    average = load_file(checkpoints / "checkpoint-3" / EMA_FILE)
+    for name, weight in trained.items():  # one update, at the warm-up's decay of 0.1
+        assert torch.allclose(average[f"unet.{name}"], 0.1 * resumed[name] + 0.9 * weight, atol=1e-6), name
