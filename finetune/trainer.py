@@ -263,7 +263,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         validate(0)
 
     progress = tqdm(total=max_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process)
-    running = StepLosses()  # the loss and its terms over each step's micro-batches
+    running = StepLosses()  # the loss and its terms over each step's micro-batches, and since the last log
     step_logs: dict[str, float] = {}  # what the method reports after each optimizer step (lora.max_norm)
     last_checkpoint_step = step
     with StopRequest() as stop, batches_of(loader) as batches:
@@ -297,7 +297,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
                 average.update()
             step += 1
 
-            step_loss = running.loss(accelerator)
+            step_loss = running.end_step(accelerator)
             result.losses.append(step_loss)
             if on_step is not None:
                 on_step(step)
@@ -307,13 +307,12 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             shown_epochs = {"epoch": f"{epochs:.2f}/{train_cfg.max_epochs}"} if train_cfg.max_epochs else {}
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", **shown_epochs)
             if step % recipe.logging.every_n_steps == 0 or step == max_steps:
-                logs = {f"train/{k}": v for k, v in running.terms(accelerator).items()}
+                logs = {f"train/{k}": v for k, v in running.since_last_log(accelerator).items()}  # train/loss among them
                 logs.update({f"train/{k}": v for k, v in step_logs.items()})
                 if len(group_names) > 1:  # each group's rate (text encoder, LoRA+ up weights); train/lr is the first's
                     logs.update({f"train/lr/{name}": step_size(optimizer, i) for i, name in enumerate(group_names)})
                 logs["train/epoch"] = epochs
-                accelerator.log({"train/loss": step_loss, "train/lr": lr, **logs}, step=step)
-            running.clear()
+                accelerator.log({"train/lr": lr, **logs}, step=step)
 
             if step < max_steps and stop.agreed(accelerator):  # at the last step: finished, the outputs are written below
                 save_checkpoint()

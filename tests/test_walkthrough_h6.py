@@ -84,3 +84,14 @@ def test_an_average_begun_at_a_resume_starts_from_the_resumed_weights(make_recip
     average = load_file(checkpoints / "checkpoint-3" / EMA_FILE)
     for name, weight in trained.items():  # one update, at the warm-up's decay of 0.1
         assert torch.allclose(average[f"unet.{name}"], 0.1 * resumed[name] + 0.9 * weight, atol=1e-6), name
+
+
+def test_the_logged_loss_is_the_mean_of_the_steps_since_the_last_log(make_recipe, monkeypatch):
+    """logging.every_n_steps: 3 logs each loss term as its mean over the 3 steps, not the last step's alone (a
+    diffusion loss swings with each batch's timesteps: one step in three was a noisy sample of the curve)."""
+    logged = {}
+    monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, log_kwargs=None: logged.__setitem__(step, values))
+    result = train(make_recipe(train__max_steps=4, logging__every_n_steps=3))
+    assert sorted(logged) == [3, 4]
+    assert logged[3]["train/loss"] == pytest.approx(sum(result.losses[:3]) / 3, rel=1e-6)
+    assert logged[4]["train/loss"] == pytest.approx(result.losses[3], rel=1e-6)
