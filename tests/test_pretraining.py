@@ -44,9 +44,9 @@ def test_full_method_with_text_encoder_trains_both_and_reloads(make_recipe):
 def test_vae_perceptual_term_is_added_with_its_weight(make_recipe, tmp_path):
     from finetune.toyworld.classifier import DEFAULT_PATH
 
-    common = dict(method="vae", train__max_steps=1, train__batch_size=4, validation__at_start=False, vae__perceptual_network=str(DEFAULT_PATH))
-    plain = train(make_recipe(output_dir=str(tmp_path / "plain"), **common))
-    weighted = train(make_recipe(output_dir=str(tmp_path / "weighted"), vae__perceptual_weight=10.0, **common))
+    common = dict(method="vae", train__max_steps=1, train__batch_size=4, validation__at_start=False)
+    plain = train(make_recipe(output_dir=str(tmp_path / "plain"), **common))  # a network without its weight is refused
+    weighted = train(make_recipe(output_dir=str(tmp_path / "weighted"), vae__perceptual_weight=10.0, vae__perceptual_network=str(DEFAULT_PATH), **common))
     assert weighted.losses[0] > plain.losses[0]  # same batch and noise: the difference is the perceptual term
 
 

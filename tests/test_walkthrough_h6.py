@@ -95,3 +95,17 @@ def test_the_logged_loss_is_the_mean_of_the_steps_since_the_last_log(make_recipe
     assert sorted(logged) == [3, 4]
     assert logged[3]["train/loss"] == pytest.approx(sum(result.losses[:3]) / 3, rel=1e-6)
     assert logged[4]["train/loss"] == pytest.approx(result.losses[3], rel=1e-6)
+
+
+@pytest.mark.parametrize("key", ["kl_weight", "l1_weight", "l2_weight", "salience_weight", "perceptual_weight"])
+def test_a_negative_vae_loss_weight_is_refused(make_recipe, key):
+    """A negative weight would climb its term (or, for salience, weigh pixels below zero) without a word."""
+    with pytest.raises(FinetuneError, match=rf"vae\.{key}.*greater than or equal to 0"):
+        make_recipe(method="vae", vae={key: -0.5})
+
+
+def test_a_perceptual_network_without_its_weight_is_one_line(make_recipe, tmp_path):
+    """vae.perceptual_network names the classifier of the perceptual term, which vae.perceptual_weight 0 leaves off."""
+    with pytest.raises(FinetuneError, match=r"vae\.perceptual_network does nothing with vae\.perceptual_weight 0: set perceptual_weight"):
+        make_recipe(method="vae", vae={"perceptual_network": str(tmp_path / "classifier.safetensors")})
+    assert make_recipe(method="vae", vae={"perceptual_weight": 0.1, "perceptual_network": str(tmp_path / "c.safetensors")}).vae.perceptual_weight == 0.1

@@ -70,17 +70,24 @@ class FullConfig(Section):
 class VAEConfig(Section):
     """`method: vae`: train the autoencoder itself (pretraining a base model from scratch)."""
 
+    # The weights below are at least 0: a negative one would climb its term.
     # Weight of the KL term that keeps latents near N(0, 1), as in the latent diffusion paper's KL-f8.
-    kl_weight: float = 1.0e-6
+    kl_weight: float = Field(1.0e-6, ge=0)
     # L1 reconstruction is sharper than L2 for edges; both are summed with these weights.
-    l1_weight: float = 1.0
-    l2_weight: float = 1.0
+    l1_weight: float = Field(1.0, ge=0)
+    l2_weight: float = Field(1.0, ge=0)
     # Pixels far from the image's median colour weigh up to 1 + salience_weight times more in the
     # reconstruction loss, so a small object's colour is not outvoted by its background (0: plain mean).
-    salience_weight: float = 0.0
+    salience_weight: float = Field(0.0, ge=0)
     # Weight of the perceptual term (0: off) and the toy-world classifier file whose features define it.
-    perceptual_weight: float = 0.0
+    perceptual_weight: float = Field(0.0, ge=0)
     perceptual_network: Optional[UserPath] = None  # None: the shipped finetune/assets/toyworld_perceptual.safetensors
+
+    @model_validator(mode="after")
+    def _perceptual_network_is_used(self) -> "VAEConfig":
+        if self.perceptual_network is not None and not self.perceptual_weight:
+            raise ValueError("vae.perceptual_network does nothing with vae.perceptual_weight 0: set perceptual_weight (e.g. 0.1), or remove perceptual_network")
+        return self
 
 
 class ClassImageGeneration(Section):
