@@ -144,9 +144,10 @@ class DiffusionMethod(TrainingMethod):
         text_encoder_trains = "text_encoder" in self.trained_modules()  # its embeddings are not cached then
         used = ((self.latent_cache, "latents"), (None if text_encoder_trains else self.text_cache, "text embeddings"))
         self.start_lines += [cache.disk_line(what) for cache, what in used if cache and cache.folder]
-        items, data = self.training_items(), self.recipe.data
-        crops_vary = train.cache_latents and data.crop == "random" and any_crop_room(items, data)
-        tags_vary = train.cache_text_embeddings and not text_encoder_trains and (data.shuffle_tags or data.tag_dropout) and any_tags_to_move(items, data)
+        data = self.recipe.data  # the items are read only where a warning may apply (a model set up without check_data has none)
+        crops_vary = train.cache_latents and data.crop == "random" and any_crop_room(self.training_items(), data)
+        tags_vary = (train.cache_text_embeddings and not text_encoder_trains and (data.shuffle_tags or data.tag_dropout)
+                     and any_tags_to_move(self.training_items(), data))
         self.start_lines += unrepeated_cache_warnings(crops_vary, tags_vary)
         self.timesteps = training_timesteps(train, base.noise_scheduler.config.num_train_timesteps)
 
