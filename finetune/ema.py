@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from finetune.atomic_files import atomic_save_safetensors
@@ -73,9 +73,15 @@ class WeightAverage:
         if not path.is_file():
             self.start_from_weights()
             return False
-        with safe_open(str(path), "pt") as f:
-            updates = int((f.metadata() or {}).get("updates", 0))
-        tensors = load_file(str(path))
+        try:
+            with safe_open(str(path), "pt") as f:
+                updates = int((f.metadata() or {}).get("updates", 0))
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError) as err:  # cut short by a full disk or a killed copy: said as for the checkpoint's other files
+            raise FinetuneError(
+                f"checkpoint {path.parent} is damaged or incomplete ({path.name}: {type(err).__name__}: {str(err).splitlines()[0][:100]}): "
+                f"move it out of {path.parent.parent} and resume from the one before it"
+            ) from None
         if set(tensors) != set(self.averages):
             raise FinetuneError(f"{path} averages other weights than this recipe trains: resume with the recipe that wrote it")
         self.updates = updates

@@ -110,3 +110,14 @@ def test_a_disk_that_fills_under_a_sample_grid_or_the_logs_is_one_line(make_reci
     assert "Traceback" not in err and (
         f"error: no space left on the disk of {tmp_path / 'run'} (writing {grid}): make room, then --resume latest (the last complete checkpoint is kept)\n") in err
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_a_damaged_weight_average_in_a_checkpoint_is_one_line_naming_it(make_recipe, tmp_path):
+    """The checkpoint's other files said so; ema.safetensors cut short was a SafetensorError traceback."""
+    common = dict(output_dir=str(tmp_path / "run"), train__ema_decay=0.9)
+    trainer.train(make_recipe(train__max_steps=2, **common))
+    average = tmp_path / "run" / "checkpoints" / "checkpoint-2" / "ema.safetensors"
+    average.write_bytes(average.read_bytes()[:60])
+    with pytest.raises(FinetuneError, match=r"^checkpoint .*checkpoint-2 is damaged or incomplete \(ema.safetensors: SafetensorError: .*\): "
+                                            r"move it out of .*checkpoints and resume from the one before it$"):
+        trainer.train(make_recipe(train__max_steps=3, **common), resume="latest")
