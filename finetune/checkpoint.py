@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import SCALER_NAME
+from accelerate.utils import RNG_STATE_NAME, SCALER_NAME
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -377,6 +377,12 @@ def load_checkpoint(accelerator: Accelerator, path: Path, current_settings: dict
         # An fp16 run (the loss scaler) resuming a bf16 or fp32 checkpoint, as a bf16 run moved to a GPU
         # without bf16 does: accelerate would fail on the missing file; the scale starts afresh instead.
         accelerator.scaler = None
+    random_states = path / f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl"
+    # Missing or cut short, accelerate skips it with a log line: the run would draw other dropout masks, another curve.
+    # (A process the checkpoint had none for, in a run of more processes, starts its own: that resume says so.)
+    if accelerator.process_index < (state.get("processes") or 1) and not zipfile.is_zipfile(random_states):
+        raise FinetuneError(f"checkpoint {path} is damaged or incomplete ({random_states.name}: missing or cut short): move it out of "
+                            f"{path.parent} and resume from the one before it")
     try:
         accelerator.load_state(str(path), **load_options)
     except Exception as err:

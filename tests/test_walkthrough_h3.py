@@ -121,3 +121,16 @@ def test_a_damaged_weight_average_in_a_checkpoint_is_one_line_naming_it(make_rec
     with pytest.raises(FinetuneError, match=r"^checkpoint .*checkpoint-2 is damaged or incomplete \(ema.safetensors: SafetensorError: .*\): "
                                             r"move it out of .*checkpoints and resume from the one before it$"):
         trainer.train(make_recipe(train__max_steps=3, **common), resume="latest")
+
+
+def test_a_checkpoint_without_its_random_states_is_one_line_not_another_curve(make_recipe, tmp_path):
+    """accelerate skips random states it cannot read (a log line at info level): the resumed run drew other
+    LoRA dropout masks than the uninterrupted one, without a word."""
+    common = dict(output_dir=str(tmp_path / "run"), lora__dropout=0.1)
+    trainer.train(make_recipe(train__max_steps=2, **common))
+    states = tmp_path / "run" / "checkpoints" / "checkpoint-2" / "random_states_0.pkl"
+    for damage in (lambda: states.write_bytes(states.read_bytes()[:100]), states.unlink):
+        damage()
+        with pytest.raises(FinetuneError, match=r"^checkpoint .*checkpoint-2 is damaged or incomplete \(random_states_0.pkl: missing or cut short\): "
+                                                r"move it out of .*checkpoints and resume from the one before it$"):
+            trainer.train(make_recipe(train__max_steps=3, **common), resume="latest")
