@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,6 +22,17 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
         raise
     flush_to_disk(with_default_permissions(partial)).replace(path)
     sync_folder(path.parent)
+
+
+@contextmanager
+def removed_if_unfinished(partial: Path):
+    """Around writing a folder under its temporary name: a failure (a full disk, Ctrl-C) removes what was written,
+    which would otherwise keep its space, in a hidden folder, until the next save."""
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
 
 
 def replace_folder(new: Path, final: Path) -> Path:

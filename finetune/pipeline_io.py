@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from finetune.atomic_files import replace_folder, with_default_permissions
+from finetune.atomic_files import removed_if_unfinished, replace_folder, with_default_permissions
 from finetune.models import BaseModel, at_source_precision
 
 # Beside a saved model (pipeline or ControlNet folder): what trained it, for sample, eval and the demo.
@@ -42,15 +42,16 @@ def save_pipeline(
     partial = output_dir.with_name(f".{output_dir.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     original_dtypes = {name: module.dtype for name, module in parts.items()}
-    try:
-        for module in parts.values():
-            module.to(dtype)
-        pipeline.save_pretrained(partial, safe_serialization=True)
-    finally:
-        for name, module in parts.items():
-            module.to(original_dtypes[name])
-    if metadata is not None:
-        (partial / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+    with removed_if_unfinished(partial):
+        try:
+            for module in parts.values():
+                module.to(dtype)
+            pipeline.save_pretrained(partial, safe_serialization=True)
+        finally:
+            for name, module in parts.items():
+                module.to(original_dtypes[name])
+        if metadata is not None:
+            (partial / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
     return replace_folder(with_default_permissions(partial), output_dir)
 
 

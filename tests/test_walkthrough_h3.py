@@ -134,3 +134,36 @@ def test_a_checkpoint_without_its_random_states_is_one_line_not_another_curve(ma
         with pytest.raises(FinetuneError, match=r"^checkpoint .*checkpoint-2 is damaged or incomplete \(random_states_0.pkl: missing or cut short\): "
                                                 r"move it out of .*checkpoints and resume from the one before it$"):
             trainer.train(make_recipe(train__max_steps=3, **common), resume="latest")
+
+
+def test_a_pipeline_or_controlnet_folder_that_fails_half_written_leaves_no_hidden_copy(make_recipe, monkeypatch, tmp_path):
+    """A full disk under the final pipeline (or ControlNet) folder left its half in `.pipeline.partial`, hidden, holding
+    the space the user was told to make, until a later save."""
+    import errno
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from finetune.methods.controlnet import save_model_folder
+
+    real = StableDiffusionPipeline.save_pretrained
+
+    def full_outside_the_checkpoint(self, folder, *args, **kwargs):
+        real(self, folder, *args, **kwargs)
+        if ".partial-checkpoint-" not in str(folder):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(StableDiffusionPipeline, "save_pretrained", full_outside_the_checkpoint)
+    with pytest.raises(FinetuneError, match=r"^could not write the outputs in .*run \(OSError: .*No space left on device\)"):
+        trainer.train(make_recipe(output_dir=str(tmp_path / "run"), method="full", train__max_steps=1, optimizer__lr=1e-5))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints", "recipe.yaml"]
+
+    class HalfWritten(torch.nn.Linear):
+        def save_pretrained(self, folder, **kwargs):
+            (folder / "diffusion_pytorch_model.safetensors").parent.mkdir(parents=True)
+            (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError):
+        save_model_folder(HalfWritten(2, 2), tmp_path / "out" / "controlnet", {})
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -33,7 +33,7 @@ import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 from PIL import Image
 
-from finetune.atomic_files import replace_folder, with_default_permissions
+from finetune.atomic_files import removed_if_unfinished, replace_folder, with_default_permissions
 from finetune.config import Recipe
 from finetune.controlnet_data import ControlNetDataset, checked_pairs, controlnet_collate, paired_views, validation_conditions_problem
 from finetune.data import open_rgb
@@ -305,12 +305,13 @@ def save_model_folder(model: torch.nn.Module, folder: Path, metadata: dict[str, 
     partial = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     dtypes = [p.dtype for p in model.parameters()]
-    try:
-        for parameter in model.parameters():
-            parameter.data = parameter.data.float()
-        model.save_pretrained(partial, safe_serialization=True)
-    finally:
-        for parameter, dtype in zip(model.parameters(), dtypes):
-            parameter.data = parameter.data.to(dtype)
-    (partial / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+    with removed_if_unfinished(partial):
+        try:
+            for parameter in model.parameters():
+                parameter.data = parameter.data.float()
+            model.save_pretrained(partial, safe_serialization=True)
+        finally:
+            for parameter, dtype in zip(model.parameters(), dtypes):
+                parameter.data = parameter.data.to(dtype)
+        (partial / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
     return replace_folder(with_default_permissions(partial), folder)
