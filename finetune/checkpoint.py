@@ -276,7 +276,7 @@ def save_checkpoint(
             accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (partial / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
-    except (OSError, RuntimeError, SafetensorError) as err:
+    except BaseException as err:  # a second Ctrl-C too: the half-written folder would keep its space until the next save
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
         if not failed_write(err):

@@ -167,3 +167,22 @@ def test_a_pipeline_or_controlnet_folder_that_fails_half_written_leaves_no_hidde
     with pytest.raises(OSError):
         save_model_folder(HalfWritten(2, 2), tmp_path / "out" / "controlnet", {})
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_second_stop_while_a_checkpoint_is_written_leaves_no_half_of_it(make_recipe, monkeypatch, tmp_path):
+    """The second Ctrl-C aborts at once; the half-written `.partial-checkpoint-N` (gigabytes for a full fine-tune)
+    stayed until a later save."""
+    from accelerate import Accelerator
+
+    real, calls = Accelerator.save_state, []
+
+    def interrupted_at_the_second(self, output_dir, **kwargs):
+        calls.append(output_dir)
+        real(self, output_dir, **kwargs)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the second signal, once the first files are written
+
+    monkeypatch.setattr(Accelerator, "save_state", interrupted_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(make_recipe(output_dir=str(tmp_path / "run"), train__max_steps=6, checkpoint__every_n_steps=2))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["checkpoint-2"]
