@@ -332,14 +332,14 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     result.final_step = step
 
     if not result.interrupted:
-        # Trained: a Ctrl-C or SIGTERM now skips the last samples but waits for the outputs (a second one interrupts).
-        # The outputs come before the samples, so a kill while sampling leaves them written.
+        # Trained: a Ctrl-C or SIGTERM now skips the last samples but waits for the outputs (a second one interrupts). Outputs
+        # first: a kill later leaves them, one before leaves no last checkpoint (with it, --resume latest had nothing to train).
         with stop, ckpt.outputs_written(output_dir, checkpoints_dir):  # the loop's request: a stop in the last step skips the samples
             try:
-                if last_checkpoint_step != step:
-                    save_checkpoint()  # its outputs too: a resumed, longer run replaces output_dir's
-            finally:  # whatever happens while checkpointing, the trained result goes to disk
                 result.saved_files = save_outputs(output_dir)
+            finally:  # whatever happens while writing the outputs, the trained state goes to disk (a longer run resumes it)
+                if last_checkpoint_step != step:
+                    save_checkpoint()
             if not stop.agreed(accelerator):
                 validate(step)
         for path in result.saved_files:

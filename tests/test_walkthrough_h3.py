@@ -186,3 +186,18 @@ def test_a_second_stop_while_a_checkpoint_is_written_leaves_no_half_of_it(make_r
     with pytest.raises(KeyboardInterrupt):
         trainer.train(make_recipe(output_dir=str(tmp_path / "run"), train__max_steps=6, checkpoint__every_n_steps=2))
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["checkpoint-2"]
+
+
+def test_the_outputs_are_on_disk_before_the_last_checkpoint(make_recipe, monkeypatch, tmp_path):
+    """The last checkpoint came first: a kill (OOM, a scheduler's SIGKILL after its grace period) while the outputs
+    were written left a checkpoint at the last step and no outputs, and --resume latest then had nothing left to
+    train. Now a kill before the last checkpoint resumes from the one before it."""
+    real, outputs_then = trainer.ckpt.save_checkpoint, []
+
+    def checkpoint(accelerator, checkpoints_dir, step, *args, **kwargs):
+        outputs_then.append((tmp_path / "run" / LORA_WEIGHTS_NAME).is_file())
+        return real(accelerator, checkpoints_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.ckpt, "save_checkpoint", checkpoint)
+    trainer.train(make_recipe(output_dir=str(tmp_path / "run"), train__max_steps=3, checkpoint__every_n_steps=2))
+    assert outputs_then == [False, True]  # checkpoint-2 during the run, checkpoint-3 after the outputs
