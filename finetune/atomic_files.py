@@ -9,7 +9,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
+
+from finetune.errors import FinetuneError
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -90,3 +93,24 @@ def with_default_permissions(path: Path) -> Path:
     for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
         os.chmod(file, 0o666 & ~mask)
     return path
+
+
+def failed_write(err: Exception) -> bool:
+    """A file that could not be written (a full disk, permissions): an OSError, or how torch.save reports one (a
+    RuntimeError of its zip writer: "unexpected pos") and safetensors ("I/O error: No space left on device")."""
+    return isinstance(err, OSError) or (isinstance(err, RuntimeError) and "inline_container" in str(err)) or (
+        isinstance(err, SafetensorError) and "I/O error" in str(err))
+
+
+@contextmanager
+def outputs_written(output_dir: Path, checkpoints_dir: Path):
+    """A full disk (or permissions) while the run's outputs are written at its end is one line, not a traceback."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as err:
+        if not failed_write(err):
+            raise
+        raise FinetuneError(
+            f"could not write the outputs in {output_dir} ({type(err).__name__}: {str(err).splitlines()[0][:100]}): make room or fix "
+            f"its permissions; the newest complete checkpoint in {checkpoints_dir} holds what trained, as of its step"
+        ) from None

@@ -15,7 +15,6 @@ import pickle
 import re
 import shutil
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -25,7 +24,7 @@ from accelerate.utils import RNG_STATE_NAME, SCALER_NAME
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from finetune.atomic_files import replace_folder
+from finetune.atomic_files import failed_write, outputs_written, replace_folder  # outputs_written: the trainer uses it as ckpt.outputs_written
 from finetune.distributed import unwrap, uses_deepspeed, zero_stage
 from finetune.errors import FinetuneError
 
@@ -291,27 +290,6 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
-
-
-def failed_write(err: Exception) -> bool:
-    """A file that could not be written (a full disk, permissions): an OSError, or how torch.save reports one (a
-    RuntimeError of its zip writer: "unexpected pos") and safetensors ("I/O error: No space left on device")."""
-    return isinstance(err, OSError) or (isinstance(err, RuntimeError) and "inline_container" in str(err)) or (
-        isinstance(err, SafetensorError) and "I/O error" in str(err))
-
-
-@contextmanager
-def outputs_written(output_dir: Path, checkpoints_dir: Path):
-    """A full disk (or permissions) while the run's outputs are written at its end is one line, not a traceback."""
-    try:
-        yield
-    except (OSError, RuntimeError, SafetensorError) as err:
-        if not failed_write(err):
-            raise
-        raise FinetuneError(
-            f"could not write the outputs in {output_dir} ({type(err).__name__}: {str(err).splitlines()[0][:100]}): make room or fix "
-            f"its permissions; the newest complete checkpoint in {checkpoints_dir} holds what trained, as of its step"
-        ) from None
 
 
 def damaged_file(err: Exception) -> bool:
