@@ -124,7 +124,10 @@ def table_row(adapter) -> list[str]:
     meta = adapter.metadata
     made = recorded_conditioning(meta)  # the conditioning images a ControlNet wants, as make-conditions made them
     controlnet = f"ControlNet, trained on {made}" if made else "ControlNet"
-    kind = {"lora": f"LoRA ({adapter.layout})", "pipeline": "DreamBooth pipeline", "controlnet": controlnet}.get(adapter.kind, adapter.kind)
+    # Any folder with a model_index.json is a pipeline: DreamBooth's, but also a full fine-tune's, a VAE
+    # pretraining's or `finetune merge`'s, whose method column says so; only DreamBooth's is called that.
+    pipeline = "DreamBooth pipeline" if meta.get("finetune.method") == "dreambooth" else "pipeline"
+    kind = {"lora": f"LoRA ({adapter.layout})", "pipeline": pipeline, "controlnet": controlnet}.get(adapter.kind, adapter.kind)
     base = meta.get("finetune.base_model", "?")
     base = base if len(base) <= 48 else "…" + base[-47:]
     rank = meta.get("finetune.rank", "-") + (f" (3x3 conv {meta['finetune.conv_rank']})" if meta.get("finetune.conv_rank") else "")
@@ -186,7 +189,7 @@ def build_app(engine, note: str = "", queue_size: int = 8):
                     steps = gr.Slider(1, 100, value=20, step=1, label="steps")
                     guidance = gr.Slider(0, 20, value=5.0, step=0.5, label="guidance")
                     size = gr.Slider(32, 1024, value=engine.base.unet.config.sample_size * 8, step=8, label="size")
-                model = gr.Dropdown([BASE, *engine.names("pipeline")], value=BASE, label="model (base or a DreamBooth pipeline)", elem_id="model")
+                model = gr.Dropdown([BASE, *engine.names("pipeline")], value=BASE, label="model (base or a trained pipeline)", elem_id="model")
                 slots = []
                 with gr.Accordion("LoRAs (several at once, each with its strength)", open=True):
                     for i in range(1, LORA_SLOTS + 1):

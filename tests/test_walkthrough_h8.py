@@ -17,3 +17,18 @@ def test_eval_table_names_the_models_scored_in_whole_paths(capsys):
     out = capsys.readouterr().out
     assert "eval of finetune/assets/toyworld-base + outputs/quickstart" in out
     assert "style_share" in out and "0.250" in out
+
+
+def test_demo_calls_only_dreambooth_pipelines_dreambooth_pipelines():
+    # Every folder with a model_index.json was listed as a "DreamBooth pipeline": a full fine-tune, a VAE
+    # pretraining run and a `finetune merge` output too, beside a method column saying otherwise.
+    from types import SimpleNamespace
+
+    from finetune.demo import table_row
+
+    def kind(method: str) -> str:
+        metadata = {"finetune.method": method, "finetune.base_model": "finetune/assets/toyworld-base", "finetune.steps": "6"}
+        return table_row(SimpleNamespace(name="run", kind="pipeline", layout=None, metadata=metadata, refused=None))[1]
+
+    assert kind("dreambooth") == "DreamBooth pipeline"
+    assert kind("full") == kind("vae") == kind("lora merged at 0.8") == "pipeline"
