@@ -32,3 +32,25 @@ def test_demo_calls_only_dreambooth_pipelines_dreambooth_pipelines():
 
     assert kind("dreambooth") == "DreamBooth pipeline"
     assert kind("full") == kind("vae") == kind("lora merged at 0.8") == "pipeline"
+
+
+def test_init_from_says_which_of_the_recipes_layers_the_lora_has_nothing_for(make_recipe, tmp_path):
+    # README: lora.init_from needs "same rank and target layers, or one line saying which differs". A file of
+    # fewer layers than the recipe's targets (the quickstart's ff and conv layers on an attention-only LoRA)
+    # started without a word, its extra layers fresh, the start line counting only the file's layers.
+    from finetune.methods.lora import LoRAMethod
+    from finetune.models import load_base_model
+    from finetune.trainer import train
+
+    first = train(make_recipe(output_dir=str(tmp_path / "first"), train__max_steps=1))
+
+    def start_lines(**overrides) -> list[str]:
+        recipe = make_recipe(lora__init_from=str(first.output_dir), **overrides)
+        method = LoRAMethod(recipe)
+        method.setup(load_base_model(recipe.model))
+        return method.start_lines
+
+    assert not [line for line in start_lines() if line.startswith("warning:")]
+    warnings = [line for line in start_lines(lora__target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in"]) if line.startswith("warning:")]
+    assert len(warnings) == 1 and f"lora.init_from {first.output_dir} has no weights for" in warnings[0], warnings
+    assert "(proj_in; e.g. unet." in warnings[0] and warnings[0].endswith("they start fresh, as in a new LoRA")

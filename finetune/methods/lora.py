@@ -72,13 +72,17 @@ class LoRAMethod(UNetMethod):
                     f"{self.recipe.model.max_token_length} (model.max_token_length): set it to {recorded} to continue as it was trained"
                 )
             switch = "dreambooth.train_text_encoder" if self.recipe.method == "dreambooth" else "lora.train_text_encoder"
-            start_from(self.trained_modules(), self.initial_lora, settings.init_from, switch)
+            fresh = start_from(self.trained_modules(), self.initial_lora, settings.init_from, switch)
             rank, alpha = self.initial_lora.common_rank_alpha()
             steps = self.initial_lora.metadata.get("finetune.steps")
             self.start_lines.append(
                 f"starting from the LoRA {settings.init_from} (lora.init_from): {len(self.initial_lora.layers)} layers, "
                 f"rank {rank}, alpha {alpha:g}" + (f", trained {steps} steps" if steps else "")
             )
+            if fresh:  # a larger target list than the file's: said, where it went unseen before
+                names = ", ".join(dict.fromkeys(target_name(key) for key in fresh))
+                self.start_lines.append(f"warning: lora.init_from {settings.init_from} has no weights for {len(fresh)} of this recipe's LoRA layer(s) "
+                                        f"({names}; e.g. {fresh[0]}): they start fresh, as in a new LoRA")  # fmt: skip
 
     def parameter_groups(self) -> list[dict]:
         groups, settings = super().parameter_groups(), self.recipe.lora
@@ -191,11 +195,12 @@ def check_trained_alike(lora: LoRA, source: str, clip_skip: int, prediction_type
         raise FinetuneError(f"lora.init_from {source} was trained for {recorded_type}, this run trains for {prediction_type}: set model.prediction_type: {recorded_type}")
 
 
-def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str, text_encoder_switch: str = "lora.train_text_encoder") -> None:
+def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str, text_encoder_switch: str = "lora.train_text_encoder") -> list[str]:
     """Set the attached (peft) LoRA to `lora`'s weights, so the model starts as base + that LoRA; its own
     alpha is kept by scaling the up weights to this recipe's alpha/rank. Layers that model.clip_skip leaves
     out have nothing to start (sd-scripts saves LoRAs of them, unused). `text_encoder_switch` is the key
-    that trains the text encoder's LoRA (DreamBooth has its own)."""
+    that trains the text encoder's LoRA (DreamBooth has its own). Returns the recipe's LoRA layers the file
+    has nothing for (they start fresh, as sd-scripts' network_weights leaves them), by name."""
     kept_layers = len(layer_stack(modules["text_encoder"]).layers) if "text_encoder" in modules else None
     starts, left_out, text_layers = [], [], []
     for key, layer in lora.layers.items():
@@ -232,6 +237,8 @@ def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str, tex
         with torch.no_grad():
             down.copy_(layer.down)
             up.copy_(layer.up * (layer.alpha / layer.rank) / module.scaling["default"])
+    started = {id(module) for _, _, module in starts}
+    return [f"{part}.{name}" for part, model in modules.items() for name, module in model.named_modules() if hasattr(module, "lora_A") and id(module) not in started]
 
 
 def target_name(key: str) -> str:
