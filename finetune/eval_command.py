@@ -70,19 +70,28 @@ def base_tag(base: str) -> str:
     return path.stem if path.is_file() else path.name
 
 
+def subject_prompt_parts(suites, identifier: str = "sks", class_word: str = "shape", subject: str = "star") -> list[str]:
+    """Report-name parts for subject and drift prompts other than the defaults ("a sks shape", read as a star):
+    `--identifier "" --class-word star` scores "a star ..." prompts, another report than "a sks shape ..."'s."""
+    if not {"subject", "drift"} & set(suites):
+        return []
+    given = (("id", identifier, "sks"), ("class", class_word, "shape"), ("as", subject, "star"))
+    return [f"{name}-{re.sub(r'[^A-Za-z0-9_.]+', '_', value) or 'none'}" for name, value, default in given if value != default]
+
+
 def default_out(base: str, lora: str | None, controlnet: str | None = None, suites=(), lora_scale: float = 1.0,
-                conditioning_scale: float | None = None, recorded_base: str | None = None) -> Path:
+                conditioning_scale: float | None = None, recorded_base: str | None = None, prompt_parts=()) -> Path:
     """In the ControlNet's, the LoRA's or a full pipeline's run (or checkpoint) folder, else under
     outputs/eval/<name>/; named by what it scores (`eval-style.json`, `eval-control-placement-scale0.5.json`,
     `eval-style-with-mine.json` for a ControlNet with the LoRA mine, `eval-style-on-other.json` on a base other
-    than the `recorded_base` of the adapter's run), so reports of other suites, strengths, combinations, bases or LoRA
-    files of one folder do not replace each other."""
+    than the `recorded_base` of the adapter's run; `prompt_parts`: `subject_prompt_parts`), so reports of other suites,
+    prompts, strengths, combinations, bases or LoRA files of one folder do not replace each other."""
     from finetune.inference import same_model
     from finetune.methods.lora import LORA_WEIGHTS_NAME
 
     lora_path = Path(lora) if lora else None
     lora_name = None if lora_path is None else (lora_path.parent.name if lora_path.name == LORA_WEIGHTS_NAME else lora_path.name)
-    parts = [*suites]
+    parts = [*suites, *prompt_parts]
     if lora and lora_scale != 1.0:
         parts.append(f"strength{lora_scale:g}")
     if controlnet and conditioning_scale not in (None, 1.0):
@@ -131,7 +140,8 @@ def run_eval_command(args) -> int:
         raise FinetuneError("--lora-scale is the LoRA's strength: pass --lora too, or leave it out")
     base = base_or_recorded(args)
     recorded = adapter_base(args.lora, args.controlnet) if args.base else base  # without --base, it is the recorded one
-    out = Path(args.out) if args.out else default_out(base, args.lora, args.controlnet, suites, args.lora_scale, args.conditioning_scale, recorded)
+    prompt_parts = subject_prompt_parts(suites, args.identifier, args.class_word, args.subject)
+    out = Path(args.out) if args.out else default_out(base, args.lora, args.controlnet, suites, args.lora_scale, args.conditioning_scale, recorded, prompt_parts)
     check_report_path(out)
     result = run_eval(
         base, args.lora, args.lora_scale, suites, args.num_prompts, args.images_per_prompt,

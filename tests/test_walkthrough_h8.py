@@ -54,3 +54,19 @@ def test_init_from_says_which_of_the_recipes_layers_the_lora_has_nothing_for(mak
     warnings = [line for line in start_lines(lora__target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in"]) if line.startswith("warning:")]
     assert len(warnings) == 1 and f"lora.init_from {first.output_dir} has no weights for" in warnings[0], warnings
     assert "(proj_in; e.g. unet." in warnings[0] and warnings[0].endswith("they start fresh, as in a new LoRA")
+
+
+def test_eval_reports_of_other_subject_prompts_do_not_replace_each_other(tiny_model, tmp_path, monkeypatch):
+    # docs/toyworld.md scores the base on "a star ..." (--identifier "" --class-word star) beside "a sks shape
+    # ..." (the defaults): both went to eval-subject.json, the second replacing the first without a word.
+    import json
+
+    from finetune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    common = ["eval", "--base", str(tiny_model), "--suite", "subject", "--num-prompts", "1", "--steps", "1"]
+    assert main(common) == 0
+    assert main([*common, "--identifier", "", "--class-word", "star"]) == 0
+    reports = tmp_path / "outputs" / "eval" / tiny_model.name
+    assert json.loads((reports / "eval-subject.json").read_text())["settings"]["class_word"] == "shape"
+    assert json.loads((reports / "eval-subject-id-none-class-star.json").read_text())["settings"]["class_word"] == "star"
