@@ -75,15 +75,19 @@ def run_check_data_command(args) -> int:
     # The same images training holds out (the split depends on the seed and the data only).
     trained, held = split_held_out(sources, recipe.validation.loss_images, recipe.seed) if recipe is not None else (range(len(sources)), [])
     held_sources = held_out_sources(sources, trained)
+    class_folders_to_fill = []
     if recipe is not None and recipe.method == "dreambooth":
         from finetune.methods.dreambooth import inspect_class_images  # it builds on this module
 
-        reports += inspect_class_images(recipe)
+        class_reports, class_folders_to_fill = inspect_class_images(recipe)
+        reports += class_reports
     for report in reports:
         for line in report.lines(held_out=held_sources):
             print(line)
         fatal += len(report.of_level(FATAL)) or (0 if report.usable else 1)  # all skipped: nothing to train
         warnings += len(report.of_level(WARNING))
+    for line in class_folders_to_fill:
+        print(line)
     if recipe is not None:
         tokens = caption_tokens_line(recipe.model, {e.source: e.caption for report in reports for e in report.usable})
         if tokens:

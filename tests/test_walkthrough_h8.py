@@ -70,3 +70,22 @@ def test_eval_reports_of_other_subject_prompts_do_not_replace_each_other(tiny_mo
     reports = tmp_path / "outputs" / "eval" / tiny_model.name
     assert json.loads((reports / "eval-subject.json").read_text())["settings"]["class_word"] == "shape"
     assert json.loads((reports / "eval-subject-id-none-class-star.json").read_text())["settings"]["class_word"] == "star"
+
+
+def test_check_data_says_what_an_empty_class_folder_will_need(tiny_model, image_folder, tmp_path, capsys):
+    # A class folder holding some images said "(N more to generate)"; one holding none said nothing at all,
+    # so check-data before a DreamBooth run hid the generation that training starts with.
+    import yaml
+
+    from finetune.cli import main
+
+    recipe = tmp_path / "dreambooth.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "method": "dreambooth", "output_dir": str(tmp_path / "run"), "model": {"pretrained": str(tiny_model)},
+        "data": {"resolution": 64},
+        "dreambooth": {"concepts": [{"instance_dir": str(image_folder), "instance_prompt": "a sks shape", "class_prompt": "a shape"}],
+                       "num_class_images": 3},
+    }))  # fmt: skip
+    assert main(["check-data", str(recipe)]) == 0
+    folder = tmp_path / "run" / "class_images" / "concept-0"
+    assert f"class images {folder}: none yet, 3 to generate (training makes them first, with the base model)" in capsys.readouterr().out

@@ -158,17 +158,20 @@ def class_data_config(recipe: Recipe) -> DataConfig:
     return recipe.data.model_copy(update={"loss_mask": LossMaskConfig()})
 
 
-def inspect_class_images(recipe: Recipe) -> list[DataReport]:
+def inspect_class_images(recipe: Recipe) -> tuple[list[DataReport], list[str]]:
     """`finetune check-data` of a DreamBooth recipe: the class images there now (a user's and those
-    generated so far), checked as training checks them, with how many are still to generate."""
-    reports = []
+    generated so far), checked as training checks them, with how many are still to generate; and a line
+    for each class folder that holds none yet (without it, check-data said nothing of what training makes first)."""
+    reports, empty = [], []
     for concept, (folder, _key, paths, missing) in zip(recipe.dreambooth.concepts, class_image_plans(recipe)):
         present = [p for p in paths if p.is_file()]
         if present:
             report = inspect_examples(class_examples(present, concept), class_data_config(recipe), f"class images {folder}")
             report.label += f" ({len(missing)} more to generate)" if missing else ""
             reports.append(report)
-    return reports
+        elif missing:
+            empty.append(f"class images {folder}: none yet, {len(missing)} to generate (training makes them first, with the base model)")
+    return reports, empty
 
 
 class DreamBoothMethod(DiffusionMethod):
