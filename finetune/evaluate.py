@@ -188,7 +188,7 @@ def run_eval(
     "conditions": {prompt set: conditioning image per prompt}}``; with ``out`` also writes it
     (images as grids) via :func:`write_report`.
     """
-    from finetune.inference import load_sampling_pipeline, resolve_controlnet_folder
+    from finetune.inference import adapter_base, load_sampling_pipeline, resolve_controlnet_folder
 
     if controlnet is None and conditioning_scale is not None:
         raise FinetuneError("--conditioning-scale steers a ControlNet: pass --controlnet PATH too, or leave it out")
@@ -218,6 +218,9 @@ def run_eval(
         controlnet=None if controlnet is None else str(controlnet), conditioning_scale=scale if controlnet else None, suites=suites,
         num_prompts=num_prompts, images_per_prompt=images_per_prompt, steps=steps, guidance=guidance, seed=seed,
         identifier=identifier, subject=subject, class_word=class_word, resolution=resolution, **sampled_as(pipeline),
+        # Which training of the adapter was scored: a report left in a run folder that trained on afterwards
+        # (--resume, --overwrite) read as the score of the newer weights beside it.
+        adapter_steps=adapter_base(lora, controlnet, "finetune.steps"),
     )  # fmt: skip
     if out:
         write_report(result, out)
@@ -285,6 +288,7 @@ def print_table(result: dict) -> None:
 
     settings = result.get("settings", {})
     title = f"eval of {settings.get('base')}" + "".join(f" + {settings[k]}" for k in ("lora", "controlnet") if settings.get(k))
+    title += f" (trained {settings['adapter_steps']} steps)" if settings.get("adapter_steps") else ""
     table = Table("metric", "value", "n")
     for metric, value in result["metrics"].items():
         table.add_row(metric, f"{value:.3f}" if metric != "fid" else f"{value:.2f}", str(result["n"][metric]))

@@ -89,3 +89,18 @@ def test_check_data_says_what_an_empty_class_folder_will_need(tiny_model, image_
     assert main(["check-data", str(recipe)]) == 0
     folder = tmp_path / "run" / "class_images" / "concept-0"
     assert f"class images {folder}: none yet, 3 to generate (training makes them first, with the base model)" in capsys.readouterr().out
+
+
+def test_an_eval_report_records_the_training_steps_it_scored(make_recipe, tmp_path, capsys):
+    # The report goes into the run's folder, where it stays when the run trains on (--resume latest): nothing
+    # in it said which weights it scored, so it read as the newer adapter's score.
+    import json
+
+    from finetune.cli import main
+    from finetune.trainer import train
+
+    run = train(make_recipe(output_dir=str(tmp_path / "run"), train__max_steps=2))
+    capsys.readouterr()
+    assert main(["eval", "--lora", str(run.output_dir), "--suite", "style", "--num-prompts", "1", "--steps", "1"]) == 0
+    assert f"+ {run.output_dir} (trained 2 steps)" in capsys.readouterr().out
+    assert json.loads((run.output_dir / "eval-style.json").read_text())["settings"]["adapter_steps"] == "2"
