@@ -97,8 +97,9 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     if short:
         raise FinetuneError(short)
     # The run's length from the checked data, laid out as the sampler will batch it (train.max_epochs counts its batches).
-    layout = item_layout([items[i] for i in trained_items], recipe.data)
-    trained_data = {**dataset_metadata([items[i] for i in trained_items], recipe.checkpoint.record_caption_tags), **method.data_metadata()}  # folders, tags
+    trained_examples = [items[i] for i in trained_items]
+    layout, images_record = item_layout(trained_examples, recipe.data), ckpt.data_record(trained_examples)  # the record: what a resume compares
+    trained_data = {**dataset_metadata(trained_examples, recipe.checkpoint.record_caption_tags), **method.data_metadata()}  # folders, tags
 
     def batch_sampler(start: int = 0):
         return make_batch_sampler(layout, train_cfg.batch_size, accelerator.num_processes, accelerator.process_index, recipe.seed, start=start)
@@ -177,17 +178,14 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         apply_recipe_settings(optimizer, lr_scheduler, group_lrs, recipe.optimizer)
         accelerator.print(f"resumed from {resume_from} at step {step}")
         if state.get("processes", accelerator.num_processes) != accelerator.num_processes:
-            accelerator.print(
-                f"warning: {resume_from.name} was trained by {state['processes']} processes, this run has {accelerator.num_processes}: "
-                f"the global batch changes from {state['processes'] * train_cfg.batch_size} to {accelerator.num_processes * train_cfg.batch_size} "
-                "images per micro-step (and the data order with it)"
-            )
+            accelerator.print(f"warning: {resume_from.name} was trained by {state['processes']} processes, this run has {accelerator.num_processes}: the global batch "
+                              f"changes from {state['processes'] * train_cfg.batch_size} to {accelerator.num_processes * train_cfg.batch_size} images per micro-step (and the data order with it)")
         if average is not None and not average.load(resume_from / EMA_FILE):
             accelerator.print(f"warning: {resume_from.name} has no weight average (train.ema_decay was off): it starts from the resumed weights")
         saved_init = (state.get("recipe") or {}).get("lora.init_from")
         if saved_init and recipe.lora.init_from is None:  # its weights are the checkpoint's now; the record keeps where they began
             recipe.lora.init_from = saved_init
-        changed = ckpt.changed_settings(state.get("recipe"), recipe.flat_settings()) + ckpt.changed_data(state.get("data"), ckpt.data_record([items[i] for i in trained_items]))
+        changed = ckpt.changed_settings(state.get("recipe"), recipe.flat_settings()) + ckpt.changed_data(state.get("data"), images_record)
         if changed:
             accelerator.print(f"warning: settings changed since {resume_from.name}: {', '.join(changed)}")
     if accelerator.is_main_process:
@@ -255,7 +253,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         ckpt.save_checkpoint(
             accelerator, checkpoints_dir, step,
             {"recipe_hash": recipe.fingerprint(), "recipe": recipe.flat_settings(), "processes": accelerator.num_processes,
-             "method": method.checkpoint_state(), "data": ckpt.data_record([items[i] for i in trained_items])},
+             "method": method.checkpoint_state(), "data": images_record},
             recipe.checkpoint.keep_last, extra=extra, **save_options
         )
 
