@@ -17,8 +17,10 @@ import torch
 # Key endings of adapters the loader refuses.
 LYCORIS_ENDINGS = (".hada_w1_a", ".lokr_w1", ".lokr_w1_a", ".lora_mid.weight")  # LoHa, LoKr, Tucker-decomposed LoCon
 DORA_ENDINGS = (".dora_scale", ".lora_magnitude_vector", ".lora_magnitude_vector.weight")
-# SDXL's names: kohya's two text encoders and its UNet by the original layout's blocks; diffusers' second text encoder.
-SDXL_PREFIXES = ("lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_", "text_encoder_2.")
+# SDXL's two text encoders, in kohya's names and diffusers'.
+SDXL_PREFIXES = ("lora_te1_", "lora_te2_", "text_encoder_2.")
+# The UNet by the original layout's blocks: how sd-scripts names SDXL's (an SD1.x file may use them too).
+ORIGINAL_UNET_PREFIXES = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
 
 
 def unsupported_kind(keys: list[str], metadata: dict[str, str]) -> str | None:
@@ -28,7 +30,10 @@ def unsupported_kind(keys: list[str], metadata: dict[str, str]) -> str | None:
     if any(key.endswith(DORA_ENDINGS) for key in keys) or _peft_dora(metadata):
         return "a DoRA file: only plain LoRA is loaded"
     if any(key.startswith(SDXL_PREFIXES) for key in keys):
-        return "an SDXL LoRA (lora_te1_/lora_te2_, input_blocks or text_encoder_2 names): only SD1.x LoRAs are loaded"
+        return "an SDXL LoRA (lora_te1_/lora_te2_ or text_encoder_2 names): only SD1.x LoRAs are loaded"
+    if any(key.startswith(ORIGINAL_UNET_PREFIXES) for key in keys):
+        return ("a LoRA naming the UNet's layers by the original layout's blocks (input_blocks, as sd-scripts names SDXL's): "
+                "only SD1.x LoRAs with diffusers' names (lora_unet_down_blocks_...) are loaded")
     return None
 
 

@@ -22,6 +22,9 @@ REFUSED = {
                         f"{TE2}.down.weight": torch.zeros(4, 1280), f"{TE2}.up.weight": torch.zeros(1280, 4)}, " is an SDXL LoRA"),
     # kohya's SDXL text encoders alone (this was "holds no SD1.x LoRA weights", and missing from the demo's list)
     "sdxl-te": ({f"{TE1}.lora_down.weight": torch.zeros(4, 768), f"{TE1}.lora_up.weight": torch.zeros(768, 4)}, " is an SDXL LoRA"),
+    # the UNet by the original layout's blocks without SDXL's text encoders: an SD1.x file may name it so too
+    "input-blocks": ({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(4, 320),
+                      "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.zeros(320, 4)}, " is a LoRA naming the UNet's layers by the original layout's blocks"),
     # a LoRA with an embedding bundled in (the webui's bundle_emb): the key is no LyCORIS one
     "bundled": ({**PLAIN, "bundle_emb.sks.string_to_param.*": torch.zeros(2, 64)}, ": LoRA key bundle_emb.sks.string_to_param.* is not a LoRA down/up weight"),
 }  # fmt: skip
