@@ -21,7 +21,13 @@ from finetune.checkpoint import CHECKPOINT_PATTERN, STATE_FILE
 from finetune.inference import saved_model_metadata
 from finetune.kohya import finetune_metadata_from_kohya
 from finetune.lora_kinds import unsupported_kind
-from finetune.methods.controlnet import CONTROLNET_DIR, UNET_DIR, conditioning_channels_problem
+from finetune.methods.controlnet import (
+    CONTROLNET_DIR,
+    CONVERT_ORIGINAL_CONTROLNET,
+    ORIGINAL_CONTROLNET_PREFIXES,
+    UNET_DIR,
+    conditioning_channels_problem,
+)
 from finetune.methods.full import PIPELINE_DIR
 from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.pipeline_io import METADATA_FILE
@@ -124,7 +130,8 @@ def _name(path: Path, root: Path) -> str:
 
 
 def _lora_file(path: Path, root: Path) -> Adapter | None:
-    """Read only the header (keys, shapes, metadata); a safetensors file without LoRA keys is skipped."""
+    """Read only the header (keys, shapes, metadata); a safetensors file without LoRA keys is skipped (a single-file
+    ControlNet is listed as refused)."""
     try:
         with safe_open(str(path), "pt") as f:
             keys = list(f.keys())
@@ -143,6 +150,8 @@ def _lora_file(path: Path, root: Path) -> Adapter | None:
         layout = "diffusers"
     elif unsupported_kind(keys, meta):  # e.g. an SDXL LoRA of its text encoders only (lora_te1_, lora_te2_)
         layout = "?"
+    elif any(k.startswith(ORIGINAL_CONTROLNET_PREFIXES) for k in keys):  # listed, so the user sees why it is not offered
+        return Adapter(_name(path, root), "controlnet", path, "original", refused=f"a single-file ControlNet in the original layout: {CONVERT_ORIGINAL_CONTROLNET}")
     else:
         return None
     refused = unsupported_kind(keys, meta)

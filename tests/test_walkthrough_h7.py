@@ -115,3 +115,11 @@ def test_a_controlnet_given_as_one_file_is_said_to_be_one_not_missing(make_recip
     method = ControlNetMethod(make_recipe(method="controlnet", data__image_dir=str(pairs_folder), controlnet__pretrained=str(original)))
     with pytest.raises(FinetuneError, match=r"controlnet.pretrained \S+control_sd15_canny.safetensors is a single-file ControlNet in the original layout"):
         method.check_data()
+
+
+def test_the_demo_lists_a_single_file_controlnet_as_refused_with_what_to_do(tmp_path):
+    """It was left out of the list without a word, so a user who put it there could not tell why."""
+    save_file({"control_model.input_hint_block.0.weight": torch.zeros(16, 3, 3, 3)}, str(tmp_path / "control_canny.safetensors"))
+    [(name, adapter)] = scan_adapters(tmp_path).items()
+    assert (name, adapter.kind) == ("control_canny", "controlnet")
+    assert adapter.refused.startswith("a single-file ControlNet in the original layout: convert it to a diffusers folder")

@@ -256,6 +256,11 @@ def residuals_in(controlnet: torch.nn.Module, dtype: torch.dtype):
         handle.remove()
 
 
+# The names of a ControlNet in the original (lllyasviel's) layout, as model sites share it in one file.
+ORIGINAL_CONTROLNET_PREFIXES = ("control_model.", "input_hint_block.")
+CONVERT_ORIGINAL_CONTROLNET = "convert it to a diffusers folder (diffusers' ControlNetModel.from_single_file, then save_pretrained)"
+
+
 def refuse_a_controlnet_file(path: Path, named: str) -> None:
     """A ControlNet is loaded from a diffusers folder (config.json beside its weights): one given as a single file
     is said to be one, and which, not 'not found'."""
@@ -268,9 +273,9 @@ def refuse_a_controlnet_file(path: Path, named: str) -> None:
     from safetensors import SafetensorError, safe_open
 
     with contextlib.suppress(SafetensorError, OSError), safe_open(str(path), "pt") as opened:
-        if any(key.startswith(("control_model.", "input_hint_block.")) for key in opened.keys()):
+        if any(key.startswith(ORIGINAL_CONTROLNET_PREFIXES) for key in opened.keys()):
             raise FinetuneError(f"{named} is a single-file ControlNet in the original layout (control_model. keys, as model sites share it): "
-                                "convert it to a diffusers folder (diffusers' ControlNetModel.from_single_file, then save_pretrained) and pass that folder")  # fmt: skip
+                                f"{CONVERT_ORIGINAL_CONTROLNET} and pass that folder")  # fmt: skip
     raise FinetuneError(f"{named} is a file, not a ControlNet folder: pass a diffusers ControlNet folder (config.json and diffusion_pytorch_model.safetensors)")
 
 
