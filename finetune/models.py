@@ -221,6 +221,8 @@ def at_source_precision(base: BaseModel, names: list[str]) -> dict[str, torch.nn
 
 
 def _load_single_file(config: ModelConfig) -> StableDiffusionPipeline:
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
     kwargs = {}
     if config.single_file_config:
         kwargs["config"] = config.single_file_config
@@ -231,6 +233,11 @@ def _load_single_file(config: ModelConfig) -> StableDiffusionPipeline:
         raise FinetuneError(
             f"could not read base model file {config.pretrained}: {str(err).splitlines()[0]} "
             f"(offline, set {config_key} to a local diffusers folder with the matching configs)"
+        ) from None
+    except SingleFileComponentError as err:  # a file of one part only (a ControlNet, VAE or UNet) given as the whole model
+        raise FinetuneError(
+            f"base model file {config.pretrained} is not a whole Stable Diffusion checkpoint (diffusers: {_first_sentence(str(err))}): "
+            f"a ControlNet, VAE or UNet-only file is no base model; set {config._key} to a file holding UNet, VAE and text encoder, or to a diffusers folder"
         ) from None
     except ValueError as err:  # a config folder that is not there, or describes another architecture
         raise FinetuneError(

@@ -123,3 +123,20 @@ def test_the_demo_lists_a_single_file_controlnet_as_refused_with_what_to_do(tmp_
     [(name, adapter)] = scan_adapters(tmp_path).items()
     assert (name, adapter.kind) == ("control_canny", "controlnet")
     assert adapter.refused.startswith("a single-file ControlNet in the original layout: convert it to a diffusers folder")
+
+
+def test_a_single_file_base_of_one_part_only_is_one_line(tmp_path, capfd):
+    """A UNet-only file (or a ControlNet's, or a VAE's) given as the base was diffusers' SingleFileComponentError traceback."""
+    from test_single_file import sd15_shaped_pipeline
+
+    from finetune.cli import main
+    from finetune.single_file_export import UNET_ROOT, export_checkpoint
+
+    sd15_shaped_pipeline(tmp_path).save_pretrained(tmp_path / "configs")
+    whole = export_checkpoint(tmp_path / "configs", tmp_path / "model.safetensors")[0]
+    unet_only = tmp_path / "unet-only.safetensors"
+    save_file({key: value for key, value in load_file(whole).items() if key.startswith(UNET_ROOT)}, str(unet_only))
+    capfd.readouterr()
+    assert main(["sample", "--base", str(unet_only), "--base-config", str(tmp_path / "configs"), "--prompt", "x", "--out", str(tmp_path / "o")]) == 2
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip() and not line.startswith("Loading")]
+    assert len(err) == 1 and err[0].startswith(f"error: base model file {unet_only} is not a whole Stable Diffusion checkpoint (diffusers: Failed to load"), err
