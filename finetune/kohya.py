@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from finetune.atomic_files import atomic_save_safetensors
 from finetune.checkpoint import CHECKPOINT_PATTERN
 from finetune.errors import FinetuneError
-from finetune.lora_kinds import unsupported_kind, with_current_diffusers_names
+from finetune.lora_kinds import CONTEXT_INPUTS, sd_version_metadata, unsupported_kind, with_current_diffusers_names
 
 PARTS = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 # Module-path segments of the SD UNet and CLIP that contain "_": kohya's names flatten `.` and `_`
@@ -276,6 +276,7 @@ def to_kohya(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         **_with_rank_alpha(lora),
         # Read by webui's and sd-scripts' LoRA info panels; "Dynamic" is sd-scripts' word for mixed ranks.
         "ss_network_module": "networks.lora",
+        **sd_version_metadata(layer.down.shape[1] for key, layer in lora.layers.items() if key.endswith(CONTEXT_INPUTS)),
         "ss_network_dim": _one_or_dynamic(layer.rank for layer in rest),
         "ss_network_alpha": _one_or_dynamic(_alpha_value(layer) for layer in rest),
     }

@@ -64,3 +64,16 @@ def with_current_diffusers_names(tensors: dict[str, torch.Tensor]) -> dict[str, 
             key = f"{key[:match.start()]}.{match[2]}_proj.lora_linear_layer.{match[3]}.weight"
         renamed[key] = tensor
     return renamed
+
+
+# Layers whose input width is the text encoder's: the UNet's cross-attention keys and values, the text encoder's own.
+CONTEXT_INPUTS = ("attn2.to_k", "attn2.to_v", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+SD2_CONTEXT_WIDTH = 1024  # OpenCLIP-H's; SD1.x's CLIP-L is 768 wide
+
+
+def sd_version_metadata(context_widths) -> dict[str, str]:
+    """sd-scripts' record of the base's version, from the widths of the layers that read the prompt: the webui
+    tells an SD2 LoRA by `ss_v2` (and shows each LoRA with the models of its version), Forge and SD.Next
+    also by `ss_base_model_version`."""
+    v2 = SD2_CONTEXT_WIDTH in set(context_widths)
+    return {"ss_v2": str(v2), "ss_base_model_version": "sd_v2" if v2 else "sd_v1"}

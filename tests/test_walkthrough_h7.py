@@ -140,3 +140,15 @@ def test_a_single_file_base_of_one_part_only_is_one_line(tmp_path, capfd):
     assert main(["sample", "--base", str(unet_only), "--base-config", str(tmp_path / "configs"), "--prompt", "x", "--out", str(tmp_path / "o")]) == 2
     err = [line for line in capfd.readouterr().err.splitlines() if line.strip() and not line.startswith("Loading")]
     assert len(err) == 1 and err[0].startswith(f"error: base model file {unet_only} is not a whole Stable Diffusion checkpoint (diffusers: Failed to load"), err
+
+
+@pytest.mark.parametrize("context_width, v2", [(1024, "True"), (768, "False")])
+def test_a_kohya_export_says_whether_it_is_an_sd2_lora_as_the_webui_reads_it(context_width, v2):
+    """The webui shows a LoRA with the models of its version, told by ss_v2 (it read every export as SD1's)."""
+    from finetune.kohya import LoRA, LoRALayer, to_kohya
+
+    to_k = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    lora = LoRA({to_k: LoRALayer(torch.zeros(4, context_width), torch.zeros(320, 4), 4.0)})
+    _, metadata = to_kohya(lora)
+    assert metadata["ss_v2"] == v2
+    assert metadata["ss_base_model_version"] == ("sd_v2" if v2 == "True" else "sd_v1")
