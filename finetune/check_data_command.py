@@ -103,6 +103,8 @@ def run_check_data_command(args) -> int:
             from finetune.controlnet_data import validation_conditions_problem  # it builds on this module
 
             short = validation_conditions_problem(recipe)
+        if recipe.lora.init_from and not short:
+            short = init_from_problem(recipe.lora.init_from)
     if short:
         print(f"result: training would stop: {short}")
         return 1
@@ -113,3 +115,14 @@ def run_check_data_command(args) -> int:
         return 1
     print("result: ready to train" + (f" ({warnings} warnings)" if warnings else ""))
     return 0
+
+
+def init_from_problem(source: str) -> str | None:
+    """Why lora.init_from would stop the run as it starts (not there, a pickle, a LyCORIS or SDXL file), or None."""
+    from finetune.methods.lora import read_initial_lora  # it builds on this module
+
+    try:
+        read_initial_lora(source)  # as training reads it, before any model loads
+    except FinetuneError as err:
+        return str(err)
+    return None

@@ -152,3 +152,18 @@ def test_a_kohya_export_says_whether_it_is_an_sd2_lora_as_the_webui_reads_it(con
     _, metadata = to_kohya(lora)
     assert metadata["ss_v2"] == v2
     assert metadata["ss_base_model_version"] == ("sd_v2" if v2 == "True" else "sd_v1")
+
+
+def test_check_data_says_training_would_stop_on_a_lora_init_from_it_cannot_start_from(tmp_path, capsys):
+    """It said 'ready to train' of a LoHa or pickle lora.init_from; training then stopped at once."""
+    from conftest import REPO, SHIPPED_BASE
+
+    from finetune.cli import main
+
+    loha = tmp_path / "loha.safetensors"
+    save_file(REFUSED["loha"][0], str(loha))
+    recipe = [str(REPO / "recipes" / "quickstart.yaml"), f"data.image_dir={REPO / 'datasets' / 'star'}", f"model.pretrained={SHIPPED_BASE}"]
+    assert main(["check-data", *recipe]) == 0
+    capsys.readouterr()
+    assert main(["check-data", *recipe, f"lora.init_from={loha}"]) == 1
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(f"result: training would stop: LoRA {loha} is a LyCORIS LoHa")
