@@ -27,6 +27,7 @@ from finetune.methods.controlnet import (
     ORIGINAL_CONTROLNET_PREFIXES,
     UNET_DIR,
     conditioning_channels_problem,
+    weights_variant,
 )
 from finetune.methods.full import PIPELINE_DIR
 from finetune.methods.lora import LORA_WEIGHTS_NAME
@@ -172,7 +173,7 @@ def _model_folder(folder: Path, root: Path, files: list[str]) -> Adapter | None:
             return None
         if not isinstance(config, dict) or config.get("_class_name") != "ControlNetModel":
             return None
-        has_weights = (folder / "diffusion_pytorch_model.safetensors").is_file()
+        has_weights = (folder / "diffusion_pytorch_model.safetensors").is_file() or bool(weights_variant(folder))
         refused = None if has_weights else "no diffusion_pytorch_model.safetensors (pickle checkpoints are not loaded)"
         refused = refused or conditioning_channels_problem(config)
         return Adapter(_relative(folder, root), "controlnet", folder, "diffusers", _folder_metadata(folder), refused)

@@ -38,6 +38,7 @@ from finetune.errors import FinetuneError
 from finetune.inference import base_model_metadata, refuse_replacing_a_fine_tuned_unet, saved_model_metadata, unlocked_decoder_folder
 from finetune.kohya import LoRA, load_lora
 from finetune.merge import find_module
+from finetune.methods.controlnet import weights_variant
 from finetune.models import BaseModel, freeze, load_base_model
 from finetune.placement import inference_placement, place
 from finetune.sampling import adapters_clip_skip, adapters_prediction_type, adapters_zero_terminal_snr, build_pipeline, follow_adapters_schedule, generate
@@ -329,7 +330,8 @@ def _load_controlnet(folder: Path):
     """(the ControlNet, the UNet its run trained with it (controlnet.unlock_unet_decoder) or None)."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True).eval().requires_grad_(False)
+    controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True, **weights_variant(folder))
+    controlnet = controlnet.eval().requires_grad_(False)
     decoder = unlocked_decoder_folder(folder)
     unet = UNet2DConditionModel.from_pretrained(decoder, torch_dtype=torch.float32).eval().requires_grad_(False) if decoder else None
     return controlnet, unet

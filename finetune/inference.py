@@ -25,7 +25,7 @@ from finetune.encoders import skip_last_layers
 from finetune.errors import FinetuneError
 from finetune.kohya import LoRA, load_lora, to_diffusers
 from finetune.merge import check_lora_fits
-from finetune.methods.controlnet import CONTROLNET_DIR, UNET_DIR, refuse_a_controlnet_file, require_controlnet_config
+from finetune.methods.controlnet import CONTROLNET_DIR, UNET_DIR, refuse_a_controlnet_file, require_controlnet_config, weights_variant
 from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.models import BaseModel, load_base_model, looks_like_hub_id
 from finetune.pipeline_io import METADATA_FILE
@@ -208,7 +208,7 @@ def unlocked_decoder_folder(controlnet_folder: Path) -> Path | None:
 
 def load_controlnet(folder: Path, base: BaseModel) -> ControlNetModel:
     try:
-        controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=torch.float32)
+        controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=torch.float32, **weights_variant(folder))
     except (OSError, ValueError) as err:
         raise FinetuneError(f"could not load ControlNet {folder}: {str(err).splitlines()[0][:200]}") from None
     for key in CONTROLNET_FIT_KEYS:

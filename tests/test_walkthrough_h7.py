@@ -167,3 +167,31 @@ def test_check_data_says_training_would_stop_on_a_lora_init_from_it_cannot_start
     capsys.readouterr()
     assert main(["check-data", *recipe, f"lora.init_from={loha}"]) == 1
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith(f"result: training would stop: LoRA {loha} is a LyCORIS LoHa")
+
+
+def test_a_controlnet_folder_holding_only_its_fp16_variant_loads_in_sample_the_demo_and_training(make_recipe, pairs_folder, tmp_path):
+    """sample said 'no file named diffusion_pytorch_model.bin' and the demo 'pickle checkpoints are not loaded'."""
+    import shutil
+
+    from conftest import REPO, SHIPPED_BASE
+
+    from finetune.config import ModelConfig
+    from finetune.demo_engine import _load_controlnet
+    from finetune.inference import load_controlnet
+    from finetune.methods.controlnet import ControlNetMethod
+    from finetune.models import load_base_model
+
+    shipped = REPO / "finetune" / "assets" / "toyworld-controlnet-mask"
+    folder = tmp_path / "controlnet-fp16"
+    folder.mkdir()
+    shutil.copy(shipped / "config.json", folder)
+    weights = load_file(shipped / "diffusion_pytorch_model.safetensors")
+    save_file({key: value.half() for key, value in weights.items()}, str(folder / "diffusion_pytorch_model.fp16.safetensors"))
+    base = load_base_model(ModelConfig(pretrained=str(SHIPPED_BASE)))
+    method = ControlNetMethod(make_recipe(method="controlnet", data__image_dir=str(pairs_folder), controlnet__pretrained=str(folder)))
+    method.check_data()
+    for controlnet in (load_controlnet(folder, base), _load_controlnet(folder)[0], method._load_or_create(base.unet)):
+        loaded = controlnet.state_dict()
+        assert all(torch.equal(loaded[key], value.half().float()) for key, value in weights.items())
+    [adapter] = scan_adapters(tmp_path).values()
+    assert adapter.kind == "controlnet" and adapter.refused is None

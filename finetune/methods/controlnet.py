@@ -133,7 +133,7 @@ class ControlNetMethod(DiffusionMethod):
             # Random init of the conditioning embedding from the global RNG, which the trainer seeded.
             return ControlNetModel.from_unet(unet)
         try:
-            controlnet = ControlNetModel.from_pretrained(pretrained, torch_dtype=torch.float32)
+            controlnet = ControlNetModel.from_pretrained(pretrained, torch_dtype=torch.float32, **weights_variant(pretrained))
         except (OSError, ValueError) as err:
             raise FinetuneError(f"could not load ControlNet {pretrained}: {str(err).splitlines()[0][:200]}") from None
         for key in ("block_out_channels", "cross_attention_dim", "in_channels", "down_block_types", "layers_per_block"):
@@ -259,6 +259,17 @@ def residuals_in(controlnet: torch.nn.Module, dtype: torch.dtype):
 # The names of a ControlNet in the original (lllyasviel's) layout, as model sites share it in one file.
 ORIGINAL_CONTROLNET_PREFIXES = ("control_model.", "input_hint_block.")
 CONVERT_ORIGINAL_CONTROLNET = "convert it to a diffusers folder (diffusers' ControlNetModel.from_single_file, then save_pretrained)"
+
+
+def weights_variant(folder: Path | str) -> dict[str, str]:
+    """`from_pretrained`'s variant for a ControlNet folder holding only one variant's weights (hub ControlNets ship
+    diffusion_pytorch_model.fp16.safetensors beside the full file, and a copy may keep only that): {"variant": "fp16"},
+    else {} (diffusers looks for the plain file, then a .bin, and names only the .bin when both are missing)."""
+    folder = Path(folder)
+    if not folder.is_dir() or (folder / "diffusion_pytorch_model.safetensors").is_file():
+        return {}
+    variants = sorted(folder.glob("diffusion_pytorch_model.*.safetensors"))
+    return {"variant": variants[0].name.split(".")[1]} if len(variants) == 1 else {}
 
 
 def refuse_a_controlnet_file(path: Path, named: str) -> None:
