@@ -200,7 +200,7 @@ def load_parts(config: ModelConfig, names: list[str]) -> dict:
     if folder is None:
         pipeline = _load_single_file(config)
         return {name: pipeline.scheduler.config if name == "scheduler_config" else getattr(pipeline, name) for name in names}
-    variant = dict(variant=config.variant) if config.variant else {}
+    variant = dict(variant=config.variant) if config.variant else saved_variant(folder)
     loaders = {
         "tokenizer": lambda: CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
         "text_encoder": lambda: CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=torch.float32, **variant),
@@ -209,6 +209,17 @@ def load_parts(config: ModelConfig, names: list[str]) -> dict:
         "scheduler_config": lambda: DDPMScheduler.load_config(folder, subfolder="scheduler"),
     }
     return {name: loaders[name]() for name in names}
+
+
+def saved_variant(folder: Path) -> dict[str, str]:
+    """The variant of a local pipeline folder saved with only one variant's weights (save_pretrained(variant="fp16")
+    writes unet/diffusion_pytorch_model.fp16.safetensors and no plain file): {"variant": "fp16"}, else {}.
+    Without it diffusers looks for the plain file and stops, naming a .bin."""
+    unet = folder / "unet"
+    if any(unet.glob("diffusion_pytorch_model.safetensors*")) or any(unet.glob("*.bin")):  # the plain file, or its shards' index
+        return {}
+    variants = {path.name.split(".")[1] for path in unet.glob("diffusion_pytorch_model.*.safetensors")}
+    return {"variant": variants.pop()} if len(variants) == 1 else {}
 
 
 def at_source_precision(base: BaseModel, names: list[str]) -> dict[str, torch.nn.Module]:

@@ -195,3 +195,20 @@ def test_a_controlnet_folder_holding_only_its_fp16_variant_loads_in_sample_the_d
         assert all(torch.equal(loaded[key], value.half().float()) for key, value in weights.items())
     [adapter] = scan_adapters(tmp_path).values()
     assert adapter.kind == "controlnet" and adapter.refused is None
+
+
+def test_a_base_folder_saved_with_only_a_variants_weights_loads(tmp_path):
+    """save_pretrained(variant="fp16") writes no plain weight files: --base of it was diffusers' OSError traceback."""
+    from conftest import SHIPPED_BASE
+    from diffusers import StableDiffusionPipeline
+
+    from finetune.config import ModelConfig
+    from finetune.models import load_base_model
+
+    shipped = StableDiffusionPipeline.from_pretrained(SHIPPED_BASE, safety_checker=None)
+    shipped.save_pretrained(tmp_path / "base", variant="fp16")
+    assert not list((tmp_path / "base" / "unet").glob("diffusion_pytorch_model.safetensors"))
+    base = load_base_model(ModelConfig.from_option(str(tmp_path / "base")))
+    for part in ("unet", "vae", "text_encoder"):
+        loaded = getattr(base, part).state_dict()
+        assert all(torch.equal(loaded[key], value) for key, value in getattr(shipped, part).state_dict().items()), part
