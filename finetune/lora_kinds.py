@@ -1,5 +1,5 @@
-"""What kind of adapter a LoRA file's names say it is, when it is one this project does not load; and the
-older names diffusers' own trainers wrote, renamed to today's.
+"""What kind of adapter a LoRA file's names say it is, when it is one this project does not load; the older
+names diffusers' own trainers wrote, renamed to today's; and the SD version a kohya export records for the webui.
 
 One check for the loader (`finetune.kohya.load_lora`: sample, merge, eval, export, lora.init_from) and the
 demo's adapter list (`finetune.adapter_scan`, from the header alone), so both name a LyCORIS, DoRA or SDXL
