@@ -295,7 +295,8 @@ def _dataset_examples(config: DataConfig) -> list[Example]:
     if len(loaded) == 0:
         raise FinetuneError(f"dataset {name} split '{config.dataset_split}' is empty")
     require_image_column(loaded, name, config.image_column, "data.image_column")
-    captions = [config.caption] * len(loaded) if config.caption is not None else loaded[config.caption_column]
+    # [:]: the whole column as a list (datasets 4+ gives a lazy Column, whose rows read one by one took 1 ms each)
+    captions = [config.caption] * len(loaded) if config.caption is not None else loaded[config.caption_column][:]
     images = loaded.select_columns([config.image_column])
     return [
         Example(source := DATASET_ROW.format(name=name, row=row), _caption_or_none(captions[row], name, config.caption_column, row),
