@@ -236,6 +236,10 @@ def open_dataset(config: DataConfig):
         if not metadata or any(Path(name).glob("*.txt")):  # datasets would read the .txt captions as a text dataset of their lines
             raise FinetuneError(f"dataset {name} is a folder of images with " + ("a metadata file and .txt captions" if metadata else "no metadata file")
                                 + f": train it as data.image_dir={name} (with data.dataset=null)")  # fmt: skip
+    subfolders = image_subfolders(Path(name), config) if folder and not folder_images(Path(name)) else []
+    if any(any(subfolder.glob("*.txt")) for subfolder in subfolders):  # sd-scripts' N_name folders: read as text too
+        raise FinetuneError(f"dataset {name} is a folder of image folders with .txt captions, which datasets reads as a text dataset of their lines: "
+                            f"train it as data.image_dir={name} (with data.dataset=null), with {folders_entries([path.name for path in subfolders])} in the recipe's data section")  # fmt: skip
     try:
         if saved:
             loaded = datasets.load_from_disk(name)

@@ -111,3 +111,15 @@ def test_a_datasets_captions_are_read_as_one_column_not_row_by_row(tmp_path, mon
     assert [example.caption for example in examples] == [f"caption {i}" for i in range(rows)]
     # datasets 4+ gives a lazy Column: a caption read a row at a time took 1 ms each (a minute for 50,000 rows, at every start)
     assert len(reads) < 5, reads[:10]
+
+
+def test_a_folder_of_sd_scripts_image_folders_given_as_a_dataset_says_how_to_train_it(tmp_path):
+    from finetune.sources import read_examples
+
+    (tmp_path / "kohya" / "10_sks dog").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(tmp_path / "kohya" / "10_sks dog" / "1.png")
+    (tmp_path / "kohya" / "10_sks dog" / "1.txt").write_text("sks dog")
+    # It said the dataset had no column 'image', only 'text': datasets read the captions as a text dataset.
+    with pytest.raises(FinetuneError, match=r"kohya is a folder of image folders with .txt captions, .*: train it as data.image_dir=.*kohya "
+                                            r"\(with data.dataset=null\), with folders: \[\{path: \"10_sks dog\", repeats: 10\}\] in the recipe's data section$"):  # fmt: skip
+        read_examples(DataConfig(dataset=str(tmp_path / "kohya")))
