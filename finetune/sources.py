@@ -329,10 +329,12 @@ def require_image_column(loaded, name: str, column: str, key: str) -> None:
     """Stop if a dataset column holds something other than decoded images (file paths, undecoded bytes)."""
     feature = loaded.features[column]
     if type(feature).__name__ != "Image" or not getattr(feature, "decode", True):
-        raise FinetuneError(
-            f"dataset {name} column '{column}' ({key}) holds {feature}, not decoded images: "
-            f"cast it with dataset.cast_column('{column}', datasets.Image()) and save it again, or set {key}"
-        )
+        metadata = next((Path(name) / meta for meta in ("metadata.jsonl", "metadata.csv") if (Path(name) / meta).is_file()), None)
+        if metadata is not None and getattr(feature, "dtype", None) == "string":  # a folder's file names: no Python needed
+            fix = f"name its key '{column}_file_name' in {metadata} (datasets reads keys ending in _file_name as images of the folder)"
+        else:
+            fix = f"cast it with dataset.cast_column('{column}', datasets.Image()) and save it again"
+        raise FinetuneError(f"dataset {name} column '{column}' ({key}) holds {feature}, not decoded images: {fix}, or set {key}")
 
 
 def _caption_or_none(value, name: str, column: str, row: int) -> str | None:

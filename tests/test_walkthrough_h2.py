@@ -123,3 +123,24 @@ def test_a_folder_of_sd_scripts_image_folders_given_as_a_dataset_says_how_to_tra
     with pytest.raises(FinetuneError, match=r"kohya is a folder of image folders with .txt captions, .*: train it as data.image_dir=.*kohya "
                                             r"\(with data.dataset=null\), with folders: \[\{path: \"10_sks dog\", repeats: 10\}\] in the recipe's data section$"):  # fmt: skip
         read_examples(DataConfig(dataset=str(tmp_path / "kohya")))
+
+
+def test_a_folder_datasets_conditioning_file_names_say_the_metadata_key_that_reads_them(tmp_path):
+    import json
+
+    from finetune.sources import open_dataset, require_image_column
+
+    (tmp_path / "data" / "conditioning").mkdir(parents=True)
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "data" / "1.png")
+    Image.new("L", (64, 64), 255).save(tmp_path / "data" / "conditioning" / "1.png")
+    row = {"file_name": "1.png", "conditioning_image": "conditioning/1.png", "text": "a red square"}
+    (tmp_path / "data" / "metadata.jsonl").write_text(json.dumps(row) + "\n")
+    config = DataConfig(dataset=str(tmp_path / "data"))
+    # It said to cast the column in Python and save it again: in a folder, the key's name is the fix.
+    with pytest.raises(FinetuneError, match=r"holds Value\('string'\), not decoded images: name its key 'conditioning_image_file_name' in .*metadata.jsonl"):
+        require_image_column(open_dataset(config), config.dataset, "conditioning_image", "controlnet.conditioning_column")
+    row["conditioning_image_file_name"] = row.pop("conditioning_image")  # as it says
+    (tmp_path / "data" / "metadata.jsonl").write_text(json.dumps(row) + "\n")
+    loaded = open_dataset(config)
+    require_image_column(loaded, config.dataset, "conditioning_image", "controlnet.conditioning_column")
+    assert loaded[0]["conditioning_image"].getpixel((0, 0)) == 255
