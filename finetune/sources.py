@@ -250,7 +250,9 @@ def open_dataset(config: DataConfig):
     except FileNotFoundError as err:
         raise FinetuneError(f"dataset {name} not found: {str(err).splitlines()[0]}") from None
     except ConnectionError:
-        raise FinetuneError(f"dataset {name} is not in the local cache and the hub cannot be reached: use a local path") from None
+        # Said whole: a mistyped local path (my_data/trian) is looked up on the hub too.
+        raise FinetuneError(f"dataset {name} is no folder or file here ({Path(name).absolute()} not found), and as a hub dataset it is not in "
+                            "the local cache and the hub cannot be reached: check the path, or download it where the hub can be reached") from None  # fmt: skip
     except Exception as err:  # datasets' builders raise many kinds (pyarrow's ArrowInvalid, a ValueError, on a malformed metadata row)
         if isinstance(err, ValueError) and "Unknown split" in str(err):
             raise FinetuneError(f"dataset {name} has no split '{config.dataset_split}' ({str(err).splitlines()[0]}): set data.dataset_split") from None

@@ -144,3 +144,10 @@ def test_a_folder_datasets_conditioning_file_names_say_the_metadata_key_that_rea
     loaded = open_dataset(config)
     require_image_column(loaded, config.dataset, "conditioning_image", "controlnet.conditioning_column")
     assert loaded[0]["conditioning_image"].getpixel((0, 0)) == 255
+
+
+def test_a_mistyped_local_dataset_path_is_said_to_be_no_folder_here(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # offline (tests/conftest.py): "my_data/trian" is looked up on the hub as well
+    # It said only that the hub could not be reached: "use a local path", which it was.
+    with pytest.raises(FinetuneError, match=r"^dataset my_data/trian is no folder or file here \(.*my_data/trian not found\), and as a hub dataset"):
+        load_examples(DataConfig(dataset="my_data/trian", resolution=64))
