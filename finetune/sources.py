@@ -28,7 +28,7 @@ UNREAD_IMAGE_SUFFIXES = (".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".j
 DATASET_ROW = "dataset {name} row {row}"  # the source of a dataset's example (a folder's is its file's path)
 # A data file given as data.dataset, by the `datasets` builder that reads it: load_dataset(path) itself reads
 # folders only ("Couldn't find any data file" for a file that is there).
-DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json", ".tar": "webdataset"}
 # Builders load_dataset(name) takes as a name, which read the data files of the current folder without data_files.
 FORMAT_BUILDERS = {*DATA_FILE_BUILDERS.values(), "imagefolder", "webdataset", "text"}
 

@@ -151,3 +151,15 @@ def test_a_mistyped_local_dataset_path_is_said_to_be_no_folder_here(tmp_path, mo
     # It said only that the hub could not be reached: "use a local path", which it was.
     with pytest.raises(FinetuneError, match=r"^dataset my_data/trian is no folder or file here \(.*my_data/trian not found\), and as a hub dataset"):
         load_examples(DataConfig(dataset="my_data/trian", resolution=64))
+
+
+def test_a_webdataset_shard_is_a_dataset_of_its_samples(tmp_path):
+    import tarfile
+
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "0001.png")
+    (tmp_path / "0001.txt").write_text("a red thing")
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as tar:  # it was "a file of no kind datasets reads as data"
+        for name in ("0001.png", "0001.txt"):
+            tar.add(tmp_path / name, arcname=name)
+    [example] = load_examples(DataConfig(dataset=str(tmp_path / "shard-000.tar"), image_column="png", caption_column="txt", resolution=64))
+    assert example.caption == "a red thing" and example.load().convert("RGB").getpixel((0, 0)) == (255, 0, 0)
