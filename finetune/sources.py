@@ -97,6 +97,10 @@ def _folder_examples(config: DataConfig) -> list[Example]:
         if not images and (nested := nested_metadata_images(folder, config)):
             raise FinetuneError(f"data folder {folder} has no images of its own: its metadata file names them in a subfolder ({nested[0]}), "
                                 "and training reads the images beside the metadata file: move them there and drop the subfolder from their file_name")  # fmt: skip
+        if not images and (saved := saved_or_data_files(folder)):
+            remedy = (f"DreamBooth reads image files: write its images to a folder and give that as {key}" if key.startswith("dreambooth.")
+                      else f"train it as data.dataset={folder} (with data.image_dir=null)")  # fmt: skip
+            raise FinetuneError(f"data folder {folder} holds a datasets dataset ({saved}), not image files: {remedy}")
         if not images:
             raise FinetuneError(f"data folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}): add some or fix {key}")
         examples += [replace(example, folder_index=index) for example in _images_of_folder(folder, images, settings, config)]
@@ -213,13 +217,25 @@ def _images_of_folder(folder: Path, images: list[Path], settings: FolderConfig, 
     return examples
 
 
+def saved_dataset(folder: Path) -> bool:
+    """Whether save_to_disk wrote `folder`: a Dataset (dataset_info.json, state.json) or a DatasetDict (dataset_dict.json)."""
+    return folder.is_dir() and any((folder / marker).is_file() for marker in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def saved_or_data_files(folder: Path) -> str | None:
+    """What a folder of no images holds if it is a `datasets` dataset: "a save_to_disk folder", "data files", or None."""
+    if saved_dataset(folder):
+        return "a save_to_disk folder"
+    # Shards in it or one folder down (a hub repository's data/); not .json or .csv, which other folders hold too.
+    return "data files" if any(path.suffix.lower() in (".parquet", ".arrow") for path in [*folder.glob("*"), *folder.glob("*/*")]) else None
+
+
 def open_dataset(config: DataConfig):
     """The `datasets.Dataset` of `config.dataset` (hub name, local folder or data file, or save_to_disk folder), split chosen."""
     import datasets
 
     name = config.dataset
-    # What save_to_disk writes: a Dataset (dataset_info.json, state.json) or a DatasetDict (dataset_dict.json).
-    saved = Path(name).is_dir() and any((Path(name) / marker).is_file() for marker in ("dataset_info.json", "state.json", "dataset_dict.json"))
+    saved = saved_dataset(Path(name))
     folder = Path(name).is_dir() and not saved
     builder = DATA_FILE_BUILDERS.get(Path(name).suffix.lower()) if Path(name).is_file() else None
     if Path(name).is_file() and builder is None and Path(name).suffix != ".py":  # (a loading script: said below)

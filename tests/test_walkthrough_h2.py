@@ -163,3 +163,20 @@ def test_a_webdataset_shard_is_a_dataset_of_its_samples(tmp_path):
             tar.add(tmp_path / name, arcname=name)
     [example] = load_examples(DataConfig(dataset=str(tmp_path / "shard-000.tar"), image_column="png", caption_column="txt", resolution=64))
     assert example.caption == "a red thing" and example.load().convert("RGB").getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_a_datasets_dataset_given_as_an_image_folder_says_to_give_it_as_data_dataset(tmp_path):
+    from finetune.sources import read_examples
+
+    two_images().save_to_disk(tmp_path / "saved")
+    (tmp_path / "repo" / "data").mkdir(parents=True)  # a hub dataset's repository, cloned
+    two_images().to_parquet(str(tmp_path / "repo" / "data" / "train-00000-of-00001.parquet"))
+    # Each said the folder "has no images: add some or fix data.image_dir".
+    for folder, kind in (("saved", "a save_to_disk folder"), ("repo", "data files")):
+        with pytest.raises(FinetuneError, match=rf"folder .*{folder} holds a datasets dataset \({kind}\), not image files: train it as "
+                                                rf"data.dataset=.*{folder} \(with data.image_dir=null\)$"):  # fmt: skip
+            read_examples(DataConfig(image_dir=str(tmp_path / folder)))
+    config = DataConfig(image_dir=str(tmp_path / "saved"), caption="sks")
+    config._image_dir_key = "dreambooth.concepts.0.instance_dir"  # a DreamBooth concept reads no datasets
+    with pytest.raises(FinetuneError, match=r"not image files: DreamBooth reads image files: write its images to a folder and give that as dreambooth.concepts.0.instance_dir$"):
+        read_examples(config)
