@@ -25,7 +25,7 @@ from finetune.buckets import Size, assign_buckets, bucket_counts_line
 from finetune.captions import caption_lines, missing_caption_message
 from finetune.check_threads import each_on_threads
 from finetune.config import DataConfig, LossMaskConfig, Recipe
-from finetune.data import decode, file_stamp, has_alpha, is_16_bit, pixel_digest, turned_on_its_side, upright_rgb
+from finetune.data import decode, file_stamp, float_levels_problem, has_alpha, is_16_bit, pixel_digest, turned_on_its_side, upright_rgb
 from finetune.errors import FinetuneError
 from finetune.loss_mask import alpha_mask, image_sharing_mask, mask_area, mask_digest, mask_path, read_mask_file
 from finetune.sources import (Example, data_folders, expand_repeats, folder_images, metadata_rows_without_images, read_examples,
@@ -156,6 +156,8 @@ def inspect(example: Example, config: DataConfig) -> tuple[Example | None, list[
     try:
         stamp = file_stamp(source)  # before decoding: an edit while it decodes shows as a changed file
         raw = decode(example)
+        if message := float_levels_problem(raw, f"image {source}"):
+            return None, findings + [Finding(FATAL, source, message)], None
         image = upright_rgb(raw)
     except FinetuneError as err:
         return None, findings + [Finding(FATAL, source, str(err))], None

@@ -26,6 +26,7 @@ from finetune.config import DataConfig, Recipe
 from finetune.data import (
     collate_images,
     decode,
+    float_levels_problem,
     has_alpha,
     item_rng,
     likely_new_view,
@@ -199,9 +200,8 @@ def conditioning_problems(pair: Pair, image_size: tuple[int, int]) -> list[Findi
 def conditioning_content_problem(decoded: Image.Image, source: str) -> str | None:
     """Why a decoded conditioning image would steer as a blank one, or None. Training's pairs and validation
     images, `finetune sample --condition` and the demo's uploads are read alike (`open_rgb`), so they are checked alike."""
-    if decoded.mode == "F" and decoded.getextrema()[1] <= 1.0:  # read as levels 0-255, a 0-1 depth map would train black
-        return (f"conditioning image {source} holds 32-bit float values of 0-1, which train as levels 0-255 "
-                "(all but black): save it as an 8- or 16-bit PNG (values scaled to 0-255 or 0-65535)")  # fmt: skip
+    if message := float_levels_problem(decoded, f"conditioning image {source}"):
+        return message
     if has_alpha(decoded) and one_colour(upright_rgb(decoded)) and not one_colour(decoded.convert("RGBA")):
         # A white shape on a transparent background: flattened onto white, as every image is, nothing is left to read
         # (whether the hidden pixels hold the shape too, or are white everywhere, as many editors save them).

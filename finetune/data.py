@@ -71,6 +71,15 @@ def decode(example: Example, at_least: int | None = None) -> Image.Image:
     return image
 
 
+def float_levels_problem(image: Image.Image, named: str) -> str | None:
+    """Why a decoded image of 32-bit float values 0-1 cannot train (a depth map saved as float TIFF, a dataset
+    made of float arrays): read as levels 0-255, it would train all but black."""
+    if image.mode != "F" or image.getextrema()[1] > 1.0:
+        return None
+    return (f"{named} holds 32-bit float values of 0-1, which train as levels 0-255 (all but black): "
+            "save it as an 8- or 16-bit PNG (values scaled to 0-255 or 0-65535)")
+
+
 def has_alpha(image: Image.Image) -> bool:
     # "transparency": a palette's transparent entries, or the one transparent colour of an RGB or grey PNG
     # (tRNS); not of a 16-bit one, which converting to RGBA would clip before it is scaled to 8 bits.

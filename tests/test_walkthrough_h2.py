@@ -180,3 +180,23 @@ def test_a_datasets_dataset_given_as_an_image_folder_says_to_give_it_as_data_dat
     config._image_dir_key = "dreambooth.concepts.0.instance_dir"  # a DreamBooth concept reads no datasets
     with pytest.raises(FinetuneError, match=r"not image files: DreamBooth reads image files: write its images to a folder and give that as dreambooth.concepts.0.instance_dir$"):
         read_examples(config)
+
+
+def test_a_training_image_of_float_values_0_to_1_is_a_fatal_problem_not_a_black_image(tmp_path):
+    import datasets
+    import numpy as np
+
+    from finetune.check_data import FATAL, inspect_examples
+    from finetune.sources import read_examples
+
+    # datasets stores a float array as a 32-bit float TIFF: read as levels 0-255 it trained all but black.
+    depth = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    datasets.Dataset.from_dict({"image": [depth, depth * 255], "text": ["a", "b"]}, features=features).save_to_disk(tmp_path / "floats")
+    config = DataConfig(dataset=str(tmp_path / "floats"), resolution=64)
+    report = inspect_examples(read_examples(config), config, "floats")
+    assert [f.message for f in report.of_level(FATAL)] == [
+        f"image dataset {tmp_path / 'floats'} row 0 holds 32-bit float values of 0-1, which train as levels 0-255 (all but black): "
+        "save it as an 8- or 16-bit PNG (values scaled to 0-255 or 0-65535)"
+    ]
+    assert [example.source for example in report.usable] == [f"dataset {tmp_path / 'floats'} row 1"]  # levels 0-255 train as they are
