@@ -317,6 +317,11 @@ def _dataset_examples(config: DataConfig) -> list[Example]:
     if len(loaded) == 0:
         raise FinetuneError(f"dataset {name} split '{config.dataset_split}' is empty")
     require_image_column(loaded, name, config.image_column, "data.image_column")
+    if config.caption is None and (classes := getattr(loaded.features[config.caption_column], "names", None)):  # a ClassLabel: numbers
+        raise FinetuneError(f"dataset {name} caption column '{config.caption_column}' holds class numbers ({', '.join(classes[:5])}{' ...' if len(classes) > 5 else ''}), not text: "
+                            + (f"train the folder as data.image_dir={name} (with data.dataset=null) with a data.folders entry per class folder "
+                               f"and its prompt, e.g. folders: [{{path: {classes[0]}, template: \"a photo of {classes[0]}\"}}, ...]"
+                               if Path(name).is_dir() else "write a caption column from the class names (with dataset.map)"))  # fmt: skip
     # [:]: the whole column as a list (datasets 4+ gives a lazy Column, whose rows read one by one took 1 ms each)
     captions = [config.caption] * len(loaded) if config.caption is not None else loaded[config.caption_column][:]
     images = loaded.select_columns([config.image_column])

@@ -200,3 +200,13 @@ def test_a_training_image_of_float_values_0_to_1_is_a_fatal_problem_not_a_black_
         "save it as an 8- or 16-bit PNG (values scaled to 0-255 or 0-65535)"
     ]
     assert [example.source for example in report.usable] == [f"dataset {tmp_path / 'floats'} row 1"]  # levels 0-255 train as they are
+
+
+def test_class_labels_as_captions_say_how_to_prompt_each_class(tmp_path):
+    for name, colour in (("cat", "red"), ("dog", "blue")):
+        (tmp_path / "classes" / name).mkdir(parents=True)
+        Image.new("RGB", (64, 64), colour).save(tmp_path / "classes" / name / "1.png")
+    # datasets reads class folders as a ClassLabel column: it said "holds int, not text: give each row one caption (e.g. the first ...)".
+    with pytest.raises(FinetuneError, match=r"caption column 'label' holds class numbers \(cat, dog\), not text: train the folder as data.image_dir=.*classes "
+                                            r"\(with data.dataset=null\) with a data.folders entry per class folder and its prompt"):  # fmt: skip
+        load_examples(DataConfig(dataset=str(tmp_path / "classes"), caption_column="label", resolution=64))
