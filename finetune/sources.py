@@ -318,10 +318,7 @@ def _dataset_examples(config: DataConfig) -> list[Example]:
         raise FinetuneError(f"dataset {name} split '{config.dataset_split}' is empty")
     require_image_column(loaded, name, config.image_column, "data.image_column")
     if config.caption is None and (classes := getattr(loaded.features[config.caption_column], "names", None)):  # a ClassLabel: numbers
-        raise FinetuneError(f"dataset {name} caption column '{config.caption_column}' holds class numbers ({', '.join(classes[:5])}{' ...' if len(classes) > 5 else ''}), not text: "
-                            + (f"train the folder as data.image_dir={name} (with data.dataset=null) with a data.folders entry per class folder "
-                               f"and its prompt, e.g. folders: [{{path: {classes[0]}, template: \"a photo of {classes[0]}\"}}, ...]"
-                               if Path(name).is_dir() else "write a caption column from the class names (with dataset.map)"))  # fmt: skip
+        raise FinetuneError(_class_numbers_message(name, config.caption_column, classes))
     # [:]: the whole column as a list (datasets 4+ gives a lazy Column, whose rows read one by one took 1 ms each)
     captions = [config.caption] * len(loaded) if config.caption is not None else loaded[config.caption_column][:]
     images = loaded.select_columns([config.image_column])
@@ -330,6 +327,16 @@ def _dataset_examples(config: DataConfig) -> list[Example]:
                 lambda row=row, source=source: row_image(images, row, config.image_column, source))  # fmt: skip
         for row in range(len(loaded))
     ]
+
+
+def _class_numbers_message(name: str, column: str, classes: list[str]) -> str:
+    """A ClassLabel caption column (datasets reads a folder of class folders so): how to prompt each class."""
+    named = ", ".join(classes[:5]) + (" ..." if len(classes) > 5 else "")
+    if not Path(name).is_dir():
+        return f"dataset {name} caption column '{column}' holds class numbers ({named}), not text: write a caption column from the class names (with dataset.map)"
+    return (f"dataset {name} caption column '{column}' holds class numbers ({named}), not text: train the folder as data.image_dir={name} "
+            f"(with data.dataset=null) with a data.folders entry per class folder and its prompt, e.g. "
+            f"folders: [{{path: {classes[0]}, template: \"a photo of {classes[0]}\"}}, ...]")  # fmt: skip
 
 
 def row_image(images, row: int, column: str, source: str) -> Image.Image | None:
