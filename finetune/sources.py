@@ -363,7 +363,8 @@ def require_image_column(loaded, name: str, column: str, key: str) -> None:
         if metadata is not None and getattr(feature, "dtype", None) == "string":  # a folder's file names: no Python needed
             fix = f"name its key '{column}_file_name' in {metadata} (datasets reads keys ending in _file_name as images of the folder)"
         else:
-            fix = f"cast it with dataset.cast_column('{column}', datasets.Image()) and save it again"
+            # save_to_disk stores the files' bytes in the dataset (a csv or jsonl written again would hold the paths again).
+            fix = f"cast it with dataset.cast_column('{column}', datasets.Image()), save it with save_to_disk (which stores the images in it) and train that folder"
         raise FinetuneError(f"dataset {name} column '{column}' ({key}) holds {feature}, not decoded images: {fix}, or set {key}")
 
 

@@ -210,3 +210,20 @@ def test_class_labels_as_captions_say_how_to_prompt_each_class(tmp_path):
     with pytest.raises(FinetuneError, match=r"caption column 'label' holds class numbers \(cat, dog\), not text: train the folder as data.image_dir=.*classes "
                                             r"\(with data.dataset=null\) with a data.folders entry per class folder and its prompt"):  # fmt: skip
         load_examples(DataConfig(dataset=str(tmp_path / "classes"), caption_column="label", resolution=64))
+
+
+def test_a_data_file_of_image_paths_says_to_save_it_with_save_to_disk_which_stores_the_images(tmp_path, monkeypatch):
+    import datasets
+
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "1.png")
+    (tmp_path / "train.jsonl").write_text('{"image": "1.png", "text": "a red square"}\n')
+    # It said "cast it ... and save it again": a jsonl written again holds the paths again.
+    with pytest.raises(FinetuneError, match=r"holds Value\('string'\), not decoded images: cast it with dataset.cast_column\('image', datasets.Image\(\)\), "
+                                            r"save it with save_to_disk \(which stores the images in it\) and train that folder, or set data.image_column$"):  # fmt: skip
+        load_examples(DataConfig(dataset=str(tmp_path / "train.jsonl"), resolution=64))
+    monkeypatch.chdir(tmp_path)  # as it says (a relative path is read from the current folder)
+    loaded = datasets.load_dataset("json", data_files="train.jsonl", split="train").cast_column("image", datasets.Image())
+    loaded.save_to_disk(tmp_path / "saved")
+    (tmp_path / "1.png").unlink()  # stored in the dataset: the file is no longer needed
+    [example] = load_examples(DataConfig(dataset=str(tmp_path / "saved"), resolution=64))
+    assert example.caption == "a red square" and example.load().getpixel((0, 0)) == (255, 0, 0)
