@@ -227,3 +227,11 @@ def test_a_data_file_of_image_paths_says_to_save_it_with_save_to_disk_which_stor
     (tmp_path / "1.png").unlink()  # stored in the dataset: the file is no longer needed
     [example] = load_examples(DataConfig(dataset=str(tmp_path / "saved"), resolution=64))
     assert example.caption == "a red square" and example.load().getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_an_empty_data_path_is_refused_with_its_key(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # dataset "" read the current folder as a dataset ("dataset folder  cannot be read (IndexError ...)"); image_dir "" was a traceback.
+    for key in ("image_dir", "dataset"):
+        with pytest.raises(ValueError, match=rf"{key}\n  Value error, is empty: give a folder \(data.image_dir\) or a datasets name or path"):
+            DataConfig(**{key: ""})

@@ -130,6 +130,13 @@ class DataConfig(Section):
     loss_mask: LossMaskConfig = LossMaskConfig()
     num_workers: int = Field(0, ge=0)
 
+    @field_validator("image_dir", "dataset")
+    @classmethod
+    def _not_empty(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not value.strip():  # "" is no data: read as the current folder, or a traceback
+            raise ValueError("is empty: give a folder (data.image_dir) or a datasets name or path (data.dataset), and null for the other")
+        return value
+
     @field_validator("keep_tokens")
     @classmethod
     def _not_negative(cls, value: int) -> int:
