@@ -235,3 +235,7 @@ def test_an_empty_data_path_is_refused_with_its_key(tmp_path, monkeypatch):
     for key in ("image_dir", "dataset"):
         with pytest.raises(ValueError, match=rf"{key}\n  Value error, is empty: give a folder \(data.image_dir\) or a datasets name or path"):
             DataConfig(**{key: ""})
+    from finetune.config.methods import Concept
+
+    with pytest.raises(ValueError, match=r"instance_dir\n  Value error, is empty: give the folder of this concept's images"):  # it was a traceback
+        Concept(instance_dir="", instance_prompt="a photo of sks dog")

@@ -125,6 +125,13 @@ class Concept(Section):
             raise ValueError("set instance_prompt (e.g. 'a photo of sks dog'), or use_captions: true to train with each image's caption")
         return self
 
+    @field_validator("instance_dir")
+    @classmethod
+    def _a_folder(cls, value: str) -> str:
+        if not value.strip():  # "" is no folder: read as a dataset that is not there, a traceback
+            raise ValueError("is empty: give the folder of this concept's images")
+        return value
+
     @field_validator("class_prompt", mode="before")
     @classmethod
     def _a_prompt_or_prompts(cls, value):
