@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from finetune.prompt_options import MAX_STEPS
+
 
 EXAMPLES = """examples:
   finetune train recipes/quickstart.yaml
@@ -36,6 +38,15 @@ def positive_int(text: str) -> int:
     value = whole_number(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def sampling_steps(text: str) -> int:
+    """An argparse type: sampling steps, 1 to the schedulers' training timesteps (more was diffusers' traceback
+    after the model loaded), as a prompt's --s takes them."""
+    value = positive_int(text)
+    if value > MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_STEPS} (the scheduler's training timesteps), got {value}")
     return value
 
 
@@ -128,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--negative-prompt", default=None)
     sample.add_argument("--num-images", type=positive_int, default=4, help="images per prompt (seeds seed..seed+N-1, from a prompt's own --d if it has one)")
     sample.add_argument("--seed", type=seed_number, default=0)
-    sample.add_argument("--steps", type=positive_int, default=25, help="DDIM steps")
+    sample.add_argument("--steps", type=sampling_steps, default=25, help="DDIM steps")
     sample.add_argument("--guidance", type=finite_float, default=7.5, help="classifier-free guidance scale")
     sample.add_argument("--resolution", type=positive_int, default=None, help="image size (default: the model's)")
     sample.add_argument("--out", default="outputs/samples", help="output folder (default outputs/samples)")

@@ -26,7 +26,7 @@ control_iou, placement_iou: higher is better, compare with their chance levels a
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``eval`` on the ``finetune`` subcommand parsers (``parser.add_subparsers()``)."""
-    from finetune.cli_arguments import RECORDED_BASE_HELP, OneLoRA, add_base_options, finite_float, positive_int, seed_number
+    from finetune.cli_arguments import RECORDED_BASE_HELP, OneLoRA, add_base_options, finite_float, positive_int, sampling_steps, seed_number
 
     p = subparsers.add_parser(
         "eval",
@@ -45,7 +45,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="suite to run; repeat for several (default: adherence and fid; control and placement with --controlnet)")
     p.add_argument("--num-prompts", type=positive_int, default=64, help="prompts per suite (default 64)")
     p.add_argument("--images-per-prompt", type=positive_int, default=1, help="images per prompt; prompt p's image k has seed seed+p*N+k (default 1)")
-    p.add_argument("--steps", type=positive_int, default=25, help="DDIM steps (default 25)")
+    p.add_argument("--steps", type=sampling_steps, default=25, help="DDIM steps (default 25)")
     p.add_argument("--guidance", type=finite_float, default=5.0, help="classifier-free guidance scale (default 5.0)")
     p.add_argument("--seed", type=seed_number, default=0, help="noise seed; the prompts are fixed (default 0)")
     p.add_argument("--identifier", default="sks", help="DreamBooth identifier in subject prompts (default sks)")

@@ -8,6 +8,8 @@ from typing import Annotated, ClassVar, Iterable
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from finetune.prompt_options import MAX_STEPS
+
 
 class Section(BaseModel):
     # inf and nan, which YAML reads as floats (.inf, .nan), would train NaNs (a learning rate, an alpha, a noise offset).
@@ -48,4 +50,7 @@ PixelSize = Annotated[int, AfterValidator(_multiple_of_8)]  # an image side the 
 Share = Annotated[float, AfterValidator(_between_0_and_1)]  # a probability
 # Random seeds: torch's generators take at most 64 bits, numpy's no negative numbers; image k draws from seed + k.
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
+# Sampling steps, as a prompt's --s: the schedulers take at most their training timesteps (more was diffusers'
+# ValueError at the first validation grid, after training up to it).
+SamplingSteps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
 UserPath = Annotated[str, AfterValidator(os.path.expanduser)]  # a file or folder: ~ is the user's home, as in a shell

@@ -6,7 +6,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from finetune.config.base import Section, Seed, Share, UserPath
+from finetune.config.base import SamplingSteps, Section, Seed, Share, UserPath
 
 
 class LoRAConfig(Section):
@@ -93,7 +93,7 @@ class VAEConfig(Section):
 class ClassImageGeneration(Section):
     """How missing class images are generated with the frozen base model (DreamBooth prior preservation)."""
 
-    num_inference_steps: int = Field(25, ge=1)
+    num_inference_steps: SamplingSteps = 25
     guidance_scale: float = 7.5
     batch_size: int = Field(4, ge=1)
     seed: Seed = 0

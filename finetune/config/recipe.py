@@ -9,7 +9,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from finetune.config.base import Section, Seed, UserPath
+from finetune.config.base import SamplingSteps, Section, Seed, UserPath
 from finetune.config.data import DataConfig
 from finetune.config.methods import ControlNetConfig, DreamBoothConfig, FullConfig, LoRAConfig, VAEConfig
 from finetune.prompt_options import PromptSettings, with_options
@@ -176,7 +176,7 @@ class ValidationConfig(Section):
     every_n_steps: int = Field(0, ge=0)  # 0: only at the end of training
     every_n_epochs: int = Field(0, ge=0)  # also at the end of every Nth epoch (sd-scripts' sample_every_n_epochs); 0: off
     at_start: bool = True  # also sample before the first step, for a before/after comparison
-    num_inference_steps: int = Field(25, ge=1)
+    num_inference_steps: SamplingSteps = 25
     guidance_scale: float = 7.5
     negative_prompt: Optional[str] = None  # e.g. "blurry, low quality"; for every prompt without its own --n
     images_per_prompt: int = Field(2, ge=1)

@@ -1,0 +1,25 @@
+"""Walkthrough fixes (h1): sampling settings and per-prompt options, checked before anything loads or trains."""
+
+import pytest
+
+from finetune.cli import main
+from finetune.errors import FinetuneError
+from finetune.recipe_loading import load_recipe
+
+
+@pytest.mark.parametrize("command", [["sample", "--prompt", "x"], ["eval"]])
+def test_sampling_steps_past_the_schedulers_timesteps_are_refused(command, capsys):
+    """--steps 2000 loaded the model, then was diffusers' ValueError traceback (a prompt's --s was already capped)."""
+    with pytest.raises(SystemExit):
+        main([*command, "--steps", "2000"])
+    assert "argument --steps: must be at most 1000 (the scheduler's training timesteps), got 2000" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key", ["validation.num_inference_steps", "dreambooth.class_generation.num_inference_steps"])
+def test_recipe_sampling_steps_past_the_schedulers_timesteps_are_refused(key):
+    """validation.num_inference_steps: 1001 trained up to the first validation grid, then stopped with diffusers'
+    traceback and nothing saved; the class images' steps likewise after loading the base."""
+    recipe = "recipes/dreambooth.yaml" if key.startswith("dreambooth") else "recipes/quickstart.yaml"
+    with pytest.raises(FinetuneError, match=rf"{key}.*less than or equal to 1000"):
+        load_recipe(recipe, [f"{key}=1001"])
+    assert load_recipe(recipe, [f"{key}=1000"])  # the schedulers' own maximum still samples
