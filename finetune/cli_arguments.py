@@ -71,6 +71,22 @@ def finite_float(text: str) -> float:
     return value
 
 
+def positive_number(text: str) -> float:
+    """An argparse type: a finite number above 0 (the demo's --max-upload-mb: 0 refused every upload)."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 1 to 65535 (another was a bind() OverflowError traceback after the model loaded)."""
+    value = whole_number(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535, got {value}")
+    return value
+
+
 def add_base_options(parser: argparse.ArgumentParser, required: bool = True, default: str = "") -> None:
     """--base and --base-config, as sample, merge, eval and demo take them (training: model.pretrained and
     model.single_file_config)."""

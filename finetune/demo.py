@@ -284,7 +284,7 @@ def launch_app(app, host: str = "127.0.0.1", port: int | None = None, max_upload
 
 
 def add_demo_parser(commands) -> None:
-    from finetune.cli_arguments import add_base_options, add_placement_options
+    from finetune.cli_arguments import add_base_options, add_placement_options, port_number, positive_int, positive_number
 
     demo = commands.add_parser(
         "demo",
@@ -297,9 +297,9 @@ def add_demo_parser(commands) -> None:
     add_base_options(demo, required=False, default=" (default: the shipped toy-world base, else a tiny model in outputs/demo-base)")
     demo.add_argument("--adapters", default=ADAPTERS_DEFAULT, help=f"folder scanned for adapters (default {ADAPTERS_DEFAULT})")
     demo.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    demo.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    demo.add_argument("--queue-size", type=int, default=8, help="requests waiting at most; more are turned away (default 8)")
-    demo.add_argument("--max-upload-mb", type=float, default=10, help="largest upload accepted, in MB (default 10)")
+    demo.add_argument("--port", type=port_number, default=7860, help="port (default 7860)")
+    demo.add_argument("--queue-size", type=positive_int, default=8, help="requests waiting at most; more are turned away (default 8)")
+    demo.add_argument("--max-upload-mb", type=positive_number, default=10, help="largest upload accepted, in MB (default 10)")
     add_placement_options(demo)
 
 

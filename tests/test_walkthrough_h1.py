@@ -23,3 +23,15 @@ def test_recipe_sampling_steps_past_the_schedulers_timesteps_are_refused(key):
     with pytest.raises(FinetuneError, match=rf"{key}.*less than or equal to 1000"):
         load_recipe(recipe, [f"{key}=1001"])
     assert load_recipe(recipe, [f"{key}=1000"])  # the schedulers' own maximum still samples
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--port", "70000", "must be a port from 1 to 65535, got 70000"),  # was bind()'s OverflowError traceback, after loading the base
+    ("--port", "-1", "must be a port from 1 to 65535, got -1"),
+    ("--queue-size", "0", "must be at least 1, got 0"),  # every Generate was turned away as 'queue is full'
+    ("--max-upload-mb", "0", "must be above 0, got 0"),  # every upload was refused
+])
+def test_demo_options_that_cannot_serve_are_refused_before_loading(option, value, message, capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", option, value])
+    assert f"argument {option}: {message}" in capsys.readouterr().err
