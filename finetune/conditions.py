@@ -38,6 +38,7 @@ LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float64)
 CANNY_LOW, CANNY_HIGH, CANNY_SIGMA = 20.0, 40.0, 1.0
 # The toy world's closest shape/background colours are ~83 apart (see toyworld.metrics.SEGMENT_THRESHOLD).
 MASK_THRESHOLD = 40.0
+MAX_RGB_DISTANCE = 255 * 3**0.5  # black to white: no pixel is farther than this from the border's colour
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -180,6 +181,13 @@ def check_options(kind: str, **options) -> None:
         raise FinetuneError(f"mask --threshold must be 0 or more (an RGB distance; below 0 every pixel is shape), got {options['threshold']}")
     if kind == "canny" and not 0 <= options.get("low", CANNY_LOW) <= options.get("high", CANNY_HIGH):
         raise FinetuneError(f"canny thresholds must satisfy 0 <= low <= high, got low={options.get('low', CANNY_LOW)}, high={options.get('high', CANNY_HIGH)}")
+    # Past what any image reaches, every conditioning image came out black, written without a word.
+    if kind == "canny" and options.get("high", CANNY_HIGH) > 255:
+        raise FinetuneError(f"canny --high {options['high']} is past the colour levels 0-255 (a black-to-white edge is 255): "
+                            "almost no edge would be found, every conditioning image black; give 255 or less")  # fmt: skip
+    if kind == "mask" and options.get("threshold", MASK_THRESHOLD) >= MAX_RGB_DISTANCE:
+        raise FinetuneError(f"mask --threshold {options['threshold']} is at or past the largest RGB distance ({MAX_RGB_DISTANCE:.1f}, black to white): "
+                            "no pixel would be shape, every mask black; give less")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------

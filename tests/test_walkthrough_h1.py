@@ -1,4 +1,6 @@
-"""Walkthrough fixes (h1): sampling settings and per-prompt options, checked before anything loads or trains."""
+"""Walkthrough fixes (h1): settings that could not work (or trained the wrong way) refused in one line, before anything loads, trains or is written."""
+
+from pathlib import Path
 
 import pytest
 
@@ -35,3 +37,19 @@ def test_demo_options_that_cannot_serve_are_refused_before_loading(option, value
     with pytest.raises(SystemExit):
         main(["demo", option, value])
     assert f"argument {option}: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, said", [
+    (["--kind", "canny", "--high", "inf"], "canny --high inf is past the colour levels 0-255 (a black-to-white edge is 255): almost no edge would be found, "
+                                           "every conditioning image black; give 255 or less"),
+    (["--kind", "canny", "--low", "300", "--high", "400"], "canny --high 400.0 is past the colour levels 0-255"),
+    (["--kind", "mask", "--threshold", "442"], "mask --threshold 442.0 is at or past the largest RGB distance (441.7, black to white): "
+                                               "no pixel would be shape, every mask black; give less"),
+])  # fmt: skip
+def test_make_conditions_refuses_thresholds_no_image_reaches(options, said, tmp_path, capsys):
+    """They wrote every conditioning image black and said 'wrote 6 canny conditioning images'."""
+    star = Path(__file__).parent.parent / "datasets" / "star"
+    assert main(["make-conditions", str(star), str(tmp_path / "out"), *options]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"error: {said}")
+    assert not (tmp_path / "out").exists()
+    assert main(["make-conditions", str(star), str(tmp_path / "edges"), "--kind", "canny", "--high", "255"]) == 0  # the range's top still works
