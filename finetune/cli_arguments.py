@@ -41,6 +41,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+def pixel_size(text: str) -> int:
+    """An argparse type: an image side, a positive multiple of 8 (the VAE downsamples by 8), checked before a base
+    model loads (or downloads) rather than after."""
+    value = positive_int(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8 (the VAE downsamples by 8), got {value}")
+    return value
+
+
 def sampling_steps(text: str) -> int:
     """An argparse type: sampling steps, 1 to the schedulers' training timesteps (more was diffusers' traceback
     after the model loaded), as a prompt's --s takes them."""
@@ -157,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=seed_number, default=0)
     sample.add_argument("--steps", type=sampling_steps, default=25, help="DDIM steps")
     sample.add_argument("--guidance", type=finite_float, default=7.5, help="classifier-free guidance scale")
-    sample.add_argument("--resolution", type=positive_int, default=None, help="image size (default: the model's)")
+    sample.add_argument("--resolution", type=pixel_size, default=None, help="image size (default: the model's)")
     sample.add_argument("--out", default="outputs/samples", help="output folder (default outputs/samples)")
     add_placement_options(sample)
 

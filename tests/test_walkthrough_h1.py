@@ -53,3 +53,10 @@ def test_make_conditions_refuses_thresholds_no_image_reaches(options, said, tmp_
     assert capsys.readouterr().err.strip().startswith(f"error: {said}")
     assert not (tmp_path / "out").exists()
     assert main(["make-conditions", str(star), str(tmp_path / "edges"), "--kind", "canny", "--high", "255"]) == 0  # the range's top still works
+
+
+def test_a_sample_resolution_off_the_8_pixel_grid_is_refused_before_the_base_loads(tmp_path, capsys):
+    """--resolution 30 was refused only after the base model loaded (after a hub base's download)."""
+    with pytest.raises(SystemExit):
+        main(["sample", "--base", str(tmp_path / "not-loaded"), "--prompt", "a", "--resolution", "30"])
+    assert "argument --resolution: must be a multiple of 8 (the VAE downsamples by 8), got 30" in capsys.readouterr().err
