@@ -57,7 +57,7 @@ base-model: setup
 	test -f outputs/world/train/metadata.jsonl || $(BIN)/finetune make-world-data outputs/world/train --num-images 20000 --seed 0
 	test -f outputs/world/train_partial/metadata.jsonl || \
 		$(BIN)/finetune make-world-data outputs/world/train_partial --num-images 20000 --seed 0 --partial-captions 0.3
-	$(BIN)/finetune make-tiny-model outputs/base/init --preset world --seed 0
+	test -f outputs/base/init/model_index.json || $(BIN)/finetune make-tiny-model outputs/base/init --preset world --seed 0
 	test -f finetune/assets/toyworld_perceptual.safetensors || \
 		$(BIN)/python -m finetune.toyworld.classifier --seed 1 --threads 1 --out finetune/assets/toyworld_perceptual.safetensors
 	$(BIN)/finetune train recipes/pretrain_vae.yaml

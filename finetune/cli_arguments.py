@@ -180,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tiny (~1M UNet params), world (the toy-world base architecture) or medium (SD1.5 block pattern, ~19M)")
     tiny.add_argument("--seed", type=seed_number, default=0)
     tiny.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon")
+    tiny.add_argument("--overwrite", action="store_true", help="replace an existing output folder and everything in it")
 
     data = commands.add_parser(
         "make-sample-data",

@@ -60,3 +60,18 @@ def test_a_sample_resolution_off_the_8_pixel_grid_is_refused_before_the_base_loa
     with pytest.raises(SystemExit):
         main(["sample", "--base", str(tmp_path / "not-loaded"), "--prompt", "a", "--resolution", "30"])
     assert "argument --resolution: must be a multiple of 8 (the VAE downsamples by 8), got 30" in capsys.readouterr().err
+
+
+def test_make_tiny_model_replaces_a_folder_with_contents_only_when_asked(tmp_path, capsys):
+    """It wrote random weights into any folder: a mistyped path to a trained pipeline lost that pipeline's weights."""
+    trained = tmp_path / "trained"
+    assert main(["make-tiny-model", str(trained), "--seed", "1"]) == 0
+    weights = (trained / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert main(["make-tiny-model", str(trained)]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"error: make-tiny-model output {trained} is not empty: pick a new folder, "
+                                                    "or pass --overwrite to replace what is in it")  # fmt: skip
+    assert (trained / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
+    (trained / "notes.txt").write_text("mine")
+    assert main(["make-tiny-model", str(trained), "--overwrite"]) == 0  # the folder replaced whole, as export-base replaces its own
+    assert (trained / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != weights and not (trained / "notes.txt").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["trained"]  # no partial folder left beside it
