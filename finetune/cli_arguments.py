@@ -51,11 +51,11 @@ def pixel_size(text: str) -> int:
 
 
 def sampling_steps(text: str) -> int:
-    """An argparse type: sampling steps, 1 to the schedulers' training timesteps (more was diffusers' traceback
-    after the model loaded), as a prompt's --s takes them."""
+    """An argparse type: sampling steps, 1 to MAX_STEPS (more was diffusers' traceback after the model loaded),
+    as a prompt's --s takes them."""
     value = positive_int(text)
     if value > MAX_STEPS:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_STEPS} (the scheduler's training timesteps), got {value}")
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_STEPS} (the scheduler has 1000 training timesteps), got {value}")
     return value
 
 

@@ -24,7 +24,9 @@ OPTIONS = {
 }
 IGNORED = ("w", "h", "ss", "cn", "am", "f")  # sd-scripts' other options: sizes, sampler, ControlNet image, ...
 MAX_SEED = 2**63 - 1  # torch's generators take a signed 64-bit seed
-MAX_STEPS = 1000  # the schedulers' training timesteps (sd-scripts caps --s there too)
+# Below the schedulers' 1000 training timesteps: DDIM with SD's steps_offset 1 reaches timestep 1000 at 1000
+# steps (an IndexError after loading), and 999 steps or fewer stay within them (sd-scripts caps --s at 1000).
+MAX_STEPS = 999
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ def test_options_replace_the_defaults_they_name():
         ("a dog --x 1", r"unknown option --x \(' --' starts an option\); the options are --n \(negative prompt\), --d \(seed\), --l \(guidance scale\), --s \(steps\)"),
         ("a cat -- sitting", r"unknown option --sitting \(' --' starts an option\)"),
         ("a dog --d seven", r"--d needs a seed, got 'seven'"),
-        ("a dog --s 0", r"--s 0 is out of range \(1 to 1000\)"),
+        ("a dog --s 0", r"--s 0 is out of range \(1 to 999\)"),
         ("a dog --d 99999999999999999999999", r"--d 99999999999999999999999 is out of range \(0 to 9223372036854775807\)"),
         ("a dog --l nan", r"--l nan is out of range \(a finite number\)"),
     ],

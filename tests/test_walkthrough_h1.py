@@ -14,7 +14,7 @@ def test_sampling_steps_past_the_schedulers_timesteps_are_refused(command, capsy
     """--steps 2000 loaded the model, then was diffusers' ValueError traceback (a prompt's --s was already capped)."""
     with pytest.raises(SystemExit):
         main([*command, "--steps", "2000"])
-    assert "argument --steps: must be at most 1000 (the scheduler's training timesteps), got 2000" in capsys.readouterr().err
+    assert "argument --steps: must be at most 999 (the scheduler has 1000 training timesteps), got 2000" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("key", ["validation.num_inference_steps", "dreambooth.class_generation.num_inference_steps"])
@@ -22,9 +22,9 @@ def test_recipe_sampling_steps_past_the_schedulers_timesteps_are_refused(key):
     """validation.num_inference_steps: 1001 trained up to the first validation grid, then stopped with diffusers'
     traceback and nothing saved; the class images' steps likewise after loading the base."""
     recipe = "recipes/dreambooth.yaml" if key.startswith("dreambooth") else "recipes/quickstart.yaml"
-    with pytest.raises(FinetuneError, match=rf"{key}.*less than or equal to 1000"):
-        load_recipe(recipe, [f"{key}=1001"])
-    assert load_recipe(recipe, [f"{key}=1000"])  # the schedulers' own maximum still samples
+    with pytest.raises(FinetuneError, match=rf"{key}.*less than or equal to 999"):
+        load_recipe(recipe, [f"{key}=1000"])
+    assert load_recipe(recipe, [f"{key}=999"])
 
 
 @pytest.mark.parametrize("option, value, message", [
@@ -75,3 +75,17 @@ def test_make_tiny_model_replaces_a_folder_with_contents_only_when_asked(tmp_pat
     assert main(["make-tiny-model", str(trained), "--overwrite"]) == 0  # the folder replaced whole, as export-base replaces its own
     assert (trained / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != weights and not (trained / "notes.txt").exists()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["trained"]  # no partial folder left beside it
+
+
+@pytest.mark.parametrize("spacing", [{}, {"timestep_spacing": "trailing", "rescale_betas_zero_snr": True}])  # as shipped; zero terminal SNR's
+def test_the_most_sampling_steps_taken_stay_within_the_schedulers_timesteps(spacing):
+    """At 1000 steps DDIM with SD's steps_offset 1 reached timestep 1000 of 0-999: `sample --steps 1000` (or a
+    prompt's --s 1000) was an IndexError after loading the model."""
+    from diffusers import DDIMScheduler
+
+    from finetune.prompt_options import MAX_STEPS
+
+    config = DDIMScheduler.load_config(Path(__file__).parent.parent / "finetune" / "assets" / "toyworld-base" / "scheduler")
+    scheduler = DDIMScheduler.from_config(config, **spacing)
+    scheduler.set_timesteps(MAX_STEPS)
+    assert int(scheduler.timesteps.max()) < scheduler.config.num_train_timesteps

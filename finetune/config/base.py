@@ -50,7 +50,7 @@ PixelSize = Annotated[int, AfterValidator(_multiple_of_8)]  # an image side the 
 Share = Annotated[float, AfterValidator(_between_0_and_1)]  # a probability
 # Random seeds: torch's generators take at most 64 bits, numpy's no negative numbers; image k draws from seed + k.
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
-# Sampling steps, as a prompt's --s: the schedulers take at most their training timesteps (more was diffusers'
-# ValueError at the first validation grid, after training up to it).
+# Sampling steps, as a prompt's --s: up to MAX_STEPS, within the schedulers' training timesteps (more was
+# diffusers' error at the first validation grid, after training up to it).
 SamplingSteps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
 UserPath = Annotated[str, AfterValidator(os.path.expanduser)]  # a file or folder: ~ is the user's home, as in a shell
