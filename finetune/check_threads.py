@@ -16,6 +16,7 @@ from typing import Callable, Sequence, TypeVar
 from tqdm.auto import tqdm
 
 from finetune.errors import FinetuneError
+from finetune.process_env import first_on_its_machine
 
 Item, Result = TypeVar("Item"), TypeVar("Result")
 
@@ -39,7 +40,7 @@ def check_threads() -> int:
 
 def each_on_threads(function: Callable[[Item], Result], items: Sequence[Item], description: str) -> list[Result]:
     """[function(item) for item in items], computed on `check_threads()` threads."""
-    shown = len(items) >= PROGRESS_FROM and os.environ.get("LOCAL_RANK", "0") == "0"  # one bar per machine
+    shown = len(items) >= PROGRESS_FROM and first_on_its_machine()  # one bar per machine
     pool = ThreadPoolExecutor(check_threads(), thread_name_prefix="check")
     results = []
     try:

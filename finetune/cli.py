@@ -12,6 +12,7 @@ from pathlib import Path
 from finetune.cli_arguments import parse_arguments
 from finetune.errors import FinetuneError, one_line
 from finetune.library_noise import quiet_third_party_warnings
+from finetune.process_env import first_on_its_machine
 
 
 def base_or_recorded(args) -> str:
@@ -39,11 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except FinetuneError as err:
         # Under `accelerate launch` every process checks the same recipe and files: one line per machine.
-        if os.environ.get("LOCAL_RANK", "0") == "0":
+        if first_on_its_machine():
             print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # training stops itself cleanly; this is Ctrl-C anywhere else (loading, class images, sampling)
-        if os.environ.get("LOCAL_RANK", "0") == "0":  # every process got it: one line per machine, as for errors
+        if first_on_its_machine():  # every process got it: one line per machine, as for errors
             print("\nstopped (Ctrl-C): files written so far are kept; run the command again to continue", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader left (`finetune check-data ... | head`): no traceback for that

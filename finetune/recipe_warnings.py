@@ -6,11 +6,11 @@ They are not errors: the shipped recipes name them, and switching a feature off 
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
 from finetune.config import Recipe
+from finetune.process_env import first_on_its_machine
 
 # What only prior preservation reads: the class images, how they are made and how much their loss weighs.
 CLASS_SETTINGS = ("prior_loss_weight", "num_class_images", "class_generation")
@@ -29,7 +29,7 @@ def print_empty_recipe(path) -> None:
 
 
 def _warn(line: str) -> None:
-    if os.environ.get("LOCAL_RANK", "0") == "0":  # under `accelerate launch` every process loads the recipe: one line per machine
+    if first_on_its_machine():  # under `accelerate launch` every process loads the recipe: one line per machine
         print(f"warning: {line}", file=sys.stderr)
 
 
