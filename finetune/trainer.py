@@ -320,7 +320,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             if due(step, recipe.checkpoint.every_n_steps, ended, recipe.checkpoint.every_n_epochs) and step < max_steps:
                 save_checkpoint()
                 last_checkpoint_step = step
-                if accelerator.is_local_main_process:  # a line above the progress bar, as sd-scripts says each save
+                if accelerator.is_main_process:  # its writer (not each machine: theirs may not hold it), as sd-scripts says each save
                     progress.write(f"saved {checkpoints_dir / f'checkpoint-{step}'} (step {step}, {epochs:.3g} epochs)")
             if due(step, recipe.validation.every_n_steps, ended, recipe.validation.every_n_epochs) and step < max_steps:
                 grid = validate(step)
