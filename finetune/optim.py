@@ -68,6 +68,28 @@ def build_lr_scheduler(config: OptimizerConfig, optimizer: torch.optim.Optimizer
     )
 
 
+def schedule_factor(config: OptimizerConfig, max_steps: int, step: int) -> float:
+    """The factor on optimizer.lr that the recipe's schedule, laid out over `max_steps`, gives at `step`."""
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    return build_lr_scheduler(config, probe, max_steps).lr_lambdas[0](step)
+
+
+def schedule_change_line(config: OptimizerConfig, checkpoint_name: str, step: int, old_steps: int | None, new_steps: int) -> str | None:
+    """A warning where a resume changes the run's length under a schedule that follows it (linear, cosine).
+    The schedule is built again for the new length and continues at the checkpoint's step, as diffusers' and
+    sd-scripts' trainers do on a resume; they say nothing of the jump in the learning rate, we say it."""
+    if old_steps is None or old_steps == new_steps:
+        return None
+    before, after = schedule_factor(config, old_steps, step), schedule_factor(config, new_steps, step)
+    if abs(before - after) < 1e-6:  # constant schedules, or past the warm-up of constant_with_warmup
+        return None
+    return (
+        f"warning: {checkpoint_name} was trained on a {config.scheduler} schedule of {old_steps} steps, this run has {new_steps}: "
+        f"the schedule is laid out again over {new_steps} steps, so at step {step} the learning rate goes from {before:.0%} "
+        f"to {after:.0%} of optimizer.lr ({config.lr:g}) and decays to 0 at step {new_steps}"
+    )
+
+
 def apply_recipe_settings(optimizer: torch.optim.Optimizer, lr_scheduler, group_lrs: list[float], config: OptimizerConfig) -> None:
     """After a resume: the recipe's learning rates (`group_lrs`, one per parameter group), weight decay,
     betas and epsilon, where the loaded checkpoint restored the ones it was saved with. A changed value is

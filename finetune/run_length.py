@@ -15,6 +15,7 @@ from pathlib import Path
 from finetune.checkpoint import checkpoint_step
 from finetune.config import Recipe, TrainConfig
 from finetune.errors import FinetuneError
+from finetune.optim import schedule_change_line
 
 
 def planned_steps(train: TrainConfig, batches_per_epoch: int) -> int:
@@ -75,3 +76,19 @@ def run_length_line(train: TrainConfig, max_steps: int, sampler, items: int, pro
     if sampler.batches_per_epoch * train.batch_size * processes > items:  # buckets: every image, in some smaller batches
         return line + f"{items} images (in {sampler.batches_per_epoch} batches an epoch: a bucket's last batch may be smaller)"
     return line + f"{items} images"
+
+
+def resume_warnings(checkpoint: Path, state: dict, recipe: Recipe, max_steps: int, processes: int) -> list[str]:
+    """What a resume changes around its checkpoint that the comparison of settings does not say: the number of
+    processes (the global batch), and the run's length under a schedule laid out over it (the learning rate)."""
+    lines, batch = [], recipe.train.batch_size
+    processes_then = state.get("processes", processes)
+    if processes_then != processes:
+        lines.append(f"warning: {checkpoint.name} was trained by {processes_then} processes, this run has {processes}: the global batch changes "
+                     f"from {processes_then * batch} to {processes * batch} images per micro-step (and the data order with it)")
+    # The planned steps (kept since they were: train.max_epochs counts them from the data), else the recipe's.
+    steps_then = state.get("max_steps", (state.get("recipe") or {}).get("train.max_steps"))
+    if line := schedule_change_line(recipe.optimizer, checkpoint.name, state["step"], steps_then, max_steps):
+        keep = recipe.train.max_epochs is None and state["step"] < steps_then  # (a run of epochs changes length with the processes)
+        lines.append(line + (f"; to keep the old schedule, resume with train.max_steps={steps_then}" if keep else ""))
+    return lines

@@ -34,7 +34,7 @@ from finetune.models import load_base_model, resolve_model_folder
 from finetune.output_metadata import dataset_metadata, output_metadata
 from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer, step_size
 from finetune.recipe_loading import dump_recipe
-from finetune.run_length import check_epoch_run, due, epochs_done, finished_epochs, planned_steps, run_length_line
+from finetune.run_length import check_epoch_run, due, epochs_done, finished_epochs, planned_steps, resume_warnings, run_length_line
 from finetune.loss_mask import preview as mask_preview
 from finetune.sampling import GRID_LABEL_WIDTH, in_lockstep, make_grid, save_image_atomic
 from finetune.step_losses import StepLosses
@@ -177,9 +177,8 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         method.load_checkpoint_state(state.get("method", {}))
         apply_recipe_settings(optimizer, lr_scheduler, group_lrs, recipe.optimizer)
         accelerator.print(f"resumed from {resume_from} at step {step}")
-        if state.get("processes", accelerator.num_processes) != accelerator.num_processes:
-            accelerator.print(f"warning: {resume_from.name} was trained by {state['processes']} processes, this run has {accelerator.num_processes}: the global batch "
-                              f"changes from {state['processes'] * train_cfg.batch_size} to {accelerator.num_processes * train_cfg.batch_size} images per micro-step (and the data order with it)")
+        for line in resume_warnings(resume_from, state, recipe, max_steps, accelerator.num_processes):  # processes, length
+            accelerator.print(line)
         if average is not None and not average.load(resume_from / EMA_FILE):
             accelerator.print(f"warning: {resume_from.name} has no weight average (train.ema_decay was off): it starts from the resumed weights")
         saved_init = (state.get("recipe") or {}).get("lora.init_from")
@@ -252,7 +251,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
 
         ckpt.save_checkpoint(
             accelerator, checkpoints_dir, step,
-            {"recipe_hash": recipe.fingerprint(), "recipe": recipe.flat_settings(), "processes": accelerator.num_processes,
+            {"recipe_hash": recipe.fingerprint(), "recipe": recipe.flat_settings(), "processes": accelerator.num_processes, "max_steps": max_steps,
              "method": method.checkpoint_state(), "data": images_record},
             recipe.checkpoint.keep_last, extra=extra, **save_options
         )

@@ -6,6 +6,10 @@ from pathlib import Path
 from ports import free_port
 from test_distributed import launch, write
 
+from finetune.checkpoint import read_state
+from finetune.run_length import resume_warnings
+from finetune.trainer import train
+
 
 def test_only_the_main_process_says_the_checkpoints_it_saved(make_recipe, tmp_path):
     """Two machines of one process each: the second machine's first process (LOCAL_RANK 0, rank 1) said
@@ -19,3 +23,32 @@ def test_only_the_main_process_says_the_checkpoints_it_saved(make_recipe, tmp_pa
     checkpoint = Path(recipe.output_dir) / "checkpoints" / "checkpoint-1"
     assert f"saved {checkpoint} (step 1" in main_out
     assert "saved" not in other_out, other_out
+
+
+def test_a_resume_that_changes_the_length_of_a_decaying_schedule_says_what_the_learning_rate_does(make_recipe, capsys):
+    """A longer train.max_steps at --resume lays a cosine or linear schedule out again over the new length: the
+    learning rate jumped (here from 0, where the 2-step schedule ended, to half of optimizer.lr), unsaid."""
+    first = train(make_recipe(train__max_steps=2, optimizer__scheduler="cosine", optimizer__warmup_steps=0))
+    checkpoint = first.output_dir / "checkpoints" / "checkpoint-2"
+    assert read_state(checkpoint)["max_steps"] == 2
+    capsys.readouterr()
+    train(make_recipe(train__max_steps=4, optimizer__scheduler="cosine", optimizer__warmup_steps=0), resume="latest")
+    assert ("warning: checkpoint-2 was trained on a cosine schedule of 2 steps, this run has 4: the schedule is laid out again "
+            "over 4 steps, so at step 2 the learning rate goes from 0% to 50% of optimizer.lr (0.001) and decays to 0 at step 4\n"
+            ) in capsys.readouterr().out  # fmt: skip
+
+    # Inside the old schedule it says how to keep it; where the length is in epochs, that is for train.max_epochs to say.
+    state = {"step": 2, "max_steps": 4, "processes": 1}
+    linear = make_recipe(train__max_steps=8, optimizer__scheduler="linear", optimizer__warmup_steps=0)
+    assert resume_warnings(checkpoint, state, linear, 8, 1) == [
+        "warning: checkpoint-2 was trained on a linear schedule of 4 steps, this run has 8: the schedule is laid out again over 8 "
+        "steps, so at step 2 the learning rate goes from 50% to 75% of optimizer.lr (0.001) and decays to 0 at step 8; to keep "
+        "the old schedule, resume with train.max_steps=4"]  # fmt: skip
+    epochs = make_recipe(train__max_steps=None, train__max_epochs=4, optimizer__scheduler="linear", optimizer__warmup_steps=0)
+    assert resume_warnings(checkpoint, state, epochs, 8, 1)[0].endswith("decays to 0 at step 8")
+    # Schedules that do not follow the length, and checkpoints of the same length: nothing to say.
+    for scheduler, warmup in (("constant", 0), ("constant_with_warmup", 1)):
+        assert resume_warnings(checkpoint, state, make_recipe(train__max_steps=8, optimizer__scheduler=scheduler, optimizer__warmup_steps=warmup), 8, 1) == []
+    assert resume_warnings(checkpoint, state, linear, 4, 1) == []
+    # A checkpoint written before the planned steps were kept: the length its recipe gave.
+    assert len(resume_warnings(checkpoint, {"step": 2, "recipe": {"train.max_steps": 4}}, linear, 8, 1)) == 1
