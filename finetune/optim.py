@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 def build_optimizer(config: OptimizerConfig, parameters: list) -> torch.optim.Optimizer:
     """`parameters`: a list of tensors, or of parameter groups (dicts) with their own settings."""
-    kwargs = dict(lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+    kwargs = dict(lr=config.lr, betas=config.betas_in_use, weight_decay=config.weight_decay)
     if config.name == "prodigy":
         return _prodigy(config, parameters, kwargs)
     if config.name == "adafactor":
@@ -99,7 +99,7 @@ def apply_recipe_settings(optimizer: torch.optim.Optimizer, lr_scheduler, group_
         group["lr"] = base_lr * lr_scheduler.lr_lambdas[index](lr_scheduler.last_epoch)
         group["weight_decay"] = config.weight_decay
         if "betas" in group:
-            group["betas"] = tuple(config.betas)
+            group["betas"] = config.betas_in_use
         if "eps" in group and config.name != "adafactor":  # Adafactor's own pair of epsilons was not the recipe's
             group["eps"] = config.eps
         if config.name == "prodigy":  # as _prodigy sets it: its safeguard follows the warm-up

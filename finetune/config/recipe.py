@@ -7,7 +7,7 @@ import hashlib
 import json
 from typing import Literal, Optional
 
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_serializer, field_validator, model_validator
 
 from finetune.config.base import SamplingSteps, Section, Seed, UserPath
 from finetune.config.data import DataConfig
@@ -137,17 +137,27 @@ class OptimizerConfig(Section):
     name: Literal["adamw", "adamw8bit", "paged_adamw8bit", "lion8bit", "adafactor", "prodigy"] = "adamw"
     lr: float = Field(1e-4, gt=0)  # prodigy: a multiplier of the step size it finds, near 1.0
     weight_decay: float = Field(1e-2, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: Optional[tuple[float, float]] = None  # null: the optimizer's own (OWN_BETAS)
     eps: float = Field(1e-8, gt=0)
     scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
     warmup_steps: int = Field(0, ge=0)
 
     @field_validator("betas")
     @classmethod
-    def _betas_below_one(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if not all(0.0 <= beta < 1.0 for beta in value):
+    def _betas_below_one(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not all(0.0 <= beta < 1.0 for beta in value):
             raise ValueError("each beta must be at least 0 and below 1 (the moments' decay)")
         return value
+
+    @property
+    def betas_in_use(self) -> tuple[float, float]:
+        """The recipe's betas, else the optimizer's own."""
+        return tuple(self.betas) if self.betas is not None else OWN_BETAS.get(self.name, ADAMW_BETAS)
+
+    @field_serializer("betas")
+    def _dump_betas_in_use(self, betas: tuple[float, float] | None) -> tuple[float, float]:
+        # The saved recipe.yaml and a checkpoint's settings say which betas trained (a resume compares them).
+        return self.betas_in_use
 
     @model_validator(mode="after")
     def _prodigy_multiplier(self) -> "OptimizerConfig":
@@ -158,9 +168,16 @@ class OptimizerConfig(Section):
         # A value of one's own for what the optimizer does not read would do nothing (the shipped recipes name them with their defaults).
         keys, reason = UNREAD_OPTIMIZER_SETTINGS.get(self.name, ((), ""))
         for key in self.changed(keys):
+            if key == "betas" and self.betas == ADAMW_BETAS:
+                continue  # what recipes named before betas defaulted to the optimizer's own
             raise ValueError(f"optimizer.{key} does nothing with optimizer.name {self.name} ({reason}): remove it")
         return self
 
+
+# Each optimizer's own betas (its library's defaults), for a recipe that names none. AdamW's were everyone's,
+# which gave Lion (0.9, 0.99 in bitsandbytes and its paper) a second beta of 0.999.
+ADAMW_BETAS = (0.9, 0.999)  # torch's AdamW, bitsandbytes' 8-bit AdamWs, Prodigy
+OWN_BETAS = {"lion8bit": (0.9, 0.99)}
 
 # What an optimizer does not read of the section (finetune/optim.py), and why.
 UNREAD_OPTIMIZER_SETTINGS = {
