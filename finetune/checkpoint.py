@@ -234,18 +234,30 @@ def changed_settings(saved: dict | None, current: dict) -> list[str]:
     return [changes[key] for key in sorted(changes)]
 
 
-def data_record(items: list) -> dict:
+def data_record(items: list, more: dict[str, list] | None = None) -> dict:
     """What a checkpoint keeps of the images it trains on (the check's examples, in training order): their count, and a
-    hash of their pixels and captions. Not settings, so changed_settings cannot see them: a folder's files changed."""
+    hash of their pixels and captions. Not settings, so changed_settings cannot see them: a folder's files changed.
+    `more`: the method's other data by kind ("conditioning images", "class images"), kept as a count and a hash each."""
     seen = [[item.digest or item.source, item.caption] for item in items]
-    return {"images": len(items), "hash": hashlib.sha256(json.dumps(seen).encode()).hexdigest()[:16]}
+    return {"images": len(items), "hash": _short_hash(seen), **{kind: [len(entries), _short_hash(entries)] for kind, entries in (more or {}).items()}}
+
+
+def _short_hash(entries: list) -> str:
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
 
 
 def changed_data(saved: dict | None, now: dict) -> list[str]:
-    """'training images old -> new' where a resumed run's images differ from its checkpoint's (None: kept none then)."""
-    if saved is None or saved == now:
+    """'training images old -> new' (and so for each other kind of data) where a resumed run's data differ from its
+    checkpoint's (None, or a kind missing: kept none then)."""
+    if saved is None:
         return []
-    return [f"training images {saved['images']} -> {now['images']}" + (" (other images or captions)" if saved["images"] == now["images"] else "")]
+    kinds = {"training images": ([saved["images"], saved["hash"]], [now["images"], now["hash"]])}
+    kinds.update({kind: (saved[kind], now[kind]) for kind in now if kind not in ("images", "hash") and kind in saved})
+    return [f"{kind} {old[0]} -> {new[0]}" + (f" ({SAME_COUNT_CHANGES.get(kind, 'other images')})" if old[0] == new[0] else "")
+            for kind, (old, new) in kinds.items() if old != new]  # fmt: skip
+
+
+SAME_COUNT_CHANGES = {"training images": "other images or captions", "class images": "other images or prompts"}
 
 
 def save_checkpoint(

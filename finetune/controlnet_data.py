@@ -9,7 +9,7 @@ captions (`controlnet.empty_prompt_share`) is emptied. Conditioning images come 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ from finetune.data import (
     item_rng,
     likely_new_view,
     open_rgb,
+    pixel_digest,
     render_pixels,
     turned_on_its_side,
     upright_rgb,
@@ -82,7 +83,7 @@ def inspect_pairs(recipe: Recipe) -> tuple[list[Pair], DataReport]:
         matched.append(Pair(checked[next_checked], pair.conditioning))
         next_checked += 1
     usable = []
-    for pair, problems in zip(matched, each_on_threads(lambda p: conditioning_problems(p, p.image.size), matched, "checking conditioning images")):
+    for pair, problems in each_on_threads(check_conditioning, matched, "checking conditioning images"):
         report.findings += problems
         if problems:
             report.usable.remove(pair.image)
@@ -174,23 +175,28 @@ def _conditioning_files(folder: Path, column: str = "conditioning_file_name") ->
     return files
 
 
-def conditioning_problems(pair: Pair, image_size: tuple[int, int]) -> list[Finding]:
-    """A fatal finding if the pair's conditioning image cannot be read, would train blank (drawn only in its alpha
-    channel, or float values of 0-1) or is not its image's size."""
+def check_conditioning(pair: Pair) -> tuple[Pair, list[Finding]]:
+    """The pair with its conditioning image's pixel digest (what a checkpoint records of it), and a fatal finding if
+    that image cannot be read, would train blank (drawn only in its alpha channel, or float values of 0-1) or is not
+    its image's size."""
     try:
-        decoded = decode(pair.conditioning)
+        conditioning = read_conditioning(pair.conditioning)
     except FinetuneError as err:
-        return [Finding(FATAL, pair.image.source, str(err))]
-    if (problem := conditioning_content_problem(decoded, pair.conditioning.source)) is not None:
-        return [Finding(FATAL, pair.image.source, problem)]
-    conditioning = upright_rgb(decoded)
-    if conditioning.size != image_size:
+        return pair, [Finding(FATAL, pair.image.source, str(err))]
+    checked = replace(pair, conditioning=replace(pair.conditioning, digest=pixel_digest(conditioning)))
+    return checked, conditioning_size_problems(pair, conditioning.size)
+
+
+def conditioning_size_problems(pair: Pair, size: tuple[int, int]) -> list[Finding]:
+    """A fatal finding if the conditioning image (upright `size`) is not its image's size."""
+    image_size = pair.image.size
+    if size != image_size:
         # Made from the image's stored pixels (both files lie the same way on disk), it would be cut across the upright image.
-        rotated = conditioning.size == image_size[::-1] and turned_on_its_side(pair.image.load())
+        rotated = size == image_size[::-1] and turned_on_its_side(pair.image.load())
         hint = ("save the conditioning image upright: the image is turned by its EXIF orientation (finetune make-conditions writes them so)"
                 if rotated else "they must be the same size (one crop is cut from both)")  # fmt: skip
         message = (
-            f"conditioning image {pair.conditioning.source} is {conditioning.size[0]}x{conditioning.size[1]} but image "
+            f"conditioning image {pair.conditioning.source} is {size[0]}x{size[1]} but image "
             f"{pair.image.source} is {image_size[0]}x{image_size[1]}{' upright' if rotated else ''}: {hint}"
         )
         return [Finding(FATAL, pair.image.source, message)]

@@ -98,7 +98,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         raise FinetuneError(short)
     # The run's length from the checked data, laid out as the sampler will batch it (train.max_epochs counts its batches).
     trained_examples = [items[i] for i in trained_items]
-    layout, images_record = item_layout(trained_examples, recipe.data), ckpt.data_record(trained_examples)  # the record: what a resume compares
+    layout = item_layout(trained_examples, recipe.data)
     trained_data = {**dataset_metadata(trained_examples, recipe.checkpoint.record_caption_tags), **method.data_metadata()}  # folders, tags
 
     def batch_sampler(start: int = 0):
@@ -136,8 +136,8 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             module.to(memory_format=torch.channels_last)
 
     configure_deepspeed(accelerator, recipe, list(method.trained_modules()))
-    # Before `prepare`: DreamBooth may generate class images with the UNet, which ZeRO-3 then shards.
-    dataset, collate_fn = method.training_data(accelerator)
+    # Before `prepare`: DreamBooth may generate class images with the UNet, which ZeRO-3 then shards. Then the record a resume compares.
+    (dataset, collate_fn), images_record = method.training_data(accelerator), ckpt.data_record(trained_examples, method.recorded_data())
     training_set = TrainingSubset(dataset, trained_items) if held_out else dataset
     if (len(training_set), getattr(training_set, "bucket_of", None)) != (len(layout), layout.bucket_of):
         raise RuntimeError(f"method {recipe.method}: its dataset is not laid out as its training_items() said")  # a bug, not the data

@@ -29,3 +29,68 @@ def test_betas_a_recipe_names_are_used_and_the_saved_recipe_says_which_trained()
     assert tuple(named.param_groups[0]["betas"]) == (0.95, 0.98)
     assert OptimizerConfig(name="lion8bit").model_dump(mode="json")["betas"] == [0.9, 0.99]
     assert OptimizerConfig().model_dump(mode="json")["betas"] == [0.9, 0.999]
+
+
+def _resume_lines(recipe_at, capsys, change) -> tuple[str, str]:
+    """The console of a resume with nothing changed, and of one after `change()`."""
+    from finetune.trainer import train
+
+    train(recipe_at(2))
+    capsys.readouterr()
+    train(recipe_at(3), resume="latest")
+    unchanged = capsys.readouterr().out
+    change()
+    train(recipe_at(4), resume="latest")
+    return unchanged, capsys.readouterr().out
+
+
+def _repaint(path) -> None:
+    """The same size, other pixels."""
+    from PIL import Image
+
+    image = Image.open(path).convert("RGB")
+    Image.new("RGB", image.size, (10, 200, 30)).save(path)
+
+
+def test_a_resume_says_when_the_controlnet_conditioning_images_changed(make_recipe, pairs_folder, tmp_path, capsys):
+    """The record of the trained data kept the images and captions only: a conditioning image redrawn (another
+    detector, other thresholds) changed what the ControlNet learns, and the resume said nothing."""
+    import shutil
+
+    folder = shutil.copytree(pairs_folder, tmp_path / "pairs")
+    conditioning = sorted((folder / "conditioning").iterdir())[0]
+
+    def recipe_at(steps):
+        return make_recipe(method="controlnet", data__image_dir=str(folder), train__max_steps=steps, train__batch_size=1)
+
+    unchanged, changed = _resume_lines(recipe_at, capsys, lambda: _repaint(conditioning))
+    assert "warning: settings changed" not in unchanged
+    assert "warning: settings changed since checkpoint-3: conditioning images 4 -> 4 (other images)" in changed
+
+
+def test_a_resume_says_when_the_dreambooth_class_images_changed(make_recipe, image_folder, tmp_path, capsys):
+    """Nor did it keep DreamBooth's class images: one replaced in the class folder changed the prior, unsaid."""
+    from PIL import Image
+
+    class_dir = tmp_path / "classes"
+    class_dir.mkdir()
+    for index, colour in enumerate(("blue", "red")):
+        Image.new("RGB", (64, 64), colour).save(class_dir / f"own-{index}.png")
+    concept = {"instance_dir": str(image_folder), "instance_prompt": "a sks shape", "class_prompt": "a shape", "class_dir": str(class_dir)}
+
+    def recipe_at(steps):
+        return make_recipe(method="dreambooth", data__image_dir=None, dreambooth={"concepts": [concept], "num_class_images": 2},
+                           train__batch_size=1, train__max_steps=steps)  # fmt: skip
+
+    unchanged, changed = _resume_lines(recipe_at, capsys, lambda: _repaint(class_dir / "own-1.png"))
+    assert "warning: settings changed" not in unchanged
+    assert "warning: settings changed since checkpoint-3: class images 2 -> 2 (other images or prompts)" in changed
+
+
+def test_a_checkpoint_that_kept_no_record_of_a_kind_of_data_is_no_change():
+    """Checkpoints made before conditioning and class images were recorded: nothing to compare them with."""
+    from finetune.checkpoint import changed_data, data_record
+
+    older = data_record([])
+    assert changed_data(older, data_record([], {"class images": [["abc", "a dog"]]})) == []
+    assert changed_data(data_record([], {"class images": []}), data_record([], {"class images": [["abc", "a dog"]]})) == ["class images 0 -> 1"]

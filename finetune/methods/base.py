@@ -106,6 +106,11 @@ class TrainingMethod(ABC):
         """What the saved files record of the training data beyond its folders and tags (see output_metadata)."""
         return {}
 
+    def recorded_data(self) -> dict[str, list]:
+        """The data besides the training images a checkpoint records (checkpoint.data_record), by kind, so a resume
+        says when they changed; asked once the training data is built (DreamBooth's class images are made by then)."""
+        return {}
+
     def load_checkpoint_state(self, state: dict) -> None:
         """Restore what `checkpoint_state` returned, on resume."""
 

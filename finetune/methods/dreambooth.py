@@ -226,6 +226,10 @@ class DreamBoothMethod(DiffusionMethod):
         self.training_dataset = DreamBoothDataset(self.instances, class_examples, self.recipe, self.item_latent_cache(), self.held_out_items)
         return self.training_dataset, dreambooth_collate
 
+    def recorded_data(self) -> dict[str, list]:
+        class_images = [example for examples in self.training_dataset.class_examples for example in examples]
+        return {"class images": [[example.digest or example.source, example.caption] for example in class_images]}
+
     def _check_class_images(self, paths: list[Path], concept: Concept, folder: Path) -> DataReport | None:
         """Class images may have any size: they are resized and cropped like instance images; only
         unreadable or too-small ones stop the run (or are skipped with data.skip_bad_images)."""
