@@ -25,6 +25,13 @@ from finetune.sources import folder_images
 logger = logging.getLogger(__name__)
 
 
+# Earlier versions made class images with a `lora.init_from` LoRA (and its dropout) active in the UNet and
+# text encoder, under the same names: images of the base plus someone's LoRA, not of the base's prior.
+# Which runs had one is recorded nowhere in the names, so every key of those versions is retired: their
+# images are ignored (with a warning) and made again from the base alone.
+MADE_FROM = {"made_from": "the base model alone"}
+
+
 def generation_key(class_prompts: list[str], settings: ClassImageGeneration, resolution: int, model: ModelConfig) -> str:
     """What a generated class image depends on: its prompts, the generation settings, and the base model
     (where it is, its revision, and the clip skip that encodes the prompts)."""
@@ -34,7 +41,7 @@ def generation_key(class_prompts: list[str], settings: ClassImageGeneration, res
     skip = {"clip_skip": model.clip_skip} if model.clip_skip > 1 else {}
     source = Path(model.pretrained)
     base = {"base": str(source.resolve()) if source.exists() else model.pretrained, "revision": model.revision}
-    described = json.dumps({"prompt": prompt, "resolution": resolution, **settings.model_dump(), **skip, **base}, sort_keys=True)
+    described = json.dumps({"prompt": prompt, "resolution": resolution, **settings.model_dump(), **skip, **base, **MADE_FROM}, sort_keys=True)
     return hashlib.sha256(described.encode()).hexdigest()[:10]
 
 
@@ -65,7 +72,8 @@ def plan_class_images(folder: Path, key: str, wanted: int) -> tuple[list[Path], 
     missing = [k for k, path in enumerate(generated) if not path.is_file()]
     others = [p for p in files if is_generated_name(p) and not p.name.startswith(key)]
     if others:
-        logger.warning("%s: ignoring %d generated images of another class prompt or settings", folder, len(others))
+        logger.warning("%s: ignoring %d generated images of another class prompt, generation settings, resolution or base model, or of an "
+                       "earlier version of finetune (delete them to free the space)", folder, len(others))
     return user_images + generated, missing
 
 

@@ -1,0 +1,52 @@
+"""DreamBooth as a user walks through it: class images reused only when they were made as this run would
+make them."""
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from finetune.methods.dreambooth import class_image_plans
+from finetune.toyworld.datasets import write_folder
+
+
+@pytest.fixture(scope="module")
+def star_folder(tmp_path_factory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("star") / "star", 3, seed=11, include_held_out="only_shape")
+
+
+def dreambooth_recipe(make_recipe, star_folder, tmp_path, **overrides):
+    concept = {"instance_dir": str(star_folder), "instance_prompt": "a sks shape", "class_prompt": "a shape",
+               "class_dir": str(tmp_path / "class")}  # fmt: skip
+    settings = {"concepts": [concept], "num_class_images": 3, "class_generation": {"num_inference_steps": 2}, **overrides.pop("dreambooth", {})}
+    return make_recipe(method="dreambooth", dreambooth=settings, data__image_dir=None, train__batch_size=1, **overrides)
+
+
+def key_of_earlier_versions(recipe) -> str:
+    """The name prefix versions before the base-alone fix gave class images (single prompt, clip skip 1, a local base)."""
+    described = {"prompt": recipe.dreambooth.concepts[0].class_prompts[0], "resolution": recipe.data.resolution,
+                 **recipe.dreambooth.class_generation.model_dump(), "base": str(Path(recipe.model.pretrained).resolve()), "revision": None}  # fmt: skip
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def test_class_images_of_earlier_versions_made_with_a_starting_lora_are_not_reused(make_recipe, star_folder, tmp_path, caplog):
+    """Earlier versions generated class images with a lora.init_from LoRA active, under the names this version
+    gives base-only images: a resumed or repeated run trained its prior on base + LoRA. Now every such image is
+    ignored (with a warning) and made again from the base alone; the user's own class images still count."""
+    recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path, dreambooth={"adapter": "lora"}, lora__init_from=str(tmp_path / "start.safetensors"))
+    folder = tmp_path / "class"
+    folder.mkdir()
+    earlier = key_of_earlier_versions(recipe)
+    for k in range(3):
+        Image.new("RGB", (64, 64), "red").save(folder / f"{earlier}-{k:05d}.png")
+    Image.new("RGB", (64, 64), "blue").save(folder / "mine.png")
+
+    with caplog.at_level(logging.WARNING, logger="finetune.class_images"):
+        (_, key, paths, missing), = class_image_plans(recipe)
+    assert key != earlier
+    assert paths[0].name == "mine.png" and all(not p.name.startswith(earlier) for p in paths)
+    assert missing == [0, 1]  # both generated places are made again
+    assert "ignoring 3 generated images" in caplog.text and "earlier version of finetune" in caplog.text
