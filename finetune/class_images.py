@@ -33,7 +33,7 @@ MADE_FROM = {"made_from": "the base model alone"}
 
 
 def generation_key(class_prompts: list[str], settings: ClassImageGeneration, resolution: int, model: ModelConfig) -> str:
-    """What a generated class image depends on: its prompts, the generation settings, and the base model
+    """What a generated class image depends on: its prompts, the sampling settings, and the base model
     (where it is, its revision, and the clip skip that encodes the prompts)."""
     # One prompt hashes as the bare string, as before lists were allowed, and clip skip 1 is left out, as
     # before it existed.
@@ -41,7 +41,10 @@ def generation_key(class_prompts: list[str], settings: ClassImageGeneration, res
     skip = {"clip_skip": model.clip_skip} if model.clip_skip > 1 else {}
     source = Path(model.pretrained)
     base = {"base": str(source.resolve()) if source.exists() else model.pretrained, "revision": model.revision}
-    described = json.dumps({"prompt": prompt, "resolution": resolution, **settings.model_dump(), **skip, **base, **MADE_FROM}, sort_keys=True)
+    # Not the batch size: image k comes from its own seed whatever batch it is in (a smaller batch after
+    # running out of memory must continue the images already made, not start over).
+    sampling = settings.model_dump(exclude={"batch_size"})
+    described = json.dumps({"prompt": prompt, "resolution": resolution, **sampling, **skip, **base, **MADE_FROM}, sort_keys=True)
     return hashlib.sha256(described.encode()).hexdigest()[:10]
 
 

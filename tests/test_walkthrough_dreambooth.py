@@ -50,3 +50,21 @@ def test_class_images_of_earlier_versions_made_with_a_starting_lora_are_not_reus
     assert paths[0].name == "mine.png" and all(not p.name.startswith(earlier) for p in paths)
     assert missing == [0, 1]  # both generated places are made again
     assert "ignoring 3 generated images" in caplog.text and "earlier version of finetune" in caplog.text
+
+
+def test_another_class_generation_batch_size_continues_the_images_already_made(make_recipe, star_folder, tmp_path):
+    """Image k comes from seed + k in whatever batch it is made, but the batch size was part of the images'
+    names: lowering it after running out of memory, or raising it on a larger GPU, threw away every class
+    image made so far and generated them all again. Now the run continues with the missing ones."""
+    recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path, dreambooth={"class_generation": {"num_inference_steps": 2, "batch_size": 4}})
+    (_, key, paths, missing), = class_image_plans(recipe)
+    assert missing == [0, 1, 2]
+    paths[0].parent.mkdir()
+    Image.new("RGB", (64, 64), "red").save(paths[0])  # made before the interruption
+
+    recipe.dreambooth.class_generation.batch_size = 1
+    (_, key_now, _, missing_now), = class_image_plans(recipe)
+    assert key_now == key and missing_now == [1, 2]
+    recipe.dreambooth.class_generation.guidance_scale = 3.0  # a setting that changes the images still starts over
+    (_, other_key, _, _), = class_image_plans(recipe)
+    assert other_key != key
