@@ -29,6 +29,12 @@ def base_or_recorded(args) -> str:
     return base
 
 
+def check_lora_scale_has_a_lora(args) -> None:
+    """--lora-scale without --lora: refused, not ignored (the images would be the base model's, at no strength asked for)."""
+    if args.lora is None and args.lora_scale != 1.0:
+        raise FinetuneError("--lora-scale is the LoRA's strength: pass --lora too, or leave it out")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -96,6 +102,7 @@ def _sample(args) -> int:
 
     if args.condition and len(args.condition) > 1:
         raise FinetuneError("--condition takes one image, used for every prompt: sample each conditioning image in its own run")
+    check_lora_scale_has_a_lora(args)
     check_output_folder(Path(args.out), "--out", "the images and grid")
     base = base_or_recorded(args)
 

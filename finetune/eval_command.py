@@ -132,12 +132,11 @@ def check_report_path(out: Path) -> None:
 
 def run_eval_command(args) -> int:
     """``finetune eval``: run, print the table, write the report."""
-    from finetune.cli import base_or_recorded
+    from finetune.cli import base_or_recorded, check_lora_scale_has_a_lora
     from finetune.inference import adapter_base
 
     suites = default_suites(args.suite, args.controlnet)
-    if args.lora is None and args.lora_scale != 1.0:
-        raise FinetuneError("--lora-scale is the LoRA's strength: pass --lora too, or leave it out")
+    check_lora_scale_has_a_lora(args)
     base = base_or_recorded(args)
     recorded = adapter_base(args.lora, args.controlnet) if args.base else base  # without --base, it is the recorded one
     prompt_parts = subject_prompt_parts(suites, args.identifier, args.class_word, args.subject)
