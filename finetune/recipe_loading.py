@@ -224,6 +224,14 @@ OTHER_TRAINERS_NAMES = {
     "pretrained_model_name_or_path": "model.pretrained", "train_data_dir": "data.image_dir", "caption_extension": "a .txt beside each image",
     "save_every_n_steps": "checkpoint.every_n_steps", "save_every_n_epochs": "checkpoint.every_n_epochs", "min_snr_gamma": "train.snr_gamma",
     "enable_bucket": "data.bucketing.enabled", "shuffle_caption": "data.shuffle_tags", "caption_tag_dropout_rate": "data.tag_dropout",
+    # The data section's (sd-scripts', SimpleTuner's, diffusers'): close spellings here mean other things
+    # (flip_aug read as shuffle_tags, caption_prefix as data.caption, which replaces every caption).
+    "caption_dropout_rate": "data.caption_dropout", "caption_dropout_probability": "data.caption_dropout", "flip_aug": "data.random_flip",
+    "random_crop": "data.crop: random", "center_crop": "data.crop: center", "resolution": "data.resolution", "minimum_image_size": "data.min_image_size",
+    "bucket_no_upscale": "data.bucketing.no_upscale", "min_bucket_reso": "data.bucketing.min_side", "max_bucket_reso": "data.bucketing.max_side",
+    "bucket_reso_steps": "data.bucketing.step", "num_repeats": "data.folders: [{path: ., repeats: 10}]", "dataset_repeats": "data.folders: [{path: ., repeats: 10}]",
+    "caption_prefix": 'data.folders: [{path: ., template: "sks, {caption}"}]', "caption_suffix": 'data.folders: [{path: ., template: "{caption}, sks"}]',
+    "max_token_length": "model.max_token_length", "dataset_name": "data.dataset",
     "scale_weight_norms": "lora.max_norm", "v_parameterization": "model.prediction_type: v_prediction", "instance_data_dir": "dreambooth.concepts.0.instance_dir",
 }  # fmt: skip
 
