@@ -242,6 +242,23 @@ def missing_caption_message(source: str | Path, alternative: str = "set data.cap
     return f"image {image_path} has no caption: add {image_path.with_suffix('.txt').name}, a metadata.jsonl or metadata.csv entry, or {alternative}"
 
 
+def empty_caption_message(source: str, caption: str, config: DataConfig, folder_index: int = 0) -> str | None:
+    """The warning for an image whose own caption (its .txt, metadata row or dataset cell) is empty, or None.
+
+    Not an error: ControlNet data (make-conditions' output) trains uncaptioned images on purpose. In a
+    data.folders entry with a template the image trains as the template alone, which still deserves a
+    word: a caption file left empty is more often forgotten than meant. data.caption "" is meant."""
+    template = config.folders[folder_index].template if config.folders else None
+    if config.caption is not None or not template_needs_caption(template):  # a fixed prompt: captions are not read
+        return None
+    if caption.strip() != apply_template(template, "").strip():
+        return None
+    if source.startswith("dataset "):
+        return f"{source} has an empty caption: it trains as the empty prompt; write one in its caption column if that is not meant"
+    trains_as = f"as its folder's template alone ({caption!r})" if template else "as the empty prompt"
+    return f"image {source} has an empty caption: it trains {trains_as}; write one in its .txt or metadata row if that is not meant"
+
+
 def template_needs_caption(template: str | None) -> bool:
     return template is None or CAPTION_PLACEHOLDER in template
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from finetune.buckets import Size, assign_buckets, bucket_counts_line
-from finetune.captions import caption_lines, missing_caption_message
+from finetune.captions import caption_lines, empty_caption_message, missing_caption_message
 from finetune.check_threads import each_on_threads
 from finetune.config import DataConfig, LossMaskConfig, Recipe
 from finetune.data import decode, file_stamp, float_levels_problem, has_alpha, is_16_bit, pixel_digest, turned_on_its_side, upright_rgb
@@ -144,10 +144,7 @@ def inspect(example: Example, config: DataConfig) -> tuple[Example | None, list[
     source, findings = example.source, []
     if example.caption is None:
         findings.append(Finding(FATAL, source, missing_caption_message(source, config._caption_alternative)))
-    elif not example.caption.strip() and config.caption is None:  # an empty .txt or metadata text, not data.caption: ""
-        # Not fatal: ControlNet data (make-conditions' output) trains uncaptioned images on purpose.
-        where = "its caption column" if source.startswith("dataset ") else "its .txt or metadata row"
-        message = f"{'' if source.startswith('dataset ') else 'image '}{source} has an empty caption: it trains as the empty prompt; write one in {where} if that is not meant"
+    elif message := empty_caption_message(source, example.caption, config, example.folder_index):  # an empty .txt or metadata text
         findings.append(Finding(WARNING, source, message))
     elif len(lines := caption_lines(example.caption)) > 1:
         message = (f"image {source}: caption of {len(lines)} lines, each a caption of its own: one line trains each epoch "

@@ -34,3 +34,25 @@ def test_other_trainers_data_settings_point_to_ours_not_to_a_lookalike(tmp_path)
     for override, ours in cases.items():
         key = override.split("=")[0]
         assert _unknown_key_message(tmp_path, override) == f"override '{override}': unknown key '{key}' (here it is '{ours}')"
+
+
+def test_an_empty_caption_file_in_a_template_folder_is_said_with_the_prompt_it_trains_as(tmp_path):
+    # The check looked at the caption after the template ("painting style, "), so a caption file left
+    # empty in a folder with a template trained as the template alone without a word.
+    from odd_images import captioned
+
+    from finetune.check_data import WARNING, inspect_examples
+    from finetune.config import DataConfig
+    from finetune.sources import read_examples
+
+    captioned(tmp_path / "style", "a.png", caption="a red circle")
+    captioned(tmp_path / "style", "b.png", caption="\n")
+    captioned(tmp_path / "plain", "c.png", caption="")
+    folders = [{"path": "style", "template": "painting style, {caption}"}, {"path": "plain"}, {"path": "style", "template": "fixed prompt"}]
+    config = DataConfig(image_dir=str(tmp_path), resolution=64, folders=folders)
+    warnings = [f.message for f in inspect_examples(read_examples(config), config, "data").of_level(WARNING)]
+    assert warnings == [
+        f"image {tmp_path / 'style' / 'b.png'} has an empty caption: it trains as its folder's template alone ('painting style, '); "
+        "write one in its .txt or metadata row if that is not meant",
+        f"image {tmp_path / 'plain' / 'c.png'} has an empty caption: it trains as the empty prompt; write one in its .txt or metadata row if that is not meant",
+    ]  # (the third entry's template is the prompt of every image: its captions are not read)
