@@ -35,9 +35,10 @@ def load_tokenizer(config: ModelConfig) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=config.revision)
 
 
-def long_captions_line(tokenizer: CLIPTokenizer, captions: dict[str, str], max_token_length: int = 75) -> str | None:
+def long_captions_line(tokenizer: CLIPTokenizer, captions: dict[str, str], max_token_length: int = 75, shuffled: bool = False) -> str | None:
     """A warning for the captions ({source: caption}) cut at `max_token_length` tokens (model.max_token_length,
-    the start and end marks not counted), naming the longest; None if none.
+    the start and end marks not counted), naming the longest; None if none. `shuffled`: data.shuffle_tags
+    is on, so the tags past the cut are others at each use.
 
     Said once at the start, not per batch: what is past the cut does not train, however much care went into it."""
     lines = {source: caption_lines(caption) or [caption] for source, caption in captions.items()}  # each line trains on its own
@@ -50,7 +51,9 @@ def long_captions_line(tokenizer: CLIPTokenizer, captions: dict[str, str], max_t
     longest = max(cut, key=cut.get)
     longer = [length for length in (150, 225) if length > max_token_length]  # sd-scripts' long-caption lengths
     remedy = "shorten those captions" + (f", or raise model.max_token_length to {' or '.join(map(str, longer))} (sd-scripts' long captions)" if longer else "")
+    # Shuffled, every tag past data.keep_tokens falls past the cut in some epochs: it trains less often, not never.
+    past_the_cut = "with data.shuffle_tags other tags fall past the cut at each use: they train less often, not never" if shuffled else "the words past the cut do not train"
     return (
         f"{len(cut)} of {len(captions)} captions are longer than model.max_token_length ({max_token_length} tokens) and are cut there "
-        f"(the longest: {longest}, {cut[longest]} tokens): the words past the cut do not train; {remedy}"
+        f"(the longest: {longest}, {cut[longest]} tokens): {past_the_cut}; {remedy}"
     )

@@ -44,7 +44,7 @@ def configs_from_args(args, recipe: Recipe | None) -> list[DataConfig]:
     return revised
 
 
-def caption_tokens_line(model: ModelConfig, captions: dict[str, str]) -> str | None:
+def caption_tokens_line(model: ModelConfig, captions: dict[str, str], shuffled: bool = False) -> str | None:
     """The warning training gives at its start for captions past model.max_token_length, given here where the
     base model's tokenizer is at hand (a diffusers folder, or the hub); else a line saying they are not counted."""
     from finetune.caption_tokens import load_tokenizer, long_captions_line  # transformers: only with a recipe
@@ -53,7 +53,7 @@ def caption_tokens_line(model: ModelConfig, captions: dict[str, str]) -> str | N
         tokenizer = load_tokenizer(model)
     except Exception:  # not found, offline, a single file: the model's own load says what is wrong, if anything
         return f"captions: not counted in tokens, {model.pretrained}'s tokenizer is not at hand (training counts them once the model loads)"
-    cut = long_captions_line(tokenizer, captions, model.max_token_length)
+    cut = long_captions_line(tokenizer, captions, model.max_token_length, shuffled)
     return f"warning: {cut}" if cut else None
 
 
@@ -89,7 +89,7 @@ def run_check_data_command(args) -> int:
     for line in class_folders_to_fill:
         print(line)
     if recipe is not None:
-        tokens = caption_tokens_line(recipe.model, {e.source: e.caption for report in reports for e in report.usable})
+        tokens = caption_tokens_line(recipe.model, {e.source: e.caption for report in reports for e in report.usable}, recipe.data.shuffle_tags)
         if tokens:
             print(tokens)
             warnings += tokens.startswith("warning")

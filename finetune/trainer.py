@@ -120,7 +120,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     with unsharded_loading(accelerator):
         base = load_base_model(recipe.model, weight_dtype)
     cut_captions = long_captions_line(
-        base.tokenizer, {e.source: e.caption for report in method.data_reports for e in report.usable}, recipe.model.max_token_length
+        base.tokenizer, {e.source: e.caption for report in method.data_reports for e in report.usable}, recipe.model.max_token_length, recipe.data.shuffle_tags
     )
     if cut_captions:
         accelerator.print(f"warning: {cut_captions}")

@@ -56,3 +56,27 @@ def test_an_empty_caption_file_in_a_template_folder_is_said_with_the_prompt_it_t
         "write one in its .txt or metadata row if that is not meant",
         f"image {tmp_path / 'plain' / 'c.png'} has an empty caption: it trains as the empty prompt; write one in its .txt or metadata row if that is not meant",
     ]  # (the third entry's template is the prompt of every image: its captions are not read)
+
+
+def test_long_captions_with_shuffled_tags_are_said_to_train_less_often_not_never(make_recipe, image_folder, tmp_path, capsys):
+    # sd-scripts users shuffle long tag lists so that every tag gets a turn before the cut; the warning
+    # said "the words past the cut do not train" whatever the shuffle, in training and in check-data.
+    import shutil
+
+    from finetune.cli import main
+    from finetune.recipe_loading import dump_recipe
+    from finetune.trainer import train
+
+    folder = tmp_path / "data"
+    shutil.copytree(image_folder, folder)
+    (folder / "metadata.jsonl").unlink()  # the .txt sidecars caption the images
+    sorted(folder.glob("*.txt"))[0].write_text("a red circle, " * 30)  # about 120 tokens
+    shuffled = make_recipe(data__image_dir=str(folder), data__shuffle_tags=True, train__max_steps=1)
+    dump_recipe(shuffled, tmp_path / "shuffled.yaml")
+    said = "with data.shuffle_tags other tags fall past the cut at each use: they train less often, not never"
+    for run in (lambda: main(["check-data", str(tmp_path / "shuffled.yaml")]), lambda: train(shuffled)):
+        run()
+        warnings = [line for line in capsys.readouterr().out.splitlines() if "longer than model.max_token_length" in line]
+        assert len(warnings) == 1 and said in warnings[0] and "do not train" not in warnings[0]
+    main(["check-data", str(tmp_path / "shuffled.yaml"), "data.shuffle_tags=false"])  # in order, the same words are always cut
+    assert "the words past the cut do not train" in capsys.readouterr().out
