@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from finetune.errors import FinetuneError
@@ -80,3 +82,23 @@ def test_long_captions_with_shuffled_tags_are_said_to_train_less_often_not_never
         assert len(warnings) == 1 and said in warnings[0] and "do not train" not in warnings[0]
     main(["check-data", str(tmp_path / "shuffled.yaml"), "data.shuffle_tags=false"])  # in order, the same words are always cut
     assert "the words past the cut do not train" in capsys.readouterr().out
+
+
+def test_bucketing_that_makes_the_square_its_only_bucket_is_refused_on_load():
+    # At resolution 64 with the default step of 64 (the toy base's size), or with min_side at the
+    # resolution, the square was the only bucket: bucketing was on and every image was cropped square.
+    from finetune.buckets import make_buckets
+    from finetune.config import DataConfig
+
+    cases = {
+        (64, (("step", 64),)): "(sides 64-128 in steps of 64), so every image would be cropped as without bucketing: "
+                               "lower data.bucketing.step to a multiple of 8 that divides 64, at most 32",
+        (64, (("step", 64), ("no_upscale", True))): "lower data.bucketing.step to a multiple of 8 that divides 64, at most 32",
+        (512, (("min_side", 512),)): "(sides 512-1024 in steps of 64), so every image would be cropped as without bucketing: lower data.bucketing.min_side",
+        (512, (("min_side", 512), ("max_side", 512))): "lower data.bucketing.min_side or raise data.bucketing.max_side",
+    }  # fmt: skip
+    for (resolution, settings), message in cases.items():
+        with pytest.raises(ValueError, match=rf"data.bucketing has one bucket, the {resolution}x{resolution} square .*{re.escape(message)}"):
+            DataConfig(image_dir="x", resolution=resolution, bucketing={"enabled": True, **dict(settings)})
+    assert len(make_buckets(DataConfig(image_dir="x", resolution=64, bucketing={"enabled": True, "step": 32}))) == 5
+    assert DataConfig(image_dir="x", resolution=64).bucketing.enabled is False  # off, the step does not matter

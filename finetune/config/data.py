@@ -144,6 +144,21 @@ class DataConfig(Section):
             raise ValueError("must be 0 or more")
         return value
 
+    def _one_bucket_only(self) -> str | None:
+        """Why bucketing, on, would make the square its only bucket (and crop every image as without it), or None."""
+        from finetune.buckets import make_buckets, side_limits  # here: buckets.py builds on this module
+
+        if len(make_buckets(self)) > 1:
+            return None
+        resolution, step = self.resolution, self.bucketing.step
+        low, high = side_limits(self)
+        limits = [fix for fix, value in (("lower data.bucketing.min_side", self.bucketing.min_side), ("raise data.bucketing.max_side", self.bucketing.max_side))
+                  if value is not None]  # fmt: skip
+        fix = (f"lower data.bucketing.step to a multiple of 8 that divides {resolution}, at most {resolution // 2}" if 2 * step > resolution
+               else " or ".join(limits))  # fmt: skip
+        return (f"data.bucketing has one bucket, the {resolution}x{resolution} square (sides {low}-{high} in steps of {step}), so every image "
+                f"would be cropped as without bucketing: {fix}")  # fmt: skip
+
     @model_validator(mode="after")
     def _buckets_and_folders_fit(self) -> "DataConfig":
         buckets = self.bucketing
@@ -161,6 +176,8 @@ class DataConfig(Section):
                 raise ValueError(f"data.bucketing.min_side ({buckets.min_side}) must be at most data.resolution ({self.resolution})")
             if buckets.max_side is not None and buckets.max_side < self.resolution:
                 raise ValueError(f"data.bucketing.max_side ({buckets.max_side}) must be at least data.resolution ({self.resolution})")
+            if message := self._one_bucket_only():
+                raise ValueError(message)
         if self.folders and self.image_dir is None:
             raise ValueError("data.folders are subfolders of data.image_dir: set data.image_dir (a dataset has no folders; "
                              "for DreamBooth, give each concept its repeats)")  # fmt: skip
