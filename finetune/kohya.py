@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from finetune.atomic_files import atomic_save_safetensors
 from finetune.checkpoint import CHECKPOINT_PATTERN
 from finetune.errors import FinetuneError
-from finetune.lora_kinds import CONTEXT_INPUTS, sd_version_metadata, unsupported_kind, with_current_diffusers_names
+from finetune.lora_kinds import CLIP_ROOT, CONTEXT_INPUTS, sd_version_metadata, unsupported_kind, with_current_diffusers_names, written_path
 
 PARTS = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 # Module-path segments of the SD UNet and CLIP that contain "_": kohya's names flatten `.` and `_`
@@ -39,9 +39,6 @@ COMPOUND_SEGMENTS = frozenset(
     position_embedding proj_in proj_out q_proj self_attn text_model text_projection time_emb_proj
     time_embedding time_proj to_k to_out to_q to_v token_embedding transformer_blocks up_blocks v_proj""".split()
 )
-# The text encoder's module paths are stored relative to CLIPTextModel as transformers 5 builds it
-# (no `text_model` level); kohya names always include it.
-CLIP_ROOT = "text_model."
 # Where a LoRA layer's A and B live in diffusers-layout files: what `save_lora` writes per part, and
 # peft's own names, which other trainers write.
 DIFFUSERS_SUFFIXES = {
@@ -125,9 +122,7 @@ class LoRA:
 def kohya_name(key: str) -> str:
     """`unet.down_blocks.0.attentions.0...to_q` -> `lora_unet_down_blocks_0_attentions_0_..._to_q`."""
     part, module = key.split(".", 1)
-    if part == "text_encoder" and not module.startswith(CLIP_ROOT):
-        module = CLIP_ROOT + module
-    return PARTS[part] + module.replace(".", "_")
+    return PARTS[part] + written_path(part, module).replace(".", "_")
 
 
 def module_key(name: str) -> str:
@@ -319,13 +314,14 @@ def to_diffusers(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             continue
         down_suffix, up_suffix = DIFFUSERS_SUFFIXES[part]
         for module, layer in layers.items():
-            tensors[f"{part}.{module}{down_suffix}"] = layer.down.contiguous()
-            tensors[f"{part}.{module}{up_suffix}"] = layer.up.contiguous()
+            tensors[f"{part}.{written_path(part, module)}{down_suffix}"] = layer.down.contiguous()
+            tensors[f"{part}.{written_path(part, module)}{up_suffix}"] = layer.up.contiguous()
         rank, alpha = collections.Counter((l.rank, l.alpha) for l in layers.values()).most_common(1)[0][0]
         config.update({
             f"{part}.r": rank,
             f"{part}.lora_alpha": alpha,
-            # Full module paths: exactly these modules get a LoRA, and patterns match one module each.
+            # Full module paths (CLIP's without `text_model.`: peft matches their end, so they name the
+            # module in either transformers): exactly these get a LoRA, and patterns match one module each.
             f"{part}.target_modules": sorted(layers),
             f"{part}.rank_pattern": {m: l.rank for m, l in layers.items() if l.rank != rank},
             f"{part}.alpha_pattern": {m: l.alpha for m, l in layers.items() if l.alpha != alpha},

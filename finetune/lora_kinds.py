@@ -1,5 +1,6 @@
 """What kind of adapter a LoRA file's names say it is, when it is one this project does not load; the older
-names diffusers' own trainers wrote, renamed to today's; and the SD version a kohya export records for the webui.
+names diffusers' own trainers wrote, renamed to today's; CLIP's module paths as files name them; and the SD
+version a kohya export records for the webui.
 
 One check for the loader (`finetune.kohya.load_lora`: sample, merge, eval, export, lora.init_from) and the
 demo's adapter list (`finetune.adapter_scan`, from the header alone), so both name a LyCORIS, DoRA or SDXL
@@ -64,6 +65,16 @@ def with_current_diffusers_names(tensors: dict[str, torch.Tensor]) -> dict[str, 
             key = f"{key[:match.start()]}.{match[2]}_proj.lora_linear_layer.{match[3]}.weight"
         renamed[key] = tensor
     return renamed
+
+
+# The text encoder's module paths are held relative to CLIPTextModel as transformers 5 builds it (no `text_model`
+# level); the files we write include it, as transformers 4 (so diffusers with either) and ComfyUI name it.
+CLIP_ROOT = "text_model."
+
+
+def written_path(part: str, module: str) -> str:
+    """A module's path as LoRA files name it: CLIP's under `text_model.`, the UNet's as it is."""
+    return CLIP_ROOT + module.removeprefix(CLIP_ROOT) if part == "text_encoder" else module
 
 
 # Layers whose input width is the text encoder's: the UNet's cross-attention keys and values, the text encoder's own.

@@ -22,6 +22,7 @@ from finetune.atomic_files import atomic_save_safetensors
 from finetune.encoders import layer_stack, recorded_clip_skip
 from finetune.errors import FinetuneError
 from finetune.kohya import DIFFUSERS_SUFFIXES, LoRA, load_lora
+from finetune.lora_kinds import written_path
 from finetune.max_norm import apply_max_norm, lora_layers
 from finetune.merge import find_module
 from finetune.methods.base import UNetMethod
@@ -260,7 +261,8 @@ def save_lora(modules: dict[str, torch.nn.Module], path: Path, metadata: dict[st
         # other layers (proj, ff, conv) make load_lora_weights skip the renamed ones: one naming for all.
         down, up = DIFFUSERS_SUFFIXES[prefix]
         weights = {key.replace(".lora_A.weight", down).replace(".lora_B.weight", up): value for key, value in weights.items()}
-        tensors.update({f"{prefix}.{key}": value.detach().to("cpu", torch.float32).contiguous() for key, value in weights.items()})
+        # CLIP's under `text_model.`: ComfyUI reads only those names, and diffusers either (as transformers 4 names it).
+        tensors.update({f"{prefix}.{written_path(prefix, key)}": value.detach().to("cpu", torch.float32).contiguous() for key, value in weights.items()})
         config = model.peft_config["default"].to_dict()
         lora_config.update({f"{prefix}.{key}": sorted(value) if isinstance(value, set) else value for key, value in config.items()})
     full_metadata = {
