@@ -29,6 +29,7 @@ from finetune.atomic_files import atomic_save_safetensors
 from finetune.checkpoint import CHECKPOINT_PATTERN
 from finetune.errors import FinetuneError
 from finetune.lora_kinds import CLIP_ROOT, CONTEXT_INPUTS, sd_version_metadata, unsupported_kind, with_current_diffusers_names, written_path
+from finetune.original_layout import with_diffusers_unet_names
 
 PARTS = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 # Module-path segments of the SD UNet and CLIP that contain "_": kohya's names flatten `.` and `_`
@@ -174,7 +175,7 @@ def load_lora(path: Path) -> LoRA:
 
 
 def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> LoRA:
-    layers = {}
+    tensors, layers = with_diffusers_unet_names(tensors), {}
     for key in sorted(tensors):
         if not key.endswith(".lora_down.weight"):
             continue

@@ -15,13 +15,13 @@ import re
 
 import torch
 
+from finetune.original_layout import names_sdxl_blocks
+
 # Key endings of adapters the loader refuses.
 LYCORIS_ENDINGS = (".hada_w1_a", ".lokr_w1", ".lokr_w1_a", ".lora_mid.weight")  # LoHa, LoKr, Tucker-decomposed LoCon
 DORA_ENDINGS = (".dora_scale", ".lora_magnitude_vector", ".lora_magnitude_vector.weight")
 # SDXL's two text encoders, in kohya's names and diffusers'.
 SDXL_PREFIXES = ("lora_te1_", "lora_te2_", "text_encoder_2.")
-# The UNet by the original layout's blocks: how sd-scripts names SDXL's (an SD1.x file may use them too).
-ORIGINAL_UNET_PREFIXES = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
 
 
 def unsupported_kind(keys: list[str], metadata: dict[str, str]) -> str | None:
@@ -32,9 +32,8 @@ def unsupported_kind(keys: list[str], metadata: dict[str, str]) -> str | None:
         return "a DoRA file: only plain LoRA is loaded"
     if any(key.startswith(SDXL_PREFIXES) for key in keys):
         return "an SDXL LoRA (lora_te1_/lora_te2_ or text_encoder_2 names): only SD1.x LoRAs are loaded"
-    if any(key.startswith(ORIGINAL_UNET_PREFIXES) for key in keys):
-        return ("a LoRA naming the UNet's layers by the original layout's blocks (input_blocks, as sd-scripts names SDXL's): "
-                "only SD1.x LoRAs with diffusers' names (lora_unet_down_blocks_...) are loaded")
+    if names_sdxl_blocks(keys):  # SD1.x's original-layout names load (finetune.original_layout)
+        return "an SDXL LoRA (its UNet's transformers are deeper than SD1.x's: input_blocks_N_1_transformer_blocks_1 and on): only SD1.x LoRAs are loaded"
     return None
 
 

@@ -24,6 +24,7 @@ from finetune.methods.controlnet import CONTROLNET_DIR
 from finetune.methods.full import PIPELINE_DIR
 from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.models import check_pipeline_parts, holds_a_lora
+from finetune.original_layout import UNET_RESNET_NAMES, unet_prefixes
 
 UNET_ROOT, VAE_ROOT, TEXT_ENCODER_ROOT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model."
 WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors"}
@@ -33,34 +34,6 @@ SD1_UP_BLOCKS = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
 SD15_WIDTHS = {"unet": [320, 640, 1280, 1280], "text_encoder": 768, "vae": [128, 256, 512, 512]}
 
 # --- names ---------------------------------------------------------------------------------------
-
-
-def unet_prefixes() -> dict[str, str]:
-    """diffusers' module prefix -> the original's, for SD1.x's UNet (4 blocks of 2 layers).
-
-    The original numbers its modules in one sequence per direction. input_blocks: 0 is conv_in, then per
-    block its 2 layers and its downsampler. output_blocks: 3 layers per block (one more than going down: the
-    extra one takes the skip from the downsampler's level), the upsampler inside the block's last layer.
-    """
-    names = {
-        "time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.", "conv_in.": "input_blocks.0.0.",
-        "mid_block.resnets.0.": "middle_block.0.", "mid_block.attentions.0.": "middle_block.1.", "mid_block.resnets.1.": "middle_block.2.",
-        "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
-    }  # fmt: skip
-    for i in range(4):
-        for j in range(2):
-            names[f"down_blocks.{i}.resnets.{j}."] = f"input_blocks.{3 * i + j + 1}.0."
-            if i < 3:
-                names[f"down_blocks.{i}.attentions.{j}."] = f"input_blocks.{3 * i + j + 1}.1."
-        for j in range(3):
-            names[f"up_blocks.{i}.resnets.{j}."] = f"output_blocks.{3 * i + j}.0."
-            if i > 0:
-                names[f"up_blocks.{i}.attentions.{j}."] = f"output_blocks.{3 * i + j}.1."
-        if i < 3:
-            names[f"down_blocks.{i}.downsamplers.0.conv."] = f"input_blocks.{3 * i + 3}.0.op."
-            # After the resnet, and after the attention in the blocks that have one (all but the first).
-            names[f"up_blocks.{i}.upsamplers.0."] = f"output_blocks.{3 * i + 2}.{2 if i else 1}."
-    return names
 
 
 def vae_prefixes() -> dict[str, str]:
@@ -79,8 +52,6 @@ def vae_prefixes() -> dict[str, str]:
     return names
 
 
-UNET_RESNET_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
-                     "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}  # fmt: skip
 VAE_RESNET_NAMES = {"conv_shortcut": "nin_shortcut"}
 VAE_ATTENTION_NAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 

@@ -22,9 +22,13 @@ REFUSED = {
                         f"{TE2}.down.weight": torch.zeros(4, 1280), f"{TE2}.up.weight": torch.zeros(1280, 4)}, " is an SDXL LoRA"),
     # kohya's SDXL text encoders alone (this was "holds no SD1.x LoRA weights", and missing from the demo's list)
     "sdxl-te": ({f"{TE1}.lora_down.weight": torch.zeros(4, 768), f"{TE1}.lora_up.weight": torch.zeros(768, 4)}, " is an SDXL LoRA"),
-    # the UNet by the original layout's blocks without SDXL's text encoders: an SD1.x file may name it so too
-    "input-blocks": ({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(4, 320),
-                      "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.zeros(320, 4)}, " is a LoRA naming the UNet's layers by the original layout's blocks"),
+    # SDXL's UNet by the original layout's blocks without its text encoders: told by its transformers' depth (SD1.x's
+    # original-layout names load: tests/test_walkthrough_lora_files.py)
+    "input-blocks": ({"lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q.lora_down.weight": torch.zeros(4, 640),
+                      "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q.lora_up.weight": torch.zeros(640, 4)}, " is an SDXL LoRA"),
+    "input-blocks-past-sd1": ({"lora_unet_input_blocks_12_0_in_layers_2.lora_down.weight": torch.zeros(4, 1280, 3, 3),
+                               "lora_unet_input_blocks_12_0_in_layers_2.lora_up.weight": torch.zeros(1280, 4, 1, 1)},
+                              ": LoRA key lora_unet_input_blocks_12_0_in_layers_2 names no layer of SD1.x's UNet in the original layout"),
     # a LoRA with an embedding bundled in (the webui's bundle_emb): the key is no LyCORIS one
     "bundled": ({**PLAIN, "bundle_emb.sks.string_to_param.*": torch.zeros(2, 64)}, ": LoRA key bundle_emb.sks.string_to_param.* is not a LoRA down/up weight"),
 }  # fmt: skip
