@@ -2,8 +2,8 @@
 
 An entry is keyed by what went in: for latents the image's content digest and its view (crop, flip,
 size; `finetune.views.view_key`), for text the caption (`caption_key`). On disk the folder is named by
-a fingerprint of the encoder's weights. So a changed image, another crop, a dropped caption or another
-model can never be served a stale result, and random crops and flips simply fill the cache with one
+a fingerprint of the encoder's weights (and for text of the tokenizer). So a changed image, another crop, a
+dropped caption or another model can never be served a stale result, and random crops and flips simply fill the cache with one
 entry per view. Cached posteriors are (mean, std): the latent is still sampled per step with fresh
 noise, exactly as without the cache.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import time
 import uuid
@@ -38,14 +39,27 @@ def caption_key(caption: str, chunks: int = 1) -> str:
     return hashlib.blake2b(caption.encode("utf-8"), digest_size=16, person=domain).hexdigest()
 
 
-def model_fingerprint(module: torch.nn.Module) -> str:
-    """A hash of every weight (and its dtype): the disk cache's namespace for this encoder."""
+def model_fingerprint(module: torch.nn.Module, tokenizer=None) -> str:
+    """A hash of every weight (and its dtype), and of the `tokenizer` that feeds a text encoder: the disk
+    cache's namespace for this encoder."""
     digest = hashlib.blake2b(digest_size=8)
     for name, tensor in module.state_dict().items():
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    if tokenizer is not None:
+        digest.update(tokenizer_description(tokenizer).encode())
     return digest.hexdigest()
+
+
+def tokenizer_description(tokenizer) -> str:
+    """What turns a caption into token ids: vocabulary, merges, normalisation, added tokens, the padded length
+    and the padding token (SD2's pads with "!", SD1's with the end token). Another tokenizer gives other ids,
+    so other embeddings, from the same text encoder weights."""
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    for per_call in ("truncation", "padding"):  # set by the last call (e.g. padding="max_length"), not the tokenizer's own
+        state.pop(per_call, None)
+    return json.dumps([state, tokenizer.model_max_length, tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id], sort_keys=True)
 
 
 class EncodingCache:
@@ -78,7 +92,7 @@ class EncodingCache:
 
     def disk_line(self, what: str) -> str:
         """What the disk cache holds when the run starts: a run that finds it empty encodes everything anew
-        (another base, VAE, dtype or clip skip makes another folder, and the earlier ones stay)."""
+        (another base, VAE, tokenizer, dtype or clip skip makes another folder, and the earlier ones stay)."""
         sizes = []
         for entry in self.folder.glob("*.safetensors"):
             try:

@@ -94,3 +94,38 @@ def test_a_checkpoint_that_kept_no_record_of_a_kind_of_data_is_no_change():
     older = data_record([])
     assert changed_data(older, data_record([], {"class images": [["abc", "a dog"]]})) == []
     assert changed_data(data_record([], {"class images": []}), data_record([], {"class images": [["abc", "a dog"]]})) == ["class images 0 -> 1"]
+
+
+def test_another_tokenizer_with_the_same_text_encoder_makes_another_text_cache(make_recipe, tiny_model, tmp_path, monkeypatch):
+    """The disk cache's text folder was named by the text encoder's weights only: a base whose tokenizer pads with
+    "!" (as SD2's does) instead of the end token was served the other tokenizer's embeddings."""
+    import json
+    import shutil
+
+    import finetune.methods.base as base_module
+    from finetune.trainer import train
+
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    settings = dict(train__max_steps=1, train__cache_text_embeddings=True, train__cache_dir=str(tmp_path / "cache"))
+    train(make_recipe(output_dir=str(tmp_path / "a"), model__pretrained=str(model), **settings))
+    config_file = model / "tokenizer" / "tokenizer_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "pad_token": "!"}))
+    encoded = []
+    original = base_module.encode_prompts
+    monkeypatch.setattr(base_module, "encode_prompts", lambda *args, **kwargs: encoded.append(1) or original(*args, **kwargs))
+    train(make_recipe(output_dir=str(tmp_path / "b"), model__pretrained=str(model), **settings))
+    assert encoded and len(list((tmp_path / "cache").glob("text-*"))) == 2
+
+
+def test_the_tokenizers_part_of_the_fingerprint_does_not_follow_its_last_call(tiny_model):
+    """transformers keeps the last call's padding and truncation in the tokenizer: not the tokenizer's own."""
+    from transformers import CLIPTokenizer
+
+    from finetune.cache import model_fingerprint
+    from finetune.encoders import tokenize
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_model / "tokenizer")
+    encoder = torch.nn.Linear(2, 2)
+    before = model_fingerprint(encoder, tokenizer)
+    tokenize(tokenizer, ["a red circle"])
+    assert model_fingerprint(encoder, tokenizer) == before != model_fingerprint(encoder)

@@ -141,11 +141,11 @@ class DiffusionMethod(TrainingMethod):
         train = self.recipe.train
         root = Path(train.cache_dir) if train.cache_dir else None
 
-        def cache(kind: str, encoder: torch.nn.Module) -> EncodingCache:
-            return EncodingCache(root / f"{kind}-{model_fingerprint(encoder)}" if root else None)
+        def cache(kind: str, encoder: torch.nn.Module, tokenizer=None) -> EncodingCache:
+            return EncodingCache(root / f"{kind}-{model_fingerprint(encoder, tokenizer)}" if root else None)
 
         self.latent_cache = cache("latents", base.vae) if train.cache_latents else None
-        self.text_cache = cache("text", base.text_encoder) if train.cache_text_embeddings else None
+        self.text_cache = cache("text", base.text_encoder, base.tokenizer) if train.cache_text_embeddings else None
         text_encoder_trains = "text_encoder" in self.trained_modules()  # its embeddings are not cached then
         used = ((self.latent_cache, "latents"), (None if text_encoder_trains else self.text_cache, "text embeddings"))
         self.start_lines += [cache.disk_line(what) for cache, what in used if cache and cache.folder]
