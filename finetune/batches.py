@@ -10,6 +10,7 @@ import torch
 
 from finetune.buckets import BucketBatchSampler, Size, assign_buckets
 from finetune.config import DataConfig
+from finetune.counts import counted
 from finetune.data import upright_size
 from finetune.errors import FinetuneError
 from finetune.sources import Example
@@ -28,7 +29,7 @@ class EpochBatchSampler:
         self.global_batch = batch_size * num_processes
         if num_items < self.global_batch:
             raise FinetuneError(
-                f"the dataset has {num_items} images, fewer than one global batch ({batch_size} x {num_processes} processes): "
+                f"the dataset has {counted(num_items, 'image')}, fewer than one global batch ({batch_size} x {counted(num_processes, 'process', 'processes')}): "
                 "lower train.batch_size or add images"
             )
         self.num_items = num_items

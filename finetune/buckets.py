@@ -22,6 +22,7 @@ from typing import Iterator
 import torch
 
 from finetune.config import DataConfig
+from finetune.counts import counted
 from finetune.errors import FinetuneError
 
 Size = tuple[int, int]  # (width, height), PIL's order
@@ -105,7 +106,7 @@ class BucketBatchSampler:
 
     def __init__(self, bucket_of: list[Size], batch_size: int, num_processes: int, process_index: int, seed: int, start: int = 0):
         if len(bucket_of) < num_processes:
-            raise FinetuneError(f"the dataset has {len(bucket_of)} images, fewer than the {num_processes} processes: add images")
+            raise FinetuneError(f"the dataset has {counted(len(bucket_of), 'image')}, fewer than the {counted(num_processes, 'process', 'processes')}: add images")
         self.bucket_of = bucket_of
         self.global_batch = batch_size * num_processes
         self.num_processes = num_processes

@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from finetune.counts import counted
 from finetune.errors import FinetuneError
 
 logger = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class EncodingCache:
                 sizes.append(entry.stat().st_size)
             except FileNotFoundError:  # a damaged entry another process removed meanwhile
                 pass
-        held = f"{len(sizes)} entries ({sum(sizes) / 1e6:.1f} MB) from earlier runs" if sizes else "empty: every entry is encoded in this run"
+        held = f"{counted(len(sizes), 'entry', 'entries')} ({sum(sizes) / 1e6:.1f} MB) from earlier runs" if sizes else "empty: every entry is encoded in this run"
         return f"train.cache_dir: {what} in {self.folder}: {held}"
 
     def _load(self, key: str) -> torch.Tensor | None:

@@ -25,6 +25,7 @@ from finetune.buckets import Size, assign_buckets, bucket_counts_line
 from finetune.captions import caption_lines, empty_caption_message, missing_caption_message
 from finetune.check_threads import each_on_threads
 from finetune.config import DataConfig, LossMaskConfig, Recipe
+from finetune.counts import counted
 from finetune.data import decode, file_stamp, float_levels_problem, has_alpha, is_16_bit, pixel_digest, turned_on_its_side, upright_rgb
 from finetune.errors import FinetuneError
 from finetune.loss_mask import alpha_mask, image_sharing_mask, mask_area, mask_digest, mask_path, read_mask_file
@@ -65,9 +66,9 @@ class DataReport:
         config, uses = self.config, sum(example.repeats for example in self.usable if example.source not in held_out)
         skipped = self.found - len(self.usable) if self.skipped else 0  # images, not findings (one may have two)
         files = len({example.source for example in self.usable})  # data.folders may list a folder under two templates
-        counted = f"{self.found} images" + (f" ({files} files, some under two templates)" if files < len(self.usable) else "")
+        found = counted(self.found, "image") + (f" ({files} files, some under two templates)" if files < len(self.usable) else "")
         held = len({example.source for example in self.usable} & held_out)
-        lines = [f"{self.label}: {counted}, {len(self.usable)} used, {skipped} skipped; {uses} uses per epoch"
+        lines = [f"{self.label}: {found}, {len(self.usable)} used, {skipped} skipped; {counted(uses, 'use')} per epoch"
                  + (f" ({held} held out by validation.loss_images)" if held else "")]  # fmt: skip
         sizes = [example.size for example in self.usable]
         if sizes:
@@ -96,7 +97,7 @@ def loss_mask_line(usable: list[Example], config: DataConfig) -> str:
     where = "their transparency" if settings.source == "alpha" else f"files in each folder's {settings.folder}/"
     areas = sorted(example.mask_area for example in usable if example.mask_area is not None)
     unmasked = [folder.path for folder in config.folders if not folder.loss_mask]
-    line = f"loss masks ({where}): {len(areas)} of {len(usable)} images masked" + (f" (unmasked folders: {', '.join(unmasked)})" if unmasked else "")
+    line = f"loss masks ({where}): {len(areas)} of {counted(len(usable), 'image')} masked" + (f" (unmasked folders: {', '.join(unmasked)})" if unmasked else "")
     if areas:
         line += f", trained area {100 * areas[0]:.0f}-{100 * areas[-1]:.0f}% (mean {100 * sum(areas) / len(areas):.0f}%)"
     return line + f"; background weight {settings.unmasked_weight:g}"
@@ -299,7 +300,7 @@ def masks_out_of_view(report: DataReport, targets: list[Size]) -> list[Finding]:
         return []
     if config.loss_mask.source == "alpha" and report.usable and all(example.mask_area is None for example in report.usable):
         concept = config._image_dir_key.removesuffix(".instance_dir") if config._image_dir_key.startswith("dreambooth.") else None
-        message = (f"{report.label}: data.loss_mask.source alpha, and none of its {len(report.usable)} images has transparency, so none is "
+        message = (f"{report.label}: data.loss_mask.source alpha, and {f'none of its {len(report.usable)} images has' if len(report.usable) > 1 else 'its one image has no'} transparency, so none is "
                    "masked: save cut-outs with an alpha channel, or use source files"
                    + (f", or set {concept}.loss_mask: false to train this concept whole" if concept else ""))  # fmt: skip
         return [Finding(FATAL, report.label, message)]
@@ -340,7 +341,7 @@ def stop_unless_trainable(report: DataReport) -> DataReport:
         hint = "" if fatal[0].source == label else f", {SKIP_HINT}"  # about the whole dataset: skipping images is no fix
         raise FinetuneError(f"{fatal[0].message}{hint}{more}")
     if not report.usable:
-        raise FinetuneError(f"{label}: all {report.found} images were skipped as bad ({report.skipped[0].message}): fix them")
+        raise FinetuneError(f"{label}: no image is usable ({counted(report.found, 'image')} skipped as bad: {report.skipped[0].message}): fix them")
     return report
 
 

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from finetune.check_data import FATAL, SKIP_HINT, WARNING, concept_held_out_whole, data_configs, data_label, inspect_examples, too_few_to_batch
 from finetune.config import DataConfig, ModelConfig, Recipe
+from finetune.counts import counted
 from finetune.errors import FinetuneError
 from finetune.held_out import held_out_sources, split_held_out
 from finetune.recipe_loading import describe_validation_error, load_recipe
@@ -96,7 +97,7 @@ def run_check_data_command(args) -> int:
     short = None
     if recipe is not None and not fatal:
         if held:
-            print(f"held out: {len(held)} images for the validation loss (validation.loss_images), leaving {len(trained)} of the {len(sources)} "
+            print(f"held out: {counted(len(held), 'image')} for the validation loss (validation.loss_images), leaving {len(trained)} of the {len(sources)} "
                   "uses per epoch to train")  # fmt: skip
         short = too_few_to_batch(len(trained), recipe, 1, len(sources)) or concept_held_out_whole(reports, held_sources, recipe)
         if recipe.method == "controlnet" and not short:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from finetune.cli_arguments import parse_arguments
+from finetune.counts import counted
 from finetune.errors import FinetuneError, one_line
 from finetune.library_noise import quiet_third_party_warnings
 from finetune.process_env import first_on_its_machine
@@ -125,7 +126,7 @@ def _sample(args) -> int:
         device=args.device,
         precision=args.precision,
     )
-    print(f"wrote {len(written) - 1} images and a grid: {written[-1]}")
+    print(f"wrote {counted(len(written) - 1, 'image')} and a grid: {written[-1]}")
     return 0
 
 
@@ -161,7 +162,7 @@ def _make_world_data(args) -> int:
     check_world_data_arguments(Path(args.output_dir), args.num_images, args.partial_captions)
     folder = make_world_data(args.output_dir, args.num_images, args.seed, args.include_held_out,
                              partial_captions=args.partial_captions, conditioning=args.conditioning)
-    print(f"wrote {args.num_images} images to {folder}")
+    print(f"wrote {counted(args.num_images, 'image')} to {folder}")
     return 0
 
 
@@ -206,9 +207,9 @@ def _make_conditions(args) -> int:
     check_output_folder(Path(args.output_dir), "output_dir", "the conditioning images and metadata.jsonl")
     made = make_condition_folders(args.input_dir, args.output_dir, args.kind, overwrite=args.overwrite, **options)
     for folder, count, uncaptioned in made:
-        print(f"wrote {count} {args.kind} conditioning images and metadata.jsonl to {folder}")
+        print(f"wrote {counted(count, args.kind + ' conditioning image')} and metadata.jsonl to {folder}")
         if uncaptioned:
-            print(f"note: {uncaptioned} images had no caption (.txt or metadata.jsonl) and train with an empty prompt")
+            print(f"note: {counted(uncaptioned, 'image')} had no caption (.txt or metadata.jsonl) and train with an empty prompt")
     subfolders = [folder.name for folder, _, _ in made if folder.parent == Path(args.output_dir)]
     if subfolders:  # each has its own metadata.jsonl: training reads them as data.folders entries
         from finetune.sources import folders_entries

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune.counts import counted
 from finetune.errors import FinetuneError
 from finetune.toyworld.metrics import (
     attribute_share,
@@ -288,7 +289,7 @@ def print_table(result: dict) -> None:
 
     settings = result.get("settings", {})
     title = f"eval of {settings.get('base')}" + "".join(f" + {settings[k]}" for k in ("lora", "controlnet") if settings.get(k))
-    title += f" (trained {settings['adapter_steps']} steps)" if settings.get("adapter_steps") else ""
+    title += f" (trained {counted(settings['adapter_steps'], 'step')})" if settings.get("adapter_steps") else ""
     table = Table("metric", "value", "n")
     for metric, value in result["metrics"].items():
         table.add_row(metric, f"{value:.3f}" if metric != "fid" else f"{value:.2f}", str(result["n"][metric]))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.counts import counted
 from finetune.encoders import recorded_clip_skip
 from finetune.kohya import LoRA
 
@@ -87,7 +88,7 @@ def write_pipeline_card(folder: Path, meta: dict[str, str]) -> Path:
         "| --- | --- |",
         f"| base model | `{meta.get('finetune.base_model', 'unknown')}` |",
         f"| method | {meta.get('finetune.method', 'full')} |",
-        f"| steps | {meta.get('finetune.steps', 'unknown')}" + (f" ({meta['finetune.epoch']} epochs)" if meta.get("finetune.epoch") else "") + " |",
+        f"| steps | {meta.get('finetune.steps', 'unknown')}" + (f" ({counted(meta['finetune.epoch'], 'epoch')})" if meta.get("finetune.epoch") else "") + " |",
         f"| resolution | {meta.get('finetune.resolution', 'unknown')} |",
         *([f"| trained prompts and caption tags | {tags} |"] if tags else []),
         f"| prediction type | {meta.get('finetune.prediction_type', 'unknown')} |",
@@ -143,7 +144,7 @@ def write_model_card(
         f"| rank / alpha | {rank} / {alpha:g} (updates scaled by alpha/rank = {alpha / rank:g}) |",
         f"| adapted | {', '.join(parts)} ({len(lora.layers)} layers) |",
         *([f"| 3x3 conv layers (LoCon) | rank {conv[0]} / alpha {conv[1]:g} (scaled by {conv[1] / conv[0]:g}) |"] if conv else []),
-        f"| steps | {meta.get('finetune.steps', 'unknown')}" + (f" ({meta['finetune.epoch']} epochs)" if meta.get("finetune.epoch") else "") + " |",
+        f"| steps | {meta.get('finetune.steps', 'unknown')}" + (f" ({counted(meta['finetune.epoch'], 'epoch')})" if meta.get("finetune.epoch") else "") + " |",
         f"| resolution | {meta.get('finetune.resolution', 'unknown')} |",
         *([f"| most frequent caption tags | {tags} |"] if (tags := frequent_tags(meta.get("finetune.tag_frequency"))) else []),
         f"| prediction type | {meta.get('finetune.prediction_type', 'unknown')} |",

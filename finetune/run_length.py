@@ -14,6 +14,7 @@ from pathlib import Path
 
 from finetune.checkpoint import checkpoint_step
 from finetune.config import Recipe, TrainConfig
+from finetune.counts import counted
 from finetune.errors import FinetuneError
 from finetune.optim import schedule_change_line
 
@@ -68,14 +69,13 @@ def run_length_line(train: TrainConfig, max_steps: int, sampler, items: int, pro
     """The run's length in steps and in epochs (an epoch uses each image its repeats times)."""
     per_step = train.batch_size * processes * train.gradient_accumulation_steps
     epochs = epochs_done(max_steps, train.gradient_accumulation_steps, max(sampler.batches_per_epoch, 1))
-    shown = f"{epochs:.0f}" if epochs >= 100 else f"{epochs:.3g}"  # 2000, not 2e+03
-    line = f"length: {max_steps} steps of {per_step} images = {shown} epochs of "
+    line = f"length: {counted(max_steps, 'step')} of {counted(per_step, 'image')} = {epochs_text(epochs)} of "
     if sampler.images_per_epoch < items:
         left = items - sampler.images_per_epoch
         return line + f"{sampler.images_per_epoch} of the {items} images (each epoch leaves {left} out at random, to fill whole batches)"
     if sampler.batches_per_epoch * train.batch_size * processes > items:  # buckets: every image, in some smaller batches
-        return line + f"{items} images (in {sampler.batches_per_epoch} batches an epoch: a bucket's last batch may be smaller)"
-    return line + f"{items} images"
+        return line + f"{counted(items, 'image')} (in {counted(sampler.batches_per_epoch, 'batch', 'batches')} an epoch: a bucket's last batch may be smaller)"
+    return line + counted(items, "image")
 
 
 def resume_warnings(checkpoint: Path, state: dict, recipe: Recipe, max_steps: int, processes: int) -> list[str]:
@@ -84,7 +84,7 @@ def resume_warnings(checkpoint: Path, state: dict, recipe: Recipe, max_steps: in
     lines, batch = [], recipe.train.batch_size
     processes_then = state.get("processes", processes)
     if processes_then != processes:
-        lines.append(f"warning: {checkpoint.name} was trained by {processes_then} processes, this run has {processes}: the global batch changes "
+        lines.append(f"warning: {checkpoint.name} was trained by {counted(processes_then, 'process', 'processes')}, this run has {processes}: the global batch changes "
                      f"from {processes_then * batch} to {processes * batch} images per micro-step (and the data order with it)")
     # The planned steps (kept since they were: train.max_epochs counts them from the data), else the recipe's.
     steps_then = state.get("max_steps", (state.get("recipe") or {}).get("train.max_steps"))
@@ -92,3 +92,8 @@ def resume_warnings(checkpoint: Path, state: dict, recipe: Recipe, max_steps: in
         keep = recipe.train.max_epochs is None and state["step"] < steps_then  # (a run of epochs changes length with the processes)
         lines.append(line + (f"; to keep the old schedule, resume with train.max_steps={steps_then}" if keep else ""))
     return lines
+
+
+def epochs_text(epochs: float) -> str:
+    """A number of epochs as the console says it: "2000 epochs" (not 2e+03), "1.5 epochs", "1 epoch"."""
+    return counted(epochs, "epoch", spec=".0f" if epochs >= 100 else ".3g")

@@ -34,7 +34,7 @@ from finetune.models import load_base_model, resolve_model_folder
 from finetune.output_metadata import dataset_metadata, output_metadata
 from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer, step_size
 from finetune.recipe_loading import dump_recipe
-from finetune.run_length import check_epoch_run, due, epochs_done, finished_epochs, planned_steps, resume_warnings, run_length_line
+from finetune.run_length import check_epoch_run, due, epochs_done, epochs_text, finished_epochs, planned_steps, resume_warnings, run_length_line
 from finetune.loss_mask import preview as mask_preview
 from finetune.sampling import GRID_LABEL_WIDTH, in_lockstep, make_grid, save_image_atomic
 from finetune.step_losses import StepLosses
@@ -255,6 +255,8 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
              "method": method.checkpoint_state(), "data": images_record},
             recipe.checkpoint.keep_last, extra=extra, **save_options
         )
+        if accelerator.is_main_process:  # its writer (not each machine's first: theirs may not hold it), as sd-scripts says each save
+            progress.write(f"saved {checkpoints_dir / f'checkpoint-{step}'} (step {step}, {epochs_text(epochs_done(step, accumulation, batches_per_epoch))})")
 
     if step == 0 and recipe.validation.at_start:
         validate(0)
@@ -319,8 +321,6 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             if due(step, recipe.checkpoint.every_n_steps, ended, recipe.checkpoint.every_n_epochs) and step < max_steps:
                 save_checkpoint()
                 last_checkpoint_step = step
-                if accelerator.is_main_process:  # its writer (not each machine: theirs may not hold it), as sd-scripts says each save
-                    progress.write(f"saved {checkpoints_dir / f'checkpoint-{step}'} (step {step}, {epochs:.3g} epochs)")
             if due(step, recipe.validation.every_n_steps, ended, recipe.validation.every_n_epochs) and step < max_steps:
                 grid = validate(step)
                 if grid is not None and accelerator.is_local_main_process:

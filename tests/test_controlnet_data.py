@@ -195,7 +195,7 @@ def test_with_skip_bad_images_bad_pairs_are_left_out_and_listed(make_recipe, tmp
     report = method.data_reports[0]
     assert sorted(Path(finding.source).name for finding in report.skipped) == ["0000.png", "0001.png", "0002.png", "0003.png", "0004.png"]
     lines = report.lines()
-    assert lines[0].endswith("6 images, 1 used, 5 skipped; 1 uses per epoch")
+    assert lines[0].endswith("6 images, 1 used, 5 skipped; 1 use per epoch")
     for case in ("no conditioning entry", "conditioning file missing", "sizes differ", "conditioning unreadable"):
         assert any(re.search(BAD_INPUTS[case][1], line) for line in lines if line.startswith("skipped: ")), case
     assert any("smaller than 32 px on its short side" in line for line in lines)

@@ -201,7 +201,7 @@ def test_dreambooth_lora_with_two_concepts_and_text_encoder(make_recipe, star_fo
     ))  # fmt: skip
     out = capsys.readouterr().out
     assert f"starting from the LoRA {result.output_dir} (lora.init_from)" in out
-    assert "warning: dreambooth.concepts[0] lists 3 class prompts and dreambooth.num_class_images is 2: the last 1 prompts make no class image" in out
+    assert "warning: dreambooth.concepts[0] lists 3 class prompts and dreambooth.num_class_images is 2: the last prompt makes no class image" in out
 
 
 def test_an_empty_or_missing_instance_folder_names_its_concept_key(make_recipe, star_folder, tmp_path):

@@ -129,3 +129,36 @@ def test_the_tokenizers_part_of_the_fingerprint_does_not_follow_its_last_call(ti
     before = model_fingerprint(encoder, tokenizer)
     tokenize(tokenizer, ["a red circle"])
     assert model_fingerprint(encoder, tokenizer) == before != model_fingerprint(encoder)
+
+
+def test_a_count_of_one_takes_the_singular():
+    from finetune.counts import counted
+    from finetune.run_length import epochs_text
+
+    assert [counted(n, "image") for n in (0, 1, 2)] == ["0 images", "1 image", "2 images"]
+    assert counted(1, "entry", "entries") == "1 entry" and counted(3, "entry", "entries") == "3 entries"
+    assert [epochs_text(e) for e in (1.0, 1.5, 0.5, 2000.0)] == ["1 epoch", "1.5 epochs", "0.5 epochs", "2000 epochs"]
+
+
+def test_the_run_length_says_one_image_and_the_last_checkpoint_is_announced_as_the_others(make_recipe, capsys):
+    """'length: 4 steps of 1 images = 1 epochs of 4 images'; and a checkpoint saved during the run said
+    'saved ...checkpoint-2 (step 2, 0.5 epochs)' while the one the run ends with was saved without a word."""
+    from pathlib import Path
+
+    from finetune.trainer import train
+
+    recipe = make_recipe(train__batch_size=1, train__max_steps=4, checkpoint__every_n_steps=2)
+    train(recipe)
+    lines = capsys.readouterr().out.splitlines()
+    assert "length: 4 steps of 1 image = 1 epoch of 4 images" in lines
+    checkpoints = Path(recipe.output_dir) / "checkpoints"
+    assert [line for line in lines if line.startswith("saved") and "checkpoint-" in line] == [
+        f"saved {checkpoints / 'checkpoint-2'} (step 2, 0.5 epochs)", f"saved {checkpoints / 'checkpoint-4'} (step 4, 1 epoch)"]
+
+
+def test_too_small_a_dataset_is_counted_in_the_singular():
+    from finetune.batches import EpochBatchSampler
+    from finetune.errors import FinetuneError
+
+    with pytest.raises(FinetuneError, match=r"^the dataset has 1 image, fewer than one global batch \(2 x 1 process\): "):
+        EpochBatchSampler(1, 2, 1, 0, 0)

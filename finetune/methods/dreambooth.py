@@ -28,6 +28,7 @@ from finetune.class_images import (
     as_loaded_base, class_image_caption, generate_class_images, generation_key, is_generated_name, plan_class_images,
 )
 from finetune.config import Concept, DataConfig, LossMaskConfig, Recipe
+from finetune.counts import counted
 from finetune.data import collate_images, item_rng, likely_new_view, mask_entry, render_mask, render_pixels, upright_size, view_entry
 from finetune.errors import FinetuneError
 from finetune.methods.base import DiffusionMethod
@@ -196,10 +197,11 @@ class DreamBoothMethod(DiffusionMethod):
             self.data_reports.append(report)
         settings = self.recipe.dreambooth
         for i, concept in enumerate(settings.concepts if settings.prior_preservation else []):
-            if settings.num_class_images < len(concept.class_prompts):  # image k comes from prompt k mod n
+            unused = len(concept.class_prompts) - settings.num_class_images
+            if unused > 0:  # image k comes from prompt k mod n
                 self.start_lines.append(
                     f"warning: dreambooth.concepts[{i}] lists {len(concept.class_prompts)} class prompts and dreambooth.num_class_images is "
-                    f"{settings.num_class_images}: the last {len(concept.class_prompts) - settings.num_class_images} prompts make no class image; "
+                    f"{settings.num_class_images}: {f'the last {unused} prompts make' if unused > 1 else 'the last prompt makes'} no class image; "
                     f"raise num_class_images to at least {len(concept.class_prompts)}"
                 )
         # Class images a user brought are checked now, before the model loads and generates the rest.
@@ -241,7 +243,7 @@ class DreamBoothMethod(DiffusionMethod):
         settings = self.recipe.dreambooth
         if plan.missing:
             prompts = concept.class_prompts
-            accelerator.print(f"generating {len(plan.missing)} class images ({len(prompts)} prompts) in {plan.folder}")
+            accelerator.print(f"generating {counted(len(plan.missing), 'class image')} ({counted(len(prompts), 'prompt')}) in {plan.folder}")
             # The frozen base, sampled as it was trained (model.prediction_type and zero_terminal_snr change training's target).
             # The trainer has moved the VAE and text encoder to the device; the UNet only goes there at
             # accelerate's `prepare`, after the data is built: bring it along now.

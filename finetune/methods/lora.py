@@ -19,6 +19,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
 from finetune.atomic_files import atomic_save_safetensors
+from finetune.counts import counted
 from finetune.encoders import layer_stack, recorded_clip_skip
 from finetune.errors import FinetuneError
 from finetune.kohya import DIFFUSERS_SUFFIXES, LoRA, load_lora
@@ -78,7 +79,7 @@ class LoRAMethod(UNetMethod):
             steps = self.initial_lora.metadata.get("finetune.steps")
             self.start_lines.append(
                 f"starting from the LoRA {settings.init_from} (lora.init_from): {len(self.initial_lora.layers)} layers, "
-                f"rank {rank}, alpha {alpha:g}" + (f", trained {steps} steps" if steps else "")
+                f"rank {rank}, alpha {alpha:g}" + (f", trained {counted(steps, 'step')}" if steps else "")
             )
             if fresh:  # a larger target list than the file's: said, where it went unseen before
                 names = ", ".join(dict.fromkeys(target_name(key) for key in fresh))
