@@ -257,7 +257,7 @@ def changed_data(saved: dict | None, now: dict) -> list[str]:
             for kind, (old, new) in kinds.items() if old != new]  # fmt: skip
 
 
-SAME_COUNT_CHANGES = {"training images": "other images or captions", "class images": "other images or prompts"}
+SAME_COUNT_CHANGES = {"training images": "other images or captions", "class images": "other images or prompts", "loss masks": "other masks"}
 
 
 def save_checkpoint(

@@ -87,6 +87,22 @@ def test_a_resume_says_when_the_dreambooth_class_images_changed(make_recipe, ima
     assert "warning: settings changed since checkpoint-3: class images 2 -> 2 (other images or prompts)" in changed
 
 
+
+def test_a_resume_says_when_the_loss_masks_changed(make_recipe, tmp_path, capsys):
+    """Nor its loss masks (data.loss_mask): a mask redrawn to train another part of an image, unsaid."""
+    from PIL import Image
+    from test_loss_mask import masked_folder
+
+    folder = masked_folder(tmp_path / "data")
+
+    def recipe_at(steps):
+        return make_recipe(data__image_dir=str(folder), data__loss_mask={"source": "files"}, train__max_steps=steps)
+
+    flipped = lambda: Image.open(folder / "masks" / "0.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / "masks" / "0.png")
+    unchanged, changed = _resume_lines(recipe_at, capsys, flipped)
+    assert "warning: settings changed" not in unchanged
+    assert "warning: settings changed since checkpoint-3: loss masks 4 -> 4 (other masks)" in changed
+
 def test_a_checkpoint_that_kept_no_record_of_a_kind_of_data_is_no_change():
     """Checkpoints made before conditioning and class images were recorded: nothing to compare them with."""
     from finetune.checkpoint import changed_data, data_record

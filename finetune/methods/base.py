@@ -109,7 +109,8 @@ class TrainingMethod(ABC):
     def recorded_data(self) -> dict[str, list]:
         """The data besides the training images a checkpoint records (checkpoint.data_record), by kind, so a resume
         says when they changed; asked once the training data is built (DreamBooth's class images are made by then)."""
-        return {}
+        masks = [item.mask_digest for item in self.training_items() if item.mask_digest is not None]  # data.loss_mask
+        return {"loss masks": masks} if masks else {}
 
     def load_checkpoint_state(self, state: dict) -> None:
         """Restore what `checkpoint_state` returned, on resume."""

@@ -66,7 +66,7 @@ class ControlNetMethod(DiffusionMethod):
         return [pair.image for pair in self.pairs]
 
     def recorded_data(self) -> dict[str, list]:
-        return {"conditioning images": [pair.conditioning.digest or pair.conditioning.source for pair in self.pairs]}
+        return {**super().recorded_data(), "conditioning images": [pair.conditioning.digest or pair.conditioning.source for pair in self.pairs]}
 
     def data_metadata(self) -> dict[str, str]:
         """How `finetune make-conditions` made the conditioning images, if it did: `finetune sample` names it."""

@@ -230,7 +230,7 @@ class DreamBoothMethod(DiffusionMethod):
 
     def recorded_data(self) -> dict[str, list]:
         class_images = [example for examples in self.training_dataset.class_examples for example in examples]
-        return {"class images": [[example.digest or example.source, example.caption] for example in class_images]}
+        return {**super().recorded_data(), "class images": [[example.digest or example.source, example.caption] for example in class_images]}
 
     def _check_class_images(self, paths: list[Path], concept: Concept, folder: Path) -> DataReport | None:
         """Class images may have any size: they are resized and cropped like instance images; only
