@@ -384,7 +384,7 @@ def too_few_to_batch(trained: int, recipe: Recipe, processes: int = 1, items: in
     held = f" ({items} before validation.loss_images held some out)" if held_out else ""
     per = f"train.batch_size {batch}" + (f" x {processes} processes" if processes > 1 else "")
     remedy = ("lower validation.loss_images or train.batch_size, or add images" if held_out else "lower train.batch_size or add images")
-    return f"{trained} training images (repeats counted){held} are fewer than one batch ({per}): {remedy}"
+    return f"{counted(trained, 'training image')} (repeats counted){held} {'is' if trained == 1 else 'are'} fewer than one batch ({per}): {remedy}"
 
 
 def concept_held_out_whole(reports: list[DataReport], held_out: frozenset[str], recipe: Recipe) -> str | None:

@@ -32,7 +32,7 @@ def check_epoch_run(recipe: Recipe, max_steps: int, batches_per_epoch: int, resu
     warmup, epochs = recipe.optimizer.warmup_steps, recipe.train.max_epochs
     if recipe.optimizer.scheduler != "constant" and warmup >= max_steps:
         raise FinetuneError(
-            f"optimizer.warmup_steps ({warmup}) must be below the run's {max_steps} steps (train.max_epochs {epochs}): "
+            f"optimizer.warmup_steps ({warmup}) must be below the run's {counted(max_steps, 'step')} (train.max_epochs {epochs}): "
             "the learning rate would never reach optimizer.lr; lower warmup_steps or raise max_epochs"
         )
     step = checkpoint_step(resume_from) if resume_from is not None else 0
