@@ -18,7 +18,7 @@ from PIL import Image
 
 from finetune.buckets import Size
 from finetune.captions import (apply_template, folder_captions, image_caption, metadata_subfolders, missing_caption_message, name_key,
-                               require_own_sidecars, template_needs_caption)  # fmt: skip
+                               require_own_sidecars, sidecar_path, template_needs_caption)  # fmt: skip
 from finetune.config import DataConfig, FolderConfig
 from finetune.errors import FinetuneError
 
@@ -147,19 +147,30 @@ def subfolders_message(folder: Path, subfolders: list[Path], config: DataConfig,
         return f"data folder {folder} has no images of its own, only subfolders with images ({names}): give each its own concept (instance_dir)"
     if entry is not None:  # only the images directly in a data.folders entry are read
         return (f"data folder {folder} has no images of its own, only subfolders with images ({names}): list each as its own data.folders "
-                f"entry in place of path '{entry}', e.g. {folders_entries([(PurePosixPath(entry) / path.name).as_posix() for path in subfolders])}")  # fmt: skip
+                f"entry in place of path '{entry}', e.g. {folders_entries([(PurePosixPath(entry) / path.name).as_posix() for path in subfolders], Path(config.image_dir))}")  # fmt: skip
     return (f"data folder {folder} has no images of its own, only subfolders with images ({names}): list each with its repeats "
-            f"in the recipe's data section, e.g. {folders_entries([path.name for path in subfolders])}")  # fmt: skip
+            f"in the recipe's data section, e.g. {folders_entries([path.name for path in subfolders], folder)}")  # fmt: skip
 
 
-def folders_entries(names: list[str]) -> str:
+def folders_entries(names: list[str], root: Path | None = None) -> str:
     """`folders: [...]` training the subfolders `names` (paths from image_dir), as the recipe's YAML (a flow
-    list): also right for `check-data --image-dir`, which takes no overrides."""
+    list): also right for `check-data --image-dir`, which takes no overrides. With `root` (image_dir), an
+    `N_name` folder with no caption at all gets `name` as its prompt, as sd-scripts prompts such images
+    with the folder's class tokens."""
     entries = []
     for name in names:
-        repeats = re.match(r"(\d+)_", PurePosixPath(name).name)  # sd-scripts' N_name folders: N is the repeats
-        entries.append(f"{{path: {json.dumps(name, ensure_ascii=False)}, repeats: {int(repeats.group(1)) if repeats else 1}}}")
+        kohya = re.match(r"(\d+)_(.*)", PurePosixPath(name).name)  # sd-scripts' N_name folders: N is the repeats
+        entry = f"path: {json.dumps(name, ensure_ascii=False)}, repeats: {int(kohya.group(1)) if kohya else 1}"
+        if kohya and kohya.group(2).strip() and root is not None and uncaptioned_folder(root / name):
+            entry += f", template: {json.dumps(kohya.group(2).strip(), ensure_ascii=False)}"
+        entries.append(f"{{{entry}}}")
     return f"folders: [{', '.join(entries)}]"
+
+
+def uncaptioned_folder(folder: Path) -> bool:
+    """Whether no image of `folder` has a caption: no metadata file, no caption file beside any image."""
+    metadata = any((folder / name).is_file() for name in ("metadata.jsonl", "metadata.csv"))
+    return not metadata and all(sidecar_path(image) is None for image in folder_images(folder))
 
 
 def unlisted_image_folders(config: DataConfig) -> list[Path]:

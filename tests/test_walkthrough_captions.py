@@ -102,3 +102,27 @@ def test_bucketing_that_makes_the_square_its_only_bucket_is_refused_on_load():
             DataConfig(image_dir="x", resolution=resolution, bucketing={"enabled": True, **dict(settings)})
     assert len(make_buckets(DataConfig(image_dir="x", resolution=64, bucketing={"enabled": True, "step": 32}))) == 5
     assert DataConfig(image_dir="x", resolution=64).bucketing.enabled is False  # off, the step does not matter
+
+
+def test_kohya_folders_without_captions_are_suggested_with_their_name_as_the_prompt(tmp_path, capsys):
+    # sd-scripts prompts the uncaptioned images of `10_sks dog` with "sks dog"; the suggested entry gave the
+    # repeats only, so pasting it stopped the check with 'no caption' for every image of the folder.
+    from odd_images import captioned, noise
+
+    from finetune.cli import main
+    from finetune.data import load_examples
+    from finetune.recipe_loading import load_recipe
+
+    root = tmp_path / "train"
+    (root / "10_sks dog").mkdir(parents=True)
+    for name in ("0.png", "1.png"):
+        noise(64, 64, seed=len(name)).save(root / "10_sks dog" / name)  # no caption files
+        captioned(root / "1_dog", name)  # captioned: its captions train
+    assert main(["check-data", "--image-dir", str(root), "--resolution", "64"]) == 2
+    suggestion = capsys.readouterr().err.strip().split("e.g. ")[1]
+    assert suggestion == """folders: [{path: "10_sks dog", repeats: 10, template: "sks dog"}, {path: "1_dog", repeats: 1}]"""
+    recipe = tmp_path / "recipe.yaml"  # the suggestion, pasted into a recipe
+    recipe.write_text(f"data:\n  image_dir: {root}\n  resolution: 64\n  {suggestion}\n")
+    assert main(["check-data", str(recipe)]) == 0
+    captions = {example.caption for example in load_examples(load_recipe(recipe).data, check=False) if "10_sks dog" in example.source}
+    assert captions == {"sks dog"}
