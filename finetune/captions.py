@@ -259,6 +259,14 @@ def empty_caption_message(source: str, caption: str, config: DataConfig, folder_
     return f"image {source} has an empty caption: it trains {trains_as}; write one in its .txt or metadata row if that is not meant"
 
 
+def caption_alternative(config: DataConfig, folder_index: int = 0) -> str:
+    """What else captions an image of data.folders entry `folder_index` than a caption of its own: the
+    entry's template (data.caption would prompt every folder's images alike)."""
+    if not config.folders:
+        return config._caption_alternative
+    return f"give data.folders path '{config.folders[folder_index].path}' a template (the prompt of its images)"
+
+
 def template_needs_caption(template: str | None) -> bool:
     return template is None or CAPTION_PLACEHOLDER in template
 

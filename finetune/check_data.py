@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from finetune.buckets import Size, assign_buckets, bucket_counts_line
-from finetune.captions import caption_lines, empty_caption_message, missing_caption_message
+from finetune.captions import caption_alternative, caption_lines, empty_caption_message, missing_caption_message
 from finetune.check_threads import each_on_threads
 from finetune.config import DataConfig, LossMaskConfig, Recipe
 from finetune.counts import counted
@@ -144,7 +144,7 @@ def inspect(example: Example, config: DataConfig) -> tuple[Example | None, list[
     """(the example with its size, or None if unusable; findings; a hash of its decoded pixels)."""
     source, findings = example.source, []
     if example.caption is None:
-        findings.append(Finding(FATAL, source, missing_caption_message(source, config._caption_alternative)))
+        findings.append(Finding(FATAL, source, missing_caption_message(source, caption_alternative(config, example.folder_index))))
     elif message := empty_caption_message(source, example.caption, config, example.folder_index):  # an empty .txt or metadata text
         findings.append(Finding(WARNING, source, message))
     elif len(lines := caption_lines(example.caption)) > 1:

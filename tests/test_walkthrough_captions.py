@@ -126,3 +126,23 @@ def test_kohya_folders_without_captions_are_suggested_with_their_name_as_the_pro
     assert main(["check-data", str(recipe)]) == 0
     captions = {example.caption for example in load_examples(load_recipe(recipe).data, check=False) if "10_sks dog" in example.source}
     assert captions == {"sks dog"}
+
+
+def test_an_uncaptioned_image_of_a_data_folders_entry_is_told_to_give_that_entry_a_template(tmp_path):
+    # It said "or set data.caption to one prompt for all images", which would prompt every folder's
+    # images alike, the captioned ones too.
+    from odd_images import captioned, noise
+
+    from finetune.check_data import FATAL, inspect_examples
+    from finetune.config import DataConfig
+    from finetune.sources import read_examples
+
+    (tmp_path / "10_sks dog").mkdir()
+    noise(64, 64, seed=1).save(tmp_path / "10_sks dog" / "a.png")
+    captioned(tmp_path / "1_dog", "b.png")
+    config = DataConfig(image_dir=str(tmp_path), resolution=64, folders=[{"path": "10_sks dog", "repeats": 10}, {"path": "1_dog"}])
+    fatal = [f.message for f in inspect_examples(read_examples(config), config, "data").of_level(FATAL)]
+    assert fatal == [f"image {tmp_path / '10_sks dog' / 'a.png'} has no caption: add a.txt, a metadata.jsonl or metadata.csv entry, "
+                     "or give data.folders path '10_sks dog' a template (the prompt of its images)"]  # fmt: skip
+    alone = DataConfig(image_dir=str(tmp_path / "10_sks dog"), resolution=64)  # without data.folders, one prompt for all is the other fix
+    assert inspect_examples(read_examples(alone), alone, "data").of_level(FATAL)[0].message.endswith("or set data.caption to one prompt for all images")
