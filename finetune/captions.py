@@ -303,10 +303,21 @@ def training_caption(caption: str, config: DataConfig, seed: int, epoch: int, in
     """The caption item `index` trains with in `epoch`: one line of a caption of several (each line is a
     caption of the image, as SimpleTuner and sd-scripts' enable_wildcard read them), its tags shuffled
     (data.shuffle_tags) and dropped (data.tag_dropout) past the first data.keep_tokens, the same on every process."""
-    lines = caption_lines(caption)
-    if len(lines) > 1:
-        caption = lines[np.random.default_rng([seed, epoch, index, LINE_STREAM]).integers(len(lines))]
+    caption = caption_line(caption, seed, epoch, index)
     if not (config.shuffle_tags or config.tag_dropout) or "," not in caption:
         return caption
     rng = np.random.default_rng([seed, epoch, index, TAG_STREAM])
     return edit_tags(caption, config.keep_tokens, rng, config.shuffle_tags, config.tag_dropout)
+
+
+def caption_line(caption: str, seed: int, epoch: int, index: int) -> str:
+    """The caption itself, or for a caption of several lines the line item `index` trains with in `epoch`."""
+    lines = caption_lines(caption)
+    return lines[np.random.default_rng([seed, epoch, index, LINE_STREAM]).integers(len(lines))] if len(lines) > 1 else caption
+
+
+def scored_caption(caption: str, seed: int, index: int) -> str:
+    """The caption a held-out item (validation.loss_images) is scored with: as written (the line of epoch 0 of
+    a caption of several), its tags neither shuffled nor dropped and never emptied by caption dropout, so the
+    validation loss is the captioned loss and compares across runs whatever those settings are."""
+    return caption_line(caption, seed, 0, index)

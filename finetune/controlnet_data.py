@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from finetune.buckets import Size, assign_buckets
 from finetune.cache import EncodingCache
-from finetune.captions import metadata_key, metadata_text, name_key, training_caption
+from finetune.captions import metadata_key, metadata_text, name_key, scored_caption, training_caption
 from finetune.check_data import FATAL, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable
 from finetune.check_threads import each_on_threads
 from finetune.config import DataConfig, Recipe
@@ -261,8 +261,10 @@ class ControlNetDataset(Dataset):
     With bucketing, `bucket_of[i]` is pair i's (width, height) and `make_batch_sampler` batches by it.
     """
 
-    def __init__(self, pairs: list[Pair], config: DataConfig, seed: int, empty_prompt_share: float, latent_cache: EncodingCache | None = None):
+    def __init__(self, pairs: list[Pair], config: DataConfig, seed: int, empty_prompt_share: float, latent_cache: EncodingCache | None = None,
+                 held_out: frozenset[int] = frozenset()):  # fmt: skip
         self.pairs, self.config, self.seed, self.empty_prompt_share = pairs, config, seed, empty_prompt_share
+        self.held_out = held_out  # pairs validation.loss_images scores: with their captions as written
         sizes = [upright_size(pair.image) for pair in pairs]
         self.bucket_of = assign_buckets(sizes, config) if config.bucketing.enabled else None
         self.latent_cache = latent_cache  # the image's latents may be cached; the conditioning is always decoded
@@ -281,6 +283,8 @@ class ControlNetDataset(Dataset):
         caption = training_caption(pair.image.caption, config, self.seed, epoch, index)
         if self.empty_prompt_share > 0 and rng.random() < self.empty_prompt_share:
             caption = ""
+        if index in self.held_out:
+            caption = scored_caption(pair.image.caption, self.seed, index)
         item = {"conditioning_pixel_values": conditioning_tensor(conditioning), "caption": caption, "index": index}
         return {**item, **view_entry(pair.image, plan, index, self.latent_cache, likely_new_view(config, epoch))}
 

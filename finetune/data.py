@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 
 from finetune.buckets import Size, assign_buckets
 from finetune.cache import EncodingCache
-from finetune.captions import training_caption
+from finetune.captions import scored_caption, training_caption
 from finetune.config import DataConfig
 from finetune.errors import FinetuneError
 from finetune.loss_mask import mask_digest, mask_tensor
@@ -180,8 +180,10 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
     With a latent cache an item names its view (see `view_entry`), and `render(view)` decodes it.
     """
 
-    def __init__(self, examples: list[Example], config: DataConfig, seed: int, latent_cache: EncodingCache | None = None):
+    def __init__(self, examples: list[Example], config: DataConfig, seed: int, latent_cache: EncodingCache | None = None,
+                 held_out: frozenset[int] = frozenset()):  # fmt: skip
         self.examples = examples
+        self.held_out = held_out  # items validation.loss_images scores: with their captions as written
         self.config = config
         self.seed = seed
         self.bucket_of = assign_buckets([upright_size(e) for e in examples], config) if config.bucketing.enabled else None
@@ -200,6 +202,8 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         caption = training_caption(example.caption, self.config, self.seed, epoch, index)
         if self.config.caption_dropout > 0 and rng.random() < self.config.caption_dropout:
             caption = ""
+        if index in self.held_out:  # after the draws: a held-out item's view is as before
+            caption = scored_caption(example.caption, self.seed, index)
         # original_size and crop_top_left: what SDXL-style size conditioning takes.
         item = {"caption": caption, "index": index, "original_size": (height, width), "crop_top_left": plan.top_left}
         likely_new = likely_new_view(self.config, epoch)

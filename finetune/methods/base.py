@@ -65,7 +65,7 @@ class TrainingMethod(ABC):
 
     def training_data(self, accelerator) -> tuple[Dataset, Callable]:
         """(dataset, collate function); items are looked up by (index, epoch) keys, see finetune.batches."""
-        self.training_dataset = CaptionedImageDataset(self.examples, self.recipe.data, self.recipe.seed, self.item_latent_cache())
+        self.training_dataset = CaptionedImageDataset(self.examples, self.recipe.data, self.recipe.seed, self.item_latent_cache(), self.held_out_items)
         return self.training_dataset, collate
 
     def item_latent_cache(self) -> EncodingCache | None:

@@ -103,7 +103,7 @@ class ControlNetMethod(DiffusionMethod):
 
     def training_data(self, accelerator):
         self.training_dataset = ControlNetDataset(
-            self.pairs, self.recipe.data, self.recipe.seed, self.settings.empty_prompt_share, self.item_latent_cache()
+            self.pairs, self.recipe.data, self.recipe.seed, self.settings.empty_prompt_share, self.item_latent_cache(), self.held_out_items
         )
         return self.training_dataset, controlnet_collate
 

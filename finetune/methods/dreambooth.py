@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from finetune.buckets import assign_buckets
 from finetune.cache import EncodingCache
-from finetune.captions import training_caption
+from finetune.captions import scored_caption, training_caption
 from finetune.check_data import DataReport, check_examples, checked_examples, data_configs, inspect_examples
 from finetune.class_images import (
     as_loaded_base, class_image_caption, generate_class_images, generation_key, is_generated_name, plan_class_images,
@@ -55,6 +55,7 @@ class DreamBoothDataset(Dataset):
     ):  # fmt: skip
         self.instances = instances
         self.class_examples = class_examples
+        self.held_out = held_out  # items validation.loss_images scores: with their prompts as written
         self.config = recipe.data
         self.seed = recipe.seed
         sizes = [upright_size(example) for _, example in instances] if self.config.bucketing.enabled else []
@@ -82,6 +83,8 @@ class DreamBoothDataset(Dataset):
         plan = plan_view(upright_size(example), target, config.crop, config.random_flip, rng)
         if config.caption_dropout > 0 and rng.random() < config.caption_dropout:  # instances only: class images keep the prior's prompt
             caption = ""
+        if index in self.held_out:  # after the draw: the class image's view is as before
+            caption = scored_caption(example.caption, self.seed, index)
         likely_new = likely_new_view(config, epoch)
         item = {"caption": caption, "index": index, **view_entry(example, plan, ("instance", index), self.latent_cache, likely_new)}
         if config.loss_mask.enabled:  # class images have none: their rows weigh every pixel
