@@ -143,13 +143,14 @@ def subfolders_message(folder: Path, subfolders: list[Path], config: DataConfig,
     """For a folder of image folders only, as sd-scripts' train_data_dir holds them (`10_sks dog`: 10 repeats);
     `entry` is the data.folders path that names it, if one does."""
     names = ", ".join(p.name for p in subfolders[:5]) + (f" and {len(subfolders) - 5} more" if len(subfolders) > 5 else "")
+    root = None if config.caption is not None else Path(config.image_dir)  # where uncaptioned folders get a template (not with data.caption)
     if config._image_dir_key.startswith("dreambooth"):
         return f"data folder {folder} has no images of its own, only subfolders with images ({names}): give each its own concept (instance_dir)"
     if entry is not None:  # only the images directly in a data.folders entry are read
         return (f"data folder {folder} has no images of its own, only subfolders with images ({names}): list each as its own data.folders "
-                f"entry in place of path '{entry}', e.g. {folders_entries([(PurePosixPath(entry) / path.name).as_posix() for path in subfolders], Path(config.image_dir))}")  # fmt: skip
+                f"entry in place of path '{entry}', e.g. {folders_entries([(PurePosixPath(entry) / path.name).as_posix() for path in subfolders], root)}")  # fmt: skip
     return (f"data folder {folder} has no images of its own, only subfolders with images ({names}): list each with its repeats "
-            f"in the recipe's data section, e.g. {folders_entries([path.name for path in subfolders], folder)}")  # fmt: skip
+            f"in the recipe's data section, e.g. {folders_entries([path.name for path in subfolders], root)}")  # fmt: skip
 
 
 def folders_entries(names: list[str], root: Path | None = None) -> str:

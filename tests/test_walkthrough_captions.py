@@ -113,8 +113,8 @@ def test_kohya_folders_without_captions_are_suggested_with_their_name_as_the_pro
     from odd_images import captioned, noise
 
     from finetune.cli import main
-    from finetune.data import load_examples
-    from finetune.recipe_loading import load_recipe
+    from finetune.config import DataConfig
+    from finetune.sources import read_examples
 
     root = tmp_path / "train"
     (root / "10_sks dog").mkdir(parents=True)
@@ -129,6 +129,9 @@ def test_kohya_folders_without_captions_are_suggested_with_their_name_as_the_pro
     assert main(["check-data", str(recipe)]) == 0
     captions = {example.caption for example in load_examples(load_recipe(recipe).data, check=False) if "10_sks dog" in example.source}
     assert captions == {"sks dog"}
+    with pytest.raises(FinetuneError) as raised:  # data.caption prompts every image: no folder is uncaptioned then
+        read_examples(DataConfig(image_dir=str(root), resolution=64, caption="a photo"))
+    assert str(raised.value).endswith("""folders: [{path: "10_sks dog", repeats: 10}, {path: "1_dog", repeats: 1}]""")
 
 
 def test_an_uncaptioned_image_of_a_data_folders_entry_is_told_to_give_that_entry_a_template(tmp_path):
