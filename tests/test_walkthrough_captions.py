@@ -184,3 +184,23 @@ def test_held_out_images_are_scored_with_their_captions_as_written(method, make_
     trained = train(recipe)
     assert len(trained.validation_losses) == 1 and len(scored) == 1
     assert scored[0] in written and scored[0]  # not emptied, no tag dropped
+
+
+
+def test_the_lora_recipes_commented_data_settings_load_when_uncommented():
+    # The commented bucketing example had min_side, max_side and no_upscale: true, which refuse each other:
+    # uncommenting the block, as its comment invites, stopped with "min_side and max_side do not apply".
+    from pathlib import Path
+
+    import yaml
+
+    from finetune.recipe_loading import recipe_from_dict
+
+    lines, commented = [], False
+    for line in (Path(__file__).parent.parent / "recipes" / "lora.yaml").read_text().splitlines():
+        commented = line.startswith("  # More data settings") or (commented and line.startswith("  # "))
+        lines.append("  " + line[4:] if commented and not line.startswith("  # More") and not line[4:].lstrip().startswith("#") else line)
+    raw = yaml.safe_load("\n".join(lines))
+    assert raw["data"]["bucketing"]["enabled"] and raw["data"]["shuffle_tags"] and raw["data"]["folders"]  # uncommented
+    recipe = recipe_from_dict(raw)
+    assert recipe.data.bucketing.min_side == 256 and not recipe.data.bucketing.no_upscale
