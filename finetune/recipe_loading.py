@@ -231,7 +231,8 @@ OTHER_TRAINERS_NAMES = {
     "bucket_no_upscale": "data.bucketing.no_upscale", "min_bucket_reso": "data.bucketing.min_side", "max_bucket_reso": "data.bucketing.max_side",
     "bucket_reso_steps": "data.bucketing.step", "num_repeats": "data.folders: [{path: ., repeats: 10}]", "dataset_repeats": "data.folders: [{path: ., repeats: 10}]",
     "caption_prefix": 'data.folders: [{path: ., template: "sks, {caption}"}]', "caption_suffix": 'data.folders: [{path: ., template: "{caption}, sks"}]',
-    "max_token_length": "model.max_token_length", "dataset_name": "data.dataset",
+    "max_token_length": "model.max_token_length", "dataset_name": "data.dataset", "crop_style": "data.crop: center or random",
+    "caption_strategy": "a .txt beside each image, a metadata.jsonl, or data.caption", "prepend_instance_prompt": 'data.folders: [{path: ., template: "sks, {caption}"}]',
     "scale_weight_norms": "lora.max_norm", "v_parameterization": "model.prediction_type: v_prediction", "instance_data_dir": "dreambooth.concepts.0.instance_dir",
 }  # fmt: skip
 

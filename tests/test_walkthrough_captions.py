@@ -35,6 +35,9 @@ def test_other_trainers_data_settings_point_to_ours_not_to_a_lookalike(tmp_path)
         "data.bucket_reso_steps=64": "data.bucketing.step",
         "resolution=512": "data.resolution",
         "data.max_token_length=150": "model.max_token_length",
+        "data.crop_style=random": "data.crop: center or random",  # SimpleTuner's
+        "data.caption_strategy=textfile": "a .txt beside each image, a metadata.jsonl, or data.caption",
+        "data.prepend_instance_prompt=true": 'data.folders: [{path: ., template: "sks, {caption}"}]',
     }
     for override, ours in cases.items():
         key = override.split("=")[0]
