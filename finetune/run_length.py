@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from finetune.checkpoint import checkpoint_step
+from finetune.batches import ItemLayout, make_batch_sampler
+from finetune.checkpoint import checkpoint_step, read_state
 from finetune.config import Recipe, TrainConfig
-from finetune.counts import counted
 from finetune.errors import FinetuneError
 from finetune.optim import schedule_change_line
 
@@ -32,7 +32,7 @@ def check_epoch_run(recipe: Recipe, max_steps: int, batches_per_epoch: int, resu
     warmup, epochs = recipe.optimizer.warmup_steps, recipe.train.max_epochs
     if recipe.optimizer.scheduler != "constant" and warmup >= max_steps:
         raise FinetuneError(
-            f"optimizer.warmup_steps ({warmup}) must be below the run's {counted(max_steps, 'step')} (train.max_epochs {epochs}): "
+            f"optimizer.warmup_steps ({warmup}) must be below the run's {max_steps} steps (train.max_epochs {epochs}): "
             "the learning rate would never reach optimizer.lr; lower warmup_steps or raise max_epochs"
         )
     step = checkpoint_step(resume_from) if resume_from is not None else 0
@@ -65,17 +65,31 @@ def epochs_to_continue(train: TrainConfig, batches_per_epoch: int, step: int) ->
     return math.floor(step * train.gradient_accumulation_steps / batches_per_epoch) + 1
 
 
-def run_length_line(train: TrainConfig, max_steps: int, sampler, items: int, processes: int) -> str:
+def run_length_line(train: TrainConfig, max_steps: int, sampler, items: int, processes: int, resume_from: Path | None = None) -> str:
     """The run's length in steps and in epochs (an epoch uses each image its repeats times)."""
-    per_step = train.batch_size * processes * train.gradient_accumulation_steps
-    epochs = epochs_done(max_steps, train.gradient_accumulation_steps, max(sampler.batches_per_epoch, 1))
-    line = f"length: {counted(max_steps, 'step')} of {counted(per_step, 'image')} = {epochs_text(epochs)} of "
+    steps, epochs = _steps_and_epochs(train, max_steps, sampler, items, processes, resume_from)
+    shown = f"{epochs:.0f}" if epochs >= 100 else f"{epochs:.3g}"  # 2000, not 2e+03
+    line = f"length: {steps} = {shown} epochs of "
     if sampler.images_per_epoch < items:
         left = items - sampler.images_per_epoch
         return line + f"{sampler.images_per_epoch} of the {items} images (each epoch leaves {left} out at random, to fill whole batches)"
     if sampler.batches_per_epoch * train.batch_size * processes > items:  # buckets: every image, in some smaller batches
-        return line + f"{counted(items, 'image')} (in {counted(sampler.batches_per_epoch, 'batch', 'batches')} an epoch: a bucket's last batch may be smaller)"
-    return line + counted(items, "image")
+        return line + f"{items} images (in {sampler.batches_per_epoch} batches an epoch: a bucket's last batch may be smaller)"
+    return line + f"{items} images"
+
+
+def _steps_and_epochs(train: TrainConfig, max_steps: int, sampler, items: int, processes: int, resume_from: Path | None) -> tuple[str, float]:
+    """'N steps of M images' and the epochs they make. Resumed from a checkpoint of another number of processes,
+    its steps count at the global batch they had (counted at this run's, 2 -> 1 processes halved them)."""
+    accumulation, images = train.gradient_accumulation_steps, train.batch_size * train.gradient_accumulation_steps
+    state = read_state(resume_from) if resume_from is not None else {}
+    done, processes_then = state.get("step", 0), state.get("processes", processes)
+    if processes_then == processes:
+        return f"{max_steps} steps of {images * processes} images", epochs_done(max_steps, accumulation, max(sampler.batches_per_epoch, 1))
+    layout = ItemLayout(getattr(sampler, "bucket_of", None), items)  # this run's data, batched as the checkpoint's processes did
+    batches_then = make_batch_sampler(layout, train.batch_size, processes_then, 0, 0).batches_per_epoch
+    epochs = epochs_done(done, accumulation, batches_then) + epochs_done(max_steps - done, accumulation, sampler.batches_per_epoch)
+    return f"{max_steps} steps ({done} done of {images * processes_then} images by {processes_then} processes, {max_steps - done} to go of {images * processes})", epochs
 
 
 def resume_warnings(checkpoint: Path, state: dict, recipe: Recipe, max_steps: int, processes: int) -> list[str]:
@@ -84,7 +98,7 @@ def resume_warnings(checkpoint: Path, state: dict, recipe: Recipe, max_steps: in
     lines, batch = [], recipe.train.batch_size
     processes_then = state.get("processes", processes)
     if processes_then != processes:
-        lines.append(f"warning: {checkpoint.name} was trained by {counted(processes_then, 'process', 'processes')}, this run has {processes}: the global batch changes "
+        lines.append(f"warning: {checkpoint.name} was trained by {processes_then} processes, this run has {processes}: the global batch changes "
                      f"from {processes_then * batch} to {processes * batch} images per micro-step (and the data order with it)")
     # The planned steps (kept since they were: train.max_epochs counts them from the data), else the recipe's.
     steps_then = state.get("max_steps", (state.get("recipe") or {}).get("train.max_steps"))
@@ -92,8 +106,3 @@ def resume_warnings(checkpoint: Path, state: dict, recipe: Recipe, max_steps: in
         keep = recipe.train.max_epochs is None and state["step"] < steps_then  # (a run of epochs changes length with the processes)
         lines.append(line + (f"; to keep the old schedule, resume with train.max_steps={steps_then}" if keep else ""))
     return lines
-
-
-def epochs_text(epochs: float) -> str:
-    """A number of epochs as the console says it: "2000 epochs" (not 2e+03), "1.5 epochs", "1 epoch"."""
-    return counted(epochs, "epoch", spec=".0f" if epochs >= 100 else ".3g")

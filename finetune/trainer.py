@@ -194,7 +194,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
 
     accumulation = train_cfg.gradient_accumulation_steps
     sampler = batch_sampler(start=step * accumulation)
-    accelerator.print(run_length_line(train_cfg, max_steps, sampler, len(training_set), accelerator.num_processes))
+    accelerator.print(run_length_line(train_cfg, max_steps, sampler, len(training_set), accelerator.num_processes, resume_from))
     loader = torch.utils.data.DataLoader(
         training_set,
         batch_sampler=sampler,

@@ -150,8 +150,10 @@ def test_resuming_where_nothing_is_left_or_with_another_process_count_says_so(ma
     (checkpoint / STATE_FILE).write_text(json.dumps({**state, "processes": 2}))  # as a 2-process launch writes it
     capsys.readouterr()
     train(make_recipe(train__max_steps=3), resume="latest")
-    assert ("warning: checkpoint-2 was trained by 2 processes, this run has 1: the global batch changes from 4 to 2 images per micro-step"
-            in capsys.readouterr().out)  # fmt: skip
+    out = capsys.readouterr().out
+    assert "warning: checkpoint-2 was trained by 2 processes, this run has 1: the global batch changes from 4 to 2 images per micro-step" in out
+    # Its 2 steps were 2 epochs of the 4 images (at 4 a step), not 1 (at this run's 2): 2.5 epochs in all.
+    assert "length: 3 steps (2 done of 4 images by 2 processes, 1 to go of 2) = 2.5 epochs of 4 images\n" in out
 
 
 def test_resuming_with_another_lora_rank_is_one_line(make_recipe):

@@ -1,13 +1,15 @@
 """Several processes as a user runs them (2 CPU processes over gloo, see tests/test_distributed.py): what each
 process says, and how a run continues at --resume with another number of processes or another length."""
 
+import json
 from pathlib import Path
 
 from ports import free_port
 from test_distributed import launch, write
 
-from finetune.checkpoint import read_state
-from finetune.run_length import resume_warnings
+from finetune.batches import ItemLayout, make_batch_sampler
+from finetune.checkpoint import STATE_FILE, read_state
+from finetune.run_length import resume_warnings, run_length_line
 from finetune.trainer import train
 
 
@@ -52,3 +54,21 @@ def test_a_resume_that_changes_the_length_of_a_decaying_schedule_says_what_the_l
     assert resume_warnings(checkpoint, state, linear, 4, 1) == []
     # A checkpoint written before the planned steps were kept: the length its recipe gave.
     assert len(resume_warnings(checkpoint, {"step": 2, "recipe": {"train.max_steps": 4}}, linear, 8, 1)) == 1
+
+
+def test_the_length_line_counts_a_checkpoints_steps_at_the_processes_that_trained_them(make_recipe, tmp_path):
+    """1 -> 2 processes: the checkpoint's 4 steps were 4 images each (2 epochs of 8), the 2 left are 8 each."""
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    (checkpoint / STATE_FILE).write_text(json.dumps({"step": 4, "processes": 1}))
+    train_config = make_recipe(train__batch_size=2, train__gradient_accumulation_steps=2, train__max_steps=6).train
+    sampler = make_batch_sampler(ItemLayout(None, 8), 2, 2, 0, 0)
+    assert run_length_line(train_config, 6, sampler, 8, 2, checkpoint) == "length: 6 steps (4 done of 4 images by 1 processes, 2 to go of 8) = 4 epochs of 8 images"
+    assert run_length_line(train_config, 6, sampler, 8, 2) == "length: 6 steps of 8 images = 6 epochs of 8 images"  # a new run
+    (checkpoint / STATE_FILE).write_text(json.dumps({"step": 4, "processes": 2}))
+    assert run_length_line(train_config, 6, sampler, 8, 2, checkpoint) == "length: 6 steps of 8 images = 6 epochs of 8 images"
+    # Buckets: the checkpoint's processes batched them otherwise (3 + 3 images: 2 batches of 4 at 2 processes, 4 of 2 at 1).
+    buckets = make_batch_sampler(ItemLayout([(64, 64)] * 3 + [(64, 32)] * 3, 6), 2, 1, 0, 0)
+    (checkpoint / STATE_FILE).write_text(json.dumps({"step": 2, "processes": 2}))
+    one_step = make_recipe(train__batch_size=2, train__max_steps=6).train
+    assert run_length_line(one_step, 6, buckets, 6, 1, checkpoint).startswith("length: 6 steps (2 done of 4 images by 2 processes, 4 to go of 2) = 2 epochs of 6 images")
