@@ -89,7 +89,11 @@ def _steps_and_epochs(train: TrainConfig, max_steps: int, sampler, items: int, p
     layout = ItemLayout(getattr(sampler, "bucket_of", None), items)  # this run's data, batched as the checkpoint's processes did
     batches_then = make_batch_sampler(layout, train.batch_size, processes_then, 0, 0).batches_per_epoch
     epochs = epochs_done(done, accumulation, batches_then) + epochs_done(max_steps - done, accumulation, sampler.batches_per_epoch)
-    return f"{max_steps} steps ({done} done of {images * processes_then} images by {processes_then} processes, {max_steps - done} to go of {images * processes})", epochs
+    return f"{max_steps} steps ({done} done of {images * processes_then} images by {processes_named(processes_then)}, {max_steps - done} to go of {images * processes})", epochs
+
+
+def processes_named(count: int) -> str:
+    return f"{count} process{'es' if count != 1 else ''}"
 
 
 def resume_warnings(checkpoint: Path, state: dict, recipe: Recipe, max_steps: int, processes: int) -> list[str]:
@@ -98,7 +102,7 @@ def resume_warnings(checkpoint: Path, state: dict, recipe: Recipe, max_steps: in
     lines, batch = [], recipe.train.batch_size
     processes_then = state.get("processes", processes)
     if processes_then != processes:
-        lines.append(f"warning: {checkpoint.name} was trained by {processes_then} processes, this run has {processes}: the global batch changes "
+        lines.append(f"warning: {checkpoint.name} was trained by {processes_named(processes_then)}, this run has {processes}: the global batch changes "
                      f"from {processes_then * batch} to {processes * batch} images per micro-step (and the data order with it)")
     # The planned steps (kept since they were: train.max_epochs counts them from the data), else the recipe's.
     steps_then = state.get("max_steps", (state.get("recipe") or {}).get("train.max_steps"))

@@ -41,6 +41,8 @@ def test_a_resume_that_changes_the_length_of_a_decaying_schedule_says_what_the_l
 
     # Inside the old schedule it says how to keep it; where the length is in epochs, that is for train.max_epochs to say.
     state = {"step": 2, "max_steps": 4, "processes": 1}
+    assert resume_warnings(checkpoint, state, make_recipe(train__max_steps=4), 4, 2) == [  # 1 -> 2 processes: "1 process", not "1 processes"
+        "warning: checkpoint-2 was trained by 1 process, this run has 2: the global batch changes from 2 to 4 images per micro-step (and the data order with it)"]
     linear = make_recipe(train__max_steps=8, optimizer__scheduler="linear", optimizer__warmup_steps=0)
     assert resume_warnings(checkpoint, state, linear, 8, 1) == [
         "warning: checkpoint-2 was trained on a linear schedule of 4 steps, this run has 8: the schedule is laid out again over 8 "
@@ -63,7 +65,7 @@ def test_the_length_line_counts_a_checkpoints_steps_at_the_processes_that_traine
     (checkpoint / STATE_FILE).write_text(json.dumps({"step": 4, "processes": 1}))
     train_config = make_recipe(train__batch_size=2, train__gradient_accumulation_steps=2, train__max_steps=6).train
     sampler = make_batch_sampler(ItemLayout(None, 8), 2, 2, 0, 0)
-    assert run_length_line(train_config, 6, sampler, 8, 2, checkpoint) == "length: 6 steps (4 done of 4 images by 1 processes, 2 to go of 8) = 4 epochs of 8 images"
+    assert run_length_line(train_config, 6, sampler, 8, 2, checkpoint) == "length: 6 steps (4 done of 4 images by 1 process, 2 to go of 8) = 4 epochs of 8 images"
     assert run_length_line(train_config, 6, sampler, 8, 2) == "length: 6 steps of 8 images = 6 epochs of 8 images"  # a new run
     (checkpoint / STATE_FILE).write_text(json.dumps({"step": 4, "processes": 2}))
     assert run_length_line(train_config, 6, sampler, 8, 2, checkpoint) == "length: 6 steps of 8 images = 6 epochs of 8 images"
