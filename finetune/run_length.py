@@ -5,28 +5,86 @@
 An epoch is the sampler's `batches_per_epoch` micro-batches (see `finetune.batches`); an optimizer step
 takes `gradient_accumulation_steps` of them, so with accumulation an epoch may end inside a step: the
 step that completes it counts as its end, and a run of N epochs ends at the first step that completes N.
+
+A run resumed from a checkpoint of another number of processes counts the checkpoint's steps at the global
+batch they had (`EpochCount`): 2 processes' steps are twice the images of 1 process's.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 from finetune.batches import ItemLayout, make_batch_sampler
-from finetune.checkpoint import checkpoint_step, read_state
+from finetune.checkpoint import read_state
 from finetune.config import Recipe, TrainConfig
 from finetune.errors import FinetuneError
 from finetune.optim import schedule_change_line
 
 
-def planned_steps(train: TrainConfig, batches_per_epoch: int) -> int:
-    """The run's optimizer steps: train.max_steps, or train.max_epochs in steps."""
+@dataclass(frozen=True)
+class EpochCount:
+    """Epochs trained by the end of each optimizer step of this run: `batches_per_epoch` micro-batches an epoch
+    (at this run's processes), from `epochs_then` at the resumed checkpoint's `step_then`. Exact fractions: an
+    epoch ends at a step exactly when its last micro-batch is in it."""
+
+    accumulation: int
+    batches_per_epoch: int
+    step_then: int = 0
+    epochs_then: Fraction = Fraction(0)
+    processes_then: int | None = None  # where another number of processes trained the checkpoint's steps
+
+    def exact(self, step: int) -> Fraction:
+        return self.epochs_then + Fraction((step - self.step_then) * self.accumulation, self.batches_per_epoch)
+
+    def at(self, step: int) -> float:
+        """Epochs trained after `step` (fractional: TensorBoard's train/epoch)."""
+        return float(self.exact(step))
+
+    def ended_by(self, step: int) -> range:
+        """The epochs (1, 2, ...) that step `step` (1-based) completes: none, one, or several (when an epoch has
+        fewer micro-batches than a step accumulates)."""
+        return range(math.floor(self.exact(step - 1)) + 1, math.floor(self.exact(step)) + 1)
+
+    def steps_for(self, epochs: int) -> int:
+        """The first step by which `epochs` epochs are trained (the checkpoint's step where it has them already)."""
+        left = max(epochs - self.epochs_then, 0)
+        return self.step_then + math.ceil(left * self.batches_per_epoch / self.accumulation)
+
+    def to_continue(self, step: int) -> int:
+        """The fewest epochs whose steps go past `step`: what a resume at `step` needs train.max_epochs to be."""
+        return math.floor(self.exact(step)) + 1
+
+
+def epoch_count(layout: ItemLayout, train: TrainConfig, processes: int, resume_from: Path | None) -> EpochCount:
+    """This run's epochs; resumed from a checkpoint of another number of processes, its steps count at the
+    global batch they had (a global batch decides the batches of an epoch)."""
+    accumulation = train.gradient_accumulation_steps
+    now = make_batch_sampler(layout, train.batch_size, processes, 0, 0).batches_per_epoch
+    state = read_state(resume_from) if resume_from is not None else {}
+    step_then, processes_then = state.get("step", 0), state.get("processes", processes)
+    then = now
+    if processes_then != processes:
+        try:
+            then = make_batch_sampler(layout, train.batch_size, processes_then, 0, 0).batches_per_epoch
+        except FinetuneError:  # fewer images now than its global batch: counted at this run's (the change of data is said)
+            processes_then = processes
+    changed = processes_then if processes_then != processes else None
+    return EpochCount(accumulation, now, step_then, Fraction(step_then * accumulation, then), changed)
+
+
+def planned_steps(train: TrainConfig, count: EpochCount | int) -> int:
+    """The run's optimizer steps: train.max_steps, or train.max_epochs in steps (`count`: an EpochCount, or this
+    run's batches per epoch for a run of one process count)."""
     if train.max_epochs is None:
         return train.max_steps
-    return math.ceil(train.max_epochs * batches_per_epoch / train.gradient_accumulation_steps)
+    count = count if isinstance(count, EpochCount) else EpochCount(train.gradient_accumulation_steps, count)
+    return count.steps_for(train.max_epochs)
 
 
-def check_epoch_run(recipe: Recipe, max_steps: int, batches_per_epoch: int, resume_from: Path | None) -> None:
+def check_epoch_run(recipe: Recipe, max_steps: int, count: EpochCount, resume_from: Path | None) -> None:
     """With train.max_epochs, once its steps are known: the checks made for train.max_steps when the recipe
     loads (a warm-up shorter than the run) and before a resume (something left to train)."""
     warmup, epochs = recipe.optimizer.warmup_steps, recipe.train.max_epochs
@@ -35,24 +93,22 @@ def check_epoch_run(recipe: Recipe, max_steps: int, batches_per_epoch: int, resu
             f"optimizer.warmup_steps ({warmup}) must be below the run's {max_steps} steps (train.max_epochs {epochs}): "
             "the learning rate would never reach optimizer.lr; lower warmup_steps or raise max_epochs"
         )
-    step = checkpoint_step(resume_from) if resume_from is not None else 0
-    if step >= max_steps:
+    step = count.step_then
+    if resume_from is not None and step >= max_steps:
         raise FinetuneError(
             f"{resume_from} is at step {step} and train.max_epochs {epochs} ends at step {max_steps}: nothing left to train; "
-            f"raise train.max_epochs to continue (e.g. train.max_epochs={epochs_to_continue(recipe.train, batches_per_epoch, step)})"
+            f"raise train.max_epochs to continue (e.g. train.max_epochs={count.to_continue(step)})"
         )
 
 
 def epochs_done(step: int, accumulation: int, batches_per_epoch: int) -> float:
-    """Epochs trained after `step` optimizer steps (fractional: TensorBoard's train/epoch)."""
-    return step * accumulation / batches_per_epoch
+    """Epochs trained after `step` optimizer steps of a run of one process count."""
+    return EpochCount(accumulation, batches_per_epoch).at(step)
 
 
 def finished_epochs(step: int, accumulation: int, batches_per_epoch: int) -> range:
-    """The epochs (1, 2, ...) that optimizer step `step` (1-based) completes: none, one, or several (when
-    an epoch has fewer micro-batches than a step accumulates)."""
-    before, now = ((step - 1) * accumulation) // batches_per_epoch, (step * accumulation) // batches_per_epoch
-    return range(before + 1, now + 1)
+    """The epochs that optimizer step `step` completes in a run of one process count (see EpochCount.ended_by)."""
+    return EpochCount(accumulation, batches_per_epoch).ended_by(step)
 
 
 def due(step: int, every_n_steps: int, epochs: range, every_n_epochs: int) -> bool:
@@ -62,13 +118,18 @@ def due(step: int, every_n_steps: int, epochs: range, every_n_epochs: int) -> bo
 
 def epochs_to_continue(train: TrainConfig, batches_per_epoch: int, step: int) -> int:
     """The fewest epochs whose steps go past `step`: what a resume at `step` needs train.max_epochs to be."""
-    return math.floor(step * train.gradient_accumulation_steps / batches_per_epoch) + 1
+    return EpochCount(train.gradient_accumulation_steps, batches_per_epoch).to_continue(step)
 
 
-def run_length_line(train: TrainConfig, max_steps: int, sampler, items: int, processes: int, resume_from: Path | None = None) -> str:
+def run_length_line(train: TrainConfig, max_steps: int, sampler, items: int, processes: int, count: EpochCount | None = None) -> str:
     """The run's length in steps and in epochs (an epoch uses each image its repeats times)."""
-    steps, epochs = _steps_and_epochs(train, max_steps, sampler, items, processes, resume_from)
+    count = count or EpochCount(train.gradient_accumulation_steps, max(sampler.batches_per_epoch, 1))
+    epochs, images = count.at(max_steps), train.batch_size * train.gradient_accumulation_steps
     shown = f"{epochs:.0f}" if epochs >= 100 else f"{epochs:.3g}"  # 2000, not 2e+03
+    steps = f"{max_steps} steps of {images * processes} images"
+    if count.processes_then is not None:
+        then, done = count.processes_then, count.step_then
+        steps = f"{max_steps} steps ({done} done of {images * then} images by {processes_named(then)}, {max_steps - done} to go of {images * processes})"
     line = f"length: {steps} = {shown} epochs of "
     if sampler.images_per_epoch < items:
         left = items - sampler.images_per_epoch
@@ -76,20 +137,6 @@ def run_length_line(train: TrainConfig, max_steps: int, sampler, items: int, pro
     if sampler.batches_per_epoch * train.batch_size * processes > items:  # buckets: every image, in some smaller batches
         return line + f"{items} images (in {sampler.batches_per_epoch} batches an epoch: a bucket's last batch may be smaller)"
     return line + f"{items} images"
-
-
-def _steps_and_epochs(train: TrainConfig, max_steps: int, sampler, items: int, processes: int, resume_from: Path | None) -> tuple[str, float]:
-    """'N steps of M images' and the epochs they make. Resumed from a checkpoint of another number of processes,
-    its steps count at the global batch they had (counted at this run's, 2 -> 1 processes halved them)."""
-    accumulation, images = train.gradient_accumulation_steps, train.batch_size * train.gradient_accumulation_steps
-    state = read_state(resume_from) if resume_from is not None else {}
-    done, processes_then = state.get("step", 0), state.get("processes", processes)
-    if processes_then == processes:
-        return f"{max_steps} steps of {images * processes} images", epochs_done(max_steps, accumulation, max(sampler.batches_per_epoch, 1))
-    layout = ItemLayout(getattr(sampler, "bucket_of", None), items)  # this run's data, batched as the checkpoint's processes did
-    batches_then = make_batch_sampler(layout, train.batch_size, processes_then, 0, 0).batches_per_epoch
-    epochs = epochs_done(done, accumulation, batches_then) + epochs_done(max_steps - done, accumulation, sampler.batches_per_epoch)
-    return f"{max_steps} steps ({done} done of {images * processes_then} images by {processes_named(processes_then)}, {max_steps - done} to go of {images * processes})", epochs
 
 
 def processes_named(count: int) -> str:

@@ -34,7 +34,7 @@ from finetune.models import load_base_model, resolve_model_folder
 from finetune.output_metadata import dataset_metadata, output_metadata
 from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer, step_size
 from finetune.recipe_loading import dump_recipe
-from finetune.run_length import check_epoch_run, due, epochs_done, epochs_text, finished_epochs, planned_steps, resume_warnings, run_length_line
+from finetune.run_length import check_epoch_run, due, epoch_count, epochs_text, planned_steps, resume_warnings, run_length_line
 from finetune.loss_mask import preview as mask_preview
 from finetune.sampling import GRID_LABEL_WIDTH, in_lockstep, make_grid, save_image_atomic
 from finetune.step_losses import StepLosses
@@ -104,10 +104,11 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     def batch_sampler(start: int = 0):
         return make_batch_sampler(layout, train_cfg.batch_size, accelerator.num_processes, accelerator.process_index, recipe.seed, start=start)
 
-    batches_per_epoch = batch_sampler().batches_per_epoch
-    max_steps = planned_steps(train_cfg, batches_per_epoch)  # train.max_steps, or train.max_epochs counted in steps
+    # A checkpoint's steps count at the global batch they had: another number of processes trained them, perhaps.
+    epochs_by = epoch_count(layout, train_cfg, accelerator.num_processes, resume_from)
+    max_steps = planned_steps(train_cfg, epochs_by)  # train.max_steps, or train.max_epochs counted in steps
     if train_cfg.max_epochs is not None:
-        check_epoch_run(recipe, max_steps, batches_per_epoch, resume_from)
+        check_epoch_run(recipe, max_steps, epochs_by, resume_from)
     method.held_out_items = frozenset(range(len(sources))) - frozenset(trained_items)
     if held_out:
         accelerator.print(f"validation loss: {len(held_out)} image{'s' if len(held_out) > 1 else ''} held out of training, scored at each validation")
@@ -194,7 +195,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
 
     accumulation = train_cfg.gradient_accumulation_steps
     sampler = batch_sampler(start=step * accumulation)
-    accelerator.print(run_length_line(train_cfg, max_steps, sampler, len(training_set), accelerator.num_processes, resume_from))
+    accelerator.print(run_length_line(train_cfg, max_steps, sampler, len(training_set), accelerator.num_processes, epochs_by))
     loader = torch.utils.data.DataLoader(
         training_set,
         batch_sampler=sampler,
@@ -238,7 +239,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             if not accelerator.is_main_process:
                 return []
             unwrapped = {name: unwrap(accelerator, module) for name, module in modules.items()}
-            progress = {"epoch": int(epochs_done(step, accumulation, batches_per_epoch)), "max_steps": max_steps, "dataset": trained_data}
+            progress = {"epoch": int(epochs_by.at(step)), "max_steps": max_steps, "dataset": trained_data}
             with unsharded_loading(accelerator), averaged():
                 return method.save(folder, unwrapped, output_metadata(recipe, step, method.base.noise_scheduler.config.prediction_type, **progress))
 
@@ -256,7 +257,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             recipe.checkpoint.keep_last, extra=extra, **save_options
         )
         if accelerator.is_main_process:  # its writer (not each machine's first: theirs may not hold it), as sd-scripts says each save
-            progress.write(f"saved {checkpoints_dir / f'checkpoint-{step}'} (step {step}, {epochs_text(epochs_done(step, accumulation, batches_per_epoch))})")
+            progress.write(f"saved {checkpoints_dir / f'checkpoint-{step}'} (step {step}, {epochs_text(epochs_by.at(step))})")
 
     if step == 0 and recipe.validation.at_start:
         validate(0)
@@ -302,7 +303,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
                 on_step(step)
             progress.update(1)
             lr = step_size(optimizer)
-            ended, epochs = finished_epochs(step, accumulation, batches_per_epoch), epochs_done(step, accumulation, batches_per_epoch)
+            ended, epochs = epochs_by.ended_by(step), epochs_by.at(step)
             shown_epochs = {"epoch": f"{epochs:.2f}/{train_cfg.max_epochs}"} if train_cfg.max_epochs else {}
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", **shown_epochs)
             if step % recipe.logging.every_n_steps == 0 or step == max_steps:

@@ -2,14 +2,19 @@
 process says, and how a run continues at --resume with another number of processes or another length."""
 
 import json
+from fractions import Fraction
 from pathlib import Path
+
+import pytest
+from safetensors import safe_open
 
 from ports import free_port
 from test_distributed import launch, write
 
 from finetune.batches import ItemLayout, make_batch_sampler
 from finetune.checkpoint import STATE_FILE, read_state
-from finetune.run_length import resume_warnings, run_length_line
+from finetune.errors import FinetuneError
+from finetune.run_length import EpochCount, epoch_count, planned_steps, resume_warnings, run_length_line
 from finetune.trainer import train
 
 
@@ -59,18 +64,51 @@ def test_a_resume_that_changes_the_length_of_a_decaying_schedule_says_what_the_l
 
 
 def test_the_length_line_counts_a_checkpoints_steps_at_the_processes_that_trained_them(make_recipe, tmp_path):
-    """1 -> 2 processes: the checkpoint's 4 steps were 4 images each (2 epochs of 8), the 2 left are 8 each."""
+    """1 -> 2 processes: the checkpoint's 4 steps were 4 images each (2 epochs of 8), the 2 left are 8 each.
+    Every step was counted at the new batch (said: 6 epochs)."""
     checkpoint = tmp_path / "checkpoint-4"
     checkpoint.mkdir()
     (checkpoint / STATE_FILE).write_text(json.dumps({"step": 4, "processes": 1}))
     train_config = make_recipe(train__batch_size=2, train__gradient_accumulation_steps=2, train__max_steps=6).train
-    sampler = make_batch_sampler(ItemLayout(None, 8), 2, 2, 0, 0)
-    assert run_length_line(train_config, 6, sampler, 8, 2, checkpoint) == "length: 6 steps (4 done of 4 images by 1 process, 2 to go of 8) = 4 epochs of 8 images"
-    assert run_length_line(train_config, 6, sampler, 8, 2) == "length: 6 steps of 8 images = 6 epochs of 8 images"  # a new run
+    layout = ItemLayout(None, 8)
+    sampler = make_batch_sampler(layout, 2, 2, 0, 0)
+
+    def line(resume_from, processes=2, sampler=sampler, train_config=train_config, layout=layout):
+        return run_length_line(train_config, 6, sampler, len(layout), processes, epoch_count(layout, train_config, processes, resume_from))
+
+    assert line(checkpoint) == "length: 6 steps (4 done of 4 images by 1 process, 2 to go of 8) = 4 epochs of 8 images"
+    assert line(None) == "length: 6 steps of 8 images = 6 epochs of 8 images"  # a new run
     (checkpoint / STATE_FILE).write_text(json.dumps({"step": 4, "processes": 2}))
-    assert run_length_line(train_config, 6, sampler, 8, 2, checkpoint) == "length: 6 steps of 8 images = 6 epochs of 8 images"
+    assert line(checkpoint) == "length: 6 steps of 8 images = 6 epochs of 8 images"
     # Buckets: the checkpoint's processes batched them otherwise (3 + 3 images: 2 batches of 4 at 2 processes, 4 of 2 at 1).
-    buckets = make_batch_sampler(ItemLayout([(64, 64)] * 3 + [(64, 32)] * 3, 6), 2, 1, 0, 0)
+    buckets = ItemLayout([(64, 64)] * 3 + [(64, 32)] * 3, 6)
     (checkpoint / STATE_FILE).write_text(json.dumps({"step": 2, "processes": 2}))
-    one_step = make_recipe(train__batch_size=2, train__max_steps=6).train
-    assert run_length_line(one_step, 6, buckets, 6, 1, checkpoint).startswith("length: 6 steps (2 done of 4 images by 2 processes, 4 to go of 2) = 2 epochs of 6 images")
+    assert line(checkpoint, 1, make_batch_sampler(buckets, 2, 1, 0, 0), make_recipe(train__batch_size=2).train, buckets).startswith(
+        "length: 6 steps (2 done of 4 images by 2 processes, 4 to go of 2) = 2 epochs of 6 images")
+
+
+def test_a_run_of_epochs_resumed_with_another_number_of_processes_trains_the_epochs_left(make_recipe):
+    """Its steps were counted at the new batch: 2 -> 1 processes trained epochs again (here 3 would be 4), and
+    1 -> 2 found 'nothing left to train' in a run half done."""
+    epochs = dict(train__max_steps=None, train__batch_size=2, checkpoint__every_n_epochs=1)
+    first = train(make_recipe(train__max_epochs=1, **epochs))  # 4 images in batches of 2: 2 steps
+    state_file = first.output_dir / "checkpoints" / "checkpoint-2" / STATE_FILE
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "processes": 2}))  # as 2 processes write it: 2 epochs
+    with pytest.raises(FinetuneError, match=r"is at step 2 and train.max_epochs 2 ends at step 2: nothing left to train; .*train.max_epochs=3\)"):
+        train(make_recipe(train__max_epochs=2, **epochs), resume="latest")
+    resumed = train(make_recipe(train__max_epochs=3, **epochs), resume="latest")
+    assert resumed.final_step == 4  # the third epoch's 2 steps at 2 images
+    with safe_open(str(resumed.saved_files[0]), "pt") as adapter:
+        assert adapter.metadata()["finetune.epoch"] == "3"
+
+    # 1 -> 2 processes: 4 steps of 2 images (2 accumulated) are 2 epochs of 8 images, the third is 1 step of 8.
+    checkpoint_state = {"step": 4, "processes": 1}
+    count = EpochCount(2, 2, 4, Fraction(2), 1)
+    assert count == epoch_count(ItemLayout(None, 8), make_recipe(train__batch_size=2, train__gradient_accumulation_steps=2).train, 2, write_state(state_file.parent, checkpoint_state))
+    three = make_recipe(train__max_epochs=3, train__gradient_accumulation_steps=2, **epochs).train
+    assert (planned_steps(three, count), list(count.ended_by(5)), count.at(5)) == (5, [3], 3.0)
+
+
+def write_state(checkpoint: Path, state: dict) -> Path:
+    (checkpoint / STATE_FILE).write_text(json.dumps(state))
+    return checkpoint
