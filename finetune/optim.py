@@ -80,14 +80,15 @@ def schedule_change_line(config: OptimizerConfig, checkpoint_name: str, step: in
     sd-scripts' trainers do on a resume; they say nothing of the jump in the learning rate, we say it."""
     if old_steps is None or old_steps == new_steps:
         return None
+    shorter = min(old_steps, new_steps)  # where one schedule has decayed to 0 and the other has not
+    if schedule_factor(config, old_steps, shorter) == schedule_factor(config, new_steps, shorter):
+        return None  # constant schedules (past any warm-up): the length does not shape them
     before, after = schedule_factor(config, old_steps, step), schedule_factor(config, new_steps, step)
-    if abs(before - after) < 1e-6:  # constant schedules, or past the warm-up of constant_with_warmup
-        return None
-    return (
-        f"warning: {checkpoint_name} was trained on a {config.scheduler} schedule of {old_steps} steps, this run has {new_steps}: "
-        f"the schedule is laid out again over {new_steps} steps, so at step {step} the learning rate goes from {before:.0%} "
-        f"to {after:.0%} of optimizer.lr ({config.lr:g}) and decays to 0 at step {new_steps}"
-    )
+    said = (f"warning: {checkpoint_name} was trained on a {config.scheduler} schedule of {old_steps} steps, this run has {new_steps}: "
+            f"the schedule is laid out again over {new_steps} steps, so ")
+    if abs(before - after) < 1e-6:  # in the warm-up: the same rate now, another decay later
+        return said + f"the learning rate decays to 0 at step {new_steps}, not {old_steps}"
+    return said + f"at step {step} the learning rate goes from {before:.0%} to {after:.0%} of optimizer.lr ({config.lr:g}) and decays to 0 at step {new_steps}"
 
 
 def apply_recipe_settings(optimizer: torch.optim.Optimizer, lr_scheduler, group_lrs: list[float], config: OptimizerConfig) -> None:

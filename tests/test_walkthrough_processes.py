@@ -53,6 +53,10 @@ def test_a_resume_that_changes_the_length_of_a_decaying_schedule_says_what_the_l
         "warning: checkpoint-2 was trained on a linear schedule of 4 steps, this run has 8: the schedule is laid out again over 8 "
         "steps, so at step 2 the learning rate goes from 50% to 75% of optimizer.lr (0.001) and decays to 0 at step 8; to keep "
         "the old schedule, resume with train.max_steps=4"]  # fmt: skip
+    warming_up = make_recipe(train__max_steps=8, optimizer__scheduler="linear", optimizer__warmup_steps=3)  # the same rate at step 2, not later
+    assert resume_warnings(checkpoint, state, warming_up, 8, 1) == [
+        "warning: checkpoint-2 was trained on a linear schedule of 4 steps, this run has 8: the schedule is laid out again over 8 "
+        "steps, so the learning rate decays to 0 at step 8, not 4; to keep the old schedule, resume with train.max_steps=4"]  # fmt: skip
     epochs = make_recipe(train__max_steps=None, train__max_epochs=4, optimizer__scheduler="linear", optimizer__warmup_steps=0)
     assert resume_warnings(checkpoint, state, epochs, 8, 1)[0].endswith("decays to 0 at step 8")
     # Schedules that do not follow the length, and checkpoints of the same length: nothing to say.
