@@ -6,8 +6,9 @@ An epoch is the sampler's `batches_per_epoch` micro-batches (see `finetune.batch
 takes `gradient_accumulation_steps` of them, so with accumulation an epoch may end inside a step: the
 step that completes it counts as its end, and a run of N epochs ends at the first step that completes N.
 
-A run resumed from a checkpoint of another number of processes counts the checkpoint's steps at the global
-batch they had (`EpochCount`): 2 processes' steps are twice the images of 1 process's.
+A run resumed from a checkpoint of another global batch (another number of processes, batch size or
+accumulation) counts the checkpoint's steps at the batch they had (`EpochCount`): 2 processes' steps are
+twice the images of 1 process's.
 """
 
 from __future__ import annotations
@@ -25,16 +26,32 @@ from finetune.optim import schedule_change_line
 
 
 @dataclass(frozen=True)
+class StepShape:
+    """The images of an optimizer step: a batch per process, on each process, for each accumulated micro-batch."""
+
+    batch_size: int
+    processes: int
+    accumulation: int
+
+    @property
+    def images(self) -> int:
+        return self.batch_size * self.processes * self.accumulation
+
+    def batches_per_epoch(self, layout: ItemLayout) -> int:
+        return make_batch_sampler(layout, self.batch_size, self.processes, 0, 0).batches_per_epoch
+
+
+@dataclass(frozen=True)
 class EpochCount:
     """Epochs trained by the end of each optimizer step of this run: `batches_per_epoch` micro-batches an epoch
-    (at this run's processes), from `epochs_then` at the resumed checkpoint's `step_then`. Exact fractions: an
-    epoch ends at a step exactly when its last micro-batch is in it."""
+    (at this run's global batch), from `epochs_then` at the resumed checkpoint's `step_then`. Exact fractions:
+    an epoch ends at a step exactly when its last micro-batch is in it."""
 
     accumulation: int
     batches_per_epoch: int
     step_then: int = 0
     epochs_then: Fraction = Fraction(0)
-    processes_then: int | None = None  # where another number of processes trained the checkpoint's steps
+    then: StepShape | None = None  # where the checkpoint's steps had other images (processes, batch size, accumulation)
 
     def exact(self, step: int) -> Fraction:
         return self.epochs_then + Fraction((step - self.step_then) * self.accumulation, self.batches_per_epoch)
@@ -59,20 +76,20 @@ class EpochCount:
 
 
 def epoch_count(layout: ItemLayout, train: TrainConfig, processes: int, resume_from: Path | None) -> EpochCount:
-    """This run's epochs; resumed from a checkpoint of another number of processes, its steps count at the
-    global batch they had (a global batch decides the batches of an epoch)."""
-    accumulation = train.gradient_accumulation_steps
-    now = make_batch_sampler(layout, train.batch_size, processes, 0, 0).batches_per_epoch
+    """This run's epochs; resumed from a checkpoint whose steps had other images (another number of processes,
+    train.batch_size or gradient_accumulation_steps), its steps count at the global batch they had."""
+    now = StepShape(train.batch_size, processes, train.gradient_accumulation_steps)
+    batches_now = now.batches_per_epoch(layout)
     state = read_state(resume_from) if resume_from is not None else {}
-    step_then, processes_then = state.get("step", 0), state.get("processes", processes)
-    then = now
-    if processes_then != processes:
-        try:
-            then = make_batch_sampler(layout, train.batch_size, processes_then, 0, 0).batches_per_epoch
-        except FinetuneError:  # fewer images now than its global batch: counted at this run's (the change of data is said)
-            processes_then = processes
-    changed = processes_then if processes_then != processes else None
-    return EpochCount(accumulation, now, step_then, Fraction(step_then * accumulation, then), changed)
+    recorded = state.get("recipe") or {}  # (a checkpoint from before the recipe was kept: this run's settings)
+    then = StepShape(recorded.get("train.batch_size", now.batch_size), state.get("processes", processes),
+                     recorded.get("train.gradient_accumulation_steps", now.accumulation))  # fmt: skip
+    try:
+        batches_then = then.batches_per_epoch(layout) if then != now else batches_now
+    except FinetuneError:  # fewer images now than its global batch: counted at this run's (the change of data is said)
+        then, batches_then = now, batches_now
+    step = state.get("step", 0)
+    return EpochCount(now.accumulation, batches_now, step, Fraction(step * then.accumulation, batches_then), then if then != now else None)
 
 
 def planned_steps(train: TrainConfig, count: EpochCount | int) -> int:
@@ -127,9 +144,10 @@ def run_length_line(train: TrainConfig, max_steps: int, sampler, items: int, pro
     epochs, images = count.at(max_steps), train.batch_size * train.gradient_accumulation_steps
     shown = f"{epochs:.0f}" if epochs >= 100 else f"{epochs:.3g}"  # 2000, not 2e+03
     steps = f"{max_steps} steps of {images * processes} images"
-    if count.processes_then is not None:
-        then, done = count.processes_then, count.step_then
-        steps = f"{max_steps} steps ({done} done of {images * then} images by {processes_named(then)}, {max_steps - done} to go of {images * processes})"
+    if count.then is not None:  # the checkpoint's steps had other images
+        then, done = count.then, count.step_then
+        by = f" by {processes_named(then.processes)}" if then.processes != processes else ""
+        steps = f"{max_steps} steps ({done} done of {then.images} images{by}, {max_steps - done} to go of {images * processes})"
     line = f"length: {steps} = {shown} epochs of "
     if sampler.images_per_epoch < items:
         left = items - sampler.images_per_epoch

@@ -14,7 +14,7 @@ from test_distributed import launch, write
 from finetune.batches import ItemLayout, make_batch_sampler
 from finetune.checkpoint import STATE_FILE, read_state
 from finetune.errors import FinetuneError
-from finetune.run_length import EpochCount, epoch_count, planned_steps, resume_warnings, run_length_line
+from finetune.run_length import EpochCount, StepShape, epoch_count, planned_steps, resume_warnings, run_length_line
 from finetune.trainer import train
 
 
@@ -107,7 +107,7 @@ def test_a_run_of_epochs_resumed_with_another_number_of_processes_trains_the_epo
 
     # 1 -> 2 processes: 4 steps of 2 images (2 accumulated) are 2 epochs of 8 images, the third is 1 step of 8.
     checkpoint_state = {"step": 4, "processes": 1}
-    count = EpochCount(2, 2, 4, Fraction(2), 1)
+    count = EpochCount(2, 2, 4, Fraction(2), StepShape(2, 1, 2))
     assert count == epoch_count(ItemLayout(None, 8), make_recipe(train__batch_size=2, train__gradient_accumulation_steps=2).train, 2, write_state(state_file.parent, checkpoint_state))
     three = make_recipe(train__max_epochs=3, train__gradient_accumulation_steps=2, **epochs).train
     assert (planned_steps(three, count), list(count.ended_by(5)), count.at(5)) == (5, [3], 3.0)
@@ -116,3 +116,19 @@ def test_a_run_of_epochs_resumed_with_another_number_of_processes_trains_the_epo
 def write_state(checkpoint: Path, state: dict) -> Path:
     (checkpoint / STATE_FILE).write_text(json.dumps(state))
     return checkpoint
+
+
+def test_a_resume_with_another_batch_size_or_accumulation_counts_the_checkpoints_steps_at_their_batch(make_recipe, tmp_path):
+    """Lowered to a batch of 1 after 2 steps of 2 images (1 epoch of 4), or to 1 micro-batch a step after 2 of 2
+    accumulated: the checkpoint's steps were counted at the new batch (half an epoch), and a run of 2 epochs
+    trained 1.5 more."""
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    layout, two_epochs = ItemLayout(None, 4), dict(train__max_steps=None, train__max_epochs=2)
+    for then in ({"train.batch_size": 2, "train.gradient_accumulation_steps": 1}, {"train.batch_size": 1, "train.gradient_accumulation_steps": 2}):
+        write_state(checkpoint, {"step": 2, "processes": 1, "recipe": then})
+        now = make_recipe(train__batch_size=1, train__gradient_accumulation_steps=1, **two_epochs).train
+        count = epoch_count(layout, now, 1, checkpoint)
+        assert (count.at(2), planned_steps(now, count)) == (1.0, 6), then  # 1 epoch done, the second is 4 steps of 1 image
+        line = run_length_line(now, 6, make_batch_sampler(layout, 1, 1, 0, 0), 4, 1, count)
+        assert line == "length: 6 steps (2 done of 2 images, 4 to go of 1) = 2 epochs of 4 images"
