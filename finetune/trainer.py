@@ -104,7 +104,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     def batch_sampler(start: int = 0):
         return make_batch_sampler(layout, train_cfg.batch_size, accelerator.num_processes, accelerator.process_index, recipe.seed, start=start)
 
-    # A checkpoint's steps count at the global batch they had: another number of processes trained them, perhaps.
+    # A resumed checkpoint's steps count at the global batch they had (other processes, batch size, accumulation).
     epochs_by = epoch_count(layout, train_cfg, accelerator.num_processes, resume_from)
     max_steps = planned_steps(train_cfg, epochs_by)  # train.max_steps, or train.max_epochs counted in steps
     if train_cfg.max_epochs is not None:
