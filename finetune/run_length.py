@@ -94,7 +94,7 @@ def epoch_count(layout: ItemLayout, train: TrainConfig, processes: int, resume_f
 
 def planned_steps(train: TrainConfig, count: EpochCount | int) -> int:
     """The run's optimizer steps: train.max_steps, or train.max_epochs in steps (`count`: an EpochCount, or this
-    run's batches per epoch for a run of one process count)."""
+    run's batches per epoch for a run of one global batch)."""
     if train.max_epochs is None:
         return train.max_steps
     count = count if isinstance(count, EpochCount) else EpochCount(train.gradient_accumulation_steps, count)
@@ -119,12 +119,12 @@ def check_epoch_run(recipe: Recipe, max_steps: int, count: EpochCount, resume_fr
 
 
 def epochs_done(step: int, accumulation: int, batches_per_epoch: int) -> float:
-    """Epochs trained after `step` optimizer steps of a run of one process count."""
+    """Epochs trained after `step` optimizer steps of a run of one global batch."""
     return EpochCount(accumulation, batches_per_epoch).at(step)
 
 
 def finished_epochs(step: int, accumulation: int, batches_per_epoch: int) -> range:
-    """The epochs that optimizer step `step` completes in a run of one process count (see EpochCount.ended_by)."""
+    """The epochs that optimizer step `step` completes in a run of one global batch (see EpochCount.ended_by)."""
     return EpochCount(accumulation, batches_per_epoch).ended_by(step)
 
 
