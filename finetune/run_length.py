@@ -165,10 +165,10 @@ def resume_warnings(checkpoint: Path, state: dict, recipe: Recipe, max_steps: in
     """What a resume changes around its checkpoint that the comparison of settings does not say: the number of
     processes (the global batch), and the run's length under a schedule laid out over it (the learning rate)."""
     lines, batch = [], recipe.train.batch_size
-    processes_then = state.get("processes", processes)
+    processes_then, batch_then = state.get("processes", processes), (state.get("recipe") or {}).get("train.batch_size", batch)
     if processes_then != processes:
         lines.append(f"warning: {checkpoint.name} was trained by {processes_named(processes_then)}, this run has {processes}: the global batch changes "
-                     f"from {processes_then * batch} to {processes * batch} images per micro-step (and the data order with it)")
+                     f"from {processes_then * batch_then} to {processes * batch} images per micro-step (and the data order with it)")
     # The planned steps (kept since they were: train.max_epochs counts them from the data), else the recipe's.
     steps_then = state.get("max_steps", (state.get("recipe") or {}).get("train.max_steps"))
     if line := schedule_change_line(recipe.optimizer, checkpoint.name, state["step"], steps_then, max_steps):

@@ -53,6 +53,10 @@ def test_a_resume_that_changes_the_length_of_a_decaying_schedule_says_what_the_l
         "warning: checkpoint-2 was trained on a linear schedule of 4 steps, this run has 8: the schedule is laid out again over 8 "
         "steps, so at step 2 the learning rate goes from 50% to 75% of optimizer.lr (0.001) and decays to 0 at step 8; to keep "
         "the old schedule, resume with train.max_steps=4"]  # fmt: skip
+    # With another train.batch_size too: the checkpoint's global batch was 2 processes x its batch of 2.
+    halved = {"step": 2, "processes": 2, "recipe": {"train.batch_size": 2, "train.max_steps": 4}}
+    assert resume_warnings(checkpoint, halved, make_recipe(train__batch_size=1, train__max_steps=4), 4, 1)[0].startswith(
+        "warning: checkpoint-2 was trained by 2 processes, this run has 1: the global batch changes from 4 to 1 images per micro-step")
     warming_up = make_recipe(train__max_steps=8, optimizer__scheduler="linear", optimizer__warmup_steps=3)  # the same rate at step 2, not later
     assert resume_warnings(checkpoint, state, warming_up, 8, 1) == [
         "warning: checkpoint-2 was trained on a linear schedule of 4 steps, this run has 8: the schedule is laid out again over 8 "
