@@ -21,6 +21,7 @@ from pathlib import Path
 from finetune.batches import ItemLayout, make_batch_sampler
 from finetune.checkpoint import read_state
 from finetune.config import Recipe, TrainConfig
+from finetune.counts import counted
 from finetune.errors import FinetuneError
 from finetune.optim import schedule_change_line
 
@@ -142,23 +143,27 @@ def run_length_line(train: TrainConfig, max_steps: int, sampler, items: int, pro
     """The run's length in steps and in epochs (an epoch uses each image its repeats times)."""
     count = count or EpochCount(train.gradient_accumulation_steps, max(sampler.batches_per_epoch, 1))
     epochs, images = count.at(max_steps), train.batch_size * train.gradient_accumulation_steps
-    shown = f"{epochs:.0f}" if epochs >= 100 else f"{epochs:.3g}"  # 2000, not 2e+03
-    steps = f"{max_steps} steps of {images * processes} images"
+    steps = f"{counted(max_steps, 'step')} of {counted(images * processes, 'image')}"
     if count.then is not None:  # the checkpoint's steps had other images
         then, done = count.then, count.step_then
         by = f" by {processes_named(then.processes)}" if then.processes != processes else ""
-        steps = f"{max_steps} steps ({done} done of {then.images} images{by}, {max_steps - done} to go of {images * processes})"
-    line = f"length: {steps} = {shown} epochs of "
+        steps = f"{counted(max_steps, 'step')} ({done} done of {counted(then.images, 'image')}{by}, {max_steps - done} to go of {images * processes})"
+    line = f"length: {steps} = {epochs_text(epochs)} of "
     if sampler.images_per_epoch < items:
         left = items - sampler.images_per_epoch
         return line + f"{sampler.images_per_epoch} of the {items} images (each epoch leaves {left} out at random, to fill whole batches)"
     if sampler.batches_per_epoch * train.batch_size * processes > items:  # buckets: every image, in some smaller batches
-        return line + f"{items} images (in {sampler.batches_per_epoch} batches an epoch: a bucket's last batch may be smaller)"
-    return line + f"{items} images"
+        return line + f"{counted(items, 'image')} (in {counted(sampler.batches_per_epoch, 'batch', 'batches')} an epoch: a bucket's last batch may be smaller)"
+    return line + counted(items, "image")
 
 
 def processes_named(count: int) -> str:
-    return f"{count} process{'es' if count != 1 else ''}"
+    return counted(count, "process", "processes")
+
+
+def epochs_text(epochs: float) -> str:
+    """A number of epochs as the console says it: "2000 epochs" (not 2e+03), "1.5 epochs", "1 epoch"."""
+    return counted(epochs, "epoch", spec=".0f" if epochs >= 100 else ".3g")
 
 
 def resume_warnings(checkpoint: Path, state: dict, recipe: Recipe, max_steps: int, processes: int) -> list[str]:
