@@ -73,11 +73,16 @@ def plan_class_images(folder: Path, key: str, wanted: int) -> tuple[list[Path], 
     needed = wanted - len(user_images)
     generated = [folder / f"{key}-{k:05d}.png" for k in range(needed)]
     missing = [k for k, path in enumerate(generated) if not path.is_file()]
-    others = [p for p in files if is_generated_name(p) and not p.name.startswith(key)]
-    if others:
-        logger.warning("%s: ignoring %d generated images of another class prompt, generation settings, resolution or base model, or of an "
-                       "earlier version of finetune (delete them to free the space)", folder, len(others))
     return user_images + generated, missing
+
+
+def warn_of_unused_generated_images(folder: Path, keys: set[str]) -> None:
+    """One warning for the generated images in `folder` that no key of this run uses (`keys`: those of every
+    concept whose class folder it is, which share it without making each other's images unused)."""
+    unused = [p for p in (folder_images(folder) if folder.is_dir() else []) if is_generated_name(p) and p.stem[:10] not in keys]
+    if unused:
+        logger.warning("%s: ignoring %d generated images of another class prompt, generation settings, resolution or base model, "
+                       "or of an earlier version of finetune", folder, len(unused))
 
 
 @contextmanager

@@ -68,3 +68,23 @@ def test_another_class_generation_batch_size_continues_the_images_already_made(m
     recipe.dreambooth.class_generation.guidance_scale = 3.0  # a setting that changes the images still starts over
     (_, other_key, _, _), = class_image_plans(recipe)
     assert other_key != key
+
+
+def test_concepts_sharing_a_class_folder_do_not_call_each_others_images_ignored(make_recipe, star_folder, tmp_path, caplog):
+    """Two concepts with one class_dir and their own class prompts: each warned that the other's generated
+    images were 'ignored', as if they were stale (deleting them made the other concept generate them again).
+    Now only images no concept of the run uses are counted, in one warning for the folder."""
+    concepts = [{"instance_dir": str(star_folder), "instance_prompt": prompt, "class_prompt": cls, "class_dir": str(tmp_path / "class")}
+                for prompt, cls in (("a sks shape", "a shape"), ("a zwx shape", "a small shape"))]  # fmt: skip
+    recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path, dreambooth={"concepts": concepts})
+    (tmp_path / "class").mkdir()
+    for _, _, paths, _ in class_image_plans(recipe):
+        for path in paths:
+            Image.new("RGB", (64, 64), "red").save(path)
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "class" / "0123456789-00000.png")  # of an earlier run's settings
+
+    with caplog.at_level(logging.WARNING, logger="finetune.class_images"):
+        plans = class_image_plans(recipe)
+    assert [missing for *_, missing in plans] == [[], []]
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 1 and "ignoring 1 generated images" in warnings[0]

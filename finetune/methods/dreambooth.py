@@ -26,6 +26,7 @@ from finetune.captions import scored_caption, training_caption
 from finetune.check_data import DataReport, check_examples, checked_examples, data_configs, inspect_examples
 from finetune.class_images import (
     as_loaded_base, class_image_caption, generate_class_images, generation_key, is_generated_name, plan_class_images,
+    warn_of_unused_generated_images,
 )
 from finetune.config import Concept, DataConfig, LossMaskConfig, Recipe
 from finetune.counts import counted
@@ -150,6 +151,8 @@ def class_image_plans(recipe: Recipe) -> list[tuple[Path, str, list[Path], list[
                                 f"of their own (or class_dir: null for {Path(recipe.output_dir) / 'class_images' / f'concept-{i}'})")  # fmt: skip
         key = generation_key(concept.class_prompts, settings.class_generation, recipe.data.resolution, recipe.model)
         plans.append((folder, key, *plan_class_images(folder, key, settings.num_class_images)))
+    for folder in {folder.resolve(): folder for folder, *_ in plans}.values():
+        warn_of_unused_generated_images(folder, {key for other, key, *_ in plans if other.resolve() == folder.resolve()})
     return plans
 
 
