@@ -68,6 +68,9 @@ def _dreambooth_unused(raw: dict[str, Any], recipe: Recipe) -> list[str]:
         if unused:
             lines.append(f"dreambooth.prior_preservation is false, so {', '.join(unused)} {'do' if len(unused) > 1 else 'does'} nothing "
                          "(no class images are made or trained): set prior_preservation: true to use them")  # fmt: skip
+    elif recipe.dreambooth.prior_loss_weight == 0:  # the class half of every batch is encoded and predicted, then weighs nothing
+        lines.append("dreambooth.prior_loss_weight is 0, so the class images are made and trained for nothing: set "
+                     "dreambooth.prior_preservation: false to go without them, or a weight above 0 (1.0 in the DreamBooth paper)")  # fmt: skip
     captioned = [f"dreambooth.concepts.{i}.instance_prompt" for i, c in enumerate(concepts) if c.get("use_captions") is True and c.get("instance_prompt")]
     if captioned:
         lines.append(f"{', '.join(captioned)} {'are' if len(captioned) > 1 else 'is'} unused with use_captions: true "

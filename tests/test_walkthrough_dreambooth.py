@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from finetune.methods.dreambooth import class_image_plans
+from finetune.recipe_loading import load_recipe
 from finetune.toyworld.datasets import write_folder
 
 
@@ -88,3 +89,14 @@ def test_concepts_sharing_a_class_folder_do_not_call_each_others_images_ignored(
     assert [missing for *_, missing in plans] == [[], []]
     warnings = [record.getMessage() for record in caplog.records]
     assert len(warnings) == 1 and "ignoring 1 generated images" in warnings[0]
+
+
+def test_a_prior_loss_weight_of_zero_says_the_class_images_do_nothing(capsys):
+    """prior_loss_weight 0 with prior preservation on generated every class image and doubled every batch
+    for a loss term weighing nothing, without a word."""
+    recipes = Path(__file__).parent.parent / "recipes"
+    star = f"dreambooth.concepts.0.instance_dir={recipes.parent / 'datasets' / 'star'}"
+    load_recipe(recipes / "dreambooth.yaml", [star, "dreambooth.prior_loss_weight=0"])
+    assert capsys.readouterr().err.startswith("warning: dreambooth.prior_loss_weight is 0, so the class images are made and trained for nothing")
+    load_recipe(recipes / "dreambooth.yaml", [star, "dreambooth.prior_loss_weight=0", "dreambooth.prior_preservation=false"])
+    assert "prior_loss_weight is 0" not in capsys.readouterr().err  # the prior_preservation line names it already
