@@ -49,8 +49,10 @@ def generation_key(class_prompts: list[str], settings: ClassImageGeneration, res
 
 
 def is_generated_name(path: Path) -> bool:
+    """`<key>-<k>.png` as generation names them: a key of 10 lowercase hex digits (a user's own
+    "photo_0001-00001.png" is a class image of theirs, not a generated one of other settings)."""
     stem = path.stem
-    return len(stem) == 16 and stem[10] == "-" and stem[11:].isdigit()
+    return len(stem) == 16 and stem[10] == "-" and stem[11:].isdigit() and all(c in "0123456789abcdef" for c in stem[:10])
 
 
 def generated_prompt(class_prompts: list[str], k: int) -> str:

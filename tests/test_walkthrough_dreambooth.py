@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from finetune.class_images import class_image_caption
 from finetune.methods.dreambooth import class_image_plans
 from finetune.recipe_loading import load_recipe
 from finetune.toyworld.datasets import write_folder
@@ -100,3 +101,15 @@ def test_a_prior_loss_weight_of_zero_says_the_class_images_do_nothing(capsys):
     assert capsys.readouterr().err.startswith("warning: dreambooth.prior_loss_weight is 0, so the class images are made and trained for nothing")
     load_recipe(recipes / "dreambooth.yaml", [star, "dreambooth.prior_loss_weight=0", "dreambooth.prior_preservation=false"])
     assert "prior_loss_weight is 0" not in capsys.readouterr().err  # the prior_preservation line names it already
+
+
+def test_a_class_image_of_the_user_named_like_a_generated_one_still_counts(make_recipe, star_folder, tmp_path, caplog):
+    """Any 10 characters, a dash and 5 digits passed for a generated image's name: the user's own
+    "photo_0001-00001.png" was left out as 'a generated image of another class prompt or settings'."""
+    recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path)
+    (tmp_path / "class").mkdir()
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "class" / "photo_0001-00001.png")
+    with caplog.at_level(logging.WARNING, logger="finetune.class_images"):
+        (_, key, paths, missing), = class_image_plans(recipe)
+    assert paths[0].name == "photo_0001-00001.png" and missing == [0, 1]
+    assert class_image_caption(paths[0], ["a shape"]) == "a shape" and "ignoring" not in caplog.text
