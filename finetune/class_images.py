@@ -4,7 +4,7 @@ Generated files are named `<prompt-hash>-<k>.png`: the hash (of the class prompt
 settings) keeps images of other prompts from ever being counted, and image k is always made from
 prompt `k mod len(prompts)` and seed `seed + k`, so an interrupted generation continues where it
 stopped and reproduces exactly what an uninterrupted one would have made. In distributed runs each
-process generates its share.
+process generates its share. The folder's class_images.json records what each hash stands for.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,22 +31,26 @@ logger = logging.getLogger(__name__)
 # Which runs had one is recorded nowhere in the names, so every key of those versions is retired: their
 # images are ignored (with a warning) and made again from the base alone.
 MADE_FROM = {"made_from": "the base model alone"}
+RECORD_FILE = "class_images.json"  # in the class folder: {key: generation_record}
 
 
 def generation_key(class_prompts: list[str], settings: ClassImageGeneration, resolution: int, model: ModelConfig) -> str:
+    """The name prefix of the class images `generation_record` describes."""
+    described = json.dumps(generation_record(class_prompts, settings, resolution, model), sort_keys=True)
+    return hashlib.sha256(described.encode()).hexdigest()[:10]
+
+
+def generation_record(class_prompts: list[str], settings: ClassImageGeneration, resolution: int, model: ModelConfig) -> dict:
     """What a generated class image depends on: its prompts, the sampling settings, and the base model
     (where it is, its revision, and the clip skip that encodes the prompts)."""
-    # One prompt hashes as the bare string, as before lists were allowed, and clip skip 1 is left out, as
-    # before it existed.
     prompt = class_prompts[0] if len(class_prompts) == 1 else class_prompts
-    skip = {"clip_skip": model.clip_skip} if model.clip_skip > 1 else {}
+    skip = {"clip_skip": model.clip_skip}
     source = Path(model.pretrained)
     base = {"base": str(source.resolve()) if source.exists() else model.pretrained, "revision": model.revision}
     # Not the batch size: image k comes from its own seed whatever batch it is in (a smaller batch after
     # running out of memory must continue the images already made, not start over).
     sampling = settings.model_dump(exclude={"batch_size"})
-    described = json.dumps({"prompt": prompt, "resolution": resolution, **sampling, **skip, **base, **MADE_FROM}, sort_keys=True)
-    return hashlib.sha256(described.encode()).hexdigest()[:10]
+    return {"prompt": prompt, "resolution": resolution, **sampling, **skip, **base, **MADE_FROM}
 
 
 def is_generated_name(path: Path) -> bool:
@@ -78,13 +83,44 @@ def plan_class_images(folder: Path, key: str, wanted: int) -> tuple[list[Path], 
     return user_images + generated, missing
 
 
-def warn_of_unused_generated_images(folder: Path, keys: set[str]) -> None:
-    """One warning for the generated images in `folder` that no key of this run uses (`keys`: those of every
-    concept whose class folder it is, which share it without making each other's images unused)."""
-    unused = [p for p in (folder_images(folder) if folder.is_dir() else []) if is_generated_name(p) and p.stem[:10] not in keys]
-    if unused:
+def write_generation_record(folder: Path, key: str, record: dict) -> None:
+    """Add how images `<key>-*.png` are made to the folder's RECORD_FILE (the names are a hash): the warning
+    of a later run with other settings can then say which setting changed."""
+    records = read_generation_records(folder)
+    records[key] = record
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = folder / f".{RECORD_FILE}.partial"
+    partial.write_text(json.dumps(records, indent=1, sort_keys=True))
+    partial.replace(folder / RECORD_FILE)
+
+
+def read_generation_records(folder: Path) -> dict[str, dict]:
+    try:
+        records = json.loads((folder / RECORD_FILE).read_text())
+    except (OSError, ValueError):  # none yet (or earlier versions'), or damaged: only the warnings lose detail
+        return {}
+    return records if isinstance(records, dict) else {}
+
+
+def changed_settings(made: dict, now: dict) -> str:
+    """'guidance_scale 7.5 (now 5.0), ...': what images made as `made` describes were made with otherwise."""
+    return ", ".join(f"{name} {made.get(name)!r} (now {now.get(name)!r})" for name in sorted(made.keys() | now.keys()) if made.get(name) != now.get(name))
+
+
+def warn_of_unused_generated_images(folder: Path, records: dict[str, dict]) -> None:
+    """A warning for the generated images in `folder` that no key of this run uses (`records`: how every
+    concept whose class folder it is makes its images; they share it without making each other's unused),
+    saying what they were made with where the folder's record knows."""
+    unused = Counter(p.stem[:10] for p in (folder_images(folder) if folder.is_dir() else []) if is_generated_name(p) and p.stem[:10] not in records)
+    made = read_generation_records(folder)
+    for key, count in sorted(unused.items()):
+        if key in made:  # told against the closest setup of this run (one per concept sharing the folder)
+            why = min((changed_settings(made[key], now) for now in records.values()), key=lambda line: line.count(" (now "))
+            logger.warning("%s: ignoring %d generated images made with %s", folder, count, why)
+    unrecorded = sum(count for key, count in unused.items() if key not in made)
+    if unrecorded:
         logger.warning("%s: ignoring %d generated images of another class prompt, generation settings, resolution or base model, "
-                       "or of an earlier version of finetune", folder, len(unused))
+                       "or of an earlier version of finetune", folder, unrecorded)
 
 
 @contextmanager

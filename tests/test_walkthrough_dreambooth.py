@@ -113,3 +113,27 @@ def test_a_class_image_of_the_user_named_like_a_generated_one_still_counts(make_
         (_, key, paths, missing), = class_image_plans(recipe)
     assert paths[0].name == "photo_0001-00001.png" and missing == [0, 1]
     assert class_image_caption(paths[0], ["a shape"]) == "a shape" and "ignoring" not in caplog.text
+
+
+def test_class_images_not_reused_are_told_by_what_changed(make_recipe, star_folder, tmp_path, monkeypatch, caplog):
+    """The names of generated class images are a hash: with another guidance scale all of them were made
+    again, and the warning could only list every setting that might have changed. Generation now records
+    how each set is made in the folder's class_images.json, and the warning names what changed."""
+    import finetune.methods.dreambooth as dreambooth
+    from test_dreambooth import set_up_to_make_class_images
+
+    recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path, train__max_steps=1)
+    made = []
+    method, _, make = set_up_to_make_class_images(recipe, monkeypatch, lambda pipeline: made.append(True))
+    monkeypatch.setattr(dreambooth.DreamBoothMethod, "_check_class_images", lambda *args: None)
+    make()
+    plan = method.class_plans[0]
+    assert made and (plan.folder / "class_images.json").is_file()
+    Image.new("RGB", (64, 64), "red").save(plan.paths[0])  # what the generation made
+
+    recipe.dreambooth.class_generation.guidance_scale = 5.0
+    with caplog.at_level(logging.WARNING, logger="finetune.class_images"):
+        (_, key, _, missing), = class_image_plans(recipe)
+    assert key != plan.key and missing == [0]
+    warnings = [record.getMessage() for record in caplog.records if record.name == "finetune.class_images"]
+    assert warnings == [f"{plan.folder}: ignoring 1 generated images made with guidance_scale 7.5 (now 5.0)"]

@@ -25,8 +25,8 @@ from finetune.cache import EncodingCache
 from finetune.captions import scored_caption, training_caption
 from finetune.check_data import DataReport, check_examples, checked_examples, data_configs, inspect_examples
 from finetune.class_images import (
-    as_loaded_base, class_image_caption, generate_class_images, generation_key, is_generated_name, plan_class_images,
-    warn_of_unused_generated_images,
+    as_loaded_base, class_image_caption, generate_class_images, generation_key, generation_record, is_generated_name, plan_class_images,
+    warn_of_unused_generated_images, write_generation_record,
 )
 from finetune.config import Concept, DataConfig, LossMaskConfig, Recipe
 from finetune.counts import counted
@@ -141,6 +141,7 @@ def class_image_plans(recipe: Recipe) -> list[tuple[Path, str, list[Path], list[
     """Per concept with prior preservation: (class folder, generation key, images to train on, indices
     still to generate). Default folder: <output_dir>/class_images/concept-<n>."""
     settings, plans = recipe.dreambooth, []
+    made_as: dict[str, dict] = {}  # key: how its images are made
     for i, concept in enumerate(settings.concepts if settings.prior_preservation else []):
         folder = Path(concept.class_dir) if concept.class_dir else Path(recipe.output_dir) / "class_images" / f"concept-{i}"
         if folder.exists() and not folder.is_dir():  # else generation's mkdir raises once the model has loaded
@@ -150,9 +151,10 @@ def class_image_plans(recipe: Recipe) -> list[tuple[Path, str, list[Path], list[
             raise FinetuneError(f"dreambooth.concepts.{i}.class_dir {folder} is dreambooth.concepts.{subjects[0]}.instance_dir: give class images a folder "
                                 f"of their own (or class_dir: null for {Path(recipe.output_dir) / 'class_images' / f'concept-{i}'})")  # fmt: skip
         key = generation_key(concept.class_prompts, settings.class_generation, recipe.data.resolution, recipe.model)
+        made_as[key] = generation_record(concept.class_prompts, settings.class_generation, recipe.data.resolution, recipe.model)
         plans.append((folder, key, *plan_class_images(folder, key, settings.num_class_images)))
     for folder in {folder.resolve(): folder for folder, *_ in plans}.values():
-        warn_of_unused_generated_images(folder, {key for other, key, *_ in plans if other.resolve() == folder.resolve()})
+        warn_of_unused_generated_images(folder, {key: made_as[key] for other, key, *_ in plans if other.resolve() == folder.resolve()})
     return plans
 
 
@@ -255,6 +257,9 @@ class DreamBoothMethod(DiffusionMethod):
             # accelerate's `prepare`, after the data is built: bring it along now.
             self.base.unet.to(self.base.vae.device)
             pipeline = build_pipeline(self.base, as_pretrained=True)
+            if accelerator.process_index == 0:  # before the first image: an interrupted generation is recorded too
+                record = generation_record(prompts, settings.class_generation, self.recipe.data.resolution, self.recipe.model)
+                write_generation_record(plan.folder, plan.key, record)
             with as_loaded_base(self.base.unet, self.base.text_encoder), torch.random.fork_rng(devices=[]):
                 generate_class_images(
                     pipeline, prompts, plan.folder, plan.key, plan.missing, settings.class_generation,
