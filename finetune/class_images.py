@@ -47,10 +47,48 @@ def generation_record(class_prompts: list[str], settings: ClassImageGeneration, 
     skip = {"clip_skip": model.clip_skip}
     source = Path(model.pretrained)
     base = {"base": str(source.resolve()) if source.exists() else model.pretrained, "revision": model.revision}
+    if source.exists():  # a folder or file retrained or merged into in place keeps its path: its contents tell
+        base["base_contents"] = local_base_fingerprint(source)
     # Not the batch size: image k comes from its own seed whatever batch it is in (a smaller batch after
     # running out of memory must continue the images already made, not start over).
     sampling = settings.model_dump(exclude={"batch_size"})
     return {"prompt": prompt, "resolution": resolution, **sampling, **skip, **base, **MADE_FROM}
+
+
+# A base's parts as diffusers lays them out (configs included: a scheduler config changes how images are sampled).
+BASE_PARTS = ("model_index.json", "unet", "text_encoder", "vae", "scheduler", "tokenizer")
+
+
+def local_base_fingerprint(source: Path) -> str:
+    """What a local base holds, read in a few MiB: retraining a base, or merging a LoRA into it, changes
+    weights all through its files, and a copy or checkout of it (new modification times) changes nothing."""
+    digest = hashlib.sha256()
+    for path in base_files(source):
+        digest.update(f"{path.relative_to(source) if path != source else path.name}:{file_sample_digest(path)}".encode())
+    return digest.hexdigest()[:16]
+
+
+def base_files(source: Path) -> list[Path]:
+    """A single-file base itself; a diffusers folder's part files."""
+    if source.is_file():
+        return [source]
+    files = []
+    for part in (source / name for name in BASE_PARTS):
+        files += sorted(f for f in part.glob("*") if f.is_file()) if part.is_dir() else [part] if part.is_file() else []
+    return files
+
+
+def file_sample_digest(path: Path, slices: int = 64, slice_bytes: int = 65536) -> str:
+    """A hash of the file's size and `slices` evenly spaced slices of it (the whole of a small file)."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as file:
+        if size <= slices * slice_bytes:
+            digest.update(file.read())
+        for i in range(slices if size > slices * slice_bytes else 0):
+            file.seek(size * i // slices)
+            digest.update(file.read(slice_bytes))
+    return digest.hexdigest()
 
 
 def is_generated_name(path: Path) -> bool:

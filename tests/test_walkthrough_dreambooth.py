@@ -137,3 +137,40 @@ def test_class_images_not_reused_are_told_by_what_changed(make_recipe, star_fold
     assert key != plan.key and missing == [0]
     warnings = [record.getMessage() for record in caplog.records if record.name == "finetune.class_images"]
     assert warnings == [f"{plan.folder}: ignoring 1 generated images made with guidance_scale 7.5 (now 5.0)"]
+
+
+def test_class_images_of_a_local_base_retrained_in_place_are_not_reused(tiny_model, tmp_path):
+    """The key held a local base's path only: a base retrained (or merged into) at the same path reused the
+    class images of its old weights. Its contents count now; a copy elsewhere or a touch does not change them."""
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from finetune.class_images import generation_key, generation_record
+    from finetune.config import ClassImageGeneration, ModelConfig
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    model, settings = ModelConfig(pretrained=str(base)), ClassImageGeneration()
+    key = generation_key(["a shape"], settings, 64, model)
+    weights = next((base / "unet").glob("*.safetensors"))
+    os.utime(weights, (1, 1))
+    assert generation_key(["a shape"], settings, 64, model) == key  # the same weights, another time
+
+    tensors = load_file(weights)
+    name = sorted(tensors)[len(tensors) // 2]
+    tensors[name] = tensors[name] + 0.01  # retrained in place: same size, same path
+    save_file(tensors, weights)
+    assert generation_key(["a shape"], settings, 64, model) != key
+    assert "base_contents" in generation_record(["a shape"], settings, 64, model)
+    # A large file is read in slices spread over it: a change deep inside still shows.
+    from finetune.class_images import file_sample_digest
+
+    large = tmp_path / "large.bin"
+    large.write_bytes(bytes(8 << 20))
+    before = file_sample_digest(large)
+    with large.open("r+b") as file:
+        file.seek((8 << 20) * 40 // 64 + 100)
+        file.write(b"\x01")
+    assert file_sample_digest(large) != before
