@@ -36,8 +36,11 @@ RECORD_FILE = "class_images.json"  # in the class folder: {key: generation_recor
 
 def generation_key(class_prompts: list[str], settings: ClassImageGeneration, resolution: int, model: ModelConfig) -> str:
     """The name prefix of the class images `generation_record` describes."""
-    described = json.dumps(generation_record(class_prompts, settings, resolution, model), sort_keys=True)
-    return hashlib.sha256(described.encode()).hexdigest()[:10]
+    return record_key(generation_record(class_prompts, settings, resolution, model))
+
+
+def record_key(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def generation_record(class_prompts: list[str], settings: ClassImageGeneration, resolution: int, model: ModelConfig) -> dict:

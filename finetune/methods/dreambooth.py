@@ -25,7 +25,7 @@ from finetune.cache import EncodingCache
 from finetune.captions import scored_caption, training_caption
 from finetune.check_data import DataReport, check_examples, checked_examples, data_configs, inspect_examples
 from finetune.class_images import (
-    as_loaded_base, class_image_caption, generate_class_images, generation_key, generation_record, is_generated_name, plan_class_images,
+    as_loaded_base, class_image_caption, generate_class_images, generation_record, is_generated_name, plan_class_images, record_key,
     warn_of_unused_generated_images, write_generation_record,
 )
 from finetune.config import Concept, DataConfig, LossMaskConfig, Recipe
@@ -150,8 +150,9 @@ def class_image_plans(recipe: Recipe) -> list[tuple[Path, str, list[Path], list[
         if subjects:  # the subject's photos would train as its class, and generated images would join a concept's photos
             raise FinetuneError(f"dreambooth.concepts.{i}.class_dir {folder} is dreambooth.concepts.{subjects[0]}.instance_dir: give class images a folder "
                                 f"of their own (or class_dir: null for {Path(recipe.output_dir) / 'class_images' / f'concept-{i}'})")  # fmt: skip
-        key = generation_key(concept.class_prompts, settings.class_generation, recipe.data.resolution, recipe.model)
-        made_as[key] = generation_record(concept.class_prompts, settings.class_generation, recipe.data.resolution, recipe.model)
+        record = generation_record(concept.class_prompts, settings.class_generation, recipe.data.resolution, recipe.model)
+        key = record_key(record)
+        made_as[key] = record
         plans.append((folder, key, *plan_class_images(folder, key, settings.num_class_images)))
     for folder in {folder.resolve(): folder for folder, *_ in plans}.values():
         warn_of_unused_generated_images(folder, {key: made_as[key] for other, key, *_ in plans if other.resolve() == folder.resolve()})
