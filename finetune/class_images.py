@@ -45,17 +45,19 @@ def record_key(record: dict) -> str:
 
 def generation_record(class_prompts: list[str], settings: ClassImageGeneration, resolution: int, model: ModelConfig) -> dict:
     """What a generated class image depends on: its prompts, the sampling settings, and the base model
-    (where it is, its revision, and the clip skip that encodes the prompts)."""
+    (where it is, its revision or a local one's contents, its configs, and the clip skip that encodes the prompts)."""
     prompt = class_prompts[0] if len(class_prompts) == 1 else class_prompts
-    skip = {"clip_skip": model.clip_skip}
     source = Path(model.pretrained)
-    base = {"base": str(source.resolve()) if source.exists() else model.pretrained, "revision": model.revision}
+    base = {"base": str(source.resolve()) if source.exists() else model.pretrained, "revision": model.revision, "clip_skip": model.clip_skip}
     if source.exists():  # a folder or file retrained or merged into in place keeps its path: its contents tell
         base["base_contents"] = local_base_fingerprint(source)
+    if model.single_file_config:  # a single-file base's configs: its architecture and how it samples (an SD2 file's v-prediction)
+        configs = Path(model.single_file_config)
+        base["single_file_config"] = str(configs.resolve()) if configs.exists() else model.single_file_config
     # Not the batch size: image k comes from its own seed whatever batch it is in (a smaller batch after
     # running out of memory must continue the images already made, not start over).
     sampling = settings.model_dump(exclude={"batch_size"})
-    return {"prompt": prompt, "resolution": resolution, **sampling, **skip, **base, **MADE_FROM}
+    return {"prompt": prompt, "resolution": resolution, **sampling, **base, **MADE_FROM}
 
 
 # A base's parts as diffusers lays them out (configs included: a scheduler config changes how images are sampled).

@@ -174,3 +174,16 @@ def test_class_images_of_a_local_base_retrained_in_place_are_not_reused(tiny_mod
         file.seek((8 << 20) * 40 // 64 + 100)
         file.write(b"\x01")
     assert file_sample_digest(large) != before
+
+
+def test_class_images_of_a_single_file_base_read_with_other_configs_are_not_reused(tmp_path):
+    """A single-file base is read with the configs model.single_file_config names (SD2's v-prediction or
+    SD1's epsilon, say): images sampled under one set were reused under another."""
+    from finetune.class_images import generation_key
+    from finetune.config import ClassImageGeneration, ModelConfig
+
+    checkpoint = tmp_path / "base.safetensors"
+    checkpoint.write_bytes(b"weights")
+    keys = {generation_key(["a shape"], ClassImageGeneration(), 64, ModelConfig(pretrained=str(checkpoint), single_file_config=configs))
+            for configs in ("stabilityai/stable-diffusion-2-1", "stable-diffusion-v1-5/stable-diffusion-v1-5")}  # fmt: skip
+    assert len(keys) == 2
