@@ -74,12 +74,13 @@ def local_base_fingerprint(source: Path) -> str:
 
 
 def base_files(source: Path) -> list[Path]:
-    """A single-file base itself; a diffusers folder's part files."""
+    """A single-file base itself; a diffusers folder's part files, not hidden ones (macOS's Finder writes a
+    .DS_Store into a folder it shows, which must not make every class image again)."""
     if source.is_file():
         return [source]
     files = []
     for part in (source / name for name in BASE_PARTS):
-        files += sorted(f for f in part.glob("*") if f.is_file()) if part.is_dir() else [part] if part.is_file() else []
+        files += sorted(f for f in part.glob("*") if f.is_file() and not f.name.startswith(".")) if part.is_dir() else [part] if part.is_file() else []
     return files
 
 

@@ -156,7 +156,8 @@ def test_class_images_of_a_local_base_retrained_in_place_are_not_reused(tiny_mod
     key = generation_key(["a shape"], settings, 64, model)
     weights = next((base / "unet").glob("*.safetensors"))
     os.utime(weights, (1, 1))
-    assert generation_key(["a shape"], settings, 64, model) == key  # the same weights, another time
+    (base / "unet" / ".DS_Store").write_bytes(b"Finder")
+    assert generation_key(["a shape"], settings, 64, model) == key  # the same weights, another time, a file of macOS's
 
     tensors = load_file(weights)
     name = sorted(tensors)[len(tensors) // 2]
