@@ -12,12 +12,20 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 
+MOST_UNREAD = 100  # steps whose losses wait on the device: one host read per 100 steps costs next to nothing
+
 
 class StepLosses:
+    """Kept on the device between log steps: reading a loss on the host (`.item()`) waits for the GPU to finish
+    all the work queued before it, so a read every step would stop the CPU from queueing the next step's kernels
+    while the GPU runs this one's. `read_steps` reads the steps' losses at once, at log steps."""
+
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}  # since the last log
         self.steps = 0  # optimizer steps in those sums
         self.step_sum: torch.Tensor | float = 0.0  # this step's loss so far
+        self.unread: list[torch.Tensor] = []  # each finished step's loss on this process, not read on the host yet
+        self.losses: list[float] = []  # each step's loss read so far, in order
 
     def add(self, losses: dict[str, torch.Tensor], weight: float) -> None:
         """One micro-batch's terms, each weighted by `weight` (its share of the step's rows on this process)."""
@@ -25,14 +33,30 @@ class StepLosses:
             self.sums[name] = self.sums.get(name, 0.0) + value.detach().float() * weight
         self.step_sum = self.step_sum + losses["loss"].detach().float() * weight
 
-    def end_step(self, accelerator: Accelerator) -> float:
-        """Collective: the step's loss, averaged over the processes."""
-        loss = accelerator.reduce(self.step_sum, reduction="mean").item()
+    def end_step(self, accelerator: Accelerator) -> None:
+        """Collective: the step's loss is complete; it stays on the device until `read_steps`, or until
+        MOST_UNREAD steps wait (a log interval of thousands of steps would keep thousands of tensors)."""
+        self.unread.append(self.step_sum)
         self.step_sum, self.steps = 0.0, self.steps + 1
-        return loss
+        if len(self.unread) >= MOST_UNREAD:
+            self.read_steps(accelerator)
+
+    def read_steps(self, accelerator: Accelerator) -> list[float]:
+        """Collective: every step's loss so far in this run, averaged over the processes; the steps since the
+        last call are read now (one reduction and one host read for all of them)."""
+        if self.unread:
+            self.losses += accelerator.reduce(torch.stack(self.unread), reduction="mean").tolist()
+            self.unread = []
+        return self.losses
+
+    def shown(self) -> dict[str, str]:
+        """The progress bar's loss: the last step read, at the last log step (none before the first)."""
+        return {"loss": f"{self.losses[-1]:.4f}"} if self.losses else {}
 
     def since_last_log(self, accelerator: Accelerator) -> dict[str, float]:
-        """Collective: each term's mean over the steps since the last call and over the processes."""
+        """Collective: each term's mean over the steps since the last call and over the processes (the steps'
+        own losses are read with them)."""
+        self.read_steps(accelerator)
         names = list(self.sums)
         values = accelerator.reduce(torch.stack([self.sums[name] for name in names]), reduction="mean") / self.steps
         self.sums, self.steps = {}, 0

@@ -297,22 +297,21 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
                 average.update()
             step += 1
 
-            step_loss = running.end_step(accelerator)
-            result.losses.append(step_loss)
+            running.end_step(accelerator)
             if on_step is not None:
                 on_step(step)
             progress.update(1)
             lr = step_size(optimizer)
             ended, epochs = epochs_by.ended_by(step), epochs_by.at(step)
-            shown_epochs = {"epoch": f"{epochs:.2f}/{train_cfg.max_epochs}"} if train_cfg.max_epochs else {}
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", **shown_epochs)
-            if step % recipe.logging.every_n_steps == 0 or step == max_steps:
+            if step % recipe.logging.every_n_steps == 0 or step == max_steps:  # losses are read on the host here only (StepLosses)
                 logs = {f"train/{k}": v for k, v in running.since_last_log(accelerator).items()}  # train/loss among them
                 logs.update({f"train/{k}": v for k, v in step_logs.items()})
                 if len(group_names) > 1:  # each group's rate (text encoder, LoRA+ up weights); train/lr is the first's
                     logs.update({f"train/lr/{name}": step_size(optimizer, i) for i, name in enumerate(group_names)})
                 logs["train/epoch"] = epochs
                 accelerator.log({"train/lr": lr, **logs}, step=step)
+            # Drawn by update() at most 10 times a second, not at every step's postfix.
+            progress.set_postfix(**running.shown(), lr=f"{lr:.2e}", **({"epoch": f"{epochs:.2f}/{train_cfg.max_epochs}"} if train_cfg.max_epochs else {}), refresh=False)
 
             if step < max_steps and stop.agreed(accelerator):  # at the last step: finished, the outputs are written below
                 save_checkpoint()
@@ -327,7 +326,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
                 if grid is not None and accelerator.is_local_main_process:
                     progress.write(f"samples: {grid}")
     progress.close()
-    result.final_step = step
+    result.final_step, result.losses = step, running.read_steps(accelerator)  # with a stop's steps since the last log step
 
     if not result.interrupted:
         # Trained: a Ctrl-C or SIGTERM now skips the last samples but waits for the outputs (a second one interrupts). Outputs

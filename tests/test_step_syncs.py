@@ -1,0 +1,87 @@
+"""The training loop's host-device synchronisations: on a GPU, every read of a device tensor's value on the host
+(`.item()`, `float(t)`, `.tolist()`, `if t:`) waits for all the work queued before it, so the CPU stops queueing
+the next step's kernels. Counted here on the CPU (the same calls, no GPU needed): they happen at log steps only."""
+
+from __future__ import annotations
+
+import traceback
+from collections import Counter
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from finetune.trainer import train
+
+HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy")
+# Tensors that live on the host by design (no device to wait for): the sampler's CPU permutation.
+HOST_ONLY_CALLERS = ("finetune/batches.py",)
+
+
+@pytest.fixture
+def reads_by_step(monkeypatch):
+    """Counts host reads of tensor values per optimizer step; `.tracking(max_steps)` is train's on_step. A read
+    is counted for the step whose `on_step` came last (the reads at a log step come after it), up to the last
+    step, whose reads are the final save's too."""
+
+    class Reads(Counter):
+        step = 0
+
+        def tracking(self, max_steps: int):
+            def track(step: int) -> None:
+                self.step = step if step < max_steps else 0
+
+            return track
+
+    reads = Reads()
+
+    def counted(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            stack = "".join(traceback.format_stack(limit=12))
+            if reads.step and not any(caller in stack for caller in HOST_ONLY_CALLERS):
+                reads[reads.step] += 1
+            return original(self, *args, **kwargs)
+
+        return read
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    return reads
+
+
+@pytest.mark.parametrize("settings", [
+    {},
+    {"train__max_grad_norm": 1.0, "train__ema_decay": 0.9},
+    {"train__cache_latents": True, "train__cache_text_embeddings": True, "train__gradient_accumulation_steps": 2},
+], ids=["plain", "clipped-ema", "cached-accumulated"])
+def test_no_host_reads_between_log_steps(make_recipe, reads_by_step, settings):
+    train(make_recipe(train__max_steps=10, logging__every_n_steps=4, **settings), on_step=reads_by_step.tracking(10))
+    assert set(reads_by_step) <= {4, 8}, f"host reads at steps other than the log steps (4 and 8): {dict(reads_by_step)}"
+    # At a log step: the steps' losses, the logged means and the method's values (a few reads, not one per step).
+    assert all(count <= 6 for count in reads_by_step.values()), dict(reads_by_step)
+
+
+# A fixed run (seed 3, 7 steps of 2 micro-batches, logged every 3 steps, with lora.max_norm shrinking some layers),
+# pinned from the loop that read every step's loss at once: reading them at log steps must not change them.
+PINNED_LOSSES = [1.135353922843933, 1.0612729787826538, 1.0379712581634521, 0.9887140989303589, 1.0125243663787842, 0.9729059934616089, 0.8983556032180786]
+PINNED_LOGS = {
+    3: {"train/loss": 1.0781993865966797, "train/lora/layers_scaled": 17.0, "train/lora/mean_norm": 0.5812488794326782, "train/lora/max_norm": 0.6000000238418579},
+    6: {"train/loss": 0.9913814067840576, "train/lora/layers_scaled": 24.0, "train/lora/mean_norm": 0.6000000238418579, "train/lora/max_norm": 0.6000000238418579},
+    7: {"train/loss": 0.8983556032180786, "train/lora/layers_scaled": 24.0, "train/lora/mean_norm": 0.6000000238418579, "train/lora/max_norm": 0.6000000238418579},
+}
+
+
+def test_logged_losses_are_those_of_every_step(make_recipe, monkeypatch):
+    logged = {}
+    monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, log_kwargs=None: logged.setdefault(step, {}).update(values))
+    recipe = make_recipe(train__max_steps=7, train__gradient_accumulation_steps=2, logging__every_n_steps=3, optimizer__lr=3e-2,
+                         lora__max_norm=0.6, lora__target_modules=["to_q", "to_v", "conv1"])  # fmt: skip
+    result = train(recipe)
+    assert result.losses == pytest.approx(PINNED_LOSSES, rel=1e-5)  # thread counts change the last bits on a CPU
+    assert set(logged) == set(PINNED_LOGS)
+    for step, values in PINNED_LOGS.items():
+        assert all(isinstance(logged[step][name], float) for name in values), logged[step]  # numbers, as TensorBoard takes them
+        assert {name: logged[step][name] for name in values} == pytest.approx(values, rel=1e-5)
+        assert logged[step]["train/lr"] == 3e-2 and logged[step]["train/epoch"] == step
