@@ -32,16 +32,19 @@ def update_norm(layer: torch.nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def apply_max_norm(layers: dict[str, torch.nn.Module], max_norm: float) -> dict[str, float]:
+def apply_max_norm(layers: dict[str, torch.nn.Module], max_norm: float) -> dict[str, torch.Tensor]:
     """Shrink every LoRA layer (`lora_layers`) whose update norm exceeds `max_norm` back to it; return what
-    TensorBoard shows: how many layers were shrunk, and the mean and largest norm after shrinking."""
+    TensorBoard shows: how many layers were shrunk, and the mean and largest norm after shrinking. As tensors, read
+    on the host at log steps only: a read (or choosing the layers to shrink on the host) waits for the GPU to finish
+    the step, where the CPU would otherwise queue the next one's kernels meanwhile."""
     norms = torch.stack([update_norm(layer) for layer in layers.values()])
+    above = norms > max_norm
     # Exactly 1 where the norm is within bounds: torch divides a number by a tensor as its reciprocal times the
     # number, so max_norm / max_norm (a clamp to it) could come out just below 1 and shrink and count that layer.
-    ratios = torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms)).tolist()
-    for layer, ratio in zip(layers.values(), ratios):
-        if ratio < 1.0:
-            for weight in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
-                weight.mul_(ratio**0.5)
+    ratios = torch.where(above, max_norm / norms, torch.ones_like(norms))
+    # Every layer is multiplied, those within bounds by exactly 1 (unchanged): picking the shrunk ones needs the host.
+    for layer, factor in zip(layers.values(), ratios.sqrt().unbind()):
+        for weight in (layer.lora_A["default"].weight, layer.lora_B["default"].weight):
+            weight.mul_(factor)
     kept = norms.clamp(max=max_norm)
-    return {"lora/layers_scaled": float(sum(ratio < 1.0 for ratio in ratios)), "lora/mean_norm": kept.mean().item(), "lora/max_norm": kept.max().item()}
+    return {"lora/layers_scaled": above.sum().float(), "lora/mean_norm": kept.mean(), "lora/max_norm": kept.max()}

@@ -264,7 +264,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
 
     progress = tqdm(total=max_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process)
     running = StepLosses()  # the loss and its terms over each step's micro-batches, and since the last log
-    step_logs: dict[str, float] = {}  # what the method reports after each optimizer step (lora.max_norm)
+    step_logs: dict[str, torch.Tensor | float] = {}  # what the method reports after each optimizer step (lora.max_norm)
     last_checkpoint_step = step
     with StopRequest() as stop, batches_of(loader) as batches:
         while step < max_steps:
@@ -305,7 +305,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             ended, epochs = epochs_by.ended_by(step), epochs_by.at(step)
             if step % recipe.logging.every_n_steps == 0 or step == max_steps:  # losses are read on the host here only (StepLosses)
                 logs = {f"train/{k}": v for k, v in running.since_last_log(accelerator).items()}  # train/loss among them
-                logs.update({f"train/{k}": v for k, v in step_logs.items()})
+                logs.update({f"train/{k}": float(v) for k, v in step_logs.items()})  # read now, not at each step (lora.max_norm)
                 if len(group_names) > 1:  # each group's rate (text encoder, LoRA+ up weights); train/lr is the first's
                     logs.update({f"train/lr/{name}": step_size(optimizer, i) for i, name in enumerate(group_names)})
                 logs["train/epoch"] = epochs

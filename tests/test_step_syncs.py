@@ -54,8 +54,9 @@ def reads_by_step(monkeypatch):
 @pytest.mark.parametrize("settings", [
     {},
     {"train__max_grad_norm": 1.0, "train__ema_decay": 0.9},
+    {"lora__max_norm": 0.5},
     {"train__cache_latents": True, "train__cache_text_embeddings": True, "train__gradient_accumulation_steps": 2},
-], ids=["plain", "clipped-ema", "cached-accumulated"])
+], ids=["plain", "clipped-ema", "max-norm", "cached-accumulated"])
 def test_no_host_reads_between_log_steps(make_recipe, reads_by_step, settings):
     train(make_recipe(train__max_steps=10, logging__every_n_steps=4, **settings), on_step=reads_by_step.tracking(10))
     assert set(reads_by_step) <= {4, 8}, f"host reads at steps other than the log steps (4 and 8): {dict(reads_by_step)}"

@@ -92,10 +92,11 @@ class TrainingMethod(ABC):
     def save(self, output_dir: Path, modules: dict[str, torch.nn.Module], metadata: dict[str, str]) -> list[Path]:
         """Write the result (from unwrapped `modules`) where creators load it; return the paths written."""
 
-    def hold_weight_limits(self, modules: dict[str, torch.nn.Module]) -> dict[str, float]:
+    def hold_weight_limits(self, modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor | float]:
         """Bring the weights in `modules` within the method's limits (lora.max_norm): called after each optimizer
         step, and on the weight average (train.ema_decay) before it samples or saves, as averaging the factors of
-        a product apart can leave their product past a limit each step kept. Returns values for TensorBoard."""
+        a product apart can leave their product past a limit each step kept. Returns values for TensorBoard, which
+        may stay on the device (the trainer reads them at log steps only), and reads none itself."""
         return {}
 
     def checkpoint_state(self) -> dict:

@@ -93,7 +93,7 @@ class LoRAMethod(UNetMethod):
             return groups
         return loraplus_groups(groups, self.trained_modules(), self.recipe.optimizer.lr, ratios)
 
-    def hold_weight_limits(self, modules) -> dict[str, float]:
+    def hold_weight_limits(self, modules) -> dict[str, torch.Tensor]:
         if not self.recipe.lora.max_norm:
             return {}
         if self.max_norm_layers is None:  # found once: walking every module each step would cost the hot path
