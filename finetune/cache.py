@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from finetune.counts import counted
+from finetune.device_copy import to_device
 from finetune.errors import FinetuneError
 
 logger = logging.getLogger(__name__)
@@ -153,4 +154,4 @@ class EncodingCache:
             if keys[i] not in self.memory:  # a key twice in one batch (the dropped caption "") is encoded once
                 self._store(keys[i], compute([i])[0])
             rows[i] = self.memory[keys[i]]
-        return torch.stack(rows).to(device)
+        return to_device(torch.stack(rows), device)

@@ -8,6 +8,7 @@ import torch
 from diffusers import AutoencoderKL
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from finetune.device_copy import to_device
 from finetune.errors import FinetuneError
 
 
@@ -45,8 +46,8 @@ def text_hidden_states(tokenizer: CLIPTokenizer, text_encoder: torch.nn.Module, 
     joined as sd-scripts joins them: the first chunk's start, every chunk's 75 word states, the last
     chunk's end: 2 + 75 x chunks states."""
     if chunks == 1:
-        return text_encoder(tokenize(tokenizer, prompts).to(device))[0]
-    states = text_encoder(token_chunks(tokenizer, prompts, chunks).to(device))[0]
+        return text_encoder(to_device(tokenize(tokenizer, prompts), device))[0]
+    states = text_encoder(to_device(token_chunks(tokenizer, prompts, chunks), device))[0]
     states = states.reshape(len(prompts), chunks, *states.shape[1:])
     return torch.cat([states[:, 0, :1], *(states[:, i, 1:-1] for i in range(chunks)), states[:, -1, -1:]], dim=1)
 
@@ -92,14 +93,14 @@ def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompt
 @torch.no_grad()
 def posterior_moments(vae: AutoencoderKL, pixel_values: torch.Tensor) -> torch.Tensor:
     """The VAE posterior's mean and std, concatenated on the channel axis (what the latent cache keeps)."""
-    posterior = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
+    posterior = vae.encode(to_device(pixel_values, vae.device, vae.dtype)).latent_dist
     return torch.cat([posterior.mean, posterior.std], dim=1).float()
 
 
 def latents_from_moments(vae: AutoencoderKL, moments: torch.Tensor, posterior_noise: torch.Tensor | None = None) -> torch.Tensor:
     """Scaled latents: mean + std * noise (noise drawn by the caller, so it is reproducible), or the mean."""
     mean, std = moments.chunk(2, dim=1)
-    latents = mean if posterior_noise is None else mean + std * posterior_noise.to(mean.device, mean.dtype)
+    latents = mean if posterior_noise is None else mean + std * to_device(posterior_noise, mean.device, mean.dtype)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
 

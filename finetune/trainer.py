@@ -24,6 +24,7 @@ from finetune.check_data import concept_held_out_whole, too_few_to_batch
 from finetune.config import Recipe
 from finetune.batches import item_layout, make_batch_sampler
 from finetune.diffusion import BatchRandomness
+from finetune.device_copy import to_device
 from finetune.distributed import accelerator_options, agree_on_start, autocast, checkpoint_options, configure_deepspeed, full_parameters, launch_problem, release_gathered, unsharded_loading, unwrap, uses_deepspeed, zero_stage
 from finetune.ema import EMA_FILE, WeightAverage
 from finetune.caption_tokens import long_captions_line
@@ -272,7 +273,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
                 micro_batch = step * accumulation + micro
                 batch = next(batches)
                 if "pixel_values" in batch:  # absent when the batch names cached latents instead (finetune.views)
-                    batch["pixel_values"] = batch["pixel_values"].to(accelerator.device)
+                    batch["pixel_values"] = to_device(batch["pixel_values"], accelerator.device)
                 # Bucketed global batches vary in size (a bucket's last batch may be smaller).
                 global_size, rows = sampler.rows_of(micro_batch)
                 randomness = BatchRandomness(recipe.seed, micro_batch, global_size, rows)

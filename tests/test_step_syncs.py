@@ -86,3 +86,34 @@ def test_logged_losses_are_those_of_every_step(make_recipe, monkeypatch):
         assert all(isinstance(logged[step][name], float) for name in values), logged[step]  # numbers, as TensorBoard takes them
         assert {name: logged[step][name] for name in values} == pytest.approx(values, rel=1e-5)
         assert logged[step]["train/lr"] == 3e-2 and logged[step]["train/epoch"] == step
+
+
+def _device_argument(args, kwargs):
+    """The device a `Tensor.to(...)` call names, if any (not a dtype alone)."""
+    for value in (*args[:1], kwargs.get("device")):
+        if isinstance(value, (torch.device, str)):
+            return value
+    return None
+
+
+@pytest.mark.parametrize("settings", [
+    {},
+    {"train__cache_latents": True, "train__cache_text_embeddings": True},
+], ids=["plain", "cached"])
+def test_copies_to_the_device_in_a_step_are_queued_without_waiting(make_recipe, monkeypatch, settings):
+    """On a GPU, `.to(device)` from pageable host memory waits for the stream's queued kernels (a sync in the
+    middle of each step); the loop's copies (pixels, noise, timesteps, cached latents, tokens) go through
+    finetune.device_copy, which stages them in pinned memory and copies with non_blocking=True. On the CPU the
+    staging is skipped; what is checked is that no copy from the training code asks for a blocking one."""
+    blocking, step = [], [0]
+    original = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        caller = traceback.extract_stack(limit=2)[0].filename
+        if step[0] and "/finetune/" in caller and _device_argument(args, kwargs) is not None and not kwargs.get("non_blocking"):
+            blocking.append(traceback.format_stack(limit=2)[0].strip())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    train(make_recipe(train__max_steps=4, **settings), on_step=lambda s: step.__setitem__(0, s if s < 4 else 0))
+    assert blocking == [], "blocking copies to the device in a step:\n" + "\n".join(sorted(set(blocking)))

@@ -24,6 +24,7 @@ from finetune.cache import EncodingCache, caption_key, model_fingerprint
 from finetune.check_data import DataReport, checked_examples
 from finetune.config import Recipe
 from finetune.data import CaptionedImageDataset, collate, upright_size
+from finetune.device_copy import to_device
 from finetune.diffusion import POSTERIOR_STREAM, BatchRandomness, NoiseOptions, add_noise, draw_noise, draw_perturbation, per_sample_loss
 from finetune.encoders import encode_prompts, latents_from_moments, posterior_moments, text_hidden_states
 from finetune.errors import FinetuneError
@@ -187,7 +188,7 @@ class DiffusionMethod(TrainingMethod):
         """
         unmasked_weight = self.recipe.data.loss_mask.unmasked_weight
         if "loss_mask" in batch:
-            return latent_loss_weights(batch["loss_mask"].to(device), latent_size, unmasked_weight)
+            return latent_loss_weights(to_device(batch["loss_mask"], device), latent_size, unmasked_weight)
         if "mask_keys" not in batch:
             return None
         keys = batch["mask_keys"]
@@ -201,7 +202,7 @@ class DiffusionMethod(TrainingMethod):
 
         if masked:
             masks[masked] = self.latent_cache.lookup([keys[i] for i in masked], shrink_views, torch.device("cpu"))
-        return latent_loss_weights(masks.to(device), latent_size, unmasked_weight)
+        return latent_loss_weights(to_device(masks, device), latent_size, unmasked_weight)
 
     @abstractmethod
     def predict(self, modules, noisy_latents, timesteps, encoder_hidden_states, batch) -> torch.Tensor:
@@ -231,8 +232,8 @@ class DiffusionMethod(TrainingMethod):
         noise, timesteps = draw_noise(randomness, latent_shape, self.timesteps, NoiseOptions.of(train))
         perturbation = draw_perturbation(randomness, latent_shape, train.input_perturbation)
         noised = add_noise(
-            base.noise_scheduler, latents, noise.to(latents.device), timesteps.to(latents.device),
-            None if perturbation is None else perturbation.to(latents.device),
+            base.noise_scheduler, latents, to_device(noise, latents.device), to_device(timesteps, latents.device),
+            None if perturbation is None else to_device(perturbation, latents.device),
         )  # fmt: skip
         prediction = self.predict(modules, noised.noisy_latents, noised.timesteps, encoder_hidden_states, batch)
         huber_c = train.huber_c if train.loss == "huber" else None

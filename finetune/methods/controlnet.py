@@ -37,6 +37,7 @@ from finetune.atomic_files import removed_if_unfinished, replace_folder, with_de
 from finetune.config import Recipe
 from finetune.controlnet_data import ControlNetDataset, checked_pairs, controlnet_collate, paired_views, validation_conditions_problem
 from finetune.data import open_rgb
+from finetune.device_copy import to_device
 from finetune.errors import FinetuneError
 from finetune.methods.base import DiffusionMethod
 from finetune.models import freeze, looks_like_hub_id
@@ -154,7 +155,7 @@ class ControlNetMethod(DiffusionMethod):
         return modules
 
     def predict(self, modules, noisy_latents, timesteps, encoder_hidden_states, batch) -> torch.Tensor:
-        conditioning = batch["conditioning_pixel_values"].to(noisy_latents.device)
+        conditioning = to_device(batch["conditioning_pixel_values"], noisy_latents.device)
         down, mid = modules["controlnet"](
             noisy_latents,
             timesteps,
