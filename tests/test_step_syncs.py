@@ -117,3 +117,29 @@ def test_copies_to_the_device_in_a_step_are_queued_without_waiting(make_recipe, 
     monkeypatch.setattr(torch.Tensor, "to", to)
     train(make_recipe(train__max_steps=4, **settings), on_step=lambda s: step.__setitem__(0, s if s < 4 else 0))
     assert blocking == [], "blocking copies to the device in a step:\n" + "\n".join(sorted(set(blocking)))
+
+
+def test_the_benchmark_waits_for_the_gpu_at_the_ends_of_its_window_only(make_recipe, monkeypatch):
+    """A torch.cuda.synchronize() at every step (as the benchmark's step hook did) is itself a host sync per step:
+    it measured a loop whose CPU could never queue a step while the GPU ran the last. Here on a pretend GPU."""
+    from types import SimpleNamespace
+
+    import finetune.trainer
+    from finetune.bench.measure import measure
+
+    synchronized_at, current = [], [0]
+    for name, fake in {"is_available": lambda: True, "synchronize": lambda: synchronized_at.append(current[0]), "memory_allocated": lambda: 0,
+                       "reset_peak_memory_stats": lambda: None, "max_memory_allocated": lambda: 0, "get_device_name": lambda: "pretend GPU"}.items():  # fmt: skip
+        monkeypatch.setattr(torch.cuda, name, fake)
+
+    def fake_train(recipe, on_step, overwrite):
+        for step in range(1, 9):
+            current[0] = step
+            on_step(step)
+        return SimpleNamespace(losses=[1.0] * 8)
+
+    monkeypatch.setattr(finetune.trainer, "train", fake_train)
+    recipe = make_recipe().model_dump(mode="json")
+    row = measure({"name": "lora", "recipe": recipe, "warmup": 2, "steps": 5, "count_flops": False, "images_per_step": 2})
+    assert synchronized_at == [2, 7]  # the window: after step 2, after step 7
+    assert len(row["step_seconds"]) == 5

@@ -9,6 +9,7 @@ to count the FLOPs of one training step (forward, backward; the optimizer's elem
 counted). Model loading, data checks and the final save are outside the timed window.
 
 - seconds per step: wall time of the measured steps / steps (data loading included, it is in the loop);
+  on CUDA the GPU is waited for at the window's two ends only, not at each step (as the loop itself does not);
   with `--repeat N` each variant runs N times, each in a fresh process, and the median run is kept;
 - CPU seconds per step: CPU time of all the process's threads over the same steps. On a shared CPU it
   tells waiting from working: with one thread it stays close to an idle machine's wall time;

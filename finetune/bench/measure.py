@@ -38,7 +38,10 @@ def measure(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
 
     def on_step(step: int) -> None:
-        if cuda:
+        # The GPU's work is waited for at the timed window's two ends only: a wait at every step is a host sync
+        # per step, which the training loop avoids so that the CPU queues a step's kernels while the GPU runs the
+        # last ones; waiting each step here measured a loop that could never overlap them.
+        if cuda and step in (warmup, warmup + steps):
             torch.cuda.synchronize()
         now = time.perf_counter()
         if warmup <= step <= warmup + steps:
@@ -61,7 +64,8 @@ def measure(spec: dict) -> dict:
     row = {
         "method": recipe.method,
         "sec_per_step": sec_per_step,
-        # Each measured step's seconds: a spike is another process taking the CPU (compare the median).
+        # Each measured step's seconds: a spike is another process taking the CPU (compare the median). On CUDA,
+        # between the window's ends, when the host finished queueing each step (the GPU may still be on it).
         "step_seconds": step_seconds,
         "sec_per_step_median": statistics.median(step_seconds),
         "images_per_step": spec["images_per_step"],
