@@ -45,8 +45,10 @@ class WeightAverage:
     @torch.no_grad()
     def update(self) -> None:
         weight = 1.0 - self.current_decay()
-        for name, parameter in self.parameters.items():
-            self.averages[name].lerp_(parameter.detach().float(), weight)
+        # One foreach call, a few fused kernels on a GPU, where a lerp_ per parameter launched hundreds each step
+        # (a UNet's, a LoRA's): the same lerp, elementwise.
+        averages = [self.averages[name] for name in self.parameters]
+        torch._foreach_lerp_(averages, [parameter.detach().float() for parameter in self.parameters.values()], weight)
         self.updates += 1
 
     @contextlib.contextmanager
