@@ -71,7 +71,10 @@ def merge_lora(
     if lora.metadata.get("finetune.zero_terminal_snr") == "true":  # and on the schedule it was trained on
         model.noise_scheduler = zero_terminal_snr_schedule(model.noise_scheduler)
     # What the demo's adapter table shows for this pipeline, and the clip skip sample and the demo use with it.
+    # The prediction type too, as training records it for its pipelines: export-checkpoint's file carries only
+    # this record of it, and loaded with the base's configs (--base-config) it would otherwise sample as the base's.
     recorded = {"finetune.method": f"lora merged at {strength:g}", "finetune.base_model": base, "finetune.steps": lora.metadata.get("finetune.steps", "?"),
+                "finetune.prediction_type": model.noise_scheduler.config.prediction_type,
                 **{key: lora.metadata[key] for key in ("finetune.clip_skip", "finetune.zero_terminal_snr", "finetune.max_token_length") if key in lora.metadata}}  # fmt: skip
     output_dir = save_pipeline(model, Path(output_dir), dtype=PRECISIONS[precision], metadata=recorded)
     _write_card(output_dir, base, lora_file, lora, strength)

@@ -272,7 +272,8 @@ def test_merge_replaces_an_existing_folder_only_when_asked_and_never_its_source(
 
     [merged] = [a for a in scan_adapters(tmp_path).values() if a.path == mine]
     assert merged.kind == "pipeline" and merged.metadata == {
-        "finetune.method": "lora merged at 1", "finetune.base_model": str(tiny_model), "finetune.steps": "150", "finetune.clip_skip": "1"}
+        "finetune.method": "lora merged at 1", "finetune.base_model": str(tiny_model), "finetune.steps": "150", "finetune.clip_skip": "1",
+        "finetune.prediction_type": "epsilon"}
 
     assert main([*merge, str(trained.path / LORA_WEIGHTS_NAME)]) == 2
     assert f"merge output {trained.path / LORA_WEIGHTS_NAME} is a file: give a folder for the pipeline" in capsys.readouterr().err

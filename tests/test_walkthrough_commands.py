@@ -17,3 +17,40 @@ def test_a_lora_scale_without_a_lora_is_refused_before_sampling(tmp_path, monkey
     assert main(argv) == 2
     assert "--lora-scale is the LoRA's strength: pass --lora too, or leave it out" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_merged_v_prediction_lora_exported_as_one_file_samples_as_its_folder_does(tmp_path, capsys):
+    """merge wrote the v-prediction LoRA's target into the merged pipeline's scheduler but not into its record, which
+    is all export-checkpoint's file keeps of it: sampled from that file with the base's configs (--base-config, as for
+    any single file), it predicted noise where the UNet predicts v, and drew noise."""
+    import copy
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    from test_single_file import sd15_shaped_pipeline
+
+    from finetune.config import LoRAConfig
+    from finetune.methods.lora import add_lora, save_lora
+
+    pipeline = sd15_shaped_pipeline(tmp_path)
+    configs = tmp_path / "base"
+    pipeline.save_pretrained(configs)
+    unet = copy.deepcopy(pipeline.unet)
+    add_lora(unet, ["to_q", "to_k", "to_v", "to_out.0"], torch.float32, LoRAConfig(rank=4, alpha=4.0))
+    for name, parameter in unet.named_parameters():
+        if "lora_B" in name:  # trained weights, as training leaves them
+            parameter.data = torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0)) * 0.1
+    lora = save_lora({"unet": unet}, tmp_path / "lora.safetensors", {"finetune.prediction_type": "v_prediction"})
+    merged, single_file = tmp_path / "merged", tmp_path / "merged.safetensors"
+    assert main(["merge", "--base", str(configs), "--lora", str(lora), str(merged)]) == 0
+    assert main(["export-checkpoint", str(merged), str(single_file)]) == 0
+
+    def sample(*base):
+        out = tmp_path / f"samples-{len(list(tmp_path.glob('samples-*')))}"
+        argv = ["sample", *base, "--prompt", "a red circle", "--num-images", "1", "--steps", "2", "--out", str(out)]
+        assert main(argv) == 0, capsys.readouterr().err
+        return np.asarray(Image.open(out / "prompt0_seed0.png")).astype(int)
+
+    from_folder = sample("--base", str(merged))
+    assert np.array_equal(sample("--base", str(single_file), "--base-config", str(configs)), from_folder)
