@@ -137,6 +137,10 @@ def run_eval_command(args) -> int:
 
     suites = default_suites(args.suite, args.controlnet)
     check_lora_scale_has_a_lora(args)
+    from finetune.prompt_options import PromptSettings, guidance_notes
+
+    for note in guidance_notes([PromptSettings("", None, args.seed, args.guidance, args.steps)]):
+        print(f"note: {note}")
     base = base_or_recorded(args)
     recorded = adapter_base(args.lora, args.controlnet) if args.base else base  # without --base, it is the recorded one
     prompt_parts = subject_prompt_parts(suites, args.identifier, args.class_word, args.subject)

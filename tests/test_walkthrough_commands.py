@@ -54,3 +54,38 @@ def test_a_merged_v_prediction_lora_exported_as_one_file_samples_as_its_folder_d
 
     from_folder = sample("--base", str(merged))
     assert np.array_equal(sample("--base", str(single_file), "--base-config", str(configs)), from_folder)
+
+
+@pytest.mark.parametrize("options, said", [
+    (["--negative-prompt", "blurry", "--guidance", "1"], "negative prompts act through classifier-free guidance, which is off at guidance 1 (1 or below)"),
+    (["--guidance", "0.5"], "guidance 0.5 samples as guidance 1 does (classifier-free guidance runs only above 1)"),
+    (["--guidance", "7", "--prompt", "a star --n blurry --l 0.5"], "which is off at guidance 0.5 (1 or below)"),
+])  # fmt: skip
+def test_guidance_that_leaves_an_option_unused_says_so(options, said, tmp_path, monkeypatch, capsys):
+    """At guidance 1 or below diffusers runs no classifier-free guidance: a negative prompt changed nothing, and guidance
+    0.5 drew what guidance 1 draws (as 0 does), with no word of either."""
+    from finetune import inference
+
+    monkeypatch.setattr(inference, "load_sampling_pipeline", refuse_to_sample)
+    argv = ["sample", "--base", "finetune/assets/toyworld-base", "--prompt", "a star", *options, "--out", str(tmp_path / "out")]
+    with pytest.raises(AssertionError, match="sampled"):  # the notes come before the model loads
+        main(argv)
+    out = capsys.readouterr().out
+    assert out.startswith("note: ") and said in out
+
+
+@pytest.mark.parametrize("options", [["--guidance", "0"], ["--guidance", "1"], ["--guidance", "1.5", "--negative-prompt", "blurry"]])
+def test_guidance_that_uses_every_option_given_says_nothing_of_it(options, tmp_path, monkeypatch, capsys):
+    from finetune import inference
+
+    monkeypatch.setattr(inference, "load_sampling_pipeline", refuse_to_sample)
+    with pytest.raises(AssertionError, match="sampled"):
+        main(["sample", "--base", "finetune/assets/toyworld-base", "--prompt", "a star", *options, "--out", str(tmp_path / "out")])
+    assert "guidance" not in capsys.readouterr().out
+
+
+def test_eval_says_a_guidance_below_1_samples_as_1(monkeypatch, capsys):
+    monkeypatch.setattr("finetune.eval_command.run_eval", refuse_to_sample)
+    with pytest.raises(AssertionError, match="sampled"):
+        main(["eval", "--base", "finetune/assets/toyworld-base", "--guidance", "0.5"])
+    assert "note: guidance 0.5 samples as guidance 1 does" in capsys.readouterr().out
