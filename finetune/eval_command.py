@@ -23,6 +23,9 @@ fid: lower is better, comparable only between runs scoring the same number of im
 control_iou, placement_iou: higher is better, compare with their chance levels and with the run without --controlnet."""
 
 
+# The options that write the subject and class prompts: (default, the suites that read them).
+SUBJECT_OPTIONS = {"identifier": ("sks", ("subject",)), "class_word": ("shape", ("subject", "drift")), "subject": ("star", ("subject", "drift"))}
+
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``eval`` on the ``finetune`` subcommand parsers (``parser.add_subparsers()``)."""
@@ -48,9 +51,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=sampling_steps, default=25, help="DDIM steps (default 25)")
     p.add_argument("--guidance", type=finite_float, default=5.0, help="classifier-free guidance scale (default 5.0)")
     p.add_argument("--seed", type=seed_number, default=0, help="noise seed; the prompts are fixed (default 0)")
-    p.add_argument("--identifier", default="sks", help="DreamBooth identifier in subject prompts (default sks)")
-    p.add_argument("--subject", default="star", choices=list(SHAPES), help="shape the subject should look like (default star)")
-    p.add_argument("--class-word", default="shape", help="class word of subject/class prompts, 'a sks <class word>' (default shape)")
+    p.add_argument("--identifier", default=SUBJECT_OPTIONS["identifier"][0], help="DreamBooth identifier in subject prompts (default sks)")
+    p.add_argument("--subject", default=SUBJECT_OPTIONS["subject"][0], choices=list(SHAPES), help="shape the subject should look like (default star)")
+    p.add_argument("--class-word", default=SUBJECT_OPTIONS["class_word"][0], help="class word of subject/class prompts, 'a sks <class word>' (default shape)")
     p.add_argument("--out", help="JSON report file (default: eval-<suites>.json in the LoRA's or ControlNet's run folder, in a full "
                    "run's folder for its pipeline, else in outputs/eval/<name of the ControlNet folder or base>/)")
     return p
@@ -130,6 +133,16 @@ def check_report_path(out: Path) -> None:
         raise FinetuneError(f"--out {out}: {existing} is a file, not a folder")
 
 
+def check_subject_options_are_read(args, suites) -> None:
+    """--identifier, --class-word and --subject given to suites that do not read them: refused before the images are made
+    (`eval --lora dreambooth --identifier zwx` scored adherence and fid, no prompt with zwx, and said nothing)."""
+    for name, (default, readers) in SUBJECT_OPTIONS.items():
+        if getattr(args, name) != default and not set(readers) & set(suites):
+            wanted = " and ".join(f"--suite {suite}" for suite in readers)
+            which = f"the {' and '.join(readers)} suite{'s' if len(readers) > 1 else ''}"
+            raise FinetuneError(f"--{name.replace('_', '-')} writes the prompts of {which}, which this eval does not run: add {wanted}, or leave it out")
+
+
 def run_eval_command(args) -> int:
     """``finetune eval``: run, print the table, write the report."""
     from finetune.cli import base_or_recorded, check_lora_scale_has_a_lora
@@ -137,6 +150,7 @@ def run_eval_command(args) -> int:
 
     suites = default_suites(args.suite, args.controlnet)
     check_lora_scale_has_a_lora(args)
+    check_subject_options_are_read(args, suites)
     from finetune.prompt_options import PromptSettings, guidance_notes
 
     for note in guidance_notes([PromptSettings("", None, args.seed, args.guidance, args.steps)]):

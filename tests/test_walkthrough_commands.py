@@ -89,3 +89,23 @@ def test_eval_says_a_guidance_below_1_samples_as_1(monkeypatch, capsys):
     with pytest.raises(AssertionError, match="sampled"):
         main(["eval", "--base", "finetune/assets/toyworld-base", "--guidance", "0.5"])
     assert "note: guidance 0.5 samples as guidance 1 does" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("options, said", [
+    (["--identifier", "zwx"], "--identifier writes the prompts of the subject suite, which this eval does not run: add --suite subject, or leave it out"),
+    (["--class-word", "dog", "--suite", "style"], "--class-word writes the prompts of the subject and drift suites"),
+    (["--subject", "circle"], "add --suite subject and --suite drift, or leave it out"),
+    (["--identifier", "zwx", "--suite", "drift"], "--identifier writes the prompts of the subject suite"),
+])  # fmt: skip
+def test_eval_refuses_subject_options_no_suite_it_runs_reads(options, said, monkeypatch, capsys):
+    """eval --lora dreambooth --identifier zwx scored the default suites (adherence and fid), whose prompts have no
+    identifier, and said nothing: the DreamBooth subject looked scored."""
+    monkeypatch.setattr("finetune.eval_command.run_eval", refuse_to_sample)
+    assert main(["eval", "--base", "finetune/assets/toyworld-base", *options]) == 2
+    assert said in capsys.readouterr().err
+
+
+def test_eval_takes_subject_options_with_a_suite_that_reads_them(monkeypatch):
+    monkeypatch.setattr("finetune.eval_command.run_eval", refuse_to_sample)
+    with pytest.raises(AssertionError, match="sampled"):
+        main(["eval", "--base", "finetune/assets/toyworld-base", "--suite", "drift", "--class-word", "dog", "--subject", "circle"])
