@@ -128,6 +128,8 @@ def check_report_path(out: Path) -> None:
     """Before the images are made: the report is written as a file, its grids beside it."""
     if out.is_dir():
         raise FinetuneError(f"--out {out} is a folder: give the report's file name, e.g. {out / 'eval.json'}")
+    if out.suffix.lower() != ".json":  # it is written whole as JSON: over a LoRA, an image or a recipe too
+        raise FinetuneError(f"--out {out} is not a .json file name: give the report's, e.g. {out.with_suffix('.json')} (its grids go beside it)")
     existing = next(folder for folder in out.parents if folder.exists())  # the root, at least, exists
     if not existing.is_dir():
         raise FinetuneError(f"--out {out}: {existing} is a file, not a folder")

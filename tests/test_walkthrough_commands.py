@@ -109,3 +109,14 @@ def test_eval_takes_subject_options_with_a_suite_that_reads_them(monkeypatch):
     monkeypatch.setattr("finetune.eval_command.run_eval", refuse_to_sample)
     with pytest.raises(AssertionError, match="sampled"):
         main(["eval", "--base", "finetune/assets/toyworld-base", "--suite", "drift", "--class-word", "dog", "--subject", "circle"])
+
+
+def test_eval_writes_its_report_only_to_a_json_file_name(tmp_path, monkeypatch, capsys):
+    """eval --out LORA.safetensors (or a grid, or the run's recipe.yaml) wrote the JSON report over that file after
+    making every image: the LoRA was gone."""
+    monkeypatch.setattr("finetune.eval_command.run_eval", refuse_to_sample)
+    lora = tmp_path / "pytorch_lora_weights.safetensors"
+    lora.write_bytes(b"weights")
+    assert main(["eval", "--base", "finetune/assets/toyworld-base", "--out", str(lora)]) == 2
+    assert f"--out {lora} is not a .json file name: give the report's, e.g. {tmp_path / 'pytorch_lora_weights.json'}" in capsys.readouterr().err
+    assert lora.read_bytes() == b"weights"
