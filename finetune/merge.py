@@ -61,24 +61,42 @@ def merge_lora(
     lora_file = resolve_lora_file(lora_path)
     check_output_folder(Path(output_dir), lora_file, overwrite)
     lora = load_lora(lora_file)
+    trained_as = how_trained(base, lora_file, lora)  # conflicting records stop here, before the model loads
     model = load_base_model(ModelConfig.from_option(base, base_config))
     try:
         merge_into({"unet": model.unet, "text_encoder": model.text_encoder}, lora, strength)
     except FinetuneError as err:  # name the LoRA, as sample and eval do: the layer alone does not say which file
         raise FinetuneError(f"LoRA {lora_file} does not fit this base model: {err}") from None
-    if lora.metadata.get("finetune.prediction_type"):  # the merged UNet predicts what the LoRA was trained for
-        model.noise_scheduler.register_to_config(prediction_type=lora.metadata["finetune.prediction_type"])
-    if lora.metadata.get("finetune.zero_terminal_snr") == "true":  # and on the schedule it was trained on
-        model.noise_scheduler = zero_terminal_snr_schedule(model.noise_scheduler)
+    if trained_as["finetune.prediction_type"]:  # the merged UNet predicts what the LoRA (or the base's record) says
+        model.noise_scheduler.register_to_config(prediction_type=trained_as["finetune.prediction_type"])
+    if trained_as.get("finetune.zero_terminal_snr") and not model.noise_scheduler.config.get("rescale_betas_zero_snr"):
+        model.noise_scheduler = zero_terminal_snr_schedule(model.noise_scheduler)  # and on the schedule it was trained on
     # What the demo's adapter table shows for this pipeline, and the clip skip sample and the demo use with it.
     # The prediction type too, as training records it for its pipelines: export-checkpoint's file carries only
     # this record of it, and loaded with the base's configs (--base-config) it would otherwise sample as the base's.
     recorded = {"finetune.method": f"lora merged at {strength:g}", "finetune.base_model": base, "finetune.steps": lora.metadata.get("finetune.steps", "?"),
-                "finetune.prediction_type": model.noise_scheduler.config.prediction_type,
-                **{key: lora.metadata[key] for key in ("finetune.clip_skip", "finetune.zero_terminal_snr", "finetune.max_token_length") if key in lora.metadata}}  # fmt: skip
+                **trained_as, "finetune.prediction_type": model.noise_scheduler.config.prediction_type}  # fmt: skip
     output_dir = save_pipeline(model, Path(output_dir), dtype=PRECISIONS[precision], metadata=recorded)
     _write_card(output_dir, base, lora_file, lora, strength)
     return output_dir
+
+
+def how_trained(base: str, lora_file: Path, lora: LoRA) -> dict[str, str]:
+    """The clip skip, prediction type, zero-terminal-SNR schedule and token length that the LoRA and the base's own record
+    (a merged or fine-tuned pipeline's, or export-checkpoint's file header) agree on, as sample combines them: merging
+    into an earlier merge keeps what the first LoRA needs (merging LoRAs one by one, a second LoRA that records no clip
+    skip dropped the first one's 2), and records that disagree are refused, as sample refuses them together."""
+    from finetune.inference import base_model_metadata
+    from finetune.sampling import adapters_clip_skip, adapters_prediction_type, adapters_zero_terminal_snr
+
+    adapters = {name: record for name, record in ((base, base_model_metadata(base)), (str(lora_file), lora.metadata)) if record}
+    trained_as = {"finetune.clip_skip": str(adapters_clip_skip(adapters)), "finetune.prediction_type": adapters_prediction_type(adapters)}
+    if adapters_zero_terminal_snr(adapters):
+        trained_as["finetune.zero_terminal_snr"] = "true"
+    lengths = [record["finetune.max_token_length"] for record in adapters.values() if "finetune.max_token_length" in record]
+    if lengths:  # the LoRA's own, else the first LoRA's
+        trained_as["finetune.max_token_length"] = lengths[-1]
+    return trained_as
 
 
 def check_output_folder(output_dir: Path, lora_file: Path, overwrite: bool) -> None:

@@ -6,6 +6,20 @@ import pytest
 from finetune.cli import main
 
 
+def trained_lora(unet, path, metadata: dict[str, str]):
+    """A LoRA file on `unet`'s attention with non-zero up weights (as training leaves them) and the given record."""
+    import torch
+
+    from finetune.config import LoRAConfig
+    from finetune.methods.lora import add_lora, save_lora
+
+    add_lora(unet, ["to_q", "to_k", "to_v", "to_out.0"], torch.float32, LoRAConfig(rank=4, alpha=4.0))
+    for name, parameter in unet.named_parameters():
+        if "lora_B" in name:
+            parameter.data = torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0)) * 0.1
+    return save_lora({"unet": unet}, path, metadata)
+
+
 def refuse_to_sample(*args, **kwargs):
     raise AssertionError("sampled: the options should have been refused before any model loads")
 
@@ -26,22 +40,13 @@ def test_a_merged_v_prediction_lora_exported_as_one_file_samples_as_its_folder_d
     import copy
 
     import numpy as np
-    import torch
     from PIL import Image
     from test_single_file import sd15_shaped_pipeline
-
-    from finetune.config import LoRAConfig
-    from finetune.methods.lora import add_lora, save_lora
 
     pipeline = sd15_shaped_pipeline(tmp_path)
     configs = tmp_path / "base"
     pipeline.save_pretrained(configs)
-    unet = copy.deepcopy(pipeline.unet)
-    add_lora(unet, ["to_q", "to_k", "to_v", "to_out.0"], torch.float32, LoRAConfig(rank=4, alpha=4.0))
-    for name, parameter in unet.named_parameters():
-        if "lora_B" in name:  # trained weights, as training leaves them
-            parameter.data = torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0)) * 0.1
-    lora = save_lora({"unet": unet}, tmp_path / "lora.safetensors", {"finetune.prediction_type": "v_prediction"})
+    lora = trained_lora(copy.deepcopy(pipeline.unet), tmp_path / "lora.safetensors", {"finetune.prediction_type": "v_prediction"})
     merged, single_file = tmp_path / "merged", tmp_path / "merged.safetensors"
     assert main(["merge", "--base", str(configs), "--lora", str(lora), str(merged)]) == 0
     assert main(["export-checkpoint", str(merged), str(single_file)]) == 0
@@ -120,3 +125,27 @@ def test_eval_writes_its_report_only_to_a_json_file_name(tmp_path, monkeypatch, 
     assert main(["eval", "--base", "finetune/assets/toyworld-base", "--out", str(lora)]) == 2
     assert f"--out {lora} is not a .json file name: give the report's, e.g. {tmp_path / 'pytorch_lora_weights.json'}" in capsys.readouterr().err
     assert lora.read_bytes() == b"weights"
+
+
+def test_merging_loras_one_by_one_keeps_what_the_first_was_trained_with_and_refuses_what_disagrees(tiny_model, tmp_path, monkeypatch, capsys):
+    """Merging a second LoRA into a first one's merge (as --lora given twice tells) recorded only the second's clip skip:
+    one that records none (a file from elsewhere) left the pipeline sampled at clip skip 1 where the first LoRA needs 2,
+    and one trained at 1 was merged in silently, a combination sample refuses."""
+    from diffusers import UNet2DConditionModel
+
+    from finetune.evaluate import sampled_as
+    from finetune.inference import load_sampling_pipeline
+
+    def lora(name, metadata):
+        return str(trained_lora(UNet2DConditionModel.from_pretrained(tiny_model / "unet"), tmp_path / name, metadata))
+
+    first, elsewhere, at_one = lora("a.safetensors", {"finetune.clip_skip": "2"}), lora("b.safetensors", {}), lora("c.safetensors", {"finetune.clip_skip": "1"})
+    assert main(["merge", "--base", str(tiny_model), "--lora", first, str(tmp_path / "a")]) == 0
+    assert main(["merge", "--base", str(tmp_path / "a"), "--lora", elsewhere, str(tmp_path / "ab")]) == 0
+    assert sampled_as(load_sampling_pipeline(str(tmp_path / "ab")))["clip_skip"] == 2
+
+    monkeypatch.setattr("finetune.merge.load_base_model", refuse_to_sample)
+    capsys.readouterr()
+    assert main(["merge", "--base", str(tmp_path / "a"), "--lora", at_one, str(tmp_path / "ac")]) == 2
+    assert "adapters trained with different clip_skip cannot be combined" in capsys.readouterr().err
+    assert not (tmp_path / "ac").exists()
