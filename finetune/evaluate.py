@@ -222,6 +222,8 @@ def run_eval(
         # Which training of the adapter was scored: a report left in a run folder that trained on afterwards
         # (--resume, --overwrite) read as the score of the newer weights beside it.
         adapter_steps=adapter_base(lora, controlnet, "finetune.steps"),
+        # With both, adapter_steps is the LoRA's: the ControlNet's own, or reports of its checkpoints all read alike.
+        **({"controlnet_steps": adapter_base(None, controlnet, "finetune.steps")} if lora and controlnet else {}),
     )  # fmt: skip
     if out:
         write_report(result, out)
@@ -289,7 +291,10 @@ def print_table(result: dict) -> None:
 
     settings = result.get("settings", {})
     title = f"eval of {settings.get('base')}" + "".join(f" + {settings[k]}" for k in ("lora", "controlnet") if settings.get(k))
-    title += f" (trained {counted(settings['adapter_steps'], 'step')})" if settings.get("adapter_steps") else ""
+    if settings.get("controlnet_steps"):
+        title += f" (LoRA trained {settings.get('adapter_steps') or '?'} steps, ControlNet {settings['controlnet_steps']})"
+    elif settings.get("adapter_steps"):
+        title += f" (trained {counted(settings['adapter_steps'], 'step')})"
     table = Table("metric", "value", "n")
     for metric, value in result["metrics"].items():
         table.add_row(metric, f"{value:.3f}" if metric != "fid" else f"{value:.2f}", str(result["n"][metric]))

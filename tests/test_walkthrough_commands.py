@@ -149,3 +149,21 @@ def test_merging_loras_one_by_one_keeps_what_the_first_was_trained_with_and_refu
     assert main(["merge", "--base", str(tmp_path / "a"), "--lora", at_one, str(tmp_path / "ac")]) == 2
     assert "adapters trained with different clip_skip cannot be combined" in capsys.readouterr().err
     assert not (tmp_path / "ac").exists()
+
+
+def test_an_eval_of_a_lora_with_a_controlnet_records_the_steps_of_both(tmp_path, capsys):
+    """With --lora and --controlnet the report and its title gave the LoRA's steps alone, as "trained 7 steps": reports of
+    one LoRA beside several ControlNet checkpoints could not be told apart."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+
+    base, controlnet = "finetune/assets/toyworld-base", "finetune/assets/toyworld-controlnet-mask"
+    lora = trained_lora(UNet2DConditionModel.from_pretrained(f"{base}/unet"), tmp_path / "lora.safetensors", {"finetune.steps": "7"})
+    out = tmp_path / "eval.json"
+    argv = ["eval", "--base", base, "--lora", str(lora), "--controlnet", controlnet, "--suite", "control", "--num-prompts", "2", "--steps", "1", "--out", str(out)]
+    assert main(argv) == 0
+    settings = json.loads(out.read_text())["settings"]
+    controlnet_steps = json.loads(open(f"{controlnet}/finetune_metadata.json").read())["finetune.steps"]
+    assert (settings["adapter_steps"], settings["controlnet_steps"]) == ("7", controlnet_steps)
+    assert f"(LoRA trained 7 steps, ControlNet {controlnet_steps})" in capsys.readouterr().out
