@@ -24,7 +24,7 @@ from finetune.controlnet_data import read_conditioning, small_conditioning_probl
 from finetune.encoders import skip_last_layers
 from finetune.errors import FinetuneError
 from finetune.kohya import LoRA, load_lora, to_diffusers
-from finetune.merge import check_lora_fits
+from finetune.merge import check_lora_fits, merged_already_note
 from finetune.methods.controlnet import CONTROLNET_DIR, UNET_DIR, refuse_a_controlnet_file, require_controlnet_config, weights_variant
 from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.models import BaseModel, load_base_model, looks_like_hub_id
@@ -288,6 +288,8 @@ def load_sampling_pipeline(
             refuse_replacing_a_fine_tuned_unet(controlnet, base)
     if lora:
         adapters[lora] = lora_weights.metadata
+        if note := merged_already_note(base_metadata, lora_weights, f"--base {base}", lora_scale):
+            print(f"note: {note}")
     clip_skip = adapters_clip_skip(adapters)
     base_model = load_base_model(ModelConfig.from_option(base, base_config))
     if controlnet is None:

@@ -8,6 +8,9 @@ and is written as a complete diffusers pipeline.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -56,12 +59,15 @@ def merge_lora(
     """Load `base` (described by `base_config` when it is a single file), fold in the LoRA at `strength`,
     save a full pipeline in `precision` (fp16 halves it, as most shared checkpoints are) with a short model
     card. An existing folder is replaced only with `overwrite`."""
-    from finetune.inference import resolve_lora_file
+    from finetune.inference import base_model_metadata, resolve_lora_file
 
     lora_file = resolve_lora_file(lora_path)
     check_output_folder(Path(output_dir), lora_file, overwrite)
     lora = load_lora(lora_file)
-    trained_as = how_trained(base, lora_file, lora)  # conflicting records stop here, before the model loads
+    base_record = base_model_metadata(base)  # a merged or fine-tuned pipeline's, or export-checkpoint file's
+    trained_as = how_trained(base, base_record, lora_file, lora)  # conflicting records stop here, before the model loads
+    if note := merged_already_note(base_record, lora, f"merge --base {base}", strength):
+        print(f"note: {note}")
     model = load_base_model(ModelConfig.from_option(base, base_config))
     try:
         merge_into({"unet": model.unet, "text_encoder": model.text_encoder}, lora, strength)
@@ -71,25 +77,32 @@ def merge_lora(
         model.noise_scheduler.register_to_config(prediction_type=trained_as["finetune.prediction_type"])
     if trained_as.get("finetune.zero_terminal_snr") and not model.noise_scheduler.config.get("rescale_betas_zero_snr"):
         model.noise_scheduler = zero_terminal_snr_schedule(model.noise_scheduler)  # and on the schedule it was trained on
-    # What the demo's adapter table shows for this pipeline, and the clip skip sample and the demo use with it.
-    # The prediction type too, as training records it for its pipelines: export-checkpoint's file carries only
-    # this record of it, and loaded with the base's configs (--base-config) it would otherwise sample as the base's.
-    recorded = {"finetune.method": f"lora merged at {strength:g}", "finetune.base_model": base, "finetune.steps": lora.metadata.get("finetune.steps", "?"),
-                **trained_as, "finetune.prediction_type": model.noise_scheduler.config.prediction_type}  # fmt: skip
+    trained_as["finetune.prediction_type"] = model.noise_scheduler.config.prediction_type
+    recorded = merged_record(base, base_record, lora_path, lora, strength, trained_as)
     output_dir = save_pipeline(model, Path(output_dir), dtype=PRECISIONS[precision], metadata=recorded)
     _write_card(output_dir, base, lora_file, lora, strength)
     return output_dir
 
 
-def how_trained(base: str, lora_file: Path, lora: LoRA) -> dict[str, str]:
+def merged_record(base: str, base_record: dict[str, str], lora_path: str, lora: LoRA, strength: float, trained_as: dict[str, str]) -> dict[str, str]:
+    """What the demo's adapter table shows for the merged pipeline, and the clip skip and schedule sample and the demo
+    use with it (`trained_as`). The prediction type too, as training records it for its pipelines: export-checkpoint's
+    file carries only this record of it, and loaded with the base's configs (--base-config) it would otherwise sample as
+    the base's. And the LoRAs merged into it, so the same LoRA given again (sample --lora) is known; each named as it was
+    given, as the base is (export-checkpoint's file carries the record: no absolute paths of this machine unasked)."""
+    merged = [*merged_loras(base_record), {"file": lora_path, "weights": weights_fingerprint(lora), "strength": strength}]
+    return {"finetune.method": f"lora merged at {strength:g}", "finetune.base_model": base, "finetune.steps": lora.metadata.get("finetune.steps", "?"),
+            **trained_as, MERGED_LORAS: json.dumps(merged)}  # fmt: skip
+
+
+def how_trained(base: str, base_record: dict[str, str], lora_file: Path, lora: LoRA) -> dict[str, str]:
     """The clip skip, prediction type, zero-terminal-SNR schedule and token length that the LoRA and the base's own record
     (a merged or fine-tuned pipeline's, or export-checkpoint's file header) agree on, as sample combines them: merging
     into an earlier merge keeps what the first LoRA needs (merging LoRAs one by one, a second LoRA that records no clip
     skip dropped the first one's 2), and records that disagree are refused, as sample refuses them together."""
-    from finetune.inference import base_model_metadata
     from finetune.sampling import adapters_clip_skip, adapters_prediction_type, adapters_zero_terminal_snr
 
-    adapters = {name: record for name, record in ((base, base_model_metadata(base)), (str(lora_file), lora.metadata)) if record}
+    adapters = {name: record for name, record in ((base, base_record), (str(lora_file), lora.metadata)) if record}
     trained_as = {"finetune.clip_skip": str(adapters_clip_skip(adapters)), "finetune.prediction_type": adapters_prediction_type(adapters)}
     if adapters_zero_terminal_snr(adapters):
         trained_as["finetune.zero_terminal_snr"] = "true"
@@ -97,6 +110,42 @@ def how_trained(base: str, lora_file: Path, lora: LoRA) -> dict[str, str]:
     if lengths:  # the LoRA's own, else the first LoRA's
         trained_as["finetune.max_token_length"] = lengths[-1]
     return trained_as
+
+
+# In a merged pipeline's record: the LoRAs merged into it, in order ({file, weights fingerprint, strength}, JSON).
+MERGED_LORAS = "finetune.merged_loras"
+
+
+def weights_fingerprint(lora: LoRA) -> str:
+    """A short digest of the LoRA's weights, the same for its copies in either layout and in fp16 or fp32 (the export's
+    choices), so a LoRA is known again whatever file it comes in."""
+    digest = hashlib.sha256()
+    for key in sorted(lora.layers):
+        digest.update(key.encode())
+        for field in dataclasses.fields(lora.layers[key]):  # down, up, alpha (other kinds of layer: their own tensors)
+            value = getattr(lora.layers[key], field.name)
+            digest.update(value.detach().to("cpu", torch.float16).numpy().tobytes() if isinstance(value, torch.Tensor) else repr(value).encode())
+    return digest.hexdigest()[:16]
+
+
+def merged_loras(record: dict[str, str]) -> list[dict]:
+    try:
+        merged = json.loads(record.get(MERGED_LORAS, "[]"))
+    except ValueError:
+        return []
+    return merged if isinstance(merged, list) else []
+
+
+def merged_already_note(base_record: dict[str, str], lora: LoRA, applying: str, strength: float) -> str | None:
+    """A note when the LoRA is already merged into the base (`applying`: how the user gave that base): applied again on
+    top, it acts at the two strengths added, which sampling the merged pipeline with its own LoRA usually is not meant to."""
+    merged = [entry for entry in merged_loras(base_record) if isinstance(entry, dict)]
+    fingerprint = weights_fingerprint(lora) if merged else None  # digested only for a base that records merges
+    earlier = [entry for entry in merged if entry.get("weights") == fingerprint]
+    if not earlier:
+        return None
+    return (f"{applying}: this LoRA is already merged into that base (from {earlier[0].get('file')} at strength {earlier[0].get('strength')}); "
+            f"it is added again on top at {strength:g}: leave --lora out to use the merged model as it is")
 
 
 def check_output_folder(output_dir: Path, lora_file: Path, overwrite: bool) -> None:

@@ -167,3 +167,29 @@ def test_an_eval_of_a_lora_with_a_controlnet_records_the_steps_of_both(tmp_path,
     controlnet_steps = json.loads(open(f"{controlnet}/finetune_metadata.json").read())["finetune.steps"]
     assert (settings["adapter_steps"], settings["controlnet_steps"]) == ("7", controlnet_steps)
     assert f"(LoRA trained 7 steps, ControlNet {controlnet_steps})" in capsys.readouterr().out
+
+
+def test_a_lora_given_again_with_its_own_merge_as_the_base_is_said_to_be_added_twice(tiny_model, tmp_path, capsys):
+    """sample --base MERGED --lora LORA (the habit of sampling a LoRA on its base) added the LoRA a second time on top
+    of its merge, at twice the strength, without a word; merging it into its own merge again likewise. Its kohya
+    export in fp16 is the same LoRA."""
+    from diffusers import UNet2DConditionModel
+
+    from finetune.kohya import export_lora
+
+    lora = trained_lora(UNet2DConditionModel.from_pretrained(tiny_model / "unet"), tmp_path / "lora.safetensors", {})
+    other = trained_lora(UNet2DConditionModel.from_pretrained(tiny_model / "unet"), tmp_path / "other.safetensors", {})
+    export_lora(lora, tmp_path / "webui" / "lora.safetensors", "kohya", precision="fp16")
+    merged = tmp_path / "merged"
+    assert main(["merge", "--base", str(tiny_model), "--lora", str(lora), "--strength", "0.8", str(merged)]) == 0
+    capsys.readouterr()
+    sample = ["sample", "--base", str(merged), "--prompt", "a star", "--num-images", "1", "--steps", "1"]
+    assert main([*sample, "--lora", str(tmp_path / "webui" / "lora.safetensors"), "--out", str(tmp_path / "s1")]) == 0
+    said = f"note: --base {merged}: this LoRA is already merged into that base (from {lora} at strength 0.8); it is added again on top at 1"
+    assert said in capsys.readouterr().out
+    assert main(["merge", "--base", str(merged), "--lora", str(lora), str(tmp_path / "twice")]) == 0
+    assert "this LoRA is already merged into that base" in capsys.readouterr().out
+    # Another LoRA (other weights) on the merge, or the LoRA on the plain base, is what it seems.
+    assert main([*sample, "--lora", str(other), "--out", str(tmp_path / "s2")]) == 0
+    assert main(["sample", *sample[1:2], str(tiny_model), *sample[3:], "--lora", str(lora), "--out", str(tmp_path / "s3")]) == 0
+    assert "already merged" not in capsys.readouterr().out
