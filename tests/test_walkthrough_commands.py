@@ -193,3 +193,14 @@ def test_a_lora_given_again_with_its_own_merge_as_the_base_is_said_to_be_added_t
     assert main([*sample, "--lora", str(other), "--out", str(tmp_path / "s2")]) == 0
     assert main(["sample", *sample[1:2], str(tiny_model), *sample[3:], "--lora", str(lora), "--out", str(tmp_path / "s3")]) == 0
     assert "already merged" not in capsys.readouterr().out
+
+
+def test_sample_help_says_every_options_default_and_what_the_negative_prompt_needs(capsys):
+    """sample --help gave no default for --num-images, --seed, --steps or --guidance, and --negative-prompt and --seed had no
+    help at all (eval's help gave every default)."""
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help: compare it as one line
+    for said in ("(default 4;", "seed of each prompt's first image (default 0)", "DDIM steps (default 25)", "(default 7.5; 1 or below: none)",
+                 "acts only at --guidance above 1"):  # fmt: skip
+        assert said in text
