@@ -189,7 +189,7 @@ def run_eval(
     "conditions": {prompt set: conditioning image per prompt}}``; with ``out`` also writes it
     (images as grids) via :func:`write_report`.
     """
-    from finetune.inference import adapter_base, load_sampling_pipeline, resolve_controlnet_folder
+    from finetune.inference import adapter_base, base_model_metadata, load_sampling_pipeline, resolve_controlnet_folder
 
     if controlnet is None and conditioning_scale is not None:
         raise FinetuneError("--conditioning-scale steers a ControlNet: pass --controlnet PATH too, or leave it out")
@@ -224,6 +224,8 @@ def run_eval(
         adapter_steps=adapter_base(lora, controlnet, "finetune.steps"),
         # With both, adapter_steps is the LoRA's: the ControlNet's own, or reports of its checkpoints all read alike.
         **({"controlnet_steps": adapter_base(None, controlnet, "finetune.steps")} if lora and controlnet else {}),
+        # A full fine-tune's or a merge's pipeline scored as the base: its own steps, as a report beside it needs them too.
+        base_steps=base_model_metadata(base).get("finetune.steps"),
     )  # fmt: skip
     if out:
         write_report(result, out)
@@ -295,6 +297,8 @@ def print_table(result: dict) -> None:
         title += f" (LoRA trained {settings.get('adapter_steps') or '?'} steps, ControlNet {settings['controlnet_steps']})"
     elif settings.get("adapter_steps"):
         title += f" (trained {counted(settings['adapter_steps'], 'step')})"
+    elif settings.get("base_steps") and not (settings.get("lora") or settings.get("controlnet")):  # not taken for the adapter's
+        title += f" (trained {counted(settings['base_steps'], 'step')})"
     table = Table("metric", "value", "n")
     for metric, value in result["metrics"].items():
         table.add_row(metric, f"{value:.3f}" if metric != "fid" else f"{value:.2f}", str(result["n"][metric]))

@@ -204,3 +204,20 @@ def test_sample_help_says_every_options_default_and_what_the_negative_prompt_nee
     for said in ("(default 4;", "seed of each prompt's first image (default 0)", "DDIM steps (default 25)", "(default 7.5; 1 or below: none)",
                  "acts only at --guidance above 1"):  # fmt: skip
         assert said in text
+
+
+def test_an_eval_of_a_fine_tuned_pipeline_records_its_training_steps(tiny_model, tmp_path, capsys):
+    """A LoRA's report recorded the steps it scored; a full fine-tune's pipeline scored as --base (its report goes in
+    its run folder, where a resumed run trains on) recorded none."""
+    import json
+    import shutil
+
+    from finetune.pipeline_io import METADATA_FILE
+
+    pipeline = tmp_path / "run" / "pipeline"
+    shutil.copytree(tiny_model, pipeline)
+    (pipeline / METADATA_FILE).write_text(json.dumps({"finetune.method": "full", "finetune.steps": "12"}))
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--base", str(pipeline), "--suite", "adherence", "--num-prompts", "2", "--steps", "1", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["settings"]["base_steps"] == "12"
+    assert f"eval of {pipeline} (trained 12 steps)" in capsys.readouterr().out
