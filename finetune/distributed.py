@@ -39,6 +39,17 @@ def unwrap(accelerator: Accelerator, module: torch.nn.Module) -> torch.nn.Module
     return accelerator.unwrap_model(module, keep_torch_compile=False)
 
 
+def trained_parameters(modules: dict[str, torch.nn.Module], accelerator: Accelerator) -> dict[str, torch.nn.Parameter]:
+    """Every parameter that trains, by a stable name (module name, then its own): for the weight average and the
+    check of the weights before each save."""
+    return {
+        f"{name}.{parameter_name}": parameter
+        for name, module in modules.items()
+        for parameter_name, parameter in unwrap(accelerator, module).named_parameters()
+        if parameter.requires_grad
+    }
+
+
 def leave_process_group() -> None:
     """At the end of a program that trained: close the process group that `train` leaves open."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -25,10 +25,11 @@ from finetune.config import Recipe
 from finetune.batches import item_layout, make_batch_sampler
 from finetune.diffusion import BatchRandomness
 from finetune.device_copy import to_device
-from finetune.distributed import accelerator_options, agree_on_start, autocast, checkpoint_options, configure_deepspeed, full_parameters, launch_problem, release_gathered, unsharded_loading, unwrap, uses_deepspeed, zero_stage
+from finetune.distributed import accelerator_options, agree_on_start, autocast, checkpoint_options, configure_deepspeed, full_parameters, launch_problem, release_gathered, trained_parameters, unsharded_loading, unwrap, uses_deepspeed, zero_stage
 from finetune.ema import EMA_FILE, WeightAverage
 from finetune.caption_tokens import long_captions_line
 from finetune.errors import FinetuneError
+from finetune.finite_weights import ensure_finite_weights
 from finetune.held_out import TrainingSubset, held_out_loss, held_out_sources, split_held_out
 from finetune.methods import METHODS
 from finetune.models import load_base_model, resolve_model_folder
@@ -234,7 +235,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
 
     def save_outputs(folder: Path) -> list[Path]:
         """Collective: the method's outputs (from the weight average, if any) into `folder`, by the main process."""
-        accelerator.wait_for_everyone()
+        ensure_finite_weights(accelerator, trained_parameters(modules, accelerator).values(), step, checkpoints_dir)
         with full_parameters(accelerator, modules):
             # Saving may load frozen parts again at the source's precision: whole, as at the start.
             if not accelerator.is_main_process:
@@ -245,6 +246,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
                 return method.save(folder, unwrapped, output_metadata(recipe, step, method.base.noise_scheduler.config.prediction_type, **progress))
 
     def save_checkpoint() -> None:
+        ensure_finite_weights(accelerator, trained_parameters(modules, accelerator).values(), step, checkpoints_dir)
         def extra(folder: Path) -> None:
             if average is not None and accelerator.is_main_process:
                 average.save(folder / EMA_FILE)
@@ -351,16 +353,6 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     AcceleratorState._reset_state()
     GradientState._reset_state()
     return result
-
-
-def trained_parameters(modules: dict[str, torch.nn.Module], accelerator: Accelerator) -> dict[str, torch.nn.Parameter]:
-    """Every parameter that trains, by a stable name (module name, then its own), for the weight average."""
-    return {
-        f"{name}.{parameter_name}": parameter
-        for name, module in modules.items()
-        for parameter_name, parameter in unwrap(accelerator, module).named_parameters()
-        if parameter.requires_grad
-    }
 
 
 def run_validation(recipe, method, modules, accelerator, step: int) -> Path | None:
