@@ -247,6 +247,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
 
     def save_checkpoint() -> None:
         ensure_finite_weights(accelerator, trained_parameters(modules, accelerator).values(), step, checkpoints_dir)
+
         def extra(folder: Path) -> None:
             if average is not None and accelerator.is_main_process:
                 average.save(folder / EMA_FILE)
@@ -314,7 +315,8 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
                 logs["train/epoch"] = epochs
                 accelerator.log({"train/lr": lr, **logs}, step=step)
             # Drawn by update() at most 10 times a second, not at every step's postfix.
-            progress.set_postfix(**running.shown(), lr=f"{lr:.2e}", **({"epoch": f"{epochs:.2f}/{train_cfg.max_epochs}"} if train_cfg.max_epochs else {}), refresh=False)
+            shown_epochs = {"epoch": f"{epochs:.2f}/{train_cfg.max_epochs}"} if train_cfg.max_epochs else {}
+            progress.set_postfix(**running.shown(), lr=f"{lr:.2e}", **shown_epochs, refresh=False)
 
             if step < max_steps and stop.agreed(accelerator):  # at the last step: finished, the outputs are written below
                 save_checkpoint()
