@@ -7,11 +7,11 @@ from finetune.config import Recipe
 from finetune.errors import FinetuneError
 from finetune.recipe_loading import load_recipe, recipe_from_dict, section_type
 
-RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
+RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").rglob("*.yaml"))  # toyworld/ too
 MINIMAL = {"data": {"image_dir": "images"}}
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.parent.name + "/" + p.name)
 def test_every_shipped_recipe_validates(path):
     recipe = load_recipe(path)
     assert recipe.data.resolution % 8 == 0
@@ -46,7 +46,7 @@ REFUSED_BY_METHOD = {"controlnet.yaml": ("data.loss_mask", "data.folders.loss_ma
 
 @pytest.mark.parametrize("name", list(REFERENCE_RECIPES))
 def test_reference_recipes_name_every_key(name):
-    text = (RECIPES[0].parent / name).read_text()
+    text = (Path(__file__).parent.parent / "recipes" / name).read_text()
     missing = []
     for section in REFERENCE_RECIPES[name]:
         for key in schema_keys(section_type(Recipe.model_fields[section].annotation), f"{section}."):
