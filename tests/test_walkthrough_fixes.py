@@ -55,6 +55,9 @@ def test_controlnet_folders_take_diffusers_conditioning_image_key_and_a_metadata
     (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": row["file_name"], "hint": "x.png", "text": "t"}) + "\n" for row in rows))
     with pytest.raises(FinetuneError, match=r"names no conditioning images: its rows have 'file_name', 'hint', 'text'; add conditioning_file_name"):
         read_pairs(recipe)
+    # recipes/controlnet.yaml called controlnet.conditioning_column "datasets only": a folder's rows are read by it too.
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": row["file_name"], "hint": row["conditioning_file_name"], "text": "t"}) + "\n" for row in rows))
+    assert len(read_pairs(make_recipe(method="controlnet", data__image_dir=str(folder), controlnet__conditioning_column="hint"))[0]) == len(rows)
 
 
 def test_make_conditions_keeps_an_earlier_runs_conditioning_images_unless_told(tmp_path, capsys):
