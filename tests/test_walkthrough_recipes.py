@@ -13,3 +13,30 @@ SHIPPED = sorted(path.relative_to(ROOT).as_posix() for path in (ROOT / "recipes"
 def test_every_shipped_recipe_is_named_in_the_readme(recipe):
     # recipes/toyworld/dreambooth_star.yaml was named only in docs/results.md: a README reader never met it.
     assert re.search(rf"(?<![\w/.]){re.escape(recipe)}(?!\w)", (ROOT / "README.md").read_text()), f"README.md does not name {recipe}"
+
+
+def recipe_keys(section, prefix: str = "") -> set[str]:
+    """Every dotted key under a config class, with list entries' keys (data.folders.path) and nested sections."""
+    from finetune.recipe_loading import section_type
+
+    keys = set()
+    for name, field in section.model_fields.items():
+        keys.add(prefix + name)
+        if (nested := section_type(field.annotation)) is not None:
+            keys |= recipe_keys(nested, f"{prefix}{name}.")
+    return keys
+
+
+def test_every_key_the_docs_name_in_backticks_is_a_recipe_key():
+    # A guard while keys change in parallel (optimizer.betas, the data keys): a renamed key left in the README
+    # sends users to an "unknown key" error.
+    from finetune.config import Recipe
+    from finetune.recipe_loading import section_type
+
+    keys = recipe_keys(Recipe)
+    sections = "|".join(name for name, field in Recipe.model_fields.items() if section_type(field.annotation) is not None)
+    # `lora.rank`, `lora.rank: 8`, `train.max_epochs=10`; not file names (`dreambooth.yaml`, `data.py`).
+    named = re.compile(rf"`((?:{sections})(?:\.[a-z_0-9]+)+)(?<!\.yaml)(?<!\.py)(?:[:=][^`]*)?`")
+    unknown = [f"{doc.name}: {key}" for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+               for key in named.findall(doc.read_text()) if re.sub(r"\.\d+", "", key) not in keys]  # fmt: skip
+    assert not unknown, unknown
