@@ -102,8 +102,10 @@ def test_missing_recipe_file():
 
 
 def test_data_needs_exactly_one_source():
-    with pytest.raises(FinetuneError, match="set exactly one of data.image_dir"):
+    with pytest.raises(FinetuneError, match=r"data.image_dir \(a\) and data.dataset \(b\) are both set: keep one"):
         recipe_from_dict({"data": {"image_dir": "a", "dataset": "b"}})
+    with pytest.raises(FinetuneError, match="set exactly one of data.image_dir"):
+        recipe_from_dict({"data": {}})
 
 
 def test_fingerprint_changes_with_any_setting():

@@ -40,3 +40,16 @@ def test_every_key_the_docs_name_in_backticks_is_a_recipe_key():
     unknown = [f"{doc.name}: {key}" for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
                for key in named.findall(doc.read_text()) if re.sub(r"\.\d+", "", key) not in keys]  # fmt: skip
     assert not unknown, unknown
+
+
+@pytest.mark.parametrize("recipe,dataset", [("controlnet.yaml", "fusing/fill50k"), ("lora.yaml", "my/dataset")])
+def test_a_dataset_given_to_a_recipe_that_names_a_folder_says_to_null_the_folder(recipe, dataset):
+    # The recipes' comments offer a dataset (controlnet.yaml: "e.g. fusing/fill50k"); given one, the error said
+    # "set exactly one of data.image_dir or data.dataset" without saying the recipe's folder was the other.
+    from finetune.errors import FinetuneError
+    from finetune.recipe_loading import load_recipe
+
+    with pytest.raises(FinetuneError, match=rf"data.image_dir \(my_\w+\) and data.dataset \({dataset}\) are both set: keep one "
+                                            r"\(data.image_dir=null to train on the dataset\)$"):  # fmt: skip
+        load_recipe(ROOT / "recipes" / recipe, [f"data.dataset={dataset}"])
+    assert load_recipe(ROOT / "recipes" / recipe, [f"data.dataset={dataset}", "data.image_dir=null"]).data.dataset == dataset

@@ -268,7 +268,10 @@ class Recipe(Section):
                     )
         elif self.dreambooth is not None:  # its concepts would be left untrained, without a word
             raise ValueError(f"a dreambooth: section does nothing with method {self.method}: set method: dreambooth to train its concepts, or remove the section")
-        elif sum(source is not None for source in sources) != 1:
+        elif all(source is not None for source in sources):  # a dataset given on the command line to a recipe that names a folder
+            raise ValueError(f"data.image_dir ({self.data.image_dir}) and data.dataset ({self.data.dataset}) are both set: keep one "
+                             "(data.image_dir=null to train on the dataset)")  # fmt: skip
+        elif not any(sources):
             raise ValueError("set exactly one of data.image_dir (a folder) or data.dataset (a datasets name or path)")
         trains_text_encoder = self.full.train_text_encoder if self.method == "full" else (
             self.dreambooth is not None and self.dreambooth.adapter == "full" and self.dreambooth.train_text_encoder)
