@@ -39,7 +39,9 @@ REFERENCE_RECIPES = {
     "lora.yaml": ["model", "data", "lora", "train", "optimizer", "validation", "checkpoint", "logging"],
     "controlnet.yaml": ["model", "data", "controlnet", "train", "optimizer", "validation", "checkpoint", "logging"],
     "dreambooth.yaml": ["dreambooth"],
-    "dreambooth_lora.yaml": ["dreambooth", "lora"],  # its adapter's keys: it lacked lora.max_norm, init_from, LoRA+ ...
+    "dreambooth_lora.yaml": ["dreambooth", "lora"],
+    "pretrain_vae.yaml": ["vae"],  # the README sends users to these two for method vae's and full's own keys
+    "pretrain_unet.yaml": ["full"],  # its adapter's keys: it lacked lora.max_norm, init_from, LoRA+ ...
 }
 # Keys a reference recipe's method refuses: naming them there would only mislead.
 REFUSED_BY_METHOD = {"controlnet.yaml": ("data.loss_mask", "data.folders.loss_mask"),
