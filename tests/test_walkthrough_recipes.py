@@ -53,3 +53,23 @@ def test_a_dataset_given_to_a_recipe_that_names_a_folder_says_to_null_the_folder
                                             r"\(data.image_dir=null to train on the dataset\)$"):  # fmt: skip
         load_recipe(ROOT / "recipes" / recipe, [f"data.dataset={dataset}"])
     assert load_recipe(ROOT / "recipes" / recipe, [f"data.dataset={dataset}", "data.image_dir=null"]).data.dataset == dataset
+
+
+# What each reference recipe needs to train on the tiny model: its data, a 64 px size, and no GPU precision.
+QUICK = ["train.mixed_precision=no", "train.max_steps=1", "optimizer.warmup_steps=0", "data.resolution=64", "data.num_workers=0",
+         "validation.prompts=[]", "validation.every_n_steps=0", "logging.tensorboard=false"]  # fmt: skip
+OUTPUTS = {"lora.yaml": "pytorch_lora_weights.safetensors", "dreambooth_lora.yaml": "pytorch_lora_weights.safetensors",
+           "dreambooth.yaml": "pipeline", "controlnet.yaml": "controlnet"}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(OUTPUTS))  # about a second each
+def test_each_reference_recipe_trains_a_step_without_a_warning(name, tiny_model, image_folder, pairs_folder, tmp_path, capsys):
+    from finetune.recipe_loading import load_recipe
+    from finetune.trainer import train
+
+    data = {"controlnet.yaml": [f"data.image_dir={pairs_folder}"], "lora.yaml": [f"data.image_dir={image_folder}"]}.get(name, [
+        f"dreambooth.concepts.0.instance_dir={image_folder}", "dreambooth.num_class_images=2", "dreambooth.class_generation.num_inference_steps=2"])
+    recipe = load_recipe(ROOT / "recipes" / name, [f"model.pretrained={tiny_model}", f"output_dir={tmp_path / 'run'}", *QUICK, *data])
+    train(recipe)
+    assert (tmp_path / "run" / OUTPUTS[name]).exists()
+    assert "warning" not in capsys.readouterr().err.lower()
