@@ -73,3 +73,14 @@ def test_each_reference_recipe_trains_a_step_without_a_warning(name, tiny_model,
     train(recipe)
     assert (tmp_path / "run" / OUTPUTS[name]).exists()
     assert "warning" not in capsys.readouterr().err.lower()
+
+
+@pytest.mark.parametrize("betas", ["[0.9]", "[0.9, 0.99, 0.999]"])
+def test_a_wrong_number_of_betas_says_to_give_two(betas):
+    # [0.9] said "missing required key 'optimizer.betas.1'", as if a key of a section were missing.
+    from finetune.errors import FinetuneError
+    from finetune.recipe_loading import load_recipe
+
+    with pytest.raises(FinetuneError, match=r"key 'optimizer.betas': give two betas, the first and second moments' decay, e.g. \[0.9, 0.999\] "):
+        load_recipe(ROOT / "recipes" / "lora.yaml", [f"optimizer.betas={betas}"])
+    assert load_recipe(ROOT / "recipes" / "lora.yaml", ["optimizer.betas=[0.9, 0.99]"]).optimizer.betas == (0.9, 0.99)

@@ -142,6 +142,14 @@ class OptimizerConfig(Section):
     scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
     warmup_steps: int = Field(0, ge=0)
 
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _two_betas(cls, value):
+        # Else [0.9] said "missing required key 'optimizer.betas.1'", and [0.9, 0.99, 0.999] "tuple should have at most 2 items".
+        if isinstance(value, (list, tuple)) and len(value) != 2:
+            raise ValueError("give two betas, the first and second moments' decay, e.g. [0.9, 0.999] (or null for the optimizer's own)")
+        return value
+
     @field_validator("betas")
     @classmethod
     def _betas_below_one(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
