@@ -131,6 +131,8 @@ def test_8bit_optimizer_falls_back_to_adamw_with_a_warning_where_bitsandbytes_ca
     assert type(optimizer) is torch.optim.AdamW
     assert "optimizer.name=paged_adamw8bit: bitsandbytes cannot run here" in caplog.text
     assert "falling back to torch AdamW (32-bit states)" in caplog.text
+    lion_fallback = build_optimizer(OptimizerConfig(name="lion8bit", lr=1e-3), [parameter])
+    assert lion_fallback.param_groups[0]["betas"] == (0.9, 0.999)  # AdamW's own, not Lion's (0.9, 0.99)
 
 
 @pytest.mark.parametrize("method", METHODS)
