@@ -89,6 +89,27 @@ def number_required(component):
     return component
 
 
+def quiet_validation(component):
+    """gradio's own checks of a value sent through the API (a name not in a dropdown's list, a number past a
+    slider's range) raise an error that prints a traceback in the demo's terminal for every such request, and
+    whose message names no input ("Value 0 is less than minimum value 1."): named, and not printed. Our own
+    checks' errors (print_exception already off) pass as they are. Wrapped on the instance, as `checked_preprocess`."""
+    import gradio as gr
+
+    preprocess = component.preprocess
+
+    def checked(payload):
+        try:
+            return preprocess(payload)
+        except gr.Error as err:
+            if not err.print_exception:
+                raise
+            raise gr.Error(f"{component.label}: {err.message}", print_exception=False) from None
+
+    component.preprocess = checked
+    return component
+
+
 def read_upload(path: str | None):
     """The uploaded conditioning image in RGB (None: no upload), read and checked as `finetune sample --condition`
     is (`read_conditioning`); checked_preprocess has checked that it is an image."""
@@ -254,8 +275,10 @@ def build_app(engine, note: str = "", queue_size: int = 8):
             return adapter_views()
 
         inputs = [prompt, negative, seed, steps, guidance, size, model, *slots, controlnet, condition, kind, scale, strengths, include_base, rows, separate]
+        for component in inputs:
+            quiet_validation(component)
         for number in (seed, steps, guidance, size, *slots[1::2], scale, rows):
-            number_required(number)
+            number_required(number)  # checked before gradio's own checks, which fail on null and text without a word
         button.click(generate_images, inputs, [result, gallery, summary], api_name="generate", show_progress="full")
         views = [found, adapters, model, controlnet, *slots[::2]]
         rescan.click(rescan_adapters, None, views, api_name="rescan", queue=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -32,3 +33,19 @@ def test_a_weak_lora_in_bf16_renders_as_finetune_sample_renders_it(tiny_model, a
     assert not np.array_equal(weak, base)
     assert np.abs(weak - sampled).max() <= 1, np.abs(weak - sampled).max()  # merged in bf16: 6 levels off
     assert all(torch.equal(tensor, weights[name]) for name, tensor in engine.base.unet.state_dict().items())
+
+
+def test_values_gradio_refuses_through_the_api_name_the_input_and_print_no_traceback(demo, capfd):
+    """gradio's own checks (a name not in a dropdown's list, a number past a slider's range) printed a traceback in the
+    demo's terminal for every such request, and said "Value 0 is less than minimum value 1." of no input in particular."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(demo.url, verbose=False)
+    capfd.readouterr()
+    for odd, named in ((dict(steps=0), "steps: Value 0 is less than minimum value 1"), (dict(lora_2="nope"), "LoRA 2: Value: nope is not in the list"),
+                       (dict(conditioning_kind="bogus"), "use the upload as is"), (dict(seed=-1), "seed: Value -1 is less than")):  # fmt: skip
+        with pytest.raises(AppError) as refused:
+            client.predict(api_name="/generate", **{"prompt": PROMPT, "steps": 2, "conditioning_image": None, **odd})
+        assert str(refused.value).strip("'\"").startswith(named), refused.value
+    assert "Traceback" not in capfd.readouterr().err
