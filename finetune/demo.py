@@ -31,6 +31,11 @@ SYSTEM_MONO_FONTS = ["ui-monospace", "Consolas", "monospace"]
 TABLE_HEADERS = ["name", "type", "base", "method", "steps", "rank", "status"]
 MIN_CELL = 192  # grid cells are enlarged (nearest neighbour) to at least this, so 64 px models are visible
 MAX_UPLOAD_SIDE = 4096  # a small PNG may declare a vast canvas (a decompression bomb): refused by its header
+# The adapter lists' values are checked by the engine (`DemoEngine.adapter`, the one gate to the files: "unknown
+# lora 'x': pick one from the list"), not by gradio: its check of a list's choices runs on the copy of the list that
+# gradio keeps per page once a page load or Rescan updates it (where no wrapper of ours reaches), and printed a
+# traceback in the demo's terminal with a message listing every choice.
+ADAPTER_LIST = dict(allow_custom_value=True)
 UNREADABLE_UPLOAD = "the uploaded conditioning image cannot be read as an image: upload a PNG, JPEG or WebP"
 
 
@@ -93,7 +98,8 @@ def quiet_validation(component):
     """gradio's own checks of a value sent through the API (a name not in a dropdown's list, a number past a
     slider's range) raise an error that prints a traceback in the demo's terminal for every such request, and
     whose message names no input ("Value 0 is less than minimum value 1."): named, and not printed. Our own
-    checks' errors (print_exception already off) pass as they are. Wrapped on the instance, as `checked_preprocess`."""
+    checks' errors (print_exception already off) pass as they are. Wrapped on the instance, as `checked_preprocess`
+(so not for the adapter lists, which gradio copies when they are updated: see ADAPTER_LIST)."""
     import gradio as gr
 
     preprocess = component.preprocess
@@ -108,6 +114,15 @@ def quiet_validation(component):
 
     component.preprocess = checked
     return component
+
+
+def picked_name(value, list_name: str) -> str | None:
+    """An adapter list's value: a name (the engine checks that it is listed), or None where none is picked."""
+    if value in (None, "", NONE):
+        return None
+    if not isinstance(value, str):  # through the API: a number or a list
+        raise FinetuneError(f"{list_name} must be a name from its list, got {value!r}")
+    return value
 
 
 def read_upload(path: str | None):
@@ -210,15 +225,15 @@ def build_app(engine, note: str = "", queue_size: int = 8):
                     steps = gr.Slider(1, 100, value=20, step=1, label="steps")
                     guidance = gr.Slider(0, 20, value=5.0, step=0.5, label="guidance")
                     size = gr.Slider(32, 1024, value=engine.base.unet.config.sample_size * 8, step=8, label="size")
-                model = gr.Dropdown([BASE, *engine.names("pipeline")], value=BASE, label="model (base or a trained pipeline)", elem_id="model")
+                model = gr.Dropdown([BASE, *engine.names("pipeline")], value=BASE, label="model (base or a trained pipeline)", elem_id="model", **ADAPTER_LIST)
                 slots = []
                 with gr.Accordion("LoRAs (several at once, each with its strength)", open=True):
                     for i in range(1, LORA_SLOTS + 1):
                         with gr.Row():
-                            slots.append(gr.Dropdown(choices("lora"), value=NONE, label=f"LoRA {i}", elem_id=f"lora-{i}", scale=3))
+                            slots.append(gr.Dropdown(choices("lora"), value=NONE, label=f"LoRA {i}", elem_id=f"lora-{i}", scale=3, **ADAPTER_LIST))
                             slots.append(gr.Slider(-2, 2, value=1.0, step=0.05, label=f"strength {i}", scale=2))
                 with gr.Accordion("ControlNet", open=False):
-                    controlnet = gr.Dropdown(choices("controlnet"), value=NONE, label="ControlNet", elem_id="controlnet")
+                    controlnet = gr.Dropdown(choices("controlnet"), value=NONE, label="ControlNet", elem_id="controlnet", **ADAPTER_LIST)
                     condition = gr.Image(label="conditioning image, or a photo to make one from", type="filepath", sources=["upload"])
                     condition.preprocess = checked_preprocess(condition.preprocess)
                     kind = gr.Radio(list(CONDITIONING_KINDS), value="as uploaded", label="use the upload as is, or make (as finetune make-conditions)")
@@ -244,12 +259,13 @@ def build_app(engine, note: str = "", queue_size: int = 8):
         def generate_images(prompt, negative_prompt, seed, steps, guidance, size, model, lora_1, strength_1, lora_2, strength_2,
                             lora_3, strength_3, controlnet, conditioning_image, conditioning_kind, conditioning_scale, strengths,
                             include_base, rows, separate=False, progress=gr.Progress()):
-            picked = [(name, float(s)) for name, s in ((lora_1, strength_1), (lora_2, strength_2), (lora_3, strength_3)) if name and name != NONE]
             try:
+                slots_picked = [(picked_name(name, f"LoRA {i}"), s) for i, (name, s) in enumerate(((lora_1, strength_1), (lora_2, strength_2), (lora_3, strength_3)), 1)]
+                picked = [(name, float(s)) for name, s in slots_picked if name]
                 request = Request(
                     prompt=str(prompt or ""), negative_prompt=str(negative_prompt or ""), seed=int(seed or 0), steps=int(steps),
-                    guidance=float(guidance), size=int(size), model=model or BASE, loras=picked,
-                    controlnet=None if controlnet in (None, "", NONE) else controlnet, conditioning_image=read_upload(conditioning_image),
+                    guidance=float(guidance), size=int(size), model=picked_name(model, "model") or BASE, loras=picked,
+                    controlnet=picked_name(controlnet, "ControlNet"), conditioning_image=read_upload(conditioning_image),
                     conditioning_kind=conditioning_kind or "as uploaded", conditioning_scale=float(conditioning_scale),
                     strengths=parse_strengths(strengths), include_base=bool(include_base), rows=int(rows), separate=bool(separate),
                 )
