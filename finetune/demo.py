@@ -94,6 +94,22 @@ def number_required(component):
     return component
 
 
+def boolean_required(component):
+    """Refuse a checkbox value that is no true or false, naming the box: through the API gradio passes any value on,
+    and the text "false" (or "no") read as ticked. Wrapped on the instance, as `checked_preprocess`."""
+    import gradio as gr
+
+    preprocess = component.preprocess
+
+    def checked(payload):
+        if payload is not None and not isinstance(payload, bool):
+            raise gr.Error(f"'{component.label}' must be true or false, got {payload!r}", print_exception=False)
+        return preprocess(payload)
+
+    component.preprocess = checked
+    return component
+
+
 def quiet_validation(component):
     """gradio's own checks of a value sent through the API (a name not in a dropdown's list, a number past a
     slider's range) raise an error that prints a traceback in the demo's terminal for every such request, and
@@ -295,6 +311,8 @@ def build_app(engine, note: str = "", queue_size: int = 8):
             quiet_validation(component)
         for number in (seed, steps, guidance, size, *slots[1::2], scale, rows):
             number_required(number)  # checked before gradio's own checks, which fail on null and text without a word
+        for box in (include_base, separate):
+            boolean_required(box)
         button.click(generate_images, inputs, [result, gallery, summary], api_name="generate", show_progress="full")
         views = [found, adapters, model, controlnet, *slots[::2]]
         rescan.click(rescan_adapters, None, views, api_name="rescan", queue=False)

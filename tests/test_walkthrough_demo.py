@@ -52,3 +52,16 @@ def test_values_gradio_refuses_through_the_api_name_the_input_and_print_no_trace
             client.predict(api_name="/generate", **{"prompt": PROMPT, "steps": 2, "conditioning_image": None, **odd})
         assert str(refused.value).strip("'\"").startswith(named), refused.value
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_checkbox_sent_text_through_the_api_is_refused_naming_it(demo):
+    """include_base="false" read as ticked (any text is true): the base column came anyway."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(demo.url, verbose=False)
+    for name, label in (("include_base", "add a column with the base model alone"), ("separate", "each LoRA in its own columns")):
+        with pytest.raises(AppError, match=f"^'{label}.*' must be true or false, got 'false'$"):
+            client.predict(api_name="/generate", **{"prompt": PROMPT, "steps": 1, "conditioning_image": None, "lora_1": "trained", name: "false"})
+    _, gallery, _ = client.predict(api_name="/generate", prompt=PROMPT, steps=1, conditioning_image=None, lora_1="trained", include_base=False)
+    assert [item["caption"] for item in gallery] == ["trained x1, seed 0"]
