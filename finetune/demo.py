@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 # Only light imports here: `finetune --help` builds this module's parser; torch, diffusers and gradio load
@@ -195,14 +196,28 @@ def labelled_grid(rows: list[list], column_labels: list[str], seeds: list[int]):
     cell = rows[0][0].size
     factor = max(1, -(-MIN_CELL // min(cell)))
     big = [[image.convert("RGB").resize((cell[0] * factor, cell[1] * factor), Image.Resampling.NEAREST) for image in row] for row in rows]
-    margin = 64
+    margin, font, line_height = 64, ImageFont.load_default(size=14), 18
+    headers = [header_lines(label, cell[0] * factor - 8, font) for label in column_labels]
+    top = 6 + line_height * max(len(lines) for lines in headers)
     body = make_grid(big, row_labels=[f"seed {seed}" for seed in seeds], label_width=margin)
-    grid = Image.new("RGB", (body.width, body.height + 24), "white")
-    grid.paste(body, (0, 24))
-    draw, font = ImageDraw.Draw(grid), ImageFont.load_default(size=14)
-    for c, label in enumerate(column_labels):
-        draw.text((margin + c * cell[0] * factor + 4, 4), label, fill="black", font=font)
+    grid = Image.new("RGB", (body.width, body.height + top), "white")
+    grid.paste(body, (0, top))
+    draw = ImageDraw.Draw(grid)
+    for c, lines in enumerate(headers):
+        draw.multiline_text((margin + c * cell[0] * factor + 4, 4), "\n".join(lines), fill="black", font=font, spacing=line_height - 14)
     return grid
+
+
+def header_lines(label: str, width: float, font) -> list[str]:
+    """A column's label in lines of at most `width` px, broken after '+', ' ', '/', '_' or '-' (a name too long for a
+    line anywhere): written on one line, a long label ran into the next column's and hid both strengths."""
+    lines = [""]
+    for token in re.split(r"(?<=[+ /_-])", label):
+        for piece in [token] if font.getlength(token) <= width else list(token):
+            if lines[-1] and font.getlength(lines[-1] + piece) > width:
+                lines.append("")
+            lines[-1] += piece
+    return [line.strip() for line in lines]
 
 
 def offline_theme():

@@ -65,3 +65,21 @@ def test_a_checkbox_sent_text_through_the_api_is_refused_naming_it(demo):
             client.predict(api_name="/generate", **{"prompt": PROMPT, "steps": 1, "conditioning_image": None, "lora_1": "trained", name: "false"})
     _, gallery, _ = client.predict(api_name="/generate", prompt=PROMPT, steps=1, conditioning_image=None, lora_1="trained", include_base=False)
     assert [item["caption"] for item in gallery] == ["trained x1, seed 0"]
+
+
+def test_long_column_labels_stay_within_their_columns():
+    """Three LoRAs on a pipeline ('quickstart+quickstart@30+db x0.25') ran into the next column's label, hiding both
+    strengths: a label is written in lines that fit its column."""
+    from PIL import ImageFont
+
+    from finetune.demo import MIN_CELL, header_lines, labelled_grid
+
+    labels = ["base", "quickstart+quickstart@30+db x0.25", "quickstart+quickstart@30+db x0.5", "a_very_long_run_name_with_no_plus_at_all x1"]
+    grid = np.asarray(labelled_grid([[Image.new("RGB", (64, 64), "gray")] * 4], labels, [0]))
+    header = grid[: grid.shape[0] - MIN_CELL]
+    for boundary in (64 + c * MIN_CELL for c in range(1, 4)):  # a 64 px margin for the seeds, then the columns
+        assert (header[:, boundary - 2 : boundary + 2] == 255).all(), f"a label crosses into the column at x={boundary}"
+    font = ImageFont.load_default(size=14)
+    for label in labels:
+        lines = header_lines(label, MIN_CELL - 8, font)
+        assert "".join(lines).replace(" ", "") == label.replace(" ", "") and all(font.getlength(line) <= MIN_CELL - 8 for line in lines)
