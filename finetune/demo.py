@@ -309,17 +309,24 @@ def build_app(engine, note: str = "", queue_size: int = 8):
             captions = [(image, f"{label}, seed {seed}") for seed, row in zip(seeds, images) for label, image in zip(labels, row)]
             return labelled_grid(images, labels, seeds), captions, text
 
-        def adapter_views():  # the lists and table as the engine's last scan has them
-            lora_updates = [gr.Dropdown(choices=choices("lora")) for _ in range(LORA_SLOTS)]
-            return (folder_note(), table(), gr.Dropdown(choices=[BASE, *engine.names("pipeline")]), gr.Dropdown(choices=choices("controlnet")), *lora_updates)
+        lists = [model, controlnet, *slots[::2]]
 
-        def rescan_adapters():
+        def listed_names() -> list[list[str]]:  # each of `lists`' choices, as the engine's last scan has them
+            return [[BASE, *engine.names("pipeline")], choices("controlnet"), *(choices("lora") for _ in range(LORA_SLOTS))]
+
+        def adapter_views(*picked):
+            """The table and lists as the last scan has them; a list's selection (`picked`, where given) whose adapter
+            that scan no longer found (a checkpoint rotated away, a run deleted) goes back to none."""
+            updates = [gr.Dropdown(choices=names, **({"value": value if value in names else names[0]} if picked else {}))
+                       for names, value in zip(listed_names(), picked or [None] * len(lists))]  # fmt: skip
+            return (folder_note(), table(), *updates)
+
+        def rescan_adapters(*picked):
             engine.rescan()
             # Also the components' own lists, which a session opened later starts from (an API client runs no page load).
-            for dropdown, names in ((model, [BASE, *engine.names("pipeline")]), (controlnet, choices("controlnet")),
-                                    *((slot, choices("lora")) for slot in slots[::2])):  # fmt: skip
+            for dropdown, names in zip(lists, listed_names()):
                 dropdown.choices = [(name, name) for name in names]
-            return adapter_views()
+            return adapter_views(*picked)
 
         inputs = [prompt, negative, seed, steps, guidance, size, model, *slots, controlnet, condition, kind, scale, strengths, include_base, rows, separate]
         for component in inputs:
@@ -329,8 +336,8 @@ def build_app(engine, note: str = "", queue_size: int = 8):
         for box in (include_base, separate):
             boolean_required(box)
         button.click(generate_images, inputs, [result, gallery, summary], api_name="generate", show_progress="full")
-        views = [found, adapters, model, controlnet, *slots[::2]]
-        rescan.click(rescan_adapters, None, views, api_name="rescan", queue=False)
+        views = [found, adapters, *lists]
+        rescan.click(rescan_adapters, lists, views, api_name="rescan", queue=False)
         # A page opened (or reloaded) after a rescan in another tab shows that scan, not the one at start.
         app.load(adapter_views, None, views, queue=False)
     app.queue(max_size=queue_size, default_concurrency_limit=1)

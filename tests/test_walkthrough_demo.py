@@ -83,3 +83,22 @@ def test_long_column_labels_stay_within_their_columns():
     for label in labels:
         lines = header_lines(label, MIN_CELL - 8, font)
         assert "".join(lines).replace(" ", "") == label.replace(" ", "") and all(font.getlength(line) <= MIN_CELL - 8 for line in lines)
+
+
+def test_rescan_clears_a_selection_whose_adapter_is_gone(demo, adapters_dir):
+    """A checkpoint rotated away (or a run deleted) stayed selected after Rescan, and Generate then refused it."""
+    import shutil
+
+    from gradio_client import Client
+
+    client = Client(demo.url, verbose=False)
+    shutil.copy(adapters_dir / "trained" / "pytorch_lora_weights.safetensors", adapters_dir / "soon-gone.safetensors")
+    try:
+        client.predict(api_name="/rescan")
+        (adapters_dir / "soon-gone.safetensors").unlink()
+        _, _, *lists = client.predict("db/pipeline", "edges/controlnet", "soon-gone", "trained", "(none)", api_name="/rescan")
+        assert [update["value"] for update in lists] == ["db/pipeline", "edges/controlnet", "(none)", "trained", "(none)"]
+        assert ["soon-gone", "soon-gone"] not in lists[2]["choices"]
+    finally:
+        (adapters_dir / "soon-gone.safetensors").unlink(missing_ok=True)
+        demo.engine.rescan()
