@@ -78,17 +78,21 @@ def checked_preprocess(preprocess):
 def number_required(component):
     """Refuse a value that is no number for a slider or number field, naming it: sent through the API (null, text),
     gradio's own bounds check fails on it as a generic "the app raised an exception" (and lets NaN through, which
-    renders black images: a raw JSON request may hold it). A number field may be empty (the handler reads an empty
-    seed as 0). Wrapped on the instance, as `checked_preprocess`."""
+    renders black images: a raw JSON request may hold it). A count (a slider of whole steps, the seed) must be whole:
+    2.5 steps were cut to 2 without a word. A number field may be empty (the handler reads an empty seed as 0).
+    Wrapped on the instance, as `checked_preprocess`."""
     import gradio as gr
 
     preprocess = component.preprocess
     low, high = (str(int(v)) if float(v).is_integer() else f"{v:g}" for v in (component.minimum, component.maximum))
+    whole = component.precision == 0 if isinstance(component, gr.Number) else float(component.step).is_integer()
 
     def checked(payload):
         empty_allowed = payload is None and isinstance(component, gr.Number)
         if not empty_allowed and (isinstance(payload, bool) or not isinstance(payload, (int, float)) or not math.isfinite(payload)):
             raise gr.Error(f"{component.label} must be a number from {low} to {high}, got {payload!r}", print_exception=False)
+        if whole and payload is not None and not float(payload).is_integer():
+            raise gr.Error(f"{component.label} must be a whole number from {low} to {high}, got {payload!r}", print_exception=False)
         return preprocess(payload)
 
     component.preprocess = checked

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -102,3 +104,16 @@ def test_rescan_clears_a_selection_whose_adapter_is_gone(demo, adapters_dir):
     finally:
         (adapters_dir / "soon-gone.safetensors").unlink(missing_ok=True)
         demo.engine.rescan()
+
+
+def test_a_count_sent_as_a_fraction_through_the_api_is_refused_naming_it(demo):
+    """steps=2.5 rendered 2 steps (and rows=1.5 one row, seed=1.5 seed 2) without a word."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(demo.url, verbose=False)
+    for name, value, said in (("steps", 2.5, "steps must be a whole number from 1 to 100, got 2.5"), ("seed", 1.5, "seed must be a whole number"),
+                              ("rows", 1.5, "rows (seeds seed, seed+1, ...) must be a whole number from 1 to 4")):  # fmt: skip
+        with pytest.raises(AppError, match=f"^{re.escape(said)}"):
+            client.predict(api_name="/generate", **{"prompt": PROMPT, "steps": 1, "conditioning_image": None, name: value})
+    assert client.predict(api_name="/generate", prompt=PROMPT, steps=2.0, guidance=2.5, conditioning_image=None)[2].startswith("1 column(s)")
