@@ -1,0 +1,140 @@
+"""What the demo's page accepts from the browser or the API, checked before anything renders: every input's
+value (gradio's own checks let some through, and print a traceback for others) and the uploaded image.
+
+Kept apart from `finetune.demo` (the page) so that the checks read as one list. Each wrapper is set on the
+component instance (gradio writes a .pyi stub beside any module that subclasses a component).
+"""
+
+from __future__ import annotations
+
+import math
+
+from finetune.errors import FinetuneError
+
+NONE = "(none)"  # an adapter list's "nothing picked"
+MAX_UPLOAD_SIDE = 4096  # a small PNG may declare a vast canvas (a decompression bomb): refused by its header
+# The adapter lists' values are checked by the engine (`DemoEngine.adapter`, the one gate to the files: "unknown
+# lora 'x': pick one from the list"), not by gradio: its check of a list's choices runs on the copy of the list that
+# gradio keeps per page once a page load or Rescan updates it (where no wrapper of ours reaches), and printed a
+# traceback in the demo's terminal with a message listing every choice.
+ADAPTER_LIST = dict(allow_custom_value=True)
+UNREADABLE_UPLOAD = "the uploaded conditioning image cannot be read as an image: upload a PNG, JPEG or WebP"
+
+
+def check_upload(path: str) -> None:
+    """An uploaded image must be an image of a sensible size; else one line for the page."""
+    from PIL import Image
+
+    too_large = f"the uploaded conditioning image is larger than {MAX_UPLOAD_SIDE}x{MAX_UPLOAD_SIDE} pixels"
+    try:
+        with Image.open(path) as header:
+            width, height = header.size
+    except Image.DecompressionBombError:  # PIL's own limit (the size is not read)
+        raise FinetuneError(too_large) from None
+    except OSError:
+        raise FinetuneError(UNREADABLE_UPLOAD) from None
+    if width * height > MAX_UPLOAD_SIDE**2:
+        raise FinetuneError(f"{too_large} ({width}x{height})")
+
+
+def checked_preprocess(preprocess):
+    """gradio decodes an upload before the handler runs, and a file it cannot decode (or a vast canvas)
+    ends there in a generic "the app raised an exception": checked first, with a readable message.
+    (Wrapped on the instance: gradio writes a .pyi stub beside any module that subclasses a component.)"""
+    import gradio as gr
+
+    def checked(payload):
+        try:
+            if payload is not None:
+                check_upload(payload.path)
+            return preprocess(payload)
+        except FinetuneError as err:
+            raise gr.Error(str(err), print_exception=False) from None
+        except Exception:
+            raise gr.Error(UNREADABLE_UPLOAD, print_exception=False) from None
+
+    return checked
+
+
+def number_required(component):
+    """Refuse a value that is no number for a slider or number field, naming it: sent through the API (null, text),
+    gradio's own bounds check fails on it as a generic "the app raised an exception" (and lets NaN through, which
+    renders black images: a raw JSON request may hold it). A count (a slider of whole steps, the seed) must be whole:
+    2.5 steps were cut to 2 without a word. A number field may be empty (the handler reads an empty seed as 0).
+    Wrapped on the instance, as `checked_preprocess`."""
+    import gradio as gr
+
+    preprocess = component.preprocess
+    low, high = (str(int(v)) if float(v).is_integer() else f"{v:g}" for v in (component.minimum, component.maximum))
+    whole = component.precision == 0 if isinstance(component, gr.Number) else float(component.step).is_integer()
+
+    def checked(payload):
+        empty_allowed = payload is None and isinstance(component, gr.Number)
+        if not empty_allowed and (isinstance(payload, bool) or not isinstance(payload, (int, float)) or not math.isfinite(payload)):
+            raise gr.Error(f"{component.label} must be a number from {low} to {high}, got {payload!r}", print_exception=False)
+        if whole and payload is not None and not float(payload).is_integer():
+            raise gr.Error(f"{component.label} must be a whole number from {low} to {high}, got {payload!r}", print_exception=False)
+        return preprocess(payload)
+
+    component.preprocess = checked
+    return component
+
+
+def boolean_required(component):
+    """Refuse a checkbox value that is no true or false, naming the box: through the API gradio passes any value on,
+    and the text "false" (or "no") read as ticked. Wrapped on the instance, as `checked_preprocess`."""
+    import gradio as gr
+
+    preprocess = component.preprocess
+
+    def checked(payload):
+        if payload is not None and not isinstance(payload, bool):
+            raise gr.Error(f"'{component.label}' must be true or false, got {payload!r}", print_exception=False)
+        return preprocess(payload)
+
+    component.preprocess = checked
+    return component
+
+
+def quiet_validation(component):
+    """gradio's own checks of a value sent through the API (a name not in a dropdown's list, a number past a
+    slider's range) raise an error that prints a traceback in the demo's terminal for every such request, and
+    whose message names no input ("Value 0 is less than minimum value 1."): named, and not printed. Our own
+    checks' errors (print_exception already off) pass as they are. Wrapped on the instance, as `checked_preprocess`
+(so not for the adapter lists, which gradio copies when they are updated: see ADAPTER_LIST)."""
+    import gradio as gr
+
+    preprocess = component.preprocess
+
+    def checked(payload):
+        try:
+            return preprocess(payload)
+        except gr.Error as err:
+            if not err.print_exception:
+                raise
+            raise gr.Error(f"{component.label}: {err.message}", print_exception=False) from None
+
+    component.preprocess = checked
+    return component
+
+
+def picked_name(value, list_name: str) -> str | None:
+    """An adapter list's value: a name (the engine checks that it is listed), or None where none is picked."""
+    if value in (None, "", NONE):
+        return None
+    if not isinstance(value, str):  # through the API: a number or a list
+        raise FinetuneError(f"{list_name} must be a name from its list, got {value!r}")
+    return value
+
+
+def read_upload(path: str | None):
+    """The uploaded conditioning image in RGB (None: no upload), read and checked as `finetune sample --condition`
+    is (`read_conditioning`); checked_preprocess has checked that it is an image."""
+    if not path:
+        return None
+    from PIL import Image
+
+    from finetune.controlnet_data import read_conditioning
+    from finetune.sources import Example
+
+    return read_conditioning(Example("(uploaded)", "", lambda: Image.open(path)))
