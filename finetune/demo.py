@@ -24,6 +24,7 @@ from finetune.demo_inputs import (
     NONE,
     boolean_required,
     checked_preprocess,
+    image_file_required,
     number_required,
     picked_name,
     quiet_validation,
@@ -153,6 +154,7 @@ def build_app(engine, note: str = "", queue_size: int = 8):
                     controlnet = gr.Dropdown(choices("controlnet"), value=NONE, label="ControlNet", elem_id="controlnet", **ADAPTER_LIST)
                     condition = gr.Image(label="conditioning image, or a photo to make one from", type="filepath", sources=["upload"])
                     condition.preprocess = checked_preprocess(condition.preprocess)
+                    image_file_required(condition)
                     kind = gr.Radio(list(CONDITIONING_KINDS), value="as uploaded", label="use the upload as is, or make (as finetune make-conditions)")
                     scale = gr.Slider(0, 2, value=1.0, step=0.05, label="conditioning scale")
                 with gr.Accordion("Compare", open=True):

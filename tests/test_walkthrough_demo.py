@@ -117,3 +117,17 @@ def test_a_count_sent_as_a_fraction_through_the_api_is_refused_naming_it(demo):
         with pytest.raises(AppError, match=f"^{re.escape(said)}"):
             client.predict(api_name="/generate", **{"prompt": PROMPT, "steps": 1, "conditioning_image": None, name: value})
     assert client.predict(api_name="/generate", prompt=PROMPT, steps=2.0, guidance=2.5, conditioning_image=None)[2].startswith("1 column(s)")
+
+
+def test_a_conditioning_image_sent_as_text_through_the_api_is_one_line(demo, capfd):
+    """Text or a number for the image failed gradio's own validation with a traceback in the demo's terminal and the
+    generic 'The upstream Gradio app has raised an exception'."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(demo.url, verbose=False)
+    capfd.readouterr()
+    for odd in ("just text", 5):
+        with pytest.raises(AppError, match=rf"^conditioning image, or a photo to make one from must be an image file, got '{odd}'$"):
+            client.predict(api_name="/generate", prompt=PROMPT, steps=1, controlnet="edges/controlnet", conditioning_image=odd)
+    assert "Traceback" not in capfd.readouterr().err
