@@ -118,7 +118,8 @@ class DemoEngine:
 
     def rescan(self) -> dict[str, Adapter]:
         self.adapters = scan_adapters(self.adapters_dir, self.exclude)
-        self._cache.clear()
+        # A new dict, not the old one cleared: a render in another thread may be going over the old one.
+        self._cache = {}
         return self.adapters
 
     def names(self, kind: str) -> list[str]:
