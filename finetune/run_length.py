@@ -119,24 +119,9 @@ def check_epoch_run(recipe: Recipe, max_steps: int, count: EpochCount, resume_fr
         )
 
 
-def epochs_done(step: int, accumulation: int, batches_per_epoch: int) -> float:
-    """Epochs trained after `step` optimizer steps of a run of one global batch."""
-    return EpochCount(accumulation, batches_per_epoch).at(step)
-
-
-def finished_epochs(step: int, accumulation: int, batches_per_epoch: int) -> range:
-    """The epochs that optimizer step `step` completes in a run of one global batch (see EpochCount.ended_by)."""
-    return EpochCount(accumulation, batches_per_epoch).ended_by(step)
-
-
 def due(step: int, every_n_steps: int, epochs: range, every_n_epochs: int) -> bool:
     """Whether a periodic save or validation falls on this step: every N steps, or at the end of every Nth epoch."""
     return bool(every_n_steps and step % every_n_steps == 0) or any(every_n_epochs and epoch % every_n_epochs == 0 for epoch in epochs)
-
-
-def epochs_to_continue(train: TrainConfig, batches_per_epoch: int, step: int) -> int:
-    """The fewest epochs whose steps go past `step`: what a resume at `step` needs train.max_epochs to be."""
-    return EpochCount(train.gradient_accumulation_steps, batches_per_epoch).to_continue(step)
 
 
 def run_length_line(train: TrainConfig, max_steps: int, sampler, items: int, processes: int, count: EpochCount | None = None) -> str:

@@ -12,26 +12,26 @@ from finetune.errors import FinetuneError
 from finetune.kohya import export_lora, load_lora, to_kohya
 from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.recipe_loading import load_recipe
-from finetune.run_length import due, epochs_to_continue, finished_epochs, planned_steps
+from finetune.run_length import EpochCount, due, planned_steps
 from finetune.trainer import train
 
 
 def test_epochs_are_counted_in_micro_batches_and_end_inside_an_accumulated_step(make_recipe):
     # 3 micro-batches an epoch, 2 per optimizer step: epochs end in steps 2 (micro-batch 3 of 4) and 3 (6 of 6).
-    assert [list(finished_epochs(step, 2, 3)) for step in range(1, 7)] == [[], [1], [2], [], [3], [4]]
-    assert [list(finished_epochs(step, 1, 2)) for step in range(1, 5)] == [[], [1], [], [2]]
+    assert [list(EpochCount(2, 3).ended_by(step)) for step in range(1, 7)] == [[], [1], [2], [], [3], [4]]
+    assert [list(EpochCount(1, 2).ended_by(step)) for step in range(1, 5)] == [[], [1], [], [2]]
     # An epoch shorter than a step (2 micro-batches, 4 a step): each step ends two, and every one counts.
-    assert [list(finished_epochs(step, 4, 2)) for step in range(1, 4)] == [[1, 2], [3, 4], [5, 6]]
-    assert [due(step, 0, finished_epochs(step, 4, 2), 3) for step in range(1, 4)] == [False, True, True]
+    assert [list(EpochCount(4, 2).ended_by(step)) for step in range(1, 4)] == [[1, 2], [3, 4], [5, 6]]
+    assert [due(step, 0, EpochCount(4, 2).ended_by(step), 3) for step in range(1, 4)] == [False, True, True]
     recipe = make_recipe(train__max_steps=None, train__max_epochs=3, train__gradient_accumulation_steps=2)
     assert planned_steps(recipe.train, 3) == 5  # 9 micro-batches: the 5th step completes the third epoch
     assert planned_steps(make_recipe(train__max_steps=7).train, 3) == 7
-    assert [due(step, 0, finished_epochs(step, 1, 2), 2) for step in range(1, 9)] == [False, False, False, True] * 2
+    assert [due(step, 0, EpochCount(1, 2).ended_by(step), 2) for step in range(1, 9)] == [False, False, False, True] * 2
     assert [due(step, 3, range(0), 2) for step in range(1, 7)] == [False, False, True, False, False, True]
     # The fewest epochs that train past a step: with 4 micro-batches a step and 2 an epoch, 5 and 6 epochs are both 3 steps.
     accumulating = make_recipe(train__max_steps=None, train__max_epochs=5, train__gradient_accumulation_steps=4).train
     assert [planned_steps(accumulating.model_copy(update={"max_epochs": e}), 2) for e in (5, 6, 7)] == [3, 3, 4]
-    assert epochs_to_continue(accumulating, 2, 3) == 7
+    assert EpochCount(accumulating.gradient_accumulation_steps, 2).to_continue(3) == 7
 
 
 def test_max_steps_and_max_epochs_take_one_length(tmp_path, make_recipe):
