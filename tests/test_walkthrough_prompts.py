@@ -1,0 +1,61 @@
+"""How prompts become text embeddings: training (frozen, cached, or through a trained text encoder) and
+sampling (validation, `finetune sample`, the demo: all through finetune.sampling.generate) must hand the
+UNet the same states for the same prompt and settings, or an adapter is sampled with prompts encoded
+another way than it learned them."""
+
+import pytest
+import torch
+
+from finetune.methods.lora import LoRAMethod
+from finetune.models import load_base_model
+from finetune.sampling import generate
+
+LONG = ", ".join(["red circle", "blue square", "green triangle"] * 14)  # past 77 tokens, under 150
+
+
+def states_the_unet_sees(pipeline, prompt: str, negative_prompt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(negative, prompt) encoder_hidden_states of the UNet's first call in one guided sampling step."""
+    seen = []
+    forward = pipeline.unet.forward
+
+    def record(*args, **kwargs):
+        seen.append(kwargs["encoder_hidden_states"].detach().clone())
+        return forward(*args, **kwargs)
+
+    pipeline.unet.forward = record
+    try:
+        generate(pipeline, [prompt], 1, 0, 1, 7.5, 32, negative_prompt=negative_prompt)
+    finally:
+        del pipeline.unet.forward
+    negative, positive = seen[0].chunk(2)  # classifier-free guidance stacks (negative, prompt)
+    return negative, positive
+
+
+@pytest.mark.parametrize(
+    "settings, prompt",
+    [
+        ({}, "a red circle"),
+        ({"model__clip_skip": 2}, "a red circle"),
+        ({"model__max_token_length": 150}, LONG),
+        ({"model__max_token_length": 150, "model__clip_skip": 2}, LONG + ", yellow star"),
+        ({"lora__train_text_encoder": True}, "a red circle"),
+    ],
+)
+def test_training_and_sampling_encode_a_prompt_alike(make_recipe, settings, prompt):
+    recipe = make_recipe(train__cache_text_embeddings=True, **settings)
+    method = LoRAMethod(recipe)
+    method.setup(load_base_model(recipe.model))
+    modules = method.trained_modules()
+    if "text_encoder" in modules:  # a trained text encoder: move its LoRA off zero, so a stale encoding would show
+        with torch.no_grad():
+            for name, parameter in modules["text_encoder"].named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        trained = method.encode_text(modules, [prompt, ""])  # "": a caption dropped by data.caption_dropout
+        again = method.encode_text(modules, [prompt, ""])  # from the text cache where there is one
+    assert torch.equal(trained, again)
+    negative, positive = states_the_unet_sees(method.pipeline(modules), prompt)
+    assert positive.shape == trained[:1].shape
+    assert torch.allclose(positive, trained[:1], atol=1e-5)
+    assert torch.allclose(negative, trained[1:], atol=1e-5)  # no negative prompt: the empty caption, as diffusers
