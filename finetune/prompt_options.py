@@ -13,6 +13,7 @@ is refused (a typo would otherwise vanish).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 
 # Option letter -> (field of PromptSettings, the type its value is read as, what it means).
@@ -27,6 +28,9 @@ MAX_SEED = 2**63 - 1  # torch's generators take a signed 64-bit seed
 # Below the schedulers' 1000 training timesteps: DDIM with SD's steps_offset 1 reaches timestep 1000 at 1000
 # steps (an IndexError after loading), and 999 steps or fewer stay within them (sd-scripts caps --s at 1000).
 MAX_STEPS = 999
+# The webui's prompt weighting with a number, "(sks dog:1.3)", which sd-scripts' sampling also reads; a plain
+# "(words)" (1.1 there) is too often ordinary text, as in "kirby (series)", to be taken for it.
+WEIGHTED = re.compile(r"\([^()]*:\s*[-+]?(?:\d+\.?\d*|\.\d+)\s*\)")
 
 
 @dataclass(frozen=True)
@@ -78,3 +82,16 @@ def guidance_notes(settings: list[PromptSettings]) -> list[str]:
         listed = ", ".join(f"{g:g}" for g in as_one)
         notes.append(f"guidance {listed} samples as guidance 1 does (classifier-free guidance runs only above 1): the prompt alone steers")
     return notes
+
+
+def weighting_notes(settings: list[PromptSettings]) -> list[str]:
+    """A note when prompts (or negative prompts) use the webui's "(words:1.3)" weighting, which nothing here
+    reads: diffusers' pipelines, as training reads captions, encode the parentheses, colon and number as words."""
+    texts = dict.fromkeys(text for prompt in settings for text in (prompt.prompt, prompt.negative_prompt) if text)  # a shared negative once
+    weighted = [match.group(0) for text in texts if (match := WEIGHTED.search(text))]
+    if not weighted:
+        return []
+    more = len(weighted) - 1
+    others = f" (and {more} more prompt{'s' if more > 1 else ''})" if more else ""
+    return [f"'{weighted[0]}'{others} is the webui's prompt weighting, which is not read here: its parentheses, colon and number "
+            "are encoded as words, as training reads captions; write the words without them"]

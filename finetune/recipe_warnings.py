@@ -11,6 +11,7 @@ from typing import Any
 
 from finetune.config import Recipe
 from finetune.process_env import first_on_its_machine
+from finetune.prompt_options import weighting_notes
 
 # What only prior preservation reads: the class images, how they are made and how much their loss weighs.
 CLASS_SETTINGS = ("prior_loss_weight", "num_class_images", "class_generation")
@@ -35,7 +36,13 @@ def _warn(line: str) -> None:
 
 def unused_settings(raw: dict[str, Any], recipe: Recipe) -> list[str]:
     """One line per group of given settings that do nothing with the recipe's other settings."""
-    return _dreambooth_unused(raw, recipe) + _switched_off(recipe)
+    return _dreambooth_unused(raw, recipe) + _switched_off(recipe) + _weighted_prompts(recipe)
+
+
+def _weighted_prompts(recipe: Recipe) -> list[str]:
+    """The webui's "(words:1.3)" weighting in validation prompts: read as words, not as weights."""
+    validation = recipe.validation
+    return [f"validation.prompts: {note}" for note in weighting_notes([validation.prompt_settings(text) for text in validation.prompts])]
 
 
 def _switched_off(recipe: Recipe) -> list[str]:

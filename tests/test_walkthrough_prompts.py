@@ -59,3 +59,32 @@ def test_training_and_sampling_encode_a_prompt_alike(make_recipe, settings, prom
     assert positive.shape == trained[:1].shape
     assert torch.allclose(positive, trained[:1], atol=1e-5)
     assert torch.allclose(negative, trained[1:], atol=1e-5)  # no negative prompt: the empty caption, as diffusers
+
+
+def test_the_webuis_prompt_weighting_is_said_to_be_read_as_words(tiny_model, make_recipe, tmp_path, capsys):
+    from finetune.cli import main
+    from finetune.demo_engine import DemoEngine, Request
+    from finetune.recipe_warnings import unused_settings
+
+    # Nothing here reads "(words:1.3)": the pipeline encodes the parentheses, colon and number as words.
+    tokenizer = load_base_model(make_recipe().model).tokenizer
+    assert len(tokenizer("a (red circle:1.3)").input_ids) > len(tokenizer("a red circle").input_ids) + 3
+    note = ("is the webui's prompt weighting, which is not read here: its parentheses, colon and number are encoded as words, "
+            "as training reads captions; write the words without them")
+    said = f"'(red circle:1.3)' {note}"
+
+    assert main(["sample", "--base", str(tiny_model), "--prompt", "a (red circle:1.3)", "--steps", "1", "--num-images", "1",
+                 "--resolution", "32", "--out", str(tmp_path / "sampled")]) == 0  # fmt: skip
+    assert f"note: {said}" in capsys.readouterr().out
+    main(["sample", "--base", str(tiny_model), "--prompt", "kirby (series), a red circle", "--negative-prompt", "(blurry:1.2)",
+          "--steps", "1", "--num-images", "1", "--resolution", "32", "--out", str(tmp_path / "sampled")])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "note: '(blurry:1.2)' is the webui's prompt weighting" in printed and "(series)" not in printed  # plain parentheses are text
+
+    recipe = make_recipe(validation__prompts=["a (red circle:1.3)", "a blue square --n (blurry:0.5)", "a green triangle"])
+    lines = [line for line in unused_settings({}, recipe) if "weighting" in line]
+    assert lines == [f"validation.prompts: '(red circle:1.3)' (and 1 more prompt) {note}"]
+    assert not [line for line in unused_settings({}, make_recipe(validation__prompts=["a red circle (left)"])) if "weighting" in line]
+
+    summary = DemoEngine(str(tiny_model), tmp_path / "no-adapters").render(Request(prompt="a (red circle:1.3)", steps=1, size=32))[3]
+    assert summary.endswith(f"; note: {said}")
