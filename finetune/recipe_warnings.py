@@ -51,6 +51,10 @@ def _switched_off(recipe: Recipe) -> list[str]:
     unused = [f"data.bucketing.{key}" for key in recipe.data.bucketing.changed(("step", "min_side", "max_side"))]
     if unused and not recipe.data.bucketing.enabled:
         lines.append(f"{', '.join(unused)} {'do' if len(unused) > 1 else 'does'} nothing with bucketing off: set data.bucketing.enabled: true to use them")
+    own = getattr(recipe, recipe.method) if recipe.method in ("lora", "full", "dreambooth") else None
+    if recipe.train.cache_text_embeddings and own is not None and own.train_text_encoder:
+        lines.append(f"train.cache_text_embeddings does nothing while the text encoder trains ({recipe.method}.train_text_encoder): "
+                     "its embeddings change at every step and are encoded anew: set cache_text_embeddings: false")  # fmt: skip
     validation = recipe.validation
     if not validation.prompts:
         keys = ("num_inference_steps", "guidance_scale", "negative_prompt", "images_per_prompt", "seed")

@@ -88,3 +88,18 @@ def test_the_webuis_prompt_weighting_is_said_to_be_read_as_words(tiny_model, mak
 
     summary = DemoEngine(str(tiny_model), tmp_path / "no-adapters").render(Request(prompt="a (red circle:1.3)", steps=1, size=32))[3]
     assert summary.endswith(f"; note: {said}")
+
+
+def test_a_text_cache_asked_for_while_the_text_encoder_trains_is_said_to_do_nothing(make_recipe, tmp_path):
+    from finetune.recipe_warnings import unused_settings
+
+    said = ("train.cache_text_embeddings does nothing while the text encoder trains (lora.train_text_encoder): its embeddings change "
+            "at every step and are encoded anew: set cache_text_embeddings: false")  # fmt: skip
+    cache_dir = tmp_path / "cache"
+    recipe = make_recipe(lora__train_text_encoder=True, train__cache_text_embeddings=True, train__cache_latents=True, train__cache_dir=str(cache_dir))
+    assert said in unused_settings({}, recipe)
+    assert not [line for line in unused_settings({}, make_recipe(train__cache_text_embeddings=True)) if "cache_text_embeddings" in line]
+    method = LoRAMethod(recipe)
+    method.setup(load_base_model(recipe.model))
+    assert method.text_cache is None and [folder.name.split("-")[0] for folder in cache_dir.iterdir()] == ["latents"]  # no idle text folder
+    assert not [line for line in method.start_lines if "text embeddings" in line]

@@ -148,13 +148,13 @@ class DiffusionMethod(TrainingMethod):
             return EncodingCache(root / f"{kind}-{model_fingerprint(encoder, tokenizer)}" if root else None)
 
         self.latent_cache = cache("latents", base.vae) if train.cache_latents else None
-        self.text_cache = cache("text", base.text_encoder, base.tokenizer) if train.cache_text_embeddings else None
         text_encoder_trains = "text_encoder" in self.trained_modules()  # its embeddings are not cached then
-        used = ((self.latent_cache, "latents"), (None if text_encoder_trains else self.text_cache, "text embeddings"))
+        self.text_cache = cache("text", base.text_encoder, base.tokenizer) if train.cache_text_embeddings and not text_encoder_trains else None
+        used = ((self.latent_cache, "latents"), (self.text_cache, "text embeddings"))
         self.start_lines += [cache.disk_line(what) for cache, what in used if cache and cache.folder]
         data = self.recipe.data  # the items are read only where a warning may apply (a model set up without check_data has none)
         crops_vary = train.cache_latents and data.crop == "random" and any_crop_room(self.training_items(), data)
-        tags_vary = (train.cache_text_embeddings and not text_encoder_trains and (data.shuffle_tags or data.tag_dropout)
+        tags_vary = (self.text_cache is not None and (data.shuffle_tags or data.tag_dropout)
                      and any_tags_to_move(self.training_items(), data))
         self.start_lines += unrepeated_cache_warnings(crops_vary, tags_vary)
         self.timesteps = training_timesteps(train, base.noise_scheduler.config.num_train_timesteps)
