@@ -10,6 +10,7 @@ from transformers import CLIPTokenizer
 from finetune.captions import caption_lines
 from finetune.config import SINGLE_FILE_SUFFIXES, ModelConfig
 from finetune.errors import FinetuneError
+from finetune.prompt_options import WEIGHTED
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt")  # what a CLIP tokenizer is made of (or one tokenizer.json, as ours)
 
@@ -57,3 +58,21 @@ def long_captions_line(tokenizer: CLIPTokenizer, captions: dict[str, str], max_t
         f"{len(cut)} of {len(captions)} captions are longer than model.max_token_length ({max_token_length} tokens) and are cut there "
         f"(the longest: {longest}, {cut[longest]} tokens): {past_the_cut}; {remedy}"
     )
+
+
+def weighted_captions_line(captions: dict[str, str]) -> str | None:
+    """A warning for the captions ({source: caption}) written with the webui's "(words:1.2)" weighting, naming
+    the first; None if none. Training reads it as words, as sd-scripts does without its --weighted_captions."""
+    weighted = {source: match.group(0) for source, caption in captions.items() if (match := WEIGHTED.search(caption or ""))}
+    if not weighted:
+        return None
+    first = next(iter(weighted))
+    return (f"{len(weighted)} of {len(captions)} captions use the webui's prompt weighting (the first: {first}, '{weighted[first]}'), "
+            "which training does not read: its parentheses, colon and number train as words; write the words without them")
+
+
+def caption_warnings(tokenizer: CLIPTokenizer | None, captions: dict[str, str], max_token_length: int = 75, shuffled: bool = False) -> list[str]:
+    """The warnings about the captions said at the start of training (and by check-data): those cut at
+    model.max_token_length (counted where the `tokenizer` is at hand), those written with weights."""
+    cut = long_captions_line(tokenizer, captions, max_token_length, shuffled) if tokenizer is not None else None
+    return [line for line in (cut, weighted_captions_line(captions)) if line]

@@ -45,17 +45,17 @@ def configs_from_args(args, recipe: Recipe | None) -> list[DataConfig]:
     return revised
 
 
-def caption_tokens_line(model: ModelConfig, captions: dict[str, str], shuffled: bool = False) -> str | None:
-    """The warning training gives at its start for captions past model.max_token_length, given here where the
-    base model's tokenizer is at hand (a diffusers folder, or the hub); else a line saying they are not counted."""
-    from finetune.caption_tokens import load_tokenizer, long_captions_line  # transformers: only with a recipe
+def caption_lines(model: ModelConfig, captions: dict[str, str], shuffled: bool = False) -> list[str]:
+    """The warnings training gives at its start about the captions (finetune/caption_tokens.py), given here; the
+    tokens are counted where the base model's tokenizer is at hand (a diffusers folder, or the hub), else a line says so."""
+    from finetune.caption_tokens import caption_warnings, load_tokenizer  # transformers: only with a recipe
 
     try:
-        tokenizer = load_tokenizer(model)
+        tokenizer, uncounted = load_tokenizer(model), []
     except Exception:  # not found, offline, a single file: the model's own load says what is wrong, if anything
-        return f"captions: not counted in tokens, {model.pretrained}'s tokenizer is not at hand (training counts them once the model loads)"
-    cut = long_captions_line(tokenizer, captions, model.max_token_length, shuffled)
-    return f"warning: {cut}" if cut else None
+        tokenizer = None
+        uncounted = [f"captions: not counted in tokens, {model.pretrained}'s tokenizer is not at hand (training counts them once the model loads)"]
+    return uncounted + [f"warning: {line}" for line in caption_warnings(tokenizer, captions, model.max_token_length, shuffled)]
 
 
 def run_check_data_command(args) -> int:
@@ -90,10 +90,9 @@ def run_check_data_command(args) -> int:
     for line in class_folders_to_fill:
         print(line)
     if recipe is not None:
-        tokens = caption_tokens_line(recipe.model, {e.source: e.caption for report in reports for e in report.usable}, recipe.data.shuffle_tags)
-        if tokens:
-            print(tokens)
-            warnings += tokens.startswith("warning")
+        for line in caption_lines(recipe.model, {e.source: e.caption for report in reports for e in report.usable}, recipe.data.shuffle_tags):
+            print(line)
+            warnings += line.startswith("warning")
     short = None
     if recipe is not None and not fatal:
         if held:

@@ -27,7 +27,7 @@ from finetune.diffusion import BatchRandomness
 from finetune.device_copy import to_device
 from finetune.distributed import accelerator_options, agree_on_start, autocast, checkpoint_options, configure_deepspeed, full_parameters, launch_problem, release_gathered, trained_parameters, unsharded_loading, unwrap, uses_deepspeed, zero_stage
 from finetune.ema import EMA_FILE, WeightAverage
-from finetune.caption_tokens import long_captions_line
+from finetune.caption_tokens import caption_warnings
 from finetune.errors import FinetuneError
 from finetune.finite_weights import ensure_finite_weights
 from finetune.held_out import TrainingSubset, held_out_loss, held_out_sources, split_held_out
@@ -122,11 +122,9 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
 
     with unsharded_loading(accelerator):
         base = load_base_model(recipe.model, weight_dtype)
-    cut_captions = long_captions_line(
-        base.tokenizer, {e.source: e.caption for report in method.data_reports for e in report.usable}, recipe.model.max_token_length, recipe.data.shuffle_tags
-    )
-    if cut_captions:
-        accelerator.print(f"warning: {cut_captions}")
+    captions = {e.source: e.caption for report in method.data_reports for e in report.usable}
+    for line in caption_warnings(base.tokenizer, captions, recipe.model.max_token_length, recipe.data.shuffle_tags):
+        accelerator.print(f"warning: {line}")
     base.vae.to(accelerator.device)
     base.text_encoder.to(accelerator.device)
     method.setup(base, weight_dtype)
