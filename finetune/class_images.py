@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from finetune.config import ClassImageGeneration, ModelConfig
+from finetune.encoders import chunks_needed
 from finetune.sampling import autocast_for, prompt_arguments, save_image_atomic
 from finetune.sources import folder_images
 
@@ -206,7 +207,12 @@ def generate_class_images(
     """Generate this process's share of `indices`; returns how many images it wrote."""
     folder.mkdir(parents=True, exist_ok=True)
     mine = indices[process_index::num_processes]
-    batches = [mine[i : i + settings.batch_size] for i in range(0, len(mine), settings.batch_size)]
+    # Batches of prompts read in the same number of 75-token chunks: a short prompt batched with a long one
+    # would be read in as many, and draw another image than it draws alone (finetune.sampling.generate).
+    by_chunks: dict[int, list[int]] = {}
+    for k in mine:
+        by_chunks.setdefault(chunks_needed(pipeline.tokenizer, [generated_prompt(class_prompts, k), settings.negative_prompt or ""]), []).append(k)
+    batches = [group[i : i + settings.batch_size] for group in by_chunks.values() for i in range(0, len(group), settings.batch_size)]
     written = 0
     name = f"'{class_prompts[0]}'" + (f" and {len(class_prompts) - 1} more prompts" if len(class_prompts) > 1 else "")
     for batch in tqdm(batches, desc=f"class images {name}", disable=process_index != 0 or not batches):

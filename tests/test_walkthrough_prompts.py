@@ -128,3 +128,22 @@ def test_captions_written_with_weights_are_said_to_train_as_words(make_recipe, i
     sidecars[1].write_text("a red circle (left), kirby (series)")  # plain parentheses are words
     main(["check-data", str(tmp_path / "recipe.yaml")])
     assert "prompt weighting" not in capsys.readouterr().out
+
+
+def test_a_class_image_is_the_one_its_prompt_draws_alone_when_batched_with_a_long_prompt(make_recipe, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from finetune.class_images import generate_class_images
+    from finetune.config import ClassImageGeneration
+    from finetune.sampling import build_pipeline
+
+    pipeline = build_pipeline(load_base_model(make_recipe().model))
+    images = {}
+    for batch_size in (1, 2):
+        settings = ClassImageGeneration(num_inference_steps=2, guidance_scale=7.5, batch_size=batch_size, seed=5)
+        generate_class_images(pipeline, ["a red circle", LONG], tmp_path / str(batch_size), "k", [0, 1], settings, 32)
+        images[batch_size] = [np.asarray(Image.open(path), dtype=np.float32) for path in sorted((tmp_path / str(batch_size)).glob("*.png"))]
+    assert len(images[1]) == len(images[2]) == 2
+    for alone, batched in zip(images[1], images[2]):  # batched, it was read in two chunks as the long one
+        assert np.abs(alone - batched).mean() < 0.5
