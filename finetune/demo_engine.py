@@ -43,7 +43,7 @@ from finetune.merge import find_module
 from finetune.methods.controlnet import weights_variant
 from finetune.models import BaseModel, freeze, load_base_model
 from finetune.placement import inference_placement, place
-from finetune.prompt_options import PromptSettings, weighting_notes
+from finetune.prompt_options import PromptSettings, webui_syntax_notes
 from finetune.sampling import adapters_clip_skip, adapters_prediction_type, adapters_zero_terminal_snr, build_pipeline, follow_adapters_schedule, generate
 
 CONDITIONING_KINDS = ("as uploaded", "canny", "luminance", "mask")
@@ -224,7 +224,7 @@ class DemoEngine:
             labels, results = ["conditioning", *labels], [[condition, *row] for row in results]
         seeds = [request.seed + r for r in range(request.rows)]
         asked = PromptSettings(request.prompt, request.negative_prompt, request.seed, request.guidance, request.steps)
-        notes = "".join(f"; note: {note}" for note in weighting_notes([asked]))
+        notes = "".join(f"; note: {note}" for note in webui_syntax_notes([asked]))
         return results, labels, seeds, f"{len(columns)} column(s) x {request.rows} row(s) in {time.perf_counter() - started:.1f} s{notes}"
 
 

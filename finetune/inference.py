@@ -30,7 +30,7 @@ from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.models import BaseModel, load_base_model, looks_like_hub_id
 from finetune.pipeline_io import METADATA_FILE
 from finetune.placement import inference_placement, place, placement_line
-from finetune.prompt_options import PromptSettings, guidance_notes, weighting_notes, with_options
+from finetune.prompt_options import PromptSettings, guidance_notes, webui_syntax_notes, with_options
 from finetune.sampling import GRID_LABEL_WIDTH, adapters_clip_skip, build_pipeline, follow_adapters_schedule, generate_with_settings, make_grid, save_image_atomic
 from finetune.sources import Example
 from finetune.views import cover_and_crop
@@ -339,7 +339,7 @@ def sample_to_folder(
         settings = [with_options(text, PromptSettings(text, negative_prompt, seed, guidance, steps)) for text in prompts]
     except ValueError as err:
         raise FinetuneError(f"--prompt {err}") from None
-    for note in guidance_notes(settings) + weighting_notes(settings):
+    for note in guidance_notes(settings) + webui_syntax_notes(settings):
         print(f"note: {note}")
     if controlnet is not None and (made := recorded_conditioning(saved_model_metadata(resolve_controlnet_folder(controlnet)))):
         print(f"note: this ControlNet was trained on {made} conditioning images (finetune make-conditions); --condition is used as it is: give one of that kind")

@@ -31,6 +31,7 @@ MAX_STEPS = 999
 # The webui's prompt weighting with a number, "(sks dog:1.3)", which sd-scripts' sampling also reads; a plain
 # "(words)" (1.1 there) is too often ordinary text, as in "kirby (series)", to be taken for it.
 WEIGHTED = re.compile(r"\([^()]*:\s*[-+]?(?:\d+\.?\d*|\.\d+)\s*\)")
+LORA_TAG = re.compile(r"<(?:lora|lyco|hypernet):[^<>]*>", re.IGNORECASE)  # the webui's adapter tags, "<lora:name:0.8>"
 
 
 @dataclass(frozen=True)
@@ -84,14 +85,18 @@ def guidance_notes(settings: list[PromptSettings]) -> list[str]:
     return notes
 
 
-def weighting_notes(settings: list[PromptSettings]) -> list[str]:
-    """A note when prompts (or negative prompts) use the webui's "(words:1.3)" weighting, which nothing here
-    reads: diffusers' pipelines, as training reads captions, encode the parentheses, colon and number as words."""
+def webui_syntax_notes(settings: list[PromptSettings]) -> list[str]:
+    """A note when prompts (or negative prompts) use the webui's "(words:1.3)" weighting or its "<lora:name:0.8>"
+    tags, which nothing here reads: diffusers' pipelines, as training reads captions, encode them as words."""
     texts = dict.fromkeys(text for prompt in settings for text in (prompt.prompt, prompt.negative_prompt) if text)  # a shared negative once
-    weighted = [match.group(0) for text in texts if (match := WEIGHTED.search(text))]
-    if not weighted:
-        return []
-    more = len(weighted) - 1
-    others = f" (and {more} more prompt{'s' if more > 1 else ''})" if more else ""
-    return [f"'{weighted[0]}'{others} is the webui's prompt weighting, which is not read here: its parentheses, colon and number "
-            "are encoded as words, as training reads captions; write the words without them"]
+    notes = []
+    for pattern, what, remedy in (
+        (WEIGHTED, "prompt weighting", "its parentheses, colon and number are encoded as words, as training reads captions; write the words without them"),
+        (LORA_TAG, "LoRA tag", "it is encoded as words and loads nothing (sample takes --lora, the demo its LoRA lists, validation samples the one in training): leave it out"),
+    ):
+        found = [match.group(0) for text in texts if (match := pattern.search(text))]
+        if found:
+            more = len(found) - 1
+            others = f" (and {more} more prompt{'s' if more > 1 else ''})" if more else ""
+            notes.append(f"'{found[0]}'{others} is the webui's {what}, which is not read here: {remedy}")
+    return notes

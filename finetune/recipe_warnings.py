@@ -11,7 +11,7 @@ from typing import Any
 
 from finetune.config import Recipe
 from finetune.process_env import first_on_its_machine
-from finetune.prompt_options import weighting_notes
+from finetune.prompt_options import webui_syntax_notes
 
 # What only prior preservation reads: the class images, how they are made and how much their loss weighs.
 CLASS_SETTINGS = ("prior_loss_weight", "num_class_images", "class_generation")
@@ -42,7 +42,7 @@ def unused_settings(raw: dict[str, Any], recipe: Recipe) -> list[str]:
 def _weighted_prompts(recipe: Recipe) -> list[str]:
     """The webui's "(words:1.3)" weighting in validation prompts: read as words, not as weights."""
     validation = recipe.validation
-    return [f"validation.prompts: {note}" for note in weighting_notes([validation.prompt_settings(text) for text in validation.prompts])]
+    return [f"validation.prompts: {note}" for note in webui_syntax_notes([validation.prompt_settings(text) for text in validation.prompts])]
 
 
 def _switched_off(recipe: Recipe) -> list[str]:

@@ -81,6 +81,12 @@ def test_the_webuis_prompt_weighting_is_said_to_be_read_as_words(tiny_model, mak
     printed = capsys.readouterr().out
     assert "note: '(blurry:1.2)' is the webui's prompt weighting" in printed and "(series)" not in printed  # plain parentheses are text
 
+    # Its LoRA tags, as a model card's webui line writes them, load nothing either.
+    main(["sample", "--base", str(tiny_model), "--prompt", "a red circle <lora:mine:0.8>", "--steps", "1", "--num-images", "1",
+          "--resolution", "32", "--out", str(tmp_path / "sampled")])  # fmt: skip
+    assert ("note: '<lora:mine:0.8>' is the webui's LoRA tag, which is not read here: it is encoded as words and loads nothing "
+            "(sample takes --lora, the demo its LoRA lists, validation samples the one in training): leave it out") in capsys.readouterr().out
+
     recipe = make_recipe(validation__prompts=["a (red circle:1.3)", "a blue square --n (blurry:0.5)", "a green triangle"])
     lines = [line for line in unused_settings({}, recipe) if "weighting" in line]
     assert lines == [f"validation.prompts: '(red circle:1.3)' (and 1 more prompt) {note}"]
