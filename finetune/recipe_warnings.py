@@ -36,11 +36,11 @@ def _warn(line: str) -> None:
 
 def unused_settings(raw: dict[str, Any], recipe: Recipe) -> list[str]:
     """One line per group of given settings that do nothing with the recipe's other settings."""
-    return _dreambooth_unused(raw, recipe) + _switched_off(recipe) + _weighted_prompts(recipe)
+    return _dreambooth_unused(raw, recipe) + _switched_off(recipe) + _webui_prompt_syntax(recipe)
 
 
-def _weighted_prompts(recipe: Recipe) -> list[str]:
-    """The webui's "(words:1.3)" weighting in validation prompts: read as words, not as weights."""
+def _webui_prompt_syntax(recipe: Recipe) -> list[str]:
+    """The webui's "(words:1.3)" weighting and "<lora:name:0.8>" tags in validation prompts: read as words."""
     validation = recipe.validation
     return [f"validation.prompts: {note}" for note in webui_syntax_notes([validation.prompt_settings(text) for text in validation.prompts])]
 
