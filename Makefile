@@ -51,7 +51,9 @@ demo: setup
 # world data -> random init -> VAE (recipes/pretrain_vae.yaml) -> UNet + text encoder
 # (recipes/pretrain_unet.yaml, recipes/pretrain_unet_2.yaml, fp16 copy, recipes/pretrain_unet_3.yaml
 # with partial captions) -> fp16 copy in finetune/assets/toyworld-base (replacing the shipped one).
-# Data already written is kept; to train again from nothing, remove outputs/base first.
+# Data already written is kept, and so is each stage's trained pipeline: run again after a stop (Ctrl-C, a
+# reboot), it skips the finished stages and continues the stopped one from its last checkpoint (--resume
+# latest starts a stage afresh where it has none). To train again from nothing, remove outputs/base first.
 base-model: setup
 	test -f outputs/world/all/metadata.jsonl || $(BIN)/finetune make-world-data outputs/world/all --include-held-out all --num-images 10000 --seed 1
 	test -f outputs/world/train/metadata.jsonl || $(BIN)/finetune make-world-data outputs/world/train --num-images 20000 --seed 0
@@ -60,11 +62,11 @@ base-model: setup
 	test -f outputs/base/init/model_index.json || $(BIN)/finetune make-tiny-model outputs/base/init --preset world --seed 0
 	test -f finetune/assets/toyworld_perceptual.safetensors || \
 		$(BIN)/python -m finetune.toyworld.classifier --seed 1 --threads 1 --out finetune/assets/toyworld_perceptual.safetensors
-	$(BIN)/finetune train recipes/pretrain_vae.yaml
-	$(BIN)/finetune train recipes/pretrain_unet.yaml
-	$(BIN)/finetune train recipes/pretrain_unet_2.yaml
+	test -f outputs/base/vae/pipeline/model_index.json || $(BIN)/finetune train recipes/pretrain_vae.yaml --resume latest
+	test -f outputs/base/unet/pipeline/model_index.json || $(BIN)/finetune train recipes/pretrain_unet.yaml --resume latest
+	test -f outputs/base/unet2/pipeline/model_index.json || $(BIN)/finetune train recipes/pretrain_unet_2.yaml --resume latest
 	$(BIN)/finetune export-base outputs/base/unet2/pipeline outputs/base/unet2-fp16 --overwrite
-	$(BIN)/finetune train recipes/pretrain_unet_3.yaml
+	test -f outputs/base/unet3/pipeline/model_index.json || $(BIN)/finetune train recipes/pretrain_unet_3.yaml --resume latest
 	$(BIN)/finetune export-base outputs/base/unet3/pipeline finetune/assets/toyworld-base --overwrite
 
 clean:

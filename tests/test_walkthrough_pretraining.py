@@ -1,0 +1,53 @@
+"""Reproducing the toy-world base as a user would: `make base-model`, its stages, and what they write."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import pytest
+from conftest import REPO
+
+
+def _run_make_base_model(folder, calls):
+    """`make base-model` in `folder` with stand-ins for .venv/bin's finetune and python that only note their arguments."""
+    bin_dir = folder / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    for name in ("finetune", "python"):
+        (bin_dir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> "{calls}"\n')
+        (bin_dir / name).chmod(0o755)
+    (folder / "pyproject.toml").touch()
+    os.utime(folder / "pyproject.toml", (0, 0))
+    (folder / ".venv" / ".installed").touch()  # set up: newer than pyproject.toml
+    subprocess.run(["make", "--no-print-directory", "-f", str(REPO / "Makefile"), "base-model"], cwd=folder, check=True,
+                   capture_output=True, text=True, timeout=60)
+    return calls.read_text().splitlines()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_make_base_model_run_again_skips_finished_stages_and_continues_the_stopped_one(tmp_path):
+    """The chain takes hours: run again after a stop in stage 4, it failed at once on the finished VAE stage
+    ('output_dir outputs/base/vae holds an earlier run'), and --resume latest there had nothing left to train."""
+    for done in ("outputs/world/all/metadata.jsonl", "outputs/world/train/metadata.jsonl", "outputs/world/train_partial/metadata.jsonl",
+                 "outputs/base/init/model_index.json", "finetune/assets/toyworld_perceptual.safetensors",
+                 "outputs/base/vae/pipeline/model_index.json", "outputs/base/vae/checkpoints/checkpoint-2500/trainer_state.json",
+                 "outputs/base/unet/checkpoints/checkpoint-3500/trainer_state.json"):  # stopped at step 3,500 of stage 4
+        (tmp_path / done).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / done).touch()
+    calls = _run_make_base_model(tmp_path, tmp_path / "calls")
+    assert calls == [
+        "finetune train recipes/pretrain_unet.yaml --resume latest",  # the VAE's pipeline is there: not trained again
+        "finetune train recipes/pretrain_unet_2.yaml --resume latest",  # no checkpoint yet: --resume latest starts it
+        "finetune export-base outputs/base/unet2/pipeline outputs/base/unet2-fp16 --overwrite",
+        "finetune train recipes/pretrain_unet_3.yaml --resume latest",
+        "finetune export-base outputs/base/unet3/pipeline finetune/assets/toyworld-base --overwrite",
+    ]
+
+
+def test_resume_latest_in_a_new_output_dir_trains_from_the_start(make_recipe):
+    """What `make base-model` relies on for a stage it has not started yet."""
+    from finetune.trainer import train
+
+    result = train(make_recipe(method="vae", train__max_steps=2, validation__at_start=False), resume="latest")
+    assert result.final_step == 2 and (result.output_dir / "pipeline" / "model_index.json").is_file()
