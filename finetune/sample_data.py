@@ -8,8 +8,10 @@ subject, with each star's mask in `star/masks/` for loss-masked training). Image
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+from finetune.atomic_files import removed_if_unfinished
 from finetune.errors import FinetuneError
 from finetune.toyworld.datasets import write_folder
 
@@ -28,8 +30,19 @@ def make_world_data(
     The UNet and text encoder see held-in images only ("no": no star, no stripes). The VAE sees
     everything ("all"): like Stable Diffusion's VAE, trained on general images, it must be able to
     represent what fine-tuning will teach; it is the text-to-image model that has never seen it.
+
+    Written under a temporary name and renamed when whole: a stopped run (Ctrl-C in `make base-model`) leaves
+    no half-filled folder, which the next run would refuse. `folder` is new or empty (check_world_data_arguments).
     """
-    return write_folder(folder, num_images, seed, include_held_out=include_held_out, partial_captions=partial_captions, conditioning=conditioning)
+    folder = Path(folder)
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    with removed_if_unfinished(partial):
+        write_folder(partial, num_images, seed, include_held_out=include_held_out, partial_captions=partial_captions, conditioning=conditioning)
+    if folder.is_dir():
+        folder.rmdir()
+    partial.rename(folder)  # not replace_folder: a flush of 40,000 files would take longer than writing them
+    return folder
 
 
 def check_world_data_arguments(folder: Path, num_images: int, partial_captions: float) -> None:

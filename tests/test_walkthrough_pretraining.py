@@ -51,3 +51,26 @@ def test_resume_latest_in_a_new_output_dir_trains_from_the_start(make_recipe):
 
     result = train(make_recipe(method="vae", train__max_steps=2, validation__at_start=False), resume="latest")
     assert result.final_step == 2 and (result.output_dir / "pipeline" / "model_index.json").is_file()
+
+
+def test_make_world_data_stopped_midway_leaves_nothing_the_next_run_refuses(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while `make base-model` wrote 20,000 images left a half-filled outputs/world/train without its
+    metadata.jsonl: make ran make-world-data again (as its Ctrl-C line advises: 'run the command again to continue'),
+    which refused the folder ('is not empty')."""
+    import itertools
+
+    import finetune.toyworld.datasets as datasets
+    from finetune.cli import main
+
+    def stopped(n, *args, **kwargs):
+        yield from itertools.islice(real_generate(n, *args, **kwargs), 2)
+        raise KeyboardInterrupt
+
+    real_generate = datasets.generate
+    monkeypatch.setattr(datasets, "generate", stopped)
+    assert main(["make-world-data", str(tmp_path / "train"), "--num-images", "4"]) == 130  # "run the command again to continue"
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(datasets, "generate", real_generate)
+    assert main(["make-world-data", str(tmp_path / "train"), "--num-images", "4"]) == 0, capsys.readouterr().err
+    assert len((tmp_path / "train" / "metadata.jsonl").read_text().splitlines()) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train"]
