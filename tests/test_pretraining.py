@@ -50,11 +50,20 @@ def test_vae_perceptual_term_is_added_with_its_weight(make_recipe, tmp_path):
     assert weighted.losses[0] > plain.losses[0]  # same batch and noise: the difference is the perceptual term
 
 
-def test_vae_perceptual_network_must_be_a_classifier_file(make_recipe, tmp_path):
-    """Another model's weights gave a RuntimeError listing every missing and unexpected key; a folder, 'not found'."""
+def test_vae_perceptual_network_must_be_a_classifier_file(make_recipe, tmp_path, monkeypatch):
+    """Another model's weights gave a RuntimeError listing every missing and unexpected key; a folder, 'not found'.
+    Said before the images are read and the model loads (it was said after both)."""
     from safetensors.torch import save_file
     from finetune.errors import FinetuneError
+    import finetune.methods.base
+    import finetune.trainer
     import pytest
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the data check or the model load ran first")
+
+    monkeypatch.setattr(finetune.methods.base, "checked_examples", too_late)
+    monkeypatch.setattr(finetune.trainer, "load_base_model", too_late)
 
     save_file({"unet.up.lora_A.weight": torch.zeros(2, 2)}, tmp_path / "lora.safetensors")
     for network, message in ((tmp_path / "none.safetensors", r"vae.perceptual_network .* not found"),

@@ -80,24 +80,33 @@ def perceptual_distance(network: torch.nn.Module, reconstruction: torch.Tensor, 
 class VAEMethod(TrainingMethod):
     name = "vae"
 
+    def check_data(self) -> None:
+        # The perceptual network is small: a missing or wrong file is one line before the images are read and the model loads.
+        self.perceptual = self.perceptual_network()
+        super().check_data()
+
+    def perceptual_network(self) -> torch.nn.Module | None:
+        settings = self.recipe.vae
+        if not settings.perceptual_weight:
+            return None
+        from finetune.toyworld.classifier import load_classifier
+
+        path = Path(settings.perceptual_network) if settings.perceptual_network else SHIPPED_PERCEPTUAL_NETWORK
+        if path.is_dir():
+            raise FinetuneError(f"vae.perceptual_network {path} is a folder: give the classifier's .safetensors file")
+        if not path.is_file():
+            raise FinetuneError(f"vae.perceptual_network {path} not found: train one with python -m finetune.toyworld.classifier --seed 1 --out {path}")
+        try:
+            classifier = load_classifier(path)
+        except (RuntimeError, ValueError, OSError) as err:  # another model's weights (a LoRA, a UNet), or not safetensors
+            raise FinetuneError(f"vae.perceptual_network {path} is not a toy-world classifier file ({str(err).splitlines()[0][:120]}): "
+                                "train one with python -m finetune.toyworld.classifier") from None
+        return classifier.requires_grad_(False).eval()
+
     def configure_model(self) -> None:
         self.base.vae.to(torch.float32).requires_grad_(True).train()
-        settings = self.recipe.vae
-        self.perceptual = None
-        if settings.perceptual_weight:
-            from finetune.toyworld.classifier import load_classifier
-
-            path = Path(settings.perceptual_network) if settings.perceptual_network else SHIPPED_PERCEPTUAL_NETWORK
-            if path.is_dir():
-                raise FinetuneError(f"vae.perceptual_network {path} is a folder: give the classifier's .safetensors file")
-            if not path.is_file():
-                raise FinetuneError(f"vae.perceptual_network {path} not found: train one with python -m finetune.toyworld.classifier --seed 1 --out {path}")
-            try:
-                classifier = load_classifier(path)
-            except (RuntimeError, ValueError, OSError) as err:  # another model's weights (a LoRA, a UNet), or not safetensors
-                raise FinetuneError(f"vae.perceptual_network {path} is not a toy-world classifier file ({str(err).splitlines()[0][:120]}): "
-                                    "train one with python -m finetune.toyworld.classifier") from None
-            self.perceptual = classifier.requires_grad_(False).eval().to(self.base.vae.device)
+        if self.perceptual is not None:
+            self.perceptual.to(self.base.vae.device)
         self.model = AutoencoderForTraining(self.base.vae)
         self.preview: torch.Tensor | None = None
         # Running std of the latents: saved as 1/scaling_factor so the UNet sees unit-variance latents.
