@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="save a trained pipeline compactly (fp16 safetensors), e.g. to ship the toy-world base",
         description="Copy a diffusers pipeline folder, converting its weights to fp16 safetensors.",
     )
-    export.add_argument("source", help="a diffusers pipeline folder (e.g. outputs/base/unet/pipeline)")
+    export.add_argument("source", help="a diffusers pipeline folder, or a full run's folder holding pipeline/ (e.g. outputs/base/unet3)")
     export.add_argument("destination")
     export.add_argument("--overwrite", action="store_true", help="replace an existing destination folder")
 

@@ -73,7 +73,10 @@ def export_fp16(source: Path, destination: Path, overwrite: bool = False) -> Pat
     """A compact copy of a pipeline: fp16 safetensors (half the bytes), loaded back as fp32 for training
     and by a plain `from_pretrained` (every part in one dtype; mixed, the first matmul fails)."""
     from finetune.errors import FinetuneError
+    from finetune.methods.full import PIPELINE_DIR
 
+    if (source / PIPELINE_DIR / "model_index.json").is_file():  # a full run's folder (outputs/base/unet3), as export-checkpoint takes
+        source = source / PIPELINE_DIR
     if not (source / "model_index.json").is_file():
         raise FinetuneError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
     check_replaceable(destination, overwrite, "export-base destination")

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 from conftest import REPO
 
 
@@ -74,3 +75,16 @@ def test_make_world_data_stopped_midway_leaves_nothing_the_next_run_refuses(tmp_
     assert main(["make-world-data", str(tmp_path / "train"), "--num-images", "4"]) == 0, capsys.readouterr().err
     assert len((tmp_path / "train" / "metadata.jsonl").read_text().splitlines()) == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train"]
+
+
+def test_export_base_takes_a_pretraining_runs_folder(tiny_model, tmp_path, capsys):
+    """`finetune export-base outputs/base/unet3 ...` said 'not a diffusers pipeline folder (no model_index.json)'
+    for the folder a stage writes (its pipeline in pipeline/), which export-checkpoint and sample take or name."""
+    from diffusers import StableDiffusionPipeline
+
+    from finetune.cli import main
+
+    shutil.copytree(tiny_model, tmp_path / "unet3" / "pipeline")
+    assert main(["export-base", str(tmp_path / "unet3"), str(tmp_path / "base")]) == 0, capsys.readouterr().err
+    pipeline = StableDiffusionPipeline.from_pretrained(tmp_path / "base")
+    assert pipeline.unet.dtype == torch.float32 and pipeline.text_encoder.dtype == torch.float32  # fp16 files, one dtype loaded
