@@ -88,3 +88,15 @@ def test_export_base_takes_a_pretraining_runs_folder(tiny_model, tmp_path, capsy
     assert main(["export-base", str(tmp_path / "unet3"), str(tmp_path / "base")]) == 0, capsys.readouterr().err
     pipeline = StableDiffusionPipeline.from_pretrained(tmp_path / "base")
     assert pipeline.unet.dtype == torch.float32 and pipeline.text_encoder.dtype == torch.float32  # fp16 files, one dtype loaded
+
+
+def test_training_a_classifier_into_a_folder_is_refused_before_it_trains(tmp_path, capsys):
+    """`python -m finetune.toyworld.classifier --out finetune/assets` trained for minutes, then failed to save
+    with a SafetensorError traceback ('I/O error: Is a directory')."""
+    from finetune.toyworld import classifier
+
+    (tmp_path / "a-file").write_text("")
+    for out in (tmp_path, tmp_path / "a-file" / "perceptual.safetensors"):
+        with pytest.raises(SystemExit):
+            classifier.main(["--out", str(out), "--num-images", "8", "--steps", "1", "--eval-images", "8", "--threads", "1"])
+        assert capsys.readouterr().err.strip().endswith(f"error: --out {out} is a folder or inside a file: give the path of the .safetensors file to write")

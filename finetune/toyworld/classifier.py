@@ -260,6 +260,9 @@ def main(argv=None) -> None:
     p.add_argument("--eval-images", type=int, default=2000)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
+    out = Path(args.out)
+    if out.is_dir() or any(parent.exists() and not parent.is_dir() for parent in out.parents):
+        p.error(f"--out {out} is a folder or inside a file: give the path of the .safetensors file to write")  # before minutes of training
     torch.set_num_threads(args.threads)
 
     start = time.time()
