@@ -16,6 +16,24 @@ from finetune.bench.sd15 import peak_tflops
 # The worker: one variant, in its own process
 
 
+def flop_counter():
+    """`FlopCounterMode` as the bench counts a step: torch's formulas (matmuls, convolutions, its CUDA attention
+    kernels), plus the CPU's fused attention, which torch's table lacks: without it a CPU step's attention,
+    forward and backward, counted 0 FLOPs."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    def attention(query, key, value, *args, out_shape=None, **kwargs) -> int:  # shapes: (batch, heads, tokens, width)
+        return sdpa_flop_count(query, key, value)
+
+    def attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out, query, key, value)
+
+    aten = torch.ops.aten
+    cpu = {"_scaled_dot_product_flash_attention_for_cpu": attention, "_scaled_dot_product_flash_attention_for_cpu_backward": attention_backward}
+    return FlopCounterMode(display=False, custom_mapping={getattr(aten, name): f for name, f in cpu.items() if hasattr(aten, name)})
+
+
 def _max_rss_mb() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
@@ -24,7 +42,6 @@ def _max_rss_mb() -> float:
 def measure(spec: dict) -> dict:
     """Train the spec's recipe, timing steps warmup+1 .. warmup+steps; count FLOPs of one more step."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from finetune.recipe_loading import recipe_from_dict
     from finetune.trainer import train
@@ -52,7 +69,7 @@ def measure(spec: dict) -> dict:
             marks["end"], marks["cpu_end"] = now, time.process_time()
             marks["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else _max_rss_mb()
             if spec["count_flops"]:
-                marks["counter"] = FlopCounterMode(display=False)
+                marks["counter"] = flop_counter()
                 marks["counter"].__enter__()
         elif step == warmup + steps + 1 and "counter" in marks:
             marks["counter"].__exit__(None, None, None)

@@ -1,0 +1,52 @@
+"""`finetune bench`'s arithmetic: the FLOPs it counts for a step, against a count by hand."""
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, inject_adapter_in_model
+from torch import nn
+
+from finetune.bench.measure import flop_counter
+
+
+class Attention(nn.Module):
+    """Self-attention with q, k and v projections (no output projection): the part of a UNet's attention
+    that LoRA trains, small enough to count by hand."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.to_q, self.to_k, self.to_v = (nn.Linear(width, width, bias=False) for _ in range(3))
+
+    def forward(self, x):
+        batch, tokens, width = x.shape
+        split = lambda t: t.view(batch, tokens, self.heads, width // self.heads).transpose(1, 2)
+        return F.scaled_dot_product_attention(split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x)))
+
+
+def test_a_lora_attention_steps_flops_are_the_hand_count():
+    """Forward and backward of a LoRA (rank 4 on to_q) attention on a CPU, as the bench's FLOP step counts it.
+
+    Frozen projections compute no weight gradient, only the gradient of their input (which requires one,
+    as a UNet's inner activations do); LoRA's two small matmuls add theirs; attention is counted as torch
+    counts it on a GPU (forward: two matmuls; backward: the scores recomputed and four matmuls)."""
+    batch, tokens, width, heads, rank = 2, 8, 16, 2, 4
+    torch.manual_seed(0)
+    model = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q"], init_lora_weights="gaussian"), Attention(width, heads))
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_("lora_" in name)
+    x = torch.randn(batch, tokens, width, requires_grad=True)
+
+    with flop_counter() as counter:
+        model(x).sum().backward()
+
+    rows = batch * tokens
+    projection, lora_half = 2 * rows * width * width, 2 * rows * width * rank  # one matmul's FLOPs (2 per multiply-add)
+    attention_matmul = 2 * batch * heads * tokens * tokens * (width // heads)  # q k^T, or scores v
+    forward = 3 * projection + 2 * lora_half + 2 * attention_matmul
+    backward = (
+        3 * projection  # frozen q, k, v: the input's gradient only
+        + 4 * lora_half  # LoRA B: weight and input gradients; LoRA A: weight and input gradients
+        + 5 * attention_matmul  # the scores recomputed; gradients of the values, the scores, the queries, the keys
+    )
+    assert counter.get_total_flops() == forward + backward == 90112
+    assert x.grad is not None and all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
