@@ -107,6 +107,7 @@ def test_peak_flops_table():
     assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989.4
     assert peak_tflops("NVIDIA H100 PCIe", "bf16") == 756.0
     assert peak_tflops("NVIDIA H200", "bf16") == 989.4
+    assert peak_tflops("NVIDIA H200 NVL", "bf16") == peak_tflops("NVIDIA H100 NVL", "bf16") == 835.5  # not the SXM parts' 989.4
     assert peak_tflops("NVIDIA H100 80GB HBM3", "tf32") == 494.7
     assert peak_tflops("Some Other GPU", "bf16") is None
 

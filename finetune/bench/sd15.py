@@ -12,6 +12,9 @@ from pathlib import Path
 PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
     # Matched in order against torch.cuda.get_device_name(); the first substring found wins.
     ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0}),
+    # The NVL cards (PCIe, lower power) share the SXM parts' names but not their clocks: 1671 sparse, 835.5 dense.
+    ("H100 NVL", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
+    ("H200 NVL", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
     ("H100", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),  # SXM
     ("H200", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),  # SXM, same tensor cores as H100 SXM
     ("A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
