@@ -46,7 +46,12 @@ def test_a_lora_attention_steps_flops_are_the_hand_count():
     backward = (
         3 * projection  # frozen q, k, v: the input's gradient only
         + 4 * lora_half  # LoRA B: weight and input gradients; LoRA A: weight and input gradients
-        + 5 * attention_matmul  # the scores recomputed; gradients of the values, the scores, the queries, the keys
+        + 4 * attention_matmul  # gradients of the values, the scores, the queries and the keys
     )
-    assert counter.get_total_flops() == forward + backward == 90112
+    assert counter.get_total_flops() == forward + backward == 86016
     assert x.grad is not None and all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+    # The GPU's attention kernels (flash, memory-efficient, cuDNN) are counted the same way.
+    registry, q = counter.flop_registry, torch.empty(batch, heads, tokens, width // heads, device="meta")
+    for kernel in ("flash", "efficient", "cudnn"):
+        assert registry[getattr(torch.ops.aten, f"_scaled_dot_product_{kernel}_attention")](q, q, q, out_val=None) == 2 * attention_matmul
+        assert registry[getattr(torch.ops.aten, f"_scaled_dot_product_{kernel}_attention_backward")](q, q, q, q, out_val=None) == 4 * attention_matmul

@@ -17,21 +17,26 @@ from finetune.bench.sd15 import peak_tflops
 
 
 def flop_counter():
-    """`FlopCounterMode` as the bench counts a step: torch's formulas (matmuls, convolutions, its CUDA attention
-    kernels), plus the CPU's fused attention, which torch's table lacks: without it a CPU step's attention,
-    forward and backward, counted 0 FLOPs."""
+    """`FlopCounterMode` as the bench counts a step's model FLOPs: torch's formulas (matmuls, convolutions,
+    attention), with two changes to attention. The CPU's fused kernel, which torch's table lacks, is counted
+    (without it a CPU step's attention counted 0 FLOPs). Attention's backward is its four matmuls (the
+    gradients of the scores, the values, the queries and the keys): torch adds the scores' recomputation that
+    the flash kernels do instead of keeping them, work of the kernel, not of the model, which would raise MFU."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+    from torch.utils.flop_counter import FlopCounterMode, bmm_flop, sdpa_backward_flop_count, sdpa_flop_count
 
     def attention(query, key, value, *args, out_shape=None, **kwargs) -> int:  # shapes: (batch, heads, tokens, width)
         return sdpa_flop_count(query, key, value)
 
     def attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-        return sdpa_backward_flop_count(grad_out, query, key, value)
+        (batch, heads, queries, width), keys = query, key[2]
+        return sdpa_backward_flop_count(grad_out, query, key, value) - bmm_flop((batch * heads, queries, width), (batch * heads, width, keys))
 
     aten = torch.ops.aten
-    cpu = {"_scaled_dot_product_flash_attention_for_cpu": attention, "_scaled_dot_product_flash_attention_for_cpu_backward": attention_backward}
-    return FlopCounterMode(display=False, custom_mapping={getattr(aten, name): f for name, f in cpu.items() if hasattr(aten, name)})
+    kernels = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+    formulas = {"_scaled_dot_product_flash_attention_for_cpu": attention, "_scaled_dot_product_flash_attention_for_cpu_backward": attention_backward}
+    formulas |= {f"{kernel}_backward": attention_backward for kernel in kernels}
+    return FlopCounterMode(display=False, custom_mapping={getattr(aten, name): f for name, f in formulas.items() if hasattr(aten, name)})
 
 
 def _max_rss_mb() -> float:
