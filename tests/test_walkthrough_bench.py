@@ -55,3 +55,33 @@ def test_a_lora_attention_steps_flops_are_the_hand_count():
     for kernel in ("flash", "efficient", "cudnn"):
         assert registry[getattr(torch.ops.aten, f"_scaled_dot_product_{kernel}_attention")](q, q, q, out_val=None) == 2 * attention_matmul
         assert registry[getattr(torch.ops.aten, f"_scaled_dot_product_{kernel}_attention_backward")](q, q, q, q, out_val=None) == 4 * attention_matmul
+
+
+def test_a_variant_stopped_by_a_deadline_says_how_far_it_got(tmp_path, monkeypatch):
+    """`timeout` stops a GPU check's bench in the middle of a variant (a compile outlasting its stage): the report
+    keeps a row for it saying which untimed steps ended when, instead of nothing. (The variant's process is stood in
+    for: it ends its first step, then the stop comes.)"""
+    import json
+
+    import pytest
+
+    from finetune.bench import runner
+
+    real_run = runner.subprocess.run
+
+    def process(argv, **kwargs):
+        if "--worker" not in argv:
+            return real_run(argv, **kwargs)
+        spec = json.loads(open(argv[4]).read())
+        with open(spec["progress"], "a") as progress:
+            progress.write("1 95.2\n")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner.subprocess, "run", process)
+    out = tmp_path / "bench.json"
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_benchmark(preset="tiny", steps=2, warmup=3, batch=2, num_images=2, variants=["lora_cached_compiled"],
+                             count_flops=False, workdir=tmp_path / "work", out=out, log=lambda line: None)  # fmt: skip
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["variant"] == "lora_cached_compiled" and row["environment"] == {"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"}
+    assert row["error"].startswith("stopped after ") and "1 of 3 untimed steps done (step 1 at 95.2 s, from the process's start)" in row["error"]

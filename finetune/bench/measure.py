@@ -45,7 +45,10 @@ def _max_rss_mb() -> float:
 
 
 def measure(spec: dict) -> dict:
-    """Train the spec's recipe, timing steps warmup+1 .. warmup+steps; count FLOPs of one more step."""
+    """Train the spec's recipe, timing steps warmup+1 .. warmup+steps; count FLOPs of one more step.
+    The untimed steps' ends go to the spec's `progress` file: a run stopped in them (a compile that outlasts
+    a deadline) says how far it got."""
+    started = time.perf_counter()
     import torch
 
     from finetune.recipe_loading import recipe_from_dict
@@ -66,6 +69,9 @@ def measure(spec: dict) -> dict:
         if cuda and step in (warmup, warmup + steps):
             torch.cuda.synchronize()
         now = time.perf_counter()
+        if step <= warmup and spec.get("progress"):
+            with open(spec["progress"], "a") as progress:
+                progress.write(f"{step} {now - started:.1f}\n")
         if warmup <= step <= warmup + steps:
             marks["ends"].append(now)
         if step == warmup:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -164,7 +165,12 @@ def run_benchmark(
         for name in variants:
             log(f"{name}: {VARIANTS[name].description} ...")
             recipe = VARIANTS[name].build(common_recipe(settings, model, root / "runs" / name), settings)
-            runs = [run_variant_process(name, recipe, settings, root / "runs" / f"{name}.json") for _ in range(repeat)]
+            try:
+                runs = [run_variant_process(name, recipe, settings, root / "runs" / f"{name}.json") for _ in range(repeat)]
+            except VariantStopped as stop:  # Ctrl-C or SIGTERM (a deadline): the report says how far the variant got
+                rows.append(stop.row)
+                finish(rows)
+                raise
             row = median_run(runs)
             rows.append(row)
             log(f"{name}: " + (f"{row['sec_per_step']:.3f} s/step, {row['images_per_sec']:.2f} images/s" if "error" not in row else f"failed: {row['error']}"))
@@ -198,6 +204,23 @@ def prepare_data(root: Path, num_images: int, resolution: int) -> tuple[Path, Pa
     return data, classes
 
 
+class VariantStopped(KeyboardInterrupt):
+    """A variant's run stopped from outside; `row` is its report row, the error saying how far it got."""
+
+    def __init__(self, row: dict):
+        super().__init__()
+        self.row = row
+
+
+def stopped_error(seconds: float, progress: Path, warmup: int) -> str:
+    """How far a stopped variant got: the ends of its untimed steps, from its process's start."""
+    ends = [line.split() for line in progress.read_text().splitlines()] if progress.is_file() else []
+    if not ends:
+        return f"stopped after {seconds:.0f} s, before its first step ended (loading the model, or that step: compiling)"
+    steps = ", ".join(f"step {step} at {at} s" for step, at in ends)
+    return f"stopped after {seconds:.0f} s, {len(ends)} of {warmup} untimed steps done ({steps}, from the process's start)"
+
+
 def run_variant_process(name: str, recipe: dict, settings: BenchSettings, result_path: Path) -> dict:
     """Run one variant in a fresh interpreter (its own peak memory) and read back its measurements."""
     result_path.parent.mkdir(parents=True, exist_ok=True)
@@ -209,18 +232,24 @@ def run_variant_process(name: str, recipe: dict, settings: BenchSettings, result
         "count_flops": settings.count_flops,
         "peak_tflops": settings.peak_tflops,
         "images_per_step": images_per_step(name, settings.batch),
+        "progress": str(result_path.with_suffix(".progress")),
     }
     spec_path = result_path.with_suffix(".spec.json")
     spec_path.write_text(json.dumps(spec))
     result_path.unlink(missing_ok=True)
+    Path(spec["progress"]).unlink(missing_ok=True)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **VARIANTS[name].environment}
-    process = subprocess.run(
-        [sys.executable, "-m", "finetune.bench", "--worker", str(spec_path), str(result_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
     row = {"variant": name, "description": VARIANTS[name].description, "environment": VARIANTS[name].environment}
+    started = time.monotonic()
+    try:
+        process = subprocess.run(
+            [sys.executable, "-m", "finetune.bench", "--worker", str(spec_path), str(result_path)],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+    except KeyboardInterrupt:
+        raise VariantStopped({**row, "error": stopped_error(time.monotonic() - started, Path(spec["progress"]), settings.warmup)}) from None
     if process.returncode != 0 or not result_path.is_file():
         tail = [line for line in (process.stderr or process.stdout).strip().splitlines() if line.strip()][-1:]
         row["error"] = f"exit {process.returncode}: {tail[0] if tail else 'no output'}"
