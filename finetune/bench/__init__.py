@@ -6,7 +6,8 @@ variant's peak memory never includes another's. The trainer reports the end of e
 (`train(..., on_step=...)`); the first `warmup` steps (allocation, caches filling, lazy kernels) are
 not timed, the next `steps` are, and one more step runs under `torch.utils.flop_counter.FlopCounterMode`
 to count the FLOPs of one training step (forward, backward; the optimizer's elementwise work is not
-counted). Model loading, data checks and the final save are outside the timed window.
+counted; attention as the model's matmuls: `measure.flop_counter`). A compiled UNet runs that step eagerly
+(torch.compile steps aside under a dispatch mode): the count is the model's, the same as uncompiled. Model loading, data checks and the final save are outside the timed window.
 
 - seconds per step: wall time of the measured steps / steps (data loading included, it is in the loop);
   on CUDA the GPU is waited for at the window's two ends only, not at each step (as the loop itself does not);
