@@ -85,3 +85,26 @@ def test_a_variant_stopped_by_a_deadline_says_how_far_it_got(tmp_path, monkeypat
     (row,) = json.loads(out.read_text())["results"]
     assert row["variant"] == "lora_cached_compiled" and row["environment"] == {"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"}
     assert row["error"].startswith("stopped after ") and "1 of 3 untimed steps done (step 1 at 95.2 s, from the process's start)" in row["error"]
+
+
+def test_gpu_wheels_refuses_more_than_a_device_call_carries(tmp_path):
+    """.ci/gpu-wheels says what a GPU check will carry (working tree and wheels) and fails above the device
+    call's 64 MiB, here rather than when the call is refused. pip is stood in for: it 'downloads' one wheel."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    repo = tmp_path / "repo"
+    (repo / ".ci").mkdir(parents=True)
+    shutil.copy(Path(__file__).parents[1] / ".ci" / "gpu-wheels", repo / ".ci" / "gpu-wheels")
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    pip = tmp_path / "python"
+    pip.write_text('#!/bin/sh\nmkdir -p .whl && truncate -s "$WHEEL_BYTES" .whl/big.whl\n')
+    pip.chmod(0o755)
+    for mib, fits in ((60, True), (66, False)):
+        env = {**os.environ, "PYTHON": str(pip), "WHEEL_BYTES": str(mib << 20)}
+        done = subprocess.run([str(repo / ".ci" / "gpu-wheels")], env=env, capture_output=True, text=True)
+        assert (done.returncode == 0) == fits, done.stdout + done.stderr
+        assert f"to carry: {mib} MiB of 64 (working tree 0 MiB, .whl {mib} MiB)" in done.stdout
+        assert fits or "over the device call's 64 MiB" in done.stderr
