@@ -32,3 +32,16 @@ def test_the_module_table_names_every_module_of_the_package_and_only_those():
     modules |= {path.parent.relative_to(ROOT).as_posix() for path in package.glob("*/__init__.py")}
     unlisted = sorted(modules - set(named))
     assert not unlisted, f"the README's module table does not list: {unlisted}"
+
+
+def test_the_readmes_length_line_is_the_one_training_prints():
+    # The README showed 'length: 1000 steps of 4 images = 12.3 epochs of 325 images': 325 images do not fill
+    # batches of 4, so training says '... of 324 of the 325 images (each epoch leaves 1 out ...)' instead.
+    from finetune.batches import EpochBatchSampler
+    from finetune.config.recipe import TrainConfig
+    from finetune.run_length import run_length_line
+
+    shown = re.search(r"`(length: (\d+) steps of (\d+) images = [^`]* of (\d+) images)`", (ROOT / "README.md").read_text())
+    line, steps, batch, images = " ".join(shown[1].split()), *map(int, shown.groups()[1:])  # the README wraps it
+    sampler = EpochBatchSampler(images, batch, 1, 0, seed=0)
+    assert run_length_line(TrainConfig(batch_size=batch, max_steps=steps), steps, sampler, images, 1) == line
