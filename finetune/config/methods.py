@@ -112,7 +112,7 @@ class Concept(Section):
     # on grass", "a photo of a small dog", ...) spreads the prior over the prompts you will use:
     # generated class image k comes from prompt k mod len(list) and trains with it.
     class_prompt: Union[str, list[str], None] = None
-    # Folder of class images; missing ones are generated there. Default: <output_dir>/class_images/<n>.
+    # Folder of class images; missing ones are generated there. Default: <output_dir>/class_images/concept-<n>.
     class_dir: Optional[UserPath] = None
     # With data.loss_mask on: false trains this concept's images whole, with no masks (a style concept).
     loss_mask: bool = True
