@@ -242,11 +242,14 @@ def launch_app(app, host: str = "127.0.0.1", port: int | None = None, max_upload
     Image.MAX_IMAGE_PIXELS = MAX_INPUT_PIXELS
     try:
         _, url, _ = app.launch(
-            server_name=host, server_port=port, share=False, prevent_thread_lock=not block, max_file_size=int(max_upload_mb * 1024 * 1024),
-            theme=offline_theme(), ssr_mode=False, mcp_server=False, pwa=False, show_error=False, quiet=not block, inbrowser=False,
+            server_name=host, server_port=port, share=False, prevent_thread_lock=True, max_file_size=int(max_upload_mb * 1024 * 1024),
+            theme=offline_theme(), ssr_mode=False, mcp_server=False, pwa=False, show_error=False, quiet=True, inbrowser=False,
         )
     except OSError as err:  # gradio's message tells of environment variables and launch() arguments
         raise FinetuneError(f"cannot serve the demo on {host}:{port} ({str(err).splitlines()[0][:100]}): is another demo running? pass --port N") from None
+    if block:  # gradio's own lines would add "To create a public link, set `share=True` in `launch()`", which it is not
+        print(f"demo running on {url} (Ctrl-C stops it)", flush=True)
+        app.block_thread()
     return url
 
 

@@ -45,3 +45,30 @@ def test_the_readmes_length_line_is_the_one_training_prints():
     line, steps, batch, images = " ".join(shown[1].split()), *map(int, shown.groups()[1:])  # the README wraps it
     sampler = EpochBatchSampler(images, batch, 1, 0, seed=0)
     assert run_length_line(TrainConfig(batch_size=batch, max_steps=steps), steps, sampler, images, 1) == line
+
+
+def test_finetune_demo_says_where_it_runs_and_offers_no_share_link(tmp_path):
+    # The README promises "no share link"; the terminal said gradio's "To create a public link, set `share=True`
+    # in `launch()`", a code change the demo (bound to 127.0.0.1, offline) does not offer.
+    import os
+    import subprocess
+    import sys
+
+    from ports import free_port
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    demo = subprocess.Popen([sys.executable, "-m", "finetune", "demo", "--adapters", str(tmp_path), "--port", str(port)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        said = []
+        for line in demo.stdout:
+            said.append(line)
+            if f"127.0.0.1:{port}" in line or "error" in line:  # the URL is said once it serves
+                break
+    finally:
+        demo.terminate()
+        said += demo.communicate()[0].splitlines(keepends=True)
+    text = "".join(said)
+    assert f"demo running on http://127.0.0.1:{port}" in text, text
+    assert "share=True" not in text and "public link" not in text, text
