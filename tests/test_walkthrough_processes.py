@@ -18,6 +18,7 @@ from finetune.run_length import EpochCount, StepShape, epoch_count, planned_step
 from finetune.trainer import train
 
 
+@pytest.mark.slow  # two launched machines on loopback: ~13 s
 def test_only_the_main_process_says_the_checkpoints_it_saved(make_recipe, tmp_path):
     """Two machines of one process each: the second machine's first process (LOCAL_RANK 0, rank 1) said
     'saved .../checkpoint-1' for a folder the main machine wrote, which need not be on its own disk."""

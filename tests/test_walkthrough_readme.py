@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -47,6 +49,7 @@ def test_the_readmes_length_line_is_the_one_training_prints():
     assert run_length_line(TrainConfig(batch_size=batch, max_steps=steps), steps, sampler, images, 1) == line
 
 
+@pytest.mark.slow  # starts the real `finetune demo` command (a base load and gradio's start: ~11 s)
 def test_finetune_demo_says_where_it_runs_and_offers_no_share_link(tmp_path):
     # The README promises "no share link"; the terminal said gradio's "To create a public link, set `share=True`
     # in `launch()`", a code change the demo (bound to 127.0.0.1, offline) does not offer.
