@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from finetune.atomic_files import atomic_save_safetensors
 from finetune.checkpoint import CHECKPOINT_PATTERN
 from finetune.errors import FinetuneError
-from finetune.lora_kinds import CLIP_ROOT, CONTEXT_INPUTS, sd_version_metadata, unsupported_kind, with_current_diffusers_names, written_path
+from finetune.lora_kinds import CONTEXT_INPUTS, held_path, sd_version_metadata, unsupported_kind, with_current_diffusers_names, written_path
 from finetune.original_layout import with_diffusers_unet_names
 
 PARTS = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
@@ -138,10 +138,7 @@ def module_key(name: str) -> str:
                         segments.append(candidate)
                         i += length
                         break
-            module = ".".join(segments)
-            if part == "text_encoder":
-                module = module.removeprefix(CLIP_ROOT)
-            return f"{part}.{module}"
+            return f"{part}.{held_path(part, '.'.join(segments))}"
     raise FinetuneError(f"LoRA key {name} is not a kohya UNet or SD1.x text-encoder name (lora_unet_..., lora_te_...)")
 
 
@@ -207,9 +204,7 @@ def from_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -
                 raise FinetuneError(f"LoRA key {key} has no matching {module + up_suffix}")
             down, up, alpha = tensors[key], tensors[module + up_suffix], tensors.get(f"{module}.alpha")
             alpha = float(alpha.item()) if alpha is not None else _peft_alpha(config, part, path, down.shape[0])
-            if part == "text_encoder":
-                path = path.removeprefix(CLIP_ROOT)
-            layers[f"{part}.{path}"] = LoRALayer(down, up, alpha)
+            layers[f"{part}.{held_path(part, path)}"] = LoRALayer(down, up, alpha)
             used.update({key, module + up_suffix, f"{module}.alpha"})
     leftover = set(tensors) - used
     if leftover or not layers:
@@ -315,8 +310,8 @@ def to_diffusers(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             continue
         down_suffix, up_suffix = DIFFUSERS_SUFFIXES[part]
         for module, layer in layers.items():
-            tensors[f"{part}.{written_path(part, module)}{down_suffix}"] = layer.down.contiguous()
-            tensors[f"{part}.{written_path(part, module)}{up_suffix}"] = layer.up.contiguous()
+            name = f"{part}.{written_path(part, module)}"
+            tensors[name + down_suffix], tensors[name + up_suffix] = layer.down.contiguous(), layer.up.contiguous()
         rank, alpha = collections.Counter((l.rank, l.alpha) for l in layers.values()).most_common(1)[0][0]
         config.update({
             f"{part}.r": rank,

@@ -76,6 +76,11 @@ def written_path(part: str, module: str) -> str:
     return CLIP_ROOT + module.removeprefix(CLIP_ROOT) if part == "text_encoder" else module
 
 
+def held_path(part: str, module: str) -> str:
+    """A module's path as a `LoRA` holds it (the inverse of `written_path`): CLIP's without `text_model.`."""
+    return module.removeprefix(CLIP_ROOT) if part == "text_encoder" else module
+
+
 # Layers whose input width is the text encoder's: the UNet's cross-attention keys and values, the text encoder's own.
 CONTEXT_INPUTS = ("attn2.to_k", "attn2.to_v", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 SD2_CONTEXT_WIDTH = 1024  # OpenCLIP-H's; SD1.x's CLIP-L is 768 wide

@@ -17,7 +17,8 @@ import torch
 
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
-from finetune.kohya import CLIP_ROOT, PRECISIONS, LoRA, load_lora
+from finetune.kohya import PRECISIONS, LoRA, load_lora
+from finetune.lora_kinds import CLIP_ROOT
 from finetune.model_card import diffusers_loading_code
 from finetune.models import load_base_model, zero_terminal_snr_schedule
 from finetune.pipeline_io import check_replaceable, save_pipeline

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from finetune.atomic_files import atomic_save_safetensors
 from finetune.errors import FinetuneError
 from finetune.inference import saved_model_metadata
-from finetune.kohya import CLIP_ROOT, PRECISIONS
+from finetune.kohya import PRECISIONS
+from finetune.lora_kinds import CLIP_ROOT
 from finetune.methods.controlnet import CONTROLNET_DIR
 from finetune.methods.full import PIPELINE_DIR
 from finetune.methods.lora import LORA_WEIGHTS_NAME
