@@ -1,4 +1,4 @@
-"""Walkthrough h6: the training knobs do what they say (logged loss terms, optimizer settings)."""
+"""The training knobs do what they say (logged loss terms, optimizer settings)."""
 
 from types import SimpleNamespace
 

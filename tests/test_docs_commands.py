@@ -1,4 +1,4 @@
-"""What a new user meets running the README's and docs' commands as written (walkthrough h8)."""
+"""What a new user meets running the README's and docs' commands as written."""
 
 from __future__ import annotations
 

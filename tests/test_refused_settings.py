@@ -1,4 +1,4 @@
-"""Walkthrough fixes (h1): settings that could not work (or trained the wrong way) refused in one line, before anything loads, trains or is written."""
+"""Settings that could not work (or trained the wrong way) refused in one line, before anything loads, trains or is written."""
 
 from pathlib import Path
 
