@@ -11,14 +11,18 @@ from accelerate import Accelerator
 
 
 class StopRequest:
-    """Ctrl-C / SIGTERM set a flag; the loop stops at the next step boundary, saves, and exits.
+    """Ctrl-C / SIGTERM set a flag; the loop stops at a step boundary, saves, and exits.
 
-    A second Ctrl-C aborts at once (the last complete checkpoint is still there).
+    A second Ctrl-C aborts at once (the last complete checkpoint is still there). With several processes they
+    agree on the step over a gloo group of their own (created here, by every process in the same order): the
+    flag stays in host memory, so agreeing never waits for a GPU's queue, whatever the main backend (NCCL).
     """
 
-    def __init__(self):
+    def __init__(self, accelerator: Accelerator):
         self.requested = False
         self._previous = {}
+        self._group = torch.distributed.new_group(backend="gloo") if accelerator.num_processes > 1 else None
+        self._pending = None  # (work, flag): the sum started at the last step's agreed(), read at the next
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -34,12 +38,44 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def agreed(self, accelerator: Accelerator) -> bool:
-        """All processes stop together, or none does (a lone stop would hang the others' collectives)."""
-        if accelerator.num_processes == 1:
+    def agreed(self) -> bool:
+        """At each step boundary: whether every process stops here (all together, or none: a lone stop would hang
+        the others' collectives). With several processes this reads the sum of the flags started at the previous
+        step boundary, which has had a whole step to arrive, and starts the next: each process reads the same sum
+        at the same step, so a stop is seen one step after the request, on every process at once."""
+        if self._group is None:
             return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+        stop = self._pending is not None and self._finish() > 0
+        if not stop:  # after a stop nothing is left running
+            self._start()
+        return stop
+
+    def agreed_now(self) -> bool:
+        """Once, after the loop: whether any process was asked to stop by now (waits for the others' answer)."""
+        if self._group is None:
+            return self.requested
+        if self._pending is not None:
+            self._finish()  # older than the sum below: a request is never withdrawn
+        self._start()
+        return self._finish() > 0
+
+    def close(self) -> None:
+        """After the run (not after an error: a process that failed mid-step would never join a sum left running)."""
+        if self._group is not None:
+            if self._pending is not None:
+                self._finish()
+            torch.distributed.destroy_process_group(self._group)
+            self._group = None
+
+    def _start(self) -> None:
+        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32)  # on the host: gloo's thread sums it
+        self._pending = (torch.distributed.all_reduce(flag, group=self._group, async_op=True), flag)
+
+    def _finish(self) -> int:
+        work, flag = self._pending
+        self._pending = None
+        work.wait()
+        return int(flag[0])
 
 
 def leave_stop_signals_to_the_trainer(worker_id: int) -> None:

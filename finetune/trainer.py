@@ -268,7 +268,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     running = StepLosses()  # the loss and its terms over each step's micro-batches, and since the last log
     step_logs: dict[str, torch.Tensor | float] = {}  # what the method reports after each optimizer step (lora.max_norm)
     last_checkpoint_step = step
-    with StopRequest() as stop, batches_of(loader) as batches:
+    with StopRequest(accelerator) as stop, batches_of(loader) as batches:
         while step < max_steps:
             for micro in range(accumulation):
                 micro_batch = step * accumulation + micro
@@ -316,7 +316,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             shown_epochs = {"epoch": f"{epochs:.2f}/{train_cfg.max_epochs}"} if train_cfg.max_epochs else {}
             progress.set_postfix(**running.shown(), lr=f"{lr:.2e}", **shown_epochs, refresh=False)
 
-            if step < max_steps and stop.agreed(accelerator):  # at the last step: finished, the outputs are written below
+            if step < max_steps and stop.agreed():  # at the last step: finished, the outputs are written below
                 save_checkpoint()
                 result.interrupted = True
                 accelerator.print(f"\nstopped at step {step}; checkpoint saved in {checkpoints_dir}; continue with --resume latest")
@@ -340,10 +340,11 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             finally:  # whatever happens while writing the outputs, the trained state goes to disk (a longer run resumes it)
                 if last_checkpoint_step != step:
                     save_checkpoint()
-            if not stop.agreed(accelerator):
+            if not stop.agreed_now():
                 validate(step)
         for path in result.saved_files:
             accelerator.print(f"saved {path}")
+    stop.close()  # the processes' stop agreement (its gloo group)
     # Not accelerator.end_training(): it also closes the process group, and a later train() in this
     # process could not reliably join again (gloo's second rendezvous fails). The program closes it.
     for tracker in accelerator.trackers:

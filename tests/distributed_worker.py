@@ -2,13 +2,16 @@
 several runs: the process group stays), each optionally resumed from a checkpoint (also one that an
 earlier run of the same launch wrote):
 
-    distributed_worker.py [--resume CHECKPOINT] RECIPE [[--resume CHECKPOINT] RECIPE ...]
+    distributed_worker.py [--resume CHECKPOINT] [--interrupt RANK:STEP] RECIPE [[--resume CHECKPOINT] RECIPE ...]
+
+--interrupt: process RANK sends itself SIGINT (a Ctrl-C that reached it alone) after STEP's optimizer step.
 
 After each run this rank's trained weights go to <output_dir>/rank<N>.safetensors so the test can
 compare ranks, and the weights they started from to <output_dir>/initial.safetensors (names: the
 trained module's, a dot, the parameter's)."""
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -36,15 +39,23 @@ def remembered(method_class):
     return Remembered
 
 
-def train_and_record(runs: list[tuple[str, str | None]]) -> None:
-    """Train each (recipe path, checkpoint to resume from or None) and write the rank's weights beside its
-    outputs. Also called in the test's own process, for the single-process runs compared with a launch."""
+def interrupt(at: str | None = None):
+    """train's on_step for --interrupt RANK:STEP (None: no interruption)."""
+    rank, step = map(int, at.split(":")) if at else (None, None)
+    if rank != int(os.environ.get("RANK", "0")):
+        return None
+    return lambda done: os.kill(os.getpid(), signal.SIGINT) if done == step else None
+
+
+def train_and_record(runs: list[tuple]) -> None:
+    """Train each (recipe path, checkpoint to resume from or None[, --interrupt's RANK:STEP]) and write the rank's
+    weights beside its outputs. Also called in the test's own process, for the single-process runs compared with a launch."""
     real_methods = trainer.METHODS
     trainer.METHODS = {name: remembered(method_class) for name, method_class in real_methods.items()}
     try:
-        for path, resume in runs:
+        for path, resume, *interrupted in runs:
             recipe = load_recipe(path)
-            trainer.train(recipe, resume=resume)
+            trainer.train(recipe, resume=resume, on_step=interrupt(*interrupted))
             out, rank = Path(recipe.output_dir), int(os.environ.get("RANK", "0"))
             save_file(trained_weights(methods[-1]), str(out / f"rank{rank}.safetensors"))
             if rank == 0:
@@ -54,13 +65,12 @@ def train_and_record(runs: list[tuple[str, str | None]]) -> None:
 
 
 if __name__ == "__main__":
-    runs = []
+    runs, options = [], {}
     arguments = iter(sys.argv[1:])
     for argument in arguments:
-        if argument == "--resume":
-            checkpoint = next(arguments)
-            runs.append((next(arguments), checkpoint))
+        if argument in ("--resume", "--interrupt"):
+            options[argument] = next(arguments)
         else:
-            runs.append((argument, None))
+            runs.append((argument, options.pop("--resume", None), options.pop("--interrupt", None)))
     train_and_record(runs)
     leave_process_group()

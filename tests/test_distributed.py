@@ -19,6 +19,7 @@ from conftest import build_recipe
 from ports import free_port
 from safetensors.torch import load_file
 
+from finetune.checkpoint import list_checkpoints
 from finetune.distributed import agree_on_start, configure_deepspeed
 from finetune.ema import EMA_FILE
 from finetune.errors import FinetuneError
@@ -80,10 +81,11 @@ def wait(process: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def ddp(tiny_model, image_folder, pairs_folder, tmp_path_factory) -> SimpleNamespace:
-    """The DDP runs of the two tests below in one launch of 2 processes (a launch starts two interpreters):
+    """The DDP runs of the tests below in one launch of 2 processes (a launch starts two interpreters):
     LoRA; DreamBooth (instance and class halves, LoRA on the UNet and the text encoder: two wrapped models);
     ControlNet (with cached encoders, random flips, accumulation); LoRA with aspect-ratio buckets of 3
-    images, whose global batches of 3 split 2 + 1 over the processes. `settings`: each run's recipe overrides
+    images, whose global batches of 3 split 2 + 1 over the processes; before them a LoRA run that a Ctrl-C reaching
+    rank 1 alone stops (stopped-ddp, checked by the stop test below). `settings`: each run's recipe overrides
     and its batch per process, for the single-process runs the tests compare with (twice the batch)."""
     root = tmp_path_factory.mktemp("ddp")
     mixed = root / "mixed"
@@ -103,7 +105,9 @@ def ddp(tiny_model, image_folder, pairs_folder, tmp_path_factory) -> SimpleNames
         "buckets": (dict(data={"image_dir": str(mixed), "resolution": 64, "bucketing": {"enabled": True, "step": 16}}, train__max_steps=2), 2),
     }  # fmt: skip
     recipes = {name: build_recipe(tiny_model, image_folder, root / f"{name}-ddp", train__batch_size=batch, **extra) for name, (extra, batch) in settings.items()}
+    stopped = build_recipe(tiny_model, image_folder, root / "stopped-ddp", train__batch_size=1, train__max_steps=8)
     wait(launch(["--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port())],
+                "--interrupt", "1:3", write(stopped, root / "stopped-ddp.yaml"),  # first: the runs after it train as usual
                 *[write(recipe, root / f"{name}-ddp.yaml") for name, recipe in recipes.items()]))  # fmt: skip
     return SimpleNamespace(root=root, settings=settings)
 
@@ -141,6 +145,15 @@ def test_ddp_dreambooth_controlnet_and_buckets_match_one_process_with_the_same_g
     assert any(k.startswith("text_encoder.") for k in adapter) and any(k.startswith("unet.") for k in adapter)
     saved = ControlNetModel.from_pretrained(ddp.root / "controlnet-ddp" / CONTROLNET_DIR).state_dict()
     assert_same_weights({f"controlnet.{k}": v for k, v in saved.items()}, load_file(ddp.root / "controlnet-ddp" / "rank0.safetensors"), exact=True)
+
+
+def test_a_stop_that_reaches_one_process_stops_both_at_the_same_step_with_one_checkpoint(ddp):
+    """Rank 1 alone got a Ctrl-C after step 3 (a signal sent to one process, or to one machine's): both processes stopped
+    at step 4, the step after the request (finetune.stopping), wrote one checkpoint, and the launch went on."""
+    out = ddp.root / "stopped-ddp"
+    assert [path.name for path in list_checkpoints(out / "checkpoints")] == ["checkpoint-4"]
+    assert not (out / LORA_WEIGHTS_NAME).exists()  # stopped: no outputs
+    assert_same_weights(load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors"), exact=True)
 
 
 def test_two_machines_of_one_process_each_on_loopback(ddp, make_recipe, tmp_path):

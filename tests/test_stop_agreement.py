@@ -1,0 +1,89 @@
+"""Several processes agree on the step a Ctrl-C or SIGTERM stops them at, without a per-step wait: the flags'
+sum is started at one step boundary (on a gloo group of the stop's own, in host memory) and read at the next,
+so a stop is seen one step after the request, by every process at the same step. Two launched processes that
+train and a stop that reaches one of them: tests/test_distributed.py."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from types import SimpleNamespace
+
+from ports import free_port
+
+from finetune.stopping import StopRequest
+
+# Each of 2 processes: the per-step agreements with a Ctrl-C that reaches rank 1 alone before step 3's, the
+# collectives they ran, then the agreement after the loop (waited for), and the process groups left after close().
+AGREEING = r"""
+import json, os, signal
+from types import SimpleNamespace
+import torch
+import torch.distributed as dist
+from finetune.stopping import StopRequest
+
+dist.init_process_group("gloo")
+rank, collectives, answers = dist.get_rank(), [], []
+real_all_reduce = dist.all_reduce
+
+def all_reduce(tensor, *args, group=None, async_op=False, **kwargs):
+    collectives.append({"async_op": async_op, "device": tensor.device.type, "own_gloo_group": group is not None and dist.get_backend(group) == "gloo"})
+    return real_all_reduce(tensor, *args, group=group, async_op=async_op, **kwargs)
+
+dist.all_reduce = all_reduce
+accelerator = SimpleNamespace(num_processes=2, device=torch.device("cpu"))
+with StopRequest(accelerator) as stop:
+    for step in range(1, 7):
+        if rank == 1 and step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        answers.append(stop.agreed())
+        if answers[-1]:
+            break
+per_step = list(collectives)
+stop.close()
+with StopRequest(accelerator) as stop:  # the next run in this process: a request in its last step, after the loop
+    stop.agreed()
+    if rank == 0:
+        os.kill(os.getpid(), signal.SIGINT)
+    at_end = stop.agreed_now()
+stop.close()
+groups_left = len(dist.distributed_c10d._world.pg_map)
+dist.destroy_process_group()
+print(json.dumps({"answers": answers, "collectives": per_step, "at_end": at_end, "groups_left": groups_left}))
+"""
+
+
+def test_a_stop_on_one_process_is_read_by_both_at_the_next_step_from_a_sum_that_never_waited_on_the_device():
+    port = str(free_port())
+    processes = [
+        subprocess.Popen([sys.executable, "-c", AGREEING], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={
+            **os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2", "RANK": str(rank)})
+        for rank in (0, 1)
+    ]  # fmt: skip
+    reports = []
+    try:
+        for process in processes:
+            stdout, stderr = process.communicate(timeout=120)  # processes that disagreed would wait on each other until then
+            assert process.returncode == 0, stderr[-3000:]
+            reports.append(json.loads(stdout.splitlines()[-1]))
+    finally:
+        for process in processes:
+            process.kill()  # (done already unless the test failed)
+    for report in reports:
+        # Asked before step 3's agreement (rank 1 only): step 3 reads step 2's sum, step 4 reads step 3's.
+        assert report["answers"] == [False, False, False, True], report
+        # Each step started a sum (none after the stop) on the host, in the stop's own gloo group, without waiting for it:
+        # a GPU's queue is never drained for it, whatever the main backend.
+        assert report["collectives"] == [{"async_op": True, "device": "cpu", "own_gloo_group": True}] * 3, report
+        assert report["at_end"] is True  # after the loop the answer is waited for: a request in the last step counts
+        assert report["groups_left"] == 1  # the default one: each run's stop group is closed
+
+
+def test_one_process_stops_at_the_requested_step_without_collectives():
+    with StopRequest(SimpleNamespace(num_processes=1)) as stop:  # no process group exists: a collective would fail
+        assert not stop.agreed()
+        os.kill(os.getpid(), signal.SIGINT)  # handled at once, in this thread
+        assert stop.agreed() and stop.agreed_now()
+    stop.close()
+
