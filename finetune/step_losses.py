@@ -53,6 +53,21 @@ class StepLosses:
         """The progress bar's loss: the last step read, at the last log step (none before the first)."""
         return {"loss": f"{self.losses[-1]:.4f}"} if self.losses else {}
 
+    def since_last_log_state(self, accelerator: Accelerator) -> dict:
+        """Collective: the sums since the last log (averaged over the processes) and their step count, for a
+        checkpoint: a run resumed from it then logs at its next log step the mean of the same steps as a run
+        never stopped, not of the resumed steps alone."""
+        names = list(self.sums)
+        values = accelerator.reduce(torch.stack([self.sums[name] for name in names]), reduction="mean").tolist() if names else []
+        return {"steps": self.steps, "sums": dict(zip(names, values))}
+
+    def resume_since_last_log(self, state: dict | None, device: torch.device) -> None:
+        """What `since_last_log_state` kept (None: a checkpoint from before it was kept; the first log then
+        covers the resumed steps only)."""
+        if state and state.get("steps"):
+            self.sums = {name: torch.tensor(value, dtype=torch.float32, device=device) for name, value in state["sums"].items()}
+            self.steps = state["steps"]
+
     def since_last_log(self, accelerator: Accelerator) -> dict[str, float]:
         """Collective: each term's mean over the steps since the last call and over the processes (the steps'
         own losses are read with them)."""

@@ -255,7 +255,8 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         ckpt.save_checkpoint(
             accelerator, checkpoints_dir, step,
             {"recipe_hash": recipe.fingerprint(), "recipe": recipe.flat_settings(), "processes": accelerator.num_processes, "max_steps": max_steps,
-             "method": method.checkpoint_state(), "data": images_record},
+             "method": method.checkpoint_state(), "data": images_record,
+             "losses_since_log": running.since_last_log_state(accelerator)},  # the resumed run's first log covers the same steps
             recipe.checkpoint.keep_last, extra=extra, **save_options
         )
         if accelerator.is_main_process:  # its writer (not each machine's first: theirs may not hold it), as sd-scripts says each save
@@ -266,6 +267,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
 
     progress = tqdm(total=max_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process)
     running = StepLosses()  # the loss and its terms over each step's micro-batches, and since the last log
+    running.resume_since_last_log(state.get("losses_since_log") if resume_from is not None else None, accelerator.device)
     step_logs: dict[str, torch.Tensor | float] = {}  # what the method reports after each optimizer step (lora.max_norm)
     last_checkpoint_step = step
     with StopRequest(accelerator) as stop, batches_of(loader) as batches:

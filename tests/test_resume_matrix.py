@@ -1,0 +1,75 @@
+"""A resumed run continues the same curve: for each method, with the features that keep state, a run stopped by
+Ctrl-C and resumed with --resume latest ends with the weights of a run never stopped, and logs the same values
+at the same steps (TensorBoard's scalars, as `Accelerator.log` receives them).
+
+The stop lands where continuing is hardest: between two log steps (logging.every_n_steps: 2, stopped at step 3,
+which the first log after the resume must include), within an epoch, after a warm-up, with augmentation,
+accumulation and a weight average running. A wider matrix run by hand (caches in memory and on disk, loss options,
+validation, max_norm, 8-bit Adam, keep_last rotation, epochs, a stop inside an accumulation window, two stops)
+matched too: these cases are the kind that found a defect, and one per method.
+"""
+
+import os
+import signal
+
+import pytest
+import torch
+from accelerate import Accelerator
+from numerics import bit_identical_on_cpu
+from safetensors.torch import load_file
+
+from finetune.trainer import train
+
+# Stopped at 3 of 6 with a log every 2 steps: the log at step 4 must be the mean of steps 3 and 4, across the stop.
+COMMON = dict(train__max_steps=6, logging__every_n_steps=2, optimizer__scheduler="cosine", optimizer__warmup_steps=2)
+STAR = {"instance_prompt": "a sks shape", "class_prompt": "a shape"}
+CLASS_IMAGES = {"num_class_images": 2, "class_generation": {"num_inference_steps": 2, "batch_size": 2}}
+CASES = {
+    "lora-augmented-accumulated-average": dict(
+        train__gradient_accumulation_steps=2, train__ema_decay=0.8, data__caption_dropout=0.3, data__random_flip=True, data__crop="random"),
+    "lora-text-encoder-cached-latents-max-norm": dict(
+        lora__train_text_encoder=True, train__cache_latents=True, lora__max_norm=0.01, train__noise_offset=0.1, train__snr_gamma=5.0),
+    "dreambooth-lora-prior-preservation": dict(method="dreambooth", data__image_dir=None, train__batch_size=1, dreambooth={"adapter": "lora", **CLASS_IMAGES}),
+    "dreambooth-full-unet-average": dict(
+        method="dreambooth", data__image_dir=None, train__batch_size=1, train__ema_decay=0.8, dreambooth={"adapter": "full", "prior_preservation": False}),
+    "controlnet-accumulated": dict(method="controlnet", train__gradient_accumulation_steps=2, data__random_flip=True),
+}
+SLOW = pytest.mark.slow(reason="about 10 s each: a DreamBooth or ControlNet set of three runs")
+
+
+def _run(recipe, monkeypatch, resume=None, stop_at=None):
+    """The run's result and what it logged, by step; a Ctrl-C after step `stop_at` (the run saves and stops there)."""
+    logged = {}
+
+    def on_step(step):
+        if step == stop_at:
+            os.kill(os.getpid(), signal.SIGINT)  # caught by the run (finetune.stopping), as a terminal's Ctrl-C
+
+    monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, log_kwargs=None: logged.setdefault(step, {}).update(values))
+    result = train(recipe, resume=resume, on_step=on_step)
+    return result, logged
+
+
+def _weights(path):
+    files = [path] if path.is_file() else sorted(path.rglob("*.safetensors"))
+    return {f"{file.name}:{key}": value for file in files for key, value in load_file(file).items()}
+
+
+@bit_identical_on_cpu
+@pytest.mark.parametrize("case", [pytest.param(name, marks=[SLOW] if name.startswith(("dreambooth", "controlnet")) else []) for name in CASES])
+def test_a_run_stopped_and_resumed_ends_and_logs_as_a_run_never_stopped(make_recipe, image_folder, pairs_folder, tmp_path, monkeypatch, case):
+    settings = {**COMMON, **CASES[case]}
+    if case.startswith("dreambooth"):
+        settings["dreambooth"] = {"concepts": [{"instance_dir": str(image_folder), **STAR}], **settings["dreambooth"]}
+    if case.startswith("controlnet"):
+        settings["data__image_dir"] = str(pairs_folder)
+    straight, straight_logs = _run(make_recipe(output_dir=str(tmp_path / "straight"), **settings), monkeypatch)
+    stopped, logs = _run(make_recipe(output_dir=str(tmp_path / "stopped"), **settings), monkeypatch, stop_at=3)
+    assert stopped.interrupted and stopped.final_step == 3
+    resumed, resumed_logs = _run(make_recipe(output_dir=str(tmp_path / "stopped"), **settings), monkeypatch, resume="latest")
+
+    assert stopped.losses + resumed.losses == straight.losses
+    assert {**logs, **resumed_logs} == straight_logs and sorted(straight_logs) == [2, 4, 6]
+    for output in straight.saved_files:
+        expected, got = _weights(output), _weights(tmp_path / "stopped" / output.relative_to(straight.output_dir))
+        assert got.keys() == expected.keys() and all(torch.equal(got[key], value) for key, value in expected.items()), output.name
