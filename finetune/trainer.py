@@ -243,7 +243,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             with unsharded_loading(accelerator), averaged():
                 return method.save(folder, unwrapped, output_metadata(recipe, step, method.base.noise_scheduler.config.prediction_type, **progress))
 
-    def save_checkpoint() -> None:
+    def save_checkpoint(**more) -> None:
         ensure_finite_weights(accelerator, trained_parameters(modules, accelerator).values(), step, checkpoints_dir)
 
         def extra(folder: Path) -> None:
@@ -256,7 +256,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             accelerator, checkpoints_dir, step,
             {"recipe_hash": recipe.fingerprint(), "recipe": recipe.flat_settings(), "processes": accelerator.num_processes, "max_steps": max_steps,
              "method": method.checkpoint_state(), "data": images_record,
-             "losses_since_log": running.since_last_log_state(accelerator)},  # the resumed run's first log covers the same steps
+             "losses_since_log": running.since_last_log_state(accelerator), **more},  # the resumed run's first log covers the same steps
             recipe.checkpoint.keep_last, extra=extra, **save_options
         )
         if accelerator.is_main_process:  # its writer (not each machine's first: theirs may not hold it), as sd-scripts says each save
@@ -264,6 +264,10 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
 
     if step == 0 and recipe.validation.at_start:
         validate(0)
+    elif resume_from is not None and state.get("stopped_before_validation"):
+        grid = validate(step)  # due at the step a stop saved before it: the curve and the samples keep that step
+        if grid is not None and accelerator.is_local_main_process:
+            tqdm.write(f"samples: {grid}")
 
     progress = tqdm(total=max_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process)
     running = StepLosses()  # the loss and its terms over each step's micro-batches, and since the last log
@@ -318,15 +322,16 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             shown_epochs = {"epoch": f"{epochs:.2f}/{train_cfg.max_epochs}"} if train_cfg.max_epochs else {}
             progress.set_postfix(**running.shown(), lr=f"{lr:.2e}", **shown_epochs, refresh=False)
 
+            validation_due = due(step, recipe.validation.every_n_steps, ended, recipe.validation.every_n_epochs)
             if step < max_steps and stop.agreed():  # at the last step: finished, the outputs are written below
-                save_checkpoint()
+                save_checkpoint(stopped_before_validation=validation_due)  # a stop skips it; the resumed run draws it
                 result.interrupted = True
                 accelerator.print(f"\nstopped at step {step}; checkpoint saved in {checkpoints_dir}; continue with --resume latest")
                 break
             if due(step, recipe.checkpoint.every_n_steps, ended, recipe.checkpoint.every_n_epochs) and step < max_steps:
                 save_checkpoint()
                 last_checkpoint_step = step
-            if due(step, recipe.validation.every_n_steps, ended, recipe.validation.every_n_epochs) and step < max_steps:
+            if validation_due and step < max_steps:
                 grid = validate(step)
                 if grid is not None and accelerator.is_local_main_process:
                     progress.write(f"samples: {grid}")
