@@ -103,7 +103,8 @@ def apply_recipe_settings(optimizer: torch.optim.Optimizer, lr_scheduler, group_
         group["weight_decay"] = config.weight_decay
         if "betas" in group:
             group["betas"] = config.betas_in_use
-        if "eps" in group and config.name != "adafactor":  # Adafactor's own pair of epsilons was not the recipe's
+        # Adafactor's own pair of epsilons was not the recipe's; Lion has none (bitsandbytes keeps a 0 it never reads).
+        if "eps" in group and config.name not in ("adafactor", "lion8bit"):
             group["eps"] = config.eps
         if config.name == "prodigy":  # as _prodigy sets it: its safeguard follows the warm-up
             group["safeguard_warmup"] = config.warmup_steps > 0

@@ -30,8 +30,8 @@ CLASS_IMAGES = {"num_class_images": 2, "class_generation": {"num_inference_steps
 CASES = {
     "lora-augmented-accumulated-average": dict(
         train__gradient_accumulation_steps=2, train__ema_decay=0.8, data__caption_dropout=0.3, data__random_flip=True, data__crop="random", **VALIDATION),
-    "lora-text-encoder-cached-latents-max-norm": dict(
-        lora__train_text_encoder=True, train__cache_latents=True, lora__max_norm=0.01, train__noise_offset=0.1, train__snr_gamma=5.0),
+    "lora-text-encoder-cached-latents-max-norm-lion8bit": dict(
+        optimizer__name="lion8bit", lora__train_text_encoder=True, train__cache_latents=True, lora__max_norm=0.01, train__noise_offset=0.1, train__snr_gamma=5.0),
     "dreambooth-lora-prior-preservation": dict(method="dreambooth", data__image_dir=None, train__batch_size=1, dreambooth={"adapter": "lora", **CLASS_IMAGES}),
     "dreambooth-full-unet-average": dict(
         method="dreambooth", data__image_dir=None, train__batch_size=1, train__ema_decay=0.8, dreambooth={"adapter": "full", "prior_preservation": False}),
@@ -51,6 +51,17 @@ def _run(recipe, monkeypatch, resume=None, stop_at=None):
     monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, log_kwargs=None: logged.setdefault(step, {}).update(values))
     result = train(recipe, resume=resume, on_step=on_step)
     return result, logged
+
+
+def _same(a, b) -> bool:
+    """Equal nested optimizer states: tensors bit for bit, settings by value."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[key], b[key]) for key in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
 
 
 def _weights(path):
@@ -79,3 +90,7 @@ def test_a_run_stopped_and_resumed_ends_and_logs_as_a_run_never_stopped(make_rec
     for output in straight.saved_files:
         expected, got = _weights(output), _weights(tmp_path / "stopped" / output.relative_to(straight.output_dir))
         assert got.keys() == expected.keys() and all(torch.equal(got[key], value) for key, value in expected.items()), output.name
+    # The last checkpoint continues alike too (a longer run resumed from either): its optimizer's state and settings.
+    last = [run / "checkpoints" / "checkpoint-6" / "optimizer.bin" for run in (straight.output_dir, tmp_path / "stopped")]
+    expected, got = (torch.load(path, weights_only=False) for path in last)
+    assert _same(got["param_groups"], expected["param_groups"]) and _same(got["state"], expected["state"])
