@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -32,7 +33,7 @@ def save_pipeline(
     frozen = [name for name in ("unet", "vae", "text_encoder") if name not in replacements]
     parts = {**at_source_precision(base, frozen), **replacements}
     pipeline = StableDiffusionPipeline(
-        tokenizer=base.tokenizer,
+        tokenizer=as_loaded(base.tokenizer),
         scheduler=DDIMScheduler.from_config(base.noise_scheduler.config),
         safety_checker=None,
         feature_extractor=None,
@@ -53,6 +54,18 @@ def save_pipeline(
         if metadata is not None:
             (partial / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
     return replace_folder(with_default_permissions(partial), output_dir)
+
+
+def as_loaded(tokenizer):
+    """A copy without the last call's truncation and padding, which a fast tokenizer's backend keeps and
+    save_pretrained writes into tokenizer.json: a run that tokenized (padding="max_length") saved another
+    file than one that read every caption from the cache, as a resumed run does (see cache.tokenizer_description)."""
+    tokenizer = copy.deepcopy(tokenizer)
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # none in a slow (pure Python) tokenizer
+    if backend is not None:
+        backend.no_truncation()
+        backend.no_padding()
+    return tokenizer
 
 
 def check_replaceable(folder: Path, overwrite: bool, what: str) -> None:

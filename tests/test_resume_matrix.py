@@ -1,12 +1,14 @@
 """A resumed run continues the same curve: for each method, with the features that keep state, a run stopped by
-Ctrl-C and resumed with --resume latest ends with the weights of a run never stopped, and logs the same values
-at the same steps (TensorBoard's scalars, as `Accelerator.log` receives them).
+Ctrl-C and resumed with --resume latest ends as a run never stopped (its outputs, bit for bit on a CPU, and its
+last checkpoint's optimizer state), and logs the same values at the same steps (TensorBoard's scalars, as
+`Accelerator.log` receives them), the same validation losses and the same sample grids.
 
 The stop lands where continuing is hardest: between two log steps (logging.every_n_steps: 2, stopped at step 3,
-which the first log after the resume must include), within an epoch, after a warm-up, with augmentation,
-accumulation and a weight average running. A wider matrix run by hand (caches in memory and on disk, loss options,
-validation, max_norm, 8-bit Adam, keep_last rotation, epochs, a stop inside an accumulation window, two stops)
-matched too: these cases are the kind that found a defect, and one per method.
+which the first log after the resume must include), on a validation step, within an epoch, after a warm-up,
+with augmentation, accumulation, a weight average and caches running. A wider matrix run by hand (every method;
+caches in memory and on disk, loss options, max_norm, the 8-bit optimizers, Prodigy, Adafactor, keep_last
+rotation, epochs and buckets, loader workers, a stop inside an accumulation window, two stops, a SIGTERM to the
+process group of `finetune train`) matched once these cases did: they are the ones that found a defect.
 """
 
 import os
@@ -18,6 +20,7 @@ from accelerate import Accelerator
 from numerics import bit_identical_on_cpu
 from safetensors.torch import load_file
 
+from finetune.pipeline_io import METADATA_FILE
 from finetune.trainer import train
 
 # Stopped at 3 of 6 with a log every 2 steps: the log at step 4 must be the mean of steps 3 and 4, across the stop.
@@ -29,12 +32,16 @@ STAR = {"instance_prompt": "a sks shape", "class_prompt": "a shape"}
 CLASS_IMAGES = {"num_class_images": 2, "class_generation": {"num_inference_steps": 2, "batch_size": 2}}
 CASES = {
     "lora-augmented-accumulated-average": dict(
-        train__gradient_accumulation_steps=2, train__ema_decay=0.8, data__caption_dropout=0.3, data__random_flip=True, data__crop="random", **VALIDATION),
+        train__gradient_accumulation_steps=2, train__ema_decay=0.8,
+        data__caption_dropout=0.3, data__random_flip=True, data__crop="random", **VALIDATION),
     "lora-text-encoder-cached-latents-max-norm-lion8bit": dict(
-        optimizer__name="lion8bit", lora__train_text_encoder=True, train__cache_latents=True, lora__max_norm=0.01, train__noise_offset=0.1, train__snr_gamma=5.0),
-    "dreambooth-lora-prior-preservation": dict(method="dreambooth", data__image_dir=None, train__batch_size=1, dreambooth={"adapter": "lora", **CLASS_IMAGES}),
-    "dreambooth-full-unet-average": dict(
-        method="dreambooth", data__image_dir=None, train__batch_size=1, train__ema_decay=0.8, dreambooth={"adapter": "full", "prior_preservation": False}),
+        optimizer__name="lion8bit", lora__train_text_encoder=True, train__cache_latents=True, lora__max_norm=0.01,
+        train__noise_offset=0.1, train__snr_gamma=5.0),
+    "dreambooth-lora-prior-preservation": dict(
+        method="dreambooth", data__image_dir=None, train__batch_size=1, dreambooth={"adapter": "lora", **CLASS_IMAGES}),
+    "dreambooth-full-unet-average-text-cache-on-disk": dict(  # the resumed run finds every caption's encoding on disk
+        method="dreambooth", data__image_dir=None, train__batch_size=1, train__ema_decay=0.8, train__cache_text_embeddings=True,
+        dreambooth={"adapter": "full", "prior_preservation": False}),
     "controlnet-accumulated": dict(method="controlnet", train__gradient_accumulation_steps=2, data__random_flip=True),
 }
 SLOW = pytest.mark.slow(reason="about 10 s each: a DreamBooth or ControlNet set of three runs")
@@ -48,7 +55,8 @@ def _run(recipe, monkeypatch, resume=None, stop_at=None):
         if step == stop_at:
             os.kill(os.getpid(), signal.SIGINT)  # caught by the run (finetune.stopping), as a terminal's Ctrl-C
 
-    monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, log_kwargs=None: logged.setdefault(step, {}).update(values))
+    log = lambda self, values, step=None, log_kwargs=None: logged.setdefault(step, {}).update(values)  # noqa: E731
+    monkeypatch.setattr(Accelerator, "log", log)
     result = train(recipe, resume=resume, on_step=on_step)
     return result, logged
 
@@ -77,6 +85,8 @@ def test_a_run_stopped_and_resumed_ends_and_logs_as_a_run_never_stopped(make_rec
         settings["dreambooth"] = {"concepts": [{"instance_dir": str(image_folder), **STAR}], **settings["dreambooth"]}
     if case.startswith("controlnet"):
         settings["data__image_dir"] = str(pairs_folder)
+    if settings.get("train__cache_text_embeddings"):
+        settings["train__cache_dir"] = str(tmp_path / "cache")
     straight, straight_logs = _run(make_recipe(output_dir=str(tmp_path / "straight"), **settings), monkeypatch)
     stopped, logs = _run(make_recipe(output_dir=str(tmp_path / "stopped"), **settings), monkeypatch, stop_at=3)
     assert stopped.interrupted and stopped.final_step == 3
@@ -90,6 +100,9 @@ def test_a_run_stopped_and_resumed_ends_and_logs_as_a_run_never_stopped(make_rec
     for output in straight.saved_files:
         expected, got = _weights(output), _weights(tmp_path / "stopped" / output.relative_to(straight.output_dir))
         assert got.keys() == expected.keys() and all(torch.equal(got[key], value) for key, value in expected.items()), output.name
+        # A pipeline's other files too (its tokenizer's), but for the recipe's hash, which covers output_dir.
+        for file in [file for file in output.rglob("*") if file.suffix in (".json", ".txt") and file.name != METADATA_FILE]:
+            assert (tmp_path / "stopped" / file.relative_to(straight.output_dir)).read_bytes() == file.read_bytes(), file.name
     # The last checkpoint continues alike too (a longer run resumed from either): its optimizer's state and settings.
     last = [run / "checkpoints" / "checkpoint-6" / "optimizer.bin" for run in (straight.output_dir, tmp_path / "stopped")]
     expected, got = (torch.load(path, weights_only=False) for path in last)
