@@ -18,7 +18,6 @@ from pathlib import Path
 
 # Only light imports here: `finetune --help` builds this module's parser; torch, diffusers and gradio load
 # when the demo starts.
-from finetune.conditions import recorded_conditioning
 from finetune.demo_inputs import (
     ADAPTER_LIST,
     NONE,
@@ -61,6 +60,8 @@ def resolve_base(base: str | None) -> tuple[str, str]:
 
 def table_row(adapter) -> list[str]:
     """An adapter's line in the page's table: what the trainer recorded in its file or folder."""
+    from finetune.conditions import recorded_conditioning  # numpy, PIL and the recipe schema: not for --help
+
     meta = adapter.metadata
     made = recorded_conditioning(meta)  # the conditioning images a ControlNet wants, as make-conditions made them
     controlnet = f"ControlNet, trained on {made}" if made else "ControlNet"

@@ -8,8 +8,11 @@ import re
 from pathlib import Path
 
 from finetune.errors import FinetuneError
-from finetune.evaluate import SUITES, default_suites, print_table, run_eval
-from finetune.toyworld.world import SHAPES
+
+# finetune.evaluate's suites and the toy world's shapes, named here so that building the command line (every
+# `finetune` command, --help too) does not import numpy and PIL with them; tests/test_cli_startup.py checks they match.
+SUITE_NAMES = ("adherence", "fid", "subject", "drift", "style", "control", "placement")
+SHAPE_NAMES = ("circle", "square", "triangle", "diamond", "cross", "star")
 
 EVAL_EXAMPLE = """examples:
   finetune eval --base finetune/assets/toyworld-base
@@ -44,7 +47,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lora-scale", type=finite_float, default=1.0, help="LoRA strength (default 1.0)")
     p.add_argument("--controlnet", help="ControlNet folder, or a controlnet training output folder (runs the control and placement suites)")
     p.add_argument("--conditioning-scale", type=finite_float, default=None, help="ControlNet strength (default 1.0)")
-    p.add_argument("--suite", action="append", choices=list(SUITES),
+    p.add_argument("--suite", action="append", choices=SUITE_NAMES,
                    help="suite to run; repeat for several (default: adherence and fid; control and placement with --controlnet)")
     p.add_argument("--num-prompts", type=positive_int, default=64, help="prompts per suite (default 64)")
     p.add_argument("--images-per-prompt", type=positive_int, default=1, help="images per prompt; prompt p's image k has seed seed+p*N+k (default 1)")
@@ -52,7 +55,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=finite_float, default=5.0, help="classifier-free guidance scale (default 5.0)")
     p.add_argument("--seed", type=seed_number, default=0, help="noise seed; the prompts are fixed (default 0)")
     p.add_argument("--identifier", default=SUBJECT_OPTIONS["identifier"][0], help="DreamBooth identifier in subject prompts (default sks)")
-    p.add_argument("--subject", default=SUBJECT_OPTIONS["subject"][0], choices=list(SHAPES), help="shape the subject should look like (default star)")
+    p.add_argument("--subject", default=SUBJECT_OPTIONS["subject"][0], choices=SHAPE_NAMES, help="shape the subject should look like (default star)")
     p.add_argument("--class-word", default=SUBJECT_OPTIONS["class_word"][0], help="class word of subject/class prompts, 'a sks <class word>' (default shape)")
     p.add_argument("--out", help="JSON report file (default: eval-<suites>.json in the LoRA's or ControlNet's run folder, in a full "
                    "run's folder for its pipeline, else in outputs/eval/<name of the ControlNet folder or base>/)")
@@ -148,6 +151,7 @@ def check_subject_options_are_read(args, suites) -> None:
 def run_eval_command(args) -> int:
     """``finetune eval``: run, print the table, write the report."""
     from finetune.cli import base_or_recorded, check_lora_scale_has_a_lora
+    from finetune.evaluate import default_suites, print_table, run_eval
     from finetune.inference import adapter_base
 
     suites = default_suites(args.suite, args.controlnet)
