@@ -19,8 +19,6 @@ import math
 from collections import Counter
 from typing import Iterator
 
-import torch
-
 from finetune.config import DataConfig
 from finetune.counts import counted
 from finetune.errors import FinetuneError
@@ -121,6 +119,8 @@ class BucketBatchSampler:
         """The global batches of `epoch`, in training order."""
         if self._cached[0] == epoch:
             return self._cached[1]
+        import torch  # here: finetune.sources reads Size from this module, and `finetune train` checks paths before torch loads
+
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         members: dict[Size, list[int]] = {}
         for index in torch.randperm(len(self.bucket_of), generator=generator).tolist():

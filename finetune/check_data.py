@@ -24,7 +24,7 @@ from pathlib import Path
 from finetune.buckets import Size, assign_buckets, bucket_counts_line
 from finetune.captions import caption_alternative, caption_lines, empty_caption_message, missing_caption_message
 from finetune.check_threads import each_on_threads
-from finetune.config import DataConfig, LossMaskConfig, Recipe
+from finetune.config import DataConfig, Recipe
 from finetune.counts import counted
 from finetune.data import decode, file_stamp, float_levels_problem, has_alpha, is_16_bit, pixel_digest, turned_on_its_side, upright_rgb
 from finetune.errors import FinetuneError
@@ -353,22 +353,6 @@ def checked_examples(config: DataConfig) -> tuple[list[Example], DataReport]:
     """The training examples (repeats expanded) and the report training prints at its start."""
     report = check_examples(read_examples(config), config, data_label(config))
     return expand_repeats(report.usable), report
-
-
-def data_configs(recipe: Recipe) -> list[DataConfig]:
-    """What training reads: `data`, or for DreamBooth each concept's folder with its prompt."""
-    if recipe.method != "dreambooth":
-        return [recipe.data]
-    configs = []
-    for index, concept in enumerate(recipe.dreambooth.concepts):
-        caption = None if concept.use_captions else concept.instance_prompt
-        update = {"image_dir": concept.instance_dir, "caption": caption, **({} if concept.loss_mask else {"loss_mask": LossMaskConfig()})}
-        config = recipe.data.model_copy(update=update)
-        config._image_dir_key = f"dreambooth.concepts.{index}.instance_dir"
-        config._caption_alternative = f"set dreambooth.concepts.{index}.use_captions: false to train with its instance_prompt"
-        config._repeats = concept.repeats
-        configs.append(config)
-    return configs
 
 
 def too_few_to_batch(trained: int, recipe: Recipe, processes: int = 1, items: int | None = None) -> str | None:

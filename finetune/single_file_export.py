@@ -24,7 +24,7 @@ from finetune.lora_kinds import CLIP_ROOT
 from finetune.methods.controlnet import CONTROLNET_DIR
 from finetune.methods.full import PIPELINE_DIR
 from finetune.methods.lora import LORA_WEIGHTS_NAME
-from finetune.models import check_pipeline_parts, holds_a_lora
+from finetune.model_source import check_pipeline_parts, holds_a_lora
 from finetune.original_layout import UNET_RESNET_NAMES, unet_prefixes
 
 UNET_ROOT, VAE_ROOT, TEXT_ENCODER_ROOT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model."

@@ -75,18 +75,25 @@ def expand_repeats(examples: list[Example]) -> list[Example]:
 # Sources
 
 
-def _folder_examples(config: DataConfig) -> list[Example]:
+def check_folders_exist(config: DataConfig) -> None:
+    """The data folder and each of its data.folders entries is a folder (before anything is read from them)."""
     root = Path(config.image_dir)
     if root.is_file():
         raise FinetuneError(f"{config._image_dir_key} {root} is a file: give the folder that holds the images")
     if not root.is_dir():
         raise FinetuneError(f"data folder {root} not found: check {config._image_dir_key}")
+    for settings in config.folders or []:
+        if not (root / settings.path).is_dir():  # an absolute path stays absolute
+            raise FinetuneError(f"data folder {root / settings.path} not found: check data.folders path '{settings.path}'")
+
+
+def _folder_examples(config: DataConfig) -> list[Example]:
+    check_folders_exist(config)
+    root = Path(config.image_dir)
     examples = []
     for index, settings in enumerate(config.folders or [FolderConfig(path=".", repeats=config._repeats)]):
-        folder = root / settings.path  # an absolute path stays absolute
+        folder = root / settings.path
         key = config._image_dir_key if not config.folders else f"data.folders path '{settings.path}'"
-        if not folder.is_dir():
-            raise FinetuneError(f"data folder {folder} not found: check {key}")
         images = folder_images(folder)
         if not images and (subfolders := image_subfolders(folder, config)):
             raise FinetuneError(subfolders_message(folder, subfolders, config, settings.path if config.folders else None))

@@ -32,7 +32,8 @@ from finetune.errors import FinetuneError
 from finetune.finite_weights import ensure_finite_weights
 from finetune.held_out import TrainingSubset, held_out_loss, held_out_sources, split_held_out
 from finetune.methods import METHODS
-from finetune.models import load_base_model, resolve_model_folder
+from finetune.model_source import resolve_model_folder
+from finetune.models import load_base_model
 from finetune.output_metadata import dataset_metadata, output_metadata
 from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer, step_size
 from finetune.recipe_loading import dump_recipe

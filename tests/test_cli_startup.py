@@ -7,28 +7,40 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from finetune.cli_arguments import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
 
 HEAVY = ("torch", "diffusers", "transformers", "gradio", "deepspeed", "accelerate", "peft", "numpy", "PIL", "pydantic")
 
 
-def imported_after(calls: list[list[str]]) -> set[str]:
-    """The heavy modules a fresh interpreter holds after running `finetune` with each argument list."""
+def run_in_fresh_python(calls: list[list[str]]) -> tuple[set[str], list[str]]:
+    """Run `finetune` with each argument list in one fresh interpreter (in the repository, as a user would):
+    the heavy modules it then holds, and what each call wrote to stderr."""
     script = f"""
 import contextlib, io, json, sys
 from finetune.cli import main
+errors = []
 for argv in {calls!r}:
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         try:
             main(argv)
         except SystemExit:
             pass
-print(json.dumps([name for name in {HEAVY!r} if name in sys.modules]))
+    errors.append(err.getvalue())
+print(json.dumps([[name for name in {HEAVY!r} if name in sys.modules], errors]))
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
-    return set(json.loads(result.stdout))
+    modules, errors = json.loads(result.stdout)
+    return set(modules), errors
+
+
+def imported_after(calls: list[list[str]]) -> set[str]:
+    return run_in_fresh_python(calls)[0]
 
 
 def subcommands() -> list[str]:
@@ -46,3 +58,22 @@ def test_eval_choices_are_the_suites_and_shapes():
     from finetune.toyworld.world import SHAPES
 
     assert SUITE_NAMES == tuple(SUITES) and SHAPE_NAMES == SHAPES
+
+
+def test_train_says_a_missing_data_folder_or_base_model_before_torch_loads(tmp_path):
+    """Each was said only after torch, diffusers and transformers had loaded (10 s and more on a small machine)."""
+    quickstart = ["train", "recipes/quickstart.yaml", f"output_dir={tmp_path}"]
+    calls = [
+        quickstart + [f"data.image_dir={tmp_path / 'photos'}"],
+        quickstart + ["data.folders=[{path: nope}]"],
+        quickstart + [f"model.pretrained={tmp_path / 'base'}"],
+        ["train", "recipes/dreambooth.yaml", f"output_dir={tmp_path}", "dreambooth.concepts.0.instance_dir=nope"],
+    ]
+    modules, errors = run_in_fresh_python(calls)
+    assert errors == [
+        f"error: data folder {tmp_path / 'photos'} not found: check data.image_dir\n",
+        "error: data folder datasets/star/nope not found: check data.folders path 'nope'\n",
+        f"error: base model {tmp_path / 'base'} not found: no such folder or file (check model.pretrained)\n",
+        "error: data folder nope not found: check dreambooth.concepts.0.instance_dir\n",
+    ]
+    assert modules <= {"numpy", "PIL", "pydantic"}  # the recipe's schema and the data folder's reader, not the training stack

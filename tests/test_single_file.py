@@ -334,7 +334,7 @@ def test_a_hub_base_downloads_the_parts_of_its_variant_and_not_the_single_file_c
     model.variant: fp16, the fp16 weights (which from_pretrained then asks for)."""
     from huggingface_hub.utils import filter_repo_objects
 
-    from finetune.models import download_patterns
+    from finetune.model_source import download_patterns
 
     allow, ignore = download_patterns(variant)
     fetched = set(filter_repo_objects(SD15_REPO_FILES, allow_patterns=allow, ignore_patterns=ignore))

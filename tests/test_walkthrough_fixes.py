@@ -8,7 +8,8 @@ import shutil
 import pytest
 from PIL import Image
 
-from finetune.check_data import checked_examples, data_configs
+from finetune.check_data import checked_examples
+from finetune.train_inputs import data_configs
 from finetune.cli import main
 from finetune.errors import FinetuneError
 from finetune.recipe_loading import recipe_from_dict

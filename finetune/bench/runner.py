@@ -46,7 +46,7 @@ def default_resolution(preset: str, base: str | None = None) -> int:
 
         return 512 if preset == "sd15" else PRESETS[preset].resolution
     from finetune.config import ModelConfig
-    from finetune.models import resolve_model_folder
+    from finetune.model_source import resolve_model_folder
 
     folder = resolve_model_folder(ModelConfig.from_option(base))
     if folder is None:

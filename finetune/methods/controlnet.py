@@ -40,7 +40,8 @@ from finetune.data import open_rgb
 from finetune.device_copy import to_device
 from finetune.errors import FinetuneError
 from finetune.methods.base import DiffusionMethod
-from finetune.models import freeze, looks_like_hub_id
+from finetune.model_source import looks_like_hub_id
+from finetune.models import freeze
 from finetune.pipeline_io import METADATA_FILE
 from finetune.sampling import build_pipeline, generate_with_settings
 from finetune.sources import Example

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from finetune.buckets import assign_buckets
 from finetune.cache import EncodingCache
 from finetune.captions import scored_caption, training_caption
-from finetune.check_data import DataReport, check_examples, checked_examples, data_configs, inspect_examples
+from finetune.check_data import DataReport, check_examples, checked_examples, inspect_examples
 from finetune.class_images import (
     as_loaded_base, class_image_caption, generate_class_images, generation_record, is_generated_name, plan_class_images, record_key,
     warn_of_unused_generated_images, write_generation_record,
@@ -37,6 +37,7 @@ from finetune.methods.full import FullMethod
 from finetune.methods.lora import LoRAMethod
 from finetune.sampling import build_pipeline
 from finetune.sources import Example
+from finetune.train_inputs import data_configs
 from finetune.views import plan_view
 from pathlib import Path
 from PIL import Image

@@ -1,0 +1,108 @@
+"""Where a base model is: a local diffusers folder, a single `.safetensors`/`.ckpt` file, or a hub id found in
+the cache or downloaded. Kept apart from `finetune.models` so that `finetune train` can say a base model is
+missing before torch and diffusers load (seconds); it imports neither.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from finetune.config import SINGLE_FILE_SUFFIXES, ModelConfig
+from finetune.errors import FinetuneError
+
+
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def check_pipeline_parts(path: Path, name: str) -> None:
+    """A folder missing a part (or a model's weights) would fail deep in loading, or at the first step."""
+    missing = [part for part in PIPELINE_PARTS if not (path / part).is_dir()]
+    if missing:
+        raise FinetuneError(f"base model folder {name} has no {', '.join(missing)}: a Stable Diffusion pipeline folder holds {', '.join(PIPELINE_PARTS)}")
+    for part in ("unet", "vae", "text_encoder"):
+        if not any((path / part).glob("*.safetensors")) and not any((path / part).glob("*.bin")):
+            raise FinetuneError(f"base model folder {name} has no weights in {part}: copy the whole pipeline folder again")
+
+
+def resolve_model_folder(config: ModelConfig) -> Path | None:
+    """Return the local diffusers folder for `config.pretrained`, or None for a single-file checkpoint."""
+    name = config.pretrained
+    path = Path(name).expanduser()
+    if path.suffix in SINGLE_FILE_SUFFIXES:
+        if not path.is_file():
+            raise FinetuneError(f"base model file {name} not found: check {config._key}")
+        if path.suffix == ".safetensors" and holds_a_lora(path):
+            # What to do instead depends on where it was given: a recipe has no --lora (its key starts from a LoRA).
+            instead = ("set model.pretrained to the model it was trained on (lora.init_from starts a run from this LoRA)"
+                       if config._key == "model.pretrained" else
+                       f"pass it as --lora, with {config._key} the model it was trained on (the demo lists the LoRAs under --adapters)")
+            raise FinetuneError(f"{name} is a LoRA, not a base model: {instead}")
+        return None
+    if config.single_file_config:
+        raise FinetuneError(
+            f"{config._single_file_config_key} describes a single .safetensors/.ckpt base, but {name} is not one: leave it out"
+        )
+    if path.is_dir():
+        if not (path / "model_index.json").is_file() and not (path / "unet" / "config.json").is_file():
+            if (path / "pipeline" / "model_index.json").is_file():  # a full fine-tune's or DreamBooth's run folder
+                raise FinetuneError(f"base model folder {name} is a training run's (or checkpoint's) folder: point {config._key} at {path / 'pipeline'}")
+            raise FinetuneError(
+                f"base model folder {name} is not a diffusers pipeline (no model_index.json): "
+                f"point {config._key} at a folder saved with save_pretrained, or at a .safetensors file"
+            )
+        check_pipeline_parts(path, name)
+        return path
+    if not looks_like_hub_id(name):
+        raise FinetuneError(f"base model {name} not found: no such folder or file (check {config._key})")
+    return _download_or_find_in_cache(name, config.revision, config.variant, config._key)
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """`owner/name`, as the hub spells models; not a local path."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~"))
+
+
+def holds_a_lora(path: Path) -> bool:
+    """Whether a .safetensors file's names (its header only) are a LoRA's, in any layout."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError):
+        return False  # the loader reports an unreadable file
+    return bool(keys) and all("lora" in key or key.endswith(".alpha") for key in keys)
+
+
+def download_patterns(variant: str | None) -> tuple[list[str], list[str]]:
+    """(allow, ignore) file patterns for a diffusers repo: the parts' configs and safetensors weights (of
+    `variant`, e.g. fp16, when one is asked for), not the single-file checkpoints many repos also keep at
+    their top level (SD1.5's are 11 GB), nor the safety checker, EMA-less copies or pickles."""
+    allow = ["*.json", "*.txt", "*/*.safetensors"]
+    ignore = ["*non_ema*", "safety_checker/*"]
+    if variant != "fp16":
+        ignore.append("*.fp16.*")
+    return allow, ignore
+
+
+def _download_or_find_in_cache(repo_id: str, revision: str | None, variant: str | None, key: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")  # as huggingface_hub reads it
+    try:
+        allow, ignore = download_patterns(variant)
+        folder = snapshot_download(repo_id, revision=revision, local_files_only=offline, allow_patterns=allow, ignore_patterns=ignore)
+    except (LocalEntryNotFoundError, FileNotFoundError):
+        # Offline, or online with the hub out of reach (huggingface_hub then looks in the cache, and raises this too).
+        why = "downloads are off (HF_HUB_OFFLINE=1)" if offline else "the hub could not be reached (no network?)"
+        raise FinetuneError(
+            f"base model {repo_id} is not in the local Hugging Face cache and {why}: "
+            f"download it once with network, or set {key} to a local diffusers folder or .safetensors file"
+        ) from None
+    except (RepositoryNotFoundError, HFValidationError):
+        raise FinetuneError(f"base model {repo_id} not found on the hub: check {key}") from None
+    except OSError as err:
+        raise FinetuneError(f"base model {repo_id} could not be fetched ({err.__class__.__name__}): check the network or use a local folder") from None
+    return Path(folder)

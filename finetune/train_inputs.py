@@ -1,0 +1,33 @@
+"""What a training run reads: its data folders and its base model. `finetune train` checks they are there before
+torch and diffusers load (seconds), so a mistyped path is said at once; `train()` checks them again, with the
+images themselves, for callers that do not come through the command line."""
+
+from __future__ import annotations
+
+from finetune.config import DataConfig, LossMaskConfig, Recipe
+from finetune.model_source import resolve_model_folder
+from finetune.sources import check_folders_exist
+
+
+def data_configs(recipe: Recipe) -> list[DataConfig]:
+    """What training reads: `data`, or for DreamBooth each concept's folder with its prompt."""
+    if recipe.method != "dreambooth":
+        return [recipe.data]
+    configs = []
+    for index, concept in enumerate(recipe.dreambooth.concepts):
+        caption = None if concept.use_captions else concept.instance_prompt
+        update = {"image_dir": concept.instance_dir, "caption": caption, **({} if concept.loss_mask else {"loss_mask": LossMaskConfig()})}
+        config = recipe.data.model_copy(update=update)
+        config._image_dir_key = f"dreambooth.concepts.{index}.instance_dir"
+        config._caption_alternative = f"set dreambooth.concepts.{index}.use_captions: false to train with its instance_prompt"
+        config._repeats = concept.repeats
+        configs.append(config)
+    return configs
+
+
+def check_inputs_exist(recipe: Recipe) -> None:
+    """The recipe's data folders and base model are there (a hub id: in the cache, or downloaded now)."""
+    for config in data_configs(recipe):
+        if config.image_dir:  # a `datasets` dataset is opened by the data check
+            check_folders_exist(config)
+    resolve_model_folder(recipe.model)
