@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, str_to_bool
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, is_compiled_module, str_to_bool
 
 from finetune.config import Recipe
 from finetune.errors import FinetuneError
@@ -36,6 +36,10 @@ def unwrap(accelerator: Accelerator, module: torch.nn.Module) -> torch.nn.Module
     """The plain module under accelerate's wrappers (DDP, DeepSpeed, and torch.compile's, which
     accelerate keeps by default): parameter names without `_orig_mod.`, as diffusers and peft files
     and our checkpoints name them, and a module that samples without recompiling for each shape."""
+    if accelerator.distributed_type == DistributedType.NO and not is_compiled_module(module):
+        # `prepare` left it as it was. accelerate's unwrap_model would import DeepSpeed (~440 modules), wherever it
+        # is installed, only to see the module is not its engine: on a plain run, before the first validation.
+        return module
     return accelerator.unwrap_model(module, keep_torch_compile=False)
 
 
