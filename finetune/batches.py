@@ -11,7 +11,7 @@ import torch
 from finetune.buckets import BucketBatchSampler, Size, assign_buckets
 from finetune.config import DataConfig
 from finetune.counts import counted
-from finetune.data import upright_size
+from finetune.images import upright_size
 from finetune.errors import FinetuneError
 from finetune.sources import Example
 

@@ -291,7 +291,7 @@ def make_conditions(input_dir: str | Path, output_dir: str | Path, kind: str, ov
 
 def _write_conditions(source: Path, target: Path, images: list[Path], captions: dict[str, str], kind: str, **options) -> tuple[Path, int, int]:
     """`make_conditions`' writing, for the images and captions `_checked_input` gave for `source`."""
-    from finetune.data import open_rgb
+    from finetune.images import open_rgb
     from finetune.sources import Example
 
     same_folder = target.is_dir() and source.resolve() == target.resolve()

@@ -23,22 +23,9 @@ from finetune.captions import metadata_key, metadata_text, name_key, scored_capt
 from finetune.check_data import FATAL, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable
 from finetune.check_threads import each_on_threads
 from finetune.config import DataConfig, Recipe
-from finetune.data import (
-    collate_images,
-    decode,
-    float_levels_problem,
-    has_alpha,
-    item_rng,
-    likely_new_view,
-    open_rgb,
-    pixel_digest,
-    render_pixels,
-    turned_on_its_side,
-    upright_rgb,
-    upright_size,
-    view_entry,
-)
+from finetune.data import collate_images, item_rng, likely_new_view, render_pixels, view_entry
 from finetune.errors import FinetuneError
+from finetune.images import decode, float_levels_problem, has_alpha, open_rgb, pixel_digest, turned_on_its_side, upright_rgb, upright_size
 from finetune.sources import Example, open_dataset, read_examples, require_image_column, row_image
 from finetune.views import ViewPlan, plan_view, render
 

@@ -9,29 +9,21 @@ its aspect-ratio bucket (finetune/buckets.py) instead of a square.
 
 from __future__ import annotations
 
-import hashlib
-import os
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from finetune.buckets import Size, assign_buckets
+from finetune.buckets import assign_buckets
 from finetune.cache import EncodingCache
 from finetune.captions import scored_caption, training_caption
 from finetune.config import DataConfig
 from finetune.errors import FinetuneError
+from finetune.images import file_stamp, open_rgb, pixel_digest, upright_size
 from finetune.loss_mask import mask_digest, mask_tensor
 from finetune.sources import Example, expand_repeats, read_examples, require_captions
-from finetune.views import ViewPlan, plan_view, render, to_8_bit, view_key
-
-# Pillow refuses images over 2x this many pixels as "decompression bombs" (89M by default: a 108 MP phone
-# photo warns, a 200 MP one fails). A user's own photos are trusted input; the check still stops on a corrupt
-# one. (The demo, serving uploads from a browser, sets a far lower limit in its own process.)
-TRUSTED_IMAGE_PIXELS = 300_000_000
-Image.MAX_IMAGE_PIXELS = TRUSTED_IMAGE_PIXELS
-
+from finetune.views import ViewPlan, plan_view, render, view_key
 
 def load_examples(config: DataConfig, check: bool = True) -> list[Example]:
     """The training examples, each listed `repeats` times; with `check`, every image is decoded and checked
@@ -50,77 +42,6 @@ def load_examples(config: DataConfig, check: bool = True) -> list[Example]:
 # Checks and transforms
 
 
-def decode(example: Example, at_least: int | None = None) -> Image.Image:
-    """Open and decode fully, so a truncated file fails here with its name rather than mid-training.
-
-    `at_least`: a JPEG may be decoded at a reduced scale that keeps both sides at least this long.
-    """
-    try:
-        image = example.load()
-        if image is None:  # a dataset row whose image cell is null
-            raise FinetuneError(f"{example.source} has no image (a null cell): fill that cell, or remove the row")
-        if at_least is not None:
-            image.draft(None, (at_least, at_least))  # a no-op for other formats and decoded images
-        image.load()
-    except FinetuneError:
-        raise
-    except Exception as err:  # PIL raises many types for broken files
-        if os.path.islink(example.source) and not os.path.exists(example.source):  # what it links to was moved or deleted
-            raise FinetuneError(f"image {example.source} is a link to {os.readlink(example.source)}, which is not there: fix the link or remove it") from None
-        raise FinetuneError(f"image {example.source} cannot be read ({err.__class__.__name__}: {err}): fix or remove it") from None
-    return image
-
-
-def float_levels_problem(image: Image.Image, named: str) -> str | None:
-    """Why a decoded image of 32-bit float values 0-1 cannot train (a depth map saved as float TIFF, a dataset
-    made of float arrays): read as levels 0-255, it would train all but black."""
-    if image.mode != "F" or image.getextrema()[1] > 1.0:
-        return None
-    return (f"{named} holds 32-bit float values of 0-1, which train as levels 0-255 (all but black): "
-            "save it as an 8- or 16-bit PNG (values scaled to 0-255 or 0-65535)")
-
-
-def has_alpha(image: Image.Image) -> bool:
-    # "transparency": a palette's transparent entries, or the one transparent colour of an RGB or grey PNG
-    # (tRNS); not of a 16-bit one, which converting to RGBA would clip before it is scaled to 8 bits.
-    return image.mode in ("RGBA", "LA", "PA") or ("transparency" in image.info and not is_16_bit(image))
-
-
-def is_16_bit(image: Image.Image) -> bool:
-    return image.mode.startswith("I;16") or image.mode == "I"
-
-
-def upright_rgb(image: Image.Image) -> Image.Image:
-    """Apply EXIF rotation and convert any mode (CMYK, 16-bit, alpha, palette, grey) to 8-bit RGB."""
-    image = ImageOps.exif_transpose(image)
-    if has_alpha(image):
-        # Transparent areas become white rather than whatever colour the hidden pixels hold.
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    if is_16_bit(image):
-        image = to_8_bit(image)
-    return image.convert("RGB")
-
-
-def open_rgb(example: Example, at_least: int | None = None) -> Image.Image:
-    """Decode fully (so truncation shows), apply EXIF rotation, and convert any mode to RGB."""
-    return upright_rgb(decode(example, at_least))
-
-
-def upright_size(example: Example) -> Size:
-    """(width, height) as trained, after EXIF rotation; from the check, else from the file's header."""
-    if example.size is not None:
-        return example.size
-    image = example.load()  # a file is only opened: the header has the size
-    return (image.height, image.width) if turned_on_its_side(image) else image.size
-
-
-def turned_on_its_side(image: Image.Image) -> bool:
-    """Whether the image's EXIF orientation swaps its width and height (a phone's portrait photo, stored lying down)."""
-    return image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-
-
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """HWC uint8 -> CHW float in [-1, 1], the VAE's input range."""
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
@@ -129,20 +50,6 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
-
-
-def pixel_digest(image: Image.Image) -> str:
-    """A hash of an upright RGB image's size and pixels: names its cached latents (see `view_key`)."""
-    return hashlib.blake2b(f"{image.width}x{image.height}".encode() + image.tobytes(), digest_size=16).hexdigest()
-
-
-def file_stamp(source: str) -> tuple[int, int] | None:
-    """(size, mtime_ns) of an image file; None for a dataset row."""
-    try:
-        stat = os.stat(source)
-    except (OSError, ValueError):
-        return None
-    return stat.st_size, stat.st_mtime_ns
 
 
 def render_pixels(example: Example, plan: ViewPlan, as_checked: bool = False) -> torch.Tensor:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 # Micro-batch numbers no training run reaches: the validation draws are never a training step's.
 FIRST_DRAW = 2**40
 # Noise and timestep draws per image: four times the forwards for a steadier number.
@@ -28,6 +26,8 @@ def split_held_out(sources: list[str], count: int, seed: int) -> tuple[list[int]
         return list(range(len(sources))), []
     files = [os.path.realpath(source) if os.path.isfile(source) else source for source in sources]  # one file, however written
     images = sorted(set(files))
+    import torch  # here: check-data reports the split without loading torch when nothing is held out
+
     generator = torch.Generator().manual_seed(seed)
     held = {images[i] for i in torch.randperm(len(images), generator=generator)[:count].tolist()}
     first_copy: dict[str, int] = {}
@@ -60,12 +60,13 @@ class TrainingSubset:
         return self.dataset[(self.kept[index], epoch)]
 
 
-@torch.no_grad()
 def held_out_loss(method, modules: dict, dataset, collate_fn, held_out: list[int], seed: int, device, autocast) -> dict[str, float]:
     """The mean of each loss term over the held-out items, each scored with DRAWS_PER_IMAGE fixed draws.
 
     Every process computes it whole (under ZeRO-3 each forward needs all of them) and gets the same
     numbers. Trained modules are in eval mode meanwhile (no LoRA dropout)."""
+    import torch
+
     from finetune.diffusion import BatchRandomness  # diffusers: loaded to score, not for check-data
 
     modes = {name: module.training for name, module in modules.items()}
@@ -73,7 +74,7 @@ def held_out_loss(method, modules: dict, dataset, collate_fn, held_out: list[int
         module.eval()
     totals: dict[str, float] = {}
     # Scoring must not disturb the training RNG: a resumed run then follows the same curve.
-    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
         try:
             for n, index in enumerate(held_out):
                 batch = collate_fn([dataset[(index, 0)]])

@@ -22,8 +22,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from finetune.captions import loose_name_key
@@ -116,6 +114,8 @@ def mask_digest(mask: Image.Image) -> str:
 
 def mask_tensor(mask: Image.Image) -> torch.Tensor:
     """A greyscale view -> (1, H, W) weights in [0, 1]."""
+    import torch  # here, as in latent_loss_weights: the data check reads masks with this module, without torch
+
     return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None]
 
 
@@ -127,6 +127,8 @@ def mask_area(mask: Image.Image) -> float:
 def latent_loss_weights(masks: torch.Tensor, latent_size: tuple[int, int], unmasked_weight: float) -> torch.Tensor:
     """Pixel masks (B, 1, H, W) in [0, 1] -> loss weights at the latents' size (B, 1, h, w): each 8x8
     patch's mean, raised from 0 to `unmasked_weight` where it is black."""
+    import torch.nn.functional as F
+
     patches = F.interpolate(masks.float(), size=latent_size, mode="area")
     return unmasked_weight + (1.0 - unmasked_weight) * patches
 

@@ -77,3 +77,14 @@ def test_train_says_a_missing_data_folder_or_base_model_before_torch_loads(tmp_p
         "error: data folder nope not found: check dreambooth.concepts.0.instance_dir\n",
     ]
     assert modules <= {"numpy", "PIL", "pydantic"}  # the recipe's schema and the data folder's reader, not the training stack
+
+
+
+def test_check_data_reads_every_image_without_torch():
+    """check-data decodes and checks images with PIL and numpy; it loaded torch (~800 modules) through the training
+    dataset's module, the bucket sampler's, the loss masks' and the held-out split's. With a recipe it reads the
+    base model's tokenizer (transformers) to count caption tokens, as training warns."""
+    modules, errors = run_in_fresh_python([["check-data", "--image-dir", "datasets/star", "--resolution", "64"],
+                                           ["check-data", "recipes/quickstart.yaml", "data.loss_mask.source=alpha"]])
+    assert errors == ["", ""]
+    assert modules <= {"numpy", "PIL", "pydantic", "transformers"}

@@ -15,7 +15,8 @@ from PIL import Image
 from finetune.check_data import CONVERTED, FATAL, WARNING, inspect_examples
 from finetune.cli import main
 from finetune.config import DataConfig
-from finetune.data import CaptionedImageDataset, decode, load_examples
+from finetune.data import CaptionedImageDataset, load_examples
+from finetune.images import decode
 from finetune.errors import FinetuneError
 from finetune.sources import Example, read_examples
 
@@ -127,17 +128,17 @@ def test_paths_may_start_with_the_home_folder_and_bad_settings_name_their_key(tm
 
 
 def test_a_108_megapixel_photo_is_no_decompression_bomb(tmp_path, monkeypatch):
-    import finetune.data
+    import finetune.images
 
-    # As importing finetune.data sets it; a demo test in this process may have lowered it for browser uploads.
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", finetune.data.TRUSTED_IMAGE_PIXELS)
+    # As importing finetune.images (and so finetune.data) sets it; a demo test in this process may have lowered it for browser uploads.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", finetune.images.TRUSTED_IMAGE_PIXELS)
     Image.new("L", (12000, 9000)).save(tmp_path / "phone.png")  # a real phone's size; Pillow warns above 89M pixels
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert decode(Example(str(tmp_path / "phone.png"), "x", lambda: Image.open(tmp_path / "phone.png"))).size == (12000, 9000)
     fresh = subprocess.run([sys.executable, "-c", "import finetune.data; from PIL import Image; print(Image.MAX_IMAGE_PIXELS)"],
                            capture_output=True, text=True, check=True)  # fmt: skip
-    assert int(fresh.stdout.split()[-1]) == finetune.data.TRUSTED_IMAGE_PIXELS
+    assert int(fresh.stdout.split()[-1]) == finetune.images.TRUSTED_IMAGE_PIXELS
 
 
 def test_invalid_exif_orientations_are_not_said_to_rotate(tmp_path):

@@ -23,11 +23,12 @@ from finetune.batches import item_layout
 from finetune.cache import EncodingCache, caption_key, model_fingerprint
 from finetune.check_data import DataReport, checked_examples
 from finetune.config import Recipe
-from finetune.data import CaptionedImageDataset, collate, upright_size
+from finetune.data import CaptionedImageDataset, collate
 from finetune.device_copy import to_device
 from finetune.diffusion import POSTERIOR_STREAM, BatchRandomness, NoiseOptions, add_noise, draw_noise, draw_perturbation, per_sample_loss
 from finetune.encoders import encode_prompts, latents_from_moments, posterior_moments, text_hidden_states
 from finetune.errors import FinetuneError
+from finetune.images import upright_size
 from finetune.loss_mask import latent_loss_weights
 from finetune.models import BaseModel
 from finetune.sampling import build_pipeline, generate_with_settings

@@ -36,7 +36,7 @@ from PIL import Image
 from finetune.atomic_files import removed_if_unfinished, replace_folder, with_default_permissions
 from finetune.config import Recipe
 from finetune.controlnet_data import ControlNetDataset, checked_pairs, controlnet_collate, paired_views, validation_conditions_problem
-from finetune.data import open_rgb
+from finetune.images import open_rgb
 from finetune.device_copy import to_device
 from finetune.errors import FinetuneError
 from finetune.methods.base import DiffusionMethod

@@ -30,8 +30,9 @@ from finetune.class_images import (
 )
 from finetune.config import Concept, DataConfig, LossMaskConfig, Recipe
 from finetune.counts import counted
-from finetune.data import collate_images, item_rng, likely_new_view, mask_entry, render_mask, render_pixels, upright_size, view_entry
+from finetune.data import collate_images, item_rng, likely_new_view, mask_entry, render_mask, render_pixels, view_entry
 from finetune.errors import FinetuneError
+from finetune.images import upright_size
 from finetune.methods.base import DiffusionMethod
 from finetune.methods.full import FullMethod
 from finetune.methods.lora import LoRAMethod

@@ -1,0 +1,106 @@
+"""Reading an image as training and the data check see it: decoded in full (so a truncated file shows), upright
+(EXIF rotation), 8-bit RGB from any mode. Apart from `finetune.data` (the training dataset, torch) so that
+`finetune check-data` reads every image without loading torch."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from PIL import Image, ImageOps
+
+from finetune.buckets import Size
+from finetune.errors import FinetuneError
+from finetune.sources import Example
+from finetune.views import to_8_bit
+
+# Pillow refuses images over 2x this many pixels as "decompression bombs" (89M by default: a 108 MP phone
+# photo warns, a 200 MP one fails). A user's own photos are trusted input; the check still stops on a corrupt
+# one. (The demo, serving uploads from a browser, sets a far lower limit in its own process.)
+TRUSTED_IMAGE_PIXELS = 300_000_000
+Image.MAX_IMAGE_PIXELS = TRUSTED_IMAGE_PIXELS
+
+
+def decode(example: Example, at_least: int | None = None) -> Image.Image:
+    """Open and decode fully, so a truncated file fails here with its name rather than mid-training.
+
+    `at_least`: a JPEG may be decoded at a reduced scale that keeps both sides at least this long.
+    """
+    try:
+        image = example.load()
+        if image is None:  # a dataset row whose image cell is null
+            raise FinetuneError(f"{example.source} has no image (a null cell): fill that cell, or remove the row")
+        if at_least is not None:
+            image.draft(None, (at_least, at_least))  # a no-op for other formats and decoded images
+        image.load()
+    except FinetuneError:
+        raise
+    except Exception as err:  # PIL raises many types for broken files
+        if os.path.islink(example.source) and not os.path.exists(example.source):  # what it links to was moved or deleted
+            raise FinetuneError(f"image {example.source} is a link to {os.readlink(example.source)}, which is not there: fix the link or remove it") from None
+        raise FinetuneError(f"image {example.source} cannot be read ({err.__class__.__name__}: {err}): fix or remove it") from None
+    return image
+
+
+def float_levels_problem(image: Image.Image, named: str) -> str | None:
+    """Why a decoded image of 32-bit float values 0-1 cannot train (a depth map saved as float TIFF, a dataset
+    made of float arrays): read as levels 0-255, it would train all but black."""
+    if image.mode != "F" or image.getextrema()[1] > 1.0:
+        return None
+    return (f"{named} holds 32-bit float values of 0-1, which train as levels 0-255 (all but black): "
+            "save it as an 8- or 16-bit PNG (values scaled to 0-255 or 0-65535)")
+
+
+def has_alpha(image: Image.Image) -> bool:
+    # "transparency": a palette's transparent entries, or the one transparent colour of an RGB or grey PNG
+    # (tRNS); not of a 16-bit one, which converting to RGBA would clip before it is scaled to 8 bits.
+    return image.mode in ("RGBA", "LA", "PA") or ("transparency" in image.info and not is_16_bit(image))
+
+
+def is_16_bit(image: Image.Image) -> bool:
+    return image.mode.startswith("I;16") or image.mode == "I"
+
+
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """Apply EXIF rotation and convert any mode (CMYK, 16-bit, alpha, palette, grey) to 8-bit RGB."""
+    image = ImageOps.exif_transpose(image)
+    if has_alpha(image):
+        # Transparent areas become white rather than whatever colour the hidden pixels hold.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    if is_16_bit(image):
+        image = to_8_bit(image)
+    return image.convert("RGB")
+
+
+def open_rgb(example: Example, at_least: int | None = None) -> Image.Image:
+    """Decode fully (so truncation shows), apply EXIF rotation, and convert any mode to RGB."""
+    return upright_rgb(decode(example, at_least))
+
+
+def upright_size(example: Example) -> Size:
+    """(width, height) as trained, after EXIF rotation; from the check, else from the file's header."""
+    if example.size is not None:
+        return example.size
+    image = example.load()  # a file is only opened: the header has the size
+    return (image.height, image.width) if turned_on_its_side(image) else image.size
+
+
+def turned_on_its_side(image: Image.Image) -> bool:
+    """Whether the image's EXIF orientation swaps its width and height (a phone's portrait photo, stored lying down)."""
+    return image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+
+
+def pixel_digest(image: Image.Image) -> str:
+    """A hash of an upright RGB image's size and pixels: names its cached latents (see `view_key`)."""
+    return hashlib.blake2b(f"{image.width}x{image.height}".encode() + image.tobytes(), digest_size=16).hexdigest()
+
+
+def file_stamp(source: str) -> tuple[int, int] | None:
+    """(size, mtime_ns) of an image file; None for a dataset row."""
+    try:
+        stat = os.stat(source)
+    except (OSError, ValueError):
+        return None
+    return stat.st_size, stat.st_mtime_ns
