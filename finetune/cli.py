@@ -61,11 +61,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args) -> int:
     from finetune.recipe_loading import load_recipe
-    from finetune.train_inputs import check_inputs_exist
 
     if args.overwrite and args.resume:
         raise FinetuneError("--overwrite starts over (deleting the earlier run's checkpoints) and --resume continues one: pass one of them")
     recipe = load_recipe(args.recipe, args.overrides)  # a bad recipe is said at once, before torch and diffusers load (~10 s)
+    from finetune.train_inputs import check_inputs_exist  # PIL and numpy, with the data folder's reader
+
     check_inputs_exist(recipe)  # so is a missing data folder or base model
     from finetune.distributed import leave_process_group
     from finetune.run_lock import output_dir_lock

@@ -88,3 +88,12 @@ def test_check_data_reads_every_image_without_torch():
                                            ["check-data", "recipes/quickstart.yaml", "data.loss_mask.source=alpha"]])
     assert errors == ["", ""]
     assert modules <= {"numpy", "PIL", "pydantic", "transformers"}
+
+
+def test_train_says_a_bad_recipe_with_the_schema_alone():
+    """An unknown key or a bad value is the recipe schema's (pydantic) to say: the data folders' reader (numpy,
+    PIL) loads only for a recipe that passed."""
+    modules, errors = run_in_fresh_python([["train", "recipes/quickstart.yaml", "lora.rnak=4"], ["train", "recipes/quickstart.yaml", "train.max_steps=0"]])
+    assert errors[0] == "error: override 'lora.rnak=4': unknown key 'lora.rnak' (did you mean 'lora.rank'?)\n"
+    assert errors[1].startswith("error: ") and "train.max_steps" in errors[1]
+    assert modules == {"pydantic"}
