@@ -102,13 +102,12 @@ def check_output_folder(out: Path, what: str, holds: str, is_file: bool = False)
 
 
 def _sample(args) -> int:
-    from finetune.inference import sample_to_folder
-
     if args.condition and len(args.condition) > 1:
         raise FinetuneError("--condition takes one image, used for every prompt: sample each conditioning image in its own run")
     check_lora_scale_has_a_lora(args)
     check_output_folder(Path(args.out), "--out", "the images and grid")
     base = base_or_recorded(args)
+    from finetune.inference import sample_to_folder  # torch and diffusers: after the checks above, which need neither
 
     written = sample_to_folder(
         base=base,
@@ -177,10 +176,9 @@ def _export_base(args) -> int:
 
 
 def _export(args) -> int:
-    from finetune.kohya import export_lora
-
     output = Path(args.output)
     check_output_folder(output, "export output", "the LoRA and its model card", is_file=output.suffix == ".safetensors")
+    from finetune.kohya import export_lora  # torch: after the check above
     path, card, images = export_lora(Path(args.input), Path(args.output), args.to, overwrite=args.overwrite, precision=args.precision)
     print(f"wrote {path} ({args.to} layout{', ' + args.precision if args.precision else ''}), its model card {card}" + "".join(f", {i}" for i in images))
     return 0

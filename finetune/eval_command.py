@@ -152,11 +152,11 @@ def run_eval_command(args) -> int:
     """``finetune eval``: run, print the table, write the report."""
     from finetune.cli import base_or_recorded, check_lora_scale_has_a_lora
     from finetune.evaluate import default_suites, print_table, run_eval
-    from finetune.inference import adapter_base
 
     suites = default_suites(args.suite, args.controlnet)
     check_lora_scale_has_a_lora(args)
     check_subject_options_are_read(args, suites)
+    from finetune.inference import adapter_base  # torch and diffusers: after the checks above, which need neither
     from finetune.prompt_options import PromptSettings, guidance_notes
 
     for note in guidance_notes([PromptSettings("", None, args.seed, args.guidance, args.steps)]):

@@ -97,3 +97,22 @@ def test_train_says_a_bad_recipe_with_the_schema_alone():
     assert errors[0] == "error: override 'lora.rnak=4': unknown key 'lora.rnak' (did you mean 'lora.rank'?)\n"
     assert errors[1].startswith("error: ") and "train.max_steps" in errors[1]
     assert modules == {"pydantic"}
+
+
+def test_sample_export_and_eval_refuse_bad_options_before_torch_loads(tmp_path):
+    """Options that are wrong together, or an output under a file, are said before the models' libraries load."""
+    (tmp_path / "file").write_text("")
+    calls = [
+        ["sample", "--prompt", "x", "--lora-scale", "0.5"],
+        ["sample", "--prompt", "x", "--condition", "a.png", "--condition", "b.png"],
+        ["sample", "--prompt", "x", "--base", "b", "--out", str(tmp_path / "file" / "out")],
+        ["export", "lora", str(tmp_path / "file" / "out"), "--to", "kohya"],
+        ["eval", "--base", "b", "--lora-scale", "0.5"],
+    ]
+    modules, errors = run_in_fresh_python(calls)
+    assert errors[0] == "error: --lora-scale is the LoRA's strength: pass --lora too, or leave it out\n"
+    assert errors[1].startswith("error: --condition takes one image")
+    assert errors[2].startswith(f"error: --out {tmp_path / 'file' / 'out'}: {tmp_path / 'file'} is a file")
+    assert errors[3].startswith(f"error: export output {tmp_path / 'file' / 'out'}: {tmp_path / 'file'} is a file")
+    assert errors[4] == errors[0]
+    assert modules <= {"numpy", "PIL"}  # eval's prompt suites
