@@ -135,13 +135,14 @@ def _sample(args) -> int:
 def _make_tiny_model(args) -> int:
     import shutil
 
-    from finetune.atomic_files import replace_folder
-    from finetune.pipeline_io import check_replaceable
-    from finetune.tiny_model import make_tiny_model
+    from finetune.output_folders import check_replaceable
 
     # Not into a folder with contents unasked: a mistyped path to a trained pipeline had its weights replaced by random ones.
     output_dir = Path(args.output_dir).absolute()
     check_replaceable(output_dir, args.overwrite, "make-tiny-model output")
+    from finetune.atomic_files import replace_folder  # torch and diffusers: after the check
+    from finetune.tiny_model import make_tiny_model
+
     partial = output_dir.with_name(f".{output_dir.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     make_tiny_model(partial, preset=args.preset, seed=args.seed, prediction_type=args.prediction_type)

@@ -21,7 +21,8 @@ from finetune.kohya import PRECISIONS, LoRA, load_lora
 from finetune.lora_kinds import CLIP_ROOT
 from finetune.model_card import diffusers_loading_code
 from finetune.models import load_base_model, zero_terminal_snr_schedule
-from finetune.pipeline_io import check_replaceable, save_pipeline
+from finetune.output_folders import check_replaceable
+from finetune.pipeline_io import save_pipeline
 
 
 def check_lora_fits(models: dict[str, torch.nn.Module], lora: LoRA) -> None:

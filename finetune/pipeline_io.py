@@ -12,6 +12,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from finetune.atomic_files import removed_if_unfinished, replace_folder, with_default_permissions
 from finetune.models import BaseModel, at_source_precision
+from finetune.output_folders import check_replaceable
 
 # Beside a saved model (pipeline or ControlNet folder): what trained it, for sample, eval and the demo.
 METADATA_FILE = "finetune_metadata.json"
@@ -66,20 +67,6 @@ def as_loaded(tokenizer):
         backend.no_truncation()
         backend.no_padding()
     return tokenizer
-
-
-def check_replaceable(folder: Path, overwrite: bool, what: str) -> None:
-    """Writing a pipeline replaces its folder whole (merge, export-base): never a file, nor a folder
-    with contents the user did not ask to replace."""
-    from finetune.errors import FinetuneError
-
-    if folder.exists() and not folder.is_dir():
-        raise FinetuneError(f"{what} {folder} is a file: give a folder for the pipeline")
-    inside = next(path for path in folder.parents if path.exists())  # the root, at least, exists
-    if not inside.is_dir():
-        raise FinetuneError(f"{what} {folder} is inside a file ({inside}): give a folder for the pipeline")
-    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise FinetuneError(f"{what} {folder} is not empty: pick a new folder, or pass --overwrite to replace what is in it")
 
 
 def export_fp16(source: Path, destination: Path, overwrite: bool = False) -> Path:

@@ -116,3 +116,10 @@ def test_sample_export_and_eval_refuse_bad_options_before_torch_loads(tmp_path):
     assert errors[3].startswith(f"error: export output {tmp_path / 'file' / 'out'}: {tmp_path / 'file'} is a file")
     assert errors[4] == errors[0]
     assert modules <= {"numpy", "PIL"}  # eval's prompt suites
+
+
+def test_make_tiny_model_refuses_a_folder_with_contents_before_torch_loads(tmp_path):
+    (tmp_path / "kept.txt").write_text("")
+    modules, errors = run_in_fresh_python([["make-tiny-model", str(tmp_path)]])
+    assert errors == [f"error: make-tiny-model output {tmp_path} is not empty: pick a new folder, or pass --overwrite to replace what is in it\n"]
+    assert modules == set()

@@ -1,0 +1,20 @@
+"""Whether a pipeline may be written to a folder, checked before anything loads: apart from
+`finetune.pipeline_io` (torch, diffusers) so that `finetune make-tiny-model` refuses a folder at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from finetune.errors import FinetuneError
+
+
+def check_replaceable(folder: Path, overwrite: bool, what: str) -> None:
+    """Writing a pipeline replaces its folder whole (merge, export-base): never a file, nor a folder
+    with contents the user did not ask to replace."""
+    if folder.exists() and not folder.is_dir():
+        raise FinetuneError(f"{what} {folder} is a file: give a folder for the pipeline")
+    inside = next(path for path in folder.parents if path.exists())  # the root, at least, exists
+    if not inside.is_dir():
+        raise FinetuneError(f"{what} {folder} is inside a file ({inside}): give a folder for the pipeline")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise FinetuneError(f"{what} {folder} is not empty: pick a new folder, or pass --overwrite to replace what is in it")
