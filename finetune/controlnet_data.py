@@ -113,12 +113,16 @@ def read_pairs(recipe: Recipe) -> tuple[list[Pair], list[Finding]]:
         ]
         return pairs, []
     files_in: dict[Path, dict[str, str]] = {}  # each folder's metadata.jsonl (data.folders: one per subfolder)
+    partners_in: dict[Path, set[str]] = {}  # the conditioning images each names, as its images are keyed
     pairs, unpaired = [], []
     for example in read_examples(config):
         folder, name = Path(example.source).parent, name_key(Path(example.source).name)
         if folder not in files_in:
             files_in[folder] = _conditioning_files(folder, recipe.controlnet.conditioning_column)
+            partners_in[folder] = {metadata_key(named, folder) for named in files_in[folder].values()}
         files = files_in[folder]
+        if name not in files and name in partners_in[folder]:
+            continue  # a conditioning image kept beside the images (0001.png, 0001_canny.png): a partner, not an image to train
         path = folder / files[name] if name in files else None
         if path is None:
             message = (

@@ -1,0 +1,31 @@
+"""ControlNet data laid out as creators lay it out by hand: conditioning images beside their images,
+named by metadata.jsonl rows."""
+
+import json
+
+import numpy as np
+from controlnet_helpers import controlnet_recipe
+from PIL import Image
+
+from finetune.controlnet_data import inspect_pairs
+
+
+def write_pairs_beside(folder, count=3):
+    """`0.png` with its edges in `0_edges.png` in the same folder, as many tutorials lay pairs out."""
+    folder.mkdir()
+    rows = []
+    for i in range(count):
+        pixels = np.random.default_rng(i).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        Image.fromarray(pixels[..., 0]).save(folder / f"{i}_edges.png")
+        rows.append({"file_name": f"{i}.png", "conditioning_file_name": f"{i}_edges.png", "text": f"photo {i}"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
+
+
+def test_conditioning_images_beside_their_images_are_not_trained_as_images(make_recipe, tmp_path):
+    folder = write_pairs_beside(tmp_path / "pairs")
+    pairs, report = inspect_pairs(controlnet_recipe(make_recipe, folder))
+    assert [(p.image.source, p.conditioning.source) for p in pairs] == [(str(folder / f"{i}.png"), str(folder / f"{i}_edges.png")) for i in range(3)]
+    assert report.findings == []  # not "image 0_edges.png has no conditioning image"
+    assert report.found == 3
