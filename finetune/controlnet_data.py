@@ -88,9 +88,12 @@ def validation_conditions_problem(recipe: Recipe) -> str | None:
         if not Path(path).is_file():
             return f"validation conditioning image {path} not found: check controlnet.validation_conditions"
         try:
-            read_conditioning(Example(path, "", lambda p=path: Image.open(p)))
+            image = read_conditioning(Example(path, "", lambda p=path: Image.open(p)))
         except FinetuneError as err:
             return str(err)
+        # Validation samples at data.resolution: refused as `finetune sample --condition` refuses it at that size.
+        if (problem := small_conditioning_problem(image, path, recipe.data.resolution)) is not None:
+            return f"controlnet.validation_conditions: {problem}"
     return None
 
 

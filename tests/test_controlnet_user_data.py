@@ -1,13 +1,16 @@
 """ControlNet data laid out as creators lay it out by hand: conditioning images beside their images,
-named by metadata.jsonl rows."""
+named by metadata.jsonl rows; validation conditioning images of their own."""
 
 import json
 
 import numpy as np
+import pytest
 from controlnet_helpers import controlnet_recipe
 from PIL import Image
 
 from finetune.controlnet_data import inspect_pairs
+from finetune.errors import FinetuneError
+from finetune.methods.controlnet import ControlNetMethod
 
 
 def write_pairs_beside(folder, count=3):
@@ -29,3 +32,14 @@ def test_conditioning_images_beside_their_images_are_not_trained_as_images(make_
     assert [(p.image.source, p.conditioning.source) for p in pairs] == [(str(folder / f"{i}.png"), str(folder / f"{i}_edges.png")) for i in range(3)]
     assert report.findings == []  # not "image 0_edges.png has no conditioning image"
     assert report.found == 3
+
+
+def test_a_validation_conditioning_image_too_small_to_steer_stops_before_the_model_loads(make_recipe, pairs_folder, tmp_path):
+    """As `finetune sample --condition` refuses one under half the sampled size: validation samples at data.resolution (64)."""
+    small = tmp_path / "small.png"
+    Image.open(pairs_folder / "conditioning" / "0000.png").resize((20, 20)).save(small)
+    recipe = controlnet_recipe(make_recipe, pairs_folder, controlnet__validation_conditions=[str(small)], validation__prompts=["x"])
+    with pytest.raises(FinetuneError, match=r"^controlnet.validation_conditions: conditioning image \S+small.png is 20x20, smaller than 32 px"):
+        ControlNetMethod(recipe).check_data()
+    Image.open(pairs_folder / "conditioning" / "0000.png").resize((32, 32)).save(small)  # half the size: as sample takes it
+    ControlNetMethod(recipe).check_data()
