@@ -19,13 +19,14 @@ from torch.utils.data import Dataset
 
 from finetune.buckets import Size, assign_buckets
 from finetune.cache import EncodingCache
-from finetune.captions import metadata_key, metadata_text, name_key, scored_caption, training_caption
+from finetune.captions import loose_name_key, metadata_key, metadata_text, name_key, scored_caption, training_caption
 from finetune.check_data import FATAL, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable
 from finetune.check_threads import each_on_threads
 from finetune.config import DataConfig, Recipe
 from finetune.data import collate_images, item_rng, likely_new_view, render_pixels, view_entry
 from finetune.errors import FinetuneError
 from finetune.images import decode, float_levels_problem, has_alpha, open_rgb, pixel_digest, turned_on_its_side, upright_rgb, upright_size
+from finetune.loss_mask import _file_names_by_loose_key
 from finetune.sources import Example, open_dataset, read_examples, require_image_column, row_image
 from finetune.views import ViewPlan, plan_view, render
 
@@ -116,17 +117,17 @@ def read_pairs(recipe: Recipe) -> tuple[list[Pair], list[Finding]]:
         ]
         return pairs, []
     files_in: dict[Path, dict[str, str]] = {}  # each folder's metadata.jsonl (data.folders: one per subfolder)
-    partners_in: dict[Path, set[str]] = {}  # the conditioning images each names, as its images are keyed
+    partners_in: dict[Path, set[Path]] = {}  # the conditioning images each names
     pairs, unpaired = [], []
     for example in read_examples(config):
         folder, name = Path(example.source).parent, name_key(Path(example.source).name)
         if folder not in files_in:
             files_in[folder] = _conditioning_files(folder, recipe.controlnet.conditioning_column)
-            partners_in[folder] = {metadata_key(named, folder) for named in files_in[folder].values()}
+            partners_in[folder] = {named_file(folder / named) for named in files_in[folder].values()}
         files = files_in[folder]
-        if name not in files and name in partners_in[folder]:
+        if name not in files and Path(example.source) in partners_in[folder]:
             continue  # a conditioning image kept beside the images (0001.png, 0001_canny.png): a partner, not an image to train
-        path = folder / files[name] if name in files else None
+        path = named_file(folder / files[name]) if name in files else None
         if path is None:
             message = (
                 f"image {example.source} has no conditioning image: give it a conditioning_file_name in "
@@ -139,6 +140,16 @@ def read_pairs(recipe: Recipe) -> tuple[list[Pair], list[Finding]]:
             continue
         unpaired.append(Finding(FATAL, example.source, message))
     return pairs, unpaired
+
+
+def named_file(path: Path) -> Path:
+    """`path`, or where no file has that exact name, the one beside it whose name differs only in letter case or
+    Unicode form: a metadata.jsonl written on macOS or Windows (`conditioning/0001.PNG` for `0001.png`) names its
+    files as their file systems find them, and captions and masks are found so too (`loose_name_key`)."""
+    if path.is_file() or not path.parent.is_dir():
+        return path
+    names = _file_names_by_loose_key(str(path.parent), path.parent.stat().st_mtime_ns)
+    return path.parent / names.get(loose_name_key(path.name), path.name)
 
 
 def _conditioning_files(folder: Path, column: str = "conditioning_file_name") -> dict[str, str]:

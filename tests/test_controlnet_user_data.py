@@ -43,3 +43,18 @@ def test_a_validation_conditioning_image_too_small_to_steer_stops_before_the_mod
         ControlNetMethod(recipe).check_data()
     Image.open(pairs_folder / "conditioning" / "0000.png").resize((32, 32)).save(small)  # half the size: as sample takes it
     ControlNetMethod(recipe).check_data()
+
+
+def test_conditioning_file_names_differing_in_letter_case_find_their_files(make_recipe, tmp_path):
+    """A metadata.jsonl written on macOS or Windows, whose file systems ignore case, read on Linux: found as
+    captions and masks are, beside the images or in a subfolder."""
+    folder = write_pairs_beside(tmp_path / "pairs")
+    (folder / "conditioning").mkdir()
+    (folder / "1_edges.png").rename(folder / "conditioning" / "1_Edges.PNG")
+    (folder / "2_edges.png").rename(folder / "2_EDGES.png")
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    rows[1]["conditioning_file_name"] = "conditioning/1_edges.png"
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    pairs, report = inspect_pairs(controlnet_recipe(make_recipe, folder))
+    assert report.findings == []
+    assert [p.conditioning.source for p in pairs] == [str(folder / name) for name in ("0_edges.png", "conditioning/1_Edges.PNG", "2_EDGES.png")]
