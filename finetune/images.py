@@ -43,12 +43,18 @@ def decode(example: Example, at_least: int | None = None) -> Image.Image:
 
 
 def float_levels_problem(image: Image.Image, named: str) -> str | None:
-    """Why a decoded image of 32-bit float values 0-1 cannot train (a depth map saved as float TIFF, a dataset
-    made of float arrays): read as levels 0-255, it would train all but black."""
-    if image.mode != "F" or image.getextrema()[1] > 1.0:
+    """Why a decoded image of 32-bit float values cannot train (a depth map saved as float TIFF, a dataset made
+    of float arrays): read as levels 0-255, values of 0-1 would train all but black, and values outside 0-255
+    (depth in millimetres, 16-bit levels) would be clipped to black or white."""
+    if image.mode != "F":
         return None
-    return (f"{named} holds 32-bit float values of 0-1, which train as levels 0-255 (all but black): "
-            "save it as an 8- or 16-bit PNG (values scaled to 0-255 or 0-65535)")
+    low, high = image.getextrema()
+    scale = "save it as an 8- or 16-bit PNG (values scaled to 0-255 or 0-65535)"
+    if high <= 1.0:
+        return f"{named} holds 32-bit float values of 0-1, which train as levels 0-255 (all but black): {scale}"
+    if low < 0.0 or high > 255.0:
+        return f"{named} holds 32-bit float values of {low:g} to {high:g}, which train as levels 0-255 (clipped to black or white outside them): {scale}"
+    return None
 
 
 def has_alpha(image: Image.Image) -> bool:

@@ -58,3 +58,19 @@ def test_conditioning_file_names_differing_in_letter_case_find_their_files(make_
     pairs, report = inspect_pairs(controlnet_recipe(make_recipe, folder))
     assert report.findings == []
     assert [p.conditioning.source for p in pairs] == [str(folder / name) for name in ("0_edges.png", "conditioning/1_Edges.PNG", "2_EDGES.png")]
+
+
+def test_a_float_depth_map_in_millimetres_is_one_line_not_clipped_white(make_recipe, tmp_path):
+    """Read as levels 0-255, a float map of 0-1000 trained three quarters white; one of 0-200 is levels and trains."""
+    folder = write_pairs_beside(tmp_path / "pairs", count=2)
+    (folder / "depth").mkdir()
+    for i, top in enumerate((1000.0, 200.0)):
+        (folder / f"{i}_edges.png").unlink()
+        Image.fromarray(np.linspace(0, top, 96 * 64, dtype=np.float32).reshape(64, 96), "F").save(folder / "depth" / f"{i}.tif")
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "conditioning_file_name": f"depth/{i}.tif", "text": "x"}) + "\n" for i in range(2)))
+    pairs, report = inspect_pairs(controlnet_recipe(make_recipe, folder))
+    assert [p.conditioning.source for p in pairs] == [str(folder / "depth" / "1.tif")]
+    assert [f.message for f in report.findings] == [
+        f"conditioning image {folder / 'depth' / '0.tif'} holds 32-bit float values of 0 to 1000, which train as levels 0-255 "
+        "(clipped to black or white outside them): save it as an 8- or 16-bit PNG (values scaled to 0-255 or 0-65535)"
+    ]
