@@ -156,6 +156,21 @@ def metadata_subfolders(folder: Path) -> set[str]:
     return {path.parts[0] for path in paths if len(path.parts) > 1 and (folder / path).is_file()}
 
 
+def metadata_partner_files(folder: Path) -> set[str]:
+    """The files directly in `folder` that its metadata.jsonl's rows name beside their image (ControlNet's
+    `"conditioning_file_name": "0001_depth.tif"`): read with their images, so no file training leaves unread."""
+    jsonl = folder / "metadata.jsonl"
+    names: set[str] = set()
+    for line in lenient_metadata_text(jsonl).splitlines() if jsonl.is_file() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        values = [value for key, value in row.items() if key != "file_name"] if isinstance(row, dict) else []
+        names |= {path for value in values if isinstance(value, str) and "/" not in (path := value.strip().replace("\\", "/").removeprefix("./"))}
+    return names
+
+
 # sd-scripts datasets often keep captions in `.caption` files; `.txt` is read first where both are.
 SIDECAR_SUFFIXES = (".txt", ".caption")
 

@@ -17,8 +17,8 @@ from typing import Callable
 from PIL import Image
 
 from finetune.buckets import Size
-from finetune.captions import (apply_template, folder_captions, image_caption, metadata_subfolders, missing_caption_message, name_key,
-                               require_own_sidecars, sidecar_path, template_needs_caption)  # fmt: skip
+from finetune.captions import (apply_template, folder_captions, image_caption, metadata_partner_files, metadata_subfolders,
+                               missing_caption_message, name_key, require_own_sidecars, sidecar_path, template_needs_caption)  # fmt: skip
 from finetune.config import DataConfig, FolderConfig
 from finetune.errors import FinetuneError
 
@@ -198,6 +198,9 @@ def unread_images(folder: Path, config: DataConfig) -> tuple[list[Path], list[Pa
     no image a user put there is left out unseen. Subfolders count for data.image_dir alone (without
     data.folders); its masks and conditioning folders are no such subfolder."""
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in UNREAD_IMAGE_SUFFIXES)
+    if files:  # not ControlNet's 16-bit depth TIFFs beside their images: the metadata names them as conditioning images
+        partners = metadata_partner_files(folder)
+        files = [p for p in files if p.name not in partners]
     return files, [] if config.folders else image_subfolders(folder, config)
 
 

@@ -74,3 +74,21 @@ def test_a_float_depth_map_in_millimetres_is_one_line_not_clipped_white(make_rec
         f"conditioning image {folder / 'depth' / '0.tif'} holds 32-bit float values of 0 to 1000, which train as levels 0-255 "
         "(clipped to black or white outside them): save it as an 8- or 16-bit PNG (values scaled to 0-255 or 0-65535)"
     ]
+
+
+def test_16_bit_depth_tiffs_beside_their_images_are_not_said_to_be_unread(make_recipe, tmp_path):
+    """A depth estimator's 16-bit TIFFs named as conditioning images are read; a TIFF no row names is still said."""
+    folder = write_pairs_beside(tmp_path / "pairs", count=2)
+    rows = []
+    for i in range(2):
+        (folder / f"{i}_edges.png").unlink()
+        Image.fromarray(np.full((64, 96), 1000 * (i + 1), dtype=np.uint16)).save(folder / f"{i}_depth.tif")
+        rows.append({"file_name": f"{i}.png", "conditioning_file_name": f"{i}_depth.tif", "text": "x"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    recipe = controlnet_recipe(make_recipe, folder)
+    pairs, report = inspect_pairs(recipe)
+    assert len(pairs) == 2 and [f.message for f in report.findings] == []
+    Image.fromarray(np.zeros((64, 96), dtype=np.uint16)).save(folder / "stray.tif")
+    assert [f.message for f in inspect_pairs(recipe)[1].findings] == [
+        f"data folder {folder} has 1 image(s) training does not read (.tif, e.g. stray.tif): convert them to PNG or JPEG"
+    ]
