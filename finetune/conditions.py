@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from finetune.captions import csv_delimiter, image_caption, metadata_key, metadata_text, name_key, read_csv_captions, read_metadata_captions
+from finetune.captions import (csv_delimiter, image_caption, metadata_key, metadata_partner_files, metadata_text, name_key, read_csv_captions,
+                               read_metadata_captions)
 from finetune.errors import FinetuneError
 
 KINDS = ("canny", "luminance", "mask")
@@ -224,7 +225,9 @@ def _checked_input(source: Path, target: Path, overwrite: bool) -> tuple[list[Pa
     """(images, captions from the metadata file) of one input folder, once nothing stops writing `target` from it."""
     from finetune.sources import IMAGE_SUFFIXES, folder_images
 
-    images = folder_images(source)
+    # Conditioning images kept beside their images (a hand-made 0001_edges.png its row names) are no photos to make one from.
+    partners = metadata_partner_files(source)
+    images = [path for path in folder_images(source) if path.name not in partners]
     if not images:
         raise FinetuneError(f"input folder {source} has no images ({', '.join(IMAGE_SUFFIXES)})")
     stems: dict[str, str] = {}

@@ -8,6 +8,7 @@ import pytest
 from controlnet_helpers import controlnet_recipe
 from PIL import Image
 
+from finetune.conditions import make_conditions
 from finetune.controlnet_data import inspect_pairs
 from finetune.errors import FinetuneError
 from finetune.methods.controlnet import ControlNetMethod
@@ -92,3 +93,15 @@ def test_16_bit_depth_tiffs_beside_their_images_are_not_said_to_be_unread(make_r
     assert [f.message for f in inspect_pairs(recipe)[1].findings] == [
         f"data folder {folder} has 1 image(s) training does not read (.tif, e.g. stray.tif): convert them to PNG or JPEG"
     ]
+
+
+def test_make_conditions_does_not_take_conditioning_images_beside_their_images_for_photos(tmp_path):
+    """Hand-made edges beside the photos, made again as canny: each photo gets one, and the old edges no row of their own
+    (they trained as uncaptioned images)."""
+    folder = write_pairs_beside(tmp_path / "pairs")
+    make_conditions(folder, tmp_path / "canny", "canny")
+    rows = [json.loads(line) for line in (tmp_path / "canny" / "metadata.jsonl").read_text().splitlines()]
+    assert [(row["file_name"], row["conditioning_file_name"], row["text"]) for row in rows] == [
+        (f"{i}.png", f"conditioning/{i}.png", f"photo {i}") for i in range(3)
+    ]
+    assert sorted(path.name for path in (tmp_path / "canny").glob("*.png")) == ["0.png", "1.png", "2.png"]
