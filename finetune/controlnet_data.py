@@ -8,6 +8,8 @@ captions (`controlnet.empty_prompt_share`) is emptied. Conditioning images come 
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,7 +21,8 @@ from torch.utils.data import Dataset
 
 from finetune.buckets import Size, assign_buckets
 from finetune.cache import EncodingCache
-from finetune.captions import loose_name_key, metadata_key, metadata_text, name_key, scored_caption, training_caption
+from finetune.captions import (csv_delimiter, loose_name_key, metadata_key, metadata_text, name_key, read_csv_captions, scored_caption,
+                               training_caption)
 from finetune.check_data import FATAL, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable
 from finetune.check_threads import each_on_threads
 from finetune.config import DataConfig, Recipe
@@ -155,12 +158,20 @@ def named_file(path: Path) -> Path:
 def _conditioning_files(folder: Path, column: str = "conditioning_file_name") -> dict[str, str]:
     """{image file name: conditioning file name relative to the folder} from metadata.jsonl: its
     conditioning_file_name, or the recipe's controlnet.conditioning_column (diffusers' examples call it
-    conditioning_image)."""
-    path = folder / "metadata.jsonl"
+    conditioning_image), or from metadata.csv's columns of those names, as Hugging Face's imagefolder reads either."""
+    path, table = folder / "metadata.jsonl", folder / "metadata.csv"
+    if not path.is_file() and table.is_file():
+        text = metadata_text(table)
+        header = next(csv.reader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text)), [])
+        key = "conditioning_file_name" if "conditioning_file_name" in header else column
+        if key not in header:
+            raise FinetuneError(f"{table} names no conditioning images: its columns are {', '.join(repr(k) for k in header)}; "
+                                f"add conditioning_file_name (or set controlnet.conditioning_column to the column that holds them)")  # fmt: skip
+        return {name: named.replace("\\", "/") for name, named in read_csv_captions(table, key).items() if named}
     if not path.is_file():
         raise FinetuneError(
-            f"data folder {folder} has no metadata.jsonl naming conditioning images (file_name, conditioning_file_name, text): "
-            "write one, or make one with finetune make-conditions"
+            f"data folder {folder} has no metadata.jsonl naming conditioning images (file_name, conditioning_file_name, text; "
+            "or a metadata.csv of those columns): write one, or make one with finetune make-conditions"
         )
     files, keys = {}, set()
     for line_number, line in enumerate(metadata_text(path).splitlines(), start=1):

@@ -105,3 +105,16 @@ def test_make_conditions_does_not_take_conditioning_images_beside_their_images_f
         (f"{i}.png", f"conditioning/{i}.png", f"photo {i}") for i in range(3)
     ]
     assert sorted(path.name for path in (tmp_path / "canny").glob("*.png")) == ["0.png", "1.png", "2.png"]
+
+
+def test_a_metadata_csv_names_conditioning_images_as_a_metadata_jsonl_does(make_recipe, tmp_path):
+    """Hugging Face's imagefolder reads either file, and captions come from either: the spreadsheet a creator keeps pairs in."""
+    folder = write_pairs_beside(tmp_path / "pairs")
+    (folder / "metadata.jsonl").unlink()
+    (folder / "metadata.csv").write_text("file_name,conditioning_file_name,text\n" + "".join(f"{i}.png,{i}_edges.png,\"photo {i}, edges\"\n" for i in range(3)))
+    pairs, report = inspect_pairs(controlnet_recipe(make_recipe, folder))
+    assert report.findings == []
+    assert [(p.image.caption, p.conditioning.source) for p in pairs] == [(f"photo {i}, edges", str(folder / f"{i}_edges.png")) for i in range(3)]
+    (folder / "metadata.csv").write_text("file_name,text\n0.png,photo\n")
+    with pytest.raises(FinetuneError, match=r"metadata.csv names no conditioning images: its columns are 'file_name', 'text'; add conditioning_file_name"):
+        inspect_pairs(controlnet_recipe(make_recipe, folder))
