@@ -118,3 +118,11 @@ def test_a_metadata_csv_names_conditioning_images_as_a_metadata_jsonl_does(make_
     (folder / "metadata.csv").write_text("file_name,text\n0.png,photo\n")
     with pytest.raises(FinetuneError, match=r"metadata.csv names no conditioning images: its columns are 'file_name', 'text'; add conditioning_file_name"):
         inspect_pairs(controlnet_recipe(make_recipe, folder))
+
+
+def test_make_conditions_in_place_refuses_to_orphan_conditioning_images_beside_the_images(tmp_path):
+    folder = write_pairs_beside(tmp_path / "pairs")
+    before = (folder / "metadata.jsonl").read_text()
+    with pytest.raises(FinetuneError, match=r"names conditioning images beside the images \(0_edges.png\), which rewriting it in place"):
+        make_conditions(folder, folder, "canny")
+    assert (folder / "metadata.jsonl").read_text() == before and not (folder / "conditioning").exists()
