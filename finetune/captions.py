@@ -158,17 +158,21 @@ def metadata_subfolders(folder: Path) -> set[str]:
 
 def metadata_partner_files(folder: Path) -> set[str]:
     """The files directly in `folder` that its metadata.jsonl's rows name beside their image (ControlNet's
-    `"conditioning_file_name": "0001_depth.tif"`): read with their images, so no file training leaves unread."""
+    `"conditioning_file_name": "0001_depth.tif"`): read with their images, so no file training leaves unread. Not
+    a file with a row of its own: that is an image."""
     jsonl = folder / "metadata.jsonl"
     names: set[str] = set()
+    own: set[str] = set()
     for line in lenient_metadata_text(jsonl).splitlines() if jsonl.is_file() else []:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        values = [value for key, value in row.items() if key != "file_name"] if isinstance(row, dict) else []
-        names |= {path for value in values if isinstance(value, str) and "/" not in (path := value.strip().replace("\\", "/").removeprefix("./"))}
-    return names
+        row = row if isinstance(row, dict) else {}
+        paths = {key: value.strip().replace("\\", "/").removeprefix("./") for key, value in row.items() if isinstance(value, str)}
+        own |= {paths["file_name"]} if "file_name" in paths else set()
+        names |= {path for key, path in paths.items() if key != "file_name" and "/" not in path}
+    return names - own
 
 
 # sd-scripts datasets often keep captions in `.caption` files; `.txt` is read first where both are.

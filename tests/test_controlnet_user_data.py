@@ -126,3 +126,15 @@ def test_make_conditions_in_place_refuses_to_orphan_conditioning_images_beside_t
     with pytest.raises(FinetuneError, match=r"names conditioning images beside the images \(0_edges.png\), which rewriting it in place"):
         make_conditions(folder, folder, "canny")
     assert (folder / "metadata.jsonl").read_text() == before and not (folder / "conditioning").exists()
+
+
+def test_make_conditions_makes_one_for_an_image_another_row_also_names(tmp_path):
+    """A before/after set: `after.png`'s row names `before.png`, which has a row of its own: both are photos."""
+    folder = write_pairs_beside(tmp_path / "pairs", count=2)
+    rows = [{"file_name": "0.png", "original": "1.png", "text": "after"}, {"file_name": "1.png", "text": "before"}]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for i in range(2):
+        (folder / f"{i}_edges.png").unlink()
+    make_conditions(folder, tmp_path / "canny", "canny")
+    written = [json.loads(line) for line in (tmp_path / "canny" / "metadata.jsonl").read_text().splitlines()]
+    assert [(row["file_name"], row["conditioning_file_name"]) for row in written] == [("0.png", "conditioning/0.png"), ("1.png", "conditioning/1.png")]
