@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import time
 import uuid
 from pathlib import Path
@@ -23,11 +22,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from finetune.console import warn
 from finetune.counts import counted
 from finetune.device_copy import to_device
 from finetune.errors import FinetuneError
-
-logger = logging.getLogger(__name__)
 
 # A partial file this old was left by a run that was killed mid-write (a live write takes well under a second).
 STALE_PARTIAL_SECONDS = 3600
@@ -112,7 +110,7 @@ class EncodingCache:
             try:
                 self.memory[key] = load_file(path)["value"]
             except (SafetensorError, KeyError, OSError):  # cut off or garbled (a full disk, a copy gone wrong)
-                logger.warning("cache entry %s is damaged: encoding it again", path)
+                warn(f"cache entry {path} is damaged: encoding it again")
                 with contextlib.suppress(OSError):  # a read-only cache: writing the new entry says so, in one line
                     path.unlink(missing_ok=True)
                 return None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,11 +19,12 @@ import torch
 from tqdm.auto import tqdm
 
 from finetune.config import ClassImageGeneration, ModelConfig
+from finetune.console import warn
+from finetune.counts import counted
 from finetune.encoders import chunks_needed
 from finetune.sampling import autocast_for, prompt_arguments, save_image_atomic
 from finetune.sources import folder_images
 
-logger = logging.getLogger(__name__)
 
 
 # Earlier versions made class images with a `lora.init_from` LoRA (and its dropout) active in the UNet and
@@ -161,11 +161,11 @@ def warn_of_unused_generated_images(folder: Path, records: dict[str, dict]) -> N
     for key, count in sorted(unused.items()):
         if key in made:  # told against the closest setup of this run (one per concept sharing the folder)
             why = min((changed_settings(made[key], now) for now in records.values()), key=lambda line: line.count(" (now "))
-            logger.warning("%s: ignoring %d generated images made with %s", folder, count, why)
+            warn(f"{folder}: ignoring {counted(count, 'generated image')} made with {why}")
     unrecorded = sum(count for key, count in unused.items() if key not in made)
     if unrecorded:
-        logger.warning("%s: ignoring %d generated images of another class prompt, generation settings, resolution or base model, "
-                       "or of an earlier version of finetune", folder, unrecorded)
+        warn(f"{folder}: ignoring {counted(unrecorded, 'generated image')} of another class prompt, generation settings, resolution or base model, "
+             "or of an earlier version of finetune")
 
 
 @contextmanager

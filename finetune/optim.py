@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 
 import torch
 from diffusers.optimization import get_scheduler
 
 from finetune.config import OptimizerConfig
 from finetune.config.recipe import ADAMW_BETAS
+from finetune.console import warn
 from finetune.errors import FinetuneError
-
-logger = logging.getLogger(__name__)
 
 
 def build_optimizer(config: OptimizerConfig, parameters: list) -> torch.optim.Optimizer:
@@ -35,7 +33,7 @@ def build_optimizer(config: OptimizerConfig, parameters: list) -> torch.optim.Op
             extra = {} if config.name == "lion8bit" else {"eps": config.eps}  # Lion has no epsilon
             return optimizer_class(parameters, **kwargs, **extra)
         except Exception as err:  # no CUDA/CPU backend, or bitsandbytes missing
-            logger.warning("optimizer.name=%s: bitsandbytes cannot run here (%s); falling back to torch AdamW (32-bit states)", config.name, err)
+            warn(f"optimizer.name={config.name}: bitsandbytes cannot run here ({err}); falling back to torch AdamW (32-bit states)")
             kwargs["betas"] = tuple(config.betas) if config.betas is not None else ADAMW_BETAS  # not Lion's own, for AdamW
     # One fused kernel for all tensors instead of a loop over them (CPU's default): LoRA has hundreds of
     # small tensors; the loop took ~5% of a cached LoRA step of the medium benchmark model.

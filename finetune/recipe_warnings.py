@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from finetune.config import Recipe
-from finetune.process_env import first_on_its_machine
+from finetune.console import warn
 from finetune.prompt_options import webui_syntax_notes
 
 # What only prior preservation reads: the class images, how they are made and how much their loss weighs.
@@ -30,8 +30,7 @@ def print_empty_recipe(path) -> None:
 
 
 def _warn(line: str) -> None:
-    if first_on_its_machine():  # under `accelerate launch` every process loads the recipe: one line per machine
-        print(f"warning: {line}", file=sys.stderr)
+    warn(line, file=sys.stderr)  # said as the recipe loads, before training's lines on stdout
 
 
 def unused_settings(raw: dict[str, Any], recipe: Recipe) -> list[str]:

@@ -8,7 +8,6 @@ validation grids, TensorBoard, checkpoints, and a clean stop on Ctrl-C that leav
 from __future__ import annotations
 
 import contextlib
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -43,7 +42,6 @@ from finetune.sampling import GRID_LABEL_WIDTH, in_lockstep, make_grid, save_ima
 from finetune.step_losses import StepLosses
 from finetune.stopping import StopRequest, batches_of, leave_stop_signals_to_the_trainer
 
-logger = logging.getLogger(__name__)
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

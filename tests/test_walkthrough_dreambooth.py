@@ -3,7 +3,6 @@ make them."""
 
 import hashlib
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -34,7 +33,7 @@ def key_of_earlier_versions(recipe) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def test_class_images_of_earlier_versions_made_with_a_starting_lora_are_not_reused(make_recipe, star_folder, tmp_path, caplog):
+def test_class_images_of_earlier_versions_made_with_a_starting_lora_are_not_reused(make_recipe, star_folder, tmp_path, capsys):
     """Earlier versions generated class images with a lora.init_from LoRA active, under the names this version
     gives base-only images: a resumed or repeated run trained its prior on base + LoRA. Now every such image is
     ignored (with a warning) and made again from the base alone; the user's own class images still count."""
@@ -46,12 +45,12 @@ def test_class_images_of_earlier_versions_made_with_a_starting_lora_are_not_reus
         Image.new("RGB", (64, 64), "red").save(folder / f"{earlier}-{k:05d}.png")
     Image.new("RGB", (64, 64), "blue").save(folder / "mine.png")
 
-    with caplog.at_level(logging.WARNING, logger="finetune.class_images"):
-        (_, key, paths, missing), = class_image_plans(recipe)
+    (_, key, paths, missing), = class_image_plans(recipe)
     assert key != earlier
     assert paths[0].name == "mine.png" and all(not p.name.startswith(earlier) for p in paths)
     assert missing == [0, 1]  # both generated places are made again
-    assert "ignoring 3 generated images" in caplog.text and "earlier version of finetune" in caplog.text
+    said = capsys.readouterr().out
+    assert "ignoring 3 generated images" in said and "earlier version of finetune" in said
 
 
 def test_another_class_generation_batch_size_continues_the_images_already_made(make_recipe, star_folder, tmp_path):
@@ -72,7 +71,7 @@ def test_another_class_generation_batch_size_continues_the_images_already_made(m
     assert other_key != key
 
 
-def test_concepts_sharing_a_class_folder_do_not_call_each_others_images_ignored(make_recipe, star_folder, tmp_path, caplog):
+def test_concepts_sharing_a_class_folder_do_not_call_each_others_images_ignored(make_recipe, star_folder, tmp_path, capsys):
     """Two concepts with one class_dir and their own class prompts: each warned that the other's generated
     images were 'ignored', as if they were stale (deleting them made the other concept generate them again).
     Now only images no concept of the run uses are counted, in one warning for the folder."""
@@ -85,11 +84,11 @@ def test_concepts_sharing_a_class_folder_do_not_call_each_others_images_ignored(
             Image.new("RGB", (64, 64), "red").save(path)
     Image.new("RGB", (64, 64), "red").save(tmp_path / "class" / "0123456789-00000.png")  # of an earlier run's settings
 
-    with caplog.at_level(logging.WARNING, logger="finetune.class_images"):
-        plans = class_image_plans(recipe)
+    capsys.readouterr()
+    plans = class_image_plans(recipe)
     assert [missing for *_, missing in plans] == [[], []]
-    warnings = [record.getMessage() for record in caplog.records]
-    assert len(warnings) == 1 and "ignoring 1 generated images" in warnings[0]
+    warnings = capsys.readouterr().out.splitlines()
+    assert len(warnings) == 1 and "ignoring 1 generated image " in warnings[0]
 
 
 def test_a_prior_loss_weight_of_zero_says_the_class_images_do_nothing(capsys):
@@ -103,19 +102,18 @@ def test_a_prior_loss_weight_of_zero_says_the_class_images_do_nothing(capsys):
     assert "prior_loss_weight is 0" not in capsys.readouterr().err  # the prior_preservation line names it already
 
 
-def test_a_class_image_of_the_user_named_like_a_generated_one_still_counts(make_recipe, star_folder, tmp_path, caplog):
+def test_a_class_image_of_the_user_named_like_a_generated_one_still_counts(make_recipe, star_folder, tmp_path, capsys):
     """Any 10 characters, a dash and 5 digits passed for a generated image's name: the user's own
     "photo_0001-00001.png" was left out as 'a generated image of another class prompt or settings'."""
     recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path)
     (tmp_path / "class").mkdir()
     Image.new("RGB", (64, 64), "red").save(tmp_path / "class" / "photo_0001-00001.png")
-    with caplog.at_level(logging.WARNING, logger="finetune.class_images"):
-        (_, key, paths, missing), = class_image_plans(recipe)
+    (_, key, paths, missing), = class_image_plans(recipe)
     assert paths[0].name == "photo_0001-00001.png" and missing == [0, 1]
-    assert class_image_caption(paths[0], ["a shape"]) == "a shape" and "ignoring" not in caplog.text
+    assert class_image_caption(paths[0], ["a shape"]) == "a shape" and "ignoring" not in capsys.readouterr().out
 
 
-def test_class_images_not_reused_are_told_by_what_changed(make_recipe, star_folder, tmp_path, monkeypatch, caplog):
+def test_class_images_not_reused_are_told_by_what_changed(make_recipe, star_folder, tmp_path, monkeypatch, capsys):
     """The names of generated class images are a hash: with another guidance scale all of them were made
     again, and the warning could only list every setting that might have changed. Generation now records
     how each set is made in the folder's class_images.json, and the warning names what changed."""
@@ -132,11 +130,10 @@ def test_class_images_not_reused_are_told_by_what_changed(make_recipe, star_fold
     Image.new("RGB", (64, 64), "red").save(plan.paths[0])  # what the generation made
 
     recipe.dreambooth.class_generation.guidance_scale = 5.0
-    with caplog.at_level(logging.WARNING, logger="finetune.class_images"):
-        (_, key, _, missing), = class_image_plans(recipe)
+    capsys.readouterr()
+    (_, key, _, missing), = class_image_plans(recipe)
     assert key != plan.key and missing == [0]
-    warnings = [record.getMessage() for record in caplog.records if record.name == "finetune.class_images"]
-    assert warnings == [f"{plan.folder}: ignoring 1 generated images made with guidance_scale 7.5 (now 5.0)"]
+    assert f"warning: {plan.folder}: ignoring 1 generated image made with guidance_scale 7.5 (now 5.0)\n" in capsys.readouterr().out
 
 
 def test_class_images_of_a_local_base_retrained_in_place_are_not_reused(tiny_model, tmp_path):
