@@ -110,9 +110,13 @@ class EncodingCache:
             try:
                 self.memory[key] = load_file(path)["value"]
             except (SafetensorError, KeyError, OSError):  # cut off or garbled (a full disk, a copy gone wrong)
-                warn(f"cache entry {path} is damaged: encoding it again")
-                with contextlib.suppress(OSError):  # a read-only cache: writing the new entry says so, in one line
-                    path.unlink(missing_ok=True)
+                try:  # every process may meet the entry (the instance prompt's, at the first step): the one that removes it says so
+                    path.unlink()
+                except FileNotFoundError:  # another process removed it, and said so
+                    return None
+                except OSError:  # a read-only cache: writing the new entry says so, in one line
+                    pass
+                warn(f"cache entry {path} is damaged: encoding it again", by="this process")
                 return None
             return self.memory[key]
         return None

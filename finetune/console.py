@@ -1,22 +1,28 @@
 """The lines a run says on the console: one `warning: ...` style for every warning, written above any
-progress bar (not onto its line), by the process whose turn it is to say them (see `finetune.process_env`)."""
+progress bar (not onto its line), and each said once: by the process whose turn it is (`finetune.process_env`)."""
 
 from __future__ import annotations
 
-from typing import TextIO
+from typing import Literal, TextIO
 
 from tqdm.auto import tqdm
 
-from finetune.process_env import first_on_its_machine
+from finetune.process_env import first_on_its_machine, machine_name, main_process
+
+# Who says a line: the main process, once for the run (every process of a launch meets the same recipe, data
+# and files, and another machine's processes may not even see the files the main process wrote); each
+# machine's first process, for its machine's own state (its libraries), naming the machine where there are
+# several; or this process, for what it alone met (a damaged file it removed).
+Speaker = Literal["run", "machine", "this process"]
 
 
-def say(line: str, file: TextIO | None = None) -> None:
-    """Print `line` (to stdout, or `file`) from the first process of each machine: every process of a
-    launch meets the same recipe, data and files, so the others would repeat it."""
-    if first_on_its_machine():
+def say(line: str, file: TextIO | None = None, by: Speaker = "run") -> None:
+    """Print `line` to stdout (or `file`) if this process is the one to say it."""
+    if {"run": main_process, "machine": first_on_its_machine, "this process": lambda: True}[by]():
         tqdm.write(line, file=file)
 
 
-def warn(line: str, file: TextIO | None = None) -> None:
-    """A warning, as every warning of the project reads: `warning: <what> : <what to do>`."""
-    say(f"warning: {line}", file)
+def warn(line: str, file: TextIO | None = None, by: Speaker = "run") -> None:
+    """A warning, as every warning of the project reads: `warning: <what>: <what to do>`."""
+    where = machine_name() if by == "machine" else None
+    say(f"warning: {where + ': ' if where else ''}{line}", file, by)

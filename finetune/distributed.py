@@ -28,6 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, is_compiled_module, str_to_bool
 
 from finetune.config import Recipe
+from finetune.console import say
 from finetune.errors import FinetuneError
 from finetune.placement import bf16_emulated
 
@@ -112,7 +113,7 @@ def agree_on_start(accelerator: Accelerator, step: int, checkpoints_dir: Path, l
     disk: where output_dir is not one folder shared by every machine, one would start over while the others
     resume, and their collectives would never match (a hang, not an error)."""
     if latest and step == 0:
-        accelerator.print(f"--resume latest: no checkpoint in {checkpoints_dir} yet, starting at step 0")
+        say(f"--resume latest: no checkpoint in {checkpoints_dir} yet, starting at step 0")
     if accelerator.num_processes == 1:
         return
     steps = accelerator.gather(torch.tensor([step], device=accelerator.device)).tolist()

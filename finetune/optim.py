@@ -33,7 +33,7 @@ def build_optimizer(config: OptimizerConfig, parameters: list) -> torch.optim.Op
             extra = {} if config.name == "lion8bit" else {"eps": config.eps}  # Lion has no epsilon
             return optimizer_class(parameters, **kwargs, **extra)
         except Exception as err:  # no CUDA/CPU backend, or bitsandbytes missing
-            warn(f"optimizer.name={config.name}: bitsandbytes cannot run here ({err}); falling back to torch AdamW (32-bit states)")
+            warn(f"optimizer.name={config.name}: bitsandbytes cannot run here ({err}); falling back to torch AdamW (32-bit states)", by="machine")
             kwargs["betas"] = tuple(config.betas) if config.betas is not None else ADAMW_BETAS  # not Lion's own, for AdamW
     # One fused kernel for all tensors instead of a loop over them (CPU's default): LoRA has hundreds of
     # small tensors; the loop took ~5% of a cached LoRA step of the medium benchmark model.

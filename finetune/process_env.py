@@ -6,9 +6,21 @@ from __future__ import annotations
 import os
 
 
+def main_process() -> bool:
+    """Whether this process says the run's lines, once for all its processes and machines: rank 0 under a
+    launcher, or the only process (`accelerator.is_main_process`, known before accelerate starts)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def first_on_its_machine() -> bool:
-    """Whether this process says the lines said once per machine (errors, warnings, progress of per-machine
-    work): local rank 0 under a launcher, or the only process. Every process of a launch checks the same
-    recipe and files, so the others would repeat it. Files only the main process writes are said by it alone
-    (`accelerator.is_main_process`): another machine's first process may not even see them on its disk."""
+    """Whether this process says the lines said once per machine (errors, a machine's own state, progress of
+    per-machine work): local rank 0 under a launcher, or the only process. Every process of a launch checks
+    the same recipe and files, so the others would repeat it."""
     return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def machine_name() -> str | None:
+    """'machine N' (torchrun's GROUP_RANK, accelerate's --machine_rank) where the launch spans several
+    machines, so a line about one machine's state says which; None on one machine."""
+    processes, on_this_machine = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return f"machine {os.environ.get('GROUP_RANK', '0')}" if processes > on_this_machine else None

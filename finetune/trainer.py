@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from finetune import checkpoint as ckpt
 from finetune.check_data import concept_held_out_whole, too_few_to_batch
 from finetune.config import Recipe
+from finetune.console import say, warn
 from finetune.batches import item_layout, make_batch_sampler
 from finetune.diffusion import BatchRandomness
 from finetune.device_copy import to_device
@@ -81,7 +82,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         log_with="tensorboard" if recipe.logging.tensorboard else None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
-    accelerator.print(
+    say(
         f"training on {accelerator.num_processes} process(es) (distributed: {accelerator.distributed_type.value.lower()}), "
         f"device {accelerator.device}, mixed precision {train_cfg.mixed_precision}"
     )
@@ -93,7 +94,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     # The data check's summary (counts, buckets, skipped images, warnings): nothing is left out unseen.
     for report in method.data_reports:
         for line in report.lines(limit=10, held_out=held_out_images):
-            accelerator.print(line)
+            say(line)
     short = too_few_to_batch(len(trained_items), recipe, accelerator.num_processes, len(sources)) or concept_held_out_whole(method.data_reports, held_out_images, recipe)
     if short:
         raise FinetuneError(short)
@@ -112,7 +113,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         check_epoch_run(recipe, max_steps, epochs_by, resume_from)
     method.held_out_items = frozenset(range(len(sources))) - frozenset(trained_items)
     if held_out:
-        accelerator.print(f"validation loss: {len(held_out)} image{'s' if len(held_out) > 1 else ''} held out of training, scored at each validation")
+        say(f"validation loss: {len(held_out)} image{'s' if len(held_out) > 1 else ''} held out of training, scored at each validation")
     set_seed(recipe.seed)  # the same adapter initialisation on every process
     # TF32 (Ampere and newer GPUs) for cuBLAS matmuls and cuDNN convolutions alike: cuDNN's switch is on by
     # default, so `allow_tf32: false` left the convolutions in TF32.
@@ -123,12 +124,12 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         base = load_base_model(recipe.model, weight_dtype)
     captions = {e.source: e.caption for report in method.data_reports for e in report.usable}
     for line in caption_warnings(base.tokenizer, captions, recipe.model.max_token_length, recipe.data.shuffle_tags):
-        accelerator.print(f"warning: {line}")
+        warn(line)
     base.vae.to(accelerator.device)
     base.text_encoder.to(accelerator.device)
     method.setup(base, weight_dtype)
     for line in method.start_lines if resume_from is None else []:
-        accelerator.print(line)
+        say(line)
     if train_cfg.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
     if train_cfg.channels_last:
@@ -150,7 +151,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         recipe.data.loss_mask.enabled and accelerator.is_main_process and resume_from is None) else None  # fmt: skip
     if strip is not None:
         path = save_image_atomic(strip, output_dir / "samples" / "loss-masks.png")
-        accelerator.print(f"loss masks: what trains in the first images (the rest dimmed): {path}")
+        say(f"loss masks: what trains in the first images (the rest dimmed): {path}")
     parameter_groups = method.parameter_groups()
     group_names = [group.pop("name") for group in parameter_groups]  # for the logs; optimizers need no names
     # The recipe's rates, read before the optimizer and the schedule's warm-up write into these groups.
@@ -176,17 +177,17 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         step = state["step"]
         method.load_checkpoint_state(state.get("method", {}))
         apply_recipe_settings(optimizer, lr_scheduler, group_lrs, recipe.optimizer)
-        accelerator.print(f"resumed from {resume_from} at step {step}")
+        say(f"resumed from {resume_from} at step {step}")
         for line in resume_warnings(resume_from, state, recipe, max_steps, accelerator.num_processes):  # processes, length
-            accelerator.print(line)
+            say(line)
         if average is not None and not average.load(resume_from / EMA_FILE):
-            accelerator.print(f"warning: {resume_from.name} has no weight average (train.ema_decay was off): it starts from the resumed weights")
+            warn(f"{resume_from.name} has no weight average (train.ema_decay was off): it starts from the resumed weights")
         saved_init = (state.get("recipe") or {}).get("lora.init_from")
         if saved_init and recipe.lora.init_from is None:  # its weights are the checkpoint's now; the record keeps where they began
             recipe.lora.init_from = saved_init
         changed = ckpt.changed_settings(state.get("recipe"), recipe.flat_settings()) + ckpt.changed_data(state.get("data"), images_record)
         if changed:
-            accelerator.print(f"warning: settings changed since {resume_from.name}: {', '.join(changed)}")
+            warn(f"settings changed since {resume_from.name}: {', '.join(changed)}")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         dump_recipe(recipe, output_dir / "recipe.yaml")
@@ -194,7 +195,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
 
     accumulation = train_cfg.gradient_accumulation_steps
     sampler = batch_sampler(start=step * accumulation)
-    accelerator.print(run_length_line(train_cfg, max_steps, sampler, len(training_set), accelerator.num_processes, epochs_by))
+    say(run_length_line(train_cfg, max_steps, sampler, len(training_set), accelerator.num_processes, epochs_by))
     loader = torch.utils.data.DataLoader(
         training_set,
         batch_sampler=sampler,
@@ -222,8 +223,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             if held_out:
                 terms = held_out_loss(method, modules, dataset, collate_fn, held_out, recipe.seed, accelerator.device, lambda: autocast(accelerator))
                 result.validation_losses.append((at_step, terms["loss"]))
-                if accelerator.is_local_main_process:  # above the progress bar, not on its line
-                    tqdm.write(f"validation loss at step {at_step}: {terms['loss']:.4f}")
+                say(f"validation loss at step {at_step}: {terms['loss']:.4f}")
                 accelerator.log({f"validation/{name}": value for name, value in terms.items()}, step=at_step)
         release_gathered(accelerator, modules)
         if grid is not None:
@@ -258,8 +258,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
              "losses_since_log": running.since_last_log_state(accelerator), **more},  # the resumed run's first log covers the same steps
             recipe.checkpoint.keep_last, extra=extra, **save_options
         )
-        if accelerator.is_main_process:  # its writer (not each machine's first: theirs may not hold it), as sd-scripts says each save
-            progress.write(f"saved {checkpoints_dir / f'checkpoint-{step}'} (step {step}, {epochs_text(epochs_by.at(step))})")
+        say(f"saved {checkpoints_dir / f'checkpoint-{step}'} (step {step}, {epochs_text(epochs_by.at(step))})")
 
     if step == 0 and recipe.validation.at_start:
         validate(0)
@@ -325,16 +324,17 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             if step < max_steps and stop.agreed():  # at the last step: finished, the outputs are written below
                 save_checkpoint(stopped_before_validation=validation_due)  # a stop skips it; the resumed run draws it
                 result.interrupted = True
-                accelerator.print(f"\nstopped at step {step}; checkpoint saved in {checkpoints_dir}; continue with --resume latest")
                 break
             if due(step, recipe.checkpoint.every_n_steps, ended, recipe.checkpoint.every_n_epochs) and step < max_steps:
                 save_checkpoint()
                 last_checkpoint_step = step
             if validation_due and step < max_steps:
                 grid = validate(step)
-                if grid is not None and accelerator.is_local_main_process:
-                    progress.write(f"samples: {grid}")
+                if grid is not None:
+                    say(f"samples: {grid}")
     progress.close()
+    if result.interrupted:  # under the progress bar it ends: by the main process, whose checkpoint it names
+        say(f"stopped at step {step}; checkpoint saved in {checkpoints_dir}; continue with --resume latest")
     result.final_step, result.losses = step, running.read_steps(accelerator)  # with a stop's steps since the last log step
 
     if not result.interrupted:
@@ -349,7 +349,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             if not stop.agreed_now():
                 validate(step)
         for path in result.saved_files:
-            accelerator.print(f"saved {path}")
+            say(f"saved {path}")
     stop.close()  # the processes' stop agreement (its gloo group)
     # Not accelerator.end_training(): it also closes the process group, and a later train() in this
     # process could not reliably join again (gloo's second rendezvous fails). The program closes it.

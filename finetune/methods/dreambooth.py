@@ -29,6 +29,7 @@ from finetune.class_images import (
     warn_of_unused_generated_images, write_generation_record,
 )
 from finetune.config import Concept, DataConfig, LossMaskConfig, Recipe
+from finetune.console import say, warn
 from finetune.counts import counted
 from finetune.data import collate_images, item_rng, likely_new_view, mask_entry, render_mask, render_pixels, view_entry
 from finetune.errors import FinetuneError
@@ -254,7 +255,7 @@ class DreamBoothMethod(DiffusionMethod):
         settings = self.recipe.dreambooth
         if plan.missing:
             prompts = concept.class_prompts
-            accelerator.print(f"generating {counted(len(plan.missing), 'class image')} ({counted(len(prompts), 'prompt')}) in {plan.folder}")
+            say(f"generating {counted(len(plan.missing), 'class image')} ({counted(len(prompts), 'prompt')}) in {plan.folder}")
             # The frozen base, sampled as it was trained (model.prediction_type and zero_terminal_snr change training's target).
             # The trainer has moved the VAE and text encoder to the device; the UNet only goes there at
             # accelerate's `prepare`, after the data is built: bring it along now.
@@ -272,8 +273,8 @@ class DreamBoothMethod(DiffusionMethod):
         generated = self._check_class_images([p for p in plan.paths if is_generated_name(p)], concept, plan.folder)
         examples = plan.own + (generated.usable if generated else [])
         if len(examples) < len(plan.paths):  # data.skip_bad_images left some out: they are not replaced
-            accelerator.print(
-                f"warning: {len(examples)} of {len(plan.paths)} class images in {plan.folder} are usable "
+            warn(
+                f"{len(examples)} of {len(plan.paths)} class images in {plan.folder} are usable "
                 "(the others were skipped as bad): remove those files and run again to generate replacements"
             )
         return examples
