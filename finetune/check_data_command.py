@@ -112,9 +112,9 @@ def run_check_data_command(args) -> int:
     if fatal:
         # Skipping images fixes only problems of single images, not one of the whole dataset.
         per_image = any(finding.source != report.label for report in reports for finding in report.of_level(FATAL))
-        print(f"result: training would stop: {fatal} fatal problem(s); fix them" + (f", {SKIP_HINT}" if per_image else ""))
+        print(f"result: training would stop: {counted(fatal, 'fatal problem')}; fix {'it' if fatal == 1 else 'them'}" + (f", {SKIP_HINT}" if per_image else ""))
         return 1
-    print("result: ready to train" + (f" ({warnings} warnings)" if warnings else ""))
+    print("result: ready to train" + (f" ({counted(warnings, 'warning')})" if warnings else ""))
     return 0
 
 

@@ -201,7 +201,7 @@ def test_check_data_command_reports_and_fails_on_fatal_problems(odd_folder, caps
     for name in ("corrupt.jpg", "truncated.png", "tiny.png", "uncaptioned.png"):
         assert any(line.startswith("fatal: ") and name in line for line in out.splitlines()), name
     assert any(line.startswith("converted: ") and "rotated.png" in line for line in out.splitlines())
-    assert "result: training would stop: 4 fatal problem(s); fix them, or set data.skip_bad_images: true" in out
+    assert "result: training would stop: 4 fatal problems; fix them, or set data.skip_bad_images: true" in out
 
 
 def test_check_data_reads_a_recipe_with_overrides(odd_folder, tmp_path, capsys):

@@ -209,7 +209,7 @@ def test_with_skip_bad_images_bad_pairs_are_left_out_and_listed(make_recipe, tmp
     printed = capsys.readouterr().out.splitlines()
     assert sum(line.startswith("fatal: ") for line in printed) == 5
     assert any(re.search(BAD_INPUTS["sizes differ"][1], line) for line in printed)
-    assert printed[-1].startswith("result: training would stop: 5 fatal problem(s)")
+    assert printed[-1].startswith("result: training would stop: 5 fatal problems")
 
 
 # ---------------------------------------------------------------------------------------------------

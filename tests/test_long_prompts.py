@@ -167,7 +167,7 @@ def test_check_data_counts_caption_tokens_with_the_recipes_tokenizer(tiny_model,
     assert main(["check-data", str(recipe)]) == 0
     out = capsys.readouterr().out
     assert (f"warning: 1 of 2 captions are longer than model.max_token_length (75 tokens) and are cut there (the longest: {folder / '0.png'}, "
-            in out and "result: ready to train (1 warnings)" in out)  # fmt: skip
+            in out and "result: ready to train (1 warning)" in out)  # fmt: skip
     assert main(["check-data", str(recipe), "model.max_token_length=150"]) == 0
     assert "captions are longer" not in capsys.readouterr().out
     assert main(["check-data", str(recipe), f"model.pretrained={tmp_path / 'nowhere'}"]) == 0

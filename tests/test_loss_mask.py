@@ -364,7 +364,7 @@ def test_review_cases_exact_names_first_8_bit_values_in_16_bits_opaque_alpha_and
     recipe.write_text(yaml.safe_dump({"data": {"image_dir": str(opaque), "resolution": 64, "loss_mask": {"source": "alpha"}, "skip_bad_images": True}}))
     capsys.readouterr()
     assert main(["check-data", str(recipe)]) == 1
-    assert capsys.readouterr().out.splitlines()[-1] == "result: training would stop: 1 fatal problem(s); fix them"
+    assert capsys.readouterr().out.splitlines()[-1] == "result: training would stop: 1 fatal problem; fix it"
     # Its alpha channel masks nothing, so check-data calls it a plain conversion, not a loss mask.
     converted = [f.message for f in inspect_examples(read_examples(alpha), alpha, "data").findings if f.level == CONVERTED]
     assert converted == [f"image {opaque / '0.png'}: transparency (RGBA): composited on white"]
