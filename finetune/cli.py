@@ -12,7 +12,7 @@ from pathlib import Path
 from finetune.cli_arguments import parse_arguments
 from finetune.counts import counted
 from finetune.errors import FinetuneError, one_line
-from finetune.library_noise import quiet_third_party_warnings
+from finetune.library_noise import quiet_third_party_warnings, quiet_weight_progress_bars
 from finetune.process_env import first_on_its_machine
 
 
@@ -72,6 +72,7 @@ def _train(args) -> int:
     from finetune.run_lock import output_dir_lock
     from finetune.trainer import train
 
+    quiet_weight_progress_bars()
     try:
         with output_dir_lock(Path(recipe.output_dir)):
             result = train(recipe, resume=args.resume, overwrite=args.overwrite)

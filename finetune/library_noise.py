@@ -32,3 +32,16 @@ def quiet_third_party_warnings() -> None:
     # peft, saving a text-encoder LoRA of a local base: it looks for a hub config to see if the vocabulary
     # grew (it never does here).
     warnings.filterwarnings("ignore", message="Could not find a config file in", category=UserWarning)
+
+
+def quiet_weight_progress_bars() -> None:
+    """transformers' bars loading and writing the text encoder ('Loading weights', 'Writing model shards'):
+    done in a blink, drawn by every process of a launch at once (two bars on one line), and mid-run into the
+    training bar's line. Called by `finetune train` once transformers is loaded; downloads keep their bars."""
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    downloads_quiet = are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()  # which quiets the hub's download bars too: given back
+    if not downloads_quiet:
+        enable_progress_bars()
