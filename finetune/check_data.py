@@ -261,7 +261,8 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
         files, subfolders = unread_images(folder, config)
         if files:
             kinds = ", ".join(sorted({path.suffix.lower() for path in files}))
-            message = f"data folder {folder} has {len(files)} image(s) training does not read ({kinds}, e.g. {files[0].name}): convert them to PNG or JPEG"
+            message = (f"data folder {folder} has {counted(len(files), 'image')} training does not read ({kinds}, e.g. {files[0].name}): "
+                       f"convert {'it' if len(files) == 1 else 'them'} to PNG or JPEG")
             report.findings.append(Finding(WARNING, str(folder), message))
         if subfolders:
             names = ", ".join(path.name for path in subfolders[:5]) + (f" and {len(subfolders) - 5} more" if len(subfolders) > 5 else "")
@@ -270,13 +271,15 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
             report.findings.append(Finding(WARNING, str(folder), message))
     for folder in unlisted_image_folders(config):
         count, entry = len(folder_images(folder)), "{path: .}" if folder == Path(config.image_dir) else f"{{path: {json.dumps(folder.name, ensure_ascii=False)}}}"
-        message = (f"data folder {folder} holds {count} image(s) that no data.folders entry lists: they do not train "
-                   f"(add {entry} with its repeats to data.folders to train them)")  # fmt: skip
+        message = (f"data folder {folder} holds {counted(count, 'image')} that no data.folders entry lists: {'it does' if count == 1 else 'they do'} "
+                   f"not train (add {entry} with its repeats to data.folders to train {'it' if count == 1 else 'them'})")  # fmt: skip
         report.findings.append(Finding(WARNING, str(folder), message))
     for metadata, names in metadata_rows_without_images(config):
         listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         nested = any("/" in name for name in names)  # folders are not read recursively
-        message = (f"{metadata} names {len(names)} file(s) that are not images in its folder ({listed}): their captions are unused; fix file_name"
+        one = len(names) == 1
+        message = (f"{metadata} names {counted(len(names), 'file')} that {'is not an image' if one else 'are not images'} in its folder ({listed}): "
+                   f"{'its caption is' if one else 'their captions are'} unused; fix file_name"
                    + ("; images in a subfolder train only as a data.folders entry, with a metadata file of their own" if nested else ""))  # fmt: skip
         report.findings.append(Finding(WARNING, str(metadata), message))
     if config.skip_bad_images:

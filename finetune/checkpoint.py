@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from finetune.atomic_files import failed_write, outputs_written, replace_folder  # outputs_written: the trainer uses it as ckpt.outputs_written
+from finetune.counts import counted
 from finetune.distributed import unwrap, uses_deepspeed, zero_stage
 from finetune.errors import FinetuneError
 
@@ -347,7 +348,7 @@ def check_same_engine(checkpoint: Path, saved_processes: int | None, stage: int 
         return
 
     def engine(zero: int | None, count: int | None) -> str:
-        return "without DeepSpeed" if zero is None else f"under DeepSpeed ZeRO-{zero} by {count or '?'} process(es)"
+        return "without DeepSpeed" if zero is None else f"under DeepSpeed ZeRO-{zero} by {counted(count, 'process', 'processes') if count else '? processes'}"
 
     raise FinetuneError(
         f"checkpoint {checkpoint} was written {engine(written, saved_processes)}, this run is {engine(stage, processes)}: "

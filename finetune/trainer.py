@@ -22,6 +22,7 @@ from finetune import checkpoint as ckpt
 from finetune.check_data import concept_held_out_whole, too_few_to_batch
 from finetune.config import Recipe
 from finetune.console import say, warn
+from finetune.counts import counted
 from finetune.batches import item_layout, make_batch_sampler
 from finetune.diffusion import BatchRandomness
 from finetune.device_copy import to_device
@@ -83,7 +84,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
     say(
-        f"training on {accelerator.num_processes} process(es) (distributed: {accelerator.distributed_type.value.lower()}), "
+        f"training on {counted(accelerator.num_processes, 'process', 'processes')} (distributed: {accelerator.distributed_type.value.lower()}), "
         f"device {accelerator.device}, mixed precision {train_cfg.mixed_precision}"
     )
     agree_on_start(accelerator, ckpt.checkpoint_step(resume_from) if resume_from else 0, checkpoints_dir, resume == "latest")
@@ -113,7 +114,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         check_epoch_run(recipe, max_steps, epochs_by, resume_from)
     method.held_out_items = frozenset(range(len(sources))) - frozenset(trained_items)
     if held_out:
-        say(f"validation loss: {len(held_out)} image{'s' if len(held_out) > 1 else ''} held out of training, scored at each validation")
+        say(f"validation loss: {counted(len(held_out), 'image')} held out of training, scored at each validation")
     set_seed(recipe.seed)  # the same adapter initialisation on every process
     # TF32 (Ampere and newer GPUs) for cuBLAS matmuls and cuDNN convolutions alike: cuDNN's switch is on by
     # default, so `allow_tf32: false` left the convolutions in TF32.

@@ -95,8 +95,8 @@ def test_a_folder_of_kohya_folders_gets_the_data_folders_it_needs_and_an_unliste
     captioned(root, "own.png")
     assert main(["check-data", str(recipe), 'data.folders=[{path: "10_sks dog", repeats: 10}]']) == 0
     out = capsys.readouterr().out
-    assert f"warning: data folder {root} holds 1 image(s) that no data.folders entry lists: they do not train (add {{path: .}}" in out
-    assert f'warning: data folder {root / "1_dog"} holds 2 image(s) that no data.folders entry lists: they do not train (add {{path: "1_dog"}}' in out
+    assert f"warning: data folder {root} holds 1 image that no data.folders entry lists: it does not train (add {{path: .}}" in out
+    assert f'warning: data folder {root / "1_dog"} holds 2 images that no data.folders entry lists: they do not train (add {{path: "1_dog"}}' in out
     assert "masks" not in out
 
 
@@ -250,7 +250,7 @@ def test_a_metadata_row_naming_no_image_is_a_warning_that_names_it(tmp_path, cap
     config = DataConfig(image_dir=str(folder), resolution=64)
     report = inspect_examples(read_examples(config), config, "photos")
     [warning] = report.of_level(WARNING)
-    assert warning.message.startswith(f"{folder / 'metadata.jsonl'} names 2 file(s) that are not images in its folder (c.jpg, notes.txt)")
+    assert warning.message.startswith(f"{folder / 'metadata.jsonl'} names 2 files that are not images in its folder (c.jpg, notes.txt)")
     assert len(report.usable) == 2  # a warning: the run goes on
 
     code = main(["check-data", "--image-dir", str(folder), "--resolution", "64"])

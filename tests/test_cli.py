@@ -270,7 +270,7 @@ def test_accelerate_launch_with_the_top_level_config_trains_with_deepspeed(tmp_p
                "--main_process_port", str(free_port()), "-m", "finetune", "train", str(recipe)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=repo, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "training on 2 process(es) (distributed: deepspeed)" in result.stdout
+    assert "training on 2 processes (distributed: deepspeed)" in result.stdout
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
 
 

@@ -40,7 +40,7 @@ def test_hidden_files_are_not_images_and_unread_kinds_and_subfolders_are_said(tm
     report = report_of(tmp_path)
     assert [example.source for example in report.usable] == [str(tmp_path / "a.png")] and report.of_level(FATAL) == []
     assert [finding.message for finding in report.of_level(WARNING)] == [
-        f"data folder {tmp_path} has 1 image(s) training does not read (.gif, e.g. anim.gif): convert them to PNG or JPEG",
+        f"data folder {tmp_path} has 1 image training does not read (.gif, e.g. anim.gif): convert it to PNG or JPEG",
         f"data folder {tmp_path} has subfolders with images (sub), which are not read: list each in data.folders (with its repeats) to train it",
     ]
 

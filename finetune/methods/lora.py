@@ -83,7 +83,7 @@ class LoRAMethod(UNetMethod):
             )
             if fresh:  # a larger target list than the file's: said, where it went unseen before
                 names = ", ".join(dict.fromkeys(target_name(key) for key in fresh))
-                self.start_lines.append(f"warning: lora.init_from {settings.init_from} has no weights for {len(fresh)} of this recipe's LoRA layer(s) "
+                self.start_lines.append(f"warning: lora.init_from {settings.init_from} has no weights for {len(fresh)} of this recipe's LoRA layers "
                                         f"({names}; e.g. {fresh[0]}): they start fresh, as in a new LoRA")  # fmt: skip
 
     def parameter_groups(self) -> list[dict]:
