@@ -348,9 +348,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
                 if last_checkpoint_step != step:
                     save_checkpoint()
             if not stop.agreed_now():
-                validate(step)
-        for path in result.saved_files:
-            say(f"saved {path}")
+                validate(step)  # the outputs' paths are the result's (`finetune train` ends with them: output: PATH)
     stop.close()  # the processes' stop agreement (its gloo group)
     # Not accelerator.end_training(): it also closes the process group, and a later train() in this
     # process could not reliably join again (gloo's second rendezvous fails). The program closes it.
