@@ -13,7 +13,7 @@ from finetune.cli_arguments import parse_arguments
 from finetune.counts import counted
 from finetune.errors import FinetuneError, one_line
 from finetune.library_noise import quiet_third_party_warnings, quiet_weight_progress_bars
-from finetune.process_env import first_on_its_machine
+from finetune.process_env import first_on_its_machine, machine_name
 
 
 def base_or_recorded(args) -> str:
@@ -46,9 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except FinetuneError as err:
-        # Under `accelerate launch` every process checks the same recipe and files: one line per machine.
+        # Under `accelerate launch` every process checks the same recipe and files: one line per machine (each
+        # machine's launcher stops on it), naming the machine where there are several (a job's merged log).
         if first_on_its_machine():
-            print(f"error: {one_line(err)}", file=sys.stderr)
+            print(f"error: {machine + ': ' if (machine := machine_name()) else ''}{one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # training stops itself cleanly; this is Ctrl-C anywhere else (loading, class images, sampling)
         if first_on_its_machine():  # every process got it: one line per machine, as for errors
