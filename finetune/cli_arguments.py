@@ -224,9 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: finetune export outputs/lora outputs/webui --to kohya   (writes outputs/webui/lora.safetensors)",
     )
     lora_export.add_argument("input", help="a LoRA .safetensors file (either layout) or a training output folder")
-    lora_export.add_argument("output", help="a .safetensors path, or a folder for the file and its README.md")
+    lora_export.add_argument("output", help="a .safetensors path, or a folder for the file and its model card")
     lora_export.add_argument("--to", required=True, choices=["kohya", "diffusers"], help="layout to write")
-    lora_export.add_argument("--overwrite", action="store_true", help="replace the file and README.md if they exist")
+    lora_export.add_argument("--overwrite", action="store_true", help="replace the file and its model card if they exist")
     lora_export.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
                              help="the weights' precision: fp16 halves the file, as most shared LoRAs are (default: the input's; training writes fp32)")  # fmt: skip
 
