@@ -265,12 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a ControlNet training folder from a folder of images: the images, conditioning/<name>.png "
         "(canny: edges, white on black; luminance: a grayscale depth-like map; mask: pixels far from the border's "
         "colour, for the toy world) and a metadata.jsonl with file_name, conditioning_file_name and text (captions "
-        "from the input's metadata.jsonl or .txt files). Each subfolder holding images is written to the output's subfolder "
+        "from the input's metadata.jsonl, metadata.csv or .txt files). Each subfolder holding images is written to the output's subfolder "
         "of its name, for data.folders.",
         epilog="example: finetune make-conditions my_photos my_controlnet_data --kind canny   then: "
         "finetune train recipes/controlnet.yaml data.image_dir=my_controlnet_data",
     )
-    conditions.add_argument("input_dir", help="folder of images (with .txt captions or a metadata.jsonl)")
+    conditions.add_argument("input_dir", help="folder of images (with .txt captions, or a metadata.jsonl or metadata.csv)")
     conditions.add_argument("output_dir", help="training folder to write (may be input_dir itself)")
     conditions.add_argument("--kind", required=True, choices=["canny", "luminance", "mask"])
     conditions.add_argument("--low", type=float, default=20.0, help="canny: weak edge threshold, in colour levels 0-255 (default 20)")
