@@ -30,8 +30,9 @@ quickstart: setup
 test: setup browser
 	$(BIN)/python -m pytest -q
 
-# The minutes-long checks the default suite leaves out (pytest -m slow): a ControlNet learning its control,
-# and ControlNet under DeepSpeed's optimizer offload (DeepSpeed compiles its CPU Adam first).
+# The longer checks the default suite leaves out (pytest -m slow): a ControlNet learning its control,
+# ControlNet under DeepSpeed's optimizer offload (DeepSpeed compiles its CPU Adam first), the real
+# `finetune demo` start and two launched machines on loopback (about 10 s each), as the README lists them.
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
