@@ -20,6 +20,7 @@ from finetune.atomic_files import atomic_save_safetensors
 from finetune.checkpoint import STATE_FILE, list_checkpoints
 from finetune.conditions import recorded_conditioning
 from finetune.config import ModelConfig
+from finetune.counts import counted
 from finetune.controlnet_data import read_conditioning, small_conditioning_problem
 from finetune.encoders import skip_last_layers
 from finetune.errors import FinetuneError
@@ -369,5 +370,5 @@ def sample_to_folder(
     written.append(save_image_atomic(make_grid(grid_rows, row_labels=prompts, label_width=GRID_LABEL_WIDTH), output_dir / "grid.png"))
     earlier = sorted(set(output_dir.glob("prompt*_seed*.png")) - set(written))
     if earlier:  # not deleted (they may be kept on purpose), but not to be taken for this run's
-        print(f"note: {output_dir} also holds {len(earlier)} image(s) of an earlier run (e.g. {earlier[0].name}): pass another --out to keep runs apart")
+        print(f"note: {output_dir} also holds {counted(len(earlier), 'image')} of an earlier run (e.g. {earlier[0].name}): pass another --out to keep runs apart")
     return written

@@ -211,7 +211,7 @@ def test_train_then_sample_with_the_adapter(tmp_path, capsys, tiny_model, image_
     # Sampling fewer images into the same folder says which files are the earlier run's.
     code = main(["sample", "--lora", str(tmp_path / "project" / "outputs" / "moved.safetensors"), "--prompt", "x", "--steps", "1", "--num-images", "1",
                  "--out", str(tmp_path / "s5")])  # fmt: skip
-    assert code == 0 and f"note: {tmp_path / 's5'} also holds 3 image(s) of an earlier run (e.g. prompt0_seed1.png)" in capsys.readouterr().out
+    assert code == 0 and f"note: {tmp_path / 's5'} also holds 3 images of an earlier run (e.g. prompt0_seed1.png)" in capsys.readouterr().out
     # Another base model: one line naming a layer that does not fit; a base that is not there names --base.
     code = main(["sample", "--base", str(SHIPPED_BASE), "--lora", str(tmp_path / "out"), "--prompt", "x", "--out", str(tmp_path / "s3")])
     err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("Loading weights")]  # progress bars
