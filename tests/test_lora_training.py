@@ -89,7 +89,7 @@ def test_init_from_starts_as_base_plus_that_lora_in_any_layout(make_recipe, tiny
         ({}, r"has text-encoder layers: set lora.train_text_encoder: true"),
         # Every left-out kind at once, by the name lora.target_modules takes (not the layer's path, which it refuses).
         ({"lora__target_modules": ["to_q"], "lora__train_text_encoder": True},
-         r"adapts \d+ layer\(s\) this recipe's LoRA leaves out \(e\.g\. unet\.\S+\): add to_k, to_out\.0, to_v to lora\.target_modules$"),
+         r"adapts \d+ layers this recipe's LoRA leaves out \(e\.g\. unet\.\S+\): add to_k, to_out\.0, to_v to lora\.target_modules$"),
     ):
         with pytest.raises(FinetuneError, match=message):
             lora_model(make_recipe(lora__init_from=str(first.output_dir), **overrides))

@@ -227,7 +227,7 @@ def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str, tex
         raise FinetuneError(f"lora.init_from {source} has text-encoder layers: set {text_encoder_switch}: true to start from them too")
     if left_out:
         names = ", ".join(dict.fromkeys(target_name(key) for key in left_out))
-        raise FinetuneError(f"lora.init_from {source} adapts {len(left_out)} layer(s) this recipe's LoRA leaves out (e.g. {left_out[0]}): "
+        raise FinetuneError(f"lora.init_from {source} adapts {counted(len(left_out), 'layer')} this recipe's LoRA leaves out (e.g. {left_out[0]}): "
                             f"add {names} to lora.target_modules")  # fmt: skip
     for key, layer, module in starts:
         down, up = module.lora_A["default"].weight, module.lora_B["default"].weight
