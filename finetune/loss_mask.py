@@ -20,6 +20,7 @@ import functools
 import hashlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -29,6 +30,9 @@ from finetune.config import LossMaskConfig
 from finetune.errors import FinetuneError
 from finetune.sources import IMAGE_SUFFIXES
 from finetune.views import to_8_bit
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the data check reads masks without it
+    import torch
 
 # A mask may be saved in any of these formats (any letter case), whatever its image's format.
 MASK_SUFFIXES = (".png", ".webp", ".bmp", ".jpg", ".jpeg")
