@@ -32,7 +32,8 @@ test: setup browser
 
 # The longer checks the default suite leaves out (pytest -m slow): a ControlNet learning its control,
 # ControlNet under DeepSpeed's optimizer offload (DeepSpeed compiles its CPU Adam first), the real
-# `finetune demo` start and two launched machines on loopback (about 10 s each), as the README lists them.
+# `finetune demo` start and a second two-machines-on-loopback run (about 10 s each), the ZeRO-3 launch, the
+# DreamBooth and ControlNet Ctrl-C resumes, as the README lists them.
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 

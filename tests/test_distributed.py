@@ -241,6 +241,7 @@ def zero3(tiny_model, image_folder, pairs_folder, tmp_path_factory) -> SimpleNam
     return SimpleNamespace(root=root, settings=settings, recipes=recipes)
 
 
+@pytest.mark.slow  # the ZeRO-3 launch (nine runs, two interpreters, DeepSpeed) takes about a minute of the default suite's budget
 def test_deepspeed_zero3_dreambooth_and_controlnet_sample_and_gather_what_one_process_trains(zero3, make_recipe, tmp_path):
     """Full-UNet DreamBooth and ControlNet under ZeRO-3: both sample validation images with sharded
     weights and save the gathered model one process trains."""
@@ -267,6 +268,7 @@ def test_deepspeed_zero3_dreambooth_and_controlnet_sample_and_gather_what_one_pr
     assert_same_update(gathered, expected, {key.removeprefix("controlnet."): value for key, value in load_file(out / "initial.safetensors").items()})
 
 
+@pytest.mark.slow  # the ZeRO-3 launch (nine runs, two interpreters, DeepSpeed) takes about a minute of the default suite's budget
 def test_deepspeed_zero3_resumes_full_dreambooth_and_lora_where_they_stopped(zero3):
     """Under ZeRO-3 each process's checkpoint holds its shard of the weights and optimizer; a run resumed
     from step 2 ends with the uninterrupted run's full UNet (DreamBooth) and adapter (LoRA)."""
@@ -290,6 +292,7 @@ def test_deepspeed_zero3_resumes_full_dreambooth_and_lora_where_they_stopped(zer
     assert not all(torch.equal(unet_at_step_2[key], base[key]) for key in base)
 
 
+@pytest.mark.slow  # the ZeRO-3 launch (nine runs, two interpreters, DeepSpeed) takes about a minute of the default suite's budget
 def test_deepspeed_bf16_trains_samples_and_saves_every_method(zero3):
     """DeepSpeed holds the trained model in bf16 and accelerate's autocast is off there: fp32 inputs
     met bf16 weights (every method failed at its first step). ZeRO-3, the three methods after fp32 runs
