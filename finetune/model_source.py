@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from finetune.base_folder import check_part_files
 from finetune.config import SINGLE_FILE_SUFFIXES, ModelConfig
 from finetune.errors import FinetuneError
 
@@ -23,6 +24,7 @@ def check_pipeline_parts(path: Path, name: str) -> None:
     for part in ("unet", "vae", "text_encoder"):
         if not any((path / part).glob("*.safetensors")) and not any((path / part).glob("*.bin")):
             raise FinetuneError(f"base model folder {name} has no weights in {part}: copy the whole pipeline folder again")
+    check_part_files(path, name)
 
 
 def resolve_model_folder(config: ModelConfig) -> Path | None:

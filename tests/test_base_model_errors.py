@@ -1,0 +1,62 @@
+"""A local base-model folder with a damaged or foreign part: one line naming the file, before any weight
+loads (it was diffusers' or transformers' traceback as the part loaded, or at the first training step)."""
+
+import json
+import shutil
+
+import pytest
+
+from finetune.cli import main
+from finetune.config import ModelConfig
+from finetune.errors import FinetuneError
+from finetune.models import resolve_model_folder
+
+
+def damage(folder, case):
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    if case == "truncated_weights":  # a copy or download cut short
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif case == "empty_config":
+        (folder / "unet" / "config.json").write_text("")
+    elif case == "config_of_another_class":
+        shutil.copy(folder / "vae" / "config.json", folder / "unet" / "config.json")
+    elif case == "no_scheduler_config":
+        (folder / "scheduler" / "scheduler_config.json").unlink()
+    elif case == "no_tokenizer_files":
+        for file in (folder / "tokenizer").iterdir():
+            file.unlink()
+
+
+@pytest.mark.parametrize(
+    "case,pattern",
+    [
+        ("truncated_weights", r"base model folder .*: unet/diffusion_pytorch_model.safetensors is damaged \(.*incomplete metadata.*\): copy it again$"),
+        ("empty_config", r"base model folder .*: unet/config.json cannot be read \(JSONDecodeError; empty or cut short\?\): copy the whole pipeline folder again$"),
+        ("config_of_another_class", r"unet/config.json describes AutoencoderKL, not UNet2DConditionModel: put the pipeline's own unet folder there"),
+        ("no_scheduler_config", r"base model folder .* has no scheduler/scheduler_config.json: copy the whole pipeline folder again$"),
+        ("no_tokenizer_files", r"tokenizer/ has no tokenizer.json \(nor vocab.json and merges.txt\): copy the whole pipeline folder again$"),
+    ],
+)
+def test_a_damaged_part_is_one_line_naming_its_file(case, pattern, tiny_model, tmp_path):
+    folder = shutil.copytree(tiny_model, tmp_path / "base")
+    damage(folder, case)
+    with pytest.raises(FinetuneError, match=pattern):
+        resolve_model_folder(ModelConfig(pretrained=str(folder)))
+
+
+def test_training_on_a_damaged_base_stops_in_one_line_before_loading(tiny_model, image_folder, tmp_path, capsys):
+    folder = shutil.copytree(tiny_model, tmp_path / "base")
+    damage(folder, "truncated_weights")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({"model": {"pretrained": str(folder)}, "data": {"image_dir": str(image_folder), "resolution": 64},
+                                  "output_dir": str(tmp_path / "run"), "validation": {"prompts": []}}))  # fmt: skip
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unet/diffusion_pytorch_model.safetensors is damaged" in err[0], err
+
+
+def test_the_tiny_and_the_shipped_base_pass_the_checks(tiny_model):
+    from conftest import SHIPPED_BASE
+
+    for folder in (tiny_model, SHIPPED_BASE):
+        assert resolve_model_folder(ModelConfig(pretrained=str(folder))) == folder
