@@ -1,6 +1,7 @@
 """A local base-model folder's files, checked before anything loads: a part's config that is not JSON (a cut
 copy) or describes another class, a weights file cut short, or a missing scheduler config or tokenizer was
-diffusers' or transformers' traceback as the model loaded (or at the first training step), after the data check.
+diffusers' or transformers' traceback as the model loaded (or at the first training step), after the data check;
+so was a pipeline of another architecture (SDXL, an inpainting UNet), at the first step.
 
 Reads the configs and the safetensors headers only: cheap, however large the weights.
 """
@@ -33,7 +34,7 @@ def read_config(path: Path, name: str) -> dict:
 
 
 def check_part_files(path: Path, name: str) -> None:
-    """Each part's config is its class's, and each safetensors file whole."""
+    """Each part's config is its class's, each safetensors file whole, and the UNet is SD1.x's or SD2.x's kind."""
     from safetensors import SafetensorError, safe_open
 
     configs = {part: read_config(path / part / "config.json", name) for part in PART_CLASSES}
@@ -46,6 +47,17 @@ def check_part_files(path: Path, name: str) -> None:
     tokenizer = path / "tokenizer"
     if not (tokenizer / "tokenizer.json").is_file() and not all((tokenizer / file).is_file() for file in TOKENIZER_FILES):
         raise FinetuneError(f"base model folder {name}: tokenizer/ has no tokenizer.json (nor {' and '.join(TOKENIZER_FILES)}): copy the whole pipeline folder again")
+    unet = configs["unet"]
+    if unet.get("addition_embed_type") or (path / "text_encoder_2").is_dir():  # SDXL's second text encoder and extra UNet inputs
+        try:
+            kind = f"a {json.loads((path / 'model_index.json').read_text())['_class_name']}"
+        except (OSError, ValueError, TypeError, KeyError):
+            kind = "an SDXL pipeline"
+        raise FinetuneError(f"base model folder {name} holds {kind} (a second text encoder, UNet inputs of SDXL's kind): "
+                            "finetune trains SD1.x and SD2.x bases; set the base to one of those")  # fmt: skip
+    if unet.get("in_channels", 4) != 4:  # an inpainting UNet (9: latents, mask, masked image) or the x4 upscaler (7)
+        raise FinetuneError(f"base model folder {name} has a UNet of {unet['in_channels']} input channels (an inpainting or upscaling model), "
+                            "not a text-to-image one of 4: set the base to the model it was made from")  # fmt: skip
     for part in PART_CLASSES:
         for weights in sorted((path / part).glob("*.safetensors")):
             try:

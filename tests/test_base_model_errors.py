@@ -60,3 +60,27 @@ def test_the_tiny_and_the_shipped_base_pass_the_checks(tiny_model):
 
     for folder in (tiny_model, SHIPPED_BASE):
         assert resolve_model_folder(ModelConfig(pretrained=str(folder))) == folder
+
+
+def test_a_base_of_another_architecture_is_refused_before_loading(tiny_model, tmp_path):
+    # An SDXL folder has every part an SD1.x one has (and text_encoder_2): it loaded, and the UNet's first
+    # step stopped on its missing SDXL inputs ("argument of type 'NoneType' is not iterable").
+    sdxl = shutil.copytree(tiny_model, tmp_path / "sdxl")
+    shutil.copytree(sdxl / "text_encoder", sdxl / "text_encoder_2")
+    index = json.loads((sdxl / "model_index.json").read_text())
+    (sdxl / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
+    with pytest.raises(FinetuneError, match=r"sdxl holds a StableDiffusionXLPipeline \(a second text encoder, .*\): finetune trains SD1.x and SD2.x bases"):
+        resolve_model_folder(ModelConfig(pretrained=str(sdxl)))
+    # The UNet's config alone says so too (a folder without text_encoder_2 or model_index.json).
+    shutil.rmtree(sdxl / "text_encoder_2")
+    (sdxl / "model_index.json").unlink()
+    config = json.loads((sdxl / "unet" / "config.json").read_text())
+    (sdxl / "unet" / "config.json").write_text(json.dumps({**config, "addition_embed_type": "text_time"}))
+    with pytest.raises(FinetuneError, match=r"sdxl holds an SDXL pipeline"):
+        resolve_model_folder(ModelConfig(pretrained=str(sdxl)))
+    # An inpainting UNet takes the mask and the masked image beside the latents: 9 channels.
+    inpainting = shutil.copytree(tiny_model, tmp_path / "inpainting")
+    config = json.loads((inpainting / "unet" / "config.json").read_text())
+    (inpainting / "unet" / "config.json").write_text(json.dumps({**config, "in_channels": 9}))
+    with pytest.raises(FinetuneError, match=r"inpainting has a UNet of 9 input channels \(an inpainting or upscaling model\)"):
+        resolve_model_folder(ModelConfig(pretrained=str(inpainting)))
