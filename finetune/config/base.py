@@ -53,4 +53,11 @@ Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 # Sampling steps, as a prompt's --s: up to MAX_STEPS, within the schedulers' training timesteps (more was
 # diffusers' error at the first validation grid, after training up to it).
 SamplingSteps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
-UserPath = Annotated[str, AfterValidator(os.path.expanduser)]  # a file or folder: ~ is the user's home, as in a shell
+def _a_path(value: str) -> str:
+    # "" is the current folder to every file call: a base model, an output_dir or a cache there, never meant.
+    if not value.strip():
+        raise ValueError("is empty: give a file or folder path, or remove the key")
+    return os.path.expanduser(value)  # ~ is the user's home, as in a shell
+
+
+UserPath = Annotated[str, AfterValidator(_a_path)]  # a file or folder

@@ -130,10 +130,10 @@ class DataConfig(Section):
     loss_mask: LossMaskConfig = LossMaskConfig()
     num_workers: int = Field(0, ge=0)
 
-    @field_validator("image_dir", "dataset")
+    @field_validator("image_dir", "dataset", mode="before")  # before UserPath's own, more general, line
     @classmethod
     def _not_empty(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None and not value.strip():  # "" is no data: read as the current folder, or a traceback
+        if isinstance(value, str) and not value.strip():  # "" is no data: read as the current folder, or a traceback
             raise ValueError("is empty: give a folder (data.image_dir) or a datasets name or path (data.dataset), and null for the other")
         return value
 

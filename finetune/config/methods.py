@@ -125,10 +125,10 @@ class Concept(Section):
             raise ValueError("set instance_prompt (e.g. 'a photo of sks dog'), or use_captions: true to train with each image's caption")
         return self
 
-    @field_validator("instance_dir")
+    @field_validator("instance_dir", mode="before")  # before UserPath's own, more general, line
     @classmethod
     def _a_folder(cls, value: str) -> str:
-        if not value.strip():  # "" is no folder: read as a dataset that is not there, a traceback
+        if isinstance(value, str) and not value.strip():  # "" is no folder: read as a dataset that is not there, a traceback
             raise ValueError("is empty: give the folder of this concept's images")
         return value
 

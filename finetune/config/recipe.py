@@ -11,6 +11,7 @@ from pydantic import Field, PrivateAttr, field_serializer, field_validator, mode
 
 from finetune.config.base import SamplingSteps, Section, Seed, UserPath
 from finetune.config.data import DataConfig
+from finetune.errors import FinetuneError
 from finetune.config.methods import ControlNetConfig, DreamBoothConfig, FullConfig, LoRAConfig, VAEConfig
 from finetune.prompt_options import PromptSettings, with_options
 
@@ -44,6 +45,10 @@ class ModelConfig(Section):
     @classmethod
     def from_option(cls, pretrained: str, single_file_config: str | None = None) -> "ModelConfig":
         """The base model of a command's --base (and --base-config) options."""
+        for option, value in (("--base", pretrained), ("--base-config", single_file_config)):
+            if value is not None and not value.strip():  # else pydantic's report of the field, a traceback here
+                raise FinetuneError(f"{option} is empty: give a hub id, a diffusers folder or a .safetensors file" if option == "--base" else
+                                    f"{option} is empty: give the diffusers folder or hub id whose configs describe the --base file, or leave it out")  # fmt: skip
         config = cls(pretrained=pretrained, single_file_config=single_file_config)
         config._key, config._single_file_config_key = "--base", "--base-config"
         return config
