@@ -3,6 +3,8 @@ copy) or describes another class, a weights file cut short, or a missing schedul
 diffusers' or transformers' traceback as the model loaded (or at the first training step), after the data check;
 so was a pipeline of another architecture (SDXL, an inpainting UNet), at the first step.
 
+A single .safetensors base is checked the same way: its header whole, and not SDXL's.
+
 Reads the configs and the safetensors headers only: cheap, however large the weights.
 """
 
@@ -66,3 +68,19 @@ def check_part_files(path: Path, name: str) -> None:
             except (SafetensorError, OSError) as err:
                 raise FinetuneError(f"base model folder {name}: {part}/{weights.name} is damaged ({' '.join(str(err).split())}; a copy or "
                                     "download cut short?): copy it again")  # fmt: skip
+
+
+def check_single_file(path: Path, key: str) -> None:
+    """A .safetensors base's header: whole (else diffusers said 'Unable to load weights', with advice about
+    configs that was no use), and not SDXL's (its two text encoders are under conditioner.embedders)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as file:
+            keys = list(file.keys())
+    except (SafetensorError, OSError) as err:
+        raise FinetuneError(f"base model file {path} is damaged or not a safetensors file ({' '.join(str(err).split())}; a download cut short?): "
+                            f"download it again, or check {key}") from None  # fmt: skip
+    if any(name.startswith("conditioner.embedders.") for name in keys):
+        raise FinetuneError(f"base model file {path} is an SDXL checkpoint (conditioner.embedders names): finetune trains SD1.x and SD2.x bases; "
+                            f"set {key} to one of those")  # fmt: skip

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from finetune.base_folder import check_part_files
+from finetune.base_folder import check_part_files, check_single_file
 from finetune.config import SINGLE_FILE_SUFFIXES, ModelConfig
 from finetune.errors import FinetuneError
 
@@ -34,6 +34,8 @@ def resolve_model_folder(config: ModelConfig) -> Path | None:
     if path.suffix in SINGLE_FILE_SUFFIXES:
         if not path.is_file():
             raise FinetuneError(f"base model file {name} not found: check {config._key}")
+        if path.suffix == ".safetensors":
+            check_single_file(path, config._key)
         if path.suffix == ".safetensors" and holds_a_lora(path):
             # What to do instead depends on where it was given: a recipe has no --lora (its key starts from a LoRA).
             instead = ("set model.pretrained to the model it was trained on (lora.init_from starts a run from this LoRA)"

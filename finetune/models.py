@@ -145,6 +145,8 @@ def _load_single_file(config: ModelConfig) -> StableDiffusionPipeline:
     try:
         return StableDiffusionPipeline.from_single_file(config.pretrained, **kwargs)
     except OSError as err:
+        if str(err).startswith("Unable to load weights"):  # the file itself (a .ckpt cut short, or no model): no config would help
+            raise FinetuneError(f"base model file {config.pretrained} cannot be read as a checkpoint (damaged, or not a model file): download it again") from None
         raise FinetuneError(
             f"could not read base model file {config.pretrained}: {str(err).splitlines()[0]} "
             f"(offline, set {config_key} to a local diffusers folder with the matching configs)"

@@ -84,3 +84,25 @@ def test_a_base_of_another_architecture_is_refused_before_loading(tiny_model, tm
     (inpainting / "unet" / "config.json").write_text(json.dumps({**config, "in_channels": 9}))
     with pytest.raises(FinetuneError, match=r"inpainting has a UNet of 9 input channels \(an inpainting or upscaling model\)"):
         resolve_model_folder(ModelConfig(pretrained=str(inpainting)))
+
+
+def test_a_single_file_base_that_is_damaged_or_sdxl_is_one_line_before_loading(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    # diffusers said "Unable to load weights from checkpoint file for 'X' at 'X'." and the advice was to set the configs.
+    for name, content in (("empty.safetensors", b""), ("page.safetensors", b"<html>not found</html>")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(FinetuneError, match=rf"^base model file .*{name} is damaged or not a safetensors file \(.*\): download it again, or check model.pretrained$"):
+            resolve_model_folder(ModelConfig(pretrained=str(tmp_path / name)))
+    save_file({"conditioner.embedders.1.model.positional_embedding": torch.zeros(2, 2), "model.diffusion_model.out.2.bias": torch.zeros(2)},
+              tmp_path / "sdxl.safetensors")  # fmt: skip
+    with pytest.raises(FinetuneError, match=r"sdxl.safetensors is an SDXL checkpoint \(conditioner.embedders names\): .* set --base to one of those$"):
+        resolve_model_folder(ModelConfig.from_option(str(tmp_path / "sdxl.safetensors")))
+
+
+def test_a_ckpt_that_is_no_checkpoint_is_not_sent_looking_for_configs(tmp_path, tiny_model, capsys):
+    (tmp_path / "model.ckpt").write_text("not a pickle")
+    assert main(["sample", "--base", str(tmp_path / "model.ckpt"), "--base-config", str(tiny_model), "--prompt", "x", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: base model file {tmp_path / 'model.ckpt'} cannot be read as a checkpoint (damaged, or not a model file): download it again"]
