@@ -33,7 +33,7 @@ from finetune.errors import FinetuneError
 from finetune.finite_weights import ensure_finite_weights
 from finetune.held_out import TrainingSubset, held_out_loss, held_out_sources, split_held_out
 from finetune.methods import METHODS
-from finetune.model_source import resolve_model_folder
+from finetune.model_source import looks_like_hub_id, resolve_model_folder
 from finetune.models import load_base_model
 from finetune.output_metadata import dataset_metadata, output_metadata
 from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer, step_size
@@ -67,8 +67,14 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
 
     # Cheap checks first: a bad image or a missing model is reported before any weight is loaded.
     method = METHODS[recipe.method](recipe)
+    # A local base's files (configs, weights' headers) take a moment; the data check decodes every image, minutes for
+    # a large set, so a typo in model.pretrained is said first. A hub base may download: after the data check.
+    local_base = not looks_like_hub_id(recipe.model.pretrained) or Path(recipe.model.pretrained).exists()
+    if local_base:
+        resolve_model_folder(recipe.model)
     method.check_data()
-    resolve_model_folder(recipe.model)
+    if not local_base:
+        resolve_model_folder(recipe.model)
     resume_from = ckpt.resolve_resume(resume, checkpoints_dir)
     if resume_from is not None:
         ckpt.check_resumable(resume_from, train_cfg.max_steps, recipe.flat_settings())

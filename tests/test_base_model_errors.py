@@ -106,3 +106,14 @@ def test_a_ckpt_that_is_no_checkpoint_is_not_sent_looking_for_configs(tmp_path, 
     assert main(["sample", "--base", str(tmp_path / "model.ckpt"), "--base-config", str(tiny_model), "--prompt", "x", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: base model file {tmp_path / 'model.ckpt'} cannot be read as a checkpoint (damaged, or not a model file): download it again"]
+
+
+def test_a_missing_local_base_is_said_before_the_data_check(image_folder, tmp_path, capsys):
+    # The data check decodes every image (minutes for a large set): a typo in model.pretrained was said after it.
+    data = shutil.copytree(image_folder, tmp_path / "data")
+    (data / "0000.png").write_bytes(b"cut short")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({"model": {"pretrained": str(tmp_path / "nowhere")}, "data": {"image_dir": str(data), "resolution": 64},
+                                  "output_dir": str(tmp_path / "run"), "validation": {"prompts": []}}))  # fmt: skip
+    assert main(["train", str(recipe)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: base model {tmp_path / 'nowhere'} not found: no such folder or file (check model.pretrained)"]
