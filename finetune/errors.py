@@ -15,3 +15,12 @@ def one_line(err: FinetuneError) -> str:
     around it, whose last line is ours."""
     text = str(err).strip()
     return text.splitlines()[-1].split("FinetuneError: ", 1)[-1] if "Original Traceback" in text else text
+
+
+def looked_for_here(path) -> str:
+    """For a relative path not found: where it was looked for. Recipe paths are read from the current folder,
+    not the recipe's (the shipped recipes name datasets/... from the repository's root), so a recipe run from
+    another folder misses its folders, and 'not found' alone does not say why."""
+    import os
+
+    return "" if os.path.isabs(os.path.expanduser(str(path))) else f" (relative paths are read from the current folder, {os.getcwd()})"

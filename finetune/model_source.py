@@ -10,7 +10,7 @@ from pathlib import Path
 
 from finetune.base_folder import check_part_files, check_single_file
 from finetune.config import SINGLE_FILE_SUFFIXES, ModelConfig
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, looked_for_here
 
 
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -33,7 +33,7 @@ def resolve_model_folder(config: ModelConfig) -> Path | None:
     path = Path(name).expanduser()
     if path.suffix in SINGLE_FILE_SUFFIXES:
         if not path.is_file():
-            raise FinetuneError(f"base model file {name} not found: check {config._key}")
+            raise FinetuneError(f"base model file {name} not found: check {config._key}{looked_for_here(name)}")
         if path.suffix == ".safetensors":
             check_single_file(path, config._key)
         if path.suffix == ".safetensors" and holds_a_lora(path):
@@ -58,7 +58,7 @@ def resolve_model_folder(config: ModelConfig) -> Path | None:
         check_pipeline_parts(path, name)
         return path
     if not looks_like_hub_id(name):
-        raise FinetuneError(f"base model {name} not found: no such folder or file (check {config._key})")
+        raise FinetuneError(f"base model {name} not found: no such folder or file (check {config._key}){looked_for_here(name)}")
     return _download_or_find_in_cache(name, config.revision, config.variant, config._key)
 
 
@@ -103,10 +103,10 @@ def _download_or_find_in_cache(repo_id: str, revision: str | None, variant: str 
         why = "downloads are off (HF_HUB_OFFLINE=1)" if offline else "the hub could not be reached (no network?)"
         raise FinetuneError(
             f"base model {repo_id} is not in the local Hugging Face cache and {why}: "
-            f"download it once with network, or set {key} to a local diffusers folder or .safetensors file"
+            f"download it once with network, or set {key} to a local diffusers folder or .safetensors file (there is no folder {repo_id} in the current folder, {os.getcwd()}, either)"
         ) from None
     except (RepositoryNotFoundError, HFValidationError):
-        raise FinetuneError(f"base model {repo_id} not found on the hub: check {key}") from None
+        raise FinetuneError(f"base model {repo_id} not found on the hub, nor as a folder in the current folder ({os.getcwd()}): check {key}") from None
     except OSError as err:
         raise FinetuneError(f"base model {repo_id} could not be fetched ({err.__class__.__name__}): check the network or use a local folder") from None
     return Path(folder)

@@ -20,7 +20,7 @@ from finetune.buckets import Size
 from finetune.captions import (apply_template, folder_captions, image_caption, metadata_partner_files, metadata_subfolders,
                                missing_caption_message, name_key, require_own_sidecars, sidecar_path, template_needs_caption)  # fmt: skip
 from finetune.config import DataConfig, FolderConfig
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, looked_for_here
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp")
 # Images that are in a folder but not read: animations, print and phone formats (convert them to PNG or JPEG).
@@ -81,10 +81,10 @@ def check_folders_exist(config: DataConfig) -> None:
     if root.is_file():
         raise FinetuneError(f"{config._image_dir_key} {root} is a file: give the folder that holds the images")
     if not root.is_dir():
-        raise FinetuneError(f"data folder {root} not found: check {config._image_dir_key}")
+        raise FinetuneError(f"data folder {root} not found: check {config._image_dir_key}{looked_for_here(root)}")
     for settings in config.folders or []:
         if not (root / settings.path).is_dir():  # an absolute path stays absolute
-            raise FinetuneError(f"data folder {root / settings.path} not found: check data.folders path '{settings.path}'")
+            raise FinetuneError(f"data folder {root / settings.path} not found: check data.folders path '{settings.path}'{looked_for_here(root / settings.path)}")
 
 
 def _folder_examples(config: DataConfig) -> list[Example]:

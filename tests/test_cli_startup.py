@@ -72,9 +72,9 @@ def test_train_says_a_missing_data_folder_or_base_model_before_torch_loads(tmp_p
     modules, errors = run_in_fresh_python(calls)
     assert errors == [
         f"error: data folder {tmp_path / 'photos'} not found: check data.image_dir\n",
-        "error: data folder datasets/star/nope not found: check data.folders path 'nope'\n",
+        f"error: data folder datasets/star/nope not found: check data.folders path 'nope' (relative paths are read from the current folder, {ROOT})\n",
         f"error: base model {tmp_path / 'base'} not found: no such folder or file (check model.pretrained)\n",
-        "error: data folder nope not found: check dreambooth.concepts.0.instance_dir\n",
+        f"error: data folder nope not found: check dreambooth.concepts.0.instance_dir (relative paths are read from the current folder, {ROOT})\n",
     ]
     assert modules <= {"numpy", "PIL", "pydantic"}  # the recipe's schema and the data folder's reader, not the training stack
 

@@ -212,7 +212,7 @@ def test_an_empty_or_missing_instance_folder_names_its_concept_key(make_recipe, 
     with pytest.raises(FinetuneError, match=r"data folder .*empty has no images .*: add some or fix dreambooth.concepts.1.instance_dir$"):
         train(recipe)
     recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path, dreambooth={"concepts": [{**good, "instance_dir": "my_subject"}]})
-    with pytest.raises(FinetuneError, match=r"^data folder my_subject not found: check dreambooth.concepts.0.instance_dir$"):
+    with pytest.raises(FinetuneError, match=r"^data folder my_subject not found: check dreambooth.concepts.0.instance_dir \(relative paths are read from the current folder, .*\)$"):
         train(recipe)
 
 

@@ -21,7 +21,7 @@ from peft.utils import get_peft_model_state_dict
 from finetune.atomic_files import atomic_save_safetensors
 from finetune.counts import counted
 from finetune.encoders import layer_stack, recorded_clip_skip
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, looked_for_here
 from finetune.kohya import DIFFUSERS_SUFFIXES, LoRA, load_lora
 from finetune.lora_kinds import written_path
 from finetune.max_norm import apply_max_norm, lora_layers
@@ -184,7 +184,7 @@ def read_initial_lora(source: str) -> LoRA:
     path = Path(source)
     path = path / LORA_WEIGHTS_NAME if path.is_dir() else path
     if not path.is_file():
-        raise FinetuneError(f"lora.init_from {source} not found: give a LoRA .safetensors file or a training folder holding {LORA_WEIGHTS_NAME}")
+        raise FinetuneError(f"lora.init_from {source} not found: give a LoRA .safetensors file or a training folder holding {LORA_WEIGHTS_NAME}{looked_for_here(source)}")
     return load_lora(path)
 
 
