@@ -32,7 +32,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     try:
         raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
-        raise FinetuneError(f"recipe {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        raise FinetuneError(f"recipe {path} is not valid YAML: {_yaml_problem(err)}") from None
     except UnicodeDecodeError:  # an image or a model file given in the recipe's place
         raise FinetuneError(f"recipe {path} is not a text file: pass the path of a YAML file such as recipes/lora.yaml") from None
     if raw == {} and not overrides:  # else every default would load, and the first complaint would be a missing data source
@@ -61,6 +61,24 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     return recipe
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's problem and where it is, on one line: its first line alone was often only the context
+    ("while scanning for the next token"), without the line or the problem (a tab)."""
+    mark = getattr(err, "problem_mark", None)
+    if isinstance(err, _DuplicateKey) or not getattr(err, "problem", None) or mark is None:
+        return str(err).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}"
+    if "'\\t'" in err.problem:  # a tab where YAML wants an indent or a token
+        return f"a tab on {where}: use spaces there (YAML takes no tabs in indentation or between tokens)"
+    context = f" ({err.context} from line {err.context_mark.line + 1})" if getattr(err, "context", None) and err.context_mark else ""
+    hint = "; a value with ': ' in it? quote it (or an indent is off)" if err.problem.startswith("mapping values are not allowed") else ""
+    return f"{err.problem} on {where}{context}{hint}"
+
+
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    """A key given twice in one section (its message says where)."""
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.safe_load, but a key given twice in one section is an error: PyYAML keeps the last one, so a
     section pasted twice (a second train: at the end of the file) would silently replace the first."""
@@ -71,7 +89,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
                 continue
             if key_node.value in seen:
-                raise yaml.constructor.ConstructorError(
+                raise _DuplicateKey(
                     None, None, f"key '{key_node.value}' is given twice in one section (again on line {key_node.start_mark.line + 1}): keep one", key_node.start_mark
                 )
             seen.add(key_node.value)

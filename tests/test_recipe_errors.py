@@ -33,3 +33,22 @@ def test_a_path_still_expands_the_home_folder():
 def test_an_empty_base_config_option_is_one_line():
     with pytest.raises(FinetuneError, match=r"^--base-config is empty: give the diffusers folder or hub id whose configs describe the --base file"):
         ModelConfig.from_option("model.safetensors", "")
+
+
+@pytest.mark.parametrize(
+    "text,said",
+    [
+        # PyYAML's first line alone: 'while scanning for the next token', no line, no tab.
+        ("model:\n\tpretrained: x\n", "a tab on line 2, column 1: use spaces there (YAML takes no tabs in indentation or between tokens)"),
+        ("method: [lora\n", "expected ',' or ']', but got '<stream end>' on line 2, column 1 (while parsing a flow sequence from line 1)"),
+        ("data:\n  caption: a photo: sks\n", "mapping values are not allowed here on line 2, column 19; a value with ': ' in it? quote it (or an indent is off)"),
+        ("method: lora\nmethod: full\n", "key 'method' is given twice in one section (again on line 2): keep one"),
+    ],
+)
+def test_a_yaml_error_names_its_line_and_problem(text, said, tmp_path):
+    from finetune.recipe_loading import load_recipe
+
+    (tmp_path / "recipe.yaml").write_text(text)
+    with pytest.raises(FinetuneError) as raised:
+        load_recipe(tmp_path / "recipe.yaml")
+    assert str(raised.value) == f"recipe {tmp_path / 'recipe.yaml'} is not valid YAML: {said}"
