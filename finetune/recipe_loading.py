@@ -30,11 +30,11 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not path.is_file():
         raise FinetuneError(f"recipe {path} not found: pass the path of a YAML file such as recipes/lora.yaml")
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
         raise FinetuneError(f"recipe {path} is not valid YAML: {_yaml_problem(err)}") from None
-    except UnicodeDecodeError:  # an image or a model file given in the recipe's place
-        raise FinetuneError(f"recipe {path} is not a text file: pass the path of a YAML file such as recipes/lora.yaml") from None
+    except UnicodeDecodeError as err:
+        raise FinetuneError(_not_utf8(path, err)) from None
     if raw == {} and not overrides:  # else every default would load, and the first complaint would be a missing data source
         raise FinetuneError(f"recipe {path} is empty (or only comments): write its settings, e.g. start from a copy of recipes/lora.yaml")
     if raw == {}:
@@ -59,6 +59,18 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise
     print_unused_settings(raw, recipe)
     return recipe
+
+
+def _not_utf8(path: Path, err: UnicodeDecodeError) -> str:
+    """What a recipe that is not UTF-8 is: text in another encoding (PowerShell's `>` writes UTF-16, older
+    editors Latin-1) was called 'not a text file'; an image or a model file given in the recipe's place is not one."""
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return f"recipe {path} is UTF-16 text (as Windows PowerShell's > writes): save it as UTF-8"
+    if b"\0" in data[:4096]:
+        return f"recipe {path} is not a text file: pass the path of a YAML file such as recipes/lora.yaml"
+    line = data[: err.start].count(b"\n") + 1
+    return f"recipe {path} is not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}; saved as Latin-1 or Windows-1252?): save it as UTF-8"
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:

@@ -52,3 +52,19 @@ def test_a_yaml_error_names_its_line_and_problem(text, said, tmp_path):
     with pytest.raises(FinetuneError) as raised:
         load_recipe(tmp_path / "recipe.yaml")
     assert str(raised.value) == f"recipe {tmp_path / 'recipe.yaml'} is not valid YAML: {said}"
+
+
+def test_a_recipe_in_another_encoding_is_told_to_be_saved_as_utf8(tmp_path):
+    from finetune.recipe_loading import load_recipe
+
+    text = "# café\ndata:\n  caption: a photo of sks\n"
+    said = {
+        "utf16.yaml": (text.encode("utf-16"), "is UTF-16 text (as Windows PowerShell's > writes): save it as UTF-8"),  # it was 'not a text file'
+        "latin1.yaml": (text.encode("latin-1"), "is not UTF-8 text (byte 0xe9 on line 1; saved as Latin-1 or Windows-1252?): save it as UTF-8"),
+        "image.yaml": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff", "is not a text file: pass the path of a YAML file such as recipes/lora.yaml"),
+    }
+    for name, (content, message) in said.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(FinetuneError) as raised:
+            load_recipe(tmp_path / name)
+        assert str(raised.value) == f"recipe {tmp_path / name} {message}"
