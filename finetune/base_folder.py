@@ -49,17 +49,7 @@ def check_part_files(path: Path, name: str) -> None:
     tokenizer = path / "tokenizer"
     if not (tokenizer / "tokenizer.json").is_file() and not all((tokenizer / file).is_file() for file in TOKENIZER_FILES):
         raise FinetuneError(f"base model folder {name}: tokenizer/ has no tokenizer.json (nor {' and '.join(TOKENIZER_FILES)}): copy the whole pipeline folder again")
-    unet = configs["unet"]
-    if unet.get("addition_embed_type") or (path / "text_encoder_2").is_dir():  # SDXL's second text encoder and extra UNet inputs
-        try:
-            kind = f"a {json.loads((path / 'model_index.json').read_text())['_class_name']}"
-        except (OSError, ValueError, TypeError, KeyError):
-            kind = "an SDXL pipeline"
-        raise FinetuneError(f"base model folder {name} holds {kind} (a second text encoder, UNet inputs of SDXL's kind): "
-                            "finetune trains SD1.x and SD2.x bases; set the base to one of those")  # fmt: skip
-    if unet.get("in_channels", 4) != 4:  # an inpainting UNet (9: latents, mask, masked image) or the x4 upscaler (7)
-        raise FinetuneError(f"base model folder {name} has a UNet of {unet['in_channels']} input channels (an inpainting or upscaling model), "
-                            "not a text-to-image one of 4: set the base to the model it was made from")  # fmt: skip
+    check_architecture(path, name)
     for part in PART_CLASSES:
         for weights in sorted((path / part).glob("*.safetensors")):
             try:
@@ -84,3 +74,18 @@ def check_single_file(path: Path, key: str) -> None:
     if any(name.startswith("conditioner.embedders.") for name in keys):
         raise FinetuneError(f"base model file {path} is an SDXL checkpoint (conditioner.embedders names): finetune trains SD1.x and SD2.x bases; "
                             f"set {key} to one of those")  # fmt: skip
+
+
+def check_architecture(path: Path, name: str) -> None:
+    """SD1.x's or SD2.x's kind of pipeline, from its configs alone (a hub base's are fetched before its weights)."""
+    unet = read_config(path / "unet" / "config.json", name)
+    if unet.get("addition_embed_type") or (path / "text_encoder_2").is_dir():  # SDXL's second text encoder and extra UNet inputs
+        try:
+            kind = f"a {json.loads((path / 'model_index.json').read_text())['_class_name']}"
+        except (OSError, ValueError, TypeError, KeyError):
+            kind = "an SDXL pipeline"
+        raise FinetuneError(f"base model {name} holds {kind} (a second text encoder, UNet inputs of SDXL's kind): "
+                            "finetune trains SD1.x and SD2.x bases; set the base to one of those")  # fmt: skip
+    if unet.get("in_channels", 4) != 4:  # an inpainting UNet (9: latents, mask, masked image) or the x4 upscaler (7)
+        raise FinetuneError(f"base model {name} has a UNet of {unet['in_channels']} input channels (an inpainting or upscaling model), "
+                            "not a text-to-image one of 4: set the base to the model it was made from")  # fmt: skip

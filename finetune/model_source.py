@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from finetune.base_folder import check_part_files, check_single_file
+from finetune.base_folder import check_architecture, check_part_files, check_single_file
 from finetune.config import SINGLE_FILE_SUFFIXES, ModelConfig
 from finetune.errors import FinetuneError, looked_for_here
 
@@ -96,6 +96,9 @@ def _download_or_find_in_cache(repo_id: str, revision: str | None, variant: str 
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")  # as huggingface_hub reads it
     try:
+        # The configs first (kilobytes): an SDXL or inpainting id is said before gigabytes of its weights download.
+        configs = snapshot_download(repo_id, revision=revision, local_files_only=offline, allow_patterns=["model_index.json", "*/config.json"])
+        check_architecture(Path(configs), repo_id)
         allow, ignore = download_patterns(variant)
         folder = snapshot_download(repo_id, revision=revision, local_files_only=offline, allow_patterns=allow, ignore_patterns=ignore)
     except (LocalEntryNotFoundError, FileNotFoundError):

@@ -117,3 +117,25 @@ def test_a_missing_local_base_is_said_before_the_data_check(image_folder, tmp_pa
                                   "output_dir": str(tmp_path / "run"), "validation": {"prompts": []}}))  # fmt: skip
     assert main(["train", str(recipe)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"error: base model {tmp_path / 'nowhere'} not found: no such folder or file (check model.pretrained)"]
+
+
+def test_an_sdxl_hub_id_is_refused_from_its_configs_before_its_weights_download(tiny_model, tmp_path, monkeypatch):
+    # stabilityai/stable-diffusion-xl-base-1.0 as model.pretrained downloaded about 7 GB, then stopped at the first step.
+    import huggingface_hub
+
+    configs = tmp_path / "configs"
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        (configs / part).mkdir(parents=True)
+    unet = json.loads((tiny_model / "unet" / "config.json").read_text())
+    (configs / "unet" / "config.json").write_text(json.dumps({**unet, "addition_embed_type": "text_time"}))
+    (configs / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns=(), **kwargs):
+        asked.append(allow_patterns)
+        return str(configs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with pytest.raises(FinetuneError, match=r"^base model stabilityai/sdxl holds a StableDiffusionXLPipeline .*: finetune trains SD1.x and SD2.x bases"):
+        resolve_model_folder(ModelConfig(pretrained="stabilityai/sdxl"))
+    assert asked == [["model_index.json", "*/config.json"]]  # no weights asked for
