@@ -89,3 +89,12 @@ def check_architecture(path: Path, name: str) -> None:
     if unet.get("in_channels", 4) != 4:  # an inpainting UNet (9: latents, mask, masked image) or the x4 upscaler (7)
         raise FinetuneError(f"base model {name} has a UNet of {unet['in_channels']} input channels (an inpainting or upscaling model), "
                             "not a text-to-image one of 4: set the base to the model it was made from")  # fmt: skip
+
+
+def check_variant(path: Path, name: str, variant: str) -> None:
+    """model.variant names weights files (unet/diffusion_pytorch_model.fp16.safetensors): a folder without them
+    was transformers' traceback naming the text encoder's file; saved_variant finds a folder's one variant alone."""
+    for part in PART_CLASSES:
+        if not any(f".{variant}." in file.name or f".{variant}-" in file.name for file in (path / part).iterdir()):
+            raise FinetuneError(f"base model folder {name} has no {variant} weights in {part} (model.variant: {variant}): remove model.variant "
+                                "(a folder's weights are found as saved), or give a folder saved with that variant")  # fmt: skip

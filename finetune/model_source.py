@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from finetune.base_folder import check_architecture, check_part_files, check_single_file
+from finetune.base_folder import check_architecture, check_part_files, check_single_file, check_variant
 from finetune.config import SINGLE_FILE_SUFFIXES, ModelConfig
 from finetune.errors import FinetuneError, looked_for_here
 
@@ -56,6 +56,8 @@ def resolve_model_folder(config: ModelConfig) -> Path | None:
                 f"point {config._key} at a folder saved with save_pretrained, or at a .safetensors file"
             )
         check_pipeline_parts(path, name)
+        if config.variant:
+            check_variant(path, name, config.variant)
         return path
     if not looks_like_hub_id(name):
         raise FinetuneError(f"base model {name} not found: no such folder or file (check {config._key}){looked_for_here(name)}")

@@ -139,3 +139,9 @@ def test_an_sdxl_hub_id_is_refused_from_its_configs_before_its_weights_download(
     with pytest.raises(FinetuneError, match=r"^base model stabilityai/sdxl holds a StableDiffusionXLPipeline .*: finetune trains SD1.x and SD2.x bases"):
         resolve_model_folder(ModelConfig(pretrained="stabilityai/sdxl"))
     assert asked == [["model_index.json", "*/config.json"]]  # no weights asked for
+
+
+def test_a_variant_the_folder_was_not_saved_in_is_one_line(tiny_model):
+    # It was transformers' traceback: "Error no file named model.fp16.safetensors, or pytorch_model.fp16.bin".
+    with pytest.raises(FinetuneError, match=r"has no fp16 weights in unet \(model.variant: fp16\): remove model.variant \(a folder's weights are found as saved\)"):
+        resolve_model_folder(ModelConfig(pretrained=str(tiny_model), variant="fp16"))
