@@ -42,7 +42,7 @@ def check_part_files(path: Path, name: str) -> None:
     configs = {part: read_config(path / part / "config.json", name) for part in PART_CLASSES}
     for part, (key, expected) in PART_CLASSES.items():
         found = configs[part].get(key) or configs[part].get("_class_name")  # a diffusers config in text_encoder/ has no model_type
-        if found != expected:
+        if found != expected and not (found is None and part == "text_encoder"):  # CLIPTextModel loads a config without model_type
             raise FinetuneError(f"base model folder {name}: {part}/config.json describes {found}, not {expected}: "
                                 f"put the pipeline's own {part} folder there (copy the whole pipeline folder again)")  # fmt: skip
     read_config(path / "scheduler" / "scheduler_config.json", name)

@@ -145,3 +145,15 @@ def test_a_variant_the_folder_was_not_saved_in_is_one_line(tiny_model):
     # It was transformers' traceback: "Error no file named model.fp16.safetensors, or pytorch_model.fp16.bin".
     with pytest.raises(FinetuneError, match=r"has no fp16 weights in unet \(model.variant: fp16\): remove model.variant \(a folder's weights are found as saved\)"):
         resolve_model_folder(ModelConfig(pretrained=str(tiny_model), variant="fp16"))
+
+
+def test_a_text_encoder_config_without_model_type_still_loads(tiny_model, tmp_path):
+    # transformers' CLIPTextModel reads such a config (older savers left model_type out): no reason to refuse it.
+    folder = shutil.copytree(tiny_model, tmp_path / "base")
+    config = json.loads((folder / "text_encoder" / "config.json").read_text())
+    del config["model_type"]
+    (folder / "text_encoder" / "config.json").write_text(json.dumps(config))
+    assert resolve_model_folder(ModelConfig(pretrained=str(folder))) == folder
+    from transformers import CLIPTextModel
+
+    CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
