@@ -91,7 +91,7 @@ def test_16_bit_depth_tiffs_beside_their_images_are_not_said_to_be_unread(make_r
     assert len(pairs) == 2 and [f.message for f in report.findings] == []
     Image.fromarray(np.zeros((64, 96), dtype=np.uint16)).save(folder / "stray.tif")
     assert [f.message for f in inspect_pairs(recipe)[1].findings] == [
-        f"data folder {folder} has 1 image(s) training does not read (.tif, e.g. stray.tif): convert them to PNG or JPEG"
+        f"data folder {folder} has 1 image training does not read (.tif, e.g. stray.tif): convert it to PNG or JPEG"
     ]
 
 
