@@ -90,7 +90,7 @@ def test_guidance_that_uses_every_option_given_says_nothing_of_it(options, tmp_p
 
 
 def test_eval_says_a_guidance_below_1_samples_as_1(monkeypatch, capsys):
-    monkeypatch.setattr("finetune.eval_command.run_eval", refuse_to_sample)
+    monkeypatch.setattr("finetune.evaluate.run_eval", refuse_to_sample)  # eval_command imports it when eval runs
     with pytest.raises(AssertionError, match="sampled"):
         main(["eval", "--base", "finetune/assets/toyworld-base", "--guidance", "0.5"])
     assert "note: guidance 0.5 samples as guidance 1 does" in capsys.readouterr().out
@@ -105,13 +105,13 @@ def test_eval_says_a_guidance_below_1_samples_as_1(monkeypatch, capsys):
 def test_eval_refuses_subject_options_no_suite_it_runs_reads(options, said, monkeypatch, capsys):
     """eval --lora dreambooth --identifier zwx scored the default suites (adherence and fid), whose prompts have no
     identifier, and said nothing: the DreamBooth subject looked scored."""
-    monkeypatch.setattr("finetune.eval_command.run_eval", refuse_to_sample)
+    monkeypatch.setattr("finetune.evaluate.run_eval", refuse_to_sample)  # eval_command imports it when eval runs
     assert main(["eval", "--base", "finetune/assets/toyworld-base", *options]) == 2
     assert said in capsys.readouterr().err
 
 
 def test_eval_takes_subject_options_with_a_suite_that_reads_them(monkeypatch):
-    monkeypatch.setattr("finetune.eval_command.run_eval", refuse_to_sample)
+    monkeypatch.setattr("finetune.evaluate.run_eval", refuse_to_sample)  # eval_command imports it when eval runs
     with pytest.raises(AssertionError, match="sampled"):
         main(["eval", "--base", "finetune/assets/toyworld-base", "--suite", "drift", "--class-word", "dog", "--subject", "circle"])
 
@@ -119,7 +119,7 @@ def test_eval_takes_subject_options_with_a_suite_that_reads_them(monkeypatch):
 def test_eval_writes_its_report_only_to_a_json_file_name(tmp_path, monkeypatch, capsys):
     """eval --out LORA.safetensors (or a grid, or the run's recipe.yaml) wrote the JSON report over that file after
     making every image: the LoRA was gone."""
-    monkeypatch.setattr("finetune.eval_command.run_eval", refuse_to_sample)
+    monkeypatch.setattr("finetune.evaluate.run_eval", refuse_to_sample)  # eval_command imports it when eval runs
     lora = tmp_path / "pytorch_lora_weights.safetensors"
     lora.write_bytes(b"weights")
     assert main(["eval", "--base", "finetune/assets/toyworld-base", "--out", str(lora)]) == 2
