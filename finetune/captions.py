@@ -206,6 +206,23 @@ def loose_name_key(name: str) -> str:
     return name_key(name).casefold()
 
 
+def loosely_named_file(path: Path) -> Path:
+    """`path`, or where no file has that exact name, the one beside it whose name differs only in letter case or
+    Unicode form (a metadata file written on macOS or Windows names `conditioning/0001.PNG` for `0001.png`), as
+    caption files are found; `path` itself where neither is there, for the error that says so."""
+    if path.is_file() or not path.parent.is_dir():
+        return path
+    names = file_names_by_loose_key(str(path.parent), path.parent.stat().st_mtime_ns)
+    return path.parent / names.get(loose_name_key(path.name), path.name)
+
+
+@functools.lru_cache(maxsize=64)
+def file_names_by_loose_key(folder: str, modified: int) -> dict[str, str]:
+    """A folder's file names by their `loose_name_key`; `modified` (the folder's mtime) renews it when files
+    are added, removed or renamed."""
+    return {loose_name_key(name): name for name in os.listdir(folder)} if modified else {}
+
+
 @functools.lru_cache(maxsize=64)
 def _caption_files(folder: str, modified: int) -> dict[str, str]:
     """A folder's caption files' names by `loose_name_key`; `modified` (the folder's mtime) renews it when

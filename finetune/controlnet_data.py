@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from finetune.buckets import Size, assign_buckets
 from finetune.cache import EncodingCache
-from finetune.captions import (csv_delimiter, loose_name_key, metadata_key, metadata_text, name_key, read_csv_captions, scored_caption,
+from finetune.captions import (csv_delimiter, loosely_named_file, metadata_key, metadata_text, name_key, read_csv_captions, scored_caption,
                                training_caption)
 from finetune.check_data import FATAL, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable
 from finetune.check_threads import each_on_threads
@@ -29,7 +29,6 @@ from finetune.config import DataConfig, Recipe
 from finetune.data import collate_images, item_rng, likely_new_view, render_pixels, view_entry
 from finetune.errors import FinetuneError
 from finetune.images import decode, float_levels_problem, has_alpha, open_rgb, pixel_digest, turned_on_its_side, upright_rgb, upright_size
-from finetune.loss_mask import _file_names_by_loose_key
 from finetune.sources import Example, open_dataset, read_examples, require_image_column, row_image
 from finetune.views import ViewPlan, plan_view, render
 
@@ -126,11 +125,11 @@ def read_pairs(recipe: Recipe) -> tuple[list[Pair], list[Finding]]:
         folder, name = Path(example.source).parent, name_key(Path(example.source).name)
         if folder not in files_in:
             files_in[folder] = _conditioning_files(folder, recipe.controlnet.conditioning_column)
-            partners_in[folder] = {named_file(folder / named) for named in files_in[folder].values()}
+            partners_in[folder] = {loosely_named_file(folder / named) for named in files_in[folder].values()}
         files = files_in[folder]
         if name not in files and Path(example.source) in partners_in[folder]:
             continue  # a conditioning image kept beside the images (0001.png, 0001_canny.png): a partner, not an image to train
-        path = named_file(folder / files[name]) if name in files else None
+        path = loosely_named_file(folder / files[name]) if name in files else None
         if path is None:
             message = (
                 f"image {example.source} has no conditioning image: give it a conditioning_file_name in "
@@ -143,16 +142,6 @@ def read_pairs(recipe: Recipe) -> tuple[list[Pair], list[Finding]]:
             continue
         unpaired.append(Finding(FATAL, example.source, message))
     return pairs, unpaired
-
-
-def named_file(path: Path) -> Path:
-    """`path`, or where no file has that exact name, the one beside it whose name differs only in letter case or
-    Unicode form: a metadata.jsonl written on macOS or Windows (`conditioning/0001.PNG` for `0001.png`) names its
-    files as their file systems find them, and captions and masks are found so too (`loose_name_key`)."""
-    if path.is_file() or not path.parent.is_dir():
-        return path
-    names = _file_names_by_loose_key(str(path.parent), path.parent.stat().st_mtime_ns)
-    return path.parent / names.get(loose_name_key(path.name), path.name)
 
 
 def _conditioning_files(folder: Path, column: str = "conditioning_file_name") -> dict[str, str]:

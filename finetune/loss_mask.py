@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps
 
-from finetune.captions import loose_name_key
+from finetune.captions import file_names_by_loose_key, loose_name_key
 from finetune.config import LossMaskConfig
 from finetune.errors import FinetuneError
 from finetune.sources import IMAGE_SUFFIXES
@@ -56,7 +56,7 @@ def mask_path(image_path: str, settings: LossMaskConfig) -> Path:
     for name in wanted:  # the exact names first: Cat.jpg and cat.jpg each find their own
         if (folder / name).is_file():
             return folder / name
-    names = _file_names_by_loose_key(str(folder), folder.stat().st_mtime_ns if folder.is_dir() else 0)
+    names = file_names_by_loose_key(str(folder), folder.stat().st_mtime_ns if folder.is_dir() else 0)
     for name in wanted:
         if loose_name_key(name) in names:
             return folder / names[loose_name_key(name)]
@@ -76,19 +76,12 @@ def image_sharing_mask(image_path: str, settings: LossMaskConfig) -> str | None:
 
 @functools.lru_cache(maxsize=64)
 def _images_by_loose_stem(folder: str, modified: int) -> dict[str, list[str]]:
-    """A folder's image file names (not hidden ones) by their stem's `loose_name_key`; `modified` as for `_file_names_by_loose_key`."""
+    """A folder's image file names (not hidden ones) by their stem's `loose_name_key`; `modified` as for `file_names_by_loose_key`."""
     stems: dict[str, list[str]] = {}
     for name in sorted(os.listdir(folder)):
         if Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith("."):
             stems.setdefault(loose_name_key(Path(name).stem), []).append(name)
     return stems
-
-
-@functools.lru_cache(maxsize=64)
-def _file_names_by_loose_key(folder: str, modified: int) -> dict[str, str]:
-    """A folder's file names by their `loose_name_key`; `modified` (the folder's mtime) renews it when files
-    are added, removed or renamed."""
-    return {loose_name_key(name): name for name in os.listdir(folder)} if modified else {}
 
 
 def read_mask_file(path: Path) -> Image.Image:

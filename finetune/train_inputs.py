@@ -4,8 +4,11 @@ images themselves, for callers that do not come through the command line."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Callable
+
 from finetune.config import DataConfig, LossMaskConfig, Recipe
-from finetune.model_source import resolve_model_folder
+from finetune.model_source import looks_like_hub_id, resolve_model_folder
 from finetune.sources import check_folders_exist
 
 
@@ -31,3 +34,15 @@ def check_inputs_exist(recipe: Recipe) -> None:
         if config.image_dir:  # a `datasets` dataset is opened by the data check
             check_folders_exist(config)
     resolve_model_folder(recipe.model)
+
+
+def check_base_and_data(recipe: Recipe, check_data: Callable[[], None]) -> None:
+    """`train()`'s checks of what it reads, cheapest first: a local base's files (configs, weights' headers) take a
+    moment and the data check decodes every image (minutes for a large set), so a typo in model.pretrained is said
+    first; a hub base may download, so it comes after the data check."""
+    hub_base = looks_like_hub_id(recipe.model.pretrained) and not Path(recipe.model.pretrained).exists()
+    if not hub_base:
+        resolve_model_folder(recipe.model)
+    check_data()
+    if hub_base:
+        resolve_model_folder(recipe.model)

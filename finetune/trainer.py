@@ -33,7 +33,6 @@ from finetune.errors import FinetuneError
 from finetune.finite_weights import ensure_finite_weights
 from finetune.held_out import TrainingSubset, held_out_loss, held_out_sources, split_held_out
 from finetune.methods import METHODS
-from finetune.model_source import looks_like_hub_id, resolve_model_folder
 from finetune.models import load_base_model
 from finetune.output_metadata import dataset_metadata, output_metadata
 from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer, step_size
@@ -42,6 +41,7 @@ from finetune.run_length import check_epoch_run, due, epoch_count, epochs_text, 
 from finetune.loss_mask import preview as mask_preview
 from finetune.sampling import GRID_LABEL_WIDTH, in_lockstep, make_grid, save_image_atomic
 from finetune.step_losses import StepLosses
+from finetune.train_inputs import check_base_and_data
 from finetune.stopping import StopRequest, batches_of, leave_stop_signals_to_the_trainer
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -67,14 +67,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
 
     # Cheap checks first: a bad image or a missing model is reported before any weight is loaded.
     method = METHODS[recipe.method](recipe)
-    # A local base's files (configs, weights' headers) take a moment; the data check decodes every image, minutes for
-    # a large set, so a typo in model.pretrained is said first. A hub base may download: after the data check.
-    local_base = not looks_like_hub_id(recipe.model.pretrained) or Path(recipe.model.pretrained).exists()
-    if local_base:
-        resolve_model_folder(recipe.model)
-    method.check_data()
-    if not local_base:
-        resolve_model_folder(recipe.model)
+    check_base_and_data(recipe, method.check_data)
     resume_from = ckpt.resolve_resume(resume, checkpoints_dir)
     if resume_from is not None:
         ckpt.check_resumable(resume_from, train_cfg.max_steps, recipe.flat_settings())
@@ -270,9 +263,8 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     if step == 0 and recipe.validation.at_start:
         validate(0)
     elif resume_from is not None and state.get("stopped_before_validation"):
-        grid = validate(step)  # due at the step a stop saved before it: the curve and the samples keep that step
-        if grid is not None and accelerator.is_local_main_process:
-            tqdm.write(f"samples: {grid}")
+        if (grid := validate(step)) is not None:  # due at the step a stop saved before it: the curve keeps that step
+            say(f"samples: {grid}")
 
     progress = tqdm(total=max_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process)
     running = StepLosses()  # the loss and its terms over each step's micro-batches, and since the last log
