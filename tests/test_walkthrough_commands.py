@@ -60,7 +60,7 @@ def test_a_merged_v_prediction_lora_exported_as_one_file_samples_as_its_folder_d
     from_folder = sample("--base", str(merged))
     from_file = sample("--base", str(single_file), "--base-config", str(configs))
     # Equal with 2 or more CPU threads; with one (an earlier test's torch.set_num_threads(1), or OMP_NUM_THREADS=1)
-    # a level apart: the two loading paths round the same weights' sums in another order. A wrong prediction
+    # a level apart (the file's and the folder's loading paths differ in rounding there). A wrong prediction
     # type or a dropped LoRA changes the image far more than a couple of levels.
     assert np.abs(from_file - from_folder).max() <= 2, np.abs(from_file - from_folder).max()
 
