@@ -315,7 +315,7 @@ def test_torch_compile_through_accelerate_saves_and_checkpoints_plain_names(make
     monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or original_compile(model, **kw))
     common = dict(train__max_steps=3, checkpoint__every_n_steps=2, validation__prompts=["a shape"], validation__num_inference_steps=2)
     plain = train(make_recipe(output_dir=str(tmp_path / "plain"), **common))
-    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "AOT_EAGER")  # traced like inductor, no C++ build
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "EAGER")  # wrapped and traced as by inductor; no AOT or C++ build (half the time)
     fast = train(make_recipe(output_dir=str(tmp_path / "compiled"), **common))
     assert len(compiled) == 1 and fast.sample_grids
 
