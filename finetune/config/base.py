@@ -4,9 +4,11 @@ value types several sections share."""
 from __future__ import annotations
 
 import os
-from typing import Annotated, ClassVar, Iterable
+import types
+import typing
+from typing import Annotated, ClassVar, Iterable, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from finetune.prompt_options import MAX_STEPS
 
@@ -27,11 +29,35 @@ class Section(BaseModel):
             raise ValueError(cls.plain_value_hint.format(value=value) if cls.plain_value_hint else "this is a section: write its keys, indented under it")
         return value
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value, info: ValidationInfo):
+        # Pydantic's lax mode reads true as 1 and false as 0, so `train.max_steps: true` trained one step and
+        # `checkpoint.keep_last: no` (YAML 1.1's false) kept every checkpoint. Every number field, in every section.
+        if _a_boolean_for_a_number(value, cls.model_fields[info.field_name].annotation):
+            raise ValueError("takes a number; YAML reads an unquoted yes/no/on/off/true/false as a boolean: write a number")
+        return value
+
     def changed(self, keys: Iterable[str] | None = None) -> list[str]:
         """The keys (of `keys`, else all) set to other than their defaults: a section a recipe leaves out, or
         names with its defaults (as the shipped recipes do), changed none."""
         fields = type(self).model_fields
         return [key for key in (fields if keys is None else keys) if getattr(self, key) != fields[key].get_default(call_default_factory=True)]
+
+
+def _a_boolean_for_a_number(value, annotation) -> bool:
+    """Whether `value` is a bool, or a list holding one, where `annotation` takes numbers: int, float, a Literal
+    of numbers (model.max_token_length), their Annotated and Optional forms, and tuples or lists of them (optimizer.betas)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:  # PixelSize, Share, Seed, SamplingSteps
+        return _a_boolean_for_a_number(value, args[0])
+    if origin in (Union, types.UnionType):  # Optional[int]; a union that also takes a bool would be left alone
+        return bool not in args and any(_a_boolean_for_a_number(value, member) for member in args)
+    if origin in (tuple, list):
+        numbers = all(_a_boolean_for_a_number(True, arg) for arg in args if arg is not Ellipsis)
+        return numbers and isinstance(value, (list, tuple)) and any(isinstance(item, bool) for item in value)
+    numbers = annotation in (int, float) or (origin is Literal and all(type(choice) in (int, float) for choice in args))
+    return isinstance(value, bool) and numbers
 
 
 def _multiple_of_8(value: int) -> int:
