@@ -226,6 +226,8 @@ def describe_validation_error(err: ValidationError, raw: dict[str, Any]) -> str:
     if first["type"] == "missing":
         return f"missing required key '{dotted}'"
     message = first["msg"].removeprefix("Value error, ")
+    if first["type"] in ("bool_parsing", "bool_type"):  # pydantic's "Input should be a valid boolean, unable to interpret input"
+        message = "is a switch: write true or false"
     if not dotted:
         return message
     received = first.get("input")

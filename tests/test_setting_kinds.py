@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from finetune.cli import main
 from finetune.config import Concept, DreamBoothConfig, FolderConfig, Recipe, Section
 from finetune.errors import FinetuneError
-from finetune.recipe_loading import load_recipe
+from finetune.recipe_loading import load_recipe, recipe_from_dict
 
 NUMBER_MESSAGE = "takes a number; YAML reads an unquoted yes/no/on/off/true/false as a boolean: write a number"
 
@@ -75,3 +75,21 @@ def test_a_boolean_override_for_a_number_names_the_override(override, tmp_path, 
 def test_numbers_still_load():
     recipe = Recipe(data={"image_dir": "x"}, train={"max_steps": 5}, checkpoint={"keep_last": 0}, optimizer={"lr": 1, "betas": [0.9, 0.99]})
     assert (recipe.train.max_steps, recipe.checkpoint.keep_last, recipe.optimizer.lr, recipe.optimizer.betas) == (5, 0, 1.0, (0.9, 0.99))
+
+
+@pytest.mark.parametrize("value,given", [(2, "2"), (0.5, "0.5"), ("maybe", "'maybe'"), ([True], "[True]")])
+def test_a_switch_given_another_value_says_true_or_false(value, given):
+    """Pydantic's lax mode takes 0 and 1 (and yes/no, on/off) for a switch; anything else said 'Input should be a
+    valid boolean, unable to interpret input'."""
+    with pytest.raises(FinetuneError) as raised:
+        recipe_from_dict({"data": {"image_dir": "x", "random_flip": value}})
+    assert str(raised.value) == f"recipe: key 'data.random_flip': is a switch: write true or false (got {given})"
+    assert recipe_from_dict({"data": {"image_dir": "x", "random_flip": 1}}).data.random_flip is True
+
+
+def test_a_switch_override_given_a_number_names_the_override(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("data:\n  image_dir: images\n")
+    with pytest.raises(FinetuneError) as raised:
+        load_recipe(path, ["checkpoint.save_outputs=2"])
+    assert str(raised.value) == "override 'checkpoint.save_outputs=2': key 'checkpoint.save_outputs': is a switch: write true or false (got 2)"
