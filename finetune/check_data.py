@@ -26,10 +26,11 @@ from finetune.captions import caption_alternative, caption_lines, empty_caption_
 from finetune.check_threads import each_on_threads
 from finetune.config import DataConfig, Recipe
 from finetune.counts import counted
+from finetune.epoch_uses import expand_repeats
 from finetune.errors import FinetuneError
 from finetune.images import decode, file_stamp, float_levels_problem, has_alpha, is_16_bit, pixel_digest, turned_on_its_side, upright_rgb
 from finetune.loss_mask import alpha_mask, image_sharing_mask, mask_area, mask_digest, mask_path, read_mask_file
-from finetune.sources import (Example, data_folders, expand_repeats, folder_images, metadata_rows_without_images, read_examples,
+from finetune.sources import (Example, data_folders, folder_images, metadata_rows_without_images, read_examples,
                               unlisted_image_folders, unread_images)  # fmt: skip
 from finetune.views import cut, holds_8_bit_values, plan_cover_crop
 

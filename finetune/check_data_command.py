@@ -10,11 +10,12 @@ from pydantic import ValidationError
 from finetune.check_data import FATAL, SKIP_HINT, WARNING, concept_held_out_whole, data_label, inspect_examples, too_few_to_batch
 from finetune.config import DataConfig, ModelConfig, Recipe
 from finetune.counts import counted
+from finetune.epoch_uses import expand_repeats
 from finetune.errors import FinetuneError
 from finetune.held_out import held_out_sources, split_held_out
 from finetune.recipe_loading import describe_validation_error, load_recipe
 from finetune.train_inputs import data_configs
-from finetune.sources import expand_repeats, read_examples
+from finetune.sources import read_examples
 
 
 def configs_from_args(args, recipe: Recipe | None) -> list[DataConfig]:

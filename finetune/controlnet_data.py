@@ -27,6 +27,7 @@ from finetune.check_data import FATAL, DataReport, Finding, data_label, inspect_
 from finetune.check_threads import each_on_threads
 from finetune.config import DataConfig, Recipe
 from finetune.data import collate_images, item_rng, likely_new_view, render_pixels, view_entry
+from finetune.epoch_uses import check_epoch_uses
 from finetune.errors import FinetuneError
 from finetune.images import decode, float_levels_problem, has_alpha, open_rgb, pixel_digest, turned_on_its_side, upright_rgb, upright_size
 from finetune.sources import Example, open_dataset, read_examples, require_image_column, row_image
@@ -49,6 +50,7 @@ def checked_pairs(recipe: Recipe) -> tuple[list[Pair], DataReport]:
     """
     pairs, report = inspect_pairs(recipe)
     stop_unless_trainable(report)
+    check_epoch_uses([pair.image.repeats for pair in pairs])
     return [pair for pair in pairs for _ in range(pair.image.repeats)], report  # data.folders repeats
 
 

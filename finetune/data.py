@@ -19,10 +19,11 @@ from finetune.buckets import assign_buckets
 from finetune.cache import EncodingCache
 from finetune.captions import scored_caption, training_caption
 from finetune.config import DataConfig
+from finetune.epoch_uses import expand_repeats
 from finetune.errors import FinetuneError
 from finetune.images import file_stamp, open_rgb, pixel_digest, upright_size
 from finetune.loss_mask import mask_digest, mask_tensor
-from finetune.sources import Example, expand_repeats, read_examples, require_captions
+from finetune.sources import Example, read_examples, require_captions
 from finetune.views import ViewPlan, plan_view, render, view_key
 
 def load_examples(config: DataConfig, check: bool = True) -> list[Example]:

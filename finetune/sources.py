@@ -67,10 +67,6 @@ def require_captions(examples: list[Example]) -> None:
             raise FinetuneError(missing_caption_message(example.source))
 
 
-def expand_repeats(examples: list[Example]) -> list[Example]:
-    return [example for example in examples for _ in range(example.repeats)]
-
-
 # ---------------------------------------------------------------------------------------------------
 # Sources
 

@@ -72,8 +72,22 @@ def _between_0_and_1(value: float) -> float:
     return value
 
 
+# An epoch is listed whole, each image its repeats times, and shuffled whole each epoch (torch.randperm(n).tolist(),
+# finetune/batches.py): 10 million uses is some 550 MB in each process (measured: the list and its shuffle) and 10 million steps at batch 1, longer
+# than any fine-tune; repeats of 10**12 (a typo) were listed until memory ran out (8 TB), without a word. The whole epoch is checked when
+# the data is read (finetune/epoch_uses.py); one folder's or concept's repeats already here.
+MAX_USES_PER_EPOCH = 10_000_000
+
+
+def _countable_repeats(value: int) -> int:
+    if value > MAX_USES_PER_EPOCH:
+        raise ValueError(f"must be at most {MAX_USES_PER_EPOCH:,} (an epoch is listed and shuffled in memory, each image its repeats times): lower it")
+    return value
+
+
 PixelSize = Annotated[int, AfterValidator(_multiple_of_8)]  # an image side the VAE turns into whole latents
 Share = Annotated[float, AfterValidator(_between_0_and_1)]  # a probability
+Repeats = Annotated[int, AfterValidator(_countable_repeats)]  # uses of each image per epoch (at least 1: each section says why)
 # Random seeds: torch's generators take at most 64 bits, numpy's no negative numbers; image k draws from seed + k.
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 # Sampling steps, as a prompt's --s: up to MAX_STEPS, within the schedulers' training timesteps (more was

@@ -8,7 +8,7 @@ from typing import ClassVar, Literal, Optional
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from finetune.config.base import PixelSize, Section, Share, UserPath
+from finetune.config.base import PixelSize, Repeats, Section, Share, UserPath
 
 
 class BucketConfig(Section):
@@ -33,7 +33,7 @@ class FolderConfig(Section):
 
     path: UserPath  # relative to data.image_dir (or absolute); "." is image_dir itself
     # Times each image of this folder is used per epoch: 1 means no repeat, 3 means three times.
-    repeats: int = 1
+    repeats: Repeats = 1
     # The prompt: "{caption}" is replaced by the image's own caption ("a photo of {caption}"); a template
     # without "{caption}" is the prompt of every image in the folder, and its captions are not read.
     template: Optional[str] = None

@@ -6,7 +6,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from finetune.config.base import SamplingSteps, Section, Seed, Share, UserPath
+from finetune.config.base import Repeats, SamplingSteps, Section, Seed, Share, UserPath
 
 
 class LoRAConfig(Section):
@@ -117,7 +117,7 @@ class Concept(Section):
     # With data.loss_mask on: false trains this concept's images whole, with no masks (a style concept).
     loss_mask: bool = True
     # Uses of each image per epoch, to balance concepts of few and many images (kohya's 10_name folder prefix).
-    repeats: int = Field(1, ge=1)
+    repeats: Repeats = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _a_prompt_or_captions(self) -> "Concept":
