@@ -23,6 +23,7 @@ from finetune.check_data import concept_held_out_whole, too_few_to_batch
 from finetune.config import Recipe
 from finetune.console import say, warn
 from finetune.counts import counted
+from finetune.data_loader import training_loader
 from finetune.batches import item_layout, make_batch_sampler
 from finetune.diffusion import BatchRandomness
 from finetune.device_copy import to_device
@@ -42,7 +43,7 @@ from finetune.loss_mask import preview as mask_preview
 from finetune.sampling import GRID_LABEL_WIDTH, in_lockstep, make_grid, save_image_atomic
 from finetune.step_losses import StepLosses
 from finetune.train_inputs import check_base_and_data
-from finetune.stopping import StopRequest, batches_of, leave_stop_signals_to_the_trainer
+from finetune.stopping import StopRequest, batches_of
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -196,15 +197,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     accumulation = train_cfg.gradient_accumulation_steps
     sampler = batch_sampler(start=step * accumulation)
     say(run_length_line(train_cfg, max_steps, sampler, len(training_set), accelerator.num_processes, epochs_by))
-    loader = torch.utils.data.DataLoader(
-        training_set,
-        batch_sampler=sampler,
-        collate_fn=collate_fn,
-        num_workers=recipe.data.num_workers,
-        # Its own generator: creating the iterator must not draw from the (restored) global RNG.
-        generator=torch.Generator().manual_seed(recipe.seed),
-        worker_init_fn=leave_stop_signals_to_the_trainer if recipe.data.num_workers else None,
-    )
+    loader = training_loader(training_set, sampler, collate_fn, recipe.data.num_workers, recipe.seed)
     result = TrainResult(output_dir=output_dir, final_step=step)
 
     @contextlib.contextmanager
