@@ -142,12 +142,37 @@ def conv_3x3_targets(model: torch.nn.Module, target_modules: list[str]) -> list[
             if is_conv_3x3(module) and any(name == target or name.endswith("." + target) for target in target_modules)]  # fmt: skip
 
 
+def layer_width(module: torch.nn.Module) -> tuple[int, int]:
+    """(inputs, outputs) of a layer as its LoRA sees them: peft's down (A) matrix of a convolution reads every
+    input channel under the kernel (in x kh x kw), its up (B) matrix writes the output channels."""
+    if isinstance(module, torch.nn.Conv2d):
+        return module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1], module.out_channels
+    return module.in_features, module.out_features
+
+
+def check_ranks_fit(model: torch.nn.Module, target_modules: list[str], convs: list[str], settings) -> None:
+    """Refuse a rank above the narrowest adapted layer's min(in, out), before peft allocates anything: up @ down
+    has at most that rank, so the rest is weights that add nothing (and lora.rank: 1000000 allocated a million-row
+    matrix per layer once the model had loaded: 24 s on the tiny test model). `convs`: the 3x3 convolutions at lora.conv_rank."""
+    narrowest: dict[str, tuple[int, str, tuple[int, int]]] = {}  # per key: (useful rank, layer, its width)
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and any(name == t or name.endswith("." + t) for t in target_modules):
+            key, width = "conv_rank" if name in convs else "rank", layer_width(module)
+            narrowest[key] = min(narrowest.get(key, (min(width), name, width)), (min(width), name, width))
+    for key, (useful, name, (inputs, outputs)) in narrowest.items():
+        rank = getattr(settings, key)
+        if rank > useful:
+            raise FinetuneError(f"lora.{key} ({rank}) is more than the narrowest adapted layer of the {type(model).__name__} can use ({name}: "
+                                f"{inputs} in, {outputs} out, so a LoRA of rank {useful} already updates it fully): lower lora.{key} to at most {useful}")  # fmt: skip
+
+
 def add_lora(model: torch.nn.Module, target_modules: list[str], weight_dtype: torch.dtype, settings) -> None:
     """Freeze `model` in `weight_dtype` and attach a LoRA whose own weights stay fp32 (the 3x3
     convolutions at lora.conv_rank where it is set)."""
     check_targets(model, target_modules)
     convs = conv_3x3_targets(model, target_modules) if settings.conv_rank is not None else []
     conv_rank, conv_alpha = settings.conv_rank_alpha()
+    check_ranks_fit(model, target_modules, convs, settings)
     freeze(model, weight_dtype)
     model.train()  # LoRA dropout is active while training
     model.add_adapter(
