@@ -25,7 +25,7 @@ from finetune.captions import (csv_delimiter, loosely_named_file, metadata_key, 
                                training_caption)
 from finetune.check_data import FATAL, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable
 from finetune.check_threads import each_on_threads
-from finetune.config import DataConfig, Recipe
+from finetune.config import ControlNetConfig, DataConfig, Recipe
 from finetune.data import collate_images, item_rng, likely_new_view, render_pixels, view_entry
 from finetune.epoch_uses import check_epoch_uses
 from finetune.errors import FinetuneError
@@ -107,12 +107,7 @@ def read_pairs(recipe: Recipe) -> tuple[list[Pair], list[Finding]]:
     config, settings = recipe.data, recipe.controlnet
     if config.dataset is not None:
         dataset = open_dataset(config)
-        column = settings.conditioning_column
-        if column not in dataset.column_names:
-            raise FinetuneError(
-                f"dataset {config.dataset} has no conditioning column '{column}' (controlnet.conditioning_column); "
-                f"its columns are: {', '.join(repr(c) for c in dataset.column_names)}"
-            )
+        column = dataset_conditioning_column(dataset, config, settings.conditioning_column)
         require_image_column(dataset, config.dataset, column, "controlnet.conditioning_column")  # not file paths: those would fail row by row
         conditionings = dataset.select_columns([column])
         pairs = [
@@ -144,6 +139,26 @@ def read_pairs(recipe: Recipe) -> tuple[list[Pair], list[Finding]]:
             continue
         unpaired.append(Finding(FATAL, example.source, message))
     return pairs, unpaired
+
+
+# What datasets names a folder's conditioning_file_name key (it reads `X_file_name` as column X, an image of the
+# folder): the layout make-conditions writes, given as data.dataset in place of data.image_dir.
+FOLDER_CONDITIONING_COLUMN = "conditioning"
+
+
+def dataset_conditioning_column(dataset, config: DataConfig, column: str) -> str:
+    """The dataset's column of conditioning images: `column` (controlnet.conditioning_column), else, where that is
+    the default one and missing, the `conditioning` image column datasets makes of a folder's conditioning_file_name.
+    Missing otherwise: one line naming the columns, and the override where one other image column is there."""
+    names = dataset.column_names
+    if column in names:
+        return column
+    images = [name for name in names if type(dataset.features[name]).__name__ == "Image" and name != config.image_column]
+    if column == ControlNetConfig().conditioning_column and FOLDER_CONDITIONING_COLUMN in images:
+        return FOLDER_CONDITIONING_COLUMN
+    hint = f": set controlnet.conditioning_column={images[0]}" if len(images) == 1 else ""
+    raise FinetuneError(f"dataset {config.dataset} has no conditioning column '{column}' (controlnet.conditioning_column); "
+                        f"its columns are: {', '.join(repr(c) for c in names)}{hint}")  # fmt: skip
 
 
 def _conditioning_files(folder: Path, column: str = "conditioning_file_name") -> dict[str, str]:

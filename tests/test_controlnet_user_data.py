@@ -138,3 +138,24 @@ def test_make_conditions_makes_one_for_an_image_another_row_also_names(tmp_path)
     make_conditions(folder, tmp_path / "canny", "canny")
     written = [json.loads(line) for line in (tmp_path / "canny" / "metadata.jsonl").read_text().splitlines()]
     assert [(row["file_name"], row["conditioning_file_name"]) for row in written] == [("0.png", "conditioning/0.png"), ("1.png", "conditioning/1.png")]
+
+
+def test_a_make_conditions_folder_trains_as_a_dataset_without_naming_its_conditioning_column(make_recipe, tmp_path):
+    """datasets reads the folder's conditioning_file_name key as an image column named `conditioning`: read as the
+    folder's conditioning images (recipes/controlnet.yaml names conditioning_image); its conditioning.json is recorded."""
+    folder = write_pairs_beside(tmp_path / "pairs", count=2)
+    for i in range(2):
+        (folder / f"{i}_edges.png").unlink()
+        (folder / f"{i}.txt").write_text(f"photo {i}")
+    (folder / "metadata.jsonl").unlink()
+    make_conditions(folder, tmp_path / "canny", "canny")
+    recipe = make_recipe(method="controlnet", data__image_dir=None, data__dataset=str(tmp_path / "canny"), controlnet__conditioning_column="conditioning_image")
+    pairs, report = inspect_pairs(recipe)
+    assert report.findings == []
+    assert [p.conditioning.source for p in pairs] == [f"dataset {tmp_path / 'canny'} row {i} column 'conditioning'" for i in range(2)]
+    assert [np.asarray(p.conditioning.load()).tolist() for p in pairs] == [np.asarray(Image.open(tmp_path / "canny" / "conditioning" / f"{i}.png")).tolist() for i in range(2)]
+    assert json.loads(ControlNetMethod(recipe).data_metadata()["finetune.conditioning"])["kind"] == "canny"
+    # Another column named, and missing: the one line says which column holds them.
+    with pytest.raises(FinetuneError, match=r"has no conditioning column 'hint' \(controlnet.conditioning_column\); its columns are: 'image', 'conditioning', 'text': "
+                                            r"set controlnet.conditioning_column=conditioning$"):
+        inspect_pairs(make_recipe(method="controlnet", data__image_dir=None, data__dataset=str(tmp_path / "canny"), controlnet__conditioning_column="hint"))

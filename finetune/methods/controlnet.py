@@ -74,7 +74,8 @@ class ControlNetMethod(DiffusionMethod):
         """How `finetune make-conditions` made the conditioning images, if it did: `finetune sample` names it."""
         from finetune.conditions import conditioning_record
 
-        record = conditioning_record(Path(self.recipe.data.image_dir)) if self.recipe.data.image_dir else None
+        folder = self.recipe.data.image_dir or self.recipe.data.dataset  # a make-conditions folder given as data.dataset too
+        record = conditioning_record(Path(folder)) if folder and Path(folder).is_dir() else None
         return {"finetune.conditioning": json.dumps(record)} if record else {}
 
     def check_data(self) -> None:
