@@ -9,6 +9,7 @@ from pathlib import Path
 
 from finetune.config import Recipe
 from finetune.kohya import LORAPLUS_KEYS
+from finetune.model_source import looks_like_hub_id
 from finetune.sources import Example, source_folder
 
 
@@ -80,4 +81,17 @@ def output_metadata(
     metadata.update(dataset or {})
     if recipe.lora.init_from:  # its name only: a path would carry the user's folders into shared files
         metadata["finetune.init_from"] = Path(recipe.lora.init_from).name
+    if recipe.method == "controlnet" and recipe.controlnet.pretrained:  # steps above are this run's, from those weights
+        metadata["finetune.controlnet_pretrained"] = started_from(recipe.controlnet.pretrained)
     return metadata
+
+
+def started_from(source: str) -> str:
+    """What an output records of the ControlNet its run started from (controlnet.pretrained): a hub id whole; a
+    local folder by its name only, as lora.init_from (a path would carry the user's folders into shared files), a
+    run's `controlnet/` folder by its run's name."""
+    path = Path(source).expanduser()
+    if looks_like_hub_id(source) and not path.exists():
+        return source
+    path = path.resolve()
+    return path.parent.name if path.name == "controlnet" else path.name

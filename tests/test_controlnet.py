@@ -101,6 +101,25 @@ def test_training_changes_only_the_controlnet_and_the_saved_folder_reproduces_it
         assert torch.equal(resumed.controlnet.state_dict()[name], tensor), name
 
 
+def test_a_run_from_a_pretrained_controlnet_says_which_and_its_outputs_record_it(make_recipe, pairs_folder, tiny_model, tmp_path):
+    """As a lora.init_from start is said and recorded: the steps an output records are its own run's, from those weights."""
+    from controlnet_helpers import write_controlnet_run
+
+    from finetune.output_metadata import output_metadata
+
+    run = write_controlnet_run(tiny_model, tmp_path / "edges", trained=False)
+    recorded = {"finetune.method": "controlnet", "finetune.steps": "7", "finetune.conditioning": '{"kind": "canny", "low": 20.0, "high": 40.0, "sigma": 1.0}'}
+    (run / "controlnet" / "finetune_metadata.json").write_text(json.dumps(recorded))
+    method = set_up(controlnet_recipe(make_recipe, pairs_folder, controlnet__pretrained=str(run)))
+    assert method.start_lines == [f"starting from the ControlNet {run} (controlnet.pretrained): trained 7 steps, on canny (low 20, high 40, sigma 1) conditioning images"]
+
+    def recorded_start(pretrained):
+        return output_metadata(controlnet_recipe(make_recipe, pairs_folder, controlnet__pretrained=pretrained), 3, "epsilon").get("finetune.controlnet_pretrained")
+
+    # A local folder by its name only (not the user's folders), the run's for its controlnet/; a hub id whole.
+    assert [recorded_start(p) for p in (str(run), str(run / "controlnet"), "lllyasviel/sd-controlnet-canny", None)] == ["edges", "edges", "lllyasviel/sd-controlnet-canny", None]
+
+
 def test_unlocked_decoder_and_mid_only_control(make_recipe, pairs_folder, monkeypatch, capsys, tmp_path):
     recipe = controlnet_recipe(
         make_recipe, pairs_folder, train__max_steps=2,

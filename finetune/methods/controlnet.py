@@ -38,6 +38,7 @@ from finetune.config import Recipe
 from finetune.controlnet_data import ControlNetDataset, checked_pairs, controlnet_collate, paired_views, validation_conditions_problem
 from finetune.images import open_rgb
 from finetune.device_copy import to_device
+from finetune.counts import counted
 from finetune.errors import FinetuneError
 from finetune.methods.base import DiffusionMethod
 from finetune.model_source import looks_like_hub_id
@@ -148,7 +149,20 @@ class ControlNetMethod(DiffusionMethod):
                 raise FinetuneError(f"ControlNet {pretrained} does not fit base model {self.base.source}: its {key} is {mine}, the UNet's {theirs}")
         if (problem := conditioning_channels_problem(controlnet.config)) is not None:  # a hub id: its config is read only here
             raise FinetuneError(f"controlnet.pretrained {pretrained} {problem}")
+        self.start_lines.append(self._start_line())
         return controlnet
+
+    def _start_line(self) -> str:
+        """Which ControlNet the run starts from, and what its run recorded of it (steps, conditioning kind), as
+        lora.init_from's start is said: its outputs' steps are this run's."""
+        from finetune.conditions import recorded_conditioning
+        from finetune.inference import saved_model_metadata  # inference imports this module
+
+        recorded = saved_model_metadata(Path(self.pretrained)) if Path(self.pretrained).is_dir() else {}
+        steps, made = recorded.get("finetune.steps"), recorded_conditioning(recorded)
+        facts = [f"trained {counted(steps, 'step')}" if steps else "", f"on {made} conditioning images" if made else ""]
+        known = ", ".join(fact for fact in facts if fact)
+        return f"starting from the ControlNet {self.settings.pretrained} (controlnet.pretrained)" + (f": {known}" if known else "")
 
     def trained_modules(self) -> dict[str, torch.nn.Module]:
         modules = {"controlnet": self.controlnet}
