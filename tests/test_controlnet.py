@@ -120,6 +120,35 @@ def test_a_run_from_a_pretrained_controlnet_says_which_and_its_outputs_record_it
     assert [recorded_start(p) for p in (str(run), str(run / "controlnet"), "lllyasviel/sd-controlnet-canny", None)] == ["edges", "edges", "lllyasviel/sd-controlnet-canny", None]
 
 
+def test_a_folder_that_holds_no_controlnet_says_what_it_is_before_any_model_loads(make_recipe, pairs_folder, tiny_model, tmp_path):
+    """controlnet.pretrained of a folder that is there said 'not found': now what it is, and what to give instead."""
+    def refusal(folder):
+        with pytest.raises(FinetuneError) as refused:
+            ControlNetMethod(controlnet_recipe(make_recipe, pairs_folder, controlnet__pretrained=str(folder))).check_data()
+        return str(refused.value).replace(str(folder), "FOLDER")
+
+    expected = ("controlnet.pretrained must be a diffusers ControlNet folder (a ControlNetModel's config.json beside its weights, as "
+                "ControlNetModel.from_pretrained reads it), a controlnet run's output folder, a hub id, or null to start from the UNet")
+    from_unet = "to make a new ControlNet of a pipeline's UNet, set controlnet.pretrained: null (it copies model.pretrained's UNet)"
+    assert refusal(tiny_model) == f"controlnet.pretrained FOLDER is a Stable Diffusion pipeline folder (model_index.json) with no controlnet/ folder, not a ControlNet: {expected}; {from_unet}"
+    assert refusal(tiny_model / "unet").endswith(f"holds a UNet2DConditionModel, not a ControlNet: pass a ControlNetModel folder (its config.json says _class_name ControlNetModel); {from_unet}")
+    assert refusal(pairs_folder) == f"controlnet.pretrained FOLDER is a folder of images (0000.png, ...), not a ControlNet: {expected}"
+    lora_run = tmp_path / "lora-run"
+    lora_run.mkdir()
+    (lora_run / "recipe.yaml").write_text("method: lora\n")
+    assert refusal(lora_run) == f"controlnet.pretrained FOLDER is a lora run's output folder (its recipe.yaml) with no controlnet/ folder, not a ControlNet: {expected}"
+    stopped = tmp_path / "stopped"  # a controlnet run that has saved checkpoints, not yet its output
+    (stopped / "checkpoints" / "checkpoint-2" / "controlnet").mkdir(parents=True)
+    (stopped / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (stopped / "checkpoints" / "checkpoint-2" / "controlnet" / "config.json").write_text("{}")
+    (stopped / "recipe.yaml").write_text("method: controlnet\n")
+    assert refusal(stopped).endswith(f"is a controlnet run's output folder with no controlnet/ folder yet, not a ControlNet: {expected}; "
+                                     "its checkpoints hold one, e.g. FOLDER/checkpoints/checkpoint-2 (the latest)")
+    assert refusal(stopped / "checkpoints").endswith("is a run's checkpoints folder, not a ControlNet: "
+                                                     f"{expected}; pick a checkpoint (checkpoint-N, of step N), e.g. FOLDER/checkpoint-2, the latest")
+    assert refusal(tmp_path / "nowhere") == f"ControlNet FOLDER not found: {expected}"
+
+
 def test_unlocked_decoder_and_mid_only_control(make_recipe, pairs_folder, monkeypatch, capsys, tmp_path):
     recipe = controlnet_recipe(
         make_recipe, pairs_folder, train__max_steps=2,

@@ -35,6 +35,7 @@ from PIL import Image
 
 from finetune.atomic_files import removed_if_unfinished, replace_folder, with_default_permissions
 from finetune.config import Recipe
+from finetune.controlnet_folder import FROM_A_UNET, not_a_controlnet_message
 from finetune.controlnet_data import ControlNetDataset, checked_pairs, controlnet_collate, paired_views, validation_conditions_problem
 from finetune.images import open_rgb
 from finetune.device_copy import to_device
@@ -95,15 +96,12 @@ class ControlNetMethod(DiffusionMethod):
                 self.pretrained = str(path)
             refuse_a_controlnet_file(path, f"controlnet.pretrained {pretrained}")
             if (path / "config.json").is_file():
-                require_controlnet_config(path, f"controlnet.pretrained {pretrained}")
+                require_controlnet_config(path, f"controlnet.pretrained {pretrained}", f"; {FROM_A_UNET}")
             if (path / "config.json").is_file() and unlocked_decoder_folder(path):  # not a pipeline's controlnet/ beside its unet/
                 raise FinetuneError(f"controlnet.pretrained {pretrained} was trained with controlnet.unlock_unet_decoder and works only with its "
                                     f"own UNet ({path.parent / UNET_DIR}), which a run does not start from: set controlnet.pretrained: null")  # fmt: skip
             elif not (looks_like_hub_id(pretrained) and not path.exists()) and not (path / "config.json").is_file():
-                raise FinetuneError(
-                    f"ControlNet {pretrained} not found: controlnet.pretrained must be a diffusers ControlNet folder "
-                    "(with config.json), a controlnet run's output folder, a hub id, or null to start from the UNet"
-                )
+                raise FinetuneError(not_a_controlnet_message(path, pretrained))  # what the folder is, where it is one
 
     def training_data(self, accelerator):
         self.training_dataset = ControlNetDataset(
@@ -310,17 +308,19 @@ def refuse_a_controlnet_file(path: Path, named: str) -> None:
     raise FinetuneError(f"{named} is a file, not a ControlNet folder: pass a diffusers ControlNet folder (config.json and diffusion_pytorch_model.safetensors)")
 
 
-def require_controlnet_config(folder: Path, named: str) -> None:
+def require_controlnet_config(folder: Path, named: str, other_model_hint: str = "") -> None:
     """Stop before any model loads if `folder` holds another diffusers model (a UNet or VAE folder given
     by mistake): diffusers would build a ControlNet from its config and fail on the meta tensors it left unset;
-    or a ControlNet that takes other than RGB conditioning images (`conditioning_channels_problem`)."""
+    or a ControlNet that takes other than RGB conditioning images (`conditioning_channels_problem`). `other_model_hint`
+    ends the line for another model."""
     try:
         config = json.loads((folder / "config.json").read_text())
         class_name = config.get("_class_name", "ControlNetModel")
     except (OSError, ValueError, AttributeError):
         raise FinetuneError(f"{named}: {folder / 'config.json'} is not a JSON model config") from None
     if class_name != "ControlNetModel":
-        raise FinetuneError(f"{named} holds a {class_name}, not a ControlNet: pass a ControlNetModel folder (its config.json says _class_name ControlNetModel)")
+        raise FinetuneError(f"{named} holds a {class_name}, not a ControlNet: pass a ControlNetModel folder (its config.json says _class_name ControlNetModel)"
+                            + other_model_hint)  # fmt: skip
     if (problem := conditioning_channels_problem(config)) is not None:
         raise FinetuneError(f"{named} {problem}")
 
