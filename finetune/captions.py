@@ -136,42 +136,49 @@ def folder_captions(folder: Path, column: str = "text") -> dict[str, str]:
     return read_metadata_captions(jsonl, column=column) if jsonl.is_file() else read_csv_captions(table, column)
 
 
+def metadata_file(folder: Path) -> Path | None:
+    """The folder's metadata file, as its images' captions are read from it: metadata.jsonl, else metadata.csv; None without one."""
+    return next((folder / name for name in ("metadata.jsonl", "metadata.csv") if (folder / name).is_file()), None)
+
+
+def metadata_rows(folder: Path) -> list[dict]:
+    """The rows of the folder's metadata file (`metadata_file`: a JSON object per line, or a CSV row under its header),
+    read leniently: a line that is no JSON object is left out (`folder_captions` reports it), undecodable bytes replaced."""
+    path = metadata_file(folder)
+    if path is None:
+        return []
+    text = lenient_metadata_text(path)
+    if path.suffix == ".csv":
+        return list(csv.DictReader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text)))
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        rows += [row] if isinstance(row, dict) else []
+    return rows
+
+
 def metadata_subfolders(folder: Path) -> set[str]:
     """The subfolders of `folder` that its metadata file's rows name files in (ControlNet's
     `conditioning_images/0001.png`): by each row's values that are the path of a file there, so a caption
     that mentions `style/` names no folder. Read leniently: `folder_captions` reports a broken row."""
-    jsonl, table = folder / "metadata.jsonl", folder / "metadata.csv"
-    values: list = []
-    if jsonl.is_file():
-        for line in lenient_metadata_text(jsonl).splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            values += row.values() if isinstance(row, dict) else []
-    elif table.is_file():
-        text = lenient_metadata_text(table)
-        values = [value for row in csv.reader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text)) for value in row]
+    values = [value for row in metadata_rows(folder) for value in row.values()]
     paths = [PurePosixPath(value.strip().replace("\\", "/").removeprefix("./")) for value in values if isinstance(value, str)]
     return {path.parts[0] for path in paths if len(path.parts) > 1 and (folder / path).is_file()}
 
 
 def metadata_partner_files(folder: Path) -> set[str]:
-    """The files directly in `folder` that its metadata.jsonl's rows name beside their image (ControlNet's
-    `"conditioning_file_name": "0001_depth.tif"`): read with their images, so no file training leaves unread. Not
-    a file with a row of its own: that is an image."""
-    jsonl = folder / "metadata.jsonl"
+    """The files directly in `folder` that its metadata file's rows (metadata.jsonl or metadata.csv, `metadata_rows`)
+    name beside their image (ControlNet's `"conditioning_file_name": "0001_depth.tif"`): read with their images, so no
+    file training leaves unread. Not a file with a row of its own: that is an image."""
     names: set[str] = set()
     own: set[str] = set()
-    for line in lenient_metadata_text(jsonl).splitlines() if jsonl.is_file() else []:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        row = row if isinstance(row, dict) else {}
+    for row in metadata_rows(folder):
         paths = {key: value.strip().replace("\\", "/").removeprefix("./") for key, value in row.items() if isinstance(value, str)}
         own |= {paths["file_name"]} if "file_name" in paths else set()
-        names |= {path for key, path in paths.items() if key != "file_name" and "/" not in path}
+        names |= {path for key, path in paths.items() if key != "file_name" and path and "/" not in path}
     return names - own
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from finetune.captions import (csv_delimiter, image_caption, metadata_key, metadata_partner_files, metadata_text, name_key, read_csv_captions,
+from finetune.captions import (csv_delimiter, image_caption, metadata_file, metadata_key, metadata_partner_files, metadata_text, name_key, read_csv_captions,
                                read_metadata_captions)
 from finetune.errors import FinetuneError
 
@@ -232,7 +232,7 @@ def _checked_input(source: Path, target: Path, overwrite: bool) -> tuple[list[Pa
         raise FinetuneError(f"input folder {source} has no images ({', '.join(IMAGE_SUFFIXES)})")
     beside = sorted(path.name for path in folder_images(source) if path.name in partners)
     if beside and target.is_dir() and source.resolve() == target.resolve():  # the rows renamed, these would train as images without conditioning
-        raise FinetuneError(f"{source / 'metadata.jsonl'} names conditioning images beside the images ({beside[0]}), which rewriting it in place "
+        raise FinetuneError(f"{metadata_file(source)} names conditioning images beside the images ({beside[0]}), which rewriting it in place "
                             "would leave as images without a conditioning image: write to another folder")  # fmt: skip
     stems: dict[str, str] = {}
     for path in images:

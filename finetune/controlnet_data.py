@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from finetune.buckets import Size, assign_buckets
 from finetune.cache import EncodingCache
-from finetune.captions import (csv_delimiter, loosely_named_file, metadata_key, metadata_text, name_key, read_csv_captions, scored_caption,
+from finetune.captions import (csv_delimiter, loosely_named_file, metadata_file, metadata_key, metadata_text, name_key, read_csv_captions, scored_caption,
                                training_caption)
 from finetune.check_data import FATAL, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable
 from finetune.check_threads import each_on_threads
@@ -127,13 +127,14 @@ def read_pairs(recipe: Recipe) -> tuple[list[Pair], list[Finding]]:
         if name not in files and Path(example.source) in partners_in[folder]:
             continue  # a conditioning image kept beside the images (0001.png, 0001_canny.png): a partner, not an image to train
         path = loosely_named_file(folder / files[name]) if name in files else None
+        metadata = metadata_file(folder) or folder / "metadata.jsonl"  # the one it names them in: a metadata.csv too
         if path is None:
             message = (
                 f"image {example.source} has no conditioning image: give it a conditioning_file_name in "
-                f"{folder / 'metadata.jsonl'} (finetune make-conditions writes one)"
+                f"{metadata} (finetune make-conditions writes one)"
             )
         elif not path.is_file():
-            message = f"conditioning image {path} of image {example.source} not found: fix its conditioning_file_name in metadata.jsonl"
+            message = f"conditioning image {path} of image {example.source} not found: fix its conditioning_file_name in {metadata.name}"
         else:
             pairs.append(Pair(example, Example(str(path), "", lambda p=path: Image.open(p))))
             continue

@@ -159,3 +159,36 @@ def test_a_make_conditions_folder_trains_as_a_dataset_without_naming_its_conditi
     with pytest.raises(FinetuneError, match=r"has no conditioning column 'hint' \(controlnet.conditioning_column\); its columns are: 'image', 'conditioning', 'text': "
                                             r"set controlnet.conditioning_column=conditioning$"):
         inspect_pairs(make_recipe(method="controlnet", data__image_dir=None, data__dataset=str(tmp_path / "canny"), controlnet__conditioning_column="hint"))
+
+
+def as_metadata_csv(folder):
+    """The folder's metadata.jsonl written as the metadata.csv a spreadsheet keeps (Hugging Face's imagefolder reads either)."""
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    (folder / "metadata.jsonl").unlink()
+    (folder / "metadata.csv").write_text("file_name,conditioning_file_name,text\n" + "".join(f"{r['file_name']},{r['conditioning_file_name']},{r['text']}\n" for r in rows))
+
+
+def test_conditioning_images_a_metadata_csv_names_beside_their_images_are_read_as_a_metadata_jsonls_are(make_recipe, tmp_path):
+    """The data check's unread-.tif warning and make-conditions read a metadata.csv's rows too: a depth TIFF it names was
+    'an image training does not read', and make-conditions made hand-made edges it names into photos of their own."""
+    depth = write_pairs_beside(tmp_path / "depth", count=2)
+    rows = [{"file_name": f"{i}.png", "conditioning_file_name": f"{i}_depth.tif", "text": f"photo {i}"} for i in range(2)]
+    for i in range(2):
+        (depth / f"{i}_edges.png").unlink()
+        Image.fromarray(np.full((64, 96), 1000 * (i + 1), dtype=np.uint16)).save(depth / f"{i}_depth.tif")
+    (depth / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    as_metadata_csv(depth)
+    pairs, report = inspect_pairs(controlnet_recipe(make_recipe, depth))
+    assert len(pairs) == 2 and [f.message for f in report.findings] == []
+    Image.new("RGB", (96, 64)).save(depth / "2.png")  # no row: the line names the file to add it to
+    assert [f.message for f in inspect_pairs(controlnet_recipe(make_recipe, depth))[1].findings] == [
+        f"image {depth / '2.png'} has no conditioning image: give it a conditioning_file_name in {depth / 'metadata.csv'} (finetune make-conditions writes one)"
+    ]
+
+    edges = write_pairs_beside(tmp_path / "edges", count=2)
+    as_metadata_csv(edges)
+    make_conditions(edges, tmp_path / "canny", "canny")
+    written = [json.loads(line) for line in (tmp_path / "canny" / "metadata.jsonl").read_text().splitlines()]
+    assert [(row["file_name"], row["conditioning_file_name"], row["text"]) for row in written] == [(f"{i}.png", f"conditioning/{i}.png", f"photo {i}") for i in range(2)]
+    with pytest.raises(FinetuneError, match=r"metadata.csv names conditioning images beside the images \(0_edges.png\), which rewriting it in place"):
+        make_conditions(edges, edges, "canny")
