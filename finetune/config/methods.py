@@ -186,7 +186,8 @@ class ControlNetConfig(Section):
 
     # An existing diffusers ControlNet folder to continue from; None: copy the UNet's encoder.
     pretrained: Optional[UserPath] = None
-    # Datasets: the column holding the conditioning image. Folders: the metadata.jsonl key naming its file,
+    # Datasets: the column holding the conditioning image (where this default is missing, `conditioning`: what datasets
+    # names a folder's conditioning_file_name). Folders: the metadata.jsonl key naming its file,
     # read where a row has no conditioning_file_name (diffusers' examples write conditioning_image).
     conditioning_column: str = "conditioning_image"
     # Share of training captions replaced by "" (0.5 in the ControlNet paper: learn to read the image).
