@@ -130,7 +130,9 @@ def _sample(args) -> int:
         device=args.device,
         precision=args.precision,
     )
-    print(f"wrote {counted(len(written) - 1, 'image')} and a grid: {written[-1]}")
+    # Every file by name: a run's number is new each time (finetune/sample_files.py), so it is read here.
+    images = ", ".join(path.name for path in written[:-1])
+    print(f"wrote {counted(len(written) - 1, 'image')} and a grid: {written[-1]} (images beside it: {images})")
     return 0
 
 

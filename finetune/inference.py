@@ -20,7 +20,6 @@ from finetune.atomic_files import atomic_save_safetensors
 from finetune.checkpoint import STATE_FILE, list_checkpoints
 from finetune.conditions import recorded_conditioning
 from finetune.config import ModelConfig
-from finetune.counts import counted
 from finetune.controlnet_data import read_conditioning, small_conditioning_problem
 from finetune.encoders import skip_last_layers
 from finetune.errors import FinetuneError
@@ -33,7 +32,8 @@ from finetune.models import BaseModel, load_base_model
 from finetune.pipeline_io import METADATA_FILE
 from finetune.placement import inference_placement, place, placement_line
 from finetune.prompt_options import PromptSettings, guidance_notes, webui_syntax_notes, with_options
-from finetune.sampling import GRID_LABEL_WIDTH, adapters_clip_skip, build_pipeline, follow_adapters_schedule, generate_with_settings, make_grid, save_image_atomic
+from finetune.sampling import GRID_LABEL_WIDTH, adapters_clip_skip, build_pipeline, follow_adapters_schedule, generate_with_settings, make_grid
+from finetune.sample_files import write_numbered
 from finetune.sources import Example
 from finetune.views import cover_and_crop
 
@@ -330,7 +330,8 @@ def sample_to_folder(
     device: str = "auto",
     precision: str = "auto",
 ) -> list[Path]:
-    """Write prompt-P_seed-S.png for each image, then grid.png (rows = prompts); return all paths, grid last.
+    """Write NNNNN-promptP_seedS.png for each image, then NNNNN-grid.png (rows = prompts), under the folder's
+    next run number (finetune/sample_files.py); return all paths, grid last.
 
     With `controlnet`, every image is steered by the `condition` image (at `conditioning_scale`, default
     1.0) and each grid row starts with it. `device`, `precision`: see finetune/placement.py.
@@ -362,13 +363,8 @@ def sample_to_folder(
             raise
         native = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
         raise FinetuneError(f"out of memory sampling {resolution}x{resolution} px images: lower --resolution (this model's own is {native})") from None
-    written = []
-    for p, row in enumerate(rows):
-        for k, image in enumerate(row):
-            written.append(save_image_atomic(image, output_dir / f"prompt{p}_seed{settings[p].seed + k}.png"))
+    named = [(f"prompt{p}_seed{settings[p].seed + k}.png", image) for p, row in enumerate(rows) for k, image in enumerate(row)]
     grid_rows = [[control["image"], *row] for row in rows] if control else rows
-    written.append(save_image_atomic(make_grid(grid_rows, row_labels=prompts, label_width=GRID_LABEL_WIDTH), output_dir / "grid.png"))
-    earlier = sorted(set(output_dir.glob("prompt*_seed*.png")) - set(written))
-    if earlier:  # not deleted (they may be kept on purpose), but not to be taken for this run's
-        print(f"note: {output_dir} also holds {counted(len(earlier), 'image')} of an earlier run (e.g. {earlier[0].name}): pass another --out to keep runs apart")
+    named.append(("grid.png", make_grid(grid_rows, row_labels=prompts, label_width=GRID_LABEL_WIDTH)))
+    written = write_numbered(output_dir, named)  # under the folder's next run number: earlier runs' files stay
     return written

@@ -178,12 +178,12 @@ def test_train_then_sample_with_the_adapter(tmp_path, capsys, tiny_model, image_
     code = main(["sample", "--base", str(tiny_model), "--lora", str(tmp_path / "out"), "--prompt", "a red striped circle",
                  "--num-images", "2", "--steps", "2", "--out", str(samples)])
     assert code == 0
-    assert sorted(p.name for p in samples.iterdir()) == ["grid.png", "prompt0_seed0.png", "prompt0_seed1.png"]
+    assert sorted(p.name for p in samples.iterdir()) == ["00000-grid.png", "00000-prompt0_seed0.png", "00000-prompt0_seed1.png"]
 
     # `finetune export`'s folder holds one .safetensors file: --lora takes the folder too.
     assert main(["export", str(tmp_path / "out"), str(tmp_path / "webui"), "--to", "kohya"]) == 0
     code = main(["sample", "--base", str(tiny_model), "--lora", str(tmp_path / "webui"), "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "s2")])
-    assert code == 0 and (tmp_path / "s2" / "grid.png").is_file()
+    assert code == 0 and (tmp_path / "s2" / "00000-grid.png").is_file()
     capsys.readouterr()
     # Without --base: the base its training run recorded (in sd-scripts' layout too); with none recorded, one line.
     code = main(["sample", "--lora", str(tmp_path / "webui"), "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "s4")])
@@ -208,10 +208,15 @@ def test_train_then_sample_with_the_adapter(tmp_path, capsys, tiny_model, image_
     moved.rename(tmp_path / "project" / "outputs" / "moved.safetensors")
     code = main(["sample", "--lora", str(tmp_path / "project" / "outputs" / "moved.safetensors"), "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "s5")])
     assert code == 0 and f"base model: {tmp_path / 'project' / 'models' / 'sd' / 'base'} (recorded" in capsys.readouterr().out
-    # Sampling fewer images into the same folder says which files are the earlier run's.
-    code = main(["sample", "--lora", str(tmp_path / "project" / "outputs" / "moved.safetensors"), "--prompt", "x", "--steps", "1", "--num-images", "1",
-                 "--out", str(tmp_path / "s5")])  # fmt: skip
-    assert code == 0 and f"note: {tmp_path / 's5'} also holds 3 images of an earlier run (e.g. prompt0_seed1.png)" in capsys.readouterr().out
+    # Another prompt into the same folder keeps the earlier run's files (it used to replace them): its own take the
+    # next number, and the console names them.
+    s5 = tmp_path / "s5"
+    earlier = {p.name: p.read_bytes() for p in s5.iterdir()}
+    code = main(["sample", "--lora", str(tmp_path / "project" / "outputs" / "moved.safetensors"), "--prompt", "y", "--steps", "1", "--num-images", "1",
+                 "--out", str(s5)])  # fmt: skip
+    assert code == 0 and f"wrote 1 image and a grid: {s5 / '00001-grid.png'} (images beside it: 00001-prompt0_seed0.png)" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in s5.iterdir() if p.name in earlier} == earlier
+    assert sorted({p.name for p in s5.iterdir()} - set(earlier)) == ["00001-grid.png", "00001-prompt0_seed0.png"]
     # Another base model: one line naming a layer that does not fit; a base that is not there names --base.
     code = main(["sample", "--base", str(SHIPPED_BASE), "--lora", str(tmp_path / "out"), "--prompt", "x", "--out", str(tmp_path / "s3")])
     err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("Loading weights")]  # progress bars
@@ -251,7 +256,7 @@ def test_train_and_sample_print_no_third_party_noise(tmp_path, tiny_model, image
     script = f"from finetune.cli import main\nfor command in {commands!r}:\n    assert main(command) == 0"  # one interpreter start
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (tmp_path / "s" / "grid.png").is_file()
+    assert (tmp_path / "s" / "00000-grid.png").is_file()
     for noise in ("requires torchvision", "Setting accelerator to CPU", "No LoRA keys associated", "kept in float32", "Could not find a config file"):
         assert noise not in result.stdout + result.stderr, noise
 

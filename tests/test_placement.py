@@ -45,7 +45,7 @@ def test_sample_runs_in_the_precision_asked_and_says_where(tiny_model, tmp_path,
     assert main([*arguments, "--precision", "bf16", "--out", str(tmp_path / "bf16")]) == 0
     assert "sampling on cpu in bf16" in capsys.readouterr().out
     assert dtypes.pop() == {"unet": torch.bfloat16, "vae": torch.bfloat16, "text_encoder": torch.bfloat16}
-    assert (tmp_path / "bf16" / "prompt0_seed0.png").is_file()
+    assert (tmp_path / "bf16" / "00000-prompt0_seed0.png").is_file()
     assert main([*arguments, "--out", str(tmp_path / "fp32")]) == 0
     assert "sampling on cpu in fp32" in capsys.readouterr().out and set(dtypes.pop().values()) == {torch.float32}
 

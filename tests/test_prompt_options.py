@@ -59,7 +59,7 @@ def test_sample_takes_options_in_a_prompt_and_names_files_by_the_seed_used(tiny_
     out = tmp_path / "samples"
     code = main(["sample", "--base", str(tiny_model), "--prompt", "a red circle --d 42 --s 1", "--prompt", "a square", "--steps", "1",
                  "--seed", "3", "--num-images", "1", "--out", str(out)])  # fmt: skip
-    assert code == 0 and {p.name for p in out.glob("*.png")} == {"prompt0_seed42.png", "prompt1_seed3.png", "grid.png"}
+    assert code == 0 and {p.name for p in out.glob("*.png")} == {"00000-prompt0_seed42.png", "00000-prompt1_seed3.png", "00000-grid.png"}
     capsys.readouterr()
     assert main(["sample", "--base", str(tmp_path / "missing"), "--prompt", "x --q 1", "--out", str(out)]) == 2
     assert "--prompt 'x --q 1': unknown option --q" in capsys.readouterr().err  # before the (missing) base is looked for

@@ -39,18 +39,18 @@ def sample(tiny_model, out: Path, *options: str) -> list[np.ndarray]:
     """Run `finetune sample` (2 images, 2 steps); return the two images as arrays."""
     argv = ["sample", "--base", str(tiny_model), "--prompt", PROMPT, "--num-images", "2", "--steps", "2", "--out", str(out), *options]
     assert main(argv) == 0
-    return [np.asarray(Image.open(out / f"prompt0_seed{k}.png")) for k in range(2)]
+    return [np.asarray(Image.open(out / f"00000-prompt0_seed{k}.png")) for k in range(2)]
 
 
 def test_grid_is_conditioning_then_samples_and_the_controlnet_steers(tiny_model, runs, condition, tmp_path):
     plain = sample(tiny_model, tmp_path / "plain")
     steered = sample(tiny_model, tmp_path / "steered", "--controlnet", str(runs["trained"] / "controlnet"), "--condition", str(condition))
 
-    grid = np.asarray(Image.open(tmp_path / "steered" / "grid.png"))
+    grid = np.asarray(Image.open(tmp_path / "steered" / "00000-grid.png"))
     assert grid.shape == (64, 160 + 3 * 64, 3)  # label | conditioning | 2 samples
     assert np.array_equal(grid[:, 160:224], np.asarray(Image.open(condition).convert("RGB")))
     assert np.array_equal(grid[:, 224:288], steered[0]) and np.array_equal(grid[:, 288:352], steered[1])
-    assert sorted(p.name for p in (tmp_path / "steered").iterdir()) == ["grid.png", "prompt0_seed0.png", "prompt0_seed1.png"]
+    assert sorted(p.name for p in (tmp_path / "steered").iterdir()) == ["00000-grid.png", "00000-prompt0_seed0.png", "00000-prompt0_seed1.png"]
 
     # The trained ControlNet changes the images; the same one at scale 0, or a fresh one (zero
     # convs), gives exactly the base model's images: same seeds, prompts and scheduler, nothing added.
@@ -73,7 +73,7 @@ def test_condition_is_resized_and_center_cropped_to_the_model_resolution(tiny_mo
     pixels[:, 40:216] = 255  # the centre square (64:192) is white; squeezing or a side crop would show black
     Image.fromarray(pixels).save(wide)
     sample(tiny_model, tmp_path / "out", "--controlnet", str(runs["trained"]), "--condition", str(wide))
-    cell = np.asarray(Image.open(tmp_path / "out" / "grid.png"))[:, 160:224]
+    cell = np.asarray(Image.open(tmp_path / "out" / "00000-grid.png"))[:, 160:224]
     assert cell.shape == (64, 64, 3) and cell.min() == 255
 
 

@@ -254,7 +254,7 @@ def test_sample_merge_and_demo_take_a_single_file_base_with_base_config(single_f
     out = tmp_path / "samples"
     argv = ["sample", "--base", str(path), "--base-config", str(configs), "--lora", str(lora), "--prompt", "a red circle",
             "--num-images", "1", "--steps", "2", "--out", str(out)]  # fmt: skip
-    assert main(argv) == 0 and (out / "grid.png").is_file()
+    assert main(argv) == 0 and (out / "00000-grid.png").is_file()
 
     merged = tmp_path / "merged"
     assert main(["merge", "--base", str(path), "--base-config", str(configs), "--lora", str(lora), str(merged)]) == 0
@@ -298,7 +298,7 @@ def test_a_single_file_base_samples_with_the_clip_skip_its_header_records(single
     def sample(*base):
         out = tmp_path / f"samples-{len(list(tmp_path.glob('samples-*')))}"
         assert main(["sample", *base, "--prompt", "a red circle", "--num-images", "1", "--steps", "2", "--out", str(out)]) == 0, capsys.readouterr().err
-        return np.asarray(Image.open(out / "prompt0_seed0.png"))
+        return np.asarray(Image.open(out / "00000-prompt0_seed0.png"))
 
     from_folder = sample("--base", str(pipeline))
     assert not np.array_equal(sample("--base", str(configs)), from_folder)  # clip skip 2 changes the image

@@ -55,7 +55,7 @@ def test_a_merged_v_prediction_lora_exported_as_one_file_samples_as_its_folder_d
         out = tmp_path / f"samples-{len(list(tmp_path.glob('samples-*')))}"
         argv = ["sample", *base, "--prompt", "a red circle", "--num-images", "1", "--steps", "2", "--out", str(out)]
         assert main(argv) == 0, capsys.readouterr().err
-        return np.asarray(Image.open(out / "prompt0_seed0.png")).astype(int)
+        return np.asarray(Image.open(out / "00000-prompt0_seed0.png")).astype(int)
 
     from_folder = sample("--base", str(merged))
     from_file = sample("--base", str(single_file), "--base-config", str(configs))

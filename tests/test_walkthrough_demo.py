@@ -30,7 +30,7 @@ def test_a_weak_lora_in_bf16_renders_as_finetune_sample_renders_it(tiny_model, a
     assert labels == ["base", "trained x0", "trained x0.1"]
     sample_to_folder(str(tiny_model), str(adapters_dir / "trained"), 0.1, [PROMPT], None, 1, 4, 3, 5.0, 64, tmp_path,
                      device="cpu", precision="bf16")  # fmt: skip
-    sampled = pixels(Image.open(tmp_path / "prompt0_seed4.png"))
+    sampled = pixels(Image.open(tmp_path / "00000-prompt0_seed4.png"))
     assert np.array_equal(at_zero, base)
     assert not np.array_equal(weak, base)
     assert np.abs(weak - sampled).max() <= 1, np.abs(weak - sampled).max()  # merged in bf16: 6 levels off

@@ -1,0 +1,72 @@
+"""The files `finetune sample` writes: numbered runs that never replace what a folder already holds.
+
+Each run's images and grid share one number, the next after the highest any file in the folder starts with
+(`00003-prompt0_seed0.png`, ..., `00003-grid.png`), as AUTOMATIC1111's webui numbers its outputs: two runs
+with different prompts into one --out keep both, and a run's files sort together and after the earlier runs'.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from pathlib import Path
+
+from PIL import Image
+
+from finetune.atomic_files import flush_to_disk, sync_folder
+
+NUMBER_WIDTH = 5  # 00000-, as the webui's; more runs than that just take more digits
+_NUMBERED = re.compile(r"^(\d+)-")
+
+
+def next_run_number(folder: Path) -> int:
+    """One past the highest number a name in `folder` starts with (`12-...`, `00012-...`); 0 in a folder without any."""
+    if not folder.is_dir():
+        return 0
+    numbers = [int(found.group(1)) for entry in folder.iterdir() if (found := _NUMBERED.match(entry.name))]
+    return max(numbers, default=-1) + 1
+
+
+def write_numbered(folder: Path, named_images: list[tuple[str, Image.Image]]) -> list[Path]:
+    """Write each (name, image) as `NNNNN-name` under the folder's next run number; the paths, in order.
+
+    A file is published only where no file of that name is (hard-linked into place from its temporary name,
+    which fails on an existing name rather than replacing it): a second process numbering the same run at
+    the same moment makes this run take the next number instead.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    partials = []
+    try:
+        for name, image in named_images:  # written once, under temporary names, then linked as often as needed
+            partial = folder / f".{os.getpid()}-{len(partials)}-{name}.partial"
+            image.save(partial, format="PNG")
+            partials.append(flush_to_disk(partial))
+        while True:
+            number = next_run_number(folder)
+            paths = [folder / f"{number:0{NUMBER_WIDTH}d}-{name}" for name, _ in named_images]
+            published = []
+            try:
+                for partial, path in zip(partials, paths):
+                    _publish_without_replacing(partial, path)
+                    published.append(path)
+            except FileExistsError:  # another run took this number meanwhile: ours goes under the next
+                for path in published:
+                    path.unlink(missing_ok=True)
+                continue
+            sync_folder(folder)
+            return paths
+    finally:
+        for partial in partials:
+            partial.unlink(missing_ok=True)
+
+
+def _publish_without_replacing(partial: Path, path: Path) -> None:
+    try:
+        os.link(partial, path)  # FileExistsError where `path` is taken: never replaced
+    except OSError as err:
+        if isinstance(err, FileExistsError) or err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        # A file system without hard links (FAT, some network mounts): an exclusive create, then the bytes.
+        with open(path, "xb") as created:
+            created.write(partial.read_bytes())

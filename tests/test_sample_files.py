@@ -1,0 +1,44 @@
+"""`finetune sample`'s files: each run under the folder's next number, never over a file already there."""
+
+import numpy as np
+from PIL import Image
+
+import finetune.sample_files as sample_files
+from finetune.sample_files import next_run_number, write_numbered
+
+
+def image(value: int) -> Image.Image:
+    return Image.new("RGB", (4, 4), (value, value, value))
+
+
+def test_runs_continue_after_the_highest_number_and_keep_every_earlier_file(tmp_path):
+    assert next_run_number(tmp_path / "missing") == 0
+    (tmp_path / "grid.png").write_bytes(b"an earlier version's grid")  # unnumbered names are left alone
+    (tmp_path / "00007-grid.png").write_bytes(b"a run of the webui's numbering")
+    (tmp_path / "12 notes.txt").write_text("no dash after the digits: not a run")
+    first = write_numbered(tmp_path, [("prompt0_seed0.png", image(10)), ("grid.png", image(20))])
+    assert [p.name for p in first] == ["00008-prompt0_seed0.png", "00008-grid.png"]
+    second = write_numbered(tmp_path, [("prompt0_seed0.png", image(30)), ("grid.png", image(40))])
+    assert [p.name for p in second] == ["00009-prompt0_seed0.png", "00009-grid.png"]
+    assert (tmp_path / "grid.png").read_bytes() == b"an earlier version's grid"
+    assert (tmp_path / "00007-grid.png").read_bytes() == b"a run of the webui's numbering"
+    assert [np.asarray(Image.open(p))[0, 0, 0] for p in first + second] == [10, 20, 30, 40]
+    assert not list(tmp_path.glob(".*"))  # no temporary file left
+
+
+def test_a_number_taken_meanwhile_moves_the_run_to_the_next_and_replaces_nothing(tmp_path, monkeypatch):
+    """Another process took this run's number between the scan and the write: its file stays, ours move on."""
+    scans = []
+
+    def scanned_before_the_other_run_wrote(folder):
+        scans.append(folder)
+        if len(scans) == 1:
+            (folder / "00000-grid.png").write_bytes(b"the other run's grid")
+            return 0
+        return next_run_number(folder)
+
+    monkeypatch.setattr(sample_files, "next_run_number", scanned_before_the_other_run_wrote)
+    written = write_numbered(tmp_path, [("prompt0_seed0.png", image(1)), ("grid.png", image(2))])
+    assert [p.name for p in written] == ["00001-prompt0_seed0.png", "00001-grid.png"]
+    assert (tmp_path / "00000-grid.png").read_bytes() == b"the other run's grid"
+    assert not (tmp_path / "00000-prompt0_seed0.png").exists()  # published before the clash, then taken back
