@@ -44,7 +44,7 @@ from finetune.methods.controlnet import weights_variant
 from finetune.models import BaseModel, freeze, load_base_model
 from finetune.placement import inference_placement, place
 from finetune.prompt_options import PromptSettings, webui_syntax_notes
-from finetune.sampling import adapters_clip_skip, adapters_prediction_type, adapters_zero_terminal_snr, build_pipeline, follow_adapters_schedule, generate
+from finetune.sampling import adapters_clip_skip, adapters_max_token_length, adapters_prediction_type, adapters_zero_terminal_snr, build_pipeline, follow_adapters_schedule, generate, read_prompts_as_trained  # fmt: skip
 
 CONDITIONING_KINDS = ("as uploaded", "canny", "luminance", "mask")
 MAX_INPUT_PIXELS = 4096 * 4096
@@ -201,6 +201,7 @@ class DemoEngine:
             unet = column.unet or column.model.unet
             pipeline = _pipeline(column.model, column.controlnet, unet)
             follow_adapters_schedule(pipeline, trained_for)
+            read_prompts_as_trained(pipeline, adapters_max_token_length(trained_for))
             extra = dict(image=condition, controlnet_conditioning_scale=column.scale) if column.controlnet is not None else {}
 
             def step_done(pipe, step, timestep, kwargs):

@@ -236,11 +236,13 @@ def sampled_as(pipeline) -> dict:
     """How the pipeline encodes prompts and samples, as the adapters' runs recorded it: two reports of one
     adapter compare only when these agree."""
     from finetune.encoders import layer_stack
+    from finetune.sampling import trained_prompt_chunks
 
     layers = pipeline.text_encoder.config.num_hidden_layers
     scheduler = pipeline.scheduler.config
     return dict(clip_skip=layers - len(layer_stack(pipeline.text_encoder).layers) + 1, prediction_type=scheduler.prediction_type,
-                zero_terminal_snr=bool(scheduler.get("rescale_betas_zero_snr", False)))  # fmt: skip
+                zero_terminal_snr=bool(scheduler.get("rescale_betas_zero_snr", False)),
+                max_token_length=75 * trained_prompt_chunks(pipeline))  # fmt: skip
 
 
 def evaluate_real_images(

@@ -32,7 +32,10 @@ from finetune.models import BaseModel, load_base_model
 from finetune.pipeline_io import METADATA_FILE
 from finetune.placement import inference_placement, place, placement_line
 from finetune.prompt_options import PromptSettings, guidance_notes, webui_syntax_notes, with_options
-from finetune.sampling import GRID_LABEL_WIDTH, adapters_clip_skip, build_pipeline, follow_adapters_schedule, generate_with_settings, make_grid
+from finetune.sampling import (
+    GRID_LABEL_WIDTH, adapters_clip_skip, adapters_max_token_length, build_pipeline, follow_adapters_schedule, generate_with_settings, make_grid,
+    read_prompts_as_trained,
+)  # fmt: skip
 from finetune.sample_files import write_numbered
 from finetune.sources import Example
 from finetune.views import cover_and_crop
@@ -308,6 +311,7 @@ def load_sampling_pipeline(
     if clip_skip > 1:  # after the LoRA: sd-scripts' files also hold (unused) LoRAs of the skipped layers
         skip_last_layers(pipeline.text_encoder, clip_skip)
     follow_adapters_schedule(pipeline, adapters)
+    read_prompts_as_trained(pipeline, adapters_max_token_length(adapters))
     return pipeline
 
 

@@ -185,7 +185,8 @@ def write_model_card(
     if meta.get("finetune.max_token_length"):
         lines += [
             f"# Trained on captions of up to {meta['finetune.max_token_length']} tokens, read in chunks of 75. The pipeline cuts a",
-            "# prompt at 77 tokens: pass a longer one as prompt_embeds encoded in chunks (as `finetune sample` and the webui read it).",
+            f"# prompt at 77 tokens and reads a short one in one chunk: pass prompt_embeds encoded in {int(meta['finetune.max_token_length']) // 75} or more",
+            "# chunks, as training read every caption (`finetune sample` does; the webui reads a short prompt in one chunk).",
         ]
     if meta.get("finetune.prediction_type") == "v_prediction":
         lines.append(V_PREDICTION_CODE)

@@ -16,10 +16,12 @@ from finetune.prompt_options import PromptSettings
 
 
 def build_pipeline(
-    base: BaseModel, unet: torch.nn.Module | None = None, pipeline_class=StableDiffusionPipeline, as_pretrained: bool = False, **extra
-):
+    base: BaseModel, unet: torch.nn.Module | None = None, pipeline_class=StableDiffusionPipeline, as_pretrained: bool = False,
+    max_token_length: int = 75, **extra,
+):  # fmt: skip
     """A pipeline (StableDiffusionPipeline by default) over the base model's parts and a trained UNet,
-    sampling with DDIM for what training targets (`as_pretrained`: as the base itself was trained);
+    sampling with DDIM for what training targets (`as_pretrained`: as the base itself was trained) and reading
+    prompts as training with `max_token_length` (model.max_token_length) reads captions;
     `extra` passes further parts, e.g. controlnet= with the ControlNet pipeline class."""
     pipeline = pipeline_class(
         vae=base.vae,
@@ -33,6 +35,7 @@ def build_pipeline(
         **extra,
     )
     pipeline.set_progress_bar_config(disable=True)
+    read_prompts_as_trained(pipeline, max_token_length)
     return pipeline
 
 
@@ -78,6 +81,31 @@ def adapters_clip_skip(adapters: dict[str, dict[str, str]]) -> int:
         listed = ", ".join(f"{name} ({skip})" for name, skip in recorded.items())
         raise FinetuneError(f"adapters trained with different clip_skip cannot be combined: {listed}")
     return next(iter(recorded.values()), 1)
+
+
+def adapters_max_token_length(adapters: dict[str, dict[str, str]]) -> int:
+    """The longest model.max_token_length the adapters ({name: metadata}) were trained with (75 where none is
+    recorded: ours record it when not 75, sd-scripts' files as ss_max_token_length)."""
+    recorded = [int(value) for meta in adapters.values() if (value := str(meta.get("finetune.max_token_length", ""))).isdigit()]
+    # Adapters of different lengths are not refused (different clip skips are): one of them reads prompts as it was
+    # trained, and merge too keeps one length.
+    return max(recorded, default=75)
+
+
+def read_prompts_as_trained(pipeline, max_token_length: int) -> None:
+    """Encode every prompt in at least the chunks model.max_token_length reads a caption in (150: 2 chunks of 75),
+    as training encodes even a short caption: read in 77 tokens, it would hand the UNet other states than it learned."""
+    pipeline.finetune_prompt_chunks = max(1, max_token_length // 75)
+
+
+def trained_prompt_chunks(pipeline) -> int:
+    """The chunks of 75 tokens the pipeline reads even a short prompt in (`read_prompts_as_trained`; 1 unless set)."""
+    return getattr(pipeline, "finetune_prompt_chunks", 1)
+
+
+def prompt_chunks(pipeline, texts: list[str]) -> int:
+    """The 75-token chunks `texts` are encoded in: as many as the longest needs, at least as many as training read."""
+    return max(trained_prompt_chunks(pipeline), chunks_needed(pipeline.tokenizer, texts))
 
 
 def autocast_for(pipeline) -> contextlib.AbstractContextManager:
@@ -133,7 +161,8 @@ def generate(
     The images are made in batches of up to PIXELS_PER_CALL pixels, each from its own seeded generator:
     an image is the one it would be alone, up to float rounding.
     A prompt (or negative prompt) longer than the text encoder's 77 tokens is read whole, in chunks of 75
-    as training with model.max_token_length reads captions (the webui reads long prompts in chunks too).
+    as training with model.max_token_length reads captions (the webui reads long prompts in chunks too);
+    a shorter one in as many chunks as training read captions in (`read_prompts_as_trained`).
     """
     seeds = seed if isinstance(seed, list) else [seed] * len(prompts)
     negatives = [text or "" for text in (negative_prompt if isinstance(negative_prompt, list) else [negative_prompt] * len(prompts))]
@@ -141,7 +170,7 @@ def generate(
     # in one number of chunks, and a short prompt read as two would not draw what it draws alone.
     by_chunks: dict[int, list[tuple[int, int]]] = {}
     for p in range(len(prompts)):
-        by_chunks.setdefault(chunks_needed(pipeline.tokenizer, [prompts[p], negatives[p]]), []).extend((p, k) for k in range(images_per_prompt))
+        by_chunks.setdefault(prompt_chunks(pipeline, [prompts[p], negatives[p]]), []).extend((p, k) for k in range(images_per_prompt))
 
     def make(batch: list[tuple[int, int]]) -> list[Image.Image]:
         extra = dict(call_kwargs, image=[conditions[p] for p, _ in batch]) if conditions is not None else call_kwargs
@@ -208,11 +237,12 @@ def generate_with_settings(
 
 
 def prompt_arguments(pipeline, prompt: str | list[str], negative_prompt: str | list[str] | None) -> dict:
-    """The pipeline's prompt arguments (one prompt, or a batch): the texts, or for a prompt past 77 tokens
-    all encoded in chunks (the same number for prompts and negatives: classifier-free guidance stacks them)."""
+    """The pipeline's prompt arguments (one prompt, or a batch): the texts, or for a prompt past 77 tokens (or a
+    pipeline reading prompts as training with model.max_token_length read them) all encoded in chunks (the same
+    number for prompts and negatives: classifier-free guidance stacks them)."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negatives = list(negative_prompt) if isinstance(negative_prompt, list) else [negative_prompt or ""] * len(prompts)
-    chunks = chunks_needed(pipeline.tokenizer, prompts + negatives)
+    chunks = prompt_chunks(pipeline, prompts + negatives)
     if chunks == 1:
         return {"prompt": prompt, "negative_prompt": negative_prompt}
     encode = lambda texts: text_hidden_states(pipeline.tokenizer, pipeline.text_encoder, texts, pipeline.text_encoder.device, chunks)

@@ -37,6 +37,7 @@ def states_the_unet_sees(pipeline, prompt: str, negative_prompt: str | None = No
         ({}, "a red circle"),
         ({"model__clip_skip": 2}, "a red circle"),
         ({"model__max_token_length": 150}, LONG),
+        ({"model__max_token_length": 150}, "a red circle"),  # a short caption: training reads it in 2 chunks too
         ({"model__max_token_length": 150, "model__clip_skip": 2}, LONG + ", yellow star"),
         ({"lora__train_text_encoder": True}, "a red circle"),
     ],
@@ -153,3 +154,38 @@ def test_a_class_image_is_the_one_its_prompt_draws_alone_when_batched_with_a_lon
     assert len(images[1]) == len(images[2]) == 2
     for alone, batched in zip(images[1], images[2]):  # batched, it was read in two chunks as the long one
         assert np.abs(alone - batched).mean() < 0.5
+
+
+def test_sample_and_the_demo_read_a_short_prompt_in_the_chunks_its_model_was_trained_on(tiny_model, tmp_path):
+    """Training with model.max_token_length 150 reads even a short caption in 2 chunks of 75 (152 states), and its
+    outputs record the setting; `finetune sample` and the demo read a prompt as it did, not in CLIP's 77 tokens."""
+    import json
+    import shutil
+
+    from finetune.demo_engine import DemoEngine, Request
+    from finetune.encoders import text_hidden_states
+    from finetune.evaluate import sampled_as
+    from finetune.inference import load_sampling_pipeline
+    from finetune.pipeline_io import METADATA_FILE
+    from finetune.sampling import adapters_max_token_length
+
+    model = tmp_path / "trained-150"  # a full fine-tune's pipeline: its record is what a LoRA's metadata holds
+    shutil.copytree(tiny_model, model)
+    (model / METADATA_FILE).write_text(json.dumps({"finetune.method": "full", "finetune.max_token_length": "150"}))
+    pipeline = load_sampling_pipeline(str(model))
+    with torch.no_grad():  # as DiffusionMethod.encode_text encodes the caption and a dropped one under 150
+        trained = text_hidden_states(pipeline.tokenizer, pipeline.text_encoder, ["a red circle", ""], "cpu", chunks=2)
+    negative, positive = states_the_unet_sees(pipeline, "a red circle")
+    assert positive.shape == trained[:1].shape == (1, 152, trained.shape[-1])
+    assert torch.allclose(positive, trained[:1], atol=1e-5) and torch.allclose(negative, trained[1:], atol=1e-5)
+    assert sampled_as(pipeline)["max_token_length"] == 150  # what an eval report says it sampled with
+
+    engine = DemoEngine(str(model), tmp_path / "no-adapters", device="cpu")
+    seen = []
+    forward = engine.base.unet.forward
+    engine.base.unet.forward = lambda *args, **kwargs: seen.append(kwargs["encoder_hidden_states"].detach().clone()) or forward(*args, **kwargs)
+    engine.render(Request(prompt="a red circle", steps=1, size=32))
+    assert torch.allclose(seen[0], torch.cat([trained[1:], trained[:1]]), atol=1e-5)  # (negative, prompt)
+    # A value that is no number (sd-scripts writes "None" for 75) reads as 75; of several adapters, the longest is read.
+    assert adapters_max_token_length({"a": {}, "b": {"finetune.max_token_length": "None"}}) == 75
+    assert adapters_max_token_length({"a": {"finetune.max_token_length": "150"}, "b": {"finetune.max_token_length": "225"}, "c": {}}) == 225

@@ -36,7 +36,8 @@ class ModelConfig(Section):
     # v-prediction. Outputs record it and sample, eval, merge and the demo follow.
     zero_terminal_snr: bool = False
     # Caption tokens the text encoder reads in training, as sd-scripts' max_token_length: 75 (CLIP's own,
-    # the rest is cut), or 150 / 225 in chunks of 75 for long tag lists. Sampling reads any prompt whole.
+    # the rest is cut), or 150 / 225 in chunks of 75 for long tag lists (a short caption padded to as many). Sampling
+    # reads any prompt whole, and a short one in as many chunks as training read (outputs record the setting).
     max_token_length: Literal[75, 150, 225] = 75
     # Not recipe keys: what set `pretrained` and `single_file_config`, for messages (a command's options).
     _key: str = PrivateAttr("model.pretrained")

@@ -202,7 +202,8 @@ class ControlNetMethod(DiffusionMethod):
 
     def pipeline(self, modules) -> StableDiffusionControlNetPipeline:
         return build_pipeline(
-            self.base, unet=modules.get("unet"), pipeline_class=StableDiffusionControlNetPipeline, controlnet=modules["controlnet"]
+            self.base, unet=modules.get("unet"), pipeline_class=StableDiffusionControlNetPipeline, controlnet=modules["controlnet"],
+            max_token_length=self.recipe.model.max_token_length,
         )
 
     def validation_conditions(self) -> list[Image.Image]:
