@@ -76,3 +76,32 @@ def test_zero3_refuses_the_average_and_the_decay_must_be_below_one(make_recipe):
         configure_deepspeed(zero3, make_recipe(train__ema_decay=0.999), ["unet"])
     with pytest.raises(FinetuneError, match=r"key 'train.ema_decay'"):
         make_recipe(train__ema_decay=1.0)
+
+
+def test_the_average_of_bf16_weights_is_kept_in_float32_so_small_steps_still_move_it(tmp_path):
+    """Under DeepSpeed's bf16 the trained parameters are bf16. An average kept in their dtype would round every
+    update away (decay 0.9999: 1e-4 of a one-bit step is far below bf16's resolution, so it stays the same number);
+    it is kept in float32 and rounded to the weights' dtype only where it is written into them."""
+    from finetune.ema import WeightAverage
+
+    layer = torch.nn.Linear(4, 4, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    average = WeightAverage({"w": layer.weight}, decay=0.9999)
+    average.updates = 10**6  # past the warm-up: the full decay
+    with torch.no_grad():
+        layer.weight.fill_(1.0078125)  # one bf16 step above 1.0
+    for _ in range(100):
+        average.update()
+    assert average.averages["w"].dtype == torch.float32
+    moved = average.averages["w"] - 1.0
+    # 100 small moves, none lost (a bf16 average would not have moved at all); float32's own rounding near 1.0
+    # (a 1e-7 step) puts the sum a few percent off the exact value.
+    assert torch.allclose(moved, torch.full_like(moved, 0.0078125 * (1 - 0.9999**100)), rtol=0.1)
+    with average.applied():  # written into the bf16 weights: rounded there, to the nearest bf16 (1.0)
+        assert layer.weight.dtype == torch.bfloat16 and torch.equal(layer.weight, torch.ones_like(layer.weight))
+    assert torch.equal(layer.weight, torch.full_like(layer.weight, 1.0078125))  # the trained weights back
+    # Saved and resumed in float32 too: a checkpoint does not round it to the weights' dtype.
+    average.save(tmp_path / EMA_FILE)
+    resumed = WeightAverage({"w": layer.weight}, decay=0.9999)
+    assert resumed.load(tmp_path / EMA_FILE) and torch.equal(resumed.averages["w"], average.averages["w"]) and resumed.updates == 10**6 + 100
