@@ -30,7 +30,8 @@ quickstart: setup
 test: setup browser
 	$(BIN)/python -m pytest -q
 
-# The longer checks the default suite leaves out (pytest -m slow): a ControlNet learning its control,
+# The longer checks the default suite leaves out (pytest -m slow): the README's DeepSpeed launch of
+# `-m finetune train` (the default suite launches its config with the test worker), a ControlNet learning its control,
 # ControlNet under DeepSpeed's optimizer offload (DeepSpeed compiles its CPU Adam first), the real
 # `finetune demo` start and a second two-machines-on-loopback run (about 10 s each), the ZeRO-3 launch, the
 # DreamBooth and ControlNet Ctrl-C resumes, as the README lists them.

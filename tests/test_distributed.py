@@ -37,10 +37,11 @@ def launch(args: list[str], *recipe_paths: Path | str) -> subprocess.Popen:
     "--resume", CHECKPOINT among the paths resumes the next one."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # --multi_gpu picks the torchrun launcher; with no GPU there, accelerate runs the processes on CPU with gloo.
-    mode = [] if "--use_deepspeed" in args else ["--multi_gpu"]
+    mode = [] if {"--use_deepspeed", "--config_file"} & set(args) else ["--multi_gpu"]
     command = [sys.executable, "-m", "accelerate.commands.launch", *mode, "--mixed_precision", "no", "--dynamo_backend", "no",
                *args, str(WORKER), *map(str, recipe_paths)]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # From the repository's root, as the README launches: the top-level config names configs/deepspeed/zero2.json.
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
 
 
 def deepspeed(config: str) -> list[str]:
@@ -180,7 +181,9 @@ def test_deepspeed_zero2_trains_checkpoints_resumes_and_saves_the_single_process
     out = Path(uninterrupted.output_dir)
     checkpoint = out / "checkpoints" / "checkpoint-2"
     # One launch: the run, then a second run resumed from the first one's step 2.
-    wait(launch(deepspeed("zero2.json"), write(uninterrupted, tmp_path / "zero2.yaml"), "--resume", checkpoint, write(resumed, tmp_path / "resumed.yaml")))
+    # The top-level accelerate_config.yaml (ZeRO-2, 2 processes), as the README's launch command gives it.
+    top_level_config = ["--config_file", "accelerate_config.yaml", "--main_process_port", str(free_port())]
+    wait(launch(top_level_config, write(uninterrupted, tmp_path / "zero2.yaml"), "--resume", checkpoint, write(resumed, tmp_path / "resumed.yaml")))
     assert (checkpoint / EMA_FILE).is_file()
     assert sorted(p.name for p in (checkpoint / "pytorch_model").glob("*optim_states.pt")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]  # one shard per process
