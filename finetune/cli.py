@@ -200,6 +200,9 @@ def _export_checkpoint(args) -> int:
 
 
 def _merge(args) -> int:
+    from finetune.output_folders import check_merge_output
+
+    check_merge_output(Path(args.output_dir), Path(args.lora), args.overwrite)  # before the LoRA's base is read (torch)
     from finetune.merge import merge_lora
 
     print(f"wrote {merge_lora(base_or_recorded(args), args.lora, args.strength, Path(args.output_dir), args.base_config, args.overwrite, args.precision)}")

@@ -21,7 +21,7 @@ from finetune.kohya import PRECISIONS, LoRA, load_lora
 from finetune.lora_kinds import CLIP_ROOT
 from finetune.model_card import diffusers_loading_code
 from finetune.models import load_base_model, zero_terminal_snr_schedule
-from finetune.output_folders import check_replaceable
+from finetune.output_folders import check_merge_output
 from finetune.pipeline_io import save_pipeline
 
 
@@ -64,7 +64,7 @@ def merge_lora(
     from finetune.inference import base_model_metadata, resolve_lora_file
 
     lora_file = resolve_lora_file(lora_path)
-    check_output_folder(Path(output_dir), lora_file, overwrite)
+    check_merge_output(Path(output_dir), lora_file, overwrite)
     lora = load_lora(lora_file)
     base_record = base_model_metadata(base)  # a merged or fine-tuned pipeline's, or export-checkpoint file's
     trained_as = how_trained(base, base_record, lora_file, lora)  # conflicting records stop here, before the model loads
@@ -148,14 +148,6 @@ def merged_already_note(base_record: dict[str, str], lora: LoRA, applying: str, 
         return None
     return (f"{applying}: this LoRA is already merged into that base (from {earlier[0].get('file')} at strength {earlier[0].get('strength')}); "
             f"it is added again on top at {strength:g}: leave --lora out to use the merged model as it is")
-
-
-def check_output_folder(output_dir: Path, lora_file: Path, overwrite: bool) -> None:
-    """The merged pipeline replaces the whole folder: never the one holding the LoRA, nor one the user
-    keeps other things in, unasked."""
-    if output_dir.resolve() in lora_file.resolve().parents:
-        raise FinetuneError(f"merge output {output_dir} holds the LoRA being merged ({lora_file}): pick another folder")
-    check_replaceable(output_dir, overwrite, "merge output")
 
 
 def _write_card(output_dir: Path, base: str, lora_file: Path, lora: LoRA, strength: float) -> None:

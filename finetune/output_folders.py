@@ -18,3 +18,12 @@ def check_replaceable(folder: Path, overwrite: bool, what: str) -> None:
         raise FinetuneError(f"{what} {folder} is inside a file ({inside}): give a folder for the pipeline")
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
         raise FinetuneError(f"{what} {folder} is not empty: pick a new folder, or pass --overwrite to replace what is in it")
+
+
+def check_merge_output(output_dir: Path, lora: Path, overwrite: bool) -> None:
+    """The merged pipeline replaces the whole folder: never the one holding the LoRA (`lora`: its file, or the folder
+    given as --lora), nor one the user keeps other things in, unasked. Checked by the command before torch loads."""
+    resolved = Path(lora).resolve()
+    if Path(output_dir).resolve() in ((resolved, *resolved.parents) if resolved.is_dir() else resolved.parents):
+        raise FinetuneError(f"merge output {output_dir} holds the LoRA being merged ({lora}): pick another folder")
+    check_replaceable(output_dir, overwrite, "merge output")

@@ -123,3 +123,19 @@ def test_make_tiny_model_refuses_a_folder_with_contents_before_torch_loads(tmp_p
     modules, errors = run_in_fresh_python([["make-tiny-model", str(tmp_path)]])
     assert errors == [f"error: make-tiny-model output {tmp_path} is not empty: pick a new folder, or pass --overwrite to replace what is in it\n"]
     assert modules == set()
+
+
+def test_merge_refuses_its_output_folder_before_torch_loads(tmp_path):
+    """A folder with contents, a file, or the LoRA's own folder as merge's output was refused only after torch and
+    diffusers had loaded (reading the LoRA and its base)."""
+    (tmp_path / "kept.txt").write_text("")
+    (tmp_path / "run").mkdir()
+    merge = ["merge", "--base", "b", "--lora"]
+    calls = [[*merge, "l", str(tmp_path)], [*merge, "l", str(tmp_path / "kept.txt")], [*merge, str(tmp_path / "run"), str(tmp_path), "--overwrite"]]
+    modules, errors = run_in_fresh_python(calls)
+    assert errors == [
+        f"error: merge output {tmp_path} is not empty: pick a new folder, or pass --overwrite to replace what is in it\n",
+        f"error: merge output {tmp_path / 'kept.txt'} is a file: give a folder for the pipeline\n",
+        f"error: merge output {tmp_path} holds the LoRA being merged ({tmp_path / 'run'}): pick another folder\n",
+    ]
+    assert modules == set()
