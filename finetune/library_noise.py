@@ -34,6 +34,12 @@ def quiet_third_party_warnings() -> None:
     warnings.filterwarnings("ignore", message="Could not find a config file in", category=UserWarning)
 
 
+def quiet_paged_optimizer_on_cpu() -> None:
+    """bitsandbytes' "Paged optimizers are not supported on CPU" (a Python warning with its source line, from every
+    process at the first step): called where the run has said it once in its own words (`finetune.optim`)."""
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU", category=UserWarning)
+
+
 def quiet_weight_progress_bars() -> None:
     """transformers' bars loading and writing the text encoder ('Loading weights', 'Writing model shards'):
     done in a blink, drawn by every process of a launch at once (two bars on one line), and mid-run into the

@@ -12,10 +12,12 @@ from finetune.config import OptimizerConfig
 from finetune.config.recipe import ADAMW_BETAS
 from finetune.console import warn
 from finetune.errors import FinetuneError
+from finetune.library_noise import quiet_paged_optimizer_on_cpu
 
 
-def build_optimizer(config: OptimizerConfig, parameters: list) -> torch.optim.Optimizer:
-    """`parameters`: a list of tensors, or of parameter groups (dicts) with their own settings."""
+def build_optimizer(config: OptimizerConfig, parameters: list, device: torch.device | None = None) -> torch.optim.Optimizer:
+    """`parameters`: a list of tensors, or of parameter groups (dicts) with their own settings; `device`: where they
+    train (default: where they are now; training builds the optimizer before accelerate moves them)."""
     kwargs = dict(lr=config.lr, betas=config.betas_in_use, weight_decay=config.weight_decay)
     if config.name == "prodigy":
         return _prodigy(config, parameters, kwargs)
@@ -31,7 +33,12 @@ def build_optimizer(config: OptimizerConfig, parameters: list) -> torch.optim.Op
 
             optimizer_class = getattr(bnb.optim, BITSANDBYTES_OPTIMIZERS[config.name])
             extra = {} if config.name == "lion8bit" else {"eps": config.eps}  # Lion has no epsilon
-            return optimizer_class(parameters, **kwargs, **extra)
+            optimizer = optimizer_class(parameters, **kwargs, **extra)
+            if config.name == "paged_adamw8bit" and (device or first_device(parameters)).type == "cpu":
+                warn("optimizer.name=paged_adamw8bit: paging needs a CUDA GPU, so on CPU the 8-bit states are kept unpaged, "
+                     "as adamw8bit keeps them: name adamw8bit for the same training without this warning")
+                quiet_paged_optimizer_on_cpu()  # the library's own copy, from every process
+            return optimizer
         except Exception as err:  # no CUDA/CPU backend, or bitsandbytes missing
             warn(f"optimizer.name={config.name}: bitsandbytes cannot run here ({err}); falling back to torch AdamW (32-bit states)", by="machine")
             kwargs["betas"] = tuple(config.betas) if config.betas is not None else ADAMW_BETAS  # not Lion's own, for AdamW
@@ -49,6 +56,11 @@ def _prodigy(config: OptimizerConfig, parameters: list, kwargs: dict) -> torch.o
         raise FinetuneError("optimizer.name prodigy needs the prodigyopt package: pip install prodigyopt") from None
     with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay" on every process
         return Prodigy(parameters, eps=config.eps, use_bias_correction=True, safeguard_warmup=config.warmup_steps > 0, **kwargs)
+
+
+def first_device(parameters: list) -> torch.device:
+    first = parameters[0]["params"][0] if isinstance(parameters[0], dict) else parameters[0]
+    return first.device
 
 
 def fused_supported(parameters: list) -> bool:

@@ -157,7 +157,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     group_names = [group.pop("name") for group in parameter_groups]  # for the logs; optimizers need no names
     # The recipe's rates, read before the optimizer and the schedule's warm-up write into these groups.
     group_lrs = [group.get("lr", recipe.optimizer.lr) for group in parameter_groups]
-    optimizer = build_optimizer(recipe.optimizer, parameter_groups)
+    optimizer = build_optimizer(recipe.optimizer, parameter_groups, accelerator.device)
     lr_scheduler = build_lr_scheduler(recipe.optimizer, optimizer, max_steps)
     names = list(method.trained_modules())
     *wrapped, optimizer = accelerator.prepare(*method.trained_modules().values(), optimizer)

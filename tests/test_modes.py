@@ -79,10 +79,10 @@ def test_gradient_checkpointing_trains_the_same_weights(method_recipe, method, t
 def test_channels_last_trains_the_same_weights_in_nhwc(method_recipe, method, tmp_path, monkeypatch):
     runs = []  # per run: the base model, the optimizer's parameters, and their values before training
 
-    def recording_build_optimizer(config, groups):
+    def recording_build_optimizer(config, groups, *device):
         parameters = [p for group in groups for p in group["params"]]
         runs[-1]["trained"], runs[-1]["initial"] = parameters, [p.detach().clone() for p in parameters]
-        return build_optimizer(config, groups)
+        return build_optimizer(config, groups, *device)
 
     def recording_load_base_model(*args, **kwargs):
         runs.append({"base": load_base_model(*args, **kwargs)})

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 
@@ -18,6 +20,21 @@ def test_8bit_optimizers_keep_large_tensor_states_in_8_bits_and_small_ones_in_32
         assert optimizer.state[large][state].dtype == torch.uint8
     assert optimizer.state[small]["state1"].dtype == torch.float32
     assert not torch.equal(large.detach(), before)
+
+
+def test_paged_optimizer_on_cpu_is_said_once_in_our_words(capsys):
+    """bitsandbytes said "Paged optimizers are not supported on CPU" as a Python warning with its source line, from
+    every process at the first step; the run says it once (the main process) as its other warnings read."""
+    parameter = torch.nn.Parameter(torch.randn(128, 128))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optimizer = build_optimizer(OptimizerConfig(name="paged_adamw8bit", lr=1e-3), [parameter])
+        for _ in range(2):
+            parameter.square().sum().backward()
+            optimizer.step()
+    assert [str(w.message) for w in caught if "Paged" in str(w.message)] == []
+    assert capsys.readouterr().out == ("warning: optimizer.name=paged_adamw8bit: paging needs a CUDA GPU, so on CPU the 8-bit states are "
+                                       "kept unpaged, as adamw8bit keeps them: name adamw8bit for the same training without this warning\n")
 
 
 def test_parameter_groups_keep_their_own_learning_rate():
