@@ -35,6 +35,7 @@ from finetune.adapter_scan import BASE, PICKLE_SUFFIXES, Adapter, scan_adapters
 from finetune.conditions import recorded_options
 from finetune.config import ModelConfig
 from finetune.controlnet_data import small_conditioning_problem
+from finetune.counts import counted
 from finetune.encoders import clip_skipped
 from finetune.errors import FinetuneError
 from finetune.inference import base_model_metadata, refuse_replacing_a_fine_tuned_unet, saved_model_metadata, unlocked_decoder_folder
@@ -226,7 +227,7 @@ class DemoEngine:
         seeds = [request.seed + r for r in range(request.rows)]
         asked = PromptSettings(request.prompt, request.negative_prompt, request.seed, request.guidance, request.steps)
         notes = "".join(f"; note: {note}" for note in webui_syntax_notes([asked]))
-        return results, labels, seeds, f"{len(columns)} column(s) x {request.rows} row(s) in {time.perf_counter() - started:.1f} s{notes}"
+        return results, labels, seeds, summary_of(len(columns), request.rows, time.perf_counter() - started) + notes
 
 
     def _trained_for(self, column: Column) -> dict[str, dict[str, str]]:
@@ -264,6 +265,11 @@ class DemoEngine:
                 title = (f"{label} x{s:g}" if scaled else label) if names else "base"
                 columns.append(Column(title, model, loras_at, names, controlnet, decoder, request.conditioning_scale * s))
         return columns
+
+
+def summary_of(columns: int, rows: int, seconds: float) -> str:
+    """The line under a grid: "1 column x 2 rows in 3.4 s"."""
+    return f"{counted(columns, 'column')} x {counted(rows, 'row')} in {seconds:.1f} s"
 
 
 def label_of(names: list[str], short: bool) -> str:

@@ -130,7 +130,7 @@ def test_the_demo_api_names_an_input_that_is_no_number(demo):
                               ("conditioning_scale", None, "conditioning scale must be a number from 0 to 2, got None")):  # fmt: skip
         with pytest.raises(Exception, match=f"^{re.escape(said)}$"):
             client.predict(api_name="/generate", **{"prompt": "a circle", "steps": 2, "conditioning_image": None, name: value})
-    assert client.predict(api_name="/generate", prompt="a circle", steps=2, seed=None, conditioning_image=None)[2].startswith("1 column(s)")
+    assert client.predict(api_name="/generate", prompt="a circle", steps=2, seed=None, conditioning_image=None)[2].startswith("1 column x 1 row in")
     # NaN passes gradio's bounds check (a raw JSON request may send it; gradio_client cannot): refused too.
     from finetune.demo import number_required
 

@@ -49,7 +49,7 @@ def test_with_and_without_a_lora_gives_two_different_images(client):
     assert captions == ["base, seed 0", "trained x1, seed 0"]
     assert images[0].shape == images[1].shape == (64, 64, 3)
     assert np.abs(images[0] - images[1]).mean() > 0.5
-    assert "2 column(s) x 1 row(s)" in summary
+    assert "2 columns x 1 row in" in summary
 
 
 def test_the_same_seed_gives_the_same_image(client):
@@ -78,6 +78,14 @@ def test_strengths_that_are_not_numbers_in_range_are_refused():
     for text in ("nan", "0.5, nan", "inf", "5"):  # "nan" rendered black columns labelled "xnan"
         with pytest.raises(FinetuneError, match="strengths between -4 and 4"):
             parse_strengths(text)
+
+
+def test_the_summary_counts_columns_and_rows_in_words():
+    """It said "1 column(s) x 2 row(s)"."""
+    from finetune.demo_engine import summary_of
+
+    assert summary_of(1, 2, 3.44) == "1 column x 2 rows in 3.4 s"
+    assert summary_of(3, 1, 0.5) == "3 columns x 1 row in 0.5 s"
 
 
 def test_unknown_or_refused_adapters_are_rejected(client, demo):
@@ -309,7 +317,7 @@ def assert_a_result_is_shown(wait) -> None:
     """Wait for a generated grid and check that the browser shows an image, not a blank."""
     from selenium.webdriver.common.by import By
 
-    wait.until(lambda d: "column(s)" in d.find_element(By.ID, "summary").text)
+    wait.until(lambda d: " x " in d.find_element(By.ID, "summary").text)
     result = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#result img"))
     wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", result))
     shown = np.asarray(Image.open(io.BytesIO(result.screenshot_as_png)).convert("L"), dtype=np.float64)
@@ -336,7 +344,7 @@ def test_in_a_browser_pick_an_adapter_and_generate(demo, tmp_path):
         strengths.send_keys("0.5, 1")
         driver.find_element(By.ID, "generate").click()
         assert_a_result_is_shown(wait)
-        assert "3 column(s)" in driver.find_element(By.ID, "summary").text
+        assert "3 columns x 1 row" in driver.find_element(By.ID, "summary").text
         requested = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
         assert requested and all(url.startswith(demo.url) for url in requested), [u for u in requested if not u.startswith(demo.url)]
 

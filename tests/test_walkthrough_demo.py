@@ -116,7 +116,7 @@ def test_a_count_sent_as_a_fraction_through_the_api_is_refused_naming_it(demo):
                               ("rows", 1.5, "rows (seeds seed, seed+1, ...) must be a whole number from 1 to 4")):  # fmt: skip
         with pytest.raises(AppError, match=f"^{re.escape(said)}"):
             client.predict(api_name="/generate", **{"prompt": PROMPT, "steps": 1, "conditioning_image": None, name: value})
-    assert client.predict(api_name="/generate", prompt=PROMPT, steps=2.0, guidance=2.5, conditioning_image=None)[2].startswith("1 column(s)")
+    assert client.predict(api_name="/generate", prompt=PROMPT, steps=2.0, guidance=2.5, conditioning_image=None)[2].startswith("1 column x 1 row in")
 
 
 def test_a_conditioning_image_sent_as_text_through_the_api_is_one_line(demo, capfd):
