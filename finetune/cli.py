@@ -13,7 +13,7 @@ from finetune.cli_arguments import parse_arguments
 from finetune.counts import counted
 from finetune.errors import FinetuneError, one_line
 from finetune.library_noise import quiet_third_party_warnings, quiet_weight_progress_bars
-from finetune.process_env import first_on_its_machine, machine_name
+from finetune.process_env import first_on_its_machine, machine_name, main_process
 
 
 def base_or_recorded(args) -> str:
@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {machine + ': ' if (machine := machine_name()) else ''}{one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # training stops itself cleanly; this is Ctrl-C anywhere else (loading, class images, sampling)
-        if first_on_its_machine():  # every process got it: one line per machine, as for errors
+        # Every process got it (a terminal's Ctrl-C, a job's SIGTERM): one line for the run, as the training loop's stop
+        # says, not one per machine (errors are each machine's own to say: its files, its libraries).
+        if main_process():
             print("\nstopped (Ctrl-C): files written so far are kept; run the command again to continue", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader left (`finetune check-data ... | head`): no traceback for that

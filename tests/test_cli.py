@@ -303,10 +303,13 @@ def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(monkeypatch, 
     monkeypatch.setattr(finetune.inference, "sample_to_folder", interrupted)
     assert main(["sample", "--base", "b", "--prompt", "p"]) == 130
     assert capsys.readouterr().err.strip() == "stopped (Ctrl-C): files written so far are kept; run the command again to continue"
-    # Under `accelerate launch` (class images, loading) every process gets the Ctrl-C: local rank 0 says it.
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    assert main(["sample", "--base", "b", "--prompt", "p"]) == 130
-    assert capsys.readouterr().err == ""
+    # Under `accelerate launch` (class images, loading) every process gets the Ctrl-C: the main process says it, once
+    # for the run as the training loop's stop does; another machine's first process said it too.
+    for rank, local_rank in (("1", "1"), ("2", "0")):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        assert main(["sample", "--base", "b", "--prompt", "p"]) == 130
+        assert capsys.readouterr().err == ""
 
 
 def test_sample_refuses_zero_images_or_steps_a_file_as_out_and_a_second_condition(capsys, tiny_model, tmp_path):
