@@ -253,10 +253,9 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         )
         say(f"saved {checkpoints_dir / f'checkpoint-{step}'} (step {step}, {epochs_text(epochs_by.at(step))})")
 
-    if step == 0 and recipe.validation.at_start:
-        validate(0)
-    elif resume_from is not None and state.get("stopped_before_validation"):
-        if (grid := validate(step)) is not None:  # due at the step a stop saved before it: the curve keeps that step
+    # Before the first step (validation.at_start), or due at the step a stop saved before it: the curve keeps that step.
+    if (step == 0 and recipe.validation.at_start) or (resume_from is not None and state.get("stopped_before_validation")):
+        if (grid := validate(step)) is not None:  # named as the loop names its grids
             say(f"samples: {grid}")
 
     progress = tqdm(total=max_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process)

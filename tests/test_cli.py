@@ -169,6 +169,8 @@ def test_train_then_sample_with_the_adapter(tmp_path, capsys, tiny_model, image_
     assert main(["train", str(recipe), "optimizer.lr=1e-3"]) == 0
     out = capsys.readouterr().out
     assert "output: " in out and "samples: " in out
+    # The grid drawn before the first step is named as the later ones are (it was written without a word).
+    assert [line for line in out.splitlines() if line.startswith("samples: ") and line.endswith("step-000000.png")] != []
     grids = sorted((tmp_path / "out" / "samples").glob("step-*.png"))
     assert [g.name for g in grids] == ["step-000000.png", "step-000002.png"]  # before and after
     assert Image.open(grids[-1]).size == (160 + 2 * 64, 64)
