@@ -70,7 +70,7 @@ def _train(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)  # a bad recipe is said at once, before torch and diffusers load (~10 s)
     from finetune.train_inputs import check_inputs_exist  # PIL and numpy, with the data folder's reader
 
-    check_inputs_exist(recipe)  # so is a missing data folder or base model
+    base_location = check_inputs_exist(recipe)  # so is a missing data folder or base model (looked up once: train() loads it from there)
     from finetune.distributed import leave_process_group
     from finetune.run_lock import output_dir_lock
     from finetune.trainer import train
@@ -78,7 +78,7 @@ def _train(args) -> int:
     quiet_weight_progress_bars()
     try:
         with output_dir_lock(Path(recipe.output_dir)):
-            result = train(recipe, resume=args.resume, overwrite=args.overwrite)
+            result = train(recipe, resume=args.resume, overwrite=args.overwrite, base_location=base_location)
     except OSError as err:  # checkpoints and outputs say their own; a full disk under a sample grid or the logs is one line too
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

@@ -6,6 +6,7 @@ missing before torch and diffusers load (seconds); it imports neither.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.base_folder import check_architecture, check_part_files, check_single_file, check_variant
@@ -62,6 +63,24 @@ def resolve_model_folder(config: ModelConfig) -> Path | None:
     if not looks_like_hub_id(name):
         raise FinetuneError(f"base model {name} not found: no such folder or file (check {config._key}){looked_for_here(name)}")
     return _download_or_find_in_cache(name, config.revision, config.variant, config._key)
+
+
+@dataclass(frozen=True)
+class BaseLocation:
+    """Where a base model was found: looked up once per run and passed along (the command's check, `train()`, loading
+    and the outputs' reload), since a hub id's lookup is a cache search offline and requests to the hub online."""
+
+    config: ModelConfig  # what was looked up
+    folder: Path | None  # its diffusers folder; None for a single .safetensors/.ckpt file
+
+
+def locate_base(config: ModelConfig) -> BaseLocation:
+    return BaseLocation(config, resolve_model_folder(config))
+
+
+def located_folder(config: ModelConfig, location: BaseLocation | None) -> Path | None:
+    """`config`'s folder: `location`'s where it is the lookup of this config, else looked up now."""
+    return location.folder if location is not None and location.config == config else resolve_model_folder(config)
 
 
 def looks_like_hub_id(name: str) -> bool:

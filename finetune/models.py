@@ -19,7 +19,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from finetune.config import ModelConfig
 from finetune.encoders import skip_last_layers
 from finetune.errors import FinetuneError
-from finetune.model_source import resolve_model_folder
+from finetune.model_source import BaseLocation, locate_base, located_folder
 
 
 
@@ -35,6 +35,7 @@ class BaseModel:
     config: ModelConfig  # where the parts came from (to load one again)
     # What the base model itself was trained for: its scheduler's target, noise schedule and spacing.
     pretrained_schedule: dict = field(default_factory=lambda: dict(PRETRAINED_SCHEDULE_DEFAULTS))
+    location: BaseLocation | None = None  # where the parts were found: a part loaded again is read from there
 
     @property
     def pretrained_prediction_type(self) -> str:
@@ -65,9 +66,12 @@ def freeze(module: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.n
     return module
 
 
-def load_base_model(config: ModelConfig, weight_dtype: torch.dtype = torch.float32) -> BaseModel:
-    """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler; freeze VAE and text encoder."""
-    parts = load_parts(config, ["tokenizer", "text_encoder", "vae", "unet", "scheduler_config"])
+def load_base_model(config: ModelConfig, weight_dtype: torch.dtype = torch.float32, location: BaseLocation | None = None) -> BaseModel:
+    """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler; freeze VAE and text encoder.
+    `location`: the run's lookup of `config` (`finetune.model_source.locate_base`), else it is looked up here."""
+    if location is None or location.config != config:
+        location = locate_base(config)
+    parts = load_parts(config, ["tokenizer", "text_encoder", "vae", "unet", "scheduler_config"], location)
     # Training always adds noise the DDPM way; the model's own config says which betas and target.
     noise_scheduler = DDPMScheduler.from_config(parts["scheduler_config"])
     pretrained_schedule = {key: noise_scheduler.config.get(key, default) for key, default in PRETRAINED_SCHEDULE_DEFAULTS.items()}
@@ -81,7 +85,7 @@ def load_base_model(config: ModelConfig, weight_dtype: torch.dtype = torch.float
     freeze(parts["vae"], weight_dtype)
     freeze(parts["text_encoder"], weight_dtype)
     parts["unet"].train()
-    return BaseModel(parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"], noise_scheduler, config, pretrained_schedule)
+    return BaseModel(parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"], noise_scheduler, config, pretrained_schedule, location)
 
 
 def zero_terminal_snr_schedule(scheduler: DDPMScheduler) -> DDPMScheduler:
@@ -97,10 +101,11 @@ def zero_terminal_snr_schedule(scheduler: DDPMScheduler) -> DDPMScheduler:
 PRETRAINED_SCHEDULE_DEFAULTS = {"prediction_type": "epsilon", "rescale_betas_zero_snr": False, "timestep_spacing": "leading"}
 
 
-def load_parts(config: ModelConfig, names: list[str]) -> dict:
+def load_parts(config: ModelConfig, names: list[str], location: BaseLocation | None = None) -> dict:
     """The named parts of the base model ("tokenizer", "text_encoder", "vae", "unet", "scheduler_config"),
-    always fp32 in memory (an fp16 file is upcast); the trainer casts frozen parts as the recipe asks."""
-    folder = resolve_model_folder(config)
+    always fp32 in memory (an fp16 file is upcast); the trainer casts frozen parts as the recipe asks. `location`:
+    where `config` was found, if it was looked up already."""
+    folder = located_folder(config, location)
     if folder is None:
         pipeline = _load_single_file(config)
         return {name: pipeline.scheduler.config if name == "scheduler_config" else getattr(pipeline, name) for name in names}
@@ -131,7 +136,7 @@ def at_source_precision(base: BaseModel, names: list[str]) -> dict[str, torch.nn
     bf16 round trip would cost a saved VAE or text encoder 8 bits of mantissa)."""
     # (and a text encoder without its last layers, model.clip_skip: the saved one is whole)
     reduced = [name for name in names if getattr(base, name).dtype != torch.float32 or (name == "text_encoder" and base.config.clip_skip > 1)]
-    reloaded = {name: freeze(module) for name, module in load_parts(base.config, reduced).items()} if reduced else {}
+    reloaded = {name: freeze(module) for name, module in load_parts(base.config, reduced, base.location).items()} if reduced else {}
     return {name: reloaded.get(name, getattr(base, name)) for name in names}
 
 

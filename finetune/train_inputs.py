@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from finetune.config import DataConfig, LossMaskConfig, Recipe
-from finetune.model_source import looks_like_hub_id, resolve_model_folder
+from finetune.model_source import BaseLocation, locate_base, looks_like_hub_id
 from finetune.sources import check_folders_exist
 
 
@@ -28,21 +28,24 @@ def data_configs(recipe: Recipe) -> list[DataConfig]:
     return configs
 
 
-def check_inputs_exist(recipe: Recipe) -> None:
-    """The recipe's data folders and base model are there (a hub id: in the cache, or downloaded now)."""
+def check_inputs_exist(recipe: Recipe) -> BaseLocation:
+    """The recipe's data folders and base model are there (a hub id: in the cache, or downloaded now); returns where
+    the base is, for `train()` to load it from without looking it up again."""
     for config in data_configs(recipe):
         if config.image_dir:  # a `datasets` dataset is opened by the data check
             check_folders_exist(config)
-    resolve_model_folder(recipe.model)
+    return locate_base(recipe.model)
 
 
-def check_base_and_data(recipe: Recipe, check_data: Callable[[], None]) -> None:
+def check_base_and_data(recipe: Recipe, check_data: Callable[[], None], base: BaseLocation | None = None) -> BaseLocation:
     """`train()`'s checks of what it reads, cheapest first: a local base's files (configs, weights' headers) take a
     moment and the data check decodes every image (minutes for a large set), so a typo in model.pretrained is said
-    first; a hub base may download, so it comes after the data check."""
+    first; a hub base may download, so it comes after the data check. `base`: the command's lookup of the base (a hub
+    id's costs a cache search or a request each time), used as it is; returns the base's location."""
+    if base is not None and base.config == recipe.model:
+        check_data()
+        return base
     hub_base = looks_like_hub_id(recipe.model.pretrained) and not Path(recipe.model.pretrained).exists()
-    if not hub_base:
-        resolve_model_folder(recipe.model)
+    located = None if hub_base else locate_base(recipe.model)
     check_data()
-    if hub_base:
-        resolve_model_folder(recipe.model)
+    return located if located is not None else locate_base(recipe.model)

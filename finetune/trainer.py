@@ -34,6 +34,7 @@ from finetune.errors import FinetuneError
 from finetune.finite_weights import ensure_finite_weights
 from finetune.held_out import TrainingSubset, held_out_loss, held_out_sources, split_held_out
 from finetune.methods import METHODS
+from finetune.model_source import BaseLocation
 from finetune.models import load_base_model
 from finetune.output_metadata import dataset_metadata, output_metadata
 from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer, step_size
@@ -59,16 +60,16 @@ class TrainResult:
     interrupted: bool = False
 
 
-def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], None] | None = None, overwrite: bool = False) -> TrainResult:
+def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], None] | None = None, overwrite: bool = False, base_location: BaseLocation | None = None) -> TrainResult:
     """Train `recipe`; `on_step(step)` is called after each optimizer step (the benchmark times steps with it).
-    `overwrite`: start over in an output_dir that holds an earlier run (its checkpoints, samples and logs go)."""
+    `overwrite`: start over in an output_dir that holds an earlier run (its checkpoints, samples and logs go). `base_location`: the command's lookup of the base."""
     output_dir = Path(recipe.output_dir)
     checkpoints_dir = output_dir / "checkpoints"
     train_cfg = recipe.train
 
     # Cheap checks first: a bad image or a missing model is reported before any weight is loaded.
     method = METHODS[recipe.method](recipe)
-    check_base_and_data(recipe, method.check_data)
+    base_location = check_base_and_data(recipe, method.check_data, base_location)
     resume_from = ckpt.resolve_resume(resume, checkpoints_dir)
     if resume_from is not None:
         ckpt.check_resumable(resume_from, train_cfg.max_steps, recipe.flat_settings())
@@ -122,7 +123,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     weight_dtype = WEIGHT_DTYPES[train_cfg.mixed_precision]
 
     with unsharded_loading(accelerator):
-        base = load_base_model(recipe.model, weight_dtype)
+        base = load_base_model(recipe.model, weight_dtype, base_location)
     captions = {e.source: e.caption for report in method.data_reports for e in report.usable}
     for line in caption_warnings(base.tokenizer, captions, recipe.model.max_token_length, recipe.data.shuffle_tags):
         warn(line)
@@ -381,7 +382,4 @@ def run_validation(recipe, method, modules, accelerator, step: int) -> Path | No
 
 
 def _tensorboard_writer(accelerator: Accelerator):
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            return tracker.writer
-    return None
+    return next((tracker.writer for tracker in accelerator.trackers if tracker.name == "tensorboard"), None)

@@ -5,11 +5,12 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from finetune.cli import main
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
-from finetune.models import resolve_model_folder
+from finetune.model_source import resolve_model_folder
 
 
 def damage(folder, case):
@@ -157,3 +158,47 @@ def test_a_text_encoder_config_without_model_type_still_loads(tiny_model, tmp_pa
     from transformers import CLIPTextModel
 
     CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+
+
+def fake_hub_cache(cache, repo_id, folder):
+    """`folder` as huggingface_hub keeps a downloaded repo: found offline (HF_HUB_OFFLINE=1) as `repo_id`."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+
+
+def test_a_hub_base_is_looked_up_once_per_training_run(tiny_model, image_folder, tmp_path, monkeypatch, capsys):
+    """The command's check, train() and loading each looked the hub id up (offline a cache search, online a request
+    to the hub each); so did the outputs' reload of the parts a bf16 run holds in bf16. Stopped once the base is loaded."""
+    import huggingface_hub.constants
+
+    import finetune.model_source as model_source
+    import finetune.trainer as trainer
+    from finetune.models import at_source_precision, load_base_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fake_hub_cache(tmp_path / "hub", "someone/tiny", tiny_model)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    looked_up, lookup = [], model_source._download_or_find_in_cache
+    monkeypatch.setattr(model_source, "_download_or_find_in_cache", lambda repo_id, *args: looked_up.append(repo_id) or lookup(repo_id, *args))
+    loaded = []
+
+    def load_then_stop(*args, **kwargs):
+        loaded.append(load_base_model(*args, **kwargs))
+        at_source_precision(loaded[0], ["vae", "text_encoder"])  # held in bf16: read again at their own precision, as outputs are
+        raise FinetuneError("loaded")
+
+    monkeypatch.setattr(trainer, "load_base_model", load_then_stop)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({"model": {"pretrained": "someone/tiny"}, "data": {"image_dir": str(image_folder), "resolution": 64},
+                                  "output_dir": str(tmp_path / "run"), "validation": {"prompts": []}, "train": {"mixed_precision": "bf16"}}))  # fmt: skip
+    try:
+        assert main(["train", str(recipe)]) == 2 and capsys.readouterr().err == "error: loaded\n"
+    finally:  # stopped mid-run: accelerate's process-wide settings (bf16) would refuse the next test's run
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+    assert loaded[0].vae.dtype == torch.bfloat16
+    assert looked_up == ["someone/tiny"]

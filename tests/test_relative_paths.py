@@ -7,7 +7,7 @@ from finetune.config import DataConfig, ModelConfig
 from finetune.data import load_examples
 from finetune.errors import FinetuneError
 from finetune.methods.lora import read_initial_lora
-from finetune.models import resolve_model_folder
+from finetune.model_source import resolve_model_folder
 
 
 def test_a_relative_path_not_found_names_the_current_folder(tmp_path, monkeypatch):
