@@ -121,10 +121,12 @@ def test_lora_layers_keep_their_half_precision_input_under_autocast():
     assert ours[2] < peft_default[2] - len(layers)  # at least one copy fewer per layer, forward and backward
 
 
-def test_a_rank_past_the_narrowest_adapted_layer_is_refused_before_peft_allocates():
+def test_a_rank_past_every_adapted_layer_is_refused_before_peft_allocates():
     """lora.rank: 1000000 allocated a million-row matrix per layer after the model loaded: a LoRA's up @ down has
-    at most the rank min(in, out) of its layer, so a larger rank only adds weights that change nothing. The tiny
-    UNet's and text encoder's narrowest layers are 32 wide; a 3x3 conv's down matrix reads in x 3 x 3 inputs."""
+    at most the rank min(in, out) of its layer, so a rank above every adapted layer's only adds weights that change
+    nothing. A rank that only the wider layers can use is kept (SD1.5's attention is 320 to 1280 wide). The tiny
+    UNet's widest attention and 3x3 convs are 64 wide (its narrowest 32), its text encoder 32; a 3x3 conv's down
+    matrix reads in x 3 x 3 inputs."""
     import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -135,19 +137,20 @@ def test_a_rank_past_the_narrowest_adapted_layer_is_refused_before_peft_allocate
     pipeline = build_tiny_pipeline(seed=3)
     refused = [
         (pipeline.unet, ["to_q", "to_k"], LoRAConfig(rank=1_000_000),
-         "lora.rank (1000000) is more than the narrowest adapted layer of the UNet2DConditionModel can use (down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k: "
-         "32 in, 32 out, so a LoRA of rank 32 already updates it fully): lower lora.rank to at most 32"),
-        (pipeline.unet, ["to_q", "conv1"], LoRAConfig(rank=4, conv_rank=33),
-         "lora.conv_rank (33) is more than the narrowest adapted layer of the UNet2DConditionModel can use (down_blocks.0.resnets.0.conv1: "
-         "288 in, 32 out, so a LoRA of rank 32 already updates it fully): lower lora.conv_rank to at most 32"),
+         "lora.rank (1000000) is more than any adapted layer of the UNet2DConditionModel can use (the widest, mid_block.attentions.0.transformer_blocks.0.attn1.to_q: "
+         "64 in, 64 out, is updated fully by a LoRA of rank 64): lower lora.rank to at most 64"),
+        (pipeline.unet, ["to_q", "conv1"], LoRAConfig(rank=4, conv_rank=65),
+         "lora.conv_rank (65) is more than any adapted layer of the UNet2DConditionModel can use (the widest, down_blocks.1.resnets.0.conv1: "
+         "288 in, 64 out, is updated fully by a LoRA of rank 64): lower lora.conv_rank to at most 64"),
         (pipeline.text_encoder, ["q_proj"], LoRAConfig(rank=33),
-         "lora.rank (33) is more than the narrowest adapted layer of the CLIPTextModel can use (encoder.layers.0.self_attn.q_proj: "
-         "32 in, 32 out, so a LoRA of rank 32 already updates it fully): lower lora.rank to at most 32"),
+         "lora.rank (33) is more than any adapted layer of the CLIPTextModel can use (the widest, encoder.layers.0.self_attn.q_proj: "
+         "32 in, 32 out, is updated fully by a LoRA of rank 32): lower lora.rank to at most 32"),
     ]  # fmt: skip
     for model, targets, settings, said in refused:
         with pytest.raises(FinetuneError) as raised:
             add_lora(model, targets, torch.float32, settings)
         assert str(raised.value) == said
         assert not any(isinstance(module, BaseTunerLayer) for module in model.modules())  # refused before peft added a layer
-    add_lora(pipeline.unet, ["to_q", "conv1"], torch.float32, LoRAConfig(rank=32, conv_rank=32))  # full rank is allowed
+    # Full rank of the widest layers is allowed, though the 32-wide ones take rank 64 no further than 32.
+    add_lora(pipeline.unet, ["to_q", "conv1"], torch.float32, LoRAConfig(rank=64, conv_rank=64))
     assert any(isinstance(module, BaseTunerLayer) for module in pipeline.unet.modules())

@@ -151,19 +151,21 @@ def layer_width(module: torch.nn.Module) -> tuple[int, int]:
 
 
 def check_ranks_fit(model: torch.nn.Module, target_modules: list[str], convs: list[str], settings) -> None:
-    """Refuse a rank above the narrowest adapted layer's min(in, out), before peft allocates anything: up @ down
-    has at most that rank, so the rest is weights that add nothing (and lora.rank: 1000000 allocated a million-row
-    matrix per layer once the model had loaded: 24 s on the tiny test model). `convs`: the 3x3 convolutions at lora.conv_rank."""
-    narrowest: dict[str, tuple[int, str, tuple[int, int]]] = {}  # per key: (useful rank, layer, its width)
+    """Refuse a rank above every adapted layer's min(in, out), before peft allocates anything: up @ down has at most
+    that rank, so no layer can use the rest (lora.rank: 1000000 allocated a million-row matrix per layer once the
+    model had loaded: 24 s on the tiny test model). A rank between the narrowest and the widest layers' is kept: the
+    wider layers use it (SD1.5's attention is 320 to 1280 wide). `convs`: the 3x3 convolutions at lora.conv_rank."""
+    widest: dict[str, tuple[int, str, tuple[int, int]]] = {}  # per key: (most useful rank, layer, its width)
     for name, module in model.named_modules():
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and any(name == t or name.endswith("." + t) for t in target_modules):
             key, width = "conv_rank" if name in convs else "rank", layer_width(module)
-            narrowest[key] = min(narrowest.get(key, (min(width), name, width)), (min(width), name, width))
-    for key, (useful, name, (inputs, outputs)) in narrowest.items():
+            if key not in widest or min(width) > widest[key][0]:  # the first of the widest, in the model's order
+                widest[key] = (min(width), name, width)
+    for key, (useful, name, (inputs, outputs)) in widest.items():
         rank = getattr(settings, key)
         if rank > useful:
-            raise FinetuneError(f"lora.{key} ({rank}) is more than the narrowest adapted layer of the {type(model).__name__} can use ({name}: "
-                                f"{inputs} in, {outputs} out, so a LoRA of rank {useful} already updates it fully): lower lora.{key} to at most {useful}")  # fmt: skip
+            raise FinetuneError(f"lora.{key} ({rank}) is more than any adapted layer of the {type(model).__name__} can use (the widest, {name}: "
+                                f"{inputs} in, {outputs} out, is updated fully by a LoRA of rank {useful}): lower lora.{key} to at most {useful}")  # fmt: skip
 
 
 def add_lora(model: torch.nn.Module, target_modules: list[str], weight_dtype: torch.dtype, settings) -> None:
