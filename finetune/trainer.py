@@ -14,11 +14,11 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from finetune import checkpoint as ckpt
+from finetune.accelerate_state import clears_accelerate_settings
 from finetune.check_data import concept_held_out_whole, too_few_to_batch
 from finetune.config import Recipe
 from finetune.console import say, warn
@@ -60,6 +60,7 @@ class TrainResult:
     interrupted: bool = False
 
 
+@clears_accelerate_settings  # however it ends: a later train() in this process may choose another precision
 def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], None] | None = None, overwrite: bool = False, base_location: BaseLocation | None = None) -> TrainResult:
     """Train `recipe`; `on_step(step)` is called after each optimizer step (the benchmark times steps with it).
     `overwrite`: start over in an output_dir that holds an earlier run (its checkpoints, samples and logs go). `base_location`: the command's lookup of the base."""
@@ -345,10 +346,6 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     # process could not reliably join again (gloo's second rendezvous fails). The program closes it.
     for tracker in accelerator.trackers:
         tracker.finish()
-    # Accelerate keeps its settings in process-wide singletons; clear them so the next train() in this
-    # process (a notebook, a sweep, a test) may choose another precision. The process group stays.
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
     return result
 
 
