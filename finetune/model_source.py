@@ -6,6 +6,7 @@ missing before torch and diffusers load (seconds); it imports neither.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,24 @@ def check_pipeline_parts(path: Path, name: str) -> None:
 
 
 def resolve_model_folder(config: ModelConfig) -> Path | None:
-    """Return the local diffusers folder for `config.pretrained`, or None for a single-file checkpoint."""
+    """Return the local diffusers folder for `config.pretrained` (a hub id's downloaded whole), or None for a single-file checkpoint."""
+    return with_weights(locate_base(config)).folder
+
+
+@dataclass(frozen=True)
+class BaseLocation:
+    """Where a base model was found: looked up once per run and passed along (the command's check, `train()`, loading
+    and the outputs' reload), since a hub id's lookup is a cache search offline and requests to the hub online."""
+
+    config: ModelConfig  # what was looked up
+    folder: Path | None  # its diffusers folder; None for a single .safetensors/.ckpt file
+    # False for a hub id whose configs alone are fetched (and checked): loading fetches its weights (`with_weights`).
+    weights_fetched: bool = True
+
+
+def locate_base(config: ModelConfig) -> BaseLocation:
+    """Where `config.pretrained` is, checked from its files before anything loads. A hub id's configs alone are
+    fetched (kilobytes): its weights (gigabytes) wait for loading, after `finetune train`'s data check."""
     name = config.pretrained
     path = Path(name).expanduser()
     if path.suffix in SINGLE_FILE_SUFFIXES:
@@ -43,7 +61,7 @@ def resolve_model_folder(config: ModelConfig) -> Path | None:
                        if config._key == "model.pretrained" else
                        f"pass it as --lora, with {config._key} the model it was trained on (the demo lists the LoRAs under --adapters)")
             raise FinetuneError(f"{name} is a LoRA, not a base model: {instead}")
-        return None
+        return BaseLocation(config, None)
     if config.single_file_config:
         raise FinetuneError(
             f"{config._single_file_config_key} describes a single .safetensors/.ckpt base, but {name} is not one: leave it out"
@@ -59,28 +77,28 @@ def resolve_model_folder(config: ModelConfig) -> Path | None:
         check_pipeline_parts(path, name)
         if config.variant:
             check_variant(path, name, config.variant)
-        return path
+        return BaseLocation(config, path)
     if not looks_like_hub_id(name):
         raise FinetuneError(f"base model {name} not found: no such folder or file (check {config._key}){looked_for_here(name)}")
-    return _download_or_find_in_cache(name, config.revision, config.variant, config._key)
+    # The configs first: an SDXL or inpainting id is said before gigabytes of its weights download.
+    configs = _hub_snapshot(config, config.revision, allow_patterns=["model_index.json", "*/config.json"])
+    check_architecture(configs, name)
+    return BaseLocation(config, configs, weights_fetched=False)
 
 
-@dataclass(frozen=True)
-class BaseLocation:
-    """Where a base model was found: looked up once per run and passed along (the command's check, `train()`, loading
-    and the outputs' reload), since a hub id's lookup is a cache search offline and requests to the hub online."""
-
-    config: ModelConfig  # what was looked up
-    folder: Path | None  # its diffusers folder; None for a single .safetensors/.ckpt file
-
-
-def locate_base(config: ModelConfig) -> BaseLocation:
-    return BaseLocation(config, resolve_model_folder(config))
+def with_weights(location: BaseLocation) -> BaseLocation:
+    """`location` with its weights at hand: a hub id's are downloaded now (or found in the cache), once per location."""
+    if location.weights_fetched:
+        return location
+    allow, ignore = download_patterns(location.config.variant)
+    # The commit whose configs were checked (its snapshot folder's name), though the repository changed since.
+    commit = location.folder.name if re.fullmatch("[0-9a-f]{40}", location.folder.name) else location.config.revision
+    return BaseLocation(location.config, _hub_snapshot(location.config, commit, allow_patterns=allow, ignore_patterns=ignore))
 
 
 def located_folder(config: ModelConfig, location: BaseLocation | None) -> Path | None:
-    """`config`'s folder: `location`'s where it is the lookup of this config, else looked up now."""
-    return location.folder if location is not None and location.config == config else resolve_model_folder(config)
+    """`config`'s folder, weights included: `location`'s where it is the lookup of this config, else looked up now."""
+    return with_weights(location if location is not None and location.config == config else locate_base(config)).folder
 
 
 def looks_like_hub_id(name: str) -> bool:
@@ -111,17 +129,16 @@ def download_patterns(variant: str | None) -> tuple[list[str], list[str]]:
     return allow, ignore
 
 
-def _download_or_find_in_cache(repo_id: str, revision: str | None, variant: str | None, key: str) -> Path:
+def _hub_snapshot(config: ModelConfig, revision: str | None, **patterns) -> Path:
+    """The files of hub id `config.pretrained` at `revision` that `patterns` (snapshot_download's allow/ignore) select,
+    from the cache, else downloaded (offline with HF_HUB_OFFLINE=1: the cache only); the revision's snapshot folder."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    repo_id, key = config.pretrained, config._key
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")  # as huggingface_hub reads it
     try:
-        # The configs first (kilobytes): an SDXL or inpainting id is said before gigabytes of its weights download.
-        configs = snapshot_download(repo_id, revision=revision, local_files_only=offline, allow_patterns=["model_index.json", "*/config.json"])
-        check_architecture(Path(configs), repo_id)
-        allow, ignore = download_patterns(variant)
-        folder = snapshot_download(repo_id, revision=revision, local_files_only=offline, allow_patterns=allow, ignore_patterns=ignore)
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=offline, **patterns))
     except (LocalEntryNotFoundError, FileNotFoundError):
         # Offline, or online with the hub out of reach (huggingface_hub then looks in the cache, and raises this too).
         why = "downloads are off (HF_HUB_OFFLINE=1)" if offline else "the hub could not be reached (no network?)"
@@ -133,4 +150,3 @@ def _download_or_find_in_cache(repo_id: str, revision: str | None, variant: str 
         raise FinetuneError(f"base model {repo_id} not found on the hub, nor as a folder in the current folder ({os.getcwd()}): check {key}") from None
     except OSError as err:
         raise FinetuneError(f"base model {repo_id} could not be fetched ({err.__class__.__name__}): check the network or use a local folder") from None
-    return Path(folder)

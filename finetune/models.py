@@ -19,7 +19,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from finetune.config import ModelConfig
 from finetune.encoders import skip_last_layers
 from finetune.errors import FinetuneError
-from finetune.model_source import BaseLocation, locate_base, located_folder
+from finetune.model_source import BaseLocation, locate_base, located_folder, with_weights
 
 
 
@@ -69,8 +69,8 @@ def freeze(module: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.n
 def load_base_model(config: ModelConfig, weight_dtype: torch.dtype = torch.float32, location: BaseLocation | None = None) -> BaseModel:
     """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler; freeze VAE and text encoder.
     `location`: the run's lookup of `config` (`finetune.model_source.locate_base`), else it is looked up here."""
-    if location is None or location.config != config:
-        location = locate_base(config)
+    # A hub id's weights are fetched here, once: the parts loaded again later (at_source_precision) are read from them.
+    location = with_weights(location if location is not None and location.config == config else locate_base(config))
     parts = load_parts(config, ["tokenizer", "text_encoder", "vae", "unet", "scheduler_config"], location)
     # Training always adds noise the DDPM way; the model's own config says which betas and target.
     noise_scheduler = DDPMScheduler.from_config(parts["scheduler_config"])

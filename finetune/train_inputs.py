@@ -4,11 +4,10 @@ images themselves, for callers that do not come through the command line."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 from finetune.config import DataConfig, LossMaskConfig, Recipe
-from finetune.model_source import BaseLocation, locate_base, looks_like_hub_id
+from finetune.model_source import BaseLocation, locate_base
 from finetune.sources import check_folders_exist
 
 
@@ -29,8 +28,9 @@ def data_configs(recipe: Recipe) -> list[DataConfig]:
 
 
 def check_inputs_exist(recipe: Recipe) -> BaseLocation:
-    """The recipe's data folders and base model are there (a hub id: in the cache, or downloaded now); returns where
-    the base is, for `train()` to load it from without looking it up again."""
+    """The recipe's data folders and base model are there (a hub id: its configs, from the cache or downloaded now;
+    its weights download as it loads, after the data check); returns where the base is, for `train()` to load it
+    from without looking it up again."""
     for config in data_configs(recipe):
         if config.image_dir:  # a `datasets` dataset is opened by the data check
             check_folders_exist(config)
@@ -38,14 +38,11 @@ def check_inputs_exist(recipe: Recipe) -> BaseLocation:
 
 
 def check_base_and_data(recipe: Recipe, check_data: Callable[[], None], base: BaseLocation | None = None) -> BaseLocation:
-    """`train()`'s checks of what it reads, cheapest first: a local base's files (configs, weights' headers) take a
-    moment and the data check decodes every image (minutes for a large set), so a typo in model.pretrained is said
-    first; a hub base may download, so it comes after the data check. `base`: the command's lookup of the base (a hub
-    id's costs a cache search or a request each time), used as it is; returns the base's location."""
-    if base is not None and base.config == recipe.model:
-        check_data()
-        return base
-    hub_base = looks_like_hub_id(recipe.model.pretrained) and not Path(recipe.model.pretrained).exists()
-    located = None if hub_base else locate_base(recipe.model)
+    """`train()`'s checks of what it reads, cheapest first: the base's files (a local one's configs and weights'
+    headers, a hub id's configs alone) take a moment and the data check decodes every image (minutes for a large set),
+    so a typo in model.pretrained is said first; a hub id's weights download as the base loads, after the data check.
+    `base`: the command's lookup of the base (a hub id's costs a cache search or a request each time), used as it is;
+    returns the base's location."""
+    located = base if base is not None and base.config == recipe.model else locate_base(recipe.model)
     check_data()
-    return located if located is not None else locate_base(recipe.model)
+    return located

@@ -168,20 +168,54 @@ def fake_hub_cache(cache, repo_id, folder):
     (repo / "refs" / "main").write_text("0" * 40)
 
 
-def test_a_hub_base_is_looked_up_once_per_training_run(tiny_model, image_folder, tmp_path, monkeypatch, capsys):
-    """The command's check, train() and loading each looked the hub id up (offline a cache search, online a request
-    to the hub each); so did the outputs' reload of the parts a bf16 run holds in bf16. Stopped once the base is loaded."""
+def hub_base_requests(tiny_model, tmp_path, monkeypatch) -> list[str]:
+    """The tiny model as hub id someone/tiny, in a fake cache read offline. The list says, in order, what was asked of
+    the hub ("configs", or "weights" for patterns that select weights) and when train()'s data check began."""
+    import huggingface_hub
     import huggingface_hub.constants
 
-    import finetune.model_source as model_source
     import finetune.trainer as trainer
-    from finetune.models import at_source_precision, load_base_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     fake_hub_cache(tmp_path / "hub", "someone/tiny", tiny_model)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    looked_up, lookup = [], model_source._download_or_find_in_cache
-    monkeypatch.setattr(model_source, "_download_or_find_in_cache", lambda repo_id, *args: looked_up.append(repo_id) or lookup(repo_id, *args))
+    events, download, check = [], huggingface_hub.snapshot_download, trainer.check_base_and_data
+
+    def snapshot_download(repo_id, **kwargs):
+        events.append("weights" if any("safetensors" in pattern for pattern in kwargs["allow_patterns"]) else "configs")
+        return download(repo_id, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(trainer, "check_base_and_data", lambda recipe, check_data, base=None: check(recipe, lambda: events.append("data check") or check_data(), base))
+    return events
+
+
+def hub_recipe(tmp_path, image_dir, **train):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({"model": {"pretrained": "someone/tiny"}, "data": {"image_dir": str(image_dir), "resolution": 64},
+                                  "output_dir": str(tmp_path / "run"), "validation": {"prompts": []}, "train": train}))  # fmt: skip
+    return recipe
+
+
+def test_a_hub_base_downloads_no_weights_before_the_data_check(tiny_model, image_folder, tmp_path, monkeypatch, capsys):
+    """The command's pre-check downloaded a hub id whole (gigabytes for SD1.5), then the data check refused an image:
+    its configs alone (checked: SD1.x's or SD2.x's kind) are fetched before the data check, its weights as it loads."""
+    events = hub_base_requests(tiny_model, tmp_path, monkeypatch)
+    data = shutil.copytree(image_folder, tmp_path / "data")
+    (data / "0000.png").write_bytes(b"cut short")
+    assert main(["train", str(hub_recipe(tmp_path, data))]) == 2
+    assert capsys.readouterr().err.startswith(f"error: image {data / '0000.png'} cannot be read")
+    assert events == ["configs", "data check"]
+
+
+def test_a_hub_base_is_looked_up_once_per_training_run(tiny_model, image_folder, tmp_path, monkeypatch, capsys):
+    """The command's check, train() and loading each looked the hub id up (offline a cache search, online a request
+    to the hub each); so did the outputs' reload of the parts a bf16 run holds in bf16. Stopped once the base is loaded:
+    its configs were fetched once, before the data check, and its weights once, after it."""
+    import finetune.trainer as trainer
+    from finetune.models import at_source_precision, load_base_model
+
+    events = hub_base_requests(tiny_model, tmp_path, monkeypatch)
     loaded = []
 
     def load_then_stop(*args, **kwargs):
@@ -190,9 +224,7 @@ def test_a_hub_base_is_looked_up_once_per_training_run(tiny_model, image_folder,
         raise FinetuneError("loaded")
 
     monkeypatch.setattr(trainer, "load_base_model", load_then_stop)
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(json.dumps({"model": {"pretrained": "someone/tiny"}, "data": {"image_dir": str(image_folder), "resolution": 64},
-                                  "output_dir": str(tmp_path / "run"), "validation": {"prompts": []}, "train": {"mixed_precision": "bf16"}}))  # fmt: skip
-    assert main(["train", str(recipe)]) == 2 and capsys.readouterr().err == "error: loaded\n"  # train() clears accelerate's bf16 settings
+    assert main(["train", str(hub_recipe(tmp_path, image_folder, mixed_precision="bf16"))]) == 2
+    assert capsys.readouterr().err == "error: loaded\n"  # train() clears accelerate's bf16 settings
     assert loaded[0].vae.dtype == torch.bfloat16
-    assert looked_up == ["someone/tiny"]
+    assert events == ["configs", "data check", "weights"]

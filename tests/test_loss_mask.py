@@ -114,9 +114,9 @@ def test_every_bad_mask_is_one_line_naming_the_file_before_training(tmp_path, ma
     (folder / "masks" / "1.png").write_bytes(b"not a png")
     with pytest.raises(FinetuneError, match=rf"loss mask {folder / 'masks' / '1.png'} cannot be read"):
         load_examples(config)
-    # The same check stops training before any model loads (a hub base, not cached, is looked up after it; a local one before).
+    # The same check stops training before any model loads (the base's files are checked before it, its weights load after).
     with pytest.raises(FinetuneError, match=r"cannot be read"):
-        train(make_recipe(data__image_dir=str(folder), data__loss_mask={"source": "files"}, model__pretrained="someone/no-model"))
+        train(make_recipe(data__image_dir=str(folder), data__loss_mask={"source": "files"}))
     # data.skip_bad_images leaves the image out, as any bad image.
     skipped = config.model_copy(update={"skip_bad_images": True})
     assert len(load_examples(skipped)) == 3
