@@ -49,7 +49,7 @@ def _a_boolean_for_a_number(value, annotation) -> bool:
     """Whether `value` is a bool, or a list holding one, where `annotation` takes numbers: int, float, a Literal
     of numbers (model.max_token_length), their Annotated and Optional forms, and tuples or lists of them (optimizer.betas)."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is Annotated:  # PixelSize, Share, Seed, SamplingSteps
+    if origin is Annotated:  # PixelSize, Resolution, Share, Seed, SamplingSteps
         return _a_boolean_for_a_number(value, args[0])
     if origin in (Union, types.UnionType):  # Optional[int]; a union that also takes a bool would be left alone
         return bool not in args and any(_a_boolean_for_a_number(value, member) for member in args)
@@ -85,7 +85,23 @@ def _countable_repeats(value: int) -> int:
     return value
 
 
+# The largest data.resolution. SD1.5 was trained at 512, SD2 at 768 and SDXL at 1024, and sd-scripts users train up to
+# about 2048; 4096 is 16 times SDXL's pixels. The cost grows with the pixels: one image's VAE encode alone held some
+# 2.5 KB per pixel (measured: SD1.5's VAE, fp32, no gradients, 0.66 GB at 512), 42 GB at 4096 before the UNet trains.
+# data.resolution: 1000000 (a typo) resized each image to 3 TB once the model had loaded, until memory ran out;
+# a 0 too many on 512 or 1024 (5120, 10240) is past the bound.
+MAX_RESOLUTION = 4096
+
+
+def _trainable_side(value: int) -> int:
+    if value > MAX_RESOLUTION:
+        raise ValueError(f"must be at most {MAX_RESOLUTION} (SD1.5 trains at 512, SDXL at 1024; one image's VAE pass alone holds some 2.5 KB "
+                         "per pixel): lower it")  # fmt: skip
+    return value
+
+
 PixelSize = Annotated[int, AfterValidator(_multiple_of_8)]  # an image side the VAE turns into whole latents
+Resolution = Annotated[PixelSize, AfterValidator(_trainable_side)]  # the side images train at (and validation samples)
 Share = Annotated[float, AfterValidator(_between_0_and_1)]  # a probability
 Repeats = Annotated[int, AfterValidator(_countable_repeats)]  # uses of each image per epoch (at least 1: each section says why)
 # Random seeds: torch's generators take at most 64 bits, numpy's no negative numbers; image k draws from seed + k.

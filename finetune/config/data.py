@@ -8,7 +8,7 @@ from typing import ClassVar, Literal, Optional
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from finetune.config.base import PixelSize, Repeats, Section, Share, UserPath
+from finetune.config.base import PixelSize, Repeats, Resolution, Section, Share, UserPath
 
 
 class BucketConfig(Section):
@@ -107,7 +107,7 @@ class DataConfig(Section):
     caption_column: str = "text"
     # One prompt for every image; when set, captions are not read.
     caption: Optional[str] = None
-    resolution: PixelSize = 512
+    resolution: Resolution = 512  # at most MAX_RESOLUTION (4096)
     crop: Literal["center", "random"] = "center"
     random_flip: bool = False
     # Share of training captions replaced by "" so classifier-free guidance keeps working.

@@ -1,0 +1,26 @@
+"""Sizes and counts that would hang a run or exhaust memory without a word, refused in one line naming the key
+where the recipe loads (before any model loads or image is read)."""
+
+import pytest
+
+from finetune.cli import main
+from finetune.errors import FinetuneError
+from finetune.recipe_loading import recipe_from_dict
+
+MAX_RESOLUTION = 4096  # finetune.config.base.MAX_RESOLUTION
+RESOLUTION_BOUND = (f"must be at most {MAX_RESOLUTION} (SD1.5 trains at 512, SDXL at 1024; one image's VAE pass alone holds some 2.5 KB "
+                    "per pixel): lower it")  # fmt: skip
+
+
+@pytest.mark.parametrize("resolution", [10**6, 5120])
+def test_a_resolution_past_the_bound_is_refused_where_the_recipe_loads(resolution):
+    """data.resolution: 1000000 resized each image to 3 TB once the model had loaded; 5120 is 512 with a 0 too many."""
+    with pytest.raises(FinetuneError) as raised:
+        recipe_from_dict({"data": {"image_dir": "x", "resolution": resolution}})
+    assert str(raised.value) == f"recipe: key 'data.resolution': {RESOLUTION_BOUND} (got {resolution})"
+    assert recipe_from_dict({"data": {"image_dir": "x", "resolution": MAX_RESOLUTION}}).data.resolution == MAX_RESOLUTION
+
+
+def test_check_data_refuses_a_resolution_past_the_bound_before_reading_images(tmp_path, capsys):
+    assert main(["check-data", "--image-dir", str(tmp_path / "not-there"), "--resolution", str(10**6)]) != 0
+    assert capsys.readouterr().err.strip() == f"error: check-data: --resolution: {RESOLUTION_BOUND} (got {10**6})"
