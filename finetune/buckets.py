@@ -38,7 +38,9 @@ def make_buckets(config: DataConfig) -> list[Size]:
     step, area = config.bucketing.step, config.resolution * config.resolution
     min_side, max_side = side_limits(config)
     buckets = {(config.resolution, config.resolution)}
-    for width in range(min_side, max_side + 1, step):
+    # No side past area // min_side has a bucket (its other side would be below min_side): a max_side of 10**12
+    # (a typo) looped over 10**10 widths at the recipe's load, hours without a word, for the same buckets.
+    for width in range(min_side, min(max_side, area // min_side) + 1, step):
         height = min(max_side, area // width // step * step)
         if height >= min_side:
             buckets.update({(width, height), (height, width)})

@@ -54,6 +54,21 @@ def test_buckets_for_sd15_settings():
     assert all(384 <= side <= 640 for bucket in narrow for side in bucket)
 
 
+def test_a_huge_max_side_makes_the_same_buckets_at_once():
+    """max_side: 10**15 (a typo) looped over every width up to it as the recipe loaded, without a word; no width past
+    resolution^2 / min_side has a bucket (its height would be below min_side), so it makes the reachable max_side's buckets."""
+    import threading
+
+    made = {}
+    huge = lambda: made.setdefault("buckets", make_buckets(DataConfig(image_dir="x", resolution=512, bucketing={"enabled": True, "max_side": 10**15})))
+    worker = threading.Thread(target=huge, daemon=True)  # daemon: without the bound it would loop on past the test
+    worker.start()
+    worker.join(timeout=5)
+    assert not worker.is_alive(), "make_buckets looped over every width up to data.bucketing.max_side"
+    reachable = make_buckets(DataConfig(image_dir="x", resolution=512, bucketing={"enabled": True, "max_side": 512 * 512 // 256}))
+    assert made["buckets"] == reachable and (1024, 256) in reachable
+
+
 def test_each_image_goes_to_the_closest_aspect_ratio():
     buckets = make_buckets(DataConfig(image_dir="x", resolution=512, bucketing={"enabled": True}))
     for size in [(1000, 500), (500, 1000), (640, 480), (4000, 4000), (3000, 500)]:
