@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from finetune.check_data import FATAL, SKIP_HINT, WARNING, concept_held_out_whole, data_label, inspect_examples, too_few_to_batch
 from finetune.config import DataConfig, ModelConfig, Recipe
 from finetune.counts import counted
-from finetune.epoch_uses import expand_repeats
+from finetune.epoch_uses import expand_together
 from finetune.errors import FinetuneError
 from finetune.held_out import held_out_sources, split_held_out
 from finetune.recipe_loading import describe_validation_error, load_recipe
@@ -74,7 +74,7 @@ def run_check_data_command(args) -> int:
             reports.append(inspect_pairs(recipe.model_copy(update={"data": config}))[1])
         else:
             reports.append(inspect_examples(read_examples(config), config, data_label(config)))
-    sources = [example.source for report in reports for example in expand_repeats(report.usable)]  # as the trainer counts
+    sources = [example.source for examples in expand_together([report.usable for report in reports]) for example in examples]  # as the trainer counts
     # The same images training holds out (the split depends on the seed and the data only).
     trained, held = split_held_out(sources, recipe.validation.loss_images, recipe.seed) if recipe is not None else (range(len(sources)), [])
     held_sources = held_out_sources(sources, trained)

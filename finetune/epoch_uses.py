@@ -26,3 +26,10 @@ def expand_repeats(examples: list[Example]) -> list[Example]:
     """Each example listed its repeats times: an epoch's uses, in order."""
     check_epoch_uses([example.repeats for example in examples])
     return [example for example in examples for _ in range(example.repeats)]
+
+
+def expand_together(sources: list[list[Example]]) -> list[list[Example]]:
+    """Each source's examples listed their repeats times, the epoch they make together checked first: DreamBooth's
+    concepts are one epoch (their instances one list, shuffled whole), so each within the bound is not enough."""
+    check_epoch_uses([example.repeats for examples in sources for example in examples])
+    return [[example for example in examples for _ in range(example.repeats)] for examples in sources]

@@ -9,7 +9,7 @@ from finetune.cli import main
 from finetune.config import DataConfig
 from finetune.config.base import MAX_USES_PER_EPOCH
 from finetune.errors import FinetuneError
-from finetune.recipe_loading import recipe_from_dict
+from finetune.recipe_loading import load_recipe, recipe_from_dict
 
 BOUND = f"must be at most {MAX_USES_PER_EPOCH:,} (an epoch is listed and shuffled in memory, each image its repeats times): lower it"
 
@@ -39,5 +39,26 @@ def test_an_epoch_of_too_many_uses_is_refused_before_it_is_listed(tmp_path, caps
     assert str(raised.value) == said
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"data:\n  image_dir: {tmp_path}\n  resolution: 64\n  folders:\n    - {{path: ., repeats: {repeats}}}\n")
+    assert main(["check-data", str(recipe)]) != 0
+    assert capsys.readouterr().err.strip() == f"error: {said}"
+
+
+def test_dreambooth_concepts_are_one_epoch_bounded_together(tmp_path, capsys):
+    """Each concept within the bound, together past it: their instances are one list, shuffled whole each epoch. Training
+    checked each concept alone (two of 6,000,000 uses listed 12,000,000) and check-data said 'ready to train'."""
+    from finetune.methods.dreambooth import DreamBoothMethod
+
+    concepts = []
+    for name, colour in (("a", "red"), ("b", "blue")):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (64, 64), colour).save(tmp_path / name / "0.png")
+        concepts.append(f"    - {{instance_dir: {tmp_path / name}, instance_prompt: sks {colour}, repeats: {MAX_USES_PER_EPOCH // 2 + 1}}}\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: dreambooth\ndata: {resolution: 64}\ndreambooth:\n  prior_preservation: false\n  concepts:\n" + "".join(concepts))
+    said = (f"an epoch would use 2 images {2 * (MAX_USES_PER_EPOCH // 2 + 1):,} times in all (each its repeats times), more than the "
+            f"{MAX_USES_PER_EPOCH:,} an epoch may have (it is listed and shuffled in memory): lower the repeats")  # fmt: skip
+    with pytest.raises(FinetuneError) as raised:
+        DreamBoothMethod(load_recipe(recipe)).check_data()  # what training lists, before any model loads
+    assert str(raised.value) == said
     assert main(["check-data", str(recipe)]) != 0
     assert capsys.readouterr().err.strip() == f"error: {said}"
