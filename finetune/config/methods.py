@@ -154,6 +154,12 @@ class Concept(Section):
         return [self.class_prompt] if isinstance(self.class_prompt, str) else list(self.class_prompt)
 
 
+# Generated class image k is named <key>-<k:05d>.png, and only names of 5 digits are read back as generated
+# (finetune/class_images.py): image 100,000 on would be taken for a user's own, and then by a concept of another class
+# prompt sharing the folder. Planning 10**9 (a typo) listed and looked for every name first: 12 s and 0.8 GB a million, before the model loaded.
+MAX_CLASS_IMAGES = 100_000
+
+
 class DreamBoothConfig(Section):
     """`method: dreambooth` (Ruiz et al., 2023): learn subjects while preserving the class prior."""
 
@@ -161,7 +167,7 @@ class DreamBoothConfig(Section):
     adapter: Literal["full", "lora"] = "full"  # lora uses the `lora:` section's settings
     prior_preservation: bool = True
     prior_loss_weight: float = Field(1.0, ge=0)
-    num_class_images: int = Field(100, ge=0)  # per concept
+    num_class_images: int = Field(100, ge=0)  # per concept, at most MAX_CLASS_IMAGES
     class_generation: ClassImageGeneration = ClassImageGeneration()
     train_text_encoder: bool = False
     text_encoder_lr: Optional[float] = Field(None, gt=0)  # None: the same as optimizer.lr
@@ -171,6 +177,13 @@ class DreamBoothConfig(Section):
     def _at_least_one(cls, value: list) -> list:
         if not value:
             raise ValueError("list at least one concept (instance_dir and instance_prompt)")
+        return value
+
+    @field_validator("num_class_images")
+    @classmethod
+    def _nameable(cls, value: int) -> int:
+        if value > MAX_CLASS_IMAGES:
+            raise ValueError(f"must be at most {MAX_CLASS_IMAGES:,} per concept (generated class images are numbered in 5 digits): lower it")
         return value
 
     @model_validator(mode="after")
