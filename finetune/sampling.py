@@ -9,6 +9,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
+from finetune.config.validation_grid import GRID_LABEL_WIDTH
 from finetune.encoders import chunks_needed, recorded_clip_skip, text_hidden_states
 from finetune.errors import FinetuneError
 from finetune.models import BaseModel
@@ -255,7 +256,6 @@ def tensor_to_image(pixels: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
-GRID_LABEL_WIDTH = 160  # the left margin of labelled grids (sample grids, validation grids, eval grids)
 
 
 def first_cell(grid: Image.Image, cell: int) -> Image.Image | None:

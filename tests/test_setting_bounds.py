@@ -43,3 +43,26 @@ def test_class_images_past_five_digit_names_are_refused_where_the_recipe_loads()
     assert recipe_from_dict(raw).dreambooth.num_class_images == 100_000
     # The last image the bound allows is read back as generated; the next would not be.
     assert is_generated_name(Path("0123456789-99999.png")) and not is_generated_name(Path("0123456789-100000.png"))
+
+
+def test_a_validation_grid_finetune_could_not_open_is_refused_where_the_recipe_loads():
+    """validation.images_per_prompt: 1000000 sampled for days, every image held in memory, before drawing a grid past
+    the pixels PIL opens in finetune (twice finetune.images.TRUSTED_IMAGE_PIXELS)."""
+    from finetune.images import TRUSTED_IMAGE_PIXELS
+
+    def recipe(images_per_prompt, method="lora", prompts=("a dog",)):
+        return recipe_from_dict({"method": method, "data": {"image_dir": "x", "resolution": 512},
+                                 "validation": {"prompts": list(prompts), "images_per_prompt": images_per_prompt}})  # fmt: skip
+
+    with pytest.raises(FinetuneError) as raised:
+        recipe(10**6)
+    assert str(raised.value) == ("recipe: validation.images_per_prompt (1000000) with 1 prompt row at 512 px makes a 512000160x512 validation grid, "
+                                 "more than the 600,000,000 pixels finetune opens (PIL refuses larger images as decompression bombs): lower "
+                                 "validation.images_per_prompt")  # fmt: skip
+    assert 2 * TRUSTED_IMAGE_PIXELS == 600_000_000
+    largest = (600_000_000 // 512 - 160) // 512  # 2288 images of 512 px and the label margin in one 512 px row
+    assert recipe(largest).validation.images_per_prompt == largest
+    with pytest.raises(FinetuneError, match=r"with 2 prompt rows at 512 px .* or list fewer validation.prompts$"):
+        recipe(largest, prompts=("a dog", "a cat"))
+    with pytest.raises(FinetuneError, match=r"makes a 1172128x512 validation grid"):  # a ControlNet's rows start with their conditioning image
+        recipe(largest, method="controlnet")

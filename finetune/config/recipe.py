@@ -13,6 +13,7 @@ from finetune.config.base import SamplingSteps, Section, Seed, UserPath
 from finetune.config.data import DataConfig
 from finetune.errors import FinetuneError
 from finetune.config.methods import ControlNetConfig, DreamBoothConfig, FullConfig, LoRAConfig, VAEConfig
+from finetune.config.validation_grid import validation_grid_problem
 from finetune.prompt_options import PromptSettings, with_options
 
 
@@ -339,6 +340,12 @@ class Recipe(Section):
                     f"controlnet.validation_conditions has {conditions} images for {prompts} validation.prompts: "
                     "give one image per prompt, or one image (or one prompt) for all"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _validation_grid_fits(self) -> "Recipe":
+        if (problem := validation_grid_problem(self)) is not None:
+            raise ValueError(problem)
         return self
 
     @model_validator(mode="after")
