@@ -65,6 +65,18 @@ def test_multires_noise_has_unit_variance_per_sample_more_coarse_structure_and_i
     assert torch.allclose(half, pyramid[32:], atol=1e-6)
 
 
+def test_multires_noise_stops_at_1x1_so_more_iterations_change_nothing():
+    """As sd-scripts (`if wn == 1 or hn == 1: break`): the level that reaches a 1-pixel side is the last, so
+    train.multires_noise_iterations past it draws the same noise, bit for bit, and 10**9 costs no more."""
+    shape = (4, 64, 64)
+    noise = lambda iterations: draw_noise(randomness(size=4), shape, range(1000), NoiseOptions(multires_iterations=iterations))[0]
+    levels = [noise(n) for n in range(1, 9)]
+    last = next(n for n in range(1, 8) if torch.equal(levels[n - 1], levels[n]))  # the first count past which nothing is added
+    assert 3 <= last <= 7  # a 64-pixel side shrinks by 2x to 4x a level: 1 pixel within log2(64) + 1 levels
+    assert all(not torch.equal(levels[n - 1], levels[n]) for n in range(1, last))  # each level below it adds its own noise
+    assert torch.equal(noise(10**9), levels[last - 1])
+
+
 def sd_scripts_pyramid_noise(noise, iterations, discount):
     """sd-scripts' pyramid_noise_like (library/custom_train_functions.py), as it is written there."""
     import random
