@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from finetune.config import ClassImageGeneration, ModelConfig
-from finetune.console import warn
+from finetune.console import say, warn
 from finetune.counts import counted
 from finetune.encoders import chunks_needed
 from finetune.sampling import autocast_for, prompt_arguments, save_image_atomic
@@ -212,23 +212,51 @@ def generate_class_images(
     by_chunks: dict[int, list[int]] = {}
     for k in mine:
         by_chunks.setdefault(chunks_needed(pipeline.tokenizer, [generated_prompt(class_prompts, k), settings.negative_prompt or ""]), []).append(k)
-    batches = [group[i : i + settings.batch_size] for group in by_chunks.values() for i in range(0, len(group), settings.batch_size)]
-    written = 0
+    written, size = 0, settings.batch_size
     name = f"'{class_prompts[0]}'" + (f" and {len(class_prompts) - 1} more prompts" if len(class_prompts) > 1 else "")
-    for batch in tqdm(batches, desc=f"class images {name}", disable=process_index != 0 or not batches):
-        generators = [torch.Generator("cpu").manual_seed(settings.seed + k) for k in batch]
-        with autocast_for(pipeline):
-            images = pipeline(
-                **prompt_arguments(
-                    pipeline, [generated_prompt(class_prompts, k) for k in batch], [settings.negative_prompt] * len(batch) if settings.negative_prompt else None
-                ),
-                num_inference_steps=settings.num_inference_steps,
-                guidance_scale=settings.guidance_scale,
-                height=resolution,
-                width=resolution,
-                generator=generators,
-            ).images
-        for k, image in zip(batch, images):
-            save_image_atomic(image, folder / f"{key}-{k:05d}.png")
-            written += 1
+    with tqdm(total=len(mine), desc=f"class images {name}", unit="image", disable=process_index != 0 or not mine) as progress:
+        for group in by_chunks.values():
+            while group:
+                batch = group[:size]
+                try:
+                    images = _make(pipeline, class_prompts, batch, settings, resolution)
+                except torch.OutOfMemoryError:
+                    if len(batch) == 1:  # one image that does not fit: nothing smaller to try
+                        raise
+                    images = None
+                if images is None:  # out of the except block, so the failed call's tensors (held by its traceback) are freed first
+                    # dreambooth.class_generation.batch_size is the most at once, not a promise: image k comes from seed + k in any
+                    # batch, so halving makes the same images (batch_size 1000000 had one call hold every missing image).
+                    size = len(batch) // 2
+                    _free_device_memory()
+                    say(f"class images: {len(batch)} at once ran out of GPU memory; making {size} at a time from now on "
+                        f"(dreambooth.class_generation.batch_size: {size} starts there)", by="this process")  # its own device
+                    continue
+                for k, image in zip(batch, images):
+                    save_image_atomic(image, folder / f"{key}-{k:05d}.png")
+                    written += 1
+                group = group[len(batch) :]
+                progress.update(len(batch))
     return written
+
+
+def _make(pipeline, class_prompts: list[str], batch: list[int], settings: ClassImageGeneration, resolution: int) -> list:
+    """Class images `batch` (their indices k) in one call, each from its own seed."""
+    generators = [torch.Generator("cpu").manual_seed(settings.seed + k) for k in batch]
+    negatives = [settings.negative_prompt] * len(batch) if settings.negative_prompt else None
+    with autocast_for(pipeline):
+        return pipeline(
+            **prompt_arguments(pipeline, [generated_prompt(class_prompts, k) for k in batch], negatives),
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale,
+            height=resolution,
+            width=resolution,
+            generator=generators,
+        ).images
+
+
+def _free_device_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        torch.mps.empty_cache()

@@ -96,6 +96,35 @@ def test_a_list_of_class_prompts_makes_image_k_from_prompt_k_mod_n_and_trains_it
     assert class_image_caption(folder / "my-own-dog.png", prompts) == prompts[0]
 
 
+def test_class_images_out_of_gpu_memory_are_made_in_halves(tiny_model, tmp_path, capsys):
+    """dreambooth.class_generation.batch_size: 1000000 had one call hold every missing image; out of GPU memory was a
+    traceback once the base had loaded. A batch that does not fit is made again in halves (image k comes from seed + k in
+    any batch), and the smaller size kept; one image that does not fit still raises."""
+    pipeline = build_pipeline(load_base_model(_model(tiny_model)))
+    tried = []
+
+    class SmallGpu:  # the pipeline on a GPU that holds `fits` images at once
+        def __init__(self, fits):
+            self.fits = fits
+
+        def __getattr__(self, name):
+            return getattr(pipeline, name)
+
+        def __call__(self, **kwargs):
+            tried.append(len(kwargs["generator"]))
+            if len(kwargs["generator"]) > self.fits:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return pipeline(**kwargs)
+
+    huge = SETTINGS.model_copy(update={"batch_size": 1_000_000})
+    assert generate_class_images(SmallGpu(2), ["a shape"], tmp_path / "class", "k", [0, 1, 2, 3, 4], huge, 64) == 5
+    assert tried == [5, 2, 2, 1]  # five fail, then two at a time (the last one alone)
+    assert sorted(p.name for p in (tmp_path / "class").glob("*.png")) == [f"k-{k:05d}.png" for k in range(5)]
+    assert "class images: 5 at once ran out of GPU memory; making 2 at a time from now on" in capsys.readouterr().out
+    with pytest.raises(torch.OutOfMemoryError):  # one image that does not fit: nothing smaller to try
+        generate_class_images(SmallGpu(0), ["a shape"], tmp_path / "other", "k", [0, 1], huge, 64)
+
+
 def _model(path):
     from finetune.config import ModelConfig
 
