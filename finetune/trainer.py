@@ -33,7 +33,6 @@ from finetune.caption_tokens import caption_warnings
 from finetune.errors import FinetuneError
 from finetune.finite_weights import ensure_finite_weights
 from finetune.held_out import TrainingSubset, held_out_loss, held_out_sources, split_held_out
-from finetune.methods import METHODS
 from finetune.model_source import BaseLocation
 from finetune.models import load_base_model
 from finetune.output_metadata import dataset_metadata, output_metadata
@@ -42,6 +41,7 @@ from finetune.recipe_loading import dump_recipe
 from finetune.run_length import check_epoch_run, due, epoch_count, epochs_text, planned_steps, resume_warnings, run_length_line
 from finetune.loss_mask import preview as mask_preview
 from finetune.sampling import GRID_LABEL_WIDTH, in_lockstep, make_grid, save_image_atomic
+from finetune.start_weights import resumed_method
 from finetune.step_losses import StepLosses
 from finetune.train_inputs import check_base_and_data
 from finetune.stopping import StopRequest, batches_of
@@ -69,9 +69,9 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     train_cfg = recipe.train
 
     # Cheap checks first: a bad image or a missing model is reported before any weight is loaded.
-    method = METHODS[recipe.method](recipe)
-    base_location = check_base_and_data(recipe, method.check_data, base_location)
     resume_from = ckpt.resolve_resume(resume, checkpoints_dir)
+    method = resumed_method(recipe, resume_from)  # a resume's starting weights (lora.init_from, ...) are its checkpoint's
+    base_location = check_base_and_data(recipe, method.check_data, base_location)
     if resume_from is not None:
         ckpt.check_resumable(resume_from, train_cfg.max_steps, recipe.flat_settings())
     ckpt.guard_earlier_run(output_dir, resume_from, overwrite)
@@ -185,9 +185,6 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
             say(line)
         if average is not None and not average.load(resume_from / EMA_FILE):
             warn(f"{resume_from.name} has no weight average (train.ema_decay was off): it starts from the resumed weights")
-        saved_init = (state.get("recipe") or {}).get("lora.init_from")
-        if saved_init and recipe.lora.init_from is None:  # its weights are the checkpoint's now; the record keeps where they began
-            recipe.lora.init_from = saved_init
         changed = ckpt.changed_settings(state.get("recipe"), recipe.flat_settings()) + ckpt.changed_data(state.get("data"), images_record)
         if changed:
             warn(f"settings changed since {resume_from.name}: {', '.join(changed)}")

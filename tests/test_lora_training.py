@@ -2,6 +2,7 @@
 and resumes bit for bit."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,11 @@ def test_a_run_started_from_a_lora_says_so_records_it_and_keeps_it_when_resumed(
     out = capsys.readouterr().out
     assert "starting from the LoRA" not in out and "lora.init_from" not in out  # nor a "settings changed" warning
     assert yaml.safe_load((continued.output_dir / "recipe.yaml").read_text())["lora"]["init_from"] == str(first.output_dir)
+    with safe_open(str(continued.output_dir / LORA_WEIGHTS_NAME), "pt") as f:
+        assert f.metadata()["finetune.init_from"] == "first"
+    # The LoRA it started from since deleted: the checkpoint holds the weights (it was 'lora.init_from ... not found').
+    shutil.rmtree(first.output_dir)
+    assert train(make_recipe(lora__init_from=str(first.output_dir), train__max_steps=4, **common), resume="latest").final_step == 4
     with safe_open(str(continued.output_dir / LORA_WEIGHTS_NAME), "pt") as f:
         assert f.metadata()["finetune.init_from"] == "first"
 

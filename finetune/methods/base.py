@@ -46,6 +46,7 @@ class TrainingMethod(ABC):
         self.data_reports: list[DataReport] = []  # printed at the start of training
         self.start_lines: list[str] = []  # what setup did that a fresh run should say (not printed on resume)
         self.held_out_items: frozenset[int] = frozenset()  # dataset items validation.loss_images keeps out of training
+        self.resumed_state: dict | None = None  # a resume's checkpoint_state(), known before setup (finetune.start_weights)
 
     def check_data(self) -> None:
         """Read and check the training data; runs before any model is loaded, so errors come fast."""

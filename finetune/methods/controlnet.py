@@ -49,6 +49,7 @@ from finetune.sampling import build_pipeline, generate_with_settings
 from finetune.sources import Example
 
 CONTROLNET_DIR, UNET_DIR = "controlnet", "unet"
+RESUMED_LAYOUT = "controlnet_config"  # in a checkpoint's method state: the config of a ControlNet started from controlnet.pretrained
 # The UNet parts that train with unlock_unet_decoder (the original's output_blocks and out).
 DECODER_PARTS = ("up_blocks", "conv_norm_out", "conv_out")
 
@@ -134,6 +135,8 @@ class ControlNetMethod(DiffusionMethod):
 
     def _load_or_create(self, unet) -> ControlNetModel:
         pretrained = self.pretrained  # controlnet.pretrained, as check_data found it
+        if layout := (self.resumed_state or {}).get(RESUMED_LAYOUT):  # its weights are the checkpoint's, loaded next
+            return ControlNetModel.from_config(layout)
         if pretrained is None:
             # Random init of the conditioning embedding from the global RNG, which the trainer seeded.
             return ControlNetModel.from_unet(unet)
@@ -161,6 +164,12 @@ class ControlNetMethod(DiffusionMethod):
         facts = [f"trained {counted(steps, 'step')}" if steps else "", f"on {made} conditioning images" if made else ""]
         known = ", ".join(fact for fact in facts if fact)
         return f"starting from the ControlNet {self.settings.pretrained} (controlnet.pretrained)" + (f": {known}" if known else "")
+
+    def checkpoint_state(self) -> dict:
+        # A resume does not read controlnet.pretrained (finetune.start_weights): it builds that ControlNet's layout
+        # (its config, which from_unet would not make) from this, and loads its weights from the checkpoint.
+        layout = (self.resumed_state or {}).get(RESUMED_LAYOUT) or (json.loads(self.controlnet.to_json_string()) if self.pretrained else None)
+        return {RESUMED_LAYOUT: layout} if layout else {}
 
     def trained_modules(self) -> dict[str, torch.nn.Module]:
         modules = {"controlnet": self.controlnet}

@@ -1,0 +1,61 @@
+"""A resume of a run that started from trained weights (lora.init_from, controlnet.pretrained): the checkpoint
+holds them, so the file or folder may be gone and the key left out; the record keeps where they began
+(finetune.start_weights)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from controlnet_helpers import METADATA, controlnet_recipe
+from diffusers import ControlNetModel, UNet2DConditionModel
+
+from finetune.methods.controlnet import CONTROLNET_DIR, save_model_folder
+from finetune.start_weights import keep_where_weights_began
+from finetune.trainer import train
+
+
+def test_a_controlnet_run_resumes_without_its_pretrained_folder_and_keeps_it_in_the_record(make_recipe, pairs_folder, tiny_model, tmp_path, capsys):
+    """It was refused ('ControlNet X not found') once the folder had moved, and a resume without the key warned
+    'settings changed' and its outputs lost finetune.controlnet_pretrained. The ControlNet is not the layout
+    ControlNetModel.from_unet makes (a smaller conditioning embedding): the checkpoint brings its layout too."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    pretrained = tmp_path / "edges"
+    save_model_folder(ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 24, 32)), pretrained / CONTROLNET_DIR, METADATA)
+    common = dict(output_dir=str(tmp_path / "continued"), checkpoint__every_n_steps=1)
+    train(controlnet_recipe(make_recipe, pairs_folder, controlnet__pretrained=str(pretrained), train__max_steps=1, **common))
+    shutil.rmtree(pretrained)
+    capsys.readouterr()
+    for steps, given in ((2, {"controlnet__pretrained": str(pretrained)}), (3, {})):  # the key as it was (its folder gone), then left out
+        result = train(controlnet_recipe(make_recipe, pairs_folder, train__max_steps=steps, **common, **given), resume="latest")
+        out = capsys.readouterr().out
+        assert result.final_step == steps and "controlnet.pretrained" not in out and "settings changed" not in out, out
+        assert yaml.safe_load((result.output_dir / "recipe.yaml").read_text())["controlnet"]["pretrained"] == str(pretrained)
+        recorded = json.loads((result.output_dir / CONTROLNET_DIR / "finetune_metadata.json").read_text())
+        assert recorded["finetune.controlnet_pretrained"] == "edges" and recorded["finetune.steps"] == str(steps)
+        assert ControlNetModel.from_pretrained(result.output_dir / CONTROLNET_DIR).config.conditioning_embedding_out_channels == [8, 16, 24, 32]
+
+
+def test_a_resume_names_the_starting_weights_its_checkpoint_began_from(make_recipe, capsys):
+    """Another starting point given at a resume is not read (the checkpoint's weights are): the record keeps the
+    checkpoint's, and the run says so."""
+    recipe = make_recipe(lora__init_from="other.safetensors")
+    keep_where_weights_began(recipe, {"method": "lora", "lora.init_from": "first.safetensors"})
+    assert recipe.lora.init_from == "first.safetensors"
+    assert capsys.readouterr().out == ("warning: lora.init_from other.safetensors is not read at a resume: the checkpoint holds the weights, which "
+                                       "started from first.safetensors (lora.init_from: first.safetensors in its recipe); to start from other.safetensors, start a new run\n")  # fmt: skip
+    recipe = make_recipe(lora__init_from="other.safetensors")
+    keep_where_weights_began(recipe, {"method": "lora"})  # a run that started from nothing
+    assert recipe.lora.init_from is None and "which started from nothing (lora.init_from: null in its recipe)" in capsys.readouterr().out
+    keep_where_weights_began(recipe, None)  # a checkpoint from before the recipe was kept: the recipe as it is
+    assert recipe.lora.init_from is None
+
+
+@pytest.mark.parametrize("key", ["lora.init_from", "controlnet.pretrained"])
+def test_either_starting_weights_key_is_kept_from_the_checkpoint(make_recipe, pairs_folder, key, capsys):
+    recipe = make_recipe(method="controlnet", data__image_dir=str(pairs_folder)) if key.startswith("controlnet") else make_recipe()
+    keep_where_weights_began(recipe, {"method": recipe.method, key: "began-here"})
+    section, name = key.split(".")
+    assert getattr(getattr(recipe, section), name) == "began-here" and capsys.readouterr().out == ""
