@@ -41,7 +41,7 @@ from finetune.recipe_loading import dump_recipe
 from finetune.run_length import check_epoch_run, due, epoch_count, epochs_text, planned_steps, resume_warnings, run_length_line
 from finetune.loss_mask import preview as mask_preview
 from finetune.sampling import GRID_LABEL_WIDTH, in_lockstep, make_grid, save_image_atomic
-from finetune.start_weights import resumed_method
+from finetune.start_weights import resumed_method, starting_weights
 from finetune.step_losses import StepLosses
 from finetune.train_inputs import check_base_and_data
 from finetune.stopping import StopRequest, batches_of
@@ -354,8 +354,8 @@ def run_validation(recipe, method, modules, accelerator, step: int) -> Path | No
         unwrapped = {name: unwrap(accelerator, module) for name, module in modules.items()}
         for module in unwrapped.values():
             module.eval()
-        # Before the first step the model is the base (plus no-op adapters), unless it starts from a LoRA.
-        untrained = step == 0 and not recipe.lora.init_from
+        # Before the first step the model is the base (plus no-op adapters), unless it starts from trained weights (a LoRA, a ControlNet).
+        untrained = step == 0 and not starting_weights(recipe)
         # Sampling must not disturb the training RNG: a resumed run then follows the same curve.
         with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
             with method.base.predicting_as_pretrained() if untrained else contextlib.nullcontext(), \

@@ -107,6 +107,24 @@ def test_validation_samples_the_untrained_step_0_as_the_base_predicts_and_later_
     assert used == ["epsilon", "v_prediction"]
 
 
+def test_a_run_from_a_pretrained_controlnet_samples_step_0_as_trained_and_one_trained_for_another_target_is_refused(
+        make_recipe, pairs_folder, tiny_model, tmp_path, monkeypatch):  # fmt: skip
+    """Its step 0 is not the base: it was read as the base's epsilon (as a run without lora.init_from is), noise for
+    a ControlNet trained for v. A ControlNet whose run trained another target is refused, as such a lora.init_from is."""
+    import finetune.sampling as sampling
+    from controlnet_helpers import controlnet_recipe, set_up, write_controlnet_run
+
+    run = write_controlnet_run(tiny_model, tmp_path / "v-edges", trained=True)
+    (run / CONTROLNET_DIR / METADATA_FILE).write_text(json.dumps({"finetune.method": "controlnet", "finetune.prediction_type": "v_prediction"}))
+    used, real_generate = [], sampling.generate
+    monkeypatch.setattr(sampling, "generate", lambda pipeline, *a, **k: used.append(pipeline.scheduler.config.prediction_type) or real_generate(pipeline, *a, **k))
+    train(controlnet_recipe(make_recipe, pairs_folder, controlnet__pretrained=str(run), model__prediction_type="v_prediction", train__max_steps=1,
+                            validation={"prompts": ["a red circle"], "num_inference_steps": 1, "images_per_prompt": 1}))  # fmt: skip
+    assert used == ["v_prediction", "v_prediction"]
+    with pytest.raises(FinetuneError, match=rf"^controlnet.pretrained {run} was trained for v_prediction, this run trains for epsilon: set model.prediction_type: v_prediction$"):
+        set_up(controlnet_recipe(make_recipe, pairs_folder, controlnet__pretrained=str(run)))
+
+
 def test_zero_terminal_snr_trains_on_the_rescaled_schedule_and_everything_samples_on_it(tiny_model, image_folder, tmp_path, monkeypatch):
     import finetune.sampling as sampling
     from finetune.config import ModelConfig

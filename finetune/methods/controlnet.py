@@ -140,6 +140,7 @@ class ControlNetMethod(DiffusionMethod):
         if pretrained is None:
             # Random init of the conditioning embedding from the global RNG, which the trainer seeded.
             return ControlNetModel.from_unet(unet)
+        self._check_trained_for_this_target()
         try:
             controlnet = ControlNetModel.from_pretrained(pretrained, torch_dtype=torch.float32, **weights_variant(pretrained))
         except (OSError, ValueError) as err:
@@ -152,6 +153,16 @@ class ControlNetMethod(DiffusionMethod):
             raise FinetuneError(f"controlnet.pretrained {pretrained} {problem}")
         self.start_lines.append(self._start_line())
         return controlnet
+
+    def _check_trained_for_this_target(self) -> None:
+        """As lora.init_from's: a ControlNet trained for another target (its run's finetune.prediction_type) would start
+        from what it did not learn, and the step-0 samples, read as this run's target, would be noise."""
+        from finetune.inference import saved_model_metadata  # inference imports this module
+
+        recorded = (saved_model_metadata(Path(self.pretrained)) if Path(self.pretrained).is_dir() else {}).get("finetune.prediction_type")
+        if recorded and recorded != (trained := self.base.noise_scheduler.config.prediction_type):
+            raise FinetuneError(f"controlnet.pretrained {self.settings.pretrained} was trained for {recorded}, this run trains for {trained}: "
+                                f"set model.prediction_type: {recorded}")  # fmt: skip
 
     def _start_line(self) -> str:
         """Which ControlNet the run starts from, and what its run recorded of it (steps, conditioning kind), as
