@@ -21,6 +21,7 @@ from finetune.checkpoint import STATE_FILE, list_checkpoints
 from finetune.conditions import recorded_conditioning
 from finetune.config import ModelConfig
 from finetune.controlnet_data import read_conditioning, small_conditioning_problem
+from finetune.controlnet_folder import not_a_controlnet_message
 from finetune.encoders import skip_last_layers
 from finetune.errors import FinetuneError
 from finetune.kohya import LoRA, load_lora, to_diffusers
@@ -112,14 +113,10 @@ def resolve_controlnet_folder(controlnet: str) -> Path:
     if (path / CONTROLNET_DIR / "config.json").is_file():
         path = path / CONTROLNET_DIR
     refuse_a_controlnet_file(path, f"ControlNet {controlnet}")
-    if not path.is_dir():
-        raise FinetuneError(f"ControlNet {controlnet} not found: pass a ControlNet folder, or the output folder of a controlnet training run")
-    if not (path / "config.json").is_file():
-        raise FinetuneError(
-            f"ControlNet folder {controlnet} has no config.json: pass the {CONTROLNET_DIR}/ folder a controlnet training run "
-            "writes (a ControlNetModel.save_pretrained folder), or the run's output folder"
-        )
-    require_controlnet_config(path, f"--controlnet {controlnet}")
+    if not (path / "config.json").is_file():  # not there, or what the folder is (a pipeline, a LoRA run, ...), as training says it
+        raise FinetuneError(not_a_controlnet_message(path, controlnet, "--controlnet"))
+    in_a_pipeline = (path.parent / "model_index.json").is_file()  # a pipeline's unet/, say
+    require_controlnet_config(path, f"--controlnet {controlnet}", f"; to sample with its pipeline, pass {path.parent} as --base" if in_a_pipeline else "")
     return path
 
 

@@ -175,7 +175,7 @@ def test_cli_defaults_to_the_control_suites_next_to_the_run(tiny_model, runs, ca
         (dict(suites=["control"], num_prompts=1), r"the control and placement suites need --num-prompts >= 2"),
         (dict(suites=["placement"], num_prompts=1), r"the control and placement suites need --num-prompts >= 2"),
         (dict(suites=["control"], conditioning_scale=0.5), r"--conditioning-scale steers a ControlNet: pass --controlnet PATH too"),
-        (dict(controlnet="EMPTY"), r"ControlNet folder \S+empty has no config\.json"),
+        (dict(controlnet="EMPTY"), r"--controlnet \S+empty is a folder with no config\.json, not a ControlNet: --controlnet must be a diffusers ControlNet folder"),
     ],
 )
 def test_bad_requests_fail_in_one_line_before_any_model_loads(options, pattern, tiny_model, runs, tmp_path, monkeypatch):

@@ -129,7 +129,7 @@ def test_controlnet_of_another_architecture_is_one_line(tiny_model, tmp_path, ca
 
 @pytest.mark.parametrize(
     "case",
-    ["no condition", "condition missing", "no config.json", "controlnet missing", "condition without controlnet", "scale without controlnet"],
+    ["no condition", "condition missing", "no config.json", "a pipeline", "a UNet", "controlnet missing", "condition without controlnet", "scale without controlnet"],
 )
 def test_half_given_control_options_are_one_line_before_any_model_loads(case, tiny_model, runs, condition, tmp_path, capsys, monkeypatch):
     empty_folder = tmp_path / "not-a-controlnet"
@@ -137,7 +137,14 @@ def test_half_given_control_options_are_one_line_before_any_model_loads(case, ti
     options, pattern = {
         "no condition": (["--controlnet", str(runs["fresh"])], r"needs a conditioning image: pass --condition IMAGE"),
         "condition missing": (["--controlnet", str(runs["fresh"]), "--condition", str(tmp_path / "nope.png")], r"conditioning image \S+nope\.png not found"),
-        "no config.json": (["--controlnet", str(empty_folder), "--condition", str(condition)], r"ControlNet folder \S+not-a-controlnet has no config\.json"),
+        # What the folder is, as training's controlnet.pretrained says it (it was "has no config.json" for any).
+        "no config.json": (["--controlnet", str(empty_folder), "--condition", str(condition)],
+                           r"--controlnet \S+not-a-controlnet is a folder with no config\.json, not a ControlNet: --controlnet must be a diffusers ControlNet folder"),
+        "a pipeline": (["--controlnet", str(tiny_model), "--condition", str(condition)],
+                       r"--controlnet \S+ is a Stable Diffusion pipeline folder \(model_index\.json\) with no controlnet/ folder, not a ControlNet: "
+                       r"--controlnet must be .* or a controlnet run's output folder; to sample with the pipeline itself, pass it as --base$"),
+        "a UNet": (["--controlnet", str(tiny_model / "unet"), "--condition", str(condition)],
+                   rf"holds a UNet2DConditionModel, not a ControlNet: .*; to sample with its pipeline, pass {re.escape(str(tiny_model))} as --base$"),
         "controlnet missing": (["--controlnet", str(tmp_path / "gone"), "--condition", str(condition)], r"ControlNet \S+gone not found"),
         "condition without controlnet": (["--condition", str(condition)], r"pass --controlnet PATH too"),
         "scale without controlnet": (["--conditioning-scale", "0.5"], r"pass --controlnet PATH too"),
