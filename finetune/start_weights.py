@@ -46,11 +46,17 @@ def keep_where_weights_began(recipe: Recipe, saved: dict | None) -> None:
         return
     for key in STARTING_WEIGHTS:
         began, given = saved.get(key), _get(recipe, key)
-        if given is not None and given != began:  # the checkpoint's weights are used: those began elsewhere
-            warn(f"{key} {given} is not read at a resume: the checkpoint holds the weights, which started from {began or 'nothing'} "
-                 f"({key}: {began or 'null'} in its recipe); to start from {given}, start a new run")  # fmt: skip
+        if given is not None and not _same(given, began):  # the checkpoint's weights are used: those began elsewhere
+            started = f"from {began} (its recipe's {key})" if began else f"fresh (its recipe had no {key})"
+            warn(f"{key} {given} is not read at a resume: the checkpoint holds the weights, which started {started}; "
+                 f"to start from {given}, start a new run")  # fmt: skip
         section, name = key.split(".")
         setattr(getattr(recipe, section), name, began)
+
+
+def _same(given: str, began: str | None) -> bool:
+    """The same file or folder (or hub id), however written (a relative path, or from another folder: its absolute one)."""
+    return began is not None and (given == began or Path(given).expanduser().resolve() == Path(began).expanduser().resolve())
 
 
 def resumed_method(recipe: Recipe, checkpoint: Path | None):

@@ -4,6 +4,7 @@ holds them, so the file or folder may be gone and the key left out; the record k
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,12 +46,16 @@ def test_a_resume_names_the_starting_weights_its_checkpoint_began_from(make_reci
     keep_where_weights_began(recipe, {"method": "lora", "lora.init_from": "first.safetensors"})
     assert recipe.lora.init_from == "first.safetensors"
     assert capsys.readouterr().out == ("warning: lora.init_from other.safetensors is not read at a resume: the checkpoint holds the weights, which "
-                                       "started from first.safetensors (lora.init_from: first.safetensors in its recipe); to start from other.safetensors, start a new run\n")  # fmt: skip
+                                       "started from first.safetensors (its recipe's lora.init_from); to start from other.safetensors, start a new run\n")  # fmt: skip
     recipe = make_recipe(lora__init_from="other.safetensors")
-    keep_where_weights_began(recipe, {"method": "lora"})  # a run that started from nothing
-    assert recipe.lora.init_from is None and "which started from nothing (lora.init_from: null in its recipe)" in capsys.readouterr().out
+    keep_where_weights_began(recipe, {"method": "lora"})  # a run that started fresh
+    assert recipe.lora.init_from is None and "which started fresh (its recipe had no lora.init_from); to start from" in capsys.readouterr().out
+    recipe = make_recipe(lora__init_from=str(Path("first.safetensors").resolve()))  # the same file, written otherwise: no word
+    keep_where_weights_began(recipe, {"method": "lora", "lora.init_from": "first.safetensors"})
+    assert recipe.lora.init_from == "first.safetensors" and capsys.readouterr().out == ""
+    recipe = make_recipe(lora__init_from="mine.safetensors")
     keep_where_weights_began(recipe, None)  # a checkpoint from before the recipe was kept: the recipe as it is
-    assert recipe.lora.init_from is None
+    assert recipe.lora.init_from == "mine.safetensors" and capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("key", ["lora.init_from", "controlnet.pretrained"])
