@@ -15,6 +15,7 @@ from pathlib import Path
 from finetune import checkpoint as ckpt
 from finetune.config import Recipe
 from finetune.console import warn
+from finetune.methods import METHODS
 
 STARTING_WEIGHTS = ("lora.init_from", "controlnet.pretrained")
 
@@ -63,8 +64,6 @@ def resumed_method(recipe: Recipe, checkpoint: Path | None):
     """The recipe's training method, not yet checked or set up. For a resume from `checkpoint`, the recipe's record
     of its starting weights becomes the checkpoint's (`keep_where_weights_began`) and the method is built without
     them, told the checkpoint's method state (`resumed_state`: e.g. the layout of the ControlNet it holds)."""
-    from finetune.methods import METHODS  # the methods import the trainer's modules
-
     if checkpoint is None:
         return METHODS[recipe.method](recipe)
     state = ckpt.read_state(checkpoint)
