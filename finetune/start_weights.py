@@ -63,11 +63,11 @@ def _same(given: str, began: str | None) -> bool:
 def resumed_method(recipe: Recipe, checkpoint: Path | None):
     """The recipe's training method, not yet checked or set up. For a resume from `checkpoint`, the recipe's record
     of its starting weights becomes the checkpoint's (`keep_where_weights_began`) and the method is built without
-    them, told the checkpoint's method state (`resumed_state`: e.g. the layout of the ControlNet it holds)."""
+    them, told of the checkpoint (`resuming`: e.g. the layout of the ControlNet it holds)."""
     if checkpoint is None:
         return METHODS[recipe.method](recipe)
     state = ckpt.read_state(checkpoint)
     keep_where_weights_began(recipe, state.get("recipe"))
     method = METHODS[recipe.method](without_starting_weights(recipe))
-    method.resumed_state = state.get("method") or {}
+    method.resuming(checkpoint, state)
     return method

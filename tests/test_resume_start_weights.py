@@ -28,8 +28,14 @@ def test_a_controlnet_run_resumes_without_its_pretrained_folder_and_keeps_it_in_
     common = dict(output_dir=str(tmp_path / "continued"), checkpoint__every_n_steps=1)
     train(controlnet_recipe(make_recipe, pairs_folder, controlnet__pretrained=str(pretrained), train__max_steps=1, **common))
     shutil.rmtree(pretrained)
+    # Its layout is kept in the checkpoint's state; one from before it was has it in its controlnet/ (checkpoint.save_outputs).
+    state_file = tmp_path / "continued" / "checkpoints" / "checkpoint-1" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["method"].pop("controlnet_config")["conditioning_embedding_out_channels"] == [8, 16, 24, 32]
+    state_file.write_text(json.dumps(state))
     capsys.readouterr()
     for steps, given in ((2, {"controlnet__pretrained": str(pretrained)}), (3, {})):  # the key as it was (its folder gone), then left out
+        shutil.rmtree(tmp_path / "continued" / "checkpoints" / "checkpoint-2" / CONTROLNET_DIR, ignore_errors=steps == 2)  # the state's layout, at 3
         result = train(controlnet_recipe(make_recipe, pairs_folder, train__max_steps=steps, **common, **given), resume="latest")
         out = capsys.readouterr().out
         assert result.final_step == steps and "controlnet.pretrained" not in out and "settings changed" not in out, out

@@ -46,7 +46,7 @@ class TrainingMethod(ABC):
         self.data_reports: list[DataReport] = []  # printed at the start of training
         self.start_lines: list[str] = []  # what setup did that a fresh run should say (not printed on resume)
         self.held_out_items: frozenset[int] = frozenset()  # dataset items validation.loss_images keeps out of training
-        self.resumed_state: dict | None = None  # a resume's checkpoint_state(), known before setup (finetune.start_weights)
+        self.resumed_state: dict | None = None  # a resume's checkpoint_state(), known before setup (`resuming`)
 
     def check_data(self) -> None:
         """Read and check the training data; runs before any model is loaded, so errors come fast."""
@@ -115,6 +115,10 @@ class TrainingMethod(ABC):
         says when they changed; asked once the training data is built (DreamBooth's class images are made by then)."""
         masks = [item.mask_digest for item in self.training_items() if item.mask_digest is not None]  # data.loss_mask
         return {"loss masks": masks} if masks else {}
+
+    def resuming(self, checkpoint: Path, state: dict) -> None:
+        """Told before `check_data` that the run resumes from `checkpoint` (its trainer state: `state`), see finetune.start_weights."""
+        self.resumed_state = state.get("method") or {}
 
     def load_checkpoint_state(self, state: dict) -> None:
         """Restore what `checkpoint_state` returned, on resume."""

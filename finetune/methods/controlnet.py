@@ -176,6 +176,13 @@ class ControlNetMethod(DiffusionMethod):
         known = ", ".join(fact for fact in facts if fact)
         return f"starting from the ControlNet {self.settings.pretrained} (controlnet.pretrained)" + (f": {known}" if known else "")
 
+    def resuming(self, checkpoint: Path, state: dict) -> None:
+        super().resuming(checkpoint, state)
+        saved = checkpoint / CONTROLNET_DIR / "config.json"  # a checkpoint from before the layout was kept: its output's (checkpoint.save_outputs)
+        if RESUMED_LAYOUT not in self.resumed_state and (state.get("recipe") or {}).get("controlnet.pretrained") and saved.is_file():
+            with contextlib.suppress(OSError, ValueError):  # damaged: made from the UNet, as before, and a changed layout's shapes are one line
+                self.resumed_state[RESUMED_LAYOUT] = json.loads(saved.read_text())
+
     def checkpoint_state(self) -> dict:
         # A resume does not read controlnet.pretrained (finetune.start_weights): it builds that ControlNet's layout
         # (its config, which from_unet would not make) from this, and loads its weights from the checkpoint.
