@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 import finetune.trainer as trainer
 from finetune.checkpoint import trainable_state_dict
 from finetune.distributed import leave_process_group
+from finetune.methods import METHODS
 from finetune.recipe_loading import load_recipe
 
 methods = []  # each run's method: it knows which modules trained (the UNet's LoRA, the ControlNet, ...)
@@ -50,8 +51,8 @@ def interrupt(at: str | None = None):
 def train_and_record(runs: list[tuple]) -> None:
     """Train each (recipe path, checkpoint to resume from or None[, --interrupt's RANK:STEP]) and write the rank's
     weights beside its outputs. Also called in the test's own process, for the single-process runs compared with a launch."""
-    real_methods = trainer.METHODS
-    trainer.METHODS = {name: remembered(method_class) for name, method_class in real_methods.items()}
+    real_methods = dict(METHODS)
+    METHODS.update({name: remembered(method_class) for name, method_class in real_methods.items()})  # in place: every importer sees them
     try:
         for path, resume, *interrupted in runs:
             recipe = load_recipe(path)
@@ -61,7 +62,7 @@ def train_and_record(runs: list[tuple]) -> None:
             if rank == 0:
                 save_file(methods[-1].initial_weights, str(out / "initial.safetensors"))
     finally:
-        trainer.METHODS = real_methods
+        METHODS.update(real_methods)
 
 
 if __name__ == "__main__":
