@@ -12,6 +12,7 @@ from pathlib import Path
 from finetune.cli_arguments import parse_arguments
 from finetune.counts import counted
 from finetune.errors import FinetuneError, one_line
+from finetune.image_bounds import sample_grid_problem
 from finetune.library_noise import quiet_third_party_warnings, quiet_weight_progress_bars
 from finetune.process_env import first_on_its_machine, machine_name, main_process
 
@@ -110,6 +111,8 @@ def _sample(args) -> int:
         raise FinetuneError("--condition takes one image, used for every prompt: sample each conditioning image in its own run")
     check_lora_scale_has_a_lora(args)
     check_output_folder(Path(args.out), "--out", "the images and grid")
+    if args.resolution and (problem := sample_grid_problem(args.num_images, len(args.prompt), args.resolution, args.controlnet is not None)):
+        raise FinetuneError(problem)  # without --resolution, the model's own is checked once it loads (finetune.inference)
     base = base_or_recorded(args)
     from finetune.inference import sample_to_folder  # torch and diffusers: after the checks above, which need neither
 

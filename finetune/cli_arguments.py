@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
+from finetune.image_bounds import MAX_RESOLUTION, RESOLUTION_BOUND
 from finetune.prompt_options import MAX_STEPS
 
 
@@ -47,6 +48,15 @@ def pixel_size(text: str) -> int:
     value = positive_int(text)
     if value % 8:
         raise argparse.ArgumentTypeError(f"must be a multiple of 8 (the VAE downsamples by 8), got {value}")
+    return value
+
+
+def sample_side(text: str) -> int:
+    """An argparse type: the side of sampled images, a pixel_size at most data.resolution's bound (finetune/image_bounds.py):
+    --resolution 100000 made one image of 10 gigapixels, until memory ran out."""
+    value = pixel_size(text)
+    if value > MAX_RESOLUTION:
+        raise argparse.ArgumentTypeError(f"{RESOLUTION_BOUND} (got {value})")
     return value
 
 
@@ -166,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=seed_number, default=0, help="seed of each prompt's first image (default 0)")
     sample.add_argument("--steps", type=sampling_steps, default=25, help="DDIM steps (default 25)")
     sample.add_argument("--guidance", type=finite_float, default=7.5, help="classifier-free guidance scale (default 7.5; 1 or below: none)")
-    sample.add_argument("--resolution", type=pixel_size, default=None, help="image size (default: the model's)")
+    sample.add_argument("--resolution", type=sample_side, default=None, help="image size (default: the model's)")
     sample.add_argument("--out", default="outputs/samples", help="output folder (default outputs/samples)")
     add_placement_options(sample)
 

@@ -46,6 +46,7 @@ import numpy as np
 
 from finetune.counts import counted
 from finetune.errors import FinetuneError
+from finetune.image_bounds import grid_problem
 from finetune.toyworld.metrics import (
     attribute_share,
     chance_iou,
@@ -60,6 +61,7 @@ from finetune.toyworld.world import SHAPES, draw
 
 DEFAULT_SUITES = ("adherence", "fid")
 CONTROL_SUITES = ("control", "placement")  # the default, and the only suites, with a ControlNet
+GRID_PROMPTS = 8  # the prompts of each prompt set a report's grid shows, a row each
 
 
 def _render(ps: PromptSet, per_prompt: int, salt: tuple[int, ...] = ()) -> list[list]:
@@ -206,6 +208,11 @@ def run_eval(
     place(pipeline, *inference_placement("auto", "fp32"))  # the GPU if any; fp32, so reports compare across machines
     resolution = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     options["resolution"] = resolution
+    # The report's grids, drawn as sample's are: checked at the model's own resolution, before any image is made.
+    conditioned = 1 if set(CONTROL_SUITES) & set(suites) else 0  # their rows start with the prompt's conditioning image
+    if problem := grid_problem("report grid", "--images-per-prompt", images_per_prompt, min(num_prompts, GRID_PROMPTS), resolution, conditioned,
+                               "lower --images-per-prompt"):  # fmt: skip
+        raise FinetuneError(problem)
 
     def make_rows(ps: PromptSet):
         control = {} if controlnet is None else dict(controlnet_conditioning_scale=scale)
@@ -265,7 +272,7 @@ def evaluate_real_images(
     return result
 
 
-def write_report(result: dict, out: str | Path, grid_prompts: int = 8) -> Path:
+def write_report(result: dict, out: str | Path, grid_prompts: int = GRID_PROMPTS) -> Path:
     """Write ``result`` (without images) as JSON to ``out``, plus ``<out stem>_<prompt set>.png``:
     the first ``grid_prompts`` prompts of each prompt set, one labelled row each (for the docs),
     starting with the prompt's conditioning image where the set has them."""

@@ -24,6 +24,7 @@ from finetune.controlnet_data import read_conditioning, small_conditioning_probl
 from finetune.controlnet_folder import not_a_controlnet_message
 from finetune.encoders import skip_last_layers
 from finetune.errors import FinetuneError
+from finetune.image_bounds import sample_grid_problem
 from finetune.kohya import LoRA, load_lora, to_diffusers
 from finetune.merge import check_lora_fits, merged_already_note
 from finetune.methods.controlnet import CONTROLNET_DIR, UNET_DIR, refuse_a_controlnet_file, require_controlnet_config, weights_variant
@@ -353,6 +354,8 @@ def sample_to_folder(
     resolution = resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     if resolution % 8:
         raise FinetuneError(f"--resolution {resolution} must be a multiple of 8")
+    if problem := sample_grid_problem(num_images, len(settings), resolution, controlnet is not None):  # the model's own resolution
+        raise FinetuneError(problem)
     control = {}
     if controlnet is not None:
         control_image = fit_condition(condition_image, condition, resolution)

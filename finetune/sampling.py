@@ -9,9 +9,9 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
-from finetune.config.validation_grid import GRID_LABEL_WIDTH
 from finetune.encoders import chunks_needed, recorded_clip_skip, text_hidden_states
 from finetune.errors import FinetuneError
+from finetune.image_bounds import GRID_LABEL_WIDTH
 from finetune.models import BaseModel
 from finetune.prompt_options import PromptSettings
 

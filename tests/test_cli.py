@@ -332,12 +332,12 @@ def test_sample_refuses_zero_images_or_steps_a_file_as_out_and_a_second_conditio
 def test_sample_at_a_size_that_runs_out_of_memory_is_one_line(capsys, tiny_model, tmp_path, monkeypatch):
     import finetune.inference
 
-    def out_of_memory(*args, **kwargs):  # what the CPU's allocator raises at --resolution 100000
+    def out_of_memory(*args, **kwargs):  # what the CPU's allocator raises at a size past its memory (4096, the largest taken, on a small machine)
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate 40000000000 bytes")
 
     monkeypatch.setattr(finetune.inference, "generate_with_settings", out_of_memory)
-    assert main(["sample", "--base", str(tiny_model), "--prompt", "a", "--resolution", "100000", "--out", str(tmp_path / "s")]) == 2
-    assert capsys.readouterr().err.strip().endswith("error: out of memory sampling 100000x100000 px images: lower --resolution (this model's own is 64)")
+    assert main(["sample", "--base", str(tiny_model), "--prompt", "a", "--resolution", "4096", "--out", str(tmp_path / "s")]) == 2
+    assert capsys.readouterr().err.strip().endswith("error: out of memory sampling 4096x4096 px images: lower --resolution (this model's own is 64)")
     with pytest.raises(SystemExit):  # 0 was the model's own size, and -64 a traceback
         main(["sample", "--base", str(tiny_model), "--prompt", "a", "--resolution", "-64"])
     assert "argument --resolution: must be at least 1, got -64" in capsys.readouterr().err

@@ -7,7 +7,7 @@ from finetune.cli import main
 from finetune.errors import FinetuneError
 from finetune.recipe_loading import recipe_from_dict
 
-MAX_RESOLUTION = 4096  # finetune.config.base.MAX_RESOLUTION
+MAX_RESOLUTION = 4096  # finetune.image_bounds.MAX_RESOLUTION
 RESOLUTION_BOUND = (f"must be at most {MAX_RESOLUTION} (SD1.5 trains at 512, SDXL at 1024; one image's VAE pass alone holds some 2.5 KB "
                     "per pixel): lower it")  # fmt: skip
 
@@ -66,3 +66,43 @@ def test_a_validation_grid_finetune_could_not_open_is_refused_where_the_recipe_l
         recipe(largest, prompts=("a dog", "a cat"))
     with pytest.raises(FinetuneError, match=r"makes a 1172128x512 validation grid"):  # a ControlNet's rows start with their conditioning image
         recipe(largest, method="controlnet")
+
+
+def test_sample_refuses_a_resolution_past_the_recipes_bound_before_the_model_loads(tmp_path, capsys):
+    """sample --resolution 100000 made one image of 10 gigapixels once the model had loaded, until memory ran out."""
+    from finetune.cli_arguments import parse_arguments
+
+    with pytest.raises(SystemExit):
+        parse_arguments(["sample", "--base", str(tmp_path / "not-there"), "--prompt", "a dog", "--resolution", "5120"])
+    assert capsys.readouterr().err.splitlines()[-1] == f"finetune sample: error: argument --resolution: {RESOLUTION_BOUND} (got 5120)"
+    assert parse_arguments(["sample", "--prompt", "a dog", "--resolution", str(MAX_RESOLUTION)]).resolution == MAX_RESOLUTION
+
+
+def test_sample_refuses_a_grid_past_the_recipes_bound_before_the_model_loads(tmp_path, capsys):
+    """--num-images 1000000 sampled for days, every image held in memory, before drawing a grid no one could open; with
+    --resolution given it is said before the base is even looked for (here: a base that is not there)."""
+    base = str(tmp_path / "not-there")
+    assert main(["sample", "--base", base, "--prompt", "a", "--prompt", "b", "--num-images", str(10**6), "--resolution", "512"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --num-images (1000000) with 2 prompt rows at 512 px makes a 512000160x1024 grid, more than "
+                                               "the 600,000,000 pixels finetune opens (PIL refuses larger images as decompression bombs): lower "
+                                               "--num-images or --resolution, or give fewer --prompt")  # fmt: skip
+    largest = (600_000_000 // 512 - 160) // 512  # as validation.images_per_prompt's
+    assert main(["sample", "--base", base, "--prompt", "a", "--num-images", str(largest), "--resolution", "512"]) == 2
+    assert "not found" in capsys.readouterr().err  # past the grid's check: the base's
+    assert main(["sample", "--base", base, "--prompt", "a", "--num-images", str(largest), "--resolution", "512", "--controlnet", base,
+                 "--condition", base]) == 2  # fmt: skip
+    assert "makes a 1172128x512 grid" in capsys.readouterr().err  # the --condition starts the row
+
+
+def test_sample_and_eval_check_the_grid_at_the_models_own_resolution_before_any_image(tiny_model, tmp_path, capsys):
+    """Without --resolution (and in eval, which samples at the model's own) the grid is checked once the model has
+    loaded, before any image is made: the tiny model samples at 64 px."""
+    assert main(["sample", "--base", str(tiny_model), "--prompt", "a", "--num-images", str(10**7), "--out", str(tmp_path / "s")]) == 2
+    assert "error: --num-images (10000000) with 1 prompt row at 64 px makes a 640000160x64 grid" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+    out = tmp_path / "e" / "eval.json"
+    assert main(["eval", "--base", str(tiny_model), "--suite", "adherence", "--images-per-prompt", str(10**6), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().endswith("--images-per-prompt (1000000) with 8 prompt rows at 64 px makes a 64000160x512 report grid, "
+                                                    "more than the 600,000,000 pixels finetune opens (PIL refuses larger images as decompression "
+                                                    "bombs): lower --images-per-prompt")  # fmt: skip
+    assert not out.parent.exists()

@@ -10,6 +10,7 @@ from typing import Annotated, ClassVar, Iterable, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from finetune.image_bounds import MAX_RESOLUTION, RESOLUTION_BOUND
 from finetune.prompt_options import MAX_STEPS
 
 
@@ -85,18 +86,9 @@ def _countable_repeats(value: int) -> int:
     return value
 
 
-# The largest data.resolution. SD1.5 was trained at 512, SD2 at 768 and SDXL at 1024, and sd-scripts users train up to
-# about 2048; 4096 is 16 times SDXL's pixels. The cost grows with the pixels: one image's VAE encode alone held some
-# 2.5 KB per pixel (measured: SD1.5's VAE, fp32, no gradients, 0.66 GB at 512), 42 GB at 4096 before the UNet trains.
-# data.resolution: 1000000 (a typo) resized each image to 3 TB once the model had loaded, until memory ran out;
-# a 0 too many on 512 or 1024 (5120, 10240) is past the bound.
-MAX_RESOLUTION = 4096
-
-
 def _trainable_side(value: int) -> int:
-    if value > MAX_RESOLUTION:
-        raise ValueError(f"must be at most {MAX_RESOLUTION} (SD1.5 trains at 512, SDXL at 1024; one image's VAE pass alone holds some 2.5 KB "
-                         "per pixel): lower it")  # fmt: skip
+    if value > MAX_RESOLUTION:  # why that bound: finetune/image_bounds.py (sample's --resolution has it too)
+        raise ValueError(RESOLUTION_BOUND)
     return value
 
 

@@ -1,19 +1,15 @@
 """The size of the validation grid a recipe draws (samples/step-N.png), checked where the recipe loads: every image of a
-validation is held in memory to draw it, and an image past PIL's decompression-bomb bound cannot be opened again."""
+validation is held in memory to draw it, and an image past PIL's decompression-bomb bound cannot be opened again
+(the bound: finetune/image_bounds.py)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from finetune.image_bounds import grid_problem
+
 if TYPE_CHECKING:
     from finetune.config.recipe import Recipe
-
-GRID_LABEL_WIDTH = 160  # the left margin of labelled grids (sample grids, validation grids, eval grids)
-# The largest image finetune opens: PIL refuses past twice its MAX_IMAGE_PIXELS, which finetune/images.py raises to its
-# TRUSTED_IMAGE_PIXELS (300M; PIL's own default refuses past 179M). Not read from there: importing it sets PIL's bound,
-# which the demo lowers for uploads. validation.images_per_prompt: 1000000 sampled for days, holding every image in
-# memory (3 TB at 1024 px) before drawing a grid that could not be opened, without a word.
-MAX_GRID_PIXELS = 600_000_000
 
 
 def validation_grid_problem(recipe: Recipe) -> str | None:
@@ -23,10 +19,5 @@ def validation_grid_problem(recipe: Recipe) -> str | None:
         return None
     controlnet = recipe.method == "controlnet"
     rows = max(len(validation.prompts), len(recipe.controlnet.validation_conditions) if controlnet else 0)
-    columns = validation.images_per_prompt + (1 if controlnet else 0)  # a ControlNet's rows start with their conditioning image
-    width, height = GRID_LABEL_WIDTH + columns * resolution, rows * resolution
-    if width * height <= MAX_GRID_PIXELS:
-        return None
-    return (f"validation.images_per_prompt ({validation.images_per_prompt}) with {rows} prompt row{'s' if rows > 1 else ''} at {resolution} px makes "
-            f"a {width}x{height} validation grid, more than the {MAX_GRID_PIXELS:,} pixels finetune opens (PIL refuses larger images as "
-            "decompression bombs): lower validation.images_per_prompt" + (" or list fewer validation.prompts" if rows > 1 else ""))  # fmt: skip
+    fix = "lower validation.images_per_prompt" + (" or list fewer validation.prompts" if rows > 1 else "")
+    return grid_problem("validation grid", "validation.images_per_prompt", validation.images_per_prompt, rows, resolution, 1 if controlnet else 0, fix)
