@@ -2,12 +2,13 @@
 singletons, AcceleratorState and GradientState, which the next `Accelerator()` in the process must match: a second
 `train()` at another precision failed with "AcceleratorState has already been initialized". A notebook, a sweep, the
 bench's variants and the tests train several times in one process, also after a run that stopped with an error
-(a bad image, a NaN, a refused setting), so the settings are cleared however `train()` ends."""
+(a bad image, a NaN, a refused setting), so the settings are cleared however `train()` ends; so are its trackers closed."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 from accelerate.state import AcceleratorState, GradientState
 
@@ -32,3 +33,25 @@ def clears_accelerate_settings(run: Run) -> Run:
             clear_accelerate_settings()
 
     return cleared  # type: ignore[return-value]
+
+
+
+@contextlib.contextmanager
+def trackers_finished(accelerator) -> Iterator[None]:
+    """The run's trackers (TensorBoard's writer: its events still queued, its thread) end with the block, at the run's
+    end or error: a failed run's logs held its last steps' losses only in memory. After an error, a tracker that cannot
+    finish (a full disk) leaves the run's own error to be seen. Not accelerator.end_training(): it also closes the process
+    group, and a later train() in this process could not reliably join again (gloo's second rendezvous fails); the
+    program closes it."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            _finish(accelerator)
+        raise
+    _finish(accelerator)
+
+
+def _finish(accelerator) -> None:
+    for tracker in accelerator.trackers:
+        tracker.finish()

@@ -59,13 +59,28 @@ class StopRequest:
         self._start()
         return self._finish() > 0
 
-    def close(self) -> None:
-        """After the run (not after an error: a process that failed mid-step would never join a sum left running)."""
-        if self._group is not None:
-            if self._pending is not None:
-                self._finish()
+    def close(self, after_error: bool = False) -> None:
+        """After the run; `after_error`: without waiting for a sum left running, which a process that failed mid-step
+        would never join (and without raising: the run's own error is the one to see)."""
+        if self._group is None:
+            return
+        if self._pending is not None and not after_error:
+            self._finish()
+        self._pending = None
+        with contextlib.suppress(RuntimeError) if after_error else contextlib.nullcontext():
             torch.distributed.destroy_process_group(self._group)
-            self._group = None
+        self._group = None
+
+    @contextlib.contextmanager
+    def closed_at_the_end(self):
+        """This request, closed when the block ends: after an error too (a later run in the process would otherwise
+        find the group left over), as `close(after_error=True)` there."""
+        try:
+            yield self
+        except BaseException:
+            self.close(after_error=True)
+            raise
+        self.close()
 
     def _start(self) -> None:
         flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32)  # on the host: gloo's thread sums it

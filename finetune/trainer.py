@@ -18,7 +18,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from finetune import checkpoint as ckpt
-from finetune.accelerate_state import clears_accelerate_settings
+from finetune.accelerate_state import clears_accelerate_settings, trackers_finished
 from finetune.check_data import concept_held_out_whole, too_few_to_batch
 from finetune.config import Recipe
 from finetune.console import say, warn
@@ -64,6 +64,12 @@ class TrainResult:
 def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], None] | None = None, overwrite: bool = False, base_location: BaseLocation | None = None) -> TrainResult:
     """Train `recipe`; `on_step(step)` is called after each optimizer step (the benchmark times steps with it).
     `overwrite`: start over in an output_dir that holds an earlier run (its checkpoints, samples and logs go). `base_location`: the command's lookup of the base."""
+    with contextlib.ExitStack() as closing:  # the run's TensorBoard writers and stop agreement, closed however it ends
+        return _train(recipe, resume, on_step, overwrite, base_location, closing)
+
+
+def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | None, overwrite: bool, base_location: BaseLocation | None,
+           closing: contextlib.ExitStack) -> TrainResult:  # fmt: skip
     output_dir = Path(recipe.output_dir)
     checkpoints_dir = output_dir / "checkpoints"
     train_cfg = recipe.train
@@ -85,6 +91,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
         log_with="tensorboard" if recipe.logging.tensorboard else None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
+    closing.enter_context(trackers_finished(accelerator))  # a failed run's last logs are written too, its writers' threads end
     say(
         f"training on {counted(accelerator.num_processes, 'process', 'processes')} (distributed: {accelerator.distributed_type.value.lower()}), "
         f"device {accelerator.device}, mixed precision {train_cfg.mixed_precision}"
@@ -262,7 +269,8 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
     running.resume_since_last_log(state.get("losses_since_log") if resume_from is not None else None, accelerator.device)
     step_logs: dict[str, torch.Tensor | float] = {}  # what the method reports after each optimizer step (lora.max_norm)
     last_checkpoint_step = step
-    with StopRequest(accelerator) as stop, batches_of(loader) as batches:
+    stop = closing.enter_context(StopRequest(accelerator).closed_at_the_end())  # its gloo group too, after an error
+    with stop, batches_of(loader) as batches:
         while step < max_steps:
             for micro in range(accumulation):
                 micro_batch = step * accumulation + micro
@@ -338,12 +346,7 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
                     save_checkpoint()
             if not stop.agreed_now():
                 validate(step)  # the outputs' paths are the result's (`finetune train` ends with them: output: PATH)
-    stop.close()  # the processes' stop agreement (its gloo group)
-    # Not accelerator.end_training(): it also closes the process group, and a later train() in this
-    # process could not reliably join again (gloo's second rendezvous fails). The program closes it.
-    for tracker in accelerator.trackers:
-        tracker.finish()
-    return result
+    return result  # `closing` closes the stop agreement, then the trackers
 
 
 def run_validation(recipe, method, modules, accelerator, step: int) -> Path | None:

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import pytest
+
 from ports import free_port
 
 from finetune.stopping import StopRequest
@@ -87,3 +89,27 @@ def test_one_process_stops_at_the_requested_step_without_collectives():
         assert stop.agreed() and stop.agreed_now()
     stop.close()
 
+
+
+def test_a_run_that_fails_closes_its_stop_agreement_without_waiting_for_a_sum():
+    """The stop agreement's gloo group was closed only at a run's normal end: a train() that failed left it behind, in
+    a process that trains again (as groups_left above counts). After an error it is closed without waiting for the sum
+    left running, which a process that failed mid-step would never join."""
+    import torch.distributed as dist
+
+    class NeverJoined:
+        def wait(self):
+            raise AssertionError("waited for a sum after an error")
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # a world of one, in this process
+    try:
+        with pytest.raises(ValueError, match="^failed mid-step$"):
+            with StopRequest(SimpleNamespace(num_processes=2)).closed_at_the_end() as stop, stop:
+                stop._pending = (NeverJoined(), None)
+                raise ValueError("failed mid-step")
+        assert len(dist.distributed_c10d._world.pg_map) == 1  # the default group alone: the stop's is closed
+        with StopRequest(SimpleNamespace(num_processes=2)).closed_at_the_end() as stop, stop:  # at a normal end, the last sum is read
+            assert not stop.agreed()
+        assert len(dist.distributed_c10d._world.pg_map) == 1
+    finally:
+        dist.destroy_process_group()
