@@ -35,6 +35,29 @@ def read_config(path: Path, name: str) -> dict:
     return config
 
 
+WEIGHTS_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}  # as save_pretrained names them
+
+
+def part_weights(path: Path, part: str, variant: str | None = None) -> list[Path]:
+    """A part's weights files (safetensors or pickles, whole or sharded), of `variant` (e.g. fp16) where one is given."""
+    files = [*(path / part).glob("*.safetensors"), *(path / part).glob("*.bin")]
+    return [file for file in files if variant is None or f".{variant}." in file.name or f".{variant}-" in file.name]
+
+
+def missing_part_file(path: Path, variant: str | None = None) -> str | None:
+    """The first file a pipeline needs that `path` lacks (`part/name`: a part's weights, the scheduler's config, the
+    tokenizer's files), or None: what a hub cache holding the configs of a base alone lacks."""
+    for part, stem in WEIGHTS_STEMS.items():
+        if not part_weights(path, part, variant):
+            return f"{part}/{stem}{f'.{variant}' if variant else ''}.safetensors"
+    if not (path / "scheduler" / "scheduler_config.json").is_file():
+        return "scheduler/scheduler_config.json"
+    tokenizer = path / "tokenizer"
+    if not (tokenizer / "tokenizer.json").is_file():
+        return next((f"tokenizer/{file}" for file in TOKENIZER_FILES if not (tokenizer / file).is_file()), None)
+    return None
+
+
 def check_part_files(path: Path, name: str) -> None:
     """Each part's config is its class's, each safetensors file whole, and the UNet is SD1.x's or SD2.x's kind."""
     from safetensors import SafetensorError, safe_open

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.base_folder import check_architecture, check_part_files, check_single_file, check_variant
+from finetune.base_folder import WEIGHTS_STEMS, check_architecture, check_part_files, check_single_file, check_variant, missing_part_file, part_weights
 from finetune.config import SINGLE_FILE_SUFFIXES, ModelConfig
 from finetune.errors import FinetuneError, looked_for_here
 
@@ -23,8 +23,8 @@ def check_pipeline_parts(path: Path, name: str) -> None:
     missing = [part for part in PIPELINE_PARTS if not (path / part).is_dir()]
     if missing:
         raise FinetuneError(f"base model folder {name} has no {', '.join(missing)}: a Stable Diffusion pipeline folder holds {', '.join(PIPELINE_PARTS)}")
-    for part in ("unet", "vae", "text_encoder"):
-        if not any((path / part).glob("*.safetensors")) and not any((path / part).glob("*.bin")):
+    for part in WEIGHTS_STEMS:
+        if not part_weights(path, part):
             raise FinetuneError(f"base model folder {name} has no weights in {part}: copy the whole pipeline folder again")
     check_part_files(path, name)
 
@@ -93,7 +93,26 @@ def with_weights(location: BaseLocation) -> BaseLocation:
     allow, ignore = download_patterns(location.config.variant)
     # The commit whose configs were checked (its snapshot folder's name), though the repository changed since.
     commit = location.folder.name if re.fullmatch("[0-9a-f]{40}", location.folder.name) else location.config.revision
-    return BaseLocation(location.config, _hub_snapshot(location.config, commit, allow_patterns=allow, ignore_patterns=ignore))
+    folder = _hub_snapshot(location.config, commit, allow_patterns=allow, ignore_patterns=ignore)
+    check_fetched(folder, location.config)
+    return BaseLocation(location.config, folder)
+
+
+def check_fetched(folder: Path, config: ModelConfig) -> None:
+    """Offline, snapshot_download returns the cache's snapshot folder without looking for the files asked for: a cache
+    holding a base's configs alone (fetched by `locate_base` before an offline run) was diffusers' traceback as it loaded."""
+    missing = missing_part_file(folder, config.variant)
+    if missing is None:
+        return
+    repo_id, key = config.pretrained, config._key
+    if _offline():
+        raise FinetuneError(f"base model {repo_id} is only partly in the local Hugging Face cache (no {missing}) and downloads are off (HF_HUB_OFFLINE=1): "
+                            f"download the model once with network (run without HF_HUB_OFFLINE=1), or set {key} to a local diffusers folder")  # fmt: skip
+    # Online too: the hub's repository has no such file (finetune fetches safetensors weights), or the hub was out of reach
+    # and huggingface_hub answered from the cache.
+    raise FinetuneError(f"base model {repo_id} has no {missing} in what was fetched (not on the hub, which finetune fetches safetensors "
+                        f"weights from, or the hub was out of reach and the cache holds part of it): check the network and {key}, "
+                        "or set it to a local diffusers folder")  # fmt: skip
 
 
 def located_folder(config: ModelConfig, location: BaseLocation | None) -> Path | None:
@@ -136,7 +155,7 @@ def _hub_snapshot(config: ModelConfig, revision: str | None, **patterns) -> Path
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     repo_id, key = config.pretrained, config._key
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")  # as huggingface_hub reads it
+    offline = _offline()
     try:
         return Path(snapshot_download(repo_id, revision=revision, local_files_only=offline, **patterns))
     except (LocalEntryNotFoundError, FileNotFoundError):
@@ -150,3 +169,7 @@ def _hub_snapshot(config: ModelConfig, revision: str | None, **patterns) -> Path
         raise FinetuneError(f"base model {repo_id} not found on the hub, nor as a folder in the current folder ({os.getcwd()}): check {key}") from None
     except OSError as err:
         raise FinetuneError(f"base model {repo_id} could not be fetched ({err.__class__.__name__}): check the network or use a local folder") from None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")  # as huggingface_hub reads it

@@ -228,3 +228,30 @@ def test_a_hub_base_is_looked_up_once_per_training_run(tiny_model, image_folder,
     assert capsys.readouterr().err == "error: loaded\n"  # train() clears accelerate's bf16 settings
     assert loaded[0].vae.dtype == torch.bfloat16
     assert events == ["configs", "data check", "weights"]
+
+
+@pytest.mark.parametrize("kept", [("model_index.json", "*/config.json"), ("model_index.json", "*/config.json", "unet/*", "vae/*")])
+def test_an_offline_cache_holding_part_of_a_hub_base_is_one_line_naming_the_missing_file(kept, tiny_model, tmp_path, monkeypatch):
+    """Offline, snapshot_download returned the cache's snapshot folder without looking for the weights asked for: a cache
+    holding a hub base's configs alone (an offline run after `locate_base` fetched them) passed the weights step and was
+    diffusers' traceback as the model loaded."""
+    import huggingface_hub.constants
+
+    from finetune.config import ModelConfig
+    from finetune.model_source import locate_base, with_weights
+
+    partial = tmp_path / "partial"
+    for pattern in kept:
+        for file in tiny_model.glob(pattern):
+            (partial / file.relative_to(tiny_model)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(file, partial / file.relative_to(tiny_model))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fake_hub_cache(tmp_path / "hub", "someone/tiny", partial)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    location = locate_base(ModelConfig.from_option("someone/tiny"))  # the configs are there
+    missing = "text_encoder/model.safetensors" if "unet/*" in kept else "unet/diffusion_pytorch_model.safetensors"
+    with pytest.raises(FinetuneError) as raised:
+        with_weights(location)
+    assert str(raised.value) == (f"base model someone/tiny is only partly in the local Hugging Face cache (no {missing}) and downloads are off "
+                                 "(HF_HUB_OFFLINE=1): download the model once with network (run without HF_HUB_OFFLINE=1), or set --base "
+                                 "to a local diffusers folder")  # fmt: skip
