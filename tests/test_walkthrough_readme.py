@@ -40,7 +40,7 @@ def test_the_readmes_length_line_is_the_one_training_prints():
     # The README showed 'length: 1000 steps of 4 images = 12.3 epochs of 325 images': 325 images do not fill
     # batches of 4, so training says '... of 324 of the 325 images (each epoch leaves 1 out ...)' instead.
     from finetune.batches import EpochBatchSampler
-    from finetune.config.recipe import TrainConfig
+    from finetune.config.training import TrainConfig
     from finetune.run_length import run_length_line
 
     shown = re.search(r"`(length: (\d+) steps of (\d+) images = [^`]* of (\d+) images)`", (ROOT / "README.md").read_text())

@@ -7,13 +7,15 @@ Unknown keys are rejected, so a typo never silently trains the wrong thing. Read
 - `base.py`: `Section`, what every section is;
 - `data.py`: the `data:` section (folders, buckets);
 - `methods.py`: the sections of the methods (`lora:`, `full:`, `vae:`, `dreambooth:`, `controlnet:`);
+- `training.py`: the `train:` and `optimizer:` sections;
 - `recipe.py`: the other sections and `Recipe`, which checks that the sections fit together.
 """
 
 from finetune.config.base import Section
 from finetune.config.data import BucketConfig, DataConfig, FolderConfig, LossMaskConfig
 from finetune.config.methods import ClassImageGeneration, Concept, ControlNetConfig, DreamBoothConfig, FullConfig, LoRAConfig, VAEConfig
-from finetune.config.recipe import SINGLE_FILE_SUFFIXES, CheckpointConfig, LoggingConfig, ModelConfig, OptimizerConfig, Recipe, TrainConfig, ValidationConfig
+from finetune.config.recipe import SINGLE_FILE_SUFFIXES, CheckpointConfig, LoggingConfig, ModelConfig, Recipe, ValidationConfig
+from finetune.config.training import OptimizerConfig, TrainConfig
 
 __all__ = [
     "SINGLE_FILE_SUFFIXES", "BucketConfig", "CheckpointConfig", "ClassImageGeneration", "Concept", "ControlNetConfig", "DataConfig", "DreamBoothConfig",

@@ -1,5 +1,5 @@
-"""The recipe: the base model, training, optimizer, validation, checkpoint and logging sections, and
-`Recipe`, which holds every section and checks that they fit together."""
+"""The recipe: the base model, validation, checkpoint and logging sections, and `Recipe`, which holds every section
+(the training and optimizer sections are finetune/config/training.py's) and checks that they fit together."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import hashlib
 import json
 from typing import Literal, Optional
 
-from pydantic import Field, PrivateAttr, field_serializer, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from finetune.config.base import SamplingSteps, Section, Seed, UserPath
 from finetune.config.data import DataConfig
 from finetune.errors import FinetuneError
 from finetune.config.methods import ControlNetConfig, DreamBoothConfig, FullConfig, LoRAConfig, VAEConfig
+from finetune.config.training import DENOISING_SETTINGS, OptimizerConfig, TrainConfig
 from finetune.config.validation_grid import validation_grid_problem
 from finetune.prompt_options import PromptSettings, with_options
 
@@ -54,151 +55,6 @@ class ModelConfig(Section):
         config = cls(pretrained=pretrained, single_file_config=single_file_config)
         config._key, config._single_file_config_key = "--base", "--base-config"
         return config
-
-
-# What only a denoising loss uses (the VAE method trains on reconstructions).
-DENOISING_SETTINGS = ("snr_gamma", "debiased_estimation", "noise_offset", "multires_noise_iterations", "input_perturbation", "loss",
-                      "min_timestep", "max_timestep", "cache_latents", "cache_text_embeddings")
-
-
-class TrainConfig(Section):
-    batch_size: int = Field(1, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    max_steps: Optional[int] = Field(1000, ge=1)  # optimizer steps; null with max_epochs
-    # The length in epochs instead, as sd-scripts' max_train_epochs counts it (an epoch uses each image its
-    # folder's repeats times); the run turns it into optimizer steps once the data is read.
-    max_epochs: Optional[int] = Field(None, ge=1)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    gradient_checkpointing: bool = False
-    # Channels-last (NHWC) memory format for the UNet, VAE and ControlNet: the layout tensor-core and
-    # oneDNN convolutions prefer, so no transposes around every conv. Same math, same loss.
-    channels_last: bool = False
-    max_grad_norm: Optional[float] = Field(1.0, ge=0)  # null or 0 (as sd-scripts): no clipping; a negative norm would flip the gradients
-    # Min-SNR-gamma loss weighting (Hang et al. 2023); 5.0 is the paper's value, None disables it.
-    snr_gamma: Optional[float] = Field(None, gt=0)  # 0 would weigh every loss 0 (nothing trains), below 0 climb it
-    # Debiased estimation (Yu et al. 2024, sd-scripts' debiased_estimation_loss): weigh each timestep's
-    # loss by 1/sqrt(SNR) (v-prediction: 1/(SNR+1)), so low-noise steps count less. With snr_gamma, both apply.
-    debiased_estimation: bool = False
-    # Offset noise (Guttenberg 2023) helps very dark/bright images; 0.05-0.1 is typical.
-    noise_offset: float = 0.0
-    # Multi-resolution noise (sd-scripts' multires_noise_*): noise drawn at up to this many scales (full
-    # size, then ever coarser) is added, level i weighed by discount**i; 6-10 with discount 0.3 are typical. 0: off.
-    multires_noise_iterations: int = Field(0, ge=0)
-    multires_noise_discount: float = Field(0.3, gt=0, le=1)
-    # Input perturbation (Ning et al. 2023; sd-scripts' ip_noise_gamma): extra noise on the model's input
-    # that its target does not include, against exposure bias; 0.1 is typical. 0: off.
-    input_perturbation: float = Field(0.0, ge=0)
-    # huber: the scheduled pseudo-Huber loss (Khrapov et al. 2024), less pulled by a few odd images;
-    # huber_c is its threshold at high noise (it rises to 1, i.e. MSE, at low noise).
-    loss: Literal["mse", "huber"] = "mse"
-    huber_c: float = Field(0.1, gt=0, le=1)
-    # Train on timesteps min_timestep <= t < max_timestep only (None: up to the model's 1000).
-    min_timestep: int = Field(0, ge=0)
-    max_timestep: Optional[int] = Field(None, ge=1)
-    allow_tf32: bool = True  # TF32 for fp32 matmuls and convolutions on Ampere and newer GPUs (off: full fp32)
-    # Keep an exponential moving average of the trained weights (finetune/ema.py) and sample and save
-    # it instead of the last step's weights; 0.999-0.9999 for full fine-tunes. None: off.
-    ema_decay: Optional[float] = Field(None, gt=0, lt=1)
-    # Compute frozen encoders' outputs once per distinct input (see finetune/cache.py): VAE posteriors
-    # keyed by the image's content and view (crop, flip, size), text hidden states by caption. The
-    # same loss as uncached (in bf16 to rounding); a cached view is not decoded again.
-    cache_latents: bool = False
-    cache_text_embeddings: bool = False  # ignored when the text encoder trains
-    cache_dir: Optional[UserPath] = None  # None: in memory for this run; a folder: also on disk, reused by later runs
-
-    @field_validator("mixed_precision", mode="before")
-    @classmethod
-    def _unquoted_no(cls, value):
-        return "no" if value is False else value  # YAML 1.1 reads an unquoted `no` as false
-
-    @model_validator(mode="before")
-    @classmethod
-    def _epochs_replace_the_default_steps(cls, data):
-        if isinstance(data, dict) and data.get("max_epochs") is not None and "max_steps" not in data:
-            return {**data, "max_steps": None}  # so the recipe as run (recipe.yaml) says null, and loads again
-        return data
-
-    @model_validator(mode="after")
-    def _settings_take_effect(self) -> "TrainConfig":
-        if (self.max_steps is None) == (self.max_epochs is None):
-            raise ValueError(
-                f"train.max_steps ({self.max_steps}) and train.max_epochs ({self.max_epochs}) both set the run's length: "
-                "keep one (set the other to null)" if self.max_steps else
-                "train.max_steps is null: set it, or train.max_epochs"
-            )  # fmt: skip
-        if self.cache_dir and not (self.cache_latents or self.cache_text_embeddings):
-            raise ValueError("train.cache_dir keeps cached encodings, but nothing is cached: set train.cache_latents (or cache_text_embeddings) to true, or remove cache_dir")
-        # A value of their own for these would do nothing (the reference recipes name them with their defaults).
-        if self.loss != "huber" and self.changed(["huber_c"]):
-            raise ValueError(f"train.huber_c ({self.huber_c:g}) is the pseudo-Huber loss's threshold: set train.loss: huber, or remove huber_c")
-        if not self.multires_noise_iterations and self.changed(["multires_noise_discount"]):
-            raise ValueError("train.multires_noise_discount weighs multi-resolution noise, which is off: set train.multires_noise_iterations (e.g. 6), or remove the discount")
-        if self.max_timestep is not None and self.min_timestep >= self.max_timestep:
-            raise ValueError(f"train.min_timestep ({self.min_timestep}) must be below train.max_timestep ({self.max_timestep})")
-        return self
-
-
-class OptimizerConfig(Section):
-    # adamw8bit, paged_adamw8bit and lion8bit come from bitsandbytes (8-bit states for large tensors);
-    # adafactor keeps factored second moments only (the smallest state); prodigy finds its own step size.
-    name: Literal["adamw", "adamw8bit", "paged_adamw8bit", "lion8bit", "adafactor", "prodigy"] = "adamw"
-    lr: float = Field(1e-4, gt=0)  # prodigy: a multiplier of the step size it finds, near 1.0
-    weight_decay: float = Field(1e-2, ge=0)
-    betas: Optional[tuple[float, float]] = None  # null: the optimizer's own (OWN_BETAS)
-    eps: float = Field(1e-8, gt=0)
-    scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
-    warmup_steps: int = Field(0, ge=0)
-
-    @field_validator("betas", mode="before")
-    @classmethod
-    def _two_betas(cls, value):
-        # Else [0.9] said "missing required key 'optimizer.betas.1'", and [0.9, 0.99, 0.999] "tuple should have at most 2 items".
-        if isinstance(value, (list, tuple)) and len(value) != 2:
-            raise ValueError("give two betas, the first and second moments' decay, e.g. [0.9, 0.999] (or null for the optimizer's own)")
-        return value
-
-    @field_validator("betas")
-    @classmethod
-    def _betas_below_one(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
-        if value is not None and not all(0.0 <= beta < 1.0 for beta in value):
-            raise ValueError("each beta must be at least 0 and below 1 (the moments' decay)")
-        return value
-
-    @property
-    def betas_in_use(self) -> tuple[float, float]:
-        """The recipe's betas, else the optimizer's own."""
-        return tuple(self.betas) if self.betas is not None else OWN_BETAS.get(self.name, ADAMW_BETAS)
-
-    @field_serializer("betas")
-    def _dump_betas_in_use(self, betas: tuple[float, float] | None) -> tuple[float, float]:
-        # The saved recipe.yaml and a checkpoint's settings say which betas trained (a resume compares them).
-        return self.betas_in_use
-
-    @model_validator(mode="after")
-    def _prodigy_multiplier(self) -> "OptimizerConfig":
-        if self.name == "prodigy" and self.lr < 0.1:  # 1e-4, as for AdamW, would leave it all but still
-            raise ValueError(f"optimizer.lr with prodigy multiplies the step size it finds: set it near 1.0 (got {self.lr:g})")
-        if self.scheduler == "constant" and self.warmup_steps:  # diffusers' constant schedule has no warm-up
-            raise ValueError(f"optimizer.warmup_steps ({self.warmup_steps}) does nothing with scheduler constant: use constant_with_warmup, or set warmup_steps: 0")
-        # A value of one's own for what the optimizer does not read would do nothing (the shipped recipes name them with their defaults).
-        keys, reason = UNREAD_OPTIMIZER_SETTINGS.get(self.name, ((), ""))
-        for key in self.changed(keys):
-            if key == "betas" and self.betas == ADAMW_BETAS:
-                continue  # what recipes named before betas defaulted to the optimizer's own
-            raise ValueError(f"optimizer.{key} does nothing with optimizer.name {self.name} ({reason}): remove it")
-        return self
-
-
-# Each optimizer's own betas (its library's defaults), for a recipe that names none. AdamW's were everyone's,
-# which gave Lion (0.9, 0.99 in bitsandbytes and its paper) a second beta of 0.999.
-ADAMW_BETAS = (0.9, 0.999)  # torch's AdamW, bitsandbytes' 8-bit AdamWs, Prodigy
-OWN_BETAS = {"lion8bit": (0.9, 0.99)}
-
-# What an optimizer does not read of the section (finetune/optim.py), and why.
-UNREAD_OPTIMIZER_SETTINGS = {
-    "adafactor": (("betas", "eps"), "it keeps no first moment, and epsilons of its own"),
-    "lion8bit": (("eps",), "Lion divides by no second moment, so it has no epsilon"),
-}
 
 
 class ValidationConfig(Section):
