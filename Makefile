@@ -27,8 +27,12 @@ quickstart: setup
 	$(BIN)/finetune sample --base finetune/assets/toyworld-base --lora outputs/quickstart --num-images 4 --steps 25 --guidance 5 \
 		--prompt "a large orange star on a gray background, bottom left" --out outputs/quickstart/sample
 
+# Two pytest workers (pytest-xdist), each taking whole test files, so a file's module fixtures (one DDP launch
+# for its tests) are made once: CI's 2 cores run the suite in about two thirds of the serial time, much of which
+# is interpreters starting, processes launched and the browser waited on. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: setup browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The longer checks the default suite leaves out (pytest -m slow): the README's DeepSpeed launch of
 # `-m finetune train` (the default suite launches its config with the test worker), a ControlNet learning its control,
