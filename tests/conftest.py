@@ -7,6 +7,13 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from finetune.library_noise import quiet_third_party_warnings
+
+# As the command line does: pytest-xdist's workers import the libraries before any capture, and their import-time
+# warnings (bitsandbytes' CPU kernels, CLIP's image processor without torchvision) printed after the suite's summary.
+# (tests/test_cli.py checks the command line's own filtering in an interpreter of its own.)
+quiet_third_party_warnings()
+
 from pathlib import Path
 from types import SimpleNamespace
 
