@@ -114,6 +114,7 @@ def _sample(args) -> int:
     if args.resolution and (problem := sample_grid_problem(args.num_images, len(args.prompt), args.resolution, args.controlnet is not None)):
         raise FinetuneError(problem)  # without --resolution, the model's own is checked once it loads (finetune.inference)
     base = base_or_recorded(args)
+    quiet_weight_progress_bars()  # transformers loads with torch: after the checks, so a refusal stays quick
     from finetune.inference import sample_to_folder  # torch and diffusers: after the checks above, which need neither
 
     written = sample_to_folder(
@@ -179,6 +180,7 @@ def _make_world_data(args) -> int:
 
 
 def _export_base(args) -> int:
+    quiet_weight_progress_bars()
     from finetune.pipeline_io import export_fp16
 
     print(f"wrote {export_fp16(Path(args.source), Path(args.destination), overwrite=args.overwrite)}")
@@ -195,6 +197,7 @@ def _export(args) -> int:
 
 
 def _export_checkpoint(args) -> int:
+    quiet_weight_progress_bars()
     from finetune.single_file_export import export_checkpoint
 
     path, notes = export_checkpoint(Path(args.input), Path(args.output), args.precision, overwrite=args.overwrite)
@@ -208,6 +211,7 @@ def _merge(args) -> int:
     from finetune.output_folders import check_merge_output
 
     check_merge_output(Path(args.output_dir), Path(args.lora), args.overwrite)  # before the LoRA's base is read (torch)
+    quiet_weight_progress_bars()
     from finetune.merge import merge_lora
 
     print(f"wrote {merge_lora(base_or_recorded(args), args.lora, args.strength, Path(args.output_dir), args.base_config, args.overwrite, args.precision)}")

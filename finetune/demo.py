@@ -30,6 +30,7 @@ from finetune.demo_inputs import (
     read_upload,
 )
 from finetune.errors import FinetuneError
+from finetune.library_noise import quiet_weight_progress_bars
 
 DEFAULT_BASE = Path(__file__).resolve().parent / "assets" / "toyworld-base"
 FALLBACK_BASE = Path("outputs/demo-base")
@@ -282,6 +283,7 @@ def run_demo_command(args) -> int:
         if args.adapters != ADAPTERS_DEFAULT:  # a typo would show an empty list and no word why
             raise FinetuneError(f"adapters folder {args.adapters} not found: pass --adapters with the folder your training runs write to")
         Path(args.adapters).mkdir(parents=True)  # where training runs will write; Rescan finds them there
+    quiet_weight_progress_bars()  # the page's first line is the demo's own
     base, note = resolve_base(args.base)
     engine = DemoEngine(base, Path(args.adapters), exclude=(Path(base),), base_config=args.base_config, device=args.device, precision=args.precision)
     print(f"base model: {base}; {len(engine.adapters)} adapters under {args.adapters}; {placement_line(*engine.placement)}")

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from finetune.errors import FinetuneError
+from finetune.library_noise import quiet_weight_progress_bars
 
 # finetune.evaluate's suites and the toy world's shapes, named here so that building the command line (every
 # `finetune` command, --help too) does not import numpy and PIL with them; tests/test_cli_startup.py checks they match.
@@ -156,6 +157,7 @@ def run_eval_command(args) -> int:
     suites = default_suites(args.suite, args.controlnet)
     check_lora_scale_has_a_lora(args)
     check_subject_options_are_read(args, suites)
+    quiet_weight_progress_bars()
     from finetune.inference import adapter_base  # torch and diffusers: after the checks above, which need neither
     from finetune.prompt_options import PromptSettings, guidance_notes
 

@@ -43,7 +43,8 @@ def quiet_paged_optimizer_on_cpu() -> None:
 def quiet_weight_progress_bars() -> None:
     """transformers' bars loading and writing the text encoder ('Loading weights', 'Writing model shards'):
     done in a blink, drawn by every process of a launch at once (two bars on one line), and mid-run into the
-    training bar's line. Called by `finetune train` once transformers is loaded; downloads keep their bars."""
+    training bar's line; before `sample`'s, `merge`'s and the demo's own first lines (the README quotes them). Called
+    by each command that loads a model, after its checks that need no torch; downloads keep their bars."""
     from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
     from transformers.utils import logging as transformers_logging
 

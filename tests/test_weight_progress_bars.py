@@ -19,3 +19,32 @@ def test_train_draws_no_bar_for_the_text_encoders_weights(make_recipe, tmp_path,
     assert "training: 100%" in err  # the run's own bar
     assert "Loading weights" not in err and not transformers_logging.is_progress_bar_enabled()
     assert not are_progress_bars_disabled()  # downloads of a hub model still show theirs
+
+
+def test_sample_and_merge_draw_no_bar_for_the_text_encoders_weights(tiny_model, tmp_path, monkeypatch, capsys):
+    # The quickstart's last lines, as the README quotes them, had 'Loading weights: 100%|...' between the run's
+    # 'output:' and sample's 'sampling on cpu in fp32'; merge drew 'Writing model shards' before its 'wrote' line.
+    monkeypatch.setattr(transformers_logging, "_tqdm_active", transformers_logging.is_progress_bar_enabled())  # given back after
+    sample = ["sample", "--base", str(tiny_model), "--prompt", "x", "--steps", "1", "--num-images", "1", "--out", str(tmp_path / "s")]
+    lora = lora_file(tiny_model, tmp_path / "lora")
+    capsys.readouterr()
+    assert main(sample) == 0
+    assert main(["merge", "--base", str(tiny_model), "--lora", str(lora), str(tmp_path / "merged")]) == 0
+    err = capsys.readouterr().err
+    assert "Loading weights" not in err and "Writing model shards" not in err, err
+    assert not are_progress_bars_disabled()  # downloads of a hub model still show theirs
+
+
+def lora_file(tiny_model, folder):
+    """An untrained LoRA of the tiny model's UNet (its up weights zero): what merge needs, without training one."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from finetune.config import LoRAConfig
+    from finetune.methods.lora import add_lora, save_lora
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    add_lora(unet, ["to_q"], torch.float32, LoRAConfig(rank=2, alpha=2))
+    path = folder / "pytorch_lora_weights.safetensors"
+    save_lora({"unet": unet}, path, {"finetune.base_model": str(tiny_model), "finetune.method": "lora"})
+    return path
