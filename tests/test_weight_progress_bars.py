@@ -1,6 +1,7 @@
 """`finetune train` draws no transformers bar for loading or writing the text encoder: every process of a
 launch drew 'Loading weights' at once (two bars on one line), and a save mid-run drew 'Writing model
-shards' into the training bar's line (with a cursor-up escape). The hub's download bars stay."""
+shards' into the training bar's line (with a cursor-up escape). Nor do sample and merge, whose lines the README
+quotes. The hub's download bars stay."""
 
 import yaml
 from huggingface_hub.utils import are_progress_bars_disabled
