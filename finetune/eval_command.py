@@ -149,6 +149,15 @@ def check_subject_options_are_read(args, suites) -> None:
             raise FinetuneError(f"--{name.replace('_', '-')} writes the prompts of {which}, which this eval does not run: add {wanted}, or leave it out")
 
 
+def recorded_as_found(args) -> str | None:
+    """The base the adapter's run recorded, found as `sample` finds it without --base: a relative path from the folders
+    above the adapter too, so the report of a run scored from another folder, on that same base, is not named -on-<base>."""
+    from finetune.inference import adapter_base, found_from_adapter
+
+    recorded = adapter_base(args.lora, args.controlnet)
+    return recorded and (found_from_adapter(recorded, args.lora or args.controlnet) or recorded)
+
+
 def run_eval_command(args) -> int:
     """``finetune eval``: run, print the table, write the report."""
     from finetune.cli import base_or_recorded, check_lora_scale_has_a_lora
@@ -157,14 +166,13 @@ def run_eval_command(args) -> int:
     suites = default_suites(args.suite, args.controlnet)
     check_lora_scale_has_a_lora(args)
     check_subject_options_are_read(args, suites)
-    quiet_weight_progress_bars()
-    from finetune.inference import adapter_base  # torch and diffusers: after the checks above, which need neither
+    quiet_weight_progress_bars()  # transformers, then torch and diffusers: after the checks above, which need neither
     from finetune.prompt_options import PromptSettings, guidance_notes
 
     for note in guidance_notes([PromptSettings("", None, args.seed, args.guidance, args.steps)]):
         print(f"note: {note}")
     base = base_or_recorded(args)
-    recorded = adapter_base(args.lora, args.controlnet) if args.base else base  # without --base, it is the recorded one
+    recorded = recorded_as_found(args) if args.base else base  # without --base, it is the recorded one
     prompt_parts = subject_prompt_parts(suites, args.identifier, args.class_word, args.subject)
     out = Path(args.out) if args.out else default_out(base, args.lora, args.controlnet, suites, args.lora_scale, args.conditioning_scale, recorded, prompt_parts)
     check_report_path(out)

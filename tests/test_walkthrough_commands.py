@@ -225,3 +225,23 @@ def test_an_eval_of_a_fine_tuned_pipeline_records_its_training_steps(tiny_model,
     assert main(["eval", "--base", str(pipeline), "--suite", "adherence", "--num-prompts", "2", "--steps", "1", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["settings"]["base_steps"] == "12"
     assert f"eval of {pipeline} (trained 12 steps)" in capsys.readouterr().out
+
+
+def test_eval_names_no_other_base_when_the_recorded_one_is_found_from_the_adapter(tiny_model, tmp_path, monkeypatch):
+    # A run records model.pretrained as it was given (models/base, from the project folder). Scored from another
+    # folder with --base naming that same base, the report was eval-style-on-base.json, as if scored on another base:
+    # the recorded path was compared from the current folder, where sample (without --base) looks from the adapter's.
+    from diffusers import UNet2DConditionModel
+
+    (tmp_path / "project" / "models").mkdir(parents=True)
+    (tmp_path / "project" / "models" / "base").symlink_to(tiny_model)
+    run = tmp_path / "project" / "outputs" / "run"
+    trained_lora(UNet2DConditionModel.from_pretrained(tiny_model / "unet"), run / "pytorch_lora_weights.safetensors", {"finetune.base_model": "models/base"})
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    reports = []
+    monkeypatch.setattr("finetune.evaluate.run_eval", lambda *args, out, **kwargs: reports.append(out) or refuse_to_sample())
+    for base in (tmp_path / "project" / "models" / "base", tiny_model):  # the recorded base by another path, then the same model's folder
+        with pytest.raises(AssertionError, match="sampled"):
+            main(["eval", "--base", str(base), "--lora", str(run), "--suite", "style"])
+    assert reports == [run / "eval-style.json", run / "eval-style.json"]
