@@ -150,6 +150,7 @@ def _make_tiny_model(args) -> int:
     # Not into a folder with contents unasked: a mistyped path to a trained pipeline had its weights replaced by random ones.
     output_dir = Path(args.output_dir).absolute()
     check_replaceable(output_dir, args.overwrite, "make-tiny-model output")
+    quiet_weight_progress_bars()
     from finetune.atomic_files import replace_folder  # torch and diffusers: after the check
     from finetune.tiny_model import make_tiny_model
 

@@ -22,18 +22,21 @@ def test_train_draws_no_bar_for_the_text_encoders_weights(make_recipe, tmp_path,
     assert not are_progress_bars_disabled()  # downloads of a hub model still show theirs
 
 
-def test_sample_and_merge_draw_no_bar_for_the_text_encoders_weights(tiny_model, tmp_path, monkeypatch, capsys):
+def test_sample_merge_and_make_tiny_model_draw_no_bar_for_the_text_encoders_weights(tiny_model, tmp_path, monkeypatch, capsys):
     # The quickstart's last lines, as the README quotes them, had 'Loading weights: 100%|...' between the run's
-    # 'output:' and sample's 'sampling on cpu in fp32'; merge drew 'Writing model shards' before its 'wrote' line.
+    # 'output:' and sample's 'sampling on cpu in fp32'; merge and make-tiny-model drew 'Writing model shards'.
     monkeypatch.setattr(transformers_logging, "_tqdm_active", transformers_logging.is_progress_bar_enabled())  # given back after
-    sample = ["sample", "--base", str(tiny_model), "--prompt", "x", "--steps", "1", "--num-images", "1", "--out", str(tmp_path / "s")]
     lora = lora_file(tiny_model, tmp_path / "lora")
-    capsys.readouterr()
-    assert main(sample) == 0
-    assert main(["merge", "--base", str(tiny_model), "--lora", str(lora), str(tmp_path / "merged")]) == 0
-    err = capsys.readouterr().err
-    assert "Loading weights" not in err and "Writing model shards" not in err, err
-    assert not are_progress_bars_disabled()  # downloads of a hub model still show theirs
+    commands = (["sample", "--base", str(tiny_model), "--prompt", "x", "--steps", "1", "--num-images", "1", "--out", str(tmp_path / "s")],
+                ["merge", "--base", str(tiny_model), "--lora", str(lora), str(tmp_path / "merged")],
+                ["make-tiny-model", str(tmp_path / "tiny")])  # fmt: skip
+    for command in commands:
+        transformers_logging.enable_progress_bar()  # as each command finds them in a process of its own
+        capsys.readouterr()
+        assert main(command) == 0
+        err = capsys.readouterr().err
+        assert "Loading weights" not in err and "Writing model shards" not in err, (command[0], err)
+        assert not are_progress_bars_disabled()  # downloads of a hub model still show theirs
 
 
 def lora_file(tiny_model, folder):
