@@ -17,8 +17,10 @@ from finetune.kohya import LoRA
 
 
 def newest_sample_grid(training_dir: Path, up_to_step: int | None = None) -> Path | None:
-    """The run's newest validation grid (samples/step-N.png), or its newest at or before `up_to_step`."""
-    grids = sorted(training_dir.glob("samples/step-*.png"))  # zero-padded steps sort in order
+    """The run's newest validation grid (samples/step-N.png), or its newest at or before `up_to_step`; never the grid of
+    step 0, drawn before training (the base's images, or lora.init_from's): exported from a checkpoint older than the
+    first grid after it, it was shown as the LoRA's samples and its first image became the webui's thumbnail."""
+    grids = sorted(grid for grid in training_dir.glob("samples/step-*.png") if grid.name != "step-000000.png")  # zero-padded steps sort in order
     if up_to_step is not None:  # the names sort as their steps do
         grids = [grid for grid in grids if grid.name <= f"step-{up_to_step:06d}.png"]
     return grids[-1] if grids else None

@@ -226,6 +226,18 @@ def test_export_command_writes_metadata_and_a_model_card(trained, tiny_model, tm
     assert main(convert) == 0 and (tmp_path / "ours" / "ours.safetensors").is_file() and (tmp_path / "ours" / "ours.md").is_file()
 
 
+def test_a_cards_samples_are_never_the_grid_drawn_before_training(tmp_path):
+    # The quickstart's checkpoint-200, exported, showed samples/step-000000.png (the base's squares for "star") as its
+    # samples and their first image as the webui's thumbnail: the newest grid up to step 200, the run's next being 300.
+    from finetune.model_card import newest_sample_grid
+
+    (tmp_path / "samples").mkdir()
+    for step in (0, 300):
+        Image.new("RGB", (8, 8)).save(tmp_path / "samples" / f"step-{step:06d}.png")
+    assert newest_sample_grid(tmp_path, up_to_step=200) is None
+    assert newest_sample_grid(tmp_path, up_to_step=300).name == newest_sample_grid(tmp_path).name == "step-000300.png"
+
+
 def test_export_of_something_that_is_not_a_lora_is_one_line(tmp_path, capsys):
     save_file({"weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
     assert main(["export", str(tmp_path / "model.safetensors"), str(tmp_path / "out"), "--to", "kohya"]) == 2
