@@ -54,9 +54,11 @@ class LoRAMethod(UNetMethod):
                                     "add conv1 and conv2 (the ResNet blocks' convolutions) to it, or remove conv_rank")  # fmt: skip
             conv_rank, conv_alpha = settings.conv_rank_alpha()
             self.start_lines.append(f"LoCon (lora.conv_rank): {len(convs)} 3x3 conv layers at rank {conv_rank}, alpha {conv_alpha:g}")
-        add_lora(self.base.unet, settings.target_modules, self.weight_dtype, settings)
-        if self.train_text_encoder:
-            add_lora(self.base.text_encoder, TEXT_ENCODER_TARGETS, self.weight_dtype, settings)
+        adapted = [(self.base.unet, settings.target_modules)] + ([(self.base.text_encoder, TEXT_ENCODER_TARGETS)] if self.train_text_encoder else [])
+        # One lora.rank for both models: a rank the UNet's wider layers use is kept though the text encoder's are narrower.
+        check_ranks_fit([(model, targets, conv_3x3_targets(model, targets) if settings.conv_rank is not None else []) for model, targets in adapted], settings)
+        for model, targets in adapted:
+            add_lora(model, targets, self.weight_dtype, settings, ranks_checked=True)
         if settings.max_norm is not None:
             self.start_lines.append(f"max-norm (lora.max_norm): each layer's update is kept within {settings.max_norm:g} after every step "
                                     "(TensorBoard: train/lora/layers_scaled, mean_norm, max_norm)")  # fmt: skip
@@ -150,31 +152,37 @@ def layer_width(module: torch.nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
-def check_ranks_fit(model: torch.nn.Module, target_modules: list[str], convs: list[str], settings) -> None:
+def check_ranks_fit(adapted: list[tuple[torch.nn.Module, list[str], list[str]]], settings) -> None:
     """Refuse a rank above every adapted layer's min(in, out), before peft allocates anything: up @ down has at most
     that rank, so no layer can use the rest (lora.rank: 1000000 allocated a million-row matrix per layer once the
     model had loaded: 24 s on the tiny test model). A rank between the narrowest and the widest layers' is kept: the
-    wider layers use it (SD1.5's attention is 320 to 1280 wide). `convs`: the 3x3 convolutions at lora.conv_rank."""
+    wider layers use it (SD1.5's attention is 320 to 1280 wide). `adapted`: each model lora.rank adapts, with its
+    targets and its 3x3 convolutions at lora.conv_rank; one rank serves them all (the UNet, and with
+    lora.train_text_encoder the narrower text encoder), so a layer of any of them may use it."""
     widest: dict[str, tuple[int, str, tuple[int, int]]] = {}  # per key: (most useful rank, layer, its width)
-    for name, module in model.named_modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and any(name == t or name.endswith("." + t) for t in target_modules):
-            key, width = "conv_rank" if name in convs else "rank", layer_width(module)
-            if key not in widest or min(width) > widest[key][0]:  # the first of the widest, in the model's order
-                widest[key] = (min(width), name, width)
+    for model, target_modules, convs in adapted:
+        for name, module in model.named_modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and any(name == t or name.endswith("." + t) for t in target_modules):
+                key, width = "conv_rank" if name in convs else "rank", layer_width(module)
+                if key not in widest or min(width) > widest[key][0]:  # the first of the widest, in the models' order
+                    widest[key] = (min(width), name, width)
+    models = " and ".join(dict.fromkeys(type(model).__name__ for model, _, _ in adapted))
     for key, (useful, name, (inputs, outputs)) in widest.items():
         rank = getattr(settings, key)
         if rank > useful:
-            raise FinetuneError(f"lora.{key} ({rank}) is more than any adapted layer of the {type(model).__name__} can use (the widest, {name}: "
+            raise FinetuneError(f"lora.{key} ({rank}) is more than any adapted layer of the {models} can use (the widest, {name}: "
                                 f"{inputs} in, {outputs} out, is updated fully by a LoRA of rank {useful}): lower lora.{key} to at most {useful}")  # fmt: skip
 
 
-def add_lora(model: torch.nn.Module, target_modules: list[str], weight_dtype: torch.dtype, settings) -> None:
+def add_lora(model: torch.nn.Module, target_modules: list[str], weight_dtype: torch.dtype, settings, ranks_checked: bool = False) -> None:
     """Freeze `model` in `weight_dtype` and attach a LoRA whose own weights stay fp32 (the 3x3
-    convolutions at lora.conv_rank where it is set)."""
+    convolutions at lora.conv_rank where it is set). `ranks_checked`: `check_ranks_fit` ran over every model the
+    run adapts (the UNet and the text encoder), not this one alone."""
     check_targets(model, target_modules)
     convs = conv_3x3_targets(model, target_modules) if settings.conv_rank is not None else []
     conv_rank, conv_alpha = settings.conv_rank_alpha()
-    check_ranks_fit(model, target_modules, convs, settings)
+    if not ranks_checked:
+        check_ranks_fit([(model, target_modules, convs)], settings)
     freeze(model, weight_dtype)
     model.train()  # LoRA dropout is active while training
     model.add_adapter(
