@@ -12,6 +12,7 @@ from finetune.bench.runner import default_resolution
 from finetune.cli import main
 from finetune.models import load_base_model
 from finetune.config import ModelConfig
+from finetune.errors import FinetuneError
 from finetune.trainer import train
 
 
@@ -65,6 +66,16 @@ def test_bad_bench_arguments_are_one_line_errors(tmp_path, capsys):
     assert main(["bench", "--base", str(tmp_path / "nope"), "--out", str(tmp_path / "b.json")]) == 2
     assert f"base model {tmp_path / 'nope'} not found: no such folder or file (check --base)" in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
+
+
+def test_a_resolution_past_the_recipes_bound_is_refused_before_the_model_and_data_are_made(tmp_path, monkeypatch):
+    """data.resolution is at most 4096 (finetune/image_bounds.py): --resolution 8192 made the model and wrote the data at
+    8192 px, then failed in every variant's process with an error naming data.resolution, a key the command has not."""
+    import finetune.bench.runner as runner
+
+    monkeypatch.setattr(runner, "prepare_model", lambda *args: pytest.fail("the model was made"))
+    with pytest.raises(FinetuneError, match=r"^--resolution 8192 must be at most 4096 "):
+        runner.run_benchmark(preset="tiny", resolution=8192, variants=["lora"], workdir=tmp_path)
 
 
 def test_train_reports_every_step_to_the_hook(make_recipe):

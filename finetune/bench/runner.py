@@ -18,6 +18,7 @@ from finetune.bench.report import add_speedups, machine_info, median_run
 from finetune.bench.sd15 import build_sd15_pipeline
 from finetune.bench.variants import DEFAULT_VARIANTS, VARIANTS, images_per_step
 from finetune.errors import FinetuneError
+from finetune.image_bounds import MAX_RESOLUTION, RESOLUTION_BOUND
 
 # ---------------------------------------------------------------------------------------------------
 # The parent: model, data, one subprocess per variant, and the JSON report (the table: report.py)
@@ -124,6 +125,8 @@ def run_benchmark(
     resolution = resolution or base_resolution
     if resolution % 8:
         raise FinetuneError(f"--resolution must be a multiple of 8, got {resolution}")
+    if resolution > MAX_RESOLUTION:  # each variant's recipe would refuse it as data.resolution, after the model and data were made
+        raise FinetuneError(f"--resolution {resolution} {RESOLUTION_BOUND}")
     settings = BenchSettings(preset, steps, warmup, batch, resolution, mixed_precision, num_images, count_flops, peak)
     load_at_start = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
