@@ -36,6 +36,7 @@ class BaseModel:
     # What the base model itself was trained for: its scheduler's target, noise schedule and spacing.
     pretrained_schedule: dict = field(default_factory=lambda: dict(PRETRAINED_SCHEDULE_DEFAULTS))
     location: BaseLocation | None = None  # where the parts were found: a part loaded again is read from there
+    reading_as_pretrained: bool = False  # inside `predicting_as_pretrained`: pipelines read prompts as the base did too
 
     @property
     def pretrained_prediction_type(self) -> str:
@@ -48,13 +49,16 @@ class BaseModel:
     @contextmanager
     def predicting_as_pretrained(self):
         """Pipelines built inside sample as the base itself was trained (e.g. the untrained step 0 of a
-        run that trains v-prediction on an epsilon base), not for what training targets."""
+        run that trains v-prediction on an epsilon base), not for what training targets; and read prompts as it
+        did, in CLIP's one chunk, not in model.max_token_length's (`finetune.sampling.build_pipeline`)."""
         trained_for = {key: self.noise_scheduler.config[key] for key in self.pretrained_schedule}
         self.noise_scheduler.register_to_config(**self.pretrained_schedule)
+        self.reading_as_pretrained = True
         try:
             yield
         finally:
             self.noise_scheduler.register_to_config(**trained_for)
+            self.reading_as_pretrained = False
 
 
 def freeze(module: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:

@@ -22,7 +22,8 @@ def build_pipeline(
 ):  # fmt: skip
     """A pipeline (StableDiffusionPipeline by default) over the base model's parts and a trained UNet,
     sampling with DDIM for what training targets (`as_pretrained`: as the base itself was trained) and reading
-    prompts as training with `max_token_length` (model.max_token_length) reads captions;
+    prompts as training with `max_token_length` (model.max_token_length) reads captions (as the base read them, in one
+    chunk, inside `base.predicting_as_pretrained()`: the untrained step 0's "before" grid is what the base draws);
     `extra` passes further parts, e.g. controlnet= with the ControlNet pipeline class."""
     pipeline = pipeline_class(
         vae=base.vae,
@@ -36,7 +37,7 @@ def build_pipeline(
         **extra,
     )
     pipeline.set_progress_bar_config(disable=True)
-    read_prompts_as_trained(pipeline, max_token_length)
+    read_prompts_as_trained(pipeline, 75 if getattr(base, "reading_as_pretrained", False) else max_token_length)
     return pipeline
 
 

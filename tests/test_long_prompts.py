@@ -177,3 +177,14 @@ def test_check_data_counts_caption_tokens_with_the_recipes_tokenizer(tiny_model,
     checked = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert checked.returncode == 0 and "captions are longer" in checked.stdout, checked.stderr[-2000:]
     assert "transformers" in checked.stdout.split() and "diffusers" not in checked.stdout.split()
+
+
+def test_the_untrained_step_0_grid_reads_prompts_as_the_base_did(base):
+    """The step-0 validation grid of a run from the base alone is drawn as the base itself samples (predicting_as_pretrained):
+    with model.max_token_length 150 it read even a short prompt in 2 chunks, states the base never learned, so the
+    'before' grid was not what the base draws (`finetune sample --base` reads it in one)."""
+    from finetune.sampling import trained_prompt_chunks
+
+    with base.predicting_as_pretrained():
+        assert trained_prompt_chunks(build_pipeline(base, max_token_length=150)) == 1
+    assert trained_prompt_chunks(build_pipeline(base, max_token_length=150)) == 2  # a trained model reads prompts as training did
