@@ -40,7 +40,7 @@ test: setup browser
 # `finetune demo` start and a second two-machines-on-loopback run (about 10 s each), the ZeRO-3 launch, the
 # DreamBooth and ControlNet Ctrl-C resumes, as the README lists them.
 test-slow: setup
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow -n $(TEST_WORKERS) --dist loadfile
 
 # Headless Chromium for the demo's browser test (Debian packages; needs root, or sudo when there is one).
 # Idempotent: nothing happens when /usr/bin/chromium is already installed.
