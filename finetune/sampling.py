@@ -257,8 +257,6 @@ def tensor_to_image(pixels: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
-
-
 def first_cell(grid: Image.Image, cell: int) -> Image.Image | None:
     """The top-left image of a labelled grid of `cell` x `cell` images (None when it holds none)."""
     if grid.width < GRID_LABEL_WIDTH + cell or grid.height < cell:
