@@ -136,8 +136,10 @@ def _sample(args) -> int:
         device=args.device,
         precision=args.precision,
     )
-    # Every file by name: a run's number is new each time (finetune/sample_files.py), so it is read here.
-    images = ", ".join(path.name for path in written[:-1])
+    # The files by name: a run's number is new each time (finetune/sample_files.py), so it is read here. Many images
+    # (--num-images 64 with several prompts) by their first and last, in one line a person reads.
+    names = [path.name for path in written[:-1]]
+    images = ", ".join(names) if len(names) <= 4 else f"{names[0]}, {names[1]}, ... {names[-1]}"
     print(f"wrote {counted(len(written) - 1, 'image')} and a grid: {written[-1]} (images beside it: {images})")
     return 0
 

@@ -219,6 +219,11 @@ def test_train_then_sample_with_the_adapter(tmp_path, capsys, tiny_model, image_
     assert code == 0 and f"wrote 1 image and a grid: {s5 / '00001-grid.png'} (images beside it: 00001-prompt0_seed0.png)" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in s5.iterdir() if p.name in earlier} == earlier
     assert sorted({p.name for p in s5.iterdir()} - set(earlier)) == ["00001-grid.png", "00001-prompt0_seed0.png"]
+    # Many images are named by their first and last, not in a line of every name.
+    code = main(["sample", "--lora", str(tmp_path / "project" / "outputs" / "moved.safetensors"), "--prompt", "y", "--steps", "1", "--num-images", "5",
+                 "--out", str(s5)])  # fmt: skip
+    assert code == 0 and (f"wrote 5 images and a grid: {s5 / '00002-grid.png'} "
+                          "(images beside it: 00002-prompt0_seed0.png, 00002-prompt0_seed1.png, ... 00002-prompt0_seed4.png)\n") in capsys.readouterr().out
     # Another base model: one line naming a layer that does not fit; a base that is not there names --base.
     code = main(["sample", "--base", str(SHIPPED_BASE), "--lora", str(tmp_path / "out"), "--prompt", "x", "--out", str(tmp_path / "s3")])
     err = capsys.readouterr().err.strip().splitlines()  # sample draws no transformers bar for the text encoder's weights
