@@ -115,9 +115,14 @@ def check_fetched(folder: Path, config: ModelConfig) -> None:
                         "or set it to a local diffusers folder")  # fmt: skip
 
 
+def location_of(config: ModelConfig, location: BaseLocation | None) -> BaseLocation:
+    """`location` where it is the lookup of `config` (the run's, passed along), else `config` looked up now."""
+    return location if location is not None and location.config == config else locate_base(config)
+
+
 def located_folder(config: ModelConfig, location: BaseLocation | None) -> Path | None:
-    """`config`'s folder, weights included: `location`'s where it is the lookup of this config, else looked up now."""
-    return with_weights(location if location is not None and location.config == config else locate_base(config)).folder
+    """`config`'s folder, weights included (`location_of`)."""
+    return with_weights(location_of(config, location)).folder
 
 
 def looks_like_hub_id(name: str) -> bool:

@@ -19,7 +19,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from finetune.config import ModelConfig
 from finetune.encoders import skip_last_layers
 from finetune.errors import FinetuneError
-from finetune.model_source import BaseLocation, locate_base, located_folder, with_weights
+from finetune.model_source import BaseLocation, located_folder, location_of, with_weights
 
 
 
@@ -74,7 +74,7 @@ def load_base_model(config: ModelConfig, weight_dtype: torch.dtype = torch.float
     """Load tokenizer, text encoder, VAE, UNet and the training noise scheduler; freeze VAE and text encoder.
     `location`: the run's lookup of `config` (`finetune.model_source.locate_base`), else it is looked up here."""
     # A hub id's weights are fetched here, once: the parts loaded again later (at_source_precision) are read from them.
-    location = with_weights(location if location is not None and location.config == config else locate_base(config))
+    location = with_weights(location_of(config, location))
     parts = load_parts(config, ["tokenizer", "text_encoder", "vae", "unet", "scheduler_config"], location)
     # Training always adds noise the DDPM way; the model's own config says which betas and target.
     noise_scheduler = DDPMScheduler.from_config(parts["scheduler_config"])

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Callable
 
 from finetune.config import DataConfig, LossMaskConfig, Recipe
-from finetune.model_source import BaseLocation, locate_base
+from finetune.model_source import BaseLocation, locate_base, location_of
 from finetune.sources import check_folders_exist
 
 
@@ -43,6 +43,6 @@ def check_base_and_data(recipe: Recipe, check_data: Callable[[], None], base: Ba
     so a typo in model.pretrained is said first; a hub id's weights download as the base loads, after the data check.
     `base`: the command's lookup of the base (a hub id's costs a cache search or a request each time), used as it is;
     returns the base's location."""
-    located = base if base is not None and base.config == recipe.model else locate_base(recipe.model)
+    located = location_of(recipe.model, base)
     check_data()
     return located

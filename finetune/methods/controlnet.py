@@ -140,7 +140,8 @@ class ControlNetMethod(DiffusionMethod):
         if pretrained is None:
             # Random init of the conditioning embedding from the global RNG, which the trainer seeded.
             return ControlNetModel.from_unet(unet)
-        self._check_trained_for_this_target()
+        recorded = self._recorded_by_its_run()
+        self._check_trained_for_this_target(recorded)
         try:
             controlnet = ControlNetModel.from_pretrained(pretrained, torch_dtype=torch.float32, **weights_variant(pretrained))
         except (OSError, ValueError) as err:
@@ -151,26 +152,28 @@ class ControlNetMethod(DiffusionMethod):
                 raise FinetuneError(f"ControlNet {pretrained} does not fit base model {self.base.source}: its {key} is {mine}, the UNet's {theirs}")
         if (problem := conditioning_channels_problem(controlnet.config)) is not None:  # a hub id: its config is read only here
             raise FinetuneError(f"controlnet.pretrained {pretrained} {problem}")
-        self.start_lines.append(self._start_line())
+        self.start_lines.append(self._start_line(recorded))
         return controlnet
 
-    def _check_trained_for_this_target(self) -> None:
-        """As lora.init_from's: a ControlNet trained for another target (its run's finetune.prediction_type) would start
-        from what it did not learn, and the step-0 samples, read as this run's target, would be noise."""
+    def _recorded_by_its_run(self) -> dict:
+        """What the run that trained controlnet.pretrained recorded (finetune_metadata.json); {} for a hub id."""
         from finetune.inference import saved_model_metadata  # inference imports this module
 
-        recorded = (saved_model_metadata(Path(self.pretrained)) if Path(self.pretrained).is_dir() else {}).get("finetune.prediction_type")
-        if recorded and recorded != (trained := self.base.noise_scheduler.config.prediction_type):
-            raise FinetuneError(f"controlnet.pretrained {self.settings.pretrained} was trained for {recorded}, this run trains for {trained}: "
-                                f"set model.prediction_type: {recorded}")  # fmt: skip
+        return saved_model_metadata(Path(self.pretrained)) if Path(self.pretrained).is_dir() else {}
 
-    def _start_line(self) -> str:
+    def _check_trained_for_this_target(self, recorded: dict) -> None:
+        """As lora.init_from's: a ControlNet trained for another target (its run's finetune.prediction_type) would start
+        from what it did not learn, and the step-0 samples, read as this run's target, would be noise."""
+        target = recorded.get("finetune.prediction_type")
+        if target and target != (trained := self.base.noise_scheduler.config.prediction_type):
+            raise FinetuneError(f"controlnet.pretrained {self.settings.pretrained} was trained for {target}, this run trains for {trained}: "
+                                f"set model.prediction_type: {target}")  # fmt: skip
+
+    def _start_line(self, recorded: dict) -> str:
         """Which ControlNet the run starts from, and what its run recorded of it (steps, conditioning kind), as
         lora.init_from's start is said: its outputs' steps are this run's."""
         from finetune.conditions import recorded_conditioning
-        from finetune.inference import saved_model_metadata  # inference imports this module
 
-        recorded = saved_model_metadata(Path(self.pretrained)) if Path(self.pretrained).is_dir() else {}
         steps, made = recorded.get("finetune.steps"), recorded_conditioning(recorded)
         facts = [f"trained {counted(steps, 'step')}" if steps else "", f"on {made} conditioning images" if made else ""]
         known = ", ".join(fact for fact in facts if fact)
