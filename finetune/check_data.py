@@ -353,9 +353,14 @@ def data_label(config: DataConfig) -> str:
     return f"data folder {config.image_dir}" if config.image_dir else f"dataset {config.dataset}"
 
 
+def checked_report(config: DataConfig) -> DataReport:
+    """The data's report, as training prints it at its start, after a one-line stop on the first fatal problem."""
+    return check_examples(read_examples(config), config, data_label(config))
+
+
 def checked_examples(config: DataConfig) -> tuple[list[Example], DataReport]:
     """The training examples (repeats expanded) and the report training prints at its start."""
-    report = check_examples(read_examples(config), config, data_label(config))
+    report = checked_report(config)
     return expand_repeats(report.usable), report
 
 

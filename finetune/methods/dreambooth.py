@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from finetune.buckets import assign_buckets
 from finetune.cache import EncodingCache
 from finetune.captions import scored_caption, training_caption
-from finetune.check_data import DataReport, check_examples, data_label, inspect_examples
+from finetune.check_data import DataReport, check_examples, checked_report, inspect_examples
 from finetune.class_images import (
     as_loaded_base, class_image_caption, generate_class_images, generation_record, is_generated_name, plan_class_images, record_key,
     warn_of_unused_generated_images, write_generation_record,
@@ -39,7 +39,7 @@ from finetune.methods.base import DiffusionMethod
 from finetune.methods.full import FullMethod
 from finetune.methods.lora import LoRAMethod
 from finetune.sampling import build_pipeline
-from finetune.sources import Example, read_examples
+from finetune.sources import Example
 from finetune.train_inputs import data_configs
 from finetune.views import plan_view
 from pathlib import Path
@@ -203,7 +203,7 @@ class DreamBoothMethod(DiffusionMethod):
         return [example for _, example in self.instances]  # each item: an instance with its class image
 
     def check_data(self) -> None:
-        reports = [check_examples(read_examples(config), config, data_label(config)) for config in data_configs(self.recipe)]
+        reports = [checked_report(config) for config in data_configs(self.recipe)]
         self.instances: list[tuple[int, Example]] = []
         for i, examples in enumerate(expand_together([report.usable for report in reports])):  # one epoch, bounded as a whole
             self.instances += [(i, example) for example in examples]
