@@ -9,6 +9,8 @@ import signal
 import torch
 from accelerate import Accelerator
 
+from finetune.gloo_interface import new_gloo_group
+
 
 class StopRequest:
     """Ctrl-C / SIGTERM set a flag; the loop stops at a step boundary, saves, and exits.
@@ -21,7 +23,7 @@ class StopRequest:
     def __init__(self, accelerator: Accelerator):
         self.requested = False
         self._previous = {}
-        self._group = torch.distributed.new_group(backend="gloo") if accelerator.num_processes > 1 else None
+        self._group = new_gloo_group() if accelerator.num_processes > 1 else None  # over which network interface: gloo_interface
         self._pending = None  # (work, flag): the sum started at the last step's agreed(), read at the next
 
     def __enter__(self):

@@ -1,0 +1,118 @@
+"""Where the main group is NCCL, the stop agreement's gloo group connects over the interface that reaches MASTER_ADDR
+(what the main group's rendezvous reached), not over whatever the host name resolves to; one that cannot connect is
+one line naming GLOO_SOCKET_IFNAME."""
+
+import ipaddress
+import json
+import os
+import subprocess
+import sys
+
+import psutil
+import pytest
+import torch.distributed as dist
+
+import finetune.gloo_interface as gloo_interface
+from finetune.errors import FinetuneError
+from finetune.gloo_interface import interface_for_gloo, interface_reaching, new_gloo_group
+from ports import free_port
+
+
+def test_the_interface_reaching_an_address_is_the_one_that_holds_the_address_the_route_leaves_from():
+    interfaces = psutil.net_if_addrs()
+    name, address = interface_reaching("127.0.0.1", free_port())
+    assert address == "127.0.0.1" and "127.0.0.1" in [a.address for a in interfaces[name]]
+    # This machine's own address on another interface is reached from that interface (as the master reaches MASTER_ADDR).
+    own = [(n, a.address) for n, addresses in interfaces.items() for a in addresses
+           if a.family.name == "AF_INET" and not ipaddress.ip_address(a.address).is_loopback]  # fmt: skip
+    for name, address in own:
+        assert interface_reaching(address, 29500) == (name, address)
+    assert interface_reaching("no-such-host.invalid", 29500) is None
+
+
+@pytest.fixture
+def nccl_launch(monkeypatch):
+    """A process of a 2-process NCCL launch on one machine whose MASTER_ADDR is reached from eth7 (10.0.0.2)."""
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    reached = {"MASTER_ADDR": ("eth7", "10.0.0.2")}
+    monkeypatch.setattr(gloo_interface, "interface_reaching", lambda host, port: reached.get(host))
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    for name, value in {"MASTER_ADDR": "MASTER_ADDR", "MASTER_PORT": "29500", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    return reached
+
+
+def test_under_nccl_gloo_gets_the_interface_that_reaches_the_master(nccl_launch, monkeypatch):
+    assert interface_for_gloo() == "eth7"
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "ib0")  # the user's choice stands
+    assert interface_for_gloo() is None
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME")
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")  # a gloo main group connected with gloo's own choice
+    assert interface_for_gloo() is None
+
+
+def test_loopback_is_given_only_where_every_process_is_on_this_machine(nccl_launch, monkeypatch):
+    nccl_launch["MASTER_ADDR"] = ("lo", "127.0.1.1")  # the master's host name, in its own /etc/hosts
+    assert interface_for_gloo() == "lo"
+    monkeypatch.setenv("WORLD_SIZE", "4")  # 2 machines of 2: the others cannot reach this machine's loopback
+    assert interface_for_gloo() is None
+    nccl_launch["MASTER_ADDR"] = None  # MASTER_ADDR unreachable, or not known
+    assert interface_for_gloo() is None
+
+
+def test_the_group_is_made_over_the_chosen_interface_and_the_environment_left_as_it_was(nccl_launch, monkeypatch):
+    seen = []
+    real_new_group = dist.new_group
+    monkeypatch.setattr(dist, "new_group", lambda **kwargs: seen.append(os.environ.get("GLOO_SOCKET_IFNAME")) or real_new_group(**kwargs))
+    loopback = interface_reaching("127.0.0.1", 29500)[0]
+    nccl_launch["MASTER_ADDR"] = (loopback, "127.0.0.1")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # a world of one, in this process
+    try:
+        group = new_gloo_group()  # gloo binds to the named interface: it exists
+        assert seen == [loopback] and "GLOO_SOCKET_IFNAME" not in os.environ
+        dist.destroy_process_group(group)
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", "nosuch0")
+        with pytest.raises(FinetuneError, match=r"^the processes' gloo group .* could not connect over GLOO_SOCKET_IFNAME=nosuch0 \(.*nosuch0\): export GLOO_SOCKET_IFNAME="):
+            new_gloo_group()
+        assert os.environ["GLOO_SOCKET_IFNAME"] == "nosuch0"
+    finally:
+        dist.destroy_process_group()
+
+
+# Each of 2 processes under a main group that says it is NCCL: the stop agreement's group, made over the interface that
+# reaches MASTER_ADDR (loopback here), agrees on a Ctrl-C that reached rank 1 alone.
+UNDER_NCCL = r"""
+import json, os, signal
+from types import SimpleNamespace
+import torch.distributed as dist
+from finetune.stopping import StopRequest
+
+dist.init_process_group("gloo")
+dist.get_backend = lambda group=None: "nccl"
+seen, real_new_group = [], dist.new_group
+dist.new_group = lambda **kwargs: seen.append(os.environ.get("GLOO_SOCKET_IFNAME")) or real_new_group(**kwargs)
+with StopRequest(SimpleNamespace(num_processes=2)).closed_at_the_end() as stop, stop:
+    if dist.get_rank() == 1:
+        os.kill(os.getpid(), signal.SIGINT)
+    stopped = stop.agreed_now()
+dist.destroy_process_group()
+print(json.dumps({"interfaces": seen, "after": os.environ.get("GLOO_SOCKET_IFNAME"), "stopped": stopped}))
+"""
+
+
+def test_two_processes_under_nccl_agree_over_the_interface_that_reaches_the_master():
+    port, loopback = str(free_port()), interface_reaching("127.0.0.1", 29500)[0]
+    env = {key: value for key, value in os.environ.items() if key != "GLOO_SOCKET_IFNAME"}
+    processes = [
+        subprocess.Popen([sys.executable, "-c", UNDER_NCCL], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={
+            **env, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "RANK": str(rank)})
+        for rank in (0, 1)
+    ]  # fmt: skip
+    try:
+        for process in processes:
+            stdout, stderr = process.communicate(timeout=120)
+            assert process.returncode == 0, stderr[-3000:]
+            assert json.loads(stdout.splitlines()[-1]) == {"interfaces": [loopback], "after": None, "stopped": True}
+    finally:
+        for process in processes:
+            process.kill()
