@@ -5,12 +5,15 @@ train and a stop that reaches one of them: tests/test_distributed.py."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from ports import free_port
 
@@ -113,3 +116,56 @@ def test_a_run_that_fails_closes_its_stop_agreement_without_waiting_for_a_sum():
         assert len(dist.distributed_c10d._world.pg_map) == 1
     finally:
         dist.destroy_process_group()
+
+
+# `finetune train` as the command line runs it, reporting how many process groups are left when the program closes them.
+TRAIN_COMMAND = r"""
+import sys
+import torch.distributed as dist
+import finetune.distributed
+from finetune.cli import main
+
+leave_process_group = finetune.distributed.leave_process_group
+
+def leave():
+    print(f"groups left: {len(dist.distributed_c10d._world.pg_map)}")
+    leave_process_group()
+
+finetune.distributed.leave_process_group = leave
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow  # two interpreters that load torch, diffusers and the model: 30 s to a minute on 2 cores
+def test_two_processes_whose_run_fails_after_the_stop_agreement_exists_close_it_and_exit_with_the_one_line_error(make_recipe, tmp_path):
+    """Both processes find the weights turned NaN at step 1's checkpoint (a learning rate of 1e38), right after that step
+    started its sum of stop flags: each closes the stop agreement's group, says nothing of gloo, and exits 2 at once,
+    rank 0 with the error line (the processes started as `accelerate launch` starts them, without its launcher, whose
+    agent would kill the second process as soon as the first one exited)."""
+    recipe = tmp_path / "diverging.yaml"
+    recipe.write_text(yaml.safe_dump(make_recipe(train__batch_size=1, optimizer__lr=1e38, checkpoint__every_n_steps=1).model_dump(mode="json")))
+    port = str(free_port())
+    processes = [
+        subprocess.Popen([sys.executable, "-c", TRAIN_COMMAND, "train", str(recipe)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={
+            **os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+            "RANK": str(rank), "LOCAL_RANK": str(rank)})
+        for rank in (0, 1)
+    ]  # fmt: skip
+    outputs, ended = [], []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=300))
+            ended.append(time.monotonic())
+    finally:
+        for process in processes:
+            process.kill()  # (done already unless the test failed)
+    assert ended[1] - ended[0] < 30  # the second process did not wait on a sum the first one had left
+    for rank, (process, (stdout, stderr)) in enumerate(zip(processes, outputs)):
+        assert process.returncode == 2, stderr[-3000:]
+        assert "groups left: 1" in stdout  # the default group alone: the stop agreement's was closed by train() itself
+        assert not re.search("Traceback|gloo|ProcessGroup", stderr, re.IGNORECASE), stderr[-3000:]
+        errors = [line for line in stderr.splitlines() if "error:" in line]
+        if rank == 0:  # said once, by the machine's first process
+            assert len(errors) == 1 and "NaN or infinite values at step 1 " in errors[0], stderr[-3000:]
+        else:
+            assert errors == [], stderr[-3000:]
