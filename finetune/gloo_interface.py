@@ -19,9 +19,9 @@ import psutil
 import torch
 
 from finetune.errors import FinetuneError
-from finetune.process_env import machine_name
 
 IFNAME = "GLOO_SOCKET_IFNAME"
+ADVICE = f"export {IFNAME}=<the interface that reaches the other machines, as `ip addr` lists it> on each machine before accelerate launch"
 
 
 def interface_reaching(host: str, port: int) -> tuple[str, str] | None:
@@ -41,20 +41,25 @@ def interface_reaching(host: str, port: int) -> tuple[str, str] | None:
 
 
 def interface_for_gloo() -> str | None:
-    """The interface to give gloo's group, or None to leave gloo its own choice: where GLOO_SOCKET_IFNAME is set, where
-    the main group is gloo (its choice connected already), where no MASTER_ADDR says where the others are, and where
-    MASTER_ADDR is reached over loopback while the processes span several machines (the master's host name read in its
-    own /etc/hosts: the other machines cannot reach that address)."""
+    """The interface to give gloo's group, or None to leave gloo its own choice: where GLOO_SOCKET_IFNAME is set, where the
+    main group is gloo (its choice connected already), and where the interface that reaches MASTER_ADDR, if any, would not
+    do: loopback, unless every process is on this machine (torchrun names the master by its host name, which its own
+    /etc/hosts may map to 127.0.1.1). Where the processes span machines and gloo's own choice is loopback too, the group
+    could never connect: that is one line now, rather than gloo's wait of 30 minutes."""
     if os.environ.get(IFNAME) or "gloo" in str(torch.distributed.get_backend()).lower():
         return None
     host = os.environ.get("MASTER_ADDR")
     found = interface_reaching(host, int(os.environ.get("MASTER_PORT", "29500"))) if host else None
-    if found is None:
-        return None
-    name, address = found
-    if ipaddress.ip_address(address).is_loopback and machine_name() is not None:
-        return None
-    return name
+    machines = _machines()
+    if found is not None and (not _loopback(found[1]) or machines == "one"):
+        return found[0]
+    if machines == "several" and _host_name_is_loopback():
+        raise FinetuneError(
+            f"the processes span several machines, and this one's host name ({socket.gethostname()}) resolves to loopback only, where gloo "
+            f"would bind the stop agreement's group (MASTER_ADDR, {host}, leads to no other interface): the other machines could not connect "
+            f"to it; {ADVICE}"
+        )
+    return None
 
 
 def new_gloo_group() -> torch.distributed.ProcessGroup:
@@ -66,9 +71,29 @@ def new_gloo_group() -> torch.distributed.ProcessGroup:
         except RuntimeError as error:  # gloo's DistBackendError among them
             over = f"over {IFNAME}={os.environ[IFNAME]}" if os.environ.get(IFNAME) else "over the address this machine's host name resolves to"
             raise FinetuneError(
-                f"the processes' gloo group (it agrees on a Ctrl-C's stop) could not connect {over} ({str(error).strip().splitlines()[-1]}): "
-                f"export {IFNAME}=<the interface that reaches the other machines, as `ip addr` lists it> on each machine before accelerate launch"
+                f"the processes' gloo group (it agrees on a Ctrl-C's stop) could not connect {over} ({str(error).strip().splitlines()[-1]}): {ADVICE}"
             ) from error
+
+
+def _machines() -> str | None:
+    """'one' where every process runs on this machine, 'several' where they do not, None where the launcher does not say
+    (torchrun, under accelerate launch, sets LOCAL_WORLD_SIZE)."""
+    if "LOCAL_WORLD_SIZE" not in os.environ:
+        return None
+    return "one" if int(os.environ["LOCAL_WORLD_SIZE"]) >= int(os.environ.get("WORLD_SIZE", "1")) else "several"
+
+
+def _loopback(address: str) -> bool:
+    return ipaddress.ip_address(address).is_loopback
+
+
+def _host_name_is_loopback() -> bool:
+    """Whether gloo, left to itself, binds to loopback: the host name resolves to loopback addresses only, or to none."""
+    try:
+        addresses = {info[4][0].split("%")[0] for info in socket.getaddrinfo(socket.gethostname(), None)}
+    except OSError:
+        return True
+    return all(_loopback(address) for address in addresses)
 
 
 @contextlib.contextmanager

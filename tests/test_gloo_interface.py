@@ -34,10 +34,10 @@ def test_the_interface_reaching_an_address_is_the_one_that_holds_the_address_the
 def nccl_launch(monkeypatch):
     """A process of a 2-process NCCL launch on one machine whose MASTER_ADDR is reached from eth7 (10.0.0.2)."""
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
-    reached = {"MASTER_ADDR": ("eth7", "10.0.0.2")}
+    reached = {"master-0": ("eth7", "10.0.0.2")}
     monkeypatch.setattr(gloo_interface, "interface_reaching", lambda host, port: reached.get(host))
     monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
-    for name, value in {"MASTER_ADDR": "MASTER_ADDR", "MASTER_PORT": "29500", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
+    for name, value in {"MASTER_ADDR": "master-0", "MASTER_PORT": "29500", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(name, value)
     return reached
 
@@ -52,11 +52,33 @@ def test_under_nccl_gloo_gets_the_interface_that_reaches_the_master(nccl_launch,
 
 
 def test_loopback_is_given_only_where_every_process_is_on_this_machine(nccl_launch, monkeypatch):
-    nccl_launch["MASTER_ADDR"] = ("lo", "127.0.1.1")  # the master's host name, in its own /etc/hosts
+    nccl_launch["master-0"] = ("lo", "127.0.1.1")  # the master's host name, in its own /etc/hosts
     assert interface_for_gloo() == "lo"
     monkeypatch.setenv("WORLD_SIZE", "4")  # 2 machines of 2: the others cannot reach this machine's loopback
+    own = [a.address for addresses in psutil.net_if_addrs().values() for a in addresses
+           if a.family.name == "AF_INET" and not ipaddress.ip_address(a.address).is_loopback]  # fmt: skip
+    for reachable in own[:1]:  # a host name gloo can bind to a network address of
+        monkeypatch.setattr(gloo_interface.socket, "gethostname", lambda: reachable)
+        assert interface_for_gloo() is None
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")  # a launcher that does not say how many processes run on this machine
     assert interface_for_gloo() is None
-    nccl_launch["MASTER_ADDR"] = None  # MASTER_ADDR unreachable, or not known
+    nccl_launch["master-0"] = None  # MASTER_ADDR unreachable, or not known
+    assert interface_for_gloo() is None
+
+
+def test_a_group_that_could_only_bind_to_loopback_across_machines_is_one_line_before_any_wait(nccl_launch, monkeypatch):
+    """Gloo's own choice is the host name's address, which resolves to loopback here: the other machines would try to connect to
+    their own loopback, and gloo would wait out its 30 minutes."""
+    nccl_launch["master-0"] = ("lo", "127.0.1.1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setattr(gloo_interface.socket, "gethostname", lambda: "localhost")
+    with pytest.raises(FinetuneError, match=r"^the processes span several machines, and this one's host name \(localhost\) resolves to loopback only, "
+                                            r".*MASTER_ADDR, master-0, leads to no other interface.*; export GLOO_SOCKET_IFNAME=<"):
+        interface_for_gloo()
+    nccl_launch["master-0"] = None  # nothing reaches MASTER_ADDR: gloo's own choice, loopback, would not do either
+    with pytest.raises(FinetuneError, match="GLOO_SOCKET_IFNAME"):
+        interface_for_gloo()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # one machine: loopback connects its processes
     assert interface_for_gloo() is None
 
 
@@ -65,7 +87,7 @@ def test_the_group_is_made_over_the_chosen_interface_and_the_environment_left_as
     real_new_group = dist.new_group
     monkeypatch.setattr(dist, "new_group", lambda **kwargs: seen.append(os.environ.get("GLOO_SOCKET_IFNAME")) or real_new_group(**kwargs))
     loopback = interface_reaching("127.0.0.1", 29500)[0]
-    nccl_launch["MASTER_ADDR"] = (loopback, "127.0.0.1")
+    nccl_launch["master-0"] = (loopback, "127.0.0.1")
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # a world of one, in this process
     try:
         group = new_gloo_group()  # gloo binds to the named interface: it exists
