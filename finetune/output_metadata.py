@@ -7,6 +7,7 @@ import collections
 import json
 from pathlib import Path
 
+from finetune.checkpoint import CHECKPOINT_PATTERN
 from finetune.config import Recipe
 from finetune.kohya import LORAPLUS_KEYS
 from finetune.model_source import looks_like_hub_id
@@ -49,12 +50,14 @@ def dataset_metadata(items: list[Example], with_tags: bool = True) -> dict[str, 
 
 
 def output_metadata(
-    recipe: Recipe, step: int, prediction_type: str, epoch: int | None = None, max_steps: int | None = None, dataset: dict[str, str] | None = None
+    recipe: Recipe, step: int, prediction_type: str, epoch: int | None = None, max_steps: int | None = None, dataset: dict[str, str] | None = None,
+    started: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """Recorded in every saved file, so an adapter can be traced to its base, method and recipe, and
     sampled with the target it learned (`prediction_type`, which model.prediction_type may change).
     `step` is the step it was saved at, `epoch` the epochs completed by then, `max_steps` the run's length,
-    `dataset` what it trained on (`dataset_metadata`)."""
+    `dataset` what it trained on (`dataset_metadata`), `started` the method's record of the weights it started
+    from (`start_metadata`: made once, when the run starts, and kept by its checkpoints)."""
     metadata = {
         "finetune.method": recipe.method,
         "finetune.base_model": recipe.model.pretrained,
@@ -81,17 +84,20 @@ def output_metadata(
     metadata.update(dataset or {})
     if recipe.lora.init_from:  # its name only: a path would carry the user's folders into shared files
         metadata["finetune.init_from"] = Path(recipe.lora.init_from).name
-    if recipe.method == "controlnet" and recipe.controlnet.pretrained:  # steps above are this run's, from those weights
-        metadata["finetune.controlnet_pretrained"] = started_from(recipe.controlnet.pretrained)
+    metadata.update(started or {})  # steps above are this run's, from those weights
     return metadata
 
 
 def started_from(source: str) -> str:
-    """What an output records of the ControlNet its run started from (controlnet.pretrained): a hub id whole; a
-    local folder by its name only, as lora.init_from (a path would carry the user's folders into shared files), a
-    run's `controlnet/` folder by its run's name."""
+    """What an output records of the ControlNet its run started from (controlnet.pretrained), read when the run
+    starts, while its folder is there (by name alone, runs/edges moved away and a hub id are alike): a hub id whole; a local folder by its name
+    only, as lora.init_from (a path would carry the user's folders into shared files), a run's `controlnet/` folder
+    by its run's name, a checkpoint's by its run's name and the checkpoint (edges/checkpoints/checkpoint-500)."""
     path = Path(source).expanduser()
     if looks_like_hub_id(source) and not path.exists():
         return source
     path = path.resolve()
-    return path.parent.name if path.name == "controlnet" else path.name
+    folder = path.parent if path.name == "controlnet" else path
+    if CHECKPOINT_PATTERN.match(folder.name) and folder.parent.name == "checkpoints":  # "checkpoint-500" alone says not which run
+        return f"{folder.parent.parent.name}/checkpoints/{folder.name}"
+    return folder.name

@@ -237,7 +237,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
             if not accelerator.is_main_process:
                 return []
             unwrapped = {name: unwrap(accelerator, module) for name, module in modules.items()}
-            progress = {"epoch": int(epochs_by.at(step)), "max_steps": max_steps, "dataset": trained_data}
+            progress = {"epoch": int(epochs_by.at(step)), "max_steps": max_steps, "dataset": trained_data, "started": method.start_metadata()}
             with unsharded_loading(accelerator), averaged():
                 return method.save(folder, unwrapped, output_metadata(recipe, step, method.base.noise_scheduler.config.prediction_type, **progress))
 

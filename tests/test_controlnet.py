@@ -3,6 +3,7 @@
 the recipe checks. Data: test_controlnet_data.py; control-use scores: test_control_use.py."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from PIL import Image
 
 from finetune.errors import FinetuneError
 from finetune.methods import METHODS
-from finetune.methods.controlnet import ControlNetMethod
+from finetune.methods.controlnet import CONTROLNET_DIR, ControlNetMethod
 from finetune.models import load_base_model
 from finetune.trainer import train
 from numerics import bit_identical_on_cpu
@@ -105,7 +106,7 @@ def test_a_run_from_a_pretrained_controlnet_says_which_and_its_outputs_record_it
     """As a lora.init_from start is said and recorded: the steps an output records are its own run's, from those weights."""
     from controlnet_helpers import write_controlnet_run
 
-    from finetune.output_metadata import output_metadata
+    from finetune.output_metadata import started_from
 
     run = write_controlnet_run(tiny_model, tmp_path / "edges", trained=False)
     recorded = {"finetune.method": "controlnet", "finetune.steps": "7", "finetune.conditioning": '{"kind": "canny", "low": 20.0, "high": 40.0, "sigma": 1.0}'}
@@ -113,11 +114,25 @@ def test_a_run_from_a_pretrained_controlnet_says_which_and_its_outputs_record_it
     method = set_up(controlnet_recipe(make_recipe, pairs_folder, controlnet__pretrained=str(run)))
     assert method.start_lines == [f"starting from the ControlNet {run} (controlnet.pretrained): trained 7 steps, on canny (low 20, high 40, sigma 1) conditioning images"]
 
-    def recorded_start(pretrained):
-        return output_metadata(controlnet_recipe(make_recipe, pairs_folder, controlnet__pretrained=pretrained), 3, "epsilon").get("finetune.controlnet_pretrained")
-
+    assert method.start_metadata() == {"finetune.controlnet_pretrained": "edges"}
+    fresh = ControlNetMethod(controlnet_recipe(make_recipe, pairs_folder))
+    fresh.check_data()
+    assert fresh.start_metadata() == {}  # made from the UNet: nothing to record
     # A local folder by its name only (not the user's folders), the run's for its controlnet/; a hub id whole.
-    assert [recorded_start(p) for p in (str(run), str(run / "controlnet"), "lllyasviel/sd-controlnet-canny", None)] == ["edges", "edges", "lllyasviel/sd-controlnet-canny", None]
+    assert [started_from(p) for p in (str(run), str(run / "controlnet"), "lllyasviel/sd-controlnet-canny")] == ["edges", "edges", "lllyasviel/sd-controlnet-canny"]
+
+
+def test_a_run_from_a_checkpoint_records_which_run_the_checkpoint_is_of(make_recipe, pairs_folder, tiny_model, tmp_path):
+    """It recorded "checkpoint-500", which every run has: now the run's name and the checkpoint, as found under output_dir."""
+    from controlnet_helpers import write_controlnet_run
+
+    run = write_controlnet_run(tiny_model, tmp_path / "edges", trained=False)
+    checkpoint = run / "checkpoints" / "checkpoint-500"
+    shutil.copytree(run / CONTROLNET_DIR, checkpoint / CONTROLNET_DIR)
+    for given in (checkpoint, checkpoint / CONTROLNET_DIR):
+        method = ControlNetMethod(controlnet_recipe(make_recipe, pairs_folder, controlnet__pretrained=str(given)))
+        method.check_data()
+        assert method.start_metadata() == {"finetune.controlnet_pretrained": "edges/checkpoints/checkpoint-500"}
 
 
 def test_a_folder_that_holds_no_controlnet_says_what_it_is_before_any_model_loads(make_recipe, pairs_folder, tiny_model, tmp_path):

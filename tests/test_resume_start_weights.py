@@ -70,3 +70,23 @@ def test_either_starting_weights_key_is_kept_from_the_checkpoint(make_recipe, pa
     keep_where_weights_began(recipe, {"method": recipe.method, key: "began-here"})
     section, name = key.split(".")
     assert getattr(getattr(recipe, section), name) == "began-here" and capsys.readouterr().out == ""
+
+
+def test_a_resume_keeps_the_record_its_run_made_of_a_relative_folder_that_has_moved(make_recipe, pairs_folder, tiny_model, tmp_path, monkeypatch):
+    """runs/edges, moved away, was recorded at a resume as the hub id runs/edges (by its name alone the two are alike):
+    the record made when the run started is kept, from the checkpoint's state, or its outputs for a checkpoint older than that."""
+    from controlnet_helpers import write_controlnet_run
+
+    monkeypatch.chdir(tmp_path)
+    write_controlnet_run(tiny_model, tmp_path / "runs" / "edges", trained=False)
+    common = dict(output_dir=str(tmp_path / "continued"), checkpoint__every_n_steps=1, controlnet__pretrained="runs/edges")
+    train(controlnet_recipe(make_recipe, pairs_folder, train__max_steps=1, **common))
+    shutil.rmtree(tmp_path / "runs")
+    state_file = tmp_path / "continued" / "checkpoints" / "checkpoint-1" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["method"].pop("controlnet_started_from") == "edges"
+    state_file.write_text(json.dumps(state))  # as written before the record was kept: its controlnet/ has it
+    for steps in (2, 3):  # no outputs in checkpoint-2: its state's record, at 3
+        result = train(controlnet_recipe(make_recipe, pairs_folder, train__max_steps=steps, checkpoint__save_outputs=False, **common), resume="latest")
+        recorded = json.loads((result.output_dir / CONTROLNET_DIR / "finetune_metadata.json").read_text())
+        assert (recorded["finetune.controlnet_pretrained"], recorded["finetune.steps"]) == ("edges", str(steps))

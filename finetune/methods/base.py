@@ -110,6 +110,11 @@ class TrainingMethod(ABC):
         """What the saved files record of the training data beyond its folders and tags (see output_metadata)."""
         return {}
 
+    def start_metadata(self) -> dict[str, str]:
+        """What the saved files record of trained weights the run started from (a ControlNet's: see output_metadata), made
+        when the run started: a resume keeps that record (its checkpoint's), which a folder moved since could not give."""
+        return {}
+
     def recorded_data(self) -> dict[str, list]:
         """The data besides the training images a checkpoint records (checkpoint.data_record), by kind, so a resume
         says when they changed; asked once the training data is built (DreamBooth's class images are made by then)."""

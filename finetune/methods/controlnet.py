@@ -44,12 +44,15 @@ from finetune.errors import FinetuneError
 from finetune.methods.base import DiffusionMethod
 from finetune.model_source import looks_like_hub_id
 from finetune.models import freeze
+from finetune.output_metadata import started_from
 from finetune.pipeline_io import METADATA_FILE
 from finetune.sampling import build_pipeline, generate_with_settings
 from finetune.sources import Example
 
 CONTROLNET_DIR, UNET_DIR = "controlnet", "unet"
 RESUMED_LAYOUT = "controlnet_config"  # in a checkpoint's method state: the config of a ControlNet started from controlnet.pretrained
+STARTED_FROM = "controlnet_started_from"  # in it too: the outputs' record of controlnet.pretrained, made when the run started
+RECORD_KEY = "finetune.controlnet_pretrained"
 # The UNet parts that train with unlock_unet_decoder (the original's output_blocks and out).
 DECODER_PARTS = ("up_blocks", "conv_norm_out", "conv_out")
 
@@ -66,6 +69,7 @@ class ControlNetMethod(DiffusionMethod):
         self.settings = recipe.controlnet
         self.pretrained = self.settings.pretrained  # a run's output folder becomes its controlnet/ in check_data
         self.controlnet: ControlNetModel | None = None
+        self.started_from: str | None = None  # its record in the outputs (`start_metadata`)
 
     def training_items(self) -> list[Example]:
         return [pair.image for pair in self.pairs]
@@ -103,6 +107,7 @@ class ControlNetMethod(DiffusionMethod):
                                     f"own UNet ({path.parent / UNET_DIR}), which a run does not start from: set controlnet.pretrained: null")  # fmt: skip
             elif not (looks_like_hub_id(pretrained) and not path.exists()) and not (path / "config.json").is_file():
                 raise FinetuneError(not_a_controlnet_message(path, pretrained))  # what the folder is, where it is one
+            self.started_from = started_from(self.pretrained)  # now, while a local folder is there to be told from a hub id
 
     def training_data(self, accelerator):
         self.training_dataset = ControlNetDataset(
@@ -185,12 +190,19 @@ class ControlNetMethod(DiffusionMethod):
         if RESUMED_LAYOUT not in self.resumed_state and (state.get("recipe") or {}).get("controlnet.pretrained") and saved.is_file():
             with contextlib.suppress(OSError, ValueError):  # damaged: made from the UNet, as before, and a changed layout's shapes are one line
                 self.resumed_state[RESUMED_LAYOUT] = json.loads(saved.read_text())
+        if began := (state.get("recipe") or {}).get("controlnet.pretrained"):  # the first record; else (older checkpoints) its output's
+            from finetune.inference import saved_model_metadata  # inference imports this module
+
+            self.started_from = self.resumed_state.get(STARTED_FROM) or saved_model_metadata(saved.parent).get(RECORD_KEY) or started_from(began)
 
     def checkpoint_state(self) -> dict:
         # A resume does not read controlnet.pretrained (finetune.start_weights): it builds that ControlNet's layout
         # (its config, which from_unet would not make) from this, and loads its weights from the checkpoint.
         layout = (self.resumed_state or {}).get(RESUMED_LAYOUT) or (json.loads(self.controlnet.to_json_string()) if self.pretrained else None)
-        return {RESUMED_LAYOUT: layout} if layout else {}
+        return {RESUMED_LAYOUT: layout, **({STARTED_FROM: self.started_from} if self.started_from else {})} if layout else {}
+
+    def start_metadata(self) -> dict[str, str]:
+        return {RECORD_KEY: self.started_from} if self.started_from else {}
 
     def trained_modules(self) -> dict[str, torch.nn.Module]:
         modules = {"controlnet": self.controlnet}
