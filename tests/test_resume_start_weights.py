@@ -13,6 +13,7 @@ from controlnet_helpers import METADATA, controlnet_recipe
 from diffusers import ControlNetModel, UNet2DConditionModel
 
 from finetune.methods.controlnet import CONTROLNET_DIR, save_model_folder
+from finetune.errors import FinetuneError
 from finetune.start_weights import keep_where_weights_began
 from finetune.trainer import train
 
@@ -90,3 +91,25 @@ def test_a_resume_keeps_the_record_its_run_made_of_a_relative_folder_that_has_mo
         result = train(controlnet_recipe(make_recipe, pairs_folder, train__max_steps=steps, checkpoint__save_outputs=False, **common), resume="latest")
         recorded = json.loads((result.output_dir / CONTROLNET_DIR / "finetune_metadata.json").read_text())
         assert (recorded["finetune.controlnet_pretrained"], recorded["finetune.steps"]) == ("edges", str(steps))
+
+
+def test_an_older_checkpoint_without_the_layout_of_the_controlnet_it_started_from_says_so(make_recipe, pairs_folder, tiny_model, tmp_path):
+    """A checkpoint written before checkpoints kept the layout, with checkpoint.save_outputs: false, has nothing to rebuild a
+    ControlNet from_unet would not make: its resume failed asking 'another lora.rank?'."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    pretrained = tmp_path / "edges"
+    save_model_folder(ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 24, 32)), pretrained / CONTROLNET_DIR, METADATA)
+    common = dict(output_dir=str(tmp_path / "continued"), checkpoint__every_n_steps=1, checkpoint__save_outputs=False)
+    train(controlnet_recipe(make_recipe, pairs_folder, controlnet__pretrained=str(pretrained), train__max_steps=1, **common))
+    checkpoint = tmp_path / "continued" / "checkpoints" / "checkpoint-1"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state["method"] = {}  # as written then
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(FinetuneError) as refused:
+        train(controlnet_recipe(make_recipe, pairs_folder, train__max_steps=2, **common), resume="latest")
+    assert str(refused.value) == (
+        f"checkpoint {checkpoint} was written before checkpoints kept the layout of the ControlNet they started from (controlnet.pretrained "
+        f"{pretrained}), with checkpoint.save_outputs: false, so nothing in it says that layout, which is not one ControlNetModel.from_unet "
+        f"makes (controlnet_cond_embedding.blocks.0.bias: shape (8,), not (16,)): resume from a checkpoint of this run that holds a "
+        f"controlnet/ folder, or start a new run from {pretrained}")

@@ -36,6 +36,7 @@ from PIL import Image
 from finetune.atomic_files import removed_if_unfinished, replace_folder, with_default_permissions
 from finetune.config import Recipe
 from finetune.controlnet_folder import FROM_A_UNET, not_a_controlnet_message
+from finetune.controlnet_layout import RESUMED_LAYOUT, kept_layout, unknown_layout_problem
 from finetune.controlnet_data import ControlNetDataset, checked_pairs, controlnet_collate, paired_views, validation_conditions_problem
 from finetune.images import open_rgb
 from finetune.device_copy import to_device
@@ -50,8 +51,7 @@ from finetune.sampling import build_pipeline, generate_with_settings
 from finetune.sources import Example
 
 CONTROLNET_DIR, UNET_DIR = "controlnet", "unet"
-RESUMED_LAYOUT = "controlnet_config"  # in a checkpoint's method state: the config of a ControlNet started from controlnet.pretrained
-STARTED_FROM = "controlnet_started_from"  # in it too: the outputs' record of controlnet.pretrained, made when the run started
+STARTED_FROM = "controlnet_started_from"  # in a checkpoint's method state: the outputs' record of controlnet.pretrained, made when the run started
 RECORD_KEY = "finetune.controlnet_pretrained"
 # The UNet parts that train with unlock_unet_decoder (the original's output_blocks and out).
 DECODER_PARTS = ("up_blocks", "conv_norm_out", "conv_out")
@@ -70,6 +70,7 @@ class ControlNetMethod(DiffusionMethod):
         self.pretrained = self.settings.pretrained  # a run's output folder becomes its controlnet/ in check_data
         self.controlnet: ControlNetModel | None = None
         self.started_from: str | None = None  # its record in the outputs (`start_metadata`)
+        self.unknown_layout: tuple[Path, str] | None = None  # a resume's checkpoint that keeps no layout, and where it began
 
     def training_items(self) -> list[Example]:
         return [pair.image for pair in self.pairs]
@@ -144,7 +145,10 @@ class ControlNetMethod(DiffusionMethod):
             return ControlNetModel.from_config(layout)
         if pretrained is None:
             # Random init of the conditioning embedding from the global RNG, which the trainer seeded.
-            return ControlNetModel.from_unet(unet)
+            controlnet = ControlNetModel.from_unet(unet)
+            if self.unknown_layout and (problem := unknown_layout_problem(controlnet, *self.unknown_layout)):
+                raise FinetuneError(problem)
+            return controlnet
         recorded = self._recorded_by_its_run()
         self._check_trained_for_this_target(recorded)
         try:
@@ -186,14 +190,13 @@ class ControlNetMethod(DiffusionMethod):
 
     def resuming(self, checkpoint: Path, state: dict) -> None:
         super().resuming(checkpoint, state)
-        saved = checkpoint / CONTROLNET_DIR / "config.json"  # a checkpoint from before the layout was kept: its output's (checkpoint.save_outputs)
-        if RESUMED_LAYOUT not in self.resumed_state and (state.get("recipe") or {}).get("controlnet.pretrained") and saved.is_file():
-            with contextlib.suppress(OSError, ValueError):  # damaged: made from the UNet, as before, and a changed layout's shapes are one line
-                self.resumed_state[RESUMED_LAYOUT] = json.loads(saved.read_text())
-        if began := (state.get("recipe") or {}).get("controlnet.pretrained"):  # the first record; else (older checkpoints) its output's
+        if began := (state.get("recipe") or {}).get("controlnet.pretrained"):
             from finetune.inference import saved_model_metadata  # inference imports this module
 
-            self.started_from = self.resumed_state.get(STARTED_FROM) or saved_model_metadata(saved.parent).get(RECORD_KEY) or started_from(began)
+            self.resumed_state[RESUMED_LAYOUT] = layout = kept_layout(checkpoint, self.resumed_state)
+            self.unknown_layout = None if layout else (checkpoint, began)  # made from the UNet, as before, where the shapes are its
+            # The first record; else (older checkpoints) their output's.
+            self.started_from = self.resumed_state.get(STARTED_FROM) or saved_model_metadata(checkpoint / CONTROLNET_DIR).get(RECORD_KEY) or started_from(began)
 
     def checkpoint_state(self) -> dict:
         # A resume does not read controlnet.pretrained (finetune.start_weights): it builds that ControlNet's layout
