@@ -1,5 +1,5 @@
 """The largest images finetune makes: a side (data.resolution, sample's --resolution) and a grid (validation grids,
-sample's and eval's grids). Kept apart from finetune.config, which imports pydantic, so that the command line checks
+sample's and eval's grids); and the most class images it makes (dreambooth.num_class_images, bench's --num-images). Kept apart from finetune.config, which imports pydantic, so that the command line checks
 its options against the same bounds before anything heavy loads."""
 
 from __future__ import annotations
@@ -12,6 +12,11 @@ from __future__ import annotations
 MAX_RESOLUTION = 4096
 RESOLUTION_BOUND = (f"must be at most {MAX_RESOLUTION} (SD1.5 trains at 512, SDXL at 1024; one image's VAE pass alone holds some 2.5 KB "
                     "per pixel): lower it")  # fmt: skip
+
+# Generated class image k is named <key>-<k:05d>.png, and only names of 5 digits are read back as generated
+# (finetune/class_images.py): image 100,000 on would be taken for a user's own, and then by a concept of another class
+# prompt sharing the folder. Planning 10**9 (a typo) listed and looked for every name first: 12 s and 0.8 GB a million, before the model loaded.
+MAX_CLASS_IMAGES = 100_000
 
 GRID_LABEL_WIDTH = 160  # the left margin of labelled grids (sample grids, validation grids, eval grids)
 # The largest image finetune opens: PIL refuses past twice its MAX_IMAGE_PIXELS, which finetune/images.py raises to its

@@ -78,6 +78,27 @@ def test_a_resolution_past_the_recipes_bound_is_refused_before_the_model_and_dat
         runner.run_benchmark(preset="tiny", resolution=8192, variants=["lora"], workdir=tmp_path)
 
 
+def test_more_images_than_dreambooth_makes_class_images_are_refused_by_the_benchs_own_check(tmp_path, monkeypatch):
+    """The DreamBooth variants make as many class images as --num-images, at most 100,000 (finetune/image_bounds.py):
+    --num-images 100001 made the model and data, then failed in their processes naming dreambooth.num_class_images."""
+    import finetune.bench.runner as runner
+
+    class ModelMade(Exception):
+        pass
+
+    def made(*args):
+        raise ModelMade
+
+    monkeypatch.setattr(runner, "prepare_model", made)
+    with pytest.raises(FinetuneError) as refused:
+        runner.run_benchmark(preset="tiny", num_images=100_001, variants=["lora", "dreambooth_lora"], workdir=tmp_path, log=lambda line: None)
+    assert str(refused.value) == ("--num-images 100001 must be at most 100,000 with dreambooth_lora (as many class images, numbered in 5 "
+                                  "digits): lower it, or leave those out of --recipes")  # fmt: skip
+    for num_images, variants in ((100_000, ["dreambooth"]), (100_001, ["lora"])):  # past the check: the model is made next
+        with pytest.raises(ModelMade):
+            runner.run_benchmark(preset="tiny", num_images=num_images, variants=variants, workdir=tmp_path, log=lambda line: None)
+
+
 def test_train_reports_every_step_to_the_hook(make_recipe):
     steps = []
     train(make_recipe(train__max_steps=3), on_step=steps.append)

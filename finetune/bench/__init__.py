@@ -84,7 +84,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=4, help="images per step (default 4)")
     p.add_argument("--resolution", type=int, help="image size in pixels (default: the preset's, 64 for medium and 512 for sd15; with --base, the base's own)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="train.mixed_precision (default no)")
-    p.add_argument("--num-images", type=int, default=8, help="images in the generated dataset (default 8)")
+    p.add_argument("--num-images", type=int, default=8,
+                   help="images in the generated dataset, and class images for the DreamBooth variants (default 8; with those, at most 100,000)")
     p.add_argument("--repeat", type=int, default=1,
                    help="runs of each variant, each in a fresh process; the report keeps the median run (default 1)")
     p.add_argument("--recipes", default=",".join(DEFAULT_VARIANTS),

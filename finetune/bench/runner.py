@@ -18,7 +18,7 @@ from finetune.bench.report import add_speedups, machine_info, median_run
 from finetune.bench.sd15 import build_sd15_pipeline
 from finetune.bench.variants import DEFAULT_VARIANTS, VARIANTS, images_per_step
 from finetune.errors import FinetuneError
-from finetune.image_bounds import MAX_RESOLUTION, RESOLUTION_BOUND
+from finetune.image_bounds import MAX_CLASS_IMAGES, MAX_RESOLUTION, RESOLUTION_BOUND
 
 # ---------------------------------------------------------------------------------------------------
 # The parent: model, data, one subprocess per variant, and the JSON report (the table: report.py)
@@ -114,6 +114,10 @@ def run_benchmark(
         raise FinetuneError("--repeat must be at least 1")
     if batch < 1 or num_images < batch:
         raise FinetuneError(f"--batch must be at least 1 and at most --num-images ({num_images})")
+    dreambooth = [name for name in variants if name.startswith("dreambooth")]
+    if dreambooth and num_images > MAX_CLASS_IMAGES:  # their recipes' dreambooth.num_class_images, which the user never set
+        raise FinetuneError(f"--num-images {num_images} must be at most {MAX_CLASS_IMAGES:,} with {', '.join(dreambooth)} (as many class images, "
+                            "numbered in 5 digits): lower it, or leave those out of --recipes")  # fmt: skip
     import torch
 
     if preset == "sd15" and not torch.cuda.is_available() and base is None:

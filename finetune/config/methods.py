@@ -7,6 +7,7 @@ from typing import Literal, Optional, Union
 from pydantic import Field, field_validator, model_validator
 
 from finetune.config.base import Repeats, SamplingSteps, Section, Seed, Share, UserPath
+from finetune.image_bounds import MAX_CLASS_IMAGES
 
 
 class LoRAConfig(Section):
@@ -152,12 +153,6 @@ class Concept(Section):
         if self.class_prompt is None:
             return []
         return [self.class_prompt] if isinstance(self.class_prompt, str) else list(self.class_prompt)
-
-
-# Generated class image k is named <key>-<k:05d>.png, and only names of 5 digits are read back as generated
-# (finetune/class_images.py): image 100,000 on would be taken for a user's own, and then by a concept of another class
-# prompt sharing the folder. Planning 10**9 (a typo) listed and looked for every name first: 12 s and 0.8 GB a million, before the model loaded.
-MAX_CLASS_IMAGES = 100_000
 
 
 class DreamBoothConfig(Section):
