@@ -1,6 +1,7 @@
 """The largest images finetune makes: a side (data.resolution, sample's --resolution) and a grid (validation grids,
-sample's and eval's grids); and the most class images it makes (dreambooth.num_class_images, bench's --num-images). Kept apart from finetune.config, which imports pydantic, so that the command line checks
-its options against the same bounds before anything heavy loads."""
+sample's and eval's grids); the most class images it makes (dreambooth.num_class_images, bench's --num-images), and
+makes in one call (dreambooth.class_generation.batch_size). Kept apart from finetune.config, which imports pydantic, so
+that the command line checks its options against the same bounds before anything heavy loads."""
 
 from __future__ import annotations
 
@@ -17,6 +18,13 @@ RESOLUTION_BOUND = (f"must be at most {MAX_RESOLUTION} (SD1.5 trains at 512, SDX
 # (finetune/class_images.py): image 100,000 on would be taken for a user's own, and then by a concept of another class
 # prompt sharing the folder. Planning 10**9 (a typo) listed and looked for every name first: 12 s and 0.8 GB a million, before the model loaded.
 MAX_CLASS_IMAGES = 100_000
+
+# The most pixels one call makes class images of (dreambooth.class_generation.batch_size images at data.resolution): those of
+# its default batch, 4, at MAX_RESOLUTION (so the default fits every resolution); 256 images of 512 px, 64 of 1024. batch_size:
+# 1000000 (a typo) had one call hold every missing image: halved where it runs out of GPU memory (finetune/class_images.py), never
+# on a CPU, where each image's VAE pass alone holds some 2.5 KB per pixel.
+CLASS_BATCH_DEFAULT = 4
+MAX_CLASS_BATCH_PIXELS = CLASS_BATCH_DEFAULT * MAX_RESOLUTION * MAX_RESOLUTION
 
 GRID_LABEL_WIDTH = 160  # the left margin of labelled grids (sample grids, validation grids, eval grids)
 # The largest image finetune opens: PIL refuses past twice its MAX_IMAGE_PIXELS, which finetune/images.py raises to its
@@ -42,3 +50,13 @@ def sample_grid_problem(num_images: int, prompts: int, resolution: int, controln
     recipe's validation grid is: --num-images 1000000 sampled for days before drawing a grid that could not be opened."""
     fix = "lower --num-images or --resolution" + (", or give fewer --prompt" if prompts > 1 else "")
     return grid_problem("grid", "--num-images", num_images, prompts, resolution, 1 if controlnet else 0, fix)
+
+
+def class_batch_problem(batch_size: int, resolution: int) -> str | None:
+    """Why `batch_size` class images of `resolution` px are too many for one call (MAX_CLASS_BATCH_PIXELS), or None."""
+    largest = max(1, MAX_CLASS_BATCH_PIXELS // (resolution * resolution))
+    if batch_size <= largest:
+        return None
+    return (f"dreambooth.class_generation.batch_size ({batch_size}) makes {batch_size} class images of {resolution} px in one call, more pixels "
+            f"than its default, {CLASS_BATCH_DEFAULT}, at the largest data.resolution ({MAX_RESOLUTION} px; each image's VAE pass alone holds some "
+            f"2.5 KB per pixel): lower it to {largest} or less")  # fmt: skip

@@ -45,6 +45,30 @@ def test_class_images_past_five_digit_names_are_refused_where_the_recipe_loads()
     assert is_generated_name(Path("0123456789-99999.png")) and not is_generated_name(Path("0123456789-100000.png"))
 
 
+def test_a_class_image_batch_past_the_pixels_of_the_largest_image_is_refused_where_the_recipe_loads():
+    """dreambooth.class_generation.batch_size: 1000000 had one call hold every missing image (on a CPU nothing halves it):
+    a call makes at most the pixels of its default batch, 4, at the largest data.resolution, 4096 px."""
+    concept = {"instance_dir": "x", "instance_prompt": "sks dog", "class_prompt": "a dog"}
+
+    def recipe(batch_size, resolution=512, prior_preservation=True):
+        return recipe_from_dict({"method": "dreambooth", "data": {"resolution": resolution}, "dreambooth": {
+            "concepts": [concept], "prior_preservation": prior_preservation, "class_generation": {"batch_size": batch_size}}})  # fmt: skip
+
+    largest = 4 * (MAX_RESOLUTION // 512) ** 2  # 256 images of 512 px
+    with pytest.raises(FinetuneError) as raised:
+        recipe(largest + 1)
+    assert str(raised.value) == (f"recipe: dreambooth.class_generation.batch_size ({largest + 1}) makes {largest + 1} class images of 512 px in "
+                                 f"one call, more pixels than its default, 4, at the largest data.resolution ({MAX_RESOLUTION} px; each image's "
+                                 f"VAE pass alone holds some 2.5 KB per pixel): lower it to {largest} or less")  # fmt: skip
+    assert recipe(largest).dreambooth.class_generation.batch_size == largest
+    assert recipe(4 * largest, resolution=256).dreambooth.class_generation.batch_size == 4 * largest  # four times the images of a quarter the pixels
+    default = recipe_from_dict({"method": "dreambooth", "data": {"resolution": MAX_RESOLUTION}, "dreambooth": {"concepts": [concept]}})
+    assert default.dreambooth.class_generation.batch_size == 4  # the default fits every resolution
+    with pytest.raises(FinetuneError, match=r"lower it to 4 or less$"):
+        recipe(5, resolution=MAX_RESOLUTION)
+    assert recipe(10**6, prior_preservation=False).dreambooth.class_generation.batch_size == 10**6  # no class images made: said to do nothing
+
+
 def test_a_validation_grid_finetune_could_not_open_is_refused_where_the_recipe_loads():
     """validation.images_per_prompt: 1000000 sampled for days, every image held in memory, before drawing a grid past
     the pixels PIL opens in finetune (twice finetune.images.TRUSTED_IMAGE_PIXELS)."""

@@ -7,7 +7,7 @@ from typing import Literal, Optional, Union
 from pydantic import Field, field_validator, model_validator
 
 from finetune.config.base import Repeats, SamplingSteps, Section, Seed, Share, UserPath
-from finetune.image_bounds import MAX_CLASS_IMAGES
+from finetune.image_bounds import CLASS_BATCH_DEFAULT, MAX_CLASS_IMAGES
 
 
 class LoRAConfig(Section):
@@ -96,7 +96,7 @@ class ClassImageGeneration(Section):
 
     num_inference_steps: SamplingSteps = 25
     guidance_scale: float = 7.5
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(CLASS_BATCH_DEFAULT, ge=1)  # at most MAX_CLASS_BATCH_PIXELS a call (the Recipe checks it with data.resolution)
     seed: Seed = 0
     negative_prompt: Optional[str] = None
 

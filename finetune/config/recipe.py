@@ -12,6 +12,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from finetune.config.base import SamplingSteps, Section, Seed, UserPath
 from finetune.config.data import DataConfig
 from finetune.errors import FinetuneError
+from finetune.image_bounds import class_batch_problem
 from finetune.config.methods import ControlNetConfig, DreamBoothConfig, FullConfig, LoRAConfig, VAEConfig
 from finetune.config.training import DENOISING_SETTINGS, OptimizerConfig, TrainConfig
 from finetune.config.validation_grid import validation_grid_problem
@@ -196,6 +197,14 @@ class Recipe(Section):
                     f"controlnet.validation_conditions has {conditions} images for {prompts} validation.prompts: "
                     "give one image per prompt, or one image (or one prompt) for all"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _class_batches_fit(self) -> "Recipe":
+        """Class images are made only with prior preservation: otherwise the key is said to do nothing (recipe_warnings)."""
+        generates = self.method == "dreambooth" and self.dreambooth is not None and self.dreambooth.prior_preservation
+        if generates and (problem := class_batch_problem(self.dreambooth.class_generation.batch_size, self.data.resolution)):
+            raise ValueError(problem)
         return self
 
     @model_validator(mode="after")
