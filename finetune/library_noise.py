@@ -3,8 +3,10 @@ once per process by the command line (a library imported from Python keeps its o
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
 import warnings
 
 
@@ -38,6 +40,24 @@ def quiet_paged_optimizer_on_cpu() -> None:
     """bitsandbytes' "Paged optimizers are not supported on CPU" (a Python warning with its source line, from every
     process at the first step): called where the run has said it once in its own words (`finetune.optim`)."""
     warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU", category=UserWarning)
+
+
+@contextlib.contextmanager
+def quiet_local_dataset_bars():
+    """datasets' "Generating train split" bar while it reads a local folder or data file (data.dataset) into its cache:
+    done in a blink, before the data check's own bar, and drawn again by every process of a launch. Bars only: its
+    errors and warnings are said as ever. Not for a hub dataset, whose download bars may run for minutes; nor where
+    HF_DATASETS_DISABLE_PROGRESS_BARS says what the user wants."""
+    import datasets
+
+    if "HF_DATASETS_DISABLE_PROGRESS_BARS" in os.environ or datasets.are_progress_bars_disabled():
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
 
 
 def quiet_weight_progress_bars() -> None:

@@ -7,6 +7,7 @@ every one, and finetune/data.py makes training items of them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from finetune.captions import (apply_template, folder_captions, image_caption, m
                                missing_caption_message, name_key, require_own_sidecars, sidecar_path, template_needs_caption)  # fmt: skip
 from finetune.config import DataConfig, FolderConfig
 from finetune.errors import FinetuneError, looked_for_here
+from finetune.library_noise import quiet_local_dataset_bars
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp")
 # Images that are in a folder but not read: animations, print and phone formats (convert them to PNG or JPEG).
@@ -275,12 +277,13 @@ def open_dataset(config: DataConfig):
         raise FinetuneError(f"dataset {name} is a folder of image folders with .txt captions, which datasets reads as a text dataset of their lines: "
                             f"train it as data.image_dir={name} (with data.dataset=null), with {folders_entries([path.name for path in subfolders])} in the recipe's data section")  # fmt: skip
     try:
-        if saved:
-            loaded = datasets.load_from_disk(name)
-        elif builder:
-            loaded = datasets.load_dataset(builder, data_files=name, split=config.dataset_split)
-        else:
-            loaded = datasets.load_dataset(name, config.dataset_config, split=config.dataset_split)
+        with quiet_local_dataset_bars() if Path(name).exists() else contextlib.nullcontext():  # a hub dataset's downloads keep theirs
+            if saved:
+                loaded = datasets.load_from_disk(name)
+            elif builder:
+                loaded = datasets.load_dataset(builder, data_files=name, split=config.dataset_split)
+            else:
+                loaded = datasets.load_dataset(name, config.dataset_config, split=config.dataset_split)
     except FileNotFoundError as err:
         raise FinetuneError(f"dataset {name} not found: {str(err).splitlines()[0]}") from None
     except ConnectionError:
