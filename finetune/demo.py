@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 # Only light imports here: `finetune --help` builds this module's parser; torch, diffusers and gradio load
@@ -251,8 +252,21 @@ def launch_app(app, host: str = "127.0.0.1", port: int | None = None, max_upload
         raise FinetuneError(f"cannot serve the demo on {host}:{port} ({str(err).splitlines()[0][:100]}): is another demo running? pass --port N") from None
     if block:  # gradio's own lines would add "To create a public link, set `share=True` in `launch()`", which it is not
         print(f"demo running on {url} (Ctrl-C stops it)", flush=True)
-        app.block_thread()
+        serve_until_stopped(app)
     return url
+
+
+def serve_until_stopped(app) -> None:
+    """Gradio's `block_thread` without its "Keyboard interruption in main thread... closing server." (which it said of
+    an OSError too, hiding it): Ctrl-C, or SIGTERM (`finetune.cli.main` makes it one), closes the server with the
+    demo's own line; anything else is raised, the server closed."""
+    try:
+        while app.is_running:
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        print("demo stopped", flush=True)
+    finally:
+        app.close(verbose=False)  # verbose: "Closing server running on port: N"
 
 
 def add_demo_parser(commands) -> None:
