@@ -113,3 +113,21 @@ def test_an_older_checkpoint_without_the_layout_of_the_controlnet_it_started_fro
         f"{pretrained}), with checkpoint.save_outputs: false, so nothing in it says that layout, which is not one ControlNetModel.from_unet "
         f"makes (controlnet_cond_embedding.blocks.0.bias: shape (8,), not (16,)): resume from a checkpoint of this run that holds a "
         f"controlnet/ folder, or start a new run from {pretrained}")
+
+
+def test_a_run_resumed_from_an_older_checkpoint_keeps_the_layout_and_record_from_then_on(make_recipe, pairs_folder, tiny_model, tmp_path):
+    """An older checkpoint keeps neither (here of a layout from_unet makes, so it resumes): the resumed run's checkpoints did
+    not either, though the run knew them by then."""
+    from controlnet_helpers import write_controlnet_run
+
+    run = write_controlnet_run(tiny_model, tmp_path / "edges", trained=False)
+    common = dict(output_dir=str(tmp_path / "continued"), checkpoint__every_n_steps=1, checkpoint__save_outputs=False)
+    train(controlnet_recipe(make_recipe, pairs_folder, controlnet__pretrained=str(run), train__max_steps=1, **common))
+    written = json.loads((tmp_path / "continued" / "checkpoints" / "checkpoint-1" / "trainer_state.json").read_text())["method"]
+    assert written["controlnet_started_from"] == "edges"
+    state_file = tmp_path / "continued" / "checkpoints" / "checkpoint-1" / "trainer_state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "method": {}}))  # as written then
+    train(controlnet_recipe(make_recipe, pairs_folder, train__max_steps=2, **common), resume="latest")
+    kept = json.loads((tmp_path / "continued" / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())["method"]
+    layout = {key: value for key, value in written["controlnet_config"].items() if key != "_name_or_path"}  # where it was loaded from, then
+    assert kept["controlnet_started_from"] == "edges" and kept["controlnet_config"] == layout

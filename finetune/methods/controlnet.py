@@ -201,8 +201,9 @@ class ControlNetMethod(DiffusionMethod):
     def checkpoint_state(self) -> dict:
         # A resume does not read controlnet.pretrained (finetune.start_weights): it builds that ControlNet's layout
         # (its config, which from_unet would not make) from this, and loads its weights from the checkpoint.
-        layout = (self.resumed_state or {}).get(RESUMED_LAYOUT) or (json.loads(self.controlnet.to_json_string()) if self.pretrained else None)
-        return {RESUMED_LAYOUT: layout, **({STARTED_FROM: self.started_from} if self.started_from else {})} if layout else {}
+        if not self.started_from:  # made from the UNet: a resume makes it so again
+            return {}
+        return {RESUMED_LAYOUT: json.loads(self.controlnet.to_json_string()), STARTED_FROM: self.started_from}
 
     def start_metadata(self) -> dict[str, str]:
         return {RECORD_KEY: self.started_from} if self.started_from else {}
