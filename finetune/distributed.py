@@ -154,11 +154,6 @@ def configure_deepspeed(accelerator: Accelerator, recipe: Recipe, trained_module
             f"set {switch} to false, or launch without DeepSpeed"
         )
     train_cfg = recipe.train
-    if train_cfg.ema_decay is not None and zero_stage(accelerator) == 3:
-        raise FinetuneError(
-            "train.ema_decay with DeepSpeed ZeRO-3: each process holds a shard of the weights, not the whole to average; "
-            "use a ZeRO-2 config or set train.ema_decay: null"
-        )
     if recipe.lora.max_norm is not None:
         raise FinetuneError(
             "lora.max_norm with DeepSpeed: it rescales the LoRA weights after each step, and DeepSpeed's engine keeps its own "

@@ -8,6 +8,18 @@ the first steps (still near the pretrained weights) do not dominate a long avera
 
 The averages are fp32 copies on the weights' device (for SD1.5's full UNet, 3.4 GB more memory). They
 are what validation samples and what the run saves; checkpoints keep them in `ema.safetensors`.
+
+Under DeepSpeed (`MasterWeightAverage`) what trains is the optimizer's fp32 master weights, split between the
+processes (`finetune.master_weights`); the module's parameters are the engine's bf16/fp16 copies, and under ZeRO-3
+empty shards outside a gather. Averaging those copies would average weights that bf16 rounds (an update below its
+resolution lost each step, where a run without the average saves the masters), and under ZeRO-3 nothing. So each
+process averages its own slice of the masters: no communication per step, and 1/N of the average's memory on each
+of N processes. The other way, gathering each master whole every step (`safe_get_full_fp32_param`), would send the
+whole model between the processes at every step and hold the whole average on each: cheap for a LoRA, not for a full
+UNet, and against ZeRO-3's point that no process holds the model whole. The slices are gathered only where the
+average is used, by every process together: to sample and save, the average takes the masters' place (and the
+engine's copies are made from it, as after a step), so the outputs' gather of the masters (`full_parameters`) saves
+it; a checkpoint's `ema.safetensors` holds it whole, as without DeepSpeed, and a resumed process takes its slice.
 """
 
 from __future__ import annotations
@@ -20,24 +32,38 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from finetune import master_weights
 from finetune.atomic_files import atomic_save_safetensors
 from finetune.errors import FinetuneError
 
 EMA_FILE = "ema.safetensors"
 
 
+def weight_average(parameters: dict[str, torch.nn.Parameter], decay: float) -> WeightAverage:
+    """The average of the named parameters: of their fp32 masters where DeepSpeed keeps them (see above)."""
+    if any(master_weights.has_master(p) for p in parameters.values()):
+        return MasterWeightAverage(parameters, decay)
+    return WeightAverage(parameters, decay)
+
+
 class WeightAverage:
     """The EMA of named parameters; `applied()` puts it into them for a while (sampling, saving)."""
+
+    sharded = False  # each process holds the whole average: any one may put it in or save it alone
 
     def __init__(self, parameters: dict[str, torch.nn.Parameter], decay: float):
         self.parameters = parameters
         self.decay = decay
         self.start_from_weights()
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        """What is averaged, by name: the parameters themselves."""
+        return self.parameters
+
     def start_from_weights(self) -> None:
-        """A new average: the parameters as they are now, no update yet."""
+        """A new average: the weights as they are now, no update yet."""
         self.updates = 0
-        self.averages = {name: p.detach().float().clone() for name, p in self.parameters.items()}
+        self.averages = {name: w.detach().float().clone() for name, w in self.weights().items()}
 
     def current_decay(self) -> float:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
@@ -45,17 +71,18 @@ class WeightAverage:
     @torch.no_grad()
     def update(self) -> None:
         weight = 1.0 - self.current_decay()
+        weights = self.weights()
         # One foreach call, a few fused kernels on a GPU, where a lerp_ per parameter launched hundreds each step
         # (a UNet's, a LoRA's): the same lerp, elementwise.
-        averages = [self.averages[name] for name in self.parameters]
-        torch._foreach_lerp_(averages, [parameter.detach().float() for parameter in self.parameters.values()], weight)
+        averages = [self.averages[name] for name in weights]
+        torch._foreach_lerp_(averages, [w.detach().float() for w in weights.values()], weight)
         self.updates += 1
 
     @contextlib.contextmanager
     @torch.no_grad()
     def applied(self) -> Iterator[None]:
-        """The averages in the parameters (copied in place: DeepSpeed's parameters are views of its
-        flat buffers), and the trained weights back afterwards."""
+        """The averages in the parameters (copied in place: they may be views of a flat buffer), and the trained
+        weights back afterwards."""
         trained = {name: p.detach().to("cpu", copy=True) for name, p in self.parameters.items()}  # not in GPU memory
         try:
             for name, parameter in self.parameters.items():
@@ -65,9 +92,15 @@ class WeightAverage:
             for name, parameter in self.parameters.items():
                 parameter.copy_(trained[name])
 
-    def save(self, path: Path) -> None:
-        tensors = {name: average.cpu().contiguous() for name, average in self.averages.items()}
-        atomic_save_safetensors(tensors, path, {"updates": str(self.updates)})
+    def whole(self, keep: bool = True) -> dict[str, torch.Tensor]:
+        """The averages, whole, on the CPU (`keep`: False gives nothing, where that is not the process that saves)."""
+        return {name: average.cpu().contiguous() for name, average in self.averages.items()} if keep else {}
+
+    def save(self, path: Path, writer: bool = True) -> None:
+        """`writer`: whether this process writes the file (where the average is `sharded`, every process calls this)."""
+        tensors = self.whole(keep=writer)
+        if writer:
+            atomic_save_safetensors(tensors, path, {"updates": str(self.updates)})
 
     def load(self, path: Path) -> bool:
         """Read the averages a checkpoint kept; False when it has none (a run without train.ema_decay): the
@@ -88,5 +121,57 @@ class WeightAverage:
             raise FinetuneError(f"{path} averages other weights than this recipe trains: resume with the recipe that wrote it")
         self.updates = updates
         for name, average in self.averages.items():
-            average.copy_(tensors[name])
+            average.copy_(self.held_part(name, tensors[name]))
         return True
+
+    def held_part(self, name: str, whole: torch.Tensor) -> torch.Tensor:
+        """What this process averages of the whole value of the parameter `name`: all of it."""
+        return whole
+
+
+class MasterWeightAverage(WeightAverage):
+    """Under DeepSpeed: each process's average of its slice of the fp32 masters (see the module's docstring)."""
+
+    sharded = True  # putting it in and saving it are collectives: every process, together
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """This process's slices of the masters (read at each update: under an offloaded ZeRO-3 optimizer they are copies)."""
+        return {name: master_weights.local_master(p) for name, p in self.parameters.items()}
+
+    @contextlib.contextmanager
+    @torch.no_grad()
+    def in_masters(self) -> Iterator[None]:
+        """The averages in this process's slices of the masters, the trained values back afterwards; no communication."""
+        trained = {name: master.clone() for name, master in self.weights().items()}  # this process's slices only
+        try:
+            for name, parameter in self.parameters.items():
+                master_weights.set_local_master(parameter, self.averages[name])
+            yield
+        finally:
+            for name, parameter in self.parameters.items():
+                master_weights.set_local_master(parameter, trained[name])
+
+    @contextlib.contextmanager
+    @torch.no_grad()
+    def applied(self) -> Iterator[None]:
+        """Collective: the averages in the masters and, made from them, in the engine's copies the forward pass uses;
+        afterwards the trained masters, and the copies made from them again (the same values they had)."""
+        try:
+            with self.in_masters():
+                master_weights.copy_masters_to_engine(self.parameters.values())
+                yield
+        finally:
+            master_weights.copy_masters_to_engine(self.parameters.values())
+
+    def whole(self, keep: bool = True) -> dict[str, torch.Tensor]:
+        """Collective: each average gathered from every process's slice."""
+        tensors = {}
+        with self.in_masters():
+            for name, parameter in self.parameters.items():
+                average = master_weights.whole_master(parameter)
+                if keep:
+                    tensors[name] = average.cpu().contiguous()
+        return tensors
+
+    def held_part(self, name: str, whole: torch.Tensor) -> torch.Tensor:
+        return master_weights.local_slice(self.parameters[name], whole)

@@ -28,7 +28,7 @@ from finetune.batches import item_layout, make_batch_sampler
 from finetune.diffusion import BatchRandomness
 from finetune.device_copy import to_device
 from finetune.distributed import accelerator_options, agree_on_start, autocast, checkpoint_options, configure_deepspeed, full_parameters, launch_problem, release_gathered, trained_parameters, unsharded_loading, unwrap, uses_deepspeed, zero_stage
-from finetune.ema import EMA_FILE, WeightAverage
+from finetune.ema import EMA_FILE, weight_average
 from finetune.caption_tokens import caption_warnings
 from finetune.errors import FinetuneError
 from finetune.finite_weights import ensure_finite_weights
@@ -179,7 +179,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     if not uses_deepspeed(accelerator):  # DeepSpeed's engine writes its own, see finetune.distributed
         ckpt.register_trainable_only_hooks(accelerator)
 
-    average = WeightAverage(trained_parameters(modules, accelerator), train_cfg.ema_decay) if train_cfg.ema_decay else None
+    average = weight_average(trained_parameters(modules, accelerator), train_cfg.ema_decay) if train_cfg.ema_decay else None
 
     step = 0
     if resume_from is not None:
@@ -207,8 +207,10 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     result = TrainResult(output_dir=output_dir, final_step=step)
 
     @contextlib.contextmanager
-    def averaged():  # the weight average in place of the trained weights, with train.ema_decay
-        if average is None:
+    def averaged(saving: bool = False):
+        """The weight average in place of the trained weights, with train.ema_decay. `saving`: only the process that
+        writes needs it, unless the average is sharded (DeepSpeed's masters), which every process puts in together."""
+        if average is None or (saving and not average.sharded and not accelerator.is_main_process):
             yield
             return
         with average.applied():
@@ -232,21 +234,21 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     def save_outputs(folder: Path) -> list[Path]:
         """Collective: the method's outputs (from the weight average, if any) into `folder`, by the main process."""
         ensure_finite_weights(accelerator, trained_parameters(modules, accelerator).values(), step, checkpoints_dir)
-        with full_parameters(accelerator, modules):
-            # Saving may load frozen parts again at the source's precision: whole, as at the start.
+        # Under DeepSpeed the average goes into the fp32 masters, which full_parameters then gathers.
+        with averaged(saving=True), full_parameters(accelerator, modules):
             if not accelerator.is_main_process:
                 return []
             unwrapped = {name: unwrap(accelerator, module) for name, module in modules.items()}
             progress = {"epoch": int(epochs_by.at(step)), "max_steps": max_steps, "dataset": trained_data, "started": method.start_metadata()}
-            with unsharded_loading(accelerator), averaged():
+            with unsharded_loading(accelerator):  # saving may load frozen parts again at the source's precision: whole, as at the start
                 return method.save(folder, unwrapped, output_metadata(recipe, step, method.base.noise_scheduler.config.prediction_type, **progress))
 
     def save_checkpoint(**more) -> None:
         ensure_finite_weights(accelerator, trained_parameters(modules, accelerator).values(), step, checkpoints_dir)
 
         def extra(folder: Path) -> None:
-            if average is not None and accelerator.is_main_process:
-                average.save(folder / EMA_FILE)
+            if average is not None:  # sharded (DeepSpeed), it is gathered by every process for the main one to write
+                average.save(folder / EMA_FILE, writer=accelerator.is_main_process)
             if recipe.checkpoint.save_outputs:
                 save_outputs(folder)
 

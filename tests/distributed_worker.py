@@ -2,14 +2,17 @@
 several runs: the process group stays), each optionally resumed from a checkpoint (also one that an
 earlier run of the same launch wrote):
 
-    distributed_worker.py [--resume CHECKPOINT] [--interrupt RANK:STEP] RECIPE [[--resume CHECKPOINT] RECIPE ...]
+    distributed_worker.py [--resume CHECKPOINT] [--interrupt RANK:STEP] [--weights] RECIPE [[--resume CHECKPOINT] RECIPE ...]
 
 --interrupt: process RANK sends itself SIGINT (a Ctrl-C that reached it alone) after STEP's optimizer step.
+--weights (DeepSpeed): after each optimizer step N the trained weights' fp32 masters go to <output_dir>/masters-N.safetensors,
+and at each validation of step N the engine's copies of them that it samples with to sampled-N.safetensors (names as below).
 
 After each run this rank's trained weights go to <output_dir>/rank<N>.safetensors so the test can
 compare ranks, and the weights they started from to <output_dir>/initial.safetensors (names: the
 trained module's, a dot, the parameter's)."""
 
+import contextlib
 import os
 import signal
 import sys
@@ -18,7 +21,6 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 import finetune.trainer as trainer
-from finetune.checkpoint import trainable_state_dict
 from finetune.distributed import leave_process_group
 from finetune.methods import METHODS
 from finetune.recipe_loading import load_recipe
@@ -26,8 +28,12 @@ from finetune.recipe_loading import load_recipe
 methods = []  # each run's method: it knows which modules trained (the UNet's LoRA, the ControlNet, ...)
 
 
+def trained_parameters(method) -> dict:
+    return {f"{name}.{key}": p for name, module in method.trained_modules().items() for key, p in module.named_parameters() if p.requires_grad}
+
+
 def trained_weights(method) -> dict:
-    return {f"{name}.{key}": value for name, module in method.trained_modules().items() for key, value in trainable_state_dict(module).items()}
+    return {name: p.detach().cpu().contiguous() for name, p in trained_parameters(method).items()}
 
 
 def remembered(method_class):
@@ -48,16 +54,57 @@ def interrupt(at: str | None = None):
     return lambda done: os.kill(os.getpid(), signal.SIGINT) if done == step else None
 
 
+def save_by_rank_0(tensors: dict, path: Path) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        save_file(tensors, str(path))
+
+
+def record_masters(out: Path):
+    """train's on_step for --weights. safe_get_full_fp32_param gathers: every rank calls it, in the same order."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return lambda done: save_by_rank_0({name: safe_get_full_fp32_param(p).cpu() for name, p in trained_parameters(methods[-1]).items()},
+                                       out / f"masters-{done}.safetensors")  # fmt: skip
+
+
+@contextlib.contextmanager
+def sampled_weights_recorded(out: Path):
+    """For --weights: trainer.run_validation (called by every rank) first records the engine's copies, gathered whole."""
+    import deepspeed
+
+    run_validation = trainer.run_validation
+
+    def recording(recipe, method, modules, accelerator, step):
+        sharded = [p for p in trained_parameters(method).values() if hasattr(p, "ds_id")]  # ZeRO-3
+        with deepspeed.zero.GatheredParameters(sharded) if sharded else contextlib.nullcontext():
+            save_by_rank_0(trained_weights(method), out / f"sampled-{step}.safetensors")
+        return run_validation(recipe, method, modules, accelerator, step)
+
+    trainer.run_validation = recording
+    try:
+        yield
+    finally:
+        trainer.run_validation = run_validation
+
+
 def train_and_record(runs: list[tuple]) -> None:
-    """Train each (recipe path, checkpoint to resume from or None[, --interrupt's RANK:STEP]) and write the rank's
-    weights beside its outputs. Also called in the test's own process, for the single-process runs compared with a launch."""
+    """Train each (recipe path, checkpoint to resume from or None[, --interrupt's RANK:STEP or None[, --weights]]) and write
+    the rank's weights beside its outputs. Also called in the test's own process, for the single-process runs compared with a launch."""
     real_methods = dict(METHODS)
     METHODS.update({name: remembered(method_class) for name, method_class in real_methods.items()})  # in place: every importer sees them
     try:
-        for path, resume, *interrupted in runs:
+        for path, resume, *options in runs:
             recipe = load_recipe(path)
-            trainer.train(recipe, resume=resume, on_step=interrupt(*interrupted))
             out, rank = Path(recipe.output_dir), int(os.environ.get("RANK", "0"))
+            interrupted, weights = (*options, None, False)[:2]
+            calls = [call for call in (record_masters(out) if weights else None, interrupt(interrupted)) if call is not None]
+
+            def on_step(done: int) -> None:
+                for call in calls:
+                    call(done)
+
+            with sampled_weights_recorded(out) if weights else contextlib.nullcontext():
+                trainer.train(recipe, resume=resume, on_step=on_step)
             save_file(trained_weights(methods[-1]), str(out / f"rank{rank}.safetensors"))
             if rank == 0:
                 save_file(methods[-1].initial_weights, str(out / "initial.safetensors"))
@@ -71,7 +118,9 @@ if __name__ == "__main__":
     for argument in arguments:
         if argument in ("--resume", "--interrupt"):
             options[argument] = next(arguments)
+        elif argument == "--weights":
+            options[argument] = True
         else:
-            runs.append((argument, options.pop("--resume", None), options.pop("--interrupt", None)))
+            runs.append((argument, options.pop("--resume", None), options.pop("--interrupt", None), options.pop("--weights", False)))
     train_and_record(runs)
     leave_process_group()

@@ -1,16 +1,12 @@
 """train.ema_decay: the run saves the exponential moving average of its weights, step by step as the
-formula says, without changing what trains; a resumed run continues the average; ZeRO-3 is refused."""
-
-from types import SimpleNamespace
+formula says, without changing what trains; a resumed run continues the average. (Under DeepSpeed: test_deepspeed_ema.py.)"""
 
 import pytest
 import torch
-from accelerate.utils import DistributedType
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
 from finetune.checkpoint import list_checkpoints
-from finetune.distributed import configure_deepspeed
 from finetune.ema import EMA_FILE
 from finetune.errors import FinetuneError
 from finetune.methods.full import PIPELINE_DIR
@@ -67,13 +63,7 @@ def test_a_checkpoint_without_an_average_starts_one_with_a_warning(make_recipe, 
     assert "checkpoint-2 has no weight average (train.ema_decay was off): it starts from the resumed weights" in capsys.readouterr().out
 
 
-def test_zero3_refuses_the_average_and_the_decay_must_be_below_one(make_recipe):
-    zero3 = SimpleNamespace(
-        distributed_type=DistributedType.DEEPSPEED, num_processes=2,
-        state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 3}})),
-    )  # fmt: skip
-    with pytest.raises(FinetuneError, match=r"^train.ema_decay with DeepSpeed ZeRO-3: .* use a ZeRO-2 config or set train.ema_decay: null$"):
-        configure_deepspeed(zero3, make_recipe(train__ema_decay=0.999), ["unet"])
+def test_the_decay_must_be_below_one(make_recipe):
     with pytest.raises(FinetuneError, match=r"key 'train.ema_decay'"):
         make_recipe(train__ema_decay=1.0)
 
