@@ -4,28 +4,29 @@ micro-batch, and the same images whether one process or many share a global batc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
 from finetune.buckets import BucketBatchSampler, Size, assign_buckets
 from finetune.config import DataConfig
 from finetune.counts import counted
+from finetune.data_order import DealtOrder, order_fingerprint
 from finetune.images import upright_size
 from finetune.errors import FinetuneError
 from finetune.sources import Example
 
 
-class EpochBatchSampler:
+class EpochBatchSampler(DealtOrder):
     """An endless, deterministic stream of this process's micro-batches, starting at any micro-batch.
 
     Micro-batch m covers the global batch m of a seeded permutation of the dataset (a new permutation
     each epoch); process r takes its slice [r*B, (r+1)*B). One process with batch N*B therefore sees
     exactly what N processes with batch B see together, and a resumed run starts where it stopped
-    without replaying anything.
+    without replaying anything, also at another global batch (`finetune.data_order`).
     """
 
-    def __init__(self, num_items: int, batch_size: int, num_processes: int, process_index: int, seed: int, start: int = 0):
+    def __init__(self, num_items: int, batch_size: int, num_processes: int, process_index: int, seed: int, start: int = 0,
+                 resumed_at: dict | None = None):  # fmt: skip
         self.global_batch = batch_size * num_processes
         if num_items < self.global_batch:
             raise FinetuneError(
@@ -34,36 +35,31 @@ class EpochBatchSampler:
             )
         self.num_items = num_items
         self.batch_size = batch_size
+        self.num_processes = num_processes
         self.process_index = process_index
         self.seed = seed
-        self.start = start
         self.batches_per_epoch = num_items // self.global_batch
         self.images_per_epoch = self.batches_per_epoch * self.global_batch  # the rest wait for the next epoch's shuffle
-        self._cached: tuple[int, list[int]] = (-1, [])
+        self._permuted: tuple[int, list[int]] = (-1, [])
+        self.start_at(start, resumed_at)
 
     def permutation(self, epoch: int) -> list[int]:
-        if self._cached[0] != epoch:
+        if self._permuted[0] != epoch:
             generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._cached = (epoch, torch.randperm(self.num_items, generator=generator).tolist())
-        return self._cached[1]
+            self._permuted = (epoch, torch.randperm(self.num_items, generator=generator).tolist())
+        return self._permuted[1]
 
-    def global_batch_indices(self, micro_batch: int) -> list[int]:
-        epoch, position = divmod(micro_batch, self.batches_per_epoch)
-        first = position * self.global_batch
-        return self.permutation(epoch)[first : first + self.global_batch]
+    def deal(self, epoch: int, trained: frozenset[int], global_batch: int, processes: int) -> list[list[int]]:
+        """The epoch's permutation but `trained`, in whole global batches (the rest wait for the next epoch's shuffle)."""
+        rest = [index for index in self.permutation(epoch) if index not in trained]
+        return [rest[first : first + global_batch] for first in range(0, len(rest) - global_batch + 1, global_batch)]
 
     def rows_of(self, micro_batch: int) -> tuple[int, slice]:
         """(size of global batch `micro_batch`, this process's rows of it): always full here."""
         return self.global_batch, slice(self.process_index * self.batch_size, (self.process_index + 1) * self.batch_size)
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        micro_batch = self.start
-        while True:
-            epoch = micro_batch // self.batches_per_epoch
-            indices = self.global_batch_indices(micro_batch)
-            mine = indices[self.process_index * self.batch_size : (self.process_index + 1) * self.batch_size]
-            yield [(index, epoch) for index in mine]
-            micro_batch += 1
+    def order_key(self) -> str:
+        return order_fingerprint(self.seed, self.num_items, None)
 
 
 @dataclass(frozen=True)
@@ -83,9 +79,10 @@ def item_layout(items: list[Example], config: DataConfig) -> ItemLayout:
     return ItemLayout(assign_buckets([upright_size(item) for item in items], config), len(items))
 
 
-def make_batch_sampler(dataset, batch_size: int, num_processes: int, process_index: int, seed: int, start: int = 0):
-    """Batches of one bucket each for a dataset (or ItemLayout) with `bucket_of` (bucketing on), else square batches."""
+def make_batch_sampler(dataset, batch_size: int, num_processes: int, process_index: int, seed: int, start: int = 0, resumed_at: dict | None = None):
+    """Batches of one bucket each for a dataset (or ItemLayout) with `bucket_of` (bucketing on), else square batches;
+    from micro-batch `start`, at the position a checkpoint recorded (`resumed_at`, see `finetune.data_order`)."""
     bucket_of = getattr(dataset, "bucket_of", None)
     if bucket_of is None:
-        return EpochBatchSampler(len(dataset), batch_size, num_processes, process_index, seed, start=start)
-    return BucketBatchSampler(bucket_of, batch_size, num_processes, process_index, seed, start=start)
+        return EpochBatchSampler(len(dataset), batch_size, num_processes, process_index, seed, start=start, resumed_at=resumed_at)
+    return BucketBatchSampler(bucket_of, batch_size, num_processes, process_index, seed, start=start, resumed_at=resumed_at)

@@ -11,16 +11,18 @@ once: a bucket's images are dealt into global batches, the last one of a bucket 
 the batches of all buckets are shuffled together. With several processes a global batch is split
 as evenly as possible; a bucket's last batch with fewer images than processes borrows images of the
 same bucket so every process has one (the only case where an image is used twice in an epoch).
+A run resumed with another global batch deals the epoch's images not trained yet at the new one, so
+each still trains once that epoch (`finetune.data_order`).
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Iterator
 
 from finetune.config import DataConfig
 from finetune.counts import counted
+from finetune.data_order import DealtOrder, order_fingerprint
 from finetune.errors import FinetuneError
 
 Size = tuple[int, int]  # (width, height), PIL's order
@@ -100,11 +102,12 @@ def split_rows(count: int, num_processes: int, process_index: int) -> slice:
     return slice(start, start + base + (1 if process_index < extra else 0))
 
 
-class BucketBatchSampler:
+class BucketBatchSampler(DealtOrder):
     """Like `EpochBatchSampler` (deterministic global batches, resumable at any micro-batch, the same
     data on one process or many) with every batch drawn from one bucket; see the module docstring."""
 
-    def __init__(self, bucket_of: list[Size], batch_size: int, num_processes: int, process_index: int, seed: int, start: int = 0):
+    def __init__(self, bucket_of: list[Size], batch_size: int, num_processes: int, process_index: int, seed: int, start: int = 0,
+                 resumed_at: dict | None = None):  # fmt: skip
         if len(bucket_of) < num_processes:
             raise FinetuneError(f"the dataset has {counted(len(bucket_of), 'image')}, fewer than the {counted(num_processes, 'process', 'processes')}: add images")
         self.bucket_of = bucket_of
@@ -112,47 +115,34 @@ class BucketBatchSampler:
         self.num_processes = num_processes
         self.process_index = process_index
         self.seed = seed
-        self.start = start
         self.batches_per_epoch = sum(math.ceil(count / self.global_batch) for count in Counter(bucket_of).values())
         self.images_per_epoch = len(bucket_of)  # every image: a bucket's last batch may be smaller
-        self._cached: tuple[int, list[list[int]]] = (-1, [])
+        self.start_at(start, resumed_at)
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """The global batches of `epoch`, in training order."""
-        if self._cached[0] == epoch:
-            return self._cached[1]
+    def deal(self, epoch: int, trained: frozenset[int], global_batch: int, processes: int) -> list[list[int]]:
+        """The epoch's images but `trained`, each bucket's dealt in the epoch's shuffled order into global batches
+        (its last one may be smaller), the batches of all buckets shuffled together."""
         import torch  # here: finetune.sources reads Size from this module, and `finetune train` checks paths before torch loads
 
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         members: dict[Size, list[int]] = {}
         for index in torch.randperm(len(self.bucket_of), generator=generator).tolist():
-            members.setdefault(self.bucket_of[index], []).append(index)
+            if index not in trained:
+                members.setdefault(self.bucket_of[index], []).append(index)
         batches = []
         for bucket in sorted(members):
             items = members[bucket]
-            for first in range(0, len(items), self.global_batch):
-                batch = items[first : first + self.global_batch]
-                batch += [items[i % len(items)] for i in range(self.num_processes - len(batch))]
+            for first in range(0, len(items), global_batch):
+                batch = items[first : first + global_batch]
+                batch += [items[i % len(items)] for i in range(processes - len(batch))]
                 batches.append(batch)
         order = torch.randperm(len(batches), generator=generator).tolist()
-        self._cached = (epoch, [batches[i] for i in order])
-        return self._cached[1]
-
-    def global_batch_indices(self, micro_batch: int) -> list[int]:
-        epoch, position = divmod(micro_batch, self.batches_per_epoch)
-        return self.epoch_batches(epoch)[position]
+        return [batches[i] for i in order]
 
     def rows_of(self, micro_batch: int) -> tuple[int, slice]:
         """(size of global batch `micro_batch`, this process's rows of it)."""
         count = len(self.global_batch_indices(micro_batch))
         return count, split_rows(count, self.num_processes, self.process_index)
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        micro_batch = self.start
-        while True:
-            epoch = micro_batch // self.batches_per_epoch
-            indices = self.global_batch_indices(micro_batch)
-            mine = indices[split_rows(len(indices), self.num_processes, self.process_index)]
-            yield [(index, epoch) for index in mine]
-            micro_batch += 1
-
+    def order_key(self) -> str:
+        return order_fingerprint(self.seed, len(self.bucket_of), self.bucket_of)

@@ -158,7 +158,8 @@ def resume_warnings(checkpoint: Path, state: dict, recipe: Recipe, max_steps: in
     processes_then, batch_then = state.get("processes", processes), (state.get("recipe") or {}).get("train.batch_size", batch)
     if processes_then != processes:
         lines.append(f"warning: {checkpoint.name} was trained by {processes_named(processes_then)}, this run has {processes}: the global batch changes "
-                     f"from {processes_then * batch_then} to {processes * batch} images per micro-step (and the data order with it)")
+                     f"from {processes_then * batch_then} to {processes * batch} images per micro-step "
+                     + ("(the data continue where they stopped)" if "data_order" in state else "(and the data order with it)"))  # finetune.data_order
     # The planned steps (kept since they were: train.max_epochs counts them from the data), else the recipe's.
     steps_then = state.get("max_steps", (state.get("recipe") or {}).get("train.max_steps"))
     if line := schedule_change_line(recipe.optimizer, checkpoint.name, state["step"], steps_then, max_steps):

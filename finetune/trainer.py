@@ -113,8 +113,8 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     layout = item_layout(trained_examples, recipe.data)
     trained_data = {**dataset_metadata(trained_examples, recipe.checkpoint.record_caption_tags), **method.data_metadata()}  # folders, tags
 
-    def batch_sampler(start: int = 0):
-        return make_batch_sampler(layout, train_cfg.batch_size, accelerator.num_processes, accelerator.process_index, recipe.seed, start=start)
+    def batch_sampler(start: int = 0, resumed_at: dict | None = None):
+        return make_batch_sampler(layout, train_cfg.batch_size, accelerator.num_processes, accelerator.process_index, recipe.seed, start, resumed_at)
 
     # A resumed checkpoint's steps count at the global batch they had (other processes, batch size, accumulation).
     epochs_by = epoch_count(layout, train_cfg, accelerator.num_processes, resume_from)
@@ -201,7 +201,8 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
         accelerator.init_trackers("finetune", config=recipe.flat_settings())
 
     accumulation = train_cfg.gradient_accumulation_steps
-    sampler = batch_sampler(start=step * accumulation)
+    # Where the checkpoint's data order stood: continued at this run's global batch, whatever the checkpoint's was.
+    sampler = batch_sampler(step * accumulation, state.get("data_order") if resume_from is not None else None)
     say(run_length_line(train_cfg, max_steps, sampler, len(training_set), accelerator.num_processes, epochs_by))
     loader = training_loader(training_set, sampler, collate_fn, recipe.data.num_workers, recipe.seed)
     result = TrainResult(output_dir=output_dir, final_step=step)
@@ -255,7 +256,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
         ckpt.save_checkpoint(
             accelerator, checkpoints_dir, step,
             {"recipe_hash": recipe.fingerprint(), "recipe": recipe.flat_settings(), "processes": accelerator.num_processes, "max_steps": max_steps,
-             "method": method.checkpoint_state(), "data": images_record,
+             "method": method.checkpoint_state(), "data": images_record, "data_order": sampler.position_after(step * accumulation),
              "losses_since_log": running.since_last_log_state(accelerator), **more},  # the resumed run's first log covers the same steps
             recipe.checkpoint.keep_last, extra=extra, **save_options
         )

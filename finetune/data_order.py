@@ -1,0 +1,101 @@
+"""Where a run's data order stands, and how a resumed run continues it, also with another global batch.
+
+The batch samplers (`finetune.batches`, `finetune.buckets`) deal each epoch's items into global batches from
+a seeded shuffle (`deal`). A checkpoint records where that order stands (`position_after`): the epoch, and
+the deals it went through in that epoch, as [global batch, processes, batches trained] each. An epoch is
+dealt once at the run's global batch; a resume with another one (other processes, train.batch_size or
+gradient_accumulation_steps) deals the epoch's items not trained yet again at the new one, so every image
+of the epoch trains once before the next epoch's shuffle starts. A resume at the same global batch takes
+up the same deal where it stopped: the batches a run never stopped trains. A checkpoint from before the
+position was recorded, or of other data or another seed, starts at micro-batch `start` of this run's order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Iterator
+
+Deal = list[list[int]]  # an epoch's global batches, in training order (items by index)
+
+
+class DealtOrder:
+    """The stream of micro-batches a batch sampler yields, from micro-batch `start` (this run's numbering,
+    as the trainer counts them: step x accumulation) and, resumed, from `resumed_at` (a `position_after`)."""
+
+    global_batch: int
+    num_processes: int
+    batches_per_epoch: int
+
+    def deal(self, epoch: int, trained: frozenset[int], global_batch: int, processes: int) -> Deal:
+        """Epoch `epoch`'s items but `trained`, dealt into global batches of `global_batch` for `processes`."""
+        raise NotImplementedError
+
+    def rows_of(self, micro_batch: int) -> tuple[int, slice]:
+        """(size of global batch `micro_batch`, this process's rows of it)."""
+        raise NotImplementedError
+
+    def order_key(self) -> str:
+        """What the order is of (the seed, the items, their buckets): a position of another order does not apply."""
+        raise NotImplementedError
+
+    def epoch_batches(self, epoch: int) -> Deal:
+        """The global batches of `epoch` dealt whole at this run's global batch."""
+        if self._cached[0] != epoch:
+            self._cached = (epoch, self.deal(epoch, frozenset(), self.global_batch, self.num_processes))
+        return self._cached[1]
+
+    def start_at(self, start: int, resumed_at: dict | None) -> None:
+        """Where the stream starts: the epoch it is in, that epoch's deals before the one trained now, the one
+        trained now, and how many of its batches trained before `start`."""
+        self.start, self._cached = start, (-1, [])
+        if resumed_at is None or resumed_at.get("order") != self.order_key():
+            self._epoch, self._done = divmod(start, self.batches_per_epoch)
+            self._earlier, self._current = [], self.epoch_batches(self._epoch)
+            return
+        self._epoch, trained = resumed_at["epoch"], frozenset()
+        *earlier, (global_batch, processes, done) = resumed_at["dealt"]
+        for then_batch, then_processes, count in earlier:
+            trained |= items_of(self.deal(self._epoch, trained, then_batch, then_processes)[:count])
+        if (global_batch, processes) == (self.global_batch, self.num_processes):  # the same deal, where it stopped
+            self._earlier, self._done = earlier, done
+        else:
+            trained |= items_of(self.deal(self._epoch, trained, global_batch, processes)[:done])
+            self._earlier, self._done = earlier + ([[global_batch, processes, done]] if done else []), 0
+        self._current = self.deal(self._epoch, trained, self.global_batch, self.num_processes)
+
+    def _locate(self, micro_batch: int) -> tuple[int, int, Deal]:
+        """(epoch, batch of its deal, the deal) of micro-batch `micro_batch`."""
+        into = micro_batch - self.start + self._done
+        if into < 0:
+            raise IndexError(f"micro-batch {micro_batch} is before this stream's epoch {self._epoch}")
+        if into < len(self._current):
+            return self._epoch, into, self._current
+        later, batch = divmod(into - len(self._current), self.batches_per_epoch)
+        return self._epoch + 1 + later, batch, self.epoch_batches(self._epoch + 1 + later)
+
+    def global_batch_indices(self, micro_batch: int) -> list[int]:
+        epoch, batch, deal = self._locate(micro_batch)
+        return deal[batch]
+
+    def position_after(self, micro_batches: int) -> dict:
+        """Where the order stands once micro-batches up to `micro_batches` (this run's numbering) have trained:
+        what a checkpoint keeps, for `resumed_at`."""
+        epoch, batch, deal = self._locate(micro_batches)
+        earlier = self._earlier if epoch == self._epoch else []  # a later epoch is dealt whole
+        return {"order": self.order_key(), "epoch": epoch, "dealt": [*earlier, [self.global_batch, self.num_processes, batch]]}
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        micro_batch = self.start
+        while True:
+            epoch, batch, deal = self._locate(micro_batch)
+            yield [(index, epoch) for index in deal[batch][self.rows_of(micro_batch)[1]]]
+            micro_batch += 1
+
+
+def items_of(batches: Deal) -> frozenset[int]:
+    return frozenset(index for batch in batches for index in batch)
+
+
+def order_fingerprint(seed: int, num_items: int, bucket_of: list | None) -> str:
+    return hashlib.sha256(json.dumps([seed, num_items, bucket_of]).encode()).hexdigest()[:16]

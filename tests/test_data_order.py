@@ -1,0 +1,122 @@
+"""A resumed run continues the data order where its checkpoint stopped (finetune.data_order): at the same global batch
+the very batches of a run never stopped, at another (processes, train.batch_size, accumulation) the rest of the
+epoch's shuffle, each image once, before the next epoch's."""
+
+from itertools import islice
+
+from finetune.batches import EpochBatchSampler
+from finetune.buckets import BucketBatchSampler, split_rows
+from finetune.trainer import train
+
+
+def global_batches(samplers, start, count):
+    """`count` micro-batches from `start`: each the processes' rows together, as (indices, epochs)."""
+    streams = [islice(iter(sampler), count) for sampler in samplers]
+    batches = []
+    for rows in zip(*streams):
+        joined = [pair for row in rows for pair in row]
+        batches.append(([index for index, _ in joined], {epoch for _, epoch in joined}))
+    assert len(batches) == count and all(samplers[0].global_batch_indices(start + i) == batch for i, (batch, _) in enumerate(batches))
+    return batches
+
+
+def ranks(kind, layout, batch_size, processes, seed, start=0, resumed_at=None):
+    return [kind(layout, batch_size, processes, rank, seed, start=start, resumed_at=resumed_at) for rank in range(processes)]
+
+
+def test_a_resume_with_another_global_batch_trains_the_rest_of_the_epochs_permutation_then_the_next_epoch():
+    before = EpochBatchSampler(12, batch_size=2, num_processes=1, process_index=0, seed=4)  # 6 batches an epoch
+    trained = global_batches([before], 0, 8)  # all of epoch 0, two batches of epoch 1
+    position = before.position_after(8)
+    # Resumed by 2 processes of batch 2 at step 4 (say): this run's micro-batches count from 4.
+    after = ranks(EpochBatchSampler, 12, 2, 2, seed=4, start=4, resumed_at=position)
+    resumed = global_batches(after, 4, 4)
+    epoch_one = [index for batch, _ in trained[6:] + resumed[:2] for index in batch]
+    assert epoch_one == before.permutation(1)  # the epoch's permutation continued: each image once, none skipped
+    assert [epochs for _, epochs in trained[6:] + resumed] == [{1}] * 4 + [{2}] * 2
+    fresh = EpochBatchSampler(12, batch_size=4, num_processes=1, process_index=0, seed=4)
+    assert [batch for batch, _ in resumed[2:]] == fresh.epoch_batches(2)[:2]  # epoch 2 as a run of global batch 4 deals it
+
+    # Stopped again inside that epoch and resumed at a third global batch: the epoch's first two deals are replayed.
+    third = EpochBatchSampler(12, batch_size=2, num_processes=1, process_index=0, seed=4, start=0, resumed_at=after[0].position_after(5))
+    rest = global_batches([third], 0, 2)
+    assert [index for batch, _ in trained[6:] + resumed[:1] + rest for index in batch] == before.permutation(1)
+
+
+def test_an_epoch_left_with_fewer_images_than_the_new_global_batch_ends_there():
+    before = EpochBatchSampler(10, batch_size=4, num_processes=1, process_index=0, seed=2)  # 2 batches, 2 images left out
+    after = EpochBatchSampler(10, batch_size=3, num_processes=1, process_index=0, seed=2, start=1, resumed_at=before.position_after(1))
+    resumed = global_batches([after], 1, 3)
+    # The 6 images after the first 4 (the two the first deal left out among them), then epoch 1: nothing twice.
+    assert [batch for batch, _ in resumed[:2]] == [before.permutation(0)[4:7], before.permutation(0)[7:10]]
+    assert resumed[2] == (before.permutation(1)[:3], {1})
+    after = EpochBatchSampler(10, batch_size=4, num_processes=1, process_index=0, seed=2, start=2, resumed_at=before.position_after(1))
+    assert global_batches([after], 2, 1)[0] == (before.permutation(0)[4:8], {0})  # unchanged: the batch a run never stopped trains
+
+
+def test_a_resume_at_the_same_global_batch_is_the_run_never_stopped():
+    layout = [(80, 48)] * 7 + [(64, 64)] * 5 + [(48, 80)] * 2
+    for kind, items in ((EpochBatchSampler, 12), (BucketBatchSampler, layout)):
+        straight = global_batches(ranks(kind, items, 2, 2, seed=6), 0, 12)
+        stopped = ranks(kind, items, 2, 2, seed=6)[0]
+        for at in (0, 3, 5, 9):  # an epoch's start and inside it
+            resumed = ranks(kind, items, 2, 2, seed=6, start=at, resumed_at=stopped.position_after(at))
+            assert global_batches(resumed, at, 12 - at) == straight[at:], (kind.__name__, at)
+        # A checkpoint from before positions were kept, or of another order (another seed): from `start`, as before.
+        for resumed_at in (None, ranks(kind, items, 2, 2, seed=7)[0].position_after(5)):
+            assert global_batches(ranks(kind, items, 2, 2, seed=6, start=5, resumed_at=resumed_at), 5, 7) == straight[5:]
+
+
+def test_buckets_resumed_with_another_global_batch_deal_each_bucket_s_untrained_images_once():
+    layout = [(80, 48)] * 7 + [(64, 64)] * 5 + [(48, 80)] * 2
+    before = BucketBatchSampler(layout, batch_size=3, num_processes=1, process_index=0, seed=1)
+    trained = global_batches([before], 0, before.batches_per_epoch + 2)  # epoch 0, then two batches of epoch 1
+    epoch_one = [index for batch, _ in trained[before.batches_per_epoch :] for index in batch]
+    # Resumed by 2 processes of batch 2: batches of up to 4, a bucket's last smaller (a single image borrows a second).
+    after = ranks(BucketBatchSampler, layout, 2, 2, seed=1, start=0, resumed_at=before.position_after(len(trained)))
+    stream = global_batches(after, 0, 20)
+    resumed = [batch for batch, epochs in stream if epochs == {1}]
+    assert stream[: len(resumed)] == [(batch, {1}) for batch in resumed]  # the rest of epoch 1 first
+    for batch in resumed:
+        assert len({layout[index] for index in batch}) == 1 and 2 <= len(batch) <= 4  # one bucket, the new global batch
+    # Each process's rows, as the trainer weighs them: of the resumed batches, whose sizes differ.
+    assert [after[1].rows_of(m) for m in range(len(resumed))] == [(len(batch), split_rows(len(batch), 2, 1)) for batch in resumed]
+    assert len({len(batch) for batch in resumed}) > 1
+    dealt = [index for batch in resumed for index in batch]
+    assert not set(epoch_one) & set(dealt) and sorted(epoch_one + sorted(set(dealt))) == list(range(len(layout)))  # each once, none skipped
+    assert len(dealt) - len(set(dealt)) <= len(set(layout))  # but a bucket's last single image, whose batch borrows one
+    fresh = BucketBatchSampler(layout, batch_size=2, num_processes=2, process_index=0, seed=1)
+    rest = [batch for batch, _ in stream[len(resumed) : len(resumed) + fresh.batches_per_epoch]]
+    assert rest == fresh.epoch_batches(2)  # then epoch 2, as a run of 2 processes deals it
+
+
+def record_indices(monkeypatch):
+    """Each micro-batch's dataset indices, as the LoRA loss receives them."""
+    from finetune.methods.lora import LoRAMethod
+
+    seen, original = [], LoRAMethod.loss
+
+    def loss(self, modules, batch, randomness):
+        seen.append(batch["indices"].tolist())
+        return original(self, modules, batch, randomness)
+
+    monkeypatch.setattr(LoRAMethod, "loss", loss)
+    return seen
+
+
+def test_a_run_resumed_with_another_batch_size_or_accumulation_trains_the_images_that_come_next(make_recipe, tmp_path, monkeypatch):
+    seen = record_indices(monkeypatch)
+    straight = train(make_recipe(output_dir=str(tmp_path / "straight"), train__batch_size=1, train__max_steps=6, checkpoint__every_n_steps=1,
+                           checkpoint__keep_last=6))
+    order = list(seen)  # 4 images: epoch 0's four, then epoch 1's first two
+    assert sorted(i for [i] in order[:4]) == [0, 1, 2, 3]
+    checkpoints = straight.output_dir / "checkpoints"
+
+    seen.clear()  # one image trained; at batch 2 the next two, then (one left: not a batch) epoch 1's first two
+    train(make_recipe(output_dir=str(tmp_path / "batch"), train__batch_size=2, train__max_steps=3), resume=str(checkpoints / "checkpoint-1"))
+    assert seen == [order[1] + order[2], order[4] + order[5]]
+
+    seen.clear()  # two images trained; a step of 2 micro-batches takes the last two of epoch 0
+    train(make_recipe(output_dir=str(tmp_path / "accumulation"), train__batch_size=1, train__gradient_accumulation_steps=2, train__max_steps=3),
+          resume=str(checkpoints / "checkpoint-2"))  # fmt: skip
+    assert seen == [order[2], order[3]]
