@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from fractions import Fraction
 from typing import Iterator
 
 Deal = list[list[int]]  # an epoch's global batches, in training order (items by index)
@@ -49,7 +50,8 @@ class DealtOrder:
         """Where the stream starts: the epoch it is in, that epoch's deals before the one trained now, the one
         trained now, and how many of its batches trained before `start`."""
         self.start, self._cached = start, (-1, [])
-        if resumed_at is None or resumed_at.get("order") != self.order_key():
+        self.continued = resumed_at is not None and resumed_at.get("order") == self.order_key()  # a recorded position taken up
+        if not self.continued:
             self._epoch, self._done = divmod(start, self.batches_per_epoch)
             self._earlier, self._current = [], self.epoch_batches(self._epoch)
             return
@@ -63,6 +65,11 @@ class DealtOrder:
             trained |= items_of(self.deal(self._epoch, trained, global_batch, processes)[:done])
             self._earlier, self._done = earlier + ([[global_batch, processes, done]] if done else []), 0
         self._current = self.deal(self._epoch, trained, self.global_batch, self.num_processes)
+
+    def epochs_before_start(self) -> Fraction:
+        """Epochs trained before micro-batch `start` as this stream counts them: the epoch under way ends with its
+        deal's last batch, at this run's batches per epoch (what `finetune.run_length` counts a resumed run's epochs from)."""
+        return self._epoch + 1 - Fraction(len(self._current) - self._done, self.batches_per_epoch)
 
     def _locate(self, micro_batch: int) -> tuple[int, int, Deal]:
         """(epoch, batch of its deal, the deal) of micro-batch `micro_batch`."""

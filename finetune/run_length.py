@@ -8,7 +8,8 @@ step that completes it counts as its end, and a run of N epochs ends at the firs
 
 A run resumed from a checkpoint of another global batch (another number of processes, batch size or
 accumulation) counts the checkpoint's steps at the batch they had (`EpochCount`): 2 processes' steps are
-twice the images of 1 process's.
+twice the images of 1 process's; and the epoch under way ends with its last images as the resumed sampler
+deals them at the new batch (`finetune.data_order`).
 """
 
 from __future__ import annotations
@@ -76,9 +77,10 @@ class EpochCount:
         return math.floor(self.exact(step)) + 1
 
 
-def epoch_count(layout: ItemLayout, train: TrainConfig, processes: int, resume_from: Path | None) -> EpochCount:
+def epoch_count(layout: ItemLayout, train: TrainConfig, processes: int, resume_from: Path | None, seed: int | None = None) -> EpochCount:
     """This run's epochs; resumed from a checkpoint whose steps had other images (another number of processes,
-    train.batch_size or gradient_accumulation_steps), its steps count at the global batch they had."""
+    train.batch_size or gradient_accumulation_steps), its steps count at the global batch they had. With the run's
+    `seed`, from where the checkpoint's data stood (`finetune.data_order`): the epoch under way ends where its images do."""
     now = StepShape(train.batch_size, processes, train.gradient_accumulation_steps)
     batches_now = now.batches_per_epoch(layout)
     state = read_state(resume_from) if resume_from is not None else {}
@@ -90,7 +92,11 @@ def epoch_count(layout: ItemLayout, train: TrainConfig, processes: int, resume_f
     except FinetuneError:  # fewer images now than its global batch: counted at this run's (the change of data is said)
         then, batches_then = now, batches_now
     step = state.get("step", 0)
-    return EpochCount(now.accumulation, batches_now, step, Fraction(step * then.accumulation, batches_then), then if then != now else None)
+    epochs_then = Fraction(step * then.accumulation, batches_then)
+    if seed is not None and "data_order" in state:
+        resumed = make_batch_sampler(layout, now.batch_size, processes, 0, seed, step * now.accumulation, state["data_order"])
+        epochs_then = resumed.epochs_before_start() if resumed.continued else epochs_then
+    return EpochCount(now.accumulation, batches_now, step, epochs_then, then if then != now else None)
 
 
 def planned_steps(train: TrainConfig, count: EpochCount | int) -> int:

@@ -117,7 +117,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
         return make_batch_sampler(layout, train_cfg.batch_size, accelerator.num_processes, accelerator.process_index, recipe.seed, start, resumed_at)
 
     # A resumed checkpoint's steps count at the global batch they had (other processes, batch size, accumulation).
-    epochs_by = epoch_count(layout, train_cfg, accelerator.num_processes, resume_from)
+    epochs_by = epoch_count(layout, train_cfg, accelerator.num_processes, resume_from, recipe.seed)
     max_steps = planned_steps(train_cfg, epochs_by)  # train.max_steps, or train.max_epochs counted in steps
     if train_cfg.max_epochs is not None:
         check_epoch_run(recipe, max_steps, epochs_by, resume_from)

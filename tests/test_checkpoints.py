@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from finetune.batches import ItemLayout, make_batch_sampler
 from finetune.checkpoint import DEEPSPEED_FOLDER, STATE_FILE, check_same_engine, list_checkpoints, resolve_resume
 from finetune.errors import FinetuneError
 from finetune.optim import build_lr_scheduler
@@ -147,7 +148,8 @@ def test_resuming_where_nothing_is_left_or_with_another_process_count_says_so(ma
 
     state = json.loads((checkpoint / STATE_FILE).read_text())
     assert state["processes"] == 1
-    (checkpoint / STATE_FILE).write_text(json.dumps({**state, "processes": 2}))  # as a 2-process launch writes it
+    two = make_batch_sampler(ItemLayout(None, 4), 2, 2, 0, make_recipe().seed).position_after(2)  # where its data stand: epoch 2 begun
+    (checkpoint / STATE_FILE).write_text(json.dumps({**state, "processes": 2, "data_order": two}))  # as a 2-process launch writes it
     capsys.readouterr()
     train(make_recipe(train__max_steps=3), resume="latest")
     out = capsys.readouterr().out

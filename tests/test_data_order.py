@@ -6,6 +6,8 @@ from itertools import islice
 
 from finetune.batches import EpochBatchSampler
 from finetune.buckets import BucketBatchSampler, split_rows
+from finetune.kohya import load_lora
+from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.trainer import train
 
 
@@ -120,3 +122,13 @@ def test_a_run_resumed_with_another_batch_size_or_accumulation_trains_the_images
     train(make_recipe(output_dir=str(tmp_path / "accumulation"), train__batch_size=1, train__gradient_accumulation_steps=2, train__max_steps=3),
           resume=str(checkpoints / "checkpoint-2"))  # fmt: skip
     assert seen == [order[2], order[3]]
+
+
+def test_a_run_of_epochs_resumed_with_another_batch_size_ends_with_the_epochs_last_images(make_recipe, tmp_path, monkeypatch):
+    seen = record_indices(monkeypatch)
+    first = train(make_recipe(train__batch_size=1, train__max_steps=1))  # 1 image of 4: a quarter of epoch 1
+    trained = list(seen)
+    seen.clear()  # at batch 2: the 3 images left make 1 batch (the last waits for the next shuffle), the end of epoch 1
+    resumed = train(make_recipe(train__batch_size=2, train__max_steps=None, train__max_epochs=1), resume="latest")
+    assert resumed.final_step == 2 and len(seen) == 1 and not set(seen[0]) & set(trained[0]), seen
+    assert load_lora(first.output_dir / LORA_WEIGHTS_NAME).metadata["finetune.epoch"] == "1"

@@ -105,7 +105,8 @@ def test_a_run_of_epochs_resumed_with_another_number_of_processes_trains_the_epo
     epochs = dict(train__max_steps=None, train__batch_size=2, checkpoint__every_n_epochs=1)
     first = train(make_recipe(train__max_epochs=1, **epochs))  # 4 images in batches of 2: 2 steps
     state_file = first.output_dir / "checkpoints" / "checkpoint-2" / STATE_FILE
-    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "processes": 2}))  # as 2 processes write it: 2 epochs
+    two = make_batch_sampler(ItemLayout(None, 4), 2, 2, 0, make_recipe().seed).position_after(2)  # where their data stand
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "processes": 2, "data_order": two}))  # as 2 processes write it: 2 epochs
     with pytest.raises(FinetuneError, match=r"is at step 2 and train.max_epochs 2 ends at step 2: nothing left to train; .*train.max_epochs=3\)"):
         train(make_recipe(train__max_epochs=2, **epochs), resume="latest")
     resumed = train(make_recipe(train__max_epochs=3, **epochs), resume="latest")
