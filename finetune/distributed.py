@@ -148,7 +148,9 @@ def configure_deepspeed(accelerator: Accelerator, recipe: Recipe, trained_module
     if not uses_deepspeed(accelerator):
         return
     if len(trained_modules) != 1:
-        switch = f"{recipe.method}.train_text_encoder"  # lora, full and dreambooth each have theirs; the others train one model
+        # The switch of the second model: lora, full and dreambooth each have their text encoder's; ControlNet trains the
+        # UNet's decoder beside it with unlock_unet_decoder.
+        switch = "controlnet.unlock_unet_decoder" if recipe.method == "controlnet" else f"{recipe.method}.train_text_encoder"
         raise FinetuneError(
             f"DeepSpeed trains one model per run, this recipe trains {len(trained_modules)} ({', '.join(trained_modules)}): "
             f"set {switch} to false, or launch without DeepSpeed"

@@ -340,9 +340,11 @@ def test_deepspeed_refuses_what_it_cannot_do_before_training(make_recipe):
         plugin = SimpleNamespace(deepspeed_config=config)
         return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=2, state=SimpleNamespace(deepspeed_plugin=plugin))
 
-    for method, overrides in (("lora", {}), ("full", {"method": "full"})):  # the switch of the recipe's own method
-        with pytest.raises(FinetuneError, match=rf"^DeepSpeed trains one model per run, this recipe trains 2 \(unet, text_encoder\): set {method}.train_text_encoder to false, or"):
-            configure_deepspeed(accelerator({}), make_recipe(**overrides), ["unet", "text_encoder"])
+    for switch, overrides, modules in (("lora.train_text_encoder", {}, "unet, text_encoder"), ("full.train_text_encoder", {"method": "full"}, "unet, text_encoder"),
+                                       ("controlnet.unlock_unet_decoder", {"method": "controlnet"}, "controlnet, unet")):  # fmt: skip
+        with pytest.raises(FinetuneError, match=rf"^DeepSpeed trains one model per run, this recipe trains 2 \({modules}\): set {switch} to false, or"):
+            configure_deepspeed(accelerator({}), make_recipe(**overrides), modules.split(", "))
+        make_recipe(**overrides, **{switch.replace(".", "__"): False})  # a key the recipe has
     offload = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
     with pytest.raises(FinetuneError, match="optimizer.name adamw8bit with DeepSpeed optimizer offload"):
         configure_deepspeed(accelerator(offload), make_recipe(optimizer__name="adamw8bit"), ["unet"])
