@@ -1,0 +1,123 @@
+"""Every recipe under each shipped DeepSpeed config (ZeRO-2, ZeRO-2 with optimizer offload, ZeRO-3), 2 CPU processes
+over gloo: ControlNet with cached encoders and gradient checkpointing, DreamBooth with a LoRA and with the full UNet,
+a LoRA with an 8-bit optimizer; each resumes from its checkpoint to the uninterrupted run's weights. The cells of
+README's table "What is tested in which mode" that tests/test_distributed.py leaves out. One launch per config."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import ControlNetModel, UNet2DConditionModel
+from safetensors.torch import load_file
+
+from conftest import build_recipe
+from distributed_worker import train_and_record
+from test_distributed import assert_same_update, assert_same_weights, deepspeed, launch, wait, write
+
+from finetune.methods.controlnet import CONTROLNET_DIR
+from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.toyworld.datasets import write_folder
+
+pytestmark = pytest.mark.slow  # a launch of 7 runs under DeepSpeed per config: about a minute each
+
+OFFLOAD = "zero2_offload.json"
+RESUMED = ("controlnet", "dreambooth-lora", "lora-8bit")  # each trained 3 steps, and again from its checkpoint-2
+
+
+@pytest.fixture(scope="module")
+def dreambooth_folders(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("concepts")
+    return write_folder(root / "star", 2, seed=11), write_folder(root / "class", 2, seed=1, metadata=False)
+
+
+def settings(pairs_folder: Path, dreambooth_folders: tuple[Path, Path], config: str, cache_dir: Path) -> dict[str, dict]:
+    """Each run's recipe overrides (batch 1 per process)."""
+    star, classes = dreambooth_folders
+    concept = {"instance_dir": str(star), "instance_prompt": "a sks shape", "class_prompt": "a shape", "class_dir": str(classes)}
+    resuming = dict(train__max_steps=3, checkpoint__every_n_steps=2, train__gradient_checkpointing=True)
+    cached = dict(train__cache_latents=True, train__cache_text_embeddings=True)
+    # Optimizer offload runs DeepSpeed's own CPU Adam, and refuses an 8-bit optimizer (test_distributed.py checks the line).
+    eight_bit = {} if config == OFFLOAD else dict(optimizer__name="adamw8bit", lora__rank=64)  # rank 64: tensors of bitsandbytes' 4096 elements
+    return {
+        "controlnet": dict(method="controlnet", data__image_dir=str(pairs_folder), **cached, **resuming),
+        "dreambooth-lora": dict(method="dreambooth", data__image_dir=None, dreambooth={"concepts": [concept], "adapter": "lora", "num_class_images": 2}, **resuming),
+        "lora-8bit": dict(**eight_bit, train__max_steps=3, checkpoint__every_n_steps=2),
+        # Both processes encode into one cache folder (each its own slice of every batch).
+        "dreambooth-full": dict(method="dreambooth", data__image_dir=None, optimizer__lr=1e-4, dreambooth={"concepts": [concept], "num_class_images": 2}, train__max_steps=2,
+                                train__gradient_checkpointing=True, train__cache_dir=str(cache_dir), **cached),
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["zero2.json", OFFLOAD, "zero3.json"])
+def deepspeed_runs(request, tiny_model, image_folder, pairs_folder, dreambooth_folders, tmp_path_factory) -> SimpleNamespace:
+    config = request.param
+    root = tmp_path_factory.mktemp(config.removesuffix(".json"))
+    overrides = settings(pairs_folder, dreambooth_folders, config, root / "cache")
+    arguments = []
+    for name, extra in overrides.items():
+        arguments.append(write(build_recipe(tiny_model, image_folder, root / name, train__batch_size=1, **extra), root / f"{name}.yaml"))
+        if name in RESUMED:
+            resumed = build_recipe(tiny_model, image_folder, root / f"{name}-resumed", train__batch_size=1, **extra)
+            arguments += ["--resume", root / name / "checkpoints" / "checkpoint-2", write(resumed, root / f"{name}-resumed.yaml")]
+    wait(launch(deepspeed(config), *arguments))
+    return SimpleNamespace(root=root, config=config, settings=overrides)
+
+
+def outputs(out: Path) -> dict[str, torch.Tensor]:
+    """The run's saved adapter, or its ControlNet, by parameter name."""
+    if (out / LORA_WEIGHTS_NAME).is_file():
+        return load_file(out / LORA_WEIGHTS_NAME)
+    return ControlNetModel.from_pretrained(out / CONTROLNET_DIR).state_dict()
+
+
+def test_each_method_resumes_from_its_deepspeed_checkpoint_to_the_uninterrupted_weights(deepspeed_runs):
+    for name in RESUMED:
+        out = deepspeed_runs.root / name
+        shards = sorted(p.name for p in (out / "checkpoints" / "checkpoint-2" / "pytorch_model").glob("*optim_states.pt"))
+        assert shards == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"], name
+        uninterrupted, resumed = outputs(out), outputs(deepspeed_runs.root / f"{name}-resumed")
+        trained = [t for key, t in uninterrupted.items() if "lora.up" in key or key.startswith("controlnet_mid_block")]  # zero at the start
+        assert trained and any(t.any() for t in trained), name
+        assert_same_weights(resumed, uninterrupted, exact=False)
+
+
+@pytest.mark.parametrize("deepspeed_runs", ["zero2.json", "zero3.json"], indirect=True)
+def test_an_8bit_optimizer_keeps_8bit_states_in_deepspeeds_checkpoint(deepspeed_runs):
+    """DeepSpeed hands bitsandbytes its flat fp32 partition of the trained weights (one tensor per process), whose
+    states are then 8-bit whole; DeepSpeed keeps them in each process's optimizer shard, and a resume reads them back
+    (the test above)."""
+    shard = deepspeed_runs.root / "lora-8bit" / "checkpoints" / "checkpoint-2" / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    saved = torch.load(shard, weights_only=False)["optimizer_state_dict"]  # DeepSpeed's, around bitsandbytes' own
+
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (dict, list, tuple)):
+            for item in value.values() if isinstance(value, dict) else value:
+                yield from tensors(item)
+
+    dtypes = {t.dtype for t in tensors(saved)}
+    assert torch.uint8 in dtypes and torch.float32 in dtypes  # the states; their scales and the fp32 weights
+
+
+@pytest.fixture(scope="module")
+def full_dreambooth_in_one_process(tiny_model, image_folder, pairs_folder, dreambooth_folders, tmp_path_factory) -> Path:
+    """The full-UNet DreamBooth run in this process with the launch's global batch, without cached encoders."""
+    root = tmp_path_factory.mktemp("one-process")
+    extra = {**settings(pairs_folder, dreambooth_folders, "zero2.json", root / "unused")["dreambooth-full"], "train__cache_latents": False,
+             "train__cache_text_embeddings": False, "train__cache_dir": None}  # fmt: skip
+    recipe = build_recipe(tiny_model, image_folder, root / "dreambooth-full", train__batch_size=2, **extra)
+    train_and_record([(str(write(recipe, root / "dreambooth-full.yaml")), None)])
+    return root / "dreambooth-full"
+
+
+def test_full_dreambooth_with_cached_encoders_trains_what_one_process_trains_without_them(deepspeed_runs, full_dreambooth_in_one_process):
+    out = deepspeed_runs.root / "dreambooth-full"
+    # Each process encoded its own images into the folder both share: every instance and class image once, each prompt once.
+    cache = deepspeed_runs.root / "cache"
+    assert [len(list(cache.glob(f"{kind}-*/*.safetensors"))) for kind in ("latents", "text")] == [4, 2]
+    gathered = UNet2DConditionModel.from_pretrained(out / "pipeline" / "unet").state_dict()
+    expected = UNet2DConditionModel.from_pretrained(full_dreambooth_in_one_process / "pipeline" / "unet").state_dict()
+    initial = {key.removeprefix("unet."): value for key, value in load_file(full_dreambooth_in_one_process / "initial.safetensors").items()}
+    assert_same_update(gathered, expected, initial)
