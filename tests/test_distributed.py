@@ -83,11 +83,11 @@ def wait(process: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def ddp(tiny_model, image_folder, pairs_folder, tmp_path_factory) -> SimpleNamespace:
     """The DDP runs of the tests below in one launch of 2 processes (a launch starts two interpreters):
-    LoRA; DreamBooth (instance and class halves, LoRA on the UNet and the text encoder: two wrapped models);
-    ControlNet (with cached encoders, random flips, accumulation); LoRA with aspect-ratio buckets of 3
-    images, whose global batches of 3 split 2 + 1 over the processes; before them a LoRA run that a Ctrl-C reaching
-    rank 1 alone stops (stopped-ddp, checked by the stop test below). `settings`: each run's recipe overrides
-    and its batch per process, for the single-process runs the tests compare with (twice the batch)."""
+    LoRA, and again from its checkpoint-2 (lora-resumed-ddp); DreamBooth (instance and class halves, LoRA on the UNet and the
+    text encoder: two wrapped models; gradient checkpointing); ControlNet (with cached encoders, random flips, accumulation, an
+    8-bit optimizer); LoRA with aspect-ratio buckets of 3 images, whose global batches of 3 split 2 + 1 over the processes;
+    before them a LoRA run that a Ctrl-C reaching rank 1 alone stops (stopped-ddp, checked by the stop test below). `settings`:
+    each run's recipe overrides and its batch per process, for the single-process runs the tests compare with (twice the batch)."""
     root = tmp_path_factory.mktemp("ddp")
     mixed = root / "mixed"
     mixed.mkdir()
@@ -97,19 +97,21 @@ def ddp(tiny_model, image_folder, pairs_folder, tmp_path_factory) -> SimpleNames
     star = write_folder(root / "star", 2, seed=11, include_held_out="only_shape")
     concept = {"instance_dir": str(star), "instance_prompt": "a sks shape", "class_prompt": "a shape", "class_dir": str(root / "class")}
     settings = {
-        "lora": (dict(train__max_steps=3, train__gradient_accumulation_steps=2, data__random_flip=True), 1),
-        "dreambooth": (dict(method="dreambooth", data__image_dir=None, train__max_steps=3, data__random_flip=True,
+        "lora": (dict(train__max_steps=3, train__gradient_accumulation_steps=2, data__random_flip=True, checkpoint__every_n_steps=2), 1),
+        "dreambooth": (dict(method="dreambooth", data__image_dir=None, train__max_steps=3, data__random_flip=True, train__gradient_checkpointing=True,
                             dreambooth={"concepts": [concept], "adapter": "lora", "train_text_encoder": True, "num_class_images": 2,
                                         "class_generation": {"num_inference_steps": 2, "batch_size": 1}}), 1),
         "controlnet": (dict(method="controlnet", data__image_dir=str(pairs_folder), train__max_steps=2, train__gradient_accumulation_steps=2,
-                            data__random_flip=True, train__cache_latents=True, train__cache_text_embeddings=True), 1),
+                            data__random_flip=True, train__cache_latents=True, train__cache_text_embeddings=True, optimizer__name="adamw8bit"), 1),
         "buckets": (dict(data={"image_dir": str(mixed), "resolution": 64, "bucketing": {"enabled": True, "step": 16}}, train__max_steps=2), 2),
     }  # fmt: skip
     recipes = {name: build_recipe(tiny_model, image_folder, root / f"{name}-ddp", train__batch_size=batch, **extra) for name, (extra, batch) in settings.items()}
     stopped = build_recipe(tiny_model, image_folder, root / "stopped-ddp", train__batch_size=1, train__max_steps=8)
+    resumed = build_recipe(tiny_model, image_folder, root / "lora-resumed-ddp", train__batch_size=1, **settings["lora"][0])
     wait(launch(["--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port())],
                 "--interrupt", "1:3", write(stopped, root / "stopped-ddp.yaml"),  # first: the runs after it train as usual
-                *[write(recipe, root / f"{name}-ddp.yaml") for name, recipe in recipes.items()]))  # fmt: skip
+                *[write(recipe, root / f"{name}-ddp.yaml") for name, recipe in recipes.items()],
+                "--resume", root / "lora-ddp" / "checkpoints" / "checkpoint-2", write(resumed, root / "lora-resumed-ddp.yaml")))  # fmt: skip
     return SimpleNamespace(root=root, settings=settings)
 
 
@@ -126,6 +128,8 @@ def test_ddp_two_processes_match_each_other_and_one_process_with_the_same_global
     # Same global batch of the same images with the same noise: equal up to the order of float sums.
     assert_same_weights(ddp_file, single_file, exact=False)
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in ddp_file.items() if "lora.up" in k)
+    # Resumed from step 2, it ends where the uninterrupted launch did.
+    assert_same_weights(load_file(ddp.root / "lora-resumed-ddp" / LORA_WEIGHTS_NAME), ddp_file, exact=False)
 
 
 def test_ddp_dreambooth_controlnet_and_buckets_match_one_process_with_the_same_global_batch(ddp, make_recipe, tmp_path):
