@@ -7,30 +7,38 @@ from pathlib import Path
 
 import pytest
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from ports import free_port
-from test_distributed import launch, write
+from test_distributed import assert_same_weights, launch, write
 
 from finetune.batches import ItemLayout, make_batch_sampler
 from finetune.checkpoint import STATE_FILE, read_state
 from finetune.errors import FinetuneError
+from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.run_length import EpochCount, StepShape, epoch_count, planned_steps, resume_warnings, run_length_line
 from finetune.trainer import train
 
 
-@pytest.mark.slow  # two launched machines on loopback: ~13 s
+@pytest.mark.slow  # two launched machines on loopback under DeepSpeed: ~30 s
 def test_only_the_main_process_says_the_checkpoints_it_saved(make_recipe, tmp_path):
-    """Two machines of one process each: the second machine's first process (LOCAL_RANK 0, rank 1) said
-    'saved .../checkpoint-1' for a folder the main machine wrote, which need not be on its own disk."""
+    """Two machines of one process each, with the README's DeepSpeed config (ZeRO-2): the second machine's first process
+    (LOCAL_RANK 0, rank 1) said 'saved .../checkpoint-1' for a folder the main machine wrote, which need not be on its own
+    disk. In the same launch a second run resumes from that checkpoint and ends where the first did."""
     recipe = make_recipe(output_dir=str(tmp_path / "machines"), train__batch_size=1, train__max_steps=2, checkpoint__every_n_steps=1)
-    path = write(recipe, tmp_path / "machines.yaml")
-    common = ["--num_processes", "2", "--num_machines", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
-    machines = [launch([*common, "--machine_rank", str(rank)], path) for rank in (0, 1)]
+    resumed = make_recipe(output_dir=str(tmp_path / "resumed"), train__batch_size=1, train__max_steps=2)
+    checkpoint = Path(recipe.output_dir) / "checkpoints" / "checkpoint-1"
+    runs = [write(recipe, tmp_path / "machines.yaml"), "--resume", checkpoint, write(resumed, tmp_path / "resumed.yaml")]
+    common = ["--config_file", "accelerate_config.yaml", "--num_processes", "2", "--num_machines", "2", "--main_process_ip", "127.0.0.1",
+              "--main_process_port", str(free_port())]  # fmt: skip
+    machines = [launch([*common, "--machine_rank", str(rank)], *runs) for rank in (0, 1)]
     main_out, other_out = [machine.communicate(timeout=300)[0] for machine in machines]
     assert [machine.returncode for machine in machines] == [0, 0]
-    checkpoint = Path(recipe.output_dir) / "checkpoints" / "checkpoint-1"
+    assert "training on 2 processes (distributed: deepspeed)" in main_out
     assert f"saved {checkpoint} (step 1" in main_out
     assert "saved" not in other_out, other_out
+    adapters = [load_file(Path(run.output_dir) / LORA_WEIGHTS_NAME) for run in (recipe, resumed)]
+    assert_same_weights(adapters[1], adapters[0], exact=False)
 
 
 def test_a_resume_that_changes_the_length_of_a_decaying_schedule_says_what_the_learning_rate_does(make_recipe, capsys):
