@@ -7,7 +7,8 @@ accelerate does most of it. What is left here:
 - DeepSpeed's batch size, gradient accumulation and clipping are taken from the recipe, so its JSON
   ("auto") and the recipe never disagree.
 - DeepSpeed wraps exactly one trained module in its engine (the frozen VAE and text encoder stay out
-  of it); a recipe that trains two (the UNet and the text encoder) is stopped with a clear error.
+  of it); a recipe that trains two (the UNet and the text encoder) is stopped with a clear error, as is an
+  optimizer that needs each weight whole (Adafactor: ZeRO hands the optimizer one flat shard per process).
 - Under ZeRO-3 the base model is loaded whole (not sharded as it loads), so the frozen parts work.
 - Under DeepSpeed the forward pass runs in torch's autocast (accelerate's is off there).
 - Checkpoints under DeepSpeed are its own (each process writes its optimizer shard) without the
@@ -160,6 +161,14 @@ def configure_deepspeed(accelerator: Accelerator, recipe: Recipe, trained_module
         raise FinetuneError(
             "lora.max_norm with DeepSpeed: it rescales the LoRA weights after each step, and DeepSpeed's engine keeps its own "
             "copy of them (its fp32 master weights): launch without DeepSpeed, or set lora.max_norm: null"
+        )
+    if recipe.optimizer.name == "adafactor":
+        # ZeRO hands the optimizer each process's shard of the weights as one flat tensor (measured: ZeRO-2 moved a LoRA
+        # half of its update away from one process's).
+        raise FinetuneError(
+            "optimizer.name adafactor with DeepSpeed: ZeRO gives the optimizer its shard of the weights as one flat tensor, so "
+            "Adafactor can neither factor its second moments by each weight's rows and columns nor clip each weight's update on "
+            "its own, and trains another model than one process does: use adamw or an 8-bit optimizer, or launch without DeepSpeed"
         )
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     offloaded = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"

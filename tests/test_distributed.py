@@ -352,6 +352,9 @@ def test_deepspeed_refuses_what_it_cannot_do_before_training(make_recipe):
     offload = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
     with pytest.raises(FinetuneError, match="optimizer.name adamw8bit with DeepSpeed optimizer offload"):
         configure_deepspeed(accelerator(offload), make_recipe(optimizer__name="adamw8bit"), ["unet"])
+    for config in ({}, offload):  # with offload too: its line would send it to a config that refuses it
+        with pytest.raises(FinetuneError, match="^optimizer.name adafactor with DeepSpeed: ZeRO gives the optimizer its shard .* or launch without DeepSpeed$"):
+            configure_deepspeed(accelerator(config), make_recipe(optimizer__name="adafactor"), ["unet"])
     with pytest.raises(FinetuneError, match="^lora.max_norm with DeepSpeed: .* launch without DeepSpeed, or set lora.max_norm: null$"):
         configure_deepspeed(accelerator({}), make_recipe(lora__max_norm=1.0), ["unet"])
 

@@ -83,6 +83,31 @@ def test_adafactor_keeps_a_row_and_a_column_per_matrix_and_descends():
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_adafactor_on_one_flat_tensor_moves_the_weights_otherwise_than_on_each_weight():
+    """Why DeepSpeed refuses it (finetune.distributed.configure_deepspeed): ZeRO hands the optimizer each process's shard of
+    the weights as one flat tensor, which Adafactor neither factors nor clips weight by weight. AdamW moves them alike."""
+    torch.manual_seed(0)
+    weights = [torch.randn(16, 8), torch.randn(8) * 10]
+    gradients = [torch.randn(16, 8), torch.randn(8) * 0.01]
+
+    def stepped(name: str, flat: bool) -> torch.Tensor:
+        values = [torch.cat([w.flatten() for w in weights])] if flat else [w.clone() for w in weights]
+        parameters = [torch.nn.Parameter(v) for v in values]
+        optimizer = build_optimizer(OptimizerConfig(name=name, lr=1e-2), parameters)
+        grads = [torch.cat([g.flatten() for g in gradients])] if flat else gradients
+        for _ in range(3):
+            for parameter, gradient in zip(parameters, grads):
+                parameter.grad = gradient.clone()
+            optimizer.step()
+        return torch.cat([p.detach().flatten() for p in parameters])
+
+    start = torch.cat([w.flatten() for w in weights])
+    for name, alike in (("adamw", True), ("adafactor", False)):
+        whole, flat = stepped(name, flat=False), stepped(name, flat=True)
+        assert not torch.equal(whole, start)
+        assert torch.allclose(whole, flat, atol=1e-6) == alike, name
+
+
 def test_prodigy_finds_its_own_step_size_from_a_multiplier_of_one(capsys):
     torch.manual_seed(0)
     weight, target = torch.nn.Parameter(torch.zeros(64, 32)), torch.randn(64, 32)
