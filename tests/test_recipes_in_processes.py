@@ -1,7 +1,7 @@
-"""Every recipe under each shipped DeepSpeed config (ZeRO-2, ZeRO-2 with optimizer offload, ZeRO-3), 2 CPU processes
-over gloo: ControlNet with cached encoders and gradient checkpointing, DreamBooth with a LoRA and with the full UNet,
-a LoRA with an 8-bit optimizer; each resumes from its checkpoint to the uninterrupted run's weights. The cells of
-README's table "What is tested in which mode" that tests/test_distributed.py leaves out. One launch per config."""
+"""Every recipe in 2 CPU processes over gloo, under DDP and each shipped DeepSpeed config (ZeRO-2, ZeRO-2 with optimizer
+offload, ZeRO-3): ControlNet with cached encoders and gradient checkpointing, DreamBooth with a LoRA and with the full UNet,
+a LoRA with an 8-bit optimizer; each resumes from its checkpoint to the uninterrupted run's weights. The cells of README's
+table "What is tested in which mode" that tests/test_distributed.py leaves out. One launch per mode."""
 
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,15 +13,16 @@ from safetensors.torch import load_file
 
 from conftest import build_recipe
 from distributed_worker import train_and_record
+from ports import free_port
 from test_distributed import assert_same_update, assert_same_weights, deepspeed, launch, wait, write
 
 from finetune.methods.controlnet import CONTROLNET_DIR
 from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.toyworld.datasets import write_folder
 
-pytestmark = pytest.mark.slow  # a launch of 7 runs under DeepSpeed per config: about a minute each
+pytestmark = pytest.mark.slow  # a launch of 7 runs per mode: about a minute each under DeepSpeed, 30 s under DDP
 
-OFFLOAD = "zero2_offload.json"
+OFFLOAD, DDP = "zero2_offload.json", "ddp"
 RESUMED = ("controlnet", "dreambooth-lora", "lora-8bit")  # each trained 3 steps, and again from its checkpoint-2
 
 
@@ -49,8 +50,8 @@ def settings(pairs_folder: Path, dreambooth_folders: tuple[Path, Path], config: 
     }  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=["zero2.json", OFFLOAD, "zero3.json"])
-def deepspeed_runs(request, tiny_model, image_folder, pairs_folder, dreambooth_folders, tmp_path_factory) -> SimpleNamespace:
+@pytest.fixture(scope="module", params=[DDP, "zero2.json", OFFLOAD, "zero3.json"])
+def launched_runs(request, tiny_model, image_folder, pairs_folder, dreambooth_folders, tmp_path_factory) -> SimpleNamespace:
     config = request.param
     root = tmp_path_factory.mktemp(config.removesuffix(".json"))
     overrides = settings(pairs_folder, dreambooth_folders, config, root / "cache")
@@ -60,7 +61,8 @@ def deepspeed_runs(request, tiny_model, image_folder, pairs_folder, dreambooth_f
         if name in RESUMED:
             resumed = build_recipe(tiny_model, image_folder, root / f"{name}-resumed", train__batch_size=1, **extra)
             arguments += ["--resume", root / name / "checkpoints" / "checkpoint-2", write(resumed, root / f"{name}-resumed.yaml")]
-    wait(launch(deepspeed(config), *arguments))
+    ddp = ["--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port())]
+    wait(launch(ddp if config == DDP else deepspeed(config), *arguments))
     return SimpleNamespace(root=root, config=config, settings=overrides)
 
 
@@ -71,23 +73,24 @@ def outputs(out: Path) -> dict[str, torch.Tensor]:
     return ControlNetModel.from_pretrained(out / CONTROLNET_DIR).state_dict()
 
 
-def test_each_method_resumes_from_its_deepspeed_checkpoint_to_the_uninterrupted_weights(deepspeed_runs):
+def test_each_method_resumes_from_its_checkpoint_to_the_uninterrupted_weights(launched_runs):
     for name in RESUMED:
-        out = deepspeed_runs.root / name
-        shards = sorted(p.name for p in (out / "checkpoints" / "checkpoint-2" / "pytorch_model").glob("*optim_states.pt"))
-        assert shards == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"], name
-        uninterrupted, resumed = outputs(out), outputs(deepspeed_runs.root / f"{name}-resumed")
+        out = launched_runs.root / name
+        if launched_runs.config != DDP:  # DeepSpeed's own checkpoint: one optimizer shard per process
+            shards = sorted(p.name for p in (out / "checkpoints" / "checkpoint-2" / "pytorch_model").glob("*optim_states.pt"))
+            assert shards == ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"], name
+        uninterrupted, resumed = outputs(out), outputs(launched_runs.root / f"{name}-resumed")
         trained = [t for key, t in uninterrupted.items() if "lora.up" in key or key.startswith("controlnet_mid_block")]  # zero at the start
         assert trained and any(t.any() for t in trained), name
         assert_same_weights(resumed, uninterrupted, exact=False)
 
 
-@pytest.mark.parametrize("deepspeed_runs", ["zero2.json", "zero3.json"], indirect=True)
-def test_an_8bit_optimizer_keeps_8bit_states_in_deepspeeds_checkpoint(deepspeed_runs):
+@pytest.mark.parametrize("launched_runs", ["zero2.json", "zero3.json"], indirect=True)
+def test_an_8bit_optimizer_keeps_8bit_states_in_deepspeeds_checkpoint(launched_runs):
     """DeepSpeed hands bitsandbytes its flat fp32 partition of the trained weights (one tensor per process), whose
     states are then 8-bit whole; DeepSpeed keeps them in each process's optimizer shard, and a resume reads them back
     (the test above)."""
-    shard = deepspeed_runs.root / "lora-8bit" / "checkpoints" / "checkpoint-2" / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    shard = launched_runs.root / "lora-8bit" / "checkpoints" / "checkpoint-2" / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     saved = torch.load(shard, weights_only=False)["optimizer_state_dict"]  # DeepSpeed's, around bitsandbytes' own
 
     def tensors(value):
@@ -112,10 +115,10 @@ def full_dreambooth_in_one_process(tiny_model, image_folder, pairs_folder, dream
     return root / "dreambooth-full"
 
 
-def test_full_dreambooth_with_cached_encoders_trains_what_one_process_trains_without_them(deepspeed_runs, full_dreambooth_in_one_process):
-    out = deepspeed_runs.root / "dreambooth-full"
+def test_full_dreambooth_with_cached_encoders_trains_what_one_process_trains_without_them(launched_runs, full_dreambooth_in_one_process):
+    out = launched_runs.root / "dreambooth-full"
     # Each process encoded its own images into the folder both share: every instance and class image once, each prompt once.
-    cache = deepspeed_runs.root / "cache"
+    cache = launched_runs.root / "cache"
     assert [len(list(cache.glob(f"{kind}-*/*.safetensors"))) for kind in ("latents", "text")] == [4, 2]
     gathered = UNet2DConditionModel.from_pretrained(out / "pipeline" / "unet").state_dict()
     expected = UNet2DConditionModel.from_pretrained(full_dreambooth_in_one_process / "pipeline" / "unet").state_dict()
