@@ -37,8 +37,8 @@ test: setup browser
 # The longer checks the default suite leaves out (pytest -m slow): the README's DeepSpeed launch of
 # `-m finetune train` (the default suite launches its config with the test worker), a ControlNet learning its control,
 # ControlNet under DeepSpeed's optimizer offload (DeepSpeed compiles its CPU Adam first), the real
-# `finetune demo` start and a second two-machines-on-loopback run (about 10 s each), the ZeRO-3 launch, the weight average under DeepSpeed, the
-# DreamBooth and ControlNet Ctrl-C resumes, as the README lists them.
+# `finetune demo` start, a second two-machines-on-loopback run under DeepSpeed, the ZeRO-3 launch, the weight average under DeepSpeed, every recipe
+# under DDP and each DeepSpeed config, the DreamBooth and ControlNet Ctrl-C resumes, as the README lists them.
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow -n $(TEST_WORKERS) --dist loadfile
 
