@@ -63,7 +63,7 @@ def launched_runs(request, tiny_model, image_folder, pairs_folder, dreambooth_fo
             arguments += ["--resume", root / name / "checkpoints" / "checkpoint-2", write(resumed, root / f"{name}-resumed.yaml")]
     ddp = ["--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port())]
     wait(launch(ddp if config == DDP else deepspeed(config), *arguments))
-    return SimpleNamespace(root=root, config=config, settings=overrides)
+    return SimpleNamespace(root=root, config=config)
 
 
 def outputs(out: Path) -> dict[str, torch.Tensor]:
