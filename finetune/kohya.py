@@ -15,7 +15,6 @@ alpha = rank (losing the trained strength) and, with transformers 5 (whose CLIPT
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import math
 import re
@@ -28,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from finetune.atomic_files import atomic_save_safetensors
 from finetune.checkpoint import CHECKPOINT_PATTERN
 from finetune.errors import FinetuneError
+from finetune.kohya_metadata import DATASET_KOHYA_KEYS, KOHYA_KEYS, LORAPLUS_KEYS, finetune_metadata_from_kohya
 from finetune.lora_kinds import CONTEXT_INPUTS, held_path, sd_version_metadata, unsupported_kind, with_current_diffusers_names, written_path
 from finetune.original_layout import with_diffusers_unet_names
 
@@ -47,27 +47,6 @@ DIFFUSERS_SUFFIXES = {
     "text_encoder": (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
 }
 DIFFUSERS_SUFFIX_PAIRS = [*DIFFUSERS_SUFFIXES.values(), (".lora_A.weight", ".lora_B.weight")]
-KOHYA_ONLY_METADATA = ("ss_",)
-# LoRA+ ratios: sd-scripts takes them as network_args and records those as JSON in ss_network_args.
-LORAPLUS_KEYS = ("loraplus_lr_ratio", "loraplus_text_encoder_lr_ratio")
-# Our metadata keys and sd-scripts' keys for the same thing, copied across on import and export.
-KOHYA_KEYS = (
-    ("finetune.base_model", "ss_sd_model_name"),
-    ("finetune.steps", "ss_steps"),  # the step it was saved at
-    ("finetune.epoch", "ss_epoch"),  # the epochs completed by then
-    ("finetune.max_steps", "ss_max_train_steps"),  # the run's length
-    ("finetune.clip_skip", "ss_clip_skip"),
-    ("finetune.max_token_length", "ss_max_token_length"),
-    ("finetune.max_norm", "ss_scale_weight_norms"),
-)
-# The training data: images per epoch, and per folder its images and repeats and its captions' tag counts
-# (JSON), which the webui's LoRA metadata editor and LoRA managers offer as trigger words.
-DATASET_KOHYA_KEYS = (
-    ("finetune.num_train_images", "ss_num_train_images"),
-    ("finetune.dataset_dirs", "ss_dataset_dirs"),
-    ("finetune.tag_frequency", "ss_tag_frequency"),
-)
-KOHYA_KEYS += DATASET_KOHYA_KEYS
 DIFFUSERS_ONLY_METADATA = ("lora_adapter_metadata",)
 
 
@@ -226,28 +205,6 @@ def _peft_alpha(config: dict, part: str, module: str, rank: int) -> float:
     if config.get(f"{part}.use_rslora"):
         alpha = alpha * math.sqrt(rank)  # rsLoRA scales by alpha/sqrt(r): the same update as alpha*sqrt(r)/r
     return float(alpha)
-
-
-def finetune_metadata_from_kohya(metadata: dict[str, str]) -> dict[str, str]:
-    """Keep our keys; for files from sd-scripts, take base model, steps, clip skip, max token length, v-prediction and
-    zero terminal SNR from its `ss_` keys."""
-    kept = {k: v for k, v in metadata.items() if not k.startswith(KOHYA_ONLY_METADATA)}
-    for ours, theirs in KOHYA_KEYS:
-        if ours not in kept and metadata.get(theirs) not in (None, "", "None"):  # sd-scripts writes "None" for unset
-            kept[ours] = metadata[theirs]
-    if "finetune.steps" not in kept and metadata.get("ss_max_train_steps") not in (None, "", "None"):  # sd-scripts files without ss_steps
-        kept["finetune.steps"] = metadata["ss_max_train_steps"]
-    if "finetune.prediction_type" not in kept and metadata.get("ss_v_parameterization") in ("True", "False"):
-        kept["finetune.prediction_type"] = "v_prediction" if metadata["ss_v_parameterization"] == "True" else "epsilon"
-    square = re.fullmatch(r"\((\d+), ?(\d+)\)", metadata.get("ss_resolution") or "")
-    if "finetune.resolution" not in kept and square and square.group(1) == square.group(2):  # sd-scripts' "(512, 512)"
-        kept["finetune.resolution"] = square.group(1)
-    if "finetune.zero_terminal_snr" not in kept and metadata.get("ss_zero_terminal_snr") == "True":
-        kept["finetune.zero_terminal_snr"] = "true"
-    with contextlib.suppress(ValueError, TypeError, AttributeError):  # other trainers' network_args may be anything
-        network_args = json.loads(metadata.get("ss_network_args") or "{}")
-        kept.update({f"finetune.{key}": str(network_args[key]) for key in LORAPLUS_KEYS if key in network_args and f"finetune.{key}" not in kept})
-    return kept
 
 
 # --- writing -------------------------------------------------------------------------------------
