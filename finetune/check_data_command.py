@@ -106,7 +106,7 @@ def run_check_data_command(args) -> int:
 
             short = validation_conditions_problem(recipe)
         if recipe.lora.init_from and not short:
-            short = init_from_problem(recipe.lora.init_from)
+            short = init_from_problem(recipe.lora.init_from, recipe.lora.use_dora)
     if short:
         print(f"result: training would stop: {short}")
         return 1
@@ -119,12 +119,13 @@ def run_check_data_command(args) -> int:
     return 0
 
 
-def init_from_problem(source: str) -> str | None:
-    """Why lora.init_from would stop the run as it starts (not there, a pickle, a LyCORIS or SDXL file), or None."""
+def init_from_problem(source: str, use_dora: bool) -> str | None:
+    """Why lora.init_from would stop the run as it starts (not there, a pickle, a LyCORIS or SDXL file, a DoRA without
+    lora.use_dora), or None."""
     from finetune.methods.lora import read_initial_lora  # it builds on this module
 
     try:
-        read_initial_lora(source)  # as training reads it, before any model loads
+        read_initial_lora(source, use_dora)  # as training reads it, before any model loads
     except FinetuneError as err:
         return str(err)
     return None

@@ -151,6 +151,7 @@ def trained_structure(settings: dict) -> dict:
             "lora.rank": settings.get("lora.rank"),
             "lora.conv_rank": settings.get("lora.conv_rank"),
             "lora.target_modules": settings.get("lora.target_modules"),
+            "lora.use_dora": bool(settings.get("lora.use_dora")),  # DoRA's magnitudes are weights of their own
             "lora.loraplus_lr_ratio": settings.get("lora.loraplus_lr_ratio") is not None,  # on or off: the value may change
             "lora.loraplus_text_encoder_lr_ratio": text_encoder and te_ratio is not None,
         })  # fmt: skip

@@ -26,6 +26,8 @@ from safetensors import SafetensorError, safe_open
 
 from finetune.atomic_files import atomic_save_safetensors
 from finetune.checkpoint import CHECKPOINT_PATTERN
+from finetune.dora import (DIFFUSERS_MAGNITUDE, KOHYA_DORA_ARGS, KOHYA_DORA_METADATA, KOHYA_MAGNITUDE, check_config_magnitudes, diffusers_magnitude,
+                           kohya_magnitude, read_magnitude, uses_dora)
 from finetune.errors import FinetuneError
 from finetune.kohya_metadata import DATASET_KOHYA_KEYS, KOHYA_KEYS, LORAPLUS_KEYS, finetune_metadata_from_kohya
 from finetune.lora_kinds import CONTEXT_INPUTS, held_path, sd_version_metadata, unsupported_kind, with_current_diffusers_names, written_path
@@ -57,6 +59,7 @@ class LoRALayer:
     down: torch.Tensor
     up: torch.Tensor
     alpha: float
+    magnitude: torch.Tensor | None = None  # DoRA's, one per output channel (finetune.dora); None: a plain LoRA layer
 
     @property
     def rank(self) -> int:
@@ -145,7 +148,9 @@ def load_lora(path: Path) -> LoRA:
     if not (kohya or ours):
         raise FinetuneError(f"{path} holds no SD1.x LoRA weights (expected unet./text_encoder. or lora_unet_/lora_te_ keys)")
     try:  # a key that is no LoRA weight, named with the file it is in
-        return from_kohya(tensors, metadata) if kohya else from_diffusers(tensors, metadata)
+        lora = from_kohya(tensors, metadata) if kohya else from_diffusers(tensors, metadata)
+        uses_dora(lora)  # said here, of the file: a DoRA's layers all have magnitudes
+        return lora
     except FinetuneError as err:
         raise FinetuneError(f"LoRA {path}: {err}") from None
 
@@ -160,10 +165,11 @@ def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Lo
         if up is None:
             raise FinetuneError(f"LoRA key {key} has no matching {name}.lora_up.weight")
         down = tensors[key]
-        alpha = tensors.get(f"{name}.alpha")
+        alpha, scale = tensors.get(f"{name}.alpha"), tensors.get(name + KOHYA_MAGNITUDE)
+        magnitude = read_magnitude(scale, name + KOHYA_MAGNITUDE, up.shape[0], kohya=True) if scale is not None else None
         # No alpha in a kohya file means alpha = rank (strength 1), as sd-scripts and webui read it.
-        layers[module_key(name)] = LoRALayer(down, up, float(alpha.item()) if alpha is not None else float(down.shape[0]))
-    leftover = set(tensors) - {f"{kohya_name(k)}.{s}" for k in layers for s in ("lora_down.weight", "lora_up.weight", "alpha")}
+        layers[module_key(name)] = LoRALayer(down, up, float(alpha.item()) if alpha is not None else float(down.shape[0]), magnitude)
+    leftover = set(tensors) - {f"{kohya_name(k)}.{s}" for k in layers for s in ("lora_down.weight", "lora_up.weight", "alpha", KOHYA_MAGNITUDE[1:])}
     if leftover:
         raise FinetuneError(f"LoRA key {sorted(leftover)[0]} is not a LoRA down/up weight or alpha: a file with more than a LoRA in it is not loaded")
     return LoRA(layers, finetune_metadata_from_kohya(metadata))
@@ -183,20 +189,22 @@ def from_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -
                 raise FinetuneError(f"LoRA key {key} has no matching {module + up_suffix}")
             down, up, alpha = tensors[key], tensors[module + up_suffix], tensors.get(f"{module}.alpha")
             alpha = float(alpha.item()) if alpha is not None else _peft_alpha(config, part, path, down.shape[0])
-            layers[f"{part}.{held_path(part, path)}"] = LoRALayer(down, up, alpha)
-            used.update({key, module + up_suffix, f"{module}.alpha"})
+            names = [module + DIFFUSERS_MAGNITUDE + ending for ending in (".weight", "") if module + DIFFUSERS_MAGNITUDE + ending in tensors]
+            magnitude = read_magnitude(tensors[names[0]], names[0], up.shape[0], kohya=False) if names else None
+            layers[f"{part}.{held_path(part, path)}"] = LoRALayer(down, up, alpha, magnitude)
+            used.update({key, module + up_suffix, f"{module}.alpha", *names})
     leftover = set(tensors) - used
     if leftover or not layers:
         raise FinetuneError(f"LoRA key {min(leftover, default='(none)')} is not a plain LoRA down/up weight of the UNet or text encoder")
-    return LoRA(layers, {k: v for k, v in metadata.items() if not k.startswith(DIFFUSERS_ONLY_METADATA)})
+    lora = LoRA(layers, {k: v for k, v in metadata.items() if not k.startswith(DIFFUSERS_ONLY_METADATA)})
+    check_config_magnitudes(lora, config)
+    return lora
 
 
 def _peft_alpha(config: dict, part: str, module: str, rank: int) -> float:
     """The alpha peft would use for `module`, from the saved LoraConfig (alpha = rank if none was saved)."""
     if f"{part}.lora_alpha" not in config:
         return float(rank)
-    if config.get(f"{part}.use_dora"):
-        raise FinetuneError("DoRA adapters are not supported: only plain LoRA converts exactly")
     alpha = config[f"{part}.lora_alpha"]
     for pattern, value in (config.get(f"{part}.alpha_pattern") or {}).items():
         if re.fullmatch(rf"(.*\.)?{pattern}", module):  # peft matches pattern keys against the name's end
@@ -217,6 +225,8 @@ def to_kohya(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         tensors[f"{name}.lora_down.weight"] = layer.down.contiguous()
         tensors[f"{name}.lora_up.weight"] = layer.up.contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(layer.alpha, dtype=torch.float32)
+        if layer.magnitude is not None:
+            tensors[name + KOHYA_MAGNITUDE] = kohya_magnitude(layer.magnitude, layer.down.ndim).contiguous()
     # sd-scripts gives the 3x3 convolutions (LoCon) their own rank and alpha, in its network_args.
     convs = [layer for layer in lora.layers.values() if layer.is_conv_3x3]
     rest = [layer for layer in lora.layers.values() if not layer.is_conv_3x3] or convs
@@ -241,6 +251,9 @@ def to_kohya(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         metadata["ss_zero_terminal_snr"] = str(lora.metadata.get("finetune.zero_terminal_snr") == "true")
         metadata["ss_masked_loss"] = str("finetune.loss_mask" in lora.metadata)
     network_args = {key: lora.metadata[f"finetune.{key}"] for key in LORAPLUS_KEYS if f"finetune.{key}" in lora.metadata}
+    if uses_dora(lora):  # LyCORIS' record of a DoRA on peft's axis
+        metadata.update(KOHYA_DORA_METADATA)
+        network_args.update(KOHYA_DORA_ARGS)
     if convs:
         network_args.update(conv_dim=_one_or_dynamic(layer.rank for layer in convs), conv_alpha=_one_or_dynamic(_alpha_value(layer) for layer in convs))
     if network_args:
@@ -269,6 +282,8 @@ def to_diffusers(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         for module, layer in layers.items():
             name = f"{part}.{written_path(part, module)}"
             tensors[name + down_suffix], tensors[name + up_suffix] = layer.down.contiguous(), layer.up.contiguous()
+            if layer.magnitude is not None:
+                tensors[name + DIFFUSERS_MAGNITUDE + ".weight"] = diffusers_magnitude(layer.magnitude, layer.down.ndim == 4).contiguous()
         rank, alpha = collections.Counter((l.rank, l.alpha) for l in layers.values()).most_common(1)[0][0]
         config.update({
             f"{part}.r": rank,
@@ -278,6 +293,7 @@ def to_diffusers(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             f"{part}.target_modules": sorted(layers),
             f"{part}.rank_pattern": {m: l.rank for m, l in layers.items() if l.rank != rank},
             f"{part}.alpha_pattern": {m: l.alpha for m, l in layers.items() if l.alpha != alpha},
+            f"{part}.use_dora": uses_dora(lora),
         })
     return tensors, {**_with_rank_alpha(lora), "lora_adapter_metadata": json.dumps(config, sort_keys=True)}
 

@@ -3,8 +3,8 @@ names diffusers' own trainers wrote, renamed to today's; CLIP's module paths as 
 version a kohya export records for the webui.
 
 One check for the loader (`finetune.kohya.load_lora`: sample, merge, eval, export, lora.init_from) and the
-demo's adapter list (`finetune.adapter_scan`, from the header alone), so both name a LyCORIS, DoRA or SDXL
-file the same way instead of failing on its first unknown key.
+demo's adapter list (`finetune.adapter_scan`, from the header alone), so both name a LyCORIS or SDXL
+file the same way instead of failing on its first unknown key; and whether a file is a DoRA (`finetune.dora`).
 """
 
 from __future__ import annotations
@@ -19,17 +19,16 @@ from finetune.original_layout import names_sdxl_blocks
 
 # Key endings of adapters the loader refuses.
 LYCORIS_ENDINGS = (".hada_w1_a", ".lokr_w1", ".lokr_w1_a", ".lora_mid.weight")  # LoHa, LoKr, Tucker-decomposed LoCon
+# DoRA's magnitudes (LyCORIS' and ComfyUI's name, peft's): loaded (finetune.dora), but not by every command yet.
 DORA_ENDINGS = (".dora_scale", ".lora_magnitude_vector", ".lora_magnitude_vector.weight")
 # SDXL's two text encoders, in kohya's names and diffusers'.
 SDXL_PREFIXES = ("lora_te1_", "lora_te2_", "text_encoder_2.")
 
 
 def unsupported_kind(keys: list[str], metadata: dict[str, str]) -> str | None:
-    """What the file is and that it does not load here (`a DoRA file: ...`), or None for a plain LoRA."""
+    """What the file is and that it does not load here (`an SDXL LoRA ...`), or None for a LoRA (or a DoRA)."""
     if any(key.endswith(LYCORIS_ENDINGS) for key in keys):
         return "a LyCORIS LoHa, LoKr or Tucker LoCon file: only plain LoRA (down/up weights) is loaded"
-    if any(key.endswith(DORA_ENDINGS) for key in keys) or _peft_dora(metadata):
-        return "a DoRA file: only plain LoRA is loaded"
     if any(key.startswith(SDXL_PREFIXES) for key in keys):
         return "an SDXL LoRA (lora_te1_/lora_te2_ or text_encoder_2 names): only SD1.x LoRAs are loaded"
     if names_sdxl_blocks(keys):  # SD1.x's original-layout names load (finetune.original_layout)
@@ -37,8 +36,10 @@ def unsupported_kind(keys: list[str], metadata: dict[str, str]) -> str | None:
     return None
 
 
-def _peft_dora(metadata: dict[str, str]) -> bool:
-    """Whether diffusers' saved peft config (`unet.use_dora`, ...) says DoRA."""
+def is_dora_file(keys: list[str], metadata: dict[str, str]) -> bool:
+    """Whether a file's names (`.dora_scale`, `.lora_magnitude_vector`) or diffusers' saved peft config (`unet.use_dora`) say DoRA."""
+    if any(key.endswith(DORA_ENDINGS) for key in keys):
+        return True
     with contextlib.suppress(ValueError, AttributeError):
         config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
         return any(key.endswith("use_dora") and value for key, value in config.items())

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from finetune.config import ModelConfig
+from finetune.dora import uses_dora
 from finetune.errors import FinetuneError
 from finetune.kohya import PRECISIONS, LoRA, load_lora
 from finetune.lora_kinds import CLIP_ROOT
@@ -66,6 +67,8 @@ def merge_lora(
     lora_file = resolve_lora_file(lora_path)
     check_merge_output(Path(output_dir), lora_file, overwrite)
     lora = load_lora(lora_file)
+    if uses_dora(lora):  # its magnitudes rescale each weight: not folded yet
+        raise FinetuneError(f"LoRA {lora_file} is a DoRA (lora.use_dora), which finetune merge does not fold yet: sample it with finetune sample --lora")
     base_record = base_model_metadata(base)  # a merged or fine-tuned pipeline's, or export-checkpoint file's
     trained_as = how_trained(base, base_record, lora_file, lora)  # conflicting records stop here, before the model loads
     if note := merged_already_note(base_record, lora, f"merge --base {base}", strength):

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from finetune.counts import counted
+from finetune.dora import uses_dora
 from finetune.encoders import recorded_clip_skip
 from finetune.kohya import LoRA
 
@@ -145,6 +146,8 @@ def write_model_card(
         f"| method | {meta.get('finetune.method', 'lora')} |",
         f"| rank / alpha | {rank} / {alpha:g} (updates scaled by alpha/rank = {alpha / rank:g}) |",
         f"| adapted | {', '.join(parts)} ({len(lora.layers)} layers) |",
+        *(["| DoRA | a magnitude per output channel beside each layer's LoRA (lora.use_dora): diffusers, LyCORIS and ComfyUI apply it |"]
+          if uses_dora(lora) else []),
         *([f"| 3x3 conv layers (LoCon) | rank {conv[0]} / alpha {conv[1]:g} (scaled by {conv[1] / conv[0]:g}) |"] if conv else []),
         f"| steps | {meta.get('finetune.steps', 'unknown')}" + (f" ({counted(meta['finetune.epoch'], 'epoch')})" if meta.get("finetune.epoch") else "") + " |",
         f"| resolution | {meta.get('finetune.resolution', 'unknown')} |",

@@ -38,10 +38,10 @@ def test_lycoris_dora_and_sdxl_lora_files_are_listed_as_refused_with_the_reason(
     assert refused == {
         "plain": None,
         "loha": "a LyCORIS LoHa, LoKr or Tucker LoCon file: only plain LoRA (down/up weights) is loaded",
-        "dora": "a DoRA file: only plain LoRA is loaded",
-        "peft-dora": "a DoRA file: only plain LoRA is loaded",
+        "dora": "a DoRA file: the demo applies plain LoRAs only (finetune sample loads it)",
+        "peft-dora": "a DoRA file: the demo applies plain LoRAs only (finetune sample loads it)",
         "sdxl": "an SDXL LoRA (lora_te1_/lora_te2_ or text_encoder_2 names): only SD1.x LoRAs are loaded",
     }
-    for name in ("loha", "dora", "peft-dora"):  # what the loader refuses when Generate is pressed
+    for name in ("loha", "dora", "peft-dora"):  # what the loader refuses (these DoRAs are damaged or per input channel) when Generate is pressed
         with pytest.raises(FinetuneError):
             load_lora(adapters[name].path)

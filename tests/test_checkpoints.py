@@ -300,6 +300,7 @@ def test_resuming_with_other_trained_modules_or_parameter_groups_is_one_line_nam
                (dict(lora__train_text_encoder=True), "lora.train_text_encoder False -> True"),
                (dict(lora__rank=8), "lora.rank 4 -> 8"),
                (dict(lora__conv_rank=2), "lora.conv_rank None -> 2"),
+               (dict(lora__use_dora=True), "lora.use_dora False -> True"),  # its magnitudes: weights the checkpoint has none of
                (dict(method="full", lora__loraplus_lr_ratio=None), "method lora -> full"))  # fmt: skip
     with monkeypatch.context() as patch:  # said before the model loads
         patch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))

@@ -16,7 +16,8 @@ TE1 = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
 REFUSED = {
     "loha": ({f"{Q}.hada_w1_a": torch.zeros(32, 4), f"{Q}.hada_w1_b": torch.zeros(4, 32), f"{Q}.alpha": torch.tensor(4.0)}, " is a LyCORIS LoHa"),
     "lokr": ({f"{Q}.lokr_w1": torch.zeros(4, 4), f"{Q}.lokr_w2": torch.zeros(8, 8), f"{Q}.alpha": torch.tensor(4.0)}, " is a LyCORIS LoHa, LoKr"),
-    "dora": ({**PLAIN, f"{Q}.dora_scale": torch.ones(1, 32)}, " is a DoRA file"),
+    # LyCORIS' DoRA per input channel (no wd_on_output), not peft's decomposition: told by the first dimension, as ComfyUI does
+    "dora-per-input": ({**PLAIN, f"{Q}.dora_scale": torch.ones(1, 32)}, f": LoRA key {Q}.dora_scale ((1, 32)) is not one DoRA magnitude per output channel (32)"),
     # diffusers' SDXL layout: its second text encoder (this was a KeyError traceback in sample, export and merge)
     "sdxl-diffusers": ({f"{UNET_Q}.down.weight": torch.zeros(4, 640), f"{UNET_Q}.up.weight": torch.zeros(640, 4),
                         f"{TE2}.down.weight": torch.zeros(4, 1280), f"{TE2}.up.weight": torch.zeros(1280, 4)}, " is an SDXL LoRA"),
@@ -42,7 +43,7 @@ def test_a_file_of_a_kind_not_loaded_is_refused_naming_the_file_and_its_kind(nam
     with pytest.raises(FinetuneError) as err:
         load_lora(path)
     assert str(err.value).startswith(f"LoRA {path}{said}")
-    assert "LyCORIS" not in str(err.value) or name in ("loha", "lokr")
+    assert "LyCORIS" not in str(err.value) or name in ("loha", "lokr", "dora-per-input")
 
 
 def test_the_demo_lists_sdxl_files_of_either_layout_as_refused(tmp_path):

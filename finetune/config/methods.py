@@ -18,6 +18,9 @@ class LoRAConfig(Section):
     # rsLoRA (Kalajdzievski 2023): scale by alpha / sqrt(rank) instead of alpha / rank, so higher ranks
     # keep learning at one learning rate. Saved in the metadata; every loader here and diffusers honour it.
     use_rslora: bool = False
+    # DoRA (Liu et al. 2024; peft's use_dora): each adapted layer also learns one magnitude per output channel,
+    # W' = m * (W + scale * up @ down) / ||W + scale * up @ down|| (the norm of each output channel's row).
+    use_dora: bool = False
     # Names of UNet submodules to adapt: attention projections by default; add "proj_in", "proj_out",
     # "ff.net.0.proj", "ff.net.2", "conv1", "conv2" for feed-forward and conv layers.
     target_modules: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1)

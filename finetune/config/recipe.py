@@ -155,7 +155,7 @@ class Recipe(Section):
         uses_lora = self.method == "lora" or (self.dreambooth is not None and self.dreambooth.adapter == "lora")
         if self.lora.init_from and not uses_lora:
             raise ValueError(f"lora.init_from starts a LoRA, and method {self.method} trains none: remove it (or use method lora)")
-        for key in self.lora.changed(("conv_rank", "conv_alpha", "max_norm", "rank", "alpha", "dropout", "use_rslora", "target_modules")):
+        for key in self.lora.changed(("conv_rank", "conv_alpha", "max_norm", "rank", "alpha", "dropout", "use_rslora", "use_dora", "target_modules")):
             if not uses_lora:
                 remedy = "dreambooth.adapter: lora" if self.method == "dreambooth" else "method lora"
                 raise ValueError(f"lora.{key} shapes a LoRA, and method {self.method} trains none: remove it (or use {remedy})")

@@ -20,6 +20,7 @@ from peft.utils import get_peft_model_state_dict
 
 from finetune.atomic_files import atomic_save_safetensors
 from finetune.counts import counted
+from finetune.dora import DIFFUSERS_MAGNITUDE, row_norms, uses_dora
 from finetune.encoders import layer_stack, recorded_clip_skip
 from finetune.errors import FinetuneError, looked_for_here
 from finetune.kohya import DIFFUSERS_SUFFIXES, LoRA, load_lora
@@ -43,7 +44,7 @@ class LoRAMethod(UNetMethod):
         super().__init__(recipe, train_text_encoder, text_encoder_lr)
         self.max_norm_layers: dict[str, torch.nn.Module] | None = None  # lora.max_norm's layers, found at the first step
         # Read now, before any model loads: a missing or broken file is one line at once.
-        self.initial_lora = read_initial_lora(recipe.lora.init_from) if recipe.lora.init_from else None
+        self.initial_lora = read_initial_lora(recipe.lora.init_from, recipe.lora.use_dora) if recipe.lora.init_from else None
 
     def configure_model(self) -> None:
         settings = self.recipe.lora
@@ -59,6 +60,8 @@ class LoRAMethod(UNetMethod):
         check_ranks_fit([(model, targets, conv_3x3_targets(model, targets) if settings.conv_rank is not None else []) for model, targets in adapted], settings)
         for model, targets in adapted:
             add_lora(model, targets, self.weight_dtype, settings, ranks_checked=True)
+        if settings.use_dora:
+            self.start_lines.append("DoRA (lora.use_dora): each adapted layer also learns a magnitude per output channel")
         if settings.max_norm is not None:
             self.start_lines.append(f"max-norm (lora.max_norm): each layer's update is kept within {settings.max_norm:g} after every step "
                                     "(TensorBoard: train/lora/layers_scaled, mean_norm, max_norm)")  # fmt: skip
@@ -191,6 +194,7 @@ def add_lora(model: torch.nn.Module, target_modules: list[str], weight_dtype: to
             lora_alpha=settings.alpha,
             lora_dropout=settings.dropout,
             use_rslora=settings.use_rslora,
+            use_dora=settings.use_dora,
             target_modules=list(target_modules),
             # Full names: peft matches a pattern against the end of each module's name.
             rank_pattern={name: conv_rank for name in convs},
@@ -215,12 +219,15 @@ def keep_input_dtype(model: torch.nn.Module) -> None:
             module.cast_input_dtype_enabled = False
 
 
-def read_initial_lora(source: str) -> LoRA:
+def read_initial_lora(source: str, use_dora: bool) -> LoRA:
     path = Path(source)
     path = path / LORA_WEIGHTS_NAME if path.is_dir() else path
     if not path.is_file():
         raise FinetuneError(f"lora.init_from {source} not found: give a LoRA .safetensors file or a training folder holding {LORA_WEIGHTS_NAME}{looked_for_here(source)}")
-    return load_lora(path)
+    lora = load_lora(path)
+    if uses_dora(lora) and not use_dora:  # a plain LoRA has nowhere to keep its magnitudes (the other way round is fine)
+        raise FinetuneError(f"lora.init_from {source} is a DoRA (a magnitude per output channel beside its LoRA): set lora.use_dora: true to start from it")
+    return lora
 
 
 def check_trained_alike(lora: LoRA, source: str, clip_skip: int, prediction_type: str) -> None:
@@ -274,6 +281,11 @@ def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str, tex
         with torch.no_grad():
             down.copy_(layer.down)
             up.copy_(layer.up * (layer.alpha / layer.rank) / module.scaling["default"])
+            if "default" in module.lora_magnitude_vector:  # DoRA: the file's magnitudes, or for a plain LoRA ||W + update||,
+                magnitude = module.lora_magnitude_vector["default"].weight  # with which the layer starts as W + update
+                base = module.get_base_layer().weight.float()
+                start = layer.magnitude if layer.magnitude is not None else row_norms(base + layer.delta().to(base.device))
+                magnitude.copy_(start.reshape(magnitude.shape))
     started = {id(module) for _, _, module in starts}
     return [f"{part}.{name}" for part, model in modules.items() for name, module in model.named_modules() if hasattr(module, "lora_A") and id(module) not in started]
 
@@ -297,6 +309,8 @@ def save_lora(modules: dict[str, torch.nn.Module], path: Path, metadata: dict[st
         # other layers (proj, ff, conv) make load_lora_weights skip the renamed ones: one naming for all.
         down, up = DIFFUSERS_SUFFIXES[prefix]
         weights = {key.replace(".lora_A.weight", down).replace(".lora_B.weight", up): value for key, value in weights.items()}
+        # DoRA's magnitudes under the name diffusers loads for either part (transformers 5 takes CLIP's only with `.weight`).
+        weights = {key + ".weight" if key.endswith(DIFFUSERS_MAGNITUDE) else key: value for key, value in weights.items()}
         # CLIP's under `text_model.`: ComfyUI reads only those names, and diffusers either (as transformers 4 names it).
         tensors.update({f"{prefix}.{written_path(prefix, key)}": value.detach().to("cpu", torch.float32).contiguous() for key, value in weights.items()})
         config = model.peft_config["default"].to_dict()
