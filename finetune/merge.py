@@ -1,7 +1,7 @@
 """`finetune merge`: fold a LoRA into the base weights, for tools and hosts that take one full model.
 
-Each adapted weight becomes W + s * (alpha / rank) * up @ down, computed in fp32 from our neutral
-`LoRA` form, so a kohya file and one of ours merge identically and alpha != rank keeps its strength.
+Each adapted weight becomes W + s * (alpha / rank) * up @ down (a DoRA's, rescaled by its magnitudes: finetune.dora),
+computed in fp32 from our neutral `LoRA` form, so a kohya file and one of ours merge identically and alpha != rank keeps its strength.
 The result equals the LoRA applied at scale s (what `set_adapters(..., adapter_weights=[s])` does),
 and is written as a complete diffusers pipeline.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from finetune.config import ModelConfig
-from finetune.dora import uses_dora
+from finetune.dora import decomposed
 from finetune.errors import FinetuneError
 from finetune.kohya import PRECISIONS, LoRA, load_lora
 from finetune.lora_kinds import CLIP_ROOT
@@ -41,8 +41,10 @@ def merge_into(models: dict[str, torch.nn.Module], lora: LoRA, strength: float) 
     for key, layer in lora.layers.items():
         part, path = key.split(".", 1)
         weight = find_module(models[part], path, part).weight
+        update = layer.delta(strength)
+        merged = weight.float() + update if layer.magnitude is None else decomposed(weight, update, layer.magnitude)  # a DoRA: finetune.dora
         with torch.no_grad():
-            weight.copy_((weight.float() + layer.delta(strength)).to(weight.dtype))
+            weight.copy_(merged.to(weight.dtype))
 
 
 def find_module(model: torch.nn.Module, path: str, part: str) -> torch.nn.Module:
@@ -67,8 +69,6 @@ def merge_lora(
     lora_file = resolve_lora_file(lora_path)
     check_merge_output(Path(output_dir), lora_file, overwrite)
     lora = load_lora(lora_file)
-    if uses_dora(lora):  # its magnitudes rescale each weight: not folded yet
-        raise FinetuneError(f"LoRA {lora_file} is a DoRA (lora.use_dora), which finetune merge does not fold yet: sample it with finetune sample --lora")
     base_record = base_model_metadata(base)  # a merged or fine-tuned pipeline's, or export-checkpoint file's
     trained_as = how_trained(base, base_record, lora_file, lora)  # conflicting records stop here, before the model loads
     if note := merged_already_note(base_record, lora, f"merge --base {base}", strength):
@@ -129,6 +129,8 @@ def weights_fingerprint(lora: LoRA) -> str:
         digest.update(key.encode())
         for field in dataclasses.fields(lora.layers[key]):  # down, up, alpha (other kinds of layer: their own tensors)
             value = getattr(lora.layers[key], field.name)
+            if value is None:  # a plain LoRA's magnitude: its digest stays what it was before DoRA loaded
+                continue
             digest.update(value.detach().to("cpu", torch.float16).numpy().tobytes() if isinstance(value, torch.Tensor) else repr(value).encode())
     return digest.hexdigest()[:16]
 
