@@ -20,7 +20,7 @@ from safetensors import safe_open
 from finetune.checkpoint import CHECKPOINT_PATTERN, STATE_FILE
 from finetune.inference import saved_model_metadata
 from finetune.kohya import finetune_metadata_from_kohya
-from finetune.lora_kinds import is_dora_file, unsupported_kind
+from finetune.lora_kinds import unsupported_kind
 from finetune.methods.controlnet import (
     CONTROLNET_DIR,
     CONVERT_ORIGINAL_CONTROLNET,
@@ -130,10 +130,6 @@ def _name(path: Path, root: Path) -> str:
     return _relative(path.with_suffix(""), root)
 
 
-# The demo's engine adds each LoRA's output beside the layer's; a DoRA rescales the whole weight, which it does not do.
-DORA_NOT_IN_DEMO = "a DoRA file: the demo applies plain LoRAs only (finetune sample loads it)"
-
-
 def _lora_file(path: Path, root: Path) -> Adapter | None:
     """Read only the header (keys, shapes, metadata); a safetensors file without LoRA keys is skipped (a single-file
     ControlNet is listed as refused)."""
@@ -153,13 +149,13 @@ def _lora_file(path: Path, root: Path) -> Adapter | None:
             meta.setdefault("finetune.rank", dim)
     elif any(k.startswith(("unet.", "text_encoder.")) for k in keys):
         layout = "diffusers"
-    elif unsupported_kind(keys, meta):  # e.g. an SDXL LoRA of its text encoders only (lora_te1_, lora_te2_)
+    elif unsupported_kind(keys):  # e.g. an SDXL LoRA of its text encoders only (lora_te1_, lora_te2_)
         layout = "?"
     elif any(k.startswith(ORIGINAL_CONTROLNET_PREFIXES) for k in keys):  # listed, so the user sees why it is not offered
         return Adapter(_name(path, root), "controlnet", path, "original", refused=f"a single-file ControlNet in the original layout: {CONVERT_ORIGINAL_CONTROLNET}")
     else:
         return None
-    refused = unsupported_kind(keys, meta) or (DORA_NOT_IN_DEMO if is_dora_file(keys, meta) else None)
+    refused = unsupported_kind(keys)
     meta.setdefault("finetune.rank", rank)
     meta.setdefault("finetune.method", "lora")
     return Adapter(_name(path, root), "lora", path, layout, {k: v for k, v in meta.items() if k.startswith("finetune.")}, refused)

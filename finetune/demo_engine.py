@@ -9,7 +9,7 @@ server, and so every safety rule lives in one place that the page cannot go arou
 - Only safetensors are read. Pickle files (`.bin`, `.ckpt`, `.pt`, `.pth`) found while scanning are
   listed as refused, with the reason, and never loaded (unpickling can run code).
 - LoRAs are applied for one column by forward hooks that add s * (alpha/rank) * up(down(x)) to their
-  layers' outputs, as peft's layers do in `finetune sample` (so the demo's image is sample's), from our
+  layers' outputs (a DoRA's rescaled: finetune.dora), as peft's layers do in `finetune sample` (so the demo's image is sample's), from our
   neutral `LoRA` form (kohya and diffusers files behave the same, alpha != rank keeps its strength);
   the weights are never changed, so in bf16 or fp16 a weak LoRA is not rounded away, and several LoRAs
   at different strengths need no adapter bookkeeping in peft.
@@ -36,6 +36,7 @@ from finetune.conditions import recorded_options
 from finetune.config import ModelConfig
 from finetune.controlnet_data import small_conditioning_problem
 from finetune.counts import counted
+from finetune.dora import dora_output_hook, uses_dora
 from finetune.encoders import clip_skipped
 from finetune.errors import FinetuneError
 from finetune.inference import base_model_metadata, refuse_replacing_a_fine_tuned_unet, saved_model_metadata, unlocked_decoder_folder
@@ -330,7 +331,7 @@ def loras_applied(models: dict[str, torch.nn.Module], loras: list[tuple[LoRA, fl
     hooks = []
     try:
         for lora, strength in loras:
-            if strength == 0:  # nothing to add: the column is the base's image exactly
+            if strength == 0 and not uses_dora(lora):  # nothing to add: the base's image exactly (a DoRA's magnitudes still apply, as in sample)
                 continue
             for key, layer in lora.layers.items():
                 part, path = key.split(".", 1)
@@ -350,6 +351,8 @@ def _adds_lora_output(module: torch.nn.Module, layer: LoRALayer, strength: float
         branch = lambda x: F.conv2d(F.conv2d(x, down, None, module.stride, module.padding, module.dilation), up)
     else:
         branch = lambda x: F.linear(F.linear(x, down.flatten(1)), up.flatten(1))
+    if layer.magnitude is not None:  # a DoRA rescales each output channel too
+        return dora_output_hook(module, layer, strength, branch, scale)
     return lambda _module, inputs, output: output + branch(inputs[0].to(down.dtype)) * scale
 
 

@@ -72,3 +72,22 @@ def check_config_magnitudes(lora, config: dict) -> None:
     start each from the base weight's norm, another model than the one trained."""
     if any(key.endswith(".use_dora") and value is True for key, value in config.items()) and not uses_dora(lora):
         raise FinetuneError(f"its lora_adapter_metadata says DoRA (use_dora) and it holds no DoRA magnitudes ({DIFFUSERS_MAGNITUDE[1:]}): a damaged or cut file?")
+
+
+def dora_output_hook(module: torch.nn.Module, layer, strength: float, branch, scale: float):
+    """A forward hook applying a DoRA layer beside `module` (a Linear or Conv2d) as peft's DoRA layer does: with
+    r = m / ||W + update|| per output channel, it adds (r - 1) * W x + r * scale * up(down(x)) to the layer's output,
+    which makes it r * (W + update) x + bias. `branch` is up(down(x)) as the demo computes it for a plain LoRA."""
+    weight = module.weight  # on the model's device (the LoRA's tensors stay on the CPU)
+    norms = row_norms(weight.float() + layer.delta(strength).to(weight.device))
+    ratio = (layer.magnitude.to(weight.device).float() / norms).to(weight.dtype)
+    conv = isinstance(module, torch.nn.Conv2d)
+    ratio = ratio.reshape(-1, 1, 1) if conv else ratio  # a convolution's output is (batch, channels, height, width)
+
+    def hook(_module, inputs, output):
+        x = inputs[0].to(weight.dtype)
+        # W x recomputed, not taken from the output: another LoRA's hook on the layer may have added to that already.
+        base = module._conv_forward(x, weight, None) if conv else torch.nn.functional.linear(x, weight)
+        return output + (ratio - 1) * base + ratio * branch(x) * scale
+
+    return hook

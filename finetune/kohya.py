@@ -141,7 +141,7 @@ def load_lora(path: Path) -> LoRA:
     except (SafetensorError, OSError) as err:
         raise FinetuneError(f"LoRA {path} is not a readable safetensors file ({str(err).splitlines()[0][:120]}): a truncated download? get it again") from None
     metadata.pop("format", None)
-    unsupported = unsupported_kind(list(tensors), metadata)
+    unsupported = unsupported_kind(list(tensors))
     if unsupported:  # said of the file, before its first unknown key would be
         raise FinetuneError(f"LoRA {path} is {unsupported}")
     kohya, ours = (any(key.startswith(prefixes) for key in tensors) for prefixes in (tuple(PARTS.values()), ("unet.", "text_encoder.")))

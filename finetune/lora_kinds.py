@@ -4,13 +4,11 @@ version a kohya export records for the webui.
 
 One check for the loader (`finetune.kohya.load_lora`: sample, merge, eval, export, lora.init_from) and the
 demo's adapter list (`finetune.adapter_scan`, from the header alone), so both name a LyCORIS or SDXL
-file the same way instead of failing on its first unknown key; and whether a file is a DoRA (`finetune.dora`).
+file the same way instead of failing on its first unknown key (a DoRA loads: `finetune.dora`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import re
 
 import torch
@@ -19,13 +17,11 @@ from finetune.original_layout import names_sdxl_blocks
 
 # Key endings of adapters the loader refuses.
 LYCORIS_ENDINGS = (".hada_w1_a", ".lokr_w1", ".lokr_w1_a", ".lora_mid.weight")  # LoHa, LoKr, Tucker-decomposed LoCon
-# DoRA's magnitudes (LyCORIS' and ComfyUI's name, peft's): loaded (finetune.dora), but not by every command yet.
-DORA_ENDINGS = (".dora_scale", ".lora_magnitude_vector", ".lora_magnitude_vector.weight")
 # SDXL's two text encoders, in kohya's names and diffusers'.
 SDXL_PREFIXES = ("lora_te1_", "lora_te2_", "text_encoder_2.")
 
 
-def unsupported_kind(keys: list[str], metadata: dict[str, str]) -> str | None:
+def unsupported_kind(keys: list[str]) -> str | None:
     """What the file is and that it does not load here (`an SDXL LoRA ...`), or None for a LoRA (or a DoRA)."""
     if any(key.endswith(LYCORIS_ENDINGS) for key in keys):
         return "a LyCORIS LoHa, LoKr or Tucker LoCon file: only plain LoRA (down/up weights) is loaded"
@@ -34,16 +30,6 @@ def unsupported_kind(keys: list[str], metadata: dict[str, str]) -> str | None:
     if names_sdxl_blocks(keys):  # SD1.x's original-layout names load (finetune.original_layout)
         return "an SDXL LoRA (its UNet's transformers are deeper than SD1.x's: input_blocks_N_1_transformer_blocks_1 and on): only SD1.x LoRAs are loaded"
     return None
-
-
-def is_dora_file(keys: list[str], metadata: dict[str, str]) -> bool:
-    """Whether a file's names (`.dora_scale`, `.lora_magnitude_vector`) or diffusers' saved peft config (`unet.use_dora`) say DoRA."""
-    if any(key.endswith(DORA_ENDINGS) for key in keys):
-        return True
-    with contextlib.suppress(ValueError, AttributeError):
-        config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
-        return any(key.endswith("use_dora") and value for key, value in config.items())
-    return False
 
 
 # diffusers' attention-processor LoRAs, as its train_dreambooth_lora.py and train_text_to_image_lora.py saved them

@@ -1,0 +1,35 @@
+"""The demo's engine applies a DoRA (lora.use_dora) beside the weights as peft applies it in `finetune sample`: alone at
+any strength, 0 included, and together with another LoRA on the same layers."""
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from finetune.demo_engine import loras_applied
+from finetune.encoders import encode_prompts
+from finetune.kohya import load_lora
+from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.trainer import train
+from test_dora_files import dora_run  # noqa: F401 - the fixture
+from test_dora_training import DORA, PROMPTS
+from test_lora_training import unet_output
+
+
+def test_the_demo_applies_a_dora_as_sample_does_alone_and_with_another_lora(dora_run, make_recipe, tmp_path):  # noqa: F811
+    recipe, dora_file = dora_run
+    plain = train(make_recipe(output_dir=str(tmp_path / "plain"), train__max_steps=2, optimizer__lr=1e-2,
+                              lora__target_modules=DORA["lora__target_modules"])).output_dir / LORA_WEIGHTS_NAME  # fmt: skip
+    sampled = StableDiffusionPipeline.from_pretrained(recipe.model.pretrained)  # finetune sample's loading: peft's layers
+    sampled.load_lora_weights(str(dora_file.parent), weight_name=dora_file.name, adapter_name="dora")
+    sampled.load_lora_weights(str(plain.parent), weight_name=plain.name, adapter_name="plain")
+    demo = StableDiffusionPipeline.from_pretrained(recipe.model.pretrained)
+    models = {"unet": demo.unet, "text_encoder": demo.text_encoder}
+    base = unet_output(demo.unet)
+    dora, other = load_lora(dora_file), load_lora(plain)
+    for strengths in ((1.0, 0.0), (0.5, 0.0), (0.0, 0.0), (0.7, 1.0)):  # at 0 a DoRA's magnitudes still apply, as in sample
+        sampled.set_adapters(["dora", "plain"], adapter_weights=list(strengths))
+        expected = unet_output(sampled.unet), encode_prompts(sampled.tokenizer, sampled.text_encoder, PROMPTS)
+        for loras in ([(dora, strengths[0]), (other, strengths[1])], [(other, strengths[1]), (dora, strengths[0])]):  # either hook first
+            with loras_applied(models, loras):
+                assert torch.allclose(unet_output(demo.unet), expected[0], atol=1e-5), strengths
+                assert torch.allclose(encode_prompts(demo.tokenizer, demo.text_encoder, PROMPTS), expected[1], atol=1e-5), strengths
+    assert torch.equal(unet_output(demo.unet), base)  # the hooks came off
