@@ -100,3 +100,12 @@ def test_init_from_starts_from_a_dora_file_as_it_is_and_from_a_plain_lora_as_bas
 def test_use_dora_is_refused_where_no_lora_trains(make_recipe):
     with pytest.raises(Exception, match=r"lora.use_dora shapes a LoRA, and method full trains none: remove it \(or use method lora\)"):
         make_recipe(method="full", lora__use_dora=True)
+
+
+def test_a_dreambooth_lora_trains_a_dora_with_its_text_encoder(make_recipe, image_folder):
+    concept = {"instance_dir": str(image_folder), "instance_prompt": "a sks shape"}
+    recipe = make_recipe(method="dreambooth", data__image_dir=None, train__batch_size=1, train__max_steps=2, **DORA,
+                         dreambooth={"adapter": "lora", "prior_preservation": False, "train_text_encoder": True, "concepts": [concept]})  # fmt: skip
+    lora = load_lora(train(recipe).output_dir / LORA_WEIGHTS_NAME)
+    assert {key.split(".", 1)[0] for key in lora.layers} == {"unet", "text_encoder"}
+    assert all(layer.magnitude is not None for layer in lora.layers.values())
