@@ -37,9 +37,10 @@ CASES = {
     "lora-text-encoder-cached-latents-max-norm-lion8bit": dict(
         optimizer__name="lion8bit", lora__train_text_encoder=True, train__cache_latents=True, lora__max_norm=0.01,
         train__noise_offset=0.1, train__snr_gamma=5.0),
-    # DoRA's magnitudes are weights and optimizer state of their own, on attention and 3x3 convolutions, with LoRA+.
-    "lora-dora-conv-text-encoder-loraplus": dict(
-        lora__use_dora=True, lora__target_modules=["to_q", "to_v", "conv1"], lora__train_text_encoder=True, lora__loraplus_lr_ratio=4.0),
+    # DoRA's magnitudes are weights, optimizer state and averages of their own, on attention and 3x3 convolutions, with LoRA+.
+    "lora-dora-conv-text-encoder-loraplus-average": dict(
+        lora__use_dora=True, lora__target_modules=["to_q", "to_v", "conv1"], lora__train_text_encoder=True, lora__loraplus_lr_ratio=4.0,
+        train__ema_decay=0.8),
     "dreambooth-lora-prior-preservation": dict(
         method="dreambooth", data__image_dir=None, train__batch_size=1, dreambooth={"adapter": "lora", **CLASS_IMAGES}),
     "dreambooth-full-unet-average-text-cache-on-disk": dict(  # the resumed run finds every caption's encoding on disk
