@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from finetune.checkpoint import CHECKPOINT_PATTERN, STATE_FILE
 from finetune.inference import saved_model_metadata
+from finetune.dora import names_magnitudes
 from finetune.kohya import finetune_metadata_from_kohya
 from finetune.lora_kinds import unsupported_kind
 from finetune.methods.controlnet import (
@@ -156,6 +157,8 @@ def _lora_file(path: Path, root: Path) -> Adapter | None:
     else:
         return None
     refused = unsupported_kind(keys)
+    if names_magnitudes(keys):  # ours record it; other trainers' files say it by their names
+        meta["finetune.use_dora"] = "true"
     meta.setdefault("finetune.rank", rank)
     meta.setdefault("finetune.method", "lora")
     return Adapter(_name(path, root), "lora", path, layout, {k: v for k, v in meta.items() if k.startswith("finetune.")}, refused)

@@ -70,7 +70,7 @@ def table_row(adapter) -> list[str]:
     # Any folder with a model_index.json is a pipeline: DreamBooth's, but also a full fine-tune's, a VAE
     # pretraining's or `finetune merge`'s, whose method column says so; only DreamBooth's is called that.
     pipeline = "DreamBooth pipeline" if meta.get("finetune.method") == "dreambooth" else "pipeline"
-    kind = {"lora": f"LoRA ({adapter.layout})", "pipeline": pipeline, "controlnet": controlnet}.get(adapter.kind, adapter.kind)
+    kind = {"lora": f"{'DoRA' if meta.get('finetune.use_dora') == 'true' else 'LoRA'} ({adapter.layout})", "pipeline": pipeline, "controlnet": controlnet}.get(adapter.kind, adapter.kind)
     base = meta.get("finetune.base_model", "?")
     base = base if len(base) <= 48 else "…" + base[-47:]
     rank = meta.get("finetune.rank", "-") + (f" (3x3 conv {meta['finetune.conv_rank']})" if meta.get("finetune.conv_rank") else "")

@@ -26,6 +26,11 @@ KOHYA_DORA_METADATA = {"ss_network_module": "lycoris.kohya"}
 KOHYA_DORA_ARGS = {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"}
 
 
+def names_magnitudes(keys) -> bool:
+    """Whether a file's tensor names hold DoRA magnitudes (in either layout): what the demo's list tells a DoRA by."""
+    return any(key.endswith((KOHYA_MAGNITUDE, DIFFUSERS_MAGNITUDE, DIFFUSERS_MAGNITUDE + ".weight")) for key in keys)
+
+
 def diffusers_magnitude(magnitude: torch.Tensor, conv: bool) -> torch.Tensor:
     """The magnitude as peft holds it: (out,) for a Linear layer, (1, out, 1, 1) for a Conv2d."""
     return magnitude.reshape(1, -1, 1, 1) if conv else magnitude.reshape(-1)

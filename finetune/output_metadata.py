@@ -81,6 +81,8 @@ def output_metadata(
         metadata.update({f"finetune.{key}": f"{getattr(recipe.lora, key):g}" for key in LORAPLUS_KEYS if getattr(recipe.lora, key) is not None})
         if recipe.lora.max_norm is not None:
             metadata["finetune.max_norm"] = f"{recipe.lora.max_norm:g}"
+        if recipe.lora.use_dora:
+            metadata["finetune.use_dora"] = "true"
     metadata.update(dataset or {})
     if recipe.lora.init_from:  # its name only: a path would carry the user's folders into shared files
         metadata["finetune.init_from"] = Path(recipe.lora.init_from).name

@@ -33,3 +33,19 @@ def test_the_demo_applies_a_dora_as_sample_does_alone_and_with_another_lora(dora
                 assert torch.allclose(unet_output(demo.unet), expected[0], atol=1e-5), strengths
                 assert torch.allclose(encode_prompts(demo.tokenizer, demo.text_encoder, PROMPTS), expected[1], atol=1e-5), strengths
     assert torch.equal(unet_output(demo.unet), base)  # the hooks came off
+
+
+def test_the_demo_lists_a_dora_as_one_in_either_layout(dora_run, tmp_path):  # noqa: F811
+    from finetune.adapter_scan import scan_adapters
+    from finetune.demo import table_row
+    from finetune.kohya import export_lora, load_lora, save_lora_file
+
+    _, dora_file = dora_run
+    export_lora(dora_file, tmp_path / "adapters", "kohya")
+    save_lora_file(load_lora(dora_file), tmp_path / "adapters" / "ours" / LORA_WEIGHTS_NAME, "diffusers")
+    foreign = load_lora(dora_file)  # another trainer's DoRA: no record of ours, its names alone say it
+    foreign.metadata = {}
+    save_lora_file(foreign, tmp_path / "adapters" / "theirs.safetensors", "kohya")
+    rows = {name: table_row(adapter) for name, adapter in scan_adapters(tmp_path / "adapters").items()}
+    assert {name: row[1] for name, row in rows.items()} == {"run": "DoRA (kohya)", "ours": "DoRA (diffusers)", "theirs": "DoRA (kohya)"}
+    assert all(row[-1] == "ok" for row in rows.values())
