@@ -24,7 +24,7 @@ SDXL_PREFIXES = ("lora_te1_", "lora_te2_", "text_encoder_2.")
 def unsupported_kind(keys: list[str]) -> str | None:
     """What the file is and that it does not load here (`an SDXL LoRA ...`), or None for a LoRA (or a DoRA)."""
     if any(key.endswith(LYCORIS_ENDINGS) for key in keys):
-        return "a LyCORIS LoHa, LoKr or Tucker LoCon file: only plain LoRA (down/up weights) is loaded"
+        return "a LyCORIS LoHa, LoKr or Tucker LoCon file: only LoRA (down/up weights) and DoRA (with magnitudes) load"
     if any(key.startswith(SDXL_PREFIXES) for key in keys):
         return "an SDXL LoRA (lora_te1_/lora_te2_ or text_encoder_2 names): only SD1.x LoRAs are loaded"
     if names_sdxl_blocks(keys):  # SD1.x's original-layout names load (finetune.original_layout)

@@ -37,7 +37,7 @@ def test_lycoris_and_sdxl_lora_files_are_listed_as_refused_with_the_reason_and_d
     refused = {name: adapter.refused for name, adapter in adapters.items()}
     assert refused == {
         "plain": None,
-        "loha": "a LyCORIS LoHa, LoKr or Tucker LoCon file: only plain LoRA (down/up weights) is loaded",
+        "loha": "a LyCORIS LoHa, LoKr or Tucker LoCon file: only LoRA (down/up weights) and DoRA (with magnitudes) load",
         "dora": None,  # the demo applies a DoRA (tests/test_dora_demo.py); these two are damaged, which loading them says
         "peft-dora": None,
         "sdxl": "an SDXL LoRA (lora_te1_/lora_te2_ or text_encoder_2 names): only SD1.x LoRAs are loaded",
