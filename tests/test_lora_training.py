@@ -279,12 +279,26 @@ def test_a_resumed_run_with_cached_encodings_is_bit_identical_too(make_recipe, t
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
 
 
-def test_v_prediction_model_trains_against_velocity(tiny_vpred_model, make_recipe):
+def test_v_prediction_model_trains_against_velocity(tiny_vpred_model, tiny_model, make_recipe, monkeypatch):
+    """The target is v = sqrt(a) * noise - sqrt(1 - a) * latents (a: the timestep's cumulative alpha), not the noise:
+    on a v-prediction base, and on an epsilon base with model.prediction_type=v_prediction."""
+    import finetune.methods.base as method_base
+
+    noised = []
+    real_add_noise = method_base.add_noise
+    monkeypatch.setattr(method_base, "add_noise", lambda s, latents, noise, timesteps, *rest: noised.append(
+        (s.alphas_cumprod, latents, noise, timesteps, real_add_noise(s, latents, noise, timesteps, *rest))) or noised[-1][-1])
     recipe = make_recipe(model__pretrained=str(tiny_vpred_model), train__max_steps=2)
     base = load_base_model(recipe.model)
     assert base.noise_scheduler.config.prediction_type == "v_prediction"
     result = train(recipe)
     assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    train(make_recipe(model__pretrained=str(tiny_model), model__prediction_type="v_prediction", train__max_steps=1, output_dir=str(result.output_dir) + "-eps-base"))
+    assert len(noised) == 3
+    for alphas, latents, noise, timesteps, batch in noised:
+        a = alphas[timesteps].view(-1, 1, 1, 1)
+        assert torch.allclose(batch.target, a.sqrt() * noise - (1 - a).sqrt() * latents, atol=1e-6)
+        assert not torch.allclose(batch.target, noise, atol=1e-2)
 
 
 def test_bf16_mixed_precision_keeps_lora_weights_fp32(make_recipe):
