@@ -145,7 +145,11 @@ LOCON = {"lora__conv_rank": 2, "lora__conv_alpha": 3.0}
 
 
 @pytest.mark.parametrize("targets, conv", [("attention", {}), ("all", {}), ("all", LOCON)], ids=["attention", "all", "locon"])
-def test_only_lora_weights_change_and_saved_file_reproduces_the_trained_unet(make_recipe, targets, conv):
+def test_only_lora_weights_change_and_saved_file_reproduces_the_trained_unet(make_recipe, targets, conv, monkeypatch):
+    import finetune.trainer as trainer_module
+
+    trained = []
+    monkeypatch.setattr(trainer_module, "load_base_model", lambda *a, **k: trained.append(load_base_model(*a, **k)) or trained[-1])
     recipe = make_recipe(train__max_steps=3, lora__rank=4, lora__alpha=2, lora__target_modules=TARGETS[targets], **conv)  # alpha != rank on purpose
     result = train(recipe)
     lora_file = result.output_dir / LORA_WEIGHTS_NAME
@@ -159,6 +163,7 @@ def test_only_lora_weights_change_and_saved_file_reproduces_the_trained_unet(mak
 
     set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in tensors.items()}))
     expected = unet_output(unet)
+    assert torch.allclose(unet_output(trained[0].unet.eval()), expected, atol=1e-5)  # the UNet as training left it
 
     # diffusers' own loader, in a fresh pipeline, gives the same output: keys and alpha/rank both right.
     pipeline = StableDiffusionPipeline.from_pretrained(recipe.model.pretrained)
