@@ -157,7 +157,15 @@ def test_random_crop_and_flip_are_reproducible_per_epoch(tmp_path):
     again = CaptionedImageDataset(load_examples(config), config, seed=1)
     assert torch.equal(dataset[(0, 0)]["pixel_values"], again[(0, 0)]["pixel_values"])
     views = {dataset[(0, epoch)]["pixel_values"].sum().item() for epoch in range(8)}
-    assert len(views) > 1  # different epochs see different crops/flips
+    assert len(views) > 1  # different epochs see different crops (a flip keeps the sum)
+    # The flip is drawn after the crop: without flips each epoch has the same crop, unmirrored.
+    unflipped = CaptionedImageDataset(load_examples(config), config.model_copy(update={"random_flip": False}), seed=1)
+    flipped = []
+    for epoch in range(8):
+        view, plain = dataset[(0, epoch)]["pixel_values"], unflipped[(0, epoch)]["pixel_values"]
+        assert torch.equal(view, plain) or torch.equal(view, plain.flip(-1)), epoch
+        flipped.append(not torch.equal(view, plain))
+    assert 0 < sum(flipped) < 8, flipped  # some epochs mirrored, some not
 
 
 def test_caption_dropout_share(tmp_path):
