@@ -82,7 +82,7 @@ def test_bad_requests_are_one_line_errors(tmp_path, tiny_model):
     assert "sharpness" in _one_line_error(lambda: run_eval(str(tiny_model), suites=["sharpness"]))
     assert "missing" in _one_line_error(lambda: run_eval(str(tmp_path / "missing"), num_prompts=2, steps=1))
     assert "hexagon" in _one_line_error(lambda: run_eval(str(tiny_model), suites=["subject"], subject="hexagon"))
-    _one_line_error(lambda: run_eval(str(tiny_model), suites=["fid"], num_prompts=1))
+    assert "fid suite" in _one_line_error(lambda: run_eval(str(tiny_model), suites=["fid"], num_prompts=1))
 
 
 def _parser():
@@ -114,11 +114,12 @@ def test_cli_writes_report_and_documents_every_flag(tiny_model, tmp_path, capsys
 def test_finetune_cli_main_runs_eval(tiny_model, tmp_path, capsys):
     from finetune import cli
 
-    if "eval" not in cli.COMMANDS:
-        pytest.skip("eval is not registered in finetune.cli yet")
     out = tmp_path / "eval.json"
-    assert cli.main(["eval", "--base", str(tiny_model), "--suite", "adherence", "--num-prompts", "2", "--steps", "1", "--out", str(out)]) == 0
-    assert json.loads(out.read_text())["metrics"]["adherence_all"] >= 0
+    assert cli.main(["eval", "--base", str(tiny_model), "--suite", "adherence", "--num-prompts", "2", "--steps", "1", "--seed", "3", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert 0 <= report["metrics"]["adherence_all"] <= 1 and report["n"]["adherence_all"] == 2
+    settings = report["settings"]
+    assert (settings["base"], settings["suites"], settings["num_prompts"], settings["steps"], settings["seed"]) == (str(tiny_model), ["adherence"], 2, 1, 3)
     assert cli.main(["eval", "--base", str(tmp_path / "missing")]) == 2
     assert "error:" in capsys.readouterr().err
     assert cli.main(["eval", "--base", str(tiny_model), "--lora-scale", "0.5"]) == 2  # a strength of no LoRA
