@@ -7,13 +7,29 @@ from finetune.models import load_base_model
 from finetune.trainer import train
 
 
-def test_vae_method_learns_to_reconstruct_and_saves_a_pipeline(make_recipe):
+def trained_base(monkeypatch) -> list:
+    """The base model training loads (and trains), once train() has run."""
+    import finetune.trainer as trainer
+
+    loaded = []
+    monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: loaded.append(load_base_model(*a, **k)) or loaded[-1])
+    return loaded
+
+
+def same_weights(a, b) -> bool:
+    a, b = a.state_dict(), b.state_dict()
+    return a.keys() == b.keys() and all(torch.equal(a[name].cpu(), b[name].cpu()) for name in a)
+
+
+def test_vae_method_learns_to_reconstruct_and_saves_a_pipeline(make_recipe, monkeypatch):
     recipe = make_recipe(method="vae", train__max_steps=30, train__batch_size=4, optimizer__lr=2e-3, validation__at_start=False)
     before = load_base_model(recipe.model)
+    trained = trained_base(monkeypatch)
     result = train(recipe)
     assert result.losses[-1] < 0.7 * result.losses[0]
     pipeline_dir = result.output_dir / "pipeline"
     vae = AutoencoderKL.from_pretrained(pipeline_dir, subfolder="vae")
+    assert same_weights(vae, trained[0].vae) and not same_weights(vae, before.vae)  # the VAE as trained
     assert vae.config.scaling_factor != before.vae.config.scaling_factor  # set from the latents' std
     after = load_base_model(recipe.model.model_copy(update={"pretrained": str(pipeline_dir)}))
     for name, tensor in before.unet.state_dict().items():  # only the VAE trained
@@ -30,11 +46,13 @@ def test_a_resumed_vae_run_saves_the_scaling_factor_of_an_uninterrupted_one(make
     assert factors[0] == factors[1]
 
 
-def test_full_method_with_text_encoder_trains_both_and_reloads(make_recipe):
+def test_full_method_with_text_encoder_trains_both_and_reloads(make_recipe, monkeypatch):
     recipe = make_recipe(method="full", full__train_text_encoder=True, full__text_encoder_lr=1e-4, train__max_steps=2)
     before = load_base_model(recipe.model)
+    trained = trained_base(monkeypatch)
     result = train(recipe)
     pipeline = StableDiffusionPipeline.from_pretrained(result.output_dir / "pipeline")
+    assert same_weights(pipeline.unet, trained[0].unet) and same_weights(pipeline.text_encoder, trained[0].text_encoder)  # as trained
     changed = lambda a, b: any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert changed(pipeline.unet, before.unet)
     assert changed(pipeline.text_encoder, before.text_encoder)
