@@ -50,7 +50,18 @@ def test_full_method_with_text_encoder_trains_both_and_reloads(make_recipe, monk
     recipe = make_recipe(method="full", full__train_text_encoder=True, full__text_encoder_lr=1e-4, train__max_steps=2)
     before = load_base_model(recipe.model)
     trained = trained_base(monkeypatch)
+    import finetune.trainer as trainer
+
+    rates, build_optimizer = [], trainer.build_optimizer
+
+    def build(*args, **kwargs):
+        optimizer = build_optimizer(*args, **kwargs)
+        rates.append([group["lr"] for group in optimizer.param_groups])  # as built, before a schedule scales them
+        return optimizer
+
+    monkeypatch.setattr(trainer, "build_optimizer", build)
     result = train(recipe)
+    assert sorted(rates[0]) == [1e-4, recipe.optimizer.lr]  # the text encoder at full.text_encoder_lr, the UNet at optimizer.lr
     pipeline = StableDiffusionPipeline.from_pretrained(result.output_dir / "pipeline")
     assert same_weights(pipeline.unet, trained[0].unet) and same_weights(pipeline.text_encoder, trained[0].text_encoder)  # as trained
     changed = lambda a, b: any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
