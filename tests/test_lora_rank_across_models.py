@@ -14,8 +14,12 @@ def test_a_rank_the_unet_uses_is_kept_with_a_narrower_text_encoder(make_recipe):
     not refuse it."""
     recipe = make_recipe(lora__rank=48, lora__alpha=48, lora__train_text_encoder=True)
     method = LoRAMethod(recipe)
-    method.setup(load_base_model(recipe.model))
+    base = load_base_model(recipe.model)
+    method.setup(base)
     assert {"unet", "text_encoder"} <= set(method.trained_modules())
+    for model in (base.unet, base.text_encoder):  # every down matrix at rank 48, not lowered to what all layers can use
+        ranks = {tuple(p.shape)[0] for name, p in model.named_parameters() if "lora_A" in name}
+        assert ranks == {48}, (type(model).__name__, ranks)
 
 
 def test_a_rank_past_both_models_is_refused_naming_both(make_recipe):
