@@ -106,16 +106,27 @@ def test_full_dreambooth_trains_the_unet_only_and_the_saved_pipeline_reproduces_
     assert f"| trained prompts and caption tags | a sks shape ({images}) |" in card and "StableDiffusionPipeline.from_pretrained" in card
 
 
-def test_dreambooth_lora_with_two_concepts_and_text_encoder(make_recipe, star_folder, image_folder, tmp_path, capsys):
+def test_dreambooth_lora_with_two_concepts_and_text_encoder(make_recipe, star_folder, image_folder, tmp_path, capsys, monkeypatch):
+    import finetune.trainer as trainer_module
+
     concepts = [
         {"instance_dir": str(star_folder), "instance_prompt": "a sks shape", "class_prompt": "a shape"},
         {"instance_dir": str(image_folder), "instance_prompt": "a zwx pattern", "class_prompt": "a pattern"},
     ]
     recipe = dreambooth_recipe(
         make_recipe, star_folder, tmp_path, train__max_steps=2,
-        dreambooth={"concepts": concepts, "adapter": "lora", "train_text_encoder": True, "num_class_images": 2},
+        dreambooth={"concepts": concepts, "adapter": "lora", "train_text_encoder": True, "num_class_images": 2, "text_encoder_lr": 1e-4},
     )
+    rates, build_optimizer = [], trainer_module.build_optimizer
+
+    def build(*args, **kwargs):
+        optimizer = build_optimizer(*args, **kwargs)
+        rates.append(sorted(group["lr"] for group in optimizer.param_groups))  # as built, before a schedule scales them
+        return optimizer
+
+    monkeypatch.setattr(trainer_module, "build_optimizer", build)
     result = train(recipe)
+    assert rates == [[1e-4, recipe.optimizer.lr]]  # the text encoder's LoRA at dreambooth.text_encoder_lr, the UNet's at optimizer.lr
     for i in range(2):
         assert len(list((Path(recipe.output_dir) / "class_images" / f"concept-{i}").glob("*.png"))) == 2
     class_dir = Path(recipe.output_dir) / "class_images" / "concept-1"
