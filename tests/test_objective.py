@@ -1,5 +1,5 @@
 """The training objective's options: the timestep range, Min-SNR-gamma and debiased weighting, the
-scheduled pseudo-Huber loss, multi-resolution noise and input perturbation, each against its formula,
+scheduled pseudo-Huber loss, offset and multi-resolution noise and input perturbation, each against its formula,
 and each reaching the trainer."""
 
 import pytest
@@ -107,6 +107,18 @@ def test_multires_noise_has_sd_scripts_coarse_structure():
     assert 0.7 < ours / theirs < 1.4
 
 
+def test_offset_noise_adds_one_constant_per_sample_and_channel():
+    """train.noise_offset (nothing read it but the resume test, so it could be dropped unnoticed): the plain draws
+    plus, for each sample and channel, one N(0, offset^2) value over the whole latent."""
+    shape = (4, 16, 16)
+    plain, timesteps = draw_noise(randomness(), shape, range(1000))
+    offset, same_timesteps = draw_noise(randomness(), shape, range(1000), NoiseOptions(offset=0.1))
+    shift = offset - plain
+    assert torch.equal(same_timesteps, timesteps)
+    assert torch.allclose(shift, shift[:, :, :1, :1].expand_as(shift), atol=1e-6)  # constant over each latent channel
+    assert 0.08 < shift[:, :, 0, 0].std() < 0.12 and len(set(shift[:, :, 0, 0].flatten().tolist())) == 64 * 4
+
+
 def test_input_perturbation_noises_the_input_but_not_the_target():
     latents, timesteps = torch.randn(8, 4, 8, 8), torch.tensor([10, 100, 200, 300, 400, 500, 600, 900])
     noise, perturbation = torch.randn(8, 4, 8, 8), draw_perturbation(randomness(size=8), (4, 8, 8), 0.1)
@@ -138,7 +150,8 @@ def test_the_trainer_draws_from_the_range_and_uses_the_huber_loss(make_recipe, m
     mse, huber = (train(make_recipe(train__max_steps=2, output_dir=str(narrow.output_dir) + f"-{loss}", train__loss=loss)).losses for loss in ("mse", "huber"))
     assert narrow.losses != mse
     assert all(h < m for h, m in zip(huber, mse))  # the same draws; pseudo-Huber is below the squared error
-    for option, value in {"debiased_estimation": True, "multires_noise_iterations": 4, "input_perturbation": 0.1, "snr_gamma": 0.01}.items():
+    for option, value in {"debiased_estimation": True, "multires_noise_iterations": 4, "input_perturbation": 0.1, "noise_offset": 0.1,
+                          "snr_gamma": 0.01}.items():
         changed = train(make_recipe(train__max_steps=2, output_dir=str(narrow.output_dir) + f"-{option}", **{f"train__{option}": value}))
         assert changed.losses[0] != mse[0], option
     assert changed.losses[0] < mse[0]  # Min-SNR weighs each loss by min(SNR, gamma) / SNR <= 1 (0.01: below the SNR of a timestep drawn here)
