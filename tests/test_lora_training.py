@@ -293,10 +293,7 @@ def test_v_prediction_model_trains_against_velocity(tiny_vpred_model, tiny_model
     real_add_noise = method_base.add_noise
     monkeypatch.setattr(method_base, "add_noise", lambda s, latents, noise, timesteps, *rest: noised.append(
         (s.alphas_cumprod, latents, noise, timesteps, real_add_noise(s, latents, noise, timesteps, *rest))) or noised[-1][-1])
-    recipe = make_recipe(model__pretrained=str(tiny_vpred_model), train__max_steps=2)
-    base = load_base_model(recipe.model)
-    assert base.noise_scheduler.config.prediction_type == "v_prediction"
-    result = train(recipe)
+    result = train(make_recipe(model__pretrained=str(tiny_vpred_model), train__max_steps=2))
     assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     train(make_recipe(model__pretrained=str(tiny_model), model__prediction_type="v_prediction", train__max_steps=1, output_dir=str(result.output_dir) + "-eps-base"))
     assert len(noised) == 3
