@@ -1,6 +1,7 @@
 """The demo's engine applies a DoRA (lora.use_dora) beside the weights as peft applies it in `finetune sample`: alone at
 any strength, 0 included, and together with another LoRA on the same layers."""
 
+import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
@@ -9,12 +10,16 @@ from finetune.encoders import encode_prompts
 from finetune.kohya import load_lora
 from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.trainer import train
-from test_dora_files import dora_run  # noqa: F401 - the fixture
-from test_dora_training import DORA, PROMPTS
+from dora_helpers import DORA, PROMPTS, train_dora
 from test_lora_training import unet_output
 
 
-def test_the_demo_applies_a_dora_as_sample_does_alone_and_with_another_lora(dora_run, make_recipe, tmp_path):  # noqa: F811
+@pytest.fixture
+def dora_run(make_recipe):
+    return train_dora(make_recipe)
+
+
+def test_the_demo_applies_a_dora_as_sample_does_alone_and_with_another_lora(dora_run, make_recipe, tmp_path):
     recipe, dora_file = dora_run
     plain = train(make_recipe(output_dir=str(tmp_path / "plain"), train__max_steps=2, optimizer__lr=1e-2,
                               lora__target_modules=DORA["lora__target_modules"])).output_dir / LORA_WEIGHTS_NAME  # fmt: skip
@@ -35,7 +40,7 @@ def test_the_demo_applies_a_dora_as_sample_does_alone_and_with_another_lora(dora
     assert torch.equal(unet_output(demo.unet), base)  # the hooks came off
 
 
-def test_the_demo_lists_a_dora_as_one_in_either_layout(dora_run, tmp_path):  # noqa: F811
+def test_the_demo_lists_a_dora_as_one_in_either_layout(dora_run, tmp_path):
     from finetune.adapter_scan import scan_adapters
     from finetune.demo import table_row
     from finetune.kohya import export_lora, load_lora, save_lora_file

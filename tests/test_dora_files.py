@@ -13,8 +13,7 @@ from finetune.errors import FinetuneError
 from finetune.inference import load_lora_into
 from finetune.kohya import LoRA, LoRALayer, export_lora, load_lora, save_lora_file
 from finetune.methods.lora import LORA_WEIGHTS_NAME
-from finetune.trainer import train
-from test_dora_training import DORA, loaded_by_diffusers
+from dora_helpers import loaded_by_diffusers, train_dora
 from test_lora_training import unet_output
 
 Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -22,8 +21,7 @@ Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 
 @pytest.fixture
 def dora_run(make_recipe):
-    recipe = make_recipe(train__max_steps=2, optimizer__lr=1e-2, lora__train_text_encoder=True, **DORA)
-    return recipe, train(recipe).output_dir / LORA_WEIGHTS_NAME
+    return train_dora(make_recipe)
 
 
 def lycoris_output_axis(weight, down, up, alpha, dora_scale):

@@ -1,16 +1,21 @@
 """`finetune merge` folds a DoRA (lora.use_dora) as peft applies it in `finetune sample`, at any strength."""
 
+import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
 from finetune.encoders import encode_prompts
 from finetune.merge import merge_lora
-from test_dora_files import dora_run  # noqa: F401 - the fixture
-from test_dora_training import PROMPTS
+from dora_helpers import PROMPTS, train_dora
 from test_lora_training import unet_output
 
 
-def test_merge_folds_a_dora_as_peft_applies_it_at_each_strength(dora_run, tmp_path):  # noqa: F811
+@pytest.fixture
+def dora_run(make_recipe):
+    return train_dora(make_recipe)
+
+
+def test_merge_folds_a_dora_as_peft_applies_it_at_each_strength(dora_run, tmp_path):
     recipe, lora_file = dora_run
     base = StableDiffusionPipeline.from_pretrained(recipe.model.pretrained)
     for strength in (1.0, 0.5):  # at 0.5 the magnitudes still apply, to half the update: peft's scale reaches up @ down only
@@ -24,7 +29,7 @@ def test_merge_folds_a_dora_as_peft_applies_it_at_each_strength(dora_run, tmp_pa
         assert not torch.allclose(unet_output(merged.unet), unet_output(base.unet), atol=1e-4)
 
 
-def test_finetune_sample_of_a_dora_in_either_layout_draws_its_merge(dora_run, tmp_path):  # noqa: F811
+def test_finetune_sample_of_a_dora_in_either_layout_draws_its_merge(dora_run, tmp_path):
     """The commands end to end: sample --lora (the run's file, its kohya export) draws what sample --base draws of the merge."""
     import numpy as np
     from PIL import Image

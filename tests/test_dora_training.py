@@ -16,11 +16,9 @@ from finetune.kohya import load_lora
 from finetune.methods.lora import LORA_WEIGHTS_NAME, LoRAMethod
 from finetune.models import load_base_model
 from finetune.trainer import train
+from dora_helpers import DORA, PROMPTS, loaded_by_diffusers
 from test_lora_training import unet_output
 
-# The attention, a 1x1 (proj_in) and a 3x3 (conv1) convolution: peft decomposes Linear and Conv2d layers alike.
-DORA = dict(lora__use_dora=True, lora__target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"], lora__rank=4, lora__alpha=2)
-PROMPTS = ["a red circle"]
 
 
 def trained_model(recipe, checkpoint):
@@ -33,12 +31,6 @@ def trained_model(recipe, checkpoint):
         missing, unexpected = module.load_state_dict(load_file(checkpoint / f"trainable_{index}.safetensors"), strict=False)
         assert not unexpected and not [key for key in missing if "lora_" in key], part
     return base
-
-
-def loaded_by_diffusers(model_folder, lora_file):
-    pipeline = StableDiffusionPipeline.from_pretrained(model_folder)
-    pipeline.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
-    return pipeline
 
 
 def test_a_dora_run_saves_what_diffusers_loads_as_the_model_it_trained(make_recipe, capsys):
