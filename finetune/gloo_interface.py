@@ -65,11 +65,18 @@ def interface_for_gloo() -> str | None:
 def new_gloo_group() -> torch.distributed.ProcessGroup:
     """Collective: a gloo group of every process, over `interface_for_gloo()`'s interface. One that cannot connect is one
     line naming GLOO_SOCKET_IFNAME, not gloo's traceback."""
-    with _ifname(interface_for_gloo()):
+    chosen = interface_for_gloo()
+    with _ifname(chosen):
         try:
             return torch.distributed.new_group(backend="gloo")
         except RuntimeError as error:  # gloo's DistBackendError among them
-            over = f"over {IFNAME}={os.environ[IFNAME]}" if os.environ.get(IFNAME) else "over the address this machine's host name resolves to"
+            # Named as the user knows it: the variable only where they set it (ours is set for the call alone).
+            if chosen is not None:
+                over = f"over {chosen}, the interface that reaches MASTER_ADDR ({os.environ.get('MASTER_ADDR')})"
+            elif os.environ.get(IFNAME):
+                over = f"over {IFNAME}={os.environ[IFNAME]}"
+            else:
+                over = "over the address this machine's host name resolves to"
             raise FinetuneError(
                 f"the processes' gloo group (it agrees on a Ctrl-C's stop) could not connect {over} ({str(error).strip().splitlines()[-1]}): {ADVICE}"
             ) from error

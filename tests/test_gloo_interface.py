@@ -101,6 +101,18 @@ def test_the_group_is_made_over_the_chosen_interface_and_the_environment_left_as
         dist.destroy_process_group()
 
 
+def test_a_chosen_interface_that_cannot_connect_is_named_as_chosen_not_as_a_variable_the_user_set(nccl_launch, monkeypatch):
+    """The user did not set GLOO_SOCKET_IFNAME: the line names the interface and why it was taken, then how to set one."""
+    monkeypatch.setattr(gloo_interface, "interface_for_gloo", lambda: "nosuch0")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(FinetuneError, match=r"could not connect over nosuch0, the interface that reaches MASTER_ADDR \(master-0\) \(") as raised:
+            new_gloo_group()
+        assert "GLOO_SOCKET_IFNAME=nosuch0" not in str(raised.value) and "GLOO_SOCKET_IFNAME" not in os.environ
+    finally:
+        dist.destroy_process_group()
+
+
 # Each of 2 processes under a main group that says it is NCCL: the stop agreement's group, made over the interface that
 # reaches MASTER_ADDR (loopback here), agrees on a Ctrl-C that reached rank 1 alone.
 UNDER_NCCL = r"""
