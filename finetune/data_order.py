@@ -2,11 +2,12 @@
 
 The batch samplers (`finetune.batches`, `finetune.buckets`) deal each epoch's items into global batches from
 a seeded shuffle (`deal`). A checkpoint records where that order stands (`position_after`): the epoch, and
-the deals it went through in that epoch, as [global batch, processes, batches trained] each. An epoch is
-dealt once at the run's global batch; a resume with another one (other processes, train.batch_size or
-gradient_accumulation_steps) deals the epoch's items not trained yet again at the new one, so every image
-of the epoch trains once before the next epoch's shuffle starts. A resume at the same global batch takes
-up the same deal where it stopped: the batches a run never stopped trains. A checkpoint from before the
+the deals it went through in that epoch, as [global batch, processes, batches trained] each. The global batch
+here is a micro-step's (train.batch_size x processes). An epoch is dealt once at the run's global batch; a resume
+with another one (other processes or train.batch_size) deals the epoch's items not trained yet again at the new
+one, so every image of the epoch trains once before the next epoch's shuffle starts. A resume at the same global
+batch, gradient_accumulation_steps changed or not (it groups micro-steps into a step, it deals nothing), takes up
+the same deal where it stopped: the batches a run never stopped trains. A checkpoint from before the
 position was recorded, or of other data or another seed, starts at micro-batch `start` of this run's order.
 """
 

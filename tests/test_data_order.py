@@ -1,6 +1,6 @@
 """A resumed run continues the data order where its checkpoint stopped (finetune.data_order): at the same global batch
-the very batches of a run never stopped, at another (processes, train.batch_size, accumulation) the rest of the
-epoch's shuffle, each image once, before the next epoch's."""
+the very batches of a run never stopped (accumulation changed or not), at another (processes, train.batch_size) the
+rest of the epoch's shuffle, each image once, before the next epoch's."""
 
 from itertools import islice
 
