@@ -8,18 +8,14 @@ server, and so every safety rule lives in one place that the page cannot go arou
   up in the last scan and refuses anything else, so no path from the browser ever reaches the file system.
 - Only safetensors are read. Pickle files (`.bin`, `.ckpt`, `.pt`, `.pth`) found while scanning are
   listed as refused, with the reason, and never loaded (unpickling can run code).
-- LoRAs are applied for one column by forward hooks that add s * (alpha/rank) * up(down(x)) to their
-  layers' outputs (a DoRA's rescaled: finetune.dora), as peft's layers do in `finetune sample` (so the demo's image is sample's), from our
-  neutral `LoRA` form (kohya and diffusers files behave the same, alpha != rank keeps its strength);
-  the weights are never changed, so in bf16 or fp16 a weak LoRA is not rounded away, and several LoRAs
-  at different strengths need no adapter bookkeeping in peft.
+- LoRAs are applied for one column by forward hooks beside the weights (`finetune.lora_hooks`), as peft's
+  layers do in `finetune sample`, so the demo's image is sample's.
 - Every adapter is checked against the model's shapes before anything renders, so a LoRA or
   ControlNet trained on another base is one readable sentence, not a stack trace.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 import time
@@ -28,7 +24,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from finetune.adapter_scan import BASE, PICKLE_SUFFIXES, Adapter, scan_adapters
@@ -36,11 +31,11 @@ from finetune.conditions import recorded_options
 from finetune.config import ModelConfig
 from finetune.controlnet_data import small_conditioning_problem
 from finetune.counts import counted
-from finetune.dora import dora_output_hook, uses_dora
 from finetune.encoders import clip_skipped
 from finetune.errors import FinetuneError
 from finetune.inference import base_model_metadata, refuse_replacing_a_fine_tuned_unet, saved_model_metadata, unlocked_decoder_folder
-from finetune.kohya import LoRA, LoRALayer, load_lora
+from finetune.kohya import LoRA, load_lora
+from finetune.lora_hooks import loras_applied
 from finetune.merge import find_module
 from finetune.methods.controlnet import weights_variant
 from finetune.models import BaseModel, freeze, load_base_model
@@ -319,41 +314,6 @@ def _check_lora_fits(models: dict[str, torch.nn.Module], lora: LoRA, name: str, 
         if tuple(weight.shape) != expected:
             raise FinetuneError(f"LoRA '{name}' does not fit base model {base}: layer {key} is {tuple(weight.shape)} in the model but "
                                 f"{expected} in the LoRA (the LoRA was trained on {trained_on})")
-
-
-@contextlib.contextmanager
-def loras_applied(models: dict[str, torch.nn.Module], loras: list[tuple[LoRA, float]]):
-    """Each LoRA added to its layers' outputs, s * (alpha/rank) * up(down(x)), in the layers' own precision, as
-    peft's layers do it for `finetune sample`; the hooks come off after, leaving the model untouched.
-
-    Not merged into the weights: in bf16 (and fp16) an update smaller than half a weight's last bit is rounded
-    away, and a weak LoRA's is (the quickstart LoRA at strength 0.1 gave the base's image, bit for bit)."""
-    hooks = []
-    try:
-        for lora, strength in loras:
-            if strength == 0 and not uses_dora(lora):  # nothing to add: the base's image exactly (a DoRA's magnitudes still apply, as in sample)
-                continue
-            for key, layer in lora.layers.items():
-                part, path = key.split(".", 1)
-                module = find_module(models[part], path, part)
-                hooks.append(module.register_forward_hook(_adds_lora_output(module, layer, strength)))
-        yield
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-
-def _adds_lora_output(module: torch.nn.Module, layer: LoRALayer, strength: float):
-    """A forward hook adding `layer`'s output at `strength` to `module`'s (a Linear or a Conv2d: peft's order of operations)."""
-    down, up = (t.to(module.weight.device, module.weight.dtype) for t in (layer.down, layer.up))
-    scale = strength * layer.alpha / layer.rank
-    if isinstance(module, torch.nn.Conv2d):  # down has the layer's kernel, stride and padding; up is 1x1
-        branch = lambda x: F.conv2d(F.conv2d(x, down, None, module.stride, module.padding, module.dilation), up)
-    else:
-        branch = lambda x: F.linear(F.linear(x, down.flatten(1)), up.flatten(1))
-    if layer.magnitude is not None:  # a DoRA rescales each output channel too
-        return dora_output_hook(module, layer, strength, branch, scale)
-    return lambda _module, inputs, output: output + branch(inputs[0].to(down.dtype)) * scale
 
 
 def _load_controlnet(folder: Path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from finetune.demo_engine import loras_applied
+from finetune.lora_hooks import loras_applied
 from finetune.encoders import encode_prompts
 from finetune.kohya import load_lora
 from finetune.methods.lora import LORA_WEIGHTS_NAME
