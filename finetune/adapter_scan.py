@@ -22,14 +22,8 @@ from finetune.inference import saved_model_metadata
 from finetune.dora import names_magnitudes
 from finetune.kohya import finetune_metadata_from_kohya
 from finetune.lora_kinds import unsupported_kind
-from finetune.methods.controlnet import (
-    CONTROLNET_DIR,
-    CONVERT_ORIGINAL_CONTROLNET,
-    ORIGINAL_CONTROLNET_PREFIXES,
-    UNET_DIR,
-    conditioning_channels_problem,
-    weights_variant,
-)
+from finetune.controlnet_folder import CONVERT_ORIGINAL_CONTROLNET, ORIGINAL_CONTROLNET_PREFIXES, conditioning_channels_problem, weights_variant
+from finetune.methods.controlnet import CONTROLNET_DIR, UNET_DIR
 from finetune.methods.full import PIPELINE_DIR
 from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.pipeline_io import METADATA_FILE

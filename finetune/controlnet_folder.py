@@ -1,15 +1,19 @@
-"""What a folder given as controlnet.pretrained (training) or --controlnet (sample, eval) is when it holds no
-ControlNet: said in one line before any weight loads, in place of "not found" or "has no config.json".
-diffusers' `ControlNetModel.from_pretrained` reads a folder whose config.json is a ControlNetModel's, beside
-its weights."""
+"""What a folder or file given as a ControlNet (controlnet.pretrained in training, --controlnet in sample and eval, the
+demo's list) holds, checked before any weight loads: one that is no ControlNet folder (a file, the original layout,
+another model, not there), one of other than RGB conditioning images, and which weights variant a folder has. Each is
+said in one line, in place of "not found", "has no config.json" or a shape error mid-run. diffusers'
+`ControlNetModel.from_pretrained` reads a folder whose config.json is a ControlNetModel's, beside its weights."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 from pathlib import Path
 
 import yaml
 
 from finetune.checkpoint import STATE_FILE, list_checkpoints
+from finetune.errors import FinetuneError
 
 # A UNet or a pipeline given where the user meant to make a ControlNet of it.
 FROM_A_UNET = "to make a new ControlNet of a pipeline's UNet, set controlnet.pretrained: null (it copies model.pretrained's UNet)"
@@ -60,3 +64,65 @@ def _run_method(path: Path) -> str | None:
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return None
     return str(recipe["method"]) if isinstance(recipe, dict) and recipe.get("method") else None
+
+
+# The names of a ControlNet in the original (lllyasviel's) layout, as model sites share it in one file.
+ORIGINAL_CONTROLNET_PREFIXES = ("control_model.", "input_hint_block.")
+CONVERT_ORIGINAL_CONTROLNET = "convert it to a diffusers folder (diffusers' ControlNetModel.from_single_file, then save_pretrained)"
+
+
+def weights_variant(folder: Path | str) -> dict[str, str]:
+    """`from_pretrained`'s variant for a ControlNet folder holding only one variant's weights (hub ControlNets ship
+    diffusion_pytorch_model.fp16.safetensors beside the full file, and a copy may keep only that): {"variant": "fp16"},
+    else {} (diffusers looks for the plain file, then a .bin, and names only the .bin when both are missing)."""
+    folder = Path(folder)
+    if not folder.is_dir() or (folder / "diffusion_pytorch_model.safetensors").is_file():
+        return {}
+    variants = sorted(folder.glob("diffusion_pytorch_model.*.safetensors"))
+    return {"variant": variants[0].name.split(".")[1]} if len(variants) == 1 else {}
+
+
+def refuse_a_controlnet_file(path: Path, named: str) -> None:
+    """A ControlNet is loaded from a diffusers folder (config.json beside its weights): one given as a single file
+    is said to be one, and which, not 'not found'."""
+    if not path.is_file():
+        return
+    if (path.parent / "config.json").is_file():
+        raise FinetuneError(f"{named} is a file of the model folder {path.parent}: pass that folder")
+    if path.suffix != ".safetensors":
+        raise FinetuneError(f"{named} is not a .safetensors file: pickle checkpoints are not loaded (they can run code)")
+    from safetensors import SafetensorError, safe_open
+
+    with contextlib.suppress(SafetensorError, OSError), safe_open(str(path), "pt") as opened:
+        if any(key.startswith(ORIGINAL_CONTROLNET_PREFIXES) for key in opened.keys()):
+            raise FinetuneError(f"{named} is a single-file ControlNet in the original layout (control_model. keys, as model sites share it): "
+                                f"{CONVERT_ORIGINAL_CONTROLNET} and pass that folder")  # fmt: skip
+    raise FinetuneError(f"{named} is a file, not a ControlNet folder: pass a diffusers ControlNet folder (config.json and diffusion_pytorch_model.safetensors)")
+
+
+def require_controlnet_config(folder: Path, named: str, other_model_hint: str = "") -> None:
+    """Stop before any model loads if `folder` holds another diffusers model (a UNet or VAE folder given
+    by mistake): diffusers would build a ControlNet from its config and fail on the meta tensors it left unset;
+    or a ControlNet that takes other than RGB conditioning images (`conditioning_channels_problem`). `other_model_hint`
+    ends the line for another model."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        class_name = config.get("_class_name", "ControlNetModel")
+    except (OSError, ValueError, AttributeError):
+        raise FinetuneError(f"{named}: {folder / 'config.json'} is not a JSON model config") from None
+    if class_name != "ControlNetModel":
+        raise FinetuneError(f"{named} holds a {class_name}, not a ControlNet: pass a ControlNetModel folder (its config.json says _class_name ControlNetModel)"
+                            + other_model_hint)  # fmt: skip
+    if (problem := conditioning_channels_problem(config)) is not None:
+        raise FinetuneError(f"{named} {problem}")
+
+
+def conditioning_channels_problem(config) -> str | None:
+    """Why a ControlNet (its config) cannot take the conditioning images training, sample and the demo give it, or
+    None: they are read as RGB (`finetune.data.open_rgb`), and a ControlNet of another conditioning_channels (a
+    1-channel depth ControlNet) failed on its first convolution, mid-run, with torch's shape error."""
+    channels = config.get("conditioning_channels", 3)
+    if channels == 3:
+        return None
+    return (f"takes {channels}-channel conditioning images (its config.json's conditioning_channels), but conditioning images "
+            "are read as RGB (3 channels): use a ControlNet made for RGB conditioning images (conditioning_channels 3)")

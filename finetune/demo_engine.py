@@ -37,7 +37,7 @@ from finetune.inference import base_model_metadata, refuse_replacing_a_fine_tune
 from finetune.kohya import LoRA, load_lora
 from finetune.lora_hooks import loras_applied
 from finetune.merge import find_module
-from finetune.methods.controlnet import weights_variant
+from finetune.controlnet_folder import weights_variant
 from finetune.models import BaseModel, freeze, load_base_model
 from finetune.placement import inference_placement, place
 from finetune.prompt_options import PromptSettings, webui_syntax_notes

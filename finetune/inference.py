@@ -27,7 +27,8 @@ from finetune.errors import FinetuneError
 from finetune.image_bounds import sample_grid_problem
 from finetune.kohya import LoRA, load_lora, to_diffusers
 from finetune.merge import check_lora_fits, merged_already_note
-from finetune.methods.controlnet import CONTROLNET_DIR, UNET_DIR, refuse_a_controlnet_file, require_controlnet_config, weights_variant
+from finetune.controlnet_folder import refuse_a_controlnet_file, require_controlnet_config, weights_variant
+from finetune.methods.controlnet import CONTROLNET_DIR, UNET_DIR
 from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.model_source import looks_like_hub_id
 from finetune.models import BaseModel, load_base_model

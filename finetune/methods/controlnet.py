@@ -35,7 +35,7 @@ from PIL import Image
 
 from finetune.atomic_files import removed_if_unfinished, replace_folder, with_default_permissions
 from finetune.config import Recipe
-from finetune.controlnet_folder import FROM_A_UNET, not_a_controlnet_message
+from finetune.controlnet_folder import FROM_A_UNET, conditioning_channels_problem, not_a_controlnet_message, refuse_a_controlnet_file, require_controlnet_config, weights_variant
 from finetune.controlnet_layout import RESUMED_LAYOUT, kept_layout, unknown_layout_problem
 from finetune.controlnet_data import ControlNetDataset, checked_pairs, controlnet_collate, paired_views, validation_conditions_problem
 from finetune.images import open_rgb
@@ -319,68 +319,6 @@ def residuals_in(controlnet: torch.nn.Module, dtype: torch.dtype):
         yield
     finally:
         handle.remove()
-
-
-# The names of a ControlNet in the original (lllyasviel's) layout, as model sites share it in one file.
-ORIGINAL_CONTROLNET_PREFIXES = ("control_model.", "input_hint_block.")
-CONVERT_ORIGINAL_CONTROLNET = "convert it to a diffusers folder (diffusers' ControlNetModel.from_single_file, then save_pretrained)"
-
-
-def weights_variant(folder: Path | str) -> dict[str, str]:
-    """`from_pretrained`'s variant for a ControlNet folder holding only one variant's weights (hub ControlNets ship
-    diffusion_pytorch_model.fp16.safetensors beside the full file, and a copy may keep only that): {"variant": "fp16"},
-    else {} (diffusers looks for the plain file, then a .bin, and names only the .bin when both are missing)."""
-    folder = Path(folder)
-    if not folder.is_dir() or (folder / "diffusion_pytorch_model.safetensors").is_file():
-        return {}
-    variants = sorted(folder.glob("diffusion_pytorch_model.*.safetensors"))
-    return {"variant": variants[0].name.split(".")[1]} if len(variants) == 1 else {}
-
-
-def refuse_a_controlnet_file(path: Path, named: str) -> None:
-    """A ControlNet is loaded from a diffusers folder (config.json beside its weights): one given as a single file
-    is said to be one, and which, not 'not found'."""
-    if not path.is_file():
-        return
-    if (path.parent / "config.json").is_file():
-        raise FinetuneError(f"{named} is a file of the model folder {path.parent}: pass that folder")
-    if path.suffix != ".safetensors":
-        raise FinetuneError(f"{named} is not a .safetensors file: pickle checkpoints are not loaded (they can run code)")
-    from safetensors import SafetensorError, safe_open
-
-    with contextlib.suppress(SafetensorError, OSError), safe_open(str(path), "pt") as opened:
-        if any(key.startswith(ORIGINAL_CONTROLNET_PREFIXES) for key in opened.keys()):
-            raise FinetuneError(f"{named} is a single-file ControlNet in the original layout (control_model. keys, as model sites share it): "
-                                f"{CONVERT_ORIGINAL_CONTROLNET} and pass that folder")  # fmt: skip
-    raise FinetuneError(f"{named} is a file, not a ControlNet folder: pass a diffusers ControlNet folder (config.json and diffusion_pytorch_model.safetensors)")
-
-
-def require_controlnet_config(folder: Path, named: str, other_model_hint: str = "") -> None:
-    """Stop before any model loads if `folder` holds another diffusers model (a UNet or VAE folder given
-    by mistake): diffusers would build a ControlNet from its config and fail on the meta tensors it left unset;
-    or a ControlNet that takes other than RGB conditioning images (`conditioning_channels_problem`). `other_model_hint`
-    ends the line for another model."""
-    try:
-        config = json.loads((folder / "config.json").read_text())
-        class_name = config.get("_class_name", "ControlNetModel")
-    except (OSError, ValueError, AttributeError):
-        raise FinetuneError(f"{named}: {folder / 'config.json'} is not a JSON model config") from None
-    if class_name != "ControlNetModel":
-        raise FinetuneError(f"{named} holds a {class_name}, not a ControlNet: pass a ControlNetModel folder (its config.json says _class_name ControlNetModel)"
-                            + other_model_hint)  # fmt: skip
-    if (problem := conditioning_channels_problem(config)) is not None:
-        raise FinetuneError(f"{named} {problem}")
-
-
-def conditioning_channels_problem(config) -> str | None:
-    """Why a ControlNet (its config) cannot take the conditioning images training, sample and the demo give it, or
-    None: they are read as RGB (`finetune.data.open_rgb`), and a ControlNet of another conditioning_channels (a
-    1-channel depth ControlNet) failed on its first convolution, mid-run, with torch's shape error."""
-    channels = config.get("conditioning_channels", 3)
-    if channels == 3:
-        return None
-    return (f"takes {channels}-channel conditioning images (its config.json's conditioning_channels), but conditioning images "
-            "are read as RGB (3 channels): use a ControlNet made for RGB conditioning images (conditioning_channels 3)")
 
 
 def save_model_folder(model: torch.nn.Module, folder: Path, metadata: dict[str, str]) -> Path:
