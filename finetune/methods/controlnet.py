@@ -52,7 +52,7 @@ from finetune.sources import Example
 
 CONTROLNET_DIR, UNET_DIR = "controlnet", "unet"
 STARTED_FROM = "controlnet_started_from"  # in a checkpoint's method state: the outputs' record of controlnet.pretrained, made when the run started
-RECORD_KEY = "finetune.controlnet_pretrained"
+PRETRAINED_METADATA_KEY = "finetune.controlnet_pretrained"  # the outputs' metadata key of that record
 # The UNet parts that train with unlock_unet_decoder (the original's output_blocks and out).
 DECODER_PARTS = ("up_blocks", "conv_norm_out", "conv_out")
 
@@ -196,7 +196,7 @@ class ControlNetMethod(DiffusionMethod):
             self.resumed_state[RESUMED_LAYOUT] = layout = kept_layout(checkpoint, self.resumed_state)
             self.unknown_layout = None if layout else (checkpoint, began)  # made from the UNet, as before, where the shapes are its
             # The first record; else (older checkpoints) their output's.
-            self.started_from = self.resumed_state.get(STARTED_FROM) or saved_model_metadata(checkpoint / CONTROLNET_DIR).get(RECORD_KEY) or started_from(began)
+            self.started_from = self.resumed_state.get(STARTED_FROM) or saved_model_metadata(checkpoint / CONTROLNET_DIR).get(PRETRAINED_METADATA_KEY) or started_from(began)
 
     def checkpoint_state(self) -> dict:
         # A resume does not read controlnet.pretrained (finetune.start_weights): it builds that ControlNet's layout
@@ -206,7 +206,7 @@ class ControlNetMethod(DiffusionMethod):
         return {RESUMED_LAYOUT: json.loads(self.controlnet.to_json_string()), STARTED_FROM: self.started_from}
 
     def start_metadata(self) -> dict[str, str]:
-        return {RECORD_KEY: self.started_from} if self.started_from else {}
+        return {PRETRAINED_METADATA_KEY: self.started_from} if self.started_from else {}
 
     def trained_modules(self) -> dict[str, torch.nn.Module]:
         modules = {"controlnet": self.controlnet}
