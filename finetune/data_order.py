@@ -8,7 +8,8 @@ with another one (other processes or train.batch_size) deals the epoch's items n
 one, so every image of the epoch trains once before the next epoch's shuffle starts. A resume at the same global
 batch, gradient_accumulation_steps changed or not (it groups micro-steps into a step, it deals nothing), takes up
 the same deal where it stopped: the batches a run never stopped trains. A checkpoint from before the
-position was recorded, or of other data or another seed, starts at micro-batch `start` of this run's order.
+position was recorded, or of another seed, number of items or (with bucketing) buckets (`order_key`: not the
+images themselves, whose change a resume warns of), starts at micro-batch `start` of this run's order.
 """
 
 from __future__ import annotations
