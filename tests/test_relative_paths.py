@@ -18,7 +18,7 @@ def test_a_relative_path_not_found_names_the_current_folder(tmp_path, monkeypatc
     with pytest.raises(FinetuneError, match=rf"^base model models/sd15/base not found: no such folder or file \(check model.pretrained\) {here}"):
         resolve_model_folder(ModelConfig(pretrained="models/sd15/base"))
     with pytest.raises(FinetuneError, match=rf"^lora.init_from runs/a not found: .* {here}"):
-        read_initial_lora("runs/a")
+        read_initial_lora("runs/a", use_dora=False)
     # A local folder typed as owner/name is looked up on the hub: that it is no folder here is said too.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
