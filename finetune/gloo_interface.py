@@ -105,12 +105,16 @@ def _host_name_is_loopback() -> bool:
 
 @contextlib.contextmanager
 def _ifname(interface: str | None):
-    """GLOO_SOCKET_IFNAME set to `interface` inside, where gloo reads it as a group is made, and unset again after (None:
-    left as it is). Only while this group is made: the environment stays as the user set it."""
+    """GLOO_SOCKET_IFNAME set to `interface` inside, where gloo reads it as a group is made, and as it was after (None:
+    left as it is). Only while this group is made: the environment stays as the user set it (an empty value too)."""
+    before = os.environ.get(IFNAME)
     if interface is not None:
         os.environ[IFNAME] = interface
     try:
         yield
     finally:
         if interface is not None:
-            del os.environ[IFNAME]
+            if before is None:
+                del os.environ[IFNAME]
+            else:
+                os.environ[IFNAME] = before

@@ -93,6 +93,9 @@ def test_the_group_is_made_over_the_chosen_interface_and_the_environment_left_as
         group = new_gloo_group()  # gloo binds to the named interface: it exists
         assert seen == [loopback] and "GLOO_SOCKET_IFNAME" not in os.environ
         dist.destroy_process_group(group)
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", "")  # set empty, which gloo reads as unset: chosen for, and kept as set
+        dist.destroy_process_group(new_gloo_group())
+        assert seen[-1] == loopback and os.environ["GLOO_SOCKET_IFNAME"] == ""
         monkeypatch.setenv("GLOO_SOCKET_IFNAME", "nosuch0")
         with pytest.raises(FinetuneError, match=r"^the processes' gloo group .* could not connect over GLOO_SOCKET_IFNAME=nosuch0 \(.*nosuch0\): export GLOO_SOCKET_IFNAME="):
             new_gloo_group()
