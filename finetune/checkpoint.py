@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from finetune.atomic_files import failed_write, outputs_written, replace_folder  # outputs_written: the trainer uses it as ckpt.outputs_written
 from finetune.counts import counted
-from finetune.distributed import unwrap, uses_deepspeed, zero_stage
+from finetune.distributed import unwrap
 from finetune.errors import FinetuneError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -361,9 +361,7 @@ def check_same_engine(checkpoint: Path, saved_processes: int | None, stage: int 
 def load_checkpoint(accelerator: Accelerator, path: Path, current_settings: dict | None = None, **load_options) -> dict:
     """Restore the state saved in `path`; return its trainer state. A checkpoint of other trained modules
     or parameter groups (a text encoder, LoRA+ switched on or off) is one line naming what changed."""
-    state = read_state(path)
-    stage = zero_stage(accelerator) if uses_deepspeed(accelerator) else None
-    check_same_engine(path, state.get("processes"), stage, accelerator.num_processes)
+    state = read_state(path)  # its engine (DeepSpeed's stage, the processes) was checked before anything loaded: finetune.deepspeed_checks
     scaler = accelerator.scaler
     if scaler is not None and not (path / SCALER_NAME).is_file():
         # An fp16 run (the loss scaler) resuming a bf16 or fp32 checkpoint, as a bf16 run moved to a GPU

@@ -7,8 +7,9 @@ accelerate does most of it. What is left here:
 - DeepSpeed's batch size, gradient accumulation and clipping are taken from the recipe, so its JSON
   ("auto") and the recipe never disagree.
 - DeepSpeed wraps exactly one trained module in its engine (the frozen VAE and text encoder stay out
-  of it); a recipe that trains two (the UNet and the text encoder) is stopped with a clear error, as is an
-  optimizer that needs each weight whole (Adafactor: ZeRO hands the optimizer one flat shard per process).
+  of it); a recipe that trains two (the UNet and the text encoder) is stopped with a clear error before
+  anything loads, as is an optimizer that needs each weight whole (Adafactor: ZeRO hands the optimizer one
+  flat shard per process): see `finetune.deepspeed_checks`.
 - Under ZeRO-3 the base model is loaded whole (not sharded as it loads), so the frozen parts work.
 - Under DeepSpeed the forward pass runs in torch's autocast (accelerate's is off there).
 - Checkpoints under DeepSpeed are its own (each process writes its optimizer shard) without the
@@ -94,8 +95,13 @@ def deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
+def launched_processes() -> int:
+    """The processes of this launch (torchrun's WORLD_SIZE; 1 without a launcher), as accelerate will count them."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def several_processes() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return launched_processes() > 1
 
 
 def accelerator_options() -> dict:
@@ -141,42 +147,21 @@ def uses_deepspeed(accelerator: Accelerator) -> bool:
 def zero_stage(accelerator: Accelerator) -> int:
     if not uses_deepspeed(accelerator):
         return 0
-    return int(accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+    return config_stage(accelerator.state.deepspeed_plugin.deepspeed_config)
 
 
-def configure_deepspeed(accelerator: Accelerator, recipe: Recipe, trained_modules: list[str]) -> None:
-    """Take batch size, accumulation and clipping from the recipe; refuse what DeepSpeed cannot do."""
+def config_stage(config: dict) -> int:
+    """The ZeRO stage of a DeepSpeed config."""
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def configure_deepspeed(accelerator: Accelerator, recipe: Recipe) -> None:
+    """Take batch size, accumulation and clipping from the recipe (what DeepSpeed cannot do was refused before
+    anything loaded: `finetune.deepspeed_checks`)."""
     if not uses_deepspeed(accelerator):
         return
-    if len(trained_modules) != 1:
-        # The switch of the second model: lora, full and dreambooth each have their text encoder's; ControlNet trains the
-        # UNet's decoder beside it with unlock_unet_decoder.
-        switch = "controlnet.unlock_unet_decoder" if recipe.method == "controlnet" else f"{recipe.method}.train_text_encoder"
-        raise FinetuneError(
-            f"DeepSpeed trains one model per run, this recipe trains {len(trained_modules)} ({', '.join(trained_modules)}): "
-            f"set {switch} to false, or launch without DeepSpeed"
-        )
     train_cfg = recipe.train
-    if recipe.lora.max_norm is not None:
-        raise FinetuneError(
-            "lora.max_norm with DeepSpeed: it rescales the LoRA weights after each step, and DeepSpeed's engine keeps its own "
-            "copy of them (its fp32 master weights): launch without DeepSpeed, or set lora.max_norm: null"
-        )
-    if recipe.optimizer.name == "adafactor":
-        # ZeRO hands the optimizer each process's shard of the weights as one flat tensor (measured: ZeRO-2 moved a LoRA
-        # half of its update away from one process's).
-        raise FinetuneError(
-            "optimizer.name adafactor with DeepSpeed: ZeRO gives the optimizer its shard of the weights as one flat tensor, so "
-            "Adafactor can neither factor its second moments by each weight's rows and columns nor clip each weight's update on "
-            "its own, and trains another model than one process does: use adamw or an 8-bit optimizer, or launch without DeepSpeed"
-        )
     config = accelerator.state.deepspeed_plugin.deepspeed_config
-    offloaded = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
-    if offloaded and recipe.optimizer.name != "adamw":
-        raise FinetuneError(
-            f"optimizer.name {recipe.optimizer.name} with DeepSpeed optimizer offload: offload runs DeepSpeed's own CPU Adam; "
-            "set optimizer.name: adamw or use a config without offload_optimizer"
-        )
     config["train_micro_batch_size_per_gpu"] = train_cfg.batch_size
     config["gradient_accumulation_steps"] = train_cfg.gradient_accumulation_steps
     config["train_batch_size"] = train_cfg.batch_size * train_cfg.gradient_accumulation_steps * accelerator.num_processes

@@ -28,6 +28,7 @@ from finetune.batches import item_layout, make_batch_sampler
 from finetune.diffusion import BatchRandomness
 from finetune.device_copy import to_device
 from finetune.distributed import accelerator_options, agree_on_start, autocast, checkpoint_options, configure_deepspeed, full_parameters, launch_problem, release_gathered, trained_parameters, unsharded_loading, unwrap, uses_deepspeed, zero_stage
+from finetune.deepspeed_checks import check_deepspeed_launch
 from finetune.ema import EMA_FILE, weight_average
 from finetune.caption_tokens import caption_warnings
 from finetune.errors import FinetuneError
@@ -77,6 +78,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     # Cheap checks first: a bad image or a missing model is reported before any weight is loaded.
     resume_from = ckpt.resolve_resume(resume, checkpoints_dir)
     method = resumed_method(recipe, resume_from)  # a resume's starting weights (lora.init_from, ...) are its checkpoint's
+    check_deepspeed_launch(recipe, method.trained_module_names(), resume_from)  # DeepSpeed's refusals; a checkpoint of another engine
     base_location = check_base_and_data(recipe, method.check_data, base_location)
     if resume_from is not None:
         ckpt.check_resumable(resume_from, train_cfg.max_steps, recipe.flat_settings())
@@ -146,7 +148,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
         for module in {base.unet, base.vae, *method.trained_modules().values()}:
             module.to(memory_format=torch.channels_last)
 
-    configure_deepspeed(accelerator, recipe, list(method.trained_modules()))
+    configure_deepspeed(accelerator, recipe)
     # Before `prepare`: DreamBooth may generate class images with the UNet, which ZeRO-3 then shards. Then the record a resume compares.
     (dataset, collate_fn), images_record = method.training_data(accelerator), ckpt.data_record(trained_examples, method.recorded_data())
     training_set = TrainingSubset(dataset, trained_items) if held_out else dataset

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from accelerate.utils import DistributedType
 from diffusers import ControlNetModel, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from distributed_worker import train_and_record
@@ -20,7 +19,7 @@ from ports import free_port
 from safetensors.torch import load_file
 
 from finetune.checkpoint import list_checkpoints
-from finetune.distributed import agree_on_start, configure_deepspeed
+from finetune.distributed import agree_on_start
 from finetune.ema import EMA_FILE
 from finetune.errors import FinetuneError
 from finetune.methods.controlnet import CONTROLNET_DIR
@@ -337,30 +336,6 @@ def test_deepspeed_zero2_offload_controlnet_saves_the_single_process_controlnet(
     initial = {key.removeprefix("controlnet."): value for key, value in load_file(out / "initial.safetensors").items()}
     assert_same_update(got, expected, initial)
     assert any(tensor.any() for key, tensor in got.items() if key.startswith("controlnet_mid_block"))  # it trained
-
-
-def test_deepspeed_refuses_what_it_cannot_do_before_training(make_recipe):
-    def accelerator(config: dict):
-        plugin = SimpleNamespace(deepspeed_config=config)
-        return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=2, state=SimpleNamespace(deepspeed_plugin=plugin))
-
-    for switch, overrides, modules in (("lora.train_text_encoder", {}, "unet, text_encoder"), ("full.train_text_encoder", {"method": "full"}, "unet, text_encoder"),
-                                       ("controlnet.unlock_unet_decoder", {"method": "controlnet"}, "controlnet, unet")):  # fmt: skip
-        with pytest.raises(FinetuneError, match=rf"^DeepSpeed trains one model per run, this recipe trains 2 \({modules}\): set {switch} to false, or"):
-            configure_deepspeed(accelerator({}), make_recipe(**overrides), modules.split(", "))
-        make_recipe(**overrides, **{switch.replace(".", "__"): False})  # a key the recipe has
-    offload = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
-    with pytest.raises(FinetuneError, match="optimizer.name adamw8bit with DeepSpeed optimizer offload"):
-        configure_deepspeed(accelerator(offload), make_recipe(optimizer__name="adamw8bit"), ["unet"])
-    for config in ({}, offload):  # with offload too: its line would send it to a config that refuses it
-        with pytest.raises(FinetuneError, match="^optimizer.name adafactor with DeepSpeed: ZeRO gives the optimizer its shard .* or launch without DeepSpeed$"):
-            configure_deepspeed(accelerator(config), make_recipe(optimizer__name="adafactor"), ["unet"])
-    with pytest.raises(FinetuneError, match="^lora.max_norm with DeepSpeed: .* launch without DeepSpeed, or set lora.max_norm: null$"):
-        configure_deepspeed(accelerator({}), make_recipe(lora__max_norm=1.0), ["unet"])
-
-    config = {"train_batch_size": "auto", "gradient_accumulation_steps": "auto"}
-    configure_deepspeed(accelerator(config), make_recipe(train__batch_size=3, train__gradient_accumulation_steps=2), ["unet"])
-    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"], config["train_batch_size"]) == (3, 2, 12)
 
 
 def test_processes_that_would_start_at_different_steps_are_one_line_not_a_hang(tmp_path):

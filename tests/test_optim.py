@@ -84,7 +84,7 @@ def test_adafactor_keeps_a_row_and_a_column_per_matrix_and_descends():
 
 
 def test_adafactor_on_one_flat_tensor_moves_the_weights_otherwise_than_on_each_weight():
-    """Why DeepSpeed refuses it (finetune.distributed.configure_deepspeed): ZeRO hands the optimizer each process's shard of
+    """Why DeepSpeed refuses it (finetune.deepspeed_checks): ZeRO hands the optimizer each process's shard of
     the weights as one flat tensor, which Adafactor neither factors nor clips weight by weight. AdamW moves them alike."""
     torch.manual_seed(0)
     weights = [torch.randn(16, 8), torch.randn(8) * 10]

@@ -79,6 +79,10 @@ class TrainingMethod(ABC):
     def trained_modules(self) -> dict[str, torch.nn.Module]:
         """The modules that hold trainable parameters, by name; the trainer wraps them with accelerate."""
 
+    @abstractmethod
+    def trained_module_names(self) -> list[str]:
+        """The names of `trained_modules`, from the recipe alone: known before the model loads (DeepSpeed's refusals)."""
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for module in self.trained_modules().values() for p in module.parameters() if p.requires_grad]
 
@@ -297,11 +301,11 @@ class UNetMethod(DiffusionMethod):
         self.train_text_encoder = train_text_encoder
         self.text_encoder_lr = text_encoder_lr
 
+    def trained_module_names(self) -> list[str]:
+        return ["unet", "text_encoder"] if self.train_text_encoder else ["unet"]
+
     def trained_modules(self) -> dict[str, torch.nn.Module]:
-        modules = {"unet": self.base.unet}
-        if self.train_text_encoder:
-            modules["text_encoder"] = self.base.text_encoder
-        return modules
+        return {name: getattr(self.base, name) for name in self.trained_module_names()}  # the base's unet, text_encoder
 
     def parameter_groups(self) -> list[dict]:
         return text_encoder_groups(self.base, self.train_text_encoder, self.text_encoder_lr or self.recipe.optimizer.lr)

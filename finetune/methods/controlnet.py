@@ -208,11 +208,11 @@ class ControlNetMethod(DiffusionMethod):
     def start_metadata(self) -> dict[str, str]:
         return {PRETRAINED_METADATA_KEY: self.started_from} if self.started_from else {}
 
+    def trained_module_names(self) -> list[str]:
+        return ["controlnet", "unet"] if self.settings.unlock_unet_decoder else ["controlnet"]
+
     def trained_modules(self) -> dict[str, torch.nn.Module]:
-        modules = {"controlnet": self.controlnet}
-        if self.settings.unlock_unet_decoder:
-            modules["unet"] = self.base.unet
-        return modules
+        return {name: self.controlnet if name == "controlnet" else self.base.unet for name in self.trained_module_names()}
 
     def predict(self, modules, noisy_latents, timesteps, encoder_hidden_states, batch) -> torch.Tensor:
         conditioning = to_device(batch["conditioning_pixel_values"], noisy_latents.device)

@@ -288,6 +288,9 @@ class DreamBoothMethod(DiffusionMethod):
         self.adapter.configure_model()
         self.start_lines += self.adapter.start_lines  # e.g. the LoRA it starts from (lora.init_from)
 
+    def trained_module_names(self):
+        return self.adapter.trained_module_names()
+
     def trained_modules(self):
         return self.adapter.trained_modules()
 

@@ -112,6 +112,9 @@ class VAEMethod(TrainingMethod):
         # Running std of the latents: saved as 1/scaling_factor so the UNet sees unit-variance latents.
         self.latent_std = None
 
+    def trained_module_names(self) -> list[str]:
+        return ["autoencoder"]
+
     def trained_modules(self) -> dict[str, torch.nn.Module]:
         return {"autoencoder": self.model}
 

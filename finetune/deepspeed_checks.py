@@ -1,0 +1,66 @@
+"""What a run under DeepSpeed refuses, said before anything loads (the data check, the base model: seconds to minutes).
+
+Everything these checks read is known at the start: the recipe, the models its method will train (by name, from the
+recipe), accelerate's DeepSpeed settings (its plugin reads them from the launch's environment, as `Accelerator()` does
+later) and a resumed checkpoint's files. `finetune.distributed.configure_deepspeed` only fills in the config after them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from finetune import checkpoint as ckpt
+from finetune.config import Recipe
+from finetune.distributed import config_stage, deepspeed_requested, launched_processes
+from finetune.errors import FinetuneError
+
+
+def launch_deepspeed_config() -> dict | None:
+    """The DeepSpeed config this launch gives the run, as `Accelerator()` will read it; None when launched without DeepSpeed."""
+    if not deepspeed_requested():
+        return None
+    from accelerate.utils import DeepSpeedPlugin
+
+    return DeepSpeedPlugin().deepspeed_config
+
+
+def check_deepspeed_launch(recipe: Recipe, trained_models: list[str], resume_from: Path | None) -> None:
+    """Refuse what this launch's DeepSpeed cannot do with `recipe` (whose method trains `trained_models`), and a resume
+    from a checkpoint another engine, ZeRO stage or number of processes wrote (checked with or without DeepSpeed)."""
+    config = launch_deepspeed_config()
+    if resume_from is not None:
+        stage = config_stage(config) if config is not None else None
+        ckpt.check_same_engine(resume_from, ckpt.read_state(resume_from).get("processes"), stage, launched_processes())
+    if config is not None:
+        check_deepspeed_recipe(recipe, trained_models, config)
+
+
+def check_deepspeed_recipe(recipe: Recipe, trained_models: list[str], config: dict) -> None:
+    """The recipe's settings DeepSpeed (its `config`) cannot train, each in one line."""
+    if len(trained_models) != 1:
+        # DeepSpeed wraps exactly one trained module in its engine. The switch of the second model: lora, full and
+        # dreambooth each have their text encoder's; ControlNet trains the UNet's decoder beside it with unlock_unet_decoder.
+        switch = "controlnet.unlock_unet_decoder" if recipe.method == "controlnet" else f"{recipe.method}.train_text_encoder"
+        raise FinetuneError(
+            f"DeepSpeed trains one model per run, this recipe trains {len(trained_models)} ({', '.join(trained_models)}): "
+            f"set {switch} to false, or launch without DeepSpeed"
+        )
+    if recipe.lora.max_norm is not None:
+        raise FinetuneError(
+            "lora.max_norm with DeepSpeed: it rescales the LoRA weights after each step, and DeepSpeed's engine keeps its own "
+            "copy of them (its fp32 master weights): launch without DeepSpeed, or set lora.max_norm: null"
+        )
+    if recipe.optimizer.name == "adafactor":
+        # ZeRO hands the optimizer each process's shard of the weights as one flat tensor (measured: ZeRO-2 moved a LoRA
+        # half of its update away from one process's).
+        raise FinetuneError(
+            "optimizer.name adafactor with DeepSpeed: ZeRO gives the optimizer its shard of the weights as one flat tensor, so "
+            "Adafactor can neither factor its second moments by each weight's rows and columns nor clip each weight's update on "
+            "its own, and trains another model than one process does: use adamw or an 8-bit optimizer, or launch without DeepSpeed"
+        )
+    offloaded = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+    if offloaded and recipe.optimizer.name != "adamw":
+        raise FinetuneError(
+            f"optimizer.name {recipe.optimizer.name} with DeepSpeed optimizer offload: offload runs DeepSpeed's own CPU Adam; "
+            "set optimizer.name: adamw or use a config without offload_optimizer"
+        )
