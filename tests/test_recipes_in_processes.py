@@ -1,6 +1,7 @@
 """Every recipe in 2 CPU processes over gloo, under DDP and each shipped DeepSpeed config (ZeRO-2, ZeRO-2 with optimizer
 offload, ZeRO-3): ControlNet with cached encoders and gradient checkpointing, DreamBooth with a LoRA and with the full UNet,
-a LoRA with an 8-bit optimizer; each resumes from its checkpoint to the uninterrupted run's weights. The cells of README's
+a LoRA with an 8-bit optimizer, a DoRA (lora.use_dora) that trains what one process trains; each resumes from its
+checkpoint to the uninterrupted run's weights. The cells of README's
 table "What is tested in which mode" that tests/test_distributed.py leaves out. One launch per mode."""
 
 from pathlib import Path
@@ -15,15 +16,16 @@ from conftest import build_recipe
 from distributed_worker import train_and_record
 from ports import free_port
 from test_distributed import assert_same_update, assert_same_weights, deepspeed, launch, wait, write
+from test_dora_training import DORA
 
 from finetune.methods.controlnet import CONTROLNET_DIR
 from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.toyworld.datasets import write_folder
 
-pytestmark = pytest.mark.slow  # a launch of 7 runs per mode: about a minute each under DeepSpeed, 30 s under DDP
+pytestmark = pytest.mark.slow  # a launch of 9 runs per mode: about a minute each under DeepSpeed, 30 s under DDP
 
 OFFLOAD, DDP = "zero2_offload.json", "ddp"
-RESUMED = ("controlnet", "dreambooth-lora", "lora-8bit")  # each trained 3 steps, and again from its checkpoint-2
+RESUMED = ("controlnet", "dreambooth-lora", "lora-8bit", "lora-dora")  # each trained 3 steps, and again from its checkpoint-2
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +46,7 @@ def settings(pairs_folder: Path, dreambooth_folders: tuple[Path, Path], config: 
         "controlnet": dict(method="controlnet", data__image_dir=str(pairs_folder), **cached, **resuming),
         "dreambooth-lora": dict(method="dreambooth", data__image_dir=None, dreambooth={"concepts": [concept], "adapter": "lora", "num_class_images": 2}, **resuming),
         "lora-8bit": dict(**eight_bit, train__max_steps=3, checkpoint__every_n_steps=2),
+        "lora-dora": dict(**DORA, train__max_steps=3, checkpoint__every_n_steps=2),  # its magnitudes: one more trained weight per layer
         # Both processes encode into one cache folder (each its own slice of every batch).
         "dreambooth-full": dict(method="dreambooth", data__image_dir=None, optimizer__lr=1e-4, dreambooth={"concepts": [concept], "num_class_images": 2}, train__max_steps=2,
                                 train__gradient_checkpointing=True, train__cache_dir=str(cache_dir), **cached),
@@ -124,3 +127,23 @@ def test_full_dreambooth_with_cached_encoders_trains_what_one_process_trains_wit
     expected = UNet2DConditionModel.from_pretrained(full_dreambooth_in_one_process / "pipeline" / "unet").state_dict()
     initial = {key.removeprefix("unet."): value for key, value in load_file(full_dreambooth_in_one_process / "initial.safetensors").items()}
     assert_same_update(gathered, expected, initial)
+
+
+@pytest.fixture(scope="module")
+def dora_in_one_process(tiny_model, image_folder, pairs_folder, dreambooth_folders, tmp_path_factory) -> Path:
+    """The DoRA run in this process with the launch's global batch."""
+    root = tmp_path_factory.mktemp("one-process-dora")
+    extra = settings(pairs_folder, dreambooth_folders, "zero2.json", root / "unused")["lora-dora"]
+    train_and_record([(str(write(build_recipe(tiny_model, image_folder, root / "lora-dora", train__batch_size=2, **extra), root / "lora-dora.yaml")), None)])
+    return root / "lora-dora"
+
+
+def test_a_dora_trains_what_one_process_trains(launched_runs, dora_in_one_process):
+    """DoRA's magnitudes are one more trained weight in each adapted layer, beside its LoRA: DDP averages their gradients,
+    DeepSpeed shards them with the rest (ZeRO-3: the frozen weight each magnitude's norm is taken of too)."""
+    launched, single = (load_file(out / LORA_WEIGHTS_NAME) for out in (launched_runs.root / "lora-dora", dora_in_one_process))
+    assert launched.keys() == single.keys() and any(key.endswith(".lora_magnitude_vector.weight") for key in launched)
+    # Up to the order of float sums, measured 2.2e-6 apart at most (DDP; ZeRO-2 1.6e-6, offload 1.8e-6, ZeRO-3 2.0e-6) in
+    # weights that 3 Adam steps of lr 1e-3 moved by up to 3e-3.
+    apart = max((launched[key] - single[key]).abs().max().item() for key in launched)
+    assert apart < 1e-5, apart
