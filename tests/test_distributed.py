@@ -15,7 +15,7 @@ from diffusers import ControlNetModel, StableDiffusionPipeline, UNet2DConditionM
 from PIL import Image
 from distributed_worker import train_and_record
 from conftest import build_recipe
-from test_dora_training import DORA
+from dora_helpers import DORA
 from ports import free_port
 from safetensors.torch import load_file
 

@@ -16,7 +16,7 @@ from conftest import build_recipe
 from distributed_worker import train_and_record
 from ports import free_port
 from test_distributed import assert_same_update, assert_same_weights, deepspeed, launch, wait, write
-from test_dora_training import DORA
+from dora_helpers import DORA
 
 from finetune.methods.controlnet import CONTROLNET_DIR
 from finetune.methods.lora import LORA_WEIGHTS_NAME
