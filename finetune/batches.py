@@ -73,6 +73,10 @@ class ItemLayout:
     def __len__(self) -> int:
         return self.num_items
 
+    def order_key(self, seed: int) -> str:
+        """The `order_key` of the batch sampler `make_batch_sampler` makes of this layout with `seed`."""
+        return order_fingerprint(seed, self.num_items, self.bucket_of)
+
 
 def item_layout(items: list[Example], config: DataConfig) -> ItemLayout:
     """The layout a dataset of these items (each item's image) will have: buckets as the datasets assign them."""

@@ -190,7 +190,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
         method.load_checkpoint_state(state.get("method", {}))
         apply_recipe_settings(optimizer, lr_scheduler, group_lrs, recipe.optimizer)
         say(f"resumed from {resume_from} at step {step}")
-        for line in resume_warnings(resume_from, state, recipe, max_steps, accelerator.num_processes):  # processes, length
+        for line in resume_warnings(resume_from, state, recipe, max_steps, accelerator.num_processes, layout.order_key(recipe.seed)):  # processes, length
             say(line)
         if average is not None and not average.load(resume_from / EMA_FILE):
             warn(f"{resume_from.name} has no weight average (train.ema_decay was off): it starts from the resumed weights")

@@ -4,7 +4,7 @@ rest of the epoch's shuffle, each image once, before the next epoch's."""
 
 from itertools import islice
 
-from finetune.batches import EpochBatchSampler
+from finetune.batches import EpochBatchSampler, ItemLayout, make_batch_sampler
 from finetune.buckets import BucketBatchSampler, split_rows
 from finetune.kohya import load_lora
 from finetune.methods.lora import LORA_WEIGHTS_NAME
@@ -132,3 +132,11 @@ def test_a_run_of_epochs_resumed_with_another_batch_size_ends_with_the_epochs_la
     resumed = train(make_recipe(train__batch_size=2, train__max_steps=None, train__max_epochs=1), resume="latest")
     assert resumed.final_step == 2 and len(seen) == 1 and not set(seen[0]) & set(trained[0]), seen
     assert load_lora(first.output_dir / LORA_WEIGHTS_NAME).metadata["finetune.epoch"] == "1"
+
+
+def test_a_layouts_order_key_is_the_key_of_the_sampler_made_of_it():
+    """The resume line says the data continue only where the sampler will take the checkpoint's position up: the
+    trainer tells that from the layout, before the sampler exists."""
+    for bucket_of in (None, [(64, 64), (64, 32), (64, 64), (32, 64)]):
+        layout = ItemLayout(bucket_of, 4)
+        assert make_batch_sampler(layout, 1, 1, 0, seed=3).order_key() == layout.order_key(3) != layout.order_key(4)

@@ -58,8 +58,12 @@ def test_a_resume_that_changes_the_length_of_a_decaying_schedule_says_what_the_l
     assert resume_warnings(checkpoint, state, make_recipe(train__max_steps=4), 4, 2) == [  # 1 -> 2 processes: "1 process", not "1 processes"
         "warning: checkpoint-2 was trained by 1 process, this run has 2: the global batch changes from 2 to 4 images per micro-step (and the data order with it)"]
     # A checkpoint that recorded where its data stood (finetune.data_order): the new global batch takes them up there.
-    assert resume_warnings(checkpoint, {**state, "data_order": read_state(checkpoint)["data_order"]}, make_recipe(train__max_steps=4), 4, 2)[0].endswith(
+    data_order = read_state(checkpoint)["data_order"]
+    assert resume_warnings(checkpoint, {**state, "data_order": data_order}, make_recipe(train__max_steps=4), 4, 2, data_order["order"])[0].endswith(
         "images per micro-step (the data continue where they stopped)")
+    # Unless this run's order is another (another seed, other images): the order starts again then.
+    assert resume_warnings(checkpoint, {**state, "data_order": data_order}, make_recipe(train__max_steps=4), 4, 2, "another order")[0].endswith(
+        "images per micro-step (and the data order with it)")
     linear = make_recipe(train__max_steps=8, optimizer__scheduler="linear", optimizer__warmup_steps=0)
     assert resume_warnings(checkpoint, state, linear, 8, 1) == [
         "warning: checkpoint-2 was trained on a linear schedule of 4 steps, this run has 8: the schedule is laid out again over 8 "
