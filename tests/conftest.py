@@ -151,7 +151,7 @@ def adapters_dir(tmp_path_factory, tiny_model, image_folder) -> Path:
 @pytest.fixture(scope="session")
 def demo(adapters_dir, tiny_model):
     """The demo launched for real on a free localhost port, with the tiny model as its base: one app for all of
-    tests/test_demo.py (session-scoped here so that file stays readable at its size)."""
+    tests/test_demo.py and test_demo_browser.py (session-scoped here so that file stays readable at its size)."""
     from finetune.demo import build_app, launch_app
     from finetune.demo_engine import DemoEngine
 

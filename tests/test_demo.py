@@ -1,4 +1,5 @@
-"""The browser demo, launched for real on a free localhost port: driven with gradio_client and Chromium.
+"""The browser demo, launched for real on a free localhost port: driven with gradio_client (Chromium drives it in
+tests/test_demo_browser.py).
 
 One app serves the module (the `demo` fixture in tests/conftest.py): the tiny model as base, and an adapters
 folder (`adapters_dir`) holding what the trainer and the other commands write (a LoRA trained for 2 steps, its
@@ -8,24 +9,16 @@ a LoRA of another base).
 
 from __future__ import annotations
 
-import io
-import os
 import shutil
-import tempfile
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from ports import free_port
 
 from finetune.cli import main
 from finetune.errors import FinetuneError
 
-ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 PROMPT = "a large red striped circle on a blue background, center"
 
 
@@ -288,114 +281,3 @@ def test_default_base_falls_back_to_a_tiny_model(tmp_path, monkeypatch):
     assert "make_tiny_model" in note and "toyworld-base" in note
     with pytest.raises(FinetuneError, match="pickle checkpoint"):
         DemoEngine(str(tmp_path / "model.ckpt"), tmp_path)
-
-
-# --- a real browser ------------------------------------------------------------------------------
-
-
-def chromium_driver(profile: Path):
-    """Headless Chromium with nothing running in the background that could reach the network."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,1000", f"--user-data-dir={profile}"):
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-
-
-def require_browser() -> None:
-    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
-        if os.environ.get("FINETUNE_REQUIRE_BROWSER"):
-            pytest.fail("Chromium is missing: run `make browser` (apt-get install chromium chromium-driver)")
-        pytest.skip("Chromium is missing: run `make browser` (apt-get install chromium chromium-driver)")
-
-
-def assert_a_result_is_shown(wait) -> None:
-    """Wait for a generated grid and check that the browser shows an image, not a blank."""
-    from selenium.webdriver.common.by import By
-
-    wait.until(lambda d: " x " in d.find_element(By.ID, "summary").text)
-    result = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#result img"))
-    wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", result))
-    shown = np.asarray(Image.open(io.BytesIO(result.screenshot_as_png)).convert("L"), dtype=np.float64)
-    assert shown.shape[0] > 100 and shown.std() > 10, "the result image is blank"
-
-
-def test_in_a_browser_pick_an_adapter_and_generate(demo, tmp_path):
-    require_browser()
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    started = time.perf_counter()
-    driver = chromium_driver(Path(tempfile.mkdtemp(dir=tmp_path)))
-    try:
-        wait = WebDriverWait(driver, 30)
-        driver.get(demo.url)
-        wait.until(lambda d: d.find_element(By.ID, "generate").is_enabled())
-        driver.find_element(By.CSS_SELECTOR, "#lora-1 input").click()
-        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, '[role=option][aria-label="trained"]')).click()
-        assert driver.find_element(By.CSS_SELECTOR, "#lora-1 input").get_attribute("value") == "trained"
-        strengths = driver.find_element(By.CSS_SELECTOR, "#strengths textarea")
-        strengths.send_keys(Keys.CONTROL, "a")
-        strengths.send_keys("0.5, 1")
-        driver.find_element(By.ID, "generate").click()
-        assert_a_result_is_shown(wait)
-        assert "3 columns x 1 row" in driver.find_element(By.ID, "summary").text
-        requested = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
-        assert requested and all(url.startswith(demo.url) for url in requested), [u for u in requested if not u.startswith(demo.url)]
-
-        # A LoRA of another base: a readable message in the page, not a stack trace.
-        driver.find_element(By.CSS_SELECTOR, "#lora-1 input").click()
-        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, '[role=option][aria-label="other-base"]')).click()
-        driver.find_element(By.ID, "generate").click()
-        toast = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, '[data-testid="toast-text"]'))
-        wait.until(lambda d: "does not fit" in toast.get_attribute("textContent"))
-        assert "LoRA 'other-base' does not fit base model" in toast.get_attribute("textContent")
-        assert "Traceback" not in driver.find_element(By.TAG_NAME, "body").text
-    finally:
-        driver.quit()
-    assert time.perf_counter() - started < 60
-
-
-def test_in_a_browser_the_quickstart_star_on_the_shipped_base(quickstart_lora, tmp_path):
-    """The README's screenshot (FINETUNE_WRITE_DOCS=1 rewrites docs/images/demo.png): the shipped base beside
-    the quickstart's LoRA at two strengths, for a star prompt."""
-    require_browser()
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    from finetune.demo import build_app, launch_app, resolve_base
-    from finetune.demo_engine import DemoEngine
-
-    base, note = resolve_base(None)
-    engine = DemoEngine(base, quickstart_lora.parent)
-    app = build_app(engine, note=note, queue_size=4)
-    url = launch_app(app, port=free_port(), max_upload_mb=1, block=False)
-    driver = chromium_driver(Path(tempfile.mkdtemp(dir=tmp_path)))
-    try:
-        wait = WebDriverWait(driver, 60)
-        driver.get(url)
-        wait.until(lambda d: d.find_element(By.ID, "generate").is_enabled())
-        assert "toy-world base" in driver.find_element(By.ID, "base-note").text
-        driver.find_element(By.CSS_SELECTOR, "#lora-1 input").click()
-        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f'[role=option][aria-label="{quickstart_lora.name}"]')).click()
-        strengths = driver.find_element(By.CSS_SELECTOR, "#strengths textarea")
-        strengths.clear()
-        strengths.send_keys("0.5, 1")
-        driver.find_element(By.ID, "generate").click()
-        assert_a_result_is_shown(wait)
-        # The whole page, top to bottom: controls, the result, and the adapters table with its metadata.
-        driver.execute_script("window.scrollTo(0, 0)")
-        driver.set_window_size(1280, min(2400, driver.execute_script("return document.documentElement.scrollHeight") + 140))
-        time.sleep(0.5)
-        driver.save_screenshot(str(tmp_path / "demo.png"))
-        if os.environ.get("FINETUNE_WRITE_DOCS") == "1":
-            (ROOT / "docs" / "images").mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(tmp_path / "demo.png", ROOT / "docs" / "images" / "demo.png")
-    finally:
-        driver.quit()
-        app.close()

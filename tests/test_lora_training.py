@@ -2,12 +2,10 @@
 and resumes bit for bit."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -67,72 +65,6 @@ def test_loss_falls_on_a_fixed_batch(make_recipe):
     _, trained = lora_model(recipe, result.output_dir / LORA_WEIGHTS_NAME)
     after = fixed_batch_loss(base, trained, recipe)
     assert after < 0.85 * before, (before, after)  # measured: 1.146 -> 0.818 (0.71x)
-
-
-def test_init_from_starts_as_base_plus_that_lora_in_any_layout(make_recipe, tiny_model, tmp_path):
-    """sd-scripts' network_weights: a new run starts from a trained LoRA (ours or sd-scripts' layout, another alpha)."""
-    from finetune.cli import main
-
-    first = train(make_recipe(output_dir=str(tmp_path / "first"), train__max_steps=3, lora__train_text_encoder=True))
-    assert main(["export", str(first.output_dir), str(tmp_path / "kohya"), "--to", "kohya"]) == 0
-    pipeline = StableDiffusionPipeline.from_pretrained(tiny_model)
-    pipeline.load_lora_weights(str(first.output_dir), weight_name=LORA_WEIGHTS_NAME)
-    prompts = ["a red circle"]
-    expected_unet = unet_output(pipeline.unet)
-    expected_text = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, prompts)
-    for source in (first.output_dir, next((tmp_path / "kohya").glob("*.safetensors"))):
-        recipe = make_recipe(lora__init_from=str(source), lora__alpha=8, lora__train_text_encoder=True)  # the first run's alpha is 2
-        base, unet = lora_model(recipe)
-        assert torch.allclose(unet_output(unet), expected_unet, atol=1e-5), source
-        assert torch.allclose(encode_prompts(base.tokenizer, base.text_encoder, prompts), expected_text, atol=1e-5), source
-    for overrides, message in (
-        ({"lora__rank": 8, "lora__train_text_encoder": True}, r"has rank 4 at .*, this recipe's lora.rank is 8: set lora.rank: 4"),
-        ({}, r"has text-encoder layers: set lora.train_text_encoder: true"),
-        # Every left-out kind at once, by the name lora.target_modules takes (not the layer's path, which it refuses).
-        ({"lora__target_modules": ["to_q"], "lora__train_text_encoder": True},
-         r"adapts \d+ layers this recipe's LoRA leaves out \(e\.g\. unet\.\S+\): add to_k, to_out\.0, to_v to lora\.target_modules$"),
-    ):
-        with pytest.raises(FinetuneError, match=message):
-            lora_model(make_recipe(lora__init_from=str(first.output_dir), **overrides))
-    # A LoRA (from another trainer) of text-encoder layers this project's text-encoder LoRA does not train.
-    lora = load_lora(first.output_dir / LORA_WEIGHTS_NAME)
-    lora.layers = {key.replace("self_attn.q_proj", "mlp.fc1"): layer for key, layer in lora.layers.items()}
-    save_lora_file(lora, tmp_path / "mlp" / "mlp.safetensors", "kohya")
-    for text_encoder in (True, False):  # said either way: lora.train_text_encoder could not take them
-        with pytest.raises(FinetuneError, match=r"adapts text-encoder layers \(fc1; e\.g\. text_encoder\.\S+\.mlp\.fc1\) that this project's text-encoder LoRA "
-                                                r"does not train \(it trains q_proj, k_proj, v_proj, out_proj\): it cannot start from this file$"):
-            lora_model(make_recipe(lora__init_from=str(tmp_path / "mlp" / "mlp.safetensors"), lora__train_text_encoder=text_encoder))
-    with pytest.raises(FinetuneError, match=r"lora.init_from .*nothere not found: give a LoRA .safetensors file"):
-        train(make_recipe(lora__init_from=str(tmp_path / "nothere")))
-    with pytest.raises(FinetuneError, match=r"lora.init_from starts a LoRA, and method full trains none"):
-        make_recipe(method="full", lora__init_from=str(first.output_dir))
-
-
-def test_a_run_started_from_a_lora_says_so_records_it_and_keeps_it_when_resumed(make_recipe, tmp_path, capsys):
-    first = train(make_recipe(output_dir=str(tmp_path / "first"), train__max_steps=3))
-    capsys.readouterr()
-    common = dict(output_dir=str(tmp_path / "continued"), checkpoint__every_n_steps=1)
-    continued = train(make_recipe(lora__init_from=str(first.output_dir), train__max_steps=2, **common))
-    layers = len(load_lora(first.output_dir / LORA_WEIGHTS_NAME).layers)
-    assert f"starting from the LoRA {first.output_dir} (lora.init_from): {layers} layers, rank 4, alpha 2, trained 3 steps" in capsys.readouterr().out
-    with safe_open(str(continued.output_dir / LORA_WEIGHTS_NAME), "pt") as f:
-        assert f.metadata()["finetune.init_from"] == "first" and f.metadata()["finetune.steps"] == "2"
-    from finetune.cli import main
-
-    assert main(["export", str(continued.output_dir), str(tmp_path / "webui"), "--to", "kohya"]) == 0
-    assert "| started from | the LoRA `first`" in (tmp_path / "webui" / "continued.md").read_text()
-    # Resumed without the key (it was a command-line override): the record keeps where the weights began.
-    train(make_recipe(train__max_steps=3, **common), resume="latest")
-    out = capsys.readouterr().out
-    assert "starting from the LoRA" not in out and "lora.init_from" not in out  # nor a "settings changed" warning
-    assert yaml.safe_load((continued.output_dir / "recipe.yaml").read_text())["lora"]["init_from"] == str(first.output_dir)
-    with safe_open(str(continued.output_dir / LORA_WEIGHTS_NAME), "pt") as f:
-        assert f.metadata()["finetune.init_from"] == "first"
-    # The LoRA it started from since deleted: the checkpoint holds the weights (it was 'lora.init_from ... not found').
-    shutil.rmtree(first.output_dir)
-    assert train(make_recipe(lora__init_from=str(first.output_dir), train__max_steps=4, **common), resume="latest").final_step == 4
-    with safe_open(str(continued.output_dir / LORA_WEIGHTS_NAME), "pt") as f:
-        assert f.metadata()["finetune.init_from"] == "first"
 
 
 # Attention alone (recipes/lora.yaml), and with the feed-forward, projection and conv layers (the quickstart's).
