@@ -52,7 +52,7 @@ class DealtOrder:
         """Where the stream starts: the epoch it is in, that epoch's deals before the one trained now, the one
         trained now, and how many of its batches trained before `start`."""
         self.start, self._cached = start, (-1, [])
-        self.continued = resumed_at is not None and resumed_at.get("order") == self.order_key()  # a recorded position taken up
+        self.continued = continues(resumed_at, self.order_key())  # a recorded position taken up
         if not self.continued:
             self._epoch, self._done = divmod(start, self.batches_per_epoch)
             self._earlier, self._current = [], self.epoch_batches(self._epoch)
@@ -100,6 +100,12 @@ class DealtOrder:
             epoch, batch, deal = self._locate(micro_batch)
             yield [(index, epoch) for index in deal[batch][self.rows_of(micro_batch)[1]]]
             micro_batch += 1
+
+
+def continues(position: dict | None, order_key: str) -> bool:
+    """Whether `position` (a checkpoint's record, None before it kept one) is of the order `order_key`: taken up, not
+    restarted at micro-batch `start`."""
+    return position is not None and position.get("order") == order_key
 
 
 def items_of(batches: Deal) -> frozenset[int]:

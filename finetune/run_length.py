@@ -23,6 +23,7 @@ from finetune.batches import ItemLayout, make_batch_sampler
 from finetune.checkpoint import read_state
 from finetune.config import Recipe, TrainConfig
 from finetune.counts import counted
+from finetune.data_order import continues
 from finetune.errors import FinetuneError
 from finetune.optim import schedule_change_line
 
@@ -157,11 +158,6 @@ def epochs_text(epochs: float) -> str:
     return counted(epochs, "epoch", spec=".0f" if epochs >= 100 else ".3g")
 
 
-def _continues_order(state: dict, order_key: str | None) -> bool:
-    recorded = (state.get("data_order") or {}).get("order")  # none in a checkpoint from before finetune.data_order
-    return recorded is not None and recorded == order_key
-
-
 def resume_warnings(checkpoint: Path, state: dict, recipe: Recipe, max_steps: int, processes: int, order_key: str | None = None) -> list[str]:
     """What a resume changes around its checkpoint that the comparison of settings does not say: the number of
     processes (the global batch), and the run's length under a schedule laid out over it (the learning rate).
@@ -172,7 +168,7 @@ def resume_warnings(checkpoint: Path, state: dict, recipe: Recipe, max_steps: in
     if processes_then != processes:
         lines.append(f"warning: {checkpoint.name} was trained by {processes_named(processes_then)}, this run has {processes}: the global batch changes "
                      f"from {processes_then * batch_then} to {processes * batch} images per micro-step "
-                     + ("(the data continue where they stopped)" if _continues_order(state, order_key) else "(and the data order with it)"))  # finetune.data_order
+                     + ("(the data continue where they stopped)" if continues(state.get("data_order"), order_key) else "(and the data order with it)"))  # finetune.data_order
     # The planned steps (kept since they were: train.max_epochs counts them from the data), else the recipe's.
     steps_then = state.get("max_steps", (state.get("recipe") or {}).get("train.max_steps"))
     if line := schedule_change_line(recipe.optimizer, checkpoint.name, state["step"], steps_then, max_steps):
