@@ -14,6 +14,7 @@ from finetune.counts import counted
 from finetune.errors import FinetuneError, one_line
 from finetune.image_bounds import sample_grid_problem
 from finetune.library_noise import quiet_third_party_warnings, quiet_weight_progress_bars
+from finetune.native_resolution import native_resolution
 from finetune.process_env import first_on_its_machine, machine_name, main_process
 
 
@@ -111,9 +112,14 @@ def _sample(args) -> int:
         raise FinetuneError("--condition takes one image, used for every prompt: sample each conditioning image in its own run")
     check_lora_scale_has_a_lora(args)
     check_output_folder(Path(args.out), "--out", "the images and grid")
-    if args.resolution and (problem := sample_grid_problem(args.num_images, len(args.prompt), args.resolution, args.controlnet is not None)):
-        raise FinetuneError(problem)  # without --resolution, the model's own is checked once it loads (finetune.inference)
+    def check_grid(resolution: int | None) -> None:
+        if resolution and (problem := sample_grid_problem(args.num_images, len(args.prompt), resolution, args.controlnet is not None)):
+            raise FinetuneError(problem)
+
+    check_grid(args.resolution)  # before the base is looked for
     base = base_or_recorded(args)
+    if args.resolution is None:  # the model's own, from its configs (where they cannot be read, once it loads: finetune.inference)
+        check_grid(native_resolution(base, args.base_config))
     quiet_weight_progress_bars()  # transformers loads with torch: after the checks, so a refusal stays quick
     from finetune.inference import sample_to_folder  # torch and diffusers: after the checks above, which need neither
 

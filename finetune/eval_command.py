@@ -161,17 +161,20 @@ def recorded_as_found(args) -> str | None:
 def run_eval_command(args) -> int:
     """``finetune eval``: run, print the table, write the report."""
     from finetune.cli import base_or_recorded, check_lora_scale_has_a_lora
-    from finetune.evaluate import default_suites, print_table, run_eval
+    from finetune.evaluate import default_suites, print_table, refuse_a_report_grid, run_eval
+    from finetune.native_resolution import native_resolution
 
     suites = default_suites(args.suite, args.controlnet)
     check_lora_scale_has_a_lora(args)
     check_subject_options_are_read(args, suites)
+    base = base_or_recorded(args)  # --base at once; the adapter's record is read with torch
+    # At the model's own resolution, from its configs: torch and the model loaded (seconds to a minute) before it was said.
+    refuse_a_report_grid(suites, args.num_prompts, args.images_per_prompt, native_resolution(base, args.base_config))
     quiet_weight_progress_bars()  # transformers, then torch and diffusers: after the checks above, which need neither
     from finetune.prompt_options import PromptSettings, guidance_notes
 
     for note in guidance_notes([PromptSettings("", None, args.seed, args.guidance, args.steps)]):
         print(f"note: {note}")
-    base = base_or_recorded(args)
     recorded = recorded_as_found(args) if args.base else base  # without --base, it is the recorded one
     prompt_parts = subject_prompt_parts(suites, args.identifier, args.class_word, args.subject)
     out = Path(args.out) if args.out else default_out(base, args.lora, args.controlnet, suites, args.lora_scale, args.conditioning_scale, recorded, prompt_parts)

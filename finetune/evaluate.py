@@ -47,6 +47,7 @@ import numpy as np
 from finetune.counts import counted
 from finetune.errors import FinetuneError
 from finetune.image_bounds import grid_problem
+from finetune.native_resolution import native_resolution
 from finetune.toyworld.metrics import (
     attribute_share,
     chance_iou,
@@ -162,6 +163,15 @@ def generate_per_prompt(pipeline, prompts, images_per_prompt, seed, steps, guida
     return generate(pipeline, prompts, images_per_prompt, seeds, steps, guidance, resolution, conditions=conditions, **call_kwargs)
 
 
+def refuse_a_report_grid(suites, num_prompts: int, images_per_prompt: int, resolution: int | None) -> None:
+    """The report's grids, drawn as sample's are, checked at the model's own `resolution` (None: not known yet) before
+    any image is made: the rows of the control suites start with the prompt's conditioning image."""
+    conditioned = 1 if set(CONTROL_SUITES) & set(suites) else 0
+    if resolution and (problem := grid_problem("report grid", "--images-per-prompt", images_per_prompt, min(num_prompts, GRID_PROMPTS),
+                                                resolution, conditioned, "lower --images-per-prompt")):  # fmt: skip
+        raise FinetuneError(problem)
+
+
 def run_eval(
     base: str,
     lora: str | None = None,
@@ -201,6 +211,7 @@ def run_eval(
     options = dict(n=num_prompts, images_per_prompt=images_per_prompt, identifier=identifier, subject=subject,
                    class_word=class_word, controlnet=controlnet is not None)  # fmt: skip
     suites = _validate(default_suites(suites, controlnet), options)  # before the (slow) model load
+    refuse_a_report_grid(suites, num_prompts, images_per_prompt, native_resolution(base, base_config))
     from finetune.placement import inference_placement, place, without_tf32
 
     pipeline = load_sampling_pipeline(base, lora, lora_scale, controlnet, base_config=base_config)
@@ -208,11 +219,7 @@ def run_eval(
     place(pipeline, *inference_placement("auto", "fp32"))  # the GPU if any; fp32, so reports compare across machines
     resolution = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     options["resolution"] = resolution
-    # The report's grids, drawn as sample's are: checked at the model's own resolution, before any image is made.
-    conditioned = 1 if set(CONTROL_SUITES) & set(suites) else 0  # their rows start with the prompt's conditioning image
-    if problem := grid_problem("report grid", "--images-per-prompt", images_per_prompt, min(num_prompts, GRID_PROMPTS), resolution, conditioned,
-                               "lower --images-per-prompt"):  # fmt: skip
-        raise FinetuneError(problem)
+    refuse_a_report_grid(suites, num_prompts, images_per_prompt, resolution)  # a base whose configs said no resolution before it loaded
 
     def make_rows(ps: PromptSet):
         control = {} if controlnet is None else dict(controlnet_conditioning_scale=scale)

@@ -1,0 +1,45 @@
+"""A base model's own image side (what `finetune sample` without --resolution and `finetune eval` sample at), read from
+its configs before it loads: a grid too large to open is then refused in a second, not after torch and the UNet have
+loaded (seconds to a minute). Imports neither torch nor diffusers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")  # finetune.config's, not imported from there: it imports pydantic
+
+
+def native_resolution(base: str, base_config: str | None = None) -> int | None:
+    """The side the pipeline of `base` samples at, `unet.sample_size * vae_scale_factor` as diffusers computes it, from the
+    configs of a diffusers folder, of a hub id in the local cache, or of a single file's `base_config`; None where they
+    cannot be read without loading (a single file described by its weights alone, a hub id not in the cache): the
+    loaded model's is checked then."""
+    source = base_config if Path(base).suffix in SINGLE_FILE_SUFFIXES else base
+    if source is None:
+        return None
+    unet, vae = (_config_file(source, f"{part}/config.json") for part in ("unet", "vae"))
+    if unet is None or vae is None:
+        return None
+    try:
+        sample_size = json.loads(unet.read_text()).get("sample_size")
+        blocks = json.loads(vae.read_text()).get("block_out_channels")
+    except (OSError, ValueError, AttributeError):  # loading says what is wrong with the files
+        return None
+    if not isinstance(sample_size, int) or not isinstance(blocks, list) or not blocks:
+        return None
+    return sample_size * 2 ** (len(blocks) - 1)  # diffusers' vae_scale_factor
+
+
+def _config_file(source: str, name: str) -> Path | None:
+    """`name` in the folder `source`, or in the local cache of hub id `source` (never a download)."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        return folder / name if (folder / name).is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(source, name)
+    except ValueError:  # no hub id either (huggingface_hub's HFValidationError): loading says it is not there
+        return None
+    return Path(found) if isinstance(found, str) else None
