@@ -106,6 +106,24 @@ def test_full_dreambooth_trains_the_unet_only_and_the_saved_pipeline_reproduces_
     assert f"| trained prompts and caption tags | a sks shape ({images}) |" in card and "StableDiffusionPipeline.from_pretrained" in card
 
 
+def test_full_dreambooth_trains_the_text_encoder_at_its_own_rate(make_recipe, star_folder, tmp_path, monkeypatch):
+    """One AdamW step moves each weight by at most its group's rate (Adam's first step is lr x the gradient's sign, here
+    without weight decay or warmup): the text encoder's largest change is dreambooth.text_encoder_lr, the UNet's optimizer.lr."""
+    import finetune.trainer as trainer_module
+
+    recipe = dreambooth_recipe(
+        make_recipe, star_folder, tmp_path, train__max_steps=1, optimizer__lr=1e-3, optimizer__scheduler="constant", optimizer__warmup_steps=0,
+        optimizer__weight_decay=0.0, dreambooth={"adapter": "full", "train_text_encoder": True, "text_encoder_lr": 1e-4},
+    )  # fmt: skip
+    captured, original = {}, trainer_module.load_base_model
+    monkeypatch.setattr(trainer_module, "load_base_model", lambda *a, **k: captured.setdefault("base", original(*a, **k)))
+    train(recipe)
+    trained, fresh = captured["base"], load_base_model(recipe.model)
+    largest = {part: max((getattr(trained, part).state_dict()[name] - tensor).abs().max().item() for name, tensor in getattr(fresh, part).state_dict().items())
+               for part in ("unet", "text_encoder")}  # fmt: skip
+    assert largest == pytest.approx({"unet": 1e-3, "text_encoder": 1e-4}, rel=1e-2)
+
+
 def test_dreambooth_lora_with_two_concepts_and_text_encoder(make_recipe, star_folder, image_folder, tmp_path, capsys, monkeypatch):
     import finetune.trainer as trainer_module
 
