@@ -7,6 +7,7 @@ later) and a resumed checkpoint's files. `finetune.distributed.configure_deepspe
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from finetune import checkpoint as ckpt
@@ -26,13 +27,39 @@ def launch_deepspeed_config() -> dict | None:
 
 def check_deepspeed_launch(recipe: Recipe, trained_models: list[str], resume_from: Path | None) -> None:
     """Refuse what this launch's DeepSpeed cannot do with `recipe` (whose method trains `trained_models`), and a resume
-    from a checkpoint another engine, ZeRO stage or number of processes wrote (checked with or without DeepSpeed)."""
+    from a checkpoint another engine, ZeRO stage or number of processes wrote (checked with or without DeepSpeed). Under
+    DeepSpeed, its "untested optimizer" line is left out for the optimizers tested under ZeRO here."""
     config = launch_deepspeed_config()
     if resume_from is not None:
         stage = config_stage(config) if config is not None else None
         ckpt.check_same_engine(resume_from, ckpt.read_state(resume_from).get("processes"), stage, launched_processes())
     if config is not None:
         check_deepspeed_recipe(recipe, trained_models, config)
+        quiet_untested_optimizer_line(recipe.optimizer.name)
+
+
+# DeepSpeed logs "You are using ZeRO with an untested optimizer, proceed with caution" for every optimizer outside its own
+# list (torch's Adam and AdamW, its fused and CPU ones), whatever its config says: zero_allow_untested_optimizer, which
+# accelerate sets for every optimizer it is handed, only lets the run start. The 8-bit optimizers are tested under ZeRO
+# here (adamw8bit: its 8-bit states in the checkpoint and a resume, tests/test_recipes_in_processes.py; paged_adamw8bit
+# and lion8bit are the same blockwise 8-bit code of bitsandbytes). Prodigy keeps the line: it finds its step size from
+# sums over the weights it is given, under ZeRO each process's shard alone.
+ZERO_TESTED_OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "lion8bit")
+UNTESTED_OPTIMIZER_LINE = "You are using ZeRO with an untested optimizer"
+
+
+def _not_the_untested_optimizer_line(record: logging.LogRecord) -> bool:
+    return UNTESTED_OPTIMIZER_LINE not in record.getMessage()
+
+
+def quiet_untested_optimizer_line(optimizer_name: str) -> None:
+    """DeepSpeed's "untested optimizer" line left out for optimizer.name `optimizer_name` where it is one of
+    ZERO_TESTED_OPTIMIZERS, said for any other (a process may run several trainings); its other lines are kept."""
+    logger = logging.getLogger("DeepSpeed")  # the logger DeepSpeed creates on import (the same object before it)
+    if optimizer_name in ZERO_TESTED_OPTIMIZERS:
+        logger.addFilter(_not_the_untested_optimizer_line)  # once: a filter already there is not added again
+    else:
+        logger.removeFilter(_not_the_untested_optimizer_line)
 
 
 def check_deepspeed_recipe(recipe: Recipe, trained_models: list[str], config: dict) -> None:

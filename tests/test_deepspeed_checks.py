@@ -93,3 +93,38 @@ def test_deepspeed_takes_the_batch_accumulation_and_clipping_from_the_recipe(mak
                                   state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
     configure_deepspeed(accelerator, make_recipe(train__batch_size=3, train__gradient_accumulation_steps=2, train__max_grad_norm=0.5))
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"], config["train_batch_size"], config["gradient_clipping"]) == (3, 2, 12, 0.5)
+
+
+def test_deepspeeds_untested_optimizer_line_is_left_out_for_the_8bit_optimizers_alone(make_recipe, launched_with, tmp_path, monkeypatch, caplog):
+    """DeepSpeed logs "untested optimizer" for every optimizer outside its list, whatever its config says (accelerate sets
+    zero_allow_untested_optimizer for each it is handed, which only lets the run start): the line is left out for the
+    8-bit optimizers, tested under ZeRO here, and said for Prodigy, which is not; DeepSpeed's other lines are kept.
+    DeepSpeed's own check, as its engine calls it on the optimizer finetune builds, after the launch's checks."""
+    import logging
+
+    import deepspeed.runtime.engine
+    import deepspeed.runtime.zero.utils
+    import torch
+
+    from finetune.optim import build_optimizer
+
+    monkeypatch.setattr(deepspeed.runtime.zero.utils, "dist", SimpleNamespace(get_rank=lambda: 0))  # no process group here
+    engine = SimpleNamespace(get_data_types=lambda: (torch.float32, torch.float32), zero_optimization=lambda: True, zero_optimization_stage=lambda: 2,
+                             zero_allow_untested_optimizer=lambda: True, zero_cpu_offload=lambda: False, global_rank=0)  # fmt: skip
+    logger = logging.getLogger("DeepSpeed")  # it does not pass its records on to the root logger
+    logger.addHandler(caplog.handler)
+    launched_with("zero2.json")
+    said = {}
+    try:
+        for name, lr in (("adamw8bit", 1e-4), ("lion8bit", 1e-4), ("prodigy", 1.0), ("adamw", 1e-4)):
+            recipe = make_recipe(model__pretrained=str(tmp_path / "no-such-model"), optimizer__name=name, optimizer__lr=lr)
+            with pytest.raises(FinetuneError, match="no-such-model"):  # past the launch's checks
+                train(recipe)
+            caplog.clear()
+            deepspeed.runtime.engine.DeepSpeedEngine._do_optimizer_sanity_check(engine, build_optimizer(recipe.optimizer, [torch.nn.Parameter(torch.zeros(4096))]))
+            logger.warning("another DeepSpeed warning")
+            said[name] = [record.getMessage() for record in caplog.records]
+    finally:
+        logger.removeHandler(caplog.handler)
+    untested = ["**** You are using ZeRO with an untested optimizer, proceed with caution *****", "another DeepSpeed warning"]
+    assert said == {"adamw8bit": untested[1:], "lion8bit": untested[1:], "prodigy": untested, "adamw": untested[1:]}  # adamw: on DeepSpeed's list
