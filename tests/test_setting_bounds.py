@@ -119,8 +119,8 @@ def test_sample_refuses_a_grid_past_the_recipes_bound_before_the_model_loads(tmp
 
 
 def test_sample_and_eval_check_the_grid_at_the_models_own_resolution_before_any_image(tiny_model, tmp_path, capsys):
-    """Without --resolution (and in eval, which samples at the model's own) the grid is checked once the model has
-    loaded, before any image is made: the tiny model samples at 64 px."""
+    """Without --resolution (and in eval, which samples at the model's own) the grid is checked at the model's own
+    side, before any image is made: the tiny model samples at 64 px (read from its configs, test_native_resolution)."""
     assert main(["sample", "--base", str(tiny_model), "--prompt", "a", "--num-images", str(10**7), "--out", str(tmp_path / "s")]) == 2
     assert "error: --num-images (10000000) with 1 prompt row at 64 px makes a 640000160x64 grid" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
