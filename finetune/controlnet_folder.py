@@ -13,7 +13,8 @@ from pathlib import Path
 import yaml
 
 from finetune.checkpoint import STATE_FILE, list_checkpoints
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, looked_for_here
+from finetune.model_source import hub_files, where_looked
 
 # A UNet or a pipeline given where the user meant to make a ControlNet of it.
 FROM_A_UNET = "to make a new ControlNet of a pipeline's UNet, set controlnet.pretrained: null (it copies model.pretrained's UNet)"
@@ -31,8 +32,8 @@ def not_a_controlnet_message(path: Path, given: str, named: str = "controlnet.pr
     """The line for `named` (controlnet.pretrained or --controlnet) `given` (at `path`), a folder without config.json
     or one that is not there."""
     expected, from_a_pipeline = EXPECTED_OF[named]
-    if not path.exists():
-        return f"ControlNet {given} not found: {expected}"
+    if not path.exists():  # controlnet.pretrained takes hub ids too: a path spelled as one is said to be read as a path
+        return f"ControlNet {given} not found{where_looked(given) if named == 'controlnet.pretrained' else looked_for_here(given)}: {expected}"
     what, hint = folder_kind(path, from_a_pipeline)
     return f"{named} {given} is {what}, not a ControlNet: {expected}{hint}"
 
@@ -126,3 +127,14 @@ def conditioning_channels_problem(config) -> str | None:
         return None
     return (f"takes {channels}-channel conditioning images (its config.json's conditioning_channels), but conditioning images "
             "are read as RGB (3 channels): use a ControlNet made for RGB conditioning images (conditioning_channels 3)")
+
+
+def check_hub_controlnet(repo_id: str) -> None:
+    """controlnet.pretrained as a hub id: its config.json (kilobytes) fetched, or found in the cache, and checked before
+    any model loads; its weights download as it loads. Not in the cache offline, or not on the hub, was the hub's error
+    as it loaded, after the base model (a moved runs/edges is looked up on the hub where no runs/ folder is here)."""
+    folder = hub_files(repo_id, "controlnet.pretrained", what="ControlNet", local="a local ControlNet folder", allow_patterns=["config.json"])
+    if not (folder / "config.json").is_file():  # offline, the cache's snapshot folder comes back with what it holds
+        raise FinetuneError(f"ControlNet {repo_id} has no config.json in the local Hugging Face cache: download it once with network, "
+                            "or set controlnet.pretrained to a local ControlNet folder")  # fmt: skip
+    require_controlnet_config(folder, f"controlnet.pretrained {repo_id}", f"; {FROM_A_UNET}")

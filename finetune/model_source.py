@@ -79,7 +79,7 @@ def locate_base(config: ModelConfig) -> BaseLocation:
             check_variant(path, name, config.variant)
         return BaseLocation(config, path)
     if not looks_like_hub_id(name):
-        raise FinetuneError(f"base model {name} not found: no such folder or file (check {config._key}){looked_for_here(name)}")
+        raise FinetuneError(f"base model {name} not found: no such folder or file (check {config._key}){where_looked(name)}")
     # The configs first: an SDXL or inpainting id is said before gigabytes of its weights download.
     configs = _hub_snapshot(config, config.revision, allow_patterns=["model_index.json", "*/config.json"])
     check_architecture(configs, name)
@@ -126,8 +126,23 @@ def located_folder(config: ModelConfig, location: BaseLocation | None) -> Path |
 
 
 def looks_like_hub_id(name: str) -> bool:
-    """`owner/name`, as the hub spells models; not a local path."""
-    return name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    """`owner/name`, as the hub spells models; not a local path: one starting with `.`, `/` or `~`, holding a backslash,
+    of other than two parts, or whose first part is a folder here (runs/edges beside a runs/ folder: a run's output
+    that moved or was never written, which the hub would be asked for and answer with its own error, late)."""
+    return _spelled_as_hub_id(name) and not Path(name.split("/")[0]).is_dir()
+
+
+def _spelled_as_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and all(name.split("/")) and not name.startswith((".", "/", "~")) and "\\" not in name
+
+
+def where_looked(name: str) -> str:
+    """For a local path `name` not found: where it was looked for, and for one spelled as a hub id, that a folder here
+    of its first part made it a path (to give a hub id of that name, run from another folder)."""
+    first = name.split("/")[0]
+    if _spelled_as_hub_id(name) and Path(first).is_dir():
+        return f" (relative paths are read from the current folder, {os.getcwd()}, whose folder {first} makes it a path into that folder, not a hub id)"
+    return looked_for_here(name)
 
 
 def holds_a_lora(path: Path) -> bool:
@@ -154,12 +169,18 @@ def download_patterns(variant: str | None) -> tuple[list[str], list[str]]:
 
 
 def _hub_snapshot(config: ModelConfig, revision: str | None, **patterns) -> Path:
-    """The files of hub id `config.pretrained` at `revision` that `patterns` (snapshot_download's allow/ignore) select,
-    from the cache, else downloaded (offline with HF_HUB_OFFLINE=1: the cache only); the revision's snapshot folder."""
+    """The files of base model hub id `config.pretrained` at `revision` that `patterns` select (`hub_files`)."""
+    return hub_files(config.pretrained, config._key, revision, **patterns)
+
+
+def hub_files(repo_id: str, key: str, revision: str | None = None, what: str = "base model",
+              local: str = "a local diffusers folder or .safetensors file", **patterns) -> Path:  # fmt: skip
+    """The files of hub id `repo_id` (given as `key`, a `what`) at `revision` that `patterns` (snapshot_download's
+    allow/ignore) select, from the cache, else downloaded (offline with HF_HUB_OFFLINE=1: the cache only); the revision's
+    snapshot folder. Not there is one line naming `key`, and `local`: what else it may be set to."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    repo_id, key = config.pretrained, config._key
     offline = _offline()
     try:
         return Path(snapshot_download(repo_id, revision=revision, local_files_only=offline, **patterns))
@@ -167,13 +188,13 @@ def _hub_snapshot(config: ModelConfig, revision: str | None, **patterns) -> Path
         # Offline, or online with the hub out of reach (huggingface_hub then looks in the cache, and raises this too).
         why = "downloads are off (HF_HUB_OFFLINE=1)" if offline else "the hub could not be reached (no network?)"
         raise FinetuneError(
-            f"base model {repo_id} is not in the local Hugging Face cache and {why}: "
-            f"download it once with network, or set {key} to a local diffusers folder or .safetensors file (there is no folder {repo_id} in the current folder, {os.getcwd()}, either)"
+            f"{what} {repo_id} is not in the local Hugging Face cache and {why}: "
+            f"download it once with network, or set {key} to {local} (there is no folder {repo_id} in the current folder, {os.getcwd()}, either)"
         ) from None
     except (RepositoryNotFoundError, HFValidationError):
-        raise FinetuneError(f"base model {repo_id} not found on the hub, nor as a folder in the current folder ({os.getcwd()}): check {key}") from None
+        raise FinetuneError(f"{what} {repo_id} not found on the hub, nor as a folder in the current folder ({os.getcwd()}): check {key}") from None
     except OSError as err:
-        raise FinetuneError(f"base model {repo_id} could not be fetched ({err.__class__.__name__}): check the network or use a local folder") from None
+        raise FinetuneError(f"{what} {repo_id} could not be fetched ({err.__class__.__name__}): check the network or use a local folder") from None
 
 
 def _offline() -> bool:

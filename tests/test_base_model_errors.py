@@ -120,6 +120,17 @@ def test_a_missing_local_base_is_said_before_the_data_check(image_folder, tmp_pa
     assert capsys.readouterr().err.strip().splitlines() == [f"error: base model {tmp_path / 'nowhere'} not found: no such folder or file (check model.pretrained)"]
 
 
+def test_a_missing_folder_under_a_local_folder_is_not_asked_of_the_hub(tmp_path, monkeypatch):
+    """models/sd15 beside a models/ folder was looked up as a hub id (offline: 'not in the local Hugging Face cache')."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "models").mkdir()
+    with pytest.raises(FinetuneError) as refused:
+        resolve_model_folder(ModelConfig(pretrained="models/sd15"))
+    assert str(refused.value) == (f"base model models/sd15 not found: no such folder or file (check model.pretrained) (relative paths are read "
+                                  f"from the current folder, {tmp_path}, whose folder models makes it a path into that folder, not a hub id)")  # fmt: skip
+
+
 def test_an_sdxl_hub_id_is_refused_from_its_configs_before_its_weights_download(tiny_model, tmp_path, monkeypatch):
     # stabilityai/stable-diffusion-xl-base-1.0 as model.pretrained downloaded about 7 GB, then stopped at the first step.
     import huggingface_hub

@@ -35,7 +35,7 @@ from PIL import Image
 
 from finetune.atomic_files import removed_if_unfinished, replace_folder, with_default_permissions
 from finetune.config import Recipe
-from finetune.controlnet_folder import FROM_A_UNET, conditioning_channels_problem, not_a_controlnet_message, refuse_a_controlnet_file, require_controlnet_config, weights_variant
+from finetune.controlnet_folder import FROM_A_UNET, check_hub_controlnet, conditioning_channels_problem, not_a_controlnet_message, refuse_a_controlnet_file, require_controlnet_config, weights_variant
 from finetune.controlnet_layout import RESUMED_LAYOUT, kept_layout, unknown_layout_problem
 from finetune.controlnet_data import ControlNetDataset, checked_pairs, controlnet_collate, paired_views, validation_conditions_problem
 from finetune.images import open_rgb
@@ -106,7 +106,9 @@ class ControlNetMethod(DiffusionMethod):
             if (path / "config.json").is_file() and unlocked_decoder_folder(path):  # not a pipeline's controlnet/ beside its unet/
                 raise FinetuneError(f"controlnet.pretrained {pretrained} was trained with controlnet.unlock_unet_decoder and works only with its "
                                     f"own UNet ({path.parent / UNET_DIR}), which a run does not start from: set controlnet.pretrained: null")  # fmt: skip
-            elif not (looks_like_hub_id(pretrained) and not path.exists()) and not (path / "config.json").is_file():
+            elif looks_like_hub_id(pretrained) and not path.exists():
+                check_hub_controlnet(pretrained)
+            elif not (path / "config.json").is_file():
                 raise FinetuneError(not_a_controlnet_message(path, pretrained))  # what the folder is, where it is one
             self.started_from = started_from(self.pretrained)  # now, while a local folder is there to be told from a hub id
 
