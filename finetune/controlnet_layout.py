@@ -2,16 +2,19 @@
 reads no starting weights (finetune.start_weights), and `ControlNetModel.from_unet` would not make that layout (another
 conditioning embedding, say). A checkpoint keeps it in its state; one from before that has it in its controlnet/
 output (checkpoint.save_outputs); one with neither, of a layout from_unet does not make, is said to be so in one line
-before its weights load (it was 'another lora.rank?', the checkpoint's shape error)."""
+before its weights load (it was 'another lora.rank?', the checkpoint's shape error; under DeepSpeed, DeepSpeed's)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+from finetune.checkpoint import DEEPSPEED_FOLDER
 
 RESUMED_LAYOUT = "controlnet_config"  # in a checkpoint's method state
 
@@ -28,15 +31,31 @@ def kept_layout(checkpoint: Path, method_state: dict) -> dict | None:
 
 def unknown_layout_problem(made: torch.nn.Module, checkpoint: Path, began: str) -> str | None:
     """Why the ControlNet `made` from the UNet cannot take `checkpoint`'s weights (one started from `began`, whose
-    layout the checkpoint does not keep), from the shapes its trainable_<i> files hold; None where they fit."""
+    layout the checkpoint does not keep), from the shapes it holds (`saved_shapes`); None where they fit."""
     shapes = {name: tuple(parameter.shape) for name, parameter in made.named_parameters()}
+    for name, shape in saved_shapes(checkpoint):
+        if name in shapes and shapes[name] != shape:
+            return (f"checkpoint {checkpoint} was written before checkpoints kept the layout of the ControlNet they started from "
+                    f"(controlnet.pretrained {began}), with checkpoint.save_outputs: false, so nothing in it says that layout, which is "
+                    f"not one ControlNetModel.from_unet makes ({name}: shape {shape}, not {shapes[name]}): resume from a checkpoint of "
+                    f"this run that holds a controlnet/ folder, or start a new run from {began}")  # fmt: skip
+    return None
+
+
+def saved_shapes(checkpoint: Path) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of each trained parameter `checkpoint` holds: from its trainable_<i> files' headers, or, written under
+    DeepSpeed (which writes none of those: its old layout-less checkpoints ended in DeepSpeed's size mismatch as their
+    weights loaded), from its engine's model states' param_shapes, as DeepSpeed's zero_to_fp32 reads them; the same for
+    ZeRO-3's shards (full shapes). Those files are read without their weights (mmap), and as DeepSpeed reads them."""
+    shapes = []
     for saved in sorted(checkpoint.glob("trainable_*.safetensors")):
         with contextlib.suppress(SafetensorError, OSError), safe_open(str(saved), "pt") as opened:
-            for name in opened.keys():
-                shape = tuple(opened.get_slice(name).get_shape())
-                if name in shapes and shapes[name] != shape:
-                    return (f"checkpoint {checkpoint} was written before checkpoints kept the layout of the ControlNet they started from "
-                            f"(controlnet.pretrained {began}), with checkpoint.save_outputs: false, so nothing in it says that layout, which is "
-                            f"not one ControlNetModel.from_unet makes ({name}: shape {shape}, not {shapes[name]}): resume from a checkpoint of "
-                            f"this run that holds a controlnet/ folder, or start a new run from {began}")  # fmt: skip
-    return None
+            shapes += [(name, tuple(opened.get_slice(name).get_shape())) for name in opened.keys()]
+    for states in sorted((checkpoint / DEEPSPEED_FOLDER).glob("*model_states.pt"))[:1]:  # one process's: each holds every shape
+        try:
+            state = torch.load(states, map_location="cpu", mmap=True, weights_only=False)  # DeepSpeed's own objects (its config)
+        except (OSError, RuntimeError, ValueError, EOFError, AttributeError, ImportError, pickle.UnpicklingError):
+            continue  # damaged: DeepSpeed's load says so
+        groups = [*(state.get("param_shapes") or []), state.get("frozen_param_shapes") or {}] if isinstance(state, dict) else []
+        shapes += [(name, tuple(shape)) for group in groups for name, shape in group.items()]
+    return shapes
