@@ -91,3 +91,23 @@ def test_a_cached_hub_controlnet_is_checked_from_its_config_before_any_model_loa
     assert refusal(make_recipe, pairs_folder, "someone/edges") == (
         "ControlNet someone/edges has no config.json in the local Hugging Face cache: download it once with network, or set "
         "controlnet.pretrained to a local ControlNet folder")
+
+
+def test_a_controlnet_recording_no_prediction_type_is_said_to_be_taken_as_the_bases(make_recipe, pairs_folder, tiny_model, offline_cache):
+    """A hub ControlNet (or one trained elsewhere) records no finetune.prediction_type: it was taken, unsaid, as trained
+    for whatever this run trains. It is taken to be trained for the base's own target, in the start line; where the run
+    trains another (model.prediction_type), a warning (assumed, so not refused as a recorded other target is)."""
+    from controlnet_helpers import set_up
+
+    run = write_controlnet_run(tiny_model, offline_cache.parent / "made", trained=False)
+    fake_hub_cache(offline_cache, "someone/edges", run / CONTROLNET_DIR)
+    method = set_up(controlnet_recipe(make_recipe, pairs_folder, controlnet__pretrained="someone/edges"))
+    assert method.start_lines == ["starting from the ControlNet someone/edges (controlnet.pretrained): no prediction type recorded, taken to be the base's (epsilon)"]
+    method = set_up(controlnet_recipe(make_recipe, pairs_folder, controlnet__pretrained="someone/edges", model__prediction_type="v_prediction"))
+    assert method.start_lines[1:] == [
+        "warning: controlnet.pretrained someone/edges records no prediction type and is taken to be trained for the base's epsilon, this run "
+        "trains for v_prediction (model.prediction_type): it starts from what it did not learn, and its step-0 samples, read as v_prediction, "
+        "may be noise; remove model.prediction_type if it was trained for epsilon"]
+    (run / CONTROLNET_DIR / "finetune_metadata.json").write_text(json.dumps({"finetune.method": "controlnet", "finetune.prediction_type": "epsilon"}))
+    assert set_up(controlnet_recipe(make_recipe, pairs_folder, controlnet__pretrained=str(run))).start_lines == [
+        f"starting from the ControlNet {run} (controlnet.pretrained)"]  # recorded: nothing to take

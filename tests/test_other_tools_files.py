@@ -195,6 +195,7 @@ def test_a_controlnet_folder_holding_only_its_fp16_variant_loads_in_sample_the_d
     base = load_base_model(ModelConfig(pretrained=str(SHIPPED_BASE)))
     method = ControlNetMethod(make_recipe(method="controlnet", data__image_dir=str(pairs_folder), controlnet__pretrained=str(folder)))
     method.check_data()
+    method.base = base  # as setup sets it: the start line names the base's prediction type
     for controlnet in (load_controlnet(folder, base), _load_controlnet(folder)[0], method._load_or_create(base.unet)):
         loaded = controlnet.state_dict()
         assert all(torch.equal(loaded[key], value.half().float()) for key, value in weights.items())

@@ -163,7 +163,7 @@ class ControlNetMethod(DiffusionMethod):
                 raise FinetuneError(f"ControlNet {pretrained} does not fit base model {self.base.source}: its {key} is {mine}, the UNet's {theirs}")
         if (problem := conditioning_channels_problem(controlnet.config)) is not None:  # a hub id: its config is read only here
             raise FinetuneError(f"controlnet.pretrained {pretrained} {problem}")
-        self.start_lines.append(self._start_line(recorded))
+        self.start_lines += [self._start_line(recorded), *self._unrecorded_target_warning(recorded)]
         return controlnet
 
     def _recorded_by_its_run(self) -> dict:
@@ -182,13 +182,25 @@ class ControlNetMethod(DiffusionMethod):
 
     def _start_line(self, recorded: dict) -> str:
         """Which ControlNet the run starts from, and what its run recorded of it (steps, conditioning kind), as
-        lora.init_from's start is said: its outputs' steps are this run's."""
+        lora.init_from's start is said: its outputs' steps are this run's. One that records no prediction type (a hub
+        id's, or one trained elsewhere) is taken to be trained for the base's own, as ControlNets are made for a base: said."""
         from finetune.conditions import recorded_conditioning
 
         steps, made = recorded.get("finetune.steps"), recorded_conditioning(recorded)
-        facts = [f"trained {counted(steps, 'step')}" if steps else "", f"on {made} conditioning images" if made else ""]
+        facts = [f"trained {counted(steps, 'step')}" if steps else "", f"on {made} conditioning images" if made else "",
+                 "" if recorded.get("finetune.prediction_type") else f"no prediction type recorded, taken to be the base's ({self.base.pretrained_prediction_type})"]  # fmt: skip
         known = ", ".join(fact for fact in facts if fact)
         return f"starting from the ControlNet {self.settings.pretrained} (controlnet.pretrained)" + (f": {known}" if known else "")
+
+    def _unrecorded_target_warning(self, recorded: dict) -> list[str]:
+        """Where this run trains another target than the base's (model.prediction_type), a ControlNet taken to be trained
+        for the base's starts from what it did not learn: a warning, not a refusal, as that is assumed, not recorded."""
+        base, trained = self.base.pretrained_prediction_type, self.base.noise_scheduler.config.prediction_type
+        if recorded.get("finetune.prediction_type") or base == trained:
+            return []
+        return [f"warning: controlnet.pretrained {self.settings.pretrained} records no prediction type and is taken to be trained for the base's "
+                f"{base}, this run trains for {trained} (model.prediction_type): it starts from what it did not learn, and its step-0 samples, "
+                f"read as {trained}, may be noise; remove model.prediction_type if it was trained for {base}"]  # fmt: skip
 
     def resuming(self, checkpoint: Path, state: dict) -> None:
         super().resuming(checkpoint, state)
