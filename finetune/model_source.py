@@ -61,6 +61,10 @@ def locate_base(config: ModelConfig) -> BaseLocation:
                        if config._key == "model.pretrained" else
                        f"pass it as --lora, with {config._key} the model it was trained on (the demo lists the LoRAs under --adapters)")
             raise FinetuneError(f"{name} is a LoRA, not a base model: {instead}")
+        configs = config.single_file_config
+        if configs and not looks_like_hub_id(configs) and not Path(configs).expanduser().exists():  # was diffusers' error as it loaded
+            raise FinetuneError(f"{config._single_file_config_key} {configs} not found: give the diffusers folder or hub id of the model "
+                                f"{name} was made from{where_looked(configs)}")  # fmt: skip
         return BaseLocation(config, None)
     if config.single_file_config:
         raise FinetuneError(

@@ -131,6 +131,23 @@ def test_a_missing_folder_under_a_local_folder_is_not_asked_of_the_hub(tmp_path,
                                   f"from the current folder, {tmp_path}, whose folder models makes it a path into that folder, not a hub id)")  # fmt: skip
 
 
+def test_a_single_file_bases_config_folder_not_there_is_said_before_anything_loads(tmp_path, monkeypatch):
+    """model.single_file_config (a folder or hub id) not there was diffusers' error as the file loaded, after the data check;
+    configs/sd15 beside a configs/ folder was asked of the hub."""
+    from safetensors.torch import save_file
+
+    from finetune.model_source import locate_base
+
+    monkeypatch.chdir(tmp_path)
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "configs").mkdir()
+    for configs, where in (("configs/sd15", f"{tmp_path}, whose folder configs makes it a path into that folder, not a hub id"), ("./sd15", f"{tmp_path}")):
+        with pytest.raises(FinetuneError) as refused:
+            locate_base(ModelConfig(pretrained=str(tmp_path / "model.safetensors"), single_file_config=configs))
+        assert str(refused.value) == (f"model.single_file_config {configs} not found: give the diffusers folder or hub id of the model "
+                                      f"{tmp_path / 'model.safetensors'} was made from (relative paths are read from the current folder, {where})")  # fmt: skip
+
+
 def test_an_sdxl_hub_id_is_refused_from_its_configs_before_its_weights_download(tiny_model, tmp_path, monkeypatch):
     # stabilityai/stable-diffusion-xl-base-1.0 as model.pretrained downloaded about 7 GB, then stopped at the first step.
     import huggingface_hub

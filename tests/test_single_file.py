@@ -99,10 +99,12 @@ def test_single_safetensors_file_loads_offline_with_local_configs(single_file, t
         assert torch.equal(base.text_encoder(ids)[0], pipeline.text_encoder(ids)[0])
     assert not base.vae.training and not any(p.requires_grad for p in base.text_encoder.parameters())
 
-    # A config folder that is not there, or describes another architecture: one line, not a traceback.
-    for config in (tmp_path / "confgs", REPO / "finetune" / "assets" / "toyworld-base"):
-        with pytest.raises(FinetuneError, match=rf"^could not load base model file .*model\.safetensors with model.single_file_config {config}: "):
-            load_base_model(ModelConfig(pretrained=str(path), single_file_config=str(config)))
+    # A config folder that is not there (said before anything loads), or describes another architecture: one line, not a traceback.
+    with pytest.raises(FinetuneError, match=rf"^model.single_file_config {tmp_path / 'confgs'} not found: give the diffusers folder or hub id of the model "):
+        load_base_model(ModelConfig(pretrained=str(path), single_file_config=str(tmp_path / "confgs")))
+    config = REPO / "finetune" / "assets" / "toyworld-base"
+    with pytest.raises(FinetuneError, match=rf"^could not load base model file .*model\.safetensors with model.single_file_config {config}: "):
+        load_base_model(ModelConfig(pretrained=str(path), single_file_config=str(config)))
 
 
 def test_fp16_export_is_half_the_size_and_loads_back_rounded(single_file, tmp_path, capsys):
