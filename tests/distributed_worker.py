@@ -2,17 +2,20 @@
 several runs: the process group stays), each optionally resumed from a checkpoint (also one that an
 earlier run of the same launch wrote):
 
-    distributed_worker.py [--resume CHECKPOINT] [--interrupt RANK:STEP] [--weights] RECIPE [[--resume CHECKPOINT] RECIPE ...]
+    distributed_worker.py [--resume CHECKPOINT] [--interrupt RANK:STEP] [--weights] [--forwards] RECIPE [[--resume CHECKPOINT] RECIPE ...]
 
 --interrupt: process RANK sends itself SIGINT (a Ctrl-C that reached it alone) after STEP's optimizer step.
 --weights (DeepSpeed): after each optimizer step N the trained weights' fp32 masters go to <output_dir>/masters-N.safetensors,
 and at each validation of step N the engine's copies of them that it samples with to sampled-N.safetensors (names as below).
+--forwards: after the run, how many times each of the UNet's blocks that gradient checkpointing wraps (its ResnetBlock2D
+and BasicTransformerBlock modules) and its conv_in (which it never wraps) were called, in <output_dir>/forwards-rank<N>.json.
 
 After each run this rank's trained weights go to <output_dir>/rank<N>.safetensors so the test can
 compare ranks, and the weights they started from to <output_dir>/initial.safetensors (names: the
 trained module's, a dot, the parameter's)."""
 
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -36,12 +39,27 @@ def trained_weights(method) -> dict:
     return {name: p.detach().cpu().contiguous() for name, p in trained_parameters(method).items()}
 
 
+COUNTED_BLOCKS = ("ResnetBlock2D", "BasicTransformerBlock")  # what diffusers' UNet checkpoints, block by block
+
+
+def count_calls(unet) -> dict[str, int]:
+    """Calls of the UNet's checkpointed blocks and of its conv_in, by module name, counted as they happen. Pre-hooks:
+    torch's checkpoint stops a recomputation once it has the tensors backward needs, before a block's forward returns."""
+    counts = {}
+    for name, module in unet.named_modules():
+        if type(module).__name__ in COUNTED_BLOCKS or name == "conv_in":
+            counts[name] = 0
+            module.register_forward_pre_hook(lambda module, args, name=name: counts.__setitem__(name, counts[name] + 1))
+    return counts
+
+
 def remembered(method_class):
     class Remembered(method_class):
         def setup(self, *args, **kwargs):
             super().setup(*args, **kwargs)
             methods.append(self)
             self.initial_weights = {key: value.clone() for key, value in trained_weights(self).items()}  # before training or sharding
+            self.calls = count_calls(self.base.unet)
 
     return Remembered
 
@@ -88,7 +106,7 @@ def sampled_weights_recorded(out: Path):
 
 
 def train_and_record(runs: list[tuple]) -> None:
-    """Train each (recipe path, checkpoint to resume from or None[, --interrupt's RANK:STEP or None[, --weights]]) and write
+    """Train each (recipe path, checkpoint to resume from or None[, --interrupt's RANK:STEP or None[, --weights[, --forwards]]]) and write
     the rank's weights beside its outputs. Also called in the test's own process, for the single-process runs compared with a launch."""
     real_methods = dict(METHODS)
     METHODS.update({name: remembered(method_class) for name, method_class in real_methods.items()})  # in place: every importer sees them
@@ -96,7 +114,7 @@ def train_and_record(runs: list[tuple]) -> None:
         for path, resume, *options in runs:
             recipe = load_recipe(path)
             out, rank = Path(recipe.output_dir), int(os.environ.get("RANK", "0"))
-            interrupted, weights = (*options, None, False)[:2]
+            interrupted, weights, forwards = (*options, *(None, False, False)[len(options) :])
             calls = [call for call in (record_masters(out) if weights else None, interrupt(interrupted)) if call is not None]
 
             def on_step(done: int) -> None:
@@ -106,6 +124,8 @@ def train_and_record(runs: list[tuple]) -> None:
             with sampled_weights_recorded(out) if weights else contextlib.nullcontext():
                 trainer.train(recipe, resume=resume, on_step=on_step)
             save_file(trained_weights(methods[-1]), str(out / f"rank{rank}.safetensors"))
+            if forwards:
+                (out / f"forwards-rank{rank}.json").write_text(json.dumps(methods[-1].calls))
             if rank == 0:
                 save_file(methods[-1].initial_weights, str(out / "initial.safetensors"))
     finally:
@@ -118,9 +138,10 @@ if __name__ == "__main__":
     for argument in arguments:
         if argument in ("--resume", "--interrupt"):
             options[argument] = next(arguments)
-        elif argument == "--weights":
+        elif argument in ("--weights", "--forwards"):
             options[argument] = True
         else:
-            runs.append((argument, options.pop("--resume", None), options.pop("--interrupt", None), options.pop("--weights", False)))
+            runs.append((argument, options.pop("--resume", None), options.pop("--interrupt", None), options.pop("--weights", False),
+                         options.pop("--forwards", False)))  # fmt: skip
     train_and_record(runs)
     leave_process_group()

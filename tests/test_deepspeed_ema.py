@@ -1,7 +1,10 @@
 """train.ema_decay under DeepSpeed with bf16 (ZeRO-2 and ZeRO-3, two processes on CPU): the average is of the
 optimizer's fp32 master weights, step by step as the formula says, not of the engine's bf16 copies; validation
-samples it and the run saves it; it leaves training as it was, and a resumed run continues it."""
+samples it and the run saves it; it leaves training as it was, and a resumed run continues it. The same of a LoRA's
+average (and DreamBooth's LoRA), whose adapter file is the average. The LoRA runs of the same launch also count the
+UNet's block calls: under the engine gradient checkpointing recomputes its blocks in backward, and without it none is."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +16,8 @@ from test_distributed import deepspeed, launch, wait, write
 
 from finetune.ema import EMA_FILE
 from finetune.methods.full import PIPELINE_DIR
+from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.toyworld.datasets import write_folder
 
 DECAY = 0.5  # the warm-up's (1 + n) / (10 + n) stays below it for these 4 steps
 STEPS = 4
@@ -22,7 +27,9 @@ STEPS = 4
 def runs(request, tiny_model, image_folder, tmp_path_factory) -> SimpleNamespace:
     """One launch per config: a full fine-tune in bf16 without the average and with it, each recording its fp32
     masters after every step and the weights validation samples with (tests/distributed_worker.py --weights), with
-    validation at steps 2 and 4; and the averaged run resumed from its checkpoint-2."""
+    validation at steps 2 and 4; and the averaged run resumed from its checkpoint-2. Then the same for a LoRA in bf16 without
+    validation (the averaged one with gradient checkpointing; both count their UNet block calls, --forwards), and a DreamBooth
+    LoRA with the average."""
     root = tmp_path_factory.mktemp(request.param.removesuffix(".json"))
     common = dict(method="full", train__batch_size=1, train__max_steps=STEPS, train__mixed_precision="bf16", optimizer__lr=1e-3,
                   checkpoint__every_n_steps=2, validation__prompts=["a shape"], validation__every_n_steps=2,
@@ -32,9 +39,22 @@ def runs(request, tiny_model, image_folder, tmp_path_factory) -> SimpleNamespace
         "averaged": build_recipe(tiny_model, image_folder, root / "averaged", train__ema_decay=DECAY, **common),
         "resumed": build_recipe(tiny_model, image_folder, root / "resumed", train__ema_decay=DECAY, **common),
     }
+    lora = dict(train__batch_size=1, train__max_steps=STEPS, train__mixed_precision="bf16", optimizer__lr=1e-3, checkpoint__every_n_steps=2)
+    averaged_lora = dict(train__ema_decay=DECAY, train__gradient_checkpointing=True, **lora)
+    concept = {"instance_dir": str(write_folder(root / "star", 2, seed=11)), "instance_prompt": "a sks shape", "class_prompt": "a shape",
+               "class_dir": str(write_folder(root / "class", 2, seed=1, metadata=False))}  # fmt: skip
+    recipes |= {
+        "lora-plain": build_recipe(tiny_model, image_folder, root / "lora-plain", **lora),
+        "lora-averaged": build_recipe(tiny_model, image_folder, root / "lora-averaged", **averaged_lora),
+        "lora-resumed": build_recipe(tiny_model, image_folder, root / "lora-resumed", **averaged_lora),
+        "dreambooth-averaged": build_recipe(tiny_model, image_folder, root / "dreambooth-averaged", method="dreambooth", data__image_dir=None,
+                                            dreambooth={"concepts": [concept], "adapter": "lora", "num_class_images": 2}, train__ema_decay=DECAY, **lora),
+    }  # fmt: skip
     paths = {name: write(recipe, root / f"{name}.yaml") for name, recipe in recipes.items()}
     wait(launch(deepspeed(request.param), "--weights", paths["plain"], "--weights", paths["averaged"],
-                "--resume", root / "averaged" / "checkpoints" / "checkpoint-2", paths["resumed"]))  # fmt: skip
+                "--resume", root / "averaged" / "checkpoints" / "checkpoint-2", paths["resumed"],
+                "--weights", "--forwards", paths["lora-plain"], "--weights", "--forwards", paths["lora-averaged"],
+                "--resume", root / "lora-averaged" / "checkpoints" / "checkpoint-2", paths["lora-resumed"], "--weights", paths["dreambooth-averaged"]))  # fmt: skip
     return SimpleNamespace(root=root)
 
 
@@ -104,3 +124,43 @@ def test_the_average_leaves_training_as_it_was_without_it(runs):
 @pytest.mark.slow
 def test_a_resumed_run_continues_the_average_of_the_masters(runs):
     assert_close(saved_unet(runs.root / "resumed"), saved_unet(runs.root / "averaged"))
+
+
+def in_adapter_names(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """peft's names of a UNet LoRA's weights (as trained) as the adapter file writes them (diffusers')."""
+    return {name.replace(".lora_A.default.weight", ".lora.down.weight").replace(".lora_B.default.weight", ".lora.up.weight"): t for name, t in weights.items()}
+
+
+@pytest.mark.slow
+def test_a_lora_average_is_of_the_fp32_masters_in_the_checkpoints_and_the_adapter(runs):
+    for name in ("lora-averaged", "dreambooth-averaged"):
+        run = runs.root / name
+        for step in (2, STEPS):
+            assert_close(load_file(run / "checkpoints" / f"checkpoint-{step}" / EMA_FILE), expected_average(run, step))
+        assert_close(load_file(run / LORA_WEIGHTS_NAME), in_adapter_names(expected_average(run, STEPS)))
+        last = masters(run, STEPS)  # masters that bf16 would round: an average of the engine's copies is another
+        assert any(not torch.allclose(t.bfloat16().float(), t, rtol=0, atol=1e-6) for name, t in last.items() if ".lora_B." in name)
+    plain = runs.root / "lora-plain"  # without the average: the last step's masters
+    assert_close(load_file(plain / LORA_WEIGHTS_NAME), in_adapter_names(masters(plain, STEPS)))
+    # The average and gradient checkpointing left each step's masters as they were without them, bit for bit.
+    for step in range(1, STEPS + 1):
+        assert_equal(masters(runs.root / "lora-averaged", step), masters(plain, step))
+
+
+@pytest.mark.slow
+def test_a_resumed_lora_run_continues_the_average_of_the_masters(runs):
+    assert_close(load_file(runs.root / "lora-resumed" / LORA_WEIGHTS_NAME), load_file(runs.root / "lora-averaged" / LORA_WEIGHTS_NAME))
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_recomputes_the_unets_blocks_in_backward_under_deepspeed(runs):
+    """Calls per process of each block diffusers checkpoints (and of conv_in, which it does not), over STEPS steps of one
+    forward each: the recomputation in backward is a second call. Two blocks need none: down_blocks.0.resnets.0, before
+    the first LoRA layer, computes nothing that trains (torch's checkpoint recomputes only what backward needs), and
+    diffusers calls mid_block.resnets.0 outside its checkpoint."""
+    once = {"conv_in", "down_blocks.0.resnets.0", "mid_block.resnets.0"}
+    for rank in (0, 1):
+        plain = json.loads((runs.root / "lora-plain" / f"forwards-rank{rank}.json").read_text())
+        checkpointed = json.loads((runs.root / "lora-averaged" / f"forwards-rank{rank}.json").read_text())
+        assert len(plain) > len(once) and plain == dict.fromkeys(plain, STEPS)
+        assert checkpointed == {name: STEPS if name in once else 2 * STEPS for name in plain}
