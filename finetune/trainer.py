@@ -26,6 +26,7 @@ from finetune.counts import counted
 from finetune.data_loader import training_loader
 from finetune.batches import item_layout, make_batch_sampler
 from finetune.diffusion import BatchRandomness
+from finetune.draw_keys import DRAWN, key_offset
 from finetune.device_copy import to_device
 from finetune.distributed import accelerator_options, agree_on_start, autocast, checkpoint_options, configure_deepspeed, full_parameters, launch_problem, release_gathered, trained_parameters, unsharded_loading, unwrap, uses_deepspeed, zero_stage
 from finetune.deepspeed_checks import check_deepspeed_launch
@@ -121,6 +122,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     # A resumed checkpoint's steps count at the global batch they had (other processes, batch size, accumulation).
     epochs_by = epoch_count(layout, train_cfg, accelerator.num_processes, resume_from, recipe.seed)
     max_steps = planned_steps(train_cfg, epochs_by)  # train.max_steps, or train.max_epochs counted in steps
+    draws_from = key_offset(resume_from, train_cfg.gradient_accumulation_steps)  # the noise's keys go on from the checkpoint's draws
     if train_cfg.max_epochs is not None:
         check_epoch_run(recipe, max_steps, epochs_by, resume_from)
     method.held_out_items = frozenset(range(len(sources))) - frozenset(trained_items)
@@ -259,7 +261,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
             accelerator, checkpoints_dir, step,
             {"recipe_hash": recipe.fingerprint(), "recipe": recipe.flat_settings(), "processes": accelerator.num_processes, "max_steps": max_steps,
              "method": method.checkpoint_state(), "data": images_record, "data_order": sampler.position_after(step * accumulation),
-             "losses_since_log": running.since_last_log_state(accelerator), **more},  # the resumed run's first log covers the same steps
+             DRAWN: step * accumulation + draws_from, "losses_since_log": running.since_last_log_state(accelerator), **more},  # the resumed run's first log covers the same steps
             recipe.checkpoint.keep_last, extra=extra, **save_options
         )
         say(f"saved {checkpoints_dir / f'checkpoint-{step}'} (step {step}, {epochs_text(epochs_by.at(step))})")
@@ -284,7 +286,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
                     batch["pixel_values"] = to_device(batch["pixel_values"], accelerator.device)
                 # Bucketed global batches vary in size (a bucket's last batch may be smaller).
                 global_size, rows = sampler.rows_of(micro_batch)
-                randomness = BatchRandomness(recipe.seed, micro_batch, global_size, rows)
+                randomness = BatchRandomness(recipe.seed, micro_batch + draws_from, global_size, rows)
                 # The loss is a mean over this process's rows and the processes' gradients are averaged:
                 # where the rows split unevenly (2 + 1), weigh each process by its rows, so every image
                 # of the global batch counts the same, as in one process (even splits: a factor of 1).
