@@ -17,7 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 from fractions import Fraction
+from pathlib import Path
 from typing import Iterator
+
+from finetune.errors import FinetuneError
 
 Deal = list[list[int]]  # an epoch's global batches, in training order (items by index)
 
@@ -100,6 +103,32 @@ class DealtOrder:
             epoch, batch, deal = self._locate(micro_batch)
             yield [(index, epoch) for index in deal[batch][self.rows_of(micro_batch)[1]]]
             micro_batch += 1
+
+
+def recorded_position(checkpoint: Path, state: dict) -> dict | None:
+    """`checkpoint`'s record of where its data stood (None: from before checkpoints kept one), read from its `state`; one
+    the samplers cannot take up (hand-edited: not an epoch and a list of [global batch, processes, batches] deals) is one line."""
+    position = state.get("data_order")
+    if position is None or _well_formed(position):
+        return position
+    from finetune.checkpoint import STATE_FILE  # here: the samplers load without torch, which finetune.checkpoint imports
+
+    raise FinetuneError(
+        f"checkpoint {checkpoint}: its data_order ({json.dumps(position)[:80]}) is not a position in the data order (edited by hand?): "
+        f"resume from another checkpoint, or delete data_order from its {STATE_FILE} (its data then go on by its step, as an older checkpoint's do)"
+    )
+
+
+def _well_formed(position) -> bool:
+    def count(value, least: int = 0) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+    if not isinstance(position, dict) or not isinstance(position.get("order"), str) or not count(position.get("epoch")):
+        return False
+    dealt = position.get("dealt")
+    return isinstance(dealt, list) and len(dealt) > 0 and all(
+        isinstance(deal, list) and len(deal) == 3 and count(deal[0], 1) and count(deal[1], 1) and count(deal[2]) for deal in dealt
+    )
 
 
 def continues(position: dict | None, order_key: str) -> bool:

@@ -23,7 +23,7 @@ from finetune.batches import ItemLayout, make_batch_sampler
 from finetune.checkpoint import read_state
 from finetune.config import Recipe, TrainConfig
 from finetune.counts import counted
-from finetune.data_order import continues
+from finetune.data_order import continues, recorded_position
 from finetune.errors import FinetuneError
 from finetune.optim import schedule_change_line
 
@@ -94,8 +94,9 @@ def epoch_count(layout: ItemLayout, train: TrainConfig, processes: int, resume_f
         then, batches_then = now, batches_now
     step = state.get("step", 0)
     epochs_then = Fraction(step * then.accumulation, batches_then)
-    if seed is not None and "data_order" in state:
-        resumed = make_batch_sampler(layout, now.batch_size, processes, 0, seed, step * now.accumulation, state["data_order"])
+    position = recorded_position(resume_from, state) if resume_from is not None else None  # a hand-edited one: a line, before the model loads
+    if seed is not None and position is not None:
+        resumed = make_batch_sampler(layout, now.batch_size, processes, 0, seed, step * now.accumulation, position)
         epochs_then = resumed.epochs_before_start() if resumed.continued else epochs_then
     return EpochCount(now.accumulation, batches_now, step, epochs_then, then if then != now else None)
 

@@ -2,10 +2,16 @@
 the very batches of a run never stopped (accumulation changed or not), at another (processes, train.batch_size) the
 rest of the epoch's shuffle, each image once, before the next epoch's."""
 
+import json
 from itertools import islice
 
+import pytest
+
+import finetune.trainer as trainer
 from finetune.batches import EpochBatchSampler, ItemLayout, make_batch_sampler
 from finetune.buckets import BucketBatchSampler, split_rows
+from finetune.checkpoint import STATE_FILE
+from finetune.errors import FinetuneError
 from finetune.kohya import load_lora
 from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.trainer import train
@@ -140,3 +146,16 @@ def test_a_layouts_order_key_is_the_key_of_the_sampler_made_of_it():
     for bucket_of in (None, [(64, 64), (64, 32), (64, 64), (32, 64)]):
         layout = ItemLayout(bucket_of, 4)
         assert make_batch_sampler(layout, 1, 1, 0, seed=3).order_key() == layout.order_key(3) != layout.order_key(4)
+
+
+def test_a_hand_edited_position_is_one_line_naming_the_checkpoint_before_the_model_loads(make_recipe, monkeypatch):
+    checkpoint = train(make_recipe(train__batch_size=1, train__max_steps=1)).output_dir / "checkpoints" / "checkpoint-1"
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    position = state["data_order"]
+    monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
+    for wrong in ([position["epoch"], position["dealt"]], {**position, "dealt": []}, {**position, "dealt": [[1, 1]]},
+                  {**position, "epoch": "0"}, {k: v for k, v in position.items() if k != "epoch"}, {**position, "dealt": [[0, 1, 1]]}):  # fmt: skip
+        (checkpoint / STATE_FILE).write_text(json.dumps({**state, "data_order": wrong}))
+        with pytest.raises(FinetuneError, match=rf"^checkpoint {checkpoint}: its data_order \(.*\) is not a position in the data order .*: "
+                                                r"resume from another checkpoint, or delete data_order from its trainer_state.json"):  # fmt: skip
+            train(make_recipe(train__batch_size=2, train__max_steps=2), resume="latest")
