@@ -9,23 +9,27 @@ step that completes it counts as its end, and a run of N epochs ends at the firs
 A run resumed from a checkpoint of another global batch (another number of processes, batch size or
 accumulation) counts the checkpoint's steps at the batch they had (`EpochCount`): 2 processes' steps are
 twice the images of 1 process's; and the epoch under way ends with its last images as the resumed sampler
-deals them at the new batch (`finetune.data_order`).
+deals them at the new batch (`finetune.data_order`). A checkpoint records its steps by the batch they had
+(`STEPS_BY_SHAPE`): resumed again at another, each still counts at its own (its recipe and processes say only the last).
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
 from finetune.batches import ItemLayout, make_batch_sampler
-from finetune.checkpoint import read_state
+from finetune.checkpoint import STATE_FILE, read_state
 from finetune.config import Recipe, TrainConfig
 from finetune.counts import counted
 from finetune.data_order import continues, recorded_position
 from finetune.errors import FinetuneError
 from finetune.optim import schedule_change_line
+
+STEPS_BY_SHAPE = "steps_by_batch"  # checkpoint state: [batch_size, processes, accumulation, steps] each, in order
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,24 @@ class EpochCount:
     batches_per_epoch: int
     step_then: int = 0
     epochs_then: Fraction = Fraction(0)
-    then: StepShape | None = None  # where the checkpoint's steps had other images (processes, batch size, accumulation)
+    then: StepShape | None = None  # where the checkpoint's (last) steps had other images (processes, batch size, accumulation)
+    before: tuple[tuple[StepShape, int], ...] = ()  # its steps before its last batch, by batch: it was resumed at another itself
+    now: StepShape | None = field(default=None, compare=False)  # this run's batch: what its checkpoints record (`steps_by_shape`)
+
+    def done_by_shape(self) -> list[tuple[StepShape, int]]:
+        """The checkpoint's steps by the batch they had, in order (this run's `now`: those that had its batch)."""
+        last = self.step_then - sum(steps for _, steps in self.before)
+        return [*self.before, (self.then or self.now, last)] if last or not self.before else list(self.before)
+
+    def steps_by_shape(self, step: int) -> list[list[int]]:
+        """What a checkpoint at `step` records as STEPS_BY_SHAPE: the steps of each batch in turn, the checkpoint's then this run's."""
+        record: list[list[int]] = []
+        for shape, steps in [*self.done_by_shape(), (self.now, step - self.step_then)]:
+            if record and record[-1][:3] == [shape.batch_size, shape.processes, shape.accumulation]:
+                record[-1][3] += steps
+            elif steps:
+                record.append([shape.batch_size, shape.processes, shape.accumulation, steps])
+        return record
 
     def exact(self, step: int) -> Fraction:
         return self.epochs_then + Fraction((step - self.step_then) * self.accumulation, self.batches_per_epoch)
@@ -88,17 +109,45 @@ def epoch_count(layout: ItemLayout, train: TrainConfig, processes: int, resume_f
     recorded = state.get("recipe") or {}  # (a checkpoint from before the recipe was kept: this run's settings)
     then = StepShape(recorded.get("train.batch_size", now.batch_size), state.get("processes", processes),
                      recorded.get("train.gradient_accumulation_steps", now.accumulation))  # fmt: skip
-    try:
-        batches_then = then.batches_per_epoch(layout) if then != now else batches_now
-    except FinetuneError:  # fewer images now than its global batch: counted at this run's (the change of data is said)
-        then, batches_then = now, batches_now
     step = state.get("step", 0)
-    epochs_then = Fraction(step * then.accumulation, batches_then)
+    done, epochs_then = [], Fraction(0)  # the checkpoint's steps by the batch they had, and the epochs they trained
+    for shape, steps in recorded_steps(resume_from, state, then) if resume_from is not None else []:
+        batches = batches_of(shape, layout, now, batches_now)
+        if batches is None:  # fewer images now than its global batch: counted at this run's (the change of data is said)
+            shape, batches = now, batches_now
+        done = done[:-1] + [(shape, done[-1][1] + steps)] if done and done[-1][0] == shape else [*done, (shape, steps)]
+        epochs_then += Fraction(steps * shape.accumulation, batches)
     position = recorded_position(resume_from, state) if resume_from is not None else None  # a hand-edited one: a line, before the model loads
     if seed is not None and position is not None:
         resumed = make_batch_sampler(layout, now.batch_size, processes, 0, seed, step * now.accumulation, position)
         epochs_then = resumed.epochs_before_start() if resumed.continued else epochs_then
-    return EpochCount(now.accumulation, batches_now, step, epochs_then, then if then != now else None)
+    *before, (last, _) = done or [(now, 0)]
+    return EpochCount(now.accumulation, batches_now, step, epochs_then, last if last != now else None, tuple(before), now)
+
+
+def batches_of(shape: StepShape, layout: ItemLayout, now: StepShape, batches_now: int) -> int | None:
+    """A batch's micro-batches per epoch of `layout` (None: the layout has fewer images than its global batch)."""
+    if shape == now:
+        return batches_now
+    try:
+        return shape.batches_per_epoch(layout)
+    except FinetuneError:
+        return None
+
+
+def recorded_steps(checkpoint: Path, state: dict, last: StepShape) -> list[tuple[StepShape, int]]:
+    """The checkpoint's steps by the batch they had: its record (STEPS_BY_SHAPE), or all at its `last` (its recipe's and
+    processes'): from before it kept one, or where they disagree with it (its step, processes or recipe edited since)."""
+    step, record = state.get("step", 0), state.get(STEPS_BY_SHAPE)
+    if record is None:
+        return [(last, step)]
+    counts = lambda entry: isinstance(entry, list) and len(entry) == 4 and all(type(n) is int and n > 0 for n in entry)  # noqa: E731
+    if not isinstance(record, list) or not record or not all(map(counts, record)):
+        raise FinetuneError(f"checkpoint {checkpoint}: its {STEPS_BY_SHAPE} ({json.dumps(record)[:80]}) is not a list of [batch_size, processes, "
+                            f"accumulation, steps] (edited by hand?): resume from another checkpoint, or delete {STEPS_BY_SHAPE} from its "
+                            f"{STATE_FILE} (its steps then count at its last batch)")  # fmt: skip
+    done = [(StepShape(*entry[:3]), entry[3]) for entry in record]
+    return done if sum(steps for _, steps in done) == step and done[-1][0] == last else [(last, step)]
 
 
 def planned_steps(train: TrainConfig, count: EpochCount | int) -> int:
@@ -137,10 +186,13 @@ def run_length_line(train: TrainConfig, max_steps: int, sampler, items: int, pro
     count = count or EpochCount(train.gradient_accumulation_steps, max(sampler.batches_per_epoch, 1))
     epochs, images = count.at(max_steps), train.batch_size * train.gradient_accumulation_steps
     steps = f"{counted(max_steps, 'step')} of {counted(images * processes, 'image')}"
-    if count.then is not None:  # the checkpoint's steps had other images
-        then, done = count.then, count.step_then
-        by = f" by {processes_named(then.processes)}" if then.processes != processes else ""
-        steps = f"{counted(max_steps, 'step')} ({done} done of {counted(then.images, 'image')}{by}, {max_steps - done} to go of {images * processes})"
+    if count.then is not None or count.before:  # the checkpoint's steps had other images (some or all of them)
+        done, to_go = count.done_by_shape(), f"{max_steps - count.step_then} to go of {images * processes}"
+        of = [f"{counted(shape.images, 'image')}" + (f" by {processes_named(shape.processes)}" if shape.processes != processes else "") for shape, _ in done]
+        if len(done) == 1:
+            steps = f"{counted(max_steps, 'step')} ({count.step_then} done of {of[0]}, {to_go})"
+        else:  # resumed with another batch before: each batch's steps
+            steps = f"{counted(max_steps, 'step')} ({count.step_then} done: {', '.join(f'{n} of {o}' for (_, n), o in zip(done, of))}; {to_go})"
     line = f"length: {steps} = {epochs_text(epochs)} of "
     if sampler.images_per_epoch < items:
         left = items - sampler.images_per_epoch

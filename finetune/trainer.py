@@ -40,7 +40,7 @@ from finetune.models import load_base_model
 from finetune.output_metadata import dataset_metadata, output_metadata
 from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer, step_size
 from finetune.recipe_loading import dump_recipe
-from finetune.run_length import check_epoch_run, due, epoch_count, epochs_text, planned_steps, resume_warnings, run_length_line
+from finetune.run_length import STEPS_BY_SHAPE, check_epoch_run, due, epoch_count, epochs_text, planned_steps, resume_warnings, run_length_line
 from finetune.loss_mask import preview as mask_preview
 from finetune.sampling import GRID_LABEL_WIDTH, in_lockstep, make_grid, save_image_atomic
 from finetune.start_weights import resumed_method, starting_weights
@@ -261,7 +261,8 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
             accelerator, checkpoints_dir, step,
             {"recipe_hash": recipe.fingerprint(), "recipe": recipe.flat_settings(), "processes": accelerator.num_processes, "max_steps": max_steps,
              "method": method.checkpoint_state(), "data": images_record, "data_order": sampler.position_after(step * accumulation),
-             DRAWN: step * accumulation + draws_from, "losses_since_log": running.since_last_log_state(accelerator), **more},  # the resumed run's first log covers the same steps
+             DRAWN: step * accumulation + draws_from, STEPS_BY_SHAPE: epochs_by.steps_by_shape(step),  # what its steps drew, and trained at which batch
+             "losses_since_log": running.since_last_log_state(accelerator), **more},  # the resumed run's first log covers the same steps
             recipe.checkpoint.keep_last, extra=extra, **save_options
         )
         say(f"saved {checkpoints_dir / f'checkpoint-{step}'} (step {step}, {epochs_text(epochs_by.at(step))})")

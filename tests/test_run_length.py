@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from finetune.checkpoint import list_checkpoints
+from finetune.batches import ItemLayout
+from finetune.checkpoint import STATE_FILE, list_checkpoints
 from finetune.errors import FinetuneError
 from finetune.kohya import export_lora, load_lora, to_kohya
 from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.recipe_loading import load_recipe
-from finetune.run_length import EpochCount, due, planned_steps
+from finetune.run_length import STEPS_BY_SHAPE, EpochCount, due, epoch_count, planned_steps
 from finetune.trainer import train
 
 
@@ -127,3 +129,32 @@ def test_the_run_length_is_also_said_in_epochs(make_recipe, capsys):
     assert line == "length: 10 steps of 4 images = 1.25 epochs of 24 images (in 8 batches an epoch: a bucket's last batch may be smaller)"
     line = run_length_line(make_recipe(train__max_steps=9000, train__batch_size=4).train, 9000, buckets, 24, 1)
     assert line.startswith("length: 9000 steps of 4 images = 1125 epochs of 24 images")  # not 1.12e+03
+
+
+def test_a_run_resumed_with_a_second_batch_counts_each_batchs_steps(make_recipe, capsys, tmp_path):
+    """2 steps of 2 images, 2 of 1 image, then 4 a step: the length line said all 4 done were of 1 image (the
+    checkpoint's recipe says only its last batch), and without the data's position the epochs counted them so."""
+    train(make_recipe(train__batch_size=2, train__max_steps=2))  # 4 images: epoch 1
+    train(make_recipe(train__batch_size=1, train__max_steps=4), resume="latest")  # half of epoch 2
+    capsys.readouterr()
+    train(make_recipe(train__batch_size=2, train__gradient_accumulation_steps=2, train__max_steps=5), resume="latest")
+    out = capsys.readouterr().out  # epoch 2's last 2 images are 1 micro-batch, then half of epoch 3
+    assert "length: 5 steps (4 done: 2 of 2 images, 2 of 1 image; 1 to go of 4) = 2.5 epochs of 4 images\n" in out
+    train(make_recipe(train__batch_size=2, train__gradient_accumulation_steps=2, train__max_steps=6), resume="latest")
+    out = capsys.readouterr().out  # the same batch as the checkpoint's last step: its earlier ones had others still
+    assert "length: 6 steps (5 done: 2 of 2 images, 2 of 1 image, 1 of 4 images; 1 to go of 4) = 3.5 epochs of 4 images\n" in out
+
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-4"
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    assert state[STEPS_BY_SHAPE] == [[2, 1, 1, 2], [1, 1, 1, 2]]
+    now = make_recipe(train__batch_size=1).train
+    del state["data_order"]  # where the position does not say the epochs: counted from each batch's steps, 1 + 0.5
+    (checkpoint / STATE_FILE).write_text(json.dumps(state))
+    assert epoch_count(ItemLayout(None, 4), now, 1, checkpoint, seed=3).at(4) == 1.5
+    for other in ([[2, 1, 1, 2]], [[2, 1, 1, 2], [2, 1, 1, 2]]):  # not its 4 steps, or not ending at its recipe's batch (one edited): all at its last
+        (checkpoint / STATE_FILE).write_text(json.dumps({**state, STEPS_BY_SHAPE: other}))
+        assert epoch_count(ItemLayout(None, 4), now, 1, checkpoint, seed=3).at(4) == 1.0
+    for wrong in ([[2, 1, 1, 3, 0]], [[2, 1, 1, 0]], [], "4"):
+        (checkpoint / STATE_FILE).write_text(json.dumps({**state, STEPS_BY_SHAPE: wrong}))
+        with pytest.raises(FinetuneError, match=rf"^checkpoint {checkpoint}: its {STEPS_BY_SHAPE} \(.*\) is not a list of .*resume from another checkpoint"):
+            epoch_count(ItemLayout(None, 4), now, 1, checkpoint, seed=3)
