@@ -176,3 +176,51 @@ def test_the_weight_average_moves_every_parameter_in_one_foreach_call():
         average.update()
     assert sum(counted.calls.values()) == 1, counted.calls
     assert all(torch.equal(average.averages[name], expected[name]) for name in parameters)
+
+
+# Operators that make the host wait for a GPU beyond the reads above: a scalar read from C++ (`_local_scalar_dense`,
+# which .item(), float() and `if t:` also reach), outputs whose size depends on the values (nonzero, boolean-mask
+# indexing, masked_select, unique, repeat_interleave without output_size), and whole-tensor comparisons (torch.equal).
+SYNCING_OPS = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", "equal", "_unique2", "unique_consecutive", "unique_dim",
+               "repeat_interleave", "bincount"}  # fmt: skip
+INDEXING_OPS = {"index", "index_put", "index_put_", "_index_put_impl_"}  # with a boolean mask: a nonzero inside
+# Host-only tensors by design: the sampler's permutation, a draw from BatchRandomness's CPU generator (multires noise).
+HOST_ONLY_FUNCTIONS = {("finetune/batches.py", None), ("finetune/diffusion.py", "uniform")}
+
+
+def _syncing(func, args) -> bool:
+    name = func._overloadpacket.__name__
+    if name in SYNCING_OPS:
+        return not (name == "repeat_interleave" and len(args) > 2 and args[2] is not None)  # output_size given: no sync
+    indices = args[1] if name in INDEXING_OPS and len(args) > 1 else ()
+    return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices or ())
+
+
+@pytest.mark.parametrize("settings", [
+    {"train__snr_gamma": 5.0, "train__debiased_estimation": True, "train__noise_offset": 0.05, "train__multires_noise_iterations": 3,
+     "train__input_perturbation": 0.1, "train__min_timestep": 10},
+    {"train__loss": "huber", "train__ema_decay": 0.9, "lora__max_norm": 0.5},
+    {"train__cache_latents": True, "train__cache_text_embeddings": True, "train__gradient_accumulation_steps": 2},
+], ids=["objective-options", "huber-ema-max-norm", "cached-accumulated"])  # fmt: skip
+def test_no_syncing_operators_between_log_steps(make_recipe, settings):
+    """What the attribute patches above cannot see: operators that wait for the GPU inside a kernel call (a boolean
+    mask's nonzero, torch.equal, an .item() made in C++). Seen here as the dispatcher runs them, on the CPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen, step = Counter(), [0]
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if step[0] and _syncing(func, args):
+                frames = [(frame.filename.replace("\\", "/"), frame.name) for frame in traceback.extract_stack()[:-1]]
+                if not any(path.endswith(file) and name in (None, function) for path, function in frames for file, name in HOST_ONLY_FUNCTIONS):
+                    inner = next((f"{path.split('/site-packages/')[-1]}:{function}" for path, function in reversed(frames) if "/torch/" not in path), "?")
+                    seen[f"{func} from {inner}"] += 1
+            return func(*args, **(kwargs or {}))
+
+    def track(at: int) -> None:
+        step[0] = at if at < 10 and at % 4 else 0  # steps 4 and 8 log; the last saves
+
+    with Watch():
+        train(make_recipe(train__max_steps=10, logging__every_n_steps=4, **settings), on_step=track)
+    assert not seen, f"operators that wait for the GPU in a step: {dict(seen)}"
