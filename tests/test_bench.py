@@ -218,3 +218,44 @@ def test_the_command_of_a_run_of_a_base_names_the_base_and_no_preset():
                            num_images=32, repeat=1, recipes="lora_cached", no_flops=False, peak_tflops=None, out="b.json")  # fmt: skip
     assert format_command(args).startswith("finetune bench --base /models/sd15 --steps 5 ")
     assert format_command(SimpleNamespace(**{**vars(args), "base": None})).startswith("finetune bench --preset medium --steps 5 ")
+
+
+def test_on_a_gpu_each_wait_for_it_in_the_timed_window_is_reported_by_step_and_line(make_recipe, monkeypatch):
+    """torch's sync debug mode is on between the timed window's ends only: a host read after step 4 (a log step's) is
+    reported under 4 with its line, one before the window (the cache filling) and the window's own synchronize are not.
+    Other warnings are still shown. Here on a pretend GPU, which warns as torch does; and the untimed steps' ends
+    (a compile's minutes) are in the row."""
+    import warnings
+    from types import SimpleNamespace
+
+    import finetune.trainer
+    from finetune.bench.measure import measure
+
+    mode = [0]
+
+    def synchronize():
+        if mode[0]:
+            warnings.warn("called a synchronizing CUDA operation", stacklevel=2)  # at the caller's line, as torch's
+
+    for name, fake in {"is_available": lambda: True, "synchronize": synchronize, "memory_allocated": lambda: 0, "reset_peak_memory_stats": lambda: None,
+                       "max_memory_allocated": lambda: 0, "get_device_name": lambda: "pretend GPU",
+                       "set_sync_debug_mode": lambda value: mode.__setitem__(0, {"warn": 1}.get(value, value))}.items():  # fmt: skip
+        monkeypatch.setattr(torch.cuda, name, fake)
+
+    def fake_train(recipe, on_step, overwrite):
+        for step in range(1, 9):
+            if step in (1, 5):
+                torch.cuda.synchronize()  # a read: before the window, and after step 4 (the line below)
+            if step == 6:
+                warnings.warn("another library's warning")
+            on_step(step)
+        return SimpleNamespace(losses=[1.0] * 8)
+
+    monkeypatch.setattr(finetune.trainer, "train", fake_train)
+    recipe = make_recipe().model_dump(mode="json")
+    with pytest.warns(UserWarning, match="another library's warning"):
+        row = measure({"name": "lora", "recipe": recipe, "warmup": 2, "steps": 5, "count_flops": False, "images_per_step": 2})
+    (line,) = [f"test_bench.py:{n}" for n, text in enumerate(open(__file__).read().splitlines(), 1) if text.strip().startswith("torch.cuda.synchronize()  # a read")]
+    assert row["host_syncs_after_step"] == {4: {line: 1}}
+    assert mode == [0] and len(row["untimed_step_ends"]) == 2 and row["untimed_step_ends"] == sorted(row["untimed_step_ends"])
+

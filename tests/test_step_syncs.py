@@ -129,7 +129,8 @@ def test_the_benchmark_waits_for_the_gpu_at_the_ends_of_its_window_only(make_rec
 
     synchronized_at, current = [], [0]
     for name, fake in {"is_available": lambda: True, "synchronize": lambda: synchronized_at.append(current[0]), "memory_allocated": lambda: 0,
-                       "reset_peak_memory_stats": lambda: None, "max_memory_allocated": lambda: 0, "get_device_name": lambda: "pretend GPU"}.items():  # fmt: skip
+                       "reset_peak_memory_stats": lambda: None, "max_memory_allocated": lambda: 0, "get_device_name": lambda: "pretend GPU",
+                       "set_sync_debug_mode": lambda mode: None}.items():  # fmt: skip
         monkeypatch.setattr(torch.cuda, name, fake)
 
     def fake_train(recipe, on_step, overwrite):

@@ -8,6 +8,7 @@ import resource
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from finetune.bench.sd15 import peak_tflops
@@ -44,10 +45,15 @@ def _max_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
+# What torch says (`torch.cuda.set_sync_debug_mode("warn")`) when the host waits for the GPU.
+SYNC_WARNING = "called a synchronizing CUDA operation"
+
+
 def measure(spec: dict) -> dict:
     """Train the spec's recipe, timing steps warmup+1 .. warmup+steps; count FLOPs of one more step.
     The untimed steps' ends go to the spec's `progress` file: a run stopped in them (a compile that outlasts
-    a deadline) says how far it got."""
+    a deadline) says how far it got. On CUDA, torch reports every wait of the host for the GPU in the timed
+    window (`host_syncs_after_step`): the CPU tests of the loop (tests/test_step_syncs.py) checked on the GPU."""
     started = time.perf_counter()
     import torch
 
@@ -57,7 +63,7 @@ def measure(spec: dict) -> dict:
     recipe = recipe_from_dict(spec["recipe"], source=f"bench variant {spec['name']}")
     warmup, steps = spec["warmup"], spec["steps"]
     cuda = torch.cuda.is_available()
-    marks: dict = {"ends": []}
+    marks: dict = {"ends": [], "untimed_ends": [], "syncs": {}, "step": 0}
     baseline = torch.cuda.memory_allocated() / 2**20 if cuda else _max_rss_mb()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -66,9 +72,16 @@ def measure(spec: dict) -> dict:
         # The GPU's work is waited for at the timed window's two ends only: a wait at every step is a host sync
         # per step, which the training loop avoids so that the CPU queues a step's kernels while the GPU runs the
         # last ones; waiting each step here measured a loop that could never overlap them.
+        marks["step"] = step
+        if cuda and step == warmup + steps:
+            torch.cuda.set_sync_debug_mode(0)  # the window's end: the wait below is the benchmark's own
         if cuda and step in (warmup, warmup + steps):
             torch.cuda.synchronize()
+        if cuda and step == warmup:
+            torch.cuda.set_sync_debug_mode("warn")
         now = time.perf_counter()
+        if step <= warmup:
+            marks["untimed_ends"].append(round(now - started, 1))
         if step <= warmup and spec.get("progress"):
             with open(spec["progress"], "a") as progress:
                 progress.write(f"{step} {now - started:.1f}\n")
@@ -86,7 +99,17 @@ def measure(spec: dict) -> dict:
             marks["counter"].__exit__(None, None, None)
             marks["flops"] = marks.pop("counter").get_total_flops()
 
-    result = train(recipe, on_step=on_step, overwrite=True)  # --repeat runs a variant again in its folder
+    def sync_or_shown(message, category, filename, lineno, file=None, line=None) -> None:
+        if SYNC_WARNING not in str(message):
+            return shown(message, category, filename, lineno, file, line)
+        where = f"{Path(filename).name}:{lineno}"  # the Python line that waited
+        syncs = marks["syncs"].setdefault(marks["step"], {})  # keyed by the last step that ended: a log step's reads follow it
+        syncs[where] = syncs.get(where, 0) + 1
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", message=f".*{SYNC_WARNING}")  # every wait, not the first of each line
+        shown, warnings.showwarning = warnings.showwarning, sync_or_shown
+        result = train(recipe, on_step=on_step, overwrite=True)  # --repeat runs a variant again in its folder
     sec_per_step = (marks["end"] - marks["start"]) / steps
     step_seconds = [round(b - a, 6) for a, b in zip(marks["ends"], marks["ends"][1:])]
     row = {
@@ -107,9 +130,13 @@ def measure(spec: dict) -> dict:
         "cpu_sec_per_step": (marks["cpu_end"] - marks["cpu_start"]) / steps,
         "cpu_busy": (marks["cpu_end"] - marks["cpu_start"]) / (marks["end"] - marks["start"]),
         "final_loss": result.losses[warmup + steps - 1],
+        # Seconds from the process's start to the end of each untimed step: the first step's compile shows here.
+        "untimed_step_ends": marks["untimed_ends"],
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "torch_threads": torch.get_num_threads(),
     }
+    if cuda:  # each wait of the host for the GPU in the timed window, by the step after which it came and the line
+        row["host_syncs_after_step"] = marks["syncs"]
     if "flops" in marks:
         row["flops_per_step"] = marks["flops"]
         row["achieved_tflops"] = marks["flops"] / sec_per_step / 1e12
