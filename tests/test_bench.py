@@ -259,3 +259,20 @@ def test_on_a_gpu_each_wait_for_it_in_the_timed_window_is_reported_by_step_and_l
     assert row["host_syncs_after_step"] == {4: {line: 1}}
     assert mode == [0] and len(row["untimed_step_ends"]) == 2 and row["untimed_step_ends"] == sorted(row["untimed_step_ends"])
 
+
+def test_the_cudnn_autotuner_variant_sets_it_in_its_process_only(make_recipe, monkeypatch):
+    """lora_cached_cudnn_benchmark: the cached LoRA with torch.backends.cudnn.benchmark, which the trainer leaves off;
+    a GPU measurement, so not in the default set (on a CPU it is lora_cached)."""
+    from finetune.bench.measure import measure
+    from finetune.bench.runner import parse_variants
+    from finetune.bench.variants import DEFAULT_VARIANTS, VARIANTS
+
+    assert parse_variants("lora_cached,lora_cached_cudnn_benchmark") == ["lora_cached", "lora_cached_cudnn_benchmark"]
+    assert "lora_cached_cudnn_benchmark" not in DEFAULT_VARIANTS and "lora_cached" in DEFAULT_VARIANTS
+    assert [name for name, variant in VARIANTS.items() if variant.cudnn_benchmark] == ["lora_cached_cudnn_benchmark"]
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # put back after the test: measure() sets it for its process
+    recipe = make_recipe(train__max_steps=3).model_dump(mode="json")
+    spec = {"name": "lora_cached_cudnn_benchmark", "recipe": recipe, "warmup": 1, "steps": 1, "count_flops": False, "images_per_step": 2}
+    assert measure({**spec, "cudnn_benchmark": True})["cudnn_benchmark"] is True
+    torch.backends.cudnn.benchmark = False
+    assert measure(spec)["cudnn_benchmark"] is False

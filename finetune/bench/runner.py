@@ -239,6 +239,7 @@ def run_variant_process(name: str, recipe: dict, settings: BenchSettings, result
         "count_flops": settings.count_flops,
         "peak_tflops": settings.peak_tflops,
         "images_per_step": images_per_step(name, settings.batch),
+        "cudnn_benchmark": VARIANTS[name].cudnn_benchmark,
         "progress": str(result_path.with_suffix(".progress")),
     }
     spec_path = result_path.with_suffix(".spec.json")

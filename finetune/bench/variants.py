@@ -19,6 +19,9 @@ class Variant:
     build: Callable[[dict, "BenchSettings"], dict]  # (common recipe, settings) -> recipe dict
     # Set for the variant's process: what `accelerate launch` options would set (e.g. --dynamo_backend).
     environment: dict[str, str] = field(default_factory=dict)
+    # torch.backends.cudnn.benchmark in the variant's process (the trainer leaves torch's default, off): whether
+    # cuDNN's autotuner, timing each convolution shape's algorithms once, speeds the UNet's convolutions on a GPU.
+    cudnn_benchmark: bool = False
 
 
 def _lora(common: dict, settings: "BenchSettings", **train) -> dict:
@@ -80,14 +83,22 @@ VARIANTS: dict[str, Variant] = {
         lambda c, s: _lora(c, s, cache_latents=True, cache_text_embeddings=True),
         {"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR", "ACCELERATE_DYNAMO_MODE": "reduce-overhead"},
     ),
+    # On an H200 a quarter of the eager step's GPU time was cuDNN's convolutions, half of it converting NCHW tensors
+    # to NHWC, with the algorithms its heuristics pick (docs/benchmarks.md). No effect on a CPU.
+    "lora_cached_cudnn_benchmark": Variant(
+        "LoRA, cached latents and embeddings, cuDNN autotuning its convolutions (torch.backends.cudnn.benchmark)",
+        lambda c, s: _lora(c, s, cache_latents=True, cache_text_embeddings=True),
+        cudnn_benchmark=True,
+    ),
     "dreambooth": Variant("DreamBooth, full UNet, prior preservation, 8-bit AdamW", lambda c, s: _dreambooth(c, s, "full")),
     "dreambooth_lora": Variant("DreamBooth with a LoRA adapter, prior preservation", lambda c, s: _dreambooth(c, s, "lora")),
     "controlnet": Variant("ControlNet (trainable encoder copy), frozen UNet", lambda c, s: _controlnet(c, s)),
 }
 
 
-# Compiling takes minutes on a CPU (about 2 for the medium preset on 2 cores): ask for those by name.
-DEFAULT_VARIANTS = [name for name, variant in VARIANTS.items() if not variant.environment]
+# Compiling takes minutes on a CPU (about 2 for the medium preset on 2 cores), and cuDNN's autotuner is for GPUs:
+# ask for those by name.
+DEFAULT_VARIANTS = [name for name, variant in VARIANTS.items() if not variant.environment and not variant.cudnn_benchmark]
 
 
 def dreambooth_instances(batch: int) -> int:
