@@ -136,12 +136,22 @@ class OneLoRA(argparse.Action):
 RECORDED_BASE_HELP = " (default: the base the --lora or --controlnet run recorded)"
 
 
+class ExamplesKeptWhole(argparse.HelpFormatter):
+    """Wraps descriptions and notes line by line, but keeps indented lines (example commands) whole: argparse's
+    default formatter ran an epilog's example into the text around it and broke it mid-command, so it could not
+    be copied; RawDescriptionHelpFormatter wrapped nothing, leaving a description one line of 400 characters."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(line if not line or line.startswith(" ") else super(ExamplesKeptWhole, self)._fill_text(line, width, indent)
+                         for line in text.splitlines())  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="finetune",
         description="Fine-tune Stable Diffusion on your own images: LoRA, DreamBooth, ControlNet.",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=ExamplesKeptWhole,
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -149,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train with a YAML recipe",
         description="Train with a YAML recipe. Any recipe key can be overridden as dotted.key=value.",
-        epilog="example: finetune train recipes/lora.yaml optimizer.lr=1e-4 data.image_dir=my_photos",
+        epilog="example:\n  finetune train recipes/lora.yaml optimizer.lr=1e-4 data.image_dir=my_photos",
     )
     train.add_argument("recipe", help="path of a recipe, e.g. recipes/lora.yaml")
     train.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="recipe overrides, e.g. train.max_steps=500")
@@ -161,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate images from a base model plus a trained adapter",
         description="Generate images from a base model, optionally with a trained LoRA and/or ControlNet, and save them "
         "with a grid (with a ControlNet each row starts with the conditioning image).",
-        epilog="example: finetune sample --base finetune/assets/toyworld-base --controlnet outputs/controlnet "
+        epilog="example:\n  finetune sample --base finetune/assets/toyworld-base --controlnet outputs/controlnet "
         '--condition mask.png --prompt "a small red circle on a blue background, top left"',
     )
     add_base_options(sample, required=False, default=RECORDED_BASE_HELP)
@@ -184,25 +194,31 @@ def build_parser() -> argparse.ArgumentParser:
         "make-tiny-model",
         help="write a small random Stable Diffusion pipeline (for tests and benchmarks)",
         description="Write a complete diffusers Stable Diffusion pipeline with tiny random weights, offline, in seconds.",
+        epilog="examples, then a recipe's model.pretrained=outputs/tiny-sd:\n  finetune make-tiny-model outputs/tiny-sd\n"
+        "  finetune make-tiny-model outputs/base/init --preset world   # the toy-world base's first stage (make base-model)",
     )
-    tiny.add_argument("output_dir")
+    tiny.add_argument("output_dir", help="folder to write the pipeline to (model_index.json and one subfolder per part)")
     tiny.add_argument("--preset", choices=["tiny", "world", "medium"], default="tiny",
                       help="tiny (~1M UNet params), world (the toy-world base architecture) or medium (SD1.5 block pattern, ~19M)")
-    tiny.add_argument("--seed", type=seed_number, default=0)
-    tiny.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon")
+    tiny.add_argument("--seed", type=seed_number, default=0, help="seed of the random weights (default 0)")
+    tiny.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon",
+                      help="what the scheduler says the UNet predicts (default epsilon; v_prediction as SD2.x's 768 px models)")
     tiny.add_argument("--overwrite", action="store_true", help="replace an existing output folder and everything in it")
 
     data = commands.add_parser(
         "make-sample-data",
         help="regenerate the sample datasets under datasets/",
         description="Write the sample datasets (striped/ and star/, from the toy world) into a folder.",
+        epilog="example:\n  finetune make-sample-data   # datasets/star and datasets/striped, as shipped",
     )
-    data.add_argument("output_dir", nargs="?", default="datasets")
+    data.add_argument("output_dir", nargs="?", default="datasets", help="folder to write star/ and striped/ into (default datasets)")
 
     world = commands.add_parser(
         "make-world-data",
         help="write toy-world images with captions (the base model's pretraining data)",
         description="Write toy-world images with .txt captions and metadata.jsonl.",
+        epilog="examples:\n  finetune make-world-data outputs/world/train --num-images 20000 --seed 0   # the base's pretraining data\n"
+        "  finetune make-world-data outputs/world/control --num-images 10000 --seed 3 --conditioning   # a ControlNet's",
     )
     world.add_argument("output_dir", help="a new or empty folder")
     world.add_argument("--num-images", type=int, default=20000, help="images to write (default 20000, ~160 MB)")
@@ -219,9 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
         "export-base",
         help="save a trained pipeline compactly (fp16 safetensors), e.g. to ship the toy-world base",
         description="Copy a diffusers pipeline folder, converting its weights to fp16 safetensors.",
+        epilog="example:\n  finetune export-base outputs/base/unet3 finetune/assets/toyworld-base --overwrite   # as make base-model ships it",
     )
     export.add_argument("source", help="a diffusers pipeline folder, or a full run's folder holding pipeline/ (e.g. outputs/base/unet3)")
-    export.add_argument("destination")
+    export.add_argument("destination", help="a new folder for the fp16 copy")
     export.add_argument("--overwrite", action="store_true", help="replace an existing destination folder")
 
     lora_export = commands.add_parser(
@@ -231,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         "diffusers' layout, keeping every module's rank and alpha. Writes the file, its metadata and a model card "
         "(with the newest sample grid of the training folder): <name>.md and <name>.preview.png beside a kohya file, "
         "README.md in a diffusers folder.",
-        epilog="example: finetune export outputs/lora outputs/webui --to kohya   (writes outputs/webui/lora.safetensors)",
+        epilog="example:\n  finetune export outputs/lora outputs/webui --to kohya   # writes outputs/webui/lora.safetensors",
     )
     lora_export.add_argument("input", help="a LoRA .safetensors file (either layout) or a training output folder")
     lora_export.add_argument("output", help="a .safetensors path, or a folder for the file and its model card")
@@ -247,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         "to one .safetensors file in the original Stable Diffusion layout (model.diffusion_model.*, first_stage_model.*, "
         "cond_stage_model.*) that AUTOMATIC1111/Forge webui, ComfyUI and model sites load, with the run's metadata. "
         "A LoRA is folded into its base with finetune merge first.",
-        epilog="example: finetune export-checkpoint outputs/dreambooth outputs/webui/dreambooth.safetensors --precision fp16",
+        epilog="example:\n  finetune export-checkpoint outputs/dreambooth outputs/webui/dreambooth.safetensors --precision fp16",
     )
     checkpoint_export.add_argument("input", help="a pipeline folder (model_index.json), or a run or checkpoint folder holding pipeline/")
     checkpoint_export.add_argument("output", help="the .safetensors file to write")
@@ -260,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fold a LoRA into its base model and save a full pipeline",
         description="Add a LoRA (either layout) into the base UNet and, if it has one, text encoder at the given "
         "strength, and write a complete diffusers pipeline that needs no LoRA loading.",
-        epilog="example: finetune merge --base stable-diffusion-v1-5/stable-diffusion-v1-5 --lora outputs/lora --strength 0.8 outputs/merged",
+        epilog="example:\n  finetune merge --base stable-diffusion-v1-5/stable-diffusion-v1-5 --lora outputs/lora --strength 0.8 outputs/merged",
     )
     merge.add_argument("output_dir", help="folder for the merged pipeline")
     add_base_options(merge, required=False, default=" (default: the base the --lora run recorded)")
@@ -277,12 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
         "colour, for the toy world) and a metadata.jsonl with file_name, conditioning_file_name and text (captions "
         "from the input's metadata.jsonl, metadata.csv or .txt files). Each subfolder holding images is written to the output's subfolder "
         "of its name, for data.folders.",
-        epilog="example: finetune make-conditions my_photos my_controlnet_data --kind canny   then: "
-        "finetune train recipes/controlnet.yaml data.image_dir=my_controlnet_data",
+        epilog="example, then training on the folder:\n  finetune make-conditions my_photos my_controlnet_data --kind canny\n"
+        "  finetune train recipes/controlnet.yaml data.image_dir=my_controlnet_data",
     )
     conditions.add_argument("input_dir", help="folder of images (with .txt captions, or a metadata.jsonl or metadata.csv)")
     conditions.add_argument("output_dir", help="training folder to write (may be input_dir itself)")
-    conditions.add_argument("--kind", required=True, choices=["canny", "luminance", "mask"])
+    conditions.add_argument("--kind", required=True, choices=["canny", "luminance", "mask"], help="which conditioning image to make (see above)")
     conditions.add_argument("--low", type=float, default=20.0, help="canny: weak edge threshold, in colour levels 0-255 (default 20)")
     conditions.add_argument("--high", type=float, default=40.0, help="canny: strong edge threshold, in colour levels 0-255 (default 40)")
     conditions.add_argument("--sigma", type=float, default=1.0, help="canny: Gaussian blur before the gradients, in pixels (default 1.0)")
@@ -296,8 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
         "sizes, aspect-ratio buckets, and problems: fatal ones (unreadable, truncated, too small, no caption) that "
         "stop training, warnings (upscaled images, duplicates), and conversions (EXIF rotation, CMYK, 16-bit, "
         "transparency, palette). Exit status 1 when training would stop.",
-        epilog="example: finetune check-data recipes/lora.yaml data.image_dir=my_photos   "
-        "or: finetune check-data --image-dir my_photos --resolution 512",
+        epilog="examples:\n  finetune check-data recipes/lora.yaml data.image_dir=my_photos\n"
+        "  finetune check-data --image-dir my_photos --resolution 512",
     )
     check.add_argument("recipe", nargs="?", help="a recipe, e.g. recipes/lora.yaml (default: data settings' defaults)")
     check.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="recipe overrides, e.g. data.bucketing.enabled=true")
@@ -313,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     from finetune.demo import add_demo_parser
 
     add_demo_parser(commands)
+    for command in commands.choices.values():  # also those that bench, eval and demo register
+        command.formatter_class = ExamplesKeptWhole
     return parser
 
 

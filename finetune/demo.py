@@ -278,7 +278,7 @@ def add_demo_parser(commands) -> None:
         description="Start a local Gradio page that loads a base model and lists the adapters found under a folder (LoRAs in "
         "diffusers or kohya layout, DreamBooth pipelines, ControlNets) with their recorded metadata, and renders the same "
         "seed with and without them in one grid. Offline; binds to 127.0.0.1.",
-        epilog="example: finetune demo --base outputs/tiny-sd --adapters outputs   then open http://127.0.0.1:7860",
+        epilog="example, then open http://127.0.0.1:7860:\n  finetune demo --base outputs/tiny-sd --adapters outputs",
     )
     add_base_options(demo, required=False, default=" (default: the shipped toy-world base, else a tiny model in outputs/demo-base)")
     demo.add_argument("--adapters", default=ADAPTERS_DEFAULT, help=f"folder scanned for adapters (default {ADAPTERS_DEFAULT})")
