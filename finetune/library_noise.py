@@ -61,12 +61,16 @@ def quiet_local_dataset_bars():
 
 
 def quiet_weight_progress_bars() -> None:
-    """transformers' bars loading and writing the text encoder ('Loading weights', 'Writing model shards'):
-    done in a blink, drawn by every process of a launch at once (two bars on one line), and mid-run into the
-    training bar's line; before `sample`'s, `merge`'s and the demo's own first lines (the README quotes them). Called
-    by each command that loads a model, after its checks that need no torch; downloads keep their bars."""
+    """transformers' bars loading and writing the text encoder ('Loading weights', 'Writing model shards'), and
+    diffusers' loading a whole pipeline ('Loading pipeline components', export-base's): done in a blink, drawn by
+    every process of a launch at once (two bars on one line), and mid-run into the training bar's line; before
+    `sample`'s, `merge`'s and the demo's own first lines (the README quotes them). Called by each command that loads a
+    model, after its checks that need no torch; downloads keep their bars."""
+    from diffusers.utils import logging as diffusers_logging
     from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
     from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()  # its own switch: the hub's download bars stay as they are
 
     downloads_quiet = are_progress_bars_disabled()
     transformers_logging.disable_progress_bar()  # which quiets the hub's download bars too: given back

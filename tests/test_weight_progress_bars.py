@@ -1,7 +1,7 @@
 """`finetune train` draws no transformers bar for loading or writing the text encoder: every process of a
 launch drew 'Loading weights' at once (two bars on one line), and a save mid-run drew 'Writing model
 shards' into the training bar's line (with a cursor-up escape). Nor do sample and merge, whose lines the README
-quotes. The hub's download bars stay."""
+quotes, nor export-base (diffusers' bar loading a pipeline). The hub's download bars stay."""
 
 import yaml
 from huggingface_hub.utils import are_progress_bars_disabled
@@ -37,6 +37,18 @@ def test_sample_merge_and_make_tiny_model_draw_no_bar_for_the_text_encoders_weig
         err = capsys.readouterr().err
         assert "Loading weights" not in err and "Writing model shards" not in err, (command[0], err)
         assert not are_progress_bars_disabled()  # downloads of a hub model still show theirs
+
+
+def test_export_base_draws_no_bar_for_loading_the_pipeline(tiny_model, tmp_path, monkeypatch, capsys):
+    # diffusers' 'Loading pipeline components...' bar came before its one line: export-base alone loads a whole
+    # pipeline with from_pretrained, and transformers' switch does not quiet diffusers' bars.
+    from diffusers.utils import logging as diffusers_logging
+
+    monkeypatch.setattr(diffusers_logging, "_tqdm_active", True)  # as in a process of its own; given back after
+    assert main(["export-base", str(tiny_model), str(tmp_path / "copy")]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"wrote {tmp_path / 'copy'}\n" and "Loading pipeline components" not in captured.err, captured.err
+    assert not are_progress_bars_disabled()  # downloads of a hub model still show theirs
 
 
 def lora_file(tiny_model, folder):
