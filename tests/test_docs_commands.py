@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from finetune.evaluate import print_table
 
 
@@ -104,3 +106,118 @@ def test_an_eval_report_records_the_training_steps_it_scored(make_recipe, tmp_pa
     assert main(["eval", "--lora", str(run.output_dir), "--suite", "style", "--num-prompts", "1", "--steps", "1"]) == 0
     assert f"+ {run.output_dir} (trained 2 steps)" in capsys.readouterr().out
     assert json.loads((run.output_dir / "eval-style.json").read_text())["settings"]["adapter_steps"] == "2"
+
+
+# The README's and docs' commands and keys, as a user copies them (finetune/cli_arguments.py, the recipe schema).
+DOCS = [Path("README.md"), *sorted(Path("docs").glob("*.md"))]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def code_blocks(path: Path, languages: set[str]) -> list[str]:
+    blocks, lines, language = [], None, ""
+    for line in (ROOT / path).read_text().splitlines():
+        if line.strip().startswith("```"):
+            if lines is None:
+                lines, language = [], line.strip()[3:]
+            else:
+                if language in languages:
+                    blocks.append("\n".join(lines))
+                lines = None
+        elif lines is not None:
+            lines.append(line)
+    return blocks
+
+
+def finetune_commands() -> list[tuple[Path, list[str]]]:
+    """(doc, argv after `finetune`) for each command of the docs' shell blocks, run directly, after environment
+    settings, or as `-m finetune` under accelerate; optional parts in brackets included ([--lora FILE], [seed=1]),
+    but for a placeholder of a word ([overrides])."""
+    import re
+    import shlex
+
+    commands = []
+    for path in DOCS:
+        for block in code_blocks(path, {"bash", "sh", ""}):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = re.sub(r"\[([^\]]*)\]", lambda m: m[1] if m[1].startswith("-") or "=" in m[1] else "", line)
+                words = shlex.split(line, comments=True)
+                starts = [i + 1 for i, word in enumerate(words) if word == "finetune" and (i == 0 or words[i - 1] == "-m" or "=" in words[i - 1])]
+                commands += [(path, words[start:]) for start in starts[:1]]
+    return commands
+
+
+def test_every_command_is_in_the_readme():
+    # make-tiny-model, make-sample-data, make-world-data and export-base were in --help alone.
+    from finetune.cli_arguments import build_parser
+
+    readme = (ROOT / "README.md").read_text()
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert [command for command in commands if f"finetune {command} " not in readme] == []
+
+
+def test_the_docs_commands_parse_and_their_recipes_load(monkeypatch):
+    # Each flag, recipe and `key=value` of a documented command exists: a renamed option or key fails here, not
+    # for the user who copies the line.
+    from finetune.cli_arguments import parse_arguments
+    from finetune.recipe_loading import load_recipe
+
+    monkeypatch.chdir(ROOT)
+    commands = finetune_commands()
+    assert len(commands) > 30 and {argv[0] for _, argv in commands} >= {"train", "sample", "eval", "export", "merge", "bench", "demo"}
+    for path, argv in commands:
+        try:
+            args = parse_arguments(argv)
+        except SystemExit:
+            raise AssertionError(f"{path}: finetune {' '.join(argv)} does not parse") from None
+        if args.command in ("train", "check-data") and args.recipe and Path(args.recipe).is_file():
+            load_recipe(args.recipe, args.overrides)
+
+
+def test_the_recipe_keys_the_docs_name_exist():
+    # README's DreamBooth section named `class_generation.batch_size`, which as an override or recipe key is
+    # unknown: it is dreambooth.class_generation.batch_size.
+    import re
+
+    import yaml
+
+    from finetune.config.recipe import Recipe
+    from finetune.recipe_loading import _annotation_at, section_type
+
+    def section_names(model) -> set[str]:
+        names = set()
+        for name, field in model.model_fields.items():
+            if (section := section_type(field.annotation)) is not None:
+                names |= {name, *section_names(section)}
+        return names
+
+    def key_paths(node, prefix=()):
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+        for key, value in items:
+            if isinstance(node, dict):
+                yield (*prefix, str(key))
+            yield from key_paths(value, (*prefix, str(key)))
+
+    sections = section_names(Recipe)
+    unknown = []
+    for path in DOCS:
+        for span in re.findall(r"`([^`\n]+)`", (ROOT / path).read_text()):
+            for key in re.findall(r"(?<![\w./-])([a-z_]+(?:\.(?:[a-z_][a-z0-9_]*|\d+))+)(?![\w/*-]|\.[a-z*])", span):
+                if key.split(".")[0] in sections and not re.search(r"\.(py|yaml|json|md)$", key) and _annotation_at(key.split(".")) is None:
+                    unknown.append(f"{path}: {key}")
+        for block in code_blocks(path, {"yaml"}):
+            first = next(line for line in block.splitlines() if line.strip() and not line.startswith("#"))
+            if first.startswith("["):  # docs/results.md's prompt lists, not a recipe
+                continue
+            recipe = yaml.safe_load(block)
+            if isinstance(recipe, dict):
+                unknown += [f"{path}: {'.'.join(keys)}" for keys in key_paths(recipe) if _annotation_at(list(keys)) is None]
+    assert unknown == []
+
+
+def test_the_make_targets_the_readme_names_exist():
+    import re
+
+    makefile = (ROOT / "Makefile").read_text()
+    targets = set(re.findall(r"^([a-z][\w-]*):", makefile, re.M))
+    named = set(re.findall(r"`make ([a-z][\w-]*)", (ROOT / "README.md").read_text()))
+    assert named and named <= targets, named - targets
