@@ -59,3 +59,22 @@ def test_the_shipped_base_samples_in_plain_diffusers_and_export_base_keeps_it_so
     assert main(["export-base", str(SHIPPED_BASE), str(tmp_path / "copy")]) == 2  # not over an existing folder, unasked
     assert f"export-base destination {tmp_path / 'copy'} is not empty: pick a new folder, or pass --overwrite" in capsys.readouterr().err
     assert main(["export-base", str(SHIPPED_BASE), str(tmp_path / "copy"), "--overwrite"]) == 0
+
+
+def test_the_readmes_quickstart_sampling_lines_are_those_printed(quickstart_lora, tmp_path, monkeypatch, capsys):
+    # `make quickstart`'s last command, as the Makefile runs it (fewer steps), says what README's "Start here" quotes.
+    import re
+    import shlex
+
+    makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
+    command = shlex.split(re.search(r"\$\(BIN\)/finetune (sample .*?--out \S+)", makefile.replace("\\\n", " "), re.S)[1])
+    command[command.index("--steps") + 1] = "1"
+    command[command.index("--lora") + 1] = str(quickstart_lora)
+    command[command.index("--base") + 1] = str(SHIPPED_BASE)
+    monkeypatch.chdir(tmp_path)
+    assert main(command) == 0
+    printed = capsys.readouterr().out.splitlines()
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    quoted = re.search(r"```\n(samples: .*?)\n```", readme, re.S)[1].splitlines()
+    assert printed[-2] == "sampling on cpu in fp32" == quoted[-2]
+    assert printed[-1].startswith(quoted[-1].removesuffix("...)")), (printed[-1], quoted[-1])
