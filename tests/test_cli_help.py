@@ -61,3 +61,17 @@ def test_examples_stay_whole_and_the_text_is_wrapped(command, monkeypatch):
     after_usage = text.split("\n\n", 1)[1]  # argparse wraps the usage itself, on its own terms
     prose = [line for line in after_usage.splitlines() if not line.strip().startswith("finetune ")]
     assert not [line for line in prose if len(line) > 80], command
+
+
+def test_the_classifiers_own_command_names_itself_and_its_arguments(monkeypatch):
+    # README's `python -m finetune.toyworld.classifier --out PATH --seed 0 --threads 1`: its help said
+    # "usage: classifier.py", --seed, --num-images, --steps, --eval-images and --threads had no word, and --out's
+    # help broke this machine's absolute path of the shipped file mid-word.
+    from finetune.toyworld.classifier import build_parser
+
+    monkeypatch.setenv("COLUMNS", "80")
+    parser = build_parser()
+    text = parser.format_help()
+    assert text.startswith("usage: python -m finetune.toyworld.classifier ")
+    assert [a.dest for a in parser._actions if not a.help] == []
+    assert "finetune/assets/toyworld_classifier.safetensors)" in text and "\n  python -m finetune.toyworld.classifier --out PATH" in text

@@ -250,15 +250,25 @@ def extract_features(images, model=None, batch_size: int = 256) -> np.ndarray:
 # -------------------------------------------------------------------------------- CLI
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Train the toy-world evaluator classifier.")
+def build_parser() -> argparse.ArgumentParser:
+    from finetune.cli_arguments import ExamplesKeptWhole
+
+    p = argparse.ArgumentParser(prog="python -m finetune.toyworld.classifier", formatter_class=ExamplesKeptWhole,
+                                description="Train the toy-world evaluator classifier (finetune eval's), then report its accuracy on fresh images.",
+                                epilog="example, the settings of the shipped one:\n  python -m finetune.toyworld.classifier --out PATH --seed 0 --threads 1")  # fmt: skip
     # Required: a default of the shipped file would replace the evaluator every score in the docs was made with.
-    p.add_argument("--out", required=True, help=f"weights file to write (the shipped evaluator is {DEFAULT_PATH})")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-images", type=int, default=20000)
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--eval-images", type=int, default=2000)
-    p.add_argument("--threads", type=int, default=2)
+    shipped = DEFAULT_PATH.relative_to(DEFAULT_PATH.parents[2])
+    p.add_argument("--out", required=True, help=f"weights file to write (the shipped evaluator is {shipped})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the training images and of the weights (default 0)")
+    p.add_argument("--num-images", type=int, default=20000, help="toy-world images to train on (default 20000)")
+    p.add_argument("--steps", type=int, default=3000, help="training steps (default 3000)")
+    p.add_argument("--eval-images", type=int, default=2000, help="fresh images the accuracy is measured on (default 2000)")
+    p.add_argument("--threads", type=int, default=2, help="torch's CPU threads (default 2)")
+    return p
+
+
+def main(argv=None) -> None:
+    p = build_parser()
     args = p.parse_args(argv)
     out = Path(args.out)
     if out.is_dir() or any(parent.exists() and not parent.is_dir() for parent in out.parents):
