@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         "make-tiny-model",
         help="write a small random Stable Diffusion pipeline (for tests and benchmarks)",
         description="Write a complete diffusers Stable Diffusion pipeline with tiny random weights, offline, in seconds.",
-        epilog="examples, then a recipe's model.pretrained=outputs/tiny-sd:\n  finetune make-tiny-model outputs/tiny-sd\n"
+        epilog="examples (then model.pretrained=outputs/tiny-sd in a recipe, or --base outputs/tiny-sd):\n  finetune make-tiny-model outputs/tiny-sd\n"
         "  finetune make-tiny-model outputs/base/init --preset world   # the toy-world base's first stage (make base-model)",
     )
     tiny.add_argument("output_dir", help="folder to write the pipeline to (model_index.json and one subfolder per part)")
@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write toy-world images with captions (the base model's pretraining data)",
         description="Write toy-world images with .txt captions and metadata.jsonl.",
         epilog="examples:\n  finetune make-world-data outputs/world/train --num-images 20000 --seed 0   # the base's pretraining data\n"
-        "  finetune make-world-data outputs/world/control --num-images 10000 --seed 3 --conditioning   # a ControlNet's",
+        "  finetune make-world-data outputs/world/control --num-images 10000 --seed 3 --conditioning   # a ControlNet's, with masks",
     )
     world.add_argument("output_dir", help="a new or empty folder")
     world.add_argument("--num-images", type=int, default=20000, help="images to write (default 20000, ~160 MB)")
