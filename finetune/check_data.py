@@ -341,7 +341,7 @@ def stop_unless_trainable(report: DataReport) -> DataReport:
     fatal = report.of_level(FATAL)
     if fatal:
         others = len(fatal) - 1
-        more = f" ({others} more problem{'s' if others > 1 else ''}: finetune check-data lists them)" if others else ""
+        more = f" ({others} more problem{'s' if others > 1 else ''}: finetune check-data lists {'them' if others > 1 else 'it'})" if others else ""
         hint = "" if fatal[0].source == label else f", {SKIP_HINT}"  # about the whole dataset: skipping images is no fix
         raise FinetuneError(f"{fatal[0].message}{hint}{more}")
     if not report.usable:

@@ -156,6 +156,16 @@ def test_one_corrupt_image_stops_loading_and_names_it(tmp_path):
     assert sorted(Path(e.source).name for e in examples) == ["good0.png", "good1.png", "good2.png"]
 
 
+def test_one_more_problem_is_said_in_the_singular(tmp_path):
+    folder = tmp_path / "data"
+    captioned(folder, "good.png", noise(64, 64, seed=0))
+    for name in ("a_broken.png", "b_broken.png"):
+        (folder / name).write_bytes(b"\x89PNG not really")
+        (folder / name).with_suffix(".txt").write_text("x")
+    with pytest.raises(FinetuneError, match=r"a_broken\.png cannot be read .* \(1 more problem: finetune check-data lists it\)$"):
+        load_examples(DataConfig(image_dir=str(folder), resolution=64))
+
+
 def test_several_problems_are_counted_in_the_one_line_error(odd_folder):
     with pytest.raises(FinetuneError, match=r"corrupt\.jpg cannot be read .* \(3 more problems: finetune check-data lists them\)$"):
         load_examples(DataConfig(image_dir=str(odd_folder), resolution=64))

@@ -89,7 +89,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=1,
                    help="runs of each variant, each in a fresh process; the report keeps the median run (default 1)")
     p.add_argument("--recipes", default=",".join(DEFAULT_VARIANTS),
-                   help=f"comma-separated variants (default: {','.join(DEFAULT_VARIANTS)}; also: {','.join(sorted(set(VARIANTS) - set(DEFAULT_VARIANTS)))})")
+                   help=f"comma-separated variants (default: {', '.join(DEFAULT_VARIANTS)}; also: {', '.join(sorted(set(VARIANTS) - set(DEFAULT_VARIANTS)))})")
     p.add_argument("--no-flops", action="store_true", help="skip the extra step that counts FLOPs")
     p.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (default: looked up for H100/H200/A100)")
     p.add_argument("--workdir", help="keep the model, data and runs here (default: a temporary folder)")
