@@ -1,5 +1,5 @@
 """The LoRA UNet compiles whole: torch.compile (`accelerate launch --dynamo_backend inductor`, the bench's compiled
-variants) is the route to fusing the step's casts and elementwise work on a GPU (docs/benchmarks.md), and every
+variants) is the route to fusing the step's casts and elementwise work on a GPU (docs/benchmarks-gpu.md), and every
 graph break would split the UNet into pieces run apart, with Python between them. Traced only (no inductor)."""
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ def test_the_weight_average_is_held_within_max_norm_where_it_samples_and_saves(m
 
 def test_max_norm_works_on_the_layers_of_one_shape_at_once(make_recipe):
     """About 9 kernels a layer, each launched alone, were some 1,150 launches per step for SD1.5's 128 attention LoRAs
-    (of a GPU step that waits on its launches: docs/benchmarks.md); stacked by shape, a couple of dozen per shape."""
+    (of a GPU step that waits on its launches: docs/benchmarks-gpu.md); stacked by shape, a couple of dozen per shape."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     views = {"view", "_unsafe_view", "unbind", "t", "transpose", "expand", "detach", "alias", "slice", "select", "unsqueeze", "lift_fresh"}

@@ -76,7 +76,7 @@ VARIANTS: dict[str, Variant] = {
         {"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"},
     ),
     # `--dynamo_mode reduce-overhead`: inductor plus CUDA graphs, which replay a step's thousands of kernel
-    # launches as one (an eager SD1.5 LoRA step at batch 4 waits on the CPU's launches: docs/benchmarks.md).
+    # launches as one (an eager SD1.5 LoRA step at batch 4 waits on the CPU's launches: docs/benchmarks-gpu.md).
     # On a CPU there are no CUDA graphs and this is lora_cached_compiled.
     "lora_cached_cudagraphs": Variant(
         "LoRA, cached latents and embeddings, UNet compiled with CUDA graphs (reduce-overhead)",
@@ -84,7 +84,7 @@ VARIANTS: dict[str, Variant] = {
         {"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR", "ACCELERATE_DYNAMO_MODE": "reduce-overhead"},
     ),
     # On an H200 a quarter of the eager step's GPU time was cuDNN's convolutions, half of it converting NCHW tensors
-    # to NHWC, with the algorithms its heuristics pick (docs/benchmarks.md). No effect on a CPU.
+    # to NHWC, with the algorithms its heuristics pick (docs/benchmarks-gpu.md). No effect on a CPU.
     "lora_cached_cudnn_benchmark": Variant(
         "LoRA, cached latents and embeddings, cuDNN autotuning its convolutions (torch.backends.cudnn.benchmark)",
         lambda c, s: _lora(c, s, cache_latents=True, cache_text_embeddings=True),
