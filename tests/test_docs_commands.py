@@ -37,7 +37,7 @@ def test_demo_calls_only_dreambooth_pipelines_dreambooth_pipelines():
 
 
 def test_init_from_says_which_of_the_recipes_layers_the_lora_has_nothing_for(make_recipe, tmp_path):
-    # README: lora.init_from needs "same rank and target layers, or one line saying which differs". A file of
+    # docs/methods.md: lora.init_from needs "same rank and target layers, or one line saying which differs". A file of
     # fewer layers than the recipe's targets (the quickstart's ff and conv layers on an attention-only LoRA)
     # started without a word, its extra layers fresh, the start line counting only the file's layers.
     from finetune.methods.lora import LoRAMethod

@@ -43,8 +43,9 @@ def test_the_readmes_length_line_is_the_one_training_prints():
     from finetune.config.training import TrainConfig
     from finetune.run_length import run_length_line
 
-    shown = re.search(r"`(length: (\d+) steps of (\d+) images = [^`]* of (\d+) images)`", (ROOT / "README.md").read_text())
-    line, steps, batch, images = " ".join(shown[1].split()), *map(int, shown.groups()[1:])  # the README wraps it
+    # The line moved with README's Data paragraph to docs/data.md's Overview.
+    shown = re.search(r"`(length: (\d+) steps of (\d+) images = [^`]* of (\d+) images)`", (ROOT / "docs" / "data.md").read_text())
+    line, steps, batch, images = " ".join(shown[1].split()), *map(int, shown.groups()[1:])  # the page wraps it
     sampler = EpochBatchSampler(images, batch, 1, 0, seed=0)
     assert run_length_line(TrainConfig(batch_size=batch, max_steps=steps), steps, sampler, images, 1) == line
 
