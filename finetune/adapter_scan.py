@@ -162,6 +162,10 @@ def _model_folder(folder: Path, root: Path, files: list[str]) -> Adapter | None:
     if "model_index.json" in files:
         missing = [part for part in ("unet", "vae", "text_encoder") if not list((folder / part).glob("*.safetensors"))]
         refused = f"{', '.join(missing)} weights are not .safetensors (pickle checkpoints are not loaded)" if missing else None
+        try:  # a copy cut short, or a file edited by hand: loading it would fail only when chosen
+            json.loads((folder / "model_index.json").read_text())
+        except (OSError, ValueError):
+            refused = "its model_index.json is not readable JSON (a copy cut short?): copy the pipeline folder again"
         return Adapter(_relative(folder, root), "pipeline", folder, "diffusers", _folder_metadata(folder), refused)
     if "config.json" in files:
         try:
@@ -186,7 +190,7 @@ def _folder_metadata(folder: Path) -> dict[str, str]:
         state = json.loads((folder.parent / STATE_FILE).read_text())
         return {"finetune.method": str(state["recipe"]["method"]), "finetune.base_model": str(state["recipe"]["model.pretrained"]),
                 "finetune.steps": str(state["step"])}
-    with contextlib.suppress(OSError, ValueError, AttributeError):
+    with contextlib.suppress(OSError, ValueError, AttributeError, TypeError, yaml.YAMLError):  # a recipe.yaml edited by hand may be anything
         recipe = yaml.safe_load((folder.parent / "recipe.yaml").read_text())
         return {"finetune.method": str(recipe.get("method", "?")), "finetune.base_model": str(recipe["model"]["pretrained"]),
                 "finetune.steps": str(recipe["train"]["max_steps"])}

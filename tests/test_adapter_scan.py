@@ -45,3 +45,19 @@ def test_lycoris_and_sdxl_lora_files_are_listed_as_refused_with_the_reason_and_d
     for name in ("loha", "dora", "peft-dora"):  # what the loader refuses (a DoRA per input channel, one without magnitudes) when Generate is pressed
         with pytest.raises(FinetuneError):
             load_lora(adapters[name].path)
+
+
+def test_damaged_run_files_are_listed_not_raised(tmp_path):
+    """A demo's adapters folder holds what users left there: a run whose recipe.yaml was cut or edited by hand is still listed
+    (the scan read its base and steps from it, and a YAML error or a section written as a plain value raised out of the scan),
+    and a pipeline whose model_index.json is no JSON is listed as refused with the reason, not offered."""
+    for run, recipe in (("cut", "model: {pretrained: [\n"), ("plain-model", "method: lora\nmodel: some-base\n")):
+        (tmp_path / run / "pipeline").mkdir(parents=True)
+        (tmp_path / run / "pipeline" / "model_index.json").write_text("{}")
+        (tmp_path / run / "recipe.yaml").write_text(recipe)
+    (tmp_path / "half-copied").mkdir()
+    (tmp_path / "half-copied" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", ')
+    adapters = scan_adapters(tmp_path)
+    assert sorted(adapters) == ["cut/pipeline", "half-copied", "plain-model/pipeline"]
+    assert adapters["cut/pipeline"].metadata == adapters["plain-model/pipeline"].metadata == {}
+    assert adapters["half-copied"].refused == "its model_index.json is not readable JSON (a copy cut short?): copy the pipeline folder again"
