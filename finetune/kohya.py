@@ -141,6 +141,9 @@ def load_lora(path: Path) -> LoRA:
     except (SafetensorError, OSError) as err:
         raise FinetuneError(f"LoRA {path} is not a readable safetensors file ({str(err).splitlines()[0][:120]}): a truncated download? get it again") from None
     metadata.pop("format", None)
+    damaged = next((key for key, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+    if damaged is not None:  # it would sample black or noise, merge into a model that does, and train NaN from lora.init_from
+        raise FinetuneError(f"LoRA {path} holds NaN or infinite values ({damaged}): a damaged file, or one saved from a run that diverged: use another")
     unsupported = unsupported_kind(list(tensors))
     if unsupported:  # said of the file, before its first unknown key would be
         raise FinetuneError(f"LoRA {path} is {unsupported}")

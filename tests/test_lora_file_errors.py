@@ -1,0 +1,28 @@
+"""LoRA files that load nowhere, refused in one line by the loader every command shares (sample, merge, export, eval,
+lora.init_from), before any model loads."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from finetune.errors import FinetuneError
+from finetune.kohya import export_lora, load_lora
+
+Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("key", ["lora_up.weight", "dora_scale"])
+def test_nan_or_infinite_weights_are_refused_and_not_exported(tmp_path, bad, key):
+    """A cut or diverged file's NaN was loaded as it was: sample drew black, merge wrote a NaN pipeline, export a NaN copy,
+    and lora.init_from trained to the first save, which then blamed the learning rate."""
+    tensors = {f"{Q}.lora_down.weight": torch.randn(4, 32), f"{Q}.lora_up.weight": torch.randn(32, 4), f"{Q}.alpha": torch.tensor(4.0),
+               f"{Q}.dora_scale": torch.rand(32, 1) + 0.5}  # fmt: skip
+    tensors[f"{Q}.{key}"][3] = bad
+    save_file(tensors, str(tmp_path / "bad.safetensors"))
+    message = rf"^LoRA \S+bad.safetensors holds NaN or infinite values \({Q}.{key}\): a damaged file, or one saved from a run that diverged: use another$"
+    with pytest.raises(FinetuneError, match=message):
+        load_lora(tmp_path / "bad.safetensors")
+    with pytest.raises(FinetuneError, match=message):
+        export_lora(tmp_path / "bad.safetensors", tmp_path / "out", "diffusers")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
