@@ -44,11 +44,15 @@ def kohya_magnitude(magnitude: torch.Tensor, weight_ndim: int) -> torch.Tensor:
 def read_magnitude(tensor: torch.Tensor, key: str, out_channels: int, kohya: bool) -> torch.Tensor:
     """The flat per-output-channel magnitude of `key`, or one line saying why it is not one. In a kohya file the first
     dimension tells the axis, as ComfyUI reads it; a diffusers-layout file holds peft's, always per output channel."""
-    per_output = tensor.numel() == out_channels and (not kohya or tensor.shape[0] == out_channels)
-    if not per_output:
+    per_output = tensor.numel() == out_channels and (not kohya or (tensor.ndim >= 1 and tensor.shape[0] == out_channels))
+    if per_output:
+        return tensor.reshape(-1)
+    if kohya and tensor.ndim >= 2 and tensor.shape[0] == 1:  # LyCORIS' (1, in, ...): told by the first dimension, as ComfyUI does
         raise FinetuneError(f"LoRA key {key} ({tuple(tensor.shape)}) is not one DoRA magnitude per output channel ({out_channels}): "
                             "a scale per input channel (LyCORIS without wd_on_output) is another decomposition, not loaded here")  # fmt: skip
-    return tensor.reshape(-1)
+    # Any other shape is no decomposition: the file is cut or edited, or the key names another layer's magnitudes.
+    raise FinetuneError(f"LoRA key {key} ({tuple(tensor.shape)}) is not one DoRA magnitude per output channel ({out_channels}) nor per input channel: "
+                        "a damaged file? get it again")  # fmt: skip
 
 
 def row_norms(weight: torch.Tensor) -> torch.Tensor:

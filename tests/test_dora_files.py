@@ -2,6 +2,7 @@
 what `finetune sample` loads, and the files refused in one line."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -82,4 +83,16 @@ def test_dora_files_with_magnitudes_missing_are_refused_in_one_line(tmp_path):
     save_file(tensors, str(tmp_path / "cut.safetensors"), {**metadata, "lora_adapter_metadata": json.dumps({**config, "unet.use_dora": True})})
     with pytest.raises(FinetuneError, match=r"^LoRA \S+cut.safetensors: its lora_adapter_metadata says DoRA \(use_dora\) and it holds no DoRA "
                                             r"magnitudes \(lora_magnitude_vector\): a damaged or cut file\?$"):  # fmt: skip
+        load_lora(tmp_path / "cut.safetensors")
+
+
+@pytest.mark.parametrize("shape", [(3, 1), (32, 2), (), (0,)])
+def test_kohya_magnitudes_of_no_layers_shape_are_called_damaged_not_another_decomposition(tmp_path, shape):
+    """Only LyCORIS' (1, in, ...) is a scale per input channel; a dora_scale cut or edited to any other shape was called one too,
+    which sent the user looking for a LyCORIS setting instead of a good copy of the file."""
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{name}.lora_down.weight": torch.randn(4, 32), f"{name}.lora_up.weight": torch.randn(32, 4), f"{name}.dora_scale": torch.rand(shape)},
+              str(tmp_path / "cut.safetensors"))  # fmt: skip
+    with pytest.raises(FinetuneError, match=rf"^LoRA \S+cut.safetensors: LoRA key {name}.dora_scale \({re.escape(str(shape))}\) is not one DoRA "
+                                            r"magnitude per output channel \(32\) nor per input channel: a damaged file\? get it again$"):  # fmt: skip
         load_lora(tmp_path / "cut.safetensors")
