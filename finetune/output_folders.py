@@ -13,7 +13,10 @@ def check_replaceable(folder: Path, overwrite: bool, what: str) -> None:
     with contents the user did not ask to replace."""
     if folder.exists() and not folder.is_dir():
         raise FinetuneError(f"{what} {folder} is a file: give a folder for the pipeline")
-    inside = next(path for path in folder.parents if path.exists())  # the root, at least, exists
+    here = Path.cwd().resolve()
+    if folder.resolve() in (here, *here.parents):  # `.` had no parents to look in (a traceback); replaced, the shell would sit in nothing
+        raise FinetuneError(f"{what} {folder} is the current folder or one above it, which writing the pipeline would replace: give a new folder, e.g. {Path(folder) / 'merged'}")
+    inside = next(path for path in folder.absolute().parents if path.exists())  # the root, at least, exists
     if not inside.is_dir():
         raise FinetuneError(f"{what} {folder} is inside a file ({inside}): give a folder for the pipeline")
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:

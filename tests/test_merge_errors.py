@@ -1,0 +1,37 @@
+"""`finetune merge` refuses, in one line and before any model loads, an output it could not write without losing what
+the user has."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from finetune.errors import FinetuneError
+from finetune.merge import merge_lora
+
+Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+
+
+@pytest.fixture
+def lora_file(tmp_path):
+    path = tmp_path / "loras" / "style.safetensors"
+    path.parent.mkdir()
+    save_file({f"{Q}.lora_down.weight": torch.randn(4, 32), f"{Q}.lora_up.weight": torch.randn(32, 4)}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("output", [".", ".."])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_merge_output_is_never_the_current_folder(tmp_path, lora_file, monkeypatch, output, overwrite):
+    """`finetune merge --lora x .` was a StopIteration traceback (`.` has no parents to look in); with --overwrite a folder
+    above would have been replaced whole, the user's files in it with the pipeline."""
+    work = tmp_path / "work" / "deeper"
+    work.mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    with pytest.raises(FinetuneError, match=rf"^merge output {re.escape(output)} is the current folder or one above it, which writing the pipeline "
+                                            rf"would replace: give a new folder, e.g. {re.escape(str(Path(output) / 'merged'))}$"):  # fmt: skip
+        merge_lora("base", str(lora_file), 1.0, Path(output), overwrite=overwrite)
+    assert (work / "notes.txt").read_text() == "mine"
