@@ -35,3 +35,22 @@ def test_merge_output_is_never_the_current_folder(tmp_path, lora_file, monkeypat
                                             rf"would replace: give a new folder, e.g. {re.escape(str(Path(output) / 'merged'))}$"):  # fmt: skip
         merge_lora("base", str(lora_file), 1.0, Path(output), overwrite=overwrite)
     assert (work / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("output, option, where", [("mine", "--base", "is"), ("mine/unet", "--base", "is inside"), ("models", "--base", "holds"),
+                                                   ("configs", "--base-config", "is")])  # fmt: skip
+def test_merge_output_is_never_the_model_it_reads(tmp_path, lora_file, monkeypatch, output, option, where):
+    """`merge --base models/mine models/mine/unet --overwrite` replaced the base's unet/ with a whole pipeline (the base no longer
+    loaded), and `--base models/mine models/mine --overwrite` the base itself: what it was before the LoRA was lost."""
+    work = tmp_path / "work"
+    for folder in ("models/mine/unet", "configs/unet"):
+        (work / folder).mkdir(parents=True)
+        (work / folder / "config.json").write_text("{}")
+    (work / "models" / "mine" / "model_index.json").write_text("{}")
+    monkeypatch.chdir(work)
+    output = output.replace("mine", "models/mine")
+    source = {"--base": "models/mine", "--base-config": "configs"}[option]
+    with pytest.raises(FinetuneError, match=rf"^merge output {re.escape(output)} {where} the model it reads \({option} {source}\), which writing it would replace: pick another folder$"):
+        merge_lora("models/mine", str(lora_file), 1.0, Path(output), base_config="configs", overwrite=True)
+    assert sorted(p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file()) == [
+        "configs/unet/config.json", "models/mine/model_index.json", "models/mine/unet/config.json"]
