@@ -256,7 +256,7 @@ def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str, tex
             left_out.append(key)  # a layer no setting of this project trains (sd-scripts also adapts the MLP: fc1, fc2)
         elif part not in modules:
             text_layers.append(key)
-        elif hasattr(module := find_module(modules[part], path, part), "lora_A"):
+        elif hasattr(module := _module_of(modules[part], path, part, source), "lora_A"):
             starts.append((key, layer, module))
         else:
             left_out.append(key)
@@ -272,6 +272,10 @@ def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str, tex
         raise FinetuneError(f"lora.init_from {source} adapts {counted(len(left_out), 'layer')} this recipe's LoRA leaves out (e.g. {left_out[0]}): "
                             f"add {names} to lora.target_modules")  # fmt: skip
     for key, layer, module in starts:
+        base_shape = tuple(module.get_base_layer().weight.shape)
+        if layer.weight_shape != base_shape:  # the rank may well agree: "has rank 4 ..., lora.rank is 4: set lora.rank: 4" said nothing
+            raise FinetuneError(f"lora.init_from {source} does not fit this base model: its layer {key} is for a weight of shape {layer.weight_shape}, "
+                                f"the base model's is {base_shape}: start from a LoRA trained on this base (model.pretrained), or set model.pretrained to its")  # fmt: skip
         down, up = module.lora_A["default"].weight, module.lora_B["default"].weight
         if tuple(down.shape) != tuple(layer.down.shape) or tuple(up.shape) != tuple(layer.up.shape):
             if is_conv_3x3(module.get_base_layer()):  # LoCon: lora.conv_rank, or lora.rank where it is not set
@@ -288,6 +292,15 @@ def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str, tex
                 magnitude.copy_(start.reshape(magnitude.shape))
     started = {id(module) for _, _, module in starts}
     return [f"{part}.{name}" for part, model in modules.items() for name, module in model.named_modules() if hasattr(module, "lora_A") and id(module) not in started]
+
+
+def _module_of(model: torch.nn.Module, path: str, part: str, source: str) -> torch.nn.Module:
+    """The layer a lora.init_from file adapts; a layer the model lacks is said of the file (the loader's line named neither it nor the key)."""
+    try:
+        return find_module(model, path, part)
+    except FinetuneError:
+        raise FinetuneError(f"lora.init_from {source} does not fit this base model: its layer {part}.{path} is not in it (a LoRA of another architecture): "
+                            "start from a LoRA trained on this base (model.pretrained), or set model.pretrained to its") from None
 
 
 def target_name(key: str) -> str:

@@ -1,0 +1,25 @@
+"""lora.init_from files that cannot start this run, each refused in one line that names the key and the file."""
+
+import pytest
+import torch
+
+from finetune.errors import FinetuneError
+from finetune.kohya import LoRA, LoRALayer, save_lora_file
+from test_lora_training import lora_model
+
+TO_K = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+
+
+@pytest.mark.parametrize("layer, says", [
+    (TO_K, r"its layer \S+attn2\.to_k is for a weight of shape \(\d+, 1024\), the base model's is \(\d+, \d+\)"),
+    ("unet.down_blocks.7.attentions.0.transformer_blocks.0.attn2.to_k", r"its layer \S+down_blocks\.7\S+ is not in it \(a LoRA of another architecture\)"),
+])  # fmt: skip
+def test_a_lora_of_another_base_is_said_to_be_one(make_recipe, tiny_model, tmp_path, layer, says):
+    """A LoRA of another base at the recipe's rank was told 'has rank 4 at ..., this recipe's lora.rank is 4: set lora.rank: 4';
+    one of a layer the base lacks, 'LoRA layer ... is not in the base model' without the key or the file."""
+    base, _ = lora_model(make_recipe())
+    out = base.unet.get_submodule(TO_K.removeprefix("unet.")).weight.shape[0]
+    save_lora_file(LoRA({layer: LoRALayer(torch.randn(4, 1024), torch.randn(out, 4), 4.0)}), tmp_path / "sd2.safetensors", "diffusers")
+    with pytest.raises(FinetuneError, match=rf"^lora.init_from \S+sd2.safetensors does not fit this base model: {says}: start from a LoRA trained "
+                                            r"on this base \(model.pretrained\), or set model.pretrained to its$"):  # fmt: skip
+        lora_model(make_recipe(lora__init_from=str(tmp_path / "sd2.safetensors")))
