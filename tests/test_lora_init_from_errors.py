@@ -5,6 +5,7 @@ import torch
 
 from finetune.errors import FinetuneError
 from finetune.kohya import LoRA, LoRALayer, save_lora_file
+from finetune.trainer import train
 from test_lora_training import lora_model
 
 TO_K = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
@@ -23,3 +24,15 @@ def test_a_lora_of_another_base_is_said_to_be_one(make_recipe, tiny_model, tmp_p
     with pytest.raises(FinetuneError, match=rf"^lora.init_from \S+sd2.safetensors does not fit this base model: {says}: start from a LoRA trained "
                                             r"on this base \(model.pretrained\), or set model.pretrained to its$"):  # fmt: skip
         lora_model(make_recipe(lora__init_from=str(tmp_path / "sd2.safetensors")))
+
+
+def test_a_folder_holding_no_lora_is_said_to_be_what_it_is(make_recipe, tmp_path):
+    """A run's checkpoints/ folder, or a checkpoint saved without its outputs, was 'lora.init_from ... not found' though it is there."""
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    (checkpoint / "trainable_0.safetensors").write_bytes(b"")  # resumable state, never the LoRA
+    for folder, says in ((checkpoint.parent, rf"holds a run's checkpoints: pick a checkpoint \(checkpoint-N, of step N\), e\.g\. {checkpoint}, the latest"),
+                         (checkpoint, r"holds no LoRA file: its run had checkpoint\.save_outputs: false")):  # fmt: skip
+        with pytest.raises(FinetuneError, match=rf"^lora.init_from: (checkpoint )?{folder} {says}"):
+            train(make_recipe(lora__init_from=str(folder)))

@@ -220,10 +220,14 @@ def keep_input_dtype(model: torch.nn.Module) -> None:
 
 
 def read_initial_lora(source: str, use_dora: bool) -> LoRA:
-    path = Path(source)
-    path = path / LORA_WEIGHTS_NAME if path.is_dir() else path
-    if not path.is_file():
+    if not Path(source).exists():
         raise FinetuneError(f"lora.init_from {source} not found: give a LoRA .safetensors file or a training folder holding {LORA_WEIGHTS_NAME}{looked_for_here(source)}")
+    from finetune.inference import resolve_lora_file  # it imports this module
+
+    try:  # a folder holding no LoRA (a run's checkpoints/, a checkpoint without its outputs) is said to be what it is, as sample says it
+        path = resolve_lora_file(source)
+    except FinetuneError as err:
+        raise FinetuneError(f"lora.init_from: {err}") from None
     lora = load_lora(path)
     if uses_dora(lora) and not use_dora:  # a plain LoRA has nowhere to keep its magnitudes (the other way round is fine)
         raise FinetuneError(f"lora.init_from {source} is a DoRA (a magnitude per output channel beside its LoRA): set lora.use_dora: true to start from it")
