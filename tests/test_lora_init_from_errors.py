@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from finetune.errors import FinetuneError
+from finetune import trainer
 from finetune.kohya import LoRA, LoRALayer, save_lora_file
 from finetune.trainer import train
 from test_lora_training import lora_model
@@ -36,3 +37,14 @@ def test_a_folder_holding_no_lora_is_said_to_be_what_it_is(make_recipe, tmp_path
                          (checkpoint, r"holds no LoRA file: its run had checkpoint\.save_outputs: false")):  # fmt: skip
         with pytest.raises(FinetuneError, match=rf"^lora.init_from: (checkpoint )?{folder} {says}"):
             train(make_recipe(lora__init_from=str(folder)))
+
+
+@pytest.mark.parametrize("conv_3x3, override, says", [(False, {"lora__rank": 8}, r"at \S+to_q, this recipe's lora.rank is 8: set lora.rank: 4"),
+                                                       (True, {"lora__conv_rank": 2}, r"at the 3x3 conv layer \S+conv1, this recipe gives those rank 2: set lora.conv_rank: 4")])  # fmt: skip
+def test_a_rank_to_change_is_said_before_the_model_loads(make_recipe, tmp_path, monkeypatch, conv_3x3, override, says):
+    """The file says its ranks: they were compared with the recipe's only once the base model had loaded and the LoRA was attached."""
+    key, down = ("unet.down_blocks.0.resnets.0.conv1", torch.randn(4, 32, 3, 3)) if conv_3x3 else (TO_K.replace("attn2.to_k", "attn1.to_q"), torch.randn(4, 32))
+    save_lora_file(LoRA({key: LoRALayer(down, torch.randn(32, 4, *([1, 1] if conv_3x3 else [])), 4.0)}), tmp_path / "r4.safetensors", "kohya")
+    monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(FinetuneError, match=rf"^lora.init_from \S+r4.safetensors has rank 4 {says}$"):
+        train(make_recipe(lora__init_from=str(tmp_path / "r4.safetensors"), lora__target_modules=["to_q", "conv1"], **override))

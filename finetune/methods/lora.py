@@ -45,6 +45,8 @@ class LoRAMethod(UNetMethod):
         self.max_norm_layers: dict[str, torch.nn.Module] | None = None  # lora.max_norm's layers, found at the first step
         # Read now, before any model loads: a missing or broken file is one line at once.
         self.initial_lora = read_initial_lora(recipe.lora.init_from, recipe.lora.use_dora) if recipe.lora.init_from else None
+        if self.initial_lora is not None:
+            check_initial_ranks(self.initial_lora, recipe.lora.init_from, recipe.lora)
 
     def configure_model(self) -> None:
         settings = self.recipe.lora
@@ -234,6 +236,22 @@ def read_initial_lora(source: str, use_dora: bool) -> LoRA:
     return lora
 
 
+def rank_problem(source: str, key: str, rank: int, recipe_rank: int, conv_3x3: bool) -> str:
+    if conv_3x3:  # LoCon: lora.conv_rank, or lora.rank where it is not set
+        return f"lora.init_from {source} has rank {rank} at the 3x3 conv layer {key}, this recipe gives those rank {recipe_rank}: set lora.conv_rank: {rank}"
+    return f"lora.init_from {source} has rank {rank} at {key}, this recipe's lora.rank is {recipe_rank}: set lora.rank: {rank}"
+
+
+def check_initial_ranks(lora: LoRA, source: str, settings) -> None:
+    """The UNet layers' ranks against the recipe's, from the file alone, so that a rank to change is said before the model
+    loads (the text encoder's: by `start_from`, which knows the layers model.clip_skip leaves unused)."""
+    conv_rank, _ = settings.conv_rank_alpha()
+    for key, layer in sorted(lora.layers.items()):
+        recipe_rank = conv_rank if layer.is_conv_3x3 else settings.rank
+        if key.startswith("unet.") and layer.rank != recipe_rank:
+            raise FinetuneError(rank_problem(source, key, layer.rank, recipe_rank, layer.is_conv_3x3))
+
+
 def check_trained_alike(lora: LoRA, source: str, clip_skip: int, prediction_type: str) -> None:
     """A LoRA continued with other prompts encodings or another target would start from what it did not learn."""
     recorded_skip, recorded_type = recorded_clip_skip(lora.metadata), lora.metadata.get("finetune.prediction_type")
@@ -282,10 +300,7 @@ def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str, tex
                                 f"the base model's is {base_shape}: start from a LoRA trained on this base (model.pretrained), or set model.pretrained to its")  # fmt: skip
         down, up = module.lora_A["default"].weight, module.lora_B["default"].weight
         if tuple(down.shape) != tuple(layer.down.shape) or tuple(up.shape) != tuple(layer.up.shape):
-            if is_conv_3x3(module.get_base_layer()):  # LoCon: lora.conv_rank, or lora.rank where it is not set
-                raise FinetuneError(f"lora.init_from {source} has rank {layer.rank} at the 3x3 conv layer {key}, this recipe gives those rank "
-                                    f"{down.shape[0]}: set lora.conv_rank: {layer.rank}")  # fmt: skip
-            raise FinetuneError(f"lora.init_from {source} has rank {layer.rank} at {key}, this recipe's lora.rank is {down.shape[0]}: set lora.rank: {layer.rank}")
+            raise FinetuneError(rank_problem(source, key, layer.rank, down.shape[0], is_conv_3x3(module.get_base_layer())))
         with torch.no_grad():
             down.copy_(layer.down)
             up.copy_(layer.up * (layer.alpha / layer.rank) / module.scaling["default"])
