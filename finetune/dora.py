@@ -15,6 +15,8 @@ peft decomposes on; its older per-input-channel scales, (1, in, ...), are anothe
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from finetune.errors import FinetuneError
@@ -81,6 +83,18 @@ def check_config_magnitudes(lora, config: dict) -> None:
     start each from the base weight's norm, another model than the one trained."""
     if any(key.endswith(".use_dora") and value is True for key, value in config.items()) and not uses_dora(lora):
         raise FinetuneError(f"its lora_adapter_metadata says DoRA (use_dora) and it holds no DoRA magnitudes ({DIFFUSERS_MAGNITUDE[1:]}): a damaged or cut file?")
+
+
+def check_kohya_magnitudes(lora, metadata: dict[str, str]) -> None:
+    """The same of a kohya file whose sd-scripts metadata says DoRA (LyCORIS' dora_wd in ss_network_args): a tool that drops
+    `dora_scale` (diffusers' converter does) and keeps the metadata leaves a plain LoRA of another model than the one trained."""
+    try:
+        args = json.loads(metadata.get("ss_network_args") or "{}")
+    except ValueError:  # other trainers' network_args may be anything
+        return
+    if isinstance(args, dict) and str(args.get("dora_wd")).lower() == "true" and not uses_dora(lora):
+        raise FinetuneError(f"its ss_network_args say DoRA (dora_wd) and it holds no DoRA magnitudes ({KOHYA_MAGNITUDE[1:]}): "
+                            "a damaged file, or one converted by a tool that drops them? get the original")  # fmt: skip
 
 
 def dora_output_hook(module: torch.nn.Module, layer, strength: float, branch, scale: float):

@@ -26,8 +26,8 @@ from safetensors import SafetensorError, safe_open
 
 from finetune.atomic_files import atomic_save_safetensors
 from finetune.checkpoint import CHECKPOINT_PATTERN
-from finetune.dora import (DIFFUSERS_MAGNITUDE, KOHYA_DORA_ARGS, KOHYA_DORA_METADATA, KOHYA_MAGNITUDE, check_config_magnitudes, diffusers_magnitude,
-                           kohya_magnitude, read_magnitude, uses_dora)
+from finetune.dora import (DIFFUSERS_MAGNITUDE, KOHYA_DORA_ARGS, KOHYA_DORA_METADATA, KOHYA_MAGNITUDE, check_config_magnitudes, check_kohya_magnitudes,
+                           diffusers_magnitude, kohya_magnitude, read_magnitude, uses_dora)
 from finetune.errors import FinetuneError
 from finetune.kohya_metadata import DATASET_KOHYA_KEYS, KOHYA_KEYS, LORAPLUS_KEYS, finetune_metadata_from_kohya
 from finetune.lora_kinds import CONTEXT_INPUTS, held_path, sd_version_metadata, unsupported_kind, with_current_diffusers_names, written_path
@@ -175,7 +175,9 @@ def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Lo
     leftover = set(tensors) - {f"{kohya_name(k)}.{s}" for k in layers for s in ("lora_down.weight", "lora_up.weight", "alpha", KOHYA_MAGNITUDE[1:])}
     if leftover:
         raise FinetuneError(f"LoRA key {sorted(leftover)[0]} is not a LoRA down/up weight or alpha: a file with more than a LoRA in it is not loaded")
-    return LoRA(layers, finetune_metadata_from_kohya(metadata))
+    lora = LoRA(layers, finetune_metadata_from_kohya(metadata))
+    check_kohya_magnitudes(lora, metadata)
+    return lora
 
 
 def from_diffusers(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> LoRA:

@@ -96,3 +96,18 @@ def test_kohya_magnitudes_of_no_layers_shape_are_called_damaged_not_another_deco
     with pytest.raises(FinetuneError, match=rf"^LoRA \S+cut.safetensors: LoRA key {name}.dora_scale \({re.escape(str(shape))}\) is not one DoRA "
                                             r"magnitude per output channel \(32\) nor per input channel: a damaged file\? get it again$"):  # fmt: skip
         load_lora(tmp_path / "cut.safetensors")
+
+
+def test_a_kohya_file_whose_metadata_says_dora_must_hold_its_magnitudes(tmp_path):
+    """A LyCORIS DoRA whose dora_scale tensors a converter dropped (keeping ss_network_args) loaded as a plain LoRA: another model."""
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    tensors = {f"{name}.lora_down.weight": torch.randn(4, 32), f"{name}.lora_up.weight": torch.randn(32, 4)}
+    args = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "lora", "dora_wd": "True", "wd_on_output": "True"})}
+    save_file(tensors, str(tmp_path / "dropped.safetensors"), args)
+    with pytest.raises(FinetuneError, match=r"^LoRA \S+dropped.safetensors: its ss_network_args say DoRA \(dora_wd\) and it holds no DoRA magnitudes "
+                                            r"\(dora_scale\): a damaged file, or one converted by a tool that drops them\? get the original$"):  # fmt: skip
+        load_lora(tmp_path / "dropped.safetensors")
+    save_file({**tensors, f"{name}.dora_scale": torch.rand(32, 1)}, str(tmp_path / "whole.safetensors"), args)
+    assert load_lora(tmp_path / "whole.safetensors").layers[Q].magnitude.shape == (32,)
+    save_file(tensors, str(tmp_path / "plain.safetensors"), {**args, "ss_network_args": json.dumps({"algo": "lora", "dora_wd": "False"})})
+    assert load_lora(tmp_path / "plain.safetensors").layers[Q].magnitude is None
