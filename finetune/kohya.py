@@ -360,6 +360,8 @@ def export_lora(source: Path, output: Path, layout: str, overwrite: bool = False
     destination = resolve_output_file(Path(output), layout, source)
     if destination.resolve() == source.resolve():
         raise FinetuneError(f"export would write {destination} over the LoRA it reads: give another output")
+    if destination.is_dir():  # a folder named *.safetensors: --overwrite ended in a traceback renaming the file onto it
+        raise FinetuneError(f"export output {destination} is a folder: give a .safetensors file path, or a folder name without that ending")
     from finetune.model_card import model_card_path, write_model_card
 
     existing = [path for path in (destination, model_card_path(destination, layout)) if path.exists()]

@@ -1,5 +1,5 @@
 """LoRA files that load nowhere, refused in one line by the loader every command shares (sample, merge, export, eval,
-lora.init_from), before any model loads."""
+lora.init_from), before any model loads; and an export output it cannot write."""
 
 import pytest
 import torch
@@ -26,3 +26,15 @@ def test_nan_or_infinite_weights_are_refused_and_not_exported(tmp_path, bad, key
     with pytest.raises(FinetuneError, match=message):
         export_lora(tmp_path / "bad.safetensors", tmp_path / "out", "diffusers")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_export_to_a_folder_named_like_a_file_is_one_line_and_keeps_it(tmp_path, overwrite):
+    """With --overwrite it was an IsADirectoryError traceback from renaming the written file onto the folder."""
+    save_file({f"{Q}.lora_down.weight": torch.randn(4, 32), f"{Q}.lora_up.weight": torch.randn(32, 4)}, str(tmp_path / "style.safetensors"))
+    (tmp_path / "out.safetensors").mkdir()
+    (tmp_path / "out.safetensors" / "mine.txt").write_text("mine")
+    with pytest.raises(FinetuneError, match=r"^export output \S+out.safetensors is a folder: give a .safetensors file path, or a folder name without that ending$"):
+        export_lora(tmp_path / "style.safetensors", tmp_path / "out.safetensors", "kohya", overwrite=overwrite)
+    assert [p.name for p in (tmp_path / "out.safetensors").iterdir()] == ["mine.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors", "style.safetensors"]
