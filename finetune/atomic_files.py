@@ -20,10 +20,10 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
     partial = path.with_name(f".{path.name}.partial")
     try:
         save_file(tensors, str(partial), metadata=metadata)
-    except BaseException:  # a full disk, Ctrl-C: no half file left behind
+        flush_to_disk(with_default_permissions(partial)).replace(path)
+    except BaseException:  # a full disk, Ctrl-C, a folder where the file goes: no half file left behind
         partial.unlink(missing_ok=True)
         raise
-    flush_to_disk(with_default_permissions(partial)).replace(path)
     sync_folder(path.parent)
 
 

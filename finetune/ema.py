@@ -112,16 +112,27 @@ class WeightAverage:
             with safe_open(str(path), "pt") as f:
                 updates = int((f.metadata() or {}).get("updates", 0))
             tensors = load_file(str(path))
-        except (SafetensorError, OSError) as err:  # cut short by a full disk or a killed copy: said as for the checkpoint's other files
+        except (SafetensorError, OSError, ValueError) as err:  # ValueError: an "updates" that is no count  # cut short by a full disk or a killed copy: said as for the checkpoint's other files
             raise FinetuneError(
                 f"checkpoint {path.parent} is damaged or incomplete ({path.name}: {type(err).__name__}: {str(err).splitlines()[0][:100]}): "
                 f"move it out of {path.parent.parent} and resume from the one before it"
             ) from None
         if set(tensors) != set(self.averages):
             raise FinetuneError(f"{path} averages other weights than this recipe trains: resume with the recipe that wrote it")
+        def part_held_here(name: str) -> torch.Tensor:
+            try:
+                part = self.held_part(name, tensors[name])
+            except (RuntimeError, IndexError, ValueError):  # a slice of a whole of another shape
+                part = None
+            if part is None or part.shape != self.averages[name].shape:  # copy_ would broadcast a (1,) into anything
+                raise FinetuneError(f"{path} averages {name} at shape {tuple(tensors[name].shape)}, not this recipe's: "
+                                    f"resume with the recipe that wrote it")
+            return part
+
+        parts = {name: part_held_here(name) for name in self.averages}
         self.updates = updates
         for name, average in self.averages.items():
-            average.copy_(self.held_part(name, tensors[name]))
+            average.copy_(parts[name])
         return True
 
     def held_part(self, name: str, whole: torch.Tensor) -> torch.Tensor:

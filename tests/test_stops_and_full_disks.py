@@ -4,8 +4,11 @@ import os
 import signal
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 import finetune.trainer as trainer
+from finetune.atomic_files import atomic_save_safetensors
 from finetune.checkpoint import list_checkpoints
 from finetune.errors import FinetuneError
 from finetune.methods.lora import LORA_WEIGHTS_NAME
@@ -121,6 +124,29 @@ def test_a_damaged_weight_average_in_a_checkpoint_is_one_line_naming_it(make_rec
     with pytest.raises(FinetuneError, match=r"^checkpoint .*checkpoint-2 is damaged or incomplete \(ema.safetensors: SafetensorError: .*\): "
                                             r"move it out of .*checkpoints and resume from the one before it$"):
         trainer.train(make_recipe(train__max_steps=3, **common), resume="latest")
+
+
+def test_a_weight_average_of_other_shapes_or_a_count_that_is_no_number_is_one_line(make_recipe, tmp_path):
+    """Same names, another shape (a (1,) tensor that copy_ would have broadcast into every average), or an "updates"
+    count that is no number: each was a traceback or a silently wrong average."""
+    common = dict(output_dir=str(tmp_path / "run"), train__ema_decay=0.9)
+    trainer.train(make_recipe(train__max_steps=2, **common))
+    average = tmp_path / "run" / "checkpoints" / "checkpoint-2" / "ema.safetensors"
+    kept = load_file(str(average))
+    save_file({name: torch.zeros(1) for name in kept}, str(average), metadata={"updates": "2"})
+    with pytest.raises(FinetuneError, match=r"^.*ema.safetensors averages \S+ at shape \(1,\), not this recipe's: resume with the recipe that wrote it$"):
+        trainer.train(make_recipe(train__max_steps=3, **common), resume="latest")
+    save_file(kept, str(average), metadata={"updates": "two"})
+    with pytest.raises(FinetuneError, match=r"^checkpoint .*checkpoint-2 is damaged or incomplete \(ema.safetensors: ValueError: .*\): "):
+        trainer.train(make_recipe(train__max_steps=3, **common), resume="latest")
+
+
+def test_an_unwritable_place_for_a_file_leaves_no_partial_copy_beside_it(tmp_path):
+    """A folder where the file goes: the rename fails after the whole file was written under its hidden name."""
+    (tmp_path / "out.safetensors").mkdir()
+    with pytest.raises(OSError):
+        atomic_save_safetensors({"w": torch.zeros(2)}, tmp_path / "out.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
 
 
 def test_a_checkpoint_without_its_random_states_is_one_line_not_another_curve(make_recipe, tmp_path):
