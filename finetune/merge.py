@@ -47,6 +47,16 @@ def merge_into(models: dict[str, torch.nn.Module], lora: LoRA, strength: float) 
             weight.copy_(merged.to(weight.dtype))
 
 
+def check_within_precision(models: dict[str, torch.nn.Module], lora: LoRA, merging: str, precision: str) -> None:
+    """A merged weight beyond what `precision` holds would be saved as infinity: a pipeline that draws black or noise."""
+    for key in lora.layers:
+        part, path = key.split(".", 1)
+        weight = find_module(models[part], path, part).weight
+        if not torch.isfinite(weight.to(PRECISIONS[precision])).all():
+            fix = "use a smaller --strength" + ("" if precision == "fp32" else ", or --precision fp32")
+            raise FinetuneError(f"{merging} takes its layer {key} to {weight.abs().max().item():.3g}, beyond what {precision} holds: {fix}")
+
+
 def find_module(model: torch.nn.Module, path: str, part: str) -> torch.nn.Module:
     # transformers 4 nests CLIP under `text_model`, transformers 5 does not.
     for candidate in (path, CLIP_ROOT + path) if part == "text_encoder" else (path,):
@@ -79,6 +89,8 @@ def merge_lora(
         merge_into({"unet": model.unet, "text_encoder": model.text_encoder}, lora, strength)
     except FinetuneError as err:  # name the LoRA, as sample and eval do: the layer alone does not say which file
         raise FinetuneError(f"LoRA {lora_file} does not fit this base model: {err}") from None
+    models = {"unet": model.unet, "text_encoder": model.text_encoder}
+    check_within_precision(models, lora, f"merging {lora_file} at --strength {strength:g}", precision)
     if trained_as["finetune.prediction_type"]:  # the merged UNet predicts what the LoRA (or the base's record) says
         model.noise_scheduler.register_to_config(prediction_type=trained_as["finetune.prediction_type"])
     if trained_as.get("finetune.zero_terminal_snr") and not model.noise_scheduler.config.get("rescale_betas_zero_snr"):

@@ -54,3 +54,14 @@ def test_merge_output_is_never_the_model_it_reads(tmp_path, lora_file, monkeypat
         merge_lora("models/mine", str(lora_file), 1.0, Path(output), base_config="configs", overwrite=True)
     assert sorted(p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file()) == [
         "configs/unet/config.json", "models/mine/model_index.json", "models/mine/unet/config.json"]
+
+
+@pytest.mark.parametrize("precision, strength", [("fp16", 1e4), ("fp32", 1e38)])
+def test_a_merge_past_what_its_precision_holds_is_one_line_and_writes_nothing(tiny_model, tmp_path, lora_file, precision, strength):
+    """The merged weights were saved as infinity (a pipeline drawing black), the strength and precision unsaid."""
+    out = tmp_path / "merged"
+    fix = "use a smaller --strength" + ("" if precision == "fp32" else ", or --precision fp32")
+    with pytest.raises(FinetuneError, match=rf"^merging {re.escape(str(lora_file))} at --strength {re.escape(f'{strength:g}')} takes its layer unet\.\S+ to "
+                                            rf"\S+, beyond what {precision} holds: {re.escape(fix)}$"):
+        merge_lora(str(tiny_model), str(lora_file), strength, out, precision=precision)
+    assert not out.exists()
