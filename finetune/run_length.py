@@ -141,13 +141,16 @@ def recorded_steps(checkpoint: Path, state: dict, last: StepShape) -> list[tuple
     step, record = state.get("step", 0), state.get(STEPS_BY_SHAPE)
     if record is None:
         return [(last, step)]
-    counts = lambda entry: isinstance(entry, list) and len(entry) == 4 and all(type(n) is int and n > 0 for n in entry)  # noqa: E731
-    if not isinstance(record, list) or not record or not all(map(counts, record)):
+    if not isinstance(record, list) or not record or not all(map(_four_counts, record)):
         raise FinetuneError(f"checkpoint {checkpoint}: its {STEPS_BY_SHAPE} ({json.dumps(record)[:80]}) is not a list of [batch_size, processes, "
                             f"accumulation, steps] (edited by hand?): resume from another checkpoint, or delete {STEPS_BY_SHAPE} from its "
                             f"{STATE_FILE} (its steps then count at its last batch)")  # fmt: skip
     done = [(StepShape(*entry[:3]), entry[3]) for entry in record]
     return done if sum(steps for _, steps in done) == step and done[-1][0] == last else [(last, step)]
+
+
+def _four_counts(entry) -> bool:
+    return isinstance(entry, list) and len(entry) == 4 and all(type(n) is int and n > 0 for n in entry)
 
 
 def planned_steps(train: TrainConfig, count: EpochCount | int) -> int:

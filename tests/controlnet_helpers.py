@@ -65,3 +65,10 @@ def write_controlnet_run(tiny_model: Path, run: Path, trained: bool) -> Path:
                 conv.normal_(0, 0.5)
     save_model_folder(controlnet, run / CONTROLNET_DIR, METADATA)
     return run
+
+
+def layoutless_refusal(checkpoint, began, mismatch: str) -> str:
+    """The layout check's line for a checkpoint that kept no layout, of a ControlNet `from_unet` does not make."""
+    return (f"checkpoint {checkpoint} was written before checkpoints kept the layout of the ControlNet they started from (controlnet.pretrained "
+            f"{began}), with checkpoint.save_outputs: false, so nothing in it says that layout, which is not one ControlNetModel.from_unet "
+            f"makes ({mismatch}): resume from a checkpoint of this run that holds a controlnet/ folder, or start a new run from {began}")

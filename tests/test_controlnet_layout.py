@@ -11,7 +11,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from controlnet_helpers import controlnet_recipe
+from controlnet_helpers import controlnet_recipe, layoutless_refusal
 from diffusers import ControlNetModel, UNet2DConditionModel
 
 from finetune.checkpoint import DEEPSPEED_FOLDER, STATE_FILE
@@ -48,11 +48,7 @@ def test_a_layoutless_deepspeed_checkpoint_of_another_layout_is_one_line_before_
     deepspeed_checkpoint(checkpoint, ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 24, 32)), str(began), file)
     with pytest.raises(FinetuneError) as refused:
         resumed(make_recipe, pairs_folder, checkpoint)
-    assert str(refused.value) == (
-        f"checkpoint {checkpoint} was written before checkpoints kept the layout of the ControlNet they started from (controlnet.pretrained "
-        f"{began}), with checkpoint.save_outputs: false, so nothing in it says that layout, which is not one ControlNetModel.from_unet "
-        f"makes (controlnet_cond_embedding.conv_in.weight: shape (8, 3, 3, 3), not (16, 3, 3, 3)): resume from a checkpoint of this run "
-        f"that holds a controlnet/ folder, or start a new run from {began}")
+    assert str(refused.value) == layoutless_refusal(checkpoint, began, "controlnet_cond_embedding.conv_in.weight: shape (8, 3, 3, 3), not (16, 3, 3, 3)")
 
 
 def test_a_layoutless_deepspeed_checkpoint_of_the_layout_from_unet_makes_resumes(make_recipe, pairs_folder, tiny_model, tmp_path):

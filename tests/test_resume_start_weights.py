@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from controlnet_helpers import METADATA, controlnet_recipe
+from controlnet_helpers import METADATA, controlnet_recipe, layoutless_refusal
 from diffusers import ControlNetModel, UNet2DConditionModel
 
 from finetune.methods.controlnet import CONTROLNET_DIR, save_model_folder
@@ -108,11 +108,7 @@ def test_an_older_checkpoint_without_the_layout_of_the_controlnet_it_started_fro
     (checkpoint / "trainer_state.json").write_text(json.dumps(state))
     with pytest.raises(FinetuneError) as refused:
         train(controlnet_recipe(make_recipe, pairs_folder, train__max_steps=2, **common), resume="latest")
-    assert str(refused.value) == (
-        f"checkpoint {checkpoint} was written before checkpoints kept the layout of the ControlNet they started from (controlnet.pretrained "
-        f"{pretrained}), with checkpoint.save_outputs: false, so nothing in it says that layout, which is not one ControlNetModel.from_unet "
-        f"makes (controlnet_cond_embedding.blocks.0.bias: shape (8,), not (16,)): resume from a checkpoint of this run that holds a "
-        f"controlnet/ folder, or start a new run from {pretrained}")
+    assert str(refused.value) == layoutless_refusal(checkpoint, pretrained, "controlnet_cond_embedding.blocks.0.bias: shape (8,), not (16,)")
 
 
 def test_a_run_resumed_from_an_older_checkpoint_keeps_the_layout_and_record_from_then_on(make_recipe, pairs_folder, tiny_model, tmp_path):
