@@ -365,11 +365,12 @@ def run_validation(recipe, method, modules, accelerator, step: int) -> Path | No
         unwrapped = {name: unwrap(accelerator, module) for name, module in modules.items()}
         for module in unwrapped.values():
             module.eval()
-        # Before the first step the model is the base (plus no-op adapters), unless it starts from trained weights (a LoRA, a ControlNet).
-        untrained = step == 0 and not starting_weights(recipe)
+        # Before the first step the model is the base (plus no-op adapters), unless it starts from trained weights (a LoRA, a
+        # ControlNet): those sample as this run trains, unless taken to be trained as the base was (`started_as_pretrained`).
+        as_pretrained = step == 0 and (not starting_weights(recipe) or method.started_as_pretrained())
         # Sampling must not disturb the training RNG: a resumed run then follows the same curve.
         with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
-            with method.base.predicting_as_pretrained() if untrained else contextlib.nullcontext(), \
+            with method.base.predicting_as_pretrained() if as_pretrained else contextlib.nullcontext(), \
                     in_lockstep() if zero_stage(accelerator) == 3 else contextlib.nullcontext():
                 rows, labels = method.validation_images(unwrapped)
         for module in unwrapped.values():

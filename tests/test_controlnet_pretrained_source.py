@@ -106,8 +106,32 @@ def test_a_controlnet_recording_no_prediction_type_is_said_to_be_taken_as_the_ba
     method = set_up(controlnet_recipe(make_recipe, pairs_folder, controlnet__pretrained="someone/edges", model__prediction_type="v_prediction"))
     assert method.start_lines[1:] == [
         "warning: controlnet.pretrained someone/edges records no prediction type and is taken to be trained for the base's epsilon, this run "
-        "trains for v_prediction (model.prediction_type): it starts from what it did not learn, and its step-0 samples, read as v_prediction, "
-        "may be noise; remove model.prediction_type if it was trained for epsilon"]
+        "trains for v_prediction (model.prediction_type): it starts from what it did not learn (its step-0 samples are read as epsilon, the "
+        "later ones as v_prediction); remove model.prediction_type if it was trained for epsilon"]
     (run / CONTROLNET_DIR / "finetune_metadata.json").write_text(json.dumps({"finetune.method": "controlnet", "finetune.prediction_type": "epsilon"}))
     assert set_up(controlnet_recipe(make_recipe, pairs_folder, controlnet__pretrained=str(run))).start_lines == [
         f"starting from the ControlNet {run} (controlnet.pretrained)"]  # recorded: nothing to take
+
+
+def test_the_step_0_samples_of_a_controlnet_recording_no_prediction_type_read_it_as_the_bases(make_recipe, pairs_folder, tiny_model, offline_cache):
+    """Under model.prediction_type, a ControlNet taken to be trained for the base's target (it records none) was sampled at
+    step 0 as this run's target: noise, where the user expects the ControlNet as it was loaded. It is read as the base's
+    then, and as the run's once it trains; one that records the run's target is read as that from the start."""
+    from accelerate import Accelerator
+    from controlnet_helpers import set_up
+
+    from finetune.trainer import run_validation
+
+    def sampled_as(method, step: int) -> str:
+        seen = []
+        method.validation_images = lambda modules: (seen.append(method.pipeline(modules).scheduler.config.prediction_type), ([], []))[1]
+        run_validation(method.recipe, method, method.trained_modules(), Accelerator(cpu=True), step)
+        return seen[0]
+
+    run = write_controlnet_run(tiny_model, offline_cache.parent / "made", trained=False)
+    fake_hub_cache(offline_cache, "someone/edges", run / CONTROLNET_DIR)
+    method = set_up(controlnet_recipe(make_recipe, pairs_folder, controlnet__pretrained="someone/edges", model__prediction_type="v_prediction"))
+    assert (sampled_as(method, 0), sampled_as(method, 2)) == ("epsilon", "v_prediction")
+    (run / CONTROLNET_DIR / "finetune_metadata.json").write_text(json.dumps({"finetune.method": "controlnet", "finetune.prediction_type": "v_prediction"}))
+    method = set_up(controlnet_recipe(make_recipe, pairs_folder, controlnet__pretrained=str(run), model__prediction_type="v_prediction"))
+    assert sampled_as(method, 0) == "v_prediction"

@@ -132,6 +132,12 @@ class TrainingMethod(ABC):
     def load_checkpoint_state(self, state: dict) -> None:
         """Restore what `checkpoint_state` returned, on resume."""
 
+    def started_as_pretrained(self) -> bool:
+        """Whether the trained weights the run started from (controlnet.pretrained) are taken to be trained as the base
+        itself was, not for this run's target: the step-0 samples then show them so (`BaseModel.predicting_as_pretrained`),
+        as they were loaded. A run from the base alone samples so at step 0 whatever this says."""
+        return False
+
     def validation_images(self, modules: dict[str, torch.nn.Module]) -> tuple[list[list[Image.Image]], list[str]]:
         """(rows of images, a label per row) for the validation grid, from the unwrapped modules."""
         settings = self.recipe.validation

@@ -71,6 +71,7 @@ class ControlNetMethod(DiffusionMethod):
         self.controlnet: ControlNetModel | None = None
         self.started_from: str | None = None  # its record in the outputs (`start_metadata`)
         self.unknown_layout: tuple[Path, str] | None = None  # a resume's checkpoint that keeps no layout, and where it began
+        self.target_unrecorded = False  # controlnet.pretrained records no prediction type: taken to be trained as the base was
 
     def training_items(self) -> list[Example]:
         return [pair.image for pair in self.pairs]
@@ -163,6 +164,7 @@ class ControlNetMethod(DiffusionMethod):
                 raise FinetuneError(f"ControlNet {pretrained} does not fit base model {self.base.source}: its {key} is {mine}, the UNet's {theirs}")
         if (problem := conditioning_channels_problem(controlnet.config)) is not None:  # a hub id: its config is read only here
             raise FinetuneError(f"controlnet.pretrained {pretrained} {problem}")
+        self.target_unrecorded = not recorded.get("finetune.prediction_type")
         self.start_lines += [self._start_line(recorded), *self._unrecorded_target_warning(recorded)]
         return controlnet
 
@@ -192,15 +194,19 @@ class ControlNetMethod(DiffusionMethod):
         known = ", ".join(fact for fact in facts if fact)
         return f"starting from the ControlNet {self.settings.pretrained} (controlnet.pretrained)" + (f": {known}" if known else "")
 
+    def started_as_pretrained(self) -> bool:
+        return self.target_unrecorded
+
     def _unrecorded_target_warning(self, recorded: dict) -> list[str]:
         """Where this run trains another target than the base's (model.prediction_type), a ControlNet taken to be trained
-        for the base's starts from what it did not learn: a warning, not a refusal, as that is assumed, not recorded."""
+        for the base's starts from what it did not learn: a warning, not a refusal, as that is assumed, not recorded. Its
+        step-0 samples show it as loaded, read as the base's target (`started_as_pretrained`); later ones as this run's."""
         base, trained = self.base.pretrained_prediction_type, self.base.noise_scheduler.config.prediction_type
         if recorded.get("finetune.prediction_type") or base == trained:
             return []
         return [f"warning: controlnet.pretrained {self.settings.pretrained} records no prediction type and is taken to be trained for the base's "
-                f"{base}, this run trains for {trained} (model.prediction_type): it starts from what it did not learn, and its step-0 samples, "
-                f"read as {trained}, may be noise; remove model.prediction_type if it was trained for {base}"]  # fmt: skip
+                f"{base}, this run trains for {trained} (model.prediction_type): it starts from what it did not learn (its step-0 samples are read as "
+                f"{base}, the later ones as {trained}); remove model.prediction_type if it was trained for {base}"]  # fmt: skip
 
     def resuming(self, checkpoint: Path, state: dict) -> None:
         super().resuming(checkpoint, state)
