@@ -26,32 +26,34 @@ from finetune.output_folders import check_merge_output
 from finetune.pipeline_io import save_pipeline
 
 
-def check_lora_fits(models: dict[str, torch.nn.Module], lora: LoRA) -> None:
-    """Every layer of the LoRA is in the model with its shape; else one line naming the first that is not."""
+def check_lora_fits(models: dict[str, torch.nn.Module], lora: LoRA) -> dict[str, torch.Tensor]:
+    """Every layer of the LoRA is in the model with its shape, else one line naming the first that is not; returns the
+    model's weights the layers adapt, by layer key."""
+    weights = {}
     for key, layer in lora.layers.items():
         part, path = key.split(".", 1)
-        weight = find_module(models[part], path, part).weight
+        weights[key] = weight = find_module(models[part], path, part).weight
         if tuple(weight.shape) != layer.weight_shape:
             raise FinetuneError(f"LoRA layer {key} has shape {layer.weight_shape} but the base model's is {tuple(weight.shape)}: another base model?")
+    return weights
 
 
-def merge_into(models: dict[str, torch.nn.Module], lora: LoRA, strength: float) -> None:
-    """Add every layer's update in place; a layer the model does not have is an error, not a skip."""
-    check_lora_fits(models, lora)
+def merge_into(models: dict[str, torch.nn.Module], lora: LoRA, strength: float) -> dict[str, torch.Tensor]:
+    """Add every layer's update in place (a layer the model does not have is an error, not a skip, before any weight
+    changes); returns the merged weights, by layer key."""
+    weights = check_lora_fits(models, lora)
     for key, layer in lora.layers.items():
-        part, path = key.split(".", 1)
-        weight = find_module(models[part], path, part).weight
-        update = layer.delta(strength)
+        weight, update = weights[key], layer.delta(strength)
         merged = weight.float() + update if layer.magnitude is None else decomposed(weight, update, layer.magnitude)  # a DoRA: finetune.dora
         with torch.no_grad():
             weight.copy_(merged.to(weight.dtype))
+    return weights
 
 
-def check_within_precision(models: dict[str, torch.nn.Module], lora: LoRA, merging: str, precision: str) -> None:
-    """A merged weight beyond what `precision` holds would be saved as infinity: a pipeline that draws black or noise."""
-    for key in lora.layers:
-        part, path = key.split(".", 1)
-        weight = find_module(models[part], path, part).weight
+def check_within_precision(merged: dict[str, torch.Tensor], merging: str, precision: str) -> None:
+    """A merged weight (`merge_into`'s, by layer key) beyond what `precision` holds would be saved as infinity: a pipeline
+    that draws black or noise."""
+    for key, weight in merged.items():
         if not torch.isfinite(weight.to(PRECISIONS[precision])).all():
             fix = "use a smaller --strength" + ("" if precision == "fp32" else ", or --precision fp32")
             raise FinetuneError(f"{merging} takes its layer {key} to {weight.abs().max().item():.3g}, beyond what {precision} holds: {fix}")
@@ -86,11 +88,10 @@ def merge_lora(
         print(f"note: {note}")
     model = load_base_model(ModelConfig.from_option(base, base_config))
     try:
-        merge_into({"unet": model.unet, "text_encoder": model.text_encoder}, lora, strength)
+        merged = merge_into({"unet": model.unet, "text_encoder": model.text_encoder}, lora, strength)
     except FinetuneError as err:  # name the LoRA, as sample and eval do: the layer alone does not say which file
         raise FinetuneError(f"LoRA {lora_file} does not fit this base model: {err}") from None
-    models = {"unet": model.unet, "text_encoder": model.text_encoder}
-    check_within_precision(models, lora, f"merging {lora_file} at --strength {strength:g}", precision)
+    check_within_precision(merged, f"merging {lora_file} at --strength {strength:g}", precision)
     if trained_as["finetune.prediction_type"]:  # the merged UNet predicts what the LoRA (or the base's record) says
         model.noise_scheduler.register_to_config(prediction_type=trained_as["finetune.prediction_type"])
     if trained_as.get("finetune.zero_terminal_snr") and not model.noise_scheduler.config.get("rescale_betas_zero_snr"):
