@@ -211,6 +211,8 @@ def run_eval(
     options = dict(n=num_prompts, images_per_prompt=images_per_prompt, identifier=identifier, subject=subject,
                    class_word=class_word, controlnet=controlnet is not None)  # fmt: skip
     suites = _validate(default_suites(suites, controlnet), options)  # before the (slow) model load
+    # `finetune eval` checked this already, before torch imported (as this function's first line does); read again
+    # (two small JSON files) so that every caller of run_eval is refused before the model loads.
     refuse_a_report_grid(suites, num_prompts, images_per_prompt, native_resolution(base, base_config))
     from finetune.placement import inference_placement, place, without_tf32
 
