@@ -257,10 +257,10 @@ class DreamBoothMethod(DiffusionMethod):
         if plan.missing:
             prompts = concept.class_prompts
             say(f"generating {counted(len(plan.missing), 'class image')} ({counted(len(prompts), 'prompt')}) in {plan.folder}")
-            # The frozen base, sampled as it was trained (model.prediction_type and zero_terminal_snr change training's target).
             # The trainer has moved the VAE and text encoder to the device; the UNet only goes there at
             # accelerate's `prepare`, after the data is built: bring it along now.
             self.base.unet.to(self.base.vae.device)
+            # The frozen base, sampled as it was trained (model.prediction_type and zero_terminal_snr change training's target).
             pipeline = build_pipeline(self.base, as_pretrained=True)
             if accelerator.process_index == 0:  # before the first image: an interrupted generation is recorded too
                 record = generation_record(prompts, settings.class_generation, self.recipe.data.resolution, self.recipe.model)
