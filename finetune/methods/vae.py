@@ -109,7 +109,8 @@ class VAEMethod(TrainingMethod):
             self.perceptual.to(self.base.vae.device)
         self.model = AutoencoderForTraining(self.base.vae)
         self.preview: torch.Tensor | None = None
-        # Running std of the latents: saved as 1/scaling_factor so the UNet sees unit-variance latents.
+        # Running std of the training images' latents (posterior means): `save` writes scaling_factor = 1 / std, so the
+        # UNet trained on this VAE sees unit-variance latents.
         self.latent_std = None
 
     def trained_module_names(self) -> list[str]:
