@@ -253,7 +253,8 @@ def check_initial_ranks(lora: LoRA, source: str, settings) -> None:
 
 
 def check_trained_alike(lora: LoRA, source: str, clip_skip: int, prediction_type: str) -> None:
-    """A LoRA continued with other prompts encodings or another target would start from what it did not learn."""
+    """A LoRA continued with another prompt encoding (model.clip_skip) or another target (model.prediction_type) would
+    start from what it did not learn."""
     recorded_skip, recorded_type = recorded_clip_skip(lora.metadata), lora.metadata.get("finetune.prediction_type")
     if recorded_skip is not None and recorded_skip != clip_skip:
         raise FinetuneError(f"lora.init_from {source} was trained with clip skip {recorded_skip}, this recipe's model.clip_skip is {clip_skip}: set it to {recorded_skip}")
