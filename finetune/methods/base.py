@@ -44,7 +44,7 @@ class TrainingMethod(ABC):
         self.base: BaseModel | None = None
         self.weight_dtype = torch.float32
         self.data_reports: list[DataReport] = []  # printed at the start of training
-        self.start_lines: list[str] = []  # what setup did that a fresh run should say (not printed on resume)
+        self.start_lines: list[str] = []  # what check_data and setup found that a fresh run says once set up (not on resume)
         self.held_out_items: frozenset[int] = frozenset()  # dataset items validation.loss_images keeps out of training
         self.resumed_state: dict | None = None  # a resume's checkpoint_state(), known before setup (`resuming`)
 
