@@ -156,7 +156,14 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     training_set = TrainingSubset(dataset, trained_items) if held_out else dataset
     if (len(training_set), getattr(training_set, "bucket_of", None)) != (len(layout), layout.bucket_of):
         raise RuntimeError(f"method {recipe.method}: its dataset is not laid out as its training_items() said")  # a bug, not the data
-    # Only now, with the model set up and the data built, has every check that could refuse the run passed.
+    parameter_groups = method.parameter_groups()
+    group_names = [group.pop("name") for group in parameter_groups]  # for the logs; optimizers need no names
+    # The recipe's rates, read before the optimizer and the schedule's warm-up write into these groups.
+    group_lrs = [group.get("lr", recipe.optimizer.lr) for group in parameter_groups]
+    optimizer = build_optimizer(recipe.optimizer, parameter_groups, accelerator.device)
+    lr_scheduler = build_lr_scheduler(recipe.optimizer, optimizer, max_steps)
+    # Only now, with the model set up, the data built and the optimizer made (optimizer.name prodigy
+    # without its package is refused there), has every check that could refuse the run passed.
     if overwrite and resume_from is None:
         if accelerator.is_main_process:
             ckpt.clear_earlier_run(output_dir)
@@ -166,12 +173,6 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     if strip is not None:
         path = save_image_atomic(strip, output_dir / "samples" / "loss-masks.png")
         say(f"loss masks: what trains in the first images (the rest dimmed): {path}")
-    parameter_groups = method.parameter_groups()
-    group_names = [group.pop("name") for group in parameter_groups]  # for the logs; optimizers need no names
-    # The recipe's rates, read before the optimizer and the schedule's warm-up write into these groups.
-    group_lrs = [group.get("lr", recipe.optimizer.lr) for group in parameter_groups]
-    optimizer = build_optimizer(recipe.optimizer, parameter_groups, accelerator.device)
-    lr_scheduler = build_lr_scheduler(recipe.optimizer, optimizer, max_steps)
     names = list(method.trained_modules())
     *wrapped, optimizer = accelerator.prepare(*method.trained_modules().values(), optimizer)
     modules = dict(zip(names, wrapped))

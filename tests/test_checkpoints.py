@@ -61,6 +61,15 @@ def test_a_new_run_does_not_mix_with_an_earlier_one_in_its_output_dir(make_recip
     assert resumed.final_step == 3 and len(resumed.losses) == 1
 
 
+def test_an_optimizer_refused_once_the_model_is_set_up_leaves_the_run_overwrite_would_replace(make_recipe, monkeypatch):
+    """optimizer.name prodigy without prodigyopt is refused as the optimizer is made: the earlier run that --overwrite
+    replaces was cleared before that, so the refused run lost it."""
+    earlier = train(make_recipe(train__max_steps=2, checkpoint__every_n_steps=1))
+    monkeypatch.setitem(sys.modules, "prodigyopt", None)  # its import fails, as where it is not installed
+    with pytest.raises(FinetuneError, match=r"^optimizer.name prodigy needs the prodigyopt package"):
+        train(make_recipe(train__max_steps=2, optimizer__name="prodigy", optimizer__lr=1.0), overwrite=True)
+    assert [p.name for p in list_checkpoints(earlier.output_dir / "checkpoints")] == ["checkpoint-1", "checkpoint-2"]
+
 def test_resuming_names_the_settings_changed_since_the_checkpoint(make_recipe, capsys):
     train(make_recipe(train__max_steps=2))
     capsys.readouterr()
