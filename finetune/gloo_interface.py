@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import itertools
 import os
 import socket
 
@@ -19,6 +20,7 @@ import psutil
 import torch
 
 from finetune.errors import FinetuneError
+from finetune.process_env import machine_name
 
 IFNAME = "GLOO_SOCKET_IFNAME"
 ADVICE = f"export {IFNAME}=<the interface that reaches the other machines, as `ip addr` lists it> on each machine before accelerate launch"
@@ -55,7 +57,7 @@ def interface_for_gloo() -> str | None:
         return found[0]
     if machines == "several" and _host_name_is_loopback():
         raise FinetuneError(
-            f"the processes span several machines, and this one's host name ({socket.gethostname()}) resolves to loopback only, where gloo "
+            f"the processes span several machines, and the host name of {machine_name() or 'this machine'} ({socket.gethostname()}) resolves to loopback only, where gloo "
             f"would bind the stop agreement's group (MASTER_ADDR, {host}, leads to no other interface): the other machines could not connect "
             f"to it; {ADVICE}"
         )
@@ -64,8 +66,15 @@ def interface_for_gloo() -> str | None:
 
 def new_gloo_group() -> torch.distributed.ProcessGroup:
     """Collective: a gloo group of every process, over `interface_for_gloo()`'s interface. One that cannot connect is one
-    line naming GLOO_SOCKET_IFNAME, not gloo's traceback."""
-    chosen = interface_for_gloo()
+    line naming GLOO_SOCKET_IFNAME, not gloo's traceback. A machine whose check refuses the group says so to every process
+    first: the others would otherwise go on to connect to it, and wait out gloo's timeout."""
+    try:
+        chosen, refusal = interface_for_gloo(), ""
+    except FinetuneError as error:
+        chosen, refusal = None, str(error)
+    refusal = next((said for said in _said_by_every_process(refusal) if said), "")
+    if refusal:
+        raise FinetuneError(refusal)
     with _ifname(chosen):
         try:
             return torch.distributed.new_group(backend="gloo")
@@ -80,6 +89,23 @@ def new_gloo_group() -> torch.distributed.ProcessGroup:
             raise FinetuneError(
                 f"the processes' gloo group (it agrees on a Ctrl-C's stop) could not connect {over} ({str(error).strip().splitlines()[-1]}): {ADVICE}"
             ) from error
+
+
+_checks = itertools.count()  # every process makes its groups in the same order: the n-th check's keys are the same everywhere
+
+
+def _said_by_every_process(text: str) -> list[str]:
+    """Collective: what each process says (by rank), exchanged in the rendezvous store the main group was made with, which
+    every process has reached already (the main group may be NCCL, which holds no host memory; nothing here uses a device)."""
+    store, rank, size = torch.distributed.distributed_c10d._get_default_store(), torch.distributed.get_rank(), torch.distributed.get_world_size()
+    keys = [f"finetune/gloo-interface-check/{next(_checks)}/{other}" for other in range(size)]
+    store.set(keys[rank], text)
+    store.wait(keys)  # every process's answer: each one sets its key before anything that could wait on another
+    said = [store.get(key).decode() for key in keys]
+    store.set(f"{keys[rank]}/read", "")
+    if rank == 0:  # without torchrun's agent the store lives in rank 0's process: it ends only once every process has read
+        store.wait([f"{key}/read" for key in keys])
+    return said
 
 
 def _machines() -> str | None:

@@ -71,8 +71,9 @@ def test_a_group_that_could_only_bind_to_loopback_across_machines_is_one_line_be
     their own loopback, and gloo would wait out its 30 minutes."""
     nccl_launch["master-0"] = ("lo", "127.0.1.1")
     monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("GROUP_RANK", "1")  # the second machine
     monkeypatch.setattr(gloo_interface.socket, "gethostname", lambda: "localhost")
-    with pytest.raises(FinetuneError, match=r"^the processes span several machines, and this one's host name \(localhost\) resolves to loopback only, "
+    with pytest.raises(FinetuneError, match=r"^the processes span several machines, and the host name of machine 1 \(localhost\) resolves to loopback only, "
                                             r".*MASTER_ADDR, master-0, leads to no other interface.*; export GLOO_SOCKET_IFNAME=<"):
         interface_for_gloo()
     nccl_launch["master-0"] = None  # nothing reaches MASTER_ADDR: gloo's own choice, loopback, would not do either
@@ -153,3 +154,50 @@ def test_two_processes_under_nccl_agree_over_the_interface_that_reaches_the_mast
     finally:
         for process in processes:
             process.kill()
+
+
+# Each of 2 processes on "machines" of their own under a main group that says it is NCCL: the second machine's host name
+# resolves to loopback only, the first's does not (so its own check passes); each reports the line it ended with.
+ONE_MACHINE_REFUSES = r"""
+import json, os
+import torch.distributed as dist
+import finetune.gloo_interface as gloo_interface
+from finetune.errors import FinetuneError
+
+dist.init_process_group("gloo")
+dist.get_backend = lambda group=None: "nccl"
+if dist.get_rank() == 1:
+    gloo_interface.socket.gethostname = lambda: "localhost"
+else:
+    gloo_interface._host_name_is_loopback = lambda: False
+try:
+    gloo_interface.new_gloo_group()
+    said = None
+except FinetuneError as error:
+    said = str(error)
+print(json.dumps({"said": said}))
+os._exit(0)  # (a group left half-made would wait for its peer at exit)
+"""
+
+
+def test_a_machine_whose_check_refuses_the_group_ends_every_machine_at_once_with_its_line():
+    """The refusing machine said its line at once, but the other one, whose own check passed, went on to connect to it and
+    waited out gloo's timeout (30 minutes) before a gloo traceback."""
+    port = str(free_port())
+    env = {key: value for key, value in os.environ.items() if key != "GLOO_SOCKET_IFNAME"}
+    processes = [
+        subprocess.Popen([sys.executable, "-c", ONE_MACHINE_REFUSES], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={
+            **env, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
+            "RANK": str(rank), "GROUP_RANK": str(rank)})
+        for rank in (0, 1)
+    ]  # fmt: skip
+    try:
+        said = []
+        for process in processes:
+            stdout, stderr = process.communicate(timeout=90)  # the first process would wait 30 minutes for the second
+            assert process.returncode == 0, stderr[-3000:]
+            said.append(json.loads(stdout.splitlines()[-1])["said"])
+    finally:
+        for process in processes:
+            process.kill()
+    assert said[0] == said[1] and said[0].startswith("the processes span several machines, and the host name of machine 1 (localhost) resolves to loopback only"), said
