@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     except FinetuneError as err:
         # Under `accelerate launch` every process checks the same recipe and files: one line per machine (each
         # machine's launcher stops on it), naming the machine where there are several (a job's merged log).
-        if first_on_its_machine():
+        if (first_on_its_machine() if err.said_here is None else err.said_here):
             print(f"error: {machine + ': ' if (machine := machine_name()) else ''}{one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # training stops itself cleanly; this is Ctrl-C anywhere else (loading, class images, sampling)

@@ -9,6 +9,10 @@ with status 2 instead of showing a traceback.
 class FinetuneError(Exception):
     """A problem with the user's input, explained in one line."""
 
+    # Which process says it: None, the first one on each machine (every process of a launch meets the same problem); else
+    # True or False, where processes meet it differently (the first one may be the process that did not answer).
+    said_here: bool | None = None
+
 
 def one_line(err: FinetuneError) -> str:
     """The error's line; raised in a data-loader worker, torch hands it back with the worker's traceback

@@ -3,8 +3,8 @@ main group is NCCL.
 
 Left to itself gloo binds to the address this machine's host name resolves to (loopback where it resolves to none):
 on clusters whose /etc/hosts maps the host name to 127.0.1.1 (Debian's and Ubuntu's default), or to a network the
-machines do not share, the other machines cannot connect to it, and the group waits out its timeout (30 minutes)
-before failing in a gloo traceback. Under NCCL that group is the run's only gloo use, so nothing earlier met the
+machines do not share, the other machines cannot connect to it, and the group waits out its timeout (gloo's default
+30 minutes; `finetune.stop_answers` gives it the main group's and 5 more) before failing in a gloo traceback. Under NCCL that group is the run's only gloo use, so nothing earlier met the
 problem. The main group's rendezvous has already reached MASTER_ADDR: gloo is given the interface that reaches it,
 as GLOO_SOCKET_IFNAME would, unless GLOO_SOCKET_IFNAME is set."""
 
@@ -15,6 +15,7 @@ import ipaddress
 import itertools
 import os
 import socket
+from datetime import timedelta
 
 import psutil
 import torch
@@ -64,8 +65,9 @@ def interface_for_gloo() -> str | None:
     return None
 
 
-def new_gloo_group() -> torch.distributed.ProcessGroup:
-    """Collective: a gloo group of every process, over `interface_for_gloo()`'s interface. One that cannot connect is one
+def new_gloo_group(timeout: timedelta) -> torch.distributed.ProcessGroup:
+    """Collective: a gloo group of every process, over `interface_for_gloo()`'s interface, whose connection and operations
+    each wait at most `timeout` for the other processes. One that cannot connect is one
     line naming GLOO_SOCKET_IFNAME, not gloo's traceback. A machine whose check refuses the group says so to every process
     first: the others would otherwise go on to connect to it, and wait out gloo's timeout."""
     try:
@@ -77,7 +79,7 @@ def new_gloo_group() -> torch.distributed.ProcessGroup:
         raise FinetuneError(refusal)
     with _ifname(chosen):
         try:
-            return torch.distributed.new_group(backend="gloo")
+            return torch.distributed.new_group(backend="gloo", timeout=timeout)
         except RuntimeError as error:  # gloo's DistBackendError among them
             # Named as the user knows it: the variable only where they set it (ours is set for the call alone).
             if chosen is not None:

@@ -10,6 +10,7 @@ import torch
 from accelerate import Accelerator
 
 from finetune.gloo_interface import new_gloo_group
+from finetune.stop_answers import Answers, agreement_timeout
 
 
 class StopRequest:
@@ -17,13 +18,19 @@ class StopRequest:
 
     A second Ctrl-C aborts at once (the last complete checkpoint is still there). With several processes they
     agree on the step over a gloo group of their own (created here, by every process in the same order): the
-    flag stays in host memory, so agreeing never waits for a GPU's queue, whatever the main backend (NCCL).
+    flag stays in host memory, so agreeing never waits for a GPU's queue, whatever the main backend (NCCL). A process
+    that does not answer within the main group's timeout and 5 minutes (`finetune.stop_answers`) ends the others with
+    a line naming it.
     """
 
     def __init__(self, accelerator: Accelerator):
         self.requested = False
         self._previous = {}
-        self._group = new_gloo_group() if accelerator.num_processes > 1 else None  # over which network interface: gloo_interface
+        self._group = self._answers = None
+        if accelerator.num_processes > 1:
+            timeout = agreement_timeout()
+            self._group = new_gloo_group(timeout)  # over which network interface: gloo_interface
+            self._answers = Answers.of_this_run(timeout)  # who started which sum, for the line where one does not come
         self._pending = None  # (work, flag): the sum started at the last step's agreed(), read at the next
 
     def __enter__(self):
@@ -86,12 +93,16 @@ class StopRequest:
 
     def _start(self) -> None:
         flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32)  # on the host: gloo's thread sums it
+        self._answers.start()
         self._pending = (torch.distributed.all_reduce(flag, group=self._group, async_op=True), flag)
 
     def _finish(self) -> int:
         work, flag = self._pending
         self._pending = None
-        work.wait()
+        try:
+            work.wait()
+        except RuntimeError as error:  # gloo gave up: a timeout, or a process gone
+            raise self._answers.failure(error) from error
         return int(flag[0])
 
 

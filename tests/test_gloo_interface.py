@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import timedelta
 
 import psutil
 import pytest
@@ -16,6 +17,8 @@ import finetune.gloo_interface as gloo_interface
 from finetune.errors import FinetuneError
 from finetune.gloo_interface import interface_for_gloo, interface_reaching, new_gloo_group
 from ports import free_port
+
+TIMEOUT = timedelta(minutes=1)
 
 
 def test_the_interface_reaching_an_address_is_the_one_that_holds_the_address_the_route_leaves_from():
@@ -91,15 +94,15 @@ def test_the_group_is_made_over_the_chosen_interface_and_the_environment_left_as
     nccl_launch["master-0"] = (loopback, "127.0.0.1")
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # a world of one, in this process
     try:
-        group = new_gloo_group()  # gloo binds to the named interface: it exists
+        group = new_gloo_group(TIMEOUT)  # gloo binds to the named interface: it exists
         assert seen == [loopback] and "GLOO_SOCKET_IFNAME" not in os.environ
         dist.destroy_process_group(group)
         monkeypatch.setenv("GLOO_SOCKET_IFNAME", "")  # set empty, which gloo reads as unset: chosen for, and kept as set
-        dist.destroy_process_group(new_gloo_group())
+        dist.destroy_process_group(new_gloo_group(TIMEOUT))
         assert seen[-1] == loopback and os.environ["GLOO_SOCKET_IFNAME"] == ""
         monkeypatch.setenv("GLOO_SOCKET_IFNAME", "nosuch0")
         with pytest.raises(FinetuneError, match=r"^the processes' gloo group .* could not connect over GLOO_SOCKET_IFNAME=nosuch0 \(.*nosuch0\): export GLOO_SOCKET_IFNAME="):
-            new_gloo_group()
+            new_gloo_group(TIMEOUT)
         assert os.environ["GLOO_SOCKET_IFNAME"] == "nosuch0"
     finally:
         dist.destroy_process_group()
@@ -111,7 +114,7 @@ def test_a_chosen_interface_that_cannot_connect_is_named_as_chosen_not_as_a_vari
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         with pytest.raises(FinetuneError, match=r"could not connect over nosuch0, the interface that reaches MASTER_ADDR \(master-0\) \(") as raised:
-            new_gloo_group()
+            new_gloo_group(TIMEOUT)
         assert "GLOO_SOCKET_IFNAME=nosuch0" not in str(raised.value) and "GLOO_SOCKET_IFNAME" not in os.environ
     finally:
         dist.destroy_process_group()
@@ -160,6 +163,7 @@ def test_two_processes_under_nccl_agree_over_the_interface_that_reaches_the_mast
 # resolves to loopback only, the first's does not (so its own check passes); each reports the line it ended with.
 ONE_MACHINE_REFUSES = r"""
 import json, os
+from datetime import timedelta
 import torch.distributed as dist
 import finetune.gloo_interface as gloo_interface
 from finetune.errors import FinetuneError
@@ -171,7 +175,7 @@ if dist.get_rank() == 1:
 else:
     gloo_interface._host_name_is_loopback = lambda: False
 try:
-    gloo_interface.new_gloo_group()
+    gloo_interface.new_gloo_group(timedelta(minutes=30))
     said = None
 except FinetuneError as error:
     said = str(error)
