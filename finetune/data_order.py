@@ -7,7 +7,8 @@ here is a micro-step's (train.batch_size x processes). An epoch is dealt once at
 with another one (other processes or train.batch_size) deals the epoch's items not trained yet again at the new
 one, so every image of the epoch trains once before the next epoch's shuffle starts. A resume at the same global
 batch, gradient_accumulation_steps changed or not (it groups micro-steps into a step, it deals nothing), takes up
-the same deal where it stopped: the batches a run never stopped trains. A checkpoint from before the
+the same deal where it stopped: the batches a run never stopped trains, also where the processes changed (2 processes
+of batch 2 resumed by 1 of batch 4: a deal differs by its processes only in a bucket's last batch padded to them). A checkpoint from before the
 position was recorded, or of another seed, number of items or (with bucketing) buckets (`order_key`: not the
 images themselves, whose change a resume warns of), starts at micro-batch `start` of this run's order.
 """
@@ -64,7 +65,9 @@ class DealtOrder:
         *earlier, (global_batch, processes, done) = resumed_at["dealt"]
         for then_batch, then_processes, count in earlier:
             trained |= items_of(self.deal(self._epoch, trained, then_batch, then_processes)[:count])
-        if (global_batch, processes) == (self.global_batch, self.num_processes):  # the same deal, where it stopped
+        # The same global batch is the same deal, where it stopped, also on another number of processes: the processes
+        # only pad a bucket's last batch smaller than them (`BucketBatchSampler.deal`), which this run's deal does its way.
+        if global_batch == self.global_batch:
             self._earlier, self._done = earlier, done
         else:
             trained |= items_of(self.deal(self._epoch, trained, global_batch, processes)[:done])

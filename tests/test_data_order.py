@@ -75,6 +75,19 @@ def test_a_resume_at_the_same_global_batch_is_the_run_never_stopped():
             assert global_batches(ranks(kind, items, 2, 2, seed=6, start=5, resumed_at=resumed_at), 5, 7) == straight[5:]
 
 
+def test_a_resume_at_the_same_global_batch_on_another_number_of_processes_continues_the_deal():
+    """2 processes of batch 2 resumed by 1 of batch 4 (or the other way): the batches the new run would have dealt, not
+    the epoch's rest dealt again in another order; a deal differs by its processes only in a padded single-image batch."""
+    layout = [(80, 48)] * 7 + [(64, 64)] * 5 + [(48, 80)] * 1
+    for kind, items in ((EpochBatchSampler, 12), (BucketBatchSampler, layout)):
+        for (batch_then, processes_then), (batch_now, processes_now) in (((2, 2), (4, 1)), ((4, 1), (2, 2)), ((1, 4), (2, 2))):
+            stopped = ranks(kind, items, batch_then, processes_then, seed=6)[0]
+            straight = global_batches(ranks(kind, items, batch_now, processes_now, seed=6), 0, 12)
+            for at in (2, 3, 7):  # inside the first epoch, then at or past the second's start (3 or 5 batches an epoch)
+                resumed = ranks(kind, items, batch_now, processes_now, seed=6, start=at, resumed_at=stopped.position_after(at))
+                assert global_batches(resumed, at, 12 - at) == straight[at:], (kind.__name__, processes_then, processes_now, at)
+
+
 def test_buckets_resumed_with_another_global_batch_deal_each_bucket_s_untrained_images_once():
     layout = [(80, 48)] * 7 + [(64, 64)] * 5 + [(48, 80)] * 2
     before = BucketBatchSampler(layout, batch_size=3, num_processes=1, process_index=0, seed=1)
