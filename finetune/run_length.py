@@ -24,6 +24,7 @@ from pathlib import Path
 from finetune.batches import ItemLayout, make_batch_sampler
 from finetune.checkpoint import STATE_FILE, read_state
 from finetune.config import Recipe, TrainConfig
+from finetune.config.training import MAX_TRAIN_STEPS
 from finetune.counts import counted
 from finetune.data_order import continues, recorded_position
 from finetune.errors import FinetuneError
@@ -166,6 +167,9 @@ def check_epoch_run(recipe: Recipe, max_steps: int, count: EpochCount, resume_fr
     """With train.max_epochs, once its steps are known: the checks made for train.max_steps when the recipe
     loads (a warm-up shorter than the run) and before a resume (something left to train)."""
     warmup, epochs = recipe.optimizer.warmup_steps, recipe.train.max_epochs
+    if max_steps > MAX_TRAIN_STEPS:  # train.max_steps is bounded where the recipe loads; the steps of epochs only here
+        raise FinetuneError(f"train.max_epochs ({epochs}) is {max_steps:,} steps of this data, more than the {MAX_TRAIN_STEPS:,} a run may have "
+                            f"(train.max_steps' bound): lower it")  # fmt: skip
     if recipe.optimizer.scheduler != "constant" and warmup >= max_steps:
         raise FinetuneError(
             f"optimizer.warmup_steps ({warmup}) must be below the run's {max_steps} steps (train.max_epochs {epochs}): "

@@ -130,3 +130,31 @@ def test_sample_and_eval_check_the_grid_at_the_models_own_resolution_before_any_
                                                     "more than the 600,000,000 pixels finetune opens (PIL refuses larger images as decompression "
                                                     "bombs): lower --images-per-prompt")  # fmt: skip
     assert not out.parent.exists()
+
+
+@pytest.mark.parametrize("key, value", [("max_steps", 1.0e14), ("max_epochs", 10**9), ("gradient_accumulation_steps", 10**6)])
+def test_a_run_length_or_accumulation_no_run_ends_is_refused_where_the_recipe_loads(key, value):
+    """train.max_steps: 1.0e+14 (YAML's float) or an accumulation of a million micro-batches a step started a run that never
+    ended, without a word; the bounds are past any fine-tune."""
+    train = {"max_steps": None, key: value} if key == "max_epochs" else {key: value}
+    with pytest.raises(FinetuneError) as raised:
+        recipe_from_dict({"data": {"image_dir": "x"}, "train": train})
+    bound = ("must be at most 10,000 micro-batches a step (each optimizer step trains them all): lower it, or raise train.batch_size"
+             if key == "gradient_accumulation_steps" else
+             "must be at most 100,000,000 (10 a second is some 4 months; more is a typo, not a fine-tune): lower it")  # fmt: skip
+    assert str(raised.value) == f"recipe: key 'train.{key}': {bound} (got {value})"
+    largest = 10_000 if key == "gradient_accumulation_steps" else 100_000_000
+    assert getattr(recipe_from_dict({"data": {"image_dir": "x"}, "train": {**train, key: largest}}).train, key) == largest
+
+
+def test_epochs_that_make_more_steps_than_the_bound_are_refused_once_the_data_is_counted():
+    """train.max_epochs is within its bound, but its steps of this data are not: one line before any model loads."""
+    from finetune.run_length import EpochCount, check_epoch_run, planned_steps
+
+    recipe = recipe_from_dict({"data": {"image_dir": "x"}, "train": {"max_steps": None, "max_epochs": 10**6}})
+    count = EpochCount(accumulation=1, batches_per_epoch=1000)  # 1000 batches an epoch: 10**9 steps
+    with pytest.raises(FinetuneError) as raised:
+        check_epoch_run(recipe, planned_steps(recipe.train, count), count, None)
+    assert str(raised.value) == ("train.max_epochs (1000000) is 1,000,000,000 steps of this data, more than the 100,000,000 a run may have "
+                                 "(train.max_steps' bound): lower it")
+    check_epoch_run(recipe, planned_steps(recipe.train, EpochCount(accumulation=10, batches_per_epoch=1000)), count, None)  # 10**8 steps

@@ -14,6 +14,13 @@ DENOISING_SETTINGS = ("snr_gamma", "debiased_estimation", "noise_offset", "multi
                       "min_timestep", "max_timestep", "cache_latents", "cache_text_embeddings")
 
 
+# Bounds no real run reaches (a fine-tune trains some 10**3 to 10**5 steps; 10**8 at 10 steps a second is 4 months), so a
+# typo is one line where the recipe loads: train.max_steps: 1.0e+14 or a gradient accumulation of 10**12 started a run that
+# never ended, without a word. train.max_epochs is bounded by the steps it makes, once the data is read (finetune.run_length).
+MAX_TRAIN_STEPS = 100_000_000
+MAX_ACCUMULATION = 10_000  # micro-batches an optimizer step: 10,000 of batch 1 are a step of 10,000 images
+
+
 class TrainConfig(Section):
     batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
@@ -21,6 +28,20 @@ class TrainConfig(Section):
     # The length in epochs instead, as sd-scripts' max_train_epochs counts it (an epoch uses each image its
     # folder's repeats times); the run turns it into optimizer steps once the data is read.
     max_epochs: Optional[int] = Field(None, ge=1)
+
+    @field_validator("max_steps", "max_epochs")
+    @classmethod
+    def _a_run_that_ends(cls, value: int | None) -> int | None:
+        if value is not None and value > MAX_TRAIN_STEPS:
+            raise ValueError(f"must be at most {MAX_TRAIN_STEPS:,} (10 a second is some 4 months; more is a typo, not a fine-tune): lower it")
+        return value
+
+    @field_validator("gradient_accumulation_steps")
+    @classmethod
+    def _a_step_that_ends(cls, value: int) -> int:
+        if value > MAX_ACCUMULATION:
+            raise ValueError(f"must be at most {MAX_ACCUMULATION:,} micro-batches a step (each optimizer step trains them all): lower it, or raise train.batch_size")
+        return value
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     # Channels-last (NHWC) memory format for the UNet, VAE and ControlNet: the layout tensor-core and
