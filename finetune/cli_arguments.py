@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 
 from finetune.image_bounds import MAX_RESOLUTION, RESOLUTION_BOUND
 from finetune.prompt_options import MAX_STEPS
@@ -146,8 +147,18 @@ class ExamplesKeptWhole(argparse.HelpFormatter):
                          for line in text.splitlines())  # fmt: skip
 
 
+class NegativeNumbersAsValues(argparse.ArgumentParser):
+    """A parser that reads any negative number as a value: argparse's own reads -2 and -0.5 so, but -1e30 and -2E1 as
+    options (`--strength -1e30`: "expected one argument", where `--strength=-1e30` worked). No option of finetune's
+    looks like a number, so none is mistaken for one; the subcommands' parsers are of this class too (add_subparsers)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = NegativeNumbersAsValues(
         prog="finetune",
         description="Fine-tune Stable Diffusion on your own images: LoRA, DreamBooth, ControlNet.",
         epilog=EXAMPLES,

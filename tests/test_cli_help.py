@@ -1,4 +1,5 @@
-"""`finetune --help` and each command's: every command listed, every argument explained, examples whole."""
+"""`finetune --help` and each command's: every command listed, every argument explained, examples whole; every command's
+parser reads a negative number as a value."""
 
 from __future__ import annotations
 
@@ -75,3 +76,30 @@ def test_the_classifiers_own_command_names_itself_and_its_arguments(monkeypatch)
     assert text.startswith("usage: python -m finetune.toyworld.classifier ")
     assert [a.dest for a in parser._actions if not a.help] == []
     assert "finetune/assets/toyworld_classifier.safetensors)" in text and "\n  python -m finetune.toyworld.classifier --out PATH" in text
+
+
+@pytest.mark.parametrize("argv, key, value", [
+    (["merge", "--base", "b", "--lora", "l", "--strength", "-1e30", "out"], "strength", -1e30),
+    (["merge", "--base", "b", "--lora", "l", "--strength", "-.5", "out"], "strength", -0.5),
+    (["sample", "--prompt", "p", "--guidance", "-2E1"], "guidance", -20.0),
+    (["sample", "--prompt", "p", "--lora-scale", "-3."], "lora_scale", -3.0),
+    (["eval", "--lora-scale", "-1e-3"], "lora_scale", -0.001),
+])
+def test_a_negative_number_in_scientific_notation_is_a_value_not_an_option(argv, key, value):
+    """argparse read `--strength -1e30` as an option (\"expected one argument\"), where -0.5 and `--strength=-1e30` worked."""
+    from finetune.cli import parse_arguments
+
+    assert getattr(parse_arguments(argv), key) == value
+
+
+def test_every_command_reads_negative_numbers_as_values_and_has_no_option_like_one(capsys):
+    """The demo's --max-upload-mb -1e3 gets its own bound's message, not argparse's; no option of any command looks like
+    a number (argparse would then read every negative number as an option)."""
+    from finetune.cli_arguments import NegativeNumbersAsValues
+
+    for command, parser in subcommands().items():
+        assert isinstance(parser, NegativeNumbersAsValues), command
+        assert not parser._has_negative_number_optionals, command
+    with pytest.raises(SystemExit):
+        main(["demo", "--max-upload-mb", "-1e3"])
+    assert "argument --max-upload-mb: must be above 0, got -1e3" in capsys.readouterr().err
