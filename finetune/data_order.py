@@ -57,9 +57,9 @@ class DealtOrder:
         trained now, and how many of its batches trained before `start`."""
         self.start, self._cached = start, (-1, [])
         self.continued = continues(resumed_at, self.order_key())  # a recorded position taken up
-        if not self.continued:
+        if not self.continued:  # the epoch's deal whole, dealt where first used (a sampler made for its batches_per_epoch deals nothing)
             self._epoch, self._done = divmod(start, self.batches_per_epoch)
-            self._earlier, self._current = [], self.epoch_batches(self._epoch)
+            self._earlier, self._current = [], None
             return
         self._epoch, trained = resumed_at["epoch"], frozenset()
         *earlier, (global_batch, processes, done) = resumed_at["dealt"]
@@ -77,16 +77,21 @@ class DealtOrder:
     def epochs_before_start(self) -> Fraction:
         """Epochs trained before micro-batch `start` as this stream counts them: the epoch under way ends with its
         deal's last batch, at this run's batches per epoch (what `finetune.run_length` counts a resumed run's epochs from)."""
-        return self._epoch + 1 - Fraction(len(self._current) - self._done, self.batches_per_epoch)
+        return self._epoch + 1 - Fraction(len(self._current_deal()) - self._done, self.batches_per_epoch)
+
+    def _current_deal(self) -> Deal:
+        """The deal of the epoch the stream starts in (the recorded position's, or this run's whole)."""
+        return self._current if self._current is not None else self.epoch_batches(self._epoch)
 
     def _locate(self, micro_batch: int) -> tuple[int, int, Deal]:
         """(epoch, batch of its deal, the deal) of micro-batch `micro_batch`."""
         into = micro_batch - self.start + self._done
         if into < 0:
             raise IndexError(f"micro-batch {micro_batch} is before this stream's epoch {self._epoch}")
-        if into < len(self._current):
-            return self._epoch, into, self._current
-        later, batch = divmod(into - len(self._current), self.batches_per_epoch)
+        current = self._current_deal()
+        if into < len(current):
+            return self._epoch, into, current
+        later, batch = divmod(into - len(current), self.batches_per_epoch)
         return self._epoch + 1 + later, batch, self.epoch_batches(self._epoch + 1 + later)
 
     def global_batch_indices(self, micro_batch: int) -> list[int]:

@@ -100,12 +100,23 @@ class EpochCount:
         return math.floor(self.exact(step)) + 1
 
 
-def epoch_count(layout: ItemLayout, train: TrainConfig, processes: int, resume_from: Path | None, seed: int | None = None) -> EpochCount:
+def run_sampler(layout: ItemLayout, train: TrainConfig, processes: int, process_index: int, seed: int, resume_from: Path | None):
+    """This process's batch sampler, resumed at the checkpoint's step where its data stood (`finetune.data_order`); a
+    position the samplers cannot take up (hand-edited) is one line."""
+    state = read_state(resume_from) if resume_from is not None else {}
+    position = recorded_position(resume_from, state) if resume_from is not None else None
+    return make_batch_sampler(layout, train.batch_size, processes, process_index, seed, state.get("step", 0) * train.gradient_accumulation_steps, position)
+
+
+def epoch_count(layout: ItemLayout, train: TrainConfig, processes: int, resume_from: Path | None, seed: int | None = None, sampler=None) -> EpochCount:
     """This run's epochs; resumed from a checkpoint whose steps had other images (another number of processes,
     train.batch_size or gradient_accumulation_steps), its steps count at the global batch they had. With the run's
-    `seed`, from where the checkpoint's data stood (`finetune.data_order`): the epoch under way ends where its images do."""
+    `seed`, from where the checkpoint's data stood (`finetune.data_order`): the epoch under way ends where its images do.
+    `sampler`: the run's own (`run_sampler`), read instead of dealing the data again (as `seed` does)."""
     now = StepShape(train.batch_size, processes, train.gradient_accumulation_steps)
-    batches_now = now.batches_per_epoch(layout)
+    if sampler is None and seed is not None:
+        sampler = run_sampler(layout, train, processes, 0, seed, resume_from)
+    batches_now = sampler.batches_per_epoch if sampler is not None else now.batches_per_epoch(layout)
     state = read_state(resume_from) if resume_from is not None else {}
     recorded = state.get("recipe") or {}  # (a checkpoint from before the recipe was kept: this run's settings)
     then = StepShape(recorded.get("train.batch_size", now.batch_size), state.get("processes", processes),
@@ -118,10 +129,8 @@ def epoch_count(layout: ItemLayout, train: TrainConfig, processes: int, resume_f
             shape, batches = now, batches_now
         done = done[:-1] + [(shape, done[-1][1] + steps)] if done and done[-1][0] == shape else [*done, (shape, steps)]
         epochs_then += Fraction(steps * shape.accumulation, batches)
-    position = recorded_position(resume_from, state) if resume_from is not None else None  # a hand-edited one: a line, before the model loads
-    if seed is not None and position is not None:
-        resumed = make_batch_sampler(layout, now.batch_size, processes, 0, seed, step * now.accumulation, position)
-        epochs_then = resumed.epochs_before_start() if resumed.continued else epochs_then
+    if sampler is not None and sampler.continued:  # (a hand-edited position: a line where the sampler was made, before the model loads)
+        epochs_then = sampler.epochs_before_start()
     *before, (last, _) = done or [(now, 0)]
     return EpochCount(now.accumulation, batches_now, step, epochs_then, last if last != now else None, tuple(before), now)
 

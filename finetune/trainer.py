@@ -24,7 +24,7 @@ from finetune.config import Recipe
 from finetune.console import say, warn
 from finetune.counts import counted
 from finetune.data_loader import training_loader
-from finetune.batches import item_layout, make_batch_sampler
+from finetune.batches import item_layout
 from finetune.diffusion import BatchRandomness
 from finetune.draw_keys import DRAWN, key_offset
 from finetune.device_copy import to_device
@@ -40,7 +40,7 @@ from finetune.models import load_base_model
 from finetune.output_metadata import dataset_metadata, output_metadata
 from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer, step_size
 from finetune.recipe_loading import dump_recipe
-from finetune.run_length import STEPS_BY_SHAPE, check_epoch_run, due, epoch_count, epochs_text, planned_steps, resume_warnings, run_length_line
+from finetune.run_length import STEPS_BY_SHAPE, check_epoch_run, due, epoch_count, epochs_text, planned_steps, resume_warnings, run_length_line, run_sampler
 from finetune.loss_mask import preview as mask_preview
 from finetune.sampling import GRID_LABEL_WIDTH, in_lockstep, make_grid, save_image_atomic
 from finetune.start_weights import resumed_method, starting_weights
@@ -116,11 +116,11 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     layout = item_layout(trained_examples, recipe.data)
     trained_data = {**dataset_metadata(trained_examples, recipe.checkpoint.record_caption_tags), **method.data_metadata()}  # folders, tags
 
-    def batch_sampler(start: int = 0, resumed_at: dict | None = None):
-        return make_batch_sampler(layout, train_cfg.batch_size, accelerator.num_processes, accelerator.process_index, recipe.seed, start, resumed_at)
-
-    # A resumed checkpoint's steps count at the global batch they had (other processes, batch size, accumulation).
-    epochs_by = epoch_count(layout, train_cfg, accelerator.num_processes, resume_from, recipe.seed)
+    # Where the checkpoint's data order stood: continued at this run's global batch, whatever the checkpoint's was. Dealt once:
+    # the run's epochs are counted from it; a resumed checkpoint's steps count at the global batch they had (other processes,
+    # batch size, accumulation).
+    sampler = run_sampler(layout, train_cfg, accelerator.num_processes, accelerator.process_index, recipe.seed, resume_from)
+    epochs_by = epoch_count(layout, train_cfg, accelerator.num_processes, resume_from, sampler=sampler)
     max_steps = planned_steps(train_cfg, epochs_by)  # train.max_steps, or train.max_epochs counted in steps
     draws_from = key_offset(resume_from, train_cfg.gradient_accumulation_steps)  # the noise's keys go on from the checkpoint's draws
     if train_cfg.max_epochs is not None:
@@ -206,8 +206,6 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
         accelerator.init_trackers("finetune", config=recipe.flat_settings())
 
     accumulation = train_cfg.gradient_accumulation_steps
-    # Where the checkpoint's data order stood: continued at this run's global batch, whatever the checkpoint's was.
-    sampler = batch_sampler(step * accumulation, state.get("data_order") if resume_from is not None else None)
     say(run_length_line(train_cfg, max_steps, sampler, len(training_set), accelerator.num_processes, epochs_by))
     loader = training_loader(training_set, sampler, collate_fn, recipe.data.num_workers, recipe.seed)
     result = TrainResult(output_dir=output_dir, final_step=step)

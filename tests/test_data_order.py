@@ -153,6 +153,18 @@ def test_a_run_of_epochs_resumed_with_another_batch_size_ends_with_the_epochs_la
     assert load_lora(first.output_dir / LORA_WEIGHTS_NAME).metadata["finetune.epoch"] == "1"
 
 
+def test_a_run_deals_each_epoch_once_at_its_start_also_resumed_at_another_batch(make_recipe, monkeypatch):
+    """Its epochs were counted from deals of their own (a sampler per batch, another at the checkpoint's position), then the
+    trainer's sampler dealt the same again: start-up work on the whole dataset, twice to six times."""
+    seen, deal = [], EpochBatchSampler.deal
+    monkeypatch.setattr(EpochBatchSampler, "deal", lambda self, epoch, *rest: seen.append(epoch) or deal(self, epoch, *rest))
+    train(make_recipe(train__batch_size=1, train__max_steps=1))  # 4 images: a quarter of epoch 0
+    assert seen == [0]
+    seen.clear()  # at batch 2: the checkpoint's deal (to know the image it trained), the 3 left's (1 batch), then epoch 1's
+    train(make_recipe(train__batch_size=2, train__max_steps=3), resume="latest")
+    assert seen == [0, 0, 1]
+
+
 def test_a_layouts_order_key_is_the_key_of_the_sampler_made_of_it():
     """The resume line says the data continue only where the sampler will take the checkpoint's position up: the
     trainer tells that from the layout, before the sampler exists."""
