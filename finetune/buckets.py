@@ -111,6 +111,7 @@ class BucketBatchSampler(DealtOrder):
         if len(bucket_of) < num_processes:
             raise FinetuneError(f"the dataset has {counted(len(bucket_of), 'image')}, fewer than the {counted(num_processes, 'process', 'processes')}: add images")
         self.bucket_of = bucket_of
+        self.num_items = len(bucket_of)
         self.global_batch = batch_size * num_processes
         self.num_processes = num_processes
         self.process_index = process_index

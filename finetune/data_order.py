@@ -10,7 +10,9 @@ batch, gradient_accumulation_steps changed or not (it groups micro-steps into a 
 the same deal where it stopped: the batches a run never stopped trains, also where the processes changed (2 processes
 of batch 2 resumed by 1 of batch 4: a deal differs by its processes only in a bucket's last batch padded to them). A checkpoint from before the
 position was recorded, or of another seed, number of items or (with bucketing) buckets (`order_key`: not the
-images themselves, whose change a resume warns of), starts at micro-batch `start` of this run's order.
+images themselves, whose change a resume warns of), starts at micro-batch `start` of this run's order. A position of
+this order that the data could not have dealt (an epoch past any run's, more batches or processes than images) is a
+damaged checkpoint's one line, before any deal (`OutsideTheData`, `unusable_position`).
 """
 
 from __future__ import annotations
@@ -21,9 +23,19 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
 
+from finetune.config.training import MAX_ACCUMULATION, MAX_TRAIN_STEPS
+from finetune.counts import counted
 from finetune.errors import FinetuneError
 
 Deal = list[list[int]]  # an epoch's global batches, in training order (items by index)
+# The furthest epoch a checkpoint can be in: an epoch is a micro-batch or more, and a run at most train.max_steps' bound of steps
+# of gradient_accumulation_steps' bound. Past it a recorded position is damaged (epoch 10**30 was a traceback from torch's seeding).
+MAX_EPOCH = MAX_TRAIN_STEPS * MAX_ACCUMULATION
+
+
+class OutsideTheData(ValueError):
+    """A recorded position of this run's order whose deals this data cannot have dealt (a damaged checkpoint): the
+    caller, which knows the checkpoint, says so in one line (`unusable_position`)."""
 
 
 class DealtOrder:
@@ -33,6 +45,7 @@ class DealtOrder:
     global_batch: int
     num_processes: int
     batches_per_epoch: int
+    num_items: int
 
     def deal(self, epoch: int, trained: frozenset[int], global_batch: int, processes: int) -> Deal:
         """Epoch `epoch`'s items but `trained`, dealt into global batches of `global_batch` for `processes`."""
@@ -63,16 +76,31 @@ class DealtOrder:
             return
         self._epoch, trained = resumed_at["epoch"], frozenset()
         *earlier, (global_batch, processes, done) = resumed_at["dealt"]
+        # Each batch of an epoch's deals has an image not trained before it, and each process a row of it: a damaged record of
+        # more is refused before any deal (a deal pads a bucket's last batch to its processes: 10**12 of them ran out of memory).
+        batches, most_processes = sum(count for *_, count in resumed_at["dealt"]), max(p for _, p, _ in resumed_at["dealt"])
+        if max(batches, most_processes) > self.num_items:
+            raise OutsideTheData(f"{counted(batches, 'batch', 'batches')} on up to {counted(most_processes, 'process', 'processes')}, "
+                                 f"of {counted(self.num_items, 'image')}")
         for then_batch, then_processes, count in earlier:
-            trained |= items_of(self.deal(self._epoch, trained, then_batch, then_processes)[:count])
+            trained |= items_of(self._dealt_part(trained, then_batch, then_processes, count))
         # The same global batch is the same deal, where it stopped, also on another number of processes: the processes
         # only pad a bucket's last batch smaller than them (`BucketBatchSampler.deal`), which this run's deal does its way.
         if global_batch == self.global_batch:
             self._earlier, self._done = earlier, done
         else:
-            trained |= items_of(self.deal(self._epoch, trained, global_batch, processes)[:done])
+            trained |= items_of(self._dealt_part(trained, global_batch, processes, done))
             self._earlier, self._done = earlier + ([[global_batch, processes, done]] if done else []), 0
         self._current = self.deal(self._epoch, trained, self.global_batch, self.num_processes)
+        if self._done > len(self._current):
+            raise OutsideTheData(f"{counted(done, 'batch', 'batches')} trained of a deal of {counted(len(self._current), 'batch', 'batches')}")
+
+    def _dealt_part(self, trained: frozenset[int], global_batch: int, processes: int, count: int) -> Deal:
+        """The first `count` batches of this epoch's deal of the items but `trained` (a recorded deal's)."""
+        deal = self.deal(self._epoch, trained, global_batch, processes)
+        if count > len(deal):
+            raise OutsideTheData(f"{counted(count, 'batch', 'batches')} trained of a deal of {counted(len(deal), 'batch', 'batches')}")
+        return deal[:count]
 
     def epochs_before_start(self) -> Fraction:
         """Epochs trained before micro-batch `start` as this stream counts them: the epoch under way ends with its
@@ -119,23 +147,32 @@ def recorded_position(checkpoint: Path, state: dict) -> dict | None:
     position = state.get("data_order")
     if position is None or _well_formed(position):
         return position
+    raise unusable_position(checkpoint, position)
+
+
+def unusable_position(checkpoint: Path, position, why: str = "") -> FinetuneError:
+    """The one line for `checkpoint`'s data_order the samplers cannot take up (`why`: what of it this data could not have dealt)."""
     from finetune.checkpoint import STATE_FILE  # here: the samplers load without torch, which finetune.checkpoint imports
 
-    raise FinetuneError(
-        f"checkpoint {checkpoint}: its data_order ({json.dumps(position)[:80]}) is not a position in the data order (edited by hand?): "
-        f"resume from another checkpoint, or delete data_order from its {STATE_FILE} (its data then go on by its step, as an older checkpoint's do)"
+    return FinetuneError(
+        f"checkpoint {checkpoint}: its data_order ({json.dumps(position)[:80]}) is not a position in the data order ({why + '; ' if why else ''}"
+        f"edited by hand?): resume from another checkpoint, or delete data_order from its {STATE_FILE} (its data then go on by its step, as an "
+        "older checkpoint's do)"
     )
 
 
 def _well_formed(position) -> bool:
-    def count(value, least: int = 0) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= least
+    def count(value, least: int = 0, most: int | None = None) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= least and (most is None or value <= most)
 
-    if not isinstance(position, dict) or not isinstance(position.get("order"), str) or not count(position.get("epoch")):
+    if not isinstance(position, dict) or not isinstance(position.get("order"), str) or not count(position.get("epoch"), most=MAX_EPOCH):
         return False
+    # A global batch is train.batch_size x processes: a row each at least. A deal before the last trained a batch or more (a
+    # resume that trained none of it records none): so a damaged list has no more deals than batches, which are bounded by the images.
     dealt = position.get("dealt")
     return isinstance(dealt, list) and len(dealt) > 0 and all(
-        isinstance(deal, list) and len(deal) == 3 and count(deal[0], 1) and count(deal[1], 1) and count(deal[2]) for deal in dealt
+        isinstance(deal, list) and len(deal) == 3 and count(deal[0], 1) and count(deal[1], 1, deal[0]) and count(deal[2], int(i < len(dealt) - 1))
+        for i, deal in enumerate(dealt)
     )
 
 

@@ -26,7 +26,7 @@ from finetune.checkpoint import STATE_FILE, read_state
 from finetune.config import Recipe, TrainConfig
 from finetune.config.training import MAX_TRAIN_STEPS
 from finetune.counts import counted
-from finetune.data_order import continues, recorded_position
+from finetune.data_order import OutsideTheData, continues, recorded_position, unusable_position
 from finetune.errors import FinetuneError
 from finetune.optim import schedule_change_line
 
@@ -102,10 +102,14 @@ class EpochCount:
 
 def run_sampler(layout: ItemLayout, train: TrainConfig, processes: int, process_index: int, seed: int, resume_from: Path | None):
     """This process's batch sampler, resumed at the checkpoint's step where its data stood (`finetune.data_order`); a
-    position the samplers cannot take up (hand-edited) is one line."""
+    position the samplers cannot take up, or that this data could not have dealt (a damaged checkpoint), is one line."""
     state = read_state(resume_from) if resume_from is not None else {}
     position = recorded_position(resume_from, state) if resume_from is not None else None
-    return make_batch_sampler(layout, train.batch_size, processes, process_index, seed, state.get("step", 0) * train.gradient_accumulation_steps, position)
+    start = state.get("step", 0) * train.gradient_accumulation_steps
+    try:
+        return make_batch_sampler(layout, train.batch_size, processes, process_index, seed, start, position)
+    except OutsideTheData as err:
+        raise unusable_position(resume_from, position, str(err)) from None
 
 
 def epoch_count(layout: ItemLayout, train: TrainConfig, processes: int, resume_from: Path | None, seed: int | None = None, sampler=None) -> EpochCount:

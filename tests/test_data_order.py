@@ -11,6 +11,7 @@ import finetune.trainer as trainer
 from finetune.batches import EpochBatchSampler, ItemLayout, make_batch_sampler
 from finetune.buckets import BucketBatchSampler, split_rows
 from finetune.checkpoint import STATE_FILE
+from finetune.data_order import MAX_EPOCH, OutsideTheData
 from finetune.errors import FinetuneError
 from finetune.kohya import load_lora
 from finetune.methods.lora import LORA_WEIGHTS_NAME
@@ -178,9 +179,25 @@ def test_a_hand_edited_position_is_one_line_naming_the_checkpoint_before_the_mod
     state = json.loads((checkpoint / STATE_FILE).read_text())
     position = state["data_order"]
     monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
+    absurd = ({**position, "epoch": 10**30}, {**position, "epoch": MAX_EPOCH + 1}, {**position, "dealt": [[2, 3, 1]]},  # (3 processes of 2 rows)
+              {**position, "dealt": [[1, 1, 10**9]]}, {**position, "dealt": [[1, 1, 1]] * 5}, {**position, "dealt": [[2, 1, 1], [1, 1, 3]]},
+              {**position, "dealt": [[2, 1, 0]] * 10 + [[1, 1, 1]]})  # fmt: skip
+    # (a traceback from torch's seeding, or a run from epoch 10**12 or from batches the 4 images cannot have made, until now)
     for wrong in ([position["epoch"], position["dealt"]], {**position, "dealt": []}, {**position, "dealt": [[1, 1]]},
-                  {**position, "epoch": "0"}, {k: v for k, v in position.items() if k != "epoch"}, {**position, "dealt": [[0, 1, 1]]}):  # fmt: skip
+                  {**position, "epoch": "0"}, {k: v for k, v in position.items() if k != "epoch"}, {**position, "dealt": [[0, 1, 1]]}, *absurd):  # fmt: skip
         (checkpoint / STATE_FILE).write_text(json.dumps({**state, "data_order": wrong}))
         with pytest.raises(FinetuneError, match=rf"^checkpoint {checkpoint}: its data_order \(.*\) is not a position in the data order .*: "
                                                 r"resume from another checkpoint, or delete data_order from its trainer_state.json"):  # fmt: skip
             train(make_recipe(train__batch_size=2, train__max_steps=2), resume="latest")
+
+
+def test_a_position_of_more_processes_or_batches_than_the_data_has_is_refused_before_any_deal():
+    """[global batch, processes, batches] past the images: a bucket's deal padded its last batch to 10**12 processes until
+    memory ran out; each batch of an epoch's deals has an image not trained before it."""
+    layout = [(80, 48)] * 3 + [(64, 64)] * 2
+    key = BucketBatchSampler(layout, 1, 1, 0, seed=1).order_key()
+    # 5 images: 10**6 processes, 6 batches, or 3 after 2 batches of 2 (of 3 and 2 images: 1 or 2 images left)
+    for dealt in ([[10**6, 10**6, 1]], [[2, 1, 2], [1, 1, 4]], [[2, 1, 2], [1, 1, 3]], [[2, 1, 2], [3, 1, 3]]):
+        with pytest.raises(OutsideTheData):
+            BucketBatchSampler(layout, 1, 1, 0, seed=1, start=3, resumed_at={"order": key, "epoch": 0, "dealt": dealt})
+    assert BucketBatchSampler(layout, 1, 1, 0, seed=1, start=3, resumed_at={"order": key, "epoch": 0, "dealt": [[2, 1, 2], [1, 1, 1]]}).continued
