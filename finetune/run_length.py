@@ -239,9 +239,14 @@ def resume_warnings(checkpoint: Path, state: dict, recipe: Recipe, max_steps: in
     lines, batch = [], recipe.train.batch_size
     processes_then, batch_then = state.get("processes", processes), (state.get("recipe") or {}).get("train.batch_size", batch)
     if processes_then != processes:
-        lines.append(f"warning: {checkpoint.name} was trained by {processes_named(processes_then)}, this run has {processes}: the global batch changes "
-                     f"from {processes_then * batch_then} to {processes * batch} images per micro-step "
-                     + ("(the data continue where they stopped)" if continues(state.get("data_order"), order_key) else "(and the data order with it)"))  # finetune.data_order
+        global_then, global_now = processes_then * batch_then, processes * batch
+        continued = continues(state.get("data_order"), order_key)  # finetune.data_order
+        if global_then == global_now:  # (train.batch_size changed with the processes): the same batches, where they stopped
+            change = f"stays {global_now} images per micro-step" + (" (the data continue where they stopped)" if continued else "")
+        else:
+            change = f"changes from {global_then} to {global_now} images per micro-step " + (
+                "(the data continue where they stopped)" if continued else "(and the data order with it)")
+        lines.append(f"warning: {checkpoint.name} was trained by {processes_named(processes_then)}, this run has {processes}: the global batch {change}")
     # The planned steps (kept since they were: train.max_epochs counts them from the data), else the recipe's.
     steps_then = state.get("max_steps", (state.get("recipe") or {}).get("train.max_steps"))
     if line := schedule_change_line(recipe.optimizer, checkpoint.name, state["step"], steps_then, max_steps):

@@ -158,3 +158,17 @@ def test_a_run_resumed_with_a_second_batch_counts_each_batchs_steps(make_recipe,
         (checkpoint / STATE_FILE).write_text(json.dumps({**state, STEPS_BY_SHAPE: wrong}))
         with pytest.raises(FinetuneError, match=rf"^checkpoint {checkpoint}: its {STEPS_BY_SHAPE} \(.*\) is not a list of .*resume from another checkpoint"):
             epoch_count(ItemLayout(None, 4), now, 1, checkpoint, seed=3)
+
+
+def test_a_resume_on_other_processes_at_the_same_global_batch_says_it_stays(make_recipe, tmp_path):
+    """2 processes of batch 1 resumed by 1 of batch 2: the warning said the global batch "changes from 2 to 2"."""
+    from finetune.run_length import resume_warnings
+
+    order = {"order": "this run's", "epoch": 0, "dealt": [[2, 2, 1]]}
+    state = {"step": 1, "max_steps": 4, "processes": 2, "recipe": {"train.batch_size": 1}, "data_order": order}
+    lines = resume_warnings(tmp_path / "checkpoint-1", state, make_recipe(train__batch_size=2, train__max_steps=4), 4, 1, "this run's")
+    assert lines == ["warning: checkpoint-1 was trained by 2 processes, this run has 1: the global batch stays 2 images per micro-step "
+                     "(the data continue where they stopped)"]
+    assert resume_warnings(tmp_path / "checkpoint-1", state, make_recipe(train__batch_size=1, train__max_steps=4), 4, 1, "this run's") == [
+        "warning: checkpoint-1 was trained by 2 processes, this run has 1: the global batch changes from 2 to 1 images per micro-step "
+        "(the data continue where they stopped)"]
