@@ -1,0 +1,83 @@
+"""The GPU checks (.ci/gpu-check, .ci/gpu-profile, .ci/gpu_profile.py) run where a GPU is lent for minutes: what
+breaks there is lost device time, so their flow is checked here, without a GPU and without training."""
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.bench.runner import default_resolution
+
+CI = Path(__file__).parents[1] / ".ci"
+
+
+def load_gpu_profile():
+    spec = importlib.util.spec_from_file_location("gpu_profile", CI / "gpu_profile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class FakeProfile:
+    """torch.profiler.profile's part the script uses, without a profiler (and with CUDA asked for on a CPU)."""
+
+    def __init__(self, activities):
+        self.activities = activities
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def key_averages(self):
+        class Events(list):
+            def table(self, **kwargs):
+                return "(table)"
+
+        return Events()
+
+
+def test_the_profile_runs_its_variant_as_the_bench_does_at_the_models_resolution(tiny_model, tmp_path, monkeypatch):
+    """The variant's environment (torch.compile through accelerate) and cuDNN's autotuner are applied, the data is at
+    the model's own resolution (512 was fixed: a medium-preset dry run trained at 512 px), and on CUDA the GPU is
+    waited for at the profiled window's two ends only (a wait every step kept the CPU from running ahead)."""
+    gpu_profile = load_gpu_profile()
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")  # put back after the test: the script sets its variant's
+    monkeypatch.setenv("ACCELERATE_DYNAMO_MODE", "default")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+    seen, synced_after = {}, []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: synced_after.append(seen["step"]))
+
+    def fake_train(recipe, on_step, overwrite):
+        seen["resolution"], seen["cudnn_benchmark"] = recipe.data.resolution, torch.backends.cudnn.benchmark
+        seen["environment"] = {key: os.environ[key] for key in ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_DYNAMO_MODE")}
+        for step in range(1, recipe.train.max_steps + 1):
+            seen["step"] = step
+            on_step(step)
+
+    monkeypatch.setattr(gpu_profile, "train", fake_train)
+    out = tmp_path / "profile.txt"
+    gpu_profile.main(str(tiny_model), tmp_path / "work", out, 2, "lora_cached_cudagraphs")
+    assert seen["resolution"] == default_resolution("sd15", str(tiny_model)) != 512
+    assert seen["environment"] == {"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR", "ACCELERATE_DYNAMO_MODE": "reduce-overhead"}
+    assert synced_after == [3, 7]  # 3 untimed steps, then 4 profiled
+    assert out.read_text().startswith(f"lora_cached_cudagraphs, batch 2, {tiny_model} at {seen['resolution']} px")
+
+    gpu_profile.main(str(tiny_model), tmp_path / "work", out, 2, "lora_cached_cudnn_benchmark")
+    assert seen["cudnn_benchmark"] is True
+
+
+def test_a_profile_stopped_before_its_last_step_says_so_in_its_file(tiny_model, tmp_path, monkeypatch):
+    """A deadline's SIGTERM ends the training at a step boundary; the script said so with a KeyError traceback."""
+    gpu_profile = load_gpu_profile()
+    monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+    monkeypatch.setattr(gpu_profile, "train", lambda recipe, on_step, overwrite: [on_step(step) for step in range(1, 5)])
+    out = tmp_path / "profile.txt"
+    with pytest.raises(SystemExit, match="^lora_cached: stopped after step 4 of 3 untimed and 4 profiled steps: no profile$"):
+        gpu_profile.main(str(tiny_model), tmp_path / "work", out, 2, "lora_cached")
+    assert out.read_text() == "lora_cached: stopped after step 4 of 3 untimed and 4 profiled steps: no profile\n"
