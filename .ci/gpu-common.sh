@@ -16,5 +16,10 @@ MODEL="$SCRATCH/bench/models/$PRESET"  # the SD1.5-size model the first bench st
 # Stages run under `timeout -k`: a training process takes SIGTERM as a request to checkpoint and stop (so
 # pytest, training in-process, would carry on), and SIGKILL follows.
 limit() { local left=$((DEADLINE - SECONDS - 10)); if [ "$left" -lt 20 ]; then echo 0; elif [ "$left" -lt "$1" ]; then echo "$left"; else echo "$1"; fi; }
-stage() { echo "== $1 at ${SECONDS}s (limit $2 s)" | tee -a "$OUT/$LOG"; }
+# stage NAME WANTED: sets t, the stage's time limit (limit WANTED; 0: the stage is skipped) and logs which.
+stage() {
+  t=$(limit "$2")
+  if [ "$t" -gt 0 ]; then echo "== $1 at ${SECONDS}s (limit $t s)"; else echo "== $1: skipped at ${SECONDS}s, too near DEADLINE ($DEADLINE s)"; fi |
+    tee -a "$OUT/$LOG"
+}
 built() { [ -f "$MODEL/model_index.json" ] || { echo "skipped: no model was built" | tee -a "$OUT/$LOG"; false; }; }

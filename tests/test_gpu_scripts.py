@@ -3,6 +3,8 @@ breaks there is lost device time, so their flow is checked here, without a GPU a
 
 import importlib.util
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,24 @@ def test_a_profile_stopped_before_its_last_step_says_so_in_its_file(tiny_model, 
     with pytest.raises(SystemExit, match="^lora_cached: stopped after step 4 of 3 untimed and 4 profiled steps: no profile$"):
         gpu_profile.main(str(tiny_model), tmp_path / "work", out, 2, "lora_cached")
     assert out.read_text() == "lora_cached: stopped after step 4 of 3 untimed and 4 profiled steps: no profile\n"
+
+
+def run_with_fake_python(tmp_path: Path, script: str, **env) -> tuple[str, str]:
+    """Run a copy of the script with PYTHON a stand-in that records its arguments: (the records, the stage log)."""
+    repo = tmp_path / "repo"
+    shutil.copytree(CI, repo / ".ci", ignore=shutil.ignore_patterns("*.whl"))
+    fake, record, out = tmp_path / "python", tmp_path / "calls.txt", tmp_path / "out"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {record}\n')
+    fake.chmod(0o755)
+    environment = {"PATH": os.environ["PATH"], "PYTHON": str(fake), "OUT": str(out), **env}
+    done = subprocess.run(["bash", str(repo / ".ci" / script)], env=environment, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return record.read_text(), done.stdout
+
+
+def test_a_stage_too_near_the_deadline_is_skipped_and_the_log_says_so(tmp_path):
+    calls, stdout = run_with_fake_python(tmp_path, "gpu-check", DEADLINE="25")
+    assert "-m finetune" not in calls and "pytest" not in calls
+    log = (tmp_path / "out" / "bench.log").read_text()
+    assert log.count("skipped at") == 3 and "too near DEADLINE (25 s)" in log and "done at" in log
+
