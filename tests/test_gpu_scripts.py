@@ -3,6 +3,7 @@ breaks there is lost device time, so their flow is checked here, without a GPU a
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.bench.runner import default_resolution
+from finetune.bench.runner import default_resolution, parse_variants
 
 CI = Path(__file__).parents[1] / ".ci"
 
@@ -85,6 +86,17 @@ def test_a_profile_stopped_before_its_last_step_says_so_in_its_file(tiny_model, 
     assert out.read_text() == "lora_cached: stopped after step 4 of 3 untimed and 4 profiled steps: no profile\n"
 
 
+def test_the_gpu_scripts_name_variants_the_bench_has():
+    """A variant renamed in finetune/bench/variants.py would fail a GPU stage only on the device."""
+    named = []
+    for script in ("gpu-check", "gpu-profile"):
+        text = (CI / script).read_text()
+        named += re.findall(r"--recipes ([\w,]+)", text) + re.findall(r"for variant in ([\w ]+); do", text)
+    assert len(named) == 4
+    for names in named:
+        parse_variants(names.replace(" ", ","))
+
+
 def run_with_fake_python(tmp_path: Path, script: str, **env) -> tuple[str, str]:
     """Run a copy of the script with PYTHON a stand-in that records its arguments: (the records, the stage log)."""
     repo = tmp_path / "repo"
@@ -104,3 +116,11 @@ def test_a_stage_too_near_the_deadline_is_skipped_and_the_log_says_so(tmp_path):
     log = (tmp_path / "out" / "bench.log").read_text()
     assert log.count("skipped at") == 3 and "too near DEADLINE (25 s)" in log and "done at" in log
 
+
+
+def test_gpu_profile_runs_at_gpu_checks_batch():
+    """gpu-check measures at batch 32 (where eager came nearest the MFU goal); the profile is of that step, not batch 4's."""
+    check, profile = (CI / "gpu-check").read_text(), (CI / "gpu-profile").read_text()
+    batch = re.search(r"BATCH=\$\{BATCH:-(\d+)\}", profile)[1]
+    assert set(re.findall(r"--batch (\S+)", check)) == {batch} == {"32"}
+    assert set(re.findall(r"--batch (\S+)", profile)) == {'"$BATCH"'} and '"$OUT/profile-b$BATCH$suffix.txt" "$BATCH"' in profile
