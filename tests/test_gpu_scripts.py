@@ -97,6 +97,28 @@ def test_the_gpu_scripts_name_variants_the_bench_has():
         parse_variants(names.replace(" ", ","))
 
 
+def stage_seconds(script: str) -> list[int]:
+    """Each stage's wanted seconds on the GPU (a DRY_RUN alternative is left out)."""
+    lines = [line for line in (CI / script).read_text().splitlines() if line.startswith(("stage ", "  stage "))]
+    return [int(re.findall(r"(\d+)\)?\"?$", line)[0]) for line in lines]
+
+
+def test_gpu_check_stages_fit_its_deadline():
+    """The stages' wanted times, the ~20 s that installing the wheels and printing the versions took on the H200
+    (docs/gpu-results/h200-gpu-check-bench.log: its first stage began at 21 s) and the 10 s margin that `limit`
+    keeps fit in DEADLINE: when they did not, the last stage (the GPU tests) was cut short by design."""
+    deadline = int(re.search(r"DEADLINE=\$\{DEADLINE:-(\d+)\}", (CI / "gpu-check").read_text())[1])
+    wanted = stage_seconds("gpu-check")
+    assert len(wanted) == 3 and 20 + sum(wanted) + 10 <= deadline == 540
+
+
+def test_gpu_profile_stages_fit_its_deadline():
+    """Its first stage began at 2 s on the H200 (no versions printed); the profile stage runs once per variant."""
+    deadline = int(re.search(r"DEADLINE=\$\{DEADLINE:-(\d+)\}", (CI / "gpu-profile").read_text())[1])
+    bench, profile = stage_seconds("gpu-profile")
+    assert 2 + bench + 2 * profile + 10 <= deadline == 210
+
+
 def run_with_fake_python(tmp_path: Path, script: str, **env) -> tuple[str, str]:
     """Run a copy of the script with PYTHON a stand-in that records its arguments: (the records, the stage log)."""
     repo = tmp_path / "repo"
@@ -108,6 +130,17 @@ def run_with_fake_python(tmp_path: Path, script: str, **env) -> tuple[str, str]:
     done = subprocess.run(["bash", str(repo / ".ci" / script)], env=environment, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return record.read_text(), done.stdout
+
+
+def test_gpu_check_dry_run_uses_the_medium_preset_a_short_quickstart_and_collects_the_tests(tmp_path):
+    calls, _ = run_with_fake_python(tmp_path / "dry", "gpu-check", DRY_RUN="1")
+    assert "bench --mixed-precision bf16 --steps 10 --batch 32 --num-images 32 --preset medium" in calls
+    assert re.search(r"-m finetune train recipes/quickstart.yaml .* train.max_steps=20\n", calls)
+    assert "-m pytest -v -p no:cacheprovider --durations=5 --collect-only tests/" in calls
+
+    calls, _ = run_with_fake_python(tmp_path / "gpu", "gpu-check")
+    assert "--preset sd15" in calls and "max_steps" not in calls and "--collect-only" not in calls
+    assert "-m pytest -v -p no:cacheprovider --durations=5 tests/" in calls  # a line per test: a cut run says which passed
 
 
 def test_a_stage_too_near_the_deadline_is_skipped_and_the_log_says_so(tmp_path):
