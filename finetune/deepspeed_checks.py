@@ -42,9 +42,11 @@ def check_deepspeed_launch(recipe: Recipe, trained_models: list[str], resume_fro
 # list (torch's Adam and AdamW, its fused and CPU ones), whatever its config says: zero_allow_untested_optimizer, which
 # accelerate sets for every optimizer it is handed, only lets the run start. The 8-bit optimizers are tested under ZeRO
 # here (adamw8bit: its 8-bit states in the checkpoint and a resume, tests/test_recipes_in_processes.py; paged_adamw8bit
-# and lion8bit are the same blockwise 8-bit code of bitsandbytes). Prodigy keeps the line: it finds its step size from
-# sums over the weights it is given, under ZeRO each process's shard alone.
-ZERO_TESTED_OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "lion8bit")
+# and lion8bit are the same blockwise 8-bit code of bitsandbytes), and so is Prodigy: it finds its step size from sums
+# over the weights it is given, which under ZeRO are summed over every process's shard (finetune.sharded_prodigy), so
+# each process finds the step size of one process with the same global batch, and a resume goes on with it
+# (tests/test_deepspeed_prodigy.py).
+ZERO_TESTED_OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "lion8bit", "prodigy")
 UNTESTED_OPTIMIZER_LINE = "You are using ZeRO with an untested optimizer"
 
 

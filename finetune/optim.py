@@ -15,12 +15,13 @@ from finetune.errors import FinetuneError
 from finetune.library_noise import quiet_paged_optimizer_on_cpu
 
 
-def build_optimizer(config: OptimizerConfig, parameters: list, device: torch.device | None = None) -> torch.optim.Optimizer:
+def build_optimizer(config: OptimizerConfig, parameters: list, device: torch.device | None = None, sharded: bool = False) -> torch.optim.Optimizer:
     """`parameters`: a list of tensors, or of parameter groups (dicts) with their own settings; `device`: where they
-    train (default: where they are now; training builds the optimizer before accelerate moves them)."""
+    train (default: where they are now; training builds the optimizer before accelerate moves them); `sharded`: each
+    process's optimizer will hold its shard of them alone (DeepSpeed ZeRO), not all of them (one process, DDP)."""
     kwargs = dict(lr=config.lr, betas=config.betas_in_use, weight_decay=config.weight_decay)
     if config.name == "prodigy":
-        return _prodigy(config, parameters, kwargs)
+        return _prodigy(config, parameters, kwargs, sharded)
     if config.name == "adafactor":
         from transformers.optimization import Adafactor
 
@@ -47,15 +48,19 @@ def build_optimizer(config: OptimizerConfig, parameters: list, device: torch.dev
     return torch.optim.AdamW(parameters, eps=config.eps, fused=fused_supported(parameters), **kwargs)
 
 
-def _prodigy(config: OptimizerConfig, parameters: list, kwargs: dict) -> torch.optim.Optimizer:
+def _prodigy(config: OptimizerConfig, parameters: list, kwargs: dict, sharded: bool) -> torch.optim.Optimizer:
     """Prodigy estimates the step size itself; optimizer.lr multiplies it (1.0 as its authors use it).
-    Bias correction and, with warm-up steps, the safeguard: the settings its authors give for diffusion."""
+    Bias correction and, with warm-up steps, the safeguard: the settings its authors give for diffusion.
+    Sharded, its estimate is summed over the processes (finetune.sharded_prodigy)."""
     try:
         from prodigyopt import Prodigy
     except ImportError:
         raise FinetuneError("optimizer.name prodigy needs the prodigyopt package: pip install prodigyopt") from None
+    optimizer_class = Prodigy
+    if sharded:
+        from finetune.sharded_prodigy import ShardedProdigy as optimizer_class
     with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay" on every process
-        return Prodigy(parameters, eps=config.eps, use_bias_correction=True, safeguard_warmup=config.warmup_steps > 0, **kwargs)
+        return optimizer_class(parameters, eps=config.eps, use_bias_correction=True, safeguard_warmup=config.warmup_steps > 0, **kwargs)
 
 
 def first_device(parameters: list) -> torch.device:

@@ -160,7 +160,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     group_names = [group.pop("name") for group in parameter_groups]  # for the logs; optimizers need no names
     # The recipe's rates, read before the optimizer and the schedule's warm-up write into these groups.
     group_lrs = [group.get("lr", recipe.optimizer.lr) for group in parameter_groups]
-    optimizer = build_optimizer(recipe.optimizer, parameter_groups, accelerator.device)
+    optimizer = build_optimizer(recipe.optimizer, parameter_groups, accelerator.device, sharded=zero_stage(accelerator) > 0)
     lr_scheduler = build_lr_scheduler(recipe.optimizer, optimizer, max_steps)
     # Only now, with the model set up, the data built and the optimizer made (optimizer.name prodigy
     # without its package is refused there), has every check that could refuse the run passed.

@@ -35,8 +35,9 @@ def test_deepspeed_refuses_what_it_cannot_do(make_recipe):
             check_deepspeed_recipe(make_recipe(**overrides), modules.split(", "), {})
         make_recipe(**overrides, **{switch.replace(".", "__"): False})  # a key the recipe has
     offload = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
-    with pytest.raises(FinetuneError, match="optimizer.name adamw8bit with DeepSpeed optimizer offload"):
-        check_deepspeed_recipe(make_recipe(optimizer__name="adamw8bit"), ["unet"], offload)
+    for name, lr in (("adamw8bit", 1e-4), ("prodigy", 1.0)):  # offload runs DeepSpeed's CPU Adam in their place
+        with pytest.raises(FinetuneError, match=f"optimizer.name {name} with DeepSpeed optimizer offload"):
+            check_deepspeed_recipe(make_recipe(optimizer__name=name, optimizer__lr=lr), ["unet"], offload)
     for config in ({}, offload):  # with offload too: its line would send it to a config that refuses it
         with pytest.raises(FinetuneError, match="^optimizer.name adafactor with DeepSpeed: ZeRO gives the optimizer its shard .* or launch without DeepSpeed$"):
             check_deepspeed_recipe(make_recipe(optimizer__name="adafactor"), ["unet"], config)
@@ -95,10 +96,11 @@ def test_deepspeed_takes_the_batch_accumulation_and_clipping_from_the_recipe(mak
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"], config["train_batch_size"], config["gradient_clipping"]) == (3, 2, 12, 0.5)
 
 
-def test_deepspeeds_untested_optimizer_line_is_left_out_for_the_8bit_optimizers_alone(make_recipe, launched_with, tmp_path, monkeypatch, caplog):
+def test_deepspeeds_untested_optimizer_line_is_left_out_for_the_optimizers_tested_under_zero(make_recipe, launched_with, tmp_path, monkeypatch, caplog):
     """DeepSpeed logs "untested optimizer" for every optimizer outside its list, whatever its config says (accelerate sets
     zero_allow_untested_optimizer for each it is handed, which only lets the run start): the line is left out for the
-    8-bit optimizers, tested under ZeRO here, and said for Prodigy, which is not; DeepSpeed's other lines are kept.
+    8-bit optimizers and Prodigy, tested under ZeRO here, and said for any other; DeepSpeed's other lines are kept.
+    (adamw is on DeepSpeed's own list.)
     DeepSpeed's own check, as its engine calls it on the optimizer finetune builds, after the launch's checks."""
     import logging
 
@@ -121,10 +123,16 @@ def test_deepspeeds_untested_optimizer_line_is_left_out_for_the_8bit_optimizers_
             with pytest.raises(FinetuneError, match="no-such-model"):  # past the launch's checks
                 train(recipe)
             caplog.clear()
-            deepspeed.runtime.engine.DeepSpeedEngine._do_optimizer_sanity_check(engine, build_optimizer(recipe.optimizer, [torch.nn.Parameter(torch.zeros(4096))]))
+            optimizer = build_optimizer(recipe.optimizer, [torch.nn.Parameter(torch.zeros(4096))], sharded=True)  # as the trainer builds it under ZeRO
+            deepspeed.runtime.engine.DeepSpeedEngine._do_optimizer_sanity_check(engine, optimizer)
             logger.warning("another DeepSpeed warning")
             said[name] = [record.getMessage() for record in caplog.records]
+        # After adamw (on DeepSpeed's own list) the line is said again for an optimizer on neither list: every other
+        # optimizer the recipe names is tested under ZeRO or refused with DeepSpeed (Adafactor), so torch's SGD stands in.
+        caplog.clear()
+        deepspeed.runtime.engine.DeepSpeedEngine._do_optimizer_sanity_check(engine, torch.optim.SGD([torch.nn.Parameter(torch.zeros(4))]))
+        said["sgd"] = [record.getMessage() for record in caplog.records]
     finally:
         logger.removeHandler(caplog.handler)
     untested = ["**** You are using ZeRO with an untested optimizer, proceed with caution *****", "another DeepSpeed warning"]
-    assert said == {"adamw8bit": untested[1:], "lion8bit": untested[1:], "prodigy": untested, "adamw": untested[1:]}  # adamw: on DeepSpeed's list
+    assert said == {"adamw8bit": untested[1:], "lion8bit": untested[1:], "prodigy": untested[1:], "adamw": untested[1:], "sgd": untested[:1]}

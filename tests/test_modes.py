@@ -79,10 +79,10 @@ def test_gradient_checkpointing_trains_the_same_weights(method_recipe, method, t
 def test_channels_last_trains_the_same_weights_in_nhwc(method_recipe, method, tmp_path, monkeypatch):
     runs = []  # per run: the base model, the optimizer's parameters, and their values before training
 
-    def recording_build_optimizer(config, groups, *device):
+    def recording_build_optimizer(config, groups, *args, **kwargs):
         parameters = [p for group in groups for p in group["params"]]
         runs[-1]["trained"], runs[-1]["initial"] = parameters, [p.detach().clone() for p in parameters]
-        return build_optimizer(config, groups, *device)
+        return build_optimizer(config, groups, *args, **kwargs)
 
     def recording_load_base_model(*args, **kwargs):
         runs.append({"base": load_base_model(*args, **kwargs)})
@@ -109,7 +109,7 @@ def test_channels_last_trains_the_same_weights_in_nhwc(method_recipe, method, tm
 @pytest.mark.parametrize("method", METHODS)
 def test_an_8bit_optimizer_trains_every_method_with_8bit_states(method_recipe, method, tmp_path, monkeypatch):
     optimizers = []
-    monkeypatch.setattr(trainer, "build_optimizer", lambda *args: optimizers.append(build_optimizer(*args)) or optimizers[-1])
+    monkeypatch.setattr(trainer, "build_optimizer", lambda *args, **kwargs: optimizers.append(build_optimizer(*args, **kwargs)) or optimizers[-1])
     # Rank 64: the tiny UNet's 64-wide LoRA matrices reach bitsandbytes' 4096 elements for 8-bit states (the other
     # methods train whole layers, and refuse lora settings).
     result = train(method_recipe(method, optimizer__name="adamw8bit", **({"lora__rank": 64} if method == "lora" else {})))
