@@ -15,6 +15,7 @@ import functools
 import io
 import json
 import os
+import re
 import unicodedata
 from pathlib import Path, PurePosixPath
 
@@ -64,7 +65,7 @@ def read_metadata_captions(path: Path, require_text: bool = True, column: str = 
     if not path.is_file():
         return {}
     captions, rows = {}, {}
-    for line_number, line in enumerate(metadata_text(path).splitlines(), start=1):
+    for line_number, line in enumerate(jsonl_lines(metadata_text(path)), start=1):
         if not line.strip():
             continue
         try:
@@ -115,6 +116,13 @@ def metadata_text(path: Path) -> str:
                             "(Excel: 'CSV UTF-8'; most editors offer it under 'encoding')") from None  # fmt: skip
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """A metadata.jsonl's lines, split at line ends alone (LF, CRLF, CR) as `datasets` reads them: str.splitlines
+    also splits at U+2028, U+0085 and other characters a JSON string may hold raw (text pasted from a web page),
+    and the row's halves were then no JSON."""
+    return re.split(r"\r\n?|\n", text)
+
+
 def lenient_metadata_text(path: Path) -> str:
     """`metadata_text` with undecodable bytes replaced: for looking through a file that `folder_captions` reports."""
     raw = path.read_bytes()
@@ -151,7 +159,7 @@ def metadata_rows(folder: Path) -> list[dict]:
     if path.suffix == ".csv":
         return list(csv.DictReader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text)))
     rows = []
-    for line in text.splitlines():
+    for line in jsonl_lines(text):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:

@@ -60,6 +60,17 @@ def test_a_byte_order_mark_is_read_and_a_null_caption_is_a_missing_one(tmp_path)
         load_examples(DataConfig(image_dir=str(tmp_path), resolution=64))
 
 
+def test_a_metadata_jsonl_row_is_one_line_whatever_its_caption_holds(tmp_path):
+    write_image(tmp_path / "a.png")
+    write_image(tmp_path / "b.png", "blue")
+    # U+2028 and U+0085 may stand raw in a JSON string (text pasted from a web page); datasets reads such rows
+    # whole, and str.splitlines cut them in two. Windows line ends (CRLF) end rows too.
+    rows = [{"file_name": "a.png", "text": "a red square\u2028on white"}, {"file_name": "b.png", "text": "a blue\x85square"}]
+    (tmp_path / "metadata.jsonl").write_bytes("".join(json.dumps(row, ensure_ascii=False) + "\r\n" for row in rows).encode())
+    got = names_and_captions(DataConfig(image_dir=str(tmp_path), resolution=64))
+    assert got == [("a.png", "a red square\u2028on white"), ("b.png", "a blue\x85square")]
+
+
 @pytest.mark.parametrize("file_form,row_form", [("NFD", "NFC"), ("NFC", "NFD")])
 def test_a_name_in_either_unicode_form_finds_its_metadata_row(tmp_path, file_form, row_form):
     """macOS names files decomposed (e + combining accent), most tools write the composed form: one name."""
