@@ -19,6 +19,7 @@ images (copied), ``conditioning/<name>.png`` and a ``metadata.jsonl`` with ``fil
 from __future__ import annotations
 
 import csv
+import filecmp
 import io
 import json
 import shutil
@@ -29,6 +30,7 @@ from PIL import Image
 
 from finetune.captions import (csv_delimiter, image_caption, jsonl_lines, metadata_file, metadata_key, metadata_partner_files, metadata_text, name_key, read_csv_captions,
                                read_metadata_captions)
+from finetune.counts import counted
 from finetune.errors import FinetuneError
 
 KINDS = ("canny", "luminance", "mask")
@@ -242,6 +244,13 @@ def _checked_input(source: Path, target: Path, overwrite: bool) -> tuple[list[Pa
     existing = [p for p in (target / "conditioning").iterdir() if p.is_file()] if (target / "conditioning").is_dir() else []
     if existing and not overwrite:
         raise FinetuneError(f"{target / 'conditioning'} already holds {len(existing)} conditioning images: write to another folder, or pass --overwrite")
+    if not overwrite and target.is_dir() and source.resolve() != target.resolve():
+        # Another folder's metadata.jsonl, and its files of the images' names, would be replaced by this run's.
+        replaced = [target / "metadata.jsonl"] if (target / "metadata.jsonl").is_file() else []
+        replaced += [target / p.name for p in images if (target / p.name).is_file() and not filecmp.cmp(p, target / p.name, shallow=False)]
+        if replaced:
+            more = f" and {counted(len(replaced) - 1, 'other file')}" if len(replaced) > 1 else ""
+            raise FinetuneError(f"{target} already holds {replaced[0].name}{more}, which this would replace: write to another folder, or pass --overwrite")
     jsonl, table = source / "metadata.jsonl", source / "metadata.csv"
     if target.is_dir() and source.resolve() == target.resolve() and table.is_file():
         raise FinetuneError(f"{table} would sit beside the metadata.jsonl this writes (a folder must have one): write to another folder")
@@ -285,7 +294,8 @@ def make_conditions(input_dir: str | Path, output_dir: str | Path, kind: str, ov
     `output_dir/conditioning/<stem>.png`, and `metadata.jsonl` lists all three columns, beside any other
     columns (and rows) of the input's metadata file. Captions come from the input's metadata.jsonl or
     metadata.csv, else a .txt beside the image; an image with none gets "".
-    Conditioning images already there (a ControlNet may have trained on them) are replaced only with `overwrite`.
+    Conditioning images already there (a ControlNet may have trained on them), and another folder's metadata.jsonl and
+    files of the images' names, are replaced only with `overwrite`.
     """
     if kind not in KINDS:
         raise FinetuneError(f"unknown conditioning kind '{kind}': use one of {', '.join(KINDS)}")

@@ -69,6 +69,25 @@ def test_make_conditions_keeps_every_column_and_row_of_the_users_metadata(tmp_pa
     assert [row["source"] for row in written] == ["flickr", "own"] and [row["text"] for row in written] == ["a cat", "a dog"]
 
 
+def test_make_conditions_replaces_no_file_of_another_folder_without_overwrite(tmp_path):
+    """The output folder's own metadata.jsonl, and its images of the input images' names, were replaced without --overwrite
+    (only conditioning images already there were refused): a folder of the user's data lost its captions and images."""
+    from finetune.conditions import make_condition_folders
+
+    (tmp_path / "in").mkdir(), (tmp_path / "out").mkdir()
+    noise(tmp_path / "in" / "a.png"), noise(tmp_path / "out" / "a.png", seed=1)
+    (tmp_path / "out" / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "my own caption"}) + "\n")
+    kept = {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()}
+    with pytest.raises(FinetuneError, match=r"out already holds metadata.jsonl and 1 other file, which this would replace: .*--overwrite"):
+        make_condition_folders(tmp_path / "in", tmp_path / "out", "luminance")
+    assert {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()} == kept
+    (tmp_path / "out" / "metadata.jsonl").unlink()
+    (tmp_path / "out" / "a.png").write_bytes((tmp_path / "in" / "a.png").read_bytes())  # a copy of the same image loses nothing
+    make_condition_folders(tmp_path / "in", tmp_path / "out", "luminance")
+    make_condition_folders(tmp_path / "in", tmp_path / "out", "luminance", overwrite=True)  # a rerun's, with --overwrite
+    assert json.loads((tmp_path / "out" / "metadata.jsonl").read_text())["conditioning_file_name"] == "conditioning/a.png"
+
+
 def odd_conditions(folder):
     """{name: path}: conditioning images that would steer as blank ones, a tiny one, and two that are fine once read."""
     folder.mkdir(exist_ok=True)
