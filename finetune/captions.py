@@ -25,6 +25,7 @@ from finetune.config import DataConfig
 from finetune.errors import FinetuneError
 
 CAPTION_PLACEHOLDER = "{caption}"
+DATASET_ROW = "dataset {name} row {row}"  # the source of a dataset's example (a folder's is its file's path)
 # Stream number of the tag-shuffle generator, beside item_rng's (seed, epoch, index) stream.
 TAG_STREAM = 1
 LINE_STREAM = 2  # the generator that picks one line of a caption of several
@@ -285,9 +286,16 @@ def require_own_sidecars(images: list[Path], metadata: dict[str, str]) -> None:
         readers[sidecar] = image_path.name
 
 
+def dataset_of_row(source: str | Path) -> str | None:
+    """The dataset a `datasets` row's source (DATASET_ROW) names; None for an image file, whose path may start
+    with "dataset " too (a folder named "dataset v2")."""
+    row = re.fullmatch(DATASET_ROW.format(name="(.+)", row=r"\d+"), str(source))
+    return row.group(1) if row else None
+
+
 def missing_caption_message(source: str | Path, alternative: str = "set data.caption to one prompt for all images") -> str:
     """`source` is an image file, or a `datasets` row ("dataset NAME row N"); `alternative` is the other fix."""
-    if str(source).startswith("dataset "):
+    if dataset_of_row(source) is not None:
         return f"{source} has no caption (a null cell): fill the caption column, or {alternative}"
     image_path = Path(source)
     return f"image {image_path} has no caption: add {image_path.with_suffix('.txt').name}, a metadata.jsonl or metadata.csv entry, or {alternative}"
@@ -304,7 +312,7 @@ def empty_caption_message(source: str, caption: str, config: DataConfig, folder_
         return None
     if caption.strip() != apply_template(template, "").strip():
         return None
-    if source.startswith("dataset "):
+    if dataset_of_row(source) is not None:
         return f"{source} has an empty caption: it trains as the empty prompt; write one in its caption column if that is not meant"
     trains_as = f"as its folder's template alone ({caption!r})" if template else "as the empty prompt"
     return f"image {source} has an empty caption: it trains {trains_as}; write one in its .txt or metadata row if that is not meant"

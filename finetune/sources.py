@@ -18,7 +18,7 @@ from typing import Callable
 from PIL import Image
 
 from finetune.buckets import Size
-from finetune.captions import (apply_template, folder_captions, image_caption, metadata_partner_files, metadata_subfolders,
+from finetune.captions import (DATASET_ROW, apply_template, dataset_of_row, folder_captions, image_caption, metadata_partner_files, metadata_subfolders,
                                missing_caption_message, name_key, require_own_sidecars, sidecar_path, template_needs_caption)  # fmt: skip
 from finetune.config import DataConfig, FolderConfig
 from finetune.errors import FinetuneError, looked_for_here
@@ -27,7 +27,6 @@ from finetune.library_noise import quiet_local_dataset_bars
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp")
 # Images that are in a folder but not read: animations, print and phone formats (convert them to PNG or JPEG).
 UNREAD_IMAGE_SUFFIXES = (".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".psd")
-DATASET_ROW = "dataset {name} row {row}"  # the source of a dataset's example (a folder's is its file's path)
 # A data file given as data.dataset, by the `datasets` builder that reads it: load_dataset(path) itself reads
 # folders only ("Couldn't find any data file" for a file that is there).
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json", ".tar": "webdataset"}
@@ -54,8 +53,8 @@ class Example:
 
 def source_folder(example: Example) -> Path:
     """The folder an example's image is in, or its dataset's path or name: how sd-scripts groups a LoRA's tags."""
-    row = re.fullmatch(DATASET_ROW.format(name="(.+)", row=r"\d+"), example.source)
-    return Path(row.group(1)) if row else Path(example.source).resolve().parent
+    dataset = dataset_of_row(example.source)
+    return Path(dataset) if dataset is not None else Path(example.source).resolve().parent
 
 
 def read_examples(config: DataConfig) -> list[Example]:

@@ -71,6 +71,22 @@ def test_a_metadata_jsonl_row_is_one_line_whatever_its_caption_holds(tmp_path):
     assert got == [("a.png", "a red square\u2028on white"), ("b.png", "a blue\x85square")]
 
 
+def test_a_folder_named_dataset_is_no_datasets_row_in_caption_messages(tmp_path):
+    """Messages told an image file from a dataset row by "dataset " at the start of its path: the images of a
+    folder named "dataset v2" were told to fill a caption column they do not have."""
+    from finetune.check_data import checked_report
+
+    folder = tmp_path / "dataset v2"
+    write_image(folder / "a.png")
+    config = DataConfig(image_dir=str(folder.relative_to(tmp_path)), resolution=64)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path)  # a relative image_dir: the path starts with "dataset "
+        with pytest.raises(FinetuneError, match=r"^image dataset v2/a\.png has no caption: add a\.txt"):
+            load_examples(config)
+        (folder / "a.txt").write_text("")
+        assert "write one in its .txt or metadata row" in checked_report(config).lines()[-1]
+
+
 @pytest.mark.parametrize("file_form,row_form", [("NFD", "NFC"), ("NFC", "NFD")])
 def test_a_name_in_either_unicode_form_finds_its_metadata_row(tmp_path, file_form, row_form):
     """macOS names files decomposed (e + combining accent), most tools write the composed form: one name."""
