@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 from finetune.buckets import Size
 
 # Resizing a photo down to the training size: Pillow's LANCZOS first shrinks by an integer factor with
-# a box filter while the image is over this many times the target (and `data.decode` lets a JPEG
+# a box filter while the image is over this many times the target (and `finetune.images.decode` lets a JPEG
 # decode at a reduced scale, never below twice the side needed). Measured on a 4000x3000 JPEG to
 # 512 px, decode to tensor: 161 -> 60 ms per view, 41.6 dB PSNR against full decoding and plain LANCZOS.
 REDUCING_GAP = 3.0
