@@ -66,7 +66,7 @@ def read_metadata_captions(path: Path, require_text: bool = True, column: str = 
     if not path.is_file():
         return {}
     captions, rows = {}, {}
-    for line_number, line in enumerate(jsonl_lines(metadata_text(path)), start=1):
+    for line_number, line in enumerate(split_at_line_ends(metadata_text(path)), start=1):
         if not line.strip():
             continue
         try:
@@ -117,10 +117,10 @@ def metadata_text(path: Path) -> str:
                             "(Excel: 'CSV UTF-8'; most editors offer it under 'encoding')") from None  # fmt: skip
 
 
-def jsonl_lines(text: str) -> list[str]:
-    """A metadata.jsonl's lines, split at line ends alone (LF, CRLF, CR) as `datasets` reads them: str.splitlines
-    also splits at U+2028, U+0085 and other characters a JSON string may hold raw (text pasted from a web page),
-    and the row's halves were then no JSON."""
+def split_at_line_ends(text: str) -> list[str]:
+    """The lines of a text split at line ends alone (LF, CRLF, CR), as `datasets` reads a metadata.jsonl and sd-scripts
+    a caption of several lines: str.splitlines also splits at U+2028, U+0085 and other characters a JSON string or a
+    caption may hold (text pasted from a web page), which cut a metadata.jsonl row, or a caption, in two."""
     return re.split(r"\r\n?|\n", text)
 
 
@@ -160,7 +160,7 @@ def metadata_rows(folder: Path) -> list[dict]:
     if path.suffix == ".csv":
         return list(csv.DictReader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text)))
     rows = []
-    for line in jsonl_lines(text):
+    for line in split_at_line_ends(text):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
@@ -332,7 +332,7 @@ def template_needs_caption(template: str | None) -> bool:
 
 def caption_lines(caption: str) -> list[str]:
     """The captions one caption text holds: each of its non-blank lines (see `training_caption`)."""
-    return [line.strip() for line in caption.splitlines() if line.strip()]
+    return [line.strip() for line in split_at_line_ends(caption) if line.strip()]
 
 
 def apply_template(template: str | None, caption: str) -> str:

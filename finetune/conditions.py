@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from finetune.captions import (csv_delimiter, image_caption, jsonl_lines, metadata_file, metadata_key, metadata_partner_files, metadata_text, name_key, read_csv_captions,
+from finetune.captions import (csv_delimiter, image_caption, split_at_line_ends, metadata_file, metadata_key, metadata_partner_files, metadata_text, name_key, read_csv_captions,
                                read_metadata_captions)
 from finetune.counts import counted
 from finetune.errors import FinetuneError
@@ -265,7 +265,7 @@ def _refuse_captions_under_another_key(jsonl: Path) -> None:
     """Rows whose captions are under another key than `text` (sd-scripts' `caption`, a dataset's `prompt`) would
     leave every image uncaptioned, said only as 'had no caption'."""
     keys: set[str] = set()
-    for line in jsonl_lines(metadata_text(jsonl)):
+    for line in split_at_line_ends(metadata_text(jsonl)):
         keys.update(json.loads(line) if line.strip() else {})  # each row a JSON object: read_metadata_captions checked
     if "text" not in keys and keys - {"file_name", "conditioning_file_name", "conditioning_image"}:
         raise FinetuneError(f"{jsonl} has no 'text' captions (its rows have {', '.join(repr(key) for key in sorted(keys))}): "
@@ -278,7 +278,7 @@ def _input_rows(source: Path) -> dict[str, dict]:
     conditioning images) is lost, least of all where the folder's own metadata.jsonl is rewritten."""
     jsonl, table = source / "metadata.jsonl", source / "metadata.csv"
     if jsonl.is_file():
-        rows = [json.loads(line) for line in jsonl_lines(metadata_text(jsonl)) if line.strip()]  # read_metadata_captions checked each
+        rows = [json.loads(line) for line in split_at_line_ends(metadata_text(jsonl)) if line.strip()]  # read_metadata_captions checked each
     elif table.is_file():
         text = metadata_text(table)
         rows = [row for row in csv.DictReader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text)) if row["file_name"]]

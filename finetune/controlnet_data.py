@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from finetune.buckets import Size, assign_buckets
 from finetune.cache import EncodingCache
-from finetune.captions import (csv_delimiter, jsonl_lines, loosely_named_file, metadata_file, metadata_key, metadata_text, name_key, read_csv_captions, scored_caption,
+from finetune.captions import (csv_delimiter, split_at_line_ends, loosely_named_file, metadata_file, metadata_key, metadata_text, name_key, read_csv_captions, scored_caption,
                                training_caption)
 from finetune.check_data import FATAL, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable
 from finetune.check_threads import each_on_threads
@@ -181,7 +181,7 @@ def _conditioning_files(folder: Path, column: str = "conditioning_file_name") ->
             "or a metadata.csv of those columns): write one, or make one with finetune make-conditions"
         )
     files, keys = {}, set()
-    for line_number, line in enumerate(jsonl_lines(metadata_text(path)), start=1):
+    for line_number, line in enumerate(split_at_line_ends(metadata_text(path)), start=1):
         if not line.strip():
             continue
         try:

@@ -71,6 +71,18 @@ def test_a_metadata_jsonl_row_is_one_line_whatever_its_caption_holds(tmp_path):
     assert got == [("a.png", "a red square\u2028on white"), ("b.png", "a blue\x85square")]
 
 
+def test_a_caption_is_lines_only_at_line_ends():
+    """A caption of several lines trains one line per epoch (as sd-scripts splits at "\\n"); str.splitlines also split at
+    U+2028, U+0085 and form feeds, which text pasted from a web page may hold: half the caption trained at a time."""
+    from finetune.captions import caption_lines
+
+    config = DataConfig(image_dir=".", resolution=64)
+    for caption in ("a red square\u2028on white", "a blue\x85square", "a page\x0cbreak"):
+        assert caption_lines(caption) == [caption]
+        assert {training_caption(caption, config, seed=0, epoch=epoch, index=0) for epoch in range(8)} == {caption}
+    assert caption_lines("a dog\r\n\r\na cat\rsks\n") == ["a dog", "a cat", "sks"]
+
+
 def test_a_folder_named_dataset_is_no_datasets_row_in_caption_messages(tmp_path):
     """Messages told an image file from a dataset row by "dataset " at the start of its path: the images of a
     folder named "dataset v2" were told to fill a caption column they do not have."""
