@@ -71,8 +71,10 @@ def read_metadata_captions(path: Path, require_text: bool = True, column: str = 
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
-            raise FinetuneError(f"{path} line {line_number}: expected a JSON object with 'file_name' and '{column}'") from None
+        except json.JSONDecodeError as err:  # a row spread over lines (pretty-printed), a trailing comma, single quotes
+            example = json.dumps({"file_name": "0001.png", column: "a photo of ..."})
+            raise FinetuneError(f"{path} line {line_number}: expected a JSON object with 'file_name' and '{column}' ({err.msg}): "
+                                f"write each row as one JSON object on one line, e.g. {example}") from None  # fmt: skip
         if not isinstance(row, dict) or "file_name" not in row or (require_text and column not in row):
             found = f"its keys are {', '.join(repr(key) for key in row) or 'none'}" if isinstance(row, dict) else f"it is {type(row).__name__}"
             raise FinetuneError(f"{path} line {line_number}: expected a JSON object with 'file_name' and '{column}' (data.caption_column), "

@@ -42,6 +42,16 @@ def test_a_folders_metadata_reads_the_caption_column(tmp_path):
         captions(tmp_path, caption_column="prompt")
 
 
+def test_a_metadata_jsonl_row_that_is_no_json_says_how_to_write_one(tmp_path):
+    """A row pretty-printed over several lines said only 'expected a JSON object' of its first line, '{'."""
+    noise(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "a dog"}, indent=2) + "\n")
+    expected = (f"{tmp_path / 'metadata.jsonl'} line 1: expected a JSON object with 'file_name' and 'text' (Expecting property name enclosed "
+                'in double quotes): write each row as one JSON object on one line, e.g. {"file_name": "0001.png", "text": "a photo of ..."}')  # fmt: skip
+    with pytest.raises(FinetuneError, match=f"^{re.escape(expected)}$"):
+        captions(tmp_path)
+
+
 def test_caption_files_are_decoded_by_their_byte_order_mark(tmp_path):
     """Windows Notepad's "Unicode" is UTF-16 with a byte-order mark; "UTF-8 with BOM" has one too."""
     written = {"le.png": "\ufeffcafé, dog\r\n".encode("utf-16-le"), "be.png": "\ufeffcafé, cat".encode("utf-16-be"),
