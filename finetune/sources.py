@@ -52,9 +52,10 @@ class Example:
 
 
 def source_folder(example: Example) -> Path:
-    """The folder an example's image is in, or its dataset's path or name: how sd-scripts groups a LoRA's tags."""
+    """The folder an example's image is in, or its dataset's path or name: how sd-scripts groups a LoRA's tags. Not
+    the folder a link leads to: a data folder of links into a photo library is recorded under its own name."""
     dataset = dataset_of_row(example.source)
-    return Path(dataset) if dataset is not None else Path(example.source).resolve().parent
+    return Path(dataset) if dataset is not None else Path(os.path.abspath(example.source)).parent
 
 
 def read_examples(config: DataConfig) -> list[Example]:

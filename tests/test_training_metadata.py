@@ -74,6 +74,21 @@ def test_folders_of_one_name_stay_apart_and_tags_are_capped():
     assert "finetune.tag_frequency" not in dataset_metadata(items, with_tags=False)
 
 
+def test_images_linked_into_a_data_folder_are_recorded_under_its_name(tmp_path):
+    """A data folder of links into a photo library was recorded under the library's folders (2019, 2020), not its own."""
+    from finetune.output_metadata import dataset_metadata
+    from finetune.sources import Example
+
+    folder = tmp_path / "data" / "10_sks dog"
+    folder.mkdir(parents=True)
+    for year in ("2019", "2020"):
+        (tmp_path / "library" / year).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "library" / year / f"{year}.png")
+        (folder / f"{year}.png").symlink_to(tmp_path / "library" / year / f"{year}.png")
+    items = [Example(str(folder / f"{year}.png"), "sks dog", lambda: None, repeats=10) for year in ("2019", "2020")]
+    assert json.loads(dataset_metadata(items)["finetune.dataset_dirs"]) == {"10_sks dog": {"n_repeats": 10, "img_count": 2}}
+
+
 def test_the_kohya_export_writes_the_data_once_and_an_import_reads_it_back(tmp_path):
     from finetune.kohya import LoRA, LoRALayer, load_lora, save_lora_file
     from finetune.model_card import frequent_tags
