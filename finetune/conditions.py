@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from finetune.captions import (csv_delimiter, image_caption, split_at_line_ends, metadata_file, metadata_key, metadata_partner_files, metadata_text, name_key, read_csv_captions,
+from finetune.captions import (csv_delimiter, image_caption, loose_name_key, split_at_line_ends, metadata_file, metadata_key, metadata_partner_files, metadata_text, name_key, read_csv_captions,
                                read_metadata_captions)
 from finetune.counts import counted
 from finetune.errors import FinetuneError
@@ -236,11 +236,15 @@ def _checked_input(source: Path, target: Path, overwrite: bool) -> tuple[list[Pa
     if beside and target.is_dir() and source.resolve() == target.resolve():  # the rows renamed, these would train as images without conditioning
         raise FinetuneError(f"{metadata_file(source)} names conditioning images beside the images ({beside[0]}), which rewriting it in place "
                             "would leave as images without a conditioning image: write to another folder")  # fmt: skip
+    # By the stem as a file system that ignores letter case and Unicode form finds it (macOS, Windows): there
+    # IMG_1.JPG's conditioning/IMG_1.png and img_1.png's conditioning/img_1.png are one file, the second written over the first.
     stems: dict[str, str] = {}
     for path in images:
-        if path.stem in stems:
-            raise FinetuneError(f"images {stems[path.stem]} and {path.name} would share conditioning/{path.stem}.png: rename one")
-        stems[path.stem] = path.name
+        if (stem := loose_name_key(path.stem)) in stems:
+            other = stems[stem].rsplit(".", 1)[0]
+            where = "" if other == path.stem else " on macOS or Windows, which ignore letter case" if other.casefold() == path.stem.casefold() else " on macOS, which ignores Unicode form"
+            raise FinetuneError(f"images {stems[stem]} and {path.name} would share conditioning/{path.stem}.png{where}: rename one")
+        stems[stem] = path.name
     existing = [p for p in (target / "conditioning").iterdir() if p.is_file()] if (target / "conditioning").is_dir() else []
     if existing and not overwrite:
         raise FinetuneError(f"{target / 'conditioning'} already holds {len(existing)} conditioning images: write to another folder, or pass --overwrite")

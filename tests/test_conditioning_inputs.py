@@ -88,6 +88,17 @@ def test_make_conditions_replaces_no_file_of_another_folder_without_overwrite(tm
     assert json.loads((tmp_path / "out" / "metadata.jsonl").read_text())["conditioning_file_name"] == "conditioning/a.png"
 
 
+def test_make_conditions_refuses_images_whose_conditioning_names_differ_only_in_letter_case(tmp_path):
+    """IMG_1.JPG and img_1.png made conditioning/IMG_1.png and conditioning/img_1.png: one file on macOS and Windows,
+    where the second was written over the first and both images trained with its edges."""
+    from finetune.conditions import make_conditions
+
+    noise(tmp_path / "IMG_1.png"), noise(tmp_path / "img_1.jpg", seed=1)
+    with pytest.raises(FinetuneError, match=r"^images IMG_1\.png and img_1\.jpg would share conditioning/img_1\.png on macOS or Windows, which ignore letter case: rename one$"):
+        make_conditions(tmp_path, tmp_path / "out", "luminance")
+    assert not (tmp_path / "out").exists()
+
+
 def odd_conditions(folder):
     """{name: path}: conditioning images that would steer as blank ones, a tiny one, and two that are fine once read."""
     folder.mkdir(exist_ok=True)
