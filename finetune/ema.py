@@ -6,7 +6,8 @@ full fine-tunes (diffusers' train_text_to_image --use_ema, SimpleTuner) save it 
 diffusers' EMAModel, the decay warms up as min(ema_decay, (1 + n) / (10 + n)) after n updates, so
 the first steps (still near the pretrained weights) do not dominate a long average.
 
-The averages are fp32 copies on the weights' device (for SD1.5's full UNet, 3.4 GB more memory). They
+The averages are fp32 copies on the weights' device (for SD1.5's full UNet, 3.4 GB more memory), under DeepSpeed
+on the masters' device (in CPU memory under an offloaded optimizer: no GPU memory, the update on the CPU). They
 are what validation samples and what the run saves; checkpoints keep them in `ema.safetensors`.
 
 Under DeepSpeed (`MasterWeightAverage`) what trains is the optimizer's fp32 master weights, split between the
@@ -146,7 +147,8 @@ class MasterWeightAverage(WeightAverage):
     sharded = True  # putting it in and saving it are collectives: every process, together
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """This process's slices of the masters (read at each update: under an offloaded ZeRO-3 optimizer they are copies)."""
+        """This process's slices of the masters, where the optimizer keeps them (views, read again at each update: views
+        kept would outlive the storage DeepSpeed's offload_states and reload_states swap under them)."""
         return {name: master_weights.local_master(p) for name, p in self.parameters.items()}
 
     @contextlib.contextmanager

@@ -6,8 +6,11 @@ partition of each parameter (padded at the end of the last one). The module's pa
 forward pass computes with: bf16/fp16 with mixed precision, and under ZeRO-3 partitioned too (empty outside a gather).
 
 DeepSpeed's safe_get_local_fp32_param and safe_set_local_fp32_param read and write a process's slice under ZeRO-3
-only; under ZeRO-1/2 the slice is the fragment that the parameter's `_hp_mapping` (what safe_get_full_fp32_param
-reads there) points at.
+only, and the reading one moves it to this process's device: under an offloaded optimizer a copy (on a GPU, the slice
+over PCIe at every update, and the average made of it in GPU memory, which offload was to spare). So the slice is read
+where the optimizer keeps it, through the helper that function calls (`_get_fp32_opt_state_partition`): a view, in CPU
+memory under offload. Under ZeRO-1/2 the slice is the fragment that the parameter's `_hp_mapping` (what
+safe_get_full_fp32_param reads there) points at.
 """
 
 from __future__ import annotations
@@ -24,12 +27,16 @@ def has_master(parameter: torch.nn.Parameter) -> bool:
 
 
 def local_master(parameter: torch.nn.Parameter) -> torch.Tensor:
-    """This process's slice of the parameter's fp32 master, flat (empty where it holds none). ZeRO-1/2: a view the
-    optimizer steps in place; ZeRO-3: under an offloaded optimizer, a copy on this process's device."""
+    """This process's slice of the parameter's fp32 master, flat (empty where it holds none): a view the optimizer
+    steps in place, where it keeps it (in CPU memory under an offloaded optimizer). Under ZeRO-3 with NVMe offload, a
+    copy: the partition lives in a swap buffer only while DeepSpeed reads it."""
     from deepspeed.utils import safe_get_local_fp32_param
 
     if hasattr(parameter, "ds_id"):
-        return safe_get_local_fp32_param(parameter)
+        optimizer = parameter._z3_optimizer
+        if optimizer.swap_optimizer:
+            return safe_get_local_fp32_param(parameter)
+        return optimizer._get_fp32_opt_state_partition(parameter, release_swap_buffers=True)[0]
     fragment = parameter._hp_mapping
     return fragment.get_hp_fragment() if fragment is not None else torch.empty(0, device=parameter.device)
 

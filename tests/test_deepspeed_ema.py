@@ -1,4 +1,5 @@
-"""train.ema_decay under DeepSpeed with bf16 (ZeRO-2 and ZeRO-3, two processes on CPU): the average is of the
+"""train.ema_decay under DeepSpeed with bf16 (ZeRO-2, ZeRO-3, and ZeRO-3 with the optimizer offloaded; two processes on
+CPU): the average is of the
 optimizer's fp32 master weights, step by step as the formula says, not of the engine's bf16 copies; validation
 samples it and the run saves it; it leaves training as it was, and a resumed run continues it. The same of a LoRA's
 average (and DreamBooth's LoRA), whose adapter file is the average. The LoRA runs of the same launch also count the
@@ -9,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import build_recipe
+from conftest import REPO, build_recipe
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 from test_distributed import deepspeed, launch, wait, write
@@ -23,6 +24,22 @@ DECAY = 0.5  # the warm-up's (1 + n) / (10 + n) stays below it for these 4 steps
 STEPS = 4
 
 
+FULL = dict(method="full", train__batch_size=1, train__max_steps=STEPS, train__mixed_precision="bf16", optimizer__lr=1e-3,
+            checkpoint__every_n_steps=2, validation__prompts=["a shape"], validation__every_n_steps=2,
+            validation__num_inference_steps=2, validation__images_per_prompt=1)  # fmt: skip
+
+
+def full_recipes(tiny_model, image_folder, root) -> dict:
+    """A full fine-tune in bf16 without the average, with it, and (launched from the second's checkpoint-2) resumed."""
+    return {name: build_recipe(tiny_model, image_folder, root / name, **({} if name == "plain" else {"train__ema_decay": DECAY}), **FULL)
+            for name in ("plain", "averaged", "resumed")}  # fmt: skip
+
+
+def full_runs(root, paths: dict) -> list:
+    """The worker's arguments for full_recipes' runs, each recording its masters and the weights it samples with."""
+    return ["--weights", paths["plain"], "--weights", paths["averaged"], "--weights", "--resume", root / "averaged" / "checkpoints" / "checkpoint-2", paths["resumed"]]
+
+
 @pytest.fixture(scope="module", params=["zero2.json", "zero3.json"])
 def runs(request, tiny_model, image_folder, tmp_path_factory) -> SimpleNamespace:
     """One launch per config: a full fine-tune in bf16 without the average and with it, each recording its fp32
@@ -31,14 +48,7 @@ def runs(request, tiny_model, image_folder, tmp_path_factory) -> SimpleNamespace
     validation (the averaged one with gradient checkpointing; both count their UNet block calls, --forwards), and a DreamBooth
     LoRA with the average."""
     root = tmp_path_factory.mktemp(request.param.removesuffix(".json"))
-    common = dict(method="full", train__batch_size=1, train__max_steps=STEPS, train__mixed_precision="bf16", optimizer__lr=1e-3,
-                  checkpoint__every_n_steps=2, validation__prompts=["a shape"], validation__every_n_steps=2,
-                  validation__num_inference_steps=2, validation__images_per_prompt=1)  # fmt: skip
-    recipes = {
-        "plain": build_recipe(tiny_model, image_folder, root / "plain", **common),
-        "averaged": build_recipe(tiny_model, image_folder, root / "averaged", train__ema_decay=DECAY, **common),
-        "resumed": build_recipe(tiny_model, image_folder, root / "resumed", train__ema_decay=DECAY, **common),
-    }
+    recipes = full_recipes(tiny_model, image_folder, root)
     lora = dict(train__batch_size=1, train__max_steps=STEPS, train__mixed_precision="bf16", optimizer__lr=1e-3, checkpoint__every_n_steps=2)
     averaged_lora = dict(train__ema_decay=DECAY, train__gradient_checkpointing=True, **lora)
     concept = {"instance_dir": str(write_folder(root / "star", 2, seed=11)), "instance_prompt": "a sks shape", "class_prompt": "a shape",
@@ -51,9 +61,7 @@ def runs(request, tiny_model, image_folder, tmp_path_factory) -> SimpleNamespace
                                             dreambooth={"concepts": [concept], "adapter": "lora", "num_class_images": 2}, train__ema_decay=DECAY, **lora),
     }  # fmt: skip
     paths = {name: write(recipe, root / f"{name}.yaml") for name, recipe in recipes.items()}
-    wait(launch(deepspeed(request.param), "--weights", paths["plain"], "--weights", paths["averaged"],
-                "--resume", root / "averaged" / "checkpoints" / "checkpoint-2", paths["resumed"],
-                "--weights", "--forwards", paths["lora-plain"], "--weights", "--forwards", paths["lora-averaged"],
+    wait(launch(deepspeed(request.param), *full_runs(root, paths), "--weights", "--forwards", paths["lora-plain"], "--weights", "--forwards", paths["lora-averaged"],
                 "--resume", root / "lora-averaged" / "checkpoints" / "checkpoint-2", paths["lora-resumed"], "--weights", paths["dreambooth-averaged"]))  # fmt: skip
     return SimpleNamespace(root=root)
 
@@ -93,7 +101,11 @@ def assert_equal(got: dict, expected: dict) -> None:
 
 @pytest.mark.slow  # a DeepSpeed launch per ZeRO stage (three runs, two interpreters): about a minute each
 def test_the_average_is_of_the_fp32_masters_in_the_checkpoints_and_the_output(runs):
-    run = runs.root / "averaged"
+    assert_average_of_the_masters(runs.root)
+
+
+def assert_average_of_the_masters(root) -> None:
+    run = root / "averaged"
     assert_close(load_file(run / "checkpoints" / "checkpoint-2" / EMA_FILE), expected_average(run, 2))
     assert_close(load_file(run / "checkpoints" / f"checkpoint-{STEPS}" / EMA_FILE), expected_average(run, STEPS))
     assert_close(saved_unet(run), expected_average(run, STEPS))
@@ -104,16 +116,24 @@ def test_the_average_is_of_the_fp32_masters_in_the_checkpoints_and_the_output(ru
 
 @pytest.mark.slow
 def test_validation_samples_with_the_average_in_the_engines_bf16_weights(runs):
-    averaged = runs.root / "averaged"
+    assert_validation_samples_the_average(runs.root)
+
+
+def assert_validation_samples_the_average(root) -> None:
+    averaged = root / "averaged"
     for step in (2, STEPS):  # the checkpoint of the same step holds that average
         assert_equal(load_file(averaged / f"sampled-{step}.safetensors"), in_bf16(load_file(averaged / "checkpoints" / f"checkpoint-{step}" / EMA_FILE)))
-    plain = runs.root / "plain"  # without the average: the trained weights
+    plain = root / "plain"  # without the average: the trained weights
     assert_equal(load_file(plain / "sampled-2.safetensors"), in_bf16(masters(plain, 2)))
 
 
 @pytest.mark.slow
 def test_the_average_leaves_training_as_it_was_without_it(runs):
-    plain, averaged = runs.root / "plain", runs.root / "averaged"
+    assert_training_as_without_the_average(runs.root)
+
+
+def assert_training_as_without_the_average(root) -> None:
+    plain, averaged = root / "plain", root / "averaged"
     # Validation at step 2 put the average into the masters and the engine's copies: both came back, or the
     # steps after it would have trained from other weights.
     for step in range(1, STEPS + 1):
@@ -124,6 +144,37 @@ def test_the_average_leaves_training_as_it_was_without_it(runs):
 @pytest.mark.slow
 def test_a_resumed_run_continues_the_average_of_the_masters(runs):
     assert_close(saved_unet(runs.root / "resumed"), saved_unet(runs.root / "averaged"))
+
+
+@pytest.fixture(scope="module")
+def offloaded(tiny_model, image_folder, tmp_path_factory):
+    """full_recipes' runs under ZeRO-3 with the optimizer offloaded (zero3.json with zero2_offload.json's offload_optimizer):
+    the fp32 masters in CPU memory, stepped by DeepSpeed's CPU Adam. The average reads each process's partition there,
+    where DeepSpeed's safe_get_local_fp32_param would copy it to the process's device (a GPU), and is kept beside it."""
+    root = tmp_path_factory.mktemp("zero3-offload")
+    config = json.loads((REPO / "configs" / "deepspeed" / "zero3.json").read_text())
+    offload = json.loads((REPO / "configs" / "deepspeed" / "zero2_offload.json").read_text())["zero_optimization"]["offload_optimizer"]
+    config["zero_optimization"]["offload_optimizer"] = offload
+    (root / "zero3_offload.json").write_text(json.dumps(config))
+    paths = {name: write(recipe, root / f"{name}.yaml") for name, recipe in full_recipes(tiny_model, image_folder, root).items()}
+    wait(launch(deepspeed(str(root / "zero3_offload.json")), *full_runs(root, paths)))  # an absolute path: as it is
+    return root
+
+
+@pytest.mark.slow  # the full fine-tunes alone (a LoRA's shard is read as under zero3.json): about a minute
+def test_under_an_offloaded_zero3_optimizer_the_average_is_of_the_masters_as_without_offload(offloaded):
+    assert_average_of_the_masters(offloaded)
+    assert_validation_samples_the_average(offloaded)
+    assert_training_as_without_the_average(offloaded)
+    # Resumed, the training itself is not the uninterrupted run's here (DeepSpeed's, with or without the average: the
+    # masters differ by 1e-7 after the first resumed step, 2e-4 after the next). The average continues from checkpoint-2's
+    # over the resumed run's own masters.
+    resumed, average = offloaded / "resumed", load_file(offloaded / "averaged" / "checkpoints" / "checkpoint-2" / EMA_FILE)
+    for n in range(2, STEPS):
+        for name, master in masters(resumed, n + 1).items():
+            average[name].lerp_(master, 1 - min(DECAY, (1 + n) / (10 + n)))
+    assert_close(load_file(resumed / "checkpoints" / f"checkpoint-{STEPS}" / EMA_FILE), average)
+    assert_close(saved_unet(resumed), average)
 
 
 def in_adapter_names(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
