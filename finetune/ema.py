@@ -44,6 +44,11 @@ def weight_average(parameters: dict[str, torch.nn.Parameter], decay: float) -> W
     """The average of the named parameters: of their fp32 masters where DeepSpeed keeps them (see above)."""
     if any(master_weights.has_master(p) for p in parameters.values()):
         return MasterWeightAverage(parameters, decay)
+    # Trained weights in half precision are DeepSpeed's copies of masters it keeps elsewhere (without DeepSpeed they
+    # train in fp32): an average of the copies would lose each update below their resolution, silently.
+    half = next((name for name, p in parameters.items() if p.dtype in (torch.bfloat16, torch.float16)), None)
+    if half is not None:
+        raise FinetuneError(master_weights.layout_refusal(f"{half}: a {parameters[half].dtype} copy, and no fp32 master where finetune looks for one"))
     return WeightAverage(parameters, decay)
 
 
@@ -145,6 +150,10 @@ class MasterWeightAverage(WeightAverage):
     """Under DeepSpeed: each process's average of its slice of the fp32 masters (see the module's docstring)."""
 
     sharded = True  # putting it in and saving it are collectives: every process, together
+
+    def __init__(self, parameters: dict[str, torch.nn.Parameter], decay: float):
+        master_weights.check_layout(parameters)  # read through DeepSpeed's internals: a version that differs is one line
+        super().__init__(parameters, decay)
 
     def weights(self) -> dict[str, torch.Tensor]:
         """This process's slices of the masters, where the optimizer keeps them (views, read again at each update: views

@@ -9,8 +9,10 @@ DeepSpeed's safe_get_local_fp32_param and safe_set_local_fp32_param read and wri
 only, and the reading one moves it to this process's device: under an offloaded optimizer a copy (on a GPU, the slice
 over PCIe at every update, and the average made of it in GPU memory, which offload was to spare). So the slice is read
 where the optimizer keeps it, through the helper that function calls (`_get_fp32_opt_state_partition`): a view, in CPU
-memory under offload. Under ZeRO-1/2 the slice is the fragment that the parameter's `_hp_mapping` (what
-safe_get_full_fp32_param reads there) points at.
+memory under offload. Under ZeRO-1/2 no public API gives a slice without gathering it (DeepSpeed 0.19.8): the slice is
+the fragment that the parameter's `_hp_mapping` (what safe_get_full_fp32_param reads there) points at. Both are
+DeepSpeed's internals, so `check_layout` compares them with its public API at the start: a version that lays the
+masters out otherwise stops the run in one line, where it would otherwise average something else.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+
+from finetune.errors import FinetuneError
+
+TESTED_DEEPSPEED = "0.19.8"  # the version whose internals local_master reads (tests/test_deepspeed_ema.py)
 
 
 def has_master(parameter: torch.nn.Parameter) -> bool:
@@ -51,20 +57,26 @@ def set_local_master(parameter: torch.nn.Parameter, value: torch.Tensor) -> None
         parameter._hp_mapping.get_hp_fragment().copy_(value)
 
 
+def local_span(parameter: torch.nn.Parameter) -> tuple[int, int, int]:
+    """Where this process's slice lies in the flattened parameter: (start, values held, the slice's size), the size
+    larger than what it holds in ZeRO-3's last partition, padded past the parameter's end."""
+    if hasattr(parameter, "ds_id"):  # ZeRO-3: partition r of the parameter
+        size = parameter.ds_tensor.ds_numel
+        start = size * torch.distributed.get_rank(group=parameter.ds_process_group)  # DeepSpeed's groups are torch's
+        return start, max(0, min(size, parameter.ds_numel - start)), size
+    fragment = parameter._hp_mapping
+    if fragment is None:
+        return 0, 0, 0
+    return fragment.lp_fragment_address.start, fragment.lp_fragment_address.numel, fragment.lp_fragment_address.numel
+
+
 def local_slice(parameter: torch.nn.Parameter, whole: torch.Tensor) -> torch.Tensor:
     """The slice of `whole` (a value of the whole parameter) that this process's master holds, shaped as local_master's."""
     flat = whole.detach().float().flatten()
-    if hasattr(parameter, "ds_id"):  # ZeRO-3: partition r of the parameter, the last one padded
-        size = parameter.ds_tensor.ds_numel
-        start = size * torch.distributed.get_rank(group=parameter.ds_process_group)  # DeepSpeed's groups are torch's
-        piece = flat.new_zeros(size)
-        held = max(0, min(size, parameter.ds_numel - start))
-        piece[:held] = flat[start : start + held]
-        return piece
-    fragment = parameter._hp_mapping
-    if fragment is None:
-        return flat[:0]
-    return flat.narrow(0, fragment.lp_fragment_address.start, fragment.lp_fragment_address.numel)
+    start, held, size = local_span(parameter)
+    piece = flat.new_zeros(size)
+    piece[:held] = flat[start : start + held]
+    return piece
 
 
 def whole_master(parameter: torch.nn.Parameter) -> torch.Tensor:
@@ -72,6 +84,58 @@ def whole_master(parameter: torch.nn.Parameter) -> torch.Tensor:
     from deepspeed.utils import safe_get_full_fp32_param
 
     return safe_get_full_fp32_param(parameter)
+
+
+def check_layout(parameters: dict[str, torch.nn.Parameter]) -> None:
+    """Collective (every process, the same parameters in the same order): refuse, in one line on every process, a
+    DeepSpeed whose fp32 masters are not where local_master and local_slice find them. Each process's slice must hold
+    what DeepSpeed's public gather of the whole master gives there (one gather per parameter, as a save does), and be
+    the same memory at each read: the masters the optimizer steps, not a copy of them."""
+    # Gathered first, by every process alike, so that no process leaves a collective the others wait in.
+    wholes = {name: whole_master(p) if has_master(p) else None for name, p in parameters.items()}
+    problem = None
+    for name, parameter in parameters.items():
+        try:
+            problem = slice_problem(parameter, wholes[name])
+        except (AttributeError, TypeError, KeyError, IndexError, ValueError, RuntimeError, AssertionError) as err:
+            problem = f"reading its slice raised {type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''}"
+        if problem:
+            problem = f"{name}: {problem}"
+            break
+    problems = [problem]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:  # every process says the same line
+        problems = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(problems, problem)
+    first = next((p for p in problems if p), None)
+    if first:
+        raise FinetuneError(layout_refusal(first))
+
+
+def slice_problem(parameter: torch.nn.Parameter, whole: torch.Tensor | None) -> str | None:
+    """What is wrong with this process's slice of the parameter's master as local_master reads it (None: nothing),
+    `whole` being DeepSpeed's gather of it."""
+    if not has_master(parameter):
+        return "no fp32 master where finetune looks for one (ds_id, _hp_mapping)"
+    if whole is None:
+        return "DeepSpeed's safe_get_full_fp32_param gives no master for it"
+    held, read_again = local_master(parameter), local_master(parameter)
+    start, count, size = local_span(parameter)
+    if held.dtype != torch.float32 or held.dim() != 1 or held.numel() != size:
+        return f"its slice is {held.dtype} of shape {tuple(held.shape)}, where {size} fp32 values were expected"
+    if not torch.equal(held[:count], whole.detach().flatten()[start : start + count].to(held.device, torch.float32)):
+        return "its slice holds other values than that part of DeepSpeed's safe_get_full_fp32_param"
+    copied = hasattr(parameter, "ds_id") and parameter._z3_optimizer.swap_optimizer  # NVMe: a copy, by design
+    if held.numel() and not copied and held.data_ptr() != read_again.data_ptr():
+        return "each read of its slice is a new copy, not the masters the optimizer steps"
+    return None
+
+
+def layout_refusal(problem: str) -> str:
+    import deepspeed
+
+    return (f"train.ema_decay: DeepSpeed {deepspeed.__version__} keeps the fp32 master weights otherwise than finetune reads "
+            f"each process's slice of them ({problem}); finetune reads DeepSpeed {TESTED_DEEPSPEED}'s under ZeRO-1, 2 and 3: "
+            f"install it (pip install deepspeed=={TESTED_DEEPSPEED}), or set train.ema_decay: null")
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
 """train.ema_decay under DeepSpeed with bf16 (ZeRO-2, ZeRO-3, and ZeRO-3 with the optimizer offloaded; two processes on
-CPU): the average is of the
+CPU), each passing the start-up check that the masters are where the average reads them: the average is of the
 optimizer's fp32 master weights, step by step as the formula says, not of the engine's bf16 copies; validation
 samples it and the run saves it; it leaves training as it was, and a resumed run continues it. The same of a LoRA's
 average (and DreamBooth's LoRA), whose adapter file is the average. The LoRA runs of the same launch also count the

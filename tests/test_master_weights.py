@@ -5,9 +5,11 @@ last partition is checked here."""
 
 from types import MethodType, SimpleNamespace
 
+import pytest
 import torch
 
 from finetune.ema import MasterWeightAverage
+from finetune.errors import FinetuneError
 from finetune.master_weights import local_master, local_slice
 
 
@@ -42,6 +44,8 @@ def offloaded_zero3_parameter(monkeypatch, masters: torch.Tensor, start: int, si
                                 get_param_id=lambda p: 0, _swappable_optimizer_subgroup=lambda group: False)  # fmt: skip
     for method in ("_get_fp32_opt_state_partition", "get_local_fp32_param", "set_local_hp_param"):
         setattr(optimizer, method, MethodType(getattr(Stage3, method), optimizer))
+    optimizer.get_full_hp_param = lambda p, optim_state_key=None: masters[start : start + size].clone()  # one process: its partition
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group: 0)
     parameter.ds_id, parameter._z3_optimizer = 0, optimizer
     parameter.ds_numel, parameter.ds_tensor, parameter.ds_process_group = size, SimpleNamespace(ds_numel=size), None
     return parameter
@@ -59,3 +63,12 @@ def test_under_an_offloaded_zero3_optimizer_the_slice_is_read_in_cpu_memory_wher
     masters[2:6] = 10.0  # an optimizer step, in place
     average.update()  # the warm-up's decay 1/10: 0.9 of the way
     assert torch.allclose(average.averages["w"], torch.tensor([2.0, 3, 4, 5]) + 0.9 * (10 - torch.tensor([2.0, 3, 4, 5])))
+
+
+def test_a_zero3_partition_of_another_size_than_finetune_expects_is_refused_at_the_start(monkeypatch):
+    """local_slice (a resumed average's part of ema.safetensors) takes partitions of ds_tensor's size: a DeepSpeed that
+    partitions otherwise would resume each process's average from another part of the weight."""
+    parameter = offloaded_zero3_parameter(monkeypatch, torch.arange(8.0), start=2, size=4)
+    parameter.ds_tensor.ds_numel = 3
+    with pytest.raises(FinetuneError, match=r"^train.ema_decay: DeepSpeed .*\(w: its slice is torch.float32 of shape \(4,\), where 3 fp32 values were expected\); .*deepspeed==0.19.8"):
+        MasterWeightAverage({"w": parameter}, decay=0.5)
