@@ -52,15 +52,24 @@ def _prodigy(config: OptimizerConfig, parameters: list, kwargs: dict, sharded: b
     """Prodigy estimates the step size itself; optimizer.lr multiplies it (1.0 as its authors use it).
     Bias correction and, with warm-up steps, the safeguard: the settings its authors give for diffusion.
     Sharded, its estimate is summed over the processes (finetune.sharded_prodigy)."""
-    try:
-        from prodigyopt import Prodigy
-    except ImportError:
-        raise FinetuneError("optimizer.name prodigy needs the prodigyopt package: pip install prodigyopt") from None
+    check_optimizer_installed(config)
+    from prodigyopt import Prodigy
+
     optimizer_class = Prodigy
     if sharded:
         from finetune.sharded_prodigy import ShardedProdigy as optimizer_class
     with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay" on every process
         return optimizer_class(parameters, eps=config.eps, use_bias_correction=True, safeguard_warmup=config.warmup_steps > 0, **kwargs)
+
+
+def check_optimizer_installed(config: OptimizerConfig) -> None:
+    """optimizer.name prodigy without its package, refused before the model loads (bitsandbytes' optimizers fall
+    back to AdamW with a warning instead: they save memory, where Prodigy's learning rate is another training)."""
+    if config.name == "prodigy":
+        try:
+            import prodigyopt  # noqa: F401
+        except ImportError:
+            raise FinetuneError("optimizer.name prodigy needs the prodigyopt package: pip install prodigyopt") from None
 
 
 def first_device(parameters: list) -> torch.device:

@@ -38,7 +38,7 @@ from finetune.held_out import TrainingSubset, held_out_loss, held_out_sources, s
 from finetune.model_source import BaseLocation
 from finetune.models import load_base_model
 from finetune.output_metadata import dataset_metadata, output_metadata
-from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer, step_size
+from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer, check_optimizer_installed, step_size
 from finetune.recipe_loading import dump_recipe
 from finetune.run_length import STEPS_BY_SHAPE, check_epoch_run, due, epoch_count, epochs_text, planned_steps, resume_warnings, run_length_line, run_sampler
 from finetune.loss_mask import preview as mask_preview
@@ -80,6 +80,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     resume_from = ckpt.resolve_resume(resume, checkpoints_dir)
     method = resumed_method(recipe, resume_from)  # a resume's starting weights (lora.init_from, ...) are its checkpoint's
     check_deepspeed_launch(recipe, method.trained_module_names(), resume_from)  # DeepSpeed's refusals; a checkpoint of another engine
+    check_optimizer_installed(recipe.optimizer)
     base_location = check_base_and_data(recipe, method.check_data, base_location)
     if resume_from is not None:
         ckpt.check_resumable(resume_from, train_cfg.max_steps, recipe.flat_settings())

@@ -18,6 +18,7 @@ from finetune.batches import ItemLayout, make_batch_sampler
 from finetune.checkpoint import DEEPSPEED_FOLDER, STATE_FILE, check_same_engine, list_checkpoints, resolve_resume
 from finetune.errors import FinetuneError
 from finetune.optim import build_lr_scheduler
+import finetune.trainer as trainer_module
 from finetune.trainer import train
 
 
@@ -61,14 +62,16 @@ def test_a_new_run_does_not_mix_with_an_earlier_one_in_its_output_dir(make_recip
     assert resumed.final_step == 3 and len(resumed.losses) == 1
 
 
-def test_an_optimizer_refused_once_the_model_is_set_up_leaves_the_run_overwrite_would_replace(make_recipe, monkeypatch):
-    """optimizer.name prodigy without prodigyopt is refused as the optimizer is made: the earlier run that --overwrite
-    replaces was cleared before that, so the refused run lost it."""
+def test_an_optimizer_not_installed_is_refused_before_the_model_loads_and_leaves_the_earlier_run(make_recipe, monkeypatch):
+    """optimizer.name prodigy without prodigyopt: refused with the cheap checks, before the base model loads, and the
+    earlier run that --overwrite replaces is kept (it was once refused after the clear, and the refused run lost it)."""
     earlier = train(make_recipe(train__max_steps=2, checkpoint__every_n_steps=1))
     monkeypatch.setitem(sys.modules, "prodigyopt", None)  # its import fails, as where it is not installed
+    monkeypatch.setattr(trainer_module, "load_base_model", lambda *a, **k: pytest.fail("the base model loaded"))
     with pytest.raises(FinetuneError, match=r"^optimizer.name prodigy needs the prodigyopt package"):
         train(make_recipe(train__max_steps=2, optimizer__name="prodigy", optimizer__lr=1.0), overwrite=True)
     assert [p.name for p in list_checkpoints(earlier.output_dir / "checkpoints")] == ["checkpoint-1", "checkpoint-2"]
+
 
 def test_resuming_names_the_settings_changed_since_the_checkpoint(make_recipe, capsys):
     train(make_recipe(train__max_steps=2))
