@@ -81,3 +81,46 @@ def test_a_run_started_from_a_lora_says_so_records_it_and_keeps_it_when_resumed(
     assert train(make_recipe(lora__init_from=str(first.output_dir), train__max_steps=4, **common), resume="latest").final_step == 4
     with safe_open(str(continued.output_dir / LORA_WEIGHTS_NAME), "pt") as f:
         assert f.metadata()["finetune.init_from"] == "first"
+
+
+def test_a_lora_recording_no_prediction_type_is_taken_as_the_bases_and_sampled_so_at_step_0(make_recipe, tiny_model, tmp_path, monkeypatch):
+    """A LoRA from elsewhere (diffusers' layout, no finetune.prediction_type nor ss_v_parameterization) is taken to be
+    trained for the base's epsilon, as sample reads it. Under model.prediction_type it was continued without a word and
+    its step-0 grid read as v: noise, where the user expects the LoRA as loaded. Now a warning says so, step 0 reads it
+    as epsilon and later grids as v; one recording v is read as v from the start. DreamBooth's LoRA does the same."""
+    from accelerate import Accelerator
+
+    from finetune.methods import METHODS
+    from finetune.methods.lora import add_lora, save_lora
+    from finetune.models import load_base_model
+    from finetune.trainer import run_validation
+
+    recipe = make_recipe()
+    unet = load_base_model(recipe.model).unet
+    add_lora(unet, recipe.lora.target_modules, torch.float32, recipe.lora)
+    unrecorded = save_lora({"unet": unet}, tmp_path / "theirs" / "theirs.safetensors", {})
+    recorded = save_lora({"unet": unet}, tmp_path / "ours" / "ours.safetensors", {"finetune.prediction_type": "v_prediction"})
+
+    def set_up(source, **overrides):
+        method = METHODS[overrides.get("method", "lora")](make_recipe(lora__init_from=str(source), model__prediction_type="v_prediction", **overrides))
+        method.setup(load_base_model(method.recipe.model))
+        return method
+
+    def sampled_as(method, step: int) -> str:
+        seen = []
+        method.validation_images = lambda modules: (seen.append(method.pipeline(modules).scheduler.config.prediction_type), ([], []))[1]
+        run_validation(method.recipe, method, method.trained_modules(), Accelerator(cpu=True), step)
+        return seen[0]
+
+    method = set_up(unrecorded)
+    assert method.start_lines[-1] == (
+        f"warning: lora.init_from {unrecorded} records no prediction type and is taken to be trained for the base's epsilon, this run trains for "
+        "v_prediction (model.prediction_type): it starts from what it did not learn (its step-0 samples are read as epsilon, the later ones as "
+        "v_prediction); remove model.prediction_type if it was trained for epsilon")  # fmt: skip
+    assert (sampled_as(method, 0), sampled_as(method, 2)) == ("epsilon", "v_prediction")
+    method = set_up(recorded)
+    assert not any(line.startswith("warning") for line in method.start_lines) and sampled_as(method, 0) == "v_prediction"
+    concept = {"instance_dir": str(tmp_path), "instance_prompt": "a sks shape"}
+    dreambooth = set_up(unrecorded, method="dreambooth", dreambooth={"concepts": [concept], "adapter": "lora", "prior_preservation": False},
+                    data__image_dir=None)
+    assert dreambooth.started_as_pretrained() and dreambooth.start_lines[-1].startswith(f"warning: lora.init_from {unrecorded} records no prediction type")

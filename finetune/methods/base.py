@@ -133,8 +133,8 @@ class TrainingMethod(ABC):
         """Restore what `checkpoint_state` returned, on resume."""
 
     def started_as_pretrained(self) -> bool:
-        """Whether the trained weights the run started from (controlnet.pretrained) are taken to be trained as the base
-        itself was, not for this run's target: the step-0 samples then show them so (`BaseModel.predicting_as_pretrained`),
+        """Whether the trained weights the run started from (lora.init_from, controlnet.pretrained) are taken to be trained
+        as the base itself was, not for this run's target: the step-0 samples then show them so (`BaseModel.predicting_as_pretrained`),
         as they were loaded. A run from the base alone samples so at step 0 whatever this says."""
         return False
 

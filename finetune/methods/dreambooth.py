@@ -297,6 +297,9 @@ class DreamBoothMethod(DiffusionMethod):
     def parameter_groups(self):
         return self.adapter.parameter_groups()
 
+    def started_as_pretrained(self):
+        return self.adapter.started_as_pretrained()
+
     def predict(self, modules, noisy_latents, timesteps, encoder_hidden_states, batch):
         return self.adapter.predict(modules, noisy_latents, timesteps, encoder_hidden_states, batch)
 

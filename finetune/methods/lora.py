@@ -43,6 +43,7 @@ class LoRAMethod(UNetMethod):
             train_text_encoder, text_encoder_lr = recipe.lora.train_text_encoder, recipe.lora.text_encoder_lr
         super().__init__(recipe, train_text_encoder, text_encoder_lr)
         self.max_norm_layers: dict[str, torch.nn.Module] | None = None  # lora.max_norm's layers, found at the first step
+        self.target_unrecorded = False  # lora.init_from records no prediction type: taken to be trained as the base was
         # Read now, before any model loads: a missing or broken file is one line at once.
         self.initial_lora = read_initial_lora(recipe.lora.init_from, recipe.lora.use_dora) if recipe.lora.init_from else None
         if self.initial_lora is not None:
@@ -73,6 +74,7 @@ class LoRAMethod(UNetMethod):
             self.start_lines.append(f"LoRA+ for the text encoder (lora.loraplus_text_encoder_lr_ratio): its up weights at {settings.loraplus_text_encoder_lr_ratio:g} x its rate")
         if self.initial_lora is not None:
             check_trained_alike(self.initial_lora, settings.init_from, self.recipe.model.clip_skip, self.base.noise_scheduler.config.prediction_type)
+            self.target_unrecorded = not self.initial_lora.metadata.get("finetune.prediction_type")
             # Ours record it when not 75; files from elsewhere say nothing unless sd-scripts' ss_max_token_length did.
             recorded = self.initial_lora.metadata.get("finetune.max_token_length") or ("75" if "finetune.method" in self.initial_lora.metadata else None)
             if recorded is not None and int(recorded) != self.recipe.model.max_token_length:
@@ -92,6 +94,23 @@ class LoRAMethod(UNetMethod):
                 names = ", ".join(dict.fromkeys(target_name(key) for key in fresh))
                 self.start_lines.append(f"warning: lora.init_from {settings.init_from} has no weights for {len(fresh)} of this recipe's LoRA layers "
                                         f"({names}; e.g. {fresh[0]}): they start fresh, as in a new LoRA")  # fmt: skip
+            self.start_lines += self._unrecorded_target_warning()
+
+    def started_as_pretrained(self) -> bool:
+        return self.target_unrecorded
+
+    def _unrecorded_target_warning(self) -> list[str]:
+        """A LoRA recording no prediction type (a diffusers file from elsewhere, one of sd-scripts' without
+        ss_v_parameterization) is taken to be trained for the base's, as sample reads it: where this run trains another
+        (model.prediction_type) it starts from what it did not learn. A warning, not a refusal, as that is assumed, not
+        recorded. Its step-0 samples show it as loaded, read as the base's target (`started_as_pretrained`); later ones as
+        this run's."""
+        base, trained = self.base.pretrained_prediction_type, self.base.noise_scheduler.config.prediction_type
+        if not self.target_unrecorded or base == trained:
+            return []
+        return [f"warning: lora.init_from {self.recipe.lora.init_from} records no prediction type and is taken to be trained for the base's "
+                f"{base}, this run trains for {trained} (model.prediction_type): it starts from what it did not learn (its step-0 samples are read as "
+                f"{base}, the later ones as {trained}); remove model.prediction_type if it was trained for {base}"]  # fmt: skip
 
     def parameter_groups(self) -> list[dict]:
         groups, settings = super().parameter_groups(), self.recipe.lora
