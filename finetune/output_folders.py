@@ -23,6 +23,17 @@ def check_replaceable(folder: Path, overwrite: bool, what: str) -> None:
         raise FinetuneError(f"{what} {folder} is not empty: pick a new folder, or pass --overwrite to replace what is in it")
 
 
+def check_not_what_it_reads(folder: Path, sources: dict[str, Path], what: str) -> None:
+    """A pipeline written replaces its folder whole, so never a model it is made from (by the option or argument naming
+    it), a folder around it (a run's, with its checkpoints and samples) or one inside it."""
+    out = Path(folder).resolve()
+    for name, source in sources.items():
+        path = Path(source).expanduser().resolve()
+        where = "is" if out == path else "holds" if out in path.parents else "is inside" if path in out.parents else None
+        if where:
+            raise FinetuneError(f"{what} {folder} {where} the model it reads ({name} {source}), which writing it would replace: pick another folder")
+
+
 def check_merge_output(output_dir: Path, lora: Path, overwrite: bool) -> None:
     """The merged pipeline replaces the whole folder: never the one holding the LoRA (`lora`: its file, or the folder
     given as --lora), nor one the user keeps other things in, unasked. Checked by the command before torch loads."""

@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from finetune.atomic_files import removed_if_unfinished, replace_folder, with_default_permissions
 from finetune.models import BaseModel, at_source_precision
-from finetune.output_folders import check_replaceable
+from finetune.output_folders import check_not_what_it_reads, check_replaceable
 
 # Beside a saved model (pipeline or ControlNet folder): what trained it, for sample, eval and the demo.
 METADATA_FILE = "finetune_metadata.json"
@@ -75,6 +75,7 @@ def export_fp16(source: Path, destination: Path, overwrite: bool = False) -> Pat
     from finetune.errors import FinetuneError
     from finetune.methods.full import PIPELINE_DIR
 
+    check_not_what_it_reads(destination, {"source": source}, "export-base destination")  # a run's folder holds its pipeline/
     if (source / PIPELINE_DIR / "model_index.json").is_file():  # a full run's folder (outputs/base/unet3), as export-checkpoint takes
         source = source / PIPELINE_DIR
     if not (source / "model_index.json").is_file():

@@ -77,6 +77,21 @@ def test_make_tiny_model_replaces_a_folder_with_contents_only_when_asked(tmp_pat
     assert sorted(path.name for path in tmp_path.iterdir()) == ["trained"]  # no partial folder left beside it
 
 
+def test_export_base_never_writes_over_the_pipeline_it_reads_nor_the_run_around_it(tmp_path, capsys):
+    """'export-base run run --overwrite' (a full run's folder, whose pipeline/ it reads) replaced the whole run, its
+    checkpoints and samples with it, by the fp16 copy; a destination inside the pipeline broke it. Refused, even with
+    --overwrite, before anything loads."""
+    run = tmp_path / "run"
+    assert main(["make-tiny-model", str(run / "pipeline")]) == 0
+    (run / "samples").mkdir()
+    (run / "samples" / "step-000005.png").write_bytes(b"mine")
+    for source, destination, where in ((run, run, "is"), (run / "pipeline", run, "holds"), (run, run / "pipeline" / "unet", "is inside")):
+        assert main(["export-base", str(source), str(destination), "--overwrite"]) == 2
+        assert capsys.readouterr().err.strip().endswith(f"error: export-base destination {destination} {where} the model it reads (source {source}), "
+                                                        "which writing it would replace: pick another folder")  # fmt: skip
+    assert (run / "samples" / "step-000005.png").read_bytes() == b"mine" and (run / "pipeline" / "unet" / "config.json").is_file()
+
+
 @pytest.mark.parametrize("spacing", [{}, {"timestep_spacing": "trailing", "rescale_betas_zero_snr": True}])  # as shipped; zero terminal SNR's
 def test_the_most_sampling_steps_taken_stay_within_the_schedulers_timesteps(spacing):
     """At 1000 steps DDIM with SD's steps_offset 1 reached timestep 1000 of 0-999: `sample --steps 1000` (or a
