@@ -176,6 +176,9 @@ def guard_earlier_run(output_dir: Path, resume_from: Path | None, overwrite: boo
     if not os.access(existing, os.W_OK | os.X_OK):
         raise FinetuneError(f"output_dir {output_dir}: {existing} cannot be written to (permissions, or a read-only disk): choose another output_dir")
     earlier = list_checkpoints(output_dir / "checkpoints")
+    if resume_from is not None and earlier and not _of_this_run(resume_from, output_dir):  # rotation would delete them unasked
+        raise FinetuneError(f"--resume {resume_from}: output_dir {output_dir} holds checkpoints of another run ({earlier[-1].name}), which this run's "
+                            f"would replace and rotate away: set output_dir to a new folder, or move them out of {output_dir / 'checkpoints'} to keep them")  # fmt: skip
     if resume_from is not None:
         # Resumed from an older step, the run would retrain the steps of the later ones: they are another
         # history, which rotation would keep over the new one's and `--resume latest` would pick.
@@ -194,6 +197,14 @@ def guard_earlier_run(output_dir: Path, resume_from: Path | None, overwrite: boo
         f"output_dir {output_dir} holds an earlier run ({earlier[-1].name}): continue it with --resume latest, "
         f"replace it with --overwrite (deletes its checkpoints, samples and logs), or set output_dir to a new folder"
     )
+
+
+def _of_this_run(checkpoint: Path, output_dir: Path) -> bool:
+    """Whether `checkpoint` is one of `output_dir`'s run: in its checkpoints/, or copied out of it (its recipe's output_dir)."""
+    if checkpoint.resolve().parent == (output_dir / "checkpoints").resolve():
+        return True
+    began = (read_state(checkpoint).get("recipe") or {}).get("output_dir")
+    return began is not None and Path(began).expanduser().resolve() == output_dir.resolve()
 
 
 def clear_earlier_run(output_dir: Path) -> None:

@@ -147,6 +147,23 @@ def test_resuming_an_older_checkpoint_beside_later_ones_says_to_move_them(make_r
     assert train(make_recipe(train__max_steps=3), resume=str(checkpoints / "checkpoint-2")).final_step == 3
 
 
+def test_resuming_another_runs_checkpoint_into_a_folder_holding_checkpoints_is_refused(make_recipe, tmp_path, monkeypatch):
+    """Continued into an output_dir of another run, its checkpoints were rotated away (checkpoint.keep_last), unasked
+    (--overwrite is no resume). Refused before anything loads; a checkpoint copied out of its own run may go back."""
+    import finetune.trainer as trainer
+
+    theirs = train(make_recipe(output_dir=str(tmp_path / "a"), train__max_steps=4, checkpoint__every_n_steps=2)).output_dir / "checkpoints"
+    mine = train(make_recipe(output_dir=str(tmp_path / "b"), train__max_steps=1)).output_dir / "checkpoints"
+    monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(FinetuneError, match=rf"^--resume {theirs / 'checkpoint-4'}: output_dir {mine.parent} holds checkpoints of another run "
+                                            rf"\(checkpoint-1\), which this run's would replace and rotate away: set output_dir to a new folder"):  # fmt: skip
+        train(make_recipe(output_dir=str(mine.parent), train__max_steps=6, checkpoint__keep_last=1), resume=str(theirs / "checkpoint-4"))
+    assert [p.name for p in list_checkpoints(mine)] == ["checkpoint-1"]
+    monkeypatch.undo()
+    shutil.copytree(theirs / "checkpoint-4", tmp_path / "kept" / "checkpoint-4")
+    assert train(make_recipe(output_dir=str(theirs.parent), train__max_steps=5), resume=str(tmp_path / "kept" / "checkpoint-4")).final_step == 5
+
+
 def test_resuming_where_nothing_is_left_or_with_another_process_count_says_so(make_recipe, monkeypatch, capsys):
     import finetune.trainer as trainer
 
