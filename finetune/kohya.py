@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -356,7 +357,8 @@ def export_lora(source: Path, output: Path, layout: str, overwrite: bool = False
     Returns (the file, its card, the card's images: see `write_model_card`)."""
     from finetune.inference import resolve_lora_file
 
-    source = resolve_lora_file(str(source))
+    # Absolute, so that the run's name and a checkpoint's step are found from its folders: `export . webui` in the run wrote .safetensors
+    source = Path(os.path.abspath(resolve_lora_file(str(source))))
     destination = resolve_output_file(Path(output), layout, source)
     if destination.resolve() == source.resolve():
         raise FinetuneError(f"export would write {destination} over the LoRA it reads: give another output")

@@ -1,5 +1,7 @@
 """What export, export-checkpoint and merge say when handed the wrong thing from a run: one line that names
-what it is and what to pass instead."""
+what it is and what to pass instead; and the name export gives a run's LoRA however the run is named."""
+
+import shutil
 
 import torch
 from safetensors.torch import save_file
@@ -43,3 +45,17 @@ def test_merge_of_a_lora_from_another_base_names_the_lora_file(tmp_path, capsys)
     assert main(["merge", "--base", str(SHIPPED_BASE), "--lora", str(lora), str(tmp_path / "merged")]) == 2
     err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("Loading")]  # progress bars
     assert len(err) == 1 and err[0].startswith(f"error: LoRA {lora} does not fit this base model: LoRA layer unet.down_blocks.0."), err
+
+
+def test_export_from_inside_the_run_or_checkpoint_names_the_file_after_the_run(tmp_path, monkeypatch, capsys):
+    """'finetune export . webui --to kohya' in the run's folder wrote webui/.safetensors (and .safetensors.md): the run's name
+    was read from the path as given, whose folder '.' has none; a checkpoint's step was lost the same way."""
+    checkpoints = fake_checkpoints(tmp_path / "stars", [5])
+    save_file({"unet.down_blocks.0.attentions.0.proj_in.lora.down.weight": torch.randn(4, 32),
+               "unet.down_blocks.0.attentions.0.proj_in.lora.up.weight": torch.randn(32, 4)}, str(checkpoints / "checkpoint-5" / "pytorch_lora_weights.safetensors"))
+    shutil.copyfile(checkpoints / "checkpoint-5" / "pytorch_lora_weights.safetensors", checkpoints.parent / "pytorch_lora_weights.safetensors")
+    for inside, name in ((checkpoints.parent, "stars"), (checkpoints / "checkpoint-5", "stars-step00000005")):
+        monkeypatch.chdir(inside)
+        assert main(["export", ".", str(tmp_path / "webui"), "--to", "kohya"]) == 0
+        assert f"wrote {tmp_path / 'webui' / name}.safetensors (kohya layout), its model card {tmp_path / 'webui' / name}.md" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "webui").iterdir()) == ["stars-step00000005.md", "stars-step00000005.safetensors", "stars.md", "stars.safetensors"]
