@@ -30,6 +30,7 @@ from finetune.distributed import unwrap
 from finetune.errors import FinetuneError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+PARTIAL = ".partial-"  # a checkpoint being written: .partial-checkpoint-N, renamed checkpoint-N once complete
 STATE_FILE = "trainer_state.json"
 DEEPSPEED_FOLDER = "pytorch_model"  # where accelerate has DeepSpeed's engine write a checkpoint's weights and optimizer
 
@@ -286,10 +287,10 @@ def save_checkpoint(
     process (it may gather sharded weights), writes more files before the folder is complete;
     `save_options` go to accelerate's save_state."""
     final = checkpoints_dir / f"checkpoint-{step}"
-    partial = checkpoints_dir / f".partial-checkpoint-{step}"
+    partial = checkpoints_dir / f"{PARTIAL}{final.name}"
     try:
         if accelerator.is_main_process:
-            for stale in checkpoints_dir.glob(".partial-checkpoint-*"):  # what a killed run left
+            for stale in checkpoints_dir.glob(f"{PARTIAL}checkpoint-*"):  # what a killed run left
                 shutil.rmtree(stale, ignore_errors=True)
             partial.mkdir(parents=True)
         accelerator.wait_for_everyone()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.checkpoint import CHECKPOINT_PATTERN, PARTIAL
 from finetune.counts import counted
 from finetune.dora import uses_dora
 from finetune.encoders import recorded_clip_skip
@@ -78,12 +79,22 @@ def frequent_tags(tag_frequency: str | None, count: int = 10) -> str | None:
     return shown or None
 
 
+def published_folder(folder: Path) -> Path:
+    """Where `folder`, written inside a checkpoint being saved (`.partial-checkpoint-N`), is once the checkpoint is complete."""
+    return Path(*(part.removeprefix(PARTIAL) if part.startswith(PARTIAL) and CHECKPOINT_PATTERN.match(part.removeprefix(PARTIAL)) else part
+                  for part in folder.parts))  # fmt: skip
+
+
 def write_pipeline_card(folder: Path, meta: dict[str, str]) -> Path:
     """README.md of a trained pipeline (a full fine-tune, full DreamBooth): where it came from, the prompts
-    it learned, and how to load it."""
+    it learned, and how to load it. A checkpoint's names the folder as it is once the checkpoint is complete,
+    and its run and step (it named `.partial-checkpoint-N`, gone by then)."""
     tags = frequent_tags(meta.get("finetune.tag_frequency"))
+    card, folder = folder / "README.md", published_folder(folder)
+    at = folder.parent  # the run, or a checkpoint of it
+    title = f"{at.parent.parent.name}/checkpoints/{at.name}" if CHECKPOINT_PATTERN.match(at.name) and at.parent.name == "checkpoints" else at.name
     lines = [
-        f"# {folder.parent.name} ({meta.get('finetune.method', 'full')})",
+        f"# {title} ({meta.get('finetune.method', 'full')})",
         "",
         "A Stable Diffusion 1.x pipeline fine-tuned with `finetune`: every part is here, in the diffusers layout.",
         "",
@@ -106,7 +117,6 @@ def write_pipeline_card(folder: Path, meta: dict[str, str]) -> Path:
         f'Or sample with `finetune sample --base {folder} --prompt "..."`, and compare it with its base in `finetune demo`.',
         "",
     ]
-    card = folder / "README.md"
     card.write_text("\n".join(lines))
     return card
 
