@@ -85,13 +85,14 @@ def export_fp16(source: Path, destination: Path, overwrite: bool = False) -> Pat
     pipeline.to(torch.float16)
     partial = destination.with_name(f".{destination.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
-    pipeline.save_pretrained(partial, safe_serialization=True)
-    # diffusers loads the UNet and VAE as fp32 whatever their files hold; transformers loads the text
-    # encoder in its config's dtype: say fp32 there too.
-    config_path = partial / "text_encoder" / "config.json"
-    config = json.loads(config_path.read_text())
-    config.update({key: "float32" for key in ("dtype", "torch_dtype") if key in config})
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if (source / METADATA_FILE).is_file():  # what training recorded (clip skip, prediction type) goes along
-        shutil.copyfile(source / METADATA_FILE, partial / METADATA_FILE)
+    with removed_if_unfinished(partial):  # a full disk or Ctrl-C left a hidden half copy of the pipeline, gigabytes for SD1.5
+        pipeline.save_pretrained(partial, safe_serialization=True)
+        # diffusers loads the UNet and VAE as fp32 whatever their files hold; transformers loads the text
+        # encoder in its config's dtype: say fp32 there too.
+        config_path = partial / "text_encoder" / "config.json"
+        config = json.loads(config_path.read_text())
+        config.update({key: "float32" for key in ("dtype", "torch_dtype") if key in config})
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if (source / METADATA_FILE).is_file():  # what training recorded (clip skip, prediction type) goes along
+            shutil.copyfile(source / METADATA_FILE, partial / METADATA_FILE)
     return replace_folder(with_default_permissions(partial), destination)

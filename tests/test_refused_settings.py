@@ -92,6 +92,22 @@ def test_export_base_never_writes_over_the_pipeline_it_reads_nor_the_run_around_
     assert (run / "samples" / "step-000005.png").read_bytes() == b"mine" and (run / "pipeline" / "unet" / "config.json").is_file()
 
 
+def test_export_base_stopped_while_writing_leaves_no_half_copy(tmp_path, monkeypatch):
+    """Ctrl-C (or a full disk) while export-base wrote left .DESTINATION.partial, a hidden half pipeline (gigabytes for SD1.5)."""
+    from diffusers import StableDiffusionPipeline
+
+    assert main(["make-tiny-model", str(tmp_path / "pipe")]) == 0
+    real_save = StableDiffusionPipeline.save_pretrained
+
+    def stopped(self, folder, **kwargs):
+        real_save(self, folder, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(StableDiffusionPipeline, "save_pretrained", stopped)
+    assert main(["export-base", str(tmp_path / "pipe"), str(tmp_path / "fp16")]) == 130
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["pipe"]
+
+
 @pytest.mark.parametrize("spacing", [{}, {"timestep_spacing": "trailing", "rescale_betas_zero_snr": True}])  # as shipped; zero terminal SNR's
 def test_the_most_sampling_steps_taken_stay_within_the_schedulers_timesteps(spacing):
     """At 1000 steps DDIM with SD's steps_offset 1 reached timestep 1000 of 0-999: `sample --steps 1000` (or a
