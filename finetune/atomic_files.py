@@ -43,6 +43,8 @@ def replace_folder(new: Path, final: Path) -> Path:
     last, so a crash at any point leaves a whole folder: the old one (in place, or aside as `.NAME.old`) or
     the new one; never neither (as removing first, then renaming, did)."""
     aside = final.with_name(f".{final.name}.old")
+    if aside.is_dir() and not final.exists():  # killed between the renames last time: the old folder is the only whole one
+        aside.rename(final)
     shutil.rmtree(aside, ignore_errors=True)
     flush_to_disk(new)
     if final.exists():

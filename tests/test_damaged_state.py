@@ -113,6 +113,9 @@ def test_a_folder_is_replaced_so_that_a_crash_at_any_moment_leaves_a_whole_one(t
     with pytest.raises(KeyboardInterrupt):  # killed between the two renames
         replace_folder(tmp_path / ".partial", tmp_path / "final")
     assert (tmp_path / ".final.old" / "weights").read_text() == "old"  # aside, whole
+    with pytest.raises(KeyboardInterrupt):  # killed there again: the old folder aside was removed first, leaving neither
+        replace_folder(tmp_path / ".partial", tmp_path / "final")
+    assert (tmp_path / ".final.old" / "weights").read_text() == "old"
     monkeypatch.undo()
     replace_folder(tmp_path / ".partial", tmp_path / "final")
     assert (tmp_path / "final" / "weights").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["final"]
