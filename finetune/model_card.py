@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -22,10 +23,10 @@ def newest_sample_grid(training_dir: Path, up_to_step: int | None = None) -> Pat
     """The run's newest validation grid (samples/step-N.png), or its newest at or before `up_to_step`; never the grid of
     step 0, drawn before training (the base's images, or lora.init_from's): exported from a checkpoint older than the
     first grid after it, it was shown as the LoRA's samples and its first image became the webui's thumbnail."""
-    grids = sorted(grid for grid in training_dir.glob("samples/step-*.png") if grid.name != "step-000000.png")  # zero-padded steps sort in order
-    if up_to_step is not None:  # the names sort as their steps do
-        grids = [grid for grid in grids if grid.name <= f"step-{up_to_step:06d}.png"]
-    return grids[-1] if grids else None
+    # By the step each names: padded to 6 digits, step-1000000.png sorted before step-999999.png by name.
+    grids = {int(found.group(1)): grid for grid in training_dir.glob("samples/step-*.png") if (found := re.fullmatch(r"step-(\d+)\.png", grid.name))}
+    steps = [step for step in grids if step > 0 and (up_to_step is None or step <= up_to_step)]
+    return grids[max(steps)] if steps else None
 
 
 V_PREDICTION_CODE = (

@@ -236,6 +236,9 @@ def test_a_cards_samples_are_never_the_grid_drawn_before_training(tmp_path):
         Image.new("RGB", (8, 8)).save(tmp_path / "samples" / f"step-{step:06d}.png")
     assert newest_sample_grid(tmp_path, up_to_step=200) is None
     assert newest_sample_grid(tmp_path, up_to_step=300).name == newest_sample_grid(tmp_path).name == "step-000300.png"
+    for step in (999_999, 1_000_000):  # past 6 digits the names no longer sort as their steps: step-1000000.png was older than step-000300.png
+        Image.new("RGB", (8, 8)).save(tmp_path / "samples" / f"step-{step:06d}.png")
+    assert (newest_sample_grid(tmp_path).name, newest_sample_grid(tmp_path, up_to_step=999_999).name) == ("step-1000000.png", "step-999999.png")
 
 
 def test_export_of_something_that_is_not_a_lora_is_one_line(tmp_path, capsys):
