@@ -22,7 +22,7 @@ from finetune.kohya import PRECISIONS, LoRA, load_lora
 from finetune.lora_kinds import CLIP_ROOT
 from finetune.model_card import diffusers_loading_code
 from finetune.models import load_base_model, zero_terminal_snr_schedule
-from finetune.output_folders import check_merge_output
+from finetune.output_folders import check_merge_output, check_not_what_it_reads
 from finetune.pipeline_io import save_pipeline
 
 
@@ -80,7 +80,7 @@ def merge_lora(
 
     lora_file = resolve_lora_file(lora_path)
     check_merge_output(Path(output_dir), lora_file, overwrite)
-    check_not_what_it_reads(Path(output_dir), {"--base": base, "--base-config": base_config})
+    check_not_what_it_reads(Path(output_dir), {"--base": base, "--base-config": base_config}, "merge output")
     lora = load_lora(lora_file)
     base_record = base_model_metadata(base)  # a merged or fine-tuned pipeline's, or export-checkpoint file's
     trained_as = how_trained(base, base_record, lora_file, lora)  # conflicting records stop here, before the model loads
@@ -101,20 +101,6 @@ def merge_lora(
     output_dir = save_pipeline(model, Path(output_dir), dtype=PRECISIONS[precision], metadata=recorded)
     _write_card(output_dir, base, lora_file, lora, strength)
     return output_dir
-
-
-def check_not_what_it_reads(output_dir: Path, sources: dict[str, str | None]) -> None:
-    """The merged pipeline replaces its folder whole, so never the base it is made from (a pipeline the user trained, or
-    a single file), a folder around it or one inside it (`merge --base mine mine/unet --overwrite` broke the base). A hub
-    id is no path here."""
-    out = output_dir.resolve()
-    for option, source in sources.items():
-        path = Path(source).expanduser().resolve() if source else None
-        if path is None or not path.exists():
-            continue
-        where = "is" if out == path else "holds" if out in path.parents else "is inside" if path in out.parents else None
-        if where:
-            raise FinetuneError(f"merge output {output_dir} {where} the model it reads ({option} {source}), which writing it would replace: pick another folder")
 
 
 def merged_record(base: str, base_record: dict[str, str], lora_path: str, lora: LoRA, strength: float, trained_as: dict[str, str]) -> dict[str, str]:

@@ -23,12 +23,15 @@ def check_replaceable(folder: Path, overwrite: bool, what: str) -> None:
         raise FinetuneError(f"{what} {folder} is not empty: pick a new folder, or pass --overwrite to replace what is in it")
 
 
-def check_not_what_it_reads(folder: Path, sources: dict[str, Path], what: str) -> None:
+def check_not_what_it_reads(folder: Path, sources: dict[str, str | Path | None], what: str) -> None:
     """A pipeline written replaces its folder whole, so never a model it is made from (by the option or argument naming
-    it), a folder around it (a run's, with its checkpoints and samples) or one inside it."""
+    it; None where not given), a folder around it (a run's, with its checkpoints and samples) or one inside it
+    (`merge --base mine mine/unet --overwrite` broke the base). A hub id is no path here."""
     out = Path(folder).resolve()
     for name, source in sources.items():
-        path = Path(source).expanduser().resolve()
+        path = Path(source).expanduser().resolve() if source else None
+        if path is None or not path.exists():
+            continue
         where = "is" if out == path else "holds" if out in path.parents else "is inside" if path in out.parents else None
         if where:
             raise FinetuneError(f"{what} {folder} {where} the model it reads ({name} {source}), which writing it would replace: pick another folder")
