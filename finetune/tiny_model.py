@@ -18,7 +18,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from finetune.tokenizer import COMMON_WORDS, make_clip_tokenizer
 from finetune.toyworld.world import WORLD_WORDS
 
-# Captions of the sample data and the toy world encode as whole-word tokens.
+# Captions of the sample data and the toy world encode as whole-word tokens, but for "striped" and "diamond"
+# (finetune/tokenizer.py says why they split and why that stays).
 DEFAULT_WORDS = tuple(sorted(set(COMMON_WORDS) | set(WORLD_WORDS)))
 
 

@@ -2,8 +2,15 @@
 
 CLIP's tokenizer is byte-level BPE: a word is split into characters (the last one marked `</w>`) and
 merged pair by pair following `merges.txt`. We start from CLIP's 256 byte symbols (plain and
-end-of-word), then add, for every known word, the left-to-right merges that rebuild it. Known words
+end-of-word), then add, for every known word, the left-to-right merges that rebuild it. Most known words
 become one token; any other text still encodes, character by character.
+
+Known limit: BPE applies the lowest-ranked merge anywhere in a word first, so a longer word's merge can
+take a pair a shorter word needs for its own first merges. Three known words split that way: "striped"
+(s|tri|pe|d: "triangle" ranks "t r" before "striped"'s "s t"), "diamond" (dia|mo|n|d) and "photo"
+(p|ho|to). The shipped base (`finetune/assets/toyworld-base`) was pretrained with this vocabulary, its
+text encoder reads "diamond" as those four tokens, and `make base-model` rebuilds it from this code: a
+vocabulary that kept them whole would need the base retrained, so the split stays (tests pin it).
 """
 
 from __future__ import annotations
@@ -47,7 +54,8 @@ def build_vocabulary(words: list[str] | tuple[str, ...]) -> tuple[dict[str, int]
     vocab_tokens = symbols + [symbol + "</w>" for symbol in symbols]
     merges: list[str] = []
     seen_merges: set[str] = set()
-    # Longer words first: their merges get lower ranks, so short words inside them rarely split them.
+    # Longer words first: their merges get lower ranks, so short words inside them rarely split them
+    # (a short word whose first pair a longer word merges otherwise does split: see the module's note).
     for word in sorted({w.lower() for w in words if w}, key=lambda w: (-len(w), w)):
         pieces = [_bytes_to_unicode()[b] for b in word.encode("utf-8")]
         pieces[-1] += "</w>"
