@@ -66,7 +66,10 @@ GRID_PROMPTS = 8  # the prompts of each prompt set a report's grid shows, a row 
 
 
 def _render(ps: PromptSet, per_prompt: int, salt: tuple[int, ...] = ()) -> list[list]:
-    """Real world images of the prompt set's scenes, jittered by (set seed, prompt, image, *salt)."""
+    """Real world images of the prompt set's scenes, jittered by (set seed, prompt, image, *salt).
+
+    numpy's seed sequences ignore trailing zeros ([s, i, k, 0] draws as [s, i, k] does), so a salt must
+    not end in 0: it would draw the unsalted renders (and [s, i, 0] with k 0 draws datasets.generate's)."""
     return [[draw(s, 64, np.random.default_rng([ps.seed, i, k, *salt]))[0] for k in range(per_prompt)] for i, s in enumerate(ps.scenes)]
 
 
@@ -273,6 +276,8 @@ def evaluate_real_images(
     draws exactly what the caption says but reads nothing from the control (the ceiling of
     the base model without a ControlNet).
     """
+    if seed < 0:  # -1 salted by 0 drew the FID reference and the masks' own jitter (fid 0, control_iou 1.0)
+        raise FinetuneError(f"the seed of the real renders is a number from 0 up, got {seed}")
     options = dict(n=num_prompts, images_per_prompt=images_per_prompt, identifier="sks", subject=subject, class_word="shape", resolution=64)
     suites = _validate(suites, options)
     result = _score(lambda ps: _render(ps, images_per_prompt, salt=(seed + 1,)), suites, options)

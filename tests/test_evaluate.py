@@ -160,3 +160,11 @@ def test_an_out_that_is_a_folder_is_one_line_before_any_image_is_made_and_scorin
     with pytest.raises(InterruptedError):
         run_eval(str(tiny_model), suites=["adherence"], num_prompts=1, steps=1)
     assert flags == [(False, False)] and torch.backends.cudnn.allow_tf32
+
+
+def test_real_renders_of_a_negative_seed_are_refused_not_the_reference_itself():
+    """numpy seeds ignore trailing zeros: seed -1 (salt 0) rendered the FID reference and the control masks' own
+    jitter, a ceiling of fid 0 and control_iou 1.0; -2 was numpy's traceback."""
+    for seed in (-1, -2):
+        assert "got " + str(seed) in _one_line_error(lambda: evaluate_real_images(4, seed=seed, suites=["fid", "control"]))
+    assert evaluate_real_images(4, seed=0, suites=["fid"])["metrics"]["fid"] > 0
