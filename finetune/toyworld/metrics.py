@@ -79,8 +79,9 @@ def prior_drift(images, subject_shape: str = "star", model=None) -> float:
     """Share of *class-prompt* images that turned into the subject shape.
 
     Same classifier as :func:`subject_fidelity`, applied to images generated from
-    prompts that do not name the subject (e.g. "a small red circle on a blue
-    background, top left"). A DreamBooth run without prior preservation tends to draw
+    prompts that name the class but no shape (e.g. "a shape on a blue background", the
+    drift suite's): a prompt that names a shape ("a small red circle") is drawn as that
+    shape, which hides drift. A DreamBooth run without prior preservation tends to draw
     the subject everywhere: high drift. Lower is better; the base model's value is the
     baseline.
     """
