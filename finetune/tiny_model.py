@@ -168,6 +168,3 @@ def make_tiny_model(output_dir: str | Path, preset: str = "tiny", seed: int = 0,
     pipeline.save_pretrained(output_dir, safe_serialization=True)
     return output_dir
 
-
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
