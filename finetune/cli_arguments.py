@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser(
         "make-sample-data",
         help="regenerate the sample datasets under datasets/",
-        description="Write the sample datasets (striped/ and star/, from the toy world) into a folder.",
+        description="Write the sample datasets (striped/ and star/, from the toy world) into a folder. A striped/ or star/ "
+                    "already there is rewritten only where every file in it is the sample's own (nothing of yours is written over).",
         epilog="example:\n  finetune make-sample-data   # datasets/star and datasets/striped, as shipped",
     )
     data.add_argument("output_dir", nargs="?", default="datasets", help="folder to write star/ and striped/ into (default datasets)")

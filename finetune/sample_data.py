@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from finetune.atomic_files import removed_if_unfinished
+from finetune.atomic_files import removed_if_unfinished, replace_folder
 from finetune.errors import FinetuneError
 from finetune.toyworld.datasets import write_folder
 
@@ -59,5 +59,33 @@ def check_world_data_arguments(folder: Path, num_images: int, partial_captions: 
 
 
 def make_sample_data(root: str | Path) -> list[Path]:
+    """Write `root`/striped and `root`/star as shipped. Each is written whole under a temporary name first; a set
+    folder already there is replaced only where every file in it is the one the sample writes (datasets/ as shipped,
+    or part of it), else nothing is written: writing over it replaced a user's own 0000.png and caption, and left
+    their other images beside a metadata.jsonl that no longer listed them."""
     root = Path(root)
-    return [write_folder(root / name, n, seed, include_held_out=held_out, masks=masks) for name, (n, held_out, seed, masks) in SAMPLE_SETS.items()]
+    partials = {name: root / f".{name}.partial" for name in SAMPLE_SETS}
+    try:
+        for name, (n, held_out, seed, masks) in SAMPLE_SETS.items():
+            shutil.rmtree(partials[name], ignore_errors=True)
+            with removed_if_unfinished(partials[name]):
+                write_folder(partials[name], n, seed, include_held_out=held_out, masks=masks)
+        for name, partial in partials.items():
+            _refuse_unlike_files(root / name, partial)
+    except BaseException:
+        for partial in partials.values():
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return [replace_folder(partial, root / name) for name, partial in partials.items()]
+
+
+def _refuse_unlike_files(folder: Path, sample: Path) -> None:
+    """One line for the first file in `folder` that the sample in `sample` does not write as it is."""
+    if folder.exists() and not folder.is_dir():
+        raise FinetuneError(f"{folder} is a file: make-sample-data writes a folder there; move it, or give another folder")
+    for file in sorted(folder.rglob("*")) if folder.is_dir() else []:
+        written = sample / file.relative_to(folder)
+        if file.is_dir() and written.is_dir():
+            continue
+        if not (file.is_file() and written.is_file() and file.read_bytes() == written.read_bytes()):
+            raise FinetuneError(f"{file} is not the sample's own: make-sample-data rewrites {folder} whole; move your files out, or give another folder")

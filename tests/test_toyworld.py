@@ -6,7 +6,9 @@ Fast (well under a minute on CPU): uses the shipped classifier, never retrains.
 import io
 import json
 import re
+import shutil
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -253,3 +255,27 @@ def test_make_world_data_takes_every_held_out_mode_and_refuses_what_it_cannot_wr
         assert main(["make-world-data", *arguments]) == 2
         assert re.search(message, capsys.readouterr().err.strip()), arguments
     assert len(list((tmp_path / "style").glob("*.png"))) == 3 and not (tmp_path / "new").exists()
+
+
+def test_make_sample_data_rewrites_the_shipped_sets_but_never_a_users_files(tmp_path, capsys):
+    """It wrote over datasets/star in place: a user's own 0000.png and caption were replaced, and their other
+    images stayed beside a metadata.jsonl that no longer listed them."""
+    from finetune.cli import main
+
+    shipped = Path(__file__).resolve().parent.parent / "datasets"
+    copy = tmp_path / "copy"
+    shutil.copytree(shipped, copy)
+    (copy / "star" / "0003.png").unlink()  # part of the shipped set: nothing of the user's to lose
+    assert main(["make-sample-data", str(copy)]) == 0
+    assert sorted(str(p.relative_to(copy)) for p in copy.rglob("*")) == sorted(str(p.relative_to(shipped)) for p in shipped.rglob("*"))
+    assert all(p.read_bytes() == (shipped / p.relative_to(copy)).read_bytes() for p in copy.rglob("*") if p.is_file())
+
+    own = tmp_path / "own"
+    (own / "star").mkdir(parents=True)
+    Image.new("RGB", (64, 64), "red").save(own / "star" / "0000.png")
+    (own / "star" / "0000.txt").write_text("my own red square\n")
+    mine = {p.name: p.read_bytes() for p in (own / "star").iterdir()}
+    assert main(["make-sample-data", str(own)]) == 2
+    assert re.search(r"star/0000\.png is not the sample's own: .* move your files out, or give another folder$", capsys.readouterr().err.strip())
+    assert sorted(p.name for p in own.iterdir()) == ["star"]  # nothing written, no partial folder left
+    assert {p.name: p.read_bytes() for p in (own / "star").iterdir()} == mine
