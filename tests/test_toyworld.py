@@ -133,6 +133,9 @@ def test_parse_caption_round_trips_and_tolerates_prompts():
         "shape": "cross", "colour": "red", "background": "gray",
         "size": "large", "position": "center", "style": "striped",
     }  # fmt: skip
+    # Plurals: "crosses" (an -es plural) read as no shape, so prompt adherence never checked it.
+    assert [parse_caption(f"two red {word}")["shape"] for word in ("crosses", "stars", "circles")] == ["cross", "star", "circle"]
+    assert parse_caption("crossed stripes")["shape"] is None and parse_caption("crosse")["shape"] is None
     p = parse_caption("a star on a red background")  # red is no background colour
     assert p["background"] == "red" and p["colour"] is None
     assert parse_caption("nothing here") == dict.fromkeys(ATTRIBUTES)

@@ -145,7 +145,7 @@ def parse_caption(text: str) -> dict:
     Deliberately simple word spotting, so prompts with extra words still parse
     ("a photo of sks star", "a sks star on a blue background"):
 
-    - shape: the first shape word (plural "stars" and "plus" are accepted);
+    - shape: the first shape word (plurals "stars", "crosses" and "plus" are accepted);
     - background: the colour word directly before "background";
     - colour: the first other colour word.
       Colours outside the vocabulary of their attribute ("a gray star", "on a red
@@ -165,7 +165,7 @@ def parse_caption(text: str) -> dict:
             bg_index, out["background"] = i - 1, words[i - 1]
             break
     for i, w in enumerate(words):
-        shape = w if w in SHAPES else (w[:-1] if w.endswith("s") and w[:-1] in SHAPES else None)
+        shape = next((stem for stem in (w, w[:-1], w[:-2]) if stem in SHAPES and w[len(stem):] in ("", "s", "es")), None)
         if shape and out["shape"] is None:
             out["shape"] = shape
         elif w in _COLOUR_WORDS and i != bg_index and out["colour"] is None:
