@@ -64,6 +64,8 @@ def make_sample_data(root: str | Path) -> list[Path]:
     or part of it), else nothing is written: writing over it replaced a user's own 0000.png and caption, and left
     their other images beside a metadata.jsonl that no longer listed them."""
     root = Path(root)
+    if any(folder.exists() and not folder.is_dir() for folder in (root, *root.parents)):
+        raise FinetuneError(f"{root} is a file or inside one: give a folder to write star/ and striped/ in")
     partials = {name: root / f".{name}.partial" for name in SAMPLE_SETS}
     try:
         for name, (n, held_out, seed, masks) in SAMPLE_SETS.items():

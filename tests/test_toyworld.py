@@ -282,3 +282,6 @@ def test_make_sample_data_rewrites_the_shipped_sets_but_never_a_users_files(tmp_
     assert re.search(r"star/0000\.png is not the sample's own: .* move your files out, or give another folder$", capsys.readouterr().err.strip())
     assert sorted(p.name for p in own.iterdir()) == ["star"]  # nothing written, no partial folder left
     assert {p.name: p.read_bytes() for p in (own / "star").iterdir()} == mine
+    for inside_a_file in (own / "star" / "0000.txt", own / "star" / "0000.txt" / "datasets"):  # was a NotADirectoryError traceback
+        assert main(["make-sample-data", str(inside_a_file)]) == 2
+        assert capsys.readouterr().err.strip().endswith(f"{inside_a_file} is a file or inside one: give a folder to write star/ and striped/ in")
