@@ -44,6 +44,20 @@ def test_control_use_score_is_exactly_zero_at_creation_and_moves_with_training(m
     assert moved["off"] == score["off"] and moved["right"] != moved["off"] and moved["gap"] != 0.0
 
 
+def test_control_use_score_refuses_rows_shuffled_onto_their_own_conditioning(make_recipe, pairs_folder):
+    """Rows whose next row has the same conditioning are scored against their own under 'shuffled': a batch of
+    one mask gave a gap of 0 (reads as a ControlNet ignoring its conditioning) whatever the ControlNet."""
+    method = set_up(controlnet_recipe(make_recipe, pairs_folder))
+    with torch.no_grad():
+        for conv in zero_convs(method.controlnet).values():
+            conv.normal_(0, 0.05)  # a ControlNet that reads its conditioning
+    batch = method.fixed_batch([0, 1, 2, 3])
+    same = {**batch, "conditioning_pixel_values": batch["conditioning_pixel_values"][:1].expand_as(batch["conditioning_pixel_values"]).clone()}
+    with pytest.raises(ValueError, match=r"differ from the next row's; 4 of 4 rows have the same$"):
+        control_use_score(method, {"controlnet": method.controlnet}, same)
+    assert control_use_score(method, {"controlnet": method.controlnet}, batch)["gap"] != 0.0
+
+
 def test_control_use_score_of_the_shipped_toyworld_controlnet_is_clearly_positive(tmp_path):
     """The same score on the shipped base: 0 for a ControlNet just created from its UNet, clearly positive
     for the one recipes/toyworld/controlnet_mask.yaml trained for 3,000 steps (measured 0.84-0.99 in fp32).
