@@ -30,6 +30,7 @@ from finetune.draw_keys import DRAWN, key_offset
 from finetune.device_copy import to_device
 from finetune.distributed import accelerator_options, agree_on_start, autocast, checkpoint_options, configure_deepspeed, full_parameters, launch_problem, release_gathered, trained_parameters, unsharded_loading, unwrap, uses_deepspeed, zero_stage
 from finetune.deepspeed_checks import check_deepspeed_launch
+from finetune.earlier_run import clear_earlier_run, guard_earlier_run
 from finetune.ema import EMA_FILE, weight_average
 from finetune.caption_tokens import caption_warnings
 from finetune.errors import FinetuneError
@@ -84,7 +85,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     base_location = check_base_and_data(recipe, method.check_data, base_location)
     if resume_from is not None:
         ckpt.check_resumable(resume_from, train_cfg.max_steps, recipe.flat_settings())
-    ckpt.guard_earlier_run(output_dir, resume_from, overwrite)
+    guard_earlier_run(output_dir, resume_from, overwrite)
     if problem := launch_problem(train_cfg.mixed_precision):
         raise FinetuneError(problem)
 
@@ -167,7 +168,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     # without its package is refused there), has every check that could refuse the run passed.
     if overwrite and resume_from is None:
         if accelerator.is_main_process:
-            ckpt.clear_earlier_run(output_dir)
+            clear_earlier_run(output_dir)
         accelerator.wait_for_everyone()
     strip = mask_preview(dataset, sources, recipe.data.loss_mask.unmasked_weight) if (
         recipe.data.loss_mask.enabled and accelerator.is_main_process and resume_from is None) else None  # fmt: skip
