@@ -49,11 +49,12 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     except FinetuneError as err:  # a key set on the command line is the override's fault, not the file's
         named = re.search(r"key '([^']+)'", str(err))
         for override in reversed(overrides):  # the last override of a key is the one that counts
-            key = re.sub(r"\s+", "", override.split("=", 1)[0])
-            if named and (named.group(1) == key or named.group(1).startswith(key + ".")):  # data.folders=[...] and its data.folders.0.repeats
+            key = _override_key(override)
+            # data.folders=[...] and its data.folders.0.repeats; validation.prompts.0=... and its list validation.prompts
+            if named and (named.group(1) == key or named.group(1).startswith(key + ".") or re.fullmatch(rf"{re.escape(named.group(1))}\.\d+", key)):
                 raise FinetuneError(f"override '{override}'{str(err).removeprefix(str(path))}") from None
         for override in reversed(overrides):  # a check across keys names the settings it compares ("train.max_steps (12)")
-            key = re.sub(r"\s+", "", override.split("=", 1)[0])
+            key = _override_key(override)
             if re.search(rf"(?<![\w.]){re.escape(key)}(?![\w.])", str(err)):
                 raise FinetuneError(f"override '{override}'{str(err).removeprefix(str(path))}") from None
         raise
@@ -111,11 +112,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _length_from_the_command_line(raw: dict[str, Any], overrides: list[str]) -> None:
     """`train.max_epochs=10` on the command line replaces the recipe's train.max_steps (and the other way
     round), instead of the two clashing; both given there are left to clash, and `=null` replaces nothing."""
-    given = {re.sub(r"\s+", "", override.split("=", 1)[0]) for override in overrides}
+    given = {_override_key(override) for override in overrides}
     for key, other in (("max_steps", "max_epochs"), ("max_epochs", "max_steps")):
         train = raw.get("train")
         if f"train.{key}" in given and f"train.{other}" not in given and isinstance(train, dict) and train.get(key) is not None:
             train.pop(other, None)
+
+
+def _override_key(override: str) -> str:
+    """An override's dotted key as errors name it: `concepts[0]` is `concepts.0` (as `apply_override` reads it), no spaces."""
+    return re.sub(r"\[(\d+)\]", r".\1", re.sub(r"\s+", "", override.split("=", 1)[0]))
 
 
 def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:

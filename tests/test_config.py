@@ -263,3 +263,16 @@ def test_inf_and_nan_settings_are_refused(tmp_path, override):
     path.write_text("data:\n  image_dir: images\n")
     with pytest.raises(FinetuneError, match=rf"{re.escape(override.split('=')[0])}.*finite number"):
         load_recipe(path, [override])
+
+
+@pytest.mark.parametrize(
+    "override,said",
+    [  # a list index in brackets, as apply_override reads it, is the override's too (the error named the file)
+        ("dreambooth.concepts[0].repeats=0", "key 'dreambooth.concepts.0.repeats': Input should be greater than or equal to 1"),
+        ("validation.prompts[0]=a dog --zz 3", "key 'validation.prompts': 'a dog --zz 3': unknown option --zz"),
+    ],
+)
+def test_an_override_with_a_bracketed_index_is_named_by_its_error(override, said):
+    with pytest.raises(FinetuneError) as raised:
+        load_recipe(Path(__file__).parent.parent / "recipes" / "dreambooth.yaml", [override])
+    assert str(raised.value).startswith(f"override '{override}': {said}"), raised.value
