@@ -50,9 +50,12 @@ def locate_base(config: ModelConfig) -> BaseLocation:
     fetched (kilobytes): its weights (gigabytes) wait for loading, after `finetune train`'s data check."""
     name = config.pretrained
     path = Path(name).expanduser()
-    if path.suffix in SINGLE_FILE_SUFFIXES:
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
         if not path.is_file():
             raise FinetuneError(f"base model file {name} not found: check {config._key}{looked_for_here(name)}")
+        if path.suffix not in SINGLE_FILE_SUFFIXES:  # was "not found: no such folder or file"; diffusers reads a file by its lowercase suffix
+            raise FinetuneError(f"base model file {name} ends in {path.suffix}: rename it to end in {path.suffix.lower()} (diffusers and finetune "
+                                "know a single-file model by its suffix, in lowercase)")  # fmt: skip
         if path.suffix == ".safetensors":
             check_single_file(path, config._key)
         if path.suffix == ".safetensors" and holds_a_lora(path):

@@ -283,3 +283,14 @@ def test_an_offline_cache_holding_part_of_a_hub_base_is_one_line_naming_the_miss
     assert str(raised.value) == (f"base model someone/tiny is only partly in the local Hugging Face cache (no {missing}) and downloads are off "
                                  "(HF_HUB_OFFLINE=1): download the model once with network (run without HF_HUB_OFFLINE=1), or set --base "
                                  "to a local diffusers folder")  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["Model.SAFETENSORS", "model.Ckpt"])
+def test_a_single_file_base_with_its_suffix_in_capitals_is_told_to_be_renamed(name, tmp_path):
+    # It was "not found: no such folder or file", of a file that is there (diffusers would read a .SAFETENSORS as a pickle).
+    (tmp_path / name).write_bytes(b"weights")
+    with pytest.raises(FinetuneError) as refused:
+        resolve_model_folder(ModelConfig(pretrained=str(tmp_path / name)))
+    suffix = name.split(".")[1]
+    assert str(refused.value) == (f"base model file {tmp_path / name} ends in .{suffix}: rename it to end in .{suffix.lower()} (diffusers and finetune "
+                                  "know a single-file model by its suffix, in lowercase)")  # fmt: skip
