@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.base_folder import WEIGHTS_STEMS, check_architecture, check_part_files, check_single_file, check_variant, missing_part_file, part_weights
+from finetune.base_folder import WEIGHTS_STEMS, check_architecture, check_part_files, check_single_file, check_variant, missing_part_file, part_weights, read_config
 from finetune.config import SINGLE_FILE_SUFFIXES, ModelConfig
 from finetune.errors import FinetuneError, looked_for_here
 
@@ -84,13 +84,27 @@ def locate_base(config: ModelConfig) -> BaseLocation:
         check_pipeline_parts(path, name)
         if config.variant:
             check_variant(path, name, config.variant)
+        check_schedule(path, config)
         return BaseLocation(config, path)
     if not looks_like_hub_id(name):
         raise FinetuneError(f"base model {name} not found: no such folder or file (check {config._key}){where_looked(name)}")
     # The configs first: an SDXL or inpainting id is said before gigabytes of its weights download.
-    configs = _hub_snapshot(config, config.revision, allow_patterns=["model_index.json", "*/config.json"])
+    configs = _hub_snapshot(config, config.revision, allow_patterns=["model_index.json", "*/config.json", "scheduler/scheduler_config.json"])
     check_architecture(configs, name)
+    check_schedule(configs, config)
     return BaseLocation(config, configs, weights_fetched=False)
+
+
+def check_schedule(folder: Path, config: ModelConfig) -> None:
+    """model.zero_terminal_snr on a base that predicts epsilon (and no model.prediction_type to train v instead), from the
+    scheduler's config: it was refused once the base had loaded, after the data check. A cache without the config: loading says it."""
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    if not config.zero_terminal_snr or config.prediction_type is not None or not scheduler.is_file():
+        return
+    own = read_config(scheduler, config.pretrained).get("prediction_type", "epsilon")  # diffusers' default
+    if own != "v_prediction":
+        raise FinetuneError(f"model.zero_terminal_snr needs v-prediction (at the last timestep the input is pure noise), and base model "
+                            f"{config.pretrained} predicts {own}: set model.prediction_type: v_prediction")  # fmt: skip
 
 
 def with_weights(location: BaseLocation) -> BaseLocation:

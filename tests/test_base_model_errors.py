@@ -167,7 +167,7 @@ def test_an_sdxl_hub_id_is_refused_from_its_configs_before_its_weights_download(
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     with pytest.raises(FinetuneError, match=r"^base model stabilityai/sdxl holds a StableDiffusionXLPipeline .*: finetune trains SD1.x and SD2.x bases"):
         resolve_model_folder(ModelConfig(pretrained="stabilityai/sdxl"))
-    assert asked == [["model_index.json", "*/config.json"]]  # no weights asked for
+    assert asked == [["model_index.json", "*/config.json", "scheduler/scheduler_config.json"]]  # no weights asked for
 
 
 def test_a_variant_the_folder_was_not_saved_in_is_one_line(tiny_model):

@@ -162,3 +162,25 @@ def test_zero_terminal_snr_trains_on_the_rescaled_schedule_and_everything_sample
     assert namespace["pipeline"].scheduler.config.rescale_betas_zero_snr is True
     with pytest.raises(FinetuneError, match=r"adapters trained on different noise schedules cannot be combined"):
         adapters_zero_terminal_snr({"zsnr": theirs.metadata, "plain": {"finetune.method": "lora"}})
+
+
+def test_zero_terminal_snr_without_v_prediction_is_refused_before_the_data_check(tiny_model, tiny_vpred_model, image_folder, tmp_path, capsys):
+    """It was refused once the base had loaded, after the data check (and its minutes of decoding)."""
+    import shutil
+
+    from finetune.config import ModelConfig
+    from finetune.model_source import locate_base
+
+    with pytest.raises(FinetuneError, match=r"^recipe: key 'model': model.zero_terminal_snr needs v-prediction .*, and model.prediction_type is epsilon: set it to v_prediction$"):
+        recipe_from_dict({"data": {"image_dir": "x"}, "model": {"zero_terminal_snr": True, "prediction_type": "epsilon"}})
+    data = shutil.copytree(image_folder, tmp_path / "data")
+    (data / "0000.png").write_bytes(b"cut short")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({"model": {"pretrained": str(tiny_model), "zero_terminal_snr": True}, "data": {"image_dir": str(data), "resolution": 64},
+                                  "output_dir": str(tmp_path / "run"), "validation": {"prompts": []}}))  # fmt: skip
+    assert main(["train", str(recipe)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: model.zero_terminal_snr needs v-prediction (at the last timestep the input is pure noise), "
+                                                            f"and base model {tiny_model} predicts epsilon: set model.prediction_type: v_prediction"]  # fmt: skip
+    for config in (ModelConfig(pretrained=str(tiny_vpred_model), zero_terminal_snr=True),  # the base's own v, or v trained on an epsilon base
+                   ModelConfig(pretrained=str(tiny_model), zero_terminal_snr=True, prediction_type="v_prediction")):  # fmt: skip
+        assert locate_base(config).folder is not None

@@ -46,6 +46,14 @@ class ModelConfig(Section):
     _key: str = PrivateAttr("model.pretrained")
     _single_file_config_key: str = PrivateAttr("model.single_file_config")
 
+    @model_validator(mode="after")
+    def _zero_terminal_snr_predicts_v(self) -> "ModelConfig":
+        # Else refused once the base had loaded, after the data check. A base's own epsilon: finetune.model_source.
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise ValueError("model.zero_terminal_snr needs v-prediction (at the last timestep the input is pure noise), and model.prediction_type "
+                             "is epsilon: set it to v_prediction")  # fmt: skip
+        return self
+
     @classmethod
     def from_option(cls, pretrained: str, single_file_config: str | None = None) -> "ModelConfig":
         """The base model of a command's --base (and --base-config) options."""
