@@ -231,6 +231,11 @@ def describe_validation_error(err: ValidationError, raw: dict[str, Any]) -> str:
         return f"unknown key '{dotted}'{hint}"
     if first["type"] == "missing":
         return f"missing required key '{dotted}'"
+    if first["input"] is None and dotted and (first["type"].endswith("_type") or first["type"] == "literal_error"):
+        # `output_dir:` with nothing after it, or `output_dir=$OUT` with OUT unset: pydantic's "Input should be a valid string (got None)"
+        field = _field_at(location)
+        default = "" if field is None or field.is_required() else f", or leave the key out for its default ({_as_yaml(field.get_default(call_default_factory=True))})"
+        return f"key '{dotted}' has no value (null, or nothing after its : or =): give it one{default}"
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] in ("bool_parsing", "bool_type"):  # pydantic's "Input should be a valid boolean, unable to interpret input"
         message = "is a switch: write true or false"
@@ -282,6 +287,19 @@ def _valid_keys(section_path: list[str]) -> list[str]:
         if model is None:
             return []
     return list(model.model_fields)
+
+
+def _as_yaml(value: Any) -> str:
+    """A value as a recipe writes it (false, not Python's False)."""
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+
+
+def _field_at(location: list[str]):
+    """The schema's field at a dotted location (list indexes left out), or None."""
+    model: type[BaseModel] | None = Recipe
+    for name in location[:-1]:
+        model = section_type(model.model_fields[name].annotation) if model is not None and name in model.model_fields else None
+    return model.model_fields.get(location[-1]) if model is not None else None
 
 
 def _list_taking(section_path: list[str], key: str) -> str | None:

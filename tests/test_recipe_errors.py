@@ -1,10 +1,12 @@
 """Recipe values that name no file or folder: one line naming the key, before anything runs."""
 
+from pathlib import Path
+
 import pytest
 
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
-from finetune.recipe_loading import recipe_from_dict
+from finetune.recipe_loading import load_recipe, recipe_from_dict
 
 
 def recipe_with(dotted: str, value) -> dict:
@@ -68,3 +70,19 @@ def test_a_recipe_in_another_encoding_is_told_to_be_saved_as_utf8(tmp_path):
         with pytest.raises(FinetuneError) as raised:
             load_recipe(tmp_path / name)
         assert str(raised.value) == f"recipe {tmp_path / name} {message}"
+
+
+@pytest.mark.parametrize(
+    "override,said",
+    [  # `output_dir=$OUT` with OUT unset, or `output_dir:` with nothing after it: pydantic's "Input should be a valid string (got None)"
+        ("output_dir=", "key 'output_dir' has no value (null, or nothing after its : or =): give it one, or leave the key out for its default (outputs/run)"),
+        ("train.gradient_checkpointing=null", "key 'train.gradient_checkpointing' has no value (null, or nothing after its : or =): give it one, "
+                                              "or leave the key out for its default (false)"),  # fmt: skip
+        ("dreambooth.concepts.0.instance_dir=~", "key 'dreambooth.concepts.0.instance_dir' has no value (null, or nothing after its : or =): give it one"),
+    ],
+)
+def test_a_key_without_a_value_is_said_to_have_none(override, said):
+    recipe = Path(__file__).parent.parent / "recipes" / "dreambooth.yaml"
+    with pytest.raises(FinetuneError) as raised:
+        load_recipe(recipe, [override])
+    assert str(raised.value) == f"override '{override}': {said}"
