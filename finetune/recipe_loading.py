@@ -165,7 +165,9 @@ def apply_override(raw: dict[str, Any], override: str, source: str = "command li
             if last:
                 node[key] = value
             else:
-                node = node.setdefault(key, {})
+                if node.get(key) is None:  # not there, or a section whose keys are all commented out (`lora:`): the override gives it keys
+                    node[key] = {}
+                node = node[key]
         else:
             raise FinetuneError(f"override '{override}': '{keys[depth - 1]}' is not a section in {source}")
 

@@ -276,3 +276,9 @@ def test_an_override_with_a_bracketed_index_is_named_by_its_error(override, said
     with pytest.raises(FinetuneError) as raised:
         load_recipe(Path(__file__).parent.parent / "recipes" / "dreambooth.yaml", [override])
     assert str(raised.value).startswith(f"override '{override}': {said}"), raised.value
+
+
+def test_an_override_gives_keys_to_a_section_whose_keys_are_all_commented_out(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("data: {image_dir: images}\nlora:\n  # rank: 8\n")  # `lora:` is null: it was "'lora' is not a section"
+    assert load_recipe(path, ["lora.rank=8"]).lora.rank == 8
