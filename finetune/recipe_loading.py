@@ -149,7 +149,8 @@ def apply_override(raw: dict[str, Any], override: str, source: str = "command li
         if isinstance(node, list):
             if not key.isdigit() or int(key) >= len(node):
                 at = ".".join(keys[:depth])
-                adding = f": to add an entry, give the whole list, e.g. {at}=[{{...}}, {{...}}]" if key == str(len(node)) else ""  # a second concept
+                entry = _entry_example(keys[:depth])
+                adding = f": to add an entry, give the whole list, e.g. {at}=[{entry}, {entry}]" if key == str(len(node)) else ""  # a second concept
                 raise FinetuneError(f"override '{override}': '{key}' is not an index of the list at '{at}' in {source}, which has {len(node)}{adding}")
             if last:
                 node[int(key)] = value
@@ -160,7 +161,7 @@ def apply_override(raw: dict[str, Any], override: str, source: str = "command li
                 # An index into a list the recipe does not have: say how to give the list instead.
                 raise FinetuneError(
                     f"override '{override}': {source} has no list at '{'.'.join(keys[: depth + 1])}' to index; "
-                    f"give the whole list instead, e.g. {'.'.join(keys[: depth + 1])}=[{{...}}]"
+                    f"give the whole list instead, e.g. {'.'.join(keys[: depth + 1])}=[{_entry_example(keys[: depth + 1])}]"
                 )
             if last:
                 node[key] = value
@@ -170,6 +171,11 @@ def apply_override(raw: dict[str, Any], override: str, source: str = "command li
                 node = node[key]
         else:
             raise FinetuneError(f"override '{override}': '{keys[depth - 1]}' is not a section in {source}")
+
+
+def _entry_example(keys: list[str]) -> str:
+    """How an entry of the list at `keys` is written in an example: {...} for a section (a concept), ... for a value (a prompt)."""
+    return "{...}" if section_type(_annotation_at(keys)) is not None else "..."
 
 
 def _override_value(keys: list[str], text: str, override: str) -> Any:

@@ -282,3 +282,13 @@ def test_an_override_gives_keys_to_a_section_whose_keys_are_all_commented_out(tm
     path = tmp_path / "recipe.yaml"
     path.write_text("data: {image_dir: images}\nlora:\n  # rank: 8\n")  # `lora:` is null: it was "'lora' is not a section"
     assert load_recipe(path, ["lora.rank=8"]).lora.rank == 8
+
+
+def test_the_example_of_a_whole_list_writes_its_entries_as_they_are(tmp_path):
+    # A list of prompts or numbers was shown as one of sections, validation.prompts=[{...}, {...}].
+    path = tmp_path / "recipe.yaml"
+    path.write_text("data: {image_dir: images}\nvalidation: {prompts: [a cat]}\n")
+    with pytest.raises(FinetuneError, match=r"to add an entry, give the whole list, e.g. validation.prompts=\[\.\.\., \.\.\.\]$"):
+        load_recipe(path, ["validation.prompts.1=a dog"])
+    with pytest.raises(FinetuneError, match=r"give the whole list instead, e.g. optimizer.betas=\[\.\.\.\]$"):
+        load_recipe(path, ["optimizer.betas.0=0.8"])
