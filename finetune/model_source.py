@@ -84,27 +84,31 @@ def locate_base(config: ModelConfig) -> BaseLocation:
         check_pipeline_parts(path, name)
         if config.variant:
             check_variant(path, name, config.variant)
-        check_schedule(path, config)
+        check_model_settings(path, config)
         return BaseLocation(config, path)
     if not looks_like_hub_id(name):
         raise FinetuneError(f"base model {name} not found: no such folder or file (check {config._key}){where_looked(name)}")
     # The configs first: an SDXL or inpainting id is said before gigabytes of its weights download.
     configs = _hub_snapshot(config, config.revision, allow_patterns=["model_index.json", "*/config.json", "scheduler/scheduler_config.json"])
     check_architecture(configs, name)
-    check_schedule(configs, config)
+    check_model_settings(configs, config)
     return BaseLocation(config, configs, weights_fetched=False)
 
 
-def check_schedule(folder: Path, config: ModelConfig) -> None:
-    """model.zero_terminal_snr on a base that predicts epsilon (and no model.prediction_type to train v instead), from the
-    scheduler's config: it was refused once the base had loaded, after the data check. A cache without the config: loading says it."""
-    scheduler = folder / "scheduler" / "scheduler_config.json"
-    if not config.zero_terminal_snr or config.prediction_type is not None or not scheduler.is_file():
-        return
-    own = read_config(scheduler, config.pretrained).get("prediction_type", "epsilon")  # diffusers' default
-    if own != "v_prediction":
-        raise FinetuneError(f"model.zero_terminal_snr needs v-prediction (at the last timestep the input is pure noise), and base model "
-                            f"{config.pretrained} predicts {own}: set model.prediction_type: v_prediction")  # fmt: skip
+def check_model_settings(folder: Path, config: ModelConfig) -> None:
+    """The model: section against the base's own configs: both were refused once the base had loaded, after the data check.
+    model.zero_terminal_snr on a base that predicts epsilon (and no model.prediction_type to train v instead), and a
+    model.clip_skip past the text encoder's layers. A config not there (a hub cache without it): loading says it."""
+    scheduler, text_encoder = folder / "scheduler" / "scheduler_config.json", folder / "text_encoder" / "config.json"
+    if config.zero_terminal_snr and config.prediction_type is None and scheduler.is_file():
+        own = read_config(scheduler, config.pretrained).get("prediction_type", "epsilon")  # diffusers' default
+        if own != "v_prediction":
+            raise FinetuneError(f"model.zero_terminal_snr needs v-prediction (at the last timestep the input is pure noise), and base model "
+                                f"{config.pretrained} predicts {own}: set model.prediction_type: v_prediction")  # fmt: skip
+    if config.clip_skip > 1 and text_encoder.is_file():
+        layers = read_config(text_encoder, config.pretrained).get("num_hidden_layers")
+        if isinstance(layers, int) and config.clip_skip > layers:  # the words of finetune.encoders.skip_last_layers, which loading runs
+            raise FinetuneError(f"model.clip_skip {config.clip_skip}: this text encoder has {layers} layers; use 1 to {layers}")
 
 
 def with_weights(location: BaseLocation) -> BaseLocation:

@@ -126,3 +126,14 @@ def test_a_full_fine_tune_with_clip_skip_saves_a_whole_text_encoder_and_samples_
 def test_training_the_whole_text_encoder_with_clip_skip_is_refused(make_recipe):
     with pytest.raises(FinetuneError, match=r"model.clip_skip above 1 leaves the text encoder's last layers out: train it with a LoRA"):
         make_recipe(method="full", model__clip_skip=2, full__train_text_encoder=True)
+
+
+def test_a_clip_skip_past_the_text_encoders_layers_is_refused_as_the_base_is_located(tiny_model):
+    """It was refused once the base had loaded, after the data check: the base's text encoder config says its layers."""
+    from finetune.config import ModelConfig
+    from finetune.model_source import locate_base
+
+    layers = json.loads((tiny_model / "text_encoder" / "config.json").read_text())["num_hidden_layers"]
+    with pytest.raises(FinetuneError, match=rf"^model.clip_skip {layers + 1}: this text encoder has {layers} layers; use 1 to {layers}$"):
+        locate_base(ModelConfig(pretrained=str(tiny_model), clip_skip=layers + 1))
+    assert locate_base(ModelConfig(pretrained=str(tiny_model), clip_skip=layers)).folder == tiny_model
