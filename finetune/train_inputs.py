@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from typing import Callable
 
+from finetune.base_folder import read_config
 from finetune.config import DataConfig, LossMaskConfig, Recipe
+from finetune.config.training import timestep_range_problem
+from finetune.errors import FinetuneError
 from finetune.model_source import BaseLocation, locate_base, location_of
 from finetune.sources import check_folders_exist
 
@@ -34,7 +37,7 @@ def check_inputs_exist(recipe: Recipe) -> BaseLocation:
     for config in data_configs(recipe):
         if config.image_dir:  # a `datasets` dataset is opened by the data check
             check_folders_exist(config)
-    return locate_base(recipe.model)
+    return check_timesteps(recipe, locate_base(recipe.model))
 
 
 def check_base_and_data(recipe: Recipe, check_data: Callable[[], None], base: BaseLocation | None = None) -> BaseLocation:
@@ -43,6 +46,17 @@ def check_base_and_data(recipe: Recipe, check_data: Callable[[], None], base: Ba
     so a typo in model.pretrained is said first; a hub id's weights download as the base loads, after the data check.
     `base`: the command's lookup of the base (a hub id's costs a cache search or a request each time), used as it is;
     returns the base's location."""
-    located = location_of(recipe.model, base)
+    located = check_timesteps(recipe, location_of(recipe.model, base))
     check_data()
+    return located
+
+
+def check_timesteps(recipe: Recipe, located: BaseLocation) -> BaseLocation:
+    """train.min_timestep and max_timestep against the base's training timesteps, from its scheduler config (a local folder's, a
+    hub id's fetched configs): it was refused once the base had loaded, after the data check. A single file: loading says it."""
+    scheduler = located.folder / "scheduler" / "scheduler_config.json" if located.folder else None
+    if scheduler is not None and scheduler.is_file() and (recipe.train.min_timestep or recipe.train.max_timestep is not None):
+        timesteps = read_config(scheduler, recipe.model.pretrained).get("num_train_timesteps", 1000)  # diffusers' default
+        if isinstance(timesteps, int) and (problem := timestep_range_problem(recipe.train, timesteps)):
+            raise FinetuneError(problem)
     return located

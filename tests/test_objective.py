@@ -162,3 +162,19 @@ def test_a_timestep_range_the_model_does_not_have_is_one_line(make_recipe):
         train(make_recipe(train__max_timestep=1200))
     with pytest.raises(FinetuneError, match=r"train.min_timestep 1000 leaves no timestep below the base model's 1000: set it lower"):
         train(make_recipe(train__min_timestep=1000))
+
+
+def test_a_timestep_range_the_model_does_not_have_is_said_before_the_data_check(tiny_model, image_folder, tmp_path, capsys):
+    """It was refused once the base had loaded, after the data check (and its minutes of decoding): the base's scheduler config says its timesteps."""
+    import json
+    import shutil
+
+    from finetune.cli import main
+
+    data = shutil.copytree(image_folder, tmp_path / "data")
+    (data / "0000.png").write_bytes(b"cut short")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({"model": {"pretrained": str(tiny_model)}, "data": {"image_dir": str(data), "resolution": 64},
+                                  "train": {"max_timestep": 1200}, "output_dir": str(tmp_path / "run"), "validation": {"prompts": []}}))  # fmt: skip
+    assert main(["train", str(recipe)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: train.max_timestep 1200 is beyond the base model's 1000 training timesteps: set at most 1000"]

@@ -112,6 +112,16 @@ class TrainConfig(Section):
         return self
 
 
+def timestep_range_problem(train: TrainConfig, num_train_timesteps: int) -> str | None:
+    """Why train.min_timestep..max_timestep holds none of a base's training timesteps (its scheduler's), or None."""
+    high = num_train_timesteps if train.max_timestep is None else train.max_timestep
+    if high > num_train_timesteps:
+        return f"train.max_timestep {high} is beyond the base model's {num_train_timesteps} training timesteps: set at most {num_train_timesteps}"
+    if train.min_timestep >= high:
+        return f"train.min_timestep {train.min_timestep} leaves no timestep below the base model's {num_train_timesteps}: set it lower"
+    return None
+
+
 class OptimizerConfig(Section):
     # adamw8bit, paged_adamw8bit and lion8bit come from bitsandbytes (8-bit states for large tensors);
     # adafactor keeps factored second moments only (the smallest state); prodigy finds its own step size.

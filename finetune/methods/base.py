@@ -23,6 +23,7 @@ from finetune.batches import item_layout
 from finetune.cache import EncodingCache, caption_key, model_fingerprint
 from finetune.check_data import DataReport, checked_examples
 from finetune.config import Recipe
+from finetune.config.training import timestep_range_problem
 from finetune.data import CaptionedImageDataset, collate
 from finetune.device_copy import to_device
 from finetune.diffusion import POSTERIOR_STREAM, BatchRandomness, NoiseOptions, add_noise, draw_noise, draw_perturbation, per_sample_loss
@@ -291,12 +292,9 @@ def unrepeated_cache_warnings(crops_vary: bool, tags_vary: bool) -> list[str]:
 
 def training_timesteps(train, num_train_timesteps: int) -> range:
     """The timesteps training draws from: all the model's, or train.min_timestep..max_timestep."""
-    high = num_train_timesteps if train.max_timestep is None else train.max_timestep
-    if high > num_train_timesteps:
-        raise FinetuneError(f"train.max_timestep {high} is beyond the base model's {num_train_timesteps} training timesteps: set at most {num_train_timesteps}")
-    if train.min_timestep >= high:
-        raise FinetuneError(f"train.min_timestep {train.min_timestep} leaves no timestep below the base model's {num_train_timesteps}: set it lower")
-    return range(train.min_timestep, high)
+    if problem := timestep_range_problem(train, num_train_timesteps):  # said before the data check where the base's scheduler config is at hand
+        raise FinetuneError(problem)
+    return range(train.min_timestep, num_train_timesteps if train.max_timestep is None else train.max_timestep)
 
 
 class UNetMethod(DiffusionMethod):
