@@ -56,6 +56,7 @@ def locate_base(config: ModelConfig) -> BaseLocation:
         if path.suffix not in SINGLE_FILE_SUFFIXES:  # was "not found: no such folder or file"; diffusers reads a file by its lowercase suffix
             raise FinetuneError(f"base model file {name} ends in {path.suffix}: rename it to end in {path.suffix.lower()} (diffusers and finetune "
                                 "know a single-file model by its suffix, in lowercase)")  # fmt: skip
+        check_hub_settings(config, "one file")
         if path.suffix == ".safetensors":
             check_single_file(path, config._key)
         if path.suffix == ".safetensors" and holds_a_lora(path):
@@ -81,6 +82,7 @@ def locate_base(config: ModelConfig) -> BaseLocation:
                 f"base model folder {name} is not a diffusers pipeline (no model_index.json): "
                 f"point {config._key} at a folder saved with save_pretrained, or at a .safetensors file"
             )
+        check_hub_settings(config, "a local folder")
         check_pipeline_parts(path, name)
         if config.variant:
             check_variant(path, name, config.variant)
@@ -93,6 +95,16 @@ def locate_base(config: ModelConfig) -> BaseLocation:
     check_architecture(configs, name)
     check_model_settings(configs, config)
     return BaseLocation(config, configs, weights_fetched=False)
+
+
+def check_hub_settings(config: ModelConfig, kind: str) -> None:
+    """model.revision picks a hub id's commit, and model.variant weights files of a folder: on a local folder or one file they
+    were left unread, without a word (a local folder's weights of the variant are still picked: `check_variant`)."""
+    unread = ["model.revision"] if config.revision else []
+    unread += ["model.variant"] if config.variant and kind == "one file" else []
+    if unread:
+        what = "a hub id's branch, tag or commit" if unread[0] == "model.revision" else "which weights files of a folder load (e.g. fp16)"
+        raise FinetuneError(f"{unread[0]} picks {what}, and base model {config.pretrained} is {kind}: remove {' and '.join(unread)}")
 
 
 def check_model_settings(folder: Path, config: ModelConfig) -> None:

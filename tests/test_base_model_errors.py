@@ -294,3 +294,16 @@ def test_a_single_file_base_with_its_suffix_in_capitals_is_told_to_be_renamed(na
     suffix = name.split(".")[1]
     assert str(refused.value) == (f"base model file {tmp_path / name} ends in .{suffix}: rename it to end in .{suffix.lower()} (diffusers and finetune "
                                   "know a single-file model by its suffix, in lowercase)")  # fmt: skip
+
+
+def test_a_hub_setting_on_a_local_base_is_refused_not_left_unread(tiny_model, tmp_path):
+    """model.revision on a local folder or file, and model.variant on one file, were left unread without a word."""
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    for pretrained, setting, said in (
+        (str(tiny_model), {"revision": "v2"}, f"model.revision picks a hub id's branch, tag or commit, and base model {tiny_model} is a local folder: remove model.revision"),
+        (str(tmp_path / "model.safetensors"), {"variant": "fp16"}, f"model.variant picks which weights files of a folder load (e.g. fp16), and base model "
+                                                                   f"{tmp_path / 'model.safetensors'} is one file: remove model.variant"),
+    ):  # fmt: skip
+        with pytest.raises(FinetuneError) as refused:
+            resolve_model_folder(ModelConfig(pretrained=pretrained, **setting))
+        assert str(refused.value) == said
