@@ -120,3 +120,21 @@ def test_the_most_sampling_steps_taken_stay_within_the_schedulers_timesteps(spac
     scheduler = DDIMScheduler.from_config(config, **spacing)
     scheduler.set_timesteps(MAX_STEPS)
     assert int(scheduler.timesteps.max()) < scheduler.config.num_train_timesteps
+
+
+@pytest.mark.parametrize(
+    "recipe,overrides,said",
+    [  # they were left unread without a word (data.caption_column also names a folder's metadata column: not among them)
+        ("lora.yaml", ["data.dataset_split=test"], "data.dataset_split picks what a dataset (data.dataset) gives, and this recipe reads data.image_dir: remove it"),
+        ("lora.yaml", ["data.image_column=img", "data.dataset_config=x"], "data.dataset_config, data.image_column pick what a dataset (data.dataset) gives, "
+                                                                           "and this recipe reads data.image_dir: remove them"),  # fmt: skip
+        ("dreambooth.yaml", ["data.dataset_config=x"], "data.dataset_config picks what a dataset (data.dataset) gives, and this recipe reads each concept's "
+                                                       "instance_dir: remove it"),  # fmt: skip
+    ],
+)
+def test_a_datasets_settings_without_a_dataset_are_refused(recipe, overrides, said):
+    path = Path(__file__).parent.parent / "recipes" / recipe
+    with pytest.raises(FinetuneError) as refused:
+        load_recipe(path, overrides)
+    assert str(refused.value) == f"override '{overrides[-1]}': {said}"
+    assert load_recipe(path, ["data.image_dir=null", "data.dataset=some/dataset", *overrides]) if recipe == "lora.yaml" else True

@@ -153,6 +153,11 @@ class Recipe(Section):
                              "(data.image_dir=null to train on the dataset)")  # fmt: skip
         elif not any(sources):
             raise ValueError("set exactly one of data.image_dir (a folder) or data.dataset (a datasets name or path)")
+        if self.data.dataset is None and (unread := [f"data.{key}" for key in self.data.changed(("dataset_config", "dataset_split", "image_column"))]):
+            # Else left unread without a word (data.caption_column also names a folder's metadata column).
+            reads = "each concept's instance_dir" if self.method == "dreambooth" else "data.image_dir"
+            raise ValueError(f"{', '.join(unread)} {'pick' if len(unread) > 1 else 'picks'} what a dataset (data.dataset) gives, and this recipe reads "
+                             f"{reads}: remove {'them' if len(unread) > 1 else 'it'}")  # fmt: skip
         trains_text_encoder = self.full.train_text_encoder if self.method == "full" else (
             self.dreambooth is not None and self.dreambooth.adapter == "full" and self.dreambooth.train_text_encoder)
         if self.optimizer.name == "prodigy":  # it finds one step size for all parameters; its own check fails mid-run
