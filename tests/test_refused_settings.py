@@ -138,3 +138,12 @@ def test_a_datasets_settings_without_a_dataset_are_refused(recipe, overrides, sa
         load_recipe(path, overrides)
     assert str(refused.value) == f"override '{overrides[-1]}': {said}"
     assert load_recipe(path, ["data.image_dir=null", "data.dataset=some/dataset", *overrides]) if recipe == "lora.yaml" else True
+
+
+@pytest.mark.parametrize("override", ["model.prediction_type=v_prediction", "model.clip_skip=2", "model.max_token_length=150"])
+def test_the_denoisers_model_settings_are_refused_with_method_vae(override):
+    # Accepted without a word; model.prediction_type (and zero_terminal_snr) also went into the saved pipeline's scheduler, of a UNet never trained for it.
+    key = override.split("=")[0]
+    with pytest.raises(FinetuneError) as refused:
+        load_recipe(Path(__file__).parent.parent / "recipes" / "pretrain_vae.yaml", [override])
+    assert str(refused.value) == f"override '{override}': method vae trains the autoencoder on reconstructions, so {key} would do nothing: remove it"

@@ -197,6 +197,8 @@ class Recipe(Section):
         if self.method == "vae":  # it trains the autoencoder on reconstructions: no denoising loss, no prompts
             unused = [f"train.{key}" for key in self.train.changed(DENOISING_SETTINGS)]
             unused += ["validation.prompts"] if self.validation.prompts else []
+            # The denoiser's target and the prompts' encoding: the saved pipeline's scheduler would claim a target its UNet never learned.
+            unused += [f"model.{key}" for key in self.model.changed(("prediction_type", "zero_terminal_snr", "clip_skip", "max_token_length"))]
             if unused:
                 raise ValueError(f"method vae trains the autoencoder on reconstructions, so {', '.join(unused)} would do nothing: remove {'them' if len(unused) > 1 else 'it'}")
         if self.method == "controlnet":
