@@ -251,8 +251,8 @@ def describe_validation_error(err: ValidationError, raw: dict[str, Any]) -> str:
         return message
     received = first.get("input")
     shown = "" if isinstance(received, dict) else f" (got {received!r})"
-    if first["type"] == "list_type" and isinstance(received, str):  # `validation.prompts=a cat` on the command line
-        shown += f"; a list is written in brackets: {dotted}='[\"first\", \"second\"]'"
+    if first["type"] == "list_type" and isinstance(received, str):  # `prompts: a cat` in a file, `validation.prompts=a cat` on the command line
+        shown += f"; a list is written in brackets: {path[-1]}: [\"first\", \"second\"] in a recipe, {dotted}='[\"first\", \"second\"]' on the command line"
     if first["type"] == "string_type":  # `image_dir: 2024`, `caption: yes`: YAML read a number, date or boolean
         shown += _quoting_hint(received)
     return f"key '{dotted}': {message}{shown}"

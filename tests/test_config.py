@@ -219,7 +219,7 @@ def test_other_trainers_names_and_command_line_mistakes_point_to_the_key(tmp_pat
         "train.learning_rate=1e-4": "override 'train.learning_rate=1e-4': unknown key 'train.learning_rate' (here it is 'optimizer.lr')",
         "lora.network_dim=8": "override 'lora.network_dim=8': unknown key 'lora.network_dim' (here it is 'lora.rank')",
         "validation.prompts=a cat": "override 'validation.prompts=a cat': key 'validation.prompts': Input should be a valid list (got 'a cat'); "
-                                    "a list is written in brackets: validation.prompts='[\"first\", \"second\"]'",
+                                    "a list is written in brackets: prompts: [\"first\", \"second\"] in a recipe, validation.prompts='[\"first\", \"second\"]' on the command line",
     }  # fmt: skip
     for override, message in cases.items():
         with pytest.raises(FinetuneError) as raised:
@@ -292,3 +292,10 @@ def test_the_example_of_a_whole_list_writes_its_entries_as_they_are(tmp_path):
         load_recipe(path, ["validation.prompts.1=a dog"])
     with pytest.raises(FinetuneError, match=r"give the whole list instead, e.g. optimizer.betas=\[\.\.\.\]$"):
         load_recipe(path, ["optimizer.betas.0=0.8"])
+
+
+def test_a_list_written_as_text_in_a_recipe_is_shown_the_recipes_syntax(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("data: {image_dir: x}\nvalidation:\n  prompts: a cat\n")  # was shown the command line's validation.prompts='[...]' alone
+    with pytest.raises(FinetuneError, match=r"a list is written in brackets: prompts: \[\"first\", \"second\"\] in a recipe, "):
+        load_recipe(path)
