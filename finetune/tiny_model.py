@@ -1,8 +1,10 @@
 """Build small Stable Diffusion pipelines from scratch: same classes as SD1.5, tiny configs.
 
-`tiny` is for tests and the quickstart (seconds on a CPU); `medium` keeps SD1.5's block pattern
-(three cross-attention down blocks, a plain one, and the mirror on the way up) at about 1/7 of the
-width (48-192 channels for 320-1280; a UNet of 19 M parameters, about 1/44 of SD1.5's 860 M), for the benchmark. Both write a normal diffusers folder that every loader in the project accepts.
+`tiny` is for tests and the quickstart (seconds on a CPU); `world` is the toy-world base model's architecture
+(pretrained by recipes/pretrain_*.yaml); `medium` keeps SD1.5's block pattern (three cross-attention down blocks,
+a plain one, and the mirror on the way up) at about 1/7 of the width (48-192 channels for 320-1280; a UNet of 19 M
+parameters, about 1/44 of SD1.5's 860 M), for the benchmark. Each writes a normal diffusers folder that every loader
+in the project accepts.
 """
 
 from __future__ import annotations
