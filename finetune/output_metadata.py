@@ -7,6 +7,7 @@ import collections
 import json
 from pathlib import Path
 
+from finetune.captions import caption_lines
 from finetune.checkpoint import CHECKPOINT_PATTERN
 from finetune.config import Recipe
 from finetune.kohya import LORAPLUS_KEYS
@@ -33,8 +34,8 @@ def dataset_metadata(items: list[Example], with_tags: bool = True) -> dict[str, 
         seen.add((item.source, where, item.folder_index))
         folder["img_count"] += 1
         # Each tag counts once per image, as sd-scripts counts them; a caption without commas is one tag, and
-        # each line of a caption of several lines is a caption of its own.
-        tags = (tag.strip() for line in (item.caption or "").splitlines() for tag in line.split(","))
+        # each line of a caption of several lines (split where training splits it) is a caption of its own.
+        tags = (tag.strip() for line in caption_lines(item.caption or "") for tag in line.split(","))
         folder["tags"].update(list(dict.fromkeys(tag for tag in tags if tag)))
     # Named as sd-scripts names them, by the folder's name; two folders of one name by their parent's too.
     names = collections.Counter(path.name for path in folders)

@@ -74,6 +74,16 @@ def test_folders_of_one_name_stay_apart_and_tags_are_capped():
     assert "finetune.tag_frequency" not in dataset_metadata(items, with_tags=False)
 
 
+def test_tags_are_counted_per_caption_line_where_training_splits_lines():
+    """A caption's lines are split only at line ends (LF, CRLF, CR), as training splits them: a U+2028 inside a tag
+    is part of that one caption line, which str.splitlines cut into two tags."""
+    from finetune.output_metadata import dataset_metadata
+    from finetune.sources import Example
+
+    items = [Example("/data/d/1.png", "sks, red\u2028dog\nsks, cat", lambda: None)]
+    assert json.loads(dataset_metadata(items)["finetune.tag_frequency"]) == {"d": {"sks": 1, "red\u2028dog": 1, "cat": 1}}
+
+
 def test_images_linked_into_a_data_folder_are_recorded_under_its_name(tmp_path):
     """A data folder of links into a photo library was recorded under the library's folders (2019, 2020), not its own."""
     from finetune.output_metadata import dataset_metadata
