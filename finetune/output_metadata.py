@@ -86,7 +86,7 @@ def output_metadata(
             metadata["finetune.use_dora"] = "true"
     metadata.update(dataset or {})
     if recipe.lora.init_from:  # its name only: a path would carry the user's folders into shared files
-        metadata["finetune.init_from"] = Path(recipe.lora.init_from).name
+        metadata["finetune.init_from"] = Path(recipe.lora.init_from).expanduser().resolve().name  # "." too has a name
     metadata.update(started or {})  # steps above are this run's, from those weights
     return metadata
 

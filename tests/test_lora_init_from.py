@@ -124,3 +124,13 @@ def test_a_lora_recording_no_prediction_type_is_taken_as_the_bases_and_sampled_s
     dreambooth = set_up(unrecorded, method="dreambooth", dreambooth={"concepts": [concept], "adapter": "lora", "prior_preservation": False},
                     data__image_dir=None)
     assert dreambooth.started_as_pretrained() and dreambooth.start_lines[-1].startswith(f"warning: lora.init_from {unrecorded} records no prediction type")
+
+
+def test_the_recorded_name_of_lora_init_from_is_its_folders_name_also_when_given_as_a_dot(make_recipe, tmp_path, monkeypatch):
+    """`lora.init_from=.`, run in the LoRA's folder, recorded an empty name ("." has none)."""
+    from finetune.output_metadata import output_metadata
+
+    (tmp_path / "first").mkdir()
+    monkeypatch.chdir(tmp_path / "first")
+    recipe = make_recipe(lora__init_from=".")
+    assert output_metadata(recipe, step=1, prediction_type="epsilon")["finetune.init_from"] == "first"
