@@ -134,3 +134,16 @@ def test_the_recorded_name_of_lora_init_from_is_its_folders_name_also_when_given
     monkeypatch.chdir(tmp_path / "first")
     recipe = make_recipe(lora__init_from=".")
     assert output_metadata(recipe, step=1, prediction_type="epsilon")["finetune.init_from"] == "first"
+
+
+def test_a_lora_continued_on_another_noise_schedule_is_warned(make_recipe, tmp_path, capsys):
+    """model.zero_terminal_snr changes the noise schedule the LoRA learned on (the prediction type being the same):
+    a warning, as for caption tokens, since a deliberate switch is a real use."""
+    v = dict(model__prediction_type="v_prediction", train__max_steps=1)
+    first = train(make_recipe(output_dir=str(tmp_path / "first"), model__zero_terminal_snr=True, **v))
+    capsys.readouterr()
+    train(make_recipe(output_dir=str(tmp_path / "continued"), lora__init_from=str(first.output_dir), **v))
+    assert (f"warning: lora.init_from {first.output_dir} was trained with a zero-terminal-SNR schedule, this run trains without one: "
+            "set model.zero_terminal_snr: true to continue as it was trained") in capsys.readouterr().out
+    train(make_recipe(output_dir=str(tmp_path / "same"), lora__init_from=str(first.output_dir), model__zero_terminal_snr=True, **v))
+    assert "zero-terminal-SNR" not in capsys.readouterr().out
