@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 
 import torch
@@ -67,7 +68,7 @@ def check_optimizer_installed(config: OptimizerConfig) -> None:
     back to AdamW with a warning instead: they save memory, where Prodigy's learning rate is another training)."""
     if config.name == "prodigy":
         try:
-            import prodigyopt  # noqa: F401
+            importlib.import_module("prodigyopt")
         except ImportError:
             raise FinetuneError("optimizer.name prodigy needs the prodigyopt package: pip install prodigyopt") from None
 
