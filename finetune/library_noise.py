@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
+import io
 import logging
 import os
 import warnings
@@ -34,6 +36,38 @@ def quiet_third_party_warnings() -> None:
     # peft, saving a text-encoder LoRA of a local base: it looks for a hub config to see if the vocabulary
     # grew (it never does here).
     warnings.filterwarnings("ignore", message="Could not find a config file in", category=UserWarning)
+    # DeepSpeed's ZeRO calls torch.distributed collectives that torch deprecates (a FutureWarning from every process at
+    # the first step, naming torch's source line); the calls are DeepSpeed's to change.
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated", category=FutureWarning
+    )
+
+
+@contextlib.contextmanager
+def quiet_deepspeed_shm_build():
+    """DeepSpeed on CPUs prints "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" (print, not a
+    log, so no filter reaches it) from every process of a launch as `Accelerator()` joins them. Only that call's print
+    is quieted, and only under a DeepSpeed launch; a build that fails still raises."""
+    from finetune.distributed import deepspeed_requested
+
+    try:  # the attribute deepspeed.comm.torch is torch itself
+        comm_torch = importlib.import_module("deepspeed.comm.torch") if deepspeed_requested() else None
+    except ImportError:  # DeepSpeed missing or broken: accelerate says so in its own words
+        comm_torch = None
+    if comm_torch is None:
+        yield
+        return
+    build = comm_torch.build_shm_op
+
+    def build_quietly():
+        with contextlib.redirect_stdout(io.StringIO()):
+            return build()
+
+    comm_torch.build_shm_op = build_quietly  # TorchBackend() looks it up in its module when the processes join
+    try:
+        yield
+    finally:
+        comm_torch.build_shm_op = build
 
 
 def quiet_paged_optimizer_on_cpu() -> None:

@@ -35,6 +35,7 @@ from finetune.ema import EMA_FILE, weight_average
 from finetune.caption_tokens import caption_warnings
 from finetune.errors import FinetuneError
 from finetune.finite_weights import ensure_finite_weights
+from finetune.library_noise import quiet_deepspeed_shm_build
 from finetune.held_out import TrainingSubset, held_out_loss, held_out_sources, split_held_out
 from finetune.model_source import BaseLocation
 from finetune.models import load_base_model
@@ -89,13 +90,14 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     if problem := launch_problem(train_cfg.mixed_precision):
         raise FinetuneError(problem)
 
-    accelerator = Accelerator(
-        **accelerator_options(),  # how several processes join, also on machines without CUDA
-        mixed_precision=train_cfg.mixed_precision,
-        gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
-        log_with="tensorboard" if recipe.logging.tensorboard else None,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-    )
+    with quiet_deepspeed_shm_build():
+        accelerator = Accelerator(
+            **accelerator_options(),  # how several processes join, also on machines without CUDA
+            mixed_precision=train_cfg.mixed_precision,
+            gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
+            log_with="tensorboard" if recipe.logging.tensorboard else None,
+            project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        )
     closing.enter_context(trackers_finished(accelerator))  # a failed run's last logs are written too, its writers' threads end
     say(
         f"training on {counted(accelerator.num_processes, 'process', 'processes')} (distributed: {accelerator.distributed_type.value.lower()}), "
