@@ -19,6 +19,7 @@ from finetune.bench.sd15 import build_sd15_pipeline
 from finetune.bench.variants import DEFAULT_VARIANTS, VARIANTS, images_per_step
 from finetune.errors import FinetuneError
 from finetune.image_bounds import MAX_CLASS_IMAGES, MAX_RESOLUTION, RESOLUTION_BOUND
+from finetune.library_noise import quiet_weight_progress_bars
 
 # ---------------------------------------------------------------------------------------------------
 # The parent: model, data, one subprocess per variant, and the JSON report (the table: report.py)
@@ -188,6 +189,7 @@ def run_benchmark(
 def prepare_model(preset: str, folder: Path, log: Callable[[str], None]) -> Path:
     if (folder / "model_index.json").is_file():
         return folder
+    quiet_weight_progress_bars()  # transformers' "Writing model shards" bar as the text encoder is saved, between the bench's lines
     if preset == "sd15":
         log("building SD1.5's architecture with random weights (UNet 860M, text encoder 123M, VAE 84M) ...")
         import torch
