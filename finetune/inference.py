@@ -351,6 +351,9 @@ def sample_to_folder(
         print(f"note: this ControlNet was trained on {made} conditioning images (finetune make-conditions); --condition is used as it is: give one of that kind")
     condition_image = read_condition(condition) if controlnet is not None else None  # a bad one stops before the model loads
     pipeline = place(load_sampling_pipeline(base, lora, lora_scale, controlnet, base_config), *placement)
+    # Each batch's denoising steps as a bar, cleared when the batch is done (build_pipeline turns it off for training's
+    # grids): an SD1.5 image takes minutes on a CPU, which nothing between this line and the last said.
+    pipeline.set_progress_bar_config(desc="sampling", leave=False)
     print(placement_line(*placement))
     resolution = resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     if resolution % 8:

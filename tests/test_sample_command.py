@@ -38,3 +38,11 @@ def test_sample_at_a_size_that_runs_out_of_memory_is_one_line(capsys, tiny_model
     with pytest.raises(SystemExit):  # 0 was the model's own size, and -64 a traceback
         main(["sample", "--base", str(tiny_model), "--prompt", "a", "--resolution", "-64"])
     assert "argument --resolution: must be at least 1, got -64" in capsys.readouterr().err
+
+
+def test_sample_shows_the_denoising_steps_as_it_goes(capsys, tiny_model, tmp_path):
+    """Nothing was said between the device line and the files written: minutes for SD1.5 images on a CPU."""
+    assert main(["sample", "--base", str(tiny_model), "--prompt", "a", "--steps", "3", "--num-images", "2", "--out", str(tmp_path / "s")]) == 0
+    out, err = capsys.readouterr()
+    assert "sampling:" in err and "/3 [" in err  # the bar of 3 steps (cleared at its end)
+    assert out.splitlines()[-1].startswith("wrote 2 images and a grid:")  # the bar, cleared, leaves the lines as they were
