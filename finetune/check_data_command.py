@@ -12,7 +12,7 @@ from finetune.config import DataConfig, ModelConfig, Recipe
 from finetune.counts import counted
 from finetune.epoch_uses import expand_together
 from finetune.errors import FinetuneError
-from finetune.held_out import held_out_sources, split_held_out
+from finetune.held_out import held_out_sources, image_identities, split_held_out
 from finetune.recipe_loading import describe_validation_error, load_recipe
 from finetune.train_inputs import data_configs
 from finetune.sources import read_examples
@@ -74,9 +74,10 @@ def run_check_data_command(args) -> int:
             reports.append(inspect_pairs(recipe.model_copy(update={"data": config}))[1])
         else:
             reports.append(inspect_examples(read_examples(config), config, data_label(config)))
-    sources = [example.source for examples in expand_together([report.usable for report in reports]) for example in examples]  # as the trainer counts
-    # The same images training holds out (the split depends on the seed and the data only).
-    trained, held = split_held_out(sources, recipe.validation.loss_images, recipe.seed) if recipe is not None else (range(len(sources)), [])
+    items = [example for examples in expand_together([report.usable for report in reports]) for example in examples]  # as the trainer counts
+    sources = [example.source for example in items]
+    # The same images a new run holds out (the split depends on the seed and the images' pixels only).
+    trained, held = split_held_out(image_identities(items), recipe.validation.loss_images, recipe.seed) if recipe is not None else (range(len(sources)), [])
     held_sources = held_out_sources(sources, trained)
     class_folders_to_fill = []
     if recipe is not None and recipe.method == "dreambooth":

@@ -9,32 +9,107 @@ with its class image, ControlNet's with its conditioning), one image at a time (
 
 from __future__ import annotations
 
+import hashlib
 import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.counts import counted
 
 # Micro-batch numbers no training run reaches: the validation draws are never a training step's.
 FIRST_DRAW = 2**40
 # Noise and timestep draws per image: four times the forwards for a steadier number.
 DRAWS_PER_IMAGE = 4
+# Where a checkpoint's trainer state keeps the images it held out (their pixel digests).
+HELD_OUT_STATE = "held_out_images"
 
 
-def split_held_out(sources: list[str], count: int, seed: int) -> tuple[list[int], list[int]]:
-    """(items to train on, items to score): `count` distinct images, chosen by `seed` among the sorted
-    image paths (the same on every process, in a resume and in check-data), leave training with every
-    copy of them (data.folders repeats, a folder under two templates); one copy of each is scored.
-    `sources` names the image of each dataset item."""
+def split_held_out(images: list[str], count: int, seed: int) -> tuple[list[int], list[int]]:
+    """(items to train on, items to score): `count` distinct images, chosen by `seed`, leave training with every
+    copy of them (data.folders repeats, a folder under two templates, the same pixels in another file); one copy of
+    each is scored. `images` names the image of each dataset item by its content (`image_identities`): the choice is
+    the same wherever the data live (a folder moved, another mount point, another machine), on every process, in a
+    resume and in check-data; an image added, removed or edited changes at most one of those held out."""
+    if count == 0:
+        return list(range(len(images))), []
+    rank = {image: hashlib.sha256(f"{seed}:{image}".encode()).hexdigest() for image in set(images)}
+    return _split(images, set(sorted(rank, key=rank.get)[:count]))
+
+
+def image_identities(items: list) -> list[str]:
+    """Each item's image by its pixels (the data check's digest), or by its source where it has none."""
+    return [item.digest or item.source for item in items]
+
+
+def split_by_full_paths(sources: list[str], count: int, seed: int) -> tuple[list[int], list[int]]:
+    """The choice before `split_held_out`: by `seed` among the sorted real paths of the images, so moving a data folder
+    could change it. Kept for the checkpoints made with it (`held_out_for_run`)."""
     if count == 0:
         return list(range(len(sources))), []
     files = [os.path.realpath(source) if os.path.isfile(source) else source for source in sources]  # one file, however written
     images = sorted(set(files))
-    import torch  # here: check-data reports the split without loading torch when nothing is held out
+    import torch  # here: check-data reports the split without loading torch
 
     generator = torch.Generator().manual_seed(seed)
-    held = {images[i] for i in torch.randperm(len(images), generator=generator)[:count].tolist()}
+    return _split(files, {images[i] for i in torch.randperm(len(images), generator=generator)[:count].tolist()})
+
+
+def _split(images: list[str], held: set[str]) -> tuple[list[int], list[int]]:
     first_copy: dict[str, int] = {}
-    for index, file in enumerate(files):
-        if file in held:
-            first_copy.setdefault(file, index)
-    return [index for index, file in enumerate(files) if file not in held], sorted(first_copy.values())
+    for index, image in enumerate(images):
+        if image in held:
+            first_copy.setdefault(image, index)
+    return [index for index, image in enumerate(images) if image not in held], sorted(first_copy.values())
+
+
+@dataclass(frozen=True)
+class HeldOutSplit:
+    trained: list[int]  # the items that train
+    scored: list[int]  # one item of each held-out image
+    images: list[str]  # the held-out images by content (sorted): what a checkpoint keeps, for a resume to hold out the same
+    lines: list[str]  # what the run says of a resume's choice
+
+
+def held_out_for_run(items: list, count: int, seed: int, checkpoint: Path | None = None) -> HeldOutSplit:
+    """The run's split (`items`: the method's training items, checked). A resume holds out the images its checkpoint
+    held out, wherever the data are now. One from before checkpoints kept them keeps the ones it chose by full paths
+    where its record of the trained images shows them (or it has none); otherwise the run says they changed."""
+    images = image_identities(items)
+    split, lines = split_held_out(images, count, seed), []
+    if checkpoint is None or count == 0:
+        return _run_split(images, split, lines)
+    from finetune.checkpoint import data_record, read_state  # torch and accelerate: loaded for a resume only
+
+    state = read_state(checkpoint)
+    if (kept := state.get(HELD_OUT_STATE)) is not None:
+        missing = set(kept) - set(images)
+        if len(kept) == count and not missing:  # (another validation.loss_images: the settings warning says so)
+            split = _split(images, set(kept))
+        elif len(kept) == count:
+            lines.append(f"warning: {counted(len(missing), 'image')} of the {count} {checkpoint.name} held out (by their pixels) "
+                         f"{'is' if len(missing) == 1 else 'are'} no longer in the data (removed or edited): this run holds out the seed's "
+                         "choice among the images now, so its validation losses do not continue the checkpoint's")
+    elif (state.get("recipe") or {}).get("validation.loss_images") == count:
+        by_paths = split_by_full_paths([item.source for item in items], count, seed)
+
+        def recorded(trained: list[int]) -> bool:
+            return data_record([items[i] for i in trained])["hash"] == state["data"]["hash"]
+
+        if (recorded(split[0]) if state.get("data") else by_paths[0] == split[0]):
+            pass
+        elif not state.get("data") or recorded(by_paths[0]):  # (with no record: what that version chose, where the data are now)
+            split = by_paths
+            lines.append(f"{checkpoint.name} held out the images finetune then chose by their full paths: this run holds out those")
+        else:
+            lines.append(
+                f"warning: {checkpoint.name} held out images chosen by their full paths (as finetune did then), and the data moved or "
+                "changed since: which ones cannot be told, so this run holds out its own choice (images it held out may train now, "
+                "images it trained on are scored): for a validation loss of unseen images, start a new run")
+    return _run_split(images, split, lines)
+
+
+def _run_split(images: list[str], split: tuple[list[int], list[int]], lines: list[str]) -> HeldOutSplit:
+    return HeldOutSplit(split[0], split[1], sorted({images[i] for i in split[1]}), lines)
 
 
 def held_out_sources(sources: list[str], trained: list[int]) -> frozenset[str]:

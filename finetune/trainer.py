@@ -36,7 +36,7 @@ from finetune.caption_tokens import caption_warnings
 from finetune.errors import FinetuneError
 from finetune.finite_weights import ensure_finite_weights
 from finetune.library_noise import quiet_deepspeed_shm_build
-from finetune.held_out import TrainingSubset, held_out_loss, held_out_sources, split_held_out
+from finetune.held_out import HELD_OUT_STATE, TrainingSubset, held_out_for_run, held_out_loss, held_out_sources
 from finetune.model_source import BaseLocation
 from finetune.models import load_base_model
 from finetune.output_metadata import dataset_metadata, output_metadata
@@ -106,7 +106,10 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     agree_on_start(accelerator, ckpt.checkpoint_step(resume_from) if resume_from else 0, checkpoints_dir, resume == "latest")
     items = method.training_items()
     sources = [item.source for item in items]
-    trained_items, held_out = split_held_out(sources, recipe.validation.loss_images, recipe.seed)
+    held_out_split = held_out_for_run(items, recipe.validation.loss_images, recipe.seed, resume_from)  # a resume's: its checkpoint's
+    trained_items, held_out = held_out_split.trained, held_out_split.scored
+    for line in held_out_split.lines:
+        say(line)
     held_out_images = held_out_sources(sources, trained_items)
     # The data check's summary (counts, buckets, skipped images, warnings): nothing is left out unseen.
     for report in method.data_reports:
@@ -263,7 +266,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
         ckpt.save_checkpoint(
             accelerator, checkpoints_dir, step,
             {"recipe_hash": recipe.fingerprint(), "recipe": recipe.flat_settings(), "processes": accelerator.num_processes, "max_steps": max_steps,
-             "method": method.checkpoint_state(), "data": images_record, "data_order": sampler.position_after(step * accumulation),
+             "method": method.checkpoint_state(), "data": images_record, HELD_OUT_STATE: held_out_split.images, "data_order": sampler.position_after(step * accumulation),
              DRAWN: step * accumulation + draws_from, STEPS_BY_SHAPE: epochs_by.steps_by_shape(step),  # what its steps drew, and trained at which batch
              "losses_since_log": running.since_last_log_state(accelerator), **more},  # the resumed run's first log covers the same steps
             recipe.checkpoint.keep_last, extra=extra, **save_options

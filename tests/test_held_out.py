@@ -3,24 +3,30 @@ fixed draws, for every method."""
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 from controlnet_helpers import controlnet_recipe
 
 import finetune.held_out as held_out_module
+from finetune.check_data import checked_examples
+from finetune.config import DataConfig
 from finetune.errors import FinetuneError
-from finetune.held_out import split_held_out
+from finetune.held_out import image_identities, split_held_out
 from finetune.trainer import train
 
 
 def test_held_out_images_never_train_and_their_loss_is_reported_at_each_validation(make_recipe, tmp_path, monkeypatch, capsys):
-    trained_on = set()
-    real_getitem = held_out_module.TrainingSubset.__getitem__
+    import finetune.trainer as trainer
+
+    trained_on, scored = set(), set()
+    real_getitem, real_loss = held_out_module.TrainingSubset.__getitem__, trainer.held_out_loss
     monkeypatch.setattr(held_out_module.TrainingSubset, "__getitem__", lambda self, key: trained_on.add(self.kept[key[0]]) or real_getitem(self, key))
+    monkeypatch.setattr(trainer, "held_out_loss", lambda *args: scored.update(args[4]) or real_loss(*args))
     common = dict(validation__loss_images=1, validation__every_n_steps=2, checkpoint__every_n_steps=2, train__max_steps=4)
     whole = train(make_recipe(output_dir=str(tmp_path / "whole"), **common))  # 4 images, batch 2
-    _, [held] = split_held_out([f"image-{i}" for i in range(4)], 1, make_recipe().seed)
-    assert trained_on == {0, 1, 2, 3} - {held}
+    assert len(scored) == 1 and trained_on == {0, 1, 2, 3} - scored
     assert [step for step, _ in whole.validation_losses] == [0, 2, 4] and all(math.isfinite(loss) for _, loss in whole.validation_losses)
     assert whole.validation_losses[0][1] != whole.validation_losses[-1][1]
     out = capsys.readouterr().out
@@ -35,8 +41,6 @@ def test_held_out_images_never_train_and_their_loss_is_reported_at_each_validati
     assert again.validation_losses[0] == whole.validation_losses[0]
     resumed = train(make_recipe(output_dir=str(tmp_path / "resumed"), **common), resume=str(whole.output_dir / "checkpoints" / "checkpoint-2"))
     assert resumed.validation_losses[-1] == whole.validation_losses[-1]
-
-    import finetune.trainer as trainer  # before any model loads
 
     monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
     with pytest.raises(FinetuneError, match=r"^1 training image \(repeats counted\) \(4 before validation.loss_images held some out\) is fewer than one batch "
@@ -59,14 +63,22 @@ def test_every_method_reports_its_validation_loss(method, make_recipe, pairs_fol
     assert step == 1 and math.isfinite(loss) and loss > 0
 
 
-def test_every_copy_of_a_held_out_image_leaves_training(tmp_path):
-    """data.folders repeats (or one folder under two templates, or spelled another way) list an image several times."""
-    for name in ("a.png", "b.png"):
-        (tmp_path / name).write_bytes(b"")
-    spellings = [str(tmp_path / "a.png"), str(tmp_path / ".." / tmp_path.name / "a.png"), str(tmp_path / "b.png")]
+def test_every_copy_of_a_held_out_image_leaves_training(image_folder, tmp_path):
+    """data.folders repeats (or one folder under two templates, or spelled another way) list an image several times;
+    the same pixels in another file are the same image too."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name, original in (("a", "0000"), ("b", "0001"), ("copy-of-a", "0000")):
+        shutil.copy(image_folder / f"{original}.png", folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(f"{name} caption")
+    spellings = [{"path": "."}, {"path": f"../{folder.name}", "template": "photo of {caption}", "repeats": 2}]
+    items, _ = checked_examples(DataConfig(image_dir=str(folder), resolution=64, folders=spellings))
+    names = [Path(item.source).stem for item in items]
+    assert sorted(names) == ["a", "a", "a", "b", "b", "b", "copy-of-a", "copy-of-a", "copy-of-a"]
     for seed in range(4):
-        trained, [scored] = split_held_out(spellings, 1, seed)
-        assert trained == ([2] if scored in (0, 1) else [0, 1])
+        trained, [scored] = split_held_out(image_identities(items), 1, seed)
+        kept = {names[i] for i in trained}
+        assert kept == ({"b"} if names[scored] in ("a", "copy-of-a") else {"a", "copy-of-a"}) and len(trained) == (3 if kept == {"b"} else 6)
 
     sources = ["a", "b", "b", "b", "c", "c"]
     trained, scored = split_held_out(sources, 2, seed=0)

@@ -196,13 +196,13 @@ def test_an_index_past_a_list_says_how_to_add_an_entry():
 def test_validation_loss_images_holding_out_a_whole_concept_is_refused(capsys):
     from finetune.cli import main
 
-    # Held-out images are drawn among every concept's: 21 of 22 left the star subject none to train on ("ready to train").
+    # Held-out images are drawn among every concept's: 21 of 22 leave the striped concept none to train on (it said "ready to train").
     striped = RECIPES.parent / "datasets" / "striped"
     concepts = f"dreambooth.concepts=[{{instance_dir: {STAR_FOLDER}, instance_prompt: a sks shape}}, {{instance_dir: {striped}, use_captions: true}}]"
     overrides = [concepts, "dreambooth.prior_preservation=false", "data.resolution=64"]
     assert main(["check-data", str(RECIPES / "dreambooth_lora.yaml"), *overrides, "validation.loss_images=21"]) == 1
     assert capsys.readouterr().out.strip().splitlines()[-1] == (
-        f"result: training would stop: validation.loss_images (21) holds out every image of dreambooth.concepts.0 ({STAR_FOLDER}), which would never train: lower it")
+        f"result: training would stop: validation.loss_images (21) holds out every image of dreambooth.concepts.1 ({striped}), which would never train: lower it")
     assert main(["check-data", str(RECIPES / "dreambooth_lora.yaml"), *overrides, "validation.loss_images=20"]) == 0
 
 
