@@ -23,6 +23,7 @@ from finetune.check_data import concept_held_out_whole, too_few_to_batch
 from finetune.config import Recipe
 from finetune.console import say, warn
 from finetune.counts import counted
+from finetune.cpu_adam_steps import continue_step_powers
 from finetune.data_loader import training_loader
 from finetune.batches import item_layout
 from finetune.diffusion import BatchRandomness
@@ -199,6 +200,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
         step = state["step"]
         method.load_checkpoint_state(state.get("method", {}))
         apply_recipe_settings(optimizer, lr_scheduler, group_lrs, recipe.optimizer)
+        continue_step_powers(optimizer)  # DeepSpeed's CPU Adam keeps them outside its checkpoint
         say(f"resumed from {resume_from} at step {step}")
         for line in resume_warnings(resume_from, state, recipe, max_steps, accelerator.num_processes, layout.order_key(recipe.seed)):  # processes, length
             say(line)

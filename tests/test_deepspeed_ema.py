@@ -166,15 +166,17 @@ def test_under_an_offloaded_zero3_optimizer_the_average_is_of_the_masters_as_wit
     assert_average_of_the_masters(offloaded)
     assert_validation_samples_the_average(offloaded)
     assert_training_as_without_the_average(offloaded)
-    # Resumed, the training itself is not the uninterrupted run's here (DeepSpeed's, with or without the average: the
-    # masters differ by 1e-7 after the first resumed step, 2e-4 after the next). The average continues from checkpoint-2's
-    # over the resumed run's own masters.
+    # Resumed, the training is the uninterrupted run's (DeepSpeed's CPU Adam given back its bias-correction powers:
+    # finetune/cpu_adam_steps.py), and the average continues from checkpoint-2's over those masters.
     resumed, average = offloaded / "resumed", load_file(offloaded / "averaged" / "checkpoints" / "checkpoint-2" / EMA_FILE)
+    for step in range(3, STEPS + 1):
+        assert_equal(masters(resumed, step), masters(offloaded / "averaged", step))
     for n in range(2, STEPS):
         for name, master in masters(resumed, n + 1).items():
             average[name].lerp_(master, 1 - min(DECAY, (1 + n) / (10 + n)))
     assert_close(load_file(resumed / "checkpoints" / f"checkpoint-{STEPS}" / EMA_FILE), average)
     assert_close(saved_unet(resumed), average)
+    assert_close(saved_unet(resumed), saved_unet(offloaded / "averaged"))
 
 
 def in_adapter_names(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
