@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, build_recipe
+from conftest import build_recipe
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 from test_distributed import deepspeed, launch, wait, write
@@ -148,16 +148,12 @@ def test_a_resumed_run_continues_the_average_of_the_masters(runs):
 
 @pytest.fixture(scope="module")
 def offloaded(tiny_model, image_folder, tmp_path_factory):
-    """full_recipes' runs under ZeRO-3 with the optimizer offloaded (zero3.json with zero2_offload.json's offload_optimizer):
+    """full_recipes' runs under ZeRO-3 with the optimizer offloaded (configs/deepspeed/zero3_offload.json):
     the fp32 masters in CPU memory, stepped by DeepSpeed's CPU Adam. The average reads each process's partition there,
     where DeepSpeed's safe_get_local_fp32_param would copy it to the process's device (a GPU), and is kept beside it."""
     root = tmp_path_factory.mktemp("zero3-offload")
-    config = json.loads((REPO / "configs" / "deepspeed" / "zero3.json").read_text())
-    offload = json.loads((REPO / "configs" / "deepspeed" / "zero2_offload.json").read_text())["zero_optimization"]["offload_optimizer"]
-    config["zero_optimization"]["offload_optimizer"] = offload
-    (root / "zero3_offload.json").write_text(json.dumps(config))
     paths = {name: write(recipe, root / f"{name}.yaml") for name, recipe in full_recipes(tiny_model, image_folder, root).items()}
-    wait(launch(deepspeed(str(root / "zero3_offload.json")), *full_runs(root, paths)))  # an absolute path: as it is
+    wait(launch(deepspeed("zero3_offload.json"), *full_runs(root, paths)))
     return root
 
 
