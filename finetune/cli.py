@@ -16,6 +16,7 @@ from finetune.image_bounds import sample_grid_problem
 from finetune.library_noise import quiet_third_party_warnings, quiet_weight_progress_bars
 from finetune.native_resolution import native_resolution
 from finetune.process_env import first_on_its_machine, machine_name, main_process
+from finetune.progress_lines import progress_as_lines_in_logs
 
 
 def base_or_recorded(args) -> str:
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (timeout, systemd, SLURM) stops a command as Ctrl-C does, not silently; training defers both.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        return COMMANDS[args.command](args)
+        with progress_as_lines_in_logs():  # a bar's redraws in a log file: a line every 30 s (on a terminal: as ever)
+            return COMMANDS[args.command](args)
     except FinetuneError as err:
         # Under `accelerate launch` every process checks the same recipe and files: one line per machine (each
         # machine's launcher stops on it), naming the machine where there are several (a job's merged log).

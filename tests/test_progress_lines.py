@@ -1,0 +1,98 @@
+"""Progress bars in a log file (nohup, SLURM, `| tee`): plain lines now and then, not tqdm's redraw ('\\r' + the bar)
+up to 10 times a second, which made a log of megabytes on one endless line. A terminal keeps its live bar."""
+
+import fcntl
+import io
+import os
+import pty
+import select
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
+import yaml
+from tqdm import tqdm
+
+from finetune.cli import main
+from finetune.progress_lines import ProgressLines, progress_as_lines_in_logs
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_a_training_run_logged_to_a_file_writes_a_few_plain_progress_lines(make_recipe, tmp_path):
+    # 60 steps with a checkpoint and validation grid mid-run (lines written above the bar): tqdm redrew it at every step.
+    recipe = tmp_path / "recipe.yaml"
+    settings = make_recipe(train__max_steps=60, checkpoint__every_n_steps=30, validation__prompts=["a shape"], validation__every_n_steps=30)
+    recipe.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
+    log = tmp_path / "train.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("FINETUNE_PROGRESS_EVERY", None)
+    with log.open("w") as file:  # as `nohup finetune train recipe.yaml > train.log 2>&1` leaves it
+        done = subprocess.run([sys.executable, "-m", "finetune", "train", str(recipe)], stdout=file, stderr=subprocess.STDOUT, env=env, timeout=600)
+    text = log.read_text()
+    assert done.returncode == 0, text
+    assert "\r" not in text and "\x1b" not in text, repr(text[-2000:])
+    bars = [line for line in text.splitlines() if line.startswith("training:")]
+    assert 2 <= len(bars) <= 4, bars  # its start, its end, and a line per 30 s between (this run takes less)
+    assert bars[0].startswith("training:   0%") and " 0/60 " in bars[0]
+    assert bars[-1].startswith("training: 100%") and " 60/60 " in bars[-1] and "loss=" in bars[-1]
+    assert "saved " in text and text.rstrip().splitlines()[-1].startswith("output: ")
+    assert len(text) < 3000, len(text)
+
+
+def test_redraws_become_a_line_per_interval_and_the_bars_last_state():
+    now = [0.0]
+    log = io.StringIO()
+    lines = ProgressLines(log, every=10, clock=lambda: now[0])
+    with tqdm(total=100, desc="training", file=lines, mininterval=0, ascii=True) as bar:
+        for step in range(100):
+            now[0] += 1  # a step a second: tqdm redraws at each
+            bar.update()
+            if step == 49:
+                bar.write("saved checkpoint-50", file=lines)  # clears the bar, writes above it, redraws it
+    with tqdm(total=5, desc="checking", file=lines, mininterval=0, leave=False) as bar:  # cleared at its end
+        bar.update(5)
+    text = log.getvalue()
+    assert "\r" not in text
+    written = text.splitlines()
+    assert "saved checkpoint-50" in written
+    bars = [line for line in written if line.startswith("training")]
+    assert 10 <= len(bars) <= 12, written  # 0%, one per 10 s, 100%
+    assert " 100/100 " in bars[-1] and bars.count(bars[-1]) == 1
+    assert [line for line in written if line.startswith("checking")] == []  # drawn within 10 s of the last line, then cleared
+
+
+def test_a_terminal_keeps_the_live_bar(monkeypatch):
+    reader, writer = pty.openpty()
+    fcntl.ioctl(writer, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # a new pty is 0x0: tqdm drew nothing there
+    terminal = os.fdopen(writer, "w")
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with progress_as_lines_in_logs():
+        assert sys.stderr is terminal
+        with tqdm(total=5, desc="live", mininterval=0) as bar:
+            for _ in range(5):
+                bar.update()
+    terminal.flush()
+    drawn = ""
+    while select.select([reader], [], [], 0.5)[0]:
+        drawn += os.read(reader, 65536).decode()
+    terminal.close()
+    os.close(reader)
+    assert drawn.count("\rlive:") >= 5, repr(drawn)  # redrawn in place at each update
+
+
+def test_a_bad_interval_is_one_line(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("FINETUNE_PROGRESS_EVERY", "often")
+    assert main(["check-data", "--image-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: FINETUNE_PROGRESS_EVERY=often: give the seconds between progress lines in a log (e.g. 30), or unset it"
+    )
+
+
+def test_diffusers_sampling_bar_follows_the_same_rule(capsys, tiny_model, tmp_path):
+    assert main(["sample", "--base", str(tiny_model), "--prompt", "a", "--steps", "3", "--num-images", "2", "--out", str(tmp_path / "s")]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err, repr(err)
+    assert [line for line in err.splitlines() if line.startswith("sampling:")][:1] != []  # its first state, as a line
