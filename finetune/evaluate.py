@@ -134,14 +134,14 @@ def _validate(suites, options: dict) -> list[str]:
 
 
 def _score(make_rows, suites, options: dict) -> dict:
-    """Generate each needed prompt set once (``make_rows(prompt set) -> images[p][k]``), score every suite."""
+    """Generate each needed prompt set once (``make_rows(name, prompt set) -> images[p][k]``), score every suite."""
     suites = _validate(suites, options)
     sets, rows, result = {}, {}, {"metrics": {}, "n": {}, "prompts": {}, "images": {}, "conditions": {}}
     for suite in suites:
         name, scorer = SUITES[suite]
         if name not in sets:
             sets[name] = PROMPT_SETS[name](options)
-            rows[name] = make_rows(sets[name])
+            rows[name] = make_rows(name, sets[name])
         ps = sets[name]
         images = [im for row in rows[name] for im in row]
         prompts = [p for p, row in zip(ps.prompts, rows[name]) for _ in row]
@@ -218,6 +218,7 @@ def run_eval(
     # (two small JSON files) so that every caller of run_eval is refused before the model loads.
     refuse_a_report_grid(suites, num_prompts, images_per_prompt, native_resolution(base, base_config))
     from finetune.placement import inference_placement, place, without_tf32
+    from finetune.sampling import show_denoising_steps
 
     pipeline = load_sampling_pipeline(base, lora, lora_scale, controlnet, base_config=base_config)
     pipeline.unet.eval()
@@ -226,8 +227,10 @@ def run_eval(
     options["resolution"] = resolution
     refuse_a_report_grid(suites, num_prompts, images_per_prompt, resolution)  # a base whose configs said no resolution before it loaded
 
-    def make_rows(ps: PromptSet):
+    def make_rows(name: str, ps: PromptSet):
         control = {} if controlnet is None else dict(controlnet_conditioning_scale=scale)
+        # A bar per batch, named by the prompt set: minutes without a word on a CPU (3 for the ControlNet suites).
+        show_denoising_steps(pipeline, f"sampling {name}")
         return generate_per_prompt(pipeline, ps.prompts, images_per_prompt, seed, steps, guidance, resolution,
                                    ps.conditions if controlnet is not None else None, **control)  # fmt: skip
 
@@ -280,7 +283,7 @@ def evaluate_real_images(
         raise FinetuneError(f"the seed of the real renders is a number from 0 up, got {seed}")
     options = dict(n=num_prompts, images_per_prompt=images_per_prompt, identifier="sks", subject=subject, class_word="shape", resolution=64)
     suites = _validate(suites, options)
-    result = _score(lambda ps: _render(ps, images_per_prompt, salt=(seed + 1,)), suites, options)
+    result = _score(lambda name, ps: _render(ps, images_per_prompt, salt=(seed + 1,)), suites, options)
     result["settings"] = dict(base="real toy-world images", lora=None, suites=suites,
                               num_prompts=num_prompts, images_per_prompt=images_per_prompt, seed=seed)  # fmt: skip
     return result

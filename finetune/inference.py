@@ -37,7 +37,7 @@ from finetune.placement import inference_placement, place, placement_line
 from finetune.prompt_options import PromptSettings, guidance_notes, webui_syntax_notes, with_options
 from finetune.sampling import (
     GRID_LABEL_WIDTH, adapters_clip_skip, adapters_max_token_length, build_pipeline, follow_adapters_schedule, generate_with_settings, make_grid,
-    read_prompts_as_trained,
+    read_prompts_as_trained, show_denoising_steps,
 )  # fmt: skip
 from finetune.sample_files import write_numbered
 from finetune.sources import Example
@@ -351,9 +351,7 @@ def sample_to_folder(
         print(f"note: this ControlNet was trained on {made} conditioning images (finetune make-conditions); --condition is used as it is: give one of that kind")
     condition_image = read_condition(condition) if controlnet is not None else None  # a bad one stops before the model loads
     pipeline = place(load_sampling_pipeline(base, lora, lora_scale, controlnet, base_config), *placement)
-    # Each batch's denoising steps as a bar, cleared when the batch is done (build_pipeline turns it off for training's
-    # grids): an SD1.5 image takes minutes on a CPU, which nothing between this line and the last said.
-    pipeline.set_progress_bar_config(desc="sampling", leave=False)
+    show_denoising_steps(pipeline)  # minutes for SD1.5 images on a CPU, which nothing between this line and the last said
     print(placement_line(*placement))
     resolution = resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     if resolution % 8:

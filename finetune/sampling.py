@@ -41,6 +41,13 @@ def build_pipeline(
     return pipeline
 
 
+def show_denoising_steps(pipeline, what: str = "sampling") -> None:
+    """Each call's denoising steps as a bar named `what` (on stderr), cleared when the call is done, so the lines
+    around it stay as the README quotes them: an SD1.5 image takes minutes on a CPU, which nothing else says
+    (`finetune sample`, `finetune eval`; build_pipeline turns the bar off, for training's grids)."""
+    pipeline.set_progress_bar_config(desc=what, leave=False)
+
+
 def adapters_prediction_type(adapters: dict[str, dict[str, str]]) -> str | None:
     """The prediction type the adapters ({name: metadata}) were trained for (None where none is recorded):
     a LoRA trained with model.prediction_type=v_prediction on an epsilon base predicts v, and read as
