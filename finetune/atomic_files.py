@@ -29,12 +29,15 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
 
 @contextmanager
 def removed_if_unfinished(partial: Path):
-    """Around writing a folder under its temporary name: a failure (a full disk, Ctrl-C) removes what was written,
-    which would otherwise keep its space, in a hidden folder, until the next save."""
+    """Around writing a folder or a file under its temporary name, up to its rename into place: a failure (a full disk,
+    Ctrl-C) removes what was written, which would otherwise keep its space, hidden, until the next save."""
     try:
         yield partial
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        if partial.is_dir() and not partial.is_symlink():
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.unlink(missing_ok=True)
         raise
 
 

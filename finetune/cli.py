@@ -161,12 +161,13 @@ def _make_tiny_model(args) -> int:
     output_dir = Path(args.output_dir).absolute()
     check_replaceable(output_dir, args.overwrite, "make-tiny-model output")
     quiet_weight_progress_bars()
-    from finetune.atomic_files import replace_folder  # torch and diffusers: after the check
+    from finetune.atomic_files import removed_if_unfinished, replace_folder  # torch and diffusers: after the check
     from finetune.tiny_model import make_tiny_model
 
     partial = output_dir.with_name(f".{output_dir.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
-    make_tiny_model(partial, preset=args.preset, seed=args.seed, prediction_type=args.prediction_type)
+    with removed_if_unfinished(partial):  # Ctrl-C while the model was written left a hidden half of it beside the output
+        make_tiny_model(partial, preset=args.preset, seed=args.seed, prediction_type=args.prediction_type)
     replace_folder(partial, output_dir)
     print(f"wrote a {args.preset} Stable Diffusion pipeline to {args.output_dir}")
     return 0

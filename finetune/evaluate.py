@@ -293,6 +293,7 @@ def write_report(result: dict, out: str | Path, grid_prompts: int = GRID_PROMPTS
     """Write ``result`` (without images) as JSON to ``out``, plus ``<out stem>_<prompt set>.png``:
     the first ``grid_prompts`` prompts of each prompt set, one labelled row each (for the docs),
     starting with the prompt's conditioning image where the set has them."""
+    from finetune.atomic_files import removed_if_unfinished
     from finetune.sampling import GRID_LABEL_WIDTH, make_grid, save_image_atomic
 
     out = Path(out)
@@ -307,8 +308,9 @@ def write_report(result: dict, out: str | Path, grid_prompts: int = GRID_PROMPTS
         save_image_atomic(make_grid(rows[:grid_prompts], row_labels=result["prompts"][name][:grid_prompts], label_width=GRID_LABEL_WIDTH), grid)
         report["grids"][name] = grid.name
     partial = out.with_name(f".{out.name}.partial")
-    partial.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(partial, out)
+    with removed_if_unfinished(partial):
+        partial.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(partial, out)
     return out
 
 

@@ -9,6 +9,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
+from finetune.atomic_files import removed_if_unfinished
 from finetune.encoders import chunks_needed, recorded_clip_skip, text_hidden_states
 from finetune.errors import FinetuneError
 from finetune.image_bounds import GRID_LABEL_WIDTH
@@ -300,6 +301,7 @@ def _wrap(text: str, width: int) -> str:
 def save_image_atomic(image: Image.Image, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
-    image.save(partial, format="PNG")
-    partial.replace(path)
+    with removed_if_unfinished(partial):  # Ctrl-C (or a full disk) between the write and the rename left it beside the image
+        image.save(partial, format="PNG")
+        partial.replace(path)
     return path

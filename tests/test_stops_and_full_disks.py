@@ -227,3 +227,35 @@ def test_the_outputs_are_on_disk_before_the_last_checkpoint(make_recipe, monkeyp
     monkeypatch.setattr(trainer.ckpt, "save_checkpoint", checkpoint)
     trainer.train(make_recipe(output_dir=str(tmp_path / "run"), train__max_steps=3, checkpoint__every_n_steps=2))
     assert outputs_then == [False, True]  # checkpoint-2 during the run, checkpoint-3 after the outputs
+
+
+def test_ctrl_c_while_an_image_a_report_or_a_tiny_model_is_written_leaves_no_hidden_partial(monkeypatch, tmp_path):
+    """Ctrl-C between the write and the rename (or midway through a model's files) left `.NAME.partial` beside the output."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    import finetune.tiny_model
+    from finetune.cli import main
+    from finetune.evaluate import write_report
+    from finetune.sampling import save_image_atomic
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Path, "replace", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            save_image_atomic(Image.new("RGB", (8, 8)), tmp_path / "image.png")
+        patched.setattr(os, "replace", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            write_report({"settings": {}, "metrics": {}, "n": {}, "prompts": {}}, tmp_path / "eval.json")
+
+    def half_a_model(folder, **options):
+        (Path(folder) / "unet").mkdir(parents=True)
+        (Path(folder) / "unet" / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune.tiny_model, "make_tiny_model", half_a_model)
+    assert main(["make-tiny-model", str(tmp_path / "tiny")]) == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
