@@ -164,9 +164,7 @@ def inspect(example: Example, config: DataConfig) -> tuple[Example | None, list[
         message = f"image {source} cannot be converted to RGB ({err.__class__.__name__}: {err}): re-save it as PNG or JPEG"
         return None, findings + [Finding(FATAL, source, message)], None
     width, height = image.size
-    min_size = config.min_image_size or config.resolution // 2
-    if min(width, height) < min_size:
-        message = f"image {source} is {width}x{height}, smaller than {min_size} px on its short side: remove it, or lower data.min_image_size"
+    if (message := too_small_problem(source, width, height, config)) is not None:
         findings.append(Finding(FATAL, source, message))
     digest = pixel_digest(image)
     example = replace(example, size=(width, height), digest=digest, file_stamp=stamp)
@@ -177,6 +175,17 @@ def inspect(example: Example, config: DataConfig) -> tuple[Example | None, list[
     findings += [Finding(CONVERTED, source, f"image {source}: {what}") for what in conversions(raw, alpha_is_mask)]
     usable = None if any(f.level == FATAL for f in findings) else example
     return usable, findings, digest
+
+
+def too_small_problem(source: str, width: int, height: int, config: DataConfig) -> str | None:
+    """Why an image is too small to train, or None. Every way out is named (an upscaled file passes too; with the
+    default limit, half of data.resolution, so does a lower resolution), not only a lower data.min_image_size."""
+    min_size = config.min_image_size or config.resolution // 2
+    if min(width, height) >= min_size:
+        return None
+    limit, lower = ("data.min_image_size", "or lower data.min_image_size") if config.min_image_size else (
+        f"half of data.resolution {config.resolution}", "lower data.min_image_size, or train at a lower data.resolution")
+    return f"image {source} is {width}x{height}, smaller than {min_size} px on its short side ({limit}): remove it, upscale it to {min_size} px or more, {lower}"
 
 
 def inspect_loss_mask(example: Example, raw, config: DataConfig) -> tuple[Example, list[Finding]]:

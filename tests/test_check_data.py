@@ -46,7 +46,8 @@ def test_every_kind_of_odd_image_is_reported(odd_folder):
 
     only("corrupt.jpg", FATAL, r"cannot be read \(UnidentifiedImageError")
     only("truncated.png", FATAL, r"cannot be read \(OSError: image file is truncated")
-    only("tiny.png", FATAL, r"is 20x20, smaller than 32 px on its short side: remove it, or lower data.min_image_size")
+    only("tiny.png", FATAL, r"is 20x20, smaller than 32 px on its short side \(half of data.resolution 64\): remove it, upscale it to 32 px "
+                            r"or more, lower data.min_image_size, or train at a lower data.resolution$")  # the ways out, not only the last two
     only("uncaptioned.png", FATAL, r"has no caption: add uncaptioned\.txt")
     only("small.png", WARNING, r"is 40x48, upscaled 1\.60x to cover 64x64")
     only("cmyk.jpg", CONVERTED, r"CMYK: converted to RGB")
@@ -60,6 +61,14 @@ def test_every_kind_of_odd_image_is_reported(odd_folder):
     assert usable == sorted(["good.png", "small.png", "cmyk.jpg", "deep.png", "alpha.png", "palette.png", "rotated.png", "copy1.png", "copy2.bmp"])
     lines = "\n".join(report.lines())
     assert "odd: 13 images, 9 used, 0 skipped" in lines
+
+
+def test_an_image_under_a_min_image_size_set_by_hand_is_not_told_to_lower_the_resolution(tmp_path):
+    """data.min_image_size set: a lower data.resolution leaves the limit where it is, so it is not offered."""
+    captioned(tmp_path, "tiny.png", noise(20, 20))
+    config = DataConfig(image_dir=str(tmp_path), resolution=64, min_image_size=24)
+    [finding] = inspect_examples(read_examples(config), config, "data").findings
+    assert finding.message.endswith("is 20x20, smaller than 24 px on its short side (data.min_image_size): remove it, upscale it to 24 px or more, or lower data.min_image_size")
 
 
 def test_a_copy_that_does_not_train_is_not_named_as_a_copy(tmp_path):
