@@ -251,16 +251,17 @@ def launch_app(app, host: str = "127.0.0.1", port: int | None = None, max_upload
     except OSError as err:  # gradio's message tells of environment variables and launch() arguments
         raise FinetuneError(f"cannot serve the demo on {host}:{port} ({str(err).splitlines()[0][:100]}): is another demo running? pass --port N") from None
     if block:  # gradio's own lines would add "To create a public link, set `share=True` in `launch()`", which it is not
-        print(f"demo running on {url} (Ctrl-C stops it)", flush=True)
-        serve_until_stopped(app)
+        serve_until_stopped(app, f"demo running on {url} (Ctrl-C stops it)")
     return url
 
 
-def serve_until_stopped(app) -> None:
+def serve_until_stopped(app, running_line: str) -> None:
     """Gradio's `block_thread` without its "Keyboard interruption in main thread... closing server." (which it said of
     an OSError too, hiding it): Ctrl-C, or SIGTERM (`finetune.cli.main` makes it one), closes the server with the
-    demo's own line; anything else is raised, the server closed."""
+    demo's own line; anything else is raised, the server closed. `running_line` is said inside: a Ctrl-C right
+    after it is the demo's stop too."""
     try:
+        print(running_line, flush=True)
         while app.is_running:
             time.sleep(0.1)
     except KeyboardInterrupt:

@@ -42,3 +42,24 @@ def test_ctrl_c_stops_the_demo_with_its_own_line_and_closes_the_server(monkeypat
     with pytest.raises(OSError, match="the disk went away"):  # said, not taken for a Ctrl-C
         launch_app(failing, block=True)
     assert failing.closed and "Keyboard interruption" not in capsys.readouterr().out
+
+
+def test_ctrl_c_right_after_the_running_line_is_the_demos_stop_too(monkeypatch):
+    """The line was said before the wait's try: a Ctrl-C at once after it (as a test or a quick hand sends it) went
+    past the demo's stop to the command's "stopped (Ctrl-C): files written so far are kept", exit status 130."""
+    import io
+    import sys
+
+    class InterruptedAfterTheRunningLine(io.StringIO):
+        def flush(self):  # the line said whole (print flushes it), then Ctrl-C
+            if self.getvalue().endswith("(Ctrl-C stops it)\n"):
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    monkeypatch.setattr(sys, "stdout", InterruptedAfterTheRunningLine())
+    app = Served()
+    try:
+        launch_app(app, block=True)
+    except KeyboardInterrupt:  # left unseen, it would stop pytest itself
+        pytest.fail("the Ctrl-C went past the demo's stop")
+    assert sys.stdout.getvalue() == "demo running on http://127.0.0.1:7860/ (Ctrl-C stops it)\ndemo stopped\n" and app.closed
