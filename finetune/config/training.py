@@ -28,20 +28,6 @@ class TrainConfig(Section):
     # The length in epochs instead, as sd-scripts' max_train_epochs counts it (an epoch uses each image its
     # folder's repeats times); the run turns it into optimizer steps once the data is read.
     max_epochs: Optional[int] = Field(None, ge=1)
-
-    @field_validator("max_steps", "max_epochs")
-    @classmethod
-    def _a_run_that_ends(cls, value: int | None) -> int | None:
-        if value is not None and value > MAX_TRAIN_STEPS:
-            raise ValueError(f"must be at most {MAX_TRAIN_STEPS:,} (10 a second is some 4 months; more is a typo, not a fine-tune): lower it")
-        return value
-
-    @field_validator("gradient_accumulation_steps")
-    @classmethod
-    def _a_step_that_ends(cls, value: int) -> int:
-        if value > MAX_ACCUMULATION:
-            raise ValueError(f"must be at most {MAX_ACCUMULATION:,} micro-batches a step (each optimizer step trains them all): lower it, or raise train.batch_size")
-        return value
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     # Channels-last (NHWC) memory format for the UNet, VAE and ControlNet: the layout tensor-core and
@@ -79,6 +65,20 @@ class TrainConfig(Section):
     cache_latents: bool = False
     cache_text_embeddings: bool = False  # ignored when the text encoder trains
     cache_dir: Optional[UserPath] = None  # None: in memory for this run; a folder: also on disk, reused by later runs
+
+    @field_validator("max_steps", "max_epochs")
+    @classmethod
+    def _a_run_that_ends(cls, value: int | None) -> int | None:
+        if value is not None and value > MAX_TRAIN_STEPS:
+            raise ValueError(f"must be at most {MAX_TRAIN_STEPS:,} (10 a second is some 4 months; more is a typo, not a fine-tune): lower it")
+        return value
+
+    @field_validator("gradient_accumulation_steps")
+    @classmethod
+    def _a_step_that_ends(cls, value: int) -> int:
+        if value > MAX_ACCUMULATION:
+            raise ValueError(f"must be at most {MAX_ACCUMULATION:,} micro-batches a step (each optimizer step trains them all): lower it, or raise train.batch_size")
+        return value
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
