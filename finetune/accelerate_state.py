@@ -35,7 +35,6 @@ def clears_accelerate_settings(run: Run) -> Run:
     return cleared  # type: ignore[return-value]
 
 
-
 @contextlib.contextmanager
 def trackers_finished(accelerator) -> Iterator[None]:
     """The run's trackers (TensorBoard's writer: its events still queued, its thread) end with the block, at the run's
