@@ -387,16 +387,3 @@ def too_few_to_batch(trained: int, recipe: Recipe, processes: int = 1, items: in
     per = f"train.batch_size {batch}" + (f" x {processes} processes" if processes > 1 else "")
     remedy = ("lower validation.loss_images or train.batch_size, or add images" if held_out else "lower train.batch_size or add images")
     return f"{counted(trained, 'training image')} (repeats counted){held} {'is' if trained == 1 else 'are'} fewer than one batch ({per}): {remedy}"
-
-
-def concept_held_out_whole(reports: list[DataReport], held_out: frozenset[str], recipe: Recipe) -> str | None:
-    """Why validation.loss_images (`held_out`: the images it keeps out) leaves a DreamBooth concept none of its
-    images to train on (they are chosen among all concepts' images together), or None: that subject would be
-    scored, never learned."""
-    for report in reports:
-        if report.config._image_dir_key.startswith("dreambooth.") and report.usable and {e.source for e in report.usable} <= held_out:
-            concept = report.config._image_dir_key.removesuffix(".instance_dir")
-            return (f"validation.loss_images ({recipe.validation.loss_images}) holds out every image of {concept} ({report.config.image_dir}), "
-                    "which would never train: lower it")  # fmt: skip
-    return None
-

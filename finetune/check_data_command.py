@@ -7,12 +7,12 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from finetune.check_data import FATAL, SKIP_HINT, WARNING, concept_held_out_whole, data_label, inspect_examples, too_few_to_batch
+from finetune.check_data import FATAL, SKIP_HINT, WARNING, data_label, inspect_examples, too_few_to_batch
 from finetune.config import DataConfig, ModelConfig, Recipe
 from finetune.counts import counted
 from finetune.epoch_uses import expand_together
 from finetune.errors import FinetuneError
-from finetune.held_out import held_out_sources, image_identities, split_held_out
+from finetune.held_out import concept_held_out_whole, held_out_sources, image_identities, split_held_out
 from finetune.recipe_loading import describe_validation_error, load_recipe
 from finetune.train_inputs import data_configs
 from finetune.sources import read_examples

@@ -13,8 +13,13 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finetune.counts import counted
+
+if TYPE_CHECKING:  # for annotations only: the data check and the recipe schema load pydantic and PIL
+    from finetune.check_data import DataReport
+    from finetune.config import Recipe
 
 # Micro-batch numbers no training run reaches: the validation draws are never a training step's.
 FIRST_DRAW = 2**40
@@ -165,3 +170,15 @@ def held_out_loss(method, modules: dict, dataset, collate_fn, held_out: list[int
             for name, module in modules.items():
                 module.train(modes[name])
     return {name: total / (len(held_out) * DRAWS_PER_IMAGE) for name, total in totals.items()}
+
+
+def concept_held_out_whole(reports: list[DataReport], held_out: frozenset[str], recipe: Recipe) -> str | None:
+    """Why validation.loss_images (`held_out`: the images it keeps out) leaves a DreamBooth concept none of its
+    images to train on (they are chosen among all concepts' images together), or None: that subject would be
+    scored, never learned."""
+    for report in reports:
+        if report.config._image_dir_key.startswith("dreambooth.") and report.usable and {e.source for e in report.usable} <= held_out:
+            concept = report.config._image_dir_key.removesuffix(".instance_dir")
+            return (f"validation.loss_images ({recipe.validation.loss_images}) holds out every image of {concept} ({report.config.image_dir}), "
+                    "which would never train: lower it")  # fmt: skip
+    return None

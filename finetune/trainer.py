@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from finetune import checkpoint as ckpt
 from finetune.accelerate_state import clears_accelerate_settings, trackers_finished
-from finetune.check_data import concept_held_out_whole, too_few_to_batch
+from finetune.check_data import too_few_to_batch
 from finetune.config import Recipe
 from finetune.console import say, warn
 from finetune.counts import counted
@@ -37,7 +37,7 @@ from finetune.caption_tokens import caption_warnings
 from finetune.errors import FinetuneError
 from finetune.finite_weights import ensure_finite_weights
 from finetune.library_noise import quiet_deepspeed_shm_build
-from finetune.held_out import HELD_OUT_STATE, TrainingSubset, held_out_for_run, held_out_loss, held_out_sources
+from finetune.held_out import HELD_OUT_STATE, TrainingSubset, concept_held_out_whole, held_out_for_run, held_out_loss, held_out_sources
 from finetune.model_source import BaseLocation
 from finetune.models import load_base_model
 from finetune.output_metadata import dataset_metadata, output_metadata
