@@ -1,5 +1,5 @@
-"""ControlNet test helpers: recipes and methods on the tiny model, a spy on the method the trainer
-builds, the zero convolutions, and ControlNet run folders written without a training run.
+"""ControlNet test helpers: recipes and methods on the tiny model, a fixed batch of its examples, a spy on
+the method the trainer builds, the zero convolutions, and ControlNet run folders written without a training run.
 
 In `write_controlnet_run`, `fresh` is what a controlnet run starts from (`ControlNetModel.from_unet`: zero convs, so the UNet's
 output is exactly unchanged); `trained` has random zero convs, so it really steers the UNet. Both are
@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
+from finetune.controlnet_data import ControlNetDataset, controlnet_collate
 from finetune.methods.controlnet import CONTROLNET_DIR, ControlNetMethod, save_model_folder
 from finetune.models import load_base_model
 
@@ -39,6 +40,16 @@ def set_up(recipe) -> ControlNetMethod:
     torch.manual_seed(recipe.seed)
     method.setup(load_base_model(recipe.model))
     return method
+
+
+def fixed_batch(method: ControlNetMethod, indices: list[int], empty_prompts: bool = False) -> dict:
+    """The method's examples `indices` as a batch, center-cropped and unflipped, with their captions (or "")."""
+    config = method.recipe.data.model_copy(update={"crop": "center", "random_flip": False})
+    dataset = ControlNetDataset(method.pairs, config, method.recipe.seed, empty_prompt_share=0.0)
+    batch = controlnet_collate([dataset[(i, 0)] for i in indices])
+    if empty_prompts:
+        batch["captions"] = [""] * len(indices)
+    return batch
 
 
 class Capture:

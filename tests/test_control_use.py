@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from controlnet_helpers import Capture, controlnet_recipe, set_up, zero_convs
+from controlnet_helpers import Capture, controlnet_recipe, fixed_batch, set_up, zero_convs
 from PIL import Image
 
 from finetune.control_score import control_use_score
@@ -23,7 +23,7 @@ TOYWORLD_CONTROLNET = ROOT / "finetune" / "assets" / "toyworld-controlnet-mask"
 
 def test_control_use_score_is_exactly_zero_at_creation_and_moves_with_training(make_recipe, pairs_folder):
     method = set_up(controlnet_recipe(make_recipe, pairs_folder))
-    batch = method.fixed_batch([0, 1, 2, 3])
+    batch = fixed_batch(method, [0, 1, 2, 3])
     score = control_use_score(method, {"controlnet": method.controlnet}, batch)
     assert score["right"] == score["shuffled"] == score["off"] and score["gap"] == 0.0
 
@@ -51,7 +51,7 @@ def test_control_use_score_refuses_rows_shuffled_onto_their_own_conditioning(mak
     with torch.no_grad():
         for conv in zero_convs(method.controlnet).values():
             conv.normal_(0, 0.05)  # a ControlNet that reads its conditioning
-    batch = method.fixed_batch([0, 1, 2, 3])
+    batch = fixed_batch(method, [0, 1, 2, 3])
     same = {**batch, "conditioning_pixel_values": batch["conditioning_pixel_values"][:1].expand_as(batch["conditioning_pixel_values"]).clone()}
     with pytest.raises(ValueError, match=r"differ from the next row's; 4 of 4 rows have the same$"):
         control_use_score(method, {"controlnet": method.controlnet}, same)
@@ -75,7 +75,7 @@ def test_control_use_score_of_the_shipped_toyworld_controlnet_is_clearly_positiv
     scores = {}
     for name, settings in {"created": {}, "trained": {"pretrained": str(TOYWORLD_CONTROLNET)}}.items():
         method = method_with(settings)
-        batch = method.fixed_batch(list(range(16)), empty_prompts=True)  # the conditioning alone must tell
+        batch = fixed_batch(method, list(range(16)), empty_prompts=True)  # the conditioning alone must tell
         scores[name] = control_use_score(method, {"controlnet": method.controlnet}, batch)
     assert scores["created"]["gap"] == 0.0 and scores["created"]["off"] == scores["trained"]["off"], scores
     assert scores["trained"]["gap"] > 0.5, scores
@@ -107,6 +107,6 @@ def test_control_use_is_clearly_positive_after_training_on_the_toyworld_base(tmp
     finally:
         torch.set_num_threads(threads)
     method = capture.method
-    batch = method.fixed_batch(list(range(16)), empty_prompts=True)  # the conditioning alone must tell
+    batch = fixed_batch(method, list(range(16)), empty_prompts=True)  # the conditioning alone must tell
     score = control_use_score(method, {"controlnet": method.controlnet}, batch)
     assert score["gap"] > 0.05, score

@@ -306,17 +306,6 @@ class ControlNetMethod(DiffusionMethod):
         labels = [prompt if scale == 1.0 else f"{prompt} (control x{scale:g})" for prompt in prompts]
         return rows, labels
 
-    # -- measuring control --------------------------------------------------------------------------
-
-    def fixed_batch(self, indices: list[int], empty_prompts: bool = False) -> dict:
-        """Examples `indices` as a batch, center-cropped and unflipped, with their captions (or "")."""
-        config = self.recipe.data.model_copy(update={"crop": "center", "random_flip": False})
-        dataset = ControlNetDataset(self.pairs, config, self.recipe.seed, empty_prompt_share=0.0)
-        batch = controlnet_collate([dataset[(i, 0)] for i in indices])
-        if empty_prompts:
-            batch["captions"] = [""] * len(indices)
-        return batch
-
 
 @contextlib.contextmanager
 def residuals_in(controlnet: torch.nn.Module, dtype: torch.dtype):
