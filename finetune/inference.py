@@ -222,11 +222,6 @@ def load_controlnet(folder: Path, base: BaseModel) -> ControlNetModel:
     return controlnet.eval()
 
 
-def load_condition(path: str | Path, resolution: int) -> Image.Image:
-    """The conditioning image as the ControlNet sees it: RGB, resized to cover the resolution and center-cropped."""
-    return fit_condition(read_condition(path), path, resolution)
-
-
 def read_condition(path: str | Path) -> Image.Image:
     """--condition read and checked as training reads its conditioning images (`read_conditioning`), before any model loads."""
     if not Path(path).is_file():

@@ -1,5 +1,6 @@
-"""ControlNet test helpers: recipes and methods on the tiny model, a fixed batch of its examples, a spy on
-the method the trainer builds, the zero convolutions, and ControlNet run folders written without a training run.
+"""ControlNet test helpers: recipes and methods on the tiny model, a fixed batch of its examples, a --condition
+as `finetune sample` reads it, a spy on the method the trainer builds, the zero convolutions, and ControlNet
+run folders written without a training run.
 
 In `write_controlnet_run`, `fresh` is what a controlnet run starts from (`ControlNetModel.from_unet`: zero convs, so the UNet's
 output is exactly unchanged); `trained` has random zero convs, so it really steers the UNet. Both are
@@ -12,8 +13,10 @@ from pathlib import Path
 
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
+from PIL import Image
 
 from finetune.controlnet_data import ControlNetDataset, controlnet_collate
+from finetune.inference import fit_condition, read_condition
 from finetune.methods.controlnet import CONTROLNET_DIR, ControlNetMethod, save_model_folder
 from finetune.models import load_base_model
 
@@ -50,6 +53,11 @@ def fixed_batch(method: ControlNetMethod, indices: list[int], empty_prompts: boo
     if empty_prompts:
         batch["captions"] = [""] * len(indices)
     return batch
+
+
+def load_condition(path: Path, resolution: int) -> Image.Image:
+    """--condition as `finetune sample` reads it (checked before the model loads) and then fits it to the sampled size."""
+    return fit_condition(read_condition(path), path, resolution)
 
 
 class Capture:

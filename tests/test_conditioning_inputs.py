@@ -115,7 +115,7 @@ def odd_conditions(folder):
 def test_sample_reads_its_condition_as_training_reads_conditioning_images(tmp_path):
     """A condition that would steer as a blank image (drawn in its alpha channel only, float values 0-1) or that is
     far smaller than the images is one line, as for training's pairs; 16-bit and black-on-clear images are read as there."""
-    from finetune.inference import load_condition
+    from controlnet_helpers import load_condition
 
     paths = odd_conditions(tmp_path)
     with pytest.raises(FinetuneError, match=r"^conditioning image .*alpha_only.png is one colour once its transparency is flattened onto white"):
@@ -141,7 +141,7 @@ def test_the_demo_reads_an_upload_as_sample_reads_its_condition(tmp_path):
         read_upload(str(paths["depth.tif"]))
     with pytest.raises(FinetuneError, match=r"^conditioning image \(uploaded\) is 8x8, smaller than 32 px on its short side .*, or a smaller size$"):
         conditioning_image(read_upload(str(paths["tiny.png"])), "as uploaded", 64)
-    from finetune.inference import load_condition
+    from controlnet_helpers import load_condition
 
     for name in ("deep.png", "black_on_clear.png"):
         assert np.array_equal(np.asarray(conditioning_image(read_upload(str(paths[name])), "as uploaded", 64)), np.asarray(load_condition(paths[name], 64)))

@@ -84,7 +84,7 @@ def test_controlnet_pretrained_takes_a_controlnet_runs_output_folder(make_recipe
 
 
 def test_a_condition_that_is_no_image_names_the_option(tmp_path):
-    from finetune.inference import load_condition
+    from controlnet_helpers import load_condition
 
     (tmp_path / "edges.png").write_text("not an image")
     with pytest.raises(FinetuneError, match=r"^conditioning image .*edges.png cannot be read \(.*\): check --condition \(a PNG or JPEG\)$"):
