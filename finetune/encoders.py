@@ -104,7 +104,3 @@ def latents_from_moments(vae: AutoencoderKL, moments: torch.Tensor, posterior_no
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
 
-
-def encode_images(vae: AutoencoderKL, pixel_values: torch.Tensor, posterior_noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Latents from the VAE posterior, scaled the way the UNet was trained to see them."""
-    return latents_from_moments(vae, posterior_moments(vae, pixel_values), posterior_noise)

@@ -15,7 +15,7 @@ from finetune.data import CaptionedImageDataset, collate, load_examples
 from finetune.errors import FinetuneError
 from finetune.kohya import load_lora, save_lora_file, to_kohya
 from finetune.diffusion import add_noise, per_sample_loss
-from finetune.encoders import encode_images, encode_prompts
+from finetune.encoders import encode_prompts, latents_from_moments, posterior_moments
 from finetune.methods.lora import LORA_WEIGHTS_NAME, LoRAMethod
 from finetune.model_card import write_model_card
 from finetune.models import load_base_model
@@ -28,7 +28,7 @@ def fixed_batch_loss(base, unet, recipe) -> float:
     examples = load_examples(recipe.data)
     batch = collate([CaptionedImageDataset(examples, recipe.data, seed=0)[(i, 0)] for i in range(len(examples))])
     generator = torch.Generator().manual_seed(1234)
-    latents = encode_images(base.vae, batch["pixel_values"])
+    latents = latents_from_moments(base.vae, posterior_moments(base.vae, batch["pixel_values"]))  # the posterior means
     noise = torch.randn(latents.shape, generator=generator)
     timesteps = torch.linspace(50, 950, len(examples)).long()
     noised = add_noise(base.noise_scheduler, latents, noise, timesteps)
