@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from controlnet_helpers import Capture, controlnet_recipe, set_up, zero_convs
+from controlnet_helpers import Capture, controlnet_recipe, set_up, write_controlnet_run, zero_convs
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel
 from PIL import Image
 
@@ -202,6 +202,19 @@ def test_unlocked_decoder_and_mid_only_control(make_recipe, pairs_folder, monkey
     arguments = ["--condition", str(condition), "--prompt", "x", "--num-images", "1", "--steps", "1", "--out", str(tmp_path / "s")]
     assert main(["sample", "--controlnet", str(result.output_dir), *arguments]) == 0
     assert f"trained with controlnet.unlock_unet_decoder: sampling with the UNet its run saved ({result.output_dir / 'unet'})" in capsys.readouterr().out
+
+
+def test_a_controlnet_trained_without_mid_only_control_continues_with_it_as_training_reads_it(make_recipe, pairs_folder, tiny_model, tmp_path):
+    """controlnet.pretrained trained with down residuals (here random zero convs): its down convs are zeroed and frozen
+    after it loads, so the validation samples, the saved folder and `finetune sample` (this module, in diffusers' pipeline)
+    add no down residual, as the training loss does (`predict` replaces them by zeros)."""
+    run = write_controlnet_run(tiny_model, tmp_path / "earlier", trained=True)
+    method = set_up(controlnet_recipe(make_recipe, pairs_folder, controlnet__pretrained=str(run), controlnet__only_mid_control=True))
+    latents, timesteps, text, conditioning = random_inputs(method.base.unet)
+    with torch.no_grad():
+        down, mid = method.controlnet(latents, timesteps, text, conditioning, return_dict=False)
+    assert all(not residual.any() for residual in down) and mid.any()
+    assert not any(p.requires_grad for p in method.controlnet.controlnet_down_blocks.parameters())
 
 
 def test_mixed_precision_trains_and_samples(make_recipe, pairs_folder, monkeypatch):

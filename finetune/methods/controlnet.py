@@ -129,7 +129,7 @@ class ControlNetMethod(DiffusionMethod):
         # The trainer moves only what trains (and the frozen encoders); the locked UNet goes where they are.
         unet.to(self.base.vae.device)
         self.controlnet.to(self.base.vae.device).requires_grad_(True).train()  # created/loaded in fp32
-        if self.settings.only_mid_control:
+        if self.settings.only_mid_control:  # after loading: a controlnet.pretrained trained with down residuals adds none from here on
             with torch.no_grad():
                 for block in self.controlnet.controlnet_down_blocks:
                     block.weight.zero_()
