@@ -12,8 +12,8 @@ from finetune.methods.controlnet import ControlNetMethod
 def control_use_score(method: ControlNetMethod, modules: dict, batch: dict, seed: int = 0) -> dict[str, float]:
     """How much the model uses its conditioning, from three losses with the same noise and timesteps.
 
-    `right`: the batch's own conditioning images; `shuffled`: each row gets the next row's (a fixed
-    derangement; each row's conditioning must differ from the next row's, else that row scores its own);
+    `right`: the batch's own conditioning images; `shuffled`: each row gets the row before's, the first the last's (a
+    fixed derangement; each row's conditioning must differ from the row before's, else that row scores its own);
     `off`: conditioning scale 0, the base UNet alone. `gap = (shuffled - right) / off` is 0 for a model that ignores the conditioning
     (exactly 0 right after creation) and grows as the right conditioning explains the image better.
     """
