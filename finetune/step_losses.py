@@ -1,4 +1,5 @@
-"""What the run reports of its loss: each optimizer step's loss (progress bar, TrainResult), and for
+"""How much each micro-batch's loss weighs in its optimizer step (`micro_batch_shares`), and what the run reports of its
+loss: each optimizer step's loss (progress bar, TrainResult), and for
 TensorBoard each term's mean over the steps since the last log (logging.every_n_steps), over all of their
 micro-batches (gradient accumulation) and processes, weighted by rows as the gradients are.
 
@@ -76,3 +77,16 @@ class StepLosses:
         values = accelerator.reduce(torch.stack([self.sums[name] for name in names]), reduction="mean") / self.steps
         self.sums, self.steps = {}, 0
         return dict(zip(names, values.tolist()))
+
+
+def micro_batch_shares(step_batches: list[tuple[int, slice]], num_processes: int) -> list[float]:
+    """The factor on the loss of each micro-batch of an optimizer step (a mean over this process's rows), from each one's
+    global size and this process's rows of it (the samplers' `rows_of`), so that every image of the step counts the same
+    in its gradient, as in one batch of them all. The processes' gradients are averaged and the micro-batches' summed and
+    divided by their number: a micro-batch weighs its rows x processes x micro-batches over the step's images.
+
+    Else each image of a smaller part counts more: rows split unevenly over the processes (2 + 1), or a bucket's last
+    batch in a step of full ones (a lone image as much as a pair; diffusers' and sd-scripts' trainers average the
+    micro-batches' means so). Full batches split evenly: a factor of 1."""
+    images = sum(size for size, _ in step_batches)
+    return [(rows.stop - rows.start) * num_processes * len(step_batches) / images for _, rows in step_batches]

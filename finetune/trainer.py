@@ -47,7 +47,7 @@ from finetune.run_length import STEPS_BY_SHAPE, check_epoch_run, due, epoch_coun
 from finetune.loss_mask import preview as mask_preview
 from finetune.sampling import GRID_LABEL_WIDTH, in_lockstep, make_grid, save_image_atomic
 from finetune.start_weights import resumed_method, starting_weights
-from finetune.step_losses import StepLosses
+from finetune.step_losses import StepLosses, micro_batch_shares
 from finetune.train_inputs import check_base_and_data
 from finetune.stopping import StopRequest, batches_of
 
@@ -288,18 +288,17 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     stop = closing.enter_context(StopRequest(accelerator).closed_at_the_end())  # its gloo group too, after an error
     with stop, batches_of(loader) as batches:
         while step < max_steps:
+            step_batches = [sampler.rows_of(step * accumulation + micro) for micro in range(accumulation)]  # (global size, rows here)
+            shares = micro_batch_shares(step_batches, accelerator.num_processes)  # each image of the step counts alike
             for micro in range(accumulation):
                 micro_batch = step * accumulation + micro
                 batch = next(batches)
                 if "pixel_values" in batch:  # absent when the batch names cached latents instead (finetune.views)
                     batch["pixel_values"] = to_device(batch["pixel_values"], accelerator.device)
                 # Bucketed global batches vary in size (a bucket's last batch may be smaller).
-                global_size, rows = sampler.rows_of(micro_batch)
+                global_size, rows = step_batches[micro]
                 randomness = BatchRandomness(recipe.seed, micro_batch + draws_from, global_size, rows)
-                # The loss is a mean over this process's rows and the processes' gradients are averaged:
-                # where the rows split unevenly (2 + 1), weigh each process by its rows, so every image
-                # of the global batch counts the same, as in one process (even splits: a factor of 1).
-                share = (rows.stop - rows.start) * accelerator.num_processes / global_size
+                share = shares[micro]
                 with accelerator.accumulate(*modules.values()):
                     with autocast(accelerator):
                         losses = method.loss(modules, batch, randomness)

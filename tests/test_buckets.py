@@ -217,6 +217,26 @@ def test_mixed_aspect_ratios_train_with_buckets(make_recipe, mixed_folder, monke
     assert "5 images, 5 used, 0 skipped" in out
 
 
+def test_an_accumulated_step_of_uneven_batches_weighs_every_image_alike(make_recipe, mixed_folder, monkeypatch):
+    """One step of an epoch's three bucket batches (2, 1 and 2 images): its gradient and its loss are those of the mean
+    over the 5 images, as one batch of them all would give, not the mean of the 3 batches' means (the lone image of
+    the square bucket counted as much as each pair)."""
+    from accelerate import Accelerator
+
+    import finetune.methods.base as base
+
+    per_image, backward_losses = [], []
+    original_loss, original_backward = base.per_sample_loss, Accelerator.backward
+    monkeypatch.setattr(base, "per_sample_loss", lambda *args, **kw: per_image.append(original_loss(*args, **kw)) or per_image[-1])
+    monkeypatch.setattr(Accelerator, "backward", lambda self, loss, **kw: backward_losses.append(loss.item()) or original_backward(self, loss, **kw))
+    data = {"image_dir": str(mixed_folder), "resolution": 64, "bucketing": {"enabled": True, "step": 16}}
+    result = train(make_recipe(data=data, train__max_steps=1, train__batch_size=2, train__gradient_accumulation_steps=3))
+    assert sorted(len(losses) for losses in per_image) == [1, 2, 2]
+    mean = torch.cat(per_image).mean().item()
+    assert sum(backward_losses) / 3 == pytest.approx(mean, rel=1e-5)  # accelerate divides each by the accumulation
+    assert result.losses[0] == pytest.approx(mean, rel=1e-5)
+
+
 def test_cached_latents_match_uncached_with_buckets(make_recipe, mixed_folder, tmp_path):
     data = {"image_dir": str(mixed_folder), "resolution": 64, "bucketing": {"enabled": True, "step": 16}}
     common = dict(data=data, train__max_steps=6, train__batch_size=2)  # two epochs: the second reads the cache
