@@ -4,7 +4,8 @@ After every optimizer step each average moves towards its weight: avg += (1 - d)
 The average of the last few hundred steps is smoother than the last step's weights, which is why
 full fine-tunes (diffusers' train_text_to_image --use_ema, SimpleTuner) save it instead. As in
 diffusers' EMAModel, the decay warms up as min(ema_decay, (1 + n) / (10 + n)) after n updates, so
-the first steps (still near the pretrained weights) do not dominate a long average.
+the first steps (still near the pretrained weights) do not dominate a long average. (EMAModel takes its very first
+update whole, decay 0, where n = 0 gives 0.1 here: the start weights keep 5e-4 of the average after 5 updates, 1e-5 after 10.)
 
 The averages are fp32 copies on the weights' device (for SD1.5's full UNet, 3.4 GB more memory), under DeepSpeed
 on the masters' device (in CPU memory under an offloaded optimizer: no GPU memory, the update on the CPU). They
