@@ -187,12 +187,22 @@ def per_sample_loss(
         loss = (elementwise * weights).sum(dim=(1, 2, 3)) / total_weight
     v_prediction = scheduler.config.prediction_type == "v_prediction"
     if snr_gamma is not None:
-        signal_to_noise = snr(scheduler, batch.timesteps)
-        clipped = torch.clamp(signal_to_noise, max=snr_gamma)
-        loss = loss * (clipped / (signal_to_noise + 1.0) if v_prediction else clipped / signal_to_noise)
+        loss = loss * min_snr_weight(scheduler, batch.timesteps, snr_gamma, v_prediction)
     if debiased:
         loss = loss * debiased_weight(scheduler, batch.timesteps, v_prediction)
     return loss
+
+
+def min_snr_weight(scheduler: DDPMScheduler, timesteps: torch.Tensor, snr_gamma: float, v_prediction: bool) -> torch.Tensor:
+    """Min-SNR-gamma's loss weight, as diffusers' compute_snr weighting: min(SNR, gamma) / SNR for noise prediction,
+    min(SNR, gamma) / (SNR + 1) for v-prediction. At SNR 0 (the last timestep of a zero-terminal-SNR schedule, which a base's
+    scheduler config may ask for) noise prediction's weight is its limit, 1, not 0/0: one NaN loss would turn every weight
+    to NaN at that step (diffusers' SDXL script sets these weights to 1 too)."""
+    signal_to_noise = snr(scheduler, timesteps)
+    clipped = torch.clamp(signal_to_noise, max=snr_gamma)
+    if v_prediction:
+        return clipped / (signal_to_noise + 1.0)
+    return torch.where(signal_to_noise > 0, clipped / signal_to_noise, torch.ones_like(signal_to_noise))
 
 
 def debiased_weight(scheduler: DDPMScheduler, timesteps: torch.Tensor, v_prediction: bool) -> torch.Tensor:

@@ -41,6 +41,36 @@ def test_min_snr_gamma_weighs_each_sample_by_min_snr_gamma_over_snr():
     assert weighted[0] < 0.25 and torch.isclose(weighted[2], torch.tensor(0.25))  # low noise weighed down, high noise as MSE
 
 
+def test_min_snr_gamma_weighs_noise_prediction_at_snr_zero_by_its_limit_one_not_nan():
+    """A zero-terminal-SNR schedule (a base's scheduler config may ask for one) has SNR 0 at its last timestep: min(SNR, gamma) / SNR
+    was 0/0 there, a NaN loss that turned every trained weight to NaN at that step. Its limit is 1 (plain MSE)."""
+    zero_snr = DDPMScheduler.from_config(SCHEDULER.config, rescale_betas_zero_snr=True)
+    batch, prediction = batch_at([500, 999], 0.5)
+    assert snr(zero_snr, batch.timesteps)[1] == 0
+    weighted = per_sample_loss(prediction, batch, zero_snr, snr_gamma=5.0)
+    assert torch.isfinite(weighted).all() and weighted[1] == pytest.approx(0.25)
+    v_weighted = per_sample_loss(prediction, batch, DDPMScheduler.from_config(zero_snr.config, prediction_type="v_prediction"), snr_gamma=5.0)
+    assert v_weighted[1] == 0  # min(0, gamma) / (0 + 1), as before
+
+
+def test_a_base_with_a_zero_terminal_snr_schedule_trains_min_snr_and_refuses_debiased_noise_prediction(tiny_model, image_folder, tmp_path):
+    import json
+    import shutil
+
+    from conftest import build_recipe
+
+    base = shutil.copytree(tiny_model, tmp_path / "zero-snr-base")
+    config_file = base / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "rescale_betas_zero_snr": True}))
+    last_only = dict(train__max_steps=2, train__min_timestep=999)  # every sample at SNR 0
+    result = train(build_recipe(base, image_folder, tmp_path / "min-snr", train__snr_gamma=5.0, **last_only))
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    with pytest.raises(FinetuneError, match=r"train.debiased_estimation weighs each timestep's loss by 1/sqrt\(SNR\), and base model .* has SNR 0 "
+                                            r"at timestep 999 .*: set model.prediction_type: v_prediction, or train.max_timestep: 999"):
+        train(build_recipe(base, image_folder, tmp_path / "debiased", train__debiased_estimation=True, **last_only))
+    train(build_recipe(base, image_folder, tmp_path / "debiased-v", train__debiased_estimation=True, model__prediction_type="v_prediction", **last_only))
+
+
 def test_debiased_estimation_weighs_by_one_over_sqrt_snr_and_one_over_snr_plus_one_for_v():
     batch, prediction = batch_at([0, 10, 500, 990], 0.5)
     ratio = snr(SCHEDULER, batch.timesteps)

@@ -180,6 +180,8 @@ class DiffusionMethod(TrainingMethod):
                      and any_tags_to_move(self.training_items(), data))
         self.start_lines += unrepeated_cache_warnings(crops_vary, tags_vary)
         self.timesteps = training_timesteps(train, base.noise_scheduler.config.num_train_timesteps)
+        if problem := debiased_zero_snr_problem(train, base):
+            raise FinetuneError(problem)
 
     def item_latent_cache(self) -> EncodingCache | None:
         return self.latent_cache
@@ -295,6 +297,18 @@ def training_timesteps(train, num_train_timesteps: int) -> range:
     if problem := timestep_range_problem(train, num_train_timesteps):  # said before the data check where the base's scheduler config is at hand
         raise FinetuneError(problem)
     return range(train.min_timestep, num_train_timesteps if train.max_timestep is None else train.max_timestep)
+
+
+def debiased_zero_snr_problem(train, base: BaseModel) -> str | None:
+    """Why train.debiased_estimation cannot weigh noise prediction on this base's schedule, or None: its weight 1/sqrt(SNR)
+    is infinite at SNR 0, the last timestep of a zero-terminal-SNR schedule (the base's scheduler config may ask for one)."""
+    scheduler = base.noise_scheduler
+    last = min(train.max_timestep or scheduler.config.num_train_timesteps, scheduler.config.num_train_timesteps) - 1
+    if not train.debiased_estimation or scheduler.config.prediction_type != "epsilon" or scheduler.alphas_cumprod[last] > 0:
+        return None
+    return (f"train.debiased_estimation weighs each timestep's loss by 1/sqrt(SNR), and base model {base.source}'s noise schedule has "
+            f"SNR 0 at timestep {last} (zero terminal SNR: rescale_betas_zero_snr in its scheduler config), infinite for noise prediction: "
+            f"set model.prediction_type: v_prediction, or train.max_timestep: {last}")
 
 
 class UNetMethod(DiffusionMethod):
