@@ -198,6 +198,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     if resume_from is not None:
         state = ckpt.load_checkpoint(accelerator, resume_from, recipe.flat_settings(), **load_options)
         step = state["step"]
+        accelerator.step = 0  # its micro-batch count, restored: count % accumulation must say a step's last at another accumulation too
         method.load_checkpoint_state(state.get("method", {}))
         apply_recipe_settings(optimizer, lr_scheduler, group_lrs, recipe.optimizer)
         continue_step_powers(optimizer)  # DeepSpeed's CPU Adam keeps them outside its checkpoint

@@ -48,6 +48,21 @@ def test_a_resume_with_other_accumulation_never_draws_a_key_drawn_before_its_che
     assert keys == list(range(8, 12))
 
 
+def test_a_resume_with_other_accumulation_steps_the_optimizer_after_each_steps_last_micro_batch(make_recipe, tmp_path, monkeypatch):
+    """accelerate's load_state restores its count of micro-batches, by which it tells the last of a step (count % accumulation):
+    at 2 a step, checkpoint-1 counts 2, and resumed at 3 a step the optimizer stepped after the first micro-batch, then
+    after the first of the next step (with the two before it), and the last two never trained."""
+    from accelerate import Accelerator
+
+    syncs, original = [], Accelerator.backward
+    monkeypatch.setattr(Accelerator, "backward", lambda self, loss, **kw: syncs.append(self.sync_gradients) or original(self, loss, **kw))
+    first = run(make_recipe, tmp_path, "first", 2, 1)
+    assert syncs == [False, True]
+    syncs.clear()
+    run(make_recipe, tmp_path, "second", 3, 3, resume=str(first))
+    assert syncs == [False, False, True] * 2
+
+
 def test_a_checkpoint_without_the_record_keeps_the_numbering_it_had(make_recipe, tmp_path, keys):
     first = run(make_recipe, tmp_path, "first", 4, 1)
     state = json.loads((first / STATE_FILE).read_text())
