@@ -25,6 +25,7 @@ from finetune.encoders import layer_stack, recorded_clip_skip
 from finetune.errors import FinetuneError, looked_for_here
 from finetune.kohya import DIFFUSERS_SUFFIXES, LoRA, load_lora
 from finetune.lora_kinds import written_path
+from finetune.lora_unit_scale import skip_unit_scales
 from finetune.max_norm import apply_max_norm, lora_layers
 from finetune.merge import find_module
 from finetune.methods.base import UNetMethod
@@ -235,6 +236,7 @@ def add_lora(model: torch.nn.Module, target_modules: list[str], weight_dtype: to
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
     keep_input_dtype(model)
+    skip_unit_scales(model)  # alpha = rank: no multiply by 1 per layer and pass
 
 
 def keep_input_dtype(model: torch.nn.Module) -> None:

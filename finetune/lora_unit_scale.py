@@ -1,0 +1,56 @@
+"""peft's LoRA layers without their multiply by a scale of 1.
+
+peft adds `lora_B(lora_A(x)) * scaling` to each adapted layer's output, also when alpha/rank is 1 (lora.alpha
+unset: alpha = rank, the default). Multiplying by 1.0 changes no bit, in any dtype, but it is an activation-sized
+kernel per layer in the forward and another (its gradient) in the backward: 256 launches per step for SD1.5's 128
+attention LoRAs. peft's own hook for variants of the forward (`LoraLayer.lora_variant`, how it runs DoRA) carries
+`UnitScaleLoRA` on each plain LoRA layer: the same sum, the product skipped when the scale is exactly 1 at the call
+(peft's `set_scale`, diffusers' `scale_lora_layers` may change it; otherwise multiplied as peft does).
+Merging is peft's own vanilla merge. peft marks its variant interface as subject to change: `tests/test_lora_unit_scale.py`
+pins the loss and every gradient to peft's plain forward, to the bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.lora.layer import LoraLayer, LoraVariant
+
+
+class UnitScaleLoRA(LoraVariant):
+    """A plain LoRA, `result + lora_B(lora_A(dropout(x))) * scaling` as peft computes it, the product skipped at a scale of 1."""
+
+    @staticmethod
+    def init(module: LoraLayer, adapter_name: str, **kwargs) -> None:
+        pass
+
+    @staticmethod
+    def forward(module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
+        update = module.lora_B[active_adapter](module.lora_A[active_adapter](module.lora_dropout[active_adapter](x)))
+        scaling = module.scaling[active_adapter]
+        return result + (update if scaling == 1 else update * scaling)
+
+    # peft's vanilla merge (LoraLayer.merge and unmerge, the weights in their own dtype)
+    @staticmethod
+    def merge_safe(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight + module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def merge_unsafe(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        orig_weight.data += module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def unmerge(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight.data - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+
+def skip_unit_scales(model: torch.nn.Module) -> int:
+    """Give each plain LoRA Linear or Conv2d layer of `model` (not a DoRA: peft runs that as its own variant) the
+    forward without the multiply by 1. Returns how many layers it changed."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), (torch.nn.Linear, torch.nn.Conv2d)):
+            for adapter in module.lora_A:
+                if adapter not in module.lora_variant:
+                    module.lora_variant[adapter] = UnitScaleLoRA()
+                    changed += 1
+    return changed
