@@ -7,12 +7,22 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 
 from finetune.errors import FinetuneError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def save_file(tensors: dict[str, torch.Tensor], filename: str, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' own, imported when a file is saved: torch takes seconds to import, and `make-conditions`
+    writes its files with this module's helpers without it."""
+    from safetensors.torch import save_file as save
+
+    save(tensors, filename, metadata=metadata)
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -25,6 +35,26 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
         partial.unlink(missing_ok=True)
         raise
     sync_folder(path.parent)
+
+
+def atomic_write(path: Path, write: Callable[[Path], object], durable: bool = True) -> Path:
+    """`path` as `write(partial)` writes it, or as it was: written beside it under a temporary name and renamed into
+    place, so a stop at any point (Ctrl-C, a full disk) leaves the old file or the new one. A hidden
+    `.NAME.partial` is removed on the way out; a kill that allows no way out (SIGKILL, a power cut) leaves it, and
+    the next write of `path` writes over it. `durable`: flushed to disk before the rename (a power cut then
+    keeps the old file or the whole new one); an image among thousands skips the flush, as `save_image_atomic` does."""
+    partial = path.with_name(f".{path.name}.partial")
+    with removed_if_unfinished(partial):
+        write(partial)
+        (flush_to_disk(partial) if durable else partial).replace(path)
+    if durable:
+        sync_folder(path.parent)
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """`path` holding `text` (UTF-8) whole, or as it was (see `atomic_write`)."""
+    return atomic_write(path, lambda partial: partial.write_text(text, encoding="utf-8"))
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from finetune.atomic_files import atomic_write_text
 from finetune.config import ClassImageGeneration, ModelConfig
 from finetune.console import say, warn
 from finetune.counts import counted
@@ -134,9 +135,7 @@ def write_generation_record(folder: Path, key: str, record: dict) -> None:
     records = read_generation_records(folder)
     records[key] = record
     folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / f".{RECORD_FILE}.partial"
-    partial.write_text(json.dumps(records, indent=1, sort_keys=True))
-    partial.replace(folder / RECORD_FILE)
+    atomic_write_text(folder / RECORD_FILE, json.dumps(records, indent=1, sort_keys=True))  # a stop mid-write keeps the old records
 
 
 def read_generation_records(folder: Path) -> dict[str, dict]:

@@ -218,8 +218,10 @@ def make_condition_folders(input_dir: str | Path, output_dir: str | Path, kind: 
     checked = [(folder, written, *_checked_input(folder, written, overwrite)) for folder, written in pairs]
     made = [_write_conditions(folder, written, images, captions, kind, **options) for folder, written, images, captions in checked]
     if subfolders:  # where a ControlNet trained on data.image_dir (with data.folders) looks for how its conditioning was made
+        from finetune.atomic_files import atomic_write_text
+
         target.mkdir(parents=True, exist_ok=True)
-        (target / RECORD_FILE).write_text(json.dumps({"kind": kind, **options}))
+        atomic_write_text(target / RECORD_FILE, json.dumps({"kind": kind, **options}))
     return made
 
 
@@ -311,7 +313,10 @@ def make_conditions(input_dir: str | Path, output_dir: str | Path, kind: str, ov
 
 
 def _write_conditions(source: Path, target: Path, images: list[Path], captions: dict[str, str], kind: str, **options) -> tuple[Path, int, int]:
-    """`make_conditions`' writing, for the images and captions `_checked_input` gave for `source`."""
+    """`make_conditions`' writing, for the images and captions `_checked_input` gave for `source`. Each file is written
+    whole or not at all (`atomic_write`): a stop (Ctrl-C) mid-way left a truncated conditioning image or copy under
+    its final name, and a half-written conditioning.json or a hidden .metadata.jsonl.partial."""
+    from finetune.atomic_files import atomic_write, atomic_write_text
     from finetune.images import open_rgb
     from finetune.sources import Example
 
@@ -322,19 +327,18 @@ def _write_conditions(source: Path, target: Path, images: list[Path], captions: 
     for path in images:
         conditioning_name = f"conditioning/{path.stem}.png"
         image = open_rgb(Example(str(path), "", lambda p=path: Image.open(p)))
-        make_condition(image, kind, **options).save(target / conditioning_name)
+        condition = make_condition(image, kind, **options)
+        atomic_write(target / conditioning_name, lambda partial: condition.save(partial, format="PNG"), durable=False)
         if not same_folder:
-            shutil.copyfile(path, target / path.name)
+            atomic_write(target / path.name, lambda partial, path=path: shutil.copyfile(path, partial), durable=False)
         text = image_caption(path, captions)
         if text is None:
             text, uncaptioned = "", uncaptioned + 1
         own = own_rows.pop(name_key(path.name), {})
         rows.append({**own, "file_name": path.name, "conditioning_file_name": conditioning_name, "text": text})
     rows += own_rows.values()  # rows naming no image here (a typo, a moved file): kept, and reported by the data check as before
-    partial = target / ".metadata.jsonl.partial"
-    partial.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    partial.replace(target / "metadata.jsonl")
-    (target / RECORD_FILE).write_text(json.dumps({"kind": kind, **options}))
+    atomic_write_text(target / "metadata.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    atomic_write_text(target / RECORD_FILE, json.dumps({"kind": kind, **options}))
     return target, len(rows), uncaptioned
 
 

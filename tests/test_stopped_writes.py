@@ -1,0 +1,117 @@
+"""A stop (Ctrl-C) while a file is written leaves the old file or the new one, never a half-written one, and no
+hidden .NAME.partial beside it: DreamBooth's class_images.json, and make-conditions' conditioning images, image
+copies, metadata.jsonl and conditioning.json."""
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from finetune.class_images import RECORD_FILE, read_generation_records, write_generation_record
+from finetune.conditions import make_conditions
+
+
+def stopped_halfway_through_write_text(monkeypatch, name: str | None = None):
+    """Path.write_text (of the file `name`, or any) writes half its text, then the user presses Ctrl-C."""
+    real = Path.write_text
+
+    def half_then_stop(self, text, *args, **kwargs):
+        if name is not None and name not in self.name:
+            return real(self, text, *args, **kwargs)
+        real(self, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", half_then_stop)
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def photos(folder: Path, n: int = 2) -> Path:
+    folder.mkdir()
+    for i in range(n):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{'ab'[i]}.png")
+    return folder
+
+
+def test_a_stop_while_the_class_image_records_are_written_keeps_the_old_ones(tmp_path, monkeypatch):
+    """A stop between writing .class_images.json.partial and its rename left the hidden partial file behind."""
+    folder = tmp_path / "class"
+    write_generation_record(folder, "aaaaaaaaaa", {"prompt": "a dog"})
+    before = files(folder)
+    stopped_halfway_through_write_text(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        write_generation_record(folder, "bbbbbbbbbb", {"prompt": "a cat"})
+    monkeypatch.undo()
+    assert files(folder) == before and list(files(folder)) == [RECORD_FILE]
+    assert read_generation_records(folder) == {"aaaaaaaaaa": {"prompt": "a dog"}}
+
+
+def test_a_stop_while_make_conditions_rewrites_a_folders_own_metadata_keeps_it(tmp_path, monkeypatch):
+    """Rewriting the folder's own metadata.jsonl in place: a stop left .metadata.jsonl.partial beside it."""
+    folder = photos(tmp_path / "photos")
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{n}.png", "text": f"a {n}"}) + "\n" for n in "ab"))
+    own = (folder / "metadata.jsonl").read_bytes()
+    stopped_halfway_through_write_text(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        make_conditions(folder, folder, "luminance")
+    monkeypatch.undo()
+    assert (folder / "metadata.jsonl").read_bytes() == own
+    assert not [p for p in folder.rglob(".*")]
+
+
+def test_a_stop_while_make_conditions_writes_its_record_leaves_no_half_record(tmp_path, monkeypatch):
+    """conditioning.json was written in place: a stop left half of it, which reads as no record."""
+    out = tmp_path / "out"
+    make_conditions(photos(tmp_path / "photos"), out, "luminance")
+    before = (out / "conditioning.json").read_text()
+    stopped_halfway_through_write_text(monkeypatch, "conditioning.json")
+    with pytest.raises(KeyboardInterrupt):
+        make_conditions(tmp_path / "photos", out, "luminance", overwrite=True)
+    monkeypatch.undo()
+    assert (out / "conditioning.json").read_text() == before and not [p for p in out.rglob(".*")]
+
+
+@pytest.mark.parametrize("stopped", ["conditioning image", "image copy"])
+def test_a_stop_while_make_conditions_writes_an_image_leaves_no_half_image(tmp_path, monkeypatch, stopped):
+    """A conditioning image (or the copy of an image) was written under its final name: a stop left a truncated PNG
+    that a rerun refused to replace without --overwrite, and that training reads as a broken image."""
+    source, out = photos(tmp_path / "photos"), tmp_path / "out"
+    calls = []
+    if stopped == "conditioning image":
+        real = Image.Image.save
+
+        def half_then_stop(self, fp, *args, **kwargs):
+            calls.append(fp)
+            if len(calls) < 2:
+                return real(self, fp, *args, **kwargs)
+            whole = io.BytesIO()
+            real(self, whole, *args, **kwargs)
+            Path(fp).write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(Image.Image, "save", half_then_stop)
+    else:
+        real = shutil.copyfile
+
+        def half_then_stop(src, dst, *args, **kwargs):
+            calls.append(dst)
+            if len(calls) < 2:
+                return real(src, dst, *args, **kwargs)
+            Path(dst).write_bytes(Path(src).read_bytes()[:100])
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(shutil, "copyfile", half_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        make_conditions(source, out, "luminance")
+    monkeypatch.undo()
+    assert len(calls) == 2
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert not [p for p in written if p.name.startswith(".")]
+    for path in written:
+        Image.open(path).load()  # each whole
