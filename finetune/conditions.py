@@ -216,6 +216,8 @@ def make_condition_folders(input_dir: str | Path, output_dir: str | Path, kind: 
         raise FinetuneError(f"input folder {source} has no images ({', '.join(IMAGE_SUFFIXES)})")
     # Every folder is checked before any is written: a clash found halfway would leave half the data behind.
     checked = [(folder, written, *_checked_input(folder, written, overwrite)) for folder, written in pairs]
+    if subfolders:  # written again last: a stop while the subfolders are rewritten must not leave the old kind's record
+        (target / RECORD_FILE).unlink(missing_ok=True)
     made = [_write_conditions(folder, written, images, captions, kind, **options) for folder, written, images, captions in checked]
     if subfolders:  # where a ControlNet trained on data.image_dir (with data.folders) looks for how its conditioning was made
         from finetune.atomic_files import atomic_write_text
@@ -322,6 +324,9 @@ def _write_conditions(source: Path, target: Path, images: list[Path], captions: 
 
     same_folder = target.is_dir() and source.resolve() == target.resolve()
     (target / "conditioning").mkdir(parents=True, exist_ok=True)
+    # Written again once every image is: a stop in a rerun of another kind (--overwrite) left the old kind's record over a
+    # mix of both, and a ControlNet trained on it recorded the old kind for `finetune sample` and the demo to make.
+    (target / RECORD_FILE).unlink(missing_ok=True)
     own_rows = _input_rows(source)
     rows, uncaptioned = [], 0
     for path in images:

@@ -1,6 +1,6 @@
 """A stop (Ctrl-C) while a file is written leaves the old file or the new one, never a half-written one, and no
 hidden .NAME.partial beside it: DreamBooth's class_images.json, and make-conditions' conditioning images, image
-copies, metadata.jsonl and conditioning.json."""
+copies, metadata.jsonl and conditioning.json (which a stopped rerun leaves out, rather than the old kind's)."""
 
 import io
 import json
@@ -66,15 +66,15 @@ def test_a_stop_while_make_conditions_rewrites_a_folders_own_metadata_keeps_it(t
 
 
 def test_a_stop_while_make_conditions_writes_its_record_leaves_no_half_record(tmp_path, monkeypatch):
-    """conditioning.json was written in place: a stop left half of it, which reads as no record."""
+    """conditioning.json was written in place: a stop left half of it. It is written whole or not at all (a rerun
+    removes the old one first: see the next test)."""
     out = tmp_path / "out"
     make_conditions(photos(tmp_path / "photos"), out, "luminance")
-    before = (out / "conditioning.json").read_text()
     stopped_halfway_through_write_text(monkeypatch, "conditioning.json")
     with pytest.raises(KeyboardInterrupt):
         make_conditions(tmp_path / "photos", out, "luminance", overwrite=True)
     monkeypatch.undo()
-    assert (out / "conditioning.json").read_text() == before and not [p for p in out.rglob(".*")]
+    assert not (out / "conditioning.json").exists() and not [p for p in out.rglob(".*")]
 
 
 @pytest.mark.parametrize("stopped", ["conditioning image", "image copy"])
@@ -115,3 +115,28 @@ def test_a_stop_while_make_conditions_writes_an_image_leaves_no_half_image(tmp_p
     assert not [p for p in written if p.name.startswith(".")]
     for path in written:
         Image.open(path).load()  # each whole
+
+
+def test_a_stop_while_make_conditions_rewrites_a_folder_as_another_kind_leaves_no_record_of_the_old_kind(tmp_path, monkeypatch):
+    """A rerun as masks (--overwrite) stopped after the first image kept conditioning.json saying luminance over a mix
+    of both kinds, and a ControlNet trained on the folder recorded luminance for `finetune sample` and the demo."""
+    from finetune.conditions import conditioning_record, make_condition_folders
+
+    source, out = photos(tmp_path / "photos"), tmp_path / "out"
+    (source / "sub").mkdir()
+    shutil.copy(source / "a.png", source / "sub" / "a.png")
+    make_condition_folders(source, out, "luminance")
+    assert conditioning_record(out) == conditioning_record(out / "sub") == {"kind": "luminance"}
+    real, calls = shutil.copyfile, []
+
+    def stop_at_the_second(src, dst, *args, **kwargs):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "copyfile", stop_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        make_condition_folders(source, out, "mask", overwrite=True)
+    monkeypatch.undo()
+    assert conditioning_record(out) is None and conditioning_record(out / "sub") == {"kind": "luminance"}  # not yet rewritten
