@@ -36,21 +36,21 @@ MADE_FROM = {"made_from": "the base model alone"}
 RECORD_FILE = "class_images.json"  # in the class folder: {key: generation_record}
 
 
-def generation_key(class_prompts: list[str], settings: ClassImageGeneration, resolution: int, model: ModelConfig) -> str:
-    """The name prefix of the class images `generation_record` describes."""
-    return record_key(generation_record(class_prompts, settings, resolution, model))
-
-
 def record_key(record: dict) -> str:
+    """The name prefix of the class images `record` (a `generation_record`) describes."""
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def generation_record(class_prompts: list[str], settings: ClassImageGeneration, resolution: int, model: ModelConfig) -> dict:
-    """What a generated class image depends on: its prompts, the sampling settings, and the base model
-    (where it is, its revision or a local one's contents, its configs, and the clip skip that encodes the prompts)."""
+def generation_record(class_prompts: list[str], settings: ClassImageGeneration, resolution: int, model: ModelConfig, mixed_precision: str) -> dict:
+    """What a generated class image depends on: its prompts, the sampling settings, the base model (where it is, its
+    revision or a local one's contents, the weights variant it loads, its configs, and the clip skip that encodes the
+    prompts), and the precision it samples in (train.mixed_precision: the frozen base is cast to it)."""
     prompt = class_prompts[0] if len(class_prompts) == 1 else class_prompts
     source = Path(model.pretrained)
-    base = {"base": str(source.resolve()) if source.exists() else model.pretrained, "revision": model.revision, "clip_skip": model.clip_skip}
+    # model.variant: a hub id's fp16 files are other weights than its full ones at the same revision (a local folder's
+    # contents hold both). Records of versions without variant and mixed_precision are of unknown ones: their images are made again.
+    base = {"base": str(source.resolve()) if source.exists() else model.pretrained, "revision": model.revision, "variant": model.variant,
+            "clip_skip": model.clip_skip, "mixed_precision": mixed_precision}  # fmt: skip
     if source.exists():  # a folder or file retrained or merged into in place keeps its path: its contents tell
         base["base_contents"] = local_base_fingerprint(source)
     if model.single_file_config:  # a single-file base's configs: its architecture and how it samples (an SD2 file's v-prediction)
@@ -147,8 +147,13 @@ def read_generation_records(folder: Path) -> dict[str, dict]:
 
 
 def changed_settings(made: dict, now: dict) -> str:
-    """'guidance_scale 7.5 (now 5.0), ...': what images made as `made` describes were made with otherwise."""
-    return ", ".join(f"{name} {made.get(name)!r} (now {now.get(name)!r})" for name in sorted(made.keys() | now.keys()) if made.get(name) != now.get(name))
+    """'guidance_scale 7.5 (now 5.0), ...': what images made as `made` describes were made with otherwise; a setting
+    `made` lacks (an earlier version's record) as unknown, not as None."""
+    changed = [f"{name} {made[name]!r} (now {now.get(name)!r})" for name in sorted(made) if made[name] != now.get(name)]
+    unrecorded = sorted(now.keys() - made.keys())
+    if unrecorded:
+        changed.append(f"{' and '.join(unrecorded)} unknown (an earlier version of finetune, which did not record {'them' if len(unrecorded) > 1 else 'it'})")
+    return ", ".join(changed)
 
 
 def warn_of_unused_generated_images(folder: Path, records: dict[str, dict]) -> None:

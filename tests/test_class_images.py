@@ -5,13 +5,18 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.class_images import class_image_caption, generate_class_images, generation_key, plan_class_images
+from finetune.class_images import class_image_caption, generate_class_images, generation_record, plan_class_images, record_key
 from finetune.config import ClassImageGeneration, ModelConfig
 from finetune.models import load_base_model
 from finetune.sampling import build_pipeline
 
 SETTINGS = ClassImageGeneration(num_inference_steps=2, guidance_scale=3.0, batch_size=2, seed=5)
 BASE = ModelConfig(pretrained="some/base")
+
+
+def generation_key(class_prompts, settings, resolution, model, mixed_precision="no") -> str:
+    """The name prefix of the class images these settings make (training's: dreambooth.class_image_plans)."""
+    return record_key(generation_record(class_prompts, settings, resolution, model, mixed_precision))
 
 
 def test_generation_makes_exactly_the_missing_images_and_resumes(tiny_model, tmp_path):
@@ -37,12 +42,14 @@ def test_generation_makes_exactly_the_missing_images_and_resumes(tiny_model, tmp
     assert generate_class_images(pipeline, ["a shape"], folder, key, missing, one_at_a_time, 64) == 1
     assert {p.name: p.read_bytes() for p in folder.glob(f"{key}-*.png")} == first_run
 
-    # Another class prompt never counts these images, nor does another base model (or its other revision).
+    # Another class prompt never counts these images, nor does another base model (or its other revision or weights variant).
     other = generation_key(["a dog"], SETTINGS, 64, BASE)
     _, missing_other = plan_class_images(folder, other, wanted=5)
     assert missing_other == [0, 1, 2]
-    for model in (ModelConfig(pretrained="other/base"), BASE.model_copy(update={"revision": "v2"}), BASE.model_copy(update={"clip_skip": 2})):
+    for model in (ModelConfig(pretrained="other/base"), BASE.model_copy(update={"revision": "v2"}), BASE.model_copy(update={"clip_skip": 2}),
+                  BASE.model_copy(update={"variant": "fp16"})):  # fmt: skip
         assert generation_key(["a shape"], SETTINGS, 64, model) != key
+    assert generation_key(["a shape"], SETTINGS, 64, BASE, "bf16") != key  # nor images sampled in another precision
     same_folder = (ModelConfig(pretrained=str(tiny_model)), ModelConfig(pretrained=str(tiny_model / ".." / tiny_model.name)))
     assert len({generation_key(["a shape"], SETTINGS, 64, model) for model in same_folder}) == 1
     # Fewer wanted than the user brought: the first ones by name, nothing generated.

@@ -144,8 +144,9 @@ def test_class_images_of_a_local_base_retrained_in_place_are_not_reused(tiny_mod
 
     from safetensors.torch import load_file, save_file
 
-    from finetune.class_images import generation_key, generation_record
+    from finetune.class_images import generation_record
     from finetune.config import ClassImageGeneration, ModelConfig
+    from test_class_images import generation_key
 
     base = tmp_path / "base"
     shutil.copytree(tiny_model, base)
@@ -161,7 +162,7 @@ def test_class_images_of_a_local_base_retrained_in_place_are_not_reused(tiny_mod
     tensors[name] = tensors[name] + 0.01  # retrained in place: same size, same path
     save_file(tensors, weights)
     assert generation_key(["a shape"], settings, 64, model) != key
-    assert "base_contents" in generation_record(["a shape"], settings, 64, model)
+    assert "base_contents" in generation_record(["a shape"], settings, 64, model, "no")
     # A large file is read in slices spread over it: a change deep inside still shows.
     from finetune.class_images import file_sample_digest
 
@@ -177,11 +178,45 @@ def test_class_images_of_a_local_base_retrained_in_place_are_not_reused(tiny_mod
 def test_class_images_of_a_single_file_base_read_with_other_configs_are_not_reused(tmp_path):
     """A single-file base is read with the configs model.single_file_config names (SD2's v-prediction or
     SD1's epsilon, say): images sampled under one set were reused under another."""
-    from finetune.class_images import generation_key
     from finetune.config import ClassImageGeneration, ModelConfig
+    from test_class_images import generation_key
 
     checkpoint = tmp_path / "base.safetensors"
     checkpoint.write_bytes(b"weights")
     keys = {generation_key(["a shape"], ClassImageGeneration(), 64, ModelConfig(pretrained=str(checkpoint), single_file_config=configs))
             for configs in ("stabilityai/stable-diffusion-2-1", "stable-diffusion-v1-5/stable-diffusion-v1-5")}  # fmt: skip
     assert len(keys) == 2
+
+
+def test_class_images_of_another_weights_variant_or_precision_are_not_reused(make_recipe, star_folder, tmp_path, capsys):
+    """The images' key left out model.variant and train.mixed_precision: class images sampled from a hub id's fp16
+    weights, or in bf16, were reused by a run of its full weights in fp32, and an interrupted generation went on in
+    another precision, without a word. Now each makes its own. A record of an earlier version, which lacks both,
+    cannot say which it was made with: its images are made again, and the warning says why."""
+    from finetune.class_images import record_key, write_generation_record
+    from finetune.methods.dreambooth import recipe_generation_record
+
+    recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path)
+    (folder, key, paths, _), = class_image_plans(recipe)
+    folder.mkdir()
+    for path in paths:
+        Image.new("RGB", (64, 64), "red").save(path)
+    write_generation_record(folder, key, recipe_generation_record(recipe, ["a shape"]))
+    for section, name, value in ((recipe.train, "mixed_precision", "bf16"), (recipe.model, "variant", "fp16")):
+        made_with = getattr(section, name)
+        setattr(section, name, value)
+        capsys.readouterr()
+        (_, key_now, _, missing), = class_image_plans(recipe)
+        assert key_now != key and missing == [0, 1, 2]
+        assert f"ignoring 3 generated images made with {name} {made_with!r} (now {value!r})\n" in capsys.readouterr().out
+        setattr(section, name, made_with)
+    assert class_image_plans(recipe)[0][1] == key
+
+    earlier = {name: value for name, value in recipe_generation_record(recipe, ["a shape"]).items() if name not in ("variant", "mixed_precision")}
+    for path in paths:
+        path.rename(path.with_name(f"{record_key(earlier)}{path.name[10:]}"))
+    write_generation_record(folder, record_key(earlier), earlier)
+    capsys.readouterr()
+    (_, _, _, missing), = class_image_plans(recipe)
+    assert missing == [0, 1, 2]
+    assert "ignoring 3 generated images made with mixed_precision and variant unknown (an earlier version of finetune" in capsys.readouterr().out

@@ -154,13 +154,18 @@ def class_image_plans(recipe: Recipe) -> list[tuple[Path, str, list[Path], list[
         if subjects:  # the subject's photos would train as its class, and generated images would join a concept's photos
             raise FinetuneError(f"dreambooth.concepts.{i}.class_dir {folder} is dreambooth.concepts.{subjects[0]}.instance_dir: give class images a folder "
                                 f"of their own (or class_dir: null for {Path(recipe.output_dir) / 'class_images' / f'concept-{i}'})")  # fmt: skip
-        record = generation_record(concept.class_prompts, settings.class_generation, recipe.data.resolution, recipe.model)
+        record = recipe_generation_record(recipe, concept.class_prompts)
         key = record_key(record)
         made_as[key] = record
         plans.append((folder, key, *plan_class_images(folder, key, settings.num_class_images)))
     for folder in {folder.resolve(): folder for folder, *_ in plans}.values():
         warn_of_unused_generated_images(folder, {key: made_as[key] for other, key, *_ in plans if other.resolve() == folder.resolve()})
     return plans
+
+
+def recipe_generation_record(recipe: Recipe, class_prompts: list[str]) -> dict:
+    """How the recipe makes the class images of `class_prompts` (its key names them): one call for the plan and the record written."""
+    return generation_record(class_prompts, recipe.dreambooth.class_generation, recipe.data.resolution, recipe.model, recipe.train.mixed_precision)
 
 
 def class_examples(paths: list[Path], concept: Concept) -> list[Example]:
@@ -263,8 +268,7 @@ class DreamBoothMethod(DiffusionMethod):
             # The frozen base, sampled as it was trained (model.prediction_type and zero_terminal_snr change training's target).
             pipeline = build_pipeline(self.base, as_pretrained=True)
             if accelerator.process_index == 0:  # before the first image: an interrupted generation is recorded too
-                record = generation_record(prompts, settings.class_generation, self.recipe.data.resolution, self.recipe.model)
-                write_generation_record(plan.folder, plan.key, record)
+                write_generation_record(plan.folder, plan.key, recipe_generation_record(self.recipe, prompts))
             with as_loaded_base(self.base.unet, self.base.text_encoder), torch.random.fork_rng(devices=[]):
                 generate_class_images(
                     pipeline, prompts, plan.folder, plan.key, plan.missing, settings.class_generation,
