@@ -32,15 +32,25 @@ def make_world_data(
     represent what fine-tuning will teach; it is the text-to-image model that has never seen it.
 
     Written under a temporary name and renamed when whole: a stopped run (Ctrl-C in `make base-model`) leaves
-    no half-filled folder, which the next run would refuse. `folder` is new or empty (check_world_data_arguments).
+    no half-filled folder, which the next run would refuse. `folder` is new or empty (check_world_data_arguments);
+    an empty one is filled in place, and emptied again where the run stops.
     """
     folder = Path(folder)
+    if folder.is_dir():  # not replaced: `.` (a folder of no name) was a traceback, and it may be a shell's working folder or a mounted disk
+        try:
+            write_folder(folder, num_images, seed, include_held_out=include_held_out, partial_captions=partial_captions, conditioning=conditioning)
+        except BaseException:
+            for entry in list(folder.iterdir()):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+            raise
+        return folder
     partial = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     with removed_if_unfinished(partial):
         write_folder(partial, num_images, seed, include_held_out=include_held_out, partial_captions=partial_captions, conditioning=conditioning)
-    if folder.is_dir():
-        folder.rmdir()
     partial.rename(folder)  # not replace_folder: a flush of 40,000 files would take longer than writing them
     return folder
 

@@ -100,3 +100,30 @@ def test_training_a_classifier_into_a_folder_is_refused_before_it_trains(tmp_pat
         with pytest.raises(SystemExit):
             classifier.main(["--out", str(out), "--num-images", "8", "--steps", "1", "--eval-images", "8", "--threads", "1"])
         assert capsys.readouterr().err.strip().endswith(f"error: --out {out} is a folder or inside a file: give the path of the .safetensors file to write")
+
+
+def test_make_world_data_fills_an_empty_folder_in_place(tmp_path, monkeypatch, capsys):
+    """`finetune make-world-data .` in a new empty folder was a ValueError traceback ('.' has no name to write a
+    temporary folder beside), and an empty folder given by name was removed and replaced: a shell's working folder
+    then no longer existed, a mounted disk could not be removed (after every image was made). An empty folder is
+    filled in place now, and emptied again where the run stops."""
+    import finetune.toyworld.datasets as datasets
+    from finetune.cli import main
+
+    (tmp_path / "world").mkdir()
+    monkeypatch.chdir(tmp_path / "world")
+    inode = os.stat(".").st_ino
+    assert main(["make-world-data", ".", "--num-images", "2"]) == 0, capsys.readouterr().err
+    assert os.stat(tmp_path / "world").st_ino == inode and len((tmp_path / "world" / "metadata.jsonl").read_text().splitlines()) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["world"]
+
+    real_generate = datasets.generate
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(datasets, "generate", lambda n, *args, **kwargs: stopped_after_one(real_generate(n, *args, **kwargs)))
+    assert main(["make-world-data", str(tmp_path / "empty"), "--num-images", "3"]) == 130
+    assert (tmp_path / "empty").is_dir() and list((tmp_path / "empty").iterdir()) == []
+
+
+def stopped_after_one(samples):
+    yield next(iter(samples))
+    raise KeyboardInterrupt
