@@ -143,7 +143,8 @@ def read_generation_records(folder: Path) -> dict[str, dict]:
         records = json.loads((folder / RECORD_FILE).read_text())
     except (OSError, ValueError):  # none yet (or earlier versions'), or damaged: only the warnings lose detail
         return {}
-    return records if isinstance(records, dict) else {}
+    # An entry edited into no record (a string, a list) is one of no known settings, not a TypeError in the warning.
+    return {key: record for key, record in records.items() if isinstance(record, dict)} if isinstance(records, dict) else {}
 
 
 def changed_settings(made: dict, now: dict) -> str:

@@ -220,3 +220,14 @@ def test_class_images_of_another_weights_variant_or_precision_are_not_reused(mak
     (_, _, _, missing), = class_image_plans(recipe)
     assert missing == [0, 1, 2]
     assert "ignoring 3 generated images made with mixed_precision and variant unknown (an earlier version of finetune" in capsys.readouterr().out
+
+
+def test_a_damaged_entry_of_the_class_image_records_only_loses_the_warnings_detail(make_recipe, star_folder, tmp_path, capsys):
+    """class_images.json with an entry that is no record (edited by hand: a string) stopped check-data and training
+    with a TypeError in the warning about the images it describes; the file's other damage lost only detail."""
+    recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path)
+    (tmp_path / "class").mkdir()
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "class" / "0123456789-00000.png")
+    (tmp_path / "class" / "class_images.json").write_text(json.dumps({"0123456789": "made with the old base"}))
+    (_, _, _, missing), = class_image_plans(recipe)
+    assert missing == [0, 1, 2] and "ignoring 1 generated image of another class prompt" in capsys.readouterr().out
