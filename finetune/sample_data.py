@@ -91,11 +91,18 @@ def make_sample_data(root: str | Path) -> list[Path]:
     return [replace_folder(partial, root / name) for name, partial in partials.items()]
 
 
+# What a file manager writes into a folder it shows (macOS's Finder, Windows' Explorer): no file of the user's, and
+# opening datasets/star in one made make-sample-data refuse it.
+FILE_MANAGER_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}
+
+
 def _refuse_unlike_files(folder: Path, sample: Path) -> None:
     """One line for the first file in `folder` that the sample in `sample` does not write as it is."""
     if folder.exists() and not folder.is_dir():
         raise FinetuneError(f"{folder} is a file: make-sample-data writes a folder there; move it, or give another folder")
     for file in sorted(folder.rglob("*")) if folder.is_dir() else []:
+        if file.name in FILE_MANAGER_FILES and file.is_file():
+            continue
         written = sample / file.relative_to(folder)
         if file.is_dir() and written.is_dir():
             continue

@@ -269,6 +269,7 @@ def test_make_sample_data_rewrites_the_shipped_sets_but_never_a_users_files(tmp_
     copy = tmp_path / "copy"
     shutil.copytree(shipped, copy)
     (copy / "star" / "0003.png").unlink()  # part of the shipped set: nothing of the user's to lose
+    (copy / "star" / ".DS_Store").write_bytes(b"Bud1")  # macOS's Finder showed the folder: refused as a file of the user's
     assert main(["make-sample-data", str(copy)]) == 0
     assert sorted(str(p.relative_to(copy)) for p in copy.rglob("*")) == sorted(str(p.relative_to(shipped)) for p in shipped.rglob("*"))
     assert all(p.read_bytes() == (shipped / p.relative_to(copy)).read_bytes() for p in copy.rglob("*") if p.is_file())
