@@ -16,13 +16,14 @@ import io
 import json
 import os
 import re
-import unicodedata
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from finetune.config import DataConfig
 from finetune.errors import FinetuneError
+# file_names_by_loose_key, loosely_named_file and metadata_key are imported from here by other modules, as before file_names.py
+from finetune.file_names import file_names_by_loose_key, loose_name_key, loosely_named_file, metadata_key, name_key, row_image_key  # noqa: F401
 
 CAPTION_PLACEHOLDER = "{caption}"
 DATASET_ROW = "dataset {name} row {row}"  # the source of a dataset's example (a folder's is its file's path)
@@ -31,41 +32,33 @@ TAG_STREAM = 1
 LINE_STREAM = 2  # the generator that picks one line of a caption of several
 
 
-def name_key(name: str) -> str:
-    """A file name as metadata rows are matched to it: in Unicode's composed form (NFC), as most tools write
-    text, where macOS names files decomposed (NFD): `café.png` is then one name in both."""
-    return unicodedata.normalize("NFC", name)
+class RowCaptions(dict):
+    """{image name: caption} read from a metadata file, with `places`: {image name: "PATH line N"}, for an error
+    about a row to name it."""
+
+    def __init__(self):
+        super().__init__()
+        self.places: dict[str, str] = {}
 
 
-def metadata_key(file_name: str, folder: Path) -> str:
-    """A metadata row's file_name as `folder`'s images are matched to it: its path relative to the folder,
-    with `/` (`./a.png` and `a.png` are one; `sub/a.png` names an image in a subfolder, not `a.png`). A
-    path through the folder itself (`photos/a.png` in photos/, or an absolute one) names its image."""
-    key = PurePosixPath(str(file_name).strip().replace("\\", "/"))
-    if key.is_absolute() and Path(key).parent.resolve() == folder.resolve():
-        return name_key(key.name)
-    if len(key.parts) > 1 and key.parts[-2] == folder.resolve().name and not (folder / key.parent).is_dir():
-        return name_key(key.name)
-    return name_key(key.as_posix().removeprefix("./"))
-
-
-def _add_row(captions: dict[str, str], rows: dict[str, str], path: Path, where: str, file_name, caption: str | None) -> None:
+def _add_row(captions: RowCaptions, rows: dict[str, str], path: Path, where: str, file_name, caption: str | None) -> None:
     if not isinstance(file_name, str):
         raise FinetuneError(f"{path} {where}: 'file_name' is {type(file_name).__name__}, not a file name")
-    key = metadata_key(file_name, path.parent)
+    key = row_image_key(file_name, path.parent, f"{path} {where}")
     if key in rows:
         raise FinetuneError(f"{path} {where} names {key} again (first in {rows[key]}): keep one row per image")
     rows[key] = where
     if caption is not None:
         captions[key] = caption
+    captions.places[key] = f"{path} {where}"
 
 
-def read_metadata_captions(path: Path, require_text: bool = True, column: str = "text") -> dict[str, str]:
+def read_metadata_captions(path: Path, require_text: bool = True, column: str = "text") -> RowCaptions:
     """{file name: caption} from a metadata.jsonl, the caption in `column` (data.caption_column); rows
     without it are an error unless not required."""
     if not path.is_file():
-        return {}
-    captions, rows = {}, {}
+        return RowCaptions()
+    captions, rows = RowCaptions(), {}
     for line_number, line in enumerate(split_at_line_ends(metadata_text(path)), start=1):
         if not line.strip():
             continue
@@ -89,17 +82,17 @@ def read_metadata_captions(path: Path, require_text: bool = True, column: str = 
     return captions
 
 
-def read_csv_captions(path: Path, column: str = "text") -> dict[str, str]:
+def read_csv_captions(path: Path, column: str = "text") -> RowCaptions:
     """{file name: caption} from a metadata.csv with a header row naming file_name and `column` (data.caption_column)."""
     if not path.is_file():
-        return {}
+        return RowCaptions()
     text = metadata_text(path)
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text))
     columns = reader.fieldnames or []
     if "file_name" not in columns or column not in columns:
         raise FinetuneError(f"{path} must have a header row with 'file_name' and '{column}' columns (has: {', '.join(columns) or 'none'}): "
                             "rename the column, or set data.caption_column to the caption's")  # fmt: skip
-    captions, rows = {}, {}
+    captions, rows = RowCaptions(), {}
     for row_number, row in enumerate(reader, start=2):  # the header is row 1
         if row["file_name"]:
             _add_row(captions, rows, path, f"row {row_number}", row["file_name"], (row[column] or "").strip())
@@ -138,7 +131,7 @@ def csv_delimiter(text: str) -> str:
     return "\t" if "\t" in header and "," not in header else ","
 
 
-def folder_captions(folder: Path, column: str = "text") -> dict[str, str]:
+def folder_captions(folder: Path, column: str = "text") -> RowCaptions:
     """The captions a folder's metadata file gives in `column` (data.caption_column), {} without one; both
     kinds at once is ambiguous."""
     jsonl, table = folder / "metadata.jsonl", folder / "metadata.csv"
@@ -219,28 +212,6 @@ def sidecar_path(image_path: Path) -> Path | None:
     return None
 
 
-def loose_name_key(name: str) -> str:
-    """A file name as a caption file is found by it where its exact name is not there: composed, any case."""
-    return name_key(name).casefold()
-
-
-def loosely_named_file(path: Path) -> Path:
-    """`path`, or where no file has that exact name, the one beside it whose name differs only in letter case or
-    Unicode form (a metadata file written on macOS or Windows names `conditioning/0001.PNG` for `0001.png`), as
-    caption files are found; `path` itself where neither is there, for the error that says so."""
-    if path.is_file() or not path.parent.is_dir():
-        return path
-    names = file_names_by_loose_key(str(path.parent), path.parent.stat().st_mtime_ns)
-    return path.parent / names.get(loose_name_key(path.name), path.name)
-
-
-@functools.lru_cache(maxsize=64)
-def file_names_by_loose_key(folder: str, modified: int) -> dict[str, str]:
-    """A folder's file names by their `loose_name_key`; `modified` (the folder's mtime) renews it when files
-    are added, removed or renamed."""
-    return {loose_name_key(name): name for name in os.listdir(folder)} if modified else {}
-
-
 @functools.lru_cache(maxsize=64)
 def _caption_files(folder: str, modified: int) -> dict[str, str]:
     """A folder's caption files' names by `loose_name_key`; `modified` (the folder's mtime) renews it when
@@ -286,6 +257,19 @@ def require_own_sidecars(images: list[Path], metadata: dict[str, str]) -> None:
             raise FinetuneError(f"images {readers[sidecar]} and {image_path.name} share the caption file {sidecar}: remove one image (a copy?), "
                                 "or rename it with a caption file of its own, or caption each in a metadata.jsonl row")  # fmt: skip
         readers[sidecar] = image_path.name
+
+
+def require_rows_with_images(images: list[Path], metadata: RowCaptions) -> None:
+    """Stop at a metadata row that names no image of its folder (a typo, an image removed or renamed, a file in a
+    subfolder, which is not read): its caption would train nothing, and `datasets`' imagefolder stops at it too."""
+    own = {name_key(path.name) for path in images}
+    unmatched = [name for name in metadata if name not in own]  # in row order
+    if not unmatched:
+        return
+    more = f" (and {len(unmatched) - 1} more: {', '.join(unmatched[1:4])}{', ...' if len(unmatched) > 4 else ''})" if len(unmatched) > 1 else ""
+    nested = "; an image in a subfolder trains only as a data.folders entry, with a metadata file of its own" if "/" in unmatched[0] else ""
+    raise FinetuneError(f"{metadata.places[unmatched[0]]} names {unmatched[0]}, which is not an image in its folder{more}: "
+                        f"fix file_name, or remove the row{nested}")  # fmt: skip
 
 
 def dataset_of_row(source: str | Path) -> str | None:

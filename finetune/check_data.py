@@ -6,7 +6,7 @@ Every image is decoded once. Findings come in three levels:
   stops on the first one with a one-line error naming the file, unless `data.skip_bad_images` is
   set: then such images are left out and listed.
 - warning: training runs, but the data may not be what you meant (upscaled images, duplicates, an
-  empty caption, a metadata row naming a file that is not there).
+  empty caption).
 - converted: handled on the fly (EXIF rotation, CMYK, 16-bit, transparency, palette): said so that
   nothing happens unseen.
 
@@ -30,7 +30,7 @@ from finetune.epoch_uses import expand_repeats
 from finetune.errors import FinetuneError
 from finetune.images import decode, file_stamp, float_levels_problem, has_alpha, is_16_bit, pixel_digest, turned_on_its_side, upright_rgb
 from finetune.loss_mask import alpha_mask, image_sharing_mask, mask_area, mask_digest, mask_path, read_mask_file
-from finetune.sources import (Example, data_folders, folder_images, metadata_rows_without_images, read_examples,
+from finetune.sources import (Example, data_folders, folder_images, read_examples,
                               unlisted_image_folders, unread_images)  # fmt: skip
 from finetune.views import cut, holds_8_bit_values, plan_cover_crop
 
@@ -284,14 +284,6 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
         message = (f"data folder {folder} holds {counted(count, 'image')} that no data.folders entry lists: {'it does' if count == 1 else 'they do'} "
                    f"not train (add {entry} with its repeats to data.folders to train {'it' if count == 1 else 'them'})")  # fmt: skip
         report.findings.append(Finding(WARNING, str(folder), message))
-    for metadata, names in metadata_rows_without_images(config):
-        listed = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        nested = any("/" in name for name in names)  # folders are not read recursively
-        one = len(names) == 1
-        message = (f"{metadata} names {counted(len(names), 'file')} that {'is not an image' if one else 'are not images'} in its folder ({listed}): "
-                   f"{'its caption is' if one else 'their captions are'} unused; fix file_name"
-                   + ("; images in a subfolder train only as a data.folders entry, with a metadata file of their own" if nested else ""))  # fmt: skip
-        report.findings.append(Finding(WARNING, str(metadata), message))
     if config.skip_bad_images:
         skip_fatal(report)
     return report

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from finetune.buckets import Size, assign_buckets
 from finetune.cache import EncodingCache
-from finetune.captions import (csv_delimiter, split_at_line_ends, loosely_named_file, metadata_file, metadata_key, metadata_text, name_key, read_csv_captions, scored_caption,
+from finetune.captions import (csv_delimiter, split_at_line_ends, loosely_named_file, metadata_file, metadata_text, name_key, read_csv_captions, row_image_key, scored_caption,
                                training_caption)
 from finetune.check_data import FATAL, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable
 from finetune.check_threads import each_on_threads
@@ -189,7 +189,7 @@ def _conditioning_files(folder: Path, column: str = "conditioning_file_name") ->
             keys.update(row)
             named = row.get("conditioning_file_name") or row.get(column)
             if named:
-                files[metadata_key(row["file_name"], folder)] = str(named).replace("\\", "/")  # written on Windows: conditioning\0001.png
+                files[row_image_key(row["file_name"], folder, f"{path} line {line_number}")] = str(named).replace("\\", "/")  # written on Windows: conditioning\0001.png
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise FinetuneError(f"{path} line {line_number}: expected a JSON object with 'file_name', 'conditioning_file_name' and 'text'") from None
     if not {"conditioning_file_name", column} & keys:

@@ -19,7 +19,7 @@ from PIL import Image
 
 from finetune.buckets import Size
 from finetune.captions import (DATASET_ROW, apply_template, dataset_of_row, folder_captions, image_caption, metadata_partner_files, metadata_subfolders,
-                               missing_caption_message, name_key, require_own_sidecars, sidecar_path, template_needs_caption)  # fmt: skip
+                               missing_caption_message, require_own_sidecars, require_rows_with_images, sidecar_path, template_needs_caption)  # fmt: skip
 from finetune.config import DataConfig, FolderConfig
 from finetune.errors import FinetuneError, looked_for_here
 from finetune.library_noise import quiet_local_dataset_bars
@@ -202,29 +202,12 @@ def unread_images(folder: Path, config: DataConfig) -> tuple[list[Path], list[Pa
     return files, [] if config.folders else image_subfolders(folder, config)
 
 
-def metadata_rows_without_images(config: DataConfig) -> list[tuple[Path, list[str]]]:
-    """(metadata file, the file names it lists that are no image in its folder) for each folder with such
-    rows: a typo or a renamed file, whose caption then trains nothing."""
-    if not config.image_dir or config.caption is not None:
-        return []
-    unmatched, seen = [], set()
-    for settings in config.folders or [FolderConfig(path=".")]:
-        folder = Path(config.image_dir) / settings.path
-        if not template_needs_caption(settings.template) or not folder.is_dir() or folder.resolve() in seen:
-            continue
-        seen.add(folder.resolve())
-        named = set(folder_captions(folder, config.caption_column)) - {name_key(path.name) for path in folder_images(folder)}
-        if named:
-            metadata = folder / ("metadata.jsonl" if (folder / "metadata.jsonl").is_file() else "metadata.csv")
-            unmatched.append((metadata, sorted(named)))
-    return unmatched
-
-
 def _images_of_folder(folder: Path, images: list[Path], settings: FolderConfig, config: DataConfig) -> list[Example]:
     fixed_caption = config.caption
     reads_captions = fixed_caption is None and template_needs_caption(settings.template)
     metadata = folder_captions(folder, config.caption_column) if reads_captions else {}
     if reads_captions:
+        require_rows_with_images(images, metadata)
         require_own_sidecars(images, metadata)
     examples = []
     for path in images:

@@ -107,10 +107,7 @@ def test_a_name_in_either_unicode_form_finds_its_metadata_row(tmp_path, file_for
     image = write_image(tmp_path / unicodedata.normalize(file_form, "café.png"))
     rows = [{"file_name": unicodedata.normalize(row_form, "café.png"), "text": "a cup"}]
     (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    assert names_and_captions(DataConfig(image_dir=str(tmp_path), resolution=64)) == [(image.name, "a cup")]
-    from finetune.sources import metadata_rows_without_images
-
-    assert metadata_rows_without_images(DataConfig(image_dir=str(tmp_path), resolution=64)) == []  # not "names no image" either
+    assert names_and_captions(DataConfig(image_dir=str(tmp_path), resolution=64)) == [(image.name, "a cup")]  # not "names no image" either
 
 
 def test_metadata_csv_needs_its_columns_and_is_exclusive_with_jsonl(tmp_path):

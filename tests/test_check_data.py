@@ -260,24 +260,6 @@ def test_check_data_is_listed_with_help(capsys):
     assert text.startswith("usage: finetune check-data") and "--image-dir" in text and "--resolution" in text
 
 
-def test_a_metadata_row_naming_no_image_is_a_warning_that_names_it(tmp_path, capsys):
-    folder = tmp_path / "photos"
-    captioned(folder, "a.png")
-    noise(64, 64, seed=9).save(folder / "b.png")
-    rows = [{"file_name": "b.png", "text": "found"}, {"file_name": "c.jpg", "text": "a typo"}, {"file_name": "notes.txt", "text": "x"}]
-    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    config = DataConfig(image_dir=str(folder), resolution=64)
-    report = inspect_examples(read_examples(config), config, "photos")
-    [warning] = report.of_level(WARNING)
-    assert warning.message.startswith(f"{folder / 'metadata.jsonl'} names 2 files that are not images in its folder (c.jpg, notes.txt)")
-    assert len(report.usable) == 2  # a warning: the run goes on
-
-    code = main(["check-data", "--image-dir", str(folder), "--resolution", "64"])
-    assert code == 0 and f"warning: {warning.message}" in capsys.readouterr().out
-    (folder / "metadata.jsonl").write_text(json.dumps(rows[0]) + "\n")  # every row matched: nothing to say
-    assert inspect_examples(read_examples(config), config, "photos").of_level(WARNING) == []
-
-
 def test_training_warns_once_about_captions_the_text_encoder_cuts(make_recipe, image_folder, tmp_path, capsys):
     folder = tmp_path / "data"
     shutil.copytree(image_folder, folder)

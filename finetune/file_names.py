@@ -1,0 +1,82 @@
+"""File names as metadata rows and caption files find their images: by the exact name, else by one that
+differs only in letter case or Unicode form, as a case-insensitive file system (macOS, Windows) finds it."""
+
+from __future__ import annotations
+
+import functools
+import os
+import unicodedata
+from pathlib import Path, PurePosixPath
+
+from finetune.errors import FinetuneError
+
+
+def name_key(name: str) -> str:
+    """A file name as metadata rows are matched to it: in Unicode's composed form (NFC), as most tools write
+    text, where macOS names files decomposed (NFD): `café.png` is then one name in both."""
+    return unicodedata.normalize("NFC", name)
+
+
+def metadata_key(file_name: str, folder: Path) -> str:
+    """A metadata row's file_name as `folder`'s images are matched to it: its path relative to the folder,
+    with `/` (`./a.png` and `a.png` are one; `sub/a.png` names an image in a subfolder, not `a.png`). A
+    path through the folder itself (`photos/a.png` in photos/, or an absolute one) names its image."""
+    key = PurePosixPath(str(file_name).strip().replace("\\", "/"))
+    if key.is_absolute() and Path(key).parent.resolve() == folder.resolve():
+        return name_key(key.name)
+    if len(key.parts) > 1 and key.parts[-2] == folder.resolve().name and not (folder / key.parent).is_dir():
+        return name_key(key.name)
+    return name_key(key.as_posix().removeprefix("./"))
+
+
+def row_image_key(file_name: str, folder: Path, where: str = "") -> str:
+    """`metadata_key`, and for a file directly in `folder` the name of the file it names: its exact name, else
+    the one file whose name differs only in letter case or Unicode form (`Cat.PNG` for `cat.png`), as a
+    case-insensitive file system (macOS, Windows) opens it for `datasets`' imagefolder and as caption files
+    are found: a metadata file means the same images on every system. A name that two files fit (`cat.png`
+    and `CAT.png` on Linux, neither exactly) stops with `where` (the metadata file and row); a name no file
+    fits is kept, for the check of rows without images to name."""
+    key = metadata_key(file_name, folder)
+    if "/" in key or not folder.is_dir():
+        return key
+    exact, loose = _names_by_loose_key(str(folder), folder.stat().st_mtime_ns)
+    if key in exact:
+        return key
+    fits = loose.get(loose_name_key(key), ())
+    if len(fits) > 1:
+        raise FinetuneError(f"{where or folder}: file_name '{key}' fits {len(fits)} files that differ only in letter case ({', '.join(fits)}) "
+                            "and names none of them exactly: write the image's exact name")  # fmt: skip
+    return fits[0] if fits else key
+
+
+@functools.lru_cache(maxsize=64)
+def _names_by_loose_key(folder: str, modified: int) -> tuple[frozenset[str], dict[str, tuple[str, ...]]]:
+    """A folder's file names (`name_key`; not hidden ones), and those names by `loose_name_key` (several on a
+    case-sensitive file system); `modified` (the folder's mtime) renews them when files change."""
+    names = sorted(name_key(name) for name in os.listdir(folder) if not name.startswith(".")) if modified else []
+    loose: dict[str, tuple[str, ...]] = {}
+    for name in names:
+        loose[loose_name_key(name)] = (*loose.get(loose_name_key(name), ()), name)
+    return frozenset(names), loose
+
+
+def loose_name_key(name: str) -> str:
+    """A file name as a caption file is found by it where its exact name is not there: composed, any case."""
+    return name_key(name).casefold()
+
+
+def loosely_named_file(path: Path) -> Path:
+    """`path`, or where no file has that exact name, the one beside it whose name differs only in letter case or
+    Unicode form (a metadata file written on macOS or Windows names `conditioning/0001.PNG` for `0001.png`), as
+    caption files are found; `path` itself where neither is there, for the error that says so."""
+    if path.is_file() or not path.parent.is_dir():
+        return path
+    names = file_names_by_loose_key(str(path.parent), path.parent.stat().st_mtime_ns)
+    return path.parent / names.get(loose_name_key(path.name), path.name)
+
+
+@functools.lru_cache(maxsize=64)
+def file_names_by_loose_key(folder: str, modified: int) -> dict[str, str]:
+    """A folder's file names by their `loose_name_key`; `modified` (the folder's mtime) renews it when files
+    are added, removed or renamed."""
+    return {loose_name_key(name): name for name in os.listdir(folder)} if modified else {}
