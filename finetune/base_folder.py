@@ -83,9 +83,10 @@ def check_part_files(path: Path, name: str) -> None:
                                     "download cut short?): copy it again")  # fmt: skip
 
 
-def check_single_file(path: Path, key: str) -> None:
+def check_single_file(path: Path, key: str) -> list[str]:
     """A .safetensors base's header: whole (else diffusers said 'Unable to load weights', with advice about
-    configs that was no use), and not SDXL's (its two text encoders are under conditioner.embedders)."""
+    configs that was no use), and not SDXL's (its two text encoders are under conditioner.embedders); returns
+    its tensors' names."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -97,6 +98,7 @@ def check_single_file(path: Path, key: str) -> None:
     if any(name.startswith("conditioner.embedders.") for name in keys):
         raise FinetuneError(f"base model file {path} is an SDXL checkpoint (conditioner.embedders names): finetune trains SD1.x and SD2.x bases; "
                             f"set {key} to one of those")  # fmt: skip
+    return keys
 
 
 def check_architecture(path: Path, name: str) -> None:

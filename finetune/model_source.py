@@ -57,8 +57,7 @@ def locate_base(config: ModelConfig) -> BaseLocation:
             raise FinetuneError(f"base model file {name} ends in {path.suffix}: rename it to end in {path.suffix.lower()} (diffusers and finetune "
                                 "know a single-file model by its suffix, in lowercase)")  # fmt: skip
         check_hub_settings(config, "one file")
-        if path.suffix == ".safetensors":
-            check_single_file(path, config._key)
+        keys = check_single_file(path, config._key) if path.suffix == ".safetensors" else None
         if path.suffix == ".safetensors" and holds_a_lora(path):
             # What to do instead depends on where it was given: a recipe has no --lora (its key starts from a LoRA).
             instead = ("set model.pretrained to the model it was trained on (lora.init_from starts a run from this LoRA)"
@@ -69,6 +68,10 @@ def locate_base(config: ModelConfig) -> BaseLocation:
         if configs and not looks_like_hub_id(configs) and not Path(configs).expanduser().exists():  # was diffusers' error as it loaded
             raise FinetuneError(f"{config._single_file_config_key} {configs} not found: give the diffusers folder or hub id of the model "
                                 f"{name} was made from{where_looked(configs)}")  # fmt: skip
+        if configs and Path(configs).expanduser().is_dir():  # the configs diffusers reads the file with
+            check_model_settings(Path(configs).expanduser(), config)
+        elif not configs and keys is not None:
+            check_single_file_settings(keys, config)
         return BaseLocation(config, None)
     if config.single_file_config:
         raise FinetuneError(
@@ -121,6 +124,27 @@ def check_model_settings(folder: Path, config: ModelConfig) -> None:
         layers = read_config(text_encoder, config.pretrained).get("num_hidden_layers")
         if isinstance(layers, int) and config.clip_skip > layers:  # the words of finetune.encoders.skip_last_layers, which loading runs
             raise FinetuneError(f"model.clip_skip {config.clip_skip}: this text encoder has {layers} layers; use 1 to {layers}")
+
+
+# The text encoder's layers in an original-layout file: SD1.x's CLIP under its transformers names, SD2.x's OpenCLIP as resblocks.
+SD1_TEXT_LAYER = re.compile(r"cond_stage_model\.transformer\.(?:text_model\.)?encoder\.layers\.(\d+)\.")
+SD2_TEXT_LAYER = re.compile(r"cond_stage_model\.model\.transformer\.resblocks\.(\d+)\.")
+SD2_UNUSED_TEXT_LAYER = 23  # diffusers leaves SD2's last resblock out (SD_2_TEXT_ENCODER_KEYS_TO_IGNORE): SD2 reads the penultimate layer
+
+
+def check_single_file_settings(keys: list[str], config: ModelConfig) -> None:
+    """`check_model_settings` for a single .safetensors file without model.single_file_config, from its tensors' names:
+    diffusers then reads it with its own configs for the kind of model the names show (stable-diffusion-v1-5's for an SD1.x
+    file: epsilon prediction; stabilityai/stable-diffusion-2-1's for SD2.x), whose text encoder has the file's layers
+    (SD2's less the one diffusers leaves out). An SD2.x file's prediction is diffusers' guess: loading says that one."""
+    sd1 = {int(match.group(1)) for key in keys if (match := SD1_TEXT_LAYER.match(key))}
+    sd2 = {int(match.group(1)) for key in keys if (match := SD2_TEXT_LAYER.match(key))} - {SD2_UNUSED_TEXT_LAYER}
+    if config.zero_terminal_snr and config.prediction_type is None and sd1:
+        raise FinetuneError(f"model.zero_terminal_snr needs v-prediction (at the last timestep the input is pure noise), and base model "
+                            f"{config.pretrained} predicts epsilon (an SD1.x file): set model.prediction_type: v_prediction")  # fmt: skip
+    layers = len(sd1 or sd2)
+    if layers and config.clip_skip > layers:  # the words of finetune.encoders.skip_last_layers, which loading runs
+        raise FinetuneError(f"model.clip_skip {config.clip_skip}: this text encoder has {layers} layers; use 1 to {layers}")
 
 
 def with_weights(location: BaseLocation) -> BaseLocation:

@@ -4,6 +4,7 @@ images themselves, for callers that do not come through the command line."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 from finetune.base_folder import read_config
@@ -53,10 +54,20 @@ def check_base_and_data(recipe: Recipe, check_data: Callable[[], None], base: Ba
 
 def check_timesteps(recipe: Recipe, located: BaseLocation) -> BaseLocation:
     """train.min_timestep and max_timestep against the base's training timesteps, from its scheduler config (a local folder's, a
-    hub id's fetched configs): it was refused once the base had loaded, after the data check. A single file: loading says it."""
-    scheduler = located.folder / "scheduler" / "scheduler_config.json" if located.folder else None
-    if scheduler is not None and scheduler.is_file() and (recipe.train.min_timestep or recipe.train.max_timestep is not None):
+    hub id's fetched configs, a single file's local model.single_file_config): it was refused once the base had loaded, after the
+    data check. A single file without configs is read with diffusers' own for SD1.x or SD2.x, each of 1000 timesteps; with a hub
+    id's configs, loading says it."""
+    if not (recipe.train.min_timestep or recipe.train.max_timestep is not None):
+        return located
+    configs = recipe.model.single_file_config
+    folder = located.folder or (Path(configs).expanduser() if configs and Path(configs).expanduser().is_dir() else None)
+    scheduler = folder / "scheduler" / "scheduler_config.json" if folder else None
+    if scheduler is not None and scheduler.is_file():
         timesteps = read_config(scheduler, recipe.model.pretrained).get("num_train_timesteps", 1000)  # diffusers' default
-        if isinstance(timesteps, int) and (problem := timestep_range_problem(recipe.train, timesteps)):
-            raise FinetuneError(problem)
+    elif located.folder is None and not configs:
+        timesteps = 1000
+    else:
+        return located
+    if isinstance(timesteps, int) and (problem := timestep_range_problem(recipe.train, timesteps)):
+        raise FinetuneError(problem)
     return located

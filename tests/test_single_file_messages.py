@@ -1,11 +1,17 @@
-"""A single-file base (.safetensors) that cannot be read as given: one clean line, whatever diffusers says."""
+"""A single-file base (.safetensors) that cannot be read as given: one clean line, whatever diffusers says; and
+the model: and train: settings its configs refuse, said before the data check as a folder base's are."""
 
+import json
 import logging.handlers
+import shutil
 
 import pytest
 from test_single_file import sd15_shaped_pipeline
 
 from finetune.cli import main
+from finetune.config import ModelConfig
+from finetune.errors import FinetuneError
+from finetune.model_source import check_single_file_settings, locate_base
 from finetune.single_file_export import export_checkpoint
 
 
@@ -38,3 +44,37 @@ def test_a_single_file_base_that_cannot_load_is_one_whole_line(single_file, tmp_
     err = errors(capfd)
     assert len(err) == 1 and err[0].startswith(f"error: could not read base model file {single_file}: "), err
     assert not [record.getMessage() for record in logged.buffer if "local_files_only" in record.getMessage()]
+
+
+@pytest.mark.parametrize("with_configs", [True, False])
+def test_clip_skip_and_zero_terminal_snr_a_single_file_refuses_are_said_as_it_is_located(single_file, tmp_path, with_configs):
+    """They were said once the file had loaded (after the data check): its configs folder says its text encoder's layers
+    and its prediction, and without one the file's tensor names do (diffusers then reads an SD1.x file with SD1.5's configs)."""
+    configs = {"single_file_config": str(tmp_path / "configs")} if with_configs else {}
+    layers = 2  # sd15_shaped_pipeline's text encoder
+    with pytest.raises(FinetuneError, match=rf"^model.clip_skip {layers + 1}: this text encoder has {layers} layers; use 1 to {layers}$"):
+        locate_base(ModelConfig(pretrained=str(single_file), clip_skip=layers + 1, **configs))
+    assert locate_base(ModelConfig(pretrained=str(single_file), clip_skip=layers, **configs)).folder is None
+    with pytest.raises(FinetuneError, match=rf"^model.zero_terminal_snr needs v-prediction .*, and base model {single_file} predicts epsilon"):
+        locate_base(ModelConfig(pretrained=str(single_file), zero_terminal_snr=True, **configs))
+    locate_base(ModelConfig(pretrained=str(single_file), zero_terminal_snr=True, prediction_type="v_prediction", **configs))
+
+
+def test_an_sd2_files_text_encoder_counts_the_layers_diffusers_loads():
+    """SD2's OpenCLIP has 24 resblocks and diffusers loads 23 (the last is left out: SD2 reads the penultimate layer)."""
+    keys = [f"cond_stage_model.model.transformer.resblocks.{i}.attn.in_proj_weight" for i in range(24)]
+    with pytest.raises(FinetuneError, match=r"^model.clip_skip 24: this text encoder has 23 layers; use 1 to 23$"):
+        check_single_file_settings(keys, ModelConfig(pretrained="sd2.safetensors", clip_skip=24))
+    check_single_file_settings(keys, ModelConfig(pretrained="sd2.safetensors", clip_skip=23, zero_terminal_snr=True))  # its prediction: diffusers' guess
+
+
+@pytest.mark.parametrize("with_configs", [True, False])
+def test_a_timestep_range_a_single_file_lacks_is_said_before_the_data_check(single_file, image_folder, tmp_path, capsys, with_configs):
+    data = shutil.copytree(image_folder, tmp_path / "data")
+    (data / "0000.png").write_bytes(b"cut short")  # the data check would stop at it
+    model = {"pretrained": str(single_file), **({"single_file_config": str(tmp_path / "configs")} if with_configs else {})}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({"model": model, "data": {"image_dir": str(data), "resolution": 64}, "train": {"max_timestep": 1200},
+                                  "output_dir": str(tmp_path / "run"), "validation": {"prompts": []}}))  # fmt: skip
+    assert main(["train", str(recipe)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: train.max_timestep 1200 is beyond the base model's 1000 training timesteps: set at most 1000"]
