@@ -12,7 +12,7 @@ from finetune.config import DataConfig, ModelConfig, Recipe
 from finetune.counts import counted
 from finetune.epoch_uses import expand_together
 from finetune.errors import FinetuneError
-from finetune.held_out import concept_held_out_whole, held_out_sources, image_identities, split_held_out
+from finetune.held_out import concept_held_out_whole, held_out_for_check, held_out_sources
 from finetune.recipe_loading import describe_validation_error, load_recipe
 from finetune.train_inputs import data_configs
 from finetune.sources import read_examples
@@ -76,8 +76,9 @@ def run_check_data_command(args) -> int:
             reports.append(inspect_examples(read_examples(config), config, data_label(config)))
     items = [example for examples in expand_together([report.usable for report in reports]) for example in examples]  # as the trainer counts
     sources = [example.source for example in items]
-    # The same images a new run holds out (the split depends on the seed and the images' pixels only).
-    trained, held = split_held_out(image_identities(items), recipe.validation.loss_images, recipe.seed) if recipe is not None else (range(len(sources)), [])
+    # The same images a new run holds out (the split depends on the seed and the images' pixels only), or a resume of output_dir's run.
+    split, resumed = held_out_for_check(items, recipe.validation.loss_images, recipe.seed, Path(recipe.output_dir)) if recipe is not None else (None, "")
+    trained, held = (split.trained, split.scored) if split is not None else (range(len(sources)), [])
     held_sources = held_out_sources(sources, trained)
     class_folders_to_fill = []
     if recipe is not None and recipe.method == "dreambooth":
@@ -92,6 +93,9 @@ def run_check_data_command(args) -> int:
         warnings += len(report.of_level(WARNING))
     for line in class_folders_to_fill:
         print(line)
+    for line in split.lines if split is not None else []:  # what --resume latest says of its checkpoint's held-out images
+        print(line)
+        warnings += line.startswith("warning")
     if recipe is not None:
         for line in caption_lines(recipe.model, {e.source: e.caption for report in reports for e in report.usable}, recipe.data.shuffle_tags):
             print(line)
@@ -99,7 +103,7 @@ def run_check_data_command(args) -> int:
     short = None
     if recipe is not None and not fatal:
         if held:
-            print(f"held out: {counted(len(held), 'image')} for the validation loss (validation.loss_images), leaving {len(trained)} of the {len(sources)} "
+            print(f"held out: {counted(len(held), 'image')} for the validation loss (validation.loss_images){resumed}, leaving {len(trained)} of the {len(sources)} "
                   "uses per epoch to train")  # fmt: skip
         short = too_few_to_batch(len(trained), recipe, 1, len(sources)) or concept_held_out_whole(reports, held_sources, recipe)
         if recipe.method == "controlnet" and not short:

@@ -113,6 +113,31 @@ def held_out_for_run(items: list, count: int, seed: int, checkpoint: Path | None
     return _run_split(images, split, lines)
 
 
+def held_out_for_check(items: list, count: int, seed: int, output_dir: Path) -> tuple[HeldOutSplit, str]:
+    """check-data's split: a new run's, or where `output_dir` holds checkpoints (its next run either resumes, or starts
+    over with --overwrite) and `--resume latest` would hold out other images or say something of them, the resume's,
+    its lines saying so; and what the held-out line adds ("" for a new run's)."""
+    new = held_out_for_run(items, count, seed)
+    checkpoints = output_dir / "checkpoints"
+    if count == 0 or not checkpoints.is_dir() or not any(path.name.startswith("checkpoint-") for path in checkpoints.iterdir()):
+        return new, ""
+    from finetune.checkpoint import list_checkpoints  # torch: loaded only where there is a checkpoint to read
+    from finetune.errors import FinetuneError
+
+    if not (found := list_checkpoints(checkpoints)):
+        return new, ""
+    try:
+        resumed = held_out_for_run(items, count, seed, found[-1])
+    except FinetuneError as err:  # a damaged trainer state: the resume stops on it, a new run does not read it
+        return HeldOutSplit(new.trained, new.scored, new.images, [f"warning: with --resume latest: {err}"]), ""
+    if resumed.images == new.images and not resumed.lines:
+        return new, ""
+    lines = [line.replace("warning: ", "warning: with --resume latest, ", 1) if line.startswith("warning: ") else f"with --resume latest, {line}"
+             for line in resumed.lines]  # fmt: skip
+    other = "the same images" if resumed.images == new.images else "other images"
+    return HeldOutSplit(resumed.trained, resumed.scored, resumed.images, lines), f" as --resume latest holds them out ({found[-1].name}; a new run, with --overwrite, holds out {other})"
+
+
 def _run_split(images: list[str], split: tuple[list[int], list[int]], lines: list[str]) -> HeldOutSplit:
     return HeldOutSplit(split[0], split[1], sorted({images[i] for i in split[1]}), lines)
 

@@ -98,3 +98,22 @@ def test_a_vae_run_keeps_its_scaling_factor_and_preview_from_training_images(mak
     factors = [json.loads((run.output_dir / "pipeline" / "vae" / "config.json").read_text())["scaling_factor"] for run in (scored, resumed)]
     assert factors[0] == factors[1]
     assert scored.sample_grids[-1].read_bytes() == resumed.sample_grids[-1].read_bytes()  # the same images reconstructed
+
+
+def test_check_datas_choice_is_a_new_runs_beside_no_checkpoint_or_a_damaged_one(tmp_path):
+    """A damaged trainer state stops a resume (`read_state`), not a new run: check-data says it and shows a new run's choice."""
+    from types import SimpleNamespace
+
+    from finetune.held_out import held_out_for_check
+
+    items = [SimpleNamespace(digest=f"pixels {i}", source=f"{i}.png") for i in range(6)]
+    new = split_held_out(image_identities(items), 2, 3)
+    split, note = held_out_for_check(items, 2, 3, tmp_path / "run")
+    assert (split.trained, split.scored, split.lines, note) == (new[0], new[1], [], "")
+    (tmp_path / "run" / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "checkpoint-2" / "trainer_state.json").write_text("{cut short")
+    split, note = held_out_for_check(items, 2, 3, tmp_path / "run")
+    assert (split.trained, split.scored, note) == (new[0], new[1], "")
+    assert split.lines == [f"warning: with --resume latest: checkpoint {tmp_path / 'run' / 'checkpoints' / 'checkpoint-2'} is damaged "
+                           "(trainer_state.json: JSONDecodeError: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)): "
+                           f"move it out of {tmp_path / 'run' / 'checkpoints'} and resume from the one before it"]  # fmt: skip

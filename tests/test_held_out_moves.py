@@ -2,6 +2,7 @@
 point, another machine) keeps the held-out set, and a resume after the move continues the same curve."""
 
 import json
+import shutil
 
 import pytest
 from PIL import Image
@@ -67,19 +68,24 @@ def test_moving_a_data_folder_keeps_the_held_out_images_and_the_resumed_curve(ma
             "the seed's choice among the images now, so its validation losses do not continue the checkpoint's\n") in capsys.readouterr().out
 
 
-def test_a_checkpoint_from_before_keeps_the_images_it_held_out_or_says_they_changed(make_recipe, two_folders, tmp_path, held_out_names, monkeypatch, capsys):
+def run_from_before(make_recipe, two_folders, output_dir, monkeypatch):
+    """A run as finetune made them before: held out by the images' full paths, its checkpoints list none of them."""
     import finetune.trainer as trainer
 
-    # A run as finetune made them before: held out by the images' full paths, its checkpoints list none of them.
     def by_full_paths(items, count, seed, checkpoint=None):
         return held_out_module.HeldOutSplit(*held_out_module.split_by_full_paths([item.source for item in items], count, seed), [], [])
 
     with monkeypatch.context() as before:
         before.setattr(trainer, "held_out_for_run", by_full_paths)
-        old = train(folders_recipe(make_recipe, two_folders, "a", tmp_path / "old"))
+        old = train(folders_recipe(make_recipe, two_folders, "a", output_dir))
     for checkpoint in (old.output_dir / "checkpoints").iterdir():
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         (checkpoint / "trainer_state.json").write_text(json.dumps({k: v for k, v in state.items() if k != held_out_module.HELD_OUT_STATE}))
+    return old
+
+
+def test_a_checkpoint_from_before_keeps_the_images_it_held_out_or_says_they_changed(make_recipe, two_folders, tmp_path, held_out_names, monkeypatch, capsys):
+    old = run_from_before(make_recipe, two_folders, tmp_path / "old", monkeypatch)
     train(folders_recipe(make_recipe, two_folders, "a", tmp_path / "new", train__max_steps=1))
     assert held_out_names[1] != held_out_names[0]  # this data shows the difference: the choice by content is another
     capsys.readouterr()
@@ -102,3 +108,25 @@ def test_a_checkpoint_from_before_keeps_the_images_it_held_out_or_says_they_chan
     assert ("warning: checkpoint-2 held out images chosen by their full paths (as finetune did then), and the data moved or changed since: which ones "
             "cannot be told, so this run holds out its own choice (images it held out may train now, images it trained on are scored): for a "
             "validation loss of unseen images, start a new run\n") in out
+
+
+def test_check_data_of_a_run_to_resume_shows_the_images_the_resume_holds_out(make_recipe, two_folders, tmp_path, held_out_names, monkeypatch, capsys):
+    """output_dir holds checkpoints: the next run resumes (or starts over with --overwrite), and a checkpoint from before
+    keeps the images it held out by full paths, which are not the ones a new run would hold out with this data."""
+    import finetune.check_data_command as command
+    from finetune.cli import main
+
+    old = run_from_before(make_recipe, two_folders, tmp_path / "old", monkeypatch)
+    shown = []
+    monkeypatch.setattr(command, "held_out_sources", lambda *args: shown.append(held_out_module.held_out_sources(*args)) or shown[-1])
+    capsys.readouterr()
+    assert main(["check-data", str(old.output_dir / "recipe.yaml")]) == 0
+    out = capsys.readouterr().out
+    [(folder, name)] = [entry.split(": ") for entry in held_out_names[0]]
+    assert shown == [{str(two_folders / ["a", "b"][int(folder.removeprefix("folder "))] / name)}]  # the old run's, which the resume keeps
+    assert "with --resume latest, checkpoint-4 held out the images finetune then chose by their full paths: this run holds out those\n" in out
+    assert ("held out: 1 image for the validation loss (validation.loss_images) as --resume latest holds them out (checkpoint-4; a new run, "
+            "with --overwrite, holds out other images), leaving 5 of the 6 uses per epoch to train\n") in out
+    shutil.rmtree(old.output_dir / "checkpoints")  # a new run's: the seed's choice by content, as before
+    assert main(["check-data", str(old.output_dir / "recipe.yaml")]) == 0
+    assert shown[-1] != shown[0] and "held out: 1 image for the validation loss (validation.loss_images), leaving" in capsys.readouterr().out
