@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from finetune.captions import (csv_delimiter, image_caption, loose_name_key, split_at_line_ends, metadata_file, metadata_key, metadata_partner_files, metadata_text, name_key, read_csv_captions,
+from finetune.captions import (csv_delimiter, image_caption, loose_name_key, split_at_line_ends, metadata_file, metadata_partner_files, metadata_text, name_key, read_csv_captions, row_image_key,
                                read_metadata_captions)
 from finetune.counts import counted
 from finetune.errors import FinetuneError
@@ -281,7 +281,8 @@ def _refuse_captions_under_another_key(jsonl: Path) -> None:
 
 
 def _input_rows(source: Path) -> dict[str, dict]:
-    """The input metadata file's rows by the image they name (`metadata_key`), with all their columns: written
+    """The input metadata file's rows by the image they name (`row_image_key`, as their captions are read: a
+    `Cat.PNG` row is `cat.png`'s, not a row naming no image beside one without its columns), with all their columns: written
     back with the conditioning column set, so that no column of the user's (a source, tags, another kind's
     conditioning images) is lost, least of all where the folder's own metadata.jsonl is rewritten."""
     jsonl, table = source / "metadata.jsonl", source / "metadata.csv"
@@ -292,7 +293,7 @@ def _input_rows(source: Path) -> dict[str, dict]:
         rows = [row for row in csv.DictReader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text)) if row["file_name"]]
     else:
         return {}
-    return {metadata_key(row["file_name"], source): row for row in rows}
+    return {row_image_key(row["file_name"], source): row for row in rows}
 
 
 def make_conditions(input_dir: str | Path, output_dir: str | Path, kind: str, overwrite: bool = False, **options) -> tuple[Path, int, int]:

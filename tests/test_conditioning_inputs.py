@@ -69,6 +69,21 @@ def test_make_conditions_keeps_every_column_and_row_of_the_users_metadata(tmp_pa
     assert [row["source"] for row in written] == ["flickr", "own"] and [row["text"] for row in written] == ["a cat", "a dog"]
 
 
+def test_make_conditions_keeps_the_columns_of_a_row_naming_its_image_in_another_letter_case(tmp_path):
+    """A `Cat.PNG` row is `cat.png`'s, as its caption is read (and training finds it): its other columns were dropped,
+    and the row kept again as one naming no image, which then named cat.png a second time."""
+    from finetune.conditions import make_conditions
+    from finetune.captions import read_metadata_captions
+
+    (tmp_path / "in").mkdir()
+    noise(tmp_path / "in" / "cat.png")
+    (tmp_path / "in" / "metadata.jsonl").write_text(json.dumps({"file_name": "Cat.PNG", "text": "a cat", "source": "flickr"}) + "\n")
+    assert make_conditions(tmp_path / "in", tmp_path / "out", "luminance")[1:] == (1, 0)
+    written = [json.loads(line) for line in (tmp_path / "out" / "metadata.jsonl").read_text().splitlines()]
+    assert written == [{"file_name": "cat.png", "text": "a cat", "source": "flickr", "conditioning_file_name": "conditioning/cat.png"}]
+    assert read_metadata_captions(tmp_path / "out" / "metadata.jsonl") == {"cat.png": "a cat"}
+
+
 def test_make_conditions_replaces_no_file_of_another_folder_without_overwrite(tmp_path):
     """The output folder's own metadata.jsonl, and its images of the input images' names, were replaced without --overwrite
     (only conditioning images already there were refused): a folder of the user's data lost its captions and images."""
