@@ -176,14 +176,24 @@ def metadata_subfolders(folder: Path) -> set[str]:
 def metadata_partner_files(folder: Path) -> set[str]:
     """The files directly in `folder` that its metadata file's rows (metadata.jsonl or metadata.csv, `metadata_rows`)
     name beside their image (ControlNet's `"conditioning_file_name": "0001_depth.tif"`): read with their images, so no
-    file training leaves unread. Not a file with a row of its own: that is an image."""
+    file training leaves unread. Not a file with a row of its own: that is an image.
+    Names as `row_image_key` finds their files (`0_Edges.PNG` is `0_edges.png`, as training reads it), in `name_key`
+    form: compare `name_key(path.name)`."""
     names: set[str] = set()
     own: set[str] = set()
     for row in metadata_rows(folder):
         paths = {key: value.strip().replace("\\", "/").removeprefix("./") for key, value in row.items() if isinstance(value, str)}
-        own |= {paths["file_name"]} if "file_name" in paths else set()
-        names |= {path for key, path in paths.items() if key != "file_name" and path and "/" not in path}
+        own |= {_file_named(paths["file_name"], folder)} if "file_name" in paths else set()
+        names |= {_file_named(path, folder) for key, path in paths.items() if key != "file_name" and path and "/" not in path}
     return names - own
+
+
+def _file_named(name: str, folder: Path) -> str:
+    """`row_image_key`, read leniently: a name two files fit loosely stays as written (`folder_captions` says so)."""
+    try:
+        return row_image_key(name, folder)
+    except FinetuneError:
+        return name_key(name)
 
 
 # sd-scripts datasets often keep captions in `.caption` files; `.txt` is read first where both are.

@@ -233,10 +233,10 @@ def _checked_input(source: Path, target: Path, overwrite: bool) -> tuple[list[Pa
 
     # Conditioning images kept beside their images (a hand-made 0001_edges.png its row names) are no photos to make one from.
     partners = metadata_partner_files(source)
-    images = [path for path in folder_images(source) if path.name not in partners]
+    images = [path for path in folder_images(source) if name_key(path.name) not in partners]
     if not images:
         raise FinetuneError(f"input folder {source} has no images ({', '.join(IMAGE_SUFFIXES)})")
-    beside = sorted(path.name for path in folder_images(source) if path.name in partners)
+    beside = sorted(path.name for path in folder_images(source) if name_key(path.name) in partners)
     if beside and target.is_dir() and source.resolve() == target.resolve():  # the rows renamed, these would train as images without conditioning
         raise FinetuneError(f"{metadata_file(source)} names conditioning images beside the images ({beside[0]}), which rewriting it in place "
                             "would leave as images without a conditioning image: write to another folder")  # fmt: skip

@@ -19,7 +19,7 @@ from PIL import Image
 
 from finetune.buckets import Size
 from finetune.captions import (DATASET_ROW, apply_template, dataset_of_row, folder_captions, image_caption, metadata_partner_files, metadata_subfolders,
-                               missing_caption_message, require_own_sidecars, require_rows_with_images, sidecar_path, template_needs_caption)  # fmt: skip
+                               missing_caption_message, name_key, require_own_sidecars, require_rows_with_images, sidecar_path, template_needs_caption)  # fmt: skip
 from finetune.config import DataConfig, FolderConfig
 from finetune.errors import FinetuneError, looked_for_here
 from finetune.library_noise import quiet_local_dataset_bars
@@ -198,7 +198,7 @@ def unread_images(folder: Path, config: DataConfig) -> tuple[list[Path], list[Pa
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in UNREAD_IMAGE_SUFFIXES)
     if files:  # not ControlNet's 16-bit depth TIFFs beside their images: the metadata names them as conditioning images
         partners = metadata_partner_files(folder)
-        files = [p for p in files if p.name not in partners]
+        files = [p for p in files if name_key(p.name) not in partners]
     return files, [] if config.folders else image_subfolders(folder, config)
 
 

@@ -107,6 +107,22 @@ def test_make_conditions_does_not_take_conditioning_images_beside_their_images_f
     assert sorted(path.name for path in (tmp_path / "canny").glob("*.png")) == ["0.png", "1.png", "2.png"]
 
 
+def test_conditioning_images_beside_their_images_named_in_another_letter_case_are_partners(make_recipe, tmp_path):
+    """A row's `0_Edges.PNG` is `0_edges.png`, as training reads it (and a `1_Depth.TIF` is `1_depth.tif`): make-conditions
+    took 0_edges.png for a photo of its own, and check-data said 1_depth.tif was an image training does not read."""
+    folder = write_pairs_beside(tmp_path / "pairs", count=2)
+    (folder / "1_edges.png").unlink()
+    Image.fromarray(np.full((64, 96), 1000, dtype=np.uint16)).save(folder / "1_depth.tif")
+    rows = [{"file_name": "0.png", "conditioning_file_name": "0_Edges.PNG", "text": "photo 0"},
+            {"file_name": "1.png", "conditioning_file_name": "1_Depth.TIF", "text": "photo 1"}]  # fmt: skip
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    pairs, report = inspect_pairs(controlnet_recipe(make_recipe, folder))
+    assert len(pairs) == 2 and [f.message for f in report.findings] == []
+    make_conditions(folder, tmp_path / "canny", "canny")
+    written = [json.loads(line) for line in (tmp_path / "canny" / "metadata.jsonl").read_text().splitlines()]
+    assert [row["file_name"] for row in written] == ["0.png", "1.png"]
+
+
 def test_a_metadata_csv_names_conditioning_images_as_a_metadata_jsonl_does(make_recipe, tmp_path):
     """Hugging Face's imagefolder reads either file, and captions come from either: the spreadsheet a creator keeps pairs in."""
     folder = write_pairs_beside(tmp_path / "pairs")
