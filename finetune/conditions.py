@@ -249,7 +249,8 @@ def _checked_input(source: Path, target: Path, overwrite: bool) -> tuple[list[Pa
             where = "" if other == path.stem else " on macOS or Windows, which ignore letter case" if other.casefold() == path.stem.casefold() else " on macOS, which ignores Unicode form"
             raise FinetuneError(f"images {stems[stem]} and {path.name} would share conditioning/{path.stem}.png{where}: rename one")
         stems[stem] = path.name
-    existing = [p for p in (target / "conditioning").iterdir() if p.is_file()] if (target / "conditioning").is_dir() else []
+    # Not hidden files: a `.NAME.partial` a kill (SIGKILL) left mid-write (atomic_write), Finder's .DS_Store: no conditioning image of a run.
+    existing = [p for p in (target / "conditioning").iterdir() if p.is_file() and not p.name.startswith(".")] if (target / "conditioning").is_dir() else []
     if existing and not overwrite:
         raise FinetuneError(f"{target / 'conditioning'} already holds {len(existing)} conditioning images: write to another folder, or pass --overwrite")
     if not overwrite and target.is_dir() and source.resolve() != target.resolve():

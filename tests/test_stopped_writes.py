@@ -13,6 +13,7 @@ from PIL import Image
 
 from finetune.class_images import RECORD_FILE, read_generation_records, write_generation_record
 from finetune.conditions import make_conditions
+from finetune.errors import FinetuneError
 
 
 def stopped_halfway_through_write_text(monkeypatch, name: str | None = None):
@@ -140,3 +141,16 @@ def test_a_stop_while_make_conditions_rewrites_a_folder_as_another_kind_leaves_n
         make_condition_folders(source, out, "mask", overwrite=True)
     monkeypatch.undo()
     assert conditioning_record(out) is None and conditioning_record(out / "sub") == {"kind": "luminance"}  # not yet rewritten
+
+
+def test_a_half_image_a_kill_left_hidden_is_no_conditioning_image_a_rerun_refuses_to_replace(tmp_path):
+    """A SIGKILL mid-write leaves a hidden `.a.png.partial` (atomic_write has no way out to remove it): the rerun said
+    'already holds 1 conditioning images' of a folder holding none, as of Finder's .DS_Store."""
+    source, out = photos(tmp_path / "photos"), tmp_path / "out"
+    (out / "conditioning").mkdir(parents=True)
+    (out / "conditioning" / ".a.png.partial").write_bytes(b"\x89PNG half")
+    (out / "conditioning" / ".DS_Store").write_bytes(b"Bud1")
+    make_conditions(source, out, "luminance")
+    assert sorted(p.name for p in (out / "conditioning").iterdir() if not p.name.startswith(".")) == ["a.png", "b.png"]
+    with pytest.raises(FinetuneError, match="already holds 2 conditioning images"):
+        make_conditions(source, out, "luminance")
