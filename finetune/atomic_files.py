@@ -71,6 +71,38 @@ def removed_if_unfinished(partial: Path):
         raise
 
 
+@contextmanager
+def folder_written_whole(final: Path, durable: bool = True):
+    """Yields the folder to write `final`'s files in, and puts them in place once the block ends: a hidden
+    `.NAME.partial` beside it, renamed into place (`replace_folder`; a plain rename where not `durable`), so a stop
+    leaves no half-filled folder; or, where `final` is an empty folder, `final` itself, emptied again where the
+    block stops. An empty folder is not replaced: `.` (a folder of no name) has no name beside it, a shell working
+    in it would be left in a deleted folder, and a mount point (or a folder whose parent cannot be written) cannot be
+    renamed, which failed only once everything was written."""
+    if final.is_dir() and not any(final.iterdir()):
+        try:
+            yield final
+        except BaseException:
+            for entry in list(final.iterdir()):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+            raise
+        if durable:
+            flush_to_disk(final)
+        return
+    partial = final.with_name(f".{final.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    with removed_if_unfinished(partial):
+        partial.mkdir(parents=True)
+        yield partial
+    if durable:
+        replace_folder(partial, final)
+    else:
+        partial.rename(final)
+
+
 def replace_folder(new: Path, final: Path) -> Path:
     """Put the complete folder `new` in `final`'s place. An existing `final` is renamed aside first and removed
     last, so a crash at any point leaves a whole folder: the old one (in place, or aside as `.NAME.old`) or

@@ -153,22 +153,17 @@ def _sample(args) -> int:
 
 
 def _make_tiny_model(args) -> int:
-    import shutil
-
     from finetune.output_folders import check_replaceable
 
     # Not into a folder with contents unasked: a mistyped path to a trained pipeline had its weights replaced by random ones.
     output_dir = Path(args.output_dir).absolute()
     check_replaceable(output_dir, args.overwrite, "make-tiny-model output")
     quiet_weight_progress_bars()
-    from finetune.atomic_files import removed_if_unfinished, replace_folder  # torch and diffusers: after the check
+    from finetune.atomic_files import folder_written_whole  # torch and diffusers: after the check
     from finetune.tiny_model import make_tiny_model
 
-    partial = output_dir.with_name(f".{output_dir.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    with removed_if_unfinished(partial):  # Ctrl-C while the model was written left a hidden half of it beside the output
-        make_tiny_model(partial, preset=args.preset, seed=args.seed, prediction_type=args.prediction_type)
-    replace_folder(partial, output_dir)
+    with folder_written_whole(output_dir) as written:  # Ctrl-C while the model was written left a hidden half of it beside the output
+        make_tiny_model(written, preset=args.preset, seed=args.seed, prediction_type=args.prediction_type)
     print(f"wrote a {args.preset} Stable Diffusion pipeline to {args.output_dir}")
     return 0
 

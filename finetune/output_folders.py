@@ -9,12 +9,13 @@ from finetune.errors import FinetuneError
 
 
 def check_replaceable(folder: Path, overwrite: bool, what: str) -> None:
-    """Writing a pipeline replaces its folder whole (merge, export-base): never a file, nor a folder
-    with contents the user did not ask to replace."""
+    """Writing a pipeline replaces its folder whole (merge, export-base; an empty one is filled in place): never a
+    file, nor a folder with contents the user did not ask to replace."""
     if folder.exists() and not folder.is_dir():
         raise FinetuneError(f"{what} {folder} is a file: give a folder for the pipeline")
     here = Path.cwd().resolve()
-    if folder.resolve() in (here, *here.parents):  # `.` had no parents to look in (a traceback); replaced, the shell would sit in nothing
+    # `.` had no parents to look in (a traceback); replaced, the shell would sit in nothing. An empty one is filled in place (folder_written_whole).
+    if folder.resolve() in (here, *here.parents) and any(folder.iterdir()):
         raise FinetuneError(f"{what} {folder} is the current folder or one above it, which writing the pipeline would replace: give a new folder, e.g. {Path(folder) / 'merged'}")
     inside = next(path for path in folder.absolute().parents if path.exists())  # the root, at least, exists
     if not inside.is_dir():

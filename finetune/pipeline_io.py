@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from finetune.atomic_files import removed_if_unfinished, replace_folder, with_default_permissions
+from finetune.atomic_files import folder_written_whole, with_default_permissions
 from finetune.models import BaseModel, at_source_precision
 from finetune.output_folders import check_not_what_it_reads, check_replaceable
 
@@ -41,20 +41,19 @@ def save_pipeline(
         requires_safety_checker=False,
         **parts,
     )
-    partial = output_dir.with_name(f".{output_dir.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
     original_dtypes = {name: module.dtype for name, module in parts.items()}
-    with removed_if_unfinished(partial):
+    with folder_written_whole(output_dir) as written:
         try:
             for module in parts.values():
                 module.to(dtype)
-            pipeline.save_pretrained(partial, safe_serialization=True)
+            pipeline.save_pretrained(written, safe_serialization=True)
         finally:
             for name, module in parts.items():
                 module.to(original_dtypes[name])
         if metadata is not None:
-            (partial / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
-    return replace_folder(with_default_permissions(partial), output_dir)
+            (written / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+        with_default_permissions(written)
+    return output_dir
 
 
 def as_loaded(tokenizer):
@@ -83,9 +82,7 @@ def export_fp16(source: Path, destination: Path, overwrite: bool = False) -> Pat
     check_replaceable(destination, overwrite, "export-base destination")
     pipeline = StableDiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False)
     pipeline.to(torch.float16)
-    partial = destination.with_name(f".{destination.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    with removed_if_unfinished(partial):  # a full disk or Ctrl-C left a hidden half copy of the pipeline, gigabytes for SD1.5
+    with folder_written_whole(destination) as partial:  # a full disk or Ctrl-C left a hidden half copy of the pipeline, gigabytes for SD1.5
         pipeline.save_pretrained(partial, safe_serialization=True)
         # diffusers loads the UNet and VAE as fp32 whatever their files hold; transformers loads the text
         # encoder in its config's dtype: say fp32 there too.
@@ -95,4 +92,5 @@ def export_fp16(source: Path, destination: Path, overwrite: bool = False) -> Pat
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if (source / METADATA_FILE).is_file():  # what training recorded (clip skip, prediction type) goes along
             shutil.copyfile(source / METADATA_FILE, partial / METADATA_FILE)
-    return replace_folder(with_default_permissions(partial), destination)
+        with_default_permissions(partial)
+    return destination

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from finetune.atomic_files import removed_if_unfinished, replace_folder
+from finetune.atomic_files import folder_written_whole, removed_if_unfinished, replace_folder
 from finetune.errors import FinetuneError
 from finetune.toyworld.datasets import write_folder
 
@@ -36,22 +36,8 @@ def make_world_data(
     an empty one is filled in place, and emptied again where the run stops.
     """
     folder = Path(folder)
-    if folder.is_dir():  # not replaced: `.` (a folder of no name) was a traceback, and it may be a shell's working folder or a mounted disk
-        try:
-            write_folder(folder, num_images, seed, include_held_out=include_held_out, partial_captions=partial_captions, conditioning=conditioning)
-        except BaseException:
-            for entry in list(folder.iterdir()):
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
-            raise
-        return folder
-    partial = folder.with_name(f".{folder.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    with removed_if_unfinished(partial):
-        write_folder(partial, num_images, seed, include_held_out=include_held_out, partial_captions=partial_captions, conditioning=conditioning)
-    partial.rename(folder)  # not replace_folder: a flush of 40,000 files would take longer than writing them
+    with folder_written_whole(folder, durable=False) as written:  # no flush: of 40,000 files it would take longer than writing them
+        write_folder(written, num_images, seed, include_held_out=include_held_out, partial_captions=partial_captions, conditioning=conditioning)
     return folder
 
 
