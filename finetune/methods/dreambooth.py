@@ -39,7 +39,7 @@ from finetune.methods.base import DiffusionMethod
 from finetune.methods.full import FullMethod
 from finetune.methods.lora import LoRAMethod
 from finetune.sampling import build_pipeline
-from finetune.sources import Example
+from finetune.sources import Example, folder_images
 from finetune.train_inputs import data_configs
 from finetune.views import plan_view
 from pathlib import Path
@@ -214,18 +214,11 @@ class DreamBoothMethod(DiffusionMethod):
             self.instances += [(i, example) for example in examples]
         self.data_reports += reports
         settings = self.recipe.dreambooth
-        for i, concept in enumerate(settings.concepts if settings.prior_preservation else []):
-            unused = len(concept.class_prompts) - settings.num_class_images
-            if unused > 0:  # image k comes from prompt k mod n
-                self.start_lines.append(
-                    f"warning: dreambooth.concepts[{i}] lists {len(concept.class_prompts)} class prompts and dreambooth.num_class_images is "
-                    f"{settings.num_class_images}: {f'the last {unused} prompts make' if unused > 1 else 'the last prompt makes'} no class image; "
-                    f"raise num_class_images to at least {len(concept.class_prompts)}"
-                )
         # Class images a user brought are checked now, before the model loads and generates the rest.
         self.class_plans: list[ClassImagePlan] = []
         planned: set[tuple[Path, str]] = set()
-        for concept, (folder, key, paths, missing) in zip(settings.concepts, class_image_plans(self.recipe)):
+        for i, (concept, (folder, key, paths, missing)) in enumerate(zip(settings.concepts, class_image_plans(self.recipe))):
+            self._warn_of_unused_class_prompts(i, concept, folder, paths)
             if (folder.resolve(), key) in planned:  # concepts of one class folder and prompt share its images: made once
                 missing = []
             planned.add((folder.resolve(), key))
@@ -237,6 +230,21 @@ class DreamBoothMethod(DiffusionMethod):
             else:
                 self.start_lines.append(f"class images {folder}: {made} generated earlier, {len(missing)} to generate")
             self.class_plans.append(ClassImagePlan(folder, key, paths, missing, report.usable if report else []))
+
+    def _warn_of_unused_class_prompts(self, index: int, concept: Concept, folder: Path, paths: list[Path]) -> None:
+        """Generated image k comes from prompt k mod n, and only the images the user's own leave to make are generated
+        (their own train with the first prompt): 2 own of num_class_images 4 with 3 prompts never use the third."""
+        own = sum(1 for p in paths if not is_generated_name(p))  # at most num_class_images of the folder's own
+        prompts, generated = len(concept.class_prompts), len(paths) - own
+        unused = prompts - max(min(generated, prompts), 1 if own else 0)
+        if unused > 0:
+            all_own = sum(1 for p in folder_images(folder) if not is_generated_name(p)) if folder.is_dir() else 0
+            yours = f", {own} of them your own images in {folder}" if own else ""
+            self.start_lines.append(
+                f"warning: dreambooth.concepts[{index}] lists {prompts} class prompts and dreambooth.num_class_images is "
+                f"{self.recipe.dreambooth.num_class_images}{yours}: {f'the last {unused} prompts make' if unused > 1 else 'the last prompt makes'} "
+                f"no class image; raise num_class_images to at least {all_own + prompts}"
+            )
 
     def training_data(self, accelerator):
         settings = self.recipe.dreambooth

@@ -1,0 +1,41 @@
+"""What DreamBooth says of class images and class prompts it leaves unused: prompts the user's own class images leave
+no generated image to make, and files named as generated class images that are no PNG."""
+
+from PIL import Image
+from test_walkthrough_dreambooth import dreambooth_recipe, star_folder  # noqa: F401 (a fixture)
+
+from finetune.methods.dreambooth import DreamBoothMethod
+
+PROMPTS = ["a shape", "a shape, small", "a shape, large"]
+
+
+def start_warnings(recipe) -> list[str]:
+    method = DreamBoothMethod(recipe)
+    method.check_data()
+    return [line for line in method.start_lines if "class prompts" in line]
+
+
+def concept(tmp_path, star_folder):  # noqa: F811
+    return {"instance_dir": str(star_folder), "instance_prompt": "a sks shape", "class_prompt": PROMPTS, "class_dir": str(tmp_path / "class")}
+
+
+def test_class_prompts_the_users_own_class_images_leave_unused_are_said(make_recipe, star_folder, tmp_path):  # noqa: F811
+    """2 own images of num_class_images 4 leave 2 to generate, from the first 2 of 3 prompts: the third made none, unsaid."""
+    (tmp_path / "class").mkdir()
+    for name in ("mine-a.png", "mine-b.png"):
+        Image.new("RGB", (64, 64), "red").save(tmp_path / "class" / name)
+    recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path, dreambooth={"concepts": [concept(tmp_path, star_folder)], "num_class_images": 4})
+    assert start_warnings(recipe) == [
+        f"warning: dreambooth.concepts[0] lists 3 class prompts and dreambooth.num_class_images is 4, 2 of them your own images in {tmp_path / 'class'}: "
+        "the last prompt makes no class image; raise num_class_images to at least 5"
+    ]
+    recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path, dreambooth={"concepts": [concept(tmp_path, star_folder)], "num_class_images": 5})
+    assert start_warnings(recipe) == []
+    recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path, dreambooth={"concepts": [concept(tmp_path, star_folder)], "num_class_images": 2})
+    assert start_warnings(recipe)[0].endswith("2 of them your own images in " f"{tmp_path / 'class'}: the last 2 prompts make no class image; raise num_class_images to at least 5")  # fmt: skip
+
+
+def test_class_prompts_without_own_class_images_are_said_as_before(make_recipe, star_folder, tmp_path):  # noqa: F811
+    recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path, dreambooth={"concepts": [concept(tmp_path, star_folder)], "num_class_images": 2})
+    assert start_warnings(recipe) == ["warning: dreambooth.concepts[0] lists 3 class prompts and dreambooth.num_class_images is 2: the last prompt makes "
+                                      "no class image; raise num_class_images to at least 3"]  # fmt: skip
