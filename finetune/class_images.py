@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -161,7 +162,13 @@ def warn_of_unused_generated_images(folder: Path, records: dict[str, dict]) -> N
     """A warning for the generated images in `folder` that no key of this run uses (`records`: how every
     concept whose class folder it is makes its images; they share it without making each other's unused),
     saying what they were made with where the folder's record knows."""
-    unused = Counter(p.stem[:10] for p in (folder_images(folder) if folder.is_dir() else []) if is_generated_name(p) and p.stem[:10] not in records)
+    named_generated = [p for p in (folder_images(folder) if folder.is_dir() else []) if is_generated_name(p)]
+    # Generation writes and reuses `<key>-<k>.png` alone: one converted to JPEG (or renamed .PNG) was left out unsaid, even of this run's key.
+    not_png = [p.name for p in named_generated if p.suffix != ".png" and not _same_file(p.with_suffix(".png"), p)]  # .PNG is .png on macOS
+    if not_png:
+        warn(f"{folder}: ignoring {counted(len(not_png), 'file')} named as generated class images are but not .png (e.g. {not_png[0]}): "
+             "generation reuses only the .png it writes; give your own class images another name to train them")  # fmt: skip
+    unused = Counter(p.stem[:10] for p in named_generated if p.name not in not_png and p.stem[:10] not in records)
     made = read_generation_records(folder)
     for key, count in sorted(unused.items()):
         if key in made:  # told against the closest setup of this run (one per concept sharing the folder)
@@ -171,6 +178,10 @@ def warn_of_unused_generated_images(folder: Path, records: dict[str, dict]) -> N
     if unrecorded:
         warn(f"{folder}: ignoring {counted(unrecorded, 'generated image')} of another class prompt, generation settings, resolution or base model, "
              "or of an earlier version of finetune")
+
+
+def _same_file(path: Path, other: Path) -> bool:
+    return path.is_file() and os.path.samefile(path, other)
 
 
 @contextmanager

@@ -39,3 +39,19 @@ def test_class_prompts_without_own_class_images_are_said_as_before(make_recipe, 
     recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path, dreambooth={"concepts": [concept(tmp_path, star_folder)], "num_class_images": 2})
     assert start_warnings(recipe) == ["warning: dreambooth.concepts[0] lists 3 class prompts and dreambooth.num_class_images is 2: the last prompt makes "
                                       "no class image; raise num_class_images to at least 3"]  # fmt: skip
+
+
+def test_files_named_as_generated_class_images_but_no_png_are_said_to_be_ignored(make_recipe, star_folder, tmp_path, capsys):  # noqa: F811
+    """`<key>-00001.jpg` (generated images converted to JPEG) was neither the user's own nor a generated image: left
+    out without a word, and made again, when its key was this run's."""
+    from finetune.methods.dreambooth import class_image_plans
+
+    recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path)
+    (_, key, _, missing), = class_image_plans(recipe)
+    (tmp_path / "class").mkdir()
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "class" / f"{key}-00001.jpg")
+    capsys.readouterr()
+    (_, _, paths, missing), = class_image_plans(recipe)
+    assert missing == [0, 1, 2] and all(p.suffix == ".png" for p in paths)
+    assert capsys.readouterr().out == (f"warning: {tmp_path / 'class'}: ignoring 1 file named as generated class images are but not .png "
+                                       f"(e.g. {key}-00001.jpg): generation reuses only the .png it writes; give your own class images another name to train them\n")  # fmt: skip
