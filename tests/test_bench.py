@@ -280,3 +280,17 @@ def test_the_cudnn_autotuner_variant_sets_it_in_its_process_only(make_recipe, mo
     assert measure({**spec, "cudnn_benchmark": True})["cudnn_benchmark"] is True
     torch.backends.cudnn.benchmark = False
     assert measure(spec)["cudnn_benchmark"] is False
+
+
+def test_a_variants_peak_memory_is_its_own_not_that_of_the_bench_that_started_it():
+    """Linux keeps getrusage's ru_maxrss across exec: every variant's process reported at least the peak of the bench
+    process that started it (which builds the model), hiding a variant that needs less. Here a parent peaks at 512 MB,
+    frees it, and starts a process that reads its own peak as the bench's variants do."""
+    import subprocess
+    import sys
+
+    child = "from finetune.bench.measure import peak_rss_mb; print(peak_rss_mb())"
+    parent = ("import subprocess, sys\nbuffer = bytearray(512 << 20)\nbuffer[::4096] = bytes(len(buffer) // 4096)\ndel buffer\n"
+              f"print(subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True, check=True).stdout)")  # fmt: skip
+    peak = float(subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True).stdout)
+    assert 0 < peak < 256, peak

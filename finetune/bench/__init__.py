@@ -16,8 +16,9 @@ counted; attention as the model's matmuls: `measure.flop_counter`). A compiled U
   tells waiting from working: with one thread it stays close to an idle machine's wall time;
 - images per second: images the UNet sees per step / seconds per step (DreamBooth with prior
   preservation trains batch/2 instance images plus as many class images, so every row sees `batch`);
-- peak memory: on CPU the process's maximum resident set size (`getrusage` ru_maxrss: weights,
-  activations, optimizer state, the Python/torch runtime); on CUDA `torch.cuda.max_memory_allocated`;
+- peak memory: on CPU the variant process's own maximum resident set size (Linux's VmHWM, not ru_maxrss, which
+  exec keeps from the bench process: weights, activations, optimizer state, the Python/torch runtime); on CUDA
+  `torch.cuda.max_memory_allocated`;
 - FLOPs utilisation (CUDA): counted FLOPs per step / seconds per step / the GPU's dense peak for the
   precision the matmuls run in (`PEAK_TFLOPS`; override with `--peak-tflops`). With gradient
   checkpointing the count includes the recomputed forward, so that row is hardware, not model, FLOPs.

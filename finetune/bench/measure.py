@@ -40,7 +40,16 @@ def flop_counter():
     return FlopCounterMode(display=False, custom_mapping={getattr(aten, name): f for name, f in formulas.items() if hasattr(aten, name)})
 
 
-def _max_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """This process's peak resident set size. On Linux the high-water mark of its own memory (VmHWM): `getrusage`'s
+    ru_maxrss is kept across exec, so a variant's process started by the bench reported at least the bench's own peak
+    (building the model, writing the data), which hid any variant that needs less (gradient checkpointing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
@@ -66,7 +75,7 @@ def measure(spec: dict) -> dict:
     marks: dict = {"ends": [], "untimed_ends": [], "syncs": {}, "step": 0}
     if spec.get("cudnn_benchmark"):  # cuDNN times its algorithms for each new convolution shape and keeps the fastest
         torch.backends.cudnn.benchmark = True
-    baseline = torch.cuda.memory_allocated() / 2**20 if cuda else _max_rss_mb()
+    baseline = torch.cuda.memory_allocated() / 2**20 if cuda else peak_rss_mb()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
 
@@ -93,7 +102,7 @@ def measure(spec: dict) -> dict:
             marks["start"], marks["cpu_start"] = now, time.process_time()
         elif step == warmup + steps:
             marks["end"], marks["cpu_end"] = now, time.process_time()
-            marks["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else _max_rss_mb()
+            marks["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
             if spec["count_flops"]:
                 marks["counter"] = flop_counter()
                 marks["counter"].__enter__()
