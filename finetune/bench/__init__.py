@@ -81,7 +81,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    "(SD1.5's architecture with random weights, 512 px; needs a GPU)")
     p.add_argument("--base", help="benchmark this base model instead of building one (diffusers folder, hub id, .safetensors)")
     p.add_argument("--steps", type=int, default=10, help="measured steps per variant (default 10)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default 2; lora_cached's cache is full once warmup x batch >= --num-images)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before them (default 2; the bench says when the cached variants would still encode images in timed steps)")
     p.add_argument("--batch", type=int, default=4, help="images per step (default 4)")
     p.add_argument("--resolution", type=int, help="image size in pixels (default: the preset's, 64 for medium and 512 for sd15; with --base, the base's own)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="train.mixed_precision (default no)")

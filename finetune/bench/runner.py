@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
 import json
-import math
 import os
 import subprocess
 import sys
@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from finetune.bench.report import add_speedups, machine_info, median_run
 from finetune.bench.sd15 import build_sd15_pipeline
@@ -65,9 +65,38 @@ def parse_variants(text: str) -> list[str]:
     return names
 
 
+RECIPE_SEED = 0  # every variant's: the data order, and so which images the first steps see
+
+
+def training_order(num_images: int, batch: int) -> Iterator[list[int]]:
+    """The images of each step, in the trainer's order (one process): each epoch's whole batches of a new shuffle."""
+    from finetune.batches import EpochBatchSampler
+
+    sampler = EpochBatchSampler(num_images, batch, 1, 0, RECIPE_SEED)
+    for epoch in itertools.count():
+        yield from sampler.epoch_batches(epoch)
+
+
+def images_seen(num_images: int, batch: int, steps: int) -> int:
+    """How many of the images the first `steps` steps train on."""
+    return len(set().union(*itertools.islice(training_order(num_images, batch), steps)))
+
+
+def steps_to_fill_cache(num_images: int, batch: int) -> int:
+    """The steps after which every image has been encoded once (and the cached variants only read the cache). An epoch
+    trains whole batches and the rest of its images wait for the next epoch's shuffle, so where --batch does not divide
+    --num-images this is more than ceil(images / batch), and depends on the order."""
+    seen: set[int] = set()
+    for steps, images in enumerate(training_order(num_images, batch), 1):
+        seen.update(images)
+        if len(seen) == num_images:
+            return steps
+    raise AssertionError("unreachable: the order is endless")
+
+
 def common_recipe(settings: BenchSettings, model: str, output_dir: Path) -> dict:
     return {
-        "seed": 0,
+        "seed": RECIPE_SEED,
         "output_dir": str(output_dir),
         "model": {"pretrained": model},
         # Center crops and no flips: one view per image, so the cached variant's cache is full after one epoch.
@@ -107,14 +136,16 @@ def run_benchmark(
     variants = variants or list(DEFAULT_VARIANTS)
     if steps < 1 or warmup < 1:
         raise FinetuneError("--steps and --warmup must be at least 1 (the first step's end starts the clock)")
-    cached = [name for name in variants if "cached" in name]
-    if cached and warmup * batch < num_images:  # the timed steps would still encode images
-        log(f"note: --warmup {warmup} x --batch {batch} images < --num-images {num_images}: {', '.join(cached)} would time steps that "
-            f"still fill the cache; --warmup {math.ceil(num_images / batch)} fills it first")
     if repeat < 1:
         raise FinetuneError("--repeat must be at least 1")
     if batch < 1 or num_images < batch:
         raise FinetuneError(f"--batch must be at least 1 and at most --num-images ({num_images})")
+    cached = [name for name in variants if "cached" in name]
+    filled_after = steps_to_fill_cache(num_images, batch) if cached else 0
+    if warmup < filled_after:  # the timed steps (and the counted one) would still encode images
+        seen = images_seen(num_images, batch, warmup)
+        log(f"note: --warmup {warmup} steps of --batch {batch} see {seen} of the {num_images} images: {', '.join(cached)} would time steps "
+            f"that still fill the cache; --warmup {filled_after} fills it first")
     dreambooth = [name for name in variants if name.startswith("dreambooth")]
     if dreambooth and num_images > MAX_CLASS_IMAGES:  # their recipes' dreambooth.num_class_images, which the user never set
         raise FinetuneError(f"--num-images {num_images} must be at most {MAX_CLASS_IMAGES:,} with {', '.join(dreambooth)} (as many class images, "
