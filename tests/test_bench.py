@@ -302,3 +302,17 @@ def test_a_variants_peak_memory_is_its_own_not_that_of_the_bench_that_started_it
               f"print(subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True, check=True).stdout)")  # fmt: skip
     peak = float(subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True).stdout)
     assert 0 < peak < 256, peak
+
+
+def test_a_workdir_kept_from_a_run_with_other_data_settings_trains_only_this_runs_images(tmp_path):
+    """The toy-world folders were one per --workdir, and writing them removed nothing: 3 images at 64 px after a run of
+    6 at 128 px trained 6, three of them at 128 px (class images alike)."""
+    from PIL import Image
+
+    from finetune.bench.runner import prepare_data
+    from finetune.sources import folder_images
+
+    prepare_data(tmp_path, 6, 128)
+    data, classes = prepare_data(tmp_path, 3, 64)
+    for folder in (data, classes):
+        assert [Image.open(path).size for path in folder_images(folder)] == [(64, 64)] * 3

@@ -236,11 +236,14 @@ def prepare_model(preset: str, folder: Path, log: Callable[[str], None]) -> Path
 
 
 def prepare_data(root: Path, num_images: int, resolution: int) -> tuple[Path, Path]:
-    """Toy-world images at the resolution: instances (with ControlNet conditioning masks) and class images."""
+    """Toy-world images at the resolution: instances (with ControlNet conditioning masks) and class images, in folders
+    named by their count and size. A --workdir serves runs with other settings: `write_folder` adds to a folder and
+    removes nothing, so one folder for all let a run of 8 images after one of 32 train 32, a quarter at the new size."""
     from finetune.toyworld.datasets import write_folder
 
-    data = write_folder(root / "data", num_images, seed=0, size=resolution, conditioning=True)
-    classes = write_folder(root / "class", num_images, seed=1, size=resolution, metadata=False)
+    name = f"{num_images}x{resolution}px"
+    data = write_folder(root / "data" / name, num_images, seed=0, size=resolution, conditioning=True)
+    classes = write_folder(root / "class" / name, num_images, seed=1, size=resolution, metadata=False)
     return data, classes
 
 
