@@ -154,6 +154,7 @@ def test_repeated_runs_keep_the_median_one():
     runs = [{"sec_per_step": 3.0}, {"sec_per_step": 1.0}, {"sec_per_step": 2.0}]
     assert median_run(runs) == {"sec_per_step": 2.0, "runs_sec_per_step": [3.0, 1.0, 2.0]}
     assert median_run([{"sec_per_step": 1.0}, {"error": "exit 1: boom"}]) == {"error": "exit 1: boom"}
+    assert median_run([{"sec_per_step": 1.0}]) == {"sec_per_step": 1.0, "runs_sec_per_step": [1.0]}  # the JSON has it with --repeat 1 too
 
 
 def test_a_run_cut_short_keeps_the_variants_it_measured(tmp_path, monkeypatch):

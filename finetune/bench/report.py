@@ -8,15 +8,13 @@ from pathlib import Path
 
 
 def median_run(runs: list[dict]) -> dict:
-    """Of several fresh-process runs of one variant, the one with the median seconds per step (a failure wins)."""
+    """Of several fresh-process runs of one variant, the one with the median seconds per step (a failure wins), with
+    every run's seconds per step (`runs_sec_per_step`, as docs/benchmarks.md lists it: with --repeat 1 too)."""
     failed = [run for run in runs if "error" in run]
     if failed:
         return failed[0]
     ordered = sorted(runs, key=lambda run: run["sec_per_step"])
-    chosen = dict(ordered[(len(ordered) - 1) // 2])
-    if len(runs) > 1:
-        chosen["runs_sec_per_step"] = [run["sec_per_step"] for run in runs]
-    return chosen
+    return {**ordered[(len(ordered) - 1) // 2], "runs_sec_per_step": [run["sec_per_step"] for run in runs]}
 
 
 def add_speedups(rows: list[dict]) -> None:
