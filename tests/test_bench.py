@@ -66,6 +66,13 @@ def test_bad_bench_arguments_are_one_line_errors(tmp_path, capsys):
         assert len(err) == 1 and "needs a CUDA GPU" in err[0]
         assert main(["bench", "--preset", "tiny", "--mixed-precision", "fp16", "--out", str(tmp_path / "b.json")]) == 2
         assert "--mixed-precision fp16 needs a GPU" in capsys.readouterr().err
+    # Under a launcher each copy ran every variant, and their processes joined the other copies' as one run of several
+    # processes, whose images/s counted one process's batch.
+    with pytest.MonkeyPatch.context() as launched:
+        launched.setenv("WORLD_SIZE", "2")
+        assert main(["bench", "--preset", "tiny", "--out", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "without accelerate launch or torchrun (WORLD_SIZE is 2)" in err[0]
     # A base that is not there: one line before any variant starts (each failed in its own process).
     assert main(["bench", "--base", str(tmp_path / "nope"), "--out", str(tmp_path / "b.json")]) == 2
     assert f"base model {tmp_path / 'nope'} not found: no such folder or file (check --base)" in capsys.readouterr().err

@@ -134,6 +134,10 @@ def run_benchmark(
 ) -> dict:
     """Build the model and data, run each variant in its own process, and return (and write) the report."""
     variants = variants or list(DEFAULT_VARIANTS)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1:  # each launched copy would run every variant, whose processes would join the others' as one run
+        raise FinetuneError(f"finetune bench runs each variant in one process of its own: run it without accelerate launch or torchrun "
+                            f"(WORLD_SIZE is {processes}); its images/s are those of one process")  # fmt: skip
     if steps < 1 or warmup < 1:
         raise FinetuneError("--steps and --warmup must be at least 1 (the first step's end starts the clock)")
     if repeat < 1:
