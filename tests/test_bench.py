@@ -324,3 +324,26 @@ def test_a_workdir_kept_from_a_run_with_other_data_settings_trains_only_this_run
     data, classes = prepare_data(tmp_path, 3, 64)
     for folder in (data, classes):
         assert [Image.open(path).size for path in folder_images(folder)] == [(64, 64)] * 3
+
+
+def test_only_the_compiled_variants_compile_whatever_the_shell_exported(tmp_path, monkeypatch):
+    """ACCELERATE_DYNAMO_BACKEND in the bench's environment (exported, or set by `accelerate launch --dynamo_backend`)
+    went to every variant's process: `lora` and `lora_cached` were compiled too."""
+    import subprocess
+
+    from finetune.bench import runner
+    from finetune.bench.variants import VARIANTS
+
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")
+    monkeypatch.setenv("ACCELERATE_DYNAMO_MODE", "max-autotune")
+    seen = {}
+
+    def started(command, env, **kwargs):
+        seen[name] = {key: value for key, value in env.items() if key.startswith("ACCELERATE_DYNAMO_")}
+        return subprocess.CompletedProcess(command, 1, "", "stopped here")
+
+    settings = runner.BenchSettings("tiny", 1, 1, 2, 64, "no", 2, False, None)
+    monkeypatch.setattr(runner.subprocess, "run", started)
+    for name in ("lora", "lora_cached_compiled"):
+        runner.run_variant_process(name, {}, settings, tmp_path / f"{name}.json")
+    assert seen == {"lora": {}, "lora_cached_compiled": VARIANTS["lora_cached_compiled"].environment}

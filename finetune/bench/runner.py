@@ -286,7 +286,10 @@ def run_variant_process(name: str, recipe: dict, settings: BenchSettings, result
     spec_path.write_text(json.dumps(spec))
     result_path.unlink(missing_ok=True)
     Path(spec["progress"]).unlink(missing_ok=True)
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **VARIANTS[name].environment}
+    # torch.compile is the variant's to set: one exported in this shell (or by `accelerate launch --dynamo_backend`) compiled
+    # every variant, the eager rows too.
+    inherited = {key: value for key, value in os.environ.items() if not key.startswith("ACCELERATE_DYNAMO_")}
+    env = {**inherited, "TOKENIZERS_PARALLELISM": "false", **VARIANTS[name].environment}
     row = {"variant": name, "description": VARIANTS[name].description, "environment": VARIANTS[name].environment}
     started = time.monotonic()
     try:
