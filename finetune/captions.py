@@ -22,8 +22,7 @@ import numpy as np
 
 from finetune.config import DataConfig
 from finetune.errors import FinetuneError
-# file_names_by_loose_key, loosely_named_file and metadata_key are imported from here by other modules, as before file_names.py
-from finetune.file_names import file_names_by_loose_key, loose_name_key, loosely_named_file, metadata_key, name_key, row_image_key  # noqa: F401
+from finetune.file_names import loose_name_key, name_key, row_image_key
 
 CAPTION_PLACEHOLDER = "{caption}"
 DATASET_ROW = "dataset {name} row {row}"  # the source of a dataset's example (a folder's is its file's path)

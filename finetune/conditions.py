@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from finetune.captions import (csv_delimiter, image_caption, loose_name_key, split_at_line_ends, metadata_file, metadata_partner_files, metadata_text, name_key, read_csv_captions, row_image_key,
+from finetune.captions import (csv_delimiter, image_caption, split_at_line_ends, metadata_file, metadata_partner_files, metadata_text, read_csv_captions,
                                read_metadata_captions)
+from finetune.file_names import loose_name_key, name_key, row_image_key
 from finetune.counts import counted
 from finetune.errors import FinetuneError
 

@@ -21,8 +21,8 @@ from torch.utils.data import Dataset
 
 from finetune.buckets import Size, assign_buckets
 from finetune.cache import EncodingCache
-from finetune.captions import (csv_delimiter, split_at_line_ends, loosely_named_file, metadata_file, metadata_text, name_key, read_csv_captions, row_image_key, scored_caption,
-                               training_caption)
+from finetune.captions import csv_delimiter, split_at_line_ends, metadata_file, metadata_text, read_csv_captions, scored_caption, training_caption
+from finetune.file_names import loosely_named_file, name_key, row_image_key
 from finetune.check_data import FATAL, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable
 from finetune.check_threads import each_on_threads
 from finetune.config import ControlNetConfig, DataConfig, Recipe

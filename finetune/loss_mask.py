@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps
 
-from finetune.captions import file_names_by_loose_key, loose_name_key
 from finetune.config import LossMaskConfig
 from finetune.errors import FinetuneError
+from finetune.file_names import file_names_by_loose_key, loose_name_key
 from finetune.sources import IMAGE_SUFFIXES
 from finetune.views import to_8_bit
 

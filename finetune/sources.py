@@ -19,9 +19,10 @@ from PIL import Image
 
 from finetune.buckets import Size
 from finetune.captions import (DATASET_ROW, apply_template, dataset_of_row, folder_captions, image_caption, metadata_partner_files, metadata_subfolders,
-                               missing_caption_message, name_key, require_own_sidecars, require_rows_with_images, sidecar_path, template_needs_caption)  # fmt: skip
+                               missing_caption_message, require_own_sidecars, require_rows_with_images, sidecar_path, template_needs_caption)  # fmt: skip
 from finetune.config import DataConfig, FolderConfig
 from finetune.errors import FinetuneError, looked_for_here
+from finetune.file_names import name_key
 from finetune.library_noise import quiet_local_dataset_bars
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp")
