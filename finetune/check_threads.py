@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from finetune.errors import FinetuneError
 from finetune.process_env import first_on_its_machine
+from finetune.progress_lines import in_a_log
 
 Item, Result = TypeVar("Item"), TypeVar("Result")
 
@@ -44,7 +45,7 @@ def each_on_threads(function: Callable[[Item], Result], items: Sequence[Item], d
     pool = ThreadPoolExecutor(check_threads(), thread_name_prefix="check")
     results = []
     try:
-        with tqdm(total=len(items), desc=description, unit="image", disable=not shown, leave=False) as progress:
+        with tqdm(total=len(items), desc=description, unit="image", disable=not shown, leave=in_a_log()) as progress:
             for result in pool.map(function, items):
                 results.append(result)
                 progress.update()

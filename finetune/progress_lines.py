@@ -6,6 +6,8 @@ choke on. Where stderr is not a terminal, the command line puts `ProgressLines` 
 a line of its own, at most one per FINETUNE_PROGRESS_EVERY seconds (30 by default), plus each bar's last state as
 it ends. It works on the stream, so every bar a run draws follows it: the training bar, the data check's and class
 images' bars, diffusers' sampling bars, datasets' and transformers' bars. On a terminal nothing changes.
+Bars that clear themselves on a terminal (the data check's, sampling's) ask `in_a_log()` and leave their last state
+there instead: a log showed their 0% line and never said they finished.
 """
 
 from __future__ import annotations
@@ -77,6 +79,13 @@ class ProgressLines:
 
     def __getattr__(self, name):  # flush, fileno, isatty, encoding, buffer: the stream's own
         return getattr(self.stream, name)
+
+
+def in_a_log() -> bool:
+    """Whether progress goes to a log as plain lines (sys.stderr is a `ProgressLines`): tqdm's `leave` for a bar that
+    clears itself on a terminal, so that in a log it ends on a line of its last state (`checking images: 100%| 120/120
+    [00:03<00:00, ...]`) rather than on its 0% line."""
+    return isinstance(sys.stderr, ProgressLines)
 
 
 @contextlib.contextmanager

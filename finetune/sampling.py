@@ -14,6 +14,7 @@ from finetune.encoders import chunks_needed, recorded_clip_skip, text_hidden_sta
 from finetune.errors import FinetuneError
 from finetune.image_bounds import GRID_LABEL_WIDTH
 from finetune.models import BaseModel
+from finetune.progress_lines import in_a_log
 from finetune.prompt_options import PromptSettings
 
 
@@ -45,8 +46,9 @@ def build_pipeline(
 def show_denoising_steps(pipeline, what: str = "sampling") -> None:
     """Each call's denoising steps as a bar named `what` (on stderr), cleared when the call is done, so the lines
     around it stay as the README quotes them: an SD1.5 image takes minutes on a CPU, which nothing else says
-    (`finetune sample`, `finetune eval`; build_pipeline turns the bar off, for training's grids)."""
-    pipeline.set_progress_bar_config(desc=what, leave=False)
+    (`finetune sample`, `finetune eval`; build_pipeline turns the bar off, for training's grids). In a log file
+    each call's bar ends on a line of its last state, which says it finished."""
+    pipeline.set_progress_bar_config(desc=what, leave=in_a_log())
 
 
 def adapters_prediction_type(adapters: dict[str, dict[str, str]]) -> str | None:

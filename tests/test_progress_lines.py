@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
+from finetune.check_threads import each_on_threads
 from finetune.cli import main
 from finetune.progress_lines import ProgressLines, progress_as_lines_in_logs
 
@@ -83,6 +84,31 @@ def test_a_terminal_keeps_the_live_bar(monkeypatch):
     assert drawn.count("\rlive:") >= 5, repr(drawn)  # redrawn in place at each update
 
 
+def test_a_self_clearing_bar_ends_on_a_line_in_a_log_and_leaves_nothing_on_a_terminal(monkeypatch):
+    # The data check's bar clears itself on a terminal; in a log it showed its 0% line only, never that it finished.
+    monkeypatch.delenv("FINETUNE_PROGRESS_EVERY", raising=False)
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    with progress_as_lines_in_logs():
+        each_on_threads(lambda item: item, range(60), "checking images")
+    bars = [line for line in log.getvalue().splitlines() if line.startswith("checking images")]
+    assert len(bars) == 2 and " 0/60 " in bars[0] and bars[-1].startswith("checking images: 100%") and " 60/60 " in bars[-1], bars
+
+    reader, writer = pty.openpty()
+    fcntl.ioctl(writer, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    terminal = os.fdopen(writer, "w")
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with progress_as_lines_in_logs():
+        each_on_threads(lambda item: item, range(60), "checking images")
+    terminal.flush()
+    drawn = ""
+    while select.select([reader], [], [], 0.5)[0]:
+        drawn += os.read(reader, 65536).decode()
+    terminal.close()
+    os.close(reader)
+    assert "checking images" in drawn and "\n" not in drawn and drawn.endswith("\r"), repr(drawn)  # drawn, then cleared
+
+
 def test_a_bad_interval_is_one_line(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("FINETUNE_PROGRESS_EVERY", "often")
     assert main(["check-data", "--image-dir", str(tmp_path)]) == 2
@@ -95,4 +121,5 @@ def test_diffusers_sampling_bar_follows_the_same_rule(capsys, tiny_model, tmp_pa
     assert main(["sample", "--base", str(tiny_model), "--prompt", "a", "--steps", "3", "--num-images", "2", "--out", str(tmp_path / "s")]) == 0
     err = capsys.readouterr().err
     assert "\r" not in err, repr(err)
-    assert [line for line in err.splitlines() if line.startswith("sampling:")][:1] != []  # its first state, as a line
+    bars = [line for line in err.splitlines() if line.startswith("sampling:")]
+    assert bars and bars[-1].startswith("sampling: 100%") and " 3/3 " in bars[-1], bars  # its first state, and its last
