@@ -64,13 +64,13 @@ def collect_then_freeze_at_exit() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     collect_then_freeze_at_exit()
-    args = parse_arguments(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    quiet_third_party_warnings()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # SIGTERM (timeout, systemd, SLURM) stops a command as Ctrl-C does, not silently; training defers both.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
+        args = parse_arguments(argv)  # it imports every command's options (0.3 s on a busy host): a Ctrl-C there is a stop too
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        quiet_third_party_warnings()
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         with progress_as_lines_in_logs():  # a bar's redraws in a log file: a line every 30 s (on a terminal: as ever)
             return COMMANDS[args.command](args)
     except FinetuneError as err:

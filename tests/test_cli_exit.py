@@ -1,12 +1,16 @@
 """A command's exit: the interpreter's last garbage collections walked every object torch and diffusers made, 2 s of
-CPU (4 to 9 s on a busy host) between a command's last line and its exit. The CLI collects once at exit, while the
-modules are whole, and freezes what is left; what a run leaves to the exit must still be written."""
+CPU (4 to 9 s on a busy host) between a command's last line and its exit. The CLI collects once at exit and freezes
+what is left; what a run leaves to the exit must still be written. And Ctrl-C's line, wherever it comes."""
 
 import json
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from finetune import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,3 +85,18 @@ def test_a_ctrl_c_while_the_exit_collects_ends_the_process_without_a_traceback()
     and its traceback."""
     done = subprocess.run([sys.executable, "-c", CTRL_C_AT_THE_EXIT], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.stdout == "done\n" and done.stderr == "" and done.returncode == -signal.SIGINT, done
+
+
+def test_ctrl_c_while_the_arguments_are_read_is_the_stop_line_not_a_traceback(monkeypatch, capsys):
+    """Reading the arguments imports every command's options (0.3 s on a busy host), outside the command's stop line:
+    a Ctrl-C right after Enter printed a traceback of argparse's and importlib's frames."""
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "parse_arguments", interrupted)
+    try:
+        assert cli.main(["check-data"]) == 130
+    except KeyboardInterrupt:  # left unseen, it would stop pytest itself
+        pytest.fail("the Ctrl-C went past the command's stop line")
+    assert capsys.readouterr().err.strip() == "stopped (Ctrl-C): files written so far are kept; run the command again to continue"
