@@ -62,10 +62,18 @@ def collect_then_freeze_at_exit() -> None:
     atexit.register(collect_then_freeze)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, systemd, a SLURM job's time limit) where Ctrl-C raises KeyboardInterrupt: the command stops
+    as on Ctrl-C (training defers both to a step boundary), and its line says which of the two stopped it."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     collect_then_freeze_at_exit()
-    # SIGTERM (timeout, systemd, SLURM) stops a command as Ctrl-C does, not silently; training defers both.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, raise_terminated)  # not silently, as the default handler ends a process
     try:
         args = parse_arguments(argv)  # it imports every command's options (0.3 s on a busy host): a Ctrl-C there is a stop too
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -79,11 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         if (first_on_its_machine() if err.said_here is None else err.said_here):
             print(f"error: {machine + ': ' if (machine := machine_name()) else ''}{one_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # training stops itself cleanly; this is Ctrl-C anywhere else (loading, class images, sampling)
+    except KeyboardInterrupt as stop:  # training stops itself cleanly; this is a stop anywhere else (loading, class images, sampling)
         # Every process got it (a terminal's Ctrl-C, a job's SIGTERM): one line for the run, as the training loop's stop
         # says, not one per machine (errors are each machine's own to say: its files, its libraries).
         if main_process():
-            print("\nstopped (Ctrl-C): files written so far are kept; run the command again to continue", file=sys.stderr)
+            signal_name = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
+            print(f"\nstopped ({signal_name}): files written so far are kept; run the command again to continue", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader left (`finetune check-data ... | head`): no traceback for that
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's last flush would raise again

@@ -142,7 +142,7 @@ def test_sigterm_outside_training_stops_a_command_as_ctrl_c_does(monkeypatch, ca
         assert cli.main(["check-data", "recipes/quickstart.yaml"]) == 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-    assert "stopped (Ctrl-C): files written so far are kept" in capsys.readouterr().err
+    assert "stopped (SIGTERM): files written so far are kept" in capsys.readouterr().err
 
 
 def test_a_second_run_in_the_same_output_dir_is_refused_while_the_first_runs(tmp_path):
