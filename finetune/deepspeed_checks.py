@@ -7,7 +7,9 @@ later) and a resumed checkpoint's files. `finetune.distributed.configure_deepspe
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 
 from finetune import checkpoint as ckpt
@@ -35,6 +37,7 @@ def check_deepspeed_launch(recipe: Recipe, trained_models: list[str], resume_fro
         ckpt.check_same_engine(resume_from, ckpt.read_state(resume_from).get("processes"), stage, launched_processes())
     if config is not None:
         check_deepspeed_recipe(recipe, trained_models, config)
+        check_recipe_settings_agree(recipe, launched_processes())
         quiet_untested_optimizer_line(recipe.optimizer.name)
 
 
@@ -93,3 +96,49 @@ def check_deepspeed_recipe(recipe: Recipe, trained_models: list[str], config: di
             f"optimizer.name {recipe.optimizer.name} with DeepSpeed optimizer offload: offload runs DeepSpeed's own CPU Adam; "
             "set optimizer.name: adamw or use a config without offload_optimizer"
         )
+
+
+def recipe_settings(recipe: Recipe, processes: int) -> dict[str, tuple[object, str]]:
+    """What the recipe makes each DeepSpeed setting it decides (`finetune.distributed.configure_deepspeed` fills them in, accelerate the
+    precision), with the recipe keys that decide it."""
+    train = recipe.train
+    return {
+        "train_micro_batch_size_per_gpu": (train.batch_size, "train.batch_size"),
+        "gradient_accumulation_steps": (train.gradient_accumulation_steps, "train.gradient_accumulation_steps"),
+        "train_batch_size": (train.batch_size * train.gradient_accumulation_steps * processes,
+                             f"train.batch_size x train.gradient_accumulation_steps x {processes} processes"),
+        "gradient_clipping": (train.max_grad_norm or 0.0, "train.max_grad_norm"),
+        "bf16.enabled": (train.mixed_precision == "bf16", "train.mixed_precision"),
+        "fp16.enabled": (train.mixed_precision == "fp16", "train.mixed_precision"),
+    }
+
+
+def check_recipe_settings_agree(recipe: Recipe, processes: int) -> None:
+    """Refuse a DeepSpeed config file that sets what the recipe decides (batch size, accumulation, clipping, precision)
+    otherwise than the recipe: its batch, accumulation and clipping were replaced by the recipe's without a word, and its
+    precision kept, so the engine held the model in bf16 (or fp32) while the recipe's frozen parts and autocast were in another."""
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if path == "none":  # accelerate builds the config from its own settings: precision from the recipe, the rest filled in
+        return
+    try:
+        written = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return  # accelerate's plugin read it already (launch_deepspeed_config), and says what is wrong with it
+    for key, (value, decided_by) in recipe_settings(recipe, processes).items():
+        *sections, name = key.split(".")
+        node = written
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        given = node.get(name, "auto") if isinstance(node, dict) else "auto"
+        if given == "auto" or _same(given, value):
+            continue
+        raise FinetuneError(
+            f"DeepSpeed config {path}: {key} is {json.dumps(given)}, where {decided_by} makes it {json.dumps(value)}: the recipe decides it, "
+            f'so set it to "auto" in that file (or change {decided_by.split(" ")[0]} to match)'
+        )
+
+
+def _same(given, value) -> bool:
+    if isinstance(value, bool):
+        return str(given).lower() == str(value).lower()  # DeepSpeed reads true, "true" and "True" alike
+    return isinstance(given, (int, float)) and not isinstance(given, bool) and float(given) == float(value)

@@ -5,7 +5,7 @@ accelerate does most of it. What is left here:
 - Several processes on a machine without CUDA join over gloo. accelerate does this for DDP when told
   to use the CPU; under DeepSpeed it must be handed the gloo backend, or it counts one process.
 - DeepSpeed's batch size, gradient accumulation and clipping are taken from the recipe, so its JSON
-  ("auto") and the recipe never disagree.
+  ("auto") and the recipe never disagree (a file that sets them, or the precision, otherwise is refused first).
 - DeepSpeed wraps exactly one trained module in its engine (the frozen VAE and text encoder stay out
   of it); a recipe that trains two (the UNet and the text encoder) is stopped with a clear error before
   anything loads, as is an optimizer that needs each weight whole (Adafactor: ZeRO hands the optimizer one
