@@ -319,6 +319,16 @@ def check_same_engine(checkpoint: Path, saved_processes: int | None, stage: int 
     )
 
 
+def damaged_process_files(path: Path, processes: int) -> list[str]:
+    """The files of checkpoint `path` that one process each reads at a resume, missing or cut short: the random states of its
+    first `processes` (missing or cut short, accelerate skips one with a log line: the run would draw other dropout masks, another
+    curve; a process the checkpoint had none for, in a run of more, starts its own: that resume says so), and DeepSpeed's shards.
+    Every process checks all of them, so that each says the same line: found by one alone, its error was said by no one (each
+    machine's first process says errors) while the others went on into the run and waited for it."""
+    own = [path / f"{RNG_STATE_NAME}_{index}.pkl" for index in range(processes)] + sorted((path / DEEPSPEED_FOLDER).glob("zero_pp_rank_*.pt"))
+    return [file.name for file in own if not zipfile.is_zipfile(file)]
+
+
 def load_checkpoint(accelerator: Accelerator, path: Path, current_settings: dict | None = None, **load_options) -> dict:
     """Restore the state saved in `path`; return its trainer state. A checkpoint of other trained modules
     or parameter groups (a text encoder, LoRA+ switched on or off) is one line naming what changed."""
@@ -328,11 +338,8 @@ def load_checkpoint(accelerator: Accelerator, path: Path, current_settings: dict
         # An fp16 run (the loss scaler) resuming a bf16 or fp32 checkpoint, as a bf16 run moved to a GPU
         # without bf16 does: accelerate would fail on the missing file; the scale starts afresh instead.
         accelerator.scaler = None
-    random_states = path / f"{RNG_STATE_NAME}_{accelerator.process_index}.pkl"
-    # Missing or cut short, accelerate skips it with a log line: the run would draw other dropout masks, another curve.
-    # (A process the checkpoint had none for, in a run of more processes, starts its own: that resume says so.)
-    if accelerator.process_index < (state.get("processes") or 1) and not zipfile.is_zipfile(random_states):
-        raise FinetuneError(f"checkpoint {path} is damaged or incomplete ({random_states.name}: missing or cut short): move it out of "
+    if damaged := damaged_process_files(path, min(state.get("processes") or 1, accelerator.num_processes)):
+        raise FinetuneError(f"checkpoint {path} is damaged or incomplete ({', '.join(damaged)}: missing or cut short): move it out of "
                             f"{path.parent} and resume from the one before it")
     try:
         accelerator.load_state(str(path), **load_options)
