@@ -108,21 +108,26 @@ def _train(args) -> int:
     from finetune.train_inputs import check_inputs_exist  # PIL and numpy, with the data folder's reader
 
     base_location = check_inputs_exist(recipe)  # so is a missing data folder or base model (looked up once: train() loads it from there)
-    from finetune.distributed import leave_process_group
+    from finetune.distributed import leave_process_group, says_its_error
     from finetune.run_lock import output_dir_lock
     from finetune.trainer import train
 
     quiet_weight_progress_bars()
     try:
-        with output_dir_lock(Path(recipe.output_dir)):
-            result = train(recipe, resume=args.resume, overwrite=args.overwrite, base_location=base_location)
-    except OSError as err:  # checkpoints and outputs say their own; a full disk under a sample grid or the logs is one line too
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        raise FinetuneError(
-            f"no space left on the disk of {recipe.output_dir}{f' (writing {err.filename})' if err.filename else ''}: make room, then "
-            "--resume latest (the last complete checkpoint is kept)"
-        ) from None
+        try:
+            with output_dir_lock(Path(recipe.output_dir)):
+                result = train(recipe, resume=args.resume, overwrite=args.overwrite, base_location=base_location)
+        except OSError as err:  # checkpoints and outputs say their own; a full disk under a sample grid or the logs is one line too
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise FinetuneError(
+                f"no space left on the disk of {recipe.output_dir}{f' (writing {err.filename})' if err.filename else ''}: make room, then "
+                "--resume latest (the last complete checkpoint is kept)"
+            ) from None
+    except FinetuneError as err:
+        if err.said_here is None:  # asked while the processes' rendezvous store is still there
+            err.said_here = says_its_error(one_line(err))
+        raise
     finally:
         leave_process_group()
     if result.interrupted:

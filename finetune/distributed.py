@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -61,6 +62,29 @@ def leave_process_group() -> None:
     """At the end of a program that trained: close the process group that `train` leaves open."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def says_its_error(line: str) -> bool | None:
+    """Whether this process, its run failing with the error `line`, says it: each machine's first process does (as before
+    the processes join), and another where its machine's first process did not fail with the same line within seconds
+    (exchanged in the launch's rendezvous store). Said by each machine's first process alone, an error that another process
+    met alone (a file or a write of its own) was said by no one, while the first process waited for it in the run. None
+    where there is no group of processes: one process, or an error before they joined (every process meets those alike)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
+        return None
+    store = torch.distributed.distributed_c10d._get_default_store()
+    said = f"finetune/error-of-machine/{os.environ.get('GROUP_RANK', '0')}"
+    try:
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            store.set(said, line)
+            return True
+        store.wait([said], ERROR_WAIT)  # a collective's error reaches every process at once: the first's comes within this
+        return store.get(said).decode() != line
+    except RuntimeError:  # (torch's DistStoreError) not set in time: the first process did not fail, or the store is gone
+        return True
+
+
+ERROR_WAIT = timedelta(seconds=3)
 
 
 def gpu_available() -> bool:

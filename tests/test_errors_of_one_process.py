@@ -1,0 +1,57 @@
+"""An error of the run that one process meets alone (a file or a write of its own) is said, by that process; one that every
+process meets (a collective check) is said once per machine, by its first process. Said by each machine's first process
+alone (local rank 0), process 1's own error was said by no one while process 0 waited for it in the run."""
+
+import os
+import subprocess
+import sys
+
+from ports import free_port
+
+# Each of 2 processes of one machine runs `finetune train` whose run fails on process 1 alone (argument "alone": process 0's run
+# waits, then ends as a stopped run would; the launcher would kill it) or on both with the same line ("both").
+ONE_FAILS = r"""
+import sys, time
+from types import SimpleNamespace
+import torch.distributed as dist
+import finetune.cli as cli, finetune.recipe_loading, finetune.train_inputs
+from finetune.errors import FinetuneError
+
+dist.init_process_group("gloo")
+finetune.recipe_loading.load_recipe = lambda path, overrides: SimpleNamespace(output_dir=sys.argv[1])
+finetune.train_inputs.check_inputs_exist = lambda recipe: None
+
+def train(recipe, **options):
+    if dist.get_rank() == 1:
+        raise FinetuneError("checkpoint X is damaged (a file process 1 alone reads)" if sys.argv[2] == "alone" else "the weights hold NaN")
+    time.sleep(0.5)
+    if sys.argv[2] == "both":
+        raise FinetuneError("the weights hold NaN")
+    time.sleep(5)
+    return SimpleNamespace(interrupted=True)
+
+sys.modules["finetune.trainer"] = SimpleNamespace(train=train)  # (diffusers not imported: seconds)
+sys.exit(cli.main(["train", "recipe.yaml"]))
+"""
+
+
+def test_an_error_one_process_meets_alone_is_said_by_it_and_one_they_all_meet_once(tmp_path):
+    launches = {}
+    for mode in ("alone", "both"):  # side by side: each launch is 2 interpreters that mostly wait
+        port = str(free_port())
+        launches[mode] = [
+            subprocess.Popen([sys.executable, "-c", ONE_FAILS, str(tmp_path / mode), mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={
+                **os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2",
+                "LOCAL_WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0"})
+            for rank in (0, 1)
+        ]  # fmt: skip
+    try:
+        results = {mode: [process.communicate(timeout=120) for process in processes] for mode, processes in launches.items()}
+    finally:
+        for process in [process for processes in launches.values() for process in processes]:
+            process.kill()
+    codes = {mode: [process.returncode for process in processes] for mode, processes in launches.items()}
+    assert codes == {"alone": [130, 2], "both": [2, 2]}, results
+    errors = {mode: [[line for line in stderr.splitlines() if line.startswith("error:")] for _, stderr in said] for mode, said in results.items()}
+    assert errors == {"alone": [[], ["error: checkpoint X is damaged (a file process 1 alone reads)"]],
+                      "both": [["error: the weights hold NaN"], []]}, results  # fmt: skip
