@@ -58,8 +58,8 @@ def reads_by_step(monkeypatch):
     {"train__cache_latents": True, "train__cache_text_embeddings": True, "train__gradient_accumulation_steps": 2},
 ], ids=["plain", "clipped-ema", "max-norm", "cached-accumulated"])
 def test_no_host_reads_between_log_steps(make_recipe, reads_by_step, settings):
-    train(make_recipe(train__max_steps=10, logging__every_n_steps=4, **settings), on_step=reads_by_step.tracking(10))
-    assert set(reads_by_step) <= {4, 8}, f"host reads at steps other than the log steps (4 and 8): {dict(reads_by_step)}"
+    train(make_recipe(train__max_steps=7, logging__every_n_steps=3, **settings), on_step=reads_by_step.tracking(7))
+    assert set(reads_by_step) <= {3, 6}, f"host reads at steps other than the log steps (3 and 6): {dict(reads_by_step)}"
     # At a log step: the steps' losses, the logged means and the method's values (a few reads, not one per step).
     assert all(count <= 6 for count in reads_by_step.values()), dict(reads_by_step)
 
@@ -220,8 +220,8 @@ def test_no_syncing_operators_between_log_steps(make_recipe, settings):
             return func(*args, **(kwargs or {}))
 
     def track(at: int) -> None:
-        step[0] = at if at < 10 and at % 4 else 0  # steps 4 and 8 log; the last saves
+        step[0] = at if at < 7 and at % 3 else 0  # steps 3 and 6 log; the last saves
 
     with Watch():
-        train(make_recipe(train__max_steps=10, logging__every_n_steps=4, **settings), on_step=track)
+        train(make_recipe(train__max_steps=7, logging__every_n_steps=3, **settings), on_step=track)
     assert not seen, f"operators that wait for the GPU in a step: {dict(seen)}"
