@@ -242,7 +242,7 @@ def test_train_and_sample_print_no_third_party_noise(tmp_path, tiny_model, image
 
 
 # About a minute of the default suite's budget (two interpreters with DeepSpeed). The default suite launches the same
-# config file, with the tests' worker in place of `-m finetune`: tests/test_distributed.py's ZeRO-2 test.
+# config file, with the tests' worker in place of `-m finetune`: tests/test_deepspeed_zero2.py.
 @pytest.mark.slow
 def test_accelerate_launch_with_the_top_level_config_trains_with_deepspeed(tmp_path, tiny_model, image_folder):
     recipe = write_recipe(

@@ -1,5 +1,5 @@
-"""Several processes on CPU (gloo): DDP on one machine, two "machines" on loopback, DeepSpeed ZeRO-2 (also
-with optimizer offload) and ZeRO-3."""
+"""Several processes on CPU (gloo): DDP on one machine, two "machines" on loopback, DeepSpeed ZeRO-2 with optimizer
+offload and ZeRO-3 (ZeRO-2 itself, launched from the top-level accelerate config: tests/test_deepspeed_zero2.py)."""
 
 import os
 import subprocess
@@ -21,7 +21,6 @@ from safetensors.torch import load_file
 
 from finetune.checkpoint import list_checkpoints
 from finetune.distributed import agree_on_start
-from finetune.ema import EMA_FILE
 from finetune.errors import FinetuneError
 from finetune.methods.controlnet import CONTROLNET_DIR
 from finetune.methods.lora import LORA_WEIGHTS_NAME
@@ -185,36 +184,6 @@ def test_two_machines_of_one_process_each_on_loopback(ddp, make_recipe, tmp_path
     assert_same_weights(load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors"), exact=True)
     # What two processes on one machine trained (the test above: that is what one process trains).
     assert_same_weights(load_file(out / LORA_WEIGHTS_NAME), load_file(ddp.root / "lora-ddp" / LORA_WEIGHTS_NAME), exact=False)
-
-
-def test_deepspeed_zero2_trains_checkpoints_resumes_and_saves_the_single_process_adapter(make_recipe, tmp_path):
-    # With a weight average: what is saved (and compared below) is the average, which the checkpoint keeps.
-    common = dict(train__batch_size=1, train__max_steps=4, train__gradient_accumulation_steps=2, data__random_flip=True,
-                  checkpoint__every_n_steps=2, train__ema_decay=0.5)  # fmt: skip
-    uninterrupted = make_recipe(output_dir=str(tmp_path / "zero2"), **common)
-    resumed = make_recipe(output_dir=str(tmp_path / "zero2-resumed"), **common)
-    out = Path(uninterrupted.output_dir)
-    checkpoint = out / "checkpoints" / "checkpoint-2"
-    # One launch: the run, then a second run resumed from the first one's step 2.
-    # The top-level accelerate_config.yaml (ZeRO-2, 2 processes), as the README's launch command gives it.
-    top_level_config = ["--config_file", "accelerate_config.yaml", "--main_process_port", str(free_port())]
-    wait(launch(top_level_config, write(uninterrupted, tmp_path / "zero2.yaml"), "--resume", checkpoint, write(resumed, tmp_path / "resumed.yaml")))
-    assert (checkpoint / EMA_FILE).is_file()
-    assert sorted(p.name for p in (checkpoint / "pytorch_model").glob("*optim_states.pt")) == [
-        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]  # one shard per process
-    assert_same_weights(load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors"), exact=True)
-
-    # The resumed run ends where the uninterrupted one did.
-    adapter = load_file(out / LORA_WEIGHTS_NAME)
-    assert_same_weights(load_file(Path(resumed.output_dir) / LORA_WEIGHTS_NAME), adapter, exact=False)
-
-    # The same global batch in one process gives the same adapter, which diffusers loads.
-    single = make_recipe(output_dir=str(tmp_path / "single"), **{**common, "train__batch_size": 2})
-    train(single)
-    assert_same_weights(adapter, load_file(Path(single.output_dir) / LORA_WEIGHTS_NAME), exact=False)
-    pipeline = StableDiffusionPipeline.from_pretrained(uninterrupted.model.pretrained)
-    pipeline.load_lora_weights(str(out), weight_name=LORA_WEIGHTS_NAME)
-    assert sum("lora" in name for name, _ in pipeline.unet.named_parameters()) == len(adapter)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,44 @@
+"""DeepSpeed ZeRO-2 in 2 CPU processes (gloo), launched with the top-level accelerate_config.yaml as the README does:
+checkpoints, a resume and the weight average. Apart from tests/test_distributed.py so that its launch and that file's
+DDP launch can run on the two pytest workers side by side."""
+
+from pathlib import Path
+
+from diffusers import StableDiffusionPipeline
+from ports import free_port
+from safetensors.torch import load_file
+from test_distributed import assert_same_weights, launch, wait, write
+
+from finetune.ema import EMA_FILE
+from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.trainer import train
+
+
+def test_deepspeed_zero2_trains_checkpoints_resumes_and_saves_the_single_process_adapter(make_recipe, tmp_path):
+    # With a weight average: what is saved (and compared below) is the average, which the checkpoint keeps.
+    common = dict(train__batch_size=1, train__max_steps=4, train__gradient_accumulation_steps=2, data__random_flip=True,
+                  checkpoint__every_n_steps=2, train__ema_decay=0.5)  # fmt: skip
+    uninterrupted = make_recipe(output_dir=str(tmp_path / "zero2"), **common)
+    resumed = make_recipe(output_dir=str(tmp_path / "zero2-resumed"), **common)
+    out = Path(uninterrupted.output_dir)
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    # One launch: the run, then a second run resumed from the first one's step 2.
+    # The top-level accelerate_config.yaml (ZeRO-2, 2 processes), as the README's launch command gives it.
+    top_level_config = ["--config_file", "accelerate_config.yaml", "--main_process_port", str(free_port())]
+    wait(launch(top_level_config, write(uninterrupted, tmp_path / "zero2.yaml"), "--resume", checkpoint, write(resumed, tmp_path / "resumed.yaml")))
+    assert (checkpoint / EMA_FILE).is_file()
+    assert sorted(p.name for p in (checkpoint / "pytorch_model").glob("*optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]  # one shard per process
+    assert_same_weights(load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors"), exact=True)
+
+    # The resumed run ends where the uninterrupted one did.
+    adapter = load_file(out / LORA_WEIGHTS_NAME)
+    assert_same_weights(load_file(Path(resumed.output_dir) / LORA_WEIGHTS_NAME), adapter, exact=False)
+
+    # The same global batch in one process gives the same adapter, which diffusers loads.
+    single = make_recipe(output_dir=str(tmp_path / "single"), **{**common, "train__batch_size": 2})
+    train(single)
+    assert_same_weights(adapter, load_file(Path(single.output_dir) / LORA_WEIGHTS_NAME), exact=False)
+    pipeline = StableDiffusionPipeline.from_pretrained(uninterrupted.model.pretrained)
+    pipeline.load_lora_weights(str(out), weight_name=LORA_WEIGHTS_NAME)
+    assert sum("lora" in name for name, _ in pipeline.unet.named_parameters()) == len(adapter)
