@@ -85,7 +85,9 @@ def test_each_method_resumes_from_its_checkpoint_to_the_uninterrupted_weights(la
         uninterrupted, resumed = outputs(out), outputs(launched_runs.root / f"{name}-resumed")
         trained = [t for key, t in uninterrupted.items() if "lora.up" in key or key.startswith("controlnet_mid_block")]  # zero at the start
         assert trained and any(t.any() for t in trained), name
-        assert_same_weights(resumed, uninterrupted, exact=False)
+        # Under optimizer offload bit for bit: DeepSpeed's CPU Adam is handed back its bias-correction powers at a resume
+        # (finetune/cpu_adam_steps.py; they rounded 1e-7 apart after the first resumed step, more after each next).
+        assert_same_weights(resumed, uninterrupted, exact=launched_runs.config == OFFLOAD)
 
 
 @pytest.mark.parametrize("launched_runs", ["zero2.json", "zero3.json"], indirect=True)
