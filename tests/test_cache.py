@@ -187,11 +187,11 @@ def test_a_cached_view_reads_its_loss_mask_once_and_a_changed_mask_is_cut_anew(m
     reads, read = [], getattr(check_module, reader)
     name = str if source == "files" else lambda image: hash(image.tobytes())  # a mask file's path, or the image's pixels
     monkeypatch.setattr(check_module, reader, lambda image: reads.append(name(image)) or read(image))
-    settings = dict(data__image_dir=str(folder), data__loss_mask={"source": source}, train__max_steps=6, train__batch_size=2)
+    settings = dict(data__image_dir=str(folder), data__loss_mask={"source": source}, train__max_steps=4, train__batch_size=2)
     cached = dict(train__cache_latents=True, train__cache_dir=str(tmp_path / "cache"))
 
-    train(make_recipe(output_dir=str(tmp_path / "first"), **settings, **cached))  # 3 epochs of 4 images, one view each
-    # Each mask is read twice by the check, cut for loss-masks.png, and for its first epoch only (not in all 3).
+    train(make_recipe(output_dir=str(tmp_path / "first"), **settings, **cached))  # 2 epochs of 4 images, one view each
+    # Each mask is read twice by the check, cut for loss-masks.png, and for its first epoch only (not in both: 5).
     assert sorted(Counter(reads).values()) == [4] * 4
     reads.clear()
     before = train(make_recipe(output_dir=str(tmp_path / "again"), **settings, **cached))
