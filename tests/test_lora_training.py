@@ -58,13 +58,13 @@ def lora_model(recipe, lora_file: Path | None = None):
 
 
 def test_loss_falls_on_a_fixed_batch(make_recipe):
-    recipe = make_recipe(train__max_steps=60, train__batch_size=4, optimizer__lr=5e-3, lora__rank=8, lora__alpha=8)
+    recipe = make_recipe(train__max_steps=30, train__batch_size=4, optimizer__lr=1e-2, lora__rank=8, lora__alpha=8)
     base = load_base_model(recipe.model)
     before = fixed_batch_loss(base, base.unet, recipe)
     result = train(recipe)
     _, trained = lora_model(recipe, result.output_dir / LORA_WEIGHTS_NAME)
     after = fixed_batch_loss(base, trained, recipe)
-    assert after < 0.85 * before, (before, after)  # measured: 1.146 -> 0.818 (0.71x)
+    assert after < 0.85 * before, (before, after)  # measured: 1.146 -> 0.868 (0.76x; 60 steps at 5e-3: 0.71x)
 
 
 # Attention alone (recipes/lora.yaml), and with the feed-forward, projection and conv layers (the quickstart's).
