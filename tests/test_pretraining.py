@@ -22,11 +22,11 @@ def same_weights(a, b) -> bool:
 
 
 def test_vae_method_learns_to_reconstruct_and_saves_a_pipeline(make_recipe, monkeypatch):
-    recipe = make_recipe(method="vae", train__max_steps=30, train__batch_size=4, optimizer__lr=2e-3, validation__at_start=False)
+    recipe = make_recipe(method="vae", train__max_steps=24, train__batch_size=4, optimizer__lr=2e-3, validation__at_start=False)
     before = load_base_model(recipe.model)
     trained = trained_base(monkeypatch)
     result = train(recipe)
-    assert result.losses[-1] < 0.7 * result.losses[0]
+    assert result.losses[-1] < 0.7 * result.losses[0]  # measured: 0.38x at step 24 (0.74x until step 16, 0.50x at 20)
     pipeline_dir = result.output_dir / "pipeline"
     vae = AutoencoderKL.from_pretrained(pipeline_dir, subfolder="vae")
     assert same_weights(vae, trained[0].vae) and not same_weights(vae, before.vae)  # the VAE as trained
