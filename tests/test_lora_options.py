@@ -75,24 +75,14 @@ def test_conv_rank_settings_are_checked_and_keep_the_scale(make_recipe):
 def test_lora_layers_keep_their_half_precision_input_under_autocast():
     """peft casts a LoRA layer's bf16 input to its fp32 weights, and autocast casts it back for the
     matmul: finetune turns that cast off. Same loss and gradients to the bit, fewer copies."""
-    import collections
 
     import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from operation_counts import CountOperations
 
     from finetune.config import LoRAConfig
     from finetune.methods.lora import add_lora
     from finetune.tiny_model import build_tiny_pipeline
-
-    class CountOperations(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.counts = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.counts[func.overloadpacket] += 1
-            return func(*args, **(kwargs or {}))
 
     unet = build_tiny_pipeline(seed=3).unet
     add_lora(unet, ["to_q", "to_k", "to_v", "to_out.0", "conv1"], torch.bfloat16, LoRAConfig(rank=4, alpha=4))

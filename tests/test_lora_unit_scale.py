@@ -4,27 +4,15 @@ layer (the multiply and its gradient) where alpha = rank, and the same operators
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
 from peft.tuners.lora.layer import LoraLayer
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from finetune.config import LoRAConfig
 from finetune.lora_unit_scale import UnitScaleLoRA
 from finetune.methods.lora import add_lora
 from finetune.tiny_model import build_tiny_pipeline
-
-
-class CountOperations(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket] += 1
-        return func(*args, **(kwargs or {}))
+from operation_counts import CountOperations
 
 
 def lora_unet(alpha: float, weight_dtype: torch.dtype):

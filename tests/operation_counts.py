@@ -1,0 +1,18 @@
+"""Counting the operators a piece of code dispatches: on a GPU each one not a view is a kernel launch, the cost of a
+launch-bound step (docs/benchmarks-gpu.md)."""
+
+import collections
+
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class CountOperations(TorchDispatchMode):
+    """Within `with CountOperations() as counted:`, `counted.counts[torch.ops.aten.mul]` is how many times it ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket] += 1
+        return func(*args, **(kwargs or {}))
