@@ -18,7 +18,8 @@ counted; attention as the model's matmuls: `measure.flop_counter`). A compiled U
   preservation trains batch/2 instance images plus as many class images, so every row sees `batch`);
 - peak memory: on CPU the variant process's own maximum resident set size (Linux's VmHWM, not ru_maxrss, which
   exec keeps from the bench process: weights, activations, optimizer state, the Python/torch runtime); on CUDA
-  `torch.cuda.max_memory_allocated`;
+  `torch.cuda.max_memory_allocated`. Twice: the whole run's (loading and warm-up included: what a run needs) and
+  the timed steps' own (the count restarted as the window starts: a cached variant's warm-up runs the encoders);
 - FLOPs utilisation (CUDA): counted FLOPs per step / seconds per step / the GPU's dense peak for the
   precision the matmuls run in (`PEAK_TFLOPS`; override with `--peak-tflops`). With gradient
   checkpointing the count includes the recomputed forward, so that row is hardware, not model, FLOPs.
@@ -71,7 +72,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
         help="time each method (s/step, images/s), its peak memory and FLOP utilisation",
         description="Train each method variant for a few steps through the real training loop, each in a fresh process, "
         "on a generated model and toy-world data; report seconds per step, images per second, peak memory (max RSS on "
-        "CPU, max allocated on CUDA) and FLOPs per step with, on a known GPU, the utilisation of its peak. Prints a table "
+        "CPU, max allocated on CUDA; the whole run's and the timed steps' own) and FLOPs per step with, on a known GPU, "
+        "the utilisation of its peak. Prints a table "
         "and writes JSON with the machine, the command and the date. See docs/benchmarks.md.",
         epilog=BENCH_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,

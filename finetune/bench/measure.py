@@ -54,6 +54,17 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
+def reset_peak_rss() -> bool:
+    """Start this process's VmHWM again from its current resident set (Linux 4.0+: "5" written to
+    /proc/self/clear_refs), so that `peak_rss_mb` then reads the peak since this call. False where the kernel
+    cannot (another OS, an older kernel: EINVAL): the peak since then is not known."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 # What torch says (`torch.cuda.set_sync_debug_mode("warn")`) when the host waits for the GPU.
 SYNC_WARNING = "called a synchronizing CUDA operation"
 
@@ -79,6 +90,18 @@ def measure(spec: dict) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
 
+    def peak_mb() -> float:
+        return torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
+
+    def restart_peak() -> bool:
+        """The peak from here on: the timed steps' own. The warm-up's peak can be higher (a cached variant's
+        first steps run the encoders that fill the cache): read it first, it is part of the whole run's."""
+        marks["peak_before_window_mb"] = peak_mb()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            return True
+        return reset_peak_rss()
+
     def on_step(step: int) -> None:
         # The GPU's work is waited for at the timed window's two ends only: a wait at every step is a host sync
         # per step, which the training loop avoids so that the CPU queues a step's kernels while the GPU runs the
@@ -88,6 +111,8 @@ def measure(spec: dict) -> dict:
             torch.cuda.set_sync_debug_mode(0)  # the window's end: the wait below is the benchmark's own
         if cuda and step in (warmup, warmup + steps):
             torch.cuda.synchronize()
+        if step == warmup:
+            marks["window_peak_restarted"] = restart_peak()
         if cuda and step == warmup:
             torch.cuda.set_sync_debug_mode("warn")
         now = time.perf_counter()
@@ -102,7 +127,9 @@ def measure(spec: dict) -> dict:
             marks["start"], marks["cpu_start"] = now, time.process_time()
         elif step == warmup + steps:
             marks["end"], marks["cpu_end"] = now, time.process_time()
-            marks["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
+            window_peak = peak_mb()
+            marks["timed_peak_mb"] = window_peak if marks["window_peak_restarted"] else None
+            marks["peak_mb"] = max(marks["peak_before_window_mb"], window_peak)
             if spec["count_flops"]:
                 marks["counter"] = flop_counter()
                 marks["counter"].__enter__()
@@ -132,7 +159,11 @@ def measure(spec: dict) -> dict:
         "sec_per_step_median": statistics.median(step_seconds),
         "images_per_step": spec["images_per_step"],
         "images_per_sec": spec["images_per_step"] / sec_per_step,
+        # The whole run's peak (the memory a run needs: model loading and the warm-up steps too) and the timed
+        # steps' own (None where the OS cannot restart the count). Both end with the timed window: the FLOP-counted
+        # step and the final save are not in them.
         "peak_memory_mb": marks["peak_mb"],
+        "timed_peak_memory_mb": marks["timed_peak_mb"],
         "baseline_memory_mb": baseline,
         "memory_kind": "cuda max allocated" if cuda else "max RSS",
         # CPU seconds of all this process's threads: per step, and per wall second (well under the thread
