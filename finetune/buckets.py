@@ -109,7 +109,9 @@ class BucketBatchSampler(DealtOrder):
     def __init__(self, bucket_of: list[Size], batch_size: int, num_processes: int, process_index: int, seed: int, start: int = 0,
                  resumed_at: dict | None = None):  # fmt: skip
         if len(bucket_of) < num_processes:
-            raise FinetuneError(f"the dataset has {counted(len(bucket_of), 'image')}, fewer than the {counted(num_processes, 'process', 'processes')}: add images")
+            fewer = "launch one process" if len(bucket_of) == 1 else f"launch at most {len(bucket_of)} processes"
+            raise FinetuneError(f"the dataset has {counted(len(bucket_of), 'image')}, fewer than the {counted(num_processes, 'process', 'processes')}: "
+                                f"{fewer}, or add images")
         self.bucket_of = bucket_of
         self.num_items = len(bucket_of)
         self.global_batch = batch_size * num_processes

@@ -21,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from finetune.batches import either, ways_to_fill_a_batch
 from finetune.buckets import Size, assign_buckets, bucket_counts_line
 from finetune.captions import caption_alternative, caption_lines, empty_caption_message, missing_caption_message
 from finetune.check_threads import each_on_threads
@@ -377,5 +378,6 @@ def too_few_to_batch(trained: int, recipe: Recipe, processes: int = 1, items: in
         return f"validation.loss_images ({recipe.validation.loss_images}) holds out every image, leaving none to train: lower it below the number of images"
     held = f" ({items} before validation.loss_images held some out)" if held_out else ""
     per = f"train.batch_size {batch}" + (f" x {processes} processes" if processes > 1 else "")
-    remedy = ("lower validation.loss_images or train.batch_size, or add images" if held_out else "lower train.batch_size or add images")
+    ways = ways_to_fill_a_batch(trained, batch, processes, recipe.data.bucketing.enabled)
+    remedy = either((["lower validation.loss_images"] if held_out and items >= needed else []) + ways)
     return f"{counted(trained, 'training image')} (repeats counted){held} {'is' if trained == 1 else 'are'} fewer than one batch ({per}): {remedy}"

@@ -44,7 +44,7 @@ def test_held_out_images_never_train_and_their_loss_is_reported_at_each_validati
 
     monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
     with pytest.raises(FinetuneError, match=r"^1 training image \(repeats counted\) \(4 before validation.loss_images held some out\) is fewer than one batch "
-                                            r"\(train.batch_size 2\): lower validation.loss_images or train.batch_size, or add images$"):
+                                            r"\(train.batch_size 2\): lower validation.loss_images, lower train.batch_size to 1, or add images$"):
         train(make_recipe(output_dir=str(tmp_path / "greedy"), validation__loss_images=3))
     with pytest.raises(FinetuneError, match=r"^validation.loss_images \(10\) holds out every image, leaving none to train: lower it below the number of images$"):
         train(make_recipe(output_dir=str(tmp_path / "greedy"), validation__loss_images=10))
