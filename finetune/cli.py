@@ -20,6 +20,7 @@ from finetune.library_noise import quiet_third_party_warnings, quiet_weight_prog
 from finetune.native_resolution import native_resolution
 from finetune.process_env import first_on_its_machine, machine_name, main_process
 from finetune.progress_lines import progress_as_lines_in_logs
+from finetune.stop_signals import exit_status, raise_terminated, signal_name, signal_of
 
 
 def base_or_recorded(args) -> str:
@@ -62,15 +63,6 @@ def collect_then_freeze_at_exit() -> None:
     atexit.register(collect_then_freeze)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (`timeout`, systemd, a SLURM job's time limit) where Ctrl-C raises KeyboardInterrupt: the command stops
-    as on Ctrl-C (training defers both to a step boundary), and its line says which of the two stopped it."""
-
-
-def raise_terminated(signum, frame):
-    raise Terminated
-
-
 def main(argv: list[str] | None = None) -> int:
     collect_then_freeze_at_exit()
     signal.signal(signal.SIGTERM, raise_terminated)  # not silently, as the default handler ends a process
@@ -91,9 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         # Every process got it (a terminal's Ctrl-C, a job's SIGTERM): one line for the run, as the training loop's stop
         # says, not one per machine (errors are each machine's own to say: its files, its libraries).
         if main_process():
-            signal_name = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
-            print(f"\nstopped ({signal_name}): files written so far are kept; run the command again to continue", file=sys.stderr)
-        return 130
+            print(f"\nstopped ({signal_name(signal_of(stop))}): files written so far are kept; run the command again to continue", file=sys.stderr)
+        return exit_status(signal_of(stop))
     except BrokenPipeError:  # the reader left (`finetune check-data ... | head`): no traceback for that
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's last flush would raise again
         return 141  # as a shell reports a process ended by SIGPIPE
@@ -131,7 +122,7 @@ def _train(args) -> int:
     finally:
         leave_process_group()
     if result.interrupted:
-        return 130
+        return exit_status(result.stopped_by)
     for path in result.sample_grids[-1:]:
         print(f"samples: {path}")
     for path in result.saved_files:

@@ -11,20 +11,23 @@ from accelerate import Accelerator
 
 from finetune.gloo_interface import new_gloo_group
 from finetune.stop_answers import Answers, agreement_timeout
+from finetune.stop_signals import interrupt_for
 
 
 class StopRequest:
     """Ctrl-C / SIGTERM set a flag; the loop stops at a step boundary, saves, and exits.
 
-    A second Ctrl-C aborts at once (the last complete checkpoint is still there). With several processes they
-    agree on the step over a gloo group of their own (created here, by every process in the same order): the
-    flag stays in host memory, so agreeing never waits for a GPU's queue, whatever the main backend (NCCL). A process
-    that does not answer within the main group's timeout and 5 minutes (`finetune.stop_answers`) ends the others with
-    a line naming it.
+    A second Ctrl-C aborts at once (the last complete checkpoint is still there), raised as the signal it is (a second
+    SIGTERM stops as SIGTERM, not as Ctrl-C). `signal` is the stop's (SIGINT or SIGTERM, else 0): with several processes,
+    the highest any of them was sent, so every process exits as one stopped by it. They agree on the step over a gloo
+    group of their own (created here, by every process in the same order): the flag stays in host memory, so agreeing
+    never waits for a GPU's queue, whatever the main backend (NCCL). A process that does not answer within the main
+    group's timeout and 5 minutes (`finetune.stop_answers`) ends the others with a line naming it.
     """
 
     def __init__(self, accelerator: Accelerator):
         self.requested = False
+        self.signal = 0  # the stop's, once requested (or agreed)
         self._previous = {}
         self._group = self._answers = None
         if accelerator.num_processes > 1:
@@ -40,8 +43,8 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+            raise interrupt_for(signum)
+        self.requested, self.signal = True, max(self.signal, signum)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -49,9 +52,9 @@ class StopRequest:
 
     def agreed(self) -> bool:
         """At each step boundary: whether every process stops here (all together, or none: a lone stop would hang
-        the others' collectives). With several processes this reads the sum of the flags started at the previous
-        step boundary, which has had a whole step to arrive, and starts the next: each process reads the same sum
-        at the same step, so a stop is seen one step after the request, on every process at once."""
+        the others' collectives). With several processes this reads the "sum" of the flags (their highest: each is the
+        stop's signal number) started at the previous step boundary, which has had a whole step to arrive, and starts the
+        next: each process reads the same sum at the same step, so a stop is seen one step after the request, on every process at once."""
         if self._group is None:
             return self.requested
         stop = self._pending is not None and self._finish() > 0
@@ -92,9 +95,11 @@ class StopRequest:
         self.close()
 
     def _start(self) -> None:
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32)  # on the host: gloo's thread sums it
+        # The stop's signal number, 0 for none: the highest is the run's (SIGTERM's 15 over SIGINT's 2), so a process
+        # that was sent nothing exits as the others do. On the host: gloo's thread reduces it.
+        flag = torch.tensor([self.signal if self.requested else 0], dtype=torch.int32)
         self._answers.start()
-        self._pending = (torch.distributed.all_reduce(flag, group=self._group, async_op=True), flag)
+        self._pending = (torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._group, async_op=True), flag)
 
     def _finish(self) -> int:
         work, flag = self._pending
@@ -103,6 +108,7 @@ class StopRequest:
             work.wait()
         except RuntimeError as error:  # gloo gave up: a timeout, or a process gone
             raise self._answers.failure(error) from error
+        self.signal = max(self.signal, int(flag[0]))
         return int(flag[0])
 
 

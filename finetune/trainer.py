@@ -63,6 +63,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # per optimizer step, this run only
     validation_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss on the held-out images)
     interrupted: bool = False
+    stopped_by: int = 0  # the signal that stopped it (SIGINT, SIGTERM), where `interrupted`
 
 
 @clears_accelerate_settings  # however it ends: a later train() in this process may choose another precision
@@ -337,7 +338,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
             validation_due = due(step, recipe.validation.every_n_steps, ended, recipe.validation.every_n_epochs)
             if step < max_steps and stop.agreed():  # at the last step: finished, the outputs are written below
                 save_checkpoint(stopped_before_validation=validation_due)  # a stop skips it; the resumed run draws it
-                result.interrupted = True
+                result.interrupted, result.stopped_by = True, stop.signal
                 break
             if due(step, recipe.checkpoint.every_n_steps, ended, recipe.checkpoint.every_n_epochs) and step < max_steps:
                 save_checkpoint()

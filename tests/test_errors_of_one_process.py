@@ -28,7 +28,7 @@ def train(recipe, **options):
     if sys.argv[2] == "both":
         raise FinetuneError("the weights hold NaN")
     time.sleep(5)
-    return SimpleNamespace(interrupted=True)
+    return SimpleNamespace(interrupted=True, stopped_by=2)  # SIGINT
 
 sys.modules["finetune.trainer"] = SimpleNamespace(train=train)  # (diffusers not imported: seconds)
 sys.exit(cli.main(["train", "recipe.yaml"]))

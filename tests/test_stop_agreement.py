@@ -19,7 +19,7 @@ from ports import free_port
 
 from finetune.stopping import StopRequest
 
-# Each of 2 processes: the per-step agreements with a Ctrl-C that reaches rank 1 alone before step 3's, the
+# Each of 2 processes: the per-step agreements with a SIGTERM that reaches rank 1 alone before step 3's, the
 # collectives they ran, then the agreement after the loop (waited for), and the process groups left after close().
 AGREEING = r"""
 import json, os, signal
@@ -41,21 +41,22 @@ accelerator = SimpleNamespace(num_processes=2, device=torch.device("cpu"))
 with StopRequest(accelerator) as stop:
     for step in range(1, 7):
         if rank == 1 and step == 3:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
         answers.append(stop.agreed())
         if answers[-1]:
             break
-per_step = list(collectives)
+per_step, stopped_by = list(collectives), stop.signal
 stop.close()
 with StopRequest(accelerator) as stop:  # the next run in this process: a request in its last step, after the loop
     stop.agreed()
     if rank == 0:
         os.kill(os.getpid(), signal.SIGINT)
-    at_end = stop.agreed_now()
+    at_end, end_stopped_by = stop.agreed_now(), stop.signal
 stop.close()
 groups_left = len(dist.distributed_c10d._world.pg_map)
 dist.destroy_process_group()
-print(json.dumps({"answers": answers, "collectives": per_step, "at_end": at_end, "groups_left": groups_left}))
+print(json.dumps({"answers": answers, "collectives": per_step, "at_end": at_end, "groups_left": groups_left,
+                  "stopped_by": stopped_by, "end_stopped_by": end_stopped_by}))
 """
 
 
@@ -82,6 +83,8 @@ def test_a_stop_on_one_process_is_read_by_both_at_the_next_step_from_a_sum_that_
         # a GPU's queue is never drained for it, whatever the main backend.
         assert report["collectives"] == [{"async_op": True, "device": "cpu", "own_gloo_group": True}] * 3, report
         assert report["at_end"] is True  # after the loop the answer is waited for: a request in the last step counts
+        # Each process stops as the one that was sent the signal: it exits 143 for SIGTERM (not Ctrl-C's 130), 130 for SIGINT.
+        assert (report["stopped_by"], report["end_stopped_by"]) == (signal.SIGTERM, signal.SIGINT), report
         assert report["groups_left"] == 1  # the default one: each run's stop group is closed
 
 

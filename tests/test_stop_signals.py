@@ -1,0 +1,54 @@
+"""A stop follows its signal: a second SIGTERM during training's final save said "(Ctrl-C)" (the training loop's stop
+handler raised a plain KeyboardInterrupt), and a run stopped by SIGTERM exited 130, SIGINT's status, not 143 (128 + 15)."""
+
+import os
+import signal
+from types import SimpleNamespace
+
+import pytest
+
+from finetune import cli
+from finetune.stop_signals import Terminated
+from finetune.stopping import StopRequest
+
+
+@pytest.fixture(autouse=True)
+def sigterm_handler_kept():
+    """cli.main makes SIGTERM raise for the rest of its process: put back what pytest had."""
+    previous = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize(("sent", "raised"), [(signal.SIGTERM, Terminated), (signal.SIGINT, KeyboardInterrupt)])
+def test_a_second_stop_during_a_save_is_raised_as_its_own_signal(sent, raised):
+    with StopRequest(SimpleNamespace(num_processes=1)) as stop:
+        os.kill(os.getpid(), sent)  # the first: a stop at the next step boundary
+        assert stop.agreed() and stop.signal == sent
+        with pytest.raises(KeyboardInterrupt) as second:
+            os.kill(os.getpid(), sent)  # the second: at once
+    stop.close()
+    assert type(second.value) is raised
+
+
+@pytest.mark.parametrize(("stop", "line", "status"), [(Terminated, "stopped (SIGTERM)", 143), (KeyboardInterrupt, "stopped (Ctrl-C)", 130)])
+def test_a_command_stopped_exits_as_the_signal_says(monkeypatch, capsys, stop, line, status):
+    def stopped(args):
+        raise stop
+
+    monkeypatch.setitem(cli.COMMANDS, "check-data", stopped)
+    assert cli.main(["check-data"]) == status
+    assert capsys.readouterr().err.strip().startswith(f"{line}: files written so far are kept")
+
+
+@pytest.mark.parametrize(("sent", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_training_run_stopped_at_a_step_exits_as_the_signal_says(monkeypatch, tmp_path, sent, status):
+    import finetune.recipe_loading
+    import finetune.run_lock
+    import finetune.train_inputs
+    import finetune.trainer
+
+    monkeypatch.setattr(finetune.recipe_loading, "load_recipe", lambda *a: SimpleNamespace(output_dir=str(tmp_path)))
+    monkeypatch.setattr(finetune.train_inputs, "check_inputs_exist", lambda recipe: None)
+    monkeypatch.setattr(finetune.trainer, "train", lambda *a, **k: SimpleNamespace(interrupted=True, stopped_by=sent))
+    assert cli.main(["train", "recipe.yaml"]) == status
