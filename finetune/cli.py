@@ -63,11 +63,20 @@ def collect_then_freeze_at_exit() -> None:
     atexit.register(collect_then_freeze)
 
 
+# What running a stopped command again does, where it does not continue: sample and eval make every image anew.
+RERUN_AFTER_A_STOP = {
+    "sample": "run the command again to start over (every image is made anew, as a new numbered run)",
+    "eval": "run the command again to start over (every image is made and scored anew)",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     collect_then_freeze_at_exit()
     signal.signal(signal.SIGTERM, raise_terminated)  # not silently, as the default handler ends a process
+    command = None
     try:
         args = parse_arguments(argv)  # it imports every command's options (0.3 s on a busy host): a Ctrl-C there is a stop too
+        command = args.command
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         quiet_third_party_warnings()
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -83,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         # Every process got it (a terminal's Ctrl-C, a job's SIGTERM): one line for the run, as the training loop's stop
         # says, not one per machine (errors are each machine's own to say: its files, its libraries).
         if main_process():
-            print(f"\nstopped ({signal_name(signal_of(stop))}): files written so far are kept; run the command again to continue", file=sys.stderr)
+            rerun = RERUN_AFTER_A_STOP.get(command, "run the command again to continue")
+            print(f"\nstopped ({signal_name(signal_of(stop))}): files written so far are kept; {rerun}", file=sys.stderr)
         return exit_status(signal_of(stop))
     except BrokenPipeError:  # the reader left (`finetune check-data ... | head`): no traceback for that
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's last flush would raise again

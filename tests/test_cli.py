@@ -284,7 +284,9 @@ def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(monkeypatch, 
 
     monkeypatch.setattr(finetune.inference, "sample_to_folder", interrupted)
     assert main(["sample", "--base", "b", "--prompt", "p"]) == 130
-    assert capsys.readouterr().err.strip() == "stopped (Ctrl-C): files written so far are kept; run the command again to continue"
+    # A rerun makes every image anew: "run the command again to continue" promised what it does not do.
+    assert capsys.readouterr().err.strip() == ("stopped (Ctrl-C): files written so far are kept; "
+                                               "run the command again to start over (every image is made anew, as a new numbered run)")
     # Under `accelerate launch` (class images, loading) every process gets the Ctrl-C: the main process says it, once
     # for the run as the training loop's stop does; another machine's first process said it too.
     for rank, local_rank in (("1", "1"), ("2", "0")):
@@ -292,6 +294,19 @@ def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(monkeypatch, 
         monkeypatch.setenv("LOCAL_RANK", local_rank)
         assert main(["sample", "--base", "b", "--prompt", "p"]) == 130
         assert capsys.readouterr().err == ""
+
+
+def test_eval_stopped_says_a_rerun_starts_over(monkeypatch, capsys):
+    """eval makes and scores every image anew when run again: its stop line said "run the command again to continue"."""
+    import finetune.eval_command
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune.eval_command, "run_eval_command", interrupted)
+    assert main(["eval", "--lora", "run"]) == 130
+    assert capsys.readouterr().err.strip() == ("stopped (Ctrl-C): files written so far are kept; "
+                                               "run the command again to start over (every image is made and scored anew)")
 
 
 @pytest.mark.parametrize("command", [["sample", "--prompt", "x", "--lora-scale"], ["sample", "--prompt", "x", "--guidance"], ["merge", "out", "--strength"],
