@@ -56,9 +56,9 @@ def check_world_data_arguments(folder: Path, num_images: int, partial_captions: 
 
 def make_sample_data(root: str | Path) -> list[Path]:
     """Write `root`/striped and `root`/star as shipped. Each is written whole under a temporary name first; a set
-    folder already there is replaced only where every file in it is the one the sample writes (datasets/ as shipped,
-    or part of it), else nothing is written: writing over it replaced a user's own 0000.png and caption, and left
-    their other images beside a metadata.jsonl that no longer listed them."""
+    folder already there is replaced (an empty one filled in place) only where every file in it is the one the sample
+    writes (datasets/ as shipped, or part of it), else nothing is written: writing over it replaced a user's own
+    0000.png and caption, and left their other images beside a metadata.jsonl that no longer listed them."""
     root = Path(root)
     if any(folder.exists() and not folder.is_dir() for folder in (root, *root.parents)):
         raise FinetuneError(f"{root} is a file or inside one: give a folder to write star/ and striped/ in")
@@ -70,11 +70,24 @@ def make_sample_data(root: str | Path) -> list[Path]:
                 write_folder(partials[name], n, seed, include_held_out=held_out, masks=masks)
         for name, partial in partials.items():
             _refuse_unlike_files(root / name, partial)
+        return [_put_in_place(partial, root / name) for name, partial in partials.items()]
     except BaseException:
         for partial in partials.values():
             shutil.rmtree(partial, ignore_errors=True)
         raise
-    return [replace_folder(partial, root / name) for name, partial in partials.items()]
+
+
+def _put_in_place(written: Path, final: Path) -> Path:
+    """The whole set in `written` put in `final`'s place: an empty `final` is filled in place (`folder_written_whole`,
+    emptied again where it stops), as a shell working in it or a mount point needs, which a rename of the folder
+    would leave in a deleted one or could not do; any other is replaced whole (`replace_folder`)."""
+    if not (final.is_dir() and not any(final.iterdir())):
+        return replace_folder(written, final)
+    with folder_written_whole(final) as in_place:
+        for entry in sorted(written.iterdir()):
+            entry.rename(in_place / entry.name)
+    written.rmdir()
+    return final
 
 
 # What a file manager writes into a folder it shows (macOS's Finder, Windows' Explorer): no file of the user's, and

@@ -286,3 +286,32 @@ def test_make_sample_data_rewrites_the_shipped_sets_but_never_a_users_files(tmp_
     for inside_a_file in (own / "star" / "0000.txt", own / "star" / "0000.txt" / "datasets"):  # was a NotADirectoryError traceback
         assert main(["make-sample-data", str(inside_a_file)]) == 2
         assert capsys.readouterr().err.strip().endswith(f"{inside_a_file} is a file or inside one: give a folder to write star/ and striped/ in")
+
+
+def test_make_sample_data_fills_an_empty_set_folder_in_place(tmp_path, monkeypatch):
+    """An empty star/ was renamed aside and replaced: a shell working in it was left in a deleted folder (and a mount
+    point cannot be renamed). It is filled in place, as atomic_files.folder_written_whole does, and emptied again on a stop."""
+    from finetune.sample_data import make_sample_data
+
+    def empty_star(root: Path) -> tuple[Path, int]:
+        (root / "star").mkdir(parents=True)
+        return root / "star", (root / "star").stat().st_ino
+
+    star, inode = empty_star(tmp_path / "filled")
+    make_sample_data(tmp_path / "filled")
+    assert star.stat().st_ino == inode and len(list(star.glob("*.png"))) == 6 and (star / "masks").is_dir()
+
+    star, inode = empty_star(tmp_path / "stopped")
+    real_rename, moved = Path.rename, []
+
+    def stopped_halfway(self, target):  # striped/ is renamed into place first, then star/'s files are moved in
+        if Path(target).parent == star and len(moved) == 3:
+            raise KeyboardInterrupt
+        moved.append(target)
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", stopped_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        make_sample_data(tmp_path / "stopped")
+    assert star.stat().st_ino == inode and not any(star.iterdir())  # emptied again
+    assert not [p.name for p in star.parent.iterdir() if p.name.startswith(".")]  # no partial folder left
