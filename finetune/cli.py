@@ -63,10 +63,13 @@ def collect_then_freeze_at_exit() -> None:
     atexit.register(collect_then_freeze)
 
 
-# What running a stopped command again does, where it does not continue: sample and eval make every image anew.
+# What running a stopped command again does. Only train continues (its class images where they stopped, a run from its
+# checkpoints with --resume); the others make their outputs anew, and make-conditions first needs leave to replace its own.
 RERUN_AFTER_A_STOP = {
+    "train": "run the command again to continue",
     "sample": "run the command again to start over (every image is made anew, as a new numbered run)",
     "eval": "run the command again to start over (every image is made and scored anew)",
+    "make-conditions": "run the command again with --overwrite to start over",
 }
 
 
@@ -92,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         # Every process got it (a terminal's Ctrl-C, a job's SIGTERM): one line for the run, as the training loop's stop
         # says, not one per machine (errors are each machine's own to say: its files, its libraries).
         if main_process():
-            rerun = RERUN_AFTER_A_STOP.get(command, "run the command again to continue")
+            rerun = RERUN_AFTER_A_STOP.get(command, "run the command again to start over")
             print(f"\nstopped ({signal_name(signal_of(stop))}): files written so far are kept; {rerun}", file=sys.stderr)
         return exit_status(signal_of(stop))
     except BrokenPipeError:  # the reader left (`finetune check-data ... | head`): no traceback for that

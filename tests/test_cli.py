@@ -309,6 +309,21 @@ def test_eval_stopped_says_a_rerun_starts_over(monkeypatch, capsys):
                                                "run the command again to start over (every image is made and scored anew)")
 
 
+@pytest.mark.parametrize("command, rerun", [(["make-tiny-model", "out"], "run the command again to start over"),
+                                             (["make-conditions", "in", "out", "--kind", "canny"], "run the command again with --overwrite to start over")])
+def test_commands_that_make_their_outputs_anew_say_so_when_stopped(command, rerun, monkeypatch, capsys):
+    """Every command but train starts over when run again; their stop line said "run the command again to continue".
+    make-conditions also refuses its own earlier images unless told to replace them."""
+    from finetune import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, command[0], interrupted)
+    assert main(command) == 130
+    assert capsys.readouterr().err.strip() == f"stopped (Ctrl-C): files written so far are kept; {rerun}"
+
+
 @pytest.mark.parametrize("command", [["sample", "--prompt", "x", "--lora-scale"], ["sample", "--prompt", "x", "--guidance"], ["merge", "out", "--strength"],
                                      ["eval", "--conditioning-scale"]])
 def test_a_strength_or_guidance_of_nan_is_refused(command, capsys):

@@ -99,4 +99,4 @@ def test_ctrl_c_while_the_arguments_are_read_is_the_stop_line_not_a_traceback(mo
         assert cli.main(["check-data"]) == 130
     except KeyboardInterrupt:  # left unseen, it would stop pytest itself
         pytest.fail("the Ctrl-C went past the command's stop line")
-    assert capsys.readouterr().err.strip() == "stopped (Ctrl-C): files written so far are kept; run the command again to continue"
+    assert capsys.readouterr().err.strip() == "stopped (Ctrl-C): files written so far are kept; run the command again to start over"

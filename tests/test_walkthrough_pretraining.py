@@ -69,7 +69,7 @@ def test_make_world_data_stopped_midway_leaves_nothing_the_next_run_refuses(tmp_
 
     real_generate = datasets.generate
     monkeypatch.setattr(datasets, "generate", stopped)
-    assert main(["make-world-data", str(tmp_path / "train"), "--num-images", "4"]) == 130  # "run the command again to continue"
+    assert main(["make-world-data", str(tmp_path / "train"), "--num-images", "4"]) == 130  # "run the command again to start over"
     assert list(tmp_path.iterdir()) == []
     monkeypatch.setattr(datasets, "generate", real_generate)
     assert main(["make-world-data", str(tmp_path / "train"), "--num-images", "4"]) == 0, capsys.readouterr().err
