@@ -16,6 +16,7 @@ from PIL import Image
 from distributed_worker import train_and_record
 from conftest import build_recipe
 from dora_helpers import DORA
+from numerics import ON_GPU
 from ports import free_port
 from safetensors.torch import load_file
 
@@ -54,11 +55,17 @@ def write(recipe, path: Path) -> Path:
     return path
 
 
+# A resume on the CPU replays the uninterrupted run's steps bit for bit: its checkpoint holds all a step reads (weights,
+# optimizer states, RNGs, the data position), and gloo sums the 2 processes' gradients in the same order every time.
+# Any tolerance would let a state that is not saved go unseen. A GPU's kernels are not bit-reproducible (tests/numerics.py).
+RESUME_IS_EXACT = not ON_GPU
+
+
 def assert_same_weights(a: dict, b: dict, exact: bool) -> None:
     assert a.keys() == b.keys()
     for key in a:
         if exact:
-            assert torch.equal(a[key], b[key]), key
+            assert torch.equal(a[key], b[key]), (key, (a[key] - b[key]).abs().max())
         else:
             assert torch.allclose(a[key], b[key], atol=1e-6, rtol=1e-4), (key, (a[key] - b[key]).abs().max())
 
@@ -128,7 +135,7 @@ def test_ddp_two_processes_match_each_other_and_one_process_with_the_same_global
     assert_same_weights(ddp_file, single_file, exact=False)
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in ddp_file.items() if "lora.up" in k)
     # Resumed from step 2, it ends where the uninterrupted launch did.
-    assert_same_weights(load_file(ddp.root / "lora-resumed-ddp" / LORA_WEIGHTS_NAME), ddp_file, exact=False)
+    assert_same_weights(load_file(ddp.root / "lora-resumed-ddp" / LORA_WEIGHTS_NAME), ddp_file, exact=RESUME_IS_EXACT)
 
 
 def test_ddp_dreambooth_controlnet_and_a_bucketed_dora_match_one_process_with_the_same_global_batch(ddp, make_recipe, tmp_path):
