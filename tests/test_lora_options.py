@@ -79,20 +79,10 @@ def test_lora_layers_keep_their_half_precision_input_under_autocast():
     import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
     from operation_counts import CountOperations
+    from test_lora_unit_scale import lora_unet  # the tiny UNet with LoRAs of random weights, and inputs
 
-    from finetune.config import LoRAConfig
-    from finetune.methods.lora import add_lora
-    from finetune.tiny_model import build_tiny_pipeline
-
-    unet = build_tiny_pipeline(seed=3).unet
-    add_lora(unet, ["to_q", "to_k", "to_v", "to_out.0", "conv1"], torch.bfloat16, LoRAConfig(rank=4, alpha=4))
+    unet, inputs = lora_unet(alpha=4, weight_dtype=torch.bfloat16)
     layers = [module for module in unet.modules() if isinstance(module, BaseTunerLayer)]
-    generator = torch.Generator().manual_seed(0)
-    for parameter in unet.parameters():
-        if parameter.requires_grad:  # B starts at zero: give the LoRA an output and gradients everywhere
-            parameter.data = torch.randn(parameter.shape, generator=generator) * 0.05
-    inputs = (torch.randn(2, unet.config.in_channels, 16, 16, generator=generator), torch.tensor([10, 700]),
-              torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator))  # fmt: skip
 
     def step(cast_inputs: bool):
         for layer in layers:
