@@ -7,35 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
-from finetune.buckets import BucketBatchSampler, Size, assign_buckets
+from finetune.buckets import BucketBatchSampler, Size, assign_buckets, either, ways_to_fill_a_batch
 from finetune.config import DataConfig
 from finetune.counts import counted
 from finetune.data_order import DealtOrder, order_fingerprint
 from finetune.images import upright_size
 from finetune.errors import FinetuneError
 from finetune.sources import Example
-
-
-def ways_to_fill_a_batch(images: int, batch_size: int, processes: int, bucketing: bool = False) -> list[str]:
-    """What fills one global batch with `images` images: only the ways that would (lowering a batch size of 1, or
-    launching fewer processes than 1, is no way out). With bucketing each process needs one image, whatever the batch size."""
-    per_process = 1 if bucketing else batch_size
-    smaller_batch = not bucketing and batch_size > 1 and images >= processes
-    fewer_processes = processes > 1 and images >= per_process
-    ways = []
-    if smaller_batch:
-        ways.append(f"lower train.batch_size to {images // processes}")
-    if fewer_processes:
-        most = images // per_process
-        ways.append("launch one process" if most == 1 else f"launch at most {most} processes")
-    if not (smaller_batch or fewer_processes) and batch_size > 1 and processes > 1 and not bucketing:
-        ways.append("lower train.batch_size and launch fewer processes")
-    return [*ways, "add images"]
-
-
-def either(ways: list[str]) -> str:
-    """'a, b, or c': the comma keeps a way that has an 'and' in it whole."""
-    return ways[0] if len(ways) == 1 else f"{', '.join(ways[:-1])}, or {ways[-1]}"
 
 
 class EpochBatchSampler(DealtOrder):

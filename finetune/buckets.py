@@ -102,6 +102,29 @@ def split_rows(count: int, num_processes: int, process_index: int) -> slice:
     return slice(start, start + base + (1 if process_index < extra else 0))
 
 
+# Here, not in batches.py, which imports torch: check-data says them too, without torch.
+def ways_to_fill_a_batch(images: int, batch_size: int, processes: int, bucketing: bool = False) -> list[str]:
+    """What fills one global batch with `images` images: only the ways that would (lowering a batch size of 1, or
+    launching fewer processes than 1, is no way out). With bucketing each process needs one image, whatever the batch size."""
+    per_process = 1 if bucketing else batch_size
+    smaller_batch = not bucketing and batch_size > 1 and images >= processes
+    fewer_processes = processes > 1 and images >= per_process
+    ways = []
+    if smaller_batch:
+        ways.append(f"lower train.batch_size to {images // processes}")
+    if fewer_processes:
+        most = images // per_process
+        ways.append("launch one process" if most == 1 else f"launch at most {most} processes")
+    if not (smaller_batch or fewer_processes) and batch_size > 1 and processes > 1 and not bucketing:
+        ways.append("lower train.batch_size and launch fewer processes")
+    return [*ways, "add images"]
+
+
+def either(ways: list[str]) -> str:
+    """'a, b, or c': the comma keeps a way that has an 'and' in it whole."""
+    return ways[0] if len(ways) == 1 else f"{', '.join(ways[:-1])}, or {ways[-1]}"
+
+
 class BucketBatchSampler(DealtOrder):
     """Like `EpochBatchSampler` (deterministic global batches, resumable at any micro-batch, the same
     data on one process or many) with every batch drawn from one bucket; see the module docstring."""

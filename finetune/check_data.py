@@ -21,8 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from finetune.batches import either, ways_to_fill_a_batch
-from finetune.buckets import Size, assign_buckets, bucket_counts_line
+from finetune.buckets import Size, assign_buckets, bucket_counts_line, either, ways_to_fill_a_batch
 from finetune.captions import caption_alternative, caption_lines, empty_caption_message, missing_caption_message
 from finetune.check_threads import each_on_threads
 from finetune.config import DataConfig, Recipe
