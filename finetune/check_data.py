@@ -376,7 +376,10 @@ def too_few_to_batch(trained: int, recipe: Recipe, processes: int = 1, items: in
     if held_out and trained == 0:
         return f"validation.loss_images ({recipe.validation.loss_images}) holds out every image, leaving none to train: lower it below the number of images"
     held = f" ({items} before validation.loss_images held some out)" if held_out else ""
-    per = f"train.batch_size {batch}" + (f" x {processes} processes" if processes > 1 else "")
+    if recipe.data.bucketing.enabled:  # a bucket's batch may be smaller than train.batch_size, not emptier than one image a process
+        short_of = f"{counted(processes, 'process', 'processes')} (with data.bucketing each process needs one image, whatever train.batch_size)"
+    else:
+        short_of = f"one batch (train.batch_size {batch}" + (f" x {processes} processes)" if processes > 1 else ")")
     ways = ways_to_fill_a_batch(trained, batch, processes, recipe.data.bucketing.enabled)
     remedy = either((["lower validation.loss_images"] if held_out and items >= needed else []) + ways)
-    return f"{counted(trained, 'training image')} (repeats counted){held} {'is' if trained == 1 else 'are'} fewer than one batch ({per}): {remedy}"
+    return f"{counted(trained, 'training image')} (repeats counted){held} {'is' if trained == 1 else 'are'} fewer than {short_of}: {remedy}"

@@ -28,6 +28,13 @@ def test_only_the_ways_that_fill_a_batch_are_named(images, batch_size, processes
     assert too_few_to_batch(images, recipe(batch_size, bucketing), processes).endswith(f"): {ways}")
 
 
+def test_with_bucketing_the_line_says_one_image_a_process_is_needed():
+    # Not "fewer than one batch (train.batch_size 4 x 3 processes)": with buckets 3 images would do
+    assert too_few_to_batch(2, recipe(4, bucketing=True), 3) == (
+        "2 training images (repeats counted) are fewer than 3 processes (with data.bucketing each process needs one image, "
+        "whatever train.batch_size): launch at most 2 processes, or add images")
+
+
 def test_lowering_validation_loss_images_is_named_only_where_it_would_do():
     assert too_few_to_batch(1, recipe(2, loss_images=3), 1, 4).endswith(
         "(train.batch_size 2): lower validation.loss_images, lower train.batch_size to 1, or add images")
