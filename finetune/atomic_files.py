@@ -71,26 +71,36 @@ def removed_if_unfinished(partial: Path):
         raise
 
 
+# A folder with contents is rewritten inside itself: the new files under NEW_INSIDE, the old ones moved under OLD_INSIDE
+# just before the new ones take their place (renames in one folder, on one file system, with no write to its parent).
+NEW_INSIDE, OLD_INSIDE = ".finetune-new.partial", ".finetune-old.partial"
+
+
 @contextmanager
 def folder_written_whole(final: Path, durable: bool = True):
-    """Yields the folder to write `final`'s files in, and puts them in place once the block ends: a hidden
-    `.NAME.partial` beside it, renamed into place (`replace_folder`; a plain rename where not `durable`), so a stop
-    leaves no half-filled folder; or, where `final` is an empty folder, `final` itself, emptied again where the
-    block stops. An empty folder is not replaced: `.` (a folder of no name) has no name beside it, a shell working
-    in it would be left in a deleted folder, and a mount point (or a folder whose parent cannot be written) cannot be
-    renamed, which failed only once everything was written."""
+    """Yields the folder to write `final`'s files in, and puts them in place once the block ends, so that a stop
+    leaves no half-filled folder. A new `final` is written as a hidden `.NAME.partial` beside it and renamed into
+    place. An existing one is kept (its inode, permissions and owner): `.` (a folder of no name) has no name beside
+    it, a shell working in it would be left in a deleted folder, and a mount point (or a folder whose parent cannot
+    be written) cannot be renamed, which failed only once everything was written. An empty one is filled in place,
+    emptied again where the block stops; one with contents (which the caller's --overwrite allowed to go) gets the
+    new files in a hidden folder inside it, swapped for the old contents once whole (`contents_replaced`)."""
     if final.is_dir() and not any(final.iterdir()):
         try:
             yield final
         except BaseException:
-            for entry in list(final.iterdir()):
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
+            _empty(final)
             raise
         if durable:
             flush_to_disk(final)
+        return
+    if final.is_dir():
+        new = final / NEW_INSIDE
+        shutil.rmtree(new, ignore_errors=True)  # a killed write's
+        with removed_if_unfinished(new):
+            new.mkdir()
+            yield new
+        contents_replaced(final, new, durable)
         return
     partial = final.with_name(f".{final.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -101,6 +111,34 @@ def folder_written_whole(final: Path, durable: bool = True):
         replace_folder(partial, final)
     else:
         partial.rename(final)
+
+
+def contents_replaced(final: Path, new: Path, durable: bool = True) -> Path:
+    """`final`'s contents replaced by those of `new`, a folder inside it, with `final` itself kept. The old entries
+    are moved aside into OLD_INSIDE first and removed last: a crash between leaves both whole, hidden in `final`."""
+    if durable:
+        flush_to_disk(new)
+    old = final / OLD_INSIDE
+    shutil.rmtree(old, ignore_errors=True)  # a crashed swap's: the run that left it had been allowed to replace them
+    old.mkdir()
+    for entry in list(final.iterdir()):
+        if entry.name not in (NEW_INSIDE, OLD_INSIDE):
+            entry.rename(old / entry.name)
+    for entry in list(new.iterdir()):
+        entry.rename(final / entry.name)
+    new.rmdir()
+    if durable:
+        sync_folder(final)
+    shutil.rmtree(old)
+    return final
+
+
+def _empty(folder: Path) -> None:
+    for entry in list(folder.iterdir()):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def replace_folder(new: Path, final: Path) -> Path:

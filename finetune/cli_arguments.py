@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=seed_number, default=0, help="seed of the random weights (default 0)")
     tiny.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon",
                       help="what the scheduler says the UNet predicts (default epsilon; v_prediction as SD2.x's 768 px models)")
-    tiny.add_argument("--overwrite", action="store_true", help="replace an existing output folder and everything in it")
+    tiny.add_argument("--overwrite", action="store_true", help="replace everything in an existing output folder (the folder itself is kept)")
 
     data = commands.add_parser(
         "make-sample-data",
@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("source", help="a diffusers pipeline folder, or a full run's folder holding pipeline/ (e.g. outputs/base/unet3)")
     export.add_argument("destination", help="a new folder for the fp16 copy")
-    export.add_argument("--overwrite", action="store_true", help="replace an existing destination folder")
+    export.add_argument("--overwrite", action="store_true", help="replace everything in an existing destination folder (the folder itself is kept)")
 
     lora_export = commands.add_parser(
         "export",

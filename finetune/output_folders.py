@@ -9,12 +9,13 @@ from finetune.errors import FinetuneError
 
 
 def check_replaceable(folder: Path, overwrite: bool, what: str) -> None:
-    """Writing a pipeline replaces its folder whole (merge, export-base; an empty one is filled in place): never a
+    """Writing a pipeline replaces its folder's contents (merge, export-base; the folder itself is kept): never a
     file, nor a folder with contents the user did not ask to replace."""
     if folder.exists() and not folder.is_dir():
         raise FinetuneError(f"{what} {folder} is a file: give a folder for the pipeline")
     here = Path.cwd().resolve()
-    # `.` had no parents to look in (a traceback); replaced, the shell would sit in nothing. An empty one is filled in place (folder_written_whole).
+    # `.` had no parents to look in (a traceback). One with contents (or a folder above it) is never emptied, even with
+    # --overwrite: it is where the user works (a project, a home folder). An empty one is filled in place (folder_written_whole).
     if folder.resolve() in (here, *here.parents) and any(folder.iterdir()):
         raise FinetuneError(f"{what} {folder} is the current folder or one above it, which writing the pipeline would replace: give a new folder, e.g. {Path(folder) / 'merged'}")
     inside = next(path for path in folder.absolute().parents if path.exists())  # the root, at least, exists
@@ -25,7 +26,7 @@ def check_replaceable(folder: Path, overwrite: bool, what: str) -> None:
 
 
 def check_not_what_it_reads(folder: Path, sources: dict[str, str | Path | None], what: str) -> None:
-    """A pipeline written replaces its folder whole, so never a model it is made from (by the option or argument naming
+    """A pipeline written replaces its folder's contents, so never a model it is made from (by the option or argument naming
     it; None where not given), a folder around it (a run's, with its checkpoints and samples) or one inside it
     (`merge --base mine mine/unet --overwrite` broke the base). A hub id is no path here."""
     out = Path(folder).resolve()

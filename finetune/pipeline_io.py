@@ -28,8 +28,8 @@ def save_pipeline(
     """Write base's parts, with `replacements` (unet=, vae=, text_encoder=) swapped in, to `output_dir`,
     and `metadata` as its METADATA_FILE.
 
-    Written beside the target and renamed into place, so a crash never leaves half a pipeline; the
-    other parts are saved as the source has them (cast to `dtype`, which defaults to full precision).
+    Written whole before it takes the place of what `output_dir` held (`folder_written_whole`), so a crash never
+    leaves half a pipeline; the other parts are saved as the source has them (cast to `dtype`, which defaults to full precision).
     """
     frozen = [name for name in ("unet", "vae", "text_encoder") if name not in replacements]
     parts = {**at_source_precision(base, frozen), **replacements}

@@ -72,7 +72,7 @@ def test_make_tiny_model_replaces_a_folder_with_contents_only_when_asked(tmp_pat
                                                     "or pass --overwrite to replace what is in it")  # fmt: skip
     assert (trained / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
     (trained / "notes.txt").write_text("mine")
-    assert main(["make-tiny-model", str(trained), "--overwrite"]) == 0  # the folder replaced whole, as export-base replaces its own
+    assert main(["make-tiny-model", str(trained), "--overwrite"]) == 0  # everything in it replaced, as export-base replaces what its own holds
     assert (trained / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != weights and not (trained / "notes.txt").exists()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["trained"]  # no partial folder left beside it
 

@@ -1,0 +1,91 @@
+"""An output folder with contents that `--overwrite` lets go (make-tiny-model, export-base, merge) keeps being the
+same folder: its contents are replaced in place. Replaced by a folder renamed into its place, a mount point could not
+be renamed (the failure came once everything was written), nor a folder whose parent the user cannot write, and the
+folder lost its permissions and inode."""
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from finetune.atomic_files import folder_written_whole
+from finetune.cli import main
+
+
+def old_run(folder: Path) -> None:
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "old.safetensors").write_text("old")
+    (folder / "notes.txt").write_text("old")
+    (folder / ".hidden").write_text("old")
+
+
+def test_a_folder_with_contents_is_rewritten_in_place(tmp_path):
+    final = tmp_path / "out"
+    old_run(final)
+    final.chmod(0o750)
+    inode = final.stat().st_ino
+    with folder_written_whole(final) as written:
+        assert written.parent == final  # inside it: the same file system, and no write to its parent
+        (written / "unet").mkdir()
+        (written / "unet" / "new.safetensors").write_text("new")
+        (written / "model_index.json").write_text("{}")
+    assert final.stat().st_ino == inode and final.stat().st_mode & 0o777 == 0o750
+    assert sorted(str(p.relative_to(final)) for p in final.rglob("*")) == ["model_index.json", "unet", "unet/new.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_a_stop_while_writing_leaves_the_old_contents_as_they_were(tmp_path):
+    final = tmp_path / "out"
+    old_run(final)
+    with pytest.raises(KeyboardInterrupt), folder_written_whole(final, durable=False) as written:
+        (written / "model_index.json").write_text("{}")
+        raise KeyboardInterrupt
+    assert sorted(str(p.relative_to(final)) for p in final.rglob("*")) == [".hidden", "notes.txt", "unet", "unet/old.safetensors"]
+
+
+def test_a_folder_that_cannot_be_renamed_is_rewritten(tmp_path, monkeypatch):
+    """As a mount point: renaming it fails (EBUSY), which root, who writes any parent, meets too."""
+    final = tmp_path / "mounted"
+    old_run(final)
+    rename = Path.rename
+
+    def rename_but_the_mount_point(self, target):
+        if Path(self).absolute() == final.absolute():
+            raise OSError(errno.EBUSY, "Device or resource busy", str(self))
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename_but_the_mount_point)
+    with folder_written_whole(final) as written:
+        (written / "model_index.json").write_text("{}")
+    assert sorted(os.listdir(final)) == ["model_index.json"]
+
+
+def test_make_tiny_model_overwrites_a_folder_whose_parent_cannot_be_written(tmp_path):
+    parent = tmp_path / "shared"
+    final = parent / "model"
+    old_run(final)
+    inode = final.stat().st_ino
+    parent.chmod(0o555)
+    if os.access(parent, os.W_OK):  # root (with CAP_DAC_OVERRIDE) writes any folder
+        parent.chmod(0o755)
+        pytest.skip("this user writes a folder of mode 0o555")
+    try:
+        assert main(["make-tiny-model", str(final), "--overwrite"]) == 0
+    finally:
+        parent.chmod(0o755)
+    assert final.stat().st_ino == inode and (final / "unet" / "config.json").is_file()
+    assert not (final / "notes.txt").exists() and not (final / "unet" / "old.safetensors").exists()
+    assert sorted(os.listdir(parent)) == ["model"]
+
+
+def test_make_tiny_model_overwrite_keeps_the_folder_and_drops_the_old_files(tmp_path):
+    final = tmp_path / "model"
+    old_run(final)
+    inode = final.stat().st_ino
+    assert main(["make-tiny-model", str(final)]) == 2  # contents, and no --overwrite: refused, nothing touched
+    assert (final / "notes.txt").read_text() == "old"
+    assert main(["make-tiny-model", str(final), "--overwrite"]) == 0
+    assert final.stat().st_ino == inode and (final / "unet" / "config.json").is_file()
+    assert not (final / "notes.txt").exists() and not (final / ".hidden").exists() and not (final / "unet" / "old.safetensors").exists()
+    assert sorted(os.listdir(tmp_path)) == ["model"]
