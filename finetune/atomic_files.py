@@ -41,15 +41,32 @@ def atomic_write(path: Path, write: Callable[[Path], object], durable: bool = Tr
     """`path` as `write(partial)` writes it, or as it was: written beside it under a temporary name and renamed into
     place, so a stop at any point (Ctrl-C, a full disk) leaves the old file or the new one. A hidden
     `.NAME.partial` is removed on the way out; a kill that allows no way out (SIGKILL, a power cut) leaves it, and
-    the next write of `path` writes over it. `durable`: flushed to disk before the rename (a power cut then
+    the next write of `path` writes over it (`remove_leftover_partials` for one that is not written again). `durable`: flushed to disk before the rename (a power cut then
     keeps the old file or the whole new one); an image among thousands skips the flush, as `save_image_atomic` does."""
-    partial = path.with_name(f".{path.name}.partial")
+    partial = partial_path(path)
     with removed_if_unfinished(partial):
         write(partial)
         (flush_to_disk(partial) if durable else partial).replace(path)
     if durable:
         sync_folder(path.parent)
     return path
+
+
+def partial_path(path: Path) -> Path:
+    """Where `atomic_write` writes `path` before renaming it into place: a hidden `.NAME.partial` beside it."""
+    return path.with_name(f".{path.name}.partial")
+
+
+def remove_leftover_partials(folder: Path, written_here: Callable[[str], bool]) -> None:
+    """Remove the `.NAME.partial` files that `atomic_write` left in `folder` (a SIGKILL or a power cut allows no
+    cleanup) for the NAMEs a command writes there (`written_here`); any other file, a user's, is not touched.
+    A partial is written over when its file is written again; one of a file that never is again stayed for good."""
+    if not folder.is_dir():
+        return
+    for entry in list(folder.iterdir()):
+        name = entry.name[1 : -len(".partial")]
+        if entry.name == f".{name}.partial" and name and written_here(name) and entry.is_file() and not entry.is_symlink():
+            entry.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: Path, text: str) -> Path:

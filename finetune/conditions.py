@@ -321,11 +321,15 @@ def _write_conditions(source: Path, target: Path, images: list[Path], captions: 
     """`make_conditions`' writing, for the images and captions `_checked_input` gave for `source`. Each file is written
     whole or not at all (`atomic_write`): a stop (Ctrl-C) mid-way left a truncated conditioning image or copy under
     its final name, and a half-written conditioning.json or a hidden .metadata.jsonl.partial."""
-    from finetune.atomic_files import atomic_write, atomic_write_text
+    from finetune.atomic_files import atomic_write, atomic_write_text, remove_leftover_partials
     from finetune.images import open_rgb
-    from finetune.sources import Example
+    from finetune.sources import IMAGE_SUFFIXES, Example
 
     same_folder = target.is_dir() and source.resolve() == target.resolve()
+    # A killed run's (SIGKILL) hidden partial files, of an image this run may not make again: only names this writes.
+    remove_leftover_partials(target / "conditioning", lambda name: name.endswith(".png"))
+    copies = () if same_folder else IMAGE_SUFFIXES  # in the input folder itself a partial image is none of ours
+    remove_leftover_partials(target, lambda name: name in ("metadata.jsonl", RECORD_FILE) or name.lower().endswith(copies))
     (target / "conditioning").mkdir(parents=True, exist_ok=True)
     # Written again once every image is: a stop in a rerun of another kind (--overwrite) left the old kind's record over a
     # mix of both, and a ControlNet trained on it recorded the old kind for `finetune sample` and the demo to make.
