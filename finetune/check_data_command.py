@@ -91,8 +91,9 @@ def run_check_data_command(args) -> int:
             print(line)
         fatal += len(report.of_level(FATAL)) or (0 if report.usable else 1)  # all skipped: nothing to train
         warnings += len(report.of_level(WARNING))
-    for line in class_folders_to_fill:
+    for line in class_folders_to_fill:  # and the warning of class prompts that make no class image
         print(line)
+        warnings += line.startswith("warning")
     for line in split.lines if split is not None else []:  # what --resume latest says of its checkpoint's held-out images
         print(line)
         warnings += line.startswith("warning")

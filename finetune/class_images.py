@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from finetune.atomic_files import atomic_write_text
+from finetune.class_image_names import is_generated_name
 from finetune.config import ClassImageGeneration, ModelConfig
 from finetune.console import say, warn
 from finetune.counts import counted
@@ -98,13 +99,6 @@ def file_sample_digest(path: Path, slices: int = 64, slice_bytes: int = 65536) -
             file.seek(size * i // slices)
             digest.update(file.read(slice_bytes))
     return digest.hexdigest()
-
-
-def is_generated_name(path: Path) -> bool:
-    """`<key>-<k>.png` as generation names them: a key of 10 lowercase hex digits (a user's own
-    "photo_0001-00001.png" is a class image of theirs, not a generated one of other settings)."""
-    stem = path.stem
-    return len(stem) == 16 and stem[10] == "-" and stem[11:].isdigit() and all(c in "0123456789abcdef" for c in stem[:10])
 
 
 def generated_prompt(class_prompts: list[str], k: int) -> str:

@@ -1,6 +1,11 @@
 """What DreamBooth says of class images and class prompts it leaves unused: prompts the user's own class images leave
 no generated image to make, and files named as generated class images that are no PNG."""
 
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 from PIL import Image
 from test_walkthrough_dreambooth import dreambooth_recipe, star_folder  # noqa: F401 (a fixture)
 
@@ -55,3 +60,26 @@ def test_files_named_as_generated_class_images_but_no_png_are_said_to_be_ignored
     assert missing == [0, 1, 2] and all(p.suffix == ".png" for p in paths)
     assert capsys.readouterr().out == (f"warning: {tmp_path / 'class'}: ignoring 1 file named as generated class images are but not .png "
                                        f"(e.g. {key}-00001.jpg): generation reuses only the .png it writes; give your own class images another name to train them\n")  # fmt: skip
+
+
+def test_check_data_says_the_unused_class_prompts_in_trainings_words(make_recipe, star_folder, tmp_path, capsys):  # noqa: F811
+    """Said only once training had started (the model loaded); check-data, there to find such things first, said nothing."""
+    import yaml
+
+    from finetune.cli import main
+
+    recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path, dreambooth={"concepts": [concept(tmp_path, star_folder)], "num_class_images": 2})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    [line] = start_warnings(recipe)
+    capsys.readouterr()
+    assert main(["check-data", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert line in out and re.fullmatch(r"result: ready to train \(\d+ warnings?\)", out[-1])
+
+
+def test_the_shared_warning_loads_no_torch():
+    """check-data reads it; its module must stay free of torch (see test_cli_startup)."""
+    loaded = subprocess.run([sys.executable, "-c", "import sys, finetune.class_image_names; print('torch' in sys.modules)"],
+                            capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent).stdout
+    assert loaded.strip() == "False"

@@ -24,9 +24,10 @@ from finetune.buckets import assign_buckets
 from finetune.cache import EncodingCache
 from finetune.captions import scored_caption, training_caption
 from finetune.check_data import DataReport, check_examples, checked_report, inspect_examples
+from finetune.class_image_names import is_generated_name, unused_class_prompts_warning
 from finetune.class_images import (
-    as_loaded_base, class_image_caption, generate_class_images, generation_record, is_generated_name, plan_class_images, record_key,
-    warn_of_unused_generated_images, write_generation_record,
+    as_loaded_base, class_image_caption, generate_class_images, generation_record, plan_class_images, record_key, warn_of_unused_generated_images,
+    write_generation_record,
 )
 from finetune.config import Concept, DataConfig, LossMaskConfig, Recipe
 from finetune.console import say, warn
@@ -39,7 +40,7 @@ from finetune.methods.base import DiffusionMethod
 from finetune.methods.full import FullMethod
 from finetune.methods.lora import LoRAMethod
 from finetune.sampling import build_pipeline
-from finetune.sources import Example, folder_images
+from finetune.sources import Example
 from finetune.train_inputs import data_configs
 from finetune.views import plan_view
 from pathlib import Path
@@ -180,9 +181,12 @@ def class_data_config(recipe: Recipe) -> DataConfig:
 def inspect_class_images(recipe: Recipe) -> tuple[list[DataReport], list[str]]:
     """`finetune check-data` of a DreamBooth recipe: the class images there now (a user's and those
     generated so far), checked as training checks them, with how many are still to generate; and a line
-    for each class folder that holds none yet (without it, check-data said nothing of what training makes first)."""
+    for each class folder that holds none yet (without it, check-data said nothing of what training makes first),
+    and training's warning of class prompts that make no class image."""
     reports, empty = [], []
-    for concept, (folder, _key, paths, missing) in zip(recipe.dreambooth.concepts, class_image_plans(recipe)):
+    for i, (concept, (folder, _key, paths, missing)) in enumerate(zip(recipe.dreambooth.concepts, class_image_plans(recipe))):
+        if line := unused_class_prompts_warning(i, concept.class_prompts, recipe.dreambooth.num_class_images, folder, paths):
+            empty.append(line)
         present = [p for p in paths if p.is_file()]
         if present:
             report = inspect_examples(class_examples(present, concept), class_data_config(recipe), f"class images {folder}")
@@ -218,7 +222,8 @@ class DreamBoothMethod(DiffusionMethod):
         self.class_plans: list[ClassImagePlan] = []
         planned: set[tuple[Path, str]] = set()
         for i, (concept, (folder, key, paths, missing)) in enumerate(zip(settings.concepts, class_image_plans(self.recipe))):
-            self._warn_of_unused_class_prompts(i, concept, folder, paths)
+            if line := unused_class_prompts_warning(i, concept.class_prompts, settings.num_class_images, folder, paths):
+                self.start_lines.append(line)
             if (folder.resolve(), key) in planned:  # concepts of one class folder and prompt share its images: made once
                 missing = []
             planned.add((folder.resolve(), key))
@@ -230,21 +235,6 @@ class DreamBoothMethod(DiffusionMethod):
             else:
                 self.start_lines.append(f"class images {folder}: {made} generated earlier, {len(missing)} to generate")
             self.class_plans.append(ClassImagePlan(folder, key, paths, missing, report.usable if report else []))
-
-    def _warn_of_unused_class_prompts(self, index: int, concept: Concept, folder: Path, paths: list[Path]) -> None:
-        """Generated image k comes from prompt k mod n, and only the images the user's own leave to make are generated
-        (their own train with the first prompt): 2 own of num_class_images 4 with 3 prompts never use the third."""
-        own = sum(1 for p in paths if not is_generated_name(p))  # at most num_class_images of the folder's own
-        prompts, generated = len(concept.class_prompts), len(paths) - own
-        unused = prompts - max(min(generated, prompts), 1 if own else 0)
-        if unused > 0:
-            all_own = sum(1 for p in folder_images(folder) if not is_generated_name(p)) if folder.is_dir() else 0
-            yours = f", {own} of them your own images in {folder}" if own else ""
-            self.start_lines.append(
-                f"warning: dreambooth.concepts[{index}] lists {prompts} class prompts and dreambooth.num_class_images is "
-                f"{self.recipe.dreambooth.num_class_images}{yours}: {f'the last {unused} prompts make' if unused > 1 else 'the last prompt makes'} "
-                f"no class image; raise num_class_images to at least {all_own + prompts}"
-            )
 
     def training_data(self, accelerator):
         settings = self.recipe.dreambooth
