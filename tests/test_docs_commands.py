@@ -223,3 +223,56 @@ def test_the_make_targets_the_readme_names_exist():
     targets = set(re.findall(r"^([a-z][\w-]*):", makefile, re.M))
     named = set(re.findall(r"`make ([a-z][\w-]*)", (ROOT / "README.md").read_text()))
     assert named and named <= targets, named - targets
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation but hyphens and underscores dropped, spaces as hyphens."""
+    import re
+
+    return re.sub(r"[^\w\- ]", "", heading.replace("`", "").strip().lower()).replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    import re
+
+    text = re.sub(r"^```.*?^```", "", (ROOT / path).read_text(), flags=re.M | re.S)  # a "# comment" in a block is no heading
+    named, seen = set(), {}
+    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*$", text, re.M):
+        anchor = github_anchor(heading)
+        named.add(f"{anchor}-{seen[anchor]}" if anchor in seen else anchor)  # GitHub numbers a repeated heading's anchor
+        seen[anchor] = seen.get(anchor, 0) + 1
+    return named
+
+
+def test_every_relative_link_and_anchor_of_the_docs_resolves():
+    # The docs link each other by section ([Recipe keys](#recipe-keys), docs/training.md#outputs): a heading
+    # renamed or a page moved leaves a link that opens the page's top, or GitHub's 404, without a word.
+    import re
+
+    broken = []
+    for path in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", (ROOT / path).read_text()):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            file, _, anchor = target.partition("#")
+            linked = (path.parent / file) if file else path
+            if not (ROOT / linked).exists():
+                broken.append(f"{path}: {target} (no {linked.as_posix()})")
+            elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+                broken.append(f"{path}: {target} (no heading of that anchor in {linked.as_posix()})")
+    assert broken == []
+
+
+def test_every_shipped_file_the_docs_name_exists():
+    # `recipes/...`, `configs/deepspeed/...`, `finetune/...` and the like in backticks are files of this repository
+    # that a reader opens or passes to a command; outputs/ and the user's own folders are not.
+    import re
+
+    shipped = ("recipes/", "configs/", "docs/", "finetune/", "tests/", "datasets/", "demo/", ".ci/")
+    missing = []
+    for path in DOCS:
+        for span in re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", (ROOT / path).read_text(), flags=re.S)):
+            for name in re.findall(r"(?<![\w./-])((?:\.ci|[a-z]+)/[\w./-]*\w/?)", span):
+                if name.startswith(shipped) and not (ROOT / name).exists():
+                    missing.append(f"{path}: {name}")
+    assert missing == []
