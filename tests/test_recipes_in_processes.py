@@ -40,7 +40,7 @@ def settings(pairs_folder: Path, dreambooth_folders: tuple[Path, Path], config: 
     concept = {"instance_dir": str(star), "instance_prompt": "a sks shape", "class_prompt": "a shape", "class_dir": str(classes)}
     resuming = dict(train__max_steps=3, checkpoint__every_n_steps=2, train__gradient_checkpointing=True)
     cached = dict(train__cache_latents=True, train__cache_text_embeddings=True)
-    # Optimizer offload runs DeepSpeed's own CPU Adam, and refuses an 8-bit optimizer (test_distributed.py checks the line).
+    # Optimizer offload runs DeepSpeed's own CPU Adam, and refuses an 8-bit optimizer (test_deepspeed_checks.py checks the line).
     eight_bit = {} if config == OFFLOAD else dict(optimizer__name="adamw8bit", lora__rank=64)  # rank 64: tensors of bitsandbytes' 4096 elements
     return {
         "controlnet": dict(method="controlnet", data__image_dir=str(pairs_folder), **cached, **resuming),
