@@ -268,11 +268,16 @@ def test_every_shipped_file_the_docs_name_exists():
     # that a reader opens or passes to a command; outputs/ and the user's own folders are not.
     import re
 
+    # So are the tests README's "What is tested in which mode" names (`test_distributed`: tests/test_distributed.py), or a
+    # test function (docs/results.md).
     shipped = ("recipes/", "configs/", "docs/", "finetune/", "tests/", "datasets/", "demo/", ".ci/")
+    test_functions = {name for file in (ROOT / "tests").glob("*.py") for name in re.findall(r"^def (test_\w+)", file.read_text(), re.M)}
     missing = []
     for path in DOCS:
         for span in re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", (ROOT / path).read_text(), flags=re.S)):
             for name in re.findall(r"(?<![\w./-])((?:\.ci|[a-z]+)/[\w./-]*\w/?)", span):
                 if name.startswith(shipped) and not (ROOT / name).exists():
                     missing.append(f"{path}: {name}")
+            if re.fullmatch(r"test_\w+", span) and not (ROOT / "tests" / f"{span}.py").is_file() and span not in test_functions:
+                missing.append(f"{path}: {span}")
     assert missing == []
