@@ -281,3 +281,21 @@ def test_every_shipped_file_the_docs_name_exists():
             if re.fullmatch(r"test_\w+", span) and not (ROOT / "tests" / f"{span}.py").is_file() and span not in test_functions:
                 missing.append(f"{path}: {span}")
     assert missing == []
+
+
+def test_the_options_of_commands_named_in_the_docs_prose_exist():
+    # The shell blocks' commands parse (above); commands in a sentence are often fragments (`finetune sample
+    # --resolution`, `finetune export --to kohya`) that cannot, but each option they name must be one of that command's.
+    import re
+
+    from finetune.cli_arguments import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    unknown = []
+    for path in DOCS:
+        prose = re.sub(r"```.*?```", "", (ROOT / path).read_text(), flags=re.S)
+        for command, rest in re.findall(r"`finetune ([a-z][a-z-]*)([^`]*)`", prose):
+            assert command in commands, f"{path}: finetune {command} is no command"
+            options = {option for action in commands[command]._actions for option in action.option_strings}
+            unknown += [f"{path}: finetune {command} {option}" for option in re.findall(r"(?<!\S)(--[a-z][\w-]*)", rest) if option not in options]
+    assert unknown == []
