@@ -38,7 +38,7 @@ test: setup browser
 # `-m finetune train` (the default suite launches its config with the test worker), a ControlNet learning its control,
 # ControlNet under DeepSpeed's optimizer offload (DeepSpeed compiles its CPU Adam first), the real
 # `finetune demo` start, a second two-machines-on-loopback run under DeepSpeed, the ZeRO-3 launch, the weight average under DeepSpeed, every recipe
-# under DDP and each DeepSpeed config, the DreamBooth and ControlNet Ctrl-C resumes, as the README lists them.
+# under DDP and each DeepSpeed config, the DreamBooth and ControlNet Ctrl-C resumes, two processes failing after the stop agreement, as the README lists them.
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow -n $(TEST_WORKERS) --dist loadfile
 
