@@ -10,7 +10,8 @@ Batches hold one bucket at a time (a batch is one tensor). Each epoch every imag
 once: a bucket's images are dealt into global batches, the last one of a bucket may be smaller, and
 the batches of all buckets are shuffled together. With several processes a global batch is split
 as evenly as possible; a bucket's last batch with fewer images than processes borrows images of the
-same bucket so every process has one (the only case where an image is used twice in an epoch).
+same bucket so every process has one (`PaddedBatch`); the borrowed ones weigh nothing in the step
+(`finetune.step_losses.micro_batch_shares`), so N processes train what one process does.
 A run resumed with another global batch deals the epoch's images not trained yet at the new one, so
 each still trains once that epoch (`finetune.data_order`).
 """
@@ -22,7 +23,7 @@ from collections import Counter
 
 from finetune.config import DataConfig
 from finetune.counts import counted
-from finetune.data_order import DealtOrder, order_fingerprint
+from finetune.data_order import DealtOrder, PaddedBatch, order_fingerprint
 from finetune.errors import FinetuneError
 
 Size = tuple[int, int]  # (width, height), PIL's order
@@ -160,8 +161,8 @@ class BucketBatchSampler(DealtOrder):
             items = members[bucket]
             for first in range(0, len(items), global_batch):
                 batch = items[first : first + global_batch]
-                batch += [items[i % len(items)] for i in range(processes - len(batch))]
-                batches.append(batch)
+                borrowed = [items[i % len(items)] for i in range(processes - len(batch))]  # a row for each process: one each
+                batches.append(PaddedBatch(batch + borrowed, own=len(batch)) if borrowed else batch)
         order = torch.randperm(len(batches), generator=generator).tolist()
         return [batches[i] for i in order]
 

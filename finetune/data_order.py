@@ -33,6 +33,15 @@ Deal = list[list[int]]  # an epoch's global batches, in training order (items by
 MAX_EPOCH = MAX_TRAIN_STEPS * MAX_ACCUMULATION
 
 
+class PaddedBatch(list):
+    """A global batch with images borrowed to give every process a row (`BucketBatchSampler.deal`): its first `own` items
+    are its own, the rest weigh nothing in the step (`finetune.step_losses.micro_batch_shares`), so N processes train what one does."""
+
+    def __init__(self, items: list[int], own: int):
+        super().__init__(items)
+        self.own = own
+
+
 class OutsideTheData(ValueError):
     """A recorded position of this run's order whose deals this data cannot have dealt (a damaged checkpoint): the
     caller, which knows the checkpoint, says so in one line (`unusable_position`)."""
@@ -54,6 +63,11 @@ class DealtOrder:
     def rows_of(self, micro_batch: int) -> tuple[int, slice]:
         """(size of global batch `micro_batch`, this process's rows of it)."""
         raise NotImplementedError
+
+    def own_images(self, micro_batch: int) -> int:
+        """How many images of global batch `micro_batch` are its own: its first ones; the rest, if any, borrowed (`PaddedBatch`)."""
+        batch = self.global_batch_indices(micro_batch)
+        return batch.own if isinstance(batch, PaddedBatch) else len(batch)
 
     def order_key(self) -> str:
         """What the order is of (the seed, the items, their buckets): a position of another order does not apply."""

@@ -79,14 +79,21 @@ class StepLosses:
         return dict(zip(names, values.tolist()))
 
 
-def micro_batch_shares(step_batches: list[tuple[int, slice]], num_processes: int) -> list[float]:
+def micro_batch_shares(sampler, micro_batches: range, num_processes: int) -> list[float]:
     """The factor on the loss of each micro-batch of an optimizer step (a mean over this process's rows), from each one's
-    global size and this process's rows of it (the samplers' `rows_of`), so that every image of the step counts the same
-    in its gradient, as in one batch of them all. The processes' gradients are averaged and the micro-batches' summed and
-    divided by their number: a micro-batch weighs its rows x processes x micro-batches over the step's images.
+    global batch as the sampler (a `finetune.data_order.DealtOrder`) deals it (`rows_of`: its size and this process's rows;
+    `own_images`: how many of its images are its own), so that every image of the step counts the same in its gradient, as
+    in one batch of them all on one process. The processes' gradients are averaged (DDP, DeepSpeed) and the micro-batches'
+    summed and divided by their number: a micro-batch weighs its own rows x processes x micro-batches over the step's own images.
 
     Else each image of a smaller part counts more: rows split unevenly over the processes (2 + 1), or a bucket's last
     batch in a step of full ones (a lone image as much as a pair; diffusers' and sd-scripts' trainers average the
-    micro-batches' means so). Full batches split evenly: a factor of 1."""
-    images = sum(size for size, _ in step_batches)
-    return [(rows.stop - rows.start) * num_processes * len(step_batches) / images for _, rows in step_batches]
+    micro-batches' means so). And a bucket's last batch of fewer images than processes, which borrows images so that every
+    process has a row (each process's backward takes part in the gradients' reduction), would train the borrowed ones twice
+    and its own at a share of 1/processes each: a process holding a borrowed image weighs its loss by 0 (its backward still
+    runs, with zero gradients, so the reduction pairs up). Full batches split evenly: a factor of 1."""
+    parts = [(*sampler.rows_of(micro_batch), sampler.own_images(micro_batch)) for micro_batch in micro_batches]
+    images = sum(own for _, _, own in parts)
+    # A padded batch has one row per process, so this process's rows of it are its own or borrowed, never both: the mean
+    # over them is a mean over own rows, or weighs nothing.
+    return [max(0, min(rows.stop, own) - rows.start) * num_processes * len(parts) / images for _, rows, own in parts]

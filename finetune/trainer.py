@@ -291,7 +291,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     with stop, batches_of(loader) as batches:
         while step < max_steps:
             step_batches = [sampler.rows_of(step * accumulation + micro) for micro in range(accumulation)]  # (global size, rows here)
-            shares = micro_batch_shares(step_batches, accelerator.num_processes)  # each image of the step counts alike
+            shares = micro_batch_shares(sampler, range(step * accumulation, (step + 1) * accumulation), accelerator.num_processes)  # each image counts alike
             for micro in range(accumulation):
                 micro_batch = step * accumulation + micro
                 batch = next(batches)
