@@ -16,7 +16,7 @@ accelerate does most of it. What is left here:
   frozen weights. Before the main process saves the ordinary diffusers/peft output, the parameters
   are gathered on every process (ZeRO-3) and the trained ones take their fp32 master values (bf16/fp16).
   Under ZeRO-3 every process samples the validation images (each forward gathers the shards from all
-  of them; see `trainer.run_validation`).
+  of them; see `finetune.validation`).
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -137,7 +138,47 @@ def autocast_for(pipeline) -> contextlib.AbstractContextManager:
 # many images runs the UNet on a batch: on a CPU, 16 images of 64 px take 1.5 s in one call and 8.5 s in 16.
 # Lowered for the rest of the process when a call runs out of GPU memory (see `_in_batches_that_fit`).
 PIXELS_PER_CALL = 2 * 512 * 512
+# The batches processes share a grid's images by (`shared_between`): the size each starts with, never one a process
+# lowered alone after running out of memory, so every process deals the same batches.
+DEALT_PIXELS_PER_CALL = PIXELS_PER_CALL
 _halving_allowed = True  # off while processes sample in lockstep (`in_lockstep`)
+
+
+@dataclass
+class Share:
+    """Process `index` of `count` sharing out a grid (`shared_between`); `drawn`: the id() of each image it drew."""
+
+    index: int
+    count: int
+    dealt: int = 0  # batches dealt so far, counted alike by every process
+    drawn: set[int] = field(default_factory=set)
+
+
+_share: Share | None = None  # set while processes share out the images (`shared_between`)
+
+
+@contextlib.contextmanager
+def shared_between(index: int, count: int):
+    """Validation under several processes that each hold the whole model (DDP, DeepSpeed ZeRO-0/1/2): `generate`'s
+    batches, as one process would make them, are dealt out in turn, and process `index` of `count` draws its own, leaving
+    None where another process draws. Each image keeps its seed and its batch: the grid is the one a single process
+    draws. Yields the `Share`, whose `drawn` names this process's images for the gather (`finetune.validation`)."""
+    global _share
+    _share = Share(index, count)
+    try:
+        yield _share
+    finally:
+        _share = None
+
+
+def _dealt_here(jobs: list, pixels_per_image: int) -> list[list]:
+    """The batches of `jobs` this process draws: all of them, or while shared out (`shared_between`) every count-th."""
+    if _share is None:
+        return [jobs]
+    size = max(1, DEALT_PIXELS_PER_CALL // pixels_per_image)
+    batches = [jobs[start : start + size] for start in range(0, len(jobs), size)]
+    first, _share.dealt = _share.dealt, _share.dealt + len(batches)
+    return [batch for n, batch in enumerate(batches, first) if n % _share.count == _share.index]
 
 
 @contextlib.contextmanager
@@ -171,7 +212,8 @@ def generate(
     `seed` and `negative_prompt` may be lists, one per prompt (prompt p's first seed, its negative);
     `conditions`: a ControlNet conditioning image per prompt (one for all goes in `call_kwargs` as `image`).
     The images are made in batches of up to PIXELS_PER_CALL pixels, each from its own seeded generator:
-    an image is the one it would be alone, up to float rounding.
+    an image is the one it would be alone, up to float rounding. While processes share out a grid (`shared_between`),
+    an image another process draws is None here.
     A prompt (or negative prompt) longer than the text encoder's 77 tokens is read whole, in chunks of 75
     as training with model.max_token_length reads captions (the webui reads long prompts in chunks too);
     a shorter one in as many chunks as training read captions in (`read_prompts_as_trained`).
@@ -199,8 +241,11 @@ def generate(
 
     images = {}
     for jobs in by_chunks.values():
-        images.update(_in_batches_that_fit(make, jobs, resolution * resolution))
-    return [[images[p, k] for k in range(images_per_prompt)] for p in range(len(prompts))]
+        for dealt in _dealt_here(jobs, resolution * resolution):
+            images.update(_in_batches_that_fit(make, dealt, resolution * resolution))
+    if _share is not None:
+        _share.drawn.update(id(image) for image in images.values())
+    return [[images.get((p, k)) for k in range(images_per_prompt)] for p in range(len(prompts))]  # None: another process draws it
 
 
 def _in_batches_that_fit(make, jobs: list, pixels_per_image: int) -> dict:

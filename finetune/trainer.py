@@ -45,10 +45,11 @@ from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_opti
 from finetune.recipe_loading import dump_recipe
 from finetune.run_length import STEPS_BY_SHAPE, check_epoch_run, due, epoch_count, epochs_text, planned_steps, resume_warnings, run_length_line, run_sampler
 from finetune.loss_mask import preview as mask_preview
-from finetune.sampling import GRID_LABEL_WIDTH, in_lockstep, make_grid, save_image_atomic
-from finetune.start_weights import resumed_method, starting_weights
+from finetune.sampling import save_image_atomic
+from finetune.start_weights import resumed_method
 from finetune.step_losses import StepLosses, micro_batch_shares
 from finetune.train_inputs import check_base_and_data
+from finetune.validation import run_validation
 from finetune.stopping import StopRequest, batches_of
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -365,36 +366,3 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
                 validate(step)  # the outputs' paths are the result's (`finetune train` ends with them: output: PATH)
     return result  # `closing` closes the stop agreement, then the trackers
 
-
-def run_validation(recipe, method, modules, accelerator, step: int) -> Path | None:
-    """Render the recipe's prompts with fixed seeds into samples/step-N.png (the main process saves)."""
-    path, rows, labels = None, [], []
-    # Under ZeRO-3 each forward gathers sharded weights from every process: all of them sample alike.
-    if accelerator.is_main_process or zero_stage(accelerator) == 3:
-        unwrapped = {name: unwrap(accelerator, module) for name, module in modules.items()}
-        for module in unwrapped.values():
-            module.eval()
-        # Before the first step the model is the base (plus no-op adapters), unless it starts from trained weights (a LoRA, a
-        # ControlNet): those sample as this run trains, unless taken to be trained as the base was (`started_as_pretrained`).
-        as_pretrained = step == 0 and (not starting_weights(recipe) or method.started_as_pretrained())
-        # Sampling must not disturb the training RNG: a resumed run then follows the same curve.
-        with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
-            with method.base.predicting_as_pretrained() if as_pretrained else contextlib.nullcontext(), \
-                    in_lockstep() if zero_stage(accelerator) == 3 else contextlib.nullcontext():
-                rows, labels = method.validation_images(unwrapped)
-        for module in unwrapped.values():
-            module.train()
-    if rows and accelerator.is_main_process:
-        grid = make_grid(rows, row_labels=labels, label_width=GRID_LABEL_WIDTH)
-        path = save_image_atomic(grid, Path(recipe.output_dir) / "samples" / f"step-{step:06d}.png")
-        tensorboard = _tensorboard_writer(accelerator)
-        if tensorboard is not None:
-            import numpy as np
-
-            tensorboard.add_image("validation", np.asarray(grid), step, dataformats="HWC")
-    accelerator.wait_for_everyone()
-    return path
-
-
-def _tensorboard_writer(accelerator: Accelerator):
-    return next((tracker.writer for tracker in accelerator.trackers if tracker.name == "tensorboard"), None)

@@ -1,6 +1,7 @@
 """Several processes on CPU (gloo): DDP on one machine, two "machines" on loopback, DeepSpeed ZeRO-2 with optimizer
 offload and ZeRO-3 (ZeRO-2 itself, launched from the top-level accelerate config: tests/test_deepspeed_zero2.py)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -92,7 +93,8 @@ def ddp(tiny_model, image_folder, pairs_folder, tmp_path_factory) -> SimpleNames
     LoRA, and again from its checkpoint-2 (lora-resumed-ddp); DreamBooth (instance and class halves, LoRA on the UNet and the
     text encoder: two wrapped models; gradient checkpointing); ControlNet (with cached encoders, random flips, accumulation, an
     8-bit optimizer); a DoRA (lora.use_dora) with aspect-ratio buckets of 3 images, whose global batches of 3 split 2 + 1 over the processes;
-    before them a LoRA run that a Ctrl-C reaching rank 1 alone stops (stopped-ddp, checked by the stop test below). `settings`:
+    before them a LoRA run that a Ctrl-C reaching rank 1 alone stops (stopped-ddp, checked by the stop test below); a LoRA and a
+    ControlNet that draw validation grids, counting each rank's UNet forwards (grid-lora, grid-controlnet). `settings`:
     each run's recipe overrides and its batch per process, for the single-process runs the tests compare with (twice the batch)."""
     root = tmp_path_factory.mktemp("ddp")
     mixed = root / "mixed"
@@ -111,12 +113,15 @@ def ddp(tiny_model, image_folder, pairs_folder, tmp_path_factory) -> SimpleNames
                             data__random_flip=True, train__cache_latents=True, train__cache_text_embeddings=True, optimizer__name="adamw8bit"), 1),
         "buckets-dora": (dict(data={"image_dir": str(mixed), "resolution": 64, "bucketing": {"enabled": True, "step": 16}}, train__max_steps=2, **DORA), 2),
     }  # fmt: skip
+    # Validation grids (step 0's and step 1's) of two batches each: its prompts' guidance differs.
+    grid = dict(train__max_steps=1, validation={"prompts": ["a red circle --l 5", "a blue square --l 3"], "num_inference_steps": 2, "images_per_prompt": 2})
+    settings.update({"grid-lora": (grid, 1), "grid-controlnet": (dict(method="controlnet", data__image_dir=str(pairs_folder), **grid), 1)})
     recipes = {name: build_recipe(tiny_model, image_folder, root / f"{name}-ddp", train__batch_size=batch, **extra) for name, (extra, batch) in settings.items()}
     stopped = build_recipe(tiny_model, image_folder, root / "stopped-ddp", train__batch_size=1, train__max_steps=8)
     resumed = build_recipe(tiny_model, image_folder, root / "lora-resumed-ddp", train__batch_size=1, **settings["lora"][0])
     wait(launch(["--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port())],
                 "--interrupt", "1:3", write(stopped, root / "stopped-ddp.yaml"),  # first: the runs after it train as usual
-                *[write(recipe, root / f"{name}-ddp.yaml") for name, recipe in recipes.items()],
+                *[arg for name, recipe in recipes.items() for arg in ["--forwards"] * name.startswith("grid") + [write(recipe, root / f"{name}-ddp.yaml")]],
                 "--resume", root / "lora-ddp" / "checkpoints" / "checkpoint-2", write(resumed, root / "lora-resumed-ddp.yaml")))  # fmt: skip
     return SimpleNamespace(root=root, settings=settings)
 
@@ -167,6 +172,27 @@ def test_ddp_dreambooth_controlnet_and_a_bucketed_dora_match_one_process_with_th
     assert any(k.startswith("text_encoder.") for k in adapter) and any(k.startswith("unet.") for k in adapter)
     saved = ControlNetModel.from_pretrained(ddp.root / "controlnet-ddp" / CONTROLNET_DIR).state_dict()
     assert_same_weights({f"controlnet.{k}": v for k, v in saved.items()}, load_file(ddp.root / "controlnet-ddp" / "rank0.safetensors"), exact=True)
+
+
+def test_two_processes_share_the_validation_grid_and_save_the_grid_one_process_draws(ddp, make_recipe, tmp_path):
+    """Each process drew one of each grid's two batches (the UNet's forwards: training's, alike, and half the sampling's),
+    and the main process saved the grid one process draws, pixel for pixel: step 0's (a step trains weights that
+    differ by the order of float sums). ControlNet's rows also start with the conditioning image every process has."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the launch's processes (OMP_NUM_THREADS=1): a thread count may round otherwise
+    try:
+        for name in ("grid-lora", "grid-controlnet"):
+            out = ddp.root / f"{name}-ddp"
+            forwards = [json.loads((out / f"forwards-rank{rank}.json").read_text())["conv_in"] for rank in (0, 1)]
+            assert forwards[0] == forwards[1], forwards  # rank 0 drew every image, rank 1 none, before they shared
+            extra, batch = ddp.settings[name]
+            single = make_recipe(output_dir=str(tmp_path / name), train__batch_size=2 * batch, **extra)
+            train(single)
+            grids = [np.asarray(Image.open(folder / "samples" / "step-000000.png")) for folder in (out, Path(single.output_dir))]
+            assert grids[0].shape == grids[1].shape and np.array_equal(grids[0], grids[1]), name
+            assert (out / "samples" / "step-000001.png").exists()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_a_stop_that_reaches_one_process_stops_both_at_the_same_step_with_one_checkpoint(ddp):

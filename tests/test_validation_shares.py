@@ -1,0 +1,93 @@
+"""Validation's grid shared out between processes (finetune.sampling.shared_between, finetune.validation): every image
+is drawn by exactly one process, in the batch one process would draw it in, and the main process puts each in its place.
+tests/test_distributed.py draws a grid with two processes and compares it with one process's, pixel for pixel."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import finetune.sampling as sampling
+from finetune.prompt_options import PromptSettings
+from finetune.sampling import generate_with_settings, shared_between
+from finetune.validation import merged_rows
+
+
+class WordTokenizer:
+    model_max_length = 77
+
+    def __call__(self, texts, **kwargs):
+        return {"input_ids": [[0] * (len(text.split()) + 2) for text in texts]}
+
+
+class RecordingPipeline:
+    """Draws each image as one pixel naming its prompt and seed, and records the batches it was called with."""
+
+    def __init__(self, prompts: list[str]):
+        self.prompts, self.tokenizer, self.components, self.batches = prompts, WordTokenizer(), {}, []
+
+    def __call__(self, prompt, negative_prompt, generator, **kwargs):
+        made = [(self.prompts.index(text), g.initial_seed()) for text, g in zip(prompt, generator)]
+        self.batches.append(made)
+        return SimpleNamespace(images=[Image.new("RGB", (1, 1), (p, seed % 256, 0)) for p, seed in made])
+
+
+# Three groups (steps and guidance: one `generate` each) of 22, 11 and 11 images: seven batches of up to eight at 256 px.
+PROMPTS = [PromptSettings("a red circle", None, 10, 7.5, 2), PromptSettings("a yellow star", None, 20, 7.5, 4),
+           PromptSettings("a blue square", None, 30, 3.0, 2), PromptSettings("a green triangle", None, 40, 7.5, 2)]  # fmt: skip
+
+
+def draw(pipeline, share: tuple[int, int] | None) -> tuple[list[list], set[int]]:
+    """The rows `generate_with_settings` returns at 256 px, and the ids the share drew."""
+    if share is None:
+        return generate_with_settings(pipeline, PROMPTS, 11, 256), set()
+    with shared_between(*share) as dealt:
+        return generate_with_settings(pipeline, PROMPTS, 11, 256), dealt.drawn
+
+
+@pytest.mark.parametrize("processes", [2, 3, 7])  # 7: a batch each
+def test_every_image_is_drawn_by_one_process_in_the_batch_one_process_draws_it_in(processes):
+    alone = RecordingPipeline([p.prompt for p in PROMPTS])
+    draw(alone, None)
+    drawn_by = {}
+    batches = []
+    for index in range(processes):
+        pipeline = RecordingPipeline(alone.prompts)
+        rows, ids = draw(pipeline, (index, processes))
+        mine = {(r, c) for r, row in enumerate(rows) for c, image in enumerate(row) if image is not None}
+        assert mine, f"process {index} of {processes} drew nothing"
+        assert ids == {id(rows[r][c]) for r, c in mine}  # what the gather sends
+        for cell in mine:
+            assert cell not in drawn_by, f"{cell} drawn by processes {drawn_by[cell]} and {index}"
+            drawn_by[cell] = index
+            r, c = cell
+            assert rows[r][c].getpixel((0, 0))[:2] == (r, (PROMPTS[r].seed + c) % 256)  # its own prompt and seed
+        batches += pipeline.batches
+    assert set(drawn_by) == {(r, c) for r in range(len(PROMPTS)) for c in range(11)}
+    assert sorted(batches) == sorted(alone.batches)  # the same batches: the same pixels, to the last bit
+
+
+def test_a_process_that_halved_its_batches_alone_still_draws_its_own_share(monkeypatch):
+    """After running out of GPU memory one process makes smaller batches (sampling.PIXELS_PER_CALL): the batches dealt
+    out are still those every process counts."""
+    shares = []
+    for index, pixels_per_call in enumerate([256 * 256, sampling.PIXELS_PER_CALL]):
+        monkeypatch.setattr(sampling, "PIXELS_PER_CALL", pixels_per_call)
+        rows, _ = draw(RecordingPipeline([p.prompt for p in PROMPTS]), (index, 2))
+        shares.append({(r, c) for r, row in enumerate(rows) for c, image in enumerate(row) if image is not None})
+    assert not shares[0] & shares[1] and len(shares[0] | shares[1]) == len(PROMPTS) * 11
+
+
+def test_the_main_process_puts_each_gathered_image_in_its_place():
+    mine, condition = Image.new("RGB", (2, 2), "red"), Image.new("RGB", (2, 2), "white")
+    theirs = np.full((2, 2, 3), 7, dtype=np.uint8)
+    merged = merged_rows([[condition, mine, None]], [{(0, 1): np.asarray(mine)}, {(0, 2): theirs}])
+    assert merged[0][:2] == [condition, mine] and np.array_equal(np.asarray(merged[0][2]), theirs)
+    with pytest.raises(RuntimeError, match=r"\(0, 2\)"):
+        merged_rows([[condition, mine, None]], [{}, {}])
+
+
+def test_sampling_outside_a_share_draws_every_image():
+    rows, _ = draw(RecordingPipeline([p.prompt for p in PROMPTS]), None)
+    assert all(image is not None for row in rows for image in row)
