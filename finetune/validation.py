@@ -2,9 +2,10 @@
 
 Under several processes that each hold the whole model (DDP; DeepSpeed ZeRO-0/1/2, which partition the optimizer's state
 and gradients, not the weights that sample) the grid's batches are dealt out between them (`finetune.sampling.shared_between`):
-each draws its share, and the main process gathers the images and saves the grid, the one a single process draws. No
-process waits in a collective while another draws the whole grid (a long grid had outlasted the process group's timeout),
-and N processes draw it about N times faster. Under ZeRO-3 each forward gathers the sharded weights from every process:
+each draws its share, and the main process gathers the images and saves the grid, the one a single process draws. A
+process waits in the gather only for the slowest share, not for the whole grid (a long grid drawn by the main process
+alone had outlasted the process group's timeout), and N processes draw a grid of N batches or more about N times faster;
+a grid of one batch (at 512 px, two images) is still one process's. Under ZeRO-3 each forward gathers the sharded weights from every process:
 all of them draw every image, in lockstep (`finetune.sampling.in_lockstep`).
 """
 
