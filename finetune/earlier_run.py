@@ -3,8 +3,10 @@ a new run's checkpoints, and never the resume of another run's checkpoint."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from finetune.checkpoint import CHECKPOINT_PATTERN, checkpoint_step, list_checkpoints, read_state
@@ -40,6 +42,8 @@ def guard_earlier_run(output_dir: Path, resume_from: Path | None, overwrite: boo
                 f"({', '.join(later)}): move them out of that folder to keep them (or delete them), then resume"
             )
         return
+    if overwrite:
+        check_clearable(output_dir)
     if not earlier or overwrite:
         return
     raise FinetuneError(
@@ -56,6 +60,44 @@ def _of_this_run(checkpoint: Path, output_dir: Path) -> bool:
     return began is not None and Path(began).expanduser().resolve() == output_dir.resolve()
 
 
-def clear_earlier_run(output_dir: Path) -> None:
+def check_clearable(output_dir: Path) -> None:
+    """--overwrite, before anything loads: every folder of the earlier run's can have its entries removed (a folder
+    the user cannot write, or one on a read-only disk, would stop the clear halfway, once the model had loaded)."""
     for name in RUN_FOLDERS:
-        shutil.rmtree(output_dir / name, ignore_errors=True)
+        for folder, _, _ in os.walk(output_dir / name):
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise FinetuneError(f"--overwrite: {folder} cannot be written to (permissions, or a read-only disk), so the earlier run's files in it "
+                                    f"cannot be removed: fix its permissions or remove {output_dir / name} yourself, or set output_dir to a new folder")  # fmt: skip
+
+
+def clear_earlier_run(accelerator, output_dir: Path) -> None:
+    """--overwrite, once every check has passed: the earlier run's checkpoints, samples and logs go (removed by the main
+    process). One that cannot be removed (a busy file on a network disk, a read-only one) stops the run on every process:
+    left there silently, its checkpoints mixed with the new run's, and a later `--resume latest` picked a stale one."""
+    from accelerate.utils import broadcast_object_list
+
+    failure = _removal_failure(output_dir) if accelerator.is_main_process else None
+    failure = broadcast_object_list([failure])[0]  # the other processes wait for the main one's clear, and stop with it
+    if failure:
+        raise FinetuneError(failure)
+
+
+def _removal_failure(output_dir: Path) -> str | None:
+    """Removes what it can of the earlier run; the line to say for the first entry (by name) that stayed, or None."""
+    failures: list[tuple[str, OSError]] = []
+
+    def note(_function, path, error):  # Python 3.12 passes the exception (onexc), 3.11 sys.exc_info() (onerror)
+        error = error[1] if isinstance(error, tuple) else error
+        if not isinstance(error, FileNotFoundError):  # gone already (a folder this run had none of): nothing stays
+            failures.append((path, error))
+
+    for name in RUN_FOLDERS:
+        shutil.rmtree(output_dir / name, **{"onexc" if sys.version_info >= (3, 12) else "onerror": note})
+        if failures:
+            # The file that stayed, not the folders it kept from going (not empty); by name: the same line each time.
+            causes = [(path, error) for path, error in failures if getattr(error, "errno", None) != errno.ENOTEMPTY] or failures
+            path, error = min(causes, key=lambda failure: str(failure[0]))
+            return (f"--overwrite: could not remove {path} of the earlier run ({getattr(error, 'strerror', None) or error}): remove "
+                    f"{output_dir / name} yourself (or free the file: another program may hold it open), then run again; left there, "
+                    f"its checkpoints would mix with this run's")  # fmt: skip
+    return None

@@ -175,9 +175,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     # Only now, with the model set up, the data built and the optimizer made (optimizer.name prodigy
     # without its package is refused there), has every check that could refuse the run passed.
     if overwrite and resume_from is None:
-        if accelerator.is_main_process:
-            clear_earlier_run(output_dir)
-        accelerator.wait_for_everyone()
+        clear_earlier_run(accelerator, output_dir)
     strip = mask_preview(dataset, sources, recipe.data.loss_mask.unmasked_weight) if (
         recipe.data.loss_mask.enabled and accelerator.is_main_process and resume_from is None) else None  # fmt: skip
     if strip is not None:

@@ -1,0 +1,44 @@
+"""--overwrite clears the earlier run in output_dir, or says what stayed: a file it could not remove was left silently
+(shutil.rmtree ignored the error), and its checkpoints then mixed with the new run's (`--resume latest` picked a stale one)."""
+
+import errno
+import os
+import re
+
+import pytest
+
+import finetune.trainer as trainer_module
+from finetune.checkpoint import list_checkpoints
+from finetune.errors import FinetuneError
+from finetune.trainer import train
+
+
+def test_a_file_of_the_earlier_run_that_cannot_be_removed_stops_the_run_before_it_trains(make_recipe, monkeypatch):
+    earlier = train(make_recipe(train__max_steps=2, checkpoint__every_n_steps=1))
+    unlink = os.unlink
+
+    def unlink_but_busy_files(path, *args, **kwargs):  # files a network disk holds open (NFS' .nfsXXXX): root meets them too
+        if os.path.basename(path) == "trainer_state.json":
+            raise OSError(errno.EBUSY, "Device or resource busy", path)
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink_but_busy_files)
+    with pytest.raises(FinetuneError) as stopped:
+        train(make_recipe(train__max_steps=2, optimizer__lr=5e-4), overwrite=True, on_step=lambda step: pytest.fail("training started"))
+    assert re.fullmatch(rf"--overwrite: could not remove {earlier.output_dir / 'checkpoints' / 'checkpoint-1' / 'trainer_state.json'} of the earlier run \(Device or resource busy\): remove "
+                        rf"{earlier.output_dir / 'checkpoints'} yourself \(or free the file: another program may hold it open\), then run again; "
+                        r"left there, its checkpoints would mix with this run's", str(stopped.value)), str(stopped.value)
+    assert [p.name for p in list_checkpoints(earlier.output_dir / "checkpoints")] == ["checkpoint-1", "checkpoint-2"]  # the earlier run's, stale
+
+
+def test_a_folder_of_the_earlier_run_that_cannot_be_written_is_said_before_the_model_loads(make_recipe, monkeypatch):
+    earlier = train(make_recipe(train__max_steps=2, checkpoint__every_n_steps=2))
+    locked = list_checkpoints(earlier.output_dir / "checkpoints")[-1]
+    access = os.access
+    # As a folder of another user's (or on a read-only disk); root writes any folder whatever its mode.
+    monkeypatch.setattr(os, "access", lambda path, mode, *a, **k: False if os.path.abspath(path) == str(locked) else access(path, mode, *a, **k))
+    monkeypatch.setattr(trainer_module, "load_base_model", lambda *a, **k: pytest.fail("the base model loaded"))
+    with pytest.raises(FinetuneError, match=rf"^--overwrite: {re.escape(str(locked))} cannot be written to \(permissions, or a read-only disk\), so the "
+                                            rf"earlier run's files in it cannot be removed: fix its permissions or remove {re.escape(str(locked.parent))} yourself"):
+        train(make_recipe(train__max_steps=2, optimizer__lr=5e-4), overwrite=True)
+    assert list_checkpoints(earlier.output_dir / "checkpoints") == [locked]
