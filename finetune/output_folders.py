@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from finetune.errors import FinetuneError
@@ -13,14 +14,19 @@ def check_replaceable(folder: Path, overwrite: bool, what: str) -> None:
     file, nor a folder with contents the user did not ask to replace."""
     if folder.exists() and not folder.is_dir():
         raise FinetuneError(f"{what} {folder} is a file: give a folder for the pipeline")
+    inside = next(path for path in folder.absolute().parents if path.exists())  # the root, at least, exists
+    if not inside.is_dir():
+        raise FinetuneError(f"{what} {folder} is inside a file ({inside}): give a folder for the pipeline")
+    # Written in place (folder_written_whole): an existing folder itself (its contents read to be replaced), a new one in the
+    # folder it goes in. Unwritable, it failed with a traceback at the first write, after the model had loaded (export-base, merge).
+    if not (os.access(folder, os.R_OK | os.W_OK | os.X_OK) if folder.is_dir() else os.access(inside, os.W_OK | os.X_OK)):
+        where = folder if folder.is_dir() else f"{folder}: the folder it goes in, {inside},"
+        raise FinetuneError(f"{what} {where} cannot be written to (permissions, or a read-only disk): fix its permissions, or give another folder")
     here = Path.cwd().resolve()
     # `.` had no parents to look in (a traceback). One with contents (or a folder above it) is never emptied, even with
     # --overwrite: it is where the user works (a project, a home folder). An empty one is filled in place (folder_written_whole).
     if folder.resolve() in (here, *here.parents) and any(folder.iterdir()):
         raise FinetuneError(f"{what} {folder} is the current folder or one above it, which writing the pipeline would replace: give a new folder, e.g. {Path(folder) / 'merged'}")
-    inside = next(path for path in folder.absolute().parents if path.exists())  # the root, at least, exists
-    if not inside.is_dir():
-        raise FinetuneError(f"{what} {folder} is inside a file ({inside}): give a folder for the pipeline")
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
         raise FinetuneError(f"{what} {folder} is not empty: pick a new folder, or pass --overwrite to replace what is in it")
 

@@ -89,3 +89,43 @@ def test_make_tiny_model_overwrite_keeps_the_folder_and_drops_the_old_files(tmp_
     assert final.stat().st_ino == inode and (final / "unet" / "config.json").is_file()
     assert not (final / "notes.txt").exists() and not (final / ".hidden").exists() and not (final / "unet" / "old.safetensors").exists()
     assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_line_before_anything_loads(tmp_path, monkeypatch, capsys):
+    """--overwrite of a folder the user cannot write (or a new one in such a folder) failed with a traceback at the first
+    write, once the model had loaded (export-base, merge) or been made. Root writes any folder: os.access says what a user meets."""
+    import finetune.pipeline_io
+    import finetune.tiny_model
+
+    final, shared, source = tmp_path / "model", tmp_path / "shared", tmp_path / "source"
+    old_run(final)
+    shared.mkdir()
+    source.mkdir()
+    (source / "model_index.json").write_text("{}")
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, *a, **k: Path(path).absolute() not in (final, shared) and access(path, mode, *a, **k))
+    monkeypatch.setattr(finetune.tiny_model, "make_tiny_model", lambda *a, **k: pytest.fail("the model was made"))
+    monkeypatch.setattr(finetune.pipeline_io.StableDiffusionPipeline, "from_pretrained", lambda *a, **k: pytest.fail("the model loaded"))
+    assert main(["make-tiny-model", str(final), "--overwrite"]) == 2
+    assert main(["export-base", str(source), str(final), "--overwrite"]) == 2
+    assert main(["merge", "--base", str(source), "--lora", str(source), str(shared / "merged")]) == 2
+    cannot = "cannot be written to (permissions, or a read-only disk): fix its permissions, or give another folder"
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: make-tiny-model output {final} {cannot}",
+        f"error: export-base destination {final} {cannot}",
+        f"error: merge output {shared / 'merged'}: the folder it goes in, {shared}, {cannot}",
+    ]
+    assert (final / "notes.txt").read_text() == "old" and os.listdir(shared) == []
+
+
+def test_make_tiny_model_refuses_a_folder_of_mode_0o555(tmp_path, capsys):
+    final = tmp_path / "model"
+    old_run(final)
+    final.chmod(0o555)
+    try:
+        if os.access(final, os.W_OK):  # root (with CAP_DAC_OVERRIDE) writes any folder
+            pytest.skip("this user writes a folder of mode 0o555")
+        assert main(["make-tiny-model", str(final), "--overwrite"]) == 2
+    finally:
+        final.chmod(0o755)
+    assert capsys.readouterr().err.strip().endswith(f"{final} cannot be written to (permissions, or a read-only disk): fix its permissions, or give another folder")
