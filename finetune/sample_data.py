@@ -8,10 +8,10 @@ subject, with each star's mask in `star/masks/` for loss-masked training). Image
 
 from __future__ import annotations
 
-import shutil
+from contextlib import ExitStack
 from pathlib import Path
 
-from finetune.atomic_files import folder_written_whole, removed_if_unfinished, replace_folder
+from finetune.atomic_files import NEW_INSIDE, OLD_INSIDE, folder_written_whole
 from finetune.errors import FinetuneError
 from finetune.toyworld.datasets import write_folder
 
@@ -55,39 +55,24 @@ def check_world_data_arguments(folder: Path, num_images: int, partial_captions: 
 
 
 def make_sample_data(root: str | Path) -> list[Path]:
-    """Write `root`/striped and `root`/star as shipped. Each is written whole under a temporary name first; a set
-    folder already there is replaced (an empty one filled in place) only where every file in it is the one the sample
-    writes (datasets/ as shipped, or part of it), else nothing is written: writing over it replaced a user's own
-    0000.png and caption, and left their other images beside a metadata.jsonl that no longer listed them."""
+    """Write `root`/striped and `root`/star as shipped, each whole (`folder_written_whole`): a new set folder under a
+    temporary name, renamed into place; one already there is kept, filled in place where empty or its contents swapped
+    for the new ones, as make-tiny-model's and merge's are (a folder replaced by a rename lost its inode, and files
+    renamed in from beside it could not cross into a mount point). A set folder is rewritten only where every file in
+    it is the one the sample writes (datasets/ as shipped, or part of it), else nothing is written: writing over it
+    replaced a user's own 0000.png and caption, and left their other images beside a metadata.jsonl that no longer listed them."""
     root = Path(root)
     if any(folder.exists() and not folder.is_dir() for folder in (root, *root.parents)):
         raise FinetuneError(f"{root} is a file or inside one: give a folder to write star/ and striped/ in")
-    partials = {name: root / f".{name}.partial" for name in SAMPLE_SETS}
-    try:
+    for name in SAMPLE_SETS:  # before anything is written
+        _refuse_a_file(root / name)
+    with ExitStack() as writing:  # both written, then both checked, before either is put in place
+        written = {name: writing.enter_context(folder_written_whole(root / name)) for name in SAMPLE_SETS}
         for name, (n, held_out, seed, masks) in SAMPLE_SETS.items():
-            shutil.rmtree(partials[name], ignore_errors=True)
-            with removed_if_unfinished(partials[name]):
-                write_folder(partials[name], n, seed, include_held_out=held_out, masks=masks)
-        for name, partial in partials.items():
-            _refuse_unlike_files(root / name, partial)
-        return [_put_in_place(partial, root / name) for name, partial in partials.items()]
-    except BaseException:
-        for partial in partials.values():
-            shutil.rmtree(partial, ignore_errors=True)
-        raise
-
-
-def _put_in_place(written: Path, final: Path) -> Path:
-    """The whole set in `written` put in `final`'s place: an empty `final` is filled in place (`folder_written_whole`,
-    emptied again where it stops), as a shell working in it or a mount point needs, which a rename of the folder
-    would leave in a deleted one or could not do; any other is replaced whole (`replace_folder`)."""
-    if not (final.is_dir() and not any(final.iterdir())):
-        return replace_folder(written, final)
-    with folder_written_whole(final) as in_place:
-        for entry in sorted(written.iterdir()):
-            entry.rename(in_place / entry.name)
-    written.rmdir()
-    return final
+            write_folder(written[name], n, seed, include_held_out=held_out, masks=masks)
+        for name in SAMPLE_SETS:
+            _refuse_unlike_files(root / name, written[name])
+    return [root / name for name in SAMPLE_SETS]
 
 
 # What a file manager writes into a folder it shows (macOS's Finder, Windows' Explorer): no file of the user's, and
@@ -97,9 +82,9 @@ FILE_MANAGER_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}
 
 def _refuse_unlike_files(folder: Path, sample: Path) -> None:
     """One line for the first file in `folder` that the sample in `sample` does not write as it is."""
-    if folder.exists() and not folder.is_dir():
-        raise FinetuneError(f"{folder} is a file: make-sample-data writes a folder there; move it, or give another folder")
-    for file in sorted(folder.rglob("*")) if folder.is_dir() else []:
+    for file in sorted(folder.rglob("*")) if folder.is_dir() and folder != sample else []:  # an empty one, filled in place: nothing of the user's
+        if file.relative_to(folder).parts[0] in (NEW_INSIDE, OLD_INSIDE):  # the new sample written inside it; a killed swap's old files
+            continue
         if file.name in FILE_MANAGER_FILES and file.is_file():
             continue
         written = sample / file.relative_to(folder)
@@ -107,3 +92,8 @@ def _refuse_unlike_files(folder: Path, sample: Path) -> None:
             continue
         if not (file.is_file() and written.is_file() and file.read_bytes() == written.read_bytes()):
             raise FinetuneError(f"{file} is not the sample's own: make-sample-data rewrites {folder} whole; move your files out, or give another folder")
+
+
+def _refuse_a_file(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise FinetuneError(f"{folder} is a file: make-sample-data writes a folder there; move it, or give another folder")

@@ -3,6 +3,7 @@
 Fast (well under a minute on CPU): uses the shipped classifier, never retrains.
 """
 
+import errno
 import io
 import json
 import re
@@ -302,16 +303,41 @@ def test_make_sample_data_fills_an_empty_set_folder_in_place(tmp_path, monkeypat
     assert star.stat().st_ino == inode and len(list(star.glob("*.png"))) == 6 and (star / "masks").is_dir()
 
     star, inode = empty_star(tmp_path / "stopped")
-    real_rename, moved = Path.rename, []
+    import finetune.sample_data as sample_data
 
-    def stopped_halfway(self, target):  # striped/ is renamed into place first, then star/'s files are moved in
-        if Path(target).parent == star and len(moved) == 3:
-            raise KeyboardInterrupt
-        moved.append(target)
-        return real_rename(self, target)
+    def stopped_at_the_check(folder, sample):  # both sets written, neither in place yet
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(Path, "rename", stopped_halfway)
+    monkeypatch.setattr(sample_data, "_refuse_unlike_files", stopped_at_the_check)
     with pytest.raises(KeyboardInterrupt):
         make_sample_data(tmp_path / "stopped")
     assert star.stat().st_ino == inode and not any(star.iterdir())  # emptied again
-    assert not [p.name for p in star.parent.iterdir() if p.name.startswith(".")]  # no partial folder left
+    assert [p.name for p in star.parent.iterdir()] == ["star"]  # no partial folder left, nor striped/
+
+
+def test_make_sample_data_rewrites_a_set_folder_in_place(tmp_path, monkeypatch):
+    """A set folder with the sample's files was replaced by one renamed into its place (losing its inode, permissions, and a
+    shell working in it), and an empty one got its files renamed in from a folder beside it, which fails where it is a mount
+    point (another file system). Its contents are swapped in place, as make-tiny-model's and merge's are."""
+    from finetune.sample_data import make_sample_data
+
+    make_sample_data(tmp_path / "again")
+    star = tmp_path / "again" / "star"
+    star.chmod(0o750)
+    inode = star.stat().st_ino
+    make_sample_data(tmp_path / "again")
+    assert star.stat().st_ino == inode and star.stat().st_mode & 0o777 == 0o750 and len(list(star.glob("*.png"))) == 6
+    assert sorted(p.name for p in star.parent.iterdir()) == ["star", "striped"]
+
+    mounted = tmp_path / "mounted" / "star"
+    mounted.mkdir(parents=True)
+    real_rename = Path.rename
+
+    def rename_within_file_systems(self, target):  # the mount point's file system is mounted/star alone
+        if (mounted in Path(target).absolute().parents) != (mounted in Path(self).absolute().parents):
+            raise OSError(errno.EXDEV, "Invalid cross-device link", str(self))
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename_within_file_systems)
+    make_sample_data(tmp_path / "mounted")
+    assert len(list(mounted.glob("*.png"))) == 6 and (mounted / "masks").is_dir()
