@@ -49,7 +49,7 @@ def test_class_prompts_without_own_class_images_are_said_as_before(make_recipe, 
 def test_files_named_as_generated_class_images_but_no_png_are_said_to_be_ignored(make_recipe, star_folder, tmp_path, capsys):  # noqa: F811
     """`<key>-00001.jpg` (generated images converted to JPEG) was neither the user's own nor a generated image: left
     out without a word, and made again, when its key was this run's."""
-    from finetune.methods.dreambooth import class_image_plans
+    from finetune.class_image_plans import class_image_plans
 
     recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path)
     (_, key, _, missing), = class_image_plans(recipe)

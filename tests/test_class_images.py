@@ -5,7 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.class_images import class_image_caption, generate_class_images, generation_record, plan_class_images, record_key
+from finetune.class_image_names import class_image_caption, generation_record, record_key
+from finetune.class_image_plans import plan_class_images
+from finetune.class_images import generate_class_images
 from finetune.config import ClassImageGeneration, ModelConfig
 from finetune.models import load_base_model
 from finetune.sampling import build_pipeline
@@ -15,7 +17,7 @@ BASE = ModelConfig(pretrained="some/base")
 
 
 def generation_key(class_prompts, settings, resolution, model, mixed_precision="no") -> str:
-    """The name prefix of the class images these settings make (training's: dreambooth.class_image_plans)."""
+    """The name prefix of the class images these settings make (training's: class_image_plans.class_image_plans)."""
     return record_key(generation_record(class_prompts, settings, resolution, model, mixed_precision))
 
 

@@ -80,13 +80,19 @@ def test_train_says_a_missing_data_folder_or_base_model_before_torch_loads(tmp_p
 
 
 
-def test_check_data_reads_every_image_without_torch():
+def test_check_data_reads_every_image_without_torch(tmp_path):
     """check-data decodes and checks images with PIL and numpy; it loaded torch (~800 modules) through the training
-    dataset's module, the bucket sampler's, the loss masks' and the held-out split's. With a recipe it reads the
-    base model's tokenizer (transformers) to count caption tokens, as training warns."""
+    dataset's module, the bucket sampler's, the loss masks' and the held-out split's, and for a DreamBooth recipe through
+    the class images' plan (finetune/methods/dreambooth.py, finetune/class_images.py). With a recipe it reads the base
+    model's tokenizer (transformers) to count caption tokens, as training warns."""
+    base = tmp_path / "base"  # a local base: its files are read for the class images' key
+    base.mkdir()
+    (base / "model_index.json").write_text("{}")
+    dreambooth = ["check-data", "recipes/dreambooth.yaml", f"output_dir={tmp_path / 'run'}", f"model.pretrained={base}", "data.resolution=64",
+                  "dreambooth.concepts.0.instance_dir=datasets/star", "dreambooth.concepts.0.class_dir=datasets/striped"]  # fmt: skip
     modules, errors = run_in_fresh_python([["check-data", "--image-dir", "datasets/star", "--resolution", "64"],
-                                           ["check-data", "recipes/quickstart.yaml", "data.loss_mask.source=alpha"]])
-    assert errors == ["", ""]
+                                           ["check-data", "recipes/quickstart.yaml", "data.loss_mask.source=alpha"], dreambooth])
+    assert errors == ["", "", ""]
     assert modules <= {"numpy", "PIL", "pydantic", "transformers"}
 
 

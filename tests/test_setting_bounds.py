@@ -31,7 +31,7 @@ def test_class_images_past_five_digit_names_are_refused_where_the_recipe_loads()
     a million); image 100,000 on would be named in 6 digits and read back as a user's own class image."""
     from pathlib import Path
 
-    from finetune.class_images import is_generated_name
+    from finetune.class_image_names import is_generated_name
 
     raw = {"method": "dreambooth", "dreambooth": {"concepts": [{"instance_dir": "x", "instance_prompt": "sks dog", "class_prompt": "a dog"}]}}
     raw["dreambooth"]["num_class_images"] = 10**9

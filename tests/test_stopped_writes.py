@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finetune.class_images import RECORD_FILE, read_generation_records, write_generation_record
+from finetune.class_image_names import RECORD_FILE, read_generation_records
+from finetune.class_images import write_generation_record
 from finetune.conditions import make_conditions
 from finetune.errors import FinetuneError
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset
@@ -23,18 +22,15 @@ from torch.utils.data import Dataset
 from finetune.buckets import assign_buckets
 from finetune.cache import EncodingCache
 from finetune.captions import scored_caption, training_caption
-from finetune.check_data import DataReport, check_examples, checked_report, inspect_examples
+from finetune.check_data import DataReport, check_examples, checked_report
 from finetune.class_image_names import is_generated_name, unused_class_prompts_warning
-from finetune.class_images import (
-    as_loaded_base, class_image_caption, generate_class_images, generation_record, plan_class_images, record_key, warn_of_unused_generated_images,
-    write_generation_record,
-)
-from finetune.config import Concept, DataConfig, LossMaskConfig, Recipe
+from finetune.class_image_plans import ClassImagePlan, class_data_config, class_examples, class_image_plans, recipe_generation_record
+from finetune.class_images import as_loaded_base, generate_class_images, write_generation_record
+from finetune.config import Concept, Recipe
 from finetune.console import say, warn
 from finetune.counts import counted
 from finetune.data import collate_images, item_rng, likely_new_view, mask_entry, render_mask, render_pixels, view_entry
 from finetune.epoch_uses import expand_together
-from finetune.errors import FinetuneError
 from finetune.images import upright_size
 from finetune.methods.base import DiffusionMethod
 from finetune.methods.full import FullMethod
@@ -44,7 +40,6 @@ from finetune.sources import Example
 from finetune.train_inputs import data_configs
 from finetune.views import plan_view
 from pathlib import Path
-from PIL import Image
 
 
 class DreamBoothDataset(Dataset):
@@ -129,72 +124,6 @@ def dreambooth_collate(items: list[dict]) -> dict:
         "num_instance": len(items),
         "indices": torch.tensor([item["index"] for item in items]),
     }
-
-
-@dataclass
-class ClassImagePlan:
-    """A concept's class images, planned before the model loads: which to train on, which to generate."""
-
-    folder: Path
-    key: str  # names generated images: prompts and generation settings
-    paths: list[Path]  # the user's own images first, then generated ones (existing or to be made)
-    missing: list[int]  # indices k of generated images still to make
-    own: list[Example]  # the user's images that passed the data check
-
-
-def class_image_plans(recipe: Recipe) -> list[tuple[Path, str, list[Path], list[int]]]:
-    """Per concept with prior preservation: (class folder, generation key, images to train on, indices
-    still to generate). Default folder: <output_dir>/class_images/concept-<n>."""
-    settings, plans = recipe.dreambooth, []
-    made_as: dict[str, dict] = {}  # key: how its images are made
-    for i, concept in enumerate(settings.concepts if settings.prior_preservation else []):
-        folder = Path(concept.class_dir) if concept.class_dir else Path(recipe.output_dir) / "class_images" / f"concept-{i}"
-        if folder.exists() and not folder.is_dir():  # else generation's mkdir raises once the model has loaded
-            raise FinetuneError(f"dreambooth.concepts.{i}.class_dir {folder} is a file, not a folder: name a folder for the class images (missing ones are generated there)")
-        subjects = [j for j, other in enumerate(settings.concepts) if Path(other.instance_dir).resolve() == folder.resolve()]
-        if subjects:  # the subject's photos would train as its class, and generated images would join a concept's photos
-            raise FinetuneError(f"dreambooth.concepts.{i}.class_dir {folder} is dreambooth.concepts.{subjects[0]}.instance_dir: give class images a folder "
-                                f"of their own (or class_dir: null for {Path(recipe.output_dir) / 'class_images' / f'concept-{i}'})")  # fmt: skip
-        record = recipe_generation_record(recipe, concept.class_prompts)
-        key = record_key(record)
-        made_as[key] = record
-        plans.append((folder, key, *plan_class_images(folder, key, settings.num_class_images)))
-    for folder in {folder.resolve(): folder for folder, *_ in plans}.values():
-        warn_of_unused_generated_images(folder, {key: made_as[key] for other, key, *_ in plans if other.resolve() == folder.resolve()})
-    return plans
-
-
-def recipe_generation_record(recipe: Recipe, class_prompts: list[str]) -> dict:
-    """How the recipe makes the class images of `class_prompts` (its key names them): one call for the plan and the record written."""
-    return generation_record(class_prompts, recipe.dreambooth.class_generation, recipe.data.resolution, recipe.model, recipe.train.mixed_precision)
-
-
-def class_examples(paths: list[Path], concept: Concept) -> list[Example]:
-    return [Example(str(p), class_image_caption(p, concept.class_prompts), lambda p=p: Image.open(p)) for p in paths]
-
-
-def class_data_config(recipe: Recipe) -> DataConfig:
-    """How class images are read: as instances are, but unmasked (data.loss_mask masks the subject)."""
-    return recipe.data.model_copy(update={"loss_mask": LossMaskConfig()})
-
-
-def inspect_class_images(recipe: Recipe) -> tuple[list[DataReport], list[str]]:
-    """`finetune check-data` of a DreamBooth recipe: the class images there now (a user's and those
-    generated so far), checked as training checks them, with how many are still to generate; and a line
-    for each class folder that holds none yet (without it, check-data said nothing of what training makes first),
-    and training's warning of class prompts that make no class image."""
-    reports, empty = [], []
-    for i, (concept, (folder, _key, paths, missing)) in enumerate(zip(recipe.dreambooth.concepts, class_image_plans(recipe))):
-        if line := unused_class_prompts_warning(i, concept.class_prompts, recipe.dreambooth.num_class_images, folder, paths):
-            empty.append(line)
-        present = [p for p in paths if p.is_file()]
-        if present:
-            report = inspect_examples(class_examples(present, concept), class_data_config(recipe), f"class images {folder}")
-            report.label += f" ({len(missing)} more to generate)" if missing else ""
-            reports.append(report)
-        elif missing:
-            empty.append(f"class images {folder}: none yet, {len(missing)} to generate (training makes them first, with the base model)")
-    return reports, empty
 
 
 class DreamBoothMethod(DiffusionMethod):

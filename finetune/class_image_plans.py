@@ -1,0 +1,138 @@
+"""A DreamBooth run's class images, planned before the model loads: which to train on (a user's own first, then generated
+ones), which are still to generate, and what check-data says of them. Apart from `finetune.methods.dreambooth` and
+`finetune.class_images` (torch) so that `finetune check-data` reads a DreamBooth recipe's class images without torch."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from finetune.check_data import DataReport, inspect_examples
+from finetune.class_image_names import (
+    class_image_caption, generation_record, is_generated_name, read_generation_records, record_key, unused_class_prompts_warning,
+)
+from finetune.config import Concept, DataConfig, LossMaskConfig, Recipe
+from finetune.console import warn
+from finetune.counts import counted
+from finetune.errors import FinetuneError
+from finetune.sources import Example, folder_images
+
+
+def plan_class_images(folder: Path, key: str, wanted: int) -> tuple[list[Path], list[int]]:
+    """(the class images to train on, indices k still to generate) for `wanted` images in `folder`.
+
+    Images a user put in the folder count first (sorted by name); generated images of this key fill
+    the rest. Generated images of another key (another prompt or settings) are never used.
+    """
+    files = folder_images(folder) if folder.is_dir() else []
+    user_images = [p for p in files if not is_generated_name(p)][:wanted]
+    needed = wanted - len(user_images)
+    generated = [folder / f"{key}-{k:05d}.png" for k in range(needed)]
+    missing = [k for k, path in enumerate(generated) if not path.is_file()]
+    return user_images + generated, missing
+
+
+def changed_settings(made: dict, now: dict) -> str:
+    """'guidance_scale 7.5 (now 5.0), ...': what images made as `made` describes were made with otherwise; a setting
+    `made` lacks (an earlier version's record) as unknown, not as None."""
+    changed = [f"{name} {made[name]!r} (now {now.get(name)!r})" for name in sorted(made) if made[name] != now.get(name)]
+    unrecorded = sorted(now.keys() - made.keys())
+    if unrecorded:
+        changed.append(f"{' and '.join(unrecorded)} unknown (an earlier version of finetune, which did not record {'them' if len(unrecorded) > 1 else 'it'})")
+    return ", ".join(changed)
+
+
+def warn_of_unused_generated_images(folder: Path, records: dict[str, dict]) -> None:
+    """A warning for the generated images in `folder` that no key of this run uses (`records`: how every
+    concept whose class folder it is makes its images; they share it without making each other's unused),
+    saying what they were made with where the folder's record knows."""
+    named_generated = [p for p in (folder_images(folder) if folder.is_dir() else []) if is_generated_name(p)]
+    # Generation writes and reuses `<key>-<k>.png` alone: one converted to JPEG (or renamed .PNG) was left out unsaid, even of this run's key.
+    not_png = [p.name for p in named_generated if p.suffix != ".png" and not _same_file(p.with_suffix(".png"), p)]  # .PNG is .png on macOS
+    if not_png:
+        warn(f"{folder}: ignoring {counted(len(not_png), 'file')} named as generated class images are but not .png (e.g. {not_png[0]}): "
+             "generation reuses only the .png it writes; give your own class images another name to train them")  # fmt: skip
+    unused = Counter(p.stem[:10] for p in named_generated if p.name not in not_png and p.stem[:10] not in records)
+    made = read_generation_records(folder)
+    for key, count in sorted(unused.items()):
+        if key in made:  # told against the closest setup of this run (one per concept sharing the folder)
+            why = min((changed_settings(made[key], now) for now in records.values()), key=lambda line: line.count(" (now "))
+            warn(f"{folder}: ignoring {counted(count, 'generated image')} made with {why}")
+    unrecorded = sum(count for key, count in unused.items() if key not in made)
+    if unrecorded:
+        warn(f"{folder}: ignoring {counted(unrecorded, 'generated image')} of another class prompt, generation settings, resolution or base model, "
+             "or of an earlier version of finetune")
+
+
+def _same_file(path: Path, other: Path) -> bool:
+    return path.is_file() and os.path.samefile(path, other)
+
+
+@dataclass
+class ClassImagePlan:
+    """A concept's class images, planned before the model loads: which to train on, which to generate."""
+
+    folder: Path
+    key: str  # names generated images: prompts and generation settings
+    paths: list[Path]  # the user's own images first, then generated ones (existing or to be made)
+    missing: list[int]  # indices k of generated images still to make
+    own: list[Example]  # the user's images that passed the data check
+
+
+def class_image_plans(recipe: Recipe) -> list[tuple[Path, str, list[Path], list[int]]]:
+    """Per concept with prior preservation: (class folder, generation key, images to train on, indices
+    still to generate). Default folder: <output_dir>/class_images/concept-<n>."""
+    settings, plans = recipe.dreambooth, []
+    made_as: dict[str, dict] = {}  # key: how its images are made
+    for i, concept in enumerate(settings.concepts if settings.prior_preservation else []):
+        folder = Path(concept.class_dir) if concept.class_dir else Path(recipe.output_dir) / "class_images" / f"concept-{i}"
+        if folder.exists() and not folder.is_dir():  # else generation's mkdir raises once the model has loaded
+            raise FinetuneError(f"dreambooth.concepts.{i}.class_dir {folder} is a file, not a folder: name a folder for the class images (missing ones are generated there)")
+        subjects = [j for j, other in enumerate(settings.concepts) if Path(other.instance_dir).resolve() == folder.resolve()]
+        if subjects:  # the subject's photos would train as its class, and generated images would join a concept's photos
+            raise FinetuneError(f"dreambooth.concepts.{i}.class_dir {folder} is dreambooth.concepts.{subjects[0]}.instance_dir: give class images a folder "
+                                f"of their own (or class_dir: null for {Path(recipe.output_dir) / 'class_images' / f'concept-{i}'})")  # fmt: skip
+        record = recipe_generation_record(recipe, concept.class_prompts)
+        key = record_key(record)
+        made_as[key] = record
+        plans.append((folder, key, *plan_class_images(folder, key, settings.num_class_images)))
+    for folder in {folder.resolve(): folder for folder, *_ in plans}.values():
+        warn_of_unused_generated_images(folder, {key: made_as[key] for other, key, *_ in plans if other.resolve() == folder.resolve()})
+    return plans
+
+
+def recipe_generation_record(recipe: Recipe, class_prompts: list[str]) -> dict:
+    """How the recipe makes the class images of `class_prompts` (its key names them): one call for the plan and the record written."""
+    return generation_record(class_prompts, recipe.dreambooth.class_generation, recipe.data.resolution, recipe.model, recipe.train.mixed_precision)
+
+
+def class_examples(paths: list[Path], concept: Concept) -> list[Example]:
+    return [Example(str(p), class_image_caption(p, concept.class_prompts), lambda p=p: Image.open(p)) for p in paths]
+
+
+def class_data_config(recipe: Recipe) -> DataConfig:
+    """How class images are read: as instances are, but unmasked (data.loss_mask masks the subject)."""
+    return recipe.data.model_copy(update={"loss_mask": LossMaskConfig()})
+
+
+def inspect_class_images(recipe: Recipe) -> tuple[list[DataReport], list[str]]:
+    """`finetune check-data` of a DreamBooth recipe: the class images there now (a user's and those
+    generated so far), checked as training checks them, with how many are still to generate; and a line
+    for each class folder that holds none yet (without it, check-data said nothing of what training makes first),
+    and training's warning of class prompts that make no class image."""
+    reports, empty = [], []
+    for i, (concept, (folder, _key, paths, missing)) in enumerate(zip(recipe.dreambooth.concepts, class_image_plans(recipe))):
+        if line := unused_class_prompts_warning(i, concept.class_prompts, recipe.dreambooth.num_class_images, folder, paths):
+            empty.append(line)
+        present = [p for p in paths if p.is_file()]
+        if present:
+            report = inspect_examples(class_examples(present, concept), class_data_config(recipe), f"class images {folder}")
+            report.label += f" ({len(missing)} more to generate)" if missing else ""
+            reports.append(report)
+        elif missing:
+            empty.append(f"class images {folder}: none yet, {len(missing)} to generate (training makes them first, with the base model)")
+    return reports, empty
