@@ -20,7 +20,7 @@ from finetune.library_noise import quiet_third_party_warnings, quiet_weight_prog
 from finetune.native_resolution import native_resolution
 from finetune.process_env import first_on_its_machine, machine_name, main_process
 from finetune.progress_lines import progress_as_lines_in_logs
-from finetune.stop_signals import exit_status, raise_terminated, signal_name, signal_of
+from finetune.stop_signals import START_OVER, exit_status, raise_terminated, signal_of, stop_line
 
 
 def base_or_recorded(args) -> str:
@@ -95,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         # Every process got it (a terminal's Ctrl-C, a job's SIGTERM): one line for the run, as the training loop's stop
         # says, not one per machine (errors are each machine's own to say: its files, its libraries).
         if main_process():
-            rerun = RERUN_AFTER_A_STOP.get(command, "run the command again to start over")
-            print(f"\nstopped ({signal_name(signal_of(stop))}): files written so far are kept; {rerun}", file=sys.stderr)
+            print(stop_line(stop, RERUN_AFTER_A_STOP.get(command, START_OVER)), file=sys.stderr)
         return exit_status(signal_of(stop))
     except BrokenPipeError:  # the reader left (`finetune check-data ... | head`): no traceback for that
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's last flush would raise again

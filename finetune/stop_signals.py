@@ -32,3 +32,11 @@ def signal_name(signum: int) -> str:
 def exit_status(signum: int) -> int:
     """As a shell reports a process ended by `signum`: 130 for SIGINT, 143 for SIGTERM."""
     return 128 + int(signum)
+
+
+START_OVER = "run the command again to start over"  # what running again does where a command's outputs are made anew
+
+
+def stop_line(stop: KeyboardInterrupt, rerun: str = START_OVER) -> str:
+    """What a command stopped outside training's own stop says (stderr, once for the run), `rerun` saying what running it again does."""
+    return f"\nstopped ({signal_name(signal_of(stop))}): files written so far are kept; {rerun}"

@@ -1,0 +1,41 @@
+"""A stop while `python -m finetune` imports the CLI (0.1 to 0.4 s after Enter on a busy host, before `main` sets up its
+stop line): a Ctrl-C printed a traceback of importlib's frames and exited as killed by SIGINT, and a SIGTERM ended the
+process with no line at all. The signal is sent at that moment for sure: a `sitecustomize` of the test's own, on
+PYTHONPATH, sends it when finetune.cli is looked for, and the real command runs as a user runs it."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SIGNAL_WHEN_THE_CLI_IS_IMPORTED = """
+import os, signal, sys
+
+class SignalWhenImported:
+    def find_spec(self, name, path=None, target=None):
+        if name == "finetune.cli":
+            os.kill(os.getpid(), signal.{signal})  # its handler runs at the next bytecode: inside the import
+        return None
+
+sys.meta_path.insert(0, SignalWhenImported())
+"""
+
+
+@pytest.mark.parametrize(("sent", "line", "status"), [("SIGINT", "stopped (Ctrl-C)", 130), ("SIGTERM", "stopped (SIGTERM)", 143)])
+def test_a_stop_while_the_cli_is_imported_is_the_stop_line(tmp_path, sent, line, status):
+    (tmp_path / "sitecustomize.py").write_text(SIGNAL_WHEN_THE_CLI_IS_IMPORTED.format(signal=sent))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    done = subprocess.run([sys.executable, "-m", "finetune", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == status and done.stdout == "", done
+    assert done.stderr == f"\n{line}: files written so far are kept; run the command again to start over\n", done
+
+
+def test_the_installed_command_runs_the_same_entry_point():
+    """The `finetune` script pip writes imports its entry point first: the one above, not finetune.cli's main."""
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert '\nfinetune = "finetune.__main__:run"' in pyproject
