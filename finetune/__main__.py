@@ -16,7 +16,9 @@ from finetune.stop_signals import exit_status, raise_terminated, signal_of, stop
 
 
 def run() -> int:
-    signal.signal(signal.SIGTERM, raise_terminated)  # main() sets the same: here already, for the import
+    # Raised at once, even inside the import: only ours and the standard library's modules are imported here, and the
+    # process ends on it (main() then holds a stop until an import ends: finetune.stop_signals.stop_outside_imports).
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
         from finetune.cli import main
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as Terminated: nothing has run yet

@@ -20,7 +20,7 @@ from finetune.library_noise import quiet_third_party_warnings, quiet_weight_prog
 from finetune.native_resolution import native_resolution
 from finetune.process_env import first_on_its_machine, machine_name, main_process
 from finetune.progress_lines import progress_as_lines_in_logs
-from finetune.stop_signals import START_OVER, exit_status, raise_terminated, signal_of, stop_line
+from finetune.stop_signals import START_OVER, exit_status, signal_of, stop_line, stop_outside_imports
 
 
 def base_or_recorded(args) -> str:
@@ -75,7 +75,9 @@ RERUN_AFTER_A_STOP = {
 
 def main(argv: list[str] | None = None) -> int:
     collect_then_freeze_at_exit()
-    signal.signal(signal.SIGTERM, raise_terminated)  # not silently, as the default handler ends a process
+    # SIGTERM not silently, as the default handler ends a process; neither stop inside an import (stop_outside_imports).
+    signal.signal(signal.SIGTERM, stop_outside_imports)
+    previous_sigint = signal.signal(signal.SIGINT, stop_outside_imports)
     command = None
     try:
         args = parse_arguments(argv)  # it imports every command's options (0.3 s on a busy host): a Ctrl-C there is a stop too
@@ -100,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader left (`finetune check-data ... | head`): no traceback for that
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's last flush would raise again
         return 141  # as a shell reports a process ended by SIGPIPE
+    finally:
+        signal.signal(signal.SIGINT, previous_sigint)  # Python's own again, for a caller that goes on (tests, a notebook)
 
 
 def _train(args) -> int:

@@ -5,6 +5,7 @@ torch: the CLI imports it before any command runs."""
 from __future__ import annotations
 
 import signal
+import sys
 
 
 class Terminated(KeyboardInterrupt):
@@ -14,6 +15,49 @@ class Terminated(KeyboardInterrupt):
 
 def raise_terminated(signum, frame):
     raise Terminated
+
+
+def stop_outside_imports(signum, frame):
+    """A command's handler of Ctrl-C and SIGTERM: the stop, raised at once (KeyboardInterrupt, Terminated), except while
+    a module is imported (torch, diffusers and transformers import for seconds, lazily, in the middle of a command).
+    Raised there, it went where an import's own error handling took it: torch's import swallowed it (the command ran
+    on, unstopped), or left numpy half made, which failed later with a traceback ("cannot load module more than once per
+    process"). There the stop is held until the outermost import returns, then raised where it returned to; a second
+    stop while one is held is raised at once, as a second Ctrl-C is in training."""
+    if not _held.signals and importing(frame):
+        _held.signals.add(signum)
+        _held.profile = sys.getprofile()
+        sys.setprofile(_release_when_the_import_returns)  # this thread's only: the main one, where handlers run
+        return
+    stop = max(_held.signals | {signum})
+    if _held.signals:
+        _held.signals.clear()
+        sys.setprofile(_held.profile)
+    raise interrupt_for(stop)
+
+
+def importing(frame) -> bool:
+    """Whether `frame` (a signal handler's: the main thread's current one) runs inside an import."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+class _HeldStop:
+    def __init__(self):
+        self.signals: set[int] = set()  # the stops held until the import returns
+        self.profile = None  # the profile function the hold replaced (None: none)
+
+
+_held = _HeldStop()
+
+
+def _release_when_the_import_returns(frame, event, arg) -> None:
+    if event == "return" and frame.f_code.co_filename.startswith("<frozen importlib._bootstrap") and not importing(frame.f_back):
+        sys.setprofile(_held.profile)
+        signal.raise_signal(max(_held.signals))  # handled in the code the import returns to; the handler raises it
 
 
 def interrupt_for(signum: int) -> KeyboardInterrupt:

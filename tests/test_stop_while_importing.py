@@ -39,3 +39,46 @@ def test_the_installed_command_runs_the_same_entry_point():
     """The `finetune` script pip writes imports its entry point first: the one above, not finetune.cli's main."""
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert '\nfinetune = "finetune.__main__:run"' in pyproject
+
+
+# A command that imports a library whose import swallows what is raised inside it, as torch's (its C code's import of
+# numpy, whose failure it clears) did with a Ctrl-C while numpy's core was imported: the stop is sent while the inner
+# module is imported.
+SWALLOWING_LIBRARY = """
+try:
+    import inner_module
+except BaseException:  # a library's own fallback
+    pass
+"""
+COMMAND_IMPORTING_IT = """
+import os, signal, sys
+from finetune import cli
+
+class SignalWhenImported:
+    def find_spec(self, name, path=None, target=None):
+        if name == "inner_module":
+            os.kill(os.getpid(), signal.{signal})
+        return None
+
+def command(args):
+    sys.meta_path.insert(0, SignalWhenImported())
+    import swallowing_library
+    print("ran on after the stop")
+    return 0
+
+cli.COMMANDS["check-data"] = command
+sys.exit(cli.main(["check-data"]))
+"""
+
+
+@pytest.mark.parametrize(("sent", "line", "status"), [("SIGINT", "stopped (Ctrl-C)", 130), ("SIGTERM", "stopped (SIGTERM)", 143)])
+def test_a_stop_inside_a_librarys_import_is_held_until_the_import_returns(tmp_path, sent, line, status):
+    """The command ran on, unstopped, and exited 0."""
+    (tmp_path / "swallowing_library.py").write_text(SWALLOWING_LIBRARY)
+    (tmp_path / "inner_module.py").write_text("x = 1\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    script = COMMAND_IMPORTING_IT.format(signal=sent)
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == status and done.stdout == "", done
+    assert done.stderr == f"\n{line}: files written so far are kept; run the command again to start over\n", done
+
