@@ -4,7 +4,10 @@ at once, and the data loader's worker processes neither die first nor outlive th
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -35,6 +38,7 @@ class StopRequest:
             self._group = new_gloo_group(timeout)  # over which network interface: gloo_interface
             self._answers = Answers.of_this_run(timeout)  # who started which sum, for the line where one does not come
         self._pending = None  # (work, flag): the sum started at the last step's agreed(), read at the next
+        self._launcher = lone_launcher() if accelerator.num_processes == 1 else None
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -56,6 +60,7 @@ class StopRequest:
         stop's signal number) started at the previous step boundary, which has had a whole step to arrive, and starts the
         next: each process reads the same sum at the same step, so a stop is seen one step after the request, on every process at once."""
         if self._group is None:
+            self._notice_the_launcher_gone()
             return self.requested
         stop = self._pending is not None and self._finish() > 0
         if not stop:  # after a stop nothing is left running
@@ -65,11 +70,18 @@ class StopRequest:
     def agreed_now(self) -> bool:
         """Once, after the loop: whether any process was asked to stop by now (waits for the others' answer)."""
         if self._group is None:
+            self._notice_the_launcher_gone()
             return self.requested
         if self._pending is not None:
             self._finish()  # older than the sum below: a request is never withdrawn
         self._start()
         return self._finish() > 0
+
+    def _notice_the_launcher_gone(self) -> None:
+        """A lone process's launcher ended (`lone_launcher`): a stop, as SIGTERM's, which had ended it."""
+        if self._launcher is not None and not self.requested and os.getppid() != self._launcher:
+            print(f"\naccelerate launch (process {self._launcher}) has ended: stopping as on SIGTERM", file=sys.stderr, flush=True)
+            self.requested, self.signal = True, signal.SIGTERM
 
     def close(self, after_error: bool = False) -> None:
         """After the run; `after_error`: without waiting for a sum left running, which a process that failed mid-step
@@ -110,6 +122,25 @@ class StopRequest:
             raise self._answers.failure(error) from error
         self.signal = max(self.signal, int(flag[0]))
         return int(flag[0])
+
+
+def lone_launcher() -> int | None:
+    """The process id of the `accelerate launch` that started this process alone (its launcher for one process: it waits
+    for the process, nothing more), else None. A SIGTERM sent to that launcher (`timeout`, a job scheduler, `kill` of the
+    process it shows) ended it and left this process training, unseen: the training loop watches for its end (a changed
+    parent). Not under torchrun (`accelerate launch` of several processes), whose agent passes its signals on to the
+    processes, nor under a shell or `nohup`, whose end must not stop the run."""
+    if "LOCAL_RANK" in os.environ:  # torchrun's
+        return None
+    import psutil
+
+    parent = os.getppid()
+    try:
+        arguments = psutil.Process(parent).cmdline()[:3]  # python, .../bin/accelerate, launch (or -m accelerate.commands.launch)
+    except psutil.Error:
+        return None
+    launched = any(Path(argument).name == "accelerate" or argument.startswith("accelerate.commands") for argument in arguments)
+    return parent if launched else None
 
 
 def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
