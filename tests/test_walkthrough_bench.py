@@ -59,13 +59,15 @@ def test_a_lora_attention_steps_flops_are_the_hand_count():
 
 def test_a_variant_stopped_by_a_deadline_says_how_far_it_got(tmp_path, monkeypatch):
     """`timeout` stops a GPU check's bench in the middle of a variant (a compile outlasting its stage): the report
-    keeps a row for it saying which untimed steps ended when, instead of nothing. (The variant's process is stood in
-    for: it ends its first step, then the stop comes.)"""
+    keeps a row for it saying which untimed steps ended when, instead of nothing; the stop is raised again as the
+    signal it was (a SIGTERM was said as Ctrl-C, exit 130). (The variant's process is stood in for: it ends its first
+    step, then the stop comes.)"""
     import json
 
     import pytest
 
     from finetune.bench import runner
+    from finetune.stop_signals import Terminated
 
     real_run = runner.subprocess.run
 
@@ -75,13 +77,14 @@ def test_a_variant_stopped_by_a_deadline_says_how_far_it_got(tmp_path, monkeypat
         spec = json.loads(open(argv[4]).read())
         with open(spec["progress"], "a") as progress:
             progress.write("1 95.2\n")
-        raise KeyboardInterrupt
+        raise Terminated  # `timeout`'s SIGTERM
 
     monkeypatch.setattr(runner.subprocess, "run", process)
     out = tmp_path / "bench.json"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as stop:
         runner.run_benchmark(preset="tiny", steps=2, warmup=3, batch=2, num_images=2, variants=["lora_cached_compiled"],
                              count_flops=False, workdir=tmp_path / "work", out=out, log=lambda line: None)  # fmt: skip
+    assert type(stop.value) is Terminated  # the bench's stop line says SIGTERM and it exits 143, not Ctrl-C's 130
     (row,) = json.loads(out.read_text())["results"]
     assert row["variant"] == "lora_cached_compiled" and row["environment"] == {"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"}
     assert row["error"].startswith("stopped after ") and "1 of 3 untimed steps done (step 1 at 95.2 s, from the process's start)" in row["error"]

@@ -213,7 +213,7 @@ def run_benchmark(
             except VariantStopped as stop:  # Ctrl-C or SIGTERM (a deadline): the report says how far the variant got
                 rows.append(stop.row)
                 finish(rows)
-                raise
+                raise stop.stop from None  # as the signal it was: SIGTERM's stop line and 143 (a VariantStopped said Ctrl-C, 130)
             row = median_run(runs)
             rows.append(row)
             log(f"{name}: " + (f"{row['sec_per_step']:.3f} s/step, {row['images_per_sec']:.2f} images/s" if "error" not in row else f"failed: {row['error']}"))
@@ -252,11 +252,12 @@ def prepare_data(root: Path, num_images: int, resolution: int) -> tuple[Path, Pa
 
 
 class VariantStopped(KeyboardInterrupt):
-    """A variant's run stopped from outside; `row` is its report row, the error saying how far it got."""
+    """A variant's run stopped from outside; `row` is its report row, the error saying how far it got, and `stop` the stop
+    itself (Ctrl-C's KeyboardInterrupt, SIGTERM's Terminated), raised again once the row is in the report."""
 
-    def __init__(self, row: dict):
+    def __init__(self, row: dict, stop: KeyboardInterrupt):
         super().__init__()
-        self.row = row
+        self.row, self.stop = row, stop
 
 
 def stopped_error(seconds: float, progress: Path, warmup: int) -> str:
@@ -299,8 +300,8 @@ def run_variant_process(name: str, recipe: dict, settings: BenchSettings, result
             text=True,
             env=env,
         )
-    except KeyboardInterrupt:
-        raise VariantStopped({**row, "error": stopped_error(time.monotonic() - started, Path(spec["progress"]), settings.warmup)}) from None
+    except KeyboardInterrupt as stop:
+        raise VariantStopped({**row, "error": stopped_error(time.monotonic() - started, Path(spec["progress"]), settings.warmup)}, stop) from None
     if process.returncode != 0 or not result_path.is_file():
         tail = [line for line in (process.stderr or process.stdout).strip().splitlines() if line.strip()][-1:]
         row["error"] = f"exit {process.returncode}: {tail[0] if tail else 'no output'}"
