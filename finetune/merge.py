@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.atomic_files import atomic_write_text
 from finetune.config import ModelConfig
 from finetune.dora import decomposed
 from finetune.errors import FinetuneError
@@ -175,7 +176,8 @@ def _write_card(output_dir: Path, base: str, lora_file: Path, lora: LoRA, streng
     facts = [f"rank {rank}, alpha {alpha:g}"]
     facts += [f"{label} {lora.metadata[key]}" for key, label in (("finetune.steps", "steps"), ("finetune.recipe_hash", "recipe hash"))
               if key in lora.metadata]
-    (output_dir / "README.md").write_text(
+    atomic_write_text(  # whole or not there: the pipeline is in place by now, and a Ctrl-C here left half a card
+        output_dir / "README.md",
         f"# {output_dir.name}\n\n"
         f"Stable Diffusion pipeline: `{base}` with the LoRA `{lora_file}` ({', '.join(facts)}) merged into its "
         f"{parts} at strength {strength:g}, written by `finetune merge`.\n\n"

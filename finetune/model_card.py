@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from finetune.atomic_files import atomic_write, atomic_write_text
 from finetune.checkpoint import CHECKPOINT_PATTERN, PARTIAL
 from finetune.counts import counted
 from finetune.dora import uses_dora
@@ -62,7 +63,7 @@ def write_webui_preview(grid: Path, resolution: str | None, preview: Path) -> Pa
         cell = first_cell(image, int(resolution)) if resolution and resolution.isdigit() else None
         if cell is None:
             return None
-        cell.save(preview)
+        atomic_write(preview, lambda partial: cell.save(partial, format="PNG"))
     return preview
 
 
@@ -118,7 +119,7 @@ def write_pipeline_card(folder: Path, meta: dict[str, str]) -> Path:
         f'Or sample with `finetune sample --base {folder} --prompt "..."`, and compare it with its base in `finetune demo`.',
         "",
     ]
-    card.write_text("\n".join(lines))
+    atomic_write_text(card, "\n".join(lines))  # whole or not there: a Ctrl-C while it was written left half a card
     return card
 
 
@@ -185,7 +186,7 @@ def write_model_card(
         target = path.parent / "samples" / (f"{path.stem}-{grid.name}" if layout == "kohya" else grid.name)
         if grid.resolve() != target.resolve():
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(grid, target)
+            atomic_write(target, lambda partial: shutil.copyfile(grid, partial))
             images.append(target)
         lines += [f"## Samples ({grid.stem}, one row per validation prompt)", "", f"![samples](samples/{target.name})", ""]
         if layout == "kohya":
@@ -235,5 +236,5 @@ def write_model_card(
         lines += [f"Convert first: `finetune export {path} {path.parent} --to kohya`, then copy the `.safetensors` file to `models/Lora/`."]
     lines += ["", f"Fold it into the base model instead: `finetune merge --base BASE --lora {path.name} --strength 1.0 merged/`.", ""]
     card = model_card_path(path, layout)
-    card.write_text("\n".join(lines))
+    atomic_write_text(card, "\n".join(lines))  # whole or not there: a Ctrl-C while it was written left half a card
     return card, [image for image in images if image is not None]

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
+from finetune.atomic_files import atomic_write_text
 from finetune.bench.report import add_speedups, machine_info, median_run
 from finetune.bench.sd15 import build_sd15_pipeline
 from finetune.bench.variants import DEFAULT_VARIANTS, VARIANTS, images_per_step
@@ -197,7 +198,7 @@ def run_benchmark(
         add_speedups(rows)
         if out is not None:
             Path(out).parent.mkdir(parents=True, exist_ok=True)
-            Path(out).write_text(json.dumps(report, indent=2) + "\n")
+            atomic_write_text(Path(out), json.dumps(report, indent=2) + "\n")  # a stop while it is written keeps the last one
 
     with tempfile.TemporaryDirectory(prefix="finetune-bench-") as scratch:
         root = Path(workdir) if workdir else Path(scratch)
