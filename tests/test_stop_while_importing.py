@@ -82,3 +82,30 @@ def test_a_stop_inside_a_librarys_import_is_held_until_the_import_returns(tmp_pa
     assert done.returncode == status and done.stdout == "", done
     assert done.stderr == f"\n{line}: files written so far are kept; run the command again to start over\n", done
 
+
+
+SIGNAL_WHEN_NUMPY_IS_IMPORTED = """
+import os, signal, sys
+
+class SignalWhenImported:
+    sent = False
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy._core.multiarray" and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, SignalWhenImported())
+"""
+
+
+def test_ctrl_c_while_sample_imports_numpy_stops_it(tmp_path, tiny_model):
+    """The case itself: a Ctrl-C while numpy's core was imported (under diffusers', inside sample) was swallowed, and
+    sample made its images and exited 0."""
+    (tmp_path / "sitecustomize.py").write_text(SIGNAL_WHEN_NUMPY_IS_IMPORTED)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    command = ["sample", "--base", str(tiny_model), "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "samples")]
+    done = subprocess.run([sys.executable, "-m", "finetune", *command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 130 and not (tmp_path / "samples").exists(), done
+    assert done.stderr.endswith("\nstopped (Ctrl-C): files written so far are kept; run the command again to start over "
+                                "(every image is made anew, as a new numbered run)\n"), done
