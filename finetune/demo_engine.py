@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from finetune.adapter_scan import BASE, PICKLE_SUFFIXES, Adapter, scan_adapters
 from finetune.conditions import recorded_options
@@ -42,6 +43,7 @@ from finetune.models import BaseModel, freeze, load_base_model
 from finetune.placement import inference_placement, place
 from finetune.prompt_options import PromptSettings, webui_syntax_notes
 from finetune.sampling import adapters_clip_skip, adapters_max_token_length, adapters_prediction_type, adapters_zero_terminal_snr, build_pipeline, follow_adapters_schedule, generate, read_prompts_as_trained  # fmt: skip
+from finetune.views import cover_and_crop
 
 CONDITIONING_KINDS = ("as uploaded", "canny", "luminance", "mask")
 MAX_INPUT_PIXELS = 4096 * 4096
@@ -356,5 +358,7 @@ def conditioning_image(image: Image.Image | None, kind: str, size: int, options:
         raise FinetuneError(f"the uploaded image is {image.width}x{image.height}: at most {MAX_INPUT_PIXELS // 1_000_000} megapixels")
     if (problem := small_conditioning_problem(image, "(uploaded)", size)) is not None:
         raise FinetuneError(f"{problem}, or a smaller size")
-    fitted = ImageOps.fit(image.convert("RGB"), (size, size), Image.Resampling.LANCZOS)
+    # Resized to cover, then center-cropped, as `finetune sample --condition` and training fit a conditioning image
+    # (ImageOps.fit crops first: edges a pixel off, a ControlNet steered otherwise than in sample for the same upload).
+    fitted = cover_and_crop(image.convert("RGB"), (size, size), "center", np.random.default_rng(0))[0]
     return fitted if kind == "as uploaded" else make_condition(fitted, kind, **(options or {}))
