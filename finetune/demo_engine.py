@@ -41,7 +41,7 @@ from finetune.merge import find_module
 from finetune.controlnet_folder import weights_variant
 from finetune.models import BaseModel, freeze, load_base_model
 from finetune.placement import inference_placement, place
-from finetune.prompt_options import PromptSettings, webui_syntax_notes
+from finetune.prompt_options import PromptSettings, guidance_notes, webui_syntax_notes
 from finetune.sampling import adapters_clip_skip, adapters_max_token_length, adapters_prediction_type, adapters_zero_terminal_snr, build_pipeline, follow_adapters_schedule, generate, read_prompts_as_trained  # fmt: skip
 from finetune.views import cover_and_crop
 
@@ -224,7 +224,8 @@ class DemoEngine:
             labels, results = ["conditioning", *labels], [[condition, *row] for row in results]
         seeds = [request.seed + r for r in range(request.rows)]
         asked = PromptSettings(request.prompt, request.negative_prompt, request.seed, request.guidance, request.steps)
-        notes = "".join(f"; note: {note}" for note in webui_syntax_notes([asked]))
+        # A negative prompt at guidance 1 or below changes nothing (no classifier-free guidance): said, as sample says it.
+        notes = "".join(f"; note: {note}" for note in guidance_notes([asked], "the guidance") + webui_syntax_notes([asked]))
         return results, labels, seeds, summary_of(len(columns), request.rows, time.perf_counter() - started) + notes
 
 

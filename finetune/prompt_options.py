@@ -68,16 +68,17 @@ def with_options(text: str, defaults: PromptSettings) -> PromptSettings:
     return settings
 
 
-def guidance_notes(settings: list[PromptSettings]) -> list[str]:
+def guidance_notes(settings: list[PromptSettings], raise_it: str = "--guidance (or a prompt's --l)") -> list[str]:
     """What classifier-free guidance at 1 or below leaves unused, said rather than silently dropped: diffusers' pipelines
     (as sd-scripts) run it only above 1, so a negative prompt there changes nothing, and a guidance between 0 and 1 (or
-    below 0) samples as 1 does, the prompt alone (0 is diffusers' usual way to turn guidance off, and needs no note)."""
+    below 0) samples as 1 does, the prompt alone (0 is diffusers' usual way to turn guidance off, and needs no note).
+    `raise_it`: what the user raises (the command's options; the demo's guidance slider)."""
     notes = []
     unused = sorted({p.guidance_scale for p in settings if p.negative_prompt and p.guidance_scale <= 1})
     if unused:
         listed = ", ".join(f"{g:g}" for g in unused)
         notes.append(f"negative prompts act through classifier-free guidance, which is off at guidance {listed} (1 or below): "
-                     "they change nothing there; raise --guidance (or a prompt's --l) above 1 to use them")  # fmt: skip
+                     f"they change nothing there; raise {raise_it} above 1 to use them")  # fmt: skip
     as_one = sorted({p.guidance_scale for p in settings if p.guidance_scale < 1 and p.guidance_scale != 0})
     if as_one:
         listed = ", ".join(f"{g:g}" for g in as_one)
