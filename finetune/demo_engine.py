@@ -144,11 +144,12 @@ class DemoEngine:
         key = (adapter.kind, str(adapter.path), stat.st_mtime_ns, stat.st_size)
         value = self._cache.get(key)
         if value is None:
-            value = load()
+            # The oldest let go before the load, not after: a DreamBooth pipeline is a whole model, and switching held
+            # two of them (the one kept and the one loading), twice the memory a GPU needs for one.
             same_kind = [k for k in self._cache if k[0] == adapter.kind]
             for old in same_kind[: max(0, len(same_kind) - CACHE_SIZE[adapter.kind] + 1)]:
                 self._cache.pop(old, None)
-            self._cache[key] = value
+            value = self._cache[key] = load()
         return value
 
     def model(self, name: str) -> BaseModel:

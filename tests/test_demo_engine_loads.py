@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 
+import finetune.demo_engine as demo_engine
 from finetune.demo_engine import DemoEngine, Request
+from finetune.tiny_model import make_tiny_model
 
 
 @pytest.fixture
 def engine(tiny_model, tmp_path):
-    (tmp_path / "adapters").mkdir()
+    """The tiny model as base, and two "DreamBooth" pipelines of its architecture to pick as the model."""
+    for name, seed in (("first", 1), ("second", 2)):
+        make_tiny_model(tmp_path / "adapters" / name / "pipeline", seed=seed)
     return DemoEngine(str(tiny_model), tmp_path / "adapters")
 
 
@@ -21,3 +27,20 @@ def test_a_negative_prompt_at_guidance_1_is_said_to_change_nothing(engine):
     assert "raise the guidance above 1 to use them" in summary
     _, _, _, summary = engine.render(Request(prompt="a red circle", negative_prompt="blurry", guidance=5.0, steps=1))
     assert "note" not in summary
+
+
+def test_a_pipeline_picked_after_another_loads_once_the_other_is_let_go(engine, monkeypatch):
+    """One pipeline is kept (CACHE_SIZE), but the one kept was let go only after the next had loaded: switching held two
+    whole models in memory at once."""
+    engine.render(Request(prompt="a red circle", steps=1, model="first/pipeline", include_base=False))
+    first = weakref.ref(engine.model("first/pipeline").unet)
+    load = demo_engine.load_base_model
+    alive_at_load = []
+
+    def loading(config):
+        alive_at_load.append(first() is not None)
+        return load(config)
+
+    monkeypatch.setattr(demo_engine, "load_base_model", loading)
+    engine.render(Request(prompt="a red circle", steps=1, model="second/pipeline", include_base=False))
+    assert alive_at_load == [False]
