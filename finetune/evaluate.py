@@ -218,7 +218,7 @@ def run_eval(
     # (two small JSON files) so that every caller of run_eval is refused before the model loads.
     refuse_a_report_grid(suites, num_prompts, images_per_prompt, native_resolution(base, base_config))
     from finetune.placement import inference_placement, place, without_tf32
-    from finetune.sampling import show_denoising_steps
+    from finetune.sampling import denoising_bar
 
     pipeline = load_sampling_pipeline(base, lora, lora_scale, controlnet, base_config=base_config)
     pipeline.unet.eval()
@@ -229,10 +229,10 @@ def run_eval(
 
     def make_rows(name: str, ps: PromptSet):
         control = {} if controlnet is None else dict(controlnet_conditioning_scale=scale)
-        # A bar per batch, named by the prompt set: minutes without a word on a CPU (3 for the ControlNet suites).
-        show_denoising_steps(pipeline, f"sampling {name}")
-        return generate_per_prompt(pipeline, ps.prompts, images_per_prompt, seed, steps, guidance, resolution,
-                                   ps.conditions if controlnet is not None else None, **control)  # fmt: skip
+        # A bar per prompt set, named by it: minutes without a word on a CPU (3 for the ControlNet suites).
+        with denoising_bar(pipeline, f"sampling {name}", len(ps.prompts) * images_per_prompt * steps):
+            return generate_per_prompt(pipeline, ps.prompts, images_per_prompt, seed, steps, guidance, resolution,
+                                       ps.conditions if controlnet is not None else None, **control)  # fmt: skip
 
     with without_tf32():  # fp32 in full: TF32 would make a GPU's scores differ more from a CPU's
         result = _score(make_rows, suites, options)

@@ -36,8 +36,8 @@ from finetune.pipeline_io import METADATA_FILE
 from finetune.placement import inference_placement, place, placement_line
 from finetune.prompt_options import PromptSettings, guidance_notes, webui_syntax_notes, with_options
 from finetune.sampling import (
-    GRID_LABEL_WIDTH, adapters_clip_skip, adapters_max_token_length, build_pipeline, follow_adapters_schedule, generate_with_settings, make_grid,
-    read_prompts_as_trained, show_denoising_steps,
+    GRID_LABEL_WIDTH, adapters_clip_skip, adapters_max_token_length, build_pipeline, denoising_bar, follow_adapters_schedule, generate_with_settings,
+    make_grid, read_prompts_as_trained,
 )  # fmt: skip
 from finetune.sample_files import write_numbered
 from finetune.sources import Example
@@ -346,7 +346,6 @@ def sample_to_folder(
         print(f"note: this ControlNet was trained on {made} conditioning images (finetune make-conditions); --condition is used as it is: give one of that kind")
     condition_image = read_condition(condition) if controlnet is not None else None  # a bad one stops before the model loads
     pipeline = place(load_sampling_pipeline(base, lora, lora_scale, controlnet, base_config), *placement)
-    show_denoising_steps(pipeline)  # minutes for SD1.5 images on a CPU, which nothing between this line and the last said
     print(placement_line(*placement))
     resolution = resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     if resolution % 8:
@@ -357,8 +356,9 @@ def sample_to_folder(
     if controlnet is not None:
         control_image = fit_condition(condition_image, condition, resolution)
         control = dict(image=control_image, controlnet_conditioning_scale=1.0 if conditioning_scale is None else conditioning_scale)
-    try:
-        rows = generate_with_settings(pipeline, settings, num_images, resolution, **control)
+    try:  # a bar of the denoising steps: minutes for SD1.5 images on a CPU, which nothing between this line and the last said
+        with denoising_bar(pipeline, "sampling", sum(num_images * prompt.num_inference_steps for prompt in settings)):
+            rows = generate_with_settings(pipeline, settings, num_images, resolution, **control)
     except RuntimeError as err:  # torch.OutOfMemoryError on a GPU; a plain RuntimeError from the CPU's allocator
         if not (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)):
             raise

@@ -5,7 +5,7 @@ but in a file every redraw stays: a long run's log grew by megabytes on one endl
 choke on. Where stderr is not a terminal, the command line puts `ProgressLines` in front of it: each redraw becomes
 a line of its own, at most one per FINETUNE_PROGRESS_EVERY seconds (30 by default), plus each bar's last state as
 it ends. It works on the stream, so every bar a run draws follows it: the training bar, the data check's and class
-images' bars, diffusers' sampling bars, datasets' and transformers' bars. On a terminal nothing changes.
+images' bars, sample's and eval's sampling bars, datasets' and transformers' bars. On a terminal nothing changes.
 Bars that clear themselves on a terminal (the data check's, sampling's) ask `in_a_log()` and leave their last state
 there instead: a log showed their 0% line and never said they finished.
 """

@@ -44,12 +44,31 @@ def build_pipeline(
     return pipeline
 
 
-def show_denoising_steps(pipeline, what: str = "sampling") -> None:
-    """Each call's denoising steps as a bar named `what` (on stderr), cleared when the call is done, so the lines
-    around it stay as the README quotes them: an SD1.5 image takes minutes on a CPU, which nothing else says
-    (`finetune sample`, `finetune eval`; build_pipeline turns the bar off, for training's grids). In a log file
-    each call's bar ends on a line of its last state, which says it finished."""
-    pipeline.set_progress_bar_config(desc=what, leave=in_a_log())
+@contextlib.contextmanager
+def denoising_bar(pipeline, what: str, total: int):
+    """The denoising steps of every image `generate` makes with `pipeline` meanwhile, `total` of them (steps x images),
+    as one bar named `what` (on stderr), cleared when done, so the lines around it stay as the README quotes them: an
+    SD1.5 image takes minutes on a CPU, which nothing else says (`finetune sample`, `finetune eval`; training's grids
+    show none). One bar for all the pipeline calls: in a log file it ends on one line of its last state, which says it
+    finished, where diffusers' bar of each call (a few images) had left a line per call."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc=what, unit="step", leave=in_a_log()) as bar:
+        pipeline.finetune_denoising_bar = bar
+        try:
+            yield bar
+        finally:
+            del pipeline.finetune_denoising_bar
+
+
+def _counted_on(bar, images: int, then=None):
+    """A pipeline's callback_on_step_end adding a step of `images` images to `bar`, then calling `then` (the caller's)."""
+
+    def step_done(pipe, step, timestep, kwargs):
+        bar.update(images)
+        return then(pipe, step, timestep, kwargs) if then is not None else kwargs
+
+    return step_done
 
 
 def adapters_prediction_type(adapters: dict[str, dict[str, str]]) -> str | None:
@@ -226,8 +245,21 @@ def generate(
     for p in range(len(prompts)):
         by_chunks.setdefault(prompt_chunks(pipeline, [prompts[p], negatives[p]]), []).extend((p, k) for k in range(images_per_prompt))
 
+    bar = getattr(pipeline, "finetune_denoising_bar", None)  # `denoising_bar`'s
+
     def make(batch: list[tuple[int, int]]) -> list[Image.Image]:
         extra = dict(call_kwargs, image=[conditions[p] for p, _ in batch]) if conditions is not None else call_kwargs
+        if bar is None:
+            return call(batch, extra)
+        counted_before = bar.n
+        try:
+            return call(batch, dict(extra, callback_on_step_end=_counted_on(bar, len(batch), extra.get("callback_on_step_end"))))
+        except torch.OutOfMemoryError:  # a batch remade in halves counts once
+            bar.n = counted_before
+            bar.refresh()
+            raise
+
+    def call(batch: list[tuple[int, int]], extra: dict) -> list[Image.Image]:
         with autocast_for(pipeline):
             return pipeline(
                 **prompt_arguments(pipeline, [prompts[p] for p, _ in batch], [negatives[p] for p, _ in batch]),

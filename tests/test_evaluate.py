@@ -126,7 +126,7 @@ def test_finetune_cli_main_runs_eval(tiny_model, tmp_path, capsys):
     out = tmp_path / "eval.json"
     assert cli.main(["eval", "--base", str(tiny_model), "--suite", "adherence", "--num-prompts", "2", "--steps", "1", "--seed", "3", "--out", str(out)]) == 0
     printed, err = capsys.readouterr()
-    assert "sampling held_in:" in err and "/1 [" in err  # the steps as a bar, named by the prompt set: minutes without a word on a CPU
+    assert "sampling held_in:" in err and "/2 [" in err  # the steps (1 of 2 images) as a bar, named by the prompt set: minutes without a word on a CPU
     assert printed.splitlines()[-1] == f"wrote {out}"  # the bar, cleared, leaves the lines as they were
     report = json.loads(out.read_text())
     assert 0 <= report["metrics"]["adherence_all"] <= 1 and report["n"]["adherence_all"] == 2

@@ -117,9 +117,13 @@ def test_a_bad_interval_is_one_line(capsys, monkeypatch, tmp_path):
     )
 
 
-def test_diffusers_sampling_bar_follows_the_same_rule(capsys, tiny_model, tmp_path):
-    assert main(["sample", "--base", str(tiny_model), "--prompt", "a", "--steps", "3", "--num-images", "2", "--out", str(tmp_path / "s")]) == 0
+def test_the_sampling_bar_follows_the_same_rule_with_one_last_line_per_command(capsys, tiny_model, tmp_path):
+    """Prompts of other steps, and images past one call's pixels, are several pipeline calls: diffusers' bar of each
+    had left a line of its own (one per 2 SD1.5 images at 512 px), where one says the command finished."""
+    prompts = ["--prompt", "a", "--prompt", "b --s 2"]  # two calls: prompts of other steps are not batched together
+    assert main(["sample", "--base", str(tiny_model), *prompts, "--steps", "3", "--num-images", "2", "--out", str(tmp_path / "s")]) == 0
     err = capsys.readouterr().err
     assert "\r" not in err, repr(err)
     bars = [line for line in err.splitlines() if line.startswith("sampling:")]
-    assert bars and bars[-1].startswith("sampling: 100%") and " 3/3 " in bars[-1], bars  # its first state, and its last
+    assert len(bars) == 2 and bars[0].startswith("sampling:   0%"), bars  # its first state, and its last: 2 x 3 + 2 x 2 steps
+    assert bars[-1].startswith("sampling: 100%") and " 10/10 " in bars[-1], bars

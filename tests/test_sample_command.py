@@ -44,5 +44,5 @@ def test_sample_shows_the_denoising_steps_as_it_goes(capsys, tiny_model, tmp_pat
     """Nothing was said between the device line and the files written: minutes for SD1.5 images on a CPU."""
     assert main(["sample", "--base", str(tiny_model), "--prompt", "a", "--steps", "3", "--num-images", "2", "--out", str(tmp_path / "s")]) == 0
     out, err = capsys.readouterr()
-    assert "sampling:" in err and "/3 [" in err  # the bar of 3 steps (cleared at its end)
+    assert "sampling:" in err and "/6 [" in err  # the bar of 3 steps of 2 images (cleared at its end)
     assert out.splitlines()[-1].startswith("wrote 2 images and a grid:")  # the bar, cleared, leaves the lines as they were

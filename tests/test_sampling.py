@@ -96,3 +96,28 @@ def test_processes_sampling_in_lockstep_do_not_halve_alone(pipeline, monkeypatch
     assert small_gpu.tried == [2] and sampling.PIXELS_PER_CALL == 2 * 64 * 64
     generate(small_gpu, ["a red circle"], 2, 5, 2, 7.5, 64)  # outside it, halving again
     assert small_gpu.tried == [2, 2, 1, 1]
+
+
+class OutOfMemoryAfterAStep(CountedPipeline):
+    """The pipeline on a GPU that holds one image: a call of more runs one denoising step, then raises."""
+
+    def __call__(self, **kwargs):
+        if len(kwargs["generator"]) == 1:
+            return super().__call__(**kwargs)
+        step_done = kwargs["callback_on_step_end"]
+
+        def fail_after_the_step(pipe, step, timestep, values):
+            step_done(pipe, step, timestep, values)
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+        return self.pipeline(**{**kwargs, "callback_on_step_end": fail_after_the_step})
+
+
+def test_one_bar_counts_the_steps_of_every_call_and_a_batch_remade_in_halves_once(pipeline, monkeypatch):
+    monkeypatch.setattr(sampling, "PIXELS_PER_CALL", 2 * 64 * 64)
+    small_gpu = OutOfMemoryAfterAStep(pipeline)
+    with sampling.denoising_bar(small_gpu, "sampling", 2 * 3 + 2) as bar:
+        generate(small_gpu, ["a red circle"], 2, 5, 3, 7.5, 64)
+        generate(small_gpu, ["a blue square"], 1, 5, 2, 7.5, 64)  # a second call (as prompts of other steps are) on the same bar
+        assert bar.n == 2 * 3 + 2  # the failed call's step (2 images) taken back
+    assert not hasattr(small_gpu, "finetune_denoising_bar")  # later calls (training's grids) draw no bar
