@@ -161,7 +161,10 @@ def _lora_file(path: Path, root: Path) -> Adapter | None:
 def _model_folder(folder: Path, root: Path, files: list[str]) -> Adapter | None:
     if "model_index.json" in files:
         missing = [part for part in ("unet", "vae", "text_encoder") if not list((folder / part).glob("*.safetensors"))]
-        refused = f"{', '.join(missing)} weights are not .safetensors (pickle checkpoints are not loaded)" if missing else None
+        pickled = [part for part in missing if _holds_pickles(folder / part)]
+        absent = [part for part in missing if part not in pickled]  # no weights at all: said to be pickles, they were looked for in vain
+        refused = (f"{', '.join(pickled)} weights are not .safetensors (pickle checkpoints are not loaded)" if pickled
+                   else f"no {', '.join(absent)} weights (a copy cut short?): copy the pipeline folder again" if absent else None)  # fmt: skip
         try:  # a copy cut short, or a file edited by hand: loading it would fail only when chosen
             json.loads((folder / "model_index.json").read_text())
         except (OSError, ValueError):
@@ -179,6 +182,10 @@ def _model_folder(folder: Path, root: Path, files: list[str]) -> Adapter | None:
         refused = refused or conditioning_channels_problem(config)
         return Adapter(_relative(folder, root), "controlnet", folder, "diffusers", _folder_metadata(folder), refused)
     return None
+
+
+def _holds_pickles(folder: Path) -> bool:
+    return folder.is_dir() and any(path.suffix in PICKLE_SUFFIXES for path in folder.iterdir())
 
 
 def _folder_metadata(folder: Path) -> dict[str, str]:

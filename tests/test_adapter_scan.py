@@ -61,3 +61,19 @@ def test_damaged_run_files_are_listed_not_raised(tmp_path):
     assert sorted(adapters) == ["cut/pipeline", "half-copied", "plain-model/pipeline"]
     assert adapters["cut/pipeline"].metadata == adapters["plain-model/pipeline"].metadata == {}
     assert adapters["half-copied"].refused == "its model_index.json is not readable JSON (a copy cut short?): copy the pipeline folder again"
+
+
+def test_a_pipeline_missing_weights_is_not_said_to_hold_pickles(tmp_path):
+    """A pipeline copied without its UNet weights was refused as 'unet weights are not .safetensors (pickle checkpoints
+    are not loaded)': the user looked for a .bin that was not there. Pickles, where they are, are still named as such."""
+    for name in ("cut-short", "pickled"):
+        for part in ("unet", "vae", "text_encoder"):
+            (tmp_path / name / part).mkdir(parents=True)
+            (tmp_path / name / part / "config.json").write_text("{}")
+            if part != "unet":
+                (tmp_path / name / part / "model.safetensors").write_bytes(b"")
+        (tmp_path / name / "model_index.json").write_text("{}")
+    (tmp_path / "pickled" / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")
+    adapters = scan_adapters(tmp_path)
+    assert adapters["cut-short"].refused == "no unet weights (a copy cut short?): copy the pipeline folder again"
+    assert adapters["pickled"].refused == "unet weights are not .safetensors (pickle checkpoints are not loaded)"
