@@ -41,7 +41,7 @@ from finetune.merge import find_module
 from finetune.controlnet_folder import weights_variant
 from finetune.models import BaseModel, freeze, load_base_model
 from finetune.placement import inference_placement, place
-from finetune.prompt_options import PromptSettings, guidance_notes, webui_syntax_notes
+from finetune.prompt_options import PromptSettings, guidance_notes, unread_options_notes, webui_syntax_notes
 from finetune.sampling import adapters_clip_skip, adapters_max_token_length, adapters_prediction_type, adapters_zero_terminal_snr, build_pipeline, follow_adapters_schedule, generate, read_prompts_as_trained  # fmt: skip
 from finetune.views import cover_and_crop
 
@@ -226,7 +226,8 @@ class DemoEngine:
         seeds = [request.seed + r for r in range(request.rows)]
         asked = PromptSettings(request.prompt, request.negative_prompt, request.seed, request.guidance, request.steps)
         # A negative prompt at guidance 1 or below changes nothing (no classifier-free guidance): said, as sample says it.
-        notes = "".join(f"; note: {note}" for note in guidance_notes([asked], "the guidance") + webui_syntax_notes([asked]))
+        said = guidance_notes([asked], "the guidance") + webui_syntax_notes([asked]) + unread_options_notes([request.prompt, request.negative_prompt])
+        notes = "".join(f"; note: {note}" for note in said)
         return results, labels, seeds, summary_of(len(columns), request.rows, time.perf_counter() - started) + notes
 
 

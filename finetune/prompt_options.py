@@ -101,3 +101,15 @@ def webui_syntax_notes(settings: list[PromptSettings]) -> list[str]:
             others = f" (and {more} more prompt{'s' if more > 1 else ''})" if more else ""
             notes.append(f"'{found[0]}'{others} is the webui's {what}, which is not read here: {remedy}")
     return notes
+
+
+def unread_options_notes(texts: list[str]) -> list[str]:
+    """A note when texts that nothing parses for options (the demo's prompt boxes) hold sd-scripts' per-prompt options,
+    as a validation or sample prompt pasted there does: encoded as words they set nothing, and the image is another
+    than validation's or sample's for the same line."""
+    found = [f"--{option.strip()}" for text in texts if text for option in (" " + text).split(" --")[1:]
+             if option.strip().partition(" ")[0].lower() in (*OPTIONS, *IGNORED)]  # fmt: skip
+    if not found:
+        return []
+    return [f"'{found[0]}' is an option of validation's and sample's prompts, which is not read here: it is encoded as words; "
+            "set the negative prompt, seed, guidance and steps in their own fields"]  # fmt: skip

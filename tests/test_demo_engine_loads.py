@@ -44,3 +44,13 @@ def test_a_pipeline_picked_after_another_loads_once_the_other_is_let_go(engine, 
     monkeypatch.setattr(demo_engine, "load_base_model", loading)
     engine.render(Request(prompt="a red circle", steps=1, model="second/pipeline", include_base=False))
     assert alive_at_load == [False]
+
+
+def test_a_prompt_line_with_sample_options_is_said_to_be_read_as_words(engine):
+    """A validation or sample prompt pasted into the demo, "a red circle --n blurry --d 7", drew another image than
+    validation's with no word: the demo reads no options, and its text encoder read them as words."""
+    _, _, _, summary = engine.render(Request(prompt="a red circle --n blurry, dark --d 7", steps=1))
+    assert ("note: '--n blurry, dark' is an option of validation's and sample's prompts, which is not read here: it is encoded as "
+            "words; set the negative prompt, seed, guidance and steps in their own fields") in summary  # fmt: skip
+    _, _, _, summary = engine.render(Request(prompt="a red circle -- on a mat", negative_prompt="x --S 3", steps=1))
+    assert "'--S 3' is an option" in summary and "'-- on" not in summary
