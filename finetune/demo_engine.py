@@ -325,11 +325,15 @@ def _load_controlnet(folder: Path):
     """(the ControlNet, the UNet its run trained with it (controlnet.unlock_unet_decoder) or None)."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True, **weights_variant(folder))
-    controlnet = controlnet.eval().requires_grad_(False)
     decoder = unlocked_decoder_folder(folder)
-    unet = UNet2DConditionModel.from_pretrained(decoder, torch_dtype=torch.float32).eval().requires_grad_(False) if decoder else None
-    return controlnet, unet
+    # A file cut short (a copy or a run still writing) raised OSError, which the page shows as a bare "Error" with a
+    # traceback in the terminal: one line, as sample says it (inference.load_controlnet).
+    try:
+        controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True, **weights_variant(folder))
+        unet = UNet2DConditionModel.from_pretrained(decoder, torch_dtype=torch.float32).eval().requires_grad_(False) if decoder else None
+    except (OSError, ValueError) as err:
+        raise FinetuneError(f"could not load ControlNet {folder}: {str(err).splitlines()[0][:200]} (copied or written in part? press Rescan once it is whole)") from None
+    return controlnet.eval().requires_grad_(False), unet
 
 
 def _check_controlnet_fits(controlnet, unet, name: str, base: str) -> None:

@@ -54,3 +54,21 @@ def test_a_prompt_line_with_sample_options_is_said_to_be_read_as_words(engine):
             "words; set the negative prompt, seed, guidance and steps in their own fields") in summary  # fmt: skip
     _, _, _, summary = engine.render(Request(prompt="a red circle -- on a mat", negative_prompt="x --S 3", steps=1))
     assert "'--S 3' is an option" in summary and "'-- on" not in summary
+
+
+def test_a_controlnet_cut_short_is_one_line(engine, tiny_model, tmp_path):
+    """A ControlNet whose weights were cut short after the scan (a copy, or a run still writing) raised OSError, which the
+    page shows as a bare "Error" and a traceback in the demo's terminal."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from PIL import Image
+
+    from finetune.errors import FinetuneError
+    from finetune.methods.controlnet import save_model_folder
+
+    folder = tmp_path / "adapters" / "edges" / "controlnet"
+    save_model_folder(ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")), folder, {})
+    engine.rescan()
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(FinetuneError, match=f"^could not load ControlNet {folder}: .*press Rescan once it is whole"):
+        engine.render(Request(prompt="a red circle", steps=1, controlnet="edges/controlnet", conditioning_image=Image.new("RGB", (64, 64))))
