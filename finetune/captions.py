@@ -105,10 +105,19 @@ def metadata_text(path: Path) -> str:
     raw = path.read_bytes()
     encoding = caption_file_encoding(raw)
     try:
-        return raw.decode(encoding)
+        return without_nul_characters(raw.decode(encoding), str(path))
     except UnicodeDecodeError:
         raise FinetuneError(f"{path} is not {encoding.removesuffix('-sig').upper()} text: save it as UTF-8 "
                             "(Excel: 'CSV UTF-8'; most editors offer it under 'encoding')") from None  # fmt: skip
+
+
+def without_nul_characters(text: str, named: str) -> str:
+    """`text`, unless it holds NUL characters: valid UTF-8, but UTF-16 written without a byte-order mark reads
+    so ("a\\x00 \\x00c\\x00a\\x00t\\x00"), and would train as a caption of other tokens, unseen."""
+    if "\x00" in text:
+        raise FinetuneError(f"{named} holds NUL characters, as UTF-16 text without a byte-order mark does: save it as UTF-8 "
+                            "(most editors offer it under 'encoding')")  # fmt: skip
+    return text
 
 
 def split_at_line_ends(text: str) -> list[str]:
@@ -236,7 +245,7 @@ def sidecar_caption(image_path: Path) -> str | None:
     raw = sidecar.read_bytes()
     encoding = caption_file_encoding(raw)
     try:
-        return raw.decode(encoding).strip()
+        return without_nul_characters(raw.decode(encoding), f"caption {sidecar}").strip()
     except UnicodeDecodeError:
         raise FinetuneError(f"caption {sidecar} is not {encoding.removesuffix('-sig').upper()} text: "
                             "save it as UTF-8 (most editors offer it under 'encoding')") from None  # fmt: skip

@@ -68,6 +68,18 @@ def test_caption_files_are_decoded_by_their_byte_order_mark(tmp_path):
         captions(tmp_path)
 
 
+def test_utf_16_text_without_a_byte_order_mark_is_one_line_not_a_caption_of_nul_characters(tmp_path):
+    """Valid UTF-8 byte for byte ("a\\x00 \\x00d\\x00o\\x00g\\x00"), it trained as other tokens, unseen."""
+    noise(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes("a dog".encode("utf-16-le"))
+    with pytest.raises(FinetuneError, match=f"^caption {re.escape(str(tmp_path / 'a.txt'))} holds NUL characters, as UTF-16 text without a byte-order mark"):
+        captions(tmp_path)
+    (tmp_path / "a.txt").unlink()
+    (tmp_path / "metadata.jsonl").write_bytes((json.dumps({"file_name": "a.png", "text": "a dog"}) + "\n").encode("utf-16-be"))
+    with pytest.raises(FinetuneError, match=f"^{re.escape(str(tmp_path / 'metadata.jsonl'))} holds NUL characters"):
+        captions(tmp_path)
+
+
 def test_a_caption_file_is_found_in_either_unicode_form_and_any_letter_case(tmp_path):
     """macOS writes names decomposed (NFD), most tools composed (NFC); Windows keeps IMG_1.Txt's case: the file is there."""
     nfd, nfc = unicodedata.normalize("NFD", "café"), unicodedata.normalize("NFC", "café")
