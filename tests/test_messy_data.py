@@ -118,6 +118,13 @@ def test_datasets_with_lists_of_captions_or_paths_for_images_are_one_line(tmp_pa
 def test_paths_may_start_with_the_home_folder_and_bad_settings_name_their_key(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert DataConfig(image_dir="~/photos").image_dir == str(tmp_path / "photos")
+    # An environment variable, as a shell script has it (the output_dir was a folder named "$RUNS" in the current one).
+    monkeypatch.setenv("RUNS", str(tmp_path / "runs"))
+    assert DataConfig(image_dir="$RUNS/photos").image_dir == DataConfig(image_dir="${RUNS}/photos").image_dir == str(tmp_path / "runs" / "photos")
+    with pytest.raises(ValueError, match=r"names the environment variable \$DATA_ROOT, which is not set: set it, or write the path out"):
+        DataConfig(image_dir="${DATA_ROOT}/photos")
+    (tmp_path / "$5 prints").mkdir()  # a folder whose own name holds a $
+    assert DataConfig(image_dir=str(tmp_path / "$5 prints")).image_dir == str(tmp_path / "$5 prints")
     with pytest.raises(ValueError, match="data.bucketing is a section, not True: set data.bucketing.enabled: true"):
         DataConfig(image_dir="x", bucketing=True)
     for key in ("num_workers", "min_image_size"):

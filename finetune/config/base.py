@@ -4,6 +4,7 @@ value types several sections share."""
 from __future__ import annotations
 
 import os
+import re
 import types
 import typing
 from typing import Annotated, ClassVar, Iterable, Literal, Union
@@ -101,11 +102,23 @@ Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 # Sampling steps, as a prompt's --s: up to MAX_STEPS, within the schedulers' training timesteps (more was
 # diffusers' error at the first validation grid, after training up to it).
 SamplingSteps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
+# $NAME or ${NAME}: an environment variable in a path, as a shell reads it.
+ENVIRONMENT_VARIABLE = re.compile(r"\$(\w+)|\$\{(\w+)\}")
+
+
 def _a_path(value: str) -> str:
     # "" is the current folder to every file call: a base model, an output_dir or a cache there, never meant.
     if not value.strip():
         raise ValueError("is empty: give a file or folder path, or remove the key")
-    return os.path.expanduser(value)  # ~ is the user's home, as in a shell
+    value = os.path.expanduser(value)  # ~ is the user's home, as in a shell
+    # $DATA/photos, as a shell script has it, was a folder named "$DATA" in the current one (an output_dir
+    # made there, unseen). A file or folder whose own name holds a $ is left as it is.
+    if "$" in value and not os.path.exists(value):
+        unset = [match.group(1) or match.group(2) for match in ENVIRONMENT_VARIABLE.finditer(value) if (match.group(1) or match.group(2)) not in os.environ]
+        if unset:
+            raise ValueError(f"names the environment variable ${unset[0]}, which is not set: set it, or write the path out")
+        value = os.path.expandvars(value)
+    return value
 
 
 UserPath = Annotated[str, AfterValidator(_a_path)]  # a file or folder
