@@ -125,6 +125,9 @@ def conversions(image, alpha_is_mask: bool = False) -> list[str]:
     """What `upright_rgb` will do to this decoded image, in words (`alpha_is_mask`: its transparency is
     its loss mask, data.loss_mask.source alpha)."""
     done = []
+    # An animated WebP or PNG (APNG) trains its first frame; not a camera's MPO JPEG, whose second "frame" is its preview.
+    if image.format in ("WEBP", "PNG") and getattr(image, "n_frames", 1) > 1:
+        done.append(f"animated ({image.n_frames} frames): its first frame trains (save the frames to train as images of their own)")
     orientation = image.getexif().get(0x0112, 1)
     if orientation in range(2, 9):  # 1 is upright; other values are invalid, and ImageOps.exif_transpose ignores them
         done.append(f"EXIF orientation {orientation}: rotated upright")

@@ -191,3 +191,19 @@ def test_a_crop_that_keeps_little_of_its_image_is_said(tmp_path):
     assert [f.message for f in report_of(tmp_path).of_level(WARNING)] == [
         f"image {tmp_path / 'strip.png'} is 1000x64: its 64x64 center crop keeps 6% of it; data.bucketing.enabled: true trains it near its own shape"
     ]
+
+
+def test_an_animated_webp_or_png_is_said_to_train_its_first_frame(tmp_path):
+    """A sticker or a short loop saved from the web: one frame of it trains, which the check says."""
+    frames = [Image.new("RGB", (64, 64), colour) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    for name in ("loop.webp", "loop.png"):
+        frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:])
+        (tmp_path / name).with_suffix(".txt").write_text("a loop")
+        report = report_of(tmp_path)
+        said = [f.message for f in report.findings if f.level == CONVERTED and f.source == str(tmp_path / name)]
+        assert said == [f"image {tmp_path / name}: animated (3 frames): its first frame trains (save the frames to train as images of their own)"]
+        red, green, blue = decode(report.usable[0]).convert("RGB").getpixel((0, 0))  # the first frame's (WebP is lossy)
+        assert red > 200 and green < 50 and blue < 50
+        (tmp_path / name).unlink()
+    noise(tmp_path / "still.png")
+    assert not report_of(tmp_path).of_level(CONVERTED)
