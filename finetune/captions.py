@@ -286,8 +286,18 @@ def require_rows_with_images(images: list[Path], metadata: RowCaptions) -> None:
         return
     more = f" (and {len(unmatched) - 1} more: {', '.join(unmatched[1:4])}{', ...' if len(unmatched) > 4 else ''})" if len(unmatched) > 1 else ""
     nested = "; an image in a subfolder trains only as a data.folders entry, with a metadata file of its own" if "/" in unmatched[0] else ""
+    if (kind := unread_kind(images[0].parent / unmatched[0])) is not None:  # there, but not "not an image in its folder"
+        raise FinetuneError(f"{metadata.places[unmatched[0]]} names {unmatched[0]}, a {kind} file, which training does not read{more}: "
+                            "convert it to PNG or JPEG and write its new name in file_name, or remove the row")  # fmt: skip
     raise FinetuneError(f"{metadata.places[unmatched[0]]} names {unmatched[0]}, which is not an image in its folder{more}: "
                         f"fix file_name, or remove the row{nested}")  # fmt: skip
+
+
+def unread_kind(path: Path) -> str | None:
+    """The suffix of an image file that is there but of a kind training does not read (an animated .gif, an iPhone's .heic), or None."""
+    from finetune.sources import UNREAD_IMAGE_SUFFIXES  # here: sources.py builds on this module
+
+    return path.suffix.lower() if path.suffix.lower() in UNREAD_IMAGE_SUFFIXES and path.is_file() else None
 
 
 def dataset_of_row(source: str | Path) -> str | None:
