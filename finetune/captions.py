@@ -247,8 +247,24 @@ def sidecar_caption(image_path: Path) -> str | None:
     try:
         return without_nul_characters(raw.decode(encoding), f"caption {sidecar}").strip()
     except UnicodeDecodeError:
-        raise FinetuneError(f"caption {sidecar} is not {encoding.removesuffix('-sig').upper()} text: "
+        # A tool that wrote one in the system's code page wrote them all so: the count saves a run per file.
+        others = undecodable_caption_files(sidecar.parent) - 1
+        more = f" (nor are {others} more caption files in its folder)" if others > 0 else ""
+        raise FinetuneError(f"caption {sidecar} is not {encoding.removesuffix('-sig').upper()} text{more}: "
                             "save it as UTF-8 (most editors offer it under 'encoding')") from None  # fmt: skip
+
+
+def undecodable_caption_files(folder: Path) -> int:
+    """How many caption files in `folder` are not text in the encoding their byte-order mark (or its absence) says."""
+    count = 0
+    for path in folder.iterdir():
+        if path.name.lower().endswith(SIDECAR_SUFFIXES) and path.is_file():
+            raw = path.read_bytes()
+            try:
+                raw.decode(caption_file_encoding(raw))
+            except UnicodeDecodeError:
+                count += 1
+    return count
 
 
 # Byte-order marks and the encodings they announce (the marks are not part of the caption): Windows

@@ -63,6 +63,13 @@ def test_caption_files_are_decoded_by_their_byte_order_mark(tmp_path):
     (tmp_path / "le.txt").write_bytes("café".encode("latin-1"))
     with pytest.raises(FinetuneError, match=f"^caption {re.escape(str(tmp_path / 'le.txt'))} is not UTF-8 text: save it as UTF-8"):
         captions(tmp_path)
+    # A tool writing the system's code page wrote them all so: the line counts them, not one file a run.
+    for name, caption in (("be.txt", "café"), ("bom.txt", "naïve")):
+        (tmp_path / name).write_bytes(caption.encode("cp1252"))
+    with pytest.raises(FinetuneError, match=r"^caption .* is not UTF-8 text \(nor are 2 more caption files in its folder\): save it as UTF-8"):
+        captions(tmp_path)
+    for name in ("be.txt", "bom.txt"):
+        (tmp_path / name).write_text("cat")
     (tmp_path / "le.txt").write_bytes("\ufeffcafé".encode("utf-16-le")[:-1])  # cut in the middle of a character
     with pytest.raises(FinetuneError, match=f"^caption {re.escape(str(tmp_path / 'le.txt'))} is not UTF-16 text: save it as UTF-8"):
         captions(tmp_path)
