@@ -30,7 +30,7 @@ from finetune.epoch_uses import expand_repeats
 from finetune.errors import FinetuneError
 from finetune.images import decode, file_stamp, float_levels_problem, has_alpha, is_16_bit, pixel_digest, turned_on_its_side, upright_rgb
 from finetune.loss_mask import alpha_mask, image_sharing_mask, mask_area, mask_digest, mask_path, read_mask_file
-from finetune.sources import (Example, data_folders, folder_images, read_examples,
+from finetune.sources import (Example, data_folders, folder_entry_path, folder_images, read_examples,
                               unlisted_image_folders, unread_images)  # fmt: skip
 from finetune.views import cut, holds_8_bit_values, plan_cover_crop
 
@@ -283,7 +283,8 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
             message = f"data folder {folder} has subfolders with images ({names}), which are not read: {remedy} to train it"
             report.findings.append(Finding(WARNING, str(folder), message))
     for folder in unlisted_image_folders(config):
-        count, entry = len(folder_images(folder)), "{path: .}" if folder == Path(config.image_dir) else f"{{path: {json.dumps(folder.name, ensure_ascii=False)}}}"
+        path = folder_entry_path(folder, Path(config.image_dir))
+        count, entry = len(folder_images(folder)), "{path: .}" if path == "." else f"{{path: {json.dumps(path, ensure_ascii=False)}}}"
         message = (f"data folder {folder} holds {counted(count, 'image')} that no data.folders entry lists: {'it does' if count == 1 else 'they do'} "
                    f"not train (add {entry} with its repeats to data.folders to train {'it' if count == 1 else 'them'})")  # fmt: skip
         report.findings.append(Finding(WARNING, str(folder), message))

@@ -181,15 +181,23 @@ def uncaptioned_folder(folder: Path) -> bool:
 
 
 def unlisted_image_folders(config: DataConfig) -> list[Path]:
-    """With data.folders: image_dir itself and its subfolders that hold images and that no entry lists (an
-    sd-scripts user listing one of two `N_name` folders would not train the other, unseen)."""
+    """With data.folders: image_dir itself, its subfolders and those of each listed folder that hold images and
+    that no entry lists (an sd-scripts user listing one of two `N_name` folders would not train the other,
+    nor would `subject/closeups` train beside the listed `subject`, unseen)."""
     if not config.folders or not config.image_dir:
         return []
     root = Path(config.image_dir)
     listed = data_folders(config)
     candidates = ([root] if folder_images(root) else []) + image_subfolders(root, config)
+    candidates += [sub for folder in listed for sub in image_subfolders(folder, config) if not any(os.path.samefile(sub, seen) for seen in candidates)]
     # samefile: one folder however its name is written (case or Unicode form, on file systems that ignore them).
     return [folder for folder in candidates if not any(os.path.samefile(folder, other) for other in listed)]
+
+
+def folder_entry_path(folder: Path, root: Path) -> str:
+    """`folder` as a data.folders path: from image_dir `root` ("." for itself, "subject/closeups"), else absolute."""
+    inside = os.path.relpath(os.path.abspath(folder), os.path.abspath(root))
+    return os.path.abspath(folder) if inside == ".." or inside.startswith(".." + os.sep) else PurePosixPath(Path(inside)).as_posix()
 
 
 def unread_images(folder: Path, config: DataConfig) -> tuple[list[Path], list[Path]]:

@@ -109,6 +109,21 @@ def test_a_folder_of_kohya_folders_gets_the_data_folders_it_needs_and_an_unliste
     assert "masks" not in out
 
 
+def test_a_subfolder_of_a_listed_folder_that_no_entry_lists_is_said(tmp_path, capsys):
+    """Only the images directly in an entry's folder train: subject/closeups beside subject's own images trained nothing, unseen."""
+    for name in ("0.png", "1.png"):
+        captioned(tmp_path / "subject", name)
+        captioned(tmp_path / "subject" / "closeups", "c" + name)
+    captioned(tmp_path / "subject" / "masks", "0.png")  # its masks are no image folder
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"data:\n  image_dir: {tmp_path}\n  resolution: 64\n  folders: [{{path: subject, repeats: 2}}]\n")
+    assert main(["check-data", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert (f'warning: data folder {tmp_path / "subject" / "closeups"} holds 2 images that no data.folders entry lists: they do not train '
+            '(add {path: "subject/closeups"} with its repeats to data.folders to train them)') in out  # fmt: skip
+    assert "masks" not in out
+
+
 def test_a_copy_left_out_by_its_mask_is_not_named_as_a_copy(tmp_path):
     folder = tmp_path / "masked"
     for name in ("a.png", "b.png", "c.png"):
