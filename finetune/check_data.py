@@ -278,7 +278,7 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
                        f"convert {'it' if len(files) == 1 else 'them'} to PNG or JPEG")
             report.findings.append(Finding(WARNING, str(folder), message))
         if subfolders:
-            names = ", ".join(path.name for path in subfolders[:5]) + (f" and {len(subfolders) - 5} more" if len(subfolders) > 5 else "")
+            names = ", ".join(path.relative_to(folder).as_posix() for path in subfolders[:5]) + (f" and {len(subfolders) - 5} more" if len(subfolders) > 5 else "")
             remedy = "add each as a concept of its own" if config._image_dir_key.startswith("dreambooth") else "list each in data.folders (with its repeats)"
             message = f"data folder {folder} has subfolders with images ({names}), which are not read: {remedy} to train it"
             report.findings.append(Finding(WARNING, str(folder), message))

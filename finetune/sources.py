@@ -94,7 +94,7 @@ def _folder_examples(config: DataConfig) -> list[Example]:
         folder = root / settings.path
         key = config._image_dir_key if not config.folders else f"data.folders path '{settings.path}'"
         images = folder_images(folder)
-        if not images and (subfolders := image_subfolders(folder, config)):
+        if not images and (subfolders := image_subfolders(folder, config, SAID_SUBFOLDER_DEPTH)):
             raise FinetuneError(subfolders_message(folder, subfolders, config, settings.path if config.folders else None))
         if not images and (unread := unread_images(folder, config)[0]):  # an iPhone's .HEIC photos: not "no images"
             kinds = ", ".join(sorted({path.suffix.lower() for path in unread}))
@@ -138,25 +138,34 @@ def data_folders(config: DataConfig) -> list[Path]:
     return list(folders.values())
 
 
-def image_subfolders(folder: Path, config: DataConfig) -> list[Path]:
+def image_subfolders(folder: Path, config: DataConfig, depth: int = 1) -> list[Path]:
     """Subfolders of `folder` that hold images, but not its masks or conditioning images (nor a subfolder its
-    metadata file points into: ControlNet's `conditioning_images/` holds the images' partners)."""
+    metadata file points into: ControlNet's `conditioning_images/` holds the images' partners); `depth` levels
+    down (not into links below the first: a link to a folder above would loop)."""
     own = (config.loss_mask.folder, "conditioning", *metadata_subfolders(folder))
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in own and folder_images(p))
+    found = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in own):
+        found += ([sub] if folder_images(sub) else []) + (image_subfolders(sub, config, depth - 1) if depth > 1 and not sub.is_symlink() else [])
+    return found
+
+
+# How far down the check looks for images that are not read: a phone's export by year and month is two down.
+SAID_SUBFOLDER_DEPTH = 3
 
 
 def subfolders_message(folder: Path, subfolders: list[Path], config: DataConfig, entry: str | None = None) -> str:
     """For a folder of image folders only, as sd-scripts' train_data_dir holds them (`10_sks dog`: 10 repeats);
     `entry` is the data.folders path that names it, if one does."""
-    names = ", ".join(p.name for p in subfolders[:5]) + (f" and {len(subfolders) - 5} more" if len(subfolders) > 5 else "")
+    paths = [path.relative_to(folder).as_posix() for path in subfolders]  # "2023/jan" for a folder two down
+    names = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
     root = None if config.caption is not None else Path(config.image_dir)  # where uncaptioned folders get a template (not with data.caption)
     if config._image_dir_key.startswith("dreambooth"):
         return f"data folder {folder} has no images of its own, only subfolders with images ({names}): give each its own concept (instance_dir)"
     if entry is not None:  # only the images directly in a data.folders entry are read
         return (f"data folder {folder} has no images of its own, only subfolders with images ({names}): list each as its own data.folders "
-                f"entry in place of path '{entry}', e.g. {folders_entries([(PurePosixPath(entry) / path.name).as_posix() for path in subfolders], root)}")  # fmt: skip
+                f"entry in place of path '{entry}', e.g. {folders_entries([(PurePosixPath(entry) / path).as_posix() for path in paths], root)}")  # fmt: skip
     return (f"data folder {folder} has no images of its own, only subfolders with images ({names}): list each with its repeats "
-            f"in the recipe's data section, e.g. {folders_entries([path.name for path in subfolders], root)}")  # fmt: skip
+            f"in the recipe's data section, e.g. {folders_entries(paths, root)}")  # fmt: skip
 
 
 def folders_entries(names: list[str], root: Path | None = None) -> str:
@@ -188,8 +197,9 @@ def unlisted_image_folders(config: DataConfig) -> list[Path]:
         return []
     root = Path(config.image_dir)
     listed = data_folders(config)
-    candidates = ([root] if folder_images(root) else []) + image_subfolders(root, config)
-    candidates += [sub for folder in listed for sub in image_subfolders(folder, config) if not any(os.path.samefile(sub, seen) for seen in candidates)]
+    candidates = ([root] if folder_images(root) else []) + image_subfolders(root, config, SAID_SUBFOLDER_DEPTH)
+    candidates += [sub for folder in listed for sub in image_subfolders(folder, config, SAID_SUBFOLDER_DEPTH)
+                   if not any(os.path.samefile(sub, seen) for seen in candidates)]  # fmt: skip
     # samefile: one folder however its name is written (case or Unicode form, on file systems that ignore them).
     return [folder for folder in candidates if not any(os.path.samefile(folder, other) for other in listed)]
 
@@ -208,7 +218,7 @@ def unread_images(folder: Path, config: DataConfig) -> tuple[list[Path], list[Pa
     if files:  # not ControlNet's 16-bit depth TIFFs beside their images: the metadata names them as conditioning images
         partners = metadata_partner_files(folder)
         files = [p for p in files if name_key(p.name) not in partners]
-    return files, [] if config.folders else image_subfolders(folder, config)
+    return files, [] if config.folders else image_subfolders(folder, config, SAID_SUBFOLDER_DEPTH)
 
 
 def _images_of_folder(folder: Path, images: list[Path], settings: FolderConfig, config: DataConfig) -> list[Example]:

@@ -45,6 +45,23 @@ def test_hidden_files_are_not_images_and_unread_kinds_and_subfolders_are_said(tm
     ]
 
 
+def test_images_two_folders_down_are_said_as_a_phones_export_by_year_and_month_holds_them(tmp_path):
+    """2023/jan/*.jpg, with no image in 2023 itself: its photos trained nothing, unseen, or the folder "had no images"."""
+    (tmp_path / "2023" / "jan").mkdir(parents=True)
+    noise(tmp_path / "2023" / "jan" / "b.png")
+    (tmp_path / "2023" / "jan" / "b.txt").write_text("b")
+    with pytest.raises(FinetuneError, match=r"has no images of its own, only subfolders with images \(2023/jan\): list each with its repeats in "
+                                            r"the recipe's data section, e.g. folders: \[\{path: \"2023/jan\", repeats: 1\}\]$"):  # fmt: skip
+        read_examples(DataConfig(image_dir=str(tmp_path), resolution=64))
+    noise(tmp_path / "a.png", seed=1)
+    (tmp_path / "a.txt").write_text("a")
+    assert [finding.message for finding in report_of(tmp_path).of_level(WARNING)] == [
+        f"data folder {tmp_path} has subfolders with images (2023/jan), which are not read: list each in data.folders (with its repeats) to train it"
+    ]
+    (tmp_path / "2023" / "jan" / "up").symlink_to(tmp_path, target_is_directory=True)  # a link to a folder above: not followed down
+    assert "(2023/jan, 2023/jan/up), which" in report_of(tmp_path).of_level(WARNING)[0].message
+
+
 def test_metadata_rows_match_their_own_file_and_a_row_twice_is_one_line(tmp_path):
     noise(tmp_path / "c.png")
     (tmp_path / "sub").mkdir()
