@@ -9,7 +9,6 @@ never changes the crops and flips an image gets.
 
 from __future__ import annotations
 
-import codecs
 import csv
 import functools
 import io
@@ -23,6 +22,7 @@ import numpy as np
 from finetune.config import DataConfig
 from finetune.errors import FinetuneError
 from finetune.file_names import loose_name_key, name_key, row_image_key
+from finetune.text_encodings import caption_file_encoding, undecodable_files, without_nul_characters
 
 CAPTION_PLACEHOLDER = "{caption}"
 DATASET_ROW = "dataset {name} row {row}"  # the source of a dataset's example (a folder's is its file's path)
@@ -109,15 +109,6 @@ def metadata_text(path: Path) -> str:
     except UnicodeDecodeError:
         raise FinetuneError(f"{path} is not {encoding.removesuffix('-sig').upper()} text: save it as UTF-8 "
                             "(Excel: 'CSV UTF-8'; most editors offer it under 'encoding')") from None  # fmt: skip
-
-
-def without_nul_characters(text: str, named: str) -> str:
-    """`text`, unless it holds NUL characters: valid UTF-8, but UTF-16 written without a byte-order mark reads
-    so ("a\\x00 \\x00c\\x00a\\x00t\\x00"), and would train as a caption of other tokens, unseen."""
-    if "\x00" in text:
-        raise FinetuneError(f"{named} holds NUL characters, as UTF-16 text without a byte-order mark does: save it as UTF-8 "
-                            "(most editors offer it under 'encoding')")  # fmt: skip
-    return text
 
 
 def split_at_line_ends(text: str) -> list[str]:
@@ -248,35 +239,10 @@ def sidecar_caption(image_path: Path) -> str | None:
         return without_nul_characters(raw.decode(encoding), f"caption {sidecar}").strip()
     except UnicodeDecodeError:
         # A tool that wrote one in the system's code page wrote them all so: the count saves a run per file.
-        others = undecodable_caption_files(sidecar.parent) - 1
+        others = undecodable_files([p for p in sidecar.parent.iterdir() if p.name.lower().endswith(SIDECAR_SUFFIXES) and p.is_file()]) - 1
         more = f" (nor are {others} more caption files in its folder)" if others > 0 else ""
         raise FinetuneError(f"caption {sidecar} is not {encoding.removesuffix('-sig').upper()} text{more}: "
                             "save it as UTF-8 (most editors offer it under 'encoding')") from None  # fmt: skip
-
-
-def undecodable_caption_files(folder: Path) -> int:
-    """How many caption files in `folder` are not text in the encoding their byte-order mark (or its absence) says."""
-    count = 0
-    for path in folder.iterdir():
-        if path.name.lower().endswith(SIDECAR_SUFFIXES) and path.is_file():
-            raw = path.read_bytes()
-            try:
-                raw.decode(caption_file_encoding(raw))
-            except UnicodeDecodeError:
-                count += 1
-    return count
-
-
-# Byte-order marks and the encodings they announce (the marks are not part of the caption): Windows
-# Notepad's "Unicode" is UTF-16 with one, its "UTF-8 with BOM" starts with one too. UTF-32's marks come
-# first, as UTF-32 LE's starts with UTF-16 LE's.
-BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
-                    (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))  # fmt: skip
-
-
-def caption_file_encoding(raw: bytes) -> str:
-    """The encoding of a caption file's bytes: the one its byte-order mark announces, else UTF-8."""
-    return next((encoding for mark, encoding in BYTE_ORDER_MARKS if raw.startswith(mark)), "utf-8-sig")
 
 
 def require_own_sidecars(images: list[Path], metadata: dict[str, str]) -> None:
