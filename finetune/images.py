@@ -38,8 +38,30 @@ def decode(example: Example, at_least: int | None = None) -> Image.Image:
     except Exception as err:  # PIL raises many types for broken files
         if os.path.islink(example.source) and not os.path.exists(example.source):  # what it links to was moved or deleted
             raise FinetuneError(f"image {example.source} is a link to {os.readlink(example.source)}, which is not there: fix the link or remove it") from None
-        raise FinetuneError(f"image {example.source} cannot be read ({err.__class__.__name__}: {err}): fix or remove it") from None
+        raise FinetuneError(unreadable_message(example.source, err)) from None
     return image
+
+
+# Brands of the HEIF container (an iPhone's photos) at bytes 8-12, after "ftyp" at 4-8.
+HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+
+
+def unreadable_message(source: str, err: Exception) -> str:
+    """Why an image file cannot be read, in the terms of what its user did: an empty file, a phone's HEIC photo
+    renamed .jpg and a photo over the pixel limit are told apart from a damaged file."""
+    if isinstance(err, Image.DecompressionBombError):
+        return (f"image {source} has more pixels than training reads ({2 * TRUSTED_IMAGE_PIXELS // 1_000_000} megapixels; {err}): "
+                "downscale it, or remove it")  # fmt: skip
+    try:
+        with open(source, "rb") as file:
+            head = file.read(12)
+    except (OSError, ValueError):  # a dataset row, or a file gone since
+        head = None
+    if head == b"":  # a copy or download cut off before its first byte; OneDrive's and iCloud's placeholders read so too
+        return f"image {source} is empty (0 bytes: a copy or download that did not finish?): copy it again, or remove it"
+    if head is not None and head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
+        return f"image {source} is a HEIC photo (as iPhones save them) under another name: convert it to JPEG or PNG"
+    return f"image {source} cannot be read ({err.__class__.__name__}: {err}): fix or remove it"
 
 
 def float_levels_problem(image: Image.Image, named: str) -> str | None:

@@ -69,6 +69,13 @@ def test_not_an_image_at_all_is_named(tmp_path):
     (tmp_path / "fake.txt").write_text("fake")
     with pytest.raises(FinetuneError, match=r"image .*fake\.jpg cannot be read"):
         load_examples(DataConfig(image_dir=str(tmp_path), resolution=64))
+    # An empty file (a copy cut off) and an iPhone's HEIC photo renamed .jpg say what they are, not only Pillow's "cannot identify".
+    (tmp_path / "fake.jpg").write_bytes(b"")
+    with pytest.raises(FinetuneError, match=r"image .*fake\.jpg is empty \(0 bytes: a copy or download that did not finish\?\): copy it again, or remove it, or set data.skip_bad_images"):
+        load_examples(DataConfig(image_dir=str(tmp_path), resolution=64))
+    (tmp_path / "fake.jpg").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(100))
+    with pytest.raises(FinetuneError, match=r"image .*fake\.jpg is a HEIC photo \(as iPhones save them\) under another name: convert it to JPEG or PNG, or set data.skip_bad_images"):
+        load_examples(DataConfig(image_dir=str(tmp_path), resolution=64))
 
 
 def test_tiny_image_is_an_error(tmp_path):
