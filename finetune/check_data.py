@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from finetune.buckets import Size, assign_buckets, bucket_counts_line, either, ways_to_fill_a_batch
-from finetune.captions import caption_alternative, caption_lines, empty_caption_message, missing_caption_message
+from finetune.captions import caption_alternative, caption_lines, empty_caption_message, missing_caption_message, shadowed_caption_files
 from finetune.check_threads import each_on_threads
 from finetune.config import DataConfig, Recipe
 from finetune.counts import counted
@@ -271,6 +271,8 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
             message = f"image {sources[0]} has the same pixels as {others}: each copy trains as its own image ({_copies_remedy(config)})"
             report.findings.append(Finding(WARNING, sources[0], message))
     for folder in data_folders(config):
+        if message := shadowed_caption_files(folder, config):
+            report.findings.append(Finding(WARNING, str(folder), message))
         files, subfolders = unread_images(folder, config)
         if files:
             kinds = ", ".join(sorted({path.suffix.lower() for path in files}))

@@ -110,6 +110,25 @@ def test_a_name_in_either_unicode_form_finds_its_metadata_row(tmp_path, file_for
     assert names_and_captions(DataConfig(image_dir=str(tmp_path), resolution=64)) == [(image.name, "a cup")]  # not "names no image" either
 
 
+def test_caption_files_a_metadata_row_overrides_are_said_when_they_differ(tmp_path):
+    """A tagger's .txt files written into a folder that has a metadata.jsonl did not train, unseen: the row wins."""
+    from finetune.check_data import WARNING, inspect_examples
+    from finetune.sources import read_examples
+
+    def warnings(**settings):
+        config = DataConfig(image_dir=str(tmp_path), resolution=64, **settings)
+        return [f.message for f in inspect_examples(read_examples(config), config, "data").of_level(WARNING)]
+
+    for name, colour in (("a.png", "red"), ("b.png", "blue"), ("c.png", "green")):
+        write_image(tmp_path / name, colour)
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": "old tags"}) + "\n" for n in ("a.png", "b.png", "c.png")))
+    (tmp_path / "a.txt").write_text("old tags\n")  # the same caption: nothing to say
+    (tmp_path / "b.txt").write_text("new tags")
+    assert warnings() == [f"data folder {tmp_path}: 1 caption file (b.txt) differs from metadata.jsonl, whose rows caption those images and "
+                          "train: the files are not read; remove the metadata file to train them, or the files to keep the rows"]
+    assert warnings(caption="one prompt") == []  # neither is read
+
+
 def test_metadata_csv_needs_its_columns_and_is_exclusive_with_jsonl(tmp_path):
     write_image(tmp_path / "a.png")
     (tmp_path / "metadata.csv").write_text("name,caption\na.png,x\n")
