@@ -85,6 +85,8 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
         return f"a tab on {where}: use spaces there (YAML takes no tabs in indentation or between tokens)"
     context = f" ({err.context} from line {err.context_mark.line + 1})" if getattr(err, "context", None) and err.context_mark else ""
     hint = "; a value with ': ' in it? quote it (or an indent is off)" if err.problem.startswith("mapping values are not allowed") else ""
+    if "escape" in err.problem and "double-quoted" in (err.context or ""):  # "C:\Users\me": \U starts an escape
+        hint = "; a Windows path? in double quotes a backslash starts an escape: write it in single quotes ('C:\\data'), or with forward slashes"
     return f"{err.problem} on {where}{context}{hint}"
 
 

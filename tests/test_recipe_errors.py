@@ -32,6 +32,13 @@ def test_a_path_still_expands_the_home_folder():
     assert recipe_from_dict(recipe_with("output_dir", "~/runs/x")).output_dir.endswith("/runs/x")
 
 
+def test_a_windows_path_whose_backslashes_yaml_read_as_escapes_is_one_line():
+    """"C:\\new\\train" in double quotes is C: newline ew tab rain to YAML: no such folder, said over two lines."""
+    with pytest.raises(FinetuneError, match=r"key 'output_dir': holds a line break or a tab: a Windows path in double quotes\? there a backslash "
+                                            r"starts an escape \(\\n, \\t\): write it in single quotes, or with forward slashes"):  # fmt: skip
+        recipe_from_dict(recipe_with("output_dir", "C:\new\train"))
+
+
 def test_an_empty_base_config_option_is_one_line():
     with pytest.raises(FinetuneError, match=r"^--base-config is empty: give the diffusers folder or hub id whose configs describe the --base file"):
         ModelConfig.from_option("model.safetensors", "")
@@ -45,6 +52,10 @@ def test_an_empty_base_config_option_is_one_line():
         ("method: [lora\n", "expected ',' or ']', but got '<stream end>' on line 2, column 1 (while parsing a flow sequence from line 1)"),
         ("data:\n  caption: a photo: sks\n", "mapping values are not allowed here on line 2, column 19; a value with ': ' in it? quote it (or an indent is off)"),
         ("method: lora\nmethod: full\n", "key 'method' is given twice in one section (again on line 2): keep one"),
+        # A Windows path in double quotes: \U starts an escape.
+        ('data:\n  image_dir: "C:\\Users\\me"\n', "expected escape sequence of 8 hexadecimal numbers, but found 's' on line 2, column 19 (while "
+                                                  "scanning a double-quoted scalar from line 2); a Windows path? in double quotes a backslash starts "
+                                                  "an escape: write it in single quotes ('C:\\data'), or with forward slashes"),  # fmt: skip
     ],
 )
 def test_a_yaml_error_names_its_line_and_problem(text, said, tmp_path):

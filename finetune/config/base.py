@@ -110,6 +110,9 @@ def _a_path(value: str) -> str:
     # "" is the current folder to every file call: a base model, an output_dir or a cache there, never meant.
     if not value.strip():
         raise ValueError("is empty: give a file or folder path, or remove the key")
+    if any(ord(character) < 32 for character in value):  # "C:\new\train" in double quotes: YAML reads \n and \t as such
+        raise ValueError("holds a line break or a tab: a Windows path in double quotes? there a backslash starts an escape (\\n, \\t): "
+                         "write it in single quotes, or with forward slashes")  # fmt: skip
     value = os.path.expanduser(value)  # ~ is the user's home, as in a shell
     # $DATA/photos, as a shell script has it, was a folder named "$DATA" in the current one (an output_dir
     # made there, unseen). A file or folder whose own name holds a $ is left as it is.
