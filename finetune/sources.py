@@ -145,7 +145,10 @@ def image_subfolders(folder: Path, config: DataConfig, depth: int = 1) -> list[P
     own = (config.loss_mask.folder, "conditioning", *metadata_subfolders(folder))
     found = []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in own):
-        found += ([sub] if folder_images(sub) else []) + (image_subfolders(sub, config, depth - 1) if depth > 1 and not sub.is_symlink() else [])
+        try:
+            found += ([sub] if folder_images(sub) else []) + (image_subfolders(sub, config, depth - 1) if depth > 1 and not sub.is_symlink() else [])
+        except PermissionError:  # a drive's root-only lost+found: none of the user's images are there
+            continue
     return found
 
 

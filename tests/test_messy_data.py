@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,6 +61,22 @@ def test_images_two_folders_down_are_said_as_a_phones_export_by_year_and_month_h
     ]
     (tmp_path / "2023" / "jan" / "up").symlink_to(tmp_path, target_is_directory=True)  # a link to a folder above: not followed down
     assert "(2023/jan, 2023/jan/up), which" in report_of(tmp_path).of_level(WARNING)[0].message
+
+
+def test_a_subfolder_that_cannot_be_listed_is_passed_over(tmp_path, monkeypatch):
+    """A drive's root-only lost+found beside the images: no image of the user's is there, and it stopped the check."""
+    noise(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "lost+found").mkdir()
+    listing = Path.iterdir
+
+    def refused(folder):
+        if folder.name == "lost+found":
+            raise PermissionError(13, "Permission denied", str(folder))
+        return listing(folder)
+
+    monkeypatch.setattr(Path, "iterdir", refused)
+    assert [example.source for example in report_of(tmp_path).usable] == [str(tmp_path / "a.png")]
 
 
 def test_metadata_rows_match_their_own_file_and_a_row_twice_is_one_line(tmp_path):
