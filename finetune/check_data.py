@@ -17,9 +17,10 @@ command that prints it is finetune/check_data_command.py.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from finetune.buckets import Size, assign_buckets, bucket_counts_line, either, ways_to_fill_a_batch
 from finetune.captions import caption_alternative, caption_lines, empty_caption_message, missing_caption_message, shadowed_caption_files
@@ -30,7 +31,7 @@ from finetune.epoch_uses import expand_repeats
 from finetune.errors import FinetuneError
 from finetune.images import decode, file_stamp, float_levels_problem, has_alpha, is_16_bit, pixel_digest, turned_on_its_side, upright_rgb
 from finetune.loss_mask import alpha_mask, image_sharing_mask, mask_area, mask_digest, mask_path, read_mask_file
-from finetune.sources import (Example, data_folders, folder_entry_path, folder_images, read_examples,
+from finetune.sources import (Example, data_folders, folder_images, read_examples,
                               unlisted_image_folders, unread_images)  # fmt: skip
 from finetune.views import cut, holds_8_bit_values, plan_cover_crop
 
@@ -293,6 +294,12 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
     if config.skip_bad_images:
         skip_fatal(report)
     return report
+
+
+def folder_entry_path(folder: Path, root: Path) -> str:
+    """`folder` as a data.folders path: from image_dir `root` ("." for itself, "subject/closeups"), else absolute."""
+    inside = os.path.relpath(os.path.abspath(folder), os.path.abspath(root))
+    return os.path.abspath(folder) if inside == ".." or inside.startswith(".." + os.sep) else PurePosixPath(Path(inside)).as_posix()
 
 
 def _copies_remedy(config: DataConfig) -> str:

@@ -207,12 +207,6 @@ def unlisted_image_folders(config: DataConfig) -> list[Path]:
     return [folder for folder in candidates if not any(os.path.samefile(folder, other) for other in listed)]
 
 
-def folder_entry_path(folder: Path, root: Path) -> str:
-    """`folder` as a data.folders path: from image_dir `root` ("." for itself, "subject/closeups"), else absolute."""
-    inside = os.path.relpath(os.path.abspath(folder), os.path.abspath(root))
-    return os.path.abspath(folder) if inside == ".." or inside.startswith(".." + os.sep) else PurePosixPath(Path(inside)).as_posix()
-
-
 def unread_images(folder: Path, config: DataConfig) -> tuple[list[Path], list[Path]]:
     """(image files of kinds training does not read, subfolders holding images) in `folder`: said, so that
     no image a user put there is left out unseen. Subfolders count for data.image_dir alone (without
