@@ -125,9 +125,10 @@ def lenient_metadata_text(path: Path) -> str:
 
 
 def csv_delimiter(text: str) -> str:
-    """A tab where the header row has tabs and no comma (Excel's "Unicode text" separates columns by tabs), else a comma."""
+    """The header row's separator: a comma, else a tab (Excel's "Unicode text") or a semicolon (Excel's CSV where a
+    comma is the decimal mark: German, French, ...), which the header holds in place of commas."""
     header = text.split("\n", 1)[0]
-    return "\t" if "\t" in header and "," not in header else ","
+    return next((mark for mark in ("\t", ";") if mark in header), ",") if "," not in header else ","
 
 
 def folder_captions(folder: Path, column: str = "text") -> RowCaptions:

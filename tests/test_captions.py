@@ -36,6 +36,9 @@ def test_metadata_csv_captions(tmp_path):
     (tmp_path / "metadata.csv").write_text('file_name,text\na.png,"a red square, flat"\n', encoding="utf-8")
     got = names_and_captions(DataConfig(image_dir=str(tmp_path), resolution=64))
     assert got == [("a.png", "a red square, flat"), ("b.png", "from the sidecar")]
+    # Excel's CSV where a comma is the decimal mark (German, French) separates columns by semicolons: it "had no file_name column".
+    (tmp_path / "metadata.csv").write_text('file_name;text\na.png;a red square, flat\n', encoding="utf-8-sig")
+    assert names_and_captions(DataConfig(image_dir=str(tmp_path), resolution=64))[0] == ("a.png", "a red square, flat")
     # sd-scripts' .caption sidecars too; .txt first where both are.
     write_image(tmp_path / "c.png", "green")
     (tmp_path / "c.caption").write_text("from a kohya dataset\n")
