@@ -86,13 +86,16 @@ def read_csv_captions(path: Path, column: str = "text") -> RowCaptions:
     if not path.is_file():
         return RowCaptions()
     text = metadata_text(path)
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text))
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text), skipinitialspace=True)
     columns = reader.fieldnames or []
     if "file_name" not in columns or column not in columns:
         raise FinetuneError(f"{path} must have a header row with 'file_name' and '{column}' columns (has: {', '.join(columns) or 'none'}): "
                             "rename the column, or set data.caption_column to the caption's")  # fmt: skip
     captions, rows = RowCaptions(), {}
     for row_number, row in enumerate(reader, start=2):  # the header is row 1
+        if row.get(None):  # cells past the header's: the commas of a caption not in quotes split it ("1girl" of 1girl, solo)
+            raise FinetuneError(f"{path} row {row_number} has more cells than its header ({', '.join(columns)}): a caption with commas must be "
+                                'in double quotes ("1girl, solo, smile"), as a spreadsheet writes it')  # fmt: skip
         if row["file_name"]:
             _add_row(captions, rows, path, f"row {row_number}", row["file_name"], (row[column] or "").strip())
     return captions
@@ -177,7 +180,7 @@ def metadata_rows(folder: Path) -> list[dict]:
         return []
     text = lenient_metadata_text(path)
     if path.suffix == ".csv":
-        return list(csv.DictReader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text)))
+        return list(csv.DictReader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text), skipinitialspace=True))
     rows = []
     for line in split_at_line_ends(text):
         try:

@@ -292,7 +292,7 @@ def _input_rows(source: Path) -> dict[str, dict]:
         rows = [json.loads(line) for line in split_at_line_ends(metadata_text(jsonl)) if line.strip()]  # read_metadata_captions checked each
     elif table.is_file():
         text = metadata_text(table)
-        rows = [row for row in csv.DictReader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text)) if row["file_name"]]
+        rows = [row for row in csv.DictReader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text), skipinitialspace=True) if row["file_name"]]
     else:
         return {}
     return {row_image_key(row["file_name"], source): row for row in rows}

@@ -169,7 +169,7 @@ def _conditioning_files(folder: Path, column: str = "conditioning_file_name") ->
     path, table = folder / "metadata.jsonl", folder / "metadata.csv"
     if not path.is_file() and table.is_file():
         text = metadata_text(table)
-        header = next(csv.reader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text)), [])
+        header = next(csv.reader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text), skipinitialspace=True), [])
         key = "conditioning_file_name" if "conditioning_file_name" in header else column
         if key not in header:
             raise FinetuneError(f"{table} names no conditioning images: its columns are {', '.join(repr(k) for k in header)}; "

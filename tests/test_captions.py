@@ -39,6 +39,15 @@ def test_metadata_csv_captions(tmp_path):
     # Excel's CSV where a comma is the decimal mark (German, French) separates columns by semicolons: it "had no file_name column".
     (tmp_path / "metadata.csv").write_text('file_name;text\na.png;a red square, flat\n', encoding="utf-8-sig")
     assert names_and_captions(DataConfig(image_dir=str(tmp_path), resolution=64))[0] == ("a.png", "a red square, flat")
+    # A space after the comma (written by hand) is no part of the cell, nor does it hide the quotes (the caption was '"a red square').
+    (tmp_path / "metadata.csv").write_text('file_name, text\na.png, "a red square, flat"\n')
+    assert names_and_captions(DataConfig(image_dir=str(tmp_path), resolution=64))[0] == ("a.png", "a red square, flat")
+    # A caption's commas not in quotes split it into cells: it trained its first tag alone.
+    (tmp_path / "metadata.csv").write_text('file_name,text\na.png,1girl, solo, smile\n')
+    with pytest.raises(FinetuneError, match=r"metadata\.csv row 2 has more cells than its header \(file_name, text\): a caption with commas must be in "
+                                            r'double quotes \("1girl, solo, smile"\), as a spreadsheet writes it$'):  # fmt: skip
+        load_examples(DataConfig(image_dir=str(tmp_path), resolution=64))
+    (tmp_path / "metadata.csv").write_text('file_name,text\na.png,"a red square, flat"\n')
     # sd-scripts' .caption sidecars too; .txt first where both are.
     write_image(tmp_path / "c.png", "green")
     (tmp_path / "c.caption").write_text("from a kohya dataset\n")
