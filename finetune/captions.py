@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from finetune.config import DataConfig, FolderConfig
+from finetune.config import DataConfig
 from finetune.errors import FinetuneError
 from finetune.file_names import loose_name_key, name_key, row_image_key
 from finetune.text_encodings import caption_file_encoding, undecodable_files, without_nul_characters
@@ -141,30 +141,6 @@ def folder_captions(folder: Path, column: str = "text") -> RowCaptions:
     if jsonl.is_file() and table.is_file():
         raise FinetuneError(f"data folder {folder} has both metadata.jsonl and metadata.csv: keep one of them")
     return read_metadata_captions(jsonl, column=column) if jsonl.is_file() else read_csv_captions(table, column)
-
-
-def shadowed_caption_files(folder: Path, config: DataConfig) -> str | None:
-    """A warning for caption files beside images whose metadata row gives another caption, or None: the row
-    trains and the file is not read (a tagger's .txt files written into a folder that has a metadata.jsonl)."""
-    from finetune.sources import folder_images  # here: sources.py builds on this module
-
-    entries = config.folders or [FolderConfig(path=".")]
-    if config.caption is not None or not any(template_needs_caption(entry.template) and os.path.samefile(Path(config.image_dir) / entry.path, folder)
-                                             for entry in entries):  # fmt: skip
-        return None  # its captions are not read at all
-    rows, shadowed = folder_captions(folder, config.caption_column), []
-    for image in folder_images(folder) if rows else []:
-        if name_key(image.name) in rows and (sidecar := sidecar_path(image)) is not None:
-            try:
-                differs = sidecar_caption(image) != rows[name_key(image.name)].strip()
-            except FinetuneError:  # not text: not the row's caption either
-                differs = True
-            shadowed += [sidecar] if differs else []
-    if not shadowed:
-        return None
-    return (f"data folder {folder}: {len(shadowed)} caption file{'s' if len(shadowed) > 1 else ''} ({', '.join(p.name for p in shadowed[:3])}"
-            f"{', ...' if len(shadowed) > 3 else ''}) differ{'s' if len(shadowed) == 1 else ''} from {metadata_file(folder).name}, whose rows caption "
-            "those images and train: the files are not read; remove the metadata file to train them, or the files to keep the rows")  # fmt: skip
 
 
 def metadata_file(folder: Path) -> Path | None:

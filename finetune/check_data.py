@@ -23,7 +23,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 from finetune.buckets import Size, assign_buckets, bucket_counts_line, either, ways_to_fill_a_batch
-from finetune.captions import caption_alternative, caption_lines, empty_caption_message, missing_caption_message, shadowed_caption_files
+from finetune.caption_overrides import shadowed_caption_files
+from finetune.captions import caption_alternative, caption_lines, empty_caption_message, missing_caption_message
 from finetune.check_threads import each_on_threads
 from finetune.config import DataConfig, Recipe
 from finetune.counts import counted

@@ -1,0 +1,35 @@
+"""Caption files that a folder's metadata rows override: the row trains, the file is not read, which the data
+check says where the two differ."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from finetune.captions import folder_captions, metadata_file, sidecar_caption, sidecar_path, template_needs_caption
+from finetune.config import DataConfig, FolderConfig
+from finetune.errors import FinetuneError
+from finetune.file_names import name_key
+from finetune.sources import folder_images
+
+
+def shadowed_caption_files(folder: Path, config: DataConfig) -> str | None:
+    """A warning for caption files beside images whose metadata row gives another caption, or None: the row
+    trains and the file is not read (a tagger's .txt files written into a folder that has a metadata.jsonl)."""
+    entries = config.folders or [FolderConfig(path=".")]
+    if config.caption is not None or not any(template_needs_caption(entry.template) and os.path.samefile(Path(config.image_dir) / entry.path, folder)
+                                             for entry in entries):  # fmt: skip
+        return None  # its captions are not read at all
+    rows, shadowed = folder_captions(folder, config.caption_column), []
+    for image in folder_images(folder) if rows else []:
+        if name_key(image.name) in rows and (sidecar := sidecar_path(image)) is not None:
+            try:
+                differs = sidecar_caption(image) != rows[name_key(image.name)].strip()
+            except FinetuneError:  # not text: not the row's caption either
+                differs = True
+            shadowed += [sidecar] if differs else []
+    if not shadowed:
+        return None
+    return (f"data folder {folder}: {len(shadowed)} caption file{'s' if len(shadowed) > 1 else ''} ({', '.join(p.name for p in shadowed[:3])}"
+            f"{', ...' if len(shadowed) > 3 else ''}) differ{'s' if len(shadowed) == 1 else ''} from {metadata_file(folder).name}, whose rows caption "
+            "those images and train: the files are not read; remove the metadata file to train them, or the files to keep the rows")  # fmt: skip
