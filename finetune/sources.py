@@ -28,6 +28,7 @@ from finetune.library_noise import quiet_local_dataset_bars
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp")
 # Images that are in a folder but not read: animations, print and phone formats (convert them to PNG or JPEG).
 UNREAD_IMAGE_SUFFIXES = (".gif", ".tif", ".tiff", ".heic", ".heif", ".avif", ".jxl", ".psd")
+ARCHIVE_SUFFIXES = (".zip", ".7z", ".rar", ".tar", ".tar.gz", ".tgz", ".tar.xz", ".tar.bz2")
 # A data file given as data.dataset, by the `datasets` builder that reads it: load_dataset(path) itself reads
 # folders only ("Couldn't find any data file" for a file that is there).
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json", ".tar": "webdataset"}
@@ -77,8 +78,9 @@ def require_captions(examples: list[Example]) -> None:
 def check_folders_exist(config: DataConfig) -> None:
     """The data folder and each of its data.folders entries is a folder (before anything is read from them)."""
     root = Path(config.image_dir)
-    if root.is_file():
-        raise FinetuneError(f"{config._image_dir_key} {root} is a file: give the folder that holds the images")
+    if root.is_file():  # a dataset downloaded as an archive, not yet unpacked
+        unpack = "an archive: unpack it and give the folder it holds" if root.name.lower().endswith(ARCHIVE_SUFFIXES) else "a file: give the folder that holds the images"
+        raise FinetuneError(f"{config._image_dir_key} {root} is {unpack}")
     if not root.is_dir():
         raise FinetuneError(f"data folder {root} not found: check {config._image_dir_key}{looked_for_here(root)}")
     for settings in config.folders or []:

@@ -49,7 +49,10 @@ def test_missing_and_empty_folders(tmp_path):
     write_image(tmp_path / "a.png")
     with pytest.raises(FinetuneError, match=r"^data.image_dir .*a\.png is a file: give the folder that holds the images$"):
         load_examples(DataConfig(image_dir=str(tmp_path / "a.png"), resolution=64))
-    (tmp_path / "a.png").unlink()
+    (tmp_path / "a.png").rename(tmp_path / "photos.ZIP")  # a dataset downloaded as an archive
+    with pytest.raises(FinetuneError, match=r"^data.image_dir .*photos\.ZIP is an archive: unpack it and give the folder it holds$"):
+        load_examples(DataConfig(image_dir=str(tmp_path / "photos.ZIP"), resolution=64))
+    (tmp_path / "photos.ZIP").unlink()
     with pytest.raises(FinetuneError, match=r"data folder .* has no images"):
         load_examples(DataConfig(image_dir=str(tmp_path), resolution=64))
 
