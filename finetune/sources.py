@@ -81,11 +81,11 @@ def check_folders_exist(config: DataConfig) -> None:
     if root.is_file():  # a dataset downloaded as an archive, not yet unpacked
         unpack = "an archive: unpack it and give the folder it holds" if root.name.lower().endswith(ARCHIVE_SUFFIXES) else "a file: give the folder that holds the images"
         raise FinetuneError(f"{config._image_dir_key} {root} is {unpack}")
-    if not root.is_dir():
-        raise FinetuneError(f"data folder {root} not found: check {config._image_dir_key}{looked_for_here(root)}")
-    for settings in config.folders or []:
-        if not (root / settings.path).is_dir():  # an absolute path stays absolute
-            raise FinetuneError(f"data folder {root / settings.path} not found: check data.folders path '{settings.path}'{looked_for_here(root / settings.path)}")
+    for folder, key in [(root, config._image_dir_key)] + [(root / entry.path, f"data.folders path '{entry.path}'") for entry in config.folders]:
+        if not folder.is_dir():  # an absolute path stays absolute
+            raise FinetuneError(f"data folder {folder} not found: check {key}{looked_for_here(folder)}")
+        if not os.access(folder, os.R_OK | os.X_OK):  # a volume another user owns (a container's): a traceback at its listing
+            raise FinetuneError(f"data folder {folder} cannot be read (its permissions): make it readable to this user (chmod), or check {key}")
 
 
 def _folder_examples(config: DataConfig) -> list[Example]:

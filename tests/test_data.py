@@ -57,6 +57,20 @@ def test_missing_and_empty_folders(tmp_path):
         load_examples(DataConfig(image_dir=str(tmp_path), resolution=64))
 
 
+def test_a_data_folder_this_user_cannot_read_is_one_line(tmp_path, monkeypatch):
+    """A volume another user owns (a container's): its listing stopped with a PermissionError traceback."""
+    import os
+    from pathlib import Path
+
+    (tmp_path / "photos").mkdir()
+    write_image(tmp_path / "photos" / "a.png")
+    readable = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path).name != "photos" and readable(path, mode))  # the tests run as root
+    with pytest.raises(FinetuneError, match=r"^data folder .*photos cannot be read \(its permissions\): make it readable to this user \(chmod\), "
+                                            r"or check data.image_dir$"):  # fmt: skip
+        load_examples(DataConfig(image_dir=str(tmp_path / "photos"), resolution=64))
+
+
 def test_truncated_image_is_named(tmp_path):
     good = write_image(tmp_path / "good.png")
     (tmp_path / "good.txt").write_text("ok")
