@@ -11,6 +11,7 @@ noise, exactly as without the cache.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import time
@@ -78,8 +79,11 @@ class EncodingCache:
             self._remove_stale_partial_files()
 
     def _unwritable(self, err: OSError) -> FinetuneError:
+        # "free space" only for a full disk: a file in the folder's way (a cache_dir naming a file) needs another path.
+        remedy = {errno.ENOSPC: "free space or choose", errno.ENOTDIR: "a file is in its way: choose", errno.EEXIST: "a file is in its way: choose",
+                  errno.EACCES: "make it writable or choose", errno.EROFS: "choose"}.get(err.errno, "free space or choose")  # fmt: skip
         return FinetuneError(f"train.cache_dir: {self.folder} cannot be written ({err.__class__.__name__}: {err.strerror or err}): "
-                             "free space or choose another train.cache_dir (or remove it to cache in memory)")  # fmt: skip
+                             f"{remedy} another train.cache_dir (or remove it to cache in memory)")  # fmt: skip
 
     def _remove_stale_partial_files(self) -> None:
         """Partial files a killed run left (SIGKILL, power loss); a young one may be another process's write."""

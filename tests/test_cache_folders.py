@@ -13,7 +13,8 @@ from finetune.errors import FinetuneError
 def test_a_cache_dir_that_cannot_be_made_is_one_line_naming_the_key(tmp_path):
     in_the_way = tmp_path / "cache"
     in_the_way.write_text("a file where the cache folder would go")
-    with pytest.raises(FinetuneError, match=r"train.cache_dir: .*cache/latents-0 cannot be written \(NotADirectoryError"):
+    with pytest.raises(FinetuneError, match=r"train.cache_dir: .*cache/latents-0 cannot be written \(NotADirectoryError: Not a directory\): a file is "
+                                            r"in its way: choose another train.cache_dir \(or remove it to cache in memory\)$"):  # not "free space"
         EncodingCache(in_the_way / "latents-0")
 
 
