@@ -16,6 +16,11 @@ def test_a_cache_dir_that_cannot_be_made_is_one_line_naming_the_key(tmp_path):
     with pytest.raises(FinetuneError, match=r"train.cache_dir: .*cache/latents-0 cannot be written \(NotADirectoryError: Not a directory\): a file is "
                                             r"in its way: choose another train.cache_dir \(or remove it to cache in memory\)$"):  # not "free space"
         EncodingCache(in_the_way / "latents-0")
+    # The recipe says so when it loads, before the models do (the cache folder is made after them, named by its encoder).
+    from finetune.config import TrainConfig
+
+    with pytest.raises(ValueError, match=r"cache_dir\n  Value error, .*cache is a file, not a folder: give a folder for the cached encodings"):
+        TrainConfig(cache_dir=str(in_the_way / "sub"), cache_latents=True)
 
 
 def test_a_read_only_cache_still_serves_what_it_holds(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ schedule (finetune/optim.py builds them)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import Field, field_serializer, field_validator, model_validator
@@ -91,6 +92,17 @@ class TrainConfig(Section):
         if isinstance(data, dict) and data.get("max_epochs") is not None and "max_steps" not in data:
             return {**data, "max_steps": None}  # so the recipe as run (recipe.yaml) says null, and loads again
         return data
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _a_folder(cls, value: Optional[str]) -> Optional[str]:
+        # Said at the recipe's loading: the cache folder is first made once the models are loaded, to name it by its encoder.
+        if value is not None:
+            path = Path(value).absolute()
+            existing = next(folder for folder in (path, *path.parents) if folder.exists())
+            if not existing.is_dir():
+                raise ValueError(f"{existing} is a file, not a folder: give a folder for the cached encodings (or remove the key to cache in memory)")
+        return value
 
     @model_validator(mode="after")
     def _settings_take_effect(self) -> "TrainConfig":
