@@ -4,7 +4,6 @@ process with no line at all. The signal is sent at that moment for sure: a `site
 PYTHONPATH, sends it when finetune.cli is looked for, and the real command runs as a user runs it."""
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
