@@ -92,7 +92,7 @@ def _removal_failure(output_dir: Path) -> str | None:
             failures.append((path, error))
 
     for name in RUN_FOLDERS:
-        shutil.rmtree(output_dir / name, **{"onexc" if sys.version_info >= (3, 12) else "onerror": note})
+        _remove_run_folder(output_dir / name, note)
         if failures:
             # The file that stayed, not the folders it kept from going (not empty); by name: the same line each time.
             causes = [(path, error) for path, error in failures if getattr(error, "errno", None) != errno.ENOTEMPTY] or failures
@@ -101,3 +101,27 @@ def _removal_failure(output_dir: Path) -> str | None:
                     f"{output_dir / name} yourself (or free the file: another program may hold it open), then run again; left there, "
                     f"its checkpoints would mix with this run's")  # fmt: skip
     return None
+
+
+def _remove_run_folder(folder: Path, note) -> None:
+    """Removes `folder`, or, where it is a link to a folder (checkpoints put on another disk), what the link points to holds:
+    the link stays, so the new run's files go where the user sent the earlier run's (rmtree refuses a link)."""
+    on_error = {"onexc" if sys.version_info >= (3, 12) else "onerror": note}
+    if not folder.is_symlink():
+        shutil.rmtree(folder, **on_error)
+        return
+    if not folder.is_dir():  # a link to nothing (or to a file) holds nothing of the earlier run
+        return
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as error:
+        note(os.scandir, str(folder), error)
+        return
+    for entry in entries:  # by the link's path, so a line names the file as the user put it
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, **on_error)
+        else:
+            try:
+                os.unlink(entry.path)
+            except OSError as error:
+                note(os.unlink, entry.path, error)

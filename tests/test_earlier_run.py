@@ -8,7 +8,7 @@ import re
 import pytest
 
 import finetune.trainer as trainer_module
-from finetune.checkpoint import list_checkpoints
+from finetune.checkpoint import list_checkpoints, read_state
 from finetune.errors import FinetuneError
 from finetune.trainer import train
 
@@ -42,3 +42,17 @@ def test_a_folder_of_the_earlier_run_that_cannot_be_written_is_said_before_the_m
                                             rf"earlier run's files in it cannot be removed: fix its permissions or remove {re.escape(str(locked.parent))} yourself"):
         train(make_recipe(train__max_steps=2, optimizer__lr=5e-4), overwrite=True)
     assert list_checkpoints(earlier.output_dir / "checkpoints") == [locked]
+
+
+def test_overwrite_clears_what_a_linked_run_folder_points_to_and_keeps_the_link(make_recipe, tmp_path):
+    # A user who put checkpoints on another disk: rmtree refused the link ("Cannot call rmtree on a symbolic link").
+    other_disk = tmp_path / "other-disk" / "checkpoints"
+    other_disk.mkdir(parents=True)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").symlink_to(other_disk, target_is_directory=True)
+    earlier = train(make_recipe(train__max_steps=2, checkpoint__every_n_steps=1))
+    assert [p.name for p in list_checkpoints(other_disk)] == ["checkpoint-1", "checkpoint-2"]
+    train(make_recipe(train__max_steps=1, checkpoint__every_n_steps=1, optimizer__lr=5e-4), overwrite=True)
+    assert (earlier.output_dir / "checkpoints").is_symlink()
+    assert [p.name for p in other_disk.iterdir()] == ["checkpoint-1"]  # the new run's, where the link sends it
+    assert read_state(other_disk / "checkpoint-1")["recipe"]["optimizer.lr"] == 5e-4
