@@ -17,11 +17,7 @@ def check_replaceable(folder: Path, overwrite: bool, what: str) -> None:
     inside = next(path for path in folder.absolute().parents if path.exists())  # the root, at least, exists
     if not inside.is_dir():
         raise FinetuneError(f"{what} {folder} is inside a file ({inside}): give a folder for the pipeline")
-    # Written in place (folder_written_whole): an existing folder itself (its contents read to be replaced), a new one in the
-    # folder it goes in. Unwritable, it failed with a traceback at the first write, after the model had loaded (export-base, merge).
-    if not (os.access(folder, os.R_OK | os.W_OK | os.X_OK) if folder.is_dir() else os.access(inside, os.W_OK | os.X_OK)):
-        where = folder if folder.is_dir() else f"{folder}: the folder it goes in, {inside},"
-        raise FinetuneError(f"{what} {where} cannot be written to (permissions, or a read-only disk): fix its permissions, or give another folder")
+    check_writable(folder, what)
     here = Path.cwd().resolve()
     # `.` had no parents to look in (a traceback). One with contents (or a folder above it) is never emptied, even with
     # --overwrite: it is where the user works (a project, a home folder). An empty one is filled in place (folder_written_whole).
@@ -29,6 +25,16 @@ def check_replaceable(folder: Path, overwrite: bool, what: str) -> None:
         raise FinetuneError(f"{what} {folder} is the current folder or one above it, which writing the pipeline would replace: give a new folder, e.g. {Path(folder) / 'merged'}")
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
         raise FinetuneError(f"{what} {folder} is not empty: pick a new folder, or pass --overwrite to replace what is in it")
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Whether atomic_files.folder_written_whole can write `folder` (not a file, nor inside one: the caller said so): an existing
+    folder itself (its contents read to be replaced), a new one in the folder it goes in. Unwritable, it failed with a traceback
+    at the first write, after the model had loaded (export-base, merge) or the images were drawn (make-world-data)."""
+    inside = next(path for path in Path(folder).absolute().parents if path.exists())  # the root, at least, exists
+    if not (os.access(folder, os.R_OK | os.W_OK | os.X_OK) if folder.is_dir() else os.access(inside, os.W_OK | os.X_OK)):
+        where = folder if folder.is_dir() else f"{folder}: the folder it goes in, {inside},"
+        raise FinetuneError(f"{what} {where} cannot be written to (permissions, or a read-only disk): fix its permissions, or give another folder")
 
 
 def check_not_what_it_reads(folder: Path, sources: dict[str, str | Path | None], what: str) -> None:
