@@ -8,6 +8,7 @@ subject, with each star's mask in `star/masks/` for loss-masked training). Image
 
 from __future__ import annotations
 
+import shutil
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -77,7 +78,19 @@ def make_sample_data(root: str | Path) -> list[Path]:
             write_folder(written[name], n, seed, include_held_out=held_out, masks=masks)
         for name in SAMPLE_SETS:
             _refuse_unlike_files(root / name, written[name])
+    _remove_stale_set_copies(root)
     return [root / name for name in SAMPLE_SETS]
+
+
+def _remove_stale_set_copies(root: Path) -> None:
+    """Once both sets are in place: the hidden copies of a set that an earlier make-sample-data killed midway (SIGKILL, a power
+    cut) left beside them, `.NAME.partial` (a set being written) and `.NAME.old` (the set it replaced, renamed aside). Only a
+    new set folder's write removed them; beside one that already existed they stayed for good. Either held only the sample's
+    own files: the set was written by the sample, or replaced only once every file in it was found to be the sample's."""
+    for name in SAMPLE_SETS:
+        for stale in (root / f".{name}.partial", root / f".{name}.old"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale)
 
 
 # What a file manager writes into a folder it shows (macOS's Finder, Windows' Explorer): no file of the user's, and

@@ -29,3 +29,14 @@ def test_make_world_data_refuses_a_folder_it_cannot_write_before_drawing_an_imag
         f"error: {tmp_path / 'a-file' / 'world'} is inside a file ({tmp_path / 'a-file'}): give a new or empty folder to write the images in",
     ]
     assert os.listdir(locked) == [] and os.listdir(shared) == []
+
+
+def test_make_sample_data_removes_the_copies_a_killed_run_left_beside_the_sets(tmp_path):
+    """An earlier make-sample-data killed midway (SIGKILL) left .star.partial (a set being written) or .striped.old (the set it
+    replaced, renamed aside); beside a set folder that already existed, no later run removed them."""
+    sample_data.make_sample_data(tmp_path)
+    for stale in (".star.partial", ".striped.partial", ".striped.old"):
+        sample_data.write_folder(tmp_path / stale, 2, 1001, include_held_out="only_style")
+    (tmp_path / "notes.txt").write_text("mine")
+    sample_data.make_sample_data(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt", "star", "striped"]
