@@ -197,7 +197,9 @@ def continues(position: dict | None, order_key: str) -> bool:
 
 
 def items_of(batches: Deal) -> frozenset[int]:
-    return frozenset(index for batch in batches for index in batch)
+    """The items `batches` trained: each batch's own, not those a padded one borrowed (`PaddedBatch`), whose own batch may
+    not have come yet: counted, a resume at another global batch skipped them for the rest of the epoch."""
+    return frozenset(index for batch in batches for index in (batch[: batch.own] if isinstance(batch, PaddedBatch) else batch))
 
 
 def order_fingerprint(seed: int, num_items: int, bucket_of: list | None) -> str:
