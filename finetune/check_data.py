@@ -26,6 +26,7 @@ from finetune.buckets import Size, assign_buckets, bucket_counts_line, either, w
 from finetune.caption_overrides import shadowed_caption_files
 from finetune.captions import caption_alternative, caption_lines, empty_caption_message, missing_caption_message
 from finetune.check_threads import each_on_threads
+from finetune.colour_profiles import profile_note
 from finetune.config import DataConfig, Recipe
 from finetune.counts import counted
 from finetune.epoch_uses import expand_repeats
@@ -143,7 +144,7 @@ def conversions(image, alpha_is_mask: bool = False) -> list[str]:
         done.append("palette image: converted to RGB")
     elif image.mode != "RGB":
         done.append(f"mode {image.mode}: converted to RGB")
-    return done
+    return done + [note] if (note := profile_note(image)) else done
 
 
 def inspect(example: Example, config: DataConfig) -> tuple[Example | None, list[Finding], str | None]:

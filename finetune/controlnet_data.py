@@ -231,7 +231,7 @@ def conditioning_content_problem(decoded: Image.Image, source: str) -> str | Non
     images, `finetune sample --condition` and the demo's uploads are read alike (`open_rgb`), so they are checked alike."""
     if message := float_levels_problem(decoded, f"conditioning image {source}"):
         return message
-    if has_alpha(decoded) and one_colour(upright_rgb(decoded)) and not one_colour(decoded.convert("RGBA")):
+    if has_alpha(decoded) and one_colour(upright_rgb(decoded, colour_managed=False)) and not one_colour(decoded.convert("RGBA")):
         # A white shape on a transparent background: flattened onto white, as every image is, nothing is left to read
         # (whether the hidden pixels hold the shape too, or are white everywhere, as many editors save them).
         return (f"conditioning image {source} is one colour once its transparency is flattened onto white "
@@ -241,11 +241,11 @@ def conditioning_content_problem(decoded: Image.Image, source: str) -> str | Non
 
 def read_conditioning(example: Example) -> Image.Image:
     """A conditioning image to steer with, read as training reads its pairs' (`open_rgb`: EXIF rotation, 16-bit
-    scaled, transparency flattened onto white), after the same check (`conditioning_content_problem`)."""
+    scaled, transparency flattened onto white; no colour profile converted), after the same check (`conditioning_content_problem`)."""
     decoded = decode(example)
     if (problem := conditioning_content_problem(decoded, example.source)) is not None:
         raise FinetuneError(problem)
-    return upright_rgb(decoded)
+    return upright_rgb(decoded, colour_managed=False)  # its values are data (depth, edges, labels), not a photo's colours
 
 
 def small_conditioning_problem(image: Image.Image, source: str, size: int) -> str | None:
@@ -302,7 +302,7 @@ class ControlNetDataset(Dataset):
         config = self.config
         target = self.bucket_of[index] if self.bucket_of else (config.resolution, config.resolution)
         plan = plan_view(upright_size(pair.image), target, config.crop, config.random_flip, rng)
-        conditioning = render(open_rgb(pair.conditioning, at_least=2 * max(target)), plan)
+        conditioning = render(open_rgb(pair.conditioning, at_least=2 * max(target), colour_managed=False), plan)
         caption = training_caption(pair.image.caption, config, self.seed, epoch, index)
         if self.empty_prompt_share > 0 and rng.random() < self.empty_prompt_share:
             caption = ""

@@ -1,6 +1,6 @@
 """Reading an image as training and the data check see it: decoded in full (so a truncated file shows), upright
-(EXIF rotation), 8-bit RGB from any mode. Apart from `finetune.data` (the training dataset, torch) so that
-`finetune check-data` reads every image without loading torch."""
+(EXIF rotation), 8-bit RGB from any mode, in sRGB (a photo's colour profile converted). Apart from `finetune.data`
+(the training dataset, torch) so that `finetune check-data` reads every image without loading torch."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import os
 from PIL import Image, ImageOps
 
 from finetune.buckets import Size
+from finetune.colour_profiles import apply as apply_profile
+from finetune.colour_profiles import srgb_transform
 from finetune.errors import FinetuneError
 from finetune.sources import Example
 from finetune.views import to_8_bit
@@ -89,9 +91,13 @@ def is_16_bit(image: Image.Image) -> bool:
     return image.mode.startswith("I;16") or image.mode == "I"
 
 
-def upright_rgb(image: Image.Image) -> Image.Image:
-    """Apply EXIF rotation and convert any mode (CMYK, 16-bit, alpha, palette, grey) to 8-bit RGB."""
+def upright_rgb(image: Image.Image, colour_managed: bool = True) -> Image.Image:
+    """Apply EXIF rotation and convert any mode (CMYK, 16-bit, alpha, palette, grey) to 8-bit RGB; `colour_managed`:
+    a photo's embedded colour profile other than sRGB converts its values to sRGB (`finetune.colour_profiles`)."""
+    transform = srgb_transform(image) if colour_managed else None  # of the decoded image: rotating makes a new one
     image = ImageOps.exif_transpose(image)
+    if transform is not None and transform.inputMode == "CMYK":
+        return apply_profile(image, transform)
     if has_alpha(image):
         # Transparent areas become white rather than whatever colour the hidden pixels hold.
         rgba = image.convert("RGBA")
@@ -99,12 +105,13 @@ def upright_rgb(image: Image.Image) -> Image.Image:
         image = Image.alpha_composite(background, rgba)
     if is_16_bit(image):
         image = to_8_bit(image)
-    return image.convert("RGB")
+    image = image.convert("RGB")
+    return image if transform is None else apply_profile(image, transform)
 
 
-def open_rgb(example: Example, at_least: int | None = None) -> Image.Image:
-    """Decode fully (so truncation shows), apply EXIF rotation, and convert any mode to RGB."""
-    return upright_rgb(decode(example, at_least))
+def open_rgb(example: Example, at_least: int | None = None, colour_managed: bool = True) -> Image.Image:
+    """Decode fully (so truncation shows), apply EXIF rotation, and convert any mode to RGB (see `upright_rgb`)."""
+    return upright_rgb(decode(example, at_least), colour_managed)
 
 
 def upright_size(example: Example) -> Size:

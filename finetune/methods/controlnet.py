@@ -278,13 +278,13 @@ class ControlNetMethod(DiffusionMethod):
         config = self.recipe.data.model_copy(update={"crop": "center", "random_flip": False})
         paths = self.settings.validation_conditions
         if paths:
-            images = [open_rgb(Example(p, "", lambda p=p: Image.open(p))) for p in paths]
+            images = [open_rgb(Example(p, "", lambda p=p: Image.open(p)), colour_managed=False) for p in paths]
             return [paired_views(image, image, config, np.random.default_rng(0))[1] for image in images]
         count = len(self.recipe.validation.prompts)
         # Each conditioning image once: data.folders repeats (and templates) list a pair several times in a row.
         distinct = list({pair.conditioning.source: pair for pair in self.pairs}.values())
         pairs = [distinct[i % len(distinct)] for i in range(count)]
-        return [paired_views(open_rgb(p.image), open_rgb(p.conditioning), config, np.random.default_rng(0))[1] for p in pairs]
+        return [paired_views(open_rgb(p.image), open_rgb(p.conditioning, colour_managed=False), config, np.random.default_rng(0))[1] for p in pairs]
 
     def validation_images(self, modules) -> tuple[list[list[Image.Image]], list[str]]:
         """One row per (conditioning, prompt) pair: the conditioning image, then the samples."""
