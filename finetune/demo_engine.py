@@ -353,8 +353,8 @@ def _pipeline(model: BaseModel, controlnet, unet):
 
 
 def conditioning_image(image: Image.Image | None, kind: str, size: int, options: dict[str, float] | None = None) -> Image.Image:
-    """The uploaded image, center-cropped to `size`, used as is or turned into a conditioning map (with
-    `options`: the thresholds the ControlNet's training images were made with)."""
+    """The uploaded image, used as is or turned into a conditioning map (with `options`: the thresholds the ControlNet's
+    training images were made with), then fitted to `size` (resized to cover, center-cropped)."""
     from finetune.conditions import make_condition
 
     if image is None:
@@ -365,7 +365,10 @@ def conditioning_image(image: Image.Image | None, kind: str, size: int, options:
         raise FinetuneError(f"the uploaded image is {image.width}x{image.height}: at most {MAX_INPUT_PIXELS // 1_000_000} megapixels")
     if (problem := small_conditioning_problem(image, "(uploaded)", size)) is not None:
         raise FinetuneError(f"{problem}, or a smaller size")
+    # Made at the upload's full size, as make-conditions makes a ControlNet's training images, and only then fitted: the
+    # edges (or mask) of a photo shrunk to `size` are other lines than its edges shrunk, and steered otherwise than in training.
+    image = image.convert("RGB")
+    made = image if kind == "as uploaded" else make_condition(image, kind, **(options or {}))
     # Resized to cover, then center-cropped, as `finetune sample --condition` and training fit a conditioning image
     # (ImageOps.fit crops first: edges a pixel off, a ControlNet steered otherwise than in sample for the same upload).
-    fitted = cover_and_crop(image.convert("RGB"), (size, size), "center", np.random.default_rng(0))[0]
-    return fitted if kind == "as uploaded" else make_condition(fitted, kind, **(options or {}))
+    return cover_and_crop(made, (size, size), "center", np.random.default_rng(0))[0]

@@ -4,7 +4,7 @@ import json
 import shutil
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 
 from finetune.conditions import make_condition
 from finetune.demo_engine import DemoEngine, Request
@@ -39,5 +39,43 @@ def test_an_upload_of_another_shape_is_fitted_as_sample_fits_its_condition():
     for upload in (Image.fromarray(mask), Image.fromarray(mask).transpose(Image.Transpose.ROTATE_90), Image.fromarray(mask).resize((640, 480))):
         expected = np.asarray(fit_condition(upload.convert("RGB"), "mask.png", 64))
         assert np.array_equal(np.asarray(conditioning_image(upload, "as uploaded", 64)), expected), upload.size
-        made = np.asarray(make_condition(Image.fromarray(expected), "mask"))
+        made = np.asarray(fit_condition(make_condition(upload.convert("RGB"), "mask"), "mask.png", 64))  # made at full size, then fitted
         assert np.array_equal(np.asarray(conditioning_image(upload, "mask", 64)), made), upload.size
+
+
+def photo_with_shapes(width: int, height: int) -> Image.Image:
+    """A photo-like image: a background of soft shading, ellipses of other colours on it, a little grain."""
+    rng = np.random.default_rng(0)
+    shading = rng.integers(70, 130, (height // 16, width // 16, 3), dtype=np.uint8)
+    photo = Image.fromarray(shading).resize((width, height), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(photo)
+    for _ in range(12):
+        x, y = int(rng.integers(0, width - 200)), int(rng.integers(0, height - 200))
+        draw.ellipse((x, y, x + int(rng.integers(40, 200)), y + int(rng.integers(40, 200))), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    grain = rng.normal(0, 3, (height, width, 3))
+    return Image.fromarray(np.clip(np.asarray(photo, dtype=np.float64) + grain, 0, 255).astype(np.uint8))
+
+
+def test_a_condition_made_from_a_photo_is_the_one_make_conditions_makes_fitted_as_training_and_sample_fit_it(tmp_path):
+    """The demo shrank the photo to the sampling size and made its edges (or mask) there, make-conditions makes them at the
+    photo's full size and training (or sample --condition) shrinks those: other lines (a fifth of a 256 px canny image's
+    pixels differed here, half of a mask's), so the ControlNet was steered by images unlike those it trained on."""
+    from finetune.conditions import make_conditions
+    from finetune.demo_engine import conditioning_image
+    from finetune.demo_inputs import read_upload
+    from finetune.inference import fit_condition
+    from finetune.views import plan_view, render
+
+    (tmp_path / "photos").mkdir()
+    photo_with_shapes(1024, 768).save(tmp_path / "photos" / "photo.png")
+    for kind, options in (("canny", {"low": 15.0, "high": 30.0, "sigma": 1.5}), ("mask", {"threshold": 30.0})):
+        out = tmp_path / kind
+        make_conditions(tmp_path / "photos", out, kind, **options)
+        with Image.open(out / "conditioning" / "photo.png") as made:
+            made = made.convert("RGB")
+        assert 0.001 < (np.asarray(made) > 0).mean() < 0.5  # lines or a shape, not a blank or noise
+        for size in (256, 512):
+            demo = np.asarray(conditioning_image(read_upload(str(tmp_path / "photos" / "photo.png")), kind, size, options))
+            assert np.array_equal(demo, np.asarray(fit_condition(made, "photo.png", size))), (kind, size)  # as sample fits it
+            trained = render(made, plan_view(made.size, (size, size), "center", False, np.random.default_rng(0)))  # as a training view
+            assert np.array_equal(demo, np.asarray(trained)), (kind, size)
