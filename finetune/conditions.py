@@ -1,4 +1,4 @@
-"""`finetune make-conditions`: conditioning images for ControlNet, computed with numpy and PIL only.
+"""`finetune make-conditions`: conditioning images for ControlNet, computed with numpy and PIL (and scipy's labelling of connected pixels).
 
 Three kinds, each an RGB image of the same size as its source, as ControlNet reads them:
 
@@ -56,10 +56,13 @@ def _correlate_1d(array: np.ndarray, kernel: np.ndarray, axis: int) -> np.ndarra
     pad[axis] = (radius, radius)
     padded = np.pad(array, pad, mode="symmetric")
     length = array.shape[axis]
-    out = np.zeros(array.shape, dtype=np.float64)
+    out, term = np.zeros(array.shape, dtype=np.float64), np.empty(array.shape, dtype=np.float64)
     for offset, weight in enumerate(kernel):
         if weight:
-            out += weight * np.take(padded, np.arange(offset, offset + length), axis=axis)
+            window = [slice(None)] * array.ndim
+            window[axis] = slice(offset, offset + length)
+            # A view and one buffer reused: no copy of a photo's pixels (nor a new array) per tap.
+            out += np.multiply(padded[tuple(window)], weight, out=term)
     return out
 
 
@@ -132,21 +135,15 @@ def _non_maximum_suppression(magnitude: np.ndarray, gx: np.ndarray, gy: np.ndarr
 
 
 def _hysteresis(strong: np.ndarray, weak: np.ndarray) -> np.ndarray:
-    """Weak pixels survive when 8-connected (through weak pixels) to a strong one."""
-    h, w = weak.shape
-    keep = strong.copy()
-    weak_rows = weak.tolist()
-    kept_rows = keep.tolist()
-    stack = list(zip(*np.nonzero(strong)))
-    while stack:
-        y, x = stack.pop()
-        for ny in (y - 1, y, y + 1):
-            if 0 <= ny < h:
-                for nx in (x - 1, x, x + 1):
-                    if 0 <= nx < w and weak_rows[ny][nx] and not kept_rows[ny][nx]:
-                        kept_rows[ny][nx] = True
-                        stack.append((ny, nx))
-    return np.array(kept_rows, dtype=bool).reshape(h, w)
+    """Weak pixels survive when 8-connected (through weak pixels) to a strong one: the weak regions that hold a
+    strong pixel, found by scipy's labelling (a flood fill in Python took 10 s of a 12-megapixel photo's edges)."""
+    from scipy import ndimage
+
+    regions, count = ndimage.label(weak, structure=np.ones((3, 3), dtype=bool))
+    holds_strong = np.zeros(count + 1, dtype=bool)
+    holds_strong[regions[strong]] = True
+    holds_strong[0] = False  # label 0 is every pixel outside the weak regions
+    return holds_strong[regions] | strong
 
 
 def luminance(image: Image.Image) -> np.ndarray:
