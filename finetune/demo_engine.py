@@ -114,6 +114,7 @@ class DemoEngine:
         self.lock = threading.Lock()
         self._cache: dict[tuple, object] = {}
         self.adapters: dict[str, Adapter] = {}
+        self._last_made: tuple[tuple, Image.Image] | None = None  # (upload's digest, kind, options), the condition made of it
         self.rescan()
 
     def rescan(self) -> dict[str, Adapter]:
@@ -187,7 +188,7 @@ class DemoEngine:
                 refuse_replacing_a_fine_tuned_unet(request.controlnet, request.model if model is not self.base else self.base_name)
             _check_controlnet_fits(controlnet, model.unet, request.controlnet, model.source)
             made_with = recorded_options(self._metadata_now(request.controlnet), request.conditioning_kind)
-            condition = conditioning_image(request.conditioning_image, request.conditioning_kind, request.size, made_with)
+            condition = conditioning_image(request.conditioning_image, request.conditioning_kind, request.size, made_with, self._made_condition)
         columns = self._columns(request, model, loras, controlnet, decoder)
         for column in columns:  # adapters that cannot be combined stop the request before anything renders
             trained_for = self._trained_for(column)
@@ -230,6 +231,17 @@ class DemoEngine:
         notes = "".join(f"; note: {note}" for note in said)
         return results, labels, seeds, summary_of(len(columns), request.rows, time.perf_counter() - started) + notes
 
+
+    def _made_condition(self, image: Image.Image, kind: str, **options) -> Image.Image:
+        """`make_condition` of an upload at its full size, kept for the next request: a large photo's canny edges take
+        seconds, and the page is often rendered again with the same photo (another prompt, seed or strength)."""
+        from finetune.conditions import make_condition
+        from finetune.images import pixel_digest
+
+        key = (pixel_digest(image), kind, tuple(sorted(options.items())))
+        if self._last_made is None or self._last_made[0] != key:
+            self._last_made = (key, make_condition(image, kind, **options))
+        return self._last_made[1]
 
     def _trained_for(self, column: Column) -> dict[str, dict[str, str]]:
         """{name: metadata} of the column's adapters, and of the base when it is a saved pipeline of ours."""
@@ -352,9 +364,10 @@ def _pipeline(model: BaseModel, controlnet, unet):
     return build_pipeline(model, unet=unet, pipeline_class=StableDiffusionControlNetPipeline, controlnet=controlnet)
 
 
-def conditioning_image(image: Image.Image | None, kind: str, size: int, options: dict[str, float] | None = None) -> Image.Image:
+def conditioning_image(image: Image.Image | None, kind: str, size: int, options: dict[str, float] | None = None,
+                       make: Callable[..., Image.Image] | None = None) -> Image.Image:  # fmt: skip
     """The uploaded image, used as is or turned into a conditioning map (with `options`: the thresholds the ControlNet's
-    training images were made with), then fitted to `size` (resized to cover, center-cropped)."""
+    training images were made with; by `make`, default `make_condition`), then fitted to `size` (resized to cover, center-cropped)."""
     from finetune.conditions import make_condition
 
     if image is None:
@@ -368,7 +381,7 @@ def conditioning_image(image: Image.Image | None, kind: str, size: int, options:
     # Made at the upload's full size, as make-conditions makes a ControlNet's training images, and only then fitted: the
     # edges (or mask) of a photo shrunk to `size` are other lines than its edges shrunk, and steered otherwise than in training.
     image = image.convert("RGB")
-    made = image if kind == "as uploaded" else make_condition(image, kind, **(options or {}))
+    made = image if kind == "as uploaded" else (make or make_condition)(image, kind, **(options or {}))
     # Resized to cover, then center-cropped, as `finetune sample --condition` and training fit a conditioning image
     # (ImageOps.fit crops first: edges a pixel off, a ControlNet steered otherwise than in sample for the same upload).
     return cover_and_crop(made, (size, size), "center", np.random.default_rng(0))[0]

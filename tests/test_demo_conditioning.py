@@ -79,3 +79,26 @@ def test_a_condition_made_from_a_photo_is_the_one_make_conditions_makes_fitted_a
             assert np.array_equal(demo, np.asarray(fit_condition(made, "photo.png", size))), (kind, size)  # as sample fits it
             trained = render(made, plan_view(made.size, (size, size), "center", False, np.random.default_rng(0)))  # as a training view
             assert np.array_equal(demo, np.asarray(trained)), (kind, size)
+
+
+def test_the_condition_made_of_an_upload_is_made_once_for_renders_of_the_same_photo(adapters_dir, tiny_model, tmp_path, monkeypatch):
+    """Made at the photo's full size, a large photo's edges take seconds: made again for every render of the same upload
+    (another prompt, seed or strength), each render waited for them. Another photo, kind or size is made (or fitted) anew."""
+    import finetune.conditions as conditions
+
+    made = []
+    monkeypatch.setattr(conditions, "make_condition", lambda image, kind, **options: made.append(kind) or make_condition(image, kind, **options))
+    shutil.copytree(adapters_dir / "edges" / "controlnet", tmp_path / "adapters" / "edges" / "controlnet")
+    engine = DemoEngine(str(tiny_model), tmp_path / "adapters")
+    photo = photo_with_shapes(512, 384)
+
+    def rendered(prompt, kind="canny", size=64, upload=photo):
+        request = Request(prompt=prompt, steps=1, size=size, controlnet="edges/controlnet", conditioning_image=upload.copy(), conditioning_kind=kind)
+        return np.asarray(engine.render(request)[0][0][0])
+
+    first = rendered("a red circle")
+    assert np.array_equal(rendered("a blue square"), first) and made == ["canny"]
+    assert rendered("a red circle", size=128).shape == (128, 128, 3) and made == ["canny"]  # the same edges, fitted to another size
+    rendered("a red circle", kind="mask")
+    rendered("a red circle", upload=photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    assert made == ["canny", "mask", "canny"]
