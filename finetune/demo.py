@@ -188,7 +188,7 @@ def build_app(engine, note: str = "", queue_size: int = 8):
                 request = Request(
                     prompt=str(prompt or ""), negative_prompt=str(negative_prompt or ""), seed=int(seed or 0), steps=int(steps),
                     guidance=float(guidance), size=int(size), model=picked_name(model, "model") or BASE, loras=picked,
-                    controlnet=picked_name(controlnet, "ControlNet"), conditioning_image=read_upload(conditioning_image),
+                    controlnet=picked_name(controlnet, "ControlNet"), conditioning_image=read_upload(conditioning_image, photo=(conditioning_kind or "as uploaded") != "as uploaded"),
                     conditioning_kind=conditioning_kind or "as uploaded", conditioning_scale=float(conditioning_scale),
                     strengths=parse_strengths(strengths), include_base=bool(include_base), rows=int(rows), separate=bool(separate),
                 )

@@ -149,14 +149,18 @@ def picked_name(value, list_name: str) -> str | None:
     return value
 
 
-def read_upload(path: str | None):
-    """The uploaded conditioning image in RGB (None: no upload), read and checked as `finetune sample --condition`
-    is (`read_conditioning`); checked_preprocess has checked that it is an image."""
+def read_upload(path: str | None, photo: bool = False):
+    """The uploaded image in RGB (None: no upload); checked_preprocess has checked that it is an image. A conditioning
+    image is read and checked as `finetune sample --condition` reads it (`read_conditioning`: its values as they are);
+    a `photo` to make the condition of, as `finetune make-conditions` reads its photos (`open_rgb`: a colour profile
+    converted to sRGB), so the demo makes the condition training was given."""
     if not path:
         return None
     from PIL import Image
 
     from finetune.controlnet_data import read_conditioning
+    from finetune.images import open_rgb
     from finetune.sources import Example
 
-    return read_conditioning(Example("(uploaded)", "", lambda: Image.open(path)))
+    upload = Example("(uploaded)", "", lambda: Image.open(path))
+    return open_rgb(upload) if photo else read_conditioning(upload)

@@ -75,10 +75,30 @@ def test_a_condition_made_from_a_photo_is_the_one_make_conditions_makes_fitted_a
             made = made.convert("RGB")
         assert 0.001 < (np.asarray(made) > 0).mean() < 0.5  # lines or a shape, not a blank or noise
         for size in (256, 512):
-            demo = np.asarray(conditioning_image(read_upload(str(tmp_path / "photos" / "photo.png")), kind, size, options))
+            demo = np.asarray(conditioning_image(read_upload(str(tmp_path / "photos" / "photo.png"), photo=True), kind, size, options))
             assert np.array_equal(demo, np.asarray(fit_condition(made, "photo.png", size))), (kind, size)  # as sample fits it
             trained = render(made, plan_view(made.size, (size, size), "center", False, np.random.default_rng(0)))  # as a training view
             assert np.array_equal(demo, np.asarray(trained)), (kind, size)
+
+
+def test_a_photo_with_a_colour_profile_makes_the_condition_make_conditions_makes(tmp_path):
+    """make-conditions reads its photos in sRGB (a Display P3 photo converted), so the demo reads a photo it makes the
+    condition of so too; it read every upload's values as they are, as a conditioning image's are (they are data)."""
+    from finetune.conditions import make_conditions
+    from finetune.demo_engine import conditioning_image
+    from finetune.demo_inputs import read_upload
+    from finetune.inference import fit_condition
+    from icc_profiles import rgb_profile
+
+    (tmp_path / "photos").mkdir()
+    photo = tmp_path / "photos" / "photo.png"
+    photo_with_shapes(512, 384).save(photo, icc_profile=rgb_profile("Display P3-like"))
+    make_conditions(tmp_path / "photos", tmp_path / "made", "luminance")
+    with Image.open(tmp_path / "made" / "conditioning" / "photo.png") as made:
+        expected = np.asarray(fit_condition(made.convert("RGB"), "photo.png", 256))
+    assert np.array_equal(np.asarray(conditioning_image(read_upload(str(photo), photo=True), "luminance", 256)), expected)
+    with Image.open(photo) as raw:  # a conditioning image upload: its values as they are
+        assert np.array_equal(np.asarray(read_upload(str(photo))), np.asarray(raw.convert("RGB")))
 
 
 def test_the_condition_made_of_an_upload_is_made_once_for_renders_of_the_same_photo(adapters_dir, tiny_model, tmp_path, monkeypatch):
