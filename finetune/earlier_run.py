@@ -26,6 +26,7 @@ def guard_earlier_run(output_dir: Path, resume_from: Path | None, overwrite: boo
         raise FinetuneError(f"output_dir {output_dir}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise FinetuneError(f"output_dir {output_dir}: {existing} cannot be written to (permissions, or a read-only disk): choose another output_dir")
+    check_run_folder_links(output_dir)
     earlier = list_checkpoints(output_dir / "checkpoints")
     if resume_from is not None and earlier and not _of_this_run(resume_from, output_dir):  # rotation would delete them unasked
         raise FinetuneError(f"--resume {resume_from}: output_dir {output_dir} holds checkpoints of another run ({earlier[-1].name}), which this run's "
@@ -50,6 +51,16 @@ def guard_earlier_run(output_dir: Path, resume_from: Path | None, overwrite: boo
         f"output_dir {output_dir} holds an earlier run ({earlier[-1].name}): continue it with --resume latest, "
         f"replace it with --overwrite (deletes its checkpoints, samples and logs), or set output_dir to a new folder"
     )
+
+
+def check_run_folder_links(output_dir: Path) -> None:
+    """A run folder that is a link to nothing (checkpoints put on a disk not mounted now) is said before anything loads:
+    the first checkpoint save failed on it (FileExistsError) once the run had trained, and --overwrite leaves the link."""
+    for name in RUN_FOLDERS:
+        folder = output_dir / name
+        if folder.is_symlink() and not folder.exists():
+            raise FinetuneError(f"output_dir {output_dir}: {folder} is a link to {os.readlink(folder)}, which does not exist "
+                                f"(a disk not mounted?): mount or make that folder, or remove the link")  # fmt: skip
 
 
 def _of_this_run(checkpoint: Path, output_dir: Path) -> bool:

@@ -56,3 +56,17 @@ def test_overwrite_clears_what_a_linked_run_folder_points_to_and_keeps_the_link(
     assert (earlier.output_dir / "checkpoints").is_symlink()
     assert [p.name for p in other_disk.iterdir()] == ["checkpoint-1"]  # the new run's, where the link sends it
     assert read_state(other_disk / "checkpoint-1")["recipe"]["optimizer.lr"] == 5e-4
+
+
+@pytest.mark.parametrize("name", ["checkpoints", "samples", "logs"])
+def test_a_run_folder_that_links_to_nothing_is_said_before_the_model_loads(make_recipe, tmp_path, monkeypatch, name):
+    # Checkpoints put on another disk that is not mounted now: the first save failed with a FileExistsError traceback.
+    (tmp_path / "run").mkdir()
+    link = tmp_path / "run" / name
+    link.symlink_to(tmp_path / "unmounted" / name, target_is_directory=True)
+    monkeypatch.setattr(trainer_module, "load_base_model", lambda *a, **k: pytest.fail("the base model loaded"))
+    with pytest.raises(FinetuneError) as stopped:
+        train(make_recipe(train__max_steps=1, checkpoint__every_n_steps=1))
+    assert str(stopped.value) == (f"output_dir {tmp_path / 'run'}: {link} is a link to {tmp_path / 'unmounted' / name}, which does not exist "
+                                  f"(a disk not mounted?): mount or make that folder, or remove the link")
+    assert link.is_symlink()
