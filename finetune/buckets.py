@@ -78,6 +78,18 @@ def own_size_bucket(size: Size, config: DataConfig) -> Size | None:
     return bucket if min(bucket) >= step else None
 
 
+def no_upscale_advice(size: Size, config: DataConfig) -> str:
+    """Why data.bucketing.no_upscale enlarged an image (a side shorter than the step once shrunk) and the ways out
+    there are: a lower step where the side holds one of 8, the smallest step; else only a larger image."""
+    step, (width, height) = config.bucketing.step, size
+    if width * height > config.resolution**2:
+        width, height = shrunk_size(size, config.resolution**2, step)
+    side = min(width, height)
+    if side >= 8:
+        return f"data.bucketing.no_upscale keeps no side shorter than the step, {step}: lower it to {side - side % 8} or less to keep this image's size"
+    return "data.bucketing.no_upscale keeps no side shorter than 8 pixels, the smallest step: use a larger copy of this image, or leave it out"
+
+
 def shrunk_size(size: Size, area: int, step: int) -> Size:
     """An image's size shrunk to `area` pixels, one side a multiple of `step` and the other following the
     aspect ratio: whichever choice keeps the ratio closer (sd-scripts' BucketManager.select_bucket)."""

@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
-from finetune.buckets import Size, assign_buckets, bucket_counts_line, either, ways_to_fill_a_batch
+from finetune.buckets import Size, assign_buckets, bucket_counts_line, either, no_upscale_advice, ways_to_fill_a_batch
 from finetune.caption_overrides import shadowed_caption_files
 from finetune.captions import caption_alternative, caption_lines, empty_caption_message, missing_caption_message
 from finetune.check_threads import each_on_threads
@@ -256,8 +256,7 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
             message = (
                 f"image {example.source} is {example.size[0]}x{example.size[1]}, upscaled {scale:.2f}x to cover "
                 f"{width}x{height}: it may train soft"
-            ) + (f" (data.bucketing.no_upscale keeps no side shorter than the step, {config.bucketing.step}: lower it)"
-                 if config.bucketing.enabled and config.bucketing.no_upscale else "")  # fmt: skip
+            ) + (f" ({no_upscale_advice(example.size, config)})" if config.bucketing.enabled and config.bucketing.no_upscale else "")
             report.findings.append(Finding(WARNING, example.source, message))
         kept = (width / scale) * (height / scale) / (example.size[0] * example.size[1])  # the crop's share of the image
         if kept < 0.5:

@@ -336,3 +336,22 @@ def test_no_upscale_trains_small_images_at_their_own_size(make_recipe, tmp_path,
                                ({"enabled": True, "no_upscale": True, "max_side": 128}, r"min_side and max_side do not apply with no_upscale")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             DataConfig(image_dir=str(folder), resolution=64, bucketing=bucketing)
+
+
+def test_no_upscale_advice_names_only_a_step_there_is(tmp_path):
+    # "lower it" was said at a step of 8, the smallest there is, and without saying how low a step keeps the image.
+    folder = tmp_path / "thin"
+    folder.mkdir()
+    noise_image(60, 12).save(folder / "strip.png")
+    noise_image(60, 4, seed=1).save(folder / "line.png")
+    for name in ("strip", "line"):
+        (folder / f"{name}.txt").write_text("a red striped circle")
+
+    def upscaled_lines(step):
+        config = DataConfig(image_dir=str(folder), resolution=64, min_image_size=1, bucketing={"enabled": True, "step": step, "no_upscale": True})
+        return sorted(line for line in inspect_examples(read_examples(config), config, "data").lines() if "upscaled" in line)
+
+    line, strip = upscaled_lines(16)
+    assert strip.endswith("(data.bucketing.no_upscale keeps no side shorter than the step, 16: lower it to 8 or less to keep this image's size)"), strip
+    assert line.endswith("(data.bucketing.no_upscale keeps no side shorter than 8 pixels, the smallest step: use a larger copy of this image, or leave it out)"), line
+    assert upscaled_lines(8) == [line]  # at a step of 8, 60x12 keeps its own size (56x8); 60x4 cannot
