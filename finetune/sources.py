@@ -143,10 +143,10 @@ def data_folders(config: DataConfig) -> list[Path]:
 def image_subfolders(folder: Path, config: DataConfig, depth: int = 1) -> list[Path]:
     """Subfolders of `folder` that hold images, but not its masks or conditioning images (nor a subfolder its
     metadata file points into: ControlNet's `conditioning_images/` holds the images' partners); `depth` levels
-    down (not into links below the first: a link to a folder above would loop)."""
+    down (not into links below the first). A link to the folder or one above it is none: its images are the ones here."""
     own = (config.loss_mask.folder, "conditioning", *metadata_subfolders(folder))
-    found = []
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in own):
+    found, above = [], {folder.resolve(), *folder.resolve().parents}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in own and p.resolve() not in above):
         try:
             found += ([sub] if folder_images(sub) else []) + (image_subfolders(sub, config, depth - 1) if depth > 1 and not sub.is_symlink() else [])
         except PermissionError:  # a drive's root-only lost+found: none of the user's images are there
