@@ -31,6 +31,14 @@ def check_data(folder, capsys):
     return code, captured.out + captured.err
 
 
+def assert_refused_by_training_and_check_data(read, expected: str, folder, capsys) -> None:
+    """`read()` (what training reads) raises exactly the line `expected`, and check-data of `folder` says it as an error."""
+    with pytest.raises(FinetuneError, match=f"^{re.escape(expected)}$"):
+        read()
+    code, output = check_data(folder, capsys)
+    assert code == 2 and f"error: {expected}" in output
+
+
 def test_a_row_in_other_letter_case_captions_its_image_in_training_and_in_check_data(tmp_path, capsys):
     noise(64, 64, seed=1).save(tmp_path / "cat.png")
     noise(64, 64, seed=2).save(tmp_path / "dog.jpg")
@@ -61,10 +69,7 @@ def test_a_row_that_fits_two_images_only_loosely_is_one_line_naming_the_row(tmp_
     write_rows(tmp_path, [{"file_name": "Cat.png", "text": "which?"}])
     expected = (f"{tmp_path / 'metadata.jsonl'} line 1: file_name 'Cat.png' fits 2 files that differ only in letter case (CAT.png, cat.png) "
                 "and names none of them exactly: write the image's exact name")  # fmt: skip
-    with pytest.raises(FinetuneError, match=f"^{re.escape(expected)}$"):
-        captions(tmp_path)
-    code, output = check_data(tmp_path, capsys)
-    assert code == 2 and f"error: {expected}" in output
+    assert_refused_by_training_and_check_data(lambda: captions(tmp_path), expected, tmp_path, capsys)
 
 
 def test_a_row_naming_no_image_stops_training_and_check_data_naming_the_row(tmp_path, capsys):
@@ -74,10 +79,7 @@ def test_a_row_naming_no_image_stops_training_and_check_data_naming_the_row(tmp_
     config = DataConfig(image_dir=str(tmp_path), resolution=64)
     expected = (f"{tmp_path / 'metadata.jsonl'} line 2 names c.jpg, which is not an image in its folder (and 1 more: notes.txt): "
                 "fix file_name, or remove the row")  # fmt: skip
-    with pytest.raises(FinetuneError, match=f"^{re.escape(expected)}$"):
-        read_examples(config)
-    code, output = check_data(tmp_path, capsys)
-    assert code == 2 and f"error: {expected}" in output
+    assert_refused_by_training_and_check_data(lambda: read_examples(config), expected, tmp_path, capsys)
 
     (tmp_path / "metadata.csv").write_text("file_name,text\nb.png,found\nsub/a.png,nested\n")
     (tmp_path / "metadata.jsonl").unlink()

@@ -66,22 +66,31 @@ def test_redraws_become_a_line_per_interval_and_the_bars_last_state():
 
 
 def test_a_terminal_keeps_the_live_bar(monkeypatch):
+    def live_bar(terminal):
+        assert sys.stderr is terminal
+        with tqdm(total=5, desc="live", mininterval=0) as bar:
+            for _ in range(5):
+                bar.update()
+
+    drawn = drawn_on_a_terminal(monkeypatch, live_bar)
+    assert drawn.count("\rlive:") >= 5, repr(drawn)  # redrawn in place at each update
+
+
+def drawn_on_a_terminal(monkeypatch, draw) -> str:
+    """What `draw(terminal)` writes to stderr when it is a terminal (a pty of 80 columns) and progress_as_lines_in_logs is on."""
     reader, writer = pty.openpty()
     fcntl.ioctl(writer, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # a new pty is 0x0: tqdm drew nothing there
     terminal = os.fdopen(writer, "w")
     monkeypatch.setattr(sys, "stderr", terminal)
     with progress_as_lines_in_logs():
-        assert sys.stderr is terminal
-        with tqdm(total=5, desc="live", mininterval=0) as bar:
-            for _ in range(5):
-                bar.update()
+        draw(terminal)
     terminal.flush()
     drawn = ""
     while select.select([reader], [], [], 0.5)[0]:
         drawn += os.read(reader, 65536).decode()
     terminal.close()
     os.close(reader)
-    assert drawn.count("\rlive:") >= 5, repr(drawn)  # redrawn in place at each update
+    return drawn
 
 
 def test_a_self_clearing_bar_ends_on_a_line_in_a_log_and_leaves_nothing_on_a_terminal(monkeypatch):
@@ -94,18 +103,7 @@ def test_a_self_clearing_bar_ends_on_a_line_in_a_log_and_leaves_nothing_on_a_ter
     bars = [line for line in log.getvalue().splitlines() if line.startswith("checking images")]
     assert len(bars) == 2 and " 0/60 " in bars[0] and bars[-1].startswith("checking images: 100%") and " 60/60 " in bars[-1], bars
 
-    reader, writer = pty.openpty()
-    fcntl.ioctl(writer, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-    terminal = os.fdopen(writer, "w")
-    monkeypatch.setattr(sys, "stderr", terminal)
-    with progress_as_lines_in_logs():
-        each_on_threads(lambda item: item, range(60), "checking images")
-    terminal.flush()
-    drawn = ""
-    while select.select([reader], [], [], 0.5)[0]:
-        drawn += os.read(reader, 65536).decode()
-    terminal.close()
-    os.close(reader)
+    drawn = drawn_on_a_terminal(monkeypatch, lambda terminal: each_on_threads(lambda item: item, range(60), "checking images"))
     assert "checking images" in drawn and "\n" not in drawn and drawn.endswith("\r"), repr(drawn)  # drawn, then cleared
 
 
