@@ -22,15 +22,6 @@ def lora_layers(modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Modul
     }
 
 
-def update_norm(layer: torch.nn.Module) -> torch.Tensor:
-    """||scale x up @ down||_F without forming the (out x in) update: ||BA||^2 = sum((B^T B) * (A A^T)),
-    two rank x rank products (a conv's kernel is flattened into its inputs, as its update's)."""
-    down = layer.lora_A["default"].weight.flatten(1).float()
-    up = layer.lora_B["default"].weight.flatten(1).float()
-    squared = ((up.T @ up) * (down @ down.T)).sum().clamp(min=0.0)  # rounding may take a zero below 0
-    return squared.sqrt() * layer.scaling["default"]
-
-
 def shape_groups(layers: dict[str, torch.nn.Module]) -> list[list[torch.nn.Module]]:
     """The layers by the shapes (and dtype, device) of their down and up weights and by their scale: SD1.5's 128
     attention LoRAs come in a handful of shapes, each group worked on at once, its scale a number (a tensor of the
@@ -47,16 +38,17 @@ def apply_max_norm(layers: dict[str, torch.nn.Module], max_norm: float) -> dict[
     """Shrink every LoRA layer (`lora_layers`) whose update norm exceeds `max_norm` back to it; return what
     TensorBoard shows: how many layers were shrunk, and the mean and largest norm after shrinking. As tensors, read
     on the host at log steps only: a read (or choosing the layers to shrink on the host) waits for the GPU to finish
-    the step, where the CPU would otherwise queue the next one's kernels meanwhile. The layers of one shape are
-    worked on stacked (`update_norm`'s products batched): about 9 kernels a layer, launched one by one, were some
-    1,150 launches a step for SD1.5's attention LoRA, about 20 per shape now."""
+    the step, where the CPU would otherwise queue the next one's kernels meanwhile. A norm is taken without forming
+    the (out x in) update: ||BA||^2 = sum((B^T B) * (A A^T)), two rank x rank products (a conv's kernel flattened into
+    its inputs, as its update's). The layers of one shape are worked on stacked: about 9 kernels a layer, launched one
+    by one, were some 1,150 launches a step for SD1.5's attention LoRA, about 20 per shape now."""
     kept = []
     for group in shape_groups(layers):
         downs = [layer.lora_A["default"].weight for layer in group]
         ups = [layer.lora_B["default"].weight for layer in group]
         down = torch.stack([w.flatten(1) for w in downs]).float()  # (layers, rank, inputs)
         up = torch.stack([w.flatten(1) for w in ups]).float()  # (layers, outputs, rank)
-        squared = ((up.mT @ up) * (down @ down.mT)).sum(dim=(1, 2)).clamp(min=0.0)  # ||BA||^2 per layer, as update_norm
+        squared = ((up.mT @ up) * (down @ down.mT)).sum(dim=(1, 2)).clamp(min=0.0)  # ||BA||^2 per layer; rounding may take a zero below 0
         norms = squared.sqrt() * group[0].scaling["default"]
         # Exactly 1 where the norm is within bounds: torch divides a number by a tensor as its reciprocal times the
         # number, so max_norm / max_norm (a clamp to it) could come out just below 1 and shrink and count that layer.
