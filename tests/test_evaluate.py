@@ -4,6 +4,7 @@ Fast (a few seconds on one CPU thread): the tiny random model, 2-3 prompts, 1-2 
 """
 
 import argparse
+import dataclasses
 import json
 
 import numpy as np
@@ -15,24 +16,24 @@ from finetune.errors import FinetuneError
 from finetune.eval_command import add_eval_parser, run_eval_command
 from finetune.evaluate import SUITES, evaluate_real_images, run_eval
 from finetune.toyworld.metrics import frechet_distance
-from finetune.toyworld.prompt_sets import class_prompts, held_in_prompts, style_prompts, subject_prompts
-from finetune.toyworld.world import SHAPES, parse_caption, sample_scenes, scene_dict
+from finetune.toyworld.prompt_sets import class_set, held_in_set, style_set, subject_set
+from finetune.toyworld.world import SHAPES, parse_caption, sample_scenes
 
 torch.set_num_threads(1)
 
 
 def test_prompt_suites_are_deterministic_and_parse_back():
-    assert held_in_prompts(16) == held_in_prompts(16)
-    assert held_in_prompts(8) == held_in_prompts(16)[:8]  # prefix-stable: more prompts keep the first ones
-    assert held_in_prompts(8, seed=1) != held_in_prompts(8)
-    for prompt, scene in zip(held_in_prompts(32, seed=5), sample_scenes(32, 5, "no")):
-        assert parse_caption(prompt) == {**scene_dict(scene), "style": None}  # solid is not written
-    for prompt in style_prompts(32):
+    assert held_in_set(16).prompts == held_in_set(16).prompts
+    assert held_in_set(8).prompts == held_in_set(16).prompts[:8]  # prefix-stable: more prompts keep the first ones
+    assert held_in_set(8, seed=1).prompts != held_in_set(8).prompts
+    for prompt, scene in zip(held_in_set(32, seed=5).prompts, sample_scenes(32, 5, "no")):
+        assert parse_caption(prompt) == {**dataclasses.asdict(scene), "style": None}  # solid is not written
+    for prompt in style_set(32).prompts:
         parsed = parse_caption(prompt)
         assert parsed["style"] == "striped" and parsed["shape"] in SHAPES and parsed["shape"] != "star"
 
-    subject, klass = subject_prompts(8, identifier="zwx", class_word="star"), class_prompts(8, class_word="star")
-    assert subject == subject_prompts(8, identifier="zwx", class_word="star")
+    subject, klass = subject_set(8, identifier="zwx", class_word="star").prompts, class_set(8, class_word="star").prompts
+    assert subject == subject_set(8, identifier="zwx", class_word="star").prompts
     assert subject[0] == "a zwx star" and klass[0] == "a star"
     for s, c in zip(subject, klass):
         assert s.startswith("a zwx star") and c == s.replace("zwx ", "")  # paired prompts
@@ -41,7 +42,7 @@ def test_prompt_suites_are_deterministic_and_parse_back():
     named = [parse_caption(p) for p in subject[:4]]
     assert [p["background"] is not None for p in named] == [False, True, False, True]
     assert [p["position"] is not None for p in named] == [False, False, True, True]
-    assert subject_prompts(2) == ["a sks shape", subject_prompts(2)[1]] and "sks" not in class_prompts(4)[3]
+    assert subject_set(2).prompts == ["a sks shape", subject_set(2).prompts[1]] and "sks" not in class_set(4).prompts[3]
 
 
 def test_run_eval_on_tiny_model_scores_every_suite_and_writes_json(tiny_model, tmp_path):

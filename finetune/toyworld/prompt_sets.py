@@ -4,11 +4,11 @@ Prompt sets come from their own fixed seeds, not from the generation ``seed``, s
 run, method and checkpoint is scored on the same prompts (the eval's ``seed`` only picks the
 noise, see ``finetune.evaluate.generate_per_prompt``):
 
-- ``held_in_prompts``: captions of ``sample_scenes(n, 2_000_001, "no")``, the world the
+- ``held_in_set``: captions of ``sample_scenes(n, 2_000_001, "no")``, the world the
   base model was pretrained on ("a small red circle on a blue background, top left").
-- ``style_prompts``: captions of ``sample_scenes(n, 2_000_002, "only_style")``: held-in
+- ``style_set``: captions of ``sample_scenes(n, 2_000_002, "only_style")``: held-in
   shapes captioned "striped" (a style LoRA should raise ``style_share`` towards 1).
-- ``subject_prompts`` / ``class_prompts``: ``"a {identifier} {class_word}"`` /
+- ``subject_set`` / ``class_set``: ``"a {identifier} {class_word}"`` /
   ``"a {class_word}"`` plus a suffix cycling over (none, " on a <bg> background",
   ", <position>", both), with background and position from
   ``sample_scenes(n, 2_000_003, "no")``. Prompt i of both sets has the same suffix, so
@@ -49,12 +49,14 @@ class PromptSet:
     conditions: list[Image.Image] = field(default_factory=list)
 
 
-def _held_in(n: int, seed: int = HELD_IN_SEED) -> PromptSet:
+def held_in_set(n: int = 64, seed: int = HELD_IN_SEED) -> PromptSet:
+    """Canonical captions of ``n`` held-in scenes (no star, no stripes)."""
     scenes = sample_scenes(n, seed, "no")
     return PromptSet([caption(s) for s in scenes], scenes, seed)
 
 
-def _style(n: int, seed: int = STYLE_SEED) -> PromptSet:
+def style_set(n: int = 64, seed: int = STYLE_SEED) -> PromptSet:
+    """Captions of ``n`` held-in shapes drawn in the held-out striped style."""
     scenes = sample_scenes(n, seed, "only_style")
     return PromptSet([caption(s) for s in scenes], scenes, seed)
 
@@ -65,13 +67,15 @@ def _suffix(scene: Scene, i: int) -> str:
     return background + position
 
 
-def _subject(n: int, identifier: str, class_word: str, subject: str, seed: int = SUBJECT_SEED) -> PromptSet:
+def subject_set(n: int = 64, identifier: str = "sks", class_word: str = "shape", subject: str = "star", seed: int = SUBJECT_SEED) -> PromptSet:
+    """DreamBooth subject prompts: ``"a sks shape"``, ``"a sks shape on a blue background"``, ..."""
     scenes = [replace(s, shape=subject) for s in sample_scenes(n, seed, "no")]
     head = " ".join(w for w in ("a", identifier, class_word) if w)
     return PromptSet([head + _suffix(s, i) for i, s in enumerate(scenes)], scenes, seed)
 
 
-def _class(n: int, class_word: str, seed: int = SUBJECT_SEED) -> PromptSet:
+def class_set(n: int = 64, class_word: str = "shape", seed: int = SUBJECT_SEED) -> PromptSet:
+    """Prior-drift prompts: :func:`subject_set` without the identifier."""
     # Real class images are the held-in scenes themselves: their drift is 0 unless the
     # subject is a held-in shape.
     scenes = sample_scenes(n, seed, "no")
@@ -92,32 +96,12 @@ def placement_set(n: int = 64, resolution: int = 64, seed: int = CONTROL_SEED) -
     return replace(ps, prompts=prompts)
 
 
-def held_in_prompts(n: int = 64, seed: int = HELD_IN_SEED) -> list[str]:
-    """Canonical captions of ``n`` held-in scenes (no star, no stripes)."""
-    return _held_in(n, seed).prompts
-
-
-def style_prompts(n: int = 64, seed: int = STYLE_SEED) -> list[str]:
-    """Captions of ``n`` held-in shapes drawn in the held-out striped style."""
-    return _style(n, seed).prompts
-
-
-def subject_prompts(n: int = 64, identifier: str = "sks", class_word: str = "shape", seed: int = SUBJECT_SEED) -> list[str]:
-    """DreamBooth subject prompts: ``"a sks shape"``, ``"a sks shape on a blue background"``, ..."""
-    return _subject(n, identifier, class_word, "star", seed).prompts
-
-
-def class_prompts(n: int = 64, class_word: str = "shape", seed: int = SUBJECT_SEED) -> list[str]:
-    """Prior-drift prompts: :func:`subject_prompts` without the identifier."""
-    return _class(n, class_word, seed).prompts
-
-
 #: prompt set name -> builder(options: n, identifier, class_word, subject, resolution)
 PROMPT_SETS = {
-    "held_in": lambda o: _held_in(o["n"]),
-    "style": lambda o: _style(o["n"]),
-    "subject": lambda o: _subject(o["n"], o["identifier"], o["class_word"], o["subject"]),
-    "class": lambda o: _class(o["n"], o["class_word"]),
+    "held_in": lambda o: held_in_set(o["n"]),
+    "style": lambda o: style_set(o["n"]),
+    "subject": lambda o: subject_set(o["n"], o["identifier"], o["class_word"], o["subject"]),
+    "class": lambda o: class_set(o["n"], o["class_word"]),
     "control": lambda o: control_set(o["n"], o["resolution"]),
     "placement": lambda o: placement_set(o["n"], o["resolution"]),
 }

@@ -18,7 +18,7 @@ Dataset folders of rendered scenes are written by :mod:`finetune.toyworld.datase
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -342,8 +342,3 @@ def sample_scenes(n: int, seed: int, include_held_out: str = "no") -> list[Scene
 def mask_image(mask: np.ndarray) -> Image.Image:
     """A bool shape mask as a ControlNet conditioning image: white shape on black, RGB."""
     return Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), "L").convert("RGB")
-
-
-def scene_dict(scene: Scene) -> dict:
-    """``scene`` as a plain ``{attribute: value}`` dict (same keys as ``parse_caption``)."""
-    return asdict(scene)
