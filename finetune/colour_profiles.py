@@ -29,8 +29,6 @@ try:
 except ImportError:  # a Pillow built without littlecms
     ImageCms = None
 
-INTENT = "relative colorimetric"
-
 
 def profile_bytes(image: Image.Image) -> bytes | None:
     return image.info.get("icc_profile") or None

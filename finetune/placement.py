@@ -15,7 +15,6 @@ import torch
 
 from finetune.errors import FinetuneError
 
-DEVICES = ("auto", "cuda", "mps", "cpu")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
