@@ -37,7 +37,7 @@ def configs_from_args(args, recipe: Recipe | None) -> list[DataConfig]:
         try:
             revised.append(DataConfig.model_validate(raw))
         except ValidationError as err:
-            message = describe_validation_error(err, raw)
+            message = describe_validation_error(err)
             for key, option in (("resolution", "--resolution"), ("image_dir", "--image-dir")):
                 message = message.replace(f"key '{key}'", option)  # the option the user typed
             raise FinetuneError(f"check-data: {message}") from None

@@ -130,7 +130,7 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as err:
-        raise FinetuneError(f"{source}: {describe_validation_error(err, raw)}") from None
+        raise FinetuneError(f"{source}: {describe_validation_error(err)}") from None
 
 
 def apply_override(raw: dict[str, Any], override: str, source: str = "command line") -> None:
@@ -222,7 +222,7 @@ def _takes(annotation: Any, kind: type) -> bool:
     return False
 
 
-def describe_validation_error(err: ValidationError, raw: dict[str, Any]) -> str:
+def describe_validation_error(err: ValidationError) -> str:
     """Turn pydantic's report into one line: the dotted key, what is wrong, and what to do."""
     first = err.errors()[0]
     location = [str(part) for part in first["loc"] if not isinstance(part, int)]  # the schema's names
