@@ -78,5 +78,7 @@ def loosely_named_file(path: Path) -> Path:
 @functools.lru_cache(maxsize=64)
 def file_names_by_loose_key(folder: str, modified: int) -> dict[str, str]:
     """A folder's file names by their `loose_name_key`; `modified` (the folder's mtime) renews it when files
-    are added, removed or renamed."""
+    are added, removed or renamed. Not `_names_by_loose_key`'s listing: that one holds the names as rows are
+    matched (`name_key`, composed), this one each file's own name, the one that opens it (Linux opens a
+    decomposed `café.png` only by its own bytes)."""
     return {loose_name_key(name): name for name in os.listdir(folder)} if modified else {}
