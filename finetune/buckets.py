@@ -102,10 +102,10 @@ def shrunk_size(size: Size, area: int, step: int) -> Size:
     return (by_width, int(by_width / aspect + 0.5)) if width_error < height_error else (int(by_height * aspect + 0.5), by_height)
 
 
-def bucket_counts_line(bucket_of: list[Size], noun: str = "images") -> str:
+def bucket_counts_line(bucket_of: list[Size]) -> str:
     counts = Counter(bucket_of)
     order = sorted(counts, key=lambda size: (-size[0] / size[1], size))
-    return f"buckets (width x height: {noun}): " + ", ".join(f"{w}x{h}: {counts[(w, h)]}" for w, h in order)
+    return "buckets (width x height: images): " + ", ".join(f"{w}x{h}: {counts[(w, h)]}" for w, h in order)
 
 
 def split_rows(count: int, num_processes: int, process_index: int) -> slice:

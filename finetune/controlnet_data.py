@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from finetune.buckets import Size, assign_buckets
+from finetune.buckets import assign_buckets
 from finetune.cache import EncodingCache
 from finetune.captions import csv_delimiter, split_at_line_ends, metadata_file, metadata_text, read_csv_captions, scored_caption, training_caption
 from finetune.file_names import loosely_named_file, name_key, row_image_key
@@ -260,16 +260,13 @@ def one_colour(image: Image.Image) -> bool:
     return image.getcolors(1) is not None  # None: more colours than one
 
 
-def paired_views(
-    image: Image.Image, conditioning: Image.Image, config: DataConfig, rng: np.random.Generator, target: Size | None = None
-) -> tuple[Image.Image, Image.Image]:
-    """Resize both to cover `target` (width, height; default the resolution square), then cut ONE crop
-    and apply ONE flip to both.
+def paired_views(image: Image.Image, conditioning: Image.Image, config: DataConfig, rng: np.random.Generator) -> tuple[Image.Image, Image.Image]:
+    """Resize both to cover the resolution square, then cut ONE crop and apply ONE flip to both.
 
     The draws are those of `views.plan_view` (crop offsets, then the flip), as for any training image;
     the conditioning view is the same geometry.
     """
-    plan = plan_view(image.size, target or (config.resolution, config.resolution), config.crop, config.random_flip, rng)
+    plan = plan_view(image.size, (config.resolution, config.resolution), config.crop, config.random_flip, rng)
     return render(image, plan), render(conditioning, plan)
 
 

@@ -289,9 +289,9 @@ def evaluate_real_images(
     return result
 
 
-def write_report(result: dict, out: str | Path, grid_prompts: int = GRID_PROMPTS) -> Path:
+def write_report(result: dict, out: str | Path) -> Path:
     """Write ``result`` (without images) as JSON to ``out``, plus ``<out stem>_<prompt set>.png``:
-    the first ``grid_prompts`` prompts of each prompt set, one labelled row each (for the docs),
+    the first GRID_PROMPTS prompts of each prompt set, one labelled row each (for the docs),
     starting with the prompt's conditioning image where the set has them."""
     from finetune.atomic_files import removed_if_unfinished
     from finetune.sampling import GRID_LABEL_WIDTH, make_grid, save_image_atomic
@@ -305,7 +305,7 @@ def write_report(result: dict, out: str | Path, grid_prompts: int = GRID_PROMPTS
         if conditions:
             rows = [[condition, *row] for condition, row in zip(conditions, rows)]
         grid = out.with_name(f"{out.stem}_{name}.png")
-        save_image_atomic(make_grid(rows[:grid_prompts], row_labels=result["prompts"][name][:grid_prompts], label_width=GRID_LABEL_WIDTH), grid)
+        save_image_atomic(make_grid(rows[:GRID_PROMPTS], row_labels=result["prompts"][name][:GRID_PROMPTS], label_width=GRID_LABEL_WIDTH), grid)
         report["grids"][name] = grid.name
     partial = out.with_name(f".{out.name}.partial")
     with removed_if_unfinished(partial):

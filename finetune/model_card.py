@@ -67,8 +67,8 @@ def write_webui_preview(grid: Path, resolution: str | None, preview: Path) -> Pa
     return preview
 
 
-def frequent_tags(tag_frequency: str | None, count: int = 10) -> str | None:
-    """The `count` most frequent tags of sd-scripts' tag_frequency JSON ({folder: {tag: images}}), over all
+def frequent_tags(tag_frequency: str | None) -> str | None:
+    """The 10 most frequent tags of sd-scripts' tag_frequency JSON ({folder: {tag: images}}), over all
     folders: "sks (12), dog (12), ..."; None when there are none or it cannot be read."""
     try:
         folders = json.loads(tag_frequency or "{}")
@@ -77,7 +77,7 @@ def frequent_tags(tag_frequency: str | None, count: int = 10) -> str | None:
             totals.update({str(tag): int(images) for tag, images in tags.items()})
     except (ValueError, TypeError, AttributeError, OverflowError):  # another trainer's file may hold anything there
         return None
-    shown = ", ".join(f"{' '.join(tag.split())} ({images})" for tag, images in totals.most_common(count)).replace("|", "\\|")  # a table cell
+    shown = ", ".join(f"{' '.join(tag.split())} ({images})" for tag, images in totals.most_common(10)).replace("|", "\\|")  # a table cell
     return shown or None
 
 

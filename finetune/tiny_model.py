@@ -98,15 +98,13 @@ def build_tiny_pipeline(
     preset: str = "tiny",
     seed: int = 0,
     prediction_type: str = "epsilon",
-    words: tuple[str, ...] | list[str] = DEFAULT_WORDS,
-    tokenizer_dir: Path | None = None,
 ) -> StableDiffusionPipeline:
     """A randomly initialised pipeline of the given preset; the seed fixes every weight."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     spec = PRESETS[preset]
     with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = make_clip_tokenizer(words, Path(tokenizer_dir or scratch))
+        tokenizer = make_clip_tokenizer(DEFAULT_WORDS, Path(scratch))
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(

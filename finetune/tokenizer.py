@@ -75,7 +75,7 @@ def build_vocabulary(words: list[str] | tuple[str, ...]) -> tuple[dict[str, int]
     return vocab, merges
 
 
-def make_clip_tokenizer(words: list[str] | tuple[str, ...], folder: Path, max_length: int = 77) -> CLIPTokenizer:
+def make_clip_tokenizer(words: list[str] | tuple[str, ...], folder: Path) -> CLIPTokenizer:
     """Write vocab.json/merges.txt for `words` into `folder` and load them as a CLIPTokenizer."""
     folder.mkdir(parents=True, exist_ok=True)
     vocab, merges = build_vocabulary(words)
@@ -89,7 +89,7 @@ def make_clip_tokenizer(words: list[str] | tuple[str, ...], folder: Path, max_le
         eos_token=EOS_TOKEN,
         pad_token=EOS_TOKEN,
         unk_token=EOS_TOKEN,
-        model_max_length=max_length,
+        model_max_length=77,  # CLIP's: 75 tokens between the start and end tokens
     )
     tokenizer.save_pretrained(folder)
     return tokenizer
