@@ -281,17 +281,6 @@ def draw(scene: Scene, size: int = 64, rng=None) -> tuple[Image.Image, np.ndarra
     return Image.fromarray(pixels, "RGB"), mask
 
 
-def render(scene: Scene, size: int = 64, rng=None) -> Image.Image:
-    """The RGB image of ``scene`` (see :func:`draw`; pass the same int seed to
-    :func:`shape_mask` to get the matching mask)."""
-    return draw(scene, size, rng)[0]
-
-
-def shape_mask(scene: Scene, size: int = 64, rng=None) -> np.ndarray:
-    """Bool ``(size, size)`` mask of the shape as :func:`render` draws it for the same seed."""
-    return draw(scene, size, rng)[1]
-
-
 # -------------------------------------------------------------------------------- scenes
 
 _HELD_OUT_MODES = ("no", "only_shape", "only_style", "all")
