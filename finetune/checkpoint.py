@@ -31,6 +31,7 @@ from finetune.errors import FinetuneError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 PARTIAL = ".partial-"  # a checkpoint being written: .partial-checkpoint-N, renamed checkpoint-N once complete
+REMOVED = ".removed-"  # one rotated out: renamed .removed-checkpoint-N, then deleted
 STATE_FILE = "trainer_state.json"
 DEEPSPEED_FOLDER = "pytorch_model"  # where accelerate has DeepSpeed's engine write a checkpoint's weights and optimizer
 
@@ -239,8 +240,9 @@ def save_checkpoint(
     partial = checkpoints_dir / f"{PARTIAL}{final.name}"
     try:
         if accelerator.is_main_process:
-            for stale in checkpoints_dir.glob(f"{PARTIAL}checkpoint-*"):  # what a killed run left
-                shutil.rmtree(stale, ignore_errors=True)
+            for prefix in (PARTIAL, REMOVED):  # what a killed run left
+                for stale in checkpoints_dir.glob(f"{prefix}checkpoint-*"):
+                    shutil.rmtree(stale, ignore_errors=True)
             partial.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(partial), **save_options)
@@ -262,9 +264,23 @@ def save_checkpoint(
     if accelerator.is_main_process:
         replace_folder(partial, final)
         for old in list_checkpoints(checkpoints_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_checkpoint(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def remove_checkpoint(checkpoint: Path) -> None:
+    """Delete a rotated-out checkpoint: renamed out of the checkpoint-N pattern first, so that a kill midway
+    (SIGKILL, a power cut) leaves a `.removed-` folder the next save deletes, not a checkpoint-N without its
+    trainer_state.json, which no listing, rotation or save would ever remove (a full UNet's weights and
+    optimizer state, gigabytes, for good)."""
+    aside = checkpoint.with_name(f"{REMOVED}{checkpoint.name}")
+    try:
+        shutil.rmtree(aside, ignore_errors=True)  # (one a killed run left, of the same step)
+        checkpoint.rename(aside)
+    except OSError:  # a name that cannot change (a busy file on a network disk): deleted where it is
+        aside = checkpoint
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def damaged_file(err: Exception) -> bool:

@@ -211,3 +211,27 @@ def test_checkpoints_and_outputs_are_on_the_disk_before_their_names(make_recipe,
     files = [str(path.relative_to(checkpoint)) for path in checkpoint.rglob("*") if path.is_file()]
     assert len(files) >= 4 and flushed_before_renamed(checkpoint.with_name(".partial-checkpoint-2"), files)
     assert flushed_before_renamed(result.output_dir / f".{LORA_WEIGHTS_NAME}.partial", [""])
+
+
+def test_a_kill_while_rotation_deletes_a_checkpoint_leaves_nothing_the_next_save_keeps(make_recipe, monkeypatch, tmp_path):
+    """Rotation deleted checkpoint-1 in place: a kill midway left checkpoint-1 without its trainer_state.json, which no
+    listing counts, so no rotation or save removed it ever (a full UNet's weights and optimizer state, for good)."""
+
+    class Killed(BaseException):
+        pass
+
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):  # what shutil.rmtree had deleted when the SIGKILL came: the state file
+        if str(path).endswith("checkpoint-1") and (state := trainer.ckpt.Path(path) / trainer.ckpt.STATE_FILE).is_file():
+            state.unlink()
+            raise Killed
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.ckpt.shutil, "rmtree", killed_midway)
+    recipe = make_recipe(output_dir=str(tmp_path / "run"), train__max_steps=3, checkpoint__every_n_steps=1, checkpoint__keep_last=1)
+    with pytest.raises(Killed):
+        trainer.train(recipe)
+    monkeypatch.undo()
+    trainer.train(recipe, resume="latest")  # from checkpoint-2, saves checkpoint-3
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["checkpoint-3"]
