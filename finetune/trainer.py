@@ -276,7 +276,8 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
         )
         say(f"saved {checkpoints_dir / f'checkpoint-{step}'} (step {step}, {epochs_text(epochs_by.at(step))})")
 
-    # Before the first step (validation.at_start), or due at the step a stop saved before it: the curve keeps that step.
+    # Before the first step (validation.at_start), or due at the step its checkpoint was saved before it (by a stop, or
+    # before a kill while it drew): the curve keeps that step.
     if (step == 0 and recipe.validation.at_start) or (resume_from is not None and state.get("stopped_before_validation")):
         if (grid := validate(step)) is not None:  # named as the loop names its grids
             say(f"samples: {grid}")
@@ -340,7 +341,9 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
                 result.interrupted, result.stopped_by = True, stop.signal
                 break
             if due(step, recipe.checkpoint.every_n_steps, ended, recipe.checkpoint.every_n_epochs) and step < max_steps:
-                save_checkpoint()
+                # Its validation is drawn after it is written: a kill while that draws (a grid takes minutes) left a checkpoint
+                # whose resume never drew it. The resumed run draws it (again, the same, if the kill came later).
+                save_checkpoint(stopped_before_validation=validation_due)
                 last_checkpoint_step = step
             if validation_due and step < max_steps:
                 grid = validate(step)

@@ -235,3 +235,28 @@ def test_a_kill_while_rotation_deletes_a_checkpoint_leaves_nothing_the_next_save
     monkeypatch.undo()
     trainer.train(recipe, resume="latest")  # from checkpoint-2, saves checkpoint-3
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["checkpoint-3"]
+
+
+def test_a_kill_while_a_checkpoints_validation_draws_is_drawn_by_the_resumed_run(make_recipe, monkeypatch, tmp_path):
+    """At a step both due, the checkpoint is written, then the validation drawn: a kill while it drew (a grid takes minutes
+    at full size) left checkpoint-2, whose resume went on to step 3: that step's grid and held-out loss were never drawn."""
+
+    class Killed(BaseException):
+        pass
+
+    settings = dict(train__max_steps=4, checkpoint__every_n_steps=2, validation__prompts=["a shape"], validation__num_inference_steps=1,
+                    validation__images_per_prompt=1, validation__at_start=False, validation__every_n_steps=2, validation__loss_images=1)  # fmt: skip
+    straight = trainer.train(make_recipe(output_dir=str(tmp_path / "straight"), **settings))
+    real = trainer.run_validation
+
+    def killed_while_drawing(recipe, method, modules, accelerator, step):
+        raise Killed
+
+    monkeypatch.setattr(trainer, "run_validation", killed_while_drawing)
+    with pytest.raises(Killed):
+        trainer.train(make_recipe(output_dir=str(tmp_path / "killed"), **settings))
+    monkeypatch.setattr(trainer, "run_validation", real)
+    resumed = trainer.train(make_recipe(output_dir=str(tmp_path / "killed"), **settings), resume="latest")
+    assert resumed.validation_losses == straight.validation_losses and [step for step, _ in straight.validation_losses] == [2, 4]
+    grids = lambda run: {path.name: path.read_bytes() for path in (tmp_path / run / "samples").glob("*.png")}  # noqa: E731
+    assert grids("killed") == grids("straight") and len(grids("straight")) == 2
