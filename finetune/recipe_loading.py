@@ -17,6 +17,7 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from finetune.atomic_files import atomic_write_text
 from finetune.config import Recipe
 from finetune.errors import FinetuneError
 from finetune.recipe_warnings import print_empty_recipe, print_unused_settings
@@ -335,4 +336,6 @@ def section_type(annotation) -> type[BaseModel] | None:
 
 
 def dump_recipe(recipe: Recipe, path: Path) -> None:
-    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    """Whole or as it was (`atomic_write_text`): each resume writes the run's recipe.yaml again, and a kill mid-write
+    (an OOM killer at the start) left it cut short, the record of the run, or the recipe the user resumed with."""
+    atomic_write_text(path, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))

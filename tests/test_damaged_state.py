@@ -260,3 +260,27 @@ def test_a_kill_while_a_checkpoints_validation_draws_is_drawn_by_the_resumed_run
     assert resumed.validation_losses == straight.validation_losses and [step for step, _ in straight.validation_losses] == [2, 4]
     grids = lambda run: {path.name: path.read_bytes() for path in (tmp_path / run / "samples").glob("*.png")}  # noqa: E731
     assert grids("killed") == grids("straight") and len(grids("straight")) == 2
+
+
+def test_a_kill_while_a_resume_writes_recipe_yaml_keeps_the_one_there(make_recipe, monkeypatch, tmp_path):
+    """Every run, a resume too, wrote output_dir/recipe.yaml again in place: a kill mid-write left it cut short, the run's
+    record (or the very recipe resumed: `finetune train outputs/run/recipe.yaml --resume latest`)."""
+    from pathlib import Path
+
+    class Killed(BaseException):
+        pass
+
+    trainer.train(make_recipe(output_dir=str(tmp_path / "run"), train__max_steps=2, checkpoint__every_n_steps=1))
+    kept = (tmp_path / "run" / "recipe.yaml").read_text()
+    real_write_text = Path.write_text
+
+    def killed_midway(self, text, *args, **kwargs):  # what a kill mid-write leaves: the first half
+        if "recipe.yaml" in self.name:
+            real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+            raise Killed
+        return real_write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", killed_midway)
+    with pytest.raises(Killed):
+        trainer.train(make_recipe(output_dir=str(tmp_path / "run"), train__max_steps=3, checkpoint__every_n_steps=1), resume="latest")
+    assert (tmp_path / "run" / "recipe.yaml").read_text() == kept
