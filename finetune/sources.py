@@ -21,6 +21,7 @@ from finetune.buckets import Size
 from finetune.captions import (DATASET_ROW, apply_template, dataset_of_row, folder_captions, image_caption, metadata_partner_files, metadata_subfolders,
                                missing_caption_message, require_own_sidecars, require_rows_with_images, sidecar_path, template_needs_caption)  # fmt: skip
 from finetune.config import DataConfig, FolderConfig
+from finetune.dataset_splits import require_split_syntax, saved_split_rows
 from finetune.errors import FinetuneError, looked_for_here
 from finetune.file_names import name_key
 from finetune.library_noise import quiet_local_dataset_bars
@@ -277,14 +278,17 @@ def open_dataset(config: DataConfig):
     if any(any(subfolder.glob("*.txt")) for subfolder in subfolders):  # sd-scripts' N_name folders: read as text too
         raise FinetuneError(f"dataset {name} is a folder of image folders with .txt captions, which datasets reads as a text dataset of their lines: "
                             f"train it as data.image_dir={name} (with data.dataset=null), with {folders_entries([path.name for path in subfolders])} in the recipe's data section")  # fmt: skip
+    require_split_syntax(name, config.dataset_split)
     try:
         with quiet_local_dataset_bars() if Path(name).exists() else contextlib.nullcontext():  # a hub dataset's downloads keep theirs
             if saved:
-                loaded = datasets.load_from_disk(name)
+                return saved_split_rows(name, config.dataset_split)
             elif builder:
                 loaded = datasets.load_dataset(builder, data_files=name, split=config.dataset_split)
             else:
                 loaded = datasets.load_dataset(name, config.dataset_config, split=config.dataset_split)
+    except FinetuneError:
+        raise
     except FileNotFoundError as err:
         raise FinetuneError(f"dataset {name} not found: {str(err).splitlines()[0]}") from None
     except ConnectionError:
@@ -299,13 +303,7 @@ def open_dataset(config: DataConfig):
         if not Path(name).exists():  # a hub dataset: a failure this does not know keeps its traceback
             raise
         raise FinetuneError(_unreadable_dataset_message(name, saved, err)) from None
-    if isinstance(loaded, datasets.Dataset) and saved and config.dataset_split != "train":
-        raise FinetuneError(f"dataset {name} is a single split saved with save_to_disk (no split '{config.dataset_split}' to pick): remove data.dataset_split")
-    if isinstance(loaded, datasets.DatasetDict):
-        if config.dataset_split not in loaded:
-            raise FinetuneError(f"dataset {name} has no split '{config.dataset_split}' (has {', '.join(loaded)}): set data.dataset_split")
-        loaded = loaded[config.dataset_split]
-    return loaded
+    return loaded  # a Dataset: load_dataset with a split names one
 
 
 def _unreadable_dataset_message(name: str, saved: bool, err: Exception) -> str:

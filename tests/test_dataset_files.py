@@ -239,3 +239,38 @@ def test_an_empty_data_path_is_refused_with_its_key(tmp_path, monkeypatch):
 
     with pytest.raises(ValueError, match=r"instance_dir\n  Value error, is empty: give the folder of this concept's images"):  # it was a traceback
         Concept(instance_dir="", instance_prompt="a photo of sks dog")
+
+
+def test_a_save_to_disk_folder_takes_split_slices_as_a_data_file_does(tmp_path):
+    import datasets
+
+    ten = datasets.Dataset.from_dict({"image": [Image.new("RGB", (64, 64), (25 * i, 0, 0)) for i in range(10)], "text": [f"c{i}" for i in range(10)]})
+    ten.save_to_disk(tmp_path / "one")
+    datasets.DatasetDict({"train": ten, "test": ten.select([9])}).save_to_disk(tmp_path / "dict")
+    # A slice read a parquet file's rows but was "no split 'train[:3]'" of the same rows saved with save_to_disk.
+    for name, split, captions in (("one", "train[:30%]", ["c0", "c1", "c2"]), ("dict", "train[8:]+test", ["c8", "c9", "c9"]), ("dict", "test", ["c9"])):
+        assert [e.caption for e in load_examples(DataConfig(dataset=str(tmp_path / name), dataset_split=split, resolution=64), check=False)] == captions
+    with pytest.raises(FinetuneError, match=r"one is a single split saved with save_to_disk \(no split 'test\[:5\]' to pick\): remove data.dataset_split, or give a slice"):
+        load_examples(DataConfig(dataset=str(tmp_path / "one"), dataset_split="test[:5]", resolution=64))
+    with pytest.raises(FinetuneError, match=r"dict has no split 'valid\[:5\]' \(has train, test\): set data.dataset_split$"):
+        load_examples(DataConfig(dataset=str(tmp_path / "dict"), dataset_split="valid[:5]", resolution=64))
+    ten.to_parquet(str(tmp_path / "ten.parquet"))  # a malformed slice was "cannot be read ...: fix or replace it"
+    for name in ("one", "ten.parquet"):
+        with pytest.raises(FinetuneError, match=r"data.dataset_split 'train\[:x\]' is no split or slice \(.*\): give a split's name, or a slice"):
+            load_examples(DataConfig(dataset=str(tmp_path / name), dataset_split="train[:x]", resolution=64))
+
+
+def test_a_saved_split_of_no_rows_is_said_to_have_none_not_to_be_damaged(tmp_path):
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    empty = datasets.Dataset.from_dict({"image": [], "text": []}, features=features)
+    empty.save_to_disk(tmp_path / "empty")  # it said "cannot be read (IndexError ...): save it again (a copy cut short?)"
+    with pytest.raises(FinetuneError, match=r"empty split 'train' has no rows: add rows to it, or give another split \(data.dataset_split\) or dataset"):
+        load_examples(DataConfig(dataset=str(tmp_path / "empty"), resolution=64))
+    # An empty split beside the one trained made the whole folder unreadable; a damaged one is not read either.
+    datasets.DatasetDict({"train": two_images(), "test": empty, "cut": two_images()}).save_to_disk(tmp_path / "dict")
+    next((tmp_path / "dict" / "cut").glob("*.arrow")).write_bytes(b"cut short")
+    assert len(load_examples(DataConfig(dataset=str(tmp_path / "dict"), resolution=64), check=False)) == 2
+    with pytest.raises(FinetuneError, match=r"dict split 'train\[5:\]' has no rows: the slice selects none of them; widen data.dataset_split$"):
+        load_examples(DataConfig(dataset=str(tmp_path / "dict"), dataset_split="train[5:]", resolution=64))
