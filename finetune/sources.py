@@ -21,7 +21,7 @@ from finetune.buckets import Size
 from finetune.captions import (DATASET_ROW, apply_template, dataset_of_row, folder_captions, image_caption, metadata_partner_files, metadata_subfolders,
                                missing_caption_message, require_own_sidecars, require_rows_with_images, sidecar_path, template_needs_caption)  # fmt: skip
 from finetune.config import DataConfig, FolderConfig
-from finetune.dataset_splits import require_split_syntax, saved_split_rows
+from finetune.dataset_splits import no_rows_message, require_split_syntax, saved_split_rows
 from finetune.errors import FinetuneError, looked_for_here
 from finetune.file_names import name_key
 from finetune.library_noise import quiet_local_dataset_bars
@@ -298,6 +298,8 @@ def open_dataset(config: DataConfig):
     except Exception as err:  # datasets' builders raise many kinds (pyarrow's ArrowInvalid, a ValueError, on a malformed metadata row)
         if isinstance(err, ValueError) and "Unknown split" in str(err):
             raise FinetuneError(f"dataset {name} has no split '{config.dataset_split}' ({str(err).splitlines()[0]}): set data.dataset_split") from None
+        if isinstance(err, ValueError) and "corresponds to no data" in str(err):  # an empty data file, or a slice of none of its rows
+            raise FinetuneError(no_rows_message(name, config.dataset_split)) from None
         if isinstance(err, ValueError) and "BuilderConfig" in str(err):  # a hub dataset's or a folder's, as for a split
             raise FinetuneError(f"dataset {name} has no config '{config.dataset_config}' ({str(err).splitlines()[0]}): set data.dataset_config") from None
         if not Path(name).exists():  # a hub dataset: a failure this does not know keeps its traceback
@@ -335,7 +337,7 @@ def _dataset_examples(config: DataConfig) -> list[Example]:
         if column not in columns:
             raise FinetuneError(f"dataset {name} has no column '{column}' ({key}); its columns are: {', '.join(repr(c) for c in columns)}")
     if len(loaded) == 0:
-        raise FinetuneError(f"dataset {name} split '{config.dataset_split}' is empty")
+        raise FinetuneError(no_rows_message(name, config.dataset_split))
     require_image_column(loaded, name, config.image_column, "data.image_column")
     if config.caption is None and (classes := getattr(loaded.features[config.caption_column], "names", None)):  # a ClassLabel: numbers
         raise FinetuneError(_class_numbers_message(name, config.caption_column, classes))

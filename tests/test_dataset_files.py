@@ -274,3 +274,18 @@ def test_a_saved_split_of_no_rows_is_said_to_have_none_not_to_be_damaged(tmp_pat
     assert len(load_examples(DataConfig(dataset=str(tmp_path / "dict"), resolution=64), check=False)) == 2
     with pytest.raises(FinetuneError, match=r"dict split 'train\[5:\]' has no rows: the slice selects none of them; widen data.dataset_split$"):
         load_examples(DataConfig(dataset=str(tmp_path / "dict"), dataset_split="train[5:]", resolution=64))
+
+
+def test_a_data_file_of_no_rows_or_a_slice_of_none_says_so_not_to_replace_the_file(tmp_path):
+    import datasets
+
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    datasets.Dataset.from_dict({"image": [], "text": []}, features=features).to_parquet(str(tmp_path / "empty.parquet"))
+    (tmp_path / "header.csv").write_text("image,text\n")
+    two_images().to_parquet(str(tmp_path / "two.parquet"))
+    # Each was "dataset file ... cannot be read (ValueError: Instruction "train" corresponds to no data!): fix or replace it".
+    for name in ("empty.parquet", "header.csv"):
+        with pytest.raises(FinetuneError, match=rf"{name} split 'train' has no rows: add rows to it, or give another split \(data.dataset_split\) or dataset"):
+            load_examples(DataConfig(dataset=str(tmp_path / name), resolution=64))
+    with pytest.raises(FinetuneError, match=r"two.parquet split 'train\[2:\]' has no rows: the slice selects none of them; widen data.dataset_split$"):
+        load_examples(DataConfig(dataset=str(tmp_path / "two.parquet"), dataset_split="train[2:]", resolution=64))
