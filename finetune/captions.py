@@ -301,6 +301,24 @@ def missing_caption_message(source: str | Path, alternative: str = "set data.cap
     return f"image {image_path} has no caption: add {image_path.with_suffix('.txt').name}, a metadata.jsonl or metadata.csv entry, or {alternative}"
 
 
+
+def dataset_caption(value, name: str, column: str, row: int) -> str | None:
+    """A dataset's caption cell: None is a missing caption (fatal in the check), not "None"; a blank one trains
+    as the empty prompt (a warning in the check), as an empty .txt does. A list of captions (COCO's five per
+    image) is several captions of its image, as the lines of one are: one trains each epoch (diffusers'
+    train_text_to_image draws one at random too); not its Python text "['a', 'b']"."""
+    if isinstance(value, list) and value and all(isinstance(entry, str) for entry in value):
+        # Each entry is one caption (its own line breaks too); blank ones are none, and a list of only those is an empty caption.
+        return "\n".join(caption for entry in value if (caption := " ".join(split_at_line_ends(entry)).strip()))
+    if value is not None and not isinstance(value, str):
+        held = type(value).__name__
+        if isinstance(value, list):
+            held = "a list of " + ", ".join(sorted({type(entry).__name__ for entry in value})) if value else "an empty list"
+        raise FinetuneError(f"dataset {name} row {row}: caption column '{column}' holds {held}, not text: give each row one caption "
+                            "or a list of them (with dataset.map), or set data.caption_column")  # fmt: skip
+    return value
+
+
 def empty_caption_message(source: str, caption: str, config: DataConfig, folder_index: int = 0) -> str | None:
     """The warning for an image whose own caption (its .txt, metadata row or dataset cell) is empty, or None.
 

@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 
 from finetune.buckets import Size, assign_buckets, bucket_counts_line, either, no_upscale_advice, ways_to_fill_a_batch
 from finetune.caption_overrides import shadowed_caption_files
-from finetune.captions import caption_alternative, caption_lines, empty_caption_message, missing_caption_message
+from finetune.captions import caption_alternative, caption_lines, dataset_of_row, empty_caption_message, missing_caption_message
 from finetune.check_threads import each_on_threads
 from finetune.colour_profiles import profile_note
 from finetune.config import DataConfig, Recipe
@@ -155,8 +155,8 @@ def inspect(example: Example, config: DataConfig) -> tuple[Example | None, list[
     elif message := empty_caption_message(source, example.caption, config, example.folder_index):  # an empty .txt or metadata text
         findings.append(Finding(WARNING, source, message))
     elif len(lines := caption_lines(example.caption)) > 1:
-        message = (f"image {source}: caption of {len(lines)} lines, each a caption of its own: one line trains each epoch "
-                   "(to train them together, join them with commas on one line)")  # fmt: skip
+        message = (f"image {source}: caption of {len(lines)} lines" + (" (or list entries)" if dataset_of_row(source) else "") + ", each a caption of "
+                   "its own: one line trains each epoch (to train them together, join them with commas on one line)")  # fmt: skip
         findings.append(Finding(CONVERTED, source, message))
     try:
         stamp = file_stamp(source)  # before decoding: an edit while it decodes shows as a changed file

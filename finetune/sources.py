@@ -18,7 +18,7 @@ from typing import Callable
 from PIL import Image
 
 from finetune.buckets import Size
-from finetune.captions import (DATASET_ROW, apply_template, dataset_of_row, folder_captions, image_caption, metadata_partner_files, metadata_subfolders,
+from finetune.captions import (DATASET_ROW, apply_template, dataset_caption, dataset_of_row, folder_captions, image_caption, metadata_partner_files, metadata_subfolders,
                                missing_caption_message, require_own_sidecars, require_rows_with_images, sidecar_path, template_needs_caption)  # fmt: skip
 from finetune.config import DataConfig, FolderConfig
 from finetune.dataset_splits import no_rows_message, require_split_syntax, saved_split_rows
@@ -345,7 +345,7 @@ def _dataset_examples(config: DataConfig) -> list[Example]:
     captions = [config.caption] * len(loaded) if config.caption is not None else loaded[config.caption_column][:]
     images = loaded.select_columns([config.image_column])
     return [
-        Example(source := DATASET_ROW.format(name=name, row=row), _caption_or_none(captions[row], name, config.caption_column, row),
+        Example(source := DATASET_ROW.format(name=name, row=row), dataset_caption(captions[row], name, config.caption_column, row),
                 lambda row=row, source=source: row_image(images, row, config.image_column, source))  # fmt: skip
         for row in range(len(loaded))
     ]
@@ -389,11 +389,3 @@ def require_image_column(loaded, name: str, column: str, key: str) -> None:
             fix = f"cast it with dataset.cast_column('{column}', datasets.Image()), save it with save_to_disk (which stores the images in it) and train that folder"
         raise FinetuneError(f"dataset {name} column '{column}' ({key}) holds {feature}, not decoded images: {fix}, or set {key}")
 
-
-def _caption_or_none(value, name: str, column: str, row: int) -> str | None:
-    """A dataset's caption cell: None is a missing caption (fatal in the check), not "None"; a blank one trains
-    as the empty prompt (a warning in the check), as an empty .txt does."""
-    if value is not None and not isinstance(value, str):  # a list of captions would train as its Python text
-        raise FinetuneError(f"dataset {name} row {row}: caption column '{column}' holds {type(value).__name__}, not text: "
-                            "give each row one caption (e.g. the first, with dataset.map), or set data.caption_column")  # fmt: skip
-    return value

@@ -130,13 +130,28 @@ def test_captions_in_upper_case_files_and_of_several_lines(tmp_path):
     ]
 
 
-def test_datasets_with_lists_of_captions_or_paths_for_images_are_one_line(tmp_path):
+def test_a_datasets_lists_of_captions_train_one_each_epoch_and_paths_for_images_are_one_line(tmp_path):
     import datasets
 
-    images = [Image.new("RGB", (64, 64), colour) for colour in ("red", "blue")]
-    datasets.Dataset.from_dict({"image": images, "text": [["a dog", "a brown dog"], ["a cat"]]}).save_to_disk(tmp_path / "lists")
-    with pytest.raises(FinetuneError, match=r"row 0: caption column 'text' holds list, not text: give each row one caption"):
-        read_examples(DataConfig(dataset=str(tmp_path / "lists")))
+    from finetune.captions import training_caption
+
+    images = [Image.new("RGB", (64, 64), colour) for colour in ("red", "blue", "green")]
+    # COCO's several captions per image: it stopped ("holds list, not text"), where diffusers' script draws one.
+    captions = [["a dog", " ", "a brown\ndog"], ["a cat"], ["", " "]]
+    datasets.Dataset.from_dict({"image": images, "text": captions}).save_to_disk(tmp_path / "lists")
+    config = DataConfig(dataset=str(tmp_path / "lists"), resolution=64)
+    examples = read_examples(config)
+    assert [example.caption for example in examples] == ["a dog\na brown dog", "a cat", ""]  # an entry's line break is no second caption
+    assert {training_caption(examples[0].caption, config, 0, epoch, 0) for epoch in range(20)} == {"a dog", "a brown dog"}
+    report = inspect_examples(examples, config, "lists")
+    assert [f.message for f in report.findings if "caption" in f.message] == [
+        f"image dataset {tmp_path / 'lists'} row 0: caption of 2 lines (or list entries), each a caption of its own: one line trains each epoch "
+        "(to train them together, join them with commas on one line)",
+        f"dataset {tmp_path / 'lists'} row 2 has an empty caption: it trains as the empty prompt; write one in its caption column if that is not meant"]
+    for cell, held in (([], "an empty list"), (["a", None], "a list of NoneType, str"), (3, "int")):
+        datasets.Dataset.from_dict({"image": images[:1], "text": [cell]}).save_to_disk(tmp_path / held)
+        with pytest.raises(FinetuneError, match=rf"row 0: caption column 'text' holds {held}, not text: give each row one caption or a list of them"):
+            read_examples(DataConfig(dataset=str(tmp_path / held)))
     datasets.Dataset.from_dict({"image": ["a.png", "b.png"], "text": ["a", "b"]}).save_to_disk(tmp_path / "paths")
     with pytest.raises(FinetuneError, match=r"column 'image' \(data.image_column\) holds Value\('string'.*cast_column\('image', datasets.Image\(\)\)"):
         read_examples(DataConfig(dataset=str(tmp_path / "paths")))
