@@ -152,6 +152,10 @@ def dataset_conditioning_column(dataset, config: DataConfig, column: str) -> str
     the default one and missing, the `conditioning` image column datasets makes of a folder's conditioning_file_name.
     Missing otherwise: one line naming the columns, and the override where one other image column is there."""
     names = dataset.column_names
+    if column == config.image_column:  # each image would steer itself: a ControlNet that learns to copy its input, unseen
+        others = [repr(name) for name in names if type(dataset.features[name]).__name__ == "Image" and name != column]
+        raise FinetuneError(f"dataset {config.dataset}: controlnet.conditioning_column '{column}' is data.image_column too, so each image would be "
+                            f"its own conditioning image: set it to the conditioning images' column ({', '.join(others) or 'the dataset has no other image column'})")  # fmt: skip
     if column in names:
         return column
     images = [name for name in names if type(dataset.features[name]).__name__ == "Image" and name != config.image_column]

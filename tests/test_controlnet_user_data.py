@@ -208,3 +208,14 @@ def test_conditioning_images_a_metadata_csv_names_beside_their_images_are_read_a
     assert [(row["file_name"], row["conditioning_file_name"], row["text"]) for row in written] == [(f"{i}.png", f"conditioning/{i}.png", f"photo {i}") for i in range(2)]
     with pytest.raises(FinetuneError, match=r"metadata.csv names conditioning images beside the images \(0_edges.png\), which rewriting it in place"):
         make_conditions(edges, edges, "canny")
+
+
+def test_a_conditioning_column_that_is_the_image_column_is_refused(make_recipe, tmp_path):
+    import datasets
+
+    images = [Image.new("RGB", (64, 64), colour) for colour in ("red", "blue")]
+    datasets.Dataset.from_dict({"image": images, "hint": images[::-1], "text": ["a", "b"]}).save_to_disk(tmp_path / "ds")
+    # It trained each image as its own conditioning image, without a word.
+    with pytest.raises(FinetuneError, match=r"ds: controlnet.conditioning_column 'image' is data.image_column too, so each image would be its own "
+                                            r"conditioning image: set it to the conditioning images' column \('hint'\)$"):  # fmt: skip
+        inspect_pairs(make_recipe(method="controlnet", data__image_dir=None, data__dataset=str(tmp_path / "ds"), controlnet__conditioning_column="image"))
