@@ -341,6 +341,10 @@ def _dataset_examples(config: DataConfig) -> list[Example]:
     require_image_column(loaded, name, config.image_column, "data.image_column")
     if config.caption is None and (classes := getattr(loaded.features[config.caption_column], "names", None)):  # a ClassLabel: numbers
         raise FinetuneError(_class_numbers_message(name, config.caption_column, classes))
+    if config.caption is None and type(feature := loaded.features[config.caption_column]).__name__ in ("Image", "Audio", "Video"):  # not decoded, row by row, to fail at the first
+        texts = [repr(c) for c in columns if getattr(loaded.features[c], "dtype", None) in ("string", "large_string")]
+        raise FinetuneError(f"dataset {name} caption column '{config.caption_column}' (data.caption_column) holds {type(feature).__name__.lower()}s, not text: "
+                            f"set data.caption_column to the captions' column ({', '.join(texts) or 'it has no column of text: set data.caption for one prompt'})")  # fmt: skip
     # [:]: the whole column as a list (datasets 4+ gives a lazy Column, whose rows read one by one took 1 ms each)
     captions = [config.caption] * len(loaded) if config.caption is not None else loaded[config.caption_column][:]
     images = loaded.select_columns([config.image_column])

@@ -289,3 +289,14 @@ def test_a_data_file_of_no_rows_or_a_slice_of_none_says_so_not_to_replace_the_fi
             load_examples(DataConfig(dataset=str(tmp_path / name), resolution=64))
     with pytest.raises(FinetuneError, match=r"two.parquet split 'train\[2:\]' has no rows: the slice selects none of them; widen data.dataset_split$"):
         load_examples(DataConfig(dataset=str(tmp_path / "two.parquet"), dataset_split="train[2:]", resolution=64))
+
+
+def test_a_caption_column_of_images_is_one_line_naming_the_text_columns_before_decoding_them(tmp_path, monkeypatch):
+    import datasets
+
+    images = [Image.new("RGB", (64, 64), colour) for colour in ("red", "blue")]
+    datasets.Dataset.from_dict({"image": images, "hint": images, "prompt": ["a", "b"]}).save_to_disk(tmp_path / "ds")
+    # Every image of the column was decoded to say "row 0 ... holds PngImageFile, not text: give each row one caption".
+    monkeypatch.setattr(datasets.Image, "decode_example", lambda *args, **kwargs: pytest.fail("an image was decoded"))
+    with pytest.raises(FinetuneError, match=r"ds caption column 'hint' \(data.caption_column\) holds images, not text: set data.caption_column to the captions' column \('prompt'\)$"):
+        load_examples(DataConfig(dataset=str(tmp_path / "ds"), caption_column="hint", resolution=64))
