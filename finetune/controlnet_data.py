@@ -9,6 +9,7 @@ captions (`controlnet.empty_prompt_share`) is emptied. Conditioning images come 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 from dataclasses import dataclass, replace
@@ -23,7 +24,7 @@ from finetune.buckets import assign_buckets
 from finetune.cache import EncodingCache
 from finetune.captions import csv_delimiter, split_at_line_ends, metadata_file, metadata_text, read_csv_captions, scored_caption, training_caption
 from finetune.file_names import loosely_named_file, name_key, row_image_key
-from finetune.check_data import FATAL, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable
+from finetune.check_data import FATAL, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable, too_small_problem
 from finetune.check_threads import each_on_threads
 from finetune.config import ControlNetConfig, DataConfig, Recipe
 from finetune.data import collate_images, item_rng, likely_new_view, render_pixels, view_entry
@@ -75,7 +76,7 @@ def inspect_pairs(recipe: Recipe) -> tuple[list[Pair], DataReport]:
         matched.append(Pair(checked[next_checked], pair.conditioning))
         next_checked += 1
     usable = []
-    for pair, problems in each_on_threads(check_conditioning, matched, "checking conditioning images"):
+    for pair, problems in each_on_threads(functools.partial(check_conditioning, config=config), matched, "checking conditioning images"):
         report.findings += problems
         if problems:
             report.usable.remove(pair.image)
@@ -202,26 +203,32 @@ def _conditioning_files(folder: Path, column: str = "conditioning_file_name") ->
     return files
 
 
-def check_conditioning(pair: Pair) -> tuple[Pair, list[Finding]]:
+def check_conditioning(pair: Pair, config: DataConfig) -> tuple[Pair, list[Finding]]:
     """The pair with its conditioning image's pixel digest (what a checkpoint records of it), and a fatal finding if
     that image cannot be read, would train blank (drawn only in its alpha channel, or float values of 0-1) or is not
-    its image's size."""
+    its image's size (or its shape at another scale, large enough)."""
     try:
         conditioning = read_conditioning(pair.conditioning)
     except FinetuneError as err:
         return pair, [Finding(FATAL, pair.image.source, str(err))]
     checked = replace(pair, conditioning=replace(pair.conditioning, digest=pixel_digest(conditioning)))
-    return checked, conditioning_size_problems(pair, conditioning.size)
+    return checked, conditioning_size_problems(pair, conditioning.size, config)
 
 
-def conditioning_size_problems(pair: Pair, size: tuple[int, int]) -> list[Finding]:
-    """A fatal finding if the conditioning image (upright `size`) is not its image's size."""
+def conditioning_size_problems(pair: Pair, size: tuple[int, int], config: DataConfig) -> list[Finding]:
+    """A fatal finding if the conditioning image (upright `size`) is not its image's size, nor its shape at another
+    scale (a dataset's 512 px depth maps for 1024 px photos: the view is cut at any scale, as diffusers' script resizes
+    each) whose short side is as large as a training image's must be (too_small_problem)."""
     image_size = pair.image.size
-    if size != image_size:
+    (width, height), (image_width, image_height) = size, image_size
+    same_shape = abs(height * image_width / width - image_height) <= max(1.0, image_width / width)  # within a pixel's rounding at either scale
+    if size != image_size and same_shape and (small := too_small_problem(pair.conditioning.source, width, height, config)):
+        return [Finding(FATAL, pair.image.source, f"conditioning {small}")]  # "conditioning image X is WxH, smaller than ..."
+    if size != image_size and not same_shape:
         # Made from the image's stored pixels (both files lie the same way on disk), it would be cut across the upright image.
         rotated = size == image_size[::-1] and turned_on_its_side(pair.image.load())
         hint = ("save the conditioning image upright: the image is turned by its EXIF orientation (finetune make-conditions writes them so)"
-                if rotated else "they must be the same size (one crop is cut from both)")  # fmt: skip
+                if rotated else "they must be the same size, or of one shape at another scale (one crop is cut from both): resize one to the other")  # fmt: skip
         message = (
             f"conditioning image {pair.conditioning.source} is {size[0]}x{size[1]} but image "
             f"{pair.image.source} is {image_size[0]}x{image_size[1]}{' upright' if rotated else ''}: {hint}"

@@ -219,3 +219,23 @@ def test_a_conditioning_column_that_is_the_image_column_is_refused(make_recipe, 
     with pytest.raises(FinetuneError, match=r"ds: controlnet.conditioning_column 'image' is data.image_column too, so each image would be its own "
                                             r"conditioning image: set it to the conditioning images' column \('hint'\)$"):  # fmt: skip
         inspect_pairs(make_recipe(method="controlnet", data__image_dir=None, data__dataset=str(tmp_path / "ds"), controlnet__conditioning_column="image"))
+
+
+def test_a_conditioning_image_of_its_images_shape_at_another_scale_trains_the_same_view(make_recipe, tmp_path):
+    import datasets
+
+    from finetune.controlnet_data import ControlNetDataset
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8))
+    edges = Image.fromarray(np.kron(np.random.default_rng(1).integers(0, 2, (12, 16), dtype=np.uint8) * 255, np.ones((8, 8), np.uint8))).convert("RGB")
+    # A dataset's depth maps at half its photos' size (diffusers' script resizes each): it was "they must be the same size".
+    half, quarter = edges.resize((64, 48), Image.NEAREST), edges.resize((32, 24), Image.NEAREST)
+    datasets.Dataset.from_dict({"image": [image] * 3, "conditioning_image": [edges, half, quarter], "text": ["a"] * 3}).save_to_disk(tmp_path / "ds")
+    recipe = make_recipe(method="controlnet", data__image_dir=None, data__dataset=str(tmp_path / "ds"), data__crop="center", data__random_flip=False)
+    pairs, report = inspect_pairs(recipe)
+    assert [f.message for f in report.findings if f.level == "fatal"] == [  # too small to steer at data.resolution 64, as a training image would be
+        f"conditioning image dataset {tmp_path / 'ds'} row 2 column 'conditioning_image' is 32x24, smaller than 32 px on its short side "
+        "(half of data.resolution 64): remove it, upscale it to 32 px or more, lower data.min_image_size, or train at a lower data.resolution"]
+    items = ControlNetDataset(pairs, recipe.data, seed=0, empty_prompt_share=0.0)
+    full, scaled = (items[(index, 0)]["conditioning_pixel_values"] for index in range(2))
+    assert (full - scaled).abs().mean() < 0.05  # the same view of the edges, at either scale
