@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from finetune.caption_cells import captions_of_list, kind_of
 from finetune.config import DataConfig
 from finetune.errors import FinetuneError
 from finetune.file_names import loose_name_key, name_key, row_image_key
@@ -75,8 +76,9 @@ def read_metadata_captions(path: Path, require_text: bool = True, column: str = 
         if text is None and column in row:  # null: said here, not read as "no row" (its .txt would caption it, unseen)
             raise FinetuneError(f"{path} line {line_number}: '{column}' is null, so {file_name} has no caption: write it as a string "
                                 '("" trains the image uncaptioned), or remove the row to caption the image by its .txt file')  # fmt: skip
+        text = text if (joined := captions_of_list(text)) is None else joined  # several captions, as a dataset's cell may hold
         if text is not None and not isinstance(text, str):
-            raise FinetuneError(f"{path} line {line_number}: '{column}' is {type(text).__name__}, not a string: write the caption as one string")
+            raise FinetuneError(f"{path} line {line_number}: '{column}' is {kind_of(text)}, not a string: write the caption as one string or a list of them")
         _add_row(captions, rows, path, f"line {line_number}", file_name, text)
     return captions
 
@@ -300,23 +302,6 @@ def missing_caption_message(source: str | Path, alternative: str = "set data.cap
     image_path = Path(source)
     return f"image {image_path} has no caption: add {image_path.with_suffix('.txt').name}, a metadata.jsonl or metadata.csv entry, or {alternative}"
 
-
-
-def dataset_caption(value, name: str, column: str, row: int) -> str | None:
-    """A dataset's caption cell: None is a missing caption (fatal in the check), not "None"; a blank one trains
-    as the empty prompt (a warning in the check), as an empty .txt does. A list of captions (COCO's five per
-    image) is several captions of its image, as the lines of one are: one trains each epoch (diffusers'
-    train_text_to_image draws one at random too); not its Python text "['a', 'b']"."""
-    if isinstance(value, list) and value and all(isinstance(entry, str) for entry in value):
-        # Each entry is one caption (its own line breaks too); blank ones are none, and a list of only those is an empty caption.
-        return "\n".join(caption for entry in value if (caption := " ".join(split_at_line_ends(entry)).strip()))
-    if value is not None and not isinstance(value, str):
-        held = type(value).__name__
-        if isinstance(value, list):
-            held = "a list of " + ", ".join(sorted({type(entry).__name__ for entry in value})) if value else "an empty list"
-        raise FinetuneError(f"dataset {name} row {row}: caption column '{column}' holds {held}, not text: give each row one caption "
-                            "or a list of them (with dataset.map), or set data.caption_column")  # fmt: skip
-    return value
 
 
 def empty_caption_message(source: str, caption: str, config: DataConfig, folder_index: int = 0) -> str | None:

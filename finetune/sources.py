@@ -18,8 +18,9 @@ from typing import Callable
 from PIL import Image
 
 from finetune.buckets import Size
-from finetune.captions import (DATASET_ROW, apply_template, dataset_caption, dataset_of_row, folder_captions, image_caption, metadata_partner_files, metadata_subfolders,
+from finetune.captions import (DATASET_ROW, apply_template, dataset_of_row, folder_captions, image_caption, metadata_partner_files, metadata_subfolders,
                                missing_caption_message, require_own_sidecars, require_rows_with_images, sidecar_path, template_needs_caption)  # fmt: skip
+from finetune.caption_cells import dataset_caption
 from finetune.config import DataConfig, FolderConfig
 from finetune.dataset_splits import no_rows_message, require_split_syntax, saved_split_rows
 from finetune.errors import FinetuneError, looked_for_here

@@ -1,0 +1,37 @@
+"""Caption cells that are not one string: a `datasets` caption column's cell, or a metadata.jsonl row's text.
+A list of strings (COCO's five captions per image) is several captions of its image, as a caption of several
+lines is (finetune/captions.py); a cell of anything else is one line naming what it holds."""
+
+from __future__ import annotations
+
+import re
+
+from finetune.errors import FinetuneError
+
+
+def dataset_caption(value, name: str, column: str, row: int) -> str | None:
+    """A dataset's caption cell: None is a missing caption (fatal in the check), not "None"; a blank one trains
+    as the empty prompt (a warning in the check), as an empty .txt does. A list of captions (COCO's five per
+    image) is several captions of its image, as the lines of one are: one trains each epoch (diffusers'
+    train_text_to_image draws one at random too); not its Python text "['a', 'b']"."""
+    if (joined := captions_of_list(value)) is not None:
+        return joined
+    if value is not None and not isinstance(value, str):
+        raise FinetuneError(f"dataset {name} row {row}: caption column '{column}' holds {kind_of(value)}, not text: give each row one caption "
+                            "or a list of them (with dataset.map), or set data.caption_column")  # fmt: skip
+    return value
+
+
+def captions_of_list(value) -> str | None:
+    """A list of caption strings as one caption of several lines (None for anything else): each entry one caption (its
+    own line breaks too); blank ones are none, and a list of only those is an empty caption."""
+    if isinstance(value, list) and value and all(isinstance(entry, str) for entry in value):
+        return "\n".join(caption for entry in value if (caption := re.sub(r"\r\n?|\n", " ", entry).strip()))
+    return None
+
+
+def kind_of(value) -> str:
+    """What a caption cell holds that is no text: "int", "an empty list", "a list of NoneType, str"."""
+    if isinstance(value, list):
+        return "a list of " + ", ".join(sorted({type(entry).__name__ for entry in value})) if value else "an empty list"
+    return type(value).__name__
