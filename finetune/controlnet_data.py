@@ -28,10 +28,11 @@ from finetune.check_data import FATAL, DataReport, Finding, data_label, inspect_
 from finetune.check_threads import each_on_threads
 from finetune.config import ControlNetConfig, DataConfig, Recipe
 from finetune.data import collate_images, item_rng, likely_new_view, render_pixels, view_entry
+from finetune.dataset_images import require_image_column, row_image
 from finetune.epoch_uses import check_epoch_uses
 from finetune.errors import FinetuneError
 from finetune.images import decode, float_levels_problem, has_alpha, open_rgb, pixel_digest, turned_on_its_side, upright_rgb, upright_size
-from finetune.sources import Example, open_dataset, read_examples, require_image_column, row_image
+from finetune.sources import Example, open_dataset, read_examples
 from finetune.views import ViewPlan, plan_view, render
 
 
@@ -112,7 +113,7 @@ def read_pairs(recipe: Recipe) -> tuple[list[Pair], list[Finding]]:
         require_image_column(dataset, config.dataset, column, "controlnet.conditioning_column")  # not file paths: those would fail row by row
         conditionings = dataset.select_columns([column])
         pairs = [
-            Pair(example, Example(source := f"{example.source} column '{column}'", "", lambda row=row, source=source: row_image(conditionings, row, column, source)))
+            Pair(example, Example(source := f"{example.source} column '{column}'", "", lambda row=row, source=source: row_image(conditionings, row, column, source, config.dataset)))
             for row, example in enumerate(read_examples(config))
         ]
         return pairs, []

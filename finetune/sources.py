@@ -22,6 +22,7 @@ from finetune.captions import (DATASET_ROW, apply_template, dataset_of_row, fold
                                missing_caption_message, require_own_sidecars, require_rows_with_images, sidecar_path, template_needs_caption)  # fmt: skip
 from finetune.caption_cells import dataset_caption
 from finetune.config import DataConfig, FolderConfig
+from finetune.dataset_images import require_image_column, row_image
 from finetune.dataset_splits import no_rows_message, require_split_syntax, saved_split_rows
 from finetune.errors import FinetuneError, looked_for_here
 from finetune.file_names import name_key
@@ -351,7 +352,7 @@ def _dataset_examples(config: DataConfig) -> list[Example]:
     images = loaded.select_columns([config.image_column])
     return [
         Example(source := DATASET_ROW.format(name=name, row=row), dataset_caption(captions[row], name, config.caption_column, row),
-                lambda row=row, source=source: row_image(images, row, config.image_column, source))  # fmt: skip
+                lambda row=row, source=source: row_image(images, row, config.image_column, source, name))  # fmt: skip
         for row in range(len(loaded))
     ]
 
@@ -364,33 +365,4 @@ def _class_numbers_message(name: str, column: str, classes: list[str]) -> str:
     return (f"dataset {name} caption column '{column}' holds class numbers ({named}), not text: train the folder as data.image_dir={name} "
             f"(with data.dataset=null) with a data.folders entry per class folder and its prompt, e.g. "
             f"folders: [{{path: {classes[0]}, template: \"a photo of {classes[0]}\"}}, ...]")  # fmt: skip
-
-
-def row_image(images, row: int, column: str, source: str) -> Image.Image | None:
-    """The decoded image of a dataset row's cell. One that is a web address, not stored in the dataset, is
-    downloaded by `datasets` at every read: when that fails (offline) it is said, not just the error."""
-    try:
-        return images[row][column]
-    except Exception as err:
-        import datasets
-
-        path = images.cast_column(column, datasets.Image(decode=False))[row][column]["path"] or ""
-        if "://" not in path:
-            raise
-        raise FinetuneError(f"image {source} is the web address {path}, which cannot be read ({type(err).__name__}: {str(err)[:200]}): "
-                            "datasets downloads it at every read; store the images in the dataset where they can be downloaded, "
-                            "or check the connection") from None  # fmt: skip
-
-
-def require_image_column(loaded, name: str, column: str, key: str) -> None:
-    """Stop if a dataset column holds something other than decoded images (file paths, undecoded bytes)."""
-    feature = loaded.features[column]
-    if type(feature).__name__ != "Image" or not getattr(feature, "decode", True):
-        metadata = next((Path(name) / meta for meta in ("metadata.jsonl", "metadata.csv") if (Path(name) / meta).is_file()), None)
-        if metadata is not None and getattr(feature, "dtype", None) == "string":  # a folder's file names: no Python needed
-            fix = f"name its key '{column}_file_name' in {metadata} (datasets reads keys ending in _file_name as images of the folder)"
-        else:
-            # save_to_disk stores the files' bytes in the dataset (a csv or jsonl written again would hold the paths again).
-            fix = f"cast it with dataset.cast_column('{column}', datasets.Image()), save it with save_to_disk (which stores the images in it) and train that folder"
-        raise FinetuneError(f"dataset {name} column '{column}' ({key}) holds {feature}, not decoded images: {fix}, or set {key}")
 

@@ -128,7 +128,8 @@ def test_a_folder_of_sd_scripts_image_folders_given_as_a_dataset_says_how_to_tra
 def test_a_folder_datasets_conditioning_file_names_say_the_metadata_key_that_reads_them(tmp_path):
     import json
 
-    from finetune.sources import open_dataset, require_image_column
+    from finetune.dataset_images import require_image_column
+    from finetune.sources import open_dataset
 
     (tmp_path / "data" / "conditioning").mkdir(parents=True)
     Image.new("RGB", (64, 64), "red").save(tmp_path / "data" / "1.png")
@@ -300,3 +301,21 @@ def test_a_caption_column_of_images_is_one_line_naming_the_text_columns_before_d
     monkeypatch.setattr(datasets.Image, "decode_example", lambda *args, **kwargs: pytest.fail("an image was decoded"))
     with pytest.raises(FinetuneError, match=r"ds caption column 'hint' \(data.caption_column\) holds images, not text: set data.caption_column to the captions' column \('prompt'\)$"):
         load_examples(DataConfig(dataset=str(tmp_path / "ds"), caption_column="hint", resolution=64))
+
+
+def test_an_image_stored_as_a_path_relative_to_its_data_file_is_read_from_any_folder(tmp_path, monkeypatch):
+    import datasets
+    import pyarrow.parquet as pq
+
+    (tmp_path / "data" / "img").mkdir(parents=True)
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "data" / "img" / "0.png")
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    cells = [{"path": "img/0.png", "bytes": None}, {"path": "img/gone.png", "bytes": None}]
+    # An Image column of paths alone, as pyarrow writes one: datasets opens them from the current folder.
+    pq.write_table(datasets.Dataset.from_dict({"image": cells, "text": ["a", "b"]}, features=features).data.table, tmp_path / "data" / "train.parquet")
+    monkeypatch.chdir(tmp_path)  # it was "cannot be read (FileNotFoundError: ... 'img/0.png')" from any folder but data/
+    examples = load_examples(DataConfig(dataset=str(tmp_path / "data" / "train.parquet"), resolution=64, skip_bad_images=True), check=False)
+    assert examples[0].load().convert("RGB").getpixel((0, 0)) == (255, 0, 0)
+    with pytest.raises(FinetuneError, match=rf"row 1 is the file img/gone.png, which is not there \(looked for from the current folder and from the dataset's, "
+                                            rf"{tmp_path / 'data'}\): put it there, or fix its path in the dataset$"):  # fmt: skip
+        examples[1].load()
