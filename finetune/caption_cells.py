@@ -9,7 +9,7 @@ import re
 from finetune.errors import FinetuneError
 
 
-def dataset_caption(value, name: str, column: str, row: int) -> str | None:
+def dataset_caption(value, name: str, column: str, row: str) -> str | None:
     """A dataset's caption cell: None is a missing caption (fatal in the check), not "None"; a blank one trains
     as the empty prompt (a warning in the check), as an empty .txt does. A list of captions (COCO's five per
     image) is several captions of its image, as the lines of one are: one trains each epoch (diffusers'

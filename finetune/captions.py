@@ -291,7 +291,7 @@ def unread_kind(path: Path) -> str | None:
 def dataset_of_row(source: str | Path) -> str | None:
     """The dataset a `datasets` row's source (DATASET_ROW) names; None for an image file, whose path may start
     with "dataset " too (a folder named "dataset v2")."""
-    row = re.fullmatch(DATASET_ROW.format(name="(.+)", row=r"\d+"), str(source))
+    row = re.fullmatch(DATASET_ROW.format(name="(.+)", row=r"\d+(?: of split '.+')?"), str(source))  # "12 of split 'test'": dataset_splits.row_labels
     return row.group(1) if row else None
 
 

@@ -37,26 +37,34 @@ def saved_split_rows(name: str, spec: str):
     import datasets
     from datasets.arrow_reader import ReadInstruction
 
-    instruction, folder = ReadInstruction.from_spec(spec), Path(name)
-    parts = folder / "dataset_dict.json"
-    names = json.loads(parts.read_text(encoding="utf-8"))["splits"] if parts.is_file() else None
-    folders = {split: folder / split for split in names} if names is not None else {"train": folder}
-    wanted = {re.split(r"[\[(]", part, maxsplit=1)[0].strip() for part in re.split(r"\s*\+\s*", spec)}  # the split names of "train[:10%]+test"
-    loaded = {split: _load_saved_split(path) for split, path in folders.items() if split in wanted}
+    instruction, folders = ReadInstruction.from_spec(spec), saved_split_folders(Path(name))
+    loaded = {split: _load_saved_split(path) for split, path in folders.items() if split in split_names(spec)}
     lengths = {split: 0 if rows is None else len(rows) for split, rows in loaded.items()}
     try:
         pieces = instruction.to_absolute(lengths)
     except ValueError:  # a split it does not have
-        if names is None:
+        if not (Path(name) / "dataset_dict.json").is_file():
             raise FinetuneError(f"dataset {name} is a single split saved with save_to_disk (no split '{spec}' to pick): "
                                 "remove data.dataset_split, or give a slice of it as train[...]") from None  # fmt: skip
-        raise FinetuneError(f"dataset {name} has no split '{spec}' (has {', '.join(names)}): set data.dataset_split") from None
+        raise FinetuneError(f"dataset {name} has no split '{spec}' (has {', '.join(folders)}): set data.dataset_split") from None
     pieces = [piece for piece in pieces if piece.to > piece.from_]
     if not pieces:
         raise FinetuneError(no_rows_message(name, spec))
     rows = [loaded[piece.splitname] if (piece.from_, piece.to) == (0, lengths[piece.splitname])
             else loaded[piece.splitname].select(range(piece.from_, piece.to)) for piece in pieces]  # fmt: skip
     return rows[0] if len(rows) == 1 else datasets.concatenate_datasets(rows)
+
+
+def split_names(spec: str) -> set[str]:
+    """The splits a split spec reads: train and test of "train[:10%]+test"."""
+    return {re.split(r"[\[(]", part, maxsplit=1)[0].strip() for part in re.split(r"\s*\+\s*", spec)}
+
+
+def saved_split_folders(folder: Path) -> dict[str, Path]:
+    """{split: its folder} of a save_to_disk folder: a DatasetDict's splits, or a Dataset's as `train`."""
+    parts = folder / "dataset_dict.json"
+    names = json.loads(parts.read_text(encoding="utf-8"))["splits"] if parts.is_file() else None
+    return {split: folder / split for split in names} if names is not None else {"train": folder}
 
 
 def _load_saved_split(folder: Path):
@@ -67,3 +75,25 @@ def _load_saved_split(folder: Path):
     if state.is_file() and not json.loads(state.read_text(encoding="utf-8")).get("_data_files", True):
         return None
     return datasets.load_from_disk(str(folder))
+
+
+def row_labels(name: str, spec: str, loaded, saved: bool) -> list[str]:
+    """What each row of `loaded` (the rows `spec` names, of save_to_disk folder `name` if `saved`) is called in
+    messages: its number in its split, and the split where that is not `train` ("12 of split 'test'"), so that a
+    row of `train[100:]` is said as the one a user finds at 100 and up. Numbered from 0 where the lengths are not known."""
+    from datasets.arrow_reader import ReadInstruction
+
+    numbered = [str(row) for row in range(len(loaded))]
+    if spec == "train":
+        return numbered
+    if saved:
+        found = {split: _load_saved_split(path) for split, path in saved_split_folders(Path(name)).items() if split in split_names(spec)}
+        lengths = {split: 0 if rows is None else len(rows) for split, rows in found.items()}
+    else:  # those load_dataset read
+        lengths = {split: info.num_examples for split, info in (loaded.info.splits or {}).items()}
+    try:
+        pieces = ReadInstruction.from_spec(spec).to_absolute(lengths)
+    except ValueError:  # a split's length not known
+        return numbered
+    labels = [f"{row}" + (f" of split '{piece.splitname}'" if piece.splitname != "train" else "") for piece in pieces for row in range(piece.from_, piece.to)]
+    return labels if len(labels) == len(loaded) else numbered

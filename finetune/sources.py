@@ -23,7 +23,7 @@ from finetune.captions import (DATASET_ROW, apply_template, dataset_of_row, fold
 from finetune.caption_cells import dataset_caption
 from finetune.config import DataConfig, FolderConfig
 from finetune.dataset_images import require_image_column, row_image
-from finetune.dataset_splits import no_rows_message, require_split_syntax, saved_split_rows
+from finetune.dataset_splits import no_rows_message, require_split_syntax, row_labels, saved_split_rows
 from finetune.errors import FinetuneError, looked_for_here
 from finetune.file_names import name_key
 from finetune.library_noise import quiet_local_dataset_bars
@@ -349,9 +349,9 @@ def _dataset_examples(config: DataConfig) -> list[Example]:
                             f"set data.caption_column to the captions' column ({', '.join(texts) or 'it has no column of text: set data.caption for one prompt'})")  # fmt: skip
     # [:]: the whole column as a list (datasets 4+ gives a lazy Column, whose rows read one by one took 1 ms each)
     captions = [config.caption] * len(loaded) if config.caption is not None else loaded[config.caption_column][:]
-    images = loaded.select_columns([config.image_column])
+    images, labels = loaded.select_columns([config.image_column]), row_labels(name, config.dataset_split, loaded, saved_dataset(Path(name)))
     return [
-        Example(source := DATASET_ROW.format(name=name, row=row), dataset_caption(captions[row], name, config.caption_column, row),
+        Example(source := DATASET_ROW.format(name=name, row=labels[row]), dataset_caption(captions[row], name, config.caption_column, labels[row]),
                 lambda row=row, source=source: row_image(images, row, config.image_column, source, name))  # fmt: skip
         for row in range(len(loaded))
     ]

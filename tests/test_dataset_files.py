@@ -319,3 +319,19 @@ def test_an_image_stored_as_a_path_relative_to_its_data_file_is_read_from_any_fo
     with pytest.raises(FinetuneError, match=rf"row 1 is the file img/gone.png, which is not there \(looked for from the current folder and from the dataset's, "
                                             rf"{tmp_path / 'data'}\): put it there, or fix its path in the dataset$"):  # fmt: skip
         examples[1].load()
+
+
+def test_a_row_of_a_slice_or_another_split_is_named_by_its_place_in_its_split(tmp_path):
+    import datasets
+
+    from finetune.sources import read_examples, source_folder
+
+    ten = datasets.Dataset.from_dict({"image": [Image.new("RGB", (64, 64))] * 10, "text": [f"c{i}" for i in range(9)] + [None]})
+    ten.to_parquet(str(tmp_path / "ten.parquet"))
+    datasets.DatasetDict({"train": ten, "test": ten}).save_to_disk(tmp_path / "dict")
+    # The rows of train[8:] were "row 0" and "row 1": a user looked for the missing caption at row 1, not 9.
+    with pytest.raises(FinetuneError, match=r"ten.parquet row 9 has no caption \(a null cell\)"):
+        load_examples(DataConfig(dataset=str(tmp_path / "ten.parquet"), dataset_split="train[8:]", resolution=64), check=False)
+    examples = read_examples(DataConfig(dataset=str(tmp_path / "dict"), dataset_split="train[1:2]+test[8:]", resolution=64))
+    assert [example.source for example in examples] == [f"dataset {tmp_path / 'dict'} row 1"] + [f"dataset {tmp_path / 'dict'} row {row} of split 'test'" for row in (8, 9)]
+    assert {source_folder(example) for example in examples} == {tmp_path / "dict"}  # still a row of that dataset
