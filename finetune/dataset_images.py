@@ -41,7 +41,9 @@ def require_image_column(loaded, name: str, column: str, key: str) -> None:
     feature = loaded.features[column]
     if type(feature).__name__ != "Image" or not getattr(feature, "decode", True):
         metadata = next((Path(name) / meta for meta in ("metadata.jsonl", "metadata.csv") if (Path(name) / meta).is_file()), None)
-        if metadata is not None and getattr(feature, "dtype", None) == "string":  # a folder's file names: no Python needed
+        if type(getattr(feature, "feature", None)).__name__ == "Image":  # a list of images per row: casting it to one image fails
+            fix = f"give each row one image (e.g. the first, with dataset.map: {{'{column}': row['{column}'][0]}}) and save it with save_to_disk"
+        elif metadata is not None and getattr(feature, "dtype", None) == "string":  # a folder's file names: no Python needed
             fix = f"name its key '{column}_file_name' in {metadata} (datasets reads keys ending in _file_name as images of the folder)"
         else:
             # save_to_disk stores the files' bytes in the dataset (a csv or jsonl written again would hold the paths again).

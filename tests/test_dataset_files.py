@@ -335,3 +335,12 @@ def test_a_row_of_a_slice_or_another_split_is_named_by_its_place_in_its_split(tm
     examples = read_examples(DataConfig(dataset=str(tmp_path / "dict"), dataset_split="train[1:2]+test[8:]", resolution=64))
     assert [example.source for example in examples] == [f"dataset {tmp_path / 'dict'} row 1"] + [f"dataset {tmp_path / 'dict'} row {row} of split 'test'" for row in (8, 9)]
     assert {source_folder(example) for example in examples} == {tmp_path / "dict"}  # still a row of that dataset
+
+
+def test_a_column_of_several_images_per_row_is_not_told_to_be_cast_to_one(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"image": [[Image.new("RGB", (64, 64))] * 2], "text": ["x"]}).save_to_disk(tmp_path / "ds")
+    # It said "cast it with dataset.cast_column('image', datasets.Image())", which fails on a list.
+    with pytest.raises(FinetuneError, match=r"holds List\(Image\(.*\)\), not decoded images: give each row one image \(e.g. the first, with dataset.map"):
+        load_examples(DataConfig(dataset=str(tmp_path / "ds"), resolution=64))
