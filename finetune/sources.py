@@ -302,6 +302,8 @@ def open_dataset(config: DataConfig):
             raise FinetuneError(f"dataset {name} has no split '{config.dataset_split}' ({str(err).splitlines()[0]}): set data.dataset_split") from None
         if isinstance(err, ValueError) and "corresponds to no data" in str(err):  # an empty data file, or a slice of none of its rows
             raise FinetuneError(no_rows_message(name, config.dataset_split)) from None
+        if isinstance(err, ValueError) and (configs := re.search(r"Config name is missing.*available configs: \[(.*?)\]", str(err), re.S)):
+            raise FinetuneError(f"dataset {name} has several configs ({configs.group(1)}): pick one with data.dataset_config") from None
         if isinstance(err, ValueError) and "BuilderConfig" in str(err):  # a hub dataset's or a folder's, as for a split
             raise FinetuneError(f"dataset {name} has no config '{config.dataset_config}' ({str(err).splitlines()[0]}): set data.dataset_config") from None
         if not Path(name).exists():  # a hub dataset: a failure this does not know keeps its traceback

@@ -344,3 +344,13 @@ def test_a_column_of_several_images_per_row_is_not_told_to_be_cast_to_one(tmp_pa
     # It said "cast it with dataset.cast_column('image', datasets.Image())", which fails on a list.
     with pytest.raises(FinetuneError, match=r"holds List\(Image\(.*\)\), not decoded images: give each row one image \(e.g. the first, with dataset.map"):
         load_examples(DataConfig(dataset=str(tmp_path / "ds"), resolution=64))
+
+
+def test_a_folder_of_several_configs_without_data_dataset_config_says_to_pick_one(tmp_path):
+    two_images().to_parquet(str(tmp_path / "a.parquet"))
+    configs = "".join(f"- config_name: {name}\n  data_files:\n  - split: train\n    path: a.parquet\n" for name in ("photos", "sketches"))
+    (tmp_path / "README.md").write_text(f"---\nconfigs:\n{configs}---\n")  # a hub repository's layout, downloaded
+    # It said "cannot be read (ValueError: Config name is missing.): fix or replace its damaged data file".
+    with pytest.raises(FinetuneError, match=r"has several configs \('photos', 'sketches'\): pick one with data.dataset_config$"):
+        load_examples(DataConfig(dataset=str(tmp_path), resolution=64))
+    assert len(load_examples(DataConfig(dataset=str(tmp_path), dataset_config="sketches", resolution=64), check=False)) == 2
