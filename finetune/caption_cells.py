@@ -4,6 +4,7 @@ lines is (finetune/captions.py); a cell of anything else is one line naming what
 
 from __future__ import annotations
 
+import ast
 import re
 
 from finetune.errors import FinetuneError
@@ -35,3 +36,19 @@ def kind_of(value) -> str:
     if isinstance(value, list):
         return "a list of " + ", ".join(sorted({type(entry).__name__ for entry in value})) if value else "an empty list"
     return type(value).__name__
+
+
+def list_text_message(source: str, caption: str) -> str | None:
+    """The warning for a caption that is a list written as text ("['a dog', 'a brown dog']": pandas' to_csv writes a
+    list cell so), or None: it would train as that text, brackets and quotes too, unseen."""
+    text = caption.strip()
+    if not (text.startswith("[") and text.endswith("]")):
+        return None
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):  # "[1girl, solo]": tags in brackets, no list
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(entry, str) for entry in value):
+        return None
+    return (f"image {source}: its caption {text[:80]!r} is a list written as text, and trains as that text, brackets and quotes too: "
+            "write the captions as a list (a JSON list in a metadata.jsonl or a dataset's cell: one trains each epoch) or as one caption")  # fmt: skip

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 from finetune.buckets import Size, assign_buckets, bucket_counts_line, either, no_upscale_advice, ways_to_fill_a_batch
+from finetune.caption_cells import list_text_message
 from finetune.caption_overrides import shadowed_caption_files
 from finetune.captions import caption_alternative, caption_lines, dataset_of_row, empty_caption_message, missing_caption_message
 from finetune.check_threads import each_on_threads
@@ -152,7 +153,7 @@ def inspect(example: Example, config: DataConfig) -> tuple[Example | None, list[
     source, findings = example.source, []
     if example.caption is None:
         findings.append(Finding(FATAL, source, missing_caption_message(source, caption_alternative(config, example.folder_index))))
-    elif message := empty_caption_message(source, example.caption, config, example.folder_index):  # an empty .txt or metadata text
+    elif message := empty_caption_message(source, example.caption, config, example.folder_index) or list_text_message(source, example.caption):
         findings.append(Finding(WARNING, source, message))
     elif len(lines := caption_lines(example.caption)) > 1:
         message = (f"image {source}: caption of {len(lines)} lines" + (" (or list entries)" if dataset_of_row(source) else "") + ", each a caption of "

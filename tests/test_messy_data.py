@@ -264,3 +264,13 @@ def test_an_animated_webp_or_png_is_said_to_train_its_first_frame(tmp_path):
         (tmp_path / name).unlink()
     noise(tmp_path / "still.png")
     assert not report_of(tmp_path).of_level(CONVERTED)
+
+
+def test_a_caption_that_is_a_list_written_as_text_is_said_to_train_as_that_text(tmp_path):
+    for seed, name in enumerate(("a.png", "b.png", "c.png")):
+        noise(tmp_path / name, seed=seed)
+    # pandas' to_csv writes a list cell as its Python text: it trained as "['a dog', 'a brown dog']", unseen.
+    (tmp_path / "metadata.csv").write_text('file_name,text\na.png,"[\'a dog\', \'a brown dog\']"\nb.png,"[1girl, solo]"\nc.png,[]\n')
+    warnings = [f.message for f in report_of(tmp_path).of_level(WARNING)]
+    assert warnings == [f"image {tmp_path / 'a.png'}: its caption \"['a dog', 'a brown dog']\" is a list written as text, and trains as that text, "
+                        "brackets and quotes too: write the captions as a list (a JSON list in a metadata.jsonl or a dataset's cell: one trains each epoch) or as one caption"]
