@@ -370,9 +370,16 @@ def export_lora(source: Path, output: Path, layout: str, overwrite: bool = False
     if existing and not overwrite:
         raise FinetuneError(f"export would replace {', '.join(map(str, existing))}: give another output, or pass --overwrite")
     lora = load_lora(source)
-    path = save_lora_file(lora, destination, layout, precision)
-
     # A checkpoint's card shows its run's samples up to its step.
     step = checkpoint_step_of(source)
     training_dir = source.parent if step is None else source.parent.parent.parent
-    return path, *write_model_card(lora, path, layout, training_dir=training_dir, precision=precision, up_to_step=step)
+    made = [path for path in (destination, model_card_path(destination, layout)) if path not in existing]
+    try:
+        path = save_lora_file(lora, destination, layout, precision)
+        return path, *write_model_card(lora, path, layout, training_dir=training_dir, precision=precision, up_to_step=step)
+    except BaseException:
+        # A stop (Ctrl-C, a full disk) between the file and its card left the file alone, and the rerun that the stop's
+        # line asks for was then refused as replacing it: the export is both or neither of what was not there before.
+        for path in made:
+            path.unlink(missing_ok=True)
+        raise

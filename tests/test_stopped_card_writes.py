@@ -51,6 +51,23 @@ def test_a_stop_while_an_exported_loras_card_is_written_leaves_no_half_card(tmp_
     assert left_in(path.parent) == []
 
 
+@pytest.mark.parametrize("layout", ["kohya", "diffusers"])
+def test_an_export_stopped_before_its_card_leaves_no_file_so_its_rerun_is_not_refused(tmp_path, monkeypatch, layout):
+    """The stop's line says to run the command again: a LoRA file left without its card made that rerun ask for --overwrite."""
+    import torch
+
+    from finetune.kohya import LoRA, LoRALayer, export_lora, save_lora_file
+
+    source = save_lora_file(LoRA({"unet.down.0": LoRALayer(down=torch.zeros(4, 8), up=torch.zeros(8, 4), alpha=4.0)}), tmp_path / "trained.safetensors", "kohya")
+    with monkeypatch.context() as stopped:
+        stopped_halfway_through_write_text(stopped, ".md" if layout == "kohya" else "README.md")
+        with pytest.raises(KeyboardInterrupt):
+            export_lora(source, tmp_path / "webui", layout)
+    assert left_in(tmp_path / "webui") == []
+    path, card, _ = export_lora(source, tmp_path / "webui", layout)  # the same command again, without --overwrite
+    assert path.is_file() and card.is_file()
+
+
 def test_a_stop_while_bench_writes_its_report_leaves_no_half_report(tmp_path, monkeypatch):
     """The report is written after a variant stopped too (its row says how far it got): a second Ctrl-C then left half
     of it. (The variant's process is stood in for: it is stopped at once.)"""
