@@ -32,6 +32,7 @@ from finetune.config import DataConfig, Recipe
 from finetune.counts import counted
 from finetune.epoch_uses import expand_repeats
 from finetune.errors import FinetuneError
+from finetune.image_warnings import pillow_warning_line, pillow_warnings
 from finetune.images import decode, file_stamp, float_levels_problem, has_alpha, is_16_bit, pixel_digest, turned_on_its_side, upright_rgb
 from finetune.loss_mask import alpha_mask, image_sharing_mask, mask_area, mask_digest, mask_path, read_mask_file
 from finetune.sources import (Example, data_folders, folder_images, read_examples,
@@ -161,15 +162,18 @@ def inspect(example: Example, config: DataConfig) -> tuple[Example | None, list[
         findings.append(Finding(CONVERTED, source, message))
     try:
         stamp = file_stamp(source)  # before decoding: an edit while it decodes shows as a changed file
-        raw = decode(example)
-        if message := float_levels_problem(raw, f"image {source}"):
-            return None, findings + [Finding(FATAL, source, message)], None
-        image = upright_rgb(raw)
+        with pillow_warnings() as heard:  # said in the summary, naming the image (Pillow's own lines name none)
+            raw = decode(example)
+            if message := float_levels_problem(raw, f"image {source}"):
+                return None, findings + [Finding(FATAL, source, message)], None
+            image = upright_rgb(raw)  # reads its EXIF and converts its palette: the warnings are of these
     except FinetuneError as err:
         return None, findings + [Finding(FATAL, source, str(err))], None
     except Exception as err:  # a file that decodes but cannot be converted
         message = f"image {source} cannot be converted to RGB ({err.__class__.__name__}: {err}): re-save it as PNG or JPEG"
         return None, findings + [Finding(FATAL, source, message)], None
+    if heard:
+        findings.append(Finding(WARNING, source, pillow_warning_line(source, heard)))
     width, height = image.size
     if (message := too_small_problem(source, width, height, config)) is not None:
         findings.append(Finding(FATAL, source, message))

@@ -24,13 +24,14 @@ from finetune.buckets import assign_buckets
 from finetune.cache import EncodingCache
 from finetune.captions import csv_delimiter, split_at_line_ends, metadata_file, metadata_text, read_csv_captions, scored_caption, training_caption
 from finetune.file_names import loosely_named_file, name_key, row_image_key
-from finetune.check_data import FATAL, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable, too_small_problem
+from finetune.check_data import FATAL, WARNING, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable, too_small_problem
 from finetune.check_threads import each_on_threads
 from finetune.config import ControlNetConfig, DataConfig, Recipe
 from finetune.data import collate_images, item_rng, likely_new_view, render_pixels, view_entry
 from finetune.dataset_images import require_image_column, row_image
 from finetune.epoch_uses import check_epoch_uses
 from finetune.errors import FinetuneError
+from finetune.image_warnings import pillow_warning_line, pillow_warnings, pillow_warnings_named
 from finetune.images import decode, float_levels_problem, has_alpha, open_rgb, pixel_digest, turned_on_its_side, upright_rgb, upright_size
 from finetune.sources import Example, open_dataset, read_examples
 from finetune.views import ViewPlan, plan_view, render
@@ -209,11 +210,13 @@ def check_conditioning(pair: Pair, config: DataConfig) -> tuple[Pair, list[Findi
     that image cannot be read, would train blank (drawn only in its alpha channel, or float values of 0-1) or is not
     its image's size (or its shape at another scale, large enough)."""
     try:
-        conditioning = read_conditioning(pair.conditioning)
+        with pillow_warnings() as heard:
+            conditioning = read_conditioning(pair.conditioning)
     except FinetuneError as err:
         return pair, [Finding(FATAL, pair.image.source, str(err))]
     checked = replace(pair, conditioning=replace(pair.conditioning, digest=pixel_digest(conditioning)))
-    return checked, conditioning_size_problems(pair, conditioning.size, config)
+    said = [Finding(WARNING, pair.image.source, "conditioning " + pillow_warning_line(pair.conditioning.source, heard))] if heard else []
+    return checked, said + conditioning_size_problems(pair, conditioning.size, config)
 
 
 def conditioning_size_problems(pair: Pair, size: tuple[int, int], config: DataConfig) -> list[Finding]:
@@ -254,10 +257,11 @@ def conditioning_content_problem(decoded: Image.Image, source: str) -> str | Non
 def read_conditioning(example: Example) -> Image.Image:
     """A conditioning image to steer with, read as training reads its pairs' (`open_rgb`: EXIF rotation, 16-bit
     scaled, transparency flattened onto white; no colour profile converted), after the same check (`conditioning_content_problem`)."""
-    decoded = decode(example)
-    if (problem := conditioning_content_problem(decoded, example.source)) is not None:
-        raise FinetuneError(problem)
-    return upright_rgb(decoded, colour_managed=False)  # its values are data (depth, edges, labels), not a photo's colours
+    with pillow_warnings_named(example.source, checked=example.digest is not None):
+        decoded = decode(example)
+        if (problem := conditioning_content_problem(decoded, example.source)) is not None:
+            raise FinetuneError(problem)
+        return upright_rgb(decoded, colour_managed=False)  # its values are data (depth, edges, labels), not a photo's colours
 
 
 def small_conditioning_problem(image: Image.Image, source: str, size: int) -> str | None:

@@ -13,6 +13,7 @@ from finetune.buckets import Size
 from finetune.colour_profiles import apply as apply_profile
 from finetune.colour_profiles import srgb_transform
 from finetune.errors import FinetuneError
+from finetune.image_warnings import pillow_warnings_named
 from finetune.sources import Example
 from finetune.views import to_8_bit
 
@@ -110,8 +111,10 @@ def upright_rgb(image: Image.Image, colour_managed: bool = True) -> Image.Image:
 
 
 def open_rgb(example: Example, at_least: int | None = None, colour_managed: bool = True) -> Image.Image:
-    """Decode fully (so truncation shows), apply EXIF rotation, and convert any mode to RGB (see `upright_rgb`)."""
-    return upright_rgb(decode(example, at_least), colour_managed)
+    """Decode fully (so truncation shows), apply EXIF rotation, and convert any mode to RGB (see `upright_rgb`). Pillow's
+    warnings are said naming the image (`pillow_warnings_named`), but not every epoch of one the data check named them for."""
+    with pillow_warnings_named(example.source, checked=example.digest is not None):
+        return upright_rgb(decode(example, at_least), colour_managed)
 
 
 def upright_size(example: Example) -> Size:

@@ -1,0 +1,96 @@
+"""Pillow's warnings about an image ("Possibly corrupt EXIF data", DecompressionBombWarning, "Truncated File Read",
+a palette's transparency) name no file, and Python says each text once per process: among a thousand photos, which
+one was it, and which others did it stay silent about? They are caught around an image's decode and said again in
+one line that names the image: the data check's summary (a finding), or `warning: ...` once per image and process.
+
+Caught per thread (the data check decodes on several), by one hook on `warnings.showwarning` that takes the warnings
+raised in Pillow's own modules while this thread reads an image; `warnings.catch_warnings` swaps process-wide state
+and, entered on two threads at once, can leave one thread's catcher in place for good. Every other warning, and
+Pillow's outside an image's decode, is shown as Python's default filter would: once per text and place (whatever
+filter a user set for Pillow's: theirs come after this module's)."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import warnings
+from contextlib import contextmanager
+from typing import Iterator
+
+import PIL
+
+PILLOW_FOLDER = os.path.dirname(PIL.__file__) + os.sep
+# Every Pillow warning reaches the hook (the default action would show the second image's "Palette images with
+# Transparency" to no one); the hook keeps the default's once per text and place for those outside an image's decode.
+PILLOW_ALWAYS = ("always", None, Warning, re.compile(r"PIL\."), 0)
+_this_thread = threading.local()  # .heard: the list this thread's image decode collects into, or None
+_install_lock = threading.Lock()
+_shown_outside: set[tuple] = set()
+_said: set[str] = set()  # the images said in this process
+_previous_show = warnings.showwarning
+
+
+def _show(message, category, filename, lineno, file=None, line=None):
+    if str(filename).startswith(PILLOW_FOLDER):
+        heard = getattr(_this_thread, "heard", None)
+        if heard is not None:
+            text = " ".join(str(message).split())  # Pillow writes "data.  Expecting" with two spaces
+            if text not in heard:
+                heard.append(text)
+            return
+        place = (str(message), category, filename, lineno)
+        if place in _shown_outside:
+            return
+        _shown_outside.add(place)
+    _previous_show(message, category, filename, lineno, file, line)
+
+
+def _listen() -> None:
+    """The hook and the filter in place; again after anything (a test's catch_warnings) put back its own."""
+    global _previous_show
+    if warnings.showwarning is _show and warnings.filters[:1] == [PILLOW_ALWAYS]:
+        return
+    with _install_lock:
+        if warnings.showwarning is not _show:
+            _previous_show, warnings.showwarning = warnings.showwarning, _show
+        if warnings.filters[:1] != [PILLOW_ALWAYS]:
+            # First: behind a "default" filter (python -W default, -X dev, pytest's) the first image's warning would
+            # register its text and place, and the next image's, the same text, would reach no one.
+            if PILLOW_ALWAYS in warnings.filters:
+                warnings.filters.remove(PILLOW_ALWAYS)
+            warnings.filters.insert(0, PILLOW_ALWAYS)
+            warnings._filters_mutated()
+
+
+@contextmanager
+def pillow_warnings() -> Iterator[list[str]]:
+    """The texts of the Pillow warnings raised on this thread inside the block (each once), instead of shown. Inside
+    another such block, that one's list: the outer block says them."""
+    outer = getattr(_this_thread, "heard", None)
+    if outer is not None:
+        yield outer
+        return
+    _listen()
+    _this_thread.heard = heard = []
+    try:
+        yield heard
+    finally:
+        _this_thread.heard = None
+
+
+def pillow_warning_line(source: str, heard: list[str]) -> str:
+    return f"image {source}: Pillow warned while reading it: {'; '.join(heard)} (it reads as decoded; re-save it to be rid of this)"
+
+
+@contextmanager
+def pillow_warnings_named(source: str, checked: bool = False) -> Iterator[None]:
+    """Pillow's warnings while the block reads the image `source`, said in one `warning:` line naming it, once per image
+    and process. `checked`: the data check has named them in its summary (the training data loader, every epoch): not
+    said again. Inside a `pillow_warnings` block, that block collects them."""
+    nested = getattr(_this_thread, "heard", None) is not None
+    with pillow_warnings() as heard:
+        yield
+    if heard and not nested and not checked and source not in _said:
+        _said.add(source)
+        print(f"warning: {pillow_warning_line(source, heard)}", flush=True)

@@ -1,0 +1,67 @@
+"""Pillow's warnings about an image (here "Truncated File Read", of a photo whose EXIF is cut short) name no file, and
+Python shows each text once per process: the data check, training's data and make-conditions name the image, each one."""
+
+import warnings
+from pathlib import Path
+
+from PIL import Image
+
+from finetune.check_data import WARNING, inspect_examples
+from finetune.conditions import make_conditions
+from finetune.config import DataConfig
+from finetune.images import open_rgb
+from finetune.sources import Example, read_examples
+
+
+def cut_exif_photo(path: Path) -> Path:
+    """A JPEG whose EXIF holds a description longer than the bytes left of it (an editor or a copy cut it short)."""
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 200  # ImageDescription, stored past the tag list at an offset
+    exif[0x0112] = 1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (64, 64), (200, 100, 50)).save(path, exif=exif.tobytes()[:-150])
+    (path.with_suffix(".txt")).write_text("a photo")
+    return path
+
+
+def test_the_data_check_names_each_image_pillow_warned_about(tmp_path):
+    for name in ("a.jpg", "b.jpg"):  # the second's warning is the first's text: Python would not show it at all
+        cut_exif_photo(tmp_path / "photos" / name)
+    config = DataConfig(image_dir=str(tmp_path / "photos"), resolution=64)
+    report = inspect_examples(read_examples(config), config, "photos")
+    said = [finding.message for finding in report.findings if finding.level == WARNING and "Pillow" in finding.message]
+    assert said == [f"image {tmp_path / 'photos' / name}: Pillow warned while reading it: Truncated File Read "
+                    "(it reads as decoded; re-save it to be rid of this)" for name in ("a.jpg", "b.jpg")]  # fmt: skip
+    assert len(report.usable) == 2
+
+
+def test_make_conditions_says_one_line_per_image_naming_it(tmp_path, capfd):
+    for name in ("a.jpg", "b.jpg"):
+        cut_exif_photo(tmp_path / "photos" / name)
+    make_conditions(tmp_path / "photos", tmp_path / "out", "luminance")
+    out, err = capfd.readouterr()
+    lines = [line for line in (out + err).splitlines() if "Truncated File Read" in line]
+    assert lines == [f"warning: image {tmp_path / 'photos' / name}: Pillow warned while reading it: Truncated File Read "
+                     "(it reads as decoded; re-save it to be rid of this)" for name in ("a.jpg", "b.jpg")]  # fmt: skip
+
+
+def test_an_image_is_named_once_and_not_by_the_training_loader_after_the_check(tmp_path, capfd):
+    photo = str(cut_exif_photo(tmp_path / "c.jpg"))
+    for _ in range(2):
+        open_rgb(Example(photo, "", lambda: Image.open(photo)))
+    open_rgb(Example(str(cut_exif_photo(tmp_path / "d.jpg")), "", lambda: Image.open(tmp_path / "d.jpg"), digest="checked"))
+    out, err = capfd.readouterr()
+    assert (out + err).count("Truncated File Read") == 1 and "c.jpg" in out
+
+
+def test_other_warnings_and_pillows_outside_a_decode_are_shown_as_ever(tmp_path, recwarn, monkeypatch):
+    import finetune.image_warnings
+
+    monkeypatch.setattr(finetune.image_warnings, "_shown_outside", set())  # as in a process that has shown none yet
+    photo = cut_exif_photo(tmp_path / "e.jpg")
+    open_rgb(Example(str(photo), "", lambda: Image.open(photo)))
+    warnings.warn("not about an image")
+    for _ in range(2):  # read by a caller of Pillow's own: its warning as Python's default filter shows it, once
+        with Image.open(photo) as image:
+            image.getexif()
+    assert [str(w.message) for w in recwarn] == ["not about an image", "Truncated File Read"]
