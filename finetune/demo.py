@@ -238,12 +238,6 @@ def build_app(engine, note: str = "", queue_size: int = 8):
 
 def launch_app(app, host: str = "127.0.0.1", port: int | None = None, max_upload_mb: float = 10, block: bool = True):
     """Serve `app` locally: no share link, no SSR, uploads limited to `max_upload_mb` MB; returns the URL."""
-    from PIL import Image
-
-    from finetune.demo_engine import MAX_INPUT_PIXELS
-
-    # Decoding a small, highly compressed image can still need gigabytes: PIL refuses past twice this.
-    Image.MAX_IMAGE_PIXELS = MAX_INPUT_PIXELS
     try:
         _, url, _ = app.launch(
             server_name=host, server_port=port, share=False, prevent_thread_lock=True, max_file_size=int(max_upload_mb * 1024 * 1024),

@@ -33,7 +33,9 @@ from finetune.config import ModelConfig
 from finetune.controlnet_data import small_conditioning_problem
 from finetune.counts import counted
 from finetune.encoders import clip_skipped
+from finetune.demo_inputs import UPLOADED
 from finetune.errors import FinetuneError
+from finetune.images import MAX_READ_PIXELS, too_many_pixels_message
 from finetune.inference import base_model_metadata, refuse_replacing_a_fine_tuned_unet, saved_model_metadata, unlocked_decoder_folder
 from finetune.kohya import LoRA, load_lora
 from finetune.lora_hooks import loras_applied
@@ -46,7 +48,6 @@ from finetune.sampling import adapters_clip_skip, adapters_max_token_length, ada
 from finetune.views import cover_and_crop
 
 CONDITIONING_KINDS = ("as uploaded", "canny", "luminance", "mask")
-MAX_INPUT_PIXELS = 4096 * 4096
 CACHE_SIZE = {"lora": 8, "controlnet": 2, "pipeline": 1}
 
 
@@ -374,9 +375,9 @@ def conditioning_image(image: Image.Image | None, kind: str, size: int, options:
         raise FinetuneError("a ControlNet needs a conditioning image: upload one, or a photo and pick canny, luminance or mask")
     if kind not in CONDITIONING_KINDS:
         raise FinetuneError(f"unknown conditioning kind '{kind}': use one of {', '.join(CONDITIONING_KINDS)}")
-    if image.width * image.height > MAX_INPUT_PIXELS:
-        raise FinetuneError(f"the uploaded image is {image.width}x{image.height}: at most {MAX_INPUT_PIXELS // 1_000_000} megapixels")
-    if (problem := small_conditioning_problem(image, "(uploaded)", size)) is not None:
+    if image.width * image.height > MAX_READ_PIXELS:  # as make-conditions reads (the page's upload is refused by its header first)
+        raise FinetuneError(too_many_pixels_message(UPLOADED, f"{image.width}x{image.height}"))
+    if (problem := small_conditioning_problem(image, UPLOADED, size)) is not None:
         raise FinetuneError(f"{problem}, or a smaller size")
     # Made at the upload's full size, as make-conditions makes a ControlNet's training images, and only then fitted: the
     # edges (or mask) of a photo shrunk to `size` are other lines than its edges shrunk, and steered otherwise than in training.

@@ -12,29 +12,32 @@ import math
 from finetune.errors import FinetuneError
 
 NONE = "(none)"  # an adapter list's "nothing picked"
-MAX_UPLOAD_SIDE = 4096  # a small PNG may declare a vast canvas (a decompression bomb): refused by its header
 # The adapter lists' values are checked by the engine (`DemoEngine.adapter`, the one gate to the files: "unknown
 # lora 'x': pick one from the list"), not by gradio: its check of a list's choices runs on the copy of the list that
 # gradio keeps per page once a page load or Rescan updates it (where no wrapper of ours reaches), and printed a
 # traceback in the demo's terminal with a message listing every choice.
 ADAPTER_LIST = dict(allow_custom_value=True)
+UPLOADED = "(uploaded)"  # how the demo's messages name the uploaded image
 UNREADABLE_UPLOAD = "the uploaded conditioning image cannot be read as an image: upload a PNG, JPEG or WebP"
 
 
 def check_upload(path: str) -> None:
-    """An uploaded image must be an image of a sensible size; else one line for the page."""
+    """An uploaded image must be an image that `finetune make-conditions` would read (the same bound in pixels, and
+    the same line above it: the condition is fitted down to the size sampled anyway); else one line for the page.
+    A small PNG may declare a vast canvas (a decompression bomb): refused by its header."""
     from PIL import Image
 
-    too_large = f"the uploaded conditioning image is larger than {MAX_UPLOAD_SIDE}x{MAX_UPLOAD_SIDE} pixels"
+    from finetune.images import MAX_READ_PIXELS, too_many_pixels_message
+
     try:
         with Image.open(path) as header:
             width, height = header.size
-    except Image.DecompressionBombError:  # PIL's own limit (the size is not read)
-        raise FinetuneError(too_large) from None
+    except Image.DecompressionBombError as err:  # PIL's own limit, the same (the size is not read)
+        raise FinetuneError(too_many_pixels_message(UPLOADED, str(err))) from None
     except OSError:
         raise FinetuneError(UNREADABLE_UPLOAD) from None
-    if width * height > MAX_UPLOAD_SIDE**2:
-        raise FinetuneError(f"{too_large} ({width}x{height})")
+    if width * height > MAX_READ_PIXELS:
+        raise FinetuneError(too_many_pixels_message(UPLOADED, f"{width}x{height}"))
 
 
 def checked_preprocess(preprocess):
@@ -162,5 +165,5 @@ def read_upload(path: str | None, photo: bool = False):
     from finetune.images import open_rgb
     from finetune.sources import Example
 
-    upload = Example("(uploaded)", "", lambda: Image.open(path))
+    upload = Example(UPLOADED, "", lambda: Image.open(path))
     return open_rgb(upload) if photo else read_conditioning(upload)

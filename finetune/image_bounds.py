@@ -28,8 +28,8 @@ MAX_CLASS_BATCH_PIXELS = CLASS_BATCH_DEFAULT * MAX_RESOLUTION * MAX_RESOLUTION
 
 GRID_LABEL_WIDTH = 160  # the left margin of labelled grids (sample grids, validation grids, eval grids)
 # The largest image finetune opens: PIL refuses past twice its MAX_IMAGE_PIXELS, which finetune/images.py raises to its
-# TRUSTED_IMAGE_PIXELS (300M; PIL's own default refuses past 179M). Not read from there: importing it sets PIL's bound,
-# which the demo lowers for uploads. validation.images_per_prompt: 1000000 sampled for days, holding every image in
+# TRUSTED_IMAGE_PIXELS (300M; PIL's own default refuses past 179M): its MAX_READ_PIXELS. Not read from there: importing it
+# sets PIL's bound. validation.images_per_prompt: 1000000 sampled for days, holding every image in
 # memory (3 TB at 1024 px) before drawing a grid that could not be opened, without a word.
 MAX_GRID_PIXELS = 600_000_000
 

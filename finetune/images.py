@@ -22,6 +22,12 @@ from finetune.views import to_8_bit
 # one. (The demo, serving uploads from a browser, sets a far lower limit in its own process.)
 TRUSTED_IMAGE_PIXELS = 300_000_000
 Image.MAX_IMAGE_PIXELS = TRUSTED_IMAGE_PIXELS
+MAX_READ_PIXELS = 2 * TRUSTED_IMAGE_PIXELS  # Pillow refuses an image past twice its MAX_IMAGE_PIXELS
+
+
+def too_many_pixels_message(source: str, detail: str) -> str:
+    """An image past MAX_READ_PIXELS, in training's, make-conditions' and the demo's words; `detail`: its size, or Pillow's refusal."""
+    return f"image {source} has more pixels than training reads ({MAX_READ_PIXELS // 1_000_000} megapixels; {detail}): downscale it, or remove it"
 
 
 def decode(example: Example, at_least: int | None = None) -> Image.Image:
@@ -53,8 +59,7 @@ def unreadable_message(source: str, err: Exception) -> str:
     """Why an image file cannot be read, in the terms of what its user did: an empty file, a phone's HEIC photo
     renamed .jpg and a photo over the pixel limit are told apart from a damaged file."""
     if isinstance(err, Image.DecompressionBombError):
-        return (f"image {source} has more pixels than training reads ({2 * TRUSTED_IMAGE_PIXELS // 1_000_000} megapixels; {err}): "
-                "downscale it, or remove it")  # fmt: skip
+        return too_many_pixels_message(source, str(err))
     try:
         with open(source, "rb") as file:
             head = file.read(12)

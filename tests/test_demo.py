@@ -18,6 +18,7 @@ from PIL import Image
 
 from finetune.cli import main
 from finetune.errors import FinetuneError
+from test_demo_conditioning import declared_canvas
 
 PROMPT = "a large red striped circle on a blue background, center"
 
@@ -212,8 +213,8 @@ def test_a_bad_upload_is_a_readable_message(client, tmp_path, upload):
         path.write_text("a text file named .png")
         expected = "the uploaded conditioning image cannot be read as an image: upload a PNG, JPEG or WebP"
     else:
-        Image.new("1", (12000, 12000)).save(path)  # a few KB declaring 144 megapixels
-        expected = "the uploaded conditioning image is larger than 4096x4096 pixels"
+        declared_canvas(path, 30000, 30000)  # a few bytes declaring 900 megapixels
+        expected = "image (uploaded) has more pixels than training reads (600 megapixels; "
     with pytest.raises(AppError) as error:
         run(client, controlnet="edges/controlnet", conditioning_image=handle_file(str(path)))
     assert str(error.value).startswith(expected)

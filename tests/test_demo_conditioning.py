@@ -122,3 +122,39 @@ def test_the_condition_made_of_an_upload_is_made_once_for_renders_of_the_same_ph
     rendered("a red circle", kind="mask")
     rendered("a red circle", upload=photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
     assert made == ["canny", "mask", "canny"]
+
+
+def declared_canvas(path, width: int, height: int):
+    """A PNG of a few bytes whose header declares `width` x `height` (no pixel data: refused before any decoding)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_the_demo_takes_the_uploads_make_conditions_takes_and_refuses_past_it_in_its_words(tmp_path):
+    """It refused any upload over 4096x4096, a phone's photo among them, that make-conditions (whose conditions it makes,
+    fitted down to the size sampled) reads; past the pixels both read, its line is make-conditions' own."""
+    import pytest
+
+    from finetune.conditions import make_conditions
+    from finetune.demo_engine import conditioning_image
+    from finetune.demo_inputs import check_upload, read_upload
+    from finetune.errors import FinetuneError
+
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (6000, 4000), (30, 60, 90)).save(photo)  # 24 megapixels
+    check_upload(str(photo))
+    assert conditioning_image(read_upload(str(photo), photo=True), "as uploaded", 64).size == (64, 64)
+    (tmp_path / "vast").mkdir()
+    vast = declared_canvas(tmp_path / "vast" / "vast.png", 30000, 30000)
+    with pytest.raises(FinetuneError) as made:
+        make_conditions(tmp_path / "vast", tmp_path / "out", "luminance")
+    with pytest.raises(FinetuneError) as uploaded:
+        check_upload(str(vast))
+    assert str(uploaded.value) == str(made.value).replace(str(vast), "(uploaded)")
+    assert str(uploaded.value).startswith("image (uploaded) has more pixels than training reads (600 megapixels")

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import gradio
 import pytest
-from PIL import Image
 from ports import free_port
 
 from finetune.demo import launch_app
@@ -41,7 +40,6 @@ class Served:
 
 
 def test_ctrl_c_stops_the_demo_with_its_own_line_and_closes_the_server(monkeypatch, capsys):
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # launch_app lowers it for uploads: given back after
     app = Served()
     assert launch_app(app, block=True) == "http://127.0.0.1:7860/"
     assert capsys.readouterr().out == "demo running on http://127.0.0.1:7860/ (Ctrl-C stops it)\ndemo stopped\n"
@@ -63,7 +61,6 @@ def test_ctrl_c_right_after_the_running_line_is_the_demos_stop_too(monkeypatch):
             if self.getvalue().endswith("(Ctrl-C stops it)\n"):
                 raise KeyboardInterrupt
 
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
     monkeypatch.setattr(sys, "stdout", InterruptedAfterTheRunningLine())
     app = Served()
     try:
