@@ -35,6 +35,7 @@ from finetune.counts import counted
 from finetune.encoders import clip_skipped
 from finetune.demo_inputs import UPLOADED
 from finetune.errors import FinetuneError
+from finetune.finite_images import say_warning
 from finetune.images import MAX_READ_PIXELS, too_many_pixels_message
 from finetune.inference import base_model_metadata, refuse_replacing_a_fine_tuned_unet, saved_model_metadata, unlocked_decoder_folder
 from finetune.kohya import LoRA, load_lora
@@ -198,6 +199,7 @@ class DemoEngine:
             adapters_clip_skip(trained_for)
         total, done, in_call = max(1, len(columns) * request.rows * request.steps), 0, 0
         results: list[list[Image.Image]] = [[] for _ in range(request.rows)]
+        warned: list[str] = []  # images that decoded to NaN or inf: said on the page, and in the terminal as sample says it
         for column in columns:
             trained_for = self._trained_for(column)
             unet = column.unet or column.model.unet
@@ -219,7 +221,7 @@ class DemoEngine:
             with loras_applied({"unet": unet, "text_encoder": column.model.text_encoder}, column.loras), \
                     clip_skipped(column.model.text_encoder, adapters_clip_skip(trained_for)):
                 images = generate(pipeline, [request.prompt], request.rows, request.seed, request.steps, request.guidance, request.size,
-                                  negative_prompt=request.negative_prompt or None, callback_on_step_end=step_done, **extra)[0]
+                                  negative_prompt=request.negative_prompt or None, callback_on_step_end=step_done, warn=warned.append, **extra)[0]
             for row, image in zip(results, images):
                 row.append(image)
         labels = [column.label for column in columns]
@@ -229,7 +231,9 @@ class DemoEngine:
         asked = PromptSettings(request.prompt, request.negative_prompt, request.seed, request.guidance, request.steps)
         # A negative prompt at guidance 1 or below changes nothing (no classifier-free guidance): said, as sample says it.
         said = guidance_notes([asked], "the guidance") + webui_syntax_notes([asked]) + unread_options_notes([request.prompt, request.negative_prompt])
-        notes = "".join(f"; note: {note}" for note in said)
+        for line in warned:
+            say_warning(line)
+        notes = "".join(f"; warning: {line}" for line in warned) + "".join(f"; note: {note}" for note in said)
         return results, labels, seeds, summary_of(len(columns), request.rows, time.perf_counter() - started) + notes
 
 

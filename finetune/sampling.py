@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -13,6 +14,7 @@ from PIL import Image, ImageDraw
 from finetune.atomic_files import removed_if_unfinished
 from finetune.encoders import chunks_needed, recorded_clip_skip, text_hidden_states
 from finetune.errors import FinetuneError
+from finetune.finite_images import SAMPLING_OVERFLOW, not_finite_line, say_warning
 from finetune.image_bounds import GRID_LABEL_WIDTH
 from finetune.models import BaseModel
 from finetune.progress_lines import in_a_log
@@ -224,6 +226,8 @@ def generate(
     resolution: int,
     negative_prompt: str | list[str | None] | None = None,
     conditions: list[Image.Image] | None = None,
+    not_finite_cause: str = SAMPLING_OVERFLOW,
+    warn: Callable[[str], None] = say_warning,
     **call_kwargs,
 ) -> list[list[Image.Image]]:
     """images[p][k] for prompt p and seed `seed + k`: the same seeds for every prompt and every run.
@@ -236,6 +240,8 @@ def generate(
     A prompt (or negative prompt) longer than the text encoder's 77 tokens is read whole, in chunks of 75
     as training with model.max_token_length reads captions (the webui reads long prompts in chunks too);
     a shorter one in as many chunks as training read captions in (`read_prompts_as_trained`).
+    Images that decode to NaN or inf are kept (black where not finite), and `warn` is given one line per pipeline call
+    naming their prompts and seeds and `not_finite_cause`, their likely cause.
     """
     seeds = seed if isinstance(seed, list) else [seed] * len(prompts)
     negatives = [text or "" for text in (negative_prompt if isinstance(negative_prompt, list) else [negative_prompt] * len(prompts))]
@@ -261,15 +267,22 @@ def generate(
 
     def call(batch: list[tuple[int, int]], extra: dict) -> list[Image.Image]:
         with autocast_for(pipeline):
-            return pipeline(
+            decoded = pipeline(
                 **prompt_arguments(pipeline, [prompts[p] for p, _ in batch], [negatives[p] for p, _ in batch]),
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 height=resolution,
                 width=resolution,
                 generator=[torch.Generator("cpu").manual_seed(seeds[p] + k) for p, k in batch],
+                output_type="pt",  # checked before it becomes 8-bit pixels, where NaN is black (numpy's "invalid value encountered in cast")
                 **extra,
             ).images
+        if not bool(torch.isfinite(decoded).all()):
+            finite = torch.isfinite(decoded).flatten(1).all(1).tolist()
+            warn(not_finite_line([(prompts[p], seeds[p] + k) for (p, k), ok in zip(batch, finite) if not ok], not_finite_cause))
+            decoded = torch.nan_to_num(decoded, nan=0.0)
+        # As the pipeline's "pil" output makes them (pt_to_numpy, then numpy_to_pil): the same pixels.
+        return pipeline.image_processor.numpy_to_pil(pipeline.image_processor.pt_to_numpy(decoded))
 
     images = {}
     for jobs in by_chunks.values():

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import finetune.sampling as sampling
@@ -25,12 +26,16 @@ class RecordingPipeline:
     """Draws each image as one pixel naming its prompt and seed, and records the batches it was called with."""
 
     def __init__(self, prompts: list[str]):
-        self.prompts, self.tokenizer, self.components, self.batches = prompts, WordTokenizer(), {}, []
+        from diffusers.image_processor import VaeImageProcessor
 
-    def __call__(self, prompt, negative_prompt, generator, **kwargs):
+        self.prompts, self.tokenizer, self.components, self.batches = prompts, WordTokenizer(), {}, []
+        self.image_processor = VaeImageProcessor()
+
+    def __call__(self, prompt, negative_prompt, generator, output_type, **kwargs):
         made = [(self.prompts.index(text), g.initial_seed()) for text, g in zip(prompt, generator)]
         self.batches.append(made)
-        return SimpleNamespace(images=[Image.new("RGB", (1, 1), (p, seed % 256, 0)) for p, seed in made])
+        assert output_type == "pt"  # decoded values in [0, 1], checked for NaN before they become pixels
+        return SimpleNamespace(images=torch.tensor([[[[p / 255]], [[seed % 256 / 255]], [[0.0]]] for p, seed in made]))
 
 
 # Three groups (steps and guidance: one `generate` each) of 22, 11 and 11 images: seven batches of up to eight at 256 px.

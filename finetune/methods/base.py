@@ -32,6 +32,7 @@ from finetune.errors import FinetuneError
 from finetune.images import upright_size
 from finetune.loss_mask import latent_loss_weights
 from finetune.models import BaseModel
+from finetune.finite_images import VALIDATION_OVERFLOW
 from finetune.sampling import build_pipeline, generate_with_settings
 from finetune.sources import Example
 from finetune.views import plan_cover_crop
@@ -145,7 +146,8 @@ class TrainingMethod(ABC):
         if not settings.prompts:
             return [], []
         prompts = [settings.prompt_settings(text) for text in settings.prompts]  # each with its own --n, --d, --l, --s, if any
-        rows = generate_with_settings(self.pipeline(modules), prompts, settings.images_per_prompt, self.recipe.data.resolution)
+        rows = generate_with_settings(self.pipeline(modules), prompts, settings.images_per_prompt, self.recipe.data.resolution,
+                                      not_finite_cause=VALIDATION_OVERFLOW)  # said, never raised: training goes on
         return rows, list(settings.prompts)
 
     def pipeline(self, modules: dict[str, torch.nn.Module]) -> DiffusionPipeline:

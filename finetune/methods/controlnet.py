@@ -47,6 +47,7 @@ from finetune.model_source import looks_like_hub_id
 from finetune.models import freeze
 from finetune.output_metadata import started_from
 from finetune.pipeline_io import METADATA_FILE
+from finetune.finite_images import VALIDATION_OVERFLOW
 from finetune.sampling import build_pipeline, generate_with_settings
 from finetune.sources import Example
 
@@ -301,7 +302,7 @@ class ControlNetMethod(DiffusionMethod):
         options = [settings.prompt_settings(prompt) for prompt in prompts]  # each with its own --n, --d, --l, --s, if any
         with residuals_in(modules["controlnet"], self.weight_dtype):
             samples = generate_with_settings(pipeline, options, settings.images_per_prompt, self.recipe.data.resolution,
-                                             conditions=conditions, controlnet_conditioning_scale=scale)  # fmt: skip
+                                             conditions=conditions, controlnet_conditioning_scale=scale, not_finite_cause=VALIDATION_OVERFLOW)  # fmt: skip
         rows = [[condition, *row] for condition, row in zip(conditions, samples)]
         labels = [prompt if scale == 1.0 else f"{prompt} (control x{scale:g})" for prompt in prompts]
         return rows, labels

@@ -1,0 +1,25 @@
+"""Images that decode to NaN or inf: a guidance or an adapter's scale far too high, or a training run that diverged.
+Made into 8-bit pixels they are black, with no word but numpy's "invalid value encountered in cast". Checked once per
+decoded batch (`torch.isfinite(...).all()`), before the pixels are made."""
+
+from __future__ import annotations
+
+from finetune.counts import counted
+
+# The likely causes of images that decode to NaN or inf: where they are sampled, and in a training run's validation grid.
+SAMPLING_OVERFLOW = "the guidance or an adapter's scale (--lora-scale, a LoRA's strength) is likely too high: lower it"
+VALIDATION_OVERFLOW = ("the run may have diverged (a learning rate too high?), or validation's guidance is too high; "
+                       "training goes on: look at its loss, and at the next grids")  # fmt: skip
+
+
+def say_warning(line: str) -> None:
+    print(f"warning: {line}", flush=True)
+
+
+def not_finite_line(made: list[tuple[str, int]], cause: str) -> str:
+    """One line for the images (prompt, seed) of one pipeline call that decoded to NaN or inf."""
+    by_prompt: dict[str, list[int]] = {}
+    for prompt, seed in made:
+        by_prompt.setdefault(prompt, []).append(seed)
+    named = ", ".join(f"prompt {prompt!r} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})" for prompt, seeds in by_prompt.items())
+    return f"{counted(len(made), 'image')} of {named} decoded to NaN or inf, saved black where not finite: {cause}"
