@@ -23,6 +23,7 @@ from finetune.class_image_names import RECORD_FILE, generated_prompt, read_gener
 from finetune.config import ClassImageGeneration
 from finetune.console import say
 from finetune.encoders import chunks_needed
+from finetune.errors import FinetuneError
 from finetune.sampling import autocast_for, prompt_arguments, save_image_atomic
 
 
@@ -99,7 +100,8 @@ def generate_class_images(
                     say(f"class images: {len(batch)} at once ran out of GPU memory; making {size} at a time from now on "
                         f"(dreambooth.class_generation.batch_size: {size} starts there)", by="this process")  # its own device
                     continue
-                for k, image in zip(batch, images):
+                _refuse_not_finite(images, [generated_prompt(class_prompts, k) for k in batch], settings, folder)
+                for k, image in zip(batch, pipeline.image_processor.numpy_to_pil(pipeline.image_processor.pt_to_numpy(images))):
                     save_image_atomic(image, folder / f"{key}-{k:05d}.png")
                     written += 1
                 group = group[len(batch) :]
@@ -107,8 +109,22 @@ def generate_class_images(
     return written
 
 
-def _make(pipeline, class_prompts: list[str], batch: list[int], settings: ClassImageGeneration, resolution: int) -> list:
-    """Class images `batch` (their indices k) in one call, each from its own seed."""
+def _refuse_not_finite(decoded: torch.Tensor, prompts: list[str], settings: ClassImageGeneration, folder: Path) -> None:
+    """Class images that decode to NaN or inf would be saved black and train the class prior on black: stop before any of
+    the batch is written (those already made stay, and the next run continues from them)."""
+    if bool(torch.isfinite(decoded).all()):
+        return
+    finite = torch.isfinite(decoded).flatten(1).all(1).tolist()
+    prompt = next(text for text, ok in zip(prompts, finite) if not ok)
+    raise FinetuneError(
+        f"class images of the class prompt '{prompt}' decoded to NaN or inf (black), at dreambooth.class_generation.guidance_scale "
+        f"{settings.guidance_scale:g}: lower it (7.5 is usual); none of them was written to {folder}, and the next run continues its class images"
+    )
+
+
+def _make(pipeline, class_prompts: list[str], batch: list[int], settings: ClassImageGeneration, resolution: int) -> torch.Tensor:
+    """Class images `batch` (their indices k) in one call, each from its own seed, as decoded (values in [0, 1], or not
+    finite): made into pixels as the pipeline's own "pil" output makes them once they are checked."""
     generators = [torch.Generator("cpu").manual_seed(settings.seed + k) for k in batch]
     negatives = [settings.negative_prompt] * len(batch) if settings.negative_prompt else None
     with autocast_for(pipeline):
@@ -119,6 +135,7 @@ def _make(pipeline, class_prompts: list[str], batch: list[int], settings: ClassI
             height=resolution,
             width=resolution,
             generator=generators,
+            output_type="pt",
         ).images
 
 

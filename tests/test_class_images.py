@@ -110,3 +110,17 @@ def test_class_images_out_of_gpu_memory_are_made_in_halves(tiny_model, tmp_path,
 
 def _model(path):
     return ModelConfig(pretrained=str(path))
+
+
+def test_class_images_that_decode_to_nan_stop_the_run_before_any_is_written(tiny_model, tmp_path):
+    """At a guidance far too high the images came out black (NaN made into pixels) and trained the class prior on black."""
+    from finetune.errors import FinetuneError
+
+    folder, settings = tmp_path / "class", SETTINGS.model_copy(update={"guidance_scale": 1e30})
+    key = generation_key(["a shape"], settings, 64, BASE)
+    pipeline = build_pipeline(load_base_model(_model(tiny_model)))
+    with pytest.raises(FinetuneError) as error:
+        generate_class_images(pipeline, ["a shape"], folder, key, [0, 1], settings, 64)
+    assert str(error.value) == ("class images of the class prompt 'a shape' decoded to NaN or inf (black), at dreambooth.class_generation.guidance_scale "
+                                f"1e+30: lower it (7.5 is usual); none of them was written to {folder}, and the next run continues its class images")  # fmt: skip
+    assert list(folder.glob("*.png")) == [] and plan_class_images(folder, key, wanted=2)[1] == [0, 1]
