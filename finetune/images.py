@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 
 from PIL import Image, ImageOps
 
@@ -69,7 +70,9 @@ def unreadable_message(source: str, err: Exception) -> str:
         return f"image {source} is empty (0 bytes: a copy or download that did not finish?): copy it again, or remove it"
     if head is not None and head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS:
         return f"image {source} is a HEIC photo (as iPhones save them) under another name: convert it to JPEG or PNG"
-    return f"image {source} cannot be read ({err.__class__.__name__}: {err}): fix or remove it"
+    # Pillow names a dataset cell's bytes by their object ("<_io.BytesIO object at 0x7f...>"), which tells a user nothing.
+    said = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err))
+    return f"image {source} cannot be read ({err.__class__.__name__}: {said}): fix or remove it"
 
 
 def float_levels_problem(image: Image.Image, named: str) -> str | None:

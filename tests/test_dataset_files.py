@@ -354,3 +354,22 @@ def test_a_folder_of_several_configs_without_data_dataset_config_says_to_pick_on
     with pytest.raises(FinetuneError, match=r"has several configs \('photos', 'sketches'\): pick one with data.dataset_config$"):
         load_examples(DataConfig(dataset=str(tmp_path), resolution=64))
     assert len(load_examples(DataConfig(dataset=str(tmp_path), dataset_config="sketches", resolution=64), check=False)) == 2
+
+
+def test_a_dataset_cell_of_bytes_that_are_no_image_is_named_by_its_row_not_by_a_python_object(tmp_path):
+    import io
+
+    import datasets
+
+    from finetune.check_data import FATAL, inspect_examples
+    from finetune.sources import read_examples
+
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(png, "PNG")
+    rows = {"image": [{"bytes": png.getvalue(), "path": None}, {"bytes": b"not an image", "path": None}], "text": ["a", "b"]}
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(tmp_path / "saved")
+    config = DataConfig(dataset=str(tmp_path / "saved"), resolution=64)
+    [fatal] = [f.message for f in inspect_examples(read_examples(config), config, "saved").of_level(FATAL)]
+    # It read "cannot identify image file <_io.BytesIO object at 0x7f552cde3d30>".
+    assert fatal == f"image dataset {tmp_path / 'saved'} row 1 cannot be read (UnidentifiedImageError: cannot identify image file): fix or remove it"
