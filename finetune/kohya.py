@@ -33,6 +33,7 @@ from finetune.errors import FinetuneError
 from finetune.kohya_metadata import DATASET_KOHYA_KEYS, KOHYA_KEYS, LORAPLUS_KEYS, finetune_metadata_from_kohya
 from finetune.lora_kinds import CONTEXT_INPUTS, held_path, sd_version_metadata, unsupported_kind, with_current_diffusers_names, written_path
 from finetune.original_layout import with_diffusers_unet_names
+from finetune.placement import PRECISIONS
 
 PARTS = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 # Module-path segments of the SD UNet and CLIP that contain "_": kohya's names flatten `.` and `_`
@@ -308,9 +309,6 @@ def _with_rank_alpha(lora: LoRA) -> dict[str, str]:
     rank, alpha = lora.common_rank_alpha()
     return {**lora.metadata, "finetune.rank": lora.metadata.get("finetune.rank", str(rank)),
             "finetune.alpha": lora.metadata.get("finetune.alpha", str(float(alpha)))}
-
-
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def save_lora_file(lora: LoRA, path: Path, layout: str, precision: str | None = None) -> Path:

@@ -19,11 +19,12 @@ from finetune.atomic_files import atomic_write_text
 from finetune.config import ModelConfig
 from finetune.dora import decomposed
 from finetune.errors import FinetuneError
-from finetune.kohya import PRECISIONS, LoRA, load_lora
+from finetune.kohya import LoRA, load_lora
 from finetune.lora_kinds import CLIP_ROOT
 from finetune.model_card import diffusers_loading_code
 from finetune.models import load_base_model, zero_terminal_snr_schedule
 from finetune.output_folders import check_merge_output, check_not_what_it_reads
+from finetune.placement import PRECISIONS
 from finetune.pipeline_io import save_pipeline
 
 

@@ -19,13 +19,13 @@ from safetensors.torch import load_file
 from finetune.atomic_files import atomic_save_safetensors
 from finetune.errors import FinetuneError
 from finetune.inference import saved_model_metadata
-from finetune.kohya import PRECISIONS
 from finetune.lora_kinds import CLIP_ROOT
 from finetune.methods.controlnet import CONTROLNET_DIR
 from finetune.methods.full import PIPELINE_DIR
 from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.model_source import check_pipeline_parts, holds_a_lora
 from finetune.original_layout import UNET_RESNET_NAMES, unet_prefixes
+from finetune.placement import PRECISIONS
 
 UNET_ROOT, VAE_ROOT, TEXT_ENCODER_ROOT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model."
 WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors"}
