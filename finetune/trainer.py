@@ -159,6 +159,9 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     if train_cfg.channels_last:
         for module in {base.unet, base.vae, *method.trained_modules().values()}:
             module.to(memory_format=torch.channels_last)
+            for name, parameter in module.named_parameters():  # peft's DoRA flattens a conv LoRA's factors with .view, which an NHWC kernel refuses
+                if "lora_" in name:
+                    parameter.data = parameter.data.contiguous()
 
     configure_deepspeed(accelerator, recipe)
     # Before `prepare`: DreamBooth may generate class images with the UNet, which ZeRO-3 then shards. Then the record a resume compares.

@@ -101,3 +101,13 @@ def test_a_dreambooth_lora_trains_a_dora_with_its_text_encoder(make_recipe, imag
     lora = load_lora(train(recipe).output_dir / LORA_WEIGHTS_NAME)
     assert {key.split(".", 1)[0] for key in lora.layers} == {"unet", "text_encoder"}
     assert all(layer.magnitude is not None for layer in lora.layers.values())
+
+
+def test_a_dora_on_convolutions_trains_with_channels_last_as_without(make_recipe, tmp_path):
+    """peft's DoRA flattens a conv layer's LoRA factors with .view, which failed (a traceback at the first step) once
+    train.channels_last had made them NHWC: the trainer leaves LoRA factors contiguous."""
+    plain = train(make_recipe(output_dir=str(tmp_path / "plain"), train__max_steps=2, **DORA))
+    nhwc = train(make_recipe(output_dir=str(tmp_path / "nhwc"), train__max_steps=2, train__channels_last=True, **DORA))
+    assert torch.allclose(torch.tensor(nhwc.losses), torch.tensor(plain.losses), rtol=1e-4)
+    a, b = load_file(plain.output_dir / LORA_WEIGHTS_NAME), load_file(nhwc.output_dir / LORA_WEIGHTS_NAME)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
