@@ -57,6 +57,14 @@ def test_loraplus_moves_the_up_weights_ratio_times_faster_in_each_group(make_rec
         make_recipe(optimizer__name="prodigy", optimizer__lr=1.0, lora__loraplus_text_encoder_lr_ratio=4)
 
 
+@pytest.mark.parametrize(("key", "value", "does"), [("loraplus_lr_ratio", 16, "sets a LoRA's learning rates"), ("init_from", "lora.safetensors", "starts a LoRA")])
+def test_lora_settings_under_a_full_dreambooth_name_its_lora_adapter(make_recipe, image_folder, key, value, does):
+    concepts = [{"instance_dir": str(image_folder), "instance_prompt": "a sks shape"}]
+    with pytest.raises(FinetuneError, match=rf"^recipe: lora.{key} {does}, and method dreambooth trains none: "
+                                            r"remove it \(or use dreambooth.adapter: lora\)$"):  # as lora.rank says; not "use method lora"
+        make_recipe(method="dreambooth", data__image_dir=None, dreambooth={"concepts": concepts, "prior_preservation": False}, **{f"lora__{key}": value})
+
+
 def test_conv_rank_settings_are_checked_and_keep_the_scale(make_recipe):
     from finetune.config import LoRAConfig
 

@@ -166,17 +166,17 @@ class Recipe(Section):
                 if value is not None and value != self.optimizer.lr:
                     raise ValueError(f"{key} with prodigy: it takes one optimizer.lr for every parameter; remove {key}")
         uses_lora = self.method == "lora" or (self.dreambooth is not None and self.dreambooth.adapter == "lora")
+        remedy = "dreambooth.adapter: lora" if self.method == "dreambooth" else "method lora"  # where no LoRA trains
         if self.lora.init_from and not uses_lora:
-            raise ValueError(f"lora.init_from starts a LoRA, and method {self.method} trains none: remove it (or use method lora)")
+            raise ValueError(f"lora.init_from starts a LoRA, and method {self.method} trains none: remove it (or use {remedy})")
         for key in self.lora.changed(("conv_rank", "conv_alpha", "max_norm", "rank", "alpha", "dropout", "use_rslora", "use_dora", "target_modules")):
             if not uses_lora:
-                remedy = "dreambooth.adapter: lora" if self.method == "dreambooth" else "method lora"
                 raise ValueError(f"lora.{key} shapes a LoRA, and method {self.method} trains none: remove it (or use {remedy})")
         for key in ("loraplus_lr_ratio", "loraplus_text_encoder_lr_ratio"):
             if getattr(self.lora, key) is None:
                 continue
             if not uses_lora:
-                raise ValueError(f"lora.{key} sets a LoRA's learning rates, and method {self.method} trains none: remove it (or use method lora)")
+                raise ValueError(f"lora.{key} sets a LoRA's learning rates, and method {self.method} trains none: remove it (or use {remedy})")
             if self.optimizer.name == "prodigy":
                 raise ValueError(f"lora.{key} with prodigy: it takes one optimizer.lr for every parameter; remove lora.{key}")
         trains_text_encoder_lora = self.lora.train_text_encoder or (self.method == "dreambooth" and self.dreambooth.train_text_encoder)
