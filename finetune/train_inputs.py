@@ -17,6 +17,8 @@ from finetune.sources import check_folders_exist
 
 def data_configs(recipe: Recipe) -> list[DataConfig]:
     """What training reads: `data`, or for DreamBooth each concept's folder with its prompt."""
+    if recipe.method == "vae":  # it trains on the images alone: their captions are not read, and an uncaptioned image is no error
+        return [recipe.data.model_copy(update={"caption": ""})]
     if recipe.method != "dreambooth":
         return [recipe.data]
     configs = []

@@ -100,3 +100,19 @@ def test_vae_perceptual_network_must_be_a_classifier_file(make_recipe, tmp_path,
                              (tmp_path / "lora.safetensors", r"lora.safetensors is not a toy-world classifier file \(.*\): train one with ")):  # fmt: skip
         with pytest.raises(FinetuneError, match=message):
             train(make_recipe(method="vae", output_dir=str(tmp_path / "run"), train__max_steps=1, vae__perceptual_weight=0.1, vae__perceptual_network=str(network)))
+
+
+def test_the_vae_trains_on_images_without_captions_and_check_data_says_so(make_recipe, tmp_path, capsys):
+    """The autoencoder reads no prompt: an uncaptioned image stopped its run ("has no caption") and check-data's."""
+    from finetune.cli import main
+    from finetune.recipe_loading import dump_recipe
+    from finetune.toyworld.datasets import write_folder
+
+    folder = write_folder(tmp_path / "images", 4, seed=3, metadata=False)
+    for caption in folder.glob("*.txt"):
+        caption.unlink()
+    recipe = make_recipe(method="vae", data__image_dir=str(folder), train__max_steps=1, validation__at_start=False)
+    dump_recipe(recipe, tmp_path / "vae.yaml")
+    assert main(["check-data", str(tmp_path / "vae.yaml")]) == 0
+    assert "result: ready to train" in capsys.readouterr().out
+    assert train(recipe).final_step == 1

@@ -35,6 +35,7 @@ from finetune.models import BaseModel
 from finetune.finite_images import VALIDATION_OVERFLOW
 from finetune.sampling import build_pipeline, generate_with_settings
 from finetune.sources import Example
+from finetune.train_inputs import data_configs
 from finetune.views import plan_cover_crop
 
 
@@ -52,7 +53,7 @@ class TrainingMethod(ABC):
 
     def check_data(self) -> None:
         """Read and check the training data; runs before any model is loaded, so errors come fast."""
-        self.examples, report = checked_examples(self.recipe.data)
+        self.examples, report = checked_examples(data_configs(self.recipe)[0])  # method vae's reads no captions
         self.data_reports = [report]
 
     def training_items(self) -> list[Example]:
