@@ -147,3 +147,14 @@ def test_the_denoisers_model_settings_are_refused_with_method_vae(override):
     with pytest.raises(FinetuneError) as refused:
         load_recipe(Path(__file__).parent.parent / "recipes" / "pretrain_vae.yaml", [override])
     assert str(refused.value) == f"override '{override}': method vae trains the autoencoder on reconstructions, so {key} would do nothing: remove it"
+
+
+@pytest.mark.parametrize(("overrides", "keys"), [(["data.caption=a shape"], "data.caption"), (["data.caption_dropout=0.1"], "data.caption_dropout"),
+                                                 (["data.shuffle_tags=true", "data.keep_tokens=1"], "data.shuffle_tags, data.keep_tokens"),
+                                                 (["data.tag_dropout=0.2"], "data.tag_dropout")])  # fmt: skip
+def test_caption_settings_are_refused_with_method_vae(overrides, keys):
+    # Accepted without a word: the VAE reads no captions.
+    with pytest.raises(FinetuneError) as refused:
+        load_recipe(Path(__file__).parent.parent / "recipes" / "pretrain_vae.yaml", overrides)
+    remove = "them" if "," in keys else "it"
+    assert str(refused.value).endswith(f"method vae trains the autoencoder on reconstructions, so {keys} would do nothing: remove {remove}")
