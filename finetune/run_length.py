@@ -185,7 +185,7 @@ def check_epoch_run(recipe: Recipe, max_steps: int, count: EpochCount, resume_fr
                             f"(train.max_steps' bound): lower it")  # fmt: skip
     if recipe.optimizer.scheduler != "constant" and warmup >= max_steps:
         raise FinetuneError(
-            f"optimizer.warmup_steps ({warmup}) must be below the run's {max_steps} steps (train.max_epochs {epochs}): "
+            f"optimizer.warmup_steps ({warmup}) must be below the run's {counted(max_steps, 'step')} (train.max_epochs {epochs}): "
             "the learning rate would never reach optimizer.lr; lower warmup_steps or raise max_epochs"
         )
     step = count.step_then

@@ -100,6 +100,9 @@ def test_warmup_longer_than_the_epochs_is_one_line_before_the_model_loads_and_be
     with pytest.raises(FinetuneError, match=r"optimizer.warmup_steps \(4\) must be below the run's 4 steps \(train.max_epochs 2\)"):
         train(recipe, overwrite=True)
     assert [p.name for p in list_checkpoints(earlier.output_dir / "checkpoints")] == ["checkpoint-1", "checkpoint-2"]  # nothing lost
+    one_step = make_recipe(train__max_steps=None, train__max_epochs=1, train__batch_size=4, optimizer__warmup_steps=1, optimizer__scheduler="linear")
+    with pytest.raises(FinetuneError, match=r"must be below the run's 1 step \(train.max_epochs 1\)"):  # not "1 steps"
+        train(one_step, overwrite=True)
     monkeypatch.undo()
     # Nor by a refusal that comes once the model is set up (the earlier run is cleared only after every check).
     with pytest.raises(FinetuneError, match=r"lora.target_modules: 'no_such_layer' names no layer"):
