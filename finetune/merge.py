@@ -24,8 +24,8 @@ from finetune.lora_kinds import CLIP_ROOT
 from finetune.model_card import diffusers_loading_code
 from finetune.models import load_base_model, zero_terminal_snr_schedule
 from finetune.output_folders import check_merge_output, check_not_what_it_reads
-from finetune.placement import PRECISIONS
 from finetune.pipeline_io import save_pipeline
+from finetune.placement import PRECISIONS
 
 
 def check_lora_fits(models: dict[str, torch.nn.Module], lora: LoRA) -> dict[str, torch.Tensor]:
