@@ -55,12 +55,9 @@ def _listen() -> None:
         if warnings.showwarning is not _show:
             _previous_show, warnings.showwarning = warnings.showwarning, _show
         if warnings.filters[:1] != [PILLOW_ALWAYS]:
-            # First: behind a "default" filter (python -W default, -X dev, pytest's) the first image's warning would
-            # register its text and place, and the next image's, the same text, would reach no one.
-            if PILLOW_ALWAYS in warnings.filters:
-                warnings.filters.remove(PILLOW_ALWAYS)
-            warnings.filters.insert(0, PILLOW_ALWAYS)
-            warnings._filters_mutated()
+            # First (filterwarnings moves it there): behind a "default" filter (python -W default, -X dev, pytest's) the
+            # first image's warning would register its text and place, and the next image's, the same text, would reach no one.
+            warnings.filterwarnings("always", category=Warning, module=r"PIL\.")
 
 
 @contextmanager
