@@ -77,7 +77,9 @@ def pillow_warnings() -> Iterator[list[str]]:
 
 
 def pillow_warning_line(source: str, heard: list[str]) -> str:
-    return f"image {source}: Pillow warned while reading it: {'; '.join(heard)} (it reads as decoded; re-save it to be rid of this)"
+    # A DecompressionBombWarning is of the image's size (past Pillow's bound, below finetune's: it trains), which a re-save keeps.
+    fix = "downscale it" if any("decompression bomb" in text for text in heard) else "re-save it"
+    return f"image {source}: Pillow warned while reading it: {'; '.join(heard)} (it reads as decoded; {fix} to be rid of this)"
 
 
 @contextmanager

@@ -65,3 +65,17 @@ def test_other_warnings_and_pillows_outside_a_decode_are_shown_as_ever(tmp_path,
         with Image.open(photo) as image:
             image.getexif()
     assert [str(w.message) for w in recwarn] == ["not about an image", "Truncated File Read"]
+
+
+def test_an_image_past_pillows_pixel_bound_is_told_to_be_downscaled_not_re_saved(tmp_path, monkeypatch):
+    """A re-save keeps the pixels that Pillow's DecompressionBombWarning is about (a 320-megapixel scan trains, as
+    finetune reads up to twice Pillow's raised bound): only fewer of them end it."""
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (64, 64), (200, 100, 50)).save(tmp_path / "photos" / "scan.png")
+    (tmp_path / "photos" / "scan.txt").write_text("a scan")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 - 1)  # as 320 megapixels are past finetune's 300
+    config = DataConfig(image_dir=str(tmp_path / "photos"), resolution=64)
+    report = inspect_examples(read_examples(config), config, "photos")
+    said = [finding.message for finding in report.findings if finding.level == WARNING and "Pillow" in finding.message]
+    assert len(said) == 1 and "decompression bomb" in said[0] and said[0].endswith("(it reads as decoded; downscale it to be rid of this)")
+    assert len(report.usable) == 1
