@@ -157,8 +157,10 @@ def dataset_conditioning_column(dataset, config: DataConfig, column: str) -> str
     names = dataset.column_names
     if column == config.image_column:  # each image would steer itself: a ControlNet that learns to copy its input, unseen
         others = [repr(name) for name in names if type(dataset.features[name]).__name__ == "Image" and name != column]
+        fix = (f"set it to the conditioning images' column ({', '.join(others)})" if others else
+               "the dataset has no other image column: add the conditioning images to it as a column of their own, and set it to that")  # fmt: skip
         raise FinetuneError(f"dataset {config.dataset}: controlnet.conditioning_column '{column}' is data.image_column too, so each image would be "
-                            f"its own conditioning image: set it to the conditioning images' column ({', '.join(others) or 'the dataset has no other image column'})")  # fmt: skip
+                            f"its own conditioning image: {fix}")  # fmt: skip
     if column in names:
         return column
     images = [name for name in names if type(dataset.features[name]).__name__ == "Image" and name != config.image_column]

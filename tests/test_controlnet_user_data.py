@@ -219,6 +219,11 @@ def test_a_conditioning_column_that_is_the_image_column_is_refused(make_recipe, 
     with pytest.raises(FinetuneError, match=r"ds: controlnet.conditioning_column 'image' is data.image_column too, so each image would be its own "
                                             r"conditioning image: set it to the conditioning images' column \('hint'\)$"):  # fmt: skip
         inspect_pairs(make_recipe(method="controlnet", data__image_dir=None, data__dataset=str(tmp_path / "ds"), controlnet__conditioning_column="image"))
+    # With no other image column there is none to name: it said to set one, '(the dataset has no other image column)'.
+    datasets.Dataset.from_dict({"image": images, "text": ["a", "b"]}).save_to_disk(tmp_path / "alone")
+    with pytest.raises(FinetuneError, match=r"alone: .* its own conditioning image: the dataset has no other image column: add the conditioning "
+                                            r"images to it as a column of their own, and set it to that$"):  # fmt: skip
+        inspect_pairs(make_recipe(method="controlnet", data__image_dir=None, data__dataset=str(tmp_path / "alone"), controlnet__conditioning_column="image"))
 
 
 def test_a_conditioning_image_of_its_images_shape_at_another_scale_trains_the_same_view(make_recipe, tmp_path):
