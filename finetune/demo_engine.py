@@ -33,10 +33,9 @@ from finetune.config import ModelConfig
 from finetune.controlnet_data import small_conditioning_problem
 from finetune.counts import counted
 from finetune.encoders import clip_skipped
-from finetune.demo_inputs import UPLOADED
+from finetune.demo_inputs import MAX_UPLOAD_PIXELS, UPLOADED, too_large_upload
 from finetune.errors import FinetuneError
 from finetune.finite_images import say_warning
-from finetune.images import MAX_READ_PIXELS, too_many_pixels_message
 from finetune.inference import base_model_metadata, refuse_replacing_a_fine_tuned_unet, saved_model_metadata, unlocked_decoder_folder
 from finetune.kohya import LoRA, load_lora
 from finetune.lora_hooks import loras_applied
@@ -379,8 +378,8 @@ def conditioning_image(image: Image.Image | None, kind: str, size: int, options:
         raise FinetuneError("a ControlNet needs a conditioning image: upload one, or a photo and pick canny, luminance or mask")
     if kind not in CONDITIONING_KINDS:
         raise FinetuneError(f"unknown conditioning kind '{kind}': use one of {', '.join(CONDITIONING_KINDS)}")
-    if image.width * image.height > MAX_READ_PIXELS:  # as make-conditions reads (the page's upload is refused by its header first)
-        raise FinetuneError(too_many_pixels_message(UPLOADED, f"{image.width}x{image.height}"))
+    if image.width * image.height > MAX_UPLOAD_PIXELS:  # (the page's upload is refused by its header first)
+        raise FinetuneError(too_large_upload(f"{image.width}x{image.height}"))
     if (problem := small_conditioning_problem(image, UPLOADED, size)) is not None:
         raise FinetuneError(f"{problem}, or a smaller size")
     # Made at the upload's full size, as make-conditions makes a ControlNet's training images, and only then fitted: the

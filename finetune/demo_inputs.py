@@ -18,26 +18,32 @@ NONE = "(none)"  # an adapter list's "nothing picked"
 # traceback in the demo's terminal with a message listing every choice.
 ADAPTER_LIST = dict(allow_custom_value=True)
 UPLOADED = "(uploaded)"  # how the demo's messages name the uploaded image
+# The demo makes a condition at the upload's full size (canny works in float64 on three channels: ~1.2 GB an array at
+# 48 megapixels). make-conditions reads a user's own files up to 600 megapixels; a page's upload, a 10 MB PNG that
+# decodes to that, would take the demo's memory for everyone using it.
+MAX_UPLOAD_PIXELS = 8192 * 8192
 UNREADABLE_UPLOAD = "the uploaded conditioning image cannot be read as an image: upload a PNG, JPEG or WebP"
 
 
-def check_upload(path: str) -> None:
-    """An uploaded image must be an image that `finetune make-conditions` would read (the same bound in pixels, and
-    the same line above it: the condition is fitted down to the size sampled anyway); else one line for the page.
-    A small PNG may declare a vast canvas (a decompression bomb): refused by its header."""
-    from PIL import Image
+def too_large_upload(detail: str) -> str:
+    return (f"the uploaded image is too large for the demo ({detail}; at most {MAX_UPLOAD_PIXELS // 1_000_000} megapixels, "
+            "a 48-megapixel phone photo fits): downscale it, or make its condition with finetune make-conditions and upload that")
 
-    from finetune.images import MAX_READ_PIXELS, too_many_pixels_message
+
+def check_upload(path: str) -> None:
+    """An uploaded image must be an image of at most MAX_UPLOAD_PIXELS; else one line for the page. A small PNG may
+    declare a vast canvas (a decompression bomb): refused by its header."""
+    from PIL import Image
 
     try:
         with Image.open(path) as header:
             width, height = header.size
-    except Image.DecompressionBombError as err:  # PIL's own limit, the same (the size is not read)
-        raise FinetuneError(too_many_pixels_message(UPLOADED, str(err))) from None
+    except Image.DecompressionBombError as err:  # past Pillow's own bound (the size is not read)
+        raise FinetuneError(too_large_upload(str(err))) from None
     except OSError:
         raise FinetuneError(UNREADABLE_UPLOAD) from None
-    if width * height > MAX_READ_PIXELS:
-        raise FinetuneError(too_many_pixels_message(UPLOADED, f"{width}x{height}"))
+    if width * height > MAX_UPLOAD_PIXELS:
+        raise FinetuneError(too_large_upload(f"{width}x{height}"))
 
 
 def checked_preprocess(preprocess):

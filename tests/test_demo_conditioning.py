@@ -136,25 +136,24 @@ def declared_canvas(path, width: int, height: int):
     return path
 
 
-def test_the_demo_takes_the_uploads_make_conditions_takes_and_refuses_past_it_in_its_words(tmp_path):
-    """It refused any upload over 4096x4096, a phone's photo among them, that make-conditions (whose conditions it makes,
-    fitted down to the size sampled) reads; past the pixels both read, its line is make-conditions' own."""
+def test_the_demo_takes_a_phones_photo_and_refuses_past_64_megapixels_in_one_line_naming_make_conditions(tmp_path):
+    """It refused any upload over 4096x4096, a phone's photo among them. Past 8192x8192 it still refuses (a condition is
+    made at the upload's full size), by the upload's header, saying to downscale it or make the condition with
+    make-conditions, which reads more."""
     import pytest
 
-    from finetune.conditions import make_conditions
     from finetune.demo_engine import conditioning_image
     from finetune.demo_inputs import check_upload, read_upload
     from finetune.errors import FinetuneError
 
     photo = tmp_path / "photo.png"
-    Image.new("RGB", (6000, 4000), (30, 60, 90)).save(photo)  # 24 megapixels
+    Image.new("RGB", (8064, 6048), (30, 60, 90)).save(photo)  # an iPhone's 48 megapixels
     check_upload(str(photo))
     assert conditioning_image(read_upload(str(photo), photo=True), "as uploaded", 64).size == (64, 64)
-    (tmp_path / "vast").mkdir()
-    vast = declared_canvas(tmp_path / "vast" / "vast.png", 30000, 30000)
-    with pytest.raises(FinetuneError) as made:
-        make_conditions(tmp_path / "vast", tmp_path / "out", "luminance")
     with pytest.raises(FinetuneError) as uploaded:
-        check_upload(str(vast))
-    assert str(uploaded.value) == str(made.value).replace(str(vast), "(uploaded)")
-    assert str(uploaded.value).startswith("image (uploaded) has more pixels than training reads (600 megapixels")
+        check_upload(str(declared_canvas(tmp_path / "vast.png", 8193, 8192)))
+    assert str(uploaded.value) == ("the uploaded image is too large for the demo (8193x8192; at most 67 megapixels, a 48-megapixel "
+                                   "phone photo fits): downscale it, or make its condition with finetune make-conditions and upload that")  # fmt: skip
+    with pytest.raises(FinetuneError) as bomb:  # past Pillow's own bound, which reads no size: its words stand for it
+        check_upload(str(declared_canvas(tmp_path / "vast.png", 30000, 30000)))
+    assert str(bomb.value).startswith("the uploaded image is too large for the demo (Image size (900000000 pixels) exceeds limit")
