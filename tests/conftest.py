@@ -32,20 +32,44 @@ REPO = Path(__file__).resolve().parent.parent
 SHIPPED_BASE = REPO / "finetune" / "assets" / "toyworld-base"
 
 
+def made_once_per_run(tmp_path_factory, name: str, make) -> Path:
+    """`make(folder)` once for the whole pytest run, its folder read by every xdist worker: a session fixture is made once
+    per worker, and `--dist loadfile` puts the files using it on both workers. The worker that comes second waits for
+    the first one's folder (a file lock in the run's base folder, which the workers share); after a failed attempt the
+    next worker tries again in a folder of its own."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:  # no workers: the base folder's parent holds earlier runs
+        folder = tmp_path_factory.mktemp(name) / name
+        make(folder)
+        return folder
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / f"shared-{name}"
+    shared.mkdir(exist_ok=True)
+    with FileLock(str(shared / "lock")):
+        made = shared / "made"
+        if not made.is_file():
+            folder = shared / worker / name
+            make(folder)
+            made.write_text(str(folder))
+        return Path(made.read_text())
+
+
 @pytest.fixture(scope="session")
 def quickstart_lora(tmp_path_factory) -> Path:
-    """recipes/quickstart.yaml (about 20 s) on the shipped base: the output folder of a LoRA that draws stars."""
+    """recipes/quickstart.yaml (about 20 s) on the shipped base: the output folder of a LoRA that draws stars. Made
+    once per run (three files use it); its folder holds that LoRA alone."""
     from finetune.trainer import train
 
-    out = tmp_path_factory.mktemp("quickstart") / "quickstart"
-    recipe = load_recipe(
-        REPO / "recipes" / "quickstart.yaml",
-        [f"output_dir={out}", f"model.pretrained={SHIPPED_BASE}", f"data.image_dir={REPO / 'datasets' / 'star'}",
-         "validation.at_start=false", "validation.prompts=[]",
-         "checkpoint.every_n_steps=0", "logging.tensorboard=false"],
-    )  # fmt: skip
-    train(recipe)
-    return out
+    def make(out: Path) -> None:
+        train(load_recipe(
+            REPO / "recipes" / "quickstart.yaml",
+            [f"output_dir={out}", f"model.pretrained={SHIPPED_BASE}", f"data.image_dir={REPO / 'datasets' / 'star'}",
+             "validation.at_start=false", "validation.prompts=[]",
+             "checkpoint.every_n_steps=0", "logging.tensorboard=false"],
+        ))  # fmt: skip
+
+    return made_once_per_run(tmp_path_factory, "quickstart", make)
 
 
 @pytest.fixture(scope="session")
