@@ -87,21 +87,43 @@ def wait(process: subprocess.Popen) -> None:
     assert process.returncode == 0, stderr[-3000:]
 
 
+WIDE, TALL = (96, 48), (48, 96)
+BORROWING = [WIDE] * 3 + [TALL]  # on 2 processes of batch 1, each bucket's last global batch borrows an image (test_borrowed_images)
+
+
+def mixed_folder(root: Path, sizes: list[tuple[int, int]]) -> Path:
+    root.mkdir()
+    for i, (width, height) in enumerate(sizes):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (height, width, 3), dtype=np.uint8)).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text("a red striped circle")
+    return root
+
+
+def borrowing_run(folder: Path) -> dict:
+    """Recipe overrides: the epoch's 3 global batches of BORROWING's images and 1 of the next, at accumulation 2."""
+    data = {"image_dir": str(folder), "resolution": 64, "bucketing": {"enabled": True, "step": 16}}
+    return dict(data=data, train__max_steps=2, train__gradient_accumulation_steps=2)
+
+
+def assert_one_process_trains_what_two_did(two_processes: Path, run: dict, make_recipe, tmp_path: Path) -> None:
+    """`two_processes`: the output folder of `run` (borrowing_run's overrides) launched on 2 processes of batch 1."""
+    one_process = make_recipe(output_dir=str(tmp_path / "one"), train__batch_size=2, **run)
+    train(one_process)
+    assert_same_weights(load_file(two_processes / LORA_WEIGHTS_NAME), load_file(tmp_path / "one" / LORA_WEIGHTS_NAME), exact=False)
+
+
 @pytest.fixture(scope="module")
 def ddp(tiny_model, image_folder, pairs_folder, tmp_path_factory) -> SimpleNamespace:
     """The DDP runs of the tests below in one launch of 2 processes (a launch starts two interpreters):
     LoRA, and again from its checkpoint-2 (lora-resumed-ddp); DreamBooth (instance and class halves, LoRA on the UNet and the
     text encoder: two wrapped models; gradient checkpointing); ControlNet (with cached encoders, random flips, accumulation, an
     8-bit optimizer); a DoRA (lora.use_dora) with aspect-ratio buckets of 3 images, whose global batches of 3 split 2 + 1 over the processes;
+    a LoRA whose buckets' last global batches borrow images (borrowing, checked by tests/test_borrowed_images.py's test below);
     before them a LoRA run that a Ctrl-C reaching rank 1 alone stops (stopped-ddp, checked by the stop test below); a LoRA and a
     ControlNet that draw validation grids, counting each rank's UNet forwards (grid-lora, grid-controlnet). `settings`:
     each run's recipe overrides and its batch per process, for the single-process runs the tests compare with (twice the batch)."""
     root = tmp_path_factory.mktemp("ddp")
-    mixed = root / "mixed"
-    mixed.mkdir()
-    for i, (width, height) in enumerate([(96, 48)] * 3 + [(48, 96)] * 3):
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (height, width, 3), dtype=np.uint8)).save(mixed / f"{i}.png")
-        (mixed / f"{i}.txt").write_text("a red striped circle")
+    mixed = mixed_folder(root / "mixed", [WIDE] * 3 + [TALL] * 3)
     star = write_folder(root / "star", 2, seed=11, include_held_out="only_shape")
     concept = {"instance_dir": str(star), "instance_prompt": "a sks shape", "class_prompt": "a shape", "class_dir": str(root / "class")}
     settings = {
@@ -112,6 +134,7 @@ def ddp(tiny_model, image_folder, pairs_folder, tmp_path_factory) -> SimpleNames
         "controlnet": (dict(method="controlnet", data__image_dir=str(pairs_folder), train__max_steps=2, train__gradient_accumulation_steps=2,
                             data__random_flip=True, train__cache_latents=True, train__cache_text_embeddings=True, optimizer__name="adamw8bit"), 1),
         "buckets-dora": (dict(data={"image_dir": str(mixed), "resolution": 64, "bucketing": {"enabled": True, "step": 16}}, train__max_steps=2, **DORA), 2),
+        "borrowing": (borrowing_run(mixed_folder(root / "borrowing", BORROWING)), 1),
     }  # fmt: skip
     # Validation grids (step 0's and step 1's) of two batches each: its prompts' guidance differs.
     grid = dict(train__max_steps=1, validation={"prompts": ["a red circle --l 5", "a blue square --l 3"], "num_inference_steps": 2, "images_per_prompt": 2})
@@ -202,6 +225,11 @@ def test_a_stop_that_reaches_one_process_stops_both_at_the_same_step_with_one_ch
     assert [path.name for path in list_checkpoints(out / "checkpoints")] == ["checkpoint-4"]
     assert not (out / LORA_WEIGHTS_NAME).exists()  # stopped: no outputs
     assert_same_weights(load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors"), exact=True)
+
+
+def test_two_processes_train_what_one_does_when_a_buckets_last_batch_borrows_images(ddp, make_recipe, tmp_path):
+    """tests/test_borrowed_images.py's launched case, run in this file's launch (one fewer launch in the suite)."""
+    assert_one_process_trains_what_two_did(ddp.root / "borrowing-ddp", ddp.settings["borrowing"][0], make_recipe, tmp_path)
 
 
 def test_two_machines_of_one_process_each_on_loopback(ddp, make_recipe, tmp_path):
