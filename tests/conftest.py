@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every DeepSpeed launch builds DeepSpeed's shared-memory op (about a minute of 2 cores; test_library_noise's and
+# test_deepspeed_zero2's launches wait on one build) into torch's extensions folder, which is one per user and Python
+# version, shared by every virtual environment. Another environment on the machine (another clone's .venv) compiles it
+# with its own include paths, so each one's test run rebuilt what the other had built. The tests keep a folder per
+# environment (a TORCH_EXTENSIONS_DIR that is set is kept).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch_extensions",
+    f"finetune-tests-{hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]}"))  # fmt: skip
 
 from finetune.library_noise import quiet_third_party_warnings
 
