@@ -22,13 +22,13 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
-from finetune.buckets import Size, assign_buckets, bucket_counts_line, either, no_upscale_advice, ways_to_fill_a_batch
+from finetune.buckets import Size, assign_buckets, bucket_counts_line, no_upscale_advice
 from finetune.caption_cells import list_text_message
 from finetune.caption_overrides import shadowed_caption_files
 from finetune.captions import caption_alternative, caption_lines, dataset_of_row, empty_caption_message, missing_caption_message
 from finetune.check_threads import each_on_threads
 from finetune.colour_profiles import profile_note
-from finetune.config import DataConfig, Recipe
+from finetune.config import DataConfig
 from finetune.counts import counted
 from finetune.epoch_uses import expand_repeats
 from finetune.errors import FinetuneError
@@ -383,22 +383,3 @@ def checked_examples(config: DataConfig) -> tuple[list[Example], DataReport]:
     report = checked_report(config)
     return expand_repeats(report.usable), report
 
-
-def too_few_to_batch(trained: int, recipe: Recipe, processes: int = 1, items: int | None = None) -> str | None:
-    """Why `trained` items (repeats counted; of `items` before validation.loss_images held some out)
-    cannot train, as they do not fill one global batch; or None."""
-    batch = recipe.train.batch_size
-    needed = processes if recipe.data.bucketing.enabled else batch * processes  # a bucket's last batch may be smaller
-    if trained >= needed:
-        return None
-    held_out = items not in (None, trained)
-    if held_out and trained == 0:
-        return f"validation.loss_images ({recipe.validation.loss_images}) holds out every image, leaving none to train: lower it below the number of images"
-    held = f" ({items} before validation.loss_images held some out)" if held_out else ""
-    if recipe.data.bucketing.enabled:  # a bucket's batch may be smaller than train.batch_size, not emptier than one image a process
-        short_of = f"{counted(processes, 'process', 'processes')} (with data.bucketing each process needs one image, whatever train.batch_size)"
-    else:
-        short_of = f"one batch (train.batch_size {batch}" + (f" x {processes} processes)" if processes > 1 else ")")
-    ways = ways_to_fill_a_batch(trained, batch, processes, recipe.data.bucketing.enabled)
-    remedy = either((["lower validation.loss_images"] if held_out and items >= needed else []) + ways)
-    return f"{counted(trained, 'training image')} (repeats counted){held} {'is' if trained == 1 else 'are'} fewer than {short_of}: {remedy}"

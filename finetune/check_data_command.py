@@ -7,7 +7,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from finetune.check_data import FATAL, SKIP_HINT, WARNING, data_label, inspect_examples, too_few_to_batch
+from finetune.buckets import too_few_to_batch
+from finetune.check_data import FATAL, SKIP_HINT, WARNING, data_label, inspect_examples
 from finetune.config import DataConfig, ModelConfig, Recipe
 from finetune.counts import counted
 from finetune.epoch_uses import expand_together

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from finetune import checkpoint as ckpt
 from finetune.accelerate_state import clears_accelerate_settings, trackers_finished
-from finetune.check_data import too_few_to_batch
+from finetune.buckets import too_few_to_batch
 from finetune.config import Recipe
 from finetune.console import say, warn
 from finetune.counts import counted

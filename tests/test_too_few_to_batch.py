@@ -5,7 +5,7 @@ import pytest
 
 from finetune.batches import EpochBatchSampler
 from finetune.buckets import BucketBatchSampler
-from finetune.check_data import too_few_to_batch
+from finetune.buckets import too_few_to_batch
 from finetune.errors import FinetuneError
 from finetune.recipe_loading import recipe_from_dict
 

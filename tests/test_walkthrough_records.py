@@ -181,6 +181,6 @@ def test_too_small_a_dataset_is_counted_in_the_singular():
 
 
 def test_one_training_image_short_of_a_batch_is_counted_in_the_singular(make_recipe):
-    from finetune.check_data import too_few_to_batch
+    from finetune.buckets import too_few_to_batch
 
     assert too_few_to_batch(1, make_recipe(train__batch_size=2)).startswith("1 training image (repeats counted) is fewer than one batch (train.batch_size 2)")
