@@ -24,6 +24,7 @@ from finetune.config import ClassImageGeneration
 from finetune.console import say
 from finetune.encoders import chunks_needed
 from finetune.errors import FinetuneError
+from finetune.finite_images import decoded_pixels, not_finite_rows
 from finetune.sampling import autocast_for, prompt_arguments, save_image_atomic
 
 
@@ -101,7 +102,7 @@ def generate_class_images(
                         f"(dreambooth.class_generation.batch_size: {size} starts there)", by="this process")  # its own device
                     continue
                 _refuse_not_finite(images, [generated_prompt(class_prompts, k) for k in batch], settings, folder)
-                for k, image in zip(batch, pipeline.image_processor.numpy_to_pil(pipeline.image_processor.pt_to_numpy(images))):
+                for k, image in zip(batch, decoded_pixels(pipeline, images)):
                     save_image_atomic(image, folder / f"{key}-{k:05d}.png")
                     written += 1
                 group = group[len(batch) :]
@@ -112,10 +113,9 @@ def generate_class_images(
 def _refuse_not_finite(decoded: torch.Tensor, prompts: list[str], settings: ClassImageGeneration, folder: Path) -> None:
     """Class images that decode to NaN or inf would be saved black and train the class prior on black: stop before any of
     the batch is written (those already made stay, and the next run continues from them)."""
-    if bool(torch.isfinite(decoded).all()):
+    if not (rows := not_finite_rows(decoded)):
         return
-    finite = torch.isfinite(decoded).flatten(1).all(1).tolist()
-    prompt = next(text for text, ok in zip(prompts, finite) if not ok)
+    prompt = prompts[rows[0]]
     raise FinetuneError(
         f"class images of the class prompt '{prompt}' decoded to NaN or inf (black), at dreambooth.class_generation.guidance_scale "
         f"{settings.guidance_scale:g}: lower it (7.5 is usual); none of them was written to {folder}, and the next run continues its class images"

@@ -12,6 +12,19 @@ VALIDATION_OVERFLOW = ("the run may have diverged (a learning rate too high?), o
                        "training goes on: look at its loss, and at the next grids")  # fmt: skip
 
 
+def not_finite_rows(decoded) -> list[int]:
+    """The images (rows) of a pipeline's decoded batch (a tensor, `output_type="pt"`) with a value that is NaN or inf."""
+    if bool(decoded.isfinite().all()):  # one sync a batch; the rows are looked at only when some are not finite
+        return []
+    return [row for row, finite in enumerate(decoded.isfinite().flatten(1).all(1).tolist()) if not finite]
+
+
+def decoded_pixels(pipeline, decoded) -> list:
+    """A decoded batch as the pipeline's own "pil" output makes it (pt_to_numpy, then numpy_to_pil): the same pixels;
+    NaN (the pipeline's clamp keeps it) as black."""
+    return pipeline.image_processor.numpy_to_pil(pipeline.image_processor.pt_to_numpy(decoded.nan_to_num(nan=0.0)))
+
+
 def say_warning(line: str) -> None:
     print(f"warning: {line}", flush=True)
 

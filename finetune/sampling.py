@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from finetune.atomic_files import removed_if_unfinished
 from finetune.encoders import chunks_needed, recorded_clip_skip, text_hidden_states
 from finetune.errors import FinetuneError
-from finetune.finite_images import SAMPLING_OVERFLOW, not_finite_line, say_warning
+from finetune.finite_images import SAMPLING_OVERFLOW, decoded_pixels, not_finite_line, not_finite_rows, say_warning
 from finetune.image_bounds import GRID_LABEL_WIDTH
 from finetune.models import BaseModel
 from finetune.progress_lines import in_a_log
@@ -277,12 +277,9 @@ def generate(
                 output_type="pt",  # checked before it becomes 8-bit pixels, where NaN is black (numpy's "invalid value encountered in cast")
                 **extra,
             ).images
-        if not bool(torch.isfinite(decoded).all()):
-            finite = torch.isfinite(decoded).flatten(1).all(1).tolist()
-            warn(not_finite_line([(prompts[p], seeds[p] + k) for (p, k), ok in zip(batch, finite) if not ok], not_finite_cause))
-            decoded = torch.nan_to_num(decoded, nan=0.0)
-        # As the pipeline's "pil" output makes them (pt_to_numpy, then numpy_to_pil): the same pixels.
-        return pipeline.image_processor.numpy_to_pil(pipeline.image_processor.pt_to_numpy(decoded))
+        if rows := not_finite_rows(decoded):
+            warn(not_finite_line([(prompts[batch[row][0]], seeds[batch[row][0]] + batch[row][1]) for row in rows], not_finite_cause))
+        return decoded_pixels(pipeline, decoded)
 
     images = {}
     for jobs in by_chunks.values():
