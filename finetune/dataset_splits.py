@@ -37,11 +37,10 @@ def saved_split_rows(name: str, spec: str):
     import datasets
     from datasets.arrow_reader import ReadInstruction
 
-    instruction, folders = ReadInstruction.from_spec(spec), saved_split_folders(Path(name))
-    loaded = {split: _load_saved_split(path) for split, path in folders.items() if split in split_names(spec)}
-    lengths = {split: 0 if rows is None else len(rows) for split, rows in loaded.items()}
+    folders = saved_split_folders(Path(name))
+    loaded, lengths = _saved_splits(name, spec)
     try:
-        pieces = instruction.to_absolute(lengths)
+        pieces = ReadInstruction.from_spec(spec).to_absolute(lengths)
     except ValueError:  # a split it does not have
         if not (Path(name) / "dataset_dict.json").is_file():
             raise FinetuneError(f"dataset {name} is a single split saved with save_to_disk (no split '{spec}' to pick): "
@@ -67,6 +66,12 @@ def saved_split_folders(folder: Path) -> dict[str, Path]:
     return {split: folder / split for split in names} if names is not None else {"train": folder}
 
 
+def _saved_splits(name: str, spec: str) -> tuple[dict, dict[str, int]]:
+    """The splits of save_to_disk folder `name` that `spec` reads ({split: rows, None for one of no rows}), and their lengths."""
+    splits = {split: _load_saved_split(path) for split, path in saved_split_folders(Path(name)).items() if split in split_names(spec)}
+    return splits, {split: 0 if rows is None else len(rows) for split, rows in splits.items()}
+
+
 def _load_saved_split(folder: Path):
     """One saved split, memory-mapped; None for one of no rows (save_to_disk wrote it without a data file)."""
     import datasets
@@ -87,8 +92,7 @@ def row_labels(name: str, spec: str, loaded, saved: bool) -> list[str]:
     if spec == "train":
         return numbered
     if saved:
-        found = {split: _load_saved_split(path) for split, path in saved_split_folders(Path(name)).items() if split in split_names(spec)}
-        lengths = {split: 0 if rows is None else len(rows) for split, rows in found.items()}
+        lengths = _saved_splits(name, spec)[1]
     else:  # those load_dataset read
         lengths = {split: info.num_examples for split, info in (loaded.info.splits or {}).items()}
     try:
