@@ -206,10 +206,20 @@ def unlisted_image_folders(config: DataConfig) -> list[Path]:
     root = Path(config.image_dir)
     listed = data_folders(config)
     candidates = ([root] if folder_images(root) else []) + image_subfolders(root, config, SAID_SUBFOLDER_DEPTH)
-    candidates += [sub for folder in listed for sub in image_subfolders(folder, config, SAID_SUBFOLDER_DEPTH)
-                   if not any(os.path.samefile(sub, seen) for seen in candidates)]  # fmt: skip
-    # samefile: one folder however its name is written (case or Unicode form, on file systems that ignore them).
-    return [folder for folder in candidates if not any(os.path.samefile(folder, other) for other in listed)]
+    candidates += [sub for folder in listed for sub in image_subfolders(folder, config, SAID_SUBFOLDER_DEPTH)]
+    # One folder however its name is written (case or Unicode form, on file systems that ignore them), and once where
+    # nested entries (a, a/b) both reach it: by device and inode, as os.path.samefile compares them, without comparing
+    # every pair (a thousand day folders took seconds).
+    found: dict[tuple[int, int], Path] = {}
+    for folder in candidates:
+        found.setdefault(_identity(folder), folder)
+    listed_ids = {_identity(folder) for folder in listed}
+    return [folder for key, folder in found.items() if key not in listed_ids]
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    status = os.stat(path)
+    return status.st_dev, status.st_ino
 
 
 def unread_images(folder: Path, config: DataConfig) -> tuple[list[Path], list[Path]]:

@@ -310,3 +310,15 @@ def test_an_empty_caption_is_a_warning_unless_data_caption_asks_for_none(tmp_pat
 def test_check_data_names_the_option_a_bad_value_came_from(image_folder, capsys):
     assert main(["check-data", "--image-dir", str(image_folder), "--resolution", "100"]) == 2
     assert capsys.readouterr().err.strip() == "error: check-data: --resolution: must be a positive multiple of 8 (the VAE downsamples by 8) (got 100)"
+
+
+def test_a_folder_below_nested_entries_is_said_once(tmp_path, capsys):
+    """Entries a and a/b each look three folders down, so both reached a/b/c/d: its warning was said twice."""
+    for folder in ("a", "a/b", "a/b/c", "a/b/c/d"):
+        captioned(tmp_path / folder, "0.png")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"data:\n  image_dir: {tmp_path}\n  resolution: 64\n  folders: [{{path: a}}, {{path: a/b}}]\n")
+    assert main(["check-data", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"data folder {tmp_path / 'a' / 'b' / 'c' / 'd'} holds") == 1
+    assert out.count(f"data folder {tmp_path / 'a' / 'b' / 'c'} holds") == 1
