@@ -88,16 +88,16 @@ def read_csv_captions(path: Path, column: str = "text") -> RowCaptions:
     if not path.is_file():
         return RowCaptions()
     text = metadata_text(path)
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text), skipinitialspace=True)
+    separator = csv_delimiter(text)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=separator, skipinitialspace=True)
     columns = reader.fieldnames or []
     if "file_name" not in columns or column not in columns:
         raise FinetuneError(f"{path} must have a header row with 'file_name' and '{column}' columns (has: {', '.join(columns) or 'none'}): "
                             "rename the column, or set data.caption_column to the caption's")  # fmt: skip
     captions, rows = RowCaptions(), {}
     for row_number, row in enumerate(reader, start=2):  # the header is row 1
-        if row.get(None):  # cells past the header's: the commas of a caption not in quotes split it ("1girl" of 1girl, solo)
-            raise FinetuneError(f"{path} row {row_number} has more cells than its header ({', '.join(columns)}): a caption with commas must be "
-                                'in double quotes ("1girl, solo, smile"), as a spreadsheet writes it')  # fmt: skip
+        if row.get(None):  # cells past the header's: the separators of a caption not in quotes split it ("1girl" of 1girl, solo)
+            raise FinetuneError(f"{path} row {row_number} has more cells than its header ({', '.join(columns)}): {_quote_advice(separator)}")
         if row["file_name"]:
             _add_row(captions, rows, path, f"row {row_number}", row["file_name"], (row[column] or "").strip())
     return captions
@@ -127,6 +127,14 @@ def lenient_metadata_text(path: Path) -> str:
     """`metadata_text` with undecodable bytes replaced: for looking through a file that `folder_captions` reports."""
     raw = path.read_bytes()
     return raw.decode(caption_file_encoding(raw), errors="replace")
+
+
+def _quote_advice(separator: str) -> str:
+    """What to do about a caption that holds the file's column separator (a semicolon-separated file's "a dog; brown" split too)."""
+    if separator == ",":
+        return 'a caption with commas must be in double quotes ("1girl, solo, smile"), as a spreadsheet writes it'
+    marks = "semicolons" if separator == ";" else "tabs"
+    return f"this file separates its columns by {marks}: a caption with {marks} must be in double quotes, as a spreadsheet writes it"
 
 
 def csv_delimiter(text: str) -> str:

@@ -47,6 +47,11 @@ def test_metadata_csv_captions(tmp_path):
     with pytest.raises(FinetuneError, match=r"metadata\.csv row 2 has more cells than its header \(file_name, text\): a caption with commas must be in "
                                             r'double quotes \("1girl, solo, smile"\), as a spreadsheet writes it$'):  # fmt: skip
         load_examples(DataConfig(image_dir=str(tmp_path), resolution=64))
+    # Of a file separated by semicolons, the semicolons split it: it was told to quote a caption's commas.
+    (tmp_path / "metadata.csv").write_text('file_name;text\na.png;a red square; flat\n')
+    with pytest.raises(FinetuneError, match=r"row 2 has more cells than its header \(file_name, text\): this file separates its columns by "
+                                            r"semicolons: a caption with semicolons must be in double quotes, as a spreadsheet writes it$"):  # fmt: skip
+        load_examples(DataConfig(image_dir=str(tmp_path), resolution=64))
     (tmp_path / "metadata.csv").write_text('file_name,text\na.png,"a red square, flat"\n')
     # sd-scripts' .caption sidecars too; .txt first where both are.
     write_image(tmp_path / "c.png", "green")
