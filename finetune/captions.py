@@ -88,8 +88,7 @@ def read_csv_captions(path: Path, column: str = "text") -> RowCaptions:
     if not path.is_file():
         return RowCaptions()
     text = metadata_text(path)
-    separator = csv_delimiter(text)
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=separator, skipinitialspace=True)
+    reader = csv_rows(text)
     columns = reader.fieldnames or []
     if "file_name" not in columns or column not in columns:
         raise FinetuneError(f"{path} must have a header row with 'file_name' and '{column}' columns (has: {', '.join(columns) or 'none'}): "
@@ -97,7 +96,7 @@ def read_csv_captions(path: Path, column: str = "text") -> RowCaptions:
     captions, rows = RowCaptions(), {}
     for row_number, row in enumerate(reader, start=2):  # the header is row 1
         if row.get(None):  # cells past the header's: the separators of a caption not in quotes split it ("1girl" of 1girl, solo)
-            raise FinetuneError(f"{path} row {row_number} has more cells than its header ({', '.join(columns)}): {_quote_advice(separator)}")
+            raise FinetuneError(f"{path} row {row_number} has more cells than its header ({', '.join(columns)}): {_quote_advice(reader.reader.dialect.delimiter)}")
         if row["file_name"]:
             _add_row(captions, rows, path, f"row {row_number}", row["file_name"], (row[column] or "").strip())
     return captions
@@ -137,6 +136,12 @@ def _quote_advice(separator: str) -> str:
     return f"this file separates its columns by {marks}: a caption with {marks} must be in double quotes, as a spreadsheet writes it"
 
 
+def csv_rows(text: str) -> csv.DictReader:
+    """A metadata.csv's rows by its header, as every reader of one reads them: separated as `csv_delimiter` finds, and a
+    space after a separator no part of the cell (", \"a, b\"" is the caption a, b, not '"a')."""
+    return csv.DictReader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text), skipinitialspace=True)
+
+
 def csv_delimiter(text: str) -> str:
     """The header row's separator: a comma, else a tab (Excel's "Unicode text") or a semicolon (Excel's CSV where a
     comma is the decimal mark: German, French, ...), which the header holds in place of commas."""
@@ -166,7 +171,7 @@ def metadata_rows(folder: Path) -> list[dict]:
         return []
     text = lenient_metadata_text(path)
     if path.suffix == ".csv":
-        return list(csv.DictReader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text), skipinitialspace=True))
+        return list(csv_rows(text))
     rows = []
     for line in split_at_line_ends(text):
         try:

@@ -18,9 +18,7 @@ images (copied), ``conditioning/<name>.png`` and a ``metadata.jsonl`` with ``fil
 
 from __future__ import annotations
 
-import csv
 import filecmp
-import io
 import json
 import shutil
 from pathlib import Path
@@ -28,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from finetune.captions import (csv_delimiter, image_caption, split_at_line_ends, metadata_file, metadata_partner_files, metadata_text, read_csv_captions,
+from finetune.captions import (csv_rows, image_caption, split_at_line_ends, metadata_file, metadata_partner_files, metadata_text, read_csv_captions,
                                read_metadata_captions)
 from finetune.file_names import loose_name_key, name_key, row_image_key
 from finetune.counts import counted
@@ -289,7 +287,7 @@ def _input_rows(source: Path) -> dict[str, dict]:
         rows = [json.loads(line) for line in split_at_line_ends(metadata_text(jsonl)) if line.strip()]  # read_metadata_captions checked each
     elif table.is_file():
         text = metadata_text(table)
-        rows = [row for row in csv.DictReader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text), skipinitialspace=True) if row["file_name"]]
+        rows = [row for row in csv_rows(text) if row["file_name"]]
     else:
         return {}
     return {row_image_key(row["file_name"], source): row for row in rows}

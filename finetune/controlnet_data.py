@@ -8,9 +8,7 @@ captions (`controlnet.empty_prompt_share`) is emptied. Conditioning images come 
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,7 +20,7 @@ from torch.utils.data import Dataset
 
 from finetune.buckets import assign_buckets
 from finetune.cache import EncodingCache
-from finetune.captions import csv_delimiter, split_at_line_ends, metadata_file, metadata_text, read_csv_captions, scored_caption, training_caption
+from finetune.captions import csv_rows, split_at_line_ends, metadata_file, metadata_text, read_csv_captions, scored_caption, training_caption
 from finetune.file_names import loosely_named_file, name_key, row_image_key
 from finetune.check_data import FATAL, WARNING, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable, too_small_problem
 from finetune.check_threads import each_on_threads
@@ -178,7 +176,7 @@ def _conditioning_files(folder: Path, column: str = "conditioning_file_name") ->
     path, table = folder / "metadata.jsonl", folder / "metadata.csv"
     if not path.is_file() and table.is_file():
         text = metadata_text(table)
-        header = next(csv.reader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text), skipinitialspace=True), [])
+        header = csv_rows(text).fieldnames or []
         key = "conditioning_file_name" if "conditioning_file_name" in header else column
         if key not in header:
             raise FinetuneError(f"{table} names no conditioning images: its columns are {', '.join(repr(k) for k in header)}; "
