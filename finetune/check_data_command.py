@@ -83,7 +83,7 @@ def run_check_data_command(args) -> int:
     held_sources = held_out_sources(sources, trained)
     class_folders_to_fill = []
     if recipe is not None and recipe.method == "dreambooth":
-        from finetune.class_image_plans import inspect_class_images  # it builds on this module
+        from finetune.class_image_plans import inspect_class_images  # a DreamBooth recipe's alone
 
         class_reports, class_folders_to_fill = inspect_class_images(recipe)
         reports += class_reports

@@ -20,7 +20,7 @@ from finetune.views import to_8_bit
 
 # Pillow refuses images over 2x this many pixels as "decompression bombs" (89M by default: a 108 MP phone
 # photo warns, a 200 MP one fails). A user's own photos are trusted input; the check still stops on a corrupt
-# one. (The demo, serving uploads from a browser, sets a far lower limit in its own process.)
+# one. (The demo, serving uploads from a browser, refuses one past demo_inputs.MAX_UPLOAD_PIXELS by its header.)
 TRUSTED_IMAGE_PIXELS = 300_000_000
 Image.MAX_IMAGE_PIXELS = TRUSTED_IMAGE_PIXELS
 MAX_READ_PIXELS = 2 * TRUSTED_IMAGE_PIXELS  # Pillow refuses an image past twice its MAX_IMAGE_PIXELS
