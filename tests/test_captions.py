@@ -3,6 +3,7 @@
 import json
 from collections import Counter
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -144,6 +145,13 @@ def test_caption_files_a_metadata_row_overrides_are_said_when_they_differ(tmp_pa
     assert warnings() == [f"data folder {tmp_path}: 1 caption file (b.txt) differs from metadata.jsonl, whose rows caption those images and "
                           "train: the files are not read; remove the metadata file to train them, or the files to keep the rows"]
     assert warnings(caption="one prompt") == []  # neither is read
+    # Files of another code page are said too, each read once: the error of one counted the folder's others, per file.
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (tmp_path / name).write_bytes("caf\xe9 tags".encode("cp1252"))
+    reads, read_bytes = Counter(), Path.read_bytes
+    with mock.patch.object(Path, "read_bytes", lambda path: reads.update([path.name]) or read_bytes(path)):
+        assert warnings()[0].startswith(f"data folder {tmp_path}: 3 caption files (a.txt, b.txt, c.txt) differ from metadata.jsonl")
+    assert {name: count for name, count in reads.items() if name.endswith(".txt")} == {"a.txt": 1, "b.txt": 1, "c.txt": 1}
 
 
 def test_metadata_csv_needs_its_columns_and_is_exclusive_with_jsonl(tmp_path):
