@@ -81,18 +81,18 @@ def run_check_data_command(args) -> int:
     split, resumed = held_out_for_check(items, recipe.validation.loss_images, recipe.seed, Path(recipe.output_dir)) if recipe is not None else (None, "")
     trained, held = (split.trained, split.scored) if split is not None else (range(len(sources)), [])
     held_sources = held_out_sources(sources, trained)
-    class_folders_to_fill = []
+    class_image_lines = []  # a class folder's "none yet, N to generate", a warning of class prompts that make no class image
     if recipe is not None and recipe.method == "dreambooth":
         from finetune.class_image_plans import inspect_class_images  # a DreamBooth recipe's alone
 
-        class_reports, class_folders_to_fill = inspect_class_images(recipe)
+        class_reports, class_image_lines = inspect_class_images(recipe)
         reports += class_reports
     for report in reports:
         for line in report.lines(held_out=held_sources):
             print(line)
         fatal += len(report.of_level(FATAL)) or (0 if report.usable else 1)  # all skipped: nothing to train
         warnings += len(report.of_level(WARNING))
-    for line in class_folders_to_fill:  # and the warning of class prompts that make no class image
+    for line in class_image_lines:
         print(line)
         warnings += line.startswith("warning")
     for line in split.lines if split is not None else []:  # what --resume latest says of its checkpoint's held-out images

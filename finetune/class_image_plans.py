@@ -124,15 +124,15 @@ def inspect_class_images(recipe: Recipe) -> tuple[list[DataReport], list[str]]:
     generated so far), checked as training checks them, with how many are still to generate; and a line
     for each class folder that holds none yet (without it, check-data said nothing of what training makes first),
     and training's warning of class prompts that make no class image."""
-    reports, empty = [], []
+    reports, lines = [], []
     for i, (concept, (folder, _key, paths, missing)) in enumerate(zip(recipe.dreambooth.concepts, class_image_plans(recipe))):
         if line := unused_class_prompts_warning(i, concept.class_prompts, recipe.dreambooth.num_class_images, folder, paths):
-            empty.append(line)
+            lines.append(line)
         present = [p for p in paths if p.is_file()]
         if present:
             report = inspect_examples(class_examples(present, concept), class_data_config(recipe), f"class images {folder}")
             report.label += f" ({len(missing)} more to generate)" if missing else ""
             reports.append(report)
         elif missing:
-            empty.append(f"class images {folder}: none yet, {len(missing)} to generate (training makes them first, with the base model)")
-    return reports, empty
+            lines.append(f"class images {folder}: none yet, {len(missing)} to generate (training makes them first, with the base model)")
+    return reports, lines
