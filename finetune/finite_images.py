@@ -4,6 +4,9 @@ decoded batch (`torch.isfinite(...).all()`), before the pixels are made."""
 
 from __future__ import annotations
 
+import sys
+
+from finetune.console import warn
 from finetune.counts import counted
 
 # The likely causes of images that decode to NaN or inf: where they are sampled, and in a training run's validation grid.
@@ -26,7 +29,10 @@ def decoded_pixels(pipeline, decoded) -> list:
 
 
 def say_warning(line: str) -> None:
-    print(f"warning: {line}", flush=True)
+    """By the process that drew the images (a validation grid's share is each process's), and over any progress bar
+    (`finetune sample`'s denoising bar): printed, it went on after the bar's text on the bar's line."""
+    warn(line, by="this process")
+    sys.stdout.flush()  # now, into a log file too (a demo's or a job's), as print(..., flush=True) said it
 
 
 def not_finite_line(made: list[tuple[str, int]], cause: str) -> str:

@@ -56,3 +56,19 @@ def test_the_demo_says_the_line_in_its_status_text(tiny_model, tmp_path, capsys)
     line = f"1 image of prompt 'a red circle' (seed 3) decoded to NaN or inf, saved black where not finite: {SAMPLING_OVERFLOW}"
     assert f"; warning: {line}" in status and f"warning: {line}\n" in capsys.readouterr().out
     assert images[0][0].size == (64, 64)
+
+
+def test_the_line_is_said_over_samples_denoising_bar_not_after_it(pipeline, monkeypatch):
+    """`finetune sample` draws its bar on the terminal while the line is said: printed, the line went on after the bar's text."""
+    import io
+    import sys
+
+    from finetune.sampling import denoising_bar
+
+    terminal = io.StringIO()  # stdout and stderr: one terminal
+    monkeypatch.setattr(sys, "stdout", terminal)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with denoising_bar(pipeline, "sampling", 2):
+        generate(pipeline, ["a red circle"], 1, 5, 2, 1e30, 64)
+    before, line = terminal.getvalue().split("warning: 1 image of prompt", 1)
+    assert "sampling:" in before and before.endswith("\r")  # the bar cleared from its line first, then drawn again below
