@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import threading
 import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
 import PIL
+
+from finetune.console import warn
 
 PILLOW_FOLDER = os.path.dirname(PIL.__file__) + os.sep
 # Every Pillow warning reaches the hook (the default action would show the second image's "Palette images with
@@ -92,4 +95,5 @@ def pillow_warnings_named(source: str, checked: bool = False) -> Iterator[None]:
         yield
     if heard and not nested and not checked and source not in _said:
         _said.add(source)
-        print(f"warning: {pillow_warning_line(source, heard)}", flush=True)
+        warn(pillow_warning_line(source, heard), by="this process")  # over any progress bar (tqdm.write), not after its text
+        sys.stdout.flush()  # now, into a log file too, as print(..., flush=True) said it

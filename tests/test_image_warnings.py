@@ -79,3 +79,20 @@ def test_an_image_past_pillows_pixel_bound_is_told_to_be_downscaled_not_re_saved
     said = [finding.message for finding in report.findings if finding.level == WARNING and "Pillow" in finding.message]
     assert len(said) == 1 and "decompression bomb" in said[0] and said[0].endswith("(it reads as decoded; downscale it to be rid of this)")
     assert len(report.usable) == 1
+
+
+def test_the_line_is_said_over_a_progress_bar_not_after_it(tmp_path, monkeypatch):
+    """A validation image read while training's bar is drawn: printed, the line went on after the bar's text on its line."""
+    import io
+    import sys
+
+    from tqdm import tqdm
+
+    terminal = io.StringIO()  # stdout and stderr: one terminal
+    monkeypatch.setattr(sys, "stdout", terminal)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    photo = str(cut_exif_photo(tmp_path / "e.jpg"))
+    with tqdm(total=2, desc="training"):
+        open_rgb(Example(photo, "", lambda: Image.open(photo)))
+    before = terminal.getvalue().split("warning: image", 1)[0]
+    assert "training:" in before and before.endswith("\r")  # the bar cleared from its line first, then drawn again below
