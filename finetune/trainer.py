@@ -52,6 +52,8 @@ from finetune.train_inputs import check_base_and_data
 from finetune.validation import run_validation
 from finetune.stopping import StopRequest, batches_of
 
+# A checkpoint's state: its step's validation is still to draw, by its resume (the key is named from when only a stop's recorded it).
+VALIDATION_PENDING = "stopped_before_validation"
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -260,7 +262,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
             with unsharded_loading(accelerator):  # saving may load frozen parts again at the source's precision: whole, as at the start
                 return method.save(folder, unwrapped, output_metadata(recipe, step, method.base.noise_scheduler.config.prediction_type, **progress))
 
-    def save_checkpoint(**more) -> None:
+    def save_checkpoint(validation_pending: bool = False) -> None:
         ensure_finite_weights(accelerator, trained_parameters(modules, accelerator).values(), step, checkpoints_dir)
 
         def extra(folder: Path) -> None:
@@ -274,14 +276,15 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
             {"recipe_hash": recipe.fingerprint(), "recipe": recipe.flat_settings(), "processes": accelerator.num_processes, "max_steps": max_steps,
              "method": method.checkpoint_state(), "data": images_record, HELD_OUT_STATE: held_out_split.images, "data_order": sampler.position_after(step * accumulation),
              DRAWN: step * accumulation + draws_from, STEPS_BY_SHAPE: epochs_by.steps_by_shape(step),  # what its steps drew, and trained at which batch
-             "losses_since_log": running.since_last_log_state(accelerator), **more},  # the resumed run's first log covers the same steps
+             "losses_since_log": running.since_last_log_state(accelerator),  # the resumed run's first log covers the same steps
+             VALIDATION_PENDING: validation_pending},
             recipe.checkpoint.keep_last, extra=extra, **save_options
         )
         say(f"saved {checkpoints_dir / f'checkpoint-{step}'} (step {step}, {epochs_text(epochs_by.at(step))})")
 
     # Before the first step (validation.at_start), or due at the step its checkpoint was saved before it (by a stop, or
     # before a kill while it drew): the curve keeps that step.
-    if (step == 0 and recipe.validation.at_start) or (resume_from is not None and state.get("stopped_before_validation")):
+    if (step == 0 and recipe.validation.at_start) or (resume_from is not None and state.get(VALIDATION_PENDING)):
         if (grid := validate(step)) is not None:  # named as the loop names its grids
             say(f"samples: {grid}")
 
@@ -340,13 +343,13 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
 
             validation_due = due(step, recipe.validation.every_n_steps, ended, recipe.validation.every_n_epochs)
             if step < max_steps and stop.agreed():  # at the last step: finished, the outputs are written below
-                save_checkpoint(stopped_before_validation=validation_due)  # a stop skips it; the resumed run draws it
+                save_checkpoint(validation_pending=validation_due)  # a stop skips it; the resumed run draws it
                 result.interrupted, result.stopped_by = True, stop.signal
                 break
             if due(step, recipe.checkpoint.every_n_steps, ended, recipe.checkpoint.every_n_epochs) and step < max_steps:
                 # Its validation is drawn after it is written: a kill while that draws (a grid takes minutes) left a checkpoint
                 # whose resume never drew it. The resumed run draws it (again, the same, if the kill came later).
-                save_checkpoint(stopped_before_validation=validation_due)
+                save_checkpoint(validation_pending=validation_due)
                 last_checkpoint_step = step
             if validation_due and step < max_steps:
                 grid = validate(step)
