@@ -146,7 +146,9 @@ def csv_delimiter(text: str) -> str:
     """The header row's separator: a comma, else a tab (Excel's "Unicode text") or a semicolon (Excel's CSV where a
     comma is the decimal mark: German, French, ...), which the header holds in place of commas."""
     header = text.split("\n", 1)[0]
-    return next((mark for mark in ("\t", ";") if mark in header), ",") if "," not in header else ","
+    if "," in header:
+        return ","
+    return next((mark for mark in ("\t", ";") if mark in header), ",")
 
 
 def folder_captions(folder: Path, column: str = "text") -> RowCaptions:
@@ -314,7 +316,6 @@ def missing_caption_message(source: str | Path, alternative: str = "set data.cap
         return f"{source} has no caption (a null cell): fill the caption column, or {alternative}"
     image_path = Path(source)
     return f"image {image_path} has no caption: add {image_path.with_suffix('.txt').name}, a metadata.jsonl or metadata.csv entry, or {alternative}"
-
 
 
 def empty_caption_message(source: str, caption: str, config: DataConfig, folder_index: int = 0) -> str | None:
