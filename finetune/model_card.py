@@ -158,8 +158,9 @@ def write_model_card(
         f"| method | {meta.get('finetune.method', 'lora')} |",
         f"| rank / alpha | {rank} / {alpha:g} (updates scaled by alpha/rank = {alpha / rank:g}) |",
         f"| adapted | {', '.join(parts)} ({len(lora.layers)} layers) |",
-        *(["| DoRA | a magnitude per output channel beside each layer's LoRA (lora.use_dora): diffusers, LyCORIS and ComfyUI apply it |"]
-          if uses_dora(lora) else []),
+        # ComfyUI's and Forge's weight_decompose norms an output-axis DoRA by the base weight, not the adapted one (docs/sampling-and-sharing.md).
+        *(["| DoRA | a magnitude per output channel beside each layer's LoRA (lora.use_dora): diffusers and LyCORIS apply it as trained, "
+           "ComfyUI and Forge nearly (each channel normed by the base weight) |"] if uses_dora(lora) else []),
         *([f"| 3x3 conv layers (LoCon) | rank {conv[0]} / alpha {conv[1]:g} (scaled by {conv[1] / conv[0]:g}) |"] if conv else []),
         f"| steps | {meta.get('finetune.steps', 'unknown')}" + (f" ({counted(meta['finetune.epoch'], 'epoch')})" if meta.get("finetune.epoch") else "") + " |",
         f"| resolution | {meta.get('finetune.resolution', 'unknown')} |",
@@ -227,6 +228,11 @@ def write_model_card(
         lines += [f"Trained with clip skip {clip_skip}: set *Clip skip* to {clip_skip} in the webui (a *CLIP Set Last Layer* node at -{clip_skip} in ComfyUI).", ""]
     if zero_snr:
         lines += ["Trained with zero terminal SNR (v-prediction): in ComfyUI, a *ModelSamplingDiscrete* node set to v_prediction with zsnr on.", ""]
+    merge = f"finetune merge --base BASE --lora {path.name} --strength 1.0 merged/"
+    if uses_dora(lora):  # the webui's Lora loader decomposes per input channel (network.py's apply_weight_decompose)
+        lines += ["The AUTOMATIC1111 webui decomposes a DoRA per input channel, not per output channel as it was trained: another model. "
+                  f"For the webui, fold it into the base and write one checkpoint: `{merge}`, then `finetune export-checkpoint merged/ "
+                  f"{path.stem}-merged.safetensors`.", ""]  # fmt: skip
     if layout == "kohya":
         lines += [
             f"Copy `{path.name}` to `models/Lora/` (webui) or `models/loras/` (ComfyUI).",
@@ -234,7 +240,7 @@ def write_model_card(
         ]
     else:
         lines += [f"Convert first: `finetune export {path} {path.parent} --to kohya`, then copy the `.safetensors` file to `models/Lora/`."]
-    lines += ["", f"Fold it into the base model instead: `finetune merge --base BASE --lora {path.name} --strength 1.0 merged/`.", ""]
+    lines += ["", f"Fold it into the base model instead: `{merge}`.", ""]
     card = model_card_path(path, layout)
     atomic_write_text(card, "\n".join(lines))  # whole or not there: a Ctrl-C while it was written left half a card
     return card, [image for image in images if image is not None]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -49,17 +50,17 @@ def run_settings(image_folder) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory, image_folder):
-    """The base as one original-layout checkpoint file, the runs' folders, and their kohya exports (name -> file)."""
+    """The base as one original-layout checkpoint file, the runs' folders, their kohya exports and the exports' cards (by run)."""
     folder = tmp_path_factory.mktemp("other-tools")
     sd15_shaped_pipeline(folder).save_pretrained(folder / "base")
     checkpoint, _ = export_checkpoint(folder / "base", folder / "base.safetensors")
-    runs, exports = {}, {}
+    runs, exports, cards = {}, {}, {}
     for name, settings in run_settings(image_folder).items():
         recipe = build_recipe(folder / "base", image_folder, folder / name, **{"train__max_steps": 1, "train__batch_size": 1, **settings})
         runs[name] = train(recipe).output_dir
-        exports[name] = export_lora(runs[name], folder / "webui", "kohya")[0]
+        exports[name], cards[name], _ = export_lora(runs[name], folder / "webui", "kohya")
     exports["lora-fp16"] = export_lora(runs["lora"], folder / "webui" / "lora-fp16.safetensors", "kohya", precision="fp16")[0]
-    return folder, checkpoint, runs, exports
+    return SimpleNamespace(folder=folder, checkpoint=checkpoint, runs=runs, exports=exports, cards=cards)
 
 
 def shapes_of(path) -> dict[str, tuple[int, ...]]:
@@ -80,7 +81,7 @@ def layer_names(tensors) -> set[str]:
 
 def test_the_detected_structure_is_sd15s_and_its_names_are_every_weight_of_the_checkpoint(made):
     """ComfyUI's names come from the checkpoint's keys through its diffusers map: the map must name every UNet weight."""
-    _, checkpoint, _, _ = made
+    checkpoint = made.checkpoint
     unet_keys = {key.removeprefix(CHECKPOINT_UNET) for key in shapes_of(checkpoint) if key.startswith(CHECKPOINT_UNET)}
     config = comfyui_unet_config(unet_keys)
     assert config == {"num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
@@ -91,7 +92,7 @@ def test_the_detected_structure_is_sd15s_and_its_names_are_every_weight_of_the_c
 
 @pytest.mark.parametrize("name", ["lora", "lora-fp16", "dora", "dreambooth"])
 def test_every_key_of_a_kohya_export_adapts_a_layer_in_comfyui_forge_and_the_webui(made, name):
-    _, checkpoint, _, exports = made
+    checkpoint, exports = made.checkpoint, made.exports
     model = shapes_of(checkpoint)
     comfyui, webui = comfyui_key_map(model), webui_modules(model)
     file = shapes_of(exports[name])
@@ -137,7 +138,7 @@ def trained_updates(base, run) -> dict[str, tuple[torch.Tensor, torch.Tensor, to
 def test_comfyui_forge_and_the_webui_add_the_update_we_trained_at_each_strength(made, name):
     """The file's alpha/rank, which ComfyUI and the webui scale by, is the scale peft trained with (rsLoRA's alpha/sqrt(rank),
     LoCon's conv_alpha), and their strength multiplies the update as `finetune sample --lora-scale` does."""
-    folder, checkpoint, runs, exports = made
+    folder, checkpoint, runs, exports = made.folder, made.checkpoint, made.runs, made.exports
     tensors, model = load_file(exports[name]), load_file(checkpoint)
     comfyui = comfyui_key_map(model)
     updates = trained_updates(folder / "base", runs[name.removesuffix("-fp16")])
@@ -155,8 +156,9 @@ def test_comfyui_reads_the_dora_magnitudes_on_their_output_axis_and_the_webui_do
     """Both load `dora_scale` beside the LoRA. ComfyUI and Forge tell the axis from its first dimension (ours: the output
     channels, as peft decomposes) but divide by the base weight's row norms, not the adapted weight's as peft and LyCORIS
     do: each output channel comes out ||W + dW|| / ||W|| times ours (docs/sampling-and-sharing.md says so). The webui
-    always decomposes per input channel: another model (the docs send a DoRA there through `finetune merge`)."""
-    folder, checkpoint, runs, exports = made
+    always decomposes per input channel: another model (the docs and the export's card send a DoRA there through
+    `finetune merge`)."""
+    folder, runs, exports = made.folder, made.runs, made.exports
     tensors = load_file(exports["dora"])
     updates = trained_updates(folder / "base", runs["dora"])
     assert updates.keys() == layer_names(tensors) and all(magnitude is not None for _, _, magnitude in updates.values())
@@ -170,10 +172,22 @@ def test_comfyui_reads_the_dora_magnitudes_on_their_output_axis_and_the_webui_do
         assert not torch.allclose(webui_weight(weight, tensors, layer, 1.0), ours, atol=1e-3), layer
 
 
+def test_a_dora_exports_card_tells_webui_users_to_merge_it_and_a_loras_does_not(made):
+    """It told them to copy a DoRA to models/Lora as any LoRA, and said ComfyUI applies it: the webui makes another model of it."""
+    dora, lora = made.cards["dora"].read_text(), made.cards["lora"].read_text()
+    assert "| DoRA | a magnitude per output channel beside each layer's LoRA (lora.use_dora): diffusers and LyCORIS apply it as trained, " \
+           "ComfyUI and Forge nearly (each channel normed by the base weight) |" in dora
+    merge = f"finetune merge --base BASE --lora {made.exports['dora'].name} --strength 1.0 merged/"
+    assert ("The AUTOMATIC1111 webui decomposes a DoRA per input channel, not per output channel as it was trained: another model. "
+            f"For the webui, fold it into the base and write one checkpoint: `{merge}`, then `finetune export-checkpoint merged/ "
+            f"{made.exports['dora'].stem}-merged.safetensors`.") in dora  # fmt: skip
+    assert "DoRA" not in lora and "export-checkpoint" not in lora
+
+
 def test_merge_writes_a_checkpoint_whose_every_weight_comfyui_and_the_webui_load_where_the_lora_put_it(made):
     """The webui loads a checkpoint's weights by name and skips unknown ones without a word (strict=False), ComfyUI
     likewise: every UNet weight of `finetune merge`'s pipeline must be under the name ComfyUI's diffusers map gives it."""
-    folder, _, runs, _ = made
+    folder, runs = made.folder, made.runs
     merged = merge_lora(str(folder / "base"), str(runs["lora"]), 1.0, folder / "merged")
     file, _ = export_checkpoint(merged, folder / "merged.safetensors")
     tensors = load_file(file)
@@ -197,7 +211,7 @@ def test_comfyui_loads_a_diffusers_layout_file_in_part_only_so_the_docs_send_it_
     """ComfyUI names a diffusers-layout UNet's attention projections only as diffusers' old attention processors did
     (`unet.<path>.processor.to_q`), so of a training run's own file it skips those ("lora key not loaded": the default
     LoRA's whole UNet part), and it reads no alpha there (the file's is in lora_adapter_metadata): scale 1, not alpha/rank."""
-    _, checkpoint, runs, _ = made
+    checkpoint, runs = made.checkpoint, made.runs
     keys = set(shapes_of(runs["lora"] / LORA_WEIGHTS_NAME))
     skipped = keys - comfyui_loaded(keys, comfyui_diffusers_layout_names(shapes_of(checkpoint)))
     attention = re.compile(r"unet\..+\.attn[12]\.to_(q|k|v|out\.0)\.lora\.(down|up)\.weight")
