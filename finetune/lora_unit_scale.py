@@ -6,7 +6,9 @@ kernel per layer in the forward and another (its gradient) in the backward: 256 
 attention LoRAs. peft's own hook for variants of the forward (`LoraLayer.lora_variant`, how it runs DoRA) carries
 `UnitScaleLoRA` on each plain LoRA layer: the same sum, the product skipped when the scale is exactly 1 at the call
 (peft's `set_scale`, diffusers' `scale_lora_layers` may change it; otherwise multiplied as peft does).
-Merging is peft's own vanilla merge. peft marks its variant interface as subject to change: `tests/test_lora_unit_scale.py`
+A Linear layer's tokens go through the LoRA as one matrix (the sum with the base output too), so that a gradient
+arriving non-contiguous is copied once for both, not by each linear's own unfolding (30 copies per step of the medium
+preset). Merging is peft's own vanilla merge. peft marks its variant interface as subject to change: `tests/test_lora_unit_scale.py`
 pins the loss and every gradient to peft's plain forward, to the bit.
 """
 
@@ -25,8 +27,18 @@ class UnitScaleLoRA(LoraVariant):
 
     @staticmethod
     def forward(module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
-        update = module.lora_B[active_adapter](module.lora_A[active_adapter](module.lora_dropout[active_adapter](x)))
+        lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
+        dropped = module.lora_dropout[active_adapter](x)
         scaling = module.scaling[active_adapter]
+        if isinstance(lora_A, torch.nn.Linear) and dropped.dim() > 2:
+            # Tokens as rows of one matrix, as F.linear folds them itself, and the sum unfolded once: a gradient that
+            # comes non-contiguous (an attention's to_out, on the residual stream of diffusers' Transformer2DModel,
+            # whose output is permuted to NCHW) is then made contiguous once for the base layer and lora_B together,
+            # not once by each linear's own unfolding. The same matmuls on the same values.
+            update = lora_B(lora_A(dropped.reshape(-1, dropped.shape[-1])))
+            summed = result.reshape(update.shape) + (update if scaling == 1 else update * scaling)
+            return summed.view(result.shape)
+        update = lora_B(lora_A(dropped))
         return result + (update if scaling == 1 else update * scaling)
 
     # peft's vanilla merge (LoraLayer.merge and unmerge, the weights in their own dtype)
