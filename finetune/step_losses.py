@@ -31,8 +31,8 @@ class StepLosses:
     def add(self, losses: dict[str, torch.Tensor], weight: float) -> None:
         """One micro-batch's terms, each weighted by `weight` (its share of the step's rows on this process)."""
         for name, value in losses.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value.detach().float() * weight
-        self.step_sum = self.step_sum + losses["loss"].detach().float() * weight
+            self.sums[name] = self.sums.get(name, 0.0) + weighted(value.detach().float(), weight)
+        self.step_sum = self.step_sum + weighted(losses["loss"].detach().float(), weight)
 
     def end_step(self, accelerator: Accelerator) -> None:
         """Collective: the step's loss is complete; it stays on the device until `read_steps`, or until
@@ -77,6 +77,12 @@ class StepLosses:
         values = accelerator.reduce(torch.stack([self.sums[name] for name in names]), reduction="mean") / self.steps
         self.sums, self.steps = {}, 0
         return dict(zip(names, values.tolist()))
+
+
+def weighted(value: torch.Tensor, weight: float) -> torch.Tensor:
+    """`value * weight`; `value` itself at a weight of exactly 1 (one process, no accumulation, full batches), the same
+    bits without the multiply: on a GPU a kernel launch, and another for its gradient when `value` is a loss."""
+    return value if weight == 1 else value * weight
 
 
 def micro_batch_shares(sampler, micro_batches: range, num_processes: int) -> list[float]:

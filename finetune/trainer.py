@@ -47,7 +47,7 @@ from finetune.run_length import STEPS_BY_SHAPE, check_epoch_run, due, epoch_coun
 from finetune.loss_mask import preview as mask_preview
 from finetune.sampling import save_image_atomic
 from finetune.start_weights import resumed_method
-from finetune.step_losses import StepLosses, micro_batch_shares
+from finetune.step_losses import StepLosses, micro_batch_shares, weighted
 from finetune.train_inputs import check_base_and_data
 from finetune.validation import run_validation
 from finetune.stopping import StopRequest, batches_of
@@ -310,7 +310,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
                 with accelerator.accumulate(*modules.values()):
                     with autocast(accelerator):
                         losses = method.loss(modules, batch, randomness)
-                    accelerator.backward(losses["loss"] * share)
+                    accelerator.backward(weighted(losses["loss"], share))
                     if accelerator.sync_gradients and train_cfg.max_grad_norm:
                         accelerator.clip_grad_norm_(clipped_parameters, train_cfg.max_grad_norm)
                     optimizer.step()

@@ -37,6 +37,7 @@ from finetune.methods.full import FullMethod
 from finetune.methods.lora import LoRAMethod
 from finetune.sampling import build_pipeline
 from finetune.sources import Example
+from finetune.step_losses import weighted
 from finetune.train_inputs import data_configs
 from finetune.views import plan_view
 from pathlib import Path
@@ -240,7 +241,7 @@ class DreamBoothMethod(DiffusionMethod):
         if per_sample.shape[0] == n:  # no prior preservation
             return {"loss": instance_loss, "instance_loss": instance_loss.detach()}
         class_loss = per_sample[n:].mean()
-        loss = instance_loss + self.recipe.dreambooth.prior_loss_weight * class_loss
+        loss = instance_loss + weighted(class_loss, self.recipe.dreambooth.prior_loss_weight)
         return {"loss": loss, "instance_loss": instance_loss.detach(), "class_loss": class_loss.detach()}
 
     def hold_weight_limits(self, modules):
