@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -180,8 +181,11 @@ def flush_to_disk(path: Path) -> Path:
     write data later than names (ext4, XFS): after a power cut the new name could hold empty files while the
     previous checkpoint, rotated out or renamed aside, is gone."""
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    # Windows flushes a file (FlushFileBuffers) only through a handle that may write it: read-only, os.fsync raised
+    # EBADF there, and every checkpoint and output failed to save.
+    access = os.O_RDWR if sys.platform == "win32" else os.O_RDONLY
     for file in files:
-        descriptor = os.open(file, os.O_RDONLY)
+        descriptor = os.open(file, access)
         try:
             os.fsync(descriptor)
         finally:
