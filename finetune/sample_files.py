@@ -65,8 +65,9 @@ def _publish_without_replacing(partial: Path, path: Path) -> None:
     try:
         os.link(partial, path)  # FileExistsError where `path` is taken: never replaced
     except OSError as err:
-        if isinstance(err, FileExistsError) or err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+        if isinstance(err, FileExistsError) or err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.EINVAL):
             raise
-        # A file system without hard links (FAT, some network mounts): an exclusive create, then the bytes.
+        # A file system without hard links (FAT, some network mounts; on Windows an exFAT or FAT32 drive says
+        # ERROR_INVALID_FUNCTION, which Python reads as EINVAL): an exclusive create, then the bytes.
         with open(path, "xb") as created:
             created.write(partial.read_bytes())

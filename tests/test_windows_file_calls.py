@@ -7,7 +7,11 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 import finetune.atomic_files as atomic_files
+from finetune.sample_files import write_numbered
 
 
 def test_files_are_flushed_through_a_handle_that_may_write_them_on_windows(tmp_path, monkeypatch):
@@ -30,3 +34,18 @@ def test_files_are_flushed_through_a_handle_that_may_write_them_on_windows(tmp_p
     monkeypatch.undo()
     assert (tmp_path / "state.json").read_text() == "{}" and (tmp_path / "checkpoint-2" / "model.safetensors").read_bytes() == b"weights"
     assert flushed == [".state.json.partial", "model.safetensors"]  # flushed before being renamed into place
+
+
+def test_samples_are_copied_into_place_where_the_drive_has_no_hard_links(tmp_path, monkeypatch):
+    """os.link on an exFAT or FAT32 drive on Windows: [WinError 1] Incorrect function, which Python gives errno EINVAL;
+    `finetune sample` stopped with it rather than writing its files the other way."""
+
+    def exfat_link(source, target):
+        raise OSError(errno.EINVAL, "Incorrect function")
+
+    monkeypatch.setattr(os, "link", exfat_link)
+    images = [("prompt0_seed0.png", Image.new("RGB", (4, 4), (10, 10, 10))), ("grid.png", Image.new("RGB", (4, 4), (20, 20, 20)))]
+    written = write_numbered(tmp_path, images)
+    assert [p.name for p in written] == ["00000-prompt0_seed0.png", "00000-grid.png"]
+    assert [np.asarray(Image.open(p))[0, 0, 0] for p in written] == [10, 20]
+    assert not list(tmp_path.glob(".*"))
