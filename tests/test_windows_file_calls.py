@@ -3,9 +3,11 @@ on an exFAT or FAT32 drive, and the `resource` module (Unix only), each on the c
 
 import errno
 import fcntl
+import importlib
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from PIL import Image
@@ -49,3 +51,17 @@ def test_samples_are_copied_into_place_where_the_drive_has_no_hard_links(tmp_pat
     assert [p.name for p in written] == ["00000-prompt0_seed0.png", "00000-grid.png"]
     assert [np.asarray(Image.open(p))[0, 0, 0] for p in written] == [10, 20]
     assert not list(tmp_path.glob(".*"))
+
+
+def test_the_bench_measures_a_variant_without_the_resource_module(monkeypatch):
+    """`finetune bench` runs each variant in `python -m finetune.bench --worker`, whose module imported `resource` at
+    its top: on Windows every variant failed with "No module named 'resource'". Its peak memory is the process's peak
+    working set there."""
+    monkeypatch.setitem(sys.modules, "resource", None)  # import resource: ImportError, as on Windows
+    monkeypatch.delitem(sys.modules, "finetune.bench.measure", raising=False)
+    measure = importlib.import_module("finetune.bench.measure")
+    monkeypatch.setattr(measure, "Path", lambda path: SimpleNamespace(read_text=lambda: (_ for _ in ()).throw(FileNotFoundError(path))))
+    import psutil
+
+    monkeypatch.setattr(psutil, "Process", lambda: SimpleNamespace(memory_info=lambda: SimpleNamespace(peak_wset=300 * 2**20)))
+    assert measure.peak_rss_mb() == 300.0

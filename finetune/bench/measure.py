@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -50,6 +49,12 @@ def peak_rss_mb() -> float:
                 return int(line.split()[1]) / 1024  # kB
     except (OSError, ValueError, IndexError):
         pass
+    try:
+        import resource  # Unix only: imported at the top, it stopped every variant's process on Windows
+    except ImportError:
+        import psutil
+
+        return psutil.Process().memory_info().peak_wset / 2**20  # Windows' peak working set, in bytes
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
