@@ -13,8 +13,11 @@ import torch
 
 
 def to_device(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """`tensor.to(device, dtype)`, queued without waiting when it copies from the host to a GPU (a conversion to
-    `dtype` then runs on the GPU); elsewhere (CPU, MPS) the same as `.to`."""
-    if tensor.device.type == "cpu" and torch.device(device).type == "cuda":
+    """`tensor.to(device, dtype)`, queued without waiting when it copies from the host to a CUDA GPU (a conversion
+    to `dtype` then runs on the GPU); elsewhere (CPU, Apple's MPS) the same as `.to`. Not non_blocking to MPS:
+    there a copy from pageable memory may read the source after it was freed (the step's noise, pixels and latents
+    are, at once), silently training on other values (pytorch/pytorch#139550, #189690)."""
+    source, target = tensor.device.type, torch.device(device).type
+    if source == "cpu" and target == "cuda":
         tensor = tensor.pin_memory()  # a pinned tensor (a data loader's with pin_memory) is used as it is
-    return tensor.to(device=device, dtype=dtype, non_blocking=True)
+    return tensor.to(device=device, dtype=dtype, non_blocking="mps" not in (source, target))
