@@ -33,7 +33,7 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs, is_compile
 from finetune.config import Recipe
 from finetune.console import say
 from finetune.errors import FinetuneError
-from finetune.placement import bf16_emulated
+from finetune.placement import bf16_emulated, mps_without_bf16
 
 
 def unwrap(accelerator: Accelerator, module: torch.nn.Module) -> torch.nn.Module:
@@ -109,6 +109,8 @@ def launch_problem(mixed_precision: str) -> str | None:
         return "train.mixed_precision fp16 needs a GPU; on a CPU use bf16 or no"
     if mixed_precision == "bf16" and (emulated := bf16_emulated()):
         return f"train.mixed_precision bf16: {emulated}: set train.mixed_precision: fp16"
+    if mixed_precision == "bf16" and not str_to_bool(os.environ.get("ACCELERATE_USE_CPU", "false")) and (missing := mps_without_bf16()):
+        return f"train.mixed_precision bf16: {missing}: set train.mixed_precision: fp16 (or no), or update macOS"
     return None
 
 

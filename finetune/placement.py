@@ -33,6 +33,15 @@ def bf16_emulated() -> str | None:
             "(NVIDIA's came with Ampere, 8.0) and would emulate it, far slower")  # fmt: skip
 
 
+def mps_without_bf16() -> str | None:
+    """Why bf16 cannot run on this Mac's MPS (before macOS 14), in words; None where it can or there is no MPS (or a CUDA
+    GPU, which accelerate uses instead). accelerate stopped such a run with "bf16 mixed precision requires PyTorch >=
+    1.10 and a supported device", once the data had been checked."""
+    if torch.cuda.is_available() or not _mps_available() or torch.backends.mps.is_macos_or_newer(14, 0):
+        return None
+    return "Apple's MPS has bf16 from macOS 14 on, and this Mac runs an older macOS"
+
+
 def inference_placement(device: str = "auto", precision: str = "auto") -> tuple[torch.device, torch.dtype]:
     """(device, dtype) for `--device` and `--precision` ("auto": see the module's docstring)."""
     if device == "auto":
@@ -47,6 +56,8 @@ def inference_placement(device: str = "auto", precision: str = "auto") -> tuple[
         raise FinetuneError("--precision fp16 needs a GPU: on a CPU use fp32 or bf16")
     if precision == "bf16" and device == "cuda" and (emulated := bf16_emulated()):
         raise FinetuneError(f"--precision bf16: {emulated}: leave --precision out (fp16)")
+    if precision == "bf16" and device == "mps" and (missing := mps_without_bf16()):
+        raise FinetuneError(f"--precision bf16: {missing}: leave --precision out (fp32), or update macOS")
     return torch.device(device), PRECISIONS[precision]
 
 
