@@ -16,6 +16,7 @@ command that prints it is finetune/check_data_command.py.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections import Counter
@@ -199,6 +200,12 @@ def too_small_problem(source: str, width: int, height: int, config: DataConfig) 
     return f"image {source} is {width}x{height}, smaller than {min_size} px on its short side ({limit}): remove it, upscale it to {min_size} px or more, {lower}"
 
 
+def _loaded_alpha_mask(load):
+    """The transparency of the image `load` opens: an example's mask loader, which spawned data workers (macOS,
+    Windows) receive pickled, so a module-level function rather than a lambda."""
+    return alpha_mask(load())
+
+
 def inspect_loss_mask(example: Example, raw, config: DataConfig) -> tuple[Example, list[Finding]]:
     """(the example with its mask loader and trained area, findings): the mask must be there, readable,
     of the image's upright size, and train something."""
@@ -210,7 +217,7 @@ def inspect_loss_mask(example: Example, raw, config: DataConfig) -> tuple[Exampl
         if mask is None or mask.getextrema()[0] == 255:  # no alpha channel, or one opaque everywhere
             message = f"image {source} has no transparency: it trains whole (data.loss_mask.source alpha); add an alpha channel to mask it"
             return example, [Finding(WARNING, source, message)]
-        named, load = f"the transparency of image {source}", lambda load=example.load: alpha_mask(load())
+        named, load = f"the transparency of image {source}", functools.partial(_loaded_alpha_mask, example.load)
     else:
         path = mask_path(source, settings)
         if not path.is_file():
@@ -226,7 +233,7 @@ def inspect_loss_mask(example: Example, raw, config: DataConfig) -> tuple[Exampl
             mask = read_mask_file(path)
         except FinetuneError as err:
             return example, [Finding(FATAL, source, str(err))]
-        named, load = f"loss mask {path}", lambda path=path: read_mask_file(path)
+        named, load = f"loss mask {path}", functools.partial(read_mask_file, path)
     (mask_width, mask_height), (width, height) = mask.size, example.size
     if abs(mask_width * height / (mask_height * width) - 1.0) > 0.01:  # another scale is fine: it is resized with its image
         rotated = turned_on_its_side(raw) and (mask_width, mask_height) == (height, width)

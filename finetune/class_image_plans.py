@@ -4,6 +4,7 @@ ones), which are still to generate, and what check-data says of them. Apart from
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -111,7 +112,7 @@ def recipe_generation_record(recipe: Recipe, class_prompts: list[str]) -> dict:
 
 
 def class_examples(paths: list[Path], concept: Concept) -> list[Example]:
-    return [Example(str(p), class_image_caption(p, concept.class_prompts), lambda p=p: Image.open(p)) for p in paths]
+    return [Example(str(p), class_image_caption(p, concept.class_prompts), functools.partial(Image.open, p)) for p in paths]
 
 
 def class_data_config(recipe: Recipe) -> DataConfig:

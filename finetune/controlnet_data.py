@@ -112,7 +112,7 @@ def read_pairs(recipe: Recipe) -> tuple[list[Pair], list[Finding]]:
         require_image_column(dataset, config.dataset, column, "controlnet.conditioning_column")  # not file paths: those would fail row by row
         conditionings = dataset.select_columns([column])
         pairs = [
-            Pair(example, Example(source := f"{example.source} column '{column}'", "", lambda row=row, source=source: row_image(conditionings, row, column, source, config.dataset)))
+            Pair(example, Example(source := f"{example.source} column '{column}'", "", functools.partial(row_image, conditionings, row, column, source, config.dataset)))
             for row, example in enumerate(read_examples(config))
         ]
         return pairs, []
@@ -137,7 +137,7 @@ def read_pairs(recipe: Recipe) -> tuple[list[Pair], list[Finding]]:
         elif not path.is_file():
             message = f"conditioning image {path} of image {example.source} not found: fix its conditioning_file_name in {metadata.name}"
         else:
-            pairs.append(Pair(example, Example(str(path), "", lambda p=path: Image.open(p))))
+            pairs.append(Pair(example, Example(str(path), "", functools.partial(Image.open, path))))
             continue
         unpaired.append(Finding(FATAL, example.source, message))
     return pairs, unpaired

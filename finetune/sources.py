@@ -8,6 +8,7 @@ every one, and finetune/data.py makes training items of them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -247,7 +248,7 @@ def _images_of_folder(folder: Path, images: list[Path], settings: FolderConfig, 
         else:
             own = fixed_caption if fixed_caption is not None else image_caption(path, metadata)
             caption = None if own is None else apply_template(settings.template, own)
-        examples.append(Example(str(path), caption, lambda p=path: Image.open(p), repeats=settings.repeats))
+        examples.append(Example(str(path), caption, functools.partial(Image.open, path), repeats=settings.repeats))
     return examples
 
 
@@ -364,7 +365,7 @@ def _dataset_examples(config: DataConfig) -> list[Example]:
     images, labels = loaded.select_columns([config.image_column]), row_labels(name, config.dataset_split, loaded, saved_dataset(Path(name)))
     return [
         Example(source := DATASET_ROW.format(name=name, row=labels[row]), dataset_caption(captions[row], name, config.caption_column, labels[row]),
-                lambda row=row, source=source: row_image(images, row, config.image_column, source, name))  # fmt: skip
+                functools.partial(row_image, images, row, config.image_column, source, name))  # fmt: skip
         for row in range(len(loaded))
     ]
 
