@@ -79,7 +79,7 @@ def make_clip_tokenizer(words: list[str] | tuple[str, ...], folder: Path) -> CLI
     """Write vocab.json/merges.txt for `words` into `folder` and load them as a CLIPTokenizer."""
     folder.mkdir(parents=True, exist_ok=True)
     vocab, merges = build_vocabulary(words)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")  # Windows would write its code page
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     # from_pretrained reads vocab.json/merges.txt in both the slow (transformers 4) and the
     # tokenizers-backed (transformers 5) CLIPTokenizer.

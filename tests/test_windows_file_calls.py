@@ -1,5 +1,6 @@
 """What Windows lacks or does otherwise, reproduced on Linux: flushing a file through a read-only handle, hard links
-on an exFAT or FAT32 drive, and the `resource` module (Unix only), each on the code path that meets it."""
+on an exFAT or FAT32 drive, the `resource` module (Unix only) and text files in a code page, each on the code path
+that meets it."""
 
 import errno
 import fcntl
@@ -65,3 +66,16 @@ def test_the_bench_measures_a_variant_without_the_resource_module(monkeypatch):
 
     monkeypatch.setattr(psutil, "Process", lambda: SimpleNamespace(memory_info=lambda: SimpleNamespace(peak_wset=300 * 2**20)))
     assert measure.peak_rss_mb() == 300.0
+
+
+def test_the_tiny_models_tokenizer_is_written_in_utf8_where_the_locale_is_a_code_page(tmp_path, monkeypatch):
+    """Text files written without an encoding are in the locale's: on Windows a code page (cp1252), which has no
+    'Ā' of the byte-level vocabulary, so `finetune make-tiny-model` (and `finetune bench`'s models) raised
+    UnicodeEncodeError there. pathlib asks io.text_encoding for the encoding it was not given: here cp1252."""
+    import io
+
+    from finetune.tokenizer import COMMON_WORDS, make_clip_tokenizer
+
+    monkeypatch.setattr(io, "text_encoding", lambda encoding, stacklevel=2: encoding or "cp1252")
+    tokenizer = make_clip_tokenizer(COMMON_WORDS, tmp_path)
+    assert tokenizer.decode(tokenizer("a red circle")["input_ids"], skip_special_tokens=True) == "a red circle"
