@@ -12,6 +12,7 @@ import datasets
 import pytest
 import torch
 from conftest import REPO, build_recipe
+from worker_batches import first_batch
 
 import finetune.trainer as trainer
 from finetune.trainer import train
@@ -21,11 +22,6 @@ STAR = REPO / "datasets" / "star"  # 64 px images with loss masks in masks/
 
 class Captured(Exception):
     """Raised where the trainer would build its loader: what it would have been given."""
-
-
-def first_batch(dataset, sampler_keys, collate_fn):
-    """What a data worker makes of the first micro-batch (in the spawned process too: a module-level function)."""
-    return collate_fn([dataset[key] for key in sampler_keys])
 
 
 def same(a, b) -> bool:
@@ -68,8 +64,8 @@ DATA_PATHS = {
     "datasets dataset": dict(data__image_dir=None, data__dataset="saved"),
     "dreambooth with class images": dict(
         method="dreambooth", data__image_dir=None, train__batch_size=1,
-        dreambooth={"concepts": [{"instance_dir": str(STAR), "instance_prompt": "a sks star", "class_prompt": "a star"}], "num_class_images": 2,
-                    "class_generation": {"num_inference_steps": 2, "batch_size": 2}}),
+        dreambooth={"concepts": [{"instance_dir": str(STAR), "instance_prompt": "a sks star", "class_prompt": "a shape",
+                                  "class_dir": str(REPO / "datasets" / "striped")}], "num_class_images": 2}),  # a user's own class images
     "controlnet": dict(method="controlnet", data__image_dir="pairs"),
 }
 
