@@ -25,6 +25,7 @@ from finetune.console import say
 from finetune.encoders import chunks_needed
 from finetune.errors import FinetuneError
 from finetune.finite_images import decoded_pixels, not_finite_rows
+from finetune.placement import out_of_device_memory
 from finetune.sampling import autocast_for, prompt_arguments, save_image_atomic
 
 
@@ -89,8 +90,8 @@ def generate_class_images(
                 batch = group[:size]
                 try:
                     images = _make(pipeline, class_prompts, batch, settings, resolution)
-                except torch.OutOfMemoryError:
-                    if len(batch) == 1:  # one image that does not fit: nothing smaller to try
+                except RuntimeError as err:
+                    if not out_of_device_memory(err) or len(batch) == 1:  # one image that does not fit: nothing smaller to try
                         raise
                     images = None
                 if images is None:  # out of the except block, so the failed call's tensors (held by its traceback) are freed first

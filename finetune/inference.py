@@ -33,7 +33,7 @@ from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.model_source import looks_like_hub_id
 from finetune.models import BaseModel, load_base_model
 from finetune.pipeline_io import METADATA_FILE
-from finetune.placement import inference_placement, place, placement_line
+from finetune.placement import inference_placement, out_of_device_memory, place, placement_line
 from finetune.prompt_options import PromptSettings, guidance_notes, webui_syntax_notes, with_options
 from finetune.sampling import (
     GRID_LABEL_WIDTH, adapters_clip_skip, adapters_max_token_length, build_pipeline, denoising_bar, follow_adapters_schedule, generate_with_settings,
@@ -359,8 +359,8 @@ def sample_to_folder(
     try:  # a bar of the denoising steps: minutes for SD1.5 images on a CPU, which nothing between this line and the last said
         with denoising_bar(pipeline, "sampling", sum(num_images * prompt.num_inference_steps for prompt in settings)):
             rows = generate_with_settings(pipeline, settings, num_images, resolution, **control)
-    except RuntimeError as err:  # torch.OutOfMemoryError on a GPU; a plain RuntimeError from the CPU's allocator
-        if not (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err)):
+    except RuntimeError as err:  # torch.OutOfMemoryError on CUDA; plain RuntimeErrors on MPS and from the CPU's allocator
+        if not (out_of_device_memory(err) or "can't allocate memory" in str(err)):
             raise
         native = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
         raise FinetuneError(f"out of memory sampling {resolution}x{resolution} px images: lower --resolution (this model's own is {native})") from None

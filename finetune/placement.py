@@ -61,6 +61,12 @@ def inference_placement(device: str = "auto", precision: str = "auto") -> tuple[
     return torch.device(device), PRECISIONS[precision]
 
 
+def out_of_device_memory(err: BaseException) -> bool:
+    """Whether `err` is a GPU's allocator running out: torch.OutOfMemoryError on CUDA; on Apple's MPS a plain
+    RuntimeError, "MPS backend out of memory (MPS allocated: ...)", which the halving of sampled batches missed."""
+    return isinstance(err, torch.OutOfMemoryError) or (isinstance(err, RuntimeError) and "MPS backend out of memory" in str(err))
+
+
 def place(modules, device: torch.device, dtype: torch.dtype):
     """Move a pipeline or modules (frozen, for sampling) to `device` in `dtype`; returns what it was given."""
     for module in modules if isinstance(modules, (list, tuple)) else [modules]:

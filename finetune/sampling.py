@@ -17,6 +17,7 @@ from finetune.errors import FinetuneError
 from finetune.finite_images import SAMPLING_OVERFLOW, decoded_pixels, not_finite_line, not_finite_rows, say_warning
 from finetune.image_bounds import GRID_LABEL_WIDTH
 from finetune.models import BaseModel
+from finetune.placement import out_of_device_memory
 from finetune.progress_lines import in_a_log
 from finetune.prompt_options import PromptSettings
 
@@ -260,9 +261,10 @@ def generate(
         counted_before = bar.n
         try:
             return call(batch, dict(extra, callback_on_step_end=_counted_on(bar, len(batch), extra.get("callback_on_step_end"))))
-        except torch.OutOfMemoryError:  # a batch remade in halves counts once
-            bar.n = counted_before
-            bar.refresh()
+        except RuntimeError as err:
+            if out_of_device_memory(err):  # a batch remade in halves counts once
+                bar.n = counted_before
+                bar.refresh()
             raise
 
     def call(batch: list[tuple[int, int]], extra: dict) -> list[Image.Image]:
@@ -302,8 +304,8 @@ def _in_batches_that_fit(make, jobs: list, pixels_per_image: int) -> dict:
             images.update(zip(batch, make(batch)))
             pending = pending[len(batch) :]
             continue
-        except torch.OutOfMemoryError:
-            if len(batch) == 1 or not _halving_allowed:
+        except RuntimeError as err:
+            if not out_of_device_memory(err) or len(batch) == 1 or not _halving_allowed:
                 raise
         # Out of the except block, so the failed call's tensors (held by its traceback) are freed first.
         PIXELS_PER_CALL = max(pixels_per_image, len(batch) // 2 * pixels_per_image)

@@ -53,3 +53,65 @@ def test_bf16_before_macos_14_stops_with_one_line_before_loading_the_model(make_
             monkeypatch.setenv(name, value)
         with pytest.raises(PastTheCheck):
             train(make_recipe(train__mixed_precision="bf16"))
+
+
+# What torch's MPS allocator raises (a RuntimeError, not torch.OutOfMemoryError as on CUDA).
+MPS_OUT_OF_MEMORY = ("MPS backend out of memory (MPS allocated: 9.00 GiB, other allocations: 464.00 KiB, max allowed: 9.07 GiB). "
+                     "Tried to allocate 1024.00 MiB on private pool. Use PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.0 to disable upper limit")
+
+
+def test_sampling_out_of_mps_memory_is_made_in_halves(monkeypatch, capsys):
+    """Validation grids, `finetune sample` and the demo remake a batch that ran out of GPU memory in halves: on a Mac the
+    error went through, and a validation grid too large for its memory stopped the run."""
+    import finetune.sampling as sampling
+
+    monkeypatch.setattr(sampling, "PIXELS_PER_CALL", 4 * 64 * 64)
+    tried = []
+
+    def fits_one(batch):
+        tried.append(len(batch))
+        if len(batch) > 1:
+            raise RuntimeError(MPS_OUT_OF_MEMORY)
+        return [f"image {batch[0]}"]
+
+    assert sampling._in_batches_that_fit(fits_one, [0, 1, 2, 3], 64 * 64) == {k: f"image {k}" for k in range(4)}
+    assert tried == [4, 2, 1, 1, 1, 1] and "4 images at once ran out of GPU memory; making 2 at a time" in capsys.readouterr().out
+
+    def broken(batch):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    with pytest.raises(RuntimeError, match="shapes"):  # any other error is raised at once, not halved
+        sampling._in_batches_that_fit(broken, [0, 1], 64 * 64)
+
+
+def test_class_images_out_of_mps_memory_are_made_in_halves(tiny_model, tmp_path, monkeypatch):
+    import finetune.class_images as class_images
+    from finetune.config import ClassImageGeneration, ModelConfig
+    from finetune.models import load_base_model
+    from finetune.sampling import build_pipeline
+
+    real_make, tried = class_images._make, []
+
+    def on_a_small_mac(pipeline, prompts, batch, *args):
+        tried.append(len(batch))
+        if len(batch) > 2:
+            raise RuntimeError(MPS_OUT_OF_MEMORY)
+        return real_make(pipeline, prompts, batch, *args)
+
+    monkeypatch.setattr(class_images, "_make", on_a_small_mac)
+    pipeline = build_pipeline(load_base_model(ModelConfig(pretrained=str(tiny_model))))
+    settings = ClassImageGeneration(num_inference_steps=2, batch_size=8, seed=5)
+    assert class_images.generate_class_images(pipeline, ["a shape"], tmp_path, "k", [0, 1, 2, 3, 4], settings, 64) == 5
+    assert tried == [5, 2, 2, 1]
+
+
+def test_sample_out_of_mps_memory_is_one_line(tiny_model, tmp_path, monkeypatch, capsys):
+    import finetune.inference
+    from finetune.cli import main
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError(MPS_OUT_OF_MEMORY)
+
+    monkeypatch.setattr(finetune.inference, "generate_with_settings", out_of_memory)
+    assert main(["sample", "--base", str(tiny_model), "--prompt", "a", "--resolution", "2048", "--out", str(tmp_path / "s")]) == 2
+    assert capsys.readouterr().err.strip().endswith("error: out of memory sampling 2048x2048 px images: lower --resolution (this model's own is 64)")
