@@ -12,7 +12,7 @@ import datasets
 import pytest
 import torch
 from conftest import REPO, build_recipe
-from worker_batches import first_batch
+from worker_batches import first_batch, model_libraries_loaded
 
 import finetune.trainer as trainer
 from finetune.trainer import train
@@ -90,6 +90,9 @@ def test_each_data_path_gives_a_spawned_worker_the_batch_it_gives_here(path, tin
     there = spawned_worker.apply(first_batch, (dataset, keys, collate_fn))  # pickled there and back, as a worker's are
     assert len(pickle.dumps(dataset)) < 100_000  # items' sources and settings, not images or encodings
     assert same(there, here)  # nothing in the worker reads settings made here alone
+    # The dataset's module, imported by each worker, is the data's alone: DreamBooth's imported diffusers, transformers,
+    # peft and bitsandbytes into every worker (seconds each), which printed the warnings the command line silences.
+    assert spawned_worker.apply(model_libraries_loaded) == []
 
 
 @pytest.fixture
