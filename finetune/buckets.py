@@ -61,7 +61,10 @@ def assign_buckets(sizes: list[Size], config: DataConfig) -> list[Size] | None:
     if not config.bucketing.enabled:
         return None
     buckets = make_buckets(config)
-    return [own_size_bucket(size, config) or nearest_bucket(size, buckets) for size in sizes]
+    # Once per distinct size: a run assigns its images several times (the check, the dataset, the sampler's layout), and
+    # photos of one camera, or a folder cropped to a few shapes, share a handful of sizes among thousands of images.
+    by_size = {size: own_size_bucket(size, config) or nearest_bucket(size, buckets) for size in set(sizes)}
+    return [by_size[size] for size in sizes]
 
 
 def own_size_bucket(size: Size, config: DataConfig) -> Size | None:

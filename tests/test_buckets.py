@@ -79,6 +79,21 @@ def test_each_image_goes_to_the_closest_aspect_ratio():
     assert nearest_bucket((1000, 500), buckets)[0] > nearest_bucket((1000, 500), buckets)[1]
 
 
+def test_images_of_one_size_are_matched_to_a_bucket_once(monkeypatch):
+    """20,000 photos of a few cameras: the nearest bucket is looked up per distinct size, not per image (a run
+    assigns buckets four times before its first step), and each image still gets its own size's bucket."""
+    import finetune.buckets as buckets_module
+
+    config = DataConfig(image_dir="x", resolution=512, bucketing={"enabled": True})
+    sizes = [(4032, 3024), (3024, 4032), (1024, 1024), (6000, 4000)] * 500
+    looked_up = []
+    original = buckets_module.nearest_bucket
+    monkeypatch.setattr(buckets_module, "nearest_bucket", lambda size, buckets: looked_up.append(size) or original(size, buckets))
+    assigned = assign_buckets(sizes, config)
+    assert sorted(looked_up) == sorted(set(sizes))
+    assert assigned == [original(size, make_buckets(config)) for size in sizes]
+
+
 def test_cover_and_crop_keeps_aspect_and_records_the_crop():
     image = noise_image(300, 100)
     view, (top, left) = cover_and_crop(image, (128, 64), "center", np.random.default_rng(0))
