@@ -123,7 +123,15 @@ def folder_images(folder: Path) -> list[Path]:
     """The images training reads in `folder` (not its subfolders), by name. Hidden files are left out: macOS
     writes a `._name.jpg` of metadata beside each image it copies to a foreign drive. A broken link is listed,
     for the check to name it (is_file is false for it)."""
-    return sorted(p for p in folder.iterdir() if (p.is_file() or p.is_symlink()) and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    return sorted(folder / entry.name for entry in _entries(folder)
+                  if (entry.is_file() or entry.is_symlink()) and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES and not entry.name.startswith("."))  # fmt: skip
+
+
+def _entries(folder: Path) -> list[os.DirEntry]:
+    """`folder`'s entries with the types its listing gives (no stat per file, but for links): a folder of 20,000 images and
+    their captions was stat'ed file by file in each of the several listings a run makes."""
+    with os.scandir(folder) as entries:
+        return list(entries)
 
 
 def nested_metadata_images(folder: Path, config: DataConfig) -> list[str]:
@@ -150,7 +158,7 @@ def image_subfolders(folder: Path, config: DataConfig, depth: int = 1) -> list[P
     down (not into links below the first). A link to the folder or one above it is none: its images are the ones here."""
     own = (config.loss_mask.folder, "conditioning", *metadata_subfolders(folder))
     found, above = [], {folder.resolve(), *folder.resolve().parents}
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in own and p.resolve() not in above):
+    for sub in sorted(folder / e.name for e in _entries(folder) if e.is_dir() and not e.name.startswith(".") and e.name not in own and (folder / e.name).resolve() not in above):
         try:
             found += ([sub] if folder_images(sub) else []) + (image_subfolders(sub, config, depth - 1) if depth > 1 and not sub.is_symlink() else [])
         except PermissionError:  # a drive's root-only lost+found: none of the user's images are there
@@ -227,7 +235,7 @@ def unread_images(folder: Path, config: DataConfig) -> tuple[list[Path], list[Pa
     """(image files of kinds training does not read, subfolders holding images) in `folder`: said, so that
     no image a user put there is left out unseen. Subfolders count for data.image_dir alone (without
     data.folders); its masks and conditioning folders are no such subfolder."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in UNREAD_IMAGE_SUFFIXES)
+    files = sorted(folder / e.name for e in _entries(folder) if e.is_file() and not e.name.startswith(".") and Path(e.name).suffix.lower() in UNREAD_IMAGE_SUFFIXES)
     if files:  # not ControlNet's 16-bit depth TIFFs beside their images: the metadata names them as conditioning images
         partners = metadata_partner_files(folder)
         files = [p for p in files if name_key(p.name) not in partners]
