@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from finetune.captions import folder_captions, metadata_file, sidecar_path, template_needs_caption
+from finetune.captions import SIDECAR_SUFFIXES, folder_captions, metadata_file, sidecar_path, template_needs_caption
 from finetune.config import DataConfig, FolderConfig
-from finetune.file_names import name_key
+from finetune.file_names import loose_name_key, name_key
 from finetune.sources import folder_images
 from finetune.text_encodings import caption_file_encoding
 
@@ -20,8 +20,16 @@ def shadowed_caption_files(folder: Path, config: DataConfig) -> str | None:
     if config.caption is not None or not any(template_needs_caption(entry.template) and os.path.samefile(Path(config.image_dir) / entry.path, folder)
                                              for entry in entries):  # fmt: skip
         return None  # its captions are not read at all
+    # Caption files' names, any case, from one listing: a folder captioned by its metadata file alone has none, and its
+    # metadata file was parsed again and its 20,000 images each looked for one (two suffixes, exact and loose names).
+    with os.scandir(folder) as listing:
+        caption_files = {loose_name_key(entry.name) for entry in listing if entry.name.lower().endswith(SIDECAR_SUFFIXES)}
+    if not caption_files:
+        return None
     rows, shadowed = folder_captions(folder, config.caption_column), []
     for image in folder_images(folder) if rows else []:
+        if not any(loose_name_key(image.stem + suffix) in caption_files for suffix in SIDECAR_SUFFIXES):
+            continue
         if name_key(image.name) in rows and (sidecar := sidecar_path(image)) is not None:
             shadowed += [sidecar] if _file_text(sidecar) != rows[name_key(image.name)].strip() else []
     if not shadowed:

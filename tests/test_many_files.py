@@ -1,11 +1,13 @@
 """Data sets of many files: the work before the first step that runs per file stays one pass of cheap work per
 file (no stat per file where a folder's listing tells, no file read twice), counted here rather than timed."""
 
+import json
 import pathlib
 
 import pytest
 from PIL import Image
 
+import finetune.caption_overrides as caption_overrides
 from finetune.config import DataConfig
 from finetune.sources import folder_images, image_subfolders, unread_images
 
@@ -37,3 +39,24 @@ def test_listing_a_data_folder_stats_no_file(tmp_path, stats):
     assert unread_images(folder, config) == ([], [])
     assert image_subfolders(folder, config, 3) == []
     assert [path.name for path in stats if path.suffix in (".png", ".txt")] == []  # (a metadata file is looked for, once a folder)
+
+
+def test_a_folder_captioned_by_its_metadata_file_alone_is_not_searched_for_caption_files(tmp_path, monkeypatch):
+    """The check's warning for caption files a metadata row overrides looked for a caption file beside each image with a
+    row (four stats an image), parsing the metadata file again; where the folder's listing holds none, it does neither, and still
+    finds one that is there."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(30):
+        Image.new("RGB", (8, 8), "red").save(folder / f"{i:04d}.png")
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i:04d}.png", "text": "a red square"}) + "\n" for i in range(30)))
+    looked_up, parsed = [], []
+    original, parse = caption_overrides.sidecar_path, caption_overrides.folder_captions
+    monkeypatch.setattr(caption_overrides, "sidecar_path", lambda image: looked_up.append(image.name) or original(image))
+    monkeypatch.setattr(caption_overrides, "folder_captions", lambda *args: parsed.append(args) or parse(*args))
+    config = DataConfig(image_dir=str(folder), resolution=64)
+    assert caption_overrides.shadowed_caption_files(folder, config) is None
+    assert looked_up == [] and parsed == []  # (reading the examples parsed the metadata file already)
+    (folder / "0007.TXT").write_text("a blue square")  # another caption, by a name of another case
+    assert "1 caption file (0007.TXT) differs from metadata.jsonl" in caption_overrides.shadowed_caption_files(folder, config)
+    assert looked_up == ["0007.png"]
