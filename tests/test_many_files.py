@@ -60,3 +60,27 @@ def test_a_folder_captioned_by_its_metadata_file_alone_is_not_searched_for_capti
     (folder / "0007.TXT").write_text("a blue square")  # another caption, by a name of another case
     assert "1 caption file (0007.TXT) differs from metadata.jsonl" in caption_overrides.shadowed_caption_files(folder, config)
     assert looked_up == ["0007.png"]
+
+
+def test_captions_are_counted_in_tokens_a_chunk_at_a_time():
+    """The long-caption warning tokenized every caption in one call, whose result holds each token's ids, offsets and
+    strings (220 MB at once for 20,000 tag lists of some 30 tokens); it now tokenizes them in chunks, with the same counts."""
+    from transformers import CLIPTokenizer
+
+    from conftest import SHIPPED_BASE
+    from finetune.caption_tokens import long_captions_line
+
+    tokenizer = CLIPTokenizer.from_pretrained(SHIPPED_BASE, subfolder="tokenizer")
+    batches = []
+
+    def counting(texts, **options):
+        batches.append(len(texts))
+        return tokenizer(texts, **options)
+
+    captions = {f"{i}.png": f"a red square {i}, " * (1 + i % 20) for i in range(2507)}
+    captions["long.png"] = "a red square, " * 60
+    line = long_captions_line(counting, captions, 75)
+    assert max(batches) <= 1000 and sum(batches) == len(set(captions.values()))  # caption_tokens.TOKENIZED_AT_ONCE
+    longest = len(tokenizer(captions["long.png"])["input_ids"]) - 2  # without the start and end marks
+    cut = sum(len(tokenizer(caption)["input_ids"]) - 2 > 75 for caption in captions.values())
+    assert line.startswith(f"{cut} of {len(captions)} captions are longer than") and f"(the longest: long.png, {longest} tokens)" in line
