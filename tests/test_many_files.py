@@ -1,5 +1,6 @@
-"""Data sets of many files: the work before the first step that runs per file stays one pass of cheap work per
-file (no stat per file where a folder's listing tells, no file read twice), counted here rather than timed."""
+"""Data sets of many files: the work before the first step that runs per file stays cheap per file (no stat where a
+folder's listing tells, no caption file looked for where the listing has none, captions tokenized a chunk at a time),
+counted here rather than timed."""
 
 import json
 import pathlib
