@@ -1,0 +1,74 @@
+"""TensorBoard after a resume shows one curve: the steps a run logged after its last checkpoint (before a kill, or the later
+steps of a run resumed from an older checkpoint) are logged again by the resumed run, and TensorBoard drew both, a curve
+doubling back over those steps. The resumed run's writer purges them (torch's SummaryWriter(purge_step=...))."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import build_recipe
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from finetune.trainer import train
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Trains in a process of its own and SIGKILLs itself when step KILL_AT is done, before that step's log and checkpoint.
+# The writers are flushed first: what their thread writes to disk every flush_secs, as for a kill that long after these steps.
+KILLED_RUN = """
+import gc, json, os, signal, sys
+from torch.utils.tensorboard import SummaryWriter
+from finetune.recipe_loading import recipe_from_dict
+from finetune.trainer import train
+
+def killed_after(step):
+    if step == int(sys.argv[2]):
+        for writer in [thing for thing in gc.get_objects() if isinstance(thing, SummaryWriter)]:
+            writer.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+train(recipe_from_dict(json.loads(sys.argv[1])), on_step=killed_after)
+"""
+
+
+def logged(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of `tag` as TensorBoard reads the run's logs, in the order it draws them."""
+    events = EventAccumulator(str(run_dir / "logs" / "finetune"))  # purge_orphaned_data: TensorBoard's default too
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+def logged_recipe(tiny_model, image_folder, run_dir):
+    """8 steps, each logged, a checkpoint every 3; a rate that changes at each step."""
+    return build_recipe(tiny_model, image_folder, run_dir, train__max_steps=8, checkpoint__every_n_steps=3,
+                        logging__tensorboard=True, logging__every_n_steps=1, optimizer__scheduler="cosine", optimizer__warmup_steps=2)  # fmt: skip
+
+
+def test_a_run_killed_after_its_checkpoint_and_resumed_logs_each_step_once(tiny_model, image_folder, tmp_path):
+    recipe = logged_recipe(tiny_model, image_folder, tmp_path / "run")
+    straight = logged_recipe(tiny_model, image_folder, tmp_path / "straight")
+    train(straight)
+    raw = recipe.model_dump(mode="json")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, json.dumps(raw), "6"], env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert [step for step, _ in logged(tmp_path / "run", "train/loss")] == [1, 2, 3, 4, 5]  # checkpoint-3, then two steps logged
+    train(recipe, resume="latest")
+    for tag in ("train/loss", "train/lr"):
+        assert logged(tmp_path / "run", tag) == logged(tmp_path / "straight", tag), tag  # steps 4 and 5 once, the resumed run's
+
+
+def test_a_resume_from_an_older_checkpoint_logs_its_later_steps_once(tiny_model, image_folder, tmp_path):
+    run_dir = tmp_path / "run"
+    recipe = logged_recipe(tiny_model, image_folder, run_dir)
+    train(recipe)
+    straight = {tag: logged(run_dir, tag) for tag in ("train/loss", "train/lr")}
+    assert [step for step, _ in straight["train/loss"]] == list(range(1, 9))
+    for later in ("checkpoint-6", "checkpoint-8"):  # as docs/training.md says: the later ones moved out first
+        shutil.move(run_dir / "checkpoints" / later, tmp_path / later)
+    train(recipe, resume=str(run_dir / "checkpoints" / "checkpoint-3"))
+    assert {tag: logged(run_dir, tag) for tag in straight} == straight
