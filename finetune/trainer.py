@@ -218,9 +218,10 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         dump_recipe(recipe, output_dir / "recipe.yaml")
-        # A resumed run's writer hides the steps after its checkpoint that the stopped run had logged (a kill's last steps,
-        # or the later steps of a resume from an older checkpoint): TensorBoard shows one curve, not two over those steps.
-        purged = {"tensorboard": {"purge_step": step + 1}} if resume_from is not None else None
+        # The writer hides the steps this run trains (again) that an earlier one logged: a kill's last steps after the resumed
+        # checkpoint, the later steps of a resume from an older one, or a whole run killed before its first checkpoint (a fresh
+        # run finds no other's logs: --overwrite clears them, and checkpoints refuse it). TensorBoard shows one curve.
+        purged = {"tensorboard": {"purge_step": step + 1 if resume_from is not None else 0}}
         accelerator.init_trackers("finetune", config=recipe.flat_settings(), init_kwargs=purged)
 
     accumulation = train_cfg.gradient_accumulation_steps

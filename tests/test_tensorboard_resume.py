@@ -1,6 +1,7 @@
 """TensorBoard after a resume shows one curve: the steps a run logged after its last checkpoint (before a kill, or the later
-steps of a run resumed from an older checkpoint) are logged again by the resumed run, and TensorBoard drew both, a curve
-doubling back over those steps. The resumed run's writer purges them (torch's SummaryWriter(purge_step=...))."""
+steps of a run resumed from an older checkpoint; all of a run killed before its first checkpoint) are logged again by the
+resumed run, and TensorBoard drew both, a curve doubling back over those steps. The new run's writer purges them (torch's
+SummaryWriter(purge_step=...))."""
 
 import json
 import os
@@ -10,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import build_recipe
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -17,7 +19,7 @@ from finetune.trainer import train
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Trains in a process of its own and SIGKILLs itself when step KILL_AT is done, before that step's log and checkpoint.
+# Trains in a process of its own and SIGKILLs itself when step argv[2] is done, before that step's log and checkpoint.
 # The writers are flushed first: what their thread writes to disk every flush_secs, as for a kill that long after these steps.
 KILLED_RUN = """
 import gc, json, os, signal, sys
@@ -48,18 +50,19 @@ def logged_recipe(tiny_model, image_folder, run_dir):
                         logging__tensorboard=True, logging__every_n_steps=1, optimizer__scheduler="cosine", optimizer__warmup_steps=2)  # fmt: skip
 
 
-def test_a_run_killed_after_its_checkpoint_and_resumed_logs_each_step_once(tiny_model, image_folder, tmp_path):
+@pytest.mark.parametrize(("killed_after", "logged_before"), [(6, [1, 2, 3, 4, 5]), (2, [1])])  # after checkpoint-3; before any
+def test_a_run_killed_and_resumed_logs_each_step_once(tiny_model, image_folder, tmp_path, killed_after, logged_before):
     recipe = logged_recipe(tiny_model, image_folder, tmp_path / "run")
     straight = logged_recipe(tiny_model, image_folder, tmp_path / "straight")
     train(straight)
     raw = recipe.model_dump(mode="json")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, json.dumps(raw), "6"], env=env, capture_output=True, text=True, timeout=300)
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, json.dumps(raw), str(killed_after)], env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert [step for step, _ in logged(tmp_path / "run", "train/loss")] == [1, 2, 3, 4, 5]  # checkpoint-3, then two steps logged
-    train(recipe, resume="latest")
+    assert [step for step, _ in logged(tmp_path / "run", "train/loss")] == logged_before
+    train(recipe, resume="latest")  # from checkpoint-3, or from the start
     for tag in ("train/loss", "train/lr"):
-        assert logged(tmp_path / "run", tag) == logged(tmp_path / "straight", tag), tag  # steps 4 and 5 once, the resumed run's
+        assert logged(tmp_path / "run", tag) == logged(tmp_path / "straight", tag), tag  # each step once, as the resumed run logged it
 
 
 def test_a_resume_from_an_older_checkpoint_logs_its_later_steps_once(tiny_model, image_folder, tmp_path):
