@@ -222,7 +222,10 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
         # checkpoint, the later steps of a resume from an older one, or a whole run killed before its first checkpoint (a fresh
         # run finds no other's logs: --overwrite clears them, and checkpoints refuse it). TensorBoard shows one curve.
         purged = {"tensorboard": {"purge_step": step + 1 if resume_from is not None else 0}}
-        accelerator.init_trackers("finetune", config=recipe.flat_settings(), init_kwargs=purged)
+        # The settings (TensorBoard's HParams) once per run, again at a resume only where they differ from its checkpoint's: each
+        # record is a run of its own in TensorBoard's list, and an overnight run resumed ten times listed ten of the same.
+        settings = recipe.flat_settings()
+        accelerator.init_trackers("finetune", config=settings if resume_from is None or state.get("recipe") != settings else None, init_kwargs=purged)
 
     accumulation = train_cfg.gradient_accumulation_steps
     say(run_length_line(train_cfg, max_steps, sampler, len(training_set), accelerator.num_processes, epochs_by))

@@ -44,10 +44,15 @@ def logged(run_dir: Path, tag: str) -> list[tuple[int, float]]:
     return [(event.step, event.value) for event in events.Scalars(tag)]
 
 
-def logged_recipe(tiny_model, image_folder, run_dir):
+def logged_recipe(tiny_model, image_folder, run_dir, **overrides):
     """8 steps, each logged, a checkpoint every 3; a rate that changes at each step."""
-    return build_recipe(tiny_model, image_folder, run_dir, train__max_steps=8, checkpoint__every_n_steps=3,
-                        logging__tensorboard=True, logging__every_n_steps=1, optimizer__scheduler="cosine", optimizer__warmup_steps=2)  # fmt: skip
+    return build_recipe(tiny_model, image_folder, run_dir, train__max_steps=8, checkpoint__every_n_steps=3, logging__tensorboard=True,
+                        logging__every_n_steps=1, optimizer__scheduler="cosine", optimizer__warmup_steps=2, **overrides)  # fmt: skip
+
+
+def settings_records(run_dir: Path) -> int:
+    """How many times the run's settings went to TensorBoard (HParams): each is a folder of its own, a run in TensorBoard's list."""
+    return len(list((run_dir / "logs" / "finetune").glob("*/events.out.tfevents.*")))
 
 
 @pytest.mark.parametrize(("killed_after", "logged_before"), [(6, [1, 2, 3, 4, 5]), (2, [1])])  # after checkpoint-3; before any
@@ -65,13 +70,19 @@ def test_a_run_killed_and_resumed_logs_each_step_once(tiny_model, image_folder, 
         assert logged(tmp_path / "run", tag) == logged(tmp_path / "straight", tag), tag  # each step once, as the resumed run logged it
 
 
-def test_a_resume_from_an_older_checkpoint_logs_its_later_steps_once(tiny_model, image_folder, tmp_path):
+@pytest.mark.parametrize("resumed_lr", [None, 2e-3])
+def test_a_resume_from_an_older_checkpoint_logs_its_later_steps_once(tiny_model, image_folder, tmp_path, resumed_lr):
     run_dir = tmp_path / "run"
-    recipe = logged_recipe(tiny_model, image_folder, run_dir)
-    train(recipe)
+    train(logged_recipe(tiny_model, image_folder, run_dir))
     straight = {tag: logged(run_dir, tag) for tag in ("train/loss", "train/lr")}
-    assert [step for step, _ in straight["train/loss"]] == list(range(1, 9))
+    assert [step for step, _ in straight["train/loss"]] == list(range(1, 9)) and settings_records(run_dir) == 1
     for later in ("checkpoint-6", "checkpoint-8"):  # as docs/training.md says: the later ones moved out first
         shutil.move(run_dir / "checkpoints" / later, tmp_path / later)
-    train(recipe, resume=str(run_dir / "checkpoints" / "checkpoint-3"))
-    assert {tag: logged(run_dir, tag) for tag in straight} == straight
+    resumed = logged_recipe(tiny_model, image_folder, run_dir, **({"optimizer__lr": resumed_lr} if resumed_lr else {}))
+    train(resumed, resume=str(run_dir / "checkpoints" / "checkpoint-3"))
+    if resumed_lr is None:  # the same settings: the same curve, and the settings recorded once
+        assert {tag: logged(run_dir, tag) for tag in straight} == straight and settings_records(run_dir) == 1
+    else:  # from step 4 on, another curve in place of the earlier one; the new settings recorded too
+        rates = logged(run_dir, "train/lr")
+        assert [step for step, _ in rates] == list(range(1, 9)) and settings_records(run_dir) == 2
+        assert rates[:3] == straight["train/lr"][:3] and rates[3] != straight["train/lr"][3]  # (4, the resumed run's rate)
