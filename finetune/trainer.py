@@ -54,6 +54,8 @@ from finetune.stopping import StopRequest, batches_of
 
 # A checkpoint's state: its step's validation is still to draw, by its resume (the key is named from when only a stop's recorded it).
 VALIDATION_PENDING = "stopped_before_validation"
+# ...and the train logs of its step, written again where its resume draws that step's grid again (TensorBoard purges from it).
+LOGGED_AT_STEP = "logged_at_step"
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -220,12 +222,16 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
         dump_recipe(recipe, output_dir / "recipe.yaml")
         # The writer hides the steps this run trains (again) that an earlier one logged: a kill's last steps after the resumed
         # checkpoint, the later steps of a resume from an older one, or a whole run killed before its first checkpoint (a fresh
-        # run finds no other's logs: --overwrite clears them, and checkpoints refuse it). TensorBoard shows one curve.
-        purged = {"tensorboard": {"purge_step": step + 1 if resume_from is not None else 0}}
+        # run finds no other's logs: --overwrite clears them, and checkpoints refuse it). TensorBoard shows one curve. From the
+        # resumed step itself where its grid is drawn again (a kill after the grid had left two): its train logs are written anew.
+        redrawn = resume_from is not None and state.get(VALIDATION_PENDING) and LOGGED_AT_STEP in state
+        purged = {"tensorboard": {"purge_step": 0 if resume_from is None else step if redrawn else step + 1}}
         # The settings (TensorBoard's HParams) once per run, again at a resume only where they differ from its checkpoint's: each
         # record is a run of its own in TensorBoard's list, and an overnight run resumed ten times listed ten of the same.
         settings = recipe.flat_settings()
         accelerator.init_trackers("finetune", config=settings if resume_from is None or state.get("recipe") != settings else None, init_kwargs=purged)
+        if redrawn:
+            accelerator.log(state[LOGGED_AT_STEP], step=step)
 
     accumulation = train_cfg.gradient_accumulation_steps
     say(run_length_line(train_cfg, max_steps, sampler, len(training_set), accelerator.num_processes, epochs_by))
@@ -269,7 +275,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
             with unsharded_loading(accelerator):  # saving may load frozen parts again at the source's precision: whole, as at the start
                 return method.save(folder, unwrapped, output_metadata(recipe, step, method.base.noise_scheduler.config.prediction_type, **progress))
 
-    def save_checkpoint(validation_pending: bool = False) -> None:
+    def save_checkpoint(validation_pending: bool = False, logged_at_step: dict | None = None) -> None:
         ensure_finite_weights(accelerator, trained_parameters(modules, accelerator).values(), step, checkpoints_dir)
 
         def extra(folder: Path) -> None:
@@ -284,7 +290,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
              "method": method.checkpoint_state(), "data": images_record, HELD_OUT_STATE: held_out_split.images, "data_order": sampler.position_after(step * accumulation),
              DRAWN: step * accumulation + draws_from, STEPS_BY_SHAPE: epochs_by.steps_by_shape(step),  # what its steps drew, and trained at which batch
              "losses_since_log": running.since_last_log_state(accelerator),  # the resumed run's first log covers the same steps
-             VALIDATION_PENDING: validation_pending},
+             VALIDATION_PENDING: validation_pending, LOGGED_AT_STEP: logged_at_step or {}},
             recipe.checkpoint.keep_last, extra=extra, **save_options
         )
         say(f"saved {checkpoints_dir / f'checkpoint-{step}'} (step {step}, {epochs_text(epochs_by.at(step))})")
@@ -337,26 +343,28 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
             progress.update(1)
             lr = step_size(optimizer)
             ended, epochs = epochs_by.ended_by(step), epochs_by.at(step)
+            logged = {}  # this step's train logs, kept by its checkpoint
             if step % recipe.logging.every_n_steps == 0 or step == max_steps:  # losses are read on the host here only (StepLosses)
                 logs = {f"train/{k}": v for k, v in running.since_last_log(accelerator).items()}  # train/loss among them
                 logs.update({f"train/{k}": float(v) for k, v in step_logs.items()})  # read now, not at each step (lora.max_norm)
                 if len(group_names) > 1:  # each group's rate (text encoder, LoRA+ up weights); train/lr is the first's
                     logs.update({f"train/lr/{name}": step_size(optimizer, i) for i, name in enumerate(group_names)})
                 logs["train/epoch"] = epochs
-                accelerator.log({"train/lr": lr, **logs}, step=step)
+                logged = {"train/lr": lr, **logs}
+                accelerator.log(logged, step=step)
             # Drawn by update() at most 10 times a second, not at every step's postfix.
             shown_epochs = {"epoch": f"{epochs:.2f}/{train_cfg.max_epochs}"} if train_cfg.max_epochs else {}
             progress.set_postfix(**running.shown(), lr=f"{lr:.2e}", **shown_epochs, refresh=False)
 
             validation_due = due(step, recipe.validation.every_n_steps, ended, recipe.validation.every_n_epochs)
             if step < max_steps and stop.agreed():  # at the last step: finished, the outputs are written below
-                save_checkpoint(validation_pending=validation_due)  # a stop skips it; the resumed run draws it
+                save_checkpoint(validation_pending=validation_due, logged_at_step=logged)  # a stop skips it; the resumed run draws it
                 result.interrupted, result.stopped_by = True, stop.signal
                 break
             if due(step, recipe.checkpoint.every_n_steps, ended, recipe.checkpoint.every_n_epochs) and step < max_steps:
                 # Its validation is drawn after it is written: a kill while that draws (a grid takes minutes) left a checkpoint
                 # whose resume never drew it. The resumed run draws it (again, the same, if the kill came later).
-                save_checkpoint(validation_pending=validation_due)
+                save_checkpoint(validation_pending=validation_due, logged_at_step=logged)
                 last_checkpoint_step = step
             if validation_due and step < max_steps:
                 grid = validate(step)

@@ -37,6 +37,12 @@ train(recipe_from_dict(json.loads(sys.argv[1])), on_step=killed_after)
 """
 
 
+def killed_run(recipe, after_step: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", KILLED_RUN, json.dumps(recipe.model_dump(mode="json")), str(after_step)], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
 def logged(run_dir: Path, tag: str) -> list[tuple[int, float]]:
     """(step, value) of `tag` as TensorBoard reads the run's logs, in the order it draws them."""
     events = EventAccumulator(str(run_dir / "logs" / "finetune"))  # purge_orphaned_data: TensorBoard's default too
@@ -60,14 +66,33 @@ def test_a_run_killed_and_resumed_logs_each_step_once(tiny_model, image_folder, 
     recipe = logged_recipe(tiny_model, image_folder, tmp_path / "run")
     straight = logged_recipe(tiny_model, image_folder, tmp_path / "straight")
     train(straight)
-    raw = recipe.model_dump(mode="json")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    killed = subprocess.run([sys.executable, "-c", KILLED_RUN, json.dumps(raw), str(killed_after)], env=env, capture_output=True, text=True, timeout=300)
+    killed = killed_run(recipe, killed_after)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert [step for step, _ in logged(tmp_path / "run", "train/loss")] == logged_before
     train(recipe, resume="latest")  # from checkpoint-3, or from the start
     for tag in ("train/loss", "train/lr"):
         assert logged(tmp_path / "run", tag) == logged(tmp_path / "straight", tag), tag  # each step once, as the resumed run logged it
+
+
+def grid_steps(run_dir: Path) -> list[int]:
+    events = EventAccumulator(str(run_dir / "logs" / "finetune"), size_guidance={"images": 0})
+    events.Reload()
+    return [event.step for event in events.Images("validation")]
+
+
+def test_a_grid_drawn_after_its_checkpoint_and_killed_later_is_logged_once_with_its_steps_logs(tiny_model, image_folder, tmp_path):
+    """The grid of a checkpoint's step is drawn after the checkpoint is written, and drawn again by a resume from it (which
+    cannot know whether the kill came before it was drawn): two grids at step 3, or the train logs of step 3 purged with it."""
+    grids = {"validation__prompts": ["a red square"], "validation__every_n_steps": 3, "validation__num_inference_steps": 2,
+             "validation__images_per_prompt": 1, "validation__at_start": False}  # fmt: skip
+    recipe = logged_recipe(tiny_model, image_folder, tmp_path / "run", **grids)
+    train(logged_recipe(tiny_model, image_folder, tmp_path / "straight", **grids))
+    killed = killed_run(recipe, 5)
+    assert killed.returncode == -signal.SIGKILL and grid_steps(tmp_path / "run") == [3], killed.stderr[-2000:]
+    train(recipe, resume="latest")  # from checkpoint-3, whose grid it draws again
+    assert grid_steps(tmp_path / "run") == grid_steps(tmp_path / "straight") == [3, 6, 8]
+    for tag in ("train/loss", "train/lr"):
+        assert logged(tmp_path / "run", tag) == logged(tmp_path / "straight", tag), tag
 
 
 @pytest.mark.parametrize("resumed_lr", [None, 2e-3])
