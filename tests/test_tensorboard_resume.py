@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,22 @@ def logged(run_dir: Path, tag: str) -> list[tuple[int, float]]:
     return [(event.step, event.value) for event in events.Scalars(tag)]
 
 
+def started_a_second_later(resume: str) -> str:
+    """`resume`, once the clock has passed the second the earlier run started its log in. TensorBoard reads a folder's
+    event files in the order of their names, which begin with the second a writer started, then the host and process:
+    a resume started in the same second by a process of a lower number (this one; the killed run was its child) would
+    be read first, and the earlier run's events after it taken for a restart that purges the resumed run's."""
+    time.sleep(1.0 - time.time() % 1.0 + 0.01)
+    return resume
+
+
+def assert_one_curve(resumed: list[tuple[int, float]], straight: list[tuple[int, float]], tag: str) -> None:
+    """The same steps, each once, and the same values to float rounding: the killed run trained in a process of its own,
+    whose thread count can differ from this one's, so its checkpoint's weights may differ in the last bits."""
+    assert [step for step, _ in resumed] == [step for step, _ in straight], tag
+    assert [value for _, value in resumed] == pytest.approx([value for _, value in straight], rel=1e-5), tag
+
+
 def logged_recipe(tiny_model, image_folder, run_dir, **overrides):
     """8 steps, each logged, a checkpoint every 3; a rate that changes at each step."""
     return build_recipe(tiny_model, image_folder, run_dir, train__max_steps=8, checkpoint__every_n_steps=3, logging__tensorboard=True,
@@ -69,9 +86,9 @@ def test_a_run_killed_and_resumed_logs_each_step_once(tiny_model, image_folder, 
     killed = killed_run(recipe, killed_after)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert [step for step, _ in logged(tmp_path / "run", "train/loss")] == logged_before
-    train(recipe, resume="latest")  # from checkpoint-3, or from the start
+    train(recipe, resume=started_a_second_later("latest"))  # from checkpoint-3, or from the start
     for tag in ("train/loss", "train/lr"):
-        assert logged(tmp_path / "run", tag) == logged(tmp_path / "straight", tag), tag  # each step once, as the resumed run logged it
+        assert_one_curve(logged(tmp_path / "run", tag), logged(tmp_path / "straight", tag), tag)  # each step once, as the resumed run logged it
 
 
 def grid_steps(run_dir: Path) -> list[int]:
@@ -89,10 +106,10 @@ def test_a_grid_drawn_after_its_checkpoint_and_killed_later_is_logged_once_with_
     train(logged_recipe(tiny_model, image_folder, tmp_path / "straight", **grids))
     killed = killed_run(recipe, 5)
     assert killed.returncode == -signal.SIGKILL and grid_steps(tmp_path / "run") == [3], killed.stderr[-2000:]
-    train(recipe, resume="latest")  # from checkpoint-3, whose grid it draws again
+    train(recipe, resume=started_a_second_later("latest"))  # from checkpoint-3, whose grid it draws again
     assert grid_steps(tmp_path / "run") == grid_steps(tmp_path / "straight") == [3, 6, 8]
     for tag in ("train/loss", "train/lr"):
-        assert logged(tmp_path / "run", tag) == logged(tmp_path / "straight", tag), tag
+        assert_one_curve(logged(tmp_path / "run", tag), logged(tmp_path / "straight", tag), tag)
 
 
 @pytest.mark.parametrize("resumed_lr", [None, 2e-3])
@@ -104,7 +121,7 @@ def test_a_resume_from_an_older_checkpoint_logs_its_later_steps_once(tiny_model,
     for later in ("checkpoint-6", "checkpoint-8"):  # as docs/training.md says: the later ones moved out first
         shutil.move(run_dir / "checkpoints" / later, tmp_path / later)
     resumed = logged_recipe(tiny_model, image_folder, run_dir, **({"optimizer__lr": resumed_lr} if resumed_lr else {}))
-    train(resumed, resume=str(run_dir / "checkpoints" / "checkpoint-3"))
+    train(resumed, resume=started_a_second_later(str(run_dir / "checkpoints" / "checkpoint-3")))
     if resumed_lr is None:  # the same settings: the same curve, and the settings recorded once
         assert {tag: logged(run_dir, tag) for tag in straight} == straight and settings_records(run_dir) == 1
     else:  # from step 4 on, another curve in place of the earlier one; the new settings recorded too
