@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from finetune.checkpoint import CHECKPOINT_PATTERN, checkpoint_step, list_checkpoints, read_state
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, nearest_existing
 
 # What a run leaves in its output_dir besides its outputs: `overwrite` clears these (DreamBooth's generated
 # class images stay: they are named by their prompt and settings, so a new run reuses only matching ones).
@@ -21,7 +21,7 @@ def guard_earlier_run(output_dir: Path, resume_from: Path | None, overwrite: boo
     """A fresh run must not mix with an earlier run's checkpoints: its rotation would delete theirs (or
     replace a checkpoint of the same step), and `--resume latest` would later pick theirs. Cheap: it
     runs before anything is loaded, as does the check that output_dir can be written at all."""
-    existing = next(folder for folder in (output_dir, *output_dir.parents) if folder.exists())  # the root, at least
+    existing = nearest_existing(output_dir)
     if not existing.is_dir():
         raise FinetuneError(f"output_dir {output_dir}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):

@@ -28,3 +28,13 @@ def looked_for_here(path) -> str:
     import os
 
     return "" if os.path.isabs(os.path.expanduser(str(path))) else f" (relative paths are read from the current folder, {os.getcwd()})"
+
+
+def nearest_existing(path):
+    """`path` if it exists, else the nearest folder above it that does (the root, or `.` for a relative path, at least):
+    the part of a path to be made that is there, to say where it stops (`x is a file, not a folder`). As given:
+    relative stays relative, so a message names the path as the user wrote it."""
+    from pathlib import Path
+
+    path = Path(path)
+    return next(part for part in (path, *path.parents) if part.exists())

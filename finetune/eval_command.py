@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, nearest_existing
 from finetune.library_noise import quiet_weight_progress_bars
 
 # finetune.evaluate's suites and the toy world's shapes, named here so that building the command line (every
@@ -134,7 +134,7 @@ def check_report_path(out: Path) -> None:
         raise FinetuneError(f"--out {out} is a folder: give the report's file name, e.g. {out / 'eval.json'}")
     if out.suffix.lower() != ".json":  # it is written whole as JSON: over a LoRA, an image or a recipe too
         raise FinetuneError(f"--out {out} is not a .json file name: give the report's, e.g. {out.with_suffix('.json')} (its grids go beside it)")
-    existing = next(folder for folder in out.parents if folder.exists())  # the root, at least, exists
+    existing = nearest_existing(out.parent)
     if not existing.is_dir():
         raise FinetuneError(f"--out {out}: {existing} is a file, not a folder")
 

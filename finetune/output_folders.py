@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, nearest_existing
 
 
 def check_replaceable(folder: Path, overwrite: bool, what: str) -> None:
@@ -14,7 +14,7 @@ def check_replaceable(folder: Path, overwrite: bool, what: str) -> None:
     file, nor a folder with contents the user did not ask to replace."""
     if folder.exists() and not folder.is_dir():
         raise FinetuneError(f"{what} {folder} is a file: give a folder for the pipeline")
-    inside = next(path for path in folder.absolute().parents if path.exists())  # the root, at least, exists
+    inside = nearest_existing(folder.absolute().parent)
     if not inside.is_dir():
         raise FinetuneError(f"{what} {folder} is inside a file ({inside}): give a folder for the pipeline")
     check_writable(folder, what)
@@ -31,7 +31,7 @@ def check_writable(folder: Path, what: str) -> None:
     """Whether atomic_files.folder_written_whole can write `folder` (not a file, nor inside one: the caller said so): an existing
     folder itself (its contents read to be replaced), a new one in the folder it goes in. Unwritable, it failed with a traceback
     at the first write, after the model had loaded (export-base, merge) or the images were drawn (make-world-data)."""
-    inside = next(path for path in Path(folder).absolute().parents if path.exists())  # the root, at least, exists
+    inside = nearest_existing(Path(folder).absolute().parent)
     if not (os.access(folder, os.R_OK | os.W_OK | os.X_OK) if folder.is_dir() else os.access(inside, os.W_OK | os.X_OK)):
         where = folder if folder.is_dir() else f"{folder}: the folder it goes in, {inside},"
         raise FinetuneError(f"{what} {where} cannot be written to (permissions, or a read-only disk): fix its permissions, or give another folder")
