@@ -1,6 +1,8 @@
 """Walkthrough of the encoder caches (train.cache_latents, cache_text_embeddings, cache_dir): what a user
 hits when the cache folder cannot be used, or the settings make the cache grow without paying off."""
 
+import errno
+import os
 import re
 
 import pytest
@@ -92,4 +94,19 @@ def test_a_damaged_entry_of_a_read_only_cache_is_one_line(tmp_path, monkeypatch)
     monkeypatch.setattr("pathlib.Path.unlink", read_only)
     monkeypatch.setattr("finetune.cache.save_file", read_only)
     with pytest.raises(FinetuneError, match="train.cache_dir: .* cannot be written .*Read-only file system"):
+        cache.lookup(["k"], lambda rows: torch.ones(len(rows), 3), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("code, remedy", [(errno.EACCES, "fix the folder's permissions or choose"), (errno.EPERM, "fix the folder's permissions or choose"),
+                                          (errno.ENOSPC, "free space or choose"), (errno.EDQUOT, "free space or choose"),
+                                          (errno.EIO, "choose")])  # fmt: skip
+def test_an_unwritable_cache_says_what_fixes_it(tmp_path, monkeypatch, code, remedy):
+    """Freeing space fixes a full disk or quota, not a folder the run may not write (EPERM advised freeing space)."""
+    cache = EncodingCache(tmp_path / "cache")
+
+    def refused(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr("finetune.cache.save_file", refused)
+    with pytest.raises(FinetuneError, match=rf"cannot be written \(\w+: {re.escape(os.strerror(code))}\): {remedy} another train.cache_dir \(or remove it"):
         cache.lookup(["k"], lambda rows: torch.ones(len(rows), 3), torch.device("cpu"))
