@@ -26,8 +26,13 @@ def looked_for_here(path) -> str:
     not the recipe's (the shipped recipes name datasets/... from the repository's root), so a recipe run from
     another folder misses its folders, and 'not found' alone does not say why."""
     import os
+    import re
 
-    return "" if os.path.isabs(os.path.expanduser(str(path))) else f" (relative paths are read from the current folder, {os.getcwd()})"
+    if os.path.isabs(os.path.expanduser(str(path))):
+        return ""
+    if re.match(r"[A-Za-z]:[\\/]", str(path)):  # absolute on Windows only: here D:/sd15 is a folder "D:" in the current one
+        return f" ({str(path)[:2]} is a Windows drive, which this system does not have (it read the path from the current folder, {os.getcwd()}): give the path as this system names it)"
+    return f" (relative paths are read from the current folder, {os.getcwd()})"
 
 
 def nearest_existing(path):

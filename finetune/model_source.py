@@ -194,7 +194,8 @@ def looks_like_hub_id(name: str) -> bool:
 
 
 def _spelled_as_hub_id(name: str) -> bool:
-    return name.count("/") == 1 and all(name.split("/")) and not name.startswith((".", "/", "~")) and "\\" not in name
+    # A hub id holds letters, digits, "-", "_" and "." only: D:/sd15 (a Windows drive path) was looked up on the hub.
+    return name.count("/") == 1 and all(name.split("/")) and not name.startswith((".", "/", "~")) and "\\" not in name and ":" not in name
 
 
 def where_looked(name: str) -> str:

@@ -1,6 +1,8 @@
 """Relative paths in a recipe are read from the current folder (as the shipped recipes' datasets/... are, from
 the repository's root), not the recipe's: a path not found says where it was looked for."""
 
+import re
+
 import pytest
 
 from finetune.config import DataConfig, ModelConfig
@@ -29,3 +31,16 @@ def test_a_relative_path_not_found_names_the_current_folder(tmp_path, monkeypatc
 def test_an_absolute_path_not_found_is_said_as_before(tmp_path):
     with pytest.raises(FinetuneError, match=rf"^data folder {tmp_path / 'images'} not found: check data.image_dir$"):
         load_examples(DataConfig(image_dir=str(tmp_path / "images"), resolution=64))
+
+
+@pytest.mark.parametrize("windows_path", ["D:/sd15", "D:\\sd15", "c:/models/sd15"])
+def test_a_windows_drive_path_is_a_folder_not_found_not_a_hub_id(tmp_path, monkeypatch, windows_path):
+    """D:/sd15 was spelled as owner/name, so a missing one was looked up on the hub ("not found on the hub"):
+    a hub id never holds a colon, and the drive is named as what this system lacks."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(FinetuneError, match=rf"^base model {re.escape(windows_path)} not found: no such folder or file \(check model.pretrained\) "
+                                            rf"\({windows_path[:2]} is a Windows drive, which this system does not have \(it read the path from the "
+                                            rf"current folder, {tmp_path}\): give the path as this system names it\)$"):
+        resolve_model_folder(ModelConfig(pretrained=windows_path))
