@@ -29,10 +29,12 @@ def row_image(images, row: int, column: str, source: str, dataset: str) -> Image
                                 "or check the connection") from None  # fmt: skip
         if not path or not isinstance(err, FileNotFoundError):
             raise
-        folder = Path(dataset) if Path(dataset).is_dir() else Path(dataset).parent
-        if not os.path.isabs(path) and (folder / path).is_file():
+        # A hub id (owner/name) has no folder here: its first part was taken for one, and named as the dataset's folder.
+        folder = Path(dataset) if Path(dataset).is_dir() else Path(dataset).parent if Path(dataset).is_file() else None
+        if not os.path.isabs(path) and folder is not None and (folder / path).is_file():
             return Image.open(folder / path)
-        looked = f"looked for from the current folder and from the dataset's, {folder}" if not os.path.isabs(path) else "not found"
+        looked = ("not found" if os.path.isabs(path) else f"looked for from the current folder and from the dataset's, {folder}" if folder is not None
+                  else f"looked for from the current folder, {os.getcwd()}; the hub dataset {dataset} has no folder here to read it from")  # fmt: skip
         raise FinetuneError(f"image {source} is the file {path}, which is not there ({looked}): put it there, or fix its path in the dataset") from None
 
 

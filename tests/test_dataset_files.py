@@ -6,6 +6,7 @@ from PIL import Image
 
 from finetune.config import DataConfig
 from finetune.data import load_examples
+from finetune.dataset_images import row_image
 from finetune.errors import FinetuneError
 
 
@@ -319,6 +320,14 @@ def test_an_image_stored_as_a_path_relative_to_its_data_file_is_read_from_any_fo
     with pytest.raises(FinetuneError, match=rf"row 1 is the file img/gone.png, which is not there \(looked for from the current folder and from the dataset's, "
                                             rf"{tmp_path / 'data'}\): put it there, or fix its path in the dataset$"):  # fmt: skip
         examples[1].load()
+
+    # From the hub (owner/name), no folder of the dataset's is there to name: "owner" was named as one, and read from.
+    (tmp_path / "owner" / "img").mkdir(parents=True)
+    Image.new("RGB", (64, 64), "blue").save(tmp_path / "owner" / "img" / "gone.png")
+    paths = datasets.Dataset.from_dict({"image": cells}, features=datasets.Features({"image": datasets.Image()}))
+    with pytest.raises(FinetuneError, match=rf"row 1 is the file img/gone.png, which is not there \(looked for from the current folder, {tmp_path}; the hub "
+                                            r"dataset owner/name has no folder here to read it from\): put it there, or fix its path in the dataset$"):  # fmt: skip
+        row_image(paths, 1, "image", "row 1", "owner/name")
 
 
 def test_a_row_of_a_slice_or_another_split_is_named_by_its_place_in_its_split(tmp_path):
