@@ -34,6 +34,7 @@ from finetune.counts import counted
 from finetune.epoch_uses import expand_repeats
 from finetune.errors import FinetuneError
 from finetune.image_warnings import pillow_warning_line, pillow_warnings
+from finetune.image_folder_datasets import image_dir_advice
 from finetune.images import decode, file_stamp, float_levels_problem, has_alpha, is_16_bit, pixel_digest, turned_on_its_side, upright_rgb
 from finetune.loss_mask import alpha_mask, image_sharing_mask, mask_area, mask_digest, mask_path, read_mask_file
 from finetune.sources import (Example, data_folders, folder_images, read_examples,
@@ -304,6 +305,8 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
         message = (f"data folder {folder} holds {counted(count, 'image')} that no data.folders entry lists: {'it does' if count == 1 else 'they do'} "
                    f"not train (add {entry} with its repeats to data.folders to train {'it' if count == 1 else 'them'})")  # fmt: skip
         report.findings.append(Finding(WARNING, str(folder), message))
+    if message := image_dir_advice(config):
+        report.findings.append(Finding(WARNING, report.label, message))
     if config.skip_bad_images:
         skip_fatal(report)
     return report
