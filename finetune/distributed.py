@@ -47,6 +47,26 @@ def unwrap(accelerator: Accelerator, module: torch.nn.Module) -> torch.nn.Module
     return accelerator.unwrap_model(module, keep_torch_compile=False)
 
 
+def keep_autocast_outputs(accelerator: Accelerator, module: torch.nn.Module) -> None:
+    """Let the prepared `module` return its outputs in the dtype autocast made them, not cast to fp32.
+
+    Under its own mixed precision (not DeepSpeed's, nor fp32) accelerate's `prepare` wraps the model's forward (the model
+    that DDP or torch.compile then wraps) in autocast and casts its half-precision outputs to fp32, for a loss computed
+    outside autocast. Ours runs inside it (`autocast`; so do the held-out loss and validation's pipeline), and a model
+    whose outputs another model reads (the ControlNet's residuals, the UNet's inputs) had them cast to fp32 and back,
+    forward and backward, each activation-sized. Its forward of before `prepare` is put back: accelerate keeps it as
+    `_original_forward`, which its unwrap with `keep_fp32_wrapper=False` restores too, but that walks past it and strips
+    diffusers' decorators of the forward as well. The wrappers stay what is called: DDP still reduces the gradients. An
+    accelerate that kept no `_original_forward` would leave the fp32 outputs (`predict` casts them back), and
+    tests/test_controlnet_step_casts.py would fail."""
+    if not accelerator.native_amp:
+        return
+    inner = unwrap(accelerator, module)
+    original = vars(inner).pop("_original_forward", None)
+    if original is not None:
+        inner.forward = original
+
+
 def trained_parameters(modules: dict[str, torch.nn.Module], accelerator: Accelerator) -> dict[str, torch.nn.Parameter]:
     """Every parameter that trains, by a stable name (module name, then its own): for the weight average and the
     check of the weights before each save."""

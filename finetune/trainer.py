@@ -29,7 +29,7 @@ from finetune.batches import item_layout
 from finetune.diffusion import BatchRandomness
 from finetune.draw_keys import DRAWN, key_offset
 from finetune.device_copy import to_device
-from finetune.distributed import accelerator_options, agree_on_start, autocast, checkpoint_options, configure_deepspeed, full_parameters, launch_problem, release_gathered, trained_parameters, unsharded_loading, unwrap, uses_deepspeed, zero_stage
+from finetune.distributed import accelerator_options, agree_on_start, autocast, checkpoint_options, configure_deepspeed, full_parameters, keep_autocast_outputs, launch_problem, release_gathered, trained_parameters, unsharded_loading, unwrap, uses_deepspeed, zero_stage
 from finetune.deepspeed_checks import check_deepspeed_launch
 from finetune.earlier_run import clear_earlier_run, guard_earlier_run
 from finetune.ema import EMA_FILE, weight_average
@@ -191,6 +191,8 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     names = list(method.trained_modules())
     *wrapped, optimizer = accelerator.prepare(*method.trained_modules().values(), optimizer)
     modules = dict(zip(names, wrapped))
+    for name in method.feeding_another_model:
+        keep_autocast_outputs(accelerator, modules[name])
     # Fixed for the run: gathered once, since walking every module of a UNet each step costs milliseconds
     # of the CPU time a GPU step waits on.
     clipped_parameters = method.trainable_parameters()

@@ -218,7 +218,8 @@ def test_a_controlnet_trained_without_mid_only_control_continues_with_it_as_trai
 
 
 def test_mixed_precision_trains_and_samples(make_recipe, pairs_folder, monkeypatch):
-    """Frozen parts in bf16, the ControlNet in fp32: its (fp32) residuals meet bf16 features."""
+    """Frozen parts in bf16, the ControlNet in fp32: its residuals (autocast's bf16, not accelerate's fp32 outputs, which
+    the UNet's bf16 norm weights refuse on the CPU) meet bf16 features, in training and validation."""
     recipe = controlnet_recipe(
         make_recipe, pairs_folder, train__max_steps=1, train__mixed_precision="bf16",
         validation={"prompts": ["a red circle"], "num_inference_steps": 1, "images_per_prompt": 1, "at_start": False},

@@ -41,6 +41,9 @@ from finetune.views import plan_cover_crop
 
 class TrainingMethod(ABC):
     name: str
+    # The trained modules whose outputs another model reads, not the loss: they keep autocast's dtype (not cast to
+    # fp32 by accelerate and back; `finetune.distributed.keep_autocast_outputs`).
+    feeding_another_model: tuple[str, ...] = ()
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe

@@ -23,7 +23,6 @@ model's behaviour instead of disturbing it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -64,6 +63,7 @@ DECODER_PARTS = ("up_blocks", "conv_norm_out", "conv_out")
 
 class ControlNetMethod(DiffusionMethod):
     name = "controlnet"
+    feeding_another_model = ("controlnet",)  # its residuals, the UNet's inputs
 
     def __init__(self, recipe: Recipe):
         super().__init__(recipe)
@@ -247,7 +247,8 @@ class ControlNetMethod(DiffusionMethod):
         )
         if self.settings.only_mid_control:
             down = [torch.zeros_like(residual) for residual in down]
-        # In the frozen weights' dtype, as the UNet's own features (accelerate hands fp32 outputs back).
+        # In the frozen weights' dtype, as the UNet's own features. The step's autocast made them so, and accelerate no
+        # longer casts them to fp32 (`feeding_another_model`): no kernel here, unless called outside autocast.
         down, mid = [residual.to(self.weight_dtype) for residual in down], mid.to(self.weight_dtype)
         unet = modules.get("unet", self.base.unet)
         return unet(
@@ -300,35 +301,12 @@ class ControlNetMethod(DiffusionMethod):
         pipeline = self.pipeline(modules)
         scale = self.settings.conditioning_scale
         options = [settings.prompt_settings(prompt) for prompt in prompts]  # each with its own --n, --d, --l, --s, if any
-        with residuals_in(modules["controlnet"], self.weight_dtype):
-            samples = generate_with_settings(pipeline, options, settings.images_per_prompt, self.recipe.data.resolution,
-                                             conditions=conditions, controlnet_conditioning_scale=scale, not_finite_cause=VALIDATION_OVERFLOW)  # fmt: skip
+        # The ControlNet's residuals reach the UNet in autocast's dtype, as in training (`feeding_another_model`).
+        samples = generate_with_settings(pipeline, options, settings.images_per_prompt, self.recipe.data.resolution,
+                                         conditions=conditions, controlnet_conditioning_scale=scale, not_finite_cause=VALIDATION_OVERFLOW)  # fmt: skip
         rows = [[condition, *row] for condition, row in zip(conditions, samples)]
         labels = [prompt if scale == 1.0 else f"{prompt} (control x{scale:g})" for prompt in prompts]
         return rows, labels
-
-
-@contextlib.contextmanager
-def residuals_in(controlnet: torch.nn.Module, dtype: torch.dtype):
-    """While sampling, hand the ControlNet's residuals to the UNet in `dtype` (the frozen weights').
-
-    Under mixed precision accelerate's wrapper returns fp32 outputs, and fp32 features meeting
-    half-precision norm weights fail on the CPU; the training loss casts the same way in `predict`.
-    """
-
-    def cast(module, args, output):
-        if isinstance(output, tuple):
-            down, mid = output
-            return [residual.to(dtype) for residual in down], mid.to(dtype)
-        output.down_block_res_samples = [residual.to(dtype) for residual in output.down_block_res_samples]
-        output.mid_block_res_sample = output.mid_block_res_sample.to(dtype)
-        return output
-
-    handle = controlnet.register_forward_hook(cast)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def save_model_folder(model: torch.nn.Module, folder: Path, metadata: dict[str, str]) -> Path:
