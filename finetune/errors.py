@@ -38,8 +38,12 @@ def looked_for_here(path) -> str:
 def nearest_existing(path):
     """`path` if it exists, else the nearest folder above it that does (the root, or `.` for a relative path, at least):
     the part of a path to be made that is there, to say where it stops (`x is a file, not a folder`). As given:
-    relative stays relative, so a message names the path as the user wrote it."""
+    relative stays relative, so a message names the path as the user wrote it. A FinetuneError where not even its
+    start exists (a Windows drive letter this system lacks)."""
     from pathlib import Path
 
     path = Path(path)
-    return next(part for part in (path, *path.parents) if part.exists())
+    found = next((part for part in (path, *path.parents) if part.exists()), None)
+    if found is None:  # not even its start: on Windows, a drive letter this system lacks (Z:/runs); a StopIteration traceback before
+        raise FinetuneError(f"{path}: {path.anchor or path} does not exist here (a drive this system does not have?): give a path on one of its drives")
+    return found

@@ -1,6 +1,6 @@
 """What Windows lacks or does otherwise, reproduced on Linux: flushing a file through a read-only handle, hard links
-on an exFAT or FAT32 drive, the `resource` module (Unix only) and text files in a code page, each on the code path
-that meets it."""
+on an exFAT or FAT32 drive, a drive letter the system lacks, the `resource` module (Unix only) and text files in a
+code page, each on the code path that meets it."""
 
 import errno
 import fcntl
@@ -79,3 +79,23 @@ def test_the_tiny_models_tokenizer_is_written_in_utf8_where_the_locale_is_a_code
     monkeypatch.setattr(io, "text_encoding", lambda encoding, stacklevel=2: encoding or "cp1252")
     tokenizer = make_clip_tokenizer(COMMON_WORDS, tmp_path)
     assert tokenizer.decode(tokenizer("a red circle")["input_ids"], skip_special_tokens=True) == "a red circle"
+
+
+def test_a_path_on_a_drive_this_system_lacks_is_said_in_one_line(tmp_path, monkeypatch):
+    """Z:/runs/lora on a Windows system without a Z: drive: no part of it exists, not even Z:/, and the search for its
+    nearest existing folder (output folders, --out, train.cache_dir) ended in a StopIteration traceback. Reproduced with
+    a root that reads as missing, as Z:/ does there."""
+    import pytest
+
+    from finetune.cli import check_output_folder
+    from finetune.earlier_run import guard_earlier_run
+    from finetune.errors import FinetuneError
+    from finetune.recipe_loading import recipe_from_dict
+
+    monkeypatch.setattr(Path, "exists", lambda self: not (str(self) == "/" or str(self).startswith("/nodrive")))
+    with pytest.raises(FinetuneError, match=r"^/nodrive/runs/lora: / does not exist here \(a drive this system does not have\?\)"):
+        check_output_folder(Path("/nodrive/runs/lora"), "--out", "the images")
+    with pytest.raises(FinetuneError, match="^/nodrive/runs/lora: / does not exist here"):
+        guard_earlier_run(Path("/nodrive/runs/lora"), None, overwrite=False)
+    with pytest.raises(FinetuneError, match=r"key 'train.cache_dir': /nodrive/cache: / does not exist here"):
+        recipe_from_dict({"model": {"pretrained": str(tmp_path)}, "train": {"max_steps": 1, "cache_dir": "/nodrive/cache"}})
