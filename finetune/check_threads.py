@@ -2,8 +2,8 @@
 
 The check decodes every image in full and hashes its pixels (a 12 MP JPEG takes ~0.25 s of one core),
 and training runs it again at every start, resume included. Pillow and hashlib release the GIL while
-they decode, convert and hash, so threads check several images at once without pickling anything (an
-example's loader is a lambda). Results keep the images' order, so reports and duplicate findings are
+they decode, convert and hash, so threads check several images at once without pickling anything (nor
+starting processes that import it all again). Results keep the images' order, so reports and duplicate findings are
 the same on any number of threads.
 """
 
