@@ -25,7 +25,7 @@ from finetune.console import say
 from finetune.encoders import chunks_needed
 from finetune.errors import FinetuneError
 from finetune.finite_images import decoded_pixels, not_finite_rows
-from finetune.placement import out_of_device_memory
+from finetune.placement import free_device_memory, out_of_device_memory
 from finetune.sampling import autocast_for, prompt_arguments, save_image_atomic
 
 
@@ -98,7 +98,7 @@ def generate_class_images(
                     # dreambooth.class_generation.batch_size is the most at once, not a promise: image k comes from seed + k in any
                     # batch, so halving makes the same images (batch_size 1000000 had one call hold every missing image).
                     size = len(batch) // 2
-                    _free_device_memory()
+                    free_device_memory()
                     say(f"class images: {len(batch)} at once ran out of GPU memory; making {size} at a time from now on "
                         f"(dreambooth.class_generation.batch_size: {size} starts there)", by="this process")  # its own device
                     continue
@@ -139,9 +139,3 @@ def _make(pipeline, class_prompts: list[str], batch: list[int], settings: ClassI
             output_type="pt",
         ).images
 
-
-def _free_device_memory() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        torch.mps.empty_cache()

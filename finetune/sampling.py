@@ -17,7 +17,7 @@ from finetune.errors import FinetuneError
 from finetune.finite_images import SAMPLING_OVERFLOW, decoded_pixels, not_finite_line, not_finite_rows, say_warning
 from finetune.image_bounds import GRID_LABEL_WIDTH
 from finetune.models import BaseModel
-from finetune.placement import out_of_device_memory
+from finetune.placement import free_device_memory, out_of_device_memory
 from finetune.progress_lines import in_a_log
 from finetune.prompt_options import PromptSettings
 
@@ -309,10 +309,7 @@ def _in_batches_that_fit(make, jobs: list, pixels_per_image: int) -> dict:
                 raise
         # Out of the except block, so the failed call's tensors (held by its traceback) are freed first.
         PIXELS_PER_CALL = max(pixels_per_image, len(batch) // 2 * pixels_per_image)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            torch.mps.empty_cache()
+        free_device_memory()
         print(f"sampling: {len(batch)} images at once ran out of GPU memory; making {len(batch) // 2} at a time from now on")
     return images
 
