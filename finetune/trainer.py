@@ -44,6 +44,7 @@ from finetune.output_metadata import dataset_metadata, output_metadata
 from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer, check_optimizer_installed, step_size
 from finetune.recipe_loading import dump_recipe
 from finetune.run_length import STEPS_BY_SHAPE, check_epoch_run, due, epoch_count, epochs_text, planned_steps, resume_warnings, run_length_line, run_sampler
+from finetune.logged_settings import settings_on_record
 from finetune.loss_mask import preview as mask_preview
 from finetune.sampling import save_image_atomic
 from finetune.start_weights import resumed_method
@@ -228,10 +229,12 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
         # resumed step itself where its grid is drawn again (a kill after the grid had left two): its train logs are written anew.
         redrawn = resume_from is not None and state.get(VALIDATION_PENDING) and LOGGED_AT_STEP in state
         purged = {"tensorboard": {"purge_step": 0 if resume_from is None else step if redrawn else step + 1}}
-        # The settings (TensorBoard's HParams) once per run, again at a resume only where they differ from its checkpoint's: each
-        # record is a run of its own in TensorBoard's list, and an overnight run resumed ten times listed ten of the same.
+        # The settings (TensorBoard's HParams) once per run, again only where they differ from the checkpoint's a run resumes
+        # (or, started afresh, from those its logs hold): each record is a run of its own in TensorBoard's list, and an
+        # overnight run resumed ten times listed ten of the same.
         settings = recipe.flat_settings()
-        accelerator.init_trackers("finetune", config=settings if resume_from is None or state.get("recipe") != settings else None, init_kwargs=purged)
+        on_record = state.get("recipe") == settings if resume_from is not None else settings_on_record(output_dir / "logs" / "finetune", settings)
+        accelerator.init_trackers("finetune", config=None if on_record else settings, init_kwargs=purged)
         if redrawn:
             accelerator.log(state[LOGGED_AT_STEP], step=step)
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import build_recipe
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -89,6 +90,7 @@ def test_a_run_killed_and_resumed_logs_each_step_once(tiny_model, image_folder, 
     train(recipe, resume=started_a_second_later("latest"))  # from checkpoint-3, or from the start
     for tag in ("train/loss", "train/lr"):
         assert_one_curve(logged(tmp_path / "run", tag), logged(tmp_path / "straight", tag), tag)  # each step once, as the resumed run logged it
+    assert settings_records(tmp_path / "run") == 1  # the same settings, recorded by the killed run (a fresh start too: its logs hold them)
 
 
 def grid_steps(run_dir: Path) -> list[int]:
@@ -128,3 +130,15 @@ def test_a_resume_from_an_older_checkpoint_logs_its_later_steps_once(tiny_model,
         rates = logged(run_dir, "train/lr")
         assert [step for step, _ in rates] == list(range(1, 9)) and settings_records(run_dir) == 2
         assert rates[:3] == straight["train/lr"][:3] and rates[3] != straight["train/lr"][3]  # (4, the resumed run's rate)
+
+
+def test_settings_on_record_are_those_of_a_whole_record_alike(tmp_path):
+    from finetune.logged_settings import settings_on_record
+
+    settings = {"lora.rank": 4, "optimizer.lr": 0.0001, "validation.prompts": "['a café']", "train.cache_latents": True}
+    (tmp_path / "1.5").mkdir()
+    (tmp_path / "1.5" / "hparams.yml").write_text(yaml.dump(settings))  # as accelerate writes it
+    (tmp_path / "2.5").mkdir()
+    (tmp_path / "2.5" / "hparams.yml").write_text("lora.rank: 4\noptimizer.lr: [")  # cut short by a kill
+    assert settings_on_record(tmp_path, settings) and not settings_on_record(tmp_path / "missing", settings)
+    assert not settings_on_record(tmp_path, {**settings, "optimizer.lr": 0.0002}) and not settings_on_record(tmp_path, {"lora.rank": 4})
