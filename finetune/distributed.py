@@ -124,12 +124,16 @@ def launch_problem(mixed_precision: str) -> str | None:
         # conv_norm_out for truth, which a compiled wrapper answers with a TypeError (torch 2.13, accelerate 1.15).
         return ("accelerate's regional compilation (--dynamo_use_regional_compilation) cannot run diffusers' UNet: "
                 "compile the whole UNet with --dynamo_backend inductor alone")  # fmt: skip
-    if mixed_precision == "fp16" and not gpu_available():
+    # The run's device is the CPU, whatever GPU the machine has: `accelerate launch --cpu`, or several processes without CUDA
+    # (a Mac's: joined over gloo on the CPU). There fp16 cannot run, and bf16 can.
+    on_the_cpu = bool(str_to_bool(os.environ.get("ACCELERATE_USE_CPU", "false"))) or accelerator_options().get("cpu", False)
+    if mixed_precision == "fp16" and (on_the_cpu or not gpu_available()):
         # accelerate turns fp16 autocast off on a CPU, and the fp16 frozen weights would then meet fp32 inputs.
-        return "train.mixed_precision fp16 needs a GPU; on a CPU use bf16 or no"
-    if mixed_precision == "bf16" and (emulated := bf16_emulated()):
+        launched = " (this launch runs it on the CPU)" if on_the_cpu and gpu_available() else ""
+        return f"train.mixed_precision fp16 needs a GPU{launched}; on a CPU use bf16 or no"
+    if mixed_precision == "bf16" and not on_the_cpu and (emulated := bf16_emulated()):
         return f"train.mixed_precision bf16: {emulated}: set train.mixed_precision: fp16"
-    if mixed_precision == "bf16" and not str_to_bool(os.environ.get("ACCELERATE_USE_CPU", "false")) and (missing := mps_without_bf16()):
+    if mixed_precision == "bf16" and not on_the_cpu and (missing := mps_without_bf16()):
         return f"train.mixed_precision bf16: {missing}: set train.mixed_precision: fp16 (or no), or update macOS"
     return None
 

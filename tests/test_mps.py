@@ -55,6 +55,38 @@ def test_bf16_before_macos_14_stops_with_one_line_before_loading_the_model(make_
             train(make_recipe(train__mixed_precision="bf16"))
 
 
+
+def test_a_launch_on_the_cpu_of_a_machine_with_a_gpu_is_checked_for_the_cpu(make_recipe, monkeypatch):
+    """`accelerate launch --cpu` (ACCELERATE_USE_CPU), or several processes without CUDA (joined over gloo on the CPU),
+    trains on the CPU whatever GPU the machine has. fp16 went past the check because the machine had one, to fail in
+    the model (fp16 weights meeting fp32 inputs, accelerate's autocast being off on the CPU); bf16 was refused for the
+    GPU's want of it (a Mac before macOS 14, a T4), with advice to use fp16, which the CPU cannot run."""
+    import finetune.distributed as distributed
+
+    class PastTheCheck(Exception):
+        pass
+
+    def accelerator(**options):
+        raise PastTheCheck
+
+    monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(trainer, "Accelerator", accelerator)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    a_mac(monkeypatch, (13, 6))
+    with pytest.raises(FinetuneError, match=r"^train.mixed_precision fp16 needs a GPU \(this launch runs it on the CPU\); on a CPU use bf16 or no$"):
+        train(make_recipe(train__mixed_precision="fp16"))
+    with pytest.raises(PastTheCheck):
+        train(make_recipe(train__mixed_precision="bf16"))
+    monkeypatch.setattr(distributed, "bf16_emulated", lambda: "this GPU (Tesla T4, compute capability 7.5) has no bf16 arithmetic")
+    with pytest.raises(PastTheCheck):
+        train(make_recipe(train__mixed_precision="bf16"))
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    assert distributed.launch_problem("bf16").startswith("train.mixed_precision bf16: this GPU (Tesla T4")  # on the GPU, as before
+    monkeypatch.setenv("WORLD_SIZE", "2")  # two processes of a Mac (no CUDA): accelerate is told to use the CPU
+    assert distributed.accelerator_options() == {"cpu": True}
+    assert distributed.launch_problem("bf16") is None and "this launch runs it on the CPU" in distributed.launch_problem("fp16")
+
+
 # What torch's MPS allocator raises (a RuntimeError, not torch.OutOfMemoryError as on CUDA).
 MPS_OUT_OF_MEMORY = ("MPS backend out of memory (MPS allocated: 9.00 GiB, other allocations: 464.00 KiB, max allowed: 9.07 GiB). "
                      "Tried to allocate 1024.00 MiB on private pool. Use PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.0 to disable upper limit")
