@@ -11,10 +11,16 @@ from pathlib import Path
 
 from finetune.checkpoint import CHECKPOINT_PATTERN, checkpoint_step, list_checkpoints, read_state
 from finetune.errors import FinetuneError, nearest_existing
+from finetune.methods.controlnet import CONTROLNET_DIR, UNET_DIR
+from finetune.methods.full import PIPELINE_DIR
+from finetune.methods.lora import LORA_WEIGHTS_NAME
 
 # What a run leaves in its output_dir besides its outputs: `overwrite` clears these (DreamBooth's generated
 # class images stay: they are named by their prompt and settings, so a new run reuses only matching ones).
 RUN_FOLDERS = ("checkpoints", "samples", "logs")
+# What a finished run writes there (each method's `save`; method vae's pipeline is named as full's). A user who deletes a
+# finished run's checkpoints to make room still holds these, and a new run in that output_dir replaced them unasked.
+RUN_OUTPUTS = (LORA_WEIGHTS_NAME, CONTROLNET_DIR, UNET_DIR, PIPELINE_DIR)
 
 
 def guard_earlier_run(output_dir: Path, resume_from: Path | None, overwrite: bool) -> None:
@@ -45,12 +51,15 @@ def guard_earlier_run(output_dir: Path, resume_from: Path | None, overwrite: boo
         return
     if overwrite:
         check_clearable(output_dir)
-    if not earlier or overwrite:
         return
-    raise FinetuneError(
-        f"output_dir {output_dir} holds an earlier run ({earlier[-1].name}): continue it with --resume latest, "
-        f"replace it with --overwrite (deletes its checkpoints, samples and logs), or set output_dir to a new folder"
-    )
+    if earlier:
+        raise FinetuneError(
+            f"output_dir {output_dir} holds an earlier run ({earlier[-1].name}): continue it with --resume latest, "
+            f"replace it with --overwrite (deletes its checkpoints, samples and logs), or set output_dir to a new folder"
+        )
+    if outputs := [name for name in RUN_OUTPUTS if (output_dir / name).exists()]:
+        raise FinetuneError(f"output_dir {output_dir} holds the outputs of an earlier run ({outputs[0]}) and no checkpoint to continue: "
+                            f"set output_dir to a new folder to keep them, or replace them with --overwrite")  # fmt: skip
 
 
 def check_run_folder_links(output_dir: Path) -> None:

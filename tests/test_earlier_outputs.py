@@ -1,0 +1,44 @@
+"""A finished run whose checkpoints the user deleted (a full UNet's are gigabytes) still holds its outputs: a new run in
+that output_dir replaced them without a word. It is refused before anything loads, as an earlier run's checkpoints are."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+import finetune.trainer as trainer_module
+from finetune.earlier_run import guard_earlier_run
+from finetune.errors import FinetuneError
+from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.trainer import train
+
+
+def test_a_new_run_keeps_the_outputs_of_a_finished_run_whose_checkpoints_were_deleted(make_recipe, monkeypatch):
+    finished = train(make_recipe(train__max_steps=2))
+    adapter = finished.output_dir / LORA_WEIGHTS_NAME
+    made = adapter.read_bytes()
+    shutil.rmtree(finished.output_dir / "checkpoints")
+    monkeypatch.setattr(trainer_module, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(FinetuneError, match=rf"^output_dir .* holds the outputs of an earlier run \({LORA_WEIGHTS_NAME}\) and no checkpoint to continue: "
+                                            r"set output_dir to a new folder to keep them, or replace them with --overwrite$"):
+        train(make_recipe(train__max_steps=2, optimizer__lr=5e-4))
+    assert adapter.read_bytes() == made
+    monkeypatch.undo()
+    replaced = train(make_recipe(train__max_steps=2, optimizer__lr=5e-4), overwrite=True)
+    assert adapter.read_bytes() != made and replaced.final_step == 2
+
+
+@pytest.mark.parametrize("output", ["controlnet", "unet", "pipeline"])
+def test_each_methods_outputs_count_as_an_earlier_run(tmp_path, output):
+    (tmp_path / output).mkdir()
+    with pytest.raises(FinetuneError, match=rf"holds the outputs of an earlier run \({output}\)"):
+        guard_earlier_run(tmp_path, None, overwrite=False)
+    guard_earlier_run(tmp_path, None, overwrite=True)
+
+
+def test_a_run_killed_before_its_first_checkpoint_may_start_again(tmp_path):
+    for folder in ("logs", "samples"):  # what it leaves: no checkpoint, no output
+        (tmp_path / folder).mkdir()
+    (tmp_path / "recipe.yaml").write_text("method: lora\n")
+    guard_earlier_run(tmp_path, None, overwrite=False)
