@@ -332,7 +332,12 @@ class UNetMethod(DiffusionMethod):
         return {name: getattr(self.base, name) for name in self.trained_module_names()}  # the base's unet, text_encoder
 
     def parameter_groups(self) -> list[dict]:
-        return text_encoder_groups(self.base, self.train_text_encoder, self.text_encoder_lr or self.recipe.optimizer.lr)
+        """The UNet's trainable weights, and the text encoder's at their own rate."""
+        groups = [{"name": "unet", "params": [p for p in self.base.unet.parameters() if p.requires_grad]}]
+        if self.train_text_encoder:
+            text_encoder_lr = self.text_encoder_lr or self.recipe.optimizer.lr
+            groups.append({"name": "text_encoder", "params": [p for p in self.base.text_encoder.parameters() if p.requires_grad], "lr": text_encoder_lr})
+        return groups
 
     def predict(self, modules, noisy_latents, timesteps, encoder_hidden_states, batch) -> torch.Tensor:
         return modules["unet"](noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
@@ -343,10 +348,3 @@ class UNetMethod(DiffusionMethod):
             pipeline.text_encoder = modules["text_encoder"]
         return pipeline
 
-
-def text_encoder_groups(base: BaseModel, train_text_encoder: bool, text_encoder_lr: float) -> list[dict]:
-    """Parameter groups: the UNet's trainable weights, and the text encoder's at their own rate."""
-    groups = [{"name": "unet", "params": [p for p in base.unet.parameters() if p.requires_grad]}]
-    if train_text_encoder:
-        groups.append({"name": "text_encoder", "params": [p for p in base.text_encoder.parameters() if p.requires_grad], "lr": text_encoder_lr})
-    return groups
