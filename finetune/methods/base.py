@@ -169,15 +169,23 @@ class DiffusionMethod(TrainingMethod):
 
     def setup(self, base: BaseModel, weight_dtype: torch.dtype = torch.float32) -> None:
         super().setup(base, weight_dtype)
+        self._set_up_caches(base)
+        train = self.recipe.train
+        self.timesteps = training_timesteps(train, base.noise_scheduler.config.num_train_timesteps)
+        if problem := debiased_zero_snr_problem(train, base):
+            raise FinetuneError(problem)
+
+    def _set_up_caches(self, base: BaseModel) -> None:
+        """train.cache_latents and cache_text_embeddings: the caches, and start lines saying what they hold and when they won't pay off."""
         train = self.recipe.train
         root = Path(train.cache_dir) if train.cache_dir else None
 
-        def cache(kind: str, encoder: torch.nn.Module, tokenizer=None) -> EncodingCache:
+        def encoding_cache(kind: str, encoder: torch.nn.Module, tokenizer=None) -> EncodingCache:
             return EncodingCache(root / f"{kind}-{model_fingerprint(encoder, tokenizer)}" if root else None)
 
-        self.latent_cache = cache("latents", base.vae) if train.cache_latents else None
-        text_encoder_trains = "text_encoder" in self.trained_modules()  # its embeddings are not cached then
-        self.text_cache = cache("text", base.text_encoder, base.tokenizer) if train.cache_text_embeddings and not text_encoder_trains else None
+        self.latent_cache = encoding_cache("latents", base.vae) if train.cache_latents else None
+        text_encoder_trains = "text_encoder" in self.trained_modules()  # its embeddings change each step
+        self.text_cache = encoding_cache("text", base.text_encoder, base.tokenizer) if train.cache_text_embeddings and not text_encoder_trains else None
         used = ((self.latent_cache, "latents"), (self.text_cache, "text embeddings"))
         self.start_lines += [cache.disk_line(what) for cache, what in used if cache and cache.folder]
         data = self.recipe.data  # the items are read only where a warning may apply (a model set up without check_data has none)
@@ -185,9 +193,6 @@ class DiffusionMethod(TrainingMethod):
         tags_vary = (self.text_cache is not None and (data.shuffle_tags or data.tag_dropout)
                      and any_tags_to_move(self.training_items(), data))
         self.start_lines += unrepeated_cache_warnings(crops_vary, tags_vary)
-        self.timesteps = training_timesteps(train, base.noise_scheduler.config.num_train_timesteps)
-        if problem := debiased_zero_snr_problem(train, base):
-            raise FinetuneError(problem)
 
     def item_latent_cache(self) -> EncodingCache | None:
         return self.latent_cache
