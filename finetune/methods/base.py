@@ -56,7 +56,7 @@ class TrainingMethod(ABC):
 
     def check_data(self) -> None:
         """Read and check the training data; runs before any model is loaded, so errors come fast."""
-        self.examples, report = checked_examples(data_configs(self.recipe)[0])  # method vae's reads no captions
+        self.examples, report = checked_examples(data_configs(self.recipe)[0])  # not recipe.data: method vae's has its captions blanked
         self.data_reports = [report]
 
     def training_items(self) -> list[Example]:
