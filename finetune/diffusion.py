@@ -1,4 +1,4 @@
-"""The denoising objective shared by every method: noise, timesteps, target, and the weighted loss.
+"""The denoising objective shared by every diffusion method (all but vae): noise, timesteps, target, and the weighted loss.
 
 Noise and timesteps for micro-batch m are drawn for the whole global batch from a generator seeded
 by (seed, m), and each process takes its own rows. So a run is reproducible, resumable mid-way, and
@@ -81,12 +81,10 @@ class NoiseOptions:
     # added at `multires_iterations` smaller scales, each weighed by discount**level.
     multires_iterations: int = 0
     multires_discount: float = 0.3
-    # Input perturbation (Ning et al. 2023): the noised latents get extra noise the target does not know of.
-    input_perturbation: float = 0.0
 
     @classmethod
     def of(cls, train) -> "NoiseOptions":
-        return cls(train.noise_offset, train.multires_noise_iterations, train.multires_noise_discount, train.input_perturbation)
+        return cls(train.noise_offset, train.multires_noise_iterations, train.multires_noise_discount)
 
 
 def draw_noise(
@@ -123,7 +121,8 @@ def multires_noise(noise: torch.Tensor, randomness: BatchRandomness, iterations:
 
 
 def draw_perturbation(randomness: BatchRandomness, latent_shape: tuple[int, ...], scale: float) -> torch.Tensor | None:
-    """Input perturbation's extra noise for this process's rows (None when off)."""
+    """Input perturbation's extra noise for this process's rows (None when off): Ning et al. (2023) noise the latents
+    with more than the target knows of (`add_noise`)."""
     return scale * randomness.normal(latent_shape, PERTURBATION_STREAM) if scale else None
 
 
