@@ -88,12 +88,12 @@ class NoiseOptions:
 
 
 def draw_noise(
-    randomness: BatchRandomness, latent_shape: tuple[int, ...], timesteps: range, options: NoiseOptions = NoiseOptions()
+    randomness: BatchRandomness, latent_shape: tuple[int, ...], timestep_range: range, options: NoiseOptions = NoiseOptions()
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(noise, timesteps) for this process's rows, on the CPU; `latent_shape` is per sample (C, H, W);
-    the timesteps are drawn uniformly from the range `timesteps` (all the model's, by default)."""
+    the timesteps are drawn uniformly from `timestep_range` (all the model's, or train.min_timestep..max_timestep)."""
     noise = randomness.normal(latent_shape, NOISE_STREAM)
-    timesteps = timesteps.start + randomness.integers(len(timesteps), TIMESTEP_STREAM)
+    timesteps = timestep_range.start + randomness.integers(len(timestep_range), TIMESTEP_STREAM)
     if options.offset:
         noise = noise + options.offset * randomness.normal((latent_shape[0], 1, 1), OFFSET_STREAM)
     if options.multires_iterations:
@@ -159,7 +159,7 @@ def huber_threshold(scheduler: DDPMScheduler, timesteps: torch.Tensor, huber_c: 
 
 def per_sample_loss(
     prediction: torch.Tensor,
-    batch: NoisedBatch,
+    noised: NoisedBatch,
     scheduler: DDPMScheduler,
     snr_gamma: float | None = None,
     huber_c: float | None = None,
@@ -173,10 +173,10 @@ def per_sample_loss(
     finetune/loss_mask.py: normalized by the sample's weight, at least MIN_NORMALIZING_SHARE of its pixels).
     """
     if huber_c is None:
-        elementwise = F.mse_loss(prediction.float(), batch.target.float(), reduction="none")
+        elementwise = F.mse_loss(prediction.float(), noised.target.float(), reduction="none")
     else:
-        threshold = huber_threshold(scheduler, batch.timesteps, huber_c).view(-1, 1, 1, 1)
-        squared = (prediction.float() - batch.target.float()).square()
+        threshold = huber_threshold(scheduler, noised.timesteps, huber_c).view(-1, 1, 1, 1)
+        squared = (prediction.float() - noised.target.float()).square()
         elementwise = 2.0 * threshold * (torch.sqrt(squared + threshold**2) - threshold)
     if weights is None:
         loss = elementwise.mean(dim=(1, 2, 3))
@@ -186,9 +186,9 @@ def per_sample_loss(
         loss = (elementwise * weights).sum(dim=(1, 2, 3)) / total_weight
     v_prediction = scheduler.config.prediction_type == "v_prediction"
     if snr_gamma is not None:
-        loss = loss * min_snr_weight(scheduler, batch.timesteps, snr_gamma, v_prediction)
+        loss = loss * min_snr_weight(scheduler, noised.timesteps, snr_gamma, v_prediction)
     if debiased:
-        loss = loss * debiased_weight(scheduler, batch.timesteps, v_prediction)
+        loss = loss * debiased_weight(scheduler, noised.timesteps, v_prediction)
     return loss
 
 

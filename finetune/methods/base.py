@@ -171,7 +171,7 @@ class DiffusionMethod(TrainingMethod):
         super().setup(base, weight_dtype)
         self._set_up_caches(base)
         train = self.recipe.train
-        self.timesteps = training_timesteps(train, base.noise_scheduler.config.num_train_timesteps)
+        self.timestep_range = training_timesteps(train, base.noise_scheduler.config.num_train_timesteps)
         if problem := debiased_zero_snr_problem(train, base):
             raise FinetuneError(problem)
 
@@ -264,7 +264,7 @@ class DiffusionMethod(TrainingMethod):
         latent_shape = (base.vae.config.latent_channels, height // 8, width // 8)
         latents = self.encode_latents(batch, randomness.normal(latent_shape, POSTERIOR_STREAM))
         encoder_hidden_states = self.encode_text(modules, batch["captions"])
-        noise, timesteps = draw_noise(randomness, latent_shape, self.timesteps, NoiseOptions.of(train))
+        noise, timesteps = draw_noise(randomness, latent_shape, self.timestep_range, NoiseOptions.of(train))
         perturbation = draw_perturbation(randomness, latent_shape, train.input_perturbation)
         noised = add_noise(
             base.noise_scheduler, latents, to_device(noise, latents.device), to_device(timesteps, latents.device),
