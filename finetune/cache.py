@@ -69,8 +69,6 @@ class EncodingCache:
     def __init__(self, folder: Path | None = None):
         self.memory: dict[str, torch.Tensor] = {}
         self.folder = folder
-        self.hits = 0
-        self.misses = 0
         if folder is not None:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -156,8 +154,6 @@ class EncodingCache:
         """
         rows = [self._load(key) for key in keys]
         missing = [i for i, row in enumerate(rows) if row is None]
-        self.hits += len(keys) - len(missing)
-        self.misses += len(missing)
         for i in missing:
             if keys[i] not in self.memory:  # a key twice in one batch (the dropped caption "") is encoded once
                 self._store(keys[i], compute([i])[0])
