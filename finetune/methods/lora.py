@@ -74,36 +74,41 @@ class LoRAMethod(UNetMethod):
         if self.train_text_encoder and settings.loraplus_text_encoder_lr_ratio is not None:
             self.start_lines.append(f"LoRA+ for the text encoder (lora.loraplus_text_encoder_lr_ratio): its up weights at {settings.loraplus_text_encoder_lr_ratio:g} x its rate")
         if self.initial_lora is not None:
-            check_trained_alike(self.initial_lora, settings.init_from, self.recipe.model.clip_skip, self.base.noise_scheduler.config.prediction_type)
-            self.target_unrecorded = not self.initial_lora.metadata.get("finetune.prediction_type")
-            if "finetune.method" in self.initial_lora.metadata:  # ours record the schedule (files from elsewhere say nothing)
-                trained_zero_snr = self.initial_lora.metadata.get("finetune.zero_terminal_snr") == "true"
-                if trained_zero_snr != self.recipe.model.zero_terminal_snr:
-                    self.start_lines.append(
-                        f"warning: lora.init_from {settings.init_from} was trained {'with' if trained_zero_snr else 'without'} a zero-terminal-SNR "
-                        f"schedule, this run trains {'with' if self.recipe.model.zero_terminal_snr else 'without'} one: set model.zero_terminal_snr: "
-                        f"{str(trained_zero_snr).lower()} to continue as it was trained"
-                    )
-            # Ours record it when not 75; files from elsewhere say nothing unless sd-scripts' ss_max_token_length did.
-            recorded = self.initial_lora.metadata.get("finetune.max_token_length") or ("75" if "finetune.method" in self.initial_lora.metadata else None)
-            if recorded is not None and int(recorded) != self.recipe.model.max_token_length:
+            self._start_from_initial_lora()
+
+    def _start_from_initial_lora(self) -> None:
+        """lora.init_from: refuse a file trained otherwise, warn where it differs in what it assumed, and load its weights."""
+        settings = self.recipe.lora
+        check_trained_alike(self.initial_lora, settings.init_from, self.recipe.model.clip_skip, self.base.noise_scheduler.config.prediction_type)
+        self.target_unrecorded = not self.initial_lora.metadata.get("finetune.prediction_type")
+        if "finetune.method" in self.initial_lora.metadata:  # ours record the schedule (files from elsewhere say nothing)
+            trained_zero_snr = self.initial_lora.metadata.get("finetune.zero_terminal_snr") == "true"
+            if trained_zero_snr != self.recipe.model.zero_terminal_snr:
                 self.start_lines.append(
-                    f"warning: lora.init_from {settings.init_from} was trained reading {recorded} caption tokens, this run reads "
-                    f"{self.recipe.model.max_token_length} (model.max_token_length): set it to {recorded} to continue as it was trained"
+                    f"warning: lora.init_from {settings.init_from} was trained {'with' if trained_zero_snr else 'without'} a zero-terminal-SNR "
+                    f"schedule, this run trains {'with' if self.recipe.model.zero_terminal_snr else 'without'} one: set model.zero_terminal_snr: "
+                    f"{str(trained_zero_snr).lower()} to continue as it was trained"
                 )
-            switch = "dreambooth.train_text_encoder" if self.recipe.method == "dreambooth" else "lora.train_text_encoder"
-            fresh = start_from(self.trained_modules(), self.initial_lora, settings.init_from, switch)
-            rank, alpha = self.initial_lora.common_rank_alpha()
-            steps = self.initial_lora.metadata.get("finetune.steps")
+        # Ours record it when not 75; files from elsewhere say nothing unless sd-scripts' ss_max_token_length did.
+        recorded = self.initial_lora.metadata.get("finetune.max_token_length") or ("75" if "finetune.method" in self.initial_lora.metadata else None)
+        if recorded is not None and int(recorded) != self.recipe.model.max_token_length:
             self.start_lines.append(
-                f"starting from the LoRA {settings.init_from} (lora.init_from): {len(self.initial_lora.layers)} layers, "
-                f"rank {rank}, alpha {alpha:g}" + (f", trained {counted(steps, 'step')}" if steps else "")
+                f"warning: lora.init_from {settings.init_from} was trained reading {recorded} caption tokens, this run reads "
+                f"{self.recipe.model.max_token_length} (model.max_token_length): set it to {recorded} to continue as it was trained"
             )
-            if fresh:  # a larger target list than the file's: said, where it went unseen before
-                names = ", ".join(dict.fromkeys(target_name(key) for key in fresh))
-                self.start_lines.append(f"warning: lora.init_from {settings.init_from} has no weights for {len(fresh)} of this recipe's LoRA layers "
-                                        f"({names}; e.g. {fresh[0]}): they start fresh, as in a new LoRA")  # fmt: skip
-            self.start_lines += self._unrecorded_target_warning()
+        switch = "dreambooth.train_text_encoder" if self.recipe.method == "dreambooth" else "lora.train_text_encoder"
+        fresh = start_from(self.trained_modules(), self.initial_lora, settings.init_from, switch)
+        rank, alpha = self.initial_lora.common_rank_alpha()
+        steps = self.initial_lora.metadata.get("finetune.steps")
+        self.start_lines.append(
+            f"starting from the LoRA {settings.init_from} (lora.init_from): {len(self.initial_lora.layers)} layers, "
+            f"rank {rank}, alpha {alpha:g}" + (f", trained {counted(steps, 'step')}" if steps else "")
+        )
+        if fresh:  # a larger target list than the file's: said, where it went unseen before
+            names = ", ".join(dict.fromkeys(target_name(key) for key in fresh))
+            self.start_lines.append(f"warning: lora.init_from {settings.init_from} has no weights for {len(fresh)} of this recipe's LoRA layers "
+                                    f"({names}; e.g. {fresh[0]}): they start fresh, as in a new LoRA")  # fmt: skip
+        self.start_lines += self._unrecorded_target_warning()
 
     def started_as_pretrained(self) -> bool:
         return self.target_unrecorded
