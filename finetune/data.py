@@ -26,6 +26,7 @@ from finetune.loss_mask import mask_digest, mask_tensor
 from finetune.sources import Example, read_examples, require_captions
 from finetune.views import ViewPlan, plan_view, render, view_key
 
+
 def load_examples(config: DataConfig, check: bool = True) -> list[Example]:
     """The training examples, each listed `repeats` times; with `check`, every image is decoded and checked
     first (stopping on a bad one, or skipping it with data.skip_bad_images)."""
@@ -37,10 +38,6 @@ def load_examples(config: DataConfig, check: bool = True) -> list[Example]:
     else:
         require_captions(examples)
     return expand_repeats(examples)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Checks and transforms
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -135,8 +132,9 @@ def likely_new_view(config: DataConfig, epoch: int, epochs_per_visit: int = 1) -
     return config.crop == "random" or epoch < epochs_per_visit * (2 if config.random_flip else 1)
 
 
-def view_entry(example: Example, plan: ViewPlan, view: Any, cache: EncodingCache | None, likely_new: bool, prefix: str = "") -> dict[str, Any]:
-    """An item's image: its pixels; with a latent cache also its cache key and how to render it.
+def view_entry(example: Example, plan: ViewPlan, example_id: Any, cache: EncodingCache | None, likely_new: bool, prefix: str = "") -> dict[str, Any]:
+    """An item's image: its pixels; with a latent cache also its cache key and how to render it: (`example_id`, plan),
+    which the dataset's `render` takes (`example_id`: how it finds the example again, e.g. its index).
 
     The pixels are left out when the view is likely cached (`likely_new` false) or is on disk: a cached
     view is not decoded, and a view that was not cached after all is decoded by the training process.
@@ -146,7 +144,7 @@ def view_entry(example: Example, plan: ViewPlan, view: Any, cache: EncodingCache
     if example.digest is None:
         raise ValueError(f"image {example.source} has no content digest: cached latents need examples from finetune.check_data")
     key = view_key(example.digest, plan)
-    entry = {f"{prefix}latent_key": key, f"{prefix}view": (view, plan)}
+    entry = {f"{prefix}latent_key": key, f"{prefix}view": (example_id, plan)}
     if likely_new and not cache.stored(key):
         entry[f"{prefix}pixel_values"] = render_pixels(example, plan, as_checked=True)
     return entry

@@ -83,8 +83,8 @@ class DreamBoothDataset(Dataset):
                 item.update(mask_entry(pool[class_index], class_plan, self.latent_cache, class_likely_new, prefix="class_"))
         return item
 
-    def example_of(self, view: tuple) -> Example:
-        kind, *where = view
+    def example_of(self, example_id: tuple) -> Example:
+        kind, *where = example_id
         return self.instances[where[0]][1] if kind == "instance" else self.class_examples[where[0]][where[1]]
 
     def render(self, view: tuple) -> torch.Tensor:
