@@ -5,6 +5,8 @@ it can be named without decoding: `view_key` hashes the image's content digest (
 and the plan. With cached latents an item carries that key, and pixels only while its view is likely
 new (the first epoch, or two with flips; see `data.view_entry`): the data loader decodes those, later
 epochs decode nothing, and a view that was not cached after all is decoded by the training process.
+
+Also `to_8_bit`, the 16-bit-to-8-bit step that images (`finetune.images`) and loss masks share.
 """
 
 from __future__ import annotations
