@@ -17,9 +17,9 @@ MOST_UNREAD = 100  # steps whose losses wait on the device: one host read per 10
 
 
 class StepLosses:
-    """Kept on the device between log steps: reading a loss on the host (`.item()`) waits for the GPU to finish
-    all the work queued before it, so a read every step would stop the CPU from queueing the next step's kernels
-    while the GPU runs this one's. `read_steps` reads the steps' losses at once, at log steps."""
+    """Each step's loss, and each term's sum since the last log, kept on the device between log steps: reading a loss on
+    the host (`.item()`) waits for the GPU to finish all the work queued before it, so a read every step would stop the
+    CPU from queueing the next step's kernels while the GPU runs this one's. `read_steps` reads them at once, at log steps."""
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}  # since the last log
@@ -86,18 +86,19 @@ def weighted(value: torch.Tensor, weight: float) -> torch.Tensor:
 
 
 def micro_batch_shares(sampler, micro_batches: range, num_processes: int) -> list[float]:
-    """The factor on the loss of each micro-batch of an optimizer step (a mean over this process's rows), from each one's
-    global batch as the sampler (a `finetune.data_order.DealtOrder`) deals it (`rows_of`: its size and this process's rows;
-    `own_images`: how many of its images are its own), so that every image of the step counts the same in its gradient, as
-    in one batch of them all on one process. The processes' gradients are averaged (DDP, DeepSpeed) and the micro-batches'
-    summed and divided by their number: a micro-batch weighs its own rows x processes x micro-batches over the step's own images.
+    """The factor on each micro-batch's loss (a mean over this process's rows) in an optimizer step, so that every image of
+    the step counts the same in its gradient, as in one batch of them all on one process.
 
-    Else each image of a smaller part counts more: rows split unevenly over the processes (2 + 1), or a bucket's last
-    batch in a step of full ones (a lone image as much as a pair; diffusers' and sd-scripts' trainers average the
-    micro-batches' means so). And a bucket's last batch of fewer images than processes, which borrows images so that every
-    process has a row (each process's backward takes part in the gradients' reduction), would train the borrowed ones twice
-    and its own at a share of 1/processes each: a process holding a borrowed image weighs its loss by 0 (its backward still
-    runs, with zero gradients, so the reduction pairs up). Full batches split evenly: a factor of 1."""
+    The processes' gradients are averaged (DDP, DeepSpeed) and the micro-batches' summed and divided by their number: a
+    micro-batch weighs its own rows x processes x micro-batches over the step's own images. Else each image of a smaller
+    part would count more: rows split unevenly over the processes (2 + 1), or a bucket's last batch in a step of full ones
+    (a lone image as much as a pair, as diffusers' and sd-scripts' trainers weigh it). A bucket's last batch of fewer
+    images than processes borrows images so that every process has a row to join the gradients' reduction: a process
+    holding a borrowed image weighs its loss by 0 (its backward still runs, with zero gradients), else the borrowed ones
+    would train twice and the batch's own at a share of 1/processes. Full batches split evenly: a factor of 1.
+
+    `sampler`: a `finetune.data_order.DealtOrder` (`rows_of`: a global batch's size and this process's rows;
+    `own_images`: how many of its images are its own)."""
     parts = [(*sampler.rows_of(micro_batch), sampler.own_images(micro_batch)) for micro_batch in micro_batches]
     images = sum(own for _, _, own in parts)
     # A padded batch has one row per process, so this process's rows of it are its own or borrowed, never both: the mean
