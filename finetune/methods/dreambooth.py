@@ -13,6 +13,8 @@ train in one run.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from finetune.check_data import DataReport, check_examples, checked_report
@@ -31,7 +33,6 @@ from finetune.sampling import build_pipeline
 from finetune.sources import Example
 from finetune.step_losses import weighted
 from finetune.train_inputs import data_configs
-from pathlib import Path
 
 
 class DreamBoothMethod(DiffusionMethod):
@@ -54,8 +55,11 @@ class DreamBoothMethod(DiffusionMethod):
         for i, examples in enumerate(expand_together([report.usable for report in reports])):  # one epoch, bounded as a whole
             self.instances += [(i, example) for example in examples]
         self.data_reports += reports
+        self._plan_class_images()
+
+    def _plan_class_images(self) -> None:
+        """Each concept's class images: those a user brought are checked now, before the model loads and generates the rest."""
         settings = self.recipe.dreambooth
-        # Class images a user brought are checked now, before the model loads and generates the rest.
         self.class_plans: list[ClassImagePlan] = []
         planned: set[tuple[Path, str]] = set()
         for i, (concept, (folder, key, paths, missing)) in enumerate(zip(settings.concepts, class_image_plans(self.recipe))):
