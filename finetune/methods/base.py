@@ -139,9 +139,9 @@ class TrainingMethod(ABC):
         """Restore what `checkpoint_state` returned, on resume."""
 
     def started_as_pretrained(self) -> bool:
-        """Whether the trained weights the run started from (lora.init_from, controlnet.pretrained) are taken to be trained
-        as the base itself was, not for this run's target: the step-0 samples then show them so (`BaseModel.predicting_as_pretrained`),
-        as they were loaded. A run from the base alone samples so at step 0 whatever this says."""
+        """Whether the weights the run starts from (lora.init_from, controlnet.pretrained) record no prediction type, so
+        are taken to predict the base's own target: the step-0 samples then read them so (`BaseModel.predicting_as_pretrained`),
+        as they were loaded, not as this run's target. A run from the base alone samples so at step 0 whatever this says."""
         return False
 
     def validation_images(self, modules: dict[str, torch.nn.Module]) -> tuple[list[list[Image.Image]], list[str]]:
@@ -230,13 +230,13 @@ class DiffusionMethod(TrainingMethod):
         masks = torch.ones(len(keys), 1, *latent_size)
         masked = [i for i, key in enumerate(keys) if key is not None]  # the others have no mask: every pixel trains
 
-        def shrink_views(rows: list[int]) -> torch.Tensor:
+        def masks_at_latent_size(rows: list[int]) -> torch.Tensor:
             views = [batch["view_masks"][masked[j]] for j in rows]
             views = [view if view is not None else self.training_dataset.render_mask(batch["views"][masked[j]]) for j, view in zip(rows, views)]
             return F.interpolate(torch.stack(views), size=latent_size, mode="area")
 
         if masked:
-            masks[masked] = self.latent_cache.lookup([keys[i] for i in masked], shrink_views, torch.device("cpu"))
+            masks[masked] = self.latent_cache.lookup([keys[i] for i in masked], masks_at_latent_size, torch.device("cpu"))
         return latent_loss_weights(to_device(masks, device), latent_size, unmasked_weight)
 
     @abstractmethod
