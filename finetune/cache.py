@@ -77,8 +77,8 @@ class EncodingCache:
             self._remove_stale_partial_files()
 
     def _unwritable(self, err: OSError) -> FinetuneError:
-        # "free space" only for a full disk or quota: permissions are fixed, not freed (EPERM fell to "free space"), and a file
-        # in the folder's way (a cache_dir naming a file), a read-only disk or anything else needs another path.
+        # Each cause its own remedy: space is freed, permissions fixed; a file in the folder's way (a cache_dir naming a
+        # file), a read-only disk or anything else needs another path.
         remedy = {errno.ENOSPC: "free space or choose", errno.EDQUOT: "free space or choose",
                   errno.EACCES: "fix the folder's permissions or choose", errno.EPERM: "fix the folder's permissions or choose",
                   errno.ENOTDIR: "a file is in its way: choose", errno.EEXIST: "a file is in its way: choose"}.get(err.errno, "choose")  # fmt: skip
