@@ -55,7 +55,7 @@ def test_the_controlnet_of_a_saved_controlnet_pipeline_is_continued(make_recipe,
         recipe = make_recipe(method="controlnet", data__image_dir=str(pairs_folder), controlnet__pretrained=str(given))
         method = ControlNetMethod(recipe)
         method.check_data()  # it said the ControlNet was trained with controlnet.unlock_unet_decoder
-        assert method.pretrained == str(pipeline / "controlnet")
+        assert method.load_from == str(pipeline / "controlnet")
 
 
 def test_a_conditioning_image_drawn_only_in_its_alpha_channel_is_one_line(make_recipe, pairs_folder, tmp_path):

@@ -77,7 +77,7 @@ def test_controlnet_pretrained_takes_a_controlnet_runs_output_folder(make_recipe
     (run / "controlnet" / "config.json").write_text("{}")
     method = ControlNetMethod(make_recipe(method="controlnet", data__image_dir=str(pairs_folder), controlnet__pretrained=str(run)))
     method.check_data()
-    assert method.pretrained == str(run / "controlnet")
+    assert method.load_from == str(run / "controlnet")
     method = ControlNetMethod(make_recipe(method="controlnet", data__image_dir=str(pairs_folder), controlnet__pretrained=str(tmp_path)))
     with pytest.raises(FinetuneError, match="is a folder with no config.json, not a ControlNet: controlnet.pretrained must be a diffusers ControlNet folder .*, a controlnet run's output folder"):
         method.check_data()

@@ -68,7 +68,7 @@ class ControlNetMethod(DiffusionMethod):
     def __init__(self, recipe: Recipe):
         super().__init__(recipe)
         self.settings = recipe.controlnet
-        self.pretrained = self.settings.pretrained  # a run's output folder becomes its controlnet/ in check_data
+        self.load_from = self.settings.pretrained  # controlnet.pretrained; a run's output folder it names becomes its controlnet/ in check_data
         self.controlnet: ControlNetModel | None = None
         self.started_from: str | None = None  # its record in the outputs (`start_metadata`)
         self.unknown_layout: tuple[Path, str] | None = None  # a resume's checkpoint that keeps no layout, and where it began
@@ -101,7 +101,7 @@ class ControlNetMethod(DiffusionMethod):
             path = Path(pretrained).expanduser()
             if (path / CONTROLNET_DIR / "config.json").is_file():  # a controlnet run's output folder, as `finetune sample` takes it
                 path = path / CONTROLNET_DIR
-                self.pretrained = str(path)
+                self.load_from = str(path)
             refuse_a_controlnet_file(path, f"controlnet.pretrained {pretrained}")
             if (path / "config.json").is_file():
                 require_controlnet_config(path, f"controlnet.pretrained {pretrained}", f"; {FROM_A_UNET}")
@@ -112,7 +112,7 @@ class ControlNetMethod(DiffusionMethod):
                 check_hub_controlnet(pretrained)
             elif not (path / "config.json").is_file():
                 raise FinetuneError(not_a_controlnet_message(path, pretrained))  # what the folder is, where it is one
-            self.started_from = started_from(self.pretrained)  # now, while a local folder is there to be told from a hub id
+            self.started_from = started_from(self.load_from)  # now, while a local folder is there to be told from a hub id
 
     def training_data(self, accelerator):
         self.training_dataset = ControlNetDataset(
@@ -144,7 +144,7 @@ class ControlNetMethod(DiffusionMethod):
             self.controlnet.enable_gradient_checkpointing()
 
     def _load_or_create(self, unet) -> ControlNetModel:
-        pretrained = self.pretrained  # controlnet.pretrained, as check_data found it
+        pretrained = self.load_from
         if layout := (self.resumed_state or {}).get(RESUMED_LAYOUT):  # its weights are the checkpoint's, loaded next
             return ControlNetModel.from_config(layout)
         if pretrained is None:
@@ -173,7 +173,7 @@ class ControlNetMethod(DiffusionMethod):
         """What the run that trained controlnet.pretrained recorded (finetune_metadata.json); {} for a hub id."""
         from finetune.inference import saved_model_metadata  # inference imports this module
 
-        return saved_model_metadata(Path(self.pretrained)) if Path(self.pretrained).is_dir() else {}
+        return saved_model_metadata(Path(self.load_from)) if Path(self.load_from).is_dir() else {}
 
     def _check_trained_for_this_target(self, recorded: dict) -> None:
         """As lora.init_from's: a ControlNet trained for another target (its run's finetune.prediction_type) would start
