@@ -107,7 +107,7 @@ class VAEMethod(TrainingMethod):
         self.base.vae.to(torch.float32).requires_grad_(True).train()
         if self.perceptual is not None:
             self.perceptual.to(self.base.vae.device)
-        self.model = AutoencoderForTraining(self.base.vae)
+        self.autoencoder = AutoencoderForTraining(self.base.vae)
         self.preview: torch.Tensor | None = None
         # Running std of the training images' latents (posterior means): `save` writes scaling_factor = 1 / std, so the
         # UNet trained on this VAE sees unit-variance latents.
@@ -117,7 +117,7 @@ class VAEMethod(TrainingMethod):
         return ["autoencoder"]
 
     def trained_modules(self) -> dict[str, torch.nn.Module]:
-        return {"autoencoder": self.model}
+        return {"autoencoder": self.autoencoder}
 
     def training_data(self, accelerator):
         dataset, collate_fn = super().training_data(accelerator)
