@@ -1,6 +1,7 @@
 """The operators of one training step of a bench variant, by source: how docs/benchmarks-gpu.md's CPU counts are made.
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python tests/step_census.py lora_cached [controlnet dreambooth ...]
+    ... python tests/step_census.py --train-text-encoder lora dreambooth   # the text encoder trains too (LoRA's or DreamBooth's switch)
 
 Builds the bench's medium preset and data in a work folder (`--workdir`, kept between runs), trains the variant's recipe
 (batch 4, 64 px, bf16) for 4 steps and counts the 4th (the cached variants' cache is full by then), from the end of the
@@ -69,7 +70,7 @@ def kind(func, args, backward: bool) -> str:
 BATCH = 4
 
 
-def census(variant: str, root: Path) -> tuple[list[tuple[str, str, str]], list[float]]:
+def census(variant: str, root: Path, train_text_encoder: bool = False) -> tuple[list[tuple[str, str, str]], list[float]]:
     from finetune.bench.runner import BenchSettings, common_recipe, prepare_data, prepare_model
     from finetune.bench.variants import VARIANTS
     from finetune.recipe_loading import recipe_from_dict
@@ -80,6 +81,9 @@ def census(variant: str, root: Path) -> tuple[list[tuple[str, str, str]], list[f
     settings.data_dir, settings.class_dir = prepare_data(root, 8, 64)
     recipe = VARIANTS[variant].build(common_recipe(settings, model, root / "runs" / variant), settings)
     recipe["train"]["max_steps"] = 4
+    if train_text_encoder:  # lora.train_text_encoder (a text-encoder LoRA) or dreambooth.train_text_encoder
+        section = recipe["method"]
+        recipe[section] = {**recipe.get(section, {}), "train_text_encoder": True}
     counting = StepCensus()
 
     def on_step(step: int) -> None:
@@ -94,9 +98,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("variants", nargs="+")
     parser.add_argument("--workdir", type=Path, default=Path("outputs/step-census"))
+    parser.add_argument("--train-text-encoder", action="store_true", help="the text encoder trains too (lora and dreambooth variants)")
     args = parser.parse_args()
     for variant in args.variants:
-        kernels, losses = census(variant, args.workdir)
+        kernels, losses = census(variant, args.workdir, args.train_text_encoder)
         print(f"{variant}: {len(kernels)} kernels in step 4; losses {losses}")
         kinds = collections.Counter(k for k, _, _ in kernels if k)
         sources = collections.Counter((k, source) for k, source, _ in kernels if k)

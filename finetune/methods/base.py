@@ -42,7 +42,9 @@ from finetune.views import plan_cover_crop
 class TrainingMethod(ABC):
     name: str
     # The trained modules whose outputs another model reads, not the loss: they keep autocast's dtype (not cast to
-    # fp32 by accelerate and back; `finetune.distributed.keep_autocast_outputs`).
+    # fp32 by accelerate and back; `finetune.distributed.keep_autocast_outputs`). Not a trained text encoder: the UNet
+    # reads its states in every cross-attention, whose gradients accelerate's fp32 cast sums in fp32 (on a GPU they
+    # leave its final layer norm in fp32 anyway; tests/test_text_encoder_step_casts.py).
     feeding_another_model: tuple[str, ...] = ()
 
     def __init__(self, recipe: Recipe):
