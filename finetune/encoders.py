@@ -90,6 +90,14 @@ def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompt
     return text_hidden_states(tokenizer, text_encoder, prompts, text_encoder.device, chunks)
 
 
+def in_autocast_dtype(states: torch.Tensor) -> torch.Tensor:
+    """A frozen text encoder's hidden states in autocast's dtype, when it is on: CUDA's autocast runs CLIP's final layer
+    norm in fp32, so the states came out fp32 and each cross-attention's to_k and to_v cast them again (32 kernels a step
+    in SD1.5's UNet). Cast once here, they are the same values; for states no gradient flows through only."""
+    device = states.device.type
+    return states.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else states
+
+
 @torch.no_grad()
 def posterior_moments(vae: AutoencoderKL, pixel_values: torch.Tensor) -> torch.Tensor:
     """The VAE posterior's mean and std, concatenated on the channel axis (what the latent cache keeps)."""

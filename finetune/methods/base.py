@@ -27,7 +27,7 @@ from finetune.config.training import timestep_range_problem
 from finetune.data import CaptionedImageDataset, collate
 from finetune.device_copy import to_device
 from finetune.diffusion import POSTERIOR_STREAM, BatchRandomness, NoiseOptions, add_noise, draw_noise, draw_perturbation, per_sample_loss
-from finetune.encoders import encode_prompts, latents_from_moments, posterior_moments, text_hidden_states
+from finetune.encoders import encode_prompts, in_autocast_dtype, latents_from_moments, posterior_moments, text_hidden_states
 from finetune.errors import FinetuneError
 from finetune.images import upright_size
 from finetune.loss_mask import latent_loss_weights
@@ -252,8 +252,8 @@ class DiffusionMethod(TrainingMethod):
             return text_hidden_states(self.base.tokenizer, modules["text_encoder"], captions, self.base.unet.device, chunks)
         encode = lambda rows: encode_prompts(self.base.tokenizer, self.base.text_encoder, [captions[i] for i in rows], chunks)
         if self.text_cache is None:
-            return encode(range(len(captions)))
-        return self.text_cache.lookup([caption_key(c, chunks) for c in captions], encode, self.base.text_encoder.device)
+            return in_autocast_dtype(encode(range(len(captions))))
+        return in_autocast_dtype(self.text_cache.lookup([caption_key(c, chunks) for c in captions], encode, self.base.text_encoder.device))
 
     def combine_losses(self, per_sample: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         """Reduce per-sample losses; DreamBooth splits instance and class images here."""
