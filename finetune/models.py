@@ -154,6 +154,12 @@ def _load_single_file(config: ModelConfig) -> StableDiffusionPipeline:
     try:
         return StableDiffusionPipeline.from_single_file(config.pretrained, **kwargs)
     except OSError as err:
+        if (refused := pickled_object_refused(err)) is not None:  # a .ckpt holding more than tensors: not damaged, and not unpickled
+            raise FinetuneError(
+                f"base model file {config.pretrained} holds objects besides its weights ({refused}), which finetune does not unpickle "
+                "(.ckpt files are read with torch.load(weights_only=True): unpickling can run code): use the model's .safetensors "
+                "file, or convert this one on a machine where you trust it"
+            ) from None
         if str(err).startswith("Unable to load weights"):  # the file itself (a .ckpt cut short, or no model): no config would help
             raise FinetuneError(f"base model file {config.pretrained} cannot be read as a checkpoint (damaged, or not a model file): download it again") from None
         raise FinetuneError(
@@ -170,6 +176,20 @@ def _load_single_file(config: ModelConfig) -> StableDiffusionPipeline:
             f"could not load base model file {config.pretrained} with {config_key} {config.single_file_config}: "
             f"{_first_sentence(str(err))} (give {config_key} the diffusers folder or hub id of the model this file was made from)"
         ) from None
+
+
+def pickled_object_refused(err: BaseException) -> str | None:
+    """The object torch.load(weights_only=True) refused to unpickle, where that is why `err` (diffusers' "Unable to load
+    weights", raised from it) was raised: a .ckpt saved with a training run's objects (a Lightning callback) beside its
+    weights, or one made to run code as it loads. Said as damaged, with "download it again", which gave it once more."""
+    import pickle
+
+    while err is not None:
+        if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err):
+            named = re.search(r"GLOBAL ([\w.]+)", str(err))
+            return named.group(1) if named else "not tensors"
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _first_sentence(text: str) -> str:
