@@ -5,9 +5,49 @@ lines is (finetune/captions.py); a cell of anything else is one line naming what
 from __future__ import annotations
 
 import ast
+import itertools
 import re
+from pathlib import Path
 
 from finetune.errors import FinetuneError
+
+# The longest caption read: a caption trains its first 75 tokens (225 with model.max_token_length; some 1,000 characters),
+# and this is a hundred times that. Past it is no caption (a log, a book, a file of another kind renamed): a caption
+# is tokenized whole before it is cut, at the data check and as it trains (8 MB: 49 s and 1.7 GB; 1 GB: hours, or
+# the machine's memory), and a caption file or metadata row is read whole.
+MAX_CAPTION_LENGTH = 100_000
+
+
+def caption_too_long(where: str, length: int, unit: str = "characters") -> str:
+    return (f"{where} is {length:,} {unit} long, more than a caption finetune reads ({MAX_CAPTION_LENGTH:,} {unit}; a caption "
+            "trains its first 75 tokens, or 225 with model.max_token_length): shorten it, or remove it if it is no caption")  # fmt: skip
+
+
+def caption_file_bytes(path: Path) -> bytes:
+    """A caption file's bytes, where it is no longer than MAX_CAPTION_LENGTH bytes (checked before it is read)."""
+    if (size := path.stat().st_size) > MAX_CAPTION_LENGTH:
+        raise FinetuneError(caption_too_long(f"caption {path}", size, "bytes"))
+    return path.read_bytes()
+
+
+def require_caption_length(caption: str | None, where: str) -> None:
+    """`caption` (of a metadata row or dataset row, named by `where`) within MAX_CAPTION_LENGTH, else one line."""
+    if caption is not None and len(caption) > MAX_CAPTION_LENGTH:
+        raise FinetuneError(caption_too_long(f"the caption of {where}", len(caption)))
+
+
+def require_row_lengths(text: str, path) -> None:
+    """A metadata file's rows within twice MAX_CAPTION_LENGTH (a caption, its file name and other columns), before any
+    is parsed: a row of gigabytes was parsed whole, then tokenized."""
+    longest = 2 * MAX_CAPTION_LENGTH
+    if len(text) <= longest:
+        return
+    line, start = 1, 0
+    for line_end in itertools.chain(re.finditer(r"\r\n?|\n", text), [None]):  # at line ends alone, as split_at_line_ends reads the rows
+        end = line_end.start() if line_end else len(text)
+        if end - start > longest:
+            raise FinetuneError(caption_too_long(f"{path} line {line}", end - start) + f" (a row holds at most {longest:,})")
+        line, start = line + 1, line_end.end() if line_end else end
 
 
 def dataset_caption(value, name: str, column: str, row: str) -> str | None:
@@ -16,10 +56,12 @@ def dataset_caption(value, name: str, column: str, row: str) -> str | None:
     image) is several captions of its image, as the lines of one are: one trains each epoch (diffusers'
     train_text_to_image draws one at random too); not its Python text "['a', 'b']"."""
     if (joined := captions_of_list(value)) is not None:
+        require_caption_length(joined, f"dataset {name} row {row}")
         return joined
     if value is not None and not isinstance(value, str):
         raise FinetuneError(f"dataset {name} row {row}: caption column '{column}' holds {kind_of(value)}, not text: give each row one caption "
                             "or a list of them (with dataset.map), or set data.caption_column")  # fmt: skip
+    require_caption_length(value, f"dataset {name} row {row}")
     return value
 
 

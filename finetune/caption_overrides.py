@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from finetune.caption_cells import MAX_CAPTION_LENGTH
 from finetune.captions import SIDECAR_SUFFIXES, folder_captions, metadata_file, sidecar_path, template_needs_caption
 from finetune.config import DataConfig, FolderConfig
 from finetune.file_names import loose_name_key, name_key
@@ -43,6 +44,8 @@ def _file_text(sidecar: Path) -> str | None:
     """A caption file's text as `sidecar_caption` reads it, or None where it is no text in its encoding (nor, then, the
     row's caption). Not `sidecar_caption` itself: its error counts every other undecodable caption file of the folder, so
     a folder of Windows-1252 files beside a metadata.jsonl was read once per file (1500 files: over two minutes)."""
+    if sidecar.stat().st_size > MAX_CAPTION_LENGTH:  # no caption (`caption_file_bytes`): not read whole to be compared
+        return None
     raw = sidecar.read_bytes()
     try:
         return raw.decode(caption_file_encoding(raw)).strip()

@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from finetune.caption_cells import captions_of_list, kind_of
+from finetune.caption_cells import caption_file_bytes, captions_of_list, kind_of, require_caption_length, require_row_lengths
 from finetune.config import DataConfig
 from finetune.errors import FinetuneError
 from finetune.file_names import loose_name_key, name_key, row_image_key
@@ -48,6 +48,7 @@ def _add_row(captions: RowCaptions, rows: dict[str, str], path: Path, where: str
     if key in rows:
         raise FinetuneError(f"{path} {where} names {key} again (first in {rows[key]}): keep one row per image")
     rows[key] = where
+    require_caption_length(caption, f"{path} {where}")
     if caption is not None:
         captions[key] = caption
     captions.places[key] = f"{path} {where}"
@@ -109,10 +110,12 @@ def metadata_text(path: Path) -> str:
     raw = path.read_bytes()
     encoding = caption_file_encoding(raw)
     try:
-        return without_nul_characters(raw.decode(encoding), str(path))
+        text = without_nul_characters(raw.decode(encoding), str(path))
     except UnicodeDecodeError:
         raise FinetuneError(f"{path} is not {encoding.removesuffix('-sig').upper()} text: save it as UTF-8 "
                             "(Excel: 'CSV UTF-8'; most editors offer it under 'encoding')") from None  # fmt: skip
+    require_row_lengths(text, path)
+    return text
 
 
 def split_at_line_ends(text: str) -> list[str]:
@@ -125,7 +128,8 @@ def split_at_line_ends(text: str) -> list[str]:
 def lenient_metadata_text(path: Path) -> str:
     """`metadata_text` with undecodable bytes replaced: for looking through a file that `folder_captions` reports."""
     raw = path.read_bytes()
-    return raw.decode(caption_file_encoding(raw), errors="replace")
+    require_row_lengths(text := raw.decode(caption_file_encoding(raw), errors="replace"), path)
+    return text
 
 
 def _quote_advice(separator: str) -> str:
@@ -254,7 +258,7 @@ def sidecar_caption(image_path: Path) -> str | None:
     sidecar = sidecar_path(image_path)
     if sidecar is None:
         return None
-    raw = sidecar.read_bytes()
+    raw = caption_file_bytes(sidecar)
     encoding = caption_file_encoding(raw)
     try:
         return without_nul_characters(raw.decode(encoding), f"caption {sidecar}").strip()
