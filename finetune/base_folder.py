@@ -5,7 +5,8 @@ so was a pipeline of another architecture (SDXL, an inpainting UNet), at the fir
 
 A single .safetensors base is checked the same way: its header whole, and not SDXL's.
 
-Reads the configs and the safetensors headers only: cheap, however large the weights.
+Reads the configs and the safetensors headers only: cheap, however large the weights (pickle weights, .ckpt and
+a folder's .bin without safetensors beside them: the names their pickle holds, with torch, which loads for them alone).
 """
 
 from __future__ import annotations
@@ -74,6 +75,10 @@ def check_part_files(path: Path, name: str) -> None:
         raise FinetuneError(f"base model folder {name}: tokenizer/ has no tokenizer.json (nor {' and '.join(TOKENIZER_FILES)}): copy the whole pipeline folder again")
     check_architecture(path, name)
     for part in PART_CLASSES:
+        if not any((path / part).glob("*.safetensors")):  # (beside safetensors, pickle weights are not read)
+            for weights in sorted((path / part).glob("*.bin")):
+                if objects := objects_refused_in(weights):
+                    raise FinetuneError(objects_refused_message(f"base model folder {name}: {part}/{weights.name}", objects, "weights"))
         for weights in sorted((path / part).glob("*.safetensors")):
             try:
                 with safe_open(str(weights), "pt"):  # the header, checked against the file's length
@@ -81,6 +86,27 @@ def check_part_files(path: Path, name: str) -> None:
             except (SafetensorError, OSError) as err:
                 raise FinetuneError(f"base model folder {name}: {part}/{weights.name} is damaged ({' '.join(str(err).split())}; a copy or "
                                     "download cut short?): copy it again")  # fmt: skip
+
+
+def objects_refused_in(path: Path) -> str | None:
+    """The objects besides tensors that a pickle checkpoint (.ckpt, .bin) holds, as torch.load(weights_only=True), which
+    diffusers and transformers read them with, refuses them ("os.system", or a Lightning callback beside a .ckpt's
+    weights): from its pickle's names alone, nothing unpickled; None for a file of tensors alone, or one torch's
+    legacy format or damage keeps from being read so (loading then says it: `finetune.models`)."""
+    import torch.serialization
+
+    try:
+        objects = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # not a zip checkpoint (an old format), or damaged: loading reads it with weights_only too, and says why
+        return None
+    return ", ".join(sorted(objects)[:3]) + (", ..." if len(objects) > 3 else "") if objects else None
+
+
+def objects_refused_message(named: str, objects: str, use: str = "file") -> str:
+    """One line for a pickle checkpoint (`named`) holding `objects` besides its tensors, which are not unpickled."""
+    return (f"{named} holds objects besides its weights ({objects}), which finetune does not unpickle (pickle checkpoints are read with "
+            f"torch.load(weights_only=True): unpickling can run code): use the model's .safetensors {use}, or convert this one on a "
+            "machine where you trust it")  # fmt: skip
 
 
 def check_single_file(path: Path, key: str) -> list[str]:

@@ -16,6 +16,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from finetune.base_folder import objects_refused_message
 from finetune.config import ModelConfig
 from finetune.encoders import skip_last_layers
 from finetune.errors import FinetuneError
@@ -155,11 +156,7 @@ def _load_single_file(config: ModelConfig) -> StableDiffusionPipeline:
         return StableDiffusionPipeline.from_single_file(config.pretrained, **kwargs)
     except OSError as err:
         if (refused := pickled_object_refused(err)) is not None:  # a .ckpt holding more than tensors: not damaged, and not unpickled
-            raise FinetuneError(
-                f"base model file {config.pretrained} holds objects besides its weights ({refused}), which finetune does not unpickle "
-                "(.ckpt files are read with torch.load(weights_only=True): unpickling can run code): use the model's .safetensors "
-                "file, or convert this one on a machine where you trust it"
-            ) from None
+            raise FinetuneError(objects_refused_message(f"base model file {config.pretrained}", refused)) from None
         if str(err).startswith("Unable to load weights"):  # the file itself (a .ckpt cut short, or no model): no config would help
             raise FinetuneError(f"base model file {config.pretrained} cannot be read as a checkpoint (damaged, or not a model file): download it again") from None
         raise FinetuneError(
@@ -180,14 +177,15 @@ def _load_single_file(config: ModelConfig) -> StableDiffusionPipeline:
 
 def pickled_object_refused(err: BaseException) -> str | None:
     """The object torch.load(weights_only=True) refused to unpickle, where that is why `err` (diffusers' "Unable to load
-    weights", raised from it) was raised: a .ckpt saved with a training run's objects (a Lightning callback) beside its
-    weights, or one made to run code as it loads. Said as damaged, with "download it again", which gave it once more."""
+    weights", raised from it) was raised: a .ckpt holding a training run's objects (a Lightning callback) beside its
+    weights, or made to run code as it loads, in a format `objects_refused_in` cannot look into before loading (torch's
+    legacy one). Said as damaged, with "download it again", which gave it once more."""
     import pickle
 
     while err is not None:
-        if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err):
-            named = re.search(r"GLOBAL ([\w.]+)", str(err))
-            return named.group(1) if named else "not tensors"
+        # (an unpickling error of no GLOBAL is a file that is no pickle, or one cut short: damaged)
+        if isinstance(err, pickle.UnpicklingError) and (named := re.search(r"GLOBAL ([\w.]+)", str(err))):
+            return named.group(1)
         err = err.__cause__ or err.__context__
     return None
 

@@ -1,17 +1,22 @@
-"""A base model downloaded as a .ckpt (a pickle) from a model site: its weights load, and nothing else in it is
-unpickled. A file made to run code as it loads (here: to make a marker folder) runs nothing, and one holding a
-training run's objects beside its weights (a Lightning callback) is one line that names the object and says to use
-the model's .safetensors file, not "damaged: download it again", which would fetch the same file."""
+"""A base model downloaded as a .ckpt (a pickle) from a model site, or as a diffusers folder of .bin weights: its
+weights load, and nothing else in it is unpickled. A file made to run code as it loads (here: to make a marker
+folder) runs nothing, and one holding a training run's objects beside its weights (a Lightning callback) is one
+line that names the object and says to use the model's .safetensors file, said as the base is located (before the
+data check) from the pickle's names alone; it was "damaged: download it again" (which fetches the same file) for a
+.ckpt, and transformers' or diffusers' traceback for a folder, as the model loaded."""
 
 import os
+import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import SHIPPED_BASE
+from safetensors.torch import load_file, save_file
 from test_single_file import sd15_shaped_pipeline
 
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
+from finetune.model_source import locate_base
 from finetune.models import load_parts
 from finetune.single_file_export import export_checkpoint
 
@@ -48,10 +53,15 @@ def test_a_ckpt_of_weights_alone_loads(weights_and_configs, tmp_path):
     assert torch.equal(unet.state_dict()[name], weights["model.diffusion_model.input_blocks.0.0.weight"])
 
 
-def test_a_ckpt_that_would_run_code_runs_none_and_is_refused_in_one_line(weights_and_configs, tmp_path):
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-format"])
+def test_a_ckpt_that_would_run_code_runs_none_and_is_refused_in_one_line(weights_and_configs, tmp_path, legacy):
+    """Refused as the base is located; a file of torch's legacy format, whose names are not looked into, as it loads."""
     weights, configs = weights_and_configs
     marker = tmp_path / "code-ran"
-    torch.save({"state_dict": weights, "callbacks": RunsCodeWhenUnpickled(marker)}, tmp_path / "model.ckpt")
+    torch.save({"state_dict": weights, "callbacks": RunsCodeWhenUnpickled(marker)}, tmp_path / "model.ckpt", _use_new_zipfile_serialization=not legacy)
+    if not legacy:
+        with pytest.raises(FinetuneError, match="holds objects besides its weights"):
+            locate_base(base(tmp_path / "model.ckpt", configs))
     with pytest.raises(FinetuneError) as raised:
         load_parts(base(tmp_path / "model.ckpt", configs), ["unet"])
     assert not marker.exists()
@@ -66,3 +76,24 @@ def test_a_ckpt_holding_a_training_runs_objects_names_them_rather_than_a_damaged
     with pytest.raises(FinetuneError, match=r"holds objects besides its weights \(test_untrusted_checkpoints\.TrainingCallback\)") as raised:
         load_parts(base(tmp_path / "model.ckpt", configs), ["unet"])
     assert "download it again" not in str(raised.value)
+
+
+@pytest.mark.parametrize("part", ["unet", "text_encoder"])
+def test_a_base_folder_whose_pickle_weights_would_run_code_is_refused_as_it_is_located(tmp_path, part):
+    folder = tmp_path / "base"
+    shutil.copytree(SHIPPED_BASE, folder)
+    stem, pickle_name = ("model", "pytorch_model.bin") if part == "text_encoder" else ("diffusion_pytorch_model", "diffusion_pytorch_model.bin")
+    weights = load_file(str(folder / part / f"{stem}.safetensors"))
+    (folder / part / f"{stem}.safetensors").unlink()
+    torch.save(weights, folder / part / pickle_name)  # tensors alone: loads, as diffusers and transformers read it
+    assert torch.equal(load_parts(ModelConfig(pretrained=str(folder)), [part])[part].state_dict()[next(iter(weights))], next(iter(weights.values())))
+    marker = tmp_path / "code-ran"
+    torch.save({**weights, "extra": RunsCodeWhenUnpickled(marker)}, folder / part / pickle_name)
+    with pytest.raises(FinetuneError) as raised:
+        locate_base(ModelConfig(pretrained=str(folder)))
+    assert not marker.exists()
+    assert str(raised.value).startswith(f"base model folder {folder}: {part}/{pickle_name} holds objects besides its weights (")
+    assert "makedirs" in str(raised.value) and str(raised.value).endswith("use the model's .safetensors weights, or convert this one on a machine where you trust it")
+    save_file(weights, str(folder / part / f"{stem}.safetensors"))  # beside safetensors weights, a pickle is not read
+    assert locate_base(ModelConfig(pretrained=str(folder))).folder == folder
+    assert not marker.exists()
