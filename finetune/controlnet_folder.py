@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from finetune.base_folder import objects_refused_in, objects_refused_message
 from finetune.checkpoint import STATE_FILE, list_checkpoints
 from finetune.errors import FinetuneError, looked_for_here
 from finetune.model_source import hub_files, where_looked
@@ -116,6 +117,10 @@ def require_controlnet_config(folder: Path, named: str, other_model_hint: str = 
                             + other_model_hint)  # fmt: skip
     if (problem := conditioning_channels_problem(config)) is not None:
         raise FinetuneError(f"{named} {problem}")
+    if not any(folder.glob("*.safetensors")):  # its pickle weights load (with torch.load(weights_only=True)), or none
+        for weights in sorted(folder.glob("*.bin")):
+            if objects := objects_refused_in(weights):  # was diffusers' traceback as it loaded
+                raise FinetuneError(objects_refused_message(f"{named}: {weights.name}", objects, "weights"))
 
 
 def conditioning_channels_problem(config) -> str | None:

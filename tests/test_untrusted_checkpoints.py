@@ -97,3 +97,20 @@ def test_a_base_folder_whose_pickle_weights_would_run_code_is_refused_as_it_is_l
     save_file(weights, str(folder / part / f"{stem}.safetensors"))  # beside safetensors weights, a pickle is not read
     assert locate_base(ModelConfig(pretrained=str(folder))).folder == folder
     assert not marker.exists()
+
+
+def test_a_controlnet_folder_whose_pickle_weights_would_run_code_is_refused_before_it_loads(tmp_path):
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from finetune.inference import resolve_controlnet_folder
+
+    folder = tmp_path / "controlnet"
+    ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(SHIPPED_BASE, subfolder="unet")).save_pretrained(folder, safe_serialization=False)
+    assert resolve_controlnet_folder(str(folder)) == folder  # tensors alone: diffusers loads them with weights_only=True
+    marker = tmp_path / "code-ran"
+    weights = torch.load(folder / "diffusion_pytorch_model.bin", weights_only=True)
+    torch.save({**weights, "extra": RunsCodeWhenUnpickled(marker)}, folder / "diffusion_pytorch_model.bin")
+    with pytest.raises(FinetuneError) as raised:
+        resolve_controlnet_folder(str(folder))
+    assert not marker.exists()
+    assert str(raised.value).startswith(f"--controlnet {folder}: diffusion_pytorch_model.bin holds objects besides its weights (")
