@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from finetune.atomic_files import failed_write, outputs_written, replace_folder  # outputs_written: the trainer uses it as ckpt.outputs_written
+from finetune.base_folder import objects_refused_in
 from finetune.counts import counted
 from finetune.distributed import unwrap
 from finetune.errors import FinetuneError
@@ -357,6 +358,10 @@ def load_checkpoint(accelerator: Accelerator, path: Path, current_settings: dict
     if damaged := damaged_process_files(path, min(state.get("processes") or 1, accelerator.num_processes)):
         raise FinetuneError(f"checkpoint {path} is damaged or incomplete ({', '.join(damaged)}: missing or cut short): move it out of "
                             f"{path.parent} and resume from the one before it")
+    for custom in sorted(path.glob("custom_checkpoint_*.pkl")):  # the LR scheduler's state: numbers, which a checkpoint of ours holds alone
+        if objects := objects_refused_in(custom):  # accelerate unpickles the file whole (weights_only=False): it could run code
+            raise FinetuneError(f"checkpoint {path}: {custom.name} holds objects besides a scheduler's state ({objects}), which resuming would unpickle "
+                                "(unpickling can run code): resume only from checkpoints you wrote, or start a new run from its outputs")  # fmt: skip
     try:
         accelerator.load_state(str(path), **load_options)
     except Exception as err:
