@@ -67,6 +67,9 @@ def layer_stack(text_encoder: CLIPTextModel) -> torch.nn.Module:
     return getattr(text_encoder, "text_model", text_encoder).encoder
 
 
+TRAINED_TOKEN_LENGTHS = (75, 150, 225)  # model.max_token_length's (and sd-scripts' max_token_length's) values
+
+
 def recorded_clip_skip(metadata: dict[str, str]) -> int | None:
     """The clip skip an adapter's metadata records (ours, or sd-scripts' read into ours); None if none."""
     value = str(metadata.get("finetune.clip_skip", ""))

@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
 from finetune.atomic_files import removed_if_unfinished
-from finetune.encoders import chunks_needed, recorded_clip_skip, text_hidden_states
+from finetune.encoders import TRAINED_TOKEN_LENGTHS, chunks_needed, recorded_clip_skip, text_hidden_states
 from finetune.errors import FinetuneError
 from finetune.finite_images import SAMPLING_OVERFLOW, decoded_pixels, not_finite_line, not_finite_rows, say_warning
 from finetune.image_bounds import GRID_LABEL_WIDTH
@@ -121,10 +121,14 @@ def adapters_clip_skip(adapters: dict[str, dict[str, str]]) -> int:
 def adapters_max_token_length(adapters: dict[str, dict[str, str]]) -> int:
     """The longest model.max_token_length the adapters ({name: metadata}) were trained with (75 where none is
     recorded: ours record it when not 75, sd-scripts' files as ss_max_token_length)."""
-    recorded = [int(value) for meta in adapters.values() if (value := str(meta.get("finetune.max_token_length", ""))).isdigit()]
+    recorded = {name: int(value) for name, meta in adapters.items() if (value := str(meta.get("finetune.max_token_length", ""))).isdigit()}
+    for name, length in recorded.items():  # a file's word: 7,500,000 encoded every prompt in 100,000 chunks, until memory ran out
+        if length not in TRAINED_TOKEN_LENGTHS:
+            raise FinetuneError(f"{name} records a max_token_length of {length}, which no training writes (75, 150 or 225, as sd-scripts' too): "
+                                "its metadata is damaged or was edited; use another copy of it")  # fmt: skip
     # Adapters of different lengths are not refused (different clip skips are): one of them reads prompts as it was
     # trained, and merge too keeps one length.
-    return max(recorded, default=75)
+    return max(recorded.values(), default=75)
 
 
 def read_prompts_as_trained(pipeline, max_token_length: int) -> None:
