@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     conditions.add_argument("--kind", required=True, choices=["canny", "luminance", "mask"], help="which conditioning image to make (see above)")
     conditions.add_argument("--low", type=float, default=20.0, help="canny: weak edge threshold, in colour levels 0-255 (default 20)")
     conditions.add_argument("--high", type=float, default=40.0, help="canny: strong edge threshold, in colour levels 0-255 (default 40)")
-    conditions.add_argument("--sigma", type=float, default=1.0, help="canny: Gaussian blur before the gradients, in pixels (default 1.0)")
+    conditions.add_argument("--sigma", type=float, default=1.0, help="canny: Gaussian blur before the gradients, in pixels, 0 to 50 (default 1.0)")
     conditions.add_argument("--threshold", type=float, default=40.0, help="mask: RGB distance from the border colour that counts as shape (default 40)")
     conditions.add_argument("--overwrite", action="store_true", help="replace what the output folder holds: an earlier run's conditioning images, its metadata.jsonl, files of the images' names")
 

@@ -41,6 +41,10 @@ CANNY_LOW, CANNY_HIGH, CANNY_SIGMA = 20.0, 40.0, 1.0
 # The toy world's closest shape/background colours are ~83 apart (see toyworld.metrics.SEGMENT_THRESHOLD).
 MASK_THRESHOLD = 40.0
 MAX_RGB_DISTANCE = 255 * 3**0.5  # black to white: no pixel is farther than this from the border's colour
+# The most blur canny takes: its kernel spans 6 sigma pixels, each a pass over the photo (sigma 1e9, as a ControlNet's
+# record may say, asked for a kernel of 48 GB); past a few pixels no edge a ControlNet follows survives anyway.
+MAX_CANNY_SIGMA = 50.0
+OPTION_NAMES = {"canny": ("low", "high", "sigma"), "mask": ("threshold",), "luminance": ()}  # each maker's thresholds
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,8 +178,8 @@ def make_condition(image: Image.Image, kind: str, **options) -> Image.Image:
 def check_options(kind: str, **options) -> None:
     """Refuse thresholds that make degenerate images, before any is written: a negative mask threshold counts
     every pixel as shape (all white), a negative blur is no blur recorded as one."""
-    if kind == "canny" and not options.get("sigma", CANNY_SIGMA) >= 0:
-        raise FinetuneError(f"canny --sigma must be 0 or more (pixels of blur), got {options['sigma']}")
+    if kind == "canny" and not 0 <= options.get("sigma", CANNY_SIGMA) <= MAX_CANNY_SIGMA:
+        raise FinetuneError(f"canny --sigma must be 0 to {MAX_CANNY_SIGMA:g} (pixels of blur), got {options['sigma']}")
     if kind == "mask" and not options.get("threshold", MASK_THRESHOLD) >= 0:
         raise FinetuneError(f"mask --threshold must be 0 or more (an RGB distance; below 0 every pixel is shape), got {options['threshold']}")
     if kind == "canny" and not 0 <= options.get("low", CANNY_LOW) <= options.get("high", CANNY_HIGH):
@@ -358,14 +362,23 @@ def conditioning_record(folder: Path) -> dict | None:
     return record if isinstance(record, dict) and record.get("kind") in KINDS else None
 
 
-def recorded_options(metadata: dict[str, str], kind: str) -> dict[str, float]:
+def recorded_options(metadata: dict[str, str], kind: str, named: str = "the ControlNet") -> dict[str, float]:
     """The thresholds a ControlNet's `kind` conditioning images were made with (its finetune.conditioning), so
-    that one made for it later (the demo's) is made the same way; {} where another kind or none is recorded."""
+    that one made for it later (the demo's) is made the same way; {} where another kind or none is recorded. A
+    record that make-conditions could not have written (a sigma of 1e9, another maker's names) is one line."""
     try:
         record = json.loads(metadata["finetune.conditioning"])
-        return {name: float(value) for name, value in record.items() if name != "kind"} if record["kind"] == kind else {}
+        options = {name: float(value) for name, value in record.items() if name != "kind"} if record["kind"] == kind else {}
     except (KeyError, ValueError, TypeError, AttributeError):  # not recorded, or not by us
         return {}
+    try:
+        if unknown := sorted(set(options) - set(OPTION_NAMES.get(kind, ()))):
+            raise FinetuneError(f"{kind} takes no {', '.join(unknown)}")
+        check_options(kind, **options)
+    except FinetuneError as err:
+        raise FinetuneError(f"{named} records conditioning images made in a way make-conditions does not ({err}): its metadata "
+                            "(finetune.conditioning) is damaged or was edited; use another copy of it") from None  # fmt: skip
+    return options
 
 
 def recorded_conditioning(metadata: dict[str, str]) -> str | None:

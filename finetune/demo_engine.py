@@ -188,7 +188,7 @@ class DemoEngine:
             if decoder is not None and (model is not self.base or self.base_metadata):
                 refuse_replacing_a_fine_tuned_unet(request.controlnet, request.model if model is not self.base else self.base_name)
             _check_controlnet_fits(controlnet, model.unet, request.controlnet, model.source)
-            made_with = recorded_options(self._metadata_now(request.controlnet), request.conditioning_kind)
+            made_with = recorded_options(self._metadata_now(request.controlnet), request.conditioning_kind, f"ControlNet {request.controlnet}")
             condition = conditioning_image(request.conditioning_image, request.conditioning_kind, request.size, made_with, self._made_condition)
         columns = self._columns(request, model, loras, controlnet, decoder)
         for column in columns:  # adapters that cannot be combined stop the request before anything renders

@@ -111,7 +111,7 @@ def test_validation_rows_show_different_conditioning_images_when_folders_repeat_
 
 @pytest.mark.parametrize("options, said", [
     (["--kind", "mask", "--threshold", "-5"], "mask --threshold must be 0 or more (an RGB distance; below 0 every pixel is shape), got -5.0"),
-    (["--kind", "canny", "--sigma", "-1"], "canny --sigma must be 0 or more (pixels of blur), got -1.0"),
+    (["--kind", "canny", "--sigma", "-1"], "canny --sigma must be 0 to 50 (pixels of blur), got -1.0"),
     (["--kind", "canny", "--low", "50", "--high", "10"], "canny thresholds must satisfy 0 <= low <= high, got low=50.0, high=10.0"),
 ])  # fmt: skip
 def test_make_conditions_refuses_degenerate_thresholds_before_writing_anything(options, said, tmp_path, capsys):

@@ -1,8 +1,9 @@
-"""A LoRA from a model site steers sampling by its metadata: the token length its prompts are read in
+"""Adapters from a model site steer sampling by their metadata. A LoRA's: the token length its prompts are read in
 (finetune.max_token_length, sd-scripts' ss_max_token_length) set how many chunks of 75 tokens every prompt is
 encoded in, so a file recording 7,500,000 made `sample`, the demo and `merge`'s result encode each prompt in 100,000
 chunks (the UNet attending to 7.7 million states) until memory ran out. Only the lengths training writes are read;
-another is one line naming the file."""
+another is one line naming the file. A ControlNet's: how its conditioning images were made, which the demo makes an
+uploaded photo's condition with; bounded as make-conditions' own options are."""
 
 import pytest
 import torch
@@ -37,3 +38,28 @@ def test_a_lora_recording_a_vast_token_length_is_one_line_before_any_prompt_is_e
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {lora} records a max_token_length of 7500000, which no training writes"), err
     assert not (tmp_path / "out").exists() and not (tmp_path / "merged").exists()
+
+
+def test_a_controlnets_record_of_conditioning_make_conditions_could_not_write_is_one_line():
+    """The demo makes a photo's condition with the thresholds a ControlNet's record says (finetune.conditioning): a sigma of
+    1e9 from a downloaded folder asked canny for a 48 GB kernel, and a name no maker takes was a TypeError mid-render."""
+    import json
+
+    from finetune.conditions import recorded_options
+
+    def record(**options):
+        return {"finetune.conditioning": json.dumps({"kind": "canny", **options})}
+
+    assert recorded_options(record(low=20, high=40, sigma=1.5), "canny", "ControlNet edges") == {"low": 20.0, "high": 40.0, "sigma": 1.5}
+    assert recorded_options(record(sigma=1e9), "mask") == {}  # another kind's record: the upload's own kind is made with defaults
+    for options, said in (({"sigma": 1e9}, r"canny --sigma must be 0 to 50 \(pixels of blur\), got 1000000000.0"), ({"radius": 3}, "canny takes no radius")):
+        with pytest.raises(FinetuneError, match=rf"^ControlNet edges records conditioning images made in a way make-conditions does not \({said}\): its metadata"):
+            recorded_options(record(**options), "canny", "ControlNet edges")
+
+
+def test_make_conditions_refuses_a_blur_past_the_bound_before_writing_anything(tmp_path, capsys):
+    from conftest import REPO
+
+    assert main(["make-conditions", str(REPO / "datasets" / "star"), str(tmp_path / "out"), "--kind", "canny", "--sigma", "1e9"]) == 2
+    assert capsys.readouterr().err.strip() == "error: canny --sigma must be 0 to 50 (pixels of blur), got 1000000000.0"
+    assert not (tmp_path / "out").exists()
