@@ -79,6 +79,8 @@ def adapters_prediction_type(adapters: dict[str, dict[str, str]]) -> str | None:
     a LoRA trained with model.prediction_type=v_prediction on an epsilon base predicts v, and read as
     epsilon it gives noise. Adapters trained for different types do not mix."""
     recorded = {name: meta["finetune.prediction_type"] for name, meta in adapters.items() if meta.get("finetune.prediction_type")}
+    if unknown := next((f"{name} records the prediction type {kind!r}" for name, kind in recorded.items() if kind not in ("epsilon", "v_prediction", "sample")), None):
+        raise FinetuneError(f"{unknown}, which no model predicts (epsilon, v_prediction or sample): its metadata is damaged or was edited; use another copy of it")
     if len(set(recorded.values())) > 1:
         listed = ", ".join(f"{name} ({kind})" for name, kind in recorded.items())
         raise FinetuneError(f"adapters trained for different prediction types cannot be combined: {listed}")
@@ -122,10 +124,9 @@ def adapters_max_token_length(adapters: dict[str, dict[str, str]]) -> int:
     """The longest model.max_token_length the adapters ({name: metadata}) were trained with (75 where none is
     recorded: ours record it when not 75, sd-scripts' files as ss_max_token_length)."""
     recorded = {name: int(value) for name, meta in adapters.items() if (value := str(meta.get("finetune.max_token_length", ""))).isdigit()}
-    for name, length in recorded.items():  # a file's word: 7,500,000 encoded every prompt in 100,000 chunks, until memory ran out
-        if length not in TRAINED_TOKEN_LENGTHS:
-            raise FinetuneError(f"{name} records a max_token_length of {length}, which no training writes (75, 150 or 225, as sd-scripts' too): "
-                                "its metadata is damaged or was edited; use another copy of it")  # fmt: skip
+    # A file's word: 7,500,000 encoded every prompt in 100,000 chunks, until memory ran out.
+    if odd := next((f"{name} records a max_token_length of {length}" for name, length in recorded.items() if length not in TRAINED_TOKEN_LENGTHS), None):
+        raise FinetuneError(f"{odd}, which no training writes (75, 150 or 225, as sd-scripts' too): its metadata is damaged or was edited; use another copy of it")
     # Adapters of different lengths are not refused (different clip skips are): one of them reads prompts as it was
     # trained, and merge too keeps one length.
     return max(recorded.values(), default=75)

@@ -63,3 +63,11 @@ def test_make_conditions_refuses_a_blur_past_the_bound_before_writing_anything(t
     assert main(["make-conditions", str(REPO / "datasets" / "star"), str(tmp_path / "out"), "--kind", "canny", "--sigma", "1e9"]) == 2
     assert capsys.readouterr().err.strip() == "error: canny --sigma must be 0 to 50 (pixels of blur), got 1000000000.0"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_prediction_type_no_model_predicts_is_one_line_naming_the_file(tmp_path, capsys):
+    lora = kohya_lora(tmp_path / "lora.safetensors", **{"finetune.prediction_type": "noise"})  # was diffusers' ValueError, a traceback
+    assert main(["sample", "--base", str(SHIPPED_BASE), "--lora", str(lora), "--prompt", "a star", "--out", str(tmp_path / "out"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {lora} records the prediction type 'noise', which no model predicts (epsilon, v_prediction or sample): its metadata "
+                   "is damaged or was edited; use another copy of it"]
