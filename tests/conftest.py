@@ -8,6 +8,11 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread in the interpreters the tests start (`python -m finetune`, killed runs, bench variants), as the worker
+# itself runs (test modules pin torch.set_num_threads(1)) and as every launch here asks already: CI's 2 cores run 2 pytest
+# workers, and a child of one with 2 threads spun on the core the other worker had, which cost it more CPU, not less time
+# (measured: a loader-worker run's child 28 s -> 18 s). A test that wants more threads sets them itself.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Every DeepSpeed launch builds DeepSpeed's shared-memory op (about a minute of 2 cores; test_library_noise's and
 # test_deepspeed_zero2's launches wait on one build) into torch's extensions folder, which is one per user and Python
 # version, shared by every virtual environment. Another environment on the machine (another clone's .venv) compiles it
