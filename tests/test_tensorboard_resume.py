@@ -79,17 +79,23 @@ def settings_records(run_dir: Path) -> int:
     return len(list((run_dir / "logs" / "finetune").glob("*/events.out.tfevents.*")))
 
 
+@pytest.fixture(scope="module")
+def straight_run(tiny_model, image_folder, tmp_path_factory) -> Path:
+    """The uninterrupted run of `logged_recipe` that each killed and resumed run below must log as (its logs only read)."""
+    run_dir = tmp_path_factory.mktemp("straight") / "straight"
+    train(logged_recipe(tiny_model, image_folder, run_dir))
+    return run_dir
+
+
 @pytest.mark.parametrize(("killed_after", "logged_before"), [(6, [1, 2, 3, 4, 5]), (2, [1])])  # after checkpoint-3; before any
-def test_a_run_killed_and_resumed_logs_each_step_once(tiny_model, image_folder, tmp_path, killed_after, logged_before):
+def test_a_run_killed_and_resumed_logs_each_step_once(tiny_model, image_folder, straight_run, tmp_path, killed_after, logged_before):
     recipe = logged_recipe(tiny_model, image_folder, tmp_path / "run")
-    straight = logged_recipe(tiny_model, image_folder, tmp_path / "straight")
-    train(straight)
     killed = killed_run(recipe, killed_after)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert [step for step, _ in logged(tmp_path / "run", "train/loss")] == logged_before
     train(recipe, resume=started_a_second_later("latest"))  # from checkpoint-3, or from the start
     for tag in ("train/loss", "train/lr"):
-        assert_one_curve(logged(tmp_path / "run", tag), logged(tmp_path / "straight", tag), tag)  # each step once, as the resumed run logged it
+        assert_one_curve(logged(tmp_path / "run", tag), logged(straight_run, tag), tag)  # each step once, as the resumed run logged it
     assert settings_records(tmp_path / "run") == 1  # the same settings, recorded by the killed run (a fresh start too: its logs hold them)
 
 
