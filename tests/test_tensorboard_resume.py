@@ -3,46 +3,67 @@ steps of a run resumed from an older checkpoint; all of a run killed before its 
 resumed run, and TensorBoard drew both, a curve doubling back over those steps. The new run's writer purges them (torch's
 SummaryWriter(purge_step=...))."""
 
-import json
+import gc
 import os
 import shutil
 import signal
-import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 from conftest import build_recipe
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from finetune.trainer import train
 
-REPO = Path(__file__).resolve().parent.parent
+def killed_run(recipe, after_step: int) -> SimpleNamespace:
+    """Trains `recipe` in a process of its own that SIGKILLs itself when step `after_step` is done, before that step's log and
+    checkpoint: its `returncode` (-9) and what it printed (`stderr`). The process is forked from this one, with the libraries
+    imported: a fresh interpreter spent about 10 CPU seconds importing torch and diffusers before its first step. The kill is
+    the same: nothing of the trainer's runs after it. The writers the run opened are flushed first: what their thread writes to
+    disk every flush_secs, as for a kill that long after these steps (this process's own writers are left alone)."""
+    from torch.utils.tensorboard import SummaryWriter
 
-# Trains in a process of its own and SIGKILLs itself when step argv[2] is done, before that step's log and checkpoint.
-# The writers are flushed first: what their thread writes to disk every flush_secs, as for a kill that long after these steps.
-KILLED_RUN = """
-import gc, json, os, signal, sys
-from torch.utils.tensorboard import SummaryWriter
-from finetune.recipe_loading import recipe_from_dict
-from finetune.trainer import train
+    def writers() -> list:
+        return [thing for thing in gc.get_objects() if issubclass(type(thing), SummaryWriter)]  # (isinstance would ask deprecated objects their __class__)
 
-def killed_after(step):
-    if step == int(sys.argv[2]):
-        for writer in [thing for thing in gc.get_objects() if isinstance(thing, SummaryWriter)]:
-            writer.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
+    before = {id(writer) for writer in writers()}
 
-train(recipe_from_dict(json.loads(sys.argv[1])), on_step=killed_after)
-"""
+    def killed_after(step):
+        if step == after_step:
+            for writer in writers():
+                if id(writer) not in before:
+                    writer.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
 
-
-def killed_run(recipe, after_step: int) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-c", KILLED_RUN, json.dumps(recipe.model_dump(mode="json")), str(after_step)], env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    handle, name = tempfile.mkstemp(prefix="killed-run-", suffix=".log")
+    os.close(handle)
+    said = Path(name)
+    pid = os.fork()
+    if pid == 0:  # the child: its output to the file, never back into the test (os._exit, whatever happens)
+        code = 1
+        try:
+            log = os.open(said, os.O_WRONLY | os.O_TRUNC)
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            sys.stdout = sys.stderr = open(1, "w", buffering=1, closefd=False)
+            torch.set_num_threads(1)  # as a data-loader worker does after a fork: this process's thread pool is not the child's
+            train(recipe, on_step=killed_after)
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    stderr = said.read_text()
+    said.unlink()
+    return SimpleNamespace(returncode=-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status), stderr=stderr)
 
 
 def logged(run_dir: Path, tag: str) -> list[tuple[int, float]]:
