@@ -7,27 +7,22 @@ import gc
 import os
 import shutil
 import signal
-import sys
-import tempfile
 import time
-import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 import yaml
 from conftest import build_recipe
+from forked import run_forked
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from finetune.trainer import train
 
 def killed_run(recipe, after_step: int) -> SimpleNamespace:
-    """Trains `recipe` in a process of its own that SIGKILLs itself when step `after_step` is done, before that step's log and
-    checkpoint: its `returncode` (-9) and what it printed (`stderr`). The process is forked from this one, with the libraries
-    imported: a fresh interpreter spent about 10 CPU seconds importing torch and diffusers before its first step. The kill is
-    the same: nothing of the trainer's runs after it. The writers the run opened are flushed first: what their thread writes to
-    disk every flush_secs, as for a kill that long after these steps (this process's own writers are left alone)."""
+    """Trains `recipe` in a process of its own (forked: see tests/forked.py) that SIGKILLs itself when step `after_step` is
+    done, before that step's log and checkpoint: its `returncode` (-9) and `output`. The writers the run opened are flushed first:
+    what their thread writes to disk every flush_secs, as for a kill that long after these steps (this process's own are left alone)."""
     from torch.utils.tensorboard import SummaryWriter
 
     def writers() -> list:
@@ -42,28 +37,10 @@ def killed_run(recipe, after_step: int) -> SimpleNamespace:
                     writer.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
-    handle, name = tempfile.mkstemp(prefix="killed-run-", suffix=".log")
-    os.close(handle)
-    said = Path(name)
-    pid = os.fork()
-    if pid == 0:  # the child: its output to the file, never back into the test (os._exit, whatever happens)
-        code = 1
-        try:
-            log = os.open(said, os.O_WRONLY | os.O_TRUNC)
-            os.dup2(log, 1)
-            os.dup2(log, 2)
-            sys.stdout = sys.stderr = open(1, "w", buffering=1, closefd=False)
-            torch.set_num_threads(1)  # as a data-loader worker does after a fork: this process's thread pool is not the child's
-            train(recipe, on_step=killed_after)
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    stderr = said.read_text()
-    said.unlink()
-    return SimpleNamespace(returncode=-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status), stderr=stderr)
+    def run() -> None:
+        train(recipe, on_step=killed_after)
+
+    return run_forked(run)
 
 
 def logged(run_dir: Path, tag: str) -> list[tuple[int, float]]:
@@ -112,7 +89,7 @@ def straight_run(tiny_model, image_folder, tmp_path_factory) -> Path:
 def test_a_run_killed_and_resumed_logs_each_step_once(tiny_model, image_folder, straight_run, tmp_path, killed_after, logged_before):
     recipe = logged_recipe(tiny_model, image_folder, tmp_path / "run")
     killed = killed_run(recipe, killed_after)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert killed.returncode == -signal.SIGKILL, killed.output[-2000:]
     assert [step for step, _ in logged(tmp_path / "run", "train/loss")] == logged_before
     train(recipe, resume=started_a_second_later("latest"))  # from checkpoint-3, or from the start
     for tag in ("train/loss", "train/lr"):
@@ -134,7 +111,7 @@ def test_a_grid_drawn_after_its_checkpoint_and_killed_later_is_logged_once_with_
     recipe = logged_recipe(tiny_model, image_folder, tmp_path / "run", **grids)
     train(logged_recipe(tiny_model, image_folder, tmp_path / "straight", **grids))
     killed = killed_run(recipe, 5)
-    assert killed.returncode == -signal.SIGKILL and grid_steps(tmp_path / "run") == [3], killed.stderr[-2000:]
+    assert killed.returncode == -signal.SIGKILL and grid_steps(tmp_path / "run") == [3], killed.output[-2000:]
     train(recipe, resume=started_a_second_later("latest"))  # from checkpoint-3, whose grid it draws again
     assert grid_steps(tmp_path / "run") == grid_steps(tmp_path / "straight") == [3, 6, 8]
     for tag in ("train/loss", "train/lr"):

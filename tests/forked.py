@@ -1,0 +1,43 @@
+"""`run_forked`: a call run in a process of its own forked from the test's, with the libraries this one imported. A fresh
+interpreter (`python -c`, `python -m finetune`) spent about 10 CPU seconds importing torch and diffusers before doing anything;
+where a test needs a process of its own (a kill, output to a file as from a shell) and not that start, the fork is that process."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+
+def run_forked(call: Callable[[], int | None]) -> SimpleNamespace:
+    """`call()` in a forked child whose stdout and stderr (the file descriptors and sys.stdout/sys.stderr) are one file, not a
+    terminal: its `returncode` (what `call` returned, 0 for None; 1 for an exception, whose traceback is printed; -N for a
+    signal N that ended it) and `output` (what it printed). The child never returns into the test: it ends with os._exit."""
+    import torch
+
+    handle, name = tempfile.mkstemp(prefix="forked-", suffix=".log")
+    os.close(handle)
+    said = Path(name)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            log = os.open(said, os.O_WRONLY | os.O_TRUNC)
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            sys.stdout = sys.stderr = open(1, "w", buffering=1, closefd=False)
+            torch.set_num_threads(1)  # as a data-loader worker does after a fork: the parent's thread pool is not the child's
+            code = call() or 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    output = said.read_text()
+    said.unlink()
+    return SimpleNamespace(returncode=-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status), output=output)
