@@ -5,18 +5,21 @@ where a test needs a process of its own (a kill, output to a file as from a shel
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
 
-def run_forked(call: Callable[[], int | None]) -> SimpleNamespace:
+def run_forked(call: Callable[[], int | None], timeout: float = 300) -> SimpleNamespace:
     """`call()` in a forked child whose stdout and stderr (the file descriptors and sys.stdout/sys.stderr) are one file, not a
     terminal: its `returncode` (what `call` returned, 0 for None; 1 for an exception, whose traceback is printed; -N for a
-    signal N that ended it) and `output` (what it printed). The child never returns into the test: it ends with os._exit."""
+    signal N that ended it) and `output` (what it printed); one still running after `timeout` s is killed and fails the test.
+    The child never returns into the test: it ends with os._exit."""
     import torch
 
     handle, name = tempfile.mkstemp(prefix="forked-", suffix=".log")
@@ -37,7 +40,14 @@ def run_forked(call: Callable[[], int | None]) -> SimpleNamespace:
         finally:
             sys.stdout.flush()
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
+    deadline = time.monotonic() + timeout
+    while (ended := os.waitpid(pid, os.WNOHANG))[0] == 0:  # a fork can hang on a lock another thread held: never CI's whole run
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"the forked process ran past {timeout} s: {said.read_text()[-2000:]}")
+        time.sleep(0.05)
+    status = ended[1]
     output = said.read_text()
     said.unlink()
     return SimpleNamespace(returncode=-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status), output=output)
