@@ -48,6 +48,6 @@ def run_forked(call: Callable[[], int | None], timeout: float = 300) -> SimpleNa
             raise AssertionError(f"the forked process ran past {timeout} s: {said.read_text()[-2000:]}")
         time.sleep(0.05)
     status = ended[1]
-    output = said.read_text()
+    output = said.read_bytes().decode("utf-8", "replace")  # as written: read_text would turn a bar's "\r" into "\n"
     said.unlink()
     return SimpleNamespace(returncode=-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status), output=output)
