@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, is_compiled_module, str_to_bool
+from accelerate.utils import DistributedType, DynamoBackend, InitProcessGroupKwargs, is_compiled_module, str_to_bool
 
 from finetune.config import Recipe
 from finetune.console import say
@@ -65,6 +65,21 @@ def keep_autocast_outputs(accelerator: Accelerator, module: torch.nn.Module) -> 
     original = vars(inner).pop("_original_forward", None)
     if original is not None:
         inner.forward = original
+
+
+def ready_to_compile(accelerator: Accelerator, trained: list[torch.nn.Module]) -> None:
+    """Before `prepare` compiles the trained modules (`accelerate launch --dynamo_backend ...`): what made them compile again.
+
+    - `accelerate launch` passes `dynamic=False` unless told --dynamo_use_dynamic, and a static graph compiles again for
+      each shape of batch: every aspect-ratio bucket, and each bucket's smaller last batch. Past torch's recompile limit (8)
+      the module ran uncompiled for the rest of the run, with one warning in the log. torch's own default is taken instead:
+      static until a shape changes, then the sizes that changed are compiled dynamic (3 compiles for 7 buckets); a run of
+      one shape compiles once, as before."""
+    plugin = accelerator.state.dynamo_plugin
+    if plugin.backend == DynamoBackend.NO:
+        return
+    if plugin.dynamic is False:
+        plugin.dynamic = None
 
 
 def trained_parameters(modules: dict[str, torch.nn.Module], accelerator: Accelerator) -> dict[str, torch.nn.Parameter]:

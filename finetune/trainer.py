@@ -29,7 +29,7 @@ from finetune.batches import item_layout
 from finetune.diffusion import BatchRandomness
 from finetune.draw_keys import DRAWN, key_offset
 from finetune.device_copy import to_device
-from finetune.distributed import accelerator_options, agree_on_start, autocast, checkpoint_options, configure_deepspeed, full_parameters, keep_autocast_outputs, launch_problem, release_gathered, trained_parameters, unsharded_loading, unwrap, uses_deepspeed, zero_stage
+from finetune.distributed import accelerator_options, agree_on_start, autocast, checkpoint_options, configure_deepspeed, full_parameters, keep_autocast_outputs, launch_problem, ready_to_compile, release_gathered, trained_parameters, unsharded_loading, unwrap, uses_deepspeed, zero_stage
 from finetune.deepspeed_checks import check_deepspeed_launch
 from finetune.earlier_run import clear_earlier_run, guard_earlier_run
 from finetune.ema import EMA_FILE, weight_average
@@ -190,6 +190,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
         path = save_image_atomic(strip, output_dir / "samples" / "loss-masks.png")
         say(f"loss masks: what trains in the first images (the rest dimmed): {path}")
     names = list(method.trained_modules())
+    ready_to_compile(accelerator, list(method.trained_modules().values()))  # with --dynamo_backend: what made it compile again
     *wrapped, optimizer = accelerator.prepare(*method.trained_modules().values(), optimizer)
     modules = dict(zip(names, wrapped))
     for name in method.feeding_another_model:
