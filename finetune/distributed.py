@@ -74,12 +74,21 @@ def ready_to_compile(accelerator: Accelerator, trained: list[torch.nn.Module]) -
       each shape of batch: every aspect-ratio bucket, and each bucket's smaller last batch. Past torch's recompile limit (8)
       the module ran uncompiled for the rest of the run, with one warning in the log. torch's own default is taken instead:
       static until a shape changes, then the sizes that changed are compiled dynamic (3 compiles for 7 buckets); a run of
-      one shape compiles once, as before."""
+      one shape compiles once, as before.
+    - diffusers' first `save_pretrained` writes `_class_name` and `_diffusers_version` into the model's own config, which a
+      model made here (a ControlNet copied from the UNet) lacks; its forward reads the config, guarded by its length, so
+      the first checkpoint compiled it again. They are written before it compiles."""
     plugin = accelerator.state.dynamo_plugin
     if plugin.backend == DynamoBackend.NO:
         return
     if plugin.dynamic is False:
         plugin.dynamic = None
+    for module in trained:
+        config = getattr(module, "_internal_dict", None)
+        if config is not None and "_diffusers_version" not in config:
+            import diffusers
+
+            module.register_to_config(_class_name=type(module).__name__, _diffusers_version=diffusers.__version__)
 
 
 def trained_parameters(modules: dict[str, torch.nn.Module], accelerator: Accelerator) -> dict[str, torch.nn.Parameter]:

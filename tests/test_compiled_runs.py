@@ -55,6 +55,24 @@ def test_a_module_compiled_as_accelerate_launch_asks_takes_batches_of_many_shape
     assert compiling["stats"]["unique_graphs"] <= 4 and fallbacks(compiling) == 0
 
 
+def test_a_new_controlnets_first_save_changes_nothing_its_compiled_forward_reads(tmp_path, compiling):
+    """diffusers' first save_pretrained wrote two keys into a fresh ControlNet's config, whose length its compiled forward
+    is guarded on: the first checkpoint compiled the ControlNet again."""
+    from diffusers import ControlNetModel
+
+    from finetune.tiny_model import build_tiny_pipeline
+
+    controlnet = ControlNetModel.from_unet(build_tiny_pipeline().unet)
+    accelerator = Accelerator(cpu=True)
+    try:
+        ready_to_compile(accelerator, [controlnet])
+    finally:
+        clear_accelerate_settings()
+    before = dict(controlnet.config)
+    controlnet.save_pretrained(tmp_path / "controlnet")
+    assert dict(controlnet.config) == before
+
+
 def mixed_folder(folder):
     """Three aspect-ratio buckets at 64 px (80x48, 64x64, 48x80), two or three images each."""
     folder.mkdir()
