@@ -95,3 +95,15 @@ def test_a_compiled_lora_run_with_buckets_validation_and_checkpoints_compiles_th
     result = train(recipe)
     assert result.final_step == 10 and len(result.validation_losses) == 5
     assert compiling["stats"]["unique_graphs"] <= 3 and fallbacks(compiling) == 0
+
+
+@pytest.mark.slow  # ~1 minute
+def test_a_compiled_controlnet_run_compiles_once_through_validation_and_checkpoints(make_recipe, pairs_folder, compiling):
+    """Before: 4 compiles (the held-out loss's no-grad graph, and both again after the first checkpoint's save)."""
+    recipe = make_recipe(
+        method="controlnet", data__image_dir=str(pairs_folder), train__max_steps=6, checkpoint__every_n_steps=2,
+        validation__every_n_steps=2, validation__loss_images=1, validation__prompts=["a shape"], validation__num_inference_steps=2,
+    )  # fmt: skip
+    result = train(recipe)
+    assert result.final_step == 6 and len(result.validation_losses) == 4
+    assert (compiling["stats"]["unique_graphs"], fallbacks(compiling)) == (1, 0)
