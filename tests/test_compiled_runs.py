@@ -107,3 +107,11 @@ def test_a_compiled_controlnet_run_compiles_once_through_validation_and_checkpoi
     result = train(recipe)
     assert result.final_step == 6 and len(result.validation_losses) == 4
     assert (compiling["stats"]["unique_graphs"], fallbacks(compiling)) == (1, 0)
+
+
+def test_the_bench_compiles_controlnet_on_request_as_accelerate_launch_would():
+    from finetune.bench.variants import DEFAULT_VARIANTS, VARIANTS
+
+    variant = VARIANTS["controlnet_compiled"]
+    assert variant.environment == {"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"} and "controlnet_compiled" not in DEFAULT_VARIANTS
+    assert variant.build({"train": {}}, None) == VARIANTS["controlnet"].build({"train": {}}, None)

@@ -93,6 +93,10 @@ VARIANTS: dict[str, Variant] = {
     "dreambooth": Variant("DreamBooth, full UNet, prior preservation, 8-bit AdamW", lambda c, s: _dreambooth(c, s, "full")),
     "dreambooth_lora": Variant("DreamBooth with a LoRA adapter, prior preservation", lambda c, s: _dreambooth(c, s, "lora")),
     "controlnet": Variant("ControlNet (trainable encoder copy), frozen UNet", lambda c, s: _controlnet(c, s)),
+    # accelerate compiles the trained module only: the ControlNet, not the frozen UNet it feeds (half the step's work).
+    "controlnet_compiled": Variant(
+        "ControlNet, the ControlNet compiled (inductor; the frozen UNet is not)", lambda c, s: _controlnet(c, s), {"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"}
+    ),
 }
 
 
