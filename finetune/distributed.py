@@ -67,22 +67,25 @@ def keep_autocast_outputs(accelerator: Accelerator, module: torch.nn.Module) -> 
         inner.forward = original
 
 
-def ready_to_compile(accelerator: Accelerator, trained: list[torch.nn.Module]) -> None:
-    """Before `prepare` compiles the trained modules (`accelerate launch --dynamo_backend ...`): what made them compile again.
+def ready_to_compile(accelerator: Accelerator, trained: list[torch.nn.Module], batch_shapes: int) -> None:
+    """Before `prepare` compiles the trained modules (`accelerate launch --dynamo_backend ...`): what made them compile again,
+    or run uncompiled. `batch_shapes`: how many shapes of batch the run can train (two a bucket: its last batch may be smaller).
 
-    - `accelerate launch` passes `dynamic=False` unless told --dynamo_use_dynamic, and a static graph compiles again for
-      each shape of batch: every aspect-ratio bucket, and each bucket's smaller last batch. Past torch's recompile limit (8)
-      the module ran uncompiled for the rest of the run, with one warning in the log. torch's own default is taken instead:
-      static until a shape changes, then the sizes that changed are compiled dynamic (3 compiles for 7 buckets); a run of
-      one shape compiles once, as before.
+    - Each shape of batch compiles a static graph of its own (`accelerate launch`'s dynamic=False, as the trainer takes
+      it). Past torch's recompile limit (8) the module ran uncompiled for the rest of the run, with one warning in the log:
+      7 buckets did. The limit is raised to the run's shapes. Dynamic sizes are not the way: inductor (torch 2.13, on a
+      CPU) fails on the UNet compiled with a dynamic batch or sides, in the first step of a new shape.
     - diffusers' first `save_pretrained` writes `_class_name` and `_diffusers_version` into the model's own config, which a
       model made here (a ControlNet copied from the UNet) lacks; its forward reads the config, guarded by its length, so
       the first checkpoint compiled it again. They are written before it compiles."""
     plugin = accelerator.state.dynamo_plugin
     if plugin.backend == DynamoBackend.NO:
         return
-    if plugin.dynamic is False:
-        plugin.dynamic = None
+    if plugin.dynamic is not True:  # --dynamo_use_dynamic, on a GPU: as asked (refused on a CPU: launch_problem)
+        plugin.dynamic = False  # None (torch's default, where accelerate launch did not set it) turns a changed size dynamic
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, batch_shapes + 2)  # 2: a margin
+    if batch_shapes > 2:
+        say(f"compiling: up to {batch_shapes} shapes of batch (buckets, and each bucket's smaller last batch), each compiled on its first batch")
     for module in trained:
         config = getattr(module, "_internal_dict", None)
         if config is not None and "_diffusers_version" not in config:
@@ -158,6 +161,10 @@ def launch_problem(mixed_precision: str) -> str | None:
     # The run's device is the CPU, whatever GPU the machine has: `accelerate launch --cpu`, or several processes without CUDA
     # (a Mac's: joined over gloo on the CPU). There fp16 cannot run, and bf16 can.
     on_the_cpu = bool(str_to_bool(os.environ.get("ACCELERATE_USE_CPU", "false"))) or accelerator_options().get("cpu", False)
+    if dynamic_shapes_requested() and (on_the_cpu or not gpu_available()):
+        # torch 2.13's inductor fails on the UNet compiled dynamic, in its first step (an InductorError comparing symbolic sizes).
+        return ("accelerate's --dynamo_use_dynamic: inductor cannot compile diffusers' UNet with dynamic sizes on a CPU; "
+                "leave it out: each shape of batch then compiles once")  # fmt: skip
     if mixed_precision == "fp16" and (on_the_cpu or not gpu_available()):
         # accelerate turns fp16 autocast off on a CPU, and the fp16 frozen weights would then meet fp32 inputs.
         launched = " (this launch runs it on the CPU)" if on_the_cpu and gpu_available() else ""
@@ -172,6 +179,11 @@ def launch_problem(mixed_precision: str) -> str | None:
 def regional_compilation_requested() -> bool:
     compiling = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower() != "no"
     return compiling and str_to_bool(os.environ.get("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "false")) == 1
+
+
+def dynamic_shapes_requested() -> bool:
+    compiling = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower() not in ("no", "eager", "aot_eager")
+    return compiling and str_to_bool(os.environ.get("ACCELERATE_DYNAMO_USE_DYNAMIC", "false")) == 1
 
 
 def deepspeed_requested() -> bool:

@@ -190,7 +190,8 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
         path = save_image_atomic(strip, output_dir / "samples" / "loss-masks.png")
         say(f"loss masks: what trains in the first images (the rest dimmed): {path}")
     names = list(method.trained_modules())
-    ready_to_compile(accelerator, list(method.trained_modules().values()))  # with --dynamo_backend: what made it compile again
+    batch_shapes = 2 * len(set(layout.bucket_of)) if layout.bucket_of else 2  # a bucket's (or the square's) full and last batch
+    ready_to_compile(accelerator, list(method.trained_modules().values()), batch_shapes)  # --dynamo_backend: compiles once a shape
     *wrapped, optimizer = accelerator.prepare(*method.trained_modules().values(), optimizer)
     modules = dict(zip(names, wrapped))
     for name in method.feeding_another_model:

@@ -24,14 +24,17 @@ LAUNCH_ENVIRONMENT = {"ACCELERATE_DYNAMO_BACKEND": "EAGER", "ACCELERATE_DYNAMO_M
 
 @pytest.fixture
 def compiling(monkeypatch):
-    """accelerate's compile settings in the environment; dynamo's counters and caches fresh, and cleared after."""
+    """accelerate's compile settings in the environment; dynamo's counters and caches fresh, and cleared after (its
+    recompile limit, which the trainer raises, put back)."""
     for key, value in LAUNCH_ENVIRONMENT.items():
         monkeypatch.setenv(key, value)
+    limit = torch._dynamo.config.recompile_limit
     torch._dynamo.reset()
     counters.clear()
     yield counters
     torch._dynamo.reset()
     counters.clear()
+    torch._dynamo.config.recompile_limit = limit
 
 
 def fallbacks(counted) -> int:
@@ -39,20 +42,32 @@ def fallbacks(counted) -> int:
     return counted["frames"]["total"] - counted["frames"]["ok"]
 
 
-def test_a_module_compiled_as_accelerate_launch_asks_takes_batches_of_many_shapes(compiling):
-    """`accelerate launch` asks for static shapes (dynamic=False) unless --dynamo_use_dynamic: without ready_to_compile
-    each of these ten shapes compiled again, and the ninth ran uncompiled. Now: static, then the batch and the sides
-    dynamic, each with batch 1 apart (dynamo specializes a size of 1)."""
+def test_a_module_compiled_as_accelerate_launch_asks_compiles_each_shape_of_batch_once_and_stays_compiled(compiling):
+    """Static graphs (`accelerate launch` without --dynamo_use_dynamic), one per shape: the ninth of these ten shapes
+    hit torch's recompile limit (8) and ran uncompiled."""
     accelerator = Accelerator(cpu=True)
+    shapes = [(batch, side) for side in (6, 8, 10, 12, 14) for batch in (2, 1)]
     try:
         model = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.SiLU())
-        ready_to_compile(accelerator, [model])
+        ready_to_compile(accelerator, [model], batch_shapes=len(shapes))
         compiled = accelerator.prepare(model)
-        for batch, side in [(2, 8), (1, 8), (2, 10), (1, 10), (2, 6), (1, 6), (2, 12), (1, 12), (2, 14), (1, 14)]:
+        for batch, side in shapes + shapes:
             compiled(torch.randn(batch, 4, side, side + 4)).sum().backward()
     finally:
         clear_accelerate_settings()
-    assert compiling["stats"]["unique_graphs"] <= 4 and fallbacks(compiling) == 0
+    assert (compiling["stats"]["unique_graphs"], fallbacks(compiling)) == (len(shapes), 0)
+
+
+def test_dynamic_sizes_are_refused_on_a_cpu_before_loading_the_model(make_recipe, monkeypatch):
+    """torch 2.13's inductor failed on the tiny UNet compiled with --dynamo_use_dynamic, after minutes of compiling."""
+    from finetune import trainer
+    from finetune.errors import FinetuneError
+
+    monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")
+    monkeypatch.setenv("ACCELERATE_DYNAMO_USE_DYNAMIC", "True")
+    with pytest.raises(FinetuneError, match=r"^accelerate's --dynamo_use_dynamic: inductor cannot compile diffusers' UNet"):
+        train(make_recipe())
 
 
 def test_a_new_controlnets_first_save_changes_nothing_its_compiled_forward_reads(tmp_path, compiling):
@@ -65,7 +80,7 @@ def test_a_new_controlnets_first_save_changes_nothing_its_compiled_forward_reads
     controlnet = ControlNetModel.from_unet(build_tiny_pipeline().unet)
     accelerator = Accelerator(cpu=True)
     try:
-        ready_to_compile(accelerator, [controlnet])
+        ready_to_compile(accelerator, [controlnet], batch_shapes=2)
     finally:
         clear_accelerate_settings()
     before = dict(controlnet.config)
@@ -84,9 +99,9 @@ def mixed_folder(folder):
 
 
 @pytest.mark.slow  # ~1.5 minutes: dynamo traces the tiny UNet's forward and backward at each compile
-def test_a_compiled_lora_run_with_buckets_validation_and_checkpoints_compiles_the_unet_at_most_three_times(make_recipe, tmp_path, compiling):
-    """Buckets and their smaller last batches, the held-out loss (no gradients: another graph), the validation grid and
-    checkpoints. Before: a static graph per shape of batch (4 here; 8 and then uncompiled for 7 buckets)."""
+def test_a_compiled_lora_run_with_buckets_validation_and_checkpoints_compiles_once_a_shape_of_batch(make_recipe, tmp_path, compiling):
+    """Buckets and their smaller last batches (at most 6 shapes here), the held-out loss, the validation grid, checkpoints
+    and EMA: no other compile."""
     recipe = make_recipe(
         data__image_dir=str(mixed_folder(tmp_path / "mixed")), data__bucketing={"enabled": True, "step": 16}, train__max_steps=10,
         validation__every_n_steps=3, validation__loss_images=1, validation__prompts=["a shape"], validation__num_inference_steps=2,
@@ -94,7 +109,7 @@ def test_a_compiled_lora_run_with_buckets_validation_and_checkpoints_compiles_th
     )  # fmt: skip
     result = train(recipe)
     assert result.final_step == 10 and len(result.validation_losses) == 5
-    assert compiling["stats"]["unique_graphs"] <= 3 and fallbacks(compiling) == 0
+    assert compiling["stats"]["unique_graphs"] <= 6 and fallbacks(compiling) == 0
 
 
 @pytest.mark.slow  # ~1 minute
@@ -115,3 +130,55 @@ def test_the_bench_compiles_controlnet_on_request_as_accelerate_launch_would():
     variant = VARIANTS["controlnet_compiled"]
     assert variant.environment == {"ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"} and "controlnet_compiled" not in DEFAULT_VARIANTS
     assert variant.build({"train": {}}, None) == VARIANTS["controlnet"].build({"train": {}}, None)
+
+
+def inductor_and_eager(tiny_model, precision):
+    """(loss, LoRA gradients) of one forward and backward on a fixed batch, uncompiled and compiled by inductor."""
+    from finetune.config import LoRAConfig, ModelConfig
+    from finetune.methods.lora import add_lora
+    from finetune.models import load_base_model
+    from finetune.trainer import WEIGHT_DTYPES
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    base = load_base_model(ModelConfig(pretrained=str(tiny_model)), WEIGHT_DTYPES[precision])
+    add_lora(base.unet, ["to_q", "to_k", "to_v", "to_out.0"], WEIGHT_DTYPES[precision], LoRAConfig(rank=4, alpha=4))
+    generator = torch.Generator().manual_seed(0)
+    trained = [parameter for parameter in base.unet.parameters() if parameter.requires_grad]
+    for name, parameter in base.unet.named_parameters():
+        if "lora_B" in name:  # as after some steps: every LoRA factor gets a gradient
+            parameter.data = torch.randn(parameter.shape, generator=generator) * 0.05
+    latents, target = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 4, 8, 8, generator=generator)
+    text = torch.randn(2, 77, base.unet.config.cross_attention_dim, generator=generator)
+    accelerator = Accelerator(mixed_precision=precision, cpu=True)
+    try:
+        unet = accelerator.prepare(base.unet)  # autocast wrapped around its forward, as in training; not compiled
+
+        def loss_and_gradients(model):
+            with accelerator.autocast():
+                prediction = model(latents, torch.tensor([10, 900]), text.to(base.unet.dtype), return_dict=False)[0]
+            loss = torch.nn.functional.mse_loss(prediction.float(), target)
+            return loss.detach(), torch.autograd.grad(loss, trained)
+
+        return loss_and_gradients(unet), loss_and_gradients(torch.compile(unet, backend="inductor"))
+    finally:
+        clear_accelerate_settings()
+        torch._dynamo.reset()
+
+
+@pytest.mark.slow  # inductor compiles the tiny UNet's forward and backward: minutes on 2 cores
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_the_inductor_compiled_lora_unet_gives_the_eager_loss_on_a_fixed_batch(tiny_model, precision):
+    (eager_loss, _), (compiled_loss, _) = inductor_and_eager(tiny_model, precision)
+    # fp32: the same sums in another order. bf16: inductor keeps fused intermediates in fp32 where eager rounds each op.
+    assert compiled_loss.item() == pytest.approx(eager_loss.item(), rel=1e-5 if precision == "no" else 1e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="unexplained: inductor's fp32 gradients of some LoRA up weights (lora_B) differ from eager's by as "
+                   "much as their own size, the loss the same to 7 digits (torch 2.13, CPU; peft's own forward, alpha != rank, "
+                   "too); aot_eager's are bit-identical; which is right is not known")
+def test_the_inductor_compiled_lora_unet_gives_the_eager_gradients_in_fp32(tiny_model):
+    (_, eager_gradients), (_, compiled_gradients) = inductor_and_eager(tiny_model, "no")
+    scale = max(gradient.abs().max().item() for gradient in eager_gradients)
+    assert all(torch.allclose(c, e, rtol=0, atol=1e-4 * scale) for c, e in zip(compiled_gradients, eager_gradients))
