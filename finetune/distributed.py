@@ -31,7 +31,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, DynamoBackend, InitProcessGroupKwargs, is_compiled_module, str_to_bool
 
 from finetune.config import Recipe
-from finetune.console import say
+from finetune.console import say, warn
 from finetune.errors import FinetuneError
 from finetune.placement import bf16_emulated, mps_without_bf16
 
@@ -84,6 +84,10 @@ def ready_to_compile(accelerator: Accelerator, trained: list[torch.nn.Module], b
     if plugin.dynamic is not True:  # --dynamo_use_dynamic, on a GPU: as asked (refused on a CPU: launch_problem)
         plugin.dynamic = False  # None (torch's default, where accelerate launch did not set it) turns a changed size dynamic
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, batch_shapes + 2)  # 2: a margin
+    if accelerator.device.type == "cpu" and plugin.backend == DynamoBackend.INDUCTOR:
+        warn("compiling on a CPU: torch's inductor computed wrong gradients for diffusers' UNet on a CPU (torch 2.13: the loss "
+             "right, most weight gradients off; docs/benchmarks-gpu.md), so this run may not learn what it should: train "
+             "uncompiled on a CPU (leave out --dynamo_backend)")  # fmt: skip
     if batch_shapes > 2:
         say(f"compiling: up to {batch_shapes} shapes of batch (buckets, and each bucket's smaller last batch), each compiled on its first batch")
     for module in trained:
