@@ -85,9 +85,9 @@ def ready_to_compile(accelerator: Accelerator, trained: list[torch.nn.Module], b
         plugin.dynamic = False  # None (torch's default, where accelerate launch did not set it) turns a changed size dynamic
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, batch_shapes + 2)  # 2: a margin
     if accelerator.device.type == "cpu" and plugin.backend == DynamoBackend.INDUCTOR:
-        warn("compiling on a CPU: torch's inductor computed wrong gradients for diffusers' UNet on a CPU (torch 2.13: the loss "
-             "right, most weight gradients off; docs/benchmarks-gpu.md), so this run may not learn what it should: train "
-             "uncompiled on a CPU (leave out --dynamo_backend)")  # fmt: skip
+        warn("compiling on a CPU: torch's inductor computed wrong gradients for diffusers' UNet on a CPU (torch 2.13: the tiny "
+             "test UNet's loss right, most of its weight gradients off; docs/benchmarks-gpu.md), so this run may not learn what "
+             "it should: train uncompiled on a CPU (leave out --dynamo_backend)")  # fmt: skip
     if batch_shapes > 2:
         say(f"compiling: up to {batch_shapes} shapes of batch (buckets, and each bucket's smaller last batch), each compiled on its first batch")
     for module in trained:
