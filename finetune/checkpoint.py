@@ -359,6 +359,10 @@ def load_checkpoint(accelerator: Accelerator, path: Path, current_settings: dict
         raise FinetuneError(f"checkpoint {path} is damaged or incomplete ({', '.join(damaged)}: missing or cut short): move it out of "
                             f"{path.parent} and resume from the one before it")
     for custom in sorted(path.glob("custom_checkpoint_*.pkl")):  # the LR scheduler's state: numbers, which a checkpoint of ours holds alone
+        if not zipfile.is_zipfile(custom):  # torch.save's zip, as accelerate writes it, is what the names can be read from: any other
+            raise FinetuneError(f"checkpoint {path}: {custom.name} is not the file accelerate writes (torch's zip format: cut short, "
+                                "or a pickle of another making), which resuming would unpickle (unpickling can run code): resume "
+                                "from the checkpoint before it, or start a new run from its outputs")  # fmt: skip
         if objects := objects_refused_in(custom):  # accelerate unpickles the file whole (weights_only=False): it could run code
             raise FinetuneError(f"checkpoint {path}: {custom.name} holds objects besides a scheduler's state ({objects}), which resuming would unpickle "
                                 "(unpickling can run code): resume only from checkpoints you wrote, or start a new run from its outputs")  # fmt: skip
