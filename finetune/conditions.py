@@ -354,12 +354,30 @@ def _write_conditions(source: Path, target: Path, images: list[Path], captions: 
 
 
 def conditioning_record(folder: Path) -> dict | None:
-    """What `make_conditions` recorded of the folder's conditioning images ({"kind": ..., its options}), if it made them."""
+    """What `make_conditions` recorded of the folder's conditioning images ({"kind": ..., its options}), if it made them; one
+    line for options it could not have written (a ControlNet trained on the folder records them, and the demo refuses it)."""
     try:
         record = json.loads((folder / RECORD_FILE).read_text())
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) and record.get("kind") in KINDS else None
+    if not (isinstance(record, dict) and record.get("kind") in KINDS):
+        return None
+    if problem := options_problem(record["kind"], {name: value for name, value in record.items() if name != "kind"}):
+        raise FinetuneError(f"{folder / RECORD_FILE} records conditioning images made in a way make-conditions does not ({problem}): "
+                            "make them again with finetune make-conditions, or delete that file (a ControlNet trained on the folder "
+                            "then records no way they were made)")  # fmt: skip
+    return record
+
+
+def options_problem(kind: str, options: dict) -> str | None:
+    """Why `options` are not thresholds make-conditions writes for `kind` (another maker's names, a sigma of 1e9), or None."""
+    if unknown := sorted(set(options) - set(OPTION_NAMES.get(kind, ()))):
+        return f"{kind} takes no {', '.join(unknown)}"
+    try:
+        check_options(kind, **options)
+    except (FinetuneError, TypeError) as err:  # TypeError: a threshold of no number ("1", null)
+        return str(err) if isinstance(err, FinetuneError) else f"{kind}'s thresholds are numbers"
+    return None
 
 
 def recorded_options(metadata: dict[str, str], kind: str, named: str = "the ControlNet") -> dict[str, float]:
@@ -371,13 +389,9 @@ def recorded_options(metadata: dict[str, str], kind: str, named: str = "the Cont
         options = {name: float(value) for name, value in record.items() if name != "kind"} if record["kind"] == kind else {}
     except (KeyError, ValueError, TypeError, AttributeError):  # not recorded, or not by us
         return {}
-    try:
-        if unknown := sorted(set(options) - set(OPTION_NAMES.get(kind, ()))):
-            raise FinetuneError(f"{kind} takes no {', '.join(unknown)}")
-        check_options(kind, **options)
-    except FinetuneError as err:
-        raise FinetuneError(f"{named} records conditioning images made in a way make-conditions does not ({err}): its metadata "
-                            "(finetune.conditioning) is damaged or was edited; use another copy of it") from None  # fmt: skip
+    if problem := options_problem(kind, options):
+        raise FinetuneError(f"{named} records conditioning images made in a way make-conditions does not ({problem}): its metadata "
+                            "(finetune.conditioning) is damaged or was edited; use another copy of it")  # fmt: skip
     return options
 
 

@@ -71,3 +71,24 @@ def test_a_prediction_type_no_model_predicts_is_one_line_naming_the_file(tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {lora} records the prediction type 'noise', which no model predicts (epsilon, v_prediction or sample): its metadata "
                    "is damaged or was edited; use another copy of it"]
+
+
+def test_a_data_folders_record_make_conditions_could_not_write_is_one_line_before_the_model_loads(make_recipe, pairs_folder, tmp_path, monkeypatch):
+    """A downloaded ControlNet data folder's conditioning.json went unchecked into the trained ControlNet's metadata, and the
+    demo then refused the user's own ControlNet as damaged or edited (its check above)."""
+    import json
+    import shutil
+
+    from finetune import trainer
+    from finetune.trainer import train
+
+    folder = tmp_path / "pairs"
+    shutil.copytree(pairs_folder, folder)
+    (folder / "conditioning.json").write_text(json.dumps({"kind": "canny", "low": 20, "high": 40, "sigma": 1e9}))
+    monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(FinetuneError, match=rf"^{folder / 'conditioning.json'} records conditioning images made in a way make-conditions does not "
+                                            r"\(canny --sigma must be 0 to 50 \(pixels of blur\), got 1000000000.0\): make them again"):
+        train(make_recipe(method="controlnet", data__image_dir=str(folder)))
+    (folder / "conditioning.json").write_text(json.dumps({"kind": "mask", "threshold": "40"}))
+    with pytest.raises(FinetuneError, match=r"\(mask's thresholds are numbers\)"):
+        train(make_recipe(method="controlnet", data__image_dir=str(folder)))

@@ -82,15 +82,19 @@ class ControlNetMethod(DiffusionMethod):
 
     def data_metadata(self) -> dict[str, str]:
         """How `finetune make-conditions` made the conditioning images, if it did: `finetune sample` names it."""
+        record = self._conditioning_record()
+        return {"finetune.conditioning": json.dumps(record)} if record else {}
+
+    def _conditioning_record(self) -> dict | None:
         from finetune.conditions import conditioning_record
 
         folder = self.recipe.data.image_dir or self.recipe.data.dataset  # a make-conditions folder given as data.dataset too
-        record = conditioning_record(Path(folder)) if folder and Path(folder).is_dir() else None
-        return {"finetune.conditioning": json.dumps(record)} if record else {}
+        return conditioning_record(Path(folder)) if folder and Path(folder).is_dir() else None
 
     def check_data(self) -> None:
         from finetune.inference import unlocked_decoder_folder  # inference imports this module
 
+        self._conditioning_record()  # a record make-conditions could not have written is said before the images are decoded
         self.pairs, report = checked_pairs(self.recipe)
         self.data_reports = [report]
         problem = validation_conditions_problem(self.recipe)
