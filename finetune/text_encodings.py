@@ -29,9 +29,14 @@ def without_nul_characters(text: str, named: str) -> str:
 
 
 def undecodable_files(paths: list[Path]) -> int:
-    """How many of `paths` are not text in the encoding their byte-order mark (or its absence) says."""
+    """How many of `paths` are not text in the encoding their byte-order mark (or its absence) says. A file past
+    MAX_CAPTION_LENGTH bytes (no caption: a log beside the images) is not read to be counted, nor counted."""
+    from finetune.caption_cells import MAX_CAPTION_LENGTH
+
     count = 0
     for path in paths:
+        if path.stat().st_size > MAX_CAPTION_LENGTH:
+            continue
         raw = path.read_bytes()
         try:
             raw.decode(caption_file_encoding(raw))

@@ -84,3 +84,15 @@ def test_a_caption_file_a_metadata_row_overrides_is_not_read_whole_to_be_compare
     read = Path.read_bytes
     monkeypatch.setattr(Path, "read_bytes", lambda path: pytest.fail(f"{path} was read") if path.name == "b.txt" else read(path))
     assert "1 caption file (b.txt) differs from metadata.jsonl" in shadowed_caption_files(folder, DataConfig(image_dir=str(folder)))
+
+
+def test_the_count_of_undecodable_caption_files_does_not_read_a_large_text_file_beside_them(tmp_path, monkeypatch):
+    """One caption in a code page counts the folder's other undecodable .txt files for its message: a log of gigabytes
+    among them (no caption of any image) was read whole to be counted."""
+    folder = folder_of_two(tmp_path)
+    (folder / "a.txt").write_bytes("caf\xe9".encode("cp1252"))
+    (folder / "training-log.txt").write_bytes(b"\xff" * (MAX_CAPTION_LENGTH + 1))
+    read = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda path: pytest.fail(f"{path} was read") if path.name == "training-log.txt" else read(path))
+    with pytest.raises(FinetuneError, match=rf"^caption {folder / 'a.txt'} is not UTF-8 text: save it as UTF-8"):
+        captions(folder)
