@@ -76,8 +76,8 @@ class DreamBoothDataset(Dataset):
             class_plan = plan_view(upright_size(pool[class_index]), target, config.crop, config.random_flip, rng)
             # The whole pool is dealt out once every ceil(len(pool) / dealt) epochs.
             class_likely_new = likely_new_view(config, epoch, epochs_per_visit=math.ceil(len(pool) / max(dealt, 1)))  # 0: all held out
-            class_view = ("class", concept, class_index)
-            item.update(view_entry(pool[class_index], class_plan, class_view, self.latent_cache, class_likely_new, prefix="class_"))
+            class_example_id = ("class", concept, class_index)  # `example_of` finds the class image again by it
+            item.update(view_entry(pool[class_index], class_plan, class_example_id, self.latent_cache, class_likely_new, prefix="class_"))
             item["class_caption"] = pool[class_index].caption
             if config.loss_mask.enabled:
                 item.update(mask_entry(pool[class_index], class_plan, self.latent_cache, class_likely_new, prefix="class_"))
