@@ -92,3 +92,15 @@ def test_a_data_folders_record_make_conditions_could_not_write_is_one_line_befor
     (folder / "conditioning.json").write_text(json.dumps({"kind": "mask", "threshold": "40"}))
     with pytest.raises(FinetuneError, match=r"\(mask's thresholds are numbers\)"):
         train(make_recipe(method="controlnet", data__image_dir=str(folder)))
+
+
+@pytest.mark.parametrize(("metadata", "said"), [
+    ({"finetune.prediction_type": "noise"}, r"records the prediction type 'noise', which no model predicts"),  # was: set model.prediction_type: noise
+    ({"finetune.max_token_length": "many"}, r"records a max_token_length of many, which no training writes"),  # was int()'s traceback
+])  # fmt: skip
+def test_lora_init_from_recording_what_no_training_writes_is_one_line_before_the_model_loads(make_recipe, tmp_path, metadata, said):
+    from finetune.methods.lora import LoRAMethod
+
+    lora = kohya_lora(tmp_path / "lora.safetensors", **metadata)
+    with pytest.raises(FinetuneError, match=rf"^lora.init_from {lora} {said}.*: its metadata is damaged or was edited; use another copy of it$"):
+        LoRAMethod(make_recipe(lora__init_from=str(lora)))

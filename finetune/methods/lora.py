@@ -21,7 +21,7 @@ from peft.utils import get_peft_model_state_dict
 from finetune.atomic_files import atomic_save_safetensors
 from finetune.counts import counted
 from finetune.dora import DIFFUSERS_MAGNITUDE, row_norms, uses_dora
-from finetune.encoders import layer_stack, recorded_clip_skip
+from finetune.encoders import TRAINED_TOKEN_LENGTHS, layer_stack, recorded_clip_skip
 from finetune.errors import FinetuneError, looked_for_here
 from finetune.kohya import DIFFUSERS_SUFFIXES, LoRA, load_lora
 from finetune.lora_kinds import written_path
@@ -30,6 +30,7 @@ from finetune.max_norm import apply_max_norm, lora_layers
 from finetune.merge import find_module
 from finetune.methods.base import UNetMethod
 from finetune.models import freeze
+from finetune.sampling import adapters_prediction_type
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -49,6 +50,7 @@ class LoRAMethod(UNetMethod):
         self.initial_lora = read_initial_lora(recipe.lora.init_from, recipe.lora.use_dora) if recipe.lora.init_from else None
         if self.initial_lora is not None:
             check_initial_ranks(self.initial_lora, recipe.lora.init_from, recipe.lora)
+            check_initial_record(self.initial_lora, recipe.lora.init_from)
 
     def configure_model(self) -> None:
         settings = self.recipe.lora
@@ -284,6 +286,15 @@ def check_initial_ranks(lora: LoRA, source: str, settings) -> None:
         recipe_rank = conv_rank if layer.is_conv_3x3 else settings.rank
         if key.startswith("unet.") and layer.rank != recipe_rank:
             raise FinetuneError(rank_problem(source, key, layer.rank, recipe_rank, layer.is_conv_3x3))
+
+
+def check_initial_record(lora: LoRA, source: str) -> None:
+    """A prediction type or token length no training writes (an edited file) is one line before the model loads, as sample
+    says it (after it: advice to set model.prediction_type to it, which recipes refuse, or int()'s traceback)."""
+    adapters_prediction_type({f"lora.init_from {source}": lora.metadata})
+    if (length := lora.metadata.get("finetune.max_token_length")) is not None and length not in map(str, TRAINED_TOKEN_LENGTHS):
+        raise FinetuneError(f"lora.init_from {source} records a max_token_length of {length}, which no training writes (75, 150 or 225, as "
+                            "sd-scripts' too): its metadata is damaged or was edited; use another copy of it")  # fmt: skip
 
 
 def check_trained_alike(lora: LoRA, source: str, clip_skip: int, prediction_type: str) -> None:
