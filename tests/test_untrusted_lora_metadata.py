@@ -104,3 +104,20 @@ def test_lora_init_from_recording_what_no_training_writes_is_one_line_before_the
     lora = kohya_lora(tmp_path / "lora.safetensors", **metadata)
     with pytest.raises(FinetuneError, match=rf"^lora.init_from {lora} {said}.*: its metadata is damaged or was edited; use another copy of it$"):
         LoRAMethod(make_recipe(lora__init_from=str(lora)))
+
+
+def test_controlnet_pretrained_recording_a_prediction_type_no_model_predicts_is_one_line_before_the_model_loads(make_recipe, pairs_folder, tiny_model, tmp_path):
+    """It was advice to set model.prediction_type to it (which recipes refuse), once the model had loaded."""
+    import json
+
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from finetune.methods.controlnet import ControlNetMethod
+    from finetune.pipeline_io import METADATA_FILE
+
+    folder = tmp_path / "controlnet"
+    ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")).save_pretrained(folder)
+    (folder / METADATA_FILE).write_text(json.dumps({"finetune.prediction_type": "noise"}))
+    method = ControlNetMethod(make_recipe(method="controlnet", data__image_dir=str(pairs_folder), controlnet__pretrained=str(folder)))
+    with pytest.raises(FinetuneError, match=rf"^controlnet.pretrained {folder} records the prediction type 'noise', which no model predicts"):
+        method.check_data()

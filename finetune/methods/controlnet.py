@@ -47,7 +47,7 @@ from finetune.models import freeze
 from finetune.output_metadata import started_from
 from finetune.pipeline_io import METADATA_FILE
 from finetune.finite_images import VALIDATION_OVERFLOW
-from finetune.sampling import build_pipeline, generate_with_settings
+from finetune.sampling import adapters_prediction_type, build_pipeline, generate_with_settings
 from finetune.sources import Example
 
 CONTROLNET_DIR, UNET_DIR = "controlnet", "unet"
@@ -117,6 +117,8 @@ class ControlNetMethod(DiffusionMethod):
             elif not (path / "config.json").is_file():
                 raise FinetuneError(not_a_controlnet_message(path, pretrained))  # what the folder is, where it is one
             self.started_from = started_from(self.load_from)  # now, while a local folder is there to be told from a hub id
+            # A type no model predicts (an edited record) is one line now, not advice to set model.prediction_type to it once loaded.
+            adapters_prediction_type({f"controlnet.pretrained {pretrained}": self._recorded_by_its_run()})
 
     def training_data(self, accelerator):
         self.training_dataset = ControlNetDataset(
