@@ -93,13 +93,20 @@ def objects_refused_in(path: Path) -> str | None:
     diffusers and transformers read them with, refuses them ("os.system", or a Lightning callback beside a .ckpt's
     weights): from its pickle's names alone, nothing unpickled; None for a file of tensors alone, or one torch's
     legacy format or damage keeps from being read so (loading then says it: `finetune.models`)."""
+    objects = pickled_objects(path)  # None: loading reads it with weights_only too, and says why
+    return ", ".join(sorted(objects)[:3]) + (", ..." if len(objects) > 3 else "") if objects else None
+
+
+def pickled_objects(path: Path) -> list[str] | None:
+    """The objects besides tensors that a torch.save file's pickle names, from its names alone (nothing unpickled); None
+    where they cannot be listed so: not torch's zip format (its legacy one, a plain pickle), damaged, or a pickle of opcodes
+    torch's scan does not read (protocol 4's STACK_GLOBAL; torch.save writes protocol 2)."""
     import torch.serialization
 
     try:
-        objects = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except Exception:  # not a zip checkpoint (an old format), or damaged: loading reads it with weights_only too, and says why
+        return torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:
         return None
-    return ", ".join(sorted(objects)[:3]) + (", ..." if len(objects) > 3 else "") if objects else None
 
 
 def objects_refused_message(named: str, objects: str, use: str = "file") -> str:

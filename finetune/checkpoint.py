@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from finetune.atomic_files import failed_write, outputs_written, replace_folder  # outputs_written: the trainer uses it as ckpt.outputs_written
-from finetune.base_folder import objects_refused_in
+from finetune.base_folder import objects_refused_in, pickled_objects
 from finetune.counts import counted
 from finetune.distributed import unwrap
 from finetune.errors import FinetuneError
@@ -359,13 +359,16 @@ def load_checkpoint(accelerator: Accelerator, path: Path, current_settings: dict
         raise FinetuneError(f"checkpoint {path} is damaged or incomplete ({', '.join(damaged)}: missing or cut short): move it out of "
                             f"{path.parent} and resume from the one before it")
     for custom in sorted(path.glob("custom_checkpoint_*.pkl")):  # the LR scheduler's state: numbers, which a checkpoint of ours holds alone
-        if not zipfile.is_zipfile(custom):  # torch.save's zip, as accelerate writes it, is what the names can be read from: any other
+        # accelerate unpickles it whole (weights_only=False): it could run code. Its names are listed first, where they can be:
+        # in torch.save's zip of a protocol-2 pickle, as accelerate writes it; any other file is refused unread.
+        if (objects := pickled_objects(custom)) is None:
             raise FinetuneError(f"checkpoint {path}: {custom.name} is not the file accelerate writes (torch's zip format: cut short, "
                                 "or a pickle of another making), which resuming would unpickle (unpickling can run code): resume "
                                 "from the checkpoint before it, or start a new run from its outputs")  # fmt: skip
-        if objects := objects_refused_in(custom):  # accelerate unpickles the file whole (weights_only=False): it could run code
-            raise FinetuneError(f"checkpoint {path}: {custom.name} holds objects besides a scheduler's state ({objects}), which resuming would unpickle "
-                                "(unpickling can run code): resume only from checkpoints you wrote, or start a new run from its outputs")  # fmt: skip
+        if objects:
+            raise FinetuneError(f"checkpoint {path}: {custom.name} holds objects besides a scheduler's state ({objects_refused_in(custom)}), which "
+                                "resuming would unpickle (unpickling can run code): resume only from checkpoints you wrote, or start a new run "
+                                "from its outputs")  # fmt: skip
     try:
         accelerator.load_state(str(path), **load_options)
     except Exception as err:

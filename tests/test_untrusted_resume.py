@@ -14,19 +14,19 @@ from finetune import trainer
 from finetune.errors import FinetuneError
 
 
-@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-format"])
-def test_a_checkpoint_whose_scheduler_state_would_run_code_is_refused_before_it_is_unpickled(make_recipe, tmp_path, legacy):
+@pytest.mark.parametrize("written", [{}, {"_use_new_zipfile_serialization": False}, {"pickle_protocol": 4}], ids=["zip", "legacy-format", "protocol-4"])
+def test_a_checkpoint_whose_scheduler_state_would_run_code_is_refused_before_it_is_unpickled(make_recipe, tmp_path, written):
     common = dict(train__max_steps=2, checkpoint__every_n_steps=2, validation__prompts=[])
     run = trainer.train(make_recipe(output_dir=str(tmp_path / "run"), **common)).output_dir
     shutil.copytree(run, tmp_path / "copy")
     scheduler_state = tmp_path / "copy" / "checkpoints" / "checkpoint-2" / "custom_checkpoint_0.pkl"
     marker = tmp_path / "code-ran"
     state = {**torch.load(scheduler_state, weights_only=True), "extra": RunsCodeWhenUnpickled(marker)}
-    torch.save(state, scheduler_state, _use_new_zipfile_serialization=not legacy)  # legacy: no names to read, unpickled whole
+    torch.save(state, scheduler_state, **written)  # legacy format, protocol 4's STACK_GLOBAL: torch's scan lists no names there
     with pytest.raises(FinetuneError) as raised:
         trainer.train(make_recipe(output_dir=str(tmp_path / "copy"), **{**common, "train__max_steps": 3}), resume="latest")
     assert not marker.exists()
-    if legacy:
+    if written:
         assert str(raised.value).startswith(f"checkpoint {scheduler_state.parent}: custom_checkpoint_0.pkl is not the file accelerate writes (")
         return
     assert str(raised.value).startswith(f"checkpoint {scheduler_state.parent}: custom_checkpoint_0.pkl holds objects besides a scheduler's state (")
