@@ -77,8 +77,8 @@ def check_part_files(path: Path, name: str) -> None:
     for part in PART_CLASSES:
         if not any((path / part).glob("*.safetensors")):  # (beside safetensors, pickle weights are not read)
             for weights in sorted((path / part).glob("*.bin")):
-                if objects := objects_refused_in(weights):
-                    raise FinetuneError(objects_refused_message(f"base model folder {name}: {part}/{weights.name}", objects, "weights"))
+                if refusal := pickle_refusal(weights, f"base model folder {name}: {part}/{weights.name}", "weights"):
+                    raise FinetuneError(refusal)
         for weights in sorted((path / part).glob("*.safetensors")):
             try:
                 with safe_open(str(weights), "pt"):  # the header, checked against the file's length
@@ -107,6 +107,44 @@ def pickled_objects(path: Path) -> list[str] | None:
         return torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception:
         return None
+
+
+def pickle_refusal(path: Path, named: str, use: str = "file") -> str | None:
+    """Why a pickle checkpoint (.ckpt, .bin), named `named` in the line, is not loaded, or None where
+    torch.load(weights_only=True) reads it: objects besides tensors, or a pickle protocol that loader does not read."""
+    if (protocol := pickle_protocol(path)) is not None and protocol > SAFE_LOADER_PROTOCOL:
+        return unreadable_protocol_message(named, protocol, use)
+    objects = objects_refused_in(path)
+    return objects_refused_message(named, objects, use) if objects else None
+
+
+# torch's weights-only unpickler reads protocols 2 and 3 (torch.save writes 2), not protocol 4's FRAME: such a file was
+# "damaged: download it again" for a .ckpt (the same file again), and transformers' traceback for a folder's .bin.
+SAFE_LOADER_PROTOCOL = 3
+
+
+def pickle_protocol(path: Path) -> int | None:
+    """The protocol of a torch.save file's pickle, from its first two bytes (PROTO, then the number): the zip format's
+    data.pkl, or the legacy format's first pickle; None where there is none to read."""
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((name for name in archive.namelist() if name == "data.pkl" or name.endswith("/data.pkl")), None)
+                head = archive.open(name).read(2) if name else b""
+        else:
+            with open(path, "rb") as file:
+                head = file.read(2)
+    except (OSError, zipfile.BadZipFile):
+        return None
+    return head[1] if len(head) == 2 and head[0] == 0x80 else None
+
+
+def unreadable_protocol_message(named: str, protocol: int, use: str = "file") -> str:
+    return (f"{named} is pickled with protocol {protocol}, which torch.load(weights_only=True) cannot read (torch.save writes 2), and "
+            f"finetune does not unpickle it otherwise (unpickling can run code): use the model's .safetensors {use}, or convert this one on "
+            "a machine where you trust it")  # fmt: skip
 
 
 def objects_refused_message(named: str, objects: str, use: str = "file") -> str:

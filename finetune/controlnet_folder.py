@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from finetune.base_folder import objects_refused_in, objects_refused_message
+from finetune.base_folder import pickle_refusal
 from finetune.checkpoint import STATE_FILE, list_checkpoints
 from finetune.errors import FinetuneError, looked_for_here
 from finetune.model_source import hub_files, where_looked
@@ -119,8 +119,8 @@ def require_controlnet_config(folder: Path, named: str, other_model_hint: str = 
         raise FinetuneError(f"{named} {problem}")
     if not any(folder.glob("*.safetensors")):  # its pickle weights load (with torch.load(weights_only=True)), or none
         for weights in sorted(folder.glob("*.bin")):
-            if objects := objects_refused_in(weights):  # was diffusers' traceback as it loaded
-                raise FinetuneError(objects_refused_message(f"{named}: {weights.name}", objects, "weights"))
+            if refusal := pickle_refusal(weights, f"{named}: {weights.name}", "weights"):  # was diffusers' traceback as it loaded
+                raise FinetuneError(refusal)
 
 
 def conditioning_channels_problem(config) -> str | None:

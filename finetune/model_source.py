@@ -10,8 +10,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.base_folder import (WEIGHTS_STEMS, check_architecture, check_part_files, check_single_file, check_variant, missing_part_file, objects_refused_in,
-                                  objects_refused_message, part_weights, read_config)  # fmt: skip
+from finetune.base_folder import (WEIGHTS_STEMS, check_architecture, check_part_files, check_single_file, check_variant, missing_part_file, part_weights,
+                                  pickle_refusal, read_config)  # fmt: skip
 from finetune.config import SINGLE_FILE_SUFFIXES, ModelConfig
 from finetune.errors import FinetuneError, looked_for_here
 
@@ -58,8 +58,8 @@ def locate_base(config: ModelConfig) -> BaseLocation:
             raise FinetuneError(f"base model file {name} ends in {path.suffix}: rename it to end in {path.suffix.lower()} (diffusers and finetune "
                                 "know a single-file model by its suffix, in lowercase)")  # fmt: skip
         check_hub_settings(config, "one file")
-        if path.suffix == ".ckpt" and (objects := objects_refused_in(path)):  # said before the data check (and loading says it too)
-            raise FinetuneError(objects_refused_message(f"base model file {name}", objects))
+        if path.suffix == ".ckpt" and (refusal := pickle_refusal(path, f"base model file {name}")):  # before the data check (loading says it too)
+            raise FinetuneError(refusal)
         keys = check_single_file(path, config._key) if path.suffix == ".safetensors" else None
         if path.suffix == ".safetensors" and holds_a_lora(path):
             # What to do instead depends on where it was given: a recipe has no --lora (its key starts from a LoRA).

@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from finetune.base_folder import objects_refused_message
+from finetune.base_folder import SAFE_LOADER_PROTOCOL, objects_refused_message, pickle_protocol, unreadable_protocol_message
 from finetune.config import ModelConfig
 from finetune.encoders import skip_last_layers
 from finetune.errors import FinetuneError
@@ -157,6 +157,8 @@ def _load_single_file(config: ModelConfig) -> StableDiffusionPipeline:
     except OSError as err:
         if (refused := pickled_object_refused(err)) is not None:  # a .ckpt holding more than tensors: not damaged, and not unpickled
             raise FinetuneError(objects_refused_message(f"base model file {config.pretrained}", refused)) from None
+        if (protocol := pickle_protocol(Path(config.pretrained))) is not None and protocol > SAFE_LOADER_PROTOCOL:  # whole, not damaged
+            raise FinetuneError(unreadable_protocol_message(f"base model file {config.pretrained}", protocol)) from None
         if str(err).startswith("Unable to load weights"):  # the file itself (a .ckpt cut short, or no model): no config would help
             raise FinetuneError(f"base model file {config.pretrained} cannot be read as a checkpoint (damaged, or not a model file): download it again") from None
         raise FinetuneError(

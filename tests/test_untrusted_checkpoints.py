@@ -78,6 +78,16 @@ def test_a_ckpt_holding_a_training_runs_objects_names_them_rather_than_a_damaged
     assert "download it again" not in str(raised.value)
 
 
+def test_a_ckpt_pickled_with_protocol_4_is_refused_as_such_not_as_damaged(weights_and_configs, tmp_path):
+    """torch's weights-only unpickler reads no protocol 4 (FRAME): the file is whole, and another download is the same file."""
+    weights, configs = weights_and_configs
+    torch.save({"state_dict": weights}, tmp_path / "model.ckpt", pickle_protocol=4)
+    for load in (locate_base, lambda config: load_parts(config, ["unet"])):  # as the base is located, and as it loads
+        with pytest.raises(FinetuneError) as raised:
+            load(base(tmp_path / "model.ckpt", configs))
+        assert str(raised.value).startswith(f"base model file {tmp_path / 'model.ckpt'} is pickled with protocol 4, which torch.load(weights_only=True) cannot read")
+
+
 @pytest.mark.parametrize("part", ["unet", "text_encoder"])
 def test_a_base_folder_whose_pickle_weights_would_run_code_is_refused_as_it_is_located(tmp_path, part):
     folder = tmp_path / "base"
@@ -94,6 +104,9 @@ def test_a_base_folder_whose_pickle_weights_would_run_code_is_refused_as_it_is_l
     assert not marker.exists()
     assert str(raised.value).startswith(f"base model folder {folder}: {part}/{pickle_name} holds objects besides its weights (")
     assert "makedirs" in str(raised.value) and str(raised.value).endswith("use the model's .safetensors weights, or convert this one on a machine where you trust it")
+    torch.save(weights, folder / part / pickle_name, pickle_protocol=4)  # no objects: transformers' or diffusers' traceback as it loaded
+    with pytest.raises(FinetuneError, match=rf"^base model folder {folder}: {part}/{pickle_name} is pickled with protocol 4, which torch.load"):
+        locate_base(ModelConfig(pretrained=str(folder)))
     save_file(weights, str(folder / part / f"{stem}.safetensors"))  # beside safetensors weights, a pickle is not read
     assert locate_base(ModelConfig(pretrained=str(folder))).folder == folder
     assert not marker.exists()
