@@ -6,8 +6,9 @@ server, and so every safety rule lives in one place that the page cannot go arou
 - Adapters are found by scanning one folder (`finetune.adapter_scan`) and are addressed by **name**
   (their path relative to that folder). A request names adapters; `DemoEngine.adapter` looks the name
   up in the last scan and refuses anything else, so no path from the browser ever reaches the file system.
-- Only safetensors are read. Pickle files (`.bin`, `.ckpt`, `.pt`, `.pth`) found while scanning are
-  listed as refused, with the reason, and never loaded (unpickling can run code).
+- Only safetensors adapters are read. Pickle files (`.bin`, `.ckpt`, `.pt`, `.pth`) found while scanning are
+  listed as refused, with the reason, and never loaded (unpickling can run code). A `.ckpt` *base* (`--base`,
+  given by whoever starts the demo) loads as `finetune sample` loads it: `torch.load(weights_only=True)`.
 - LoRAs are applied for one column by forward hooks beside the weights (`finetune.lora_hooks`), as peft's
   layers do in `finetune sample`, so the demo's image is sample's.
 - Every adapter is checked against the model's shapes before anything renders, so a LoRA or
@@ -105,8 +106,10 @@ class DemoEngine:
 
     def __init__(self, base: str, adapters_dir: Path, exclude: tuple[Path, ...] = (), base_config: str | None = None,
                  device: str = "auto", precision: str = "auto"):  # fmt: skip
-        if Path(base).suffix in PICKLE_SUFFIXES:
-            raise FinetuneError(f"base model {base} is a pickle checkpoint: only .safetensors files and diffusers folders are loaded")
+        # A .ckpt loads as `finetune sample` loads it (finetune.models: weights-only, one holding other objects refused in
+        # one line as it is located); other pickle files are no single-file model diffusers reads.
+        if (suffix := Path(base).suffix) in PICKLE_SUFFIXES and suffix != ".ckpt":
+            raise FinetuneError(f"base model {base} is a {suffix} pickle file: give a diffusers folder, or a single .safetensors or .ckpt file")
         self.base_name, self.adapters_dir, self.exclude = base, Path(adapters_dir), exclude
         self.placement = inference_placement(device, precision)  # every model the demo loads goes there (finetune/placement.py)
         self.base = self._frozen(load_base_model(ModelConfig.from_option(base, base_config)))
