@@ -156,7 +156,8 @@ def build_app(engine, note: str = "", queue_size: int = 8):
                             slots.append(gr.Slider(-2, 2, value=1.0, step=0.05, label=f"strength {i}", scale=2))
                 with gr.Accordion("ControlNet", open=False):
                     controlnet = gr.Dropdown(choices("controlnet"), value=NONE, label="ControlNet", elem_id="controlnet", **ADAPTER_LIST)
-                    condition = gr.Image(label="conditioning image, or a photo to make one from", type="filepath", sources=["upload"])
+                    # image_mode None: the file as uploaded, read by sample's reader (gradio's default, RGB, converted it first).
+                    condition = gr.Image(label="conditioning image, or a photo to make one from", type="filepath", sources=["upload"], image_mode=None)
                     condition.preprocess = checked_preprocess(condition.preprocess)
                     image_file_required(condition)
                     kind = gr.Radio(list(CONDITIONING_KINDS), value="as uploaded", label="use the upload as is, or make (as finetune make-conditions)")
