@@ -30,6 +30,7 @@ from finetune.demo_inputs import (
     picked_name,
     quiet_validation,
     read_upload,
+    upload_source,
 )
 from finetune.errors import FinetuneError
 from finetune.library_noise import quiet_weight_progress_bars
@@ -190,7 +191,7 @@ def build_app(engine, note: str = "", queue_size: int = 8):
                     prompt=str(prompt or ""), negative_prompt=str(negative_prompt or ""), seed=int(seed or 0), steps=int(steps),
                     guidance=float(guidance), size=int(size), model=picked_name(model, "model") or BASE, loras=picked,
                     controlnet=picked_name(controlnet, "ControlNet"), conditioning_image=read_upload(conditioning_image, photo=(conditioning_kind or "as uploaded") != "as uploaded"),
-                    conditioning_kind=conditioning_kind or "as uploaded", conditioning_scale=float(conditioning_scale),
+                    conditioning_source=upload_source(conditioning_image), conditioning_kind=conditioning_kind or "as uploaded", conditioning_scale=float(conditioning_scale),
                     strengths=parse_strengths(strengths), include_base=bool(include_base), rows=int(rows), separate=bool(separate),
                 )
                 progress(0, desc="starting")

@@ -69,6 +69,7 @@ class Request:
     loras: list[tuple[str, float]] = field(default_factory=list)
     controlnet: str | None = None
     conditioning_image: Image.Image | None = None
+    conditioning_source: str = UPLOADED  # how messages name the upload (`demo_inputs.upload_source`: its file name)
     conditioning_kind: str = "as uploaded"
     conditioning_scale: float = 1.0
     strengths: list[float] = field(default_factory=lambda: [1.0])
@@ -192,7 +193,8 @@ class DemoEngine:
                 refuse_replacing_a_fine_tuned_unet(request.controlnet, request.model if model is not self.base else self.base_name)
             _check_controlnet_fits(controlnet, model.unet, request.controlnet, model.source)
             made_with = recorded_options(self._metadata_now(request.controlnet), request.conditioning_kind, f"ControlNet {request.controlnet}")
-            condition = conditioning_image(request.conditioning_image, request.conditioning_kind, request.size, made_with, self._made_condition)
+            condition = conditioning_image(request.conditioning_image, request.conditioning_kind, request.size, made_with, self._made_condition,
+                                           request.conditioning_source)  # fmt: skip
         columns = self._columns(request, model, loras, controlnet, decoder)
         for column in columns:  # adapters that cannot be combined stop the request before anything renders
             trained_for = self._trained_for(column)
@@ -372,8 +374,8 @@ def _pipeline(model: BaseModel, controlnet, unet):
 
 
 def conditioning_image(image: Image.Image | None, kind: str, size: int, options: dict[str, float] | None = None,
-                       make: Callable[..., Image.Image] | None = None) -> Image.Image:  # fmt: skip
-    """The uploaded image, used as is or turned into a conditioning map (with `options`: the thresholds the ControlNet's
+                       make: Callable[..., Image.Image] | None = None, source: str = UPLOADED) -> Image.Image:  # fmt: skip
+    """The uploaded image (named `source` in messages), used as is or turned into a conditioning map (with `options`: the thresholds the ControlNet's
     training images were made with; by `make`, default `make_condition`), then fitted to `size` (resized to cover, center-cropped)."""
     from finetune.conditions import make_condition
 
@@ -382,8 +384,8 @@ def conditioning_image(image: Image.Image | None, kind: str, size: int, options:
     if kind not in CONDITIONING_KINDS:
         raise FinetuneError(f"unknown conditioning kind '{kind}': use one of {', '.join(CONDITIONING_KINDS)}")
     if image.width * image.height > MAX_UPLOAD_PIXELS:  # (the page's upload is refused by its header first)
-        raise FinetuneError(too_large_upload(f"{image.width}x{image.height}"))
-    if (problem := small_conditioning_problem(image, UPLOADED, size)) is not None:
+        raise FinetuneError(too_large_upload(f"{image.width}x{image.height}", source))
+    if (problem := small_conditioning_problem(image, source, size)) is not None:
         raise FinetuneError(f"{problem}, or a smaller size")
     # Made at the upload's full size, as make-conditions makes a ControlNet's training images, and only then fitted: the
     # edges (or mask) of a photo shrunk to `size` are other lines than its edges shrunk, and steered otherwise than in training.

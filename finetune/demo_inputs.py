@@ -8,6 +8,7 @@ component instance (gradio writes a .pyi stub beside any module that subclasses 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from finetune.errors import FinetuneError
 
@@ -17,33 +18,50 @@ NONE = "(none)"  # an adapter list's "nothing picked"
 # gradio keeps per page once a page load or Rescan updates it (where no wrapper of ours reaches), and printed a
 # traceback in the demo's terminal with a message listing every choice.
 ADAPTER_LIST = dict(allow_custom_value=True)
-UPLOADED = "(uploaded)"  # how the demo's messages name the uploaded image
+UPLOADED = "(uploaded)"  # how the demo's messages name an upload (after its file name, where gradio gives one)
 # The demo makes a condition at the upload's full size (canny works in float64 on three channels: ~1.2 GB an array at
 # 48 megapixels). make-conditions reads a user's own files up to 600 megapixels; a page's upload, a 10 MB PNG that
 # decodes to that, would take the demo's memory for everyone using it.
 MAX_UPLOAD_PIXELS = 8192 * 8192
-UNREADABLE_UPLOAD = "the uploaded conditioning image cannot be read as an image: upload a PNG, JPEG or WebP"
 
 
-def too_large_upload(detail: str) -> str:
-    return (f"the uploaded image is too large for the demo ({detail}; at most {MAX_UPLOAD_PIXELS // 1_000_000} megapixels, "
+def upload_source(path: str | None) -> str:
+    """An upload as the demo's messages (and Pillow's warnings, said once per name) name it: its file name, which gradio
+    keeps in its cache folder (`edges.png (uploaded)`), or UPLOADED where there is none. Every upload was "(uploaded)"."""
+    name = Path(str(path)).name if path else ""
+    return f"{name} {UPLOADED}" if name else UPLOADED
+
+
+def the_upload(source: str, what: str) -> str:
+    """The upload `source` (`upload_source`) in a sentence: "the uploaded {what} edges.png", or "the uploaded {what}" unnamed."""
+    name = source.removesuffix(UPLOADED).strip()
+    return f"the uploaded {what} {name}" if name else f"the uploaded {what}"
+
+
+def unreadable_upload(source: str = UPLOADED) -> str:
+    return f"{the_upload(source, 'conditioning image')} cannot be read as an image: upload a PNG, JPEG or WebP"
+
+
+def too_large_upload(detail: str, source: str = UPLOADED) -> str:
+    return (f"{the_upload(source, 'image')} is too large for the demo ({detail}; at most {MAX_UPLOAD_PIXELS // 1_000_000} megapixels, "
             "a 48-megapixel phone photo fits): downscale it, or make its condition with finetune make-conditions and upload that")
 
 
-def check_upload(path: str) -> None:
-    """An uploaded image must be an image of at most MAX_UPLOAD_PIXELS; else one line for the page. A small PNG may
-    declare a vast canvas (a decompression bomb): refused by its header."""
+def check_upload(path: str, source: str | None = None) -> None:
+    """An uploaded image (`source`: its name, else the path's) must be an image of at most MAX_UPLOAD_PIXELS; else one
+    line for the page. A small PNG may declare a vast canvas (a decompression bomb): refused by its header."""
     from PIL import Image
 
+    source = source or upload_source(path)
     try:
         with Image.open(path) as header:
             width, height = header.size
     except Image.DecompressionBombError as err:  # past Pillow's own bound (the size is not read)
-        raise FinetuneError(too_large_upload(str(err))) from None
+        raise FinetuneError(too_large_upload(str(err), source)) from None
     except OSError:
-        raise FinetuneError(UNREADABLE_UPLOAD) from None
+        raise FinetuneError(unreadable_upload(source)) from None
     if width * height > MAX_UPLOAD_PIXELS:
-        raise FinetuneError(too_large_upload(f"{width}x{height}"))
+        raise FinetuneError(too_large_upload(f"{width}x{height}", source))
 
 
 def checked_preprocess(preprocess):
@@ -53,14 +71,15 @@ def checked_preprocess(preprocess):
     import gradio as gr
 
     def checked(payload):
+        source = upload_source(getattr(payload, "orig_name", None) or getattr(payload, "path", None))
         try:
             if payload is not None:
-                check_upload(payload.path)
+                check_upload(payload.path, source)
             return preprocess(payload)
         except FinetuneError as err:
             raise gr.Error(str(err), print_exception=False) from None
         except Exception:
-            raise gr.Error(UNREADABLE_UPLOAD, print_exception=False) from None
+            raise gr.Error(unreadable_upload(source), print_exception=False) from None
 
     return checked
 
@@ -171,5 +190,5 @@ def read_upload(path: str | None, photo: bool = False):
     from finetune.images import open_rgb
     from finetune.sources import Example
 
-    upload = Example(UPLOADED, "", lambda: Image.open(path))
+    upload = Example(upload_source(path), "", lambda: Image.open(path))
     return open_rgb(upload) if photo else read_conditioning(upload)

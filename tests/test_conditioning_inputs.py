@@ -150,9 +150,9 @@ def test_the_demo_reads_an_upload_as_sample_reads_its_condition(tmp_path):
     from finetune.demo_engine import conditioning_image
 
     paths = odd_conditions(tmp_path)
-    with pytest.raises(FinetuneError, match=r"^conditioning image \(uploaded\) is one colour once its transparency is flattened onto white"):
+    with pytest.raises(FinetuneError, match=r"^conditioning image alpha_only\.png \(uploaded\) is one colour once its transparency is flattened onto white"):
         read_upload(str(paths["alpha_only.png"]))
-    with pytest.raises(FinetuneError, match=r"^conditioning image \(uploaded\) holds 32-bit float values of 0-1"):
+    with pytest.raises(FinetuneError, match=r"^conditioning image depth\.tif \(uploaded\) holds 32-bit float values of 0-1"):
         read_upload(str(paths["depth.tif"]))
     with pytest.raises(FinetuneError, match=r"^conditioning image \(uploaded\) is 8x8, smaller than 32 px on its short side .*, or a smaller size$"):
         conditioning_image(read_upload(str(paths["tiny.png"])), "as uploaded", 64)

@@ -211,10 +211,10 @@ def test_a_bad_upload_is_a_readable_message(client, tmp_path, upload):
     path = tmp_path / "condition.png"
     if upload == "not_an_image":
         path.write_text("a text file named .png")
-        expected = "the uploaded conditioning image cannot be read as an image: upload a PNG, JPEG or WebP"
+        expected = "the uploaded conditioning image condition.png cannot be read as an image: upload a PNG, JPEG or WebP"
     else:
         declared_canvas(path, 30000, 30000)  # a few bytes declaring 900 megapixels
-        expected = "the uploaded image is too large for the demo (Image size (900000000 pixels) exceeds limit"
+        expected = "the uploaded image condition.png is too large for the demo (Image size (900000000 pixels) exceeds limit"
     with pytest.raises(AppError) as error:
         run(client, controlnet="edges/controlnet", conditioning_image=handle_file(str(path)))
     assert str(error.value).startswith(expected)

@@ -152,8 +152,8 @@ def test_the_demo_takes_a_phones_photo_and_refuses_past_64_megapixels_in_one_lin
     assert conditioning_image(read_upload(str(photo), photo=True), "as uploaded", 64).size == (64, 64)
     with pytest.raises(FinetuneError) as uploaded:
         check_upload(str(declared_canvas(tmp_path / "vast.png", 8193, 8192)))
-    assert str(uploaded.value) == ("the uploaded image is too large for the demo (8193x8192; at most 67 megapixels, a 48-megapixel "
+    assert str(uploaded.value) == ("the uploaded image vast.png is too large for the demo (8193x8192; at most 67 megapixels, a 48-megapixel "
                                    "phone photo fits): downscale it, or make its condition with finetune make-conditions and upload that")  # fmt: skip
     with pytest.raises(FinetuneError) as bomb:  # past Pillow's own bound, which reads no size: its words stand for it
         check_upload(str(declared_canvas(tmp_path / "vast.png", 30000, 30000)))
-    assert str(bomb.value).startswith("the uploaded image is too large for the demo (Image size (900000000 pixels) exceeds limit")
+    assert str(bomb.value).startswith("the uploaded image vast.png is too large for the demo (Image size (900000000 pixels) exceeds limit")

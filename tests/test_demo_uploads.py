@@ -54,3 +54,41 @@ def test_an_upload_drawn_in_its_transparency_is_refused_as_sample_refuses_it(cli
     Image.fromarray(mask).save(tmp_path / "mask.png")
     with pytest.raises(AppError, match="is one colour once its transparency is flattened onto white"):
         conditioning_column(client, tmp_path / "mask.png")
+
+
+def small_image(path, size: int = 16):
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("upload", ["too small", "not an image", "cut short"])
+def test_a_refused_upload_is_named_by_its_file_name(client, tmp_path, upload):
+    """Every upload was "(uploaded)" in the page's messages."""
+    from gradio_client.exceptions import AppError
+
+    if upload == "too small":
+        path, expected = small_image(tmp_path / "small-edges.png"), "conditioning image small-edges.png (uploaded) is 16x16, smaller than 32 px"
+    elif upload == "not an image":
+        path, expected = tmp_path / "notes.png", "the uploaded conditioning image notes.png cannot be read as an image"
+        path.write_text("a text file named .png")
+    else:
+        whole = small_image(tmp_path / "whole.png", 128).read_bytes()
+        path, expected = tmp_path / "cut-edges.png", "image cut-edges.png (uploaded) cannot be read (OSError: image file is truncated"
+        path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(AppError) as raised:
+        conditioning_column(client, path)
+    assert str(raised.value).startswith(expected)
+
+
+def test_pillow_s_warnings_are_said_for_each_upload_naming_it(client, tmp_path, capfd):
+    """Said once per name and process: with every upload named "(uploaded)", only the first one's were said."""
+    for name in ("first-photo.jpg", "second-photo.jpg"):
+        exif = Image.Exif()
+        exif[0x010E] = "x" * 200  # an EXIF description longer than the bytes left of it: Pillow warns "Truncated File Read"
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+        image.save(tmp_path / name, exif=exif.tobytes()[:-150])
+        conditioning_column(client, tmp_path / name)
+    out, err = capfd.readouterr()
+    said = [line for line in (out + err).splitlines() if "Truncated File Read" in line]
+    assert said == [f"warning: image {name} (uploaded): Pillow warned while reading it: Truncated File Read (it reads as decoded; re-save it "
+                    "to be rid of this)" for name in ("first-photo.jpg", "second-photo.jpg")]  # fmt: skip
