@@ -31,6 +31,7 @@ from finetune.demo_inputs import (
     quiet_validation,
     read_upload,
     upload_source,
+    uploads_only,
 )
 from finetune.errors import FinetuneError
 from finetune.library_noise import quiet_weight_progress_bars
@@ -235,7 +236,7 @@ def build_app(engine, note: str = "", queue_size: int = 8):
         # A page opened (or reloaded) after a rescan in another tab shows that scan, not the one at start.
         app.load(adapter_views, None, views, queue=False)
     app.queue(max_size=queue_size, default_concurrency_limit=1)
-    return app
+    return uploads_only(app)
 
 
 def launch_app(app, host: str = "127.0.0.1", port: int | None = None, max_upload_mb: float = 10, block: bool = True):

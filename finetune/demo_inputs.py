@@ -192,3 +192,36 @@ def read_upload(path: str | None, photo: bool = False):
 
     upload = Example(upload_source(path), "", lambda: Image.open(path))
     return open_rgb(upload) if photo else read_conditioning(upload)
+
+
+def uploads_only(app):
+    """A request whose file is no upload is refused in one line, to the client and in the demo's terminal. gradio
+    refuses a path on this machine itself (InvalidPathError: the tests in test_untrusted_demo_files hold it to that)
+    and downloads a URL (offline, or a host of this network, it fails), each with a traceback in the demo's terminal
+    per request and no message for the client ("error": null). A URL is refused before gradio looks at it: the demo
+    fetches nothing. (Set on the Blocks instance, as the components' wrappers are.)"""
+    import sys
+
+    import gradio as gr
+    from gradio.exceptions import InvalidPathError
+    from gradio_client.utils import is_file_obj_with_meta, is_http_url_like
+
+    preprocess_data = app.preprocess_data
+
+    def refused(path, why: str):
+        print(f"demo: refused a request's file {str(path)[:200]!r}: {why}", file=sys.stderr, flush=True)
+        return gr.Error(f"a file in this request is {why}: the demo reads images uploaded to it (gradio_client: handle_file of a local file)",
+                        print_exception=False)  # fmt: skip
+
+    async def checked(block_fn, inputs, state, explicit_call=False):
+        for value in inputs:
+            # (the path: a browser's upload also has a URL, the one gradio serves it at)
+            if is_file_obj_with_meta(value) and is_http_url_like(value.get("path")):
+                raise refused(value["path"], "a URL, not an upload")
+        try:
+            return await preprocess_data(block_fn, inputs, state, explicit_call)
+        except InvalidPathError:
+            raise refused(next((v.get("path") for v in inputs if is_file_obj_with_meta(v)), "?"), "a path on the server, not an upload") from None
+
+    app.preprocess_data = checked
+    return app

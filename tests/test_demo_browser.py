@@ -83,6 +83,19 @@ def test_in_a_browser_pick_an_adapter_and_generate(demo, tmp_path):
         wait.until(lambda d: "does not fit" in toast.get_attribute("textContent"))
         assert "LoRA 'other-base' does not fit base model" in toast.get_attribute("textContent")
         assert "Traceback" not in driver.find_element(By.TAG_NAME, "body").text
+
+        # A browser's upload reaches the demo's reader (no request's file but an upload is read), named by its file name.
+        driver.find_element(By.CSS_SELECTOR, "#lora-1 input").click()
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, '[role=option][aria-label="(none)"]')).click()
+        next(b for b in driver.find_elements(By.CSS_SELECTOR, "button.label-wrap") if "ControlNet" in b.text).click()
+        driver.find_element(By.CSS_SELECTOR, "#controlnet input").click()
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, '[role=option][aria-label="edges/controlnet"]')).click()
+        Image.new("L", (16, 16), 255).save(tmp_path / "small-mask.png")
+        driver.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(tmp_path / "small-mask.png"))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "img[src*='small-mask']"))
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: any("small-mask.png (uploaded) is 16x16" in t.get_attribute("textContent")
+                                 for t in d.find_elements(By.CSS_SELECTOR, '[data-testid="toast-text"]')))  # fmt: skip
     finally:
         driver.quit()
     assert time.perf_counter() - started < 60

@@ -92,3 +92,28 @@ def test_pillow_s_warnings_are_said_for_each_upload_naming_it(client, tmp_path, 
     said = [line for line in (out + err).splitlines() if "Truncated File Read" in line]
     assert said == [f"warning: image {name} (uploaded): Pillow warned while reading it: Truncated File Read (it reads as decoded; re-save it "
                     "to be rid of this)" for name in ("first-photo.jpg", "second-photo.jpg")]  # fmt: skip
+
+
+def send(demo, file: dict) -> str:
+    """A raw /generate request whose conditioning image is `file` (as a client other than gradio's may send it)."""
+    import httpx
+    from gradio_client import Client
+
+    parameters = Client(demo.url, verbose=False).view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"]["parameters"]
+    given = {"prompt": "x", "steps": 1, "controlnet": "edges/controlnet", "conditioning_image": {**file, "meta": {"_type": "gradio.FileData"}}}
+    data = [given.get(parameter["parameter_name"], parameter.get("parameter_default")) for parameter in parameters]
+    event = httpx.post(f"{demo.url}gradio_api/call/generate", json={"data": data}).json()["event_id"]
+    return httpx.get(f"{demo.url}gradio_api/call/generate/{event}", timeout=60).text
+
+
+@pytest.mark.parametrize("given", ["a path on the server", "a URL"])
+def test_a_file_that_is_no_upload_is_refused_in_one_line_and_no_traceback(demo, tmp_path, capfd, given):
+    """gradio refused a path (and downloaded a URL, failing offline) with a traceback in the demo's terminal for each
+    request, and told the client nothing ("error": null)."""
+    small_image(tmp_path / "photo.png", 64)
+    path = str(tmp_path / "photo.png") if given == "a path on the server" else "http://127.0.0.1:9/photo.png"
+    answer = send(demo, {"path": path})
+    assert "event: error" in answer and f"a file in this request is {given}, not an upload: the demo reads images uploaded to it" in answer
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err
+    assert [line for line in (out + err).splitlines() if "refused" in line] == [f"demo: refused a request's file {path!r}: {given}, not an upload"]
