@@ -34,7 +34,7 @@ from finetune.config import ModelConfig
 from finetune.controlnet_data import small_conditioning_problem
 from finetune.counts import counted
 from finetune.encoders import clip_skipped
-from finetune.demo_inputs import MAX_UPLOAD_PIXELS, UPLOADED, too_large_upload
+from finetune.demo_inputs import MAX_UPLOAD_PIXELS, UPLOADED, other_kind_notes, too_large_upload
 from finetune.errors import FinetuneError
 from finetune.finite_images import say_warning
 from finetune.inference import base_model_metadata, refuse_replacing_a_fine_tuned_unet, saved_model_metadata, unlocked_decoder_folder
@@ -186,13 +186,16 @@ class DemoEngine:
             _check_lora_fits(models, lora, name, model.source)
             loras.append((lora, strength))
         controlnet = condition = decoder = None
+        kind_notes: list[str] = []
         if request.controlnet:
             adapter = self.adapter(request.controlnet, "controlnet")
             controlnet, decoder = self._cached(adapter, lambda: place(_load_controlnet(adapter.path), *self.placement))
             if decoder is not None and (model is not self.base or self.base_metadata):
                 refuse_replacing_a_fine_tuned_unet(request.controlnet, request.model if model is not self.base else self.base_name)
             _check_controlnet_fits(controlnet, model.unet, request.controlnet, model.source)
-            made_with = recorded_options(self._metadata_now(request.controlnet), request.conditioning_kind, f"ControlNet {request.controlnet}")
+            recorded = self._metadata_now(request.controlnet)
+            made_with = recorded_options(recorded, request.conditioning_kind, f"ControlNet {request.controlnet}")
+            kind_notes = other_kind_notes(recorded, request.conditioning_kind, request.controlnet)
             condition = conditioning_image(request.conditioning_image, request.conditioning_kind, request.size, made_with, self._made_condition,
                                            request.conditioning_source)  # fmt: skip
         columns = self._columns(request, model, loras, controlnet, decoder)
@@ -234,7 +237,7 @@ class DemoEngine:
         seeds = [request.seed + r for r in range(request.rows)]
         asked = PromptSettings(request.prompt, request.negative_prompt, request.seed, request.guidance, request.steps)
         # A negative prompt at guidance 1 or below changes nothing (no classifier-free guidance): said, as sample says it.
-        said = guidance_notes([asked], "the guidance") + webui_syntax_notes([asked]) + unread_options_notes([request.prompt, request.negative_prompt])
+        said = guidance_notes([asked], "the guidance") + webui_syntax_notes([asked]) + unread_options_notes([request.prompt, request.negative_prompt]) + kind_notes
         for line in warned:
             say_warning(line)
         notes = "".join(f"; warning: {line}" for line in warned) + "".join(f"; note: {note}" for note in said)

@@ -7,6 +7,7 @@ component instance (gradio writes a .pyi stub beside any module that subclasses 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -225,3 +226,16 @@ def uploads_only(app):
 
     app.preprocess_data = checked
     return app
+
+
+def other_kind_notes(metadata: dict[str, str], kind: str, name: str) -> list[str]:
+    """The page's note where the condition is made as another kind than the ControlNet's training images were (a mask
+    for a canny ControlNet, by its finetune.conditioning): it steers as it never learned to, and rendered without a
+    word. Said, not refused: trying another kind is a choice."""
+    try:
+        trained_on = json.loads(metadata["finetune.conditioning"])["kind"]
+    except (KeyError, ValueError, TypeError):  # not recorded (a ControlNet not made by finetune, or trained on own images)
+        return []
+    if kind in ("as uploaded", trained_on):
+        return []
+    return [f"ControlNet {name} was trained on {trained_on} images and this condition was made as {kind}: pick {trained_on} to steer as it learned"]

@@ -157,3 +157,13 @@ def test_the_demo_takes_a_phones_photo_and_refuses_past_64_megapixels_in_one_lin
     with pytest.raises(FinetuneError) as bomb:  # past Pillow's own bound, which reads no size: its words stand for it
         check_upload(str(declared_canvas(tmp_path / "vast.png", 30000, 30000)))
     assert str(bomb.value).startswith("the uploaded image vast.png is too large for the demo (Image size (900000000 pixels) exceeds limit")
+
+
+def test_a_condition_made_as_another_kind_than_the_controlnet_trained_on_is_said(demo):
+    """The fixture's ControlNet records canny training images; a mask made for it rendered without a word."""
+    photo = photo_with_shapes(256, 256)
+    summaries = {kind: demo.engine.render(Request(prompt="x", steps=1, controlnet="edges/controlnet", conditioning_image=photo, conditioning_kind=kind))[3]
+                 for kind in ("mask", "canny", "as uploaded")}  # fmt: skip
+    assert summaries["mask"].endswith("; note: ControlNet edges/controlnet was trained on canny images and this condition was made as mask: "
+                                      "pick canny to steer as it learned")  # fmt: skip
+    assert "note" not in summaries["canny"] and "note" not in summaries["as uploaded"]
