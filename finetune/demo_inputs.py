@@ -219,6 +219,9 @@ def uploads_only(app):
             # (the path: a browser's upload also has a URL, the one gradio serves it at)
             if is_file_obj_with_meta(value) and is_http_url_like(value.get("path")):
                 raise refused(value["path"], "a URL, not an upload")
+            # An image inlined as a data: URL (no path) was "cannot be read as an image": the upload checks read a file.
+            if isinstance(value, dict) and not value.get("path") and str(value.get("url") or "").startswith("data:"):
+                raise refused(str(value["url"])[:40] + "...", "a data: URL, not an upload")
         try:
             return await preprocess_data(block_fn, inputs, state, explicit_call)
         except InvalidPathError:

@@ -106,14 +106,18 @@ def send(demo, file: dict) -> str:
     return httpx.get(f"{demo.url}gradio_api/call/generate/{event}", timeout=60).text
 
 
-@pytest.mark.parametrize("given", ["a path on the server", "a URL"])
+@pytest.mark.parametrize("given", ["a path on the server", "a URL", "a data: URL"])
 def test_a_file_that_is_no_upload_is_refused_in_one_line_and_no_traceback(demo, tmp_path, capfd, given):
     """gradio refused a path (and downloaded a URL, failing offline) with a traceback in the demo's terminal for each
-    request, and told the client nothing ("error": null)."""
-    small_image(tmp_path / "photo.png", 64)
-    path = str(tmp_path / "photo.png") if given == "a path on the server" else "http://127.0.0.1:9/photo.png"
-    answer = send(demo, {"path": path})
+    request, and told the client nothing ("error": null); an image inlined as a data: URL was "cannot be read"."""
+    import base64
+
+    inlined = "data:image/png;base64," + base64.b64encode(small_image(tmp_path / "photo.png", 64).read_bytes()).decode()
+    file = {"a path on the server": {"path": str(tmp_path / "photo.png")}, "a URL": {"path": "http://127.0.0.1:9/photo.png"},
+            "a data: URL": {"path": None, "url": inlined}}[given]  # fmt: skip
+    answer = send(demo, file)
     assert "event: error" in answer and f"a file in this request is {given}, not an upload: the demo reads images uploaded to it" in answer
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err
-    assert [line for line in (out + err).splitlines() if "refused" in line] == [f"demo: refused a request's file {path!r}: {given}, not an upload"]
+    named = file["path"] or inlined[:40] + "..."
+    assert [line for line in (out + err).splitlines() if "refused" in line] == [f"demo: refused a request's file {named!r}: {given}, not an upload"]
