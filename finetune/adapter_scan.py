@@ -135,7 +135,9 @@ def _lora_file(path: Path, root: Path) -> Adapter | None:
             downs = [k for k in keys if k.endswith(("lora_down.weight", "lora.down.weight", "lora_A.weight"))]
             rank = str(f.get_slice(downs[0]).get_shape()[0]) if downs else "?"
     except Exception as err:  # noqa: BLE001 - any unreadable file is listed, not raised
-        return Adapter(_name(path, root), "lora", path, "?", refused=f"unreadable safetensors file ({err.__class__.__name__})")
+        # What is wrong, and what to do: "(SafetensorError)" alone told neither of a copy cut short.
+        detail = " ".join(str(err).split())[:100] or err.__class__.__name__
+        return Adapter(_name(path, root), "lora", path, "?", refused=f"unreadable safetensors file ({detail}; cut short?): copy it again, then Rescan")
     if any(k.startswith(("lora_unet_", "lora_te_")) for k in keys):
         layout = "kohya"
         dim = meta.get("ss_network_dim")  # "Dynamic" for mixed ranks

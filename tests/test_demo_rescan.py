@@ -41,3 +41,15 @@ def test_a_rescan_while_a_render_stores_what_it_loaded_leaves_the_cache_whole(ad
     adapter = engine.adapter("first", "lora")
     loaded = engine._cached(adapter, lambda: "loaded")
     assert loaded == "loaded" and list(engine._cache.values()) == ["loaded"]  # kept for the next render (keyed by its file)
+
+
+def test_a_lora_file_cut_short_is_listed_with_what_is_wrong_and_what_to_do(adapters_dir, tmp_path):
+    """Its status said "unreadable safetensors file (SafetensorError)": neither what was wrong nor what to do."""
+    from finetune.adapter_scan import scan_adapters
+
+    whole = (adapters_dir / "trained" / "pytorch_lora_weights.safetensors").read_bytes()
+    (tmp_path / "copied").mkdir()
+    (tmp_path / "copied" / "pytorch_lora_weights.safetensors").write_bytes(whole[: len(whole) // 2])
+    refused = scan_adapters(tmp_path)["copied"].refused
+    assert refused.startswith("unreadable safetensors file (Error while deserializing header: ")
+    assert refused.endswith("; cut short?): copy it again, then Rescan")
