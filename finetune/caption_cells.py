@@ -5,7 +5,6 @@ lines is (finetune/captions.py); a cell of anything else is one line naming what
 from __future__ import annotations
 
 import ast
-import itertools
 import re
 from pathlib import Path
 
@@ -34,20 +33,6 @@ def require_caption_length(caption: str | None, where: str) -> None:
     """`caption` (of a metadata row or dataset row, named by `where`) within MAX_CAPTION_LENGTH, else one line."""
     if caption is not None and len(caption) > MAX_CAPTION_LENGTH:
         raise FinetuneError(caption_too_long(f"the caption of {where}", len(caption)))
-
-
-def require_row_lengths(text: str, path) -> None:
-    """A metadata file's rows within twice MAX_CAPTION_LENGTH (a caption, its file name and other columns), before any
-    is parsed: a row of gigabytes was parsed whole, then tokenized."""
-    longest = 2 * MAX_CAPTION_LENGTH
-    if len(text) <= longest:
-        return
-    line, start = 1, 0
-    for line_end in itertools.chain(re.finditer(r"\r\n?|\n", text), [None]):  # at line ends alone, as split_at_line_ends reads the rows
-        end = line_end.start() if line_end else len(text)
-        if end - start > longest:
-            raise FinetuneError(caption_too_long(f"{path} line {line}", end - start) + f" (a row holds at most {longest:,})")
-        line, start = line + 1, line_end.end() if line_end else end
 
 
 def dataset_caption(value, name: str, column: str, row: str) -> str | None:

@@ -9,20 +9,20 @@ never changes the crops and flips an image gets.
 
 from __future__ import annotations
 
-import csv
 import functools
-import io
 import json
 import os
 import re
 from pathlib import Path, PurePosixPath
+from typing import Iterator
 
 import numpy as np
 
-from finetune.caption_cells import caption_file_bytes, captions_of_list, kind_of, require_caption_length, require_row_lengths
+from finetune.caption_cells import caption_file_bytes, captions_of_list, kind_of, require_caption_length
 from finetune.config import DataConfig
 from finetune.errors import FinetuneError
 from finetune.file_names import loose_name_key, name_key, row_image_key
+from finetune.metadata_lines import csv_rows, metadata_lines, metadata_text  # metadata_text: controlnet_data's, from here
 from finetune.text_encodings import caption_file_encoding, undecodable_files, without_nul_characters
 
 CAPTION_PLACEHOLDER = "{caption}"
@@ -60,7 +60,7 @@ def read_metadata_captions(path: Path, require_text: bool = True, column: str = 
     if not path.is_file():
         return RowCaptions()
     captions, rows = RowCaptions(), {}
-    for line_number, line in enumerate(split_at_line_ends(metadata_text(path)), start=1):
+    for line_number, line in enumerate(metadata_lines(path), start=1):
         if not line.strip():
             continue
         try:
@@ -88,8 +88,7 @@ def read_csv_captions(path: Path, column: str = "text") -> RowCaptions:
     """{file name: caption} from a metadata.csv with a header row naming file_name and `column` (data.caption_column)."""
     if not path.is_file():
         return RowCaptions()
-    text = metadata_text(path)
-    reader = csv_rows(text)
+    reader = csv_rows(metadata_lines(path))
     columns = reader.fieldnames or []
     if "file_name" not in columns or column not in columns:
         raise FinetuneError(f"{path} must have a header row with 'file_name' and '{column}' columns (has: {', '.join(columns) or 'none'}): "
@@ -103,33 +102,11 @@ def read_csv_captions(path: Path, column: str = "text") -> RowCaptions:
     return captions
 
 
-def metadata_text(path: Path) -> str:
-    """A metadata.jsonl's or metadata.csv's text, decoded as caption files are (`caption_file_encoding`): Excel's
-    "CSV UTF-8" starts with a byte-order mark, its "Unicode text" is UTF-16 with one; else UTF-8. A file in
-    none of them (Excel's plain "CSV" on Windows is the system's code page) stops with one line naming it."""
-    raw = path.read_bytes()
-    encoding = caption_file_encoding(raw)
-    try:
-        text = without_nul_characters(raw.decode(encoding), str(path))
-    except UnicodeDecodeError:
-        raise FinetuneError(f"{path} is not {encoding.removesuffix('-sig').upper()} text: save it as UTF-8 "
-                            "(Excel: 'CSV UTF-8'; most editors offer it under 'encoding')") from None  # fmt: skip
-    require_row_lengths(text, path)
-    return text
-
-
 def split_at_line_ends(text: str) -> list[str]:
     """The lines of a text split at line ends alone (LF, CRLF, CR), as `datasets` reads a metadata.jsonl and sd-scripts
     a caption of several lines: str.splitlines also splits at U+2028, U+0085 and other characters a JSON string or a
     caption may hold (text pasted from a web page), which cut a metadata.jsonl row, or a caption, in two."""
     return re.split(r"\r\n?|\n", text)
-
-
-def lenient_metadata_text(path: Path) -> str:
-    """`metadata_text` with undecodable bytes replaced: for looking through a file that `folder_captions` reports."""
-    raw = path.read_bytes()
-    require_row_lengths(text := raw.decode(caption_file_encoding(raw), errors="replace"), path)
-    return text
 
 
 def _quote_advice(separator: str) -> str:
@@ -138,21 +115,6 @@ def _quote_advice(separator: str) -> str:
         return 'a caption with commas must be in double quotes ("1girl, solo, smile"), as a spreadsheet writes it'
     marks = "semicolons" if separator == ";" else "tabs"
     return f"this file separates its columns by {marks}: a caption with {marks} must be in double quotes, as a spreadsheet writes it"
-
-
-def csv_rows(text: str) -> csv.DictReader:
-    """A metadata.csv's rows by its header, as every reader of one reads them: separated as `csv_delimiter` finds, and a
-    space after a separator no part of the cell (", \"a, b\"" is the caption a, b, not '"a')."""
-    return csv.DictReader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text), skipinitialspace=True)
-
-
-def csv_delimiter(text: str) -> str:
-    """The header row's separator: a comma, else a tab (Excel's "Unicode text") or a semicolon (Excel's CSV where a
-    comma is the decimal mark: German, French, ...), which the header holds in place of commas."""
-    header = text.split("\n", 1)[0]
-    if "," in header:
-        return ","
-    return next((mark for mark in ("\t", ";") if mark in header), ",")
 
 
 def folder_captions(folder: Path, column: str = "text") -> RowCaptions:
@@ -169,31 +131,31 @@ def metadata_file(folder: Path) -> Path | None:
     return next((folder / name for name in ("metadata.jsonl", "metadata.csv") if (folder / name).is_file()), None)
 
 
-def metadata_rows(folder: Path) -> list[dict]:
+def metadata_rows(folder: Path) -> Iterator[dict]:
     """The rows of the folder's metadata file (`metadata_file`: a JSON object per line, or a CSV row under its header),
-    read leniently: a line that is no JSON object is left out (`folder_captions` reports it), undecodable bytes replaced."""
+    one at a time, read leniently: a line that is no JSON object is left out (`folder_captions` reports it), undecodable bytes replaced."""
     path = metadata_file(folder)
     if path is None:
-        return []
-    text = lenient_metadata_text(path)
+        return
+    lines = metadata_lines(path, lenient=True)
     if path.suffix == ".csv":
-        return list(csv_rows(text))
-    rows = []
-    for line in split_at_line_ends(text):
+        yield from csv_rows(lines)
+        return
+    for line in lines:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        rows += [row] if isinstance(row, dict) else []
-    return rows
+        if isinstance(row, dict):
+            yield row
 
 
 def metadata_subfolders(folder: Path) -> set[str]:
     """The subfolders of `folder` that its metadata file's rows name files in (ControlNet's
     `conditioning_images/0001.png`): by each row's values that are the path of a file there, so a caption
     that mentions `style/` names no folder. Read leniently: `folder_captions` reports a broken row."""
-    values = [value for row in metadata_rows(folder) for value in row.values()]
-    paths = [PurePosixPath(value.strip().replace("\\", "/").removeprefix("./")) for value in values if isinstance(value, str)]
+    values = (value for row in metadata_rows(folder) for value in row.values())
+    paths = (PurePosixPath(value.strip().replace("\\", "/").removeprefix("./")) for value in values if isinstance(value, str))
     return {path.parts[0] for path in paths if len(path.parts) > 1 and (folder / path).is_file()}
 
 

@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from finetune.captions import (csv_rows, image_caption, split_at_line_ends, metadata_file, metadata_partner_files, metadata_text, read_csv_captions,
-                               read_metadata_captions)
+from finetune.captions import image_caption, metadata_file, metadata_partner_files, read_csv_captions, read_metadata_captions
 from finetune.file_names import loose_name_key, name_key, row_image_key
 from finetune.counts import counted
 from finetune.errors import FinetuneError
+from finetune.metadata_lines import csv_rows, metadata_lines
 
 KINDS = ("canny", "luminance", "mask")
 # Beside metadata.jsonl: how the conditioning images were made. A ControlNet trained on the folder records it
@@ -274,7 +274,7 @@ def _refuse_captions_under_another_key(jsonl: Path) -> None:
     """Rows whose captions are under another key than `text` (sd-scripts' `caption`, a dataset's `prompt`) would
     leave every image uncaptioned, said only as 'had no caption'."""
     keys: set[str] = set()
-    for line in split_at_line_ends(metadata_text(jsonl)):
+    for line in metadata_lines(jsonl):
         keys.update(json.loads(line) if line.strip() else {})  # each row a JSON object: read_metadata_captions checked
     if "text" not in keys and keys - {"file_name", "conditioning_file_name", "conditioning_image"}:
         raise FinetuneError(f"{jsonl} has no 'text' captions (its rows have {', '.join(repr(key) for key in sorted(keys))}): "
@@ -288,10 +288,9 @@ def _input_rows(source: Path) -> dict[str, dict]:
     conditioning images) is lost, least of all where the folder's own metadata.jsonl is rewritten."""
     jsonl, table = source / "metadata.jsonl", source / "metadata.csv"
     if jsonl.is_file():
-        rows = [json.loads(line) for line in split_at_line_ends(metadata_text(jsonl)) if line.strip()]  # read_metadata_captions checked each
+        rows = [json.loads(line) for line in metadata_lines(jsonl) if line.strip()]  # read_metadata_captions checked each
     elif table.is_file():
-        text = metadata_text(table)
-        rows = [row for row in csv_rows(text) if row["file_name"]]
+        rows = [row for row in csv_rows(metadata_lines(table)) if row["file_name"]]
     else:
         return {}
     return {row_image_key(row["file_name"], source): row for row in rows}

@@ -1,0 +1,76 @@
+"""A metadata.jsonl's or metadata.csv's lines, read one at a time: decoded as caption files are, each line's length
+checked before it is held. A metadata file of gigabytes (extra columns of tags, scores, embeddings) was read whole,
+decoded whole and split whole (2 GB: some 4 GB of memory) before its first row was checked; now only its rows'
+captions stay, as they did before."""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from finetune.caption_cells import MAX_CAPTION_LENGTH, caption_too_long
+from finetune.errors import FinetuneError
+from finetune.text_encodings import caption_file_encoding, without_nul_characters
+
+LONGEST_ROW = 2 * MAX_CAPTION_LENGTH  # a caption, its file name and other columns
+LINE_ENDS = ("\r\n", "\n", "\r")
+
+
+def metadata_lines(path: Path, lenient: bool = False) -> Iterator[str]:
+    """The lines of a metadata file, each with its line end, split at line ends alone (LF, CRLF, CR: not at U+2028 and the
+    other breaks str.splitlines knows, which a JSON string or caption may hold), as `datasets` reads a metadata.jsonl.
+    Decoded as caption files are (`caption_file_encoding`): Excel's "CSV UTF-8" starts with a byte-order mark, its
+    "Unicode text" is UTF-16 with one; else UTF-8. A file in none of them (Excel's plain "CSV" on Windows is the system's
+    code page), a NUL character (UTF-16 without a mark) or a line longer than LONGEST_ROW stops with one line naming it,
+    the long line before it is held. `lenient`: undecodable bytes replaced and NUL characters kept, for looking through
+    a file whose rows the caption reader reports."""
+    with path.open("rb") as raw:
+        encoding = caption_file_encoding(raw.read(4))
+    with path.open(encoding=encoding, errors="replace" if lenient else "strict", newline="") as text:
+        limit = LONGEST_ROW + 2  # a row of LONGEST_ROW and its CRLF: a line cut at the limit is too long
+        for number in itertools.count(1):
+            line = _read(text, limit, path, encoding)
+            if not line:
+                return
+            ending = next((end for end in LINE_ENDS if line.endswith(end)), "")
+            length = len(line) - len(ending)
+            while len(line) == limit and not ending:  # counted to its end, not held: the error says how long it is
+                line = _read(text, limit, path, encoding)
+                ending = next((end for end in LINE_ENDS if line.endswith(end)), "")
+                length += len(line) - len(ending)
+            if length > LONGEST_ROW:
+                raise FinetuneError(caption_too_long(f"{path} line {number}", length) + f" (a row holds at most {LONGEST_ROW:,})")
+            yield line if lenient else without_nul_characters(line, str(path))
+
+
+def _read(text: io.TextIOBase, limit: int, path: Path, encoding: str) -> str:
+    try:
+        return text.readline(limit)
+    except UnicodeDecodeError:
+        raise FinetuneError(f"{path} is not {encoding.removesuffix('-sig').upper()} text: save it as UTF-8 "
+                            "(Excel: 'CSV UTF-8'; most editors offer it under 'encoding')") from None  # fmt: skip
+
+
+def metadata_text(path: Path) -> str:
+    """A metadata file's whole text, checked as `metadata_lines` checks it (for a reader that needs it whole)."""
+    return "".join(metadata_lines(path))
+
+
+def csv_rows(lines: str | Iterable[str]) -> csv.DictReader:
+    """A metadata.csv's rows by its header (`lines`: its text, or its `metadata_lines`), as every reader of one reads
+    them: separated as `csv_delimiter` finds, and a space after a separator no part of the cell (", \"a, b\"" is the
+    caption a, b, not '"a')."""
+    lines = iter(io.StringIO(lines, newline="") if isinstance(lines, str) else lines)
+    header = next(lines, "")
+    return csv.DictReader(itertools.chain([header], lines), delimiter=csv_delimiter(header), skipinitialspace=True)
+
+
+def csv_delimiter(header: str) -> str:
+    """The header row's separator: a comma, else a tab (Excel's "Unicode text") or a semicolon (Excel's CSV where a
+    comma is the decimal mark: German, French, ...), which the header holds in place of commas."""
+    if "," in header:
+        return ","
+    return next((mark for mark in ("\t", ";") if mark in header), ",")

@@ -1,0 +1,82 @@
+"""A metadata file is read a line at a time: a metadata.jsonl or metadata.csv of gigabytes (extra columns of tags,
+scores, embeddings) was read whole, decoded whole and split whole before its first row was checked (190 MB: 409 MB of
+memory, 2 GB: some 4 GB). Now a row is checked as it is read and only the captions stay; the one-line errors name the
+file and line as before, a line of megabytes among them before it is held."""
+
+import json
+import tracemalloc
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from finetune.captions import folder_captions, metadata_rows, split_at_line_ends
+from finetune.errors import FinetuneError
+from finetune.metadata_lines import metadata_lines
+
+ROWS = 40
+NOTES = 100_000  # an extra column of each row: 4 MB of file, none of it a caption
+
+
+def folder_with_metadata(tmp_path: Path, kind: str, notes: int = NOTES) -> Path:
+    for index in range(ROWS):
+        Image.new("RGB", (8, 8), "red").save(tmp_path / f"{index}.png")
+    if kind == "jsonl":
+        rows = (json.dumps({"file_name": f"{index}.png", "text": f"photo {index}", "notes": "x" * notes}) + "\n" for index in range(ROWS))
+    else:
+        rows = ["file_name,text,notes\n", *(f"{index}.png,photo {index},{'x' * notes}\r\n" for index in range(ROWS))]
+    (tmp_path / f"metadata.{kind}").write_text("".join(rows), newline="")
+    return tmp_path
+
+
+def peak_bytes(read) -> tuple[object, int]:
+    tracemalloc.start()
+    try:
+        result = read()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_a_large_metadata_file_is_read_a_row_at_a_time(tmp_path, kind):
+    folder = folder_with_metadata(tmp_path, kind)
+    size = (folder / f"metadata.{kind}").stat().st_size
+    captions, peak = peak_bytes(lambda: folder_captions(folder))
+    assert captions == {f"{index}.png": f"photo {index}" for index in range(ROWS)}
+    assert peak < size / 4, f"reading {size:,} bytes of metadata held {peak:,}"  # the whole file read: twice its size or more
+    rows, peak = peak_bytes(lambda: sum(1 for _ in metadata_rows(folder)))  # the lenient reader, which looks for subfolders and partner files
+    assert rows == ROWS and peak < size / 4, f"looking through {size:,} bytes of metadata held {peak:,}"
+
+
+def test_a_line_of_megabytes_is_refused_by_its_number_and_length_without_being_held(tmp_path):
+    folder = folder_with_metadata(tmp_path, "jsonl", notes=10)
+    with (folder / "metadata.jsonl").open("a") as metadata:
+        metadata.write("{" + "x" * 8_000_000 + "\r\n")
+    with pytest.raises(FinetuneError) as raised:
+        peak_bytes(lambda: folder_captions(folder))
+    assert str(raised.value).startswith(f"{folder / 'metadata.jsonl'} line {ROWS + 1} is 8,000,001 characters long")
+    assert str(raised.value).endswith("(a row holds at most 200,000)")
+    tracemalloc.start()
+    with pytest.raises(FinetuneError):
+        folder_captions(folder)
+    assert tracemalloc.get_traced_memory()[1] < 2_000_000
+    tracemalloc.stop()
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16"])
+def test_lines_split_at_line_ends_alone_whatever_the_encoding(tmp_path, encoding):
+    """LF, CRLF and CR end a line (a CRLF cut by the reader's blocks too); U+2028 and U+0085 inside a caption do not."""
+    ends = ["\r\n", "\n", "\r"]
+    text = "".join("é" * (index * 37 % 5000) + "a\u2028b\x85c" + ends[index % 3] for index in range(60)) + "last"
+    (tmp_path / "metadata.jsonl").write_bytes(text.encode(encoding))
+    assert [line.rstrip("\r\n") for line in metadata_lines(tmp_path / "metadata.jsonl")] == split_at_line_ends(text)
+
+
+def test_an_undecodable_line_far_into_the_file_stops_with_one_line_naming_the_file(tmp_path):
+    folder = folder_with_metadata(tmp_path, "jsonl", notes=1000)
+    with (folder / "metadata.jsonl").open("ab") as metadata:
+        metadata.write(b'{"file_name": "0.png", "text": "caf\xe9"}\n')
+    with pytest.raises(FinetuneError, match=rf"^{folder / 'metadata.jsonl'} is not UTF-8 text: save it as UTF-8 \(Excel: 'CSV UTF-8'"):
+        folder_captions(folder)
+    assert sum(1 for _ in metadata_rows(folder)) == ROWS + 1  # the lenient reader replaces the byte
