@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from finetune.caption_cells import MAX_CAPTION_LENGTH
-from finetune.captions import SIDECAR_SUFFIXES, folder_captions, metadata_file, sidecar_path, template_needs_caption
+from finetune.captions import SIDECAR_SUFFIXES, caption_file_names, folder_captions, metadata_file, sidecar_path, template_needs_caption
 from finetune.config import DataConfig, FolderConfig
 from finetune.file_names import loose_name_key, name_key
 from finetune.sources import folder_images
@@ -21,10 +21,9 @@ def shadowed_caption_files(folder: Path, config: DataConfig) -> str | None:
     if config.caption is not None or not any(template_needs_caption(entry.template) and os.path.samefile(Path(config.image_dir) / entry.path, folder)
                                              for entry in entries):  # fmt: skip
         return None  # its captions are not read at all
-    # Caption files' names, any case, from one listing: a folder captioned by its metadata file alone has none, and its
-    # metadata file was parsed again and its 20,000 images each looked for one (two suffixes, exact and loose names).
-    with os.scandir(folder) as listing:
-        caption_files = {loose_name_key(entry.name) for entry in listing if entry.name.lower().endswith(SIDECAR_SUFFIXES)}
+    # Caption files' names, any case, from the listing sidecar_path reads too: a folder captioned by its metadata file alone has
+    # none, and its metadata file was parsed again and its 20,000 images each looked for one (two suffixes, exact and loose names).
+    caption_files = caption_file_names(folder)
     if not caption_files:
         return None
     rows, shadowed = folder_captions(folder, config.caption_column), []

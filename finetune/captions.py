@@ -202,10 +202,14 @@ def sidecar_path(image_path: Path) -> Path | None:
     for suffix in SIDECAR_SUFFIXES:
         if (sidecar := image_path.with_suffix(suffix)).is_file():
             return sidecar
-        folder = image_path.parent
-        if (name := _caption_files(str(folder), folder.stat().st_mtime_ns).get(loose_name_key(image_path.stem + suffix))) is not None:
-            return folder / name
+        if (name := caption_file_names(image_path.parent).get(loose_name_key(image_path.stem + suffix))) is not None:
+            return image_path.parent / name
     return None
+
+
+def caption_file_names(folder: Path) -> dict[str, str]:
+    """A folder's caption files' names by `loose_name_key`: one listing until the folder changes."""
+    return _caption_files(str(folder), folder.stat().st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=64)

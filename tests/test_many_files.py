@@ -63,6 +63,27 @@ def test_a_folder_captioned_by_its_metadata_file_alone_is_not_searched_for_capti
     assert looked_up == ["0007.png"]
 
 
+def test_the_caption_files_of_a_folder_are_listed_once_for_both_readers(tmp_path, monkeypatch):
+    """The overridden-caption warning listed the folder's caption files itself, beside the listing sidecar_path keeps
+    (captions.caption_file_names): two listings of one folder, which could disagree on what a caption file is."""
+    import os
+    import sys
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), "red").save(folder / f"{i:04d}.png")
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i:04d}.png", "text": "a red square"}) + "\n" for i in range(3)))
+    (folder / "0001.TXT").write_text("a blue square")  # by a name of another case: sidecar_path reads the listing
+    listed, scandir = [], os.scandir
+    by_captions = ("captions.py", "caption_overrides.py")  # not the image listings of folder_images
+    monkeypatch.setattr(os, "scandir", lambda path=".": listed.append(sys._getframe(1).f_code.co_filename.endswith(by_captions)) or scandir(path))
+    config = DataConfig(image_dir=str(folder), resolution=64)
+    for _ in range(2):
+        assert "1 caption file (0001.TXT) differs from metadata.jsonl" in caption_overrides.shadowed_caption_files(folder, config)
+    assert sum(listed) == 1
+
+
 def test_captions_are_counted_in_tokens_a_chunk_at_a_time():
     """The long-caption warning tokenized every caption in one call, whose result holds each token's ids, offsets and
     strings (220 MB at once for 20,000 tag lists of some 30 tokens); it now tokenizes them in chunks, with the same counts."""
