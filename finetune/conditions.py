@@ -105,6 +105,8 @@ def canny(image: Image.Image, low: float = CANNY_LOW, high: float = CANNY_HIGH, 
     """bool (H, W) edge map of `image` (see the module docstring); `low` <= `high`, in levels 0-255."""
     if not 0 <= low <= high:
         raise FinetuneError(f"canny thresholds must satisfy 0 <= low <= high, got low={low}, high={high}")
+    # float64, not float32 (2x faster): float32's rounding breaks NMS ties otherwise (a flat colour's step): 46 of one sample
+    # image's 264 edge pixels moved, 3,718 of 10M pixels over datasets/ and photos, and a ControlNet is sampled with these maps.
     pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
     gx, gy = sobel(gaussian_blur(pixels, sigma))
     strength = gx**2 + gy**2
