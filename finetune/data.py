@@ -19,25 +19,11 @@ from finetune.buckets import assign_buckets
 from finetune.cache import EncodingCache
 from finetune.captions import scored_caption, training_caption
 from finetune.config import DataConfig
-from finetune.epoch_uses import expand_repeats
 from finetune.errors import FinetuneError
 from finetune.images import file_stamp, open_rgb, pixel_digest, upright_size
 from finetune.loss_mask import mask_digest, mask_tensor
-from finetune.sources import Example, read_examples, require_captions
+from finetune.sources import Example
 from finetune.views import ViewPlan, plan_view, render, view_key
-
-
-def load_examples(config: DataConfig, check: bool = True) -> list[Example]:
-    """The training examples, each listed `repeats` times; with `check`, every image is decoded and checked
-    first (stopping on a bad one, or skipping it with data.skip_bad_images)."""
-    examples = read_examples(config)
-    if check:
-        from finetune.check_data import check_examples  # the check builds on this module
-
-        examples = check_examples(examples, config).usable
-    else:
-        require_captions(examples)
-    return expand_repeats(examples)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

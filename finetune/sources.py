@@ -47,7 +47,7 @@ class Example:
     source: str  # a file path, or "dataset row N"
     caption: str | None  # None: no caption was found (the check reports it)
     load: Callable[[], Image.Image]
-    repeats: int = 1  # uses per epoch (data.folders); load_examples lists the example this many times
+    repeats: int = 1  # uses per epoch (data.folders); epoch_uses.expand_repeats lists the example this many times
     folder_index: int = 0  # which entry of data.folders it comes from
     size: Size | None = None  # upright (width, height), known once the check has decoded the image
     digest: str | None = None  # a hash of the decoded pixels, from the check: names its cached latents

@@ -14,7 +14,8 @@ from finetune.batches import EpochBatchSampler, make_batch_sampler
 from finetune.buckets import BucketBatchSampler, assign_buckets, make_buckets, nearest_bucket, split_rows
 from finetune.check_data import inspect_examples
 from finetune.config import DataConfig
-from finetune.data import CaptionedImageDataset, collate, load_examples
+from finetune.data import CaptionedImageDataset, collate
+from data_examples import load_examples
 from finetune.errors import FinetuneError
 from finetune.sources import Example, read_examples
 from finetune.trainer import train

@@ -217,7 +217,8 @@ def test_a_mask_edited_after_the_check_stops_a_cached_run_instead_of_being_cache
     to a later run whose mask is the checked one again (an edit undone)."""
     from finetune.cache import EncodingCache
     from finetune.config import DataConfig
-    from finetune.data import CaptionedImageDataset, load_examples
+    from finetune.data import CaptionedImageDataset
+    from data_examples import load_examples
     from finetune.errors import FinetuneError
     from test_loss_mask import half_mask, masked_folder
 
@@ -239,7 +240,8 @@ def test_an_image_edited_after_the_check_stops_a_cached_run_and_a_touched_one_tr
     """As for masks: a view cut from an edited image would be cached under the name of the checked pixels.
     A file that was only touched or copied over with the same pixels (its time or size changed) trains on."""
     from finetune.config import DataConfig
-    from finetune.data import CaptionedImageDataset, load_examples
+    from finetune.data import CaptionedImageDataset
+    from data_examples import load_examples
     from finetune.errors import FinetuneError
 
     folder = tmp_path / "data"

@@ -13,7 +13,8 @@ from PIL import Image
 from finetune.captions import edit_tags, training_caption
 from finetune.config import DataConfig
 from finetune.batches import EpochBatchSampler
-from finetune.data import CaptionedImageDataset, load_examples
+from finetune.data import CaptionedImageDataset
+from data_examples import load_examples
 from finetune.errors import FinetuneError
 from finetune.recipe_loading import recipe_from_dict
 

@@ -13,7 +13,8 @@ from PIL import Image
 from finetune.check_data import CONVERTED, FATAL, WARNING, inspect_examples
 from finetune.cli import main
 from finetune.config import DataConfig
-from finetune.data import CaptionedImageDataset, load_examples, open_rgb
+from finetune.data import CaptionedImageDataset, open_rgb
+from data_examples import load_examples
 from finetune.errors import FinetuneError
 from finetune.sources import read_examples
 from finetune.trainer import train

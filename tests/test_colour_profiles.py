@@ -11,7 +11,8 @@ import finetune.colour_profiles as colour_profiles
 from finetune.check_data import CONVERTED, inspect_examples
 from finetune.config import DataConfig
 from finetune.controlnet_data import ControlNetDataset, Pair, read_conditioning
-from finetune.data import CaptionedImageDataset, load_examples, render_pixels
+from finetune.data import CaptionedImageDataset, render_pixels
+from data_examples import load_examples
 from finetune.images import open_rgb, pixel_digest
 from finetune.sources import Example, read_examples
 from finetune.views import plan_view, view_key

@@ -9,7 +9,8 @@ from PIL import Image
 
 from finetune.batches import EpochBatchSampler
 from finetune.config import DataConfig
-from finetune.data import CaptionedImageDataset, load_examples, open_rgb
+from finetune.data import CaptionedImageDataset, open_rgb
+from data_examples import load_examples
 from finetune.errors import FinetuneError
 from finetune.sources import Example
 

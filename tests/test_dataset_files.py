@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from finetune.config import DataConfig
-from finetune.data import load_examples
+from data_examples import load_examples
 from finetune.dataset_images import row_image
 from finetune.errors import FinetuneError
 

@@ -11,7 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from finetune.checkpoint import list_checkpoints
-from finetune.data import CaptionedImageDataset, collate, load_examples
+from finetune.data import CaptionedImageDataset, collate
+from data_examples import load_examples
 from finetune.errors import FinetuneError
 from finetune.kohya import load_lora, save_lora_file, to_kohya
 from finetune.diffusion import add_noise, per_sample_loss

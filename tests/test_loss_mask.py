@@ -2,6 +2,7 @@
 images, every bad mask one line before training, and in training: black pixels get no gradient, class
 images stay unmasked, and cached latents change nothing."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,8 @@ import finetune.methods.base as method_base
 from finetune.check_data import CONVERTED, WARNING, inspect_examples
 from finetune.cli import main
 from finetune.config import DataConfig, LossMaskConfig
-from finetune.data import CaptionedImageDataset, load_examples
+from finetune.data import CaptionedImageDataset
+from data_examples import load_examples
 from finetune.diffusion import NoisedBatch, per_sample_loss
 from finetune.errors import FinetuneError
 from finetune.loss_mask import MIN_NORMALIZING_SHARE, latent_loss_weights, preview, read_mask_file
@@ -324,7 +326,7 @@ def test_a_mask_no_view_can_reach_and_alpha_without_any_transparency_stop_before
         noise(64, 64, seed=i).save(opaque / f"{i}.png")
         (opaque / f"{i}.txt").write_text("x")
     alpha = DataConfig(image_dir=str(opaque), resolution=64, loss_mask={"source": "alpha"}, skip_bad_images=True)
-    with pytest.raises(FinetuneError, match=r"^data: data.loss_mask.source alpha, and none of its 2 images has transparency, so none is masked: save cut-outs with an alpha channel, or use source files$"):
+    with pytest.raises(FinetuneError, match=rf"^data folder {re.escape(str(opaque))}: data.loss_mask.source alpha, and none of its 2 images has transparency, so none is masked: save cut-outs with an alpha channel, or use source files$"):
         load_examples(alpha)
     # One transparent colour (a PNG tRNS chunk) is transparency too: black is transparent here, white opaque.
     keyed = Image.new("RGB", (64, 64), (0, 0, 0))

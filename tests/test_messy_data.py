@@ -16,7 +16,8 @@ from PIL import Image
 from finetune.check_data import CONVERTED, FATAL, WARNING, inspect_examples
 from finetune.cli import main
 from finetune.config import DataConfig
-from finetune.data import CaptionedImageDataset, load_examples
+from finetune.data import CaptionedImageDataset
+from data_examples import load_examples
 from finetune.images import decode
 from finetune.errors import FinetuneError
 from finetune.sources import Example, read_examples

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from finetune.config import DataConfig, ModelConfig
-from finetune.data import load_examples
+from data_examples import load_examples
 from finetune.errors import FinetuneError
 from finetune.methods.lora import read_initial_lora
 from finetune.model_source import resolve_model_folder

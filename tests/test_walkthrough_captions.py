@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from finetune.data import load_examples
+from data_examples import load_examples
 from finetune.errors import FinetuneError
 from finetune.recipe_loading import load_recipe
 from finetune.trainer import train

@@ -1,0 +1,17 @@
+"""The training examples of a data config for a test: as a run reads them (`finetune.check_data.checked_examples`, the
+one path training takes), or with `check=False` without decoding the images (captions still required)."""
+
+from finetune.check_data import checked_examples
+from finetune.config import DataConfig
+from finetune.epoch_uses import expand_repeats
+from finetune.sources import Example, read_examples, require_captions
+
+
+def load_examples(config: DataConfig, check: bool = True) -> list[Example]:
+    """The examples, each listed `repeats` times; with `check`, every image decoded and checked first (stopping on a bad
+    one, or skipping it with data.skip_bad_images)."""
+    if check:
+        return checked_examples(config)[0]
+    examples = read_examples(config)
+    require_captions(examples)
+    return expand_repeats(examples)
