@@ -20,7 +20,7 @@ from finetune.cache import EncodingCache
 from finetune.captions import scored_caption, training_caption
 from finetune.config import DataConfig
 from finetune.errors import FinetuneError
-from finetune.images import file_stamp, open_rgb, pixel_digest, upright_size
+from finetune.images import file_stamp, open_rgb, pixel_digest, turned_on_its_side, upright_size
 from finetune.loss_mask import mask_digest, mask_tensor
 from finetune.sources import Example
 from finetune.views import ViewPlan, plan_view, render, view_key
@@ -36,17 +36,53 @@ def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
 
 
+# An image touched since the check whose pixels were found the same (a copy over itself, a tool that rewrote it): its
+# new stamp, so it is not decoded again at each use (per process: each data-loader worker finds it once).
+_UNCHANGED_STAMPS: dict[str, tuple[int, int]] = {}
+
+
+def _changed_stamp(example: Example) -> tuple[int, int] | None:
+    """The image file's stamp where it differs from the one the check saw (and no use since found the same pixels), else
+    None; one stat. A file gone since stops here with one line (the loader's traceback said less)."""
+    if example.file_stamp is None or example.digest is None:  # a dataset row, or an example not from the check
+        return None
+    stamp = file_stamp(example.source)
+    if stamp is None:
+        raise FinetuneError(f"image {example.source} was removed since this run's data check: put it back, or restart the run to train without it")
+    return None if stamp in (example.file_stamp, _UNCHANGED_STAMPS.get(example.source)) else stamp
+
+
+def require_as_checked(example: Example) -> None:
+    """Stop where `example`'s image changed since this run's data check, at its next use: its views' cached latents (in
+    memory or on disk), keyed by the checked pixels, would be served stale. A file whose size or time changed is decoded
+    in full and compared, so a copy of the same pixels, or a touched file, trains on."""
+    if (stamp := _changed_stamp(example)) is None:
+        return
+    if pixel_digest(open_rgb(example)) != example.digest:
+        raise FinetuneError(f"image {example.source} changed since this run's data check: restart the run to train with it "
+                            "(train.cache_latents keeps each view's latents under the content checked at the start)")  # fmt: skip
+    _UNCHANGED_STAMPS[example.source] = stamp
+
+
+def require_checked_size(example: Example) -> None:
+    """Without the latent cache an edited image trains as it now is, but only at the size the check read: its crop (and
+    bucket) was planned for that size, and a view planned for another would be stretched, unseen. Its header only."""
+    if _changed_stamp(example) is None:
+        return
+    with example.load() as image:
+        size = (image.height, image.width) if turned_on_its_side(image) else image.size
+    if size != example.size:
+        raise FinetuneError(f"image {example.source} changed size since this run's data check ({size[0]}x{size[1]}, was "
+                            f"{example.size[0]}x{example.size[1]}): restart the run to train with it (its crops and bucket are planned for the checked size)")  # fmt: skip
+
+
 def render_pixels(example: Example, plan: ViewPlan, as_checked: bool = False) -> torch.Tensor:
     """The planned view of `example` as CHW pixels in [-1, 1] (a JPEG may decode at a reduced scale).
 
-    `as_checked`: the image must still be the one the data check read, as for views cached under its
-    digest. A file whose size or time changed is decoded in full and compared (a copy of the same
-    pixels, or a touched file, trains on).
+    `as_checked`: the image must still be the one the data check read (`require_as_checked`).
     """
-    if as_checked and example.file_stamp is not None and file_stamp(example.source) != example.file_stamp:
-        if pixel_digest(open_rgb(example)) != example.digest:
-            raise FinetuneError(f"image {example.source} changed since this run's data check: restart the run to train with it "
-                                "(train.cache_latents keeps each view's latents under the content checked at the start)")  # fmt: skip
+    if as_checked:
+        require_as_checked(example)
     return to_tensor(render(open_rgb(example, at_least=2 * max(plan.target)), plan))
 
 
@@ -126,13 +162,15 @@ def view_entry(example: Example, plan: ViewPlan, example_id: Any, cache: Encodin
     view is not decoded, and a view that was not cached after all is decoded by the training process.
     """
     if cache is None:
+        require_checked_size(example)  # decoded every use: an edit trains, at the size planned for
         return {f"{prefix}pixel_values": render_pixels(example, plan)}
+    require_as_checked(example)  # a view cached in an earlier epoch is served under the checked content's key
     if example.digest is None:
         raise ValueError(f"image {example.source} has no content digest: cached latents need examples from finetune.check_data")
     key = view_key(example.digest, plan)
     entry = {f"{prefix}latent_key": key, f"{prefix}view": (example_id, plan)}
     if likely_new and not cache.stored(key):
-        entry[f"{prefix}pixel_values"] = render_pixels(example, plan, as_checked=True)
+        entry[f"{prefix}pixel_values"] = render_pixels(example, plan)
     return entry
 
 

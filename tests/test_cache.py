@@ -266,3 +266,45 @@ def test_an_image_edited_after_the_check_stops_a_cached_run_and_a_touched_one_tr
         dataset.render((0, dataset[(1, 0)]["view"][1]))  # as the training process cuts a view the loader left out (same plan)
     uncached = CaptionedImageDataset(examples, config, seed=0)  # decoded every step: the edit simply takes effect
     assert float(uncached[(0, 0)]["pixel_values"][1].mean()) == 1.0
+
+
+@pytest.mark.parametrize("where", ["memory", "disk", "none"])
+def test_an_image_replaced_mid_run_is_never_served_stale_at_a_later_epoch(tmp_path, where):
+    """A view cached in the first epoch is served by its key at the next (no pixels decoded): an image replaced meanwhile
+    trained on as it was, unseen, to the end of the run. Now each use stats the file: with the cache (in memory or on
+    disk) a changed image stops the run with one line; without it the edit trains (it is decoded every use) unless its
+    size changed, as the view planned for the checked size would be stretched."""
+    from finetune.config import DataConfig
+    from finetune.data import CaptionedImageDataset
+    from data_examples import load_examples
+    from finetune.errors import FinetuneError
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (200 * i, 40, 90)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("a square")
+    config = DataConfig(image_dir=str(folder), resolution=64, random_flip=False)
+    cache = {"memory": EncodingCache(), "disk": EncodingCache(tmp_path / "cache"), "none": None}[where]
+    dataset = CaptionedImageDataset(load_examples(config), config, seed=0, latent_cache=cache)
+    first = dataset[(0, 0)]
+    if cache is not None:
+        cache.lookup([first["latent_key"]], lambda rows: torch.zeros(1, 8), torch.device("cpu"))  # as the first step encodes it
+        assert "pixel_values" not in dataset[(0, 1)]  # the next epoch's view is served by its key
+    def replace(size: tuple[int, int]) -> None:  # a while after the check: a file system's times may be coarser than this test
+        Image.new("RGB", size, (0, 255, 0)).save(folder / "0.png")
+        os.utime(folder / "0.png", ns=(time.time_ns() + 10**9 * size[0], time.time_ns() + 10**9 * size[0]))
+
+    replace((64, 64))
+    if cache is not None:
+        with pytest.raises(FinetuneError, match=rf"^image {folder / '0.png'} changed since this run's data check: restart the run"):
+            dataset[(0, 1)]
+    else:
+        assert float(dataset[(0, 1)]["pixel_values"][1].mean()) == 1.0  # the edit trains
+    replace((96, 64))
+    expected = "changed size since this run's data check \\(96x64, was 64x64\\)" if cache is None else "changed since this run's data check"
+    with pytest.raises(FinetuneError, match=rf"^image {folder / '0.png'} {expected}: restart the run to train with it"):
+        dataset[(0, 1)]
+    (folder / "0.png").unlink()
+    with pytest.raises(FinetuneError, match=rf"^image {folder / '0.png'} was removed since this run's data check: put it back, or restart"):
+        dataset[(0, 1)]
