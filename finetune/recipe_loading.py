@@ -21,6 +21,7 @@ from finetune.atomic_files import atomic_write_text
 from finetune.config import Recipe
 from finetune.errors import FinetuneError
 from finetune.recipe_warnings import print_empty_recipe, print_unused_settings
+from finetune.recipe_paths import require_unambiguous_data_paths
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -60,6 +61,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
                 raise FinetuneError(f"override '{override}'{str(err).removeprefix(str(path))}") from None
         raise
     print_unused_settings(raw, recipe)
+    require_unambiguous_data_paths(recipe, path)
     return recipe
 
 

@@ -1,5 +1,6 @@
 """Relative paths in a recipe are read from the current folder (as the shipped recipes' datasets/... are, from
-the repository's root), not the recipe's: a path not found says where it was looked for."""
+the repository's root), not the recipe's: a path not found says where it was looked for, and a data path found both
+here and beside the recipe is one line naming both."""
 
 import re
 
@@ -44,3 +45,31 @@ def test_a_windows_drive_path_is_a_folder_not_found_not_a_hub_id(tmp_path, monke
                                             rf"\({windows_path[:2]} is a Windows drive, which this system does not have \(it read the path from the "
                                             rf"current folder, {tmp_path}\): give the path as this system names it\)$"):
         resolve_model_folder(ModelConfig(pretrained=windows_path))
+
+
+def test_a_data_path_that_names_a_folder_here_and_another_beside_the_recipe_is_one_line_naming_both(tmp_path, monkeypatch):
+    """A recipe kept beside its data, run from a folder holding an older copy by the same name: the copy here trained,
+    unseen. Which was meant cannot be told; one of them alone, or the same folder both ways, is no question."""
+    from PIL import Image
+
+    from finetune.recipe_loading import load_recipe
+
+    project, here = tmp_path / "project", tmp_path / "here"
+    for folder in (project / "star", here / "star", project / "dogs"):
+        folder.mkdir(parents=True)
+        Image.new("RGB", (8, 8), "red").save(folder / "0.png")
+    recipe, dreambooth = project / "recipe.yaml", project / "dreambooth.yaml"
+    recipe.write_text("data:\n  image_dir: star\n")
+    dreambooth.write_text("method: dreambooth\ndreambooth:\n  concepts:\n    - instance_dir: dogs\n      instance_prompt: a sks dog\n  prior_preservation: false\n")
+    monkeypatch.chdir(here)
+    with pytest.raises(FinetuneError, match=rf"^data.image_dir star names two: {here / 'star'}, which it would read \(relative paths are read from the "
+                                            rf"current folder\), and {project / 'star'} beside recipe {recipe}: write the one meant as an absolute path, or run from its folder$"):  # fmt: skip
+        load_recipe(recipe)
+    assert load_recipe(recipe, [f"data.image_dir={here / 'star'}"]).data.image_dir == str(here / "star")  # absolute: no question
+    assert load_recipe(dreambooth).dreambooth.concepts[0].instance_dir == "dogs"  # beside the recipe alone: not found here, as before
+    (here / "dogs").mkdir()
+    with pytest.raises(FinetuneError, match=r"^dreambooth.concepts.0.instance_dir dogs names two: "):
+        load_recipe(dreambooth)
+    monkeypatch.chdir(project)  # from the recipe's folder: one folder, however it is reached
+    assert load_recipe(recipe).data.image_dir == "star"
+    assert load_recipe(tmp_path / "here" / ".." / "project" / "recipe.yaml").data.image_dir == "star"
