@@ -231,10 +231,12 @@ def inspect_loss_mask(example: Example, raw, config: DataConfig) -> tuple[Exampl
                        f"({own} for {Path(source).name}), or remove one image (a copy?)")  # fmt: skip
             return example, [Finding(FATAL, source, message)]
         try:
+            stamp = file_stamp(str(path))  # before reading: an edit while it is read shows as a changed file
             mask = read_mask_file(path)
         except FinetuneError as err:
             return example, [Finding(FATAL, source, str(err))]
         named, load = f"loss mask {path}", functools.partial(read_mask_file, path)
+        example = replace(example, mask_file_stamp=(str(path), *stamp) if stamp else None)
     (mask_width, mask_height), (width, height) = mask.size, example.size
     if abs(mask_width * height / (mask_height * width) - 1.0) > 0.01:  # another scale is fine: it is resized with its image
         rotated = turned_on_its_side(raw) and (mask_width, mask_height) == (height, width)

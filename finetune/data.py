@@ -95,9 +95,28 @@ def render_mask(example: Example, plan: ViewPlan, as_checked: bool = False) -> t
         return torch.ones(1, plan.target[1], plan.target[0])
     mask = example.load_mask()
     if as_checked and example.mask_digest is not None and mask_digest(mask) != example.mask_digest:
-        raise FinetuneError(f"the loss mask of image {example.source} changed since this run's data check: restart the run to train with it "
-                            "(train.cache_latents keeps each view's mask under the content checked at the start)")  # fmt: skip
+        raise FinetuneError(_changed_mask(example))
     return mask_tensor(render(mask, plan))
+
+
+def _changed_mask(example: Example) -> str:
+    return (f"the loss mask of image {example.source} changed since this run's data check: restart the run to train with it "
+            "(train.cache_latents keeps each view's mask under the content checked at the start)")  # fmt: skip
+
+
+def require_mask_as_checked(example: Example) -> None:
+    """`require_as_checked` for a mask file (data.loss_mask.source files), whose cached views are served by their key:
+    one stat a use; a file whose size or time changed is read and compared. (An alpha mask is its image's.)"""
+    if example.mask_file_stamp is None or example.mask_digest is None:
+        return
+    path, *checked = example.mask_file_stamp
+    if (stamp := file_stamp(path)) is None:
+        raise FinetuneError(f"the loss mask {path} of image {example.source} was removed since this run's data check: put it back, or restart the run")
+    if stamp in (tuple(checked), _UNCHANGED_STAMPS.get(path)):
+        return
+    if mask_digest(example.load_mask()) != example.mask_digest:
+        raise FinetuneError(_changed_mask(example))
+    _UNCHANGED_STAMPS[path] = stamp
 
 
 class CaptionedImageDataset(torch.utils.data.Dataset):
@@ -186,6 +205,7 @@ def mask_entry(example: Example, plan: ViewPlan, cache: EncodingCache | None, li
         return {f"{prefix}mask_key": None}
     if example.mask_digest is None:
         raise ValueError(f"image {example.source} has no mask digest: cached masks need examples from finetune.check_data")
+    require_mask_as_checked(example)  # a view cached in an earlier epoch is served under the checked mask's key
     key = view_key(f"mask-{example.mask_digest}", plan)
     entry = {f"{prefix}mask_key": key}
     if likely_new and not cache.stored(key):

@@ -55,6 +55,7 @@ class Example:
     load_mask: Callable[[], Image.Image] | None = None  # its upright greyscale loss mask, from the check (data.loss_mask)
     mask_area: float | None = None  # the share of the image its loss mask trains
     mask_digest: str | None = None  # a hash of the mask's pixels, from the check: names its cached views
+    mask_file_stamp: tuple[str, int, int] | None = None  # a mask file's (path, size, mtime_ns) when the check read it (source files)
 
 
 def source_folder(example: Example) -> Path:

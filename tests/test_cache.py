@@ -308,3 +308,27 @@ def test_an_image_replaced_mid_run_is_never_served_stale_at_a_later_epoch(tmp_pa
     (folder / "0.png").unlink()
     with pytest.raises(FinetuneError, match=rf"^image {folder / '0.png'} was removed since this run's data check: put it back, or restart"):
         dataset[(0, 1)]
+
+
+def test_a_mask_file_replaced_mid_run_is_never_served_stale_from_the_cache(tmp_path):
+    """As for images: a cached view's mask is served by its key at a later epoch, so an edited mask file trained on as it
+    was; now it stops the run with one line, and a touched mask file with the same pixels trains on."""
+    from finetune.config import DataConfig
+    from finetune.data import CaptionedImageDataset
+    from data_examples import load_examples
+    from test_loss_mask import half_mask, masked_folder
+
+    folder = masked_folder(tmp_path / "data", count=2)
+    config = DataConfig(image_dir=str(folder), resolution=64, random_flip=False, loss_mask={"source": "files"})
+    cache = EncodingCache()
+    dataset = CaptionedImageDataset(load_examples(config), config, seed=0, latent_cache=cache)
+    key = dataset[(0, 0)]["mask_key"]
+    cache.lookup([key], lambda rows: torch.ones(1, 1, 8, 8), torch.device("cpu"))  # as the first step stores it
+    assert "loss_mask" not in dataset[(0, 1)]  # served by its key
+    later = time.time_ns() + 10**10  # a file system's times may be coarser than this test
+    os.utime(folder / "masks" / "0.png", ns=(later, later))  # touched: read and compared once, the same pixels
+    assert dataset[(0, 1)]["mask_key"] == key
+    half_mask(64, 64).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / "masks" / "0.png")
+    os.utime(folder / "masks" / "0.png", ns=(later + 10**9, later + 10**9))
+    with pytest.raises(FinetuneError, match=rf"^the loss mask of image {folder / '0.png'} changed since this run's data check: restart"):
+        dataset[(0, 1)]
