@@ -88,7 +88,7 @@ def read_csv_captions(path: Path, column: str = "text") -> RowCaptions:
     """{file name: caption} from a metadata.csv with a header row naming file_name and `column` (data.caption_column)."""
     if not path.is_file():
         return RowCaptions()
-    reader = csv_rows(metadata_lines(path))
+    reader = csv_rows(metadata_lines(path), path)
     columns = reader.fieldnames or []
     if "file_name" not in columns or column not in columns:
         raise FinetuneError(f"{path} must have a header row with 'file_name' and '{column}' columns (has: {', '.join(columns) or 'none'}): "
@@ -139,7 +139,7 @@ def metadata_rows(folder: Path) -> Iterator[dict]:
         return
     lines = metadata_lines(path, lenient=True)
     if path.suffix == ".csv":
-        yield from csv_rows(lines)
+        yield from csv_rows(lines, path)
         return
     for line in lines:
         try:

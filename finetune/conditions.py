@@ -292,7 +292,7 @@ def _input_rows(source: Path) -> dict[str, dict]:
     if jsonl.is_file():
         rows = [json.loads(line) for line in metadata_lines(jsonl) if line.strip()]  # read_metadata_captions checked each
     elif table.is_file():
-        rows = [row for row in csv_rows(metadata_lines(table)) if row["file_name"]]
+        rows = [row for row in csv_rows(metadata_lines(table), table) if row["file_name"]]
     else:
         return {}
     return {row_image_key(row["file_name"], source): row for row in rows}

@@ -59,13 +59,30 @@ def metadata_text(path: Path) -> str:
     return "".join(metadata_lines(path))
 
 
-def csv_rows(lines: str | Iterable[str]) -> csv.DictReader:
+class _CsvRows(csv.DictReader):
+    """csv.DictReader whose parse errors are one line naming the file and line (a traceback before)."""
+
+    path: Path | str = "metadata.csv"
+
+    def __next__(self) -> dict:
+        start = self.reader.line_num + 1  # where the row starts: the error comes where the reader gave up, far below
+        try:
+            return super().__next__()
+        except csv.Error as err:  # past the field limit: a quote never closed runs on over the lines below, to the end of the file
+            raise FinetuneError(f"{self.path} line {start}: {err}: a cell there opens a double quote that never closes, so it runs on over "
+                                'the lines below; close the quote, or double a quote inside a caption ("")') from None  # fmt: skip
+
+
+def csv_rows(lines: str | Iterable[str], path: Path | str = "metadata.csv") -> csv.DictReader:
     """A metadata.csv's rows by its header (`lines`: its text, or its `metadata_lines`), as every reader of one reads
     them: separated as `csv_delimiter` finds, and a space after a separator no part of the cell (", \"a, b\"" is the
-    caption a, b, not '"a')."""
+    caption a, b, not '"a'). A cell may be as long as a row (csv's own limit is 131,072 characters)."""
+    csv.field_size_limit(max(csv.field_size_limit(), LONGEST_ROW))
     lines = iter(io.StringIO(lines, newline="") if isinstance(lines, str) else lines)
     header = next(lines, "")
-    return csv.DictReader(itertools.chain([header], lines), delimiter=csv_delimiter(header), skipinitialspace=True)
+    rows = _CsvRows(itertools.chain([header], lines), delimiter=csv_delimiter(header), skipinitialspace=True)
+    rows.path = path
+    return rows
 
 
 def csv_delimiter(header: str) -> str:

@@ -80,3 +80,16 @@ def test_an_undecodable_line_far_into_the_file_stops_with_one_line_naming_the_fi
     with pytest.raises(FinetuneError, match=rf"^{folder / 'metadata.jsonl'} is not UTF-8 text: save it as UTF-8 \(Excel: 'CSV UTF-8'"):
         folder_captions(folder)
     assert sum(1 for _ in metadata_rows(folder)) == ROWS + 1  # the lenient reader replaces the byte
+
+
+def test_a_csv_cell_as_long_as_a_row_reads_and_a_quote_never_closed_is_one_line(tmp_path):
+    """csv's own limit is 131,072 characters a cell: a metadata.csv whose extra column held more (an embedding, a long
+    tag list), though its row was within bounds, stopped with csv's traceback; a quote never closed ran on to the end of
+    the file and did so too, far below the line at fault."""
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    (tmp_path / "metadata.csv").write_text("file_name,text,notes\na.png,a cat," + "x" * 150_000 + "\n")
+    assert folder_captions(tmp_path) == {"a.png": "a cat"}
+    (tmp_path / "metadata.csv").write_text('file_name,text\na.png,"a cat\n' + "".join(f"{name}.png,{name * 150_000}\n" for name in "bc"))
+    with pytest.raises(FinetuneError, match=rf'^{tmp_path / "metadata.csv"} line 2: field larger than field limit \(200000\): a cell there opens a '
+                                            r'double quote that never closes, so it runs on over the lines below; close the quote'):  # fmt: skip
+        folder_captions(tmp_path)
