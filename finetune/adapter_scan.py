@@ -27,6 +27,7 @@ from finetune.methods.controlnet import CONTROLNET_DIR, UNET_DIR
 from finetune.methods.full import PIPELINE_DIR
 from finetune.methods.lora import LORA_WEIGHTS_NAME
 from finetune.pipeline_io import METADATA_FILE
+from finetune.run_recipe import run_recipe_file
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 # Folders the trainer writes that hold no finished adapter (logs, sample grids).
@@ -192,15 +193,15 @@ def _holds_pickles(folder: Path) -> bool:
 
 def _folder_metadata(folder: Path) -> dict[str, str]:
     """What was saved with a ControlNet or pipeline (finetune_metadata.json) or, for a pipeline saved
-    before that file was, the training run's recipe.yaml (a checkpoint's: the recipe and step in its state)."""
+    before that file was, the training run's recorded recipe (a checkpoint's: the recipe and step in its state)."""
     if (folder / METADATA_FILE).is_file():
         return saved_model_metadata(folder)
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         state = json.loads((folder.parent / STATE_FILE).read_text())
         return {"finetune.method": str(state["recipe"]["method"]), "finetune.base_model": str(state["recipe"]["model.pretrained"]),
                 "finetune.steps": str(state["step"])}
-    with contextlib.suppress(OSError, ValueError, AttributeError, TypeError, yaml.YAMLError):  # a recipe.yaml edited by hand may be anything
-        recipe = yaml.safe_load((folder.parent / "recipe.yaml").read_text())
+    with contextlib.suppress(OSError, ValueError, AttributeError, TypeError, yaml.YAMLError):  # a recipe edited by hand may be anything
+        recipe = yaml.safe_load(run_recipe_file(folder.parent).read_text())
         return {"finetune.method": str(recipe.get("method", "?")), "finetune.base_model": str(recipe["model"]["pretrained"]),
                 "finetune.steps": str(recipe["train"]["max_steps"])}
     return {}

@@ -16,6 +16,7 @@ from finetune.base_folder import pickle_refusal
 from finetune.checkpoint import STATE_FILE, list_checkpoints
 from finetune.errors import FinetuneError, looked_for_here
 from finetune.model_source import hub_files, where_looked
+from finetune.run_recipe import run_recipe_file
 
 # A UNet or a pipeline given where the user meant to make a ControlNet of it.
 FROM_A_UNET = "to make a new ControlNet of a pipeline's UNet, set controlnet.pretrained: null (it copies model.pretrained's UNet)"
@@ -51,7 +52,7 @@ def folder_kind(path: Path, from_a_pipeline: str = FROM_A_UNET) -> tuple[str, st
         checkpoints = [found for found in list_checkpoints(path / "checkpoints") if (found / "controlnet" / "config.json").is_file()]
         if method == "controlnet" and checkpoints:  # stopped before its end: its checkpoints hold the ControlNet as of their step
             return "a controlnet run's output folder with no controlnet/ folder yet", f"; its checkpoints hold one, e.g. {checkpoints[-1]} (the latest)"
-        return f"a {method} run's output folder (its recipe.yaml) with no controlnet/ folder", ""
+        return f"a {method} run's output folder (its {run_recipe_file(path).name}) with no controlnet/ folder", ""
     if checkpoints := list_checkpoints(path):
         return "a run's checkpoints folder", f"; pick a checkpoint (checkpoint-N, of step N), e.g. {checkpoints[-1]}, the latest"
     if images := folder_images(path):
@@ -60,9 +61,9 @@ def folder_kind(path: Path, from_a_pipeline: str = FROM_A_UNET) -> tuple[str, st
 
 
 def _run_method(path: Path) -> str | None:
-    """The method of the training run whose output folder `path` is (its recipe.yaml), or None."""
+    """The method of the training run whose output folder `path` is (its recorded recipe), or None."""
     try:
-        recipe = yaml.safe_load((path / "recipe.yaml").read_text())
+        recipe = yaml.safe_load(run_recipe_file(path).read_text())
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return None
     return str(recipe["method"]) if isinstance(recipe, dict) and recipe.get("method") else None

@@ -18,7 +18,7 @@ def usable_cpus() -> int:
 
 def data_workers(asked: int) -> int:
     """`data.num_workers`, capped at the CPUs this process may use, with a warning. Capped rather than refused:
-    a recipe (and the recipe.yaml a run saves, which a resume reads) moves between machines, and a count right
+    a recipe (and the recipe_as_run.yaml a run saves, which a resume reads) moves between machines, and a count right
     on a 32-core server would otherwise stop the same run on a laptop; workers past the CPUs only take turns on
     them, so the cap loses nothing. 1000000 set a million worker processes starting, without a word."""
     cpus = usable_cpus()

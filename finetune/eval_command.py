@@ -120,10 +120,11 @@ def default_out(base: str, lora: str | None, controlnet: str | None = None, suit
             return lora_path / name
         return lora_path.parent / (name if lora_path.name == LORA_WEIGHTS_NAME else f"{lora_path.stem}-{name}")
     from finetune.checkpoint import STATE_FILE
+    from finetune.run_recipe import run_recipe_file
 
     base_path = Path(base.rstrip("/"))
     run = base_path.parent
-    if base_path.name == "pipeline" and ((run / "recipe.yaml").is_file() or (run / STATE_FILE).is_file()):  # a run's or a checkpoint's pipeline
+    if base_path.name == "pipeline" and (run_recipe_file(run).is_file() or (run / STATE_FILE).is_file()):  # a run's or a checkpoint's pipeline
         return run / name
     return Path("outputs/eval") / (base_path.stem or "base") / name
 

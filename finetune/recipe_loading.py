@@ -338,6 +338,6 @@ def section_type(annotation) -> type[BaseModel] | None:
 
 
 def dump_recipe(recipe: Recipe, path: Path) -> None:
-    """Whole or as it was (`atomic_write_text`): each resume writes the run's recipe.yaml again, and a kill mid-write
-    (an OOM killer at the start) left it cut short, the record of the run, or the recipe the user resumed with."""
+    """`recipe` as a YAML file that loads again, written whole or left as it was (`atomic_write_text`). A run's own
+    record is `finetune.run_recipe`'s."""
     atomic_write_text(path, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))

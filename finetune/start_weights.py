@@ -4,7 +4,7 @@
 
 A resume does not read them: its checkpoint holds those weights as trained since, so the file or folder
 may have been moved or deleted, and the resumed recipe may leave the key out (a command-line override).
-Either way the run's record (recipe.yaml, the outputs' metadata) keeps where the weights began, from the
+Either way the run's record (recipe_as_run.yaml, the outputs' metadata) keeps where the weights began, from the
 checkpoint's recipe (a ControlNet's record in the outputs from its state: by name alone, a folder that has moved
 and a hub id are alike); a resumed recipe naming other starting weights is told they are not read.
 """

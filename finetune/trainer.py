@@ -42,8 +42,8 @@ from finetune.model_source import BaseLocation
 from finetune.models import load_base_model
 from finetune.output_metadata import dataset_metadata, output_metadata
 from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer, check_optimizer_installed, step_size
-from finetune.recipe_loading import dump_recipe
 from finetune.run_length import STEPS_BY_SHAPE, check_epoch_run, due, epoch_count, epochs_text, planned_steps, resume_warnings, run_length_line, run_sampler
+from finetune.run_recipe import write_run_recipe
 from finetune.logged_settings import settings_on_record
 from finetune.loss_mask import preview as mask_preview
 from finetune.sampling import save_image_atomic
@@ -224,7 +224,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
             warn(f"settings changed since {resume_from.name}: {', '.join(changed)}")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        dump_recipe(recipe, output_dir / "recipe.yaml")
+        write_run_recipe(recipe, output_dir)  # never over a recipe.yaml of the user's there (finetune.run_recipe)
         # The writer hides the steps this run trains (again) that an earlier one logged: a kill's last steps after the resumed
         # checkpoint, the later steps of a resume from an older one, or a whole run killed before its first checkpoint (a fresh
         # run finds no other's logs: --overwrite clears them, and checkpoints refuse it). TensorBoard shows one curve. From the

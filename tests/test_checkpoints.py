@@ -213,7 +213,7 @@ def test_a_stop_signal_writes_a_checkpoint_and_resume_finishes(make_recipe, tmp_
     )
     output_dir = tmp_path / "run"
     deadline = time.time() + 120
-    while not (output_dir / "recipe.yaml").exists() and time.time() < deadline:  # written just before the loop
+    while not (output_dir / "recipe_as_run.yaml").exists() and time.time() < deadline:  # written just before the loop
         time.sleep(0.2)
     time.sleep(3)
     os.killpg(process.pid, stop)  # the trainer and its data-loader workers, as a terminal or `timeout` does

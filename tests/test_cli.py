@@ -348,7 +348,7 @@ def test_a_run_folder_of_the_wrong_kind_says_what_to_pass(tmp_path, capsys, tiny
 
     full = tmp_path / "full-run"  # what method full or full DreamBooth writes
     shutil.copytree(tiny_model, full / "pipeline")
-    (full / "recipe.yaml").write_text("method: full\n")
+    (full / "recipe_as_run.yaml").write_text("method: full\n")
     (tmp_path / "cn-run" / "controlnet").mkdir(parents=True)
     (tmp_path / "cn-run" / "controlnet" / "config.json").write_text("{}")
     hints = {full: f"sample or evaluate it with --base {full / 'pipeline'}, or write it as one webui/ComfyUI checkpoint with finetune export-checkpoint {full} OUT.safetensors",

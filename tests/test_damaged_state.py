@@ -262,20 +262,20 @@ def test_a_kill_while_a_checkpoints_validation_draws_is_drawn_by_the_resumed_run
     assert grids("killed") == grids("straight") and len(grids("straight")) == 2
 
 
-def test_a_kill_while_a_resume_writes_recipe_yaml_keeps_the_one_there(make_recipe, monkeypatch, tmp_path):
-    """Every run, a resume too, wrote output_dir/recipe.yaml again in place: a kill mid-write left it cut short, the run's
-    record (or the very recipe resumed: `finetune train outputs/run/recipe.yaml --resume latest`)."""
+def test_a_kill_while_a_resume_writes_the_recipe_as_run_keeps_the_one_there(make_recipe, monkeypatch, tmp_path):
+    """Every run, a resume too, wrote output_dir's recipe as run again in place: a kill mid-write left it cut short, the run's
+    record (or the very recipe resumed: `finetune train outputs/run/recipe_as_run.yaml --resume latest`)."""
     from pathlib import Path
 
     class Killed(BaseException):
         pass
 
     trainer.train(make_recipe(output_dir=str(tmp_path / "run"), train__max_steps=2, checkpoint__every_n_steps=1))
-    kept = (tmp_path / "run" / "recipe.yaml").read_text()
+    kept = (tmp_path / "run" / "recipe_as_run.yaml").read_text()
     real_write_text = Path.write_text
 
     def killed_midway(self, text, *args, **kwargs):  # what a kill mid-write leaves: the first half
-        if "recipe.yaml" in self.name:
+        if "recipe_as_run.yaml" in self.name:
             real_write_text(self, text[: len(text) // 2], *args, **kwargs)
             raise Killed
         return real_write_text(self, text, *args, **kwargs)
@@ -283,4 +283,4 @@ def test_a_kill_while_a_resume_writes_recipe_yaml_keeps_the_one_there(make_recip
     monkeypatch.setattr(Path, "write_text", killed_midway)
     with pytest.raises(Killed):
         trainer.train(make_recipe(output_dir=str(tmp_path / "run"), train__max_steps=3, checkpoint__every_n_steps=1), resume="latest")
-    assert (tmp_path / "run" / "recipe.yaml").read_text() == kept
+    assert (tmp_path / "run" / "recipe_as_run.yaml").read_text() == kept

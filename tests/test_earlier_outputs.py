@@ -40,5 +40,5 @@ def test_each_methods_outputs_count_as_an_earlier_run(tmp_path, output):
 def test_a_run_killed_before_its_first_checkpoint_may_start_again(tmp_path):
     for folder in ("logs", "samples"):  # what it leaves: no checkpoint, no output
         (tmp_path / folder).mkdir()
-    (tmp_path / "recipe.yaml").write_text("method: lora\n")
+    (tmp_path / "recipe_as_run.yaml").write_text("method: lora\n")
     guard_earlier_run(tmp_path, None, overwrite=False)

@@ -120,7 +120,7 @@ def test_check_data_of_a_run_to_resume_shows_the_images_the_resume_holds_out(mak
     shown = []
     monkeypatch.setattr(command, "held_out_sources", lambda *args: shown.append(held_out_module.held_out_sources(*args)) or shown[-1])
     capsys.readouterr()
-    assert main(["check-data", str(old.output_dir / "recipe.yaml")]) == 0
+    assert main(["check-data", str(old.output_dir / "recipe_as_run.yaml")]) == 0
     out = capsys.readouterr().out
     [(folder, name)] = [entry.split(": ") for entry in held_out_names[0]]
     assert shown == [{str(two_folders / ["a", "b"][int(folder.removeprefix("folder "))] / name)}]  # the old run's, which the resume keeps
@@ -128,5 +128,5 @@ def test_check_data_of_a_run_to_resume_shows_the_images_the_resume_holds_out(mak
     assert ("held out: 1 image for the validation loss (validation.loss_images) as --resume latest holds them out (checkpoint-4; a new run, "
             "with --overwrite, holds out other images), leaving 5 of the 6 uses per epoch to train\n") in out
     shutil.rmtree(old.output_dir / "checkpoints")  # a new run's: the seed's choice by content, as before
-    assert main(["check-data", str(old.output_dir / "recipe.yaml")]) == 0
+    assert main(["check-data", str(old.output_dir / "recipe_as_run.yaml")]) == 0
     assert shown[-1] != shown[0] and "held out: 1 image for the validation loss (validation.loss_images), leaving" in capsys.readouterr().out

@@ -73,7 +73,7 @@ def test_a_run_started_from_a_lora_says_so_records_it_and_keeps_it_when_resumed(
     train(make_recipe(train__max_steps=3, **common), resume="latest")
     out = capsys.readouterr().out
     assert "starting from the LoRA" not in out and "lora.init_from" not in out  # nor a "settings changed" warning
-    assert yaml.safe_load((continued.output_dir / "recipe.yaml").read_text())["lora"]["init_from"] == str(first.output_dir)
+    assert yaml.safe_load((continued.output_dir / "recipe_as_run.yaml").read_text())["lora"]["init_from"] == str(first.output_dir)
     with safe_open(str(continued.output_dir / LORA_WEIGHTS_NAME), "pt") as f:
         assert f.metadata()["finetune.init_from"] == "first"
     # The LoRA it started from since deleted: the checkpoint holds the weights (it was 'lora.init_from ... not found').

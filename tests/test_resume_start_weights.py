@@ -40,7 +40,7 @@ def test_a_controlnet_run_resumes_without_its_pretrained_folder_and_keeps_it_in_
         result = train(controlnet_recipe(make_recipe, pairs_folder, train__max_steps=steps, **common, **given), resume="latest")
         out = capsys.readouterr().out
         assert result.final_step == steps and "controlnet.pretrained" not in out and "settings changed" not in out, out
-        assert yaml.safe_load((result.output_dir / "recipe.yaml").read_text())["controlnet"]["pretrained"] == str(pretrained)
+        assert yaml.safe_load((result.output_dir / "recipe_as_run.yaml").read_text())["controlnet"]["pretrained"] == str(pretrained)
         recorded = json.loads((result.output_dir / CONTROLNET_DIR / "finetune_metadata.json").read_text())
         assert recorded["finetune.controlnet_pretrained"] == "edges" and recorded["finetune.steps"] == str(steps)
         assert ControlNetModel.from_pretrained(result.output_dir / CONTROLNET_DIR).config.conditioning_embedding_out_channels == [8, 16, 24, 32]

@@ -79,7 +79,7 @@ def test_a_run_of_epochs_saves_and_samples_at_epoch_ends_and_resumes_for_more(ma
     metadata = load_lora(exported).metadata | to_kohya(load_lora(exported))[1]
     assert (metadata["ss_steps"], metadata["ss_epoch"], metadata["ss_max_train_steps"]) == ("4", "2", "6")
     assert "| steps | 4 (2 epochs) |" in card.read_text() and "samples/run-step00000004-step-000004.png" in card.read_text()
-    saved = yaml.safe_load((Path(recipe.output_dir) / "recipe.yaml").read_text())
+    saved = yaml.safe_load((Path(recipe.output_dir) / "recipe_as_run.yaml").read_text())
     assert (saved["train"]["max_steps"], saved["train"]["max_epochs"]) == (None, 3)  # the recipe as run loads again
 
     monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))  # the data's layout gives the steps

@@ -91,7 +91,7 @@ class TrainConfig(Section):
     @classmethod
     def _epochs_replace_the_default_steps(cls, data):
         if isinstance(data, dict) and data.get("max_epochs") is not None and "max_steps" not in data:
-            return {**data, "max_steps": None}  # so the recipe as run (recipe.yaml) says null, and loads again
+            return {**data, "max_steps": None}  # so the recipe as run (recipe_as_run.yaml) says null, and loads again
         return data
 
     @field_validator("cache_dir")
@@ -171,7 +171,7 @@ class OptimizerConfig(Section):
 
     @field_serializer("betas")
     def _dump_betas_in_use(self, betas: tuple[float, float] | None) -> tuple[float, float]:
-        # The saved recipe.yaml and a checkpoint's settings say which betas trained (a resume compares them).
+        # The saved recipe_as_run.yaml and a checkpoint's settings say which betas trained (a resume compares them).
         return self.betas_in_use
 
     @model_validator(mode="after")

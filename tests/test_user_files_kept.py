@@ -1,0 +1,31 @@
+"""Nothing a user made is lost: a file of theirs where finetune writes (a recipe beside the run it makes, ...) stays as it was."""
+
+from __future__ import annotations
+
+import yaml
+
+from finetune.recipe_loading import load_recipe
+from finetune.run_recipe import HEADER, RUN_RECIPE
+from finetune.trainer import train
+
+
+def test_a_recipe_kept_in_its_output_dir_is_never_written_over(tiny_model, image_folder, tmp_path, monkeypatch):
+    """`finetune train runs/cat/recipe.yaml` with `output_dir: runs/cat`: the run wrote the resolved recipe over it, its
+    comments and layout gone. The recipe as run has a name of its own, and continues the run as it was."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "cat").mkdir(parents=True)
+    mine = tmp_path / "runs" / "cat" / "recipe.yaml"
+    mine.write_text(
+        "# my cat: keep these notes\n"
+        "method: lora\nseed: 3\noutput_dir: runs/cat   # beside this file\n"
+        f"model: {{pretrained: {tiny_model}}}\ndata: {{image_dir: {image_folder}, resolution: 64}}\n"
+        "train: {batch_size: 2, max_steps: 1}\nlora: {rank: 4, alpha: 2}\nvalidation: {prompts: []}\n"
+        "checkpoint: {every_n_steps: 1}\nlogging: {tensorboard: false}\n"
+    )
+    written = mine.read_bytes()
+    train(load_recipe(mine, ["optimizer.lr=1e-3"]))
+    assert mine.read_bytes() == written
+    as_run = tmp_path / "runs" / "cat" / RUN_RECIPE
+    assert as_run.read_text().startswith(HEADER) and yaml.safe_load(as_run.read_text())["optimizer"]["lr"] == 1e-3  # the override too
+    resumed = train(load_recipe(as_run, ["train.max_steps=2"]), resume="latest")
+    assert resumed.final_step == 2 and mine.read_bytes() == written
