@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
 
-from finetune.checkpoint import CHECKPOINT_PATTERN, checkpoint_step, list_checkpoints, read_state
+from finetune.checkpoint import CHECKPOINT_PATTERN, PARTIAL, REMOVED, checkpoint_step, list_checkpoints, read_state
 from finetune.errors import FinetuneError, nearest_existing
 from finetune.methods.controlnet import CONTROLNET_DIR, UNET_DIR
 from finetune.methods.full import PIPELINE_DIR
@@ -18,6 +19,14 @@ from finetune.methods.lora import LORA_WEIGHTS_NAME
 # What a run leaves in its output_dir besides its outputs: `overwrite` clears these (DreamBooth's generated
 # class images stay: they are named by their prompt and settings, so a new run reuses only matching ones).
 RUN_FOLDERS = ("checkpoints", "samples", "logs")
+# What runs write in each, by name (and the hidden partials of a write a kill left): all that `overwrite` removes there. A
+# file of the user's stays: a log of this very run (`finetune train ... --overwrite > run/logs/train.log`), an image kept in
+# samples/, notes in checkpoints/; the folder goes only where nothing else is left in it.
+RUN_ENTRIES = {
+    "checkpoints": re.compile(rf"^(?:{re.escape(PARTIAL)}|{re.escape(REMOVED)})?checkpoint-\d+$"),
+    "samples": re.compile(r"^(?:(?:step-\d+|loss-masks)\.png|\.(?:step-\d+|loss-masks)\.png\.partial)$"),  # validation's grids, the loss masks' strip
+    "logs": re.compile(r"^finetune$"),  # TensorBoard's, as accelerate names a tracker's folder by the project (init_trackers)
+}
 # What a finished run writes there (each method's `save`; method vae's pipeline is named as full's). A user who deletes a
 # finished run's checkpoints to make room still holds these, and a new run in that output_dir replaced them unasked.
 RUN_OUTPUTS = (LORA_WEIGHTS_NAME, CONTROLNET_DIR, UNET_DIR, PIPELINE_DIR)
@@ -81,13 +90,23 @@ def _of_this_run(checkpoint: Path, output_dir: Path) -> bool:
 
 
 def check_clearable(output_dir: Path) -> None:
-    """--overwrite, before anything loads: every folder of the earlier run's can have its entries removed (a folder
-    the user cannot write, or one on a read-only disk, would stop the clear halfway, once the model had loaded)."""
-    for name in RUN_FOLDERS:
-        for folder, _, _ in os.walk(output_dir / name):
+    """--overwrite, before anything loads: every entry of the earlier run's can be removed (a folder the user cannot
+    write, or one on a read-only disk, would stop the clear halfway, once the model had loaded). Only those: a folder of
+    the user's in logs/ that they cannot write is none of the run's and stays."""
+    for name, pattern in RUN_ENTRIES.items():
+        entries = _run_entries(output_dir / name, pattern)
+        for folder in ([output_dir / name] if entries else []) + [sub for entry in entries for sub, _, _ in os.walk(entry)]:
             if not os.access(folder, os.W_OK | os.X_OK):
                 raise FinetuneError(f"--overwrite: {folder} cannot be written to (permissions, or a read-only disk), so the earlier run's files in it "
-                                    f"cannot be removed: fix its permissions or remove {output_dir / name} yourself, or set output_dir to a new folder")  # fmt: skip
+                                    f"cannot be removed: fix its permissions or remove them from {output_dir / name} yourself, or set output_dir to a new folder")  # fmt: skip
+
+
+def _run_entries(folder: Path, pattern: re.Pattern) -> list[Path]:
+    """The entries of `folder` a run writes, by name (none where there is no folder, or it cannot be read)."""
+    try:
+        return sorted(folder / name for name in os.listdir(folder) if pattern.match(name))
+    except OSError:
+        return []
 
 
 def clear_earlier_run(accelerator, output_dir: Path) -> None:
@@ -111,33 +130,31 @@ def _removal_failure(output_dir: Path) -> str | None:
         if not isinstance(error, FileNotFoundError):  # gone already (a folder this run had none of): nothing stays
             failures.append((path, error))
 
-    for name in RUN_FOLDERS:
-        _remove_run_folder(output_dir / name, note)
+    for name, pattern in RUN_ENTRIES.items():
+        _remove_run_entries(output_dir / name, pattern, note)
         if failures:
             # The file that stayed, not the folders it kept from going (not empty); by name: the same line each time.
             causes = [(path, error) for path, error in failures if getattr(error, "errno", None) != errno.ENOTEMPTY] or failures
             path, error = min(causes, key=lambda failure: str(failure[0]))
             return (f"--overwrite: could not remove {path} of the earlier run ({getattr(error, 'strerror', None) or error}): remove "
-                    f"{output_dir / name} yourself (or free the file: another program may hold it open), then run again; left there, "
+                    f"it yourself (or free the file: another program may hold it open), then run again; left there, "
                     f"its checkpoints would mix with this run's")  # fmt: skip
     return None
 
 
-def _remove_run_folder(folder: Path, note) -> None:
-    """Removes `folder`, or, where it is a link to a folder (checkpoints put on another disk), what the link points to holds:
-    the link stays, so the new run's files go where the user sent the earlier run's (rmtree refuses a link)."""
+def _remove_run_entries(folder: Path, pattern: re.Pattern, note) -> None:
+    """Removes what a run wrote in `folder` (`RUN_ENTRIES`), then the folder itself where nothing else is left in it. A
+    folder that is a link (checkpoints put on another disk) stays, so the new run's files go where the user sent the
+    earlier run's (rmtree refuses a link); an entry is removed by the link's path, so a line names the file as the user put it."""
     on_error = {"onexc" if sys.version_info >= (3, 12) else "onerror": note}
-    if not folder.is_symlink():
-        shutil.rmtree(folder, **on_error)
-        return
-    if not folder.is_dir():  # a link to nothing (or to a file) holds nothing of the earlier run
+    if not folder.is_dir():  # none, or a link to nothing (or to a file): it holds nothing of the earlier run
         return
     try:
-        entries = list(os.scandir(folder))
+        entries = [entry for entry in os.scandir(folder) if pattern.match(entry.name)]
     except OSError as error:
         note(os.scandir, str(folder), error)
         return
-    for entry in entries:  # by the link's path, so a line names the file as the user put it
+    for entry in entries:
         if entry.is_dir(follow_symlinks=False):
             shutil.rmtree(entry.path, **on_error)
         else:
@@ -145,3 +162,8 @@ def _remove_run_folder(folder: Path, note) -> None:
                 os.unlink(entry.path)
             except OSError as error:
                 note(os.unlink, entry.path, error)
+    if not folder.is_symlink():
+        try:
+            folder.rmdir()
+        except OSError:  # a file of the user's is left in it (or the folder cannot go: the new run writes in it as it is)
+            pass

@@ -26,7 +26,7 @@ def test_a_file_of_the_earlier_run_that_cannot_be_removed_stops_the_run_before_i
     with pytest.raises(FinetuneError) as stopped:
         train(make_recipe(train__max_steps=2, optimizer__lr=5e-4), overwrite=True, on_step=lambda step: pytest.fail("training started"))
     assert re.fullmatch(rf"--overwrite: could not remove {earlier.output_dir / 'checkpoints' / 'checkpoint-1' / 'trainer_state.json'} of the earlier run \(Device or resource busy\): remove "
-                        rf"{earlier.output_dir / 'checkpoints'} yourself \(or free the file: another program may hold it open\), then run again; "
+                        r"it yourself \(or free the file: another program may hold it open\), then run again; "
                         r"left there, its checkpoints would mix with this run's", str(stopped.value)), str(stopped.value)
     assert [p.name for p in list_checkpoints(earlier.output_dir / "checkpoints")] == ["checkpoint-1", "checkpoint-2"]  # the earlier run's, stale
 
@@ -39,7 +39,7 @@ def test_a_folder_of_the_earlier_run_that_cannot_be_written_is_said_before_the_m
     monkeypatch.setattr(os, "access", lambda path, mode, *a, **k: False if os.path.abspath(path) == str(locked) else access(path, mode, *a, **k))
     monkeypatch.setattr(trainer_module, "load_base_model", lambda *a, **k: pytest.fail("the base model loaded"))
     with pytest.raises(FinetuneError, match=rf"^--overwrite: {re.escape(str(locked))} cannot be written to \(permissions, or a read-only disk\), so the "
-                                            rf"earlier run's files in it cannot be removed: fix its permissions or remove {re.escape(str(locked.parent))} yourself"):
+                                            rf"earlier run's files in it cannot be removed: fix its permissions or remove them from {re.escape(str(locked.parent))} yourself"):
         train(make_recipe(train__max_steps=2, optimizer__lr=5e-4), overwrite=True)
     assert list_checkpoints(earlier.output_dir / "checkpoints") == [locked]
 

@@ -29,3 +29,26 @@ def test_a_recipe_kept_in_its_output_dir_is_never_written_over(tiny_model, image
     assert as_run.read_text().startswith(HEADER) and yaml.safe_load(as_run.read_text())["optimizer"]["lr"] == 1e-3  # the override too
     resumed = train(load_recipe(as_run, ["train.max_steps=2"]), resume="latest")
     assert resumed.final_step == 2 and mine.read_bytes() == written
+
+
+def test_overwrite_removes_the_earlier_runs_files_and_keeps_the_users_beside_them(tmp_path):
+    """--overwrite removed checkpoints/, samples/ and logs/ whole: a file of the user's there went with them, even the log
+    of this very run (`finetune train ... --overwrite > run/logs/train.log`, reproduced with the CLI)."""
+    from finetune.earlier_run import _removal_failure, check_clearable
+
+    theirs = ["checkpoints/notes.txt", "samples/favourite.png", "logs/train.log", "logs/mine/a.txt"]
+    runs = ["checkpoints/checkpoint-2/trainer_state.json", "checkpoints/.partial-checkpoint-3/x", "checkpoints/.removed-checkpoint-1/x",
+            "samples/step-000002.png", "samples/.step-000004.png.partial", "samples/loss-masks.png", "logs/finetune/events.out.tfevents.1"]  # fmt: skip
+    for name in theirs + runs:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    check_clearable(tmp_path)
+    assert _removal_failure(tmp_path) is None
+    left = sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*") if path.is_file())
+    assert left == sorted(theirs)
+    for name in ("checkpoints/checkpoint-2", "samples/step-000002.png", "logs/finetune"):
+        (tmp_path / name).mkdir(parents=True, exist_ok=True)
+    (tmp_path / "logs" / "train.log").unlink()
+    (tmp_path / "logs" / "mine" / "a.txt").unlink()
+    (tmp_path / "logs" / "mine").rmdir()
+    assert _removal_failure(tmp_path) is None and not (tmp_path / "logs").exists()  # a folder of the run's alone goes, as before
