@@ -52,3 +52,23 @@ def test_overwrite_removes_the_earlier_runs_files_and_keeps_the_users_beside_the
     (tmp_path / "logs" / "mine" / "a.txt").unlink()
     (tmp_path / "logs" / "mine").rmdir()
     assert _removal_failure(tmp_path) is None and not (tmp_path / "logs").exists()  # a folder of the run's alone goes, as before
+
+
+def test_bench_never_trains_in_a_folder_of_its_workdir_that_it_did_not_make(tmp_path, monkeypatch):
+    """`finetune bench --workdir .` beside the user's runs/lora: its lora variant trained there with --overwrite, and
+    replaced that run's checkpoints, samples and LoRA (reproduced with the command on the tiny preset)."""
+    import pytest
+
+    import finetune.bench.runner as runner
+    from finetune.errors import FinetuneError
+
+    (tmp_path / "runs" / "lora").mkdir(parents=True)
+    (tmp_path / "runs" / "lora" / "pytorch_lora_weights.safetensors").write_text("theirs")
+    monkeypatch.setattr(runner, "prepare_model", lambda *args: pytest.fail("the model was made"))
+    with pytest.raises(FinetuneError) as refused:
+        runner.run_benchmark(preset="tiny", variants=["lora"], workdir=tmp_path, log=lambda line: None)
+    assert str(refused.value) == (f"--workdir {tmp_path}: {tmp_path / 'runs' / 'lora'} was not made by finetune bench, and its lora run would "
+                                  "replace what it holds: give another --workdir (or move that folder)")
+    (tmp_path / "runs" / "lora.spec.json").write_text("{}")  # an earlier bench's run: trained in again
+    with pytest.raises(pytest.fail.Exception, match="the model was made"):
+        runner.run_benchmark(preset="tiny", variants=["lora"], workdir=tmp_path, log=lambda line: None)

@@ -155,6 +155,8 @@ def run_benchmark(
     if dreambooth and num_images > MAX_CLASS_IMAGES:  # their recipes' dreambooth.num_class_images, which the user never set
         raise FinetuneError(f"--num-images {num_images} must be at most {MAX_CLASS_IMAGES:,} with {', '.join(dreambooth)} (as many class images, "
                             "numbered in 5 digits): lower it, or leave those out of --recipes")  # fmt: skip
+    if workdir is not None:
+        check_runs_are_the_benchs(Path(workdir), variants)
     import torch
 
     if preset == "sd15" and not torch.cuda.is_available() and base is None:
@@ -220,6 +222,17 @@ def run_benchmark(
             log(f"{name}: " + (f"{row['sec_per_step']:.3f} s/step, {row['images_per_sec']:.2f} images/s" if "error" not in row else f"failed: {row['error']}"))
             finish(rows)
     return report
+
+
+def check_runs_are_the_benchs(workdir: Path, variants: list[str]) -> None:
+    """Each variant trains in --workdir's runs/<variant> over what an earlier bench left there (--overwrite): never in a
+    folder the bench did not make (a run of the user's, `--workdir .` beside their runs/lora), whose checkpoints, samples
+    and outputs it replaced. The bench's own has the spec it writes beside it (runs/<variant>.spec.json) before it trains."""
+    for name in variants:
+        run = workdir / "runs" / name
+        if run.exists() and not run.with_name(f"{name}.spec.json").is_file():
+            raise FinetuneError(f"--workdir {workdir}: {run} was not made by finetune bench, and its {name} run would replace what it holds: "
+                                "give another --workdir (or move that folder)")  # fmt: skip
 
 
 def prepare_model(preset: str, folder: Path, log: Callable[[str], None]) -> Path:
