@@ -10,7 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from finetune.checkpoint import CHECKPOINT_PATTERN, PARTIAL, REMOVED, checkpoint_step, list_checkpoints, read_state
+from finetune.checkpoint import CHECKPOINT_PATTERN, PARTIAL, REMOVED, STATE_FILE, checkpoint_step, list_checkpoints, read_state
 from finetune.errors import FinetuneError, nearest_existing
 from finetune.methods.controlnet import CONTROLNET_DIR, UNET_DIR
 from finetune.methods.full import PIPELINE_DIR
@@ -43,6 +43,7 @@ def guard_earlier_run(output_dir: Path, resume_from: Path | None, overwrite: boo
         raise FinetuneError(f"output_dir {output_dir}: {existing} cannot be written to (permissions, or a read-only disk): choose another output_dir")
     check_run_folder_links(output_dir)
     earlier = list_checkpoints(output_dir / "checkpoints")
+    check_no_other_checkpoint_names(output_dir / "checkpoints", earlier)
     if resume_from is not None and earlier and not _of_this_run(resume_from, output_dir):  # rotation would delete them unasked
         raise FinetuneError(f"--resume {resume_from}: output_dir {output_dir} holds checkpoints of another run ({earlier[-1].name}), which this run's "
                             f"would replace and rotate away: set output_dir to a new folder, or move them out of {output_dir / 'checkpoints'} to keep them")  # fmt: skip
@@ -79,6 +80,18 @@ def check_run_folder_links(output_dir: Path) -> None:
         if folder.is_symlink() and not folder.exists():
             raise FinetuneError(f"output_dir {output_dir}: {folder} is a link to {os.readlink(folder)}, which does not exist "
                                 f"(a disk not mounted?): mount or make that folder, or remove the link")  # fmt: skip
+
+
+def check_no_other_checkpoint_names(checkpoints_dir: Path, complete: list[Path]) -> None:
+    """An entry named as a checkpoint that is none a run completed (no trainer_state.json: a folder of the user's, weights
+    copied in by hand): the run's save of that step replaced it (rotation then deleted that), and --overwrite removed it."""
+    try:
+        names = sorted(name for name in os.listdir(checkpoints_dir) if CHECKPOINT_PATTERN.match(name))
+    except OSError:  # none yet (or unreadable: listing it for the earlier run's found none either)
+        return
+    if others := [name for name in names if name not in {path.name for path in complete}]:
+        raise FinetuneError(f"{checkpoints_dir / others[0]} is not a checkpoint a run completed (no {STATE_FILE}), and this run's checkpoint "
+                            f"of that step would replace it: move it out of {checkpoints_dir} (or delete it), then run again")  # fmt: skip
 
 
 def _of_this_run(checkpoint: Path, output_dir: Path) -> bool:

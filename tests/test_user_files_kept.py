@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from finetune.recipe_loading import load_recipe
@@ -57,8 +58,6 @@ def test_overwrite_removes_the_earlier_runs_files_and_keeps_the_users_beside_the
 def test_bench_never_trains_in_a_folder_of_its_workdir_that_it_did_not_make(tmp_path, monkeypatch):
     """`finetune bench --workdir .` beside the user's runs/lora: its lora variant trained there with --overwrite, and
     replaced that run's checkpoints, samples and LoRA (reproduced with the command on the tiny preset)."""
-    import pytest
-
     import finetune.bench.runner as runner
     from finetune.errors import FinetuneError
 
@@ -72,3 +71,25 @@ def test_bench_never_trains_in_a_folder_of_its_workdir_that_it_did_not_make(tmp_
     (tmp_path / "runs" / "lora.spec.json").write_text("{}")  # an earlier bench's run: trained in again
     with pytest.raises(pytest.fail.Exception, match="the model was made"):
         runner.run_benchmark(preset="tiny", variants=["lora"], workdir=tmp_path, log=lambda line: None)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_named_as_a_checkpoint_that_no_run_completed_is_said_before_anything_loads(tmp_path, overwrite):
+    """checkpoints/checkpoint-1 holding weights the user copied in (no trainer_state.json): a fresh run's save of step 1
+    replaced it, and its rotation deleted that (reproduced with `finetune train`); --overwrite removed it by its name."""
+    from finetune.earlier_run import guard_earlier_run
+    from finetune.errors import FinetuneError
+
+    theirs = tmp_path / "checkpoints" / "checkpoint-1"
+    theirs.mkdir(parents=True)
+    (theirs / "pytorch_lora_weights.safetensors").write_text("theirs")
+    with pytest.raises(FinetuneError) as refused:
+        guard_earlier_run(tmp_path, None, overwrite=overwrite)
+    assert str(refused.value) == (f"{theirs} is not a checkpoint a run completed (no trainer_state.json), and this run's checkpoint of that step "
+                                  f"would replace it: move it out of {theirs.parent} (or delete it), then run again")
+    (theirs / "trainer_state.json").write_text('{"step": 1}')  # a run's: an earlier run, refused (or replaced) as ever
+    if overwrite:
+        guard_earlier_run(tmp_path, None, overwrite=True)
+    else:
+        with pytest.raises(FinetuneError, match=r"holds an earlier run \(checkpoint-1\)"):
+            guard_earlier_run(tmp_path, None, overwrite=False)
