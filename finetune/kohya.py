@@ -362,16 +362,18 @@ def export_lora(source: Path, output: Path, layout: str, overwrite: bool = False
         raise FinetuneError(f"export would write {destination} over the LoRA it reads: give another output")
     if destination.is_dir():  # a folder named *.safetensors: --overwrite ended in a traceback renaming the file onto it
         raise FinetuneError(f"export output {destination} is a folder: give a .safetensors file path, or a folder name without that ending")
-    from finetune.model_card import model_card_path, write_model_card
+    from finetune.model_card import card_images, model_card_path, write_model_card
 
-    existing = [path for path in (destination, model_card_path(destination, layout)) if path.exists()]
-    if existing and not overwrite:
-        raise FinetuneError(f"export would replace {', '.join(map(str, existing))}: give another output, or pass --overwrite")
-    lora = load_lora(source)
     # A checkpoint's card shows its run's samples up to its step.
     step = checkpoint_step_of(source)
     training_dir = source.parent if step is None else source.parent.parent.parent
-    made = [path for path in (destination, model_card_path(destination, layout)) if path not in existing]
+    # The card's images too: a webui folder's <name>.preview.png, the user's own thumbnail, was written over unasked.
+    written = [destination, model_card_path(destination, layout), *filter(None, card_images(destination, layout, training_dir, step)[1:])]
+    existing = [path for path in written if path.exists()]
+    if existing and not overwrite:
+        raise FinetuneError(f"export would replace {', '.join(map(str, existing))}: give another output, or pass --overwrite")
+    lora = load_lora(source)
+    made = [path for path in written if path not in existing]
     try:
         path = save_lora_file(lora, destination, layout, precision)
         return path, *write_model_card(lora, path, layout, training_dir=training_dir, precision=precision, up_to_step=step)

@@ -129,6 +129,17 @@ def model_card_path(path: Path, layout: str) -> Path:
     return path.with_suffix(".md") if layout == "kohya" else path.parent / "README.md"
 
 
+def card_images(path: Path, layout: str, training_dir: Path | None = None, up_to_step: int | None = None) -> tuple[Path | None, Path | None, Path | None]:
+    """What the card of the LoRA file `path` shows, known before anything is written (`export` checks what it would
+    replace): (the run's newest grid, or None; its copy beside the card, None where the grid is there already; for kohya the
+    webui's preview, written where the grid's cells have a known size)."""
+    grid = newest_sample_grid(training_dir, up_to_step) if training_dir else None
+    if grid is None:
+        return None, None, None
+    target = path.parent / "samples" / (f"{path.stem}-{grid.name}" if layout == "kohya" else grid.name)
+    return grid, None if grid.resolve() == target.resolve() else target, path.with_suffix(".preview.png") if layout == "kohya" else None
+
+
 def precision_name(lora: LoRA) -> str:
     """The weights' dtype(s), as creators name them (fp16 files are half the size of fp32 ones)."""
     names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -181,17 +192,16 @@ def write_model_card(
         *([f"| started from | the LoRA `{meta['finetune.init_from']}` (lora.init_from; steps above are this run's) |"] if meta.get("finetune.init_from") else []),
         "",
     ]
-    grid = newest_sample_grid(training_dir, up_to_step) if training_dir else None
+    grid, copy, preview = card_images(path, layout, training_dir, up_to_step)
     images = []  # written beside the card
     if grid is not None:
-        target = path.parent / "samples" / (f"{path.stem}-{grid.name}" if layout == "kohya" else grid.name)
-        if grid.resolve() != target.resolve():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(target, lambda partial: shutil.copyfile(grid, partial))
-            images.append(target)
-        lines += [f"## Samples ({grid.stem}, one row per validation prompt)", "", f"![samples](samples/{target.name})", ""]
-        if layout == "kohya":
-            images.append(write_webui_preview(grid, meta.get("finetune.resolution"), path.with_suffix(".preview.png")))
+        if copy is not None:
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(copy, lambda partial: shutil.copyfile(grid, partial))
+            images.append(copy)
+        lines += [f"## Samples ({grid.stem}, one row per validation prompt)", "", f"![samples](samples/{(copy or grid).name})", ""]
+        if preview is not None:
+            images.append(write_webui_preview(grid, meta.get("finetune.resolution"), preview))
     lines += [
         "## diffusers",
         "",

@@ -307,8 +307,10 @@ def test_export_replaces_files_only_when_asked_refuses_a_file_as_folder_and_a_tr
     assert (out / "README.md").read_text() == "# my notes"
     card = (out / "striped-lora.md").read_text()
     assert main(["export", str(trained.path), str(out), "--to", "kohya"]) == 2
-    message = f"export would replace {out / 'striped-lora.safetensors'}, {out / 'striped-lora.md'}: give another output, or pass --overwrite"
-    assert message in capsys.readouterr().err and (out / "striped-lora.md").read_text() == card
+    message = f"export would replace {out / 'striped-lora.safetensors'}, {out / 'striped-lora.md'}, {out / 'samples' / 'striped-lora-step-'}"
+    err = capsys.readouterr().err  # the card's images too: a webui thumbnail of the user's was written over unasked
+    assert message in err and f"{out / 'striped-lora.preview.png'}: give another output, or pass --overwrite" in err
+    assert (out / "striped-lora.md").read_text() == card
     assert main(["export", str(trained.path), str(out), "--to", "kohya", "--overwrite"]) == 0
     assert main(["export", str(trained.path), str(trained.path), "--to", "diffusers", "--overwrite"]) == 2
     assert "over the LoRA it reads" in capsys.readouterr().err

@@ -93,3 +93,23 @@ def test_a_folder_named_as_a_checkpoint_that_no_run_completed_is_said_before_any
     else:
         with pytest.raises(FinetuneError, match=r"holds an earlier run \(checkpoint-1\)"):
             guard_earlier_run(tmp_path, None, overwrite=False)
+
+
+@pytest.mark.parametrize("layout, theirs", [("kohya", "cat.preview.png"), ("kohya", "samples/cat-step-000002.png"), ("diffusers", "samples/step-000002.png")])
+def test_export_refuses_to_write_the_cards_images_over_the_users_files(tmp_path, layout, theirs):
+    """The card's images were written over files of those names unasked: the webui's `cat.preview.png` beside a LoRA,
+    the user's own thumbnail, went (reproduced with `finetune export runs/cat webui --to kohya`)."""
+    from finetune.errors import FinetuneError
+    from finetune.kohya import export_lora
+    from finetune.methods.lora import LORA_WEIGHTS_NAME
+
+    run = tmp_path / "cat"
+    (run / "samples").mkdir(parents=True)
+    (run / LORA_WEIGHTS_NAME).write_text("not read before the check")
+    (run / "samples" / "step-000002.png").write_text("the run's grid")
+    (tmp_path / "webui" / theirs).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "webui" / theirs).write_text("theirs")
+    with pytest.raises(FinetuneError) as refused:
+        export_lora(run, tmp_path / "webui", layout)
+    assert str(refused.value) == f"export would replace {tmp_path / 'webui' / theirs}: give another output, or pass --overwrite"
+    assert (tmp_path / "webui" / theirs).read_text() == "theirs"
