@@ -138,6 +138,19 @@ def check_report_path(out: Path) -> None:
     existing = nearest_existing(out.parent)
     if not existing.is_dir():
         raise FinetuneError(f"--out {out}: {existing} is a file, not a folder")
+    if out.exists() and not is_eval_report(out):  # a pipeline's model_index.json (the base it reads) was written over
+        raise FinetuneError(f"--out {out} is a file eval did not write (not one of its reports), which the report would replace: give another file name")
+
+
+def is_eval_report(path: Path) -> bool:
+    """Whether `path` is a report `write_report` wrote (an earlier eval's, which a rerun replaces), by its keys."""
+    import json
+
+    try:
+        report = json.loads(path.read_text()) if path.stat().st_size < 2**24 else None  # a report is kilobytes, never gigabytes
+    except (OSError, ValueError):  # not text, not JSON, a folder
+        return False
+    return isinstance(report, dict) and {"settings", "metrics", "grids"} <= report.keys()
 
 
 def check_subject_options_are_read(args, suites) -> None:

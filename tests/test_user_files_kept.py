@@ -113,3 +113,24 @@ def test_export_refuses_to_write_the_cards_images_over_the_users_files(tmp_path,
         export_lora(run, tmp_path / "webui", layout)
     assert str(refused.value) == f"export would replace {tmp_path / 'webui' / theirs}: give another output, or pass --overwrite"
     assert (tmp_path / "webui" / theirs).read_text() == "theirs"
+
+
+def test_eval_refuses_an_out_that_is_no_report_of_its_own(tiny_model, tmp_path):
+    """`finetune eval --base tinycopy --out tinycopy/model_index.json` wrote its report over the pipeline's own file (the
+    base it had just read, which then no longer loaded). An earlier report is replaced, as a rerun asks."""
+    import json
+    import shutil
+
+    from finetune.errors import FinetuneError
+    from finetune.eval_command import check_report_path
+
+    base = shutil.copytree(tiny_model, tmp_path / "base", ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    with pytest.raises(FinetuneError) as refused:
+        check_report_path(base / "model_index.json")
+    assert str(refused.value) == (f"--out {base / 'model_index.json'} is a file eval did not write (not one of its reports), which the "
+                                  "report would replace: give another file name")
+    earlier = tmp_path / "eval.json"
+    earlier.write_text(json.dumps({"settings": {}, "metrics": {}, "n": {}, "prompts": {}, "grids": {}}))
+    check_report_path(earlier)
+    check_report_path(tmp_path / "new.json")
+
