@@ -134,3 +134,24 @@ def test_eval_refuses_an_out_that_is_no_report_of_its_own(tiny_model, tmp_path):
     check_report_path(earlier)
     check_report_path(tmp_path / "new.json")
 
+
+def test_bench_refuses_an_out_that_is_no_report_of_its_own(tmp_path, monkeypatch):
+    """`finetune bench --out mylora.safetensors` wrote its JSON over the LoRA once the first variant had run (reproduced
+    on the tiny preset); an earlier bench report is replaced, as a rerun asks."""
+    import json
+
+    import finetune.bench.runner as runner
+    from finetune.errors import FinetuneError
+
+    mine = tmp_path / "mylora.safetensors"
+    mine.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    monkeypatch.setattr(runner, "prepare_model", lambda *args: pytest.fail("the model was made"))
+    for out, refusal in ((mine, f"--out {mine} is a file the bench did not write (not one of its reports), which the report would replace: give "
+                                "another file name"), (tmp_path, f"--out {tmp_path} is a folder: give the report's file name, e.g. {tmp_path / 'bench.json'}")):  # fmt: skip
+        with pytest.raises(FinetuneError) as refused:
+            runner.run_benchmark(preset="tiny", variants=["lora"], out=out, workdir=tmp_path / "work", log=lambda line: None)
+        assert str(refused.value) == refusal
+    earlier = tmp_path / "bench.json"
+    earlier.write_text(json.dumps({"command": "finetune bench", "date": None, "machine": {}, "settings": {}, "results": []}))
+    with pytest.raises(pytest.fail.Exception, match="the model was made"):
+        runner.run_benchmark(preset="tiny", variants=["lora"], out=earlier, workdir=tmp_path / "work", log=lambda line: None)

@@ -96,7 +96,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-flops", action="store_true", help="skip the extra step that counts FLOPs")
     p.add_argument("--peak-tflops", type=float, help="the device's peak TFLOP/s for MFU (default: looked up for H100/H200/A100)")
     p.add_argument("--workdir", help="keep the model, data and runs here (default: a temporary folder)")
-    p.add_argument("--out", default="outputs/bench.json", help="JSON report (default outputs/bench.json)")
+    p.add_argument("--out", default="outputs/bench.json", help="JSON report (default outputs/bench.json; an earlier report there is replaced, another file refused)")
     return p
 
 

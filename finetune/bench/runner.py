@@ -155,6 +155,8 @@ def run_benchmark(
     if dreambooth and num_images > MAX_CLASS_IMAGES:  # their recipes' dreambooth.num_class_images, which the user never set
         raise FinetuneError(f"--num-images {num_images} must be at most {MAX_CLASS_IMAGES:,} with {', '.join(dreambooth)} (as many class images, "
                             "numbered in 5 digits): lower it, or leave those out of --recipes")  # fmt: skip
+    if out is not None:
+        check_report_out(Path(out))
     if workdir is not None:
         check_runs_are_the_benchs(Path(workdir), variants)
     import torch
@@ -222,6 +224,21 @@ def run_benchmark(
             log(f"{name}: " + (f"{row['sec_per_step']:.3f} s/step, {row['images_per_sec']:.2f} images/s" if "error" not in row else f"failed: {row['error']}"))
             finish(rows)
     return report
+
+
+def check_report_out(out: Path) -> None:
+    """--out is written after each variant, over what is there: an earlier bench's report (a rerun replaces it), never a
+    folder or a file of another kind (`--out mylora.safetensors` wrote the JSON over the LoRA once the first variant ran)."""
+    if out.is_dir():
+        raise FinetuneError(f"--out {out} is a folder: give the report's file name, e.g. {out / 'bench.json'}")
+    if not out.exists():
+        return
+    try:
+        report = json.loads(out.read_text()) if out.stat().st_size < 2**24 else None  # a report is kilobytes
+    except (OSError, ValueError):  # not text, not JSON
+        report = None
+    if not (isinstance(report, dict) and {"command", "settings", "results"} <= report.keys()):
+        raise FinetuneError(f"--out {out} is a file the bench did not write (not one of its reports), which the report would replace: give another file name")
 
 
 def check_runs_are_the_benchs(workdir: Path, variants: list[str]) -> None:
