@@ -8,6 +8,8 @@ not timed, the next `steps` are, and one more step runs under `torch.utils.flop_
 to count the FLOPs of one training step (forward, backward; the optimizer's elementwise work is not
 counted; attention as the model's matmuls: `measure.flop_counter`). A compiled UNet runs that step eagerly
 (torch.compile steps aside under a dispatch mode): the count is the model's, the same as uncompiled. Model loading, data checks and the final save are outside the timed window.
+A compiled variant checks, after its first step, that its compiled module computes the eager module's gradients on that
+step's inputs (`compiled_check`): a compile that computes the wrong thing is no speed-up, and its row says so.
 
 - seconds per step: wall time of the measured steps / steps (data loading included, it is in the loop);
   on CUDA the GPU is waited for at the window's two ends only, not at each step (as the loop itself does not);
@@ -30,7 +32,7 @@ with random weights at 512 px, for a GPU.
 
 Modules: `variants` (the variants and their recipes), `sd15` (SD1.5's architecture, GPU peak FLOP/s),
 `runner` (the parent: model, data, one subprocess per variant, the report), `measure` (the child: one
-variant's measurements; `__main__` is its entry), `report` (median run, machine, table); this module
+variant's measurements; `__main__` is its entry), `compiled_check` (a compiled variant's gradients against eager's), `report` (median run, machine, table); this module
 is the command line.
 """
 

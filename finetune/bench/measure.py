@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -10,6 +11,7 @@ import time
 import warnings
 from pathlib import Path
 
+from finetune.bench.compiled_check import CompiledCheck
 from finetune.bench.sd15 import peak_tflops
 
 # ---------------------------------------------------------------------------------------------------
@@ -89,6 +91,7 @@ def measure(spec: dict) -> dict:
     warmup, steps = spec["warmup"], spec["steps"]
     cuda = torch.cuda.is_available()
     marks: dict = {"ends": [], "untimed_ends": [], "syncs": {}, "step": 0}
+    checker = CompiledCheck() if spec.get("check_compiled") else None  # a compiled variant: are its gradients eager's?
     if spec.get("cudnn_benchmark"):  # cuDNN times its algorithms for each new convolution shape and keeps the fastest
         torch.backends.cudnn.benchmark = True
     baseline = torch.cuda.memory_allocated() / 2**20 if cuda else peak_rss_mb()
@@ -107,11 +110,37 @@ def measure(spec: dict) -> dict:
             return True
         return reset_peak_rss()
 
+    def mark_untimed(step: int, now: float) -> None:
+        marks["untimed_ends"].append(round(now - started, 1))
+        if spec.get("progress"):
+            with open(spec["progress"], "a") as progress:
+                progress.write(f"{step} {now - started:.1f}\n")
+
+    def check_compiled() -> None:
+        """After the first step (the compile's): its gradients compiled against eager (finetune.bench.compiled_check), before
+        the timed window. The check's eager step is left out of the run's peak where the peak can be restarted."""
+        before = peak_mb()
+        try:
+            check = checker.run(recipe.train.mixed_precision)
+        except Exception as error:  # noqa: BLE001 - the row says why (an eager step out of memory), the timing goes on
+            check = {"error": f"{type(error).__name__}: {error}".splitlines()[0]}
+        after = peak_mb()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        restarted = cuda or reset_peak_rss()  # else the OS keeps the check's peak in the run's
+        marks["peak_before_check_mb"] = before if restarted else after
+        marks["compiled_check"] = check
+        if spec.get("check_file"):  # for the bench, should a deadline stop this process before it writes its row
+            Path(spec["check_file"]).write_text(json.dumps(check))
+
     def on_step(step: int) -> None:
         # The GPU's work is waited for at the timed window's two ends only: a wait at every step is a host sync
         # per step, which the training loop avoids so that the CPU queues a step's kernels while the GPU runs the
         # last ones; waiting each step here measured a loop that could never overlap them.
         marks["step"] = step
+        if step == 1 and checker is not None:
+            mark_untimed(step, time.perf_counter())  # the compile's end, before the check
+            check_compiled()
         if cuda and step == warmup + steps:
             torch.cuda.set_sync_debug_mode(0)  # the window's end: the wait below is the benchmark's own
         if cuda and step in (warmup, warmup + steps):
@@ -121,11 +150,8 @@ def measure(spec: dict) -> dict:
         if cuda and step == warmup:
             torch.cuda.set_sync_debug_mode("warn")
         now = time.perf_counter()
-        if step <= warmup:
-            marks["untimed_ends"].append(round(now - started, 1))
-        if step <= warmup and spec.get("progress"):
-            with open(spec["progress"], "a") as progress:
-                progress.write(f"{step} {now - started:.1f}\n")
+        if step <= warmup and not (step == 1 and checker is not None):
+            mark_untimed(step, now)
         if warmup <= step <= warmup + steps:
             marks["ends"].append(now)
         if step == warmup:
@@ -134,7 +160,7 @@ def measure(spec: dict) -> dict:
             marks["end"], marks["cpu_end"] = now, time.process_time()
             window_peak = peak_mb()
             marks["timed_peak_mb"] = window_peak if marks["window_peak_restarted"] else None
-            marks["peak_mb"] = max(marks["peak_before_window_mb"], window_peak)
+            marks["peak_mb"] = max(marks["peak_before_window_mb"], window_peak, marks.get("peak_before_check_mb", 0))
             if spec["count_flops"]:
                 marks["counter"] = flop_counter()
                 marks["counter"].__enter__()
@@ -149,7 +175,7 @@ def measure(spec: dict) -> dict:
         syncs = marks["syncs"].setdefault(marks["step"], {})  # keyed by the last step that ended: a log step's reads follow it
         syncs[where] = syncs.get(where, 0) + 1
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), checker.installed() if checker is not None else contextlib.nullcontext():
         warnings.filterwarnings("always", message=f".*{SYNC_WARNING}")  # every wait, not the first of each line
         shown, warnings.showwarning = warnings.showwarning, sync_or_shown
         result = train(recipe, on_step=on_step, overwrite=True)  # --repeat runs a variant again in its folder
@@ -183,6 +209,8 @@ def measure(spec: dict) -> dict:
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "torch_threads": torch.get_num_threads(),
     }
+    if "compiled_check" in marks:  # the compiled module's gradients against eager's, on the first step's inputs
+        row["compiled_check"] = marks["compiled_check"]
     if cuda:  # each wait of the host for the GPU in the timed window, by the step after which it came and the line
         row["host_syncs_after_step"] = marks["syncs"]
     if "flops" in marks:

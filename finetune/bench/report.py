@@ -69,11 +69,42 @@ def _total_memory_gb() -> float | None:
 COLUMNS = ("variant", "s/step", "CPU s/step", "images/s", "vs lora", "peak MB", "timed peak MB", "GFLOP/step", "TFLOP/s", "MFU")
 
 
+def gradients_off(row: dict) -> bool:
+    """A compiled variant whose gradients differ from eager's (finetune.bench.compiled_check): its speed is that of a wrong
+    computation, and its MFU must not be quoted."""
+    return row.get("compiled_check", {}).get("gradients_agree") is False
+
+
+def mfu_cell(row: dict) -> str:
+    """MFU, replaced by "grads off" where the compiled gradients are wrong, marked "unchecked" where the check did not run."""
+    if gradients_off(row):
+        return "grads off"
+    mfu = row.get("mfu")
+    shown = f"{100 * mfu:.1f}%" if mfu is not None else "-"
+    return f"{shown} unchecked" if "error" in row.get("compiled_check", {}) else shown
+
+
+def check_line(row: dict) -> str | None:
+    """What a compiled variant's gradient check found, for the line below the table."""
+    check = row.get("compiled_check")
+    if check is None:
+        return None
+    if "error" in check:
+        return f"{row['variant']}: compiled gradients NOT CHECKED ({check['error']}): do not quote its speed as a compiled step's"
+    found = (f"largest relative difference {check['largest_relative_difference']:.2g}, median {check['median_relative_difference']:.2g}, "
+             f"outputs {check['output_relative_difference']:.2g}; {check['backend']}, {check['precision']}, {check['seconds']} s")  # fmt: skip
+    if check["gradients_agree"]:
+        return f"{row['variant']}: compiled gradients agree with eager's: {check['tensors']} tensors within {check['tolerance']:g} ({found})"
+    mfu = f" (measured MFU {100 * row['mfu']:.1f}%)" if row.get("mfu") is not None else ""
+    return (f"{row['variant']}: compiled gradients WRONG: {check['tensors_off']} of {check['tensors']} tensors differ from eager's by more "
+            f"than {check['tolerance']:g} ({found}; worst: {', '.join(check['worst_tensors'][:3])}): do not quote its speed{mfu}")  # fmt: skip
+
+
 def row_cells(row: dict) -> list[str]:
     """One result row as the table's cells ("-" where a number does not apply)."""
     if "error" in row:  # the message itself goes below the table: in a cell it broke the layout
-        return [row["variant"], "failed", *["-"] * (len(COLUMNS) - 2)]
-    flops, speedup, mfu = row.get("flops_per_step"), row.get("speedup_vs_lora"), row.get("mfu")
+        return [row["variant"], "failed", *["-"] * (len(COLUMNS) - 3), "grads off" if gradients_off(row) else "-"]
+    flops, speedup = row.get("flops_per_step"), row.get("speedup_vs_lora")
     timed_peak = row.get("timed_peak_memory_mb")  # None where the OS could not restart the peak; absent from older reports
     return [
         row["variant"],
@@ -85,7 +116,7 @@ def row_cells(row: dict) -> list[str]:
         f"{timed_peak:.0f}" if timed_peak is not None else "-",
         f"{flops / 1e9:.1f}" if flops else "-",
         f"{row['achieved_tflops']:.3f}" if flops else "-",
-        f"{100 * mfu:.1f}%" if mfu is not None else "-",
+        mfu_cell(row),
     ]
 
 
@@ -109,13 +140,15 @@ def print_table(report: dict) -> None:
     for column in COLUMNS:
         table.add_column(column, justify="left" if column == "variant" else "right", no_wrap=True)
     for row in report["results"]:
-        table.add_row(*row_cells(row), style="red" if "error" in row else None)
+        table.add_row(*row_cells(row), style="red" if "error" in row or gradients_off(row) else None)
     console = Console()
     console = console if console.is_terminal else Console(width=140)  # a log: the longest variant name and every column, whole
     console.print(table)
     for row in report["results"]:
         if "error" in row:
             console.print(f"{row['variant']} failed: {row['error']}", style="red", soft_wrap=True)
+        if (line := check_line(row)) is not None:
+            console.print(line, style=None if row["compiled_check"].get("gradients_agree") else "red", soft_wrap=True, markup=False)
 
 
 def markdown_table(report: dict) -> str:

@@ -300,6 +300,17 @@ def stopped_error(seconds: float, progress: Path, warmup: int) -> str:
     return f"stopped after {seconds:.0f} s, {len(ends)} of {warmup} untimed steps done ({steps}, from the process's start)"
 
 
+def with_check_of_unfinished(row: dict, spec: dict) -> dict:
+    """A compiled variant that stopped or failed after its compile and gradient check: the check, which says whether its
+    compile computes the right thing (what a deadline cutting SD1.5's timed steps leaves); else its error says none ran."""
+    try:
+        row["compiled_check"] = json.loads(Path(spec["check_file"]).read_text())
+    except (OSError, ValueError):  # none written (or cut while written)
+        if spec["check_compiled"]:
+            row["error"] += "; its gradients not checked"
+    return row
+
+
 def run_variant_process(name: str, recipe: dict, settings: BenchSettings, result_path: Path) -> dict:
     """Run one variant in a fresh interpreter (its own peak memory) and read back its measurements."""
     result_path.parent.mkdir(parents=True, exist_ok=True)
@@ -313,11 +324,14 @@ def run_variant_process(name: str, recipe: dict, settings: BenchSettings, result
         "images_per_step": images_per_step(name, settings.batch),
         "cudnn_benchmark": VARIANTS[name].cudnn_benchmark,
         "progress": str(result_path.with_suffix(".progress")),
+        # A compiled variant compares its gradients with eager's after its first step (finetune.bench.compiled_check).
+        "check_compiled": VARIANTS[name].compiles,
+        "check_file": str(result_path.with_suffix(".check.json")),
     }
     spec_path = result_path.with_suffix(".spec.json")
     spec_path.write_text(json.dumps(spec))
-    result_path.unlink(missing_ok=True)
-    Path(spec["progress"]).unlink(missing_ok=True)
+    for earlier in (result_path, Path(spec["progress"]), Path(spec["check_file"])):
+        earlier.unlink(missing_ok=True)
     # torch.compile is the variant's to set: one exported in this shell (or by `accelerate launch --dynamo_backend`) compiled
     # every variant, the eager rows too.
     inherited = {key: value for key, value in os.environ.items() if not key.startswith("ACCELERATE_DYNAMO_")}
@@ -332,10 +346,11 @@ def run_variant_process(name: str, recipe: dict, settings: BenchSettings, result
             env=env,
         )
     except KeyboardInterrupt as stop:
-        raise VariantStopped({**row, "error": stopped_error(time.monotonic() - started, Path(spec["progress"]), settings.warmup)}, stop) from None
+        row["error"] = stopped_error(time.monotonic() - started, Path(spec["progress"]), settings.warmup)
+        raise VariantStopped(with_check_of_unfinished(row, spec), stop) from None
     if process.returncode != 0 or not result_path.is_file():
         tail = [line for line in (process.stderr or process.stdout).strip().splitlines() if line.strip()][-1:]
         row["error"] = f"exit {process.returncode}: {tail[0] if tail else 'no output'}"
-        return row
+        return with_check_of_unfinished(row, spec)
     row.update(json.loads(result_path.read_text()))
     return row

@@ -23,6 +23,11 @@ class Variant:
     # cuDNN's autotuner, timing each convolution shape's algorithms once, speeds the UNet's convolutions on a GPU.
     cudnn_benchmark: bool = False
 
+    @property
+    def compiles(self) -> bool:
+        """Whether the variant's trained module is compiled (and checks its gradients against eager's)."""
+        return self.environment.get("ACCELERATE_DYNAMO_BACKEND", "NO").upper() != "NO"
+
 
 def _lora(common: dict, settings: "BenchSettings", **train) -> dict:
     return {**common, "method": "lora", "train": {**common["train"], **train}}
