@@ -72,7 +72,7 @@ def test_the_check_runs_the_step_under_the_autocast_it_was_called_with_and_never
     check = first_step("aot_eager", autocast=True)
     graphs = counters["stats"]["unique_graphs"]
     found = check.run("bf16")
-    assert found["gradients_agree"] is True and found["tolerance"] == 5e-2
+    assert found["gradients_agree"] is True and found["tolerance"] == 0.1
     assert counters["stats"]["unique_graphs"] == graphs
     check.calls[0].autocast = {"cpu": (False, torch.bfloat16)}  # as if called outside autocast: a graph of its own
     found = check.run("bf16")
@@ -126,7 +126,7 @@ def test_the_compiled_variants_are_the_checked_ones():
 
 ROW = {"variant": "lora_cached_compiled", "sec_per_step": 0.2, "cpu_sec_per_step": 0.3, "images_per_sec": 160.0, "peak_memory_mb": 30000.0,
        "flops_per_step": 57202e9, "achieved_tflops": 286.0, "mfu": 0.289}  # fmt: skip
-AGREES = {"backend": "inductor", "mode": None, "precision": "bf16", "tolerance": 0.05, "tensors": 256, "tensors_off": 0, "largest_relative_difference": 0.012,
+AGREES = {"backend": "inductor", "mode": None, "precision": "bf16", "tolerance": 0.1, "tensors": 256, "tensors_off": 0, "largest_relative_difference": 0.012,
           "median_relative_difference": 0.004, "worst_tensors": ["mid_block.x"], "output_relative_difference": 0.003, "gradients_agree": True, "seconds": 1.5}  # fmt: skip
 WRONG = {**AGREES, "tensors_off": 90, "largest_relative_difference": 1.0, "worst_tensors": ["mid_block.a", "mid_block.b"], "gradients_agree": False}
 
@@ -148,10 +148,10 @@ def test_the_table_flags_a_variant_whose_compiled_gradients_are_wrong_so_its_mfu
     assert row_cells(ROW)[-1] == "28.9%"  # an eager variant: nothing to check
     out = printed([{**ROW, "compiled_check": WRONG}], capsys)
     assert "grads off" in out and "28.9%" in out.split("│")[-1]  # the measured figure below the table, with the warning
-    assert ("lora_cached_compiled: compiled gradients WRONG: 90 of 256 tensors differ from eager's by more than 0.05 (largest relative "
+    assert ("lora_cached_compiled: compiled gradients WRONG: 90 of 256 tensors differ from eager's by more than 0.1 (largest relative "
             "difference 1, median 0.004") in out and "do not quote its speed (measured MFU 28.9%)" in out  # fmt: skip
     out = printed([{**ROW, "compiled_check": AGREES}], capsys)
-    assert "lora_cached_compiled: compiled gradients agree with eager's: 256 tensors within 0.05 (largest relative difference 0.012" in out
+    assert "lora_cached_compiled: compiled gradients agree with eager's: 256 tensors within 0.1 (largest relative difference 0.012" in out
 
 
 def test_a_compiled_variant_cut_by_a_deadline_keeps_its_check_or_says_it_had_none(tmp_path, monkeypatch):
@@ -178,3 +178,41 @@ def test_a_compiled_variant_cut_by_a_deadline_keeps_its_check_or_says_it_had_non
             assert "compiled_check" not in row and row["error"].endswith("; its gradients not checked")
         else:
             assert row["compiled_check"] == WRONG and "not checked" not in row["error"]
+
+
+def bench_compiled(tmp_path, variant: str, precision: str, capsys) -> tuple[dict, str]:
+    from finetune.cli import main
+
+    out = tmp_path / "bench.json"
+    args = ["bench", "--preset", "tiny", "--steps", "1", "--warmup", "1", "--batch", "2", "--num-images", "2", "--no-flops"]
+    code = main([*args, "--mixed-precision", precision, "--recipes", variant, "--workdir", str(tmp_path / "work"), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    (row,) = json.loads(out.read_text())["results"]
+    return row, printed.replace("\n", " ")
+
+
+@pytest.mark.slow  # dynamo traces the tiny UNet's forward and backward: ~1.5 minutes on 2 cores
+def test_the_bench_finds_the_tiny_unet_compiled_by_aot_eager_right(tmp_path, monkeypatch, capsys):
+    """aot_eager: dynamo's graphs and AOTAutograd's backward, run by eager kernels: the same gradients, bit for bit."""
+    from finetune.bench.variants import VARIANTS, Variant
+
+    compiled = VARIANTS["lora_cached_compiled"]
+    monkeypatch.setitem(VARIANTS, "lora_cached_aot_eager", Variant("aot_eager", compiled.build, {"ACCELERATE_DYNAMO_BACKEND": "AOT_EAGER"}))
+    row, printed = bench_compiled(tmp_path, "lora_cached_aot_eager", "bf16", capsys)
+    check = row["compiled_check"]
+    assert check["gradients_agree"] is True and check["backend"] == "aot_eager" and check["tensors"] == 64
+    assert check["largest_relative_difference"] == 0.0 and check["output_relative_difference"] == 0.0
+    assert "lora_cached_aot_eager: compiled gradients agree with eager's: 64 tensors within 0.1" in printed
+
+
+@pytest.mark.slow  # inductor compiles the tiny UNet's forward and backward: ~5 minutes on 2 busy cores
+def test_the_bench_flags_the_tiny_unet_compiled_by_inductor_on_a_cpu_in_fp32(tmp_path, capsys):
+    """The known CPU bug (torch 2.13; the strict xfail in tests/test_compiled_runs.py): the mid block's LoRA gradients all
+    zero, the outputs right. Measured: 24 of the 64 LoRA tensors off, the largest difference 1, the median 1.4e-6. (In
+    bf16 the same compile agreed: median 0.015, largest 0.037.)"""
+    row, printed = bench_compiled(tmp_path, "lora_cached_compiled", "no", capsys)
+    check = row["compiled_check"]
+    assert check["gradients_agree"] is False and check["largest_relative_difference"] == pytest.approx(1.0)
+    assert check["output_relative_difference"] < 1e-4 and all(name.startswith("mid_block.") for name in check["worst_tensors"])
+    assert "grads off" in printed and "lora_cached_compiled: compiled gradients WRONG:" in printed

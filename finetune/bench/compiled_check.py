@@ -26,10 +26,11 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
 # The largest relative difference of a trained tensor's gradient that still counts as the same gradient, by the precision
-# the matmuls run in. Compiling reorders sums (fp32: ~1e-6 here) and, in bf16/fp16, keeps fused intermediates in fp32
-# where eager rounds each op's output (so the two differ by the rounding of many ops). A compile that loses a gradient
-# (the CPU bug: whole blocks' gradients zero) differs by 1.
-TOLERANCES = {"bf16": 5e-2, "fp16": 5e-2, "tf32": 1e-2, "fp32": 1e-3}
+# the matmuls run in. Compiling reorders sums and, in bf16/fp16, keeps fused intermediates in fp32 where eager rounds each
+# op's output, so the two differ by the rounding of many ops: inductor against eager on the tiny model's cached LoRA in
+# bf16 (a CPU, Dec 2 2026), median 0.015 and largest 0.037 over its 64 LoRA tensors; aot_eager 0. TF32 keeps 3 more bits
+# than bf16. A compile that loses a gradient (the CPU bug: whole blocks' gradients zero) differs by 1.
+TOLERANCES = {"bf16": 0.1, "fp16": 0.1, "tf32": 0.02, "fp32": 1e-3}
 
 
 def matmul_precision(mixed_precision: str) -> str:
