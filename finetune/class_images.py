@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -109,6 +110,29 @@ def generate_class_images(
                 group = group[len(batch) :]
                 progress.update(len(batch))
     return written
+
+
+def generate_on_every_process(accelerator, generate: Callable[[], object] | None) -> None:
+    """Collective, on every process (also one with nothing to make): `generate()`, this process's share of a folder's missing
+    class images (None where none are missing), then wait for the others. A FinetuneError of any process (its images decoded to
+    NaN: `_refuse_not_finite`) is raised on every process, the lowest rank's line, said once per machine: raised on that process
+    alone, it was said after seconds (`finetune.distributed.says_its_error`) while the others waited for it in the barrier, and
+    they ended with gloo's traceback of a closed connection."""
+    failure = None
+    try:
+        if generate is not None:
+            generate()
+    except FinetuneError as err:
+        if accelerator.num_processes == 1:
+            raise
+        failure = str(err)
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    failures = [line for line in gather_object([failure]) if line is not None]  # by rank; also every process's barrier
+    if failures:
+        raise FinetuneError(failures[0])
 
 
 def _refuse_not_finite(decoded: torch.Tensor, prompts: list[str], settings: ClassImageGeneration, folder: Path) -> None:

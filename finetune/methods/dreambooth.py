@@ -20,7 +20,7 @@ import torch
 from finetune.check_data import DataReport, check_examples, checked_report
 from finetune.class_image_names import is_generated_name, unused_class_prompts_warning
 from finetune.class_image_plans import ClassImagePlan, class_data_config, class_examples, class_image_plans, recipe_generation_record
-from finetune.class_images import as_loaded_base, generate_class_images, write_generation_record
+from finetune.class_images import as_loaded_base, generate_class_images, generate_on_every_process, write_generation_record
 from finetune.config import Concept, Recipe
 from finetune.console import say, warn
 from finetune.counts import counted
@@ -98,7 +98,8 @@ class DreamBoothMethod(DiffusionMethod):
 
     def _class_images(self, concept: Concept, plan: ClassImagePlan, accelerator) -> list[Example]:
         settings = self.recipe.dreambooth
-        if plan.missing:
+
+        def generate() -> None:
             prompts = concept.class_prompts
             say(f"generating {counted(len(plan.missing), 'class image')} ({counted(len(prompts), 'prompt')}) in {plan.folder}")
             # The trainer has moved the VAE and text encoder to the device; the UNet only goes there at
@@ -113,7 +114,8 @@ class DreamBoothMethod(DiffusionMethod):
                     pipeline, prompts, plan.folder, plan.key, plan.missing, settings.class_generation,
                     self.recipe.data.resolution, accelerator.process_index, accelerator.num_processes,
                 )
-        accelerator.wait_for_everyone()
+
+        generate_on_every_process(accelerator, generate if plan.missing else None)  # a process's failure stops every one
         generated = self._check_class_images([p for p in plan.paths if is_generated_name(p)], concept, plan.folder)
         examples = plan.own + (generated.usable if generated else [])
         if len(examples) < len(plan.paths):  # data.skip_bad_images left some out: they are not replaced
