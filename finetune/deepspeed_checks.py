@@ -36,9 +36,62 @@ def check_deepspeed_launch(recipe: Recipe, trained_models: list[str], resume_fro
         stage = config_stage(config) if config is not None else None
         ckpt.check_same_engine(resume_from, ckpt.read_state(resume_from).get("processes"), stage, launched_processes())
     if config is not None:
+        check_no_compile_asked()
         check_deepspeed_recipe(recipe, trained_models, config)
         check_recipe_settings_agree(recipe, launched_processes())
         quiet_untested_optimizer_line(recipe.optimizer.name)
+
+
+def check_no_compile_asked() -> None:
+    """Under DeepSpeed: refuse `accelerate launch --dynamo_backend X` (or its config file's dynamo_config), which accelerate's
+    DeepSpeed launcher (1.15) does not hand to the processes, unlike its DDP one: the run trained uncompiled without a word."""
+    if os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower() != "no":
+        return  # set in the environment itself: accelerate compiles DeepSpeed's model (its engine.compile)
+    asked = launcher_compile_backend(launcher_command_line())
+    if asked is not None:
+        backend, source = asked
+        raise FinetuneError(
+            f"{source}: accelerate launch does not pass torch.compile's backend ({backend}) on to the processes under DeepSpeed "
+            f"(only under DDP or in one process), so this run would train uncompiled: leave it out to train under DeepSpeed, or "
+            f"launch without DeepSpeed (--multi_gpu) to compile"
+        )
+
+
+def launcher_command_line() -> list[str]:
+    """The command line of this process's parent, which under `accelerate launch` (its standard launcher) is the launcher
+    itself; empty where it cannot be read (no /proc: not Linux)."""
+    try:
+        return Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return []
+
+
+def launcher_compile_backend(command_line: list[str]) -> tuple[str, str] | None:
+    """(the backend, where it was asked: --dynamo_backend, or the config file's dynamo_config) that an `accelerate launch`
+    command line asks to compile with; None where it asks none, or is no such command line. Read as the launcher reads
+    it: its own parser, then its config file (--config_file, else accelerate's default one) where the option is not given."""
+    words = command_line
+    start = next((i + 1 for i, word in enumerate(words) if word == "accelerate.commands.launch" or Path(word).name == "accelerate-launch" or (
+        word == "launch" and i > 0 and Path(words[i - 1]).name == "accelerate")), None)  # fmt: skip
+    if start is None:
+        return None
+    from accelerate.commands.config import default_config_file
+    from accelerate.commands.launch import launch_command_parser
+
+    try:
+        options, _ = launch_command_parser().parse_known_args(words[start:])
+    except SystemExit:  # not a command line the launcher took: it would have refused it itself
+        return None
+    if options.dynamo_backend is not None:
+        return (options.dynamo_backend, f"--dynamo_backend {options.dynamo_backend}") if options.dynamo_backend.lower() != "no" else None
+    config_file = options.config_file or default_config_file
+    try:
+        import yaml
+
+        backend = ((yaml.safe_load(Path(config_file).read_text()) or {}).get("dynamo_config") or {}).get("dynamo_backend")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return None
+    return (str(backend), f"{config_file}'s dynamo_config (dynamo_backend: {backend})") if backend and str(backend).lower() != "no" else None
 
 
 # DeepSpeed logs "You are using ZeRO with an untested optimizer, proceed with caution" for every optimizer outside its own
