@@ -69,7 +69,8 @@ def keep_autocast_outputs(accelerator: Accelerator, module: torch.nn.Module) -> 
 
 def ready_to_compile(accelerator: Accelerator, trained: list[torch.nn.Module], batch_shapes: int) -> None:
     """Before `prepare` compiles the trained modules (`accelerate launch --dynamo_backend ...`): what made them compile again,
-    or run uncompiled. `batch_shapes`: how many shapes of batch the run can train (two a bucket: its last batch may be smaller).
+    or run uncompiled. `batch_shapes`: how many shapes of batch the run can train (two a bucket: its last batch may be smaller;
+    on several processes each process's share of that last batch, one size a process: tests/test_compiled_processes.py).
 
     - Each shape of batch compiles a static graph of its own (`accelerate launch`'s dynamic=False, as the trainer takes
       it). Past torch's recompile limit (8) the module ran uncompiled for the rest of the run, with one warning in the log:
