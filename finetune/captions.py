@@ -22,7 +22,7 @@ from finetune.caption_cells import caption_file_bytes, captions_of_list, kind_of
 from finetune.config import DataConfig
 from finetune.errors import FinetuneError
 from finetune.file_names import loose_name_key, name_key, row_image_key
-from finetune.metadata_lines import csv_rows, metadata_lines, metadata_text  # metadata_text: controlnet_data's, from here
+from finetune.metadata_lines import csv_rows, metadata_lines
 from finetune.text_encodings import caption_file_encoding, undecodable_files, without_nul_characters
 
 CAPTION_PLACEHOLDER = "{caption}"

@@ -20,7 +20,8 @@ from torch.utils.data import Dataset
 
 from finetune.buckets import assign_buckets
 from finetune.cache import EncodingCache
-from finetune.captions import csv_rows, split_at_line_ends, metadata_file, metadata_text, read_csv_captions, scored_caption, training_caption
+from finetune.captions import metadata_file, read_csv_captions, scored_caption, split_at_line_ends, training_caption
+from finetune.metadata_lines import csv_rows, metadata_text
 from finetune.file_names import loosely_named_file, name_key, row_image_key
 from finetune.check_data import FATAL, WARNING, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable, too_small_problem
 from finetune.check_threads import each_on_threads
