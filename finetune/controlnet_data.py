@@ -21,8 +21,6 @@ from torch.utils.data import Dataset
 from finetune.buckets import assign_buckets
 from finetune.cache import EncodingCache
 from finetune.captions import metadata_file, read_csv_captions, scored_caption, split_at_line_ends, training_caption
-from finetune.metadata_lines import csv_rows, metadata_text
-from finetune.file_names import loosely_named_file, name_key, row_image_key
 from finetune.check_data import FATAL, WARNING, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable, too_small_problem
 from finetune.check_threads import each_on_threads
 from finetune.config import ControlNetConfig, DataConfig, Recipe
@@ -30,8 +28,10 @@ from finetune.data import collate_images, item_rng, likely_new_view, render_pixe
 from finetune.dataset_images import require_image_column, row_image
 from finetune.epoch_uses import check_epoch_uses
 from finetune.errors import FinetuneError
+from finetune.file_names import loosely_named_file, name_key, row_image_key
 from finetune.image_warnings import pillow_warning_line, pillow_warnings, pillow_warnings_named
 from finetune.images import decode, float_levels_problem, has_alpha, open_rgb, pixel_digest, turned_on_its_side, upright_rgb, upright_size
+from finetune.metadata_lines import csv_rows, metadata_text
 from finetune.sources import Example, open_dataset, read_examples
 from finetune.views import ViewPlan, plan_view, render
 
