@@ -34,12 +34,18 @@ def run_forked(call: Callable[[], int | None], timeout: float = 300) -> SimpleNa
             os.dup2(log, 2)
             sys.stdout = sys.stderr = open(1, "w", buffering=1, closefd=False)
             torch.set_num_threads(1)  # as a data-loader worker does after a fork: the parent's thread pool is not the child's
-            code = call() or 0
+            returned = call()
+            code = returned or 0
+            if not isinstance(code, int):  # os._exit would raise in `finally`, and the child would go on running pytest
+                print(f"run_forked: the call returned {returned!r}, not an exit code")
+                code = 1
         except BaseException:
             traceback.print_exc()
         finally:
-            sys.stdout.flush()
-            os._exit(code)
+            try:
+                sys.stdout.flush()
+            finally:
+                os._exit(code)
     deadline = time.monotonic() + timeout
     while (ended := os.waitpid(pid, os.WNOHANG))[0] == 0:  # a fork can hang on a lock another thread held: never CI's whole run
         if time.monotonic() > deadline:
