@@ -65,7 +65,7 @@ def resolve_base(base: str | None) -> tuple[str, str]:
 
 def table_row(adapter) -> list[str]:
     """An adapter's line in the page's table: what the trainer recorded in its file or folder."""
-    from finetune.conditions import recorded_conditioning  # numpy, PIL and the recipe schema: not for --help
+    from finetune.conditioning_records import recorded_conditioning  # numpy, PIL and the recipe schema: not for --help
 
     meta = adapter.metadata
     made = recorded_conditioning(meta)  # the conditioning images a ControlNet wants, as make-conditions made them

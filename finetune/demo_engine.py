@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from finetune.adapter_scan import BASE, PICKLE_SUFFIXES, Adapter, scan_adapters
-from finetune.conditions import recorded_options
+from finetune.conditioning_records import recorded_options
 from finetune.config import ModelConfig
 from finetune.controlnet_data import small_conditioning_problem
 from finetune.counts import counted

@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 
 from finetune.atomic_files import atomic_save_safetensors
 from finetune.checkpoint import STATE_FILE, list_checkpoints
-from finetune.conditions import recorded_conditioning
+from finetune.conditioning_records import recorded_conditioning
 from finetune.config import ModelConfig
 from finetune.controlnet_data import read_conditioning, small_conditioning_problem
 from finetune.controlnet_folder import not_a_controlnet_message

@@ -45,7 +45,7 @@ def test_a_controlnets_record_of_conditioning_make_conditions_could_not_write_is
     1e9 from a downloaded folder asked canny for a 48 GB kernel, and a name no maker takes was a TypeError mid-render."""
     import json
 
-    from finetune.conditions import recorded_options
+    from finetune.conditioning_records import recorded_options
 
     def record(**options):
         return {"finetune.conditioning": json.dumps({"kind": "canny", **options})}

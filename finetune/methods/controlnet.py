@@ -86,7 +86,7 @@ class ControlNetMethod(DiffusionMethod):
         return {"finetune.conditioning": json.dumps(record)} if record else {}
 
     def _conditioning_record(self) -> dict | None:
-        from finetune.conditions import conditioning_record
+        from finetune.conditioning_records import conditioning_record
 
         folder = self.recipe.data.image_dir or self.recipe.data.dataset  # a make-conditions folder given as data.dataset too
         return conditioning_record(Path(folder)) if folder and Path(folder).is_dir() else None
@@ -193,7 +193,7 @@ class ControlNetMethod(DiffusionMethod):
         """Which ControlNet the run starts from, and what its run recorded of it (steps, conditioning kind), as
         lora.init_from's start is said: its outputs' steps are this run's. One that records no prediction type (a hub
         id's, or one trained elsewhere) is taken to be trained for the base's own, as ControlNets are made for a base: said."""
-        from finetune.conditions import recorded_conditioning
+        from finetune.conditioning_records import recorded_conditioning
 
         steps, made = recorded.get("finetune.steps"), recorded_conditioning(recorded)
         facts = [f"trained {counted(steps, 'step')}" if steps else "", f"on {made} conditioning images" if made else "",

@@ -1,0 +1,64 @@
+"""How a ControlNet's conditioning images were made, as recorded: the data folder's `conditioning.json` (written by
+`finetune make-conditions`), and the trained ControlNet's metadata (`finetune.conditioning`, copied from it), which the
+demo reads to make its conditions the same way. A record make-conditions could not have written (a canny sigma of 1e9,
+another maker's option names) is one line, not a condition made as it says."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from finetune.conditions import KINDS, OPTION_NAMES, RECORD_FILE, check_options
+from finetune.errors import FinetuneError
+
+
+def conditioning_record(folder: Path) -> dict | None:
+    """What `make_conditions` recorded of the folder's conditioning images ({"kind": ..., its options}), if it made them; one
+    line for options it could not have written (a ControlNet trained on the folder records them, and the demo refuses it)."""
+    try:
+        record = json.loads((folder / RECORD_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(record, dict) and record.get("kind") in KINDS):
+        return None
+    if problem := options_problem(record["kind"], {name: value for name, value in record.items() if name != "kind"}):
+        raise FinetuneError(f"{folder / RECORD_FILE} records conditioning images made in a way make-conditions does not ({problem}): "
+                            "make them again with finetune make-conditions, or delete that file (a ControlNet trained on the folder "
+                            "then records no way they were made)")  # fmt: skip
+    return record
+
+
+def options_problem(kind: str, options: dict) -> str | None:
+    """Why `options` are not thresholds make-conditions writes for `kind` (another maker's names, a sigma of 1e9), or None."""
+    if unknown := sorted(set(options) - set(OPTION_NAMES.get(kind, ()))):
+        return f"{kind} takes no {', '.join(unknown)}"
+    try:
+        check_options(kind, **options)
+    except (FinetuneError, TypeError) as err:  # TypeError: a threshold of no number ("1", null)
+        return str(err) if isinstance(err, FinetuneError) else f"{kind}'s thresholds are numbers"
+    return None
+
+
+def recorded_options(metadata: dict[str, str], kind: str, named: str = "the ControlNet") -> dict[str, float]:
+    """The thresholds a ControlNet's `kind` conditioning images were made with (its finetune.conditioning), so
+    that one made for it later (the demo's) is made the same way; {} where another kind or none is recorded. A
+    record that make-conditions could not have written (a sigma of 1e9, another maker's names) is one line."""
+    try:
+        record = json.loads(metadata["finetune.conditioning"])
+        options = {name: float(value) for name, value in record.items() if name != "kind"} if record["kind"] == kind else {}
+    except (KeyError, ValueError, TypeError, AttributeError):  # not recorded, or not by us
+        return {}
+    if problem := options_problem(kind, options):
+        raise FinetuneError(f"{named} records conditioning images made in a way make-conditions does not ({problem}): its metadata "
+                            "(finetune.conditioning) is damaged or was edited; use another copy of it")  # fmt: skip
+    return options
+
+
+def recorded_conditioning(metadata: dict[str, str]) -> str | None:
+    """'canny (low 20, high 40, sigma 1)': how a ControlNet's training images were made (its finetune.conditioning), if known."""
+    try:
+        record = json.loads(metadata["finetune.conditioning"])
+        options = ", ".join(f"{name} {value:g}" for name, value in record.items() if name != "kind")
+        return f"{record['kind']} ({options})" if options else str(record["kind"])
+    except (KeyError, ValueError, TypeError, AttributeError):  # not recorded, or not by us
+        return None
