@@ -129,7 +129,7 @@ def run_check_data_command(args) -> int:
 def init_from_problem(source: str, use_dora: bool) -> str | None:
     """Why lora.init_from would stop the run as it starts (not there, a pickle, a LyCORIS or SDXL file, a DoRA without
     lora.use_dora), or None."""
-    from finetune.methods.lora import read_initial_lora  # it builds on this module
+    from finetune.methods.lora_init import read_initial_lora  # it builds on this module
 
     try:
         read_initial_lora(source, use_dora)  # as training reads it, before any model loads

@@ -9,7 +9,7 @@ import pytest
 from finetune.config import DataConfig, ModelConfig
 from data_examples import load_examples
 from finetune.errors import FinetuneError
-from finetune.methods.lora import read_initial_lora
+from finetune.methods.lora_init import read_initial_lora
 from finetune.model_source import resolve_model_folder
 
 

@@ -9,7 +9,6 @@ config (rank, alpha, targets) travels in the file's metadata so the strength alp
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
@@ -20,17 +19,14 @@ from peft.utils import get_peft_model_state_dict
 
 from finetune.atomic_files import atomic_save_safetensors
 from finetune.counts import counted
-from finetune.dora import DIFFUSERS_MAGNITUDE, row_norms, uses_dora
-from finetune.encoders import TRAINED_TOKEN_LENGTHS, layer_stack, recorded_clip_skip
-from finetune.errors import FinetuneError, looked_for_here
-from finetune.kohya import DIFFUSERS_SUFFIXES, LoRA, load_lora
+from finetune.dora import DIFFUSERS_MAGNITUDE
+from finetune.errors import FinetuneError
+from finetune.kohya import DIFFUSERS_SUFFIXES
 from finetune.lora_kinds import written_path
 from finetune.lora_unit_scale import skip_unit_scales
 from finetune.max_norm import apply_max_norm, lora_layers
-from finetune.merge import find_module
 from finetune.methods.base import UNetMethod
 from finetune.models import freeze
-from finetune.sampling import adapters_prediction_type
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -46,11 +42,10 @@ class LoRAMethod(UNetMethod):
         super().__init__(recipe, train_text_encoder, text_encoder_lr)
         self.max_norm_layers: dict[str, torch.nn.Module] | None = None  # lora.max_norm's layers, found at the first step
         self.target_unrecorded = False  # lora.init_from records no prediction type: taken to be trained as the base was
+        from finetune.methods import lora_init  # it builds on this module
+
         # Read now, before any model loads: a missing or broken file is one line at once.
-        self.initial_lora = read_initial_lora(recipe.lora.init_from, recipe.lora.use_dora) if recipe.lora.init_from else None
-        if self.initial_lora is not None:
-            check_initial_ranks(self.initial_lora, recipe.lora.init_from, recipe.lora)
-            check_initial_record(self.initial_lora, recipe.lora.init_from)
+        self.initial_lora = lora_init.read_checked(recipe.lora) if recipe.lora.init_from else None
 
     def configure_model(self) -> None:
         settings = self.recipe.lora
@@ -80,8 +75,10 @@ class LoRAMethod(UNetMethod):
 
     def _start_from_initial_lora(self) -> None:
         """lora.init_from: refuse a file trained otherwise, warn where it differs in what it assumed, and load its weights."""
+        from finetune.methods import lora_init  # it builds on this module
+
         settings = self.recipe.lora
-        check_trained_alike(self.initial_lora, settings.init_from, self.recipe.model.clip_skip, self.base.noise_scheduler.config.prediction_type)
+        lora_init.check_trained_alike(self.initial_lora, settings.init_from, self.recipe.model.clip_skip, self.base.noise_scheduler.config.prediction_type)
         self.target_unrecorded = not self.initial_lora.metadata.get("finetune.prediction_type")
         if "finetune.method" in self.initial_lora.metadata:  # ours record the schedule (files from elsewhere say nothing)
             trained_zero_snr = self.initial_lora.metadata.get("finetune.zero_terminal_snr") == "true"
@@ -99,7 +96,7 @@ class LoRAMethod(UNetMethod):
                 f"{self.recipe.model.max_token_length} (model.max_token_length): set it to {recorded} to continue as it was trained"
             )
         switch = "dreambooth.train_text_encoder" if self.recipe.method == "dreambooth" else "lora.train_text_encoder"
-        fresh = start_from(self.trained_modules(), self.initial_lora, settings.init_from, switch)
+        fresh = lora_init.start_from(self.trained_modules(), self.initial_lora, settings.init_from, switch)
         rank, alpha = self.initial_lora.common_rank_alpha()
         steps = self.initial_lora.metadata.get("finetune.steps")
         self.start_lines.append(
@@ -107,7 +104,7 @@ class LoRAMethod(UNetMethod):
             f"rank {rank}, alpha {alpha:g}" + (f", trained {counted(steps, 'step')}" if steps else "")
         )
         if fresh:  # a larger target list than the file's: said, where it went unseen before
-            names = ", ".join(dict.fromkeys(target_name(key) for key in fresh))
+            names = ", ".join(dict.fromkeys(lora_init.target_name(key) for key in fresh))
             self.start_lines.append(f"warning: lora.init_from {settings.init_from} has no weights for {len(fresh)} of this recipe's LoRA layers "
                                     f"({names}; e.g. {fresh[0]}): they start fresh, as in a new LoRA")  # fmt: skip
         self.start_lines += self._unrecorded_target_warning()
@@ -255,127 +252,6 @@ def keep_input_dtype(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
             module.cast_input_dtype_enabled = False
-
-
-def read_initial_lora(source: str, use_dora: bool) -> LoRA:
-    if not Path(source).exists():
-        raise FinetuneError(f"lora.init_from {source} not found: give a LoRA .safetensors file or a training folder holding {LORA_WEIGHTS_NAME}{looked_for_here(source)}")
-    from finetune.inference import resolve_lora_file  # it imports this module
-
-    try:  # a folder holding no LoRA (a run's checkpoints/, a checkpoint without its outputs) is said to be what it is, as sample says it
-        path = resolve_lora_file(source)
-    except FinetuneError as err:
-        raise FinetuneError(f"lora.init_from: {err}") from None
-    lora = load_lora(path)
-    if uses_dora(lora) and not use_dora:  # a plain LoRA has nowhere to keep its magnitudes (the other way round is fine)
-        raise FinetuneError(f"lora.init_from {source} is a DoRA (a magnitude per output channel beside its LoRA): set lora.use_dora: true to start from it")
-    return lora
-
-
-def rank_problem(source: str, key: str, rank: int, recipe_rank: int, conv_3x3: bool) -> str:
-    if conv_3x3:  # LoCon: lora.conv_rank, or lora.rank where it is not set
-        return f"lora.init_from {source} has rank {rank} at the 3x3 conv layer {key}, this recipe gives those rank {recipe_rank}: set lora.conv_rank: {rank}"
-    return f"lora.init_from {source} has rank {rank} at {key}, this recipe's lora.rank is {recipe_rank}: set lora.rank: {rank}"
-
-
-def check_initial_ranks(lora: LoRA, source: str, settings) -> None:
-    """The UNet layers' ranks against the recipe's, from the file alone, so that a rank to change is said before the model
-    loads (the text encoder's: by `start_from`, which knows the layers model.clip_skip leaves unused)."""
-    conv_rank, _ = settings.conv_rank_alpha()
-    for key, layer in sorted(lora.layers.items()):
-        recipe_rank = conv_rank if layer.is_conv_3x3 else settings.rank
-        if key.startswith("unet.") and layer.rank != recipe_rank:
-            raise FinetuneError(rank_problem(source, key, layer.rank, recipe_rank, layer.is_conv_3x3))
-
-
-def check_initial_record(lora: LoRA, source: str) -> None:
-    """A prediction type or token length no training writes (an edited file) is one line before the model loads, as sample
-    says it (after it: advice to set model.prediction_type to it, which recipes refuse, or int()'s traceback)."""
-    adapters_prediction_type({f"lora.init_from {source}": lora.metadata})
-    if (length := lora.metadata.get("finetune.max_token_length")) is not None and length not in map(str, TRAINED_TOKEN_LENGTHS):
-        raise FinetuneError(f"lora.init_from {source} records a max_token_length of {length}, which no training writes (75, 150 or 225, as "
-                            "sd-scripts' too): its metadata is damaged or was edited; use another copy of it")  # fmt: skip
-
-
-def check_trained_alike(lora: LoRA, source: str, clip_skip: int, prediction_type: str) -> None:
-    """A LoRA continued with another prompt encoding (model.clip_skip) or another target (model.prediction_type) would
-    start from what it did not learn."""
-    recorded_skip, recorded_type = recorded_clip_skip(lora.metadata), lora.metadata.get("finetune.prediction_type")
-    if recorded_skip is not None and recorded_skip != clip_skip:
-        raise FinetuneError(f"lora.init_from {source} was trained with clip skip {recorded_skip}, this recipe's model.clip_skip is {clip_skip}: set it to {recorded_skip}")
-    if recorded_type and recorded_type != prediction_type:
-        raise FinetuneError(f"lora.init_from {source} was trained for {recorded_type}, this run trains for {prediction_type}: set model.prediction_type: {recorded_type}")
-
-
-def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str, text_encoder_switch: str = "lora.train_text_encoder") -> list[str]:
-    """Set the attached (peft) LoRA to `lora`'s weights, so the model starts as base + that LoRA; its own
-    alpha is kept by scaling the up weights to this recipe's alpha/rank. Layers that model.clip_skip leaves
-    out have nothing to start (sd-scripts saves LoRAs of them, unused). `text_encoder_switch` is the key
-    that trains the text encoder's LoRA (DreamBooth has its own). Returns the recipe's LoRA layers the file
-    has nothing for (they start fresh, as sd-scripts' network_weights leaves them), by name."""
-    kept_layers = len(layer_stack(modules["text_encoder"]).layers) if "text_encoder" in modules else None
-    starts, left_out, text_layers = [], [], []
-    for key, layer in lora.layers.items():
-        part, path = key.split(".", 1)
-        index = re.search(r"encoder\.layers\.(\d+)\.", path) if part == "text_encoder" else None
-        if index and kept_layers is not None and int(index.group(1)) >= kept_layers:
-            continue
-        if part == "text_encoder" and target_name(key) not in TEXT_ENCODER_TARGETS:
-            left_out.append(key)  # a layer no setting of this project trains (sd-scripts also adapts the MLP: fc1, fc2)
-        elif part not in modules:
-            text_layers.append(key)
-        elif hasattr(module := _module_of(modules[part], path, part, source), "lora_A"):
-            starts.append((key, layer, module))
-        else:
-            left_out.append(key)
-    foreign = [key for key in left_out if key.startswith("text_encoder.")]
-    if foreign:  # before asking for the text encoder's LoRA, which could not take them either
-        names = ", ".join(dict.fromkeys(target_name(key) for key in foreign))
-        raise FinetuneError(f"lora.init_from {source} adapts text-encoder layers ({names}; e.g. {foreign[0]}) that this project's text-encoder LoRA "
-                            f"does not train (it trains {', '.join(TEXT_ENCODER_TARGETS)}): it cannot start from this file")  # fmt: skip
-    if text_layers:
-        raise FinetuneError(f"lora.init_from {source} has text-encoder layers: set {text_encoder_switch}: true to start from them too")
-    if left_out:
-        names = ", ".join(dict.fromkeys(target_name(key) for key in left_out))
-        raise FinetuneError(f"lora.init_from {source} adapts {counted(len(left_out), 'layer')} this recipe's LoRA leaves out (e.g. {left_out[0]}): "
-                            f"add {names} to lora.target_modules")  # fmt: skip
-    for key, layer, module in starts:
-        base_shape = tuple(module.get_base_layer().weight.shape)
-        if layer.weight_shape != base_shape:  # the rank may well agree: "has rank 4 ..., lora.rank is 4: set lora.rank: 4" said nothing
-            raise FinetuneError(f"lora.init_from {source} does not fit this base model: its layer {key} is for a weight of shape {layer.weight_shape}, "
-                                f"the base model's is {base_shape}: start from a LoRA trained on this base (model.pretrained), or set model.pretrained to its")  # fmt: skip
-        down, up = module.lora_A["default"].weight, module.lora_B["default"].weight
-        if tuple(down.shape) != tuple(layer.down.shape) or tuple(up.shape) != tuple(layer.up.shape):
-            raise FinetuneError(rank_problem(source, key, layer.rank, down.shape[0], is_conv_3x3(module.get_base_layer())))
-        with torch.no_grad():
-            down.copy_(layer.down)
-            up.copy_(layer.up * (layer.alpha / layer.rank) / module.scaling["default"])
-            if "default" in module.lora_magnitude_vector:  # DoRA: the file's magnitudes, or for a plain LoRA ||W + update||,
-                magnitude = module.lora_magnitude_vector["default"].weight  # with which the layer starts as W + update
-                base = module.get_base_layer().weight.float()
-                start = layer.magnitude if layer.magnitude is not None else row_norms(base + layer.delta().to(base.device))
-                magnitude.copy_(start.reshape(magnitude.shape))
-    started = {id(module) for _, _, module in starts}
-    return [f"{part}.{name}" for part, model in modules.items() for name, module in model.named_modules() if hasattr(module, "lora_A") and id(module) not in started]
-
-
-def _module_of(model: torch.nn.Module, path: str, part: str, source: str) -> torch.nn.Module:
-    """The layer a lora.init_from file adapts; a layer the model lacks is said of the file (the loader's line named neither it nor the key)."""
-    try:
-        return find_module(model, path, part)
-    except FinetuneError:
-        raise FinetuneError(f"lora.init_from {source} does not fit this base model: its layer {part}.{path} is not in it (a LoRA of another architecture): "
-                            "start from a LoRA trained on this base (model.pretrained), or set model.pretrained to its") from None
-
-
-def target_name(key: str) -> str:
-    """The lora.target_modules name of a layer (`unet.down_blocks.0.attentions.0.proj_in` -> proj_in): its last
-    name, with the indices and the feed-forward's `net` that the recipes' names carry (to_out.0, ff.net.0.proj)."""
-    parts = key.split(".")
-    taken = 1
-    while taken < len(parts) and (parts[-taken].isdigit() or parts[-taken] == "net" or parts[-taken:] == ["proj"]):
-        taken += 1
-    return ".".join(parts[-taken:])
 
 
 def save_lora(modules: dict[str, torch.nn.Module], path: Path, metadata: dict[str, str]) -> Path:
