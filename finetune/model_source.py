@@ -94,6 +94,9 @@ def locate_base(config: ModelConfig) -> BaseLocation:
             check_variant(path, name, config.variant)
         check_model_settings(path, config)
         return BaseLocation(config, path)
+    if path.is_file():  # a .pt, .bin or .pth: was "not found: no such folder or file", of a file that is there
+        raise FinetuneError(f"base model {name} is a file finetune does not read as a base model: give a single .safetensors or .ckpt "
+                            f"checkpoint, a diffusers folder or a hub id (check {config._key})")  # fmt: skip
     if not looks_like_hub_id(name):
         raise FinetuneError(f"base model {name} not found: no such folder or file (check {config._key}){where_looked(name)}")
     # The configs first: an SDXL or inpainting id is said before gigabytes of its weights download.

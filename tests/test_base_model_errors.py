@@ -307,3 +307,11 @@ def test_a_hub_setting_on_a_local_base_is_refused_not_left_unread(tiny_model, tm
         with pytest.raises(FinetuneError) as refused:
             resolve_model_folder(ModelConfig(pretrained=pretrained, **setting))
         assert str(refused.value) == said
+
+
+@pytest.mark.parametrize("name", ["model.pt", "diffusion_pytorch_model.bin"])
+def test_a_base_file_of_another_kind_is_said_to_be_there(tmp_path, name):
+    """A .pt or .bin given as the base was 'not found: no such folder or file', of a file that is there."""
+    (tmp_path / name).write_bytes(b"weights")
+    with pytest.raises(FinetuneError, match=rf"^base model {tmp_path / name} is a file finetune does not read as a base model: give a single "):
+        resolve_model_folder(ModelConfig.from_option(str(tmp_path / name)))
