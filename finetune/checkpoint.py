@@ -29,11 +29,11 @@ from finetune.base_folder import objects_refused_in, pickled_objects
 from finetune.counts import counted
 from finetune.distributed import unwrap
 from finetune.errors import FinetuneError
+# Here, without torch, for the commands' checks before it loads; imported from this module too.
+from finetune.run_files import CHECKPOINT_PATTERN, STATE_FILE, checkpoint_step, list_checkpoints, read_state, resolve_resume  # noqa: F401
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 PARTIAL = ".partial-"  # a checkpoint being written: .partial-checkpoint-N, renamed checkpoint-N once complete
 REMOVED = ".removed-"  # one rotated out: renamed .removed-checkpoint-N, then deleted
-STATE_FILE = "trainer_state.json"
 DEEPSPEED_FOLDER = "pytorch_model"  # where accelerate has DeepSpeed's engine write a checkpoint's weights and optimizer
 
 
@@ -72,48 +72,6 @@ def register_trainable_only_hooks(accelerator: Accelerator) -> None:
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
-
-
-def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary folders never match the pattern)."""
-    if not checkpoints_dir.is_dir():
-        return []
-    found = [p for p in checkpoints_dir.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
-
-
-def resolve_resume(resume: str | None, checkpoints_dir: Path) -> Path | None:
-    """`latest` -> newest complete checkpoint (None if there is none yet); a path must be a checkpoint."""
-    if resume is None:
-        return None
-    if resume == "latest":
-        found = list_checkpoints(checkpoints_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not path.exists():
-        found = list_checkpoints(checkpoints_dir)
-        have = f"the newest in {checkpoints_dir} is {found[-1].name}" if found else f"{checkpoints_dir} holds none yet"
-        raise FinetuneError(f"--resume {resume}: no such folder ({have}); use 'latest' or a checkpoints/checkpoint-N folder")
-    if not (path / STATE_FILE).is_file():
-        raise FinetuneError(f"--resume {resume}: not a complete checkpoint folder (no {STATE_FILE}); use 'latest' or a checkpoints/checkpoint-N folder")
-    return path
-
-
-def read_state(checkpoint: Path) -> dict:
-    """A checkpoint's trainer state; a damaged file (a crash or a full disk while it was written) is one line."""
-    problem = "not a JSON object"
-    try:
-        state = json.loads((checkpoint / STATE_FILE).read_text())
-    except (OSError, ValueError) as err:
-        state, problem = None, f"{type(err).__name__}: {err}"
-    if not isinstance(state, dict):
-        raise FinetuneError(f"checkpoint {checkpoint} is damaged ({STATE_FILE}: {problem}): move it out of "
-                            f"{checkpoint.parent} and resume from the one before it")
-    return state
-
-
-def checkpoint_step(checkpoint: Path) -> int:
-    return read_state(checkpoint).get("step", 0)
 
 
 def check_resumable(checkpoint: Path, max_steps: int | None, settings: dict | None = None) -> None:

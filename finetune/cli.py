@@ -20,12 +20,17 @@ from finetune.library_noise import quiet_third_party_warnings, quiet_weight_prog
 from finetune.native_resolution import native_resolution
 from finetune.process_env import first_on_its_machine, machine_name, main_process
 from finetune.progress_lines import progress_as_lines_in_logs
+from finetune.run_files import resolve_lora_file
 from finetune.stop_signals import START_OVER, exit_status, signal_of, stop_line, stop_outside_imports
 
 
 def base_or_recorded(args) -> str:
-    """--base, else the base the adapter's training run recorded (named on the console)."""
+    """--base, else the base the adapter's training run recorded (named on the console). The adapters and a local --base
+    are checked first, as loading checks them (`check_adapter_paths`, `check_local_base`): a mistyped one was said only
+    after torch and diffusers had loaded (10 s of CPU)."""
+    check_adapter_paths(args)
     if args.base:
+        check_local_base(args.base, args.base_config)
         return args.base
     from finetune.inference import recorded_base, recorded_base_config
 
@@ -35,6 +40,26 @@ def base_or_recorded(args) -> str:
     configs = f" with the configs {args.base_config}" if args.base_config else ""
     print(f"base model: {base}{configs} (recorded by the adapter's training run; --base picks another)")
     return base
+
+
+def check_adapter_paths(args) -> None:
+    """--lora and --controlnet (sample, eval, merge) are there and are what they are given as, before torch loads."""
+    from finetune.controlnet_folder import resolve_controlnet_folder  # yaml and pydantic: not loaded for --help
+
+    if args.lora:
+        resolve_lora_file(args.lora)
+    if getattr(args, "controlnet", None):
+        resolve_controlnet_folder(args.controlnet)
+
+
+def check_local_base(base: str, base_config: str | None) -> None:
+    """A --base folder or file checked from its files as loading checks it (finetune.model_source). A hub id is left to
+    loading, which looks it up once (a cache search, or requests to the hub)."""
+    from finetune.config import ModelConfig  # pydantic: not loaded for --help
+    from finetune.model_source import locate_base, looks_like_hub_id
+
+    if not looks_like_hub_id(base):
+        locate_base(ModelConfig.from_option(base, base_config))
 
 
 def check_lora_scale_has_a_lora(args) -> None:
@@ -164,6 +189,9 @@ def _sample(args) -> int:
             raise FinetuneError(problem)
 
     check_grid(args.resolution)  # before the base is looked for
+    from finetune.controlnet_folder import check_control_options  # yaml and pydantic: not loaded for --help
+
+    check_control_options(args.controlnet, args.condition[0] if args.condition else None, args.conditioning_scale)
     base = base_or_recorded(args)
     if args.resolution is None:  # the model's own, from its configs (where they cannot be read, once it loads: finetune.inference)
         check_grid(native_resolution(base, args.base_config))
@@ -242,7 +270,8 @@ def _export_base(args) -> int:
 def _export(args) -> int:
     output = Path(args.output)
     check_output_folder(output, "export output", "the LoRA and its model card", is_file=output.suffix == ".safetensors")
-    from finetune.kohya import export_lora  # torch: after the check above
+    resolve_lora_file(args.input)
+    from finetune.kohya import export_lora  # torch: after the checks above
     path, card, images = export_lora(Path(args.input), Path(args.output), args.to, overwrite=args.overwrite, precision=args.precision)
     print(f"wrote {path} ({args.to} layout{', ' + args.precision if args.precision else ''}), its model card {card}" + "".join(f", {i}" for i in images))
     return 0
@@ -263,10 +292,11 @@ def _merge(args) -> int:
     from finetune.output_folders import check_merge_output
 
     check_merge_output(Path(args.output_dir), Path(args.lora), args.overwrite)  # before the LoRA's base is read (torch)
+    base = base_or_recorded(args)
     quiet_weight_progress_bars()
-    from finetune.merge import merge_lora
+    from finetune.merge import merge_lora  # torch and diffusers: after the checks above, which need neither
 
-    print(f"wrote {merge_lora(base_or_recorded(args), args.lora, args.strength, Path(args.output_dir), args.base_config, args.overwrite, args.precision)}")
+    print(f"wrote {merge_lora(base, args.lora, args.strength, Path(args.output_dir), args.base_config, args.overwrite, args.precision)}")
     return 0
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from finetune.base_folder import pickle_refusal
-from finetune.checkpoint import STATE_FILE, list_checkpoints
+from finetune.run_files import CONTROLNET_DIR, STATE_FILE, list_checkpoints
 from finetune.errors import FinetuneError, looked_for_here
 from finetune.model_source import hub_files, where_looked
 from finetune.run_recipe import run_recipe_file
@@ -144,3 +144,29 @@ def check_hub_controlnet(repo_id: str) -> None:
         raise FinetuneError(f"ControlNet {repo_id} has no config.json in the local Hugging Face cache: download it once with network, "
                             "or set controlnet.pretrained to a local ControlNet folder")  # fmt: skip
     require_controlnet_config(folder, f"controlnet.pretrained {repo_id}", f"; {FROM_A_UNET}")
+
+
+def resolve_controlnet_folder(controlnet: str) -> Path:
+    """The ControlNet folder: the one given, or `<output>/controlnet` when given a controlnet run's output folder."""
+    path = Path(controlnet).expanduser()
+    if (path / CONTROLNET_DIR / "config.json").is_file():
+        path = path / CONTROLNET_DIR
+    refuse_a_controlnet_file(path, f"ControlNet {controlnet}")
+    if not (path / "config.json").is_file():  # not there, or what the folder is (a pipeline, a LoRA run, ...), as training says it
+        raise FinetuneError(not_a_controlnet_message(path, controlnet, "--controlnet"))
+    in_a_pipeline = (path.parent / "model_index.json").is_file()  # a pipeline's unet/, say
+    require_controlnet_config(path, f"--controlnet {controlnet}", f"; to sample with its pipeline, pass {path.parent} as --base" if in_a_pipeline else "")
+    return path
+
+
+def check_control_options(controlnet: str | None, condition: str | None, conditioning_scale: float | None) -> None:
+    """Refuse half-given ControlNet options before any model loads."""
+    if controlnet is None:
+        if condition is not None or conditioning_scale is not None:
+            raise FinetuneError("--condition and --conditioning-scale steer a ControlNet: pass --controlnet PATH too, or leave them out")
+        return
+    resolve_controlnet_folder(controlnet)
+    if condition is None:
+        raise FinetuneError(f"--controlnet {controlnet} needs a conditioning image: pass --condition IMAGE (e.g. one written by finetune make-conditions)")
+    if not Path(condition).is_file():
+        raise FinetuneError(f"conditioning image {condition} not found: check --condition")

@@ -17,19 +17,16 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 
 from finetune.atomic_files import atomic_save_safetensors
-from finetune.checkpoint import STATE_FILE, list_checkpoints
 from finetune.conditioning_records import recorded_conditioning
 from finetune.config import ModelConfig
 from finetune.controlnet_data import read_conditioning, small_conditioning_problem
-from finetune.controlnet_folder import not_a_controlnet_message
 from finetune.encoders import skip_last_layers
 from finetune.errors import FinetuneError
 from finetune.image_bounds import sample_grid_problem
 from finetune.kohya import LoRA, load_lora, to_diffusers
 from finetune.merge import check_lora_fits, merged_already_note
-from finetune.controlnet_folder import refuse_a_controlnet_file, require_controlnet_config, weights_variant
-from finetune.methods.controlnet import CONTROLNET_DIR, UNET_DIR
-from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.controlnet_folder import check_control_options, resolve_controlnet_folder, weights_variant
+from finetune.run_files import CONTROLNET_DIR, LORA_WEIGHTS_NAME, UNET_DIR, resolve_lora_file
 from finetune.model_source import looks_like_hub_id
 from finetune.models import BaseModel, load_base_model
 from finetune.pipeline_io import METADATA_FILE
@@ -45,45 +42,6 @@ from finetune.views import cover_and_crop
 
 # Config keys that must agree for a ControlNet's residuals to fit the UNet's skip connections.
 CONTROLNET_FIT_KEYS = ("block_out_channels", "cross_attention_dim", "in_channels", "down_block_types", "layers_per_block")
-
-
-def resolve_lora_file(lora: str) -> Path:
-    """A LoRA file, a training output folder, or a folder holding one .safetensors file (`finetune export`'s)."""
-    path = Path(lora)
-    if path.is_dir():
-        # A checkpoint's other .safetensors files are resumable state (trainable_0, ema), never the LoRA.
-        # A model folder's (config.json: a ControlNet's) single file is not a LoRA either.
-        candidates = [] if (path / STATE_FILE).is_file() or (path / "config.json").is_file() else sorted(path.glob("*.safetensors"))
-        path = path / LORA_WEIGHTS_NAME if (path / LORA_WEIGHTS_NAME).is_file() or len(candidates) != 1 else candidates[0]
-        if not path.is_file():
-            # The same words for every command that takes a LoRA (sample, eval, merge, export): what the folder is
-            # instead, and the commands that take that.
-            uses = {CONTROLNET_DIR: "sample or evaluate it with --controlnet {folder} (a ControlNet is not merged or exported as a LoRA)",
-                    "pipeline": "sample or evaluate it with --base {folder}, or write it as one webui/ComfyUI checkpoint with "
-                                "finetune export-checkpoint {run} OUT.safetensors"}  # fmt: skip
-            for folder, use in uses.items():
-                if (Path(lora) / folder / "config.json").is_file() or (Path(lora) / folder / "model_index.json").is_file():
-                    raise FinetuneError(f"{lora} holds no LoRA but a {folder}/ (its run trained no LoRA): " + use.format(folder=Path(lora) / folder, run=lora))
-            if (Path(lora) / STATE_FILE).is_file():
-                raise FinetuneError(f"checkpoint {lora} holds no LoRA file: its run had checkpoint.save_outputs: false (the run's last LoRA is in its output_dir)")
-            if (Path(lora) / "model_index.json").is_file():
-                raise FinetuneError(f"{lora} is a whole pipeline, not a LoRA: use it as the base model (--base {lora})")
-            if (Path(lora) / "config.json").is_file():
-                raise FinetuneError(f"{lora} is a model folder (a ControlNet?), not a LoRA: pass a ControlNet as --controlnet {lora}")
-            checkpoints = list_checkpoints(Path(lora))
-            if checkpoints:  # a run's checkpoints/: each checkpoint-N holds the LoRA as of step N
-                raise FinetuneError(f"{lora} holds a run's checkpoints: pick a checkpoint (checkpoint-N, of step N), e.g. {checkpoints[-1]}, the latest")
-            if len(candidates) > 1:
-                names = ", ".join(c.name for c in candidates[:3]) + (", ..." if len(candidates) > 3 else "")
-                raise FinetuneError(f"{lora} holds {len(candidates)} .safetensors files ({names}) and no {LORA_WEIGHTS_NAME}: pass the LoRA file itself")
-    if not path.is_file():
-        raise FinetuneError(
-            f"LoRA {lora} not found: pass a .safetensors file, a training output folder containing {LORA_WEIGHTS_NAME}, "
-            "or a folder holding one .safetensors file"
-        )
-    if path.suffix != ".safetensors":
-        raise FinetuneError(f"LoRA {path} is not a .safetensors file: pickle checkpoints are not loaded (they can run code)")
-    return path
 
 
 def load_lora_into(pipeline, lora: LoRA, lora_file: Path, adapter_name: str) -> None:
@@ -107,19 +65,6 @@ def load_lora_into(pipeline, lora: LoRA, lora_file: Path, adapter_name: str) -> 
 
 # ---------------------------------------------------------------------------------------------------
 # ControlNet
-
-
-def resolve_controlnet_folder(controlnet: str) -> Path:
-    """The ControlNet folder: the one given, or `<output>/controlnet` when given a controlnet run's output folder."""
-    path = Path(controlnet).expanduser()
-    if (path / CONTROLNET_DIR / "config.json").is_file():
-        path = path / CONTROLNET_DIR
-    refuse_a_controlnet_file(path, f"ControlNet {controlnet}")
-    if not (path / "config.json").is_file():  # not there, or what the folder is (a pipeline, a LoRA run, ...), as training says it
-        raise FinetuneError(not_a_controlnet_message(path, controlnet, "--controlnet"))
-    in_a_pipeline = (path.parent / "model_index.json").is_file()  # a pipeline's unet/, say
-    require_controlnet_config(path, f"--controlnet {controlnet}", f"; to sample with its pipeline, pass {path.parent} as --base" if in_a_pipeline else "")
-    return path
 
 
 def adapter_base(lora: str | None, controlnet: str | None, key: str = "finetune.base_model") -> str | None:
@@ -240,19 +185,6 @@ def fit_condition(image: Image.Image, source: str | Path, resolution: int) -> Im
     if (problem := small_conditioning_problem(image, str(source), resolution)) is not None:
         raise FinetuneError(f"{problem}, or a smaller --resolution")
     return cover_and_crop(image, (resolution, resolution), "center", np.random.default_rng(0))[0]
-
-
-def check_control_options(controlnet: str | None, condition: str | None, conditioning_scale: float | None) -> None:
-    """Refuse half-given ControlNet options before any model loads."""
-    if controlnet is None:
-        if condition is not None or conditioning_scale is not None:
-            raise FinetuneError("--condition and --conditioning-scale steer a ControlNet: pass --controlnet PATH too, or leave them out")
-        return
-    resolve_controlnet_folder(controlnet)
-    if condition is None:
-        raise FinetuneError(f"--controlnet {controlnet} needs a conditioning image: pass --condition IMAGE (e.g. one written by finetune make-conditions)")
-    if not Path(condition).is_file():
-        raise FinetuneError(f"conditioning image {condition} not found: check --condition")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -283,7 +283,7 @@ def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(monkeypatch, 
         raise KeyboardInterrupt
 
     monkeypatch.setattr(finetune.inference, "sample_to_folder", interrupted)
-    assert main(["sample", "--base", "b", "--prompt", "p"]) == 130
+    assert main(["sample", "--base", str(SHIPPED_BASE), "--prompt", "p"]) == 130
     # A rerun makes every image anew: "run the command again to continue" promised what it does not do.
     assert capsys.readouterr().err.strip() == ("stopped (Ctrl-C): files written so far are kept; "
                                                "run the command again to start over (every image is made anew, as a new numbered run)")
@@ -292,7 +292,7 @@ def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(monkeypatch, 
     for rank, local_rank in (("1", "1"), ("2", "0")):
         monkeypatch.setenv("RANK", rank)
         monkeypatch.setenv("LOCAL_RANK", local_rank)
-        assert main(["sample", "--base", "b", "--prompt", "p"]) == 130
+        assert main(["sample", "--base", str(SHIPPED_BASE), "--prompt", "p"]) == 130
         assert capsys.readouterr().err == ""
 
 

@@ -48,9 +48,9 @@ from finetune.output_metadata import started_from
 from finetune.pipeline_io import METADATA_FILE
 from finetune.finite_images import VALIDATION_OVERFLOW
 from finetune.sampling import adapters_prediction_type, build_pipeline, generate_with_settings
+from finetune.run_files import CONTROLNET_DIR, UNET_DIR
 from finetune.sources import Example
 
-CONTROLNET_DIR, UNET_DIR = "controlnet", "unet"
 STARTED_FROM = "controlnet_started_from"  # in a checkpoint's method state: the outputs' record of controlnet.pretrained, made when the run started
 PRETRAINED_METADATA_KEY = "finetune.controlnet_pretrained"  # the outputs' metadata key of that record
 # The UNet parts that train with unlock_unet_decoder (the original's output_blocks and out).

@@ -13,8 +13,8 @@ import torch
 from finetune.methods.base import UNetMethod
 from finetune.model_card import write_pipeline_card
 from finetune.pipeline_io import save_pipeline
+from finetune.run_files import PIPELINE_DIR
 
-PIPELINE_DIR = "pipeline"
 
 
 class FullMethod(UNetMethod):

@@ -27,8 +27,8 @@ from finetune.lora_unit_scale import skip_unit_scales
 from finetune.max_norm import apply_max_norm, lora_layers
 from finetune.methods.base import UNetMethod
 from finetune.models import freeze
+from finetune.run_files import LORA_WEIGHTS_NAME
 
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 

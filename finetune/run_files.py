@@ -1,0 +1,99 @@
+"""What a training run writes that other commands are pointed at: its checkpoints, its LoRA file, its ControlNet and
+pipeline folders, by name, and finding them. Kept apart from finetune.checkpoint, finetune.inference and the methods
+(which import torch, diffusers and peft: seconds) so that a command says a mistyped --lora, --resume or input folder
+before those load; they import these names from here."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from finetune.errors import FinetuneError
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"  # a checkpoint's step and recipe: a checkpoint folder holding it is complete
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # a LoRA run's output, in its output_dir and each checkpoint
+CONTROLNET_DIR, UNET_DIR = "controlnet", "unet"  # a ControlNet run's outputs (the UNet: with controlnet.unlock_unet_decoder)
+PIPELINE_DIR = "pipeline"  # a full or DreamBooth run's whole pipeline
+
+
+def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders never match the pattern)."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = [p for p in checkpoints_dir.iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+
+
+def resolve_resume(resume: str | None, checkpoints_dir: Path) -> Path | None:
+    """`latest` -> newest complete checkpoint (None if there is none yet); a path must be a checkpoint."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(checkpoints_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not path.exists():
+        found = list_checkpoints(checkpoints_dir)
+        have = f"the newest in {checkpoints_dir} is {found[-1].name}" if found else f"{checkpoints_dir} holds none yet"
+        raise FinetuneError(f"--resume {resume}: no such folder ({have}); use 'latest' or a checkpoints/checkpoint-N folder")
+    if not (path / STATE_FILE).is_file():
+        raise FinetuneError(f"--resume {resume}: not a complete checkpoint folder (no {STATE_FILE}); use 'latest' or a checkpoints/checkpoint-N folder")
+    return path
+
+
+def read_state(checkpoint: Path) -> dict:
+    """A checkpoint's trainer state; a damaged file (a crash or a full disk while it was written) is one line."""
+    problem = "not a JSON object"
+    try:
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+    except (OSError, ValueError) as err:
+        state, problem = None, f"{type(err).__name__}: {err}"
+    if not isinstance(state, dict):
+        raise FinetuneError(f"checkpoint {checkpoint} is damaged ({STATE_FILE}: {problem}): move it out of "
+                            f"{checkpoint.parent} and resume from the one before it")
+    return state
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return read_state(checkpoint).get("step", 0)
+
+
+def resolve_lora_file(lora: str) -> Path:
+    """A LoRA file, a training output folder, or a folder holding one .safetensors file (`finetune export`'s)."""
+    path = Path(lora)
+    if path.is_dir():
+        # A checkpoint's other .safetensors files are resumable state (trainable_0, ema), never the LoRA.
+        # A model folder's (config.json: a ControlNet's) single file is not a LoRA either.
+        candidates = [] if (path / STATE_FILE).is_file() or (path / "config.json").is_file() else sorted(path.glob("*.safetensors"))
+        path = path / LORA_WEIGHTS_NAME if (path / LORA_WEIGHTS_NAME).is_file() or len(candidates) != 1 else candidates[0]
+        if not path.is_file():
+            # The same words for every command that takes a LoRA (sample, eval, merge, export): what the folder is
+            # instead, and the commands that take that.
+            uses = {CONTROLNET_DIR: "sample or evaluate it with --controlnet {folder} (a ControlNet is not merged or exported as a LoRA)",
+                    PIPELINE_DIR: "sample or evaluate it with --base {folder}, or write it as one webui/ComfyUI checkpoint with "
+                                "finetune export-checkpoint {run} OUT.safetensors"}  # fmt: skip
+            for folder, use in uses.items():
+                if (Path(lora) / folder / "config.json").is_file() or (Path(lora) / folder / "model_index.json").is_file():
+                    raise FinetuneError(f"{lora} holds no LoRA but a {folder}/ (its run trained no LoRA): " + use.format(folder=Path(lora) / folder, run=lora))
+            if (Path(lora) / STATE_FILE).is_file():
+                raise FinetuneError(f"checkpoint {lora} holds no LoRA file: its run had checkpoint.save_outputs: false (the run's last LoRA is in its output_dir)")
+            if (Path(lora) / "model_index.json").is_file():
+                raise FinetuneError(f"{lora} is a whole pipeline, not a LoRA: use it as the base model (--base {lora})")
+            if (Path(lora) / "config.json").is_file():
+                raise FinetuneError(f"{lora} is a model folder (a ControlNet?), not a LoRA: pass a ControlNet as --controlnet {lora}")
+            checkpoints = list_checkpoints(Path(lora))
+            if checkpoints:  # a run's checkpoints/: each checkpoint-N holds the LoRA as of step N
+                raise FinetuneError(f"{lora} holds a run's checkpoints: pick a checkpoint (checkpoint-N, of step N), e.g. {checkpoints[-1]}, the latest")
+            if len(candidates) > 1:
+                names = ", ".join(c.name for c in candidates[:3]) + (", ..." if len(candidates) > 3 else "")
+                raise FinetuneError(f"{lora} holds {len(candidates)} .safetensors files ({names}) and no {LORA_WEIGHTS_NAME}: pass the LoRA file itself")
+    if not path.is_file():
+        raise FinetuneError(
+            f"LoRA {lora} not found: pass a .safetensors file, a training output folder containing {LORA_WEIGHTS_NAME}, "
+            "or a folder holding one .safetensors file"
+        )
+    if path.suffix != ".safetensors":
+        raise FinetuneError(f"LoRA {path} is not a .safetensors file: pickle checkpoints are not loaded (they can run code)")
+    return path

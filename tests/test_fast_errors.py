@@ -1,0 +1,64 @@
+"""Bad input is said before the training and sampling stack loads: a missing LoRA, base, ControlNet or conditioning
+image. Each was said only after torch, diffusers, transformers, peft and accelerate had imported (about 10 s of CPU,
+20 to 40 s on a busy 2-core host); the check is which modules the command imported, not a time, so a module-level
+import of torch that comes back into one of these paths fails here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = "finetune/assets/toyworld-base"  # a real local base: its weights' headers are read as it is located
+CONTROLNET = "finetune/assets/toyworld-controlnet-mask"
+
+# What these errors must be said without (numpy, PIL, pydantic and yaml load with the recipe and the data folder's reader).
+TRAINING_STACK = ("torch", "diffusers", "transformers", "peft", "accelerate", "deepspeed", "gradio")
+
+
+def said_without_the_training_stack(calls: list[list[str]]) -> list[str]:
+    """Run `finetune` with each argument list in one fresh interpreter in the repository, as a user would; each call's
+    stderr, after asserting that it exited 2 (an error said) and that none of TRAINING_STACK was imported."""
+    script = f"""
+import contextlib, io, json, sys
+from finetune.cli import main
+said = []
+for argv in {calls!r}:
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        status = main(argv)
+    said.append([status, err.getvalue(), [name for name in {TRAINING_STACK!r} if name in sys.modules]])
+print(json.dumps(said))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = []
+    for argv, (status, err, imported) in zip(calls, json.loads(result.stdout)):
+        assert (status, imported) == (2, []), (argv, err)
+        assert err.startswith("error: ") and err.count("\n") == 1, (argv, err)  # one line
+        lines.append(err.removeprefix("error: ").rstrip("\n"))
+    return lines
+
+
+def test_sample_merge_export_and_eval_say_missing_inputs_before_torch(tmp_path):
+    lora, base, out = str(tmp_path / "lora.safetensors"), str(tmp_path / "base"), str(tmp_path / "out")
+    sample = ["sample", "--prompt", "a star", "--out", out]
+    said = said_without_the_training_stack([
+        [*sample, "--base", BASE, "--lora", lora],
+        [*sample, "--lora", lora],  # no --base: the LoRA's record of its base would be read
+        [*sample, "--base", base],
+        [*sample, "--base", BASE, "--controlnet", str(tmp_path / "controlnet"), "--condition", "mask.png"],
+        [*sample, "--base", BASE, "--controlnet", CONTROLNET, "--condition", str(tmp_path / "mask.png")],
+        ["merge", "--base", BASE, "--lora", lora, out],
+        ["merge", "--base", base, "--lora", str(ROOT / "finetune" / "assets" / "toyworld_classifier.safetensors"), out],
+        ["export", lora, out, "--to", "kohya"],
+        ["eval", "--base", base],
+        ["eval", "--base", BASE, "--lora", lora],
+    ])  # fmt: skip
+    missing_lora = f"LoRA {lora} not found: pass a .safetensors file"
+    assert [line.startswith(missing_lora) for line in said] == [True, True, False, False, False, True, False, True, False, True]
+    assert said[2] == said[6] == said[8] == f"base model {base} not found: no such folder or file (check --base)"
+    assert said[3].startswith(f"ControlNet {tmp_path / 'controlnet'} not found")
+    assert said[4] == f"conditioning image {tmp_path / 'mask.png'} not found: check --condition"
