@@ -260,6 +260,9 @@ def _make_world_data(args) -> int:
 
 
 def _export_base(args) -> int:
+    from finetune.output_folders import export_base_source
+
+    export_base_source(Path(args.source), Path(args.destination), args.overwrite)  # before torch loads; export_fp16 checks again
     quiet_weight_progress_bars()
     from finetune.pipeline_io import export_fp16
 
@@ -278,6 +281,9 @@ def _export(args) -> int:
 
 
 def _export_checkpoint(args) -> int:
+    from finetune.model_source import resolve_pipeline_folder  # pydantic: not loaded for --help
+
+    resolve_pipeline_folder(Path(args.input))  # before torch loads; export_checkpoint checks it again
     quiet_weight_progress_bars()
     from finetune.single_file_export import export_checkpoint
 

@@ -289,13 +289,13 @@ def add_demo_parser(commands) -> None:
 
 
 def run_demo_command(args) -> int:
-    from finetune.demo_engine import DemoEngine
-    from finetune.placement import placement_line
-
     if not Path(args.adapters).is_dir():
         if args.adapters != ADAPTERS_DEFAULT:  # a typo would show an empty list and no word why
             raise FinetuneError(f"adapters folder {args.adapters} not found: pass --adapters with the folder your training runs write to")
         Path(args.adapters).mkdir(parents=True)  # where training runs will write; Rescan finds them there
+    from finetune.demo_engine import DemoEngine  # torch, diffusers and gradio: after the check above
+    from finetune.placement import placement_line
+
     quiet_weight_progress_bars()  # the page's first line is the demo's own
     base, note = resolve_base(args.base)
     engine = DemoEngine(base, Path(args.adapters), exclude=(Path(base),), base_config=args.base_config, device=args.device, precision=args.precision)

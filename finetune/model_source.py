@@ -14,6 +14,7 @@ from finetune.base_folder import (WEIGHTS_STEMS, check_architecture, check_part_
                                   pickle_refusal, read_config)  # fmt: skip
 from finetune.config import SINGLE_FILE_SUFFIXES, ModelConfig
 from finetune.errors import FinetuneError, looked_for_here
+from finetune.run_files import CONTROLNET_DIR, LORA_WEIGHTS_NAME, PIPELINE_DIR
 
 
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -104,6 +105,25 @@ def locate_base(config: ModelConfig) -> BaseLocation:
     check_architecture(configs, name)
     check_model_settings(configs, config)
     return BaseLocation(config, configs, weights_fetched=False)
+
+
+def resolve_pipeline_folder(source: Path) -> Path:
+    """The pipeline folder `source` (export-checkpoint's input) is, or the pipeline/ that a full or DreamBooth-full run
+    (or one of its checkpoints) saved in it."""
+    folder = source / PIPELINE_DIR if (source / PIPELINE_DIR / "model_index.json").is_file() else source
+    if (folder / "model_index.json").is_file():
+        check_pipeline_parts(folder, str(folder))
+        return folder
+    if (source / LORA_WEIGHTS_NAME).is_file() or (source.suffix == ".safetensors" and source.is_file() and holds_a_lora(source)):
+        raise FinetuneError(f"{source} holds a LoRA, not a whole model: fold it into its base first (finetune merge --lora {source} MERGED), then export MERGED")
+    if not source.exists():
+        raise FinetuneError(f"export-checkpoint input {source} not found: pass a pipeline folder, or a full or DreamBooth run's output folder")
+    controlnet = source / CONTROLNET_DIR if (source / CONTROLNET_DIR / "config.json").is_file() else source
+    if (controlnet / "config.json").is_file() and read_config(controlnet / "config.json", str(controlnet)).get("_class_name") == "ControlNetModel":
+        # A single-file checkpoint is a whole pipeline; a ControlNet is used beside its base as it is.
+        raise FinetuneError(f"{source} holds a ControlNet, not a whole model: use {controlnet} as it is (finetune sample --controlnet {controlnet}; "
+                            f"in diffusers ControlNetModel.from_pretrained('{controlnet}'))")  # fmt: skip
+    raise FinetuneError(f"{source} is not a diffusers pipeline folder (no model_index.json) nor a run's folder holding {PIPELINE_DIR}/: pass one of those")
 
 
 def check_hub_settings(config: ModelConfig, kind: str) -> None:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from finetune.errors import FinetuneError, nearest_existing
+from finetune.run_files import PIPELINE_DIR
 
 
 def check_replaceable(folder: Path, overwrite: bool, what: str) -> None:
@@ -58,3 +59,14 @@ def check_merge_output(output_dir: Path, lora: Path, overwrite: bool) -> None:
     if Path(output_dir).resolve() in ((resolved, *resolved.parents) if resolved.is_dir() else resolved.parents):
         raise FinetuneError(f"merge output {output_dir} holds the LoRA being merged ({lora}): pick another folder")
     check_replaceable(output_dir, overwrite, "merge output")
+
+
+def export_base_source(source: Path, destination: Path, overwrite: bool) -> Path:
+    """export-base's source pipeline folder (a full run's folder: its pipeline/), once it and the destination are checked."""
+    check_not_what_it_reads(destination, {"source": source}, "export-base destination")  # a run's folder holds its pipeline/
+    if (source / PIPELINE_DIR / "model_index.json").is_file():  # a full run's folder (outputs/base/unet3), as export-checkpoint takes
+        source = source / PIPELINE_DIR
+    if not (source / "model_index.json").is_file():
+        raise FinetuneError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
+    check_replaceable(destination, overwrite, "export-base destination")
+    return source

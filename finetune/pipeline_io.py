@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from finetune.atomic_files import folder_written_whole, with_default_permissions
 from finetune.models import BaseModel, at_source_precision
-from finetune.output_folders import check_not_what_it_reads, check_replaceable
+from finetune.output_folders import export_base_source
 
 # Beside a saved model (pipeline or ControlNet folder): what trained it, for sample, eval and the demo.
 METADATA_FILE = "finetune_metadata.json"
@@ -71,15 +71,7 @@ def as_loaded(tokenizer):
 def export_fp16(source: Path, destination: Path, overwrite: bool = False) -> Path:
     """A compact copy of a pipeline: fp16 safetensors (half the bytes), loaded back as fp32 for training
     and by a plain `from_pretrained` (every part in one dtype; mixed, the first matmul fails)."""
-    from finetune.errors import FinetuneError
-    from finetune.methods.full import PIPELINE_DIR
-
-    check_not_what_it_reads(destination, {"source": source}, "export-base destination")  # a run's folder holds its pipeline/
-    if (source / PIPELINE_DIR / "model_index.json").is_file():  # a full run's folder (outputs/base/unet3), as export-checkpoint takes
-        source = source / PIPELINE_DIR
-    if not (source / "model_index.json").is_file():
-        raise FinetuneError(f"{source} is not a diffusers pipeline folder (no model_index.json)")
-    check_replaceable(destination, overwrite, "export-base destination")
+    source = export_base_source(source, destination, overwrite)
     pipeline = StableDiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False)
     pipeline.to(torch.float16)
     with folder_written_whole(destination) as partial:  # a full disk or Ctrl-C left a hidden half copy of the pipeline, gigabytes for SD1.5

@@ -20,10 +20,7 @@ from finetune.atomic_files import atomic_save_safetensors
 from finetune.errors import FinetuneError
 from finetune.inference import saved_model_metadata
 from finetune.lora_kinds import CLIP_ROOT
-from finetune.methods.controlnet import CONTROLNET_DIR
-from finetune.methods.full import PIPELINE_DIR
-from finetune.methods.lora import LORA_WEIGHTS_NAME
-from finetune.model_source import check_pipeline_parts, holds_a_lora
+from finetune.model_source import resolve_pipeline_folder
 from finetune.original_layout import UNET_RESNET_NAMES, unet_prefixes
 from finetune.placement import PRECISIONS
 
@@ -96,25 +93,6 @@ def to_original_text_encoder(state: dict[str, torch.Tensor], positions: int) -> 
 
 
 # --- the pipeline --------------------------------------------------------------------------------
-
-
-def resolve_pipeline_folder(source: Path) -> Path:
-    """The pipeline folder `source` is, or the pipeline/ that a full or DreamBooth-full run (or one of its
-    checkpoints) saved in it."""
-    folder = source / PIPELINE_DIR if (source / PIPELINE_DIR / "model_index.json").is_file() else source
-    if (folder / "model_index.json").is_file():
-        check_pipeline_parts(folder, str(folder))
-        return folder
-    if (source / LORA_WEIGHTS_NAME).is_file() or (source.suffix == ".safetensors" and source.is_file() and holds_a_lora(source)):
-        raise FinetuneError(f"{source} holds a LoRA, not a whole model: fold it into its base first (finetune merge --lora {source} MERGED), then export MERGED")
-    if not source.exists():
-        raise FinetuneError(f"export-checkpoint input {source} not found: pass a pipeline folder, or a full or DreamBooth run's output folder")
-    controlnet = source / CONTROLNET_DIR if (source / CONTROLNET_DIR / "config.json").is_file() else source
-    if (controlnet / "config.json").is_file() and _config(controlnet / "config.json").get("_class_name") == "ControlNetModel":
-        # A single-file checkpoint is a whole pipeline; a ControlNet is used beside its base as it is.
-        raise FinetuneError(f"{source} holds a ControlNet, not a whole model: use {controlnet} as it is (finetune sample --controlnet {controlnet}; "
-                            f"in diffusers ControlNetModel.from_pretrained('{controlnet}'))")  # fmt: skip
-    raise FinetuneError(f"{source} is not a diffusers pipeline folder (no model_index.json) nor a run's folder holding {PIPELINE_DIR}/: pass one of those")
 
 
 def _config(path: Path) -> dict:

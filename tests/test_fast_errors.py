@@ -1,7 +1,8 @@
 """Bad input is said before the training and sampling stack loads: a missing LoRA, base, ControlNet or conditioning
-image. Each was said only after torch, diffusers, transformers, peft and accelerate had imported (about 10 s of CPU,
-20 to 40 s on a busy 2-core host); the check is which modules the command imported, not a time, so a module-level
-import of torch that comes back into one of these paths fails here."""
+image, export-checkpoint's or export-base's input, the demo's adapters folder. Each was said only after torch,
+diffusers, transformers, peft and accelerate had imported (about 10 s of CPU, 20 to 40 s on a busy 2-core host); the
+check is which modules the command imported, not a time, so a module-level import of torch that comes back into one
+of these paths fails here."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ print(json.dumps(said))
     return lines
 
 
-def test_sample_merge_export_and_eval_say_missing_inputs_before_torch(tmp_path):
+def test_sample_merge_exports_eval_and_demo_say_missing_inputs_before_torch(tmp_path):
     lora, base, out = str(tmp_path / "lora.safetensors"), str(tmp_path / "base"), str(tmp_path / "out")
     sample = ["sample", "--prompt", "a star", "--out", out]
     said = said_without_the_training_stack([
@@ -56,9 +57,15 @@ def test_sample_merge_export_and_eval_say_missing_inputs_before_torch(tmp_path):
         ["export", lora, out, "--to", "kohya"],
         ["eval", "--base", base],
         ["eval", "--base", BASE, "--lora", lora],
+        ["export-checkpoint", base, str(tmp_path / "model.safetensors")],
+        ["export-base", base, out],
+        ["demo", "--adapters", str(tmp_path / "runs")],
     ])  # fmt: skip
     missing_lora = f"LoRA {lora} not found: pass a .safetensors file"
-    assert [line.startswith(missing_lora) for line in said] == [True, True, False, False, False, True, False, True, False, True]
+    assert [line.startswith(missing_lora) for line in said] == [True, True, False, False, False, True, False, True, False, True, False, False, False]
     assert said[2] == said[6] == said[8] == f"base model {base} not found: no such folder or file (check --base)"
     assert said[3].startswith(f"ControlNet {tmp_path / 'controlnet'} not found")
     assert said[4] == f"conditioning image {tmp_path / 'mask.png'} not found: check --condition"
+    assert said[10].startswith(f"export-checkpoint input {base} not found")
+    assert said[11] == f"{base} is not a diffusers pipeline folder (no model_index.json)"
+    assert said[12].startswith(f"adapters folder {tmp_path / 'runs'} not found")
