@@ -30,10 +30,8 @@ from finetune.counts import counted
 from finetune.distributed import unwrap
 from finetune.errors import FinetuneError
 # Here, without torch, for the commands' checks before it loads; imported from this module too.
-from finetune.run_files import CHECKPOINT_PATTERN, STATE_FILE, checkpoint_step, list_checkpoints, read_state, resolve_resume  # noqa: F401
+from finetune.run_files import CHECKPOINT_PATTERN, PARTIAL, REMOVED, STATE_FILE, checkpoint_step, list_checkpoints, read_state, resolve_resume  # noqa: F401
 
-PARTIAL = ".partial-"  # a checkpoint being written: .partial-checkpoint-N, renamed checkpoint-N once complete
-REMOVED = ".removed-"  # one rotated out: renamed .removed-checkpoint-N, then deleted
 DEEPSPEED_FOLDER = "pytorch_model"  # where accelerate has DeepSpeed's engine write a checkpoint's weights and optimizer
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import functools
 import gc
@@ -20,7 +21,7 @@ from finetune.library_noise import quiet_third_party_warnings, quiet_weight_prog
 from finetune.native_resolution import native_resolution
 from finetune.process_env import first_on_its_machine, machine_name, main_process
 from finetune.progress_lines import progress_as_lines_in_logs
-from finetune.run_files import resolve_lora_file
+from finetune.run_files import resolve_lora_file, resolve_resume
 from finetune.stop_signals import START_OVER, exit_status, signal_of, stop_line, stop_outside_imports
 
 
@@ -140,28 +141,17 @@ def _train(args) -> int:
     from finetune.train_inputs import check_inputs_exist  # PIL and numpy, with the data folder's reader
 
     base_location = check_inputs_exist(recipe)  # so is a missing data folder or base model (looked up once: train() loads it from there)
-    from finetune.distributed import leave_process_group, says_its_error
+    from finetune.earlier_run import guard_earlier_run  # neither imports torch
     from finetune.run_lock import output_dir_lock
-    from finetune.trainer import train
 
-    quiet_weight_progress_bars()
-    try:
-        try:
-            with output_dir_lock(Path(recipe.output_dir)):
-                result = train(recipe, resume=args.resume, overwrite=args.overwrite, base_location=base_location)
-        except OSError as err:  # checkpoints and outputs say their own; a full disk under a sample grid or the logs is one line too
-            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            raise FinetuneError(
-                f"no space left on the disk of {recipe.output_dir}{f' (writing {err.filename})' if err.filename else ''}: make room, then "
-                "--resume latest (the last complete checkpoint is kept)"
-            ) from None
-    except FinetuneError as err:
-        if err.said_here is None:  # asked while the processes' rendezvous store is still there
-            err.said_here = says_its_error(one_line(err))
-        raise
-    finally:
-        leave_process_group()
+    # So are a --resume that is no checkpoint, and an output_dir that cannot be written or holds an earlier run unasked
+    # (train() checks them again, for callers that do not come through here).
+    output_dir = Path(recipe.output_dir)
+    resume_from = resolve_resume(args.resume, output_dir / "checkpoints")
+    # The lock from the check of output_dir on: a run still writing there is said as that, not as an earlier run.
+    with full_disk_said(recipe.output_dir), output_dir_lock(output_dir):
+        guard_earlier_run(output_dir, resume_from, args.overwrite)
+        result = _run_training(recipe, args, base_location)
     if result.interrupted:
         return exit_status(result.stopped_by)
     for path in result.sample_grids[-1:]:
@@ -169,6 +159,37 @@ def _train(args) -> int:
     for path in result.saved_files:
         print(f"output: {path}")
     return 0
+
+
+def _run_training(recipe, args, base_location):
+    """train(), its error said by one process of the run (`says_its_error`), the process group left however it ends."""
+    from finetune.distributed import leave_process_group, says_its_error  # torch and the training stack: after the checks
+    from finetune.trainer import train
+
+    quiet_weight_progress_bars()
+    try:
+        with full_disk_said(recipe.output_dir):
+            return train(recipe, resume=args.resume, overwrite=args.overwrite, base_location=base_location)
+    except FinetuneError as err:
+        if err.said_here is None:  # asked while the processes' rendezvous store is still there
+            err.said_here = says_its_error(one_line(err))
+        raise
+    finally:
+        leave_process_group()
+
+
+@contextlib.contextmanager
+def full_disk_said(output_dir: str):
+    """A full disk under a sample grid, the logs or the run's lock file is one line too (checkpoints and outputs say their own)."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise FinetuneError(
+            f"no space left on the disk of {output_dir}{f' (writing {err.filename})' if err.filename else ''}: make room, then "
+            "--resume latest (the last complete checkpoint is kept)"
+        ) from None
 
 
 def check_output_folder(out: Path, what: str, holds: str, is_file: bool = False) -> None:

@@ -10,11 +10,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from finetune.checkpoint import CHECKPOINT_PATTERN, PARTIAL, REMOVED, STATE_FILE, checkpoint_step, list_checkpoints, read_state
 from finetune.errors import FinetuneError, nearest_existing
-from finetune.methods.controlnet import CONTROLNET_DIR, UNET_DIR
-from finetune.methods.full import PIPELINE_DIR
-from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.run_files import (CHECKPOINT_PATTERN, CONTROLNET_DIR, LORA_WEIGHTS_NAME, PARTIAL, PIPELINE_DIR, REMOVED, STATE_FILE, UNET_DIR, checkpoint_step,
+                                list_checkpoints, read_state)  # fmt: skip
 
 # What a run leaves in its output_dir besides its outputs: `overwrite` clears these (DreamBooth's generated
 # class images stay: they are named by their prompt and settings, so a new run reuses only matching ones).

@@ -12,6 +12,8 @@ from pathlib import Path
 from finetune.errors import FinetuneError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+PARTIAL = ".partial-"  # a checkpoint being written: .partial-checkpoint-N, renamed checkpoint-N once complete
+REMOVED = ".removed-"  # one rotated out: renamed .removed-checkpoint-N, then deleted
 STATE_FILE = "trainer_state.json"  # a checkpoint's step and recipe: a checkpoint folder holding it is complete
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # a LoRA run's output, in its output_dir and each checkpoint
 CONTROLNET_DIR, UNET_DIR = "controlnet", "unet"  # a ControlNet run's outputs (the UNet: with controlnet.unlock_unet_decoder)

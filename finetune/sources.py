@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import Callable
+from typing import Callable, NoReturn
 
 from PIL import Image
 
@@ -99,25 +99,31 @@ def _folder_examples(config: DataConfig) -> list[Example]:
     examples = []
     for index, settings in enumerate(config.folders or [FolderConfig(path=".", repeats=config._repeats)]):
         folder = root / settings.path
-        key = config._image_dir_key if not config.folders else f"data.folders path '{settings.path}'"
         images = folder_images(folder)
-        if not images and (subfolders := image_subfolders(folder, config, SAID_SUBFOLDER_DEPTH)):
-            raise FinetuneError(subfolders_message(folder, subfolders, config, settings.path if config.folders else None))
-        if not images and (unread := unread_images(folder, config)[0]):  # an iPhone's .HEIC photos: not "no images"
-            kinds = ", ".join(sorted({path.suffix.lower() for path in unread}))
-            raise FinetuneError(f"data folder {folder} has no images training reads, only {len(unread)} it does not ({kinds}, e.g. {unread[0].name}): "
-                                "convert them to PNG or JPEG")  # fmt: skip
-        if not images and (nested := nested_metadata_images(folder, config)):
-            raise FinetuneError(f"data folder {folder} has no images of its own: its metadata file names them in a subfolder ({nested[0]}), "
-                                "and training reads the images beside the metadata file: move them there and drop the subfolder from their file_name")  # fmt: skip
-        if not images and (saved := saved_or_data_files(folder)):
-            remedy = (f"DreamBooth reads image files: write its images to a folder and give that as {key}" if key.startswith("dreambooth.")
-                      else f"train it as data.dataset={folder} (with data.image_dir=null)")  # fmt: skip
-            raise FinetuneError(f"data folder {folder} holds a datasets dataset ({saved}), not image files: {remedy}")
         if not images:
-            raise FinetuneError(f"data folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}): add some or fix {key}")
+            refuse_a_folder_without_images(folder, config, settings)
         examples += [replace(example, folder_index=index) for example in _images_of_folder(folder, images, settings, config)]
     return examples
+
+
+def refuse_a_folder_without_images(folder: Path, config: DataConfig, settings: FolderConfig) -> NoReturn:
+    """A data folder holding no images training reads: what it holds instead (subfolders of images, photos of a kind
+    not read, a metadata file naming images elsewhere, a saved dataset), and what to do."""
+    key = config._image_dir_key if not config.folders else f"data.folders path '{settings.path}'"
+    if subfolders := image_subfolders(folder, config, SAID_SUBFOLDER_DEPTH):
+        raise FinetuneError(subfolders_message(folder, subfolders, config, settings.path if config.folders else None))
+    if unread := unread_images(folder, config)[0]:  # an iPhone's .HEIC photos: not "no images"
+        kinds = ", ".join(sorted({path.suffix.lower() for path in unread}))
+        raise FinetuneError(f"data folder {folder} has no images training reads, only {len(unread)} it does not ({kinds}, e.g. {unread[0].name}): "
+                            "convert them to PNG or JPEG")  # fmt: skip
+    if nested := nested_metadata_images(folder, config):
+        raise FinetuneError(f"data folder {folder} has no images of its own: its metadata file names them in a subfolder ({nested[0]}), "
+                            "and training reads the images beside the metadata file: move them there and drop the subfolder from their file_name")  # fmt: skip
+    if saved := saved_or_data_files(folder):
+        remedy = (f"DreamBooth reads image files: write its images to a folder and give that as {key}" if key.startswith("dreambooth.")
+                  else f"train it as data.dataset={folder} (with data.image_dir=null)")  # fmt: skip
+        raise FinetuneError(f"data folder {folder} holds a datasets dataset ({saved}), not image files: {remedy}")
+    raise FinetuneError(f"data folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}): add some or fix {key}")
 
 
 def folder_images(folder: Path) -> list[Path]:

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Callable
 
 from finetune.base_folder import read_config
-from finetune.config import DataConfig, LossMaskConfig, Recipe
+from finetune.config import DataConfig, FolderConfig, LossMaskConfig, Recipe
 from finetune.config.training import timestep_range_problem
 from finetune.errors import FinetuneError
 from finetune.model_source import BaseLocation, locate_base, location_of
-from finetune.sources import check_folders_exist
+from finetune.sources import check_folders_exist, folder_images, refuse_a_folder_without_images
 
 
 def data_configs(recipe: Recipe) -> list[DataConfig]:
@@ -34,13 +34,22 @@ def data_configs(recipe: Recipe) -> list[DataConfig]:
 
 
 def check_inputs_exist(recipe: Recipe) -> BaseLocation:
-    """The recipe's data folders and base model are there (a hub id: its configs, from the cache or downloaded now;
+    """The recipe's data folders are there and hold images, and its base model is there (a hub id: its configs, from the cache or downloaded now;
     its weights download as it loads, after the data check); returns where the base is, for `train()` to load it
     from without looking it up again."""
     for config in data_configs(recipe):
         if config.image_dir:  # a `datasets` dataset is opened by the data check
-            check_folders_exist(config)
+            check_folders_hold_images(config)
     return check_timesteps(recipe, locate_base(recipe.model))
+
+
+def check_folders_hold_images(config: DataConfig) -> None:
+    """`check_folders_exist`, and each folder holds images training reads: `finetune train` says an empty one before torch
+    loads, as reading the examples says it (`refuse_a_folder_without_images`)."""
+    check_folders_exist(config)
+    for settings in config.folders or [FolderConfig(path=".")]:
+        if not folder_images(Path(config.image_dir) / settings.path):
+            refuse_a_folder_without_images(Path(config.image_dir) / settings.path, config, settings)
 
 
 def check_base_and_data(recipe: Recipe, check_data: Callable[[], None], base: BaseLocation | None = None) -> BaseLocation:

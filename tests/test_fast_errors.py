@@ -1,8 +1,9 @@
 """Bad input is said before the training and sampling stack loads: a missing LoRA, base, ControlNet or conditioning
-image, export-checkpoint's or export-base's input, the demo's adapters folder. Each was said only after torch,
-diffusers, transformers, peft and accelerate had imported (about 10 s of CPU, 20 to 40 s on a busy 2-core host); the
-check is which modules the command imported, not a time, so a module-level import of torch that comes back into one
-of these paths fails here."""
+image, export-checkpoint's or export-base's input, the demo's adapters folder; an empty data folder, an output_dir
+under a file or holding an earlier run, a --resume that is not there. Each was said only after torch, diffusers,
+transformers, peft and accelerate had imported (about 10 s of CPU, 20 to 40 s on a busy 2-core host); the check is
+which modules the command imported, not a time, so a module-level import of torch that comes back into one of these
+paths fails here."""
 
 from __future__ import annotations
 
@@ -41,6 +42,25 @@ print(json.dumps(said))
         assert err.startswith("error: ") and err.count("\n") == 1, (argv, err)  # one line
         lines.append(err.removeprefix("error: ").rstrip("\n"))
     return lines
+
+
+def test_train_says_its_output_dir_data_and_resume_before_torch(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("")
+    earlier = tmp_path / "earlier"
+    (earlier / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    (earlier / "checkpoints" / "checkpoint-5" / "trainer_state.json").write_text('{"step": 5}')
+    quickstart = ["train", "recipes/quickstart.yaml"]
+    said = said_without_the_training_stack([
+        [*quickstart, f"output_dir={tmp_path / 'run'}", f"data.image_dir={tmp_path / 'empty'}"],
+        [*quickstart, f"output_dir={tmp_path / 'file' / 'run'}"],
+        [*quickstart, f"output_dir={earlier}"],
+        [*quickstart, f"output_dir={tmp_path / 'new'}", "--resume", str(tmp_path / "nope")],
+    ])  # fmt: skip
+    assert said[0].startswith(f"data folder {tmp_path / 'empty'} has no images (") and said[0].endswith("add some or fix data.image_dir")
+    assert said[1] == f"output_dir {tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is a file, not a folder"
+    assert said[2].startswith(f"output_dir {earlier} holds an earlier run (checkpoint-5): continue it with --resume latest")
+    assert said[3].startswith(f"--resume {tmp_path / 'nope'}: no such folder")
 
 
 def test_sample_merge_exports_eval_and_demo_say_missing_inputs_before_torch(tmp_path):
