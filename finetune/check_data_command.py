@@ -70,7 +70,7 @@ def run_check_data_command(args) -> int:
     reports = []
     for config in configs_from_args(args, recipe):
         if recipe is not None and recipe.method == "controlnet":
-            from finetune.controlnet_data import inspect_pairs  # it builds on this module
+            from finetune.controlnet_pairs import inspect_pairs  # it builds on this module
 
             reports.append(inspect_pairs(recipe.model_copy(update={"data": config}))[1])
         else:
@@ -109,7 +109,7 @@ def run_check_data_command(args) -> int:
                   "uses per epoch to train")  # fmt: skip
         short = too_few_to_batch(len(trained), recipe, 1, len(sources)) or concept_held_out_whole(reports, held_sources, recipe)
         if recipe.method == "controlnet" and not short:
-            from finetune.controlnet_data import validation_conditions_problem  # it builds on this module
+            from finetune.controlnet_pairs import validation_conditions_problem  # it builds on this module
 
             short = validation_conditions_problem(recipe)
         if recipe.lora.init_from and not short:
