@@ -24,13 +24,12 @@ from accelerate.utils import RNG_STATE_NAME, SCALER_NAME
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from finetune.atomic_files import failed_write, outputs_written, replace_folder  # outputs_written: the trainer uses it as ckpt.outputs_written
+from finetune.atomic_files import failed_write, replace_folder
 from finetune.base_folder import objects_refused_in, pickled_objects
 from finetune.counts import counted
 from finetune.distributed import unwrap
 from finetune.errors import FinetuneError
-# Here, without torch, for the commands' checks before it loads; imported from this module too.
-from finetune.run_files import CHECKPOINT_PATTERN, PARTIAL, REMOVED, STATE_FILE, checkpoint_step, list_checkpoints, read_state, resolve_resume  # noqa: F401
+from finetune.run_files import PARTIAL, REMOVED, STATE_FILE, checkpoint_step, list_checkpoints, read_state
 
 DEEPSPEED_FOLDER = "pytorch_model"  # where accelerate has DeepSpeed's engine write a checkpoint's weights and optimizer
 

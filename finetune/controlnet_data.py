@@ -16,13 +16,10 @@ from finetune.buckets import assign_buckets
 from finetune.cache import EncodingCache
 from finetune.captions import scored_caption, training_caption
 from finetune.config import DataConfig
+from finetune.controlnet_pairs import Pair
 from finetune.data import collate_images, item_rng, likely_new_view, render_pixels, view_entry
 from finetune.images import open_rgb, upright_size
 from finetune.views import ViewPlan, plan_view, render
-
-# The pairs' reading and checks, imported from here too (by the ControlNet method, sampling and tests).
-from finetune.controlnet_pairs import (Pair, _conditioning_files, checked_pairs, inspect_pairs, paired_views, read_conditioning,  # noqa: F401
-                                       read_pairs, small_conditioning_problem, validation_conditions_problem)  # fmt: skip
 
 
 def conditioning_tensor(image: Image.Image) -> torch.Tensor:

@@ -26,6 +26,7 @@ from typing import Iterator
 from finetune.config.training import MAX_ACCUMULATION, MAX_TRAIN_STEPS
 from finetune.counts import counted
 from finetune.errors import FinetuneError
+from finetune.run_files import STATE_FILE
 
 Deal = list[list[int]]  # an epoch's global batches, in training order (items by index)
 # The furthest epoch a checkpoint can be in: an epoch is a micro-batch or more, and a run at most train.max_steps' bound of steps
@@ -166,8 +167,6 @@ def recorded_position(checkpoint: Path, state: dict) -> dict | None:
 
 def unusable_position(checkpoint: Path, position, why: str = "") -> FinetuneError:
     """The one line for `checkpoint`'s data_order the samplers cannot take up (`why`: what of it this data could not have dealt)."""
-    from finetune.checkpoint import STATE_FILE  # here: the samplers load without torch, which finetune.checkpoint imports
-
     return FinetuneError(
         f"checkpoint {checkpoint}: its data_order ({json.dumps(position)[:80]}) is not a position in the data order ({why + '; ' if why else ''}"
         f"edited by hand?): resume from another checkpoint, or delete data_order from its {STATE_FILE} (its data then go on by its step, as an "

@@ -16,6 +16,7 @@ from finetune import checkpoint as ckpt
 from finetune.config import Recipe
 from finetune.distributed import config_stage, deepspeed_requested, launched_processes
 from finetune.errors import FinetuneError
+from finetune.run_files import read_state
 
 
 def launch_deepspeed_config() -> dict | None:
@@ -34,7 +35,7 @@ def check_deepspeed_launch(recipe: Recipe, trained_models: list[str], resume_fro
     config = launch_deepspeed_config()
     if resume_from is not None:
         stage = config_stage(config) if config is not None else None
-        ckpt.check_same_engine(resume_from, ckpt.read_state(resume_from).get("processes"), stage, launched_processes())
+        ckpt.check_same_engine(resume_from, read_state(resume_from).get("processes"), stage, launched_processes())
     if config is not None:
         check_no_compile_asked()
         check_deepspeed_recipe(recipe, trained_models, config)

@@ -31,7 +31,7 @@ from PIL import Image
 from finetune.adapter_scan import BASE, PICKLE_SUFFIXES, Adapter, scan_adapters
 from finetune.conditioning_records import recorded_options
 from finetune.config import ModelConfig
-from finetune.controlnet_data import small_conditioning_problem
+from finetune.controlnet_pairs import small_conditioning_problem
 from finetune.counts import counted
 from finetune.encoders import clip_skipped
 from finetune.demo_inputs import MAX_UPLOAD_PIXELS, UPLOADED, other_kind_notes, too_large_upload

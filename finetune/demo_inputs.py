@@ -187,7 +187,7 @@ def read_upload(path: str | None, photo: bool = False):
         return None
     from PIL import Image
 
-    from finetune.controlnet_data import read_conditioning
+    from finetune.controlnet_pairs import read_conditioning
     from finetune.images import open_rgb
     from finetune.sources import Example
 

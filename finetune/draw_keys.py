@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.checkpoint import read_state
+from finetune.run_files import read_state
 from finetune.errors import FinetuneError
 
 DRAWN = "micro_batches"  # checkpoint state: the micro-batches whose noise was drawn before it, in all

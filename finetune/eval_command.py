@@ -94,7 +94,7 @@ def default_out(base: str, lora: str | None, controlnet: str | None = None, suit
     than the `recorded_base` of the adapter's run; `prompt_parts`: `subject_prompt_parts`), so reports of other suites,
     prompts, strengths, combinations, bases or LoRA files of one folder do not replace each other."""
     from finetune.inference import same_model
-    from finetune.methods.lora import LORA_WEIGHTS_NAME
+    from finetune.run_files import LORA_WEIGHTS_NAME
 
     lora_path = Path(lora) if lora else None
     lora_name = None if lora_path is None else (lora_path.parent.name if lora_path.name == LORA_WEIGHTS_NAME else lora_path.name)
@@ -119,7 +119,7 @@ def default_out(base: str, lora: str | None, controlnet: str | None = None, suit
         if lora_path.is_dir():
             return lora_path / name
         return lora_path.parent / (name if lora_path.name == LORA_WEIGHTS_NAME else f"{lora_path.stem}-{name}")
-    from finetune.checkpoint import STATE_FILE
+    from finetune.run_files import STATE_FILE
     from finetune.run_recipe import run_recipe_file
 
     base_path = Path(base.rstrip("/"))

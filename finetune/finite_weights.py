@@ -15,7 +15,7 @@ from typing import Iterable
 import torch
 from accelerate import Accelerator
 
-from finetune.checkpoint import list_checkpoints
+from finetune.run_files import list_checkpoints
 from finetune.counts import counted
 from finetune.errors import FinetuneError
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from finetune.counts import counted
+from finetune.run_files import list_checkpoints, read_state
 
 if TYPE_CHECKING:  # for annotations only: the data check and the recipe schema load pydantic and PIL
     from finetune.check_data import DataReport
@@ -83,7 +84,7 @@ def held_out_for_run(items: list, count: int, seed: int, checkpoint: Path | None
     split, lines = split_held_out(images, count, seed), []
     if checkpoint is None or count == 0:
         return _run_split(images, split, lines)
-    from finetune.checkpoint import data_record, read_state  # torch and accelerate: loaded for a resume only
+    from finetune.checkpoint import data_record  # torch and accelerate: loaded for a resume only
 
     state = read_state(checkpoint)
     if (kept := state.get(HELD_OUT_STATE)) is not None:
@@ -121,7 +122,6 @@ def held_out_for_check(items: list, count: int, seed: int, output_dir: Path) -> 
     checkpoints = output_dir / "checkpoints"
     if count == 0 or not checkpoints.is_dir() or not any(path.name.startswith("checkpoint-") for path in checkpoints.iterdir()):
         return new, ""
-    from finetune.checkpoint import list_checkpoints  # torch: loaded only where there is a checkpoint to read
     from finetune.errors import FinetuneError
 
     if not (found := list_checkpoints(checkpoints)):

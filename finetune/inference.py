@@ -19,14 +19,14 @@ from safetensors import SafetensorError, safe_open
 from finetune.atomic_files import atomic_save_safetensors
 from finetune.conditioning_records import recorded_conditioning
 from finetune.config import ModelConfig
-from finetune.controlnet_data import read_conditioning, small_conditioning_problem
+from finetune.controlnet_pairs import read_conditioning, small_conditioning_problem
 from finetune.encoders import skip_last_layers
 from finetune.errors import FinetuneError
 from finetune.image_bounds import sample_grid_problem
 from finetune.kohya import LoRA, load_lora, to_diffusers
 from finetune.merge import check_lora_fits, merged_already_note
 from finetune.controlnet_folder import check_control_options, resolve_controlnet_folder, weights_variant
-from finetune.run_files import CONTROLNET_DIR, LORA_WEIGHTS_NAME, UNET_DIR, resolve_lora_file
+from finetune.run_files import LORA_WEIGHTS_NAME, UNET_DIR, resolve_lora_file
 from finetune.model_source import looks_like_hub_id
 from finetune.models import BaseModel, load_base_model
 from finetune.pipeline_io import METADATA_FILE

@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from finetune.atomic_files import atomic_save_safetensors
-from finetune.checkpoint import CHECKPOINT_PATTERN
+from finetune.run_files import CHECKPOINT_PATTERN
 from finetune.dora import (DIFFUSERS_MAGNITUDE, KOHYA_DORA_ARGS, KOHYA_DORA_METADATA, KOHYA_MAGNITUDE, check_config_magnitudes, check_kohya_magnitudes,
                            diffusers_magnitude, kohya_magnitude, read_magnitude, uses_dora)
 from finetune.errors import FinetuneError
@@ -331,7 +331,7 @@ def resolve_output_file(output: Path, layout: str, source: Path) -> Path:
     """A .safetensors path is used as given; a folder gets the conventional name for the layout."""
     if output.suffix == ".safetensors":
         return output
-    from finetune.methods.lora import LORA_WEIGHTS_NAME
+    from finetune.run_files import LORA_WEIGHTS_NAME
 
     # webui lists a LoRA by its file name, so a kohya file is named after the training run, and a
     # checkpoint's after its run and step as sd-scripts names its step saves (`quickstart-step00000200`;
@@ -353,7 +353,7 @@ def export_lora(source: Path, output: Path, layout: str, overwrite: bool = False
     """Convert `source` (a file or training folder) to `layout`; write the file and its model card.
     Files already there (an earlier export, a trained LoRA, the user's README) are replaced only with `overwrite`.
     Returns (the file, its card, the card's images: see `write_model_card`)."""
-    from finetune.inference import resolve_lora_file
+    from finetune.run_files import resolve_lora_file
 
     # Absolute, so that the run's name and a checkpoint's step are found from its folders: `export . webui` in the run wrote .safetensors
     source = Path(os.path.abspath(resolve_lora_file(str(source))))

@@ -78,7 +78,8 @@ def merge_lora(
     """Load `base` (described by `base_config` when it is a single file), fold in the LoRA at `strength`,
     save a full pipeline in `precision` (fp16 halves it, as most shared checkpoints are) with a short model
     card. An existing folder is replaced only with `overwrite`."""
-    from finetune.inference import base_model_metadata, resolve_lora_file
+    from finetune.inference import base_model_metadata
+    from finetune.run_files import resolve_lora_file
 
     lora_file = resolve_lora_file(lora_path)
     check_merge_output(Path(output_dir), lora_file, overwrite)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from finetune.atomic_files import atomic_write, atomic_write_text
-from finetune.checkpoint import CHECKPOINT_PATTERN, PARTIAL
+from finetune.run_files import CHECKPOINT_PATTERN, PARTIAL
 from finetune.counts import counted
 from finetune.dora import uses_dora
 from finetune.encoders import recorded_clip_skip

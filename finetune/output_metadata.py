@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from finetune.captions import caption_lines
-from finetune.checkpoint import CHECKPOINT_PATTERN
+from finetune.run_files import CHECKPOINT_PATTERN
 from finetune.config import Recipe
 from finetune.kohya import LORAPLUS_KEYS
 from finetune.model_source import looks_like_hub_id

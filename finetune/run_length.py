@@ -22,7 +22,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from finetune.batches import ItemLayout, make_batch_sampler
-from finetune.checkpoint import STATE_FILE, read_state
+from finetune.run_files import STATE_FILE, read_state
 from finetune.config import Recipe, TrainConfig
 from finetune.config.training import MAX_TRAIN_STEPS
 from finetune.counts import counted

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune import checkpoint as ckpt
 from finetune.config import Recipe
 from finetune.console import warn
 from finetune.methods import METHODS
+from finetune.run_files import read_state
 
 STARTING_WEIGHTS = ("lora.init_from", "controlnet.pretrained")
 
@@ -67,7 +67,7 @@ def resumed_method(recipe: Recipe, checkpoint: Path | None):
     them, told of the checkpoint (`resuming`: e.g. the layout of the ControlNet it holds)."""
     if checkpoint is None:
         return METHODS[recipe.method](recipe)
-    state = ckpt.read_state(checkpoint)
+    state = read_state(checkpoint)
     keep_where_weights_began(recipe, state.get("recipe"))
     method = METHODS[recipe.method](without_starting_weights(recipe))
     method.resuming(checkpoint, state)

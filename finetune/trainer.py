@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from finetune import checkpoint as ckpt
 from finetune.accelerate_state import clears_accelerate_settings, trackers_finished
+from finetune.atomic_files import outputs_written
 from finetune.buckets import too_few_to_batch
 from finetune.config import Recipe
 from finetune.console import say, warn
@@ -43,6 +44,7 @@ from finetune.models import load_base_model
 from finetune.output_metadata import dataset_metadata, output_metadata
 from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer, check_optimizer_installed, step_size
 from finetune.run_length import STEPS_BY_SHAPE, check_epoch_run, due, epoch_count, epochs_text, planned_steps, resume_warnings, run_length_line, run_sampler
+from finetune.run_files import checkpoint_step, resolve_resume
 from finetune.run_recipe import write_run_recipe
 from finetune.logged_settings import settings_on_record
 from finetune.loss_mask import preview as mask_preview
@@ -87,7 +89,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     train_cfg = recipe.train
 
     # Cheap checks first: a bad image or a missing model is reported before any weight is loaded.
-    resume_from = ckpt.resolve_resume(resume, checkpoints_dir)
+    resume_from = resolve_resume(resume, checkpoints_dir)
     method = resumed_method(recipe, resume_from)  # a resume's starting weights (lora.init_from, ...) are its checkpoint's
     check_deepspeed_launch(recipe, method.trained_module_names(), resume_from)  # DeepSpeed's refusals; a checkpoint of another engine
     check_optimizer_installed(recipe.optimizer)
@@ -111,7 +113,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
         f"training on {counted(accelerator.num_processes, 'process', 'processes')} (distributed: {accelerator.distributed_type.value.lower()}), "
         f"device {accelerator.device}, mixed precision {train_cfg.mixed_precision}"
     )
-    agree_on_start(accelerator, ckpt.checkpoint_step(resume_from) if resume_from else 0, checkpoints_dir, resume == "latest")
+    agree_on_start(accelerator, checkpoint_step(resume_from) if resume_from else 0, checkpoints_dir, resume == "latest")
     items = method.training_items()
     sources = [item.source for item in items]
     held_out_split = held_out_for_run(items, recipe.validation.loss_images, recipe.seed, resume_from)  # a resume's: its checkpoint's
@@ -385,7 +387,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     if not result.interrupted:
         # Trained: a Ctrl-C or SIGTERM now skips the last samples but waits for the outputs (a second one interrupts). Outputs
         # first: a kill later leaves them, one before leaves no last checkpoint (with it, --resume latest had nothing to train).
-        with stop, ckpt.outputs_written(output_dir, checkpoints_dir):  # the loop's request: a stop in the last step skips the samples
+        with stop, outputs_written(output_dir, checkpoints_dir):  # the loop's request: a stop in the last step skips the samples
             try:
                 result.saved_files = save_outputs(output_dir)
             finally:  # whatever happens while writing the outputs, the trained state goes to disk (a longer run resumes it)

@@ -2,7 +2,7 @@
 
 from diffusers import StableDiffusionPipeline
 
-from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.run_files import LORA_WEIGHTS_NAME
 from finetune.trainer import train
 
 # The attention, a 1x1 (proj_in) and a 3x3 (conv1) convolution: peft decomposes Linear and Conv2d layers alike.

@@ -15,7 +15,8 @@ import torch
 import yaml
 
 from finetune.batches import ItemLayout, make_batch_sampler
-from finetune.checkpoint import DEEPSPEED_FOLDER, STATE_FILE, check_same_engine, list_checkpoints, resolve_resume
+from finetune.checkpoint import DEEPSPEED_FOLDER, check_same_engine
+from finetune.run_files import STATE_FILE, list_checkpoints, resolve_resume
 from finetune.errors import FinetuneError
 from finetune.optim import build_lr_scheduler
 import finetune.trainer as trainer_module
@@ -278,7 +279,7 @@ def test_each_checkpoint_holds_the_outputs_of_its_step(make_recipe, pairs_folder
     find it there; the last checkpoint holds the run's own outputs (a resumed, longer run replaces those in
     output_dir); checkpoint.save_outputs=false leaves them out."""
     from finetune.adapter_scan import scan_adapters
-    from finetune.inference import resolve_lora_file
+    from finetune.run_files import resolve_lora_file
 
     data = {} if method == "lora" else {"data__image_dir": str(pairs_folder)}
     long = train(make_recipe(method=method, output_dir=str(tmp_path / "long"), train__max_steps=4, checkpoint__every_n_steps=2, **data))

@@ -18,7 +18,7 @@ from finetune.demo_engine import DemoEngine, Request
 from finetune.encoders import clip_skipped, encode_prompts, layer_stack, tokenize
 from finetune.errors import FinetuneError
 from finetune.inference import load_sampling_pipeline
-from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.run_files import LORA_WEIGHTS_NAME
 from finetune.models import load_base_model
 from finetune.trainer import train
 

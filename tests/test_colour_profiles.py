@@ -10,7 +10,8 @@ from PIL import Image, ImageCms
 import finetune.colour_profiles as colour_profiles
 from finetune.check_data import CONVERTED, inspect_examples
 from finetune.config import DataConfig
-from finetune.controlnet_data import ControlNetDataset, Pair, read_conditioning
+from finetune.controlnet_data import ControlNetDataset
+from finetune.controlnet_pairs import Pair, read_conditioning
 from finetune.data import CaptionedImageDataset, render_pixels
 from data_examples import load_examples
 from finetune.images import open_rgb, pixel_digest

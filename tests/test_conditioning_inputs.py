@@ -228,7 +228,7 @@ def test_a_loss_mask_is_found_in_either_unicode_form_and_any_letter_case_as_a_ca
 def test_a_conditioning_image_made_from_a_phone_photos_stored_pixels_says_to_save_it_upright(make_recipe, tmp_path):
     """Training turns the photo upright by its EXIF orientation, and its conditioning image and mask by theirs: one
     made from the stored pixels (the two files the same size on disk) said only 'they must be the same size'."""
-    from finetune.controlnet_data import inspect_pairs
+    from finetune.controlnet_pairs import inspect_pairs
     from finetune.conditions import make_conditions
 
     photos = tmp_path / "photos"

@@ -17,7 +17,8 @@ import finetune.trainer as trainer_module
 from finetune.cli import main
 from finetune.conditions import border_mask, canny, luminance, make_conditions
 from finetune.config import DataConfig
-from finetune.controlnet_data import ControlNetDataset, Pair, paired_views
+from finetune.controlnet_data import ControlNetDataset
+from finetune.controlnet_pairs import Pair, paired_views
 from finetune.data import CaptionedImageDataset, item_rng
 from finetune.errors import FinetuneError
 from finetune.methods.controlnet import ControlNetMethod
@@ -56,7 +57,7 @@ def test_image_and_conditioning_get_the_same_crop_and_flip():
 
 
 def test_empty_prompt_share(pairs_folder):
-    from finetune.controlnet_data import checked_pairs
+    from finetune.controlnet_pairs import checked_pairs
     from finetune.recipe_loading import recipe_from_dict
 
     recipe = recipe_from_dict({"method": "controlnet", "data": {"image_dir": str(pairs_folder), "resolution": 64}})

@@ -14,7 +14,8 @@ import torch
 from controlnet_helpers import controlnet_recipe, layoutless_refusal
 from diffusers import ControlNetModel, UNet2DConditionModel
 
-from finetune.checkpoint import DEEPSPEED_FOLDER, STATE_FILE
+from finetune.checkpoint import DEEPSPEED_FOLDER
+from finetune.run_files import STATE_FILE
 from finetune.errors import FinetuneError
 from finetune.methods.controlnet import ControlNetMethod
 from finetune.models import load_base_model

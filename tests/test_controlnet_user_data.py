@@ -9,7 +9,7 @@ from controlnet_helpers import controlnet_recipe
 from PIL import Image
 
 from finetune.conditions import make_conditions
-from finetune.controlnet_data import inspect_pairs
+from finetune.controlnet_pairs import inspect_pairs
 from finetune.errors import FinetuneError
 from finetune.methods.controlnet import ControlNetMethod
 

@@ -9,7 +9,7 @@ import pytest
 
 import finetune.trainer as trainer
 from finetune.errors import FinetuneError
-from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.run_files import LORA_WEIGHTS_NAME
 
 
 def test_a_stop_while_the_last_checkpoint_is_written_waits_for_it_and_the_outputs(make_recipe, monkeypatch, tmp_path):
@@ -171,7 +171,7 @@ def test_a_second_run_in_the_same_output_dir_is_refused_while_the_first_runs(tmp
 
 @pytest.mark.parametrize("text", ["", "null", "[1, 2]", '{"step": 4'])
 def test_a_trainer_state_that_is_not_a_json_object_is_one_line(tmp_path, text):
-    from finetune.checkpoint import STATE_FILE, read_state
+    from finetune.run_files import STATE_FILE, read_state
 
     (tmp_path / STATE_FILE).write_text(text)
     with pytest.raises(FinetuneError, match=rf"checkpoint .* is damaged \({STATE_FILE}: .*\): move it out of .* and resume from the one before it$"):

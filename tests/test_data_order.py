@@ -10,11 +10,11 @@ import pytest
 import finetune.trainer as trainer
 from finetune.batches import EpochBatchSampler, ItemLayout, make_batch_sampler
 from finetune.buckets import BucketBatchSampler, split_rows
-from finetune.checkpoint import STATE_FILE
+from finetune.run_files import STATE_FILE
 from finetune.data_order import MAX_EPOCH, OutsideTheData
 from finetune.errors import FinetuneError
 from finetune.kohya import load_lora
-from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.run_files import LORA_WEIGHTS_NAME
 from finetune.trainer import train
 
 

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 from accelerate.utils import DistributedType
 
-from finetune.checkpoint import DEEPSPEED_FOLDER, STATE_FILE
+from finetune.checkpoint import DEEPSPEED_FOLDER
+from finetune.run_files import STATE_FILE
 from finetune.deepspeed_checks import check_deepspeed_recipe
 from finetune.distributed import configure_deepspeed
 from finetune.errors import FinetuneError

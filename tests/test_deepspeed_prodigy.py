@@ -14,7 +14,7 @@ from distributed_worker import train_and_record
 from safetensors.torch import load_file
 from test_distributed import REPO, RESUME_IS_EXACT, assert_same_weights, deepspeed, launch, wait, write
 
-from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.run_files import LORA_WEIGHTS_NAME
 
 pytestmark = pytest.mark.slow  # a launch of 2 runs per ZeRO stage (about a minute each), and one run in this process
 

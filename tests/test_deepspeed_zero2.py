@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from test_distributed import RESUME_IS_EXACT, assert_same_weights, launch, wait, write
 
 from finetune.ema import EMA_FILE
-from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.run_files import LORA_WEIGHTS_NAME
 from finetune.trainer import train
 
 

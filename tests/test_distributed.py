@@ -21,11 +21,11 @@ from numerics import ON_GPU
 from ports import free_port
 from safetensors.torch import load_file
 
-from finetune.checkpoint import list_checkpoints
+from finetune.run_files import list_checkpoints
 from finetune.distributed import agree_on_start
 from finetune.errors import FinetuneError
 from finetune.methods.controlnet import CONTROLNET_DIR
-from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.run_files import LORA_WEIGHTS_NAME
 from finetune.toyworld.datasets import write_folder
 from finetune.trainer import train
 

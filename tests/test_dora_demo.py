@@ -8,7 +8,7 @@ from diffusers import StableDiffusionPipeline
 from finetune.lora_hooks import loras_applied
 from finetune.encoders import encode_prompts
 from finetune.kohya import load_lora
-from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.run_files import LORA_WEIGHTS_NAME
 from finetune.trainer import train
 from dora_helpers import DORA, PROMPTS, train_dora
 from test_lora_training import unet_output

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from finetune.errors import FinetuneError
 from finetune.inference import load_lora_into
 from finetune.kohya import LoRA, LoRALayer, export_lora, load_lora, save_lora_file
-from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.run_files import LORA_WEIGHTS_NAME
 from dora_helpers import loaded_by_diffusers, train_dora
 from test_lora_training import unet_output
 

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from finetune.encoders import encode_prompts
 from finetune.errors import FinetuneError
 from finetune.kohya import load_lora
-from finetune.methods.lora import LORA_WEIGHTS_NAME, LoRAMethod
+from finetune.methods.lora import LoRAMethod
+from finetune.run_files import LORA_WEIGHTS_NAME
 from finetune.models import load_base_model
 from finetune.trainer import train
 from dora_helpers import DORA, PROMPTS, loaded_by_diffusers

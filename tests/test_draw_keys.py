@@ -6,7 +6,7 @@ import json
 import pytest
 
 import finetune.trainer as trainer
-from finetune.checkpoint import STATE_FILE
+from finetune.run_files import STATE_FILE
 from finetune.diffusion import BatchRandomness
 from finetune.draw_keys import DRAWN
 from finetune.errors import FinetuneError

@@ -10,7 +10,7 @@ import pytest
 import finetune.trainer as trainer_module
 from finetune.earlier_run import guard_earlier_run
 from finetune.errors import FinetuneError
-from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.run_files import LORA_WEIGHTS_NAME
 from finetune.trainer import train
 
 

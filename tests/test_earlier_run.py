@@ -8,7 +8,7 @@ import re
 import pytest
 
 import finetune.trainer as trainer_module
-from finetune.checkpoint import list_checkpoints, read_state
+from finetune.run_files import list_checkpoints, read_state
 from finetune.errors import FinetuneError
 from finetune.trainer import train
 

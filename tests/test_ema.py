@@ -6,11 +6,11 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
-from finetune.checkpoint import list_checkpoints
+from finetune.run_files import list_checkpoints
 from finetune.ema import EMA_FILE
 from finetune.errors import FinetuneError
 from finetune.methods.full import PIPELINE_DIR
-from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.run_files import LORA_WEIGHTS_NAME
 from finetune.trainer import train
 
 DECAY = 0.15  # the warm-up gives 0.1 at the first update, then this cap: both branches of the rule

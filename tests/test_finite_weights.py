@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.checkpoint import list_checkpoints
+from finetune.run_files import list_checkpoints
 from finetune.errors import FinetuneError
 from finetune.trainer import train
 

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import finetune.methods.base as method_base
-from finetune.methods.lora import LORA_WEIGHTS_NAME, LoRAMethod
+from finetune.methods.lora import LoRAMethod
+from finetune.run_files import LORA_WEIGHTS_NAME
 from finetune.trainer import train
 
 

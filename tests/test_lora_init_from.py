@@ -12,7 +12,7 @@ from safetensors import safe_open
 from finetune.encoders import encode_prompts
 from finetune.errors import FinetuneError
 from finetune.kohya import load_lora, save_lora_file
-from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.run_files import LORA_WEIGHTS_NAME
 from finetune.trainer import train
 from test_lora_training import lora_model, unet_output
 

@@ -7,7 +7,7 @@ from PIL import Image
 
 from finetune.cli import main
 from finetune.inference import load_sampling_pipeline
-from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.run_files import LORA_WEIGHTS_NAME
 from finetune.trainer import train
 
 

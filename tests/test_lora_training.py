@@ -10,14 +10,15 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from finetune.checkpoint import list_checkpoints
+from finetune.run_files import list_checkpoints
 from finetune.data import CaptionedImageDataset, collate
 from data_examples import load_examples
 from finetune.errors import FinetuneError
 from finetune.kohya import load_lora, save_lora_file, to_kohya
 from finetune.diffusion import add_noise, per_sample_loss
 from finetune.encoders import encode_prompts, latents_from_moments, posterior_moments
-from finetune.methods.lora import LORA_WEIGHTS_NAME, LoRAMethod
+from finetune.methods.lora import LoRAMethod
+from finetune.run_files import LORA_WEIGHTS_NAME
 from finetune.model_card import write_model_card
 from finetune.models import load_base_model
 from finetune.trainer import train

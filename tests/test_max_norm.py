@@ -11,7 +11,8 @@ from finetune.ema import WeightAverage
 from finetune.errors import FinetuneError
 from finetune.kohya import load_lora, to_kohya
 from finetune.max_norm import apply_max_norm, lora_layers
-from finetune.methods.lora import LORA_WEIGHTS_NAME, add_lora
+from finetune.methods.lora import add_lora
+from finetune.run_files import LORA_WEIGHTS_NAME
 from finetune.model_card import write_model_card
 from finetune.models import load_base_model
 from finetune.trainer import train

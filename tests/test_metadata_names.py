@@ -11,7 +11,7 @@ import pytest
 from finetune.check_data import inspect_examples
 from finetune.cli import main
 from finetune.config import DataConfig
-from finetune.controlnet_data import _conditioning_files
+from finetune.controlnet_pairs import _conditioning_files
 from finetune.errors import FinetuneError
 from finetune.sources import read_examples
 from odd_images import captioned, noise

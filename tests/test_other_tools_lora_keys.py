@@ -26,7 +26,7 @@ from test_single_file import sd15_shaped_pipeline
 from finetune.dora import row_norms
 from finetune.kohya import export_lora, kohya_name
 from finetune.merge import merge_lora
-from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.run_files import LORA_WEIGHTS_NAME
 from finetune.single_file_export import export_checkpoint
 from finetune.trainer import train
 

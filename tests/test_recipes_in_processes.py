@@ -19,7 +19,7 @@ from test_distributed import RESUME_IS_EXACT, assert_same_update, assert_same_we
 from dora_helpers import DORA
 
 from finetune.methods.controlnet import CONTROLNET_DIR
-from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.run_files import LORA_WEIGHTS_NAME
 from finetune.toyworld.datasets import write_folder
 
 pytestmark = pytest.mark.slow  # a launch of 9 runs per mode: about a minute each under DeepSpeed, 30 s under DDP

@@ -9,10 +9,10 @@ import pytest
 import yaml
 
 from finetune.batches import ItemLayout
-from finetune.checkpoint import STATE_FILE, list_checkpoints
+from finetune.run_files import STATE_FILE, list_checkpoints
 from finetune.errors import FinetuneError
 from finetune.kohya import export_lora, load_lora, to_kohya
-from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.run_files import LORA_WEIGHTS_NAME
 from finetune.recipe_loading import load_recipe
 from finetune.run_length import STEPS_BY_SHAPE, EpochCount, due, epoch_count, planned_steps
 from finetune.trainer import train

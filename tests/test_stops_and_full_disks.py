@@ -9,9 +9,9 @@ from safetensors.torch import load_file, save_file
 
 import finetune.trainer as trainer
 from finetune.atomic_files import atomic_save_safetensors
-from finetune.checkpoint import list_checkpoints
+from finetune.run_files import list_checkpoints
 from finetune.errors import FinetuneError
-from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.run_files import LORA_WEIGHTS_NAME
 
 
 def test_a_stop_during_the_last_step_finishes_the_run_with_its_outputs(make_recipe, tmp_path):

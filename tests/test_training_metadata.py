@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from finetune.kohya import export_lora, finetune_metadata_from_kohya
-from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.run_files import LORA_WEIGHTS_NAME
 from finetune.trainer import train
 
 

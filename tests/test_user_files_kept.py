@@ -101,7 +101,7 @@ def test_export_refuses_to_write_the_cards_images_over_the_users_files(tmp_path,
     the user's own thumbnail, went (reproduced with `finetune export runs/cat webui --to kohya`)."""
     from finetune.errors import FinetuneError
     from finetune.kohya import export_lora
-    from finetune.methods.lora import LORA_WEIGHTS_NAME
+    from finetune.run_files import LORA_WEIGHTS_NAME
 
     run = tmp_path / "cat"
     (run / "samples").mkdir(parents=True)

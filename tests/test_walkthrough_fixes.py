@@ -43,7 +43,7 @@ def test_a_dreambooth_recipe_training_refuses_is_refused_on_load_so_check_data_s
 
 
 def test_controlnet_folders_take_diffusers_conditioning_image_key_and_a_metadata_without_one_is_one_line(make_recipe, pairs_folder, tmp_path):
-    from finetune.controlnet_data import read_pairs
+    from finetune.controlnet_pairs import read_pairs
 
     folder = tmp_path / "pairs"
     shutil.copytree(pairs_folder, folder)
@@ -92,7 +92,7 @@ def test_a_condition_that_is_no_image_names_the_option(tmp_path):
 
 
 def test_a_pipeline_or_controlnet_folder_given_as_the_lora_says_which_option_takes_it(tmp_path):
-    from finetune.inference import resolve_lora_file
+    from finetune.run_files import resolve_lora_file
 
     (tmp_path / "pipeline").mkdir()
     (tmp_path / "pipeline" / "model_index.json").write_text("{}")

@@ -13,9 +13,9 @@ from ports import free_port
 from test_distributed import RESUME_IS_EXACT, assert_same_weights, launch, write
 
 from finetune.batches import ItemLayout, make_batch_sampler
-from finetune.checkpoint import STATE_FILE, read_state
+from finetune.run_files import STATE_FILE, read_state
 from finetune.errors import FinetuneError
-from finetune.methods.lora import LORA_WEIGHTS_NAME
+from finetune.run_files import LORA_WEIGHTS_NAME
 from finetune.run_length import EpochCount, StepShape, epoch_count, planned_steps, resume_warnings, run_length_line
 from finetune.trainer import train
 

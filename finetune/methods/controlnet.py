@@ -36,7 +36,8 @@ from finetune.atomic_files import removed_if_unfinished, replace_folder, with_de
 from finetune.config import Recipe
 from finetune.controlnet_folder import FROM_A_UNET, check_hub_controlnet, conditioning_channels_problem, not_a_controlnet_message, refuse_a_controlnet_file, require_controlnet_config, weights_variant
 from finetune.controlnet_layout import RESUMED_LAYOUT, kept_layout, unknown_layout_problem
-from finetune.controlnet_data import ControlNetDataset, checked_pairs, controlnet_collate, paired_views, validation_conditions_problem
+from finetune.controlnet_data import ControlNetDataset, controlnet_collate
+from finetune.controlnet_pairs import checked_pairs, paired_views, validation_conditions_problem
 from finetune.images import open_rgb
 from finetune.device_copy import to_device
 from finetune.counts import counted

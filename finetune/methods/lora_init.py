@@ -14,7 +14,8 @@ from finetune.encoders import TRAINED_TOKEN_LENGTHS, layer_stack, recorded_clip_
 from finetune.errors import FinetuneError, looked_for_here
 from finetune.kohya import LoRA, load_lora
 from finetune.merge import find_module
-from finetune.methods.lora import LORA_WEIGHTS_NAME, TEXT_ENCODER_TARGETS, is_conv_3x3
+from finetune.methods.lora import TEXT_ENCODER_TARGETS, is_conv_3x3
+from finetune.run_files import LORA_WEIGHTS_NAME, resolve_lora_file
 from finetune.sampling import adapters_prediction_type
 
 
@@ -29,8 +30,6 @@ def read_checked(settings) -> LoRA:
 def read_initial_lora(source: str, use_dora: bool) -> LoRA:
     if not Path(source).exists():
         raise FinetuneError(f"lora.init_from {source} not found: give a LoRA .safetensors file or a training folder holding {LORA_WEIGHTS_NAME}{looked_for_here(source)}")
-    from finetune.inference import resolve_lora_file  # it imports this module
-
     try:  # a folder holding no LoRA (a run's checkpoints/, a checkpoint without its outputs) is said to be what it is, as sample says it
         path = resolve_lora_file(source)
     except FinetuneError as err:
