@@ -21,17 +21,17 @@ from finetune.library_noise import quiet_third_party_warnings, quiet_weight_prog
 from finetune.native_resolution import native_resolution
 from finetune.process_env import first_on_its_machine, machine_name, main_process
 from finetune.progress_lines import progress_as_lines_in_logs
+from finetune.prompt_options import prompts_settings
 from finetune.run_files import resolve_lora_file, resolve_resume
 from finetune.stop_signals import START_OVER, exit_status, signal_of, stop_line, stop_outside_imports
 
 
 def base_or_recorded(args) -> str:
-    """--base, else the base the adapter's training run recorded (named on the console). The adapters and a local --base
-    are checked first, as loading checks them (`check_adapter_paths`, `check_local_base`): a mistyped one was said only
-    after torch and diffusers had loaded (10 s of CPU)."""
+    """--base, else the base the adapter's training run recorded (named on the console). The adapters are checked first,
+    as loading checks them (`check_adapter_paths`; a local --base: `check_local_base`, after the checks that need no
+    files): a mistyped one was said only after torch and diffusers had loaded (10 s of CPU)."""
     check_adapter_paths(args)
     if args.base:
-        check_local_base(args.base, args.base_config)
         return args.base
     from finetune.inference import recorded_base, recorded_base_config
 
@@ -45,17 +45,20 @@ def base_or_recorded(args) -> str:
 
 def check_adapter_paths(args) -> None:
     """--lora and --controlnet (sample, eval, merge) are there and are what they are given as, before torch loads."""
-    from finetune.controlnet_folder import resolve_controlnet_folder  # yaml and pydantic: not loaded for --help
-
     if args.lora:
         resolve_lora_file(args.lora)
     if getattr(args, "controlnet", None):
+        from finetune.controlnet_folder import resolve_controlnet_folder  # yaml and pydantic: loaded where there is one to check
+
         resolve_controlnet_folder(args.controlnet)
 
 
-def check_local_base(base: str, base_config: str | None) -> None:
+def check_local_base(base: str | None, base_config: str | None) -> None:
     """A --base folder or file checked from its files as loading checks it (finetune.model_source). A hub id is left to
-    loading, which looks it up once (a cache search, or requests to the hub)."""
+    loading, which looks it up once (a cache search, or requests to the hub); a base the adapter recorded (no --base), to
+    loading too."""
+    if base is None:
+        return
     from finetune.config import ModelConfig  # pydantic: not loaded for --help
     from finetune.model_source import locate_base, looks_like_hub_id
 
@@ -210,12 +213,15 @@ def _sample(args) -> int:
             raise FinetuneError(problem)
 
     check_grid(args.resolution)  # before the base is looked for
-    from finetune.controlnet_folder import check_control_options  # yaml and pydantic: not loaded for --help
+    if args.controlnet or args.condition or args.conditioning_scale is not None:
+        from finetune.controlnet_folder import check_control_options  # yaml and pydantic: loaded where there are options to check
 
-    check_control_options(args.controlnet, args.condition[0] if args.condition else None, args.conditioning_scale)
+        check_control_options(args.controlnet, args.condition[0] if args.condition else None, args.conditioning_scale)
+    prompts_settings(args.prompt, args.negative_prompt, args.seed, args.guidance, args.steps)  # before the base is looked for
     base = base_or_recorded(args)
     if args.resolution is None:  # the model's own, from its configs (where they cannot be read, once it loads: finetune.inference)
         check_grid(native_resolution(base, args.base_config))
+    check_local_base(args.base, args.base_config)
     quiet_weight_progress_bars()  # transformers loads with torch: after the checks, so a refusal stays quick
     from finetune.inference import sample_to_folder  # torch and diffusers: after the checks above, which need neither
 
@@ -320,6 +326,7 @@ def _merge(args) -> int:
 
     check_merge_output(Path(args.output_dir), Path(args.lora), args.overwrite)  # before the LoRA's base is read (torch)
     base = base_or_recorded(args)
+    check_local_base(args.base, args.base_config)
     quiet_weight_progress_bars()
     from finetune.merge import merge_lora  # torch and diffusers: after the checks above, which need neither
 

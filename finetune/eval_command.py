@@ -174,7 +174,7 @@ def recorded_as_found(args) -> str | None:
 
 def run_eval_command(args) -> int:
     """``finetune eval``: run, print the table, write the report."""
-    from finetune.cli import base_or_recorded, check_lora_scale_has_a_lora
+    from finetune.cli import base_or_recorded, check_local_base, check_lora_scale_has_a_lora
     from finetune.evaluate import default_suites, print_table, refuse_a_report_grid, run_eval
     from finetune.native_resolution import native_resolution
 
@@ -184,6 +184,7 @@ def run_eval_command(args) -> int:
     base = base_or_recorded(args)  # --base at once; the adapter's record is read with torch
     # At the model's own resolution, from its configs: torch and the model loaded (seconds to a minute) before it was said.
     refuse_a_report_grid(suites, args.num_prompts, args.images_per_prompt, native_resolution(base, args.base_config))
+    check_local_base(args.base, args.base_config)
     quiet_weight_progress_bars()  # transformers, then torch and diffusers: after the checks above, which need neither
     from finetune.prompt_options import PromptSettings, guidance_notes
 

@@ -31,7 +31,7 @@ from finetune.model_source import looks_like_hub_id
 from finetune.models import BaseModel, load_base_model
 from finetune.pipeline_io import METADATA_FILE
 from finetune.placement import inference_placement, out_of_device_memory, place, placement_line
-from finetune.prompt_options import PromptSettings, guidance_notes, webui_syntax_notes, with_options
+from finetune.prompt_options import guidance_notes, prompts_settings, webui_syntax_notes
 from finetune.sampling import (
     GRID_LABEL_WIDTH, adapters_clip_skip, adapters_max_token_length, build_pipeline, denoising_bar, follow_adapters_schedule, generate_with_settings,
     make_grid, read_prompts_as_trained,
@@ -268,10 +268,7 @@ def sample_to_folder(
     """
     check_control_options(controlnet, condition, conditioning_scale)
     placement = inference_placement(device, precision)
-    try:  # each prompt with its own options (--n, --d, --l, --s), before anything loads
-        settings = [with_options(text, PromptSettings(text, negative_prompt, seed, guidance, steps)) for text in prompts]
-    except ValueError as err:
-        raise FinetuneError(f"--prompt {err}") from None
+    settings = prompts_settings(prompts, negative_prompt, seed, guidance, steps)  # before anything loads
     for note in guidance_notes(settings) + webui_syntax_notes(settings):
         print(f"note: {note}")
     if controlnet is not None and (made := recorded_conditioning(saved_model_metadata(resolve_controlnet_folder(controlnet)))):

@@ -43,6 +43,17 @@ class PromptSettings:
     num_inference_steps: int
 
 
+def prompts_settings(prompts: list[str], negative_prompt: str | None, seed: int, guidance: float, steps: int) -> list[PromptSettings]:
+    """Each `--prompt` with its own options (--n, --d, --l, --s), the others from the command's; one line for an option
+    that is unknown or has no valid value."""
+    from finetune.errors import FinetuneError
+
+    try:
+        return [with_options(text, PromptSettings(text, negative_prompt, seed, guidance, steps)) for text in prompts]
+    except ValueError as err:
+        raise FinetuneError(f"--prompt {err}") from None
+
+
 def with_options(text: str, defaults: PromptSettings) -> PromptSettings:
     """The prompt of `text` with the settings its options give, the others from `defaults`; a ValueError
     names an option that is unknown or has no valid value."""
