@@ -61,7 +61,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
                 raise FinetuneError(f"override '{override}'{str(err).removeprefix(str(path))}") from None
         raise
     print_unused_settings(raw, recipe)
-    require_unambiguous_data_paths(recipe, path)
+    require_unambiguous_data_paths(recipe, path, tuple(_override_key(override) for override in overrides))
     return recipe
 
 

@@ -2,7 +2,8 @@
 datasets/... from the repository's root, and `finetune train recipes/X.yaml` runs from there). Where the recipe's
 folder holds another folder or file by the same relative path (a recipe kept beside its data, run from a folder with
 an older copy), which one was meant cannot be told: training the current folder's would be silent, so it is one line
-naming both, before anything is read."""
+naming both, before anything is read. A path given on the command line (`data.image_dir=.`) is the shell's, typed
+from the current folder: no question there."""
 
 from __future__ import annotations
 
@@ -20,14 +21,15 @@ def data_paths(recipe) -> list[tuple[str, str]]:
     return [(setting, path) for setting, path in paths if path]
 
 
-def require_unambiguous_data_paths(recipe, recipe_path: Path) -> None:
+def require_unambiguous_data_paths(recipe, recipe_path: Path, set_on_command_line: tuple[str, ...] = ()) -> None:
     """Stop where a relative data path of `recipe` names something both in the current folder (which would be read)
-    and, another, beside the recipe file `recipe_path`."""
+    and, another, beside the recipe file `recipe_path`. `set_on_command_line`: the overrides' keys, whose paths are
+    not the file's (`data.image_dir=.` from the data's folder named the recipe's folder too: refused, always)."""
     here, beside = Path.cwd(), Path(os.path.abspath(recipe_path)).parent
     if os.path.normcase(here) == os.path.normcase(beside):
         return
     for setting, value in data_paths(recipe):
-        if os.path.isabs(os.path.expanduser(value)):
+        if os.path.isabs(os.path.expanduser(value)) or any(setting == key or setting.startswith(key + ".") for key in set_on_command_line):
             continue
         read, other = here / value, beside / value
         if read.exists() and other.exists() and not os.path.samefile(read, other):

@@ -73,3 +73,21 @@ def test_a_data_path_that_names_a_folder_here_and_another_beside_the_recipe_is_o
     monkeypatch.chdir(project)  # from the recipe's folder: one folder, however it is reached
     assert load_recipe(recipe).data.image_dir == "star"
     assert load_recipe(tmp_path / "here" / ".." / "project" / "recipe.yaml").data.image_dir == "star"
+
+
+def test_a_data_path_given_on_the_command_line_is_the_current_folders(tmp_path, monkeypatch):
+    """`cd photos && finetune train ~/recipes/lora.yaml data.image_dir=.`: '.' named the recipe's folder too, so every such
+    run was refused; a path typed in the shell is read from where it was typed, as the shell completes it."""
+    from finetune.recipe_loading import load_recipe
+
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "photos" / "star").mkdir(parents=True)
+    (tmp_path / "recipes" / "star").mkdir()
+    recipe = tmp_path / "recipes" / "lora.yaml"
+    recipe.write_text("data:\n  image_dir: elsewhere\n")
+    monkeypatch.chdir(tmp_path / "photos")
+    assert load_recipe(recipe, ["data.image_dir=."]).data.image_dir == "."
+    assert load_recipe(recipe, ["data.image_dir=star"]).data.image_dir == "star"
+    recipe.write_text("data:\n  image_dir: star\n")  # written in the file: which was meant cannot be told, as before
+    with pytest.raises(FinetuneError, match=r"^data.image_dir star names two: "):
+        load_recipe(recipe)
