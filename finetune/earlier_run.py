@@ -41,7 +41,9 @@ def guard_earlier_run(output_dir: Path, resume_from: Path | None, overwrite: boo
         raise FinetuneError(f"output_dir {output_dir}: {existing} cannot be written to (permissions, or a read-only disk): choose another output_dir")
     check_run_folder_links(output_dir)
     earlier = list_checkpoints(output_dir / "checkpoints")
-    check_no_other_checkpoint_names(output_dir / "checkpoints", earlier)
+    # A resume saves only steps past its checkpoint's: a folder of an earlier step is in no save's way (one an older finetune's
+    # rotation left half-deleted, without its state, stopped every resume of that run).
+    check_no_other_checkpoint_names(output_dir / "checkpoints", earlier, after_step=checkpoint_step(resume_from) if resume_from is not None else -1)
     if resume_from is not None and earlier and not _of_this_run(resume_from, output_dir):  # rotation would delete them unasked
         raise FinetuneError(f"--resume {resume_from}: output_dir {output_dir} holds checkpoints of another run ({earlier[-1].name}), which this run's "
                             f"would replace and rotate away: set output_dir to a new folder, or move them out of {output_dir / 'checkpoints'} to keep them")  # fmt: skip
@@ -80,11 +82,12 @@ def check_run_folder_links(output_dir: Path) -> None:
                                 f"(a disk not mounted?): mount or make that folder, or remove the link")  # fmt: skip
 
 
-def check_no_other_checkpoint_names(checkpoints_dir: Path, complete: list[Path]) -> None:
+def check_no_other_checkpoint_names(checkpoints_dir: Path, complete: list[Path], after_step: int = -1) -> None:
     """An entry named as a checkpoint that is none a run completed (no trainer_state.json: a folder of the user's, weights
-    copied in by hand): the run's save of that step replaced it (rotation then deleted that), and --overwrite removed it."""
+    copied in by hand) of a step past `after_step`: the run's save of that step replaced it (rotation then deleted that),
+    and --overwrite removed it."""
     try:
-        names = sorted(name for name in os.listdir(checkpoints_dir) if CHECKPOINT_PATTERN.match(name))
+        names = sorted(name for name in os.listdir(checkpoints_dir) if (found := CHECKPOINT_PATTERN.match(name)) and int(found.group(1)) > after_step)
     except OSError:  # none yet (or unreadable: listing it for the earlier run's found none either)
         return
     if others := [name for name in names if name not in {path.name for path in complete}]:

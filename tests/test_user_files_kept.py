@@ -155,3 +155,20 @@ def test_bench_refuses_an_out_that_is_no_report_of_its_own(tmp_path, monkeypatch
     earlier.write_text(json.dumps({"command": "finetune bench", "date": None, "machine": {}, "settings": {}, "results": []}))
     with pytest.raises(pytest.fail.Exception, match="the model was made"):
         runner.run_benchmark(preset="tiny", variants=["lora"], out=earlier, workdir=tmp_path / "work", log=lambda line: None)
+
+
+def test_a_resume_is_not_stopped_by_a_folder_named_as_an_earlier_checkpoint(tmp_path):
+    """A resume saves only the steps past its checkpoint: checkpoint-1 without its state (an older finetune's rotation,
+    killed while it deleted it) stopped `--resume latest` from checkpoint-2 as if the run would replace it."""
+    from finetune.earlier_run import guard_earlier_run
+    from finetune.errors import FinetuneError
+
+    checkpoints = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        (checkpoints / f"checkpoint-{step}").mkdir(parents=True)
+    (checkpoints / "checkpoint-2" / "trainer_state.json").write_text('{"step": 2}')
+    (checkpoints / "checkpoint-3").rmdir()
+    guard_earlier_run(tmp_path, checkpoints / "checkpoint-2", overwrite=False)
+    (checkpoints / "checkpoint-3").mkdir()  # a step it would save: in the way, as for a fresh run
+    with pytest.raises(FinetuneError, match=r"checkpoint-3 is not a checkpoint a run completed"):
+        guard_earlier_run(tmp_path, checkpoints / "checkpoint-2", overwrite=False)
