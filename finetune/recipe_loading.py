@@ -22,6 +22,7 @@ from finetune.config import Recipe
 from finetune.errors import FinetuneError
 from finetune.recipe_warnings import print_empty_recipe, print_unused_settings
 from finetune.recipe_paths import require_unambiguous_data_paths
+from finetune.run_recipe import EARLIER_RUN_RECIPE, RUN_RECIPE
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -30,6 +31,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if path.is_dir():
         raise FinetuneError(f"recipe {path} is a folder: pass the path of a YAML file in it, such as recipes/lora.yaml")
     if not path.is_file():
+        if path.name == RUN_RECIPE and (path.parent / EARLIER_RUN_RECIPE).is_file():  # a run of an earlier version, resumed as the docs now say
+            raise FinetuneError(f"recipe {path} not found: a run of an earlier finetune kept its recipe as run as {EARLIER_RUN_RECIPE}: "
+                                f"pass {path.parent / EARLIER_RUN_RECIPE}")  # fmt: skip
         raise FinetuneError(f"recipe {path} not found: pass the path of a YAML file such as recipes/lora.yaml")
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}

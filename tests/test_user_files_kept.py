@@ -172,3 +172,17 @@ def test_a_resume_is_not_stopped_by_a_folder_named_as_an_earlier_checkpoint(tmp_
     (checkpoints / "checkpoint-3").mkdir()  # a step it would save: in the way, as for a fresh run
     with pytest.raises(FinetuneError, match=r"checkpoint-3 is not a checkpoint a run completed"):
         guard_earlier_run(tmp_path, checkpoints / "checkpoint-2", overwrite=False)
+
+
+def test_the_recipe_as_run_of_a_run_made_before_it_had_its_name_is_named(tmp_path):
+    """`finetune train OUTPUT/recipe_as_run.yaml --resume latest`, as the docs say, in an output_dir an earlier finetune
+    wrote (its record: recipe.yaml) was 'not found: pass the path of a YAML file such as recipes/lora.yaml'."""
+    from finetune.errors import FinetuneError
+
+    (tmp_path / "recipe.yaml").write_text("method: lora\n")
+    with pytest.raises(FinetuneError) as missing:
+        load_recipe(tmp_path / "recipe_as_run.yaml")
+    assert str(missing.value) == (f"recipe {tmp_path / 'recipe_as_run.yaml'} not found: a run of an earlier finetune kept its recipe as run "
+                                  f"as recipe.yaml: pass {tmp_path / 'recipe.yaml'}")
+    with pytest.raises(FinetuneError, match=r"not found: pass the path of a YAML file such as recipes/lora.yaml$"):
+        load_recipe(tmp_path / "other" / "recipe_as_run.yaml")
