@@ -9,6 +9,7 @@ its aspect-ratio bucket (finetune/buckets.py) instead of a square.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -58,10 +59,30 @@ def require_as_checked(example: Example) -> None:
     in full and compared, so a copy of the same pixels, or a touched file, trains on."""
     if (stamp := _changed_stamp(example)) is None:
         return
-    if pixel_digest(open_rgb(example)) != example.digest:
+    image, stamp = _read_once_written(example, stamp)
+    if pixel_digest(image) != example.digest:
         raise FinetuneError(f"image {example.source} changed since this run's data check: restart the run to train with it "
                             "(train.cache_latents keeps each view's latents under the content checked at the start)")  # fmt: skip
     _UNCHANGED_STAMPS[example.source] = stamp
+
+
+def _read_once_written(example: Example, stamp: tuple[int, int]) -> tuple[Image.Image, tuple[int, int]]:
+    """The image decoded, and the stamp it was decoded at. A file rewritten in place (`mogrify`, an optimiser, a save
+    over it) was caught half-written at the stat that found it changed: 'cannot be read: fix or remove it' stopped a
+    cached run over a file that was whole a moment later, and of the same pixels. A read that fails while the file is
+    still changing is tried again once it has been still for a moment (a few seconds at most)."""
+    for _ in range(READ_RETRIES):
+        try:
+            return open_rgb(example), stamp
+        except FinetuneError:
+            time.sleep(READ_RETRY_WAIT)
+            if (now := file_stamp(example.source)) in (None, stamp):  # not changing (or gone): unreadable as it is
+                raise
+            stamp = now
+    return open_rgb(example), stamp
+
+
+READ_RETRIES, READ_RETRY_WAIT = 10, 0.25
 
 
 def require_checked_size(example: Example) -> None:

@@ -332,3 +332,41 @@ def test_a_mask_file_replaced_mid_run_is_never_served_stale_from_the_cache(tmp_p
     os.utime(folder / "masks" / "0.png", ns=(later + 10**9, later + 10**9))
     with pytest.raises(FinetuneError, match=rf"^the loss mask of image {folder / '0.png'} changed since this run's data check: restart"):
         dataset[(0, 1)]
+
+
+def test_an_image_rewritten_in_place_mid_run_is_read_once_written(tmp_path, monkeypatch):
+    """A tool rewriting a file in place (the same pixels: an optimiser, a save over it) was caught half-written by the use
+    that found it changed: 'cannot be read: fix or remove it' stopped a cached run (reproduced with the tiny model and
+    PIL saving over an image mid-run). A file still changing is read again once written; one that stays cut still stops."""
+    import finetune.data as data_module
+    from finetune.config import DataConfig
+    from finetune.data import CaptionedImageDataset
+    from data_examples import load_examples
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.new("RGB", (64, 64), (200, 40, 90)).save(folder / "0.png")
+    (folder / "0.txt").write_text("a square")
+    whole = (folder / "0.png").read_bytes()
+    config = DataConfig(image_dir=str(folder), resolution=64, random_flip=False)
+    cache = EncodingCache()
+    dataset = CaptionedImageDataset(load_examples(config), config, seed=0, latent_cache=cache)
+    cache.lookup([dataset[(0, 0)]["latent_key"]], lambda rows: torch.zeros(1, 8), torch.device("cpu"))
+    reads = []
+
+    def read_while_the_rewrite_ends(example, *args, **kwargs):
+        reads.append(example.source)
+        try:
+            return open_rgb(example, *args, **kwargs)
+        finally:
+            if len(reads) == 1:
+                (folder / "0.png").write_bytes(whole)  # the rewrite ends while the first read fails
+
+    open_rgb = data_module.open_rgb
+    monkeypatch.setattr(data_module, "open_rgb", read_while_the_rewrite_ends)
+    (folder / "0.png").write_bytes(whole[: len(whole) // 2])  # the rewrite, half done
+    assert "pixel_values" not in dataset[(0, 1)]  # the same pixels once written: served by its key
+    assert len(reads) == 2
+    (folder / "0.png").write_bytes(whole[: len(whole) // 2])  # and left so
+    with pytest.raises(FinetuneError, match=rf"^image {folder / '0.png'} cannot be read "):
+        dataset[(0, 1)]
