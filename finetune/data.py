@@ -10,7 +10,7 @@ its aspect-ratio bucket (finetune/buckets.py) instead of a square.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -59,27 +59,27 @@ def require_as_checked(example: Example) -> None:
     in full and compared, so a copy of the same pixels, or a touched file, trains on."""
     if (stamp := _changed_stamp(example)) is None:
         return
-    image, stamp = _read_once_written(example, stamp)
+    image, stamp = _read_once_written(lambda: open_rgb(example), example.source, stamp)
     if pixel_digest(image) != example.digest:
         raise FinetuneError(f"image {example.source} changed since this run's data check: restart the run to train with it "
                             "(train.cache_latents keeps each view's latents under the content checked at the start)")  # fmt: skip
     _UNCHANGED_STAMPS[example.source] = stamp
 
 
-def _read_once_written(example: Example, stamp: tuple[int, int]) -> tuple[Image.Image, tuple[int, int]]:
-    """The image decoded, and the stamp it was decoded at. A file rewritten in place (`mogrify`, an optimiser, a save
-    over it) was caught half-written at the stat that found it changed: 'cannot be read: fix or remove it' stopped a
-    cached run over a file that was whole a moment later, and of the same pixels. A read that fails while the file is
-    still changing is tried again once it has been still for a moment (a few seconds at most)."""
+def _read_once_written(read: Callable[[], Any], path: str, stamp: tuple[int, int]) -> tuple[Any, tuple[int, int]]:
+    """`read()` of the file `path` (an image, a mask) and the stamp it was read at. A file rewritten in place (`mogrify`,
+    an optimiser, a save over it) was caught half-written by the use that found it changed: 'cannot be read: fix or
+    remove it' stopped a cached run over a file whole a moment later, of the same pixels. A read that fails is tried
+    again while the file goes on changing (a few seconds at most); one that stays as it is fails as it is."""
     for _ in range(READ_RETRIES):
         try:
-            return open_rgb(example), stamp
+            return read(), stamp
         except FinetuneError:
             time.sleep(READ_RETRY_WAIT)
-            if (now := file_stamp(example.source)) in (None, stamp):  # not changing (or gone): unreadable as it is
+            if (now := file_stamp(path)) in (None, stamp):  # not changing (or gone): unreadable as it is
                 raise
             stamp = now
-    return open_rgb(example), stamp
+    return read(), stamp
 
 
 READ_RETRIES, READ_RETRY_WAIT = 10, 0.25
@@ -135,7 +135,8 @@ def require_mask_as_checked(example: Example) -> None:
         raise FinetuneError(f"the loss mask {path} of image {example.source} was removed since this run's data check: put it back, or restart the run")
     if stamp in (tuple(checked), _UNCHANGED_STAMPS.get(path)):
         return
-    if mask_digest(example.load_mask()) != example.mask_digest:
+    mask, stamp = _read_once_written(example.load_mask, path, stamp)
+    if mask_digest(mask) != example.mask_digest:
         raise FinetuneError(_changed_mask(example))
     _UNCHANGED_STAMPS[path] = stamp
 

@@ -370,3 +370,26 @@ def test_an_image_rewritten_in_place_mid_run_is_read_once_written(tmp_path, monk
     (folder / "0.png").write_bytes(whole[: len(whole) // 2])  # and left so
     with pytest.raises(FinetuneError, match=rf"^image {folder / '0.png'} cannot be read "):
         dataset[(0, 1)]
+
+
+def test_a_mask_rewritten_in_place_mid_run_is_read_once_written(tmp_path, monkeypatch):
+    """As for images: a mask file caught half-rewritten (the same pixels) by the use that found it changed stopped the run."""
+    from types import SimpleNamespace
+
+    import finetune.data as data_module
+    from finetune.config import DataConfig
+    from finetune.data import CaptionedImageDataset
+    from data_examples import load_examples
+    from test_loss_mask import masked_folder
+
+    folder = masked_folder(tmp_path / "data", count=1)
+    config = DataConfig(image_dir=str(folder), resolution=64, random_flip=False, loss_mask={"source": "files"})
+    cache = EncodingCache()
+    dataset = CaptionedImageDataset(load_examples(config), config, seed=0, latent_cache=cache)
+    key = dataset[(0, 0)]["mask_key"]
+    cache.lookup([key], lambda rows: torch.ones(1, 1, 8, 8), torch.device("cpu"))
+    mask = folder / "masks" / "0.png"
+    whole = mask.read_bytes()
+    mask.write_bytes(whole[: len(whole) // 2])  # the rewrite, half done: it ends while the reader waits
+    monkeypatch.setattr(data_module, "time", SimpleNamespace(sleep=lambda seconds: mask.write_bytes(whole)))
+    assert dataset[(0, 1)]["mask_key"] == key
