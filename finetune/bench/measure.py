@@ -11,7 +11,6 @@ import time
 import warnings
 from pathlib import Path
 
-from finetune.bench.compiled_check import CompiledCheck
 from finetune.bench.sd15 import peak_tflops
 
 # ---------------------------------------------------------------------------------------------------
@@ -84,6 +83,7 @@ def measure(spec: dict) -> dict:
     started = time.perf_counter()
     import torch
 
+    from finetune.bench.compiled_check import CompiledCheck  # torch: here, as above (tests/test_bench's peak of a bare process)
     from finetune.recipe_loading import recipe_from_dict
     from finetune.trainer import train
 
