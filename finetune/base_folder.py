@@ -94,7 +94,12 @@ def objects_refused_in(path: Path) -> str | None:
     weights): from its pickle's names alone, nothing unpickled; None for a file of tensors alone, or one torch's
     legacy format or damage keeps from being read so (loading then says it: `finetune.models`)."""
     objects = pickled_objects(path)  # None: loading reads it with weights_only too, and says why
-    return ", ".join(sorted(objects)[:3]) + (", ..." if len(objects) > 3 else "") if objects else None
+    return named_objects(objects) if objects else None
+
+
+def named_objects(objects: list[str]) -> str:
+    """The first three of a pickle's objects, for a line."""
+    return ", ".join(sorted(objects)[:3]) + (", ..." if len(objects) > 3 else "")
 
 
 def pickled_objects(path: Path) -> list[str] | None:

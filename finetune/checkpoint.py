@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from finetune.atomic_files import failed_write, replace_folder
-from finetune.base_folder import objects_refused_in, pickled_objects
+from finetune.base_folder import named_objects, pickled_objects
 from finetune.counts import counted
 from finetune.distributed import unwrap
 from finetune.errors import FinetuneError
@@ -321,7 +321,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path, current_settings: dict
                                 "or a pickle of another making), which resuming would unpickle (unpickling can run code): resume "
                                 "from the checkpoint before it, or start a new run from its outputs")  # fmt: skip
         if objects:
-            raise FinetuneError(f"checkpoint {path}: {custom.name} holds objects besides a scheduler's state ({objects_refused_in(custom)}), which "
+            raise FinetuneError(f"checkpoint {path}: {custom.name} holds objects besides a scheduler's state ({named_objects(objects)}), which "
                                 "resuming would unpickle (unpickling can run code): resume only from checkpoints you wrote, or start a new run "
                                 "from its outputs")  # fmt: skip
     try:

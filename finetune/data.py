@@ -21,7 +21,7 @@ from finetune.cache import EncodingCache
 from finetune.captions import scored_caption, training_caption
 from finetune.config import DataConfig
 from finetune.errors import FinetuneError
-from finetune.images import file_stamp, open_rgb, pixel_digest, turned_on_its_side, upright_size
+from finetune.images import file_stamp, header_upright_size, open_rgb, pixel_digest, upright_size
 from finetune.loss_mask import mask_digest, mask_tensor
 from finetune.sources import Example
 from finetune.views import ViewPlan, plan_view, render, view_key
@@ -91,7 +91,7 @@ def require_checked_size(example: Example) -> None:
     if _changed_stamp(example) is None:
         return
     with example.load() as image:
-        size = (image.height, image.width) if turned_on_its_side(image) else image.size
+        size = header_upright_size(image)
     if size != example.size:
         raise FinetuneError(f"image {example.source} changed size since this run's data check ({size[0]}x{size[1]}, was "
                             f"{example.size[0]}x{example.size[1]}): restart the run to train with it (its crops and bucket are planned for the checked size)")  # fmt: skip

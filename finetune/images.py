@@ -129,7 +129,11 @@ def upright_size(example: Example) -> Size:
     """(width, height) as trained, after EXIF rotation; from the check, else from the file's header."""
     if example.size is not None:
         return example.size
-    image = example.load()  # a file is only opened: the header has the size
+    return header_upright_size(example.load())  # a file is only opened: the header has the size
+
+
+def header_upright_size(image: Image.Image) -> Size:
+    """(width, height) of an opened image after its EXIF rotation, from its header alone."""
     return (image.height, image.width) if turned_on_its_side(image) else image.size
 
 
