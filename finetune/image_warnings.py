@@ -5,9 +5,11 @@ one line that names the image: the data check's summary (a finding), or `warning
 
 Caught per thread (the data check decodes on several), by one hook on `warnings.showwarning` that takes the warnings
 raised in Pillow's own modules while this thread reads an image; `warnings.catch_warnings` swaps process-wide state
-and, entered on two threads at once, can leave one thread's catcher in place for good. Every other warning, and
-Pillow's outside an image's decode, is shown as Python's default filter would: once per text and place (whatever
-filter a user set for Pillow's: theirs come after this module's)."""
+and, entered on two threads at once, can leave one thread's catcher in place for good. This module's filter comes
+first (see PILLOW_ALWAYS), so the hook asks the other filters what Python would do with each Pillow warning: a user's
+`python -W error`, PYTHONWARNINGS=ignore or warnings.simplefilter still raises it, or silences it (no finding, no
+line), inside a decode and after it. What they let through is collected inside a decode, and outside one shown as
+their action says (by default once per text and place). Every other warning is left to Python."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from finetune.console import warn
 
 PILLOW_FOLDER = os.path.dirname(PIL.__file__) + os.sep
 # Every Pillow warning reaches the hook (the default action would show the second image's "Palette images with
-# Transparency" to no one); the hook keeps the default's once per text and place for those outside an image's decode.
+# Transparency" to no one); the hook then does what the other filters say (_others_action), once-per rules included.
 PILLOW_ALWAYS = ("always", None, Warning, re.compile(r"PIL\."), 0)
 _this_thread = threading.local()  # .heard: the list this thread's image decode collects into, or None
 _install_lock = threading.Lock()
@@ -36,17 +38,50 @@ _previous_show = warnings.showwarning
 
 def _show(message, category, filename, lineno, file=None, line=None):
     if str(filename).startswith(PILLOW_FOLDER):
+        action = _others_action(str(message), category, str(filename), lineno)
+        if action == "error":
+            raise message if isinstance(message, Warning) else category(message)  # out of Pillow's warn, as Python raises it
+        if action == "ignore":
+            return
         heard = getattr(_this_thread, "heard", None)
         if heard is not None:
             text = " ".join(str(message).split())  # Pillow writes "data.  Expecting" with two spaces
             if text not in heard:
                 heard.append(text)
             return
-        place = (str(message), category, filename, lineno)
+        # The key Python's registry would keep for the action: "always" none, "once" the text, "module" per file.
+        place = {"always": None, "once": (str(message), category), "module": (str(message), category, filename)}.get(
+            action, (str(message), category, filename, lineno))
         if place in _shown_outside:
             return
-        _shown_outside.add(place)
+        if place is not None:
+            _shown_outside.add(place)
     _previous_show(message, category, filename, lineno, file, line)
+
+
+def _others_action(text: str, category: type, filename: str, lineno: int) -> str:
+    """The action of the first filter other than this module's that fits a warning raised in Pillow's `filename`,
+    matched as Python matches them (warnings.defaultaction where none fits)."""
+    relative = os.path.splitext(filename[len(PILLOW_FOLDER):])[0]
+    module = ".".join(["PIL", *relative.split(os.sep)]).removesuffix(".__init__")  # the raising module's __name__
+    for entry in list(warnings.filters):  # a copy: another thread may add a filter meanwhile
+        if entry == PILLOW_ALWAYS:
+            continue
+        action, text_pattern, filter_category, module_pattern, filter_lineno = entry
+        if (_fits(text_pattern, text) and issubclass(category, filter_category) and _fits(module_pattern, module)
+                and filter_lineno in (0, lineno)):
+            return action
+    return warnings.defaultaction
+
+
+def _fits(pattern, value: str) -> bool:
+    """None fits anything; a plain string (Python's own `default::DeprecationWarning:__main__`) only itself; a
+    compiled pattern from the start of the value, as warnings does."""
+    if pattern is None:
+        return True
+    if isinstance(pattern, str):
+        return pattern == value
+    return pattern.match(value) is not None
 
 
 def _listen() -> None:

@@ -4,11 +4,13 @@ Python shows each text once per process: the data check, training's data and mak
 import warnings
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from finetune.check_data import WARNING, inspect_examples
 from finetune.conditions import make_conditions
 from finetune.config import DataConfig
+from finetune.errors import FinetuneError
 from finetune.images import open_rgb
 from finetune.sources import Example, read_examples
 
@@ -96,3 +98,36 @@ def test_the_line_is_said_over_a_progress_bar_not_after_it(tmp_path, monkeypatch
         open_rgb(Example(photo, "", lambda: Image.open(photo)))
     before = terminal.getvalue().split("warning: image", 1)[0]
     assert "training:" in before and before.endswith("\r")  # the bar cleared from its line first, then drawn again below
+
+
+def test_a_users_error_filter_still_raises_pillows_warnings_in_a_decode_and_after_it(tmp_path):
+    """`python -W error::UserWarning:PIL.TiffImagePlugin` (a filter on Pillow's module, as its docs suggest for
+    DecompressionBombWarning): this module's filter, first in the list, made it show the warning instead."""
+    photo = cut_exif_photo(tmp_path / "f.jpg")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", category=UserWarning, module=r"PIL\.TiffImagePlugin\Z")  # what that -W makes
+        with pytest.raises(FinetuneError, match=r"^image .*f.jpg cannot be read \(UserWarning: Truncated File Read\): fix or remove it$"):
+            open_rgb(Example(str(photo), "", lambda: Image.open(photo)))  # the decode's own one line
+        with pytest.raises(UserWarning, match="Truncated File Read"), Image.open(photo) as image:
+            image.getexif()  # after a decode put this module's filter first
+
+
+def test_a_users_ignore_filter_silences_pillows_warnings_in_a_decode_and_after_it(tmp_path, recwarn, capfd):
+    photo = cut_exif_photo(tmp_path / "g.jpg")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # python -W ignore, PYTHONWARNINGS=ignore
+        open_rgb(Example(str(photo), "", lambda: Image.open(photo)))
+        with Image.open(photo) as image:
+            image.getexif()
+    out, err = capfd.readouterr()
+    assert "Truncated File Read" not in out + err and [str(w.message) for w in recwarn] == []
+
+
+def test_a_users_always_filter_shows_pillows_warning_outside_a_decode_each_time(tmp_path, recwarn):
+    photo = cut_exif_photo(tmp_path / "h.jpg")
+    open_rgb(Example(str(photo), "", lambda: Image.open(photo)))  # this module's filter in place
+    warnings.simplefilter("always")
+    for _ in range(2):
+        with Image.open(photo) as image:
+            image.getexif()
+    assert [str(w.message) for w in recwarn] == ["Truncated File Read"] * 2
