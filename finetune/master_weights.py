@@ -9,8 +9,10 @@ DeepSpeed's safe_get_local_fp32_param and safe_set_local_fp32_param read and wri
 only, and the reading one moves it to this process's device: under an offloaded optimizer a copy (on a GPU, the slice
 over PCIe at every update, and the average made of it in GPU memory, which offload was to spare). So the slice is read
 where the optimizer keeps it, through the helper that function calls (`_get_fp32_opt_state_partition`): a view, in CPU
-memory under offload. Under ZeRO-1/2 no public API gives a slice without gathering it (DeepSpeed 0.19.8): the slice is
-the fragment that the parameter's `_hp_mapping` (what safe_get_full_fp32_param reads there) points at. Both are
+memory under offload. Under ZeRO-1/2 no public API gives a slice (DeepSpeed 0.19.8): the safe_*_local_* functions assert
+a ZeRO-3 parameter (`ds_id`), safe_get_full_fp32_param all-reduces a buffer of the whole parameter (at every update, the
+whole model sent between the processes and held whole on each), and safe_set_full_fp32_param takes the whole value. So
+the slice is the fragment that the parameter's `_hp_mapping` (what those two read and write there) points at. Both are
 DeepSpeed's internals, so `check_layout` compares them with its public API at the start: a version that lays the
 masters out otherwise stops the run in one line, where it would otherwise average something else.
 """
