@@ -99,11 +99,15 @@ def ready_to_compile(accelerator: Accelerator, trained: list[torch.nn.Module], b
             module.register_to_config(_class_name=type(module).__name__, _diffusers_version=diffusers.__version__)
 
 
-def uncompiled(modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
-    """`modules` without torch.compile's wrapper (DDP's stays): for the held-out loss, a few forwards without gradients,
-    which the compiled module would compile again for (its graphs are guarded on grad mode), a minute or more of a GPU's
-    time for SD1.5, for no gain."""
-    return {name: module._orig_mod if is_compiled_module(module) else module for name, module in modules.items()}
+@contextlib.contextmanager
+def uncompiled_forwards():
+    """Inside, every compiled module runs uncompiled: for validation's grid and the held-out loss, which would each compile
+    a graph of their own (the pipeline calls the model with other arguments and shapes; the held-out loss runs without
+    gradients, and graphs are guarded on grad mode), a minute or more of a GPU's time for SD1.5 each, for no gain. torch's
+    stance rather than the module under torch.compile's wrapper: under DeepSpeed (ACCELERATE_DYNAMO_BACKEND exported by
+    hand) accelerate has the engine compile the model in place (`engine.compile`), so there is no wrapper to step around."""
+    with torch.compiler.set_stance("force_eager"):
+        yield
 
 
 def trained_parameters(modules: dict[str, torch.nn.Module], accelerator: Accelerator) -> dict[str, torch.nn.Parameter]:

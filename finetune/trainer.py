@@ -30,7 +30,7 @@ from finetune.batches import item_layout
 from finetune.diffusion import BatchRandomness
 from finetune.draw_keys import DRAWN, key_offset
 from finetune.device_copy import to_device
-from finetune.distributed import accelerator_options, agree_on_start, autocast, checkpoint_options, configure_deepspeed, full_parameters, keep_autocast_outputs, launch_problem, ready_to_compile, release_gathered, trained_parameters, uncompiled, unsharded_loading, unwrap, uses_deepspeed, zero_stage
+from finetune.distributed import accelerator_options, agree_on_start, autocast, checkpoint_options, configure_deepspeed, full_parameters, keep_autocast_outputs, launch_problem, ready_to_compile, release_gathered, trained_parameters, uncompiled_forwards, unsharded_loading, unwrap, uses_deepspeed, zero_stage
 from finetune.deepspeed_checks import check_deepspeed_launch
 from finetune.earlier_run import clear_earlier_run, guard_earlier_run
 from finetune.ema import EMA_FILE, weight_average
@@ -260,10 +260,10 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
 
     def validate(at_step: int) -> Path | None:
         """The validation grid of this step (and the held-out loss); returns the grid's path, if one was drawn."""
-        with averaged():
+        with averaged(), uncompiled_forwards():
             grid = run_validation(recipe, method, modules, accelerator, at_step)
             if held_out:
-                terms = held_out_loss(method, uncompiled(modules), dataset, collate_fn, held_out, recipe.seed, accelerator.device, lambda: autocast(accelerator))
+                terms = held_out_loss(method, modules, dataset, collate_fn, held_out, recipe.seed, accelerator.device, lambda: autocast(accelerator))
                 result.validation_losses.append((at_step, terms["loss"]))
                 say(f"validation loss at step {at_step}: {terms['loss']:.4f}")
                 accelerator.log({f"validation/{name}": value for name, value in terms.items()}, step=at_step)

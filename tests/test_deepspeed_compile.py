@@ -1,17 +1,25 @@
 """`accelerate launch --dynamo_backend X` under DeepSpeed: accelerate's DeepSpeed launcher (1.15) does not hand the backend to
 the processes (its DDP launcher does), so such a run trained uncompiled without a word (measured: 2 CPU processes under
-ZeRO-2, --dynamo_backend eager: no "compiling" line, dynamo's counters empty). It is refused before anything loads."""
+ZeRO-2, --dynamo_backend eager: no "compiling" line, dynamo's counters empty). It is refused before anything loads.
+A backend exported by hand (ACCELERATE_DYNAMO_BACKEND) does reach them, and accelerate has DeepSpeed's engine compile the model."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from ports import free_port
+from test_distributed import write
 
 import finetune.deepspeed_checks as deepspeed_checks
 from finetune.deepspeed_checks import launcher_compile_backend
 from finetune.errors import FinetuneError
 from finetune.trainer import train
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs" / "deepspeed"
 LAUNCH = ["/venv/bin/python", "-m", "accelerate.commands.launch"]
 
 
@@ -40,3 +48,20 @@ def test_a_compile_asked_of_accelerate_launch_under_deepspeed_is_refused_before_
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")  # set by hand: accelerate compiles DeepSpeed's model itself
     with pytest.raises(FinetuneError, match="no-such-model"):
         train(recipe)
+
+
+@pytest.mark.slow  # ~2 minutes: DeepSpeed's start, and dynamo traces the tiny UNet's forward and backward
+def test_a_compile_exported_by_hand_under_deepspeed_compiles_training_alone(make_recipe, tmp_path):
+    """DeepSpeed's engine compiles the model in place (the module validation is handed is itself compiled): validation's
+    grid and the held-out loss each compiled a graph of their own (3 in all, measured), where the run compiles 1."""
+    recipe = make_recipe(train__max_steps=2, validation__every_n_steps=1, validation__loss_images=1, validation__prompts=["a shape"],
+                         validation__num_inference_steps=2)  # fmt: skip
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--deepspeed_config_file", str(CONFIGS / "zero2.json"),
+               "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--main_process_port", str(free_port()),
+               str(REPO / "tests" / "compiled_worker.py"), str(write(recipe, tmp_path / "recipe.yaml"))]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_DYNAMO_BACKEND": "EAGER"}
+    launched = subprocess.run(command, env=environment, capture_output=True, text=True, cwd=REPO, timeout=1200)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    counted = json.loads((Path(recipe.output_dir) / "compiles-rank0.json").read_text())
+    assert "validation loss at step 2" in launched.stdout and (Path(recipe.output_dir) / "samples" / "step-000002.png").is_file()
+    assert (counted["stats"]["unique_graphs"], counted["frames"]["total"] - counted["frames"]["ok"]) == (1, 0), counted
