@@ -17,11 +17,12 @@ from finetune.run_files import (CHECKPOINT_PATTERN, CONTROLNET_DIR, LORA_WEIGHTS
 # What a run leaves in its output_dir besides its outputs: `overwrite` clears these (DreamBooth's generated
 # class images stay: they are named by their prompt and settings, so a new run reuses only matching ones).
 RUN_FOLDERS = ("checkpoints", "samples", "logs")
-# What runs write in each, by name (and the hidden partials of a write a kill left): all that `overwrite` removes there. A
+# What runs write in each, by name (and the hidden partials of a write a kill left, and a checkpoint folder a kill left set
+# aside as `.checkpoint-N.old` while it was being replaced: atomic_files.replace_folder): all that `overwrite` removes there. A
 # file of the user's stays: a log of this very run (`finetune train ... --overwrite > run/logs/train.log`), an image kept in
 # samples/, notes in checkpoints/; the folder goes only where nothing else is left in it.
 RUN_ENTRIES = {
-    "checkpoints": re.compile(rf"^(?:{re.escape(PARTIAL)}|{re.escape(REMOVED)})?checkpoint-\d+$"),
+    "checkpoints": re.compile(rf"^(?:(?:{re.escape(PARTIAL)}|{re.escape(REMOVED)})?checkpoint-\d+|\.checkpoint-\d+\.old)$"),
     "samples": re.compile(r"^(?:(?:step-\d+|loss-masks)\.png|\.(?:step-\d+|loss-masks)\.png\.partial)$"),  # validation's grids, the loss masks' strip
     "logs": re.compile(r"^finetune$"),  # TensorBoard's, as accelerate names a tracker's folder by the project (init_trackers)
 }

@@ -39,6 +39,7 @@ def test_overwrite_removes_the_earlier_runs_files_and_keeps_the_users_beside_the
 
     theirs = ["checkpoints/notes.txt", "samples/favourite.png", "logs/train.log", "logs/mine/a.txt"]
     runs = ["checkpoints/checkpoint-2/trainer_state.json", "checkpoints/.partial-checkpoint-3/x", "checkpoints/.removed-checkpoint-1/x",
+            "checkpoints/.checkpoint-4.old/trainer_state.json",  # replace_folder's aside of a checkpoint, as a kill between its renames left it
             "samples/step-000002.png", "samples/.step-000004.png.partial", "samples/loss-masks.png", "logs/finetune/events.out.tfevents.1"]  # fmt: skip
     for name in theirs + runs:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
