@@ -24,7 +24,7 @@ from finetune.epoch_uses import check_epoch_uses
 from finetune.errors import FinetuneError
 from finetune.file_names import loosely_named_file, name_key, row_image_key
 from finetune.image_warnings import pillow_warning_line, pillow_warnings, pillow_warnings_named
-from finetune.images import decode, float_levels_problem, has_alpha, pixel_digest, turned_on_its_side, upright_rgb
+from finetune.images import decode, file_stamp, float_levels_problem, has_alpha, pixel_digest, turned_on_its_side, upright_rgb
 from finetune.metadata_lines import csv_rows, metadata_text
 from finetune.sources import Example, open_dataset, read_examples
 from finetune.views import plan_view, render
@@ -204,12 +204,14 @@ def check_conditioning(pair: Pair, config: DataConfig) -> tuple[Pair, list[Findi
     """The pair with its conditioning image's pixel digest (what a checkpoint records of it), and a fatal finding if
     that image cannot be read, would train blank (drawn only in its alpha channel, or float values of 0-1) or is not
     its image's size (or its shape at another scale, large enough)."""
+    stamp = file_stamp(pair.conditioning.source)  # before reading: an edit while it is read shows as a changed file
     try:
         with pillow_warnings() as heard:
             conditioning = read_conditioning(pair.conditioning)
     except FinetuneError as err:
         return pair, [Finding(FATAL, pair.image.source, str(err))]
-    checked = replace(pair, conditioning=replace(pair.conditioning, digest=pixel_digest(conditioning)))
+    # Its size and stamp: training stops where it changes size mid-run (data.require_checked_size), as for images.
+    checked = replace(pair, conditioning=replace(pair.conditioning, digest=pixel_digest(conditioning), size=conditioning.size, file_stamp=stamp))
     said = [Finding(WARNING, pair.image.source, "conditioning " + pillow_warning_line(pair.conditioning.source, heard))] if heard else []
     return checked, said + conditioning_size_problems(pair, conditioning.size, config)
 

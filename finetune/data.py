@@ -42,14 +42,15 @@ def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 _UNCHANGED_STAMPS: dict[str, tuple[int, int]] = {}
 
 
-def _changed_stamp(example: Example) -> tuple[int, int] | None:
+def _changed_stamp(example: Example, kind: str = "image") -> tuple[int, int] | None:
     """The image file's stamp where it differs from the one the check saw (and no use since found the same pixels), else
-    None; one stat. A file gone since stops here with one line (the loader's traceback said less)."""
+    None; one stat. A file gone since stops here with one line (the loader's traceback said less). `kind`: how a line
+    names the file (a ControlNet's "conditioning image")."""
     if example.file_stamp is None or example.digest is None:  # a dataset row, or an example not from the check
         return None
     stamp = file_stamp(example.source)
     if stamp is None:
-        raise FinetuneError(f"image {example.source} was removed since this run's data check: put it back, or restart the run to train without it")
+        raise FinetuneError(f"{kind} {example.source} was removed since this run's data check: put it back, or restart the run to train without it")
     return None if stamp in (example.file_stamp, _UNCHANGED_STAMPS.get(example.source)) else stamp
 
 
@@ -85,15 +86,16 @@ def _read_once_written(read: Callable[[], Any], path: str, stamp: tuple[int, int
 READ_RETRIES, READ_RETRY_WAIT = 10, 0.25
 
 
-def require_checked_size(example: Example) -> None:
+def require_checked_size(example: Example, kind: str = "image") -> None:
     """Without the latent cache an edited image trains as it now is, but only at the size the check read: its crop (and
-    bucket) was planned for that size, and a view planned for another would be stretched, unseen. Its header only."""
-    if _changed_stamp(example) is None:
+    bucket) was planned for that size, and a view planned for another would be stretched, unseen. Its header only. So
+    for a ControlNet's conditioning image (`kind`), decoded at every use and cut by its image's plan."""
+    if _changed_stamp(example, kind) is None:
         return
     with example.load() as image:
         size = header_upright_size(image)
     if size != example.size:
-        raise FinetuneError(f"image {example.source} changed size since this run's data check ({size[0]}x{size[1]}, was "
+        raise FinetuneError(f"{kind} {example.source} changed size since this run's data check ({size[0]}x{size[1]}, was "
                             f"{example.size[0]}x{example.size[1]}): restart the run to train with it (its crops and bucket are planned for the checked size)")  # fmt: skip
 
 

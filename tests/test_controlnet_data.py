@@ -3,8 +3,10 @@ sources with their own columns, bad input as one line before any model loads, an
 (canny edges, luminance, toy-world masks)."""
 
 import json
+import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +76,37 @@ def test_empty_prompt_share(pairs_folder):
     assert half == drawn(0.5)  # deterministic per (seed, epoch, index)
     assert 0.4 < half.count("") / len(half) < 0.6
     assert all(c in ("", captions[i % 4]) for i, c in enumerate(half))
+
+
+def test_a_conditioning_image_edited_mid_run_trains_unless_its_size_changed(pairs_folder, tmp_path):
+    """A conditioning image is decoded at every use (never cached): an edit trains as it now is. One whose size changed
+    was cut by its image's plan all the same, stretched unseen; one removed stopped with the loader's traceback. Each
+    use stats it as an uncached image's (data.require_checked_size): those stop with one line naming it."""
+    from finetune.controlnet_pairs import checked_pairs
+    from finetune.recipe_loading import recipe_from_dict
+
+    folder = shutil.copytree(pairs_folder, tmp_path / "pairs")
+    recipe = recipe_from_dict({"method": "controlnet", "data": {"image_dir": str(folder), "resolution": 64, "random_flip": False}})
+    pairs, _ = checked_pairs(recipe)
+    dataset = ControlNetDataset(pairs, recipe.data, seed=0, empty_prompt_share=0.0)
+    conditioning = Path(pairs[0].conditioning.source)
+    width, height = Image.open(conditioning).size
+    assert dataset[(0, 0)]["conditioning_pixel_values"].min() < 1.0
+
+    def replace(size: tuple[int, int]) -> None:  # a while after the check: a file system's times may be coarser than this test
+        Image.new("RGB", size, (255, 255, 255)).save(conditioning)
+        later = time.time_ns() + 10**9 * size[0]
+        os.utime(conditioning, ns=(later, later))
+
+    replace((width, height))
+    assert float(dataset[(0, 1)]["conditioning_pixel_values"].min()) == 1.0  # the edit trains
+    replace((width + 32, height))
+    with pytest.raises(FinetuneError, match=rf"^conditioning image {re.escape(str(conditioning))} changed size since this run's data check "
+                                            rf"\({width + 32}x{height}, was {width}x{height}\): restart the run to train with it"):
+        dataset[(0, 1)]
+    conditioning.unlink()
+    with pytest.raises(FinetuneError, match=rf"^conditioning image {re.escape(str(conditioning))} was removed since this run's data check: put it back"):
+        dataset[(0, 1)]
 
 
 def test_datasets_source_with_custom_columns(make_recipe, tmp_path):
