@@ -100,6 +100,23 @@ def _without_copies_of_the_run(found: list[Adapter]) -> list[Adapter]:
     return kept
 
 
+def adapter_files_stamp(adapter: Adapter) -> tuple:
+    """What tells an adapter's files from what they held when it was loaded, cheaply (a stat each, nothing read): its
+    path's and each of its files' inode, size, modification and change time (a ControlNet's with those of the UNet its
+    run saved beside it: inference.unlocked_decoder_folder). A folder's own time did not do: a file rewritten in place
+    leaves its folder as it was. Nor a file's time and size: a second run's file renamed over the first within the file
+    system's time resolution, or copied keeping its time (cp -p), has the same; not its inode or change time. OSError
+    where the adapter is gone."""
+    folders = [adapter.path, adapter.path.parent / UNET_DIR] if adapter.kind == "controlnet" else [adapter.path]
+    paths = [adapter.path] + sorted(path for folder in folders if folder.is_dir() for path in folder.rglob("*"))
+    return tuple(_stat_stamp(path) for path in paths)
+
+
+def _stat_stamp(path: Path) -> tuple:
+    status = path.stat()
+    return str(path), status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns
+
+
 def _is_checkpoint(folder: Path) -> bool:
     """A checkpoint, also one copied out of its run (a step picked to keep) under another name."""
     return (folder / STATE_FILE).is_file()

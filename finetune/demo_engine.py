@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from finetune.adapter_scan import BASE, PICKLE_SUFFIXES, Adapter, scan_adapters
+from finetune.adapter_scan import BASE, PICKLE_SUFFIXES, Adapter, adapter_files_stamp, scan_adapters
 from finetune.conditioning_records import recorded_options
 from finetune.config import ModelConfig
 from finetune.controlnet_pairs import small_conditioning_problem
@@ -141,13 +141,13 @@ class DemoEngine:
         return adapter
 
     def _cached(self, adapter: Adapter, load: Callable[[], object]) -> object:
-        """Loaded adapters, keyed by file and modification time (a retrained file is read again); at
-        most CACHE_SIZE of a kind stay in memory (a DreamBooth pipeline is a whole model)."""
+        """Loaded adapters, keyed by what their files' stat says of their content (a retrained or copied file is read
+        again: adapter_scan.adapter_files_stamp); at most CACHE_SIZE of a kind stay in memory (a DreamBooth pipeline is a whole model)."""
         try:
-            stat = adapter.path.stat()
+            stamp = adapter_files_stamp(adapter)
         except OSError:
             raise FinetuneError(f"{adapter.kind} '{adapter.name}' is gone from {self.adapters_dir}: press Rescan") from None
-        key = (adapter.kind, str(adapter.path), stat.st_mtime_ns, stat.st_size)
+        key = (adapter.kind, str(adapter.path), stamp)
         value = self._cache.get(key)
         if value is None:
             # The oldest let go before the load, not after: a DreamBooth pipeline is a whole model, and switching held

@@ -1,7 +1,10 @@
-"""The demo's Rescan runs outside the render queue: a rescan in the middle of a render must not break it."""
+"""The demo's Rescan runs outside the render queue: a rescan in the middle of a render must not break it. An adapter
+rewritten where it is needs no Rescan: the next render reads it again."""
 
+import os
 import shutil
 
+import numpy as np
 import pytest
 
 from finetune.demo_engine import DemoEngine, Request
@@ -53,3 +56,67 @@ def test_a_lora_file_cut_short_is_listed_with_what_is_wrong_and_what_to_do(adapt
     refused = scan_adapters(tmp_path)["copied"].refused
     assert refused.startswith("unreadable safetensors file (Error while deserializing header: ")
     assert refused.endswith("; cut short?): copy it again, then Rescan")
+
+
+def test_a_lora_file_replaced_with_its_size_and_time_unchanged_is_read_again(adapters_dir, tiny_model, tmp_path):
+    """The loaded LoRA was kept under its file's time and size: a second run's file of the same rank renamed over it (as
+    every save writes it) within the file system's time resolution, or copied keeping its time (cp -p), had the same
+    key, and the demo rendered the old weights until a Rescan. Here the new file is given the old one's time, as such a clock would."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "adapters"
+    shutil.copytree(adapters_dir / "trained", folder / "run", ignore=shutil.ignore_patterns("checkpoints", "logs", "samples"))
+    lora = folder / "run" / "pytorch_lora_weights.safetensors"
+    engine = DemoEngine(str(tiny_model), folder)
+    request = Request(prompt="a red circle", steps=1, loras=[("run", 1.0)], include_base=False)
+    before = np.asarray(engine.render(request)[0][0][0])
+
+    was = os.stat(lora)
+    with safe_open(lora, "pt") as opened:
+        metadata = opened.metadata()
+    retrained = {name: -tensor if ".up." in name else tensor for name, tensor in load_file(lora).items()}  # the opposite change
+    save_file(retrained, str(tmp_path / "new.safetensors"), metadata=metadata)
+    os.replace(tmp_path / "new.safetensors", lora)
+    os.utime(lora, ns=(was.st_atime_ns, was.st_mtime_ns))
+    assert os.stat(lora).st_size == was.st_size
+
+    after = np.asarray(engine.render(request)[0][0][0])
+    assert not np.array_equal(after, before)
+    engine.rescan()
+    assert np.array_equal(after, np.asarray(engine.render(request)[0][0][0]))  # what it renders once it has read the file again
+
+
+def test_a_controlnet_whose_weights_are_replaced_inside_its_folder_is_read_again(tiny_model, tmp_path):
+    """A ControlNet (or pipeline) was kept under its folder's time and size: a file renamed over one inside it (rsync, a
+    save that writes whole files) within the file system's time resolution left both as they were, and the demo rendered
+    the old ControlNet until a Rescan (a file rewritten in place leaves its folder's time as it was at any time)."""
+    import torch
+    from controlnet_helpers import zero_convs
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from PIL import Image
+
+    from finetune.methods.controlnet import save_model_folder
+
+    controlnet = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet"))
+    folders = {}
+    for sign, folder in ((1.0, tmp_path / "adapters" / "edges" / "controlnet"), (-1.0, tmp_path / "other" / "controlnet")):
+        with torch.no_grad():
+            for weight in zero_convs(controlnet).values():  # steering by its zero convolutions, made non-zero
+                weight.fill_(sign * 0.05)
+        folders[sign] = save_model_folder(controlnet, folder, {})
+    folder, other = folders[1.0], folders[-1.0]
+    engine = DemoEngine(str(tiny_model), tmp_path / "adapters")
+    condition = Image.new("RGB", (64, 64))
+    condition.paste((255, 255, 255), (16, 16, 48, 48))
+    request = Request(prompt="a red circle", steps=1, controlnet="edges/controlnet", conditioning_image=condition, include_base=False)
+    before = np.asarray(engine.render(request)[0][0][1])  # (after the conditioning image)
+
+    weights, was = folder / "diffusion_pytorch_model.safetensors", folder.stat()
+    os.replace(other / weights.name, weights)
+    os.utime(folder, ns=(was.st_atime_ns, was.st_mtime_ns))  # as a clock coarser than the time since the folder was written
+
+    after = np.asarray(engine.render(request)[0][0][1])
+    assert not np.array_equal(after, before)
+    engine.rescan()
+    assert np.array_equal(after, np.asarray(engine.render(request)[0][0][1]))
