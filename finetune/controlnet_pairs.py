@@ -73,7 +73,7 @@ def inspect_pairs(recipe: Recipe) -> tuple[list[Pair], DataReport]:
     usable = []
     for pair, problems in each_on_threads(functools.partial(check_conditioning, config=config), matched, "checking conditioning images"):
         report.findings += problems
-        if problems:
+        if any(problem.level == FATAL for problem in problems):  # a Pillow warning is said, and the pair trains
             report.usable.remove(pair.image)
         else:
             usable.append(pair)

@@ -109,6 +109,27 @@ def test_a_conditioning_image_edited_mid_run_trains_unless_its_size_changed(pair
         dataset[(0, 1)]
 
 
+def test_a_conditioning_image_pillow_warned_about_trains_and_is_said(pairs_folder, tmp_path):
+    """Its warning was a finding of its pair's check, and any finding left the pair out of training: a conditioning JPEG
+    whose EXIF was cut short trained without its pair, unsaid as such, and with every pair so a crash (IndexError)."""
+    from test_image_warnings import cut_exif_photo
+
+    from finetune.check_data import WARNING
+    from finetune.controlnet_pairs import checked_pairs
+    from finetune.recipe_loading import recipe_from_dict
+
+    folder = shutil.copytree(pairs_folder, tmp_path / "pairs")
+    cut_exif_photo(folder / "conditioning" / "0000.jpg").with_suffix(".txt").unlink()
+    metadata = folder / "metadata.jsonl"
+    metadata.write_text(metadata.read_text().replace("conditioning/0000.png", "conditioning/0000.jpg"))
+    recipe = recipe_from_dict({"method": "controlnet", "data": {"image_dir": str(folder), "resolution": 64}})
+    pairs, report = checked_pairs(recipe)
+    assert [Path(pair.conditioning.source).name for pair in pairs] == ["0000.jpg", "0001.png", "0002.png", "0003.png"]
+    assert [finding.message for finding in report.findings if finding.level == WARNING] == [
+        f"conditioning image {folder / 'conditioning' / '0000.jpg'}: Pillow warned while reading it: Truncated File Read "
+        "(it reads as decoded; re-save it to be rid of this)"]
+
+
 def test_datasets_source_with_custom_columns(make_recipe, tmp_path):
     import datasets
 
