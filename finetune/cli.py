@@ -309,8 +309,10 @@ def _export(args) -> int:
 
 def _export_checkpoint(args) -> int:
     from finetune.model_source import resolve_pipeline_folder  # pydantic: not loaded for --help
+    from finetune.output_folders import check_export_checkpoint_output
 
-    resolve_pipeline_folder(Path(args.input))  # before torch loads; export_checkpoint checks it again
+    # Before torch loads; export_checkpoint checks them again.
+    check_export_checkpoint_output(resolve_pipeline_folder(Path(args.input)), Path(args.output), args.overwrite)
     quiet_weight_progress_bars()
     from finetune.single_file_export import export_checkpoint
 

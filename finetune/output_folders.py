@@ -61,6 +61,19 @@ def check_merge_output(output_dir: Path, lora: Path, overwrite: bool) -> None:
     check_replaceable(output_dir, overwrite, "merge output")
 
 
+def check_export_checkpoint_output(folder: Path, output: Path, overwrite: bool) -> None:
+    """export-checkpoint's output: a .safetensors file name, outside the pipeline `folder` it reads, not a folder nor
+    inside a file, and not an existing file unless `overwrite`. Checked by the command before torch loads."""
+    if output.suffix != ".safetensors":
+        raise FinetuneError(f"export-checkpoint output {output} is not a .safetensors file name: give one, e.g. outputs/webui/mymodel.safetensors")
+    if output.resolve().is_relative_to(folder.resolve()):
+        raise FinetuneError(f"export-checkpoint would write {output} inside the pipeline it reads ({folder}): give an output outside it")
+    if output.is_dir() or any(parent.is_file() for parent in output.parents):
+        raise FinetuneError(f"export-checkpoint output {output} is a folder, or inside a file: give a .safetensors file path")
+    if output.exists() and not overwrite:
+        raise FinetuneError(f"export-checkpoint would replace {output}: give another output, or pass --overwrite")
+
+
 def export_base_source(source: Path, destination: Path, overwrite: bool) -> Path:
     """export-base's source pipeline folder (a full run's folder: its pipeline/), once it and the destination are checked."""
     check_not_what_it_reads(destination, {"source": source}, "export-base destination")  # a run's folder holds its pipeline/

@@ -21,6 +21,7 @@ from finetune.errors import FinetuneError
 from finetune.inference import saved_model_metadata
 from finetune.lora_kinds import CLIP_ROOT
 from finetune.model_source import resolve_pipeline_folder
+from finetune.output_folders import check_export_checkpoint_output
 from finetune.original_layout import UNET_RESNET_NAMES, unet_prefixes
 from finetune.placement import PRECISIONS
 
@@ -150,14 +151,7 @@ def export_checkpoint(source: Path, output: Path, precision: str | None = None, 
     `output` .safetensors file in the original SD1.x layout, its weights in `precision` (None: as the
     pipeline holds each). Returns the file and notes on how to load it."""
     folder = resolve_pipeline_folder(Path(source))
-    if output.suffix != ".safetensors":
-        raise FinetuneError(f"export-checkpoint output {output} is not a .safetensors file name: give one, e.g. outputs/webui/mymodel.safetensors")
-    if output.resolve().is_relative_to(folder.resolve()):
-        raise FinetuneError(f"export-checkpoint would write {output} inside the pipeline it reads ({folder}): give an output outside it")
-    if output.is_dir() or any(parent.is_file() for parent in output.parents):
-        raise FinetuneError(f"export-checkpoint output {output} is a folder, or inside a file: give a .safetensors file path")
-    if output.exists() and not overwrite:
-        raise FinetuneError(f"export-checkpoint would replace {output}: give another output, or pass --overwrite")
+    check_export_checkpoint_output(folder, output, overwrite)
     configs = check_sd1_shape(folder)
     schedule = _config(folder / "scheduler" / "scheduler_config.json")
     files = {part: weights_file(folder, part) for part in ("unet", "vae", "text_encoder")}

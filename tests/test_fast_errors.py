@@ -65,6 +65,7 @@ def test_train_says_its_output_dir_data_and_resume_before_torch(tmp_path):
 
 def test_sample_merge_exports_eval_and_demo_say_missing_inputs_before_torch(tmp_path):
     lora, base, out = str(tmp_path / "lora.safetensors"), str(tmp_path / "base"), str(tmp_path / "out")
+    (tmp_path / "kept.safetensors").write_bytes(b"")  # a file of the user's, which export-checkpoint would replace
     sample = ["sample", "--prompt", "a star", "--out", out]
     said = said_without_the_training_stack([
         [*sample, "--base", BASE, "--lora", lora],
@@ -80,15 +81,19 @@ def test_sample_merge_exports_eval_and_demo_say_missing_inputs_before_torch(tmp_
         ["export-checkpoint", base, str(tmp_path / "model.safetensors")],
         ["export-base", base, out],
         ["demo", "--adapters", str(tmp_path / "runs")],
+        ["export-checkpoint", BASE, str(tmp_path / "model.ckpt")],
+        ["export-checkpoint", BASE, str(tmp_path / "kept.safetensors")],
     ])  # fmt: skip
     missing_lora = f"LoRA {lora} not found: pass a .safetensors file"
-    assert [line.startswith(missing_lora) for line in said] == [True, True, False, False, False, True, False, True, False, True, False, False, False]
+    assert [line.startswith(missing_lora) for line in said] == [True, True, False, False, False, True, False, True, False, True, False, False, False, False, False]
     assert said[2] == said[6] == said[8] == f"base model {base} not found: no such folder or file (check --base)"
     assert said[3].startswith(f"ControlNet {tmp_path / 'controlnet'} not found")
     assert said[4] == f"conditioning image {tmp_path / 'mask.png'} not found: check --condition"
     assert said[10].startswith(f"export-checkpoint input {base} not found")
     assert said[11] == f"{base} is not a diffusers pipeline folder (no model_index.json)"
     assert said[12].startswith(f"adapters folder {tmp_path / 'runs'} not found")
+    assert said[13].startswith(f"export-checkpoint output {tmp_path / 'model.ckpt'} is not a .safetensors file name")
+    assert said[14] == f"export-checkpoint would replace {tmp_path / 'kept.safetensors'}: give another output, or pass --overwrite"
 
 
 def test_check_data_checks_controlnet_pairs_without_torch(tmp_path):
