@@ -29,11 +29,12 @@ from finetune.stop_signals import START_OVER, exit_status, signal_of, stop_line,
 def base_or_recorded(args) -> str:
     """--base, else the base the adapter's training run recorded (named on the console). The adapters are checked first,
     as loading checks them (`check_adapter_paths`; a local --base: `check_local_base`, after the checks that need no
-    files): a mistyped one was said only after torch and diffusers had loaded (10 s of CPU)."""
+    files): a mistyped one was said only after torch and diffusers had loaded (10 s of CPU). The record is read from the
+    LoRA's header or the ControlNet's metadata file (finetune.adapter_records), so a base it lacks is said before they load too."""
     check_adapter_paths(args)
     if args.base:
         return args.base
-    from finetune.inference import recorded_base, recorded_base_config
+    from finetune.adapter_records import recorded_base, recorded_base_config
 
     base = recorded_base(args.lora, getattr(args, "controlnet", None))
     if args.base_config is None:  # a single-file base loads offline only with the configs its run was given
@@ -53,12 +54,9 @@ def check_adapter_paths(args) -> None:
         resolve_controlnet_folder(args.controlnet)
 
 
-def check_local_base(base: str | None, base_config: str | None) -> None:
-    """A --base folder or file checked from its files as loading checks it (finetune.model_source). A hub id is left to
-    loading, which looks it up once (a cache search, or requests to the hub); a base the adapter recorded (no --base), to
-    loading too."""
-    if base is None:
-        return
+def check_local_base(base: str, base_config: str | None) -> None:
+    """A --base folder or file (or the one the adapter recorded) checked from its files as loading checks it
+    (finetune.model_source). A hub id is left to loading, which looks it up once (a cache search, or requests to the hub)."""
     from finetune.config import ModelConfig  # pydantic: not loaded for --help
     from finetune.model_source import locate_base, looks_like_hub_id
 
@@ -221,7 +219,7 @@ def _sample(args) -> int:
     base = base_or_recorded(args)
     if args.resolution is None:  # the model's own, from its configs (where they cannot be read, once it loads: finetune.inference)
         check_grid(native_resolution(base, args.base_config))
-    check_local_base(args.base, args.base_config)
+    check_local_base(base, args.base_config)
     quiet_weight_progress_bars()  # transformers loads with torch: after the checks, so a refusal stays quick
     from finetune.inference import sample_to_folder  # torch and diffusers: after the checks above, which need neither
 
@@ -328,7 +326,7 @@ def _merge(args) -> int:
 
     check_merge_output(Path(args.output_dir), Path(args.lora), args.overwrite)  # before the LoRA's base is read (torch)
     base = base_or_recorded(args)
-    check_local_base(args.base, args.base_config)
+    check_local_base(base, args.base_config)
     quiet_weight_progress_bars()
     from finetune.merge import merge_lora  # torch and diffusers: after the checks above, which need neither
 

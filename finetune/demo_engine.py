@@ -37,7 +37,8 @@ from finetune.encoders import clip_skipped
 from finetune.demo_inputs import MAX_UPLOAD_PIXELS, UPLOADED, other_kind_notes, too_large_upload
 from finetune.errors import FinetuneError
 from finetune.finite_images import say_warning
-from finetune.inference import base_model_metadata, refuse_replacing_a_fine_tuned_unet, saved_model_metadata, unlocked_decoder_folder
+from finetune.adapter_records import saved_model_metadata
+from finetune.inference import base_model_metadata, refuse_replacing_a_fine_tuned_unet, unlocked_decoder_folder
 from finetune.kohya import LoRA, load_lora
 from finetune.lora_hooks import loras_applied
 from finetune.merge import find_module

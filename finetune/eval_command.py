@@ -93,7 +93,7 @@ def default_out(base: str, lora: str | None, controlnet: str | None = None, suit
     `eval-style-with-mine.json` for a ControlNet with the LoRA mine, `eval-style-on-other.json` on a base other
     than the `recorded_base` of the adapter's run; `prompt_parts`: `subject_prompt_parts`), so reports of other suites,
     prompts, strengths, combinations, bases or LoRA files of one folder do not replace each other."""
-    from finetune.inference import same_model
+    from finetune.adapter_records import same_model
     from finetune.run_files import LORA_WEIGHTS_NAME
 
     lora_path = Path(lora) if lora else None
@@ -166,7 +166,7 @@ def check_subject_options_are_read(args, suites) -> None:
 def recorded_as_found(args) -> str | None:
     """The base the adapter's run recorded, found as `sample` finds it without --base: a relative path from the folders
     above the adapter too, so the report of a run scored from another folder, on that same base, is not named -on-<base>."""
-    from finetune.inference import adapter_base, found_from_adapter
+    from finetune.adapter_records import adapter_base, found_from_adapter
 
     recorded = adapter_base(args.lora, args.controlnet)
     return recorded and (found_from_adapter(recorded, args.lora or args.controlnet) or recorded)
@@ -181,10 +181,10 @@ def run_eval_command(args) -> int:
     suites = default_suites(args.suite, args.controlnet)
     check_lora_scale_has_a_lora(args)
     check_subject_options_are_read(args, suites)
-    base = base_or_recorded(args)  # --base at once; the adapter's record is read with torch
+    base = base_or_recorded(args)  # --base, else the adapter's record (its header or metadata file: no torch)
     # At the model's own resolution, from its configs: torch and the model loaded (seconds to a minute) before it was said.
     refuse_a_report_grid(suites, args.num_prompts, args.images_per_prompt, native_resolution(base, args.base_config))
-    check_local_base(args.base, args.base_config)
+    check_local_base(base, args.base_config)
     quiet_weight_progress_bars()  # transformers, then torch and diffusers: after the checks above, which need neither
     from finetune.prompt_options import PromptSettings, guidance_notes
 

@@ -204,7 +204,8 @@ def run_eval(
     "conditions": {prompt set: conditioning image per prompt}}``; with ``out`` also writes it
     (images as grids) via :func:`write_report`.
     """
-    from finetune.inference import adapter_base, base_model_metadata, load_sampling_pipeline, resolve_controlnet_folder
+    from finetune.adapter_records import adapter_base
+    from finetune.inference import base_model_metadata, load_sampling_pipeline, resolve_controlnet_folder
 
     if controlnet is None and conditioning_scale is not None:
         raise FinetuneError("--conditioning-scale steers a ControlNet: pass --controlnet PATH too, or leave it out")

@@ -6,7 +6,6 @@ starts with that image as the ControlNet saw it: conditioning | samples, as in t
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UNet2D
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 
+from finetune.adapter_records import saved_model_metadata
 from finetune.atomic_files import atomic_save_safetensors
 from finetune.conditioning_records import recorded_conditioning
 from finetune.config import ModelConfig
@@ -26,10 +26,8 @@ from finetune.image_bounds import sample_grid_problem
 from finetune.kohya import LoRA, load_lora, to_diffusers
 from finetune.merge import check_lora_fits, merged_already_note
 from finetune.controlnet_folder import check_control_options, resolve_controlnet_folder, weights_variant
-from finetune.run_files import LORA_WEIGHTS_NAME, UNET_DIR, resolve_lora_file
-from finetune.model_source import looks_like_hub_id
+from finetune.run_files import LORA_WEIGHTS_NAME, METADATA_FILE, UNET_DIR, resolve_lora_file
 from finetune.models import BaseModel, load_base_model
-from finetune.pipeline_io import METADATA_FILE
 from finetune.placement import inference_placement, out_of_device_memory, place, placement_line
 from finetune.prompt_options import guidance_notes, prompts_settings, webui_syntax_notes
 from finetune.sampling import (
@@ -65,64 +63,6 @@ def load_lora_into(pipeline, lora: LoRA, lora_file: Path, adapter_name: str) -> 
 
 # ---------------------------------------------------------------------------------------------------
 # ControlNet
-
-
-def adapter_base(lora: str | None, controlnet: str | None, key: str = "finetune.base_model") -> str | None:
-    """The base model a LoRA's (else a ControlNet's) training run recorded, if any (`key`: another record of it)."""
-    if lora:
-        return load_lora(resolve_lora_file(lora)).metadata.get(key)  # sd-scripts' files: their ss_sd_model_name
-    if controlnet:
-        return saved_model_metadata(resolve_controlnet_folder(controlnet)).get(key)
-    return None
-
-
-def same_model(a: str | None, b: str | None) -> bool:
-    """Two spellings of one base model (a hub id, or a path written relative or absolute)."""
-    if a is None or b is None:
-        return False
-    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
-
-
-def recorded_base(lora: str | None, controlnet: str | None) -> str:
-    """The base model a LoRA's or ControlNet's training run recorded, for a command given no --base."""
-    recorded = adapter_base(lora, controlnet)
-    if not recorded:
-        adapter = f" ({lora or controlnet} records none)" if lora or controlnet else ""
-        raise FinetuneError(f"pass --base MODEL: the base model to use{adapter}")
-    found = found_from_adapter(recorded, lora or controlnet)
-    if found is None:
-        raise FinetuneError(f"pass --base MODEL: {lora or controlnet} records the base {recorded}, which is not there from here")
-    return found
-
-
-def recorded_base_config(lora: str | None, controlnet: str | None) -> str | None:
-    """The configs a run on a single-file base described it with (model.single_file_config), found as its
-    base is; None where it recorded none or they are not there."""
-    recorded = adapter_base(lora, controlnet, key="finetune.base_config")
-    return found_from_adapter(recorded, lora or controlnet) if recorded else None
-
-
-def found_from_adapter(recorded: str, adapter: str) -> str | None:
-    """A path or hub id a run recorded as training was given it, as found from here; None if not found."""
-    if Path(recorded).exists() or Path(recorded).is_absolute():
-        return recorded
-    # A relative path, from the folder training ran in (outputs usually sit below it); `models/sd15` reads
-    # like a hub id too, so the folders come first.
-    for folder in Path(adapter).resolve().parents:
-        if (folder / recorded).exists():
-            return str(folder / recorded)
-    return recorded if looks_like_hub_id(recorded) else None
-
-
-def saved_model_metadata(folder: Path) -> dict[str, str]:
-    """What training (or merge) recorded beside a ControlNet or pipeline folder (base, steps, prediction type,
-    clip skip); {} for one from elsewhere."""
-    path = folder / METADATA_FILE
-    try:
-        metadata = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        return {}
-    return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
 
 
 def base_model_metadata(base: str) -> dict[str, str]:

@@ -31,11 +31,11 @@ from finetune.dora import (DIFFUSERS_MAGNITUDE, KOHYA_DORA_ARGS, KOHYA_DORA_META
                            diffusers_magnitude, kohya_magnitude, read_magnitude, uses_dora)
 from finetune.errors import FinetuneError
 from finetune.kohya_metadata import DATASET_KOHYA_KEYS, KOHYA_KEYS, LORAPLUS_KEYS, finetune_metadata_from_kohya
-from finetune.lora_kinds import CONTEXT_INPUTS, held_path, sd_version_metadata, unsupported_kind, with_current_diffusers_names, written_path
+from finetune.lora_kinds import (CONTEXT_INPUTS, KOHYA_PARTS, held_path, lora_layout, sd_version_metadata, with_current_diffusers_names,
+                                 written_path)
 from finetune.original_layout import with_diffusers_unet_names
 from finetune.placement import PRECISIONS
 
-PARTS = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 # Module-path segments of the SD UNet and CLIP that contain "_": kohya's names flatten `.` and `_`
 # alike, so reading one back joins the underscore-separated words that form these segments.
 COMPOUND_SEGMENTS = frozenset(
@@ -107,12 +107,12 @@ class LoRA:
 def kohya_name(key: str) -> str:
     """`unet.down_blocks.0.attentions.0...to_q` -> `lora_unet_down_blocks_0_attentions_0_..._to_q`."""
     part, module = key.split(".", 1)
-    return PARTS[part] + written_path(part, module).replace(".", "_")
+    return KOHYA_PARTS[part] + written_path(part, module).replace(".", "_")
 
 
 def module_key(name: str) -> str:
     """The inverse of `kohya_name`: rejoin the words of known compound segments, dots elsewhere."""
-    for part, prefix in PARTS.items():
+    for part, prefix in KOHYA_PARTS.items():
         if name.startswith(prefix):
             words, segments, i = name[len(prefix):].split("_"), [], 0
             while i < len(words):
@@ -146,12 +146,7 @@ def load_lora(path: Path) -> LoRA:
     damaged = next((key for key, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
     if damaged is not None:  # it would sample black or noise, merge into a model that does, and train NaN from lora.init_from
         raise FinetuneError(f"LoRA {path} holds NaN or infinite values ({damaged}): a damaged file, or one saved from a run that diverged: use another")
-    unsupported = unsupported_kind(list(tensors))
-    if unsupported:  # said of the file, before its first unknown key would be
-        raise FinetuneError(f"LoRA {path} is {unsupported}")
-    kohya, ours = (any(key.startswith(prefixes) for key in tensors) for prefixes in (tuple(PARTS.values()), ("unet.", "text_encoder.")))
-    if not (kohya or ours):
-        raise FinetuneError(f"{path} holds no SD1.x LoRA weights (expected unet./text_encoder. or lora_unet_/lora_te_ keys)")
+    kohya = lora_layout(path, list(tensors)) == "kohya"
     try:  # a key that is no LoRA weight, named with the file it is in
         lora = from_kohya(tensors, metadata) if kohya else from_diffusers(tensors, metadata)
         uses_dora(lora)  # said here, of the file: a DoRA's layers all have magnitudes
@@ -281,7 +276,7 @@ def _one_or_dynamic(values) -> str:
 def to_diffusers(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Our layout, with a LoraConfig per part that `load_lora_weights` applies as-is (alpha included)."""
     tensors, config = {}, {}
-    for part in PARTS:
+    for part in KOHYA_PARTS:
         layers = {key.split(".", 1)[1]: layer for key, layer in lora.layers.items() if key.startswith(part + ".")}
         if not layers:
             continue

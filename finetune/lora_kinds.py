@@ -2,18 +2,25 @@
 names diffusers' own trainers wrote, renamed to today's; CLIP's module paths as files name them; and the SD
 version a kohya export records for the webui.
 
-One check for the loader (`finetune.kohya.load_lora`: sample, merge, eval, export, lora.init_from) and the
-demo's adapter list (`finetune.adapter_scan`, from the header alone), so both name a LyCORIS or SDXL
+One check for the loader (`finetune.kohya.load_lora`: sample, merge, eval, export, lora.init_from), the
+demo's adapter list (`finetune.adapter_scan`) and the commands that read a LoRA's record before torch loads
+(`finetune.adapter_records`), the last two from the header alone, so all name a LyCORIS or SDXL
 file the same way instead of failing on its first unknown key (a DoRA loads: `finetune.dora`).
 """
 
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-import torch
-
+from finetune.errors import FinetuneError
 from finetune.original_layout import names_sdxl_blocks
+
+if TYPE_CHECKING:  # annotations only: a file's names are checked from its header, before torch loads (finetune.adapter_records)
+    import torch
+
+# The prefixes of kohya's names, by the part they adapt.
+KOHYA_PARTS = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 
 # Key endings of adapters the loader refuses.
 LYCORIS_ENDINGS = (".hada_w1_a", ".lokr_w1", ".lokr_w1_a", ".lora_mid.weight")  # LoHa, LoKr, Tucker-decomposed LoCon
@@ -30,6 +37,18 @@ def unsupported_kind(keys: list[str]) -> str | None:
     if names_sdxl_blocks(keys):  # SD1.x's original-layout names load (finetune.original_layout)
         return "an SDXL LoRA (its UNet's transformers are deeper than SD1.x's: input_blocks_N_1_transformer_blocks_1 and on): only SD1.x LoRAs are loaded"
     return None
+
+
+def lora_layout(path, keys: list[str]) -> str:
+    """"kohya" or "diffusers" (ours): the layout LoRA file `path`'s tensor names are in; one line for a file of a kind
+    not loaded here (`unsupported_kind`), or one holding no SD1.x LoRA names at all."""
+    if unsupported := unsupported_kind(keys):  # said of the file, before its first unknown key would be
+        raise FinetuneError(f"LoRA {path} is {unsupported}")
+    if any(key.startswith(tuple(KOHYA_PARTS.values())) for key in keys):
+        return "kohya"
+    if any(key.startswith(("unet.", "text_encoder.")) for key in keys):
+        return "diffusers"
+    raise FinetuneError(f"{path} holds no SD1.x LoRA weights (expected unet./text_encoder. or lora_unet_/lora_te_ keys)")
 
 
 # diffusers' attention-processor LoRAs, as its train_dreambooth_lora.py and train_text_to_image_lora.py saved them

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import functools
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from finetune.errors import FinetuneError
+
+if TYPE_CHECKING:  # annotations only: a LoRA file's names are checked before torch loads (finetune.lora_kinds)
+    import torch
 
 UNET_RESNET_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
                      "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}  # fmt: skip

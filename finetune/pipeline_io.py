@@ -13,9 +13,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from finetune.atomic_files import folder_written_whole, with_default_permissions
 from finetune.models import BaseModel, at_source_precision
 from finetune.output_folders import export_base_source
-
-# Beside a saved model (pipeline or ControlNet folder): what trained it, for sample, eval and the demo.
-METADATA_FILE = "finetune_metadata.json"
+from finetune.run_files import METADATA_FILE
 
 
 def save_pipeline(

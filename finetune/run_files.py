@@ -18,6 +18,7 @@ STATE_FILE = "trainer_state.json"  # a checkpoint's step and recipe: a checkpoin
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # a LoRA run's output, in its output_dir and each checkpoint
 CONTROLNET_DIR, UNET_DIR = "controlnet", "unet"  # a ControlNet run's outputs (the UNet: with controlnet.unlock_unet_decoder)
 PIPELINE_DIR = "pipeline"  # a full or DreamBooth run's whole pipeline
+METADATA_FILE = "finetune_metadata.json"  # beside a saved pipeline or ControlNet: what trained it, for sample, eval and the demo
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[Path]:

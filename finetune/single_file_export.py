@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from finetune.atomic_files import atomic_save_safetensors
 from finetune.errors import FinetuneError
-from finetune.inference import saved_model_metadata
+from finetune.adapter_records import saved_model_metadata
 from finetune.lora_kinds import CLIP_ROOT
 from finetune.model_source import resolve_pipeline_folder
 from finetune.output_folders import check_export_checkpoint_output

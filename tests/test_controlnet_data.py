@@ -363,7 +363,7 @@ def test_a_controlnet_records_how_its_conditioning_was_made_and_sample_says_it(m
     """make-conditions writes its kind and thresholds beside metadata.jsonl; a ControlNet trained on the folder
     records them, and `finetune sample` says what kind of --condition it wants (a photo given to an edge
     ControlNet is the usual mistake). A folder of conditioning images made otherwise records nothing."""
-    from finetune.inference import saved_model_metadata
+    from finetune.adapter_records import saved_model_metadata
     from finetune.methods.controlnet import CONTROLNET_DIR
 
     source = write_folder(tmp_path / "photos", 2, seed=4)

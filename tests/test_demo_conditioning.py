@@ -8,7 +8,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from finetune.conditions import make_condition
 from finetune.demo_engine import DemoEngine, Request
-from finetune.pipeline_io import METADATA_FILE
+from finetune.run_files import METADATA_FILE
 
 
 def test_canny_from_a_photo_uses_the_thresholds_the_controlnet_recorded(adapters_dir, tiny_model, tmp_path):

@@ -120,3 +120,33 @@ print([status, [name for name in {TRAINING_STACK!r} if name in sys.modules]])
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"data folder {tmp_path}: 2 images, 2 used, 0 skipped" in result.stdout, result.stdout
     assert result.stdout.splitlines()[-1] in ("[0, []]", "[0, ['transformers']]"), result.stdout  # the base's tokenizer counts caption tokens
+
+
+def test_sample_eval_and_merge_without_base_say_the_adapters_record_before_torch(tmp_path):
+    """Without --base the base an adapter's run recorded was read by loading the LoRA (torch) or through finetune.inference
+    (torch and diffusers): a LoRA recording none, a recorded base not there, a LyCORIS or SDXL file were said after them."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    layer = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora"
+    weights = {f"{layer}.down.weight": np.zeros((4, 32), np.float32), f"{layer}.up.weight": np.zeros((32, 4), np.float32)}
+    save_file(weights, tmp_path / "gone.safetensors", {"finetune.base_model": str(tmp_path / "gone")})
+    save_file(weights, tmp_path / "none.safetensors", {})
+    save_file({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": np.zeros((4, 32), np.float32)},
+              tmp_path / "sdxl.safetensors", {"ss_sd_model_name": "sd_xl_base_1.0.safetensors"})  # fmt: skip
+    controlnet = tmp_path / "controlnet"  # the shipped one, recording a base moved away
+    controlnet.mkdir()
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        (controlnet / name).symlink_to(ROOT / CONTROLNET / name)
+    (controlnet / "finetune_metadata.json").write_text(json.dumps({"finetune.base_model": str(tmp_path / "gone")}))
+    sample = ["sample", "--prompt", "a star", "--out", str(tmp_path / "out")]
+    said = said_without_the_training_stack([
+        [*sample, "--lora", str(tmp_path / "gone.safetensors")],
+        ["eval", "--lora", str(tmp_path / "none.safetensors")],
+        ["merge", "--lora", str(tmp_path / "sdxl.safetensors"), str(tmp_path / "merged")],
+        [*sample, "--controlnet", str(controlnet), "--condition", str(ROOT / "docs" / "images" / "quickstart_before.png")],
+    ])  # fmt: skip
+    assert said[0] == f"pass --base MODEL: {tmp_path / 'gone.safetensors'} records the base {tmp_path / 'gone'}, which is not there from here"
+    assert said[1] == f"pass --base MODEL: the base model to use ({tmp_path / 'none.safetensors'} records none)"
+    assert said[2].startswith(f"LoRA {tmp_path / 'sdxl.safetensors'} is an SDXL LoRA")
+    assert said[3] == f"pass --base MODEL: {controlnet} records the base {tmp_path / 'gone'}, which is not there from here"

@@ -16,7 +16,7 @@ from finetune.errors import FinetuneError
 from finetune.inference import load_sampling_pipeline
 from finetune.methods.controlnet import CONTROLNET_DIR
 from finetune.run_files import LORA_WEIGHTS_NAME
-from finetune.pipeline_io import METADATA_FILE
+from finetune.run_files import METADATA_FILE
 from finetune.recipe_loading import recipe_from_dict
 from finetune.trainer import train
 

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from numerics import bit_identical_on_cpu
 from safetensors.torch import load_file
 
-from finetune.pipeline_io import METADATA_FILE
+from finetune.run_files import METADATA_FILE
 from finetune.trainer import train
 
 # Stopped at 3 of 6 with a log every 2 steps: the log at step 4 must be the mean of steps 3 and 4, across the stop.

@@ -218,7 +218,7 @@ def test_what_the_layout_cannot_hold_is_refused_in_one_line_before_anything_is_w
 def test_a_variants_weights_are_read_and_the_notes_say_what_the_layout_cannot(single_file, tmp_path):
     """A pipeline of fp16 variant files (as model.variant downloads them) exports; the notes name the widths
     the webui would not build and a recorded clip skip, and say nothing at SD1.5's own widths."""
-    from finetune.pipeline_io import METADATA_FILE
+    from finetune.run_files import METADATA_FILE
     from finetune.single_file_export import SD15_WIDTHS, usage_notes
 
     _, configs, pipeline = single_file
@@ -289,7 +289,7 @@ def test_a_single_file_base_samples_with_the_clip_skip_its_header_records(single
     """export-checkpoint's header holds what training recorded; the layout itself cannot say clip skip 2."""
     from PIL import Image
 
-    from finetune.pipeline_io import METADATA_FILE
+    from finetune.run_files import METADATA_FILE
 
     _, configs, _ = single_file
     pipeline = tmp_path / "clip-skip-2"

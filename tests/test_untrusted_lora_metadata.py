@@ -113,7 +113,7 @@ def test_controlnet_pretrained_recording_a_prediction_type_no_model_predicts_is_
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     from finetune.methods.controlnet import ControlNetMethod
-    from finetune.pipeline_io import METADATA_FILE
+    from finetune.run_files import METADATA_FILE
 
     folder = tmp_path / "controlnet"
     ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")).save_pretrained(folder)

@@ -216,7 +216,7 @@ def test_an_eval_of_a_fine_tuned_pipeline_records_its_training_steps(tiny_model,
     import json
     import shutil
 
-    from finetune.pipeline_io import METADATA_FILE
+    from finetune.run_files import METADATA_FILE
 
     pipeline = tmp_path / "run" / "pipeline"
     shutil.copytree(tiny_model, pipeline)

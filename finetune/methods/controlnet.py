@@ -32,6 +32,7 @@ import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 from PIL import Image
 
+from finetune.adapter_records import saved_model_metadata
 from finetune.atomic_files import removed_if_unfinished, replace_folder, with_default_permissions
 from finetune.config import Recipe
 from finetune.controlnet_folder import FROM_A_UNET, check_hub_controlnet, conditioning_channels_problem, not_a_controlnet_message, refuse_a_controlnet_file, require_controlnet_config, weights_variant
@@ -46,10 +47,9 @@ from finetune.methods.base import DiffusionMethod
 from finetune.model_source import looks_like_hub_id
 from finetune.models import freeze
 from finetune.output_metadata import started_from
-from finetune.pipeline_io import METADATA_FILE
 from finetune.finite_images import VALIDATION_OVERFLOW
 from finetune.sampling import adapters_prediction_type, build_pipeline, generate_with_settings
-from finetune.run_files import CONTROLNET_DIR, UNET_DIR
+from finetune.run_files import CONTROLNET_DIR, METADATA_FILE, UNET_DIR
 from finetune.sources import Example
 
 STARTED_FROM = "controlnet_started_from"  # in a checkpoint's method state: the outputs' record of controlnet.pretrained, made when the run started
@@ -178,8 +178,6 @@ class ControlNetMethod(DiffusionMethod):
 
     def _recorded_by_its_run(self) -> dict:
         """What the run that trained controlnet.pretrained recorded (finetune_metadata.json); {} for a hub id."""
-        from finetune.inference import saved_model_metadata  # inference imports this module
-
         return saved_model_metadata(Path(self.load_from)) if Path(self.load_from).is_dir() else {}
 
     def _check_trained_for_this_target(self, recorded: dict) -> None:
@@ -219,8 +217,6 @@ class ControlNetMethod(DiffusionMethod):
     def resuming(self, checkpoint: Path, state: dict) -> None:
         super().resuming(checkpoint, state)
         if began := (state.get("recipe") or {}).get("controlnet.pretrained"):
-            from finetune.inference import saved_model_metadata  # inference imports this module
-
             self.resumed_state[RESUMED_LAYOUT] = layout = kept_layout(checkpoint, self.resumed_state)
             self.unknown_layout = None if layout else (checkpoint, began)  # made from the UNet, as before, where the shapes are its
             # The first record; else (older checkpoints) their output's.

@@ -1,0 +1,94 @@
+"""What a LoRA's or ControlNet's training run recorded (its base model, steps, the configs of a single-file base), read
+from the LoRA file's header and the ControlNet's finetune_metadata.json without torch: `sample`, `eval` and `merge`
+without --base find the recorded base, and say one that is not there, before torch and diffusers load (10 s of CPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from finetune.controlnet_folder import resolve_controlnet_folder
+from finetune.errors import FinetuneError
+from finetune.kohya_metadata import finetune_metadata_from_kohya
+from finetune.lora_kinds import lora_layout
+from finetune.model_source import looks_like_hub_id
+from finetune.run_files import METADATA_FILE, resolve_lora_file
+
+
+def lora_header(path: Path) -> tuple[list[str], dict[str, str]]:
+    """A LoRA file's tensor names and metadata, from its header alone (safe_open's "np": "pt" imports torch); one line
+    for a file that is no readable safetensors file, as loading it says."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "np") as f:
+            return list(f.keys()), dict(f.metadata() or {})
+    except (SafetensorError, OSError) as err:
+        raise FinetuneError(f"LoRA {path} is not a readable safetensors file ({str(err).splitlines()[0][:120]}): a truncated download? get it again") from None
+
+
+def lora_record(lora: str) -> dict[str, str]:
+    """What LoRA `lora` (a file or a run's folder) records, as `finetune.kohya.load_lora` reads it: sd-scripts' ss_ keys
+    as ours. A file of a kind not loaded here (LyCORIS, SDXL, no LoRA at all) is one line, from its names."""
+    path = resolve_lora_file(lora)
+    keys, metadata = lora_header(path)
+    return finetune_metadata_from_kohya(metadata) if lora_layout(path, keys) == "kohya" else metadata
+
+
+def saved_model_metadata(folder: Path) -> dict[str, str]:
+    """What training (or merge) recorded beside a ControlNet or pipeline folder (base, steps, prediction type,
+    clip skip); {} for one from elsewhere."""
+    path = folder / METADATA_FILE
+    try:
+        metadata = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
+
+
+def adapter_base(lora: str | None, controlnet: str | None, key: str = "finetune.base_model") -> str | None:
+    """The base model a LoRA's (else a ControlNet's) training run recorded, if any (`key`: another record of it)."""
+    if lora:
+        return lora_record(lora).get(key)  # sd-scripts' files: their ss_sd_model_name
+    if controlnet:
+        return saved_model_metadata(resolve_controlnet_folder(controlnet)).get(key)
+    return None
+
+
+def same_model(a: str | None, b: str | None) -> bool:
+    """Two spellings of one base model (a hub id, or a path written relative or absolute)."""
+    if a is None or b is None:
+        return False
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+
+def recorded_base(lora: str | None, controlnet: str | None) -> str:
+    """The base model a LoRA's or ControlNet's training run recorded, for a command given no --base."""
+    recorded = adapter_base(lora, controlnet)
+    if not recorded:
+        adapter = f" ({lora or controlnet} records none)" if lora or controlnet else ""
+        raise FinetuneError(f"pass --base MODEL: the base model to use{adapter}")
+    found = found_from_adapter(recorded, lora or controlnet)
+    if found is None:
+        raise FinetuneError(f"pass --base MODEL: {lora or controlnet} records the base {recorded}, which is not there from here")
+    return found
+
+
+def recorded_base_config(lora: str | None, controlnet: str | None) -> str | None:
+    """The configs a run on a single-file base described it with (model.single_file_config), found as its
+    base is; None where it recorded none or they are not there."""
+    recorded = adapter_base(lora, controlnet, key="finetune.base_config")
+    return found_from_adapter(recorded, lora or controlnet) if recorded else None
+
+
+def found_from_adapter(recorded: str, adapter: str) -> str | None:
+    """A path or hub id a run recorded as training was given it, as found from here; None if not found (an absolute path
+    not there too: said before torch loads, not by loading)."""
+    if Path(recorded).exists():
+        return recorded
+    # A relative path, from the folder training ran in (outputs usually sit below it); `models/sd15` reads
+    # like a hub id too, so the folders come first.
+    for folder in Path(adapter).resolve().parents:
+        if (folder / recorded).exists():
+            return str(folder / recorded)
+    return recorded if looks_like_hub_id(recorded) else None
