@@ -12,7 +12,7 @@ from finetune.errors import FinetuneError
 from finetune.kohya_metadata import finetune_metadata_from_kohya
 from finetune.lora_kinds import lora_layout
 from finetune.model_source import looks_like_hub_id
-from finetune.run_files import METADATA_FILE, resolve_lora_file
+from finetune.run_files import METADATA_FILE, record_text, resolve_lora_file
 
 
 def lora_header(path: Path) -> tuple[list[str], dict[str, str]]:
@@ -37,10 +37,10 @@ def lora_record(lora: str) -> dict[str, str]:
 
 def saved_model_metadata(folder: Path) -> dict[str, str]:
     """What training (or merge) recorded beside a ControlNet or pipeline folder (base, steps, prediction type,
-    clip skip); {} for one from elsewhere."""
+    clip skip); {} for one from elsewhere. A file too large to be ours is one line (`record_text`)."""
     path = folder / METADATA_FILE
     try:
-        metadata = json.loads(path.read_text()) if path.is_file() else {}
+        metadata = json.loads(record_text(path)) if path.is_file() else {}
     except (OSError, ValueError):
         return {}
     return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from finetune.run_files import CHECKPOINT_PATTERN, STATE_FILE
 from finetune.adapter_records import saved_model_metadata
 from finetune.dora import names_magnitudes
+from finetune.errors import FinetuneError
 from finetune.kohya import finetune_metadata_from_kohya
 from finetune.lora_kinds import unsupported_kind
 from finetune.controlnet_folder import CONVERT_ORIGINAL_CONTROLNET, ORIGINAL_CONTROLNET_PREFIXES, conditioning_channels_problem, weights_variant
@@ -188,7 +189,7 @@ def _model_folder(folder: Path, root: Path, files: list[str]) -> Adapter | None:
             json.loads((folder / "model_index.json").read_text())
         except (OSError, ValueError):
             refused = "its model_index.json is not readable JSON (a copy cut short?): copy the pipeline folder again"
-        return Adapter(_relative(folder, root), "pipeline", folder, "diffusers", _folder_metadata(folder), refused)
+        return _model_entry(folder, root, "pipeline", refused)
     if "config.json" in files:
         try:
             config = json.loads((folder / "config.json").read_text())
@@ -199,8 +200,17 @@ def _model_folder(folder: Path, root: Path, files: list[str]) -> Adapter | None:
         has_weights = (folder / "diffusion_pytorch_model.safetensors").is_file() or bool(weights_variant(folder))
         refused = None if has_weights else "no diffusion_pytorch_model.safetensors (pickle checkpoints are not loaded)"
         refused = refused or conditioning_channels_problem(config)
-        return Adapter(_relative(folder, root), "controlnet", folder, "diffusers", _folder_metadata(folder), refused)
+        return _model_entry(folder, root, "controlnet", refused)
     return None
+
+
+def _model_entry(folder: Path, root: Path, kind: str, refused: str | None) -> Adapter:
+    """A pipeline's or ControlNet's entry; a record beside it too large to be read refuses it, not the whole scan."""
+    try:
+        metadata = _folder_metadata(folder)
+    except FinetuneError as err:
+        metadata, refused = {}, refused or str(err)
+    return Adapter(_relative(folder, root), kind, folder, "diffusers", metadata, refused)
 
 
 def _holds_pickles(folder: Path) -> bool:

@@ -10,13 +10,14 @@ from pathlib import Path
 
 from finetune.conditions import KINDS, OPTION_NAMES, RECORD_FILE, check_options
 from finetune.errors import FinetuneError
+from finetune.run_files import record_text
 
 
 def conditioning_record(folder: Path) -> dict | None:
     """What `make_conditions` recorded of the folder's conditioning images ({"kind": ..., its options}), if it made them; one
     line for options it could not have written (a ControlNet trained on the folder records them, and the demo refuses it)."""
     try:
-        record = json.loads((folder / RECORD_FILE).read_text())
+        record = json.loads(record_text(folder / RECORD_FILE))
     except (OSError, ValueError):
         return None
     if not (isinstance(record, dict) and record.get("kind") in KINDS):

@@ -26,7 +26,7 @@ from finetune.image_bounds import sample_grid_problem
 from finetune.kohya import LoRA, load_lora, to_diffusers
 from finetune.merge import check_lora_fits, merged_already_note
 from finetune.controlnet_folder import check_control_options, resolve_controlnet_folder, weights_variant
-from finetune.run_files import LORA_WEIGHTS_NAME, METADATA_FILE, UNET_DIR, resolve_lora_file
+from finetune.run_files import LORA_WEIGHTS_NAME, METADATA_FILE, UNET_DIR, record_text, resolve_lora_file
 from finetune.models import BaseModel, load_base_model
 from finetune.placement import inference_placement, out_of_device_memory, place, placement_line
 from finetune.prompt_options import guidance_notes, prompts_settings, webui_syntax_notes
@@ -92,7 +92,7 @@ def unlocked_decoder_folder(controlnet_folder: Path) -> Path | None:
     ours, theirs = controlnet_folder / METADATA_FILE, unet / METADATA_FILE
     if not ((unet / "config.json").is_file() and ours.is_file() and theirs.is_file()):
         return None
-    return unet if ours.read_text() == theirs.read_text() else None
+    return unet if record_text(ours) == record_text(theirs) else None
 
 
 def load_controlnet(folder: Path, base: BaseModel) -> ControlNetModel:

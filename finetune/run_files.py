@@ -6,6 +6,7 @@ before those load; they import these names from here."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -19,6 +20,9 @@ LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # a LoRA run's output, i
 CONTROLNET_DIR, UNET_DIR = "controlnet", "unet"  # a ControlNet run's outputs (the UNet: with controlnet.unlock_unet_decoder)
 PIPELINE_DIR = "pipeline"  # a full or DreamBooth run's whole pipeline
 METADATA_FILE = "finetune_metadata.json"  # beside a saved pipeline or ControlNet: what trained it, for sample, eval and the demo
+# A record finetune writes beside what it made (METADATA_FILE, make-conditions' conditioning.json) holds a few settings:
+# one past the bound safetensors puts on a header (which holds a LoRA's same record) is none of ours, and is not read.
+MAX_RECORD_BYTES = 100_000_000
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
@@ -57,6 +61,19 @@ def read_state(checkpoint: Path) -> dict:
         raise FinetuneError(f"checkpoint {checkpoint} is damaged ({STATE_FILE}: {problem}): move it out of "
                             f"{checkpoint.parent} and resume from the one before it")
     return state
+
+
+def record_text(path: Path) -> str:
+    """The text of a record finetune wrote beside what it made (`MAX_RECORD_BYTES`), no more of it read than that: a larger
+    one (a damaged file, or another tool's under that name) is one line naming it. OSError and ValueError as reading
+    raises them (not there, not UTF-8), for callers that take an unreadable record for none."""
+    with path.open("rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        text = file.read(MAX_RECORD_BYTES + 1) if size <= MAX_RECORD_BYTES else b""
+    if size > MAX_RECORD_BYTES or len(text) > MAX_RECORD_BYTES:  # (the second: a file still growing as it was read)
+        raise FinetuneError(f"{path} holds {max(size, len(text)):,} bytes, more than finetune records there (a few settings; at most "
+                            f"{MAX_RECORD_BYTES // 1_000_000} MB): a damaged file, or another tool's: move it out of {path.parent}")  # fmt: skip
+    return text.decode()
 
 
 def checkpoint_step(checkpoint: Path) -> int:

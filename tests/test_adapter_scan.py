@@ -1,6 +1,7 @@
 """The demo's adapter list says which LoRA files cannot load, from their header, before Generate is pressed."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from safetensors.torch import save_file
 from finetune.adapter_scan import scan_adapters
 from finetune.errors import FinetuneError
 from finetune.kohya import load_lora
+from finetune.run_files import MAX_RECORD_BYTES
 
 Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 PLAIN = {f"{Q}.lora_down.weight": torch.zeros(4, 32), f"{Q}.lora_up.weight": torch.zeros(32, 4), f"{Q}.alpha": torch.tensor(4.0)}
@@ -77,3 +79,20 @@ def test_a_pipeline_missing_weights_is_not_said_to_hold_pickles(tmp_path):
     adapters = scan_adapters(tmp_path)
     assert adapters["cut-short"].refused == "no unet weights (a copy cut short?): copy the pipeline folder again"
     assert adapters["pickled"].refused == "unet weights are not .safetensors (pickle checkpoints are not loaded)"
+
+
+def test_a_record_too_large_to_be_ours_refuses_its_model_not_the_scan(tmp_path):
+    """A ControlNet's (or pipeline's) finetune_metadata.json was read whole by the scan (a file of gigabytes: all of it in
+    memory); one past MAX_RECORD_BYTES is now not read, and its ControlNet listed as refused, the others as before."""
+    shipped = Path(__file__).resolve().parents[1] / "finetune" / "assets" / "toyworld-controlnet-mask"
+    for name in ("kept", "huge"):
+        (tmp_path / name).mkdir()
+        for file in ("config.json", "diffusion_pytorch_model.safetensors"):
+            (tmp_path / name / file).symlink_to(shipped / file)
+    (tmp_path / "kept" / "finetune_metadata.json").write_text(json.dumps({"finetune.steps": 5}))
+    with open(tmp_path / "huge" / "finetune_metadata.json", "wb") as file:
+        file.truncate(MAX_RECORD_BYTES + 1)  # sparse: no disk taken
+    adapters = scan_adapters(tmp_path)
+    assert (adapters["kept"].metadata, adapters["kept"].refused) == ({"finetune.steps": "5"}, None)
+    assert adapters["huge"].metadata == {}
+    assert adapters["huge"].refused.startswith(f"{tmp_path / 'huge' / 'finetune_metadata.json'} holds 100,000,001 bytes, more than finetune records")

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from finetune.run_files import MAX_RECORD_BYTES
+
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "finetune/assets/toyworld-base"  # a real local base: its weights' headers are read as it is located
 CONTROLNET = "finetune/assets/toyworld-controlnet-mask"
@@ -139,14 +141,22 @@ def test_sample_eval_and_merge_without_base_say_the_adapters_record_before_torch
     for name in ("config.json", "diffusion_pytorch_model.safetensors"):
         (controlnet / name).symlink_to(ROOT / CONTROLNET / name)
     (controlnet / "finetune_metadata.json").write_text(json.dumps({"finetune.base_model": str(tmp_path / "gone")}))
+    huge = tmp_path / "huge"  # its record replaced by a file of 100 MB and a byte (sparse: no disk taken), not read
+    huge.mkdir()
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        (huge / name).symlink_to(ROOT / CONTROLNET / name)
+    with open(huge / "finetune_metadata.json", "wb") as file:
+        file.truncate(MAX_RECORD_BYTES + 1)
     sample = ["sample", "--prompt", "a star", "--out", str(tmp_path / "out")]
     said = said_without_the_training_stack([
         [*sample, "--lora", str(tmp_path / "gone.safetensors")],
         ["eval", "--lora", str(tmp_path / "none.safetensors")],
         ["merge", "--lora", str(tmp_path / "sdxl.safetensors"), str(tmp_path / "merged")],
         [*sample, "--controlnet", str(controlnet), "--condition", str(ROOT / "docs" / "images" / "quickstart_before.png")],
+        [*sample, "--controlnet", str(huge), "--condition", str(ROOT / "docs" / "images" / "quickstart_before.png")],
     ])  # fmt: skip
     assert said[0] == f"pass --base MODEL: {tmp_path / 'gone.safetensors'} records the base {tmp_path / 'gone'}, which is not there from here"
     assert said[1] == f"pass --base MODEL: the base model to use ({tmp_path / 'none.safetensors'} records none)"
     assert said[2].startswith(f"LoRA {tmp_path / 'sdxl.safetensors'} is an SDXL LoRA")
     assert said[3] == f"pass --base MODEL: {controlnet} records the base {tmp_path / 'gone'}, which is not there from here"
+    assert said[4].startswith(f"{huge / 'finetune_metadata.json'} holds 100,000,001 bytes, more than finetune records there")
