@@ -1,6 +1,7 @@
 """What a LoRA's or ControlNet's training run recorded (its base model, steps, the configs of a single-file base), read
 from the LoRA file's header and the ControlNet's finetune_metadata.json without torch: `sample`, `eval` and `merge`
-without --base find the recorded base, and say one that is not there, before torch and diffusers load (10 s of CPU)."""
+without --base find the recorded base, and say one that is not there, before torch and diffusers load (10 s of CPU);
+`check-data` says a lora.init_from that is no LoRA from its path and header alike."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import json
 from pathlib import Path
 
 from finetune.controlnet_folder import resolve_controlnet_folder
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, looked_for_here
 from finetune.kohya_metadata import finetune_metadata_from_kohya
 from finetune.lora_kinds import lora_layout
 from finetune.model_source import looks_like_hub_id
-from finetune.run_files import METADATA_FILE, record_text, resolve_lora_file
+from finetune.run_files import LORA_WEIGHTS_NAME, METADATA_FILE, record_text, resolve_lora_file
 
 
 def lora_header(path: Path) -> tuple[list[str], dict[str, str]]:
@@ -33,6 +34,20 @@ def lora_record(lora: str) -> dict[str, str]:
     path = resolve_lora_file(lora)
     keys, metadata = lora_header(path)
     return finetune_metadata_from_kohya(metadata) if lora_layout(path, keys) == "kohya" else metadata
+
+
+def initial_lora_file(source: str) -> Path:
+    """lora.init_from's LoRA file, checked from its path and header alone: not there, a folder holding no LoRA, a file
+    of another kind (a LyCORIS or SDXL file, no LoRA at all) are one line each. What needs its tensors' values (NaN or
+    infinite ones, alphas) is checked as it loads (`finetune.methods.lora_init.read_initial_lora`)."""
+    if not Path(source).exists():
+        raise FinetuneError(f"lora.init_from {source} not found: give a LoRA .safetensors file or a training folder holding {LORA_WEIGHTS_NAME}{looked_for_here(source)}")
+    try:  # a folder holding no LoRA (a run's checkpoints/, a checkpoint without its outputs) is said to be what it is, as sample says it
+        path = resolve_lora_file(source)
+    except FinetuneError as err:
+        raise FinetuneError(f"lora.init_from: {err}") from None
+    lora_layout(path, lora_header(path)[0])
+    return path
 
 
 def saved_model_metadata(folder: Path) -> dict[str, str]:

@@ -127,11 +127,15 @@ def run_check_data_command(args) -> int:
 
 
 def init_from_problem(source: str, use_dora: bool) -> str | None:
-    """Why lora.init_from would stop the run as it starts (not there, a pickle, a LyCORIS or SDXL file, a DoRA without
-    lora.use_dora), or None."""
-    from finetune.methods.lora_init import read_initial_lora  # it builds on this module
+    """Why lora.init_from would stop the run as it starts (not there, a pickle, a LyCORIS or SDXL file, NaN weights, a DoRA
+    without lora.use_dora), or None. Its path and header first, without torch; only a file they pass is loaded, with torch
+    (its tensors' values are checked, NaN or infinite ones in bf16 too, which numpy cannot read)."""
+    from finetune.adapter_records import initial_lora_file
 
     try:
+        initial_lora_file(source)
+        from finetune.methods.lora_init import read_initial_lora  # torch; it builds on this module
+
         read_initial_lora(source, use_dora)  # as training reads it, before any model loads
     except FinetuneError as err:
         return str(err)

@@ -160,3 +160,28 @@ def test_sample_eval_and_merge_without_base_say_the_adapters_record_before_torch
     assert said[2].startswith(f"LoRA {tmp_path / 'sdxl.safetensors'} is an SDXL LoRA")
     assert said[3] == f"pass --base MODEL: {controlnet} records the base {tmp_path / 'gone'}, which is not there from here"
     assert said[4].startswith(f"{huge / 'finetune_metadata.json'} holds 100,000,001 bytes, more than finetune records there")
+
+
+def test_check_data_says_a_lora_init_from_that_is_no_lora_without_torch(tmp_path):
+    """check-data read lora.init_from with finetune.methods.lora_init (torch, diffusers, peft), whatever it was: one not
+    there, or a file of another kind, is said from its path and header now (check-data prints it as its result line:
+    tests/test_other_tools_files). A LoRA that passes them is still loaded with torch: its tensors' values are checked
+    (NaN or infinite ones, in bf16 too, which numpy cannot read)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    sdxl = tmp_path / "sdxl.safetensors"
+    save_file({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": np.zeros((4, 32), np.float32)}, sdxl)
+    script = f"""
+import json, sys
+from finetune.check_data_command import init_from_problem
+said = [init_from_problem(source, use_dora=False) for source in {[str(tmp_path / "gone.safetensors"), str(sdxl)]!r}]
+print(json.dumps([said, [name for name in {TRAINING_STACK!r} if name in sys.modules]]))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    said, imported = json.loads(result.stdout)
+    assert imported == [], said
+    assert said[0] == (f"lora.init_from {tmp_path / 'gone.safetensors'} not found: give a LoRA .safetensors file "
+                       "or a training folder holding pytorch_lora_weights.safetensors")  # fmt: skip
+    assert said[1].startswith(f"LoRA {sdxl} is an SDXL LoRA") and "\n" not in said[1], said

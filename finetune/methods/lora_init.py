@@ -4,18 +4,17 @@ before any model loads (ranks, recorded prediction type and token length), then 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import torch
 
+from finetune.adapter_records import initial_lora_file
 from finetune.counts import counted
 from finetune.dora import row_norms, uses_dora
 from finetune.encoders import TRAINED_TOKEN_LENGTHS, layer_stack, recorded_clip_skip
-from finetune.errors import FinetuneError, looked_for_here
+from finetune.errors import FinetuneError
 from finetune.kohya import LoRA, load_lora
 from finetune.merge import find_module
 from finetune.methods.lora import TEXT_ENCODER_TARGETS, is_conv_3x3
-from finetune.run_files import LORA_WEIGHTS_NAME, resolve_lora_file
 from finetune.sampling import adapters_prediction_type
 
 
@@ -28,13 +27,7 @@ def read_checked(settings) -> LoRA:
 
 
 def read_initial_lora(source: str, use_dora: bool) -> LoRA:
-    if not Path(source).exists():
-        raise FinetuneError(f"lora.init_from {source} not found: give a LoRA .safetensors file or a training folder holding {LORA_WEIGHTS_NAME}{looked_for_here(source)}")
-    try:  # a folder holding no LoRA (a run's checkpoints/, a checkpoint without its outputs) is said to be what it is, as sample says it
-        path = resolve_lora_file(source)
-    except FinetuneError as err:
-        raise FinetuneError(f"lora.init_from: {err}") from None
-    lora = load_lora(path)
+    lora = load_lora(initial_lora_file(source))
     if uses_dora(lora) and not use_dora:  # a plain LoRA has nowhere to keep its magnitudes (the other way round is fine)
         raise FinetuneError(f"lora.init_from {source} is a DoRA (a magnitude per output channel beside its LoRA): set lora.use_dora: true to start from it")
     return lora
