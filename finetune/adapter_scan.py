@@ -21,7 +21,7 @@ from finetune.run_files import CHECKPOINT_PATTERN, STATE_FILE
 from finetune.adapter_records import saved_model_metadata
 from finetune.dora import names_magnitudes
 from finetune.errors import FinetuneError
-from finetune.kohya import finetune_metadata_from_kohya
+from finetune.kohya_metadata import finetune_metadata_from_kohya
 from finetune.lora_kinds import unsupported_kind
 from finetune.controlnet_folder import CONVERT_ORIGINAL_CONTROLNET, ORIGINAL_CONTROLNET_PREFIXES, conditioning_channels_problem, weights_variant
 from finetune.methods.controlnet import CONTROLNET_DIR, UNET_DIR

@@ -15,7 +15,8 @@ from transformers import CLIPTokenizer
 from finetune.cache import caption_key
 from finetune.config import ModelConfig
 from finetune.encoders import chunks_needed, text_hidden_states, token_chunks
-from finetune.kohya import finetune_metadata_from_kohya, to_kohya
+from finetune.kohya import to_kohya
+from finetune.kohya_metadata import finetune_metadata_from_kohya
 from finetune.models import load_base_model
 from finetune.sampling import build_pipeline, generate, prompt_arguments
 from finetune.trainer import train

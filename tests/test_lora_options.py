@@ -7,7 +7,8 @@ import pytest
 from safetensors.torch import load_file
 
 from finetune.errors import FinetuneError
-from finetune.kohya import LORAPLUS_KEYS, finetune_metadata_from_kohya, load_lora, to_kohya
+from finetune.kohya import load_lora, to_kohya
+from finetune.kohya_metadata import LORAPLUS_KEYS, finetune_metadata_from_kohya
 from finetune.run_files import LORA_WEIGHTS_NAME
 from finetune.model_card import write_model_card
 from finetune.trainer import train

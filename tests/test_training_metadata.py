@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from finetune.kohya import export_lora, finetune_metadata_from_kohya
+from finetune.kohya import export_lora
+from finetune.kohya_metadata import finetune_metadata_from_kohya
 from finetune.run_files import LORA_WEIGHTS_NAME
 from finetune.trainer import train
 
