@@ -21,7 +21,7 @@ from finetune.cache import EncodingCache
 from finetune.captions import scored_caption, training_caption
 from finetune.config import DataConfig
 from finetune.errors import FinetuneError
-from finetune.images import file_stamp, header_upright_size, open_rgb, pixel_digest, upright_size
+from finetune.images import file_stamp, open_rgb, pixel_digest, read_upright_size, upright_size
 from finetune.loss_mask import mask_digest, mask_tensor
 from finetune.sources import Example
 from finetune.views import ViewPlan, plan_view, render, view_key
@@ -88,12 +88,12 @@ READ_RETRIES, READ_RETRY_WAIT = 10, 0.25
 
 def require_checked_size(example: Example, kind: str = "image") -> None:
     """Without the latent cache an edited image trains as it now is, but only at the size the check read: its crop (and
-    bucket) was planned for that size, and a view planned for another would be stretched, unseen. Its header only. So
-    for a ControlNet's conditioning image (`kind`), decoded at every use and cut by its image's plan."""
-    if _changed_stamp(example, kind) is None:
+    bucket) was planned for that size, and a view planned for another would be stretched, unseen. A file caught
+    half-rewritten is read once written, as with the cache. So for a ControlNet's conditioning image (`kind`), decoded at
+    every use and cut by its image's plan."""
+    if (stamp := _changed_stamp(example, kind)) is None:
         return
-    with example.load() as image:
-        size = header_upright_size(image)
+    size, _ = _read_once_written(lambda: read_upright_size(example), example.source, stamp)
     if size != example.size:
         raise FinetuneError(f"{kind} {example.source} changed size since this run's data check ({size[0]}x{size[1]}, was "
                             f"{example.size[0]}x{example.size[1]}): restart the run to train with it (its crops and bucket are planned for the checked size)")  # fmt: skip

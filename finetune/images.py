@@ -132,6 +132,16 @@ def upright_size(example: Example) -> Size:
     return header_upright_size(example.load())  # a file is only opened: the header has the size
 
 
+def read_upright_size(example: Example) -> Size:
+    """(width, height) after EXIF rotation read from the file again (a PNG may be decoded for its EXIF); a file that
+    cannot be read is one line, as `decode` says it, not Pillow's traceback."""
+    try:
+        with example.load() as image:
+            return header_upright_size(image)
+    except Exception as err:  # PIL raises many types for broken files
+        raise FinetuneError(unreadable_message(example.source, err)) from None
+
+
 def header_upright_size(image: Image.Image) -> Size:
     """(width, height) of an opened image after its EXIF rotation, from its header alone."""
     return (image.height, image.width) if turned_on_its_side(image) else image.size

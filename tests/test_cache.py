@@ -393,3 +393,34 @@ def test_a_mask_rewritten_in_place_mid_run_is_read_once_written(tmp_path, monkey
     mask.write_bytes(whole[: len(whole) // 2])  # the rewrite, half done: it ends while the reader waits
     monkeypatch.setattr(data_module, "time", SimpleNamespace(sleep=lambda seconds: mask.write_bytes(whole)))
     assert dataset[(0, 1)]["mask_key"] == key
+
+
+def test_without_the_cache_an_image_rewritten_in_place_is_read_once_written_and_a_cut_one_is_one_line(tmp_path, monkeypatch):
+    """Uncached, a changed file's size is read again at each use (require_checked_size): caught half-rewritten (empty, or
+    cut), Pillow's UnidentifiedImageError or OSError escaped from the data loader as a traceback. Now it is read once
+    written, as with the cache, and a file left cut is the data check's one line."""
+    from types import SimpleNamespace
+
+    import finetune.data as data_module
+    from finetune.config import DataConfig
+    from finetune.data import CaptionedImageDataset
+    from data_examples import load_examples
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.new("RGB", (64, 64), (200, 40, 90)).save(folder / "0.png")
+    (folder / "0.txt").write_text("a square")
+    image = folder / "0.png"
+    whole = image.read_bytes()
+    config = DataConfig(image_dir=str(folder), resolution=64, random_flip=False)
+    dataset = CaptionedImageDataset(load_examples(config), config, seed=0)
+    image.write_bytes(b"")  # the rewrite begun (opened for writing): it ends while the reader waits
+    monkeypatch.setattr(data_module, "time", SimpleNamespace(sleep=lambda seconds: image.write_bytes(whole)))
+    assert float(dataset[(0, 1)]["pixel_values"][0].mean()) > 0  # the same pixels, once written
+    monkeypatch.setattr(data_module, "time", SimpleNamespace(sleep=lambda seconds: None))  # and left cut
+    for cut, said in ((0, "is empty"), (len(whole) // 2, "cannot be read")):
+        image.write_bytes(whole[:cut])
+        later = time.time_ns() + 10**9 * (cut + 1)  # a file system's times may be coarser than this test
+        os.utime(image, ns=(later, later))
+        with pytest.raises(FinetuneError, match=rf"^image {image} {said}"):
+            dataset[(0, 1)]
