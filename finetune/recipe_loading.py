@@ -22,7 +22,7 @@ from finetune.config import Recipe
 from finetune.errors import FinetuneError
 from finetune.recipe_warnings import print_empty_recipe, print_unused_settings
 from finetune.recipe_paths import require_unambiguous_data_paths
-from finetune.run_recipe import EARLIER_RUN_RECIPE, RUN_RECIPE
+from finetune.run_recipe import EARLIER_RUN_RECIPE, RUN_RECIPE, RUN_RECIPE_HEADER
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -36,7 +36,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
                                 f"pass {path.parent / EARLIER_RUN_RECIPE}")  # fmt: skip
         raise FinetuneError(f"recipe {path} not found: pass the path of a YAML file such as recipes/lora.yaml")
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        text = path.read_text(encoding="utf-8")
+        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
         raise FinetuneError(f"recipe {path} is not valid YAML: {_yaml_problem(err)}") from None
     except UnicodeDecodeError as err:
@@ -65,7 +66,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
                 raise FinetuneError(f"override '{override}'{str(err).removeprefix(str(path))}") from None
         raise
     print_unused_settings(raw, recipe)
-    require_unambiguous_data_paths(recipe, path, tuple(_override_key(override) for override in overrides))
+    # A run's record (recipe_as_run.yaml, resumed from) holds the paths its run read from the folder it started in; its
+    # own folder is the output_dir, which no path of it means ('.' given on that run's command line names it too).
+    if not text.startswith(RUN_RECIPE_HEADER):
+        require_unambiguous_data_paths(recipe, path, tuple(_override_key(override) for override in overrides))
     return recipe
 
 

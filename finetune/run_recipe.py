@@ -10,7 +10,7 @@ from pathlib import Path
 RUN_RECIPE = "recipe_as_run.yaml"
 # Where runs before this wrote it: still read as a run's record (a folder's method, base and steps) where the new one is not.
 EARLIER_RUN_RECIPE = "recipe.yaml"
-HEADER = (
+RUN_RECIPE_HEADER = (
     "# Written by `finetune train`: the recipe as this run resolved it (overrides applied, defaults filled in).\n"
     "# Each run in this output_dir writes it again: edit a copy.\n"
 )
@@ -23,7 +23,7 @@ def write_run_recipe(recipe, output_dir: Path) -> Path:
 
     from finetune.atomic_files import atomic_write_text
 
-    return atomic_write_text(output_dir / RUN_RECIPE, HEADER + yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    return atomic_write_text(output_dir / RUN_RECIPE, RUN_RECIPE_HEADER + yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
 
 
 def run_recipe_file(folder: Path) -> Path:

@@ -91,3 +91,24 @@ def test_a_data_path_given_on_the_command_line_is_the_current_folders(tmp_path, 
     recipe.write_text("data:\n  image_dir: star\n")  # written in the file: which was meant cannot be told, as before
     with pytest.raises(FinetuneError, match=r"^data.image_dir star names two: "):
         load_recipe(recipe)
+
+
+def test_a_runs_recipe_as_run_resumes_from_any_folder_with_the_data_path_its_command_line_gave(tmp_path, monkeypatch):
+    """`cd photos && finetune train ~/recipes/lora.yaml data.image_dir=.` records image_dir '.' in output_dir/recipe_as_run.yaml;
+    resuming with that file (as README says) was refused from every folder but the output_dir: '.' named the output_dir
+    too, 'beside the recipe'. A run's record holds its run's paths, never its output_dir's."""
+    from finetune.recipe_loading import load_recipe
+    from finetune.run_recipe import write_run_recipe
+
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "recipes" / "lora.yaml").write_text("data:\n  image_dir: elsewhere\n")
+    monkeypatch.chdir(tmp_path / "photos")
+    recipe = load_recipe(tmp_path / "recipes" / "lora.yaml", ["data.image_dir=.", f"output_dir={tmp_path / 'run'}"])
+    (tmp_path / "run").mkdir()
+    as_run = write_run_recipe(recipe, tmp_path / "run")
+    assert load_recipe(as_run).data.image_dir == "."
+    own = tmp_path / "run" / "mine.yaml"  # a recipe of the user's kept there is checked as before
+    own.write_text(as_run.read_text().split("\n", 2)[2])
+    with pytest.raises(FinetuneError, match=r"^data.image_dir . names two: "):
+        load_recipe(own)

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from finetune.recipe_loading import load_recipe
-from finetune.run_recipe import HEADER, RUN_RECIPE
+from finetune.run_recipe import RUN_RECIPE, RUN_RECIPE_HEADER
 from finetune.trainer import train
 
 
@@ -27,7 +27,7 @@ def test_a_recipe_kept_in_its_output_dir_is_never_written_over(tiny_model, image
     train(load_recipe(mine, ["optimizer.lr=1e-3"]))
     assert mine.read_bytes() == written
     as_run = tmp_path / "runs" / "cat" / RUN_RECIPE
-    assert as_run.read_text().startswith(HEADER) and yaml.safe_load(as_run.read_text())["optimizer"]["lr"] == 1e-3  # the override too
+    assert as_run.read_text().startswith(RUN_RECIPE_HEADER) and yaml.safe_load(as_run.read_text())["optimizer"]["lr"] == 1e-3  # the override too
     resumed = train(load_recipe(as_run, ["train.max_steps=2"]), resume="latest")
     assert resumed.final_step == 2 and mine.read_bytes() == written
 
