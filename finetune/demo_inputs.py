@@ -215,20 +215,33 @@ def uploads_only(app):
                         print_exception=False)  # fmt: skip
 
     async def checked(block_fn, inputs, state, explicit_call=False):
-        for value in inputs:
+        # At any depth, as gradio finds the files it fetches: a URL wrapped in a list or a dict was downloaded all the same.
+        found = list(_objects_in(inputs))
+        for value in found:
             # (the path: a browser's upload also has a URL, the one gradio serves it at)
             if is_file_obj_with_meta(value) and is_http_url_like(value.get("path")):
                 raise refused(value["path"], "a URL, not an upload")
             # An image inlined as a data: URL (no path) was "cannot be read as an image": the upload checks read a file.
-            if isinstance(value, dict) and not value.get("path") and str(value.get("url") or "").startswith("data:"):
+            if not value.get("path") and str(value.get("url") or "").startswith("data:"):
                 raise refused(str(value["url"])[:40] + "...", "a data: URL, not an upload")
         try:
             return await preprocess_data(block_fn, inputs, state, explicit_call)
         except InvalidPathError:
-            raise refused(next((v.get("path") for v in inputs if is_file_obj_with_meta(v)), "?"), "a path on the server, not an upload") from None
+            raise refused(next((v.get("path") for v in found if is_file_obj_with_meta(v)), "?"), "a path on the server, not an upload") from None
 
     app.preprocess_data = checked
     return app
+
+
+def _objects_in(value):
+    """Every dict in a request's JSON value, however deep in lists and dicts (a file object is one)."""
+    if isinstance(value, dict):
+        yield value
+        for item in value.values():
+            yield from _objects_in(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _objects_in(item)
 
 
 def other_kind_notes(metadata: dict[str, str], kind: str, name: str) -> list[str]:

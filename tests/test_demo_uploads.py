@@ -94,13 +94,13 @@ def test_pillow_s_warnings_are_said_for_each_upload_naming_it(client, tmp_path, 
                     "to be rid of this)" for name in ("first-photo.jpg", "second-photo.jpg")]  # fmt: skip
 
 
-def send(demo, file: dict) -> str:
-    """A raw /generate request whose conditioning image is `file` (as a client other than gradio's may send it)."""
+def send(demo, file: dict, wrapped=lambda file: file) -> str:
+    """A raw /generate request whose conditioning image is `file` (as a client other than gradio's may send it), `wrapped`."""
     import httpx
     from gradio_client import Client
 
     parameters = Client(demo.url, verbose=False).view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"]["parameters"]
-    given = {"prompt": "x", "steps": 1, "controlnet": "edges/controlnet", "conditioning_image": {**file, "meta": {"_type": "gradio.FileData"}}}
+    given = {"prompt": "x", "steps": 1, "controlnet": "edges/controlnet", "conditioning_image": wrapped({**file, "meta": {"_type": "gradio.FileData"}})}
     data = [given.get(parameter["parameter_name"], parameter.get("parameter_default")) for parameter in parameters]
     event = httpx.post(f"{demo.url}gradio_api/call/generate", json={"data": data}).json()["event_id"]
     return httpx.get(f"{demo.url}gradio_api/call/generate/{event}", timeout=60).text
@@ -121,3 +121,14 @@ def test_a_file_that_is_no_upload_is_refused_in_one_line_and_no_traceback(demo, 
     assert "Traceback" not in out + err
     named = file["path"] or inlined[:40] + "..."
     assert [line for line in (out + err).splitlines() if "refused" in line] == [f"demo: refused a request's file {named!r}: {given}, not an upload"]
+
+
+@pytest.mark.parametrize("wrapped", [lambda file: [file], lambda file: {"image": file}], ids=["in a list", "in a dict"])
+def test_a_url_wrapped_in_the_request_is_refused_before_gradio_fetches_it(demo, capfd, wrapped):
+    """gradio fetches a file object's URL however deep in a request's value it lies; the check looked at the values
+    themselves alone, so a URL wrapped in a list or a dict was downloaded (safehttpx refusing this host: a traceback in
+    the demo's terminal, "error": null for the client), as before 52df919."""
+    answer = send(demo, {"path": "http://127.0.0.1:9/photo.png"}, wrapped)
+    assert "event: error" in answer and "a file in this request is a URL, not an upload" in answer
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err
