@@ -67,6 +67,8 @@ class _CsvRows(csv.DictReader):
     def __next__(self) -> dict:
         start = self.reader.line_num + 1  # where the row starts: the error comes where the reader gave up, far below
         try:
+            if self.line_num == 0 and self.fieldnames is not None:  # the header, read at the first row: that row starts below it
+                start = self.reader.line_num + 1
             return super().__next__()
         except csv.Error as err:  # past the field limit: a quote never closed runs on over the lines below, to the end of the file
             raise FinetuneError(f"{self.path} line {start}: {err}: a cell there opens a double quote that never closes, so it runs on over "

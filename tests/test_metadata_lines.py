@@ -93,3 +93,17 @@ def test_a_csv_cell_as_long_as_a_row_reads_and_a_quote_never_closed_is_one_line(
     with pytest.raises(FinetuneError, match=rf'^{tmp_path / "metadata.csv"} line 2: field larger than field limit \(200000\): a cell there opens a '
                                             r'double quote that never closes, so it runs on over the lines below; close the quote'):  # fmt: skip
         folder_captions(tmp_path)
+
+
+def test_a_quote_never_closed_names_the_line_its_row_starts_on_for_every_reader(tmp_path):
+    """A reader that iterates the rows without asking for the header first (metadata_rows, make-conditions' _input_rows)
+    named the header's line 1 for a quote opened in the first row, whose line is 2; an open quote in the header is line 1."""
+    from finetune.metadata_lines import csv_rows
+
+    table = tmp_path / "metadata.csv"
+    table.write_text('file_name,text\na.png,"a cat\n' + "".join(f"{name}.png,{name * 150_000}\n" for name in "bc"))
+    with pytest.raises(FinetuneError, match=rf"^{table} line 2: field larger than field limit"):
+        list(metadata_rows(tmp_path))
+    table.write_text('file_name,"text\n' + "".join(f"{name * 150_000}\n" for name in "bc"))
+    with pytest.raises(FinetuneError, match=rf"^{table} line 1: field larger than field limit"):
+        list(csv_rows(metadata_lines(table), table))
