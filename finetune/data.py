@@ -40,25 +40,28 @@ def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 # An image touched since the check whose pixels were found the same (a copy over itself, a tool that rewrote it): its
 # new stamp, so it is not decoded again at each use (per process: each data-loader worker finds it once).
 _UNCHANGED_STAMPS: dict[str, tuple[int, int]] = {}
+# Without the cache, an image changed since the check whose size was found the same: its new stamp, so its size is not
+# read again at each use (a PNG's EXIF is read by decoding it whole). Apart from the above: its pixels may differ.
+_SAME_SIZE_STAMPS: dict[str, tuple[int, int]] = {}
 
 
-def _changed_stamp(example: Example, kind: str = "image") -> tuple[int, int] | None:
-    """The image file's stamp where it differs from the one the check saw (and no use since found the same pixels), else
-    None; one stat. A file gone since stops here with one line (the loader's traceback said less). `kind`: how a line
-    names the file (a ControlNet's "conditioning image")."""
+def _changed_stamp(example: Example, found_alike: dict[str, tuple[int, int]], kind: str = "image") -> tuple[int, int] | None:
+    """The image file's stamp where it differs from the one the check saw (and from the one a use since found alike,
+    `found_alike`), else None; one stat. A file gone since stops here with one line (the loader's traceback said less).
+    `kind`: how a line names the file (a ControlNet's "conditioning image")."""
     if example.file_stamp is None or example.digest is None:  # a dataset row, or an example not from the check
         return None
     stamp = file_stamp(example.source)
     if stamp is None:
         raise FinetuneError(f"{kind} {example.source} was removed since this run's data check: put it back, or restart the run to train without it")
-    return None if stamp in (example.file_stamp, _UNCHANGED_STAMPS.get(example.source)) else stamp
+    return None if stamp in (example.file_stamp, found_alike.get(example.source)) else stamp
 
 
 def require_as_checked(example: Example) -> None:
     """Stop where `example`'s image changed since this run's data check, at its next use: its views' cached latents (in
     memory or on disk), keyed by the checked pixels, would be served stale. A file whose size or time changed is decoded
     in full and compared, so a copy of the same pixels, or a touched file, trains on."""
-    if (stamp := _changed_stamp(example)) is None:
+    if (stamp := _changed_stamp(example, _UNCHANGED_STAMPS)) is None:
         return
     image, stamp = _read_once_written(lambda: open_rgb(example), example.source, stamp)
     if pixel_digest(image) != example.digest:
@@ -91,12 +94,13 @@ def require_checked_size(example: Example, kind: str = "image") -> None:
     bucket) was planned for that size, and a view planned for another would be stretched, unseen. A file caught
     half-rewritten is read once written, as with the cache. So for a ControlNet's conditioning image (`kind`), decoded at
     every use and cut by its image's plan."""
-    if (stamp := _changed_stamp(example, kind)) is None:
+    if (stamp := _changed_stamp(example, _SAME_SIZE_STAMPS, kind)) is None:
         return
-    size, _ = _read_once_written(lambda: read_upright_size(example), example.source, stamp)
+    size, stamp = _read_once_written(lambda: read_upright_size(example), example.source, stamp)
     if size != example.size:
         raise FinetuneError(f"{kind} {example.source} changed size since this run's data check ({size[0]}x{size[1]}, was "
                             f"{example.size[0]}x{example.size[1]}): restart the run to train with it (its crops and bucket are planned for the checked size)")  # fmt: skip
+    _SAME_SIZE_STAMPS[example.source] = stamp
 
 
 def render_pixels(example: Example, plan: ViewPlan, as_checked: bool = False) -> torch.Tensor:

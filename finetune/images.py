@@ -129,11 +129,11 @@ def upright_size(example: Example) -> Size:
     """(width, height) as trained, after EXIF rotation; from the check, else from the file's header."""
     if example.size is not None:
         return example.size
-    return header_upright_size(example.load())  # a file is only opened: the header has the size
+    return header_upright_size(example.load())  # opened, not converted (a PNG is decoded for its EXIF)
 
 
 def read_upright_size(example: Example) -> Size:
-    """(width, height) after EXIF rotation read from the file again (a PNG may be decoded for its EXIF); a file that
+    """(width, height) after EXIF rotation read from the file again (`header_upright_size`); a file that
     cannot be read is one line, as `decode` says it, not Pillow's traceback."""
     try:
         with example.load() as image:
@@ -143,7 +143,8 @@ def read_upright_size(example: Example) -> Size:
 
 
 def header_upright_size(image: Image.Image) -> Size:
-    """(width, height) of an opened image after its EXIF rotation, from its header alone."""
+    """(width, height) of an opened image after its EXIF rotation: from its header, but a PNG is decoded whole for its
+    EXIF (Pillow's getexif: an eXIf chunk may follow the pixels)."""
     return (image.height, image.width) if turned_on_its_side(image) else image.size
 
 

@@ -424,3 +424,30 @@ def test_without_the_cache_an_image_rewritten_in_place_is_read_once_written_and_
         os.utime(image, ns=(later, later))
         with pytest.raises(FinetuneError, match=rf"^image {image} {said}"):
             dataset[(0, 1)]
+
+
+def test_without_the_cache_a_touched_image_has_its_size_read_once_not_at_every_use(tmp_path, monkeypatch):
+    """require_checked_size read a changed file's size at each of its uses, for the rest of the run: a PNG's EXIF is read by
+    decoding it whole, so each use of a touched PNG (a backup tool, `touch`) decoded it twice. Its size is read once a stamp."""
+    import finetune.data as data_module
+    from finetune.config import DataConfig
+    from finetune.data import CaptionedImageDataset
+    from data_examples import load_examples
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.new("RGB", (64, 64), (200, 40, 90)).save(folder / "0.png")
+    (folder / "0.txt").write_text("a square")
+    config = DataConfig(image_dir=str(folder), resolution=64, random_flip=False)
+    dataset = CaptionedImageDataset(load_examples(config), config, seed=0)
+    reads = []
+    read_upright_size = data_module.read_upright_size
+    monkeypatch.setattr(data_module, "read_upright_size", lambda example: reads.append(example.source) or read_upright_size(example))
+    later = time.time_ns() + 10**10  # a file system's times may be coarser than this test
+    os.utime(folder / "0.png", ns=(later, later))
+    for epoch in range(3):
+        dataset[(0, epoch)]
+    assert reads == [str(folder / "0.png")]
+    os.utime(folder / "0.png", ns=(later + 10**9, later + 10**9))  # touched again: read again, once
+    dataset[(0, 3)], dataset[(0, 4)]
+    assert len(reads) == 2
