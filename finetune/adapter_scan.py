@@ -226,7 +226,7 @@ def _folder_metadata(folder: Path) -> dict[str, str]:
         state = json.loads((folder.parent / STATE_FILE).read_text())
         return {"finetune.method": str(state["recipe"]["method"]), "finetune.base_model": str(state["recipe"]["model.pretrained"]),
                 "finetune.steps": str(state["step"])}
-    with contextlib.suppress(OSError, ValueError, AttributeError, TypeError, yaml.YAMLError):  # a recipe edited by hand may be anything
+    with contextlib.suppress(OSError, ValueError, KeyError, AttributeError, TypeError, yaml.YAMLError):  # a recipe edited by hand may be anything
         recipe = yaml.safe_load(run_recipe_file(folder.parent).read_text())
         return {"finetune.method": str(recipe.get("method", "?")), "finetune.base_model": str(recipe["model"]["pretrained"]),
                 "finetune.steps": str(recipe["train"]["max_steps"])}

@@ -53,15 +53,16 @@ def test_damaged_run_files_are_listed_not_raised(tmp_path):
     """A demo's adapters folder holds what users left there: a run whose recipe.yaml was cut or edited by hand is still listed
     (the scan read its base and steps from it, and a YAML error or a section written as a plain value raised out of the scan),
     and a pipeline whose model_index.json is no JSON is listed as refused with the reason, not offered."""
-    for run, recipe in (("cut", "model: {pretrained: [\n"), ("plain-model", "method: lora\nmodel: some-base\n")):
+    # A recipe of the user's kept in its output_dir (bb37e8b's layout) names only what it changes: no model: section.
+    for run, recipe in (("cut", "model: {pretrained: [\n"), ("plain-model", "method: lora\nmodel: some-base\n"), ("own", "method: lora\n")):
         (tmp_path / run / "pipeline").mkdir(parents=True)
         (tmp_path / run / "pipeline" / "model_index.json").write_text("{}")
         (tmp_path / run / "recipe.yaml").write_text(recipe)
     (tmp_path / "half-copied").mkdir()
     (tmp_path / "half-copied" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", ')
     adapters = scan_adapters(tmp_path)
-    assert sorted(adapters) == ["cut/pipeline", "half-copied", "plain-model/pipeline"]
-    assert adapters["cut/pipeline"].metadata == adapters["plain-model/pipeline"].metadata == {}
+    assert sorted(adapters) == ["cut/pipeline", "half-copied", "own/pipeline", "plain-model/pipeline"]
+    assert adapters["cut/pipeline"].metadata == adapters["plain-model/pipeline"].metadata == adapters["own/pipeline"].metadata == {}
     assert adapters["half-copied"].refused == "its model_index.json is not readable JSON (a copy cut short?): copy the pipeline folder again"
 
 
