@@ -289,9 +289,9 @@ def test_each_checkpoint_holds_the_outputs_of_its_step(make_recipe, pairs_folder
     at_step_2 = long.output_dir / "checkpoints" / "checkpoint-2"
     [output] = short.saved_files
     held = at_step_2 / output.name
-    expected = _tensors_under(output)
-    assert expected and set(_tensors_under(held)) == set(expected)
-    assert all(torch.equal(_tensors_under(held)[key], value) for key, value in expected.items())
+    expected, in_checkpoint = _tensors_under(output), _tensors_under(held)
+    assert expected and set(in_checkpoint) == set(expected)
+    assert all(torch.equal(in_checkpoint[key], value) for key, value in expected.items())
     in_last, final = _tensors_under(long.output_dir / "checkpoints" / "checkpoint-4" / output.name), _tensors_under(long.saved_files[0])
     assert in_last.keys() == final.keys() and all(torch.equal(in_last[key], value) for key, value in final.items())
     assert not (short.output_dir / "checkpoints" / "checkpoint-1" / output.name).exists()
