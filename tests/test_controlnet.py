@@ -41,8 +41,9 @@ def test_attached_controlnet_changes_nothing_at_creation(make_recipe, pairs_fold
     method = set_up(controlnet_recipe(make_recipe, pairs_folder, controlnet__only_mid_control=only_mid_control))
     unet, controlnet = method.base.unet, method.controlnet
     # A copy of the UNet's encoder, with zero convs on every output.
+    copied = controlnet.down_blocks.state_dict()
     for name, tensor in unet.down_blocks.state_dict().items():
-        assert torch.equal(controlnet.down_blocks.state_dict()[name], tensor), name
+        assert torch.equal(copied[name], tensor), name
     assert all(not conv.any() for conv in zero_convs(controlnet).values())
     assert all(not p.requires_grad for p in unet.parameters())
     assert all(p.dtype == torch.float32 for p in controlnet.parameters())
@@ -74,8 +75,9 @@ def test_training_changes_only_the_controlnet_and_the_saved_folder_reproduces_it
     created = set_up(recipe).controlnet.controlnet_cond_embedding.conv_in.weight
     assert not torch.equal(trained.controlnet_cond_embedding.conv_in.weight.cpu(), created)
     for part in ("unet", "vae", "text_encoder"):
+        after_training = getattr(method.base, part).state_dict()
         for name, tensor in getattr(fresh, part).state_dict().items():
-            assert torch.equal(getattr(method.base, part).state_dict()[name].cpu(), tensor), f"{part}.{name}"
+            assert torch.equal(after_training[name].cpu(), tensor), f"{part}.{name}"
 
     folder = result.output_dir / "controlnet"
     assert result.saved_files == [folder]
@@ -98,8 +100,9 @@ def test_training_changes_only_the_controlnet_and_the_saved_folder_reproduces_it
 
     # controlnet.pretrained continues from the saved folder.
     resumed = set_up(controlnet_recipe(make_recipe, pairs_folder, controlnet__pretrained=str(folder)))
+    continued = resumed.controlnet.state_dict()
     for name, tensor in trained.state_dict().items():
-        assert torch.equal(resumed.controlnet.state_dict()[name], tensor), name
+        assert torch.equal(continued[name], tensor), name
 
 
 def test_a_run_from_a_pretrained_controlnet_says_which_and_its_outputs_record_it(make_recipe, pairs_folder, tiny_model, tmp_path):

@@ -111,8 +111,9 @@ def test_kohya_import_round_trips_exactly(trained, tmp_path):
     kohya = save_lora_file(load_lora(trained.path / LORA_WEIGHTS_NAME), tmp_path / "k.safetensors", "kohya")
     back = save_lora_file(load_lora(kohya), tmp_path / "d.safetensors", "diffusers")
     again = save_lora_file(load_lora(back), tmp_path / "k2.safetensors", "kohya")
-    assert load_file(back).keys() == ours.keys()
-    assert all(torch.equal(load_file(back)[k], ours[k]) for k in ours)
+    theirs = load_file(back)
+    assert theirs.keys() == ours.keys()
+    assert all(torch.equal(theirs[k], ours[k]) for k in ours)
     first, second = load_file(kohya), load_file(again)
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
@@ -376,5 +377,6 @@ def test_merge_writes_fp16_when_asked_and_it_loads(trained, tiny_model, tmp_path
     half = StableDiffusionPipeline.from_pretrained(tmp_path / "half", torch_dtype=torch.float32)
     assert main(["merge", "--base", str(tiny_model), "--lora", str(trained.path), str(tmp_path / "full")]) == 0
     full = StableDiffusionPipeline.from_pretrained(tmp_path / "full")
+    half_unet = half.unet.state_dict()
     for name, tensor in full.unet.state_dict().items():  # the same merge, rounded to fp16
-        assert torch.allclose(half.unet.state_dict()[name], tensor.half().float()), name
+        assert torch.allclose(half_unet[name], tensor.half().float()), name

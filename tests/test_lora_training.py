@@ -106,10 +106,10 @@ def test_only_lora_weights_change_and_saved_file_reproduces_the_trained_unet(mak
     assert not torch.allclose(unet_output(base.unet.disable_adapters() or base.unet), expected, atol=1e-4)
 
     # The trained adapter is not a no-op, and every non-LoRA tensor in the file-backed pipeline is the base's.
-    fresh = load_base_model(recipe.model)
+    fresh, in_pipeline = load_base_model(recipe.model), pipeline.unet.state_dict()
     for name, tensor in fresh.unet.state_dict().items():
         peft_name = name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
-        loaded = pipeline.unet.state_dict().get(name, pipeline.unet.state_dict().get(peft_name))
+        loaded = in_pipeline.get(name, in_pipeline.get(peft_name))
         assert torch.equal(loaded, tensor), name
     with safe_open(str(lora_file), "pt") as f:
         metadata = f.metadata()
@@ -158,15 +158,16 @@ def test_frozen_parts_are_bit_identical_after_training(make_recipe):
     trained, fresh = captured["base"], load_base_model(recipe.model)
     changed_lora = 0
     for part in ("vae", "text_encoder"):
+        after_training = getattr(trained, part).state_dict()
         for name, tensor in getattr(fresh, part).state_dict().items():
-            assert torch.equal(getattr(trained, part).state_dict()[name].cpu(), tensor), f"{part}.{name}"
-    trained_state = trained.unet.state_dict()
+            assert torch.equal(after_training[name].cpu(), tensor), f"{part}.{name}"
+    trained_state, fresh_unet = trained.unet.state_dict(), fresh.unet.state_dict()
     for name, tensor in trained_state.items():
         if "lora_" in name:
             changed_lora += 1
             continue
         original_name = name.replace(".base_layer.", ".")
-        assert torch.equal(tensor.cpu(), fresh.unet.state_dict()[original_name]), name
+        assert torch.equal(tensor.cpu(), fresh_unet[original_name]), name
     assert changed_lora > 0
     assert all(not p.requires_grad for p in trained.vae.parameters())
     assert all(not p.requires_grad for p in trained.text_encoder.parameters())

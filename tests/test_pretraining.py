@@ -32,8 +32,9 @@ def test_vae_method_learns_to_reconstruct_and_saves_a_pipeline(make_recipe, monk
     assert same_weights(vae, trained[0].vae) and not same_weights(vae, before.vae)  # the VAE as trained
     assert vae.config.scaling_factor != before.vae.config.scaling_factor  # set from the latents' std
     after = load_base_model(recipe.model.model_copy(update={"pretrained": str(pipeline_dir)}))
+    after_unet = after.unet.state_dict()
     for name, tensor in before.unet.state_dict().items():  # only the VAE trained
-        assert torch.equal(after.unet.state_dict()[name], tensor)
+        assert torch.equal(after_unet[name], tensor)
     assert list((result.output_dir / "samples").glob("step-*.png"))
 
 
