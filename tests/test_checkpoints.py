@@ -201,6 +201,17 @@ def test_resuming_with_another_lora_rank_is_one_line(make_recipe):
         train(make_recipe(train__max_steps=3, lora__rank=8), resume="latest")
 
 
+def wait_for_a_trained_step(process: subprocess.Popen, log: Path) -> None:
+    """Until the training bar in `log` shows a step done: the loop's stop handler is set by then. A signal earlier (while the
+    model loads) is a stop with no checkpoint. A fixed 3 s after recipe_as_run.yaml was written stood in for this, and a
+    busy host can take longer than that to reach the loop. Bounded for a hang only; a run that ends first fails at once."""
+    deadline = time.monotonic() + 300
+    while not re.search(r"training:.*\| [1-9]\d*/100000 ", log.read_text()):
+        assert process.poll() is None, f"the run ended before its first step: {log.read_text()[-2000:]}"
+        assert time.monotonic() < deadline, f"no step trained in 300 s: {log.read_text()[-2000:]}"
+        time.sleep(0.1)
+
+
 @pytest.mark.parametrize(
     "stop,num_workers",
     [(signal.SIGINT, 0), (signal.SIGTERM, 2)],  # exit 130 for SIGINT, 143 for SIGTERM: 128 + the signal's number, as a shell reports it
@@ -210,16 +221,15 @@ def test_a_stop_signal_writes_a_checkpoint_and_resume_finishes(make_recipe, tmp_
     recipe = make_recipe(train__max_steps=100_000, checkpoint__every_n_steps=0, data__num_workers=num_workers)
     path = tmp_path / "long.yaml"
     path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "finetune", "train", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+    log = tmp_path / "stderr.log"
+    with log.open("w") as stderr_file:  # each redraw of the training bar a line of its own (finetune.progress_lines)
+        process = subprocess.Popen([sys.executable, "-m", "finetune", "train", str(path)], stdout=subprocess.PIPE, stderr=stderr_file, text=True,
+                                   start_new_session=True, env={**os.environ, "FINETUNE_PROGRESS_EVERY": "0"})
     output_dir = tmp_path / "run"
-    deadline = time.time() + 120
-    while not (output_dir / "recipe_as_run.yaml").exists() and time.time() < deadline:  # written just before the loop
-        time.sleep(0.2)
-    time.sleep(3)
+    wait_for_a_trained_step(process, log)
     os.killpg(process.pid, stop)  # the trainer and its data-loader workers, as a terminal or `timeout` does
-    stdout, stderr = process.communicate(timeout=120)
+    stdout, _ = process.communicate(timeout=300)
+    stderr = log.read_text()
     assert process.returncode == 128 + stop, stderr[-2000:]
     assert "Traceback" not in stderr
     assert "continue with --resume latest" in stdout
