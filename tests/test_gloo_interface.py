@@ -2,6 +2,7 @@
 (what the main group's rendezvous reached), not over whatever the host name resolves to; one that cannot connect is
 one line naming GLOO_SOCKET_IFNAME."""
 
+import gc
 import ipaddress
 import json
 import os
@@ -31,6 +32,14 @@ def test_the_interface_reaching_an_address_is_the_one_that_holds_the_address_the
     for name, address in own:
         assert interface_reaching(address, 29500) == (name, address)
     assert interface_reaching("no-such-host.invalid", 29500) is None
+
+
+@pytest.fixture(autouse=True)
+def groups_collected_here():
+    """A group that failed to connect leaves torch's objects in reference cycles (its traceback's frames): collected later in a
+    process forked from this one (tests/test_class_images_processes' ranks, run after this file), they hung it in their destructor."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture
