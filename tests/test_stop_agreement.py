@@ -70,7 +70,7 @@ def test_a_stop_on_one_process_is_read_by_both_at_the_next_step_from_a_sum_that_
     reports = []
     try:
         for process in processes:
-            stdout, stderr = process.communicate(timeout=120)  # processes that disagreed would wait on each other until then
+            stdout, stderr = process.communicate(timeout=600)  # processes that disagreed would wait on each other until then
             assert process.returncode == 0, stderr[-3000:]
             reports.append(json.loads(stdout.splitlines()[-1]))
     finally:

@@ -115,7 +115,7 @@ def test_a_process_that_hangs_ends_the_other_after_the_timeout_with_a_line_namin
         for rank in (0, 1)
     ]  # fmt: skip
     try:
-        stdout, stderr = processes[0].communicate(timeout=120)  # gloo's own timeout would wait 30 minutes
+        stdout, stderr = processes[0].communicate(timeout=600)  # gloo's own timeout would wait 30 minutes
         assert processes[0].returncode == 0, stderr[-3000:]
         report = json.loads(stdout.splitlines()[-1])
     finally:
