@@ -51,6 +51,14 @@ def assert_a_result_is_shown(wait) -> None:
     assert shown.shape[0] > 100 and shown.std() > 10, "the result image is blank"
 
 
+def waiting(driver, seconds: float):
+    """A WebDriverWait that also asks again when gradio has redrawn an element it found (a toast, a dropdown) meanwhile."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, seconds, ignored_exceptions=(StaleElementReferenceException,))
+
+
 def click_when_ready(wait, css: str) -> None:
     """Click an element once the page shows it: gradio renders an accordion's contents only after it opens."""
     from selenium.webdriver.common.by import By
@@ -63,16 +71,15 @@ def test_in_a_browser_pick_an_adapter_and_generate(demo, tmp_path):
     require_browser()
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
 
     driver = chromium_driver(Path(tempfile.mkdtemp(dir=tmp_path)))
     try:
-        wait = WebDriverWait(driver, 30)
+        wait = waiting(driver, 30)
         driver.get(demo.url)
         wait.until(lambda d: d.find_element(By.ID, "generate").is_enabled())
         click_when_ready(wait, "#lora-1 input")
         click_when_ready(wait, '[role=option][aria-label="trained"]')
-        assert driver.find_element(By.CSS_SELECTOR, "#lora-1 input").get_attribute("value") == "trained"
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#lora-1 input").get_attribute("value") == "trained")  # set as the page redraws
         strengths = driver.find_element(By.CSS_SELECTOR, "#strengths textarea")
         strengths.send_keys(Keys.CONTROL, "a")
         strengths.send_keys("0.5, 1")
@@ -86,9 +93,9 @@ def test_in_a_browser_pick_an_adapter_and_generate(demo, tmp_path):
         click_when_ready(wait, "#lora-1 input")
         click_when_ready(wait, '[role=option][aria-label="other-base"]')
         driver.find_element(By.ID, "generate").click()
-        toast = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, '[data-testid="toast-text"]'))
-        wait.until(lambda d: "does not fit" in toast.get_attribute("textContent"))
-        assert "LoRA 'other-base' does not fit base model" in toast.get_attribute("textContent")
+        toasts = lambda d: [t.get_attribute("textContent") for t in d.find_elements(By.CSS_SELECTOR, '[data-testid="toast-text"]')]  # noqa: E731
+        said = wait.until(lambda d: [text for text in toasts(d) if "does not fit" in text])
+        assert "LoRA 'other-base' does not fit base model" in said[0]
         assert "Traceback" not in driver.find_element(By.TAG_NAME, "body").text
 
         # A browser's upload reaches the demo's reader (no request's file but an upload is read), named by its file name.
@@ -101,8 +108,7 @@ def test_in_a_browser_pick_an_adapter_and_generate(demo, tmp_path):
         wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "input[type=file]")).send_keys(str(tmp_path / "small-mask.png"))
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "img[src*='small-mask']"))
         driver.find_element(By.ID, "generate").click()
-        wait.until(lambda d: any("small-mask.png (uploaded) is 16x16" in t.get_attribute("textContent")
-                                 for t in d.find_elements(By.CSS_SELECTOR, '[data-testid="toast-text"]')))  # fmt: skip
+        wait.until(lambda d: any("small-mask.png (uploaded) is 16x16" in text for text in toasts(d)))
     finally:
         driver.quit()
 
@@ -112,7 +118,6 @@ def test_in_a_browser_the_quickstart_star_on_the_shipped_base(quickstart_lora, t
     the quickstart's LoRA at two strengths, for a star prompt."""
     require_browser()
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     from finetune.demo import build_app, launch_app, resolve_base
     from finetune.demo_engine import DemoEngine
@@ -123,7 +128,7 @@ def test_in_a_browser_the_quickstart_star_on_the_shipped_base(quickstart_lora, t
     url = launch_app(app, port=free_port(), max_upload_mb=1, block=False)
     driver = chromium_driver(Path(tempfile.mkdtemp(dir=tmp_path)))
     try:
-        wait = WebDriverWait(driver, 60)
+        wait = waiting(driver, 60)
         driver.get(url)
         wait.until(lambda d: d.find_element(By.ID, "generate").is_enabled())
         assert "toy-world base" in driver.find_element(By.ID, "base-note").text
