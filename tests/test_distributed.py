@@ -83,7 +83,9 @@ def assert_same_update(got: dict, expected: dict, initial: dict) -> None:
 
 
 def wait(process: subprocess.Popen) -> None:
-    stdout, stderr = process.communicate(timeout=300)
+    # A hang only: a DeepSpeed launch on a clean machine first builds DeepSpeed's shared-memory op (about a minute of 2 cores,
+    # or a wait on the other worker's build), and a launch took 30 to 36 s here with the op built, under load.
+    stdout, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr[-3000:]
 
 
