@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 
 from finetune.buckets import Size, assign_buckets, bucket_counts_line, no_upscale_advice
 from finetune.caption_cells import list_text_message
-from finetune.caption_overrides import shadowed_caption_files
+from finetune.caption_overrides import imageless_caption_files, shadowed_caption_files
 from finetune.captions import caption_alternative, caption_lines, dataset_of_row, empty_caption_message, missing_caption_message
 from finetune.check_threads import each_on_threads
 from finetune.colour_profiles import profile_note
@@ -288,8 +288,8 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
             message = f"image {sources[0]} has the same pixels as {others}: each copy trains as its own image ({_copies_remedy(config)})"
             report.findings.append(Finding(WARNING, sources[0], message))
     for folder in data_folders(config):
-        if message := shadowed_caption_files(folder, config):
-            report.findings.append(Finding(WARNING, str(folder), message))
+        for message in (shadowed_caption_files(folder, config), imageless_caption_files(folder, config)):
+            report.findings += [Finding(WARNING, str(folder), message)] if message else []
         files, subfolders = unread_images(folder, config)
         if files:
             kinds = ", ".join(sorted({path.suffix.lower() for path in files}))

@@ -11,6 +11,7 @@ from conftest import SHIPPED_BASE
 from PIL import Image
 from transformers import CLIPTokenizer
 
+from finetune.caption_overrides import imageless_caption_files
 from finetune.caption_tokens import long_captions_line
 from finetune.check_data import FATAL, inspect_examples
 from finetune.cli import main
@@ -137,3 +138,17 @@ def test_a_broken_link_among_the_images_is_named(tmp_path):
     assert [f.message for f in report.of_level(FATAL)] == [
         f"image {tmp_path / 'gone.png'} is a link to {tmp_path / 'moved' / 'gone.png'}, which is not there: fix the link or remove it"
     ]
+
+
+def test_a_caption_file_whose_image_is_gone_is_said_and_one_beside_an_unread_image_is_not(tmp_path, capsys):
+    """0002.txt left behind when its image was removed (or renamed 002.jpg) trains nothing: the check names it. anim.txt beside
+    anim.gif is not named (the .gif is said), nor a hidden file, nor any caption file where data.caption replaces them all."""
+    folder = captioned_folder(tmp_path / "photos", 1)
+    (folder / "0002.txt").write_text("the caption of an image deleted since")
+    (folder / "anim.gif").write_bytes(b"GIF89a"), (folder / "anim.txt").write_text("a gif")
+    (folder / "._0.txt").write_bytes(b"\0\5\26\7")  # macOS's metadata beside a copied caption file
+    assert main(["check-data", "--image-dir", str(folder), "--resolution", "64"]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "names no image" in line]
+    assert said == [f"warning: data folder {folder}: 1 caption file (0002.txt) names no image in it and trains nothing: "
+                    "rename it as its image (0001.jpg's caption is 0001.txt), or remove it"], said  # fmt: skip
+    assert imageless_caption_files(folder, DataConfig(image_dir=str(folder), caption="a photo")) is None
