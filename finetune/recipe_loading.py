@@ -247,6 +247,8 @@ def describe_validation_error(err: ValidationError) -> str:
             hint = f" (here it is '{OTHER_TRAINERS_NAMES[location[-1]]}')"
         elif listed:  # dreambooth.class_prompt, as diffusers' script has it: each concept has its own
             hint = f" (each entry of '{'.'.join(path[:-1] + [listed])}' has its own: '{'.'.join(path[:-1] + [listed, '0', location[-1]])}')"
+        elif elsewhere := [key for key in _section_keys(Recipe) if key.split(".")[-1] == location[-1]]:  # train.lr for optimizer.lr
+            hint = f" (it belongs to another section: {', '.join(repr(key) for key in elsewhere[:-1])}{' or ' if elsewhere[1:] else ''}{elsewhere[-1]!r})"
         else:
             hint = f" (did you mean '{'.'.join(path[:-1] + close)}'?)" if close else f" (valid keys: {', '.join(valid)})"
         return f"unknown key '{dotted}'{hint}"
@@ -308,6 +310,15 @@ def _valid_keys(section_path: list[str]) -> list[str]:
         if model is None:
             return []
     return list(model.model_fields)
+
+
+def _section_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key of `model` and its sections, as a recipe writes them (not those of list entries: concepts, folders)."""
+    keys = []
+    for name, field in model.model_fields.items():
+        section = None if typing.get_origin(field.annotation) is list else section_type(field.annotation)
+        keys += _section_keys(section, f"{prefix}{name}.") if section is not None else [prefix + name]
+    return keys
 
 
 def _as_yaml(value: Any) -> str:

@@ -66,6 +66,20 @@ def test_unknown_key_names_it_and_suggests_the_closest(tmp_path):
         load_recipe(path)
 
 
+def test_a_key_written_in_the_wrong_section_is_pointed_to_where_it_is(tmp_path):
+    """train.lr (the optimizer's), optimizer.max_grad_norm (train's): the key is named in its own section, not a list of
+    this section's keys; a name several sections have is given with each."""
+    path = tmp_path / "r.yaml"
+    path.write_text("data: {image_dir: x}\ntrain:\n  lr: 0.1\n")
+    with pytest.raises(FinetuneError, match=r"unknown key 'train.lr' \(it belongs to another section: 'optimizer.lr'\)$"):
+        load_recipe(path)
+    with pytest.raises(FinetuneError, match=r"unknown key 'optimizer.max_grad_norm' \(it belongs to another section: 'train.max_grad_norm'\)$"):
+        recipe_from_dict({**MINIMAL, "optimizer": {"max_grad_norm": 1.0}})
+    with pytest.raises(FinetuneError) as raised:
+        recipe_from_dict({**MINIMAL, "data": {**MINIMAL["data"], "every_n_steps": 10}})
+    assert str(raised.value).endswith("(it belongs to another section: 'validation.every_n_steps', 'checkpoint.every_n_steps' or 'logging.every_n_steps')")
+
+
 def test_unknown_top_level_section():
     with pytest.raises(FinetuneError, match=r"unknown key 'optimzer' \(did you mean 'optimizer'\?\)"):
         recipe_from_dict({**MINIMAL, "optimzer": {}})
