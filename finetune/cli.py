@@ -335,7 +335,8 @@ def _merge(args) -> int:
 
 
 def _make_conditions(args) -> int:
-    from finetune.conditions import make_condition_folders
+    from finetune.conditions import images_left_out, make_condition_folders
+    from finetune.console import warn
 
     options = {"canny": dict(low=args.low, high=args.high, sigma=args.sigma), "mask": dict(threshold=args.threshold)}.get(args.kind, {})
     check_output_folder(Path(args.output_dir), "output_dir", "the conditioning images and metadata.jsonl")
@@ -350,6 +351,8 @@ def _make_conditions(args) -> int:
 
         entries = folders_entries((["."] if len(made) > len(subfolders) else []) + subfolders)
         print(f"note: train the subfolders as data.folders entries, in the recipe's data section: {entries}")
+    for line in images_left_out(args.input_dir, args.output_dir, [folder for folder, _, _ in made]):
+        warn(line)
     return 0
 
 

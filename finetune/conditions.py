@@ -229,6 +229,29 @@ def make_condition_folders(input_dir: str | Path, output_dir: str | Path, kind: 
     return made
 
 
+def images_left_out(input_dir: str | Path, output_dir: str | Path, made: list[Path]) -> list[str]:
+    """The warnings for images under `input_dir` that got no conditioning image, `made` being the output folders
+    `make_condition_folders` wrote: files of kinds training does not read (.gif, .heic), and images in subfolders below
+    the folders it reads (a phone's `2023/jan`). The data check of the output cannot say them: they are not there."""
+    from finetune.config import DataConfig
+    from finetune.sources import SAID_SUBFOLDER_DEPTH, image_subfolders, unread_images
+
+    source, target, lines = Path(input_dir), Path(output_dir).resolve(), []
+    written = [source / folder.relative_to(output_dir) for folder in made]
+    for folder in written:
+        if files := unread_images(folder, DataConfig(image_dir=str(folder), folders=[{"path": "."}]))[0]:  # with data.folders: not its subfolders, said below
+            kinds = ", ".join(sorted({path.suffix.lower() for path in files}))
+            lines.append(f"{counted(len(files), 'image')} in {folder} ({kinds}, e.g. {files[0].name}) got no conditioning image: convert "
+                         f"{'it' if len(files) == 1 else 'them'} to PNG or JPEG and run make-conditions again with --overwrite")  # fmt: skip
+    deeper = [sub for sub in image_subfolders(source, DataConfig(), SAID_SUBFOLDER_DEPTH)
+              if sub not in written and target not in (sub.resolve(), *sub.resolve().parents)]  # not the output, written into the input folder
+    if deeper:
+        names = ", ".join(sub.relative_to(source).as_posix() for sub in deeper[:5]) + (f" and {len(deeper) - 5} more" if len(deeper) > 5 else "")
+        lines.append(f"images in subfolders of subfolders of {source} ({names}) got no conditioning images (make-conditions reads the "
+                     f"folder and the subfolders just below it): run make-conditions on {deeper[0].parent} too, or move them up")  # fmt: skip
+    return lines
+
+
 def _checked_input(source: Path, target: Path, overwrite: bool) -> tuple[list[Path], dict[str, str]]:
     """(images, captions from the metadata file) of one input folder, once nothing stops writing `target` from it."""
     from finetune.sources import IMAGE_SUFFIXES, folder_images

@@ -118,6 +118,21 @@ def test_make_conditions_writes_each_image_subfolder_as_its_own_training_folder(
     assert not (tmp_path / "again").exists()
 
 
+def test_make_conditions_names_the_images_it_made_no_conditioning_for(tmp_path, capsys):
+    """An animated .gif beside the photos, in the folder or a subfolder, and a phone's export two levels down (2023/jan) got no
+    conditioning image, and the output's data check cannot say them (they are not there): make-conditions says each."""
+    source = captioned_folder(tmp_path / "photos", 1)
+    noise(source / "anim.gif", size=(8, 8)), captioned_folder(source / "best", 1), noise(source / "best" / "clip.gif", size=(8, 8))
+    captioned_folder(source / "2023" / "jan", 1)
+    out = tmp_path / "controlnet-data"
+    assert main(["make-conditions", str(source), str(out), "--kind", "luminance"]) == 0
+    warned = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
+    assert warned == [f"warning: 1 image in {source} (.gif, e.g. anim.gif) got no conditioning image: convert it to PNG or JPEG and run make-conditions again with --overwrite",
+                      f"warning: 1 image in {source / 'best'} (.gif, e.g. clip.gif) got no conditioning image: convert it to PNG or JPEG and run make-conditions again with --overwrite",
+                      f"warning: images in subfolders of subfolders of {source} (2023/jan) got no conditioning images (make-conditions reads the folder "
+                      f"and the subfolders just below it): run make-conditions on {source / '2023'} too, or move them up"]  # fmt: skip
+
+
 def test_a_folder_of_only_photos_of_unread_kinds_says_so(tmp_path, capsys):
     """An iPhone's .HEIC photos are images, of a kind training does not read: not "no images"."""
     for name in ("IMG_0001.HEIC", "IMG_0002.HEIC"):
