@@ -312,6 +312,17 @@ def _valid_keys(section_path: list[str]) -> list[str]:
     return list(model.model_fields)
 
 
+def recipe_key_named(name: str) -> str | None:
+    """The one recipe key `name` stands for (max_steps, another trainer's max_train_steps: train.max_steps), or None."""
+    if re.fullmatch(r"[a-z0-9_.]+", OTHER_TRAINERS_NAMES.get(name, "")):  # not advice such as "a .txt beside each image"
+        return OTHER_TRAINERS_NAMES[name]
+    keys = _section_keys(Recipe)
+    if name in keys:  # seed, a top-level key, not validation.seed
+        return name
+    named = [key for key in keys if key.split(".")[-1] == name]
+    return named[0] if len(named) == 1 else None
+
+
 def _section_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     """Every dotted key of `model` and its sections, as a recipe writes them (not those of list entries: concepts, folders)."""
     keys = []

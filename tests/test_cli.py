@@ -276,6 +276,25 @@ def test_overrides_may_follow_the_options_and_anything_else_is_still_refused(cap
         parse_arguments(["sample", "--base", "b", "--prompt", "p", "a=b"])  # no overrides there
 
 
+def test_a_setting_given_as_an_option_gets_the_override_it_means(capsys):
+    """diffusers' scripts take --max_train_steps 100: said by the command's own parser (not `finetune [-h] COMMAND`), with
+    the key=value that means it, its value kept; an option that names no key is told how overrides are written."""
+    from finetune.cli import parse_arguments
+
+    cases = {("train", "recipes/lora.yaml", "--max_train_steps", "100"): "finetune train: error: unrecognized arguments: --max_train_steps 100: "
+                                                                         "recipe keys are given as key=value after the recipe: train.max_steps=100",
+             ("check-data", "recipes/lora.yaml", "--learning-rate=1e-4"): "finetune check-data: error: unrecognized arguments: --learning-rate=1e-4: "
+                                                                          "recipe keys are given as key=value after the recipe: optimizer.lr=1e-4",
+             ("train", "recipes/lora.yaml", "--seed", "3"): "finetune train: error: unrecognized arguments: --seed 3: "
+                                                            "recipe keys are given as key=value after the recipe: seed=3",
+             ("train", "recipes/lora.yaml", "--every_n_steps=5"): "finetune train: error: unrecognized arguments: --every_n_steps=5: recipe keys are "
+                                                                  "given as key=value after the recipe (train.max_steps=100); -h lists the command's options"}  # fmt: skip
+    for argv, said in cases.items():
+        with pytest.raises(SystemExit):
+            parse_arguments(list(argv))
+        assert capsys.readouterr().err.splitlines()[-1] == said
+
+
 def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(monkeypatch, capsys):
     import finetune.inference
 
