@@ -104,10 +104,20 @@ def test_bucketing_that_makes_the_square_its_only_bucket_is_refused_on_load():
         (512, (("min_side", 512), ("max_side", 512))): "lower data.bucketing.min_side or raise data.bucketing.max_side",
     }  # fmt: skip
     for (resolution, settings), message in cases.items():
-        with pytest.raises(ValueError, match=rf"data.bucketing has one bucket, the {resolution}x{resolution} square .*{re.escape(message)}"):
+        with pytest.raises(ValueError, match=rf"data.bucketing at data.resolution {resolution} has one bucket, the {resolution}x{resolution} square .*{re.escape(message)}"):
             DataConfig(image_dir="x", resolution=resolution, bucketing={"enabled": True, **dict(settings)})
     assert len(make_buckets(DataConfig(image_dir="x", resolution=64, bucketing={"enabled": True, "step": 32}))) == 5
     assert DataConfig(image_dir="x", resolution=64).bucketing.enabled is False  # off, the step does not matter
+
+
+
+def test_one_bucket_made_by_a_resolution_on_the_command_line_names_that_override(tmp_path):
+    """recipes/lora.yaml's step of 64 is fine at its 512; data.resolution=64 typed for a small test run made it the square's only
+    bucket, and the error named the recipe file, whose settings were not the ones changed."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: {image_dir: x, resolution: 512, bucketing: {enabled: true, step: 64}}\n")
+    with pytest.raises(FinetuneError, match=r"^override 'data.resolution=64': key 'data': data.bucketing at data.resolution 64 has one bucket"):
+        load_recipe(recipe, ["data.resolution=64"])
 
 
 def test_kohya_folders_without_captions_are_suggested_with_their_name_as_the_prompt(tmp_path, capsys):

@@ -156,7 +156,8 @@ class DataConfig(Section):
                   if value is not None]  # fmt: skip
         fix = (f"lower data.bucketing.step to a multiple of 8 that divides {resolution}, at most {resolution // 2}" if 2 * step > resolution
                else " or ".join(limits))  # fmt: skip
-        return (f"data.bucketing has one bucket, the {resolution}x{resolution} square (sides {low}-{high} in steps of {step}), so every image "
+        # data.resolution named: where it came from the command line (data.resolution=64), the error names that override, not the recipe
+        return (f"data.bucketing at data.resolution {resolution} has one bucket, the {resolution}x{resolution} square (sides {low}-{high} in steps of {step}), so every image "
                 f"would be cropped as without bucketing: {fix}")  # fmt: skip
 
     @model_validator(mode="after")
