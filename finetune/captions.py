@@ -71,8 +71,10 @@ def read_metadata_captions(path: Path, require_text: bool = True, column: str = 
                                 f"write each row as one JSON object on one line, e.g. {example}") from None  # fmt: skip
         if not isinstance(row, dict) or "file_name" not in row or (require_text and column not in row):
             found = f"its keys are {', '.join(repr(key) for key in row) or 'none'}" if isinstance(row, dict) else f"it is {type(row).__name__}"
+            advice = _columns_advice(list(row), column, "key", require_text) if isinstance(row, dict) else \
+                f"write each row as one JSON object on one line, e.g. {json.dumps({'file_name': '0001.png', column: 'a photo of ...'})}"
             raise FinetuneError(f"{path} line {line_number}: expected a JSON object with 'file_name' and '{column}' (data.caption_column), "
-                                f"but {found}: rename the key, or set data.caption_column")  # fmt: skip
+                                f"but {found}: {advice}")  # fmt: skip
         text, file_name = row.get(column), row["file_name"]
         if text is None and column in row:  # null: said here, not read as "no row" (its .txt would caption it, unseen)
             raise FinetuneError(f"{path} line {line_number}: '{column}' is null, so {file_name} has no caption: write it as a string "
@@ -92,7 +94,7 @@ def read_csv_captions(path: Path, column: str = "text") -> RowCaptions:
     columns = reader.fieldnames or []
     if "file_name" not in columns or column not in columns:
         raise FinetuneError(f"{path} must have a header row with 'file_name' and '{column}' columns (has: {', '.join(columns) or 'none'}): "
-                            "rename the column, or set data.caption_column to the caption's")  # fmt: skip
+                            f"{_columns_advice(columns, column, 'column')}")  # fmt: skip
     captions, rows = RowCaptions(), {}
     for row_number, row in enumerate(reader, start=2):  # the header is row 1
         if row.get(None):  # cells past the header's: the separators of a caption not in quotes split it ("1girl" of 1girl, solo)
@@ -100,6 +102,19 @@ def read_csv_captions(path: Path, column: str = "text") -> RowCaptions:
         if row["file_name"]:
             _add_row(captions, rows, path, f"row {row_number}", row["file_name"], (row[column] or "").strip())
     return captions
+
+
+def _columns_advice(names: list[str], column: str, kind: str, require_text: bool = True) -> str:
+    """What to do about a metadata row's keys (a csv header's columns, `kind`) that lack 'file_name' or the caption's
+    `column`: data.caption_column reads the caption from another key, never the image's name from one."""
+    others = [name for name in names if name not in ("file_name", column)]
+    if "file_name" not in names:  # {"image": "0001.png", "text": ...}, as other tools write it
+        rename = f"rename {others[0]!r} to 'file_name'" if len(others) == 1 else f"name each image in a 'file_name' {kind}"
+        return f"{rename} (the image's file name, as datasets' imagefolder reads it)" + ("" if column in names or not require_text else
+                                                                                       f", and its caption in '{column}' (or set data.caption_column)")  # fmt: skip
+    if len(others) == 1:  # {"file_name": ..., "caption": ...}
+        return f"set data.caption_column={others[0]} to read the captions from it, or rename the {kind} to '{column}'"
+    return f"rename the caption's {kind} to '{column}', or set data.caption_column to its name"
 
 
 def split_at_line_ends(text: str) -> list[str]:

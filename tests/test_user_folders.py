@@ -29,16 +29,32 @@ def test_a_folders_metadata_reads_the_caption_column(tmp_path):
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "caption": "a dog"}) + "\n")
     assert captions(tmp_path, caption_column="caption") == {"a.png": "a dog"}
     expected = (f"{tmp_path / 'metadata.jsonl'} line 1: expected a JSON object with 'file_name' and 'text' (data.caption_column), "
-                "but its keys are 'file_name', 'caption': rename the key, or set data.caption_column")  # fmt: skip
+                "but its keys are 'file_name', 'caption': set data.caption_column=caption to read the captions from it, or rename the key to 'text'")  # fmt: skip
     with pytest.raises(FinetuneError, match=f"^{re.escape(expected)}$"):
         captions(tmp_path)
     (tmp_path / "metadata.jsonl").unlink()
     (tmp_path / "metadata.csv").write_text("file_name,caption\na.png,a cat\n")
     assert captions(tmp_path, caption_column="caption") == {"a.png": "a cat"}
     expected = (f"{tmp_path / 'metadata.csv'} must have a header row with 'file_name' and 'prompt' columns (has: file_name, caption): "
-                "rename the column, or set data.caption_column to the caption's")  # fmt: skip
+                "set data.caption_column=caption to read the captions from it, or rename the column to 'prompt'")  # fmt: skip
     with pytest.raises(FinetuneError, match=f"^{re.escape(expected)}$"):
         captions(tmp_path, caption_column="prompt")
+
+
+def test_a_metadata_row_naming_its_image_under_another_key_is_not_told_to_set_the_caption_column(tmp_path):
+    """{"image": "a.png", "text": ...}, as other tools write rows, was told "rename the key, or set data.caption_column", which
+    reads captions only: the key to rename is named; a csv header alike."""
+    noise(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"image": "a.png", "text": "a dog"}) + "\n")
+    with pytest.raises(FinetuneError, match=r"but its keys are 'image', 'text': rename 'image' to 'file_name' \(the image's file name, as datasets' imagefolder reads it\)$"):
+        captions(tmp_path)
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"path": "a.png", "caption": "a dog"}) + "\n")
+    with pytest.raises(FinetuneError, match=r"name each image in a 'file_name' key \(the image's file name, as datasets' imagefolder reads it\), and its caption in 'text' \(or set data.caption_column\)$"):
+        captions(tmp_path)
+    (tmp_path / "metadata.jsonl").unlink()
+    (tmp_path / "metadata.csv").write_text("image,text\na.png,a cat\n")
+    with pytest.raises(FinetuneError, match=r"\(has: image, text\): rename 'image' to 'file_name' \(the image's file name, as datasets' imagefolder reads it\)$"):
+        captions(tmp_path)
 
 
 def test_a_metadata_jsonl_row_that_is_no_json_says_how_to_write_one(tmp_path):
