@@ -154,14 +154,15 @@ def conversions(image, alpha_is_mask: bool = False) -> list[str]:
 def inspect(example: Example, config: DataConfig) -> tuple[Example | None, list[Finding], str | None]:
     """(the example with its size, or None if unusable; findings; a hash of its decoded pixels)."""
     source, findings = example.source, []
-    if example.caption is None:
-        findings.append(Finding(FATAL, source, missing_caption_message(source, caption_alternative(config, example.folder_index))))
-    elif message := empty_caption_message(source, example.caption, config, example.folder_index) or list_text_message(source, example.caption):
-        findings.append(Finding(WARNING, source, message))
-    elif len(lines := caption_lines(example.caption)) > 1:
-        message = (f"image {source}: caption of {len(lines)} lines" + (" (or list entries)" if dataset_of_row(source) else "") + ", each a caption of "
-                   "its own: one line trains each epoch (to train them together, join them with commas on one line)")  # fmt: skip
-        findings.append(Finding(CONVERTED, source, message))
+    # Said once the file decodes: a text file named .jpg is told it is no image, not to get a caption as well.
+    no_caption = [Finding(FATAL, source, missing_caption_message(source, caption_alternative(config, example.folder_index)))] if example.caption is None else []
+    if example.caption is not None:
+        if message := empty_caption_message(source, example.caption, config, example.folder_index) or list_text_message(source, example.caption):
+            findings.append(Finding(WARNING, source, message))
+        elif len(lines := caption_lines(example.caption)) > 1:
+            message = (f"image {source}: caption of {len(lines)} lines" + (" (or list entries)" if dataset_of_row(source) else "") + ", each a caption of "
+                       "its own: one line trains each epoch (to train them together, join them with commas on one line)")  # fmt: skip
+            findings.append(Finding(CONVERTED, source, message))
     try:
         stamp = file_stamp(source)  # before decoding: an edit while it decodes shows as a changed file
         with pillow_warnings() as heard:  # said in the summary, naming the image (Pillow's own lines name none)
@@ -174,6 +175,7 @@ def inspect(example: Example, config: DataConfig) -> tuple[Example | None, list[
     except Exception as err:  # a file that decodes but cannot be converted
         message = f"image {source} cannot be converted to RGB ({err.__class__.__name__}: {err}): re-save it as PNG or JPEG"
         return None, findings + [Finding(FATAL, source, message)], None
+    findings = no_caption + findings
     if heard:
         findings.append(Finding(WARNING, source, pillow_warning_line(source, heard)))
     width, height = image.size

@@ -167,3 +167,15 @@ def test_a_caption_file_whose_image_is_gone_is_said_and_one_beside_an_unread_ima
     assert said == [f"warning: data folder {folder}: 1 caption file (0002.txt) names no image in it and trains nothing: "
                     "rename it as its image (0001.jpg's caption is 0001.txt), or remove it"], said  # fmt: skip
     assert imageless_caption_files(folder, DataConfig(image_dir=str(folder), caption="a photo")) is None
+
+
+def test_a_file_that_is_no_image_is_not_also_told_to_get_a_caption(tmp_path, capsys):
+    """notes.jpg, a text file under an image's name, was two fatal lines, the first asking for notes.txt; an image that decodes
+    without a caption is still told to get one."""
+    folder = captioned_folder(tmp_path / "photos", 1)
+    (folder / "notes.jpg").write_text("not an image\n")
+    noise(folder / "uncaptioned.png")
+    assert main(["check-data", "--image-dir", str(folder), "--resolution", "64"]) == 1
+    fatal = [line for line in capsys.readouterr().out.splitlines() if line.startswith("fatal: ")]
+    assert len(fatal) == 2 and fatal[0].startswith(f"fatal: image {folder / 'notes.jpg'} cannot be read (UnidentifiedImageError"), fatal
+    assert fatal[1].startswith(f"fatal: image {folder / 'uncaptioned.png'} has no caption: add uncaptioned.txt"), fatal
