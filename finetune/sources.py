@@ -86,9 +86,12 @@ def check_folders_exist(config: DataConfig) -> None:
     if root.is_file():  # a dataset downloaded as an archive, not yet unpacked
         unpack = "an archive: unpack it and give the folder it holds" if root.name.lower().endswith(ARCHIVE_SUFFIXES) else "a file: give the folder that holds the images"
         raise FinetuneError(f"{config._image_dir_key} {root} is {unpack}")
-    for folder, key in [(root, config._image_dir_key)] + [(root / entry.path, f"data.folders path '{entry.path}'") for entry in config.folders]:
-        if not folder.is_dir():  # an absolute path stays absolute
-            raise FinetuneError(f"data folder {folder} not found: check {key}{looked_for_here(folder)}")
+    # A data.folders path is data.image_dir's subfolder, not the current folder's (an absolute path stays absolute).
+    entries = [(root / entry.path, f"data.folders path '{entry.path}'", "" if Path(entry.path).is_absolute() else f" (read from data.image_dir, {root})")
+               for entry in config.folders]  # fmt: skip
+    for folder, key, where in [(root, config._image_dir_key, looked_for_here(root))] + entries:
+        if not folder.is_dir():
+            raise FinetuneError(f"data folder {folder} not found: check {key}{where}")
         if not os.access(folder, os.R_OK | os.X_OK):  # a volume another user owns (a container's): a traceback at its listing
             raise FinetuneError(f"data folder {folder} cannot be read (its permissions): make it readable to this user (chmod), or check {key}")
 

@@ -72,7 +72,7 @@ def test_train_says_a_missing_data_folder_or_base_model_before_torch_loads(tmp_p
     modules, errors = run_in_fresh_python(calls)
     assert errors == [
         f"error: data folder {tmp_path / 'photos'} not found: check data.image_dir\n",
-        f"error: data folder datasets/star/nope not found: check data.folders path 'nope' (relative paths are read from the current folder, {ROOT})\n",
+        "error: data folder datasets/star/nope not found: check data.folders path 'nope' (read from data.image_dir, datasets/star)\n",  # not the current folder
         f"error: base model {tmp_path / 'base'} not found: no such folder or file (check model.pretrained)\n",
         f"error: data folder nope not found: check dreambooth.concepts.0.instance_dir (relative paths are read from the current folder, {ROOT})\n",
     ]
