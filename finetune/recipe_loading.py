@@ -29,12 +29,18 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read a YAML recipe, apply `key.sub=value` overrides, validate, or raise a one-line FinetuneError."""
     path = Path(path)
     if path.is_dir():
+        from finetune.sources import folder_images  # PIL: only for this message
+
+        if folder_images(path):  # `finetune train photos`: the images meant as the data
+            raise FinetuneError(f"recipe {path} is a folder of images: pass a recipe, and the folder as its data, e.g. recipes/lora.yaml data.image_dir={path}")
         raise FinetuneError(f"recipe {path} is a folder: pass the path of a YAML file in it, such as recipes/lora.yaml")
     if not path.is_file():
         if path.name == RUN_RECIPE and (path.parent / EARLIER_RUN_RECIPE).is_file():  # a run of an earlier version, resumed as the docs now say
             raise FinetuneError(f"recipe {path} not found: a run of an earlier finetune kept its recipe as run as {EARLIER_RUN_RECIPE}: "
                                 f"pass {path.parent / EARLIER_RUN_RECIPE}")  # fmt: skip
-        raise FinetuneError(f"recipe {path} not found: pass the path of a YAML file such as recipes/lora.yaml")
+        if "=" in str(path):  # `finetune train data.image_dir=photos`, the recipe left out
+            raise FinetuneError(f"recipe {path} not found: an override comes after the recipe, e.g. recipes/lora.yaml {path}")
+        raise FinetuneError(f"recipe {path} not found: {_recipe_near(path) or 'pass the path of a YAML file such as recipes/lora.yaml'}")
     try:
         text = path.read_text(encoding="utf-8")
         raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
@@ -71,6 +77,15 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not text.startswith(RUN_RECIPE_HEADER):
         require_unambiguous_data_paths(recipe, path, tuple(_override_key(override) for override in overrides))
     return recipe
+
+
+def _recipe_near(path: Path) -> str | None:
+    """'did you mean ...' for a recipe beside the one not found whose name is close (lora.yml for lora.yaml, dreambooth_lora
+    for dreambooth-lora), or None."""
+    folder = path.parent if path.parent.is_dir() else None
+    names = sorted(p.name for p in folder.iterdir() if p.suffix in (".yaml", ".yml")) if folder else []
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.8)
+    return f"did you mean {folder / close[0]}?" if close else None
 
 
 def _not_utf8(path: Path, err: UnicodeDecodeError) -> str:

@@ -1,6 +1,7 @@
 """What a user walking through the shipped recipes and the command line ran into: settings another
 section holds for the chosen method, messages that named the wrong key."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -174,6 +175,18 @@ def test_a_recipe_path_that_is_a_folder_or_not_text_says_so():
         load_recipe(RECIPES)  # it said "not found"
     with pytest.raises(FinetuneError, match=r"^recipe \S+0000.png is not a text file: pass the path of a YAML file such as recipes/lora.yaml$"):
         load_recipe(STAR_FOLDER / "0000.png")  # a UnicodeDecodeError traceback
+
+
+def test_a_recipe_path_mistyped_or_left_out_says_what_was_meant():
+    """`finetune train photos` (the images for the recipe), `finetune train data.image_dir=photos` (no recipe), recipes/lora.yml
+    (the file is lora.yaml): each was 'not found' or 'a folder: pass the path of a YAML file in it'."""
+    with pytest.raises(FinetuneError, match=rf"^recipe {re.escape(str(STAR_FOLDER))} is a folder of images: pass a recipe, and the folder as its data, "
+                                            rf"e.g. recipes/lora.yaml data.image_dir={re.escape(str(STAR_FOLDER))}$"):  # fmt: skip
+        load_recipe(STAR_FOLDER)
+    with pytest.raises(FinetuneError, match=r"^recipe data.image_dir=photos not found: an override comes after the recipe, e.g. recipes/lora.yaml data.image_dir=photos$"):
+        load_recipe("data.image_dir=photos")
+    with pytest.raises(FinetuneError, match=rf"^recipe \S+lora.yml not found: did you mean {re.escape(str(RECIPES / 'lora.yaml'))}\?$"):
+        load_recipe(RECIPES / "lora.yml")
 
 
 def test_a_key_given_twice_in_a_recipe_file_is_refused(tmp_path):
