@@ -238,7 +238,7 @@ def images_left_out(input_dir: str | Path, output_dir: str | Path, made: list[Pa
 
     source, target, lines = Path(input_dir), Path(output_dir).resolve(), []
     written = [source / folder.relative_to(output_dir) for folder in made]
-    for folder in written:
+    for folder in dict.fromkeys([source, *written]):  # the input folder too where only its subfolders hold photos it reads
         if files := unread_images(folder, DataConfig(image_dir=str(folder), folders=[{"path": "."}]))[0]:  # with data.folders: not its subfolders, said below
             kinds = ", ".join(sorted({path.suffix.lower() for path in files}))
             lines.append(f"{counted(len(files), 'image')} in {folder} ({kinds}, e.g. {files[0].name}) got no conditioning image: convert "

@@ -131,6 +131,10 @@ def test_make_conditions_names_the_images_it_made_no_conditioning_for(tmp_path, 
                       f"warning: 1 image in {source / 'best'} (.gif, e.g. clip.gif) got no conditioning image: convert it to PNG or JPEG and run make-conditions again with --overwrite",
                       f"warning: images in subfolders of subfolders of {source} (2023/jan) got no conditioning images (make-conditions reads the folder "
                       f"and the subfolders just below it): run make-conditions on {source / '2023'} too, or move them up"]  # fmt: skip
+    only_subfolders = tmp_path / "albums"  # photos in subfolders alone: the .gif beside them is said too
+    captioned_folder(only_subfolders / "best", 1), noise(only_subfolders / "cover.gif", size=(8, 8))
+    assert main(["make-conditions", str(only_subfolders), str(tmp_path / "albums-data"), "--kind", "luminance"]) == 0
+    assert f"warning: 1 image in {only_subfolders} (.gif, e.g. cover.gif) got no conditioning image" in capsys.readouterr().out
 
 
 def test_a_folder_of_only_photos_of_unread_kinds_says_so(tmp_path, capsys):
