@@ -123,13 +123,14 @@ def adapters_clip_skip(adapters: dict[str, dict[str, str]]) -> int:
 def adapters_max_token_length(adapters: dict[str, dict[str, str]]) -> int:
     """The longest model.max_token_length the adapters ({name: metadata}) were trained with (75 where none is
     recorded: ours record it when not 75, sd-scripts' files as ss_max_token_length)."""
-    recorded = {name: int(value) for name, meta in adapters.items() if (value := str(meta.get("finetune.max_token_length", ""))).isdigit()}
-    # A file's word: 7,500,000 encoded every prompt in 100,000 chunks, until memory ran out.
-    if odd := next((f"{name} records a max_token_length of {length}" for name, length in recorded.items() if length not in TRAINED_TOKEN_LENGTHS), None):
+    # sd-scripts writes "None" for 75 (no value); any other value no training writes is a damaged or edited file: 7,500,000
+    # encoded every prompt in 100,000 chunks, until memory ran out.
+    recorded = {name: value for name, meta in adapters.items() if (value := str(meta.get("finetune.max_token_length", ""))) not in ("", "None")}
+    if odd := next((f"{name} records a max_token_length of {value}" for name, value in recorded.items() if value not in map(str, TRAINED_TOKEN_LENGTHS)), None):
         raise FinetuneError(f"{odd}, which no training writes (75, 150 or 225, as sd-scripts' too): its metadata is damaged or was edited; use another copy of it")
     # Adapters of different lengths are not refused (different clip skips are): one of them reads prompts as it was
     # trained, and merge too keeps one length.
-    return max(recorded.values(), default=75)
+    return max(map(int, recorded.values()), default=75)
 
 
 def read_prompts_as_trained(pipeline, max_token_length: int) -> None:

@@ -28,6 +28,10 @@ def test_only_the_token_lengths_training_writes_are_read():
     assert adapters_max_token_length({"a": {}}) == 75
     with pytest.raises(FinetuneError, match=r"^b records a max_token_length of 7500000, which no training writes \(75, 150 or 225"):
         adapters_max_token_length({"a": {"finetune.max_token_length": "225"}, "b": {"finetune.max_token_length": "7500000"}})
+    # No number either (was read as 75 here while lora.init_from refused it): sd-scripts' "None" alone means 75.
+    assert adapters_max_token_length({"a": {"finetune.max_token_length": "None"}}) == 75
+    with pytest.raises(FinetuneError, match=r"^a records a max_token_length of many, which no training writes"):
+        adapters_max_token_length({"a": {"finetune.max_token_length": "many"}})
 
 
 @pytest.mark.parametrize("command", ["sample", "merge"])

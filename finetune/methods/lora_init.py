@@ -10,12 +10,12 @@ import torch
 from finetune.adapter_records import initial_lora_file
 from finetune.counts import counted
 from finetune.dora import row_norms, uses_dora
-from finetune.encoders import TRAINED_TOKEN_LENGTHS, layer_stack, recorded_clip_skip
+from finetune.encoders import layer_stack, recorded_clip_skip
 from finetune.errors import FinetuneError
 from finetune.kohya import LoRA, load_lora
 from finetune.merge import find_module
 from finetune.methods.lora import TEXT_ENCODER_TARGETS, is_conv_3x3
-from finetune.sampling import adapters_prediction_type
+from finetune.sampling import adapters_max_token_length, adapters_prediction_type
 
 
 def read_checked(settings) -> LoRA:
@@ -53,9 +53,7 @@ def check_initial_record(lora: LoRA, source: str) -> None:
     """A prediction type or token length no training writes (an edited file) is one line before the model loads, as sample
     says it (after it: advice to set model.prediction_type to it, which recipes refuse, or int()'s traceback)."""
     adapters_prediction_type({f"lora.init_from {source}": lora.metadata})
-    if (length := lora.metadata.get("finetune.max_token_length")) is not None and length not in map(str, TRAINED_TOKEN_LENGTHS):
-        raise FinetuneError(f"lora.init_from {source} records a max_token_length of {length}, which no training writes (75, 150 or 225, as "
-                            "sd-scripts' too): its metadata is damaged or was edited; use another copy of it")  # fmt: skip
+    adapters_max_token_length({f"lora.init_from {source}": lora.metadata})
 
 
 def check_trained_alike(lora: LoRA, source: str, clip_skip: int, prediction_type: str) -> None:
