@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from finetune.errors import FinetuneError, nearest_existing
+from finetune.process_env import main_process
 from finetune.run_files import (CHECKPOINT_PATTERN, CONTROLNET_DIR, LORA_WEIGHTS_NAME, PARTIAL, PIPELINE_DIR, REMOVED, STATE_FILE, UNET_DIR, checkpoint_step,
                                 list_checkpoints, read_state)  # fmt: skip
 
@@ -71,6 +72,33 @@ def guard_earlier_run(output_dir: Path, resume_from: Path | None, overwrite: boo
     if outputs := [name for name in RUN_OUTPUTS if (output_dir / name).exists()]:
         raise FinetuneError(f"output_dir {output_dir} holds the outputs of an earlier run ({outputs[0]}) and no checkpoint to continue: "
                             f"set output_dir to a new folder to keep them, or replace them with --overwrite")  # fmt: skip
+
+
+def put_back_interrupted_checkpoints(checkpoints_dir: Path) -> list[str]:
+    """A checkpoint whose replacement a kill cut between its two renames (`atomic_files.replace_folder`: the old folder set
+    aside as `.checkpoint-N.old`, the new one still `.partial-checkpoint-N`) has no `checkpoint-N`: `--resume latest` took an
+    older one, and the next save deleted the `.partial-` folder. Each is put back under its name: the new folder where it is
+    complete (its trainer_state.json is written last), else the old one, by the main process alone (the others would race it).
+    Called as a training run starts, before it lists checkpoints, its output_dir locked (a run still saving there is between
+    those renames too); a line for each."""
+    lines = []
+    for aside in sorted(checkpoints_dir.glob(".checkpoint-*.old")) if checkpoints_dir.is_dir() and main_process() else []:
+        final = checkpoints_dir / aside.name[1 : -len(".old")]
+        if not CHECKPOINT_PATTERN.match(final.name) or not aside.is_dir() or os.path.lexists(final):
+            continue  # (`checkpoint-N` there: the kill came after the renames; the aside is replace_folder's to remove)
+        new = checkpoints_dir / f"{PARTIAL}{final.name}"
+        try:
+            if (new / STATE_FILE).is_file():
+                new.rename(final)
+                shutil.rmtree(aside, ignore_errors=True)  # the older state of the same step
+                lines.append(f"put back {final}: a kill while it was saved left it as {new.name} (the folder it replaced, {aside.name}, is removed)")
+            else:
+                aside.rename(final)
+                lines.append(f"put back {final}: a kill while it was replaced left it as {aside.name} (its replacement, unfinished, is not used)")
+        except OSError as err:
+            raise FinetuneError(f"could not put back {final} from the folders a killed save left ({err.strerror or err}): fix the permissions "
+                                f"of {checkpoints_dir}, or rename {new.name if (new / STATE_FILE).is_file() else aside.name} there to {final.name} yourself")  # fmt: skip
+    return lines
 
 
 def check_run_folder_links(output_dir: Path) -> None:

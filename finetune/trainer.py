@@ -32,7 +32,7 @@ from finetune.draw_keys import DRAWN, key_offset
 from finetune.device_copy import to_device
 from finetune.distributed import accelerator_options, agree_on_start, autocast, checkpoint_options, configure_deepspeed, full_parameters, keep_autocast_outputs, launch_problem, ready_to_compile, release_gathered, trained_parameters, uncompiled_forwards, unsharded_loading, unwrap, uses_deepspeed, zero_stage
 from finetune.deepspeed_checks import check_deepspeed_launch
-from finetune.earlier_run import clear_earlier_run, guard_earlier_run
+from finetune.earlier_run import clear_earlier_run, guard_earlier_run, put_back_interrupted_checkpoints
 from finetune.ema import EMA_FILE, weight_average
 from finetune.caption_tokens import caption_warnings
 from finetune.errors import FinetuneError
@@ -89,6 +89,8 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     train_cfg = recipe.train
 
     # Cheap checks first: a bad image or a missing model is reported before any weight is loaded.
+    for line in put_back_interrupted_checkpoints(checkpoints_dir):  # a save a kill cut short (`finetune train` did, locked)
+        say(line)
     resume_from = resolve_resume(resume, checkpoints_dir)
     method = resumed_method(recipe, resume_from)  # a resume's starting weights (lora.init_from, ...) are its checkpoint's
     check_deepspeed_launch(recipe, method.trained_module_names(), resume_from)  # DeepSpeed's refusals; a checkpoint of another engine
