@@ -42,12 +42,16 @@ def resolve_resume(resume: str | None, checkpoints_dir: Path) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not path.exists():
-        found = list_checkpoints(checkpoints_dir)
-        have = f"the newest in {checkpoints_dir} is {found[-1].name}" if found else f"{checkpoints_dir} holds none yet"
-        raise FinetuneError(f"--resume {resume}: no such folder ({have}); use 'latest' or a checkpoints/checkpoint-N folder")
+        raise FinetuneError(f"--resume {resume}: no such folder ({newest_checkpoint(checkpoints_dir)}); use 'latest' or a checkpoints/checkpoint-N folder")
     if not (path / STATE_FILE).is_file():
         raise FinetuneError(f"--resume {resume}: not a complete checkpoint folder (no {STATE_FILE}); use 'latest' or a checkpoints/checkpoint-N folder")
     return path
+
+
+def newest_checkpoint(checkpoints_dir: Path) -> str:
+    """What a checkpoint path that is not there is told instead: the newest one there is, or that there is none yet."""
+    found = list_checkpoints(checkpoints_dir)
+    return f"the newest in {checkpoints_dir} is {found[-1].name}" if found else f"{checkpoints_dir} holds none yet"
 
 
 def read_state(checkpoint: Path) -> dict:
@@ -109,6 +113,9 @@ def resolve_lora_file(lora: str) -> Path:
             if len(candidates) > 1:
                 names = ", ".join(c.name for c in candidates[:3]) + (", ..." if len(candidates) > 3 else "")
                 raise FinetuneError(f"{lora} holds {len(candidates)} .safetensors files ({names}) and no {LORA_WEIGHTS_NAME}: pass the LoRA file itself")
+    if not path.exists() and CHECKPOINT_PATTERN.match(path.name) and path.parent.is_dir():  # a step mistyped, or one rotated out
+        raise FinetuneError(f"LoRA {lora} not found: no such folder ({newest_checkpoint(path.parent)}); pass a checkpoint-N folder "
+                            "that is there, or the run's output_dir for its last LoRA")  # fmt: skip
     if not path.is_file():
         raise FinetuneError(
             f"LoRA {lora} not found: pass a .safetensors file, a training output folder containing {LORA_WEIGHTS_NAME}, "

@@ -126,7 +126,8 @@ print([status, [name for name in {TRAINING_STACK!r} if name in sys.modules]])
 
 def test_sample_eval_and_merge_without_base_say_the_adapters_record_before_torch(tmp_path):
     """Without --base the base an adapter's run recorded was read by loading the LoRA (torch) or through finetune.inference
-    (torch and diffusers): a LoRA recording none, a recorded base not there, a LyCORIS or SDXL file were said after them."""
+    (torch and diffusers): a LoRA recording none, a recorded base not there, a LyCORIS or SDXL file were said after them. A
+    checkpoint-N that is not there names the newest checkpoint there is (sample and export alike)."""
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -147,6 +148,9 @@ def test_sample_eval_and_merge_without_base_say_the_adapters_record_before_torch
         (huge / name).symlink_to(ROOT / CONTROLNET / name)
     with open(huge / "finetune_metadata.json", "wb") as file:
         file.truncate(MAX_RECORD_BYTES + 1)
+    checkpoints = tmp_path / "run" / "checkpoints"  # a step mistyped, or rotated out: the newest there is is named, as --resume names it
+    (checkpoints / "checkpoint-8").mkdir(parents=True)
+    (checkpoints / "checkpoint-8" / "trainer_state.json").write_text('{"step": 8}')
     sample = ["sample", "--prompt", "a star", "--out", str(tmp_path / "out")]
     said = said_without_the_training_stack([
         [*sample, "--lora", str(tmp_path / "gone.safetensors")],
@@ -154,12 +158,16 @@ def test_sample_eval_and_merge_without_base_say_the_adapters_record_before_torch
         ["merge", "--lora", str(tmp_path / "sdxl.safetensors"), str(tmp_path / "merged")],
         [*sample, "--controlnet", str(controlnet), "--condition", str(ROOT / "docs" / "images" / "quickstart_before.png")],
         [*sample, "--controlnet", str(huge), "--condition", str(ROOT / "docs" / "images" / "quickstart_before.png")],
+        [*sample, "--lora", str(checkpoints / "checkpoint-9")],
+        ["export", str(checkpoints / "checkpoint-9"), str(tmp_path / "exported"), "--to", "kohya"],
     ])  # fmt: skip
     assert said[0] == f"pass --base MODEL: {tmp_path / 'gone.safetensors'} records the base {tmp_path / 'gone'}, which is not there from here"
     assert said[1] == f"pass --base MODEL: the base model to use ({tmp_path / 'none.safetensors'} records none)"
     assert said[2].startswith(f"LoRA {tmp_path / 'sdxl.safetensors'} is an SDXL LoRA")
     assert said[3] == f"pass --base MODEL: {controlnet} records the base {tmp_path / 'gone'}, which is not there from here"
     assert said[4].startswith(f"{huge / 'finetune_metadata.json'} holds 100,000,001 bytes, more than finetune records there")
+    assert said[5] == said[6] == (f"LoRA {checkpoints / 'checkpoint-9'} not found: no such folder (the newest in {checkpoints} is checkpoint-8); "
+                                  "pass a checkpoint-N folder that is there, or the run's output_dir for its last LoRA")  # fmt: skip
 
 
 def test_check_data_says_a_lora_init_from_that_is_no_lora_without_torch(tmp_path):
