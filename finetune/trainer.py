@@ -89,7 +89,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     train_cfg = recipe.train
 
     # Cheap checks first: a bad image or a missing model is reported before any weight is loaded.
-    for line in put_back_interrupted_checkpoints(checkpoints_dir):  # a save a kill cut short (`finetune train` did, locked)
+    for line in put_back_interrupted_checkpoints(checkpoints_dir):  # a save a kill cut between renames (`finetune train` did, locked)
         say(line)
     resume_from = resolve_resume(resume, checkpoints_dir)
     method = resumed_method(recipe, resume_from)  # a resume's starting weights (lora.init_from, ...) are its checkpoint's
