@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -138,19 +139,35 @@ def says_its_error(line: str) -> bool | None:
         return None
     store = torch.distributed.distributed_c10d._get_default_store()
     said = f"finetune/error-of-machine/{os.environ.get('GROUP_RANK', '0')}"
+    read = f"{said}/read"  # how many of the machine's other processes have read the first's line
     try:
         if os.environ.get("LOCAL_RANK", "0") == "0":
             store.set(said, line)
+            if torch.distributed.get_rank() == 0:  # its process holds the store: the others' reads end when it exits
+                _wait_for_readers(store, read, int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)
             return True
         store.wait([said], ERROR_WAIT)  # a collective's error reaches every process at once: the first's comes within this
-        return store.get(said).decode() != line
+        first_said = store.get(said).decode()
+        store.add(read, 1)
+        return first_said != line
     except RuntimeError:  # (torch's DistStoreError) not set in time: the first process did not fail, or the store is gone
         return True
+
+
+def _wait_for_readers(store, read: str, others: int) -> None:
+    """Keep the store up until the other processes that failed too have read the first process's line (at once where all
+    met it), or READ_WAIT has passed (those that did not fail never read it). Its process exiting at once, a process that
+    had seen the line posted lost the store before reading it, and said the same line again."""
+    deadline = time.monotonic() + READ_WAIT.total_seconds()
+    while store.add(read, 0) < others and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 # Ample for a collective's error to reach the first process on a loaded machine (3 s was missed under a busy test run);
 # a process that fails alone says its error this much later.
 ERROR_WAIT = timedelta(seconds=10)
+# The first process's wait for the others to read its line: what an error it meets alone is said later by, on a run of several.
+READ_WAIT = timedelta(seconds=5)
 
 
 def gpu_available() -> bool:

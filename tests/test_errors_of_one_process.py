@@ -19,6 +19,19 @@ import finetune.distributed  # (accelerate: seconds) before the processes join, 
 from finetune.errors import FinetuneError
 
 dist.init_process_group("gloo")
+if dist.get_rank() == 1:  # a loaded machine: process 1 reads the first's line a moment after it saw it posted
+    import torch.distributed.distributed_c10d as c10d
+    store = c10d._get_default_store()
+
+    class SlowStore:
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+        def get(self, key):
+            time.sleep(1)
+            return store.get(key)
+
+    c10d._get_default_store = SlowStore
 finetune.recipe_loading.load_recipe = lambda path, overrides: SimpleNamespace(output_dir=sys.argv[1])
 finetune.train_inputs.check_inputs_exist = lambda recipe: None
 
