@@ -84,8 +84,12 @@ def put_back_interrupted_checkpoints(checkpoints_dir: Path) -> list[str]:
     lines = []
     for aside in sorted(checkpoints_dir.glob(".checkpoint-*.old")) if checkpoints_dir.is_dir() and main_process() else []:
         final = checkpoints_dir / aside.name[1 : -len(".old")]
-        if not CHECKPOINT_PATTERN.match(final.name) or not aside.is_dir() or os.path.lexists(final):
-            continue  # (`checkpoint-N` there: the kill came after the renames; the aside is replace_folder's to remove)
+        if not CHECKPOINT_PATTERN.match(final.name) or not aside.is_dir():
+            continue
+        if os.path.lexists(final):  # the kill came after the renames: the aside, a whole checkpoint's size, would stay for good
+            if (final / STATE_FILE).is_file():
+                shutil.rmtree(aside, ignore_errors=True)
+            continue
         new = checkpoints_dir / f"{PARTIAL}{final.name}"
         try:
             if (new / STATE_FILE).is_file():

@@ -328,3 +328,14 @@ def test_a_checkpoint_a_kill_left_between_its_renames_is_put_back_before_resume_
         assert sorted(p.name for p in checkpoints.iterdir()) == sorted(["checkpoint-2", "checkpoint-4"] + ([] if new_complete else [".partial-checkpoint-4"]))
         said = capsys.readouterr().out
         assert said.count("put back") == 1 and f"put back {checkpoints / 'checkpoint-4'}: a kill while it was " in said, (caller, said)
+
+
+def test_the_old_folder_a_kill_left_after_both_renames_is_removed(tmp_path):
+    """Killed after the renames but before the old folder was deleted: nothing replaces that name again to remove it."""
+    from finetune.earlier_run import put_back_interrupted_checkpoints
+
+    for name in ("checkpoint-4", ".checkpoint-4.old"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / STATE_FILE).write_text('{"step": 4}')
+    assert put_back_interrupted_checkpoints(tmp_path) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-4"]
