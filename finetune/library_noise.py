@@ -1,5 +1,6 @@
 """Library warnings that every run would print and that say nothing about the user's run: filtered
-once per process by the command line (a library imported from Python keeps its own warnings)."""
+once per process by the command line (a library imported from Python keeps its own warnings, but for the one line
+`import finetune` quiets: see quiet_bitsandbytes_cpu_kernel_note)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,18 @@ import os
 import warnings
 
 
+def quiet_bitsandbytes_cpu_kernel_note() -> None:
+    """bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" (a CPU with AVX512-BF16, without
+    the `kernels` package): said as bitsandbytes is imported, which diffusers does whenever it is installed (its
+    quantizers), so every finetune module that loads a model printed it, from Python too (the demo's engine). It is
+    about a 4-bit matrix product that finetune never runs. Only that line: bitsandbytes' other warnings and errors (a
+    CUDA build it cannot find, in a run with an 8-bit optimizer) are said as ever. Called by `finetune/__init__.py`,
+    before anything imports bitsandbytes."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "Failed to load CPU gemm_4bit_forward" not in record.getMessage()
+    )
+
+
 @functools.cache  # once per process: main() may run many times in one (tests, notebooks)
 def quiet_third_party_warnings() -> None:
     """Warnings libraries print on every run that say nothing about the user's run."""
@@ -20,8 +33,6 @@ def quiet_third_party_warnings() -> None:
         for logger in (loggers,) if isinstance(loggers, str) else loggers:
             logging.getLogger(logger).addFilter(lambda record: text not in record.getMessage())
 
-    # bitsandbytes warns on import about optional CPU kernels that training never uses.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # diffusers warns on every cast of a model whose list of float32-only modules is empty (nothing to keep).
     drop("diffusers.models.modeling_utils", "kept in float32: [].")
     # ... and for every part a LoRA file does not adapt (most LoRAs leave the text encoder alone).

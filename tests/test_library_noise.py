@@ -1,10 +1,46 @@
-"""Library lines a DeepSpeed launch on CPUs printed from every process, which the user can do nothing about."""
+"""Library lines the user can do nothing about: bitsandbytes' on import (from Python too), and those a DeepSpeed launch
+on CPUs printed from every process."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+
+import pytest
+
+# bitsandbytes' line as `import bitsandbytes` logs it on a CPU with AVX512-BF16 (diffusers imports it when installed),
+# then, after the command line's filters, another bitsandbytes warning that a run must still show (a CUDA build it
+# does not ship). No bitsandbytes import: the line is logged as it logs it, on any CPU, in a blink.
+BITSANDBYTES_LINES = """
+import logging
+import finetune
+logging.getLogger("bitsandbytes.backends.cpu.ops").warning(
+    "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already `pip install kernels`",
+    "No module named 'kernels'",
+)
+from finetune.library_noise import quiet_third_party_warnings
+quiet_third_party_warnings()
+logging.getLogger("bitsandbytes.cextension").warning("No prebuilt binary for CUDA 12.9, loading CUDA 12.8 instead.")
+"""
+
+
+def test_bitsandbytes_cpu_kernel_line_is_quiet_from_python_and_its_other_warnings_are_not():
+    result = subprocess.run([sys.executable, "-c", BITSANDBYTES_LINES], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "gemm_4bit_forward" not in result.stderr
+    assert result.stderr == "No prebuilt binary for CUDA 12.9, loading CUDA 12.8 instead.\n"
+
+
+@pytest.mark.slow  # seconds of imports (diffusers, transformers, bitsandbytes)
+def test_importing_the_demo_engine_prints_nothing_of_bitsandbytes():
+    script = "from finetune.demo_engine import DemoEngine\nfrom bitsandbytes.functional import has_avx512bf16\nprint(bool(has_avx512bf16()))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    if result.stdout.strip() != "True":
+        pytest.skip("bitsandbytes says its CPU kernel line only on a CPU with AVX512-BF16")
+    assert "gemm_4bit_forward" not in result.stderr, result.stderr
+
 
 # One interpreter, as a launched process is: torch's deprecated collectives as DeepSpeed's ZeRO calls them, and the
 # shared-memory op DeepSpeed builds (and announces with a print) as the processes join in `Accelerator()`.
