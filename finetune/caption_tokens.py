@@ -10,6 +10,7 @@ from transformers import CLIPTokenizer
 from finetune.captions import caption_lines
 from finetune.config import SINGLE_FILE_SUFFIXES, ModelConfig
 from finetune.errors import FinetuneError
+from finetune.model_source import hub_files
 from finetune.prompt_options import WEIGHTED
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt")  # what a CLIP tokenizer is made of (or one tokenizer.json, as ours)
@@ -20,23 +21,22 @@ TOKENIZED_AT_ONCE = 1000
 
 def load_tokenizer(config: ModelConfig) -> CLIPTokenizer:
     """The base model's tokenizer alone, nothing else loaded or downloaded: from its diffusers folder, a
-    single file's `model.single_file_config` folder, or the hub (its tokenizer files only)."""
-    source = config.pretrained
+    single file's `model.single_file_config` folder, or the hub (its tokenizer/ files only)."""
+    source, key = config.pretrained, config._key
     if Path(source).suffix in SINGLE_FILE_SUFFIXES:
         if not config.single_file_config:  # the tokenizer comes with the configs diffusers picks when the file loads
             raise FinetuneError(f"{source} is a single file: its tokenizer is known once it loads")
-        source = config.single_file_config
+        source, key = config.single_file_config, config._single_file_config_key
+    if not Path(source).is_dir():
+        # As training fetches the base (from the cache, else downloaded; the cache only with HF_HUB_OFFLINE=1).
+        # hf_hub_download, with the hub out of reach and nothing cached, retried each file for 23 s, printing the
+        # hub's warnings before our line saying the tokenizer is not at hand; snapshot_download gives up at once.
+        source = hub_files(source, key, config.revision, allow_patterns=["tokenizer/*"])
     # Its files first: without them transformers builds an empty tokenizer that splits text by characters.
-    if Path(source).is_dir():
-        folder = Path(source) / "tokenizer"
-        if not (folder / "tokenizer.json").is_file() and not all((folder / name).is_file() for name in TOKENIZER_FILES):
-            raise FinetuneError(f"{source} has no tokenizer/ (tokenizer.json, or {' and '.join(TOKENIZER_FILES)})")
-    else:
-        from huggingface_hub import hf_hub_download  # the two small files only (from the cache when offline)
-
-        for name in TOKENIZER_FILES:
-            hf_hub_download(source, f"tokenizer/{name}", revision=config.revision)
-    return CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", revision=config.revision)
+    folder = Path(source) / "tokenizer"
+    if not (folder / "tokenizer.json").is_file() and not all((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise FinetuneError(f"{source} has no tokenizer/ (tokenizer.json, or {' and '.join(TOKENIZER_FILES)})")
+    return CLIPTokenizer.from_pretrained(folder)
 
 
 def long_captions_line(tokenizer: CLIPTokenizer, captions: dict[str, str], max_token_length: int = 75, shuffled: bool = False) -> str | None:

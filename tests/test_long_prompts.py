@@ -3,6 +3,7 @@ them out, words past CLIP's 77 tokens reaching training and sampling, the text c
 chunking, and the setting recorded where sd-scripts records it."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from transformers import CLIPTokenizer
+from conftest import SHIPPED_BASE
 
 from finetune.cache import caption_key
 from finetune.config import ModelConfig
@@ -178,6 +180,32 @@ def test_check_data_counts_caption_tokens_with_the_recipes_tokenizer(tiny_model,
     checked = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert checked.returncode == 0 and "captions are longer" in checked.stdout, checked.stderr[-2000:]
     assert "transformers" in checked.stdout.split() and "diffusers" not in checked.stdout.split()
+
+
+def test_check_data_with_the_hub_out_of_reach_says_its_own_line_alone_and_reads_a_cached_tokenizer(tmp_path):
+    """No HF_HUB_OFFLINE and no network (an endpoint where nothing listens): a hub base's tokenizer not in the cache was
+    asked for file by file, retried for 23 s, with two of the hub's warnings a try before our line; one in the cache
+    is read from there."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.new("RGB", (64, 64), "red").save(folder / "0.png")
+    (folder / "0.txt").write_text(LONG)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"data:\n  image_dir: {folder}\n  resolution: 64\n")
+    cached = tmp_path / "hf" / "hub" / "models--someone--cached-sd"  # the hub cache's layout, as a download leaves it
+    shutil.copytree(SHIPPED_BASE / "tokenizer", cached / "snapshots" / ("0" * 40) / "tokenizer")
+    (cached / "refs").mkdir()
+    (cached / "refs" / "main").write_text("0" * 40)
+    script = (f"from finetune.cli import main\nfor base in ('someone/not-cached', 'someone/cached-sd'):\n"
+              f"    assert main(['check-data', {str(recipe)!r}, 'model.pretrained=' + base]) == 0")  # fmt: skip
+    hub_settings = ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ENDPOINT", "HF_HOME")
+    env = {**{k: v for k, v in os.environ.items() if k not in hub_settings}, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    checked = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert checked.returncode == 0, checked.stderr[-2000:]
+    assert checked.stderr == ""
+    not_cached, cached_out = checked.stdout.split("result: ready to train")[:2]
+    assert "captions: not counted in tokens, someone/not-cached's tokenizer is not at hand (training counts them" in not_cached
+    assert "not at hand" not in cached_out and "warning: 1 of 1 captions are longer than model.max_token_length" in cached_out
 
 
 def test_the_untrained_step_0_grid_reads_prompts_as_the_base_did(base):
