@@ -20,7 +20,7 @@ from finetune.config import Concept, DataConfig, LossMaskConfig, Recipe
 from finetune.console import warn
 from finetune.counts import counted
 from finetune.errors import FinetuneError
-from finetune.sources import Example, folder_images
+from finetune.sources import Example, folder_images, unread_image_files
 
 
 def plan_class_images(folder: Path, key: str, wanted: int) -> tuple[list[Path], list[int]]:
@@ -67,6 +67,18 @@ def warn_of_unused_generated_images(folder: Path, records: dict[str, dict]) -> N
     if unrecorded:
         warn(f"{folder}: ignoring {counted(unrecorded, 'generated image')} of another class prompt, generation settings, resolution or base model, "
              "or of an earlier version of finetune")
+
+
+def unread_class_images_lines(folders: list[Path]) -> list[str]:
+    """A warning for each class folder holding images of a kind training does not read (a .gif, an iPhone's .HEIC),
+    worded as the data check words a data folder's: they were left out without a word, unlike an instance folder's."""
+    lines = []
+    for folder in {folder.resolve(): folder for folder in folders if folder.is_dir()}.values():  # a shared folder: once
+        if files := unread_image_files(folder):
+            kinds = ", ".join(sorted({path.suffix.lower() for path in files}))
+            lines.append(f"warning: class folder {folder} has {counted(len(files), 'image')} training does not read ({kinds}, e.g. {files[0].name}): "
+                         f"convert {'it' if len(files) == 1 else 'them'} to PNG or JPEG")  # fmt: skip
+    return lines
 
 
 def _same_file(path: Path, other: Path) -> bool:
@@ -124,9 +136,10 @@ def inspect_class_images(recipe: Recipe) -> tuple[list[DataReport], list[str]]:
     """`finetune check-data` of a DreamBooth recipe: the class images there now (a user's and those
     generated so far), checked as training checks them, with how many are still to generate; and a line
     for each class folder that holds none yet (without it, check-data said nothing of what training makes first),
-    and training's warning of class prompts that make no class image."""
-    reports, lines = [], []
-    for i, (concept, (folder, _key, paths, missing)) in enumerate(zip(recipe.dreambooth.concepts, class_image_plans(recipe))):
+    and training's warnings of class prompts that make no class image and of images of a kind it does not read."""
+    plans = class_image_plans(recipe)
+    reports, lines = [], unread_class_images_lines([folder for folder, *_ in plans])
+    for i, (concept, (folder, _key, paths, missing)) in enumerate(zip(recipe.dreambooth.concepts, plans)):
         if line := unused_class_prompts_warning(i, concept.class_prompts, recipe.dreambooth.num_class_images, folder, paths):
             lines.append(line)
         present = [p for p in paths if p.is_file()]

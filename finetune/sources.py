@@ -242,14 +242,16 @@ def _identity(path: Path) -> tuple[int, int]:
 
 
 def unread_images(folder: Path, config: DataConfig) -> tuple[list[Path], list[Path]]:
-    """(image files of kinds training does not read, subfolders holding images) in `folder`: said, so that
-    no image a user put there is left out unseen. Subfolders count for data.image_dir alone (without
-    data.folders); its masks and conditioning folders are no such subfolder."""
+    """(unread_image_files, subfolders holding images) in `folder`: said, so that no image a user put there is left out
+    unseen. Subfolders count for data.image_dir alone (without data.folders); its masks and conditioning folders are no such subfolder."""
+    return unread_image_files(folder), [] if config.folders else image_subfolders(folder, config, SAID_SUBFOLDER_DEPTH)
+
+
+def unread_image_files(folder: Path) -> list[Path]:
+    """The image files in `folder` of kinds training does not read (a data folder's, a DreamBooth class folder's)."""
     files = sorted(folder / e.name for e in _entries(folder) if e.is_file() and not e.name.startswith(".") and Path(e.name).suffix.lower() in UNREAD_IMAGE_SUFFIXES)
-    if files:  # not ControlNet's 16-bit depth TIFFs beside their images: the metadata names them as conditioning images
-        partners = metadata_partner_files(folder)
-        files = [p for p in files if name_key(p.name) not in partners]
-    return files, [] if config.folders else image_subfolders(folder, config, SAID_SUBFOLDER_DEPTH)
+    partners = metadata_partner_files(folder) if files else ()  # not ControlNet's 16-bit depth TIFFs: its metadata names them
+    return [p for p in files if name_key(p.name) not in partners]
 
 
 def _images_of_folder(folder: Path, images: list[Path], settings: FolderConfig, config: DataConfig) -> list[Example]:

@@ -2,6 +2,7 @@
 no generated image to make, and files named as generated class images that are no PNG."""
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +84,29 @@ def test_the_shared_warning_loads_no_torch():
     loaded = subprocess.run([sys.executable, "-c", "import sys, finetune.class_image_names; print('torch' in sys.modules)"],
                             capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent).stdout
     assert loaded.strip() == "False"
+
+
+def test_an_image_of_a_kind_training_does_not_read_in_a_class_folder_is_said_as_in_an_instance_folder(make_recipe, star_folder, tmp_path, capsys):  # noqa: F811
+    """A .gif in class_dir was left out without a word, where the data check says one in instance_dir. Said once for a
+    folder two concepts share, at a run's start and by check-data."""
+    import yaml
+
+    from finetune.cli import main
+
+    instances = shutil.copytree(star_folder, tmp_path / "instances")
+    (tmp_path / "class").mkdir()
+    for folder in (instances, tmp_path / "class"):
+        Image.new("RGB", (64, 64), "red").save(folder / "photo.gif")
+    concepts = [{**concept(tmp_path, instances), "instance_prompt": prompt} for prompt in ("a sks shape", "a zwx shape")]
+    recipe = dreambooth_recipe(make_recipe, instances, tmp_path, dreambooth={"concepts": concepts})
+    said = "has 1 image training does not read (.gif, e.g. photo.gif): convert it to PNG or JPEG"
+    method = DreamBoothMethod(recipe)
+    method.check_data()
+    assert [line for line in method.start_lines if said in line] == [f"warning: class folder {tmp_path / 'class'} {said}"]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    capsys.readouterr()
+    assert main(["check-data", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"warning: class folder {tmp_path / 'class'} {said}\n") == 1
+    assert f"data folder {instances} {said}" in out

@@ -19,7 +19,9 @@ import torch
 
 from finetune.check_data import DataReport, check_examples, checked_report
 from finetune.class_image_names import is_generated_name, unused_class_prompts_warning
-from finetune.class_image_plans import ClassImagePlan, class_data_config, class_examples, class_image_plans, recipe_generation_record
+from finetune.class_image_plans import (
+    ClassImagePlan, class_data_config, class_examples, class_image_plans, recipe_generation_record, unread_class_images_lines,
+)
 from finetune.class_images import as_loaded_base, generate_class_images, generate_on_every_process, write_generation_record
 from finetune.config import Concept, Recipe
 from finetune.console import say, warn
@@ -62,7 +64,9 @@ class DreamBoothMethod(DiffusionMethod):
         settings = self.recipe.dreambooth
         self.class_plans: list[ClassImagePlan] = []
         planned: set[tuple[Path, str]] = set()
-        for i, (concept, (folder, key, paths, missing)) in enumerate(zip(settings.concepts, class_image_plans(self.recipe))):
+        plans = class_image_plans(self.recipe)
+        self.start_lines += unread_class_images_lines([folder for folder, *_ in plans])
+        for i, (concept, (folder, key, paths, missing)) in enumerate(zip(settings.concepts, plans)):
             if line := unused_class_prompts_warning(i, concept.class_prompts, settings.num_class_images, folder, paths):
                 self.start_lines.append(line)
             if (folder.resolve(), key) in planned:  # concepts of one class folder and prompt share its images: made once
