@@ -33,6 +33,9 @@ def quiet_third_party_warnings() -> None:
         for logger in (loggers,) if isinstance(loggers, str) else loggers:
             logging.getLogger(logger).addFilter(lambda record: text not in record.getMessage())
 
+    # huggingface_hub prints its warnings with a handler of its own and passes them on to the root logger's too, which
+    # said each twice (a download's retries: eight lines a try); diffusers and transformers keep theirs to themselves.
+    logging.getLogger("huggingface_hub").propagate = False
     # diffusers warns on every cast of a model whose list of float32-only modules is empty (nothing to keep).
     drop("diffusers.models.modeling_utils", "kept in float32: [].")
     # ... and for every part a LoRA file does not adapt (most LoRAs leave the text encoder alone).

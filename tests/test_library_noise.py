@@ -32,6 +32,16 @@ def test_bitsandbytes_cpu_kernel_line_is_quiet_from_python_and_its_other_warning
     assert result.stderr == "No prebuilt binary for CUDA 12.9, loading CUDA 12.8 instead.\n"
 
 
+def test_a_hub_warning_is_said_once_on_the_command_line():
+    """huggingface_hub's own handler and the root one the command line sets up (cli.main's basicConfig) both printed it."""
+    script = ("import logging\nfrom finetune.library_noise import quiet_third_party_warnings\n"
+              "logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')\nquiet_third_party_warnings()\n"
+              "from huggingface_hub.utils import logging as hub_logging\nhub_logging.get_logger('huggingface_hub.utils._http').warning('Retrying in 1s')")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr == "Retrying in 1s\n"
+
+
 @pytest.mark.slow  # seconds of imports (diffusers, transformers, bitsandbytes)
 def test_importing_the_demo_engine_prints_nothing_of_bitsandbytes():
     script = "from finetune.demo_engine import DemoEngine\nfrom bitsandbytes.functional import has_avx512bf16\nprint(bool(has_avx512bf16()))"
