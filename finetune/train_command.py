@@ -1,0 +1,77 @@
+"""The `finetune train` command: its checks before torch loads (the recipe, the data folders and base model, --resume,
+output_dir and the earlier run there), the run under output_dir's lock, and what it prints."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+from pathlib import Path
+
+from finetune.errors import FinetuneError, one_line
+from finetune.library_noise import quiet_weight_progress_bars
+from finetune.run_files import resolve_resume
+from finetune.stop_signals import exit_status
+
+
+def run_train_command(args) -> int:
+    from finetune.recipe_loading import load_recipe
+
+    if args.overwrite and args.resume:
+        raise FinetuneError("--overwrite starts over (deleting the earlier run's checkpoints) and --resume continues one: pass one of them")
+    recipe = load_recipe(args.recipe, args.overrides)  # a bad recipe is said at once, before torch and diffusers load (~10 s)
+    from finetune.train_inputs import check_inputs_exist  # PIL and numpy, with the data folder's reader
+
+    base_location = check_inputs_exist(recipe)  # so is a missing data folder or base model (looked up once: train() loads it from there)
+    from finetune.earlier_run import guard_earlier_run, put_back_interrupted_checkpoints  # neither imports torch
+    from finetune.run_lock import output_dir_lock
+
+    # So are a --resume that is no checkpoint, and an output_dir that cannot be written or holds an earlier run unasked
+    # (train() checks them again, for callers that do not come through here). The lock from the check of output_dir on: a run
+    # still writing there is said as that, not as an earlier run, nor is its save, between two renames, taken for a killed one's.
+    output_dir, checkpoints_dir = Path(recipe.output_dir), Path(recipe.output_dir) / "checkpoints"
+    if not output_dir.is_dir():  # nothing to put back: a mistyped --resume is said before the lock makes the folder
+        resolve_resume(args.resume, checkpoints_dir)
+    with full_disk_said(recipe.output_dir), output_dir_lock(output_dir):
+        for line in put_back_interrupted_checkpoints(checkpoints_dir):
+            print(line)
+        resume_from = resolve_resume(args.resume, checkpoints_dir)
+        guard_earlier_run(output_dir, resume_from, args.overwrite)
+        result = _run_training(recipe, args, base_location)
+    if result.interrupted:
+        return exit_status(result.stopped_by)
+    for path in result.sample_grids[-1:]:
+        print(f"samples: {path}")
+    for path in result.saved_files:
+        print(f"output: {path}")
+    return 0
+
+
+def _run_training(recipe, args, base_location):
+    """train(), its error said by one process of the run (`says_its_error`), the process group left however it ends."""
+    from finetune.distributed import leave_process_group, says_its_error  # torch and the training stack: after the checks
+    from finetune.trainer import train
+
+    quiet_weight_progress_bars()
+    try:
+        with full_disk_said(recipe.output_dir):
+            return train(recipe, resume=args.resume, overwrite=args.overwrite, base_location=base_location)
+    except FinetuneError as err:
+        if err.said_here is None:  # asked while the processes' rendezvous store is still there
+            err.said_here = says_its_error(one_line(err))
+        raise
+    finally:
+        leave_process_group()
+
+
+@contextlib.contextmanager
+def full_disk_said(output_dir: str):
+    """A full disk under a sample grid, the logs or the run's lock file is one line too (checkpoints and outputs say their own)."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise FinetuneError(
+            f"no space left on the disk of {output_dir}{f' (writing {err.filename})' if err.filename else ''}: make room, then "
+            "--resume latest (the last complete checkpoint is kept)"
+        ) from None
