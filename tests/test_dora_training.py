@@ -1,6 +1,6 @@
 """DoRA (`lora.use_dora`) trained on the tiny model: what it trains, the file diffusers loads as the trained model, and
 the runs it starts (`lora.init_from`). Its resume is in tests/test_resume_matrix.py, a use_dora change at a resume in
-tests/test_checkpoints.py."""
+tests/test_resume_changes.py."""
 
 import json
 
