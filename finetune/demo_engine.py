@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from finetune.adapters_as_trained import adapters_clip_skip, adapters_max_token_length, adapters_prediction_type, adapters_zero_terminal_snr, follow_adapters_schedule  # fmt: skip
 from finetune.adapter_scan import BASE, PICKLE_SUFFIXES, Adapter, adapter_files_stamp, scan_adapters
 from finetune.conditioning_records import recorded_options
 from finetune.config import ModelConfig
@@ -46,7 +47,7 @@ from finetune.controlnet_folder import weights_variant
 from finetune.models import BaseModel, freeze, load_base_model
 from finetune.placement import inference_placement, place
 from finetune.prompt_options import PromptSettings, guidance_notes, unread_options_notes, webui_syntax_notes
-from finetune.sampling import adapters_clip_skip, adapters_max_token_length, adapters_prediction_type, adapters_zero_terminal_snr, build_pipeline, follow_adapters_schedule, generate, read_prompts_as_trained  # fmt: skip
+from finetune.sampling import build_pipeline, generate, read_prompts_as_trained
 from finetune.views import cover_and_crop
 
 CONDITIONING_KINDS = ("as uploaded", "canny", "luminance", "mask")

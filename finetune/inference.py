@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 
 from finetune.adapter_records import saved_model_metadata
+from finetune.adapters_as_trained import adapters_clip_skip, adapters_max_token_length, follow_adapters_schedule
 from finetune.atomic_files import atomic_save_safetensors
 from finetune.conditioning_records import recorded_conditioning
 from finetune.config import ModelConfig
@@ -30,10 +31,7 @@ from finetune.run_files import LORA_WEIGHTS_NAME, METADATA_FILE, UNET_DIR, recor
 from finetune.models import BaseModel, load_base_model
 from finetune.placement import inference_placement, out_of_device_memory, place, placement_line
 from finetune.prompt_options import guidance_notes, prompts_settings, webui_syntax_notes
-from finetune.sampling import (
-    GRID_LABEL_WIDTH, adapters_clip_skip, adapters_max_token_length, build_pipeline, denoising_bar, follow_adapters_schedule, generate_with_settings,
-    make_grid, read_prompts_as_trained,
-)  # fmt: skip
+from finetune.sampling import GRID_LABEL_WIDTH, build_pipeline, denoising_bar, generate_with_settings, make_grid, read_prompts_as_trained
 from finetune.sample_files import write_numbered
 from finetune.sources import Example
 from finetune.views import cover_and_crop

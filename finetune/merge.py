@@ -122,7 +122,7 @@ def how_trained(base: str, base_record: dict[str, str], lora_file: Path, lora: L
     (a merged or fine-tuned pipeline's, or export-checkpoint's file header) agree on, as sample combines them: merging
     into an earlier merge keeps what the first LoRA needs (merging LoRAs one by one, a second LoRA that records no clip
     skip dropped the first one's 2), and records that disagree are refused, as sample refuses them together."""
-    from finetune.sampling import adapters_clip_skip, adapters_max_token_length, adapters_prediction_type, adapters_zero_terminal_snr
+    from finetune.adapters_as_trained import adapters_clip_skip, adapters_max_token_length, adapters_prediction_type, adapters_zero_terminal_snr
 
     adapters = {name: record for name, record in ((base, base_record), (str(lora_file), lora.metadata)) if record}
     trained_as = {"finetune.clip_skip": str(adapters_clip_skip(adapters)), "finetune.prediction_type": adapters_prediction_type(adapters)}

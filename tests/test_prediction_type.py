@@ -129,7 +129,7 @@ def test_zero_terminal_snr_trains_on_the_rescaled_schedule_and_everything_sample
     import finetune.sampling as sampling
     from finetune.config import ModelConfig
     from finetune.models import load_base_model
-    from finetune.sampling import adapters_zero_terminal_snr
+    from finetune.adapters_as_trained import adapters_zero_terminal_snr
 
     def recipe(output_dir, **model):
         return recipe_from_dict({

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from finetune.cli import main
 from finetune.errors import FinetuneError
-from finetune.sampling import adapters_max_token_length
+from finetune.adapters_as_trained import adapters_max_token_length
 
 LAYER = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q"  # a layer of the shipped base (64 wide)
 

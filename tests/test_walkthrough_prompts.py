@@ -167,7 +167,7 @@ def test_sample_and_the_demo_read_a_short_prompt_in_the_chunks_its_model_was_tra
     from finetune.evaluate import sampled_as
     from finetune.inference import load_sampling_pipeline
     from finetune.run_files import METADATA_FILE
-    from finetune.sampling import adapters_max_token_length
+    from finetune.adapters_as_trained import adapters_max_token_length
 
     model = tmp_path / "trained-150"  # a full fine-tune's pipeline: its record is what a LoRA's metadata holds
     shutil.copytree(tiny_model, model)

@@ -33,6 +33,7 @@ from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 from PIL import Image
 
 from finetune.adapter_records import saved_model_metadata
+from finetune.adapters_as_trained import adapters_prediction_type
 from finetune.atomic_files import removed_if_unfinished, replace_folder, with_default_permissions
 from finetune.config import Recipe
 from finetune.controlnet_folder import FROM_A_UNET, check_hub_controlnet, conditioning_channels_problem, not_a_controlnet_message, refuse_a_controlnet_file, require_controlnet_config, weights_variant
@@ -48,7 +49,7 @@ from finetune.model_source import looks_like_hub_id
 from finetune.models import freeze
 from finetune.output_metadata import started_from
 from finetune.finite_images import VALIDATION_OVERFLOW
-from finetune.sampling import adapters_prediction_type, build_pipeline, generate_with_settings
+from finetune.sampling import build_pipeline, generate_with_settings
 from finetune.run_files import CONTROLNET_DIR, METADATA_FILE, UNET_DIR
 from finetune.sources import Example
 

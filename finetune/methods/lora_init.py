@@ -15,7 +15,7 @@ from finetune.errors import FinetuneError
 from finetune.kohya import LoRA, load_lora
 from finetune.merge import find_module
 from finetune.methods.lora import TEXT_ENCODER_TARGETS, is_conv_3x3
-from finetune.sampling import adapters_max_token_length, adapters_prediction_type
+from finetune.adapters_as_trained import adapters_max_token_length, adapters_prediction_type
 
 
 def read_checked(settings) -> LoRA:
