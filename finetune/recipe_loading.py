@@ -38,7 +38,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         if path.name == RUN_RECIPE and (path.parent / EARLIER_RUN_RECIPE).is_file():  # a run of an earlier version, resumed as the docs now say
             raise FinetuneError(f"recipe {path} not found: a run of an earlier finetune kept its recipe as run as {EARLIER_RUN_RECIPE}: "
                                 f"pass {path.parent / EARLIER_RUN_RECIPE}")  # fmt: skip
-        if "=" in str(path):  # `finetune train data.image_dir=photos`, the recipe left out
+        # `finetune train data.image_dir=photos`, the recipe left out: an `=` in the path's first part, where that names no
+        # folder (a sweep's runs/lr=1e-4/lora.yml is a path, told its near name below)
+        if "=" in path.parts[0] and not Path(path.parts[0]).is_dir():
             raise FinetuneError(f"recipe {path} not found: an override comes after the recipe, e.g. recipes/lora.yaml {path}")
         raise FinetuneError(f"recipe {path} not found: {_recipe_near(path) or 'pass the path of a YAML file such as recipes/lora.yaml'}")
     try:

@@ -189,6 +189,20 @@ def test_a_recipe_path_mistyped_or_left_out_says_what_was_meant():
         load_recipe(RECIPES / "lora.yml")
 
 
+def test_a_recipe_in_a_folder_named_with_an_equals_sign_is_said_as_a_path(tmp_path, monkeypatch):
+    """A sweep's folder (runs/lr=1e-4/) holding the recipe: a mistyped name there was told 'an override comes after the
+    recipe, e.g. recipes/lora.yaml runs/lr=1e-4/lora.yml', advice that fails as an override, and its near name went unsaid."""
+    folder = tmp_path / "runs" / "lr=1e-4"
+    folder.mkdir(parents=True)
+    (folder / "lora.yaml").write_text("data: {image_dir: photos}\n")
+    monkeypatch.chdir(tmp_path)
+    for typed, folder_named in (("runs/lr=1e-4/lora.yml", "runs/lr=1e-4"), ("lr=1e-4/lora.yml", "lr=1e-4")):
+        if typed.startswith("lr="):
+            monkeypatch.chdir(tmp_path / "runs")
+        with pytest.raises(FinetuneError, match=rf"^recipe {re.escape(typed)} not found: did you mean {re.escape(folder_named)}/lora.yaml\?$"):
+            load_recipe(typed)
+
+
 def test_a_key_given_twice_in_a_recipe_file_is_refused(tmp_path):
     # PyYAML keeps the last: the first train: section (max_steps 5) was dropped without a word.
     path = tmp_path / "recipe.yaml"
