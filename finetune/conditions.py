@@ -234,12 +234,12 @@ def images_left_out(input_dir: str | Path, output_dir: str | Path, made: list[Pa
     `make_condition_folders` wrote: files of kinds training does not read (.gif, .heic), and images in subfolders below
     the folders it reads (a phone's `2023/jan`). The data check of the output cannot say them: they are not there."""
     from finetune.config import DataConfig
-    from finetune.sources import SAID_SUBFOLDER_DEPTH, image_subfolders, unread_images
+    from finetune.sources import SAID_SUBFOLDER_DEPTH, image_subfolders, unread_image_files
 
     source, target, lines = Path(input_dir), Path(output_dir).resolve(), []
     written = [source / folder.relative_to(output_dir) for folder in made]
     for folder in dict.fromkeys([source, *written]):  # the input folder too where only its subfolders hold photos it reads
-        if files := unread_images(folder, DataConfig(image_dir=str(folder), folders=[{"path": "."}]))[0]:  # with data.folders: not its subfolders, said below
+        if files := unread_image_files(folder):
             kinds = ", ".join(sorted({path.suffix.lower() for path in files}))
             lines.append(f"{counted(len(files), 'image')} in {folder} ({kinds}, e.g. {files[0].name}) got no conditioning image: convert "
                          f"{'it' if len(files) == 1 else 'them'} to PNG or JPEG and run make-conditions again with --overwrite")  # fmt: skip
