@@ -112,6 +112,8 @@ def _columns_advice(names: list[str], column: str, kind: str, require_text: bool
         rename = f"rename {others[0]!r} to 'file_name'" if len(others) == 1 else f"name each image in a 'file_name' {kind}"
         return f"{rename} (the image's file name, as datasets' imagefolder reads it)" + ("" if column in names or not require_text else
                                                                                        f", and its caption in '{column}' (or set data.caption_column)")  # fmt: skip
+    if not others:  # {"file_name": ...} alone: no caption under any name
+        return f"add each image's caption as a '{column}' {kind}"
     if len(others) == 1:  # {"file_name": ..., "caption": ...}
         return f"set data.caption_column={others[0]} to read the captions from it, or rename the {kind} to '{column}'"
     return f"rename the caption's {kind} to '{column}', or set data.caption_column to its name"

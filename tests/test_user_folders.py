@@ -57,6 +57,18 @@ def test_a_metadata_row_naming_its_image_under_another_key_is_not_told_to_set_th
         captions(tmp_path)
 
 
+def test_a_metadata_file_of_image_names_alone_is_told_to_add_the_captions(tmp_path):
+    """A row or header with 'file_name' and nothing else was told to "rename the caption's key to 'text'": there is none."""
+    noise(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png"}) + "\n")
+    with pytest.raises(FinetuneError, match=r"but its keys are 'file_name': add each image's caption as a 'text' key$"):
+        captions(tmp_path)
+    (tmp_path / "metadata.jsonl").unlink()
+    (tmp_path / "metadata.csv").write_text("file_name\na.png\n")
+    with pytest.raises(FinetuneError, match=r"\(has: file_name\): add each image's caption as a 'text' column$"):
+        captions(tmp_path)
+
+
 def test_a_metadata_jsonl_row_that_is_no_json_says_how_to_write_one(tmp_path):
     """A row pretty-printed over several lines said only 'expected a JSON object' of its first line, '{'."""
     noise(tmp_path / "a.png")
