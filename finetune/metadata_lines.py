@@ -67,7 +67,9 @@ class _CsvRows(csv.DictReader):
     def __next__(self) -> dict:
         start = self.reader.line_num + 1  # where the row starts: the error comes where the reader gave up, far below
         try:
-            if self.line_num == 0 and self.fieldnames is not None:  # the header, read at the first row: that row starts below it
+            # DictReader reads the header lazily, at its first row, and `fieldnames` is what reads it: read here, the first
+            # row's start is the line below the header, not the header's
+            if self.line_num == 0 and self.fieldnames is not None:
                 start = self.reader.line_num + 1
             return super().__next__()
         except csv.Error as err:  # past the field limit: a quote never closed runs on over the lines below, to the end of the file
