@@ -143,7 +143,9 @@ def says_its_error(line: str) -> bool | None:
     try:
         if os.environ.get("LOCAL_RANK", "0") == "0":
             store.set(said, line)
-            if torch.distributed.get_rank() == 0:  # its process holds the store: the others' reads end when it exits
+            # Its process hosts the store where the processes were started without torchrun's agent (which otherwise hosts
+            # it, TORCHELASTIC_USE_AGENT_STORE): the others' reads then end when it exits
+            if torch.distributed.get_rank() == 0:
                 _wait_for_readers(store, read, int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)
             return True
         store.wait([said], ERROR_WAIT)  # a collective's error reaches every process at once: the first's comes within this
