@@ -109,8 +109,8 @@ def default_out(base: str, lora: str | None, controlnet: str | None = None, suit
         parts.append(f"on-{base_tag(base)}")
     name = "-".join(["eval", *parts]) + ".json"
     if controlnet:
-        from finetune.inference import resolve_controlnet_folder
-        from finetune.methods.controlnet import CONTROLNET_DIR
+        from finetune.controlnet_folder import resolve_controlnet_folder
+        from finetune.run_files import CONTROLNET_DIR
 
         folder = resolve_controlnet_folder(controlnet)
         # Not inside the ControlNet folder: a model folder holds only the model.

@@ -205,7 +205,8 @@ def run_eval(
     (images as grids) via :func:`write_report`.
     """
     from finetune.adapter_records import adapter_base
-    from finetune.inference import base_model_metadata, load_sampling_pipeline, resolve_controlnet_folder
+    from finetune.controlnet_folder import resolve_controlnet_folder
+    from finetune.inference import base_model_metadata, load_sampling_pipeline
 
     if controlnet is None and conditioning_scale is not None:
         raise FinetuneError("--conditioning-scale steers a ControlNet: pass --controlnet PATH too, or leave it out")
@@ -295,7 +296,8 @@ def write_report(result: dict, out: str | Path) -> Path:
     the first GRID_PROMPTS prompts of each prompt set, one labelled row each (for the docs),
     starting with the prompt's conditioning image where the set has them."""
     from finetune.atomic_files import removed_if_unfinished
-    from finetune.sampling import GRID_LABEL_WIDTH, make_grid, save_image_atomic
+    from finetune.image_bounds import GRID_LABEL_WIDTH
+    from finetune.sampling import make_grid, save_image_atomic
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

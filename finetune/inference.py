@@ -23,7 +23,7 @@ from finetune.config import ModelConfig
 from finetune.controlnet_pairs import read_conditioning, small_conditioning_problem
 from finetune.encoders import skip_last_layers
 from finetune.errors import FinetuneError
-from finetune.image_bounds import sample_grid_problem
+from finetune.image_bounds import GRID_LABEL_WIDTH, sample_grid_problem
 from finetune.kohya import LoRA, load_lora, to_diffusers
 from finetune.merge import check_lora_fits, merged_already_note
 from finetune.controlnet_folder import check_control_options, resolve_controlnet_folder, weights_variant
@@ -31,7 +31,7 @@ from finetune.run_files import LORA_WEIGHTS_NAME, METADATA_FILE, UNET_DIR, recor
 from finetune.models import BaseModel, load_base_model
 from finetune.placement import inference_placement, out_of_device_memory, place, placement_line
 from finetune.prompt_options import guidance_notes, prompts_settings, webui_syntax_notes
-from finetune.sampling import GRID_LABEL_WIDTH, build_pipeline, denoising_bar, generate_with_settings, make_grid, read_prompts_as_trained
+from finetune.sampling import build_pipeline, denoising_bar, generate_with_settings, make_grid, read_prompts_as_trained
 from finetune.sample_files import write_numbered
 from finetune.sources import Example
 from finetune.views import cover_and_crop

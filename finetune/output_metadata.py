@@ -10,7 +10,7 @@ from pathlib import Path
 from finetune.captions import caption_lines
 from finetune.run_files import CHECKPOINT_PATTERN
 from finetune.config import Recipe
-from finetune.kohya import LORAPLUS_KEYS
+from finetune.kohya_metadata import LORAPLUS_KEYS
 from finetune.model_source import looks_like_hub_id
 from finetune.sources import Example, source_folder
 

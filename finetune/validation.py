@@ -20,7 +20,8 @@ from accelerate import Accelerator
 from PIL import Image
 
 from finetune.distributed import unwrap, zero_stage
-from finetune.sampling import GRID_LABEL_WIDTH, in_lockstep, make_grid, save_image_atomic, shared_between
+from finetune.image_bounds import GRID_LABEL_WIDTH
+from finetune.sampling import in_lockstep, make_grid, save_image_atomic, shared_between
 from finetune.start_weights import starting_weights
 
 
