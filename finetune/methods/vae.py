@@ -20,9 +20,9 @@ from diffusers import AutoencoderKL
 from finetune.errors import FinetuneError
 from finetune.methods.base import TrainingMethod
 from finetune.pipeline_io import save_pipeline
+from finetune.run_files import PIPELINE_DIR
 from finetune.sampling import tensor_to_image
 
-PIPELINE_DIR = "pipeline"
 SHIPPED_PERCEPTUAL_NETWORK = Path(__file__).resolve().parent.parent / "assets" / "toyworld_perceptual.safetensors"
 
 
