@@ -14,7 +14,7 @@ from finetune.counts import counted
 from finetune.epoch_uses import expand_together
 from finetune.errors import FinetuneError
 from finetune.held_out import concept_held_out_whole, held_out_for_check, held_out_sources
-from finetune.recipe_loading import describe_validation_error, load_recipe
+from finetune.recipe_loading import describe_validation_error, load_recipe, looks_like_override
 from finetune.train_inputs import data_configs
 from finetune.sources import read_examples
 
@@ -64,7 +64,7 @@ def caption_lines(model: ModelConfig, captions: dict[str, str], shuffled: bool =
 def run_check_data_command(args) -> int:
     """Print the report of each data source; exit status 1 when training would stop on it."""
     fatal, warnings = 0, 0
-    if args.recipe and "=" in args.recipe and not Path(args.recipe).is_file():  # argparse took an override for the recipe
+    if args.recipe and looks_like_override(args.recipe) and not Path(args.recipe).is_file():  # argparse took an override for the recipe
         args.recipe, args.overrides = None, [args.recipe, *args.overrides]
     recipe = load_recipe(args.recipe, args.overrides) if args.recipe else None
     reports = []

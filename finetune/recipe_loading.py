@@ -38,9 +38,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         if path.name == RUN_RECIPE and (path.parent / EARLIER_RUN_RECIPE).is_file():  # a run of an earlier version, resumed as the docs now say
             raise FinetuneError(f"recipe {path} not found: a run of an earlier finetune kept its recipe as run as {EARLIER_RUN_RECIPE}: "
                                 f"pass {path.parent / EARLIER_RUN_RECIPE}")  # fmt: skip
-        # `finetune train data.image_dir=photos`, the recipe left out: an `=` in the path's first part, where that names no
-        # folder (a sweep's runs/lr=1e-4/lora.yml is a path, told its near name below)
-        if "=" in path.parts[0] and not Path(path.parts[0]).is_dir():
+        if looks_like_override(str(path)):  # `finetune train data.image_dir=photos`, the recipe left out
             raise FinetuneError(f"recipe {path} not found: an override comes after the recipe, e.g. recipes/lora.yaml {path}")
         raise FinetuneError(f"recipe {path} not found: {_recipe_near(path) or 'pass the path of a YAML file such as recipes/lora.yaml'}")
     try:
@@ -79,6 +77,13 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not text.startswith(RUN_RECIPE_HEADER):
         require_unambiguous_data_paths(recipe, path, tuple(_override_key(override) for override in overrides))
     return recipe
+
+
+def looks_like_override(text: str) -> bool:
+    """Whether `text`, given where a recipe's path goes, is a key=value override: an `=` in its first part, where that names
+    no folder (a sweep's runs/lr=1e-4/lora.yaml is a path)."""
+    first = next(iter(Path(text).parts), "")
+    return "=" in first and not Path(first).is_dir()
 
 
 def _recipe_near(path: Path) -> str | None:

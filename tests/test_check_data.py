@@ -266,6 +266,16 @@ def test_check_data_without_recipe_or_folder_is_a_one_line_error(capsys, tmp_pat
     assert capsys.readouterr().err.strip() == "error: check-data: key=value overrides need a recipe first, e.g. finetune check-data recipes/lora.yaml data.image_dir=x"
 
 
+def test_check_data_of_a_recipe_mistyped_in_a_folder_named_with_an_equals_sign_says_the_recipe(capsys, tmp_path, monkeypatch):
+    """A sweep's runs/lr=1e-4/lora.yml (lora.yaml mistyped) was taken for an override: 'key=value overrides need a recipe first'."""
+    folder = tmp_path / "runs" / "lr=1e-4"
+    folder.mkdir(parents=True)
+    (folder / "lora.yaml").write_text("data: {image_dir: photos}\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["check-data", "runs/lr=1e-4/lora.yml"]) == 2
+    assert capsys.readouterr().err.strip() == "error: recipe runs/lr=1e-4/lora.yml not found: did you mean runs/lr=1e-4/lora.yaml?"
+
+
 def test_check_data_is_listed_with_help(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
