@@ -269,7 +269,7 @@ def describe_validation_error(err: ValidationError) -> str:
             hint = f" (here it is '{OTHER_TRAINERS_NAMES[location[-1]]}')"
         elif listed:  # dreambooth.class_prompt, as diffusers' script has it: each concept has its own
             hint = f" (each entry of '{'.'.join(path[:-1] + [listed])}' has its own: '{'.'.join(path[:-1] + [listed, '0', location[-1]])}')"
-        elif elsewhere := [key for key in _section_keys(Recipe) if key.split(".")[-1] == location[-1]]:  # train.lr for optimizer.lr
+        elif elsewhere := [key for key in _dotted_keys(Recipe) if key.split(".")[-1] == location[-1]]:  # train.lr for optimizer.lr
             hint = f" (it belongs to another section: {', '.join(repr(key) for key in elsewhere[:-1])}{' or ' if elsewhere[1:] else ''}{elsewhere[-1]!r})"
         else:
             hint = f" (did you mean '{'.'.join(path[:-1] + close)}'?)" if close else f" (valid keys: {', '.join(valid)})"
@@ -338,19 +338,19 @@ def recipe_key_named(name: str) -> str | None:
     """The one recipe key `name` stands for (max_steps, another trainer's max_train_steps: train.max_steps), or None."""
     if re.fullmatch(r"[a-z0-9_.]+", OTHER_TRAINERS_NAMES.get(name, "")):  # not advice such as "a .txt beside each image"
         return OTHER_TRAINERS_NAMES[name]
-    keys = _section_keys(Recipe)
+    keys = _dotted_keys(Recipe)
     if name in keys:  # seed, a top-level key, not validation.seed
         return name
     named = [key for key in keys if key.split(".")[-1] == name]
     return named[0] if len(named) == 1 else None
 
 
-def _section_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+def _dotted_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     """Every dotted key of `model` and its sections, as a recipe writes them (not those of list entries: concepts, folders)."""
     keys = []
     for name, field in model.model_fields.items():
         section = None if typing.get_origin(field.annotation) is list else section_type(field.annotation)
-        keys += _section_keys(section, f"{prefix}{name}.") if section is not None else [prefix + name]
+        keys += _dotted_keys(section, f"{prefix}{name}.") if section is not None else [prefix + name]
     return keys
 
 
