@@ -168,8 +168,9 @@ def _wait_for_readers(store, read: str, others: int) -> None:
 # Ample for a collective's error to reach the first process on a loaded machine (3 s was missed under a busy test run);
 # a process that fails alone says its error this much later.
 ERROR_WAIT = timedelta(seconds=10)
-# The first process's wait for the others to read its line: what an error it meets alone is said later by, on a run of several.
-READ_WAIT = timedelta(seconds=5)
+# The first process's wait for the others to read its line: as long as they wait for it (a collective's error reaches them
+# seconds apart on a busy machine), and what an error it meets alone is said later by, on a run of several.
+READ_WAIT = ERROR_WAIT
 
 
 def gpu_available() -> bool:

@@ -70,3 +70,23 @@ def test_an_error_one_process_meets_alone_is_said_by_it_and_one_they_all_meet_on
     errors = {mode: [[line for line in stderr.splitlines() if line.startswith("error:")] for _, stderr in said] for mode, said in results.items()}
     assert errors == {"alone": [[], ["error: checkpoint X is damaged (a file process 1 alone reads)"]],
                       "both": [["error: the weights hold NaN"], []]}, results  # fmt: skip
+
+
+def test_the_first_process_keeps_the_store_up_as_long_as_another_waits_for_its_line(monkeypatch):
+    """Where it hosts the launch's store, the first process waits for the others' reads of its line before it exits: it gave
+    up after 5 s, while another process that failed too waits ERROR_WAIT (10 s) for that line, as long as a collective's error
+    may take to reach the processes on a busy machine; one reading it 5 to 10 s late found the store gone and said it again."""
+    from types import SimpleNamespace
+
+    import finetune.distributed as distributed
+
+    now = [0.0]
+    monkeypatch.setattr(distributed, "time", SimpleNamespace(monotonic=lambda: now[0], sleep=lambda seconds: now.__setitem__(0, now[0] + seconds)))
+    late = distributed.ERROR_WAIT.total_seconds() - 1  # the other process's read, as late as its own wait lets it come
+
+    class Store:
+        def add(self, key, amount):
+            return 1 if now[0] >= late else 0
+
+    distributed._wait_for_readers(Store(), "finetune/error-of-machine/0/read", others=1)
+    assert late <= now[0] < late + 1
