@@ -9,7 +9,6 @@ never changes the crops and flips an image gets.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -21,7 +20,7 @@ import numpy as np
 from finetune.caption_cells import caption_file_bytes, captions_of_list, kind_of, require_caption_length
 from finetune.config import DataConfig
 from finetune.errors import FinetuneError
-from finetune.file_names import loose_name_key, name_key, row_image_key
+from finetune.file_names import folder_listing, loose_name_key, name_key, row_image_key
 from finetune.metadata_lines import csv_rows, metadata_lines
 from finetune.text_encodings import caption_file_encoding, undecodable_files, without_nul_characters
 
@@ -226,13 +225,11 @@ def sidecar_path(image_path: Path) -> Path | None:
 
 def caption_file_names(folder: Path) -> dict[str, str]:
     """A folder's caption files' names by `loose_name_key`: one listing until the folder changes."""
-    return _caption_files(str(folder), folder.stat().st_mtime_ns)
+    return _caption_files(str(folder))
 
 
-@functools.lru_cache(maxsize=64)
-def _caption_files(folder: str, modified: int) -> dict[str, str]:
-    """A folder's caption files' names by `loose_name_key`; `modified` (the folder's mtime) renews it when
-    files are added, removed or renamed."""
+@folder_listing
+def _caption_files(folder: str) -> dict[str, str]:
     with os.scandir(folder) as entries:
         return {loose_name_key(e.name): e.name for e in entries if e.name.lower().endswith(SIDECAR_SUFFIXES) and e.is_file()}
 

@@ -16,7 +16,6 @@ its mask file nor, for `alpha`, its image; a changed mask is another key, cut an
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 from pathlib import Path
@@ -27,7 +26,7 @@ from PIL import Image, ImageOps
 
 from finetune.config import LossMaskConfig
 from finetune.errors import FinetuneError
-from finetune.file_names import file_names_by_loose_key, loose_name_key
+from finetune.file_names import file_names_by_loose_key, folder_listing, loose_name_key
 from finetune.sources import IMAGE_SUFFIXES
 from finetune.views import to_8_bit
 
@@ -56,7 +55,7 @@ def mask_path(image_path: str, settings: LossMaskConfig) -> Path:
     for name in wanted:  # the exact names first: Cat.jpg and cat.jpg each find their own
         if (folder / name).is_file():
             return folder / name
-    names = file_names_by_loose_key(str(folder), folder.stat().st_mtime_ns if folder.is_dir() else 0)
+    names = file_names_by_loose_key(str(folder)) if folder.is_dir() else {}
     for name in wanted:
         if loose_name_key(name) in names:
             return folder / names[loose_name_key(name)]
@@ -70,13 +69,13 @@ def image_sharing_mask(image_path: str, settings: LossMaskConfig) -> str | None:
     image, mask = Path(image_path), mask_path(image_path, settings)
     if mask.name == image.name:
         return None
-    namesakes = _images_by_loose_stem(str(image.parent), image.parent.stat().st_mtime_ns).get(loose_name_key(image.stem), [])
+    namesakes = _images_by_loose_stem(str(image.parent)).get(loose_name_key(image.stem), [])
     return next((name for name in namesakes if name != image.name and mask_path(str(image.parent / name), settings) == mask), None)
 
 
-@functools.lru_cache(maxsize=64)
-def _images_by_loose_stem(folder: str, modified: int) -> dict[str, list[str]]:
-    """A folder's image file names (not hidden ones) by their stem's `loose_name_key`; `modified` as for `file_names_by_loose_key`."""
+@folder_listing
+def _images_by_loose_stem(folder: str) -> dict[str, list[str]]:
+    """A folder's image file names (not hidden ones) by their stem's `loose_name_key`."""
     stems: dict[str, list[str]] = {}
     for name in sorted(os.listdir(folder)):
         if Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.startswith("."):

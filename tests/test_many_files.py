@@ -68,6 +68,7 @@ def test_the_caption_files_of_a_folder_are_listed_once_for_both_readers(tmp_path
     (captions.caption_file_names): two listings of one folder, which could disagree on what a caption file is."""
     import os
     import sys
+    import time
 
     folder = tmp_path / "data"
     folder.mkdir()
@@ -75,6 +76,8 @@ def test_the_caption_files_of_a_folder_are_listed_once_for_both_readers(tmp_path
         Image.new("RGB", (8, 8), "red").save(folder / f"{i:04d}.png")
     (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i:04d}.png", "text": "a red square"}) + "\n" for i in range(3)))
     (folder / "0001.TXT").write_text("a blue square")  # by a name of another case: sidecar_path reads the listing
+    a_minute_ago = time.time_ns() - 60 * 10**9  # a folder changed within a tick of its listing is listed again (test_folder_listings)
+    os.utime(folder, ns=(a_minute_ago, a_minute_ago))
     listed, scandir = [], os.scandir
     by_captions = ("captions.py", "caption_overrides.py")  # not the image listings of folder_images
     monkeypatch.setattr(os, "scandir", lambda path=".": listed.append(sys._getframe(1).f_code.co_filename.endswith(by_captions)) or scandir(path))
