@@ -17,8 +17,8 @@ from finetune.cache import EncodingCache
 from finetune.captions import scored_caption, training_caption
 from finetune.config import DataConfig
 from finetune.controlnet_pairs import Pair
-from finetune.data import collate_images, item_rng, likely_new_view, render_pixels, require_checked_size, view_entry
-from finetune.images import open_rgb, upright_size
+from finetune.data import collate_images, decoded_at_checked_size, item_rng, likely_new_view, render_pixels, view_entry
+from finetune.images import upright_size
 from finetune.views import ViewPlan, plan_view, render
 
 
@@ -51,8 +51,8 @@ class ControlNetDataset(Dataset):
         config = self.config
         target = self.bucket_of[index] if self.bucket_of else (config.resolution, config.resolution)
         plan = plan_view(upright_size(pair.image), target, config.crop, config.random_flip, rng)
-        require_checked_size(pair.conditioning, "conditioning image")  # an edit trains, unless it would be stretched to the plan
-        conditioning = render(open_rgb(pair.conditioning, at_least=2 * max(target), colour_managed=False), plan)
+        # An edit trains, unless it would be stretched to the plan.
+        conditioning = render(decoded_at_checked_size(pair.conditioning, 2 * max(target), "conditioning image", colour_managed=False), plan)
         caption = training_caption(pair.image.caption, config, self.seed, epoch, index)
         if self.empty_prompt_share > 0 and rng.random() < self.empty_prompt_share:
             caption = ""

@@ -9,6 +9,7 @@ its aspect-ratio bucket (finetune/buckets.py) instead of a square.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Callable
 
@@ -45,16 +46,22 @@ _UNCHANGED_STAMPS: dict[str, tuple[int, int]] = {}
 _SAME_SIZE_STAMPS: dict[str, tuple[int, int]] = {}
 
 
-def _changed_stamp(example: Example, found_alike: dict[str, tuple[int, int]], kind: str = "image") -> tuple[int, int] | None:
-    """The image file's stamp where it differs from the one the check saw (and from the one a use since found alike,
-    `found_alike`), else None; one stat. A file gone since stops here with one line (the loader's traceback said less).
-    `kind`: how a line names the file (a ControlNet's "conditioning image")."""
-    if example.file_stamp is None or example.digest is None:  # a dataset row, or an example not from the check
+def _stamp_now(example: Example, kind: str = "image") -> tuple[int, int] | None:
+    """The image file's stamp (None for a dataset row, or an example not from the check); one stat. A file gone since
+    stops here with one line (the loader's traceback said less). `kind`: how a line names the file (a ControlNet's
+    "conditioning image")."""
+    if example.file_stamp is None or example.digest is None:
         return None
-    stamp = file_stamp(example.source)
-    if stamp is None:
+    if (stamp := file_stamp(example.source)) is None:
         raise FinetuneError(f"{kind} {example.source} was removed since this run's data check: put it back, or restart the run to train without it")
-    return None if stamp in (example.file_stamp, found_alike.get(example.source)) else stamp
+    return stamp
+
+
+def _changed_stamp(example: Example, found_alike: dict[str, tuple[int, int]], kind: str = "image") -> tuple[int, int] | None:
+    """The image file's stamp (`_stamp_now`) where it differs from the one the check saw and from the one a use since
+    found alike (`found_alike`), else None."""
+    stamp = _stamp_now(example, kind)
+    return None if stamp in (None, example.file_stamp, found_alike.get(example.source)) else stamp
 
 
 def require_as_checked(example: Example) -> None:
@@ -89,18 +96,35 @@ def _read_once_written(read: Callable[[], Any], path: str, stamp: tuple[int, int
 READ_RETRIES, READ_RETRY_WAIT = 10, 0.25
 
 
-def require_checked_size(example: Example, kind: str = "image") -> None:
+def require_checked_size(example: Example, kind: str = "image") -> tuple[int, int] | None:
     """Without the latent cache an edited image trains as it now is, but only at the size the check read: its crop (and
     bucket) was planned for that size, and a view planned for another would be stretched, unseen. A file caught
     half-rewritten is read once written, as with the cache. So for a ControlNet's conditioning image (`kind`), decoded at
-    every use and cut by its image's plan."""
-    if (stamp := _changed_stamp(example, _SAME_SIZE_STAMPS, kind)) is None:
-        return
+    every use and cut by its image's plan. The file's stamp as checked (None for a dataset row), for its decode."""
+    stamp = _stamp_now(example, kind)
+    if stamp in (None, example.file_stamp, _SAME_SIZE_STAMPS.get(example.source)):
+        return stamp
     size, stamp = _read_once_written(lambda: read_upright_size(example), example.source, stamp)
     if size != example.size:
         raise FinetuneError(f"{kind} {example.source} changed size since this run's data check ({size[0]}x{size[1]}, was "
                             f"{example.size[0]}x{example.size[1]}): restart the run to train with it (its crops and bucket are planned for the checked size)")  # fmt: skip
     _SAME_SIZE_STAMPS[example.source] = stamp
+    return stamp
+
+
+def decoded_at_checked_size(example: Example, at_least: int, kind: str = "image", colour_managed: bool = True) -> Image.Image:
+    """`open_rgb` of an image decoded at every use (no latent cache; a ControlNet's conditioning image, `kind`), at the size
+    the check read (`require_checked_size`). A rewrite in place may begin after that check: a decode that fails on a file
+    that is changing is tried again once it is written (`_read_once_written`; Pillow's error stopped the run), and the size
+    of what it then read is checked again."""
+    stamp = require_checked_size(example, kind)
+    decode = functools.partial(open_rgb, example, at_least=at_least, colour_managed=colour_managed)
+    if stamp is None:  # a dataset row: nothing on disk to wait for
+        return decode()
+    image, read_at = _read_once_written(decode, example.source, stamp)
+    if read_at != stamp:
+        require_checked_size(example, kind)
+    return image
 
 
 def render_pixels(example: Example, plan: ViewPlan, as_checked: bool = False) -> torch.Tensor:
@@ -208,9 +232,8 @@ def view_entry(example: Example, plan: ViewPlan, example_id: Any, cache: Encodin
     The pixels are left out when the view is likely cached (`likely_new` false) or is on disk: a cached
     view is not decoded, and a view that was not cached after all is decoded by the training process.
     """
-    if cache is None:
-        require_checked_size(example)  # decoded every use: an edit trains, at the size planned for
-        return {f"{prefix}pixel_values": render_pixels(example, plan)}
+    if cache is None:  # decoded every use: an edit trains, at the size planned for
+        return {f"{prefix}pixel_values": to_tensor(render(decoded_at_checked_size(example, at_least=2 * max(plan.target)), plan))}
     require_as_checked(example)  # a view cached in an earlier epoch is served under the checked content's key
     if example.digest is None:
         raise ValueError(f"image {example.source} has no content digest: cached latents need examples from finetune.check_data")

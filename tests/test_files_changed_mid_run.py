@@ -2,7 +2,9 @@
 read once written when caught half-rewritten, said in one line where its change cannot train."""
 
 import os
+import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -251,3 +253,55 @@ def test_without_the_cache_a_touched_image_has_its_size_read_once_not_at_every_u
     os.utime(folder / "0.png", ns=(later + 10**9, later + 10**9))  # touched again: read again, once
     dataset[(0, 3)], dataset[(0, 4)]
     assert len(reads) == 2
+
+
+@pytest.mark.parametrize("kind", ["image", "conditioning image"])
+def test_without_the_cache_a_file_caught_half_rewritten_at_its_decode_is_read_once_written(tmp_path, monkeypatch, pairs_folder, kind):
+    """Uncached images and a ControlNet's conditioning images are decoded at each use. Only their size check waited for a
+    file caught half-rewritten: a rewrite begun after that check (an unchanged file needs no read) was caught by the decode,
+    and Pillow's error stopped the run. The decode now waits as the size check does; a file left cut still stops."""
+    import shutil
+    from types import SimpleNamespace
+
+    import finetune.data as data_module
+    import finetune.images as images_module
+    from finetune.controlnet_data import ControlNetDataset
+    from finetune.controlnet_pairs import checked_pairs
+    from finetune.data import CaptionedImageDataset
+    from finetune.recipe_loading import recipe_from_dict
+    from data_examples import load_examples
+
+    if kind == "image":
+        folder = tmp_path / "data"
+        folder.mkdir()
+        Image.new("RGB", (64, 64), (200, 40, 90)).save(folder / "0.png")
+        (folder / "0.txt").write_text("a square")
+        recipe = recipe_from_dict({"data": {"image_dir": str(folder), "resolution": 64, "random_flip": False}})
+        dataset, path, key = CaptionedImageDataset(load_examples(recipe.data), recipe.data, seed=0), folder / "0.png", "pixel_values"
+    else:
+        folder = shutil.copytree(pairs_folder, tmp_path / "pairs")
+        recipe = recipe_from_dict({"method": "controlnet", "data": {"image_dir": str(folder), "resolution": 64, "random_flip": False}})
+        pairs, _ = checked_pairs(recipe)
+        dataset, path, key = ControlNetDataset(pairs, recipe.data, seed=0, empty_prompt_share=0.0), Path(pairs[0].conditioning.source), "conditioning_pixel_values"
+    expected = dataset[(0, 0)][key]
+    whole, decodes, decode = path.read_bytes(), [], images_module.decode
+
+    def decode_as_the_rewrite_begins(example, *args):
+        if example.source == str(path) and not decodes:
+            path.write_bytes(whole[: len(whole) // 2])  # the rewrite in place begins after the size check
+        decodes.append(example.source)
+        return decode(example, *args)
+
+    def the_rewrite_ends(seconds):
+        path.write_bytes(whole)
+        later = time.time_ns() + 10**10  # a file system's times may be coarser than this test
+        os.utime(path, ns=(later, later))
+
+    monkeypatch.setattr(images_module, "decode", decode_as_the_rewrite_begins)
+    monkeypatch.setattr(data_module, "time", SimpleNamespace(sleep=the_rewrite_ends))
+    assert torch.equal(dataset[(0, 1)][key], expected)  # the same pixels, once written
+    assert decodes.count(str(path)) == 2
+    path.write_bytes(whole[: len(whole) // 2])  # and left cut
+    monkeypatch.setattr(data_module, "time", SimpleNamespace(sleep=lambda seconds: None))
+    with pytest.raises(FinetuneError, match=rf"^image {re.escape(str(path))} cannot be read "):
+        dataset[(0, 2)]
