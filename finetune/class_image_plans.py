@@ -20,7 +20,7 @@ from finetune.config import Concept, DataConfig, LossMaskConfig, Recipe
 from finetune.console import warn
 from finetune.counts import counted
 from finetune.errors import FinetuneError
-from finetune.sources import Example, folder_images, unread_image_files
+from finetune.sources import SAID_SUBFOLDER_DEPTH, Example, folder_images, image_subfolders, unread_image_files
 
 
 def plan_class_images(folder: Path, key: str, wanted: int) -> tuple[list[Path], list[int]]:
@@ -69,15 +69,20 @@ def warn_of_unused_generated_images(folder: Path, records: dict[str, dict]) -> N
              "or of an earlier version of finetune")
 
 
-def unread_class_images_lines(folders: list[Path]) -> list[str]:
-    """A warning for each class folder holding images of a kind training does not read (a .gif, an iPhone's .HEIC),
-    worded as the data check words a data folder's: they were left out without a word, unlike an instance folder's."""
-    lines = []
-    for folder in {folder.resolve(): folder for folder in folders if folder.is_dir()}.values():  # a shared folder: once
+def unread_class_images_lines(folders: list[Path], config: DataConfig) -> list[str]:
+    """A warning for each class folder holding images training does not read: of a kind it does not (a .gif, an iPhone's
+    .HEIC), or in a subfolder (only the folder's own images are class images); worded as the data check words a data
+    folder's: they were left out without a word, unlike an instance folder's. `config`: how class images are read."""
+    lines, class_folders = [], {folder.resolve(): folder for folder in folders if folder.is_dir()}
+    for folder in class_folders.values():  # a shared folder: once
         if files := unread_image_files(folder):
             kinds = ", ".join(sorted({path.suffix.lower() for path in files}))
             lines.append(f"warning: class folder {folder} has {counted(len(files), 'image')} training does not read ({kinds}, e.g. {files[0].name}): "
                          f"convert {'it' if len(files) == 1 else 'them'} to PNG or JPEG")  # fmt: skip
+        if subfolders := [sub for sub in image_subfolders(folder, config, SAID_SUBFOLDER_DEPTH) if sub.resolve() not in class_folders]:  # not another concept's
+            names = ", ".join(path.relative_to(folder).as_posix() for path in subfolders[:5]) + (f" and {len(subfolders) - 5} more" if len(subfolders) > 5 else "")
+            lines.append(f"warning: class folder {folder} has subfolders with images ({names}), which are not read: "
+                         "move their images into it to train them as class images")  # fmt: skip
     return lines
 
 
@@ -138,7 +143,7 @@ def inspect_class_images(recipe: Recipe) -> tuple[list[DataReport], list[str]]:
     for each class folder that holds none yet (without it, check-data said nothing of what training makes first),
     and training's warnings of class prompts that make no class image and of images of a kind it does not read."""
     plans = class_image_plans(recipe)
-    reports, lines = [], unread_class_images_lines([folder for folder, *_ in plans])
+    reports, lines = [], unread_class_images_lines([folder for folder, *_ in plans], class_data_config(recipe))
     for i, (concept, (folder, _key, paths, missing)) in enumerate(zip(recipe.dreambooth.concepts, plans)):
         if line := unused_class_prompts_warning(i, concept.class_prompts, recipe.dreambooth.num_class_images, folder, paths):
             lines.append(line)

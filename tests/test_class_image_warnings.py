@@ -110,3 +110,33 @@ def test_an_image_of_a_kind_training_does_not_read_in_a_class_folder_is_said_as_
     out = capsys.readouterr().out
     assert out.count(f"warning: class folder {tmp_path / 'class'} {said}\n") == 1
     assert f"data folder {instances} {said}" in out
+
+
+def test_a_subfolder_with_images_in_a_class_folder_is_said_as_in_an_instance_folder(make_recipe, star_folder, tmp_path, capsys):  # noqa: F811
+    """Only a class folder's own images are class images: one in a subfolder of class_dir was left out without a word,
+    where the data check says a subfolder of instance_dir. Said once for a folder two concepts share, at a run's start and
+    by check-data."""
+    import yaml
+
+    from finetune.class_image_plans import class_data_config, unread_class_images_lines
+    from finetune.cli import main
+
+    instances = shutil.copytree(star_folder, tmp_path / "instances")
+    for folder in (instances / "more", tmp_path / "class" / "more"):
+        folder.mkdir(parents=True)
+        Image.new("RGB", (64, 64), "red").save(folder / "photo.png")
+    concepts = [{**concept(tmp_path, instances), "instance_prompt": prompt} for prompt in ("a sks shape", "a zwx shape")]
+    recipe = dreambooth_recipe(make_recipe, instances, tmp_path, dreambooth={"concepts": concepts})
+    said = f"class folder {tmp_path / 'class'} has subfolders with images (more), which are not read: move their images into it to train them as class images"
+    method = DreamBoothMethod(recipe)
+    method.check_data()
+    assert [line for line in method.start_lines if "subfolders" in line] == [f"warning: {said}"]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    capsys.readouterr()
+    assert main(["check-data", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"warning: {said}\n") == 1
+    assert f"data folder {instances} has subfolders with images (more), which are not read: add each as a concept of its own to train it" in out
+    nested = class_data_config(recipe)  # a subfolder that is another concept's class folder is read
+    assert unread_class_images_lines([tmp_path / "class", tmp_path / "class" / "more"], nested) == []
