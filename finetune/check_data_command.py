@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from finetune.buckets import too_few_to_batch
-from finetune.check_data import FATAL, SKIP_HINT, WARNING, data_label, inspect_examples
+from finetune.check_data import FATAL, SKIP_HINT, WARNING, DataReport, data_label, inspect_examples
 from finetune.config import DataConfig, ModelConfig, Recipe
 from finetune.counts import counted
 from finetune.epoch_uses import expand_together
@@ -87,6 +87,7 @@ def run_check_data_command(args) -> int:
 
         class_reports, class_image_lines = inspect_class_images(recipe)
         reports += class_reports
+    said_once(reports)
     for report in reports:
         for line in report.lines(held_out=held_sources):
             print(line)
@@ -124,6 +125,16 @@ def run_check_data_command(args) -> int:
         return 1
     print("result: ready to train" + (f" ({counted(warnings, 'warning')})" if warnings else ""))
     return 0
+
+
+def said_once(reports: list[DataReport]) -> None:
+    """Leave out of each report the findings an earlier one says in the same words: DreamBooth concepts that share an
+    instance_dir (two prompts for one subject) each read it and found its problems, said and counted once per concept."""
+    said: set[tuple[str, str]] = set()
+    for report in reports:
+        report.findings = [finding for finding in report.findings if (finding.level, finding.message) not in said]
+        report.skipped = [finding for finding in report.skipped if (finding.level, finding.message) not in said]
+        said |= {(finding.level, finding.message) for finding in report.findings + report.skipped}
 
 
 def init_from_problem(source: str, use_dora: bool) -> str | None:

@@ -21,3 +21,31 @@ def test_the_result_line_says_one_problem_or_warning_in_the_singular(tmp_path, c
     (tmp_path / "d.txt").write_text("a red square")
     assert main(["check-data", "--image-dir", str(tmp_path), "--resolution", "64"]) == 1
     assert capsys.readouterr().out.splitlines()[-1].startswith("result: training would stop: 2 fatal problems; fix them")
+
+
+def test_a_folder_two_dreambooth_concepts_share_is_said_and_counted_once(tmp_path, capsys):
+    """Two concepts of one instance_dir (two prompts for one subject) read it twice, each with its own report: its
+    findings were said twice and counted twice ('2 fatal problems' for one bad file). Each is now said once."""
+    import yaml
+
+    from conftest import SHIPPED_BASE
+
+    folder = tmp_path / "subject"
+    (folder / "more").mkdir(parents=True)
+    for name, colour in (("a", "red"), ("b", "blue"), ("more/c", "green")):
+        Image.new("RGB", (64, 64), colour).save(folder / f"{name}.png")
+    Image.new("RGB", (64, 64), "red").save(folder / "photo.gif")
+    concepts = [{"instance_dir": str(folder), "instance_prompt": prompt} for prompt in ("a sks shape", "a zwx shape")]
+    recipe = {"method": "dreambooth", "model": {"pretrained": str(SHIPPED_BASE)}, "data": {"image_dir": None, "resolution": 64},
+              "output_dir": str(tmp_path / "run"), "dreambooth": {"prior_preservation": False, "concepts": concepts}}  # fmt: skip
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["check-data", str(tmp_path / "recipe.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"warning: data folder {folder} has 1 image training does not read (.gif") == 1
+    assert out.count(f"warning: data folder {folder} has subfolders with images (more)") == 1
+    assert out.splitlines()[-1] == "result: ready to train (2 warnings)"
+    (folder / "b.png").write_bytes(b"not an image")
+    assert main(["check-data", str(tmp_path / "recipe.yaml")]) == 1
+    out = capsys.readouterr().out
+    assert out.count(f"fatal: image {folder / 'b.png'} cannot be read") == 1
+    assert out.splitlines()[-1].startswith("result: training would stop: 1 fatal problem; fix it")
