@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from finetune.caption_cells import MAX_CAPTION_LENGTH
-from finetune.captions import SIDECAR_SUFFIXES, caption_file_names, folder_captions, metadata_file, sidecar_path, template_needs_caption
+from finetune.captions import SIDECAR_SUFFIXES, caption_file_names, folder_captions, metadata_file, other_entry_stems, sidecar_path, template_needs_caption
 from finetune.config import DataConfig, FolderConfig
 from finetune.file_names import loose_name_key, name_key
 from finetune.sources import folder_images
@@ -43,8 +43,7 @@ def imageless_caption_files(folder: Path, config: DataConfig) -> str | None:
     kind (anim.txt beside anim.gif) is not one: the check says that image is not read."""
     if not _reads_captions(folder, config) or not (caption_files := caption_file_names(folder)):
         return None
-    with os.scandir(folder) as entries:
-        stems = {loose_name_key(Path(e.name).stem) for e in entries if not e.name.lower().endswith(SIDECAR_SUFFIXES)}
+    stems = other_entry_stems(folder)
     alone = sorted(name for name in caption_files.values() if not name.startswith(".") and loose_name_key(Path(name).stem) not in stems)
     if not alone:
         return None

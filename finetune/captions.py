@@ -225,13 +225,21 @@ def sidecar_path(image_path: Path) -> Path | None:
 
 def caption_file_names(folder: Path) -> dict[str, str]:
     """A folder's caption files' names by `loose_name_key`: one listing until the folder changes."""
-    return _caption_files(str(folder))
+    return _caption_listing(str(folder))[0]
+
+
+def other_entry_stems(folder: Path) -> frozenset[str]:
+    """The stems (`loose_name_key`) of a folder's entries that are no caption files (its images, a .gif, a subfolder): what
+    a caption file may be named after. From `caption_file_names`' listing: one listing of the folder for both."""
+    return _caption_listing(str(folder))[1]
 
 
 @folder_listing
-def _caption_files(folder: str) -> dict[str, str]:
-    with os.scandir(folder) as entries:
-        return {loose_name_key(e.name): e.name for e in entries if e.name.lower().endswith(SIDECAR_SUFFIXES) and e.is_file()}
+def _caption_listing(folder: str) -> tuple[dict[str, str], frozenset[str]]:
+    with os.scandir(folder) as listing:
+        entries = list(listing)
+    captions = {loose_name_key(e.name): e.name for e in entries if e.name.lower().endswith(SIDECAR_SUFFIXES) and e.is_file()}
+    return captions, frozenset(loose_name_key(Path(e.name).stem) for e in entries if not e.name.lower().endswith(SIDECAR_SUFFIXES))
 
 
 def sidecar_caption(image_path: Path) -> str | None:

@@ -63,9 +63,10 @@ def test_a_folder_captioned_by_its_metadata_file_alone_is_not_searched_for_capti
     assert looked_up == ["0007.png"]
 
 
-def test_the_caption_files_of_a_folder_are_listed_once_for_both_readers(tmp_path, monkeypatch):
+def test_the_caption_files_of_a_folder_are_listed_once_for_all_readers(tmp_path, monkeypatch):
     """The overridden-caption warning listed the folder's caption files itself, beside the listing sidecar_path keeps
-    (captions.caption_file_names): two listings of one folder, which could disagree on what a caption file is."""
+    (captions.caption_file_names): two listings of one folder, which could disagree on what a caption file is. So did the
+    warning for caption files that name no image, for the files beside them, at every check."""
     import os
     import sys
     import time
@@ -84,6 +85,7 @@ def test_the_caption_files_of_a_folder_are_listed_once_for_both_readers(tmp_path
     config = DataConfig(image_dir=str(folder), resolution=64)
     for _ in range(2):
         assert "1 caption file (0001.TXT) differs from metadata.jsonl" in caption_overrides.shadowed_caption_files(folder, config)
+        assert caption_overrides.imageless_caption_files(folder, config) is None
     assert sum(listed) == 1
 
 
