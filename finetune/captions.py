@@ -95,11 +95,11 @@ def read_csv_captions(path: Path, column: str = "text") -> RowCaptions:
         raise FinetuneError(f"{path} must have a header row with 'file_name' and '{column}' columns (has: {', '.join(columns) or 'none'}): "
                             f"{_columns_advice(columns, column, 'column')}")  # fmt: skip
     captions, rows = RowCaptions(), {}
-    for row_number, row in enumerate(reader, start=2):  # the header is row 1
+    for row in reader:
         if row.get(None):  # cells past the header's: the separators of a caption not in quotes split it ("1girl" of 1girl, solo)
-            raise FinetuneError(f"{path} row {row_number} has more cells than its header ({', '.join(columns)}): {_quote_advice(reader.reader.dialect.delimiter)}")
+            raise FinetuneError(f"{path} line {reader.row_line} has more cells than its header ({', '.join(columns)}): {_quote_advice(reader.reader.dialect.delimiter)}")
         if row["file_name"]:
-            _add_row(captions, rows, path, f"row {row_number}", row["file_name"], (row[column] or "").strip())
+            _add_row(captions, rows, path, f"line {reader.row_line}", row["file_name"], (row[column] or "").strip())
     return captions
 
 

@@ -60,21 +60,39 @@ def metadata_text(path: Path) -> str:
 
 
 class _CsvRows(csv.DictReader):
-    """csv.DictReader whose parse errors are one line naming the file and line (a traceback before)."""
+    """csv.DictReader that knows the line each row starts on (`row_line`; csv skips blank lines, the row is below them),
+    and whose parse errors are one line naming the file and that line (a traceback before)."""
 
-    path: Path | str = "metadata.csv"
+    def __init__(self, lines: Iterable[str], path: Path | str, **options):
+        self.path, self.row_line, self._lines_read = path, None, 0
+        super().__init__(self._numbered(lines), **options)
+
+    def _numbered(self, lines: Iterable[str]) -> Iterator[str]:
+        for line in lines:  # csv's reader takes them one at a time, as a row needs them
+            self._lines_read += 1
+            if self.row_line is None and line.rstrip("\r\n"):
+                self.row_line = self._lines_read
+            yield line
+
+    @property
+    def fieldnames(self) -> list[str] | None:
+        try:
+            return super().fieldnames
+        except csv.Error as err:
+            raise FinetuneError(self._runaway_quote(err)) from None
 
     def __next__(self) -> dict:
-        start = self.reader.line_num + 1  # where the row starts: the error comes where the reader gave up, far below
+        self.fieldnames  # the header first: the row starts below it
+        self.row_line = None
         try:
-            # DictReader reads the header lazily, at its first row, and `fieldnames` is what reads it: read here, the first
-            # row's start is the line below the header, not the header's
-            if self.line_num == 0 and self.fieldnames is not None:
-                start = self.reader.line_num + 1
             return super().__next__()
-        except csv.Error as err:  # past the field limit: a quote never closed runs on over the lines below, to the end of the file
-            raise FinetuneError(f"{self.path} line {start}: {err}: a cell there opens a double quote that never closes, so it runs on over "
-                                'the lines below; close the quote, or double a quote inside a caption ("")') from None  # fmt: skip
+        except csv.Error as err:
+            raise FinetuneError(self._runaway_quote(err)) from None
+
+    def _runaway_quote(self, err: csv.Error) -> str:
+        # Past the field limit: a quote never closed runs on over the lines below, to the end of the file, where csv gives up.
+        return (f"{self.path} line {self.row_line}: {err}: a cell there opens a double quote that never closes, so it runs on over "
+                'the lines below; close the quote, or double a quote inside a caption ("")')  # fmt: skip
 
 
 def csv_rows(lines: str | Iterable[str], path: Path | str = "metadata.csv") -> csv.DictReader:
@@ -84,9 +102,7 @@ def csv_rows(lines: str | Iterable[str], path: Path | str = "metadata.csv") -> c
     csv.field_size_limit(max(csv.field_size_limit(), LONGEST_ROW))
     lines = iter(io.StringIO(lines, newline="") if isinstance(lines, str) else lines)
     header = next(lines, "")
-    rows = _CsvRows(itertools.chain([header], lines), delimiter=csv_delimiter(header), skipinitialspace=True)
-    rows.path = path
-    return rows
+    return _CsvRows(itertools.chain([header], lines), path, delimiter=csv_delimiter(header), skipinitialspace=True)
 
 
 def csv_delimiter(header: str) -> str:

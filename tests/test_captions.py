@@ -46,12 +46,12 @@ def test_metadata_csv_captions(tmp_path):
     assert names_and_captions(DataConfig(image_dir=str(tmp_path), resolution=64))[0] == ("a.png", "a red square, flat")
     # A caption's commas not in quotes split it into cells: it trained its first tag alone.
     (tmp_path / "metadata.csv").write_text('file_name,text\na.png,1girl, solo, smile\n')
-    with pytest.raises(FinetuneError, match=r"metadata\.csv row 2 has more cells than its header \(file_name, text\): a caption with commas must be in "
+    with pytest.raises(FinetuneError, match=r"metadata\.csv line 2 has more cells than its header \(file_name, text\): a caption with commas must be in "
                                             r'double quotes \("1girl, solo, smile"\), as a spreadsheet writes it$'):  # fmt: skip
         load_examples(DataConfig(image_dir=str(tmp_path), resolution=64))
     # Of a file separated by semicolons, the semicolons split it: it was told to quote a caption's commas.
     (tmp_path / "metadata.csv").write_text('file_name;text\na.png;a red square; flat\n')
-    with pytest.raises(FinetuneError, match=r"row 2 has more cells than its header \(file_name, text\): this file separates its columns by "
+    with pytest.raises(FinetuneError, match=r"line 2 has more cells than its header \(file_name, text\): this file separates its columns by "
                                             r"semicolons: a caption with semicolons must be in double quotes, as a spreadsheet writes it$"):  # fmt: skip
         load_examples(DataConfig(image_dir=str(tmp_path), resolution=64))
     (tmp_path / "metadata.csv").write_text('file_name,text\na.png,"a red square, flat"\n')

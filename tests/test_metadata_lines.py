@@ -107,3 +107,24 @@ def test_a_quote_never_closed_names_the_line_its_row_starts_on_for_every_reader(
     table.write_text('file_name,"text\n' + "".join(f"{name * 150_000}\n" for name in "bc"))
     with pytest.raises(FinetuneError, match=rf"^{table} line 1: field larger than field limit"):
         list(csv_rows(metadata_lines(table), table))
+
+
+def test_a_bad_csv_row_below_blank_lines_is_said_at_its_own_line(tmp_path):
+    """csv skips blank lines: a row's error named the blank line above it (a quote never closed) or counted rows, not
+    lines ('row 3' for the row on line 5). Each names the line the row starts on, as a metadata.jsonl's do."""
+    from finetune.captions import read_csv_captions
+
+    table = tmp_path / "metadata.csv"
+    table.write_text("file_name,text\na.png,a cat\n\n\nb.png,1girl, solo\n")
+    with pytest.raises(FinetuneError, match=rf"^{table} line 5 has more cells than its header"):
+        read_csv_captions(table)
+    table.write_text("file_name,text\r\na.png,a cat\r\n\r\nb.png,a cat\r\nc.png,\"a dog\r\nand a cat\"\r\n\r\na.png,a bird\r\n")
+    with pytest.raises(FinetuneError, match=rf"^{table} line 8 names a.png again \(first in line 2\): keep one row per image"):
+        read_csv_captions(table)
+    table.write_text('file_name,text\na.png,a cat\n\n\nb.png,"a dog\n' + "".join(f"{name}.png,{name * 150_000}\n" for name in "cd"))
+    for read in (read_csv_captions, lambda path: list(metadata_rows(path.parent))):
+        with pytest.raises(FinetuneError, match=rf"^{table} line 5: field larger than field limit"):
+            read(table)
+    table.write_text('file_name,"text\n' + "".join(f"{name * 150_000}\n" for name in "bc"))  # in the header, read first
+    with pytest.raises(FinetuneError, match=rf"^{table} line 1: field larger than field limit"):
+        read_csv_captions(table)

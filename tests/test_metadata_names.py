@@ -83,13 +83,13 @@ def test_a_row_naming_no_image_stops_training_and_check_data_naming_the_row(tmp_
 
     (tmp_path / "metadata.csv").write_text("file_name,text\nb.png,found\nsub/a.png,nested\n")
     (tmp_path / "metadata.jsonl").unlink()
-    with pytest.raises(FinetuneError, match=r"metadata\.csv row 3 names sub/a\.png, which is not an image in its folder: fix file_name, or remove the "
+    with pytest.raises(FinetuneError, match=r"metadata\.csv line 3 names sub/a\.png, which is not an image in its folder: fix file_name, or remove the "
                                             r"row; an image in a subfolder trains only as a data.folders entry"):  # fmt: skip
         read_examples(config)
     # A row naming an image of a kind training does not read: it is there, so the line says what it is and what to do.
     (tmp_path / "loop.gif").write_bytes(b"GIF89a")
     (tmp_path / "metadata.csv").write_text("file_name,text\nb.png,found\nloop.gif,a loop\n")
-    with pytest.raises(FinetuneError, match=r"metadata\.csv row 3 names loop\.gif, a \.gif file, which training does not read: convert it to PNG or "
+    with pytest.raises(FinetuneError, match=r"metadata\.csv line 3 names loop\.gif, a \.gif file, which training does not read: convert it to PNG or "
                                             r"JPEG and write its new name in file_name, or remove the row$"):  # fmt: skip
         read_examples(config)
     (tmp_path / "loop.gif").unlink()

@@ -64,7 +64,7 @@ def test_a_metadata_caption_past_the_bound_is_refused_naming_its_row(tmp_path, k
         where = "line 2"
     else:
         (folder / "metadata.csv").write_text(f"file_name,text\na.png,ok\nb.png,{long}\n")
-        where = "row 3"
+        where = "line 3"
     with pytest.raises(FinetuneError, match=rf"^the caption of {folder / f'metadata.{kind}'} {where} is 100,001 characters {TOO_LONG}"):
         captions(folder)
 
