@@ -3,6 +3,7 @@ the repository's root), not the recipe's: a path not found says where it was loo
 here and beside the recipe is one line naming both."""
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -108,7 +109,44 @@ def test_a_runs_recipe_as_run_resumes_from_any_folder_with_the_data_path_its_com
     (tmp_path / "run").mkdir()
     as_run = write_run_recipe(recipe, tmp_path / "run")
     assert load_recipe(as_run).data.image_dir == "."
-    own = tmp_path / "run" / "mine.yaml"  # a recipe of the user's kept there is checked as before
-    own.write_text(as_run.read_text().split("\n", 2)[2])
-    with pytest.raises(FinetuneError, match=r"^data.image_dir . names two: "):
+    own = tmp_path / "run" / "mine.yaml"  # a recipe of the user's kept there is checked as before ('.' there is the output_dir, never the data)
+    own.write_text(as_run.read_text().split("\n", 2)[2].replace("image_dir: .\n", "image_dir: star\n"))
+    (tmp_path / "photos" / "star").mkdir()
+    (tmp_path / "run" / "star").mkdir()
+    with pytest.raises(FinetuneError, match=r"^data.image_dir star names two: "):
         load_recipe(own)
+
+
+def test_an_earlier_finetunes_record_of_its_run_resumes_from_the_folder_that_run_started_in(tmp_path, monkeypatch):
+    """An earlier finetune kept its run's recipe as output_dir/recipe.yaml, without the header that marks a record: one
+    whose data.image_dir is '.' (the folder the run started in) was refused as naming two folders from every folder, its own
+    start too ('.' named the output_dir, beside it). The output_dir is never the data; from another folder, the refusal
+    says where that run started, which its relative output_dir tells."""
+    import yaml
+
+    from finetune.recipe_loading import load_recipe
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    (project / "outputs" / "run").mkdir(parents=True)
+    elsewhere.mkdir()
+    record = project / "outputs" / "run" / "recipe.yaml"
+    record.write_text(yaml.safe_dump({"data": {"image_dir": ".", "resolution": 64}, "output_dir": "outputs/run"}))
+    monkeypatch.chdir(project)
+    assert load_recipe(record).data.image_dir == "."
+    assert load_recipe(Path("outputs/run/recipe.yaml")).data.image_dir == "."
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(FinetuneError, match=rf"^data.image_dir . names two: {elsewhere}, which it would read \(relative paths are read from the current "
+                                            rf"folder\), and {record.parent} beside recipe {record}, its output_dir \(outputs/run\) seen from {project}: "
+                                            rf"run from {project} \(cd {project}\), or write the one meant as an absolute path$"):  # fmt: skip
+        load_recipe(record)
+    (project / "star").mkdir()  # from its start, a path that names two is refused as in any recipe: not the output_dir's folder to run from
+    (record.parent / "star").mkdir()
+    record.write_text(yaml.safe_dump({"data": {"image_dir": "star", "resolution": 64}, "output_dir": "outputs/run"}))
+    monkeypatch.chdir(project)
+    with pytest.raises(FinetuneError, match=rf"^data.image_dir star names two: .* beside recipe {record}: write the one meant as an absolute path$"):
+        load_recipe(record)
+    record.write_text(yaml.safe_dump({"data": {"image_dir": ".", "resolution": 64}, "output_dir": "outputs/run"}))
+    monkeypatch.chdir(elsewhere)
+    absolute = yaml.safe_load(record.read_text()) | {"output_dir": str(record.parent)}  # its start cannot be told: '.' is here, as for a record of this version
+    record.write_text(yaml.safe_dump(absolute))
+    assert load_recipe(record).data.image_dir == "."
