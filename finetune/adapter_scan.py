@@ -35,6 +35,10 @@ SKIPPED_FOLDERS = {"logs", "samples", "sample", "__pycache__", "node_modules"}
 # What a checkpoint holds besides its resumable state (checkpoint.save_outputs): the run's outputs at its step.
 CHECKPOINT_OUTPUTS = {LORA_WEIGHTS_NAME, CONTROLNET_DIR, UNET_DIR, PIPELINE_DIR}
 MAX_SCAN_DEPTH = 6
+# What a demo load reads of a pipeline or ControlNet folder: configs, the tokenizer's files, safetensors weights (the demo
+# loads no pickle, and no other framework's weights). A pipeline's parts as models.load_parts loads them.
+LOADED_SUFFIXES = (".json", ".txt", ".safetensors")
+PIPELINE_PARTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 BASE = "(base model)"
 
 
@@ -101,15 +105,33 @@ def _without_copies_of_the_run(found: list[Adapter]) -> list[Adapter]:
 
 
 def adapter_files_stamp(adapter: Adapter) -> tuple:
-    """What tells an adapter's files from what they held when it was loaded, cheaply (a stat each, nothing read): its
-    path's and each of its files' inode, size, modification and change time (a ControlNet's with those of the UNet its
-    run saved beside it: inference.unlocked_decoder_folder). A folder's own time did not do: a file rewritten in place
-    leaves its folder as it was. Nor a file's time and size: a second run's file renamed over the first within the file
-    system's time resolution, or copied keeping its time (cp -p), has the same; not its inode or change time. OSError
-    where the adapter is gone."""
-    folders = [adapter.path, adapter.path.parent / UNET_DIR] if adapter.kind == "controlnet" else [adapter.path]
-    paths = [adapter.path] + sorted(path for folder in folders if folder.is_dir() for path in folder.rglob("*"))
-    return tuple(_stat_stamp(path) for path in paths)
+    """What tells an adapter's files from what they held when it was loaded, cheaply (a stat of each file a load reads,
+    nothing read): each one's path, inode, size, modification and change time. A file replaced (renamed over, even within
+    the file system's time resolution, or copied keeping its time: cp -p) has another inode or change time; one rewritten in
+    place, another change time (a folder's own time did not do: a file rewritten in place leaves its folder as it was); a
+    file added or taken away changes the list. Only the files a load reads (LOADED_SUFFIXES in the parts it loads): a
+    hub pipeline's other weights (.bin, flax, fp16 and non-EMA copies beside the one loaded, a safety checker) took a
+    stat each on every render. OSError where the adapter is gone."""
+    if adapter.kind == "lora":
+        return (_stat_stamp(adapter.path),)
+    if adapter.kind == "pipeline":
+        files = _loaded_files(adapter.path, PIPELINE_PARTS)
+    else:  # a ControlNet, with the UNet its run saved beside it (inference.unlocked_decoder_folder)
+        files = _loaded_files(adapter.path) + _loaded_files(adapter.path.parent, (UNET_DIR,), here=False)
+    return tuple(_stat_stamp(path) for path in sorted(files))
+
+
+def _loaded_files(folder: Path, parts: tuple[str, ...] = (), here: bool = True) -> list[Path]:
+    """The files of `folder` (if `here`) and of its subfolders named in `parts` that a load may read, listed without a
+    stat each (a listing says which entries are files and folders)."""
+    files = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name in parts and entry.is_dir():
+                files += _loaded_files(Path(entry.path))
+            elif here and entry.name.endswith(LOADED_SUFFIXES) and entry.is_file():
+                files.append(Path(entry.path))
+    return files
 
 
 def _stat_stamp(path: Path) -> tuple:
