@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
 
 from finetune.atomic_files import atomic_save_safetensors
 from finetune.run_files import CHECKPOINT_PATTERN
@@ -137,9 +138,7 @@ def load_lora(path: Path) -> LoRA:
     if not path.is_file():
         raise FinetuneError(f"LoRA file {path} not found")
     try:
-        with safe_open(str(path), "pt") as f:
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-            metadata = dict(f.metadata() or {})
+        tensors, metadata = read_whole(path)
     except (SafetensorError, OSError) as err:
         raise FinetuneError(f"LoRA {path} is not a readable safetensors file ({str(err).splitlines()[0][:120]}): a truncated download? get it again") from None
     metadata.pop("format", None)
@@ -153,6 +152,17 @@ def load_lora(path: Path) -> LoRA:
         return lora
     except FinetuneError as err:
         raise FinetuneError(f"LoRA {path}: {err}") from None
+
+
+def read_whole(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A safetensors file's tensors and metadata, read into memory whole: tensors that safe_open serves from a memory
+    map of the file read its pages when used, and a file truncated and written again in place meanwhile (a second run
+    saving over it with open(..., "wb"), a copy onto it) killed the process with a bus error. A LoRA is small; the file's
+    bytes are let go once its tensors hold their own copy (safetensors.torch.load copies each out of them)."""
+    data = path.read_bytes()
+    tensors = load_safetensors(data)  # checks the header and every tensor's place in the bytes first
+    header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    return tensors, dict(header.get("__metadata__") or {})
 
 
 def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> LoRA:

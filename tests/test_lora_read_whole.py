@@ -1,0 +1,33 @@
+"""A LoRA file is read whole into memory (`kohya.read_whole`), not served from a memory map of the file: a LoRA loaded
+(the demo's cache, a merge, sample) whose file a second run then truncated and wrote again in place killed the
+process with a bus error as soon as its weights were used."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+# Run apart: with the memory map, the use of the weights after the truncation is a SIGBUS, which would end pytest.
+SCRIPT = """
+import os, sys, torch
+from safetensors.torch import save_file
+from finetune.kohya import load_lora
+
+path = sys.argv[1]
+down, up = torch.randn(4, 65536), torch.randn(65536, 4)  # a megabyte each: pages of their own, past the header's
+save_file({"unet.mid_block.attentions.0.proj_in.lora.down.weight": down, "unet.mid_block.attentions.0.proj_in.lora.up.weight": up},
+          path, metadata={"finetune.rank": "4"})
+lora = load_lora(path)
+os.truncate(path, 0)  # as open(path, "wb") does before the second run's bytes
+with open(path, "r+b") as rewritten:
+    rewritten.write(b"not yet a whole file")
+layer = lora.layers["unet.mid_block.attentions.0.proj_in"]
+used = layer.down.clone(), layer.up.clone()  # every page of them read (torch.equal stops at the first difference)
+print(torch.equal(used[0], down) and torch.equal(used[1], up), lora.metadata["finetune.rank"])
+"""
+
+
+def test_a_loaded_lora_whose_file_is_truncated_and_rewritten_in_place_keeps_its_weights(tmp_path):
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "lora.safetensors")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"exit {result.returncode} (-7: bus error): {result.stderr[-2000:]}"
+    assert result.stdout.split() == ["True", "4"]
