@@ -114,7 +114,7 @@ def run_check_data_command(args) -> int:
 
             short = validation_conditions_problem(recipe)
         if recipe.lora.init_from and not short:
-            short = init_from_problem(recipe.lora.init_from, recipe.lora.use_dora)
+            short = init_from_problem(recipe.lora)
     if short:
         print(f"result: training would stop: {short}")
         return 1
@@ -137,17 +137,18 @@ def said_once(reports: list[DataReport]) -> None:
         said |= {(finding.level, finding.message) for finding in report.findings + report.skipped}
 
 
-def init_from_problem(source: str, use_dora: bool) -> str | None:
-    """Why lora.init_from would stop the run as it starts (not there, a pickle, a LyCORIS or SDXL file, NaN weights, a DoRA
-    without lora.use_dora), or None. Its path and header first, without torch; only a file they pass is loaded, with torch
-    (its tensors' values are checked, NaN or infinite ones in bf16 too, which numpy cannot read)."""
+def init_from_problem(settings) -> str | None:
+    """Why the `lora` settings' init_from would stop the run as it starts (not there, a pickle, a LyCORIS or SDXL file, NaN
+    weights, a DoRA without lora.use_dora, a rank other than lora.rank's), or None. Its path and header first, without
+    torch; only a file they pass is loaded, with torch (its tensors' values are checked, NaN or infinite ones in bf16 too,
+    which numpy cannot read), and checked as training checks it before the model loads (`read_checked`: the same lines)."""
     from finetune.adapter_records import initial_lora_file
 
     try:
-        initial_lora_file(source)
-        from finetune.methods.lora_init import read_initial_lora  # torch; it builds on this module
+        initial_lora_file(settings.init_from)
+        from finetune.methods.lora_init import read_checked  # torch; it builds on this module
 
-        read_initial_lora(source, use_dora)  # as training reads it, before any model loads
+        read_checked(settings)
     except FinetuneError as err:
         return str(err)
     return None

@@ -183,7 +183,8 @@ def test_check_data_says_a_lora_init_from_that_is_no_lora_without_torch(tmp_path
     script = f"""
 import json, sys
 from finetune.check_data_command import init_from_problem
-said = [init_from_problem(source, use_dora=False) for source in {[str(tmp_path / "gone.safetensors"), str(sdxl)]!r}]
+from finetune.config import LoRAConfig
+said = [init_from_problem(LoRAConfig(init_from=source)) for source in {[str(tmp_path / "gone.safetensors"), str(sdxl)]!r}]
 print(json.dumps([said, [name for name in {TRAINING_STACK!r} if name in sys.modules]]))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
