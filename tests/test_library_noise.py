@@ -86,3 +86,26 @@ def test_outside_a_deepspeed_launch_deepspeed_is_not_imported():
     script = "import sys\nfrom finetune.library_noise import quiet_deepspeed_shm_build\nwith quiet_deepspeed_shm_build(): pass\nassert 'deepspeed' not in sys.modules"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_DEEPSPEED"})
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# A bench worker (`python -m finetune.bench --worker`) whose measurement logs bitsandbytes' two kinds of line.
+BENCH_WORKER = """
+import logging, sys
+from finetune.bench import measure
+
+def measured(spec):
+    logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward from kernels-community: x")
+    logging.getLogger("bitsandbytes.cextension").warning("No prebuilt binary for CUDA 12.9, loading CUDA 12.8 instead.")
+    return {}
+
+measure.measure = measured
+sys.exit(measure._worker(sys.argv[1:]))
+"""
+
+
+def test_a_bench_worker_quiets_bitsandbytes_cpu_kernel_line_only(tmp_path):
+    """It raised the whole bitsandbytes logger to errors: a variant's warning of a CUDA build bitsandbytes cannot find was hidden."""
+    (tmp_path / "spec.json").write_text("{}")
+    result = subprocess.run([sys.executable, "-c", BENCH_WORKER, str(tmp_path / "spec.json"), str(tmp_path / "row.json")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr == "WARNING:bitsandbytes.cextension:No prebuilt binary for CUDA 12.9, loading CUDA 12.8 instead.\n"
