@@ -1,6 +1,6 @@
 """Library warnings that every run would print and that say nothing about the user's run: filtered
-once per process by the command line (a library imported from Python keeps its own warnings, but for the one line
-`import finetune` quiets: see quiet_bitsandbytes_cpu_kernel_note)."""
+once per process by the command line (a library imported from Python keeps its own warnings, but for the lines
+`import finetune` quiets: see quiet_bitsandbytes_cpu_kernel_note and quiet_torchvision_fallback_notes)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import importlib
 import io
 import logging
 import os
+import sys
 import warnings
 
 
@@ -23,6 +24,28 @@ def quiet_bitsandbytes_cpu_kernel_note() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
         lambda record: "Failed to load CPU gemm_4bit_forward" not in record.getMessage()
     )
+
+
+def quiet_torchvision_fallback_notes() -> None:
+    """transformers' "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`"
+    (and SiglipImageProcessor's), said as diffusers' Stable Diffusion pipeline module imports them (for a safety checker's
+    and IP-Adapters' images, which finetune never makes): importing any finetune module that loads a model printed both,
+    from Python too (the demo's engine). Only where a finetune module is on the stack, so finetune's own imports: a
+    user's own import of an image processor says it as ever. Called by `finetune/__init__.py`, before anything imports
+    transformers."""
+
+    def not_by_finetune(record: logging.LogRecord) -> bool:
+        if "requires torchvision (not installed)" not in record.getMessage():
+            return True
+        frame = sys._getframe(1)
+        while frame is not None:
+            module = frame.f_globals.get("__name__", "")
+            if module.startswith("finetune.") and module != __name__:
+                return False
+            frame = frame.f_back
+        return True
+
+    logging.getLogger("transformers.utils.import_utils").addFilter(not_by_finetune)
 
 
 @functools.cache  # once per process: main() may run many times in one (tests, notebooks)

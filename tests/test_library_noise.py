@@ -3,6 +3,7 @@ on CPUs printed from every process."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -43,13 +44,28 @@ def test_a_hub_warning_is_said_once_on_the_command_line():
 
 
 @pytest.mark.slow  # seconds of imports (diffusers, transformers, bitsandbytes)
-def test_importing_the_demo_engine_prints_nothing_of_bitsandbytes():
-    script = "from finetune.demo_engine import DemoEngine\nfrom bitsandbytes.functional import has_avx512bf16\nprint(bool(has_avx512bf16()))"
+def test_importing_the_demo_engine_prints_nothing_of_bitsandbytes_or_torchvision():
+    """transformers' "`CLIPImageProcessor` requires torchvision (not installed); falling back to ..." (and Siglip's), said
+    as diffusers' pipeline module imports them, was printed from Python; a user's own image processor still says it."""
+    script = ("from finetune.demo_engine import DemoEngine\nimport transformers\ntransformers.ViTImageProcessor\n"
+              "from bitsandbytes.functional import has_avx512bf16\nprint(bool(has_avx512bf16()))")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
+    if importlib.util.find_spec("torchvision") is None:  # with it, transformers has nothing to say
+        assert "`CLIPImageProcessor` requires torchvision" not in result.stderr and "`SiglipImageProcessor`" not in result.stderr, result.stderr
+        assert "`ViTImageProcessor` requires torchvision (not installed)" in result.stderr, result.stderr
     if result.stdout.strip() != "True":
         pytest.skip("bitsandbytes says its CPU kernel line only on a CPU with AVX512-BF16")
     assert "gemm_4bit_forward" not in result.stderr, result.stderr
+
+
+def test_transformers_torchvision_line_of_a_user_s_own_import_is_said():
+    """Only finetune's own imports are quiet (a finetune module on the stack), not the line from the user's code."""
+    script = ("import logging\nimport finetune\nlogging.getLogger('transformers.utils.import_utils').warning("
+              "'`ViTImageProcessor` requires torchvision (not installed); falling back to `ViTImageProcessorPil`')")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr == "`ViTImageProcessor` requires torchvision (not installed); falling back to `ViTImageProcessorPil`\n"
 
 
 # One interpreter, as a launched process is: torch's deprecated collectives as DeepSpeed's ZeRO calls them, and the
