@@ -7,6 +7,7 @@ component instance (gradio writes a .pyi stub beside any module that subclasses 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -27,7 +28,7 @@ MAX_UPLOAD_PIXELS = 8192 * 8192
 
 
 def upload_source(path: str | None) -> str:
-    """An upload as the demo's messages (and Pillow's warnings, said once per name) name it: its file name, which gradio
+    """An upload as the demo's messages (and Pillow's warnings, said once per upload) name it: its file name, which gradio
     keeps in its cache folder (`edges.png (uploaded)`), or UPLOADED where there is none. Every upload was "(uploaded)"."""
     name = Path(str(path)).name if path else ""
     return f"{name} {UPLOADED}" if name else UPLOADED
@@ -188,11 +189,16 @@ def read_upload(path: str | None, photo: bool = False):
     from PIL import Image
 
     from finetune.controlnet_pairs import read_conditioning
+    from finetune.image_warnings import pillow_warnings, say_pillow_warnings
     from finetune.images import open_rgb
     from finetune.sources import Example
 
     upload = Example(upload_source(path), "", lambda: Image.open(path))
-    return open_rgb(upload) if photo else read_conditioning(upload)
+    with pillow_warnings() as heard:
+        image = open_rgb(upload) if photo else read_conditioning(upload)
+    if heard:  # once per upload, told by its name and bytes: by its name alone, a second photo.jpg's warnings went unsaid
+        say_pillow_warnings(upload.source, heard, f"{upload.source} {hashlib.sha256(Path(path).read_bytes()).hexdigest()}")
+    return image
 
 
 def uploads_only(app):

@@ -32,7 +32,7 @@ PILLOW_ALWAYS = ("always", None, Warning, re.compile(r"PIL\."), 0)
 _this_thread = threading.local()  # .heard: the list this thread's image decode collects into, or None
 _install_lock = threading.Lock()
 _shown_outside: set[tuple] = set()
-_said: set[str] = set()  # the images said in this process
+_said: set[str] = set()  # the images said in this process (say_pillow_warnings)
 _previous_show = warnings.showwarning
 
 
@@ -128,7 +128,15 @@ def pillow_warnings_named(source: str, checked: bool = False) -> Iterator[None]:
     nested = getattr(_this_thread, "heard", None) is not None
     with pillow_warnings() as heard:
         yield
-    if heard and not nested and not checked and source not in _said:
-        _said.add(source)
+    if not nested and not checked:
+        say_pillow_warnings(source, heard)
+
+
+def say_pillow_warnings(source: str, heard: list[str], image: str | None = None) -> None:
+    """The Pillow warnings `heard` while reading the image `source` in one `warning:` line, once per image and process:
+    `image` tells the image (default: `source`, a file's path), where two images may have one name (the demo's uploads)."""
+    image = source if image is None else image
+    if heard and image not in _said:
+        _said.add(image)
         warn(pillow_warning_line(source, heard), by="this process")  # over any progress bar (tqdm.write), not after its text
         sys.stdout.flush()  # now, into a log file too, as print(..., flush=True) said it

@@ -94,6 +94,22 @@ def test_pillow_s_warnings_are_said_for_each_upload_naming_it(client, tmp_path, 
                     "to be rid of this)" for name in ("first-photo.jpg", "second-photo.jpg")]  # fmt: skip
 
 
+def test_pillow_s_warnings_of_two_uploads_of_one_name_are_said_for_each(tmp_path, capfd):
+    """Said once per name and process: a second, other photo of the same name (another user's, or the first one
+    edited) was read without a word. Once per upload: the same one read again (another prompt) says nothing more."""
+    for folder, seed in (("first", 0), ("second", 1), ("first", 0)):
+        exif = Image.Exif()
+        exif[0x010E] = "x" * 200  # Pillow warns "Truncated File Read"
+        image = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+        (tmp_path / folder).mkdir(exist_ok=True)
+        image.save(tmp_path / folder / "one-name.jpg", exif=exif.tobytes()[:-150])
+        read_upload(str(tmp_path / folder / "one-name.jpg"))
+    out, err = capfd.readouterr()
+    said = [line for line in (out + err).splitlines() if "Truncated File Read" in line]
+    assert said == ["warning: image one-name.jpg (uploaded): Pillow warned while reading it: Truncated File Read (it reads as decoded; "
+                    "re-save it to be rid of this)"] * 2  # fmt: skip
+
+
 def send(demo, file: dict, wrapped=lambda file: file) -> str:
     """A raw /generate request whose conditioning image is `file` (as a client other than gradio's may send it), `wrapped`."""
     import httpx
