@@ -114,22 +114,22 @@ def adapter_files_stamp(adapter: Adapter) -> tuple:
     stat each on every render. OSError where the adapter is gone."""
     if adapter.kind == "lora":
         return (_stat_stamp(adapter.path),)
-    if adapter.kind == "pipeline":
-        files = _loaded_files(adapter.path, PIPELINE_PARTS)
+    if adapter.kind == "pipeline":  # its parts, and its model_index.json (not the single-file checkpoints a hub clone has beside them)
+        files = _loaded_files(adapter.path, PIPELINE_PARTS, suffixes=(".json",))
     else:  # a ControlNet, with the UNet its run saved beside it (inference.unlocked_decoder_folder)
-        files = _loaded_files(adapter.path) + _loaded_files(adapter.path.parent, (UNET_DIR,), here=False)
+        files = _loaded_files(adapter.path) + _loaded_files(adapter.path.parent, (UNET_DIR,), suffixes=())
     return tuple(_stat_stamp(path) for path in sorted(files))
 
 
-def _loaded_files(folder: Path, parts: tuple[str, ...] = (), here: bool = True) -> list[Path]:
-    """The files of `folder` (if `here`) and of its subfolders named in `parts` that a load may read, listed without a
-    stat each (a listing says which entries are files and folders)."""
+def _loaded_files(folder: Path, parts: tuple[str, ...] = (), suffixes: tuple[str, ...] = LOADED_SUFFIXES) -> list[Path]:
+    """The files of `folder` named with `suffixes`, and those a load may read in its subfolders named in `parts`, listed
+    without a stat each (a listing says which entries are files and folders)."""
     files = []
     with os.scandir(folder) as entries:
         for entry in entries:
             if entry.name in parts and entry.is_dir():
                 files += _loaded_files(Path(entry.path))
-            elif here and entry.name.endswith(LOADED_SUFFIXES) and entry.is_file():
+            elif entry.name.endswith(suffixes) and entry.is_file():
                 files.append(Path(entry.path))
     return files
 

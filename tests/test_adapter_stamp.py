@@ -12,7 +12,7 @@ from finetune.adapter_scan import Adapter, adapter_files_stamp
 LOADED = ["model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json", "text_encoder/model.safetensors",
           "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json", "tokenizer/vocab.json",
           "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]  # fmt: skip
-NOT_LOADED = ["README.md", "v1-5-pruned.ckpt", "feature_extractor/preprocessor_config.json", "safety_checker/config.json",
+NOT_LOADED = ["README.md", "v1-5-pruned.ckpt", "v1-5-pruned-emaonly.safetensors", "feature_extractor/preprocessor_config.json", "safety_checker/config.json",
               "safety_checker/model.safetensors", "safety_checker/pytorch_model.bin", "text_encoder/pytorch_model.bin",
               "text_encoder/flax_model.msgpack", "unet/diffusion_pytorch_model.bin", "unet/diffusion_pytorch_model.msgpack",
               "vae/diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.msgpack"]  # fmt: skip
@@ -32,7 +32,7 @@ def test_a_pipeline_s_stamp_stats_the_files_its_load_reads_and_no_others(tmp_pat
     monkeypatch.setattr(os, "stat", lambda path, *args, **kwargs: statted.append(os.fspath(path)) or stat(path, *args, **kwargs))
     stamp = adapter_files_stamp(adapter)
     monkeypatch.undo()
-    assert sorted(statted) == sorted(str(tmp_path / "pipeline" / name) for name in LOADED)  # was every file and folder: 34 stats
+    assert sorted(statted) == sorted(str(tmp_path / "pipeline" / name) for name in LOADED)  # was every file and folder: 35 stats
     assert [entry[0] for entry in stamp] == sorted(str(tmp_path / "pipeline" / name) for name in LOADED)
 
 
