@@ -305,3 +305,29 @@ def test_without_the_cache_a_file_caught_half_rewritten_at_its_decode_is_read_on
     monkeypatch.setattr(data_module, "time", SimpleNamespace(sleep=lambda seconds: None))
     with pytest.raises(FinetuneError, match=rf"^image {re.escape(str(path))} cannot be read "):
         dataset[(0, 2)]
+
+
+def test_without_the_cache_a_jpeg_caught_with_its_header_written_and_its_pixels_not_is_read_once_written(tmp_path, monkeypatch):
+    """A JPEG's size is in its header, which a rewrite writes first: caught half-rewritten, the size read of the changed
+    file passed and the decode that followed stopped the run ('cannot be read ... image file is truncated'), where a PNG
+    (whose size read decodes it whole) was read once written. The changed file's pixels are read too, once a stamp."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import finetune.data as data_module
+    from finetune.config import DataConfig
+    from finetune.data import CaptionedImageDataset
+    from data_examples import load_examples
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    image = folder / "0.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(image, quality=95)
+    (folder / "0.txt").write_text("a square")
+    whole = image.read_bytes()
+    config = DataConfig(image_dir=str(folder), resolution=64, random_flip=False)
+    dataset = CaptionedImageDataset(load_examples(config), config, seed=0)
+    image.write_bytes(whole[: len(whole) // 2])  # the rewrite, its header written: it ends while the reader waits
+    monkeypatch.setattr(data_module, "time", SimpleNamespace(sleep=lambda seconds: image.write_bytes(whole)))
+    assert float(dataset[(0, 1)]["pixel_values"].abs().mean()) > 0
