@@ -58,9 +58,11 @@ def read_state(checkpoint: Path) -> dict:
     """A checkpoint's trainer state; a damaged file (a crash or a full disk while it was written) is one line."""
     problem = "not a JSON object"
     try:
-        state = json.loads((checkpoint / STATE_FILE).read_text())
+        state = json.loads(record_text(checkpoint / STATE_FILE))
     except (OSError, ValueError) as err:
         state, problem = None, f"{type(err).__name__}: {err}"
+    except FinetuneError:  # larger than any state finetune writes: read whole, a damaged file's gigabytes filled the memory
+        state, problem = None, f"more than the {MAX_RECORD_BYTES // 1_000_000} MB a record of finetune's holds"
     if not isinstance(state, dict):
         raise FinetuneError(f"checkpoint {checkpoint} is damaged ({STATE_FILE}: {problem}): move it out of "
                             f"{checkpoint.parent} and resume from the one before it")

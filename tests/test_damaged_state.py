@@ -180,6 +180,17 @@ def test_a_trainer_state_that_is_not_a_json_object_is_one_line(tmp_path, text):
         read_state(tmp_path)
 
 
+def test_a_trainer_state_larger_than_a_record_is_one_line_without_reading_it(tmp_path):
+    """Read whole, a damaged trainer_state.json of gigabytes filled the memory before the line that it is damaged."""
+    from finetune.run_files import MAX_RECORD_BYTES, STATE_FILE, read_state
+
+    with open(tmp_path / STATE_FILE, "w") as file:
+        file.truncate(MAX_RECORD_BYTES + 1)  # sparse: no disk, and nothing read with the bound
+    with pytest.raises(FinetuneError, match=rf"^checkpoint {tmp_path} is damaged \({STATE_FILE}: more than the 100 MB a record of finetune's "
+                                            r"holds\): move it out of .* and resume from the one before it$"):  # fmt: skip
+        read_state(tmp_path)
+
+
 def test_a_file_system_without_locks_trains_without_one(tmp_path, monkeypatch):
     import fcntl
 
