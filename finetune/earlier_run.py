@@ -10,10 +10,10 @@ import shutil
 import sys
 from pathlib import Path
 
+from finetune.console import say
 from finetune.errors import FinetuneError, nearest_existing
-from finetune.process_env import main_process
 from finetune.run_files import (CHECKPOINT_PATTERN, CONTROLNET_DIR, LORA_WEIGHTS_NAME, PARTIAL, PIPELINE_DIR, REMOVED, STATE_FILE, UNET_DIR, checkpoint_step,
-                                list_checkpoints, read_state)  # fmt: skip
+                                interrupted_checkpoints, read_state, resumable_checkpoints)  # fmt: skip
 
 # What a run leaves in its output_dir besides its outputs: `overwrite` clears these (DreamBooth's generated
 # class images stay: they are named by their prompt and settings, so a new run reuses only matching ones).
@@ -42,19 +42,20 @@ def guard_earlier_run(output_dir: Path, resume_from: Path | None, overwrite: boo
     if not os.access(existing, os.W_OK | os.X_OK):
         raise FinetuneError(f"output_dir {output_dir}: {existing} cannot be written to (permissions, or a read-only disk): choose another output_dir")
     check_run_folder_links(output_dir)
-    earlier = list_checkpoints(output_dir / "checkpoints")
+    earlier = resumable_checkpoints(output_dir / "checkpoints")  # with those a kill left under other names, which a resume puts back
+    named = {final: source.name for final, source in interrupted_checkpoints(output_dir / "checkpoints").items()}  # (what is there)
     # A resume saves only steps past its checkpoint's: a folder of an earlier step is in no save's way (one an older finetune's
     # rotation left half-deleted, without its state, stopped every resume of that run).
     check_no_other_checkpoint_names(output_dir / "checkpoints", earlier, after_step=checkpoint_step(resume_from) if resume_from is not None else -1)
     if resume_from is not None and earlier and not _of_this_run(resume_from, output_dir):  # rotation would delete them unasked
-        raise FinetuneError(f"--resume {resume_from}: output_dir {output_dir} holds checkpoints of another run ({earlier[-1].name}), which this run's "
+        raise FinetuneError(f"--resume {resume_from}: output_dir {output_dir} holds checkpoints of another run ({named.get(earlier[-1], earlier[-1].name)}), which this run's "
                             f"would replace and rotate away: set output_dir to a new folder, or move them out of {output_dir / 'checkpoints'} to keep them")  # fmt: skip
     if resume_from is not None:
         # Resumed from an older step, the run would retrain the steps of the later ones: they are another
         # history, which rotation would keep over the new one's and `--resume latest` would pick.
         step = checkpoint_step(resume_from)
         # By the folders' names: an earlier checkpoint's damaged state must not stop a resume from another.
-        later = [p.name for p in earlier if int(CHECKPOINT_PATTERN.match(p.name).group(1)) > step]
+        later = [named.get(p, p.name) for p in earlier if int(CHECKPOINT_PATTERN.match(p.name).group(1)) > step]
         if later:
             raise FinetuneError(
                 f"--resume {resume_from.name}: {output_dir / 'checkpoints'} also holds later checkpoints of the steps it would train again "
@@ -74,35 +75,45 @@ def guard_earlier_run(output_dir: Path, resume_from: Path | None, overwrite: boo
                             f"set output_dir to a new folder to keep them, or replace them with --overwrite")  # fmt: skip
 
 
-def put_back_interrupted_checkpoints(checkpoints_dir: Path) -> list[str]:
-    """A checkpoint whose replacement a kill cut between its two renames (`atomic_files.replace_folder`: the old folder set
-    aside as `.checkpoint-N.old`, the new one still `.partial-checkpoint-N`) has no `checkpoint-N`: `--resume latest` took an
-    older one, and the next save deleted the `.partial-` folder. Each is put back under its name: the new folder where it is
-    complete (its trainer_state.json is written last), else the old one, by the main process alone (the others would race it).
-    Called as a training run starts, before it lists checkpoints, its output_dir locked (a run still saving there is between
-    those renames too); a line for each."""
-    lines = []
-    for aside in sorted(checkpoints_dir.glob(".checkpoint-*.old")) if checkpoints_dir.is_dir() and main_process() else []:
-        final = checkpoints_dir / aside.name[1 : -len(".old")]
-        if not CHECKPOINT_PATTERN.match(final.name) or not aside.is_dir():
-            continue
-        if os.path.lexists(final):  # the kill came after the renames: the aside, a whole checkpoint's size, would stay for good
-            if (final / STATE_FILE).is_file():
-                shutil.rmtree(aside, ignore_errors=True)
-            continue
-        new = checkpoints_dir / f"{PARTIAL}{final.name}"
+def put_back_interrupted_checkpoints(accelerator, checkpoints_dir: Path, resumed: Path) -> Path:
+    """Collective, once every process has loaded the checkpoint it resumes from where it lies (`run_files.interrupted_checkpoints`:
+    nothing moved before, so every process chose the same; put back as the main process started, a process that listed them
+    before it chose an older one). The main process renames each such folder checkpoint-N (the run's first save would delete a
+    `.partial-` one), with a line for each, and removes a `.checkpoint-N.old` a kill after both renames left beside its
+    checkpoint-N; the others wait for it, and stop with its failure. In `finetune train`, in the output_dir's lock (a run still
+    saving there is between those renames too). Returns where `resumed` is now."""
+    from accelerate.utils import broadcast_object_list
+
+    accelerator.wait_for_everyone()  # each process has read its files where they lie (accelerate's load_state ends in no barrier)
+    moved = _put_back(checkpoints_dir) if accelerator.is_main_process else None
+    moved = broadcast_object_list([moved])[0]
+    if isinstance(moved, str):
+        raise FinetuneError(moved)
+    return Path(moved.get(str(resumed.resolve()), resumed))
+
+
+def _put_back(checkpoints_dir: Path) -> dict[str, str] | str:
+    """The main process's part: {folder: checkpoint-N it now is}, or the line that says why one could not be put back."""
+    moved = {}
+    for final, source in interrupted_checkpoints(checkpoints_dir).items():
+        aside, found_as = final.with_name(f".{final.name}.old"), str(source.resolve())  # (as --resume may have named it)
         try:
-            if (new / STATE_FILE).is_file():
-                new.rename(final)
-                shutil.rmtree(aside, ignore_errors=True)  # the older state of the same step
-                lines.append(f"put back {final}: a kill while it was saved left it as {new.name} (the folder it replaced, {aside.name}, is removed)")
-            else:
-                aside.rename(final)
-                lines.append(f"put back {final}: a kill while it was replaced left it as {aside.name} (its replacement, unfinished, is not used)")
+            source.rename(final)
         except OSError as err:
-            raise FinetuneError(f"could not put back {final} from the folders a killed save left ({err.strerror or err}): fix the permissions "
-                                f"of {checkpoints_dir}, or rename {new.name if (new / STATE_FILE).is_file() else aside.name} there to {final.name} yourself")  # fmt: skip
-    return lines
+            return (f"could not put back {final} from the folders a killed save left ({err.strerror or err}): fix the permissions "
+                    f"of {checkpoints_dir}, or rename {source.name} there to {final.name} yourself")  # fmt: skip
+        moved[found_as] = str(final)
+        if source == aside:
+            say(f"put back {final}: a kill while it was replaced left it as {aside.name} (its replacement, unfinished, is not used)")
+        else:
+            shutil.rmtree(aside, ignore_errors=True)  # the older state of the same step
+            say(f"put back {final}: a kill while it was saved left it as {source.name} (the folder it replaced, {aside.name}, is removed)")
+    for aside in checkpoints_dir.glob(".checkpoint-*.old") if checkpoints_dir.is_dir() else []:
+        # The kill came after both renames: the aside, a whole checkpoint's size, would stay for good.
+        final = checkpoints_dir / aside.name[1 : -len(".old")]
+        if CHECKPOINT_PATTERN.match(final.name) and aside.is_dir() and (final / STATE_FILE).is_file():
+            shutil.rmtree(aside, ignore_errors=True)
+    return moved
 
 
 def check_run_folder_links(output_dir: Path) -> None:

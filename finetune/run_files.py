@@ -33,14 +33,43 @@ def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
 
 
+def interrupted_checkpoints(checkpoints_dir: Path) -> dict[Path, Path]:
+    """checkpoint-N -> the whole folder a kill left of it, for each N that has no checkpoint-N, oldest first: a kill between the
+    renames of its replacement (`atomic_files.replace_folder`) left the old folder aside as `.checkpoint-N.old` and the new one
+    as `.partial-checkpoint-N`: the new one where it is complete (its trainer_state.json is written last), else the old one.
+    Reads only: every process of a run finds the same, and resumes from there; once they have loaded it, the main process
+    puts it back (`earlier_run.put_back_interrupted_checkpoints`)."""
+    found = {}
+    for aside in checkpoints_dir.glob(".checkpoint-*.old") if checkpoints_dir.is_dir() else []:
+        final = checkpoints_dir / aside.name[1 : -len(".old")]
+        if not CHECKPOINT_PATTERN.match(final.name) or os.path.lexists(final):
+            continue
+        for whole in (checkpoints_dir / f"{PARTIAL}{final.name}", aside):  # the new one first
+            if (whole / STATE_FILE).is_file():
+                found[final] = whole
+                break
+    return dict(sorted(found.items(), key=lambda item: int(CHECKPOINT_PATTERN.match(item[0].name).group(1))))
+
+
+def resumable_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """The complete checkpoints and those a kill left under other names (`interrupted_checkpoints`), each by its name
+    (checkpoint-N, which the latter take once put back), oldest first."""
+    found = list_checkpoints(checkpoints_dir) + list(interrupted_checkpoints(checkpoints_dir))
+    return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+
+
 def resolve_resume(resume: str | None, checkpoints_dir: Path) -> Path | None:
-    """`latest` -> newest complete checkpoint (None if there is none yet); a path must be a checkpoint."""
+    """`latest` -> newest complete checkpoint (None if there is none yet); a path must be a checkpoint. One a kill left
+    under another name (`interrupted_checkpoints`) is that folder, until the run has loaded it and puts it back."""
     if resume is None:
         return None
+    interrupted = interrupted_checkpoints(checkpoints_dir)
     if resume == "latest":
-        found = list_checkpoints(checkpoints_dir)
-        return found[-1] if found else None
+        found = resumable_checkpoints(checkpoints_dir)
+        return interrupted.get(found[-1], found[-1]) if found else None
     path = Path(resume)
+    if not path.exists() and path.parent.resolve() == checkpoints_dir.resolve() and checkpoints_dir / path.name in interrupted:
+        return interrupted[checkpoints_dir / path.name]
     if not path.exists():
         raise FinetuneError(f"--resume {resume}: no such folder ({newest_checkpoint(checkpoints_dir)}); use 'latest' or a checkpoints/checkpoint-N folder")
     if not (path / STATE_FILE).is_file():

@@ -22,18 +22,16 @@ def run_train_command(args) -> int:
     from finetune.train_inputs import check_inputs_exist  # PIL and numpy, with the data folder's reader
 
     base_location = check_inputs_exist(recipe)  # so is a missing data folder or base model (looked up once: train() loads it from there)
-    from finetune.earlier_run import guard_earlier_run, put_back_interrupted_checkpoints  # neither imports torch
+    from finetune.earlier_run import guard_earlier_run  # it imports no torch
     from finetune.run_lock import output_dir_lock
 
     # So are a --resume that is no checkpoint, and an output_dir that cannot be written or holds an earlier run unasked
     # (train() checks them again, for callers that do not come through here). The lock from the check of output_dir on: a run
     # still writing there is said as that, not as an earlier run, nor is its save, between two renames, taken for a killed one's.
     output_dir, checkpoints_dir = Path(recipe.output_dir), Path(recipe.output_dir) / "checkpoints"
-    if not output_dir.is_dir():  # nothing to put back: a mistyped --resume is said before the lock makes the folder
+    if not output_dir.is_dir():  # a mistyped --resume is said before the lock makes the folder
         resolve_resume(args.resume, checkpoints_dir)
     with full_disk_said(recipe.output_dir), output_dir_lock(output_dir):
-        for line in put_back_interrupted_checkpoints(checkpoints_dir):
-            print(line)
         resume_from = resolve_resume(args.resume, checkpoints_dir)
         guard_earlier_run(output_dir, resume_from, args.overwrite)
         result = _run_training(recipe, args, base_location)

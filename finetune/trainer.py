@@ -89,8 +89,6 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     train_cfg = recipe.train
 
     # Cheap checks first: a bad image or a missing model is reported before any weight is loaded.
-    for line in put_back_interrupted_checkpoints(checkpoints_dir):  # a save a kill cut between renames (`finetune train` did, locked)
-        say(line)
     resume_from = resolve_resume(resume, checkpoints_dir)
     method = resumed_method(recipe, resume_from)  # a resume's starting weights (lora.init_from, ...) are its checkpoint's
     check_deepspeed_launch(recipe, method.trained_module_names(), resume_from)  # DeepSpeed's refusals; a checkpoint of another engine
@@ -213,6 +211,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     step = 0
     if resume_from is not None:
         state = ckpt.load_checkpoint(accelerator, resume_from, recipe.flat_settings(), **load_options)
+        resume_from = put_back_interrupted_checkpoints(accelerator, checkpoints_dir, resume_from)  # loaded where a kill left it: in place before any save
         step = state["step"]
         accelerator.step = 0  # its micro-batch count, restored: count % accumulation must say a step's last at another accumulation too
         method.load_checkpoint_state(state.get("method", {}))

@@ -4,14 +4,12 @@ naming the file where something cannot be read."""
 import os
 import shutil
 import signal
-from pathlib import Path
 
 import pytest
 
 import finetune.trainer as trainer
 from finetune.errors import FinetuneError
-from finetune.recipe_loading import load_recipe
-from finetune.run_files import LORA_WEIGHTS_NAME, STATE_FILE
+from finetune.run_files import LORA_WEIGHTS_NAME
 
 
 def test_a_stop_while_the_last_checkpoint_is_written_waits_for_it_and_the_outputs(make_recipe, monkeypatch, tmp_path):
@@ -297,56 +295,3 @@ def test_a_kill_while_a_resume_writes_the_recipe_as_run_keeps_the_one_there(make
     with pytest.raises(Killed):
         trainer.train(make_recipe(output_dir=str(tmp_path / "run"), train__max_steps=3, checkpoint__every_n_steps=1), resume="latest")
     assert (tmp_path / "run" / "recipe_as_run.yaml").read_text() == kept
-
-
-def killed_between_the_renames(checkpoints, new_complete: bool) -> None:
-    """The folders a kill between replace_folder's renames leaves of checkpoint-4 (an older checkpoint-2 beside them)."""
-    for name, version in (("checkpoint-2", "step 2"), (".checkpoint-4.old", "old"), (".partial-checkpoint-4", "new")):
-        (checkpoints / name).mkdir(parents=True)
-        (checkpoints / name / "trainable_0.safetensors").write_text(version)
-        if name != ".partial-checkpoint-4" or new_complete:  # trainer_state.json is written last: a partial without it is unfinished
-            (checkpoints / name / STATE_FILE).write_text('{"step": %s}' % name.split("-")[-1].removesuffix(".old"))
-
-
-@pytest.mark.parametrize("new_complete", [True, False])
-def test_a_checkpoint_a_kill_left_between_its_renames_is_put_back_before_resume_latest_picks(tmp_path, monkeypatch, capsys, new_complete):
-    """A kill between the renames that replace checkpoint-4 left .checkpoint-4.old and .partial-checkpoint-4 and no checkpoint-4:
-    --resume latest took checkpoint-2, and its first save deleted the .partial- folder. `finetune train` (and train(), for its
-    other callers) puts the newest whole folder back first: the new one where its trainer_state.json is there, else the old."""
-    import finetune.earlier_run as earlier_run
-    from finetune.cli import main
-
-    picked = []
-
-    def stop_at_the_guard(output_dir, resume_from, overwrite):
-        picked.append(resume_from)
-        raise FinetuneError("stopped before training")
-
-    monkeypatch.setattr(earlier_run, "guard_earlier_run", stop_at_the_guard)  # `finetune train` imports it as it runs
-    monkeypatch.setattr(trainer, "resumed_method", lambda recipe, resume_from: stop_at_the_guard(None, resume_from, False))
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the quickstart recipe's data and base, without training
-    for caller in ("finetune train", "train()"):
-        checkpoints = tmp_path / caller / "checkpoints"
-        killed_between_the_renames(checkpoints, new_complete)
-        if caller == "finetune train":
-            assert main(["train", "recipes/quickstart.yaml", f"output_dir={checkpoints.parent}", "--resume", "latest"]) == 2
-        else:
-            with pytest.raises(FinetuneError, match="stopped before training"):
-                trainer.train(load_recipe("recipes/quickstart.yaml", [f"output_dir={checkpoints.parent}"]), resume="latest")
-        assert picked.pop() == checkpoints / "checkpoint-4", caller
-        assert (checkpoints / "checkpoint-4" / "trainable_0.safetensors").read_text() == ("new" if new_complete else "old")
-        # The old folder of a step put back new is removed; an unfinished partial is the next save's to remove, as ever.
-        assert sorted(p.name for p in checkpoints.iterdir()) == sorted(["checkpoint-2", "checkpoint-4"] + ([] if new_complete else [".partial-checkpoint-4"]))
-        said = capsys.readouterr().out
-        assert said.count("put back") == 1 and f"put back {checkpoints / 'checkpoint-4'}: a kill while it was " in said, (caller, said)
-
-
-def test_the_old_folder_a_kill_left_after_both_renames_is_removed(tmp_path):
-    """Killed after the renames but before the old folder was deleted: nothing replaces that name again to remove it."""
-    from finetune.earlier_run import put_back_interrupted_checkpoints
-
-    for name in ("checkpoint-4", ".checkpoint-4.old"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / STATE_FILE).write_text('{"step": 4}')
-    assert put_back_interrupted_checkpoints(tmp_path) == []
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-4"]

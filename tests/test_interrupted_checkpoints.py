@@ -1,0 +1,149 @@
+"""A checkpoint a kill left under another name, between the two renames that replace it (atomic_files.replace_folder): the
+old folder aside as `.checkpoint-N.old`, the new one still `.partial-checkpoint-N`, no `checkpoint-N`. --resume latest took an
+older checkpoint, and its first save deleted the `.partial-` folder. Every process of a run now picks the newest whole folder
+where it lies (nothing moves before the processes join), and once they have loaded it the main process puts it back."""
+
+import contextlib
+import io
+import json
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+import finetune.earlier_run as earlier_run
+import finetune.trainer as trainer
+from finetune.cli import main
+from finetune.earlier_run import put_back_interrupted_checkpoints
+from finetune.errors import FinetuneError
+from finetune.recipe_loading import load_recipe
+from finetune.run_files import STATE_FILE
+from ranks import run_ranks
+
+
+def killed_between_the_renames(checkpoints: Path, new_complete: bool) -> None:
+    """The folders a kill between replace_folder's renames leaves of checkpoint-4 (an older checkpoint-2 beside them)."""
+    for name, version in (("checkpoint-2", "step 2"), (".checkpoint-4.old", "old"), (".partial-checkpoint-4", "new")):
+        (checkpoints / name).mkdir(parents=True)
+        (checkpoints / name / "trainable_0.safetensors").write_text(version)
+        if name != ".partial-checkpoint-4" or new_complete:  # trainer_state.json is written last: a partial without it is unfinished
+            (checkpoints / name / STATE_FILE).write_text('{"step": %s}' % name.split("-")[-1].removesuffix(".old"))
+
+
+def contents(folder: Path) -> dict[str, str]:
+    return {str(path.relative_to(folder)): path.read_text() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize("new_complete", [True, False])
+def test_every_process_picks_the_newest_whole_folder_whichever_lists_the_checkpoints_first(tmp_path, monkeypatch, new_complete):
+    """Process 1 lists the checkpoints before process 0 has started (`finetune train`, and train() for its other callers).
+    Before, process 0 alone put checkpoint-4 back as it started: process 1, listing before, took checkpoint-2, and the run
+    stopped with "the processes would start at different steps" (or, listing after, checkpoint-4)."""
+    picked = []
+
+    def stop_at_the_guard(output_dir, resume_from, overwrite):
+        picked.append(resume_from)
+        raise FinetuneError("stopped before training")
+
+    monkeypatch.setattr(earlier_run, "guard_earlier_run", stop_at_the_guard)  # `finetune train` imports it as it runs
+    monkeypatch.setattr(trainer, "resumed_method", lambda recipe, resume_from: stop_at_the_guard(None, resume_from, False))
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the quickstart recipe's data and base, without training
+    for caller in ("finetune train", "train()"):
+        checkpoints = tmp_path / caller / "checkpoints"
+        killed_between_the_renames(checkpoints, new_complete)
+        before = contents(checkpoints)
+        for rank in ("1", "0"):
+            monkeypatch.setenv("RANK", rank)
+            if caller == "finetune train":
+                assert main(["train", "recipes/quickstart.yaml", f"output_dir={checkpoints.parent}", "--resume", "latest"]) == 2
+            else:
+                with pytest.raises(FinetuneError, match="stopped before training"):
+                    trainer.train(load_recipe("recipes/quickstart.yaml", [f"output_dir={checkpoints.parent}"]), resume="latest")
+        whole = checkpoints / (".partial-checkpoint-4" if new_complete else ".checkpoint-4.old")
+        assert picked == [whole, whole], caller
+        assert contents(checkpoints) == before, caller
+        picked.clear()
+
+
+def test_a_resume_names_a_checkpoint_a_kill_left_by_its_own_name_and_a_fresh_run_counts_it(tmp_path):
+    from finetune.earlier_run import guard_earlier_run
+    from finetune.run_files import resolve_resume
+
+    checkpoints = tmp_path / "checkpoints"
+    killed_between_the_renames(checkpoints, new_complete=True)
+    assert resolve_resume(str(checkpoints / "checkpoint-4"), checkpoints) == checkpoints / ".partial-checkpoint-4"
+    with pytest.raises(FinetuneError, match=r"also holds later checkpoints of the steps it would train again \(\.partial-checkpoint-4\)"):
+        guard_earlier_run(tmp_path, checkpoints / "checkpoint-2", overwrite=False)
+    with pytest.raises(FinetuneError, match=r"holds an earlier run \(checkpoint-4\): continue it with --resume latest"):
+        guard_earlier_run(tmp_path, None, overwrite=False)
+
+
+def put_back_on_each(checkpoints: Path, resumed: Path, folder: Path):
+    """What each process of a run does once it has loaded `resumed`: its answer and its lines, in `folder`/said-RANK.json."""
+
+    def put_back(accelerator):
+        if os.environ["RANK"] == "1":  # the slower to load: it reads its last file as the main process waits to put the folder back
+            time.sleep(0.5)
+            (resumed / "trainable_0.safetensors").read_text()
+        with contextlib.redirect_stdout(io.StringIO()) as said:
+            now = put_back_interrupted_checkpoints(accelerator, checkpoints, resumed)
+        (folder / f"said-{os.environ['RANK']}.json").write_text(json.dumps([str(now), said.getvalue()]))
+
+    return put_back
+
+
+@pytest.mark.parametrize("new_complete", [True, False])
+def test_once_the_processes_have_loaded_it_the_main_one_puts_it_back_and_every_process_resumes_it_there(tmp_path, new_complete):
+    checkpoints = tmp_path / "checkpoints"
+    killed_between_the_renames(checkpoints, new_complete)
+    whole = checkpoints / (".partial-checkpoint-4" if new_complete else ".checkpoint-4.old")
+    assert run_ranks(put_back_on_each(checkpoints, whole, tmp_path), tmp_path) == ["done", "done"]
+    said = [json.loads((tmp_path / f"said-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [now for now, _ in said] == [str(checkpoints / "checkpoint-4")] * 2
+    lines = {
+        True: f"put back {checkpoints / 'checkpoint-4'}: a kill while it was saved left it as .partial-checkpoint-4 (the folder it replaced, .checkpoint-4.old, is removed)\n",
+        False: f"put back {checkpoints / 'checkpoint-4'}: a kill while it was replaced left it as .checkpoint-4.old (its replacement, unfinished, is not used)\n",
+    }  # fmt: skip
+    assert [lines for _, lines in said] == [lines[new_complete], ""]  # said once, by the main process
+    assert (checkpoints / "checkpoint-4" / "trainable_0.safetensors").read_text() == ("new" if new_complete else "old")
+    # The old folder of a step put back new is removed; an unfinished partial is the next save's to remove, as ever.
+    assert sorted(p.name for p in checkpoints.iterdir()) == sorted(["checkpoint-2", "checkpoint-4"] + ([] if new_complete else [".partial-checkpoint-4"]))
+
+
+def test_a_put_back_that_fails_on_the_main_process_stops_every_process_with_its_line(tmp_path, monkeypatch):
+    checkpoints = tmp_path / "checkpoints"
+    killed_between_the_renames(checkpoints, new_complete=True)
+
+    def refused(self, target):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "rename", refused)  # (in the forked processes; only the main one renames)
+    said = run_ranks(put_back_on_each(checkpoints, checkpoints / ".partial-checkpoint-4", tmp_path), tmp_path)
+    assert said[0] == said[1] == (f"FinetuneError: could not put back {checkpoints / 'checkpoint-4'} from the folders a killed save left (Permission "
+                                  f"denied): fix the permissions of {checkpoints}, or rename .partial-checkpoint-4 there to checkpoint-4 yourself"), said  # fmt: skip
+
+
+def test_the_old_folder_a_kill_left_after_both_renames_is_removed(tmp_path):
+    """Killed after the renames but before the old folder was deleted: nothing replaces that name again to remove it."""
+    for name in ("checkpoint-4", ".checkpoint-4.old"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / STATE_FILE).write_text('{"step": 4}')
+    resumed = tmp_path / "checkpoint-4"
+    assert put_back_interrupted_checkpoints(SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None), tmp_path, resumed) == resumed
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-4"]
+
+
+def test_a_run_resumes_from_a_checkpoint_a_kill_left_unrenamed_and_keeps_it(make_recipe, capsys):
+    """Loaded from where the kill left it, then put back before the first save (which deleted a `.partial-` folder)."""
+    recipe = make_recipe(train__max_steps=2, checkpoint__every_n_steps=1, checkpoint__keep_last=2)
+    checkpoints = trainer.train(recipe).output_dir / "checkpoints"
+    (checkpoints / "checkpoint-2").rename(checkpoints / ".partial-checkpoint-2")  # killed between the renames of checkpoint-2's save
+    (checkpoints / "checkpoint-1").rename(checkpoints / ".checkpoint-2.old")  # (a whole folder aside: what it replaced)
+    capsys.readouterr()
+    result = trainer.train(make_recipe(train__max_steps=3, checkpoint__every_n_steps=1, checkpoint__keep_last=2), resume="latest")
+    said = capsys.readouterr().out
+    assert f"put back {checkpoints / 'checkpoint-2'}: a kill while it was saved left it as .partial-checkpoint-2" in said
+    assert f"resumed from {checkpoints / 'checkpoint-2'} at step 2" in said and result.final_step == 3
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-3"]  # kept by the next save's rotation
