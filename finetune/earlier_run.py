@@ -104,7 +104,8 @@ def _put_back(checkpoints_dir: Path) -> dict[str, str] | str:
                     f"of {checkpoints_dir}, or rename {source.name} there to {final.name} yourself")  # fmt: skip
         moved[found_as] = str(final)
         if source == aside:
-            say(f"put back {final}: a kill while it was replaced left it as {aside.name} (its replacement, unfinished, is not used)")
+            unfinished = " (its replacement, unfinished, is not used)" if final.with_name(f"{PARTIAL}{final.name}").exists() else ""
+            say(f"put back {final}: a kill while it was replaced left it as {aside.name}{unfinished}")
         elif aside.is_dir():
             shutil.rmtree(aside, ignore_errors=True)  # the older state of the same step
             say(f"put back {final}: a kill while it was saved left it as {source.name} (the folder it replaced, {aside.name}, is removed)")

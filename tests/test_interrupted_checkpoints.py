@@ -171,3 +171,13 @@ def test_a_complete_checkpoint_a_kill_left_before_its_rename_is_resumed_and_put_
     assert resumed == checkpoints / "checkpoint-4" and (resumed / "trainable_0.safetensors").read_text() == "new"
     assert said.getvalue() == f"put back {resumed}: a kill after it was saved, before it was renamed into place, left it as .partial-checkpoint-4\n"
     assert sorted(p.name for p in checkpoints.iterdir()) == [".partial-checkpoint-5", ".partial-checkpoint-6", "checkpoint-2", "checkpoint-4"]
+
+
+def test_an_old_folder_left_alone_is_put_back_without_a_word_of_a_replacement(tmp_path):
+    """The `.partial-` folder of its replacement gone (deleted by a save of an older finetune), only the old one is left."""
+    checkpoints = tmp_path / "checkpoints"
+    killed_between_the_renames(checkpoints, new_complete=False)
+    shutil.rmtree(checkpoints / ".partial-checkpoint-4")
+    with contextlib.redirect_stdout(io.StringIO()) as said:
+        put_back_interrupted_checkpoints(SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None), checkpoints, checkpoints / "checkpoint-2")
+    assert said.getvalue() == f"put back {checkpoints / 'checkpoint-4'}: a kill while it was replaced left it as .checkpoint-4.old\n"
