@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from finetune.counts import counted
-from finetune.run_files import list_checkpoints, read_state
+from finetune.run_files import read_state, resolve_resume
 
 if TYPE_CHECKING:  # for annotations only: the data check and the recipe schema load pydantic and PIL
     from finetune.check_data import DataReport
@@ -120,14 +120,14 @@ def held_out_for_check(items: list, count: int, seed: int, output_dir: Path) -> 
     its lines saying so; and what the held-out line adds ("" for a new run's)."""
     new = held_out_for_run(items, count, seed)
     checkpoints = output_dir / "checkpoints"
-    if count == 0 or not checkpoints.is_dir() or not any(path.name.startswith("checkpoint-") for path in checkpoints.iterdir()):
+    if count == 0 or not checkpoints.is_dir() or not any("checkpoint-" in path.name for path in checkpoints.iterdir()):
         return new, ""
     from finetune.errors import FinetuneError
 
-    if not (found := list_checkpoints(checkpoints)):
+    if (latest := resolve_resume("latest", checkpoints)) is None:  # (with one a kill left unrenamed: run_files.interrupted_checkpoints)
         return new, ""
     try:
-        resumed = held_out_for_run(items, count, seed, found[-1])
+        resumed = held_out_for_run(items, count, seed, latest)
     except FinetuneError as err:  # a damaged trainer state: the resume stops on it, a new run does not read it
         return HeldOutSplit(new.trained, new.scored, new.images, [f"warning: with --resume latest: {err}"]), ""
     if resumed.images == new.images and not resumed.lines:
@@ -135,7 +135,7 @@ def held_out_for_check(items: list, count: int, seed: int, output_dir: Path) -> 
     lines = [line.replace("warning: ", "warning: with --resume latest, ", 1) if line.startswith("warning: ") else f"with --resume latest, {line}"
              for line in resumed.lines]  # fmt: skip
     other = "the same images" if resumed.images == new.images else "other images"
-    return HeldOutSplit(resumed.trained, resumed.scored, resumed.images, lines), f" as --resume latest holds them out ({found[-1].name}; a new run, with --overwrite, holds out {other})"
+    return HeldOutSplit(resumed.trained, resumed.scored, resumed.images, lines), f" as --resume latest holds them out ({latest.name}; a new run, with --overwrite, holds out {other})"
 
 
 def _run_split(images: list[str], split: tuple[list[int], list[int]], lines: list[str]) -> HeldOutSplit:

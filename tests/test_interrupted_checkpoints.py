@@ -181,3 +181,13 @@ def test_an_old_folder_left_alone_is_put_back_without_a_word_of_a_replacement(tm
     with contextlib.redirect_stdout(io.StringIO()) as said:
         put_back_interrupted_checkpoints(SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None), checkpoints, checkpoints / "checkpoint-2")
     assert said.getvalue() == f"put back {checkpoints / 'checkpoint-4'}: a kill while it was replaced left it as .checkpoint-4.old\n"
+
+
+def test_check_data_shows_the_held_out_images_of_the_checkpoint_resume_latest_takes(tmp_path):
+    from finetune.held_out import HELD_OUT_STATE, held_out_for_check
+
+    items = [SimpleNamespace(digest=f"pixels {i}", source=f"{i}.png") for i in range(6)]
+    (tmp_path / "checkpoints" / ".partial-checkpoint-4").mkdir(parents=True)
+    (tmp_path / "checkpoints" / ".partial-checkpoint-4" / STATE_FILE).write_text(json.dumps({"step": 4, HELD_OUT_STATE: ["pixels 0", "pixels 5"]}))
+    split, note = held_out_for_check(items, 2, 3, tmp_path)
+    assert split.scored == [0, 5] and note.startswith(" as --resume latest holds them out (.partial-checkpoint-4; a new run"), (split, note)
