@@ -75,34 +75,30 @@ def guard_earlier_run(output_dir: Path, resume_from: Path | None, overwrite: boo
                             f"set output_dir to a new folder to keep them, or replace them with --overwrite")  # fmt: skip
 
 
-def put_back_interrupted_checkpoints(accelerator, checkpoints_dir: Path, resumed: Path) -> Path:
-    """Collective, once every process has loaded the checkpoint it resumes from where it lies (`run_files.interrupted_checkpoints`:
-    nothing moved before, so every process chose the same; put back as the main process started, a process that listed them
-    before it chose an older one). The main process renames each such folder checkpoint-N (the run's first save would delete a
-    `.partial-` one), with a line for each, and removes a `.checkpoint-N.old` a kill after both renames left beside its
-    checkpoint-N; the others wait for it, and stop with its failure. In `finetune train`, in the output_dir's lock (a run still
-    saving there is between those renames too). Returns where `resumed` is now."""
+def put_back_interrupted_checkpoints(accelerator, checkpoints_dir: Path) -> None:
+    """Collective, once every process has read all it reads of the checkpoint it resumes, where it lies
+    (`run_files.interrupted_checkpoints`: nothing moved before, so every process chose the same; put back as the main process
+    started, a process that listed them before it chose an older one). The main process renames each such folder checkpoint-N
+    (the run's first save would delete a `.partial-` one), with a line for each, and removes a `.checkpoint-N.old` a kill after
+    both renames left beside its checkpoint-N; the others wait for it, and stop with its failure. In `finetune train`, in the
+    output_dir's lock (a run still saving there is between those renames too)."""
     from accelerate.utils import broadcast_object_list
 
-    accelerator.wait_for_everyone()  # each process has read its files where they lie (accelerate's load_state ends in no barrier)
-    moved = _put_back(checkpoints_dir) if accelerator.is_main_process else None
-    moved = broadcast_object_list([moved])[0]
-    if isinstance(moved, str):
-        raise FinetuneError(moved)
-    return Path(moved.get(str(resumed.resolve()), resumed))
+    accelerator.wait_for_everyone()  # (accelerate's load_state ends in no barrier: a process may still be reading)
+    failure = _put_back(checkpoints_dir) if accelerator.is_main_process else None
+    if failure := broadcast_object_list([failure])[0]:
+        raise FinetuneError(failure)
 
 
-def _put_back(checkpoints_dir: Path) -> dict[str, str] | str:
-    """The main process's part: {folder: checkpoint-N it now is}, or the line that says why one could not be put back."""
-    moved = {}
+def _put_back(checkpoints_dir: Path) -> str | None:
+    """The main process's part; the line that says why a folder could not be put back, or None."""
     for final, source in interrupted_checkpoints(checkpoints_dir).items():
-        aside, found_as = final.with_name(f".{final.name}.old"), str(source.resolve())  # (as --resume may have named it)
+        aside = final.with_name(f".{final.name}.old")
         try:
             source.rename(final)
         except OSError as err:
             return (f"could not put back {final} from the folders a killed save left ({err.strerror or err}): fix the permissions "
                     f"of {checkpoints_dir}, or rename {source.name} there to {final.name} yourself")  # fmt: skip
-        moved[found_as] = str(final)
         if source == aside:
             unfinished = " (its replacement, unfinished, is not used)" if final.with_name(f"{PARTIAL}{final.name}").exists() else ""
             say(f"put back {final}: a kill while it was replaced left it as {aside.name}{unfinished}")
@@ -116,7 +112,7 @@ def _put_back(checkpoints_dir: Path) -> dict[str, str] | str:
         final = checkpoints_dir / aside.name[1 : -len(".old")]
         if CHECKPOINT_PATTERN.match(final.name) and aside.is_dir() and (final / STATE_FILE).is_file():
             shutil.rmtree(aside, ignore_errors=True)
-    return moved
+    return None
 
 
 def check_run_folder_links(output_dir: Path) -> None:

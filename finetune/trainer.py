@@ -211,7 +211,6 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     step = 0
     if resume_from is not None:
         state = ckpt.load_checkpoint(accelerator, resume_from, recipe.flat_settings(), **load_options)
-        resume_from = put_back_interrupted_checkpoints(accelerator, checkpoints_dir, resume_from)  # loaded where a kill left it: in place before any save
         step = state["step"]
         accelerator.step = 0  # its micro-batch count, restored: count % accumulation must say a step's last at another accumulation too
         method.load_checkpoint_state(state.get("method", {}))
@@ -225,6 +224,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
         changed = ckpt.changed_settings(state.get("recipe"), recipe.flat_settings()) + ckpt.changed_data(state.get("data"), images_record)
         if changed:
             warn(f"settings changed since {resume_from.name}: {', '.join(changed)}")
+        put_back_interrupted_checkpoints(accelerator, checkpoints_dir)  # the checkpoint read where a kill left it: in place before any save
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_run_recipe(recipe, output_dir)  # never over a recipe.yaml of the user's there (finetune.run_recipe)

@@ -82,15 +82,17 @@ def test_a_resume_names_a_checkpoint_a_kill_left_by_its_own_name_and_a_fresh_run
 
 
 def put_back_on_each(checkpoints: Path, resumed: Path, folder: Path):
-    """What each process of a run does once it has loaded `resumed`: its answer and its lines, in `folder`/said-RANK.json."""
+    """What each process of a run does once it has read `resumed`: what it then finds as checkpoint-4 and its lines, in
+    `folder`/said-RANK.json."""
 
     def put_back(accelerator):
         if os.environ["RANK"] == "1":  # the slower to load: it reads its last file as the main process waits to put the folder back
             time.sleep(0.5)
             (resumed / "trainable_0.safetensors").read_text()
         with contextlib.redirect_stdout(io.StringIO()) as said:
-            now = put_back_interrupted_checkpoints(accelerator, checkpoints, resumed)
-        (folder / f"said-{os.environ['RANK']}.json").write_text(json.dumps([str(now), said.getvalue()]))
+            put_back_interrupted_checkpoints(accelerator, checkpoints)
+        found = (checkpoints / "checkpoint-4" / "trainable_0.safetensors").read_text()  # as this process finds it then
+        (folder / f"said-{os.environ['RANK']}.json").write_text(json.dumps([found, said.getvalue()]))
 
     return put_back
 
@@ -102,13 +104,12 @@ def test_once_the_processes_have_loaded_it_the_main_one_puts_it_back_and_every_p
     whole = checkpoints / (".partial-checkpoint-4" if new_complete else ".checkpoint-4.old")
     assert run_ranks(put_back_on_each(checkpoints, whole, tmp_path), tmp_path) == ["done", "done"]
     said = [json.loads((tmp_path / f"said-{rank}.json").read_text()) for rank in (0, 1)]
-    assert [now for now, _ in said] == [str(checkpoints / "checkpoint-4")] * 2
+    assert [found for found, _ in said] == ["new" if new_complete else "old"] * 2
     lines = {
         True: f"put back {checkpoints / 'checkpoint-4'}: a kill while it was saved left it as .partial-checkpoint-4 (the folder it replaced, .checkpoint-4.old, is removed)\n",
         False: f"put back {checkpoints / 'checkpoint-4'}: a kill while it was replaced left it as .checkpoint-4.old (its replacement, unfinished, is not used)\n",
     }  # fmt: skip
     assert [lines for _, lines in said] == [lines[new_complete], ""]  # said once, by the main process
-    assert (checkpoints / "checkpoint-4" / "trainable_0.safetensors").read_text() == ("new" if new_complete else "old")
     # The old folder of a step put back new is removed; an unfinished partial is the next save's to remove, as ever.
     assert sorted(p.name for p in checkpoints.iterdir()) == sorted(["checkpoint-2", "checkpoint-4"] + ([] if new_complete else [".partial-checkpoint-4"]))
 
@@ -131,8 +132,7 @@ def test_the_old_folder_a_kill_left_after_both_renames_is_removed(tmp_path):
     for name in ("checkpoint-4", ".checkpoint-4.old"):
         (tmp_path / name).mkdir()
         (tmp_path / name / STATE_FILE).write_text('{"step": 4}')
-    resumed = tmp_path / "checkpoint-4"
-    assert put_back_interrupted_checkpoints(SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None), tmp_path, resumed) == resumed
+    put_back_interrupted_checkpoints(SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None), tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-4"]
 
 
@@ -148,7 +148,8 @@ def test_a_run_resumes_from_a_checkpoint_a_kill_left_unrenamed_and_keeps_it(make
     result = trainer.train(make_recipe(train__max_steps=3, checkpoint__every_n_steps=1, checkpoint__keep_last=2), resume="latest")
     said = capsys.readouterr().out
     assert f"put back {checkpoints / 'checkpoint-2'}: a kill " in said and "left it as .partial-checkpoint-2" in said
-    assert f"resumed from {checkpoints / 'checkpoint-2'} at step 2" in said and result.final_step == 3
+    assert f"resumed from {checkpoints / '.partial-checkpoint-2'} at step 2" in said and result.final_step == 3
+    assert said.index("resumed from") < said.index("put back")  # once the run has read it
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-3"]  # kept by the next save's rotation
 
 
@@ -166,9 +167,9 @@ def test_a_complete_checkpoint_a_kill_left_before_its_rename_is_resumed_and_put_
             (checkpoints / name / STATE_FILE).write_text(state)
     assert resolve_resume("latest", checkpoints) == checkpoints / ".partial-checkpoint-4"
     with contextlib.redirect_stdout(io.StringIO()) as said:
-        resumed = put_back_interrupted_checkpoints(SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None), checkpoints,
-                                                   checkpoints / ".partial-checkpoint-4")  # fmt: skip
-    assert resumed == checkpoints / "checkpoint-4" and (resumed / "trainable_0.safetensors").read_text() == "new"
+        put_back_interrupted_checkpoints(SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None), checkpoints)
+    resumed = checkpoints / "checkpoint-4"
+    assert (resumed / "trainable_0.safetensors").read_text() == "new"
     assert said.getvalue() == f"put back {resumed}: a kill after it was saved, before it was renamed into place, left it as .partial-checkpoint-4\n"
     assert sorted(p.name for p in checkpoints.iterdir()) == [".partial-checkpoint-5", ".partial-checkpoint-6", "checkpoint-2", "checkpoint-4"]
 
@@ -179,7 +180,7 @@ def test_an_old_folder_left_alone_is_put_back_without_a_word_of_a_replacement(tm
     killed_between_the_renames(checkpoints, new_complete=False)
     shutil.rmtree(checkpoints / ".partial-checkpoint-4")
     with contextlib.redirect_stdout(io.StringIO()) as said:
-        put_back_interrupted_checkpoints(SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None), checkpoints, checkpoints / "checkpoint-2")
+        put_back_interrupted_checkpoints(SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None), checkpoints)
     assert said.getvalue() == f"put back {checkpoints / 'checkpoint-4'}: a kill while it was replaced left it as .checkpoint-4.old\n"
 
 
