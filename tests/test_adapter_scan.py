@@ -1,6 +1,7 @@
 """The demo's adapter list says which LoRA files cannot load, from their header, before Generate is pressed."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -44,8 +45,11 @@ def test_lycoris_and_sdxl_lora_files_are_listed_as_refused_with_the_reason_and_d
         "peft-dora": None,
         "sdxl": "an SDXL LoRA (lora_te1_/lora_te2_ or text_encoder_2 names): only SD1.x LoRAs are loaded",
     }
-    for name in ("loha", "dora", "peft-dora"):  # what the loader refuses (a DoRA per input channel, one without magnitudes) when Generate is pressed
-        with pytest.raises(FinetuneError):
+    # What the loader refuses (a DoRA per input channel, one without magnitudes) when Generate is pressed, each for its reason
+    said = {"loha": " is a LyCORIS LoHa, LoKr or Tucker LoCon file: ", "dora": r": LoRA key \S+dora_scale \(\(1, 32\)\) is not one DoRA magnitude per output channel",
+            "peft-dora": r": its lora_adapter_metadata says DoRA \(use_dora\) and it holds no DoRA magnitudes"}  # fmt: skip
+    for name, reason in said.items():
+        with pytest.raises(FinetuneError, match=rf"^LoRA {re.escape(str(adapters[name].path))}{reason}"):
             load_lora(adapters[name].path)
 
 
