@@ -140,7 +140,7 @@ def test_the_table_lists_every_adapter_with_its_metadata(client, tiny_model):
 def test_rescan_finds_an_adapter_trained_while_the_demo_runs(client, demo, adapters_dir):
     from gradio_client.exceptions import AppError
 
-    with pytest.raises(AppError):
+    with pytest.raises(AppError, match=r"^unknown lora 'late': pick one from the list \(press Rescan for newly trained ones\)$"):  # not any failure
         run(client, lora_1="late")
     shutil.copytree(adapters_dir / "trained", adapters_dir / "late")
     try:
