@@ -22,8 +22,11 @@ def test_import_datasets_from_repo_root_is_the_installed_package():
 def test_sample_data_is_what_the_generator_writes(tmp_path):
     from finetune.sample_data import make_sample_data
 
-    for folder in make_sample_data(tmp_path):
+    files = lambda root: sorted(path.relative_to(root) for path in root.rglob("*") if path.is_file())  # noqa: E731
+    folders = make_sample_data(tmp_path)
+    assert sorted(folder.name for folder in folders) == sorted(path.name for path in (ROOT / "datasets").iterdir())
+    for folder in folders:  # the same files both ways: none missing from the generator, none left over in datasets/
         shipped = ROOT / "datasets" / folder.name
-        for generated in sorted(path for path in folder.rglob("*") if path.is_file()):
-            name = generated.relative_to(folder)
-            assert (shipped / name).read_bytes() == generated.read_bytes(), name
+        assert files(folder) == files(shipped), folder.name
+        for name in files(folder):
+            assert (shipped / name).read_bytes() == (folder / name).read_bytes(), name
