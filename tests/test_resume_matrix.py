@@ -101,6 +101,8 @@ def test_a_run_stopped_and_resumed_ends_and_logs_as_a_run_never_stopped(make_rec
     assert stopped.validation_losses + resumed.validation_losses == straight.validation_losses
     grids = {path.name: path.read_bytes() for path in (straight.output_dir / "samples").glob("*.png")}
     assert {path.name: path.read_bytes() for path in (tmp_path / "stopped" / "samples").glob("*.png")} == grids
+    saved = [path.relative_to(straight.output_dir) for path in straight.saved_files]
+    assert saved and [path.relative_to(resumed.output_dir) for path in resumed.saved_files] == saved  # none: nothing compared below
     for output in straight.saved_files:
         expected, got = _weights(output), _weights(tmp_path / "stopped" / output.relative_to(straight.output_dir))
         assert got.keys() == expected.keys() and all(torch.equal(got[key], value) for key, value in expected.items()), output.name
