@@ -34,7 +34,9 @@ def test_the_model_cards_diffusers_code_runs_on_the_shipped_base(quickstart_lora
     an fp16 text encoder beside fp32 parts, which mixed dtypes in a plain from_pretrained."""
     assert main(["export", str(quickstart_lora), str(tmp_path / "webui"), "--to", "kohya"]) == 0
     assert main(["merge", "--base", str(SHIPPED_BASE), "--lora", str(tmp_path / "webui"), str(tmp_path / "merged")]) == 0
-    for card in (*(tmp_path / "webui").glob("*.md"), tmp_path / "merged" / "README.md"):
+    exported = [path.with_suffix(".md") for path in (tmp_path / "webui").glob("*.safetensors")]
+    assert len(exported) == 1 and exported[0].is_file(), sorted(path.name for path in (tmp_path / "webui").iterdir())  # its card, beside it
+    for card in (*exported, tmp_path / "merged" / "README.md"):
         namespace: dict = {}
         exec(python_block(card), namespace)
         image = namespace["pipeline"]("a star", num_inference_steps=1, output_type="np").images[0]
