@@ -221,6 +221,7 @@ def test_dreambooth_masks_its_instances_and_not_its_class_images(make_recipe, tm
     seen = record_loss_gradients(monkeypatch)
     recipe = dreambooth_recipe(make_recipe, folder, tmp_path, data__loss_mask={"source": "files"}, train__max_steps=2, train__cache_latents=cache_latents)
     train(recipe)
+    assert len(seen) == 2  # a step's loss each: none seen would pass the loop below
     for weights, _ in seen:
         instance, class_image = weights  # batch size 1: the instance row, then its class image's
         assert instance.sum() == 32 and torch.equal(class_image, torch.ones_like(class_image))
