@@ -108,7 +108,7 @@ def test_overrides_use_dotted_paths_and_yaml_values(tmp_path):
 def test_override_without_equals_is_an_error(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("data: {image_dir: x}\n")
-    with pytest.raises(FinetuneError, match="must look like key=value"):
+    with pytest.raises(FinetuneError, match=r"^override 'optimizer.lr' must look like key=value, e.g. optimizer.lr=1e-4$"):  # names the one given
         load_recipe(path, ["optimizer.lr"])
 
 
