@@ -87,7 +87,7 @@ def test_the_demo_samples_each_column_with_its_adapters_prediction_type(adapters
     used.clear()
     engine.render(Request(prompt="a red circle", steps=1, loras=[("epsilon", 1.0)]))
     assert used == ["epsilon", "epsilon"]
-    with pytest.raises(FinetuneError, match=r"cannot be combined"):
+    with pytest.raises(FinetuneError, match=r"^adapters trained for different prediction types cannot be combined: v \(v_prediction\), epsilon \(epsilon\)$"):
         engine.render(Request(prompt="a red circle", steps=1, loras=[("v", 1.0), ("epsilon", 1.0)]))
 
 
