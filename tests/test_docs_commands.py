@@ -109,8 +109,9 @@ def test_an_eval_report_records_the_training_steps_it_scored(make_recipe, tmp_pa
 
 
 # The README's and docs' commands and keys, as a user copies them (finetune/cli_arguments.py, the recipe schema).
-DOCS = [Path("README.md"), *sorted(Path("docs").glob("*.md"))]
 ROOT = Path(__file__).resolve().parent.parent
+# Found from the repository, not the current folder: run from elsewhere, Path("docs").glob found none and only README.md was checked.
+DOCS = [Path("README.md"), *sorted(path.relative_to(ROOT) for path in (ROOT / "docs").glob("*.md"))]
 
 
 def code_blocks(path: Path, languages: set[str]) -> list[str]:
