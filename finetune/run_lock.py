@@ -62,8 +62,10 @@ def _locked_file(output_dir: Path, fcntl):
             handle.close()
             raise FinetuneError(f"output_dir {output_dir} is in use by another run{f' (process {holder})' if holder else ''}: "
                                 "let it finish or stop it, or choose another output_dir") from None
-        except OSError:
+        except OSError:  # no locks here: the empty file opened for one would stay in the run's folder for good
             handle.close()
+            with contextlib.suppress(OSError):
+                path.unlink()
             return None
         try:  # still the file at that name, not one the run that held it removed as it ended
             if os.path.samestat(os.stat(path), os.fstat(handle.fileno())):
