@@ -1,6 +1,7 @@
 """The data check runs on several threads: the same report as one thread, a progress bar for long checks (one per
 machine), and an error or Ctrl-C stops it without decoding the images not yet begun."""
 
+import itertools
 import threading
 import time
 
@@ -29,16 +30,20 @@ def report_of(folder, monkeypatch, threads):
 def test_threads_give_the_report_of_one_thread(odd_folder, monkeypatch):
     seen_threads = set()
     inspect = check_data.inspect
+    meeting = None  # threaded: the first two images wait for each other, so two threads must check them, however busy the host
 
     def inspect_slowly(example, config):
         seen_threads.add(threading.get_ident())
-        time.sleep(0.02)  # long enough that a second thread takes the next image
+        if meeting is not None and next(first_two) < 2:
+            meeting.wait()
+        time.sleep(0.02)  # and then more threads take the images after them
         return inspect(example, config)
 
     monkeypatch.setattr(check_data, "inspect", inspect_slowly)
     serial = report_of(odd_folder, monkeypatch, threads=1)
     assert len(seen_threads) == 1
     seen_threads.clear()
+    meeting, first_two = threading.Barrier(2, timeout=30), itertools.count()
     threaded = report_of(odd_folder, monkeypatch, threads=4)
     assert len(seen_threads) > 1
     assert threaded.lines() == serial.lines()  # findings in the same order, duplicates named the same way
@@ -73,7 +78,9 @@ def test_an_error_stops_the_check_without_running_the_rest(monkeypatch):
 
     with pytest.raises(KeyboardInterrupt):
         each_on_threads(check, list(range(200)), "checking")
-    time.sleep(0.1)  # a thread still in its image finishes it; none starts another
+    for thread in threading.enumerate():  # a thread still in its image finishes it; none starts another (left running, all 200 would)
+        if thread.name.startswith("check"):
+            thread.join(timeout=60)
     assert len(started) < 20
 
 
