@@ -2,6 +2,7 @@
 SD1.5-size model it builds for GPUs has SD1.5's architecture. No timing is asserted."""
 
 import json
+import math
 from datetime import datetime
 
 import pytest
@@ -49,7 +50,7 @@ def test_bench_runs_two_variants_and_writes_the_report(tmp_path, capsys):
         assert row["images_per_sec"] == pytest.approx(row["images_per_step"] / row["sec_per_step"])
         assert len(row["step_seconds"]) == 2 and sum(row["step_seconds"]) == pytest.approx(2 * row["sec_per_step"], rel=1e-3)
         assert row["memory_kind"] in ("max RSS", "cuda max allocated")
-        assert row["final_loss"] == row["final_loss"]  # not NaN
+        assert isinstance(row["final_loss"], float) and math.isfinite(row["final_loss"])  # a number: not NaN, inf or missing (null)
         if not torch.cuda.is_available():
             assert "mfu" not in row  # no peak FLOP/s for a CPU
     assert rows["lora"]["speedup_vs_lora"] == 1.0
