@@ -134,7 +134,7 @@ def test_finetune_cli_main_runs_eval(tiny_model, tmp_path, capsys):
     settings = report["settings"]
     assert (settings["base"], settings["suites"], settings["num_prompts"], settings["steps"], settings["seed"]) == (str(tiny_model), ["adherence"], 2, 1, 3)
     assert cli.main(["eval", "--base", str(tmp_path / "missing")]) == 2
-    assert "error:" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip() == f"error: base model {tmp_path / 'missing'} not found: no such folder or file (check --base)"
     assert cli.main(["eval", "--base", str(tiny_model), "--lora-scale", "0.5"]) == 2  # a strength of no LoRA
     assert "error: --lora-scale is the LoRA's strength: pass --lora too, or leave it out" in capsys.readouterr().err
 
