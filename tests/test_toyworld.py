@@ -235,7 +235,8 @@ def test_make_world_data_takes_every_held_out_mode_and_refuses_what_it_cannot_wr
     from finetune.cli import main
 
     assert main(["make-world-data", str(tmp_path / "style"), "--num-images", "3", "--include-held-out", "only_style"]) == 0
-    assert all("striped" in caption.read_text() for caption in (tmp_path / "style").glob("*.txt"))
+    captions = [caption.read_text() for caption in sorted((tmp_path / "style").glob("*.txt"))]
+    assert len(captions) == 3 and all("striped" in caption for caption in captions), captions  # none written would pass all() alone
     (tmp_path / "a-file").write_text("")
     for arguments, message in (
         ([str(tmp_path / "style"), "--num-images", "2"], r"style is not empty: give a new or empty folder"),
