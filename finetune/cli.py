@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from finetune.cli_arguments import parse_arguments
@@ -117,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         # machine's launcher stops on it), naming the machine where there are several (a job's merged log).
         if (first_on_its_machine() if err.said_here is None else err.said_here):
             print(f"error: {machine + ': ' if (machine := machine_name()) else ''}{one_line(err)}", file=sys.stderr)
+        elif err.said_here is None:
+            leave_the_line_to_the_first_process()
         return 2
     except KeyboardInterrupt as stop:  # training stops itself cleanly; this is a stop anywhere else (loading, class images, sampling)
         # Every process got it (a terminal's Ctrl-C, a job's SIGTERM): one line for the run, as the training loop's stop
@@ -129,6 +132,21 @@ def main(argv: list[str] | None = None) -> int:
         return 141  # as a shell reports a process ended by SIGPIPE
     finally:
         signal.signal(signal.SIGINT, previous_sigint)  # Python's own again, for a caller that goes on (tests, a notebook)
+
+
+# How long a process that leaves its error line to its machine's first process waits for the launcher to stop it.
+FIRST_PROCESS_GRACE = 10.0
+
+
+def leave_the_line_to_the_first_process() -> None:
+    """A process of a launch, not its machine's first, met an error before the processes joined (the recipe, a file): the
+    first one meets it too, and says it. Exiting at once, this one could end the launch first: torchrun stops every other
+    process as one fails, and the first one, stopped before it said its line, left the run ending in the launcher's report
+    alone (1 of 4 launches of two processes here). So it waits, a bounded time, for the launcher's stop."""
+    try:
+        time.sleep(FIRST_PROCESS_GRACE)
+    except KeyboardInterrupt:  # the launcher's SIGTERM once the first process failed (or a Ctrl-C): the line is the first's
+        pass
 
 
 def _train(args) -> int:

@@ -122,6 +122,7 @@ def test_an_uncached_hub_model_is_said_to_need_the_network_or_a_local_copy(monke
 def test_under_a_launcher_the_error_line_comes_once_per_machine(tmp_path, capsys, monkeypatch):
     """Every process of `accelerate launch` checks the same recipe: local rank 0 says it, the others only exit 2."""
     recipe = write_recipe(tmp_path, train={"max_step": 1})
+    monkeypatch.setattr("finetune.cli.FIRST_PROCESS_GRACE", 0)  # the others' wait for the launcher: tests/test_error_lines.py
     for local_rank, lines in (("1", 0), ("0", 1)):
         monkeypatch.setenv("LOCAL_RANK", local_rank)
         code, err = run_train(tmp_path, capsys, recipe)
