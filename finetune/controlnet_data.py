@@ -63,7 +63,7 @@ class ControlNetDataset(Dataset):
 
     def render(self, view: tuple[int, ViewPlan]) -> torch.Tensor:
         index, plan = view
-        return render_pixels(self.pairs[index].image, plan, as_checked=True)
+        return render_pixels(self.pairs[index].image, plan)
 
 
 def controlnet_collate(items: list[dict]) -> dict:

@@ -64,17 +64,40 @@ def _changed_stamp(example: Example, found_alike: dict[str, tuple[int, int]], ki
     return None if stamp in (None, example.file_stamp, found_alike.get(example.source)) else stamp
 
 
-def require_as_checked(example: Example) -> None:
+def require_as_checked(example: Example) -> tuple[int, int] | None:
     """Stop where `example`'s image changed since this run's data check, at its next use: its views' cached latents (in
     memory or on disk), keyed by the checked pixels, would be served stale. A file whose size or time changed is decoded
-    in full and compared, so a copy of the same pixels, or a touched file, trains on."""
-    if (stamp := _changed_stamp(example, _UNCHANGED_STAMPS)) is None:
-        return
+    in full and compared, so a copy of the same pixels, or a touched file, trains on. The file's stamp now accepted as
+    holding the checked pixels (None for a dataset row), for a view's decode (`decoded_as_checked`)."""
+    stamp = _stamp_now(example)
+    if stamp in (None, example.file_stamp, _UNCHANGED_STAMPS.get(example.source)):
+        return stamp
+    return _require_checked_pixels(example, stamp)[1]
+
+
+def _require_checked_pixels(example: Example, stamp: tuple[int, int]) -> tuple[Image.Image, tuple[int, int]]:
+    """The image decoded in full (once written) and its stamp, where its pixels are the checked ones; else one line."""
     image, stamp = _read_once_written(lambda: open_rgb(example), example.source, stamp)
     if pixel_digest(image) != example.digest:
         raise FinetuneError(f"image {example.source} changed since this run's data check: restart the run to train with it "
                             "(train.cache_latents keeps each view's latents under the content checked at the start)")  # fmt: skip
     _UNCHANGED_STAMPS[example.source] = stamp
+    return image, stamp
+
+
+def decoded_as_checked(example: Example, at_least: int, stamp: tuple[int, int] | None) -> Image.Image:
+    """`open_rgb` of an image whose view is cached under its checked digest: the checked pixels, never a rewrite's. The
+    file was found as checked at `stamp` (`require_as_checked`); a rewrite begun after that stat and before the decode
+    was read, and its view stored under the checked pixels' key. So the file is statted again after the decode (one stat
+    per entry made, beside the decode): moved, it is decoded in full once written and compared, and the view is cut from
+    that very decode. A rewrite that keeps the file's size and time is not seen, as at every use of a cached view."""
+    decode = functools.partial(open_rgb, example, at_least=at_least)
+    if stamp is None:  # a dataset row: nothing on disk to change
+        return decode()
+    image, read_at = _read_once_written(decode, example.source, stamp)
+    if read_at == stamp and (now := _stamp_now(example)) == stamp:
+        return image
+    return _require_checked_pixels(example, now if read_at == stamp else read_at)[0]
 
 
 def _read_once_written(read: Callable[[], Any], path: str, stamp: tuple[int, int]) -> tuple[Any, tuple[int, int]]:
@@ -127,14 +150,13 @@ def decoded_at_checked_size(example: Example, at_least: int, kind: str = "image"
     return image
 
 
-def render_pixels(example: Example, plan: ViewPlan, as_checked: bool = False) -> torch.Tensor:
-    """The planned view of `example` as CHW pixels in [-1, 1] (a JPEG may decode at a reduced scale).
-
-    `as_checked`: the image must still be the one the data check read (`require_as_checked`).
-    """
-    if as_checked:
-        require_as_checked(example)
-    return to_tensor(render(open_rgb(example, at_least=2 * max(plan.target)), plan))
+def render_pixels(example: Example, plan: ViewPlan, stamp: tuple[int, int] | None = None) -> torch.Tensor:
+    """The planned view of `example` as CHW pixels in [-1, 1] (a JPEG may decode at a reduced scale), for the latent cache:
+    of the pixels the data check read (`decoded_as_checked`). `stamp`: the one `require_as_checked` just accepted; without
+    it, that check is made here (the training process cutting a view the loader left out)."""
+    if stamp is None:
+        stamp = require_as_checked(example)
+    return to_tensor(render(decoded_as_checked(example, 2 * max(plan.target), stamp), plan))
 
 
 def render_mask(example: Example, plan: ViewPlan, as_checked: bool = False) -> torch.Tensor:
@@ -211,7 +233,7 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
 
     def render(self, view: tuple[int, ViewPlan]) -> torch.Tensor:
         index, plan = view
-        return render_pixels(self.examples[index], plan, as_checked=True)  # a cached view's (see view_entry)
+        return render_pixels(self.examples[index], plan)  # a cached view's (see view_entry)
 
     def render_mask(self, view: tuple[int, ViewPlan]) -> torch.Tensor:
         index, plan = view
@@ -234,13 +256,13 @@ def view_entry(example: Example, plan: ViewPlan, example_id: Any, cache: Encodin
     """
     if cache is None:  # decoded every use: an edit trains, at the size planned for
         return {f"{prefix}pixel_values": to_tensor(render(decoded_at_checked_size(example, at_least=2 * max(plan.target)), plan))}
-    require_as_checked(example)  # a view cached in an earlier epoch is served under the checked content's key
+    stamp = require_as_checked(example)  # a view cached in an earlier epoch is served under the checked content's key
     if example.digest is None:
         raise ValueError(f"image {example.source} has no content digest: cached latents need examples from finetune.check_data")
     key = view_key(example.digest, plan)
     entry = {f"{prefix}latent_key": key, f"{prefix}view": (example_id, plan)}
     if likely_new and not cache.stored(key):
-        entry[f"{prefix}pixel_values"] = render_pixels(example, plan)
+        entry[f"{prefix}pixel_values"] = render_pixels(example, plan, stamp)
     return entry
 
 

@@ -88,7 +88,7 @@ class DreamBoothDataset(Dataset):
         return self.instances[where[0]][1] if kind == "instance" else self.class_examples[where[0]][where[1]]
 
     def render(self, view: tuple) -> torch.Tensor:
-        return render_pixels(self.example_of(view[0]), view[1], as_checked=True)
+        return render_pixels(self.example_of(view[0]), view[1])
 
     def render_mask(self, view: tuple) -> torch.Tensor:
         return render_mask(self.example_of(view[0]), view[1], as_checked=True)  # a cached view's (see data.mask_entry)

@@ -61,7 +61,7 @@ def test_a_converted_photo_gets_new_cache_keys(tmp_path):
     plan = plan_view((64, 64), (64, 64), "center", False, np.random.default_rng(0))
     assert view_key(checked.digest, plan) != view_key(old_digest, plan)
     # What trains (a cached view rendered as checked) is the converted photo
-    pixels = render_pixels(checked, plan, as_checked=True)
+    pixels = render_pixels(checked, plan)
     assert np.abs(((pixels[:, 0, 0].numpy() + 1.0) * 127.5) - srgb_of_display_p3(RED)).max() <= 2.5
 
 

@@ -1,6 +1,7 @@
 """An image or loss mask changed after the data check, or while a run trains: never served stale from the latent cache,
 read once written when caught half-rewritten, said in one line where its change cannot train."""
 
+import io
 import os
 import re
 import time
@@ -331,3 +332,49 @@ def test_without_the_cache_a_jpeg_caught_with_its_header_written_and_its_pixels_
     image.write_bytes(whole[: len(whole) // 2])  # the rewrite, its header written: it ends while the reader waits
     monkeypatch.setattr(data_module, "time", SimpleNamespace(sleep=lambda seconds: image.write_bytes(whole)))
     assert float(dataset[(0, 1)]["pixel_values"].abs().mean()) > 0
+
+
+@pytest.mark.parametrize("how", ["loader", "training process"])
+def test_with_the_cache_an_image_rewritten_between_its_check_and_its_decode_is_not_stored_under_the_checked_key(tmp_path, monkeypatch, how):
+    """A view to be cached was decoded after require_as_checked's stat found the file as checked: a rewrite in that gap
+    was decoded and its view stored under the checked pixels' key, to be served to later runs. The file is statted again
+    after the decode: other pixels stop the run, the same pixels (a save over it) are the view, from one full decode."""
+    import finetune.images as images_module
+    from finetune.config import DataConfig
+    from finetune.data import CaptionedImageDataset
+    from data_examples import load_examples
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    image = folder / "0.png"
+    Image.new("RGB", (64, 64), (200, 40, 90)).save(image)
+    (folder / "0.txt").write_text("a square")
+    whole = image.read_bytes()
+    config = DataConfig(image_dir=str(folder), resolution=64, random_flip=False)
+    dataset = CaptionedImageDataset(load_examples(config), config, seed=0, latent_cache=EncodingCache())
+    decodes, decode, rewrite = [], images_module.decode, []
+
+    def decode_as_a_rewrite_lands(example, *args):
+        if rewrite:
+            image.write_bytes(rewrite.pop())  # after the use's stat, before its decode
+            later = time.time_ns() + 10**9 * (len(decodes) + 1)  # a file system's times may be coarser than this test
+            os.utime(image, ns=(later, later))
+        decodes.append(example.source)
+        return decode(example, *args)
+
+    monkeypatch.setattr(images_module, "decode", decode_as_a_rewrite_lands)
+    use = (lambda: dataset[(0, 0)]["pixel_values"]) if how == "loader" else (lambda: dataset.render((0, plan)))  # (a view left out)
+    entry = dataset[(0, 0)]
+    plan, checked = entry["view"][1], entry["pixel_values"]
+    assert len(decodes) == 1  # an unchanged file: one decode for the entry made
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (0, 255, 0)).save(buffer, format="PNG")
+    rewrite.append(buffer.getvalue())
+    with pytest.raises(FinetuneError, match=rf"^image {re.escape(str(image))} changed since this run's data check: restart the run"):
+        use()
+    image.write_bytes(whole)
+    later = time.time_ns() + 10**11
+    os.utime(image, ns=(later, later))
+    Image.open(io.BytesIO(whole)).save(buffer := io.BytesIO(), format="PNG", compress_level=0)  # the same pixels, other bytes
+    rewrite.append(buffer.getvalue())
+    assert torch.equal(use(), checked)
