@@ -129,7 +129,8 @@ def run_check_data_command(args) -> int:
 
 def said_once(reports: list[DataReport]) -> None:
     """Leave out of each report the findings an earlier one says in the same words: DreamBooth concepts that share an
-    instance_dir (two prompts for one subject) each read it and found its problems, said and counted once per concept."""
+    instance_dir (two prompts for one subject) each read it and found its problems, said and counted once per concept.
+    Training's start summary leaves them out alike (DreamBoothMethod.check_data)."""
     said: set[tuple[str, str]] = set()
     for report in reports:
         report.findings = [finding for finding in report.findings if (finding.level, finding.message) not in said]

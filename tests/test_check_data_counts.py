@@ -49,3 +49,23 @@ def test_a_folder_two_dreambooth_concepts_share_is_said_and_counted_once(tmp_pat
     out = capsys.readouterr().out
     assert out.count(f"fatal: image {folder / 'b.png'} cannot be read") == 1
     assert out.splitlines()[-1].startswith("result: training would stop: 1 fatal problem; fix it")
+
+
+def test_training_says_a_folder_two_dreambooth_concepts_share_once_as_check_data_does(tmp_path, make_recipe):
+    """Training's start summary printed each concept's report whole: the shared folder's .gif and subfolder twice, where
+    check-data says them once."""
+    from finetune.methods.dreambooth import DreamBoothMethod
+
+    folder = tmp_path / "subject"
+    (folder / "more").mkdir(parents=True)
+    for name, colour in (("a", "red"), ("b", "blue"), ("more/c", "green")):
+        Image.new("RGB", (64, 64), colour).save(folder / f"{name}.png")
+    Image.new("RGB", (64, 64), "red").save(folder / "photo.gif")
+    concepts = [{"instance_dir": str(folder), "instance_prompt": prompt} for prompt in ("a sks shape", "a zwx shape")]
+    method = DreamBoothMethod(make_recipe(method="dreambooth", data__image_dir=None, data__resolution=64,
+                                          dreambooth__prior_preservation=False, dreambooth__concepts=concepts))  # fmt: skip
+    method.check_data()
+    lines = [line for report in method.data_reports for line in report.lines(limit=10)]
+    assert sum(line.startswith(f"warning: data folder {folder} has 1 image training does not read (.gif") for line in lines) == 1
+    assert sum(line.startswith(f"warning: data folder {folder} has subfolders with images (more)") for line in lines) == 1
+    assert sum(line.endswith("2 images, 2 used, 0 skipped; 2 uses per epoch") for line in lines) == 2  # each concept's count stays

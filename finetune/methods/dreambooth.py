@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from finetune.check_data import DataReport, check_examples, checked_report
+from finetune.check_data_command import said_once
 from finetune.class_image_names import is_generated_name, unused_class_prompts_warning
 from finetune.class_image_plans import (
     ClassImagePlan, class_data_config, class_examples, class_image_plans, recipe_generation_record, unread_class_images_lines,
@@ -58,6 +59,7 @@ class DreamBoothMethod(DiffusionMethod):
             self.instances += [(i, example) for example in examples]
         self.data_reports += reports
         self._plan_class_images()
+        said_once(self.data_reports)  # a folder two concepts share: its findings once, as check-data says them
 
     def _plan_class_images(self) -> None:
         """Each concept's class images: those a user brought are checked now, before the model loads and generates the rest."""
