@@ -63,8 +63,8 @@ class _CsvRows(csv.DictReader):
     """csv.DictReader that knows the line each row starts on (`row_line`; csv skips blank lines, the row is below them),
     and whose parse errors are one line naming the file and that line (a traceback before)."""
 
-    def __init__(self, lines: Iterable[str], path: Path | str, **options):
-        self.path, self.row_line, self._lines_read = path, None, 0
+    def __init__(self, lines: Iterable[str], path: Path | str, lines_before: int = 0, **options):
+        self.path, self.row_line, self._lines_read = path, None, lines_before  # `lines_before`: blank lines above `lines`
         super().__init__(self._numbered(lines), **options)
 
     def _numbered(self, lines: Iterable[str]) -> Iterator[str]:
@@ -97,12 +97,15 @@ class _CsvRows(csv.DictReader):
 
 def csv_rows(lines: str | Iterable[str], path: Path | str = "metadata.csv") -> csv.DictReader:
     """A metadata.csv's rows by its header (`lines`: its text, or its `metadata_lines`), as every reader of one reads
-    them: separated as `csv_delimiter` finds, and a space after a separator no part of the cell (", \"a, b\"" is the
-    caption a, b, not '"a'). A cell may be as long as a row (csv's own limit is 131,072 characters)."""
+    them: its header is its first line that is not blank (as pandas, which `datasets` reads it with, finds it), separated as
+    `csv_delimiter` finds, and a space after a separator no part of the cell (", \"a, b\"" is the caption a, b, not '"a'). A
+    cell may be as long as a row (csv's own limit is 131,072 characters)."""
     csv.field_size_limit(max(csv.field_size_limit(), LONGEST_ROW))
     lines = iter(io.StringIO(lines, newline="") if isinstance(lines, str) else lines)
-    header = next(lines, "")
-    return _CsvRows(itertools.chain([header], lines), path, delimiter=csv_delimiter(header), skipinitialspace=True)
+    header, blank = next(lines, ""), 0
+    while header and not header.rstrip("\r\n"):  # blank lines above the header: skipped, as csv skips them above a row
+        header, blank = next(lines, ""), blank + 1
+    return _CsvRows(itertools.chain([header], lines), path, blank, delimiter=csv_delimiter(header), skipinitialspace=True)
 
 
 def csv_delimiter(header: str) -> str:

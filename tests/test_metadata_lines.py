@@ -128,3 +128,20 @@ def test_a_bad_csv_row_below_blank_lines_is_said_at_its_own_line(tmp_path):
     table.write_text('file_name,"text\n' + "".join(f"{name * 150_000}\n" for name in "bc"))  # in the header, read first
     with pytest.raises(FinetuneError, match=rf"^{table} line 1: field larger than field limit"):
         read_csv_captions(table)
+
+
+def test_a_csv_header_below_blank_lines_is_read_as_the_header(tmp_path):
+    """A metadata.csv starting with a blank line (an export, a hand edit) was read as a header of no columns ('has: none'),
+    though csv skips blank lines above a row and pandas, which datasets reads it with, above the header too. Each row's
+    line is still its own."""
+    from finetune.captions import read_csv_captions
+
+    table = tmp_path / "metadata.csv"
+    table.write_text("\n\r\nfile_name;text\na.png;a cat\n")
+    assert read_csv_captions(table) == {"a.png": "a cat"}
+    table.write_text("\n\nfile_name,text\na.png,a cat\nb.png,1girl, solo\n")
+    with pytest.raises(FinetuneError, match=rf"^{table} line 5 has more cells than its header"):
+        read_csv_captions(table)
+    table.write_text('\nfile_name,"text\n' + "".join(f"{name * 150_000}\n" for name in "bc"))  # in the header
+    with pytest.raises(FinetuneError, match=rf"^{table} line 2: field larger than field limit"):
+        read_csv_captions(table)
