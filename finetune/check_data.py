@@ -168,13 +168,13 @@ def inspect(example: Example, config: DataConfig) -> tuple[Example | None, list[
         with pillow_warnings() as heard:  # said in the summary, naming the image (Pillow's own lines name none)
             raw = decode(example)
             if message := float_levels_problem(raw, f"image {source}"):
-                return None, findings + [Finding(FATAL, source, message)], None
+                return None, no_caption + findings + [Finding(FATAL, source, message)], None  # it decodes: both are said
             image = upright_rgb(raw)  # reads its EXIF and converts its palette: the warnings are of these
     except FinetuneError as err:
         return None, findings + [Finding(FATAL, source, str(err))], None
     except Exception as err:  # a file that decodes but cannot be converted
         message = f"image {source} cannot be converted to RGB ({err.__class__.__name__}: {err}): re-save it as PNG or JPEG"
-        return None, findings + [Finding(FATAL, source, message)], None
+        return None, no_caption + findings + [Finding(FATAL, source, message)], None
     findings = no_caption + findings
     if heard:
         findings.append(Finding(WARNING, source, pillow_warning_line(source, heard)))

@@ -333,3 +333,34 @@ def test_a_folder_below_nested_entries_is_said_once(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count(f"data folder {tmp_path / 'a' / 'b' / 'c' / 'd'} holds") == 1
     assert out.count(f"data folder {tmp_path / 'a' / 'b' / 'c'} holds") == 1
+
+
+def test_an_image_refused_after_it_decodes_is_said_with_its_missing_caption(tmp_path, monkeypatch):
+    """An image without a caption that decodes but cannot train (float levels, a colour conversion that fails) was told
+    only its image problem: fixed, it stopped again on the caption. A file that does not decode (a text file named .png)
+    is still told only that, not to get a caption too."""
+    import finetune.check_data as check_data_module
+    from finetune.check_data import inspect
+    from finetune.sources import Example
+
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "odd.png")
+    (tmp_path / "text.png").write_text("not an image")
+    upright_rgb = check_data_module.upright_rgb
+
+    def conversion_fails_for_odd(image, *args):
+        if image.filename.endswith("odd.png"):
+            raise ValueError("no conversion")
+        return upright_rgb(image, *args)
+
+    monkeypatch.setattr(check_data_module, "upright_rgb", conversion_fails_for_odd)
+    config = DataConfig(image_dir=str(tmp_path), resolution=64)
+    examples = read_examples(config)
+    depth = np.random.default_rng(0).random((64, 64)).astype(np.float32)  # a dataset's float array
+    examples.append(Example("dataset floats row 0", None, lambda: Image.fromarray(depth)))
+    said = {}
+    for example in examples:
+        usable, findings, _ = inspect(example, config)
+        said[Path(example.source).name] = [f.message.split(": ")[0] for f in findings if f.level == FATAL]
+    assert said["odd.png"] == [f"image {tmp_path / 'odd.png'} has no caption", f"image {tmp_path / 'odd.png'} cannot be converted to RGB (ValueError"]
+    assert said["dataset floats row 0"] == ["dataset floats row 0 has no caption (a null cell)", "image dataset floats row 0 holds 32-bit float values of 0-1, which train as levels 0-255 (all but black)"]
+    assert said["text.png"] == [f"image {tmp_path / 'text.png'} cannot be read (UnidentifiedImageError"]
