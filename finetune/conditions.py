@@ -238,7 +238,9 @@ def images_left_out(input_dir: str | Path, output_dir: str | Path, made: list[Pa
 
     source, target, lines = Path(input_dir), Path(output_dir).resolve(), []
     written = [source / folder.relative_to(output_dir) for folder in made]
-    for folder in dict.fromkeys([source, *written]):  # the input folder too where only its subfolders hold photos it reads
+    # The input folder too where only its subfolders hold photos it reads; a subfolder too where it holds only unread kinds.
+    unread_only = [sub for sub in image_subfolders(source, DataConfig(), holding=unread_image_files) if target not in (sub.resolve(), *sub.resolve().parents)]
+    for folder in dict.fromkeys([source, *written, *unread_only]):
         if files := unread_image_files(folder):
             kinds = ", ".join(sorted({path.suffix.lower() for path in files}))
             lines.append(f"{counted(len(files), 'image')} in {folder} ({kinds}, e.g. {files[0].name}) got no conditioning image: convert "

@@ -162,15 +162,15 @@ def data_folders(config: DataConfig) -> list[Path]:
     return list(folders.values())
 
 
-def image_subfolders(folder: Path, config: DataConfig, depth: int = 1) -> list[Path]:
-    """Subfolders of `folder` that hold images, but not its masks or conditioning images (nor a subfolder its
-    metadata file points into: ControlNet's `conditioning_images/` holds the images' partners); `depth` levels
-    down (not into links below the first). A link to the folder or one above it is none: its images are the ones here."""
+def image_subfolders(folder: Path, config: DataConfig, depth: int = 1, holding: Callable[[Path], list] = folder_images) -> list[Path]:
+    """Subfolders of `folder` that hold images (`holding` lists them: `unread_image_files` for those of unread kinds), not its
+    masks or conditioning images (nor a subfolder its metadata file points into: ControlNet's `conditioning_images/`),
+    `depth` levels down (not into links below the first). A link to the folder or one above it is none: its images are here."""
     own = (config.loss_mask.folder, "conditioning", *metadata_subfolders(folder))
     found, above = [], {folder.resolve(), *folder.resolve().parents}
     for sub in sorted(folder / e.name for e in _entries(folder) if e.is_dir() and not e.name.startswith(".") and e.name not in own and (folder / e.name).resolve() not in above):
         try:
-            found += ([sub] if folder_images(sub) else []) + (image_subfolders(sub, config, depth - 1) if depth > 1 and not sub.is_symlink() else [])
+            found += ([sub] if holding(sub) else []) + (image_subfolders(sub, config, depth - 1, holding) if depth > 1 and not sub.is_symlink() else [])
         except PermissionError:  # a drive's root-only lost+found: none of the user's images are there
             continue
     return found

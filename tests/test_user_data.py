@@ -183,3 +183,17 @@ def test_a_file_that_is_no_image_is_not_also_told_to_get_a_caption(tmp_path, cap
     fatal = [line for line in capsys.readouterr().out.splitlines() if line.startswith("fatal: ")]
     assert len(fatal) == 2 and fatal[0].startswith(f"fatal: image {folder / 'notes.jpg'} cannot be read (UnidentifiedImageError"), fatal
     assert fatal[1].startswith(f"fatal: image {folder / 'uncaptioned.png'} has no caption: add uncaptioned.txt"), fatal
+
+
+def test_make_conditions_names_a_subfolder_of_only_unread_kinds(tmp_path, capsys):
+    """A subfolder holding only .gif files gets no output folder (no image make-conditions reads), so it was left out
+    without a word, where a .gif beside photos in a subfolder is said."""
+    source = captioned_folder(tmp_path / "photos", 1)
+    (source / "clips").mkdir()
+    noise(source / "clips" / "a.gif", size=(8, 8)), noise(source / "clips" / "b.gif", size=(8, 8))
+    out = tmp_path / "controlnet-data"
+    assert main(["make-conditions", str(source), str(out), "--kind", "luminance"]) == 0
+    warned = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
+    assert warned == [f"warning: 2 images in {source / 'clips'} (.gif, e.g. a.gif) got no conditioning image: convert them to PNG or JPEG "
+                      "and run make-conditions again with --overwrite"]  # fmt: skip
+    assert not (out / "clips").exists()
