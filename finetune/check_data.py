@@ -37,7 +37,7 @@ from finetune.image_warnings import pillow_warning_line, pillow_warnings
 from finetune.image_folder_datasets import image_dir_advice
 from finetune.images import decode, file_stamp, float_levels_problem, has_alpha, is_16_bit, pixel_digest, turned_on_its_side, upright_rgb
 from finetune.loss_mask import alpha_mask, image_sharing_mask, mask_area, mask_digest, mask_path, read_mask_file
-from finetune.sources import (Example, data_folders, folder_images, read_examples,
+from finetune.sources import (Example, convert_unread, data_folders, folder_images, read_examples,
                               unlisted_image_folders, unread_images)  # fmt: skip
 from finetune.views import cut, holds_8_bit_values, plan_cover_crop
 
@@ -294,9 +294,7 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
             report.findings += [Finding(WARNING, str(folder), message)] if message else []
         files, subfolders = unread_images(folder, config)
         if files:
-            kinds = ", ".join(sorted({path.suffix.lower() for path in files}))
-            message = (f"data folder {folder} has {counted(len(files), 'image')} training does not read ({kinds}, e.g. {files[0].name}): "
-                       f"convert {'it' if len(files) == 1 else 'them'} to PNG or JPEG")
+            message = f"data folder {folder} has {counted(len(files), 'image')} training does not read {convert_unread(files)}"
             report.findings.append(Finding(WARNING, str(folder), message))
         if subfolders:
             names = ", ".join(path.relative_to(folder).as_posix() for path in subfolders[:5]) + (f" and {len(subfolders) - 5} more" if len(subfolders) > 5 else "")

@@ -234,7 +234,7 @@ def images_left_out(input_dir: str | Path, output_dir: str | Path, made: list[Pa
     `make_condition_folders` wrote: files of kinds training does not read (.gif, .heic), and images in subfolders below
     the folders it reads (a phone's `2023/jan`). The data check of the output cannot say them: they are not there."""
     from finetune.config import DataConfig
-    from finetune.sources import SAID_SUBFOLDER_DEPTH, image_subfolders, unread_image_files
+    from finetune.sources import SAID_SUBFOLDER_DEPTH, convert_unread, image_subfolders, unread_image_files
 
     source, target, lines = Path(input_dir), Path(output_dir).resolve(), []
     written = [source / folder.relative_to(output_dir) for folder in made]
@@ -242,9 +242,7 @@ def images_left_out(input_dir: str | Path, output_dir: str | Path, made: list[Pa
     unread_only = [sub for sub in image_subfolders(source, DataConfig(), holding=unread_image_files) if target not in (sub.resolve(), *sub.resolve().parents)]
     for folder in dict.fromkeys([source, *written, *unread_only]):
         if files := unread_image_files(folder):
-            kinds = ", ".join(sorted({path.suffix.lower() for path in files}))
-            lines.append(f"{counted(len(files), 'image')} in {folder} ({kinds}, e.g. {files[0].name}) got no conditioning image: convert "
-                         f"{'it' if len(files) == 1 else 'them'} to PNG or JPEG and run make-conditions again with --overwrite")  # fmt: skip
+            lines.append(f"{counted(len(files), 'image')} in {folder} got no conditioning image {convert_unread(files)} and run make-conditions again with --overwrite")
     deeper = [sub for sub in image_subfolders(source, DataConfig(), SAID_SUBFOLDER_DEPTH)
               if sub not in written and target not in (sub.resolve(), *sub.resolve().parents)]  # not the output, written into the input folder
     if deeper:

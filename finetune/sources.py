@@ -116,9 +116,7 @@ def refuse_a_folder_without_images(folder: Path, config: DataConfig, settings: F
     if subfolders := image_subfolders(folder, config, SAID_SUBFOLDER_DEPTH):
         raise FinetuneError(subfolders_message(folder, subfolders, config, settings.path if config.folders else None))
     if unread := unread_images(folder, config)[0]:  # an iPhone's .HEIC photos: not "no images"
-        kinds = ", ".join(sorted({path.suffix.lower() for path in unread}))
-        raise FinetuneError(f"data folder {folder} has no images training reads, only {len(unread)} it does not ({kinds}, e.g. {unread[0].name}): "
-                            "convert them to PNG or JPEG")  # fmt: skip
+        raise FinetuneError(f"data folder {folder} has no images training reads, only {len(unread)} it does not {convert_unread(unread)}")
     if nested := nested_metadata_images(folder, config):
         raise FinetuneError(f"data folder {folder} has no images of its own: its metadata file names them in a subfolder ({nested[0]}), "
                             "and training reads the images beside the metadata file: move them there and drop the subfolder from their file_name")  # fmt: skip
@@ -252,6 +250,12 @@ def unread_image_files(folder: Path) -> list[Path]:
     files = sorted(folder / e.name for e in _entries(folder) if e.is_file() and not e.name.startswith(".") and Path(e.name).suffix.lower() in UNREAD_IMAGE_SUFFIXES)
     partners = metadata_partner_files(folder) if files else ()  # not ControlNet's 16-bit depth TIFFs: its metadata names them
     return [p for p in files if name_key(p.name) not in partners]
+
+
+def convert_unread(files: list[Path]) -> str:
+    """What each message says of `unread_image_files`: "(.gif, .heic, e.g. a.gif): convert them to PNG or JPEG"."""
+    kinds = ", ".join(sorted({path.suffix.lower() for path in files}))
+    return f"({kinds}, e.g. {files[0].name}): convert {'it' if len(files) == 1 else 'them'} to PNG or JPEG"
 
 
 def _images_of_folder(folder: Path, images: list[Path], settings: FolderConfig, config: DataConfig) -> list[Example]:

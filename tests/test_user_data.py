@@ -127,14 +127,14 @@ def test_make_conditions_names_the_images_it_made_no_conditioning_for(tmp_path, 
     out = tmp_path / "controlnet-data"
     assert main(["make-conditions", str(source), str(out), "--kind", "luminance"]) == 0
     warned = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
-    assert warned == [f"warning: 1 image in {source} (.gif, e.g. anim.gif) got no conditioning image: convert it to PNG or JPEG and run make-conditions again with --overwrite",
-                      f"warning: 1 image in {source / 'best'} (.gif, e.g. clip.gif) got no conditioning image: convert it to PNG or JPEG and run make-conditions again with --overwrite",
+    assert warned == [f"warning: 1 image in {source} got no conditioning image (.gif, e.g. anim.gif): convert it to PNG or JPEG and run make-conditions again with --overwrite",
+                      f"warning: 1 image in {source / 'best'} got no conditioning image (.gif, e.g. clip.gif): convert it to PNG or JPEG and run make-conditions again with --overwrite",
                       f"warning: images in subfolders of subfolders of {source} (2023/jan) got no conditioning images (make-conditions reads the folder "
                       f"and the subfolders just below it): run make-conditions on {source / '2023'} too, or move them up"]  # fmt: skip
     only_subfolders = tmp_path / "albums"  # photos in subfolders alone: the .gif beside them is said too
     captioned_folder(only_subfolders / "best", 1), noise(only_subfolders / "cover.gif", size=(8, 8))
     assert main(["make-conditions", str(only_subfolders), str(tmp_path / "albums-data"), "--kind", "luminance"]) == 0
-    assert f"warning: 1 image in {only_subfolders} (.gif, e.g. cover.gif) got no conditioning image" in capsys.readouterr().out
+    assert f"warning: 1 image in {only_subfolders} got no conditioning image (.gif, e.g. cover.gif)" in capsys.readouterr().out
 
 
 def test_a_folder_of_only_photos_of_unread_kinds_says_so(tmp_path, capsys):
@@ -145,6 +145,9 @@ def test_a_folder_of_only_photos_of_unread_kinds_says_so(tmp_path, capsys):
     assert main(["check-data", "--image-dir", str(tmp_path), "--resolution", "64"]) == 2
     assert capsys.readouterr().err.strip() == (f"error: data folder {tmp_path} has no images training reads, only 2 it does not "
                                                "(.heic, e.g. IMG_0001.HEIC): convert them to PNG or JPEG")  # fmt: skip
+    (tmp_path / "IMG_0002.HEIC").unlink()  # one: "convert it", as every other message of unread kinds says (sources.convert_unread)
+    assert main(["check-data", "--image-dir", str(tmp_path), "--resolution", "64"]) == 2
+    assert capsys.readouterr().err.strip().endswith("only 1 it does not (.heic, e.g. IMG_0001.HEIC): convert it to PNG or JPEG")
 
 
 def test_a_broken_link_among_the_images_is_named(tmp_path):
@@ -194,6 +197,6 @@ def test_make_conditions_names_a_subfolder_of_only_unread_kinds(tmp_path, capsys
     out = tmp_path / "controlnet-data"
     assert main(["make-conditions", str(source), str(out), "--kind", "luminance"]) == 0
     warned = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
-    assert warned == [f"warning: 2 images in {source / 'clips'} (.gif, e.g. a.gif) got no conditioning image: convert them to PNG or JPEG "
+    assert warned == [f"warning: 2 images in {source / 'clips'} got no conditioning image (.gif, e.g. a.gif): convert them to PNG or JPEG "
                       "and run make-conditions again with --overwrite"]  # fmt: skip
     assert not (out / "clips").exists()
