@@ -87,17 +87,17 @@ def _require_checked_pixels(example: Example, stamp: tuple[int, int]) -> tuple[I
 
 def decoded_as_checked(example: Example, at_least: int, stamp: tuple[int, int] | None) -> Image.Image:
     """`open_rgb` of an image whose view is cached under its checked digest: the checked pixels, never a rewrite's. The
-    file was found as checked at `stamp` (`require_as_checked`); a rewrite begun after that stat and before the decode
-    was read, and its view stored under the checked pixels' key. So the file is statted again after the decode (one stat
+    file was found as checked at `stamp` (`require_as_checked`), but a rewrite may land between that stat and the decode,
+    and its view would be stored under the checked pixels' key. So the file is statted again after the decode (one stat
     per entry made, beside the decode): moved, it is decoded in full once written and compared, and the view is cut from
     that very decode. A rewrite that keeps the file's size and time is not seen, as at every use of a cached view."""
     decode = functools.partial(open_rgb, example, at_least=at_least)
     if stamp is None:  # a dataset row: nothing on disk to change
         return decode()
     image, read_at = _read_once_written(decode, example.source, stamp)
-    if read_at == stamp and (now := _stamp_now(example)) == stamp:
+    if read_at == stamp and _stamp_now(example) == stamp:  # unchanged across the decode: the checked pixels
         return image
-    return _require_checked_pixels(example, now if read_at == stamp else read_at)[0]
+    return _require_checked_pixels(example, _stamp_now(example))[0]
 
 
 def _read_once_written(read: Callable[[], Any], path: str, stamp: tuple[int, int]) -> tuple[Any, tuple[int, int]]:
