@@ -26,7 +26,8 @@ from finetune.file_names import loosely_named_file, name_key, row_image_key
 from finetune.image_warnings import pillow_warning_line, pillow_warnings, pillow_warnings_named
 from finetune.images import decode, file_stamp, float_levels_problem, has_alpha, pixel_digest, turned_on_its_side, upright_rgb
 from finetune.metadata_lines import csv_rows, metadata_text
-from finetune.sources import Example, open_dataset, read_examples
+from finetune.dataset_source import open_dataset
+from finetune.sources import Example, read_examples
 from finetune.views import plan_view, render
 
 

@@ -130,7 +130,7 @@ def test_a_folder_datasets_conditioning_file_names_say_the_metadata_key_that_rea
     import json
 
     from finetune.dataset_images import require_image_column
-    from finetune.sources import open_dataset
+    from finetune.dataset_source import open_dataset
 
     (tmp_path / "data" / "conditioning").mkdir(parents=True)
     Image.new("RGB", (64, 64), "red").save(tmp_path / "data" / "1.png")
