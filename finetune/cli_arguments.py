@@ -7,6 +7,7 @@ import math
 import re
 
 from finetune.image_bounds import MAX_RESOLUTION, RESOLUTION_BOUND
+from finetune.option_advice import override_for, recipe_method
 from finetune.prompt_options import MAX_STEPS
 
 
@@ -356,21 +357,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         if hasattr(args, "overrides") and (option := next((i for i, item in enumerate(extra) if item.startswith("--")), None)) is not None:
             # `--max_train_steps 100`, as diffusers' scripts take their settings: said by the command's own parser, with the key
             command = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction)).choices[args.command]
-            command.error(f"unrecognized arguments: {' '.join(extra)}: {_override_for(extra[option:])}")
+            command.error(f"unrecognized arguments: {' '.join(extra)}: {override_for(extra[option:], recipe_method(args, extra))}")
         if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     return args
-
-
-def _override_for(option: list[str]) -> str:
-    """How to give an option that is no option of the command (`--max_steps 3`, `--learning_rate=1e-4`) as the
-    recipe override it most likely means, its value kept."""
-    from finetune.recipe_loading import recipe_key_named
-
-    name, equals, value = option[0].removeprefix("--").partition("=")
-    if not equals:
-        value = option[1] if option[1:] and not option[1].startswith("-") else "VALUE"
-    if (key := recipe_key_named(name.replace("-", "_"))) is not None:
-        return f"recipe keys are given as key=value after the recipe: {key}={value}"
-    return "recipe keys are given as key=value after the recipe (train.max_steps=100); -h lists the command's options"

@@ -322,6 +322,7 @@ OTHER_TRAINERS_NAMES = {
     "max_token_length": "model.max_token_length", "dataset_name": "data.dataset", "crop_style": "data.crop: center or random",
     "caption_strategy": "a .txt beside each image, a metadata.jsonl, or data.caption", "prepend_instance_prompt": 'data.folders: [{path: ., template: "sks, {caption}"}]',
     "scale_weight_norms": "lora.max_norm", "v_parameterization": "model.prediction_type: v_prediction", "instance_data_dir": "dreambooth.concepts.0.instance_dir",
+    "use_8bit_adam": "optimizer.name: adamw8bit", "with_prior_preservation": "dreambooth.prior_preservation",
 }  # fmt: skip
 
 

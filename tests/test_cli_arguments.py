@@ -38,6 +38,30 @@ def test_a_setting_given_as_an_option_gets_the_override_it_means(capsys):
         assert capsys.readouterr().err.splitlines()[-1] == said
 
 
+def test_a_switch_given_as_an_option_gets_the_override_that_sets_it(capsys):
+    """diffusers' scripts' store_true flags take no value: --gradient_checkpointing was told train.gradient_checkpointing=VALUE
+    (and with an override after it, that override as its value), --use_8bit_adam and --train_text_encoder only how overrides
+    are written. The recipe's method picks the section of a key several have."""
+    from finetune.cli import parse_arguments
+
+    advice = "recipe keys are given as key=value after the recipe: "
+    cases = {("train", "recipes/lora.yaml", "--gradient_checkpointing"): advice + "train.gradient_checkpointing=true",
+             ("train", "recipes/lora.yaml", "--gradient_checkpointing", "train.max_steps=3"): advice + "train.gradient_checkpointing=true",
+             ("train", "recipes/lora.yaml", "--gradient_checkpointing=false"): advice + "train.gradient_checkpointing=false",
+             ("train", "recipes/dreambooth_lora.yaml", "--use_8bit_adam"): advice + "optimizer.name=adamw8bit",
+             ("train", "recipes/lora.yaml", "--train_text_encoder"): advice + "lora.train_text_encoder=true",
+             ("train", "recipes/dreambooth.yaml", "--train_text_encoder"): advice + "dreambooth.train_text_encoder=true",
+             ("train", "recipes/lora.yaml", "method=full", "--train_text_encoder"): advice + "full.train_text_encoder=true",
+             ("train", "recipes/dreambooth.yaml", "--with_prior_preservation"): advice + "dreambooth.prior_preservation=true",
+             ("train", "recipes/lora.yaml", "--enable_xformers_memory_efficient_attention"):
+                 "finetune's attention already runs through PyTorch's scaled-dot-product attention (SDPA), which does what xformers did: "
+                 "leave the option out"}  # fmt: skip
+    for argv, said in cases.items():
+        with pytest.raises(SystemExit):
+            parse_arguments(list(argv))
+        assert capsys.readouterr().err.splitlines()[-1].endswith(f": {said}"), argv
+
+
 @pytest.mark.parametrize("command", [["sample", "--prompt", "x", "--lora-scale"], ["sample", "--prompt", "x", "--guidance"], ["merge", "out", "--strength"],
                                      ["eval", "--conditioning-scale"]])
 def test_a_strength_or_guidance_of_nan_is_refused(command, capsys):
