@@ -114,24 +114,40 @@ def adapter_files_stamp(adapter: Adapter) -> tuple:
     stat each on every render. OSError where the adapter is gone."""
     if adapter.kind == "lora":
         return (_stat_stamp(adapter.path),)
-    if adapter.kind == "pipeline":  # its parts, and its model_index.json (not the single-file checkpoints a hub clone has beside them)
-        files = _loaded_files(adapter.path, PIPELINE_PARTS, suffixes=(".json",))
-    else:  # a ControlNet, with the UNet its run saved beside it (inference.unlocked_decoder_folder)
-        files = _loaded_files(adapter.path) + _loaded_files(adapter.path.parent, (UNET_DIR,), suffixes=())
+    files = [Path(entry.path) for entry in _loaded_entries_of(adapter.path, adapter.kind) if entry.is_file()]
     return tuple(_stat_stamp(path) for path in sorted(files))
 
 
-def _loaded_files(folder: Path, parts: tuple[str, ...] = (), suffixes: tuple[str, ...] = LOADED_SUFFIXES) -> list[Path]:
-    """The files of `folder` named with `suffixes`, and those a load may read in its subfolders named in `parts`, listed
-    without a stat each (a listing says which entries are files and folders)."""
-    files = []
+def _loaded_entries_of(folder: Path, kind: str) -> list[os.DirEntry]:
+    """The entries a load of a pipeline or ControlNet folder reads (LOADED_SUFFIXES in the parts it loads)."""
+    if kind == "pipeline":  # its parts, and its model_index.json (not the single-file checkpoints a hub clone has beside them)
+        return _loaded_entries(folder, PIPELINE_PARTS, suffixes=(".json",))
+    # a ControlNet, with the UNet its run saved beside it (inference.unlocked_decoder_folder)
+    return _loaded_entries(folder) + _loaded_entries(folder.parent, (UNET_DIR,), suffixes=())
+
+
+def _loaded_entries(folder: Path, parts: tuple[str, ...] = (), suffixes: tuple[str, ...] = LOADED_SUFFIXES) -> list[os.DirEntry]:
+    """The entries of `folder` named with `suffixes`, and those a load may read in its subfolders named in `parts` (a part
+    that is a link to nothing among them), listed without a stat each (a listing says which entries are files, folders
+    and links)."""
+    found = []
     with os.scandir(folder) as entries:
         for entry in entries:
             if entry.name in parts and entry.is_dir():
-                files += _loaded_files(Path(entry.path))
-            elif entry.name.endswith(suffixes) and entry.is_file():
-                files.append(Path(entry.path))
-    return files
+                found += _loaded_entries(Path(entry.path))
+            elif entry.name.endswith(suffixes) or (entry.name in parts and entry.is_symlink()):
+                found.append(entry)
+    return found
+
+
+def _link_to_nothing(folder: Path, root: Path, kind: str) -> str | None:
+    """Why a pipeline or ControlNet holding a link to nothing among the files its load reads is refused (a hub cache's blob
+    deleted, a folder moved): its load said the file 'damaged (No such file or directory ...)' on every render, naming
+    neither the link nor where it points. A link to nothing that no load reads is left alone."""
+    for entry in _loaded_entries_of(folder, kind):
+        if entry.is_symlink() and not os.path.exists(entry.path):
+            return f"{os.path.relpath(entry.path, root)} is a link to {os.readlink(entry.path)}, which is not there: put that file back, or remove the link, then Rescan"
+    return None
 
 
 def _stat_stamp(path: Path) -> tuple:
@@ -211,7 +227,7 @@ def _model_folder(folder: Path, root: Path, files: list[str]) -> Adapter | None:
             json.loads((folder / "model_index.json").read_text())
         except (OSError, ValueError):
             refused = "its model_index.json is not readable JSON (a copy cut short?): copy the pipeline folder again"
-        return _model_entry(folder, root, "pipeline", refused)
+        return _model_entry(folder, root, "pipeline", _link_to_nothing(folder, root, "pipeline") or refused)
     if "config.json" in files:
         try:
             config = json.loads((folder / "config.json").read_text())
@@ -221,7 +237,7 @@ def _model_folder(folder: Path, root: Path, files: list[str]) -> Adapter | None:
             return None
         has_weights = (folder / "diffusion_pytorch_model.safetensors").is_file() or bool(weights_variant(folder))
         refused = None if has_weights else "no diffusion_pytorch_model.safetensors (pickle checkpoints are not loaded)"
-        refused = refused or conditioning_channels_problem(config)
+        refused = _link_to_nothing(folder, root, "controlnet") or refused or conditioning_channels_problem(config)
         return _model_entry(folder, root, "controlnet", refused)
     return None
 

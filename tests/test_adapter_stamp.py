@@ -60,3 +60,28 @@ def test_a_controlnet_s_stamp_is_its_files_and_those_of_the_unet_its_run_saved_b
     monkeypatch.undo()
     assert sorted(statted) == sorted(str(run / part / name) for part in ("controlnet", "unet")
                                      for name in ("config.json", "diffusion_pytorch_model.safetensors", "finetune_metadata.json"))  # fmt: skip
+
+
+def test_a_link_to_nothing_that_a_load_reads_refuses_its_folder_naming_the_link_and_where_it_points(tmp_path):
+    """A hub cache's blob deleted: the pipeline was listed as usable and each render said the weights 'damaged (No such
+    file or directory)'; a ControlNet's was said to have no weights file. A link to nothing that no load reads (a safety
+    checker's weights) leaves its pipeline usable, and the stamp of a folder with one is taken (no 'gone, press Rescan')."""
+    from finetune.adapter_scan import scan_adapters
+
+    pipeline = tmp_path / "adapters" / "pipeline"
+    hub_pipeline(pipeline)
+    (pipeline / "model_index.json").write_text("{}")
+    (pipeline / "safety_checker" / "model.safetensors").unlink()
+    (pipeline / "safety_checker" / "model.safetensors").symlink_to("../../blobs/deleted")
+    usable = scan_adapters(tmp_path / "adapters")["pipeline"]
+    assert usable.refused is None and adapter_files_stamp(usable)
+    (pipeline / "unet" / "diffusion_pytorch_model.fp16.safetensors").symlink_to("../../blobs/deleted")  # diffusers' check reads every .safetensors
+    controlnet = tmp_path / "adapters" / "controlnet"
+    controlnet.mkdir()
+    (controlnet / "config.json").write_text('{"_class_name": "ControlNetModel"}')
+    (controlnet / "diffusion_pytorch_model.safetensors").symlink_to(tmp_path / "blobs" / "moved")
+    scanned = scan_adapters(tmp_path / "adapters")
+    assert scanned["pipeline"].refused == ("pipeline/unet/diffusion_pytorch_model.fp16.safetensors is a link to ../../blobs/deleted, which is not there: "
+                                           "put that file back, or remove the link, then Rescan")  # fmt: skip
+    assert scanned["controlnet"].refused == (f"controlnet/diffusion_pytorch_model.safetensors is a link to {tmp_path / 'blobs' / 'moved'}, which is not there: "
+                                             "put that file back, or remove the link, then Rescan")  # fmt: skip
