@@ -17,16 +17,13 @@ from pathlib import Path
 import yaml
 from safetensors import safe_open
 
-from finetune.run_files import CHECKPOINT_PATTERN, STATE_FILE
 from finetune.adapter_records import saved_model_metadata
 from finetune.dora import names_magnitudes
 from finetune.errors import FinetuneError
 from finetune.kohya_metadata import finetune_metadata_from_kohya
 from finetune.lora_kinds import unsupported_kind
 from finetune.controlnet_folder import CONVERT_ORIGINAL_CONTROLNET, ORIGINAL_CONTROLNET_PREFIXES, conditioning_channels_problem, weights_variant
-from finetune.methods.controlnet import CONTROLNET_DIR, UNET_DIR
-from finetune.methods.full import PIPELINE_DIR
-from finetune.run_files import LORA_WEIGHTS_NAME, METADATA_FILE
+from finetune.run_files import CHECKPOINT_PATTERN, CONTROLNET_DIR, LORA_WEIGHTS_NAME, METADATA_FILE, PIPELINE_DIR, STATE_FILE, UNET_DIR
 from finetune.run_recipe import run_recipe_file
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")

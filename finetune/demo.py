@@ -125,7 +125,8 @@ def build_app(engine, note: str = "", queue_size: int = 8):
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     import gradio as gr
 
-    from finetune.demo_engine import BASE, CONDITIONING_KINDS, Request, parse_strengths
+    from finetune.adapter_scan import BASE
+    from finetune.demo_engine import CONDITIONING_KINDS, Request, parse_strengths
 
     def choices(kind: str, first: str = NONE) -> list[str]:
         return [first, *engine.names(kind)]

@@ -8,7 +8,8 @@ from datetime import datetime
 import pytest
 import torch
 
-from finetune.bench import build_sd15_pipeline, markdown_table, peak_tflops
+from finetune.bench.report import markdown_table
+from finetune.bench.sd15 import build_sd15_pipeline, peak_tflops
 from finetune.bench.runner import default_resolution
 from finetune.cli import main
 from finetune.models import load_base_model
@@ -157,7 +158,7 @@ def test_peak_flops_table():
 
 
 def test_repeated_runs_keep_the_median_one():
-    from finetune.bench import median_run
+    from finetune.bench.report import median_run
 
     runs = [{"sec_per_step": 3.0}, {"sec_per_step": 1.0}, {"sec_per_step": 2.0}]
     assert median_run(runs) == {"sec_per_step": 2.0, "runs_sec_per_step": [3.0, 1.0, 2.0]}

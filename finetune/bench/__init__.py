@@ -42,19 +42,11 @@ import argparse
 import shlex
 from pathlib import Path
 
-from finetune.bench.report import markdown_table, median_run, print_table
+from finetune.bench.report import print_table
 from finetune.bench.runner import default_resolution, parse_variants, run_benchmark
-from finetune.bench.sd15 import build_sd15_pipeline, peak_tflops
 from finetune.bench.variants import DEFAULT_VARIANTS, VARIANTS
 
-__all__ = [
-    "add_bench_parser",
-    "build_sd15_pipeline",
-    "markdown_table",
-    "median_run",
-    "peak_tflops",
-    "run_bench_command",
-]
+__all__ = ["add_bench_parser", "run_bench_command"]
 
 # ---------------------------------------------------------------------------------------------------
 # The command line
