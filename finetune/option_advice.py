@@ -31,7 +31,10 @@ def override_for(option: list[str], method: str | None) -> str:
         return f"recipe keys are given as key=value after the recipe: {setting[1]}={setting[2]}"
     key = recipe_key_named(name) or (recipe_key_named(f"{method}.{name}") if method else None)
     if key is not None and _is_switch(key):
-        return f"recipe keys are given as key=value after the recipe: {key}={value if equals else 'true'}"
+        switched_on = not equals or value.lower() == "true"
+        # the shipped recipes cache text embeddings, which a trained text encoder cannot use (a warning says so)
+        also = " train.cache_text_embeddings=false" if switched_on and name == "train_text_encoder" else ""
+        return f"recipe keys are given as key=value after the recipe: {key}={value if equals else 'true'}{also}"
     if not equals:
         value = option[1] if option[1:] and not option[1].startswith("-") else "VALUE"
     if key is not None:

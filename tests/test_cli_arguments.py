@@ -49,9 +49,9 @@ def test_a_switch_given_as_an_option_gets_the_override_that_sets_it(capsys):
              ("train", "recipes/lora.yaml", "--gradient_checkpointing", "train.max_steps=3"): advice + "train.gradient_checkpointing=true",
              ("train", "recipes/lora.yaml", "--gradient_checkpointing=false"): advice + "train.gradient_checkpointing=false",
              ("train", "recipes/dreambooth_lora.yaml", "--use_8bit_adam"): advice + "optimizer.name=adamw8bit",
-             ("train", "recipes/lora.yaml", "--train_text_encoder"): advice + "lora.train_text_encoder=true",
-             ("train", "recipes/dreambooth.yaml", "--train_text_encoder"): advice + "dreambooth.train_text_encoder=true",
-             ("train", "recipes/lora.yaml", "method=full", "--train_text_encoder"): advice + "full.train_text_encoder=true",
+             ("train", "recipes/lora.yaml", "--train_text_encoder"): advice + "lora.train_text_encoder=true train.cache_text_embeddings=false",
+             ("train", "recipes/dreambooth.yaml", "--train_text_encoder"): advice + "dreambooth.train_text_encoder=true train.cache_text_embeddings=false",
+             ("train", "recipes/lora.yaml", "method=full", "--train_text_encoder"): advice + "full.train_text_encoder=true train.cache_text_embeddings=false",
              ("train", "recipes/dreambooth.yaml", "--with_prior_preservation"): advice + "dreambooth.prior_preservation=true",
              ("train", "recipes/lora.yaml", "--enable_xformers_memory_efficient_attention"):
                  "finetune's attention already runs through PyTorch's scaled-dot-product attention (SDPA), which does what xformers did: "

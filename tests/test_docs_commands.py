@@ -300,3 +300,18 @@ def test_the_options_of_commands_named_in_the_docs_prose_exist():
             options = {option for action in commands[command]._actions for option in action.option_strings}
             unknown += [f"{path}: finetune {command} {option}" for option in re.findall(r"(?<!\S)(--[a-z][\w-]*)", rest) if option not in options]
     assert unknown == []
+
+
+def test_the_readmes_text_encoder_lora_loads_without_a_warning(monkeypatch, capsys):
+    # The README suggested lora.train_text_encoder with recipes/lora.yaml, whose train.cache_text_embeddings: true then
+    # loaded with a warning that it does nothing.
+    from finetune.cli_arguments import parse_arguments
+    from finetune.recipe_loading import load_recipe
+
+    monkeypatch.chdir(ROOT)
+    commands = [argv for path, argv in finetune_commands() if path == Path("README.md") and "lora.train_text_encoder=true" in argv]
+    assert commands, "the README's LoRA section gives the command"
+    for argv in commands:
+        args = parse_arguments(argv)
+        assert load_recipe(args.recipe, args.overrides).lora.train_text_encoder
+        assert "warning" not in capsys.readouterr().err, argv
