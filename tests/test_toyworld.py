@@ -189,6 +189,16 @@ def test_shipped_classifier_is_small_and_accurate(samples):
         assert acc >= 0.98, (name, acc)
 
 
+def test_the_classifier_s_size_is_the_one_its_docstring_and_docs_give():
+    # The docstring said ~0.26 M parameters, docs/toyworld.md 0.27 M (267,229): the model has 267,229.
+    from finetune.toyworld.classifier import ToyWorldClassifier
+
+    count = sum(p.numel() for p in ToyWorldClassifier().parameters())
+    assert f"~{count / 1e6:.2f} M parameters" in ToyWorldClassifier.__doc__
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "toyworld.md").read_text()
+    assert f"A {count / 1e6:.2f} M-parameter CNN ({count:,} weights)" in docs
+
+
 # -------------------------------------------------------------------------- metrics
 
 

@@ -36,7 +36,7 @@ class ToyWorldClassifier(nn.Module):
     """Five conv blocks (64 -> 4 px), a 128-d feature layer, one head per attribute.
 
     The spatial 4x4 map is flattened (not pooled) so position stays readable.
-    ~0.26 M parameters. Input: float images in [-1, 1], shape (B, 3, 64, 64).
+    ~0.27 M parameters. Input: float images in [-1, 1], shape (B, 3, 64, 64).
     """
 
     def __init__(self, width: int = 32, feature_dim: int = FEATURE_DIM):
