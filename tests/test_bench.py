@@ -237,9 +237,24 @@ def test_the_command_of_a_run_of_a_base_names_the_base_and_no_preset():
     from finetune.bench import format_command
 
     args = SimpleNamespace(preset="medium", base="/models/sd15", steps=5, warmup=1, batch=32, resolution=512, mixed_precision="bf16",
-                           num_images=32, repeat=1, recipes="lora_cached", no_flops=False, peak_tflops=None, out="b.json")  # fmt: skip
+                           num_images=32, repeat=1, recipes="lora_cached", no_flops=False, peak_tflops=None, workdir=None, out="b.json")  # fmt: skip
     assert format_command(args).startswith("finetune bench --base /models/sd15 --steps 5 ")
     assert format_command(SimpleNamespace(**{**vars(args), "base": None})).startswith("finetune bench --preset medium --steps 5 ")
+
+
+@pytest.mark.parametrize("model", [["--preset", "tiny"], ["--base", "/models/sd15"]])
+def test_the_recorded_command_reads_back_as_the_options_of_the_run(model):
+    """The report's command, 'every option spelled out', left out --workdir: a run again from it built its model and data
+    in a temporary folder, not in the workdir the first run reused."""
+    import shlex
+
+    from finetune.bench import format_command
+    from finetune.cli_arguments import parse_arguments
+
+    args = parse_arguments(["bench", *model, "--steps", "3", "--warmup", "1", "--batch", "2", "--resolution", "32", "--mixed-precision", "bf16",
+                            "--num-images", "4", "--repeat", "2", "--recipes", "lora,lora_gc", "--no-flops", "--peak-tflops", "100.5",
+                            "--workdir", "/tmp/bench work", "--out", "b.json"])  # fmt: skip
+    assert vars(parse_arguments(shlex.split(format_command(args))[1:])) == vars(args)
 
 
 def test_on_a_gpu_each_wait_for_it_in_the_timed_window_is_reported_by_step_and_line(make_recipe, monkeypatch):

@@ -106,6 +106,8 @@ def format_command(args) -> str:
         parts.append("--no-flops")
     if args.peak_tflops:
         parts += ["--peak-tflops", str(args.peak_tflops)]
+    if args.workdir:  # the model and data a run there reuses
+        parts += ["--workdir", args.workdir]
     return shlex.join(parts + ["--out", str(args.out)])
 
 
