@@ -57,13 +57,6 @@ def _stamp_now(example: Example, kind: str = "image") -> tuple[int, int] | None:
     return stamp
 
 
-def _changed_stamp(example: Example, found_alike: dict[str, tuple[int, int]], kind: str = "image") -> tuple[int, int] | None:
-    """The image file's stamp (`_stamp_now`) where it differs from the one the check saw and from the one a use since
-    found alike (`found_alike`), else None."""
-    stamp = _stamp_now(example, kind)
-    return None if stamp in (None, example.file_stamp, found_alike.get(example.source)) else stamp
-
-
 def require_as_checked(example: Example) -> tuple[int, int] | None:
     """Stop where `example`'s image changed since this run's data check, at its next use: its views' cached latents (in
     memory or on disk), keyed by the checked pixels, would be served stale. A file whose size or time changed is decoded
