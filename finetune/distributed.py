@@ -35,6 +35,7 @@ from finetune.config import Recipe
 from finetune.console import say, warn
 from finetune.errors import FinetuneError
 from finetune.placement import bf16_emulated, mps_without_bf16
+from finetune.process_env import first_on_its_machine, machine_count, machine_number
 
 
 def unwrap(accelerator: Accelerator, module: torch.nn.Module) -> torch.nn.Module:
@@ -138,31 +139,50 @@ def says_its_error(line: str) -> bool | None:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
         return None
     store = torch.distributed.distributed_c10d._get_default_store()
-    said = f"finetune/error-of-machine/{os.environ.get('GROUP_RANK', '0')}"
-    read = f"{said}/read"  # how many of the machine's other processes have read the first's line
+    said = f"finetune/error-of-machine/{machine_number()}"
+    readers = torch.distributed.get_world_size() - machine_count()  # every machine's processes but its first
     try:
-        if os.environ.get("LOCAL_RANK", "0") == "0":
+        if first_on_its_machine():
             store.set(said, line)
-            # Its process hosts the store where the processes were started without torchrun's agent (which otherwise hosts
-            # it, TORCHELASTIC_USE_AGENT_STORE): the others' reads then end when it exits
-            if torch.distributed.get_rank() == 0:
-                _wait_for_readers(store, read, int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)
+            if _keeps_the_store_up():
+                _wait_for_readers(store, ERROR_LINES_READ, readers)
             return True
         store.wait([said], ERROR_WAIT)  # a collective's error reaches every process at once: the first's comes within this
         first_said = store.get(said).decode()
-        store.add(read, 1)
+        store.add(ERROR_LINES_READ, 1)
+        if _keeps_the_store_up():
+            _wait_for_readers(store, ERROR_LINES_READ, readers)
         return first_said != line
     except RuntimeError:  # (torch's DistStoreError) not set in time: the first process did not fail, or the store is gone
         return True
 
 
+# How many processes, of every machine, have read their machine's first process's line.
+ERROR_LINES_READ = "finetune/error-lines-read"
+
+
+def _keeps_the_store_up() -> bool:
+    """Whether this process, exiting, can take the launch's store away from a process of any machine yet to read its first's
+    line (which would then take the store's loss for "my first did not fail" and say the line again). Without torchrun's
+    agent (DeepSpeed's launcher on several machines, MPI, Slurm, the tests' launches) rank 0's process hosts the store. Under
+    torchrun and accelerate launch one machine's agent hosts it (machine 0's under accelerate's static rendezvous; under c10d's,
+    whichever is at its endpoint: TORCHELASTIC_USE_AGENT_STORE) and exits with the first of its processes to fail, ending the
+    others: there every process that failed keeps it up."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True) or torch.distributed.get_rank() == 0
+
+
 def _wait_for_readers(store, read: str, others: int) -> None:
-    """Keep the store up until the other processes that failed too have read the first process's line (at once where all
-    met it), or READ_WAIT has passed (those that did not fail never read it). Its process exiting at once, a process that
-    had seen the line posted lost the store before reading it, and said the same line again."""
+    """Keep the store up until the processes of every machine that failed too have read their first process's line (at once
+    where all met it), or READ_WAIT has passed (those that did not fail never read it). Its process exiting at once, a process
+    that had seen the line posted lost the store before reading it, and said the same line again; the first process of
+    machine 0 waiting for its own machine's readers alone, a later machine's lost it so. A stop (Ctrl-C, or the agent ending
+    this machine's processes as one of them exits) ends the wait, as does the store gone: the line is still said."""
     deadline = time.monotonic() + READ_WAIT.total_seconds()
-    while store.add(read, 0) < others and time.monotonic() < deadline:
-        time.sleep(0.02)
+    try:
+        while store.add(read, 0) < others and time.monotonic() < deadline:
+            time.sleep(0.02)
+    except (RuntimeError, KeyboardInterrupt):
+        pass
 
 
 # Ample for a collective's error to reach the first process on a loaded machine (3 s was missed under a busy test run);

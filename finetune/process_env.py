@@ -20,7 +20,17 @@ def first_on_its_machine() -> bool:
 
 
 def machine_name() -> str | None:
-    """'machine N' (torchrun's GROUP_RANK, accelerate's --machine_rank) where the launch spans several
-    machines, so a line about one machine's state says which; None on one machine."""
-    processes, on_this_machine = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return f"machine {os.environ.get('GROUP_RANK', '0')}" if processes > on_this_machine else None
+    """'machine N' where the launch spans several machines, so a line about one machine's state says which; None on one
+    machine."""
+    return f"machine {machine_number()}" if machine_count() > 1 else None
+
+
+def machine_number() -> str:
+    """This machine's number in the launch: torchrun's GROUP_RANK (accelerate's --machine_rank); 0 without a launcher."""
+    return os.environ.get("GROUP_RANK", "0")
+
+
+def machine_count() -> int:
+    """The machines of the launch: its processes over each machine's (torchrun's LOCAL_WORLD_SIZE; accelerate launch gives
+    every machine as many)."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))

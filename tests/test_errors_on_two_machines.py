@@ -1,0 +1,154 @@
+"""An error every process of a run meets, on two machines of two processes each: said once per machine, by its first process
+(`finetune.distributed.says_its_error`). The first process of machine 0 kept the launch's store up only until its own machine's
+other process had read its line: machine 1's other process, reading its own first's line later, found the store gone, took it
+for "my first did not fail" and said the line again."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ports import free_port
+
+# Each of 4 processes ("machine" rank // 2, over loopback, started without torchrun's agent: rank 0's process hosts the store, as
+# under DeepSpeed's multi-machine launcher) runs `finetune train`, whose run fails on every process with the same line.
+EVERY_ONE_FAILS = r"""
+import sys, time
+from datetime import timedelta
+from types import SimpleNamespace
+import torch.distributed as dist
+import finetune.cli as cli, finetune.recipe_loading, finetune.train_inputs
+import finetune.distributed
+from finetune.errors import FinetuneError
+
+finetune.distributed.READ_WAIT = timedelta(seconds=120)  # the test waits on the reads themselves, not on the clock
+dist.init_process_group("gloo")
+if dist.get_rank() == 3:  # machine 1, loaded: its other process reads its first's line once rank 0 has left (or 3 s on)
+    import torch.distributed.distributed_c10d as c10d
+    store = c10d._get_default_store()
+
+    class SlowStore:
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+        def get(self, key):
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                try:
+                    store.check([key])
+                except RuntimeError:  # the store is gone with rank 0's process
+                    break
+                time.sleep(0.05)
+            return store.get(key)
+
+    c10d._get_default_store = SlowStore
+finetune.recipe_loading.load_recipe = lambda path, overrides: SimpleNamespace(output_dir=sys.argv[1])
+finetune.train_inputs.check_inputs_exist = lambda recipe: None
+
+def train(recipe, **options):
+    dist.barrier()  # a collective's error: every process meets it
+    raise FinetuneError("the weights hold NaN")
+
+sys.modules["finetune.trainer"] = SimpleNamespace(train=train)  # (diffusers not imported: seconds)
+sys.exit(cli.main(["train", "recipe.yaml"]))
+"""
+
+
+@pytest.mark.slow  # 4 interpreters importing torch and accelerate: 20 to 60 s on 2 cores
+def test_an_error_every_process_meets_is_said_once_per_machine(tmp_path):
+    port = str(free_port())
+    processes = [
+        subprocess.Popen([sys.executable, "-c", EVERY_ONE_FAILS, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={
+            **os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "4",
+            "LOCAL_WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank % 2), "GROUP_RANK": str(rank // 2)})
+        for rank in range(4)
+    ]  # fmt: skip
+    try:
+        results = [process.communicate(timeout=600) for process in processes]  # a hang only
+    finally:
+        for process in processes:
+            process.kill()
+    assert [process.returncode for process in processes] == [2, 2, 2, 2], results
+    errors = [[line for line in stderr.splitlines() if line.startswith("error:")] for _, stderr in results]
+    assert errors == [["error: machine 0: the weights hold NaN"], [], ["error: machine 1: the weights hold NaN"], []], results
+
+
+# The same run's error, checked without launching: a store and a clock of the test's own, the launch's environment set by hand.
+# Two machines of two processes: machine 0's other process reads its first's line 1 s after it was posted, machine 1's 5 s after.
+READS_AT = (1.0, 5.0)
+
+
+class Store:
+    def __init__(self, now, lines):
+        self.now, self.lines = now, lines
+
+    def set(self, key, value):
+        self.lines[key] = value.encode()
+
+    def wait(self, keys, timeout):
+        pass
+
+    def get(self, key):
+        return self.lines[key]
+
+    def add(self, key, amount):  # any key: the old code counted each machine's reads under a key of its own
+        return sum(self.now[0] >= at for at in READS_AT)
+
+
+def launched(monkeypatch, rank: int, agent_store: bool):
+    """This process as the 2-machine launch starts process `rank`, joined (to the test's store), on the test's clock: the clock."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import finetune.distributed as distributed
+
+    now = [0.0]
+    store = Store(now, {"finetune/error-of-machine/0": b"the weights hold NaN", "finetune/error-of-machine/1": b"the weights hold NaN"})
+    monkeypatch.setattr(distributed, "time", SimpleNamespace(monotonic=lambda: now[0], sleep=lambda seconds: now.__setitem__(0, now[0] + seconds)))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 4)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: rank)
+    monkeypatch.setattr(torch.distributed.distributed_c10d, "_get_default_store", lambda: store)
+    environment = {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank % 2), "GROUP_RANK": str(rank // 2)}
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    if agent_store:  # torchrun's agent of one machine hosts the store (accelerate launch)
+        monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    else:  # rank 0's process hosts it
+        monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    return distributed, now
+
+
+def test_the_process_that_hosts_the_store_waits_for_every_machines_reader(monkeypatch):
+    distributed, now = launched(monkeypatch, rank=0, agent_store=False)
+    assert distributed.says_its_error("the weights hold NaN") is True
+    assert READS_AT[1] <= now[0] < READS_AT[1] + 1  # machine 1's reader too (the old code left at 1 s, after machine 0's)
+
+
+def test_under_the_agents_store_every_process_of_a_machine_waits_for_every_machines_reader(monkeypatch):
+    """The agent hosting the store exits as soon as one of its machine's processes has failed: machine 0's other process
+    leaving once it had read its own first's line took the store from machine 1's other process."""
+    distributed, now = launched(monkeypatch, rank=1, agent_store=True)
+    assert distributed.says_its_error("the weights hold NaN") is False  # its first said it
+    assert READS_AT[1] <= now[0] < READS_AT[1] + 1
+
+
+def test_a_stop_or_the_store_gone_ends_the_wait_and_the_line_is_still_said(monkeypatch):
+    """The agent ends its machine's processes (SIGTERM: a stop) as the first of them exits, and its store with them: a first
+    process still waiting said nothing (the stop's KeyboardInterrupt), and a reader must not take the store's loss after its
+    read for "my first did not fail"."""
+    for ending in (KeyboardInterrupt, RuntimeError):
+        for rank, says in ((0, True), (1, False)):  # machine 0's first, and its other process (the same line: its first said it)
+            distributed, now = launched(monkeypatch, rank=rank, agent_store=True)
+
+            def stop(seconds, ending=ending):
+                raise ending()
+
+            monkeypatch.setattr(distributed.time, "sleep", stop)
+            try:
+                said = distributed.says_its_error("the weights hold NaN")
+            except KeyboardInterrupt:  # (pytest would take it for the test run's own Ctrl-C)
+                said = "raised the stop"
+            assert said is says, (ending, rank)
