@@ -26,11 +26,14 @@ def machine_name() -> str | None:
 
 
 def machine_number() -> str:
-    """This machine's number in the launch: torchrun's GROUP_RANK (accelerate's --machine_rank); 0 without a launcher."""
-    return os.environ.get("GROUP_RANK", "0")
+    """This machine's number in the launch: torchrun's GROUP_RANK (accelerate's --machine_rank), or CROSS_RANK where
+    DeepSpeed's own launcher started the processes (accelerate launch --use_deepspeed on several machines: its default
+    --deepspeed_multinode_launcher pdsh), which sets neither of torchrun's names; 0 without a launcher."""
+    return os.environ.get("GROUP_RANK", os.environ.get("CROSS_RANK", "0"))
 
 
 def machine_count() -> int:
-    """The machines of the launch: its processes over each machine's (torchrun's LOCAL_WORLD_SIZE; accelerate launch gives
-    every machine as many)."""
-    return max(1, int(os.environ.get("WORLD_SIZE", "1")) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    """The machines of the launch: its processes over each machine's (torchrun's LOCAL_WORLD_SIZE, DeepSpeed's launcher's
+    LOCAL_SIZE; accelerate launch gives every machine as many)."""
+    on_each_machine = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")) // on_each_machine)

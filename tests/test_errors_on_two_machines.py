@@ -152,3 +152,20 @@ def test_a_stop_or_the_store_gone_ends_the_wait_and_the_line_is_still_said(monke
             except KeyboardInterrupt:  # (pytest would take it for the test run's own Ctrl-C)
                 said = "raised the stop"
             assert said is says, (ending, rank)
+
+
+def test_deepspeeds_launcher_tells_the_machines_apart_by_its_own_names(monkeypatch):
+    """accelerate launch --use_deepspeed on several machines starts the processes with DeepSpeed's launcher (pdsh), which
+    sets CROSS_RANK and LOCAL_SIZE, not torchrun's GROUP_RANK and LOCAL_WORLD_SIZE: every machine posted its line under
+    machine 0's key, named itself machine 0, and rank 0, hosting the store, waited for no reader."""
+    distributed, now = launched(monkeypatch, rank=0, agent_store=False)
+    monkeypatch.delenv("GROUP_RANK")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("CROSS_RANK", "0")
+    monkeypatch.setenv("LOCAL_SIZE", "2")
+    assert distributed.says_its_error("the weights hold NaN") is True
+    assert READS_AT[1] <= now[0] < READS_AT[1] + 1
+    from finetune.process_env import machine_name
+
+    monkeypatch.setenv("CROSS_RANK", "1")
+    assert machine_name() == "machine 1"
