@@ -102,15 +102,20 @@ def ready_to_compile(accelerator: Accelerator, trained: list[torch.nn.Module], b
 
 
 @contextlib.contextmanager
-def uncompiled_forwards():
+def uncompiled_forwards(modules: dict[str, torch.nn.Module]):
     """Inside, every compiled module runs uncompiled: for validation's grid and the held-out loss, which would each compile
     a graph of their own (the pipeline calls the model with other arguments and shapes; the held-out loss runs without
-    gradients, and graphs are guarded on grad mode), a minute or more of a GPU's time for SD1.5 each, for no gain. torch's
-    stance rather than the module under torch.compile's wrapper: under DeepSpeed (ACCELERATE_DYNAMO_BACKEND exported by
-    hand) accelerate has the engine compile the model in place (`engine.compile`), so there is no wrapper to step around."""
-    set_stance = getattr(torch.compiler, "set_stance", None)  # torch 2.6 on; before it, the extra graphs compile (same results)
-    with set_stance("force_eager") if set_stance else contextlib.nullcontext():
-        yield
+    gradients, and graphs are guarded on grad mode), a minute or more of a GPU's time for SD1.5 each, for no gain. Yields
+    the modules to call. torch's stance (2.6 on) rather than the module under torch.compile's wrapper: under DeepSpeed
+    (ACCELERATE_DYNAMO_BACKEND exported by hand) accelerate has the engine compile the model in place (`engine.compile`), so
+    there is no wrapper to step around. torch 2.4 and 2.5 have no stance: there a module under accelerate's wrapper (outside
+    DDP's) is called as the module it wraps, and one the engine compiled compiles its extra graphs (same results)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None:
+        yield {name: module._orig_mod if is_compiled_module(module) else module for name, module in modules.items()}
+        return
+    with set_stance("force_eager"):
+        yield modules
 
 
 def trained_parameters(modules: dict[str, torch.nn.Module], accelerator: Accelerator) -> dict[str, torch.nn.Parameter]:

@@ -261,10 +261,10 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
 
     def validate(at_step: int) -> Path | None:
         """The validation grid of this step (and the held-out loss); returns the grid's path, if one was drawn."""
-        with averaged(), uncompiled_forwards():
-            grid = run_validation(recipe, method, modules, accelerator, at_step)
+        with averaged(), uncompiled_forwards(modules) as forwards:
+            grid = run_validation(recipe, method, forwards, accelerator, at_step)
             if held_out:
-                terms = held_out_loss(method, modules, dataset, collate_fn, held_out, recipe.seed, accelerator.device, lambda: autocast(accelerator))
+                terms = held_out_loss(method, forwards, dataset, collate_fn, held_out, recipe.seed, accelerator.device, lambda: autocast(accelerator))
                 result.validation_losses.append((at_step, terms["loss"]))
                 say(f"validation loss at step {at_step}: {terms['loss']:.4f}")
                 accelerator.log({f"validation/{name}": value for name, value in terms.items()}, step=at_step)

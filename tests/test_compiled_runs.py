@@ -132,6 +132,20 @@ def test_a_compiled_controlnet_run_compiles_once_through_validation_and_checkpoi
     assert (compiling["stats"]["unique_graphs"], fallbacks(compiling)) == (1, 0)
 
 
+@pytest.mark.slow  # ~10 s alone
+def test_without_torchs_stance_a_compiled_controlnet_run_compiles_once_through_validation(make_recipe, pairs_folder, compiling, monkeypatch):
+    """torch 2.4 and 2.5 have no torch.compiler.set_stance (distributed.uncompiled_forwards): before, 2 compiles (the
+    held-out loss's no-grad graph)."""
+    monkeypatch.delattr(torch.compiler, "set_stance")
+    recipe = make_recipe(
+        method="controlnet", data__image_dir=str(pairs_folder), train__max_steps=4, validation__every_n_steps=2,
+        validation__loss_images=1, validation__prompts=["a shape"], validation__num_inference_steps=2,
+    )  # fmt: skip
+    result = train(recipe)
+    assert result.final_step == 4 and len(result.validation_losses) == 3
+    assert (compiling["stats"]["unique_graphs"], fallbacks(compiling)) == (1, 0)
+
+
 def test_the_bench_compiles_controlnet_on_request_as_accelerate_launch_would():
     from finetune.bench.variants import DEFAULT_VARIANTS, VARIANTS
 
