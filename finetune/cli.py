@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {machine + ': ' if (machine := machine_name()) else ''}{one_line(err)}", file=sys.stderr)
         elif err.said_here is None:
             leave_the_line_to_the_first_process()
+        if err.after_said is not None:
+            err.after_said()
         return 2
     except KeyboardInterrupt as stop:  # training stops itself cleanly; this is a stop anywhere else (loading, class images, sampling)
         # Every process got it (a terminal's Ctrl-C, a job's SIGTERM): one line for the run, as the training loop's stop

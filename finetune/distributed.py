@@ -149,14 +149,12 @@ def says_its_error(line: str) -> bool | None:
     try:
         if first_on_its_machine():
             store.set(said, line)
-            if _keeps_the_store_up():
-                _wait_for_readers(store, ERROR_LINES_READ, readers)
+            _keep_the_store_for_readers(store, readers)
             return True
         store.wait([said], ERROR_WAIT)  # a collective's error reaches every process at once: the first's comes within this
         first_said = store.get(said).decode()
         store.add(ERROR_LINES_READ, 1)
-        if _keeps_the_store_up():
-            _wait_for_readers(store, ERROR_LINES_READ, readers)
+        _keep_the_store_for_readers(store, readers)
         return first_said != line
     except RuntimeError:  # (torch's DistStoreError) not set in time: the first process did not fail, or the store is gone
         return True
@@ -176,6 +174,25 @@ def _keeps_the_store_up() -> bool:
     return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True) or torch.distributed.get_rank() == 0
 
 
+# The launch's store and how many readers this process keeps it up for, once its line is said (`wait_for_error_readers`).
+_store_kept_for_readers: tuple | None = None
+
+
+def _keep_the_store_for_readers(store, readers: int) -> None:
+    global _store_kept_for_readers
+    if _keeps_the_store_up():
+        _store_kept_for_readers = (store, readers)
+
+
+def wait_for_error_readers() -> None:
+    """After this process's error line is said (or left to its first), the wait `says_its_error` asked for, if any
+    (`_wait_for_readers`). Waited before the line, an error met by this process alone was said READ_WAIT late."""
+    global _store_kept_for_readers
+    if _store_kept_for_readers is not None:
+        (store, readers), _store_kept_for_readers = _store_kept_for_readers, None
+        _wait_for_readers(store, ERROR_LINES_READ, readers)
+
+
 def _wait_for_readers(store, read: str, others: int) -> None:
     """Keep the store up until the processes of every machine that failed too have read their first process's line (at once
     where all met it), or READ_WAIT has passed (those that did not fail never read it). Its process exiting at once, a process
@@ -193,8 +210,8 @@ def _wait_for_readers(store, read: str, others: int) -> None:
 # Ample for a collective's error to reach the first process on a loaded machine (3 s was missed under a busy test run);
 # a process that fails alone says its error this much later.
 ERROR_WAIT = timedelta(seconds=10)
-# The first process's wait for the others to read its line: as long as they wait for it (a collective's error reaches them
-# seconds apart on a busy machine), and what an error it meets alone is said later by, on a run of several.
+# The first process's wait for the others to read its line, after it said it: as long as they wait for it (a collective's
+# error reaches them seconds apart on a busy machine), and what an error it meets alone ends its process later by.
 READ_WAIT = ERROR_WAIT
 
 

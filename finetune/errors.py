@@ -12,6 +12,9 @@ class FinetuneError(Exception):
     # Which process says it: None, the first one on each machine (every process of a launch meets the same problem); else
     # True or False, where processes meet it differently (the first one may be the process that did not answer).
     said_here: bool | None = None
+    # What the process does once the line is said (or left to another process): keep the launch's store up for the processes
+    # yet to read it (`distributed.wait_for_error_readers`).
+    after_said = None
 
 
 def one_line(err: FinetuneError) -> str:

@@ -46,7 +46,7 @@ def run_train_command(args) -> int:
 
 def _run_training(recipe, args, base_location):
     """train(), its error said by one process of the run (`says_its_error`), the process group left however it ends."""
-    from finetune.distributed import leave_process_group, says_its_error  # torch and the training stack: after the checks
+    from finetune.distributed import leave_process_group, says_its_error, wait_for_error_readers  # torch and the training stack: after the checks
     from finetune.trainer import train
 
     quiet_weight_progress_bars()
@@ -55,7 +55,7 @@ def _run_training(recipe, args, base_location):
             return train(recipe, resume=args.resume, overwrite=args.overwrite, base_location=base_location)
     except FinetuneError as err:
         if err.said_here is None:  # asked while the processes' rendezvous store is still there
-            err.said_here = says_its_error(one_line(err))
+            err.said_here, err.after_said = says_its_error(one_line(err)), wait_for_error_readers
         raise
     finally:
         leave_process_group()

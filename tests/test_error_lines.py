@@ -43,3 +43,20 @@ def test_the_other_processes_wait_for_the_launcher_quietly_so_the_first_one_says
     monkeypatch.setenv("LOCAL_RANK", "0")  # the first process: says it, at once
     assert main(["train", str(recipe)]) == 2
     assert waits == [finetune.cli.FIRST_PROCESS_GRACE] and "max_step" in capsys.readouterr().err
+
+
+def test_the_line_is_said_before_the_process_keeps_the_store_up_for_the_others(capsys, monkeypatch):
+    """A failed process of a run keeps the launch's store up for the others yet to read its line (at most
+    distributed.READ_WAIT): waited before the line, an error it met alone was said seconds late."""
+    from finetune.errors import FinetuneError
+
+    seen_during_the_wait = []
+
+    def train_failing(args):
+        err = FinetuneError("checkpoint-3 could not be written: the disk is full")
+        err.said_here, err.after_said = True, lambda: seen_during_the_wait.append(capsys.readouterr().err)
+        raise err
+
+    monkeypatch.setitem(finetune.cli.COMMANDS, "train", train_failing)
+    assert main(["train", "recipe.yaml"]) == 2
+    assert seen_during_the_wait == ["error: checkpoint-3 could not be written: the disk is full\n"]

@@ -124,6 +124,8 @@ def launched(monkeypatch, rank: int, agent_store: bool):
 def test_the_process_that_hosts_the_store_waits_for_every_machines_reader(monkeypatch):
     distributed, now = launched(monkeypatch, rank=0, agent_store=False)
     assert distributed.says_its_error("the weights hold NaN") is True
+    assert now[0] == 0  # the line is said first: the wait comes after it
+    distributed.wait_for_error_readers()
     assert READS_AT[1] <= now[0] < READS_AT[1] + 1  # machine 1's reader too (the old code left at 1 s, after machine 0's)
 
 
@@ -132,6 +134,7 @@ def test_under_the_agents_store_every_process_of_a_machine_waits_for_every_machi
     leaving once it had read its own first's line took the store from machine 1's other process."""
     distributed, now = launched(monkeypatch, rank=1, agent_store=True)
     assert distributed.says_its_error("the weights hold NaN") is False  # its first said it
+    distributed.wait_for_error_readers()
     assert READS_AT[1] <= now[0] < READS_AT[1] + 1
 
 
@@ -149,6 +152,7 @@ def test_a_stop_or_the_store_gone_ends_the_wait_and_the_line_is_still_said(monke
             monkeypatch.setattr(distributed.time, "sleep", stop)
             try:
                 said = distributed.says_its_error("the weights hold NaN")
+                distributed.wait_for_error_readers()
             except KeyboardInterrupt:  # (pytest would take it for the test run's own Ctrl-C)
                 said = "raised the stop"
             assert said is says, (ending, rank)
@@ -164,6 +168,7 @@ def test_deepspeeds_launcher_tells_the_machines_apart_by_its_own_names(monkeypat
     monkeypatch.setenv("CROSS_RANK", "0")
     monkeypatch.setenv("LOCAL_SIZE", "2")
     assert distributed.says_its_error("the weights hold NaN") is True
+    distributed.wait_for_error_readers()
     assert READS_AT[1] <= now[0] < READS_AT[1] + 1
     from finetune.process_env import machine_name
 
