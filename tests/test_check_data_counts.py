@@ -23,6 +23,16 @@ def test_the_result_line_says_one_problem_or_warning_in_the_singular(tmp_path, c
     assert capsys.readouterr().out.splitlines()[-1].startswith("result: training would stop: 2 fatal problems; fix them")
 
 
+
+def shared_instance_folder(tmp_path):
+    """An instance folder two DreamBooth concepts share, holding a .gif and a subfolder of images (two warnings)."""
+    folder = tmp_path / "subject"
+    (folder / "more").mkdir(parents=True)
+    for name, colour in (("a", "red"), ("b", "blue"), ("more/c", "green")):
+        Image.new("RGB", (64, 64), colour).save(folder / f"{name}.png")
+    Image.new("RGB", (64, 64), "red").save(folder / "photo.gif")
+    return folder, [{"instance_dir": str(folder), "instance_prompt": prompt} for prompt in ("a sks shape", "a zwx shape")]
+
 def test_a_folder_two_dreambooth_concepts_share_is_said_and_counted_once(tmp_path, capsys):
     """Two concepts of one instance_dir (two prompts for one subject) read it twice, each with its own report: its
     findings were said twice and counted twice ('2 fatal problems' for one bad file). Each is now said once."""
@@ -30,12 +40,7 @@ def test_a_folder_two_dreambooth_concepts_share_is_said_and_counted_once(tmp_pat
 
     from conftest import SHIPPED_BASE
 
-    folder = tmp_path / "subject"
-    (folder / "more").mkdir(parents=True)
-    for name, colour in (("a", "red"), ("b", "blue"), ("more/c", "green")):
-        Image.new("RGB", (64, 64), colour).save(folder / f"{name}.png")
-    Image.new("RGB", (64, 64), "red").save(folder / "photo.gif")
-    concepts = [{"instance_dir": str(folder), "instance_prompt": prompt} for prompt in ("a sks shape", "a zwx shape")]
+    folder, concepts = shared_instance_folder(tmp_path)
     recipe = {"method": "dreambooth", "model": {"pretrained": str(SHIPPED_BASE)}, "data": {"image_dir": None, "resolution": 64},
               "output_dir": str(tmp_path / "run"), "dreambooth": {"prior_preservation": False, "concepts": concepts}}  # fmt: skip
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
@@ -56,12 +61,7 @@ def test_training_says_a_folder_two_dreambooth_concepts_share_once_as_check_data
     check-data says them once."""
     from finetune.methods.dreambooth import DreamBoothMethod
 
-    folder = tmp_path / "subject"
-    (folder / "more").mkdir(parents=True)
-    for name, colour in (("a", "red"), ("b", "blue"), ("more/c", "green")):
-        Image.new("RGB", (64, 64), colour).save(folder / f"{name}.png")
-    Image.new("RGB", (64, 64), "red").save(folder / "photo.gif")
-    concepts = [{"instance_dir": str(folder), "instance_prompt": prompt} for prompt in ("a sks shape", "a zwx shape")]
+    folder, concepts = shared_instance_folder(tmp_path)
     method = DreamBoothMethod(make_recipe(method="dreambooth", data__image_dir=None, data__resolution=64,
                                           dreambooth__prior_preservation=False, dreambooth__concepts=concepts))  # fmt: skip
     method.check_data()
