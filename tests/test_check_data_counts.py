@@ -23,7 +23,6 @@ def test_the_result_line_says_one_problem_or_warning_in_the_singular(tmp_path, c
     assert capsys.readouterr().out.splitlines()[-1].startswith("result: training would stop: 2 fatal problems; fix them")
 
 
-
 def shared_instance_folder(tmp_path):
     """An instance folder two DreamBooth concepts share, holding a .gif and a subfolder of images (two warnings)."""
     folder = tmp_path / "subject"
@@ -32,6 +31,7 @@ def shared_instance_folder(tmp_path):
         Image.new("RGB", (64, 64), colour).save(folder / f"{name}.png")
     Image.new("RGB", (64, 64), "red").save(folder / "photo.gif")
     return folder, [{"instance_dir": str(folder), "instance_prompt": prompt} for prompt in ("a sks shape", "a zwx shape")]
+
 
 def test_a_folder_two_dreambooth_concepts_share_is_said_and_counted_once(tmp_path, capsys):
     """Two concepts of one instance_dir (two prompts for one subject) read it twice, each with its own report: its
