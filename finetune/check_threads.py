@@ -16,7 +16,7 @@ from typing import Callable, Sequence, TypeVar
 from tqdm.auto import tqdm
 
 from finetune.errors import FinetuneError
-from finetune.process_env import first_on_its_machine
+from finetune.process_env import first_on_its_machine, processes_on_this_machine
 from finetune.progress_lines import in_a_log
 
 Item, Result = TypeVar("Item"), TypeVar("Result")
@@ -35,7 +35,7 @@ def check_threads() -> int:
             raise FinetuneError(f"FINETUNE_CHECK_THREADS={asked}: give a number of threads (1 or more), or unset it for one per CPU")
         return int(asked)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by accelerate launch / torchrun
+    processes_here = processes_on_this_machine() or 1  # 1 without a launcher
     return max(1, min(MAX_CHECK_THREADS, cpus // processes_here))
 
 

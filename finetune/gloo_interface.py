@@ -21,7 +21,7 @@ import psutil
 import torch
 
 from finetune.errors import FinetuneError
-from finetune.process_env import machine_name
+from finetune.process_env import machine_name, processes_on_this_machine
 
 IFNAME = "GLOO_SOCKET_IFNAME"
 ADVICE = f"export {IFNAME}=<the interface that reaches the other machines, as `ip addr` lists it> on each machine before accelerate launch"
@@ -112,10 +112,11 @@ def _said_by_every_process(text: str) -> list[str]:
 
 def _machines() -> str | None:
     """'one' where every process runs on this machine, 'several' where they do not, None where the launcher does not say
-    (torchrun, under accelerate launch, sets LOCAL_WORLD_SIZE)."""
-    if "LOCAL_WORLD_SIZE" not in os.environ:
+    (torchrun, under accelerate launch, and DeepSpeed's own launcher say; see process_env.processes_on_this_machine)."""
+    here = processes_on_this_machine()
+    if here is None:
         return None
-    return "one" if int(os.environ["LOCAL_WORLD_SIZE"]) >= int(os.environ.get("WORLD_SIZE", "1")) else "several"
+    return "one" if here >= int(os.environ.get("WORLD_SIZE", "1")) else "several"
 
 
 def _loopback(address: str) -> bool:

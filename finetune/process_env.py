@@ -35,5 +35,12 @@ def machine_number() -> str:
 def machine_count() -> int:
     """The machines of the launch: its processes over each machine's (torchrun's LOCAL_WORLD_SIZE, DeepSpeed's launcher's
     LOCAL_SIZE; accelerate launch gives every machine as many)."""
-    on_each_machine = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
-    return max(1, int(os.environ.get("WORLD_SIZE", "1")) // on_each_machine)
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")) // (processes_on_this_machine() or 1))
+
+
+def processes_on_this_machine() -> int | None:
+    """The launch's processes on this machine: torchrun's LOCAL_WORLD_SIZE, or LOCAL_SIZE where DeepSpeed's own launcher
+    started them (see machine_number); None where the launcher says neither (1 without a launcher is the caller's to
+    assume: MPI or Slurm may have started several)."""
+    told = os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE"))
+    return int(told) if told is not None else None

@@ -19,6 +19,7 @@ from datetime import timedelta
 import torch
 
 from finetune.errors import FinetuneError
+from finetune.process_env import processes_on_this_machine
 
 MARGIN = timedelta(minutes=5)  # the work after a step's last collective, on the process furthest behind
 STORE_WAIT = timedelta(seconds=30)  # for the rendezvous store's answer, once the agreement has failed
@@ -101,7 +102,7 @@ class Answers:
         one may be the one that did not). Torchrun numbers a machine's processes in a row."""
         if behind is None:
             return True
-        local_rank, on_this_machine = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        local_rank, on_this_machine = int(os.environ.get("LOCAL_RANK", "0")), processes_on_this_machine() or 1
         machine = range(self.rank - local_rank, self.rank - local_rank + on_this_machine)
         return self.rank == min(rank for rank in machine if rank not in behind)
 
