@@ -116,7 +116,7 @@ def generate_on_every_process(accelerator, generate: Callable[[], object] | None
     """Collective, on every process (also one with nothing to make): `generate()`, this process's share of a folder's missing
     class images (None where none are missing), then wait for the others. A FinetuneError of any process (its images decoded to
     NaN: `_refuse_not_finite`) is raised on every process, the lowest rank's line, said once per machine: raised on that process
-    alone, it was said after seconds (`finetune.distributed.says_its_error`) while the others waited for it in the barrier, and
+    alone, it was said after seconds (`finetune.error_exchange.says_its_error`) while the others waited for it in the barrier, and
     they ended with gloo's traceback of a closed connection."""
     failure = None
     try:

@@ -13,7 +13,7 @@ class FinetuneError(Exception):
     # True or False, where processes meet it differently (the first one may be the process that did not answer).
     said_here: bool | None = None
     # What the process does once the line is said (or left to another process): keep the launch's store up for the processes
-    # yet to read it (`distributed.wait_for_error_readers`).
+    # yet to read it (`error_exchange.wait_for_error_readers`).
     after_said = None
 
 

@@ -46,7 +46,8 @@ def run_train_command(args) -> int:
 
 def _run_training(recipe, args, base_location):
     """train(), its error said by one process of the run (`says_its_error`), the process group left however it ends."""
-    from finetune.distributed import leave_process_group, says_its_error, wait_for_error_readers  # torch and the training stack: after the checks
+    from finetune.distributed import leave_process_group  # torch and the training stack: after the checks
+    from finetune.error_exchange import says_its_error, wait_for_error_readers
     from finetune.trainer import train
 
     quiet_weight_progress_bars()

@@ -47,7 +47,7 @@ def test_the_other_processes_wait_for_the_launcher_quietly_so_the_first_one_says
 
 def test_the_line_is_said_before_the_process_keeps_the_store_up_for_the_others(capsys, monkeypatch):
     """A failed process of a run keeps the launch's store up for the others yet to read its line (at most
-    distributed.READ_WAIT): waited before the line, an error it met alone was said seconds late."""
+    error_exchange.READ_WAIT): waited before the line, an error it met alone was said seconds late."""
     from finetune.errors import FinetuneError
 
     seen_during_the_wait = []

@@ -78,15 +78,15 @@ def test_the_first_process_keeps_the_store_up_as_long_as_another_waits_for_its_l
     may take to reach the processes on a busy machine; one reading it 5 to 10 s late found the store gone and said it again."""
     from types import SimpleNamespace
 
-    import finetune.distributed as distributed
+    import finetune.error_exchange as error_exchange
 
     now = [0.0]
-    monkeypatch.setattr(distributed, "time", SimpleNamespace(monotonic=lambda: now[0], sleep=lambda seconds: now.__setitem__(0, now[0] + seconds)))
-    late = distributed.ERROR_WAIT.total_seconds() - 1  # the other process's read, as late as its own wait lets it come
+    monkeypatch.setattr(error_exchange, "time", SimpleNamespace(monotonic=lambda: now[0], sleep=lambda seconds: now.__setitem__(0, now[0] + seconds)))
+    late = error_exchange.ERROR_WAIT.total_seconds() - 1  # the other process's read, as late as its own wait lets it come
 
     class Store:
         def add(self, key, amount):
             return 1 if now[0] >= late else 0
 
-    distributed._wait_for_readers(Store(), distributed.ERROR_LINES_READ, others=1)
+    error_exchange._wait_for_readers(Store(), error_exchange.ERROR_LINES_READ, others=1)
     assert late <= now[0] < late + 1

@@ -1,5 +1,5 @@
 """An error every process of a run meets, on two machines of two processes each: said once per machine, by its first process
-(`finetune.distributed.says_its_error`). The first process of machine 0 kept the launch's store up only until its own machine's
+(`finetune.error_exchange.says_its_error`). The first process of machine 0 kept the launch's store up only until its own machine's
 other process had read its line: machine 1's other process, reading its own first's line later, found the store gone, took it
 for "my first did not fail" and said the line again."""
 
@@ -19,10 +19,10 @@ from datetime import timedelta
 from types import SimpleNamespace
 import torch.distributed as dist
 import finetune.cli as cli, finetune.recipe_loading, finetune.train_inputs
-import finetune.distributed
+import finetune.error_exchange
 from finetune.errors import FinetuneError
 
-finetune.distributed.READ_WAIT = timedelta(seconds=120)  # the test waits on the reads themselves, not on the clock
+finetune.error_exchange.READ_WAIT = timedelta(seconds=120)  # the test waits on the reads themselves, not on the clock
 dist.init_process_group("gloo")
 if dist.get_rank() == 3:  # machine 1, loaded: its other process reads its first's line once rank 0 has left (or 3 s on)
     import torch.distributed.distributed_c10d as c10d
@@ -102,11 +102,11 @@ def launched(monkeypatch, rank: int, agent_store: bool):
 
     import torch
 
-    import finetune.distributed as distributed
+    import finetune.error_exchange as error_exchange
 
     now = [0.0]
     store = Store(now, {"finetune/error-of-machine/0": b"the weights hold NaN", "finetune/error-of-machine/1": b"the weights hold NaN"})
-    monkeypatch.setattr(distributed, "time", SimpleNamespace(monotonic=lambda: now[0], sleep=lambda seconds: now.__setitem__(0, now[0] + seconds)))
+    monkeypatch.setattr(error_exchange, "time", SimpleNamespace(monotonic=lambda: now[0], sleep=lambda seconds: now.__setitem__(0, now[0] + seconds)))
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 4)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: rank)
@@ -118,23 +118,23 @@ def launched(monkeypatch, rank: int, agent_store: bool):
         monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
     else:  # rank 0's process hosts it
         monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
-    return distributed, now
+    return error_exchange, now
 
 
 def test_the_process_that_hosts_the_store_waits_for_every_machines_reader(monkeypatch):
-    distributed, now = launched(monkeypatch, rank=0, agent_store=False)
-    assert distributed.says_its_error("the weights hold NaN") is True
+    error_exchange, now = launched(monkeypatch, rank=0, agent_store=False)
+    assert error_exchange.says_its_error("the weights hold NaN") is True
     assert now[0] == 0  # the line is said first: the wait comes after it
-    distributed.wait_for_error_readers()
+    error_exchange.wait_for_error_readers()
     assert READS_AT[1] <= now[0] < READS_AT[1] + 1  # machine 1's reader too (the old code left at 1 s, after machine 0's)
 
 
 def test_under_the_agents_store_every_process_of_a_machine_waits_for_every_machines_reader(monkeypatch):
     """The agent hosting the store exits as soon as one of its machine's processes has failed: machine 0's other process
     leaving once it had read its own first's line took the store from machine 1's other process."""
-    distributed, now = launched(monkeypatch, rank=1, agent_store=True)
-    assert distributed.says_its_error("the weights hold NaN") is False  # its first said it
-    distributed.wait_for_error_readers()
+    error_exchange, now = launched(monkeypatch, rank=1, agent_store=True)
+    assert error_exchange.says_its_error("the weights hold NaN") is False  # its first said it
+    error_exchange.wait_for_error_readers()
     assert READS_AT[1] <= now[0] < READS_AT[1] + 1
 
 
@@ -144,15 +144,15 @@ def test_a_stop_or_the_store_gone_ends_the_wait_and_the_line_is_still_said(monke
     read for "my first did not fail"."""
     for ending in (KeyboardInterrupt, RuntimeError):
         for rank, says in ((0, True), (1, False)):  # machine 0's first, and its other process (the same line: its first said it)
-            distributed, now = launched(monkeypatch, rank=rank, agent_store=True)
+            error_exchange, now = launched(monkeypatch, rank=rank, agent_store=True)
 
             def stop(seconds, ending=ending):
                 raise ending()
 
-            monkeypatch.setattr(distributed.time, "sleep", stop)
+            monkeypatch.setattr(error_exchange.time, "sleep", stop)
             try:
-                said = distributed.says_its_error("the weights hold NaN")
-                distributed.wait_for_error_readers()
+                said = error_exchange.says_its_error("the weights hold NaN")
+                error_exchange.wait_for_error_readers()
             except KeyboardInterrupt:  # (pytest would take it for the test run's own Ctrl-C)
                 said = "raised the stop"
             assert said is says, (ending, rank)
@@ -162,13 +162,13 @@ def test_deepspeeds_launcher_tells_the_machines_apart_by_its_own_names(monkeypat
     """accelerate launch --use_deepspeed on several machines starts the processes with DeepSpeed's launcher (pdsh), which
     sets CROSS_RANK and LOCAL_SIZE, not torchrun's GROUP_RANK and LOCAL_WORLD_SIZE: every machine posted its line under
     machine 0's key, named itself machine 0, and rank 0, hosting the store, waited for no reader."""
-    distributed, now = launched(monkeypatch, rank=0, agent_store=False)
+    error_exchange, now = launched(monkeypatch, rank=0, agent_store=False)
     monkeypatch.delenv("GROUP_RANK")
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setenv("CROSS_RANK", "0")
     monkeypatch.setenv("LOCAL_SIZE", "2")
-    assert distributed.says_its_error("the weights hold NaN") is True
-    distributed.wait_for_error_readers()
+    assert error_exchange.says_its_error("the weights hold NaN") is True
+    error_exchange.wait_for_error_readers()
     assert READS_AT[1] <= now[0] < READS_AT[1] + 1
     from finetune.process_env import machine_name
 
