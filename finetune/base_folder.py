@@ -12,6 +12,7 @@ a folder's .bin without safetensors beside them: the names their pickle holds, w
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from finetune.errors import FinetuneError
@@ -63,6 +64,8 @@ def check_part_files(path: Path, name: str) -> None:
     """Each part's config is its class's, each safetensors file whole, and the UNet is SD1.x's or SD2.x's kind."""
     from safetensors import SafetensorError, safe_open
 
+    if broken := link_to_nothing(path):
+        raise FinetuneError(f"base model folder {name}: {broken}")
     configs = {part: read_config(path / part / "config.json", name) for part in PART_CLASSES}
     for part, (key, expected) in PART_CLASSES.items():
         found = configs[part].get(key) or configs[part].get("_class_name")  # a diffusers config in text_encoder/ has no model_type
@@ -86,6 +89,20 @@ def check_part_files(path: Path, name: str) -> None:
             except (SafetensorError, OSError) as err:
                 raise FinetuneError(f"base model folder {name}: {part}/{weights.name} is damaged ({' '.join(str(err).split())}; a copy or "
                                     "download cut short?): copy it again")  # fmt: skip
+
+
+def link_to_nothing(path: Path) -> str | None:
+    """Why a pipeline folder holding a link to nothing among the files its checks and load read is refused (a hub cache's
+    blob deleted, a folder moved): read, it was "damaged (No such file or directory ...)" or "has no ...", naming neither
+    the link nor where it points. None where there is none."""
+    read = [*(path / part / "config.json" for part in PART_CLASSES), path / "scheduler" / "scheduler_config.json",
+            *(path / "tokenizer" / file for file in ("tokenizer.json", *TOKENIZER_FILES))]  # fmt: skip
+    for part in PART_CLASSES:
+        read += sorted((path / part).glob("*.safetensors")) or sorted((path / part).glob("*.bin"))  # .bin read without safetensors
+    for file in read:
+        if file.is_symlink() and not file.exists():
+            return f"{file.relative_to(path).as_posix()} is a link to {os.readlink(file)}, which is not there: put that file back (copy or download the model again)"
+    return None
 
 
 def objects_refused_in(path: Path) -> str | None:

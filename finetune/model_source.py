@@ -53,6 +53,8 @@ def locate_base(config: ModelConfig) -> BaseLocation:
     name = config.pretrained
     path = Path(name).expanduser()
     if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        if path.is_symlink() and not path.exists():  # (was "not found", naming neither the link nor where it points)
+            raise FinetuneError(f"base model file {name} is a link to {os.readlink(path)}, which is not there: put that file back, or check {config._key}")
         if not path.is_file():
             raise FinetuneError(f"base model file {name} not found: check {config._key}{looked_for_here(name)}")
         if path.suffix not in SINGLE_FILE_SUFFIXES:  # was "not found: no such folder or file"; diffusers reads a file by its lowercase suffix
