@@ -13,6 +13,7 @@ to 127.0.0.1 unless told otherwise. One generation runs at a time, behind a queu
 from __future__ import annotations
 
 import gc
+import html
 import os
 import re
 import time
@@ -183,6 +184,9 @@ def build_app(engine, note: str = "", queue_size: int = 8):
         adapters = gr.Dataframe(value=table(), headers=TABLE_HEADERS, interactive=False, wrap=True,
                                 label="adapters (metadata recorded by the trainer)", column_widths=["17%", "15%", "26%", "11%", "7%", "6%", "18%"])
 
+        def page_warning(line: str) -> None:
+            gr.Warning(html.escape(line), duration=None)  # the toast renders HTML (an upload's name may hold '<'); it stays until closed
+
         def generate_images(prompt, negative_prompt, seed, steps, guidance, size, model, lora_1, strength_1, lora_2, strength_2,
                             lora_3, strength_3, controlnet, conditioning_image, conditioning_kind, conditioning_scale, strengths,
                             include_base, rows, separate=False, progress=gr.Progress()):
@@ -192,7 +196,7 @@ def build_app(engine, note: str = "", queue_size: int = 8):
                 request = Request(
                     prompt=str(prompt or ""), negative_prompt=str(negative_prompt or ""), seed=int(seed or 0), steps=int(steps),
                     guidance=float(guidance), size=int(size), model=picked_name(model, "model") or BASE, loras=picked,
-                    controlnet=picked_name(controlnet, "ControlNet"), conditioning_image=read_upload(conditioning_image, photo=(conditioning_kind or "as uploaded") != "as uploaded"),
+                    controlnet=picked_name(controlnet, "ControlNet"), conditioning_image=read_upload(conditioning_image, photo=(conditioning_kind or "as uploaded") != "as uploaded", tell_page=page_warning),
                     conditioning_source=upload_source(conditioning_image), conditioning_kind=conditioning_kind or "as uploaded", conditioning_scale=float(conditioning_scale),
                     strengths=parse_strengths(strengths), include_base=bool(include_base), rows=int(rows), separate=bool(separate),
                 )

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
+from typing import Callable
 
 from finetune.errors import FinetuneError
 
@@ -179,11 +180,12 @@ def picked_name(value, list_name: str) -> str | None:
     return value
 
 
-def read_upload(path: str | None, photo: bool = False):
+def read_upload(path: str | None, photo: bool = False, tell_page: Callable[[str], None] | None = None):
     """The uploaded image in RGB (None: no upload); checked_preprocess has checked that it is an image. A conditioning
     image is read and checked as `finetune sample --condition` reads it (`read_conditioning`: its values as they are);
     a `photo` to make the condition of, as `finetune make-conditions` reads its photos (`open_rgb`: a colour profile
-    converted to sRGB), so the demo makes the condition training was given."""
+    converted to sRGB), so the demo makes the condition training was given. Pillow's warnings about it are said in the
+    demo's terminal and, once per upload as there, given to `tell_page` (the page's handler: a toast)."""
     if not path:
         return None
     from PIL import Image
@@ -197,7 +199,9 @@ def read_upload(path: str | None, photo: bool = False):
     with pillow_warnings() as heard:
         image = open_rgb(upload) if photo else read_conditioning(upload)
     if heard:  # once per upload, told by its name and bytes: by its name alone, a second photo.jpg's warnings went unsaid
-        say_pillow_warnings(upload.source, heard, f"{upload.source} {hashlib.sha256(Path(path).read_bytes()).hexdigest()}")
+        said = say_pillow_warnings(upload.source, heard, f"{upload.source} {hashlib.sha256(Path(path).read_bytes()).hexdigest()}")
+        if said and tell_page:  # the user looks at the page, not the terminal
+            tell_page(said)
     return image
 
 

@@ -132,11 +132,15 @@ def pillow_warnings_named(source: str, checked: bool = False) -> Iterator[None]:
         say_pillow_warnings(source, heard)
 
 
-def say_pillow_warnings(source: str, heard: list[str], image: str | None = None) -> None:
+def say_pillow_warnings(source: str, heard: list[str], image: str | None = None) -> str | None:
     """The Pillow warnings `heard` while reading the image `source` in one `warning:` line, once per image and process:
-    `image` tells the image (default: `source`, a file's path), where two images may have one name (the demo's uploads)."""
+    `image` tells the image (default: `source`, a file's path), where two images may have one name (the demo's uploads).
+    Returns the line where it was said now (the demo shows it on the page too), else None."""
     image = source if image is None else image
-    if heard and image not in _said:
-        _said.add(image)
-        warn(pillow_warning_line(source, heard), by="this process")  # over any progress bar (tqdm.write), not after its text
-        sys.stdout.flush()  # now, into a log file too, as print(..., flush=True) said it
+    if not heard or image in _said:
+        return None
+    _said.add(image)
+    line = pillow_warning_line(source, heard)
+    warn(line, by="this process")  # over any progress bar (tqdm.write), not after its text
+    sys.stdout.flush()  # now, into a log file too, as print(..., flush=True) said it
+    return line

@@ -80,18 +80,33 @@ def test_a_refused_upload_is_named_by_its_file_name(client, tmp_path, upload):
     assert str(raised.value).startswith(expected)
 
 
+def toasts_of(client, path) -> list[tuple[str, str]]:
+    """The (message, level) toasts the page showed for a one-step /generate with the conditioning image `path`."""
+    from gradio_client import handle_file
+
+    job = client.submit(api_name="/generate", prompt="a circle", steps=1, controlnet="edges/controlnet",
+                        conditioning_image=handle_file(str(path)), include_base=False)  # fmt: skip
+    job.result()  # every update is queued before the result
+    updates = job.communicator.updates
+    return [update.log for update in (updates.get_nowait() for _ in range(updates.qsize())) if getattr(update, "log", None)]
+
+
 def test_pillow_s_warnings_are_said_for_each_upload_naming_it(client, tmp_path, capfd):
-    """Said once per name and process: with every upload named "(uploaded)", only the first one's were said."""
-    for name in ("first-photo.jpg", "second-photo.jpg"):
+    """Said once per name and process: with every upload named "(uploaded)", only the first one's were said. And on the
+    page, once per upload: they went to the demo's terminal alone, where the user looking at the page never saw them."""
+    toasts = []
+    for name in ("first-photo.jpg", "second-photo.jpg", "first-photo.jpg"):  # the first again: said, and shown, once
         exif = Image.Exif()
         exif[0x010E] = "x" * 200  # an EXIF description longer than the bytes left of it: Pillow warns "Truncated File Read"
         image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
         image.save(tmp_path / name, exif=exif.tobytes()[:-150])
-        conditioning_column(client, tmp_path / name)
+        toasts += toasts_of(client, tmp_path / name)
     out, err = capfd.readouterr()
     said = [line for line in (out + err).splitlines() if "Truncated File Read" in line]
-    assert said == [f"warning: image {name} (uploaded): Pillow warned while reading it: Truncated File Read (it reads as decoded; re-save it "
-                    "to be rid of this)" for name in ("first-photo.jpg", "second-photo.jpg")]  # fmt: skip
+    lines = [f"image {name} (uploaded): Pillow warned while reading it: Truncated File Read (it reads as decoded; re-save it "
+             "to be rid of this)" for name in ("first-photo.jpg", "second-photo.jpg")]  # fmt: skip
+    assert said == [f"warning: {line}" for line in lines]
+    assert toasts == [(line, "warning") for line in lines]
 
 
 def test_pillow_s_warnings_of_two_uploads_of_one_name_are_said_for_each(tmp_path, capfd):
