@@ -182,7 +182,7 @@ def _lora_file(path: Path, root: Path) -> Adapter | None:
     """Read only the header (keys, shapes, metadata); a safetensors file without LoRA keys is skipped (a single-file
     ControlNet is listed as refused)."""
     try:
-        with safe_open(str(path), "pt") as f:
+        with safe_open(str(path), "np") as f:  # "pt" imports torch, for a header
             keys = list(f.keys())
             meta = dict(f.metadata() or {})
             downs = [k for k in keys if k.endswith(("lora_down.weight", "lora.down.weight", "lora_A.weight"))]

@@ -16,10 +16,12 @@ peft decomposes on; its older per-input-channel scales, (1, in, ...), are anothe
 from __future__ import annotations
 
 import json
-
-import torch
+from typing import TYPE_CHECKING
 
 from finetune.errors import FinetuneError
+
+if TYPE_CHECKING:  # torch loads with the tensors themselves: the demo's adapter scan imports this module for names_magnitudes
+    import torch
 
 DIFFUSERS_MAGNITUDE = ".lora_magnitude_vector"  # + ".weight" as we write it (transformers 5 loads CLIP's only so); peft's own files omit it
 KOHYA_MAGNITUDE = ".dora_scale"
@@ -101,6 +103,8 @@ def dora_output_hook(module: torch.nn.Module, layer, strength: float, branch, sc
     """A forward hook applying a DoRA layer beside `module` (a Linear or Conv2d) as peft's DoRA layer does: with
     r = m / ||W + update|| per output channel, it adds (r - 1) * W x + r * scale * up(down(x)) to the layer's output,
     which makes it r * (W + update) x + bias. `branch` is up(down(x)) as the demo computes it for a plain LoRA."""
+    import torch
+
     weight = module.weight  # on the model's device (the LoRA's tensors stay on the CPU)
     norms = row_norms(weight.float() + layer.delta(strength).to(weight.device))
     ratio = (layer.magnitude.to(weight.device).float() / norms).to(weight.dtype)

@@ -2,6 +2,8 @@
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,25 @@ def test_a_record_too_large_to_be_ours_refuses_its_model_not_the_scan(tmp_path):
     assert (adapters["kept"].metadata, adapters["kept"].refused) == ({"finetune.steps": "5"}, None)
     assert adapters["huge"].metadata == {}
     assert adapters["huge"].refused.startswith(f"{tmp_path / 'huge' / 'finetune_metadata.json'} holds 100,000,001 bytes, more than finetune records")
+
+
+def test_the_scan_reads_every_kind_without_torch(tmp_path, adapters):
+    """The demo's folder scan reads headers and JSON only, yet importing it loaded torch (finetune.dora's module-level
+    import, for a name test) and each LoRA header was opened for torch (safe_open's "pt"): the scan alone is cheap."""
+    assets = Path(__file__).resolve().parents[1] / "finetune" / "assets"
+    for folder, shipped in (("mask", "toyworld-controlnet-mask"), ("world", "toyworld-base")):  # a ControlNet, a pipeline
+        (tmp_path / folder).mkdir()
+        for part in (assets / shipped).iterdir():
+            (tmp_path / folder / part.name).symlink_to(part)
+    script = f"""
+import json, sys
+from finetune.adapter_scan import scan_adapters
+found = {{name: [adapter.kind, adapter.metadata.get("finetune.use_dora")] for name, adapter in scan_adapters({str(tmp_path)!r}).items()}}
+print(json.dumps([found, "torch" in sys.modules]))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+    found, torch_imported = json.loads(result.stdout)
+    assert found == {name: [adapter.kind, adapter.metadata.get("finetune.use_dora")] for name, adapter in scan_adapters(tmp_path).items()}
+    assert (found["dora"], found["mask"][0], found["world"][0]) == (["lora", "true"], "controlnet", "pipeline")
+    assert not torch_imported
