@@ -29,7 +29,7 @@ from PIL import Image
 from finetune.captions import image_caption, metadata_file, metadata_partner_files, read_csv_captions, read_metadata_captions
 from finetune.file_names import loose_name_key, name_key, row_image_key
 from finetune.counts import counted
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, looked_for_here
 from finetune.metadata_lines import csv_rows, metadata_lines
 
 KINDS = ("canny", "luminance", "mask")
@@ -207,8 +207,7 @@ def make_condition_folders(input_dir: str | Path, output_dir: str | Path, kind: 
     from finetune.sources import IMAGE_SUFFIXES, folder_images, image_subfolders
 
     source, target = Path(input_dir), Path(output_dir)
-    if not source.is_dir():
-        raise FinetuneError(f"input folder {source} not found")
+    require_input_folder(source)
     if kind not in KINDS:
         raise FinetuneError(f"unknown conditioning kind '{kind}': use one of {', '.join(KINDS)}")
     check_options(kind, **options)
@@ -227,6 +226,14 @@ def make_condition_folders(input_dir: str | Path, output_dir: str | Path, kind: 
         target.mkdir(parents=True, exist_ok=True)
         atomic_write_text(target / RECORD_FILE, json.dumps({"kind": kind, **options}))
     return made
+
+
+def require_input_folder(source: Path) -> None:
+    """One line, saying what to give, where `source` is no folder ("input folder X not found" said neither)."""
+    if source.is_file():  # a photo given for its folder
+        raise FinetuneError(f"input folder {source} is a file: give the folder of photos that holds it ({source.parent})")
+    if not source.is_dir():
+        raise FinetuneError(f"input folder {source} not found: give the folder of photos to make conditioning images from{looked_for_here(source)}")
 
 
 def images_left_out(input_dir: str | Path, output_dir: str | Path, made: list[Path]) -> list[str]:
@@ -334,8 +341,7 @@ def make_conditions(input_dir: str | Path, output_dir: str | Path, kind: str, ov
     if kind not in KINDS:
         raise FinetuneError(f"unknown conditioning kind '{kind}': use one of {', '.join(KINDS)}")
     source, target = Path(input_dir), Path(output_dir)
-    if not source.is_dir():
-        raise FinetuneError(f"input folder {source} not found")
+    require_input_folder(source)
     images, captions = _checked_input(source, target, overwrite)  # before anything is written
     return _write_conditions(source, target, images, captions, kind, **options)
 

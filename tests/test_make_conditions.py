@@ -53,7 +53,7 @@ def test_make_conditions_writes_a_training_folder(make_recipe, tmp_path, capsys)
         main(["make-conditions", "--help"])
     assert capsys.readouterr().out.startswith("usage: finetune make-conditions")
     assert main(["make-conditions", str(tmp_path / "nowhere"), str(out), "--kind", "canny"]) == 2
-    assert capsys.readouterr().err.strip() == f"error: input folder {tmp_path / 'nowhere'} not found"  # the folder given, by name
+    assert capsys.readouterr().err.strip() == f"error: input folder {tmp_path / 'nowhere'} not found: give the folder of photos to make conditioning images from"
 
 
 def test_a_controlnet_records_how_its_conditioning_was_made_and_sample_says_it(make_recipe, tiny_model, pairs_folder, tmp_path, capsys):

@@ -1,0 +1,29 @@
+"""make-conditions' lines about its input: a folder not there (or a photo given for its folder) says what to give."""
+
+import os
+
+import numpy as np
+from PIL import Image
+
+from finetune.cli import main
+
+
+def noise(path, size=8):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+
+
+def test_an_input_that_is_no_folder_says_what_to_give(tmp_path, monkeypatch, capsys):
+    """It was "input folder X not found", which said neither where a relative path was looked for nor what to give."""
+    monkeypatch.chdir(tmp_path)
+    noise(tmp_path / "photos" / "0.png")
+    out = tmp_path / "out"
+    for given in ("nowhere", str(tmp_path / "photos" / "0.png")):
+        assert main(["make-conditions", given, str(out), "--kind", "luminance"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: input folder nowhere not found: give the folder of photos to make conditioning images from (relative paths are read from the "
+        f"current folder, {os.getcwd()})",
+        f"error: input folder {tmp_path / 'photos' / '0.png'} is a file: give the folder of photos that holds it ({tmp_path / 'photos'})",
+    ]  # fmt: skip
+    assert not out.exists()
+
