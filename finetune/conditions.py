@@ -239,23 +239,28 @@ def require_input_folder(source: Path) -> None:
 def images_left_out(input_dir: str | Path, output_dir: str | Path, made: list[Path]) -> list[str]:
     """The warnings for images under `input_dir` that got no conditioning image, `made` being the output folders
     `make_condition_folders` wrote: files of kinds training does not read (.gif, .heic), and images in subfolders below
-    the folders it reads (a phone's `2023/jan`). The data check of the output cannot say them: they are not there."""
+    the folders it reads (a phone's `2023/jan`), of any kind. The data check of the output cannot say them: they are not there."""
     from finetune.config import DataConfig
-    from finetune.sources import SAID_SUBFOLDER_DEPTH, convert_unread, image_subfolders, unread_image_files
+    from finetune.sources import SAID_SUBFOLDER_DEPTH, convert_unread, folder_images, image_subfolders, unread_image_files
 
     source, target, lines = Path(input_dir), Path(output_dir).resolve(), []
     written = [source / folder.relative_to(output_dir) for folder in made]
-    # The input folder too where only its subfolders hold photos it reads; a subfolder too where it holds only unread kinds.
-    unread_only = [sub for sub in image_subfolders(source, DataConfig(), holding=unread_image_files) if target not in (sub.resolve(), *sub.resolve().parents)]
-    for folder in dict.fromkeys([source, *written, *unread_only]):
+    # Not the output, written into the input folder. A subfolder holding only unread kinds is not written, nor listed in `made`.
+    left = [sub for sub in image_subfolders(source, DataConfig(), SAID_SUBFOLDER_DEPTH, holding=lambda sub: folder_images(sub) or unread_image_files(sub))
+            if sub not in written and target not in (sub.resolve(), *sub.resolve().parents)]  # fmt: skip
+    deeper = [sub for sub in left if sub.parent != source]
+    # The input folder too where only its subfolders hold photos it reads; a subfolder just below it that holds only unread kinds.
+    for folder in dict.fromkeys([source, *written, *(sub for sub in left if sub.parent == source)]):
         if files := unread_image_files(folder):
             lines.append(f"{counted(len(files), 'image')} in {folder} got no conditioning image {convert_unread(files)} and run make-conditions again with --overwrite")
-    deeper = [sub for sub in image_subfolders(source, DataConfig(), SAID_SUBFOLDER_DEPTH)
-              if sub not in written and target not in (sub.resolve(), *sub.resolve().parents)]  # not the output, written into the input folder
     if deeper:
         names = ", ".join(sub.relative_to(source).as_posix() for sub in deeper[:5]) + (f" and {len(deeper) - 5} more" if len(deeper) > 5 else "")
-        lines.append(f"images in subfolders of subfolders of {source} ({names}) got no conditioning images (make-conditions reads the "
-                     f"folder and the subfolders just below it): run make-conditions on {deeper[0].parent} too, or move them up")  # fmt: skip
+        line = (f"images in subfolders of subfolders of {source} ({names}) got no conditioning images (make-conditions reads the "
+                f"folder and the subfolders just below it): run make-conditions on {deeper[0].parent} too, or move them up")  # fmt: skip
+        # Their .gif (.heic) files need converting as well: a folder of those alone was not said at all.
+        if unread := [file for sub in deeper for file in unread_image_files(sub)]:
+            line += f"; of them, training does not read {counted(len(unread), 'image')} {convert_unread(unread)} first"
+        lines.append(line)
     return lines
 
 

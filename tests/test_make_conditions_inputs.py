@@ -1,4 +1,5 @@
-"""make-conditions' lines about its input: a folder not there (or a photo given for its folder) says what to give."""
+"""make-conditions' lines about its input: a folder not there (or a photo given for its folder) says what to give, and
+images left out two or more folders down are said whatever their kind."""
 
 import os
 
@@ -27,3 +28,15 @@ def test_an_input_that_is_no_folder_says_what_to_give(tmp_path, monkeypatch, cap
     ]  # fmt: skip
     assert not out.exists()
 
+
+def test_a_folder_two_down_of_only_unread_kinds_is_said(tmp_path, capsys):
+    """A folder two levels down holding only .gif files was said by no line: the line of folders too deep looked for
+    images make-conditions reads, the line of unread kinds only one level down."""
+    source = tmp_path / "photos"
+    noise(source / "0.png")
+    noise(source / "2023" / "jan" / "a.gif"), noise(source / "2023" / "jan" / "b.gif")
+    assert main(["make-conditions", str(source), str(tmp_path / "out"), "--kind", "luminance"]) == 0
+    warned = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
+    assert warned == [f"warning: images in subfolders of subfolders of {source} (2023/jan) got no conditioning images (make-conditions reads "
+                      f"the folder and the subfolders just below it): run make-conditions on {source / '2023'} too, or move them up; of them, "
+                      "training does not read 2 images (.gif, e.g. a.gif): convert them to PNG or JPEG first"]  # fmt: skip
