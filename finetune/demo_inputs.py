@@ -55,9 +55,13 @@ def check_upload(path: str, source: str | None = None) -> None:
     line for the page. A small PNG may declare a vast canvas (a decompression bomb): refused by its header."""
     from PIL import Image
 
+    from finetune.image_warnings import pillow_warnings
+
     source = source or upload_source(path)
     try:
-        with Image.open(path) as header:
+        # Pillow's warnings of the header (a cut EXIF block) are said by read_upload, naming the upload: here they were
+        # shown too, as Python shows a warning, naming Pillow's file and line instead of the upload.
+        with pillow_warnings(), Image.open(path) as header:
             width, height = header.size
     except Image.DecompressionBombError as err:  # past Pillow's own bound (the size is not read)
         raise FinetuneError(too_large_upload(str(err), source)) from None

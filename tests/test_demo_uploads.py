@@ -125,6 +125,22 @@ def test_pillow_s_warnings_of_two_uploads_of_one_name_are_said_for_each(tmp_path
                     "re-save it to be rid of this)"] * 2  # fmt: skip
 
 
+def test_the_upload_check_leaves_pillow_s_warnings_to_the_line_naming_the_upload(tmp_path):
+    """The header check (before the handler) let Pillow's warnings through as Python shows them, naming Pillow's file and
+    line, not the upload: a line in the demo's terminal beside the one read_upload says."""
+    import warnings
+
+    from finetune.demo_inputs import check_upload
+
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 200  # Pillow warns "Truncated File Read"
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(tmp_path / "photo.jpg", exif=exif.tobytes()[:-150])
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")  # each time, whatever was shown before in this process
+        check_upload(str(tmp_path / "photo.jpg"))
+    assert [str(warning.message) for warning in shown] == []
+
+
 def send(demo, file: dict, wrapped=lambda file: file) -> str:
     """A raw /generate request whose conditioning image is `file` (as a client other than gradio's may send it), `wrapped`."""
     import httpx
