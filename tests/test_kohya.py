@@ -4,6 +4,7 @@ LoRA at strength s, and exported files carry metadata and a model card."""
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -246,8 +247,8 @@ def test_a_cards_samples_are_never_the_grid_drawn_before_training(tmp_path):
 def test_export_of_something_that_is_not_a_lora_is_one_line(tmp_path, capsys):
     save_file({"weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
     assert main(["export", str(tmp_path / "model.safetensors"), str(tmp_path / "out"), "--to", "kohya"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "holds no SD1.x LoRA weights" in err[0]
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'model.safetensors'} holds no SD1.x LoRA weights "
+                                       "(expected unet./text_encoder. or lora_unet_/lora_te_ keys)\n")
 
 
 def test_an_rslora_run_merges_exports_and_loads_in_diffusers_alike(make_recipe, tiny_model, tmp_path):
@@ -273,15 +274,16 @@ def test_an_rslora_run_merges_exports_and_loads_in_diffusers_alike(make_recipe, 
 def test_merge_replaces_an_existing_folder_only_when_asked_and_never_its_source(trained, tiny_model, tmp_path, capsys):
     merge = ["merge", "--base", str(tiny_model), "--lora", str(trained.path)]
     before = sorted(p.name for p in trained.path.iterdir())
-    assert main([*merge, str(trained.path), "--overwrite"]) == 2  # the training folder it merges from
-    assert "holds the LoRA being merged" in capsys.readouterr().err
+    for lora in (trained.path, trained.path / LORA_WEIGHTS_NAME):  # the training folder it merges from, given as the LoRA or holding it
+        assert main(["merge", "--base", str(tiny_model), "--lora", str(lora), str(trained.path), "--overwrite"]) == 2
+        assert capsys.readouterr().err == f"error: merge output {trained.path} holds the LoRA being merged ({lora}): pick another folder\n"
     assert sorted(p.name for p in trained.path.iterdir()) == before
 
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     assert main([*merge, str(mine)]) == 2
-    assert "is not empty: pick a new folder, or pass --overwrite" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"error: merge output {mine} is not empty: pick a new folder, or pass --overwrite to replace what is in it\n"
     assert (mine / "notes.txt").read_text() == "keep me"
     assert main([*merge, str(mine), "--overwrite"]) == 0 and (mine / "model_index.json").is_file()
     # The demo lists it with what was merged, as it lists a training run's pipeline.
@@ -295,9 +297,10 @@ def test_merge_replaces_an_existing_folder_only_when_asked_and_never_its_source(
     assert [(entry["file"], entry["strength"]) for entry in merged_loras] == [(str(trained.path), 1.0)]  # as given
 
     assert main([*merge, str(trained.path / LORA_WEIGHTS_NAME)]) == 2
-    assert f"merge output {trained.path / LORA_WEIGHTS_NAME} is a file: give a folder for the pipeline" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"error: merge output {trained.path / LORA_WEIGHTS_NAME} is a file: give a folder for the pipeline\n"
     assert main([*merge, str(trained.path / LORA_WEIGHTS_NAME / "merged")]) == 2  # was a traceback after the merge
-    assert f"merge output {trained.path / LORA_WEIGHTS_NAME / 'merged'} is inside a file ({trained.path / LORA_WEIGHTS_NAME})" in capsys.readouterr().err
+    assert capsys.readouterr().err == (f"error: merge output {trained.path / LORA_WEIGHTS_NAME / 'merged'} is inside a file "
+                                       f"({trained.path / LORA_WEIGHTS_NAME}): give a folder for the pipeline\n")
     assert not list(trained.path.glob(".*partial"))
 
 
@@ -309,25 +312,26 @@ def test_export_replaces_files_only_when_asked_refuses_a_file_as_folder_and_a_tr
     assert (out / "README.md").read_text() == "# my notes"
     card = (out / "striped-lora.md").read_text()
     assert main(["export", str(trained.path), str(out), "--to", "kohya"]) == 2
-    message = f"export would replace {out / 'striped-lora.safetensors'}, {out / 'striped-lora.md'}, {out / 'samples' / 'striped-lora-step-'}"
-    err = capsys.readouterr().err  # the card's images too: a webui thumbnail of the user's was written over unasked
-    assert message in err and f"{out / 'striped-lora.preview.png'}: give another output, or pass --overwrite" in err
+    replaced = [out / "striped-lora.safetensors", out / "striped-lora.md", out / "samples" / "striped-lora-step-000150.png", out / "striped-lora.preview.png"]
+    # the card's images too (the run's newest grid, step 150): a webui thumbnail of the user's was written over unasked
+    assert capsys.readouterr().err == f"error: export would replace {', '.join(map(str, replaced))}: give another output, or pass --overwrite\n"
     assert (out / "striped-lora.md").read_text() == card
     assert main(["export", str(trained.path), str(out), "--to", "kohya", "--overwrite"]) == 0
     assert main(["export", str(trained.path), str(trained.path), "--to", "diffusers", "--overwrite"]) == 2
-    assert "over the LoRA it reads" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"error: export would write {trained.path / LORA_WEIGHTS_NAME} over the LoRA it reads: give another output\n"
     (tmp_path / "notes.txt").write_text("kept")  # an output that is, or is inside, a file was a traceback
     for output, layout in (("notes.txt", "kohya"), ("notes.txt/my.safetensors", "kohya"), ("notes.txt/lora", "diffusers")):
         assert main(["export", str(trained.path), str(tmp_path / output), "--to", layout]) == 2
-        assert f"error: export output {tmp_path / output}: {tmp_path / 'notes.txt'} is a file, not a folder" in capsys.readouterr().err
+        assert capsys.readouterr().err == (f"error: export output {tmp_path / output}: {tmp_path / 'notes.txt'} is a file, not a folder: "
+                                           "give a folder for the LoRA and its model card\n")
 
     truncated = tmp_path / "download.safetensors"
     truncated.write_bytes((trained.path / LORA_WEIGHTS_NAME).read_bytes()[:100])
     sample = ["sample", "--base", str(tiny_model), "--lora", str(truncated), "--prompt", "a", "--steps", "1", "--out", str(tmp_path / "s")]
     for argv in (["export", str(truncated), str(tmp_path / "x"), "--to", "kohya"], sample):
         assert main(argv) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and f"LoRA {truncated} is not a readable safetensors file" in err[0], err
+        err = capsys.readouterr().err  # safetensors' own words in the brackets
+        assert re.fullmatch(rf"error: LoRA {re.escape(str(truncated))} is not a readable safetensors file \([^\n]+\): a truncated download\? get it again\n", err), err
 
 
 def test_an_fp16_export_is_half_the_file_and_loads_in_diffusers_alike(trained, tiny_model, tmp_path, capsys):
