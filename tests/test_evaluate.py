@@ -6,6 +6,7 @@ Fast (a few seconds on one CPU thread): the tiny random model, 2-3 prompts, 1-2 
 import argparse
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -80,19 +81,21 @@ def test_real_image_ceiling_is_near_perfect():
     assert 0 < result["fid"] < frechet_distance(noise, renders) / 5
 
 
-def _one_line_error(call) -> str:
-    with pytest.raises(FinetuneError) as info:
+def assert_one_line_error(call, line: str) -> None:
+    """`call` raises FinetuneError with `line` as its whole message: one line, naming what it names, its advice too."""
+    with pytest.raises(FinetuneError, match=rf"^{re.escape(line)}$"):
         call()
-    message = str(info.value)
-    assert message and "\n" not in message
-    return message
 
 
 def test_bad_requests_are_one_line_errors(tmp_path, tiny_model):
-    assert "sharpness" in _one_line_error(lambda: run_eval(str(tiny_model), suites=["sharpness"]))
-    assert "missing" in _one_line_error(lambda: run_eval(str(tmp_path / "missing"), num_prompts=2, steps=1))
-    assert "hexagon" in _one_line_error(lambda: run_eval(str(tiny_model), suites=["subject"], subject="hexagon"))
-    assert "fid suite" in _one_line_error(lambda: run_eval(str(tiny_model), suites=["fid"], num_prompts=1))
+    assert_one_line_error(lambda: run_eval(str(tiny_model), suites=["sharpness"]),
+                          f"unknown eval suite 'sharpness': choose from {', '.join(SUITES)}")  # fmt: skip
+    assert_one_line_error(lambda: run_eval(str(tmp_path / "missing"), num_prompts=2, steps=1),
+                          f"base model {tmp_path / 'missing'} not found: no such folder or file (check --base)")  # fmt: skip
+    assert_one_line_error(lambda: run_eval(str(tiny_model), suites=["subject"], subject="hexagon"),
+                          f"subject 'hexagon' is not a toy-world shape: choose from {', '.join(SHAPES)}")  # fmt: skip
+    assert_one_line_error(lambda: run_eval(str(tiny_model), suites=["fid"], num_prompts=1),
+                          "--num-prompts and --images-per-prompt must be >= 1 (and give >= 2 images for the fid suite)")  # fmt: skip
 
 
 def _parser():
@@ -136,7 +139,7 @@ def test_finetune_cli_main_runs_eval(tiny_model, tmp_path, capsys):
     assert cli.main(["eval", "--base", str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err.strip() == f"error: base model {tmp_path / 'missing'} not found: no such folder or file (check --base)"
     assert cli.main(["eval", "--base", str(tiny_model), "--lora-scale", "0.5"]) == 2  # a strength of no LoRA
-    assert "error: --lora-scale is the LoRA's strength: pass --lora too, or leave it out" in capsys.readouterr().err
+    assert capsys.readouterr().err == "error: --lora-scale is the LoRA's strength: pass --lora too, or leave it out\n"
 
 
 def test_an_out_that_is_a_folder_is_one_line_before_any_image_is_made_and_scoring_runs_in_full_fp32(tiny_model, tmp_path, monkeypatch):
@@ -146,9 +149,9 @@ def test_an_out_that_is_a_folder_is_one_line_before_any_image_is_made_and_scorin
 
     monkeypatch.setattr("finetune.inference.load_sampling_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
     (tmp_path / "a-file").write_text("")
-    for out, message in ((tmp_path, r"is a folder: give the report's file name, e\.g\. .*eval\.json$"),
-                         (tmp_path / "a-file" / "eval.json", r"a-file is a file, not a folder$")):  # fmt: skip
-        with pytest.raises(FinetuneError, match=message):
+    for out, message in ((tmp_path, f"--out {tmp_path} is a folder: give the report's file name, e.g. {tmp_path / 'eval.json'}"),
+                         (tmp_path / "a-file" / "eval.json", f"--out {tmp_path / 'a-file' / 'eval.json'}: {tmp_path / 'a-file'} is a file, not a folder")):  # fmt: skip
+        with pytest.raises(FinetuneError, match=rf"^{re.escape(message)}$"):
             run_eval_command(_parser().parse_args(["eval", "--base", str(tiny_model), "--out", str(out)]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
@@ -170,5 +173,6 @@ def test_real_renders_of_a_negative_seed_are_refused_not_the_reference_itself():
     """numpy seeds ignore trailing zeros: seed -1 (salt 0) rendered the FID reference and the control masks' own
     jitter, a ceiling of fid 0 and control_iou 1.0; -2 was numpy's traceback."""
     for seed in (-1, -2):
-        assert "got " + str(seed) in _one_line_error(lambda: evaluate_real_images(4, seed=seed, suites=["fid", "control"]))
+        assert_one_line_error(lambda: evaluate_real_images(4, seed=seed, suites=["fid", "control"]),
+                              f"the seed of the real renders is a number from 0 up, got {seed}")  # fmt: skip
     assert evaluate_real_images(4, seed=0, suites=["fid"])["metrics"]["fid"] > 0
