@@ -11,6 +11,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+import worker_batches
 from conftest import REPO, build_recipe
 from worker_batches import first_batch, model_libraries_loaded
 
@@ -104,8 +105,19 @@ def spawn_by_default():
     multiprocessing.set_start_method(before, force=True)
 
 
-def test_a_run_trains_with_spawned_data_workers(make_recipe, spawn_by_default):
+def test_a_run_trains_with_spawned_data_workers(make_recipe, spawn_by_default, tmp_path, monkeypatch):
+    import finetune.data_loader
+
+    # Each worker notes whether it has this process's memory: a run whose workers were forked (or that started none)
+    # passed here as well.
+    monkeypatch.setattr(worker_batches, "IN_THE_TEST_PROCESS", True)
+    monkeypatch.setattr(finetune.data_loader, "leave_stop_signals_to_the_trainer", worker_batches.noting_how_it_started)
+    notes = tmp_path / "worker-notes"
+    notes.mkdir()
+    monkeypatch.setenv(worker_batches.WORKER_NOTES, str(notes))
     recipe = make_recipe(data__image_dir=str(STAR), data__num_workers=1, train__max_steps=2, data__random_flip=True,
                          data__loss_mask={"source": "files", "folder": "masks"})  # fmt: skip
     result = train(recipe)
     assert result.final_step == 2 and len(result.losses) == 2
+    in_the_test_process = [json.loads(note.read_text()) for note in notes.iterdir()]
+    assert in_the_test_process and not any(in_the_test_process)  # workers started, each spawned
