@@ -17,8 +17,9 @@ from PIL import Image
 
 from finetune.controlnet_data import ControlNetDataset, controlnet_collate
 from finetune.inference import fit_condition, read_condition
-from finetune.methods.controlnet import CONTROLNET_DIR, ControlNetMethod, save_model_folder
+from finetune.methods.controlnet import ControlNetMethod, save_model_folder
 from finetune.models import load_base_model
+from finetune.run_files import CONTROLNET_DIR
 
 METADATA = {"finetune.method": "controlnet", "finetune.steps": "0"}
 

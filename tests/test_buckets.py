@@ -276,7 +276,7 @@ def test_repeats_are_counted_per_bucket(tmp_path):
 
 
 def test_dreambooth_class_images_take_their_instance_images_bucket(tmp_path):
-    from finetune.methods.dreambooth import DreamBoothDataset, dreambooth_collate
+    from finetune.dreambooth_data import DreamBoothDataset, dreambooth_collate
     from finetune.recipe_loading import recipe_from_dict
 
     for i, (width, height) in enumerate([(96, 48), (48, 96)]):

@@ -13,9 +13,10 @@ from PIL import Image
 from finetune.check_data import CONVERTED, FATAL, WARNING, inspect_examples
 from finetune.cli import main
 from finetune.config import DataConfig
-from finetune.data import CaptionedImageDataset, open_rgb
+from finetune.data import CaptionedImageDataset
 from data_examples import load_examples
 from finetune.errors import FinetuneError
+from finetune.images import open_rgb
 from finetune.sources import read_examples
 from finetune.trainer import train
 from odd_images import captioned, noise, save_exif_rotated, write_odd_folder

@@ -8,7 +8,7 @@ import argparse
 import pytest
 
 from finetune.cli import main
-from finetune.cli_arguments import build_parser
+from finetune.cli_arguments import build_parser, parse_arguments
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:
@@ -87,8 +87,6 @@ def test_the_classifiers_own_command_names_itself_and_its_arguments(monkeypatch)
 ])
 def test_a_negative_number_in_scientific_notation_is_a_value_not_an_option(argv, key, value):
     """argparse read `--strength -1e30` as an option (\"expected one argument\"), where -0.5 and `--strength=-1e30` worked."""
-    from finetune.cli import parse_arguments
-
     assert getattr(parse_arguments(argv), key) == value
 
 

@@ -146,7 +146,7 @@ def test_sample_reads_its_condition_as_training_reads_conditioning_images(tmp_pa
 
 
 def test_the_demo_reads_an_upload_as_sample_reads_its_condition(tmp_path):
-    from finetune.demo import read_upload
+    from finetune.demo_inputs import read_upload
     from finetune.demo_engine import conditioning_image
 
     paths = odd_conditions(tmp_path)
@@ -177,7 +177,7 @@ def test_the_demo_api_names_an_input_that_is_no_number(demo):
             client.predict(api_name="/generate", **{"prompt": "a circle", "steps": 2, "conditioning_image": None, name: value})
     assert client.predict(api_name="/generate", prompt="a circle", steps=2, seed=None, conditioning_image=None)[2].startswith("1 column x 1 row in")
     # NaN passes gradio's bounds check (a raw JSON request may send it; gradio_client cannot): refused too.
-    from finetune.demo import number_required
+    from finetune.demo_inputs import number_required
 
     slider = number_required(gr.Slider(0, 20, value=5.0, step=0.5, label="guidance"))
     with pytest.raises(gr.Error) as refused:

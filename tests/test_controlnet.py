@@ -14,8 +14,9 @@ from PIL import Image
 
 from finetune.errors import FinetuneError
 from finetune.methods import METHODS
-from finetune.methods.controlnet import CONTROLNET_DIR, ControlNetMethod
+from finetune.methods.controlnet import ControlNetMethod
 from finetune.models import load_base_model
+from finetune.run_files import CONTROLNET_DIR
 from finetune.trainer import train
 from numerics import bit_identical_on_cpu
 

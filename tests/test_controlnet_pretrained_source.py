@@ -12,8 +12,9 @@ from test_base_model_errors import fake_hub_cache
 
 import finetune.trainer as trainer
 from finetune.errors import FinetuneError
-from finetune.methods.controlnet import CONTROLNET_DIR, ControlNetMethod
+from finetune.methods.controlnet import ControlNetMethod
 from finetune.model_source import looks_like_hub_id
+from finetune.run_files import CONTROLNET_DIR
 from finetune.trainer import train
 
 EXPECTED = ("controlnet.pretrained must be a diffusers ControlNet folder (a ControlNetModel's config.json beside its weights, as "
@@ -120,7 +121,7 @@ def test_the_step_0_samples_of_a_controlnet_recording_no_prediction_type_read_it
     from accelerate import Accelerator
     from controlnet_helpers import set_up
 
-    from finetune.trainer import run_validation
+    from finetune.validation import run_validation
 
     def sampled_as(method, step: int) -> str:
         seen = []

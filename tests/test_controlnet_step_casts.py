@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import finetune.trainer as trainer
-from finetune.methods.controlnet import CONTROLNET_DIR
+from finetune.run_files import CONTROLNET_DIR
 from finetune.trainer import train
 from numerics import bit_identical_on_cpu
 

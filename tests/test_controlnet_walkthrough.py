@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from finetune.controlnet_folder import check_control_options
 from finetune.errors import FinetuneError
-from finetune.inference import check_control_options
 from finetune.methods.controlnet import ControlNetMethod
 from finetune.toyworld.datasets import generate
 from finetune.toyworld.world import mask_image

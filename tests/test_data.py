@@ -9,9 +9,10 @@ from PIL import Image
 
 from finetune.batches import EpochBatchSampler
 from finetune.config import DataConfig
-from finetune.data import CaptionedImageDataset, open_rgb
+from finetune.data import CaptionedImageDataset
 from data_examples import load_examples
 from finetune.errors import FinetuneError
+from finetune.images import open_rgb
 from finetune.sources import Example
 
 

@@ -16,8 +16,7 @@ from safetensors.torch import load_file
 from test_distributed import RESUME_IS_EXACT, assert_same_weights, deepspeed, launch, wait, write
 
 from finetune.ema import EMA_FILE
-from finetune.methods.full import PIPELINE_DIR
-from finetune.run_files import LORA_WEIGHTS_NAME
+from finetune.run_files import LORA_WEIGHTS_NAME, PIPELINE_DIR
 from finetune.toyworld.datasets import write_folder
 
 DECAY = 0.5  # the warm-up's (1 + n) / (10 + n) stays below it for these 4 steps

@@ -24,8 +24,7 @@ from safetensors.torch import load_file
 from finetune.run_files import list_checkpoints
 from finetune.distributed import agree_on_start
 from finetune.errors import FinetuneError
-from finetune.methods.controlnet import CONTROLNET_DIR
-from finetune.run_files import LORA_WEIGHTS_NAME
+from finetune.run_files import CONTROLNET_DIR, LORA_WEIGHTS_NAME
 from finetune.toyworld.datasets import write_folder
 from finetune.trainer import train
 

@@ -11,8 +11,9 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from finetune.config import ClassImageGeneration
+from finetune.dreambooth_data import dreambooth_collate
 from finetune.errors import FinetuneError
-from finetune.methods.dreambooth import DreamBoothMethod, dreambooth_collate
+from finetune.methods.dreambooth import DreamBoothMethod
 from finetune.models import load_base_model
 from finetune.sources import Example
 from finetune.toyworld.datasets import write_folder
@@ -231,7 +232,7 @@ def test_cached_encoders_give_the_same_instance_and_class_losses(make_recipe, st
 def test_every_class_image_of_every_concept_is_used(make_recipe, star_folder, tmp_path):
     """Two concepts of two instances and four class images each: two epochs deal out all eight. (Dealing
     by the item's index over all instances used only half of each pool.)"""
-    from finetune.methods.dreambooth import DreamBoothDataset
+    from finetune.dreambooth_data import DreamBoothDataset
 
     def image_example(name: str) -> Example:
         return Example(name, name, lambda: Image.new("RGB", (64, 64)), size=(64, 64))

@@ -9,8 +9,7 @@ from safetensors.torch import load_file
 from finetune.run_files import list_checkpoints
 from finetune.ema import EMA_FILE
 from finetune.errors import FinetuneError
-from finetune.methods.full import PIPELINE_DIR
-from finetune.run_files import LORA_WEIGHTS_NAME
+from finetune.run_files import LORA_WEIGHTS_NAME, PIPELINE_DIR
 from finetune.trainer import train
 
 DECAY = 0.15  # the warm-up gives 0.1 at the first update, then this cap: both branches of the rule

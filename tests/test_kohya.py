@@ -16,7 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from finetune.cli import main
-from finetune.sampling import GRID_LABEL_WIDTH, make_grid
+from finetune.image_bounds import GRID_LABEL_WIDTH
+from finetune.sampling import make_grid
 from finetune.config import LoRAConfig
 from finetune.kohya import LoRA, LoRALayer, export_lora, kohya_name, load_lora, module_key, save_lora_file, to_kohya
 from finetune.merge import merge_into

@@ -93,7 +93,7 @@ def test_a_lora_recording_no_prediction_type_is_taken_as_the_bases_and_sampled_s
     from finetune.methods import METHODS
     from finetune.methods.lora import add_lora, save_lora
     from finetune.models import load_base_model
-    from finetune.trainer import run_validation
+    from finetune.validation import run_validation
 
     recipe = make_recipe()
     unet = load_base_model(recipe.model).unet

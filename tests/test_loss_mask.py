@@ -337,7 +337,7 @@ def test_a_mask_no_view_can_reach_and_alpha_without_any_transparency_stop_before
 
 
 def test_review_cases_exact_names_first_8_bit_values_in_16_bits_opaque_alpha_and_16_bit_keyed_images(tmp_path, capsys):
-    from finetune.data import open_rgb
+    from finetune.images import open_rgb
     from finetune.sources import Example
 
     folder = tmp_path / "data"

@@ -61,7 +61,7 @@ def test_a_controlnet_records_how_its_conditioning_was_made_and_sample_says_it(m
     records them, and `finetune sample` says what kind of --condition it wants (a photo given to an edge
     ControlNet is the usual mistake). A folder of conditioning images made otherwise records nothing."""
     from finetune.adapter_records import saved_model_metadata
-    from finetune.methods.controlnet import CONTROLNET_DIR
+    from finetune.run_files import CONTROLNET_DIR
 
     source = write_folder(tmp_path / "photos", 2, seed=4)
     data = tmp_path / "edges"

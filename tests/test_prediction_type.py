@@ -14,8 +14,7 @@ from finetune.cli import main
 from finetune.demo_engine import DemoEngine, Request
 from finetune.errors import FinetuneError
 from finetune.inference import load_sampling_pipeline
-from finetune.methods.controlnet import CONTROLNET_DIR
-from finetune.run_files import LORA_WEIGHTS_NAME
+from finetune.run_files import CONTROLNET_DIR, LORA_WEIGHTS_NAME
 from finetune.run_files import METADATA_FILE
 from finetune.recipe_loading import recipe_from_dict
 from finetune.trainer import train

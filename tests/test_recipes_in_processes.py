@@ -18,8 +18,7 @@ from ports import free_port
 from test_distributed import RESUME_IS_EXACT, assert_same_update, assert_same_weights, deepspeed, launch, wait, write
 from dora_helpers import DORA
 
-from finetune.methods.controlnet import CONTROLNET_DIR
-from finetune.run_files import LORA_WEIGHTS_NAME
+from finetune.run_files import CONTROLNET_DIR, LORA_WEIGHTS_NAME
 from finetune.toyworld.datasets import write_folder
 
 pytestmark = pytest.mark.slow  # a launch of 9 runs per mode: about a minute each under DeepSpeed, 30 s under DDP

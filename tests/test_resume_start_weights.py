@@ -12,8 +12,9 @@ import yaml
 from controlnet_helpers import METADATA, controlnet_recipe, layoutless_refusal
 from diffusers import ControlNetModel, UNet2DConditionModel
 
-from finetune.methods.controlnet import CONTROLNET_DIR, save_model_folder
+from finetune.methods.controlnet import save_model_folder
 from finetune.errors import FinetuneError
+from finetune.run_files import CONTROLNET_DIR
 from finetune.start_weights import keep_where_weights_began
 from finetune.trainer import train
 

@@ -115,7 +115,7 @@ def test_a_base_folder_whose_pickle_weights_would_run_code_is_refused_as_it_is_l
 def test_a_controlnet_folder_whose_pickle_weights_would_run_code_is_refused_before_it_loads(tmp_path):
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    from finetune.inference import resolve_controlnet_folder
+    from finetune.controlnet_folder import resolve_controlnet_folder
 
     folder = tmp_path / "controlnet"
     ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(SHIPPED_BASE, subfolder="unet")).save_pretrained(folder, safe_serialization=False)
