@@ -121,12 +121,16 @@ def test_the_step_0_samples_of_a_controlnet_recording_no_prediction_type_read_it
     from accelerate import Accelerator
     from controlnet_helpers import set_up
 
+    from finetune.accelerate_state import clear_accelerate_settings
     from finetune.validation import run_validation
 
     def sampled_as(method, step: int) -> str:
         seen = []
         method.validation_images = lambda modules: (seen.append(method.pipeline(modules).scheduler.config.prediction_type), ([], []))[1]
-        run_validation(method.recipe, method, method.trained_modules(), Accelerator(cpu=True), step)
+        try:
+            run_validation(method.recipe, method, method.trained_modules(), Accelerator(cpu=True), step)
+        finally:  # as train() does: a later test's Accelerator in this process may take another precision
+            clear_accelerate_settings()
         return seen[0]
 
     run = write_controlnet_run(tiny_model, offline_cache.parent / "made", trained=False)
