@@ -47,6 +47,20 @@ REPO = Path(__file__).resolve().parent.parent
 SHIPPED_BASE = REPO / "finetune" / "assets" / "toyworld-base"
 
 
+@pytest.fixture(autouse=True)
+def no_accelerate_settings_left():
+    """A test that made an Accelerator of its own and left accelerate's process-wide settings set failed a later test of
+    another precision in its worker ("AcceleratorState has already been initialized"), an order that --dist loadfile
+    changes with the files collected. Such a test fails here instead, and the settings are cleared for the next."""
+    yield
+    state = sys.modules.get("accelerate.state")
+    if state is not None and state.AcceleratorState._shared_state:
+        from finetune.accelerate_state import clear_accelerate_settings
+
+        clear_accelerate_settings()
+        pytest.fail("the test left accelerate's AcceleratorState set: clear it (finetune.accelerate_state.clear_accelerate_settings)")
+
+
 def made_once_per_run(tmp_path_factory, name: str, make) -> Path:
     """`make(folder)` once for the whole pytest run, its folder read by every xdist worker: a session fixture is made once
     per worker, and `--dist loadfile` puts the files using it on both workers. The worker that comes second waits for
