@@ -127,7 +127,8 @@ def build_app(engine, note: str = "", queue_size: int = 8):
     import gradio as gr
 
     from finetune.adapter_scan import BASE
-    from finetune.demo_engine import CONDITIONING_KINDS, Request, parse_strengths
+    from finetune.demo_conditioning import CONDITIONING_KINDS
+    from finetune.demo_engine import Request, parse_strengths
 
     def choices(kind: str, first: str = NONE) -> list[str]:
         return [first, *engine.names(kind)]

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -32,10 +31,10 @@ from finetune.adapters_as_trained import adapters_clip_skip, adapters_max_token_
 from finetune.adapter_scan import BASE, PICKLE_SUFFIXES, Adapter, adapter_files_stamp, scan_adapters
 from finetune.conditioning_records import recorded_options
 from finetune.config import ModelConfig
-from finetune.controlnet_pairs import small_conditioning_problem
 from finetune.counts import counted
 from finetune.encoders import clip_skipped
-from finetune.demo_inputs import MAX_UPLOAD_PIXELS, UPLOADED, other_kind_notes, too_large_upload
+from finetune.demo_conditioning import conditioning_image
+from finetune.demo_inputs import UPLOADED, other_kind_notes
 from finetune.errors import FinetuneError
 from finetune.finite_images import say_warning
 from finetune.adapter_records import saved_model_metadata
@@ -48,9 +47,7 @@ from finetune.models import BaseModel, freeze, load_base_model
 from finetune.placement import inference_placement, place
 from finetune.prompt_options import PromptSettings, guidance_notes, unread_options_notes, webui_syntax_notes
 from finetune.sampling import build_pipeline, generate, read_prompts_as_trained
-from finetune.views import cover_and_crop
 
-CONDITIONING_KINDS = ("as uploaded", "canny", "luminance", "mask")
 CACHE_SIZE = {"lora": 8, "controlnet": 2, "pipeline": 1}
 
 
@@ -376,26 +373,3 @@ def _pipeline(model: BaseModel, controlnet, unet):
     from diffusers import StableDiffusionControlNetPipeline
 
     return build_pipeline(model, unet=unet, pipeline_class=StableDiffusionControlNetPipeline, controlnet=controlnet)
-
-
-def conditioning_image(image: Image.Image | None, kind: str, size: int, options: dict[str, float] | None = None,
-                       make: Callable[..., Image.Image] | None = None, source: str = UPLOADED) -> Image.Image:  # fmt: skip
-    """The uploaded image (named `source` in messages), used as is or turned into a conditioning map (with `options`: the thresholds the ControlNet's
-    training images were made with; by `make`, default `make_condition`), then fitted to `size` (resized to cover, center-cropped)."""
-    from finetune.conditions import make_condition
-
-    if image is None:
-        raise FinetuneError("a ControlNet needs a conditioning image: upload one, or a photo and pick canny, luminance or mask")
-    if kind not in CONDITIONING_KINDS:
-        raise FinetuneError(f"unknown conditioning kind '{kind}': use one of {', '.join(CONDITIONING_KINDS)}")
-    if image.width * image.height > MAX_UPLOAD_PIXELS:  # (the page's upload is refused by its header first)
-        raise FinetuneError(too_large_upload(f"{image.width}x{image.height}", source))
-    if (problem := small_conditioning_problem(image, source, size)) is not None:
-        raise FinetuneError(f"{problem}, or a smaller size")
-    # Made at the upload's full size, as make-conditions makes a ControlNet's training images, and only then fitted: the
-    # edges (or mask) of a photo shrunk to `size` are other lines than its edges shrunk, and steered otherwise than in training.
-    image = image.convert("RGB")
-    made = image if kind == "as uploaded" else (make or make_condition)(image, kind, **(options or {}))
-    # Resized to cover, then center-cropped, as `finetune sample --condition` and training fit a conditioning image
-    # (ImageOps.fit crops first: edges a pixel off, a ControlNet steered otherwise than in sample for the same upload).
-    return cover_and_crop(made, (size, size), "center", np.random.default_rng(0))[0]

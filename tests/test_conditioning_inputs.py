@@ -147,7 +147,7 @@ def test_sample_reads_its_condition_as_training_reads_conditioning_images(tmp_pa
 
 def test_the_demo_reads_an_upload_as_sample_reads_its_condition(tmp_path):
     from finetune.demo_inputs import read_upload
-    from finetune.demo_engine import conditioning_image
+    from finetune.demo_conditioning import conditioning_image
 
     paths = odd_conditions(tmp_path)
     with pytest.raises(FinetuneError, match=r"^conditioning image alpha_only\.png \(uploaded\) is one colour once its transparency is flattened onto white"):

@@ -31,7 +31,7 @@ def test_canny_from_a_photo_uses_the_thresholds_the_controlnet_recorded(adapters
 def test_an_upload_of_another_shape_is_fitted_as_sample_fits_its_condition():
     """The demo cropped a non-square upload before resizing it (ImageOps.fit), `finetune sample` (and training) resize it to
     cover and crop after: edges a pixel apart, so the ControlNet was steered otherwise than in sample by the same image."""
-    from finetune.demo_engine import conditioning_image
+    from finetune.demo_conditioning import conditioning_image
     from finetune.inference import fit_condition
 
     mask = np.zeros((150, 200), dtype=np.uint8)
@@ -61,7 +61,7 @@ def test_a_condition_made_from_a_photo_is_the_one_make_conditions_makes_fitted_a
     photo's full size and training (or sample --condition) shrinks those: other lines (a fifth of a 256 px canny image's
     pixels differed here, half of a mask's), so the ControlNet was steered by images unlike those it trained on."""
     from finetune.conditions import make_conditions
-    from finetune.demo_engine import conditioning_image
+    from finetune.demo_conditioning import conditioning_image
     from finetune.demo_inputs import read_upload
     from finetune.inference import fit_condition
     from finetune.views import plan_view, render
@@ -85,7 +85,7 @@ def test_a_photo_with_a_colour_profile_makes_the_condition_make_conditions_makes
     """make-conditions reads its photos in sRGB (a Display P3 photo converted), so the demo reads a photo it makes the
     condition of so too; it read every upload's values as they are, as a conditioning image's are (they are data)."""
     from finetune.conditions import make_conditions
-    from finetune.demo_engine import conditioning_image
+    from finetune.demo_conditioning import conditioning_image
     from finetune.demo_inputs import read_upload
     from finetune.inference import fit_condition
     from icc_profiles import rgb_profile
@@ -142,7 +142,7 @@ def test_the_demo_takes_a_phones_photo_and_refuses_past_64_megapixels_in_one_lin
     make-conditions, which reads more."""
     import pytest
 
-    from finetune.demo_engine import conditioning_image
+    from finetune.demo_conditioning import conditioning_image
     from finetune.demo_inputs import check_upload, read_upload
     from finetune.errors import FinetuneError
 

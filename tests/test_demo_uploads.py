@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finetune.demo_engine import conditioning_image
+from finetune.demo_conditioning import conditioning_image
 from finetune.demo_inputs import read_upload
 
 
