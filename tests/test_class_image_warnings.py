@@ -21,6 +21,21 @@ def start_warnings(recipe) -> list[str]:
     return [line for line in method.start_lines if "class prompts" in line]
 
 
+def start_and_check_data(recipe, tmp_path, capsys) -> tuple[list[str], str]:
+    """What a run of `recipe` says as it starts (its start lines), and `finetune check-data`'s output for it."""
+    import yaml
+
+    from finetune.cli import main
+
+    method = DreamBoothMethod(recipe)
+    method.check_data()
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    capsys.readouterr()
+    assert main(["check-data", str(path)]) == 0
+    return method.start_lines, capsys.readouterr().out
+
+
 def concept(tmp_path, star_folder):  # noqa: F811
     return {"instance_dir": str(star_folder), "instance_prompt": "a sks shape", "class_prompt": PROMPTS, "class_dir": str(tmp_path / "class")}
 
@@ -89,10 +104,6 @@ def test_the_shared_warning_loads_no_torch():
 def test_an_image_of_a_kind_training_does_not_read_in_a_class_folder_is_said_as_in_an_instance_folder(make_recipe, star_folder, tmp_path, capsys):  # noqa: F811
     """A .gif in class_dir was left out without a word, where the data check says one in instance_dir. Said once for a
     folder two concepts share, at a run's start and by check-data."""
-    import yaml
-
-    from finetune.cli import main
-
     instances = shutil.copytree(star_folder, tmp_path / "instances")
     (tmp_path / "class").mkdir()
     for folder in (instances, tmp_path / "class"):
@@ -100,14 +111,8 @@ def test_an_image_of_a_kind_training_does_not_read_in_a_class_folder_is_said_as_
     concepts = [{**concept(tmp_path, instances), "instance_prompt": prompt} for prompt in ("a sks shape", "a zwx shape")]
     recipe = dreambooth_recipe(make_recipe, instances, tmp_path, dreambooth={"concepts": concepts})
     said = "has 1 image training does not read (.gif, e.g. photo.gif): convert it to PNG or JPEG"
-    method = DreamBoothMethod(recipe)
-    method.check_data()
-    assert [line for line in method.start_lines if said in line] == [f"warning: class folder {tmp_path / 'class'} {said}"]
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
-    capsys.readouterr()
-    assert main(["check-data", str(path)]) == 0
-    out = capsys.readouterr().out
+    start_lines, out = start_and_check_data(recipe, tmp_path, capsys)
+    assert [line for line in start_lines if said in line] == [f"warning: class folder {tmp_path / 'class'} {said}"]
     assert out.count(f"warning: class folder {tmp_path / 'class'} {said}\n") == 1
     assert f"data folder {instances} {said}" in out
 
@@ -116,10 +121,7 @@ def test_a_subfolder_with_images_in_a_class_folder_is_said_as_in_an_instance_fol
     """Only a class folder's own images are class images: one in a subfolder of class_dir was left out without a word,
     where the data check says a subfolder of instance_dir. Said once for a folder two concepts share, at a run's start and
     by check-data."""
-    import yaml
-
     from finetune.class_image_plans import class_data_config, unread_class_images_lines
-    from finetune.cli import main
 
     instances = shutil.copytree(star_folder, tmp_path / "instances")
     for folder in (instances / "more", tmp_path / "class" / "more"):
@@ -128,14 +130,8 @@ def test_a_subfolder_with_images_in_a_class_folder_is_said_as_in_an_instance_fol
     concepts = [{**concept(tmp_path, instances), "instance_prompt": prompt} for prompt in ("a sks shape", "a zwx shape")]
     recipe = dreambooth_recipe(make_recipe, instances, tmp_path, dreambooth={"concepts": concepts})
     said = f"class folder {tmp_path / 'class'} has subfolders with images (more), which are not read: move their images into it to train them as class images"
-    method = DreamBoothMethod(recipe)
-    method.check_data()
-    assert [line for line in method.start_lines if "subfolders" in line] == [f"warning: {said}"]
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
-    capsys.readouterr()
-    assert main(["check-data", str(path)]) == 0
-    out = capsys.readouterr().out
+    start_lines, out = start_and_check_data(recipe, tmp_path, capsys)
+    assert [line for line in start_lines if "subfolders" in line] == [f"warning: {said}"]
     assert out.count(f"warning: {said}\n") == 1
     assert f"data folder {instances} has subfolders with images (more), which are not read: add each as a concept of its own to train it" in out
     nested = class_data_config(recipe)  # a subfolder that is another concept's class folder is read
