@@ -37,7 +37,7 @@ from finetune.image_warnings import pillow_warning_line, pillow_warnings
 from finetune.image_folder_datasets import image_dir_advice
 from finetune.images import decode, file_stamp, float_levels_problem, has_alpha, is_16_bit, pixel_digest, turned_on_its_side, upright_rgb
 from finetune.loss_mask import alpha_mask, image_sharing_mask, mask_area, mask_digest, mask_path, read_mask_file
-from finetune.sources import (Example, convert_unread, data_folders, folder_images, read_examples,
+from finetune.sources import (Example, convert_unread, data_folders, folder_images, read_examples, subfolder_names,
                               unlisted_image_folders, unread_images)  # fmt: skip
 from finetune.views import cut, holds_8_bit_values, plan_cover_crop
 
@@ -297,9 +297,8 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
             message = f"data folder {folder} has {counted(len(files), 'image')} training does not read {convert_unread(files)}"
             report.findings.append(Finding(WARNING, str(folder), message))
         if subfolders:
-            names = ", ".join(path.relative_to(folder).as_posix() for path in subfolders[:5]) + (f" and {len(subfolders) - 5} more" if len(subfolders) > 5 else "")
             remedy = "add each as a concept of its own" if config._image_dir_key.startswith("dreambooth") else "list each in data.folders (with its repeats)"
-            message = f"data folder {folder} has subfolders with images ({names}), which are not read: {remedy} to train it"
+            message = f"data folder {folder} has subfolders with images ({subfolder_names(folder, subfolders)}), which are not read: {remedy} to train it"
             report.findings.append(Finding(WARNING, str(folder), message))
     for folder in unlisted_image_folders(config):
         path = folder_entry_path(folder, Path(config.image_dir))

@@ -20,7 +20,7 @@ from finetune.config import Concept, DataConfig, LossMaskConfig, Recipe
 from finetune.console import warn
 from finetune.counts import counted
 from finetune.errors import FinetuneError
-from finetune.sources import SAID_SUBFOLDER_DEPTH, Example, convert_unread, folder_images, image_subfolders, unread_image_files
+from finetune.sources import SAID_SUBFOLDER_DEPTH, Example, convert_unread, folder_images, image_subfolders, subfolder_names, unread_image_files
 
 
 def plan_class_images(folder: Path, key: str, wanted: int) -> tuple[list[Path], list[int]]:
@@ -78,8 +78,7 @@ def unread_class_images_lines(folders: list[Path], config: DataConfig) -> list[s
         if files := unread_image_files(folder):
             lines.append(f"warning: class folder {folder} has {counted(len(files), 'image')} training does not read {convert_unread(files)}")
         if subfolders := [sub for sub in image_subfolders(folder, config, SAID_SUBFOLDER_DEPTH) if sub.resolve() not in class_folders]:  # not another concept's
-            names = ", ".join(path.relative_to(folder).as_posix() for path in subfolders[:5]) + (f" and {len(subfolders) - 5} more" if len(subfolders) > 5 else "")
-            lines.append(f"warning: class folder {folder} has subfolders with images ({names}), which are not read: "
+            lines.append(f"warning: class folder {folder} has subfolders with images ({subfolder_names(folder, subfolders)}), which are not read: "
                          "move their images into it to train them as class images")  # fmt: skip
     return lines
 

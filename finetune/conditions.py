@@ -241,7 +241,7 @@ def images_left_out(input_dir: str | Path, output_dir: str | Path, made: list[Pa
     `make_condition_folders` wrote: files of kinds training does not read (.gif, .heic), and images in subfolders below
     the folders it reads (a phone's `2023/jan`), of any kind. The data check of the output cannot say them: they are not there."""
     from finetune.config import DataConfig
-    from finetune.sources import SAID_SUBFOLDER_DEPTH, convert_unread, folder_images, image_subfolders, unread_image_files
+    from finetune.sources import SAID_SUBFOLDER_DEPTH, convert_unread, folder_images, image_subfolders, subfolder_names, unread_image_files
 
     source, target, lines = Path(input_dir), Path(output_dir).resolve(), []
     written = [source / folder.relative_to(output_dir) for folder in made]
@@ -254,8 +254,7 @@ def images_left_out(input_dir: str | Path, output_dir: str | Path, made: list[Pa
         if files := unread_image_files(folder):
             lines.append(f"{counted(len(files), 'image')} in {folder} got no conditioning image {convert_unread(files)} and run make-conditions again with --overwrite")
     if deeper:
-        names = ", ".join(sub.relative_to(source).as_posix() for sub in deeper[:5]) + (f" and {len(deeper) - 5} more" if len(deeper) > 5 else "")
-        line = (f"images in subfolders of subfolders of {source} ({names}) got no conditioning images (make-conditions reads the "
+        line = (f"images in subfolders of subfolders of {source} ({subfolder_names(source, deeper)}) got no conditioning images (make-conditions reads the "
                 f"folder and the subfolders just below it): run make-conditions on {deeper[0].parent} too, or move them up")  # fmt: skip
         # Their .gif (.heic) files need converting as well: a folder of those alone was not said at all.
         if unread := [file for sub in deeper for file in unread_image_files(sub)]:

@@ -172,11 +172,17 @@ def image_subfolders(folder: Path, config: DataConfig, depth: int = 1, holding: 
 SAID_SUBFOLDER_DEPTH = 3
 
 
+def subfolder_names(folder: Path, subfolders: list[Path]) -> str:
+    """The first five of `subfolders` as messages name them, relative to `folder` ("2023/jan" for one two down), and how
+    many more."""
+    names = [path.relative_to(folder).as_posix() for path in subfolders]
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
 def subfolders_message(folder: Path, subfolders: list[Path], config: DataConfig, entry: str | None = None) -> str:
     """For a folder of image folders only, as sd-scripts' train_data_dir holds them (`10_sks dog`: 10 repeats);
     `entry` is the data.folders path that names it, if one does."""
-    paths = [path.relative_to(folder).as_posix() for path in subfolders]  # "2023/jan" for a folder two down
-    names = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+    paths, names = [path.relative_to(folder).as_posix() for path in subfolders], subfolder_names(folder, subfolders)
     root = None if config.caption is not None else Path(config.image_dir)  # where uncaptioned folders get a template (not with data.caption)
     if config._image_dir_key.startswith("dreambooth"):
         return f"data folder {folder} has no images of its own, only subfolders with images ({names}): give each its own concept (instance_dir)"
