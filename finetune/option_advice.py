@@ -43,15 +43,11 @@ def override_for(option: list[str], method: str | None) -> str:
 
 
 def _is_switch(key: str) -> bool:
-    """Whether the recipe key (dotted) takes true or false."""
-    from finetune.config.recipe import Recipe
-    from finetune.recipe_loading import section_type
+    """Whether the recipe key (dotted; a list entry's index, as in dreambooth.concepts.0.instance_dir, skipped) takes
+    true or false."""
+    from finetune.recipe_loading import _annotation_at
 
-    *sections, name = key.split(".")
-    model = Recipe
-    for section in sections:
-        model = section_type(model.model_fields[section].annotation)
-    return model.model_fields[name].annotation is bool
+    return _annotation_at(key.split(".")) is bool
 
 
 def recipe_method(args: argparse.Namespace, extra: list[str]) -> str | None:

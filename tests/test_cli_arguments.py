@@ -30,6 +30,9 @@ def test_a_setting_given_as_an_option_gets_the_override_it_means(capsys):
                                                                           "recipe keys are given as key=value after the recipe: optimizer.lr=1e-4",
              ("train", "recipes/lora.yaml", "--seed", "3"): "finetune train: error: unrecognized arguments: --seed 3: "
                                                             "recipe keys are given as key=value after the recipe: seed=3",
+             # a key inside a list's entry (diffusers' train_dreambooth.py option): a traceback (KeyError: '0') before
+             ("train", "recipes/dreambooth.yaml", "--instance_data_dir", "dog"): "finetune train: error: unrecognized arguments: --instance_data_dir dog: "
+                                                                              "recipe keys are given as key=value after the recipe: dreambooth.concepts.0.instance_dir=dog",
              ("train", "recipes/lora.yaml", "--every_n_steps=5"): "finetune train: error: unrecognized arguments: --every_n_steps=5: recipe keys are "
                                                                   "given as key=value after the recipe (train.max_steps=100); -h lists the command's options"}  # fmt: skip
     for argv, said in cases.items():
