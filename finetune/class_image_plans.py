@@ -69,15 +69,21 @@ def warn_of_unused_generated_images(folder: Path, records: dict[str, dict]) -> N
              "or of an earlier version of finetune")
 
 
-def unread_class_images_lines(folders: list[Path], config: DataConfig) -> list[str]:
+def unread_class_images_lines(folders: list[Path], recipe: Recipe) -> list[str]:
     """A warning for each class folder holding images training does not read: of a kind it does not (a .gif, an iPhone's
     .HEIC), or in a subfolder (only the folder's own images are class images); worded as the data check words a data
-    folder's: they were left out without a word, unlike an instance folder's. `config`: how class images are read."""
+    folder's: they were left out without a word, unlike an instance folder's. A subfolder that is another concept's class
+    folder, or a concept's instance_dir (or in one), is read: moving its images into the class folder would train the
+    subject's photos as its class."""
     lines, class_folders = [], {folder.resolve(): folder for folder in folders if folder.is_dir()}
+    instance_folders = {Path(concept.instance_dir).resolve() for concept in recipe.dreambooth.concepts}
+    config = class_data_config(recipe)  # how class images are read
     for folder in class_folders.values():  # a shared folder: once
         if files := unread_image_files(folder):
             lines.append(f"warning: class folder {folder} has {counted(len(files), 'image')} training does not read {convert_unread(files)}")
-        if subfolders := [sub for sub in image_subfolders(folder, config, SAID_SUBFOLDER_DEPTH) if sub.resolve() not in class_folders]:  # not another concept's
+        subfolders = [sub for sub in image_subfolders(folder, config, SAID_SUBFOLDER_DEPTH)
+                      if sub.resolve() not in class_folders and not instance_folders & {sub.resolve(), *sub.resolve().parents}]  # fmt: skip
+        if subfolders:
             lines.append(f"warning: class folder {folder} has subfolders with images ({subfolder_names(folder, subfolders)}), which are not read: "
                          "move their images into it to train them as class images")  # fmt: skip
     return lines
@@ -140,7 +146,7 @@ def inspect_class_images(recipe: Recipe) -> tuple[list[DataReport], list[str]]:
     for each class folder that holds none yet (without it, check-data said nothing of what training makes first),
     and training's warnings of class prompts that make no class image and of images of a kind it does not read."""
     plans = class_image_plans(recipe)
-    reports, lines = [], unread_class_images_lines([folder for folder, *_ in plans], class_data_config(recipe))
+    reports, lines = [], unread_class_images_lines([folder for folder, *_ in plans], recipe)
     for i, (concept, (folder, _key, paths, missing)) in enumerate(zip(recipe.dreambooth.concepts, plans)):
         if line := unused_class_prompts_warning(i, concept.class_prompts, recipe.dreambooth.num_class_images, folder, paths):
             lines.append(line)

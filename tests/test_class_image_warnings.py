@@ -121,7 +121,7 @@ def test_a_subfolder_with_images_in_a_class_folder_is_said_as_in_an_instance_fol
     """Only a class folder's own images are class images: one in a subfolder of class_dir was left out without a word,
     where the data check says a subfolder of instance_dir. Said once for a folder two concepts share, at a run's start and
     by check-data."""
-    from finetune.class_image_plans import class_data_config, unread_class_images_lines
+    from finetune.class_image_plans import unread_class_images_lines
 
     instances = shutil.copytree(star_folder, tmp_path / "instances")
     for folder in (instances / "more", tmp_path / "class" / "more"):
@@ -134,5 +134,19 @@ def test_a_subfolder_with_images_in_a_class_folder_is_said_as_in_an_instance_fol
     assert [line for line in start_lines if "subfolders" in line] == [f"warning: {said}"]
     assert out.count(f"warning: {said}\n") == 1
     assert f"data folder {instances} has subfolders with images (more), which are not read: add each as a concept of its own to train it" in out
-    nested = class_data_config(recipe)  # a subfolder that is another concept's class folder is read
-    assert unread_class_images_lines([tmp_path / "class", tmp_path / "class" / "more"], nested) == []
+    # a subfolder that is another concept's class folder is read
+    assert unread_class_images_lines([tmp_path / "class", tmp_path / "class" / "more"], recipe) == []
+
+
+def test_an_instance_folder_inside_a_class_folder_is_not_said_to_be_left_out(make_recipe, star_folder, tmp_path):  # noqa: F811
+    """A concept's instance_dir kept inside its class_dir (photos/ of the class, photos/sks/ of the subject) was said to be
+    a subfolder of class images not read, with the advice to move its images into the class folder: the subject's photos
+    would then train as its class. Another subfolder there is still said."""
+    from finetune.class_image_plans import unread_class_images_lines
+
+    subject = shutil.copytree(star_folder, tmp_path / "class" / "sks")
+    (tmp_path / "class" / "more").mkdir()
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "class" / "more" / "photo.png")
+    recipe = dreambooth_recipe(make_recipe, subject, tmp_path)
+    assert unread_class_images_lines([tmp_path / "class"], recipe) == [
+        f"warning: class folder {tmp_path / 'class'} has subfolders with images (more), which are not read: move their images into it to train them as class images"]

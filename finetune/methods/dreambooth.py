@@ -67,7 +67,7 @@ class DreamBoothMethod(DiffusionMethod):
         self.class_plans: list[ClassImagePlan] = []
         planned: set[tuple[Path, str]] = set()
         plans = class_image_plans(self.recipe)
-        self.start_lines += unread_class_images_lines([folder for folder, *_ in plans], class_data_config(self.recipe))
+        self.start_lines += unread_class_images_lines([folder for folder, *_ in plans], self.recipe)
         for i, (concept, (folder, key, paths, missing)) in enumerate(zip(settings.concepts, plans)):
             if line := unused_class_prompts_warning(i, concept.class_prompts, settings.num_class_images, folder, paths):
                 self.start_lines.append(line)
