@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
+from finetune.adapter_records import lora_header
 from finetune.atomic_files import atomic_save_safetensors
 from finetune.run_files import CHECKPOINT_PATTERN
 from finetune.dora import (DIFFUSERS_MAGNITUDE, KOHYA_DORA_ARGS, KOHYA_DORA_METADATA, KOHYA_MAGNITUDE, check_config_magnitudes, check_kohya_magnitudes,
@@ -137,6 +138,8 @@ def load_lora(path: Path) -> LoRA:
         raise FinetuneError(f"LoRA {path} is not a .safetensors file: pickle checkpoints are not loaded (they can run code)")
     if not path.is_file():
         raise FinetuneError(f"LoRA file {path} not found")
+    # From the header first: a file of another kind (a base model given as a LoRA) is refused before it is read whole.
+    kohya = lora_layout(path, lora_header(path)[0]) == "kohya"
     try:
         tensors, metadata = read_whole(path)
     except (SafetensorError, OSError) as err:
@@ -145,7 +148,6 @@ def load_lora(path: Path) -> LoRA:
     damaged = next((key for key, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
     if damaged is not None:  # it would sample black or noise, merge into a model that does, and train NaN from lora.init_from
         raise FinetuneError(f"LoRA {path} holds NaN or infinite values ({damaged}): a damaged file, or one saved from a run that diverged: use another")
-    kohya = lora_layout(path, list(tensors)) == "kohya"
     try:  # a key that is no LoRA weight, named with the file it is in
         lora = from_kohya(tensors, metadata) if kohya else from_diffusers(tensors, metadata)
         uses_dora(lora)  # said here, of the file: a DoRA's layers all have magnitudes

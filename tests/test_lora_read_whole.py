@@ -31,3 +31,28 @@ def test_a_loaded_lora_whose_file_is_truncated_and_rewritten_in_place_keeps_its_
     result = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "lora.safetensors")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"exit {result.returncode} (-7: bus error): {result.stderr[-2000:]}"
     assert result.stdout.split() == ["True", "4"]
+
+
+def test_a_file_that_is_no_lora_is_refused_from_its_header_before_it_is_read_whole(tmp_path):
+    """A base model given as --lora (both are .safetensors, often side by side) was read whole, and each tensor copied out
+    of the bytes, before its names said it holds no LoRA: twice the file in memory (14 GB for an SDXL checkpoint) for a
+    one-line refusal, where a memory map had left it to the page cache. Its names are in its header."""
+    import tracemalloc
+
+    import pytest
+    import torch
+    from safetensors.torch import save_file
+
+    from finetune.errors import FinetuneError
+    from finetune.kohya import load_lora
+
+    path = tmp_path / "model.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4_000_000)}, str(path))  # 16 MB
+    tracemalloc.start()
+    try:
+        with pytest.raises(FinetuneError, match="holds no SD1.x LoRA weights"):
+            load_lora(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < path.stat().st_size // 4, f"{peak:,} bytes held to refuse a file of {path.stat().st_size:,}"
