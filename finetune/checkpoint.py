@@ -28,6 +28,7 @@ from finetune.atomic_files import atomic_write_text, failed_write, flush_to_disk
 from finetune.base_folder import named_objects, pickled_objects
 from finetune.counts import counted
 from finetune.distributed import unwrap
+from finetune.earlier_run import finish_a_finished_runs_saves
 from finetune.errors import FinetuneError
 from finetune.run_files import PARTIAL, REMOVED, STATE_FILE, checkpoint_step, list_checkpoints, read_state
 
@@ -89,6 +90,8 @@ def check_resumable(checkpoint: Path, max_steps: int | None, settings: dict | No
             )
     step = checkpoint_step(checkpoint)
     if max_steps is not None and step >= max_steps:
+        if settings is not None:  # a finished run's (its last checkpoint is saved after its outputs): a kill may have cut that save short
+            checkpoint = finish_a_finished_runs_saves(checkpoint, Path(settings["output_dir"]))
         raise FinetuneError(
             f"{checkpoint} is at step {step} and train.max_steps is {max_steps}: nothing left to train; "
             f"raise train.max_steps to continue (e.g. train.max_steps={step + max(step // 2, 1)})"

@@ -1,0 +1,54 @@
+"""Kill points of a run's saves, each found by a soak that killed tiny runs at random file operations (SIGKILL, Ctrl-C,
+two Ctrl-Cs) and resumed them with --resume latest: here each is put at its point by a monkeypatch, not a timer."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import finetune.checkpoint as checkpoint
+import finetune.trainer as trainer
+from finetune.errors import FinetuneError
+from finetune.run_files import STATE_FILE, resolve_resume
+
+
+def test_a_finished_runs_last_checkpoint_a_stop_left_before_its_rename_is_put_back_and_named(make_recipe, monkeypatch, capsys):
+    """The last checkpoint is saved after the outputs: a second Ctrl-C (or a kill) while it was renamed into place left it whole
+    as `.partial-checkpoint-3`. A resume puts such a folder back once it has loaded it, but this run had nothing left to train:
+    `--resume latest` named the hidden folder, which then stayed for good (a whole checkpoint's size)."""
+    replace_folder = checkpoint.replace_folder
+
+    def stopped_at_the_last(new, final):
+        if final.name == "checkpoint-3":
+            raise KeyboardInterrupt  # the second Ctrl-C: trainer_state.json is written, the folder not renamed
+        return replace_folder(new, final)
+
+    monkeypatch.setattr(checkpoint, "replace_folder", stopped_at_the_last)
+    recipe = make_recipe(train__max_steps=3, checkpoint__every_n_steps=2)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(recipe)
+    monkeypatch.undo()
+    checkpoints = Path(recipe.output_dir) / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".partial-checkpoint-3", "checkpoint-2"]
+    capsys.readouterr()
+
+    with pytest.raises(FinetuneError) as refused:
+        trainer.train(make_recipe(train__max_steps=3, checkpoint__every_n_steps=2), resume="latest")
+    assert str(refused.value).startswith(f"{checkpoints / 'checkpoint-3'} is at step 3 and train.max_steps is 3: nothing left to train")
+    assert f"put back {checkpoints / 'checkpoint-3'}: a kill after it was saved" in capsys.readouterr().out
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-3"]
+    assert json.loads((checkpoints / "checkpoint-3" / STATE_FILE).read_text())["step"] == 3
+
+
+@pytest.mark.parametrize("rank,output_dir", [("1", "run"), ("0", "another-run")], ids=["another-process", "a-checkpoint-of-another-folder"])
+def test_only_the_main_process_puts_back_the_checkpoint_of_its_own_run(tmp_path, monkeypatch, rank, output_dir):
+    """Every process checks the checkpoint it would resume: the others name it as the main one does, and move nothing. Nor
+    does the main one in a folder of checkpoints that is not its run's (`--resume` of one copied out of another run)."""
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for name, step in (("checkpoint-2", 2), (".partial-checkpoint-3", 3)):
+        (checkpoints / name).mkdir(parents=True)
+        (checkpoints / name / STATE_FILE).write_text(json.dumps({"step": step}))
+    monkeypatch.setenv("RANK", rank)
+    with pytest.raises(FinetuneError, match=f"^{checkpoints / 'checkpoint-3'} is at step 3"):
+        checkpoint.check_resumable(resolve_resume("latest", checkpoints), 3, {"output_dir": str(tmp_path / output_dir)})
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".partial-checkpoint-3", "checkpoint-2"]
