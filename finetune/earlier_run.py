@@ -93,9 +93,9 @@ def put_back_interrupted_checkpoints(accelerator, checkpoints_dir: Path) -> None
 def finish_a_finished_runs_saves(checkpoint: Path, output_dir: Path) -> Path:
     """`checkpoint`, the last of the run in `output_dir` that finished (at train.max_steps), by its own name (checkpoint-N). No
     run will resume it, so the main process finishes here what a kill or a second Ctrl-C cut short of the run's last save,
-    which no later save would: the checkpoint left before its rename (`run_files.interrupted_checkpoints`) is put back. It
-    stayed hidden for good, a whole checkpoint's size. A checkpoint outside the run's checkpoints/ (copied elsewhere) is only
-    read: that folder is none of the run's."""
+    which no later save would: the checkpoint left before its rename (`run_files.interrupted_checkpoints`) is put back, and
+    one its rotation left half-deleted (`.removed-checkpoint-M`) is removed. Each stayed hidden for good, a whole checkpoint's
+    size. A checkpoint outside the run's checkpoints/ (copied elsewhere) is only read: that folder is none of the run's."""
     from finetune.process_env import main_process
 
     checkpoints_dir = checkpoint.parent
@@ -103,6 +103,8 @@ def finish_a_finished_runs_saves(checkpoint: Path, output_dir: Path) -> Path:
     if main_process() and checkpoints_dir.resolve() == (output_dir / "checkpoints").resolve():
         if failure := _put_back(checkpoints_dir):
             raise FinetuneError(failure)
+        for removed in checkpoints_dir.glob(f"{REMOVED}checkpoint-*"):
+            shutil.rmtree(removed, ignore_errors=True)
     return finals.get(checkpoint, checkpoint)
 
 

@@ -52,3 +52,17 @@ def test_only_the_main_process_puts_back_the_checkpoint_of_its_own_run(tmp_path,
     with pytest.raises(FinetuneError, match=f"^{checkpoints / 'checkpoint-3'} is at step 3"):
         checkpoint.check_resumable(resolve_resume("latest", checkpoints), 3, {"output_dir": str(tmp_path / output_dir)})
     assert sorted(p.name for p in checkpoints.iterdir()) == [".partial-checkpoint-3", "checkpoint-2"]
+
+
+def test_a_finished_runs_rotation_a_kill_cut_short_is_finished_by_the_resume_that_finds_nothing_left(tmp_path, monkeypatch):
+    """The last save renames the checkpoint it rotates out `.removed-checkpoint-2`, then deletes it: a kill (or a second Ctrl-C)
+    midway left it, which the next save deletes; a finished run has no next save, and it stayed for good."""
+    checkpoints = tmp_path / "checkpoints"
+    for name, step in (("checkpoint-3", 3), (".removed-checkpoint-2", 2)):
+        (checkpoints / name).mkdir(parents=True)
+        (checkpoints / name / STATE_FILE).write_text(json.dumps({"step": step}))
+    (checkpoints / ".removed-checkpoint-2" / "optimizer.bin").write_bytes(b"half deleted")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(FinetuneError, match=f"^{checkpoints / 'checkpoint-3'} is at step 3 and train.max_steps is 3: nothing left"):
+        checkpoint.check_resumable(resolve_resume("latest", checkpoints), 3, {"output_dir": str(tmp_path)})
+    assert [p.name for p in checkpoints.iterdir()] == ["checkpoint-3"]
