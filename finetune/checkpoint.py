@@ -28,7 +28,7 @@ from finetune.atomic_files import atomic_write_text, failed_write, flush_to_disk
 from finetune.base_folder import named_objects, pickled_objects
 from finetune.counts import counted
 from finetune.distributed import unwrap
-from finetune.earlier_run import finish_a_finished_runs_saves
+from finetune.earlier_run import finish_a_finished_runs_saves, remove_checkpoint
 from finetune.errors import FinetuneError
 from finetune.run_files import PARTIAL, REMOVED, STATE_FILE, checkpoint_step, list_checkpoints, read_state
 
@@ -228,20 +228,6 @@ def save_checkpoint(
             remove_checkpoint(old)
     accelerator.wait_for_everyone()
     return final
-
-
-def remove_checkpoint(checkpoint: Path) -> None:
-    """Delete a rotated-out checkpoint: renamed out of the checkpoint-N pattern first, so that a kill midway
-    (SIGKILL, a power cut) leaves a `.removed-` folder the next save deletes, not a checkpoint-N without its
-    trainer_state.json, which no listing, rotation or save would ever remove (a full UNet's weights and
-    optimizer state, gigabytes, for good)."""
-    aside = checkpoint.with_name(f"{REMOVED}{checkpoint.name}")
-    try:
-        shutil.rmtree(aside, ignore_errors=True)  # (one a killed run left, of the same step)
-        checkpoint.rename(aside)
-    except OSError:  # a name that cannot change (a busy file on a network disk): deleted where it is
-        aside = checkpoint
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 def damaged_file(err: Exception) -> bool:

@@ -13,7 +13,7 @@ from pathlib import Path
 from finetune.console import say
 from finetune.errors import FinetuneError, nearest_existing
 from finetune.run_files import (CHECKPOINT_PATTERN, CONTROLNET_DIR, LORA_WEIGHTS_NAME, PARTIAL, PIPELINE_DIR, REMOVED, STATE_FILE, UNET_DIR, checkpoint_step,
-                                interrupted_checkpoints, read_state, resumable_checkpoints)  # fmt: skip
+                                interrupted_checkpoints, list_checkpoints, read_state, resumable_checkpoints)  # fmt: skip
 
 # What a run leaves in its output_dir besides its outputs: `overwrite` clears these (DreamBooth's generated
 # class images stay: they are named by their prompt and settings, so a new run reuses only matching ones).
@@ -93,19 +93,41 @@ def put_back_interrupted_checkpoints(accelerator, checkpoints_dir: Path) -> None
 def finish_a_finished_runs_saves(checkpoint: Path, output_dir: Path) -> Path:
     """`checkpoint`, the last of the run in `output_dir` that finished (at train.max_steps), by its own name (checkpoint-N). No
     run will resume it, so the main process finishes here what a kill or a second Ctrl-C cut short of the run's last save,
-    which no later save would: the checkpoint left before its rename (`run_files.interrupted_checkpoints`) is put back, and
-    one its rotation left half-deleted (`.removed-checkpoint-M`) is removed. Each stayed hidden for good, a whole checkpoint's
-    size. A checkpoint outside the run's checkpoints/ (copied elsewhere) is only read: that folder is none of the run's."""
+    which no later save would: the checkpoint left before its rename (`run_files.interrupted_checkpoints`) is put back, one
+    its rotation left half-deleted (`.removed-checkpoint-M`) is removed, and the rotation itself is done, as the run's recipe
+    said it (its checkpoint.keep_last, kept in the checkpoint: not this command's, which may keep fewer). Each stayed for
+    good, a whole checkpoint's size. A checkpoint outside the run's checkpoints/ (copied elsewhere) is only read: that folder
+    is none of the run's."""
     from finetune.process_env import main_process
 
     checkpoints_dir = checkpoint.parent
-    finals = {source: final for final, source in interrupted_checkpoints(checkpoints_dir).items()}
+    final = {source: final for final, source in interrupted_checkpoints(checkpoints_dir).items()}.get(checkpoint, checkpoint)
     if main_process() and checkpoints_dir.resolve() == (output_dir / "checkpoints").resolve():
         if failure := _put_back(checkpoints_dir):
             raise FinetuneError(failure)
         for removed in checkpoints_dir.glob(f"{REMOVED}checkpoint-*"):
             shutil.rmtree(removed, ignore_errors=True)
-    return finals.get(checkpoint, checkpoint)
+        saved = list_checkpoints(checkpoints_dir)
+        if saved and saved[-1] == final:  # the run's last (not an older one given with a lower max_steps)
+            keep_last = (read_state(saved[-1]).get("recipe") or {}).get("checkpoint.keep_last") or 0
+            for old in saved[:-keep_last] if keep_last > 0 else []:
+                remove_checkpoint(old)
+                say(f"removed {old}: the run's last save, cut short by a kill, had not yet rotated it out (checkpoint.keep_last {keep_last})")
+    return final
+
+
+def remove_checkpoint(checkpoint: Path) -> None:
+    """Delete a rotated-out checkpoint: renamed out of the checkpoint-N pattern first, so that a kill midway
+    (SIGKILL, a power cut) leaves a `.removed-` folder the next save deletes, not a checkpoint-N without its
+    trainer_state.json, which no listing, rotation or save would ever remove (a full UNet's weights and
+    optimizer state, gigabytes, for good)."""
+    aside = checkpoint.with_name(f"{REMOVED}{checkpoint.name}")
+    try:
+        shutil.rmtree(aside, ignore_errors=True)  # (one a killed run left, of the same step)
+        checkpoint.rename(aside)
+    except OSError:  # a name that cannot change (a busy file on a network disk): deleted where it is
+        aside = checkpoint
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _put_back(checkpoints_dir: Path) -> str | None:

@@ -66,3 +66,37 @@ def test_a_finished_runs_rotation_a_kill_cut_short_is_finished_by_the_resume_tha
     with pytest.raises(FinetuneError, match=f"^{checkpoints / 'checkpoint-3'} is at step 3 and train.max_steps is 3: nothing left"):
         checkpoint.check_resumable(resolve_resume("latest", checkpoints), 3, {"output_dir": str(tmp_path)})
     assert [p.name for p in checkpoints.iterdir()] == ["checkpoint-3"]
+
+
+def test_a_finished_runs_rotation_a_kill_came_before_is_done_as_its_run_said(make_recipe, monkeypatch, capsys):
+    """Killed (here: a second Ctrl-C) after the last checkpoint's rename, before its rotation: checkpoint.keep_last 2 kept 3
+    checkpoints for good. The resume that finds nothing left rotates them as the run's recipe said, not as its own says (a
+    keep_last of 1 there deletes no more)."""
+    def stopped(old):  # first called by the last save (checkpoint-3), once that is in place
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "remove_checkpoint", stopped)
+    recipe = make_recipe(train__max_steps=3, checkpoint__every_n_steps=1, checkpoint__keep_last=2)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(recipe)
+    monkeypatch.undo()
+    checkpoints = Path(recipe.output_dir) / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    capsys.readouterr()
+
+    with pytest.raises(FinetuneError, match="nothing left to train"):
+        trainer.train(make_recipe(train__max_steps=3, checkpoint__every_n_steps=1, checkpoint__keep_last=1), resume="latest")
+    assert f"removed {checkpoints / 'checkpoint-1'}: the run's last save, cut short by a kill, had not yet rotated it out" in capsys.readouterr().out
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_an_older_checkpoint_with_nothing_left_under_a_lower_max_steps_rotates_nothing(tmp_path, monkeypatch):
+    """Not the run's last checkpoint: the run goes on from a later one, which a rotation here would delete."""
+    checkpoints = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        (checkpoints / f"checkpoint-{step}").mkdir(parents=True)
+        (checkpoints / f"checkpoint-{step}" / STATE_FILE).write_text(json.dumps({"step": step, "recipe": {"checkpoint.keep_last": 1}}))
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(FinetuneError, match="is at step 2 and train.max_steps is 2: nothing left"):
+        checkpoint.check_resumable(checkpoints / "checkpoint-2", 2, {"output_dir": str(tmp_path)})
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
