@@ -88,6 +88,9 @@ def run_check_data_command(args) -> int:
         class_reports, class_image_lines = inspect_class_images(recipe)
         reports += class_reports
     said_once(reports)
+    if recipe is not None and (problem := base_model_problem(recipe.model)):
+        print(f"fatal: {problem}")
+        fatal += 1
     for report in reports:
         for line in report.lines(held_out=held_sources):
             print(line)
@@ -125,6 +128,22 @@ def run_check_data_command(args) -> int:
         return 1
     print("result: ready to train" + (f" ({counted(warnings, 'warning')})" if warnings else ""))
     return 0
+
+
+def base_model_problem(model: ModelConfig) -> str | None:
+    """Why training would stop on the recipe's base model before reading any image, for a local one (a path not there,
+    from this folder: a recipe run from another folder than the one its relative paths start from; a folder that is no
+    pipeline): said as a fatal problem, as check-data said "ready to train" of a run that stops on it. A hub id is left to
+    training, which fetches it (check-data downloads nothing)."""
+    from finetune.model_source import locate_base, looks_like_hub_id
+
+    if looks_like_hub_id(model.pretrained):
+        return None
+    try:
+        locate_base(model)  # what `finetune train` checks first; a local base's configs and weights' headers, no torch
+    except FinetuneError as err:
+        return str(err)
+    return None
 
 
 def said_once(reports: list[DataReport]) -> None:

@@ -173,8 +173,10 @@ def test_check_data_counts_caption_tokens_with_the_recipes_tokenizer(tiny_model,
             in out and "result: ready to train (1 warning)" in out)  # fmt: skip
     assert main(["check-data", str(recipe), "model.max_token_length=150"]) == 0
     assert "captions are longer" not in capsys.readouterr().out
-    assert main(["check-data", str(recipe), f"model.pretrained={tmp_path / 'nowhere'}"]) == 0
-    assert f"captions: not counted in tokens, {tmp_path / 'nowhere'}'s tokenizer is not at hand" in capsys.readouterr().out
+    assert main(["check-data", str(recipe), f"model.pretrained={tmp_path / 'nowhere'}"]) == 1  # training stops on that base
+    out = capsys.readouterr().out
+    assert f"fatal: base model {tmp_path / 'nowhere'} not found" in out
+    assert f"captions: not counted in tokens, {tmp_path / 'nowhere'}'s tokenizer is not at hand" in out
     # The tokenizer alone: the check does not wait for diffusers and the models to load.
     script = f"import sys; from finetune.cli import main; assert main(['check-data', {str(recipe)!r}]) == 0; print(' '.join(sys.modules))"
     checked = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -1,0 +1,27 @@
+"""A creator's first day: the commands of the README typed as a user coming from sd-scripts and diffusers' scripts types
+them, with the mistakes such a user makes, each answered with what to do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from finetune.cli import main
+from odd_images import captioned, noise
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def test_check_data_run_from_another_folder_says_the_base_model_is_not_there(tmp_path, monkeypatch, capsys):
+    """The quickstart's base is a path from the repository's root: from another folder training stops on it at once,
+    and check-data said "result: ready to train"."""
+    for seed in range(4):  # a batch of the recipe's 4
+        captioned(tmp_path / "photos", f"dog{seed}.png", noise(64, 64, seed=seed))
+    monkeypatch.chdir(tmp_path)
+    recipe = str(REPOSITORY / "recipes" / "quickstart.yaml")
+    assert main(["check-data", recipe, "data.image_dir=photos"]) == 1
+    out = capsys.readouterr().out
+    assert f"fatal: base model finetune/assets/toyworld-base not found: no such folder or file (check model.pretrained) (relative paths are read from the current folder, {tmp_path})" in out
+    assert out.rstrip().endswith("result: training would stop: 1 fatal problem; fix it")
+    monkeypatch.chdir(REPOSITORY)  # from the repository's root the same command is ready
+    assert main(["check-data", recipe, f"data.image_dir={tmp_path / 'photos'}"]) == 0
+    assert "fatal" not in capsys.readouterr().out
