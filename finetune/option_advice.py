@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 from pathlib import Path
 
 
@@ -15,31 +16,59 @@ NOT_NEEDED = {
 }  # fmt: skip
 
 
-def override_for(option: list[str], method: str | None) -> str:
-    """How to give an option that is no option of the command (`--max_steps 3`, `--learning_rate=1e-4`) as the
-    recipe override it most likely means, its value kept. A switch (`--gradient_checkpointing`, store_true in diffusers'
-    scripts) takes no value, so the next item is not its value and the override is key=true. A key several sections
-    have (train_text_encoder) is the recipe's method's."""
+ADVICE = "recipe keys are given as key=value after the recipe"
+
+
+def override_for(options: list[str], method: str | None) -> str:
+    """How to give the options that are no options of the command (`--max_steps 3 --learning_rate=1e-4`, the first of
+    them first in `options`) as the recipe overrides they most likely mean, all in one line: a command copied from
+    sd-scripts has several, and one said at a time took a try each. A key several sections have (train_text_encoder) is
+    the recipe's method's."""
+    overrides, unknown, notes = [], [], []
+    for start in (index for index, item in enumerate(options) if item.startswith("--")):
+        name = _name(options[start])
+        if name in NOT_NEEDED:
+            notes.append(NOT_NEEDED[name])
+        elif (override := _override(options[start:], method)) is not None:
+            overrides.append(override)
+        else:
+            unknown.append(options[start].partition("=")[0])
+    said = [f"{ADVICE}: {' '.join(overrides)}"] if overrides else []
+    if unknown and said:
+        said.append(f"{' and '.join(unknown)} {'names no key' if len(unknown) == 1 else 'name none'}: -h lists the command's options")
+    elif unknown:
+        said.append(f"{ADVICE} (train.max_steps=100); -h lists the command's options")
+    return "; ".join(said + notes)
+
+
+def _name(option: str) -> str:
+    """An option's name as a recipe key spells it: --learning-rate=1e-4 is learning_rate."""
+    return option.removeprefix("--").partition("=")[0].replace("-", "_")
+
+
+def _override(option: list[str], method: str | None) -> str | None:
+    """The override one option (`option[0]`, the items after it following) most likely means, its value kept, quoted as a
+    shell needs it (a folder with spaces), or None. A switch (`--gradient_checkpointing`, store_true in diffusers' scripts)
+    takes no value, so the next item is not its value and the override is key=true."""
     from finetune.recipe_loading import OTHER_TRAINERS_NAMES, recipe_key_named
 
-    name, equals, value = option[0].removeprefix("--").partition("=")
-    name = name.replace("-", "_")
-    if name in NOT_NEEDED:
-        return NOT_NEEDED[name]
+    name, (_, equals, value) = _name(option[0]), option[0].partition("=")
     setting = re.fullmatch(r"([a-z0-9_.]+): ([a-z0-9_]+)", OTHER_TRAINERS_NAMES.get(name, ""))  # use_8bit_adam: optimizer.name: adamw8bit
     if setting is not None:
-        return f"recipe keys are given as key=value after the recipe: {setting[1]}={setting[2]}"
+        return f"{setting[1]}={setting[2]}"
     key = recipe_key_named(name) or (recipe_key_named(f"{method}.{name}") if method else None)
-    if key is not None and _is_switch(key):
+    if key is None:
+        return None
+    if _is_switch(key):
         switched_on = not equals or value.lower() == "true"
         # the shipped recipes cache text embeddings, which a trained text encoder cannot use (a warning says so)
         also = " train.cache_text_embeddings=false" if switched_on and name == "train_text_encoder" else ""
-        return f"recipe keys are given as key=value after the recipe: {key}={value if equals else 'true'}{also}"
+        return f"{key}={value if equals else 'true'}{also}"
     if not equals:
         value = option[1] if option[1:] and not option[1].startswith("-") else "VALUE"
-    if key is not None:
-        return f"recipe keys are given as key=value after the recipe: {key}={value}"
-    return "recipe keys are given as key=value after the recipe (train.max_steps=100); -h lists the command's options"
+    if key == "data.resolution" and (sides := re.fullmatch(r"(\d+),(\d+)", value)) and sides[1] == sides[2]:
+        value = sides[1]  # sd-scripts' --resolution 512,512 (width,height): a square's side is one number here
+    return shlex.quote(f"{key}={value}")
 
 
 def _is_switch(key: str) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from finetune.cli import main
 from odd_images import captioned, noise
 
@@ -25,3 +27,18 @@ def test_check_data_run_from_another_folder_says_the_base_model_is_not_there(tmp
     monkeypatch.chdir(REPOSITORY)  # from the repository's root the same command is ready
     assert main(["check-data", recipe, f"data.image_dir={tmp_path / 'photos'}"]) == 0
     assert "fatal" not in capsys.readouterr().out
+
+
+def test_a_command_copied_from_sd_scripts_gets_every_override_at_once_quoted_for_the_shell(capsys):
+    """Only the first option got its override (the next try named the next); a folder with spaces was given unquoted, so
+    pasting it split the path; sd-scripts' `--resolution 512,512` became data.resolution=512,512, an error of its own."""
+    from finetune.cli_arguments import parse_arguments
+
+    argv = ["train", "recipes/lora.yaml", "--train_data_dir", "my dog pics", "--max_train_steps=20", "--resolution", "512,512", "--network_dim", "8",
+            "--foo", "3"]  # fmt: skip
+    with pytest.raises(SystemExit):
+        parse_arguments(argv)
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        ": recipe keys are given as key=value after the recipe: 'data.image_dir=my dog pics' train.max_steps=20 data.resolution=512 lora.rank=8; "
+        "--foo names no key: -h lists the command's options"
+    )
