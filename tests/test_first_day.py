@@ -42,3 +42,16 @@ def test_a_command_copied_from_sd_scripts_gets_every_override_at_once_quoted_for
         ": recipe keys are given as key=value after the recipe: 'data.image_dir=my dog pics' train.max_steps=20 data.resolution=512 lora.rank=8; "
         "--foo names no key: -h lists the command's options"
     )
+
+
+def test_a_resolution_written_as_width_and_height_says_the_one_number_it_takes(tmp_path, capsys):
+    """sd-scripts writes --resolution 512,512 (or 768,512): it was pydantic's "unable to parse string as an integer"."""
+    assert main(["check-data", "recipes/lora.yaml", f"data.image_dir={tmp_path}", "data.resolution=512,512"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: override 'data.resolution=512,512': key 'data.resolution': is one number, the side of the "
+                                               "square images train at: write 512 (got '512,512')")  # fmt: skip
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"data:\n  image_dir: {tmp_path}\n  resolution: 768x512\n")
+    assert main(["check-data", str(recipe)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {recipe}: key 'data.resolution': is one number, the side of the square images train at: "
+                                               "images of other shapes train near their own shape with data.bucketing.enabled: true, in as many "
+                                               "pixels as that square (for 768x512's, a side of about 640) (got '768x512')")  # fmt: skip

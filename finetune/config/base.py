@@ -9,7 +9,7 @@ import types
 import typing
 from typing import Annotated, ClassVar, Iterable, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from finetune.image_bounds import MAX_RESOLUTION, RESOLUTION_BOUND
 from finetune.prompt_options import MAX_STEPS
@@ -93,8 +93,22 @@ def _trainable_side(value: int) -> int:
     return value
 
 
+def _one_side(value):
+    """sd-scripts writes its resolution as width,height (`512,512`, `768,512`), which was pydantic's "unable to parse
+    string as an integer": here it is one side, of the square images train at or of their buckets' area."""
+    sides = re.fullmatch(r"\s*(\d+)\s*[,x]\s*(\d+)\s*", value) if isinstance(value, str) else None
+    if sides is None:
+        return value
+    width, height = int(sides[1]), int(sides[2])
+    if width == height:
+        raise ValueError(f"is one number, the side of the square images train at: write {width}")
+    side = max(64, round((width * height) ** 0.5 / 64) * 64)  # a square of about as many pixels, in bucketing's steps
+    raise ValueError(f"is one number, the side of the square images train at: images of other shapes train near their own shape with "
+                     f"data.bucketing.enabled: true, in as many pixels as that square (for {width}x{height}'s, a side of about {side})")
+
+
 PixelSize = Annotated[int, AfterValidator(_multiple_of_8)]  # an image side the VAE turns into whole latents
-Resolution = Annotated[PixelSize, AfterValidator(_trainable_side)]  # the side images train at (and validation samples)
+Resolution = Annotated[PixelSize, BeforeValidator(_one_side), AfterValidator(_trainable_side)]  # the side images train at (and validation samples)
 Share = Annotated[float, AfterValidator(_between_0_and_1)]  # a probability
 Repeats = Annotated[int, AfterValidator(_countable_repeats)]  # uses of each image per epoch (at least 1: each section says why)
 # Random seeds: torch's generators take at most 64 bits, numpy's no negative numbers; image k draws from seed + k.
