@@ -55,3 +55,12 @@ def test_a_resolution_written_as_width_and_height_says_the_one_number_it_takes(t
     assert capsys.readouterr().err.strip() == (f"error: {recipe}: key 'data.resolution': is one number, the side of the square images train at: "
                                                "images of other shapes train near their own shape with data.bucketing.enabled: true, in as many "
                                                "pixels as that square (for 768x512's, a side of about 640) (got '768x512')")  # fmt: skip
+
+
+def test_a_short_run_of_the_lora_recipe_is_told_the_warmup_that_fits_it(capsys):
+    """`finetune train recipes/lora.yaml ... train.max_steps=20`, the first short try, stopped on the recipe's 100 warm-up
+    steps without saying what to set."""
+    assert main(["train", "recipes/lora.yaml", "data.image_dir=datasets/star", "train.max_steps=20"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: override 'train.max_steps=20': optimizer.warmup_steps (100) must be below train.max_steps "
+                                               "(20): the learning rate would never reach optimizer.lr; lower it with the run's length "
+                                               "(optimizer.warmup_steps=2, a tenth of it)")  # fmt: skip

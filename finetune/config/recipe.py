@@ -190,7 +190,8 @@ class Recipe(Section):
         if self.optimizer.scheduler != "constant" and self.train.max_epochs is None and self.optimizer.warmup_steps >= self.train.max_steps:
             raise ValueError(
                 f"optimizer.warmup_steps ({self.optimizer.warmup_steps}) must be below train.max_steps ({self.train.max_steps}): "
-                "the learning rate would never reach optimizer.lr"
+                f"the learning rate would never reach optimizer.lr; lower it with the run's length (optimizer.warmup_steps={self.train.max_steps // 10}, "
+                "a tenth of it)"
             )
         if self.data.loss_mask.enabled and self.method in ("controlnet", "vae"):
             raise ValueError(f"data.loss_mask weighs the denoising loss of lora, full and dreambooth; method {self.method} does not use it: remove it")
