@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import re
+import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Callable, NoReturn
@@ -185,12 +186,21 @@ def subfolders_message(folder: Path, subfolders: list[Path], config: DataConfig,
     paths, names = [path.relative_to(folder).as_posix() for path in subfolders], subfolder_names(folder, subfolders)
     root = None if config.caption is not None else Path(config.image_dir)  # where uncaptioned folders get a template (not with data.caption)
     if config._image_dir_key.startswith("dreambooth"):
-        return f"data folder {folder} has no images of its own, only subfolders with images ({names}): give each its own concept (instance_dir)"
+        return (f"data folder {folder} has no images of its own, only subfolders with images ({names}): a concept trains one folder, "
+                f"e.g. {concept_overrides(config._image_dir_key, folder / paths[0])}" + ("; each other subfolder its own concept" if paths[1:] else ""))
     if entry is not None:  # only the images directly in a data.folders entry are read
         return (f"data folder {folder} has no images of its own, only subfolders with images ({names}): list each as its own data.folders "
                 f"entry in place of path '{entry}', e.g. {folders_entries([(PurePosixPath(entry) / path).as_posix() for path in paths], root)}")  # fmt: skip
     return (f"data folder {folder} has no images of its own, only subfolders with images ({names}): list each with its repeats "
             f"in the recipe's data section, e.g. {folders_entries(paths, root)}")  # fmt: skip
+
+
+def concept_overrides(instance_dir_key: str, subfolder: Path) -> str:
+    """The overrides pointing a DreamBooth concept (`dreambooth.concepts.N.instance_dir`) at `subfolder`, quoted for a
+    shell, with the repeats of an sd-scripts `10_sks dog` folder's name."""
+    kohya = re.match(r"(\d+)_", subfolder.name)
+    repeats = f" {instance_dir_key.removesuffix('instance_dir')}repeats={int(kohya[1])}" if kohya else ""
+    return shlex.quote(f"{instance_dir_key}={subfolder}") + repeats
 
 
 def folders_entries(names: list[str], root: Path | None = None) -> str:

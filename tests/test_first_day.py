@@ -64,3 +64,14 @@ def test_a_short_run_of_the_lora_recipe_is_told_the_warmup_that_fits_it(capsys):
     assert capsys.readouterr().err.strip() == ("error: override 'train.max_steps=20': optimizer.warmup_steps (100) must be below train.max_steps "
                                                "(20): the learning rate would never reach optimizer.lr; lower it with the run's length "
                                                "(optimizer.warmup_steps=2, a tenth of it)")  # fmt: skip
+
+
+def test_a_kohya_training_folder_given_as_a_concept_gets_the_overrides_that_train_its_subfolder(tmp_path, capsys):
+    """sd-scripts' train_data_dir holds `10_sks dog`: given as instance_dir it was "give each its own concept (instance_dir)",
+    with neither the path nor its 10 repeats."""
+    for seed in range(4):
+        captioned(tmp_path / "train" / "10_sks dog", f"{seed}.png", noise(64, 64, seed=seed))
+    assert main(["check-data", "recipes/dreambooth_lora.yaml", f"dreambooth.concepts.0.instance_dir={tmp_path / 'train'}"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: data folder {tmp_path / 'train'} has no images of its own, only subfolders with images "
+                                               f"(10_sks dog): a concept trains one folder, e.g. 'dreambooth.concepts.0.instance_dir="
+                                               f"{tmp_path / 'train' / '10_sks dog'}' dreambooth.concepts.0.repeats=10")  # fmt: skip
