@@ -80,6 +80,12 @@ def seed_number(text: str) -> int:
     return value
 
 
+def number_or_text(text: str) -> int | str:
+    """An argparse type: a whole number as one, anything else as typed, for the recipe key it replaces to say what is
+    wrong with it (check-data's --resolution: sd-scripts' 512,512 was argparse's "invalid int value")."""
+    return int(text) if re.fullmatch(r"-?\d+", text.strip()) else text
+
+
 def finite_float(text: str) -> float:
     """An argparse type: a number, but not nan or inf, which float() reads and which give black images (and
     a merged pipeline of nan weights) rather than an error."""
@@ -332,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("recipe", nargs="?", help="a recipe, e.g. recipes/lora.yaml (default: data settings' defaults)")
     check.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="recipe overrides, e.g. data.bucketing.enabled=true")
     check.add_argument("--image-dir", help="folder of images to check (instead of the recipe's data.image_dir)")
-    check.add_argument("--resolution", type=int, help="training resolution (instead of the recipe's data.resolution)")
+    check.add_argument("--resolution", type=number_or_text, help="training resolution (instead of the recipe's data.resolution)")
 
     from finetune.eval_command import add_eval_parser
 

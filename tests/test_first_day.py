@@ -75,3 +75,9 @@ def test_a_kohya_training_folder_given_as_a_concept_gets_the_overrides_that_trai
     assert capsys.readouterr().err.strip() == (f"error: data folder {tmp_path / 'train'} has no images of its own, only subfolders with images "
                                                f"(10_sks dog): a concept trains one folder, e.g. 'dreambooth.concepts.0.instance_dir="
                                                f"{tmp_path / 'train' / '10_sks dog'}' dreambooth.concepts.0.repeats=10")  # fmt: skip
+
+
+def test_check_data_resolution_option_says_what_width_and_height_mean(tmp_path, capsys):
+    """`check-data --image-dir x --resolution 512,512` was argparse's "invalid int value: '512,512'"."""
+    assert main(["check-data", "--image-dir", str(tmp_path), "--resolution", "512,512"]) == 2
+    assert capsys.readouterr().err.strip() == "error: check-data: --resolution: is one number, the side of the square images train at: write 512 (got '512,512')"
