@@ -81,3 +81,11 @@ def test_check_data_resolution_option_says_what_width_and_height_mean(tmp_path, 
     """`check-data --image-dir x --resolution 512,512` was argparse's "invalid int value: '512,512'"."""
     assert main(["check-data", "--image-dir", str(tmp_path), "--resolution", "512,512"]) == 2
     assert capsys.readouterr().err.strip() == "error: check-data: --resolution: is one number, the side of the square images train at: write 512 (got '512,512')"
+
+
+def test_a_run_folder_given_as_the_recipe_is_told_the_recipe_it_ran_with(tmp_path, capsys):
+    """`finetune train outputs/lora --resume latest` was told to pass "a YAML file in it, such as recipes/lora.yaml"."""
+    (tmp_path / "recipe_as_run.yaml").write_text("method: lora\n")
+    assert main(["train", str(tmp_path), "--resume", "latest"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: recipe {tmp_path} is a training run's folder: pass the recipe it ran with, "
+                                               f"{tmp_path / 'recipe_as_run.yaml'} (with --resume latest to continue that run)")  # fmt: skip
