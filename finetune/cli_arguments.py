@@ -7,7 +7,7 @@ import math
 import re
 
 from finetune.image_bounds import MAX_RESOLUTION, RESOLUTION_BOUND
-from finetune.option_advice import override_for, recipe_method
+from finetune.option_advice import override_for, recipe_method, spaced_override
 from finetune.prompt_options import MAX_STEPS
 
 
@@ -359,12 +359,18 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     argparse stops collecting a positional list at the first option, so the rest are added here."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if not hasattr(args, "overrides"):
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return args
+    command = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction)).choices[args.command]
     if extra:
-        if hasattr(args, "overrides") and (option := next((i for i, item in enumerate(extra) if item.startswith("--")), None)) is not None:
+        if (option := next((i for i, item in enumerate(extra) if item.startswith("--")), None)) is not None:
             # `--max_train_steps 100`, as diffusers' scripts take their settings: said by the command's own parser, with the key
-            command = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction)).choices[args.command]
             command.error(f"unrecognized arguments: {' '.join(extra)}: {override_for(extra[option:], recipe_method(args, extra))}")
-        if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
+        if any(item.startswith("-") or "=" not in item for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    if problem := spaced_override(args.overrides):
+        command.error(problem)
     return args

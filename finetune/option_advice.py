@@ -71,6 +71,24 @@ def _override(option: list[str], method: str | None) -> str | None:
     return shlex.quote(f"{key}={value}")
 
 
+def spaced_override(overrides: list[str]) -> str | None:
+    """What to write for an override typed with a space beside its `=` (`data.image_dir = photos`, `lr= 1e-4`), which the
+    shell passes as two or three items, each an override of its own ("'data.image_dir' must look like key=value"), or None."""
+    for index, (item, following) in enumerate(zip(overrides, overrides[1:])):
+        if following == "=":  # key = value
+            parts = overrides[index : index + 3]
+        elif "=" not in item and following.startswith("="):  # key =value
+            parts = [item, following]
+        elif item.endswith("=") and item.count("=") == 1 and "=" not in following:  # key= value (key= alone, then key=value: an empty value)
+            parts = [item, following]
+        else:
+            continue
+        key, _, value = "".join(parts).partition("=")
+        if key and value:
+            return f"override '{' '.join(parts)}' has a space beside its '=', so the shell splits it: write {shlex.quote(f'{key}={value}')}"
+    return None
+
+
 def _is_switch(key: str) -> bool:
     """Whether the recipe key (dotted; a list entry's index, as in dreambooth.concepts.0.instance_dir, skipped) takes
     true or false."""

@@ -89,3 +89,16 @@ def test_a_run_folder_given_as_the_recipe_is_told_the_recipe_it_ran_with(tmp_pat
     assert main(["train", str(tmp_path), "--resume", "latest"]) == 2
     assert capsys.readouterr().err.strip() == (f"error: recipe {tmp_path} is a training run's folder: pass the recipe it ran with, "
                                                f"{tmp_path / 'recipe_as_run.yaml'} (with --resume latest to continue that run)")  # fmt: skip
+
+
+def test_an_override_typed_with_spaces_around_its_equals_sign_is_told_how_to_write_it(capsys):
+    """`data.image_dir = my photos` reached finetune as four items: "override 'data.image_dir' must look like key=value"."""
+    from finetune.cli_arguments import parse_arguments
+
+    for typed in (["data.image_dir", "=", "my photos"], ["data.image_dir=", "my photos"], ["data.image_dir", "=my photos"]):
+        with pytest.raises(SystemExit):
+            parse_arguments(["train", "recipes/lora.yaml", "train.max_steps=50", *typed])
+        assert capsys.readouterr().err.splitlines()[-1] == (f"finetune train: error: override '{' '.join(typed)}' has a space beside its '=', "
+                                                            "so the shell splits it: write 'data.image_dir=my photos'")  # fmt: skip
+    args = parse_arguments(["train", "recipes/lora.yaml", "data.caption=", "train.max_steps=50"])  # an empty value, then an override
+    assert args.overrides == ["data.caption=", "train.max_steps=50"]
