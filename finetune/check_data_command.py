@@ -13,6 +13,7 @@ from finetune.config import DataConfig, ModelConfig, Recipe
 from finetune.counts import counted
 from finetune.epoch_uses import expand_together
 from finetune.errors import FinetuneError
+from finetune.native_resolution import far_from_native_line
 from finetune.held_out import concept_held_out_whole, held_out_for_check, held_out_sources
 from finetune.recipe_loading import describe_validation_error, load_recipe, looks_like_override
 from finetune.train_inputs import data_configs
@@ -68,7 +69,8 @@ def run_check_data_command(args) -> int:
         args.recipe, args.overrides = None, [args.recipe, *args.overrides]
     recipe = load_recipe(args.recipe, args.overrides) if args.recipe else None
     reports = []
-    for config in configs_from_args(args, recipe):
+    configs = configs_from_args(args, recipe)
+    for config in configs:
         if recipe is not None and recipe.method == "controlnet":
             from finetune.controlnet_pairs import inspect_pairs  # it builds on this module
 
@@ -91,6 +93,9 @@ def run_check_data_command(args) -> int:
     if recipe is not None and (problem := base_model_problem(recipe.model)):
         print(f"fatal: {problem}")
         fatal += 1
+    elif recipe is not None and (line := far_from_native_line(configs[0].resolution, recipe.model.pretrained, recipe.model.single_file_config)):
+        print(f"warning: {line}")
+        warnings += 1
     for report in reports:
         for line in report.lines(held_out=held_sources):
             print(line)

@@ -43,3 +43,16 @@ def _config_file(source: str, name: str) -> Path | None:
     except ValueError:  # no hub id either (huggingface_hub's HFValidationError): loading says it is not there
         return None
     return Path(found) if isinstance(found, str) else None
+
+
+def far_from_native_line(resolution: int, base: str, base_config: str | None = None) -> str | None:
+    """A warning for data.resolution under half, or over twice, the base model's own side (the quickstart's 64 px given
+    to SD1.5, a 512 px photo set given to the 64 px toy-world base): training runs, at a size the model never learned to
+    draw; None within those (SD1.5 at 256 or 1024 is a choice people make), or where the base's side cannot be read
+    without loading it."""
+    native = native_resolution(base, base_config)
+    if native is None or native / 2 <= resolution <= native * 2:
+        return None
+    times = f"{resolution // native}x" if resolution > native else f"1/{native // resolution} of"
+    return (f"data.resolution {resolution} is {times} the base model's own size ({base}: {native} px, what it learned to draw and samples at): "
+            f"a model trained far from the size it learned draws poorly there; set data.resolution near {native} unless that is meant")

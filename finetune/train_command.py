@@ -22,6 +22,11 @@ def run_train_command(args) -> int:
     from finetune.train_inputs import check_inputs_exist  # PIL and numpy, with the data folder's reader
 
     base_location = check_inputs_exist(recipe)  # so is a missing data folder or base model (looked up once: train() loads it from there)
+    from finetune.console import warn
+    from finetune.native_resolution import far_from_native_line
+
+    if line := far_from_native_line(recipe.data.resolution, recipe.model.pretrained, recipe.model.single_file_config):
+        warn(line)
     from finetune.earlier_run import guard_earlier_run  # it imports no torch
     from finetune.run_lock import output_dir_lock
 

@@ -102,3 +102,20 @@ def test_an_override_typed_with_spaces_around_its_equals_sign_is_told_how_to_wri
                                                             "so the shell splits it: write 'data.image_dir=my photos'")  # fmt: skip
     args = parse_arguments(["train", "recipes/lora.yaml", "data.caption=", "train.max_steps=50"])  # an empty value, then an override
     assert args.overrides == ["data.caption=", "train.max_steps=50"]
+
+
+def test_a_resolution_far_from_the_base_models_own_is_warned_of(tmp_path, capsys):
+    """The quickstart's 64 px given to SD1.5, or a photo set's 512 px to the 64 px toy-world base: it trained without a word."""
+    for seed in range(4):
+        captioned(tmp_path / "photos", f"{seed}.png", noise(512, 512, seed=seed))
+    warning = ("warning: data.resolution 512 is 8x the base model's own size (finetune/assets/toyworld-base: 64 px, what it learned to draw and "
+               "samples at): a model trained far from the size it learned draws poorly there; set data.resolution near 64 unless that is meant")  # fmt: skip
+    typed = ["recipes/quickstart.yaml", f"data.image_dir={tmp_path / 'photos'}", "data.resolution=512"]
+    assert main(["check-data", *typed]) == 0
+    out = capsys.readouterr().out
+    assert warning in out.splitlines() and out.rstrip().endswith("result: ready to train (1 warning)")
+    (tmp_path / "run" / "checkpoints" / "checkpoint-1").mkdir(parents=True)  # the run stops on it, after its checks before torch
+    assert main(["train", *typed, f"output_dir={tmp_path / 'run'}"]) == 2
+    assert warning in capsys.readouterr().out.splitlines()
+    assert main(["check-data", *typed, "data.resolution=128"]) == 0  # twice its size: a choice, not a slip
+    assert "warning" not in capsys.readouterr().out
