@@ -7,7 +7,7 @@ import math
 import re
 
 from finetune.image_bounds import MAX_RESOLUTION, RESOLUTION_BOUND
-from finetune.option_advice import override_for, recipe_method, spaced_override
+from finetune.option_advice import options_meant, override_for, recipe_method, spaced_override
 from finetune.prompt_options import MAX_STEPS
 
 
@@ -359,11 +359,13 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     argparse stops collecting a positional list at the first option, so the rest are added here."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    command = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction)).choices.get(args.command)
     if not hasattr(args, "overrides"):
+        if extra and command is not None:  # `sample --num_images 2`, as diffusers spells it: said by sample's own parser, with its option
+            command.error(f"unrecognized arguments: {' '.join(extra)}{options_meant(command, extra)}")
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return args
-    command = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction)).choices[args.command]
     if extra:
         if (option := next((i for i, item in enumerate(extra) if item.startswith("--")), None)) is not None:
             # `--max_train_steps 100`, as diffusers' scripts take their settings: said by the command's own parser, with the key

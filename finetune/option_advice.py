@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import re
 import shlex
 from pathlib import Path
@@ -69,6 +70,30 @@ def _override(option: list[str], method: str | None) -> str | None:
     if key == "data.resolution" and (sides := re.fullmatch(r"(\d+),(\d+)", value)) and sides[1] == sides[2]:
         value = sides[1]  # sd-scripts' --resolution 512,512 (width,height): a square's side is one number here
     return shlex.quote(f"{key}={value}")
+
+
+# diffusers' pipelines' and scripts' names for the options of `sample`, `eval`, `merge` and the demo (as a creator types them
+# from habit), where the option's own name with hyphens is not the one.
+OTHER_SCRIPTS_OPTIONS = {
+    "num_inference_steps": "--steps", "guidance_scale": "--guidance", "cfg": "--guidance", "cfg_scale": "--guidance",
+    "num_images_per_prompt": "--num-images", "output_dir": "--out", "outdir": "--out", "pretrained_model_name_or_path": "--base",
+    "height": "--resolution", "width": "--resolution", "H": "--resolution", "W": "--resolution", "ckpt": "--base",
+}  # fmt: skip
+
+
+def options_meant(command: argparse.ArgumentParser, extra: list[str]) -> str:
+    """For options the command does not know (`sample --num_images 2 --guidance_scale 5`): the command's options they most
+    likely mean, as `: did you mean --num-images for --num_images, ...?`, or "" where none is near."""
+    options = [option for action in command._actions for option in action.option_strings if option.startswith("--")]
+    meant = []
+    for item in (item for item in extra if item.startswith("--")):
+        typed = item.partition("=")[0]
+        hyphenated = typed.replace("_", "-")
+        guess = OTHER_SCRIPTS_OPTIONS.get(typed[2:]) or (hyphenated if hyphenated in options else None)
+        guess = guess or next(iter(difflib.get_close_matches(hyphenated, options, n=1, cutoff=0.75)), None)
+        if guess in options:
+            meant.append(f"{guess} for {typed}")
+    return f": did you mean {', '.join(meant)}?" if meant else ""
 
 
 def spaced_override(overrides: list[str]) -> str | None:

@@ -119,3 +119,13 @@ def test_a_resolution_far_from_the_base_models_own_is_warned_of(tmp_path, capsys
     assert warning in capsys.readouterr().out.splitlines()
     assert main(["check-data", *typed, "data.resolution=128"]) == 0  # twice its size: a choice, not a slip
     assert "warning" not in capsys.readouterr().out
+
+
+def test_an_option_of_sample_spelled_as_diffusers_spells_it_is_told_its_name_here(capsys):
+    """`finetune sample --num_images 2 --guidance_scale 5` was the top-level parser's bare "unrecognized arguments"."""
+    from finetune.cli_arguments import parse_arguments
+
+    with pytest.raises(SystemExit):
+        parse_arguments(["sample", "--prompt", "x", "--num_images", "2", "--guidance_scale", "5", "--zzz"])
+    assert capsys.readouterr().err.splitlines()[-1] == ("finetune sample: error: unrecognized arguments: --num_images 2 --guidance_scale 5 --zzz: "
+                                                        "did you mean --num-images for --num_images, --guidance for --guidance_scale?")  # fmt: skip
