@@ -82,9 +82,12 @@ OTHER_SCRIPTS_OPTIONS = {
 
 
 def options_meant(command: argparse.ArgumentParser, extra: list[str]) -> str:
-    """For options the command does not know (`sample --num_images 2 --guidance_scale 5`): the command's options they most
-    likely mean, as `: did you mean --num-images for --num_images, ...?`, or "" where none is near."""
+    """For options the command does not know (`sample --num_images 2 --guidance_scale 5`), and a path given without its
+    option (`sample outputs/lora`): the command's options they most likely mean, as `: did you mean --num-images for
+    --num_images, ...?`, or "" where none is near."""
     options = [option for action in command._actions for option in action.option_strings if option.startswith("--")]
+    # `sample outputs/lora`: an adapter given without its option
+    paths = [item for item in extra if not item.startswith("-") and "--lora" in options and Path(item).exists()]
     meant = []
     for item in (item for item in extra if item.startswith("--")):
         typed = item.partition("=")[0]
@@ -93,7 +96,9 @@ def options_meant(command: argparse.ArgumentParser, extra: list[str]) -> str:
         guess = guess or next(iter(difflib.get_close_matches(hyphenated, options, n=1, cutoff=0.75)), None)
         if guess in options:
             meant.append(f"{guess} for {typed}")
-    return f": did you mean {', '.join(meant)}?" if meant else ""
+    said = [f"did you mean {', '.join(meant)}?"] if meant else []
+    said += [f"give {path} with its option: --lora for a LoRA (file or run folder), --controlnet for a ControlNet" for path in paths]
+    return f": {'; '.join(said)}" if said else ""
 
 
 def spaced_override(overrides: list[str]) -> str | None:

@@ -129,3 +129,13 @@ def test_an_option_of_sample_spelled_as_diffusers_spells_it_is_told_its_name_her
         parse_arguments(["sample", "--prompt", "x", "--num_images", "2", "--guidance_scale", "5", "--zzz"])
     assert capsys.readouterr().err.splitlines()[-1] == ("finetune sample: error: unrecognized arguments: --num_images 2 --guidance_scale 5 --zzz: "
                                                         "did you mean --num-images for --num_images, --guidance for --guidance_scale?")  # fmt: skip
+
+
+def test_an_adapter_given_to_sample_without_its_option_is_told_the_options(tmp_path, capsys):
+    """`finetune sample outputs/lora --prompt x` was "finetune: error: unrecognized arguments: outputs/lora" alone."""
+    from finetune.cli_arguments import parse_arguments
+
+    with pytest.raises(SystemExit):
+        parse_arguments(["sample", str(tmp_path), "--prompt", "x"])
+    assert capsys.readouterr().err.splitlines()[-1] == (f"finetune sample: error: unrecognized arguments: {tmp_path}: give {tmp_path} with its "
+                                                        "option: --lora for a LoRA (file or run folder), --controlnet for a ControlNet")  # fmt: skip
