@@ -17,7 +17,8 @@ from finetune.cache import EncodingCache
 from finetune.captions import scored_caption, training_caption
 from finetune.config import DataConfig
 from finetune.controlnet_pairs import Pair
-from finetune.data import collate_images, decoded_at_checked_size, item_rng, likely_new_view, render_pixels, view_entry
+from finetune.data import collate_images, item_rng, likely_new_view, render_pixels, view_entry
+from finetune.files_as_checked import decoded_at_checked_size
 from finetune.images import upright_size
 from finetune.views import ViewPlan, plan_view, render
 

@@ -211,7 +211,7 @@ def check_conditioning(pair: Pair, config: DataConfig) -> tuple[Pair, list[Findi
             conditioning = read_conditioning(pair.conditioning)
     except FinetuneError as err:
         return pair, [Finding(FATAL, pair.image.source, str(err))]
-    # Its size and stamp: training stops where it changes size mid-run (data.require_checked_size), as for images.
+    # Its size and stamp: training stops where it changes size mid-run (files_as_checked.require_checked_size), as for images.
     checked = replace(pair, conditioning=replace(pair.conditioning, digest=pixel_digest(conditioning), size=conditioning.size, file_stamp=stamp))
     said = [Finding(WARNING, pair.image.source, "conditioning " + pillow_warning_line(pair.conditioning.source, heard))] if heard else []
     return checked, said + conditioning_size_problems(pair, conditioning.size, config)

@@ -111,14 +111,14 @@ def test_a_cached_view_is_never_decoded_again_and_a_changed_image_is_encoded_ane
     import numpy as np
     from PIL import Image
 
-    import finetune.data as data_module
+    import finetune.files_as_checked as files_module
     import finetune.methods.base as base_module
 
     folder = tmp_path / "images"
     shutil.copytree(image_folder, folder)
     decoded, encoded = [], []
-    open_rgb, posterior_moments = data_module.open_rgb, base_module.posterior_moments
-    monkeypatch.setattr(data_module, "open_rgb", lambda example, **kw: decoded.append(example.source) or open_rgb(example, **kw))
+    open_rgb, posterior_moments = files_module.open_rgb, base_module.posterior_moments
+    monkeypatch.setattr(files_module, "open_rgb", lambda example, **kw: decoded.append(example.source) or open_rgb(example, **kw))
     monkeypatch.setattr(base_module, "posterior_moments", lambda vae, pixels: encoded.append(len(pixels)) or posterior_moments(vae, pixels))
     settings = dict(data__image_dir=str(folder), train__max_steps=6, train__batch_size=2, train__cache_latents=True, train__cache_dir=str(tmp_path / "cache"))
 
@@ -138,11 +138,11 @@ def test_a_cached_view_is_never_decoded_again_and_a_changed_image_is_encoded_ane
 def test_with_loader_workers_the_first_epoch_is_decoded_by_them(make_recipe, tmp_path, monkeypatch):
     """Views likely new (the first epoch) come decoded from the loader processes; the training process
     decodes nothing, and later epochs are served by the cache."""
-    import finetune.data as data_module
+    import finetune.files_as_checked as files_module
 
     in_training_process = []
-    open_rgb = data_module.open_rgb
-    monkeypatch.setattr(data_module, "open_rgb", lambda example, **kw: in_training_process.append(example.source) or open_rgb(example, **kw))
+    open_rgb = files_module.open_rgb
+    monkeypatch.setattr(files_module, "open_rgb", lambda example, **kw: in_training_process.append(example.source) or open_rgb(example, **kw))
     # Loader processes start after the patch but count into their own copies of the list.
     train(make_recipe(train__max_steps=6, train__batch_size=2, train__cache_latents=True, data__num_workers=2))
     assert in_training_process == []

@@ -81,7 +81,7 @@ def test_empty_prompt_share(pairs_folder):
 def test_a_conditioning_image_edited_mid_run_trains_unless_its_size_changed(pairs_folder, tmp_path):
     """A conditioning image is decoded at every use (never cached): an edit trains as it now is. One whose size changed
     was cut by its image's plan all the same, stretched unseen; one removed stopped with the loader's traceback. Each
-    use stats it as an uncached image's (data.require_checked_size): those stop with one line naming it."""
+    use stats it as an uncached image's (files_as_checked.require_checked_size): those stop with one line naming it."""
     from finetune.controlnet_pairs import checked_pairs
     from finetune.recipe_loading import recipe_from_dict
 

@@ -141,7 +141,7 @@ def test_an_image_rewritten_in_place_mid_run_is_read_once_written(tmp_path, monk
     """A tool rewriting a file in place (the same pixels: an optimiser, a save over it) was caught half-written by the use
     that found it changed: 'cannot be read: fix or remove it' stopped a cached run (reproduced with the tiny model and
     PIL saving over an image mid-run). A file still changing is read again once written; one that stays cut still stops."""
-    import finetune.data as data_module
+    import finetune.files_as_checked as files_module
     from finetune.config import DataConfig
     from finetune.data import CaptionedImageDataset
     from data_examples import load_examples
@@ -165,8 +165,8 @@ def test_an_image_rewritten_in_place_mid_run_is_read_once_written(tmp_path, monk
             if len(reads) == 1:
                 (folder / "0.png").write_bytes(whole)  # the rewrite ends while the first read fails
 
-    open_rgb = data_module.open_rgb
-    monkeypatch.setattr(data_module, "open_rgb", read_while_the_rewrite_ends)
+    open_rgb = files_module.open_rgb
+    monkeypatch.setattr(files_module, "open_rgb", read_while_the_rewrite_ends)
     (folder / "0.png").write_bytes(whole[: len(whole) // 2])  # the rewrite, half done
     assert "pixel_values" not in dataset[(0, 1)]  # the same pixels once written: served by its key
     assert len(reads) == 2
@@ -179,7 +179,7 @@ def test_a_mask_rewritten_in_place_mid_run_is_read_once_written(tmp_path, monkey
     """As for images: a mask file caught half-rewritten (the same pixels) by the use that found it changed stopped the run."""
     from types import SimpleNamespace
 
-    import finetune.data as data_module
+    import finetune.files_as_checked as files_module
     from finetune.config import DataConfig
     from finetune.data import CaptionedImageDataset
     from data_examples import load_examples
@@ -194,7 +194,7 @@ def test_a_mask_rewritten_in_place_mid_run_is_read_once_written(tmp_path, monkey
     mask = folder / "masks" / "0.png"
     whole = mask.read_bytes()
     mask.write_bytes(whole[: len(whole) // 2])  # the rewrite, half done: it ends while the reader waits
-    monkeypatch.setattr(data_module, "time", SimpleNamespace(sleep=lambda seconds: mask.write_bytes(whole)))
+    monkeypatch.setattr(files_module, "time", SimpleNamespace(sleep=lambda seconds: mask.write_bytes(whole)))
     assert dataset[(0, 1)]["mask_key"] == key
 
 
@@ -204,7 +204,7 @@ def test_without_the_cache_an_image_rewritten_in_place_is_read_once_written_and_
     written, as with the cache, and a file left cut is the data check's one line."""
     from types import SimpleNamespace
 
-    import finetune.data as data_module
+    import finetune.files_as_checked as files_module
     from finetune.config import DataConfig
     from finetune.data import CaptionedImageDataset
     from data_examples import load_examples
@@ -218,9 +218,9 @@ def test_without_the_cache_an_image_rewritten_in_place_is_read_once_written_and_
     config = DataConfig(image_dir=str(folder), resolution=64, random_flip=False)
     dataset = CaptionedImageDataset(load_examples(config), config, seed=0)
     image.write_bytes(b"")  # the rewrite begun (opened for writing): it ends while the reader waits
-    monkeypatch.setattr(data_module, "time", SimpleNamespace(sleep=lambda seconds: image.write_bytes(whole)))
+    monkeypatch.setattr(files_module, "time", SimpleNamespace(sleep=lambda seconds: image.write_bytes(whole)))
     assert float(dataset[(0, 1)]["pixel_values"][0].mean()) > 0  # the same pixels, once written
-    monkeypatch.setattr(data_module, "time", SimpleNamespace(sleep=lambda seconds: None))  # and left cut
+    monkeypatch.setattr(files_module, "time", SimpleNamespace(sleep=lambda seconds: None))  # and left cut
     for cut, said in ((0, "is empty"), (len(whole) // 2, "cannot be read")):
         image.write_bytes(whole[:cut])
         later = time.time_ns() + 10**9 * (cut + 1)  # a file system's times may be coarser than this test
@@ -232,7 +232,7 @@ def test_without_the_cache_an_image_rewritten_in_place_is_read_once_written_and_
 def test_without_the_cache_a_touched_image_has_its_size_read_once_not_at_every_use(tmp_path, monkeypatch):
     """require_checked_size read a changed file's size at each of its uses, for the rest of the run: a PNG's EXIF is read by
     decoding it whole, so each use of a touched PNG (a backup tool, `touch`) decoded it twice. Its size is read once a stamp."""
-    import finetune.data as data_module
+    import finetune.files_as_checked as files_module
     from finetune.config import DataConfig
     from finetune.data import CaptionedImageDataset
     from data_examples import load_examples
@@ -244,8 +244,8 @@ def test_without_the_cache_a_touched_image_has_its_size_read_once_not_at_every_u
     config = DataConfig(image_dir=str(folder), resolution=64, random_flip=False)
     dataset = CaptionedImageDataset(load_examples(config), config, seed=0)
     reads = []
-    read_upright_size = data_module.read_upright_size
-    monkeypatch.setattr(data_module, "read_upright_size", lambda example: reads.append(example.source) or read_upright_size(example))
+    read_upright_size = files_module.read_upright_size
+    monkeypatch.setattr(files_module, "read_upright_size", lambda example: reads.append(example.source) or read_upright_size(example))
     later = time.time_ns() + 10**10  # a file system's times may be coarser than this test
     os.utime(folder / "0.png", ns=(later, later))
     for epoch in range(3):
@@ -264,7 +264,7 @@ def test_without_the_cache_a_file_caught_half_rewritten_at_its_decode_is_read_on
     import shutil
     from types import SimpleNamespace
 
-    import finetune.data as data_module
+    import finetune.files_as_checked as files_module
     import finetune.images as images_module
     from finetune.controlnet_data import ControlNetDataset
     from finetune.controlnet_pairs import checked_pairs
@@ -299,11 +299,11 @@ def test_without_the_cache_a_file_caught_half_rewritten_at_its_decode_is_read_on
         os.utime(path, ns=(later, later))
 
     monkeypatch.setattr(images_module, "decode", decode_as_the_rewrite_begins)
-    monkeypatch.setattr(data_module, "time", SimpleNamespace(sleep=the_rewrite_ends))
+    monkeypatch.setattr(files_module, "time", SimpleNamespace(sleep=the_rewrite_ends))
     assert torch.equal(dataset[(0, 1)][key], expected)  # the same pixels, once written
     assert decodes.count(str(path)) == 2
     path.write_bytes(whole[: len(whole) // 2])  # and left cut
-    monkeypatch.setattr(data_module, "time", SimpleNamespace(sleep=lambda seconds: None))
+    monkeypatch.setattr(files_module, "time", SimpleNamespace(sleep=lambda seconds: None))
     with pytest.raises(FinetuneError, match=rf"^image {re.escape(str(path))} cannot be read "):
         dataset[(0, 2)]
 
@@ -316,7 +316,7 @@ def test_without_the_cache_a_jpeg_caught_with_its_header_written_and_its_pixels_
 
     import numpy as np
 
-    import finetune.data as data_module
+    import finetune.files_as_checked as files_module
     from finetune.config import DataConfig
     from finetune.data import CaptionedImageDataset
     from data_examples import load_examples
@@ -330,7 +330,7 @@ def test_without_the_cache_a_jpeg_caught_with_its_header_written_and_its_pixels_
     config = DataConfig(image_dir=str(folder), resolution=64, random_flip=False)
     dataset = CaptionedImageDataset(load_examples(config), config, seed=0)
     image.write_bytes(whole[: len(whole) // 2])  # the rewrite, its header written: it ends while the reader waits
-    monkeypatch.setattr(data_module, "time", SimpleNamespace(sleep=lambda seconds: image.write_bytes(whole)))
+    monkeypatch.setattr(files_module, "time", SimpleNamespace(sleep=lambda seconds: image.write_bytes(whole)))
     assert float(dataset[(0, 1)]["pixel_values"].abs().mean()) > 0
 
 
