@@ -36,11 +36,12 @@ from finetune.adapter_records import saved_model_metadata
 from finetune.adapters_as_trained import adapters_prediction_type
 from finetune.atomic_files import removed_if_unfinished, replace_folder, with_default_permissions
 from finetune.config import Recipe
-from finetune.controlnet_folder import FROM_A_UNET, check_hub_controlnet, conditioning_channels_problem, not_a_controlnet_message, refuse_a_controlnet_file, require_controlnet_config, weights_variant
+from finetune.controlnet_folder import FROM_A_UNET, check_hub_controlnet, conditioning_channels_problem, not_a_controlnet_message, refuse_a_controlnet_file, require_controlnet_config
 from finetune.controlnet_layout import RESUMED_LAYOUT, kept_layout, unknown_layout_problem
 from finetune.controlnet_data import ControlNetDataset, controlnet_collate
 from finetune.controlnet_pairs import checked_pairs, paired_views, validation_conditions_problem
 from finetune.images import open_rgb
+from finetune.inference import load_controlnet, unlocked_decoder_folder
 from finetune.device_copy import to_device
 from finetune.counts import counted
 from finetune.errors import FinetuneError
@@ -94,8 +95,6 @@ class ControlNetMethod(DiffusionMethod):
         return conditioning_record(Path(folder)) if folder and Path(folder).is_dir() else None
 
     def check_data(self) -> None:
-        from finetune.inference import unlocked_decoder_folder  # inference imports this module
-
         self._conditioning_record()  # a record make-conditions could not have written is said before the images are decoded
         self.pairs, report = checked_pairs(self.recipe)
         self.data_reports = [report]
@@ -163,14 +162,7 @@ class ControlNetMethod(DiffusionMethod):
             return controlnet
         recorded = self._recorded_by_its_run()
         self._check_trained_for_this_target(recorded)
-        try:
-            controlnet = ControlNetModel.from_pretrained(pretrained, torch_dtype=torch.float32, **weights_variant(pretrained))
-        except (OSError, ValueError) as err:
-            raise FinetuneError(f"could not load ControlNet {pretrained}: {str(err).splitlines()[0][:200]}") from None
-        for key in ("block_out_channels", "cross_attention_dim", "in_channels", "down_block_types", "layers_per_block"):
-            mine, theirs = controlnet.config.get(key), unet.config.get(key)
-            if mine is not None and theirs is not None and list(np.atleast_1d(mine)) != list(np.atleast_1d(theirs)):
-                raise FinetuneError(f"ControlNet {pretrained} does not fit base model {self.base.source}: its {key} is {mine}, the UNet's {theirs}")
+        controlnet = load_controlnet(pretrained, self.base)  # as `finetune sample` loads one: in fp32, refused where it does not fit the UNet
         if (problem := conditioning_channels_problem(controlnet.config)) is not None:  # a hub id: its config is read only here
             raise FinetuneError(f"controlnet.pretrained {pretrained} {problem}")
         self.target_unrecorded = not recorded.get("finetune.prediction_type")
