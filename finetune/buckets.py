@@ -30,6 +30,8 @@ Size = tuple[int, int]  # (width, height), PIL's order
 
 
 def side_limits(config: DataConfig) -> tuple[int, int]:
+    """(shortest, longest) side a bucket may have: data.bucketing's min_side and max_side, else half the resolution
+    (rounded down to the step, one step at least) and twice it."""
     settings, step = config.bucketing, config.bucketing.step
     min_side = settings.min_side if settings.min_side is not None else max(step, config.resolution // 2 // step * step)
     max_side = settings.max_side if settings.max_side is not None else config.resolution * 2
@@ -147,10 +149,9 @@ class BucketBatchSampler(DealtOrder):
 
     def __init__(self, bucket_of: list[Size], batch_size: int, num_processes: int, process_index: int, seed: int, start: int = 0,
                  resumed_at: dict | None = None):  # fmt: skip
-        if len(bucket_of) < num_processes:
-            fewer = "launch one process" if len(bucket_of) == 1 else f"launch at most {len(bucket_of)} processes"
+        if len(bucket_of) < num_processes:  # each process needs a row of every batch, one image at least
             raise FinetuneError(f"the dataset has {counted(len(bucket_of), 'image')}, fewer than the {counted(num_processes, 'process', 'processes')}: "
-                                f"{fewer}, or add images")
+                                f"{either(ways_to_fill_a_batch(len(bucket_of), batch_size, num_processes, bucketing=True))}")
         self.bucket_of = bucket_of
         self.num_items = len(bucket_of)
         self.global_batch = batch_size * num_processes
