@@ -10,9 +10,9 @@ import torch
 from finetune.buckets import BucketBatchSampler, Size, assign_buckets, either, ways_to_fill_a_batch
 from finetune.config import DataConfig
 from finetune.counts import counted
-from finetune.data_order import DealtOrder, order_fingerprint
-from finetune.images import upright_size
+from finetune.data_order import Deal, DealtOrder, epoch_generator, order_fingerprint
 from finetune.errors import FinetuneError
+from finetune.images import upright_size
 from finetune.sources import Example
 
 
@@ -45,11 +45,10 @@ class EpochBatchSampler(DealtOrder):
 
     def permutation(self, epoch: int) -> list[int]:
         if self._permuted[0] != epoch:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._permuted = (epoch, torch.randperm(self.num_items, generator=generator).tolist())
+            self._permuted = (epoch, torch.randperm(self.num_items, generator=epoch_generator(self.seed, epoch)).tolist())
         return self._permuted[1]
 
-    def deal(self, epoch: int, trained: frozenset[int], global_batch: int, processes: int) -> list[list[int]]:
+    def deal(self, epoch: int, trained: frozenset[int], global_batch: int, processes: int) -> Deal:
         """The epoch's permutation but `trained`, in whole global batches (the rest wait for the next epoch's shuffle)."""
         rest = [index for index in self.permutation(epoch) if index not in trained]
         return [rest[first : first + global_batch] for first in range(0, len(rest) - global_batch + 1, global_batch)]

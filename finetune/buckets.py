@@ -23,7 +23,7 @@ from collections import Counter
 
 from finetune.config import DataConfig, Recipe
 from finetune.counts import counted
-from finetune.data_order import DealtOrder, PaddedBatch, order_fingerprint
+from finetune.data_order import Deal, DealtOrder, PaddedBatch, epoch_generator, order_fingerprint
 from finetune.errors import FinetuneError
 
 Size = tuple[int, int]  # (width, height), PIL's order
@@ -162,12 +162,12 @@ class BucketBatchSampler(DealtOrder):
         self.images_per_epoch = len(bucket_of)  # every image: a bucket's last batch may be smaller
         self.start_at(start, resumed_at)
 
-    def deal(self, epoch: int, trained: frozenset[int], global_batch: int, processes: int) -> list[list[int]]:
+    def deal(self, epoch: int, trained: frozenset[int], global_batch: int, processes: int) -> Deal:
         """The epoch's images but `trained`, each bucket's dealt in the epoch's shuffled order into global batches
         (its last one may be smaller), the batches of all buckets shuffled together."""
         import torch  # here: finetune.sources reads Size from this module, and `finetune train` checks paths before torch loads
 
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        generator = epoch_generator(self.seed, epoch)
         members: dict[Size, list[int]] = {}
         for index in torch.randperm(len(self.bucket_of), generator=generator).tolist():
             if index not in trained:

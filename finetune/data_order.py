@@ -1,18 +1,22 @@
 """Where a run's data order stands, and how a resumed run continues it, also with another global batch.
 
-The batch samplers (`finetune.batches`, `finetune.buckets`) deal each epoch's items into global batches from
-a seeded shuffle (`deal`). A checkpoint records where that order stands (`position_after`): the epoch, and
-the deals it went through in that epoch, as [global batch, processes, batches trained] each. The global batch
-here is a micro-step's (train.batch_size x processes). An epoch is dealt once at the run's global batch; a resume
-with another one (other processes or train.batch_size) deals the epoch's items not trained yet again at the new
-one, so every image of the epoch trains once before the next epoch's shuffle starts. A resume at the same global
-batch, gradient_accumulation_steps changed or not (it groups micro-steps into a step, it deals nothing), takes up
-the same deal where it stopped: the batches a run never stopped trains, also where the processes changed (2 processes
-of batch 2 resumed by 1 of batch 4: a deal differs by its processes only in a bucket's last batch padded to them). A checkpoint from before the
-position was recorded, or of another seed, number of items or (with bucketing) buckets (`order_key`: not the
-images themselves, whose change a resume warns of), starts at micro-batch `start` of this run's order. A position of
-this order that the data could not have dealt (an epoch past any run's, more batches or processes than images) is a
-damaged checkpoint's one line, before any deal (`OutsideTheData`, `unusable_position`).
+The batch samplers (`finetune.batches`, `finetune.buckets`) deal each epoch's items into global batches from a
+seeded shuffle (`deal`). The global batch here is a micro-step's: train.batch_size x processes. An epoch is dealt
+once, at the run's global batch.
+
+A checkpoint records where that order stands (`position_after`): the epoch, and the deals it went through in that
+epoch, as [global batch, processes, batches trained] each. A resumed run takes it up (`DealtOrder.start_at`):
+- At the same global batch, gradient_accumulation_steps changed or not (it groups micro-steps into a step; it deals
+  nothing), the same deal goes on where it stopped: the batches a run never stopped trains. Also where the processes
+  changed (2 processes of batch 2 resumed by 1 of batch 4): a deal differs by its processes only in a bucket's last
+  batch, padded to them.
+- At another global batch (other processes or train.batch_size) the epoch's items not trained yet are dealt again at
+  the new one, so every image of the epoch trains once before the next epoch's shuffle starts.
+- A checkpoint from before the position was recorded, or of another order (`order_key`: another seed, number of
+  items or, with bucketing, buckets; not the images themselves, whose change a resume warns of), starts at
+  micro-batch `start` of this run's order.
+A position of this order that the data could not have dealt (an epoch past any run's, more batches or processes than
+images) is a damaged checkpoint's one line, before any deal (`OutsideTheData`, `unusable_position`).
 """
 
 from __future__ import annotations
@@ -50,7 +54,10 @@ class OutsideTheData(ValueError):
 
 class DealtOrder:
     """The stream of micro-batches a batch sampler yields, from micro-batch `start` (this run's numbering,
-    as the trainer counts them: step x accumulation) and, resumed, from `resumed_at` (a `position_after`)."""
+    as the trainer counts them: step x accumulation) and, resumed, from `resumed_at` (a `position_after`).
+
+    A sampler sets the four attributes below, gives `deal`, `rows_of` and `order_key`, and calls `start_at` last.
+    """
 
     global_batch: int
     num_processes: int
@@ -199,6 +206,13 @@ def items_of(batches: Deal) -> frozenset[int]:
     """The items `batches` trained: each batch's own, not those a padded one borrowed (`PaddedBatch`), whose own batch may
     not have come yet: counted, a resume at another global batch skipped them for the rest of the epoch."""
     return frozenset(index for batch in batches for index in (batch[: batch.own] if isinstance(batch, PaddedBatch) else batch))
+
+
+def epoch_generator(seed: int, epoch: int):
+    """The torch generator an epoch's deal is shuffled by: the same on every process and in a resumed run."""
+    import torch  # here: finetune.buckets builds on this module and is read without torch (check-data)
+
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
 def order_fingerprint(seed: int, num_items: int, bucket_of: list | None) -> str:
