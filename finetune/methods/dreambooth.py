@@ -84,11 +84,8 @@ class DreamBoothMethod(DiffusionMethod):
             self.class_plans.append(ClassImagePlan(folder, key, paths, missing, report.usable if report else []))
 
     def training_data(self, accelerator):
-        settings = self.recipe.dreambooth
-        class_examples: list[list[Example]] = []
-        for concept, plan in zip(settings.concepts, self.class_plans):
-            class_examples.append(self._class_images(concept, plan, accelerator))
-        self.training_dataset = DreamBoothDataset(self.instances, class_examples, self.recipe, self.item_latent_cache(), self.held_out_items)
+        class_images = [self._class_images(concept, plan, accelerator) for concept, plan in zip(self.recipe.dreambooth.concepts, self.class_plans)]
+        self.training_dataset = DreamBoothDataset(self.instances, class_images, self.recipe, self.item_latent_cache(), self.held_out_items)
         return self.training_dataset, dreambooth_collate
 
     def recorded_data(self) -> dict[str, list]:
@@ -103,6 +100,8 @@ class DreamBoothMethod(DiffusionMethod):
         return check_examples(class_examples(paths, concept), class_data_config(self.recipe), f"class images {folder}")
 
     def _class_images(self, concept: Concept, plan: ClassImagePlan, accelerator) -> list[Example]:
+        """The concept's class images to train on: the user's own (checked in `check_data`), and those its plan is
+        missing, generated now by the frozen base (on every process, each its share) and checked once made."""
         settings = self.recipe.dreambooth
 
         def generate() -> None:
