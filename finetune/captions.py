@@ -1,10 +1,14 @@
-"""Captions: where they are read from, per-folder templates, and tag shuffling and dropout.
+"""Captions: where they are read from, per-folder templates, and the caption an item trains with each epoch.
 
 A folder's captions come from (first match wins) `data.caption`, the folder's metadata.jsonl or
-metadata.csv (columns file_name and text, or data.caption_column, as Hugging Face's imagefolder reads them), or a .txt file
-beside the image. A folder's `template` then wraps the caption. Tags are shuffled and dropped per item
-at training time, drawn from their own generator seeded by (seed, epoch, index), so enabling either
-never changes the crops and flips an image gets.
+metadata.csv (columns file_name and text, or data.caption_column, as Hugging Face's imagefolder reads them), or a .txt
+(else .caption) file beside the image, by its exact name or one that differs only in letter case or Unicode form. A
+metadata row that names no image, or a caption file two images would share, stops the data check
+(`require_rows_with_images`, `require_own_sidecars`). A folder's `template` then wraps the caption.
+
+At training time (`training_caption`) a caption of several lines trains one of its lines, and tags are shuffled and
+dropped per item, each drawn from a generator of its own seeded by (seed, epoch, index), so enabling either never
+changes the crops and flips an image gets.
 """
 
 from __future__ import annotations
@@ -59,19 +63,18 @@ def read_metadata_captions(path: Path, require_text: bool = True, column: str = 
     if not path.is_file():
         return RowCaptions()
     captions, rows = RowCaptions(), {}
+    one_row_per_line = f"write each row as one JSON object on one line, e.g. {json.dumps({'file_name': '0001.png', column: 'a photo of ...'})}"
     for line_number, line in enumerate(metadata_lines(path), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:  # a row spread over lines (pretty-printed), a trailing comma, single quotes
-            example = json.dumps({"file_name": "0001.png", column: "a photo of ..."})
             raise FinetuneError(f"{path} line {line_number}: expected a JSON object with 'file_name' and '{column}' ({err.msg}): "
-                                f"write each row as one JSON object on one line, e.g. {example}") from None  # fmt: skip
+                                f"{one_row_per_line}") from None  # fmt: skip
         if not isinstance(row, dict) or "file_name" not in row or (require_text and column not in row):
             found = f"its keys are {', '.join(repr(key) for key in row) or 'none'}" if isinstance(row, dict) else f"it is {type(row).__name__}"
-            advice = _columns_advice(list(row), column, "key", require_text) if isinstance(row, dict) else \
-                f"write each row as one JSON object on one line, e.g. {json.dumps({'file_name': '0001.png', column: 'a photo of ...'})}"
+            advice = _columns_advice(list(row), column, "key", require_text) if isinstance(row, dict) else one_row_per_line
             raise FinetuneError(f"{path} line {line_number}: expected a JSON object with 'file_name' and '{column}' (data.caption_column), "
                                 f"but {found}: {advice}")  # fmt: skip
         text, file_name = row.get(column), row["file_name"]
