@@ -110,3 +110,18 @@ def test_an_unwritable_cache_says_what_fixes_it(tmp_path, monkeypatch, code, rem
     monkeypatch.setattr("finetune.cache.save_file", refused)
     with pytest.raises(FinetuneError, match=rf"cannot be written \(\w+: {re.escape(os.strerror(code))}\): {remedy} another train.cache_dir \(or remove it"):
         cache.lookup(["k"], lambda rows: torch.ones(len(rows), 3), torch.device("cpu"))
+
+
+def test_the_shuffled_tags_warning_reads_a_caption_s_lines_as_training_does():
+    """A caption holding U+2028 (text pasted from a web page) is one line to training (captions.caption_lines cuts at line
+    ends alone), whose tags shuffle: the warning cut it at U+2028 too, into lines of too few tags, and said nothing."""
+    from finetune.captions import training_caption
+    from finetune.config import DataConfig
+    from finetune.methods.base import any_tags_to_move
+    from finetune.sources import Example
+
+    caption = "sks, dog\u2028grass, sky"
+    data = DataConfig(image_dir="x", shuffle_tags=True, keep_tokens=1)
+    assert len({training_caption(caption, data, seed=0, epoch=epoch, index=0) for epoch in range(20)}) > 1  # training moves its tags
+    assert any_tags_to_move([Example("x/0.png", caption, lambda: None)], data)
+    assert not any_tags_to_move([Example("x/0.png", "sks, dog\ngrass, sky", lambda: None)], data)  # two lines, each of one tag to move

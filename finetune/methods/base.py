@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from finetune.batches import item_layout
 from finetune.cache import EncodingCache, caption_key, model_fingerprint
+from finetune.captions import caption_lines
 from finetune.check_data import DataReport, checked_examples
 from finetune.config import Recipe
 from finetune.config.training import timestep_range_problem
@@ -288,7 +289,7 @@ def any_crop_room(items: list[Example], data) -> bool:
 def any_tags_to_move(items: list[Example], data) -> bool:
     """Whether data.shuffle_tags or tag_dropout can change any caption line: tags past data.keep_tokens (two to shuffle, one to drop)."""
     least = 1 if data.tag_dropout else 2
-    lines = [line for item in items for line in (item.caption or "").splitlines()]
+    lines = [line for item in items for line in caption_lines(item.caption or "")]  # as training picks one (`training_caption`)
     return any(len([tag for tag in line.split(",") if tag.strip()]) - data.keep_tokens >= least for line in lines)
 
 
