@@ -20,6 +20,8 @@ from finetune.loss_mask import MIN_NORMALIZING_SHARE
 
 @dataclass
 class NoisedBatch:
+    """What the model sees (the noised latents at their timesteps) and what it should predict (`target`)."""
+
     noisy_latents: torch.Tensor
     timesteps: torch.Tensor
     target: torch.Tensor
@@ -142,9 +144,14 @@ def add_noise(
     return NoisedBatch(noisy, timesteps, target)
 
 
+def alpha_bar(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """The schedule's alpha_bar (cumulative product of alphas) at each timestep: the signal's share of the noised latents' variance."""
+    return scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+
+
 def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at each timestep."""
-    alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    alphas_cumprod = alpha_bar(scheduler, timesteps)
     return alphas_cumprod / (1.0 - alphas_cumprod)
 
 
@@ -152,7 +159,7 @@ def huber_threshold(scheduler: DDPMScheduler, timesteps: torch.Tensor, huber_c: 
     """The pseudo-Huber loss's threshold at each timestep, on the SNR schedule of Khrapov et al. (2024), as
     sd-scripts uses it: about 1 at low noise (where it is MSE), falling to `huber_c` at high noise (where
     it grows only linearly with the error, so a few odd images pull less)."""
-    alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    alphas_cumprod = alpha_bar(scheduler, timesteps)
     sigmas = ((1.0 - alphas_cumprod) / alphas_cumprod) ** 0.5
     return (1.0 - huber_c) / (1.0 + sigmas) ** 2 + huber_c
 
