@@ -12,11 +12,11 @@ model's behaviour instead of disturbing it.
   the output norm + conv) trains too and is saved as a UNet folder beside the ControlNet.
 - `controlnet.only_mid_control`: only the mid-block residual reaches the UNet. The down-block zero
   convs are set to zero and frozen, so the saved ControlNet behaves the same in any diffusers pipeline.
-- Data are triples (image, conditioning image, caption), read by `finetune.controlnet_data`. One crop
-  and one flip are drawn per item from the (seed, epoch, index) generator and applied to both images;
-  then a share of captions (`controlnet.empty_prompt_share`, 0.5 as in the paper) is emptied, so the
-  model learns to read the conditioning image rather than the prompt. Conditioning images reach the
-  ControlNet in [0, 1].
+- Data are triples (image, conditioning image, caption), read and checked by `finetune.controlnet_pairs` and
+  served by `finetune.controlnet_data`. One crop and one flip are drawn per item from the (seed, epoch, index)
+  generator and applied to both images; then a share of captions (`controlnet.empty_prompt_share`, 0.5 as in
+  the paper) is emptied, so the model learns to read the conditioning image rather than the prompt.
+  Conditioning images reach the ControlNet in [0, 1].
 - Output: `output_dir/controlnet`, a diffusers `ControlNetModel` folder that
   `StableDiffusionControlNetPipeline` uses. Validation rows show conditioning | samples.
 """
@@ -101,25 +101,30 @@ class ControlNetMethod(DiffusionMethod):
         problem = validation_conditions_problem(self.recipe)
         if problem:
             raise FinetuneError(problem)
-        pretrained = self.settings.pretrained
-        if pretrained is not None:
-            path = Path(pretrained).expanduser()
-            if (path / CONTROLNET_DIR / "config.json").is_file():  # a controlnet run's output folder, as `finetune sample` takes it
-                path = path / CONTROLNET_DIR
-                self.load_from = str(path)
-            refuse_a_controlnet_file(path, f"controlnet.pretrained {pretrained}")
-            if (path / "config.json").is_file():
-                require_controlnet_config(path, f"controlnet.pretrained {pretrained}", f"; {FROM_A_UNET}")
-            if (path / "config.json").is_file() and unlocked_decoder_folder(path):  # not a pipeline's controlnet/ beside its unet/
-                raise FinetuneError(f"controlnet.pretrained {pretrained} was trained with controlnet.unlock_unet_decoder and works only with its "
-                                    f"own UNet ({path.parent / UNET_DIR}), which a run does not start from: set controlnet.pretrained: null")  # fmt: skip
-            elif looks_like_hub_id(pretrained) and not path.exists():
-                check_hub_controlnet(pretrained)
-            elif not (path / "config.json").is_file():
-                raise FinetuneError(not_a_controlnet_message(path, pretrained))  # what the folder is, where it is one
-            self.started_from = started_from(self.load_from)  # now, while a local folder is there to be told from a hub id
-            # A type no model predicts (an edited record) is one line now, not advice to set model.prediction_type to it once loaded.
-            adapters_prediction_type({f"controlnet.pretrained {pretrained}": self._recorded_by_its_run()})
+        if self.settings.pretrained is not None:
+            self._check_pretrained(self.settings.pretrained)
+
+    def _check_pretrained(self, pretrained: str) -> None:
+        """controlnet.pretrained, before any model loads: a controlnet run's output folder stands for its controlnet/
+        (`load_from`); a file, a folder of something else, a ControlNet that works only with its own UNet, or a hub id
+        not found is one line. Its record in the outputs (`started_from`) is made here."""
+        path = Path(pretrained).expanduser()
+        if (path / CONTROLNET_DIR / "config.json").is_file():  # a controlnet run's output folder, as `finetune sample` takes it
+            path = path / CONTROLNET_DIR
+            self.load_from = str(path)
+        refuse_a_controlnet_file(path, f"controlnet.pretrained {pretrained}")
+        if (path / "config.json").is_file():
+            require_controlnet_config(path, f"controlnet.pretrained {pretrained}", f"; {FROM_A_UNET}")
+        if (path / "config.json").is_file() and unlocked_decoder_folder(path):  # not a pipeline's controlnet/ beside its unet/
+            raise FinetuneError(f"controlnet.pretrained {pretrained} was trained with controlnet.unlock_unet_decoder and works only with its "
+                                f"own UNet ({path.parent / UNET_DIR}), which a run does not start from: set controlnet.pretrained: null")  # fmt: skip
+        elif looks_like_hub_id(pretrained) and not path.exists():
+            check_hub_controlnet(pretrained)
+        elif not (path / "config.json").is_file():
+            raise FinetuneError(not_a_controlnet_message(path, pretrained))  # what the folder is, where it is one
+        self.started_from = started_from(self.load_from)  # now, while a local folder is there to be told from a hub id
+        # A type no model predicts (an edited record) is one line now, not advice to set model.prediction_type to it once loaded.
+        adapters_prediction_type({f"controlnet.pretrained {pretrained}": self._recorded_by_its_run()})
 
     def training_data(self, accelerator):
         self.training_dataset = ControlNetDataset(
