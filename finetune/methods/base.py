@@ -1,9 +1,13 @@
-"""What a training method is: which parameters train, how a batch becomes a loss, and what is saved.
+"""What a training method is: its data, which parameters train, how a batch becomes a loss, and what is saved.
 
-The training loop (`finetune.trainer`) owns everything else: data, precision, accumulation,
-checkpoints, logging and validation. A new method is a subclass in its own module. Methods that
-denoise latents (LoRA, DreamBooth, ControlNet, UNet pretraining) subclass `DiffusionMethod`, which
-implements the shared objective and asks only for the model's prediction.
+The training loop (`finetune.trainer`) owns everything else: the data loader and its order, precision,
+accumulation, checkpoints, logging and validation. A new method is a subclass in its own module, named in
+`finetune.methods.METHODS`. Three classes here, each building on the one before:
+- `TrainingMethod`: what the trainer calls (method vae subclasses it: it trains the autoencoder on pixels).
+- `DiffusionMethod`: the denoising objective every other method shares (encode, noise, predict, weigh the
+  loss), with the frozen encoders' caches; a subclass gives the model's prediction. DreamBooth and ControlNet.
+- `UNetMethod`: a `DiffusionMethod` that trains (part of) the UNet, and the text encoder if asked: LoRA and full
+  fine-tuning, and DreamBooth through one of them (its adapter).
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 from PIL import Image
-
 from torch.utils.data import Dataset
 
 from finetune.batches import item_layout
@@ -30,10 +33,10 @@ from finetune.device_copy import to_device
 from finetune.diffusion import POSTERIOR_STREAM, BatchRandomness, NoiseOptions, add_noise, draw_noise, draw_perturbation, per_sample_loss
 from finetune.encoders import encode_prompts, in_autocast_dtype, latents_from_moments, posterior_moments, text_hidden_states
 from finetune.errors import FinetuneError
+from finetune.finite_images import VALIDATION_OVERFLOW
 from finetune.images import upright_size
 from finetune.loss_mask import latent_loss_weights
 from finetune.models import BaseModel
-from finetune.finite_images import VALIDATION_OVERFLOW
 from finetune.sampling import build_pipeline, generate_with_settings
 from finetune.sources import Example
 from finetune.train_inputs import data_configs
