@@ -182,6 +182,9 @@ def unusable_position(checkpoint: Path, position, why: str = "") -> FinetuneErro
 
 
 def _well_formed(position) -> bool:
+    """Whether `position` has the form `position_after` writes: its order key, an epoch up to MAX_EPOCH, and one deal or
+    more as [global batch, processes (at most one a row), batches trained (one at least, but in the last deal)]."""
+
     def count(value, least: int = 0, most: int | None = None) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value >= least and (most is None or value <= most)
 
