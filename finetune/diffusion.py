@@ -2,7 +2,7 @@
 
 Noise and timesteps for micro-batch m are drawn for the whole global batch from a generator seeded
 by (seed, m), and each process takes its own rows. So a run is reproducible, resumable mid-way, and
-gives the same samples whether it runs on one process or many.
+draws the same noise for each image whether it runs on one process or many (m across resumes: finetune/draw_keys.py).
 """
 
 from __future__ import annotations
@@ -47,12 +47,14 @@ class BatchRandomness:
         return torch.Generator().manual_seed(int(mixed))
 
     def normal(self, per_sample_shape: tuple[int, ...], stream: int) -> torch.Tensor:
+        """Standard normal draws of `per_sample_shape` for this process's rows (of each part, `copies`)."""
         return torch.cat([
             torch.randn((self.global_batch, *per_sample_shape), generator=self._generator(stream, c))[self.rows]
             for c in range(self.copies)
         ])
 
     def integers(self, high: int, stream: int) -> torch.Tensor:
+        """One integer in [0, `high`) for each of this process's rows (of each part, `copies`)."""
         return torch.cat([
             torch.randint(0, high, (self.global_batch,), generator=self._generator(stream, c))[self.rows]
             for c in range(self.copies)

@@ -90,6 +90,7 @@ def clip_skipped(text_encoder: CLIPTextModel, clip_skip: int):
 
 @torch.no_grad()
 def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str], chunks: int = 1) -> torch.Tensor:
+    """`text_hidden_states` of a frozen text encoder: no gradients, on the encoder's own device."""
     return text_hidden_states(tokenizer, text_encoder, prompts, text_encoder.device, chunks)
 
 
