@@ -126,7 +126,7 @@ def require_controlnet_config(folder: Path, named: str, other_model_hint: str = 
 
 def conditioning_channels_problem(config) -> str | None:
     """Why a ControlNet (its config) cannot take the conditioning images training, sample and the demo give it, or
-    None: they are read as RGB (`finetune.data.open_rgb`), and a ControlNet of another conditioning_channels (a
+    None: they are read as RGB (`finetune.images.open_rgb`), and a ControlNet of another conditioning_channels (a
     1-channel depth ControlNet) failed on its first convolution, mid-run, with torch's shape error."""
     channels = config.get("conditioning_channels", 3)
     if channels == 3:
