@@ -49,8 +49,8 @@ def _stamp_now(example: Example, kind: str = "image") -> tuple[int, int] | None:
 def require_as_checked(example: Example) -> tuple[int, int] | None:
     """Stop where `example`'s image changed since this run's data check, at its next use: its views' cached latents (in
     memory or on disk), keyed by the checked pixels, would be served stale. A file whose size or time changed is decoded
-    in full and compared, so a copy of the same pixels, or a touched file, trains on. The file's stamp now accepted as
-    holding the checked pixels (None for a dataset row), for a view's decode (`decoded_as_checked`)."""
+    in full and compared, so a copy of the same pixels, or a touched file, trains on. Returns the file's stamp, now
+    accepted as holding the checked pixels (None for a dataset row), which a view's decode takes (`decoded_as_checked`)."""
     stamp = _stamp_now(example)
     if stamp in (None, example.file_stamp, _UNCHANGED_STAMPS.get(example.source)):
         return stamp
@@ -102,7 +102,8 @@ def require_checked_size(example: Example, kind: str = "image") -> tuple[int, in
     """Without the latent cache an edited image trains as it now is, but only at the size the check read: its crop (and
     bucket) was planned for that size, and a view planned for another would be stretched, unseen. A file caught
     half-rewritten is read once written, as with the cache. So for a ControlNet's conditioning image (`kind`), decoded at
-    every use and cut by its image's plan. The file's stamp as checked (None for a dataset row), for its decode."""
+    every use and cut by its image's plan. Returns the file's stamp, now accepted as of the checked size (None for a
+    dataset row), which its decode takes (`decoded_at_checked_size`)."""
     stamp = _stamp_now(example, kind)
     if stamp in (None, example.file_stamp, _SAME_SIZE_STAMPS.get(example.source)):
         return stamp
