@@ -49,7 +49,12 @@ def make_buckets(config: DataConfig) -> list[Size]:
         height = min(max_side, area // width // step * step)
         if height >= min_side:
             buckets.update({(width, height), (height, width)})
-    return sorted(buckets, key=lambda size: (-size[0] / size[1], size))
+    return sorted(buckets, key=widest_first)
+
+
+def widest_first(size: Size) -> tuple[float, Size]:
+    """The sort key that orders buckets from the widest to the tallest (sizes of one aspect ratio by their size)."""
+    return -size[0] / size[1], size
 
 
 def nearest_bucket(size: Size, buckets: list[Size]) -> Size:
@@ -108,8 +113,9 @@ def shrunk_size(size: Size, area: int, step: int) -> Size:
 
 
 def bucket_counts_line(bucket_of: list[Size]) -> str:
+    """How many images each bucket holds, from the widest bucket to the tallest: the data check's line."""
     counts = Counter(bucket_of)
-    order = sorted(counts, key=lambda size: (-size[0] / size[1], size))
+    order = sorted(counts, key=widest_first)
     return "buckets (width x height: images): " + ", ".join(f"{w}x{h}: {counts[(w, h)]}" for w, h in order)
 
 
