@@ -67,7 +67,9 @@ def render_mask(example: Example, plan: ViewPlan, as_checked: bool = False) -> t
 
 
 class CaptionedImageDataset(torch.utils.data.Dataset):
-    """Items are looked up by (index, epoch) so augmentation is reproducible; see `finetune.batches`.
+    """The training set of LoRA, full and vae runs: each checked example as an item (see the module docstring).
+
+    Items are looked up by (index, epoch) so augmentation is reproducible; see `finetune.batches`.
 
     With bucketing, `bucket_of[i]` is item i's (width, height) and `make_batch_sampler` batches by it.
     With a latent cache an item names its view (see `view_entry`), and `render(view)` decodes it.
