@@ -63,6 +63,9 @@ class DealtOrder:
     num_processes: int
     batches_per_epoch: int
     num_items: int
+    # Set by `start_at`: `_epoch`, the epoch micro-batch `start` is in; `_earlier`, that epoch's deals before the current
+    # one ([global batch, processes, batches trained] each, as recorded); `_current`, the current deal (None: the epoch's
+    # whole deal at this run's global batch, `epoch_batches`); `_done`, how many of its batches trained before `start`.
 
     def deal(self, epoch: int, trained: frozenset[int], global_batch: int, processes: int) -> Deal:
         """Epoch `epoch`'s items but `trained`, dealt into global batches of `global_batch` for `processes`."""
