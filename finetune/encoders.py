@@ -1,4 +1,8 @@
-"""The frozen encoders: images to VAE latents, captions to text-encoder hidden states."""
+"""The frozen encoders: images to VAE latents, captions to text-encoder hidden states.
+
+Also the two ways a caption's encoding departs from CLIP's own: captions longer than its 77 tokens encoded in chunks
+of 75 (model.max_token_length, as sd-scripts does), and clip skip (the states of an earlier layer).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from finetune.device_copy import to_device
 from finetune.errors import FinetuneError
+
+TRAINED_TOKEN_LENGTHS = (75, 150, 225)  # model.max_token_length's (and sd-scripts' max_token_length's) values
 
 
 def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
@@ -65,9 +71,6 @@ def layer_stack(text_encoder: CLIPTextModel) -> torch.nn.Module:
     """The encoder whose `.layers` clip skip shortens: transformers 5 holds it at text_encoder.encoder,
     4.x one level down, in text_model."""
     return getattr(text_encoder, "text_model", text_encoder).encoder
-
-
-TRAINED_TOKEN_LENGTHS = (75, 150, 225)  # model.max_token_length's (and sd-scripts' max_token_length's) values
 
 
 def recorded_clip_skip(metadata: dict[str, str]) -> int | None:
