@@ -24,21 +24,24 @@ class StepLosses:
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}  # since the last log
         self.steps = 0  # optimizer steps in those sums
-        self.step_sum: torch.Tensor | float = 0.0  # this step's loss so far
+        self.step_sum: torch.Tensor | None = None  # this step's loss so far (None before its first micro-batch)
         self.unread: list[torch.Tensor] = []  # each finished step's loss on this process, not read on the host yet
         self.losses: list[float] = []  # each step's loss read so far, in order
 
     def add(self, losses: dict[str, torch.Tensor], weight: float) -> None:
-        """One micro-batch's terms, each weighted by `weight` (its share of the step's rows on this process)."""
-        for name, value in losses.items():
-            self.sums[name] = self.sums.get(name, 0.0) + weighted(value.detach().float(), weight)
-        self.step_sum = self.step_sum + weighted(losses["loss"].detach().float(), weight)
+        """One micro-batch's terms, each weighted by `weight` (its share of the step's rows on this process). A sum's
+        first term is kept as it is, not added to 0 (the same bits), and the loss is weighted once for both of its sums:
+        on a GPU each add or multiply is a kernel launch."""
+        terms = {name: weighted(value.detach().float(), weight) for name, value in losses.items()}
+        for name, term in terms.items():
+            self.sums[name] = self.sums[name] + term if name in self.sums else term
+        self.step_sum = terms["loss"] if self.step_sum is None else self.step_sum + terms["loss"]
 
     def end_step(self, accelerator: Accelerator) -> None:
         """Collective: the step's loss is complete; it stays on the device until `read_steps`, or until
         MOST_UNREAD steps wait (a log interval of thousands of steps would keep thousands of tensors)."""
         self.unread.append(self.step_sum)
-        self.step_sum, self.steps = 0.0, self.steps + 1
+        self.step_sum, self.steps = None, self.steps + 1
         if len(self.unread) >= MOST_UNREAD:
             self.read_steps(accelerator)
 

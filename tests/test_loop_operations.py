@@ -63,3 +63,25 @@ def test_dreambooth_adds_its_class_loss_unweighted_at_a_prior_loss_weight_of_1(m
             loss = method.combine_losses(per_sample, {"num_instance": 2})["loss"]
         assert counted.counts[torch.ops.aten.mul] == multiplies
         assert loss.item() == 2.0 + prior_loss_weight * 15.5
+
+
+def test_the_running_losses_add_no_term_to_zero_and_weigh_the_loss_once():
+    """StepLosses began each sum at 0.0 (an add of the first term to 0) and weighed the loss twice (for its running sum
+    and for the step's): on a GPU a kernel launch each. Now a term is multiplied once where its weight is not 1, and
+    added from a sum's second term on; the sums are the same bits."""
+    from finetune.step_losses import StepLosses
+
+    micro_batches = [{"loss": torch.tensor(0.7 + i), "prior": torch.tensor(0.3 * i + 0.1)} for i in range(2)]
+    running = StepLosses()
+    with CountOperations() as counted:
+        running.add(micro_batches[0], 1.0)  # one micro-batch of a full step: nothing to compute
+    assert +counted.kernels == {}, counted.kernels
+
+    running = StepLosses()
+    with CountOperations() as counted:
+        for terms in micro_batches:  # two micro-batches, each half of the step
+            running.add(terms, 0.5)
+    assert +counted.kernels == {torch.ops.aten.mul: 4, torch.ops.aten.add: 3}, counted.kernels  # 2 terms x 2; the sums' second terms
+    as_added = {name: (0.0 + micro_batches[0][name] * 0.5) + micro_batches[1][name] * 0.5 for name in ("loss", "prior")}
+    assert all(torch.equal(running.sums[name], as_added[name]) for name in as_added)
+    assert torch.equal(running.step_sum, as_added["loss"])
