@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 MOST_UNREAD = 100  # steps whose losses wait on the device: one host read per 100 steps costs next to nothing
 
@@ -80,6 +81,18 @@ class StepLosses:
         values = accelerator.reduce(torch.stack([self.sums[name] for name in names]), reduction="mean") / self.steps
         self.sums, self.steps = {}, 0
         return dict(zip(names, values.tolist()))
+
+
+def backward(accelerator: Accelerator, loss: torch.Tensor) -> None:
+    """`accelerator.backward(loss)` without its division of the loss by `gradient_accumulation_steps` where that is 1:
+    dividing by 1 changes no bit, but on a GPU it is a kernel launch, and another for its gradient. Where accelerate does
+    more (DeepSpeed's engine scales and accumulates itself, Megatron) or the division divides, it is accelerate's own."""
+    if accelerator.gradient_accumulation_steps != 1 or accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        accelerator.backward(loss)
+    elif accelerator.scaler is not None:  # fp16's loss scaling, as accelerate scales it
+        accelerator.scaler.scale(loss).backward()
+    else:
+        loss.backward()
 
 
 def weighted(value: torch.Tensor, weight: float) -> torch.Tensor:

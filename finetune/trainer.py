@@ -50,7 +50,7 @@ from finetune.logged_settings import settings_on_record
 from finetune.loss_mask import preview as mask_preview
 from finetune.sampling import save_image_atomic
 from finetune.start_weights import resumed_method
-from finetune.step_losses import StepLosses, micro_batch_shares, weighted
+from finetune.step_losses import StepLosses, backward, micro_batch_shares, weighted
 from finetune.train_inputs import check_base_and_data
 from finetune.validation import run_validation
 from finetune.stopping import StopRequest, batches_of
@@ -333,7 +333,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
                 with accelerator.accumulate(*modules.values()):
                     with autocast(accelerator):
                         losses = method.loss(modules, batch, randomness)
-                    accelerator.backward(weighted(losses["loss"], share))
+                    backward(accelerator, weighted(losses["loss"], share))
                     if accelerator.sync_gradients and train_cfg.max_grad_norm:
                         accelerator.clip_grad_norm_(clipped_parameters, train_cfg.max_grad_norm)
                     optimizer.step()

@@ -18,14 +18,16 @@ from operation_counts import CountOperations
 
 
 class MultipliesByOne(TorchDispatchMode):
-    """The lines of finetune's code that multiplied or divided a tensor by a number equal to 1."""
+    """The lines of finetune's code that multiplied or divided a tensor by a number equal to 1 (in the forward: a backward
+    operator's stack is the backward call's, where diffusers' divisions by 1.0 would be named by the line calling it)."""
 
     def __init__(self):
         super().__init__()
         self.lines = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in (torch.ops.aten.mul, torch.ops.aten.div) and any(not isinstance(a, torch.Tensor) and a == 1 for a in args):
+        backward = torch._C._current_autograd_node() is not None
+        if not backward and func.overloadpacket in (torch.ops.aten.mul, torch.ops.aten.div) and any(not isinstance(a, torch.Tensor) and a == 1 for a in args):
             caller = [f for f in traceback.extract_stack() if "/torch/" not in f.filename and f.filename != __file__][-1]
             if "/finetune/" in caller.filename and "site-packages" not in caller.filename:  # not diffusers' own divisions by 1
                 self.lines.append(f"{caller.filename}:{caller.lineno}")

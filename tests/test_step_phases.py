@@ -1,0 +1,34 @@
+"""What the training loop dispatches in a step beside the model's forward and backward: on a GPU each operator that is not a
+view is a kernel launch, and an eager step waits on the CPU's launches (docs/benchmarks-gpu.md). Counted by phase on the
+tiny model (tests/step_phases.py), each phase held to what it needs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from step_phases import count_step
+
+aten = torch.ops.aten
+
+
+@pytest.fixture(scope="module")
+def plain_step(tiny_model, image_folder, tmp_path_factory):
+    """Step 2 of a LoRA run of one process, one micro-batch a step, clipped, with a weight average."""
+    from conftest import build_recipe
+
+    recipe = build_recipe(tiny_model, image_folder, tmp_path_factory.mktemp("phases") / "run", train__max_steps=2, train__max_grad_norm=1.0,
+                          train__ema_decay=0.9)  # fmt: skip
+    counted, _ = count_step(recipe)
+    return counted
+
+
+def test_the_backward_seeds_its_gradient_and_divides_the_loss_by_nothing(plain_step):
+    """accelerate divides the loss by gradient_accumulation_steps, also by 1 (a launch, and one for its gradient)."""
+    assert plain_step.kernels["backward call"] == {aten.ones_like: 1}
+    assert "backward of backward call" not in plain_step.kernels
+
+
+def test_the_running_losses_of_a_lone_loss_add_once_a_step(plain_step):
+    """StepLosses: the step's loss is the micro-batch's own; its running sum since the last log adds it (step 2 of 2)."""
+    assert plain_step.kernels["running losses"] == {aten.add: 1}
