@@ -7,6 +7,8 @@ import importlib
 import io
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from diffusers.optimization import get_scheduler
 
 from finetune.config import OptimizerConfig
@@ -134,6 +136,18 @@ def apply_recipe_settings(optimizer: torch.optim.Optimizer, lr_scheduler, group_
         if config.name == "prodigy":  # as _prodigy sets it: its safeguard follows the warm-up
             group["safeguard_warmup"] = config.warmup_steps > 0
     lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def clip_gradients(accelerator: Accelerator, parameters: list[torch.Tensor], max_norm: float) -> None:
+    """train.max_grad_norm: `accelerator.clip_grad_norm_`, which on one process and under DDP unscales fp16's gradients and
+    calls torch's `clip_grad_norm_` itself, here without its wrapper for sharded tensors (DTensor), which took the norm of
+    torch's total norm again (a stack and a norm of one value: two kernel launches on a GPU, the same bits) after a walk
+    over every parameter. Elsewhere (FSDP, DeepSpeed, XLA), accelerate's own."""
+    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        accelerator.clip_grad_norm_(parameters, max_norm)
+        return
+    accelerator.unscale_gradients()
+    torch.nn.utils.clip_grad_norm_(parameters, max_norm)
 
 
 def step_size(optimizer: torch.optim.Optimizer, group_index: int = 0) -> float:

@@ -42,7 +42,7 @@ from finetune.held_out import HELD_OUT_STATE, TrainingSubset, concept_held_out_w
 from finetune.model_source import BaseLocation
 from finetune.models import load_base_model
 from finetune.output_metadata import dataset_metadata, output_metadata
-from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer, check_optimizer_installed, step_size
+from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer, check_optimizer_installed, clip_gradients, step_size
 from finetune.run_length import STEPS_BY_SHAPE, check_epoch_run, due, epoch_count, epochs_text, planned_steps, resume_warnings, run_length_line, run_sampler
 from finetune.run_files import checkpoint_step, resolve_resume
 from finetune.run_recipe import write_run_recipe
@@ -335,7 +335,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
                         losses = method.loss(modules, batch, randomness)
                     backward(accelerator, weighted(losses["loss"], share))
                     if accelerator.sync_gradients and train_cfg.max_grad_norm:
-                        accelerator.clip_grad_norm_(clipped_parameters, train_cfg.max_grad_norm)
+                        clip_gradients(accelerator, clipped_parameters, train_cfg.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     if accelerator.sync_gradients:  # a real step, not one of accumulation's

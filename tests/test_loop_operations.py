@@ -17,6 +17,9 @@ from finetune.trainer import train
 from operation_counts import CountOperations
 
 
+DISPATCH_FILES = ("torch/_tensor.py", "torch/_compile.py", "torch/_dynamo/eval_frame.py", "torch/utils/_python_dispatch.py", "torch/_ops.py", "torch/overrides.py")
+
+
 class MultipliesByOne(TorchDispatchMode):
     """The lines of finetune's code that multiplied or divided a tensor by a number equal to 1 (in the forward: a backward
     operator's stack is the backward call's, where diffusers' divisions by 1.0 would be named by the line calling it)."""
@@ -28,7 +31,9 @@ class MultipliesByOne(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         backward = torch._C._current_autograd_node() is not None
         if not backward and func.overloadpacket in (torch.ops.aten.mul, torch.ops.aten.div) and any(not isinstance(a, torch.Tensor) and a == 1 for a in args):
-            caller = [f for f in traceback.extract_stack() if "/torch/" not in f.filename and f.filename != __file__][-1]
+            # The line that asked for it: torch's own code (clip_grad_norm_ multiplying by a max_norm of 1) is torch's, its
+            # operator methods (Tensor.__rtruediv__) are the caller's.
+            caller = [f for f in traceback.extract_stack() if not f.filename.endswith(DISPATCH_FILES) and f.filename != __file__][-1]
             if "/finetune/" in caller.filename and "site-packages" not in caller.filename:  # not diffusers' own divisions by 1
                 self.lines.append(f"{caller.filename}:{caller.lineno}")
         return func(*args, **(kwargs or {}))

@@ -32,3 +32,10 @@ def test_the_backward_seeds_its_gradient_and_divides_the_loss_by_nothing(plain_s
 def test_the_running_losses_of_a_lone_loss_add_once_a_step(plain_step):
     """StepLosses: the step's loss is the micro-batch's own; its running sum since the last log adds it (step 2 of 2)."""
     assert plain_step.kernels["running losses"] == {aten.add: 1}
+
+
+def test_clipping_takes_one_norm_of_the_gradients_and_scales_them_in_one_call(plain_step):
+    """torch's clip_grad_norm_: a foreach norm of every gradient, their total norm, the clip factor, one foreach multiply.
+    accelerate's wrapper for sharded tensors took the norm of that one total norm again (a stack and a norm)."""
+    assert plain_step.kernels["clipping"] == {aten._foreach_norm: 1, aten.stack: 1, aten.linalg_vector_norm: 1, aten.add: 1, aten.reciprocal: 1,
+                                              aten.mul: 1, aten.clamp: 1, aten._foreach_mul_: 1}  # fmt: skip
