@@ -80,9 +80,10 @@ class WeightAverage:
         weight = 1.0 - self.current_decay()
         weights = self.weights()
         # One foreach call, a few fused kernels on a GPU, where a lerp_ per parameter launched hundreds each step
-        # (a UNet's, a LoRA's): the same lerp, elementwise.
+        # (a UNet's, a LoRA's): the same lerp, elementwise. The weights as they are (fp32: `weight_average`), not
+        # detached (no_grad): a detach per parameter was hundreds of operators for the host to dispatch each step.
         averages = [self.averages[name] for name in weights]
-        torch._foreach_lerp_(averages, [w.detach().float() for w in weights.values()], weight)
+        torch._foreach_lerp_(averages, [w.float() for w in weights.values()], weight)
         self.updates += 1
 
     @contextlib.contextmanager

@@ -39,3 +39,8 @@ def test_clipping_takes_one_norm_of_the_gradients_and_scales_them_in_one_call(pl
     accelerate's wrapper for sharded tensors took the norm of that one total norm again (a stack and a norm)."""
     assert plain_step.kernels["clipping"] == {aten._foreach_norm: 1, aten.stack: 1, aten.linalg_vector_norm: 1, aten.add: 1, aten.reciprocal: 1,
                                               aten.mul: 1, aten.clamp: 1, aten._foreach_mul_: 1}  # fmt: skip
+
+
+def test_the_weight_average_is_one_operator(plain_step):
+    """train.ema_decay: one foreach lerp of every trained weight, which no detach per parameter comes before."""
+    assert plain_step.operators["weight average"] == {aten._foreach_lerp_: 1}
