@@ -48,14 +48,14 @@ class BatchRandomness:
 
     def normal(self, per_sample_shape: tuple[int, ...], stream: int) -> torch.Tensor:
         """Standard normal draws of `per_sample_shape` for this process's rows (of each part, `copies`)."""
-        return torch.cat([
+        return _joined([
             torch.randn((self.global_batch, *per_sample_shape), generator=self._generator(stream, c))[self.rows]
             for c in range(self.copies)
         ])
 
     def integers(self, high: int, stream: int) -> torch.Tensor:
         """One integer in [0, `high`) for each of this process's rows (of each part, `copies`)."""
-        return torch.cat([
+        return _joined([
             torch.randint(0, high, (self.global_batch,), generator=self._generator(stream, c))[self.rows]
             for c in range(self.copies)
         ])
@@ -68,6 +68,11 @@ class BatchRandomness:
         """The same draws for a batch of `rows_here` rows, made of aligned parts of this process's size."""
         local = self.rows.stop - self.rows.start
         return replace(self, copies=rows_here // local)
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The parts' rows, one after the other; a lone part as it is (a cat of one would copy it, each draw of every step)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 # Stream numbers for BatchRandomness (multi-resolution noise level i uses MULTIRES_STREAM + i).
@@ -97,7 +102,9 @@ def draw_noise(
     """(noise, timesteps) for this process's rows, on the CPU; `latent_shape` is per sample (C, H, W);
     the timesteps are drawn uniformly from `timestep_range` (all the model's, or train.min_timestep..max_timestep)."""
     noise = randomness.normal(latent_shape, NOISE_STREAM)
-    timesteps = timestep_range.start + randomness.integers(len(timestep_range), TIMESTEP_STREAM)
+    timesteps = randomness.integers(len(timestep_range), TIMESTEP_STREAM)
+    if timestep_range.start:  # train.min_timestep
+        timesteps = timesteps + timestep_range.start
     if options.offset:
         noise = noise + options.offset * randomness.normal((latent_shape[0], 1, 1), OFFSET_STREAM)
     if options.multires_iterations:

@@ -44,3 +44,19 @@ def test_clipping_takes_one_norm_of_the_gradients_and_scales_them_in_one_call(pl
 def test_the_weight_average_is_one_operator(plain_step):
     """train.ema_decay: one foreach lerp of every trained weight, which no detach per parameter comes before."""
     assert plain_step.operators["weight average"] == {aten._foreach_lerp_: 1}
+
+
+def test_the_draws_of_a_step_are_its_draws(plain_step):
+    """The posterior's noise, the training noise and the timesteps, drawn on the host: no copy of a lone part (a cat of
+    one), no timesteps shifted by a train.min_timestep of 0."""
+    assert plain_step.kernels["noise and timestep draws"] == {aten.randn: 2, aten.randint: 1}
+
+
+def test_draws_of_several_parts_and_from_a_minimum_timestep_are_those_drawn():
+    from finetune.diffusion import BatchRandomness, draw_noise
+
+    randomness = BatchRandomness(seed=5, micro_batch=3, global_batch=4, rows=slice(1, 3))
+    noise, timesteps = draw_noise(randomness, (4, 2, 2), range(0, 1000))
+    doubled_noise, shifted = draw_noise(randomness.for_batch_of(4), (4, 2, 2), range(100, 1100))
+    assert torch.equal(doubled_noise[:2], noise) and doubled_noise.shape == (4, 4, 2, 2) and not torch.equal(doubled_noise[2:], noise)
+    assert torch.equal(shifted[:2], timesteps + 100)
