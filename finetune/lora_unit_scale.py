@@ -15,7 +15,10 @@ pins the loss and every gradient to peft's plain forward, to the bit.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
+
+from finetune.lora_casts import cast_together
 
 
 class UnitScaleLoRA(LoraVariant):
@@ -35,10 +38,10 @@ class UnitScaleLoRA(LoraVariant):
             # comes non-contiguous (an attention's to_out, on the residual stream of diffusers' Transformer2DModel,
             # whose output is permuted to NCHW) is then made contiguous once for the base layer and lora_B together,
             # not once by each linear's own unfolding. The same matmuls on the same values.
-            update = lora_B(lora_A(dropped.reshape(-1, dropped.shape[-1])))
+            update = linear_update(module, lora_A, lora_B, dropped.reshape(-1, dropped.shape[-1]))
             summed = result.reshape(update.shape) + (update if scaling == 1 else update * scaling)
             return summed.view(result.shape)
-        update = lora_B(lora_A(dropped))
+        update = linear_update(module, lora_A, lora_B, dropped) if isinstance(lora_A, torch.nn.Linear) else lora_B(lora_A(dropped))
         return result + (update if scaling == 1 else update * scaling)
 
     # peft's vanilla merge (LoraLayer.merge and unmerge, the weights in their own dtype)
@@ -55,14 +58,31 @@ class UnitScaleLoRA(LoraVariant):
         return orig_weight.data - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
 
 
+def linear_update(module: LoraLayer, lora_A: torch.nn.Linear, lora_B: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`lora_B(lora_A(x))`, with the weights the model cast together for this forward where it did (`finetune.lora_casts`)."""
+    casts = getattr(module, "weight_casts", None)
+    down, up = (casts.of(lora_A), casts.of(lora_B)) if casts is not None else (None, None)
+    if down is None or up is None:
+        return lora_B(lora_A(x))
+    return F.linear(F.linear(x, down), up)
+
+
 def skip_unit_scales(model: torch.nn.Module) -> int:
     """Give each plain LoRA Linear or Conv2d layer of `model` (not a DoRA: peft runs that as its own variant) the
-    forward without the multiply by 1. Returns how many layers it changed."""
-    changed = 0
+    forward without the multiply by 1, the Linear ones' weights cast together (`finetune.lora_casts`). Returns how many
+    layers it changed."""
+    changed, linear_layers, pairs = 0, [], []
     for module in model.modules():
         if isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), (torch.nn.Linear, torch.nn.Conv2d)):
             for adapter in module.lora_A:
                 if adapter not in module.lora_variant:
                     module.lora_variant[adapter] = UnitScaleLoRA()
                     changed += 1
+                    down, up = module.lora_A[adapter], module.lora_B[adapter]
+                    if isinstance(down, torch.nn.Linear) and down.bias is None and up.bias is None:
+                        linear_layers.append(module)
+                        pairs += [down, up]
+    casts = cast_together(model, pairs)
+    for module in linear_layers:
+        module.weight_casts = casts
     return changed

@@ -1,7 +1,7 @@
 """The operators of one training step by phase: the UNet's forward and its backward, the loss, clipping, the optimizer,
 the weight average and the loop's own work (`python tests/step_phases.py` prints the bench's cached LoRA step, as
-docs/benchmarks-gpu.md gives it). Each operator that is not a view is a kernel launch on a GPU; views cost the host's
-dispatch alone. A backward operator counts for the phase of the forward line that made it (autograd's anomaly mode
+docs/benchmarks-gpu.md gives it). Each operator that is neither a view nor an allocation is a kernel launch on a GPU;
+those cost the host's dispatch alone. A backward operator counts for the phase of the forward line that made it (autograd's anomaly mode
 records that line; without its NaN checks, which would add operators)."""
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ PHASES = [
     ("finetune/step_losses.py", "weighted", "running losses"),
 ]
 LOOP = "the loop's other work"
+# Not kernels: a view without autograd's aliasing, and allocations (on a GPU the caching allocator's, no launch).
+ALLOCATIONS = {torch.ops.aten._unsafe_view, torch.ops.aten.empty_like, torch.ops.aten.empty, torch.ops.aten.empty_strided}
 
 
 def phase_of_frames(frames: list[tuple[str, str]]) -> str:
@@ -79,7 +81,7 @@ class StepPhases(TorchDispatchMode):
         node = torch._C._current_autograd_node()
         phase = f"backward of {phase_of_frames(recorded_frames(node))}" if node is not None else phase_of_frames(current_frames())
         self.operators[phase][func.overloadpacket] += 1
-        if not func.is_view and func.overloadpacket is not torch.ops.aten._unsafe_view:
+        if not func.is_view and func.overloadpacket not in ALLOCATIONS:
             self.kernels[phase][func.overloadpacket] += 1
         return out
 
