@@ -36,6 +36,9 @@ Deal = list[list[int]]  # an epoch's global batches, in training order (items by
 # The furthest epoch a checkpoint can be in: an epoch is a micro-batch or more, and a run at most train.max_steps' bound of steps
 # of gradient_accumulation_steps' bound. Past it a recorded position is damaged (epoch 10**30 was a traceback from torch's seeding).
 MAX_EPOCH = MAX_TRAIN_STEPS * MAX_ACCUMULATION
+# Epoch deals a sampler keeps: the stream's first epoch (every look-up reads it), the current one, and the next (a data
+# loader's workers read ahead into it).
+KEPT_DEALS = 3
 
 
 class PaddedBatch(list):
@@ -85,15 +88,21 @@ class DealtOrder:
         raise NotImplementedError
 
     def epoch_batches(self, epoch: int) -> Deal:
-        """The global batches of `epoch` dealt whole at this run's global batch."""
-        if self._cached[0] != epoch:
-            self._cached = (epoch, self.deal(epoch, frozenset(), self.global_batch, self.num_processes))
-        return self._cached[1]
+        """The global batches of `epoch` dealt whole at this run's global batch. The last few epochs' deals are kept:
+        each look-up past the stream's first epoch reads that one's too (`_locate`), and one kept deal was dealt again,
+        each time, for every step after the first epoch (a shuffle and a pass over every image, a few a step)."""
+        if epoch in self._cached:
+            self._cached[epoch] = self._cached.pop(epoch)  # the most recently used last
+        else:
+            self._cached[epoch] = self.deal(epoch, frozenset(), self.global_batch, self.num_processes)
+            if len(self._cached) > KEPT_DEALS:
+                del self._cached[next(iter(self._cached))]
+        return self._cached[epoch]
 
     def start_at(self, start: int, resumed_at: dict | None) -> None:
         """Where the stream starts: the epoch it is in, that epoch's deals before the one trained now, the one
         trained now, and how many of its batches trained before `start`."""
-        self.start, self._cached = start, (-1, [])
+        self.start, self._cached = start, {}  # epoch -> its deal, least recently used first
         self.continued = continues(resumed_at, self.order_key())  # a recorded position taken up
         if not self.continued:  # the epoch's deal whole, dealt where first used (a sampler made for its batches_per_epoch deals nothing)
             self._epoch, self._done = divmod(start, self.batches_per_epoch)

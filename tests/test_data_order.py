@@ -201,3 +201,18 @@ def test_a_position_of_more_processes_or_batches_than_the_data_has_is_refused_be
         with pytest.raises(OutsideTheData):
             BucketBatchSampler(layout, 1, 1, 0, seed=1, start=3, resumed_at={"order": key, "epoch": 0, "dealt": dealt})
     assert BucketBatchSampler(layout, 1, 1, 0, seed=1, start=3, resumed_at={"order": key, "epoch": 0, "dealt": [[2, 1, 2], [1, 1, 1]]}).continued
+
+
+@pytest.mark.parametrize("bucketed", [False, True], ids=["square", "buckets"])
+def test_a_stream_deals_each_epoch_once_as_the_loop_reads_it(monkeypatch, bucketed):
+    """Every look-up past the first epoch also reads the stream's first epoch's deal: with one deal kept, both were dealt
+    again (a shuffle and a pass over every image) a few times a step, for the rest of the run."""
+    layout = ItemLayout([(64, 64), (64, 96)] * 4 if bucketed else None, 8)
+    sampler = make_batch_sampler(layout, 1, 1, 0, seed=3)
+    dealt, deal = [], type(sampler).deal
+    monkeypatch.setattr(type(sampler), "deal", lambda self, epoch, *rest: dealt.append(epoch) or deal(self, epoch, *rest))
+    batches = iter(sampler)
+    for micro_batch in range(24):  # three epochs of 8 batches, read as the trainer reads them
+        next(batches)
+        sampler.rows_of(micro_batch), sampler.own_images(micro_batch)
+    assert dealt == [0, 1, 2]
