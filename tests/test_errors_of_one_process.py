@@ -14,7 +14,7 @@ ONE_FAILS = r"""
 import sys, time
 from types import SimpleNamespace
 import torch.distributed as dist
-import finetune.cli as cli, finetune.recipe_loading, finetune.train_inputs
+import finetune.cli as cli, finetune.native_resolution, finetune.recipe_loading, finetune.train_inputs
 import finetune.distributed  # (accelerate: seconds) before the processes join, as the run's errors meet them after it
 from finetune.errors import FinetuneError
 
@@ -32,8 +32,9 @@ if dist.get_rank() == 1:  # a loaded machine: process 1 reads the first's line a
             return store.get(key)
 
     c10d._get_default_store = SlowStore
-finetune.recipe_loading.load_recipe = lambda path, overrides: SimpleNamespace(output_dir=sys.argv[1])
+finetune.recipe_loading.load_recipe = lambda path, overrides: SimpleNamespace(output_dir=sys.argv[1], data=SimpleNamespace(resolution=512), model=SimpleNamespace(pretrained="", single_file_config=None))
 finetune.train_inputs.check_inputs_exist = lambda recipe: None
+finetune.native_resolution.far_from_native_line = lambda *a: None  # the fake recipe names no real base
 
 def train(recipe, **options):
     if dist.get_rank() == 1:

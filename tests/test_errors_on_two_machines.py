@@ -18,7 +18,7 @@ import sys, time
 from datetime import timedelta
 from types import SimpleNamespace
 import torch.distributed as dist
-import finetune.cli as cli, finetune.recipe_loading, finetune.train_inputs
+import finetune.cli as cli, finetune.native_resolution, finetune.recipe_loading, finetune.train_inputs
 import finetune.error_exchange
 from finetune.errors import FinetuneError
 
@@ -43,8 +43,9 @@ if dist.get_rank() == 3:  # machine 1, loaded: its other process reads its first
             return store.get(key)
 
     c10d._get_default_store = SlowStore
-finetune.recipe_loading.load_recipe = lambda path, overrides: SimpleNamespace(output_dir=sys.argv[1])
+finetune.recipe_loading.load_recipe = lambda path, overrides: SimpleNamespace(output_dir=sys.argv[1], data=SimpleNamespace(resolution=512), model=SimpleNamespace(pretrained="", single_file_config=None))
 finetune.train_inputs.check_inputs_exist = lambda recipe: None
+finetune.native_resolution.far_from_native_line = lambda *a: None  # the fake recipe names no real base
 
 def train(recipe, **options):
     dist.barrier()  # a collective's error: every process meets it
