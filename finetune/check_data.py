@@ -35,11 +35,11 @@ from finetune.epoch_uses import expand_repeats
 from finetune.errors import FinetuneError
 from finetune.image_warnings import pillow_warning_line, pillow_warnings
 from finetune.image_folder_datasets import image_dir_advice
-from finetune.images import decode, file_stamp, float_levels_problem, has_alpha, is_16_bit, pixel_digest, turned_on_its_side, upright_rgb
+from finetune.images import decode, file_stamp, float_levels_problem, has_alpha, holds_8_bit_values, is_16_bit, pixel_digest, turned_on_its_side, upright_rgb
 from finetune.loss_mask import alpha_mask, image_sharing_mask, mask_area, mask_digest, mask_path, read_mask_file
 from finetune.sources import (Example, convert_unread, data_folders, folder_images, read_examples, subfolder_names,
                               unlisted_image_folders, unread_images)  # fmt: skip
-from finetune.views import cut, holds_8_bit_values, plan_cover_crop
+from finetune.views import cut, plan_cover_crop
 
 FATAL, WARNING, CONVERTED = "fatal", "warning", "converted"
 SKIP_HINT = "or set data.skip_bad_images: true to skip bad images"

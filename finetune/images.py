@@ -8,6 +8,7 @@ import hashlib
 import os
 import re
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from finetune.buckets import Size
@@ -16,7 +17,6 @@ from finetune.colour_profiles import srgb_transform
 from finetune.errors import FinetuneError
 from finetune.image_warnings import pillow_warnings_named
 from finetune.sources import Example
-from finetune.views import to_8_bit
 
 # Pillow refuses images over 2x this many pixels as "decompression bombs" (89M by default: a 108 MP phone
 # photo warns, a 200 MP one fails). A user's own photos are trusted input; the check still stops on a corrupt
@@ -98,6 +98,18 @@ def has_alpha(image: Image.Image) -> bool:
 
 def is_16_bit(image: Image.Image) -> bool:
     return image.mode.startswith("I;16") or image.mode == "I"
+
+
+def holds_8_bit_values(image: Image.Image) -> bool:
+    """Whether a 16-bit image has no value above 255, as when numpy or OpenCV writes 8-bit values into a
+    16-bit file (scaled by 257 as 16-bit values, those would train black)."""
+    return int(np.asarray(image).max(initial=0)) <= 255
+
+
+def to_8_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image (mode I;16 or I) as 8-bit L: scaled by 257, unless it holds 8-bit values."""
+    values = np.asarray(image, dtype=np.float64)
+    return Image.fromarray((values / (1.0 if holds_8_bit_values(image) else 257.0)).clip(0, 255).astype(np.uint8))
 
 
 def upright_rgb(image: Image.Image, colour_managed: bool = True) -> Image.Image:

@@ -27,8 +27,8 @@ from PIL import Image, ImageOps
 from finetune.config import LossMaskConfig
 from finetune.errors import FinetuneError
 from finetune.file_names import file_names_by_loose_key, folder_listing, loose_name_key
+from finetune.images import to_8_bit
 from finetune.sources import IMAGE_SUFFIXES
-from finetune.views import to_8_bit
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: the data check reads masks without it
     import torch

@@ -5,8 +5,6 @@ it can be named without decoding: `view_key` hashes the image's content digest (
 and the plan. With cached latents an item carries that key, and pixels only while its view is likely
 new (the first epoch, or two with flips; see `data.view_entry`): the data loader decodes those, later
 epochs decode nothing, and a view that was not cached after all is decoded by the training process.
-
-Also `to_8_bit`, the 16-bit-to-8-bit step that images (`finetune.images`) and loss masks share.
 """
 
 from __future__ import annotations
@@ -73,18 +71,6 @@ def cover_and_crop(image: Image.Image, target: Size, crop: str, rng: np.random.G
     """Resize to cover `target` (width, height) keeping the aspect ratio, then crop it: (view, (top, left))."""
     resized, top_left = plan_cover_crop(image.size, target, crop, rng)
     return cut(image, resized, top_left, target), top_left
-
-
-def holds_8_bit_values(image: Image.Image) -> bool:
-    """Whether a 16-bit image has no value above 255, as when numpy or OpenCV writes 8-bit values into a
-    16-bit file (scaled by 257 as 16-bit values, those would train black)."""
-    return int(np.asarray(image).max(initial=0)) <= 255
-
-
-def to_8_bit(image: Image.Image) -> Image.Image:
-    """A 16-bit greyscale image (mode I;16 or I) as 8-bit L: scaled by 257, unless it holds 8-bit values."""
-    values = np.asarray(image, dtype=np.float64)
-    return Image.fromarray((values / (1.0 if holds_8_bit_values(image) else 257.0)).clip(0, 255).astype(np.uint8))
 
 
 def view_key(digest: str, plan: ViewPlan) -> str:
