@@ -135,6 +135,24 @@ def conditioning_channels_problem(config) -> str | None:
             "are read as RGB (3 channels): use a ControlNet made for RGB conditioning images (conditioning_channels 3)")
 
 
+# Config keys that must agree for a ControlNet's residuals to fit the UNet's skip connections.
+CONTROLNET_FIT_KEYS = ("block_out_channels", "cross_attention_dim", "in_channels", "down_block_types", "layers_per_block")
+
+
+def check_controlnet_fits(controlnet_config, unet_config, named: str, base: str) -> None:
+    """Refuse a ControlNet (its config) whose residuals would not fit this UNet's (its config) in one line, rather
+    than torch's shape error mid-sampling; `named`: the ControlNet as the command or page names it. A key either
+    config lacks is not compared; a number and a list of that one number agree."""
+    for key in CONTROLNET_FIT_KEYS:
+        ours, theirs = controlnet_config.get(key), unet_config.get(key)
+        if ours is not None and theirs is not None and _as_list(ours) != _as_list(theirs):
+            raise FinetuneError(f"{named} does not fit base model {base}: its {key} is {ours}, the UNet's is {theirs}")
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def check_hub_controlnet(repo_id: str) -> None:
     """controlnet.pretrained as a hub id: its config.json (kilobytes) fetched, or found in the cache, and checked before
     any model loads; its weights download as it loads. Not in the cache offline, or not on the hub, was the hub's error

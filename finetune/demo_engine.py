@@ -17,7 +17,6 @@ server, and so every safety rule lives in one place that the page cannot go arou
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from finetune.inference import base_model_metadata, refuse_replacing_a_fine_tune
 from finetune.kohya import LoRA, load_lora
 from finetune.lora_hooks import loras_applied
 from finetune.merge import find_module
-from finetune.controlnet_folder import weights_variant
+from finetune.controlnet_folder import check_controlnet_fits, weights_variant
 from finetune.models import BaseModel, freeze, load_base_model
 from finetune.placement import inference_placement, place
 from finetune.prompt_options import PromptSettings, guidance_notes, unread_options_notes, webui_syntax_notes
@@ -191,7 +190,7 @@ class DemoEngine:
             controlnet, decoder = self._cached(adapter, lambda: place(_load_controlnet(adapter.path), *self.placement))
             if decoder is not None and (model is not self.base or self.base_metadata):
                 refuse_replacing_a_fine_tuned_unet(request.controlnet, request.model if model is not self.base else self.base_name)
-            _check_controlnet_fits(controlnet, model.unet, request.controlnet, model.source)
+            check_controlnet_fits(controlnet.config, model.unet.config, f"ControlNet '{request.controlnet}'", model.source)
             recorded = self._metadata_now(request.controlnet)
             made_with = recorded_options(recorded, request.conditioning_kind, f"ControlNet {request.controlnet}")
             kind_notes = other_kind_notes(recorded, request.conditioning_kind, request.controlnet)
@@ -357,13 +356,6 @@ def _load_controlnet(folder: Path):
     except (OSError, ValueError) as err:
         raise FinetuneError(f"could not load ControlNet {folder}: {str(err).splitlines()[0][:200]} (copied or written in part? press Rescan once it is whole)") from None
     return controlnet.eval().requires_grad_(False), unet
-
-
-def _check_controlnet_fits(controlnet, unet, name: str, base: str) -> None:
-    for key in ("block_out_channels", "cross_attention_dim", "in_channels", "down_block_types", "layers_per_block"):
-        mine, theirs = controlnet.config.get(key), unet.config.get(key)
-        if mine is not None and theirs is not None and json.dumps(mine) != json.dumps(theirs):
-            raise FinetuneError(f"ControlNet '{name}' does not fit base model {base}: its {key} is {mine}, the UNet's is {theirs}")
 
 
 def _pipeline(model: BaseModel, controlnet, unet):

@@ -26,7 +26,7 @@ from finetune.errors import FinetuneError
 from finetune.image_bounds import GRID_LABEL_WIDTH, sample_grid_problem
 from finetune.kohya import LoRA, load_lora, to_diffusers
 from finetune.merge import check_lora_fits, merged_already_note
-from finetune.controlnet_folder import check_control_options, resolve_controlnet_folder, weights_variant
+from finetune.controlnet_folder import check_control_options, check_controlnet_fits, resolve_controlnet_folder, weights_variant
 from finetune.run_files import LORA_WEIGHTS_NAME, METADATA_FILE, UNET_DIR, record_text, resolve_lora_file
 from finetune.models import BaseModel, load_base_model
 from finetune.placement import inference_placement, out_of_device_memory, place, placement_line
@@ -35,10 +35,6 @@ from finetune.sampling import build_pipeline, denoising_bar, generate_with_setti
 from finetune.sample_files import write_numbered
 from finetune.sources import Example
 from finetune.views import cover_and_crop
-
-# Config keys that must agree for a ControlNet's residuals to fit the UNet's skip connections.
-CONTROLNET_FIT_KEYS = ("block_out_channels", "cross_attention_dim", "in_channels", "down_block_types", "layers_per_block")
-
 
 def load_lora_into(pipeline, lora: LoRA, lora_file: Path, adapter_name: str) -> None:
     """Load a LoRA read from a file of either layout (ours/diffusers or kohya) as a named adapter.
@@ -98,10 +94,7 @@ def load_controlnet(folder: Path, base: BaseModel) -> ControlNetModel:
         controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=torch.float32, **weights_variant(folder))
     except (OSError, ValueError) as err:
         raise FinetuneError(f"could not load ControlNet {folder}: {str(err).splitlines()[0][:200]}") from None
-    for key in CONTROLNET_FIT_KEYS:
-        ours, theirs = controlnet.config.get(key), base.unet.config.get(key)
-        if ours is not None and theirs is not None and list(np.atleast_1d(ours)) != list(np.atleast_1d(theirs)):
-            raise FinetuneError(f"ControlNet {folder} does not fit base model {base.source}: its {key} is {ours}, the UNet's {theirs}")
+    check_controlnet_fits(controlnet.config, base.unet.config, f"ControlNet {folder}", base.source)
     return controlnet.eval()
 
 

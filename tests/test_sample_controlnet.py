@@ -14,6 +14,7 @@ from PIL import Image
 
 import finetune.inference as inference
 from finetune.cli import main
+from finetune.controlnet_folder import check_controlnet_fits
 from finetune.errors import FinetuneError
 from finetune.methods.controlnet import save_model_folder
 from finetune.toyworld.world import Scene, draw, mask_image
@@ -125,6 +126,21 @@ def test_controlnet_of_another_architecture_is_one_line(tiny_model, tmp_path, ca
     code = main(["sample", "--base", str(tiny_model), "--controlnet", str(tmp_path / "other"), "--condition", str(tmp_path / "x.png"), "--prompt", "x"])
     err = capsys.readouterr().err
     assert code == 2 and "does not fit base model" in err and "cross_attention_dim" in err
+
+    # The demo refuses it in the same line, naming it as its list does (one check: controlnet_folder.check_controlnet_fits).
+    from finetune import demo_engine
+
+    engine = demo_engine.DemoEngine(str(tiny_model), tmp_path)
+    with pytest.raises(FinetuneError, match=r"^ControlNet 'other' does not fit base model .*: its cross_attention_dim is 64, the UNet's is 32$"):
+        engine.render(demo_engine.Request(prompt="x", steps=1, controlnet="other", conditioning_image=Image.new("RGB", (64, 64))))
+
+
+def test_a_controlnet_fits_a_unet_of_its_layout():
+    unet = {"block_out_channels": [32, 64], "cross_attention_dim": 64, "in_channels": 4, "down_block_types": ["A", "B"], "layers_per_block": 2}
+    check_controlnet_fits({**unet, "block_out_channels": (32, 64), "cross_attention_dim": [64], "conditioning_channels": 3}, unet, "ControlNet c", "b")
+    check_controlnet_fits({"in_channels": 4}, unet, "ControlNet c", "b")  # a key one config lacks is not compared
+    with pytest.raises(FinetuneError, match=r"^ControlNet c does not fit base model b: its layers_per_block is 1, the UNet's is 2$"):
+        check_controlnet_fits({**unet, "layers_per_block": 1}, unet, "ControlNet c", "b")
 
 
 @pytest.mark.parametrize(
