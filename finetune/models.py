@@ -62,6 +62,20 @@ class BaseModel:
             self.reading_as_pretrained = False
 
 
+def unrecorded_target_warning(base: BaseModel, named: str) -> list[str]:
+    """Starting weights (`named`: "lora.init_from FILE", "controlnet.pretrained FOLDER") that record no prediction type
+    (from elsewhere: a diffusers file, a hub ControlNet, one of sd-scripts' without ss_v_parameterization) are taken to be
+    trained for the base's, as sample reads them; where this run trains another (model.prediction_type) they start from
+    what they did not learn. A warning, not a refusal, as that is assumed, not recorded. Their step-0 samples show them as
+    loaded, read as the base's target (the method's `started_as_pretrained`); later ones as this run's."""
+    pretrained, trained = base.pretrained_prediction_type, base.noise_scheduler.config.prediction_type
+    if pretrained == trained:
+        return []
+    return [f"warning: {named} records no prediction type and is taken to be trained for the base's {pretrained}, this run trains for "
+            f"{trained} (model.prediction_type): it starts from what it did not learn (its step-0 samples are read as {pretrained}, the "
+            f"later ones as {trained}); remove model.prediction_type if it was trained for {pretrained}"]  # fmt: skip
+
+
 def freeze(module: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
     """No gradients, eval mode (no dropout), and optionally cast to the frozen weights' dtype."""
     module.requires_grad_(False)

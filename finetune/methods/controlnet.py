@@ -47,7 +47,7 @@ from finetune.counts import counted
 from finetune.errors import FinetuneError
 from finetune.methods.base import DiffusionMethod
 from finetune.model_source import looks_like_hub_id
-from finetune.models import freeze
+from finetune.models import freeze, unrecorded_target_warning
 from finetune.output_metadata import started_from
 from finetune.finite_images import VALIDATION_OVERFLOW
 from finetune.sampling import build_pipeline, generate_with_settings
@@ -171,7 +171,9 @@ class ControlNetMethod(DiffusionMethod):
         if (problem := conditioning_channels_problem(controlnet.config)) is not None:  # a hub id: its config is read only here
             raise FinetuneError(f"controlnet.pretrained {pretrained} {problem}")
         self.target_unrecorded = not recorded.get("finetune.prediction_type")
-        self.start_lines += [self._start_line(recorded), *self._unrecorded_target_warning(recorded)]
+        self.start_lines.append(self._start_line(recorded))
+        if self.target_unrecorded:
+            self.start_lines += unrecorded_target_warning(self.base, f"controlnet.pretrained {self.settings.pretrained}")
         return controlnet
 
     def _recorded_by_its_run(self) -> dict:
@@ -200,17 +202,6 @@ class ControlNetMethod(DiffusionMethod):
 
     def started_as_pretrained(self) -> bool:
         return self.target_unrecorded
-
-    def _unrecorded_target_warning(self, recorded: dict) -> list[str]:
-        """Where this run trains another target than the base's (model.prediction_type), a ControlNet taken to be trained
-        for the base's starts from what it did not learn: a warning, not a refusal, as that is assumed, not recorded. Its
-        step-0 samples show it as loaded, read as the base's target (`started_as_pretrained`); later ones as this run's."""
-        base, trained = self.base.pretrained_prediction_type, self.base.noise_scheduler.config.prediction_type
-        if recorded.get("finetune.prediction_type") or base == trained:
-            return []
-        return [f"warning: controlnet.pretrained {self.settings.pretrained} records no prediction type and is taken to be trained for the base's "
-                f"{base}, this run trains for {trained} (model.prediction_type): it starts from what it did not learn (its step-0 samples are read as "
-                f"{base}, the later ones as {trained}); remove model.prediction_type if it was trained for {base}"]  # fmt: skip
 
     def resuming(self, checkpoint: Path, state: dict) -> None:
         super().resuming(checkpoint, state)

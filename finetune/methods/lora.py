@@ -26,7 +26,7 @@ from finetune.lora_kinds import written_path
 from finetune.lora_unit_scale import skip_unit_scales
 from finetune.max_norm import apply_max_norm, lora_layers
 from finetune.methods.base import UNetMethod
-from finetune.models import freeze
+from finetune.models import freeze, unrecorded_target_warning
 from finetune.run_files import LORA_WEIGHTS_NAME
 
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -107,23 +107,11 @@ class LoRAMethod(UNetMethod):
             names = ", ".join(dict.fromkeys(lora_init.target_name(key) for key in fresh))
             self.start_lines.append(f"warning: lora.init_from {settings.init_from} has no weights for {len(fresh)} of this recipe's LoRA layers "
                                     f"({names}; e.g. {fresh[0]}): they start fresh, as in a new LoRA")  # fmt: skip
-        self.start_lines += self._unrecorded_target_warning()
+        if self.target_unrecorded:
+            self.start_lines += unrecorded_target_warning(self.base, f"lora.init_from {settings.init_from}")
 
     def started_as_pretrained(self) -> bool:
         return self.target_unrecorded
-
-    def _unrecorded_target_warning(self) -> list[str]:
-        """A LoRA recording no prediction type (a diffusers file from elsewhere, one of sd-scripts' without
-        ss_v_parameterization) is taken to be trained for the base's, as sample reads it: where this run trains another
-        (model.prediction_type) it starts from what it did not learn. A warning, not a refusal, as that is assumed, not
-        recorded. Its step-0 samples show it as loaded, read as the base's target (`started_as_pretrained`); later ones as
-        this run's."""
-        base, trained = self.base.pretrained_prediction_type, self.base.noise_scheduler.config.prediction_type
-        if not self.target_unrecorded or base == trained:
-            return []
-        return [f"warning: lora.init_from {self.recipe.lora.init_from} records no prediction type and is taken to be trained for the base's "
-                f"{base}, this run trains for {trained} (model.prediction_type): it starts from what it did not learn (its step-0 samples are read as "
-                f"{base}, the later ones as {trained}); remove model.prediction_type if it was trained for {base}"]  # fmt: skip
 
     def parameter_groups(self) -> list[dict]:
         groups, settings = super().parameter_groups(), self.recipe.lora
