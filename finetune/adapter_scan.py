@@ -13,11 +13,13 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import yaml
 from safetensors import safe_open
 
 from finetune.adapter_records import saved_model_metadata
+from finetune.console import warn
 from finetune.dora import names_magnitudes
 from finetune.errors import FinetuneError
 from finetune.kohya_metadata import finetune_metadata_from_kohya
@@ -58,32 +60,53 @@ def scan_adapters(root: Path, exclude: tuple[Path, ...] = ()) -> dict[str, Adapt
     found: list[Adapter] = []
     if not root.is_dir():
         return {}
-    for folder, dirs, files in os.walk(root):
+    # A folder this user may not read (copied as another user, or chmod'ed) is said in one line and skipped: raised out of
+    # the scan it would stop the demo, and os.walk alone skips one it cannot list without a word.
+    for folder, dirs, files in os.walk(root, onerror=lambda err: _say_unreadable(err.filename, root) if isinstance(err, PermissionError) else None):
         here = Path(folder)
-        depth = len(here.relative_to(root).parts)
-        model = None if here.resolve() in excluded else _model_folder(here, root, files)
-        if model is not None or depth >= MAX_SCAN_DEPTH or here.resolve() in excluded:
-            dirs.clear()  # the files inside a model folder are its weights, not adapters
-            found += [model] if model is not None else []
-            continue
-        dirs[:] = _folders_to_scan(here, dirs)
-        for name in sorted(files):
-            if _is_checkpoint(here) and name not in CHECKPOINT_OUTPUTS:
-                continue
-            path = here / name
-            if name.endswith(".safetensors"):
-                adapter = _lora_file(path, root)
-            elif name.endswith(PICKLE_SUFFIXES):
-                adapter = Adapter(_name(path, root), "lora", path, "pickle", refused="pickle checkpoint: only .safetensors files are loaded")
-            else:
-                continue
-            found += [adapter] if adapter is not None else []
+        try:
+            found += _adapters_here(here, root, dirs, files, excluded)
+        except PermissionError:  # a file in it, or its entries' stat (a folder of mode r--)
+            dirs.clear()
+            _say_unreadable(here, root)
     adapters: dict[str, Adapter] = {}
     for adapter in _without_copies_of_the_run(found):
         if adapter.name in adapters or adapter.name == BASE:
             adapter.name = _relative(adapter.path, root)
         adapters[adapter.name] = adapter
     return dict(sorted(adapters.items()))
+
+
+def _adapters_here(here: Path, root: Path, dirs: list[str], files: list[str], excluded: set[Path]) -> list[Adapter]:
+    """The adapters in one folder of the walk; `dirs` is narrowed to the folders to walk into."""
+    depth = len(here.relative_to(root).parts)
+    model = None if here.resolve() in excluded else _model_folder(here, root, files)
+    if model is not None or depth >= MAX_SCAN_DEPTH or here.resolve() in excluded:
+        dirs.clear()  # the files inside a model folder are its weights, not adapters
+        return [model] if model is not None else []
+    dirs[:] = _folders_to_scan(here, dirs)
+    found = []
+    for name in sorted(files):
+        if _is_checkpoint(here) and name not in CHECKPOINT_OUTPUTS:
+            continue
+        path = here / name
+        if name.endswith(".safetensors"):
+            adapter = _lora_file(path, root)
+        elif name.endswith(PICKLE_SUFFIXES):
+            adapter = Adapter(_name(path, root), "lora", path, "pickle", refused="pickle checkpoint: only .safetensors files are loaded")
+        else:
+            continue
+        found += [adapter] if adapter is not None else []
+    return found
+
+
+def _unreadable(path: str | os.PathLike | None, root: Path) -> str:
+    """A folder or file this user may not read, as the scan says it: relative to the adapters folder."""
+    return f"{os.path.relpath(path, root) if path else root} cannot be read by this user (permission denied)"
+
+
+def _say_unreadable(path: str | os.PathLike | None, root: Path) -> None:
+    warn(f"{_unreadable(path, root)}, so its adapters are not listed: give this user read access to it (chmod -R u+rX), then Rescan", by="this process")
 
 
 def _without_copies_of_the_run(found: list[Adapter]) -> list[Adapter]:
@@ -215,28 +238,48 @@ def _lora_file(path: Path, root: Path) -> Adapter | None:
 
 def _model_folder(folder: Path, root: Path, files: list[str]) -> Adapter | None:
     if "model_index.json" in files:
-        missing = [part for part in ("unet", "vae", "text_encoder") if not list((folder / part).glob("*.safetensors"))]
-        pickled = [part for part in missing if _holds_pickles(folder / part)]
-        absent = [part for part in missing if part not in pickled]  # no weights at all: said to be pickles, they were looked for in vain
-        refused = (f"{', '.join(pickled)} weights are not .safetensors (pickle checkpoints are not loaded)" if pickled
-                   else f"no {', '.join(absent)} weights (a copy cut short?): copy the pipeline folder again" if absent else None)  # fmt: skip
-        try:  # a copy cut short, or a file edited by hand: loading it would fail only when chosen
-            json.loads((folder / "model_index.json").read_text())
-        except (OSError, ValueError):
-            refused = "its model_index.json is not readable JSON (a copy cut short?): copy the pipeline folder again"
-        return _model_entry(folder, root, "pipeline", _link_to_nothing(folder, root, "pipeline") or refused)
+        return _model_entry(folder, root, "pipeline", _problem_or_unreadable(lambda: _pipeline_problem(folder, root), folder, root))
     if "config.json" in files:
         try:
             config = json.loads((folder / "config.json").read_text())
+        except PermissionError:
+            raise  # said by the scan: the folder may be a ControlNet, unlisted
         except (OSError, ValueError):
             return None
         if not isinstance(config, dict) or config.get("_class_name") != "ControlNetModel":
             return None
-        has_weights = (folder / "diffusion_pytorch_model.safetensors").is_file() or bool(weights_variant(folder))
-        refused = None if has_weights else "no diffusion_pytorch_model.safetensors (pickle checkpoints are not loaded)"
-        refused = _link_to_nothing(folder, root, "controlnet") or refused or conditioning_channels_problem(config)
-        return _model_entry(folder, root, "controlnet", refused)
+        return _model_entry(folder, root, "controlnet", _problem_or_unreadable(lambda: _controlnet_problem(folder, root, config), folder, root))
     return None
+
+
+def _problem_or_unreadable(problem: Callable[[], str | None], folder: Path, root: Path) -> str | None:
+    """Why a pipeline or ControlNet folder cannot load, also where a part of it cannot be read by this user: that one is
+    listed, refused naming the part, not raised out of the scan."""
+    try:
+        return problem()
+    except PermissionError as err:
+        return f"{_unreadable(err.filename or folder, root)}: give this user read access to it (chmod -R u+rX), then Rescan"
+
+
+def _pipeline_problem(folder: Path, root: Path) -> str | None:
+    missing = [part for part in ("unet", "vae", "text_encoder") if not list((folder / part).glob("*.safetensors"))]
+    pickled = [part for part in missing if _holds_pickles(folder / part)]
+    absent = [part for part in missing if part not in pickled]  # no weights at all: said to be pickles, they were looked for in vain
+    refused = (f"{', '.join(pickled)} weights are not .safetensors (pickle checkpoints are not loaded)" if pickled
+               else f"no {', '.join(absent)} weights (a copy cut short?): copy the pipeline folder again" if absent else None)  # fmt: skip
+    try:  # a copy cut short, or a file edited by hand: loading it would fail only when chosen
+        json.loads((folder / "model_index.json").read_text())
+    except PermissionError:
+        raise
+    except (OSError, ValueError):
+        refused = "its model_index.json is not readable JSON (a copy cut short?): copy the pipeline folder again"
+    return _link_to_nothing(folder, root, "pipeline") or refused
+
+
+def _controlnet_problem(folder: Path, root: Path, config: dict) -> str | None:
+    has_weights = (folder / "diffusion_pytorch_model.safetensors").is_file() or bool(weights_variant(folder))
+    refused = None if has_weights else "no diffusion_pytorch_model.safetensors (pickle checkpoints are not loaded)"
+    return _link_to_nothing(folder, root, "controlnet") or refused or conditioning_channels_problem(config)
 
 
 def _model_entry(folder: Path, root: Path, kind: str, refused: str | None) -> Adapter:

@@ -1,6 +1,7 @@
 """The demo's adapter list says which LoRA files cannot load, from their header, before Generate is pressed."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -125,3 +126,43 @@ print(json.dumps([found, "torch" in sys.modules]))
     assert found == {name: [adapter.kind, adapter.metadata.get("finetune.use_dora")] for name, adapter in scan_adapters(tmp_path).items()}
     assert (found["dora"], found["mask"][0], found["world"][0]) == (["lora", "true"], "controlnet", "pipeline")
     assert not torch_imported
+
+
+
+def _unreadable_by_this_user(monkeypatch, unlistable: tuple[Path, ...], unsearchable: tuple[Path, ...]) -> None:
+    """Listing an `unlistable` folder raises PermissionError, as does a stat of an entry in an `unsearchable` one (a folder
+    of mode r--): as for another user's folders, which chmod cannot make of a test that runs as root."""
+    def refusing(real, refused):
+        def call(path=".", *args, **kwargs):
+            if refused(Path(path)):
+                raise PermissionError(13, "Permission denied", str(path))
+            return real(path, *args, **kwargs)
+        return call
+
+    for name in ("scandir", "listdir"):
+        monkeypatch.setattr(os, name, refusing(getattr(os, name), lambda path: path in unlistable))
+    monkeypatch.setattr(os, "stat", refusing(os.stat, lambda path: path.parent in unsearchable))
+
+
+def test_a_folder_this_user_cannot_read_is_said_and_skipped_not_raised(tmp_path, monkeypatch, capsys):
+    """A pipeline part folder the demo's user could not list (copied as another user) stopped the scan, so the demo, with
+    a traceback: its pipeline is now listed as refused naming the part, and a folder the scan cannot read is skipped with
+    one warning line naming it; everything else is listed as before."""
+    for name in ("ok", "locked"):
+        for part in ("unet", "vae", "text_encoder"):
+            (tmp_path / name / part).mkdir(parents=True)
+            (tmp_path / name / part / "model.safetensors").write_bytes(b"")
+        (tmp_path / name / "model_index.json").write_text("{}")
+    for name in ("private", "no-search", "kept"):
+        (tmp_path / name).mkdir()
+        save_file(PLAIN, str(tmp_path / name / "style.safetensors"))
+    _unreadable_by_this_user(monkeypatch, unlistable=(tmp_path / "locked" / "unet", tmp_path / "private"), unsearchable=(tmp_path / "no-search",))
+    adapters = scan_adapters(tmp_path)
+    assert {name: adapter.refused for name, adapter in adapters.items()} == {
+        "kept/style": None,
+        "locked": "locked/unet cannot be read by this user (permission denied): give this user read access to it (chmod -R u+rX), then Rescan",
+        "ok": None,
+    }
+    assert capsys.readouterr().out.splitlines() == [
+        f"warning: {name} cannot be read by this user (permission denied), so its adapters are not listed: give this user read "
+        "access to it (chmod -R u+rX), then Rescan" for name in ("no-search", "private")]
