@@ -44,7 +44,9 @@ class WeightCasts:
     def __init__(self, model: torch.nn.Module, layers: list[torch.nn.Module]):
         self.model = model
         self.layers = layers  # peft's lora_A and lora_B Linear layers, in pairs
-        self.casts: dict[int, torch.Tensor] | None = None  # the weights' casts by id(layer), for the forward running
+        # The weights' casts for the forward running, keyed by the layer itself (a Module hashes by identity): an id(layer)
+        # key was sound only because self.layers keeps every layer alive (a freed layer's id may be reused).
+        self.casts: dict[torch.nn.Module, torch.Tensor] | None = None
         self.new_forward = False
 
     def started(self, *_) -> None:
@@ -60,9 +62,9 @@ class WeightCasts:
         if self.new_forward:
             self.new_forward = False
             self.casts = self._cast_all()
-        return None if self.casts is None else self.casts.get(id(layer))
+        return None if self.casts is None else self.casts.get(layer)
 
-    def _cast_all(self) -> dict[int, torch.Tensor] | None:
+    def _cast_all(self) -> dict[torch.nn.Module, torch.Tensor] | None:
         weights = [layer.weight for layer in self.layers]
         device = weights[0].device.type
         if (torch.compiler.is_compiling() or not torch.is_grad_enabled() or not torch.is_autocast_enabled(device)
@@ -71,7 +73,7 @@ class WeightCasts:
         dtype = torch.get_autocast_dtype(device)
         if any(weight.dtype != torch.float32 or weight.device.type != device for weight in weights):  # DeepSpeed's copies, or split over devices
             return None
-        return dict(zip(map(id, self.layers), CastTogether.apply(dtype, *weights)))
+        return dict(zip(self.layers, CastTogether.apply(dtype, *weights)))
 
 
 def cast_together(model: torch.nn.Module, layers: list[torch.nn.Module]) -> WeightCasts | None:
