@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 from finetune.caption_cells import MAX_CAPTION_LENGTH
-from finetune.captions import SIDECAR_SUFFIXES, caption_file_names, folder_captions, metadata_file, other_entry_stems, sidecar_path, template_needs_caption
+from finetune.captions import SIDECAR_SUFFIXES, caption_file_names, other_entry_stems, sidecar_path, template_needs_caption
+from finetune.metadata_files import folder_captions, metadata_file
 from finetune.config import DataConfig, FolderConfig
 from finetune.file_names import loose_name_key, name_key
 from finetune.sources import folder_images

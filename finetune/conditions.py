@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from finetune.captions import image_caption, metadata_file, metadata_partner_files, read_csv_captions, read_metadata_captions
+from finetune.captions import image_caption
+from finetune.metadata_files import metadata_file, metadata_partner_files, read_csv_captions, read_metadata_captions
 from finetune.file_names import loose_name_key, name_key, row_image_key
 from finetune.counts import counted
 from finetune.errors import FinetuneError, looked_for_here

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from finetune.captions import metadata_file, read_csv_captions, split_at_line_ends
+from finetune.captions import split_at_line_ends
+from finetune.metadata_files import metadata_file, read_csv_captions
 from finetune.check_data import FATAL, WARNING, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable, too_small_problem
 from finetune.check_threads import each_on_threads
 from finetune.config import ControlNetConfig, DataConfig, Recipe

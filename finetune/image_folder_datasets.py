@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.captions import metadata_file, metadata_rows, metadata_subfolders
+from finetune.metadata_files import metadata_file, metadata_rows, metadata_subfolders
 from finetune.config import DataConfig
 from finetune.sources import folder_images, saved_dataset, unread_images
 

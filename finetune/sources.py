@@ -19,8 +19,9 @@ from typing import Callable, NoReturn
 from PIL import Image
 
 from finetune.buckets import Size
-from finetune.captions import (apply_template, dataset_of_row, folder_captions, image_caption, metadata_partner_files, metadata_subfolders,
-                               missing_caption_message, require_own_sidecars, require_rows_with_images, sidecar_path, template_needs_caption)  # fmt: skip
+from finetune.captions import (apply_template, dataset_of_row, image_caption, missing_caption_message, require_own_sidecars,
+                               require_rows_with_images, sidecar_path, template_needs_caption)  # fmt: skip
+from finetune.metadata_files import folder_captions, metadata_partner_files, metadata_subfolders
 from finetune.config import DataConfig, FolderConfig
 from finetune.errors import FinetuneError, looked_for_here
 from finetune.file_names import name_key

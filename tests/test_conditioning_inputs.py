@@ -73,7 +73,7 @@ def test_make_conditions_keeps_the_columns_of_a_row_naming_its_image_in_another_
     """A `Cat.PNG` row is `cat.png`'s, as its caption is read (and training finds it): its other columns were dropped,
     and the row kept again as one naming no image, which then named cat.png a second time."""
     from finetune.conditions import make_conditions
-    from finetune.captions import read_metadata_captions
+    from finetune.metadata_files import read_metadata_captions
 
     (tmp_path / "in").mkdir()
     noise(tmp_path / "in" / "cat.png")

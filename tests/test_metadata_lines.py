@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from finetune.captions import folder_captions, metadata_rows, split_at_line_ends
+from finetune.captions import split_at_line_ends
+from finetune.metadata_files import folder_captions, metadata_rows
 from finetune.errors import FinetuneError
 from finetune.metadata_lines import metadata_lines
 
@@ -112,7 +113,7 @@ def test_a_quote_never_closed_names_the_line_its_row_starts_on_for_every_reader(
 def test_a_bad_csv_row_below_blank_lines_is_said_at_its_own_line(tmp_path):
     """csv skips blank lines: a row's error named the blank line above it (a quote never closed) or counted rows, not
     lines ('row 3' for the row on line 5). Each names the line the row starts on, as a metadata.jsonl's do."""
-    from finetune.captions import read_csv_captions
+    from finetune.metadata_files import read_csv_captions
 
     table = tmp_path / "metadata.csv"
     table.write_text("file_name,text\na.png,a cat\n\n\nb.png,1girl, solo\n")
@@ -134,7 +135,7 @@ def test_a_csv_header_below_blank_lines_is_read_as_the_header(tmp_path):
     """A metadata.csv starting with a blank line (an export, a hand edit) was read as a header of no columns ('has: none'),
     though csv skips blank lines above a row and pandas, which datasets reads it with, above the header too. Each row's
     line is still its own."""
-    from finetune.captions import read_csv_captions
+    from finetune.metadata_files import read_csv_captions
 
     table = tmp_path / "metadata.csv"
     table.write_text("\n\r\nfile_name;text\na.png;a cat\n")
