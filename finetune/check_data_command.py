@@ -15,7 +15,8 @@ from finetune.epoch_uses import expand_together
 from finetune.errors import FinetuneError
 from finetune.native_resolution import far_from_native_line
 from finetune.held_out import concept_held_out_whole, held_out_for_check, held_out_sources
-from finetune.recipe_loading import describe_validation_error, load_recipe, looks_like_override
+from finetune.recipe_keys import describe_validation_error
+from finetune.recipe_loading import load_recipe, looks_like_override
 from finetune.train_inputs import data_configs
 from finetune.sources import read_examples
 

@@ -5,7 +5,8 @@ import pytest
 
 from finetune.config import Recipe
 from finetune.errors import FinetuneError
-from finetune.recipe_loading import load_recipe, recipe_from_dict, section_type
+from finetune.recipe_keys import section_type
+from finetune.recipe_loading import load_recipe, recipe_from_dict
 
 RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").rglob("*.yaml"))  # toyworld/ too
 MINIMAL = {"data": {"image_dir": "images"}}

@@ -183,7 +183,8 @@ def test_the_recipe_keys_the_docs_name_exist():
     import yaml
 
     from finetune.config.recipe import Recipe
-    from finetune.recipe_loading import _annotation_at, section_type
+    from finetune.recipe_keys import section_type
+    from finetune.recipe_loading import _annotation_at
 
     def nested_section_names(model) -> set[str]:
         names = set()

@@ -17,7 +17,7 @@ def test_every_shipped_recipe_is_named_in_the_readme(recipe):
 
 def recipe_keys(section, prefix: str = "") -> set[str]:
     """Every dotted key under a config class, with list entries' keys (data.folders.path) and nested sections."""
-    from finetune.recipe_loading import section_type
+    from finetune.recipe_keys import section_type
 
     keys = set()
     for name, field in section.model_fields.items():
@@ -31,7 +31,7 @@ def test_every_key_the_docs_name_in_backticks_is_a_recipe_key():
     # A guard while keys change in parallel (optimizer.betas, the data keys): a renamed key left in the README
     # sends users to an "unknown key" error.
     from finetune.config import Recipe
-    from finetune.recipe_loading import section_type
+    from finetune.recipe_keys import section_type
 
     keys = recipe_keys(Recipe)
     sections = "|".join(name for name, field in Recipe.model_fields.items() if section_type(field.annotation) is not None)
