@@ -27,6 +27,7 @@ from finetune.config import Recipe, TrainConfig
 from finetune.config.training import MAX_TRAIN_STEPS
 from finetune.counts import counted
 from finetune.data_order import OutsideTheData, continues, recorded_position, unusable_position
+from finetune.earlier_run import finish_a_finished_runs_saves
 from finetune.errors import FinetuneError
 from finetune.optim import schedule_change_line
 
@@ -190,6 +191,8 @@ def check_epoch_run(recipe: Recipe, max_steps: int, count: EpochCount, resume_fr
         )
     step = count.step_then
     if resume_from is not None and step >= max_steps:
+        # A finished run's, as for train.max_steps (`checkpoint.check_resumable`): what a kill cut short of its last save is done now.
+        resume_from = finish_a_finished_runs_saves(resume_from, Path(recipe.output_dir))
         raise FinetuneError(
             f"{resume_from} is at step {step} and train.max_epochs {epochs} ends at step {max_steps}: nothing left to train; "
             f"raise train.max_epochs to continue (e.g. train.max_epochs={count.to_continue(step)})"

@@ -100,3 +100,31 @@ def test_an_older_checkpoint_with_nothing_left_under_a_lower_max_steps_rotates_n
     with pytest.raises(FinetuneError, match="is at step 2 and train.max_steps is 2: nothing left"):
         checkpoint.check_resumable(checkpoints / "checkpoint-2", 2, {"output_dir": str(tmp_path)})
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+
+
+def test_a_finished_epoch_runs_last_checkpoint_a_stop_left_before_its_rename_is_put_back_and_named(make_recipe, monkeypatch, capsys):
+    """As for train.max_steps, for a run whose length is train.max_epochs (its 'nothing left to train' is said once the data
+    is read, `run_length.check_epoch_run`): it named the hidden `.partial-checkpoint-4`, which then stayed for good."""
+    replace_folder = checkpoint.replace_folder
+
+    def stopped_at_the_last(new, final):
+        if final.name == "checkpoint-4":
+            raise KeyboardInterrupt  # the second Ctrl-C: trainer_state.json is written, the folder not renamed
+        return replace_folder(new, final)
+
+    def epoch_recipe():  # 4 images in batches of 2: 2 steps an epoch, 4 in all
+        return make_recipe(train__max_steps=None, train__max_epochs=2, checkpoint__every_n_steps=2)
+
+    monkeypatch.setattr(checkpoint, "replace_folder", stopped_at_the_last)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(epoch_recipe())
+    monkeypatch.undo()
+    checkpoints = Path(epoch_recipe().output_dir) / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [".partial-checkpoint-4", "checkpoint-2"]
+    capsys.readouterr()
+
+    with pytest.raises(FinetuneError) as refused:
+        trainer.train(epoch_recipe(), resume="latest")
+    assert str(refused.value).startswith(f"{checkpoints / 'checkpoint-4'} is at step 4 and train.max_epochs 2 ends at step 4: nothing left to train")
+    assert f"put back {checkpoints / 'checkpoint-4'}: a kill after it was saved" in capsys.readouterr().out
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]
