@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import shlex
 import types
 import typing
 from pathlib import Path
@@ -35,7 +36,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
             raise FinetuneError(f"recipe {path} is a folder of images: pass a recipe, and the folder as its data, e.g. recipes/lora.yaml data.image_dir={path}")
         if (path / RUN_RECIPE).is_file():  # `finetune train outputs/lora --resume latest`: the run's folder for its recipe
             raise FinetuneError(f"recipe {path} is a training run's folder: pass the recipe it ran with, {path / RUN_RECIPE} "
-                                "(with --resume latest to continue that run)")  # fmt: skip
+                                f"(to continue that run: finetune train {shlex.quote(str(path / RUN_RECIPE))} --resume latest)")  # fmt: skip
         raise FinetuneError(f"recipe {path} is a folder: pass the path of a YAML file in it, such as recipes/lora.yaml")
     if not path.is_file():
         if path.name == RUN_RECIPE and (path.parent / EARLIER_RUN_RECIPE).is_file():  # a run of an earlier version, resumed as the docs now say

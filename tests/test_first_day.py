@@ -83,12 +83,17 @@ def test_check_data_resolution_option_says_what_width_and_height_mean(tmp_path, 
     assert capsys.readouterr().err.strip() == "error: check-data: --resolution: is one number, the side of the square images train at: write 512 (got '512,512')"
 
 
-def test_a_run_folder_given_as_the_recipe_is_told_the_recipe_it_ran_with(tmp_path, capsys):
-    """`finetune train outputs/lora --resume latest` was told to pass "a YAML file in it, such as recipes/lora.yaml"."""
-    (tmp_path / "recipe_as_run.yaml").write_text("method: lora\n")
-    assert main(["train", str(tmp_path), "--resume", "latest"]) == 2
-    assert capsys.readouterr().err.strip() == (f"error: recipe {tmp_path} is a training run's folder: pass the recipe it ran with, "
-                                               f"{tmp_path / 'recipe_as_run.yaml'} (with --resume latest to continue that run)")  # fmt: skip
+@pytest.mark.parametrize("command", [["train", "--resume", "latest"], ["check-data"]])
+def test_a_run_folder_given_as_the_recipe_is_told_the_recipe_it_ran_with(tmp_path, capsys, command):
+    """`finetune train outputs/lora --resume latest` was told to pass "a YAML file in it, such as recipes/lora.yaml". The
+    command that continues the run is said whole: check-data, told "with --resume latest", takes no such option."""
+    run = tmp_path / "my run"
+    run.mkdir()
+    (run / "recipe_as_run.yaml").write_text("method: lora\n")
+    assert main([command[0], str(run), *command[1:]]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: recipe {run} is a training run's folder: pass the recipe it ran with, "
+                                               f"{run / 'recipe_as_run.yaml'} (to continue that run: finetune train "
+                                               f"'{run / 'recipe_as_run.yaml'}' --resume latest)")  # fmt: skip
 
 
 def test_an_override_typed_with_spaces_around_its_equals_sign_is_told_how_to_write_it(capsys):
