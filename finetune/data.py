@@ -44,7 +44,7 @@ def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
 
 
-def render_pixels(example: Example, plan: ViewPlan, stamp: tuple[int, int] | None = None) -> torch.Tensor:
+def render_pixels(example: Example, plan: ViewPlan, stamp: tuple[int, ...] | None = None) -> torch.Tensor:
     """The planned view of `example` as CHW pixels in [-1, 1] (a JPEG may decode at a reduced scale), for the latent cache:
     of the pixels the data check read (`decoded_as_checked`). `stamp`: the one `require_as_checked` just accepted; without
     it, that check is made here (the training process cutting a view the loader left out)."""

@@ -6,9 +6,9 @@ run in one line (`require_as_checked`, `decoded_as_checked`, `require_mask_as_ch
 served stale. Without the cache an image is decoded at every use and trains as it now is, but only at the size the
 check read, which its crop and bucket were planned for (`require_checked_size`, `decoded_at_checked_size`).
 
-Each use costs one stat: a file whose size and time are as checked is taken as checked. One whose stamp changed is
-read and compared once (per process), and a read that fails while the file is still being written is tried again once
-it is whole (`_read_once_written`).
+Each use costs one stat: a file whose stamp (size, mtime, ctime, inode: `finetune.images.file_stamp`) is as checked is
+taken as checked. One whose stamp changed is read and compared once (per process), and a read that fails while the file
+is still being written is tried again once it is whole (`_read_once_written`).
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ READ_RETRIES, READ_RETRY_WAIT = 10, 0.25
 
 # An image touched since the check whose pixels were found the same (a copy over itself, a tool that rewrote it): its
 # new stamp, so it is not decoded again at each use (per process: each data-loader worker finds it once).
-_UNCHANGED_STAMPS: dict[str, tuple[int, int]] = {}
+_UNCHANGED_STAMPS: dict[str, tuple[int, ...]] = {}
 # Without the cache, an image changed since the check whose size was found the same: its new stamp, so its size is not
 # read again at each use (a PNG's EXIF is read by decoding it whole). Apart from the above: its pixels may differ.
-_SAME_SIZE_STAMPS: dict[str, tuple[int, int]] = {}
+_SAME_SIZE_STAMPS: dict[str, tuple[int, ...]] = {}
 
 
-def _stamp_now(example: Example, kind: str = "image") -> tuple[int, int] | None:
+def _stamp_now(example: Example, kind: str = "image") -> tuple[int, ...] | None:
     """The image file's stamp (None for a dataset row, or an example not from the check); one stat. A file gone since
     stops here with one line (the loader's traceback said less). `kind`: how a line names the file (a ControlNet's
     "conditioning image")."""
@@ -46,9 +46,9 @@ def _stamp_now(example: Example, kind: str = "image") -> tuple[int, int] | None:
     return stamp
 
 
-def require_as_checked(example: Example) -> tuple[int, int] | None:
+def require_as_checked(example: Example) -> tuple[int, ...] | None:
     """Stop where `example`'s image changed since this run's data check, at its next use: its views' cached latents (in
-    memory or on disk), keyed by the checked pixels, would be served stale. A file whose size or time changed is decoded
+    memory or on disk), keyed by the checked pixels, would be served stale. A file whose stamp changed is decoded
     in full and compared, so a copy of the same pixels, or a touched file, trains on. Returns the file's stamp, now
     accepted as holding the checked pixels (None for a dataset row), which a view's decode takes (`decoded_as_checked`)."""
     stamp = _stamp_now(example)
@@ -57,7 +57,7 @@ def require_as_checked(example: Example) -> tuple[int, int] | None:
     return _require_checked_pixels(example, stamp)[1]
 
 
-def _require_checked_pixels(example: Example, stamp: tuple[int, int]) -> tuple[Image.Image, tuple[int, int]]:
+def _require_checked_pixels(example: Example, stamp: tuple[int, ...]) -> tuple[Image.Image, tuple[int, ...]]:
     """The image decoded in full (once written) and its stamp, where its pixels are the checked ones; else one line."""
     image, stamp = _read_once_written(lambda: open_rgb(example), example.source, stamp)
     if pixel_digest(image) != example.digest:
@@ -67,12 +67,12 @@ def _require_checked_pixels(example: Example, stamp: tuple[int, int]) -> tuple[I
     return image, stamp
 
 
-def decoded_as_checked(example: Example, at_least: int, stamp: tuple[int, int] | None) -> Image.Image:
+def decoded_as_checked(example: Example, at_least: int, stamp: tuple[int, ...] | None) -> Image.Image:
     """`open_rgb` of an image whose view is cached under its checked digest: the checked pixels, never a rewrite's. The
     file was found as checked at `stamp` (`require_as_checked`), but a rewrite may land between that stat and the decode,
     and its view would be stored under the checked pixels' key. So the file is statted again after the decode (one stat
     per entry made, beside the decode): moved, it is decoded in full once written and compared, and the view is cut from
-    that very decode. A rewrite that keeps the file's size and time is not seen, as at every use of a cached view."""
+    that very decode. A rewrite that keeps the file's stamp is not seen, as at every use of a cached view (`file_stamp`)."""
     decode = functools.partial(open_rgb, example, at_least=at_least)
     if stamp is None:  # a dataset row: nothing on disk to change
         return decode()
@@ -82,7 +82,7 @@ def decoded_as_checked(example: Example, at_least: int, stamp: tuple[int, int] |
     return _require_checked_pixels(example, _stamp_now(example))[0]
 
 
-def _read_once_written(read: Callable[[], Any], path: str, stamp: tuple[int, int]) -> tuple[Any, tuple[int, int]]:
+def _read_once_written(read: Callable[[], Any], path: str, stamp: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
     """`read()` of the file `path` (an image, a mask) and the stamp it was read at. A file rewritten in place (`mogrify`,
     an optimiser, a save over it) was caught half-written by the use that found it changed: 'cannot be read: fix or
     remove it' stopped a cached run over a file whole a moment later, of the same pixels. A read that fails is tried
@@ -98,7 +98,7 @@ def _read_once_written(read: Callable[[], Any], path: str, stamp: tuple[int, int
     return read(), stamp
 
 
-def require_checked_size(example: Example, kind: str = "image") -> tuple[int, int] | None:
+def require_checked_size(example: Example, kind: str = "image") -> tuple[int, ...] | None:
     """Without the latent cache an edited image trains as it now is, but only at the size the check read: its crop (and
     bucket) was planned for that size, and a view planned for another would be stretched, unseen. A file caught
     half-rewritten is read once written, as with the cache. So for a ControlNet's conditioning image (`kind`), decoded at
@@ -140,7 +140,7 @@ def require_checked_mask(example: Example, mask: Image.Image) -> None:
 
 def require_mask_as_checked(example: Example) -> None:
     """`require_as_checked` for a mask file (data.loss_mask.source files), whose cached views are served by their key:
-    one stat a use; a file whose size or time changed is read and compared. (An alpha mask is its image's.)"""
+    one stat a use; a file whose stamp changed is read and compared. (An alpha mask is its image's.)"""
     if example.mask_file_stamp is None or example.mask_digest is None:
         return
     path, *checked = example.mask_file_stamp

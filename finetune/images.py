@@ -170,10 +170,15 @@ def pixel_digest(image: Image.Image) -> str:
     return hashlib.blake2b(f"{image.width}x{image.height}".encode() + image.tobytes(), digest_size=16).hexdigest()
 
 
-def file_stamp(source: str) -> tuple[int, int] | None:
-    """(size, mtime_ns) of an image file; None for a dataset row."""
+def file_stamp(source: str) -> tuple[int, int, int, int] | None:
+    """(size, mtime_ns, ctime_ns, inode) of an image file; None for a dataset row. Size and mtime alone missed a rewrite
+    that keeps both (`cp -p`, `rsync -t`, `touch -r` set a file's mtime back, and files of one format and size are often
+    of one length): the ctime moves at every write and every change of times, and only the system clock sets it; the
+    inode changes where another file is renamed over it. Two writes of the same length within one tick of the file
+    system's clock (milliseconds on ext4, up to 2 s on FAT and some network shares), this stat between them, still keep
+    all four (on Windows Python's ctime is the creation time: three)."""
     try:
         stat = os.stat(source)
     except (OSError, ValueError):
         return None
-    return stat.st_size, stat.st_mtime_ns
+    return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino

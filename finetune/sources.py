@@ -43,11 +43,11 @@ class Example:
     folder_index: int = 0  # which entry of data.folders it comes from
     size: Size | None = None  # upright (width, height), known once the check has decoded the image
     digest: str | None = None  # a hash of the decoded pixels, from the check: names its cached latents
-    file_stamp: tuple[int, int] | None = None  # the file's (size, mtime_ns) when the check decoded it; None for dataset rows
+    file_stamp: tuple[int, ...] | None = None  # the file's stat (images.file_stamp) when the check decoded it; None for dataset rows
     load_mask: Callable[[], Image.Image] | None = None  # its upright greyscale loss mask, from the check (data.loss_mask)
     mask_area: float | None = None  # the share of the image its loss mask trains
     mask_digest: str | None = None  # a hash of the mask's pixels, from the check: names its cached views
-    mask_file_stamp: tuple[str, int, int] | None = None  # a mask file's (path, size, mtime_ns) when the check read it (source files)
+    mask_file_stamp: tuple | None = None  # a mask file's (path, *images.file_stamp) when the check read it (source files)
 
 
 def source_folder(example: Example) -> Path:

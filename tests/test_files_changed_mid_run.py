@@ -54,7 +54,8 @@ def test_an_image_edited_after_the_check_stops_a_cached_run_and_a_touched_one_tr
         (folder / f"{i}.txt").write_text("a square")
     config = DataConfig(image_dir=str(folder), resolution=64)
     examples = load_examples(config)
-    assert examples[0].file_stamp == (os.stat(folder / "0.png").st_size, os.stat(folder / "0.png").st_mtime_ns)
+    stat = os.stat(folder / "0.png")
+    assert examples[0].file_stamp == (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
     dataset = CaptionedImageDataset(examples, config, seed=0, latent_cache=EncodingCache())
     checked = dataset[(0, 0)]["pixel_values"]
 
