@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from finetune.atomic_files import atomic_write_text, failed_write, flush_to_disk, replace_folder
-from finetune.base_folder import named_objects, pickled_objects
+from finetune.checkpoint_pickles import refuse_unknown_objects
 from finetune.counts import counted
 from finetune.distributed import unwrap
 from finetune.earlier_run import finish_a_finished_runs_saves, remove_checkpoint
@@ -304,17 +304,7 @@ def load_checkpoint(accelerator: Accelerator, path: Path, current_settings: dict
     if damaged := damaged_process_files(path, min(state.get("processes") or 1, accelerator.num_processes)):
         raise FinetuneError(f"checkpoint {path} is damaged or incomplete ({', '.join(damaged)}: missing or cut short): move it out of "
                             f"{path.parent} and resume from the one before it")
-    for custom in sorted(path.glob("custom_checkpoint_*.pkl")):  # the LR scheduler's state: numbers, which a checkpoint of ours holds alone
-        # accelerate unpickles it whole (weights_only=False): it could run code. Its names are listed first, where they can be:
-        # in torch.save's zip of a protocol-2 pickle, as accelerate writes it; any other file is refused unread.
-        if (objects := pickled_objects(custom)) is None:
-            raise FinetuneError(f"checkpoint {path}: {custom.name} is not the file accelerate writes (torch's zip format: cut short, "
-                                "or a pickle of another making), which resuming would unpickle (unpickling can run code): resume "
-                                "from the checkpoint before it, or start a new run from its outputs")  # fmt: skip
-        if objects:
-            raise FinetuneError(f"checkpoint {path}: {custom.name} holds objects besides a scheduler's state ({named_objects(objects)}), which "
-                                "resuming would unpickle (unpickling can run code): resume only from checkpoints you wrote, or start a new run "
-                                "from its outputs")  # fmt: skip
+    refuse_unknown_objects(path, path / DEEPSPEED_FOLDER)  # files accelerate and DeepSpeed unpickle whole: nothing but what they write
     try:
         accelerator.load_state(str(path), **load_options)
     except Exception as err:

@@ -46,16 +46,18 @@ def saved_shapes(checkpoint: Path) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of each trained parameter `checkpoint` holds: from its trainable_<i> files' headers, or, written under
     DeepSpeed (which writes none of those: its old layout-less checkpoints ended in DeepSpeed's size mismatch as their
     weights loaded), from its engine's model states' param_shapes, as DeepSpeed's zero_to_fp32 reads them; the same for
-    ZeRO-3's shards (full shapes). Those files are read without their weights (mmap), and as DeepSpeed reads them."""
+    ZeRO-3's shards (full shapes). Those files are read without their weights (mmap), weights-only."""
     shapes = []
     for saved in sorted(checkpoint.glob("trainable_*.safetensors")):
         with contextlib.suppress(SafetensorError, OSError), safe_open(str(saved), "pt") as opened:
             shapes += [(name, tuple(opened.get_slice(name).get_shape())) for name in opened.keys()]
     for states in sorted((checkpoint / DEEPSPEED_FOLDER).glob("*model_states.pt"))[:1]:  # one process's: each holds every shape
         try:
-            state = torch.load(states, map_location="cpu", mmap=True, weights_only=False)  # DeepSpeed's own objects (its config)
+            # Read before the resume's own check of DeepSpeed's files (finetune.checkpoint_pickles): weights-only, as the model
+            # states DeepSpeed writes hold tensors, numbers, names and shapes alone (its config is a dict).
+            state = torch.load(states, map_location="cpu", mmap=True, weights_only=True)
         except (OSError, RuntimeError, ValueError, EOFError, AttributeError, ImportError, pickle.UnpicklingError):
-            continue  # damaged: DeepSpeed's load says so
+            continue  # damaged, or holding other objects: the resume's check of its files says so
         groups = [*(state.get("param_shapes") or []), state.get("frozen_param_shapes") or {}] if isinstance(state, dict) else []
         shapes += [(name, tuple(shape)) for group in groups for name, shape in group.items()]
     return shapes

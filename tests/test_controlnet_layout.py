@@ -60,3 +60,20 @@ def test_a_layoutless_deepspeed_checkpoint_of_the_layout_from_unet_makes_resumes
     method = resumed(make_recipe, pairs_folder, checkpoint)
     assert method.unknown_layout == (checkpoint, str(tmp_path / "edges"))
 
+
+
+def test_the_layout_check_reads_deepspeeds_model_states_weights_only(make_recipe, pairs_folder, tiny_model, tmp_path):
+    """It read them with weights_only=False before the resume's check of DeepSpeed's files: an object made to run code ran."""
+    from test_untrusted_checkpoints import RunsCodeWhenUnpickled
+
+    from finetune.checkpoint_pickles import refuse_unknown_objects
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-1"
+    deepspeed_checkpoint(checkpoint, ControlNetModel.from_unet(unet), str(tmp_path / "edges"))
+    states, marker = checkpoint / DEEPSPEED_FOLDER / "mp_rank_00_model_states.pt", tmp_path / "code-ran"
+    torch.save({**torch.load(states, weights_only=True), "extra": RunsCodeWhenUnpickled(marker)}, states)
+    resumed(make_recipe, pairs_folder, checkpoint)
+    assert not marker.exists()
+    with pytest.raises(FinetuneError, match=r"mp_rank_00_model_states.pt holds objects DeepSpeed 0.19's checkpoints do not \(os.makedirs\)"):
+        refuse_unknown_objects(checkpoint, checkpoint / DEEPSPEED_FOLDER)  # as the resume checks it, before DeepSpeed loads it
