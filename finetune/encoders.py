@@ -116,6 +116,8 @@ def latents_from_moments(vae: AutoencoderKL, moments: torch.Tensor, posterior_no
     """Scaled latents: mean + std * noise (noise drawn by the caller, so it is reproducible), or the mean."""
     mean, std = moments.chunk(2, dim=1)
     latents = mean if posterior_noise is None else mean + std * to_device(posterior_noise, mean.device, mean.dtype)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift:  # SD1.5's and SDXL's VAE have none (null or 0): subtracting 0 changes no bit, but is a kernel launch per micro-batch
+        latents = latents - shift
+    return latents * vae.config.scaling_factor
 

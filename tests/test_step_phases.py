@@ -4,10 +4,12 @@ tiny model (tests/step_phases.py), each phase held to what it needs."""
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 
-from step_phases import count_step
+from step_phases import StepPhases, count_step
 
 aten = torch.ops.aten
 
@@ -60,3 +62,28 @@ def test_draws_of_several_parts_and_from_a_minimum_timestep_are_those_drawn():
     doubled_noise, shifted = draw_noise(randomness.for_batch_of(4), (4, 2, 2), range(100, 1100))
     assert torch.equal(doubled_noise[:2], noise) and doubled_noise.shape == (4, 4, 2, 2) and not torch.equal(doubled_noise[2:], noise)
     assert torch.equal(shifted[:2], timesteps + 100)
+
+
+def kernels_of(call) -> collections.Counter:
+    """The kernels that `call()` dispatches, in whatever phase."""
+    counting = StepPhases()
+    with counting:
+        call()
+    return sum(counting.kernels.values(), collections.Counter())
+
+
+def test_latents_of_a_vae_without_a_shift_are_scaled_and_not_shifted():
+    """SD1.5's VAE has no shift_factor (null; 0 would be the same): subtracting 0 was an activation-sized kernel a micro-batch.
+    A VAE with a shift (SD3's, 0.1159) still has it subtracted before the scaling."""
+    from types import SimpleNamespace
+
+    from finetune.encoders import latents_from_moments
+
+    moments, noise = torch.randn(2, 8, 4, 4), torch.randn(2, 4, 4, 4)
+    mean, std = moments.chunk(2, dim=1)
+    for shift in (None, 0.0):
+        vae = SimpleNamespace(config=SimpleNamespace(shift_factor=shift, scaling_factor=0.18215))
+        assert kernels_of(lambda: latents_from_moments(vae, moments, noise)) == {aten.mul: 2, aten.add: 1}
+        assert torch.equal(latents_from_moments(vae, moments, noise), (mean + std * noise - 0.0) * 0.18215)
+    shifted = SimpleNamespace(config=SimpleNamespace(shift_factor=0.1159, scaling_factor=1.5305))
+    assert torch.equal(latents_from_moments(shifted, moments, noise), (mean + std * noise - 0.1159) * 1.5305)
