@@ -87,3 +87,33 @@ def test_latents_of_a_vae_without_a_shift_are_scaled_and_not_shifted():
         assert torch.equal(latents_from_moments(vae, moments, noise), (mean + std * noise - 0.0) * 0.18215)
     shifted = SimpleNamespace(config=SimpleNamespace(shift_factor=0.1159, scaling_factor=1.5305))
     assert torch.equal(latents_from_moments(shifted, moments, noise), (mean + std * noise - 0.1159) * 1.5305)
+
+
+def test_the_noising_of_a_step_looks_up_its_scales_once(plain_step):
+    """diffusers' add_noise indexed alpha_bar twice and took two square roots and a 1 - alpha_bar each step (8 kernels);
+    the square roots of both are one table now, indexed once: the two products and their sum are left."""
+    assert plain_step.kernels["noising"] == {aten.index: 1, aten.mul: 2, aten.add: 1}
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_noising_from_the_table_is_diffusers_add_noise_and_velocity_to_the_bit(prediction_type, dtype):
+    """The noised latents and the target of diffusers' add_noise and get_velocity, bit for bit, at the first and the last
+    timestep too (a zero-terminal-SNR schedule's last has alpha_bar 0); the velocity is 3 kernels more, not 8."""
+    from diffusers import DDPMScheduler
+
+    from finetune.diffusion import add_noise
+
+    for zero_snr in (False, True):
+        scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type,
+                                  rescale_betas_zero_snr=zero_snr)  # fmt: skip
+        generator = torch.Generator().manual_seed(4)
+        latents, noise = (torch.randn(16, 4, 8, 8, generator=generator).to(dtype) for _ in range(2))
+        timesteps = torch.cat([torch.tensor([0, 999]), torch.randint(0, 1000, (14,), generator=generator)])
+        noised = add_noise(scheduler, latents, noise, timesteps)  # the first call makes the table
+        velocity = {aten.mul: 2, aten.sub: 1} if prediction_type == "v_prediction" else {}
+        expected = collections.Counter({aten.index: 1, aten.mul: 2, aten.add: 1}) + collections.Counter(velocity)
+        assert kernels_of(lambda: add_noise(scheduler, latents, noise, timesteps)) == expected
+        reference = DDPMScheduler.from_config(scheduler.config)
+        assert torch.equal(noised.noisy_latents, reference.add_noise(latents, noise, timesteps))
+        assert torch.equal(noised.target, noise if prediction_type == "epsilon" else reference.get_velocity(latents, noise, timesteps))
