@@ -218,7 +218,7 @@ def per_sample_loss(
     if huber_c is None:
         elementwise = F.mse_loss(prediction.float(), noised.target.float(), reduction="none")
     else:
-        threshold = huber_threshold(scheduler, noised.timesteps, huber_c).view(-1, 1, 1, 1)
+        threshold = per_timestep(scheduler, huber_threshold, noised.timesteps, huber_c).view(-1, 1, 1, 1)
         squared = (prediction.float() - noised.target.float()).square()
         elementwise = 2.0 * threshold * (torch.sqrt(squared + threshold**2) - threshold)
     if weights is None:
@@ -227,11 +227,12 @@ def per_sample_loss(
         floor = MIN_NORMALIZING_SHARE * weights.shape[-2] * weights.shape[-1]
         total_weight = weights.sum(dim=(1, 2, 3)).clamp_min(floor) * elementwise.shape[1]
         loss = (elementwise * weights).sum(dim=(1, 2, 3)) / total_weight
+    # The weights by timestep are tables (`per_timestep`): an indexing a step, where Min-SNR's formula was 8 kernels.
     v_prediction = scheduler.config.prediction_type == "v_prediction"
     if snr_gamma is not None:
-        loss = loss * min_snr_weight(scheduler, noised.timesteps, snr_gamma, v_prediction)
+        loss = loss * per_timestep(scheduler, min_snr_weight, noised.timesteps, snr_gamma, v_prediction)
     if debiased:
-        loss = loss * debiased_weight(scheduler, noised.timesteps, v_prediction)
+        loss = loss * per_timestep(scheduler, debiased_weight, noised.timesteps, v_prediction)
     return loss
 
 

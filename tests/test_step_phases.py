@@ -117,3 +117,34 @@ def test_noising_from_the_table_is_diffusers_add_noise_and_velocity_to_the_bit(p
         reference = DDPMScheduler.from_config(scheduler.config)
         assert torch.equal(noised.noisy_latents, reference.add_noise(latents, noise, timesteps))
         assert torch.equal(noised.target, noise if prediction_type == "epsilon" else reference.get_velocity(latents, noise, timesteps))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_the_loss_weights_by_timestep_are_an_indexing_each_with_the_formulas_values(prediction_type):
+    """train.snr_gamma's Min-SNR weight was 8 kernels a micro-batch (alpha_bar, the SNR, the clamp, the division, the where of
+    SNR 0), train.debiased_estimation's 7 and the Huber threshold's 9: tables by timestep now, one indexing each, their
+    entries the formulas' own, to the bit (at gammas 5 and 1: a table per setting)."""
+    from diffusers import DDPMScheduler
+
+    from finetune.diffusion import NoisedBatch, debiased_weight, huber_threshold, min_snr_weight, per_sample_loss
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
+    generator = torch.Generator().manual_seed(6)
+    timesteps = torch.cat([torch.tensor([0, 999]), torch.randint(0, 1000, (6,), generator=generator)])
+    target, prediction = torch.randn(8, 4, 8, 8, generator=generator), torch.randn(8, 4, 8, 8, generator=generator)
+    batch, v_prediction = NoisedBatch(target, timesteps, target), prediction_type == "v_prediction"
+    plain = per_sample_loss(prediction, batch, scheduler)
+    plain_kernels = kernels_of(lambda: per_sample_loss(prediction, batch, scheduler))
+    for gamma in (5.0, 1.0):
+        weighted = per_sample_loss(prediction, batch, scheduler, snr_gamma=gamma, debiased=True)  # the first call makes the tables
+        both_weights = kernels_of(lambda: per_sample_loss(prediction, batch, scheduler, snr_gamma=gamma, debiased=True))
+        assert both_weights - plain_kernels == {aten.index: 2, aten.mul: 2}  # a look-up and a multiply each
+        expected = plain * min_snr_weight(scheduler, timesteps, gamma, v_prediction) * debiased_weight(scheduler, timesteps, v_prediction)
+        assert torch.equal(weighted, expected)
+    huber = per_sample_loss(prediction, batch, scheduler, huber_c=0.1)
+    huber_kernels = kernels_of(lambda: per_sample_loss(prediction, batch, scheduler, huber_c=0.1))
+    # The threshold's table, then the pseudo-Huber loss's own: the error, its square, the threshold's, and so on to the mean.
+    assert huber_kernels == {aten.index: 1, aten.sub: 2, aten.pow: 2, aten.add: 1, aten.sqrt: 1, aten.mul: 2, aten.mean: 1}
+    threshold = huber_threshold(scheduler, timesteps, 0.1).view(-1, 1, 1, 1)
+    squared = (prediction - target).square()
+    assert torch.equal(huber, (2.0 * threshold * (torch.sqrt(squared + threshold**2) - threshold)).mean(dim=(1, 2, 3)))
