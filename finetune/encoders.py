@@ -113,9 +113,13 @@ def posterior_moments(vae: AutoencoderKL, pixel_values: torch.Tensor) -> torch.T
 
 
 def latents_from_moments(vae: AutoencoderKL, moments: torch.Tensor, posterior_noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Scaled latents: mean + std * noise (noise drawn by the caller, so it is reproducible), or the mean."""
+    """Scaled fp32 latents: mean + std * noise (noise drawn by the caller, so it is reproducible), or the mean.
+
+    `moments` may be in the VAE's half precision (the latent cache keeps them so): the fp32 noise promotes them within the
+    multiply and the add, exactly (a bf16 or fp16 value is an fp32 one), the same bits as an fp32 copy of them first,
+    which was an activation-sized kernel a micro-batch."""
     mean, std = moments.chunk(2, dim=1)
-    latents = mean if posterior_noise is None else mean + std * to_device(posterior_noise, mean.device, mean.dtype)
+    latents = mean.float() if posterior_noise is None else mean + std * to_device(posterior_noise, mean.device, torch.float32)
     shift = getattr(vae.config, "shift_factor", None)
     if shift:  # SD1.5's and SDXL's VAE have none (null or 0): subtracting 0 changes no bit, but is a kernel launch per micro-batch
         latents = latents - shift

@@ -25,6 +25,18 @@ def plain_step(tiny_model, image_folder, tmp_path_factory):
     return counted
 
 
+@pytest.fixture(scope="module")
+def cached_step(tiny_model, image_folder, tmp_path_factory):
+    """Step 3 of a LoRA run from the latent cache (full by then: 4 images, 2 a step) under bf16 autocast, Min-SNR weighted:
+    the bench's cached LoRA (`lora_cached`) with recipes/lora.yaml's train.snr_gamma."""
+    from conftest import build_recipe
+
+    recipe = build_recipe(tiny_model, image_folder, tmp_path_factory.mktemp("cached-phases") / "run", train__max_steps=3,
+                          train__cache_latents=True, train__mixed_precision="bf16", train__snr_gamma=5.0)  # fmt: skip
+    counted, _ = count_step(recipe, counted_step=3)
+    return counted
+
+
 def test_the_backward_seeds_its_gradient_and_divides_the_loss_by_nothing(plain_step):
     """accelerate divides the loss by gradient_accumulation_steps, also by 1 (a launch, and one for its gradient)."""
     assert plain_step.kernels["backward call"] == {aten.ones_like: 1}
@@ -148,3 +160,28 @@ def test_the_loss_weights_by_timestep_are_an_indexing_each_with_the_formulas_val
     threshold = huber_threshold(scheduler, timesteps, 0.1).view(-1, 1, 1, 1)
     squared = (prediction - target).square()
     assert torch.equal(huber, (2.0 * threshold * (torch.sqrt(squared + threshold**2) - threshold)).mean(dim=(1, 2, 3)))
+
+
+def test_cached_latents_are_made_from_the_cached_moments_as_they_are(cached_step):
+    """The cache keeps the posterior's moments in the VAE's bf16: they were cast to fp32 (an activation-sized kernel) before
+    mean + std * noise, which the fp32 noise promotes anyway; no shift of 0 (SD1.5's VAE has none). The stack is the cache's."""
+    assert cached_step.kernels["cached latents"] == {aten.stack: 1, aten.mul: 2, aten.add: 1}
+
+
+def test_the_min_snr_weighted_loss_of_a_step_looks_its_weight_up(cached_step):
+    """The mean squared error per sample, its Min-SNR weight from the table by timestep, and the batch's mean."""
+    assert cached_step.kernels["loss and its weighting"] == {aten.mse_loss: 1, aten.mean: 2, aten.index: 1, aten.mul: 1}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_latents_of_half_precision_moments_are_those_of_their_fp32_copy(dtype):
+    from types import SimpleNamespace
+
+    from finetune.encoders import latents_from_moments
+
+    vae = SimpleNamespace(config=SimpleNamespace(shift_factor=None, scaling_factor=0.18215))
+    moments, noise = torch.randn(2, 8, 4, 4).to(dtype), torch.randn(2, 4, 4, 4)
+    latents = latents_from_moments(vae, moments, noise)
+    assert latents.dtype == torch.float32 and torch.equal(latents, latents_from_moments(vae, moments.float(), noise))
+    assert kernels_of(lambda: latents_from_moments(vae, moments, noise)) == {aten.mul: 2, aten.add: 1}
+    assert torch.equal(latents_from_moments(vae, moments), moments.float().chunk(2, dim=1)[0] * 0.18215)  # the mean alone

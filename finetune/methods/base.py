@@ -215,8 +215,9 @@ class DiffusionMethod(TrainingMethod):
                 pixels = [batch["view_pixels"][i] if batch["view_pixels"][i] is not None else self.training_dataset.render(batch["views"][i]) for i in rows]
                 return posterior_moments(vae, torch.stack(pixels)).to(vae.dtype)
 
-            # Kept in the VAE's dtype (half the memory under bf16), exact: its outputs have no more bits.
-            moments = self.latent_cache.lookup(batch["latent_keys"], encode_views, vae.device).float()
+            # Kept in the VAE's dtype (half the memory under bf16), exact: its outputs have no more bits. Read as they are:
+            # `latents_from_moments` makes fp32 latents of them without an fp32 copy first.
+            moments = self.latent_cache.lookup(batch["latent_keys"], encode_views, vae.device)
         else:
             moments = posterior_moments(vae, batch["pixel_values"])
         return latents_from_moments(vae, moments, posterior_noise)
