@@ -173,7 +173,7 @@ def _conditioning_files(folder: Path, column: str = "conditioning_file_name") ->
     path, table = folder / "metadata.jsonl", folder / "metadata.csv"
     if not path.is_file() and table.is_file():
         text = metadata_text(table)
-        header = csv_rows(text).fieldnames or []
+        header = csv_rows(text, table).fieldnames or []  # its errors name the folder's file, not a bare metadata.csv
         key = "conditioning_file_name" if "conditioning_file_name" in header else column
         if key not in header:
             raise FinetuneError(f"{table} names no conditioning images: its columns are {', '.join(repr(k) for k in header)}; "

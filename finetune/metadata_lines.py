@@ -95,11 +95,11 @@ class _CsvRows(csv.DictReader):
                 'the lines below; close the quote, or double a quote inside a caption ("")')  # fmt: skip
 
 
-def csv_rows(lines: str | Iterable[str], path: Path | str = "metadata.csv") -> csv.DictReader:
-    """A metadata.csv's rows by its header (`lines`: its text, or its `metadata_lines`), as every reader of one reads
-    them: its header is its first line that is not blank (as pandas, which `datasets` reads it with, finds it), separated as
-    `csv_delimiter` finds, and a space after a separator no part of the cell (", \"a, b\"" is the caption a, b, not '"a'). A
-    cell may be as long as a row (csv's own limit is 131,072 characters)."""
+def csv_rows(lines: str | Iterable[str], path: Path | str) -> csv.DictReader:
+    """A metadata.csv's rows by its header (`lines`: its text, or its `metadata_lines`; `path`: the file, with its folder, that
+    its errors name), as every reader of one reads them: its header is its first line that is not blank (as pandas, which
+    `datasets` reads it with, finds it), separated as `csv_delimiter` finds, and a space after a separator no part of the cell
+    (", \"a, b\"" is the caption a, b, not '"a'). A cell may be as long as a row (csv's own limit is 131,072 characters)."""
     csv.field_size_limit(max(csv.field_size_limit(), LONGEST_ROW))
     lines = iter(io.StringIO(lines, newline="") if isinstance(lines, str) else lines)
     header, blank = next(lines, ""), 0

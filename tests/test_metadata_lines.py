@@ -110,6 +110,18 @@ def test_a_quote_never_closed_names_the_line_its_row_starts_on_for_every_reader(
         list(csv_rows(metadata_lines(table), table))
 
 
+
+def test_a_quote_never_closed_in_a_controlnet_metadata_csv_header_names_the_file_with_its_folder(tmp_path):
+    """ControlNet's reader of conditioning file names said 'metadata.csv line 1: ...' of a header's open quote: not which
+    folder's file (a user with several data folders, or a check-data of several sources, could not tell)."""
+    from finetune.controlnet_pairs import _conditioning_files
+
+    table = tmp_path / "pairs" / "metadata.csv"
+    table.parent.mkdir()
+    table.write_text('file_name,"conditioning_file_name,text\n' + "".join(f"{name * 150_000}\n" for name in "bc"))
+    with pytest.raises(FinetuneError, match=rf"^{table} line 1: field larger than field limit"):
+        _conditioning_files(table.parent)
+
 def test_a_bad_csv_row_below_blank_lines_is_said_at_its_own_line(tmp_path):
     """csv skips blank lines: a row's error named the blank line above it (a quote never closed) or counted rows, not
     lines ('row 3' for the row on line 5). Each names the line the row starts on, as a metadata.jsonl's do."""
