@@ -28,6 +28,7 @@ from finetune.caption_cells import list_text_message
 from finetune.caption_overrides import imageless_caption_files, shadowed_caption_files
 from finetune.captions import caption_alternative, caption_lines, dataset_of_row, empty_caption_message, missing_caption_message
 from finetune.check_threads import each_on_threads
+from finetune.checked_once import kept_check
 from finetune.colour_profiles import profile_note
 from finetune.config import DataConfig
 from finetune.counts import counted
@@ -385,8 +386,10 @@ def data_label(config: DataConfig) -> str:
 
 
 def checked_report(config: DataConfig) -> DataReport:
-    """The data's report, as training prints it at its start, after a one-line stop on the first fatal problem."""
-    return check_examples(read_examples(config), config, data_label(config))
+    """The data's report, as training prints it at its start, after a one-line stop on the first fatal problem (made once
+    in a `finetune train`: its command checks before torch loads, train() takes that, finetune/checked_once.py)."""
+    key = f"{config.model_dump_json()} {config._image_dir_key} {config._caption_alternative} {config._repeats}"  # and what names it
+    return kept_check(key, lambda: check_examples(read_examples(config), config, data_label(config)))
 
 
 def checked_examples(config: DataConfig) -> tuple[list[Example], DataReport]:

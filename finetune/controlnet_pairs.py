@@ -19,6 +19,7 @@ from finetune.captions import split_at_line_ends
 from finetune.metadata_files import metadata_file, read_csv_captions
 from finetune.check_data import FATAL, WARNING, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable, too_small_problem
 from finetune.check_threads import each_on_threads
+from finetune.checked_once import kept_check
 from finetune.config import ControlNetConfig, DataConfig, Recipe
 from finetune.dataset_images import require_image_column, row_image
 from finetune.epoch_uses import check_epoch_uses
@@ -46,6 +47,12 @@ def checked_pairs(recipe: Recipe) -> tuple[list[Pair], DataReport]:
     A bad pair stops the run with a one-line error naming it, or with data.skip_bad_images is left out
     and listed.
     """
+    # Once in a `finetune train` (checked_once.py); by what it reads, not controlnet.pretrained, which a resume's method has not.
+    key = f"pairs {recipe.data.model_dump_json()} {recipe.controlnet.model_dump_json(exclude={'pretrained'})}"
+    return kept_check(key, lambda: _checked_pairs(recipe))
+
+
+def _checked_pairs(recipe: Recipe) -> tuple[list[Pair], DataReport]:
     pairs, report = inspect_pairs(recipe)
     stop_unless_trainable(report)
     check_epoch_uses([pair.image.repeats for pair in pairs])

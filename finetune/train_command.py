@@ -1,5 +1,5 @@
 """The `finetune train` command: its checks before torch loads (the recipe, the data folders and base model, --resume,
-output_dir and the earlier run there), the run under output_dir's lock, and what it prints."""
+output_dir and the earlier run there, then the data check of every image), the run under output_dir's lock, and what it prints."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ def run_train_command(args) -> int:
 
     if line := far_from_native_line(recipe.data.resolution, recipe.model.pretrained, recipe.model.single_file_config):
         warn(line)
+    from finetune.checked_once import checks_kept
     from finetune.earlier_run import guard_earlier_run  # it imports no torch
+    from finetune.train_inputs import check_data_first
     from finetune.run_lock import output_dir_lock
 
     # So are a --resume that is no checkpoint, and an output_dir that cannot be written or holds an earlier run unasked
@@ -36,9 +38,10 @@ def run_train_command(args) -> int:
     output_dir, checkpoints_dir = Path(recipe.output_dir), Path(recipe.output_dir) / "checkpoints"
     if not output_dir.is_dir():  # a mistyped --resume is said before the lock makes the folder
         resolve_resume(args.resume, checkpoints_dir)
-    with full_disk_said(recipe.output_dir), output_dir_lock(output_dir):
+    with full_disk_said(recipe.output_dir), output_dir_lock(output_dir), checks_kept():
         resume_from = resolve_resume(args.resume, checkpoints_dir)
         guard_earlier_run(output_dir, resume_from, args.overwrite)
+        check_data_first(recipe)  # every image decoded, after the cheaper checks above; train() takes its result
         result = _run_training(recipe, args, base_location)
     if result.interrupted:
         return exit_status(result.stopped_by)

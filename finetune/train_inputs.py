@@ -43,6 +43,21 @@ def check_inputs_exist(recipe: Recipe) -> BaseLocation:
     return check_timesteps(recipe, locate_base(recipe.model))
 
 
+def check_data_first(recipe: Recipe) -> None:
+    """The data check `train()` makes (its images decoded: a corrupt, tiny or uncaptioned one stops in one line), made by
+    `finetune train` before torch and the model stack load, some 20 s; within `checks_kept` train() takes its result. A
+    DreamBooth run's own class images are checked by train() alone (they are planned with the run's output_dir)."""
+    if recipe.method == "controlnet":
+        from finetune.controlnet_pairs import checked_pairs
+
+        checked_pairs(recipe)
+        return
+    from finetune.check_data import checked_report
+
+    for config in data_configs(recipe):
+        checked_report(config)
+
+
 def check_folders_hold_images(config: DataConfig) -> None:
     """`check_folders_exist`, and each folder holds images training reads: `finetune train` says an empty one before torch
     loads, as reading the examples says it (`refuse_a_folder_without_images`)."""

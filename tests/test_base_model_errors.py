@@ -198,23 +198,24 @@ def fake_hub_cache(cache, repo_id, folder):
 
 def hub_base_requests(tiny_model, tmp_path, monkeypatch) -> list[str]:
     """The tiny model as hub id someone/tiny, in a fake cache read offline. The list says, in order, what was asked of
-    the hub ("configs", or "weights" for patterns that select weights) and when train()'s data check began."""
+    the hub ("configs", or "weights" for patterns that select weights) and when the data check began (`finetune train`'s,
+    before torch loads: train()'s takes its result)."""
     import huggingface_hub
     import huggingface_hub.constants
 
-    import finetune.trainer as trainer
+    import finetune.train_inputs as train_inputs
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     fake_hub_cache(tmp_path / "hub", "someone/tiny", tiny_model)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    events, download, check = [], huggingface_hub.snapshot_download, trainer.check_base_and_data
+    events, download, check = [], huggingface_hub.snapshot_download, train_inputs.check_data_first
 
     def snapshot_download(repo_id, **kwargs):
         events.append("weights" if any("safetensors" in pattern for pattern in kwargs["allow_patterns"]) else "configs")
         return download(repo_id, **kwargs)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    monkeypatch.setattr(trainer, "check_base_and_data", lambda recipe, check_data, base=None: check(recipe, lambda: events.append("data check") or check_data(), base))
+    monkeypatch.setattr(train_inputs, "check_data_first", lambda recipe: events.append("data check") or check(recipe))
     return events
 
 

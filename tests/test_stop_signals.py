@@ -51,6 +51,7 @@ def test_a_training_run_stopped_at_a_step_exits_as_the_signal_says(monkeypatch, 
 
     monkeypatch.setattr(finetune.recipe_loading, "load_recipe", lambda *a: SimpleNamespace(output_dir=str(tmp_path), data=SimpleNamespace(resolution=512), model=SimpleNamespace(pretrained="", single_file_config=None)))
     monkeypatch.setattr(finetune.train_inputs, "check_inputs_exist", lambda recipe: None)
+    monkeypatch.setattr(finetune.train_inputs, "check_data_first", lambda recipe: None)  # nor data
     monkeypatch.setattr(finetune.native_resolution, "far_from_native_line", lambda *a: None)  # the fake recipe names no real base
     monkeypatch.setattr(finetune.trainer, "train", lambda *a, **k: SimpleNamespace(interrupted=True, stopped_by=sent))
     assert cli.main(["train", "recipe.yaml"]) == status
