@@ -17,15 +17,12 @@ command that prints it is finetune/check_data_command.py.
 from __future__ import annotations
 
 import functools
-import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from finetune.buckets import Size, assign_buckets, bucket_counts_line, no_upscale_advice
 from finetune.caption_cells import list_text_message
-from finetune.caption_overrides import imageless_caption_files, shadowed_caption_files
 from finetune.captions import caption_alternative, caption_lines, dataset_of_row, empty_caption_message, missing_caption_message
 from finetune.check_threads import each_on_threads
 from finetune.checked_once import kept_check
@@ -34,12 +31,12 @@ from finetune.config import DataConfig
 from finetune.counts import counted
 from finetune.epoch_uses import expand_repeats
 from finetune.errors import FinetuneError
+from finetune.folder_warnings import folder_warnings
 from finetune.image_warnings import pillow_warning_line, pillow_warnings
 from finetune.image_folder_datasets import image_dir_advice
 from finetune.images import decode, file_stamp, float_levels_problem, has_alpha, holds_8_bit_values, is_16_bit, pixel_digest, turned_on_its_side, upright_rgb
 from finetune.loss_mask import alpha_mask, image_sharing_mask, mask_area, mask_digest, mask_path, read_mask_file
-from finetune.sources import (Example, convert_unread, data_folders, folder_images, read_examples, subfolder_names,
-                              unlisted_image_folders, unread_images)  # fmt: skip
+from finetune.sources import Example, read_examples
 from finetune.views import cut, plan_cover_crop
 
 FATAL, WARNING, CONVERTED = "fatal", "warning", "converted"
@@ -290,34 +287,12 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
             others = ", ".join(sources[1:6]) + (f" and {len(sources) - 6} more" if len(sources) > 6 else "")
             message = f"image {sources[0]} has the same pixels as {others}: each copy trains as its own image ({_copies_remedy(config)})"
             report.findings.append(Finding(WARNING, sources[0], message))
-    for folder in data_folders(config):
-        for message in (shadowed_caption_files(folder, config), imageless_caption_files(folder, config)):
-            report.findings += [Finding(WARNING, str(folder), message)] if message else []
-        files, subfolders = unread_images(folder, config)
-        if files:
-            message = f"data folder {folder} has {counted(len(files), 'image')} training does not read {convert_unread(files)}"
-            report.findings.append(Finding(WARNING, str(folder), message))
-        if subfolders:
-            remedy = "add each as a concept of its own" if config._image_dir_key.startswith("dreambooth") else "list each in data.folders (with its repeats)"
-            message = f"data folder {folder} has subfolders with images ({subfolder_names(folder, subfolders)}), which are not read: {remedy} to train it"
-            report.findings.append(Finding(WARNING, str(folder), message))
-    for folder in unlisted_image_folders(config):
-        path = folder_entry_path(folder, Path(config.image_dir))
-        count, entry = len(folder_images(folder)), "{path: .}" if path == "." else f"{{path: {json.dumps(path, ensure_ascii=False)}}}"
-        message = (f"data folder {folder} holds {counted(count, 'image')} that no data.folders entry lists: {'it does' if count == 1 else 'they do'} "
-                   f"not train (add {entry} with its repeats to data.folders to train {'it' if count == 1 else 'them'})")  # fmt: skip
-        report.findings.append(Finding(WARNING, str(folder), message))
+    report.findings += [Finding(WARNING, str(folder), message) for folder, message in folder_warnings(config)]
     if message := image_dir_advice(config):
         report.findings.append(Finding(WARNING, report.label, message))
     if config.skip_bad_images:
         skip_fatal(report)
     return report
-
-
-def folder_entry_path(folder: Path, root: Path) -> str:
-    """`folder` as a data.folders path: from image_dir `root` ("." for itself, "subject/closeups"), else absolute."""
-    inside = os.path.relpath(os.path.abspath(folder), os.path.abspath(root))
-    return os.path.abspath(folder) if inside == ".." or inside.startswith(".." + os.sep) else PurePosixPath(Path(inside)).as_posix()
 
 
 def _copies_remedy(config: DataConfig) -> str:
@@ -388,7 +363,7 @@ def data_label(config: DataConfig) -> str:
 def checked_report(config: DataConfig) -> DataReport:
     """The data's report, as training prints it at its start, after a one-line stop on the first fatal problem (made once
     in a `finetune train`: its command checks before torch loads, train() takes that, finetune/checked_once.py)."""
-    key = f"{config.model_dump_json()} {config._image_dir_key} {config._caption_alternative} {config._repeats}"  # and what names it
+    key = f"{config.model_dump_json()} {config._image_dir_key} {config._caption_alternative} {config._repeats} {config._class_dirs}"  # and what names it
     return kept_check(key, lambda: check_examples(read_examples(config), config, data_label(config)))
 
 

@@ -47,6 +47,7 @@ def configs_from_args(args, recipe: Recipe | None) -> list[DataConfig]:
         revised[-1]._image_dir_key = "--image-dir" if args.image_dir is not None else config._image_dir_key
         revised[-1]._caption_alternative = config._caption_alternative
         revised[-1]._repeats = config._repeats
+        revised[-1]._class_dirs = config._class_dirs
     return revised
 
 

@@ -22,6 +22,7 @@ from finetune.buckets import Size
 from finetune.captions import (apply_template, dataset_of_row, image_caption, missing_caption_message, require_own_sidecars,
                                require_rows_with_images, sidecar_path, template_needs_caption)  # fmt: skip
 from finetune.metadata_files import folder_captions, metadata_partner_files, metadata_subfolders
+from finetune.class_folders_inside import class_folder_inside_message, class_folders_inside, outside_class_folders
 from finetune.config import DataConfig, FolderConfig
 from finetune.errors import FinetuneError, looked_for_here
 from finetune.file_names import name_key
@@ -109,8 +110,11 @@ def refuse_a_folder_without_images(folder: Path, config: DataConfig, settings: F
     """A data folder holding no images training reads: what it holds instead (subfolders of images, photos of a kind
     not read, a metadata file naming images elsewhere, a saved dataset), and what to do."""
     key = config._image_dir_key if not config.folders else f"data.folders path '{settings.path}'"
-    if subfolders := image_subfolders(folder, config, SAID_SUBFOLDER_DEPTH):
+    class_folders = class_folders_inside(folder, config)  # not to be named as the subject's folder
+    if subfolders := outside_class_folders(image_subfolders(folder, config, SAID_SUBFOLDER_DEPTH), class_folders):
         raise FinetuneError(subfolders_message(folder, subfolders, config, settings.path if config.folders else None))
+    if class_folders:
+        raise FinetuneError(f"data folder {folder} has no images of the subject (put them directly in it); " + class_folder_inside_message(folder, config, *class_folders[0]))
     if unread := unread_images(folder, config)[0]:  # an iPhone's .HEIC photos: not "no images"
         raise FinetuneError(f"data folder {folder} has no images training reads, only {len(unread)} it does not {convert_unread(unread)}")
     if nested := nested_metadata_images(folder, config):

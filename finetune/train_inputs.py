@@ -21,14 +21,17 @@ def data_configs(recipe: Recipe) -> list[DataConfig]:
         return [recipe.data.model_copy(update={"caption": ""})]
     if recipe.method != "dreambooth":
         return [recipe.data]
-    configs = []
-    for index, concept in enumerate(recipe.dreambooth.concepts):
+    configs, settings = [], recipe.dreambooth
+    class_dirs = tuple((f"dreambooth.concepts.{index}.class_dir", str(concept.class_dir or Path(recipe.output_dir) / "class_images" / f"concept-{index}"))
+                       for index, concept in enumerate(settings.concepts if settings.prior_preservation else []))  # as class_image_plans has them
+    for index, concept in enumerate(settings.concepts):
         caption = None if concept.use_captions else concept.instance_prompt
         update = {"image_dir": concept.instance_dir, "caption": caption, **({} if concept.loss_mask else {"loss_mask": LossMaskConfig()})}
         config = recipe.data.model_copy(update=update)
         config._image_dir_key = f"dreambooth.concepts.{index}.instance_dir"
         config._caption_alternative = f"set dreambooth.concepts.{index}.use_captions: false to train with its instance_prompt"
         config._repeats = concept.repeats
+        config._class_dirs = class_dirs
         configs.append(config)
     return configs
 

@@ -100,6 +100,8 @@ class DataConfig(Section):
     # Not a recipe key: what else a missing caption may be fixed with (DreamBooth concepts have their own).
     _caption_alternative: str = PrivateAttr("set data.caption to one prompt for all images")
     _repeats: int = PrivateAttr(1)  # image_dir's uses per epoch without data.folders (a DreamBooth concept's repeats)
+    # Not a recipe key: (key, folder) of each DreamBooth class folder, said where one lies inside an instance folder.
+    _class_dirs: tuple[tuple[str, str], ...] = PrivateAttr(())
     dataset: Optional[UserPath] = None
     dataset_config: Optional[str] = None
     dataset_split: str = "train"
