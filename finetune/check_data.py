@@ -58,6 +58,7 @@ class DataReport:
     usable: list[Example] = field(default_factory=list)  # each once, with its size; repeats not expanded
     findings: list[Finding] = field(default_factory=list)
     skipped: list[Finding] = field(default_factory=list)  # fatal findings left out by data.skip_bad_images
+    skipping: bool = False  # data.skip_bad_images: every image not `usable` is skipped (its finding may be said by another report)
 
     def of_level(self, level: str) -> list[Finding]:
         return [finding for finding in self.findings if finding.level == level]
@@ -70,7 +71,7 @@ class DataReport:
         """The summary: counts, sizes, buckets, then every finding (at most `limit` of each level). `held_out`:
         the sources validation.loss_images keeps out of training, which an epoch does not use."""
         config, uses = self.config, sum(example.repeats for example in self.usable if example.source not in held_out)
-        skipped = self.found - len(self.usable) if self.skipped else 0  # images, not findings (one may have two)
+        skipped = self.found - len(self.usable) if self.skipping else 0  # images, not findings (one may have two)
         files = len({example.source for example in self.usable})  # data.folders may list a folder under two templates
         found = counted(self.found, "image") + (f" ({files} files, some under two templates)" if files < len(self.usable) else "")
         held = len({example.source for example in self.usable} & held_out)
@@ -334,6 +335,7 @@ def skip_fatal(report: DataReport) -> None:
     """data.skip_bad_images: fatal findings become the skipped list (their images are not in `usable`)."""
     skipped = [finding for finding in report.of_level(FATAL) if finding.source != report.label]  # findings about the whole dataset stay
     report.skipped += skipped
+    report.skipping = True
     report.findings = [finding for finding in report.findings if not any(finding is other for other in skipped)]
 
 

@@ -69,3 +69,28 @@ def test_training_says_a_folder_two_dreambooth_concepts_share_once_as_check_data
     assert sum(line.startswith(f"warning: data folder {folder} has 1 image training does not read (.gif") for line in lines) == 1
     assert sum(line.startswith(f"warning: data folder {folder} has subfolders with images (more)") for line in lines) == 1
     assert sum(line.endswith("2 images, 2 used, 0 skipped; 2 uses per epoch") for line in lines) == 2  # each concept's count stays
+
+
+def test_each_concept_of_a_shared_folder_counts_the_images_it_skips(tmp_path, capsys, make_recipe):
+    """With data.skip_bad_images, the second concept of a shared instance_dir said '0 skipped' of the bad file it skipped
+    too: its skipped finding, said by the first concept's report, was left out of its own, and the count with it."""
+    import yaml
+
+    from conftest import SHIPPED_BASE
+    from finetune.methods.dreambooth import DreamBoothMethod
+
+    folder, concepts = shared_instance_folder(tmp_path)
+    (folder / "b.png").write_bytes(b"not an image")
+    recipe = {"method": "dreambooth", "model": {"pretrained": str(SHIPPED_BASE)}, "data": {"image_dir": None, "resolution": 64, "skip_bad_images": True},
+              "output_dir": str(tmp_path / "run"), "dreambooth": {"prior_preservation": False, "concepts": concepts}}  # fmt: skip
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["check-data", str(tmp_path / "recipe.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"data folder {folder}: 2 images, 1 used, 1 skipped; 1 use per epoch") == 2, out
+    assert out.count(f"skipped: image {folder / 'b.png'} cannot be read") == 1  # listed once
+
+    method = DreamBoothMethod(make_recipe(method="dreambooth", data__image_dir=None, data__resolution=64, data__skip_bad_images=True,
+                                          dreambooth__prior_preservation=False, dreambooth__concepts=concepts))  # fmt: skip
+    method.check_data()
+    lines = [line for report in method.data_reports for line in report.lines(limit=10)]
+    assert sum(line.endswith("2 images, 1 used, 1 skipped; 1 use per epoch") for line in lines) == 2, lines
