@@ -140,11 +140,12 @@ def run_check_data_command(args) -> int:
 def base_model_problem(model: ModelConfig) -> str | None:
     """Why training would stop on the recipe's base model before reading any image, for a local one (a path not there,
     from this folder: a recipe run from another folder than the one its relative paths start from; a folder that is no
-    pipeline): said as a fatal problem, as check-data said "ready to train" of a run that stops on it. A hub id is left to
-    training, which fetches it (check-data downloads nothing)."""
-    from finetune.model_source import locate_base, looks_like_hub_id
+    pipeline): said as a fatal problem, as check-data said "ready to train" of a run that stops on it. A hub id is looked up
+    offline (HF_HUB_OFFLINE=1) alone, in the local cache as training looks it up then (a hub id not there was "ready to
+    train"); online it is left to training, which fetches it (check-data downloads nothing)."""
+    from finetune.model_source import downloads_off, locate_base, looks_like_hub_id
 
-    if looks_like_hub_id(model.pretrained):
+    if looks_like_hub_id(model.pretrained) and not Path(model.pretrained).expanduser().exists() and not downloads_off():
         return None
     try:
         locate_base(model)  # what `finetune train` checks first; a local base's configs and weights' headers, no torch

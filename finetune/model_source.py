@@ -194,7 +194,7 @@ def check_fetched(folder: Path, config: ModelConfig) -> None:
     if missing is None:
         return
     repo_id, key = config.pretrained, config._key
-    if _offline():
+    if downloads_off():
         raise FinetuneError(f"base model {repo_id} is only partly in the local Hugging Face cache (no {missing}) and downloads are off (HF_HUB_OFFLINE=1): "
                             f"download the model once with network (run without HF_HUB_OFFLINE=1), or set {key} to a local diffusers folder")  # fmt: skip
     # Online too: the hub's repository has no such file (finetune fetches safetensors weights), or the hub was out of reach
@@ -271,7 +271,7 @@ def hub_files(repo_id: str, key: str, revision: str | None = None, what: str = "
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    offline = _offline()
+    offline = downloads_off()
     try:
         return Path(snapshot_download(repo_id, revision=revision, local_files_only=offline, **patterns))
     except (LocalEntryNotFoundError, FileNotFoundError):
@@ -287,5 +287,5 @@ def hub_files(repo_id: str, key: str, revision: str | None = None, what: str = "
         raise FinetuneError(f"{what} {repo_id} could not be fetched ({err.__class__.__name__}): check the network or use a local folder") from None
 
 
-def _offline() -> bool:
+def downloads_off() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")  # as huggingface_hub reads it

@@ -316,3 +316,21 @@ def test_a_base_file_of_another_kind_is_said_to_be_there(tmp_path, name):
     (tmp_path / name).write_bytes(b"weights")
     with pytest.raises(FinetuneError, match=rf"^base model {tmp_path / name} is a file finetune does not read as a base model: give a single "):
         resolve_model_folder(ModelConfig.from_option(str(tmp_path / name)))
+
+
+def test_check_data_offline_says_a_hub_base_not_in_the_cache_as_training_would(tiny_model, image_folder, tmp_path, monkeypatch, capsys):
+    """check-data left a hub id to training and said "ready to train" offline of a base the cache does not hold, where
+    `finetune train` stops at once. Offline it looks the id up in the cache (downloading nothing), as training does."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    (tmp_path / "hub").mkdir()
+    assert main(["check-data", str(hub_recipe(tmp_path, image_folder))]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("fatal: base model someone/tiny is not in the local Hugging Face cache and downloads are off (HF_HUB_OFFLINE=1): "
+                          "download it once with network, or set model.pretrained to a local diffusers folder or .safetensors file"), out  # fmt: skip
+    assert out.splitlines()[-1] == "result: training would stop: 1 fatal problem; fix it"
+    fake_hub_cache(tmp_path / "hub", "someone/tiny", tiny_model)
+    assert main(["check-data", str(hub_recipe(tmp_path, image_folder))]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("result: ready to train")

@@ -14,6 +14,7 @@ from finetune.check_data import CONVERTED, FATAL, WARNING, inspect_examples
 from finetune.cli import main
 from finetune.config import DataConfig
 from finetune.data import CaptionedImageDataset
+from conftest import SHIPPED_BASE  # a base the check finds offline (the default hub id is in no cache)
 from data_examples import load_examples
 from finetune.errors import FinetuneError
 from finetune.images import open_rgb
@@ -99,7 +100,7 @@ def test_a_folder_of_kohya_folders_gets_the_data_folders_it_needs_and_an_unliste
                      f"repeats in the recipe's data section, e.g. {suggestion}")
     assert suggestion == """folders: [{path: "10_sks dog", repeats: 10}, {path: "1_dog", repeats: 1}]"""
     recipe = tmp_path / "recipe.yaml"  # the suggestion, pasted into a recipe
-    recipe.write_text(f"data:\n  image_dir: {root}\n  resolution: 64\n  {suggestion}\n")
+    recipe.write_text(f"model: {{pretrained: {SHIPPED_BASE}}}\ndata:\n  image_dir: {root}\n  resolution: 64\n  {suggestion}\n")
     assert main(["check-data", str(recipe)]) == 0
     assert "uses per epoch by folder: '10_sks dog' 2 x10 = 20 (91%), '1_dog' 2 x1 = 2 (9%)" in capsys.readouterr().out
 
@@ -118,7 +119,7 @@ def test_a_subfolder_of_a_listed_folder_that_no_entry_lists_is_said(tmp_path, ca
         captioned(tmp_path / "subject" / "closeups", "c" + name)
     captioned(tmp_path / "subject" / "masks", "0.png")  # its masks are no image folder
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"data:\n  image_dir: {tmp_path}\n  resolution: 64\n  folders: [{{path: subject, repeats: 2}}]\n")
+    recipe.write_text(f"model: {{pretrained: {SHIPPED_BASE}}}\ndata:\n  image_dir: {tmp_path}\n  resolution: 64\n  folders: [{{path: subject, repeats: 2}}]\n")
     assert main(["check-data", str(recipe)]) == 0
     out = capsys.readouterr().out
     assert (f'warning: data folder {tmp_path / "subject" / "closeups"} holds 2 images that no data.folders entry lists: they do not train '
@@ -242,7 +243,7 @@ def test_check_data_command_reports_and_fails_on_fatal_problems(odd_folder, caps
 
 def test_check_data_reads_a_recipe_with_overrides(odd_folder, tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"data": {"image_dir": str(odd_folder), "resolution": 64}}))
+    recipe.write_text(yaml.safe_dump({"model": {"pretrained": str(SHIPPED_BASE)}, "data": {"image_dir": str(odd_folder), "resolution": 64}}))
     code = main(["check-data", str(recipe), "data.skip_bad_images=true", "data.bucketing.enabled=true", "data.bucketing.step=16"])
     out = capsys.readouterr().out
     assert code == 0, out
@@ -329,7 +330,7 @@ def test_a_folder_below_nested_entries_is_said_once(tmp_path, capsys):
     for folder in ("a", "a/b", "a/b/c", "a/b/c/d"):
         captioned(tmp_path / folder, "0.png")
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"data:\n  image_dir: {tmp_path}\n  resolution: 64\n  folders: [{{path: a}}, {{path: a/b}}]\n")
+    recipe.write_text(f"model: {{pretrained: {SHIPPED_BASE}}}\ndata:\n  image_dir: {tmp_path}\n  resolution: 64\n  folders: [{{path: a}}, {{path: a/b}}]\n")
     assert main(["check-data", str(recipe)]) == 0
     out = capsys.readouterr().out
     assert out.count(f"data folder {tmp_path / 'a' / 'b' / 'c' / 'd'} holds") == 1

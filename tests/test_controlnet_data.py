@@ -28,6 +28,7 @@ from finetune.sources import Example
 from finetune.toyworld.datasets import generate, write_folder
 from finetune.toyworld.world import mask_image
 from finetune.trainer import train
+from conftest import SHIPPED_BASE  # a base check-data finds offline (the default hub id is in no cache)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -259,7 +260,7 @@ def test_with_skip_bad_images_bad_pairs_are_left_out_and_listed(make_recipe, tmp
     with pytest.raises(FinetuneError, match=r"0001\.png has no conditioning image: .*, or set data.skip_bad_images: true to skip bad images \(4 more problems"):
         ControlNetMethod(controlnet_recipe(make_recipe, folder)).check_data()
     recipe = tmp_path / "controlnet.yaml"
-    recipe.write_text(f"method: controlnet\ndata: {{image_dir: {folder}, resolution: 64}}\n")
+    recipe.write_text(f"method: controlnet\nmodel: {{pretrained: {SHIPPED_BASE}}}\ndata: {{image_dir: {folder}, resolution: 64}}\n")
     assert main(["check-data", str(recipe)]) == 1
     printed = capsys.readouterr().out.splitlines()
     assert sum(line.startswith("fatal: ") for line in printed) == 5

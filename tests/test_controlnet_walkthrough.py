@@ -15,6 +15,7 @@ from finetune.errors import FinetuneError
 from finetune.methods.controlnet import ControlNetMethod
 from finetune.toyworld.datasets import generate
 from finetune.toyworld.world import mask_image
+from conftest import SHIPPED_BASE  # a base check-data finds offline (the default hub id is in no cache)
 
 
 def test_a_conditioning_column_of_file_paths_is_one_line_naming_it(make_recipe, tmp_path):
@@ -170,7 +171,7 @@ def test_check_data_says_a_missing_validation_conditioning_image_stops_training(
     from finetune.cli import main
 
     recipe = tmp_path / "recipe.json"
-    data = {"method": "controlnet", "data": {"image_dir": str(pairs_folder), "resolution": 64}, "validation": {"prompts": ["a star"]},
+    data = {"method": "controlnet", "model": {"pretrained": str(SHIPPED_BASE)}, "data": {"image_dir": str(pairs_folder), "resolution": 64}, "validation": {"prompts": ["a star"]},
             "controlnet": {"validation_conditions": [str(tmp_path / "gone.png")]}}  # fmt: skip
     recipe.write_text(json.dumps(data))
     assert main(["check-data", str(recipe)]) == 1  # it said ready to train; training stopped at once

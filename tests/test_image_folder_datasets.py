@@ -10,6 +10,7 @@ from PIL import Image
 from finetune.cli import main
 from finetune.config import DataConfig
 from finetune.sources import read_examples
+from conftest import SHIPPED_BASE  # a base check-data finds offline (the default hub id is in no cache)
 
 ADVICE = "which datasets' imagefolder searches for its files at every load"
 
@@ -29,7 +30,7 @@ def many_images(tmp_path, monkeypatch):
 
 def check_data(folder, tmp_path, capsys, *overrides) -> str:
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"data:\n  dataset: {folder}\n  resolution: 64\n")
+    recipe.write_text(f"model: {{pretrained: {SHIPPED_BASE}}}\ndata:\n  dataset: {folder}\n  resolution: 64\n")
     assert main(["check-data", str(recipe), *overrides]) == 0
     return capsys.readouterr().out
 

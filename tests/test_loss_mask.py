@@ -25,6 +25,7 @@ from finetune.trainer import train
 from test_dreambooth import dreambooth_recipe
 from odd_images import noise
 from test_objective import SCHEDULER
+from conftest import SHIPPED_BASE  # a base check-data finds offline (the default hub id is in no cache)
 
 
 def masked_folder(folder: Path, count=4, size=(64, 64), mask=lambda width, height: half_mask(width, height)) -> Path:
@@ -231,7 +232,7 @@ def test_check_data_reports_the_masks_and_stops_on_a_missing_one(tmp_path, capsy
     folder = masked_folder(tmp_path / "data")
     args = ["check-data", "--image-dir", str(folder), "--resolution", "64"]
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"data:\n  image_dir: {folder}\n  resolution: 64\n  loss_mask:\n    source: files\n")
+    recipe.write_text(f"model: {{pretrained: {SHIPPED_BASE}}}\ndata:\n  image_dir: {folder}\n  resolution: 64\n  loss_mask:\n    source: files\n")
     assert main(["check-data", str(recipe)]) == 0
     assert "loss masks (files in each folder's masks/): 4 of 4 images masked, trained area 50-50% (mean 50%); background weight 0" in capsys.readouterr().out
     (folder / "masks" / "2.png").unlink()
@@ -364,7 +365,7 @@ def test_review_cases_exact_names_first_8_bit_values_in_16_bits_opaque_alpha_and
         load_examples(alpha)
     # A problem of the whole dataset: skipping images (already on) is not offered as a fix.
     recipe = tmp_path / "alpha.yaml"
-    recipe.write_text(yaml.safe_dump({"data": {"image_dir": str(opaque), "resolution": 64, "loss_mask": {"source": "alpha"}, "skip_bad_images": True}}))
+    recipe.write_text(yaml.safe_dump({"model": {"pretrained": str(SHIPPED_BASE)}, "data": {"image_dir": str(opaque), "resolution": 64, "loss_mask": {"source": "alpha"}, "skip_bad_images": True}}))
     capsys.readouterr()
     assert main(["check-data", str(recipe)]) == 1
     assert capsys.readouterr().out.splitlines()[-1] == "result: training would stop: 1 fatal problem; fix it"

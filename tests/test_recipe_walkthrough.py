@@ -226,7 +226,8 @@ def test_validation_loss_images_holding_out_a_whole_concept_is_refused(capsys):
     # Held-out images are drawn among every concept's: 21 of 22 leave the striped concept none to train on (it said "ready to train").
     striped = RECIPES.parent / "datasets" / "striped"
     concepts = f"dreambooth.concepts=[{{instance_dir: {STAR_FOLDER}, instance_prompt: a sks shape}}, {{instance_dir: {striped}, use_captions: true}}]"
-    overrides = [concepts, "dreambooth.prior_preservation=false", "data.resolution=64"]
+    base = f"model.pretrained={RECIPES.parent / 'finetune' / 'assets' / 'toyworld-base'}"  # its SD1.5 hub id is in no cache offline: a fatal problem
+    overrides = [concepts, "dreambooth.prior_preservation=false", "data.resolution=64", base]
     assert main(["check-data", str(RECIPES / "dreambooth_lora.yaml"), *overrides, "validation.loss_images=21"]) == 1
     assert capsys.readouterr().out.strip().splitlines()[-1] == (
         f"result: training would stop: validation.loss_images (21) holds out every image of dreambooth.concepts.1 ({striped}), which would never train: lower it")

@@ -41,7 +41,7 @@ def test_the_epoch_counts_leave_out_the_held_out_images(tmp_path, capsys):
     root = tmp_path / "data"
     captioned_folder(root / "subject", 2), captioned_folder(root / "style", 4)
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"data": {"image_dir": str(root), "resolution": 64, "folders": [{"path": "subject", "repeats": 5}, {"path": "style"}]},
+    recipe.write_text(yaml.safe_dump({"model": {"pretrained": str(SHIPPED_BASE)}, "data": {"image_dir": str(root), "resolution": 64, "folders": [{"path": "subject", "repeats": 5}, {"path": "style"}]},
                                       "train": {"batch_size": 1}, "validation": {"loss_images": 2}}))  # fmt: skip
     assert main(["check-data", str(recipe)]) == 0
     out = capsys.readouterr().out

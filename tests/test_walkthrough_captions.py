@@ -11,6 +11,7 @@ from data_examples import load_examples
 from finetune.errors import FinetuneError
 from finetune.recipe_loading import load_recipe
 from finetune.trainer import train
+from conftest import SHIPPED_BASE  # a base check-data finds offline (the default hub id is in no cache)
 
 
 def _unknown_key_message(tmp_path, override: str) -> str:
@@ -138,7 +139,7 @@ def test_kohya_folders_without_captions_are_suggested_with_their_name_as_the_pro
     suggestion = capsys.readouterr().err.strip().split("e.g. ")[1]
     assert suggestion == """folders: [{path: "10_sks dog", repeats: 10, template: "sks dog"}, {path: "1_dog", repeats: 1}]"""
     recipe = tmp_path / "recipe.yaml"  # the suggestion, pasted into a recipe
-    recipe.write_text(f"data:\n  image_dir: {root}\n  resolution: 64\n  {suggestion}\n")
+    recipe.write_text(f"model: {{pretrained: {SHIPPED_BASE}}}\ndata:\n  image_dir: {root}\n  resolution: 64\n  {suggestion}\n")
     assert main(["check-data", str(recipe)]) == 0
     captions = {example.caption for example in load_examples(load_recipe(recipe).data, check=False) if "10_sks dog" in example.source}
     assert captions == {"sks dog"}

@@ -13,6 +13,7 @@ from finetune.train_inputs import data_configs
 from finetune.cli import main
 from finetune.errors import FinetuneError
 from finetune.recipe_loading import recipe_from_dict
+from conftest import SHIPPED_BASE  # a base check-data finds offline (the default hub id is in no cache)
 
 
 def write_images(folder, count):
@@ -131,7 +132,7 @@ def test_review_cases_old_checkpoints_overrides_repeats_in_check_data_and_diffus
     # check-data's --resolution keeps a concept's repeats.
     few = write_images(tmp_path / "few", 2)
     concept = {"instance_dir": str(few), "instance_prompt": "sks dog", "repeats": 3}
-    recipe.write_text(json.dumps({"method": "dreambooth", "data": {"resolution": 64}, "dreambooth": {"concepts": [concept], "prior_preservation": False}}))
+    recipe.write_text(json.dumps({"method": "dreambooth", "model": {"pretrained": str(SHIPPED_BASE)}, "data": {"resolution": 64}, "dreambooth": {"concepts": [concept], "prior_preservation": False}}))
     assert main(["check-data", str(recipe), "--resolution", "64"]) == 0 and "6 uses per epoch" in capsys.readouterr().out
     # diffusers' ControlNet layout keeps its conditioning images in a subfolder the metadata names: no warning.
     folder = tmp_path / "pairs"
@@ -141,7 +142,7 @@ def test_review_cases_old_checkpoints_overrides_repeats_in_check_data_and_diffus
     for row in rows:
         row["conditioning_image"] = row.pop("conditioning_file_name").replace("conditioning/", "conditioning_images/")
     (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    recipe.write_text(json.dumps({"method": "controlnet", "data": {"image_dir": str(folder), "resolution": 64}}))
+    recipe.write_text(json.dumps({"method": "controlnet", "model": {"pretrained": str(SHIPPED_BASE)}, "data": {"image_dir": str(folder), "resolution": 64}}))
     assert main(["check-data", str(recipe)]) == 0
     assert "subfolders with images" not in capsys.readouterr().out
 
