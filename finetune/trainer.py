@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 
 from finetune import checkpoint as ckpt
 from finetune.accelerate_state import clears_accelerate_settings, trackers_finished
-from finetune.atomic_files import outputs_written
 from finetune.buckets import too_few_to_batch
 from finetune.config import Recipe
 from finetune.console import say, warn
@@ -45,6 +44,7 @@ from finetune.output_metadata import dataset_metadata, output_metadata
 from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer, check_optimizer_installed, clip_gradients, step_size
 from finetune.run_length import STEPS_BY_SHAPE, check_epoch_run, due, epoch_count, epochs_text, planned_steps, resume_warnings, run_length_line, run_sampler
 from finetune.run_files import checkpoint_step, resolve_resume
+from finetune.run_end import LOGGED_AT_STEP, VALIDATION_PENDING, finish_training
 from finetune.run_recipe import write_run_recipe
 from finetune.logged_settings import settings_on_record
 from finetune.loss_mask import preview as mask_preview
@@ -55,10 +55,6 @@ from finetune.train_inputs import check_base_and_data
 from finetune.validation import run_validation
 from finetune.stopping import StopRequest, batches_of
 
-# A checkpoint's state: its step's validation is still to draw, by its resume (the key is named from when only a stop's recorded it).
-VALIDATION_PENDING = "stopped_before_validation"
-# ...and the train logs of its step, written again where its resume draws that step's grid again (TensorBoard purges from it).
-LOGGED_AT_STEP = "logged_at_step"
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -386,15 +382,6 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     result.final_step, result.losses = step, running.read_steps(accelerator)  # with a stop's steps since the last log step
 
     if not result.interrupted:
-        # Trained: a Ctrl-C or SIGTERM now skips the last samples but waits for the outputs (a second one interrupts). Outputs
-        # first: a kill later leaves them, one before leaves no last checkpoint (with it, --resume latest had nothing to train).
-        with stop, outputs_written(output_dir, checkpoints_dir):  # the loop's request: a stop in the last step skips the samples
-            try:
-                result.saved_files = save_outputs(output_dir)
-            finally:  # whatever happens while writing the outputs, the trained state goes to disk (a longer run resumes it)
-                if last_checkpoint_step != step:
-                    save_checkpoint()
-            if not stop.agreed_now():
-                validate(step)  # the outputs' paths are the result's (`finetune train` ends with them: output: PATH)
+        finish_training(result, stop, output_dir, checkpoints_dir, save_outputs, save_checkpoint, validate, checkpoint_saved=last_checkpoint_step == step)
     return result  # `closing` closes the stop agreement, then the trackers
 
