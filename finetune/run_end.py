@@ -1,29 +1,81 @@
 """The end of a run that trained to its last step: its outputs, its last checkpoint and its final samples, in that
-order, so that a kill at any point leaves what a resume needs (the outputs before the checkpoint that says the run is done)."""
+order, so that a kill at any point leaves what a resume needs. The last checkpoint says which of the outputs and the
+final samples are still to come (`OUTPUTS_PENDING`, `VALIDATION_PENDING`) until they are on disk: a run killed after it
+(SIGKILL while the final grid is drawn, a second Ctrl-C while the outputs are written) is finished by `--resume latest`,
+which writes what is missing, where it had refused with "nothing left to train" and the last grid was never drawn."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
-from finetune.atomic_files import outputs_written
+from finetune.atomic_files import atomic_write_text, outputs_written
+from finetune.console import say
+from finetune.earlier_run import finish_a_finished_runs_saves
+from finetune.process_env import main_process
+from finetune.run_files import STATE_FILE, checkpoint_step, read_state
 
 # A checkpoint's state: its step's validation is still to draw, by its resume (the key is named from when only a stop's recorded it).
 VALIDATION_PENDING = "stopped_before_validation"
 # ...and the train logs of its step, written again where its resume draws that step's grid again (TensorBoard purges from it).
 LOGGED_AT_STEP = "logged_at_step"
+# A finished run's last checkpoint: the run's outputs were not written (cut short by a second Ctrl-C, or a full disk).
+OUTPUTS_PENDING = "outputs_pending"
+WHAT_IS_PENDING = {OUTPUTS_PENDING: "its outputs", VALIDATION_PENDING: "its final samples"}
+
+
+def final_samples_wanted(recipe, method, held_out: list) -> bool:
+    """Whether the run's last validation draws anything (a grid, or the held-out images' loss)."""
+    return bool(recipe.validation.prompts) or bool(held_out) or method.draws_without_prompts
+
+
+def left_to_finish(checkpoint: Path | None, max_steps: int | None) -> list[str]:
+    """The keys of what the end of a run is still to write (`WHAT_IS_PENDING`), where `checkpoint` is the last one of a
+    run that trained to step `max_steps` (this run's last step too); [] for any other checkpoint."""
+    if checkpoint is None or max_steps is None or checkpoint_step(checkpoint) != max_steps:
+        return []
+    state = read_state(checkpoint)
+    return [key for key in WHAT_IS_PENDING if state.get("max_steps") == max_steps and state.get(key)]
 
 
 def finish_training(result, stop, output_dir: Path, checkpoints_dir: Path, save_outputs: Callable[[Path], list[Path]],
-                    save_checkpoint: Callable[[], None], validate: Callable[[int], Path | None], checkpoint_saved: bool) -> None:  # fmt: skip
-    """Collective: the trainer's end, once `result.final_step` is the run's last (`checkpoint_saved`: the loop saved that step's
-    checkpoint). A Ctrl-C or SIGTERM now skips the last samples but waits for the outputs (a second one interrupts). Outputs
-    first: a kill later leaves them, one before leaves no last checkpoint (with it, --resume latest had nothing to train)."""
+                    save_checkpoint: Callable[..., None], validate: Callable[[int], Path | None], samples_wanted: bool) -> None:  # fmt: skip
+    """Collective: the trainer's end, once `result.final_step` is the run's last. A Ctrl-C or SIGTERM now skips the last
+    samples but waits for the outputs (a second one interrupts). Outputs first: a kill later leaves them, one before leaves
+    no last checkpoint (with it, --resume latest had nothing to train)."""
+    written = False
     with stop, outputs_written(output_dir, checkpoints_dir):  # the loop's request: a stop in the last step skips the samples
         try:
             result.saved_files = save_outputs(output_dir)
+            written = True
         finally:  # whatever happens while writing the outputs, the trained state goes to disk (a longer run resumes it)
-            if not checkpoint_saved:
-                save_checkpoint()
+            save_checkpoint(validation_pending=samples_wanted, outputs_pending=not written)
         if not stop.agreed_now():
             validate(result.final_step)  # the outputs' paths are the result's (`finetune train` ends with them: output: PATH)
+            if samples_wanted:
+                _mark_written(checkpoints_dir / f"checkpoint-{result.final_step}", VALIDATION_PENDING)
+
+
+def finish_cut_short(result, stop, output_dir: Path, checkpoints_dir: Path, save_outputs: Callable[[Path], list[Path]],
+                     validate: Callable[[int], Path | None], pending: list[str]) -> None:  # fmt: skip
+    """Collective: the end of a run resumed from its last checkpoint (`left_to_finish`: `pending`), as `finish_training`
+    would have ended it, without training or saving again."""
+    checkpoint = checkpoints_dir / f"checkpoint-{result.final_step}"
+    say(f"{checkpoint} is the last of a run that had trained to its end (step {result.final_step}): writing "
+        f"{' and '.join(WHAT_IS_PENDING[key] for key in pending)}, which the run did not")  # fmt: skip
+    with stop, outputs_written(output_dir, checkpoints_dir):
+        if OUTPUTS_PENDING in pending:
+            result.saved_files = save_outputs(output_dir)
+            _mark_written(checkpoint, OUTPUTS_PENDING)
+        if VALIDATION_PENDING in pending and not stop.agreed_now():
+            validate(result.final_step)  # its path is the result's, as `finish_training`'s
+            _mark_written(checkpoint, VALIDATION_PENDING)
+    finish_a_finished_runs_saves(checkpoint, output_dir)  # a rotation the kill cut short, as a resume with nothing left does
+
+
+def _mark_written(checkpoint: Path, key: str) -> None:
+    """By the main process: the run's last checkpoint no longer says `key`'s part of the end is to come (its resume would
+    write it again)."""
+    if main_process():
+        atomic_write_text(checkpoint / STATE_FILE, json.dumps({**read_state(checkpoint), key: False}, indent=2))

@@ -44,7 +44,7 @@ from finetune.output_metadata import dataset_metadata, output_metadata
 from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer, check_optimizer_installed, clip_gradients, step_size
 from finetune.run_length import STEPS_BY_SHAPE, check_epoch_run, due, epoch_count, epochs_text, planned_steps, resume_warnings, run_length_line, run_sampler
 from finetune.run_files import checkpoint_step, resolve_resume
-from finetune.run_end import LOGGED_AT_STEP, VALIDATION_PENDING, finish_training
+from finetune.run_end import LOGGED_AT_STEP, OUTPUTS_PENDING, VALIDATION_PENDING, final_samples_wanted, finish_cut_short, finish_training, left_to_finish
 from finetune.run_recipe import write_run_recipe
 from finetune.logged_settings import settings_on_record
 from finetune.loss_mask import preview as mask_preview
@@ -90,8 +90,8 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     check_deepspeed_launch(recipe, method.trained_module_names(), resume_from)  # DeepSpeed's refusals; a checkpoint of another engine
     check_optimizer_installed(recipe.optimizer)
     base_location = check_base_and_data(recipe, method.check_data, base_location)
-    if resume_from is not None:
-        ckpt.check_resumable(resume_from, train_cfg.max_steps, recipe.flat_settings())
+    if resume_from is not None:  # a run's last checkpoint whose end a kill cut short is resumed to finish it (finetune.run_end)
+        ckpt.check_resumable(resume_from, None if left_to_finish(resume_from, train_cfg.max_steps) else train_cfg.max_steps, recipe.flat_settings())
     guard_earlier_run(output_dir, resume_from, overwrite)
     if problem := launch_problem(train_cfg.mixed_precision):
         raise FinetuneError(problem)
@@ -136,8 +136,9 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     epochs_by = epoch_count(layout, train_cfg, accelerator.num_processes, resume_from, sampler=sampler)
     max_steps = planned_steps(train_cfg, epochs_by)  # train.max_steps, or train.max_epochs counted in steps
     draws_from = key_offset(resume_from, train_cfg.gradient_accumulation_steps)  # the noise's keys go on from the checkpoint's draws
+    pending_end = left_to_finish(resume_from, max_steps)  # the outputs or final samples of a finished run's end, cut short
     if train_cfg.max_epochs is not None:
-        check_epoch_run(recipe, max_steps, epochs_by, resume_from)
+        check_epoch_run(recipe, max_steps, epochs_by, None if pending_end else resume_from)
     method.held_out_items = frozenset(range(len(sources))) - frozenset(trained_items)
     if held_out:
         say(f"validation loss: {counted(len(held_out), 'image')} held out of training, scored at each validation")
@@ -281,7 +282,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
             with unsharded_loading(accelerator):  # saving may load frozen parts again at the source's precision: whole, as at the start
                 return method.save(folder, unwrapped, output_metadata(recipe, step, method.base.noise_scheduler.config.prediction_type, **progress))
 
-    def save_checkpoint(validation_pending: bool = False, logged_at_step: dict | None = None) -> None:
+    def save_checkpoint(validation_pending: bool = False, logged_at_step: dict | None = None, outputs_pending: bool = False) -> None:
         ensure_finite_weights(accelerator, trained_parameters(modules, accelerator).values(), step, checkpoints_dir)
 
         def extra(folder: Path) -> None:
@@ -296,14 +297,14 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
              "method": method.checkpoint_state(), "data": images_record, HELD_OUT_STATE: held_out_split.images, "data_order": sampler.position_after(step * accumulation),
              DRAWN: step * accumulation + draws_from, STEPS_BY_SHAPE: epochs_by.steps_by_shape(step),  # what its steps drew, and trained at which batch
              "losses_since_log": running.since_last_log_state(accelerator),  # the resumed run's first log covers the same steps
-             VALIDATION_PENDING: validation_pending, LOGGED_AT_STEP: logged_at_step or {}},
+             VALIDATION_PENDING: validation_pending, LOGGED_AT_STEP: logged_at_step or {}, OUTPUTS_PENDING: outputs_pending},
             recipe.checkpoint.keep_last, extra=extra, **save_options
         )
         say(f"saved {checkpoints_dir / f'checkpoint-{step}'} (step {step}, {epochs_text(epochs_by.at(step))})")
 
     # Before the first step (validation.at_start), or due at the step its checkpoint was saved before it (by a stop, or
     # before a kill while it drew): the curve keeps that step.
-    if (step == 0 and recipe.validation.at_start) or (resume_from is not None and state.get(VALIDATION_PENDING)):
+    if (step == 0 and recipe.validation.at_start) or (resume_from is not None and state.get(VALIDATION_PENDING) and not pending_end):
         if (grid := validate(step)) is not None:  # named as the loop names its grids
             say(f"samples: {grid}")
 
@@ -311,7 +312,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     running = StepLosses()  # the loss and its terms over each step's micro-batches, and since the last log
     running.resume_since_last_log(state.get("losses_since_log") if resume_from is not None else None, accelerator.device)
     step_logs: dict[str, torch.Tensor | float] = {}  # what the method reports after each optimizer step (lora.max_norm)
-    last_checkpoint_step = step
+    logged = {}  # the last step's train logs: its checkpoint keeps them (LOGGED_AT_STEP)
     stop = closing.enter_context(StopRequest(accelerator).closed_at_the_end())  # its gloo group too, after an error
     with stop, batches_of(loader) as batches:
         while step < max_steps:
@@ -371,7 +372,6 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
                 # Its validation is drawn after it is written: a kill while that draws (a grid takes minutes) left a checkpoint
                 # whose resume never drew it. The resumed run draws it (again, the same, if the kill came later).
                 save_checkpoint(validation_pending=validation_due, logged_at_step=logged)
-                last_checkpoint_step = step
             if validation_due and step < max_steps:
                 grid = validate(step)
                 if grid is not None:
@@ -381,7 +381,10 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
         say(f"stopped at step {step}; checkpoint saved in {checkpoints_dir}; continue with --resume latest")
     result.final_step, result.losses = step, running.read_steps(accelerator)  # with a stop's steps since the last log step
 
-    if not result.interrupted:
-        finish_training(result, stop, output_dir, checkpoints_dir, save_outputs, save_checkpoint, validate, checkpoint_saved=last_checkpoint_step == step)
+    if pending_end and not result.interrupted:
+        finish_cut_short(result, stop, output_dir, checkpoints_dir, save_outputs, validate, pending_end)
+    elif not result.interrupted:
+        finish_training(result, stop, output_dir, checkpoints_dir, save_outputs, lambda **pending: save_checkpoint(logged_at_step=logged, **pending), validate,
+                        final_samples_wanted(recipe, method, held_out))  # fmt: skip
     return result  # `closing` closes the stop agreement, then the trackers
 

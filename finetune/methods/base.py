@@ -50,6 +50,7 @@ class TrainingMethod(ABC):
     # reads its states in every cross-attention, whose gradients accelerate's fp32 cast sums in fp32 (on a GPU they
     # leave its final layer norm in fp32 anyway; tests/test_text_encoder_step_casts.py).
     feeding_another_model: tuple[str, ...] = ()
+    draws_without_prompts = False  # its validation grid needs no validation.prompts (the VAE's reconstructions)
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe

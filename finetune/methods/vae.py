@@ -79,6 +79,7 @@ def perceptual_distance(network: torch.nn.Module, reconstruction: torch.Tensor, 
 
 class VAEMethod(TrainingMethod):
     name = "vae"
+    draws_without_prompts = True  # its grid reconstructs training images
 
     def check_data(self) -> None:
         # The perceptual network is small: a missing or wrong file is one line before the images are read and the model loads.

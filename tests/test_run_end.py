@@ -1,0 +1,91 @@
+"""The end of a run (finetune.run_end): what a kill, a Ctrl-C or two leave after the last step is finished, or said, never
+lost. Each kill is put at its point by a monkeypatch that raises where the process would have died."""
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+import finetune.trainer as trainer
+from finetune.errors import FinetuneError
+from finetune.run_end import OUTPUTS_PENDING, VALIDATION_PENDING
+from finetune.run_files import LORA_WEIGHTS_NAME, STATE_FILE
+
+SAMPLED = dict(train__max_steps=3, checkpoint__every_n_steps=2, validation__prompts=["a shape"], validation__num_inference_steps=1,
+               validation__images_per_prompt=1, validation__at_start=False, validation__loss_images=1)  # fmt: skip
+
+
+class Killed(BaseException):
+    """SIGKILL: nothing after it runs (the process is gone)."""
+
+
+def last_state(run: Path) -> dict:
+    return json.loads((run / "checkpoints" / "checkpoint-3" / STATE_FILE).read_text())
+
+
+def test_a_kill_while_the_final_samples_are_drawn_is_finished_by_resume_latest(make_recipe, monkeypatch, tmp_path, capsys):
+    """Killed while the last grid was drawn, after the last checkpoint was written: `--resume latest` refused (nothing left
+    to train) and the grid was never drawn. It draws it now, the grid (and held-out loss) the run would have ended with."""
+    straight = trainer.train(make_recipe(output_dir=str(tmp_path / "straight"), **SAMPLED))
+    real = trainer.run_validation
+
+    def killed_at_the_last(recipe, method, modules, accelerator, step):
+        if step == 3:
+            raise Killed
+        return real(recipe, method, modules, accelerator, step)
+
+    monkeypatch.setattr(trainer, "run_validation", killed_at_the_last)
+    with pytest.raises(Killed):
+        trainer.train(make_recipe(output_dir=str(tmp_path / "killed"), **SAMPLED))
+    monkeypatch.undo()
+    assert not (tmp_path / "killed" / "samples" / "step-000003.png").exists() and last_state(tmp_path / "killed")[VALIDATION_PENDING]
+    capsys.readouterr()
+
+    resumed = trainer.train(make_recipe(output_dir=str(tmp_path / "killed"), **SAMPLED), resume="latest")
+    said = capsys.readouterr().out
+    assert "is the last of a run that had trained to its end (step 3): writing its final samples" in said
+    assert resumed.final_step == 3 and resumed.validation_losses == straight.validation_losses[-1:]
+    assert [grid.name for grid in resumed.sample_grids] == ["step-000003.png"]
+    assert resumed.sample_grids[0].read_bytes() == straight.sample_grids[-1].read_bytes()
+    assert not last_state(tmp_path / "killed")[VALIDATION_PENDING]
+    with pytest.raises(FinetuneError, match="nothing left to train"):  # drawn: the next resume has nothing to do
+        trainer.train(make_recipe(output_dir=str(tmp_path / "killed"), **SAMPLED), resume="latest")
+
+
+def test_a_second_stop_while_the_outputs_are_written_is_finished_by_resume_latest(make_recipe, monkeypatch, tmp_path, capsys):
+    """A second Ctrl-C while the outputs were written: the last checkpoint was saved (the trained state kept), the outputs
+    were not, and `--resume latest` refused with nothing left to train: the run's LoRA was lost unless trained again."""
+    straight = trainer.train(make_recipe(output_dir=str(tmp_path / "straight"), **SAMPLED))
+    real, calls = trainer.output_metadata, []
+
+    def second_ctrl_c(recipe, step, *args, **kwargs):  # the last step's first: the outputs' (then its checkpoint's copy of them)
+        calls.append(step)
+        if calls.count(3) == 1 and step == 3:
+            raise KeyboardInterrupt
+        return real(recipe, step, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "output_metadata", second_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(make_recipe(output_dir=str(tmp_path / "stopped"), **SAMPLED))
+    monkeypatch.setattr(trainer, "output_metadata", real)
+    state = last_state(tmp_path / "stopped")
+    assert state[OUTPUTS_PENDING] and state[VALIDATION_PENDING] and not (tmp_path / "stopped" / LORA_WEIGHTS_NAME).exists()
+    capsys.readouterr()
+
+    resumed = trainer.train(make_recipe(output_dir=str(tmp_path / "stopped"), **SAMPLED), resume="latest")
+    assert "writing its outputs and its final samples" in capsys.readouterr().out
+    assert resumed.saved_files == [tmp_path / "stopped" / LORA_WEIGHTS_NAME]
+    weights, expected = load_file(resumed.saved_files[0]), load_file(straight.output_dir / LORA_WEIGHTS_NAME)
+    assert weights.keys() == expected.keys() and all(weights[name].equal(expected[name]) for name in weights)
+    assert resumed.sample_grids[0].read_bytes() == straight.sample_grids[-1].read_bytes()
+    assert not (last_state(tmp_path / "stopped")[OUTPUTS_PENDING] or last_state(tmp_path / "stopped")[VALIDATION_PENDING])
+
+
+def test_a_finished_runs_last_checkpoint_says_nothing_is_pending_and_a_longer_run_trains_on(make_recipe, tmp_path):
+    """A run that ended whole leaves nothing for a resume to redo; one with a higher train.max_steps continues it."""
+    trainer.train(make_recipe(**SAMPLED))
+    state = last_state(tmp_path / "run")
+    assert not state[OUTPUTS_PENDING] and not state[VALIDATION_PENDING]
+    longer = trainer.train(make_recipe(**{**SAMPLED, "train__max_steps": 4}), resume="latest")
+    assert longer.final_step == 4 and [grid.name for grid in longer.sample_grids] == ["step-000004.png"]
