@@ -15,6 +15,8 @@ from finetune.console import say
 from finetune.earlier_run import finish_a_finished_runs_saves
 from finetune.process_env import main_process
 from finetune.run_files import STATE_FILE, checkpoint_step, read_state
+from finetune.run_recipe import RUN_RECIPE
+from finetune.stop_signals import signal_name
 
 # A checkpoint's state: its step's validation is still to draw, by its resume (the key is named from when only a stop's recorded it).
 VALIDATION_PENDING = "stopped_before_validation"
@@ -51,7 +53,10 @@ def finish_training(result, stop, output_dir: Path, checkpoints_dir: Path, save_
             written = True
         finally:  # whatever happens while writing the outputs, the trained state goes to disk (a longer run resumes it)
             save_checkpoint(validation_pending=samples_wanted, outputs_pending=not written)
-        if not stop.agreed_now():
+        stopped = stop.agreed_now()  # collective: once, on every process
+        if stopped and samples_wanted:
+            _say_skipped(result, stop.signal, output_dir)
+        elif not stopped:
             validate(result.final_step)  # the outputs' paths are the result's (`finetune train` ends with them: output: PATH)
             if samples_wanted:
                 _mark_written(checkpoints_dir / f"checkpoint-{result.final_step}", VALIDATION_PENDING)
@@ -68,10 +73,21 @@ def finish_cut_short(result, stop, output_dir: Path, checkpoints_dir: Path, save
         if OUTPUTS_PENDING in pending:
             result.saved_files = save_outputs(output_dir)
             _mark_written(checkpoint, OUTPUTS_PENDING)
-        if VALIDATION_PENDING in pending and not stop.agreed_now():
+        if VALIDATION_PENDING in pending and stop.agreed_now():
+            _say_skipped(result, stop.signal, output_dir)
+        elif VALIDATION_PENDING in pending:
             validate(result.final_step)  # its path is the result's, as `finish_training`'s
             _mark_written(checkpoint, VALIDATION_PENDING)
     finish_a_finished_runs_saves(checkpoint, output_dir)  # a rotation the kill cut short, as a resume with nothing left does
+
+
+def _say_skipped(result, signum: int, output_dir: Path) -> None:
+    """A stop after the last step skipped the final samples (the outputs are written): said, with the command that draws
+    them, and the run exits as the stop's signal says (it had exited 0, the samples missing without a word)."""
+    result.stopped_by = signum
+    say(f"stopped ({signal_name(signum)}) after the last step, the outputs written: the final samples "
+        f"({output_dir / 'samples' / f'step-{result.final_step:06d}.png'}) are skipped; draw them with --resume latest "
+        f"(finetune train {output_dir / RUN_RECIPE} --resume latest)")  # fmt: skip
 
 
 def _mark_written(checkpoint: Path, key: str) -> None:

@@ -49,7 +49,7 @@ def run_train_command(args) -> int:
         print(f"samples: {path}")
     for path in result.saved_files:
         print(f"output: {path}")
-    return 0
+    return exit_status(result.stopped_by) if result.stopped_by else 0  # a stop after the last step skipped the final samples
 
 
 def _run_training(recipe, args, base_location):

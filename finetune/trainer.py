@@ -67,7 +67,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # per optimizer step, this run only
     validation_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss on the held-out images)
     interrupted: bool = False
-    stopped_by: int = 0  # the signal that stopped it (SIGINT, SIGTERM), where `interrupted`
+    stopped_by: int = 0  # the signal that stopped it (SIGINT, SIGTERM), where `interrupted` or where it skipped the final samples
 
 
 @clears_accelerate_settings  # however it ends: a later train() in this process may choose another precision

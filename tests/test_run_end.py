@@ -2,6 +2,8 @@
 lost. Each kill is put at its point by a monkeypatch that raises where the process would have died."""
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,36 @@ def test_a_finished_runs_last_checkpoint_says_nothing_is_pending_and_a_longer_ru
     assert not state[OUTPUTS_PENDING] and not state[VALIDATION_PENDING]
     longer = trainer.train(make_recipe(**{**SAMPLED, "train__max_steps": 4}), resume="latest")
     assert longer.final_step == 4 and [grid.name for grid in longer.sample_grids] == ["step-000004.png"]
+
+
+def test_a_stop_after_the_last_step_says_the_final_samples_it_skipped_and_resume_latest_draws_them(make_recipe, tmp_path, capsys):
+    """Ctrl-C during the last step (or the final save) skipped the final samples without a word, and the run exited 0."""
+    recipe = make_recipe(**SAMPLED)
+    stopped = trainer.train(recipe, on_step=lambda step: os.kill(os.getpid(), signal.SIGINT) if step == 3 else None)
+    grid = tmp_path / "run" / "samples" / "step-000003.png"
+    assert not stopped.interrupted and stopped.stopped_by == signal.SIGINT and not stopped.sample_grids and not grid.exists()
+    assert (f"stopped (Ctrl-C) after the last step, the outputs written: the final samples ({grid}) are skipped; draw them with "
+            f"--resume latest (finetune train {tmp_path / 'run' / 'recipe_as_run.yaml'} --resume latest)") in capsys.readouterr().out
+    resumed = trainer.train(recipe, resume="latest")
+    assert resumed.sample_grids == [grid] and grid.is_file() and not resumed.stopped_by and not last_state(tmp_path / "run")[VALIDATION_PENDING]
+
+
+def test_finetune_train_exits_as_the_stop_that_skipped_the_final_samples(monkeypatch, tmp_path, capsys):
+    from types import SimpleNamespace
+
+    import finetune.native_resolution
+    import finetune.recipe_loading
+    import finetune.train_inputs
+    from finetune import cli
+
+    monkeypatch.setattr(finetune.recipe_loading, "load_recipe", lambda *a: SimpleNamespace(output_dir=str(tmp_path), data=SimpleNamespace(resolution=512), model=SimpleNamespace(pretrained="", single_file_config=None)))
+    monkeypatch.setattr(finetune.train_inputs, "check_inputs_exist", lambda recipe: None)
+    monkeypatch.setattr(finetune.native_resolution, "far_from_native_line", lambda *a: None)
+    output = tmp_path / LORA_WEIGHTS_NAME
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: SimpleNamespace(interrupted=False, stopped_by=2, sample_grids=[], saved_files=[output]))
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        assert cli.main(["train", "recipe.yaml"]) == 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # cli.main makes SIGTERM raise for the rest of its process
+    assert f"output: {output}" in capsys.readouterr().out
