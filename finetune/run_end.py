@@ -6,17 +6,18 @@ which writes what is missing, where it had refused with "nothing left to train" 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Callable
 
 from finetune.atomic_files import atomic_write_text, outputs_written
 from finetune.console import say
-from finetune.earlier_run import finish_a_finished_runs_saves
+from finetune.earlier_run import RUN_OUTPUTS, finish_a_finished_runs_saves
 from finetune.process_env import main_process
-from finetune.run_files import STATE_FILE, checkpoint_step, read_state
+from finetune.run_files import STATE_FILE, checkpoint_step, read_state, resolve_resume
 from finetune.run_recipe import RUN_RECIPE
-from finetune.stop_signals import signal_name
+from finetune.stop_signals import signal_name, with_next_step
 
 # A checkpoint's state: its step's validation is still to draw, by its resume (the key is named from when only a stop's recorded it).
 VALIDATION_PENDING = "stopped_before_validation"
@@ -41,13 +42,37 @@ def left_to_finish(checkpoint: Path | None, max_steps: int | None) -> list[str]:
     return [key for key in WHAT_IS_PENDING if state.get("max_steps") == max_steps and state.get(key)]
 
 
+@contextlib.contextmanager
+def next_step_said(output_dir: Path, checkpoints_dir: Path, max_steps: int):
+    """A second stop during the run's end (raised at once, out of `finetune train`): its line says what is left, read from
+    what is on disk, where it said "run the command again to continue" with nothing left to train."""
+    try:
+        yield
+    except KeyboardInterrupt as stop:
+        raise with_next_step(stop, _what_is_left(output_dir, checkpoints_dir, max_steps))
+
+
+def _what_is_left(output_dir: Path, checkpoints_dir: Path, max_steps: int) -> str:
+    latest = resolve_resume("latest", checkpoints_dir)  # a checkpoint the stop left before its rename too, as a resume takes it
+    again = f"finetune train {output_dir / RUN_RECIPE} --resume latest"
+    if latest is None and any((output_dir / name).exists() for name in RUN_OUTPUTS):
+        return f"no checkpoint was kept; the run's outputs are in {output_dir} (`finetune sample` draws from them)"
+    if latest is None:
+        return "no checkpoint and no outputs were kept: run the command again to start over"
+    if checkpoint_step(latest) < max_steps:
+        return f"continue with --resume latest ({again}): it trains again from {checkpoints_dir / f'checkpoint-{checkpoint_step(latest)}'}"
+    if pending := left_to_finish(latest, max_steps):
+        return f"the run trained to its end; --resume latest writes {' and '.join(WHAT_IS_PENDING[key] for key in pending)}, without training ({again})"
+    return f"the run trained to its end and its outputs are in {output_dir}: nothing is left to do"
+
+
 def finish_training(result, stop, output_dir: Path, checkpoints_dir: Path, save_outputs: Callable[[Path], list[Path]],
                     save_checkpoint: Callable[..., None], validate: Callable[[int], Path | None], samples_wanted: bool) -> None:  # fmt: skip
     """Collective: the trainer's end, once `result.final_step` is the run's last. A Ctrl-C or SIGTERM now skips the last
     samples but waits for the outputs (a second one interrupts). Outputs first: a kill later leaves them, one before leaves
     no last checkpoint (with it, --resume latest had nothing to train)."""
     written = False
-    with stop, outputs_written(output_dir, checkpoints_dir):  # the loop's request: a stop in the last step skips the samples
+    with next_step_said(output_dir, checkpoints_dir, result.final_step), stop, outputs_written(output_dir, checkpoints_dir):  # a stop in the last step skips the samples
         try:
             result.saved_files = save_outputs(output_dir)
             written = True
@@ -69,7 +94,7 @@ def finish_cut_short(result, stop, output_dir: Path, checkpoints_dir: Path, save
     checkpoint = checkpoints_dir / f"checkpoint-{result.final_step}"
     say(f"{checkpoint} is the last of a run that had trained to its end (step {result.final_step}): writing "
         f"{' and '.join(WHAT_IS_PENDING[key] for key in pending)}, which the run did not")  # fmt: skip
-    with stop, outputs_written(output_dir, checkpoints_dir):
+    with next_step_said(output_dir, checkpoints_dir, result.final_step), stop, outputs_written(output_dir, checkpoints_dir):
         if OUTPUTS_PENDING in pending:
             result.saved_files = save_outputs(output_dir)
             _mark_written(checkpoint, OUTPUTS_PENDING)

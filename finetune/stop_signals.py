@@ -82,5 +82,13 @@ START_OVER = "run the command again to start over"  # what running again does wh
 
 
 def stop_line(stop: KeyboardInterrupt, rerun: str = START_OVER) -> str:
-    """What a command stopped outside training's own stop says (stderr, once for the run), `rerun` saying what running it again does."""
-    return f"\nstopped ({signal_name(signal_of(stop))}): files written so far are kept; {rerun}"
+    """What a command stopped outside training's own stop says (stderr, once for the run), `rerun` saying what running it again
+    does, unless the code the stop interrupted said it (`with_next_step`)."""
+    return f"\nstopped ({signal_name(signal_of(stop))}): files written so far are kept; {getattr(stop, 'next_step', None) or rerun}"
+
+
+def with_next_step(stop: KeyboardInterrupt, next_step: str) -> KeyboardInterrupt:
+    """`stop`, its line (`stop_line`) saying `next_step` instead of its command's word on running again: the code it
+    interrupted knows what is left (the end of a training run: nothing to train, its outputs or final samples to write)."""
+    stop.next_step = next_step
+    return stop

@@ -124,3 +124,41 @@ def test_finetune_train_exits_as_the_stop_that_skipped_the_final_samples(monkeyp
     finally:
         signal.signal(signal.SIGTERM, previous)  # cli.main makes SIGTERM raise for the rest of its process
     assert f"output: {output}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("where", ["outputs", "samples", "checkpoint-state", "checkpoint-rename"])
+def test_a_second_stop_during_the_end_says_what_is_left(make_recipe, monkeypatch, tmp_path, where):
+    """A second Ctrl-C during the final save said "run the command again to continue", though nothing was left to train:
+    the line now says what --resume latest does from what is on disk."""
+    from finetune.stop_signals import stop_line
+
+    real_metadata, real_validation, real_replace, real_write = trainer.output_metadata, trainer.run_validation, trainer.ckpt.replace_folder, trainer.ckpt.atomic_write_text
+
+    def second_stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    last_steps = []
+
+    def stopped_at_the_outputs(recipe, step, *args, **kwargs):  # the last step's first call (its checkpoint's copy of the outputs is the second)
+        last_steps.extend([step] if step == 3 else [])
+        return second_stop() if last_steps == [3] and step == 3 else real_metadata(recipe, step, *args, **kwargs)
+
+    if where == "outputs":
+        monkeypatch.setattr(trainer, "output_metadata", stopped_at_the_outputs)
+    elif where == "samples":
+        monkeypatch.setattr(trainer, "run_validation", lambda recipe, method, modules, accelerator, step: second_stop() if step == 3 else
+                            real_validation(recipe, method, modules, accelerator, step))  # fmt: skip
+    elif where == "checkpoint-state":  # before the last checkpoint is complete: checkpoint-2 is the latest
+        monkeypatch.setattr(trainer.ckpt, "atomic_write_text", lambda path, text: second_stop() if "checkpoint-3" in path.parent.name else real_write(path, text))
+    else:  # complete, before its rename into place: a resume takes it where it lies
+        monkeypatch.setattr(trainer.ckpt, "replace_folder", lambda new, final: second_stop() if final.name == "checkpoint-3" else real_replace(new, final))
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        trainer.train(make_recipe(**SAMPLED))
+    line, again = stop_line(stopped.value, "run the command again to continue"), f"finetune train {tmp_path / 'run' / 'recipe_as_run.yaml'} --resume latest"
+    expected = {
+        "outputs": f"the run trained to its end; --resume latest writes its outputs and its final samples, without training ({again})",
+        "samples": f"the run trained to its end; --resume latest writes its final samples, without training ({again})",
+        "checkpoint-state": f"continue with --resume latest ({again}): it trains again from {tmp_path / 'run' / 'checkpoints' / 'checkpoint-2'}",
+        "checkpoint-rename": f"the run trained to its end; --resume latest writes its final samples, without training ({again})",
+    }[where]
+    assert line == f"\nstopped (Ctrl-C): files written so far are kept; {expected}"
