@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from finetune.atomic_files import atomic_write_text, outputs_written
+from finetune.atomic_files import atomic_write_text, outputs_written, remove_leftover_partials
 from finetune.console import say
-from finetune.earlier_run import RUN_OUTPUTS, finish_a_finished_runs_saves
+from finetune.earlier_run import RUN_ENTRIES, RUN_OUTPUTS, finish_a_finished_runs_saves
 from finetune.process_env import main_process
 from finetune.run_files import STATE_FILE, checkpoint_step, read_state, resolve_resume
 from finetune.run_recipe import RUN_RECIPE
@@ -113,6 +113,13 @@ def _say_skipped(result, signum: int, output_dir: Path) -> None:
     say(f"stopped ({signal_name(signum)}) after the last step, the outputs written: the final samples "
         f"({output_dir / 'samples' / f'step-{result.final_step:06d}.png'}) are skipped; draw them with --resume latest "
         f"(finetune train {output_dir / RUN_RECIPE} --resume latest)")  # fmt: skip
+
+
+def remove_killed_grids(output_dir: Path) -> None:
+    """By the main process, as a run (or its resume) starts: the hidden `.step-N.png.partial` a kill while a grid was saved left
+    in samples/ (SIGKILL allows no cleanup; a grid drawn again is written over it, a final grid never drawn again stayed for
+    good). Only the names runs write there: a file of the user's stays."""
+    remove_leftover_partials(output_dir / "samples", lambda name: RUN_ENTRIES["samples"].match(name) is not None)
 
 
 def _mark_written(checkpoint: Path, key: str) -> None:

@@ -44,7 +44,7 @@ from finetune.output_metadata import dataset_metadata, output_metadata
 from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer, check_optimizer_installed, clip_gradients, step_size
 from finetune.run_length import STEPS_BY_SHAPE, check_epoch_run, due, epoch_count, epochs_text, planned_steps, resume_warnings, run_length_line, run_sampler
 from finetune.run_files import checkpoint_step, resolve_resume
-from finetune.run_end import LOGGED_AT_STEP, OUTPUTS_PENDING, VALIDATION_PENDING, final_samples_wanted, finish_cut_short, finish_training, left_to_finish
+from finetune.run_end import LOGGED_AT_STEP, OUTPUTS_PENDING, VALIDATION_PENDING, final_samples_wanted, finish_cut_short, finish_training, left_to_finish, remove_killed_grids
 from finetune.run_recipe import write_run_recipe
 from finetune.logged_settings import settings_on_record
 from finetune.loss_mask import preview as mask_preview
@@ -224,6 +224,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
         put_back_interrupted_checkpoints(accelerator, checkpoints_dir)  # the checkpoint read where a kill left it: in place before any save
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        remove_killed_grids(output_dir)
         write_run_recipe(recipe, output_dir)  # never over a recipe.yaml of the user's there (finetune.run_recipe)
         # The writer hides the steps this run trains (again) that an earlier one logged: a kill's last steps after the resumed
         # checkpoint, the later steps of a resume from an older one, or a whole run killed before its first checkpoint (a fresh

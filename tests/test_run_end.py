@@ -162,3 +162,13 @@ def test_a_second_stop_during_the_end_says_what_is_left(make_recipe, monkeypatch
         "checkpoint-rename": f"the run trained to its end; --resume latest writes its final samples, without training ({again})",
     }[where]
     assert line == f"\nstopped (Ctrl-C): files written so far are kept; {expected}"
+
+
+def test_the_hidden_half_grid_a_kill_left_is_removed_by_the_next_run_and_a_users_file_stays(make_recipe, tmp_path):
+    """SIGKILL while the final grid was saved left `.step-N.png.partial` in samples/ for good: no later run draws that step."""
+    samples = tmp_path / "run" / "samples"
+    samples.mkdir(parents=True)
+    for name in (".step-000003.png.partial", ".loss-masks.png.partial", ".my-notes.png.partial", "step-000003.png"):
+        (samples / name).write_bytes(b"half a PNG")
+    trainer.train(make_recipe(train__max_steps=1))
+    assert sorted(p.name for p in samples.iterdir()) == [".my-notes.png.partial", "step-000003.png"]
