@@ -4,13 +4,37 @@ keeping that store up waits, after its line is said, for the others to read thei
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
+from finetune.errors import FinetuneError
 from finetune.process_env import first_on_its_machine, machine_count, machine_number
+from finetune.stop_answers import gloo_sentence
+
+# What gloo says where the process at the other end of a collective's connection is gone (killed, out of memory, crashed),
+# or its machine: the first of them is what its connection meets, the others what a later send or read meets.
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+@contextlib.contextmanager
+def lost_process_said(output_dir: str):
+    """In a run of several processes: one of them gone (a SIGKILL, the out-of-memory killer) failed the next collective of
+    every other one with gloo's traceback, which hid the cause (the process that ended says it, in its own log, if it could)
+    and what to do. One line instead, said once per machine as any error the processes meet together (`says_its_error`)."""
+    try:
+        yield
+    except RuntimeError as error:  # torch's DistBackendError among them
+        if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 and any(text in str(error) for text in LOST_PEER)):
+            raise
+        raise FinetuneError(
+            f"another process of the run ended, or its machine went down (gloo: {gloo_sentence(str(error))}): its own log says why; "
+            f"this one stops too: continue with --resume latest (the last checkpoint in {Path(output_dir) / 'checkpoints'} is kept)"
+        ) from None
 
 
 def says_its_error(line: str) -> bool | None:

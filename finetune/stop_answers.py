@@ -76,7 +76,7 @@ class Answers:
 
     def failure(self, error: RuntimeError) -> FinetuneError:
         """The line for the last sum started, which gloo gave up on (`error`): who did not answer, and what to do."""
-        behind, gloo = self.behind(), _first_sentence(str(error))
+        behind, gloo = self.behind(), gloo_sentence(str(error))
         then = "end the run if it still waits (its last checkpoint is kept), then continue with --resume latest"
         waited = f"in {_duration(self.timeout)} (the main process group's timeout and {_duration(MARGIN)} more)"
         if behind:
@@ -107,7 +107,7 @@ class Answers:
         return self.rank == min(rank for rank in machine if rank not in behind)
 
 
-def _first_sentence(text: str) -> str:
+def gloo_sentence(text: str) -> str:
     """Gloo's message without its source location, up to its first full stop ('Connection closed by peer [ADDRESS]:PORT')."""
     lines = text.strip().splitlines() or [""]
     return re.sub(r"^\[[^\]]*\]\s*", "", lines[-1]).split(". ")[0].rstrip(".")

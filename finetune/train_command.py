@@ -55,12 +55,12 @@ def run_train_command(args) -> int:
 def _run_training(recipe, args, base_location):
     """train(), its error said by one process of the run (`says_its_error`), the process group left however it ends."""
     from finetune.distributed import leave_process_group  # torch and the training stack: after the checks
-    from finetune.error_exchange import says_its_error, wait_for_error_readers
+    from finetune.error_exchange import lost_process_said, says_its_error, wait_for_error_readers
     from finetune.trainer import train
 
     quiet_weight_progress_bars()
     try:
-        with full_disk_said(recipe.output_dir):
+        with full_disk_said(recipe.output_dir), lost_process_said(recipe.output_dir):
             return train(recipe, resume=args.resume, overwrite=args.overwrite, base_location=base_location)
     except FinetuneError as err:
         if err.said_here is None:  # asked while the processes' rendezvous store is still there
