@@ -14,6 +14,7 @@ from typing import Callable
 from finetune.atomic_files import atomic_write_text, outputs_written, remove_leftover_partials
 from finetune.console import say
 from finetune.earlier_run import RUN_ENTRIES, RUN_OUTPUTS, finish_a_finished_runs_saves
+from finetune.errors import FinetuneError
 from finetune.process_env import main_process
 from finetune.run_files import STATE_FILE, checkpoint_step, read_state, resolve_resume
 from finetune.run_recipe import RUN_RECIPE
@@ -49,7 +50,11 @@ def next_step_said(output_dir: Path, checkpoints_dir: Path, max_steps: int):
     try:
         yield
     except KeyboardInterrupt as stop:
-        raise with_next_step(stop, _what_is_left(output_dir, checkpoints_dir, max_steps))
+        try:
+            next_step = _what_is_left(output_dir, checkpoints_dir, max_steps)
+        except FinetuneError:  # a checkpoint's state the stop left unreadable: the stop is still the line to say
+            next_step = "continue with --resume latest"
+        raise with_next_step(stop, next_step)
 
 
 def _what_is_left(output_dir: Path, checkpoints_dir: Path, max_steps: int) -> str:

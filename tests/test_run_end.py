@@ -172,3 +172,14 @@ def test_the_hidden_half_grid_a_kill_left_is_removed_by_the_next_run_and_a_users
         (samples / name).write_bytes(b"half a PNG")
     trainer.train(make_recipe(train__max_steps=1))
     assert sorted(p.name for p in samples.iterdir()) == [".my-notes.png.partial", "step-000003.png"]
+
+
+def test_a_second_stop_whose_last_checkpoint_cannot_be_read_is_still_the_stop(tmp_path):
+    """The line of what is left reads the last checkpoint's state: one a kill left unreadable must not turn the stop into its error."""
+    from finetune.run_end import next_step_said
+
+    (tmp_path / "checkpoints" / "checkpoint-3").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "checkpoint-3" / STATE_FILE).write_text('{"step": 3, "max_st')
+    with pytest.raises(KeyboardInterrupt) as stopped, next_step_said(tmp_path, tmp_path / "checkpoints", 3):
+        raise KeyboardInterrupt
+    assert stopped.value.next_step == "continue with --resume latest"
