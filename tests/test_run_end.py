@@ -183,3 +183,16 @@ def test_a_second_stop_whose_last_checkpoint_cannot_be_read_is_still_the_stop(tm
     with pytest.raises(KeyboardInterrupt) as stopped, next_step_said(tmp_path, tmp_path / "checkpoints", 3):
         raise KeyboardInterrupt
     assert stopped.value.next_step == "continue with --resume latest"
+
+
+def test_the_vaes_final_grid_is_wanted_without_prompts_and_another_methods_is_not():
+    """The VAE's grid reconstructs training images: its last checkpoint says it is to come though validation.prompts is empty."""
+    from types import SimpleNamespace
+
+    from finetune.methods.lora import LoRAMethod
+    from finetune.methods.vae import VAEMethod
+    from finetune.run_end import final_samples_wanted
+
+    no_prompts, prompts = SimpleNamespace(validation=SimpleNamespace(prompts=[])), SimpleNamespace(validation=SimpleNamespace(prompts=["a shape"]))
+    assert final_samples_wanted(no_prompts, VAEMethod, []) and not final_samples_wanted(no_prompts, LoRAMethod, [])
+    assert final_samples_wanted(prompts, LoRAMethod, []) and final_samples_wanted(no_prompts, LoRAMethod, ["held out"])
