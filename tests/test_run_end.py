@@ -196,3 +196,19 @@ def test_the_vaes_final_grid_is_wanted_without_prompts_and_another_methods_is_no
     no_prompts, prompts = SimpleNamespace(validation=SimpleNamespace(prompts=[])), SimpleNamespace(validation=SimpleNamespace(prompts=["a shape"]))
     assert final_samples_wanted(no_prompts, VAEMethod, []) and not final_samples_wanted(no_prompts, LoRAMethod, [])
     assert final_samples_wanted(prompts, LoRAMethod, []) and final_samples_wanted(no_prompts, LoRAMethod, ["held out"])
+
+
+def test_a_run_counted_in_epochs_is_finished_by_resume_latest_too(make_recipe, monkeypatch, tmp_path):
+    """train.max_epochs: its steps are known once the data is read, where its own 'nothing left to train' is said."""
+    epochs = {**SAMPLED, "train__max_steps": None, "train__max_epochs": 3}  # 3 steps of this data (1 held out)
+
+    def killed_at_the_last(recipe, method, modules, accelerator, step):
+        raise Killed
+
+    monkeypatch.setattr(trainer, "run_validation", killed_at_the_last)
+    with pytest.raises(Killed):
+        trainer.train(make_recipe(**epochs))
+    monkeypatch.undo()
+    resumed = trainer.train(make_recipe(**epochs), resume="latest")
+    assert resumed.final_step == 3 and [grid.name for grid in resumed.sample_grids] == ["step-000003.png"]
+    assert not last_state(tmp_path / "run")[VALIDATION_PENDING]
