@@ -16,6 +16,7 @@ from finetune import checkpoint as ckpt
 from finetune.config import Recipe
 from finetune.distributed import config_stage, deepspeed_requested, launched_processes
 from finetune.errors import FinetuneError
+from finetune.launch_options import check_processes_started, launch_config, launch_options, launcher_command_line
 from finetune.run_files import read_state
 
 
@@ -31,7 +32,9 @@ def launch_deepspeed_config() -> dict | None:
 def check_deepspeed_launch(recipe: Recipe, trained_models: list[str], resume_from: Path | None) -> None:
     """Refuse what this launch's DeepSpeed cannot do with `recipe` (whose method trains `trained_models`), and a resume
     from a checkpoint another engine, ZeRO stage or number of processes wrote (checked with or without DeepSpeed). Under
-    DeepSpeed, its "untested optimizer" line is left out for the optimizers tested under ZeRO here."""
+    DeepSpeed, its "untested optimizer" line is left out for the optimizers tested under ZeRO here. A launch that asked
+    for several processes and started one is refused first (finetune.launch_options)."""
+    check_processes_started(launched_processes())
     config = launch_deepspeed_config()
     if resume_from is not None:
         stage = config_stage(config) if config is not None else None
@@ -58,40 +61,18 @@ def check_no_compile_asked() -> None:
         )
 
 
-def launcher_command_line() -> list[str]:
-    """The command line of this process's parent, which under `accelerate launch` (its standard launcher) is the launcher
-    itself; empty where it cannot be read (no /proc: not Linux)."""
-    try:
-        return Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
-    except OSError:
-        return []
-
-
 def launcher_compile_backend(command_line: list[str]) -> tuple[str, str] | None:
     """(the backend, where it was asked: --dynamo_backend, or the config file's dynamo_config) that an `accelerate launch`
     command line asks to compile with; None where it asks none, or is no such command line. Read as the launcher reads
     it: its own parser, then its config file (--config_file, else accelerate's default one) where the option is not given."""
-    words = command_line
-    start = next((i + 1 for i, word in enumerate(words) if word == "accelerate.commands.launch" or Path(word).name == "accelerate-launch" or (
-        word == "launch" and i > 0 and Path(words[i - 1]).name == "accelerate")), None)  # fmt: skip
-    if start is None:
-        return None
-    from accelerate.commands.config import default_config_file
-    from accelerate.commands.launch import launch_command_parser
-
-    try:
-        options, _ = launch_command_parser().parse_known_args(words[start:])
-    except SystemExit:  # not a command line the launcher took: it would have refused it itself
+    options = launch_options(command_line)
+    if options is None:
         return None
     if options.dynamo_backend is not None:
         return (options.dynamo_backend, f"--dynamo_backend {options.dynamo_backend}") if options.dynamo_backend.lower() != "no" else None
-    config_file = options.config_file or default_config_file
-    try:
-        import yaml
-
-        backend = ((yaml.safe_load(Path(config_file).read_text()) or {}).get("dynamo_config") or {}).get("dynamo_backend")
-    except (OSError, ValueError, AttributeError, yaml.YAMLError):
-        return None
+    config, config_file = launch_config(options)
+    dynamo = config.get("dynamo_config")
+    backend = dynamo.get("dynamo_backend") if isinstance(dynamo, dict) else None
     return (str(backend), f"{config_file}'s dynamo_config (dynamo_backend: {backend})") if backend and str(backend).lower() != "no" else None
 
 

@@ -144,3 +144,32 @@ def test_an_adapter_given_to_sample_without_its_option_is_told_the_options(tmp_p
         parse_arguments(["sample", str(tmp_path), "--prompt", "x"])
     assert capsys.readouterr().err.splitlines()[-1] == (f"finetune sample: error: unrecognized arguments: {tmp_path}: give {tmp_path} with its "
                                                         "option: --lora for a LoRA (file or run folder), --controlnet for a ControlNet")  # fmt: skip
+
+
+def test_accelerate_launch_asking_for_two_processes_that_started_one_is_refused_before_anything_loads(make_recipe, monkeypatch, tmp_path):
+    """`accelerate launch --num_processes 2 -m finetune train ...` on a machine without GPUs runs accelerate's one-process
+    launcher unless given --multi_gpu (docs/scale.md): the run trained on one process, half the global batch asked for,
+    said only as "training on 1 process"."""
+    import finetune.launch_options as launch_options
+    from finetune.errors import FinetuneError
+    from finetune.trainer import train
+
+    launcher = ["/venv/bin/python", "/venv/bin/accelerate", "launch"]
+    script = ["-m", "finetune", "train", "recipes/controlnet.yaml"]
+    config = tmp_path / "accelerate.yaml"
+    config.write_text("distributed_type: NO\nnum_processes: 4\n")
+    assert launch_options.processes_asked([*launcher, "--num_processes", "2", *script]) == (2, "--num_processes 2")
+    assert launch_options.processes_asked([*launcher, "--config_file", str(config), *script]) == (4, f"{config}'s num_processes: 4")
+    assert launch_options.processes_asked([*launcher, "--config_file", str(config), "--num_processes", "1", *script]) is None  # the option wins
+    assert launch_options.processes_asked(["/bin/bash", "-c", "pytest"]) is None and launch_options.processes_asked([]) is None
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # as accelerate's one-process launcher leaves it
+    monkeypatch.setattr(launch_options, "launcher_command_line", lambda: [*launcher, "--num_processes", "2", *script])
+    recipe = make_recipe(model__pretrained=str(tmp_path / "no-such-model"))  # a later refusal would say "not found"
+    with pytest.raises(FinetuneError, match=r"^accelerate launch --num_processes 2 started this run as 1 process: without that many GPUs accelerate "
+                                            r"starts several only with --multi_gpu \(on CPUs too, over gloo\): launch with --multi_gpu "
+                                            r"--num_processes 2, or --num_processes 1 for one$"):  # fmt: skip
+        train(recipe)
+    monkeypatch.setattr(launch_options, "launcher_command_line", lambda: [*launcher, "--num_processes", "1", *script])
+    with pytest.raises(FinetuneError, match="no-such-model"):
+        train(recipe)
