@@ -186,5 +186,11 @@ def check_control_options(controlnet: str | None, condition: str | None, conditi
     resolve_controlnet_folder(controlnet)
     if condition is None:
         raise FinetuneError(f"--controlnet {controlnet} needs a conditioning image: pass --condition IMAGE (e.g. one written by finetune make-conditions)")
+    if Path(condition).is_dir():  # a make-conditions folder's conditioning/, given whole: it is there, not "not found"
+        from finetune.sources import IMAGE_SUFFIXES
+
+        images = sorted(path for path in Path(condition).iterdir() if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
+        example = f" (such as {images[0]})" if images else ""
+        raise FinetuneError(f"--condition {condition} is a folder: give one conditioning image{example}; each --condition is one image")
     if not Path(condition).is_file():
         raise FinetuneError(f"conditioning image {condition} not found: check --condition")

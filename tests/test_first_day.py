@@ -173,3 +173,18 @@ def test_accelerate_launch_asking_for_two_processes_that_started_one_is_refused_
     monkeypatch.setattr(launch_options, "launcher_command_line", lambda: [*launcher, "--num_processes", "1", *script])
     with pytest.raises(FinetuneError, match="no-such-model"):
         train(recipe)
+
+
+def test_sample_given_a_folder_of_conditioning_images_names_one_image_of_it(tiny_model, tmp_path, capsys):
+    """README's ControlNet sample command with its conditioning/ folder given whole (to steer by each image) said the folder,
+    which is there, was "not found"."""
+    from controlnet_helpers import write_controlnet_run
+
+    run = write_controlnet_run(tiny_model, tmp_path / "run", trained=False)
+    conditions = tmp_path / "controlnet_data" / "conditioning"
+    conditions.mkdir(parents=True)
+    for name in ("0001.png", "0000.png"):
+        noise(64, 64, seed=0).save(conditions / name)
+    assert main(["sample", "--base", str(tiny_model), "--controlnet", str(run), "--condition", str(conditions), "--prompt", "a red circle"]) == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said == [f"error: --condition {conditions} is a folder: give one conditioning image (such as {conditions / '0000.png'}); each --condition is one image"]
