@@ -78,6 +78,14 @@ def quiet_third_party_warnings() -> None:
     warnings.filterwarnings(
         "ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated", category=FutureWarning
     )
+    # DDP, at a ControlNet's first backward (4 lines from every process): a 1x1 convolution's weight gradient whose strides
+    # differ from its bucket's only in the kernel's two dimensions of size 1, where a stride moves nothing: the same memory
+    # order, a copy of a few KB. Only 1x1 kernels: another mismatch (a layout changed after DDP wrapped the model) is said.
+    warnings.filterwarnings("ignore", message=DDP_ONE_BY_ONE_STRIDES, category=UserWarning)
+
+
+# re.match from the message's start (warnings compiles it with re.I): torch's text, then its next line's sizes.
+DDP_ONE_BY_ONE_STRIDES = r"Grad strides do not match bucket view strides\.[^\n]*\ngrad\.sizes\(\) = \[\d+, \d+, 1, 1\],"
 
 
 @contextlib.contextmanager

@@ -125,3 +125,26 @@ def test_a_bench_worker_quiets_bitsandbytes_cpu_kernel_line_only(tmp_path):
     result = subprocess.run([sys.executable, "-c", BENCH_WORKER, str(tmp_path / "spec.json"), str(tmp_path / "row.json")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stderr == "WARNING:bitsandbytes.cextension:No prebuilt binary for CUDA 12.9, loading CUDA 12.8 instead.\n"
+
+
+# torch's DDP reducer's warning as a launched ControlNet's processes each said it at the first backward (2 CPU processes,
+# recipes/controlnet.yaml on the toy-world base), then the same for a 3x3 kernel, whose strides do move its elements.
+DDP_STRIDES = """
+import warnings
+from finetune.library_noise import quiet_third_party_warnings
+quiet_third_party_warnings()
+said = ("Grad strides do not match bucket view strides. This may indicate grad was not created according to the gradient layout "
+        "contract, or that the param's strides changed since DDP was constructed.  This is not an error, but may impair performance.\\n"
+        "grad.sizes() = [{0}, {0}, {1}, {1}], strides() = [{2}, 1, {3}, {0}]\\n"
+        "bucket_view.sizes() = [{0}, {0}, {1}, {1}], strides() = [{2}, {4}, {1}, 1] "
+        "(Triggered internally at /__w/pytorch/pytorch/torch/csrc/distributed/c10d/reducer.cpp:335.)")
+warnings.warn(said.format(32, 1, 32, 32, 1), UserWarning)
+warnings.warn(said.format(32, 3, 288, 96, 9), UserWarning)
+"""
+
+
+def test_ddp_strides_warning_of_a_one_by_one_kernel_is_quiet_and_of_another_kernel_is_said():
+    result = subprocess.run([sys.executable, "-c", DDP_STRIDES], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.count("Grad strides do not match bucket view strides") == 1, result.stderr
+    assert "grad.sizes() = [32, 32, 3, 3]" in result.stderr and "[32, 32, 1, 1]" not in result.stderr, result.stderr
