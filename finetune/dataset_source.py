@@ -17,6 +17,7 @@ from finetune.dataset_images import require_image_column, row_image
 from finetune.dataset_splits import no_rows_message, require_split_syntax, row_labels, saved_split_rows
 from finetune.errors import FinetuneError
 from finetune.library_noise import quiet_local_dataset_bars
+from finetune.model_source import downloads_off
 from finetune.sources import Example, folder_images, folders_entries, image_subfolders, saved_dataset
 
 # A data file given as data.dataset, by the `datasets` builder that reads it: load_dataset(path) itself reads
@@ -66,9 +67,12 @@ def open_dataset(config: DataConfig):
     except FileNotFoundError as err:
         raise FinetuneError(f"dataset {name} not found: {str(err).splitlines()[0]}") from None
     except ConnectionError:
-        # Said whole: a mistyped local path (my_data/trian) is looked up on the hub too.
+        # Said whole: a mistyped local path (my_data/trian) is looked up on the hub too. Offline by choice (the Makefile's
+        # HF_HUB_OFFLINE=1, exported), no network would help: say which.
+        why, fix = (("downloads are off (HF_HUB_OFFLINE=1)", "download it once with network (run without HF_HUB_OFFLINE=1)") if downloads_off() else
+                    ("the hub cannot be reached", "download it where the hub can be reached"))  # fmt: skip
         raise FinetuneError(f"dataset {name} is no folder or file here ({Path(name).absolute()} not found), and as a hub dataset it is not in "
-                            "the local cache and the hub cannot be reached: check the path, or download it where the hub can be reached") from None  # fmt: skip
+                            f"the local cache and {why}: check the path, or {fix}") from None  # fmt: skip
     except Exception as err:  # datasets' builders raise many kinds (pyarrow's ArrowInvalid, a ValueError, on a malformed metadata row)
         if isinstance(err, ValueError) and "Unknown split" in str(err):
             raise FinetuneError(f"dataset {name} has no split '{config.dataset_split}' ({str(err).splitlines()[0]}): set data.dataset_split") from None

@@ -188,3 +188,15 @@ def test_sample_given_a_folder_of_conditioning_images_names_one_image_of_it(tiny
     assert main(["sample", "--base", str(tiny_model), "--controlnet", str(run), "--condition", str(conditions), "--prompt", "a red circle"]) == 2
     said = capsys.readouterr().err.strip().splitlines()
     assert said == [f"error: --condition {conditions} is a folder: give one conditioning image (such as {conditions / '0000.png'}); each --condition is one image"]
+
+
+def test_a_hub_dataset_offline_by_hf_hub_offline_says_downloads_are_off(tiny_model, tmp_path, monkeypatch, capsys):
+    """recipes/controlnet.yaml's fusing/fill50k with HF_HUB_OFFLINE=1 exported (as the Makefile sets it) said "the hub cannot
+    be reached: ... download it where the hub can be reached", where the network was never tried."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # datasets read it as it was imported: the test suite runs offline (README)
+    monkeypatch.chdir(tmp_path)
+    recipe = str(REPOSITORY / "recipes" / "controlnet.yaml")
+    assert main(["check-data", recipe, "data.image_dir=null", "data.dataset=fusing/fill50k", f"model.pretrained={tiny_model}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: dataset fusing/fill50k is no folder or file here ({tmp_path / 'fusing' / 'fill50k'} not found), and as a hub dataset it is not in "
+        "the local cache and downloads are off (HF_HUB_OFFLINE=1): check the path, or download it once with network (run without HF_HUB_OFFLINE=1)"]
