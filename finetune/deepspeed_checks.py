@@ -24,9 +24,25 @@ def launch_deepspeed_config() -> dict | None:
     """The DeepSpeed config this launch gives the run, as `Accelerator()` will read it; None when launched without DeepSpeed."""
     if not deepspeed_requested():
         return None
+    require_config_file(os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none"))
     from accelerate.utils import DeepSpeedPlugin
 
     return DeepSpeedPlugin().deepspeed_config
+
+
+def require_config_file(path: str) -> None:
+    """The launch's deepspeed_config_file, there from the current folder: accelerate_config.yaml names
+    configs/deepspeed/zero2.json relative to the repository's root, and launched from another folder accelerate's plugin
+    failed on it in every process with three chained tracebacks ("Expected a string path to an existing deepspeed config")."""
+    if path == "none" or path.lstrip().startswith("{") or Path(path).is_file():  # none: accelerate builds one; {: JSON itself
+        return
+    options = launch_options(launcher_command_line())
+    config_file = options.config_file if options is not None else None
+    named = f" (deepspeed_config_file of {config_file})" if config_file else ""
+    beside = Path(config_file).parent / path if config_file and not Path(path).is_absolute() else None
+    fix = (f"launch from {Path(config_file).parent.resolve()}, where it is, or give deepspeed_config_file as {beside.resolve()}"
+           if beside is not None and beside.is_file() else "give its path from the current folder, or launch from the folder it is relative to")
+    raise FinetuneError(f"DeepSpeed config {path}{named} not found (relative paths are read from the current folder, {os.getcwd()}): {fix}")
 
 
 def check_deepspeed_launch(recipe: Recipe, trained_models: list[str], resume_from: Path | None) -> None:

@@ -200,3 +200,28 @@ def test_a_hub_dataset_offline_by_hf_hub_offline_says_downloads_are_off(tiny_mod
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: dataset fusing/fill50k is no folder or file here ({tmp_path / 'fusing' / 'fill50k'} not found), and as a hub dataset it is not in "
         "the local cache and downloads are off (HF_HUB_OFFLINE=1): check the path, or download it once with network (run without HF_HUB_OFFLINE=1)"]
+
+
+def test_accelerate_config_launched_from_another_folder_names_the_deepspeed_config_it_cannot_find(make_recipe, monkeypatch, tmp_path):
+    """README's `accelerate launch --config_file accelerate_config.yaml` from a folder of one's own (the config given by
+    its path): its configs/deepspeed/zero2.json is read from the current folder, and every process failed in accelerate's
+    plugin with three chained tracebacks ("Expected a string path to an existing deepspeed config")."""
+    import finetune.deepspeed_checks as deepspeed_checks
+    from finetune.errors import FinetuneError
+    from finetune.trainer import train
+
+    config = REPOSITORY / "accelerate_config.yaml"
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "configs/deepspeed/zero2.json")  # as the launcher hands it on
+    monkeypatch.setattr(deepspeed_checks, "launcher_command_line", lambda: ["/venv/bin/accelerate", "launch", "--config_file", str(config),
+                                                                             "-m", "finetune", "train", "recipes/lora.yaml"])  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    recipe = make_recipe(model__pretrained=str(tmp_path / "no-such-model"))  # a later refusal would say "not found"
+    with pytest.raises(FinetuneError) as refused:
+        train(recipe)
+    assert str(refused.value) == (
+        f"DeepSpeed config configs/deepspeed/zero2.json (deepspeed_config_file of {config}) not found (relative paths are read from the "
+        f"current folder, {tmp_path}): launch from {REPOSITORY}, where it is, or give deepspeed_config_file as {REPOSITORY / 'configs/deepspeed/zero2.json'}")
+    monkeypatch.chdir(REPOSITORY)  # from the repository's root the launch goes on to the next check
+    with pytest.raises(FinetuneError, match="no-such-model"):
+        train(recipe)
