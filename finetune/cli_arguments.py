@@ -369,7 +369,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     if extra:
         if (option := next((i for i, item in enumerate(extra) if item.startswith("--")), None)) is not None:
             # `--max_train_steps 100`, as diffusers' scripts take their settings: said by the command's own parser, with the key
-            command.error(f"unrecognized arguments: {' '.join(extra)}: {override_for(extra[option:], recipe_method(args, extra))}")
+            command.error(f"unrecognized arguments: {' '.join(extra)}: {override_for(extra[option:], recipe_method(args, extra), args.command)}")
         if any(item.startswith("-") or "=" not in item for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]

@@ -19,17 +19,30 @@ NOT_NEEDED = {
 
 ADVICE = "recipe keys are given as key=value after the recipe"
 
+# `accelerate launch`'s options that are no recipe key (train.mixed_precision and gradient_accumulation_steps are), typed after
+# the command they launch (`accelerate launch -m finetune train RECIPE --num_processes 2`), where accelerate hands them to it:
+# whether each takes a value.
+ACCELERATE_LAUNCH_OPTIONS = {
+    "multi_gpu": False, "cpu": False, "use_deepspeed": False, "quiet": False, "num_processes": True, "num_machines": True,
+    "machine_rank": True, "main_process_ip": True, "main_process_port": True, "config_file": True, "deepspeed_config_file": True,
+    "dynamo_backend": True, "gpu_ids": True, "zero_stage": True,
+}  # fmt: skip
 
-def override_for(options: list[str], method: str | None) -> str:
+
+def override_for(options: list[str], method: str | None, command: str = "train") -> str:
     """How to give the options that are no options of the command (`--max_steps 3 --learning_rate=1e-4`, the first of
     them first in `options`) as the recipe overrides they most likely mean, all in one line: a command copied from
     sd-scripts has several, and one said at a time took a try each. A key several sections have (train_text_encoder) is
-    the recipe's method's."""
-    overrides, unknown, notes = [], [], []
+    the recipe's method's. `accelerate launch`'s own options (`--num_processes 2`) are said to go before `-m finetune`
+    (for `command` train; check-data runs in one process)."""
+    overrides, unknown, notes, launch = [], [], [], []
     for start in (index for index, item in enumerate(options) if item.startswith("--")):
         name = _name(options[start])
         if name in NOT_NEEDED:
             notes.append(NOT_NEEDED[name])
+        elif name in ACCELERATE_LAUNCH_OPTIONS:
+            takes_value = ACCELERATE_LAUNCH_OPTIONS[name] and "=" not in options[start] and options[start + 1:] and not options[start + 1].startswith("-")
+            launch.append(shlex.join(options[start:start + 2] if takes_value else options[start:start + 1]))
         elif (override := _override(options[start:], method)) is not None:
             overrides.append(override)
         else:
@@ -39,6 +52,11 @@ def override_for(options: list[str], method: str | None) -> str:
         said.append(f"{' and '.join(unknown)} {'names no key' if len(unknown) == 1 else 'name none'}: -h lists the command's options")
     elif unknown:
         said.append(f"{ADVICE} (train.max_steps=100); -h lists the command's options")
+    if launch:
+        them = "it" if len(launch) == 1 else "them"
+        where = f"give {them} before -m finetune" if command == "train" else f"{command} runs in one process, leave {them} out; training takes {them}"
+        notes.append(f"{' '.join(launch)} {'is' if len(launch) == 1 else 'are'} accelerate launch's: {where} "
+                     f"(accelerate launch {' '.join(launch)} -m finetune train RECIPE)")
     return "; ".join(said + notes)
 
 

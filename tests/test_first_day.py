@@ -225,3 +225,19 @@ def test_accelerate_config_launched_from_another_folder_names_the_deepspeed_conf
     monkeypatch.chdir(REPOSITORY)  # from the repository's root the launch goes on to the next check
     with pytest.raises(FinetuneError, match="no-such-model"):
         train(recipe)
+
+
+@pytest.mark.parametrize("command", ["train", "check-data"])
+def test_accelerate_launch_options_typed_after_the_command_say_where_they_go(command, capsys):
+    """`accelerate launch -m finetune train recipes/lora.yaml --multi_gpu --num_processes 2` (the options after the script,
+    where accelerate hands them to it) was told that recipe keys are given as key=value, which --num_processes is none of."""
+    from finetune.cli_arguments import parse_arguments
+
+    with pytest.raises(SystemExit):
+        parse_arguments([command, "recipes/controlnet.yaml", "--multi_gpu", "--num_processes", "2", "--max_train_steps=20"])
+    where = ("give them before -m finetune" if command == "train" else
+             "check-data runs in one process, leave them out; training takes them")  # fmt: skip
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"finetune {command}: error: unrecognized arguments: --multi_gpu --num_processes 2 --max_train_steps=20: recipe keys are given as key=value "
+        f"after the recipe: train.max_steps=20; --multi_gpu --num_processes 2 are accelerate launch's: {where} "
+        "(accelerate launch --multi_gpu --num_processes 2 -m finetune train RECIPE)")
