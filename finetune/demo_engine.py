@@ -40,7 +40,7 @@ from finetune.adapter_records import saved_model_metadata
 from finetune.inference import base_model_metadata, refuse_replacing_a_fine_tuned_unet, unlocked_decoder_folder
 from finetune.kohya import LoRA, load_lora
 from finetune.lora_hooks import loras_applied
-from finetune.merge import find_module
+from finetune.merge import check_lora_fits
 from finetune.controlnet_folder import check_controlnet_fits, weights_variant
 from finetune.models import BaseModel, freeze, load_base_model
 from finetune.placement import inference_placement, place
@@ -330,17 +330,13 @@ def _check_request(request: Request) -> None:
 
 
 def _check_lora_fits(models: dict[str, torch.nn.Module], lora: LoRA, name: str, base: str) -> None:
-    trained_on = lora.metadata.get("finetune.base_model", "unknown")
-    for key, layer in lora.layers.items():
-        part, path = key.split(".", 1)
-        try:
-            weight = find_module(models[part], path, part).weight
-        except (FinetuneError, AttributeError):
-            raise FinetuneError(f"LoRA '{name}' does not fit base model {base}: it has no layer {key} (the LoRA was trained on {trained_on})") from None
-        expected = tuple(layer.up.shape[:1]) + tuple(layer.down.shape[1:])
-        if tuple(weight.shape) != expected:
-            raise FinetuneError(f"LoRA '{name}' does not fit base model {base}: layer {key} is {tuple(weight.shape)} in the model but "
-                                f"{expected} in the LoRA (the LoRA was trained on {trained_on})")
+    """`merge.check_lora_fits`, its line naming the LoRA as the page lists it, the base, and the base the LoRA records."""
+    try:
+        check_lora_fits(models, lora)
+    except FinetuneError as err:
+        trained_on = lora.metadata.get("finetune.base_model")
+        recorded = f" (the LoRA was trained on {trained_on})" if trained_on else ""
+        raise FinetuneError(f"LoRA '{name}' does not fit base model {base}: {err}{recorded}") from None
 
 
 def _load_controlnet(folder: Path):

@@ -29,12 +29,15 @@ from finetune.placement import PRECISIONS
 
 
 def check_lora_fits(models: dict[str, torch.nn.Module], lora: LoRA) -> dict[str, torch.Tensor]:
-    """Every layer of the LoRA is in the model with its shape, else one line naming the first that is not; returns the
+    """Every layer of the LoRA is a layer of the model with its shape, else one line naming the first that is not (the
+    caller says which LoRA and which base: sample, merge and the demo each name them their own way); returns the
     model's weights the layers adapt, by layer key."""
     weights = {}
     for key, layer in lora.layers.items():
         part, path = key.split(".", 1)
-        weights[key] = weight = find_module(models[part], path, part).weight
+        weights[key] = weight = getattr(find_module(models[part], path, part), "weight", None)
+        if not isinstance(weight, torch.Tensor):  # a block of layers (a CrossAttnDownBlock2D): `.weight` was a traceback
+            raise FinetuneError(f"LoRA layer {key} is not a layer with weights in the base model: the LoRA was trained on another architecture")
         if tuple(weight.shape) != layer.weight_shape:
             raise FinetuneError(f"LoRA layer {key} has shape {layer.weight_shape} but the base model's is {tuple(weight.shape)}: another base model?")
     return weights

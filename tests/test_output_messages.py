@@ -3,6 +3,8 @@ what it is and what to pass instead; and the name export gives a run's LoRA howe
 
 import shutil
 
+import pytest
+
 import torch
 from safetensors.torch import save_file
 
@@ -45,6 +47,31 @@ def test_merge_of_a_lora_from_another_base_names_the_lora_file(tmp_path, capsys)
     assert main(["merge", "--base", str(SHIPPED_BASE), "--lora", str(lora), str(tmp_path / "merged")]) == 2
     err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("Loading")]  # progress bars
     assert len(err) == 1 and err[0].startswith(f"error: LoRA {lora} does not fit this base model: LoRA layer unet.down_blocks.0."), err
+
+
+def test_a_lora_naming_a_block_not_a_layer_is_one_line_in_merge_sample_and_the_demo(tmp_path, capsys):
+    """A LoRA key naming a block of layers (unet.down_blocks.0, a CrossAttnDownBlock2D with no weight of its own) was a
+    traceback ('object has no attribute weight') in merge and sample; the demo said it in one line. One check serves all three."""
+    from finetune.demo_engine import _check_lora_fits
+    from finetune.errors import FinetuneError
+    from finetune.kohya import LoRA, LoRALayer, load_lora, save_lora_file
+    from finetune.models import load_base_model
+    from finetune.config import ModelConfig
+    from conftest import SHIPPED_BASE
+
+    layer = LoRALayer(down=torch.zeros(4, 32), up=torch.zeros(32, 4), alpha=4.0)
+    lora = save_lora_file(LoRA({"unet.down_blocks.0": layer}), tmp_path / "block.safetensors", "diffusers")
+    said = "does not fit this base model: LoRA layer unet.down_blocks.0 is not a layer with weights in the base model"
+    assert main(["merge", "--base", str(SHIPPED_BASE), "--lora", str(lora), str(tmp_path / "merged")]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("Loading")]  # progress bars
+    assert err == [f"error: LoRA {lora} {said}: the LoRA was trained on another architecture"], err
+    assert main(["sample", "--base", str(SHIPPED_BASE), "--lora", str(lora), "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "s")]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("Loading")]
+    assert err == [f"error: LoRA {lora} {said}: the LoRA was trained on another architecture"], err
+    model = load_base_model(ModelConfig(pretrained=str(SHIPPED_BASE)))
+    with pytest.raises(FinetuneError, match=r"^LoRA 'block' does not fit base model base: LoRA layer unet.down_blocks.0 is not a layer with weights "
+                                            r"in the base model: the LoRA was trained on another architecture$"):
+        _check_lora_fits({"unet": model.unet, "text_encoder": model.text_encoder}, load_lora(lora), "block", "base")
 
 
 def test_export_from_inside_the_run_or_checkpoint_names_the_file_after_the_run(tmp_path, monkeypatch, capsys):
