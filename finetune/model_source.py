@@ -140,18 +140,25 @@ def check_hub_settings(config: ModelConfig, kind: str) -> None:
 
 def check_model_settings(folder: Path, config: ModelConfig) -> None:
     """The model: section against the base's own configs: both were refused once the base had loaded, after the data check.
-    model.zero_terminal_snr on a base that predicts epsilon (and no model.prediction_type to train v instead), and a
-    model.clip_skip past the text encoder's layers. A config not there (a hub cache without it): loading says it."""
+    A config not there (a hub cache without it): loading says it."""
     scheduler, text_encoder = folder / "scheduler" / "scheduler_config.json", folder / "text_encoder" / "config.json"
+    predicts = layers = None
     if config.zero_terminal_snr and config.prediction_type is None and scheduler.is_file():
-        own = read_config(scheduler, config.pretrained).get("prediction_type", "epsilon")  # diffusers' default
-        if own != "v_prediction":
-            raise FinetuneError(f"model.zero_terminal_snr needs v-prediction (at the last timestep the input is pure noise), and base model "
-                                f"{config.pretrained} predicts {own}: set model.prediction_type: v_prediction")  # fmt: skip
+        predicts = read_config(scheduler, config.pretrained).get("prediction_type", "epsilon")  # diffusers' default
     if config.clip_skip > 1 and text_encoder.is_file():
         layers = read_config(text_encoder, config.pretrained).get("num_hidden_layers")
-        if isinstance(layers, int) and config.clip_skip > layers:  # the words of finetune.encoders.skip_last_layers, which loading runs
-            raise FinetuneError(f"model.clip_skip {config.clip_skip}: this text encoder has {layers} layers; use 1 to {layers}")
+    _check_against_base(config, predicts, layers if isinstance(layers, int) else None)
+
+
+def _check_against_base(config: ModelConfig, predicts: str | None, layers: int | None, file_kind: str = "") -> None:
+    """model.zero_terminal_snr on a base that predicts epsilon (and no model.prediction_type to train v instead), and a
+    model.clip_skip past the text encoder's layers; `predicts` and `layers` None where the base does not say. One rule for
+    a base folder's configs and a single file's tensor names (`file_kind`: what they show it is)."""
+    if config.zero_terminal_snr and config.prediction_type is None and predicts not in (None, "v_prediction"):
+        raise FinetuneError(f"model.zero_terminal_snr needs v-prediction (at the last timestep the input is pure noise), and base model "
+                            f"{config.pretrained} predicts {predicts}{file_kind}: set model.prediction_type: v_prediction")  # fmt: skip
+    if layers is not None and config.clip_skip > layers:  # the words of finetune.encoders.skip_last_layers, which loading runs
+        raise FinetuneError(f"model.clip_skip {config.clip_skip}: this text encoder has {layers} layers; use 1 to {layers}")
 
 
 # The text encoder's layers in an original-layout file: SD1.x's CLIP under its transformers names, SD2.x's OpenCLIP as resblocks.
@@ -167,12 +174,7 @@ def check_single_file_settings(keys: list[str], config: ModelConfig) -> None:
     (SD2's less the one diffusers leaves out). An SD2.x file's prediction is diffusers' guess: loading says that one."""
     sd1 = {int(match.group(1)) for key in keys if (match := SD1_TEXT_LAYER.match(key))}
     sd2 = {int(match.group(1)) for key in keys if (match := SD2_TEXT_LAYER.match(key))} - {SD2_UNUSED_TEXT_LAYER}
-    if config.zero_terminal_snr and config.prediction_type is None and sd1:
-        raise FinetuneError(f"model.zero_terminal_snr needs v-prediction (at the last timestep the input is pure noise), and base model "
-                            f"{config.pretrained} predicts epsilon (an SD1.x file): set model.prediction_type: v_prediction")  # fmt: skip
-    layers = len(sd1 or sd2)
-    if layers and config.clip_skip > layers:  # the words of finetune.encoders.skip_last_layers, which loading runs
-        raise FinetuneError(f"model.clip_skip {config.clip_skip}: this text encoder has {layers} layers; use 1 to {layers}")
+    _check_against_base(config, "epsilon" if sd1 else None, len(sd1 or sd2) or None, " (an SD1.x file)")
 
 
 def with_weights(location: BaseLocation) -> BaseLocation:
