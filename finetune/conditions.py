@@ -208,10 +208,7 @@ def make_condition_folders(input_dir: str | Path, output_dir: str | Path, kind: 
     from finetune.sources import IMAGE_SUFFIXES, folder_images, image_subfolders
 
     source, target = Path(input_dir), Path(output_dir)
-    require_input_folder(source)
-    if kind not in KINDS:
-        raise FinetuneError(f"unknown conditioning kind '{kind}': use one of {', '.join(KINDS)}")
-    check_options(kind, **options)
+    _check_asked(source, kind, options)
     subfolders = [sub for sub in image_subfolders(source, DataConfig()) if sub.resolve() != target.resolve()]  # not a rerun's output
     pairs = ([(source, target)] if folder_images(source) else []) + [(sub, target / sub.name) for sub in subfolders]
     if not pairs:
@@ -227,6 +224,14 @@ def make_condition_folders(input_dir: str | Path, output_dir: str | Path, kind: 
         target.mkdir(parents=True, exist_ok=True)
         atomic_write_text(target / RECORD_FILE, json.dumps({"kind": kind, **options}))
     return made
+
+
+def _check_asked(source: Path, kind: str, options: dict) -> None:
+    """What make-conditions is asked, before any folder is read: the input folder, the kind and its thresholds."""
+    require_input_folder(source)
+    if kind not in KINDS:
+        raise FinetuneError(f"unknown conditioning kind '{kind}': use one of {', '.join(KINDS)}")
+    check_options(kind, **options)
 
 
 def require_input_folder(source: Path) -> None:
@@ -343,10 +348,8 @@ def make_conditions(input_dir: str | Path, output_dir: str | Path, kind: str, ov
     Conditioning images already there (a ControlNet may have trained on them), and another folder's metadata.jsonl and
     files of the images' names, are replaced only with `overwrite`.
     """
-    if kind not in KINDS:
-        raise FinetuneError(f"unknown conditioning kind '{kind}': use one of {', '.join(KINDS)}")
     source, target = Path(input_dir), Path(output_dir)
-    require_input_folder(source)
+    _check_asked(source, kind, options)  # as make_condition_folders checks it: a negative mask threshold wrote all-white masks
     images, captions = _checked_input(source, target, overwrite)  # before anything is written
     return _write_conditions(source, target, images, captions, kind, **options)
 
