@@ -6,6 +6,7 @@ import argparse
 import math
 import re
 
+from finetune.condition_kinds import CANNY_HIGH, CANNY_LOW, CANNY_SIGMA, KINDS, MASK_THRESHOLD, MAX_CANNY_SIGMA
 from finetune.image_bounds import MAX_RESOLUTION, RESOLUTION_BOUND
 from finetune.option_advice import options_meant, override_for, recipe_method, spaced_override
 from finetune.prompt_options import MAX_STEPS
@@ -318,11 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conditions.add_argument("input_dir", help="folder of images (with .txt captions, or a metadata.jsonl or metadata.csv)")
     conditions.add_argument("output_dir", help="training folder to write (may be input_dir itself)")
-    conditions.add_argument("--kind", required=True, choices=["canny", "luminance", "mask"], help="which conditioning image to make (see above)")
-    conditions.add_argument("--low", type=float, default=20.0, help="canny: weak edge threshold, in colour levels 0-255 (default 20)")
-    conditions.add_argument("--high", type=float, default=40.0, help="canny: strong edge threshold, in colour levels 0-255 (default 40)")
-    conditions.add_argument("--sigma", type=float, default=1.0, help="canny: Gaussian blur before the gradients, in pixels, 0 to 50 (default 1.0)")
-    conditions.add_argument("--threshold", type=float, default=40.0, help="mask: RGB distance from the border colour that counts as shape (default 40)")
+    conditions.add_argument("--kind", required=True, choices=list(KINDS), help="which conditioning image to make (see above)")
+    conditions.add_argument("--low", type=float, default=CANNY_LOW, help=f"canny: weak edge threshold, in colour levels 0-255 (default {CANNY_LOW:g})")
+    conditions.add_argument("--high", type=float, default=CANNY_HIGH, help=f"canny: strong edge threshold, in colour levels 0-255 (default {CANNY_HIGH:g})")
+    conditions.add_argument("--sigma", type=float, default=CANNY_SIGMA,
+                            help=f"canny: Gaussian blur before the gradients, in pixels, 0 to {MAX_CANNY_SIGMA:g} (default {CANNY_SIGMA})")  # fmt: skip
+    conditions.add_argument("--threshold", type=float, default=MASK_THRESHOLD,
+                            help=f"mask: RGB distance from the border colour that counts as shape (default {MASK_THRESHOLD:g})")  # fmt: skip
     conditions.add_argument("--overwrite", action="store_true", help="replace what the output folder holds: an earlier run's conditioning images, its metadata.jsonl, files of the images' names")
 
     check = commands.add_parser(

@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from finetune.conditions import KINDS, OPTION_NAMES, RECORD_FILE, check_options
+from finetune.condition_kinds import KINDS, OPTION_NAMES
+from finetune.conditions import RECORD_FILE, check_options
 from finetune.errors import FinetuneError
 from finetune.run_files import record_text
 

@@ -27,25 +27,18 @@ import numpy as np
 from PIL import Image
 
 from finetune.captions import image_caption
+from finetune.condition_kinds import CANNY_HIGH, CANNY_LOW, CANNY_SIGMA, KINDS, MASK_THRESHOLD, MAX_CANNY_SIGMA
 from finetune.metadata_files import metadata_file, metadata_partner_files, read_csv_captions, read_metadata_captions
 from finetune.file_names import loose_name_key, name_key, row_image_key
 from finetune.counts import counted
 from finetune.errors import FinetuneError, looked_for_here
 from finetune.metadata_lines import csv_rows, metadata_lines
 
-KINDS = ("canny", "luminance", "mask")
 # Beside metadata.jsonl: how the conditioning images were made. A ControlNet trained on the folder records it
 # (finetune.conditioning), so `finetune sample` can say what kind of image it wants.
 RECORD_FILE = "conditioning.json"
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float64)
-CANNY_LOW, CANNY_HIGH, CANNY_SIGMA = 20.0, 40.0, 1.0
-# The toy world's closest shape/background colours are ~83 apart (see toyworld.metrics.SEGMENT_THRESHOLD).
-MASK_THRESHOLD = 40.0
 MAX_RGB_DISTANCE = 255 * 3**0.5  # black to white: no pixel is farther than this from the border's colour
-# The most blur canny takes: its kernel spans 6 sigma pixels, each a pass over the photo (sigma 1e9, as a ControlNet's
-# record may say, asked for a kernel of 48 GB); past a few pixels no edge a ControlNet follows survives anyway.
-MAX_CANNY_SIGMA = 50.0
-OPTION_NAMES = {"canny": ("low", "high", "sigma"), "mask": ("threshold",), "luminance": ()}  # each maker's thresholds
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -9,12 +9,13 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from finetune.condition_kinds import KINDS
 from finetune.controlnet_pairs import small_conditioning_problem
 from finetune.demo_inputs import MAX_UPLOAD_PIXELS, UPLOADED, too_large_upload
 from finetune.errors import FinetuneError
 from finetune.views import cover_and_crop
 
-CONDITIONING_KINDS = ("as uploaded", "canny", "luminance", "mask")
+CONDITIONING_KINDS = ("as uploaded", *KINDS)  # an upload as it is, or made into a kind make-conditions makes
 
 
 def conditioning_image(image: Image.Image | None, kind: str, size: int, options: dict[str, float] | None = None,
