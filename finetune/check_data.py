@@ -300,18 +300,19 @@ def _copies_remedy(config: DataConfig) -> str:
     """What to do about copies of an image: data.folders repeats only where there are folders to list."""
     if config.dataset is not None:
         return "remove the copies' rows"
-    concept = config._image_dir_key.removesuffix(".instance_dir")  # a DreamBooth concept has repeats of its own
-    return f"remove copies, or raise {concept}.repeats" if concept.startswith("dreambooth.") else "remove copies, or use data.folders repeats"
+    concept = config.dreambooth_concept  # a DreamBooth concept has repeats of its own
+    return f"remove copies, or raise {concept}.repeats" if concept else "remove copies, or use data.folders repeats"
 
 
 def masks_out_of_view(report: DataReport, targets: list[Size]) -> list[Finding]:
     """Fatal findings for masks that train nothing as the data is read: a centre crop (or bucket) that
-    leaves the whole mask out (a random crop finds it at times), or source alpha with no transparency at all."""
+    leaves the whole mask out (a random crop finds it at times), or source alpha with no transparency at all.
+    The images whose crop leaves their mask out are taken out of `report.usable` too."""
     config, findings = report.config, []
     if not config.loss_mask.enabled or config.loss_mask.unmasked_weight > 0.0:
         return []
     if config.loss_mask.source == "alpha" and report.usable and all(example.mask_area is None for example in report.usable):
-        concept = config._image_dir_key.removesuffix(".instance_dir") if config._image_dir_key.startswith("dreambooth.") else None
+        concept = config.dreambooth_concept
         message = (f"{report.label}: data.loss_mask.source alpha, and {f'none of its {len(report.usable)} images has' if len(report.usable) > 1 else 'its one image has no'} transparency, so none is "
                    "masked: save cut-outs with an alpha channel, or use source files"
                    + (f", or set {concept}.loss_mask: false to train this concept whole" if concept else ""))  # fmt: skip

@@ -28,7 +28,7 @@ def folder_warnings(config: DataConfig) -> list[tuple[Path, str]]:
         class_folders = class_folders_inside(folder, config)  # said as what they are: no concept of their own
         said += [(folder, class_folder_inside_message(folder, config, key, path)) for key, path in class_folders]
         if subfolders := outside_class_folders(subfolders, class_folders):
-            remedy = "add each as a concept of its own" if config._image_dir_key.startswith("dreambooth") else "list each in data.folders (with its repeats)"
+            remedy = "add each as a concept of its own" if config.dreambooth_concept else "list each in data.folders (with its repeats)"
             said.append((folder, f"data folder {folder} has subfolders with images ({subfolder_names(folder, subfolders)}), which are not read: {remedy} to train it"))
     for folder in unlisted_image_folders(config):
         path = folder_entry_path(folder, Path(config.image_dir))

@@ -202,8 +202,7 @@ def concept_held_out_whole(reports: list[DataReport], held_out: frozenset[str], 
     images to train on (they are chosen among all concepts' images together), or None: that subject would be
     scored, never learned."""
     for report in reports:
-        if report.config._image_dir_key.startswith("dreambooth.") and report.usable and {e.source for e in report.usable} <= held_out:
-            concept = report.config._image_dir_key.removesuffix(".instance_dir")
+        if (concept := report.config.dreambooth_concept) and report.usable and {e.source for e in report.usable} <= held_out:
             return (f"validation.loss_images ({recipe.validation.loss_images}) holds out every image of {concept} ({report.config.image_dir}), "
                     "which would never train: lower it")  # fmt: skip
     return None

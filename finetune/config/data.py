@@ -132,6 +132,12 @@ class DataConfig(Section):
     loss_mask: LossMaskConfig = LossMaskConfig()
     num_workers: int = Field(0, ge=0)
 
+    @property
+    def dreambooth_concept(self) -> str | None:
+        """The DreamBooth concept whose images these are (`dreambooth.concepts.0`), by the key that set image_dir; else None."""
+        concept = self._image_dir_key.removesuffix(".instance_dir")
+        return concept if concept.startswith("dreambooth.") else None
+
     @field_validator("image_dir", "dataset", mode="before")  # before UserPath's own, more general, line
     @classmethod
     def _not_empty(cls, value: Optional[str]) -> Optional[str]:
