@@ -37,7 +37,7 @@ from finetune.demo_inputs import UPLOADED, other_kind_notes
 from finetune.errors import FinetuneError
 from finetune.finite_images import say_warning
 from finetune.adapter_records import saved_model_metadata
-from finetune.inference import base_model_metadata, refuse_replacing_a_fine_tuned_unet, unlocked_decoder_folder
+from finetune.inference import base_model_metadata, load_unlocked_decoder, refuse_replacing_a_fine_tuned_unet, unlocked_decoder_folder
 from finetune.kohya import LoRA, load_lora
 from finetune.lora_hooks import loras_applied
 from finetune.merge import check_lora_fits
@@ -341,16 +341,19 @@ def _check_lora_fits(models: dict[str, torch.nn.Module], lora: LoRA, name: str, 
 
 def _load_controlnet(folder: Path):
     """(the ControlNet, the UNet its run trained with it (controlnet.unlock_unet_decoder) or None)."""
-    from diffusers import ControlNetModel, UNet2DConditionModel
+    from diffusers import ControlNetModel
 
-    decoder = unlocked_decoder_folder(folder)
     # A file cut short (a copy or a run still writing) raised OSError, which the page shows as a bare "Error" with a
-    # traceback in the terminal: one line, as sample says it (inference.load_controlnet).
+    # traceback in the terminal: one line, as sample says it (inference.load_controlnet, load_unlocked_decoder).
+    whole = " (copied or written in part? press Rescan once it is whole)"
     try:
         controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True, **weights_variant(folder))
-        unet = UNet2DConditionModel.from_pretrained(decoder, torch_dtype=torch.float32).eval().requires_grad_(False) if decoder else None
     except (OSError, ValueError) as err:
-        raise FinetuneError(f"could not load ControlNet {folder}: {str(err).splitlines()[0][:200]} (copied or written in part? press Rescan once it is whole)") from None
+        raise FinetuneError(f"could not load ControlNet {folder}: {str(err).splitlines()[0][:200]}{whole}") from None
+    try:
+        unet = load_unlocked_decoder(decoder) if (decoder := unlocked_decoder_folder(folder)) else None
+    except FinetuneError as err:
+        raise FinetuneError(f"{err}{whole}") from None
     return controlnet.eval().requires_grad_(False), unet
 
 

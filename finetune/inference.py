@@ -89,6 +89,16 @@ def unlocked_decoder_folder(controlnet_folder: Path) -> Path | None:
     return unet if record_text(ours) == record_text(theirs) else None
 
 
+def load_unlocked_decoder(decoder: Path) -> UNet2DConditionModel:
+    """The UNet `unlocked_decoder_folder` found, in fp32 and frozen, as sample and the demo sample with it. A file cut short
+    (a copy, or a run still writing) is one line naming the folder: in sample it was diffusers' traceback."""
+    try:
+        unet = UNet2DConditionModel.from_pretrained(decoder, torch_dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise FinetuneError(f"could not load the UNet {decoder} its ControlNet was trained with: {str(err).splitlines()[0][:200]}") from None
+    return unet.eval().requires_grad_(False)
+
+
 def load_controlnet(folder: Path, base: BaseModel) -> ControlNetModel:
     try:
         controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=torch.float32, **weights_variant(folder))
@@ -157,7 +167,7 @@ def load_sampling_pipeline(
     if controlnet is None:
         pipeline = build_pipeline(base_model)
     else:
-        unet = UNet2DConditionModel.from_pretrained(decoder, torch_dtype=torch.float32) if decoder else None
+        unet = load_unlocked_decoder(decoder) if decoder else None
         if decoder:
             print(f"note: ControlNet {controlnet} was trained with controlnet.unlock_unet_decoder: sampling with the UNet its run saved ({decoder})")
         model = load_controlnet(folder, base_model)

@@ -118,6 +118,23 @@ def test_run_folder_with_an_unlocked_decoder_samples_with_its_unet(tiny_model, t
     assert not torch.equal(pipeline.unet.conv_out.weight, unet.conv_out.weight)
 
 
+def test_an_unlocked_decoder_cut_short_is_one_line_in_sample_and_the_demo(tiny_model, tmp_path):
+    """The UNet a run with controlnet.unlock_unet_decoder saved beside its ControlNet, cut short (a copy, or a run still
+    writing): sample ended in diffusers' traceback where the demo said one line; both load it with one function now."""
+    from finetune import demo_engine
+
+    run = write_controlnet_run(tiny_model, tmp_path / "run", trained=True)
+    save_model_folder(UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet"), run / "unet", METADATA)
+    weights = run / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    said = rf"^could not load the UNet {re.escape(str(run / 'unet'))} its ControlNet was trained with: "
+    with pytest.raises(FinetuneError, match=said):
+        inference.load_sampling_pipeline(str(tiny_model), controlnet=str(run))
+    engine = demo_engine.DemoEngine(str(tiny_model), tmp_path)
+    with pytest.raises(FinetuneError, match=said + r".*press Rescan once it is whole\)$"):
+        engine.render(demo_engine.Request(prompt="x", steps=1, controlnet="run/controlnet", conditioning_image=Image.new("RGB", (64, 64))))
+
+
 def test_controlnet_of_another_architecture_is_one_line(tiny_model, tmp_path, capsys):
     controlnet = ControlNetModel.from_pretrained(write_controlnet_run(tiny_model, tmp_path / "run", trained=False) / "controlnet")
     other = ControlNetModel.from_config({**controlnet.config, "cross_attention_dim": controlnet.config.cross_attention_dim * 2})
