@@ -91,6 +91,7 @@ def collect_then_freeze_at_exit() -> None:
 
 # What running a stopped command again does. Only train continues (its class images where they stopped, a run from its
 # checkpoints with --resume); the others make their outputs anew, and make-conditions first needs leave to replace its own.
+# train's is said of a stop before its first step only: one from the training loop on names --resume latest (`run_end.next_step_said`).
 RERUN_AFTER_A_STOP = {
     "train": "run the command again to continue",
     "sample": "run the command again to start over (every image is made anew, as a new numbered run)",

@@ -45,8 +45,9 @@ def left_to_finish(checkpoint: Path | None, max_steps: int | None) -> list[str]:
 
 @contextlib.contextmanager
 def next_step_said(output_dir: Path, checkpoints_dir: Path, max_steps: int):
-    """A second stop during the run's end (raised at once, out of `finetune train`): its line says what is left, read from
-    what is on disk, where it said "run the command again to continue" with nothing left to train."""
+    """A second stop during the training loop or the run's end (raised at once, out of `finetune train`): its line says what
+    is left, read from what is on disk, where it said "run the command again to continue", which without --resume is refused
+    (the output_dir holds an earlier run), and with nothing left to train did nothing."""
     try:
         yield
     except KeyboardInterrupt as stop:

@@ -44,7 +44,7 @@ from finetune.output_metadata import dataset_metadata, output_metadata
 from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer, check_optimizer_installed, clip_gradients, step_size
 from finetune.run_length import STEPS_BY_SHAPE, check_epoch_run, due, epoch_count, epochs_text, planned_steps, resume_warnings, run_length_line, run_sampler
 from finetune.run_files import checkpoint_step, resolve_resume
-from finetune.run_end import LOGGED_AT_STEP, OUTPUTS_PENDING, VALIDATION_PENDING, final_samples_wanted, finish_cut_short, finish_training, left_to_finish, remove_killed_grids
+from finetune.run_end import LOGGED_AT_STEP, OUTPUTS_PENDING, VALIDATION_PENDING, final_samples_wanted, finish_cut_short, finish_training, left_to_finish, next_step_said, remove_killed_grids
 from finetune.run_recipe import write_run_recipe
 from finetune.logged_settings import settings_on_record
 from finetune.loss_mask import preview as mask_preview
@@ -315,7 +315,8 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     step_logs: dict[str, torch.Tensor | float] = {}  # what the method reports after each optimizer step (lora.max_norm)
     logged = {}  # the last step's train logs: its checkpoint keeps them (LOGGED_AT_STEP)
     stop = closing.enter_context(StopRequest(accelerator).closed_at_the_end())  # its gloo group too, after an error
-    with stop, batches_of(loader) as batches:
+    # A second stop mid-run is raised at once: its line names the command that continues (the checkpoints on disk), as at the end.
+    with next_step_said(output_dir, checkpoints_dir, max_steps), stop, batches_of(loader) as batches:
         while step < max_steps:
             step_batches = [sampler.rows_of(step * accumulation + micro) for micro in range(accumulation)]  # (global size, rows here)
             shares = micro_batch_shares(sampler, range(step * accumulation, (step + 1) * accumulation), accelerator.num_processes)  # each image counts alike

@@ -212,3 +212,25 @@ def test_a_run_counted_in_epochs_is_finished_by_resume_latest_too(make_recipe, m
     resumed = trainer.train(make_recipe(**epochs), resume="latest")
     assert resumed.final_step == 3 and [grid.name for grid in resumed.sample_grids] == ["step-000003.png"]
     assert not last_state(tmp_path / "run")[VALIDATION_PENDING]
+
+
+def test_a_second_stop_mid_run_names_the_command_that_continues_from_its_checkpoint(make_recipe, tmp_path):
+    """A second Ctrl-C mid-run (during a step, or while the first one's checkpoint is saved) said "run the command again to
+    continue": run again without --resume, the command is refused (the output_dir holds an earlier run). It names
+    --resume latest and the checkpoint it continues from."""
+    from finetune.cli import RERUN_AFTER_A_STOP
+    from finetune.stop_signals import stop_line
+
+    def two_ctrl_cs(step):
+        if step == 3:
+            signal.raise_signal(signal.SIGINT)  # the first: held to the step's end
+            signal.raise_signal(signal.SIGINT)  # the second: raised at once
+
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        trainer.train(make_recipe(train__max_steps=6, checkpoint__every_n_steps=2), on_step=two_ctrl_cs)
+    run = tmp_path / "run"
+    again = f"finetune train {run / 'recipe_as_run.yaml'} --resume latest"
+    assert stop_line(stopped.value, RERUN_AFTER_A_STOP["train"]) == (
+        f"\nstopped (Ctrl-C): files written so far are kept; continue with --resume latest ({again}): it trains again from {run / 'checkpoints' / 'checkpoint-2'}"
+    )
+    assert (run / "recipe_as_run.yaml").is_file()  # the command it names is there to run
