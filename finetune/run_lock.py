@@ -18,7 +18,8 @@ def output_dir_lock(output_dir: Path):
     """Hold an exclusive lock on `output_dir` while inside (the launcher's first process holds it for all;
     the operating system releases it if the process dies), and remove the lock file when done. Where it
     cannot be taken (no fcntl, as on Windows; a file system without locks; a folder that cannot be made,
-    which training then reports), the run goes on without it."""
+    which training then reports), the run goes on without it. A run that fails leaves no folder the lock made and
+    nothing filled (`removed_if_left_empty`)."""
     try:
         import fcntl
     except ImportError:
@@ -26,6 +27,7 @@ def output_dir_lock(output_dir: Path):
     if fcntl is None or int(os.environ.get("RANK", "0")) != 0:
         yield
         return
+    made = folders_to_make(output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         handle = _locked_file(output_dir, fcntl)
@@ -33,26 +35,58 @@ def output_dir_lock(output_dir: Path):
         yield
         return
     if handle is None:  # a file system without locks (some network mounts): the run goes on without one
-        yield
+        with removed_if_left_empty(made):
+            yield
         return
     handle.truncate(0)
     handle.write(str(os.getpid()))
     handle.flush()
     try:
-        yield
+        with removed_if_left_empty(made):
+            try:
+                yield
+            finally:
+                # Removed while still locked: a run that opened the file before this and locks it after finds it
+                # gone (see `_locked_file`) and takes a new one, instead of holding a lock nobody else sees.
+                with contextlib.suppress(OSError):
+                    (output_dir / LOCK_FILE).unlink()
     finally:
-        # Removed while still locked: a run that opened the file before this and locks it after finds it
-        # gone (see `_locked_file`) and takes a new one, instead of holding a lock nobody else sees.
-        with contextlib.suppress(OSError):
-            (output_dir / LOCK_FILE).unlink()
         fcntl.flock(handle, fcntl.LOCK_UN)
         handle.close()
+
+
+def folders_to_make(output_dir: Path) -> list[Path]:
+    """The folders that making `output_dir` makes: it and each missing folder above it, innermost first."""
+    missing = []
+    for folder in (output_dir, *output_dir.parents):
+        if os.path.lexists(folder):
+            break
+        missing.append(folder)
+    return missing
+
+
+@contextmanager
+def removed_if_left_empty(made: list[Path]):
+    """A run that fails (its checks: a bad image, an earlier run in output_dir; or a stop) removes the folders its lock
+    made, where they are still empty: a new output_dir was left behind, lock file gone, after every failed check.
+    Only empty ones (rmdir): a file anyone wrote there stays, and so does the folder that holds it. Still locked: a
+    run started there meanwhile has its lock file in the folder, which therefore stays."""
+    try:
+        yield
+    except BaseException:
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or already gone): it, and the folders above it, stay
+                break
+        raise
 
 
 def _locked_file(output_dir: Path, fcntl):
     """The lock file, opened and locked; None where the file system has no locks."""
     path = output_dir / LOCK_FILE
     while True:
+        output_dir.mkdir(parents=True, exist_ok=True)  # again: a failed run that held the lock removes a folder it made
         handle = open(path, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

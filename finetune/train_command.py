@@ -35,6 +35,7 @@ def run_train_command(args) -> int:
     # So are a --resume that is no checkpoint, and an output_dir that cannot be written or holds an earlier run unasked
     # (train() checks them again, for callers that do not come through here). The lock from the check of output_dir on: a run
     # still writing there is said as that, not as an earlier run, nor is its save, between two renames, taken for a killed one's.
+    # A run that fails (these checks too) leaves no folder the lock made, where it is still empty (`run_lock.removed_if_left_empty`).
     output_dir, checkpoints_dir = Path(recipe.output_dir), Path(recipe.output_dir) / "checkpoints"
     if not output_dir.is_dir():  # a mistyped --resume is said before the lock makes the folder
         resolve_resume(args.resume, checkpoints_dir)

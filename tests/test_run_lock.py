@@ -35,3 +35,51 @@ def test_a_run_that_opened_the_lock_file_as_the_last_run_removed_it_takes_a_new_
         with pytest.raises(FinetuneError, match="is in use by another run"):  # a third run finds the file locked
             with output_dir_lock(tmp_path):
                 pass
+
+
+def test_a_run_that_fails_leaves_no_folder_its_lock_made_and_keeps_what_was_there(tmp_path):
+    """A run that failed its checks (the lock is taken first) left its new output_dir behind, empty: each failed try made
+    another. Now the folders the lock made go where they are still empty; a folder that was there, or one a file was
+    written in, stays with the file."""
+    new = tmp_path / "outputs" / "run"
+    with pytest.raises(FinetuneError), output_dir_lock(new):
+        assert (new / LOCK_FILE).is_file()
+        raise FinetuneError("image a.png cannot be read")
+    assert list(tmp_path.iterdir()) == []  # outputs/ too, which making the run's folder made
+    with pytest.raises(KeyboardInterrupt), output_dir_lock(new):  # a stop during the checks
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+    with pytest.raises(FinetuneError), output_dir_lock(new):
+        (new / "logs").mkdir()
+        (new / "logs" / "notes.txt").write_text("the user's")
+        raise FinetuneError("out of memory")
+    assert (new / "logs" / "notes.txt").read_text() == "the user's" and not (new / LOCK_FILE).exists()
+
+    existing = tmp_path / "mine"
+    existing.mkdir()
+    with pytest.raises(FinetuneError), output_dir_lock(existing):
+        raise FinetuneError("a bad image")
+    assert existing.is_dir()  # not the lock's to remove
+    with output_dir_lock(tmp_path / "finished"):  # a run that ends well keeps its folder, whatever is in it
+        pass
+    assert (tmp_path / "finished").is_dir()
+
+
+def test_finetune_train_that_fails_its_data_check_leaves_no_new_output_dir(tiny_model, tmp_path, capsys):
+    """The run lock is taken before the data check: `finetune train` with a new output_dir and data that cannot train
+    left that folder behind."""
+    import yaml
+
+    from conftest import build_recipe
+    from finetune.cli import main
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a.png", "b.png"):
+        (photos / name).write_bytes(b"not a PNG")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(build_recipe(tiny_model, photos, tmp_path / "outputs" / "run").model_dump(mode="json")))
+    assert main(["train", str(recipe)]) == 2
+    assert "a.png" in capsys.readouterr().err  # failed in the data check, after the lock
+    assert not (tmp_path / "outputs").exists()
