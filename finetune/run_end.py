@@ -88,7 +88,8 @@ def finish_training(result, stop, output_dir: Path, checkpoints_dir: Path, save_
         if stopped and samples_wanted:
             _say_skipped(result, stop.signal, output_dir)
         elif not stopped:
-            validate(result.final_step)  # the outputs' paths are the result's (`finetune train` ends with them: output: PATH)
+            with stop.said_at_once(_finishing_the_samples(result.final_step, output_dir)) if samples_wanted else contextlib.nullcontext():
+                validate(result.final_step)  # the outputs' paths are the result's (`finetune train` ends with them: output: PATH)
             if samples_wanted:
                 _mark_written(checkpoints_dir / f"checkpoint-{result.final_step}", VALIDATION_PENDING)
 
@@ -107,9 +108,19 @@ def finish_cut_short(result, stop, output_dir: Path, checkpoints_dir: Path, save
         if VALIDATION_PENDING in pending and stop.agreed_now():
             _say_skipped(result, stop.signal, output_dir)
         elif VALIDATION_PENDING in pending:
-            validate(result.final_step)  # its path is the result's, as `finish_training`'s
+            with stop.said_at_once(_finishing_the_samples(result.final_step, output_dir)):
+                validate(result.final_step)  # its path is the result's, as `finish_training`'s
             _mark_written(checkpoint, VALIDATION_PENDING)
     finish_a_finished_runs_saves(checkpoint, output_dir)  # a rotation the kill cut short, as a resume with nothing left does
+
+
+def _finishing_the_samples(step: int, output_dir: Path) -> Callable[[int], str]:
+    """What a first stop while the final samples are drawn says at once (it is held until they are: they take minutes, and
+    the stop had no word until the run ended)."""
+    grid = output_dir / "samples" / f"step-{step:06d}.png"
+    return lambda signum: (f"{signal_name(signum)}: finishing the final samples ({grid}); the outputs and the last checkpoint are written. "
+                           f"A second {signal_name(signum)} stops now, and --resume latest then draws them, without training "
+                           f"(finetune train {output_dir / RUN_RECIPE} --resume latest)")  # fmt: skip
 
 
 def _say_skipped(result, signum: int, output_dir: Path) -> None:

@@ -8,11 +8,13 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
 
 from finetune.gloo_interface import new_gloo_group
+from finetune.process_env import main_process
 from finetune.stop_answers import Answers, agreement_timeout
 from finetune.stop_signals import interrupt_for
 
@@ -39,6 +41,17 @@ class StopRequest:
             self._answers = Answers.of_this_run(timeout)  # who started which sum, for the line where one does not come
         self._pending = None  # (work, flag): the sum started at the last step's agreed(), read at the next
         self._launcher = lone_launcher() if accelerator.num_processes == 1 else None
+        self._said_at_once = None  # while set (`said_at_once`): the line a first stop says as it comes, given its signal
+
+    @contextlib.contextmanager
+    def said_at_once(self, line: Callable[[int], str]):
+        """Within the block, a first stop is said the moment it comes (`line(signum)`, by the main process), not only
+        at the next step boundary: for work that takes minutes with no boundary to stop at (the final samples)."""
+        self._said_at_once = line
+        try:
+            yield
+        finally:
+            self._said_at_once = None
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -49,6 +62,10 @@ class StopRequest:
         if self.requested:
             raise interrupt_for(signum)
         self.requested, self.signal = True, max(self.signal, signum)
+        if self._said_at_once is not None and main_process():
+            # By the file descriptor: the handler may run inside a write to sys.stderr (a progress bar's), which a
+            # second write there refuses (a reentrant call).
+            os.write(sys.stderr.fileno(), f"\n{self._said_at_once(signum)}\n".encode())
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():

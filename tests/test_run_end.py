@@ -235,3 +235,26 @@ def test_a_second_stop_mid_run_names_the_command_that_continues_from_its_checkpo
         f"\nstopped (Ctrl-C): files written so far are kept; continue with --resume latest ({again}): it trains again from {run / 'checkpoints' / 'checkpoint-2'}"
     )
     assert (run / "recipe_as_run.yaml").is_file()  # the command it names is there to run
+
+
+def test_a_first_stop_while_the_final_samples_are_drawn_is_said_at_once(make_recipe, monkeypatch, tmp_path, capfd):
+    """A first Ctrl-C during the final samples (minutes, after the last checkpoint) was held without a word: it is said as
+    it comes, with what is being finished, what a second one does and what --resume latest then does."""
+    real_validation, said_as_it_came = trainer.run_validation, []
+
+    def ctrl_c_while_drawing(recipe, method, modules, accelerator, step):
+        if step == 3:
+            capfd.readouterr()  # (what the run said before)
+            signal.raise_signal(signal.SIGINT)
+            said_as_it_came.append(capfd.readouterr().err)  # before the grid is drawn
+        return real_validation(recipe, method, modules, accelerator, step)
+
+    monkeypatch.setattr(trainer, "run_validation", ctrl_c_while_drawing)
+    result = trainer.train(make_recipe(**SAMPLED))
+    run = tmp_path / "run"
+    assert said_as_it_came == [
+        f"\nCtrl-C: finishing the final samples ({run / 'samples' / 'step-000003.png'}); the outputs and the last checkpoint are written. "
+        f"A second Ctrl-C stops now, and --resume latest then draws them, without training (finetune train {run / 'recipe_as_run.yaml'} --resume latest)\n"
+    ]
+    assert (run / "samples" / "step-000003.png").is_file() and not result.interrupted  # the first stop finished them
+    assert not last_state(run)[VALIDATION_PENDING]
