@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -19,22 +20,44 @@ from finetune.stop_answers import gloo_sentence
 # What gloo says where the process at the other end of a collective's connection is gone (killed, out of memory, crashed),
 # or its machine: the first of them is what its connection meets, the others what a later send or read meets.
 LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+# What NCCL (GPUs) says of the same, in torch's DistBackendError: ncclGetErrorString of ncclRemoteError, and torch's own
+# reading of that code (torch/csrc/distributed/c10d/NCCLUtils.cpp, getNcclErrorDetailStr). Also where a communicator
+# was aborted for it: "NCCL communicator was aborted on rank N. Original reason for failure was: ..." carries the reason.
+NCCL_LOST_PEER = ("remote process exited or there was a network error", "ncclRemoteError")
+# torch's NCCL watchdog (ProcessGroupNCCL.cpp) where a collective waited past the group's timeout: a process that did
+# not join it, gone or hung, which this text alone cannot tell apart. Said as that, not as a process known to be gone.
+NCCL_TIMED_OUT = "Watchdog caught collective operation timeout"
 
 
 @contextlib.contextmanager
 def lost_process_said(output_dir: str):
     """In a run of several processes: one of them gone (a SIGKILL, the out-of-memory killer) failed the next collective of
-    every other one with gloo's traceback, which hid the cause (the process that ended says it, in its own log, if it could)
-    and what to do. One line instead, said once per machine as any error the processes meet together (`says_its_error`)."""
+    every other one with gloo's or NCCL's traceback, which hid the cause (the process that ended says it, in its own log,
+    if it could) and what to do. One line instead, said once per machine as any error the processes meet together
+    (`says_its_error`)."""
     try:
         yield
     except RuntimeError as error:  # torch's DistBackendError among them
-        if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 and any(text in str(error) for text in LOST_PEER)):
+        if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
             raise
-        raise FinetuneError(
-            f"another process of the run ended, or its machine went down (gloo: {gloo_sentence(str(error))}): its own log says why; "
-            f"this one stops too: continue with --resume latest (the last checkpoint in {Path(output_dir) / 'checkpoints'} is kept)"
-        ) from None
+        if (what := lost_process_line(str(error), torch.distributed.get_backend())) is None:
+            raise
+        raise FinetuneError(f"{what}: its own log says why; this one stops too: continue with --resume latest "
+                            f"(the last checkpoint in {Path(output_dir) / 'checkpoints'} is kept)") from None  # fmt: skip
+
+
+def lost_process_line(text: str, backend: str) -> str | None:
+    """What a collective's error `text` (under the process group's `backend`) says of the run's other processes, where it
+    says that one is gone or did not answer; None for any other error (raised as it is)."""
+    if any(cause in text for cause in NCCL_LOST_PEER):
+        return f"another process of the run ended, or its machine went down (NCCL: {NCCL_LOST_PEER[0]})"
+    if NCCL_TIMED_OUT in text:
+        waited = re.search(r"ran for (\d+) milliseconds", text)
+        return (f"another process of the run ended or stopped answering (hung, or its machine went down): NCCL's watchdog ended "
+                f"a collective that waited for it{f' {int(waited.group(1)) // 1000} s' if waited else ''}")  # fmt: skip
+    if any(cause in text for cause in LOST_PEER):
+        return f"another process of the run ended, or its machine went down ({backend}: {gloo_sentence(text)})"
+    return None
 
 
 def says_its_error(line: str) -> bool | None:
