@@ -97,11 +97,15 @@ def finish_a_finished_runs_saves(checkpoint: Path, output_dir: Path) -> Path:
     its rotation left half-deleted (`.removed-checkpoint-M`) is removed, and the rotation itself is done, as the run's recipe
     said it (its checkpoint.keep_last, kept in the checkpoint: not this command's, which may keep fewer). Each stayed for
     good, a whole checkpoint's size. A checkpoint outside the run's checkpoints/ (copied elsewhere) is only read: that folder
-    is none of the run's."""
+    is none of the run's. Collective in a run of several processes (each calls it, joined): the main process moves folders
+    only once every process is done reading the checkpoint where it lies (its data order, its held-out images)."""
     from finetune.process_env import main_process
 
     checkpoints_dir = checkpoint.parent
+    # Listed before the wait below: after it, the main process may have put it back, and another named the `.partial-` folder.
     final = {source: final for final, source in interrupted_checkpoints(checkpoints_dir).items()}.get(checkpoint, checkpoint)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _joined_wait_for_everyone():
+        return final  # processes not joined yet: none can wait for the others' reads (`checkpoint.check_resumable`'s caller)
     if main_process() and checkpoints_dir.resolve() == (output_dir / "checkpoints").resolve():
         if failure := _put_back(checkpoints_dir):
             raise FinetuneError(failure)
@@ -114,6 +118,16 @@ def finish_a_finished_runs_saves(checkpoint: Path, output_dir: Path) -> Path:
                 remove_checkpoint(old)
                 say(f"removed {old}: the run's last save, cut short by a kill, had not yet rotated it out (checkpoint.keep_last {keep_last})")
     return final
+
+
+def _joined_wait_for_everyone() -> bool:
+    """Whether this process is joined to the run's others; if so, once they all are here. Without the wait, another
+    process still reading the checkpoint where a kill left it (`.partial-checkpoint-N`) failed on the folder gone."""
+    distributed = sys.modules.get("torch.distributed")  # (no torch is imported for it: `finetune train` checks before torch loads)
+    if distributed is None or not (distributed.is_available() and distributed.is_initialized()):
+        return False
+    distributed.barrier()
+    return True
 
 
 def remove_checkpoint(checkpoint: Path) -> None:

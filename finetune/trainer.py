@@ -29,7 +29,7 @@ from finetune.batches import item_layout
 from finetune.diffusion import BatchRandomness
 from finetune.draw_keys import DRAWN, key_offset
 from finetune.device_copy import to_device
-from finetune.distributed import accelerator_options, agree_on_start, autocast, checkpoint_options, configure_deepspeed, full_parameters, keep_autocast_outputs, launch_problem, ready_to_compile, release_gathered, trained_parameters, uncompiled_forwards, unsharded_loading, unwrap, uses_deepspeed, zero_stage
+from finetune.distributed import accelerator_options, agree_on_start, autocast, checkpoint_options, configure_deepspeed, full_parameters, keep_autocast_outputs, launch_problem, ready_to_compile, release_gathered, several_processes, trained_parameters, uncompiled_forwards, unsharded_loading, unwrap, uses_deepspeed, zero_stage
 from finetune.deepspeed_checks import check_deepspeed_launch
 from finetune.earlier_run import clear_earlier_run, guard_earlier_run, put_back_interrupted_checkpoints
 from finetune.ema import EMA_FILE, weight_average
@@ -90,8 +90,11 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     check_deepspeed_launch(recipe, method.trained_module_names(), resume_from)  # DeepSpeed's refusals; a checkpoint of another engine
     check_optimizer_installed(recipe.optimizer)
     base_location = check_base_and_data(recipe, method.check_data, base_location)
-    if resume_from is not None:  # a run's last checkpoint whose end a kill cut short is resumed to finish it (finetune.run_end)
-        ckpt.check_resumable(resume_from, None if left_to_finish(resume_from, train_cfg.max_steps) else train_cfg.max_steps, recipe.flat_settings())
+    # A run's last checkpoint whose end a kill cut short is resumed to finish it (finetune.run_end). A finished one's "nothing left
+    # to train" waits, with several processes, until they have joined: its end's saves are finished there (check_resumable).
+    resumed_to = None if resume_from is None or left_to_finish(resume_from, train_cfg.max_steps) else train_cfg.max_steps
+    if resume_from is not None:
+        ckpt.check_resumable(resume_from, None if several_processes() else resumed_to, recipe.flat_settings())
     guard_earlier_run(output_dir, resume_from, overwrite)
     if problem := launch_problem(train_cfg.mixed_precision):
         raise FinetuneError(problem)
@@ -110,6 +113,8 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
         f"device {accelerator.device}, mixed precision {train_cfg.mixed_precision}"
     )
     agree_on_start(accelerator, checkpoint_step(resume_from) if resume_from else 0, checkpoints_dir, resume == "latest")
+    if resume_from is not None and several_processes():
+        ckpt.check_resumable(resume_from, resumed_to, recipe.flat_settings())
     items = method.training_items()
     sources = [item.source for item in items]
     held_out_split = held_out_for_run(items, recipe.validation.loss_images, recipe.seed, resume_from)  # a resume's: its checkpoint's

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 import finetune.earlier_run as earlier_run
 import finetune.trainer as trainer
@@ -192,3 +193,61 @@ def test_check_data_shows_the_held_out_images_of_the_checkpoint_resume_latest_ta
     (tmp_path / "checkpoints" / ".partial-checkpoint-4" / STATE_FILE).write_text(json.dumps({"step": 4, HELD_OUT_STATE: ["pixels 0", "pixels 5"]}))
     split, note = held_out_for_check(items, 2, 3, tmp_path)
     assert split.scored == [0, 5] and note.startswith(" as --resume latest holds them out (.partial-checkpoint-4; a new run"), (split, note)
+
+
+def test_a_finished_runs_saves_are_finished_once_every_process_has_read_its_checkpoint_and_named_alike(tmp_path):
+    """`finish_a_finished_runs_saves` ran on every process with no barrier ("nothing left to train", in the joined run): the
+    main process put the checkpoint back (and rotated) while another still read it where it lay, which then failed on the
+    folder gone; and a process that listed the folder after the rename named the `.partial-` folder in its error line, which
+    then differed from the main one's and was said too. Now the main process waits for the others, and each names it alike."""
+    from finetune.earlier_run import finish_a_finished_runs_saves
+    from finetune.run_files import read_state
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for name in ("checkpoint-2", ".partial-checkpoint-4"):
+        (checkpoints / name).mkdir(parents=True)
+        (checkpoints / name / STATE_FILE).write_text(json.dumps({"step": int(name[-1]), "recipe": {"checkpoint.keep_last": 1}}))
+    partial = checkpoints / ".partial-checkpoint-4"
+
+    def name_it(accelerator):
+        if os.environ["RANK"] == "1":  # the slower process: it reads the checkpoint (its data order) as the main one finishes
+            time.sleep(0.5)
+            read_state(partial)
+        with contextlib.redirect_stdout(io.StringIO()):
+            (tmp_path / f"named-{os.environ['RANK']}.txt").write_text(str(finish_a_finished_runs_saves(partial, tmp_path / "run")))
+
+    assert run_ranks(name_it, tmp_path) == ["done", "done"]
+    assert [(tmp_path / f"named-{rank}.txt").read_text() for rank in (0, 1)] == [str(checkpoints / "checkpoint-4")] * 2
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-4"]  # put back once, and rotated (keep_last 1)
+
+
+def test_two_processes_resuming_a_finished_run_say_nothing_is_left_once_joined_with_its_saves_finished(make_recipe, tmp_path, monkeypatch):
+    """`--resume latest` of a finished run whose last checkpoint a kill left before its rename, in a launch of 2 processes: the
+    main process put it back as it checked ("nothing left to train"), before the processes joined, while the other, slower
+    (its data check), had picked `.partial-checkpoint-4` and then read it: "checkpoint .partial-checkpoint-4 is damaged ... move it
+    out". With several processes that check now waits until they have joined, and its saves are finished there."""
+    recipe = make_recipe(checkpoint__every_n_steps=2, checkpoint__keep_last=1)
+    trainer.train(recipe)  # (4 steps)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / "checkpoint-4").rename(checkpoints / ".partial-checkpoint-4")  # killed before its rename
+    shutil.copytree(checkpoints / ".partial-checkpoint-4", checkpoints / "checkpoint-2")  # and before its rotation
+    (checkpoints / "checkpoint-2" / STATE_FILE).write_text(json.dumps({**json.loads((checkpoints / "checkpoint-2" / STATE_FILE).read_text()), "step": 2}))
+    real_check = trainer.check_base_and_data
+
+    def slower_on_rank_1(*args):
+        if os.environ["RANK"] == "1":
+            time.sleep(1)  # its data check takes longer
+        return real_check(*args)
+
+    monkeypatch.setattr(trainer, "check_base_and_data", slower_on_rank_1)
+    def launched(accelerator):  # the processes not yet joined as train() starts, as `accelerate launch` starts them
+        from accelerate.state import PartialState
+
+        torch.distributed.destroy_process_group()
+        PartialState._reset_state()
+        trainer.train(recipe, resume="latest")
+
+    said = run_ranks(launched, tmp_path, timeout=120)
+    assert said == [f"FinetuneError: {checkpoints / 'checkpoint-4'} is at step 4 and train.max_steps is 4: nothing left to train; "
+                    f"raise train.max_steps to continue (e.g. train.max_steps=6)"] * 2, said  # fmt: skip
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-4"]  # put back, and checkpoint-2 rotated out (keep_last 1)
