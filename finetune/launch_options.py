@@ -41,11 +41,14 @@ def launch_options(command_line: list[str]) -> argparse.Namespace | None:
 
 def launch_config(options: argparse.Namespace) -> tuple[dict, str]:
     """(the config file's settings, its path) the launcher read where an option is not given: --config_file, else
-    accelerate's default one; ({}, path) where it is missing or unreadable."""
+    accelerate's default one, which a --cpu launch does not read (accelerate 1.16's _validate_launch_command); ({}, path)
+    where it is missing, unreadable or not read."""
     import yaml
     from accelerate.commands.config import default_config_file
 
     config_file = options.config_file or default_config_file
+    if options.config_file is None and options.cpu:
+        return {}, config_file
     try:
         config = yaml.safe_load(Path(config_file).read_text()) or {}
     except (OSError, ValueError, yaml.YAMLError):
@@ -69,9 +72,16 @@ def processes_asked(command_line: list[str]) -> tuple[int, str] | None:
 
 def check_processes_started(processes: int) -> None:
     """Refuse a run of `processes` (1) that its `accelerate launch` asked to start on several."""
-    if processes != 1 or (asked := processes_asked(launcher_command_line())) is None:
+    command_line = launcher_command_line()
+    if processes != 1 or (asked := processes_asked(command_line)) is None:
         return
     count, source = asked
+    if launch_options(command_line).cpu:  # accelerate refuses --cpu with --multi_gpu: "only one of ... at a time"
+        raise FinetuneError(
+            f"accelerate launch --cpu starts one process, whatever {source} asks: to train on several, launch with --multi_gpu "
+            f"--num_processes {count} in place of --cpu (on a machine without GPUs they train on its CPUs, over gloo), or with "
+            f"--num_processes 1 for one"
+        )
     raise FinetuneError(
         f"accelerate launch {source} started this run as 1 process: without that many GPUs accelerate starts several only with "
         f"--multi_gpu (on CPUs too, over gloo): launch with --multi_gpu --num_processes {count}, or --num_processes 1 for one"
