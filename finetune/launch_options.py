@@ -86,3 +86,14 @@ def check_processes_started(processes: int) -> None:
         f"accelerate launch {source} started this run as 1 process: without that many GPUs accelerate starts several only with "
         f"--multi_gpu (on CPUs too, over gloo): launch with --multi_gpu --num_processes {count}, or --num_processes 1 for one"
     )
+
+
+def check_launch_first() -> None:
+    """`finetune train`'s refusals of how it was launched, made before its data check decodes every image (seconds to
+    minutes): a launch that asked for several processes and started one, and a DeepSpeed config file that is not there.
+    train() makes them again (finetune.deepspeed_checks), for callers that do not come through the command."""
+    check_processes_started(int(os.environ.get("WORLD_SIZE", "1")))  # finetune.distributed.launched_processes, without torch
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":  # distributed.deepspeed_requested
+        from finetune.deepspeed_checks import require_config_file
+
+        require_config_file(os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none"))

@@ -29,6 +29,7 @@ def run_train_command(args) -> int:
         warn(line)
     from finetune.checked_once import checks_kept
     from finetune.earlier_run import guard_earlier_run  # it imports no torch
+    from finetune.launch_options import check_launch_first
     from finetune.train_inputs import check_data_first
     from finetune.run_lock import output_dir_lock
 
@@ -36,6 +37,7 @@ def run_train_command(args) -> int:
     # (train() checks them again, for callers that do not come through here). The lock from the check of output_dir on: a run
     # still writing there is said as that, not as an earlier run, nor is its save, between two renames, taken for a killed one's.
     # A run that fails (these checks too) leaves no folder the lock made, where it is still empty (`run_lock.removed_if_left_empty`).
+    check_launch_first()  # a launch of one process where several were asked: before the lock makes output_dir, and the data check
     output_dir, checkpoints_dir = Path(recipe.output_dir), Path(recipe.output_dir) / "checkpoints"
     if not output_dir.is_dir():  # a mistyped --resume is said before the lock makes the folder
         resolve_resume(args.resume, checkpoints_dir)

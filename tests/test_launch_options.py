@@ -31,3 +31,32 @@ def test_a_cpu_launch_asking_for_two_processes_is_not_told_to_add_multi_gpu_whic
     with pytest.raises(FinetuneError, match=r"^accelerate launch --cpu starts one process, whatever --num_processes 2 asks: to train on several, "
                                             r"launch with --multi_gpu --num_processes 2 in place of --cpu .*, or with --num_processes 1 for one$"):  # fmt: skip
         launch_options.check_processes_started(1)
+
+
+@pytest.mark.parametrize("launch", ["two processes asked", "deepspeed config not found"])
+def test_finetune_train_refuses_its_launch_before_the_data_check_decodes_every_image(launch, image_folder, tmp_path, monkeypatch, capsys):
+    """finetune/deepspeed_checks.py's refusals are made "before anything loads (the data check, ...)": since the command
+    checks the data before train() (finetune/checked_once.py), a corrupt image (after every image decoded) was said in their place."""
+    import shutil
+
+    import finetune.train_command
+    from finetune.cli import main
+    from test_data_checked_first import write_recipe
+
+    folder = shutil.copytree(image_folder, tmp_path / "data")
+    (folder / "zz_corrupt.png").write_bytes(b"garbage")
+    (folder / "zz_corrupt.txt").write_text("x")
+    monkeypatch.setattr(finetune.train_command, "_run_training", lambda *args: pytest.fail("the training stack was loaded"))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    if launch == "two processes asked":
+        monkeypatch.setattr(launch_options, "launcher_command_line", lambda: [*LAUNCHER, "--num_processes", "2", *SCRIPT])
+        said = "accelerate launch --num_processes 2 started this run as 1 process"
+    else:
+        monkeypatch.setattr(launch_options, "launcher_command_line", lambda: [])
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(tmp_path / "no-such-zero2.json"))
+        said = f"DeepSpeed config {tmp_path / 'no-such-zero2.json'} not found"
+    assert main(["train", str(write_recipe(tmp_path, "lora", folder))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and said in err[0], err
+    assert not (tmp_path / "run").exists()  # nothing made for a launch refused
