@@ -30,6 +30,12 @@ def conditioning_record(folder: Path) -> dict | None:
     return record
 
 
+def data_folder_record(data) -> dict | None:
+    """`conditioning_record` of a ControlNet's data folder (data.image_dir, or a make-conditions folder given as data.dataset)."""
+    folder = data.image_dir or data.dataset
+    return conditioning_record(Path(folder)) if folder and Path(folder).is_dir() else None
+
+
 def options_problem(kind: str, options: dict) -> str | None:
     """Why `options` are not thresholds make-conditions writes for `kind` (another maker's names, a sigma of 1e9), or None."""
     if unknown := sorted(set(options) - set(OPTION_NAMES.get(kind, ()))):

@@ -51,8 +51,10 @@ def check_data_first(recipe: Recipe) -> None:
     `finetune train` before torch and the model stack load, some 20 s; within `checks_kept` train() takes its result. A
     DreamBooth run's own class images are checked by train() alone (they are planned with the run's output_dir)."""
     if recipe.method == "controlnet":
+        from finetune.conditioning_records import data_folder_record
         from finetune.controlnet_pairs import checked_pairs
 
+        data_folder_record(recipe.data)  # a record make-conditions could not have written: before the images are decoded, as train() says it
         checked_pairs(recipe)
         return
     from finetune.check_data import checked_report

@@ -62,3 +62,16 @@ def test_a_run_decodes_each_image_once_and_a_later_check_decodes_them_afresh(tin
 
     finetune.check_data.checked_report(DataConfig(image_dir=str(image_folder), resolution=64))
     assert set(inspected.values()) == {2}, inspected
+
+
+def test_a_controlnet_folders_record_make_conditions_could_not_write_is_said_before_its_images_are_decoded(pairs_folder, tmp_path, monkeypatch, capsys):
+    """ControlNetMethod.check_data says such a conditioning.json "before the images are decoded"; the command's own data check,
+    made before train(), decoded them first: a corrupt image was said in its place, and a large folder was read in full."""
+    folder = shutil.copytree(pairs_folder, tmp_path / "data")
+    (folder / "conditioning.json").write_text(json.dumps({"kind": "canny", "low": 20, "high": 40, "sigma": 1e9}))
+    image = json.loads((folder / "metadata.jsonl").read_text().splitlines()[0])["file_name"]
+    (folder / image).write_bytes(b"garbage")
+    monkeypatch.setattr(finetune.train_command, "_run_training", lambda *args: pytest.fail("the training stack was loaded"))
+    assert main(["train", str(write_recipe(tmp_path, "controlnet", folder))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{folder / 'conditioning.json'} records conditioning images made in a way make-conditions does not" in err[0], err

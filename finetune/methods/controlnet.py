@@ -89,10 +89,9 @@ class ControlNetMethod(DiffusionMethod):
         return {"finetune.conditioning": json.dumps(record)} if record else {}
 
     def _conditioning_record(self) -> dict | None:
-        from finetune.conditioning_records import conditioning_record
+        from finetune.conditioning_records import data_folder_record
 
-        folder = self.recipe.data.image_dir or self.recipe.data.dataset  # a make-conditions folder given as data.dataset too
-        return conditioning_record(Path(folder)) if folder and Path(folder).is_dir() else None
+        return data_folder_record(self.recipe.data)
 
     def check_data(self) -> None:
         self._conditioning_record()  # a record make-conditions could not have written is said before the images are decoded
