@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from finetune.base_folder import read_config
+from finetune.class_folders_inside import RUNS_OWN
 from finetune.config import DataConfig, FolderConfig, LossMaskConfig, Recipe
 from finetune.config.training import timestep_range_problem
 from finetune.errors import FinetuneError
@@ -22,7 +23,7 @@ def data_configs(recipe: Recipe) -> list[DataConfig]:
     if recipe.method != "dreambooth":
         return [recipe.data]
     configs, settings = [], recipe.dreambooth
-    class_dirs = tuple((f"dreambooth.concepts.{index}.class_dir", str(concept.class_dir or Path(recipe.output_dir) / "class_images" / f"concept-{index}"))
+    class_dirs = tuple((f"dreambooth.concepts.{index}.class_dir" if concept.class_dir else RUNS_OWN, str(concept.class_dir or Path(recipe.output_dir) / "class_images" / f"concept-{index}"))
                        for index, concept in enumerate(settings.concepts if settings.prior_preservation else []))  # as class_image_plans has them
     for index, concept in enumerate(settings.concepts):
         caption = None if concept.use_captions else concept.instance_prompt

@@ -42,3 +42,22 @@ def test_an_instance_folder_of_nothing_but_its_class_folder_is_not_told_to_train
     assert "instance_dir=" not in str(err.value)  # "a concept trains one folder, e.g. ...instance_dir=subject/class"
     assert str(err.value).startswith(f"data folder {subject} has no images of the subject (put them directly in it); "
                                      f"dreambooth.concepts.0.class_dir {subject / 'class'} lies inside")  # fmt: skip
+
+
+def test_the_runs_own_class_folder_inside_the_instance_folder_is_told_to_move_output_dir_not_to_set_class_dir_null(tmp_path, monkeypatch, capsys):
+    """A user training in their photos' folder (instance_dir: ., output_dir: outputs/db) with class_dir null: the run's class
+    folder, outputs/db/class_images/concept-0, lies inside it; it was named "dreambooth.concepts.0.class_dir", a key the recipe
+    does not set, and told "class_dir: null for the run's own", which is what made it."""
+    monkeypatch.chdir(tmp_path)
+    for shade, name in enumerate(["a", "b", "outputs/db/class_images/concept-0/c1"]):  # a first run's class image, generated
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (64, 64), (60 * shade, 0, 0)).save(tmp_path / f"{name}.png")
+    concept = {"instance_dir": ".", "instance_prompt": "a sks dog", "class_prompt": "a dog"}
+    recipe = {"method": "dreambooth", "model": {"pretrained": str(SHIPPED_BASE)}, "data": {"image_dir": None, "resolution": 64},
+              "output_dir": "outputs/db", "dreambooth": {"num_class_images": 2, "concepts": [concept]}}  # fmt: skip
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["check-data", "recipe.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "class_dir: null for the run's own" not in out and "dreambooth.concepts.0.class_dir" not in out, out
+    assert ("warning: the run's class folder outputs/db/class_images/concept-0 (class_dir: null: under output_dir) lies inside "
+            "dreambooth.concepts.0.instance_dir .: set output_dir outside the instance folder, or class_dir to a folder outside it") in out, out
