@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 from pathlib import Path
 from typing import Callable
 
@@ -60,7 +61,7 @@ def next_step_said(output_dir: Path, checkpoints_dir: Path, max_steps: int):
 
 def _what_is_left(output_dir: Path, checkpoints_dir: Path, max_steps: int) -> str:
     latest = resolve_resume("latest", checkpoints_dir)  # a checkpoint the stop left before its rename too, as a resume takes it
-    again = f"finetune train {output_dir / RUN_RECIPE} --resume latest"
+    again = resume_command(output_dir)
     if latest is None and any((output_dir / name).exists() for name in RUN_OUTPUTS):
         return f"no checkpoint was kept; the run's outputs are in {output_dir} (`finetune sample` draws from them)"
     if latest is None:
@@ -129,7 +130,12 @@ def _say_skipped(result, signum: int, output_dir: Path) -> None:
     result.stopped_by = signum
     say(f"stopped ({signal_name(signum)}) after the last step, the outputs written: the final samples "
         f"({output_dir / 'samples' / f'step-{result.final_step:06d}.png'}) are skipped; draw them with --resume latest "
-        f"(finetune train {output_dir / RUN_RECIPE} --resume latest)")  # fmt: skip
+        f"({resume_command(output_dir)})")  # fmt: skip
+
+
+def resume_command(output_dir: Path) -> str:
+    """The command that continues the run, to copy: its recipe's path quoted for the shell (an output_dir with a space)."""
+    return f"finetune train {shlex.quote(str(output_dir / RUN_RECIPE))} --resume latest"
 
 
 def remove_killed_grids(output_dir: Path) -> None:

@@ -1,0 +1,26 @@
+"""The commands run_end's lines give to finish a run (a stop after its last step, a second stop during its end) are to be
+copied: an output_dir with a space was given unquoted, and the shell split it (recipe_loading's own line quotes it, 26ea371)."""
+
+import json
+import shlex
+import signal
+from types import SimpleNamespace
+
+import finetune.run_end as run_end
+from finetune.run_files import STATE_FILE
+
+
+def test_the_resume_commands_of_a_runs_end_quote_its_recipe_for_the_shell(tmp_path, monkeypatch):
+    output_dir = tmp_path / "my runs" / "lora"
+    said = []
+    monkeypatch.setattr(run_end, "say", said.append)
+    run_end._say_skipped(SimpleNamespace(final_step=4, stopped_by=0), signal.SIGINT, output_dir)
+    command = said[0].rsplit("(", 1)[1].rstrip(")")
+    assert shlex.split(command) == ["finetune", "train", str(output_dir / "recipe_as_run.yaml"), "--resume", "latest"], said
+
+    checkpoint = output_dir / "checkpoints" / "checkpoint-2"  # a second stop before the last step's checkpoint
+    checkpoint.mkdir(parents=True)
+    (checkpoint / STATE_FILE).write_text(json.dumps({"step": 2, "max_steps": 4}))
+    line = run_end._what_is_left(output_dir, output_dir / "checkpoints", 4)
+    command = line.split("(", 1)[1].split(")")[0]
+    assert shlex.split(command) == ["finetune", "train", str(output_dir / "recipe_as_run.yaml"), "--resume", "latest"], line
