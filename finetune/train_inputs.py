@@ -47,6 +47,24 @@ def check_inputs_exist(recipe: Recipe) -> BaseLocation:
     return check_timesteps(recipe, locate_base(recipe.model))
 
 
+# method vae's perceptual term's classifier where vae.perceptual_network names none.
+SHIPPED_PERCEPTUAL_NETWORK = Path(__file__).resolve().parent / "assets" / "toyworld_perceptual.safetensors"
+
+
+def perceptual_network_file(recipe: Recipe) -> Path | None:
+    """The classifier file of method vae's perceptual term, where vae.perceptual_weight turns it on; a folder or a file that
+    is not there is one line. No torch: `finetune train` says it before its data check decodes every image."""
+    settings = recipe.vae
+    if not settings.perceptual_weight:
+        return None
+    path = Path(settings.perceptual_network) if settings.perceptual_network else SHIPPED_PERCEPTUAL_NETWORK
+    if path.is_dir():
+        raise FinetuneError(f"vae.perceptual_network {path} is a folder: give the classifier's .safetensors file")
+    if not path.is_file():
+        raise FinetuneError(f"vae.perceptual_network {path} not found: train one with python -m finetune.toyworld.classifier --seed 1 --out {path}")
+    return path
+
+
 def check_data_first(recipe: Recipe) -> None:
     """The data check `train()` makes (its images decoded: a corrupt, tiny or uncaptioned one stops in one line), made by
     `finetune train` before torch and the model stack load, some 20 s; within `checks_kept` train() takes its result. A
@@ -58,6 +76,8 @@ def check_data_first(recipe: Recipe) -> None:
         data_folder_record(recipe.data)  # a record make-conditions could not have written: before the images are decoded, as train() says it
         checked_pairs(recipe)
         return
+    if recipe.method == "vae":
+        perceptual_network_file(recipe)  # as VAEMethod.check_data says it: before the images are read
     from finetune.check_data import checked_report
 
     for config in data_configs(recipe):

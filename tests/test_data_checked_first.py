@@ -75,3 +75,15 @@ def test_a_controlnet_folders_record_make_conditions_could_not_write_is_said_bef
     assert main(["train", str(write_recipe(tmp_path, "controlnet", folder))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{folder / 'conditioning.json'} records conditioning images made in a way make-conditions does not" in err[0], err
+
+
+def test_a_vae_runs_perceptual_network_not_there_is_said_before_its_images_are_decoded(image_folder, tmp_path, monkeypatch, capsys):
+    """VAEMethod.check_data says a vae.perceptual_network not found "before the images are read"; the command's own data check,
+    made before train(), read them first: a corrupt image was said in its place, and a large folder was read in full."""
+    folder = shutil.copytree(image_folder, tmp_path / "data")
+    (folder / "zz_corrupt.png").write_bytes(b"garbage")
+    monkeypatch.setattr(finetune.train_command, "_run_training", lambda *args: pytest.fail("the training stack was loaded"))
+    missing = tmp_path / "perceptual.safetensors"
+    assert main(["train", str(write_recipe(tmp_path, "vae", folder, vae={"perceptual_weight": 0.1, "perceptual_network": str(missing)}))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"vae.perceptual_network {missing} not found" in err[0], err

@@ -22,8 +22,8 @@ from finetune.methods.base import TrainingMethod
 from finetune.pipeline_io import save_pipeline
 from finetune.run_files import PIPELINE_DIR
 from finetune.sampling import tensor_to_image
+from finetune.train_inputs import perceptual_network_file
 
-SHIPPED_PERCEPTUAL_NETWORK = Path(__file__).resolve().parent.parent / "assets" / "toyworld_perceptual.safetensors"
 
 
 class AutoencoderForTraining(torch.nn.Module):
@@ -87,16 +87,10 @@ class VAEMethod(TrainingMethod):
         super().check_data()
 
     def perceptual_network(self) -> torch.nn.Module | None:
-        settings = self.recipe.vae
-        if not settings.perceptual_weight:
+        if (path := perceptual_network_file(self.recipe)) is None:
             return None
         from finetune.toyworld.classifier import load_classifier
 
-        path = Path(settings.perceptual_network) if settings.perceptual_network else SHIPPED_PERCEPTUAL_NETWORK
-        if path.is_dir():
-            raise FinetuneError(f"vae.perceptual_network {path} is a folder: give the classifier's .safetensors file")
-        if not path.is_file():
-            raise FinetuneError(f"vae.perceptual_network {path} not found: train one with python -m finetune.toyworld.classifier --seed 1 --out {path}")
         try:
             classifier = load_classifier(path)
         except (RuntimeError, ValueError, OSError) as err:  # another model's weights (a LoRA, a UNet), or not safetensors
