@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from finetune.bench.runner import default_resolution, parse_variants
+from finetune.launch_options import processes_asked
 
 CI = Path(__file__).parents[1] / ".ci"
 
@@ -92,7 +93,7 @@ def test_the_gpu_scripts_name_variants_the_bench_has():
     for script in ("gpu-check", "gpu-profile"):
         text = (CI / script).read_text()
         named += re.findall(r"--recipes ([\w,]+)", text) + re.findall(r"for variant in ([\w ]+); do", text)
-    assert len(named) == 4
+    assert len(named) == 5
     for names in named:
         parse_variants(names.replace(" ", ","))
 
@@ -109,7 +110,7 @@ def test_gpu_check_stages_fit_its_deadline():
     keeps fit in DEADLINE: when they did not, the last stage (the GPU tests) was cut short by design."""
     deadline = int(re.search(r"DEADLINE=\$\{DEADLINE:-(\d+)\}", (CI / "gpu-check").read_text())[1])
     wanted = stage_seconds("gpu-check")
-    assert len(wanted) == 3 and 20 + sum(wanted) + 10 <= deadline == 540
+    assert len(wanted) == 4 and 20 + sum(wanted) + 10 <= deadline == 540
 
 
 def test_gpu_profile_stages_fit_its_deadline():
@@ -124,7 +125,10 @@ def run_with_fake_python(tmp_path: Path, script: str, **env) -> tuple[str, str]:
     repo = tmp_path / "repo"
     shutil.copytree(CI, repo / ".ci", ignore=shutil.ignore_patterns("*.whl"))
     fake, record, out = tmp_path / "python", tmp_path / "calls.txt", tmp_path / "out"
-    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {record}\n')
+    # The bench's first stage builds the model the later stages use (`built`): the stand-in leaves its model_index.json.
+    builds = 'a=("$@"); for i in "${!a[@]}"; do case "${a[i]}" in --workdir) w=${a[i+1]};; --preset) p=${a[i+1]};; esac; done\n'
+    builds += '[ -n "${w:-}" ] && [ -n "${p:-}" ] && mkdir -p "$w/models/$p" && touch "$w/models/$p/model_index.json"\nexit 0\n'
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {record}\n' + builds)
     fake.chmod(0o755)
     environment = {"PATH": os.environ["PATH"], "PYTHON": str(fake), "OUT": str(out), **env}
     done = subprocess.run(["bash", str(repo / ".ci" / script)], env=environment, capture_output=True, text=True, timeout=120)
@@ -132,22 +136,51 @@ def run_with_fake_python(tmp_path: Path, script: str, **env) -> tuple[str, str]:
     return record.read_text(), done.stdout
 
 
-def test_gpu_check_dry_run_uses_the_medium_preset_a_short_quickstart_and_collects_the_tests(tmp_path):
+def zero_launches(calls: str) -> list[str]:
+    return [line for line in calls.splitlines() if "accelerate.commands.launch --use_deepspeed" in line]
+
+
+def test_gpu_check_dry_run_uses_the_medium_preset_short_zero_runs_and_collects_the_tests(tmp_path):
     calls, _ = run_with_fake_python(tmp_path / "dry", "gpu-check", DRY_RUN="1")
     assert "bench --mixed-precision bf16 --steps 10 --batch 32 --num-images 32 --preset medium" in calls
-    assert re.search(r"-m finetune train recipes/quickstart.yaml .* train.max_steps=20\n", calls)
+    # ZeRO-2's and ZeRO-3's launches run side by side: their records interleave
+    assert sorted(re.search(r"train.max_steps=\d+( --resume latest)?$", line)[0] for line in zero_launches(calls)) == [
+        "train.max_steps=12"] * 2 + ["train.max_steps=14 --resume latest"] * 2  # above quickstart's 10 warm-up steps
     assert "-m pytest -v -p no:cacheprovider --durations=5 --collect-only tests/" in calls
 
     calls, _ = run_with_fake_python(tmp_path / "gpu", "gpu-check")
-    assert "--preset sd15" in calls and "max_steps" not in calls and "--collect-only" not in calls
+    assert "--preset sd15" in calls and "--collect-only" not in calls
+    assert sorted(re.search(r"train.max_steps=\d+( --resume latest)?$", line)[0] for line in zero_launches(calls)) == [
+        "train.max_steps=20"] * 2 + ["train.max_steps=40 --resume latest"] * 2
     assert "-m pytest -v -p no:cacheprovider --durations=5 tests/" in calls  # a line per test: a cut run says which passed
+
+
+def test_gpu_check_measures_full_and_controlnet_and_launches_zero_2_and_3_as_one_process(tmp_path):
+    """Issue 6's open goals: full fine-tuning and ControlNet at batch 32 on the model the first stage built, and DeepSpeed
+    ZeRO-2 and ZeRO-3 on the GPU with a resume, sampled after. The one GPU takes one process: accelerate_config.yaml
+    asks for 2, and the trainer refuses a launch that asks for more processes than it starts (launch_options)."""
+    calls, _ = run_with_fake_python(tmp_path, "gpu-check")
+    assert re.search(r"-m finetune bench .* --batch 32 .* --base \S+/bench/models/sd15 --warmup 2 --recipes dreambooth,controlnet ", calls)
+    launches = zero_launches(calls)
+    assert sorted(re.search(r"zero\d.json", line)[0] for line in launches) == ["zero2.json"] * 2 + ["zero3.json"] * 2
+    for line in launches:
+        assert processes_asked(line.split()) is None  # one process asked: check_processes_started(1) lets it run
+        assert "train.mixed_precision=bf16" in line and "--mixed_precision bf16" in line
+    assert re.search(r"-m finetune sample --lora \S+/adapters/zero2 ", calls)
+
+
+def test_gpu_check_writes_at_most_the_eight_files_a_device_call_brings_back():
+    written = set(re.findall(r'"\$OUT/([\w.-]+)"', (CI / "gpu-check").read_text()))
+    written |= set(re.findall(r"/ '([\w.-]+\.png)'", (CI / "gpu-check").read_text()))  # the demo's grid, saved by Python
+    assert written == {"bench.log", "bench-b32.json", "bench-compiled.json", "bench-full-b32.json", "runs.log", "sample.png",
+                       "demo.png", "tests.log"}
 
 
 def test_a_stage_too_near_the_deadline_is_skipped_and_the_log_says_so(tmp_path):
     calls, stdout = run_with_fake_python(tmp_path, "gpu-check", DEADLINE="25")
     assert "-m finetune" not in calls and "pytest" not in calls
     log = (tmp_path / "out" / "bench.log").read_text()
-    assert log.count("skipped at") == 3 and "too near DEADLINE (25 s)" in log and "done at" in log
+    assert log.count("skipped at") == 4 and "too near DEADLINE (25 s)" in log and "done at" in log
 
 
 
