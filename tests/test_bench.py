@@ -185,6 +185,24 @@ def test_a_run_cut_short_keeps_the_variants_it_measured(tmp_path, monkeypatch):
     assert [row["variant"] for row in report["results"]] == ["lora"] and report["results"][0]["sec_per_step"] == 0.25
 
 
+def test_the_report_is_written_before_the_first_variant_runs(tmp_path, monkeypatch):
+    """A stop in the first variant keeps a report: its machine (torch's and diffusers' versions, imported for it) is
+    written before any variant runs, not at the stop, where a busy host's imports outlasted the stop's SIGKILL."""
+    from finetune.bench import runner
+
+    out, seen = tmp_path / "bench.json", []
+
+    def first_variant(name, recipe, settings, path):
+        seen.append(json.loads(out.read_text()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_variant_process", first_variant)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_benchmark(preset="tiny", steps=1, warmup=1, batch=2, num_images=2, variants=["lora"], count_flops=False,
+                             workdir=tmp_path / "work", out=out, log=lambda line: None)  # fmt: skip
+    assert seen[0]["results"] == [] and seen[0]["machine"]["torch"] == torch.__version__
+
+
 def test_a_failed_variant_is_a_row_and_its_error_a_line_below_the_table(capsys):
     from finetune.bench.report import print_table
 
