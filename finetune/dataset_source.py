@@ -18,6 +18,7 @@ from finetune.dataset_splits import no_rows_message, require_split_syntax, row_l
 from finetune.errors import FinetuneError
 from finetune.library_noise import quiet_local_dataset_bars
 from finetune.model_source import downloads_off
+from finetune.folder_repeats import implausible_repeats_notes
 from finetune.sources import Example, folder_images, folders_entries, image_subfolders, saved_dataset
 
 # A data file given as data.dataset, by the `datasets` builder that reads it: load_dataset(path) itself reads
@@ -52,7 +53,8 @@ def open_dataset(config: DataConfig):
     subfolders = image_subfolders(Path(name), config) if folder and not folder_images(Path(name)) else []
     if any(any(subfolder.glob("*.txt")) for subfolder in subfolders):  # sd-scripts' N_name folders: read as text too
         raise FinetuneError(f"dataset {name} is a folder of image folders with .txt captions, which datasets reads as a text dataset of their lines: "
-                            f"train it as data.image_dir={name} (with data.dataset=null), with {folders_entries([path.name for path in subfolders])} in the recipe's data section")  # fmt: skip
+                            f"train it as data.image_dir={name} (with data.dataset=null), with {folders_entries([path.name for path in subfolders])} in the recipe's data section"
+                            + "".join(f"; {note}" for note in implausible_repeats_notes([(path.name, len(folder_images(path))) for path in subfolders])))  # fmt: skip
     require_split_syntax(name, config.dataset_split)
     try:
         with quiet_local_dataset_bars() if Path(name).exists() else contextlib.nullcontext():  # a hub dataset's downloads keep theirs

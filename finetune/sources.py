@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import shlex
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
@@ -26,6 +25,7 @@ from finetune.class_folders_inside import class_folder_inside_message, class_fol
 from finetune.config import DataConfig, FolderConfig
 from finetune.errors import FinetuneError, looked_for_here
 from finetune.file_names import name_key
+from finetune.folder_repeats import KOHYA_FOLDER, implausible_repeats_notes, name_repeats
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp")
 # Images that are in a folder but not read: animations, print and phone formats (convert them to PNG or JPEG).
@@ -190,21 +190,22 @@ def subfolders_message(folder: Path, subfolders: list[Path], config: DataConfig,
     `entry` is the data.folders path that names it, if one does."""
     paths, names = [path.relative_to(folder).as_posix() for path in subfolders], subfolder_names(folder, subfolders)
     root = None if config.caption is not None else Path(config.image_dir)  # where uncaptioned folders get a template (not with data.caption)
+    notes = "".join(f"; {note}" for note in implausible_repeats_notes([(path, len(folder_images(sub))) for path, sub in zip(paths, subfolders)]))
     if config._image_dir_key.startswith("dreambooth"):
         return (f"data folder {folder} has no images of its own, only subfolders with images ({names}): a concept trains one folder, "
-                f"e.g. {concept_overrides(config._image_dir_key, folder / paths[0])}" + ("; each other subfolder its own concept" if paths[1:] else ""))
+                f"e.g. {concept_overrides(config._image_dir_key, folder / paths[0])}" + ("; each other subfolder its own concept" if paths[1:] else "") + notes)
     if entry is not None:  # only the images directly in a data.folders entry are read
         return (f"data folder {folder} has no images of its own, only subfolders with images ({names}): list each as its own data.folders "
-                f"entry in place of path '{entry}', e.g. {folders_entries([(PurePosixPath(entry) / path).as_posix() for path in paths], root)}")  # fmt: skip
+                f"entry in place of path '{entry}', e.g. {folders_entries([(PurePosixPath(entry) / path).as_posix() for path in paths], root)}{notes}")  # fmt: skip
     return (f"data folder {folder} has no images of its own, only subfolders with images ({names}): list each with its repeats "
-            f"in the recipe's data section, e.g. {folders_entries(paths, root)}")  # fmt: skip
+            f"in the recipe's data section, e.g. {folders_entries(paths, root)}{notes}")  # fmt: skip
 
 
 def concept_overrides(instance_dir_key: str, subfolder: Path) -> str:
     """The overrides pointing a DreamBooth concept (`dreambooth.concepts.N.instance_dir`) at `subfolder`, quoted for a
     shell, with the repeats of an sd-scripts `10_sks dog` folder's name."""
-    kohya = re.match(r"(\d+)_", subfolder.name)
-    repeats = f" {instance_dir_key.removesuffix('instance_dir')}repeats={int(kohya[1])}" if kohya else ""
+    kohya = name_repeats(subfolder.name)
+    repeats = f" {instance_dir_key.removesuffix('instance_dir')}repeats={kohya}" if kohya is not None else ""
     return shlex.quote(f"{instance_dir_key}={subfolder}") + repeats
 
 
@@ -215,8 +216,8 @@ def folders_entries(names: list[str], root: Path | None = None) -> str:
     with the folder's class tokens."""
     entries = []
     for name in names:
-        kohya = re.match(r"(\d+)_(.*)", PurePosixPath(name).name)  # sd-scripts' N_name folders: N is the repeats
-        entry = f"path: {json.dumps(name, ensure_ascii=False)}, repeats: {int(kohya.group(1)) if kohya else 1}"
+        kohya = KOHYA_FOLDER.match(PurePosixPath(name).name)  # sd-scripts' N_name folders: N is the repeats
+        entry = f"path: {json.dumps(name, ensure_ascii=False)}, repeats: {name_repeats(name) if kohya else 1}"
         if kohya and kohya.group(2).strip() and root is not None and uncaptioned_folder(root / name):
             entry += f", template: {json.dumps(kohya.group(2).strip(), ensure_ascii=False)}"
         entries.append(f"{{{entry}}}")

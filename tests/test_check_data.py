@@ -112,6 +112,28 @@ def test_a_folder_of_kohya_folders_gets_the_data_folders_it_needs_and_an_unliste
     assert "masks" not in out
 
 
+def test_a_kohya_folder_whose_number_is_a_year_or_swamps_the_others_is_said_with_the_rename_that_trains_it_once(tmp_path, capsys):
+    """`2024_trip` reads as sd-scripts' N_name, 2024 repeats (an epoch that folder 2024 times): the suggestion keeps
+    that reading, as sd-scripts has it, and says the rename that gives 1 repeat; so for repeats over 100x the rest."""
+    root = tmp_path / "train"
+    for name in ("0.png", "1.png"):
+        captioned(root / "2024_trip", name)
+        captioned(root / "10_sks dog", name)
+    assert main(["check-data", "--image-dir", str(root), "--resolution", "64"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        """folders: [{path: "10_sks dog", repeats: 10}, {path: "2024_trip", repeats: 2024}]; '2024_trip' reads as 2024 repeats """
+        "(sd-scripts' N_name: each of its images 2024 times an epoch, 99.5% of the epoch): if 2024 is part of its name, rename the folder '1_2024_trip' for 1 repeat")
+    shutil.rmtree(root / "2024_trip")
+    captioned(root / "1_reg", "0.png")  # 10 x 2 uses against 1: a plausible balance, no note
+    assert main(["check-data", "--image-dir", str(root), "--resolution", "64"]) == 2
+    assert capsys.readouterr().err.strip().endswith('folders: [{path: "10_sks dog", repeats: 10}, {path: "1_reg", repeats: 1}]')
+    (root / "10_sks dog").rename(root / "300_sks dog")  # 600 uses against 1
+    assert main(["check-data", "--image-dir", str(root), "--resolution", "64"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "'300_sks dog' reads as 300 repeats (sd-scripts' N_name: each of its images 300 times an epoch, 99.8% of the epoch): "
+        "if 300 is part of its name, rename the folder '1_300_sks dog' for 1 repeat")
+
+
 def test_a_subfolder_of_a_listed_folder_that_no_entry_lists_is_said(tmp_path, capsys):
     """Only the images directly in an entry's folder train: subject/closeups beside subject's own images trained nothing, unseen."""
     for name in ("0.png", "1.png"):

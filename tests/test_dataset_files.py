@@ -124,6 +124,9 @@ def test_a_folder_of_sd_scripts_image_folders_given_as_a_dataset_says_how_to_tra
     with pytest.raises(FinetuneError, match=r"kohya is a folder of image folders with .txt captions, .*: train it as data.image_dir=.*kohya "
                                             r"\(with data.dataset=null\), with folders: \[\{path: \"10_sks dog\", repeats: 10\}\] in the recipe's data section$"):  # fmt: skip
         read_examples(DataConfig(dataset=str(tmp_path / "kohya")))
+    (tmp_path / "kohya" / "10_sks dog").rename(tmp_path / "kohya" / "2024_sks dog")  # a year, not repeats: the rename is said
+    with pytest.raises(FinetuneError, match=r"repeats: 2024\}\] in the recipe's data section; '2024_sks dog' reads as 2024 repeats .*rename the folder '1_2024_sks dog' for 1 repeat$"):
+        read_examples(DataConfig(dataset=str(tmp_path / "kohya")))
 
 
 def test_a_folder_datasets_conditioning_file_names_say_the_metadata_key_that_reads_them(tmp_path):
