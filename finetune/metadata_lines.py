@@ -77,9 +77,15 @@ class _CsvRows(csv.DictReader):
     @property
     def fieldnames(self) -> list[str] | None:
         try:
-            return super().fieldnames
-        except csv.Error as err:
-            raise FinetuneError(self._runaway_quote(err)) from None
+            names = super().fieldnames
+        except csv.Error as err:  # read only here: the header's
+            raise FinetuneError(self._runaway_quote(err, header=True)) from None
+        # A quote the header never closes takes the rows below into one column's name, up to the file's end (where it
+        # is shorter than csv's limit): no column's name holds a line end.
+        if opened := next((name for name in names or [] if "\n" in name or "\r" in name), None):
+            raise FinetuneError(f"{self.path} line {self.row_line}: the header opens a double quote before {opened.splitlines()[0]!r} that never closes, "
+                                f"so the rows below are read as part of a column's name: {HEADER_QUOTE_ADVICE}")  # fmt: skip
+        return names
 
     def __next__(self) -> dict:
         self.fieldnames  # the header first: the row starts below it
@@ -89,10 +95,16 @@ class _CsvRows(csv.DictReader):
         except csv.Error as err:
             raise FinetuneError(self._runaway_quote(err)) from None
 
-    def _runaway_quote(self, err: csv.Error) -> str:
+    def _runaway_quote(self, err: csv.Error, header: bool = False) -> str:
         # Past the field limit: a quote never closed runs on over the lines below, to the end of the file, where csv gives up.
+        if header:
+            return f"{self.path} line {self.row_line}: {err}: the header opens a double quote that never closes, so it runs on over the lines below: {HEADER_QUOTE_ADVICE}"
         return (f"{self.path} line {self.row_line}: {err}: a cell there opens a double quote that never closes, so it runs on over "
                 'the lines below; close the quote, or double a quote inside a caption ("")')  # fmt: skip
+
+
+# A column's name needs no quotes (file_name, text, conditioning_file_name): a caption's doubled quote is no remedy here.
+HEADER_QUOTE_ADVICE = "remove the quote from the header (column names need none), or close it after the column's name"
 
 
 def csv_rows(lines: str | Iterable[str], path: Path | str) -> csv.DictReader:

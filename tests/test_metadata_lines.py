@@ -158,3 +158,21 @@ def test_a_csv_header_below_blank_lines_is_read_as_the_header(tmp_path):
     table.write_text('\nfile_name,"text\n' + "".join(f"{name * 150_000}\n" for name in "bc"))  # in the header
     with pytest.raises(FinetuneError, match=rf"^{table} line 2: field larger than field limit"):
         read_csv_captions(table)
+
+
+def test_a_quote_never_closed_in_a_short_metadata_csv_header_is_one_line_saying_to_remove_it(tmp_path):
+    """Short of csv's field limit, a header's open quote took the rows below into a column's name: the error dumped the
+    file over many lines ("has: file_name, conditioning_file_name,text\\n0.png,..."), and said to double a quote inside
+    a caption, which a header holds none of."""
+    from finetune.metadata_files import read_csv_captions
+
+    table = tmp_path / "metadata.csv"
+    table.write_text('file_name,"text\na.png,a cat\nb.png,a dog\n')
+    advice = r"remove the quote from the header \(column names need none\), or close it after the column's name$"
+    with pytest.raises(FinetuneError, match=rf"^{table} line 1: the header opens a double quote before 'text' that never closes, so the rows below are read as "
+                                            rf"part of a column's name: {advice}"):  # fmt: skip
+        read_csv_captions(table)
+    table.write_text('file_name,"text\n' + "".join(f"{name * 150_000}\n" for name in "bc"))  # past the limit: csv's own error
+    with pytest.raises(FinetuneError, match=rf"^{table} line 1: field larger than field limit \(200000\): the header opens a double quote that never closes, so it "
+                                            rf"runs on over the lines below: {advice}"):  # fmt: skip
+        read_csv_captions(table)
