@@ -15,19 +15,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from finetune.captions import split_at_line_ends
-from finetune.metadata_files import metadata_file, read_csv_captions
+from finetune.captions import split_at_line_ends, template_needs_caption
+from finetune.metadata_files import metadata_file, metadata_rows, read_csv_captions
 from finetune.check_data import FATAL, WARNING, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable, too_small_problem
 from finetune.check_threads import each_on_threads
 from finetune.checked_once import kept_check
-from finetune.config import ControlNetConfig, DataConfig, Recipe
+from finetune.config import ControlNetConfig, DataConfig, FolderConfig, Recipe
 from finetune.dataset_images import require_image_column, row_image
 from finetune.epoch_uses import check_epoch_uses
 from finetune.errors import FinetuneError
 from finetune.file_names import loosely_named_file, name_key, row_image_key
 from finetune.image_warnings import pillow_warning_line, pillow_warnings, pillow_warnings_named
 from finetune.images import decode, file_stamp, float_levels_problem, has_alpha, pixel_digest, turned_on_its_side, upright_rgb
-from finetune.metadata_lines import csv_rows, metadata_text
+from finetune.metadata_lines import csv_rows, metadata_lines, metadata_text
 from finetune.dataset_source import open_dataset
 from finetune.sources import Example, read_examples
 from finetune.views import plan_view, render
@@ -120,6 +120,7 @@ def read_pairs(recipe: Recipe) -> tuple[list[Pair], list[Finding]]:
             for row, example in enumerate(read_examples(config))
         ]
         return pairs, []
+    require_pair_columns(config, settings.conditioning_column)
     files_in: dict[Path, dict[str, str]] = {}  # each folder's metadata.jsonl (data.folders: one per subfolder)
     partners_in: dict[Path, set[Path]] = {}  # the conditioning images each names
     pairs, unpaired = [], []
@@ -145,6 +146,36 @@ def read_pairs(recipe: Recipe) -> tuple[list[Pair], list[Finding]]:
             continue
         unpaired.append(Finding(FATAL, example.source, message))
     return pairs, unpaired
+
+
+# ControlNet's own fill50k example names its columns so (its prompt.json): each said with the column it is here.
+FILL50K_NAMES = {"target": "file_name", "source": "conditioning_file_name", "prompt": "text"}
+
+
+def require_pair_columns(config: DataConfig, conditioning_column: str) -> None:
+    """One line naming every column a data folder's metadata file lacks, of those its pairs are read from (the image, its
+    conditioning image, its caption where the caption is read from the file), with the columns it has: each reader says
+    the one it reads, so a file lacking two was fixed one rerun at a time (a lone missing one is said by its reader)."""
+    for settings in config.folders or [FolderConfig(path=".")]:
+        path = metadata_file(Path(config.image_dir) / settings.path)
+        if path is None:
+            continue  # said by _conditioning_files, with what to write
+        if path.suffix == ".csv":
+            has = csv_rows(metadata_lines(path, lenient=True), path).fieldnames or []
+        else:
+            has = list(dict.fromkeys(key for row in metadata_rows(path.parent) for key in row))
+        roles = {"file_name": "the image", "conditioning_file_name": "its conditioning image, or the column controlnet.conditioning_column names"}
+        if config.caption is None and template_needs_caption(settings.template):
+            roles[config.caption_column] = "its caption, or the column data.caption_column names"
+        missing = [name for name in roles if name not in has and not (name == "conditioning_file_name" and conditioning_column in has)]
+        if len(missing) < 2:
+            continue
+        renames = [f"{old!r} to {new!r}" for old, new in FILL50K_NAMES.items() if old in has and new in missing]
+        advice = "rename its columns to those, or name the ones that hold them in controlnet.conditioning_column and data.caption_column"
+        if renames:
+            advice = f"rename {', '.join(renames)} (ControlNet's fill50k names)" + ("" if len(renames) == len(missing) else f"; for the others, {advice}")
+        listed = ", ".join(f"{name!r} ({roles[name]})" for name in missing)
+        raise FinetuneError(f"{path} lacks the columns {listed}: its columns are {', '.join(repr(name) for name in has) or 'none'}; {advice}")
 
 
 # What datasets names a folder's conditioning_file_name key (it reads `X_file_name` as column X, an image of the

@@ -2,6 +2,7 @@
 named by metadata.jsonl rows; validation conditioning images of their own."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -244,3 +245,28 @@ def test_a_conditioning_image_of_its_images_shape_at_another_scale_trains_the_sa
     items = ControlNetDataset(pairs, recipe.data, seed=0, empty_prompt_share=0.0)
     full, scaled = (items[(index, 0)]["conditioning_pixel_values"] for index in range(2))
     assert (full - scaled).abs().mean() < 0.05  # the same view of the edges, at either scale
+
+
+def test_a_metadata_file_lacking_several_pair_columns_names_them_all_in_one_line(make_recipe, tmp_path):
+    """ControlNet's fill50k names its columns source, target and prompt: each reader said the one it reads (file_name
+    and text, then, fixed and rerun, the conditioning column), so a user learnt of them one rerun at a time."""
+    folder = write_pairs_beside(tmp_path / "pairs", count=2)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    (folder / "metadata.jsonl").unlink()
+    (folder / "metadata.csv").write_text("target,source,prompt\n" + "".join(f"{r['file_name']},{r['conditioning_file_name']},{r['text']}\n" for r in rows))
+    with pytest.raises(FinetuneError, match=f"^{re.escape(str(folder / 'metadata.csv'))} lacks the columns 'file_name' \\(the image\\), 'conditioning_file_name' "
+                                            r"\(its conditioning image, or the column controlnet.conditioning_column names\), 'text' \(its caption, or the "
+                                            r"column data.caption_column names\): its columns are 'target', 'source', 'prompt'; rename 'target' to 'file_name', "
+                                            r"'source' to 'conditioning_file_name', 'prompt' to 'text' \(ControlNet's fill50k names\)$"):  # fmt: skip
+        inspect_pairs(controlnet_recipe(make_recipe, folder))
+    (folder / "metadata.csv").unlink()  # a metadata.jsonl with the image named, not its conditioning image nor caption
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": r["file_name"], "hint": r["conditioning_file_name"], "caption": "c"}) + "\n" for r in rows))
+    with pytest.raises(FinetuneError, match=r"metadata.jsonl lacks the columns 'conditioning_file_name' \(.*\), 'text' \(.*\): its columns are 'file_name', "
+                                            r"'hint', 'caption'; rename its columns to those, or name the ones that hold them in controlnet.conditioning_column and data.caption_column$"):  # fmt: skip
+        inspect_pairs(controlnet_recipe(make_recipe, folder))
+    # With one prompt for every image, no caption column is needed: the one missing is said by its reader, as before.
+    with pytest.raises(FinetuneError, match=r"metadata.jsonl names no conditioning images: its rows have 'caption', 'file_name', 'hint'"):
+        inspect_pairs(controlnet_recipe(make_recipe, folder, data__caption="a photo"))
+    pairs, report = inspect_pairs(controlnet_recipe(make_recipe, folder, data__caption_column="caption", controlnet__conditioning_column="hint"))
+    assert len(pairs) == 2 and report.findings == []
+
