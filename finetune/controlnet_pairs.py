@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image
 
 from finetune.captions import split_at_line_ends, template_needs_caption
-from finetune.metadata_files import metadata_file, metadata_rows, read_csv_captions
+from finetune.metadata_files import RowCaptions, metadata_file, metadata_rows, read_csv_captions
 from finetune.check_data import FATAL, WARNING, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable, too_small_problem
 from finetune.check_threads import each_on_threads
 from finetune.checked_once import kept_check
@@ -24,12 +25,12 @@ from finetune.config import ControlNetConfig, DataConfig, FolderConfig, Recipe
 from finetune.dataset_images import require_image_column, row_image
 from finetune.epoch_uses import check_epoch_uses
 from finetune.errors import FinetuneError
-from finetune.file_names import loosely_named_file, name_key, row_image_key
+from finetune.file_names import file_names_by_loose_key, loosely_named_file, name_key, row_image_key
 from finetune.image_warnings import pillow_warning_line, pillow_warnings, pillow_warnings_named
 from finetune.images import decode, file_stamp, float_levels_problem, has_alpha, pixel_digest, turned_on_its_side, upright_rgb
 from finetune.metadata_lines import csv_rows, metadata_lines, metadata_text
 from finetune.dataset_source import open_dataset
-from finetune.sources import Example, read_examples
+from finetune.sources import IMAGE_SUFFIXES, Example, read_examples
 from finetune.views import plan_view, render
 
 
@@ -121,17 +122,21 @@ def read_pairs(recipe: Recipe) -> tuple[list[Pair], list[Finding]]:
         ]
         return pairs, []
     require_pair_columns(config, settings.conditioning_column)
-    files_in: dict[Path, dict[str, str]] = {}  # each folder's metadata.jsonl (data.folders: one per subfolder)
+    files_in: dict[Path, RowCaptions] = {}  # each folder's metadata.jsonl (data.folders: one per subfolder)
     partners_in: dict[Path, set[Path]] = {}  # the conditioning images each names
+    missing_in: dict[Path, set[str]] = {}  # the stems of those not found beside the images, where a renamed one is read as an image
     pairs, unpaired = [], []
     for example in read_examples(config):
         folder, name = Path(example.source).parent, name_key(Path(example.source).name)
         if folder not in files_in:
             files_in[folder] = _conditioning_files(folder, recipe.controlnet.conditioning_column)
             partners_in[folder] = {loosely_named_file(folder / named) for named in files_in[folder].values()}
+            missing_in[folder] = {partner.stem.casefold() for partner in partners_in[folder] if partner.parent == folder and not partner.is_file()}
         files = files_in[folder]
         if name not in files and Path(example.source) in partners_in[folder]:
             continue  # a conditioning image kept beside the images (0001.png, 0001_canny.png): a partner, not an image to train
+        if name not in files and any(_named_like(Path(example.source), stem) for stem in missing_in[folder]):
+            continue  # one renamed (0001_canny.png to 0001_canny_v2.png): said as the missing partner's likely file, not as an image without one
         path = loosely_named_file(folder / files[name]) if name in files else None
         metadata = metadata_file(folder) or folder / "metadata.jsonl"  # the one it names them in: a metadata.csv too
         if path is None:
@@ -140,12 +145,34 @@ def read_pairs(recipe: Recipe) -> tuple[list[Pair], list[Finding]]:
                 f"{metadata} (finetune make-conditions writes one)"
             )
         elif not path.is_file():
-            message = f"conditioning image {path} of image {example.source} not found: fix its conditioning_file_name in {metadata.name}"
+            message = missing_conditioning_message(path, example.source, files.places.get(name, str(metadata)))
         else:
             pairs.append(Pair(example, Example(str(path), "", functools.partial(Image.open, path))))
             continue
         unpaired.append(Finding(FATAL, example.source, message))
     return pairs, unpaired
+
+
+def missing_conditioning_message(path: Path, image: str, place: str) -> str:
+    """Why conditioning image `path` of `image`, which `place` ("FILE line N") names, is not found, with what to write
+    there: a folder that is not there said as such, and files beside it named like it (`0001_canny.png` for `0001.png`,
+    `0001.jpg`): where conditioning images were renamed after the metadata was written."""
+    said = f"conditioning image {path} of image {image} not found ({place} names it)"
+    if not path.parent.is_dir():
+        return f"{said}, nor is its folder {path.parent}: put the conditioning images there, or write the folder they are in into conditioning_file_name"
+    alike = sorted(name for name in file_names_by_loose_key(str(path.parent)).values() if _named_like(Path(name), path.stem.casefold()))
+    if not alike:
+        return f"{said}: fix its conditioning_file_name there, or put the conditioning image at that path"
+    relative = PurePosixPath(Path(os.path.relpath(path.parent / alike[0], Path(image).parent))).as_posix()
+    others = f" (or {', '.join(alike[1:3])}{' ...' if len(alike) > 3 else ''})" if alike[1:] else ""
+    return f"{said}; {path.parent} has {alike[0]}{others}: if that is this image's, write conditioning_file_name {relative!r} there"
+
+
+def _named_like(file: Path, stem: str) -> bool:
+    """Whether `file` is an image named as one of `stem` (casefolded) is: that stem in another format, or with a word
+    before or after it (`0001_canny`, `canny-0001`)."""
+    own = file.stem.casefold()
+    return file.suffix.lower() in IMAGE_SUFFIXES and (own == stem or any(own.startswith(stem + mark) or own.endswith(mark + stem) for mark in "_-. "))
 
 
 # ControlNet's own fill50k example names its columns so (its prompt.json): each said with the column it is here.
@@ -204,8 +231,8 @@ def dataset_conditioning_column(dataset, config: DataConfig, column: str) -> str
                         f"its columns are: {', '.join(repr(c) for c in names)}{hint}")  # fmt: skip
 
 
-def _conditioning_files(folder: Path, column: str = "conditioning_file_name") -> dict[str, str]:
-    """{image file name: conditioning file name relative to the folder} from metadata.jsonl: its
+def _conditioning_files(folder: Path, column: str = "conditioning_file_name") -> RowCaptions:
+    """{image file name: conditioning file name relative to the folder}, with the row naming each (`places`), from metadata.jsonl: its
     conditioning_file_name, or the recipe's controlnet.conditioning_column (diffusers' examples call it
     conditioning_image), or from metadata.csv's columns of those names, as Hugging Face's imagefolder reads either."""
     path, table = folder / "metadata.jsonl", folder / "metadata.csv"
@@ -216,13 +243,17 @@ def _conditioning_files(folder: Path, column: str = "conditioning_file_name") ->
         if key not in header:
             raise FinetuneError(f"{table} names no conditioning images: its columns are {', '.join(repr(k) for k in header)}; "
                                 f"add conditioning_file_name (or set controlnet.conditioning_column to the column that holds them)")  # fmt: skip
-        return {name: named.replace("\\", "/") for name, named in read_csv_captions(table, key).items() if named}
+        rows, files = read_csv_captions(table, key), RowCaptions()
+        for name, named in rows.items():
+            if named:
+                files[name], files.places[name] = named.replace("\\", "/"), rows.places[name]
+        return files
     if not path.is_file():
         raise FinetuneError(
             f"data folder {folder} has no metadata.jsonl naming conditioning images (file_name, conditioning_file_name, text; "
             "or a metadata.csv of those columns): write one, or make one with finetune make-conditions"
         )
-    files, keys = {}, set()
+    files, keys = RowCaptions(), set()
     for line_number, line in enumerate(split_at_line_ends(metadata_text(path)), start=1):
         if not line.strip():
             continue
@@ -231,7 +262,8 @@ def _conditioning_files(folder: Path, column: str = "conditioning_file_name") ->
             keys.update(row)
             named = row.get("conditioning_file_name") or row.get(column)
             if named:
-                files[row_image_key(row["file_name"], folder, f"{path} line {line_number}")] = str(named).replace("\\", "/")  # written on Windows: conditioning\0001.png
+                key = row_image_key(row["file_name"], folder, f"{path} line {line_number}")
+                files[key], files.places[key] = str(named).replace("\\", "/"), f"{path} line {line_number}"  # written on Windows: conditioning\0001.png
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise FinetuneError(f"{path} line {line_number}: expected a JSON object with 'file_name', 'conditioning_file_name' and 'text'") from None
     if not {"conditioning_file_name", column} & keys:

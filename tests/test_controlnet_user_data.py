@@ -270,3 +270,23 @@ def test_a_metadata_file_lacking_several_pair_columns_names_them_all_in_one_line
     pairs, report = inspect_pairs(controlnet_recipe(make_recipe, folder, data__caption_column="caption", controlnet__conditioning_column="hint"))
     assert len(pairs) == 2 and report.findings == []
 
+
+def test_conditioning_images_renamed_or_moved_are_said_with_the_row_and_the_file_that_may_be_theirs(make_recipe, tmp_path):
+    """A conditioning image not found was 'fix its conditioning_file_name in metadata.jsonl': not which line, nor that the
+    file renamed after the metadata was written (0_edges.png to 0_edges_canny.png) was there, nor that a whole folder was gone."""
+    folder = write_pairs_beside(tmp_path / "pairs", count=2)
+    (folder / "0_edges.png").rename(folder / "0_edges_canny.png")
+    (folder / "1_edges.png").unlink()
+    pairs, report = inspect_pairs(controlnet_recipe(make_recipe, folder))
+    assert [f.message for f in report.findings] == [
+        f"conditioning image {folder / '0_edges.png'} of image {folder / '0.png'} not found ({folder / 'metadata.jsonl'} line 1 names it); "
+        f"{folder} has 0_edges_canny.png: if that is this image's, write conditioning_file_name '0_edges_canny.png' there",
+        f"conditioning image {folder / '1_edges.png'} of image {folder / '1.png'} not found ({folder / 'metadata.jsonl'} line 2 names it): "
+        "fix its conditioning_file_name there, or put the conditioning image at that path"]  # fmt: skip
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({**row, "conditioning_file_name": "edges/" + row["conditioning_file_name"]}) + "\n" for row in rows))
+    pairs, report = inspect_pairs(controlnet_recipe(make_recipe, folder))  # 0_edges_canny.png is named like no partner beside the images now
+    assert any(f.message.startswith(f"image {folder / '0_edges_canny.png'} has no conditioning image") for f in report.findings)
+    assert report.findings[2].message == (f"conditioning image {folder / 'edges' / '1_edges.png'} of image {folder / '1.png'} not found ({folder / 'metadata.jsonl'} "
+                                          f"line 2 names it), nor is its folder {folder / 'edges'}: put the conditioning images there, or write the folder they are "
+                                          "in into conditioning_file_name")  # fmt: skip
