@@ -37,6 +37,12 @@ def plan_class_images(folder: Path, key: str, wanted: int) -> tuple[list[Path], 
     return user_images + generated, missing
 
 
+def class_folder(recipe: Recipe, index: int) -> Path:
+    """Concept `index`'s class folder: its class_dir, else <output_dir>/class_images/concept-<index>, where its class images are generated."""
+    concept = recipe.dreambooth.concepts[index]
+    return Path(concept.class_dir) if concept.class_dir else Path(recipe.output_dir) / "class_images" / f"concept-{index}"
+
+
 def changed_settings(made: dict, now: dict) -> str:
     """'guidance_scale 7.5 (now 5.0), ...': what images made as `made` describes were made with otherwise; a setting
     `made` lacks (an earlier version's record) as unknown, not as None."""
@@ -110,7 +116,7 @@ def class_image_plans(recipe: Recipe) -> list[tuple[Path, str, list[Path], list[
     settings, plans = recipe.dreambooth, []
     made_as: dict[str, dict] = {}  # key: how its images are made
     for i, concept in enumerate(settings.concepts if settings.prior_preservation else []):
-        folder = Path(concept.class_dir) if concept.class_dir else Path(recipe.output_dir) / "class_images" / f"concept-{i}"
+        folder = class_folder(recipe, i)
         if folder.exists() and not folder.is_dir():  # else generation's mkdir raises once the model has loaded
             raise FinetuneError(f"dreambooth.concepts.{i}.class_dir {folder} is a file, not a folder: name a folder for the class images (missing ones are generated there)")
         subjects = [j for j, other in enumerate(settings.concepts) if Path(other.instance_dir).resolve() == folder.resolve()]

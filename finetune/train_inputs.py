@@ -9,6 +9,7 @@ from typing import Callable
 
 from finetune.base_folder import read_config
 from finetune.class_folders_inside import RUNS_OWN
+from finetune.class_image_plans import class_folder
 from finetune.config import DataConfig, FolderConfig, LossMaskConfig, Recipe
 from finetune.config.training import timestep_range_problem
 from finetune.errors import FinetuneError
@@ -23,8 +24,8 @@ def data_configs(recipe: Recipe) -> list[DataConfig]:
     if recipe.method != "dreambooth":
         return [recipe.data]
     configs, settings = [], recipe.dreambooth
-    class_dirs = tuple((f"dreambooth.concepts.{index}.class_dir" if concept.class_dir else RUNS_OWN, str(concept.class_dir or Path(recipe.output_dir) / "class_images" / f"concept-{index}"))
-                       for index, concept in enumerate(settings.concepts if settings.prior_preservation else []))  # as class_image_plans has them
+    class_dirs = tuple((f"dreambooth.concepts.{index}.class_dir" if concept.class_dir else RUNS_OWN, str(class_folder(recipe, index)))
+                       for index, concept in enumerate(settings.concepts if settings.prior_preservation else []))
     for index, concept in enumerate(settings.concepts):
         caption = None if concept.use_captions else concept.instance_prompt
         update = {"image_dir": concept.instance_dir, "caption": caption, **({} if concept.loss_mask else {"loss_mask": LossMaskConfig()})}
