@@ -5,6 +5,7 @@ ones), which are still to generate, and what check-data says of them. Apart from
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -12,7 +13,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from finetune.check_data import DataReport, inspect_examples
+from finetune.check_data import DataReport, check_examples, inspect_examples
+from finetune.checked_once import kept_check
 from finetune.class_image_names import (
     class_image_caption, generation_record, is_generated_name, read_generation_records, record_key, unused_class_prompts_warning,
 )
@@ -29,18 +31,40 @@ def plan_class_images(folder: Path, key: str, wanted: int) -> tuple[list[Path], 
     Images a user put in the folder count first (sorted by name); generated images of this key fill
     the rest. Generated images of another key (another prompt or settings) are never used.
     """
-    files = folder_images(folder) if folder.is_dir() else []
-    user_images = [p for p in files if not is_generated_name(p)][:wanted]
+    user_images = own_class_images(folder, wanted)
     needed = wanted - len(user_images)
     generated = [folder / f"{key}-{k:05d}.png" for k in range(needed)]
     missing = [k for k, path in enumerate(generated) if not path.is_file()]
     return user_images + generated, missing
 
 
+def own_class_images(folder: Path, wanted: int) -> list[Path]:
+    """The images a user put in class folder `folder` that train (sorted by name, at most `wanted`): none it generated."""
+    files = folder_images(folder) if folder.is_dir() else []
+    return [p for p in files if not is_generated_name(p)][:wanted]
+
+
 def class_folder(recipe: Recipe, index: int) -> Path:
     """Concept `index`'s class folder: its class_dir, else <output_dir>/class_images/concept-<index>, where its class images are generated."""
     concept = recipe.dreambooth.concepts[index]
     return Path(concept.class_dir) if concept.class_dir else Path(recipe.output_dir) / "class_images" / f"concept-{index}"
+
+
+def check_class_images(recipe: Recipe, concept: Concept, folder: Path, paths: list[Path]) -> DataReport | None:
+    """Class images `paths` (in `folder`) checked as training checks them: they may have any size (resized and cropped like
+    instance images); only unreadable or too small ones stop the run in one line (or are skipped with data.skip_bad_images).
+    None without any."""
+    if not paths:
+        return None
+    return check_examples(class_examples(paths, concept), class_data_config(recipe), f"class images {folder}")
+
+
+def checked_own_class_images(recipe: Recipe, index: int, folder: Path, paths: list[Path]) -> DataReport | None:
+    """`check_class_images` of the images a user brought for concept `index`, once per `finetune train` (checked_once.py):
+    its command checks them before torch loads (a corrupt one said in seconds), and the DreamBooth method takes that report."""
+    concept = recipe.dreambooth.concepts[index]
+    key = f"class images {folder} {class_data_config(recipe).model_dump_json()} {json.dumps([str(p) for p in paths])} {json.dumps(concept.class_prompts)}"
+    return kept_check(key, lambda: check_class_images(recipe, concept, folder, paths))
 
 
 def changed_settings(made: dict, now: dict) -> str:

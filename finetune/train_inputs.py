@@ -9,7 +9,7 @@ from typing import Callable
 
 from finetune.base_folder import read_config
 from finetune.class_folders_inside import RUNS_OWN
-from finetune.class_image_plans import class_folder
+from finetune.class_image_plans import checked_own_class_images, class_folder, own_class_images
 from finetune.config import DataConfig, FolderConfig, LossMaskConfig, Recipe
 from finetune.config.training import timestep_range_problem
 from finetune.errors import FinetuneError
@@ -69,7 +69,7 @@ def perceptual_network_file(recipe: Recipe) -> Path | None:
 def check_data_first(recipe: Recipe) -> None:
     """The data check `train()` makes (its images decoded: a corrupt, tiny or uncaptioned one stops in one line), made by
     `finetune train` before torch and the model stack load, some 20 s; within `checks_kept` train() takes its result. A
-    DreamBooth run's own class images are checked by train() alone (they are planned with the run's output_dir)."""
+    DreamBooth run's class images a user brought are checked too (those it generates are checked once made)."""
     if recipe.method == "controlnet":
         from finetune.conditioning_records import data_folder_record
         from finetune.controlnet_pairs import checked_pairs
@@ -83,6 +83,10 @@ def check_data_first(recipe: Recipe) -> None:
 
     for config in data_configs(recipe):
         checked_report(config)
+    if recipe.method == "dreambooth" and recipe.dreambooth.prior_preservation:
+        for index in range(len(recipe.dreambooth.concepts)):
+            folder = class_folder(recipe, index)
+            checked_own_class_images(recipe, index, folder, own_class_images(folder, recipe.dreambooth.num_class_images))
 
 
 def check_folders_hold_images(config: DataConfig) -> None:

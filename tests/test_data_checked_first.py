@@ -17,7 +17,8 @@ from finetune.cli import main
 
 def write_recipe(tmp_path, method: str, folder, base=SHIPPED_BASE, **sections):
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump({"method": method, "model": {"pretrained": str(base)}, "data": {"image_dir": str(folder), "resolution": 64},
+    data = {"resolution": 64, **({"image_dir": str(folder)} if folder else {})}  # none for DreamBooth: its concepts name theirs
+    path.write_text(yaml.safe_dump({"method": method, "model": {"pretrained": str(base)}, "data": data,
                                     "output_dir": str(tmp_path / "run"), "validation": {"prompts": []}, **sections}))  # fmt: skip
     return path
 
@@ -87,3 +88,60 @@ def test_a_vae_runs_perceptual_network_not_there_is_said_before_its_images_are_d
     assert main(["train", str(write_recipe(tmp_path, "vae", folder, vae={"perceptual_weight": 0.1, "perceptual_network": str(missing)}))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"vae.perceptual_network {missing} not found" in err[0], err
+
+
+def dreambooth_sections(instance_folder, class_folder, count):
+    concept = {"instance_dir": str(instance_folder), "instance_prompt": "a sks shape", "class_prompt": "a shape", "class_dir": str(class_folder)}
+    return {"dreambooth": {"concepts": [concept], "num_class_images": count}}
+
+
+def test_a_corrupt_class_image_of_the_users_is_said_before_the_training_stack_loads(image_folder, tmp_path, monkeypatch, capsys):
+    """A DreamBooth run's own class images (the user's class_dir) were checked by train() alone, after torch and diffusers
+    had loaded (some 25 s): the command's data check now checks them too."""
+    classes = shutil.copytree(image_folder, tmp_path / "classes")
+    (classes / "zz_corrupt.png").write_bytes(b"garbage")
+
+    def training_stack(*args):
+        pytest.fail("the training stack was loaded before the data check said the corrupt class image")
+
+    monkeypatch.setattr(finetune.train_command, "_run_training", training_stack)
+    recipe = write_recipe(tmp_path, "dreambooth", None, **dreambooth_sections(image_folder, classes, 5))
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{classes / 'zz_corrupt.png'} cannot be read" in err[0], err
+
+
+def test_a_dreambooth_run_decodes_each_of_its_own_class_images_once(tiny_model, image_folder, tmp_path, monkeypatch):
+    inspected = Counter()
+    inspect = finetune.check_data.inspect
+
+    def counted_inspect(example, config):
+        inspected[example.source] += 1
+        return inspect(example, config)
+
+    monkeypatch.setattr(finetune.check_data, "inspect", counted_inspect)
+    classes = shutil.copytree(image_folder, tmp_path / "classes")
+    recipe = write_recipe(tmp_path, "dreambooth", None, tiny_model, train={"batch_size": 1, "max_steps": 1}, logging={"tensorboard": False},
+                          checkpoint={"every_n_steps": 0}, **dreambooth_sections(image_folder, classes, 4))  # fmt: skip
+    assert main(["train", str(recipe)]) == 0
+    own = {source: count for source, count in inspected.items() if source.startswith(str(classes))}
+    assert len(own) == 4 and set(own.values()) == {1}, inspected
+
+
+def test_concepts_sharing_a_class_folder_each_report_its_own_class_images_once(make_recipe, image_folder, tmp_path):
+    """Two concepts of one class folder and prompt check the same images under one key: each takes a copy of the kept
+    report, labelled as its own (the kept one, labelled by both, was listed twice with both labels)."""
+    from finetune.checked_once import checks_kept
+    from finetune.methods.dreambooth import DreamBoothMethod
+    from finetune.train_inputs import check_data_first
+
+    classes = shutil.copytree(image_folder, tmp_path / "classes")
+    concepts = [{"instance_dir": str(image_folder), "instance_prompt": f"a {name} shape", "class_prompt": "a shape", "class_dir": str(classes)}
+                for name in ("sks", "xyz")]  # fmt: skip
+    recipe = make_recipe(method="dreambooth", data__image_dir=None, dreambooth={"concepts": concepts, "num_class_images": 4})
+    with checks_kept():
+        check_data_first(recipe)
+        method = DreamBoothMethod(recipe)
+        method.check_data()
+    labels = [report.label for report in method.data_reports if report.label.startswith("class images")]
+    assert labels == [f"class images {classes} (your own; 0 generated earlier, 0 to generate)"] * 2, labels

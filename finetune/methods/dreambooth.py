@@ -13,15 +13,16 @@ train in one run.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
 
-from finetune.check_data import DataReport, check_examples, checked_report
+from finetune.check_data import DataReport, checked_report
 from finetune.check_data_command import said_once
 from finetune.class_image_names import is_generated_name, unused_class_prompts_warning
 from finetune.class_image_plans import (
-    ClassImagePlan, class_data_config, class_examples, class_image_plans, recipe_generation_record, unread_class_images_lines,
+    ClassImagePlan, check_class_images, checked_own_class_images, class_image_plans, recipe_generation_record, unread_class_images_lines,
 )
 from finetune.class_images import as_loaded_base, generate_class_images, generate_on_every_process, write_generation_record
 from finetune.config import Concept, Recipe
@@ -74,7 +75,8 @@ class DreamBoothMethod(DiffusionMethod):
             if (folder.resolve(), key) in planned:  # concepts of one class folder and prompt share its images: made once
                 missing = []
             planned.add((folder.resolve(), key))
-            report = self._check_class_images([p for p in paths if not is_generated_name(p)], concept, folder)
+            # The report `finetune train` made before torch loaded (checked_once.py), a copy of it: two concepts sharing one folder label theirs.
+            report = copy.copy(checked_own_class_images(self.recipe, i, folder, [p for p in paths if not is_generated_name(p)]))
             made = sum(1 for p in paths if is_generated_name(p) and p.is_file())  # by an earlier run: checked once generation is done
             if report is not None:
                 report.label += f" (your own; {made} generated earlier, {len(missing)} to generate)"
@@ -93,11 +95,7 @@ class DreamBoothMethod(DiffusionMethod):
         return {**super().recorded_data(), "class images": [[example.digest or example.source, example.caption] for example in class_images]}
 
     def _check_class_images(self, paths: list[Path], concept: Concept, folder: Path) -> DataReport | None:
-        """Class images may have any size: they are resized and cropped like instance images; only
-        unreadable or too-small ones stop the run (or are skipped with data.skip_bad_images)."""
-        if not paths:
-            return None
-        return check_examples(class_examples(paths, concept), class_data_config(self.recipe), f"class images {folder}")
+        return check_class_images(self.recipe, concept, folder, paths)
 
     def _class_images(self, concept: Concept, plan: ClassImagePlan, accelerator) -> list[Example]:
         """The concept's class images to train on: the user's own (checked in `check_data`), and those its plan is
