@@ -43,17 +43,22 @@ def test_a_corrupt_image_is_said_before_the_training_stack_loads(method, image_f
     assert len(err) == 1 and "zz_corrupt.png cannot be read" in err[0] and err[0].endswith("skip bad images"), err
 
 
-def test_a_run_decodes_each_image_once_and_a_later_check_decodes_them_afresh(tiny_model, image_folder, tmp_path, monkeypatch):
-    """The command's check and train()'s are one: train() takes the command's report. Outside a `finetune train` (a test, a
-    notebook training one folder twice, editing it in between) each check reads the images as they are then."""
-    inspected = Counter()
-    inspect = finetune.check_data.inspect
+@pytest.fixture
+def inspected(monkeypatch) -> Counter:
+    """How many times each image has been inspected (decoded and checked) since the test began."""
+    counts, inspect = Counter(), finetune.check_data.inspect
 
     def counted_inspect(example, config):
-        inspected[example.source] += 1
+        counts[example.source] += 1
         return inspect(example, config)
 
     monkeypatch.setattr(finetune.check_data, "inspect", counted_inspect)
+    return counts
+
+
+def test_a_run_decodes_each_image_once_and_a_later_check_decodes_them_afresh(tiny_model, image_folder, tmp_path, inspected):
+    """The command's check and train()'s are one: train() takes the command's report. Outside a `finetune train` (a test, a
+    notebook training one folder twice, editing it in between) each check reads the images as they are then."""
     recipe = write_recipe(tmp_path, "lora", image_folder, tiny_model, train={"batch_size": 2, "max_steps": 1}, logging={"tensorboard": False},
                           checkpoint={"every_n_steps": 0})  # fmt: skip
     assert main(["train", str(recipe)]) == 0
@@ -111,15 +116,7 @@ def test_a_corrupt_class_image_of_the_users_is_said_before_the_training_stack_lo
     assert len(err) == 1 and f"{classes / 'zz_corrupt.png'} cannot be read" in err[0], err
 
 
-def test_a_dreambooth_run_decodes_each_of_its_own_class_images_once(tiny_model, image_folder, tmp_path, monkeypatch):
-    inspected = Counter()
-    inspect = finetune.check_data.inspect
-
-    def counted_inspect(example, config):
-        inspected[example.source] += 1
-        return inspect(example, config)
-
-    monkeypatch.setattr(finetune.check_data, "inspect", counted_inspect)
+def test_a_dreambooth_run_decodes_each_of_its_own_class_images_once(tiny_model, image_folder, tmp_path, inspected):
     classes = shutil.copytree(image_folder, tmp_path / "classes")
     recipe = write_recipe(tmp_path, "dreambooth", None, tiny_model, train={"batch_size": 1, "max_steps": 1}, logging={"tensorboard": False},
                           checkpoint={"every_n_steps": 0}, **dreambooth_sections(image_folder, classes, 4))  # fmt: skip
