@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from finetune.atomic_files import atomic_write_text, failed_write, flush_to_disk, replace_folder
 from finetune.checkpoint_pickles import refuse_unknown_objects
+from finetune.config.methods import TEXT_ENCODER_TARGETS
 from finetune.counts import counted
 from finetune.distributed import unwrap
 from finetune.earlier_run import finish_a_finished_runs_saves, remove_checkpoint
@@ -112,6 +113,8 @@ def trained_structure(settings: dict) -> dict:
             "lora.rank": settings.get("lora.rank"),
             "lora.conv_rank": settings.get("lora.conv_rank"),
             "lora.target_modules": settings.get("lora.target_modules"),
+            # A checkpoint from before the key trained the attention projections, today's default.
+            "lora.text_encoder_target_modules": text_encoder and (settings.get("lora.text_encoder_target_modules") or TEXT_ENCODER_TARGETS),
             "lora.use_dora": bool(settings.get("lora.use_dora")),  # DoRA's magnitudes are weights of their own
             "lora.loraplus_lr_ratio": settings.get("lora.loraplus_lr_ratio") is not None,  # on or off: the value may change
             "lora.loraplus_text_encoder_lr_ratio": text_encoder and te_ratio is not None,

@@ -1,6 +1,8 @@
 """lora.init_from (sd-scripts' network_weights): a run that starts from a trained LoRA in any layout, the files it
 refuses, and the record it keeps through a resume."""
 
+import dataclasses
+import re
 import shutil
 
 import pytest
@@ -42,18 +44,54 @@ def test_init_from_starts_as_base_plus_that_lora_in_any_layout(make_recipe, tiny
     ):
         with pytest.raises(FinetuneError, match=message):
             lora_model(make_recipe(lora__init_from=str(first.output_dir), **overrides))
-    # A LoRA (from another trainer) of text-encoder layers this project's text-encoder LoRA does not train.
+    # A LoRA (from another trainer) of text-encoder layers this recipe's text-encoder LoRA leaves out (sd-scripts' MLP
+    # layers: lora.text_encoder_target_modules adds them), and of one no setting adapts.
     lora = load_lora(first.output_dir / LORA_WEIGHTS_NAME)
-    lora.layers = {key.replace("self_attn.q_proj", "mlp.fc1"): layer for key, layer in lora.layers.items()}
-    save_lora_file(lora, tmp_path / "mlp" / "mlp.safetensors", "kohya")
-    for text_encoder in (True, False):  # said either way: lora.train_text_encoder could not take them
-        with pytest.raises(FinetuneError, match=r"adapts text-encoder layers \(fc1; e\.g\. text_encoder\.\S+\.mlp\.fc1\) that this project's text-encoder LoRA "
-                                                r"does not train \(it trains q_proj, k_proj, v_proj, out_proj\): it cannot start from this file$"):
-            lora_model(make_recipe(lora__init_from=str(tmp_path / "mlp" / "mlp.safetensors"), lora__train_text_encoder=text_encoder))
+    for layer, message in (("mlp.fc1", r"leaves out: add fc1 to lora.text_encoder_target_modules"),
+                           ("self_attn.qkv", r"does not train \(it trains q_proj, k_proj, v_proj, out_proj, fc1, fc2\): it cannot start from this file")):  # fmt: skip
+        lora_file = tmp_path / "mlp" / f"{layer}.safetensors"
+        save_lora_file(dataclasses.replace(lora, layers={key.replace("self_attn.q_proj", layer): value for key, value in lora.layers.items()}), lora_file, "kohya")
+        for text_encoder in (True, False):  # said either way: lora.train_text_encoder alone could not take them
+            also = ", and set lora.train_text_encoder: true" if layer == "mlp.fc1" and not text_encoder else ""
+            with pytest.raises(FinetuneError, match=rf"adapts text-encoder layers \({layer.split('.')[-1]}; e\.g\. text_encoder\.\S+\.{layer}\) that this "
+                                                    rf"\S+ text-encoder LoRA {message}{re.escape(also)}$"):  # fmt: skip
+                lora_model(make_recipe(lora__init_from=str(lora_file), lora__train_text_encoder=text_encoder))
     with pytest.raises(FinetuneError, match=r"lora.init_from .*nothere not found: give a LoRA .safetensors file"):
         train(make_recipe(lora__init_from=str(tmp_path / "nothere")))
     with pytest.raises(FinetuneError, match=r"lora.init_from starts a LoRA, and method full trains none"):
         make_recipe(method="full", lora__init_from=str(first.output_dir))
+
+
+def test_an_sd_scripts_lora_of_the_text_encoders_mlp_starts_a_run_with_lora_text_encoder_target_modules(make_recipe, tiny_model, tmp_path):
+    """sd-scripts' LoRA adapts each CLIP layer's MLP (fc1, fc2) besides its attention, so a creator's kohya-trained LoRA
+    with its text encoder was refused as lora.init_from ("it cannot start from this file"). lora.text_encoder_target_modules
+    adds those layers: the run starts as base + that file, as diffusers' load_lora_weights reads it, and trains them."""
+    every_layer = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+    first = train(make_recipe(output_dir=str(tmp_path / "first"), train__max_steps=2, optimizer__lr=1e-2, lora__train_text_encoder=True,
+                              lora__text_encoder_target_modules=every_layer))  # fmt: skip
+    lora = load_lora(first.output_dir / LORA_WEIGHTS_NAME)
+    mlp = [key for key in lora.layers if key.startswith("text_encoder.") and ".mlp." in key]
+    assert mlp and all(lora.layers[key].up.abs().max() > 0 for key in mlp)  # trained, not left at peft's zeros
+    kohya_file = tmp_path / "kohya" / "sd-scripts.safetensors"
+    save_lora_file(lora, kohya_file, "kohya")
+    with safe_open(str(kohya_file), "pt") as f:  # sd-scripts' names of them
+        assert "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight" in set(f.keys())
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_model)
+    prompts = ["a red circle"]
+    plain_text = encode_prompts(pipeline.tokenizer, pipeline.text_encoder, prompts)
+    pipeline.load_lora_weights(str(kohya_file.parent), weight_name=kohya_file.name)
+    expected_unet, expected_text = unet_output(pipeline.unet), encode_prompts(pipeline.tokenizer, pipeline.text_encoder, prompts)
+    with pytest.raises(FinetuneError, match=r"\(fc1, fc2; e\.g\. \S+\) that this recipe's text-encoder LoRA leaves out: add fc1, fc2 to lora\.text_encoder_target_modules$"):
+        lora_model(make_recipe(lora__init_from=str(kohya_file), lora__train_text_encoder=True))
+    base, unet = lora_model(make_recipe(lora__init_from=str(kohya_file), lora__train_text_encoder=True, lora__text_encoder_target_modules=every_layer))
+    assert torch.allclose(unet_output(unet), expected_unet, atol=1e-5)
+    started_text = encode_prompts(base.tokenizer, base.text_encoder, prompts)
+    assert torch.allclose(started_text, expected_text, atol=1e-5) and not torch.allclose(started_text, plain_text, atol=1e-3)
+    with pytest.raises(FinetuneError, match=r"lora.text_encoder_target_modules picks the text encoder's LoRA layers, and no text-encoder LoRA trains: "
+                                         r"remove it \(or set lora.train_text_encoder: true\)"):  # fmt: skip
+        make_recipe(lora__text_encoder_target_modules=every_layer)
+    with pytest.raises(FinetuneError, match=r"lora.text_encoder_target_modules: 'mlp' is no text-encoder layer a LoRA adapts; pick from q_proj, .*, fc2"):
+        make_recipe(lora__train_text_encoder=True, lora__text_encoder_target_modules=["q_proj", "mlp"])
 
 
 def test_a_run_started_from_a_lora_says_so_records_it_and_keeps_it_when_resumed(make_recipe, tmp_path, capsys):

@@ -9,6 +9,11 @@ from pydantic import Field, field_validator, model_validator
 from finetune.config.base import Repeats, SamplingSteps, Section, Seed, Share, UserPath
 from finetune.image_bounds import CLASS_BATCH_DEFAULT, MAX_CLASS_IMAGES
 
+# A text-encoder LoRA's layers by default (each CLIP layer's attention projections), and all it may adapt: those and
+# the layer's MLP, which sd-scripts' LoRA adapts too.
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+TEXT_ENCODER_LAYERS = (*TEXT_ENCODER_TARGETS, "fc1", "fc2")
+
 
 class LoRAConfig(Section):
     rank: int = Field(16, ge=1)
@@ -33,6 +38,9 @@ class LoRAConfig(Section):
     # Also a LoRA on the text encoder's attention projections (method lora; DreamBooth has its own switch).
     # It learns new words' meanings faster; text embeddings are then not cached.
     train_text_encoder: bool = False
+    # The text encoder's layers that LoRA adapts: its attention projections by default; add "fc1", "fc2" (each
+    # CLIP layer's MLP) to train as sd-scripts' LoRA does, or to start (init_from) from one of its files.
+    text_encoder_target_modules: list[str] = Field(list(TEXT_ENCODER_TARGETS), min_length=1)
     text_encoder_lr: Optional[float] = Field(None, gt=0)  # None: the same as optimizer.lr; sd-scripts users often halve it
     # Start from a trained LoRA instead of a no-op (sd-scripts' network_weights): a .safetensors file in our,
     # diffusers' or sd-scripts' layout, or a training folder; same rank and target layers as this recipe.
@@ -46,6 +54,14 @@ class LoRAConfig(Section):
     # Max-norm regularization (sd-scripts' scale_weight_norms, often 1.0): after each step, a layer whose
     # update (alpha/rank x up @ down) has a norm above this is scaled back to it, so none over-trains. None: off.
     max_norm: Optional[float] = Field(None, gt=0)
+
+    @field_validator("text_encoder_target_modules")
+    @classmethod
+    def _clip_layers(cls, targets: list[str]) -> list[str]:
+        # The six Linear layers of a CLIP layer: the ones ComfyUI, Forge and the webui read a kohya LoRA's text encoder keys of.
+        if unknown := [target for target in targets if target not in TEXT_ENCODER_LAYERS]:
+            raise ValueError(f"lora.text_encoder_target_modules: '{unknown[0]}' is no text-encoder layer a LoRA adapts; pick from {', '.join(TEXT_ENCODER_LAYERS)}")
+        return list(dict.fromkeys(targets))
 
     @model_validator(mode="after")
     def _conv_alpha_needs_a_conv_rank(self) -> "LoRAConfig":

@@ -180,8 +180,11 @@ class Recipe(Section):
             if self.optimizer.name == "prodigy":
                 raise ValueError(f"lora.{key} with prodigy: it takes one optimizer.lr for every parameter; remove lora.{key}")
         trains_text_encoder_lora = self.lora.train_text_encoder or (self.method == "dreambooth" and self.dreambooth.train_text_encoder)
+        switch = "dreambooth.train_text_encoder" if self.method == "dreambooth" else "lora.train_text_encoder"
+        if self.lora.changed(("text_encoder_target_modules",)) and not (uses_lora and trains_text_encoder_lora):
+            raise ValueError("lora.text_encoder_target_modules picks the text encoder's LoRA layers, and no text-encoder LoRA trains: remove it "
+                             f"(or {f'set {switch}: true' if uses_lora else f'use {remedy}'})")  # fmt: skip
         if self.lora.loraplus_text_encoder_lr_ratio is not None and not trains_text_encoder_lora:
-            switch = "dreambooth.train_text_encoder" if self.method == "dreambooth" else "lora.train_text_encoder"
             raise ValueError("lora.loraplus_text_encoder_lr_ratio is the text encoder's LoRA+ ratio, and no text encoder trains: remove it "
                              f"(or set {switch}: true)")  # fmt: skip
         if self.model.clip_skip > 1 and trains_text_encoder:  # its skipped layers would be saved untrained, or not at all

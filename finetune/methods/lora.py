@@ -1,8 +1,8 @@
 """LoRA on the UNet (Hu et al., 2021) through peft: low-rank updates to chosen layers, base frozen.
 
 Optionally (`lora.train_text_encoder`, or DreamBooth's switch) also LoRA on the text encoder's attention
-projections (sd-scripts trains one by default). The saved file is diffusers' `pytorch_lora_weights.safetensors`
-layout, so `StableDiffusionPipeline.load_lora_weights()` reads it with no missing or unexpected keys; the LoRA
+projections, or the layers `lora.text_encoder_target_modules` names (sd-scripts trains one by default, its MLP
+too). The saved file is diffusers' `pytorch_lora_weights.safetensors` layout, so `StableDiffusionPipeline.load_lora_weights()` reads it with no missing or unexpected keys; the LoRA
 config (rank, alpha, targets) travels in the file's metadata so the strength alpha/rank is preserved.
 """
 
@@ -18,6 +18,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
 from finetune.atomic_files import atomic_save_safetensors
+from finetune.config.methods import TEXT_ENCODER_TARGETS  # noqa: F401 (the default, imported from here by others)
 from finetune.counts import counted
 from finetune.dora import DIFFUSERS_MAGNITUDE
 from finetune.errors import FinetuneError
@@ -28,8 +29,6 @@ from finetune.max_norm import apply_max_norm, lora_layers
 from finetune.methods.base import UNetMethod
 from finetune.models import freeze, unrecorded_target_warning
 from finetune.run_files import LORA_WEIGHTS_NAME
-
-TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 class LoRAMethod(UNetMethod):
@@ -56,7 +55,7 @@ class LoRAMethod(UNetMethod):
                                     "add conv1 and conv2 (the ResNet blocks' convolutions) to it, or remove conv_rank")  # fmt: skip
             conv_rank, conv_alpha = settings.conv_rank_alpha()
             self.start_lines.append(f"LoCon (lora.conv_rank): {len(convs)} 3x3 conv layers at rank {conv_rank}, alpha {conv_alpha:g}")
-        adapted = [(self.base.unet, settings.target_modules)] + ([(self.base.text_encoder, TEXT_ENCODER_TARGETS)] if self.train_text_encoder else [])
+        adapted = [(self.base.unet, settings.target_modules)] + ([(self.base.text_encoder, settings.text_encoder_target_modules)] if self.train_text_encoder else [])
         # One lora.rank for both models: a rank the UNet's wider layers use is kept though the text encoder's are narrower.
         check_ranks_fit([(model, targets, conv_3x3_targets(model, targets) if settings.conv_rank is not None else []) for model, targets in adapted], settings)
         for model, targets in adapted:
@@ -96,7 +95,7 @@ class LoRAMethod(UNetMethod):
                 f"{self.recipe.model.max_token_length} (model.max_token_length): set it to {recorded} to continue as it was trained"
             )
         switch = "dreambooth.train_text_encoder" if self.recipe.method == "dreambooth" else "lora.train_text_encoder"
-        fresh = lora_init.start_from(self.trained_modules(), self.initial_lora, settings.init_from, switch)
+        fresh = lora_init.start_from(self.trained_modules(), self.initial_lora, settings.init_from, switch, settings.text_encoder_target_modules)
         rank, alpha = self.initial_lora.common_rank_alpha()
         steps = self.initial_lora.metadata.get("finetune.steps")
         self.start_lines.append(

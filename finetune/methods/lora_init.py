@@ -14,7 +14,8 @@ from finetune.encoders import layer_stack, recorded_clip_skip
 from finetune.errors import FinetuneError
 from finetune.kohya import LoRA, load_lora
 from finetune.merge import find_module
-from finetune.methods.lora import TEXT_ENCODER_TARGETS, is_conv_3x3
+from finetune.config.methods import TEXT_ENCODER_LAYERS, TEXT_ENCODER_TARGETS
+from finetune.methods.lora import is_conv_3x3
 from finetune.adapters_as_trained import adapters_max_token_length, adapters_prediction_type
 
 
@@ -66,12 +67,14 @@ def check_trained_alike(lora: LoRA, source: str, clip_skip: int, prediction_type
         raise FinetuneError(f"lora.init_from {source} was trained for {recorded_type}, this run trains for {prediction_type}: set model.prediction_type: {recorded_type}")
 
 
-def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str, text_encoder_switch: str = "lora.train_text_encoder") -> list[str]:
+def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str, text_encoder_switch: str = "lora.train_text_encoder",
+               text_encoder_targets: list[str] = TEXT_ENCODER_TARGETS) -> list[str]:  # fmt: skip
     """Set the attached (peft) LoRA to `lora`'s weights, so the model starts as base + that LoRA; its own
     alpha is kept by scaling the up weights to this recipe's alpha/rank. Layers that model.clip_skip leaves
     out have nothing to start (sd-scripts saves LoRAs of them, unused). `text_encoder_switch` is the key
-    that trains the text encoder's LoRA (DreamBooth has its own). Returns the recipe's LoRA layers the file
-    has nothing for (they start fresh, as sd-scripts' network_weights leaves them), by name."""
+    that trains the text encoder's LoRA (DreamBooth has its own), `text_encoder_targets` the layers it adapts
+    (lora.text_encoder_target_modules). Returns the recipe's LoRA layers the file has nothing for (they start
+    fresh, as sd-scripts' network_weights leaves them), by name."""
     kept_layers = len(layer_stack(modules["text_encoder"]).layers) if "text_encoder" in modules else None
     starts, left_out, text_layers = [], [], []
     for key, layer in lora.layers.items():
@@ -79,8 +82,8 @@ def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str, tex
         index = re.search(r"encoder\.layers\.(\d+)\.", path) if part == "text_encoder" else None
         if index and kept_layers is not None and int(index.group(1)) >= kept_layers:
             continue
-        if part == "text_encoder" and target_name(key) not in TEXT_ENCODER_TARGETS:
-            left_out.append(key)  # a layer no setting of this project trains (sd-scripts also adapts the MLP: fc1, fc2)
+        if part == "text_encoder" and target_name(key) not in text_encoder_targets:
+            left_out.append(key)  # a layer this recipe's text-encoder LoRA leaves out (sd-scripts also adapts the MLP: fc1, fc2)
         elif part not in modules:
             text_layers.append(key)
         elif hasattr(module := _module_of(modules[part], path, part, source), "lora_A"):
@@ -89,9 +92,14 @@ def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str, tex
             left_out.append(key)
     foreign = [key for key in left_out if key.startswith("text_encoder.")]
     if foreign:  # before asking for the text encoder's LoRA, which could not take them either
-        names = ", ".join(dict.fromkeys(target_name(key) for key in foreign))
+        kinds = list(dict.fromkeys(target_name(key) for key in foreign))
+        names = ", ".join(kinds)
+        if all(kind in TEXT_ENCODER_LAYERS for kind in kinds):  # sd-scripts' MLP layers: a setting adapts them
+            also = "" if "text_encoder" in modules else f", and set {text_encoder_switch}: true"
+            raise FinetuneError(f"lora.init_from {source} adapts text-encoder layers ({names}; e.g. {foreign[0]}) that this recipe's text-encoder LoRA "
+                                f"leaves out: add {names} to lora.text_encoder_target_modules{also}")  # fmt: skip
         raise FinetuneError(f"lora.init_from {source} adapts text-encoder layers ({names}; e.g. {foreign[0]}) that this project's text-encoder LoRA "
-                            f"does not train (it trains {', '.join(TEXT_ENCODER_TARGETS)}): it cannot start from this file")  # fmt: skip
+                            f"does not train (it trains {', '.join(TEXT_ENCODER_LAYERS)}): it cannot start from this file")  # fmt: skip
     if text_layers:
         raise FinetuneError(f"lora.init_from {source} has text-encoder layers: set {text_encoder_switch}: true to start from them too")
     if left_out:
