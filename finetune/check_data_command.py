@@ -124,7 +124,9 @@ def run_check_data_command(args) -> int:
 
             short = validation_conditions_problem(recipe)
         if recipe.lora.init_from and not short:
-            short = init_from_problem(recipe.lora)
+            dreambooth = recipe.method == "dreambooth"
+            trains_text_encoder = recipe.dreambooth.train_text_encoder if dreambooth else recipe.lora.train_text_encoder
+            short = init_from_problem(recipe.lora, trains_text_encoder, "dreambooth.train_text_encoder" if dreambooth else "lora.train_text_encoder")
     if short:
         print(f"result: training would stop: {short}")
         return 1
@@ -165,9 +167,9 @@ def said_once(reports: list[DataReport]) -> None:
         said |= {(finding.level, finding.message) for finding in report.findings + report.skipped}
 
 
-def init_from_problem(settings) -> str | None:
+def init_from_problem(settings, trains_text_encoder: bool = False, text_encoder_switch: str = "lora.train_text_encoder") -> str | None:
     """Why the `lora` settings' init_from would stop the run as it starts (not there, a pickle, a LyCORIS or SDXL file, NaN
-    weights, a DoRA without lora.use_dora, a rank other than lora.rank's), or None. Its path and header first, without
+    weights, a DoRA without lora.use_dora, a rank other than lora.rank's, layers its targets leave out), or None. Its path and header first, without
     torch; only a file they pass is loaded, with torch (its tensors' values are checked, NaN or infinite ones in bf16 too,
     which numpy cannot read), and checked as training checks it before the model loads (`read_checked`: the same lines)."""
     from finetune.adapter_records import initial_lora_file
@@ -176,7 +178,7 @@ def init_from_problem(settings) -> str | None:
         initial_lora_file(settings.init_from)
         from finetune.methods.lora_init import read_checked  # torch; it builds on this module
 
-        read_checked(settings)
+        read_checked(settings, trains_text_encoder, text_encoder_switch)
     except FinetuneError as err:
         return str(err)
     return None

@@ -44,7 +44,8 @@ class LoRAMethod(UNetMethod):
         from finetune.methods import lora_init  # it builds on this module
 
         # Read now, before any model loads: a missing or broken file is one line at once.
-        self.initial_lora = lora_init.read_checked(recipe.lora) if recipe.lora.init_from else None
+        switch = "dreambooth.train_text_encoder" if recipe.method == "dreambooth" else "lora.train_text_encoder"
+        self.initial_lora = lora_init.read_checked(recipe.lora, train_text_encoder, switch) if recipe.lora.init_from else None
 
     def configure_model(self) -> None:
         settings = self.recipe.lora

@@ -19,12 +19,46 @@ from finetune.methods.lora import is_conv_3x3
 from finetune.adapters_as_trained import adapters_max_token_length, adapters_prediction_type
 
 
-def read_checked(settings) -> LoRA:
-    """The `lora` settings' init_from file, with what can be checked against the recipe from the file alone."""
+def read_checked(settings, trains_text_encoder: bool = False, text_encoder_switch: str = "lora.train_text_encoder") -> LoRA:
+    """The `lora` settings' init_from file, with what can be checked against the recipe from the file alone;
+    `trains_text_encoder`: whether the run trains a text-encoder LoRA, which `text_encoder_switch` turns on."""
     lora = read_initial_lora(settings.init_from, settings.use_dora)
     check_initial_ranks(lora, settings.init_from, settings)
+    check_initial_targets(lora, settings.init_from, settings, trains_text_encoder, text_encoder_switch)
     check_initial_record(lora, settings.init_from)
     return lora
+
+
+def check_initial_targets(lora: LoRA, source: str, settings, trains_text_encoder: bool, text_encoder_switch: str) -> None:
+    """The kinds of layer the file adapts against the recipe's targets, from their names alone, so that the setting to
+    change is said before the model loads, and by check-data (it said "ready to train" of a file the run then refused);
+    `start_from` checks each layer against the model."""
+    text_layers = [key for key in lora.layers if key.startswith("text_encoder.")]
+    if foreign := [key for key in text_layers if target_name(key) not in settings.text_encoder_target_modules]:
+        raise FinetuneError(text_encoder_layers_problem(source, foreign, "" if trains_text_encoder else text_encoder_switch))
+    if text_layers and not trains_text_encoder:
+        raise FinetuneError(f"lora.init_from {source} has text-encoder layers: set {text_encoder_switch}: true to start from them too")
+    left_out = [key for key in lora.layers if key.startswith("unet.") and not any(key.endswith(f".{target}") for target in settings.target_modules)]
+    if left_out:
+        raise FinetuneError(unet_layers_problem(source, left_out))
+
+
+def text_encoder_layers_problem(source: str, foreign: list[str], text_encoder_switch: str) -> str:
+    """Text-encoder layers (keys) this recipe's text-encoder LoRA leaves out; `text_encoder_switch`: the key to turn it on
+    too, where it is off ("" where it trains)."""
+    kinds = list(dict.fromkeys(target_name(key) for key in foreign))
+    names = ", ".join(kinds)
+    if all(kind in TEXT_ENCODER_LAYERS for kind in kinds):  # sd-scripts' MLP layers: a setting adapts them
+        also = f", and set {text_encoder_switch}: true" if text_encoder_switch else ""
+        return (f"lora.init_from {source} adapts text-encoder layers ({names}; e.g. {foreign[0]}) that this recipe's text-encoder LoRA "
+                f"leaves out: add {names} to lora.text_encoder_target_modules{also}")  # fmt: skip
+    return (f"lora.init_from {source} adapts text-encoder layers ({names}; e.g. {foreign[0]}) that this project's text-encoder LoRA "
+            f"does not train (it trains {', '.join(TEXT_ENCODER_LAYERS)}): it cannot start from this file")  # fmt: skip
+
+
+def unet_layers_problem(source: str, left_out: list[str]) -> str:
+    names = ", ".join(dict.fromkeys(target_name(key) for key in left_out))
+    return f"lora.init_from {source} adapts {counted(len(left_out), 'layer')} this recipe's LoRA leaves out (e.g. {left_out[0]}): add {names} to lora.target_modules"
 
 
 def read_initial_lora(source: str, use_dora: bool) -> LoRA:
@@ -92,20 +126,11 @@ def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str, tex
             left_out.append(key)
     foreign = [key for key in left_out if key.startswith("text_encoder.")]
     if foreign:  # before asking for the text encoder's LoRA, which could not take them either
-        kinds = list(dict.fromkeys(target_name(key) for key in foreign))
-        names = ", ".join(kinds)
-        if all(kind in TEXT_ENCODER_LAYERS for kind in kinds):  # sd-scripts' MLP layers: a setting adapts them
-            also = "" if "text_encoder" in modules else f", and set {text_encoder_switch}: true"
-            raise FinetuneError(f"lora.init_from {source} adapts text-encoder layers ({names}; e.g. {foreign[0]}) that this recipe's text-encoder LoRA "
-                                f"leaves out: add {names} to lora.text_encoder_target_modules{also}")  # fmt: skip
-        raise FinetuneError(f"lora.init_from {source} adapts text-encoder layers ({names}; e.g. {foreign[0]}) that this project's text-encoder LoRA "
-                            f"does not train (it trains {', '.join(TEXT_ENCODER_LAYERS)}): it cannot start from this file")  # fmt: skip
+        raise FinetuneError(text_encoder_layers_problem(source, foreign, "" if "text_encoder" in modules else text_encoder_switch))
     if text_layers:
         raise FinetuneError(f"lora.init_from {source} has text-encoder layers: set {text_encoder_switch}: true to start from them too")
     if left_out:
-        names = ", ".join(dict.fromkeys(target_name(key) for key in left_out))
-        raise FinetuneError(f"lora.init_from {source} adapts {counted(len(left_out), 'layer')} this recipe's LoRA leaves out (e.g. {left_out[0]}): "
-                            f"add {names} to lora.target_modules")  # fmt: skip
+        raise FinetuneError(unet_layers_problem(source, left_out))
     for key, layer, module in starts:
         base_shape = tuple(module.get_base_layer().weight.shape)
         if layer.weight_shape != base_shape:  # the rank may well agree: "has rank 4 ..., lora.rank is 4: set lora.rank: 4" said nothing
