@@ -4,7 +4,7 @@ A key those tools map to no layer is skipped by them ("lora key not loaded"), so
 that layer. Their loaders are re-derived in tests/other_tools_loaders.py (which names the code read) and run on an
 SD1.5-shaped model (4 UNet blocks of 2 layers, as the webui's fixed numbering needs; tiny widths), trained for a step
 with every kind of layer we export: a LoRA of every UNet layer kind with LoCon's own rank and alpha and rsLoRA, the text
-encoder's, a DoRA, a DreamBooth LoRA, an fp16 export, and `finetune merge`'s pipeline as one checkpoint file.
+encoder's (its MLP too), a DoRA, a DreamBooth LoRA, an fp16 export, and `finetune merge`'s pipeline as one checkpoint file.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def run_settings(image_folder) -> dict[str, dict]:
     """The runs whose files are checked, by name: recipe overrides of conftest's build_recipe."""
     concept = {"instance_dir": str(image_folder), "instance_prompt": "a sks shape", "class_prompt": "a shape"}
     return {
-        "lora": dict(lora__target_modules=EVERY_UNET_LAYER, lora__conv_rank=2, lora__conv_alpha=1.0, lora__use_rslora=True, lora__train_text_encoder=True),
+        "lora": dict(lora__target_modules=EVERY_UNET_LAYER, lora__conv_rank=2, lora__conv_alpha=1.0, lora__use_rslora=True, lora__train_text_encoder=True,
+                     lora__text_encoder_target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]),  # sd-scripts' text-encoder layers
         "dora": dict(lora__use_dora=True, lora__target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"],
                      lora__train_text_encoder=True, optimizer__lr=1e-2, train__max_steps=2),
         "dreambooth": dict(method="dreambooth", data__image_dir=None, dreambooth={
@@ -115,7 +116,7 @@ def test_every_key_of_a_kohya_export_adapts_a_layer_in_comfyui_forge_and_the_web
     if name == "lora":  # what the run adapted: every kind, the 3x3 convolutions at their own rank
         kinds = ["attn1_to_q", "attn2_to_out_0", "proj_in", "proj_out", "ff_net_0_proj", "ff_net_2", "resnets_0_conv1", "conv2",
                  "time_emb_proj", "conv_shortcut", "downsamplers_0_conv", "upsamplers_0_conv", "conv_in", "conv_out",
-                 "time_embedding_linear_1", "time_embedding_linear_2", "self_attn_out_proj"]  # fmt: skip
+                 "time_embedding_linear_1", "time_embedding_linear_2", "self_attn_out_proj", "mlp_fc1", "mlp_fc2"]  # fmt: skip
         assert all(any(layer.endswith(kind) for layer in layers) for kind in kinds)
         assert {file[f"{layer}.lora_down.weight"][0] for layer in layers if layer.endswith("conv1")} == {2}
 
