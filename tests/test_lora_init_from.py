@@ -92,6 +92,9 @@ def test_an_sd_scripts_lora_of_the_text_encoders_mlp_starts_a_run_with_lora_text
         make_recipe(lora__text_encoder_target_modules=every_layer)
     with pytest.raises(FinetuneError, match=r"lora.text_encoder_target_modules: 'mlp' is no text-encoder layer a LoRA adapts; pick from q_proj, .*, fc2"):
         make_recipe(lora__train_text_encoder=True, lora__text_encoder_target_modules=["q_proj", "mlp"])
+    # Read in one order: a resume given them in another refused its own checkpoint ("['q_proj', ..., 'fc1', 'fc2'] -> [..., 'fc2', 'fc1']").
+    reordered = make_recipe(lora__train_text_encoder=True, lora__text_encoder_target_modules=["fc2", "q_proj", "fc1", "fc2"])
+    assert reordered.lora.text_encoder_target_modules == ["q_proj", "fc1", "fc2"]
 
 
 def test_a_run_started_from_a_lora_says_so_records_it_and_keeps_it_when_resumed(make_recipe, tmp_path, capsys):

@@ -61,7 +61,8 @@ class LoRAConfig(Section):
         # The six Linear layers of a CLIP layer: the ones ComfyUI, Forge and the webui read a kohya LoRA's text encoder keys of.
         if unknown := [target for target in targets if target not in TEXT_ENCODER_LAYERS]:
             raise ValueError(f"lora.text_encoder_target_modules: '{unknown[0]}' is no text-encoder layer a LoRA adapts; pick from {', '.join(TEXT_ENCODER_LAYERS)}")
-        return list(dict.fromkeys(targets))
+        # In one order, whatever the recipe's: a resume compares the list, and the same layers train in any order.
+        return [layer for layer in TEXT_ENCODER_LAYERS if layer in targets]
 
     @model_validator(mode="after")
     def _conv_alpha_needs_a_conv_rank(self) -> "LoRAConfig":
