@@ -112,7 +112,8 @@ def trained_structure(settings: dict) -> dict:
         structure.update({
             "lora.rank": settings.get("lora.rank"),
             "lora.conv_rank": settings.get("lora.conv_rank"),
-            "lora.target_modules": settings.get("lora.target_modules"),
+            # As sets: peft adapts the layers in the model's order, whatever the list's (a resume listing them otherwise was refused).
+            "lora.target_modules": sorted(set(settings.get("lora.target_modules") or [])),
             # A checkpoint from before the key trained the attention projections, today's default.
             "lora.text_encoder_target_modules": text_encoder and (settings.get("lora.text_encoder_target_modules") or TEXT_ENCODER_TARGETS),
             "lora.use_dora": bool(settings.get("lora.use_dora")),  # DoRA's magnitudes are weights of their own

@@ -144,6 +144,16 @@ def test_resuming_with_another_lora_rank_is_one_line(make_recipe):
         train(make_recipe(train__max_steps=3, lora__rank=8), resume="latest")
 
 
+def test_resuming_with_the_same_lora_target_modules_listed_in_another_order_continues(make_recipe):
+    """The same layers train in any order of lora.target_modules (peft adapts them in the model's order): a resume that
+    listed them otherwise refused its own checkpoint as having "trained other weights" ([to_q, to_k, ...] -> [to_k, to_q, ...])."""
+    first = train(make_recipe(train__max_steps=2, lora__target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    train(make_recipe(train__max_steps=3, lora__target_modules=["to_k", "to_out.0", "to_q", "to_v"]), resume="latest")
+    assert (first.output_dir / "checkpoints" / "checkpoint-3").is_dir()
+    with pytest.raises(FinetuneError, match=re.escape("(lora.target_modules ['to_k', 'to_out.0', 'to_q', 'to_v'] -> ['to_q', 'to_k', 'to_v'])")):
+        train(make_recipe(train__max_steps=4, lora__target_modules=["to_q", "to_k", "to_v"]), resume="latest")  # another set still is said
+
+
 def test_resuming_with_other_trained_modules_or_parameter_groups_is_one_line_naming_the_change(make_recipe, capsys, monkeypatch):
     import finetune.trainer as trainer
 
