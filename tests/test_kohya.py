@@ -21,7 +21,8 @@ from finetune.sampling import make_grid
 from finetune.config import LoRAConfig
 from finetune.kohya import LoRA, LoRALayer, export_lora, kohya_name, load_lora, module_key, save_lora_file, to_kohya
 from finetune.merge import merge_into
-from finetune.methods.lora import TEXT_ENCODER_TARGETS, add_lora, save_lora
+from finetune.config.methods import TEXT_ENCODER_TARGETS
+from finetune.methods.lora import add_lora, save_lora
 from finetune.run_files import LORA_WEIGHTS_NAME
 from finetune.tiny_model import build_tiny_pipeline
 from finetune.output_metadata import output_metadata

@@ -11,7 +11,8 @@ from test_kohya import Settings, UNET_TARGETS, assert_close, load_pipeline, outp
 from finetune.adapter_scan import scan_adapters
 from finetune.inference import load_sampling_pipeline
 from finetune.kohya import LoRA, LoRALayer, export_lora, load_lora, module_key, save_lora_file
-from finetune.methods.lora import TEXT_ENCODER_TARGETS, add_lora, save_lora
+from finetune.config.methods import TEXT_ENCODER_TARGETS
+from finetune.methods.lora import add_lora, save_lora
 from finetune.run_files import LORA_WEIGHTS_NAME
 from finetune.single_file_export import UNET_ROOT, to_original_unet
 from finetune.tiny_model import make_tiny_model

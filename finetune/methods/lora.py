@@ -18,7 +18,6 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
 from finetune.atomic_files import atomic_save_safetensors
-from finetune.config.methods import TEXT_ENCODER_TARGETS  # noqa: F401 (the default, imported from here by others)
 from finetune.counts import counted
 from finetune.dora import DIFFUSERS_MAGNITUDE
 from finetune.errors import FinetuneError
