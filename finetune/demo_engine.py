@@ -7,7 +7,8 @@ server, and so every safety rule lives in one place that the page cannot go arou
   (their path relative to that folder). A request names adapters; `DemoEngine.adapter` looks the name
   up in the last scan and refuses anything else, so no path from the browser ever reaches the file system.
 - Only safetensors adapters are read. Pickle files (`.bin`, `.ckpt`, `.pt`, `.pth`) found while scanning are
-  listed as refused, with the reason, and never loaded (unpickling can run code). A `.ckpt` *base* (`--base`,
+  listed as refused, with the reason, and never loaded (unpickling can run code); so are a ControlNet's and the UNet
+  its run saved beside it (`inference.load_unlocked_decoder`), which load with use_safetensors. A `.ckpt` *base* (`--base`,
   given by whoever starts the demo) loads as `finetune sample` loads it: `torch.load(weights_only=True)`.
 - LoRAs are applied for one column by forward hooks beside the weights (`finetune.lora_hooks`), as peft's
   layers do in `finetune sample`, so the demo's image is sample's.
@@ -350,10 +351,7 @@ def _load_controlnet(folder: Path):
         controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True, **weights_variant(folder))
     except (OSError, ValueError) as err:
         raise FinetuneError(f"could not load ControlNet {folder}: {str(err).splitlines()[0][:200]}{whole}") from None
-    try:
-        unet = load_unlocked_decoder(decoder) if (decoder := unlocked_decoder_folder(folder)) else None
-    except FinetuneError as err:
-        raise FinetuneError(f"{err}{whole}") from None
+    unet = load_unlocked_decoder(decoder, safetensors_only=True, cut_short_hint=whole) if (decoder := unlocked_decoder_folder(folder)) else None
     return controlnet.eval().requires_grad_(False), unet
 
 

@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from finetune.adapter_records import saved_model_metadata
 from finetune.adapters_as_trained import adapters_clip_skip, adapters_max_token_length, follow_adapters_schedule
 from finetune.atomic_files import atomic_save_safetensors
+from finetune.base_folder import pickle_refusal
 from finetune.conditioning_records import recorded_conditioning
 from finetune.config import ModelConfig
 from finetune.controlnet_pairs import read_conditioning, small_conditioning_problem
@@ -89,13 +90,26 @@ def unlocked_decoder_folder(controlnet_folder: Path) -> Path | None:
     return unet if record_text(ours) == record_text(theirs) else None
 
 
-def load_unlocked_decoder(decoder: Path) -> UNet2DConditionModel:
+def load_unlocked_decoder(decoder: Path, safetensors_only: bool = False, cut_short_hint: str = "") -> UNet2DConditionModel:
     """The UNet `unlocked_decoder_folder` found, in fp32 and frozen, as sample and the demo sample with it. A file cut short
-    (a copy, or a run still writing) is one line naming the folder: in sample it was diffusers' traceback."""
+    (a copy, or a run still writing) is one line naming the folder, ending in `cut_short_hint`: in sample it was diffusers' traceback.
+
+    Its pickle weights (.bin, no .safetensors beside them) are refused by the demo (`safetensors_only`: it loads folders
+    users download, and never unpickles), and read by sample as its --controlnet's are: only where torch.load(weights_only=True)
+    reads them (`pickle_refusal`). The demo loaded them unchecked."""
+    named = f"the UNet {decoder} its ControlNet was trained with"
+    if not any(decoder.glob("*.safetensors")):
+        for weights in sorted(decoder.glob("*.bin")):
+            if safetensors_only:
+                raise FinetuneError(f"{named} holds pickle weights ({weights.name}), which the demo does not load (unpickling can run code): "
+                                    "convert that folder to safetensors (UNet2DConditionModel.from_pretrained, then save_pretrained) on a "
+                                    "machine where you trust it")  # fmt: skip
+            if refusal := pickle_refusal(weights, f"{named}: {weights.name}", "weights"):
+                raise FinetuneError(refusal)
     try:
-        unet = UNet2DConditionModel.from_pretrained(decoder, torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(decoder, torch_dtype=torch.float32, **({"use_safetensors": True} if safetensors_only else {}))
     except (OSError, ValueError) as err:
-        raise FinetuneError(f"could not load the UNet {decoder} its ControlNet was trained with: {str(err).splitlines()[0][:200]}") from None
+        raise FinetuneError(f"could not load {named}: {str(err).splitlines()[0][:200]}{cut_short_hint}") from None
     return unet.eval().requires_grad_(False)
 
 

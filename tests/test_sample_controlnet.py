@@ -135,6 +135,41 @@ def test_an_unlocked_decoder_cut_short_is_one_line_in_sample_and_the_demo(tiny_m
         engine.render(demo_engine.Request(prompt="x", steps=1, controlnet="run/controlnet", conditioning_image=Image.new("RGB", (64, 64))))
 
 
+class TrainingCallback:  # an object besides tensors, as a training run's pickle may hold
+    pass
+
+
+def test_an_unlocked_decoder_of_pickle_weights_is_refused_by_the_demo_and_checked_by_sample(tiny_model, tmp_path):
+    """The demo (which never unpickles: it loads folders users download) loaded the UNet beside a ControlNet from its
+    .bin; sample reads it as it reads a --controlnet's .bin: only a file torch.load(weights_only=True) reads."""
+    import shutil
+
+    from finetune import demo_engine
+
+    run = write_controlnet_run(tiny_model, tmp_path / "run", trained=True)
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    with torch.no_grad():
+        unet.conv_out.weight.add_(1.0)
+    unet.save_pretrained(run / "unet", safe_serialization=False)
+    shutil.copy(run / "controlnet" / "finetune_metadata.json", run / "unet")
+    assert [file.name for file in (run / "unet").glob("diffusion_pytorch_model*")] == ["diffusion_pytorch_model.bin"]
+
+    engine = demo_engine.DemoEngine(str(tiny_model), tmp_path)
+    with pytest.raises(FinetuneError) as refused:
+        engine.render(demo_engine.Request(prompt="x", steps=1, controlnet="run/controlnet", conditioning_image=Image.new("RGB", (64, 64))))
+    said = str(refused.value)
+    assert said.startswith(f"the UNet {run / 'unet'} its ControlNet was trained with holds pickle weights (diffusion_pytorch_model.bin), "
+                           "which the demo does not load") and "convert that folder to safetensors" in said
+    assert "\n" not in said and "press Rescan" not in said  # not a copy cut short
+
+    pipeline = inference.load_sampling_pipeline(str(tiny_model), controlnet=str(run))  # tensors alone: sample reads them
+    assert torch.equal(pipeline.unet.conv_out.weight, unet.conv_out.weight)
+    torch.save({**unet.state_dict(), "callback": TrainingCallback()}, run / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(FinetuneError, match=rf"^the UNet {re.escape(str(run / 'unet'))} its ControlNet was trained with: diffusion_pytorch_model.bin "
+                                            r"holds objects besides its weights \(test_sample_controlnet\.TrainingCallback\)"):
+        inference.load_sampling_pipeline(str(tiny_model), controlnet=str(run))
+
+
 def test_controlnet_of_another_architecture_is_one_line(tiny_model, tmp_path, capsys):
     controlnet = ControlNetModel.from_pretrained(write_controlnet_run(tiny_model, tmp_path / "run", trained=False) / "controlnet")
     other = ControlNetModel.from_config({**controlnet.config, "cross_attention_dim": controlnet.config.cross_attention_dim * 2})
