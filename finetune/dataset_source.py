@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import re
 from pathlib import Path
 
@@ -17,7 +18,6 @@ from finetune.dataset_images import require_image_column, row_image
 from finetune.dataset_splits import no_rows_message, require_split_syntax, row_labels, saved_split_rows
 from finetune.errors import FinetuneError
 from finetune.library_noise import quiet_local_dataset_bars
-from finetune.model_source import downloads_off
 from finetune.folder_repeats import implausible_repeats_notes
 from finetune.sources import Example, folder_images, folders_entries, image_subfolders, saved_dataset
 
@@ -70,8 +70,8 @@ def open_dataset(config: DataConfig):
         raise FinetuneError(f"dataset {name} not found: {str(err).splitlines()[0]}") from None
     except ConnectionError:
         # Said whole: a mistyped local path (my_data/trian) is looked up on the hub too. Offline by choice (the Makefile's
-        # HF_HUB_OFFLINE=1, exported), no network would help: say which.
-        why, fix = (("downloads are off (HF_HUB_OFFLINE=1)", "download it once with network (run without HF_HUB_OFFLINE=1)") if downloads_off() else
+        # HF_HUB_OFFLINE=1, exported), no network would help: say which, by the variable that made it so.
+        why, fix = ((f"downloads are off ({offline})", f"download it once with network (run without {offline})") if (offline := datasets_offline_by()) else
                     ("the hub cannot be reached", "download it where the hub can be reached"))  # fmt: skip
         raise FinetuneError(f"dataset {name} is no folder or file here ({Path(name).absolute()} not found), and as a hub dataset it is not in "
                             f"the local cache and {why}: check the path, or {fix}") from None  # fmt: skip
@@ -88,6 +88,20 @@ def open_dataset(config: DataConfig):
             raise
         raise FinetuneError(_unreadable_dataset_message(name, saved, err)) from None
     return loaded  # a Dataset: load_dataset with a split names one
+
+
+TRUE_VALUES = ("1", "ON", "YES", "TRUE")  # datasets' and huggingface_hub's ENV_VARS_TRUE_VALUES, compared upper-cased
+
+
+def datasets_offline_by() -> str | None:
+    """The variable that keeps `datasets` off the hub, as `NAME=value`, or None where it goes there. As datasets decides (its
+    config.py): HF_DATASETS_OFFLINE where it is set, whatever else is (=0 goes online under HF_HUB_OFFLINE=1), else
+    huggingface_hub's offline mode: HF_HUB_OFFLINE where it is not empty, else TRANSFORMERS_OFFLINE."""
+    if (value := os.environ.get("HF_DATASETS_OFFLINE")) is not None:
+        return f"HF_DATASETS_OFFLINE={value}" if value.upper() in TRUE_VALUES else None
+    name = "HF_HUB_OFFLINE" if os.environ.get("HF_HUB_OFFLINE") else "TRANSFORMERS_OFFLINE"
+    value = os.environ.get(name, "")
+    return f"{name}={value}" if value.upper() in TRUE_VALUES else None
 
 
 def _unreadable_dataset_message(name: str, saved: bool, err: Exception) -> str:

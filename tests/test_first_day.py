@@ -202,6 +202,28 @@ def test_a_hub_dataset_offline_by_hf_hub_offline_says_downloads_are_off(tiny_mod
         "the local cache and downloads are off (HF_HUB_OFFLINE=1): check the path, or download it once with network (run without HF_HUB_OFFLINE=1)"]
 
 
+@pytest.mark.parametrize("environment, why", [
+    ({"HF_DATASETS_OFFLINE": "1"}, "downloads are off (HF_DATASETS_OFFLINE=1): check the path, or download it once with network (run without HF_DATASETS_OFFLINE=1)"),
+    ({"TRANSFORMERS_OFFLINE": "yes"}, "downloads are off (TRANSFORMERS_OFFLINE=yes): check the path, or download it once with network (run without TRANSFORMERS_OFFLINE=yes)"),
+    ({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "0"}, "the hub cannot be reached: check the path, or download it where the hub can be reached"),
+], ids=["hf-datasets-offline", "transformers-offline", "datasets-online-under-hub-offline"])  # fmt: skip
+def test_a_hub_dataset_offline_says_the_variable_datasets_reads(tiny_model, tmp_path, monkeypatch, capsys, environment, why):
+    """datasets also reads HF_DATASETS_OFFLINE (over HF_HUB_OFFLINE) and TRANSFORMERS_OFFLINE: only HF_HUB_OFFLINE=1 was said
+    to be offline, so HF_DATASETS_OFFLINE=1 was "the hub cannot be reached", and HF_DATASETS_OFFLINE=0 "downloads are off"."""
+    import datasets  # noqa: F401  (imported under the suite's HF_HUB_OFFLINE=1: offline whatever the test sets next)
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    recipe = str(REPOSITORY / "recipes" / "controlnet.yaml")
+    assert main(["check-data", recipe, "data.image_dir=null", "data.dataset=fusing/fill50k", f"model.pretrained={tiny_model}"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: dataset fusing/fill50k is no folder or file here ({tmp_path / 'fusing' / 'fill50k'} not found), and as a hub dataset it is not in "
+        f"the local cache and {why}"]
+
+
 def test_accelerate_config_launched_from_another_folder_names_the_deepspeed_config_it_cannot_find(make_recipe, monkeypatch, tmp_path):
     """README's `accelerate launch --config_file accelerate_config.yaml` from a folder of one's own (the config given by
     its path): its configs/deepspeed/zero2.json is read from the current folder, and every process failed in accelerate's
