@@ -37,8 +37,11 @@ def require_config_file(path: str) -> None:
     if path == "none" or path.lstrip().startswith("{") or Path(path).is_file():  # none: accelerate builds one; {: JSON itself
         return
     options = launch_options(launcher_command_line())
-    config_file = options.config_file if options is not None else None
-    named = f" (deepspeed_config_file of {config_file})" if config_file else ""
+    if options is not None and options.deepspeed_config_file:  # the launcher's own option, over its config file's
+        config_file, named = None, " (accelerate launch --deepspeed_config_file)"
+    else:
+        config_file = options.config_file if options is not None else None
+        named = f" (deepspeed_config_file of {config_file})" if config_file else ""
     beside = Path(config_file).parent / path if config_file and not Path(path).is_absolute() else None
     fix = (f"launch from {Path(config_file).parent.resolve()}, where it is, or give deepspeed_config_file as {beside.resolve()}"
            if beside is not None and beside.is_file() else "give its path from the current folder, or launch from the folder it is relative to")

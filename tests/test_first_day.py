@@ -249,6 +249,24 @@ def test_accelerate_config_launched_from_another_folder_names_the_deepspeed_conf
         train(recipe)
 
 
+def test_a_deepspeed_config_given_on_the_launch_command_line_is_named_as_that_option(monkeypatch, tmp_path):
+    """`accelerate launch --config_file accelerate_config.yaml --deepspeed_config_file zero3.json` with no zero3.json here was
+    said to be "deepspeed_config_file of accelerate_config.yaml", and told to launch from the config file's folder."""
+    import finetune.deepspeed_checks as deepspeed_checks
+    from finetune.errors import FinetuneError
+
+    config = REPOSITORY / "accelerate_config.yaml"
+    monkeypatch.setattr(deepspeed_checks, "launcher_command_line", lambda: ["/venv/bin/accelerate", "launch", "--config_file", str(config),
+                                                                             "--deepspeed_config_file", "configs/deepspeed/zero2.json",
+                                                                             "-m", "finetune", "train", "recipes/lora.yaml"])  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FinetuneError) as refused:
+        deepspeed_checks.require_config_file("configs/deepspeed/zero2.json")  # as the launcher hands it on
+    assert str(refused.value) == (
+        f"DeepSpeed config configs/deepspeed/zero2.json (accelerate launch --deepspeed_config_file) not found (relative paths are read from "
+        f"the current folder, {tmp_path}): give its path from the current folder, or launch from the folder it is relative to")
+
+
 @pytest.mark.parametrize("command", ["train", "check-data"])
 def test_accelerate_launch_options_typed_after_the_command_say_where_they_go(command, capsys):
     """`accelerate launch -m finetune train recipes/lora.yaml --multi_gpu --num_processes 2` (the options after the script,
