@@ -45,25 +45,29 @@ def left_to_finish(checkpoint: Path | None, max_steps: int | None) -> list[str]:
 
 
 @contextlib.contextmanager
-def next_step_said(output_dir: Path, checkpoints_dir: Path, max_steps: int):
+def next_step_said(output_dir: Path, checkpoints_dir: Path, max_steps: int, resumed_from: Path | None = None):
     """A second stop during the training loop or the run's end (raised at once, out of `finetune train`): its line says what
     is left, read from what is on disk, where it said "run the command again to continue", which without --resume is refused
-    (the output_dir holds an earlier run), and with nothing left to train did nothing."""
+    (the output_dir holds an earlier run), and with nothing left to train did nothing. `resumed_from`: the checkpoint this
+    run resumed from, which the same command resumes again while the run has kept none of its own."""
     try:
         yield
     except KeyboardInterrupt as stop:
         try:
-            next_step = _what_is_left(output_dir, checkpoints_dir, max_steps)
+            next_step = _what_is_left(output_dir, checkpoints_dir, max_steps, resumed_from)
         except FinetuneError:  # a checkpoint's state the stop left unreadable: the stop is still the line to say
             next_step = "continue with --resume latest"
         raise with_next_step(stop, next_step)
 
 
-def _what_is_left(output_dir: Path, checkpoints_dir: Path, max_steps: int) -> str:
+def _what_is_left(output_dir: Path, checkpoints_dir: Path, max_steps: int, resumed_from: Path | None = None) -> str:
     latest = resolve_resume("latest", checkpoints_dir)  # a checkpoint the stop left before its rename too, as a resume takes it
     again = resume_command(output_dir)
     if latest is None and any((output_dir / name).exists() for name in RUN_OUTPUTS):
         return f"no checkpoint was kept; the run's outputs are in {output_dir} (`finetune sample` draws from them)"
+    if latest is None and resumed_from is not None:  # a checkpoint copied from another folder: "start over" was not so
+        return (f"no checkpoint of this run was kept yet: run the same command again (--resume {resumed_from}) to continue "
+                f"from its step {checkpoint_step(resumed_from)} again")  # fmt: skip
     if latest is None:
         return "no checkpoint and no outputs were kept: run the command again to start over"
     if checkpoint_step(latest) < max_steps:

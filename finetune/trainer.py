@@ -321,7 +321,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     logged = {}  # the last step's train logs: its checkpoint keeps them (LOGGED_AT_STEP)
     stop = closing.enter_context(StopRequest(accelerator).closed_at_the_end())  # its gloo group too, after an error
     # A second stop mid-run is raised at once: its line names the command that continues (the checkpoints on disk), as at the end.
-    with next_step_said(output_dir, checkpoints_dir, max_steps), stop, batches_of(loader) as batches:
+    with next_step_said(output_dir, checkpoints_dir, max_steps, resume_from), stop, batches_of(loader) as batches:
         while step < max_steps:
             step_batches = [sampler.rows_of(step * accumulation + micro) for micro in range(accumulation)]  # (global size, rows here)
             shares = micro_batch_shares(sampler, range(step * accumulation, (step + 1) * accumulation), accelerator.num_processes)  # each image counts alike

@@ -258,3 +258,23 @@ def test_a_first_stop_while_the_final_samples_are_drawn_is_said_at_once(make_rec
     ]
     assert (run / "samples" / "step-000003.png").is_file() and not result.interrupted  # the first stop finished them
     assert not last_state(run)[VALIDATION_PENDING]
+
+
+def test_a_second_stop_before_any_checkpoint_of_a_run_resumed_from_another_folder_says_the_same_command_continues(make_recipe, monkeypatch, tmp_path):
+    """Resumed from a checkpoint copied from another folder, a second Ctrl-C before this run kept a checkpoint of its own
+    said "no checkpoint and no outputs were kept: run the command again to start over", where the same command (its
+    --resume) continues from that checkpoint's step."""
+    from accelerate import Accelerator
+
+    trainer.train(make_recipe(output_dir=str(tmp_path / "first"), train__max_steps=2, checkpoint__every_n_steps=2))
+    copied = tmp_path / "copied" / "checkpoint-2"
+    copied.parent.mkdir()
+    os.rename(tmp_path / "first" / "checkpoints" / "checkpoint-2", copied)
+
+    def stopped(self, output_dir, **kwargs):
+        raise KeyboardInterrupt  # the second signal, as this run's first checkpoint (step 4) is written
+
+    monkeypatch.setattr(Accelerator, "save_state", stopped)
+    with pytest.raises(KeyboardInterrupt) as stop:
+        trainer.train(make_recipe(output_dir=str(tmp_path / "second"), train__max_steps=6, checkpoint__every_n_steps=2), resume=str(copied))
+    assert stop.value.next_step == f"no checkpoint of this run was kept yet: run the same command again (--resume {copied}) to continue from its step 2 again"
