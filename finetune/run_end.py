@@ -100,22 +100,27 @@ def finish_training(result, stop, output_dir: Path, checkpoints_dir: Path, save_
 
 
 def finish_cut_short(result, stop, output_dir: Path, checkpoints_dir: Path, save_outputs: Callable[[Path], list[Path]],
-                     validate: Callable[[int], Path | None], pending: list[str]) -> None:  # fmt: skip
-    """Collective: the end of a run resumed from its last checkpoint (`left_to_finish`: `pending`), as `finish_training`
-    would have ended it, without training or saving again."""
-    checkpoint = checkpoints_dir / f"checkpoint-{result.final_step}"
+                     validate: Callable[[int], Path | None], pending: list[str], checkpoint: Path) -> None:  # fmt: skip
+    """Collective: the end of a run resumed from its last checkpoint (`checkpoint`, `left_to_finish`: `pending`), as
+    `finish_training` would have ended it, without training or saving again. Each part written is marked in that
+    checkpoint's state where it is this run's; one copied from elsewhere is only read (as `finish_a_finished_runs_saves`
+    reads it): it was looked for in this run's checkpoints/, and the outputs written were followed by "checkpoint ... is
+    damaged" for a folder that was never there."""
+    ours = checkpoint.parent.resolve() == checkpoints_dir.resolve()
     say(f"{checkpoint} is the last of a run that had trained to its end (step {result.final_step}): writing "
         f"{' and '.join(WHAT_IS_PENDING[key] for key in pending)}, which the run did not")  # fmt: skip
-    with next_step_said(output_dir, checkpoints_dir, result.final_step), stop, outputs_written(output_dir, checkpoints_dir):
+    with next_step_said(output_dir, checkpoints_dir, result.final_step, checkpoint), stop, outputs_written(output_dir, checkpoints_dir):
         if OUTPUTS_PENDING in pending:
             result.saved_files = save_outputs(output_dir)
-            _mark_written(checkpoint, OUTPUTS_PENDING)
+            if ours:
+                _mark_written(checkpoint, OUTPUTS_PENDING)
         if VALIDATION_PENDING in pending and stop.agreed_now():
             _say_skipped(result, stop.signal, output_dir)
         elif VALIDATION_PENDING in pending:
             with stop.said_at_once(_finishing_the_samples(result.final_step, output_dir)):
                 validate(result.final_step)  # its path is the result's, as `finish_training`'s
-            _mark_written(checkpoint, VALIDATION_PENDING)
+            if ours:
+                _mark_written(checkpoint, VALIDATION_PENDING)
     finish_a_finished_runs_saves(checkpoint, output_dir)  # a rotation the kill cut short, as a resume with nothing left does
 
 

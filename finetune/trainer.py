@@ -389,7 +389,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     result.final_step, result.losses = step, running.read_steps(accelerator)  # with a stop's steps since the last log step
 
     if pending_end and not result.interrupted:
-        finish_cut_short(result, stop, output_dir, checkpoints_dir, save_outputs, validate, pending_end)
+        finish_cut_short(result, stop, output_dir, checkpoints_dir, save_outputs, validate, pending_end, resume_from)
     elif not result.interrupted:
         finish_training(result, stop, output_dir, checkpoints_dir, save_outputs, lambda **pending: save_checkpoint(logged_at_step=logged, **pending), validate,
                         final_samples_wanted(recipe, method, held_out))  # fmt: skip

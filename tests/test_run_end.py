@@ -278,3 +278,29 @@ def test_a_second_stop_before_any_checkpoint_of_a_run_resumed_from_another_folde
     with pytest.raises(KeyboardInterrupt) as stop:
         trainer.train(make_recipe(output_dir=str(tmp_path / "second"), train__max_steps=6, checkpoint__every_n_steps=2), resume=str(copied))
     assert stop.value.next_step == f"no checkpoint of this run was kept yet: run the same command again (--resume {copied}) to continue from its step 2 again"
+
+
+def test_a_cut_short_end_resumed_from_a_checkpoint_copied_elsewhere_is_finished_and_the_copy_only_read(make_recipe, monkeypatch, tmp_path):
+    """Its outputs were written, then "checkpoint <output_dir>/checkpoints/checkpoint-3 is damaged": the end marked what it
+    wrote in a checkpoint looked for in this run's checkpoints/, where the resumed one never was."""
+    import shutil
+
+    real, calls = trainer.output_metadata, []
+
+    def second_ctrl_c(recipe, step, *args, **kwargs):  # as in the test above: the outputs of the last step are cut short
+        calls.append(step)
+        if calls.count(3) == 1 and step == 3:
+            raise KeyboardInterrupt
+        return real(recipe, step, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "output_metadata", second_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(make_recipe(output_dir=str(tmp_path / "stopped"), **SAMPLED))
+    monkeypatch.setattr(trainer, "output_metadata", real)
+    copied = tmp_path / "copied" / "checkpoint-3"
+    shutil.copytree(tmp_path / "stopped" / "checkpoints" / "checkpoint-3", copied)
+
+    resumed = trainer.train(make_recipe(output_dir=str(tmp_path / "other"), **SAMPLED), resume=str(copied))
+    assert resumed.saved_files == [tmp_path / "other" / LORA_WEIGHTS_NAME] and resumed.sample_grids[0].is_file()
+    state = json.loads((copied / STATE_FILE).read_text())
+    assert state[OUTPUTS_PENDING] and state[VALIDATION_PENDING]  # another folder's checkpoint: read, not written
