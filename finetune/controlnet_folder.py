@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from finetune.base_folder import pickle_refusal
-from finetune.run_files import CONTROLNET_DIR, STATE_FILE, list_checkpoints
+from finetune.run_files import CONTROLNET_DIR, METADATA_FILE, STATE_FILE, UNET_DIR, list_checkpoints, record_text
 from finetune.errors import FinetuneError, looked_for_here
 from finetune.model_source import hub_files, where_looked
 from finetune.run_recipe import run_recipe_file
@@ -194,3 +194,16 @@ def check_control_options(controlnet: str | None, condition: str | None, conditi
         raise FinetuneError(f"--condition {condition} is a folder: give one conditioning image{example}; each --condition is one image")
     if not Path(condition).is_file():
         raise FinetuneError(f"conditioning image {condition} not found: check --condition")
+
+
+def unlocked_decoder_folder(controlnet_folder: Path) -> Path | None:
+    """The UNet that a run with controlnet.unlock_unet_decoder saved beside its ControlNet, else None.
+
+    That ControlNet was trained against the changed decoder and only works with it. Both folders of one
+    run carry the same metadata, so a unet/ left by another run is not picked up.
+    """
+    unet = controlnet_folder.parent / UNET_DIR
+    ours, theirs = controlnet_folder / METADATA_FILE, unet / METADATA_FILE
+    if not ((unet / "config.json").is_file() and ours.is_file() and theirs.is_file()):
+        return None
+    return unet if record_text(ours) == record_text(theirs) else None

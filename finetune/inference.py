@@ -27,8 +27,8 @@ from finetune.errors import FinetuneError
 from finetune.image_bounds import GRID_LABEL_WIDTH, sample_grid_problem
 from finetune.kohya import LoRA, load_lora, to_diffusers
 from finetune.merge import check_lora_fits, merged_already_note
-from finetune.controlnet_folder import check_control_options, check_controlnet_fits, resolve_controlnet_folder, weights_variant
-from finetune.run_files import LORA_WEIGHTS_NAME, METADATA_FILE, UNET_DIR, record_text, resolve_lora_file
+from finetune.controlnet_folder import check_control_options, check_controlnet_fits, resolve_controlnet_folder, unlocked_decoder_folder, weights_variant
+from finetune.run_files import LORA_WEIGHTS_NAME, resolve_lora_file
 from finetune.models import BaseModel, load_base_model
 from finetune.placement import inference_placement, out_of_device_memory, place, placement_line
 from finetune.prompt_options import guidance_notes, prompts_settings, webui_syntax_notes
@@ -75,19 +75,6 @@ def base_model_metadata(base: str) -> dict[str, str]:
     except (SafetensorError, OSError):  # loading the model says what is wrong with the file
         return {}
     return {key: value for key, value in header.items() if key.startswith("finetune.")}
-
-
-def unlocked_decoder_folder(controlnet_folder: Path) -> Path | None:
-    """The UNet that a run with controlnet.unlock_unet_decoder saved beside its ControlNet, else None.
-
-    That ControlNet was trained against the changed decoder and only works with it. Both folders of one
-    run carry the same metadata, so a unet/ left by another run is not picked up.
-    """
-    unet = controlnet_folder.parent / UNET_DIR
-    ours, theirs = controlnet_folder / METADATA_FILE, unet / METADATA_FILE
-    if not ((unet / "config.json").is_file() and ours.is_file() and theirs.is_file()):
-        return None
-    return unet if record_text(ours) == record_text(theirs) else None
 
 
 def load_unlocked_decoder(decoder: Path, safetensors_only: bool = False, cut_short_hint: str = "") -> UNet2DConditionModel:

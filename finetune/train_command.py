@@ -1,5 +1,5 @@
 """The `finetune train` command: its checks before torch loads (the recipe, the data folders and base model, --resume,
-output_dir and the earlier run there, then the data check of every image), the run under output_dir's lock, and what it prints."""
+output_dir and the earlier run there, the files the run starts from, then the data check of every image), the run under output_dir's lock, and what it prints."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ def run_train_command(args) -> int:
     from finetune.earlier_run import guard_earlier_run  # it imports no torch
     from finetune.launch_options import check_launch_first
     from finetune.train_inputs import check_data_first
+    from finetune.starting_files import check_starting_files
     from finetune.run_lock import output_dir_lock
 
     # So are a --resume that is no checkpoint, and an output_dir that cannot be written or holds an earlier run unasked
@@ -44,6 +45,7 @@ def run_train_command(args) -> int:
     with full_disk_said(recipe.output_dir), output_dir_lock(output_dir), checks_kept():
         resume_from = resolve_resume(args.resume, checkpoints_dir)
         guard_earlier_run(output_dir, resume_from, args.overwrite)
+        check_starting_files(recipe, resuming=resume_from is not None)  # controlnet.pretrained, lora.init_from, the validation conditions
         check_data_first(recipe)  # every image decoded, after the cheaper checks above; train() takes its result
         result = _run_training(recipe, args, base_location)
     if result.interrupted:

@@ -14,7 +14,7 @@ ONE_FAILS = r"""
 import sys, time
 from types import SimpleNamespace
 import torch.distributed as dist
-import finetune.cli as cli, finetune.native_resolution, finetune.recipe_loading, finetune.train_inputs
+import finetune.cli as cli, finetune.native_resolution, finetune.recipe_loading, finetune.starting_files, finetune.train_inputs
 import finetune.distributed  # (accelerate: seconds) before the processes join, as the run's errors meet them after it
 from finetune.errors import FinetuneError
 
@@ -35,6 +35,7 @@ if dist.get_rank() == 1:  # a loaded machine: process 1 reads the first's line a
 finetune.recipe_loading.load_recipe = lambda path, overrides: SimpleNamespace(output_dir=sys.argv[1], data=SimpleNamespace(resolution=512), model=SimpleNamespace(pretrained="", single_file_config=None))
 finetune.train_inputs.check_inputs_exist = lambda recipe: None
 finetune.train_inputs.check_data_first = lambda recipe: None  # nor data
+finetune.starting_files.check_starting_files = lambda recipe, resuming: None  # nor the files it starts from
 finetune.native_resolution.far_from_native_line = lambda *a: None  # the fake recipe names no real base
 
 def train(recipe, **options):

@@ -110,12 +110,14 @@ def test_finetune_train_exits_as_the_stop_that_skipped_the_final_samples(monkeyp
 
     import finetune.native_resolution
     import finetune.recipe_loading
+    import finetune.starting_files
     import finetune.train_inputs
     from finetune import cli
 
     monkeypatch.setattr(finetune.recipe_loading, "load_recipe", lambda *a: SimpleNamespace(output_dir=str(tmp_path), data=SimpleNamespace(resolution=512), model=SimpleNamespace(pretrained="", single_file_config=None)))
     monkeypatch.setattr(finetune.train_inputs, "check_inputs_exist", lambda recipe: None)
     monkeypatch.setattr(finetune.train_inputs, "check_data_first", lambda recipe: None)  # nor data (this recipe names none)
+    monkeypatch.setattr(finetune.starting_files, "check_starting_files", lambda recipe, resuming: None)  # nor the files it starts from
     monkeypatch.setattr(finetune.native_resolution, "far_from_native_line", lambda *a: None)
     output = tmp_path / LORA_WEIGHTS_NAME
     monkeypatch.setattr(trainer, "train", lambda *a, **k: SimpleNamespace(interrupted=False, stopped_by=2, sample_grids=[], saved_files=[output]))

@@ -45,6 +45,7 @@ def test_a_command_stopped_exits_as_the_signal_says(monkeypatch, capsys, stop, l
 def test_a_training_run_stopped_at_a_step_exits_as_the_signal_says(monkeypatch, tmp_path, sent, status):
     import finetune.native_resolution
     import finetune.recipe_loading
+    import finetune.starting_files
     import finetune.run_lock
     import finetune.train_inputs
     import finetune.trainer
@@ -52,6 +53,7 @@ def test_a_training_run_stopped_at_a_step_exits_as_the_signal_says(monkeypatch, 
     monkeypatch.setattr(finetune.recipe_loading, "load_recipe", lambda *a: SimpleNamespace(output_dir=str(tmp_path), data=SimpleNamespace(resolution=512), model=SimpleNamespace(pretrained="", single_file_config=None)))
     monkeypatch.setattr(finetune.train_inputs, "check_inputs_exist", lambda recipe: None)
     monkeypatch.setattr(finetune.train_inputs, "check_data_first", lambda recipe: None)  # nor data
+    monkeypatch.setattr(finetune.starting_files, "check_starting_files", lambda recipe, resuming: None)  # nor the files it starts from
     monkeypatch.setattr(finetune.native_resolution, "far_from_native_line", lambda *a: None)  # the fake recipe names no real base
     monkeypatch.setattr(finetune.trainer, "train", lambda *a, **k: SimpleNamespace(interrupted=True, stopped_by=sent))
     assert cli.main(["train", "recipe.yaml"]) == status

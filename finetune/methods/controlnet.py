@@ -36,23 +36,23 @@ from finetune.adapter_records import saved_model_metadata
 from finetune.adapters_as_trained import adapters_prediction_type
 from finetune.atomic_files import removed_if_unfinished, replace_folder, with_default_permissions
 from finetune.config import Recipe
-from finetune.controlnet_folder import FROM_A_UNET, check_hub_controlnet, conditioning_channels_problem, not_a_controlnet_message, refuse_a_controlnet_file, require_controlnet_config
+from finetune.controlnet_folder import conditioning_channels_problem
 from finetune.controlnet_layout import RESUMED_LAYOUT, kept_layout, unknown_layout_problem
 from finetune.controlnet_data import ControlNetDataset, controlnet_collate
 from finetune.controlnet_pairs import checked_pairs, paired_views, validation_conditions_problem
 from finetune.images import open_rgb
-from finetune.inference import load_controlnet, unlocked_decoder_folder
+from finetune.inference import load_controlnet
 from finetune.device_copy import to_device
 from finetune.counts import counted
 from finetune.errors import FinetuneError
 from finetune.methods.base import DiffusionMethod
-from finetune.model_source import looks_like_hub_id
 from finetune.models import freeze, unrecorded_target_warning
 from finetune.output_metadata import started_from
 from finetune.finite_images import VALIDATION_OVERFLOW
 from finetune.sampling import build_pipeline, generate_with_settings
 from finetune.run_files import CONTROLNET_DIR, METADATA_FILE, UNET_DIR
 from finetune.sources import Example
+from finetune.starting_files import controlnet_to_load
 
 STARTED_FROM = "controlnet_started_from"  # in a checkpoint's method state: the outputs' record of controlnet.pretrained, made when the run started
 PRETRAINED_METADATA_KEY = "finetune.controlnet_pretrained"  # the outputs' metadata key of that record
@@ -94,33 +94,21 @@ class ControlNetMethod(DiffusionMethod):
         return data_folder_record(self.recipe.data)
 
     def check_data(self) -> None:
-        self._conditioning_record()  # a record make-conditions could not have written is said before the images are decoded
-        self.pairs, report = checked_pairs(self.recipe)
-        self.data_reports = [report]
-        problem = validation_conditions_problem(self.recipe)
-        if problem:
+        # What is cheap to check (a record make-conditions could not have written, the validation conditioning images,
+        # controlnet.pretrained's folder) is said before the images are decoded, as `finetune train` says it.
+        self._conditioning_record()
+        if problem := validation_conditions_problem(self.recipe):
             raise FinetuneError(problem)
         if self.settings.pretrained is not None:
             self._check_pretrained(self.settings.pretrained)
+        self.pairs, report = checked_pairs(self.recipe)
+        self.data_reports = [report]
 
     def _check_pretrained(self, pretrained: str) -> None:
         """controlnet.pretrained, before any model loads: a controlnet run's output folder stands for its controlnet/
         (`load_from`); a file, a folder of something else, a ControlNet that works only with its own UNet, or a hub id
-        not found is one line. Its record in the outputs (`started_from`) is made here."""
-        path = Path(pretrained).expanduser()
-        if (path / CONTROLNET_DIR / "config.json").is_file():  # a controlnet run's output folder, as `finetune sample` takes it
-            path = path / CONTROLNET_DIR
-            self.load_from = str(path)
-        refuse_a_controlnet_file(path, f"controlnet.pretrained {pretrained}")
-        if (path / "config.json").is_file():
-            require_controlnet_config(path, f"controlnet.pretrained {pretrained}", f"; {FROM_A_UNET}")
-        if (path / "config.json").is_file() and unlocked_decoder_folder(path):  # not a pipeline's controlnet/ beside its unet/
-            raise FinetuneError(f"controlnet.pretrained {pretrained} was trained with controlnet.unlock_unet_decoder and works only with its "
-                                f"own UNet ({path.parent / UNET_DIR}), which a run does not start from: set controlnet.pretrained: null")  # fmt: skip
-        elif looks_like_hub_id(pretrained) and not path.exists():
-            check_hub_controlnet(pretrained)
-        elif not (path / "config.json").is_file():
-            raise FinetuneError(not_a_controlnet_message(path, pretrained))  # what the folder is, where it is one
+        not found is one line (`controlnet_to_load`). Its record in the outputs (`started_from`) is made here."""
+        self.load_from = controlnet_to_load(pretrained)  # its folder, config and UNet checked without torch (finetune.starting_files)
         self.started_from = started_from(self.load_from)  # now, while a local folder is there to be told from a hub id
         # A type no model predicts (an edited record) is one line now, not advice to set model.prediction_type to it once loaded.
         adapters_prediction_type({f"controlnet.pretrained {pretrained}": self._recorded_by_its_run()})
