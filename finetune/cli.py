@@ -310,12 +310,16 @@ def _make_conditions(args) -> int:
         print(f"wrote {counted(count, args.kind + ' conditioning image')} and metadata.jsonl to {folder}")
         if uncaptioned:
             print(f"note: {counted(uncaptioned, 'image')} had no caption (.txt or metadata.jsonl) and train with an empty prompt")
-    subfolders = [folder.name for folder, _, _ in made if folder.parent == Path(args.output_dir)]
+    subfolders = [(folder.name, count) for folder, count, _ in made if folder.parent == Path(args.output_dir)]
     if subfolders:  # each has its own metadata.jsonl: training reads them as data.folders entries
+        from finetune.folder_repeats import implausible_repeats_notes
         from finetune.sources import folders_entries
 
-        entries = folders_entries((["."] if len(made) > len(subfolders) else []) + subfolders)
-        print(f"note: train the subfolders as data.folders entries, in the recipe's data section: {entries}")
+        # The suggestion reads each N_name folder's repeats from its name, as check-data's does: `2024_trip` is said as likely a year.
+        own = [(".", count) for folder, count, _ in made if folder == Path(args.output_dir)]
+        entries = folders_entries([name for name, _ in own + subfolders])
+        notes = "".join(f"; {note}" for note in implausible_repeats_notes(own + subfolders))
+        print(f"note: train the subfolders as data.folders entries, in the recipe's data section: {entries}{notes}")
     for line in images_left_out(args.input_dir, args.output_dir, [folder for folder, _, _ in made]):
         warn(line)
     return 0
