@@ -14,7 +14,7 @@ from pathlib import Path
 
 from finetune.cli_arguments import parse_arguments
 from finetune.counts import counted
-from finetune.errors import FinetuneError, nearest_existing, one_line
+from finetune.errors import FinetuneError, one_line, refuse_a_file_in_the_way
 from finetune.image_bounds import sample_grid_problem
 from finetune.library_noise import quiet_third_party_warnings, quiet_weight_progress_bars
 from finetune.native_resolution import native_resolution
@@ -160,10 +160,7 @@ def _train(args) -> int:
 
 def check_output_folder(out: Path, what: str, holds: str, is_file: bool = False) -> None:
     """Before anything loads or is made: `out` (with `is_file`, the folder it goes in) is, or can become, a folder."""
-    folder = out.parent if is_file else out
-    existing = nearest_existing(folder)
-    if not existing.is_dir():
-        raise FinetuneError(f"{what} {out}: {existing} is a file, not a folder: give a folder for {holds}")
+    refuse_a_file_in_the_way(out.parent if is_file else out, holds, f"{what} {out}")
 
 
 def _sample(args) -> int:

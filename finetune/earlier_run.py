@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from finetune.console import say
-from finetune.errors import FinetuneError, nearest_existing
+from finetune.errors import FinetuneError, nearest_existing, refuse_a_file_in_the_way
 from finetune.run_files import (CHECKPOINT_PATTERN, CONTROLNET_DIR, LORA_WEIGHTS_NAME, PARTIAL, PIPELINE_DIR, REMOVED, STATE_FILE, UNET_DIR, checkpoint_step,
                                 interrupted_checkpoints, list_checkpoints, read_state, resumable_checkpoints)  # fmt: skip
 
@@ -36,9 +36,8 @@ def guard_earlier_run(output_dir: Path, resume_from: Path | None, overwrite: boo
     """A fresh run must not mix with an earlier run's checkpoints: its rotation would delete theirs (or
     replace a checkpoint of the same step), and `--resume latest` would later pick theirs. Cheap: it
     runs before anything is loaded, as does the check that output_dir can be written at all."""
+    refuse_a_file_in_the_way(output_dir, "the run's checkpoints and outputs", f"output_dir {output_dir}")
     existing = nearest_existing(output_dir)
-    if not existing.is_dir():
-        raise FinetuneError(f"output_dir {output_dir}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise FinetuneError(f"output_dir {output_dir}: {existing} cannot be written to (permissions, or a read-only disk): choose another output_dir")
     check_run_folder_links(output_dir)

@@ -50,3 +50,12 @@ def nearest_existing(path):
     if found is None:  # not even its start: on Windows, a drive letter this system lacks (Z:/runs); a StopIteration traceback before
         raise FinetuneError(f"{path}: {path.anchor or path} does not exist here (a drive this system does not have?): give a path on one of its drives")
     return found
+
+
+def refuse_a_file_in_the_way(folder, holds: str, named: str | None = None) -> None:
+    """`folder` is, or can be made, a folder: the nearest part of it that is there is no file (output_dir=notes.txt/run).
+    The one line every output path says it in: `<named>: <file> is a file, not a folder: give a folder for <holds>`;
+    without `named` where the caller's caller names the path (a recipe's validator: the loader adds its key and value)."""
+    existing = nearest_existing(folder)
+    if not existing.is_dir():
+        raise FinetuneError(f"{f'{named}: ' if named else ''}{existing} is a file, not a folder: give a folder for {holds}")

@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from finetune.errors import FinetuneError, nearest_existing
+from finetune.errors import FinetuneError, refuse_a_file_in_the_way
 from finetune.library_noise import quiet_weight_progress_bars
 
 # finetune.evaluate's suites and the toy world's shapes, named here so that building the command line (every
@@ -135,9 +135,7 @@ def check_report_path(out: Path) -> None:
         raise FinetuneError(f"--out {out} is a folder: give the report's file name, e.g. {out / 'eval.json'}")
     if out.suffix.lower() != ".json":  # it is written whole as JSON: over a LoRA, an image or a recipe too
         raise FinetuneError(f"--out {out} is not a .json file name: give the report's, e.g. {out.with_suffix('.json')} (its grids go beside it)")
-    existing = nearest_existing(out.parent)
-    if not existing.is_dir():
-        raise FinetuneError(f"--out {out}: {existing} is a file, not a folder")
+    refuse_a_file_in_the_way(out.parent, "the report and its grids", f"--out {out}")
     if out.exists() and not is_eval_report(out):  # a pipeline's model_index.json (the base it reads) was written over
         raise FinetuneError(f"--out {out} is a file eval did not write (not one of its reports), which the report would replace: give another file name")
 

@@ -124,7 +124,7 @@ def test_a_folder_is_replaced_so_that_a_crash_at_any_moment_leaves_a_whole_one(t
 def test_an_output_dir_that_cannot_be_written_is_one_line_before_the_model_loads(make_recipe, tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
     (tmp_path / "a-file").write_text("")
-    with pytest.raises(FinetuneError, match=r"output_dir .*a-file/run: .*a-file is a file, not a folder$"):
+    with pytest.raises(FinetuneError, match=r"output_dir .*a-file/run: .*a-file is a file, not a folder: give a folder for the run's checkpoints and outputs$"):
         trainer.train(make_recipe(output_dir=str(tmp_path / "a-file" / "run")))
     (tmp_path / "locked").mkdir(mode=0o555)
     real_access = os.access  # the locked folder alone, as for a user who is not root: the data folders stay readable

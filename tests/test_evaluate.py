@@ -150,7 +150,7 @@ def test_an_out_that_is_a_folder_is_one_line_before_any_image_is_made_and_scorin
     monkeypatch.setattr("finetune.inference.load_sampling_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
     (tmp_path / "a-file").write_text("")
     for out, message in ((tmp_path, f"--out {tmp_path} is a folder: give the report's file name, e.g. {tmp_path / 'eval.json'}"),
-                         (tmp_path / "a-file" / "eval.json", f"--out {tmp_path / 'a-file' / 'eval.json'}: {tmp_path / 'a-file'} is a file, not a folder")):  # fmt: skip
+                         (tmp_path / "a-file" / "eval.json", f"--out {tmp_path / 'a-file' / 'eval.json'}: {tmp_path / 'a-file'} is a file, not a folder: give a folder for the report and its grids")):  # fmt: skip
         with pytest.raises(FinetuneError, match=rf"^{re.escape(message)}$"):
             run_eval_command(_parser().parse_args(["eval", "--base", str(tiny_model), "--out", str(out)]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

@@ -60,7 +60,7 @@ def test_train_says_its_output_dir_data_and_resume_before_torch(tmp_path):
         [*quickstart, f"output_dir={tmp_path / 'new'}", "--resume", str(tmp_path / "nope")],
     ])  # fmt: skip
     assert said[0].startswith(f"data folder {tmp_path / 'empty'} has no images (") and said[0].endswith("add some or fix data.image_dir")
-    assert said[1] == f"output_dir {tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is a file, not a folder"
+    assert said[1] == f"output_dir {tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is a file, not a folder: give a folder for the run's checkpoints and outputs"
     assert said[2].startswith(f"output_dir {earlier} holds an earlier run (checkpoint-5): continue it with --resume latest")
     assert said[3].startswith(f"--resume {tmp_path / 'nope'}: no such folder")
 

@@ -9,7 +9,7 @@ from typing import Literal, Optional
 from pydantic import Field, field_serializer, field_validator, model_validator
 
 from finetune.config.base import Section, UserPath
-from finetune.errors import FinetuneError, nearest_existing
+from finetune.errors import FinetuneError, refuse_a_file_in_the_way
 
 # What only a denoising loss uses (the VAE method trains on reconstructions).
 DENOISING_SETTINGS = ("snr_gamma", "debiased_estimation", "noise_offset", "multires_noise_iterations", "input_perturbation", "loss",
@@ -99,13 +99,10 @@ class TrainConfig(Section):
     def _a_folder(cls, value: Optional[str]) -> Optional[str]:
         # Said at the recipe's loading: the cache folder is first made once the models are loaded, to name it by its encoder.
         if value is not None:
-            path = Path(value).absolute()
             try:
-                existing = nearest_existing(path)
+                refuse_a_file_in_the_way(Path(value).absolute(), "the cached encodings (or remove the key to cache in memory)")
             except FinetuneError as err:  # named by its key, as the recipe's other problems are
                 raise ValueError(str(err)) from None
-            if not existing.is_dir():
-                raise ValueError(f"{existing} is a file, not a folder: give a folder for the cached encodings (or remove the key to cache in memory)")
         return value
 
     @model_validator(mode="after")
