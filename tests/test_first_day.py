@@ -3,6 +3,7 @@ them, with the mistakes such a user makes, each answered with what to do."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
@@ -210,7 +211,7 @@ def test_a_hub_dataset_offline_by_hf_hub_offline_says_downloads_are_off(tiny_mod
 def test_a_hub_dataset_offline_says_the_variable_datasets_reads(tiny_model, tmp_path, monkeypatch, capsys, environment, why):
     """datasets also reads HF_DATASETS_OFFLINE (over HF_HUB_OFFLINE) and TRANSFORMERS_OFFLINE: only HF_HUB_OFFLINE=1 was said
     to be offline, so HF_DATASETS_OFFLINE=1 was "the hub cannot be reached", and HF_DATASETS_OFFLINE=0 "downloads are off"."""
-    import datasets  # noqa: F401  (imported under the suite's HF_HUB_OFFLINE=1: offline whatever the test sets next)
+    importlib.import_module("datasets")  # imported under the suite's HF_HUB_OFFLINE=1: offline whatever the test sets next
 
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
