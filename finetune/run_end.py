@@ -130,7 +130,7 @@ def _finishing_the_samples(step: int, output_dir: Path) -> Callable[[int], str]:
     grid = output_dir / "samples" / f"step-{step:06d}.png"
     return lambda signum: (f"{signal_name(signum)}: finishing the final samples ({grid}); the outputs and the last checkpoint are written. "
                            f"A second {signal_name(signum)} stops now, and --resume latest then draws them, without training "
-                           f"(finetune train {output_dir / RUN_RECIPE} --resume latest)")  # fmt: skip
+                           f"({resume_command(output_dir)})")  # fmt: skip
 
 
 def _say_skipped(result, signum: int, output_dir: Path) -> None:

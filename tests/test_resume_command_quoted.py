@@ -24,3 +24,12 @@ def test_the_resume_commands_of_a_runs_end_quote_its_recipe_for_the_shell(tmp_pa
     line = run_end._what_is_left(output_dir, output_dir / "checkpoints", 4)
     command = line.split("(", 1)[1].split(")")[0]
     assert shlex.split(command) == ["finetune", "train", str(output_dir / "recipe_as_run.yaml"), "--resume", "latest"], line
+
+
+def test_the_first_stop_during_the_final_samples_quotes_its_command_too(tmp_path):
+    """The line a first stop says while the final samples are drawn (7c6900a) was merged beside d91a926 with its command
+    unquoted: the shell split an output_dir with a space."""
+    output_dir = tmp_path / "my runs" / "lora"
+    line = run_end._finishing_the_samples(4, output_dir)(signal.SIGINT)
+    command = line.rsplit("(", 1)[1].rstrip(")")
+    assert shlex.split(command) == ["finetune", "train", str(output_dir / "recipe_as_run.yaml"), "--resume", "latest"], line
