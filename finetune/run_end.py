@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shlex
 from pathlib import Path
 from typing import Callable
@@ -129,8 +130,19 @@ def _finishing_the_samples(step: int, output_dir: Path) -> Callable[[int], str]:
     the stop had no word until the run ended)."""
     grid = output_dir / "samples" / f"step-{step:06d}.png"
     return lambda signum: (f"{signal_name(signum)}: finishing the final samples ({grid}); the outputs and the last checkpoint are written. "
-                           f"A second {signal_name(signum)} stops now, and --resume latest then draws them, without training "
-                           f"({resume_command(output_dir)})")  # fmt: skip
+                           f"A second {signal_name(signum)} stops now{_launcher_stop_note()}, and --resume latest then draws them, without "
+                           f"training ({resume_command(output_dir)})")  # fmt: skip
+
+
+def _launcher_stop_note() -> str:
+    """Under torchrun (`accelerate launch` of several processes, or of DeepSpeed) the processes are in sessions of their own:
+    a stop reaches them through the launcher's agent, which kills them once its shutdown timeout has passed (torch's
+    elastic agent: TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s by default), finished or not: "finishing" alone promised more."""
+    if "LOCAL_RANK" not in os.environ:  # torchrun's (as stopping.lone_launcher tells it)
+        return ""
+    seconds = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "30")
+    return (f", as does the launcher {seconds} s after a stop sent to it (torchrun's shutdown timeout: export "
+            f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600 before accelerate launch for longer samples)")
 
 
 def _say_skipped(result, signum: int, output_dir: Path) -> None:

@@ -33,3 +33,18 @@ def test_the_first_stop_during_the_final_samples_quotes_its_command_too(tmp_path
     line = run_end._finishing_the_samples(4, output_dir)(signal.SIGINT)
     command = line.rsplit("(", 1)[1].rstrip(")")
     assert shlex.split(command) == ["finetune", "train", str(output_dir / "recipe_as_run.yaml"), "--resume", "latest"], line
+
+
+def test_under_torchrun_the_first_stop_during_the_final_samples_says_the_launcher_ends_them(tmp_path, monkeypatch):
+    """Under torchrun (accelerate launch of several processes) a stop comes through the launcher's agent, which kills the
+    processes after its shutdown timeout, samples finished or not: the line said only that they were being finished."""
+    output_dir = tmp_path / "run"
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    line = run_end._finishing_the_samples(4, output_dir)(signal.SIGINT)
+    assert "A second Ctrl-C stops now, as does the launcher 30 s after a stop sent to it (torchrun's shutdown timeout: export " \
+           "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600 before accelerate launch for longer samples), and --resume latest then draws them" in line, line
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
+    assert "as does the launcher 600 s after" in run_end._finishing_the_samples(4, output_dir)(signal.SIGINT)
+    monkeypatch.delenv("LOCAL_RANK")  # one process, no torchrun: nothing ends it but a second stop
+    assert "launcher" not in run_end._finishing_the_samples(4, output_dir)(signal.SIGINT)
