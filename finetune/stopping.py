@@ -63,9 +63,7 @@ class StopRequest:
             raise interrupt_for(signum)
         self.requested, self.signal = True, max(self.signal, signum)
         if self._said_at_once is not None and main_process():
-            # By the file descriptor: the handler may run inside a write to sys.stderr (a progress bar's), which a
-            # second write there refuses (a reentrant call).
-            os.write(sys.stderr.fileno(), f"\n{self._said_at_once(signum)}\n".encode())
+            _said_from_a_handler(f"\n{self._said_at_once(signum)}\n")
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -139,6 +137,18 @@ class StopRequest:
             raise self._answers.failure(error) from error
         self.signal = max(self.signal, int(flag[0]))
         return int(flag[0])
+
+
+def _said_from_a_handler(text: str) -> None:
+    """`text` on stderr from a signal handler, which nothing it meets may end: an error raised here would end the work the
+    stop lets finish (the final samples). By the file descriptor: the handler may run inside a write to sys.stderr (a
+    progress bar's), which a second write there refuses (a reentrant call). A stream without one (a caller's StringIO, a
+    notebook's on some systems: io.UnsupportedOperation), or a closed stderr, gets its own write, or nothing."""
+    try:
+        os.write(sys.stderr.fileno(), text.encode())
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last two
+        with contextlib.suppress(AttributeError, OSError, ValueError, RuntimeError):
+            sys.stderr.write(text)
 
 
 def lone_launcher() -> int | None:

@@ -1,8 +1,10 @@
 """A stop follows its signal: a second SIGTERM during training's final save said "(Ctrl-C)" (the training loop's stop
 handler raised a plain KeyboardInterrupt), and a run stopped by SIGTERM exited 130, SIGINT's status, not 143 (128 + 15)."""
 
+import io
 import os
 import signal
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -57,3 +59,16 @@ def test_a_training_run_stopped_at_a_step_exits_as_the_signal_says(monkeypatch, 
     monkeypatch.setattr(finetune.native_resolution, "far_from_native_line", lambda *a: None)  # the fake recipe names no real base
     monkeypatch.setattr(finetune.trainer, "train", lambda *a, **k: SimpleNamespace(interrupted=True, stopped_by=sent))
     assert cli.main(["train", "recipe.yaml"]) == status
+
+
+def test_a_first_stop_said_at_once_to_a_stderr_without_a_file_descriptor_stops_nothing_else(monkeypatch):
+    """StopRequest said the line of a first stop (`said_at_once`, 7c6900a) with os.write on sys.stderr's file descriptor: where
+    sys.stderr has none (a caller's StringIO, a notebook's on some systems) the handler raised io.UnsupportedOperation into
+    the final samples it meant to let finish."""
+    stream = io.StringIO()
+    with StopRequest(SimpleNamespace(num_processes=1)) as stop, stop.said_at_once(lambda signum: "finishing the final samples"):
+        monkeypatch.setattr(sys, "stderr", stream)
+        os.kill(os.getpid(), signal.SIGINT)  # the first stop: no exception here
+        monkeypatch.undo()
+    stop.close()
+    assert stop.requested and stream.getvalue() == "\nfinishing the final samples\n"
