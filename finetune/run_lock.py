@@ -87,7 +87,10 @@ def _locked_file(output_dir: Path, fcntl):
     path = output_dir / LOCK_FILE
     while True:
         output_dir.mkdir(parents=True, exist_ok=True)  # again: a failed run that held the lock removes a folder it made
-        handle = open(path, "a+")
+        try:
+            handle = open(path, "a+")
+        except FileNotFoundError:  # removed so between the mkdir and here: made again (else the run went on without a lock)
+            continue
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

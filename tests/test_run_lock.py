@@ -83,3 +83,25 @@ def test_finetune_train_that_fails_its_data_check_leaves_no_new_output_dir(tiny_
     assert main(["train", str(recipe)]) == 2
     assert "a.png" in capsys.readouterr().err  # failed in the data check, after the lock
     assert not (tmp_path / "outputs").exists()
+
+
+def test_a_run_whose_folder_a_failed_run_removes_before_it_opens_the_lock_file_makes_it_again(tmp_path, monkeypatch):
+    """A failed run removes the empty output_dir its lock made (7432d37). A second run that made the folder (its mkdir found
+    it there) and opened the lock file just after that removal met FileNotFoundError, which output_dir_lock takes for a
+    folder that cannot be made: the second run went on without a lock."""
+    output_dir = tmp_path / "run"
+    real_open, calls = open, []
+
+    def opening(path, mode):  # the failed run's removal comes between the second run's mkdir and its open
+        calls.append(path)
+        if len(calls) == 1:
+            output_dir.rmdir()
+        return real_open(path, mode)
+
+    monkeypatch.setattr(run_lock, "open", opening, raising=False)
+    with output_dir_lock(output_dir):
+        assert len(calls) == 2 and (output_dir / LOCK_FILE).is_file()  # made again, and locked
+        monkeypatch.undo()
+        with pytest.raises(FinetuneError, match="is in use by another run"):
+            with output_dir_lock(output_dir):
+                pass
