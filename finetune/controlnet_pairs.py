@@ -191,6 +191,8 @@ def require_pair_columns(config: DataConfig, conditioning_column: str) -> None:
             has = csv_rows(metadata_lines(path, lenient=True), path).fieldnames or []
         else:
             has = list(dict.fromkeys(key for row in metadata_rows(path.parent) for key in row))
+        if not has:  # no row read (a JSON array over several lines, rows in single quotes): its reader names the line and the fix
+            continue
         roles = {"file_name": "the image", "conditioning_file_name": "its conditioning image, or the column controlnet.conditioning_column names"}
         if config.caption is None and template_needs_caption(settings.template):
             roles[config.caption_column] = "its caption, or the column data.caption_column names"

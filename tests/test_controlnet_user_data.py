@@ -271,6 +271,18 @@ def test_a_metadata_file_lacking_several_pair_columns_names_them_all_in_one_line
     assert len(pairs) == 2 and report.findings == []
 
 
+def test_a_metadata_jsonl_of_no_json_rows_is_said_by_its_line_not_as_lacking_every_column(make_recipe, tmp_path):
+    """The columns check (2af644b) reads the rows leniently, leaving out lines that are no JSON object: a metadata.jsonl
+    pretty-printed as one JSON array, or of rows in single quotes, read as a file of no columns ('lacks the columns ...: its
+    columns are none; rename its columns'), where the reader had said the line and to write one JSON object a line."""
+    folder = write_pairs_beside(tmp_path / "pairs", count=2)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    for text in (json.dumps(rows, indent=2), "".join(f"{row}\n" for row in rows)):
+        (folder / "metadata.jsonl").write_text(text)
+        with pytest.raises(FinetuneError, match=f"^{re.escape(str(folder / 'metadata.jsonl'))} line 1: expected a JSON object .*: write each row as one JSON object on one line"):
+            inspect_pairs(controlnet_recipe(make_recipe, folder))
+
+
 def test_conditioning_images_renamed_or_moved_are_said_with_the_row_and_the_file_that_may_be_theirs(make_recipe, tmp_path):
     """A conditioning image not found was 'fix its conditioning_file_name in metadata.jsonl': not which line, nor that the
     file renamed after the metadata was written (0_edges.png to 0_edges_canny.png) was there, nor that a whole folder was gone."""
