@@ -20,6 +20,9 @@ from finetune.stop_answers import gloo_sentence
 # What gloo says where the process at the other end of a collective's connection is gone (killed, out of memory, crashed),
 # or its machine: the first of them is what its connection meets, the others what a later send or read meets.
 LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+# gloo's errors (and the launch store's) begin a line with their C++ source location ("[.../tcp/pair.cc:534] Connection
+# closed by peer"): a RuntimeError of Python's own making that mentions a reset connection (a download's) is not a peer lost.
+C_SOURCE_LOCATION = re.compile(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]", re.MULTILINE)
 # What NCCL (GPUs) says of the same, in torch's DistBackendError: ncclGetErrorString of ncclRemoteError, and torch's own
 # reading of that code (torch/csrc/distributed/c10d/NCCLUtils.cpp, getNcclErrorDetailStr). Also where a communicator
 # was aborted for it: "NCCL communicator was aborted on rank N. Original reason for failure was: ..." carries the reason.
@@ -55,7 +58,7 @@ def lost_process_line(text: str, backend: str) -> str | None:
         waited = re.search(r"ran for (\d+) milliseconds", text)
         return (f"another process of the run ended or stopped answering (hung, or its machine went down): NCCL's watchdog ended "
                 f"a collective that waited for it{f' {int(waited.group(1)) // 1000} s' if waited else ''}")  # fmt: skip
-    if any(cause in text for cause in LOST_PEER):
+    if any(cause in text for cause in LOST_PEER) and C_SOURCE_LOCATION.search(text):
         return f"another process of the run ended, or its machine went down ({backend}: {gloo_sentence(text)})"
     return None
 

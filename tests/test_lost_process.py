@@ -95,7 +95,11 @@ def test_a_process_lost_under_nccl_is_one_line_too(nccl_group_of_two, tmp_path, 
     assert str(raised.value) == f"{said}: its own log says why; this one stops too: continue with --resume latest (the last checkpoint in {tmp_path / 'run' / 'checkpoints'} is kept)"
 
 
-@pytest.mark.parametrize("text", [NCCL_OTHER, "CUDA out of memory. Tried to allocate 2.00 GiB"])
-def test_other_nccl_and_cuda_errors_are_raised_as_they_are(nccl_group_of_two, tmp_path, text):
-    with pytest.raises(RuntimeError, match="invalid usage|out of memory"), lost_process_said(str(tmp_path)):
+@pytest.mark.parametrize("text", [
+    NCCL_OTHER, "CUDA out of memory. Tried to allocate 2.00 GiB",
+    "Data processing error: CAS service error : Reqwest Error: error sending request: Connection reset by peer (os error 104)",
+])  # fmt: skip
+def test_other_nccl_cuda_and_download_errors_are_raised_as_they_are(nccl_group_of_two, tmp_path, text):
+    """A download's reset connection (hf_xet raises RuntimeError) is no process of the run lost: it has no gloo source location."""
+    with pytest.raises(RuntimeError, match="invalid usage|out of memory|Reqwest"), lost_process_said(str(tmp_path)):
         raise RuntimeError(text)
