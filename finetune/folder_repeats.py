@@ -36,5 +36,5 @@ def implausible_repeats_notes(folders: list[tuple[str, int | None]]) -> list[str
             share = f", {100 * repeats * count / (repeats * count + sum(others)):.1f}% of the epoch" if dominant else ""
             renamed = (PurePosixPath(path).parent / f"1_{PurePosixPath(path).name}").as_posix()
             notes.append(f"'{path}' reads as {repeats} repeats (sd-scripts' N_name: each of its images {repeats} times an epoch{share}): "
-                         f"if {repeats} is part of its name, rename the folder '{renamed}' for 1 repeat")  # fmt: skip
+                         f"if {repeats} is part of its name, give it repeats 1 there (and for sd-scripts rename the folder '{renamed}')")  # fmt: skip
     return notes

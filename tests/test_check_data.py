@@ -122,7 +122,7 @@ def test_a_kohya_folder_whose_number_is_a_year_or_swamps_the_others_is_said_with
     assert main(["check-data", "--image-dir", str(root), "--resolution", "64"]) == 2
     assert capsys.readouterr().err.strip().endswith(
         """folders: [{path: "10_sks dog", repeats: 10}, {path: "2024_trip", repeats: 2024}]; '2024_trip' reads as 2024 repeats """
-        "(sd-scripts' N_name: each of its images 2024 times an epoch, 99.5% of the epoch): if 2024 is part of its name, rename the folder '1_2024_trip' for 1 repeat")
+        "(sd-scripts' N_name: each of its images 2024 times an epoch, 99.5% of the epoch): if 2024 is part of its name, give it repeats 1 there (and for sd-scripts rename the folder '1_2024_trip')")
     shutil.rmtree(root / "2024_trip")
     captioned(root / "1_reg", "0.png")  # 10 x 2 uses against 1: a plausible balance, no note
     assert main(["check-data", "--image-dir", str(root), "--resolution", "64"]) == 2
@@ -131,7 +131,7 @@ def test_a_kohya_folder_whose_number_is_a_year_or_swamps_the_others_is_said_with
     assert main(["check-data", "--image-dir", str(root), "--resolution", "64"]) == 2
     assert capsys.readouterr().err.strip().endswith(
         "'300_sks dog' reads as 300 repeats (sd-scripts' N_name: each of its images 300 times an epoch, 99.8% of the epoch): "
-        "if 300 is part of its name, rename the folder '1_300_sks dog' for 1 repeat")
+        "if 300 is part of its name, give it repeats 1 there (and for sd-scripts rename the folder '1_300_sks dog')")
 
 
 def test_a_subfolder_of_a_listed_folder_that_no_entry_lists_is_said(tmp_path, capsys):

@@ -125,7 +125,7 @@ def test_a_folder_of_sd_scripts_image_folders_given_as_a_dataset_says_how_to_tra
                                             r"\(with data.dataset=null\), with folders: \[\{path: \"10_sks dog\", repeats: 10\}\] in the recipe's data section$"):  # fmt: skip
         read_examples(DataConfig(dataset=str(tmp_path / "kohya")))
     (tmp_path / "kohya" / "10_sks dog").rename(tmp_path / "kohya" / "2024_sks dog")  # a year, not repeats: the rename is said
-    with pytest.raises(FinetuneError, match=r"repeats: 2024\}\] in the recipe's data section; '2024_sks dog' reads as 2024 repeats .*rename the folder '1_2024_sks dog' for 1 repeat$"):
+    with pytest.raises(FinetuneError, match=r"repeats: 2024\}\] in the recipe's data section; '2024_sks dog' reads as 2024 repeats .*give it repeats 1 there \(and for sd-scripts rename the folder '1_2024_sks dog'\)$"):
         read_examples(DataConfig(dataset=str(tmp_path / "kohya")))
 
 

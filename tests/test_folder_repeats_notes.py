@@ -23,7 +23,7 @@ def test_make_conditions_suggestion_says_a_folder_whose_number_is_a_year(tmp_pat
     note = capsys.readouterr().out.splitlines()[-1]
     assert note == ("""note: train the subfolders as data.folders entries, in the recipe's data section: folders: [{path: "10_sks dog", repeats: 10}, """
                     """{path: "2024_trip", repeats: 2024}]; '2024_trip' reads as 2024 repeats (sd-scripts' N_name: each of its images 2024 times an """
-                    "epoch, 99.5% of the epoch): if 2024 is part of its name, rename the folder '1_2024_trip' for 1 repeat"), note  # fmt: skip
+                    "epoch, 99.5% of the epoch): if 2024 is part of its name, give it repeats 1 there (and for sd-scripts rename the folder '1_2024_trip')"), note  # fmt: skip
 
 
 def test_make_conditions_suggestion_has_no_note_for_plausible_repeats(tmp_path, capsys):
