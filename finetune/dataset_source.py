@@ -18,6 +18,7 @@ from finetune.dataset_images import require_image_column, row_image
 from finetune.dataset_splits import no_rows_message, require_split_syntax, row_labels, saved_split_rows
 from finetune.errors import FinetuneError
 from finetune.library_noise import quiet_local_dataset_bars
+from finetune.model_source import TRUE_VALUES, hub_offline_by
 from finetune.folder_repeats import implausible_repeats_notes
 from finetune.sources import Example, folder_images, folders_entries, image_subfolders, saved_dataset
 
@@ -90,18 +91,13 @@ def open_dataset(config: DataConfig):
     return loaded  # a Dataset: load_dataset with a split names one
 
 
-TRUE_VALUES = ("1", "ON", "YES", "TRUE")  # datasets' and huggingface_hub's ENV_VARS_TRUE_VALUES, compared upper-cased
-
-
 def datasets_offline_by() -> str | None:
     """The variable that keeps `datasets` off the hub, as `NAME=value`, or None where it goes there. As datasets decides (its
     config.py): HF_DATASETS_OFFLINE where it is set, whatever else is (=0 goes online under HF_HUB_OFFLINE=1), else
     huggingface_hub's offline mode: HF_HUB_OFFLINE where it is not empty, else TRANSFORMERS_OFFLINE."""
     if (value := os.environ.get("HF_DATASETS_OFFLINE")) is not None:
         return f"HF_DATASETS_OFFLINE={value}" if value.upper() in TRUE_VALUES else None
-    name = "HF_HUB_OFFLINE" if os.environ.get("HF_HUB_OFFLINE") else "TRANSFORMERS_OFFLINE"
-    value = os.environ.get(name, "")
-    return f"{name}={value}" if value.upper() in TRUE_VALUES else None
+    return hub_offline_by()
 
 
 def _unreadable_dataset_message(name: str, saved: bool, err: Exception) -> str:

@@ -196,9 +196,9 @@ def check_fetched(folder: Path, config: ModelConfig) -> None:
     if missing is None:
         return
     repo_id, key = config.pretrained, config._key
-    if downloads_off():
-        raise FinetuneError(f"base model {repo_id} is only partly in the local Hugging Face cache (no {missing}) and downloads are off (HF_HUB_OFFLINE=1): "
-                            f"download the model once with network (run without HF_HUB_OFFLINE=1), or set {key} to a local diffusers folder")  # fmt: skip
+    if offline := hub_offline_by():
+        raise FinetuneError(f"base model {repo_id} is only partly in the local Hugging Face cache (no {missing}) and downloads are off ({offline}): "
+                            f"download the model once with network (run without {offline}), or set {key} to a local diffusers folder")  # fmt: skip
     # Online too: the hub's repository has no such file (finetune fetches safetensors weights), or the hub was out of reach
     # and huggingface_hub answered from the cache.
     raise FinetuneError(f"base model {repo_id} has no {missing} in what was fetched (not on the hub, which finetune fetches safetensors "
@@ -268,17 +268,17 @@ def _hub_snapshot(config: ModelConfig, revision: str | None, **patterns) -> Path
 def hub_files(repo_id: str, key: str, revision: str | None = None, what: str = "base model",
               local: str = "a local diffusers folder or .safetensors file", **patterns) -> Path:  # fmt: skip
     """The files of hub id `repo_id` (given as `key`, a `what`) at `revision` that `patterns` (snapshot_download's
-    allow/ignore) select, from the cache, else downloaded (offline with HF_HUB_OFFLINE=1: the cache only); the revision's
+    allow/ignore) select, from the cache, else downloaded (offline, by HF_HUB_OFFLINE=1 or TRANSFORMERS_OFFLINE=1: the cache only); the revision's
     snapshot folder. Not there is one line naming `key`, and `local`: what else it may be set to."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    offline = downloads_off()
+    offline = hub_offline_by()
     try:
-        return Path(snapshot_download(repo_id, revision=revision, local_files_only=offline, **patterns))
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=offline is not None, **patterns))
     except (LocalEntryNotFoundError, FileNotFoundError):
         # Offline, or online with the hub out of reach (huggingface_hub then looks in the cache, and raises this too).
-        why = "downloads are off (HF_HUB_OFFLINE=1)" if offline else "the hub could not be reached (no network?)"
+        why = f"downloads are off ({offline})" if offline else "the hub could not be reached (no network?)"
         raise FinetuneError(
             f"{what} {repo_id} is not in the local Hugging Face cache and {why}: "
             f"download it once with network, or set {key} to {local} (there is no folder {repo_id} in the current folder, {os.getcwd()}, either)"
@@ -289,5 +289,16 @@ def hub_files(repo_id: str, key: str, revision: str | None = None, what: str = "
         raise FinetuneError(f"{what} {repo_id} could not be fetched ({err.__class__.__name__}): check the network or use a local folder") from None
 
 
+TRUE_VALUES = ("1", "ON", "YES", "TRUE")  # huggingface_hub's (and datasets') ENV_VARS_TRUE_VALUES, compared upper-cased
+
+
+def hub_offline_by() -> str | None:
+    """The variable that keeps huggingface_hub off the hub, as `NAME=value`, or None where it goes there. As the hub
+    library decides (its constants.py): HF_HUB_OFFLINE where it is not empty, else TRANSFORMERS_OFFLINE."""
+    name = "HF_HUB_OFFLINE" if os.environ.get("HF_HUB_OFFLINE") else "TRANSFORMERS_OFFLINE"
+    value = os.environ.get(name, "")
+    return f"{name}={value}" if value.upper() in TRUE_VALUES else None
+
+
 def downloads_off() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")  # as huggingface_hub reads it
+    return hub_offline_by() is not None

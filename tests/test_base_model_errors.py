@@ -334,3 +334,38 @@ def test_check_data_offline_says_a_hub_base_not_in_the_cache_as_training_would(t
     fake_hub_cache(tmp_path / "hub", "someone/tiny", tiny_model)
     assert main(["check-data", str(hub_recipe(tmp_path, image_folder))]) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith("result: ready to train")
+
+
+@pytest.mark.parametrize(("env", "said"), [({"TRANSFORMERS_OFFLINE": "yes"}, "TRANSFORMERS_OFFLINE=yes"),
+                                           ({"HF_HUB_OFFLINE": "", "TRANSFORMERS_OFFLINE": "1"}, "TRANSFORMERS_OFFLINE=1"),
+                                           ({"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "1"}, None), ({"HF_HUB_OFFLINE": "on"}, "HF_HUB_OFFLINE=on"),
+                                           ({}, None)])  # fmt: skip
+def test_downloads_are_off_exactly_where_huggingface_hub_is_offline(env, said, monkeypatch):
+    """Only HF_HUB_OFFLINE was read: under TRANSFORMERS_OFFLINE=1 (which huggingface_hub takes too) a base or ControlNet not
+    in the cache was said "the hub could not be reached", and check-data did not look in the cache. Asked of the installed
+    huggingface_hub itself, which reads its variables as it is imported."""
+    import subprocess
+    import sys
+
+    from finetune.model_source import downloads_off, hub_offline_by
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    hub = subprocess.run([sys.executable, "-c", "import huggingface_hub.constants as c; print(c.HF_HUB_OFFLINE)"], capture_output=True, text=True, check=True)
+    assert downloads_off() == (hub.stdout.strip() == "True"), (env, hub.stdout)
+    assert hub_offline_by() == said
+
+
+def test_check_data_says_a_base_not_in_the_cache_under_transformers_offline(tiny_model, image_folder, tmp_path, monkeypatch, capsys):
+    """TRANSFORMERS_OFFLINE=1 alone keeps huggingface_hub offline: the base is looked up in the cache, and the variable named."""
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    (tmp_path / "hub").mkdir()
+    assert main(["check-data", str(hub_recipe(tmp_path, image_folder))]) == 1
+    assert capsys.readouterr().out.startswith("fatal: base model someone/tiny is not in the local Hugging Face cache and downloads are off "
+                                              "(TRANSFORMERS_OFFLINE=1): download it once with network, or set model.pretrained to ")  # fmt: skip
