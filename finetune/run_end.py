@@ -108,6 +108,7 @@ def finish_cut_short(result, stop, output_dir: Path, checkpoints_dir: Path, save
     reads it): it was looked for in this run's checkpoints/, and the outputs written were followed by "checkpoint ... is
     damaged" for a folder that was never there."""
     ours = checkpoint.parent.resolve() == checkpoints_dir.resolve()
+    again_from = None if ours else checkpoint  # this run keeps no checkpoint of its own: `--resume latest` would find none here
     say(f"{checkpoint} is the last of a run that had trained to its end (step {result.final_step}): writing "
         f"{' and '.join(WHAT_IS_PENDING[key] for key in pending)}, which the run did not")  # fmt: skip
     with next_step_said(output_dir, checkpoints_dir, result.final_step, checkpoint), stop, outputs_written(output_dir, checkpoints_dir):
@@ -116,22 +117,22 @@ def finish_cut_short(result, stop, output_dir: Path, checkpoints_dir: Path, save
             if ours:
                 _mark_written(checkpoint, OUTPUTS_PENDING)
         if VALIDATION_PENDING in pending and stop.agreed_now():
-            _say_skipped(result, stop.signal, output_dir)
+            _say_skipped(result, stop.signal, output_dir, again_from)
         elif VALIDATION_PENDING in pending:
-            with stop.said_at_once(_finishing_the_samples(result.final_step, output_dir)):
+            with stop.said_at_once(_finishing_the_samples(result.final_step, output_dir, again_from)):
                 validate(result.final_step)  # its path is the result's, as `finish_training`'s
             if ours:
                 _mark_written(checkpoint, VALIDATION_PENDING)
     finish_a_finished_runs_saves(checkpoint, output_dir)  # a rotation the kill cut short, as a resume with nothing left does
 
 
-def _finishing_the_samples(step: int, output_dir: Path) -> Callable[[int], str]:
+def _finishing_the_samples(step: int, output_dir: Path, resume_from: Path | None = None) -> Callable[[int], str]:
     """What a first stop while the final samples are drawn says at once (it is held until they are: they take minutes, and
-    the stop had no word until the run ended)."""
+    the stop had no word until the run ended). `resume_from`: as `resume_command`'s."""
     grid = output_dir / "samples" / f"step-{step:06d}.png"
     return lambda signum: (f"{signal_name(signum)}: finishing the final samples ({grid}); the outputs and the last checkpoint are written. "
-                           f"A second {signal_name(signum)} stops now{_launcher_stop_note()}, and --resume latest then draws them, without "
-                           f"training ({resume_command(output_dir)})")  # fmt: skip
+                           f"A second {signal_name(signum)} stops now{_launcher_stop_note()}, and --resume {_resume_option(resume_from)} then "
+                           f"draws them, without training ({resume_command(output_dir, resume_from)})")  # fmt: skip
 
 
 def _launcher_stop_note() -> str:
@@ -145,18 +146,24 @@ def _launcher_stop_note() -> str:
             f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600 before accelerate launch for longer samples)")
 
 
-def _say_skipped(result, signum: int, output_dir: Path) -> None:
+def _say_skipped(result, signum: int, output_dir: Path, resume_from: Path | None = None) -> None:
     """A stop after the last step skipped the final samples (the outputs are written): said, with the command that draws
     them, and the run exits as the stop's signal says (it had exited 0, the samples missing without a word)."""
     result.stopped_by = signum
     say(f"stopped ({signal_name(signum)}) after the last step, the outputs written: the final samples "
-        f"({output_dir / 'samples' / f'step-{result.final_step:06d}.png'}) are skipped; draw them with --resume latest "
-        f"({resume_command(output_dir)})")  # fmt: skip
+        f"({output_dir / 'samples' / f'step-{result.final_step:06d}.png'}) are skipped; draw them with --resume "
+        f"{_resume_option(resume_from)} ({resume_command(output_dir, resume_from)})")  # fmt: skip
 
 
-def resume_command(output_dir: Path) -> str:
-    """The command that continues the run, to copy: its recipe's path quoted for the shell (an output_dir with a space)."""
-    return f"finetune train {shlex.quote(str(output_dir / RUN_RECIPE))} --resume latest"
+def resume_command(output_dir: Path, resume_from: Path | None = None) -> str:
+    """The command that continues the run, to copy: its recipe's path quoted for the shell (an output_dir with a space).
+    `resume_from`: the checkpoint it continues from where it is not this run's own (copied from another folder, its
+    output_dir holding no checkpoint), else None: the run's latest."""
+    return f"finetune train {shlex.quote(str(output_dir / RUN_RECIPE))} --resume {_resume_option(resume_from)}"
+
+
+def _resume_option(resume_from: Path | None) -> str:
+    return "latest" if resume_from is None else shlex.quote(str(resume_from))
 
 
 def remove_killed_grids(output_dir: Path) -> None:

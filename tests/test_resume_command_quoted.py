@@ -48,3 +48,16 @@ def test_under_torchrun_the_first_stop_during_the_final_samples_says_the_launche
     assert "as does the launcher 600 s after" in run_end._finishing_the_samples(4, output_dir)(signal.SIGINT)
     monkeypatch.delenv("LOCAL_RANK")  # one process, no torchrun: nothing ends it but a second stop
     assert "launcher" not in run_end._finishing_the_samples(4, output_dir)(signal.SIGINT)
+
+
+def test_a_run_resumed_from_a_checkpoint_elsewhere_is_told_to_resume_that_checkpoint_quoted(tmp_path, monkeypatch):
+    """The end of a run resumed from another folder's checkpoint keeps none in its own output_dir: its lines said
+    `--resume latest`, which finds nothing there. They name that checkpoint, quoted as the recipe is."""
+    output_dir, copied = tmp_path / "lora", tmp_path / "my copies" / "checkpoint-4"
+    said = []
+    monkeypatch.setattr(run_end, "say", said.append)
+    run_end._say_skipped(SimpleNamespace(final_step=4, stopped_by=0), signal.SIGINT, output_dir, copied)
+    for line in (said[0], run_end._finishing_the_samples(4, output_dir, copied)(signal.SIGINT)):
+        command = line.rsplit("(", 1)[1].rstrip(")")
+        assert shlex.split(command) == ["finetune", "train", str(output_dir / "recipe_as_run.yaml"), "--resume", str(copied)], line
+        assert f"--resume {shlex.quote(str(copied))} " in line and "latest" not in line, line

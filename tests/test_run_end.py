@@ -306,3 +306,39 @@ def test_a_cut_short_end_resumed_from_a_checkpoint_copied_elsewhere_is_finished_
     assert resumed.saved_files == [tmp_path / "other" / LORA_WEIGHTS_NAME] and resumed.sample_grids[0].is_file()
     state = json.loads((copied / STATE_FILE).read_text())
     assert state[OUTPUTS_PENDING] and state[VALIDATION_PENDING]  # another folder's checkpoint: read, not written
+
+
+def test_the_end_of_a_run_resumed_from_a_checkpoint_copied_elsewhere_names_that_checkpoint_to_resume(make_recipe, monkeypatch, tmp_path, capfd):
+    """Its end (the final samples of a cut-short run) writes no checkpoint in this output_dir: a stop while they were drawn
+    said `--resume latest`, which finds none there. It names the checkpoint the run resumed from, which does continue."""
+    import shutil
+
+    real_metadata, real_validation, said_as_it_came = trainer.output_metadata, trainer.run_validation, []
+
+    def second_ctrl_c(recipe, step, *args, **kwargs):  # the outputs of the last step cut short, as in the test above
+        if step == 3:
+            monkeypatch.setattr(trainer, "output_metadata", real_metadata)
+            raise KeyboardInterrupt
+        return real_metadata(recipe, step, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "output_metadata", second_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(make_recipe(output_dir=str(tmp_path / "stopped"), **SAMPLED))
+    copied = tmp_path / "copied" / "checkpoint-3"
+    shutil.copytree(tmp_path / "stopped" / "checkpoints" / "checkpoint-3", copied)
+
+    def ctrl_c_while_drawing(recipe, method, modules, accelerator, step):
+        capfd.readouterr()
+        signal.raise_signal(signal.SIGINT)  # a first stop: said at once, held until the samples are drawn
+        said_as_it_came.append(capfd.readouterr().err)
+        return real_validation(recipe, method, modules, accelerator, step)
+
+    monkeypatch.setattr(trainer, "run_validation", ctrl_c_while_drawing)
+    trainer.train(make_recipe(output_dir=str(tmp_path / "other"), **SAMPLED), resume=str(copied))
+    assert said_as_it_came[0].endswith(f"--resume {copied} then draws them, without training "
+                                       f"(finetune train {tmp_path / 'other' / 'recipe_as_run.yaml'} --resume {copied})\n"), said_as_it_came  # fmt: skip
+    assert not (tmp_path / "other" / "checkpoints").exists()  # `--resume latest` had nothing there to resume
+    monkeypatch.setattr(trainer, "run_validation", real_validation)
+    (tmp_path / "other" / "samples" / "step-000003.png").unlink()  # as a second stop leaves it: the command draws it
+    again = trainer.train(make_recipe(output_dir=str(tmp_path / "other"), **SAMPLED), resume=str(copied))
+    assert again.sample_grids[0] == tmp_path / "other" / "samples" / "step-000003.png" and again.sample_grids[0].is_file()
