@@ -32,7 +32,7 @@ from finetune.run_files import CHECKPOINT_PATTERN
 from finetune.dora import (DIFFUSERS_MAGNITUDE, KOHYA_DORA_ARGS, KOHYA_DORA_METADATA, KOHYA_MAGNITUDE, check_config_magnitudes, check_kohya_magnitudes,
                            diffusers_magnitude, kohya_magnitude, read_magnitude, uses_dora)
 from finetune.errors import FinetuneError
-from finetune.kohya_metadata import DATASET_KOHYA_KEYS, KOHYA_KEYS, LORAPLUS_KEYS, finetune_metadata_from_kohya
+from finetune.kohya_metadata import DATASET_KOHYA_KEYS, KOHYA_KEYS, LORAPLUS_KEYS, finetune_metadata_from_kohya, kohya_model_name
 from finetune.lora_kinds import (CONTEXT_INPUTS, KOHYA_PARTS, held_path, lora_layout, sd_version_metadata, with_current_diffusers_names,
                                  written_path)
 from finetune.original_layout import with_diffusers_unet_names
@@ -255,6 +255,8 @@ def to_kohya(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     for ours, theirs in KOHYA_KEYS:
         if ours in lora.metadata:
             metadata[theirs] = lora.metadata[ours]
+    if "ss_sd_model_name" in metadata:
+        metadata["ss_sd_model_name"] = kohya_model_name(metadata["ss_sd_model_name"])
     for ours, _ in DATASET_KOHYA_KEYS:  # large JSON: written once, under sd-scripts' name (an import reads it back as ours)
         metadata.pop(ours, None)
     if lora.metadata.get("finetune.resolution", "").isdigit():  # sd-scripts writes the training size as a (width, height) tuple

@@ -1,0 +1,27 @@
+"""An export to the kohya layout wrote the base model's path as given (/home/alice/models/...) into ss_sd_model_name, the
+name the webui shows and every shared copy of the file carries; sd-scripts writes the file or folder name there."""
+
+import pytest
+from safetensors import safe_open
+
+from finetune.adapter_records import adapter_base
+from finetune.kohya_metadata import kohya_model_name
+
+
+@pytest.mark.parametrize(("given", "written"), [("/home/alice/models/sd15", "sd15"), ("/home/alice/models/sd15/", "sd15"),
+                                                ("/home/alice/sd15.safetensors", "sd15.safetensors"), ("./base", "base"),
+                                                ("models/sd/base", "base"), ("C:\\Users\\alice\\sd15.ckpt", "sd15.ckpt"),
+                                                ("sd15.safetensors", "sd15.safetensors"),
+                                                ("runwayml/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5")])  # fmt: skip
+def test_the_kohya_model_name_is_a_local_bases_name_and_a_hub_id_whole(given, written):
+    assert kohya_model_name(given) == written
+
+
+def test_an_export_names_the_base_without_its_folders_and_keeps_the_path_that_finds_it(adapters_dir, tiny_model):
+    """finetune.base_model keeps the path: sample, eval and merge load the base a LoRA file records from it."""
+    exported = adapters_dir / "webui" / "trained.safetensors"
+    with safe_open(str(exported), "pt") as f:
+        metadata = f.metadata()
+    assert tiny_model.is_absolute() and metadata["ss_sd_model_name"] == tiny_model.name, metadata["ss_sd_model_name"]
+    assert metadata["finetune.base_model"] == str(tiny_model)
+    assert adapter_base(str(exported), None) == str(tiny_model)  # what `finetune sample --lora` loads without --base
