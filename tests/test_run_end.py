@@ -55,22 +55,28 @@ def test_a_kill_while_the_final_samples_are_drawn_is_finished_by_resume_latest(m
         trainer.train(make_recipe(output_dir=str(tmp_path / "killed"), **SAMPLED), resume="latest")
 
 
-def test_a_second_stop_while_the_outputs_are_written_is_finished_by_resume_latest(make_recipe, monkeypatch, tmp_path, capsys):
-    """A second Ctrl-C while the outputs were written: the last checkpoint was saved (the trained state kept), the outputs
-    were not, and `--resume latest` refused with nothing left to train: the run's LoRA was lost unless trained again."""
-    straight = trainer.train(make_recipe(output_dir=str(tmp_path / "straight"), **SAMPLED))
+def stopped_while_the_outputs_are_written(make_recipe, monkeypatch, output_dir):
+    """A 3-step run stopped by a second Ctrl-C as its last step's outputs are written (their metadata is made first;
+    the checkpoint's copy of them after)."""
     real, calls = trainer.output_metadata, []
 
-    def second_ctrl_c(recipe, step, *args, **kwargs):  # the last step's first: the outputs' (then its checkpoint's copy of them)
+    def second_ctrl_c(recipe, step, *args, **kwargs):
         calls.append(step)
         if calls.count(3) == 1 and step == 3:
             raise KeyboardInterrupt
         return real(recipe, step, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "output_metadata", second_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train(make_recipe(output_dir=str(tmp_path / "stopped"), **SAMPLED))
-    monkeypatch.setattr(trainer, "output_metadata", real)
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "output_metadata", second_ctrl_c)
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train(make_recipe(output_dir=str(output_dir), **SAMPLED))
+
+
+def test_a_second_stop_while_the_outputs_are_written_is_finished_by_resume_latest(make_recipe, monkeypatch, tmp_path, capsys):
+    """A second Ctrl-C while the outputs were written: the last checkpoint was saved (the trained state kept), the outputs
+    were not, and `--resume latest` refused with nothing left to train: the run's LoRA was lost unless trained again."""
+    straight = trainer.train(make_recipe(output_dir=str(tmp_path / "straight"), **SAMPLED))
+    stopped_while_the_outputs_are_written(make_recipe, monkeypatch, tmp_path / "stopped")
     state = last_state(tmp_path / "stopped")
     assert state[OUTPUTS_PENDING] and state[VALIDATION_PENDING] and not (tmp_path / "stopped" / LORA_WEIGHTS_NAME).exists()
     capsys.readouterr()
@@ -287,18 +293,7 @@ def test_a_cut_short_end_resumed_from_a_checkpoint_copied_elsewhere_is_finished_
     wrote in a checkpoint looked for in this run's checkpoints/, where the resumed one never was."""
     import shutil
 
-    real, calls = trainer.output_metadata, []
-
-    def second_ctrl_c(recipe, step, *args, **kwargs):  # as in the test above: the outputs of the last step are cut short
-        calls.append(step)
-        if calls.count(3) == 1 and step == 3:
-            raise KeyboardInterrupt
-        return real(recipe, step, *args, **kwargs)
-
-    monkeypatch.setattr(trainer, "output_metadata", second_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train(make_recipe(output_dir=str(tmp_path / "stopped"), **SAMPLED))
-    monkeypatch.setattr(trainer, "output_metadata", real)
+    stopped_while_the_outputs_are_written(make_recipe, monkeypatch, tmp_path / "stopped")
     copied = tmp_path / "copied" / "checkpoint-3"
     shutil.copytree(tmp_path / "stopped" / "checkpoints" / "checkpoint-3", copied)
 
