@@ -64,6 +64,8 @@ def next_step_said(output_dir: Path, checkpoints_dir: Path, max_steps: int, resu
 def _what_is_left(output_dir: Path, checkpoints_dir: Path, max_steps: int, resumed_from: Path | None = None) -> str:
     latest = resolve_resume("latest", checkpoints_dir)  # a checkpoint the stop left before its rename too, as a resume takes it
     again = resume_command(output_dir)
+    if latest is None and resumed_from is not None and (pending := left_to_finish(resumed_from, max_steps)):
+        return _end_left_from_a_copy(output_dir, resumed_from, pending)
     if latest is None and any((output_dir / name).exists() for name in RUN_OUTPUTS):
         return f"no checkpoint was kept; the run's outputs are in {output_dir} (`finetune sample` draws from them)"
     if latest is None and resumed_from is not None:  # a checkpoint copied from another folder: "start over" was not so
@@ -75,6 +77,19 @@ def _what_is_left(output_dir: Path, checkpoints_dir: Path, max_steps: int, resum
         return f"continue with --resume latest ({again}): it trains again from {checkpoints_dir / f'checkpoint-{checkpoint_step(latest)}'}"
     if pending := left_to_finish(latest, max_steps):
         return f"the run trained to its end; --resume latest writes {' and '.join(WHAT_IS_PENDING[key] for key in pending)}, without training ({again})"
+    return f"the run trained to its end and its outputs are in {output_dir}: nothing is left to do"
+
+
+def _end_left_from_a_copy(output_dir: Path, resumed_from: Path, pending: list[str]) -> str:
+    """What a second stop leaves of a cut-short end resumed from a checkpoint copied from another folder. That copy is only
+    read (`finish_cut_short`), so its `pending` still names the outputs once they are in output_dir: they are looked for
+    there, where "no checkpoint was kept; the run's outputs are in ..." hid that the final samples were still to draw."""
+    again, option = resume_command(output_dir, resumed_from), _resume_option(resumed_from)
+    if not any((output_dir / name).exists() for name in RUN_OUTPUTS):
+        return f"the run trained to its end; --resume {option} writes {' and '.join(WHAT_IS_PENDING[key] for key in pending)}, without training ({again})"
+    if VALIDATION_PENDING in pending:
+        return (f"the run's outputs are in {output_dir}; its final samples are still to draw: --resume {option} draws them, "
+                f"without training ({again})")  # fmt: skip
     return f"the run trained to its end and its outputs are in {output_dir}: nothing is left to do"
 
 

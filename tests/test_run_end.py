@@ -337,3 +337,43 @@ def test_the_end_of_a_run_resumed_from_a_checkpoint_copied_elsewhere_names_that_
     (tmp_path / "other" / "samples" / "step-000003.png").unlink()  # as a second stop leaves it: the command draws it
     again = trainer.train(make_recipe(output_dir=str(tmp_path / "other"), **SAMPLED), resume=str(copied))
     assert again.sample_grids[0] == tmp_path / "other" / "samples" / "step-000003.png" and again.sample_grids[0].is_file()
+
+
+def test_a_second_stop_while_the_final_samples_of_an_end_resumed_from_a_copy_are_drawn_says_they_are_left(make_recipe, monkeypatch, tmp_path):
+    """The cut-short end of a run resumed from a checkpoint copied from another folder writes its outputs, then draws its
+    final samples: a second Ctrl-C there said "no checkpoint was kept; the run's outputs are in ..." and nothing of the
+    samples still to draw, which the same command draws."""
+    import shutil
+
+    stopped_while_the_outputs_are_written(make_recipe, monkeypatch, tmp_path / "stopped")
+    copied = tmp_path / "copied" / "checkpoint-3"
+    shutil.copytree(tmp_path / "stopped" / "checkpoints" / "checkpoint-3", copied)
+
+    def second_ctrl_c(recipe, method, modules, accelerator, step):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "run_validation", second_ctrl_c)
+    other = tmp_path / "other"
+    with pytest.raises(KeyboardInterrupt) as stop:
+        trainer.train(make_recipe(output_dir=str(other), **SAMPLED), resume=str(copied))
+    assert (other / LORA_WEIGHTS_NAME).is_file()
+    assert stop.value.next_step == (f"the run's outputs are in {other}; its final samples are still to draw: --resume {copied} draws them, "
+                                    f"without training (finetune train {other / 'recipe_as_run.yaml'} --resume {copied})")  # fmt: skip
+
+
+@pytest.mark.parametrize("outputs_written", [False, True])
+def test_what_is_left_of_an_end_resumed_from_a_copy_that_wanted_no_samples(tmp_path, outputs_written):
+    """The same end, its copy naming its outputs only (no final samples wanted): the line said "run the same command again
+    ... to continue from its step 3 again" with nothing left to train, or nothing of its outputs being there."""
+    from finetune.run_end import _what_is_left
+
+    copied, output_dir = tmp_path / "copied" / "checkpoint-3", tmp_path / "other"
+    copied.mkdir(parents=True)
+    (copied / STATE_FILE).write_text(json.dumps({"step": 3, "max_steps": 3, OUTPUTS_PENDING: True, VALIDATION_PENDING: False}))
+    output_dir.mkdir()
+    if outputs_written:
+        (output_dir / LORA_WEIGHTS_NAME).write_bytes(b"weights")
+    expected = (f"the run trained to its end and its outputs are in {output_dir}: nothing is left to do" if outputs_written else
+                f"the run trained to its end; --resume {copied} writes its outputs, without training "
+                f"(finetune train {output_dir / 'recipe_as_run.yaml'} --resume {copied})")  # fmt: skip
+    assert _what_is_left(output_dir, output_dir / "checkpoints", 3, copied) == expected
