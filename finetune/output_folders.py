@@ -13,12 +13,7 @@ from finetune.run_files import PIPELINE_DIR
 def check_replaceable(folder: Path, overwrite: bool, what: str) -> None:
     """Writing a pipeline replaces its folder's contents (merge, export-base; the folder itself is kept): never a
     file, nor a folder with contents the user did not ask to replace."""
-    if folder.exists() and not folder.is_dir():
-        raise FinetuneError(f"{what} {folder} is a file: give a folder for the pipeline")
-    inside = nearest_existing(folder.absolute().parent)
-    if not inside.is_dir():
-        raise FinetuneError(f"{what} {folder} is inside a file ({inside}): give a folder for the pipeline")
-    check_writable(folder, what)
+    check_folder_to_write(folder, what, "give a folder for the pipeline")
     here = Path.cwd().resolve()
     # `.` had no parents to look in (a traceback). One with contents (or a folder above it) is never emptied, even with
     # --overwrite: it is where the user works (a project, a home folder). An empty one is filled in place (folder_written_whole).
@@ -26,6 +21,19 @@ def check_replaceable(folder: Path, overwrite: bool, what: str) -> None:
         raise FinetuneError(f"{what} {folder} is the current folder or one above it, which writing the pipeline would replace: give a new folder, e.g. {Path(folder) / 'merged'}")
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
         raise FinetuneError(f"{what} {folder} is not empty: pick a new folder, or pass --overwrite to replace what is in it")
+
+
+def check_folder_to_write(folder: Path, what: str, instead: str, subject: str | None = None) -> None:
+    """A folder a command is to write: not a file, nor inside one, and writable (`check_writable`, which names it `what`).
+    Each line begins with `subject` (default: `what` and the folder) and ends with `instead`, what to give in its place:
+    the commands word it for what they write there."""
+    subject = f"{what} {folder}" if subject is None else subject
+    if folder.exists() and not folder.is_dir():
+        raise FinetuneError(f"{subject} is a file: {instead}")
+    inside = nearest_existing(folder.absolute().parent)
+    if not inside.is_dir():
+        raise FinetuneError(f"{subject} is inside a file ({inside}): {instead}")
+    check_writable(folder, what)
 
 
 def check_writable(folder: Path, what: str) -> None:

@@ -13,8 +13,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from finetune.atomic_files import NEW_INSIDE, OLD_INSIDE, folder_written_whole
-from finetune.errors import FinetuneError, nearest_existing
-from finetune.output_folders import check_writable
+from finetune.errors import FinetuneError
+from finetune.output_folders import check_folder_to_write
 from finetune.toyworld.datasets import write_folder
 
 SAMPLE_SETS = {
@@ -50,12 +50,7 @@ def check_world_data_arguments(folder: Path, num_images: int, partial_captions: 
         raise FinetuneError(f"--num-images must be at least 1, got {num_images}")
     if not 0 <= partial_captions <= 1:
         raise FinetuneError(f"--partial-captions is a share of the images, from 0 to 1; got {partial_captions}")
-    if folder.exists() and not folder.is_dir():
-        raise FinetuneError(f"{folder} is a file: give a new or empty folder to write the images in")
-    inside = nearest_existing(folder.absolute().parent)
-    if not inside.is_dir():
-        raise FinetuneError(f"{folder} is inside a file ({inside}): give a new or empty folder to write the images in")
-    check_writable(folder, "make-world-data output")
+    check_folder_to_write(folder, "make-world-data output", "give a new or empty folder to write the images in", subject=str(folder))
     if folder.is_dir() and any(folder.iterdir()):
         raise FinetuneError(f"{folder} is not empty: give a new or empty folder (images already there would train beside the new ones)")
 
