@@ -65,21 +65,24 @@ class _CsvRows(csv.DictReader):
 
     def __init__(self, lines: Iterable[str], path: Path | str, lines_before: int = 0, **options):
         self.path, self.row_line, self._lines_read = path, None, lines_before  # `lines_before`: blank lines above `lines`
+        self._last_filled, self._at_end = 0, False  # the last line read that is not blank; whether a row asked past the file's end
         super().__init__(self._numbered(lines), **options)
 
     def _numbered(self, lines: Iterable[str]) -> Iterator[str]:
         for line in lines:  # csv's reader takes them one at a time, as a row needs them
             self._lines_read += 1
-            if self.row_line is None and line.rstrip("\r\n"):
-                self.row_line = self._lines_read
+            if line.rstrip("\r\n"):
+                self.row_line = self._lines_read if self.row_line is None else self.row_line
+                self._last_filled = self._lines_read
             yield line
+        self._at_end = True
 
     @property
     def fieldnames(self) -> list[str] | None:
         try:
             names = super().fieldnames
         except csv.Error as err:  # read only here: the header's
-            raise FinetuneError(self._runaway_quote(err, header=True)) from None
+            raise FinetuneError(self._runaway_quote(f"{err}: ", header=True)) from None
         # A quote the header never closes takes the rows below into one column's name, up to the file's end (where it
         # is shorter than csv's limit): no column's name holds a line end.
         if opened := next((name for name in names or [] if "\n" in name or "\r" in name), None):
@@ -91,16 +94,22 @@ class _CsvRows(csv.DictReader):
         self.fieldnames  # the header first: the row starts below it
         self.row_line = None
         try:
-            return super().__next__()
+            row = super().__next__()
         except csv.Error as err:
-            raise FinetuneError(self._runaway_quote(err)) from None
+            raise FinetuneError(self._runaway_quote(f"{err}: ")) from None
+        # A row ends at its line's end unless a quoted cell is open: one that asked for a line past the file's end holds a
+        # quote never closed. Short of csv's field limit it took the rows below into its cell (a caption "of 2 lines", their
+        # images without one); one on the last line took none, and is read as it was.
+        if self._at_end and self._last_filled > self.row_line:
+            raise FinetuneError(self._runaway_quote("", f" (to line {self._last_filled}, the end of the file)"))
+        return row
 
-    def _runaway_quote(self, err: csv.Error, header: bool = False) -> str:
-        # Past the field limit: a quote never closed runs on over the lines below, to the end of the file, where csv gives up.
+    def _runaway_quote(self, error: str, reach: str = "", header: bool = False) -> str:
+        # Past the field limit (`error`: csv's): a quote never closed runs on over the lines below, to the end of the file, where csv gives up.
         if header:
-            return f"{self.path} line {self.row_line}: {err}: the header opens a double quote that never closes, so it runs on over the lines below: {HEADER_QUOTE_ADVICE}"
-        return (f"{self.path} line {self.row_line}: {err}: a cell there opens a double quote that never closes, so it runs on over "
-                'the lines below; close the quote, or double a quote inside a caption ("")')  # fmt: skip
+            return f"{self.path} line {self.row_line}: {error}the header opens a double quote that never closes, so it runs on over the lines below: {HEADER_QUOTE_ADVICE}"
+        return (f"{self.path} line {self.row_line}: {error}a cell there opens a double quote that never closes, so it runs on over "
+                f'the lines below{reach}; close the quote, or double a quote inside a caption ("")')  # fmt: skip
 
 
 # A column's name needs no quotes (file_name, text, conditioning_file_name): a caption's doubled quote is no remedy here.

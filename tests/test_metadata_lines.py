@@ -176,3 +176,21 @@ def test_a_quote_never_closed_in_a_short_metadata_csv_header_is_one_line_saying_
     with pytest.raises(FinetuneError, match=rf"^{table} line 1: field larger than field limit \(200000\): the header opens a double quote that never closes, so it "
                                             rf"runs on over the lines below: {advice}"):  # fmt: skip
         read_csv_captions(table)
+
+
+def test_a_quote_never_closed_in_a_row_of_a_short_metadata_csv_is_one_line_naming_its_row(tmp_path):
+    """Short of csv's field limit, a row's open quote took the rows below into its caption: check-data said "caption of
+    2 lines" for its image and "no caption" for the next, nothing of the quote. A quoted caption of several lines that
+    closes, and an open quote on the last line with no row below it to take, read as they did."""
+    for name in "abc":
+        Image.new("RGB", (8, 8), "red").save(tmp_path / f"{name}.png")
+    table = tmp_path / "metadata.csv"
+    table.write_text('file_name,text\na.png,"a cat\nb.png,a dog\n\nc.png,a bird\n')
+    said = (rf'^{table} line 2: a cell there opens a double quote that never closes, so it runs on over the lines below \(to line 5, the '
+            r'end of the file\); close the quote, or double a quote inside a caption \(""\)$')  # fmt: skip
+    with pytest.raises(FinetuneError, match=said):
+        folder_captions(tmp_path)
+    with pytest.raises(FinetuneError, match=said):  # the lenient reader too (ControlNet's partner files)
+        list(metadata_rows(tmp_path))
+    table.write_text('file_name,text\na.png,"a cat\non a mat"\nb.png,"a dog\n')
+    assert folder_captions(tmp_path) == {"a.png": "a cat\non a mat", "b.png": "a dog"}
