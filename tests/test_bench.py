@@ -186,8 +186,8 @@ def test_a_run_cut_short_keeps_the_variants_it_measured(tmp_path, monkeypatch):
 
 
 def test_the_report_is_written_before_the_first_variant_runs(tmp_path, monkeypatch):
-    """A stop in the first variant keeps a report: its machine (torch's and diffusers' versions, imported for it) is
-    written before any variant runs, not at the stop, where a busy host's imports outlasted the stop's SIGKILL."""
+    """A stop in the first variant keeps a report: its machine (torch's and diffusers' versions) is written before any
+    variant runs, not at the stop alone, which a busy host's SIGKILL cut short."""
     from finetune.bench import runner
 
     out, seen = tmp_path / "bench.json", []

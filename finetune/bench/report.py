@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
+import sys
 from pathlib import Path
 
 
@@ -37,9 +39,11 @@ def cpu_model() -> str:
 
 
 def machine_info(rows: list[dict]) -> dict:
-    import diffusers
-    import torch
-
+    """The machine the rows were measured on, imported nothing for: the report is rewritten after every variant and at a
+    stop, where importing torch and diffusers took seconds on a busy host that a deadline's SIGKILL did not give.
+    The versions are their installed packages'; torch's CUDA and device are asked of torch only where the bench's checks
+    imported it (a variant's own row names its device)."""
+    torch = sys.modules.get("torch")
     measured = next((row for row in rows if "error" not in row), {})
     return {
         "cpu": cpu_model(),
@@ -49,13 +53,21 @@ def machine_info(rows: list[dict]) -> dict:
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,  # at the end
         "memory_gb": _total_memory_gb(),
-        "device": measured.get("device", "cuda" if torch.cuda.is_available() else "cpu"),
-        "cuda": torch.version.cuda,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
+        "device": measured.get("device", None if torch is None else "cuda" if torch.cuda.is_available() else "cpu"),
+        "cuda": None if torch is None else torch.version.cuda,
+        "torch": _installed_version("torch"),
+        "diffusers": _installed_version("diffusers"),
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
+
+
+def _installed_version(package: str) -> str | None:
+    """The package's version as installed (torch's is torch.__version__, "2.13.0+cpu"), read without importing it."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _total_memory_gb() -> float | None:
@@ -135,7 +147,7 @@ def print_table(report: dict) -> None:
         f"{settings['steps']} steps after {settings['warmup']} warmup, precision {settings['mixed_precision']}"
     )
     threads = machine.get("torch_threads") or "?"  # measured by a variant: unknown when none ran
-    caption = f"{machine['device']} | {machine['cpu']} | torch {machine['torch']}, {threads} threads | {memory_label(report)}"
+    caption = f"{machine['device'] or '?'} | {machine['cpu']} | torch {machine['torch']}, {threads} threads | {memory_label(report)}"
     table = Table(title=title, caption=caption)
     for column in COLUMNS:
         table.add_column(column, justify="left" if column == "variant" else "right", no_wrap=True)

@@ -210,9 +210,8 @@ def run_benchmark(
         model = base or str(prepare_model(preset, root / "models" / preset, log))  # one per preset: a workdir serves several
         settings.data_dir, settings.class_dir = prepare_data(root, num_images, resolution)
         rows = []
-        # Written once before the first variant: the report's machine imports torch and diffusers, which a deadline's
-        # SIGTERM would otherwise leave to the stop, after the model was made elsewhere (--base): seconds that the
-        # stop's SIGKILL (timeout -k 15 in .ci/gpu-check) did not give on a busy host, and the report was lost.
+        # Written once before the first variant, so that a deadline's SIGTERM in it still leaves a report (command,
+        # settings, machine): the stop's SIGKILL (timeout -k 15 in .ci/gpu-check) gives it seconds at most.
         finish(rows)
         for name in variants:
             log(f"{name}: {VARIANTS[name].description} ...")
