@@ -27,10 +27,9 @@ def output_dir_lock(output_dir: Path):
     if fcntl is None or int(os.environ.get("RANK", "0")) != 0:
         yield
         return
-    made = folders_to_make(output_dir)
+    made: list[Path] = []  # the folders this run's mkdir made (`_locked_file`): none another run made at the same moment
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        handle = _locked_file(output_dir, fcntl)
+        handle = _locked_file(output_dir, fcntl, made)
     except OSError:
         yield
         return
@@ -55,14 +54,23 @@ def output_dir_lock(output_dir: Path):
         handle.close()
 
 
-def folders_to_make(output_dir: Path) -> list[Path]:
-    """The folders that making `output_dir` makes: it and each missing folder above it, innermost first."""
-    missing = []
-    for folder in (output_dir, *output_dir.parents):
-        if os.path.lexists(folder):
-            break
-        missing.append(folder)
-    return missing
+def make_folder(folder: Path, made: list[Path]) -> None:
+    """`folder.mkdir(parents=True, exist_ok=True)`, adding to `made` (innermost first) each folder that its own mkdir
+    created. Told by mkdir itself, not by a look before it: a folder another run made as this one looked, and removed as
+    it failed, this run makes again, and counts (it stayed behind when this run failed too)."""
+    try:
+        folder.mkdir()
+    except FileNotFoundError:  # a folder above it is missing
+        if folder.parent == folder:
+            raise
+        make_folder(folder.parent, made)
+        make_folder(folder, made)
+        return
+    except OSError:  # there already (made by someone else), or a file: as mkdir(exist_ok=True) tells them apart
+        if not folder.is_dir():
+            raise
+        return
+    made[:] = sorted({*made, folder}, key=lambda path: len(path.parts), reverse=True)
 
 
 @contextmanager
@@ -82,11 +90,11 @@ def removed_if_left_empty(made: list[Path]):
         raise
 
 
-def _locked_file(output_dir: Path, fcntl):
-    """The lock file, opened and locked; None where the file system has no locks."""
+def _locked_file(output_dir: Path, fcntl, made: list[Path]):
+    """The lock file, opened and locked; None where the file system has no locks. `made`: as `make_folder`'s."""
     path = output_dir / LOCK_FILE
     while True:
-        output_dir.mkdir(parents=True, exist_ok=True)  # again: a failed run that held the lock removes a folder it made
+        make_folder(output_dir, made)  # again: a failed run that held the lock removes a folder it made
         try:
             handle = open(path, "a+")
         except FileNotFoundError:  # removed so between the mkdir and here: made again (else the run went on without a lock)

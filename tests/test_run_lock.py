@@ -105,3 +105,24 @@ def test_a_run_whose_folder_a_failed_run_removes_before_it_opens_the_lock_file_m
         with pytest.raises(FinetuneError, match="is in use by another run"):
             with output_dir_lock(output_dir):
                 pass
+
+
+def test_a_failed_run_removes_its_folder_that_another_failed_run_made_and_removed_as_it_started(tmp_path, monkeypatch):
+    """Two runs started in one split second: the first made the output_dir, so the second found it there and counted it as
+    none of its own; the first failed and removed it, the second made it again and, failing too, left it behind."""
+    output_dir = tmp_path / "new" / "run"
+    output_dir.mkdir(parents=True)  # made by the first run
+    real_open, calls = open, []
+
+    def opening(path, mode):  # the first run fails as the second opens the lock file, and removes the empty folders it made
+        calls.append(path)
+        if len(calls) == 1:
+            output_dir.rmdir()
+            output_dir.parent.rmdir()
+        return real_open(path, mode)
+
+    monkeypatch.setattr(run_lock, "open", opening, raising=False)
+    with pytest.raises(RuntimeError), output_dir_lock(output_dir):  # the second run: a bad image
+        assert len(calls) == 2 and (output_dir / LOCK_FILE).is_file()  # made again, and locked
+        raise RuntimeError
+    assert list(tmp_path.iterdir()) == []
