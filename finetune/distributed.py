@@ -86,7 +86,7 @@ def ready_to_compile(accelerator: Accelerator, trained: list[torch.nn.Module], b
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, batch_shapes + 2)  # 2: a margin
     if accelerator.device.type == "cpu" and plugin.backend == DynamoBackend.INDUCTOR:
         warn("compiling on a CPU: torch's inductor computed wrong gradients for diffusers' UNet on a CPU (torch 2.13: the tiny "
-             "test UNet's loss right, most of its weight gradients off; docs/benchmarks-gpu.md), so this run may not learn what "
+             "test UNet's loss right, most of its weight gradients off; docs/compiled-training.md), so this run may not learn what "
              "it should: train uncompiled on a CPU (leave out --dynamo_backend)")  # fmt: skip
     if batch_shapes > 2:
         say(f"compiling: up to {batch_shapes} shapes of batch (buckets, and each bucket's smaller last batch), each compiled on its first batch")

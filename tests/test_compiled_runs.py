@@ -199,7 +199,7 @@ def test_the_inductor_compiled_lora_unet_gives_the_eager_loss_on_a_fixed_batch(t
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason="inductor's CPU fusion (torch 2.13) gets the UNet's gradients wrong, LoRA or not (the plain "
                    "tiny UNet: 126 of 208 weight gradients off, the mid block's zero); the loss the same to 7 digits; aot_eager "
-                   "and inductor with torch._inductor.config.max_fusion_size = 1 are right (docs/benchmarks-gpu.md)")
+                   "and inductor with torch._inductor.config.max_fusion_size = 1 are right (docs/compiled-training.md)")
 def test_the_inductor_compiled_lora_unet_gives_the_eager_gradients_in_fp32(tiny_model):
     (_, eager_gradients), (_, compiled_gradients) = inductor_and_eager(tiny_model, "no")
     scale = max(gradient.abs().max().item() for gradient in eager_gradients)

@@ -2,7 +2,7 @@
 the run's first training step, with the compile the run already paid for (SD1.5's takes minutes on a GPU).
 
 Why: on a CPU, torch 2.13's inductor computes diffusers' UNet's weight gradients wrong with the loss right to 7 digits
-(docs/benchmarks-gpu.md), and the bench timed that wrong computation as if it were a speed-up. A compiled row's MFU means
+(docs/compiled-training.md), and the bench timed that wrong computation as if it were a speed-up. A compiled row's MFU means
 something only where its gradients are the eager step's.
 
 How: `CompiledCheck.install()` wraps `torch.compile` for the variant's process (accelerate's `prepare` calls it), and the
