@@ -35,16 +35,18 @@ SD15_WIDTHS = {"unet": [320, 640, 1280, 1280], "text_encoder": 768, "vae": [128,
 # --- names ---------------------------------------------------------------------------------------
 
 
-def vae_prefixes() -> dict[str, str]:
-    """diffusers' module prefix -> the original's, for SD1.x's VAE (4 blocks of 2 layers; 3 in the decoder)."""
+def vae_prefixes(layers: int = 2) -> dict[str, str]:
+    """diffusers' module prefix -> the original's, for SD1.x's VAE: 4 blocks of `layers` layers (SD1.x's 2), one more in
+    the decoder's. The original names each layer within its block (down.0.block.1), so diffusers' loader reads any count
+    given the pipeline's configs: `finetune make-tiny-model --preset medium`'s VAE of 1 was refused."""
     names = {name: name for name in ("encoder.conv_in.", "encoder.conv_out.", "decoder.conv_in.", "decoder.conv_out.", "quant_conv.", "post_quant_conv.")}
     for coder in ("encoder", "decoder"):
         names.update({f"{coder}.conv_norm_out.": f"{coder}.norm_out.", f"{coder}.mid_block.attentions.0.": f"{coder}.mid.attn_1."})
         names.update({f"{coder}.mid_block.resnets.{j}.": f"{coder}.mid.block_{j + 1}." for j in range(2)})
     for i in range(4):
-        names.update({f"encoder.down_blocks.{i}.resnets.{j}.": f"encoder.down.{i}.block.{j}." for j in range(2)})
+        names.update({f"encoder.down_blocks.{i}.resnets.{j}.": f"encoder.down.{i}.block.{j}." for j in range(layers)})
         # The original numbers the decoder's blocks from full resolution up, diffusers from the latent down.
-        names.update({f"decoder.up_blocks.{i}.resnets.{j}.": f"decoder.up.{3 - i}.block.{j}." for j in range(3)})
+        names.update({f"decoder.up_blocks.{i}.resnets.{j}.": f"decoder.up.{3 - i}.block.{j}." for j in range(layers + 1)})
         if i < 3:
             names[f"encoder.down_blocks.{i}.downsamplers.0."] = f"encoder.down.{i}.downsample."
             names[f"decoder.up_blocks.{i}.upsamplers.0."] = f"decoder.up.{3 - i}.upsample."
@@ -77,8 +79,8 @@ def to_original_unet(state: dict[str, torch.Tensor], folder: Path) -> dict[str, 
     return {UNET_ROOT + new: tensor for new, tensor in _rename(state, unet_prefixes(), {"resnets": UNET_RESNET_NAMES}, "UNet", folder).values()}
 
 
-def to_original_vae(state: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:
-    renamed = _rename(state, vae_prefixes(), {"resnets": VAE_RESNET_NAMES, "attentions": VAE_ATTENTION_NAMES}, "VAE", folder)
+def to_original_vae(state: dict[str, torch.Tensor], folder: Path, layers: int = 2) -> dict[str, torch.Tensor]:
+    renamed = _rename(state, vae_prefixes(layers), {"resnets": VAE_RESNET_NAMES, "attentions": VAE_ATTENTION_NAMES}, "VAE", folder)
     # The original's attention projects with 1x1 convolutions where diffusers uses linear layers.
     return {VAE_ROOT + new: tensor[:, :, None, None] if ".attentions." in name and tensor.ndim == 2 else tensor
             for name, (new, tensor) in renamed.items()}  # fmt: skip
@@ -124,8 +126,9 @@ def check_sd1_shape(folder: Path) -> dict[str, dict]:
         (unet.get("time_cond_proj_dim"), "this UNet takes a guidance embedding (time_cond_proj_dim, as LCM-distilled models), which SD1.x's has no place for"),
         (unet.get("use_linear_projection") or unet.get("cross_attention_dim") == 1024 or text.get("hidden_act") != "quick_gelu",
          "this is SD2-style (OpenCLIP text encoder, 1024-wide cross-attention or linear attention projections), which that layout stores differently"),
-        ((vae_blocks, vae_layers, latent_channels) != (4, 2, 4),
-         f"this VAE has {vae_blocks} blocks of {_layers(vae_layers)} and {latent_channels} latent channels (SD1.x's: 4 of 2, 4 channels)"),
+        # (its layers per block are a size, as the widths are: `usage_notes` says the webui builds SD1.5's 2)
+        ((vae_blocks, latent_channels) != (4, 4) or not isinstance(vae_layers, int) or vae_layers < 1,
+         f"this VAE has {vae_blocks} blocks of {_layers(vae_layers)} and {latent_channels} latent channels (SD1.x's: 4 blocks, 4 channels)"),
     ]  # fmt: skip
     for wrong, what in problems:
         if wrong:
@@ -155,7 +158,7 @@ def export_checkpoint(source: Path, output: Path, precision: str | None = None, 
     configs = check_sd1_shape(folder)
     schedule = _config(folder / "scheduler" / "scheduler_config.json")
     files = {part: weights_file(folder, part) for part in ("unet", "vae", "text_encoder")}
-    tensors = {**to_original_unet(load_file(str(files["unet"])), folder), **to_original_vae(load_file(str(files["vae"])), folder),
+    tensors = {**to_original_unet(load_file(str(files["unet"])), folder), **to_original_vae(load_file(str(files["vae"])), folder, configs["vae"]["layers_per_block"]),
                **to_original_text_encoder(load_file(str(files["text_encoder"])), configs["text_encoder"].get("max_position_embeddings", 77))}  # fmt: skip
     if precision is not None:  # integer buffers (the position ids) stay as they are
         tensors = {key: value.to(PRECISIONS[precision]) if value.is_floating_point() else value for key, value in tensors.items()}
@@ -191,7 +194,10 @@ def usage_notes(output: Path, configs: dict[str, dict], schedule: dict, recorded
         notes.append(f"it was trained with clip skip {recorded['finetune.clip_skip']}: set the same in the webui (Clip skip) or ComfyUI (CLIPSetLastLayer -{recorded['finetune.clip_skip']})")
     widths = {"unet": configs["unet"].get("block_out_channels"), "text_encoder": configs["text_encoder"].get("hidden_size"),
               "vae": configs["vae"].get("block_out_channels")}  # fmt: skip
-    if widths != SD15_WIDTHS:
-        notes.append(f"its widths are not SD1.5's ({widths}): the webui builds SD1.x at SD1.5's and will not load it; "
+    vae_layers = configs["vae"].get("layers_per_block", 2)
+    if widths != SD15_WIDTHS or vae_layers != 2:
+        sizes = f"widths are not SD1.5's ({widths})" if widths != SD15_WIDTHS else "sizes are not SD1.5's"
+        sizes += f", and its VAE has {_layers(vae_layers)} per block (SD1.5's: 2)" if vae_layers != 2 else ""
+        notes.append(f"its {sizes}: the webui builds SD1.x at SD1.5's and will not load it; "
                      "diffusers' from_single_file does, given this pipeline's configs (config=<the pipeline folder>)")  # fmt: skip
     return notes

@@ -107,6 +107,24 @@ def test_single_safetensors_file_loads_offline_with_local_configs(single_file, t
         load_base_model(ModelConfig(pretrained=str(path), single_file_config=str(config)))
 
 
+def test_the_medium_preset_exports_and_loads_back_with_a_note(tmp_path, capsys):
+    """`finetune make-tiny-model --preset medium` (SD1.5's block pattern) then `finetune export-checkpoint`, as a user runs
+    them: its VAE of 1 layer per block was refused. The original layout names each VAE layer within its block, so it holds
+    any count, as it holds any width, and diffusers reads it back whole given the configs; the note says the webui will not."""
+    from finetune.tiny_model import build_tiny_pipeline
+
+    medium, path = tmp_path / "medium", tmp_path / "medium.safetensors"
+    assert main(["make-tiny-model", str(medium), "--preset", "medium"]) == 0
+    capsys.readouterr()
+    assert main(["export-checkpoint", str(medium), str(path)]) == 0, capsys.readouterr().err
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and notes[0].startswith("note: its widths are not SD1.5's (")
+    assert "and its VAE has 1 layer per block (SD1.5's: 2): the webui builds SD1.x at SD1.5's and will not load it" in notes[0]
+    with safe_open(str(path), "np") as f:
+        assert "first_stage_model.decoder.up.0.block.1.conv1.weight" in f.keys()  # the decoder's one layer more than the encoder's
+    assert_loads_back(path, medium, build_tiny_pipeline("medium"))
+
+
 def test_fp16_export_is_half_the_size_and_loads_back_rounded(single_file, tmp_path, capsys):
     path, configs, pipeline = single_file
     half = tmp_path / "half.safetensors"
@@ -183,7 +201,7 @@ def test_what_the_layout_cannot_hold_is_refused_in_one_line_before_anything_is_w
         (("unet", {"use_linear_projection": True}), "this is SD2-style (OpenCLIP text encoder"),
         (("text_encoder", {"hidden_act": "gelu"}), "this is SD2-style (OpenCLIP text encoder"),
         (("", {"text_encoder": ["transformers", "CLIPTextModelWithProjection"]}), "its text encoder is a CLIPTextModelWithProjection, not a CLIPTextModel"),
-        (("vae", {"layers_per_block": 1}), "this VAE has 4 blocks of 1 layer and 4 latent channels (SD1.x's: 4 of 2, 4 channels)"),
+        (("vae", {"latent_channels": 16}), "this VAE has 4 blocks of 2 layers and 16 latent channels (SD1.x's: 4 blocks, 4 channels)"),
         (("unet", {"time_cond_proj_dim": 256}), "this UNet takes a guidance embedding (time_cond_proj_dim, as LCM-distilled models)"),
     ):
         folder = edited_pipeline(configs, tmp_path, edit[0], **edit[1])
