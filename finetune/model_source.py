@@ -15,6 +15,7 @@ from finetune.base_folder import (WEIGHTS_STEMS, check_architecture, check_part_
 from finetune.config import SINGLE_FILE_SUFFIXES, ModelConfig
 from finetune.errors import FinetuneError, looked_for_here
 from finetune.run_files import CONTROLNET_DIR, LORA_WEIGHTS_NAME, PIPELINE_DIR
+from finetune.single_file_configs import check_configs_at_hand
 
 
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -78,6 +79,7 @@ def locate_base(config: ModelConfig) -> BaseLocation:
             check_model_settings(Path(configs).expanduser(), config)
         elif not configs and keys is not None:
             check_single_file_settings(keys, config)
+        check_configs_at_hand(path, config, hub_offline_by())  # offline, configs from the hub cache: there, or said now
         return BaseLocation(config, None)
     if config.single_file_config:
         raise FinetuneError(

@@ -5,13 +5,16 @@ import json
 import logging.handlers
 import shutil
 
+import huggingface_hub.constants
 import pytest
+from test_base_model_errors import fake_hub_cache
 from test_single_file import sd15_shaped_pipeline
 
 from finetune.cli import main
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
 from finetune.model_source import check_single_file_settings, locate_base
+from finetune.single_file_configs import SD1_CONFIGS
 from finetune.single_file_export import export_checkpoint
 
 
@@ -25,15 +28,17 @@ def errors(capfd) -> list[str]:
     return [line for line in capfd.readouterr().err.splitlines() if line.strip() and not line.startswith("Loading")]  # progress bars
 
 
-def test_a_single_file_base_that_cannot_load_is_one_whole_line(single_file, tmp_path, capfd):
+def test_a_single_file_base_that_cannot_load_is_one_whole_line(single_file, tmp_path, capfd, monkeypatch):
     from conftest import SHIPPED_BASE
 
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty one: no configs in it
     errors(capfd)
     # Configs of another architecture: diffusers' sentence whole (it was cut at 300 characters, mid-word), not its advice.
     assert main(["sample", "--base", str(single_file), "--base-config", str(SHIPPED_BASE), "--prompt", "x", "--out", str(tmp_path / "o")]) == 2
     err = errors(capfd)
     assert len(err) == 1 and err[0].endswith("but got torch.Size([77, 32]). (give --base-config the diffusers folder or hub id of the model this file was made from)"), err
-    # No configs, offline: diffusers' two lines ("local_files_only is True ... Attempting to download") no longer come first.
+    # No configs, offline, none in the cache: diffusers' two lines ("local_files_only is True ... Attempting to download") no
+    # longer come first, nor its loading: the line says so as the base is located (tests/test_single_file_offline.py).
     # (Its handler writes to the stderr of when diffusers was imported, which pytest may hold: its records are watched too.)
     logged = logging.handlers.BufferingHandler(100)
     logging.getLogger("diffusers.loaders.single_file").addHandler(logged)
@@ -42,15 +47,23 @@ def test_a_single_file_base_that_cannot_load_is_one_whole_line(single_file, tmp_
     finally:
         logging.getLogger("diffusers.loaders.single_file").removeHandler(logged)
     err = errors(capfd)
-    assert len(err) == 1 and err[0].startswith(f"error: could not read base model file {single_file}: "), err
+    assert len(err) == 1 and err[0].startswith(f"error: base model file {single_file} is read with hub model {SD1_CONFIGS}'s configs"), err
     assert not [record.getMessage() for record in logged.buffer if "local_files_only" in record.getMessage()]
 
 
+def configs_in_the_cache(tmp_path, monkeypatch) -> None:
+    """SD1.5's configs as an SD1.x file without model.single_file_config is read with offline: from the hub cache (here
+    the file's own, which a real SD1.5's match)."""
+    fake_hub_cache(tmp_path / "hub", SD1_CONFIGS, tmp_path / "configs")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+
 @pytest.mark.parametrize("with_configs", [True, False])
-def test_clip_skip_and_zero_terminal_snr_a_single_file_refuses_are_said_as_it_is_located(single_file, tmp_path, with_configs):
+def test_clip_skip_and_zero_terminal_snr_a_single_file_refuses_are_said_as_it_is_located(single_file, tmp_path, with_configs, monkeypatch):
     """They were said once the file had loaded (after the data check): its configs folder says its text encoder's layers
     and its prediction, and without one the file's tensor names do (diffusers then reads an SD1.x file with SD1.5's configs)."""
     configs = {"single_file_config": str(tmp_path / "configs")} if with_configs else {}
+    configs_in_the_cache(tmp_path, monkeypatch)
     layers = 2  # sd15_shaped_pipeline's text encoder
     with pytest.raises(FinetuneError, match=rf"^model.clip_skip {layers + 1}: this text encoder has {layers} layers; use 1 to {layers}$"):
         locate_base(ModelConfig(pretrained=str(single_file), clip_skip=layers + 1, **configs))
@@ -69,7 +82,8 @@ def test_an_sd2_files_text_encoder_counts_the_layers_diffusers_loads():
 
 
 @pytest.mark.parametrize("with_configs", [True, False])
-def test_a_timestep_range_a_single_file_lacks_is_said_before_the_data_check(single_file, image_folder, tmp_path, capsys, with_configs):
+def test_a_timestep_range_a_single_file_lacks_is_said_before_the_data_check(single_file, image_folder, tmp_path, capsys, with_configs, monkeypatch):
+    configs_in_the_cache(tmp_path, monkeypatch)
     data = shutil.copytree(image_folder, tmp_path / "data")
     (data / "0000.png").write_bytes(b"cut short")  # the data check would stop at it
     model = {"pretrained": str(single_file), **({"single_file_config": str(tmp_path / "configs")} if with_configs else {})}
