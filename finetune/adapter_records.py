@@ -6,7 +6,7 @@ without --base find the recorded base, and say one that is not there, before tor
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from finetune.controlnet_folder import resolve_controlnet_folder
 from finetune.errors import FinetuneError, looked_for_here
@@ -97,13 +97,29 @@ def recorded_base_config(lora: str | None, controlnet: str | None) -> str | None
 
 
 def found_from_adapter(recorded: str, adapter: str) -> str | None:
-    """A path or hub id a run recorded as training was given it, as found from here; None if not found (an absolute path
-    not there too: said before torch loads, not by loading)."""
+    """A path or hub id a run recorded as training was given it, as found from here; None if not found (said before
+    torch loads, not by loading)."""
     if Path(recorded).exists():
         return recorded
     # A relative path, from the folder training ran in (outputs usually sit below it); `models/sd15` reads
-    # like a hub id too, so the folders come first.
-    for folder in Path(adapter).resolve().parents:
-        if (folder / recorded).exists():
-            return str(folder / recorded)
+    # like a hub id too, so the folders come first. An absolute one not there (a project folder moved, or copied to
+    # another machine, base and outputs together) by its trailing parts, the longest first: /home/alice/proj/models/sd15
+    # is found as proj/models/sd15, else models/sd15, else sd15, in the folders above the adapter.
+    folders = Path(adapter).resolve().parents
+    for tail in [recorded] if not is_absolute_anywhere(recorded) else _tails(recorded):
+        for folder in folders:
+            if (folder / tail).exists():
+                return str(folder / tail)
     return recorded if looks_like_hub_id(recorded) else None
+
+
+def is_absolute_anywhere(recorded: str) -> bool:
+    """Absolute here, or on Windows (C:\\models\\sd15, recorded by a run there)."""
+    return Path(recorded).is_absolute() or PureWindowsPath(recorded).is_absolute()
+
+
+def _tails(recorded: str) -> list[str]:
+    """An absolute path's trailing parts, the longest first, without its root (or drive)."""
+    path = PureWindowsPath(recorded) if PureWindowsPath(recorded).is_absolute() else PurePosixPath(recorded)
+    parts = path.parts[1:]
+    return [str(PurePosixPath(*parts[start:])) for start in range(len(parts))]

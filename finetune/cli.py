@@ -33,13 +33,16 @@ def base_or_recorded(args) -> str:
     check_adapter_paths(args)
     if args.base:
         return args.base
-    from finetune.adapter_records import recorded_base, recorded_base_config
+    from finetune.adapter_records import adapter_base, is_absolute_anywhere, recorded_base, recorded_base_config
 
     base = recorded_base(args.lora, getattr(args, "controlnet", None))
     if args.base_config is None:  # a single-file base loads offline only with the configs its run was given
         args.base_config = recorded_base_config(args.lora, getattr(args, "controlnet", None))
     configs = f" with the configs {args.base_config}" if args.base_config else ""
-    print(f"base model: {base}{configs} (recorded by the adapter's training run; --base picks another)")
+    recorded = adapter_base(args.lora, getattr(args, "controlnet", None))
+    # (a folder moved, or copied from another machine: which base was taken in place of the path recorded)
+    moved = f" as {recorded}, not there: found by its trailing parts above the adapter" if recorded != base and is_absolute_anywhere(recorded) else ""
+    print(f"base model: {base}{configs} (recorded by the adapter's training run{moved}; --base picks another)")
     return base
 
 
