@@ -33,6 +33,7 @@ from finetune.config import Recipe
 from finetune.console import say, warn
 from finetune.errors import FinetuneError
 from finetune.placement import bf16_emulated, mps_without_bf16
+from finetune.process_env import deepspeed_requested, launched_processes, several_processes  # noqa: F401 (read without torch)
 
 
 def unwrap(accelerator: Accelerator, module: torch.nn.Module) -> torch.nn.Module:
@@ -173,19 +174,6 @@ def regional_compilation_requested() -> bool:
 def dynamic_shapes_requested() -> bool:
     compiling = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower() not in ("no", "eager", "aot_eager")
     return compiling and str_to_bool(os.environ.get("ACCELERATE_DYNAMO_USE_DYNAMIC", "false")) == 1
-
-
-def deepspeed_requested() -> bool:
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-
-
-def launched_processes() -> int:
-    """The processes of this launch (torchrun's WORLD_SIZE; 1 without a launcher), as accelerate will count them."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def several_processes() -> bool:
-    return launched_processes() > 1
 
 
 def accelerator_options() -> dict:

@@ -6,6 +6,19 @@ from __future__ import annotations
 import os
 
 
+def launched_processes() -> int:
+    """The processes of this launch (torchrun's WORLD_SIZE; 1 without a launcher), as accelerate will count them."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def several_processes() -> bool:
+    return launched_processes() > 1
+
+
+def deepspeed_requested() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def main_process() -> bool:
     """Whether this process says the run's lines, once for all its processes and machines: rank 0 under a
     launcher, or the only process (`accelerator.is_main_process`, known before accelerate starts)."""

@@ -33,6 +33,7 @@ def run_train_command(args) -> int:
     from finetune.train_inputs import check_data_first
     from finetune.starting_files import check_starting_files
     from finetune.run_lock import output_dir_lock
+    from finetune.run_refusals import check_run_first
 
     # So are a --resume that is no checkpoint, and an output_dir that cannot be written or holds an earlier run unasked
     # (train() checks them again, for callers that do not come through here). The lock from the check of output_dir on: a run
@@ -46,6 +47,7 @@ def run_train_command(args) -> int:
         resume_from = resolve_resume(args.resume, checkpoints_dir)
         guard_earlier_run(output_dir, resume_from, args.overwrite)
         check_starting_files(recipe, resuming=resume_from is not None)  # controlnet.pretrained, lora.init_from, the validation conditions
+        check_run_first(recipe, resume_from)  # train()'s refusals of the run: a resume it cannot continue
         check_data_first(recipe)  # every image decoded, after the cheaper checks above; train() takes its result
         result = _run_training(recipe, args, base_location)
     if result.interrupted:

@@ -1,0 +1,33 @@
+"""The refusals train() makes before its model loads (finetune/trainer.py), made again by `finetune train` before its data
+check decodes every image (minutes for a large folder): there they came only once every image had been decoded. Each is made
+here from what is known at the start (the recipe, the launch's environment, the resumed checkpoint's JSON and file names),
+without torch where torch is not what the answer needs. train() keeps its own, for callers that do not come through the command
+(the benchmark, tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from finetune.config import Recipe
+from finetune.process_env import deepspeed_requested, launched_processes, several_processes
+
+
+def check_run_first(recipe: Recipe, resume_from: Path | None) -> None:
+    """What `finetune train` refuses of the run itself before its data check (its files were checked before: starting_files)."""
+    if resume_from is not None:
+        check_resume_first(recipe, resume_from)
+
+
+def check_resume_first(recipe: Recipe, resume_from: Path) -> None:
+    """A checkpoint another engine wrote (here without DeepSpeed: under it, its ZeRO stage decides), one of other trained weights
+    or optimizer groups than the recipe's, and a finished run's, with nothing left to train (as train() says it: with several
+    processes that waits until they have joined, where a kill cut its end's saves short)."""
+    from finetune.resume_checks import check_resumable, check_same_engine
+    from finetune.run_end import left_to_finish
+    from finetune.run_files import read_state
+
+    if not deepspeed_requested():
+        check_same_engine(resume_from, read_state(resume_from).get("processes"), None, launched_processes())
+    max_steps = recipe.train.max_steps
+    resumed_to = None if left_to_finish(resume_from, max_steps) or several_processes() else max_steps
+    check_resumable(resume_from, resumed_to, recipe.flat_settings())

@@ -1,0 +1,69 @@
+"""`finetune train` makes train()'s refusals of the run itself before its data check decodes every image (minutes for a
+large folder): they came only from inside train(), once every image had been decoded (finetune/run_refusals.py). Each test
+runs the command with the data check and the training stack standing in as failures: the refusal must come first."""
+
+import json
+
+import pytest
+import yaml
+from conftest import SHIPPED_BASE
+
+import finetune.train_command
+import finetune.train_inputs
+from finetune.cli import main
+from finetune.recipe_loading import load_recipe
+
+
+@pytest.fixture
+def refused_first(monkeypatch, capsys):
+    """Runs `finetune train ARGS`, with the data check and the training stack failing the test where reached; returns its one
+    line of error."""
+    monkeypatch.setattr(finetune.train_inputs, "check_data_first", lambda recipe: pytest.fail("every image was decoded before the refusal"))
+    monkeypatch.setattr(finetune.train_command, "_run_training", lambda *args: pytest.fail("the training stack was loaded before the refusal"))
+
+    def run(*args: str) -> str:
+        assert main(["train", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        return err[0]
+
+    return run
+
+
+def write_recipe(tmp_path, image_folder, **sections) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"method": "lora", "model": {"pretrained": str(SHIPPED_BASE)}, "output_dir": str(tmp_path / "run"),
+                                    "data": {"image_dir": str(image_folder), "resolution": 64}, "validation": {"prompts": []}, **sections}))  # fmt: skip
+    return str(path)
+
+
+def a_checkpoint(tmp_path, step: int, settings: dict, deepspeed: bool = False):
+    """A checkpoint of the run in tmp_path/run, as its JSON and file names tell it (what the early checks read)."""
+    folder = tmp_path / "run" / "checkpoints" / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    if deepspeed:
+        (folder / "pytorch_model").mkdir()  # ZeRO-2's files: the weights whole
+    (folder / "trainer_state.json").write_text(json.dumps({"step": step, "processes": 1, "recipe": settings}))
+    return folder
+
+
+def test_a_resume_with_nothing_left_to_train_is_refused_before_the_data_check(image_folder, tmp_path, refused_first):
+    recipe = write_recipe(tmp_path, image_folder, train={"max_steps": 4})
+    checkpoint = a_checkpoint(tmp_path, 4, load_recipe(recipe, []).flat_settings())
+    line = refused_first(recipe, "--resume", "latest")
+    assert f"{checkpoint} is at step 4 and train.max_steps is 4: nothing left to train" in line, line
+
+
+def test_a_resume_of_other_trained_weights_is_refused_before_the_data_check(image_folder, tmp_path, refused_first):
+    recipe = write_recipe(tmp_path, image_folder, train={"max_steps": 4}, lora={"rank": 4})
+    a_checkpoint(tmp_path, 2, {**load_recipe(recipe, []).flat_settings(), "lora.rank": 8})
+    line = refused_first(recipe, "--resume", "latest")
+    assert "trained other weights or optimizer groups than this recipe would (lora.rank 8 -> 4)" in line, line
+
+
+def test_a_resume_of_a_deepspeed_checkpoint_without_deepspeed_is_refused_before_the_data_check(image_folder, tmp_path, refused_first):
+    recipe = write_recipe(tmp_path, image_folder, train={"max_steps": 4})
+    checkpoint = a_checkpoint(tmp_path, 2, load_recipe(recipe, []).flat_settings(), deepspeed=True)
+    line = refused_first(recipe, "--resume", str(checkpoint))
+    assert f"checkpoint {checkpoint} was written under DeepSpeed ZeRO-2 by 1 process, this run is without DeepSpeed" in line, line
+
