@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
 
 import torch
@@ -16,6 +15,7 @@ from finetune.config.training import ADAMW_BETAS
 from finetune.console import warn
 from finetune.errors import FinetuneError
 from finetune.library_noise import quiet_paged_optimizer_on_cpu
+from finetune.optimizer_packages import check_optimizer_installed
 
 
 def build_optimizer(config: OptimizerConfig, parameters: list, device: torch.device | None = None, sharded: bool = False) -> torch.optim.Optimizer:
@@ -63,16 +63,6 @@ def _prodigy(config: OptimizerConfig, parameters: list, kwargs: dict, sharded: b
         from finetune.sharded_prodigy import ShardedProdigy as optimizer_class
     with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay" on every process
         return optimizer_class(parameters, eps=config.eps, use_bias_correction=True, safeguard_warmup=config.warmup_steps > 0, **kwargs)
-
-
-def check_optimizer_installed(config: OptimizerConfig) -> None:
-    """optimizer.name prodigy without its package, refused before the model loads (bitsandbytes' optimizers fall
-    back to AdamW with a warning instead: they save memory, where Prodigy's learning rate is another training)."""
-    if config.name == "prodigy":
-        try:
-            importlib.import_module("prodigyopt")
-        except ImportError:
-            raise FinetuneError("optimizer.name prodigy needs the prodigyopt package: pip install prodigyopt") from None
 
 
 def first_device(parameters: list) -> torch.device:

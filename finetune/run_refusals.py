@@ -9,11 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from finetune.config import Recipe
+from finetune.optimizer_packages import check_optimizer_installed
 from finetune.process_env import deepspeed_requested, launched_processes, several_processes
 
 
 def check_run_first(recipe: Recipe, resume_from: Path | None) -> None:
     """What `finetune train` refuses of the run itself before its data check (its files were checked before: starting_files)."""
+    check_optimizer_installed(recipe.optimizer)
     if resume_from is not None:
         check_resume_first(recipe, resume_from)
 

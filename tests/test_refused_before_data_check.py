@@ -3,6 +3,7 @@ large folder): they came only from inside train(), once every image had been dec
 runs the command with the data check and the training stack standing in as failures: the refusal must come first."""
 
 import json
+import sys
 
 import pytest
 import yaml
@@ -67,3 +68,8 @@ def test_a_resume_of_a_deepspeed_checkpoint_without_deepspeed_is_refused_before_
     line = refused_first(recipe, "--resume", str(checkpoint))
     assert f"checkpoint {checkpoint} was written under DeepSpeed ZeRO-2 by 1 process, this run is without DeepSpeed" in line, line
 
+
+def test_prodigy_without_its_package_is_refused_before_the_data_check(image_folder, tmp_path, refused_first, monkeypatch):
+    monkeypatch.setitem(sys.modules, "prodigyopt", None)  # not found, as where it is not installed
+    line = refused_first(write_recipe(tmp_path, image_folder, optimizer={"name": "prodigy", "lr": 1.0}))
+    assert line == "error: optimizer.name prodigy needs the prodigyopt package: pip install prodigyopt", line

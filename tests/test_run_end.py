@@ -116,6 +116,7 @@ def test_finetune_train_exits_as_the_stop_that_skipped_the_final_samples(monkeyp
 
     import finetune.native_resolution
     import finetune.recipe_loading
+    import finetune.run_refusals
     import finetune.starting_files
     import finetune.train_inputs
     from finetune import cli
@@ -124,6 +125,7 @@ def test_finetune_train_exits_as_the_stop_that_skipped_the_final_samples(monkeyp
     monkeypatch.setattr(finetune.train_inputs, "check_inputs_exist", lambda recipe: None)
     monkeypatch.setattr(finetune.train_inputs, "check_data_first", lambda recipe: None)  # nor data (this recipe names none)
     monkeypatch.setattr(finetune.starting_files, "check_starting_files", lambda recipe, resuming: None)  # nor the files it starts from
+    monkeypatch.setattr(finetune.run_refusals, "check_run_first", lambda *a: None)  # nor train()'s refusals of the run
     monkeypatch.setattr(finetune.native_resolution, "far_from_native_line", lambda *a: None)
     output = tmp_path / LORA_WEIGHTS_NAME
     monkeypatch.setattr(trainer, "train", lambda *a, **k: SimpleNamespace(interrupted=False, stopped_by=2, sample_grids=[], saved_files=[output]))

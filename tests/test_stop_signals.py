@@ -47,6 +47,7 @@ def test_a_command_stopped_exits_as_the_signal_says(monkeypatch, capsys, stop, l
 def test_a_training_run_stopped_at_a_step_exits_as_the_signal_says(monkeypatch, tmp_path, sent, status):
     import finetune.native_resolution
     import finetune.recipe_loading
+    import finetune.run_refusals
     import finetune.starting_files
     import finetune.run_lock
     import finetune.train_inputs
@@ -56,6 +57,7 @@ def test_a_training_run_stopped_at_a_step_exits_as_the_signal_says(monkeypatch, 
     monkeypatch.setattr(finetune.train_inputs, "check_inputs_exist", lambda recipe: None)
     monkeypatch.setattr(finetune.train_inputs, "check_data_first", lambda recipe: None)  # nor data
     monkeypatch.setattr(finetune.starting_files, "check_starting_files", lambda recipe, resuming: None)  # nor the files it starts from
+    monkeypatch.setattr(finetune.run_refusals, "check_run_first", lambda *a: None)  # nor train()'s refusals of the run
     monkeypatch.setattr(finetune.native_resolution, "far_from_native_line", lambda *a: None)  # the fake recipe names no real base
     monkeypatch.setattr(finetune.trainer, "train", lambda *a, **k: SimpleNamespace(interrupted=True, stopped_by=sent))
     assert cli.main(["train", "recipe.yaml"]) == status
