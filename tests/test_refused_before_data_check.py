@@ -73,3 +73,10 @@ def test_prodigy_without_its_package_is_refused_before_the_data_check(image_fold
     monkeypatch.setitem(sys.modules, "prodigyopt", None)  # not found, as where it is not installed
     line = refused_first(write_recipe(tmp_path, image_folder, optimizer={"name": "prodigy", "lr": 1.0}))
     assert line == "error: optimizer.name prodigy needs the prodigyopt package: pip install prodigyopt", line
+
+
+def test_fp16_on_a_cpu_is_refused_before_the_data_check(image_folder, tmp_path, refused_first, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # the run's device is the CPU, whatever GPU the machine has
+    line = refused_first(write_recipe(tmp_path, image_folder, train={"mixed_precision": "fp16"}))
+    assert line.startswith("error: train.mixed_precision fp16 needs a GPU") and line.endswith("on a CPU use bf16 or no"), line
+
