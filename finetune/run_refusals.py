@@ -19,8 +19,26 @@ def check_run_first(recipe: Recipe, resume_from: Path | None) -> None:
     """What `finetune train` refuses of the run itself before its data check (its files were checked before: starting_files)."""
     check_optimizer_installed(recipe.optimizer)
     check_launch_settings_first(recipe)
+    check_deepspeed_first(recipe, resume_from)
     if resume_from is not None:
         check_resume_first(recipe, resume_from)
+
+
+def check_deepspeed_first(recipe: Recipe, resume_from: Path | None) -> None:
+    """Under DeepSpeed, its refusals (`deepspeed_checks.check_deepspeed_launch`: two trained models, lora.max_norm, adafactor,
+    an optimizer offload does not run, a config file setting what the recipe decides, a checkpoint of another ZeRO stage or
+    number of processes). They need accelerate's DeepSpeed plugin to read the config as the run will (it fills in its
+    environment's settings and defaults), and the method's trained models: torch and the methods are imported here, only
+    under DeepSpeed, whose runs import them seconds later anyway; a copy of the plugin's reading without torch would drift
+    from it."""
+    if not deepspeed_requested():
+        return
+    from finetune.deepspeed_checks import check_deepspeed_launch
+    from finetune.methods import METHODS
+    from finetune.start_weights import without_starting_weights
+
+    trained = METHODS[recipe.method](without_starting_weights(recipe)).trained_module_names()  # from the recipe alone
+    check_deepspeed_launch(recipe, trained, resume_from)
 
 
 def check_resume_first(recipe: Recipe, resume_from: Path) -> None:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import SHIPPED_BASE
+from conftest import REPO, SHIPPED_BASE
 
 import finetune.train_command
 import finetune.train_inputs
@@ -80,3 +80,18 @@ def test_fp16_on_a_cpu_is_refused_before_the_data_check(image_folder, tmp_path, 
     line = refused_first(write_recipe(tmp_path, image_folder, train={"mixed_precision": "fp16"}))
     assert line.startswith("error: train.mixed_precision fp16 needs a GPU") and line.endswith("on a CPU use bf16 or no"), line
 
+
+def test_what_deepspeed_cannot_train_is_refused_before_the_data_check(image_folder, tmp_path, refused_first, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # as `accelerate launch --use_deepspeed --deepspeed_config_file` sets it
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(REPO / "configs" / "deepspeed" / "zero2.json"))
+    line = refused_first(write_recipe(tmp_path, image_folder, lora={"train_text_encoder": True}))
+    assert line.startswith("error: DeepSpeed trains one model per run, this recipe trains 2 (unet, text_encoder): set lora.train_text_encoder"), line
+
+
+def test_a_resume_under_deepspeed_of_a_checkpoint_without_it_is_refused_before_the_data_check(image_folder, tmp_path, refused_first, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(REPO / "configs" / "deepspeed" / "zero2.json"))
+    recipe = write_recipe(tmp_path, image_folder, train={"max_steps": 4})
+    checkpoint = a_checkpoint(tmp_path, 2, load_recipe(recipe, []).flat_settings())
+    line = refused_first(recipe, "--resume", "latest")
+    assert f"checkpoint {checkpoint} was written without DeepSpeed, this run is under DeepSpeed ZeRO-2 by 1 process" in line, line
