@@ -141,12 +141,7 @@ def class_image_plans(recipe: Recipe) -> list[tuple[Path, str, list[Path], list[
     made_as: dict[str, dict] = {}  # key: how its images are made
     for i, concept in enumerate(settings.concepts if settings.prior_preservation else []):
         folder = class_folder(recipe, i)
-        if folder.exists() and not folder.is_dir():  # else generation's mkdir raises once the model has loaded
-            raise FinetuneError(f"dreambooth.concepts.{i}.class_dir {folder} is a file, not a folder: name a folder for the class images (missing ones are generated there)")
-        subjects = [j for j, other in enumerate(settings.concepts) if Path(other.instance_dir).resolve() == folder.resolve()]
-        if subjects:  # the subject's photos would train as its class, and generated images would join a concept's photos
-            raise FinetuneError(f"dreambooth.concepts.{i}.class_dir {folder} is dreambooth.concepts.{subjects[0]}.instance_dir: give class images a folder "
-                                f"of their own (or class_dir: null for {Path(recipe.output_dir) / 'class_images' / f'concept-{i}'})")  # fmt: skip
+        check_class_folder(recipe, i, folder)
         record = recipe_generation_record(recipe, concept.class_prompts)
         key = record_key(record)
         made_as[key] = record
@@ -154,6 +149,25 @@ def class_image_plans(recipe: Recipe) -> list[tuple[Path, str, list[Path], list[
     for folder in {folder.resolve(): folder for folder, *_ in plans}.values():
         warn_of_unused_generated_images(folder, {key: made_as[key] for other, key, *_ in plans if other.resolve() == folder.resolve()})
     return plans
+
+
+def check_class_folders(recipe: Recipe) -> None:
+    """Each concept's class folder, where prior preservation reads one (`check_class_folder`): `finetune train` says one
+    that cannot be before its data check decodes the images, which decoded an instance folder named as a class folder twice."""
+    if recipe.method != "dreambooth" or not recipe.dreambooth.prior_preservation:
+        return
+    for index in range(len(recipe.dreambooth.concepts)):
+        check_class_folder(recipe, index, class_folder(recipe, index))
+
+
+def check_class_folder(recipe: Recipe, index: int, folder: Path) -> None:
+    """Concept `index`'s class folder `folder` is no file and no concept's instance_dir, from their paths alone."""
+    if folder.exists() and not folder.is_dir():  # else generation's mkdir raises once the model has loaded
+        raise FinetuneError(f"dreambooth.concepts.{index}.class_dir {folder} is a file, not a folder: name a folder for the class images (missing ones are generated there)")
+    subjects = [j for j, other in enumerate(recipe.dreambooth.concepts) if Path(other.instance_dir).resolve() == folder.resolve()]
+    if subjects:  # the subject's photos would train as its class, and generated images would join a concept's photos
+        raise FinetuneError(f"dreambooth.concepts.{index}.class_dir {folder} is dreambooth.concepts.{subjects[0]}.instance_dir: give class images a folder "
+                            f"of their own (or class_dir: null for {Path(recipe.output_dir) / 'class_images' / f'concept-{index}'})")  # fmt: skip
 
 
 def recipe_generation_record(recipe: Recipe, class_prompts: list[str]) -> dict:

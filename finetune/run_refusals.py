@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from finetune.class_image_plans import check_class_folders
 from finetune.config import Recipe
 from finetune.errors import FinetuneError
 from finetune.optimizer_packages import check_optimizer_installed
@@ -17,6 +18,7 @@ from finetune.process_env import deepspeed_requested, launched_processes, severa
 
 def check_run_first(recipe: Recipe, resume_from: Path | None) -> None:
     """What `finetune train` refuses of the run itself before its data check (its files were checked before: starting_files)."""
+    check_class_folders(recipe)  # as DreamBooth's check_data says it, before its images are read
     check_optimizer_installed(recipe.optimizer)
     check_launch_settings_first(recipe)
     check_deepspeed_first(recipe, resume_from)

@@ -31,10 +31,11 @@ def refused_first(monkeypatch, capsys):
     return run
 
 
-def write_recipe(tmp_path, image_folder, **sections) -> str:
+def write_recipe(tmp_path, image_folder, method="lora", **sections) -> str:
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump({"method": "lora", "model": {"pretrained": str(SHIPPED_BASE)}, "output_dir": str(tmp_path / "run"),
-                                    "data": {"image_dir": str(image_folder), "resolution": 64}, "validation": {"prompts": []}, **sections}))  # fmt: skip
+    data = {"resolution": 64, **({} if method == "dreambooth" else {"image_dir": str(image_folder)})}  # DreamBooth's concepts name theirs
+    path.write_text(yaml.safe_dump({"method": method, "model": {"pretrained": str(SHIPPED_BASE)}, "output_dir": str(tmp_path / "run"),
+                                    "data": data, "validation": {"prompts": []}, **sections}))  # fmt: skip
     return str(path)
 
 
@@ -95,3 +96,15 @@ def test_a_resume_under_deepspeed_of_a_checkpoint_without_it_is_refused_before_t
     checkpoint = a_checkpoint(tmp_path, 2, load_recipe(recipe, []).flat_settings())
     line = refused_first(recipe, "--resume", "latest")
     assert f"checkpoint {checkpoint} was written without DeepSpeed, this run is under DeepSpeed ZeRO-2 by 1 process" in line, line
+
+
+@pytest.mark.parametrize("class_dir", ["instance_dir", "a file"])
+def test_a_class_dir_that_cannot_hold_class_images_is_refused_before_the_data_check(class_dir, image_folder, tmp_path, refused_first):
+    """An instance folder named as the class folder was decoded twice (as instances, then as the user's class images) before
+    DreamBooth's check_data refused it; a file, once."""
+    folder = image_folder if class_dir == "instance_dir" else next(image_folder.glob("*.png"))
+    concept = {"instance_dir": str(image_folder), "instance_prompt": "a sks shape", "class_prompt": "a shape", "class_dir": str(folder)}
+    recipe = write_recipe(tmp_path, image_folder, method="dreambooth", dreambooth={"concepts": [concept], "num_class_images": 4})
+    line = refused_first(recipe)
+    said = "is dreambooth.concepts.0.instance_dir: give class images a folder of their own" if class_dir == "instance_dir" else "is a file, not a folder"
+    assert line.startswith(f"error: dreambooth.concepts.0.class_dir {folder} {said}"), line
