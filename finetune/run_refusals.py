@@ -12,18 +12,22 @@ from pathlib import Path
 from finetune.class_image_plans import check_class_folders
 from finetune.config import Recipe
 from finetune.errors import FinetuneError
+from finetune.model_source import BaseLocation
 from finetune.optimizer_packages import check_optimizer_installed
 from finetune.process_env import deepspeed_requested, launched_processes, several_processes
 
 
-def check_run_first(recipe: Recipe, resume_from: Path | None) -> None:
-    """What `finetune train` refuses of the run itself before its data check (its files were checked before: starting_files)."""
+def check_run_first(recipe: Recipe, resume_from: Path | None, base: BaseLocation) -> None:
+    """What `finetune train` refuses of the run itself before its data check (its files were checked before: starting_files);
+    `base`: the command's lookup of the base model."""
     check_class_folders(recipe)  # as DreamBooth's check_data says it, before its images are read
     check_optimizer_installed(recipe.optimizer)
     check_launch_settings_first(recipe)
     check_deepspeed_first(recipe, resume_from)
     if resume_from is not None:
         check_resume_first(recipe, resume_from)
+    else:  # a resume reads no starting weights: its checkpoint holds them (finetune.start_weights)
+        check_controlnet_target_first(recipe, base)
 
 
 def check_deepspeed_first(recipe: Recipe, resume_from: Path | None) -> None:
@@ -71,3 +75,36 @@ def check_launch_settings_first(recipe: Recipe) -> None:
 
     if problem := launch_problem(recipe.train.mixed_precision):
         raise FinetuneError(problem)
+
+
+def check_controlnet_target_first(recipe: Recipe, base: BaseLocation) -> None:
+    """A controlnet.pretrained whose run trained for another prediction type than this run trains for (its finetune_metadata.json
+    against model.prediction_type, else the base's scheduler config), which ControlNetMethod refuses once the base has loaded.
+    A hub id's ControlNet records none."""
+    pretrained = recipe.controlnet.pretrained
+    if recipe.method != "controlnet" or pretrained is None or not Path(pretrained).expanduser().is_dir():
+        return
+    from finetune.adapter_records import saved_model_metadata
+    from finetune.starting_files import controlnet_to_load
+
+    recorded = saved_model_metadata(Path(controlnet_to_load(pretrained))).get("finetune.prediction_type")
+    trained = run_prediction_type(recipe, base)
+    if recorded and trained and recorded != trained:
+        raise FinetuneError(f"controlnet.pretrained {pretrained} was trained for {recorded}, this run trains for {trained}: "
+                            f"set model.prediction_type: {recorded}")  # fmt: skip
+
+
+def run_prediction_type(recipe: Recipe, base: BaseLocation) -> str | None:
+    """What the run trains its model to predict, as loading the base decides it (finetune.models.load_base_model):
+    model.prediction_type, else the base's scheduler config's (diffusers' default, epsilon, where it names none); None where
+    only loading can say (a single file without model.single_file_config: diffusers reads its kind from its tensors)."""
+    if recipe.model.prediction_type is not None:
+        return recipe.model.prediction_type
+    configs = recipe.model.single_file_config
+    folder = base.folder or (Path(configs).expanduser() if configs and Path(configs).expanduser().is_dir() else None)
+    scheduler = folder / "scheduler" / "scheduler_config.json" if folder else None
+    if scheduler is None or not scheduler.is_file():
+        return None
+    from finetune.base_folder import read_config
+
+    return read_config(scheduler, recipe.model.pretrained).get("prediction_type", "epsilon")

@@ -47,7 +47,7 @@ def run_train_command(args) -> int:
         resume_from = resolve_resume(args.resume, checkpoints_dir)
         guard_earlier_run(output_dir, resume_from, args.overwrite)
         check_starting_files(recipe, resuming=resume_from is not None)  # controlnet.pretrained, lora.init_from, the validation conditions
-        check_run_first(recipe, resume_from)  # train()'s refusals of the run itself: a resume it cannot continue, fp16 on a CPU, ...
+        check_run_first(recipe, resume_from, base_location)  # train()'s refusals of the run itself (finetune/run_refusals.py)
         check_data_first(recipe)  # every image decoded, after the cheaper checks above; train() takes its result
         result = _run_training(recipe, args, base_location)
     if result.interrupted:

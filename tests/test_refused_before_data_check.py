@@ -13,6 +13,7 @@ import finetune.train_command
 import finetune.train_inputs
 from finetune.cli import main
 from finetune.recipe_loading import load_recipe
+from finetune.run_files import CONTROLNET_DIR, METADATA_FILE
 
 
 @pytest.fixture
@@ -108,3 +109,19 @@ def test_a_class_dir_that_cannot_hold_class_images_is_refused_before_the_data_ch
     line = refused_first(recipe)
     said = "is dreambooth.concepts.0.instance_dir: give class images a folder of their own" if class_dir == "instance_dir" else "is a file, not a folder"
     assert line.startswith(f"error: dreambooth.concepts.0.class_dir {folder} {said}"), line
+
+
+def test_a_controlnet_trained_for_another_target_is_refused_before_the_data_check(tiny_model, pairs_folder, tmp_path, refused_first):
+    """ControlNetMethod refused it once the base model had loaded; its run's record and the base's scheduler config say it."""
+    from controlnet_helpers import write_controlnet_run
+
+    run = write_controlnet_run(tiny_model, tmp_path / "v-edges", trained=False)
+    (run / CONTROLNET_DIR / METADATA_FILE).write_text(json.dumps({"finetune.method": "controlnet", "finetune.prediction_type": "v_prediction"}))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "controlnet", "model": {"pretrained": str(tiny_model)}, "output_dir": str(tmp_path / "run"),
+                                      "data": {"image_dir": str(pairs_folder), "resolution": 64}, "validation": {"prompts": []},
+                                      "controlnet": {"pretrained": str(run)}}))  # fmt: skip
+    line = refused_first(str(recipe))
+    assert line == f"error: controlnet.pretrained {run} was trained for v_prediction, this run trains for epsilon: set model.prediction_type: v_prediction", line
+    with pytest.raises(pytest.fail.Exception, match="every image was decoded"):  # trained for this run's target: on to the data check
+        refused_first(str(recipe), "model.prediction_type=v_prediction")
