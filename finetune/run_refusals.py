@@ -21,6 +21,7 @@ def check_run_first(recipe: Recipe, resume_from: Path | None, base: BaseLocation
     """What `finetune train` refuses of the run itself before its data check (its files were checked before: starting_files);
     `base`: the command's lookup of the base model."""
     check_class_folders(recipe)  # as DreamBooth's check_data says it, before its images are read
+    check_perceptual_network_first(recipe)
     check_optimizer_installed(recipe.optimizer)
     check_launch_settings_first(recipe)
     check_deepspeed_first(recipe, resume_from)
@@ -108,3 +109,49 @@ def run_prediction_type(recipe: Recipe, base: BaseLocation) -> str | None:
     from finetune.base_folder import read_config
 
     return read_config(scheduler, recipe.model.pretrained).get("prediction_type", "epsilon")
+
+
+def check_perceptual_network_first(recipe: Recipe) -> None:
+    """Method vae's vae.perceptual_network that is no toy-world classifier file (another model's weights, no safetensors file,
+    a classifier of other attribute vocabularies), which VAEMethod.check_data says as it loads it (torch), after the command's
+    data check. Told from its header alone: a classifier's tensors are the shipped one's, by name and shape (one architecture,
+    `ToyWorldClassifier()`), and its vocabularies the world's."""
+    from finetune.train_inputs import SHIPPED_PERCEPTUAL_NETWORK, perceptual_network_file
+
+    if recipe.method != "vae" or (path := perceptual_network_file(recipe)) is None:
+        return
+    problem = classifier_header_problem(path, SHIPPED_PERCEPTUAL_NETWORK)
+    if problem:
+        raise FinetuneError(f"vae.perceptual_network {path} is not a toy-world classifier file ({problem}): train one with python -m finetune.toyworld.classifier")
+
+
+def classifier_header_problem(path: Path, shipped: Path) -> str | None:
+    """Why safetensors file `path` cannot load as the toy-world classifier `shipped` is, from both headers; None where it can."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    from finetune.counts import counted
+    from finetune.toyworld.world import ATTRIBUTES
+
+    def header(file: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
+        with safe_open(str(file), "np") as opened:  # "np": "pt" imports torch
+            return {name: opened.get_slice(name).get_shape() for name in opened.keys()}, dict(opened.metadata() or {})
+
+    try:
+        tensors, metadata = header(path)
+    except (SafetensorError, OSError) as err:
+        return str(err).splitlines()[0][:120]
+    expected, _ = header(shipped)
+    missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
+    if missing or unexpected:
+        return f"{counted(len(missing), 'tensor')} of a classifier's missing, {counted(len(unexpected), 'tensor')} not a classifier's, e.g. {(unexpected or missing)[0]}"
+    if reshaped := sorted(name for name in tensors if tensors[name] != expected[name]):
+        return f"{counted(len(reshaped), 'tensor')} of another shape than a classifier's, e.g. {reshaped[0]} {tuple(tensors[reshaped[0]])}"
+    try:
+        attributes = json.loads(metadata.get("attributes", "null"))
+    except ValueError:
+        return "its attributes record is no JSON"
+    if attributes is not None and attributes != {key: list(values) for key, values in ATTRIBUTES.items()}:
+        return "trained for other attribute vocabularies; retrain it"
+    return None

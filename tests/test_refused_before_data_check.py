@@ -5,6 +5,7 @@ runs the command with the data check and the training stack standing in as failu
 import json
 import sys
 
+import numpy as np
 import pytest
 import yaml
 from conftest import REPO, SHIPPED_BASE
@@ -125,3 +126,17 @@ def test_a_controlnet_trained_for_another_target_is_refused_before_the_data_chec
     assert line == f"error: controlnet.pretrained {run} was trained for v_prediction, this run trains for epsilon: set model.prediction_type: v_prediction", line
     with pytest.raises(pytest.fail.Exception, match="every image was decoded"):  # trained for this run's target: on to the data check
         refused_first(str(recipe), "model.prediction_type=v_prediction")
+
+
+def test_a_perceptual_network_that_is_no_classifier_is_refused_before_the_data_check(image_folder, tmp_path, refused_first):
+    """VAEMethod.check_data loads vae.perceptual_network (torch) before it reads the images; the command's data check ran
+    before that. Its header says another model's weights, and a file that is no safetensors file, at once."""
+    from safetensors.numpy import save_file
+
+    lora, text = tmp_path / "lora.safetensors", tmp_path / "notes.safetensors"
+    save_file({"unet.up.lora_A.weight": np.zeros((2, 2), np.float32)}, str(lora))
+    text.write_text("not a safetensors file")
+    for network, why in ((lora, "not a classifier's, e.g. unet.up.lora_A.weight"), (text, "")):
+        line = refused_first(write_recipe(tmp_path, image_folder, method="vae", vae={"perceptual_weight": 0.1, "perceptual_network": str(network)}))
+        assert line.startswith(f"error: vae.perceptual_network {network} is not a toy-world classifier file (") and line.endswith(
+            f"{why}): train one with python -m finetune.toyworld.classifier"), line
