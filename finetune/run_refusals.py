@@ -29,6 +29,7 @@ def check_run_first(recipe: Recipe, resume_from: Path | None, base: BaseLocation
         check_resume_first(recipe, resume_from)
     else:  # a resume reads no starting weights: its checkpoint holds them (finetune.start_weights)
         check_controlnet_target_first(recipe, base)
+        check_lora_init_from_first(recipe, base)
 
 
 def check_deepspeed_first(recipe: Recipe, resume_from: Path | None) -> None:
@@ -93,6 +94,17 @@ def check_controlnet_target_first(recipe: Recipe, base: BaseLocation) -> None:
     if recorded and trained and recorded != trained:
         raise FinetuneError(f"controlnet.pretrained {pretrained} was trained for {recorded}, this run trains for {trained}: "
                             f"set model.prediction_type: {recorded}")  # fmt: skip
+
+
+def check_lora_init_from_first(recipe: Recipe, base: BaseLocation) -> None:
+    """A lora.init_from whose run recorded another clip skip or prediction type than this run's (its header, as ours),
+    which the LoRA method refuses once the base has loaded (its prediction type) and the file's tensors are read."""
+    if not recipe.lora.init_from:
+        return
+    from finetune.adapter_records import lora_record
+    from finetune.init_from_record import check_recorded_alike
+
+    check_recorded_alike(lora_record(recipe.lora.init_from), recipe.lora.init_from, recipe.model.clip_skip, run_prediction_type(recipe, base))
 
 
 def run_prediction_type(recipe: Recipe, base: BaseLocation) -> str | None:

@@ -140,3 +140,18 @@ def test_a_perceptual_network_that_is_no_classifier_is_refused_before_the_data_c
         line = refused_first(write_recipe(tmp_path, image_folder, method="vae", vae={"perceptual_weight": 0.1, "perceptual_network": str(network)}))
         assert line.startswith(f"error: vae.perceptual_network {network} is not a toy-world classifier file (") and line.endswith(
             f"{why}): train one with python -m finetune.toyworld.classifier"), line
+
+
+@pytest.mark.parametrize(("recorded", "said"), [({"finetune.prediction_type": "v_prediction"}, "was trained for v_prediction, this run trains for epsilon: "
+                                                 "set model.prediction_type: v_prediction"),
+                                                ({"finetune.clip_skip": "2"}, "was trained with clip skip 2, this recipe's model.clip_skip is 1: set it to 2")])  # fmt: skip
+def test_a_lora_init_from_trained_otherwise_is_refused_before_the_data_check(recorded, said, image_folder, tmp_path, refused_first):
+    """The LoRA method refused it once the base had loaded and the file's tensors were read; its header says it."""
+    from safetensors.numpy import save_file
+
+    lora = tmp_path / "trained.safetensors"
+    layer = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    save_file({f"{layer}.lora_A.weight": np.zeros((4, 32), np.float32), f"{layer}.lora_B.weight": np.zeros((32, 4), np.float32)}, str(lora),
+              metadata={"finetune.method": "lora", **recorded})  # fmt: skip
+    line = refused_first(write_recipe(tmp_path, image_folder, lora={"init_from": str(lora)}))
+    assert line == f"error: lora.init_from {lora} {said}", line

@@ -10,13 +10,14 @@ import torch
 from finetune.adapter_records import initial_lora_file
 from finetune.counts import counted
 from finetune.dora import row_norms, uses_dora
-from finetune.encoders import layer_stack, recorded_clip_skip
+from finetune.encoders import layer_stack
 from finetune.errors import FinetuneError
 from finetune.kohya import LoRA, load_lora
 from finetune.merge import find_module
 from finetune.config.methods import TEXT_ENCODER_LAYERS, TEXT_ENCODER_TARGETS
 from finetune.methods.lora import is_conv_3x3
 from finetune.adapters_as_trained import adapters_max_token_length, adapters_prediction_type
+from finetune.init_from_record import check_recorded_alike
 
 
 def read_checked(settings, trains_text_encoder: bool = False, text_encoder_switch: str = "lora.train_text_encoder") -> LoRA:
@@ -93,12 +94,8 @@ def check_initial_record(lora: LoRA, source: str) -> None:
 
 def check_trained_alike(lora: LoRA, source: str, clip_skip: int, prediction_type: str) -> None:
     """A LoRA continued with another prompt encoding (model.clip_skip) or another target (model.prediction_type) would
-    start from what it did not learn."""
-    recorded_skip, recorded_type = recorded_clip_skip(lora.metadata), lora.metadata.get("finetune.prediction_type")
-    if recorded_skip is not None and recorded_skip != clip_skip:
-        raise FinetuneError(f"lora.init_from {source} was trained with clip skip {recorded_skip}, this recipe's model.clip_skip is {clip_skip}: set it to {recorded_skip}")
-    if recorded_type and recorded_type != prediction_type:
-        raise FinetuneError(f"lora.init_from {source} was trained for {recorded_type}, this run trains for {prediction_type}: set model.prediction_type: {recorded_type}")
+    start from what it did not learn (`finetune train` said it before its data check: finetune.init_from_record)."""
+    check_recorded_alike(lora.metadata, source, clip_skip, prediction_type)
 
 
 def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str, text_encoder_switch: str = "lora.train_text_encoder",

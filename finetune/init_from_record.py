@@ -1,0 +1,19 @@
+"""What lora.init_from's training run recorded (its clip skip and prediction type) against what this run trains with, from
+the file's header alone, without torch: `finetune train` says a LoRA trained otherwise before its data check decodes every
+image; the LoRA method says it again as it starts from the file (finetune/methods/lora_init.py)."""
+
+from __future__ import annotations
+
+from finetune.errors import FinetuneError
+
+
+def check_recorded_alike(metadata: dict[str, str], source: str, clip_skip: int, prediction_type: str | None) -> None:
+    """A LoRA continued with another prompt encoding (model.clip_skip) or another target (model.prediction_type) would
+    start from what it did not learn. `metadata`: its header's record, as ours (sd-scripts' read into ours);
+    `prediction_type` None: not known before the base loads (then only the clip skip is compared)."""
+    value = str(metadata.get("finetune.clip_skip", ""))  # as finetune.encoders.recorded_clip_skip reads it (that module imports torch)
+    recorded_skip, recorded_type = int(value) if value.isdigit() else None, metadata.get("finetune.prediction_type")
+    if recorded_skip is not None and recorded_skip != clip_skip:
+        raise FinetuneError(f"lora.init_from {source} was trained with clip skip {recorded_skip}, this recipe's model.clip_skip is {clip_skip}: set it to {recorded_skip}")
+    if recorded_type and prediction_type is not None and recorded_type != prediction_type:
+        raise FinetuneError(f"lora.init_from {source} was trained for {recorded_type}, this run trains for {prediction_type}: set model.prediction_type: {recorded_type}")
