@@ -1,8 +1,8 @@
 """The refusals train() makes before its model loads (finetune/trainer.py), made again by `finetune train` before its data
 check decodes every image (minutes for a large folder): there they came only once every image had been decoded. Each is made
-here from what is known at the start (the recipe, the launch's environment, the resumed checkpoint's JSON and file names),
-without torch where torch is not what the answer needs. train() keeps its own, for callers that do not come through the command
-(the benchmark, tests)."""
+here from what is known at the start (the recipe, the launch's environment, the resumed checkpoint's JSON and file names,
+the headers and configs of the files the run starts from), without torch where torch is not what the answer needs. train()
+keeps its own, for callers that do not come through the command (the benchmark, tests)."""
 
 from __future__ import annotations
 
@@ -30,97 +30,6 @@ def check_run_first(recipe: Recipe, resume_from: Path | None, base: BaseLocation
     else:  # a resume reads no starting weights: its checkpoint holds them (finetune.start_weights)
         check_controlnet_target_first(recipe, base)
         check_lora_init_from_first(recipe, base)
-
-
-def check_deepspeed_first(recipe: Recipe, resume_from: Path | None) -> None:
-    """Under DeepSpeed, its refusals (`deepspeed_checks.check_deepspeed_launch`: two trained models, lora.max_norm, adafactor,
-    an optimizer offload does not run, a config file setting what the recipe decides, a checkpoint of another ZeRO stage or
-    number of processes). They need accelerate's DeepSpeed plugin to read the config as the run will (it fills in its
-    environment's settings and defaults), and the method's trained models: torch and the methods are imported here, only
-    under DeepSpeed, whose runs import them seconds later anyway; a copy of the plugin's reading without torch would drift
-    from it."""
-    if not deepspeed_requested():
-        return
-    from finetune.deepspeed_checks import check_deepspeed_launch
-    from finetune.methods import METHODS
-    from finetune.start_weights import without_starting_weights
-
-    trained = METHODS[recipe.method](without_starting_weights(recipe)).trained_module_names()  # from the recipe alone
-    check_deepspeed_launch(recipe, trained, resume_from)
-
-
-def check_resume_first(recipe: Recipe, resume_from: Path) -> None:
-    """A checkpoint another engine wrote (here without DeepSpeed: under it, its ZeRO stage decides), one of other trained weights
-    or optimizer groups than the recipe's, and a finished run's, with nothing left to train (as train() says it: with several
-    processes that waits until they have joined, where a kill cut its end's saves short)."""
-    from finetune.resume_checks import check_resumable, check_same_engine
-    from finetune.run_end import left_to_finish
-    from finetune.run_files import read_state
-
-    if not deepspeed_requested():
-        check_same_engine(resume_from, read_state(resume_from).get("processes"), None, launched_processes())
-    max_steps = recipe.train.max_steps
-    resumed_to = None if left_to_finish(resume_from, max_steps) or several_processes() else max_steps
-    check_resumable(resume_from, resumed_to, recipe.flat_settings())
-
-
-def check_launch_settings_first(recipe: Recipe) -> None:
-    """train.mixed_precision and accelerate's compile options this machine cannot run (fp16 on a CPU, bf16 emulated on an old
-    GPU, inductor's dynamic shapes on a CPU: `distributed.launch_problem`). Whether there is a GPU is torch's to say, so torch
-    is imported here, 3.5 s to 6 s before train() would import it (python -X importtime on a 2-core machine, idle and
-    loaded), but only where the answer needs it: with train.mixed_precision no and no --dynamo_backend,
-    launch_problem refuses nothing. A run that passes loses nothing (train() imports torch anyway); one whose data check fails
-    says so those seconds later, where a refusal after the data check came minutes late on a large folder."""
-    if recipe.train.mixed_precision == "no" and os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower() == "no":
-        return
-    from finetune.distributed import launch_problem
-
-    if problem := launch_problem(recipe.train.mixed_precision):
-        raise FinetuneError(problem)
-
-
-def check_controlnet_target_first(recipe: Recipe, base: BaseLocation) -> None:
-    """A controlnet.pretrained whose run trained for another prediction type than this run trains for (its finetune_metadata.json
-    against model.prediction_type, else the base's scheduler config), which ControlNetMethod refuses once the base has loaded.
-    A hub id's ControlNet records none."""
-    pretrained = recipe.controlnet.pretrained
-    if recipe.method != "controlnet" or pretrained is None or not Path(pretrained).expanduser().is_dir():
-        return
-    from finetune.adapter_records import saved_model_metadata
-    from finetune.starting_files import controlnet_to_load
-
-    recorded = saved_model_metadata(Path(controlnet_to_load(pretrained))).get("finetune.prediction_type")
-    trained = run_prediction_type(recipe, base)
-    if recorded and trained and recorded != trained:
-        raise FinetuneError(f"controlnet.pretrained {pretrained} was trained for {recorded}, this run trains for {trained}: "
-                            f"set model.prediction_type: {recorded}")  # fmt: skip
-
-
-def check_lora_init_from_first(recipe: Recipe, base: BaseLocation) -> None:
-    """A lora.init_from whose run recorded another clip skip or prediction type than this run's (its header, as ours),
-    which the LoRA method refuses once the base has loaded (its prediction type) and the file's tensors are read."""
-    if not recipe.lora.init_from:
-        return
-    from finetune.adapter_records import lora_record
-    from finetune.init_from_record import check_recorded_alike
-
-    check_recorded_alike(lora_record(recipe.lora.init_from), recipe.lora.init_from, recipe.model.clip_skip, run_prediction_type(recipe, base))
-
-
-def run_prediction_type(recipe: Recipe, base: BaseLocation) -> str | None:
-    """What the run trains its model to predict, as loading the base decides it (finetune.models.load_base_model):
-    model.prediction_type, else the base's scheduler config's (diffusers' default, epsilon, where it names none); None where
-    only loading can say (a single file without model.single_file_config: diffusers reads its kind from its tensors)."""
-    if recipe.model.prediction_type is not None:
-        return recipe.model.prediction_type
-    configs = recipe.model.single_file_config
-    folder = base.folder or (Path(configs).expanduser() if configs and Path(configs).expanduser().is_dir() else None)
-    scheduler = folder / "scheduler" / "scheduler_config.json" if folder else None
-    if scheduler is None or not scheduler.is_file():
-        return None
-    from finetune.base_folder import read_config
-
-    return read_config(scheduler, recipe.model.pretrained).get("prediction_type", "epsilon")
 
 
 def check_perceptual_network_first(recipe: Recipe) -> None:
@@ -167,3 +76,94 @@ def classifier_header_problem(path: Path, shipped: Path) -> str | None:
     if attributes is not None and attributes != {key: list(values) for key, values in ATTRIBUTES.items()}:
         return "trained for other attribute vocabularies; retrain it"
     return None
+
+
+def check_launch_settings_first(recipe: Recipe) -> None:
+    """train.mixed_precision and accelerate's compile options this machine cannot run (fp16 on a CPU, bf16 emulated on an old
+    GPU, inductor's dynamic shapes on a CPU: `distributed.launch_problem`). Whether there is a GPU is torch's to say, so torch
+    is imported here, 3.5 s to 6 s before train() would import it (python -X importtime on a 2-core machine, idle and
+    loaded), but only where the answer needs it: with train.mixed_precision no and no --dynamo_backend,
+    launch_problem refuses nothing. A run that passes loses nothing (train() imports torch anyway); one whose data check fails
+    says so those seconds later, where a refusal after the data check came minutes late on a large folder."""
+    if recipe.train.mixed_precision == "no" and os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower() == "no":
+        return
+    from finetune.distributed import launch_problem
+
+    if problem := launch_problem(recipe.train.mixed_precision):
+        raise FinetuneError(problem)
+
+
+def check_deepspeed_first(recipe: Recipe, resume_from: Path | None) -> None:
+    """Under DeepSpeed, its refusals (`deepspeed_checks.check_deepspeed_launch`: two trained models, lora.max_norm, adafactor,
+    an optimizer offload does not run, a config file setting what the recipe decides, a checkpoint of another ZeRO stage or
+    number of processes). They need accelerate's DeepSpeed plugin to read the config as the run will (it fills in its
+    environment's settings and defaults), and the method's trained models: torch and the methods are imported here, only
+    under DeepSpeed, whose runs import them seconds later anyway; a copy of the plugin's reading without torch would drift
+    from it."""
+    if not deepspeed_requested():
+        return
+    from finetune.deepspeed_checks import check_deepspeed_launch
+    from finetune.methods import METHODS
+    from finetune.start_weights import without_starting_weights
+
+    trained = METHODS[recipe.method](without_starting_weights(recipe)).trained_module_names()  # from the recipe alone
+    check_deepspeed_launch(recipe, trained, resume_from)
+
+
+def check_resume_first(recipe: Recipe, resume_from: Path) -> None:
+    """A checkpoint another engine wrote (here without DeepSpeed: under it, its ZeRO stage decides), one of other trained weights
+    or optimizer groups than the recipe's, and a finished run's, with nothing left to train (as train() says it: with several
+    processes that waits until they have joined, where a kill cut its end's saves short)."""
+    from finetune.resume_checks import check_resumable, check_same_engine
+    from finetune.run_end import left_to_finish
+    from finetune.run_files import read_state
+
+    if not deepspeed_requested():
+        check_same_engine(resume_from, read_state(resume_from).get("processes"), None, launched_processes())
+    max_steps = recipe.train.max_steps
+    resumed_to = None if left_to_finish(resume_from, max_steps) or several_processes() else max_steps
+    check_resumable(resume_from, resumed_to, recipe.flat_settings())
+
+
+def check_controlnet_target_first(recipe: Recipe, base: BaseLocation) -> None:
+    """A controlnet.pretrained whose run trained for another prediction type than this run trains for (its finetune_metadata.json
+    against model.prediction_type, else the base's scheduler config), which ControlNetMethod refuses once the base has loaded.
+    A hub id's ControlNet records none."""
+    pretrained = recipe.controlnet.pretrained
+    if recipe.method != "controlnet" or pretrained is None or not Path(pretrained).expanduser().is_dir():
+        return
+    from finetune.adapter_records import saved_model_metadata
+    from finetune.starting_files import controlnet_to_load
+
+    recorded = saved_model_metadata(Path(controlnet_to_load(pretrained))).get("finetune.prediction_type")
+    trained = run_prediction_type(recipe, base)
+    if recorded and trained and recorded != trained:
+        raise FinetuneError(f"controlnet.pretrained {pretrained} was trained for {recorded}, this run trains for {trained}: "
+                            f"set model.prediction_type: {recorded}")  # fmt: skip
+
+
+def check_lora_init_from_first(recipe: Recipe, base: BaseLocation) -> None:
+    """A lora.init_from whose run recorded another clip skip or prediction type than this run's (its header, as ours),
+    which the LoRA method refuses once the base has loaded (its prediction type) and the file's tensors are read."""
+    if not recipe.lora.init_from:
+        return
+    from finetune.adapter_records import lora_record
+    from finetune.init_from_record import check_recorded_alike
+
+    check_recorded_alike(lora_record(recipe.lora.init_from), recipe.lora.init_from, recipe.model.clip_skip, run_prediction_type(recipe, base))
+
+
+def run_prediction_type(recipe: Recipe, base: BaseLocation) -> str | None:
+    """What the run trains its model to predict, as loading the base decides it (finetune.models.load_base_model):
+    model.prediction_type, else the base's scheduler config's (diffusers' default, epsilon, where it names none); None where
+    only loading can say (a single file without model.single_file_config: diffusers reads its kind from its tensors)."""
+    if recipe.model.prediction_type is not None:
+        return recipe.model.prediction_type
+    configs = recipe.model.single_file_config
+    folder = base.folder or (Path(configs).expanduser() if configs and Path(configs).expanduser().is_dir() else None)
+    scheduler = folder / "scheduler" / "scheduler_config.json" if folder else None
+    if scheduler is None or not scheduler.is_file():
+        return None
+    from finetune.base_folder import read_config
+
+    return read_config(scheduler, recipe.model.pretrained).get("prediction_type", "epsilon")

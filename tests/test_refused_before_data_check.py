@@ -3,6 +3,7 @@ large folder): they came only from inside train(), once every image had been dec
 runs the command with the data check and the training stack standing in as failures: the refusal must come first."""
 
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -155,3 +156,16 @@ def test_a_lora_init_from_trained_otherwise_is_refused_before_the_data_check(rec
               metadata={"finetune.method": "lora", **recorded})  # fmt: skip
     line = refused_first(write_recipe(tmp_path, image_folder, lora={"init_from": str(lora)}))
     assert line == f"error: lora.init_from {lora} {said}", line
+
+
+def test_the_default_run_makes_these_checks_without_torch(tmp_path):
+    """Only a run whose answer needs torch imports it before the data check (mixed precision, DeepSpeed): a default recipe's
+    checks and data check (which here refuses a corrupt image) leave the training stack unloaded."""
+    from test_cli_startup import run_in_fresh_python
+
+    folder = shutil.copytree(REPO / "datasets" / "star", tmp_path / "star")
+    (folder / "zz_corrupt.png").write_bytes(b"garbage")
+    (folder / "zz_corrupt.txt").write_text("a star")
+    modules, errors = run_in_fresh_python([["train", "recipes/quickstart.yaml", f"output_dir={tmp_path / 'run'}", f"data.image_dir={folder}"]])
+    assert "zz_corrupt.png cannot be read" in errors[0], errors
+    assert "torch" not in modules and "accelerate" not in modules, modules
