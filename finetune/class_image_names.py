@@ -122,3 +122,15 @@ def unused_class_prompts_warning(index: int, class_prompts: list[str], num_class
     yours = f", {own} of them your own images in {folder}" if own else ""
     return (f"warning: dreambooth.concepts[{index}] lists {prompts} class prompts and dreambooth.num_class_images is {num_class_images}{yours}: "
             f"{f'the last {unused} prompts make' if unused > 1 else 'the last prompt makes'} no class image; raise num_class_images to at least {all_own + prompts}")
+
+
+def unused_own_class_images_warning(num_class_images: int, folder: Path) -> str | None:
+    """The warning line for a class folder holding more of the user's own images than dreambooth.num_class_images, or None:
+    only the first num_class_images of them (by name) train, and the rest were left out while training and check-data
+    counted the folder as "8 images, 8 used" of its 16."""
+    own = [p for p in folder_images(folder) if not is_generated_name(p)] if folder.is_dir() else []
+    if len(own) <= num_class_images:
+        return None
+    return (f"warning: class folder {folder} holds {len(own)} of your images and dreambooth.num_class_images is {num_class_images}: "
+            f"the first {num_class_images} by name train and the other {len(own) - num_class_images} (from {own[num_class_images].name} on) do not; "
+            f"raise num_class_images to {len(own)} to train them all")

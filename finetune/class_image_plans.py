@@ -17,6 +17,7 @@ from finetune.check_data import DataReport, check_examples, inspect_examples
 from finetune.checked_once import kept_check
 from finetune.class_image_names import (
     class_image_caption, generation_record, is_generated_name, read_generation_records, record_key, unused_class_prompts_warning,
+    unused_own_class_images_warning,
 )
 from finetune.config import Concept, DataConfig, LossMaskConfig, Recipe
 from finetune.console import warn
@@ -170,6 +171,19 @@ def check_class_folder(recipe: Recipe, index: int, folder: Path) -> None:
                             f"of their own (or class_dir: null for {Path(recipe.output_dir) / 'class_images' / f'concept-{index}'})")  # fmt: skip
 
 
+def unused_class_images_lines(recipe: Recipe, plans: list[tuple[Path, str, list[Path], list[int]]]) -> list[str]:
+    """Warnings of what a DreamBooth run leaves unused, said by training as it starts and by check-data: class prompts
+    that make no class image, and a class folder's own images past num_class_images (once per folder: concepts may share one)."""
+    lines, said = [], set()
+    for i, (concept, (folder, _key, paths, _missing)) in enumerate(zip(recipe.dreambooth.concepts, plans)):
+        if line := unused_class_prompts_warning(i, concept.class_prompts, recipe.dreambooth.num_class_images, folder, paths):
+            lines.append(line)
+        if folder.resolve() not in said and (line := unused_own_class_images_warning(recipe.dreambooth.num_class_images, folder)):
+            lines.append(line)
+        said.add(folder.resolve())
+    return lines
+
+
 def recipe_generation_record(recipe: Recipe, class_prompts: list[str]) -> dict:
     """How the recipe makes the class images of `class_prompts` (its key names them): one call for the plan and the record written."""
     return generation_record(class_prompts, recipe.dreambooth.class_generation, recipe.data.resolution, recipe.model, recipe.train.mixed_precision)
@@ -190,10 +204,8 @@ def inspect_class_images(recipe: Recipe) -> tuple[list[DataReport], list[str]]:
     for each class folder that holds none yet (without it, check-data said nothing of what training makes first),
     and training's warnings of class prompts that make no class image and of images of a kind it does not read."""
     plans = class_image_plans(recipe)
-    reports, lines = [], unread_class_images_lines([folder for folder, *_ in plans], recipe)
-    for i, (concept, (folder, _key, paths, missing)) in enumerate(zip(recipe.dreambooth.concepts, plans)):
-        if line := unused_class_prompts_warning(i, concept.class_prompts, recipe.dreambooth.num_class_images, folder, paths):
-            lines.append(line)
+    reports, lines = [], unread_class_images_lines([folder for folder, *_ in plans], recipe) + unused_class_images_lines(recipe, plans)
+    for concept, (folder, _key, paths, missing) in zip(recipe.dreambooth.concepts, plans):
         present = [p for p in paths if p.is_file()]
         if present:
             report = inspect_examples(class_examples(present, concept), class_data_config(recipe), f"class images {folder}")

@@ -150,3 +150,23 @@ def test_an_instance_folder_inside_a_class_folder_is_not_said_to_be_left_out(mak
     recipe = dreambooth_recipe(make_recipe, subject, tmp_path)
     assert unread_class_images_lines([tmp_path / "class"], recipe) == [
         f"warning: class folder {tmp_path / 'class'} has subfolders with images (more), which are not read: move their images into it to train them as class images"]
+
+
+def test_own_class_images_past_num_class_images_are_said_to_be_left_out(make_recipe, star_folder, tmp_path, capsys):  # noqa: F811
+    """A class folder of 5 own images with num_class_images 3 trained the first 3 by name, and training and check-data both
+    counted the folder as "3 images, 3 used": the other 2 were left out without a word. Said once for a folder two
+    concepts share, at a run's start and by check-data; not said where every own image trains."""
+    instances = shutil.copytree(star_folder, tmp_path / "instances")
+    (tmp_path / "class").mkdir()
+    for k in range(5):
+        Image.new("RGB", (64, 64), "red").save(tmp_path / "class" / f"mine-{k}.png")
+    concepts = [{**concept(tmp_path, instances), "class_prompt": "a shape", "instance_prompt": prompt} for prompt in ("a sks shape", "a zwx shape")]
+    recipe = dreambooth_recipe(make_recipe, instances, tmp_path, dreambooth={"concepts": concepts, "num_class_images": 3})
+    said = (f"warning: class folder {tmp_path / 'class'} holds 5 of your images and dreambooth.num_class_images is 3: the first 3 by name train "
+            "and the other 2 (from mine-3.png on) do not; raise num_class_images to 5 to train them all")  # fmt: skip
+    start_lines, out = start_and_check_data(recipe, tmp_path, capsys)
+    assert [line for line in start_lines if "of your images" in line] == [said]
+    assert out.count(said + "\n") == 1
+    recipe = dreambooth_recipe(make_recipe, instances, tmp_path, dreambooth={"concepts": concepts, "num_class_images": 5})
+    start_lines, out = start_and_check_data(recipe, tmp_path, capsys)
+    assert not [line for line in start_lines if "of your images" in line] and "of your images" not in out

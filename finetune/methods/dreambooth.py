@@ -20,9 +20,10 @@ import torch
 
 from finetune.check_data import DataReport, checked_report
 from finetune.check_data_command import said_once
-from finetune.class_image_names import is_generated_name, unused_class_prompts_warning
+from finetune.class_image_names import is_generated_name
 from finetune.class_image_plans import (
     ClassImagePlan, check_class_images, checked_own_class_images, class_image_plans, recipe_generation_record, unread_class_images_lines,
+    unused_class_images_lines,
 )
 from finetune.class_images import as_loaded_base, generate_class_images, generate_on_every_process, write_generation_record
 from finetune.config import Concept, Recipe
@@ -64,14 +65,11 @@ class DreamBoothMethod(DiffusionMethod):
 
     def _plan_class_images(self) -> None:
         """Each concept's class images: those a user brought are checked now, before the model loads and generates the rest."""
-        settings = self.recipe.dreambooth
         self.class_plans: list[ClassImagePlan] = []
         planned: set[tuple[Path, str]] = set()
         plans = class_image_plans(self.recipe)
-        self.start_lines += unread_class_images_lines([folder for folder, *_ in plans], self.recipe)
-        for i, (concept, (folder, key, paths, missing)) in enumerate(zip(settings.concepts, plans)):
-            if line := unused_class_prompts_warning(i, concept.class_prompts, settings.num_class_images, folder, paths):
-                self.start_lines.append(line)
+        self.start_lines += unread_class_images_lines([folder for folder, *_ in plans], self.recipe) + unused_class_images_lines(self.recipe, plans)
+        for i, (folder, key, paths, missing) in enumerate(plans):
             if (folder.resolve(), key) in planned:  # concepts of one class folder and prompt share its images: made once
                 missing = []
             planned.add((folder.resolve(), key))
