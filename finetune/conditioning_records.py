@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from finetune.condition_kinds import KINDS, OPTION_NAMES
 from finetune.conditions import RECORD_FILE, check_options
 from finetune.errors import FinetuneError
@@ -70,3 +73,30 @@ def recorded_conditioning(metadata: dict[str, str]) -> str | None:
         return f"{record['kind']} ({options})" if options else str(record["kind"])
     except (KeyError, ValueError, TypeError, AttributeError):  # not recorded, or not by us
         return None
+
+
+def unlike_its_kind(image: Image.Image, kind: str) -> str | None:
+    """'has colours' (or 'has shades of grey') where `image` cannot be a `kind` conditioning image of make-conditions, which
+    makes grey ones (luminance) and black and white ones (canny, mask): a photo given to an edge ControlNet, the usual
+    mistake, steered as it never learned, said only as "give one of that kind" whatever the image. A few stray pixels (a
+    JPEG's ringing round an edge) are let through; a black-and-white photo given for a canny ControlNet is not caught."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
+    if (np.ptp(pixels, axis=2) > 32).mean() > 0.02:
+        return "has colours"
+    grey = pixels.mean(axis=2)
+    if kind in ("canny", "mask") and ((grey > 64) & (grey < 192)).mean() > 0.05:
+        return "has shades of grey"
+    return None
+
+
+def kind_mismatch_line(image: Image.Image, metadata: dict[str, str], named: str, advice: str) -> str | None:
+    """'{named} is no canny image (...)': where the image steering a ControlNet is unlike the kind its training images were
+    made as (its finetune.conditioning), with `advice` on making one (its "{kind}" filled in); None where it may be one, or none is recorded."""
+    try:
+        kind = json.loads(metadata["finetune.conditioning"])["kind"]
+    except (KeyError, ValueError, TypeError):
+        return None
+    if kind not in KINDS or (why := unlike_its_kind(image, kind)) is None:
+        return None
+    made = "grey" if kind == "luminance" else "black and white"
+    return f"{named} is no {kind} image (make-conditions makes them {made}; it {why}): a photo steers as the ControlNet never learned; {advice.format(kind=kind)}"

@@ -166,4 +166,24 @@ def test_a_condition_made_as_another_kind_than_the_controlnet_trained_on_is_said
                  for kind in ("mask", "canny", "as uploaded")}  # fmt: skip
     assert summaries["mask"].endswith("; note: ControlNet edges/controlnet was trained on canny images and this condition was made as mask: "
                                       "pick canny to steer as it learned")  # fmt: skip
-    assert "note" not in summaries["canny"] and "note" not in summaries["as uploaded"]
+    assert "note" not in summaries["canny"]
+
+
+def test_a_photo_uploaded_as_is_for_an_edge_controlnet_is_said(demo):
+    """The usual mistake: a photo given as is to the fixture's canny ControlNet steered as it never learned, without a word
+    (only a condition made as another kind was said). A canny image uploaded as is, JPEG-saved too, is not said."""
+    import io
+
+    photo = photo_with_shapes(256, 256)
+
+    def summary(image: Image.Image) -> str:
+        request = Request(prompt="x", steps=1, controlnet="edges/controlnet", conditioning_image=image, conditioning_source="photo.png (uploaded)")
+        return demo.engine.render(request)[3]
+
+    assert summary(photo).endswith("; note: the conditioning image photo.png (uploaded) is no canny image (make-conditions makes them black "
+                                   "and white; it has colours): a photo steers as the ControlNet never learned; pick canny to make one of it")  # fmt: skip
+    assert "it has shades of grey" in summary(photo.convert("L").convert("RGB"))
+    edges = make_condition(photo, "canny")
+    jpeg = io.BytesIO()
+    edges.save(jpeg, "JPEG", quality=75)
+    assert "note" not in summary(edges) and "note" not in summary(Image.open(jpeg))

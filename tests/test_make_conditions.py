@@ -72,8 +72,14 @@ def test_a_controlnet_records_how_its_conditioning_was_made_and_sample_says_it(m
     capsys.readouterr()
     sample = ["sample", "--base", str(tiny_model), "--prompt", "a shape", "--steps", "1", "--num-images", "1", "--condition", str(source / "0000.png")]
     assert main([*sample, "--controlnet", str(run), "--out", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
     assert ("note: this ControlNet was trained on canny (low 25, high 50, sigma 1) conditioning images (finetune make-conditions); "
-            "--condition is used as it is: give one of that kind") in capsys.readouterr().out  # fmt: skip
+            "--condition is used as it is: give one of that kind") in out  # fmt: skip
+    # the photo itself, the usual mistake, is said to be one; its canny image is not
+    assert (f"note: --condition {source / '0000.png'} is no canny image (make-conditions makes them black and white; it has colours): "
+            "a photo steers as the ControlNet never learned; make one of it with finetune make-conditions --kind canny") in out  # fmt: skip
+    assert main([*sample[:-1], str(data / "conditioning" / "0000.png"), "--controlnet", str(run), "--out", str(tmp_path / "s")]) == 0
+    assert "is no canny image" not in capsys.readouterr().out
 
     other = train(controlnet_recipe(make_recipe, pairs_folder, output_dir=str(tmp_path / "other"), train__max_steps=1)).output_dir
     assert "finetune.conditioning" not in saved_model_metadata(other / CONTROLNET_DIR)
