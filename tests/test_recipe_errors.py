@@ -98,3 +98,17 @@ def test_a_key_without_a_value_is_said_to_have_none(override, said):
     with pytest.raises(FinetuneError) as raised:
         load_recipe(recipe, [override])
     assert str(raised.value) == f"override '{override}': {said}"
+
+
+@pytest.mark.parametrize("source, said", [
+    ({"image_dir": "photos"}, "method dreambooth reads each concept's images from its instance_dir, not data.image_dir: remove data.image_dir "
+                              "and set dreambooth.concepts.0.instance_dir=photos"),
+    ({"dataset": "user/photos"}, "method dreambooth reads each concept's images from a folder, its instance_dir, not a datasets dataset: remove "
+                                 "data.dataset and give the subject's images as a folder in dreambooth.concepts.0.instance_dir"),
+])  # fmt: skip
+def test_a_dreambooth_recipe_given_data_images_names_the_key_to_set_instead(source, said):
+    """data.image_dir=photos, as the LoRA recipe takes its images, on a DreamBooth recipe said only "remove data.image_dir"."""
+    concept = {"instance_dir": "subject", "instance_prompt": "a photo of sks dog", "class_prompt": "a photo of a dog"}
+    with pytest.raises(FinetuneError) as refused:
+        recipe_from_dict({"method": "dreambooth", "data": source, "dreambooth": {"concepts": [concept]}})
+    assert str(refused.value).endswith(said) and "\n" not in str(refused.value)

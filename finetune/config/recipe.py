@@ -134,8 +134,13 @@ class Recipe(Section):
         if self.method == "dreambooth":
             if self.dreambooth is None:
                 raise ValueError("method dreambooth needs a dreambooth: section with concepts")
-            if any(sources):
-                raise ValueError("method dreambooth reads dreambooth.concepts; remove data.image_dir/data.dataset")
+            # Said with the key to set instead: LoRA's data.image_dir=photos, tried on a DreamBooth recipe, met "remove data.image_dir".
+            if self.data.image_dir:
+                raise ValueError(f"method dreambooth reads each concept's images from its instance_dir, not data.image_dir: remove "
+                                 f"data.image_dir and set dreambooth.concepts.0.instance_dir={self.data.image_dir}")  # fmt: skip
+            if self.data.dataset:
+                raise ValueError("method dreambooth reads each concept's images from a folder, its instance_dir, not a datasets dataset: "
+                                 "remove data.dataset and give the subject's images as a folder in dreambooth.concepts.0.instance_dir")  # fmt: skip
             if self.data.caption is not None:  # each concept's instance_prompt (or its captions) replaces it
                 raise ValueError("method dreambooth captions each concept's images with its instance_prompt (or use_captions: true); remove data.caption")
             if self.lora.train_text_encoder:
