@@ -6,6 +6,7 @@ They are not errors: the shipped recipes name them, and switching a feature off 
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
@@ -35,7 +36,7 @@ def _warn(line: str) -> None:
 
 def unused_settings(raw: dict[str, Any], recipe: Recipe) -> list[str]:
     """One line per group of given settings that do nothing with the recipe's other settings."""
-    return _dreambooth_unused(raw, recipe) + _switched_off(recipe) + _webui_prompt_syntax(recipe)
+    return _dreambooth_unused(raw, recipe) + _switched_off(recipe) + _webui_prompt_syntax(recipe) + _subject_never_sampled(recipe)
 
 
 def _webui_prompt_syntax(recipe: Recipe) -> list[str]:
@@ -86,3 +87,26 @@ def _dreambooth_unused(raw: dict[str, Any], recipe: Recipe) -> list[str]:
         lines.append(f"{', '.join(captioned)} {'are' if len(captioned) > 1 else 'is'} unused with use_captions: true "
                      "(each image's caption is its prompt): set use_captions: false to train with it")  # fmt: skip
     return lines
+
+
+def _subject_never_sampled(recipe: Recipe) -> list[str]:
+    """A concept whose identifier no validation prompt names: instance_prompt 'a photo of zwx cat' set on the command line
+    with the recipe's prompts ('a photo of sks dog in a bucket') left as they were sampled grids that cannot show the
+    subject, unsaid. The identifier is the instance prompt's words that no class prompt has (a concept without class
+    prompts, or captioned per image, has none to tell)."""
+    if recipe.method != "dreambooth" or not recipe.validation.prompts:
+        return []
+    said = set().union(*(_words(recipe.validation.prompt_settings(text).prompt) for text in recipe.validation.prompts))
+    lines = []
+    for i, concept in enumerate(recipe.dreambooth.concepts):
+        if concept.use_captions or not concept.instance_prompt or not concept.class_prompts:
+            continue
+        identifier = [word for word in re.findall(r"[\w']+", concept.instance_prompt.lower()) if word not in set().union(*map(_words, concept.class_prompts))]
+        if identifier and not said & set(identifier):
+            lines.append(f"validation.prompts: none names dreambooth.concepts.{i}'s subject ('{' '.join(identifier)}', the words of its "
+                         f"instance_prompt that no class prompt has): the grids cannot show it; add one such as '{concept.instance_prompt}'")  # fmt: skip
+    return lines
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[\w']+", text.lower()))
