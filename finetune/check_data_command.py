@@ -85,7 +85,7 @@ def run_check_data_command(args) -> int:
     split, resumed = held_out_for_check(items, recipe.validation.loss_images, recipe.seed, Path(recipe.output_dir)) if recipe is not None else (None, "")
     trained, held = (split.trained, split.scored) if split is not None else (range(len(sources)), [])
     held_sources = held_out_sources(sources, trained)
-    class_image_lines = []  # a class folder's "none yet, N to generate", a warning of class prompts that make no class image
+    class_image_lines = []  # a class folder's "none yet, N to generate", class prompts that make no class image; a ControlNet's validation conditions unlike its data
     if recipe is not None and recipe.method == "dreambooth":
         from finetune.class_image_plans import inspect_class_images  # a DreamBooth recipe's alone
 
@@ -103,6 +103,10 @@ def run_check_data_command(args) -> int:
             print(line)
         fatal += len(report.of_level(FATAL)) or (0 if report.usable else 1)  # all skipped: nothing to train
         warnings += len(report.of_level(WARNING))
+    if recipe is not None and recipe.method == "controlnet":
+        from finetune.controlnet_pairs import validation_conditions_warnings  # it builds on this module
+
+        class_image_lines += validation_conditions_warnings(recipe)  # said beside them, as training's start says both
     for line in class_image_lines:
         print(line)
         warnings += line.startswith("warning")

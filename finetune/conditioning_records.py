@@ -75,6 +75,10 @@ def recorded_conditioning(metadata: dict[str, str]) -> str | None:
         return None
 
 
+# What sample and the data check advise where a conditioning image is unlike its kind ("{kind}" filled in by kind_mismatch_line).
+MAKE_ONE = "make its {kind} image with finetune make-conditions PHOTOS OUT --kind {kind} (it reads a folder)"
+
+
 def unlike_its_kind(image: Image.Image, kind: str) -> str | None:
     """'has colours' (or 'has shades of grey') where `image` cannot be a `kind` conditioning image of make-conditions, which
     makes grey ones (luminance) and black and white ones (canny, mask): a photo given to an edge ControlNet, the usual
@@ -89,14 +93,18 @@ def unlike_its_kind(image: Image.Image, kind: str) -> str | None:
     return None
 
 
-def kind_mismatch_line(image: Image.Image, metadata: dict[str, str], named: str, advice: str) -> str | None:
-    """'{named} is no canny image (...)': where the image steering a ControlNet is unlike the kind its training images were
-    made as (its finetune.conditioning), with `advice` on making one (its "{kind}" filled in); None where it may be one, or none is recorded."""
-    try:
-        kind = json.loads(metadata["finetune.conditioning"])["kind"]
-    except (KeyError, ValueError, TypeError):
-        return None
+def kind_mismatch_line(image: Image.Image, kind: str | None, named: str, advice: str) -> str | None:
+    """'{named} is no canny image (...)': where the image steering a ControlNet is unlike the `kind` its training images were
+    made as (`recorded_kind`), with `advice` on making one (its "{kind}" filled in); None where it may be one, or none is known."""
     if kind not in KINDS or (why := unlike_its_kind(image, kind)) is None:
         return None
     made = "grey" if kind == "luminance" else "black and white"
     return f"{named} is no {kind} image (make-conditions makes them {made}; it {why}): a photo steers as the ControlNet never learned; {advice.format(kind=kind)}"
+
+
+def recorded_kind(metadata: dict[str, str]) -> str | None:
+    """The kind a ControlNet's training images were made as (its finetune.conditioning), if recorded."""
+    try:
+        return json.loads(metadata["finetune.conditioning"])["kind"]
+    except (KeyError, ValueError, TypeError):
+        return None

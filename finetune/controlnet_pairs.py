@@ -108,6 +108,24 @@ def validation_conditions_problem(recipe: Recipe) -> str | None:
     return None
 
 
+def validation_conditions_warnings(recipe: Recipe) -> list[str]:
+    """A warning for each controlnet.validation_conditions image unlike the kind make-conditions made the data folder's
+    conditioning images as (its conditioning.json): a photo there steered every validation grid as the ControlNet never
+    learns to be steered, without a word. One that cannot be read is `validation_conditions_problem`'s to say."""
+    from finetune.conditioning_records import MAKE_ONE, data_folder_record, kind_mismatch_line  # it reads make-conditions' record
+
+    kind = (data_folder_record(recipe.data) or {}).get("kind")
+    lines = []
+    for path in recipe.controlnet.validation_conditions if kind else []:
+        try:
+            image = read_conditioning(Example(path, "", lambda p=path: Image.open(p)))
+        except (FinetuneError, OSError):
+            continue
+        if line := kind_mismatch_line(image, kind, f"controlnet.validation_conditions image {path}", MAKE_ONE):
+            lines.append(f"warning: {line}")
+    return lines
+
+
 def read_pairs(recipe: Recipe) -> tuple[list[Pair], list[Finding]]:
     """Every image with the conditioning image the data names for it, and fatal findings for images without one."""
     config, settings = recipe.data, recipe.controlnet

@@ -29,7 +29,7 @@ from PIL import Image
 
 from finetune.adapters_as_trained import adapters_clip_skip, adapters_max_token_length, adapters_prediction_type, adapters_zero_terminal_snr, follow_adapters_schedule  # fmt: skip
 from finetune.adapter_scan import BASE, PICKLE_SUFFIXES, Adapter, adapter_files_stamp, scan_adapters
-from finetune.conditioning_records import kind_mismatch_line, recorded_options
+from finetune.conditioning_records import kind_mismatch_line, recorded_kind, recorded_options
 from finetune.config import ModelConfig
 from finetune.counts import counted
 from finetune.encoders import clip_skipped
@@ -196,7 +196,7 @@ class DemoEngine:
             made_with = recorded_options(recorded, request.conditioning_kind, f"ControlNet {request.controlnet}")
             kind_notes = other_kind_notes(recorded, request.conditioning_kind, request.controlnet)
             if request.conditioning_kind == "as uploaded" and request.conditioning_image is not None and (line := kind_mismatch_line(
-                    request.conditioning_image, recorded, f"the conditioning image {request.conditioning_source}", "pick {kind} to make one of it")):  # fmt: skip
+                    request.conditioning_image, recorded_kind(recorded), f"the conditioning image {request.conditioning_source}", "pick {kind} to make one of it")):  # fmt: skip
                 kind_notes.append(line)
             condition = conditioning_image(request.conditioning_image, request.conditioning_kind, request.size, made_with, self._made_condition,
                                            request.conditioning_source)  # fmt: skip

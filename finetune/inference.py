@@ -19,7 +19,7 @@ from finetune.adapter_records import saved_model_metadata
 from finetune.adapters_as_trained import adapters_clip_skip, adapters_max_token_length, follow_adapters_schedule
 from finetune.atomic_files import atomic_save_safetensors
 from finetune.base_folder import pickle_refusal
-from finetune.conditioning_records import kind_mismatch_line, recorded_conditioning
+from finetune.conditioning_records import MAKE_ONE, kind_mismatch_line, recorded_conditioning, recorded_kind
 from finetune.config import ModelConfig
 from finetune.controlnet_pairs import read_conditioning, small_conditioning_problem
 from finetune.encoders import skip_last_layers
@@ -217,8 +217,7 @@ def sample_to_folder(
     if made := recorded_conditioning(recorded):
         print(f"note: this ControlNet was trained on {made} conditioning images (finetune make-conditions); --condition is used as it is: give one of that kind")
     condition_image = read_condition(condition) if controlnet is not None else None  # a bad one stops before the model loads
-    if condition_image is not None and (line := kind_mismatch_line(condition_image, recorded, f"--condition {condition}",
-                                                                     "make one of it with finetune make-conditions --kind {kind}")):  # fmt: skip
+    if condition_image is not None and (line := kind_mismatch_line(condition_image, recorded_kind(recorded), f"--condition {condition}", MAKE_ONE)):
         print(f"note: {line}")
     pipeline = place(load_sampling_pipeline(base, lora, lora_scale, controlnet, base_config), *placement)
     print(placement_line(*placement))

@@ -77,7 +77,7 @@ def test_a_controlnet_records_how_its_conditioning_was_made_and_sample_says_it(m
             "--condition is used as it is: give one of that kind") in out  # fmt: skip
     # the photo itself, the usual mistake, is said to be one; its canny image is not
     assert (f"note: --condition {source / '0000.png'} is no canny image (make-conditions makes them black and white; it has colours): "
-            "a photo steers as the ControlNet never learned; make one of it with finetune make-conditions --kind canny") in out  # fmt: skip
+            "a photo steers as the ControlNet never learned; make its canny image with finetune make-conditions PHOTOS OUT --kind canny (it reads a folder)") in out  # fmt: skip
     assert main([*sample[:-1], str(data / "conditioning" / "0000.png"), "--controlnet", str(run), "--out", str(tmp_path / "s")]) == 0
     assert "is no canny image" not in capsys.readouterr().out
 
@@ -86,6 +86,29 @@ def test_a_controlnet_records_how_its_conditioning_was_made_and_sample_says_it(m
     capsys.readouterr()
     assert main([*sample, "--controlnet", str(other), "--out", str(tmp_path / "s2")]) == 0
     assert "note: this ControlNet was trained on" not in capsys.readouterr().out
+
+
+def test_a_photo_among_a_canny_folders_validation_conditions_is_said_at_the_start_and_by_check_data(make_recipe, tmp_path, capsys):
+    """controlnet.validation_conditions naming a photo, not its canny image, steered every validation grid as the ControlNet
+    never learns to be steered, without a word; the folder's canny images among them are not said."""
+    import yaml
+
+    source = write_folder(tmp_path / "photos", 2, seed=4)
+    data = tmp_path / "edges"
+    assert main(["make-conditions", str(source), str(data), "--kind", "canny"]) == 0
+    conditions = [str(source / "0000.png"), str(data / "conditioning" / "0001.png")]
+    recipe = controlnet_recipe(make_recipe, data, controlnet__validation_conditions=conditions, validation__prompts=["a shape"])
+    said = (f"warning: controlnet.validation_conditions image {source / '0000.png'} is no canny image (make-conditions makes them black and "
+            "white; it has colours): a photo steers as the ControlNet never learned; make its canny image with finetune make-conditions "
+            "PHOTOS OUT --kind canny (it reads a folder)")  # fmt: skip
+    method = ControlNetMethod(recipe)
+    method.check_data()
+    assert [line for line in method.start_lines if "validation_conditions" in line] == [said]
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    capsys.readouterr()
+    assert main(["check-data", str(tmp_path / "recipe.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("validation_conditions image") == 1 and f"{said}\n" in out
 
 
 def test_make_conditions_reads_csv_captions_and_will_not_leave_two_caption_files(tmp_path):

@@ -39,7 +39,7 @@ from finetune.config import Recipe
 from finetune.controlnet_folder import conditioning_channels_problem
 from finetune.controlnet_layout import RESUMED_LAYOUT, kept_layout, unknown_layout_problem
 from finetune.controlnet_data import ControlNetDataset, controlnet_collate
-from finetune.controlnet_pairs import checked_pairs, paired_views, validation_conditions_problem
+from finetune.controlnet_pairs import checked_pairs, paired_views, validation_conditions_problem, validation_conditions_warnings
 from finetune.images import open_rgb
 from finetune.inference import load_controlnet
 from finetune.device_copy import to_device
@@ -99,6 +99,7 @@ class ControlNetMethod(DiffusionMethod):
         self._conditioning_record()
         if problem := validation_conditions_problem(self.recipe):
             raise FinetuneError(problem)
+        self.start_lines += validation_conditions_warnings(self.recipe)
         if self.settings.pretrained is not None:
             self._check_pretrained(self.settings.pretrained)
         self.pairs, report = checked_pairs(self.recipe)
