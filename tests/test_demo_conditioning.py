@@ -187,3 +187,21 @@ def test_a_photo_uploaded_as_is_for_an_edge_controlnet_is_said(demo):
     jpeg = io.BytesIO()
     edges.save(jpeg, "JPEG", quality=75)
     assert "note" not in summary(edges) and "note" not in summary(Image.open(jpeg))
+
+
+def test_an_uploads_kind_is_judged_without_copying_its_full_size(tmp_path):
+    """The demo takes uploads up to 67 megapixels; judging one used as is copied it whole in int16 (300 MB for 48 megapixels)
+    and more for its means. Judged on 1024 px a side, picked without new greys, it is told the same."""
+    import tracemalloc
+
+    from finetune.conditioning_records import unlike_its_kind
+
+    photo = photo_with_shapes(256, 256).resize((4000, 4000), Image.Resampling.NEAREST)
+    edges = make_condition(photo_with_shapes(256, 256), "canny").resize((4000, 4000), Image.Resampling.NEAREST)
+    tracemalloc.start()
+    try:
+        assert unlike_its_kind(photo, "canny") == "has colours" and unlike_its_kind(edges, "canny") is None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 40e6, f"{peak / 1e6:.0f} MB"
