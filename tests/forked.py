@@ -57,3 +57,62 @@ def run_forked(call: Callable[[], int | None], timeout: float = 300) -> SimpleNa
     output = said.read_bytes().decode("utf-8", "replace")  # as written: read_text would turn a bar's "\r" into "\n"
     said.unlink()
     return SimpleNamespace(returncode=-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status), output=output)
+
+
+class StartedFork:
+    """A child `start_forked` left running, read as a subprocess.Popen is: `pid`, `poll()`, `wait(timeout)`, `returncode`
+    (-N for a signal N that ended it)."""
+
+    def __init__(self, pid: int):
+        self.pid, self.returncode = pid, None
+
+    def _ended(self, status: int) -> int:
+        self.returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        return self.returncode
+
+    def poll(self) -> int | None:
+        if self.returncode is None and (ended := os.waitpid(self.pid, os.WNOHANG))[0] != 0:
+            self._ended(ended[1])
+        return self.returncode
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                os.kill(self.pid, signal.SIGKILL)
+                return self._ended(os.waitpid(self.pid, 0)[1])
+            time.sleep(0.05)
+        return self.returncode
+
+
+def start_forked(call: Callable[[], int | None], stdout: Path, stderr: Path, environ: dict[str, str]) -> StartedFork:
+    """`call()` in a forked child, as run_forked runs it, left running: a session of its own (its group for os.killpg, as
+    Popen's start_new_session), `environ` added to its environment, its stdout and stderr written to those files."""
+    import torch
+
+    for path in (stdout, stderr):
+        path.write_bytes(b"")  # there to read from the start, as a Popen's files are
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setsid()
+            os.environ.update(environ)
+            for fd, path in ((1, stdout), (2, stderr)):
+                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+            sys.stdout, sys.stderr = open(1, "w", buffering=1, closefd=False), open(2, "w", buffering=1, closefd=False)
+            torch.set_num_threads(1)
+            returned = call()
+            code = returned or 0
+            if not isinstance(code, int):  # as run_forked: os._exit would raise in `finally`
+                print(f"start_forked: the call returned {returned!r}, not an exit code")
+                code = 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+    return StartedFork(pid)

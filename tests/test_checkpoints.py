@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from forked import start_forked
 
+from finetune.__main__ import run as finetune_command
 from finetune.run_files import STATE_FILE, list_checkpoints, resolve_resume
 from finetune.errors import FinetuneError
 import finetune.trainer as trainer_module
@@ -84,23 +86,38 @@ def wait_for_a_trained_step(process: subprocess.Popen, log: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "stop,num_workers",
-    [(signal.SIGINT, 0), (signal.SIGTERM, 2)],  # exit 130 for SIGINT, 143 for SIGTERM: 128 + the signal's number, as a shell reports it
+    "stop,num_workers,forked",
+    # Ctrl-C: `finetune train` in a fork of this process (tests/forked.py), the command less the interpreter's start and
+    # imports (about 10 CPU seconds); SIGTERM: the command itself, `python -m finetune train`, with its data-loader workers.
+    [(signal.SIGINT, 0, True), (signal.SIGTERM, 2, False)],  # exit 130 for SIGINT, 143 for SIGTERM: 128 + the signal's number, as a shell reports it
     ids=["ctrl-c", "sigterm-to-the-process-group-with-loader-workers"],  # how timeout, systemd and SLURM stop a job
 )
-def test_a_stop_signal_writes_a_checkpoint_and_resume_finishes(make_recipe, tmp_path, stop, num_workers):
+def test_a_stop_signal_writes_a_checkpoint_and_resume_finishes(make_recipe, tmp_path, stop, num_workers, forked):
     recipe = make_recipe(train__max_steps=100_000, checkpoint__every_n_steps=0, data__num_workers=num_workers)
     path = tmp_path / "long.yaml"
     path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
-    log = tmp_path / "stderr.log"
-    with log.open("w") as stderr_file:  # each redraw of the training bar a line of its own (finetune.progress_lines)
-        process = subprocess.Popen([sys.executable, "-m", "finetune", "train", str(path)], stdout=subprocess.PIPE, stderr=stderr_file, text=True,
-                                   start_new_session=True, env={**os.environ, "FINETUNE_PROGRESS_EVERY": "0"})
+    said, log = tmp_path / "stdout.log", tmp_path / "stderr.log"  # stderr: each redraw of the training bar a line of its own (finetune.progress_lines)
+    quiet = {"FINETUNE_PROGRESS_EVERY": "0"}
+    if forked:
+        def command() -> int:
+            sys.argv = ["finetune", "train", str(path)]
+            return finetune_command()
+
+        process = start_forked(command, said, log, quiet)
+    else:
+        with said.open("w") as stdout_file, log.open("w") as stderr_file:
+            process = subprocess.Popen([sys.executable, "-m", "finetune", "train", str(path)], stdout=stdout_file, stderr=stderr_file,
+                                       start_new_session=True, env={**os.environ, **quiet})  # fmt: skip
     output_dir = tmp_path / "run"
-    wait_for_a_trained_step(process, log)
-    os.killpg(process.pid, stop)  # the trainer and its data-loader workers, as a terminal or `timeout` does
-    stdout, _ = process.communicate(timeout=300)
-    stderr = log.read_text()
+    try:
+        wait_for_a_trained_step(process, log)
+        os.killpg(process.pid, stop)  # the trainer and its data-loader workers, as a terminal or `timeout` does
+        process.wait(timeout=300)
+    finally:
+        if process.poll() is None:  # a failed wait: not left training on
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=60)
+    stdout, stderr = said.read_text(), log.read_text()
     assert process.returncode == 128 + stop, stderr[-2000:]
     assert "Traceback" not in stderr
     assert "continue with --resume latest" in stdout
