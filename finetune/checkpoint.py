@@ -32,7 +32,7 @@ from finetune.errors import FinetuneError
 from finetune.run_files import PARTIAL, REMOVED, STATE_FILE, list_checkpoints, read_state
 
 # Read from a checkpoint's JSON and file names alone, without torch: `finetune train` checks a resume before its data check.
-from finetune.resume_checks import DEEPSPEED_FOLDER, check_resumable, check_same_engine, deepspeed_stage_of, trained_structure  # noqa: F401
+from finetune.resume_checks import DEEPSPEED_FOLDER
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

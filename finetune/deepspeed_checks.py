@@ -12,11 +12,12 @@ import logging
 import os
 from pathlib import Path
 
-from finetune import checkpoint as ckpt
 from finetune.config import Recipe
-from finetune.distributed import config_stage, deepspeed_requested, launched_processes
+from finetune.distributed import config_stage, deepspeed_requested
 from finetune.errors import FinetuneError
 from finetune.launch_options import check_processes_started, launch_config, launch_options, launcher_command_line
+from finetune.process_env import launched_processes
+from finetune.resume_checks import check_same_engine
 from finetune.run_files import read_state
 
 
@@ -57,7 +58,7 @@ def check_deepspeed_launch(recipe: Recipe, trained_models: list[str], resume_fro
     config = launch_deepspeed_config()
     if resume_from is not None:
         stage = config_stage(config) if config is not None else None
-        ckpt.check_same_engine(resume_from, read_state(resume_from).get("processes"), stage, launched_processes())
+        check_same_engine(resume_from, read_state(resume_from).get("processes"), stage, launched_processes())
     if config is not None:
         check_no_compile_asked()
         check_deepspeed_recipe(recipe, trained_models, config)

@@ -33,7 +33,7 @@ from finetune.config import Recipe
 from finetune.console import say, warn
 from finetune.errors import FinetuneError
 from finetune.placement import bf16_emulated, mps_without_bf16
-from finetune.process_env import deepspeed_requested, launched_processes, several_processes  # noqa: F401 (read without torch)
+from finetune.process_env import deepspeed_requested, several_processes
 
 
 def unwrap(accelerator: Accelerator, module: torch.nn.Module) -> torch.nn.Module:

@@ -13,7 +13,6 @@ from diffusers.optimization import get_scheduler
 from finetune.config import OptimizerConfig
 from finetune.config.training import ADAMW_BETAS
 from finetune.console import warn
-from finetune.errors import FinetuneError
 from finetune.library_noise import quiet_paged_optimizer_on_cpu
 from finetune.optimizer_packages import check_optimizer_installed
 

@@ -45,6 +45,7 @@ from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_opti
 from finetune.run_length import STEPS_BY_SHAPE, check_epoch_run, due, epoch_count, epochs_text, planned_steps, resume_warnings, run_length_line, run_sampler
 from finetune.run_files import checkpoint_step, resolve_resume
 from finetune.run_end import LOGGED_AT_STEP, OUTPUTS_PENDING, VALIDATION_PENDING, final_samples_wanted, finish_cut_short, finish_training, left_to_finish, next_step_said, remove_killed_grids
+from finetune.resume_checks import check_resumable
 from finetune.run_recipe import write_run_recipe
 from finetune.logged_settings import settings_on_record
 from finetune.loss_mask import preview as mask_preview
@@ -94,7 +95,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     # to train" waits, with several processes, until they have joined: its end's saves are finished there (check_resumable).
     resumed_to = None if resume_from is None or left_to_finish(resume_from, train_cfg.max_steps) else train_cfg.max_steps
     if resume_from is not None:
-        ckpt.check_resumable(resume_from, None if several_processes() else resumed_to, recipe.flat_settings())
+        check_resumable(resume_from, None if several_processes() else resumed_to, recipe.flat_settings())
     guard_earlier_run(output_dir, resume_from, overwrite)
     if problem := launch_problem(train_cfg.mixed_precision):
         raise FinetuneError(problem)
@@ -114,7 +115,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     )
     agree_on_start(accelerator, checkpoint_step(resume_from) if resume_from else 0, checkpoints_dir, resume == "latest")
     if resume_from is not None and several_processes():
-        ckpt.check_resumable(resume_from, resumed_to, recipe.flat_settings())
+        check_resumable(resume_from, resumed_to, recipe.flat_settings())
     items = method.training_items()
     sources = [item.source for item in items]
     held_out_split = held_out_for_run(items, recipe.validation.loss_images, recipe.seed, resume_from)  # a resume's: its checkpoint's

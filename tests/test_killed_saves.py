@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import finetune.checkpoint as checkpoint
+import finetune.resume_checks as resume_checks
 import finetune.trainer as trainer
 from finetune.errors import FinetuneError
 from finetune.run_files import STATE_FILE, resolve_resume
@@ -50,7 +51,7 @@ def test_only_the_main_process_puts_back_the_checkpoint_of_its_own_run(tmp_path,
         (checkpoints / name / STATE_FILE).write_text(json.dumps({"step": step}))
     monkeypatch.setenv("RANK", rank)
     with pytest.raises(FinetuneError, match=f"^{checkpoints / 'checkpoint-3'} is at step 3"):
-        checkpoint.check_resumable(resolve_resume("latest", checkpoints), 3, {"output_dir": str(tmp_path / output_dir)})
+        resume_checks.check_resumable(resolve_resume("latest", checkpoints), 3, {"output_dir": str(tmp_path / output_dir)})
     assert sorted(p.name for p in checkpoints.iterdir()) == [".partial-checkpoint-3", "checkpoint-2"]
 
 
@@ -64,7 +65,7 @@ def test_a_finished_runs_rotation_a_kill_cut_short_is_finished_by_the_resume_tha
     (checkpoints / ".removed-checkpoint-2" / "optimizer.bin").write_bytes(b"half deleted")
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(FinetuneError, match=f"^{checkpoints / 'checkpoint-3'} is at step 3 and train.max_steps is 3: nothing left"):
-        checkpoint.check_resumable(resolve_resume("latest", checkpoints), 3, {"output_dir": str(tmp_path)})
+        resume_checks.check_resumable(resolve_resume("latest", checkpoints), 3, {"output_dir": str(tmp_path)})
     assert [p.name for p in checkpoints.iterdir()] == ["checkpoint-3"]
 
 
@@ -98,7 +99,7 @@ def test_an_older_checkpoint_with_nothing_left_under_a_lower_max_steps_rotates_n
         (checkpoints / f"checkpoint-{step}" / STATE_FILE).write_text(json.dumps({"step": step, "recipe": {"checkpoint.keep_last": 1}}))
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(FinetuneError, match="is at step 2 and train.max_steps is 2: nothing left"):
-        checkpoint.check_resumable(checkpoints / "checkpoint-2", 2, {"output_dir": str(tmp_path)})
+        resume_checks.check_resumable(checkpoints / "checkpoint-2", 2, {"output_dir": str(tmp_path)})
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from finetune.batches import ItemLayout, make_batch_sampler
-from finetune.checkpoint import DEEPSPEED_FOLDER, check_same_engine
+from finetune.resume_checks import DEEPSPEED_FOLDER, check_same_engine
 from finetune.errors import FinetuneError
 from finetune.optim import build_lr_scheduler
 from finetune.run_files import STATE_FILE, list_checkpoints

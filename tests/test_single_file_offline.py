@@ -79,7 +79,7 @@ def test_configs_the_cache_holds_load_the_file_offline_with_no_configs_given(sin
     assert main(["sample", "--base", str(single_file), "--prompt", "a", "--num-images", "1", "--steps", "1", "--out", str(tmp_path / "s")]) == 0
 
     (offline / f"models--{SD1_CONFIGS.replace('/', '--')}" / "snapshots" / ("0" * 40) / "unet" / "config.json").unlink()
-    with pytest.raises(FinetuneError, match=rf"'s configs \(diffusers' pick for its kind\), of which the local Hugging Face cache lacks unet/config.json, "):
+    with pytest.raises(FinetuneError, match=r"'s configs \(diffusers' pick for its kind\), of which the local Hugging Face cache lacks unet/config.json, "):
         locate_base(ModelConfig(pretrained=str(single_file)))
 
 
