@@ -128,9 +128,9 @@ def run_check_data_command(args) -> int:
 
             short = validation_conditions_problem(recipe)
         if recipe.lora.init_from and not short:
-            dreambooth = recipe.method == "dreambooth"
-            trains_text_encoder = recipe.dreambooth.train_text_encoder if dreambooth else recipe.lora.train_text_encoder
-            short = init_from_problem(recipe.lora, trains_text_encoder, "dreambooth.train_text_encoder" if dreambooth else "lora.train_text_encoder")
+            from finetune.init_from_record import text_encoder_switch
+
+            short = init_from_problem(recipe.lora, *text_encoder_switch(recipe))
     if short:
         print(f"result: training would stop: {short}")
         return 1

@@ -7,6 +7,14 @@ from __future__ import annotations
 from finetune.errors import FinetuneError
 
 
+def text_encoder_switch(recipe) -> tuple[bool, str]:
+    """Whether the run trains a text-encoder LoRA, and the key that turns it on (DreamBooth has its own), as the file's
+    text-encoder layers are checked against it."""
+    if recipe.method == "dreambooth":
+        return recipe.dreambooth.train_text_encoder, "dreambooth.train_text_encoder"
+    return recipe.lora.train_text_encoder, "lora.train_text_encoder"
+
+
 def check_recorded_alike(metadata: dict[str, str], source: str, clip_skip: int, prediction_type: str | None) -> None:
     """A LoRA continued with another prompt encoding (model.clip_skip) or another target (model.prediction_type) would
     start from what it did not learn. `metadata`: its header's record, as ours (sd-scripts' read into ours);

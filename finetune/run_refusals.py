@@ -144,13 +144,19 @@ def check_controlnet_target_first(recipe: Recipe, base: BaseLocation) -> None:
 
 def check_lora_init_from_first(recipe: Recipe, base: BaseLocation) -> None:
     """A lora.init_from whose run recorded another clip skip or prediction type than this run's (its header, as ours),
-    which the LoRA method refuses once the base has loaded (its prediction type) and the file's tensors are read."""
+    which the LoRA method refuses once the base has loaded (its prediction type); then its ranks and layers against the
+    recipe's (lora.rank, target_modules, the text encoder's switch), as the method reads the file. Those need its tensors read
+    (NaN ones refused too): torch is imported here, only for a run that starts from a LoRA file, seconds before train()
+    would import it, where the method's refusal came after every image was decoded."""
     if not recipe.lora.init_from:
         return
     from finetune.adapter_records import lora_record
-    from finetune.init_from_record import check_recorded_alike
+    from finetune.init_from_record import check_recorded_alike, text_encoder_switch
 
     check_recorded_alike(lora_record(recipe.lora.init_from), recipe.lora.init_from, recipe.model.clip_skip, run_prediction_type(recipe, base))
+    from finetune.methods.lora_init import read_checked
+
+    read_checked(recipe.lora, *text_encoder_switch(recipe))
 
 
 def run_prediction_type(recipe: Recipe, base: BaseLocation) -> str | None:

@@ -169,3 +169,20 @@ def test_the_default_run_makes_these_checks_without_torch(tmp_path):
     modules, errors = run_in_fresh_python([["train", "recipes/quickstart.yaml", f"output_dir={tmp_path / 'run'}", f"data.image_dir={folder}"]])
     assert "zz_corrupt.png cannot be read" in errors[0], errors
     assert "torch" not in modules and "accelerate" not in modules, modules
+
+
+@pytest.mark.parametrize(("tensors", "said"), [
+    ({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": 8}, "rank"),
+    ({"text_encoder.text_model.encoder.layers.0.self_attn.q_proj": 4}, "lora.train_text_encoder"),
+])  # fmt: skip
+def test_a_lora_init_from_of_other_ranks_or_layers_is_refused_before_the_data_check(tensors, said, image_folder, tmp_path, refused_first):
+    """Its ranks and layers against the recipe's: the LoRA method refused them as it read the file, after every image was decoded."""
+    from safetensors.numpy import save_file
+
+    lora = tmp_path / "other.safetensors"
+    weights = {}
+    for layer, rank in tensors.items():
+        weights |= {f"{layer}.lora_A.weight": np.zeros((rank, 32), np.float32), f"{layer}.lora_B.weight": np.zeros((32, rank), np.float32)}
+    save_file(weights, str(lora), metadata={"finetune.method": "lora"})
+    line = refused_first(write_recipe(tmp_path, image_folder, lora={"init_from": str(lora)}))
+    assert line.startswith(f"error: lora.init_from {lora}") and said in line, line
