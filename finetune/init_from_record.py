@@ -1,6 +1,7 @@
-"""What lora.init_from's training run recorded (its clip skip and prediction type) against what this run trains with, from
-the file's header alone, without torch: `finetune train` says a LoRA trained otherwise before its data check decodes every
-image; the LoRA method says it again as it starts from the file (finetune/methods/lora_init.py)."""
+"""What the run that trained a starting file recorded (lora.init_from: its clip skip and prediction type;
+controlnet.pretrained: its prediction type) against what this run trains with, from the file's header or config alone,
+without torch: `finetune train` says one trained otherwise before its data check decodes every image; the methods say it
+again as they start from the file (finetune/methods/lora_init.py, finetune/methods/controlnet.py)."""
 
 from __future__ import annotations
 
@@ -23,5 +24,11 @@ def check_recorded_alike(metadata: dict[str, str], source: str, clip_skip: int, 
     recorded_skip, recorded_type = int(value) if value.isdigit() else None, metadata.get("finetune.prediction_type")
     if recorded_skip is not None and recorded_skip != clip_skip:
         raise FinetuneError(f"lora.init_from {source} was trained with clip skip {recorded_skip}, this recipe's model.clip_skip is {clip_skip}: set it to {recorded_skip}")
-    if recorded_type and prediction_type is not None and recorded_type != prediction_type:
-        raise FinetuneError(f"lora.init_from {source} was trained for {recorded_type}, this run trains for {prediction_type}: set model.prediction_type: {recorded_type}")
+    check_same_target("lora.init_from", source, recorded_type, prediction_type)
+
+
+def check_same_target(key: str, source: str, recorded: str | None, trained: str | None) -> None:
+    """A starting file (`key`: lora.init_from, controlnet.pretrained) whose run recorded another prediction type than this
+    run trains for; None for either: not known (not recorded, or not before the base loads)."""
+    if recorded and trained is not None and recorded != trained:
+        raise FinetuneError(f"{key} {source} was trained for {recorded}, this run trains for {trained}: set model.prediction_type: {recorded}")

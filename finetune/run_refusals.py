@@ -135,11 +135,10 @@ def check_controlnet_target_first(recipe: Recipe, base: BaseLocation) -> None:
     from finetune.adapter_records import saved_model_metadata
     from finetune.starting_files import controlnet_to_load
 
+    from finetune.init_from_record import check_same_target
+
     recorded = saved_model_metadata(Path(controlnet_to_load(pretrained))).get("finetune.prediction_type")
-    trained = run_prediction_type(recipe, base)
-    if recorded and trained and recorded != trained:
-        raise FinetuneError(f"controlnet.pretrained {pretrained} was trained for {recorded}, this run trains for {trained}: "
-                            f"set model.prediction_type: {recorded}")  # fmt: skip
+    check_same_target("controlnet.pretrained", pretrained, recorded, run_prediction_type(recipe, base))
 
 
 def check_lora_init_from_first(recipe: Recipe, base: BaseLocation) -> None:

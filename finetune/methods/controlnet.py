@@ -171,10 +171,9 @@ class ControlNetMethod(DiffusionMethod):
     def _check_trained_for_this_target(self, recorded: dict) -> None:
         """As lora.init_from's: a ControlNet trained for another target (its run's finetune.prediction_type) would start
         from what it did not learn, and the step-0 samples, read as this run's target, would be noise."""
-        target = recorded.get("finetune.prediction_type")
-        if target and target != (trained := self.base.noise_scheduler.config.prediction_type):
-            raise FinetuneError(f"controlnet.pretrained {self.settings.pretrained} was trained for {target}, this run trains for {trained}: "
-                                f"set model.prediction_type: {target}")  # fmt: skip
+        from finetune.init_from_record import check_same_target
+
+        check_same_target("controlnet.pretrained", self.settings.pretrained, recorded.get("finetune.prediction_type"), self.base.noise_scheduler.config.prediction_type)
 
     def _start_line(self, recorded: dict) -> str:
         """Which ControlNet the run starts from, and what its run recorded of it (steps, conditioning kind), as
