@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from finetune.buckets import too_few_to_batch
 from finetune.check_data import FATAL, SKIP_HINT, WARNING, DataReport, data_label, inspect_examples
 from finetune.config import DataConfig, ModelConfig, Recipe
+from finetune.console import warnings_said
 from finetune.counts import counted
 from finetune.epoch_uses import expand_together
 from finetune.errors import FinetuneError
@@ -66,7 +67,7 @@ def caption_lines(model: ModelConfig, captions: dict[str, str], shuffled: bool =
 
 def run_check_data_command(args) -> int:
     """Print the report of each data source; exit status 1 when training would stop on it."""
-    fatal, warnings = 0, 0
+    fatal, warnings, said_before = 0, 0, warnings_said()
     if args.recipe and looks_like_override(args.recipe) and not Path(args.recipe).is_file():  # argparse took an override for the recipe
         args.recipe, args.overrides = None, [args.recipe, *args.overrides]
     recipe = load_recipe(args.recipe, args.overrides) if args.recipe else None
@@ -139,6 +140,7 @@ def run_check_data_command(args) -> int:
         per_image = any(finding.source != report.label for report in reports for finding in report.of_level(FATAL))
         print(f"result: training would stop: {counted(fatal, 'fatal problem')}; fix {'it' if fatal == 1 else 'them'}" + (f", {SKIP_HINT}" if per_image else ""))
         return 1
+    warnings += warnings_said() - said_before  # said as `warning: ...` outside the report: the recipe's, a class folder's
     print("result: ready to train" + (f" ({counted(warnings, 'warning')})" if warnings else ""))
     return 0
 

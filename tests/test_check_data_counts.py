@@ -94,3 +94,19 @@ def test_each_concept_of_a_shared_folder_counts_the_images_it_skips(tmp_path, ca
     method.check_data()
     lines = [line for report in method.data_reports for line in report.lines(limit=10)]
     assert sum(line.endswith("2 images, 1 used, 1 skipped; 1 use per epoch") for line in lines) == 2, lines
+
+
+def test_the_result_line_counts_the_warnings_said_as_the_recipe_loads(tmp_path, capsys):
+    """A warning said outside the data report (the recipe's, on stderr) was left out of the count: 'ready to train' under it."""
+    from conftest import SHIPPED_BASE
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, colour in (("a", "red"), ("b", "blue")):
+        Image.new("RGB", (64, 64), colour).save(images / f"{name}.png")
+        (images / f"{name}.txt").write_text(f"a {colour} square")
+    (tmp_path / "recipe.yaml").write_text("# nothing set here\n")
+    assert main(["check-data", str(tmp_path / "recipe.yaml"), f"model.pretrained={SHIPPED_BASE}", f"data.image_dir={images}", "data.resolution=64"]) == 0
+    said = capsys.readouterr()
+    assert f"warning: recipe {tmp_path / 'recipe.yaml'} is empty" in said.err
+    assert said.out.splitlines()[-1] == "result: ready to train (1 warning)"
