@@ -7,6 +7,7 @@ whose frozen parts are the base's. The multi-process modes: tests/test_distribut
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from finetune.models import load_base_model
 from finetune.optim import build_optimizer
 from finetune.toyworld.datasets import write_folder
 from finetune.trainer import train
+from conftest import build_recipe
 from numerics import bit_identical_on_cpu
 
 
@@ -30,20 +32,60 @@ def dreambooth_folders(tmp_path_factory) -> tuple[Path, Path]:
     return write_folder(root / "star", 2, seed=11), write_folder(root / "class", 2, seed=1, metadata=False)
 
 
+def method_recipe_of(build, pairs_folder: Path, dreambooth_folders: tuple[Path, Path], method: str, **overrides):
+    """A 2-step recipe of `method` made by `build` (conftest's `make_recipe`, or `build_recipe` bound to a folder)."""
+    if method == "dreambooth":
+        star, classes = dreambooth_folders
+        concept = {"instance_dir": str(star), "instance_prompt": "a sks shape", "class_prompt": "a shape", "class_dir": str(classes)}
+        settings = dict(dreambooth={"concepts": [concept], "num_class_images": 2}, data__image_dir=None, train__batch_size=1, optimizer__lr=1e-4)
+    elif method == "controlnet":
+        settings = dict(data__image_dir=str(pairs_folder))
+    else:
+        settings = {}
+    return build(method=method, train__max_steps=2, **{**settings, **overrides})
+
+
 @pytest.fixture
 def method_recipe(make_recipe, pairs_folder, dreambooth_folders):
-    def build(method: str, **overrides):
-        if method == "dreambooth":
-            star, classes = dreambooth_folders
-            concept = {"instance_dir": str(star), "instance_prompt": "a sks shape", "class_prompt": "a shape", "class_dir": str(classes)}
-            settings = dict(dreambooth={"concepts": [concept], "num_class_images": 2}, data__image_dir=None, train__batch_size=1, optimizer__lr=1e-4)
-        elif method == "controlnet":
-            settings = dict(data__image_dir=str(pairs_folder))
-        else:
-            settings = {}
-        return make_recipe(method=method, train__max_steps=2, **{**settings, **overrides})
+    return lambda method, **overrides: method_recipe_of(make_recipe, pairs_folder, dreambooth_folders, method, **overrides)
 
-    return build
+
+def recorded_run(recipe) -> SimpleNamespace:
+    """`train(recipe)`, and what it did: the blocks it ran under torch's checkpoint (their forward is recomputed in
+    the backward), its base model, the optimizer's parameters (trained) and their values before training (initial)."""
+    run = SimpleNamespace(recomputed=[])
+    checkpoint = torch.utils.checkpoint.checkpoint
+
+    def recording_build_optimizer(config, groups, *args, **kwargs):
+        run.trained = [p for group in groups for p in group["params"]]
+        run.initial = [p.detach().clone() for p in run.trained]
+        return build_optimizer(config, groups, *args, **kwargs)
+
+    def recording_load_base_model(*args, **kwargs):
+        run.base = load_base_model(*args, **kwargs)
+        return run.base
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.utils.checkpoint, "checkpoint", lambda function, *a, **k: run.recomputed.append(function) or checkpoint(function, *a, **k))
+        patch.setattr(trainer, "build_optimizer", recording_build_optimizer)
+        patch.setattr(trainer, "load_base_model", recording_load_base_model)
+        run.result = train(recipe)
+    return run
+
+
+@pytest.fixture(scope="module")
+def plain_run(tiny_model, image_folder, pairs_folder, dreambooth_folders, tmp_path_factory):
+    """`plain_run(method)`: the method's plain run (`recorded_run`), trained once for the module; the checkpointing and
+    channels-last tests each compare a run of their mode with it (a training run each saved)."""
+    root, runs = tmp_path_factory.mktemp("plain"), {}
+
+    def plain(method: str) -> SimpleNamespace:
+        if method not in runs:
+            build = lambda **overrides: build_recipe(tiny_model, image_folder, root / method, **overrides)  # noqa: E731
+            runs[method] = recorded_run(method_recipe_of(build, pairs_folder, dreambooth_folders, method))
+        return runs[method]
+
+    return plain
 
 
 def saved_tensors(output_dir: Path) -> dict[str, torch.Tensor]:
@@ -57,14 +99,12 @@ METHODS = ["lora", "dreambooth", "controlnet"]
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_gradient_checkpointing_trains_the_same_weights(method_recipe, method, tmp_path, monkeypatch):
-    recomputed = []  # blocks run under torch's checkpoint (their forward is recomputed in the backward)
-    checkpoint = torch.utils.checkpoint.checkpoint
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda function, *a, **k: recomputed.append(function) or checkpoint(function, *a, **k))
-    plain = train(method_recipe(method, output_dir=str(tmp_path / "plain")))
-    assert not recomputed
-    checkpointed = train(method_recipe(method, output_dir=str(tmp_path / "checkpointed"), train__gradient_checkpointing=True))
-    assert recomputed
+def test_gradient_checkpointing_trains_the_same_weights(method_recipe, plain_run, method, tmp_path):
+    plain = plain_run(method)
+    assert not plain.recomputed
+    checkpointed = recorded_run(method_recipe(method, output_dir=str(tmp_path / "checkpointed"), train__gradient_checkpointing=True))
+    assert checkpointed.recomputed
+    plain, checkpointed = plain.result, checkpointed.result
     expected, got = saved_tensors(plain.output_dir), saved_tensors(checkpointed.output_dir)
     assert got.keys() == expected.keys()
     if torch.cuda.is_available():  # GPU kernels may sum in another order each time (.ci/gpu-check runs this file)
@@ -76,33 +116,18 @@ def test_gradient_checkpointing_trains_the_same_weights(method_recipe, method, t
 
 @bit_identical_on_cpu
 @pytest.mark.parametrize("method", METHODS)
-def test_channels_last_trains_the_same_weights_in_nhwc(method_recipe, method, tmp_path, monkeypatch):
-    runs = []  # per run: the base model, the optimizer's parameters, and their values before training
+def test_channels_last_trains_the_same_weights_in_nhwc(method_recipe, plain_run, method, tmp_path):
+    plain_run, nhwc_run = plain_run(method), recorded_run(method_recipe(method, output_dir=str(tmp_path / "nhwc"), train__channels_last=True))
 
-    def recording_build_optimizer(config, groups, *args, **kwargs):
-        parameters = [p for group in groups for p in group["params"]]
-        runs[-1]["trained"], runs[-1]["initial"] = parameters, [p.detach().clone() for p in parameters]
-        return build_optimizer(config, groups, *args, **kwargs)
-
-    def recording_load_base_model(*args, **kwargs):
-        runs.append({"base": load_base_model(*args, **kwargs)})
-        return runs[-1]["base"]
-
-    monkeypatch.setattr(trainer, "build_optimizer", recording_build_optimizer)
-    monkeypatch.setattr(trainer, "load_base_model", recording_load_base_model)
-    plain = train(method_recipe(method, output_dir=str(tmp_path / "plain")))
-    nhwc = train(method_recipe(method, output_dir=str(tmp_path / "nhwc"), train__channels_last=True))
-
-    for run, expected in zip(runs, (False, True)):
-        convolutions = [m.weight for part in (run["base"].unet, run["base"].vae) for m in part.modules() if isinstance(m, torch.nn.Conv2d)]
-        convolutions += [p for p in run["trained"] if p.dim() == 4]  # ControlNet's own, or the full UNet's
+    for run, expected in ((plain_run, False), (nhwc_run, True)):
+        convolutions = [m.weight for part in (run.base.unet, run.base.vae) for m in part.modules() if isinstance(m, torch.nn.Conv2d)]
+        convolutions += [p for p in run.trained if p.dim() == 4]  # ControlNet's own, or the full UNet's
         assert convolutions and all(w.is_contiguous(memory_format=torch.channels_last) == expected for w in convolutions if w.shape[-1] > 1)
-    assert torch.allclose(torch.tensor(nhwc.losses), torch.tensor(plain.losses), rtol=1e-4)
+    assert torch.allclose(torch.tensor(nhwc_run.result.losses), torch.tensor(plain_run.result.losses), rtol=1e-4)
     # The same update up to float summation order (NHWC kernels sum in another order), as a whole: Adam
     # moves a weight with a near-zero gradient by about lr either way.
-    (plain_run, nhwc_run) = runs
-    difference = sum(((a.cpu() - b.cpu()) ** 2).sum() for a, b in zip(nhwc_run["trained"], plain_run["trained"])) ** 0.5
-    update = sum(((a.cpu() - b.cpu()) ** 2).sum() for a, b in zip(plain_run["trained"], plain_run["initial"])) ** 0.5
+    difference = sum(((a.cpu() - b.cpu()) ** 2).sum() for a, b in zip(nhwc_run.trained, plain_run.trained)) ** 0.5
+    update = sum(((a.cpu() - b.cpu()) ** 2).sum() for a, b in zip(plain_run.trained, plain_run.initial)) ** 0.5
     assert update > 0 and difference < 1e-2 * update, (difference, update)
 
 
