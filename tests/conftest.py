@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 
@@ -99,6 +100,19 @@ def quickstart_lora(tmp_path_factory) -> Path:
         ))  # fmt: skip
 
     return made_once_per_run(tmp_path_factory, "quickstart", make)
+
+
+@pytest.fixture(scope="session")
+def base_star_share(tmp_path_factory) -> float:
+    """The share of stars the shipped base draws (tests/star_share.py, about 7 s): drawn once per run, as the two files
+    asking for it (test_toyworld_base, test_quickstart) often run on different workers."""
+    from star_share import star_share
+
+    def make(folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "share.json").write_text(json.dumps(float(star_share(None))))
+
+    return json.loads((made_once_per_run(tmp_path_factory, "base-star-share", make) / "share.json").read_text())
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import SHIPPED_BASE
-from star_share import star_share
 
 from finetune.config import ModelConfig
 from finetune.evaluate import run_eval
@@ -53,8 +52,8 @@ def test_shipped_base_follows_held_in_prompts(held_in_eval):
     assert metrics["adherence_background"] >= 0.8, metrics
 
 
-def test_shipped_base_has_not_seen_the_held_out_subject():
-    assert star_share(None) <= 0.05  # measured: 0 of 32
+def test_shipped_base_has_not_seen_the_held_out_subject(base_star_share):
+    assert base_star_share <= 0.05  # measured: 0 of 32
     # Underspecified prompts ("a star", "a star, top left"): the word is unknown to the base, which
     # must fill in a shape of its own world, not a star-like blob (measured: 1 of 64 at 25 steps).
     underspecified = run_eval(str(SHIPPED_BASE), suites=["subject"], num_prompts=32, steps=20, guidance=5.0, identifier="", class_word="star")
