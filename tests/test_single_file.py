@@ -51,9 +51,11 @@ def sd15_shaped_pipeline(tmp_path) -> StableDiffusionPipeline:
                                    feature_extractor=None, requires_safety_checker=False)
 
 
-@pytest.fixture
-def single_file(tmp_path):
-    """(the .safetensors file, a diffusers folder with its configs, the pipeline it was written from)."""
+@pytest.fixture(scope="module")
+def single_file(tmp_path_factory):
+    """(the .safetensors file, a diffusers folder with its configs, the pipeline it was written from): made once for the
+    module (about half a second a test); the tests read them, and write in their own tmp_path."""
+    tmp_path = tmp_path_factory.mktemp("single-file")
     pipeline = sd15_shaped_pipeline(tmp_path)
     configs = tmp_path / "configs"
     pipeline.save_pretrained(configs)
@@ -181,7 +183,8 @@ def edited_pipeline(configs, tmp_path, part: str, **changes):
 
 
 def test_what_the_layout_cannot_hold_is_refused_in_one_line_before_anything_is_written(single_file, tiny_model, tmp_path, capsys):
-    path, configs, _ = single_file
+    path, shared_configs, _ = single_file
+    configs = shutil.copytree(shared_configs, tmp_path / "configs")  # its own: a refusal that failed would write over the UNet's weights
     out = tmp_path / "out.safetensors"
     not_sd1 = "cannot be exported as a webui checkpoint: that layout describes SD1.x's architecture, and "
     lora_run = tmp_path / "lora_run"
