@@ -12,7 +12,7 @@ import time
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
+from typing import Callable, NoReturn
 
 
 def run_forked(call: Callable[[], int | None], timeout: float = 300) -> SimpleNamespace:
@@ -20,32 +20,19 @@ def run_forked(call: Callable[[], int | None], timeout: float = 300) -> SimpleNa
     terminal: its `returncode` (what `call` returned, 0 for None; 1 for an exception, whose traceback is printed; -N for a
     signal N that ended it) and `output` (what it printed); one still running after `timeout` s is killed and fails the test.
     The child never returns into the test: it ends with os._exit."""
-    import torch
-
     handle, name = tempfile.mkstemp(prefix="forked-", suffix=".log")
     os.close(handle)
     said = Path(name)
     pid = os.fork()
     if pid == 0:
-        code = 1
-        try:
+
+        def to_the_log() -> None:
             log = os.open(said, os.O_WRONLY | os.O_TRUNC)
             os.dup2(log, 1)
             os.dup2(log, 2)
             sys.stdout = sys.stderr = open(1, "w", buffering=1, closefd=False)
-            torch.set_num_threads(1)  # as a data-loader worker does after a fork: the parent's thread pool is not the child's
-            returned = call()
-            code = returned or 0
-            if not isinstance(code, int):  # os._exit would raise in `finally`, and the child would go on running pytest
-                print(f"run_forked: the call returned {returned!r}, not an exit code")
-                code = 1
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            try:
-                sys.stdout.flush()
-            finally:
-                os._exit(code)
+
+        _child_exits_with(to_the_log, call, "run_forked")
     deadline = time.monotonic() + timeout
     while (ended := os.waitpid(pid, os.WNOHANG))[0] == 0:  # a fork can hang on a lock another thread held: never CI's whole run
         if time.monotonic() > deadline:
@@ -88,31 +75,41 @@ class StartedFork:
 def start_forked(call: Callable[[], int | None], stdout: Path, stderr: Path, environ: dict[str, str]) -> StartedFork:
     """`call()` in a forked child, as run_forked runs it, left running: a session of its own (its group for os.killpg, as
     Popen's start_new_session), `environ` added to its environment, its stdout and stderr written to those files."""
-    import torch
-
     for path in (stdout, stderr):
         path.write_bytes(b"")  # there to read from the start, as a Popen's files are
     pid = os.fork()
     if pid == 0:
-        code = 1
-        try:
+
+        def on_its_own() -> None:
             os.setsid()
             os.environ.update(environ)
             for fd, path in ((1, stdout), (2, stderr)):
                 os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
             sys.stdout, sys.stderr = open(1, "w", buffering=1, closefd=False), open(2, "w", buffering=1, closefd=False)
-            torch.set_num_threads(1)
-            returned = call()
-            code = returned or 0
-            if not isinstance(code, int):  # as run_forked: os._exit would raise in `finally`
-                print(f"start_forked: the call returned {returned!r}, not an exit code")
-                code = 1
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            finally:
-                os._exit(code)
+
+        _child_exits_with(on_its_own, call, "start_forked")
     return StartedFork(pid)
+
+
+def _child_exits_with(setup: Callable[[], None], call: Callable[[], int | None], caller: str) -> NoReturn:
+    """In the forked child: `setup()` (its output files), then `call()`, ending with os._exit of what it returned (1 for an
+    exception, whose traceback is printed): the child never returns into the test, which it would go on running."""
+    import torch
+
+    code = 1
+    try:
+        setup()
+        torch.set_num_threads(1)  # as a data-loader worker does after a fork: the parent's thread pool is not the child's
+        returned = call()
+        code = returned or 0
+        if not isinstance(code, int):  # os._exit would raise in `finally`, and the child would go on running pytest
+            print(f"{caller}: the call returned {returned!r}, not an exit code")
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
