@@ -5,7 +5,8 @@ training writes (a damaged or edited file)."""
 
 from __future__ import annotations
 
-from finetune.encoders import TRAINED_TOKEN_LENGTHS, recorded_clip_skip
+from finetune.encoders import TRAINED_TOKEN_LENGTHS
+from finetune.init_from_record import recorded_clip_skip
 from finetune.errors import FinetuneError
 
 

@@ -73,12 +73,6 @@ def layer_stack(text_encoder: CLIPTextModel) -> torch.nn.Module:
     return getattr(text_encoder, "text_model", text_encoder).encoder
 
 
-def recorded_clip_skip(metadata: dict[str, str]) -> int | None:
-    """The clip skip an adapter's metadata records (ours, or sd-scripts' read into ours); None if none."""
-    value = str(metadata.get("finetune.clip_skip", ""))
-    return int(value) if value.isdigit() else None
-
-
 @contextlib.contextmanager
 def clip_skipped(text_encoder: CLIPTextModel, clip_skip: int):
     """`skip_last_layers` for the duration only (the demo's columns sample one base at different skips)."""

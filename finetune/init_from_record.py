@@ -16,12 +16,17 @@ def text_encoder_switch(recipe) -> tuple[bool, str]:
     return recipe.lora.train_text_encoder, "lora.train_text_encoder"
 
 
+def recorded_clip_skip(metadata: dict[str, str]) -> int | None:
+    """The clip skip an adapter's metadata records (ours, or sd-scripts' read into ours); None if none."""
+    value = str(metadata.get("finetune.clip_skip", ""))
+    return int(value) if value.isdigit() else None
+
+
 def check_recorded_alike(metadata: dict[str, str], source: str, clip_skip: int, prediction_type: str | None) -> None:
     """A LoRA continued with another prompt encoding (model.clip_skip) or another target (model.prediction_type) would
     start from what it did not learn. `metadata`: its header's record, as ours (sd-scripts' read into ours);
     `prediction_type` None: not known before the base loads (then only the clip skip is compared)."""
-    value = str(metadata.get("finetune.clip_skip", ""))  # as finetune.encoders.recorded_clip_skip reads it (that module imports torch)
-    recorded_skip, recorded_type = int(value) if value.isdigit() else None, metadata.get("finetune.prediction_type")
+    recorded_skip, recorded_type = recorded_clip_skip(metadata), metadata.get("finetune.prediction_type")
     if recorded_skip is not None and recorded_skip != clip_skip:
         raise FinetuneError(f"lora.init_from {source} was trained with clip skip {recorded_skip}, this recipe's model.clip_skip is {clip_skip}: set it to {recorded_skip}")
     check_same_target("lora.init_from", source, recorded_type, prediction_type)

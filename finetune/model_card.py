@@ -16,7 +16,7 @@ from finetune.atomic_files import atomic_write, atomic_write_text
 from finetune.run_files import CHECKPOINT_PATTERN, PARTIAL
 from finetune.counts import counted
 from finetune.dora import uses_dora
-from finetune.encoders import recorded_clip_skip
+from finetune.init_from_record import recorded_clip_skip
 from finetune.kohya import LoRA
 
 

@@ -101,7 +101,8 @@ def _subject_never_sampled(recipe: Recipe) -> list[str]:
     for i, concept in enumerate(recipe.dreambooth.concepts):
         if concept.use_captions or not concept.instance_prompt or not concept.class_prompts:
             continue
-        identifier = [word for word in re.findall(r"[\w']+", concept.instance_prompt.lower()) if word not in set().union(*map(_words, concept.class_prompts))]
+        class_words = set().union(*map(_words, concept.class_prompts))
+        identifier = [word for word in re.findall(r"[\w']+", concept.instance_prompt.lower()) if word not in class_words]
         if identifier and not said & set(identifier):
             lines.append(f"validation.prompts: none names dreambooth.concepts.{i}'s subject ('{' '.join(identifier)}', the words of its "
                          f"instance_prompt that no class prompt has): the grids cannot show it; add one such as '{concept.instance_prompt}'")  # fmt: skip
