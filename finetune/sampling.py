@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 from finetune.atomic_files import removed_if_unfinished
 from finetune.encoders import chunks_needed, text_hidden_states
 from finetune.finite_images import SAMPLING_OVERFLOW, decoded_pixels, not_finite_line, not_finite_rows, say_warning
+from finetune.grid_labels import draw_label, label_font
 from finetune.image_bounds import GRID_LABEL_WIDTH
 from finetune.models import BaseModel
 from finetune.placement import free_device_memory, out_of_device_memory
@@ -307,29 +308,20 @@ def first_cell(grid: Image.Image, cell: int) -> Image.Image | None:
 
 
 def make_grid(rows: list[list[Image.Image]], row_labels: list[str] | None = None, label_width: int = 0) -> Image.Image:
-    """Paste images into a grid, one row per list; optional text labels in a left margin."""
+    """Paste images into a grid, one row per list; optional text labels in a left margin of `label_width` px, each wrapped
+    (and ellipsized) within its row's part of it, in a font growing with the row (finetune/grid_labels.py)."""
     cell_w, cell_h = rows[0][0].size
     columns = max(len(row) for row in rows)
     margin = label_width if row_labels else 0
     grid = Image.new("RGB", (margin + columns * cell_w, len(rows) * cell_h), "white")
     draw = ImageDraw.Draw(grid)
+    font = label_font(cell_h, margin) if row_labels else None
     for r, row in enumerate(rows):
         for c, image in enumerate(row):
             grid.paste(image.convert("RGB"), (margin + c * cell_w, r * cell_h))
         if row_labels:
-            draw.text((2, r * cell_h + 2), _wrap(row_labels[r], label_width // 6), fill="black")
+            draw_label(draw, row_labels[r], 0, r * cell_h, margin, cell_h, font)
     return grid
-
-
-def _wrap(text: str, width: int) -> str:
-    words, lines, line = text.split(), [], ""
-    for word in words:
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return "\n".join(lines + [line])
 
 
 def save_image_atomic(image: Image.Image, path: Path) -> Path:
