@@ -14,7 +14,7 @@ from finetune.config import OptimizerConfig
 from finetune.config.training import ADAMW_BETAS
 from finetune.console import warn
 from finetune.library_noise import quiet_paged_optimizer_on_cpu
-from finetune.optimizer_packages import check_optimizer_installed
+from finetune.optimizer_packages import BITSANDBYTES_OPTIMIZERS, check_optimizer_installed, say_bitsandbytes_fallback
 
 
 def build_optimizer(config: OptimizerConfig, parameters: list, device: torch.device | None = None, sharded: bool = False) -> torch.optim.Optimizer:
@@ -43,7 +43,7 @@ def build_optimizer(config: OptimizerConfig, parameters: list, device: torch.dev
                 quiet_paged_optimizer_on_cpu()  # the library's own copy, from every process
             return optimizer
         except Exception as err:  # no CUDA/CPU backend, or bitsandbytes missing
-            warn(f"optimizer.name={config.name}: bitsandbytes cannot run here ({err}); falling back to torch AdamW (32-bit states)", by="machine")
+            say_bitsandbytes_fallback(config.name, f"cannot run here ({err})")  # unless `finetune train` said it before its data check
             kwargs["betas"] = tuple(config.betas) if config.betas is not None else ADAMW_BETAS  # not Lion's own, for AdamW
     # One fused kernel for all tensors instead of a loop over them (CPU's default): LoRA has hundreds of
     # small tensors; the loop took ~5% of a cached LoRA step of the medium benchmark model.
@@ -72,9 +72,6 @@ def first_device(parameters: list) -> torch.device:
 def fused_supported(parameters: list) -> bool:
     tensors = [p for group in parameters for p in group["params"]] if parameters and isinstance(parameters[0], dict) else list(parameters)
     return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors)
-
-
-BITSANDBYTES_OPTIMIZERS = {"adamw8bit": "AdamW8bit", "paged_adamw8bit": "PagedAdamW8bit", "lion8bit": "Lion8bit"}
 
 
 def build_lr_scheduler(config: OptimizerConfig, optimizer: torch.optim.Optimizer, max_steps: int):

@@ -13,7 +13,7 @@ from finetune.class_image_plans import check_class_folders
 from finetune.config import Recipe
 from finetune.errors import FinetuneError
 from finetune.model_source import BaseLocation
-from finetune.optimizer_packages import check_optimizer_installed
+from finetune.optimizer_packages import check_optimizer_installed, warn_bitsandbytes_missing
 from finetune.process_env import deepspeed_requested, launched_processes, several_processes
 
 
@@ -30,6 +30,7 @@ def check_run_first(recipe: Recipe, resume_from: Path | None, base: BaseLocation
     else:  # a resume reads no starting weights: its checkpoint holds them (finetune.start_weights)
         check_controlnet_target_first(recipe, base)
         check_lora_init_from_first(recipe, base)
+    warn_bitsandbytes_missing(recipe.optimizer)  # no refusal: the fallback to AdamW, said after them (a refused run needs no warning)
 
 
 def check_perceptual_network_first(recipe: Recipe) -> None:

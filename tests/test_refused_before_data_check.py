@@ -79,6 +79,34 @@ def test_prodigy_without_its_package_is_refused_before_the_data_check(image_fold
     assert line == "error: optimizer.name prodigy needs the prodigyopt package: pip install prodigyopt", line
 
 
+def test_an_8bit_optimizer_without_bitsandbytes_falls_back_said_before_the_data_check_and_once(image_folder, tmp_path, monkeypatch, capsys):
+    """The fallback to AdamW was said as train() built the optimizer, once every image had been decoded; now before, and
+    train()'s own word (for callers that skip the command) is not said again within the command."""
+    import torch
+
+    from finetune.errors import FinetuneError
+    from finetune.optim import build_optimizer
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not found, as where it is not installed
+    said: dict[str, str] = {}
+
+    def data_check(recipe):
+        said["before the data check"] = capsys.readouterr().out
+
+    def training(recipe, args, base_location):  # train() as far as its optimizer, within the command
+        build_optimizer(recipe.optimizer, [torch.nn.Parameter(torch.zeros(2))])
+        said["by train()"] = capsys.readouterr().out
+        raise FinetuneError("stopped here by the test")
+
+    monkeypatch.setattr(finetune.train_inputs, "check_data_first", data_check)
+    monkeypatch.setattr(finetune.train_command, "_run_training", training)
+    assert main(["train", write_recipe(tmp_path, image_folder, optimizer={"name": "adamw8bit"})]) == 2
+    fallback = ("warning: optimizer.name=adamw8bit: bitsandbytes is not installed (pip install bitsandbytes for its 8-bit states); "
+                "falling back to torch AdamW (32-bit states)")  # fmt: skip
+    assert said["before the data check"].count(fallback) == 1, said
+    assert "bitsandbytes" not in said["by train()"], said
+
+
 def test_fp16_on_a_cpu_is_refused_before_the_data_check(image_folder, tmp_path, refused_first, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # the run's device is the CPU, whatever GPU the machine has
     line = refused_first(write_recipe(tmp_path, image_folder, train={"mixed_precision": "fp16"}))
