@@ -39,6 +39,19 @@ def data_folder_record(data) -> dict | None:
     return conditioning_record(Path(folder)) if folder and Path(folder).is_dir() else None
 
 
+def inherited_record(metadata: dict[str, str]) -> dict | None:
+    """The record of how a ControlNet's conditioning images were made (its finetune.conditioning) that a run continuing it
+    (controlnet.pretrained) on a data folder recording none keeps in its own outputs, so `finetune sample` and the demo
+    make and check conditions for the continued ControlNet as for the one it began as; None where none is recorded, or
+    one make-conditions could not have written (the demo refuses that of the pretrained one: it is not passed on)."""
+    try:
+        record = json.loads(metadata["finetune.conditioning"])
+        kind, options = record["kind"], {name: value for name, value in record.items() if name != "kind"}
+    except (KeyError, ValueError, TypeError, AttributeError):  # not recorded, or not by us
+        return None
+    return record if kind in KINDS and options_problem(kind, options) is None else None
+
+
 def options_problem(kind: str, options: dict) -> str | None:
     """Why `options` are not thresholds make-conditions writes for `kind` (another maker's names, a sigma of 1e9), or None."""
     if unknown := sorted(set(options) - set(OPTION_NAMES.get(kind, ()))):

@@ -116,8 +116,9 @@ def test_a_run_from_a_pretrained_controlnet_says_which_and_its_outputs_record_it
     recorded = {"finetune.method": "controlnet", "finetune.steps": "7", "finetune.conditioning": '{"kind": "canny", "low": 20.0, "high": 40.0, "sigma": 1.0}'}
     (run / "controlnet" / "finetune_metadata.json").write_text(json.dumps(recorded))
     method = set_up(controlnet_recipe(make_recipe, pairs_folder, controlnet__pretrained=str(run)))
-    assert method.start_lines == [f"starting from the ControlNet {run} (controlnet.pretrained): trained 7 steps, on canny (low 20, high 40, sigma 1) conditioning images, "
-                                 "no prediction type recorded, taken to be the base's (epsilon)"]
+    assert method.start_lines[0] == (f"starting from the ControlNet {run} (controlnet.pretrained): trained 7 steps, on canny (low 20, high 40, sigma 1) "
+                                     "conditioning images, no prediction type recorded, taken to be the base's (epsilon)")  # fmt: skip
+    assert method.start_lines[1].startswith(f"the data folder {pairs_folder} records no conditioning kind")  # test_continued_controlnet_conditioning
 
     assert method.start_metadata() == {"finetune.controlnet_pretrained": "edges"}
     fresh = ControlNetMethod(controlnet_recipe(make_recipe, pairs_folder))

@@ -55,6 +55,7 @@ from finetune.sources import Example
 from finetune.starting_files import controlnet_to_load
 
 STARTED_FROM = "controlnet_started_from"  # in a checkpoint's method state: the outputs' record of controlnet.pretrained, made when the run started
+INHERITED_CONDITIONING = "controlnet_inherited_conditioning"  # in it too: the conditioning record taken from controlnet.pretrained
 PRETRAINED_METADATA_KEY = "finetune.controlnet_pretrained"  # the outputs' metadata key of that record
 # The UNet parts that train with unlock_unet_decoder (the original's output_blocks and out).
 DECODER_PARTS = ("up_blocks", "conv_norm_out", "conv_out")
@@ -76,6 +77,7 @@ class ControlNetMethod(DiffusionMethod):
         self.started_from: str | None = None  # its record in the outputs (`start_metadata`)
         self.unknown_layout: tuple[Path, str] | None = None  # a resume's checkpoint that keeps no layout, and where it began
         self.target_unrecorded = False  # controlnet.pretrained records no prediction type: taken to be trained as the base was
+        self.inherited_conditioning: dict | None = None  # controlnet.pretrained's conditioning record, where the data records none
 
     def training_items(self) -> list[Example]:
         return [pair.image for pair in self.pairs]
@@ -84,8 +86,9 @@ class ControlNetMethod(DiffusionMethod):
         return {**super().recorded_data(), "conditioning images": [pair.conditioning.digest or pair.conditioning.source for pair in self.pairs]}
 
     def data_metadata(self) -> dict[str, str]:
-        """How `finetune make-conditions` made the conditioning images, if it did: `finetune sample` names it."""
-        record = self._conditioning_record()
+        """How `finetune make-conditions` made the conditioning images, if it did: `finetune sample` names it. Where the data
+        folder records none, that of the ControlNet the run continues (`inherited_conditioning`)."""
+        record = self._conditioning_record() or self.inherited_conditioning
         return {"finetune.conditioning": json.dumps(record)} if record else {}
 
     def _conditioning_record(self) -> dict | None:
@@ -111,8 +114,12 @@ class ControlNetMethod(DiffusionMethod):
         not found is one line (`controlnet_to_load`). Its record in the outputs (`started_from`) is made here."""
         self.load_from = controlnet_to_load(pretrained)  # its folder, config and UNet checked without torch (finetune.starting_files)
         self.started_from = started_from(self.load_from)  # now, while a local folder is there to be told from a hub id
+        recorded = self._recorded_by_its_run()
         # A type no model predicts (an edited record) is one line now, not advice to set model.prediction_type to it once loaded.
-        adapters_prediction_type({f"controlnet.pretrained {pretrained}": self._recorded_by_its_run()})
+        adapters_prediction_type({f"controlnet.pretrained {pretrained}": recorded})
+        from finetune.conditioning_records import inherited_record
+
+        self.inherited_conditioning = None if self._conditioning_record() else inherited_record(recorded)
 
     def training_data(self, accelerator):
         self.training_dataset = ControlNetDataset(
@@ -160,6 +167,8 @@ class ControlNetMethod(DiffusionMethod):
             raise FinetuneError(f"controlnet.pretrained {pretrained} {problem}")
         self.target_unrecorded = not recorded.get("finetune.prediction_type")
         self.start_lines.append(self._start_line(recorded))
+        if self.inherited_conditioning:
+            self.start_lines.append(self._inherited_line())
         if self.target_unrecorded:
             self.start_lines += unrecorded_target_warning(self.base, f"controlnet.pretrained {self.settings.pretrained}")
         return controlnet
@@ -187,6 +196,16 @@ class ControlNetMethod(DiffusionMethod):
         known = ", ".join(fact for fact in facts if fact)
         return f"starting from the ControlNet {self.settings.pretrained} (controlnet.pretrained)" + (f": {known}" if known else "")
 
+    def _inherited_line(self) -> str:
+        """Where the data folder records no conditioning kind: that the outputs record the one controlnet.pretrained does."""
+        from finetune.conditioning_records import recorded_conditioning
+
+        made = recorded_conditioning({"finetune.conditioning": json.dumps(self.inherited_conditioning)})
+        folder = self.recipe.data.image_dir or self.recipe.data.dataset
+        data = f"the data folder {folder}" if folder else "the training data"
+        return (f"{data} records no conditioning kind (no conditioning.json, which finetune make-conditions writes): the outputs "
+                f"record controlnet.pretrained's, {made}, so finetune sample and the demo make and check conditions for them as for it")
+
     def started_as_pretrained(self) -> bool:
         return self.target_unrecorded
 
@@ -197,13 +216,15 @@ class ControlNetMethod(DiffusionMethod):
             self.unknown_layout = None if layout else (checkpoint, began)  # made from the UNet, as before, where the shapes are its
             # The first record; else (older checkpoints) their output's.
             self.started_from = self.resumed_state.get(STARTED_FROM) or saved_model_metadata(checkpoint / CONTROLNET_DIR).get(PRETRAINED_METADATA_KEY) or started_from(began)
+            self.inherited_conditioning = self.resumed_state.get(INHERITED_CONDITIONING)  # a resume reads no controlnet.pretrained
 
     def checkpoint_state(self) -> dict:
         # A resume does not read controlnet.pretrained (finetune.start_weights): it builds that ControlNet's layout
         # (its config, which from_unet would not make) from this, and loads its weights from the checkpoint.
         if not self.started_from:  # made from the UNet: a resume makes it so again
             return {}
-        return {RESUMED_LAYOUT: json.loads(self.controlnet.to_json_string()), STARTED_FROM: self.started_from}
+        inherited = {INHERITED_CONDITIONING: self.inherited_conditioning} if self.inherited_conditioning else {}
+        return {RESUMED_LAYOUT: json.loads(self.controlnet.to_json_string()), STARTED_FROM: self.started_from, **inherited}
 
     def start_metadata(self) -> dict[str, str]:
         return {PRETRAINED_METADATA_KEY: self.started_from} if self.started_from else {}
