@@ -83,14 +83,15 @@ def table_row(adapter) -> list[str]:
 
 def labelled_grid(rows: list[list], column_labels: list[str], seeds: list[int]):
     """`make_grid` with cells enlarged to MIN_CELL px, a header naming each column and a seed per row."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
+    from finetune.grid_labels import default_font
     from finetune.sampling import make_grid
 
     cell = rows[0][0].size
     factor = max(1, -(-MIN_CELL // min(cell)))
     big = [[image.convert("RGB").resize((cell[0] * factor, cell[1] * factor), Image.Resampling.NEAREST) for image in row] for row in rows]
-    margin, font, line_height = 64, ImageFont.load_default(size=14), 18
+    margin, font, line_height = 64, default_font(14), 18
     headers = [header_lines(label, cell[0] * factor - 8, font) for label in column_labels]
     top = 6 + line_height * max(len(lines) for lines in headers)
     body = make_grid(big, row_labels=[f"seed {seed}" for seed in seeds], label_width=margin)

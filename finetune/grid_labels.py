@@ -14,12 +14,17 @@ SMALLEST_SIZE = 12  # px; below it the default font's letters blur together
 
 def label_font(cell_height: int, label_width: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     """Pillow's default font (its FreeType one, Pillow >= 10.1 with FreeType) at a size growing with the row's height
-    (1/24 of it), at most a tenth of the margin's width (some 18 letters a line), at least SMALLEST_SIZE. Its bitmap font
-    where FreeType is missing (or Pillow 10.0, whose load_default takes no size): one size, still wrapped and spaced."""
-    size = max(SMALLEST_SIZE, min(cell_height // 24, label_width // 10))
+    (1/24 of it), at most a tenth of the margin's width (some 18 letters a line), at least SMALLEST_SIZE (`default_font`:
+    its bitmap font where FreeType is missing, one size, still wrapped and spaced)."""
+    return default_font(max(SMALLEST_SIZE, min(cell_height // 24, label_width // 10)))
+
+
+def default_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's default font at `size` px, or its bitmap font (one size) where FreeType is missing or Pillow is 10.0, which
+    pyproject.toml allows and whose load_default takes no size (asked for one, it raised TypeError)."""
     try:
         return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow 10.0
+    except TypeError:
         return ImageFont.load_default()
 
 

@@ -82,3 +82,13 @@ def test_a_long_prompt_stays_in_its_rows_margin_ellipsized(cell, fonts, monkeypa
     assert all(line_width(line, font) <= width for line in lines)
     assert len(lines) == height // grid_labels.line_height(font) and lines[-1][-1].endswith(ELLIPSIS)
     assert label_lines("a photo of sks dog", font, width, height) == [["a", "photo", "of", "sks", "dog"]]  # short: as written
+
+
+def test_the_demos_grid_is_drawn_with_pillow_10_0s_font_too(monkeypatch):
+    """pyproject.toml allows Pillow 10.0, whose load_default takes no size: the demo's grid asked for 14 px and raised."""
+    from finetune.demo import MIN_CELL, labelled_grid
+
+    bitmap_font_only(monkeypatch)
+    grid = labelled_grid([[Image.new("RGB", (64, 64), "gray")] * 2], ["base", "quickstart x1"], [0])
+    header = np.asarray(grid)[: grid.height - MIN_CELL]
+    assert grid.width == 64 + 2 * MIN_CELL and (header < 128).any()  # the columns' names written
