@@ -1,7 +1,8 @@
 """How much each micro-batch's loss weighs in its optimizer step (`micro_batch_shares`), and what the run reports of its
 loss: each optimizer step's loss (progress bar, TrainResult), and for
 TensorBoard each term's mean over the steps since the last log (logging.every_n_steps), over all of their
-micro-batches (gradient accumulation) and processes, weighted by rows as the gradients are.
+micro-batches (gradient accumulation) and processes, weighted by rows as the gradients are; and all a log step
+writes there (`train_logs`: those means, the method's values, the learning rates and the epoch).
 
 The loss and its terms (DreamBooth's instance and class losses, the VAE's l1, l2, kl) cover the same images:
 a term taken from the last micro-batch alone would not add up to the loss logged beside it. And a diffusion
@@ -13,6 +14,8 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+
+from finetune.optim import step_size
 
 MOST_UNREAD = 100  # steps whose losses wait on the device: one host read per 100 steps costs next to nothing
 
@@ -120,3 +123,14 @@ def micro_batch_shares(sampler, micro_batches: range, num_processes: int) -> lis
     # A padded batch has one row per process, so this process's rows of it are its own or borrowed, never both: the mean
     # over them is a mean over own rows, or weighs nothing.
     return [max(0, min(rows.stop, own) - rows.start) * num_processes * len(parts) / images for _, rows, own in parts]
+
+
+def train_logs(losses: dict, step_logs: dict, lr: float, optimizer, group_names: list[str], epochs: float) -> dict:
+    """A log step's TensorBoard values: the loss and its terms since the last log step (`losses`), what the method reported
+    after the step (`step_logs`: lora.max_norm's, read on the host here, not at each step), the rates and the epoch."""
+    logs = {f"train/{k}": v for k, v in losses.items()}  # train/loss among them
+    logs.update({f"train/{k}": float(v) for k, v in step_logs.items()})
+    if len(group_names) > 1:  # each group's rate (text encoder, LoRA+ up weights); train/lr is the first's
+        logs.update({f"train/lr/{name}": step_size(optimizer, i) for i, name in enumerate(group_names)})
+    logs["train/epoch"] = epochs
+    return {"train/lr": lr, **logs}

@@ -1,8 +1,10 @@
 """The one training loop, shared by every method (see `finetune.methods`).
 
-Read top to bottom: check the data and the base model (cheap, before anything heavy), load the frozen
-parts, let the method attach what trains, then loop: encode, noise, predict, loss, step; with
-validation grids, TensorBoard, checkpoints, and a clean stop on Ctrl-C that leaves a checkpoint.
+Read `_train` top to bottom: the checks that need no model (the data, the base model, a resume: cheap, before anything
+heavy), the data's layout and the run's length, `_set_up_model` (the frozen base, and what the method attaches to train),
+the optimizer and accelerate's wrapping, a resume's state, then the loop: each micro-batch's loss from the method
+(encode, noise, predict: `finetune.methods.base`), the optimizer step, logs, checkpoints and validation grids. A clean
+stop on Ctrl-C leaves a checkpoint; the run's end (outputs, final samples) is `finetune.run_end`'s.
 """
 
 from __future__ import annotations
@@ -47,11 +49,11 @@ from finetune.run_files import checkpoint_step, resolve_resume
 from finetune.run_end import LOGGED_AT_STEP, OUTPUTS_PENDING, VALIDATION_PENDING, final_samples_wanted, finish_cut_short, finish_training, left_to_finish, next_step_said, remove_killed_grids
 from finetune.resume_checks import check_resumable
 from finetune.run_recipe import write_run_recipe
-from finetune.logged_settings import settings_on_record
+from finetune.logged_settings import start_trackers
 from finetune.loss_mask import preview as mask_preview
 from finetune.sampling import save_image_atomic
 from finetune.start_weights import resumed_method
-from finetune.step_losses import StepLosses, backward, micro_batch_shares, weighted
+from finetune.step_losses import StepLosses, backward, micro_batch_shares, train_logs, weighted
 from finetune.train_inputs import check_base_and_data
 from finetune.validation import run_validation
 from finetune.stopping import StopRequest, batches_of
@@ -148,30 +150,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     method.held_out_items = frozenset(range(len(sources))) - frozenset(trained_items)
     if held_out:
         say(f"validation loss: {counted(len(held_out), 'image')} held out of training, scored at each validation")
-    set_seed(recipe.seed)  # the same adapter initialisation on every process
-    # TF32 (Ampere and newer GPUs) for cuBLAS matmuls and cuDNN convolutions alike: cuDNN's switch is on by
-    # default, so `allow_tf32: false` left the convolutions in TF32.
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = train_cfg.allow_tf32
-    weight_dtype = WEIGHT_DTYPES[train_cfg.mixed_precision]
-
-    with unsharded_loading(accelerator):
-        base = load_base_model(recipe.model, weight_dtype, base_location)
-    captions = {e.source: e.caption for report in method.data_reports for e in report.usable}
-    for line in caption_warnings(base.tokenizer, captions, recipe.model.max_token_length, recipe.data.shuffle_tags):
-        warn(line)
-    base.vae.to(accelerator.device)
-    base.text_encoder.to(accelerator.device)
-    method.setup(base, weight_dtype)
-    for line in method.start_lines if resume_from is None else []:
-        say(line)
-    if train_cfg.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
-    if train_cfg.channels_last:
-        for module in {base.unet, base.vae, *method.trained_modules().values()}:
-            module.to(memory_format=torch.channels_last)
-            for name, parameter in module.named_parameters():  # peft's DoRA flattens a conv LoRA's factors with .view, which an NHWC kernel refuses
-                if "lora_" in name:
-                    parameter.data = parameter.data.contiguous()
+    _set_up_model(recipe, method, accelerator, base_location, fresh_run=resume_from is None)
 
     configure_deepspeed(accelerator, recipe)
     # Before `prepare`: DreamBooth may generate class images with the UNet, which ZeRO-3 then shards. Then the record a resume compares.
@@ -185,8 +164,8 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     group_lrs = [group.get("lr", recipe.optimizer.lr) for group in parameter_groups]
     optimizer = build_optimizer(recipe.optimizer, parameter_groups, accelerator.device, sharded=zero_stage(accelerator) > 0)
     lr_scheduler = build_lr_scheduler(recipe.optimizer, optimizer, max_steps)
-    # Only now, with the model set up, the data built and the optimizer made (optimizer.name prodigy
-    # without its package is refused there), has every check that could refuse the run passed.
+    # Only now, with the model set up, the data built and the optimizer made, has every check that could refuse the
+    # run passed: an earlier run's files are not cleared for a run that is then refused.
     if overwrite and resume_from is None:
         clear_earlier_run(accelerator, output_dir)
     strip = mask_preview(dataset, sources, recipe.data.loss_mask.unmasked_weight) if (
@@ -232,20 +211,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_killed_grids(output_dir)
         write_run_recipe(recipe, output_dir)  # never over a recipe.yaml of the user's there (finetune.run_recipe)
-        # The writer hides the steps this run trains (again) that an earlier one logged: a kill's last steps after the resumed
-        # checkpoint, the later steps of a resume from an older one, or a whole run killed before its first checkpoint (a fresh
-        # run finds no other's logs: --overwrite clears them, and checkpoints refuse it). TensorBoard shows one curve. From the
-        # resumed step itself where its grid is drawn again (a kill after the grid had left two): its train logs are written anew.
-        redrawn = resume_from is not None and state.get(VALIDATION_PENDING) and LOGGED_AT_STEP in state
-        purged = {"tensorboard": {"purge_step": 0 if resume_from is None else step if redrawn else step + 1}}
-        # The settings (TensorBoard's HParams) once per run, again only where they differ from the checkpoint's a run resumes
-        # (or, started afresh, from those its logs hold): each record is a run of its own in TensorBoard's list, and an
-        # overnight run resumed ten times listed ten of the same.
-        settings = recipe.flat_settings()
-        on_record = state.get("recipe") == settings if resume_from is not None else settings_on_record(output_dir / "logs" / "finetune", settings)
-        accelerator.init_trackers("finetune", config=None if on_record else settings, init_kwargs=purged)
-        if redrawn:
-            accelerator.log(state[LOGGED_AT_STEP], step=step)
+        start_trackers(accelerator, recipe.flat_settings(), output_dir, state if resume_from is not None else None, step)
 
     accumulation = train_cfg.gradient_accumulation_steps
     say(run_length_line(train_cfg, max_steps, sampler, len(training_set), accelerator.num_processes, epochs_by))
@@ -360,12 +326,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
             ended, epochs = epochs_by.ended_by(step), epochs_by.at(step)
             logged = {}  # this step's train logs, kept by its checkpoint
             if step % recipe.logging.every_n_steps == 0 or step == max_steps:  # losses are read on the host here only (StepLosses)
-                logs = {f"train/{k}": v for k, v in running.since_last_log(accelerator).items()}  # train/loss among them
-                logs.update({f"train/{k}": float(v) for k, v in step_logs.items()})  # read now, not at each step (lora.max_norm)
-                if len(group_names) > 1:  # each group's rate (text encoder, LoRA+ up weights); train/lr is the first's
-                    logs.update({f"train/lr/{name}": step_size(optimizer, i) for i, name in enumerate(group_names)})
-                logs["train/epoch"] = epochs
-                logged = {"train/lr": lr, **logs}
+                logged = train_logs(running.since_last_log(accelerator), step_logs, lr, optimizer, group_names, epochs)
                 accelerator.log(logged, step=step)
             # Drawn by update() at most 10 times a second, not at every step's postfix.
             shown_epochs = {"epoch": f"{epochs:.2f}/{train_cfg.max_epochs}"} if train_cfg.max_epochs else {}
@@ -396,3 +357,32 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
                         final_samples_wanted(recipe, method, held_out))  # fmt: skip
     return result  # `closing` closes the stop agreement, then the trackers
 
+
+def _set_up_model(recipe: Recipe, method, accelerator: Accelerator, base_location: BaseLocation | None, fresh_run: bool) -> None:
+    """Load the base model (frozen, at the run's precision), let the method attach what trains (`method.setup`), and put
+    them on the run's device and memory layout. A fresh run says what the method found (a resume said it at its start)."""
+    train_cfg = recipe.train
+    set_seed(recipe.seed)  # the same adapter initialisation on every process
+    # TF32 (Ampere and newer GPUs) for cuBLAS matmuls and cuDNN convolutions alike: cuDNN's switch is on by
+    # default, so `allow_tf32: false` left the convolutions in TF32.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = train_cfg.allow_tf32
+    weight_dtype = WEIGHT_DTYPES[train_cfg.mixed_precision]
+
+    with unsharded_loading(accelerator):
+        base = load_base_model(recipe.model, weight_dtype, base_location)
+    captions = {e.source: e.caption for report in method.data_reports for e in report.usable}
+    for line in caption_warnings(base.tokenizer, captions, recipe.model.max_token_length, recipe.data.shuffle_tags):
+        warn(line)
+    base.vae.to(accelerator.device)
+    base.text_encoder.to(accelerator.device)
+    method.setup(base, weight_dtype)
+    for line in method.start_lines if fresh_run else []:
+        say(line)
+    if train_cfg.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+    if train_cfg.channels_last:
+        for module in {base.unet, base.vae, *method.trained_modules().values()}:
+            module.to(memory_format=torch.channels_last)
+            for name, parameter in module.named_parameters():  # peft's DoRA flattens a conv LoRA's factors with .view, which an NHWC kernel refuses
+                if "lora_" in name:
+                    parameter.data = parameter.data.contiguous()
