@@ -21,6 +21,7 @@ from finetune.atomic_files import atomic_save_safetensors
 from finetune.counts import counted
 from finetune.dora import DIFFUSERS_MAGNITUDE
 from finetune.errors import FinetuneError
+from finetune.init_from_record import text_encoder_switch
 from finetune.kohya import DIFFUSERS_SUFFIXES
 from finetune.lora_kinds import written_path
 from finetune.lora_unit_scale import skip_unit_scales
@@ -42,9 +43,9 @@ class LoRAMethod(UNetMethod):
         self.target_unrecorded = False  # lora.init_from records no prediction type: taken to be trained as the base was
         from finetune.methods import lora_init  # it builds on this module
 
+        self.text_encoder_switch = text_encoder_switch(recipe)[1]  # the key lora.init_from's refusals name (DreamBooth has its own)
         # Read now, before any model loads: a missing or broken file is one line at once.
-        switch = "dreambooth.train_text_encoder" if recipe.method == "dreambooth" else "lora.train_text_encoder"
-        self.initial_lora = lora_init.read_checked(recipe.lora, train_text_encoder, switch) if recipe.lora.init_from else None
+        self.initial_lora = lora_init.read_checked(recipe.lora, train_text_encoder, self.text_encoder_switch) if recipe.lora.init_from else None
 
     def configure_model(self) -> None:
         settings = self.recipe.lora
@@ -94,8 +95,8 @@ class LoRAMethod(UNetMethod):
                 f"warning: lora.init_from {settings.init_from} was trained reading {recorded} caption tokens, this run reads "
                 f"{self.recipe.model.max_token_length} (model.max_token_length): set it to {recorded} to continue as it was trained"
             )
-        switch = "dreambooth.train_text_encoder" if self.recipe.method == "dreambooth" else "lora.train_text_encoder"
-        fresh = lora_init.start_from(self.trained_modules(), self.initial_lora, settings.init_from, switch, settings.text_encoder_target_modules)
+        fresh = lora_init.start_from(self.trained_modules(), self.initial_lora, settings.init_from, self.text_encoder_switch,
+                                     settings.text_encoder_target_modules)  # fmt: skip
         rank, alpha = self.initial_lora.common_rank_alpha()
         steps = self.initial_lora.metadata.get("finetune.steps")
         self.start_lines.append(
