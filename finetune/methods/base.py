@@ -285,6 +285,38 @@ class DiffusionMethod(TrainingMethod):
         return self.combine_losses(per_sample, batch)
 
 
+class UNetMethod(DiffusionMethod):
+    """A method that trains (part of) the UNet, and optionally the text encoder at its own rate."""
+
+    def __init__(self, recipe: Recipe, train_text_encoder: bool = False, text_encoder_lr: float | None = None):
+        super().__init__(recipe)
+        self.train_text_encoder = train_text_encoder
+        self.text_encoder_lr = text_encoder_lr
+
+    def trained_module_names(self) -> list[str]:
+        return ["unet", "text_encoder"] if self.train_text_encoder else ["unet"]
+
+    def trained_modules(self) -> dict[str, torch.nn.Module]:
+        return {name: getattr(self.base, name) for name in self.trained_module_names()}  # the base's unet, text_encoder
+
+    def parameter_groups(self) -> list[dict]:
+        """The UNet's trainable weights, and the text encoder's at their own rate."""
+        groups = [{"name": "unet", "params": [p for p in self.base.unet.parameters() if p.requires_grad]}]
+        if self.train_text_encoder:
+            text_encoder_lr = self.text_encoder_lr or self.recipe.optimizer.lr
+            groups.append({"name": "text_encoder", "params": [p for p in self.base.text_encoder.parameters() if p.requires_grad], "lr": text_encoder_lr})
+        return groups
+
+    def predict(self, modules, noisy_latents, timesteps, encoder_hidden_states, batch) -> torch.Tensor:
+        return modules["unet"](noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+
+    def pipeline(self, modules) -> DiffusionPipeline:
+        pipeline = build_pipeline(self.base, unet=modules["unet"], max_token_length=self.recipe.model.max_token_length)
+        if "text_encoder" in modules:
+            pipeline.text_encoder = modules["text_encoder"]
+        return pipeline
+
+
 def any_crop_room(items: list[Example], data) -> bool:
     """Whether a random crop can move on any item: its image, resized to cover its target, is larger than it."""
     targets = item_layout(items, data).bucket_of or [(data.resolution, data.resolution)] * len(items)
@@ -328,36 +360,3 @@ def debiased_zero_snr_problem(train, base: BaseModel) -> str | None:
     return (f"train.debiased_estimation weighs each timestep's loss by 1/sqrt(SNR), and base model {base.source}'s noise schedule has "
             f"SNR 0 at timestep {last} (zero terminal SNR: rescale_betas_zero_snr in its scheduler config), infinite for noise prediction: "
             f"set model.prediction_type: v_prediction, or train.max_timestep: {last}")
-
-
-class UNetMethod(DiffusionMethod):
-    """A method that trains (part of) the UNet, and optionally the text encoder at its own rate."""
-
-    def __init__(self, recipe: Recipe, train_text_encoder: bool = False, text_encoder_lr: float | None = None):
-        super().__init__(recipe)
-        self.train_text_encoder = train_text_encoder
-        self.text_encoder_lr = text_encoder_lr
-
-    def trained_module_names(self) -> list[str]:
-        return ["unet", "text_encoder"] if self.train_text_encoder else ["unet"]
-
-    def trained_modules(self) -> dict[str, torch.nn.Module]:
-        return {name: getattr(self.base, name) for name in self.trained_module_names()}  # the base's unet, text_encoder
-
-    def parameter_groups(self) -> list[dict]:
-        """The UNet's trainable weights, and the text encoder's at their own rate."""
-        groups = [{"name": "unet", "params": [p for p in self.base.unet.parameters() if p.requires_grad]}]
-        if self.train_text_encoder:
-            text_encoder_lr = self.text_encoder_lr or self.recipe.optimizer.lr
-            groups.append({"name": "text_encoder", "params": [p for p in self.base.text_encoder.parameters() if p.requires_grad], "lr": text_encoder_lr})
-        return groups
-
-    def predict(self, modules, noisy_latents, timesteps, encoder_hidden_states, batch) -> torch.Tensor:
-        return modules["unet"](noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-
-    def pipeline(self, modules) -> DiffusionPipeline:
-        pipeline = build_pipeline(self.base, unet=modules["unet"], max_token_length=self.recipe.model.max_token_length)
-        if "text_encoder" in modules:
-            pipeline.text_encoder = modules["text_encoder"]
-        return pipeline
-
