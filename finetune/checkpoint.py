@@ -3,7 +3,8 @@
 A checkpoint folder `checkpoints/checkpoint-<step>` only ever appears whole, so `--resume latest`
 never picks a half-written one. Inside: accelerate's state (optimizer, LR scheduler, RNG states of
 every process), the trainable parameters only (a LoRA checkpoint is megabytes, not the whole UNet),
-and `trainer_state.json` with the step.
+and `trainer_state.json`, written last: the step, the recipe, where the data order and the noise draws stand, and
+the records a resume compares (its data, processes, length). Older checkpoints are removed past checkpoint.keep_last.
 """
 
 from __future__ import annotations
