@@ -121,19 +121,20 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     items = method.training_items()
     sources = [item.source for item in items]
     held_out_split = held_out_for_run(items, recipe.validation.loss_images, recipe.seed, resume_from)  # a resume's: its checkpoint's
-    trained_items, held_out = held_out_split.trained, held_out_split.scored
+    # Indices into `items`: those that train, and one per held-out image that validation.loss_images scores.
+    trained_indices, held_out = held_out_split.trained, held_out_split.scored
     for line in held_out_split.lines:
         say(line)
-    held_out_images = held_out_sources(sources, trained_items)
+    held_out_images = held_out_sources(sources, trained_indices)
     # The data check's summary (counts, buckets, skipped images, warnings): nothing is left out unseen.
     for report in method.data_reports:
         for line in report.lines(limit=10, held_out=held_out_images):
             say(line)
-    short = too_few_to_batch(len(trained_items), recipe, accelerator.num_processes, len(sources)) or concept_held_out_whole(method.data_reports, held_out_images, recipe)
+    short = too_few_to_batch(len(trained_indices), recipe, accelerator.num_processes, len(sources)) or concept_held_out_whole(method.data_reports, held_out_images, recipe)
     if short:
         raise FinetuneError(short)
     # The run's length from the checked data, laid out as the sampler will batch it (train.max_epochs counts its batches).
-    trained_examples = [items[i] for i in trained_items]
+    trained_examples = [items[i] for i in trained_indices]
     layout = item_layout(trained_examples, recipe.data)
     trained_data = {**dataset_metadata(trained_examples, recipe.checkpoint.record_caption_tags), **method.data_metadata()}  # folders, tags
 
@@ -147,7 +148,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     pending_end = left_to_finish(resume_from, max_steps)  # the outputs or final samples of a finished run's end, cut short
     if train_cfg.max_epochs is not None:
         check_epoch_run(recipe, max_steps, epochs_by, None if pending_end else resume_from)
-    method.held_out_items = frozenset(range(len(sources))) - frozenset(trained_items)
+    method.held_out_items = frozenset(range(len(sources))) - frozenset(trained_indices)
     if held_out:
         say(f"validation loss: {counted(len(held_out), 'image')} held out of training, scored at each validation")
     _set_up_model(recipe, method, accelerator, base_location, fresh_run=resume_from is None)
@@ -155,7 +156,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     configure_deepspeed(accelerator, recipe)
     # Before `prepare`: DreamBooth may generate class images with the UNet, which ZeRO-3 then shards. Then the record a resume compares.
     (dataset, collate_fn), images_record = method.training_data(accelerator), ckpt.data_record(trained_examples, method.recorded_data())
-    training_set = TrainingSubset(dataset, trained_items) if held_out else dataset
+    training_set = TrainingSubset(dataset, trained_indices) if held_out else dataset
     if (len(training_set), getattr(training_set, "bucket_of", None)) != (len(layout), layout.bucket_of):
         raise RuntimeError(f"method {recipe.method}: its dataset is not laid out as its training_items() said")  # a bug, not the data
     parameter_groups = method.parameter_groups()
