@@ -80,21 +80,7 @@ class LoRAMethod(UNetMethod):
         settings = self.recipe.lora
         lora_init.check_trained_alike(self.initial_lora, settings.init_from, self.recipe.model.clip_skip, self.base.noise_scheduler.config.prediction_type)
         self.target_unrecorded = not self.initial_lora.metadata.get("finetune.prediction_type")
-        if "finetune.method" in self.initial_lora.metadata:  # ours record the schedule (files from elsewhere say nothing)
-            trained_zero_snr = self.initial_lora.metadata.get("finetune.zero_terminal_snr") == "true"
-            if trained_zero_snr != self.recipe.model.zero_terminal_snr:
-                self.start_lines.append(
-                    f"warning: lora.init_from {settings.init_from} was trained {'with' if trained_zero_snr else 'without'} a zero-terminal-SNR "
-                    f"schedule, this run trains {'with' if self.recipe.model.zero_terminal_snr else 'without'} one: set model.zero_terminal_snr: "
-                    f"{str(trained_zero_snr).lower()} to continue as it was trained"
-                )
-        # Ours record it when not 75; files from elsewhere say nothing unless sd-scripts' ss_max_token_length did.
-        recorded = self.initial_lora.metadata.get("finetune.max_token_length") or ("75" if "finetune.method" in self.initial_lora.metadata else None)
-        if recorded is not None and int(recorded) != self.recipe.model.max_token_length:
-            self.start_lines.append(
-                f"warning: lora.init_from {settings.init_from} was trained reading {recorded} caption tokens, this run reads "
-                f"{self.recipe.model.max_token_length} (model.max_token_length): set it to {recorded} to continue as it was trained"
-            )
+        self.start_lines += lora_init.trained_otherwise_warnings(self.initial_lora, settings.init_from, self.recipe.model)
         fresh = lora_init.start_from(self.trained_modules(), self.initial_lora, settings.init_from, self.text_encoder_switch,
                                      settings.text_encoder_target_modules)  # fmt: skip
         rank, alpha = self.initial_lora.common_rank_alpha()

@@ -1,5 +1,6 @@
 """lora.init_from: a LoRA run that starts from an existing LoRA file (ours, diffusers', sd-scripts'), read and checked
-before any model loads (ranks, recorded prediction type and token length), then loaded into the attached peft layers."""
+before any model loads (ranks, recorded prediction type and token length), then loaded into the attached peft layers;
+the warnings where its run read the data otherwise (a zero-terminal-SNR schedule, the caption tokens)."""
 
 from __future__ import annotations
 
@@ -96,6 +97,28 @@ def check_trained_alike(lora: LoRA, source: str, clip_skip: int, prediction_type
     """A LoRA continued with another prompt encoding (model.clip_skip) or another target (model.prediction_type) would
     start from what it did not learn (`finetune train` said it before its data check: finetune.init_from_record)."""
     check_recorded_alike(lora.metadata, source, clip_skip, prediction_type)
+
+
+def trained_otherwise_warnings(lora: LoRA, source: str, model_settings) -> list[str]:
+    """A warning line for each setting of the recipe's model section (model.zero_terminal_snr, max_token_length) that
+    reads the data otherwise than the run that trained `lora` did: it trains on, from weights learned another way."""
+    lines = []
+    if "finetune.method" in lora.metadata:  # ours record the schedule (files from elsewhere say nothing)
+        trained_zero_snr = lora.metadata.get("finetune.zero_terminal_snr") == "true"
+        if trained_zero_snr != model_settings.zero_terminal_snr:
+            lines.append(
+                f"warning: lora.init_from {source} was trained {'with' if trained_zero_snr else 'without'} a zero-terminal-SNR "
+                f"schedule, this run trains {'with' if model_settings.zero_terminal_snr else 'without'} one: set model.zero_terminal_snr: "
+                f"{str(trained_zero_snr).lower()} to continue as it was trained"
+            )
+    # Ours record it when not 75; files from elsewhere say nothing unless sd-scripts' ss_max_token_length did.
+    recorded = lora.metadata.get("finetune.max_token_length") or ("75" if "finetune.method" in lora.metadata else None)
+    if recorded is not None and int(recorded) != model_settings.max_token_length:
+        lines.append(
+            f"warning: lora.init_from {source} was trained reading {recorded} caption tokens, this run reads "
+            f"{model_settings.max_token_length} (model.max_token_length): set it to {recorded} to continue as it was trained"
+        )
+    return lines
 
 
 def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str, text_encoder_switch: str = "lora.train_text_encoder",
