@@ -45,7 +45,9 @@ def check_inputs_exist(recipe: Recipe) -> BaseLocation:
     for config in data_configs(recipe):
         if config.image_dir:  # a `datasets` dataset is opened by the data check
             check_folders_hold_images(config)
-    return check_timesteps(recipe, locate_base(recipe.model))
+    located = locate_base(recipe.model)
+    check_timesteps(recipe, located)
+    return located
 
 
 # method vae's perceptual term's classifier where vae.perceptual_network names none.
@@ -104,18 +106,19 @@ def check_base_and_data(recipe: Recipe, check_data: Callable[[], None], base: Ba
     so a typo in model.pretrained is said first; a hub id's weights download as the base loads, after the data check.
     `base`: the command's lookup of the base (a hub id's costs a cache search or a request each time), used as it is;
     returns the base's location."""
-    located = check_timesteps(recipe, location_of(recipe.model, base))
+    located = location_of(recipe.model, base)
+    check_timesteps(recipe, located)
     check_data()
     return located
 
 
-def check_timesteps(recipe: Recipe, located: BaseLocation) -> BaseLocation:
+def check_timesteps(recipe: Recipe, located: BaseLocation) -> None:
     """train.min_timestep and max_timestep against the base's training timesteps, from its scheduler config (a local folder's, a
     hub id's fetched configs, a single file's local model.single_file_config): it was refused once the base had loaded, after the
     data check. A single file without configs is read with diffusers' own for SD1.x or SD2.x, each of 1000 timesteps; with a hub
     id's configs, loading says it."""
     if not (recipe.train.min_timestep or recipe.train.max_timestep is not None):
-        return located
+        return
     configs = recipe.model.single_file_config
     folder = located.folder or (Path(configs).expanduser() if configs and Path(configs).expanduser().is_dir() else None)
     scheduler = folder / "scheduler" / "scheduler_config.json" if folder else None
@@ -124,7 +127,6 @@ def check_timesteps(recipe: Recipe, located: BaseLocation) -> BaseLocation:
     elif located.folder is None and not configs:
         timesteps = 1000
     else:
-        return located
+        return
     if isinstance(timesteps, int) and (problem := timestep_range_problem(recipe.train, timesteps)):
         raise FinetuneError(problem)
-    return located
