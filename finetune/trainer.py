@@ -191,7 +191,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
 
     average = weight_average(trained_parameters(modules, accelerator), train_cfg.ema_decay) if train_cfg.ema_decay else None
 
-    step = 0
+    step, state = 0, None  # a resume's: its checkpoint's step and trainer state (trainer_state.json)
     if resume_from is not None:
         state = ckpt.load_checkpoint(accelerator, resume_from, recipe.flat_settings(), **load_options)
         step = state["step"]
@@ -212,7 +212,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_killed_grids(output_dir)
         write_run_recipe(recipe, output_dir)  # never over a recipe.yaml of the user's there (finetune.run_recipe)
-        start_trackers(accelerator, recipe.flat_settings(), output_dir, state if resume_from is not None else None, step)
+        start_trackers(accelerator, recipe.flat_settings(), output_dir, state, step)
 
     accumulation = train_cfg.gradient_accumulation_steps
     say(run_length_line(train_cfg, max_steps, sampler, len(training_set), accelerator.num_processes, epochs_by))
