@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from finetune.base_names import local_base_path, shared_base_name
 from finetune.controlnet_folder import resolve_controlnet_folder
 from finetune.errors import FinetuneError, looked_for_here
 from finetune.kohya_metadata import finetune_metadata_from_kohya
 from finetune.lora_kinds import lora_layout
-from finetune.model_source import looks_like_hub_id
+from finetune.model_source import looks_like_hub_id, spelled_as_hub_id
 from finetune.run_files import LORA_WEIGHTS_NAME, METADATA_FILE, record_text, resolve_lora_file
 
 
@@ -84,6 +85,9 @@ def recorded_base(lora: str | None, controlnet: str | None) -> str:
         adapter = f" ({lora or controlnet} records none)" if lora or controlnet else ""
         raise FinetuneError(f"pass --base MODEL: the base model to use{adapter}")
     found = found_from_adapter(recorded, lora or controlnet)
+    if found is None and recorded == shared_base_name(recorded) and not spelled_as_hub_id(recorded):  # a file taken out of its run folder
+        raise FinetuneError(f"pass --base MODEL: {lora or controlnet} records the base by its name only, {recorded} (shared files name no folders), "
+                            "and no folder above it holds one of that name")
     if found is None:
         raise FinetuneError(f"pass --base MODEL: {lora or controlnet} records the base {recorded}, which is not there from here")
     return found
@@ -97,8 +101,16 @@ def recorded_base_config(lora: str | None, controlnet: str | None) -> str | None
 
 
 def found_from_adapter(recorded: str, adapter: str) -> str | None:
-    """A path or hub id a run recorded as training was given it, as found from here; None if not found (said before
-    torch loads, not by loading)."""
+    """The base a run recorded, as found from here; None if not found (said before torch loads, not by loading). Its
+    outputs name a local base by its name (finetune.base_names): the run's own record beside them gives its path; an
+    older output's record is the path or hub id training was given."""
+    local = local_base_path(recorded, adapter)
+    found = _found(local, adapter) if local is not None else None
+    return found if found is not None else _found(recorded, adapter)
+
+
+def _found(recorded: str, adapter: str) -> str | None:
+    """A path or hub id as found from here, or None."""
     if Path(recorded).exists():
         return recorded
     # A relative path, from the folder training ran in (outputs usually sit below it); `models/sd15` reads

@@ -40,9 +40,13 @@ def base_or_recorded(args) -> str:
         args.base_config = recorded_base_config(args.lora, getattr(args, "controlnet", None))
     configs = f" with the configs {args.base_config}" if args.base_config else ""
     recorded = adapter_base(args.lora, getattr(args, "controlnet", None))
-    # (a folder moved, or copied from another machine: which base was taken in place of the path recorded)
-    moved = f" as {recorded}, not there: found by its trailing parts above the adapter" if recorded != base and is_absolute_anywhere(recorded) else ""
-    print(f"base model: {base}{configs} (recorded by the adapter's training run{moved}; --base picks another)")
+    # (a folder moved, or copied from another machine: which base was taken in place of the path recorded; a base recorded
+    # by name, as outputs share it, found at the path its run's record gives, or above the adapter)
+    if recorded != base and is_absolute_anywhere(recorded):
+        recorded_as = f" as {recorded}, not there: found by its trailing parts above the adapter"
+    else:
+        recorded_as = f" as {recorded}" if recorded != base else ""
+    print(f"base model: {base}{configs} (recorded by the adapter's training run{recorded_as}; --base picks another)")
     return base
 
 

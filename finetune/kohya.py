@@ -28,6 +28,7 @@ from safetensors.torch import load as load_safetensors
 
 from finetune.adapter_records import lora_header
 from finetune.atomic_files import atomic_save_safetensors
+from finetune.base_names import shared_record
 from finetune.run_files import CHECKPOINT_PATTERN
 from finetune.dora import (DIFFUSERS_MAGNITUDE, KOHYA_DORA_ARGS, KOHYA_DORA_METADATA, KOHYA_MAGNITUDE, check_config_magnitudes, check_kohya_magnitudes,
                            diffusers_magnitude, kohya_magnitude, read_magnitude, uses_dora)
@@ -327,6 +328,7 @@ def save_lora_file(lora: LoRA, path: Path, layout: str, precision: str | None = 
     if layout not in writers:
         raise FinetuneError(f"unknown LoRA layout {layout!r}: choose kohya or diffusers")
     tensors, metadata = writers[layout](lora)
+    metadata = shared_record(metadata)  # an older run's record named its base by its path on this machine
     if precision is not None:
         tensors = {key: value if key.endswith(".alpha") else value.to(PRECISIONS[precision]) for key, value in tensors.items()}
     atomic_save_safetensors(tensors, Path(path), {"format": "pt", **metadata})

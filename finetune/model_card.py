@@ -13,11 +13,13 @@ from pathlib import Path
 import torch
 
 from finetune.atomic_files import atomic_write, atomic_write_text
+from finetune.base_names import shared_base_name
 from finetune.run_files import CHECKPOINT_PATTERN, PARTIAL
 from finetune.counts import counted
 from finetune.dora import uses_dora
 from finetune.init_from_record import recorded_clip_skip
 from finetune.kohya import LoRA
+from finetune.model_source import spelled_as_hub_id
 
 
 def newest_sample_grid(training_dir: Path, up_to_step: int | None = None) -> Path | None:
@@ -50,6 +52,17 @@ def diffusers_loading_code(source: str) -> list[str]:
         "dtype = torch.float16 if device == \"cuda\" else torch.float32",
         f'pipeline = StableDiffusionPipeline.from_pretrained("{source}", torch_dtype=dtype).to(device)',
     ]
+
+
+def base_loading_code(recorded: str | None) -> list[str]:
+    """`diffusers_loading_code` for the base a LoRA records (BASE_MODEL where none): a local one by its name only
+    (finetune.base_names), which loads from the folder that holds it; the card says so, for a reader who has it
+    elsewhere or under a hub id."""
+    base = shared_base_name(recorded) if recorded else "BASE_MODEL"
+    code = diffusers_loading_code(base)
+    if recorded and not spelled_as_hub_id(base):
+        code.insert(-1, f'# "{base}": the base it was trained on, a local folder named by its name only: give its path, or a hub id of the same model')
+    return code
 
 
 def write_webui_preview(grid: Path, resolution: str | None, preview: Path) -> Path | None:
@@ -102,7 +115,7 @@ def write_pipeline_card(folder: Path, meta: dict[str, str]) -> Path:
         "",
         "| | |",
         "| --- | --- |",
-        f"| base model | `{meta.get('finetune.base_model', 'unknown')}` |",
+        f"| base model | `{shared_base_name(meta.get('finetune.base_model') or 'unknown')}` |",
         f"| method | {meta.get('finetune.method', 'full')} |",
         f"| steps | {meta.get('finetune.steps', 'unknown')}" + (f" ({counted(meta['finetune.epoch'], 'epoch')})" if meta.get("finetune.epoch") else "") + " |",
         f"| resolution | {meta.get('finetune.resolution', 'unknown')} |",
@@ -165,7 +178,7 @@ def write_model_card(
         "",
         "| | |",
         "| --- | --- |",
-        f"| base model | `{meta.get('finetune.base_model', 'unknown')}` |",
+        f"| base model | `{shared_base_name(meta.get('finetune.base_model') or 'unknown')}` |",
         f"| method | {meta.get('finetune.method', 'lora')} |",
         f"| rank / alpha | {rank} / {alpha:g} (updates scaled by alpha/rank = {alpha / rank:g}) |",
         f"| adapted | {', '.join(parts)} ({len(lora.layers)} layers) |",
@@ -206,7 +219,7 @@ def write_model_card(
         "## diffusers",
         "",
         "```python",
-        *diffusers_loading_code(meta.get("finetune.base_model", "BASE_MODEL")),
+        *base_loading_code(meta.get("finetune.base_model")),
         f'pipeline.load_lora_weights("{path.parent}", weight_name="{path.name}", adapter_name="lora")  # this folder',
         'pipeline.set_adapters(["lora"], adapter_weights=[1.0])  # the strength',
     ]

@@ -222,10 +222,10 @@ def looks_like_hub_id(name: str) -> bool:
     """`owner/name`, as the hub spells models; not a local path: one starting with `.`, `/` or `~`, holding a backslash,
     of other than two parts, or whose first part is a folder here (runs/edges beside a runs/ folder: a run's output
     that moved or was never written, which the hub would be asked for and answer with its own error, late)."""
-    return _spelled_as_hub_id(name) and not Path(name.split("/")[0]).is_dir()
+    return spelled_as_hub_id(name) and not Path(name.split("/")[0]).is_dir()
 
 
-def _spelled_as_hub_id(name: str) -> bool:
+def spelled_as_hub_id(name: str) -> bool:
     # A hub id holds letters, digits, "-", "_" and "." only: D:/sd15 (a Windows drive path) was looked up on the hub.
     return name.count("/") == 1 and all(name.split("/")) and not name.startswith((".", "/", "~")) and "\\" not in name and ":" not in name
 
@@ -234,7 +234,7 @@ def where_looked(name: str) -> str:
     """For a local path `name` not found: where it was looked for, and for one spelled as a hub id, that a folder here
     of its first part made it a path (to give a hub id of that name, run from another folder)."""
     first = name.split("/")[0]
-    if _spelled_as_hub_id(name) and Path(first).is_dir():
+    if spelled_as_hub_id(name) and Path(first).is_dir():
         return f" (relative paths are read from the current folder, {os.getcwd()}, whose folder {first} makes it a path into that folder, not a hub id)"
     return looked_for_here(name)
 

@@ -7,6 +7,7 @@ import collections
 import json
 from pathlib import Path
 
+from finetune.base_names import shared_base_name
 from finetune.captions import caption_lines
 from finetune.run_files import CHECKPOINT_PATTERN
 from finetune.config import Recipe
@@ -61,8 +62,9 @@ def output_metadata(
     from (`start_metadata`: made once, when the run starts, and kept by its checkpoints)."""
     metadata = {
         "finetune.method": recipe.method,
-        "finetune.base_model": recipe.model.pretrained,
-        **({"finetune.base_config": recipe.model.single_file_config} if recipe.model.single_file_config else {}),
+        # By name, as shared files name a base: the run's own record (base_paths.json) keeps where it is here.
+        "finetune.base_model": shared_base_name(recipe.model.pretrained),
+        **({"finetune.base_config": shared_base_name(recipe.model.single_file_config)} if recipe.model.single_file_config else {}),
         "finetune.steps": str(step),
         **({"finetune.epoch": str(epoch)} if epoch is not None else {}),
         **({"finetune.max_steps": str(max_steps)} if max_steps is not None else {}),

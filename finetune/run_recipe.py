@@ -18,11 +18,14 @@ RUN_RECIPE_HEADER = (
 
 def write_run_recipe(recipe, output_dir: Path) -> Path:
     """Whole or as it was (`atomic_write_text`): each resume writes it again, and a kill mid-write (an OOM killer at
-    the start) left it cut short, the record of the run, or the recipe the user resumed with."""
+    the start) left it cut short, the record of the run, or the recipe the user resumed with. Beside it, where the
+    base is on this machine (`finetune.base_names`): its outputs name it, as shared files do, without its folders."""
     import yaml
 
     from finetune.atomic_files import atomic_write_text
+    from finetune.base_names import record_base_paths
 
+    record_base_paths(output_dir, recipe.model.pretrained, recipe.model.single_file_config)
     return atomic_write_text(output_dir / RUN_RECIPE, RUN_RECIPE_HEADER + yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
 
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from finetune.atomic_files import atomic_save_safetensors
 from finetune.errors import FinetuneError
 from finetune.adapter_records import saved_model_metadata
+from finetune.base_names import shared_record
 from finetune.lora_kinds import CLIP_ROOT
 from finetune.model_source import resolve_pipeline_folder
 from finetune.output_folders import check_export_checkpoint_output
@@ -173,7 +174,7 @@ def export_checkpoint(source: Path, output: Path, precision: str | None = None, 
         "modelspec.title": output.stem,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.prediction_type": "v" if schedule.get("prediction_type") == "v_prediction" else "epsilon",
-        **recorded,
+        **shared_record(recorded),  # the base by name: an older run's record held its path on this machine
     }
     try:
         atomic_save_safetensors({key: value.contiguous() for key, value in tensors.items()}, output, metadata)

@@ -167,16 +167,21 @@ def test_train_then_sample_with_the_adapter(tmp_path, capsys, tiny_model, image_
     code = main(["sample", "--base", str(tiny_model), "--lora", str(tmp_path / "webui"), "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "s2")])
     assert code == 0 and (tmp_path / "s2" / "00000-grid.png").is_file()
     capsys.readouterr()
-    # Without --base: the base its training run recorded (in sd-scripts' layout too); with none recorded, one line.
-    code = main(["sample", "--lora", str(tmp_path / "webui"), "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "s4")])
-    assert code == 0 and f"base model: {tiny_model} (recorded by the adapter's training run" in capsys.readouterr().out
+    # Without --base: the base its training run recorded (its name, where the run's base_paths.json has it); with none recorded, one line.
+    code = main(["sample", "--lora", str(tmp_path / "out"), "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "s4")])
+    assert code == 0 and f"base model: {tiny_model} (recorded by the adapter's training run as {tiny_model.name}" in capsys.readouterr().out
     assert main(["sample", "--prompt", "x"]) == 2
     assert "error: pass --base MODEL: the base model to use" in capsys.readouterr().err
-    # eval and merge take the recorded base the same way.
+    # An export out of its run folder names the base as shared files do, by name only: found in no folder above it, one line.
+    assert main(["sample", "--lora", str(tmp_path / "webui"), "--prompt", "x"]) == 2
+    assert capsys.readouterr().err == (f"error: pass --base MODEL: {tmp_path / 'webui'} records the base by its name only, {tiny_model.name} "
+                                       "(shared files name no folders), and no folder above it holds one of that name\n")
+    # eval and merge take the recorded base the same way, in sd-scripts' layout too.
     report = tmp_path / "eval.json"
-    assert main(["eval", "--lora", str(tmp_path / "webui"), "--suite", "style", "--num-prompts", "1", "--steps", "1", "--out", str(report)]) == 0
+    shutil.copy(next((tmp_path / "webui").glob("*.safetensors")), tmp_path / "out" / "webui.safetensors")
+    assert main(["eval", "--lora", str(tmp_path / "out" / "webui.safetensors"), "--suite", "style", "--num-prompts", "1", "--steps", "1", "--out", str(report)]) == 0
     assert f"base model: {tiny_model} (recorded" in capsys.readouterr().out and yaml.safe_load(report.read_text())["settings"]["base"] == str(tiny_model)
-    assert main(["merge", "--lora", str(tmp_path / "webui"), str(tmp_path / "merged")]) == 0
+    assert main(["merge", "--lora", str(tmp_path / "out"), str(tmp_path / "merged")]) == 0
     assert yaml.safe_load((tmp_path / "merged" / "finetune_metadata.json").read_text())["finetune.base_model"] == str(tiny_model)
     assert main(["eval", "--suite", "style"]) == 2 and "error: pass --base MODEL" in capsys.readouterr().err
     moved = tmp_path / "moved.safetensors"  # trained elsewhere with a relative model.pretrained

@@ -73,6 +73,7 @@ def test_a_lora_trained_with_clip_skip_records_it_and_is_sampled_with_it(tiny_mo
     [card_path] = (tmp_path / "kohya").glob("*.md")
     assert "set *Clip skip* to 2 in the webui" in card_path.read_text()
     namespace: dict = {}  # the card's diffusers code, pasted, encodes prompts without the last layer
+    monkeypatch.chdir(tiny_model.parent)  # the card names its local base by name only: pasted beside it
     exec(python_block(card_path), namespace)
     assert layer_count(namespace["pipeline"].text_encoder) == whole - 1
 

@@ -204,12 +204,13 @@ def test_export_command_writes_metadata_and_a_model_card(trained, tiny_model, tm
         metadata = f.metadata()
     assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "2.0"
     assert metadata["finetune.rank"] == "4" and metadata["finetune.alpha"] == "2.0"
-    assert metadata["finetune.base_model"] == str(tiny_model) and metadata["finetune.steps"] == metadata["ss_steps"] == "150"
+    assert metadata["finetune.base_model"] == tiny_model.name and metadata["finetune.steps"] == metadata["ss_steps"] == "150"
     assert metadata["finetune.method"] == "lora" and metadata["finetune.resolution"] == "64" and metadata["finetune.recipe_hash"]
     assert "lora_adapter_metadata" not in metadata  # diffusers must read alpha from the .alpha tensors
 
     card = (tmp_path / "webui" / "striped-lora.md").read_text()  # one card per file: a webui models/Lora folder holds many
-    for text in (str(tiny_model), "4 / 2", "150", "load_lora_weights", "<lora:striped-lora:1.0>", "ComfyUI", "samples/striped-lora-step-000150.png",
+    assert str(tiny_model) not in card  # the base by name: a card goes wherever the file is shared
+    for text in (f"| base model | `{tiny_model.name}` |", "4 / 2", "150", "load_lora_weights", "<lora:striped-lora:1.0>", "ComfyUI", "samples/striped-lora-step-000150.png",
                  "| precision | fp32 |"):
         assert text in card, text
     grid = Image.open(tmp_path / "webui" / "samples" / "striped-lora-step-000150.png")

@@ -4,7 +4,7 @@ name the webui shows and every shared copy of the file carries; sd-scripts write
 import pytest
 from safetensors import safe_open
 
-from finetune.adapter_records import adapter_base
+from finetune.adapter_records import adapter_base, recorded_base
 from finetune.kohya_metadata import kohya_model_name
 
 
@@ -17,11 +17,12 @@ def test_the_kohya_model_name_is_a_local_bases_name_and_a_hub_id_whole(given, wr
     assert kohya_model_name(given) == written
 
 
-def test_an_export_names_the_base_without_its_folders_and_keeps_the_path_that_finds_it(adapters_dir, tiny_model):
-    """finetune.base_model keeps the path: sample, eval and merge load the base a LoRA file records from it."""
+def test_an_export_names_the_base_without_its_folders_and_its_run_keeps_the_path_that_finds_it(adapters_dir, tiny_model):
+    """finetune.base_model is the name too (tests/test_shared_base_names.py): the run's own record (base_paths.json) keeps
+    the path sample, eval and merge load the base of its LoRA from."""
     exported = adapters_dir / "webui" / "trained.safetensors"
     with safe_open(str(exported), "pt") as f:
         metadata = f.metadata()
     assert tiny_model.is_absolute() and metadata["ss_sd_model_name"] == tiny_model.name, metadata["ss_sd_model_name"]
-    assert metadata["finetune.base_model"] == str(tiny_model)
-    assert adapter_base(str(exported), None) == str(tiny_model)  # what `finetune sample --lora` loads without --base
+    assert metadata["finetune.base_model"] == adapter_base(str(exported), None) == tiny_model.name
+    assert recorded_base(str(adapters_dir / "trained"), None) == str(tiny_model)  # what `finetune sample --lora` loads without --base

@@ -52,7 +52,7 @@ def test_outputs_record_the_prediction_type_they_trained_for(adapters):
     assert metadata["finetune.prediction_type"] == "v_prediction"
 
 
-def test_sample_merge_and_export_follow_a_v_prediction_adapter(adapters, tiny_model, tmp_path):
+def test_sample_merge_and_export_follow_a_v_prediction_adapter(adapters, tiny_model, tmp_path, monkeypatch):
     prediction_type = lambda pipeline: pipeline.scheduler.config.prediction_type  # noqa: E731
     assert prediction_type(load_sampling_pipeline(str(tiny_model))) == "epsilon"
     assert prediction_type(load_sampling_pipeline(str(tiny_model), lora=str(adapters["epsilon"]))) == "epsilon"
@@ -71,6 +71,7 @@ def test_sample_merge_and_export_follow_a_v_prediction_adapter(adapters, tiny_mo
     # The export's model card: its diffusers code, pasted, samples as v.
     namespace: dict = {}
     [card] = (tmp_path / "kohya").glob("*.md")
+    monkeypatch.chdir(tiny_model.parent)  # the card names its local base by name only: pasted beside it
     exec(python_block(card), namespace)
     assert namespace["pipeline"].scheduler.config.prediction_type == "v_prediction"
 
@@ -157,6 +158,7 @@ def test_zero_terminal_snr_trains_on_the_rescaled_schedule_and_everything_sample
     metadata, theirs = sd_scripts_round_trip(run, tmp_path / "kohya")
     assert metadata["ss_zero_terminal_snr"] == "True" and theirs.metadata["finetune.zero_terminal_snr"] == "true"
     namespace: dict = {}  # the export's model card: its diffusers code, pasted, samples on that schedule
+    monkeypatch.chdir(tiny_model.parent)  # the card names its local base by name only: pasted beside it
     exec(python_block(next((tmp_path / "kohya").glob("*.md"))), namespace)
     assert namespace["pipeline"].scheduler.config.rescale_betas_zero_snr is True
     with pytest.raises(FinetuneError, match=r"adapters trained on different noise schedules cannot be combined"):

@@ -164,13 +164,19 @@ def test_a_full_run_folder_exports_with_its_metadata_and_a_v_prediction_note(sin
     with safe_open(str(out), "pt") as f:
         metadata = f.metadata()
     assert metadata["finetune.method"] == "full" and metadata["finetune.steps"] == "1" and metadata["modelspec.prediction_type"] == "v"
+    assert metadata["finetune.base_model"] == configs.name and str(configs) not in json.dumps(metadata)  # a shared file: the base by name
     trained = UNet2DConditionModel.from_pretrained(run / "pipeline" / "unet")
     base = load_base_model(ModelConfig(pretrained=str(out), single_file_config=str(run / "pipeline")))
     assert all(torch.equal(a, b) for a, b in zip(base.unet.state_dict().values(), trained.state_dict().values(), strict=True))
 
-    # A checkpoint's pipeline/ too (it holds the run's result as of its step).
+    # A checkpoint's pipeline/ too (it holds the run's result as of its step); one recording its base's path, as runs
+    # before base_paths.json did, is exported with the base's name.
+    record = run / "checkpoints" / "checkpoint-1" / "pipeline" / "finetune_metadata.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "finetune.base_model": str(configs)}))
     assert main(["export-checkpoint", str(run / "checkpoints" / "checkpoint-1"), str(tmp_path / "step1.safetensors")]) == 0
     assert load_file(str(tmp_path / "step1.safetensors")).keys() == load_file(str(out)).keys()
+    with safe_open(str(tmp_path / "step1.safetensors"), "pt") as f:
+        assert f.metadata()["finetune.base_model"] == configs.name
 
 
 def edited_pipeline(configs, tmp_path, part: str, **changes):

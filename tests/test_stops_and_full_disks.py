@@ -182,7 +182,7 @@ def test_a_pipeline_or_controlnet_folder_that_fails_half_written_leaves_no_hidde
     monkeypatch.setattr(StableDiffusionPipeline, "save_pretrained", full_outside_the_checkpoint)
     with pytest.raises(FinetuneError, match=r"^could not write the outputs in .*run \(OSError: .*No space left on device\)"):
         trainer.train(make_recipe(output_dir=str(tmp_path / "run"), method="full", train__max_steps=1, optimizer__lr=1e-5))
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints", "recipe_as_run.yaml"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["base_paths.json", "checkpoints", "recipe_as_run.yaml"]
 
     class HalfWritten(torch.nn.Linear):
         def save_pretrained(self, folder, **kwargs):
