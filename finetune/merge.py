@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from finetune.atomic_files import atomic_write_text
+from finetune.base_names import shared_base_name
 from finetune.config import ModelConfig
 from finetune.dora import decomposed
 from finetune.errors import FinetuneError
@@ -114,9 +115,10 @@ def merged_record(base: str, base_record: dict[str, str], lora_path: str, lora: 
     use with it (`trained_as`). The prediction type too, as training records it for its pipelines: export-checkpoint's
     file carries only this record of it, and loaded with the base's configs (--base-config) it would otherwise sample as
     the base's. And the LoRAs merged into it, so the same LoRA given again (sample --lora) is known; each named as it was
-    given, as the base is (export-checkpoint's file carries the record: no absolute paths of this machine unasked)."""
+    given (export-checkpoint's file carries the record: no absolute paths of this machine unasked). The base by name, as
+    shared files name it (finetune.base_names): without --base it is the path the LoRA's run recorded, never given."""
     merged = [*merged_loras(base_record), {"file": lora_path, "weights": weights_fingerprint(lora), "strength": strength}]
-    return {"finetune.method": f"lora merged at {strength:g}", "finetune.base_model": base, "finetune.steps": lora.metadata.get("finetune.steps", "?"),
+    return {"finetune.method": f"lora merged at {strength:g}", "finetune.base_model": shared_base_name(base), "finetune.steps": lora.metadata.get("finetune.steps", "?"),
             **trained_as, MERGED_LORAS: json.dumps(merged)}  # fmt: skip
 
 
@@ -185,7 +187,7 @@ def _write_card(output_dir: Path, base: str, lora_file: Path, lora: LoRA, streng
     atomic_write_text(  # whole or not there: the pipeline is in place by now, and a Ctrl-C here left half a card
         output_dir / "README.md",
         f"# {output_dir.name}\n\n"
-        f"Stable Diffusion pipeline: `{base}` with the LoRA `{lora_file}` ({', '.join(facts)}) merged into its "
+        f"Stable Diffusion pipeline: `{shared_base_name(base)}` with the LoRA `{lora_file}` ({', '.join(facts)}) merged into its "
         f"{parts} at strength {strength:g}, written by `finetune merge`.\n\n"
         "```python\n" + "\n".join(diffusers_loading_code(str(output_dir))) + "\n```\n\n"
         f'Or sample with `finetune sample --base {output_dir} --prompt "..."`.\n'

@@ -295,7 +295,7 @@ def test_merge_replaces_an_existing_folder_only_when_asked_and_never_its_source(
     [merged] = [a for a in scan_adapters(tmp_path).values() if a.path == mine]
     merged_loras = json.loads(merged.metadata.pop("finetune.merged_loras"))
     assert merged.kind == "pipeline" and merged.metadata == {
-        "finetune.method": "lora merged at 1", "finetune.base_model": str(tiny_model), "finetune.steps": "150", "finetune.clip_skip": "1",
+        "finetune.method": "lora merged at 1", "finetune.base_model": tiny_model.name, "finetune.steps": "150", "finetune.clip_skip": "1",
         "finetune.prediction_type": "epsilon"}
     assert [(entry["file"], entry["strength"]) for entry in merged_loras] == [(str(trained.path), 1.0)]  # as given
 

@@ -73,6 +73,11 @@ def test_a_run_on_a_relative_base_shares_its_name_and_finds_it_from_another_fold
         assert "models/sd15" not in json.dumps(metadata) and str(tmp_path) not in json.dumps(metadata), path
     card = (tmp_path / "webui" / "cat.md").read_text()
     assert "| base model | `sd15` |" in card and 'from_pretrained("sd15"' in card and str(project) not in card
+    # merge without --base takes the path from the run's record, never given: its pipeline's record and card name it.
+    assert main(["merge", "--lora", str(run), str(tmp_path / "merged")]) == 0
+    assert json.loads((tmp_path / "merged" / METADATA_FILE).read_text())["finetune.base_model"] == "sd15"
+    assert "pipeline: `sd15` with the LoRA" in (tmp_path / "merged" / "README.md").read_text()
+    assert str(project) not in (tmp_path / "merged" / METADATA_FILE).read_text() + (tmp_path / "merged" / "README.md").read_text()
 
     # A file of an older run, which recorded the path: its export and card name the base as a new run's do.
     old = tmp_path / "old.safetensors"
