@@ -53,6 +53,8 @@ def describe_validation_error(err: ValidationError) -> str:
         shown += f"; a list is written in brackets: {path[-1]}: [\"first\", \"second\"] in a recipe, {dotted}='[\"first\", \"second\"]' on the command line"
     if first["type"] == "string_type":  # `image_dir: 2024`, `caption: yes`: YAML read a number, date or boolean
         shown += _quoting_hint(received)
+    if first["type"] == "literal_error" and (spelled := _choice_meant(location, received)) is not None:
+        shown += f"; here it is written '{spelled}'"  # sd-scripts' optimizer_type AdamW8bit, its loss_type l2
     return f"key '{dotted}': {message}{shown}"
 
 
@@ -84,7 +86,46 @@ OTHER_TRAINERS_NAMES = {
     "caption_strategy": "a .txt beside each image, a metadata.jsonl, or data.caption", "prepend_instance_prompt": 'data.folders: [{path: ., template: "sks, {caption}"}]',
     "scale_weight_norms": "lora.max_norm", "v_parameterization": "model.prediction_type: v_prediction", "instance_data_dir": "dreambooth.concepts.0.instance_dir",
     "use_8bit_adam": "optimizer.name: adamw8bit", "with_prior_preservation": "dreambooth.prior_preservation",
+    # The objective, the LoRA, the schedule, checkpoints and sampling, as sd-scripts, diffusers' scripts and SimpleTuner
+    # name them (each else met "valid keys: ..." or a wrong guess: use_ema was "did you mean 'seed'?").
+    "ip_noise_gamma": "train.input_perturbation", "debiased_estimation_loss": "train.debiased_estimation", "loss_type": "train.loss",
+    "use_ema": "train.ema_decay: 0.999", "num_train_epochs": "train.max_epochs", "cache_text_encoder_outputs": "train.cache_text_embeddings",
+    "network_module": "method: lora", "network_weights": "lora.init_from", "network_dropout": "lora.dropout", "lora_dropout": "lora.dropout",
+    "lora_rank": "lora.rank", "lora_alpha": "lora.alpha", "conv_dim": "lora.conv_rank", "dora_wd": "lora.use_dora",
+    "network_args": "lora.conv_rank, lora.conv_alpha and lora.use_dora (its conv_dim, conv_alpha and dora_wd)",
+    "network_train_unet_only": "lora.train_text_encoder: false", "unet_lr": "optimizer.lr", "optimizer_type": "optimizer.name",
+    "adam_weight_decay": "optimizer.weight_decay", "adam_epsilon": "optimizer.eps", "adam_beta1": "optimizer.betas: [beta1, beta2]",
+    "adam_beta2": "optimizer.betas: [beta1, beta2]", "checkpointing_steps": "checkpoint.every_n_steps", "checkpoints_total_limit": "checkpoint.keep_last",
+    "save_last_n_epochs": "checkpoint.keep_last", "save_last_n_steps": "checkpoint.keep_last, a count of checkpoints, not of steps",
+    "save_state": "checkpoint.every_n_steps: every checkpoint holds the training state", "resume": "the command line's --resume latest",
+    "sample_every_n_steps": "validation.every_n_steps", "sample_every_n_epochs": "validation.every_n_epochs", "sample_at_first": "validation.at_start",
+    "validation_steps": "validation.every_n_steps", "validation_epochs": "validation.every_n_epochs", "num_validation_images": "validation.images_per_prompt",
+    "sample_prompts": 'validation.prompts: ["a prompt --n its negative", ...]', "validation_prompt": 'validation.prompts: ["a prompt", ...]',
+    "dataloader_num_workers": "data.num_workers", "max_data_loader_n_workers": "data.num_workers", "report_to": "logging.tensorboard",
+    "log_with": "logging.tensorboard",
 }  # fmt: skip
+
+
+# Other trainers' values for a choice, where more than its spelling differs (sd-scripts' loss_type l2).
+OTHER_TRAINERS_CHOICES = {"train.loss": {"l2": "mse"}, "train.mixed_precision": {"fp32": "no"}}
+
+
+def _choice_meant(location: list[str], received: Any) -> str | None:
+    """The one choice of a Literal field that `received` spells otherwise (AdamW8bit, PagedAdamW8bit: in another case, without
+    its underscores), or names as another trainer does (l2 for mse); None where no choice is meant."""
+    field = _field_at(location)
+    if field is None or not isinstance(received, str):
+        return None
+    if (named := OTHER_TRAINERS_CHOICES.get(".".join(location), {}).get(received.lower())) is not None:
+        return named
+    choices = [arg for member in (field.annotation, *typing.get_args(field.annotation)) if typing.get_origin(member) is typing.Literal
+               for arg in typing.get_args(member) if isinstance(arg, str)]  # fmt: skip
+
+    def bare(text: str) -> str:
+        return re.sub(r"[\s_-]", "", text.lower())
+
+    meant = [choice for choice in choices if bare(choice) == bare(received)]
+    return meant[0] if len(meant) == 1 else None
 
 
 def _valid_keys(section_path: list[str]) -> list[str]:

@@ -314,3 +314,35 @@ def test_a_list_written_as_text_in_a_recipe_is_shown_the_recipes_syntax(tmp_path
     path.write_text("data: {image_dir: x}\nvalidation:\n  prompts: a cat\n")  # was shown the command line's validation.prompts='[...]' alone
     with pytest.raises(FinetuneError, match=r"a list is written in brackets: prompts: \[\"first\", \"second\"\] in a recipe, "):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("given,said", [
+    ({"use_ema": True}, "unknown key 'use_ema' (here it is 'train.ema_decay: 0.999')"),  # was "did you mean 'seed'?"
+    ({"train": {"ip_noise_gamma": 0.1}}, "unknown key 'train.ip_noise_gamma' (here it is 'train.input_perturbation')"),
+    ({"debiased_estimation_loss": True}, "unknown key 'debiased_estimation_loss' (here it is 'train.debiased_estimation')"),
+    ({"lora": {"conv_dim": 8}}, "unknown key 'lora.conv_dim' (here it is 'lora.conv_rank')"),
+    ({"checkpoints_total_limit": 3}, "unknown key 'checkpoints_total_limit' (here it is 'checkpoint.keep_last')"),
+    ({"sample_every_n_steps": 100}, "unknown key 'sample_every_n_steps' (here it is 'validation.every_n_steps')"),
+])  # fmt: skip
+def test_sd_scripts_diffusers_and_simpletuner_names_of_the_objective_lora_and_checkpoints_point_to_the_key(given, said):
+    """A power user's habits, which met the section's whole list of keys or a wrong guess (use_ema: 'seed')."""
+    with pytest.raises(FinetuneError) as raised:
+        recipe_from_dict({**MINIMAL, **given})
+    assert str(raised.value) == f"recipe: {said}"
+
+
+@pytest.mark.parametrize("section,key,given,written", [
+    ("optimizer", "name", "AdamW8bit", "adamw8bit"), ("optimizer", "name", "PagedAdamW8bit", "paged_adamw8bit"),  # sd-scripts' optimizer_type
+    ("optimizer", "scheduler", "Cosine", "cosine"), ("model", "prediction_type", "V_Prediction", "v_prediction"),
+    ("train", "loss", "l2", "mse"),  # sd-scripts' loss_type
+])  # fmt: skip
+def test_a_choice_spelled_as_another_trainer_spells_it_is_named_as_written_here(section, key, given, written):
+    with pytest.raises(FinetuneError) as raised:
+        recipe_from_dict({**MINIMAL, section: {key: given}})
+    assert str(raised.value).endswith(f"(got {given!r}); here it is written '{written}'"), raised.value
+
+
+def test_a_choice_no_spelling_means_gets_no_suggestion():
+    with pytest.raises(FinetuneError) as raised:  # sd-scripts' smooth_l1 is no loss here: nothing is offered for it
+        recipe_from_dict({**MINIMAL, "train": {"loss": "smooth_l1"}})
+    assert str(raised.value).endswith("(got 'smooth_l1')"), raised.value
