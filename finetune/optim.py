@@ -80,6 +80,7 @@ def build_lr_scheduler(config: OptimizerConfig, optimizer: torch.optim.Optimizer
         optimizer=optimizer,
         num_warmup_steps=config.warmup_steps,
         num_training_steps=max_steps,
+        num_cycles=config.num_cycles,  # read by cosine_with_restarts alone
     )
 
 
@@ -90,7 +91,7 @@ def schedule_factor(config: OptimizerConfig, max_steps: int, step: int) -> float
 
 
 def schedule_change_line(config: OptimizerConfig, checkpoint_name: str, step: int, old_steps: int | None, new_steps: int) -> str | None:
-    """A warning where a resume changes the run's length under a schedule that follows it (linear, cosine).
+    """A warning where a resume changes the run's length under a schedule that follows it (linear, cosine, cosine_with_restarts).
     The schedule is built again for the new length and continues at the checkpoint's step, as diffusers' and
     sd-scripts' trainers do on a resume; they say nothing of the jump in the learning rate, we say it."""
     if old_steps is None or old_steps == new_steps:

@@ -102,7 +102,7 @@ OTHER_TRAINERS_NAMES = {
     "validation_steps": "validation.every_n_steps", "validation_epochs": "validation.every_n_epochs", "num_validation_images": "validation.images_per_prompt",
     "sample_prompts": 'validation.prompts: ["a prompt --n its negative", ...]', "validation_prompt": 'validation.prompts: ["a prompt", ...]',
     "dataloader_num_workers": "data.num_workers", "max_data_loader_n_workers": "data.num_workers", "report_to": "logging.tensorboard",
-    "log_with": "logging.tensorboard",
+    "log_with": "logging.tensorboard", "lr_scheduler_num_cycles": "optimizer.num_cycles", "lr_num_cycles": "optimizer.num_cycles",
 }  # fmt: skip
 
 

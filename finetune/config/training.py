@@ -143,8 +143,11 @@ class OptimizerConfig(Section):
     weight_decay: float = Field(1e-2, ge=0)
     betas: Optional[tuple[float, float]] = None  # null: the optimizer's own (OWN_BETAS)
     eps: float = Field(1e-8, gt=0)
-    scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts"] = "constant_with_warmup"
     warmup_steps: int = Field(0, ge=0)
+    # cosine_with_restarts: the cosine decays to 0 this many times after the warm-up, each cycle starting again at
+    # optimizer.lr (sd-scripts' lr_scheduler_num_cycles, diffusers' lr_num_cycles; their hard restarts).
+    num_cycles: int = Field(1, ge=1)
 
     @field_validator("betas", mode="before")
     @classmethod
@@ -175,6 +178,9 @@ class OptimizerConfig(Section):
     def _prodigy_multiplier(self) -> "OptimizerConfig":
         if self.name == "prodigy" and self.lr < 0.1:  # 1e-4, as for AdamW, would leave it all but still
             raise ValueError(f"optimizer.lr with prodigy multiplies the step size it finds: set it near 1.0 (got {self.lr:g})")
+        if self.scheduler != "cosine_with_restarts" and self.changed(["num_cycles"]):  # diffusers' other schedules do not read it
+            raise ValueError(f"optimizer.num_cycles ({self.num_cycles}) restarts scheduler cosine_with_restarts only: set optimizer.scheduler: "
+                             "cosine_with_restarts, or remove num_cycles")  # fmt: skip
         if self.scheduler == "constant" and self.warmup_steps:  # diffusers' constant schedule has no warm-up
             raise ValueError(f"optimizer.warmup_steps ({self.warmup_steps}) does nothing with scheduler constant: use constant_with_warmup, or set warmup_steps: 0")
         # A value of one's own for what the optimizer does not read would do nothing (the shipped recipes name them with their defaults).

@@ -1,0 +1,46 @@
+"""optimizer.scheduler's cosine_with_restarts (sd-scripts' and diffusers' hard restarts) and its optimizer.num_cycles."""
+
+import pytest
+
+from finetune.config import OptimizerConfig
+from finetune.errors import FinetuneError
+from finetune.optim import schedule_factor
+from finetune.recipe_loading import recipe_from_dict
+
+MINIMAL = {"data": {"image_dir": "images"}}
+
+
+def test_cosine_with_restarts_decays_num_cycles_times_from_the_full_rate():
+    """10 steps after a warm-up of 2, in 2 cycles of 4: the rate is whole at 2 and again at 6, falls in between, and is
+    0 at the last step."""
+    config = OptimizerConfig(scheduler="cosine_with_restarts", warmup_steps=2, num_cycles=2)
+    factors = [schedule_factor(config, 10, step) for step in range(11)]
+    assert factors[:3] == [0.0, 0.5, 1.0]  # the warm-up
+    assert factors[2] > factors[3] > factors[4] > factors[5] > 0 and factors[6] == 1.0  # the restart
+    assert factors[6] > factors[7] > factors[8] > factors[9] > factors[10] == 0.0
+    one_cycle = OptimizerConfig(scheduler="cosine_with_restarts", warmup_steps=2)
+    plain = OptimizerConfig(scheduler="cosine", warmup_steps=2)
+    assert [schedule_factor(one_cycle, 10, step) for step in range(10)] == pytest.approx([schedule_factor(plain, 10, step) for step in range(10)])
+
+
+def test_num_cycles_under_another_schedule_is_refused_and_other_trainers_names_point_to_it():
+    with pytest.raises(FinetuneError, match=r"optimizer.num_cycles \(3\) restarts scheduler cosine_with_restarts only: set optimizer.scheduler: "
+                                            r"cosine_with_restarts, or remove num_cycles"):  # fmt: skip
+        recipe_from_dict({**MINIMAL, "optimizer": {"scheduler": "cosine", "num_cycles": 3}})
+    for name in ("lr_scheduler_num_cycles", "lr_num_cycles"):  # sd-scripts', diffusers'
+        with pytest.raises(FinetuneError, match=rf"unknown key '{name}' \(here it is 'optimizer.num_cycles'\)"):
+            recipe_from_dict({**MINIMAL, name: 3})
+
+
+def test_a_run_with_restarts_logs_the_rate_starting_again(make_recipe, monkeypatch):
+    """The trainer builds the recipe's schedule: train/lr, logged each step, goes back up at the restart."""
+    from accelerate import Accelerator
+
+    from finetune.trainer import train
+
+    logged = []
+    monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, log_kwargs=None: logged.append(values["train/lr"]))
+    train(make_recipe(train__max_steps=4, optimizer__lr=1e-3, optimizer__scheduler="cosine_with_restarts", optimizer__num_cycles=2,
+                      logging__every_n_steps=1, validation__prompts=[], checkpoint__every_n_steps=0))  # fmt: skip
+    # The rate after each step (as logged): half a cycle of 2 steps, then the restart at step 2, then 0 at the end.
+    assert logged == pytest.approx([5e-4, 1e-3, 5e-4, 0.0])
