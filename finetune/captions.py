@@ -197,28 +197,43 @@ def apply_template(template: str | None, caption: str) -> str:
     return template.replace(CAPTION_PLACEHOLDER, caption)
 
 
-def edit_tags(caption: str, keep_tokens: int, rng: np.random.Generator, shuffle: bool = True, dropout: float = 0.0) -> str:
-    """The comma-separated tags of `caption` after the first `keep_tokens` (which stay, in place): shuffled,
-    then each left out with probability `dropout`."""
-    tags = [tag.strip() for tag in caption.split(",")]
-    tags = [tag for tag in tags if tag]
-    kept, rest = tags[:keep_tokens], tags[keep_tokens:]
+def edit_tags(caption: str, keep_tokens: int, rng: np.random.Generator, shuffle: bool = True, dropout: float = 0.0, separator: str | None = None) -> str:
+    """The comma-separated tags of `caption` after those kept in place (`kept_in_place`): shuffled, then each left out
+    with probability `dropout`."""
+    kept, rest, end = kept_in_place(caption, keep_tokens, separator)
     if shuffle:
         rest = [rest[i] for i in rng.permutation(len(rest))]
     if dropout > 0:
         rest = [tag for tag, draw in zip(rest, rng.random(len(rest))) if draw >= dropout]
-    return ", ".join(kept + rest)
+    return ", ".join(kept + rest + end)
+
+
+def kept_in_place(caption: str, keep_tokens: int, separator: str | None = None) -> tuple[list[str], list[str], list[str]]:
+    """A caption's tags as (kept first, shuffled and dropped, kept last). Where it holds `separator`
+    (data.keep_tokens_separator), as sd-scripts splits it: the tags before it stay first, and a second one keeps the tags
+    after it last; the separators are left out. Else the first `keep_tokens` tags stay first."""
+    if separator and separator in caption:
+        first, _, rest = caption.partition(separator)
+        middle, _, last = rest.partition(separator)
+        return _tags(first), _tags(middle), _tags(last)
+    tags = _tags(caption)
+    return tags[:keep_tokens], tags[keep_tokens:], []
+
+
+def _tags(text: str) -> list[str]:
+    return [tag for tag in (part.strip() for part in text.split(",")) if tag]
 
 
 def training_caption(caption: str, config: DataConfig, seed: int, epoch: int, index: int) -> str:
     """The caption item `index` trains with in `epoch`: one line of a caption of several (each line is a
     caption of the image, as SimpleTuner and sd-scripts' enable_wildcard read them), its tags shuffled
-    (data.shuffle_tags) and dropped (data.tag_dropout) past the first data.keep_tokens, the same on every process."""
+    (data.shuffle_tags) and dropped (data.tag_dropout) past those kept in place, the same on every process."""
     caption = caption_line(caption, seed, epoch, index)
-    if not (config.shuffle_tags or config.tag_dropout) or "," not in caption:
+    separator = config.keep_tokens_separator
+    if not (config.shuffle_tags or config.tag_dropout) or ("," not in caption and not (separator and separator in caption)):
         return caption
     rng = np.random.default_rng([seed, epoch, index, TAG_STREAM])
-    return edit_tags(caption, config.keep_tokens, rng, config.shuffle_tags, config.tag_dropout)
+    return edit_tags(caption, config.keep_tokens, rng, config.shuffle_tags, config.tag_dropout, separator)
 
 
 def caption_line(caption: str, seed: int, epoch: int, index: int) -> str:

@@ -285,3 +285,31 @@ def test_dataset_shuffles_tags_without_changing_the_images(tmp_path):
         captions.add(item["caption"])
         assert reference["caption"] == TAGS
     assert len(captions) > 3
+
+
+def test_keep_tokens_separator_keeps_the_tags_around_it_in_place_and_does_not_train():
+    """sd-scripts' keep_tokens_separator: a kohya dataset's `sks, dog ||| grass, sunny` trained the words '|||', and
+    'dog ||| grass' as one tag, with the tags before it shuffled away from the front."""
+    config = DataConfig(image_dir="x", shuffle_tags=True, keep_tokens=1, keep_tokens_separator="|||")
+    orders = set()
+    for index in range(30):
+        caption = training_caption("sks, dog ||| grass, sunny, park, tree ||| masterpiece", config, seed=0, epoch=0, index=index)
+        tags = caption.split(", ")
+        assert tags[:2] == ["sks", "dog"] and tags[-1] == "masterpiece" and "|||" not in caption
+        assert sorted(tags[2:-1]) == ["grass", "park", "sunny", "tree"]
+        orders.add(caption)
+    assert len(orders) > 5  # the middle really shuffled
+    assert training_caption("sks ||| dog", config, 0, 0, 0) == "sks, dog"  # no comma: still split
+    # A caption without it: keep_tokens, drawn exactly as before the separator existed (the pinned curves' captions).
+    plain = DataConfig(image_dir="x", shuffle_tags=True, keep_tokens=1)
+    assert [training_caption(TAGS, config, 3, 0, i) for i in range(10)] == [training_caption(TAGS, plain, 3, 0, i) for i in range(10)]
+
+
+def test_keep_tokens_separator_without_shuffle_or_dropout_or_as_a_comma_is_refused():
+    with pytest.raises(ValueError, match=r"data.keep_tokens_separator keeps the tags before it in place .*set data.shuffle_tags: true"):
+        DataConfig(image_dir="x", keep_tokens_separator="|||")
+    for separator in ("", " ", ","):
+        with pytest.raises(ValueError, match="must be text without a comma that captions hold between tags"):
+            DataConfig(image_dir="x", shuffle_tags=True, keep_tokens_separator=separator)
+    with pytest.raises(FinetuneError, match=r"method vae trains the autoencoder on reconstructions, so .*data.keep_tokens_separator"):
+        recipe_from_dict({"method": "vae", "data": {"image_dir": "x", "shuffle_tags": True, "keep_tokens_separator": "|||"}})

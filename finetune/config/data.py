@@ -118,6 +118,10 @@ class DataConfig(Section):
     # staying in place (a trigger word first), so the model does not learn one tag order.
     shuffle_tags: bool = False
     keep_tokens: int = 0
+    # sd-scripts' keep_tokens_separator (often "|||"): in a caption holding it, the tags before it stay in place (instead
+    # of the first keep_tokens), a second one keeps the tags after it at the end, and the separators are left out.
+    # As in sd-scripts, read where shuffle_tags or tag_dropout is on. None: off.
+    keep_tokens_separator: Optional[str] = None
     # Each tag past the first keep_tokens is left out with this probability, per image and epoch (sd-scripts'
     # caption_tag_dropout_rate), so no tag becomes a crutch the trigger word cannot do without.
     tag_dropout: Share = 0.0
@@ -150,6 +154,14 @@ class DataConfig(Section):
     def _not_negative(cls, value: int) -> int:
         if value < 0:
             raise ValueError("must be 0 or more")
+        return value
+
+    @field_validator("keep_tokens_separator")
+    @classmethod
+    def _a_separator_between_tags(cls, value: Optional[str]) -> Optional[str]:
+        # "" or " " would split every caption at its first space, "," at its first tag.
+        if value is not None and (not value.strip() or "," in value):
+            raise ValueError("must be text without a comma that captions hold between tags, e.g. '|||' (sd-scripts'), or null")
         return value
 
     def _one_bucket_only(self) -> str | None:
@@ -201,6 +213,9 @@ class DataConfig(Section):
                 "data.loss_mask.source files reads masks from folders beside the images; a dataset's images can carry "
                 "their mask as transparency: use source alpha"
             )
+        if self.keep_tokens_separator is not None and not (self.shuffle_tags or self.tag_dropout):
+            raise ValueError("data.keep_tokens_separator keeps the tags before it in place while data.shuffle_tags shuffles or data.tag_dropout drops "
+                             "the others (without either, sd-scripts leaves it in the caption too): set data.shuffle_tags: true (or data.tag_dropout)")  # fmt: skip
         if self.keep_tokens and not (self.shuffle_tags or self.tag_dropout):
             raise ValueError("data.keep_tokens keeps the first tags in place while data.shuffle_tags shuffles or data.tag_dropout drops the "
                              "others: set data.shuffle_tags: true (or data.tag_dropout)")  # fmt: skip

@@ -209,7 +209,7 @@ class Recipe(Section):
             # The denoiser's target and the prompts' encoding: the saved pipeline's scheduler would claim a target its UNet never learned.
             unused += [f"model.{key}" for key in self.model.changed(("prediction_type", "zero_terminal_snr", "clip_skip", "max_token_length"))]
             # It reads no captions (finetune.train_inputs.data_configs): what gives or changes them is unread too.
-            unused += [f"data.{key}" for key in self.data.changed(("caption", "caption_dropout", "shuffle_tags", "keep_tokens", "tag_dropout"))]
+            unused += [f"data.{key}" for key in self.data.changed(("caption", "caption_dropout", "shuffle_tags", "keep_tokens", "keep_tokens_separator", "tag_dropout"))]
             if unused:
                 raise ValueError(f"method vae trains the autoencoder on reconstructions, so {', '.join(unused)} would do nothing: remove {'them' if len(unused) > 1 else 'it'}")
         if self.method == "controlnet":
