@@ -224,6 +224,31 @@ def _tags(text: str) -> list[str]:
     return [tag for tag in (part.strip() for part in text.split(",")) if tag]
 
 
+def tags_move_in(captions: list[str], config: DataConfig) -> bool:
+    """Whether data.shuffle_tags or tag_dropout can change any line of `captions`: tags past those kept in place
+    (`kept_in_place`), two to shuffle, one to drop."""
+    least, separator = 1 if config.tag_dropout else 2, config.keep_tokens_separator
+    lines = [line for caption in captions for line in caption_lines(caption)]  # as training picks one (`training_caption`)
+    edited = [line for line in lines if "," in line or (separator and separator in line)]  # the others train as written
+    return any(len(kept_in_place(line, config.keep_tokens, separator)[1]) >= least for line in edited)
+
+
+def unmoved_tags_warning(captions: list[str], config: DataConfig) -> str | None:
+    """A warning where data.shuffle_tags or tag_dropout is on and changes none of `captions` (sentences, which have no
+    commas, or no more tags than data.keep_tokens), or None: the switch is on and nothing is shuffled or dropped."""
+    on = [f"data.{key}" for key in ("shuffle_tags", "tag_dropout") if getattr(config, key)]
+    if not on or not captions or tags_move_in(captions, config):
+        return None
+    acts = {"data.shuffle_tags": "shuffles", "data.tag_dropout": "drops"}
+    act = f"they {' and '.join(acts[key].removesuffix('s') for key in on)}" if len(on) > 1 else f"it {acts[on[0]]}"
+    after = ", or".join(([f" after the first data.keep_tokens ({config.keep_tokens})"] if config.keep_tokens else [])
+                        + ([" after data.keep_tokens_separator where a caption holds it"] if config.keep_tokens_separator else []))  # fmt: skip
+    needed = "one" if config.tag_dropout else "two"  # a tag to drop, two to swap
+    return (f"warning: {' and '.join(on)} {'change' if len(on) > 1 else 'changes'} no caption: {act} the comma-separated tags{after}, and no "
+            f"caption has {needed} or more of them (a sentence without commas is left as it is): write captions as tags ('sks, dog, grass, sunny')"
+            + (", or lower data.keep_tokens" if config.keep_tokens else "") + f", or set {' and '.join(on)} off")  # fmt: skip
+
+
 def training_caption(caption: str, config: DataConfig, seed: int, epoch: int, index: int) -> str:
     """The caption item `index` trains with in `epoch`: one line of a caption of several (each line is a
     caption of the image, as SimpleTuner and sd-scripts' enable_wildcard read them), its tags shuffled

@@ -313,3 +313,30 @@ def test_keep_tokens_separator_without_shuffle_or_dropout_or_as_a_comma_is_refus
             DataConfig(image_dir="x", shuffle_tags=True, keep_tokens_separator=separator)
     with pytest.raises(FinetuneError, match=r"method vae trains the autoencoder on reconstructions, so .*data.keep_tokens_separator"):
         recipe_from_dict({"method": "vae", "data": {"image_dir": "x", "shuffle_tags": True, "keep_tokens_separator": "|||"}})
+
+
+def test_shuffle_or_dropout_that_changes_no_caption_is_said():
+    """data.shuffle_tags on captions written as sentences (no commas), or with no more tags than keep_tokens, trained
+    them as written, without a word: the switch looked on and did nothing."""
+    from finetune.captions import unmoved_tags_warning
+
+    shuffled = DataConfig(image_dir="x", shuffle_tags=True, keep_tokens=1)
+    said = unmoved_tags_warning(["a photo of sks dog on grass", "sks dog, sitting"], shuffled)
+    assert said == ("warning: data.shuffle_tags changes no caption: it shuffles the comma-separated tags after the first data.keep_tokens (1), and no "
+                    "caption has two or more of them (a sentence without commas is left as it is): write captions as tags ('sks, dog, grass, sunny'), "
+                    "or lower data.keep_tokens, or set data.shuffle_tags off")  # fmt: skip
+    assert unmoved_tags_warning(["a photo of sks dog on grass", TAGS], shuffled) is None  # one caption it shuffles
+    dropping = DataConfig(image_dir="x", tag_dropout=0.1)
+    assert "data.tag_dropout changes no caption" in unmoved_tags_warning(["a photo of sks dog"], dropping)  # one tag, never dropped
+    assert unmoved_tags_warning(["sks, dog"], dropping) is None
+    assert unmoved_tags_warning(["a photo of sks dog"], DataConfig(image_dir="x")) is None  # both off
+
+
+def test_a_run_whose_shuffle_changes_no_caption_says_so_at_its_start(make_recipe, capsys):
+    """The tiny data's captions are two tags ('a ... shape, top left'): with keep_tokens 1 one is left to shuffle."""
+    from finetune.trainer import train
+
+    train(make_recipe(train__max_steps=1, data__shuffle_tags=True, data__keep_tokens=1))
+    assert "warning: data.shuffle_tags changes no caption" in capsys.readouterr().out
+    train(make_recipe(train__max_steps=1, data__shuffle_tags=True, output_dir=str(make_recipe().output_dir + "-two")))
+    assert "changes no caption" not in capsys.readouterr().out

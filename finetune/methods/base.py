@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from finetune.batches import item_layout
 from finetune.cache import EncodingCache, caption_key, model_fingerprint
-from finetune.captions import caption_lines
+from finetune.captions import tags_move_in, unmoved_tags_warning
 from finetune.check_data import DataReport, checked_examples
 from finetune.config import Recipe
 from finetune.config.training import timestep_range_problem
@@ -177,6 +177,9 @@ class DiffusionMethod(TrainingMethod):
     def setup(self, base: BaseModel, weight_dtype: torch.dtype = torch.float32) -> None:
         super().setup(base, weight_dtype)
         self._set_up_caches(base)
+        data = self.recipe.data
+        if (data.shuffle_tags or data.tag_dropout) and (line := unmoved_tags_warning([item.caption or "" for item in self.training_items()], data)):
+            self.start_lines.append(line)
         train = self.recipe.train
         self.timestep_range = training_timesteps(train, base.noise_scheduler.config.num_train_timesteps)
         if problem := debiased_zero_snr_problem(train, base):
@@ -324,10 +327,8 @@ def any_crop_room(items: list[Example], data) -> bool:
 
 
 def any_tags_to_move(items: list[Example], data) -> bool:
-    """Whether data.shuffle_tags or tag_dropout can change any caption line: tags past data.keep_tokens (two to shuffle, one to drop)."""
-    least = 1 if data.tag_dropout else 2
-    lines = [line for item in items for line in caption_lines(item.caption or "")]  # as training picks one (`training_caption`)
-    return any(len([tag for tag in line.split(",") if tag.strip()]) - data.keep_tokens >= least for line in lines)
+    """Whether data.shuffle_tags or tag_dropout can change any item's caption line (`tags_move_in`)."""
+    return tags_move_in([item.caption or "" for item in items], data)
 
 
 def unrepeated_cache_warnings(crops_vary: bool, tags_vary: bool) -> list[str]:
