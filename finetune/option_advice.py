@@ -69,7 +69,7 @@ def _override(option: list[str], method: str | None) -> str | None:
     """The override one option (`option[0]`, the items after it following) most likely means, its value kept, quoted as a
     shell needs it (a folder with spaces), or None. A switch (`--gradient_checkpointing`, store_true in diffusers' scripts)
     takes no value, so the next item is not its value and the override is key=true."""
-    from finetune.recipe_keys import OTHER_TRAINERS_NAMES, recipe_key_named
+    from finetune.recipe_keys import OTHER_TRAINERS_NAMES, choice_meant, recipe_key_named
 
     name, (_, equals, value) = _name(option[0]), option[0].partition("=")
     setting = re.fullmatch(r"([a-z0-9_.]+): ([a-z0-9_]+)", OTHER_TRAINERS_NAMES.get(name, ""))  # use_8bit_adam: optimizer.name: adamw8bit
@@ -87,6 +87,7 @@ def _override(option: list[str], method: str | None) -> str | None:
         value = option[1] if option[1:] and not option[1].startswith("-") else "VALUE"
     if key == "data.resolution" and (sides := re.fullmatch(r"(\d+),(\d+)", value)) and sides[1] == sides[2]:
         value = sides[1]  # sd-scripts' --resolution 512,512 (width,height): a square's side is one number here
+    value = choice_meant(key.split("."), value) or value  # sd-scripts' --optimizer_type AdamW8bit: adamw8bit
     return shlex.quote(f"{key}={value}")
 
 

@@ -53,7 +53,7 @@ def describe_validation_error(err: ValidationError) -> str:
         shown += f"; a list is written in brackets: {path[-1]}: [\"first\", \"second\"] in a recipe, {dotted}='[\"first\", \"second\"]' on the command line"
     if first["type"] == "string_type":  # `image_dir: 2024`, `caption: yes`: YAML read a number, date or boolean
         shown += _quoting_hint(received)
-    if first["type"] == "literal_error" and (spelled := _choice_meant(location, received)) is not None:
+    if first["type"] == "literal_error" and (spelled := choice_meant(location, received)) is not None:
         shown += f"; here it is written '{spelled}'"  # sd-scripts' optimizer_type AdamW8bit, its loss_type l2
     return f"key '{dotted}': {message}{shown}"
 
@@ -110,7 +110,7 @@ OTHER_TRAINERS_NAMES = {
 OTHER_TRAINERS_CHOICES = {"train.loss": {"l2": "mse"}, "train.mixed_precision": {"fp32": "no"}}
 
 
-def _choice_meant(location: list[str], received: Any) -> str | None:
+def choice_meant(location: list[str], received: Any) -> str | None:
     """The one choice of a Literal field that `received` spells otherwise (AdamW8bit, PagedAdamW8bit: in another case, without
     its underscores), or names as another trainer does (l2 for mse); None where no choice is meant."""
     field = _field_at(location)

@@ -65,6 +65,16 @@ def test_a_switch_given_as_an_option_gets_the_override_that_sets_it(capsys):
         assert capsys.readouterr().err.splitlines()[-1].endswith(f": {said}"), argv
 
 
+def test_sd_scripts_options_get_their_override_with_the_choice_spelled_as_here(capsys):
+    """sd-scripts' --optimizer_type AdamW8bit was told optimizer.name=AdamW8bit, which the recipe then refused."""
+    from finetune.cli_arguments import parse_arguments
+
+    with pytest.raises(SystemExit):
+        parse_arguments(["train", "recipes/lora.yaml", "--optimizer_type", "AdamW8bit", "--loss_type", "l2", "--ip_noise_gamma", "0.1"])
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        ": recipe keys are given as key=value after the recipe: optimizer.name=adamw8bit train.loss=mse train.input_perturbation=0.1")
+
+
 @pytest.mark.parametrize("command", [["sample", "--prompt", "x", "--lora-scale"], ["sample", "--prompt", "x", "--guidance"], ["merge", "out", "--strength"],
                                      ["eval", "--conditioning-scale"]])
 def test_a_strength_or_guidance_of_nan_is_refused(command, capsys):
