@@ -44,3 +44,12 @@ def test_a_run_with_restarts_logs_the_rate_starting_again(make_recipe, monkeypat
                       logging__every_n_steps=1, validation__prompts=[], checkpoint__every_n_steps=0))  # fmt: skip
     # The rate after each step (as logged): half a cycle of 2 steps, then the restart at step 2, then 0 at the end.
     assert logged == pytest.approx([5e-4, 1e-3, 5e-4, 0.0])
+
+
+def test_a_warm_up_given_as_a_share_of_the_run_is_said_to_count_steps():
+    """sd-scripts reads lr_warmup_steps 0.1 as a tenth of the run; here it was pydantic's 'a number with a fractional part'."""
+    with pytest.raises(FinetuneError) as raised:
+        recipe_from_dict({**MINIMAL, "optimizer": {"warmup_steps": 0.1}})
+    assert str(raised.value) == ("recipe: key 'optimizer.warmup_steps': counts steps (sd-scripts reads 0.1 as a share of the run): write that share "
+                                 "of train.max_steps, e.g. 100 for a run of 1000 steps (got 0.1)")  # fmt: skip
+    assert recipe_from_dict({**MINIMAL, "optimizer": {"warmup_steps": 100.0}}).optimizer.warmup_steps == 100  # a whole number, as before

@@ -149,6 +149,15 @@ class OptimizerConfig(Section):
     # optimizer.lr (sd-scripts' lr_scheduler_num_cycles, diffusers' lr_num_cycles; their hard restarts).
     num_cycles: int = Field(1, ge=1)
 
+    @field_validator("warmup_steps", mode="before")
+    @classmethod
+    def _steps_not_a_share(cls, value):
+        # sd-scripts reads an lr_warmup_steps below 1 as a share of the run: it was "a number with a fractional part"
+        if isinstance(value, float) and 0 < value < 1:
+            raise ValueError(f"counts steps (sd-scripts reads {value:g} as a share of the run): write that share of train.max_steps, "
+                             f"e.g. {round(value * 1000)} for a run of 1000 steps")  # fmt: skip
+        return value
+
     @field_validator("betas", mode="before")
     @classmethod
     def _two_betas(cls, value):
