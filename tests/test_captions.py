@@ -340,3 +340,14 @@ def test_a_run_whose_shuffle_changes_no_caption_says_so_at_its_start(make_recipe
     assert "warning: data.shuffle_tags changes no caption" in capsys.readouterr().out
     train(make_recipe(train__max_steps=1, data__shuffle_tags=True, output_dir=str(make_recipe().output_dir + "-two")))
     assert "changes no caption" not in capsys.readouterr().out
+
+
+def test_check_data_says_a_shuffle_that_changes_no_caption_as_training_does(tmp_path, tiny_model, image_folder, capsys):
+    from finetune.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {{pretrained: {tiny_model}}}\ndata: {{image_dir: {image_folder}, resolution: 64, shuffle_tags: true, keep_tokens: 1}}\n")
+    assert main(["check-data", str(recipe)]) == 0
+    assert "warning: data.shuffle_tags changes no caption" in capsys.readouterr().out
+    assert main(["check-data", str(recipe), "data.keep_tokens=0"]) == 0
+    assert "changes no caption" not in capsys.readouterr().out
