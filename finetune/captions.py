@@ -249,6 +249,26 @@ def unmoved_tags_warning(captions: list[str], config: DataConfig) -> str | None:
             + (", or lower data.keep_tokens" if config.keep_tokens else "") + f", or set {' and '.join(on)} off")  # fmt: skip
 
 
+# The keep_tokens_separator sd-scripts' documentation writes, and kohya datasets' captions hold.
+SD_SCRIPTS_SEPARATOR = "|||"
+
+
+def unread_separator_warning(captions: list[str], config: DataConfig) -> str | None:
+    """A warning where captions hold sd-scripts' keep_tokens_separator '|||' and data.keep_tokens_separator is not set, so
+    its bars train as words (a kohya dataset brought here), or None."""
+    holding = next((caption for caption in captions if SD_SCRIPTS_SEPARATOR in caption), None)
+    if holding is None or config.keep_tokens_separator is not None:
+        return None
+    return (f"warning: captions hold '{SD_SCRIPTS_SEPARATOR}' (e.g. '{holding}'), sd-scripts' keep_tokens_separator, which trains here as words: "
+            f"set data.keep_tokens_separator: '{SD_SCRIPTS_SEPARATOR}' with data.shuffle_tags: true to keep the tags before it in place, "
+            "or remove it from the captions")  # fmt: skip
+
+
+def tag_warnings(captions: list[str], config: DataConfig) -> list[str]:
+    """What a run's start and check-data say of how the captions' tags are read (`unmoved_tags_warning`, `unread_separator_warning`)."""
+    return [line for line in (unmoved_tags_warning(captions, config), unread_separator_warning(captions, config)) if line]
+
+
 def training_caption(caption: str, config: DataConfig, seed: int, epoch: int, index: int) -> str:
     """The caption item `index` trains with in `epoch`: one line of a caption of several (each line is a
     caption of the image, as SimpleTuner and sd-scripts' enable_wildcard read them), its tags shuffled

@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from finetune.buckets import too_few_to_batch
-from finetune.captions import unmoved_tags_warning
+from finetune.captions import tag_warnings
 from finetune.check_data import FATAL, SKIP_HINT, WARNING, DataReport, data_label, inspect_examples
 from finetune.config import DataConfig, ModelConfig, Recipe
 from finetune.console import warnings_said
@@ -119,8 +119,8 @@ def run_check_data_command(args) -> int:
         for line in caption_lines(recipe.model, {e.source: e.caption for report in reports for e in report.usable}, recipe.data.shuffle_tags):
             print(line)
             warnings += line.startswith("warning")
-        if unmoved := unmoved_tags_warning([e.caption or "" for report in reports for e in report.usable], recipe.data):  # as training's start says it
-            print(unmoved)
+        for line in tag_warnings([e.caption or "" for report in reports for e in report.usable], recipe.data):  # as training's start says them
+            print(line)
             warnings += 1
     short = None
     if recipe is not None and not fatal:

@@ -351,3 +351,15 @@ def test_check_data_says_a_shuffle_that_changes_no_caption_as_training_does(tmp_
     assert "warning: data.shuffle_tags changes no caption" in capsys.readouterr().out
     assert main(["check-data", str(recipe), "data.keep_tokens=0"]) == 0
     assert "changes no caption" not in capsys.readouterr().out
+
+
+def test_captions_holding_sd_scripts_separator_unread_here_are_said():
+    """A kohya dataset's 'sks, dog ||| grass' without data.keep_tokens_separator trains the bars as words."""
+    from finetune.captions import tag_warnings
+
+    captions = ["a photo of a dog", "sks, dog ||| grass, sunny"]
+    assert tag_warnings(captions, DataConfig(image_dir="x")) == [
+        "warning: captions hold '|||' (e.g. 'sks, dog ||| grass, sunny'), sd-scripts' keep_tokens_separator, which trains here as words: set "
+        "data.keep_tokens_separator: '|||' with data.shuffle_tags: true to keep the tags before it in place, or remove it from the captions"]
+    assert tag_warnings(captions, DataConfig(image_dir="x", shuffle_tags=True, keep_tokens_separator="|||")) == []
+    assert tag_warnings(["sks, dog, grass"], DataConfig(image_dir="x")) == []

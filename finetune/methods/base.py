@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from finetune.batches import item_layout
 from finetune.cache import EncodingCache, caption_key, model_fingerprint
-from finetune.captions import tags_move_in, unmoved_tags_warning
+from finetune.captions import tag_warnings, tags_move_in
 from finetune.check_data import DataReport, checked_examples
 from finetune.config import Recipe
 from finetune.config.training import timestep_range_problem
@@ -177,9 +177,8 @@ class DiffusionMethod(TrainingMethod):
     def setup(self, base: BaseModel, weight_dtype: torch.dtype = torch.float32) -> None:
         super().setup(base, weight_dtype)
         self._set_up_caches(base)
-        data = self.recipe.data
-        if (data.shuffle_tags or data.tag_dropout) and (line := unmoved_tags_warning([item.caption or "" for item in self.training_items()], data)):
-            self.start_lines.append(line)
+        if self.data_reports:  # the data was read (check_data)
+            self.start_lines += tag_warnings([item.caption or "" for item in self.training_items()], self.recipe.data)
         train = self.recipe.train
         self.timestep_range = training_timesteps(train, base.noise_scheduler.config.num_train_timesteps)
         if problem := debiased_zero_snr_problem(train, base):
