@@ -26,7 +26,9 @@ def describe_validation_error(err: ValidationError) -> str:
         valid = _valid_keys(location[:-1])
         close = difflib.get_close_matches(location[-1], valid, n=1, cutoff=0.5)
         listed = _list_taking(location[:-1], location[-1])
-        if location[-1] in OTHER_TRAINERS_NAMES:
+        if OTHER_TRAINERS_NAMES.get(location[-1], "").startswith("none: "):  # a setting this trainer needs no key for (sd-scripts' v2)
+            hint = f" (none is needed here: {OTHER_TRAINERS_NAMES[location[-1]].removeprefix('none: ')})"
+        elif location[-1] in OTHER_TRAINERS_NAMES:
             hint = f" (here it is '{OTHER_TRAINERS_NAMES[location[-1]]}')"
         elif listed:  # dreambooth.class_prompt, as diffusers' script has it: each concept has its own
             hint = f" (each entry of '{'.'.join(path[:-1] + [listed])}' has its own: '{'.'.join(path[:-1] + [listed, '0', location[-1]])}')"
@@ -103,6 +105,9 @@ OTHER_TRAINERS_NAMES = {
     "sample_prompts": 'validation.prompts: ["a prompt --n its negative", ...]', "validation_prompt": 'validation.prompts: ["a prompt", ...]',
     "dataloader_num_workers": "data.num_workers", "max_data_loader_n_workers": "data.num_workers", "report_to": "logging.tensorboard",
     "log_with": "logging.tensorboard", "lr_scheduler_num_cycles": "optimizer.num_cycles", "lr_num_cycles": "optimizer.num_cycles",
+    "optimizer_args": "optimizer.weight_decay, optimizer.betas and optimizer.eps", "reg_data_dir": "dreambooth.concepts.0.class_dir",
+    "cache_latents_to_disk": "train.cache_latents with train.cache_dir", "logging_dir": "output_dir's logs/, where every run logs",
+    "v2": "none: an SD2.x base is known from its configs (model.pretrained)",
 }  # fmt: skip
 
 

@@ -323,6 +323,8 @@ def test_a_list_written_as_text_in_a_recipe_is_shown_the_recipes_syntax(tmp_path
     ({"lora": {"conv_dim": 8}}, "unknown key 'lora.conv_dim' (here it is 'lora.conv_rank')"),
     ({"checkpoints_total_limit": 3}, "unknown key 'checkpoints_total_limit' (here it is 'checkpoint.keep_last')"),
     ({"sample_every_n_steps": 100}, "unknown key 'sample_every_n_steps' (here it is 'validation.every_n_steps')"),
+    ({"reg_data_dir": "reg"}, "unknown key 'reg_data_dir' (here it is 'dreambooth.concepts.0.class_dir')"),
+    ({"v2": True}, "unknown key 'v2' (none is needed here: an SD2.x base is known from its configs (model.pretrained))"),
 ])  # fmt: skip
 def test_sd_scripts_diffusers_and_simpletuner_names_of_the_objective_lora_and_checkpoints_point_to_the_key(given, said):
     """A power user's habits, which met the section's whole list of keys or a wrong guess (use_ema: 'seed')."""
