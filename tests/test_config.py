@@ -348,3 +348,16 @@ def test_a_choice_no_spelling_means_gets_no_suggestion():
     with pytest.raises(FinetuneError) as raised:  # sd-scripts' smooth_l1 is no loss here: nothing is offered for it
         recipe_from_dict({**MINIMAL, "train": {"loss": "smooth_l1"}})
     assert str(raised.value).endswith("(got 'smooth_l1')"), raised.value
+
+
+def test_an_optimizer_given_as_the_section_s_value_names_optimizer_name_and_its_choices():
+    """SimpleTuner's optimizer: adamw_bf16 was "this is a section: write its keys"."""
+    import typing
+
+    from finetune.config import OptimizerConfig
+
+    with pytest.raises(FinetuneError) as raised:
+        recipe_from_dict({**MINIMAL, "optimizer": "adamw_bf16"})
+    choices = typing.get_args(OptimizerConfig.model_fields["name"].annotation)
+    assert str(raised.value).startswith(f"recipe: key 'optimizer': optimizer is a section, not 'adamw_bf16': name the optimizer with optimizer.name "
+                                        f"({', '.join(choices[:-1])} or {choices[-1]})")  # fmt: skip

@@ -4,7 +4,7 @@ schedule (finetune/optim.py builds them)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from pydantic import Field, field_serializer, field_validator, model_validator
 
@@ -136,6 +136,9 @@ def timestep_range_problem(train: TrainConfig, num_train_timesteps: int) -> str 
 
 
 class OptimizerConfig(Section):
+    # SimpleTuner's and diffusers' SDXL scripts' --optimizer adamw_bf16 / prodigy, written as the section
+    plain_value_hint: ClassVar[str] = ("optimizer is a section, not {value!r}: name the optimizer with optimizer.name "
+                                       "(adamw, adamw8bit, paged_adamw8bit, lion8bit, adafactor or prodigy)")  # fmt: skip
     # adamw8bit, paged_adamw8bit and lion8bit come from bitsandbytes (8-bit states for large tensors);
     # adafactor keeps factored second moments only (the smallest state); prodigy finds its own step size.
     name: Literal["adamw", "adamw8bit", "paged_adamw8bit", "lion8bit", "adafactor", "prodigy"] = "adamw"
