@@ -19,6 +19,8 @@ class LoRAConfig(Section):
     rank: int = Field(16, ge=1)
     # The LoRA update is scaled by alpha / rank; saved with the weights so strength is preserved.
     alpha: float = Field(16.0, gt=0)
+    # peft's lora_dropout: dropout on each adapted layer's input to its LoRA (sd-scripts' network_dropout drops the down
+    # projection's output instead; its rank_dropout and module_dropout have no key here).
     dropout: float = Field(0.0, ge=0, lt=1)
     # rsLoRA (Kalajdzievski 2023): scale by alpha / sqrt(rank) instead of alpha / rank, so higher ranks
     # keep learning at one learning rate. Saved in the metadata; every loader here and diffusers honour it.
