@@ -72,7 +72,7 @@ def _override(option: list[str], method: str | None) -> str | None:
     from finetune.recipe_keys import OTHER_TRAINERS_NAMES, choice_meant, recipe_key_named
 
     name, (_, equals, value) = _name(option[0]), option[0].partition("=")
-    setting = re.fullmatch(r"([a-z0-9_.]+): ([a-z0-9_]+)", OTHER_TRAINERS_NAMES.get(name, ""))  # use_8bit_adam: optimizer.name: adamw8bit
+    setting = re.fullmatch(r"([a-z0-9_.]+): ([a-z0-9_.]+)", OTHER_TRAINERS_NAMES.get(name, ""))  # use_8bit_adam: optimizer.name: adamw8bit; use_ema
     if setting is not None:
         return f"{setting[1]}={setting[2]}"
     key = recipe_key_named(name) or (recipe_key_named(f"{method}.{name}") if method else None)

@@ -56,6 +56,7 @@ def test_a_switch_given_as_an_option_gets_the_override_that_sets_it(capsys):
              ("train", "recipes/dreambooth.yaml", "--train_text_encoder"): advice + "dreambooth.train_text_encoder=true train.cache_text_embeddings=false",
              ("train", "recipes/lora.yaml", "method=full", "--train_text_encoder"): advice + "full.train_text_encoder=true train.cache_text_embeddings=false",
              ("train", "recipes/dreambooth.yaml", "--with_prior_preservation"): advice + "dreambooth.prior_preservation=true",
+             ("train", "recipes/lora.yaml", "--use_ema"): advice + "train.ema_decay=0.999",  # diffusers' switch: a decay here
              ("train", "recipes/lora.yaml", "--enable_xformers_memory_efficient_attention"):
                  "finetune's attention already runs through PyTorch's scaled-dot-product attention (SDPA), which does what xformers did: "
                  "leave the option out"}  # fmt: skip
