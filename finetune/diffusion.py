@@ -78,7 +78,7 @@ def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 # Stream numbers for BatchRandomness (multi-resolution noise level i uses MULTIRES_STREAM + i).
-POSTERIOR_STREAM, NOISE_STREAM, TIMESTEP_STREAM, OFFSET_STREAM, PERTURBATION_STREAM, MULTIRES_SCALE_STREAM = range(6)
+POSTERIOR_STREAM, NOISE_STREAM, TIMESTEP_STREAM, OFFSET_STREAM, PERTURBATION_STREAM, MULTIRES_SCALE_STREAM, OFFSET_STRENGTH_STREAM = range(7)
 MULTIRES_STREAM = 100
 
 
@@ -88,6 +88,7 @@ class NoiseOptions:
 
     # Offset noise (Guttenberg 2023): a per-channel constant lets the model shift overall brightness.
     offset: float = 0.0
+    offset_random_strength: bool = False  # sd-scripts' noise_offset_random_strength: offset x U(0, 1), one draw a micro-batch
     # Multi-resolution ("pyramid") noise (Whitaker 2023, sd-scripts' multires_noise_*): coarser noise
     # added at `multires_iterations` smaller scales, each weighed by discount**level.
     multires_iterations: int = 0
@@ -95,7 +96,7 @@ class NoiseOptions:
 
     @classmethod
     def of(cls, train) -> "NoiseOptions":
-        return cls(train.noise_offset, train.multires_noise_iterations, train.multires_noise_discount)
+        return cls(train.noise_offset, train.noise_offset_random_strength, train.multires_noise_iterations, train.multires_noise_discount)
 
 
 def draw_noise(
@@ -108,7 +109,8 @@ def draw_noise(
     if timestep_range.start:  # train.min_timestep
         timesteps = timesteps + timestep_range.start
     if options.offset:
-        noise = noise + options.offset * randomness.normal((latent_shape[0], 1, 1), OFFSET_STREAM)
+        strength = options.offset * (randomness.uniform(OFFSET_STRENGTH_STREAM) if options.offset_random_strength else 1.0)
+        noise = noise + strength * randomness.normal((latent_shape[0], 1, 1), OFFSET_STREAM)
     if options.multires_iterations:
         noise = multires_noise(noise, randomness, options.multires_iterations, options.multires_discount)
     return noise, timesteps

@@ -11,6 +11,7 @@ from finetune.diffusion import (
     BatchRandomness, NoisedBatch, NoiseOptions, add_noise, debiased_weight, draw_noise, draw_perturbation, huber_threshold, per_sample_loss, snr,
 )  # fmt: skip
 from finetune.errors import FinetuneError
+from finetune.recipe_loading import recipe_from_dict
 from finetune.trainer import train
 
 SCHEDULER = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -209,3 +210,26 @@ def test_a_timestep_range_the_model_does_not_have_is_said_before_the_data_check(
                                   "train": {"max_timestep": 1200}, "output_dir": str(tmp_path / "run"), "validation": {"prompts": []}}))  # fmt: skip
     assert main(["train", str(recipe)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == ["error: train.max_timestep 1200 is beyond the base model's 1000 training timesteps: set at most 1000"]
+
+
+def test_offset_noise_of_random_strength_scales_the_offset_by_one_uniform_draw_a_batch():
+    """sd-scripts' noise_offset_random_strength: the offset of test_offset_noise_... times one U(0, 1) value for the micro-batch;
+    the noise and timesteps are the same draws, and without the switch the offset is as before."""
+    from finetune.diffusion import OFFSET_STRENGTH_STREAM
+
+    shape = (4, 16, 16)
+    plain, timesteps = draw_noise(randomness(), shape, range(1000))
+    full, _ = draw_noise(randomness(), shape, range(1000), NoiseOptions(offset=0.1))
+    drawn, same_timesteps = draw_noise(randomness(), shape, range(1000), NoiseOptions(offset=0.1, offset_random_strength=True))
+    strength = randomness().uniform(OFFSET_STRENGTH_STREAM)
+    assert 0.0 < strength < 1.0 and torch.equal(same_timesteps, timesteps)
+    assert torch.allclose(drawn - plain, (full - plain) * strength, atol=1e-6)
+    with pytest.raises(FinetuneError, match=r"train.noise_offset_random_strength draws the strength of offset noise, which is off: set train.noise_offset"):
+        recipe_from_dict({"data": {"image_dir": "x"}, "train": {"noise_offset_random_strength": True}})
+
+
+def test_the_trainer_draws_offsets_of_random_strength(make_recipe):
+    """One step (the same batch and draws) with and without the switch: only the offset's strength differs."""
+    fixed = train(make_recipe(train__max_steps=1, train__noise_offset=0.5))
+    drawn = train(make_recipe(train__max_steps=1, train__noise_offset=0.5, train__noise_offset_random_strength=True, output_dir=str(fixed.output_dir) + "-drawn"))
+    assert drawn.losses[0] != fixed.losses[0]

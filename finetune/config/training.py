@@ -12,8 +12,8 @@ from finetune.config.base import Section, UserPath
 from finetune.errors import FinetuneError, refuse_a_file_in_the_way
 
 # What only a denoising loss uses (the VAE method trains on reconstructions).
-DENOISING_SETTINGS = ("snr_gamma", "debiased_estimation", "noise_offset", "multires_noise_iterations", "input_perturbation", "loss",
-                      "min_timestep", "max_timestep", "cache_latents", "cache_text_embeddings")
+DENOISING_SETTINGS = ("snr_gamma", "debiased_estimation", "noise_offset", "noise_offset_random_strength", "multires_noise_iterations",
+                      "input_perturbation", "loss", "min_timestep", "max_timestep", "cache_latents", "cache_text_embeddings")
 
 
 # Bounds no real run reaches (a fine-tune trains some 10**3 to 10**5 steps; 10**8 at 10 steps a second is 4 months), so a
@@ -43,6 +43,9 @@ class TrainConfig(Section):
     debiased_estimation: bool = False
     # Offset noise (Guttenberg 2023) helps very dark/bright images; 0.05-0.1 is typical.
     noise_offset: float = 0.0
+    # sd-scripts' noise_offset_random_strength: each micro-batch's offset is noise_offset x a uniform draw in [0, 1), so
+    # the model meets offsets of every strength up to noise_offset rather than one.
+    noise_offset_random_strength: bool = False
     # Multi-resolution noise (sd-scripts' multires_noise_*): noise drawn at up to this many scales (full
     # size, then ever coarser) is added, level i weighed by discount**i; 6-10 with discount 0.3 are typical. 0: off.
     multires_noise_iterations: int = Field(0, ge=0)
@@ -118,6 +121,8 @@ class TrainConfig(Section):
         # A value of their own for these would do nothing (the reference recipes name them with their defaults).
         if self.loss != "huber" and self.changed(["huber_c"]):
             raise ValueError(f"train.huber_c ({self.huber_c:g}) is the pseudo-Huber loss's threshold: set train.loss: huber, or remove huber_c")
+        if self.noise_offset_random_strength and not self.noise_offset:
+            raise ValueError("train.noise_offset_random_strength draws the strength of offset noise, which is off: set train.noise_offset (e.g. 0.1), or remove it")
         if not self.multires_noise_iterations and self.changed(["multires_noise_discount"]):
             raise ValueError("train.multires_noise_discount weighs multi-resolution noise, which is off: set train.multires_noise_iterations (e.g. 6), or remove the discount")
         if self.max_timestep is not None and self.min_timestep >= self.max_timestep:
