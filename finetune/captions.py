@@ -287,8 +287,13 @@ def caption_line(caption: str, seed: int, epoch: int, index: int) -> str:
     return lines[np.random.default_rng([seed, epoch, index, LINE_STREAM]).integers(len(lines))] if len(lines) > 1 else caption
 
 
-def scored_caption(caption: str, seed: int, index: int) -> str:
+def scored_caption(caption: str, config: DataConfig, seed: int, index: int) -> str:
     """The caption a held-out item (validation.loss_images) is scored with: as written (the line of epoch 0 of
     a caption of several), its tags neither shuffled nor dropped and never emptied by caption dropout, so the
-    validation loss is the captioned loss and compares across runs whatever those settings are."""
-    return caption_line(caption, seed, 0, index)
+    validation loss is the captioned loss and compares across runs whatever those settings are. A
+    data.keep_tokens_separator is left out, as training leaves it out: it marks tags, it is not one."""
+    line = caption_line(caption, seed, 0, index)
+    separator = config.keep_tokens_separator
+    if separator and separator in line:
+        return ", ".join(tag for part in kept_in_place(line, 0, separator) for tag in part)
+    return line

@@ -58,7 +58,7 @@ class ControlNetDataset(Dataset):
         if self.empty_prompt_share > 0 and rng.random() < self.empty_prompt_share:
             caption = ""
         if index in self.held_out:
-            caption = scored_caption(pair.image.caption, self.seed, index)
+            caption = scored_caption(pair.image.caption, config, self.seed, index)
         item = {"conditioning_pixel_values": conditioning_tensor(conditioning), "caption": caption, "index": index}
         return {**item, **view_entry(pair.image, plan, index, self.latent_cache, likely_new_view(config, epoch))}
 

@@ -98,7 +98,7 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
         if self.config.caption_dropout > 0 and rng.random() < self.config.caption_dropout:
             caption = ""
         if index in self.held_out:  # after the draws: a held-out item's view is as before
-            caption = scored_caption(example.caption, self.seed, index)
+            caption = scored_caption(example.caption, self.config, self.seed, index)
         # original_size and crop_top_left: what SDXL-style size conditioning takes.
         item = {"caption": caption, "index": index, "original_size": (height, width), "crop_top_left": plan.top_left}
         likely_new = likely_new_view(self.config, epoch)

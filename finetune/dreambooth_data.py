@@ -65,7 +65,7 @@ class DreamBoothDataset(Dataset):
         if config.caption_dropout > 0 and rng.random() < config.caption_dropout:  # instances only: class images keep the prior's prompt
             caption = ""
         if index in self.held_out:  # after the draw: the class image's view is as before
-            caption = scored_caption(example.caption, self.seed, index)
+            caption = scored_caption(example.caption, config, self.seed, index)
         likely_new = likely_new_view(config, epoch)
         item = {"caption": caption, "index": index, **view_entry(example, plan, ("instance", index), self.latent_cache, likely_new)}
         if config.loss_mask.enabled:  # class images have none: their rows weigh every pixel

@@ -17,6 +17,7 @@ from finetune.data import CaptionedImageDataset
 from data_examples import load_examples
 from finetune.errors import FinetuneError
 from finetune.recipe_loading import recipe_from_dict
+from finetune.sources import Example
 
 TAGS = "sks, dog, grass, sunny, red collar, park, running"
 
@@ -303,6 +304,14 @@ def test_keep_tokens_separator_keeps_the_tags_around_it_in_place_and_does_not_tr
     # A caption without it: keep_tokens, drawn exactly as before the separator existed (the pinned curves' captions).
     plain = DataConfig(image_dir="x", shuffle_tags=True, keep_tokens=1)
     assert [training_caption(TAGS, config, 3, 0, i) for i in range(10)] == [training_caption(TAGS, plain, 3, 0, i) for i in range(10)]
+
+
+def test_a_held_out_items_caption_leaves_out_the_keep_tokens_separator_as_training_does():
+    """validation.loss_images scored 'sks, dog ||| grass, sunny' with the bars in: words training never sees."""
+    config = DataConfig(image_dir="x", resolution=64, shuffle_tags=True, keep_tokens_separator="|||")
+    example = Example(source="a.png", caption="sks, dog ||| grass, sunny ||| masterpiece", load=lambda: Image.new("RGB", (64, 64)), size=(64, 64))
+    held = CaptionedImageDataset([example], config, seed=0, held_out=frozenset({0}))
+    assert held[(0, 0)]["caption"] == held[(0, 5)]["caption"] == "sks, dog, grass, sunny, masterpiece"
 
 
 def test_keep_tokens_separator_without_shuffle_or_dropout_or_as_a_comma_is_refused():
