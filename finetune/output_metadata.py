@@ -21,10 +21,11 @@ from finetune.sources import Example, source_folder
 MAX_TAGS_PER_FOLDER = 1000
 
 
-def dataset_metadata(items: list[Example], with_tags: bool = True) -> dict[str, str]:
+def dataset_metadata(items: list[Example], with_tags: bool = True, tag_separator: str | None = None) -> dict[str, str]:
     """What an output records of the images it trained on (each listed once per use in an epoch), in sd-scripts'
     forms: per folder its images and repeats, and its captions' tag counts. The webui's LoRA metadata editor
-    and LoRA managers offer those tags as a LoRA's trigger words; a DreamBooth pipeline's card shows its prompts."""
+    and LoRA managers offer those tags as a LoRA's trigger words; a DreamBooth pipeline's card shows its prompts.
+    `tag_separator` (data.keep_tokens_separator) parts tags as a comma does: 'dog ||| grass' is two tags."""
     folders: dict[Path, dict] = {}
     seen = set()
     for item in items:
@@ -36,7 +37,8 @@ def dataset_metadata(items: list[Example], with_tags: bool = True) -> dict[str, 
         folder["img_count"] += 1
         # Each tag counts once per image, as sd-scripts counts them; a caption without commas is one tag, and
         # each line of a caption of several lines (split where training splits it) is a caption of its own.
-        tags = (tag.strip() for line in caption_lines(item.caption or "") for tag in line.split(","))
+        lines = (line.replace(tag_separator, ",") if tag_separator else line for line in caption_lines(item.caption or ""))
+        tags = (tag.strip() for line in lines for tag in line.split(","))
         folder["tags"].update(list(dict.fromkeys(tag for tag in tags if tag)))
     # Named as sd-scripts names them, by the folder's name; two folders of one name by their parent's too.
     names = collections.Counter(path.name for path in folders)

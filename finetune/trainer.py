@@ -136,7 +136,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     # The run's length from the checked data, laid out as the sampler will batch it (train.max_epochs counts its batches).
     trained_examples = [items[i] for i in trained_indices]
     layout = item_layout(trained_examples, recipe.data)
-    trained_data = {**dataset_metadata(trained_examples, recipe.checkpoint.record_caption_tags), **method.data_metadata()}  # folders, tags
+    trained_data = {**dataset_metadata(trained_examples, recipe.checkpoint.record_caption_tags, recipe.data.keep_tokens_separator), **method.data_metadata()}  # folders, tags
 
     # Where the checkpoint's data order stood: continued at this run's global batch, whatever the checkpoint's was. Dealt once:
     # the run's epochs are counted from it; a resumed checkpoint's steps count at the global batch they had (other processes,

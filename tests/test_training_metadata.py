@@ -85,6 +85,16 @@ def test_tags_are_counted_per_caption_line_where_training_splits_lines():
     assert json.loads(dataset_metadata(items)["finetune.tag_frequency"]) == {"d": {"sks": 1, "red\u2028dog": 1, "cat": 1}}
 
 
+def test_a_keep_tokens_separator_parts_tags_as_a_comma_does():
+    """With data.keep_tokens_separator '|||', 'sks, dog ||| grass' trains the tags sks, dog and grass: its tag counts
+    (trigger words in LoRA managers) recorded 'dog ||| grass' as one tag."""
+    from finetune.output_metadata import dataset_metadata
+    from finetune.sources import Example
+
+    items = [Example("/data/e/1.png", "sks, dog ||| grass|||sunny", lambda: None)]
+    assert json.loads(dataset_metadata(items, tag_separator="|||")["finetune.tag_frequency"]) == {"e": {"sks": 1, "dog": 1, "grass": 1, "sunny": 1}}
+
+
 def test_images_linked_into_a_data_folder_are_recorded_under_its_name(tmp_path):
     """A data folder of links into a photo library was recorded under the library's folders (2019, 2020), not its own."""
     from finetune.output_metadata import dataset_metadata
