@@ -38,12 +38,14 @@ subprocess.Popen([sys.executable, "-c", {TRAINING!r}, sys.argv[2]]).wait()
 
 
 def wait_for(path: Path, seconds: float) -> str | None:
+    """The text written to `path`, once there is some: write_text creates the file before it writes, so a read between
+    the two found '' (the pid, then the signal, of a run that had stopped as it should)."""
     deadline = time.monotonic() + seconds
-    while not path.is_file():
+    while not (path.is_file() and (text := path.read_text())):
         if time.monotonic() > deadline:
             return None
         time.sleep(0.05)
-    return path.read_text()
+    return text
 
 
 def test_training_stops_as_on_sigterm_once_its_launcher_is_ended_by_it(tmp_path):
