@@ -17,7 +17,7 @@ ONE_KILLED = r"""
 import os, signal, sys, time
 from types import SimpleNamespace
 import torch, torch.distributed as dist
-import finetune.cli as cli, finetune.native_resolution, finetune.recipe_loading, finetune.run_refusals, finetune.starting_files, finetune.train_inputs
+import finetune.cli as cli, finetune.native_resolution, finetune.recipe_loading, finetune.run_refusals, finetune.starting_files, finetune.train_command, finetune.train_inputs
 import finetune.distributed  # (accelerate: seconds) before the processes join, as the run's errors meet them after it
 
 dist.init_process_group("gloo")
@@ -27,6 +27,7 @@ finetune.train_inputs.check_data_first = lambda recipe: None  # nor data
 finetune.starting_files.check_starting_files = lambda recipe, resuming: None  # nor the files it starts from
 finetune.run_refusals.check_run_first = lambda *a: None  # nor train()'s refusals of the run
 finetune.native_resolution.far_from_native_line = lambda *a: None  # the fake recipe names no real base
+finetune.train_command.quiet_weight_progress_bars = lambda: None  # (imports diffusers and transformers: 3 CPU s a process)
 
 def train(recipe, **options):
     if dist.get_rank() == 0:
