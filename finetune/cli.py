@@ -203,6 +203,7 @@ def _sample(args) -> int:
         seed=args.seed,
         steps=args.steps,
         guidance=args.guidance,
+        sampler=args.sampler,
         resolution=args.resolution,
         output_dir=Path(args.out),
         controlnet=args.controlnet,

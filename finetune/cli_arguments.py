@@ -10,6 +10,7 @@ from finetune.condition_kinds import CANNY_HIGH, CANNY_LOW, CANNY_SIGMA, KINDS, 
 from finetune.image_bounds import MAX_RESOLUTION, RESOLUTION_BOUND
 from finetune.option_advice import options_meant, override_for, recipe_method, spaced_override
 from finetune.prompt_options import MAX_STEPS
+from finetune.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
 
 
 EXAMPLES = """examples:
@@ -203,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--negative-prompt", default=None, help="what to steer away from, for every prompt without its own --n (acts only at --guidance above 1)")
     sample.add_argument("--num-images", type=positive_int, default=4, help="images per prompt (default 4; seeds seed..seed+N-1, from a prompt's own --d if it has one)")
     sample.add_argument("--seed", type=seed_number, default=0, help="seed of each prompt's first image (default 0)")
-    sample.add_argument("--steps", type=sampling_steps, default=25, help="DDIM steps (default 25)")
+    sample.add_argument("--steps", type=sampling_steps, default=25, help="sampling steps (default 25)")
+    sample.add_argument("--sampler", choices=SAMPLER_NAMES, default=DEFAULT_SAMPLER,
+                        help=f"the sampler, by the webui's names (default {DEFAULT_SAMPLER}; each keeps the model's prediction type and noise schedule)")
     sample.add_argument("--guidance", type=finite_float, default=7.5, help="classifier-free guidance scale (default 7.5; 1 or below: none)")
     sample.add_argument("--resolution", type=sample_side, default=None, help="image size (default: the model's)")
     sample.add_argument("--out", default="outputs/samples", help="output folder (default outputs/samples)")

@@ -36,6 +36,7 @@ from finetune.demo_inputs import (
 )
 from finetune.errors import FinetuneError
 from finetune.library_noise import quiet_weight_progress_bars
+from finetune.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
 
 DEFAULT_BASE = Path(__file__).resolve().parent / "assets" / "toyworld-base"
 FALLBACK_BASE = Path("outputs/demo-base")
@@ -153,6 +154,7 @@ def build_app(engine, note: str = "", queue_size: int = 8):
                     steps = gr.Slider(1, 100, value=20, step=1, label="steps")
                     guidance = gr.Slider(0, 20, value=5.0, step=0.5, label="guidance")
                     size = gr.Slider(32, 1024, value=engine.base.unet.config.sample_size * 8, step=8, label="size")
+                sampler = gr.Dropdown(list(SAMPLER_NAMES), value=DEFAULT_SAMPLER, label="sampler (as the webui names them)", elem_id="sampler")
                 model = gr.Dropdown([BASE, *engine.names("pipeline")], value=BASE, label="model (base or a trained pipeline)", elem_id="model", **ADAPTER_LIST)
                 slots = []
                 with gr.Accordion("LoRAs (several at once, each with its strength)", open=True):
@@ -191,7 +193,7 @@ def build_app(engine, note: str = "", queue_size: int = 8):
 
         def generate_images(prompt, negative_prompt, seed, steps, guidance, size, model, lora_1, strength_1, lora_2, strength_2,
                             lora_3, strength_3, controlnet, conditioning_image, conditioning_kind, conditioning_scale, strengths,
-                            include_base, rows, separate=False, progress=gr.Progress()):
+                            include_base, rows, separate=False, sampler=DEFAULT_SAMPLER, progress=gr.Progress()):
             try:
                 slots_picked = [(picked_name(name, f"LoRA {i}"), s) for i, (name, s) in enumerate(((lora_1, strength_1), (lora_2, strength_2), (lora_3, strength_3)), 1)]
                 picked = [(name, float(s)) for name, s in slots_picked if name]
@@ -201,6 +203,7 @@ def build_app(engine, note: str = "", queue_size: int = 8):
                     controlnet=picked_name(controlnet, "ControlNet"), conditioning_image=read_upload(conditioning_image, photo=(conditioning_kind or "as uploaded") != "as uploaded", tell_page=page_warning),
                     conditioning_source=upload_source(conditioning_image), conditioning_kind=conditioning_kind or "as uploaded", conditioning_scale=float(conditioning_scale),
                     strengths=parse_strengths(strengths), include_base=bool(include_base), rows=int(rows), separate=bool(separate),
+                    sampler=str(sampler or DEFAULT_SAMPLER),
                 )
                 progress(0, desc="starting")
                 images, labels, seeds, text = engine.render(request, lambda done, total: progress(done / total, desc=f"denoising {done}/{total}"))
@@ -230,7 +233,7 @@ def build_app(engine, note: str = "", queue_size: int = 8):
                 dropdown.choices = [(name, name) for name in names]
             return adapter_views(*picked)
 
-        inputs = [prompt, negative, seed, steps, guidance, size, model, *slots, controlnet, condition, kind, scale, strengths, include_base, rows, separate]
+        inputs = [prompt, negative, seed, steps, guidance, size, model, *slots, controlnet, condition, kind, scale, strengths, include_base, rows, separate, sampler]
         for component in inputs:
             quiet_validation(component)
         for number in (seed, steps, guidance, size, *slots[1::2], scale, rows):

@@ -46,6 +46,7 @@ from finetune.controlnet_folder import check_controlnet_fits, weights_variant
 from finetune.models import BaseModel, freeze, load_base_model
 from finetune.placement import inference_placement, place
 from finetune.prompt_options import PromptSettings, guidance_notes, unread_options_notes, webui_syntax_notes
+from finetune.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
 from finetune.sampling import build_pipeline, generate, read_prompts_as_trained
 
 CACHE_SIZE = {"lora": 8, "controlnet": 2, "pipeline": 1}
@@ -75,6 +76,7 @@ class Request:
     include_base: bool = True
     rows: int = 1
     separate: bool = False  # each LoRA in columns of its own (compare runs, or a run's steps), not all together
+    sampler: str = DEFAULT_SAMPLER  # finetune/samplers.py's names
 
 
 @dataclass
@@ -212,7 +214,7 @@ class DemoEngine:
         for column in columns:
             trained_for = self._trained_for(column)
             unet = column.unet or column.model.unet
-            pipeline = _pipeline(column.model, column.controlnet, unet)
+            pipeline = _pipeline(column.model, column.controlnet, unet, request.sampler)
             follow_adapters_schedule(pipeline, trained_for)
             read_prompts_as_trained(pipeline, adapters_max_token_length(trained_for))
             extra = dict(image=condition, controlnet_conditioning_scale=column.scale) if column.controlnet is not None else {}
@@ -327,6 +329,7 @@ def _check_request(request: Request) -> None:
         (not 1 <= request.steps <= 150, f"steps must be 1 to 150, got {request.steps}"),
         (request.size % 8 or not 32 <= request.size <= 1024, f"size must be a multiple of 8 from 32 to 1024, got {request.size}"),
         (not 1 <= request.rows <= 4, f"rows must be 1 to 4, got {request.rows}"),
+        (request.sampler not in SAMPLER_NAMES, f"sampler must be one of {', '.join(SAMPLER_NAMES)}, got '{request.sampler}'"),
         (len(set(names)) != len(names), "the same LoRA is selected twice: pick each LoRA once and set its strength"),
     ):
         if bad:
@@ -358,10 +361,10 @@ def _load_controlnet(folder: Path):
     return controlnet.eval().requires_grad_(False), unet
 
 
-def _pipeline(model: BaseModel, controlnet, unet):
-    """A DDIM pipeline over the model's parts and `unet`; with a ControlNet, diffusers' ControlNet pipeline."""
+def _pipeline(model: BaseModel, controlnet, unet, sampler: str = DEFAULT_SAMPLER):
+    """A pipeline of `sampler` over the model's parts and `unet`; with a ControlNet, diffusers' ControlNet pipeline."""
     if controlnet is None:
-        return build_pipeline(model, unet=unet)
+        return build_pipeline(model, unet=unet, sampler=sampler)
     from diffusers import StableDiffusionControlNetPipeline
 
-    return build_pipeline(model, unet=unet, pipeline_class=StableDiffusionControlNetPipeline, controlnet=controlnet)
+    return build_pipeline(model, unet=unet, pipeline_class=StableDiffusionControlNetPipeline, controlnet=controlnet, sampler=sampler)

@@ -32,6 +32,7 @@ from finetune.run_files import LORA_WEIGHTS_NAME, resolve_lora_file
 from finetune.models import BaseModel, load_base_model
 from finetune.placement import inference_placement, out_of_device_memory, place, placement_line
 from finetune.prompt_options import guidance_notes, prompts_settings, webui_syntax_notes
+from finetune.samplers import DEFAULT_SAMPLER
 from finetune.sampling import build_pipeline, denoising_bar, generate_with_settings, make_grid, read_prompts_as_trained
 from finetune.sample_files import write_numbered
 from finetune.sources import Example
@@ -143,10 +144,11 @@ def refuse_replacing_a_fine_tuned_unet(controlnet: str, model: str) -> None:
 
 
 def load_sampling_pipeline(
-    base: str, lora: str | None = None, lora_scale: float = 1.0, controlnet: str | None = None, base_config: str | None = None
+    base: str, lora: str | None = None, lora_scale: float = 1.0, controlnet: str | None = None, base_config: str | None = None,
+    sampler: str = DEFAULT_SAMPLER,
 ):
     """StableDiffusionPipeline over the base (+ LoRA); StableDiffusionControlNetPipeline with `controlnet`.
-    `base_config` describes a single-file base (as --base-config)."""
+    `base_config` describes a single-file base (as --base-config); `sampler`: finetune/samplers.py's name."""
     lora_file = resolve_lora_file(lora) if lora else None
     lora_weights = load_lora(lora_file) if lora_file else None  # a broken file stops before the model loads
     folder = resolve_controlnet_folder(controlnet) if controlnet else None
@@ -166,13 +168,13 @@ def load_sampling_pipeline(
     clip_skip = adapters_clip_skip(adapters)
     base_model = load_base_model(ModelConfig.from_option(base, base_config))
     if controlnet is None:
-        pipeline = build_pipeline(base_model)
+        pipeline = build_pipeline(base_model, sampler=sampler)
     else:
         unet = load_unlocked_decoder(decoder) if decoder else None
         if decoder:
             print(f"note: ControlNet {controlnet} was trained with controlnet.unlock_unet_decoder: sampling with the UNet its run saved ({decoder})")
         model = load_controlnet(folder, base_model)
-        pipeline = build_pipeline(base_model, unet=unet, pipeline_class=StableDiffusionControlNetPipeline, controlnet=model)
+        pipeline = build_pipeline(base_model, unet=unet, pipeline_class=StableDiffusionControlNetPipeline, controlnet=model, sampler=sampler)
     if lora:
         load_lora_into(pipeline, lora_weights, lora_file, adapter_name="lora")
         pipeline.set_adapters(["lora"], adapter_weights=[lora_scale])
@@ -201,12 +203,13 @@ def sample_to_folder(
     base_config: str | None = None,
     device: str = "auto",
     precision: str = "auto",
+    sampler: str = DEFAULT_SAMPLER,
 ) -> list[Path]:
     """Write NNNNN-promptP_seedS.png for each image, then NNNNN-grid.png (rows = prompts), under the folder's
     next run number (finetune/sample_files.py); return all paths, grid last.
 
     With `controlnet`, every image is steered by the `condition` image (at `conditioning_scale`, default
-    1.0) and each grid row starts with it. `device`, `precision`: see finetune/placement.py.
+    1.0) and each grid row starts with it. `device`, `precision`: see finetune/placement.py; `sampler`: finetune/samplers.py.
     """
     check_control_options(controlnet, condition, conditioning_scale)
     placement = inference_placement(device, precision)
@@ -219,7 +222,7 @@ def sample_to_folder(
     condition_image = read_condition(condition) if controlnet is not None else None  # a bad one stops before the model loads
     if condition_image is not None and (line := kind_mismatch_line(condition_image, recorded_kind(recorded), f"--condition {condition}", MAKE_ONE)):
         print(f"note: {line}")
-    pipeline = place(load_sampling_pipeline(base, lora, lora_scale, controlnet, base_config), *placement)
+    pipeline = place(load_sampling_pipeline(base, lora, lora_scale, controlnet, base_config, sampler), *placement)
     print(placement_line(*placement))
     resolution = resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     if resolution % 8:

@@ -57,7 +57,7 @@ def _switched_off(recipe: Recipe) -> list[str]:
                      "its embeddings change at every step and are encoded anew: set cache_text_embeddings: false")  # fmt: skip
     validation = recipe.validation
     if not validation.prompts:
-        keys = ("num_inference_steps", "guidance_scale", "negative_prompt", "images_per_prompt", "seed")
+        keys = ("num_inference_steps", "guidance_scale", "negative_prompt", "images_per_prompt", "seed", "sampler")
         if recipe.method != "vae" and not validation.loss_images:  # the VAE's grids and the held-out loss are due on these too
             keys += ("every_n_steps", "every_n_epochs", "at_start")
         unused = [f"validation.{key}" for key in validation.changed(keys)]

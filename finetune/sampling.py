@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
 from finetune.atomic_files import removed_if_unfinished
@@ -20,14 +20,15 @@ from finetune.models import BaseModel
 from finetune.placement import free_device_memory, out_of_device_memory
 from finetune.progress_lines import in_a_log
 from finetune.prompt_options import PromptSettings
+from finetune.samplers import DEFAULT_SAMPLER, sampler_scheduler
 
 
 def build_pipeline(
     base: BaseModel, unet: torch.nn.Module | None = None, pipeline_class=StableDiffusionPipeline, as_pretrained: bool = False,
-    max_token_length: int = 75, **extra,
+    max_token_length: int = 75, sampler: str = DEFAULT_SAMPLER, **extra,
 ):  # fmt: skip
     """A pipeline (StableDiffusionPipeline by default) over the base model's parts and a trained UNet,
-    sampling with DDIM for what training targets (`as_pretrained`: as the base itself was trained) and reading
+    sampling with `sampler` (finetune/samplers.py; DDIM unless asked) for what training targets (`as_pretrained`: as the base itself was trained) and reading
     prompts as training with `max_token_length` (model.max_token_length) reads captions (as the base read them, in one
     chunk, inside `base.predicting_as_pretrained()`: the untrained step 0's "before" grid is what the base draws);
     `extra` passes further parts, e.g. controlnet= with the ControlNet pipeline class."""
@@ -36,7 +37,7 @@ def build_pipeline(
         text_encoder=base.text_encoder,
         tokenizer=base.tokenizer,
         unet=unet if unet is not None else base.unet,
-        scheduler=DDIMScheduler.from_config(base.noise_scheduler.config, **(base.pretrained_schedule if as_pretrained else {})),
+        scheduler=sampler_scheduler(sampler, base.noise_scheduler.config, **(base.pretrained_schedule if as_pretrained else {})),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -205,7 +205,7 @@ def test_sample_help_says_every_options_default_and_what_the_negative_prompt_nee
     with pytest.raises(SystemExit):
         main(["sample", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help: compare it as one line
-    for said in ("(default 4;", "seed of each prompt's first image (default 0)", "DDIM steps (default 25)", "(default 7.5; 1 or below: none)",
+    for said in ("(default 4;", "seed of each prompt's first image (default 0)", "sampling steps (default 25)", "(default ddim;", "(default 7.5; 1 or below: none)",
                  "acts only at --guidance above 1"):  # fmt: skip
         assert said in text
 

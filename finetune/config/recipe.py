@@ -17,6 +17,7 @@ from finetune.config.methods import ControlNetConfig, DreamBoothConfig, FullConf
 from finetune.config.training import DENOISING_SETTINGS, OptimizerConfig, TrainConfig
 from finetune.config.validation_grid import validation_grid_problem
 from finetune.prompt_options import PromptSettings, with_options
+from finetune.samplers import DEFAULT_SAMPLER, SamplerName
 
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")  # a model.pretrained of one file (the webui's layout), not a folder or hub id
@@ -78,6 +79,9 @@ class ValidationConfig(Section):
     negative_prompt: Optional[str] = None  # e.g. "blurry, low quality"; for every prompt without its own --n
     images_per_prompt: int = Field(2, ge=1)
     seed: Seed = 0  # image k of a prompt uses seed + k (a prompt's --d replaces it)
+    # The sampler the grids are drawn with, by the webui's names (finetune/samplers.py): judge a LoRA with the one you
+    # will use. Each keeps the run's prediction type and noise schedule; ddim is what grids were drawn with before.
+    sampler: SamplerName = DEFAULT_SAMPLER
     # Hold this many training images out of training and report the loss on them at each validation
     # (fixed noise and timesteps: it falls while the model generalises and turns up when it overfits). 0: off.
     loss_images: int = Field(0, ge=0)

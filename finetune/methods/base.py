@@ -313,7 +313,7 @@ class UNetMethod(DiffusionMethod):
         return modules["unet"](noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
 
     def pipeline(self, modules) -> DiffusionPipeline:
-        pipeline = build_pipeline(self.base, unet=modules["unet"], max_token_length=self.recipe.model.max_token_length)
+        pipeline = build_pipeline(self.base, unet=modules["unet"], max_token_length=self.recipe.model.max_token_length, sampler=self.recipe.validation.sampler)
         if "text_encoder" in modules:
             pipeline.text_encoder = modules["text_encoder"]
         return pipeline

@@ -271,7 +271,7 @@ class ControlNetMethod(DiffusionMethod):
     def pipeline(self, modules) -> StableDiffusionControlNetPipeline:
         return build_pipeline(
             self.base, unet=modules.get("unet"), pipeline_class=StableDiffusionControlNetPipeline, controlnet=modules["controlnet"],
-            max_token_length=self.recipe.model.max_token_length,
+            max_token_length=self.recipe.model.max_token_length, sampler=self.recipe.validation.sampler,
         )
 
     def validation_conditions(self) -> list[Image.Image]:

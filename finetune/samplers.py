@@ -1,0 +1,46 @@
+"""The samplers validation, `finetune sample` and the demo may draw with, by the names creators know from the webui and
+ComfyUI, each a diffusers scheduler made `from_config` of the run's noise schedule: the base's betas, the prediction type
+training targets and the zero-terminal-SNR schedule (rescale_betas_zero_snr, trailing spacing) carry over, so a sampler
+changes how the steps are taken, never what the model was trained for."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+# The default, DDIM, is what every sample drew with before there was a choice: pinned images and tests stay as they were.
+SamplerName = Literal["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc"]
+SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)
+DEFAULT_SAMPLER = "ddim"
+
+# name: (diffusers scheduler class, the settings that make it that sampler), as the webui's names map onto diffusers.
+_SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),  # "Euler a"
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+# Settings a scheduler config of one kind carries that would make another kind another sampler (a dpmpp_2m_karras
+# pipeline's config handed to euler must not bring its Karras sigmas): each kind gets its own, or diffusers' default.
+_SAMPLER_SETTINGS = ("algorithm_type", "solver_order", "use_karras_sigmas")
+
+
+def sampler_scheduler(name: str, config, **changes):
+    """The scheduler of sampler `name` on the noise schedule of scheduler `config` (the base's, as training changed it),
+    with `changes` (e.g. the base's own prediction type for what the base itself draws)."""
+    import diffusers
+
+    if name not in _SCHEDULERS:  # the recipe's Literal and the options' choices say it first; this is for other callers
+        raise ValueError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLER_NAMES)}")
+    class_name, settings = _SCHEDULERS[name]
+    kept = {key: value for key, value in dict(config).items() if key not in _SAMPLER_SETTINGS}
+    return getattr(diffusers, class_name).from_config(kept, **settings, **changes)
+
+
+def sampler_of(scheduler) -> str | None:
+    """The name of the sampler `scheduler` is (`sampler_scheduler`'s), None for another scheduler."""
+    for name, (class_name, settings) in _SCHEDULERS.items():
+        if type(scheduler).__name__ == class_name and all(scheduler.config.get(key) == value for key, value in settings.items()):
+            return name
+    return None

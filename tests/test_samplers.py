@@ -1,0 +1,108 @@
+"""The sampler choice (finetune/samplers.py): validation.sampler, `finetune sample --sampler` and the demo's list draw with
+the webui's samplers on the run's noise schedule; DDIM, the default, draws what it drew before there was a choice."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from finetune.adapters_as_trained import follow_adapters_schedule
+from finetune.cli import main
+from finetune.config import ModelConfig
+from finetune.models import load_base_model
+from finetune.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES, sampler_of
+from finetune.sampling import build_pipeline, generate
+
+
+def pixels(pipeline) -> np.ndarray:
+    return np.asarray(generate(pipeline, ["a red circle"], 1, 3, 2, 7.5, 64)[0][0], dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model):
+    return load_base_model(ModelConfig(pretrained=str(tiny_model)))
+
+
+def test_each_sampler_builds_and_samples_two_steps_and_draws_its_own_image(base):
+    drawn = {}
+    for name in SAMPLER_NAMES:
+        pipeline = build_pipeline(base, sampler=name)
+        assert sampler_of(pipeline.scheduler) == name
+        drawn[name] = pixels(pipeline)
+        assert drawn[name].shape == (64, 64, 3)
+    for name in SAMPLER_NAMES:  # another sampler takes other steps: a choice that built DDIM each time would fail here
+        if name != DEFAULT_SAMPLER:
+            assert np.abs(drawn[name] - drawn[DEFAULT_SAMPLER]).max() > 0, name
+
+
+def test_the_default_draws_as_ddim_on_the_runs_schedule_did_before_the_choice(base):
+    assert DEFAULT_SAMPLER == "ddim" and sampler_of(build_pipeline(base).scheduler) == "ddim"
+    before = build_pipeline(base)
+    before.scheduler = DDIMScheduler.from_config(base.noise_scheduler.config)  # what build_pipeline built before samplers.py
+    assert np.array_equal(pixels(build_pipeline(base)), pixels(before))
+
+
+def test_every_sampler_keeps_the_prediction_type_zero_terminal_snr_and_betas(tiny_model):
+    model = load_base_model(ModelConfig(pretrained=str(tiny_model), prediction_type="v_prediction", zero_terminal_snr=True))
+    for name in SAMPLER_NAMES:
+        scheduler = build_pipeline(model, sampler=name).scheduler
+        config = scheduler.config
+        assert (config.prediction_type, config.rescale_betas_zero_snr, config.timestep_spacing) == ("v_prediction", True, "trailing"), name
+        assert torch.allclose(scheduler.betas, model.noise_scheduler.betas), name  # the base's betas, rescaled as training's
+        scheduler.set_timesteps(2)
+        assert int(scheduler.timesteps[0]) == 999, name  # trailing: the first step starts from the last timestep, pure noise
+    # The base's own schedule for the untrained step 0 (as_pretrained), in the sampler asked for.
+    scheduler = build_pipeline(model, as_pretrained=True, sampler="euler_a").scheduler
+    assert sampler_of(scheduler) == "euler_a" and scheduler.config.prediction_type == "epsilon" and not scheduler.config.rescale_betas_zero_snr
+
+
+def test_a_pipeline_following_its_adapters_schedule_stays_the_sampler_asked_for(base):
+    pipeline = build_pipeline(base, sampler="dpmpp_2m_karras")
+    follow_adapters_schedule(pipeline, {"run": {"finetune.method": "lora", "finetune.prediction_type": "v_prediction", "finetune.zero_terminal_snr": "true"}})
+    config = pipeline.scheduler.config
+    assert sampler_of(pipeline.scheduler) == "dpmpp_2m_karras"
+    assert (config.prediction_type, config.rescale_betas_zero_snr, config.timestep_spacing) == ("v_prediction", True, "trailing")
+
+
+def test_validation_draws_with_the_recipes_sampler(make_recipe):
+    from finetune.methods import METHODS
+
+    for recipe, expected in ((make_recipe(), "ddim"), (make_recipe(validation__sampler="euler_a"), "euler_a")):
+        method = METHODS[recipe.method](recipe)
+        method.setup(load_base_model(recipe.model))
+        assert sampler_of(method.pipeline(method.trained_modules()).scheduler) == expected
+
+
+def test_an_unknown_sampler_is_one_line_listing_the_choices(make_recipe, tiny_model, capsys):
+    from finetune.recipe_loading import recipe_from_dict
+
+    with pytest.raises(Exception) as refused:
+        recipe_from_dict({**make_recipe().model_dump(mode="json"), "validation": {"sampler": "euler a"}})
+    assert "validation.sampler" in str(refused.value) and all(name in str(refused.value) for name in SAMPLER_NAMES)
+    with pytest.raises(SystemExit):
+        main(["sample", "--base", str(tiny_model), "--prompt", "p", "--sampler", "Euler a"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--sampler" in error and all(name in error for name in SAMPLER_NAMES)
+
+
+def test_sample_passes_its_sampler_on(tiny_model, monkeypatch, tmp_path):
+    import finetune.inference
+
+    asked = []
+    monkeypatch.setattr(finetune.inference, "sample_to_folder", lambda **kwargs: asked.append(kwargs["sampler"]) or [tmp_path / "grid.png"])
+    assert main(["sample", "--base", str(tiny_model), "--prompt", "p", "--out", str(tmp_path)]) == 0
+    assert main(["sample", "--base", str(tiny_model), "--prompt", "p", "--out", str(tmp_path), "--sampler", "unipc"]) == 0
+    assert asked == ["ddim", "unipc"]
+    pipeline = finetune.inference.load_sampling_pipeline(str(tiny_model), sampler="euler")
+    assert sampler_of(pipeline.scheduler) == "euler"
+
+
+def test_the_demo_draws_with_the_sampler_picked(tiny_model, tmp_path):
+    from finetune.demo_engine import DemoEngine, Request
+    from finetune.errors import FinetuneError
+
+    engine = DemoEngine(str(tiny_model), tmp_path)
+    drawn = {name: np.asarray(engine.render(Request("a red circle", steps=2, sampler=name))[0][0][0]) for name in ("ddim", "euler_a")}
+    assert not np.array_equal(drawn["ddim"], drawn["euler_a"])
+    with pytest.raises(FinetuneError, match="sampler must be one of ddim, euler, .*got 'Euler a'"):
+        engine.render(Request("a red circle", steps=2, sampler="Euler a"))
