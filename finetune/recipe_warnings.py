@@ -42,7 +42,7 @@ def unused_settings(raw: dict[str, Any], recipe: Recipe) -> list[str]:
 def _webui_prompt_syntax(recipe: Recipe) -> list[str]:
     """The webui's "(words:1.3)" weighting and "<lora:name:0.8>" tags in validation prompts: read as words."""
     validation = recipe.validation
-    return [f"validation.prompts: {note}" for note in webui_syntax_notes([validation.prompt_settings(text) for text in validation.prompts])]
+    return [f"validation.prompts: {note}" for note in webui_syntax_notes([validation.prompt_settings(text) for text in validation.all_prompts])]
 
 
 def _switched_off(recipe: Recipe) -> list[str]:
@@ -56,7 +56,7 @@ def _switched_off(recipe: Recipe) -> list[str]:
         lines.append(f"train.cache_text_embeddings does nothing while the text encoder trains ({recipe.method}.train_text_encoder): "
                      "its embeddings change at every step and are encoded anew: set cache_text_embeddings: false")  # fmt: skip
     validation = recipe.validation
-    if not validation.prompts:
+    if not validation.all_prompts:
         keys = ("num_inference_steps", "guidance_scale", "negative_prompt", "images_per_prompt", "seed", "sampler")
         if recipe.method != "vae" and not validation.loss_images:  # the VAE's grids and the held-out loss are due on these too
             keys += ("every_n_steps", "every_n_epochs", "at_start")
@@ -94,9 +94,9 @@ def _subject_never_sampled(recipe: Recipe) -> list[str]:
     with the recipe's prompts ('a photo of sks dog in a bucket') left as they were sampled grids that cannot show the
     subject, unsaid. The identifier is the instance prompt's words that no class prompt has (a concept without class
     prompts, or captioned per image, has none to tell)."""
-    if recipe.method != "dreambooth" or not recipe.validation.prompts:
+    if recipe.method != "dreambooth" or not recipe.validation.all_prompts:
         return []
-    said = set().union(*(_words(recipe.validation.prompt_settings(text).prompt) for text in recipe.validation.prompts))
+    said = set().union(*(_words(recipe.validation.prompt_settings(text).prompt) for text in recipe.validation.all_prompts))
     lines = []
     for i, concept in enumerate(recipe.dreambooth.concepts):
         if concept.use_captions or not concept.instance_prompt or not concept.class_prompts:

@@ -33,7 +33,7 @@ WHAT_IS_PENDING = {OUTPUTS_PENDING: "its outputs", VALIDATION_PENDING: "its fina
 
 def final_samples_wanted(recipe, method, held_out: list) -> bool:
     """Whether the run's last validation draws anything (a grid, or the held-out images' loss)."""
-    return bool(recipe.validation.prompts) or bool(held_out) or method.draws_without_prompts
+    return bool(recipe.validation.all_prompts) or bool(held_out) or method.draws_without_prompts
 
 
 def left_to_finish(checkpoint: Path | None, max_steps: int | None) -> list[str]:

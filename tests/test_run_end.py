@@ -204,7 +204,7 @@ def test_the_vaes_final_grid_is_wanted_without_prompts_and_another_methods_is_no
     from finetune.methods.vae import VAEMethod
     from finetune.run_end import final_samples_wanted
 
-    no_prompts, prompts = SimpleNamespace(validation=SimpleNamespace(prompts=[])), SimpleNamespace(validation=SimpleNamespace(prompts=["a shape"]))
+    no_prompts, prompts = SimpleNamespace(validation=SimpleNamespace(all_prompts=[])), SimpleNamespace(validation=SimpleNamespace(all_prompts=["a shape"]))
     assert final_samples_wanted(no_prompts, VAEMethod, []) and not final_samples_wanted(no_prompts, LoRAMethod, [])
     assert final_samples_wanted(prompts, LoRAMethod, []) and final_samples_wanted(no_prompts, LoRAMethod, ["held out"])
 

@@ -18,6 +18,7 @@ from finetune.config.training import DENOISING_SETTINGS, OptimizerConfig, TrainC
 from finetune.config.validation_grid import validation_grid_problem
 from finetune.prompt_options import PromptSettings, with_options
 from finetune.samplers import DEFAULT_SAMPLER, SamplerName
+from finetune.validation_prompts import read_prompts_file
 
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")  # a model.pretrained of one file (the webui's layout), not a folder or hub id
@@ -71,6 +72,9 @@ class ValidationConfig(Section):
     # Each may end in sd-scripts' per-prompt options: "a dog --n blurry --d 7 --l 5 --s 30" (negative
     # prompt, seed, guidance scale, steps; finetune/prompt_options.py).
     prompts: list[str] = []
+    # A text file of more prompts, one a line (sd-scripts' sample prompts file, options included; blank lines and # comments
+    # skipped), sampled after `prompts`; read as the recipe loads (finetune/validation_prompts.py).
+    prompts_file: Optional[UserPath] = None
     every_n_steps: int = Field(0, ge=0)  # 0: only at the end of training
     every_n_epochs: int = Field(0, ge=0)  # also at the end of every Nth epoch (sd-scripts' sample_every_n_epochs); 0: off
     at_start: bool = True  # also sample before the first step, for a before/after comparison
@@ -92,6 +96,18 @@ class ValidationConfig(Section):
         for prompt in prompts:
             with_options(prompt, PromptSettings("", None, 0, 1.0, 1))  # raises on an unknown option or value
         return prompts
+
+    _file_prompts: list[str] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="after")
+    def _prompts_file_read(self) -> "ValidationConfig":
+        self._file_prompts = read_prompts_file(self.prompts_file) if self.prompts_file is not None else []
+        return self
+
+    @property
+    def all_prompts(self) -> list[str]:
+        """Every prompt the grids draw, one row each: `prompts`, then the lines of `prompts_file`."""
+        return [*self.prompts, *self._file_prompts]
 
     def prompt_settings(self, text: str) -> PromptSettings:
         """A validation prompt with its own options, the section's settings for the rest."""
@@ -210,6 +226,7 @@ class Recipe(Section):
         if self.method == "vae":  # it trains the autoencoder on reconstructions: no denoising loss, no prompts
             unused = [f"train.{key}" for key in self.train.changed(DENOISING_SETTINGS)]
             unused += ["validation.prompts"] if self.validation.prompts else []
+            unused += ["validation.prompts_file"] if self.validation.prompts_file else []
             # The denoiser's target and the prompts' encoding: the saved pipeline's scheduler would claim a target its UNet never learned.
             unused += [f"model.{key}" for key in self.model.changed(("prediction_type", "zero_terminal_snr", "clip_skip", "max_token_length"))]
             # It reads no captions (finetune.train_inputs.data_configs): what gives or changes them is unread too.
@@ -219,7 +236,7 @@ class Recipe(Section):
         if self.method == "controlnet":
             if self.data.caption_dropout:
                 raise ValueError("method controlnet empties captions with controlnet.empty_prompt_share; set data.caption_dropout to 0")
-            conditions, prompts = len(self.controlnet.validation_conditions), len(self.validation.prompts)
+            conditions, prompts = len(self.controlnet.validation_conditions), len(self.validation.all_prompts)
             if conditions and not prompts:
                 raise ValueError("controlnet.validation_conditions needs validation.prompts (one prompt serves every image; '' for none)")
             if conditions > 1 and prompts > 1 and conditions != prompts:

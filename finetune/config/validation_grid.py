@@ -15,9 +15,9 @@ if TYPE_CHECKING:
 def validation_grid_problem(recipe: Recipe) -> str | None:
     """Why the recipe's validation grid would be too large to draw and open again, or None."""
     validation, resolution = recipe.validation, recipe.data.resolution
-    if not validation.prompts:
+    if not validation.all_prompts:
         return None
     controlnet = recipe.method == "controlnet"
-    rows = max(len(validation.prompts), len(recipe.controlnet.validation_conditions) if controlnet else 0)
+    rows = max(len(validation.all_prompts), len(recipe.controlnet.validation_conditions) if controlnet else 0)
     fix = "lower validation.images_per_prompt" + (" or list fewer validation.prompts" if rows > 1 else "")
     return grid_problem("validation grid", "validation.images_per_prompt", validation.images_per_prompt, rows, resolution, 1 if controlnet else 0, fix)

@@ -154,12 +154,12 @@ class TrainingMethod(ABC):
     def validation_images(self, modules: dict[str, torch.nn.Module]) -> tuple[list[list[Image.Image]], list[str]]:
         """(rows of images, a label per row) for the validation grid, from the unwrapped modules."""
         settings = self.recipe.validation
-        if not settings.prompts:
+        if not settings.all_prompts:
             return [], []
-        prompts = [settings.prompt_settings(text) for text in settings.prompts]  # each with its own --n, --d, --l, --s, if any
+        prompts = [settings.prompt_settings(text) for text in settings.all_prompts]  # each with its own --n, --d, --l, --s, if any
         rows = generate_with_settings(self.pipeline(modules), prompts, settings.images_per_prompt, self.recipe.data.resolution,
                                       not_finite_cause=VALIDATION_OVERFLOW)  # said, never raised: training goes on
-        return rows, list(settings.prompts)
+        return rows, settings.all_prompts
 
     def pipeline(self, modules: dict[str, torch.nn.Module]) -> DiffusionPipeline:
         """An inference pipeline over the current (unwrapped) trained modules."""

@@ -282,7 +282,7 @@ class ControlNetMethod(DiffusionMethod):
         if paths:
             images = [open_rgb(Example(p, "", lambda p=p: Image.open(p)), colour_managed=False) for p in paths]
             return [paired_views(image, image, config, np.random.default_rng(0))[1] for image in images]
-        count = len(self.recipe.validation.prompts)
+        count = len(self.recipe.validation.all_prompts)
         # Each conditioning image once: data.folders repeats (and templates) list a pair several times in a row.
         distinct = list({pair.conditioning.source: pair for pair in self.pairs}.values())
         pairs = [distinct[i % len(distinct)] for i in range(count)]
@@ -291,10 +291,10 @@ class ControlNetMethod(DiffusionMethod):
     def validation_images(self, modules) -> tuple[list[list[Image.Image]], list[str]]:
         """One row per (conditioning, prompt) pair: the conditioning image, then the samples."""
         settings = self.recipe.validation
-        if not settings.prompts:
+        if not settings.all_prompts:
             return [], []
         conditions = self.validation_conditions()
-        prompts = list(settings.prompts)
+        prompts = settings.all_prompts
         rows_count = max(len(conditions), len(prompts))
         conditions = conditions * rows_count if len(conditions) == 1 else conditions
         prompts = prompts * rows_count if len(prompts) == 1 else prompts
