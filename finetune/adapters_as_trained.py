@@ -8,6 +8,7 @@ from __future__ import annotations
 from finetune.encoders import TRAINED_TOKEN_LENGTHS
 from finetune.init_from_record import recorded_clip_skip
 from finetune.errors import FinetuneError
+from finetune.samplers import checked
 
 
 def adapters_prediction_type(adapters: dict[str, dict[str, str]]) -> str | None:
@@ -30,8 +31,8 @@ def follow_adapters_schedule(pipeline, adapters: dict[str, dict[str, str]]) -> N
     changes = {} if kind is None or kind == pipeline.scheduler.config.prediction_type else {"prediction_type": kind}
     if adapters_zero_terminal_snr(adapters) and not pipeline.scheduler.config.get("rescale_betas_zero_snr"):
         changes.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
-    if changes:
-        pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, **changes)
+    if changes:  # the same sampler (finetune/samplers.py), on the adapters' schedule
+        pipeline.scheduler = checked(type(pipeline.scheduler).from_config(pipeline.scheduler.config, **changes))
 
 
 def adapters_zero_terminal_snr(adapters: dict[str, dict[str, str]]) -> bool:

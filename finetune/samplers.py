@@ -35,7 +35,22 @@ def sampler_scheduler(name: str, config, **changes):
         raise ValueError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLER_NAMES)}")
     class_name, settings = _SCHEDULERS[name]
     kept = {key: value for key, value in dict(config).items() if key not in _SAMPLER_SETTINGS}
-    return getattr(diffusers, class_name).from_config(kept, **settings, **changes)
+    return checked(getattr(diffusers, class_name).from_config(kept, **settings, **changes))
+
+
+# Karras sigmas on the zero-terminal-SNR schedule (its last sigma 4096) crowd the last timestep: 25 steps repeat 999 and
+# 998, and diffusers' DPM++ solver (0.42) then steps past the end of its sigmas, an IndexError in the first image.
+KARRAS_ON_ZERO_TERMINAL_SNR = ("the dpmpp_2m_karras sampler cannot draw on the zero-terminal-SNR schedule (its Karras sigmas crowd the "
+                               "last timestep, where diffusers' DPM++ solver steps past its end): pick dpmpp_2m, euler, euler_a, unipc or ddim")
+
+
+def checked(scheduler):
+    """`scheduler`, where it can draw on its schedule; else a FinetuneError of one line saying which sampler to pick."""
+    from finetune.errors import FinetuneError
+
+    if scheduler.config.get("use_karras_sigmas") and scheduler.config.get("rescale_betas_zero_snr"):
+        raise FinetuneError(KARRAS_ON_ZERO_TERMINAL_SNR)
+    return scheduler
 
 
 def sampler_of(scheduler) -> str | None:

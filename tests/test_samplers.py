@@ -9,6 +9,7 @@ from diffusers import DDIMScheduler
 from finetune.adapters_as_trained import follow_adapters_schedule
 from finetune.cli import main
 from finetune.config import ModelConfig
+from finetune.errors import FinetuneError
 from finetune.models import load_base_model
 from finetune.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES, sampler_of
 from finetune.sampling import build_pipeline, generate
@@ -42,26 +43,52 @@ def test_the_default_draws_as_ddim_on_the_runs_schedule_did_before_the_choice(ba
     assert np.array_equal(pixels(build_pipeline(base)), pixels(before))
 
 
+def steps_through(scheduler, steps: int) -> torch.Tensor:
+    """The scheduler's `steps` denoising steps on noise, with a model that predicts zeros: what sampling asks of it."""
+    scheduler.set_timesteps(steps)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * scheduler.init_noise_sigma
+    for timestep in scheduler.timesteps:
+        latents = scheduler.step(torch.zeros_like(latents), timestep, scheduler.scale_model_input(latents, timestep)).prev_sample
+    return latents
+
+
 def test_every_sampler_keeps_the_prediction_type_zero_terminal_snr_and_betas(tiny_model):
     model = load_base_model(ModelConfig(pretrained=str(tiny_model), prediction_type="v_prediction", zero_terminal_snr=True))
     for name in SAMPLER_NAMES:
+        if name == "dpmpp_2m_karras":  # its Karras sigmas crowd the last timestep: 25 steps ran past its end (IndexError)
+            with pytest.raises(FinetuneError, match="dpmpp_2m_karras sampler cannot draw on the zero-terminal-SNR schedule"):
+                build_pipeline(model, sampler=name)
+            continue
         scheduler = build_pipeline(model, sampler=name).scheduler
         config = scheduler.config
         assert (config.prediction_type, config.rescale_betas_zero_snr, config.timestep_spacing) == ("v_prediction", True, "trailing"), name
         assert torch.allclose(scheduler.betas, model.noise_scheduler.betas), name  # the base's betas, rescaled as training's
         scheduler.set_timesteps(2)
         assert int(scheduler.timesteps[0]) == 999, name  # trailing: the first step starts from the last timestep, pure noise
+        assert torch.isfinite(steps_through(scheduler, 25)).all(), name
     # The base's own schedule for the untrained step 0 (as_pretrained), in the sampler asked for.
     scheduler = build_pipeline(model, as_pretrained=True, sampler="euler_a").scheduler
     assert sampler_of(scheduler) == "euler_a" and scheduler.config.prediction_type == "epsilon" and not scheduler.config.rescale_betas_zero_snr
 
 
 def test_a_pipeline_following_its_adapters_schedule_stays_the_sampler_asked_for(base):
-    pipeline = build_pipeline(base, sampler="dpmpp_2m_karras")
-    follow_adapters_schedule(pipeline, {"run": {"finetune.method": "lora", "finetune.prediction_type": "v_prediction", "finetune.zero_terminal_snr": "true"}})
+    zero_terminal_snr = {"run": {"finetune.method": "lora", "finetune.prediction_type": "v_prediction", "finetune.zero_terminal_snr": "true"}}
+    pipeline = build_pipeline(base, sampler="dpmpp_2m")
+    follow_adapters_schedule(pipeline, zero_terminal_snr)
     config = pipeline.scheduler.config
-    assert sampler_of(pipeline.scheduler) == "dpmpp_2m_karras"
+    assert sampler_of(pipeline.scheduler) == "dpmpp_2m"
     assert (config.prediction_type, config.rescale_betas_zero_snr, config.timestep_spacing) == ("v_prediction", True, "trailing")
+    pipeline = build_pipeline(base, sampler="dpmpp_2m_karras")
+    follow_adapters_schedule(pipeline, {"run": {"finetune.method": "lora", "finetune.prediction_type": "v_prediction"}})
+    assert sampler_of(pipeline.scheduler) == "dpmpp_2m_karras" and pipeline.scheduler.config.prediction_type == "v_prediction"
+    with pytest.raises(FinetuneError, match="dpmpp_2m_karras sampler cannot draw on the zero-terminal-SNR schedule"):  # sample, the demo
+        follow_adapters_schedule(pipeline, zero_terminal_snr)
+
+
+def test_dpmpp_2m_karras_with_zero_terminal_snr_is_refused_where_the_recipe_loads(make_recipe):
+    with pytest.raises(FinetuneError, match="validation.sampler with model.zero_terminal_snr: the dpmpp_2m_karras sampler cannot"):
+        make_recipe(validation__sampler="dpmpp_2m_karras", model__zero_terminal_snr=True, model__prediction_type="v_prediction")
+    assert make_recipe(validation__sampler="dpmpp_2m", model__zero_terminal_snr=True, model__prediction_type="v_prediction")
 
 
 def test_validation_draws_with_the_recipes_sampler(make_recipe):

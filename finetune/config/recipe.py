@@ -17,7 +17,7 @@ from finetune.config.methods import ControlNetConfig, DreamBoothConfig, FullConf
 from finetune.config.training import DENOISING_SETTINGS, OptimizerConfig, TrainConfig
 from finetune.config.validation_grid import validation_grid_problem
 from finetune.prompt_options import PromptSettings, with_options
-from finetune.samplers import DEFAULT_SAMPLER, SamplerName
+from finetune.samplers import DEFAULT_SAMPLER, KARRAS_ON_ZERO_TERMINAL_SNR, SamplerName
 from finetune.validation_prompts import read_prompts_file
 
 
@@ -252,6 +252,13 @@ class Recipe(Section):
         generates = self.method == "dreambooth" and self.dreambooth is not None and self.dreambooth.prior_preservation
         if generates and (problem := class_batch_problem(self.dreambooth.class_generation.batch_size, self.data.resolution)):
             raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _sampler_fits_the_schedule(self) -> "Recipe":
+        # Else an IndexError at the first validation, once the data check and the base's loading are done.
+        if self.validation.sampler == "dpmpp_2m_karras" and self.model.zero_terminal_snr:
+            raise ValueError(f"validation.sampler with model.zero_terminal_snr: {KARRAS_ON_ZERO_TERMINAL_SNR}")
         return self
 
     @model_validator(mode="after")
