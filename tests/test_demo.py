@@ -47,14 +47,10 @@ def test_with_and_without_a_lora_gives_two_different_images(client):
 
 
 def test_the_sampler_picked_draws_the_images(client):
-    from gradio_client.exceptions import AppError
-
     ddim, _, _ = run(client, seed=5)
     assert all((a == b).all() for a, b in zip(ddim, run(client, seed=5, sampler="ddim")[0]))  # the list's default is ddim
     euler_a, _, _ = run(client, seed=5, sampler="euler_a")
-    assert not (ddim[0] == euler_a[0]).all()
-    with pytest.raises(AppError):  # not one of the list's names: refused (by gradio's list, or the engine's one line)
-        run(client, sampler="Euler a")
+    assert not (ddim[0] == euler_a[0]).all()  # a name not in the list: tests/test_walkthrough_demo.py
 
 
 def test_the_same_seed_gives_the_same_image(client):
