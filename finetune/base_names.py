@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 
 from finetune.model_source import spelled_as_hub_id
 
@@ -27,17 +27,19 @@ RECORD_DEPTH = 3
 
 def shared_base_name(base: str) -> str:
     """What shared files call the base given (or recorded) as `base`: a hub id whole; a local folder or file by its name,
-    or the hub id its hub cache folder records; a path recorded on another machine (an older output's) by its name too."""
+    or the hub id its hub cache folder records; a path recorded on another machine (an older output's) so too."""
     path = Path(os.path.expanduser(base))
     if not path.exists():
         if spelled_as_hub_id(base):
             return base
-        return (PureWindowsPath if "\\" in base else PurePosixPath)(base.rstrip("/\\")).name or base
+        # Another machine's hub cache folder is that hub id there too: its revision's folder name means nothing.
+        recorded = (PureWindowsPath if "\\" in base else PurePosixPath)(base.rstrip("/\\"))
+        return hub_id_of_snapshot(recorded) or recorded.name or base
     absolute = Path(os.path.abspath(path))  # not resolved: a link named sd15 is called sd15, not what it points at
     return hub_id_of_snapshot(absolute) or hub_id_of_snapshot(absolute.resolve()) or absolute.name
 
 
-def hub_id_of_snapshot(folder: Path) -> str | None:
+def hub_id_of_snapshot(folder: PurePath) -> str | None:
     """owner/name for a folder of the hub's cache (…/models--owner--name/snapshots/REV); None for any other."""
     parts = folder.parts
     if len(parts) < 3 or parts[-2] != "snapshots" or not parts[-3].startswith("models--"):

@@ -27,7 +27,12 @@ CONTROLNET_CONFIG = Path(__file__).parents[1] / "finetune" / "assets" / "toyworl
 @pytest.mark.parametrize(("given", "shared"), [("runwayml/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5"),
                                                ("/home/alice/models/sd15", "sd15"), ("/home/alice/models/sd15/", "sd15"),
                                                ("/home/alice/v1-5-pruned.safetensors", "v1-5-pruned.safetensors"),
-                                               ("C:\\Users\\alice\\sd15.ckpt", "sd15.ckpt")])  # fmt: skip
+                                               ("C:\\Users\\alice\\sd15.ckpt", "sd15.ckpt"),
+                                               # another machine's hub cache: its revision's folder name was shared, not the id
+                                               ("/home/alice/.cache/huggingface/hub/models--runwayml--stable-diffusion-v1-5/snapshots/1d0c4eb",
+                                                "runwayml/stable-diffusion-v1-5"),
+                                               ("C:\\Users\\alice\\.cache\\huggingface\\hub\\models--runwayml--stable-diffusion-v1-5\\snapshots\\1d0c4eb\\",
+                                                "runwayml/stable-diffusion-v1-5")])  # fmt: skip
 def test_a_base_not_here_is_shared_by_its_name_and_a_hub_id_whole(given, shared):
     """An older output's record of a path on its machine, exported here, is named as a new run names its base."""
     assert shared_base_name(given) == shared
