@@ -28,12 +28,12 @@ from safetensors.torch import load as load_safetensors
 
 from finetune.adapter_records import lora_header
 from finetune.atomic_files import atomic_save_safetensors
-from finetune.base_names import shared_record
+from finetune.base_names import shared_base_name, shared_record
 from finetune.run_files import CHECKPOINT_PATTERN
 from finetune.dora import (DIFFUSERS_MAGNITUDE, KOHYA_DORA_ARGS, KOHYA_DORA_METADATA, KOHYA_MAGNITUDE, check_config_magnitudes, check_kohya_magnitudes,
                            diffusers_magnitude, kohya_magnitude, read_magnitude, uses_dora)
 from finetune.errors import FinetuneError
-from finetune.kohya_metadata import DATASET_KOHYA_KEYS, KOHYA_KEYS, LORAPLUS_KEYS, finetune_metadata_from_kohya, kohya_model_name
+from finetune.kohya_metadata import DATASET_KOHYA_KEYS, KOHYA_KEYS, LORAPLUS_KEYS, finetune_metadata_from_kohya
 from finetune.lora_kinds import (CONTEXT_INPUTS, KOHYA_PARTS, held_path, lora_layout, sd_version_metadata, with_current_diffusers_names,
                                  written_path)
 from finetune.original_layout import with_diffusers_unet_names
@@ -257,7 +257,8 @@ def to_kohya(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         if ours in lora.metadata:
             metadata[theirs] = lora.metadata[ours]
     if "ss_sd_model_name" in metadata:
-        metadata["ss_sd_model_name"] = kohya_model_name(metadata["ss_sd_model_name"])
+        # What the webui shows: the base as every shared file names it, as sd-scripts writes it (a local one's name only).
+        metadata["ss_sd_model_name"] = shared_base_name(metadata["ss_sd_model_name"])
     for ours, _ in DATASET_KOHYA_KEYS:  # large JSON: written once, under sd-scripts' name (an import reads it back as ours)
         metadata.pop(ours, None)
     if lora.metadata.get("finetune.resolution", "").isdigit():  # sd-scripts writes the training size as a (width, height) tuple

@@ -9,9 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from pathlib import PurePosixPath, PureWindowsPath
-
-from finetune.model_source import looks_like_hub_id
 
 KOHYA_ONLY_METADATA = ("ss_",)
 # LoRA+ ratios: sd-scripts takes them as network_args and records those as JSON in ss_network_args.
@@ -34,15 +31,6 @@ DATASET_KOHYA_KEYS = (
     ("finetune.tag_frequency", "ss_tag_frequency"),
 )
 KOHYA_KEYS += DATASET_KOHYA_KEYS
-
-
-def kohya_model_name(base_model: str) -> str:
-    """What sd-scripts writes as ss_sd_model_name (shown by the webui): a local base's file or folder name only, where the
-    path as given (/home/alice/models/...) named the user's folders in every shared file; a hub id whole, as sd-scripts
-    keeps a name that is no path here. (finetune.base_model keeps the path: sample, eval and merge load the base from it.)"""
-    if looks_like_hub_id(base_model):
-        return base_model
-    return (PureWindowsPath if "\\" in base_model else PurePosixPath)(base_model.rstrip("/\\")).name or base_model
 
 
 def finetune_metadata_from_kohya(metadata: dict[str, str]) -> dict[str, str]:

@@ -5,7 +5,7 @@ import pytest
 from safetensors import safe_open
 
 from finetune.adapter_records import adapter_base, recorded_base
-from finetune.kohya_metadata import kohya_model_name
+from finetune.base_names import shared_base_name
 
 
 @pytest.mark.parametrize(("given", "written"), [("/home/alice/models/sd15", "sd15"), ("/home/alice/models/sd15/", "sd15"),
@@ -14,7 +14,7 @@ from finetune.kohya_metadata import kohya_model_name
                                                 ("sd15.safetensors", "sd15.safetensors"),
                                                 ("runwayml/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5")])  # fmt: skip
 def test_the_kohya_model_name_is_a_local_bases_name_and_a_hub_id_whole(given, written):
-    assert kohya_model_name(given) == written
+    assert shared_base_name(given) == written  # what the kohya export writes as ss_sd_model_name
 
 
 def test_an_export_names_the_base_without_its_folders_and_its_run_keeps_the_path_that_finds_it(adapters_dir, tiny_model):
@@ -26,3 +26,24 @@ def test_an_export_names_the_base_without_its_folders_and_its_run_keeps_the_path
     assert tiny_model.is_absolute() and metadata["ss_sd_model_name"] == tiny_model.name, metadata["ss_sd_model_name"]
     assert metadata["finetune.base_model"] == adapter_base(str(exported), None) == tiny_model.name
     assert recorded_base(str(adapters_dir / "trained"), None) == str(tiny_model)  # what `finetune sample --lora` loads without --base
+
+
+def test_the_webuis_name_of_the_base_is_the_one_finetune_base_model_shares(adapters_dir, tmp_path):
+    """ss_sd_model_name was named by a copy of base_names' rule without its hub cache case: an older LoRA recording a hub
+    cache folder here was exported naming the base runwayml/stable-diffusion-v1-5 in finetune.base_model and 1d0c4eb,
+    the revision's folder, in what the webui shows."""
+    from safetensors.numpy import load_file, save_file
+
+    from finetune.cli import main
+
+    snapshot = tmp_path / "hub" / "models--runwayml--stable-diffusion-v1-5" / "snapshots" / "1d0c4eb"
+    snapshot.mkdir(parents=True)
+    trained = adapters_dir / "trained" / "pytorch_lora_weights.safetensors"
+    with safe_open(str(trained), "np") as f:
+        metadata = f.metadata()
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(str(trained)), str(old), {**metadata, "finetune.base_model": str(snapshot)})
+    assert main(["export", str(old), str(tmp_path / "webui"), "--to", "kohya"]) == 0
+    with safe_open(str(tmp_path / "webui" / "old.safetensors"), "np") as f:
+        exported = f.metadata()
+    assert exported["ss_sd_model_name"] == exported["finetune.base_model"] == "runwayml/stable-diffusion-v1-5"
