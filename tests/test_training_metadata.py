@@ -124,3 +124,15 @@ def test_the_kohya_export_writes_the_data_once_and_an_import_reads_it_back(tmp_p
     assert read["finetune.tag_frequency"] == metadata["finetune.tag_frequency"] and read["finetune.num_train_images"] == "3"
     assert finetune_metadata_from_kohya({"ss_resolution": "(768, 768)"})["finetune.resolution"] == "768"
     assert frequent_tags('{"a": {"t": Infinity}}') is None and frequent_tags('{"a": {"two\\nlines": 2}}') == "two lines (2)"
+
+
+def test_a_runs_lora_records_its_tags_parted_at_its_keep_tokens_separator(make_recipe):
+    """The trainer hands data.keep_tokens_separator to the tag counts (the test above: the counting itself)."""
+    from safetensors import safe_open
+
+    from finetune.trainer import train
+
+    result = train(make_recipe(train__max_steps=1, data__caption="sks, dog ||| grass", data__shuffle_tags=True, data__keep_tokens_separator="|||"))
+    with safe_open(str(result.saved_files[0]), "np") as f:
+        counted = json.loads(f.metadata()["finetune.tag_frequency"])
+    assert [set(tags) for tags in counted.values()] == [{"sks", "dog", "grass"}], counted
