@@ -372,3 +372,11 @@ def test_captions_holding_sd_scripts_separator_unread_here_are_said():
         "data.keep_tokens_separator: '|||' with data.shuffle_tags: true to keep the tags before it in place, or remove it from the captions"]
     assert tag_warnings(captions, DataConfig(image_dir="x", shuffle_tags=True, keep_tokens_separator="|||")) == []
     assert tag_warnings(["sks, dog, grass"], DataConfig(image_dir="x")) == []
+
+
+def test_tag_dropout_never_drops_the_tags_kept_around_the_separator():
+    """The tags before the separator and after a second one stay, as data.tag_dropout's docs say; only the middle drops."""
+    config = DataConfig(image_dir="x", tag_dropout=0.9, keep_tokens_separator="|||")
+    captions = [training_caption("sks, dog ||| grass, sunny, park, tree ||| masterpiece", config, seed=0, epoch=0, index=i) for i in range(20)]
+    assert all(caption.startswith("sks, dog, ") and caption.endswith(", masterpiece") for caption in captions), captions
+    assert min(len(caption.split(", ")) for caption in captions) < 7  # the middle's tags were dropped

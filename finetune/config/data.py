@@ -122,8 +122,9 @@ class DataConfig(Section):
     # of the first keep_tokens), a second one keeps the tags after it at the end, and the separators are left out.
     # As in sd-scripts, read where shuffle_tags or tag_dropout is on. None: off.
     keep_tokens_separator: Optional[str] = None
-    # Each tag past the first keep_tokens is left out with this probability, per image and epoch (sd-scripts'
-    # caption_tag_dropout_rate), so no tag becomes a crutch the trigger word cannot do without.
+    # Each tag not kept in place (the first keep_tokens, or those around keep_tokens_separator) is left out with this
+    # probability, per image and epoch (sd-scripts' caption_tag_dropout_rate), so no tag becomes a crutch the trigger word
+    # cannot do without.
     tag_dropout: Share = 0.0
     # Images whose shorter side is below this are an error (default: half the resolution).
     min_image_size: Optional[int] = Field(None, ge=1)
