@@ -192,8 +192,10 @@ def run_eval(
     conditioning_scale: float | None = None,
     out: str | Path | None = None,
     base_config: str | None = None,
+    base_as: str | None = None,
 ) -> dict:
-    """Generate with ``base`` (+ ``lora``, + ``controlnet``) for each suite and score the images.
+    """Generate with ``base`` (+ ``lora``, + ``controlnet``) for each suite and score the images. The report names the
+    base ``base_as`` where given (the adapter's record of it, for a base no one gave), else as ``base`` is given.
 
     ``suites`` defaults to adherence and fid, or to control with a ``controlnet`` (a ControlNet
     folder or a controlnet run's output folder), which steers every image with its scene's mask
@@ -239,7 +241,7 @@ def run_eval(
     with without_tf32():  # fp32 in full: TF32 would make a GPU's scores differ more from a CPU's
         result = _score(make_rows, suites, options)
     result["settings"] = dict(
-        base=str(base), lora=None if lora is None else str(lora), lora_scale=lora_scale,
+        base=base_as or str(base), lora=None if lora is None else str(lora), lora_scale=lora_scale,
         controlnet=None if controlnet is None else str(controlnet), conditioning_scale=scale if controlnet else None, suites=suites,
         num_prompts=num_prompts, images_per_prompt=images_per_prompt, steps=steps, guidance=guidance, seed=seed,
         identifier=identifier, subject=subject, class_word=class_word, resolution=resolution, **sampled_as(pipeline),

@@ -142,6 +142,19 @@ def test_finetune_cli_main_runs_eval(tiny_model, tmp_path, capsys):
     assert capsys.readouterr().err == "error: --lora-scale is the LoRA's strength: pass --lora too, or leave it out\n"
 
 
+def test_a_report_without_base_names_the_base_as_the_adapters_run_records_it(make_recipe, tiny_model, tmp_path, capsys):
+    """Without --base the report's base was the absolute path the run's base_paths.json gave, which no one typed, in a
+    report left in the run folder: named as the LoRA records it, as merge names it (--base given: as given, above)."""
+    from finetune import cli
+    from finetune.trainer import train
+
+    run = train(make_recipe(train__max_steps=1)).output_dir
+    out = tmp_path / "eval.json"
+    assert cli.main(["eval", "--lora", str(run), "--suite", "adherence", "--num-prompts", "2", "--steps", "1", "--out", str(out)]) == 0
+    assert f"base model: {tiny_model} (recorded by the adapter's training run as {tiny_model.name};" in capsys.readouterr().out
+    assert json.loads(out.read_text())["settings"]["base"] == tiny_model.name
+
+
 def test_an_out_that_is_a_folder_is_one_line_before_any_image_is_made_and_scoring_runs_in_full_fp32(tiny_model, tmp_path, monkeypatch):
     """--out of a folder failed after all the generating, with a traceback and stray files beside it. Scoring
     runs with TF32 off for matmuls and convolutions alike (on a GPU, cuDNN's is on by default)."""
