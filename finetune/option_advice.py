@@ -45,6 +45,8 @@ def override_for(options: list[str], method: str | None, command: str = "train")
             launch.append(shlex.join(options[start:start + 2] if takes_value else options[start:start + 1]))
         elif (override := _override(options[start:], method)) is not None:
             overrides.append(override)
+        elif (instead := _said_otherwise(name)) is not None:
+            notes.append(instead)
         else:
             unknown.append(options[start].partition("=")[0])
     said = [f"{ADVICE}: {' '.join(overrides)}"] if overrides else []
@@ -58,6 +60,20 @@ def override_for(options: list[str], method: str | None, command: str = "train")
         notes.append(f"{' '.join(launch)} {'is' if len(launch) == 1 else 'are'} accelerate launch's: {where} "
                      f"(accelerate launch {' '.join(launch)} -m finetune train RECIPE)")
     return "; ".join(said + notes)
+
+
+def _said_otherwise(name: str) -> str | None:
+    """What another trainer's option that no single override gives is here (recipe_keys.OTHER_TRAINERS_NAMES: sd-scripts'
+    --v2, --logging_dir, --optimizer_args), as a recipe error names it; None for a name it does not know. Such options were
+    told the generic 'key=value (train.max_steps=100)', as if no key were known."""
+    from finetune.recipe_keys import OTHER_TRAINERS_NAMES
+
+    meant = OTHER_TRAINERS_NAMES.get(name)
+    if meant is None:
+        return None
+    if meant.startswith("none: "):
+        return f"--{name} needs no setting here: {meant.removeprefix('none: ')}; leave it out"
+    return f"--{name}: here it is {meant}"
 
 
 def _name(option: str) -> str:
