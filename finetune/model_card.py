@@ -20,6 +20,7 @@ from finetune.dora import uses_dora
 from finetune.init_from_record import recorded_clip_skip
 from finetune.kohya import LoRA
 from finetune.model_source import spelled_as_hub_id
+from finetune.native_resolution import SINGLE_FILE_SUFFIXES
 
 
 def newest_sample_grid(training_dir: Path, up_to_step: int | None = None) -> Path | None:
@@ -54,14 +55,20 @@ def diffusers_loading_code(source: str) -> list[str]:
     ]
 
 
-def base_loading_code(recorded: str | None) -> list[str]:
+def base_loading_code(recorded: str | None, configs: str | None = None) -> list[str]:
     """`diffusers_loading_code` for the base a LoRA records (BASE_MODEL where none): a local one by its name only
     (finetune.base_names), which loads from the folder that holds it; the card says so, for a reader who has it
-    elsewhere or under a hub id."""
+    elsewhere or under a hub id. A single-file base (a .safetensors or .ckpt checkpoint, which from_pretrained does not
+    read) with from_single_file, and the configs its run named (model.single_file_config, `configs`), as training loaded it."""
     base = shared_base_name(recorded) if recorded else "BASE_MODEL"
     code = diffusers_loading_code(base)
+    single_file, configs = base.lower().endswith(SINGLE_FILE_SUFFIXES), shared_base_name(configs) if configs else None
+    if single_file:
+        config = f', config="{configs}"' if configs else ""
+        code[-1] = f'pipeline = StableDiffusionPipeline.from_single_file("{base}"{config}, torch_dtype=dtype).to(device)'
     if recorded and not spelled_as_hub_id(base):
-        code.insert(-1, f'# "{base}": the base it was trained on, a local folder named by its name only: give its path, or a hub id of the same model')
+        kind = f'file (its configs "{configs}" too)' if single_file and configs else "file" if single_file else "folder"
+        code.insert(-1, f'# "{base}": the base it was trained on, a local {kind} named by its name only: give its path, or a hub id of the same model')
     return code
 
 
@@ -219,7 +226,7 @@ def write_model_card(
         "## diffusers",
         "",
         "```python",
-        *base_loading_code(meta.get("finetune.base_model")),
+        *base_loading_code(meta.get("finetune.base_model"), meta.get("finetune.base_config")),
         f'pipeline.load_lora_weights("{path.parent}", weight_name="{path.name}", adapter_name="lora")  # this folder',
         'pipeline.set_adapters(["lora"], adapter_weights=[1.0])  # the strength',
     ]

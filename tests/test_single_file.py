@@ -378,3 +378,23 @@ def test_a_hub_base_downloads_the_parts_of_its_variant_and_not_the_single_file_c
     assert {"tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler/scheduler_config.json", "unet/config.json"} <= fetched
     if not variant:
         assert not any(".fp16." in name for name in fetched)
+
+
+def test_the_model_card_of_a_lora_trained_on_a_single_file_loads_it_with_from_single_file(single_file, image_folder, tmp_path, monkeypatch):
+    """The card's diffusers code was from_pretrained("model.safetensors"), which reads folders and hub ids only (and the
+    comment above it called the file a folder): pasted where the base is, it raised. Now from_single_file, with the
+    configs the run named, both by name as the card names them."""
+    from finetune.trainer import train
+
+    path, configs, _ = single_file
+    run = tmp_path / "run"
+    train(build_recipe(path, image_folder, run, model__single_file_config=str(configs), train__max_steps=1, train__batch_size=1))
+    assert main(["export", str(run), str(tmp_path / "webui"), "--to", "kohya"]) == 0
+    card = (tmp_path / "webui" / "run.md").read_text()
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    assert f'from_single_file("{path.name}", config="{configs.name}", torch_dtype=dtype)' in code, code
+    assert f'# "{path.name}": the base it was trained on, a local file (its configs "{configs.name}" too) named by its name only' in code
+    monkeypatch.chdir(path.parent)  # pasted where the base and its configs are
+    namespace: dict = {}
+    exec(code, namespace)  # from_pretrained raised here: "model.safetensors" is no folder
+    assert namespace["pipeline"].get_active_adapters() == ["lora"]
