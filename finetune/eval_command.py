@@ -173,6 +173,7 @@ def recorded_as_found(args) -> str | None:
 def run_eval_command(args) -> int:
     """``finetune eval``: run, print the table, write the report."""
     from finetune.adapter_records import adapter_base
+    from finetune.base_names import shared_base_name
     from finetune.cli import base_or_recorded, check_local_base, check_lora_scale_has_a_lora
     from finetune.evaluate import default_suites, print_table, refuse_a_report_grid, run_eval
     from finetune.native_resolution import native_resolution
@@ -197,9 +198,9 @@ def run_eval_command(args) -> int:
         base, args.lora, args.lora_scale, suites, args.num_prompts, args.images_per_prompt,
         args.steps, args.guidance, args.seed, args.identifier, args.subject, args.class_word,
         controlnet=args.controlnet, conditioning_scale=args.conditioning_scale, out=out, base_config=args.base_config,
-        # Without --base, as the adapter's run records it (a local one by name): not the path on this machine that its
-        # run's base_paths.json gave, which no one typed, in a report left in the run folder (as merge names it).
-        base_as=None if args.base else adapter_base(args.lora, args.controlnet),
+        # Without --base, by name as shared files name it (finetune.base_names; an older output's recorded path too): not
+        # the path on this machine its run's base_paths.json gave, which no one typed, in a report left in the run folder.
+        base_as=None if args.base else shared_base_name(adapter_base(args.lora, args.controlnet) or base),
     )  # fmt: skip
     print_table(result)
     print(f"wrote {out}")

@@ -195,7 +195,7 @@ def run_eval(
     base_as: str | None = None,
 ) -> dict:
     """Generate with ``base`` (+ ``lora``, + ``controlnet``) for each suite and score the images. The report names the
-    base ``base_as`` where given (the adapter's record of it, for a base no one gave), else as ``base`` is given.
+    base ``base_as`` where given (by name, for a base no one gave: the adapter's record), else as ``base`` is given.
 
     ``suites`` defaults to adherence and fid, or to control with a ``controlnet`` (a ControlNet
     folder or a controlnet run's output folder), which steers every image with its scene's mask

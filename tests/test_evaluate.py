@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 
 from finetune.errors import FinetuneError
 from finetune.eval_command import add_eval_parser, run_eval_command
@@ -142,9 +143,9 @@ def test_finetune_cli_main_runs_eval(tiny_model, tmp_path, capsys):
     assert capsys.readouterr().err == "error: --lora-scale is the LoRA's strength: pass --lora too, or leave it out\n"
 
 
-def test_a_report_without_base_names_the_base_as_the_adapters_run_records_it(make_recipe, tiny_model, tmp_path, capsys):
+def test_a_report_without_base_names_the_base_by_name_as_shared_files_do(make_recipe, tiny_model, tmp_path, capsys):
     """Without --base the report's base was the absolute path the run's base_paths.json gave, which no one typed, in a
-    report left in the run folder: named as the LoRA records it, as merge names it (--base given: as given, above)."""
+    report left in the run folder: named as shared files name it, as merge does (--base given: as given, above)."""
     from finetune import cli
     from finetune.trainer import train
 
@@ -152,6 +153,19 @@ def test_a_report_without_base_names_the_base_as_the_adapters_run_records_it(mak
     out = tmp_path / "eval.json"
     assert cli.main(["eval", "--lora", str(run), "--suite", "adherence", "--num-prompts", "2", "--steps", "1", "--out", str(out)]) == 0
     assert f"base model: {tiny_model} (recorded by the adapter's training run as {tiny_model.name};" in capsys.readouterr().out
+    assert json.loads(out.read_text())["settings"]["base"] == tiny_model.name
+    # An older output, which recorded the path itself (no base_paths.json then): named so too.
+    from safetensors.numpy import load_file, save_file
+
+    from finetune.base_names import BASE_PATHS_FILE
+    from finetune.run_files import LORA_WEIGHTS_NAME
+
+    old = tmp_path / "old" / LORA_WEIGHTS_NAME
+    old.parent.mkdir()
+    with safe_open(str(run / LORA_WEIGHTS_NAME), "np") as f:
+        save_file(load_file(str(run / LORA_WEIGHTS_NAME)), str(old), {**f.metadata(), "finetune.base_model": str(tiny_model)})
+    assert not (old.parent / BASE_PATHS_FILE).exists()
+    assert cli.main(["eval", "--lora", str(old), "--suite", "adherence", "--num-prompts", "2", "--steps", "1", "--out", str(out)]) == 0
     assert json.loads(out.read_text())["settings"]["base"] == tiny_model.name
 
 
