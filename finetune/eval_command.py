@@ -172,8 +172,6 @@ def recorded_as_found(args) -> str | None:
 
 def run_eval_command(args) -> int:
     """``finetune eval``: run, print the table, write the report."""
-    from finetune.adapter_records import adapter_base
-    from finetune.base_names import shared_base_name
     from finetune.cli import base_or_recorded, check_local_base, check_lora_scale_has_a_lora
     from finetune.evaluate import default_suites, print_table, refuse_a_report_grid, run_eval
     from finetune.native_resolution import native_resolution
@@ -194,6 +192,9 @@ def run_eval_command(args) -> int:
     prompt_parts = subject_prompt_parts(suites, args.identifier, args.class_word, args.subject)
     out = Path(args.out) if args.out else default_out(base, args.lora, args.controlnet, suites, args.lora_scale, args.conditioning_scale, recorded, prompt_parts)
     check_report_path(out)
+    from finetune.adapter_records import adapter_base  # pydantic, through the base's finders: after the quick refusals above
+    from finetune.base_names import shared_base_name
+
     result = run_eval(
         base, args.lora, args.lora_scale, suites, args.num_prompts, args.images_per_prompt,
         args.steps, args.guidance, args.seed, args.identifier, args.subject, args.class_word,

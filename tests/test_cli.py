@@ -180,7 +180,7 @@ def test_train_then_sample_with_the_adapter(tmp_path, capsys, tiny_model, image_
     report = tmp_path / "eval.json"
     shutil.copy(next((tmp_path / "webui").glob("*.safetensors")), tmp_path / "out" / "webui.safetensors")
     assert main(["eval", "--lora", str(tmp_path / "out" / "webui.safetensors"), "--suite", "style", "--num-prompts", "1", "--steps", "1", "--out", str(report)]) == 0
-    assert f"base model: {tiny_model} (recorded" in capsys.readouterr().out and yaml.safe_load(report.read_text())["settings"]["base"] == str(tiny_model)
+    assert f"base model: {tiny_model} (recorded" in capsys.readouterr().out and yaml.safe_load(report.read_text())["settings"]["base"] == tiny_model.name  # as shared files name it
     assert main(["merge", "--lora", str(tmp_path / "out"), str(tmp_path / "merged")]) == 0
     assert yaml.safe_load((tmp_path / "merged" / "finetune_metadata.json").read_text())["finetune.base_model"] == tiny_model.name
     assert main(["eval", "--suite", "style"]) == 2 and "error: pass --base MODEL" in capsys.readouterr().err
