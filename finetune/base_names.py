@@ -67,12 +67,13 @@ def record_base_paths(output_dir: Path, *given: str | None) -> None:
     its outputs record them by. The names an earlier run in this output_dir recorded are kept (its checkpoints name them)."""
     from finetune.atomic_files import atomic_write_text
 
-    paths = read_base_paths(output_dir) or {}
+    earlier = read_base_paths(output_dir)
+    paths = dict(earlier or {})
     for value in filter(None, given):
         path = Path(os.path.expanduser(value))
         if path.exists():
             paths[shared_base_name(value)] = os.path.abspath(path)
-    if paths and paths != read_base_paths(output_dir):
+    if paths and paths != earlier:
         atomic_write_text(output_dir / BASE_PATHS_FILE, json.dumps(paths, indent=2) + "\n")
 
 
