@@ -5,7 +5,7 @@ Why: on a CPU, torch 2.13's inductor computes diffusers' UNet's weight gradients
 (docs/compiled-training.md), and the bench timed that wrong computation as if it were a speed-up. A compiled row's MFU means
 something only where its gradients are the eager step's.
 
-How: `CompiledCheck.install()` wraps `torch.compile` for the variant's process (accelerate's `prepare` calls it), and the
+How: `CompiledCheck.installed()` wraps `torch.compile` for the variant's process (accelerate's `prepare` calls it), and the
 compiled module records its first call with gradients: its inputs, the autocast state it was called under, and the gradient
 its outputs got back from the loss (the step's own: the loss's target, noise and timesteps are in it). `run()` then, after that
 step, does one backward through each module: `_orig_mod` eagerly (accelerate's autocast wrapper of the forward included, as
@@ -80,12 +80,11 @@ class CompiledCheck:
     def __init__(self) -> None:
         self.compiled: list[tuple[torch.nn.Module, dict]] = []  # (compiled module, torch.compile's options)
         self.calls: dict[int, RecordedCall] = {}  # by position in self.compiled
-        self._compile = None
 
     @contextlib.contextmanager
     def installed(self):
         """torch.compile wrapped, for the modules compiled inside (accelerate's `prepare`)."""
-        self._compile, real = torch.compile, torch.compile
+        real = torch.compile
 
         def compile_and_watch(model=None, *args, **kwargs):
             compiled = real(model, *args, **kwargs)
