@@ -18,7 +18,7 @@ from typing import Callable, NoReturn
 from PIL import Image
 
 from finetune.buckets import Size
-from finetune.captions import (apply_template, dataset_of_row, image_caption, missing_caption_message, require_own_sidecars,
+from finetune.captions import (apply_template, dataset_of_row, image_caption, require_own_sidecars,
                                require_rows_with_images, sidecar_path, template_needs_caption)  # fmt: skip
 from finetune.metadata_files import folder_captions, metadata_partner_files, metadata_subfolders
 from finetune.class_folders_inside import class_folder_inside_message, class_folders_inside, outside_class_folders
@@ -65,12 +65,6 @@ def read_examples(config: DataConfig) -> list[Example]:
     from finetune.dataset_source import dataset_examples  # it builds on this module's Example
 
     return dataset_examples(config)
-
-
-def require_captions(examples: list[Example]) -> None:
-    for example in examples:
-        if example.caption is None:
-            raise FinetuneError(missing_caption_message(example.source))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """The training examples of a data config for a test: as a run reads them (`finetune.check_data.checked_examples`, the
 one path training takes), or with `check=False` without decoding the images (captions still required)."""
 
+from finetune.captions import missing_caption_message
 from finetune.check_data import checked_examples
 from finetune.config import DataConfig
 from finetune.epoch_uses import expand_repeats
-from finetune.sources import Example, read_examples, require_captions
+from finetune.errors import FinetuneError
+from finetune.sources import Example, read_examples
 
 
 def load_examples(config: DataConfig, check: bool = True) -> list[Example]:
@@ -13,5 +15,7 @@ def load_examples(config: DataConfig, check: bool = True) -> list[Example]:
     if check:
         return checked_examples(config)[0]
     examples = read_examples(config)
-    require_captions(examples)
+    for example in examples:
+        if example.caption is None:
+            raise FinetuneError(missing_caption_message(example.source))
     return expand_repeats(examples)
