@@ -17,7 +17,6 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import ValidationError
 
-from finetune.atomic_files import atomic_write_text
 from finetune.config import Recipe
 from finetune.errors import FinetuneError
 from finetune.recipe_keys import describe_validation_error, section_type
@@ -257,9 +256,3 @@ def _takes(annotation: Any, kind: type) -> bool:
     if origin in (Union, types.UnionType):
         return any(_takes(member, kind) for member in typing.get_args(annotation))
     return False
-
-
-def dump_recipe(recipe: Recipe, path: Path) -> None:
-    """`recipe` as a YAML file that loads again, written whole or left as it was (`atomic_write_text`). A run's own
-    record is `finetune.run_recipe`'s."""
-    atomic_write_text(path, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))

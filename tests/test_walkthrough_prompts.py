@@ -5,6 +5,7 @@ another way than it learned them."""
 
 import pytest
 import torch
+import yaml
 
 from finetune.methods.lora import LoRAMethod
 from finetune.models import load_base_model
@@ -116,7 +117,6 @@ def test_captions_written_with_weights_are_said_to_train_as_words(make_recipe, i
     import shutil
 
     from finetune.cli import main
-    from finetune.recipe_loading import dump_recipe
     from finetune.trainer import train
 
     folder = tmp_path / "data"
@@ -129,7 +129,7 @@ def test_captions_written_with_weights_are_said_to_train_as_words(make_recipe, i
     recipe = make_recipe(data__image_dir=str(folder), train__max_steps=1)
     train(recipe)
     assert said in capsys.readouterr().out.splitlines()
-    dump_recipe(recipe, tmp_path / "recipe.yaml")
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
     main(["check-data", str(tmp_path / "recipe.yaml")])
     assert said in capsys.readouterr().out.splitlines()
     sidecars[1].write_text("a red circle (left), kirby (series)")  # plain parentheses are words
