@@ -161,11 +161,3 @@ def print_table(report: dict) -> None:
             console.print(f"{row['variant']} failed: {row['error']}", style="red", soft_wrap=True)
         if (line := check_line(row)) is not None:
             console.print(line, style=None if row["compiled_check"].get("gradients_agree") else "red", soft_wrap=True, markup=False)
-
-
-def markdown_table(report: dict) -> str:
-    """The results as a Markdown table (as in docs/benchmarks.md)."""
-    header = [column.replace("peak MB", memory_label(report)) for column in COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(COLUMNS) - 1)]
-    lines += ["| " + " | ".join(row_cells(row)) + " |" for row in report["results"]]
-    return "\n".join(lines)
