@@ -6,14 +6,13 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
 from PIL import Image
 
 from finetune.condition_kinds import KINDS
 from finetune.controlnet_pairs import small_conditioning_problem
 from finetune.demo_inputs import MAX_UPLOAD_PIXELS, UPLOADED, too_large_upload
 from finetune.errors import FinetuneError
-from finetune.views import cover_and_crop
+from finetune.views import cover_and_center_crop
 
 CONDITIONING_KINDS = ("as uploaded", *KINDS)  # an upload as it is, or made into a kind make-conditions makes
 
@@ -38,4 +37,4 @@ def conditioning_image(image: Image.Image | None, kind: str, size: int, options:
     made = image if kind == "as uploaded" else (make or make_condition)(image, kind, **(options or {}))
     # Resized to cover, then center-cropped, as `finetune sample --condition` and training fit a conditioning image
     # (ImageOps.fit crops first: edges a pixel off, a ControlNet steered otherwise than in sample for the same upload).
-    return cover_and_crop(made, (size, size), "center", np.random.default_rng(0))[0]
+    return cover_and_center_crop(made, (size, size))

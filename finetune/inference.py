@@ -9,7 +9,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel
 from PIL import Image
@@ -36,7 +35,7 @@ from finetune.samplers import DEFAULT_SAMPLER
 from finetune.sampling import build_pipeline, denoising_bar, generate_with_settings, make_grid, read_prompts_as_trained
 from finetune.sample_files import write_numbered
 from finetune.sources import Example
-from finetune.views import cover_and_crop
+from finetune.views import cover_and_center_crop
 
 def load_lora_into(pipeline, lora: LoRA, lora_file: Path, adapter_name: str) -> None:
     """Load a LoRA read from a file of either layout (ours/diffusers or kohya) as a named adapter.
@@ -127,7 +126,7 @@ def fit_condition(image: Image.Image, source: str | Path, resolution: int) -> Im
     refused, as training refuses such an image (data.min_image_size): enlarged that far it holds no detail to steer by."""
     if (problem := small_conditioning_problem(image, str(source), resolution)) is not None:
         raise FinetuneError(f"{problem}, or a smaller --resolution")
-    return cover_and_crop(image, (resolution, resolution), "center", np.random.default_rng(0))[0]
+    return cover_and_center_crop(image, (resolution, resolution))
 
 
 # ---------------------------------------------------------------------------------------------------

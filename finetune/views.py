@@ -32,7 +32,7 @@ class ViewPlan:
     flip: bool  # ... and mirrored if True
 
 
-def plan_cover_crop(size: Size, target: Size, crop: str, rng: np.random.Generator) -> tuple[Size, tuple[int, int]]:
+def plan_cover_crop(size: Size, target: Size, crop: str, rng: np.random.Generator | None) -> tuple[Size, tuple[int, int]]:
     """The resized size that covers `target` (width, height) and the crop's (top, left) in it.
 
     Only the random crop draws from `rng` (left, then top).
@@ -67,10 +67,11 @@ def render(image: Image.Image, plan: ViewPlan) -> Image.Image:
     return ImageOps.mirror(view) if plan.flip else view
 
 
-def cover_and_crop(image: Image.Image, target: Size, crop: str, rng: np.random.Generator) -> tuple[Image.Image, tuple[int, int]]:
-    """Resize to cover `target` (width, height) keeping the aspect ratio, then crop it: (view, (top, left))."""
-    resized, top_left = plan_cover_crop(image.size, target, crop, rng)
-    return cut(image, resized, top_left, target), top_left
+def cover_and_center_crop(image: Image.Image, target: Size) -> Image.Image:
+    """Resize to cover `target` (width, height) keeping the aspect ratio, then cut its centre, as a centre-cropped
+    training view is cut (a conditioning image given to `finetune sample` or the demo, fitted as a ControlNet trained)."""
+    resized, top_left = plan_cover_crop(image.size, target, "center", None)
+    return cut(image, resized, top_left, target)
 
 
 def view_key(digest: str, plan: ViewPlan) -> str:

@@ -19,7 +19,7 @@ from data_examples import load_examples
 from finetune.errors import FinetuneError
 from finetune.sources import Example, read_examples
 from finetune.trainer import train
-from finetune.views import ViewPlan, cover_and_crop, view_key
+from finetune.views import ViewPlan, cover_and_center_crop, plan_cover_crop, view_key
 
 SHAPES = {"wide0": (96, 48), "wide1": (100, 50), "tall0": (48, 96), "tall1": (50, 100), "square": (64, 64)}
 
@@ -97,11 +97,10 @@ def test_images_of_one_size_are_matched_to_a_bucket_once(monkeypatch):
 
 def test_cover_and_crop_keeps_aspect_and_records_the_crop():
     image = noise_image(300, 100)
-    view, (top, left) = cover_and_crop(image, (128, 64), "center", np.random.default_rng(0))
-    assert view.size == (128, 64) and (top, left) == (0, 32)  # resized to 192x64, centre cut
+    assert plan_cover_crop(image.size, (128, 64), "center", None) == ((192, 64), (0, 32))  # resized to 192x64, centre cut
     expected = image.resize((192, 64), Image.Resampling.LANCZOS).crop((32, 0, 160, 64))
-    assert np.array_equal(np.asarray(view), np.asarray(expected))
-    offsets = {cover_and_crop(image, (128, 64), "random", np.random.default_rng(s))[1] for s in range(20)}
+    assert np.array_equal(np.asarray(cover_and_center_crop(image, (128, 64))), np.asarray(expected))
+    offsets = {plan_cover_crop(image.size, (128, 64), "random", np.random.default_rng(s))[1] for s in range(20)}
     assert len(offsets) > 3 and all(top == 0 and 0 <= left <= 64 for top, left in offsets)
 
 
