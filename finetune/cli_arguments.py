@@ -116,10 +116,10 @@ def port_number(text: str) -> int:
     return value
 
 
-def add_base_options(parser: argparse.ArgumentParser, required: bool = True, default: str = "") -> None:
+def add_base_options(parser: argparse.ArgumentParser, default_help: str) -> None:
     """--base and --base-config, as sample, merge, eval and demo take them (training: model.pretrained and
-    model.single_file_config)."""
-    parser.add_argument("--base", required=required, help="base model: hub id, diffusers folder or .safetensors file" + default)
+    model.single_file_config); each finds a base without --base, the one `default_help` names."""
+    parser.add_argument("--base", help="base model: hub id, diffusers folder or .safetensors file" + default_help)
     parser.add_argument(
         "--base-config",
         help="for a .safetensors/.ckpt base: a diffusers folder or hub id with the configs that describe it (needed offline)",
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  finetune sample --base finetune/assets/toyworld-base --controlnet outputs/controlnet "
         '--condition mask.png --prompt "a small red circle on a blue background, top left"',
     )
-    add_base_options(sample, required=False, default=RECORDED_BASE_HELP)
+    add_base_options(sample, default_help=RECORDED_BASE_HELP)
     sample.add_argument("--lora", action=OneLoRA, help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
     sample.add_argument("--lora-scale", type=finite_float, default=1.0, help="LoRA strength (default 1.0)")
     sample.add_argument("--controlnet", help="ControlNet folder (config.json + weights), or a controlnet training output folder")
@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  finetune merge --base stable-diffusion-v1-5/stable-diffusion-v1-5 --lora outputs/lora --strength 0.8 outputs/merged",
     )
     merge.add_argument("output_dir", help="folder for the merged pipeline")
-    add_base_options(merge, required=False, default=" (default: the base the --lora run recorded)")
+    add_base_options(merge, default_help=" (default: the base the --lora run recorded)")
     merge.add_argument("--lora", action=OneLoRA, required=True, help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
     merge.add_argument("--strength", type=finite_float, default=1.0, help="LoRA strength, as --lora-scale in sampling (default 1.0)")
     merge.add_argument("--overwrite", action="store_true", help="replace the contents of an existing output folder")

@@ -289,7 +289,7 @@ def add_demo_parser(commands) -> None:
         "seed with and without them in one grid. Offline; binds to 127.0.0.1.",
         epilog="example, then open http://127.0.0.1:7860:\n  finetune demo --base outputs/tiny-sd --adapters outputs",
     )
-    add_base_options(demo, required=False, default=" (default: the shipped toy-world base, else a tiny model in outputs/demo-base)")
+    add_base_options(demo, default_help=" (default: the shipped toy-world base, else a tiny model in outputs/demo-base)")
     demo.add_argument("--adapters", default=ADAPTERS_DEFAULT, help=f"folder scanned for adapters (default {ADAPTERS_DEFAULT})")
     demo.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     demo.add_argument("--port", type=port_number, default=7860, help="port (default 7860)")

@@ -43,7 +43,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         epilog=EVAL_EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_base_options(p, required=False, default=RECORDED_BASE_HELP)
+    add_base_options(p, default_help=RECORDED_BASE_HELP)
     p.add_argument("--lora", action=OneLoRA, help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
     p.add_argument("--lora-scale", type=finite_float, default=1.0, help="LoRA strength (default 1.0)")
     p.add_argument("--controlnet", help="ControlNet folder, or a controlnet training output folder (runs the control and placement suites)")
