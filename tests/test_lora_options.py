@@ -120,7 +120,7 @@ def test_a_rank_past_every_adapted_layer_is_refused_before_peft_allocates():
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from finetune.config import LoRAConfig
-    from finetune.methods.lora import add_lora
+    from finetune.methods.lora import add_lora, check_ranks_fit, conv_3x3_targets
     from finetune.tiny_model import build_tiny_pipeline
 
     pipeline = build_tiny_pipeline(seed=3)
@@ -135,11 +135,14 @@ def test_a_rank_past_every_adapted_layer_is_refused_before_peft_allocates():
          "lora.rank (33) is more than any adapted layer of the CLIPTextModel can use (the widest, encoder.layers.0.self_attn.q_proj: "
          "32 in, 32 out, is updated fully by a LoRA of rank 32): lower lora.rank to at most 32"),
     ]  # fmt: skip
+    def check(model, targets, settings) -> None:  # as LoRAMethod.configure_model checks them, before any add_lora
+        check_ranks_fit([(model, targets, conv_3x3_targets(model, targets) if settings.conv_rank is not None else [])], settings)
+
     for model, targets, settings, said in refused:
         with pytest.raises(FinetuneError) as raised:
-            add_lora(model, targets, torch.float32, settings)
+            check(model, targets, settings)
         assert str(raised.value) == said
-        assert not any(isinstance(module, BaseTunerLayer) for module in model.modules())  # refused before peft added a layer
     # Full rank of the widest layers is allowed, though the 32-wide ones take rank 64 no further than 32.
+    check(pipeline.unet, ["to_q", "conv1"], LoRAConfig(rank=64, conv_rank=64))
     add_lora(pipeline.unet, ["to_q", "conv1"], torch.float32, LoRAConfig(rank=64, conv_rank=64))
     assert any(isinstance(module, BaseTunerLayer) for module in pipeline.unet.modules())

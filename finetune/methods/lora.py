@@ -60,7 +60,7 @@ class LoRAMethod(UNetMethod):
         # One lora.rank for both models: a rank the UNet's wider layers use is kept though the text encoder's are narrower.
         check_ranks_fit([(model, targets, conv_3x3_targets(model, targets) if settings.conv_rank is not None else []) for model, targets in adapted], settings)
         for model, targets in adapted:
-            add_lora(model, targets, self.weight_dtype, settings, ranks_checked=True)
+            add_lora(model, targets, self.weight_dtype, settings)
         if settings.use_dora:
             self.start_lines.append("DoRA (lora.use_dora): each adapted layer also learns a magnitude per output channel")
         if settings.max_norm is not None:
@@ -185,15 +185,13 @@ def check_ranks_fit(adapted: list[tuple[torch.nn.Module, list[str], list[str]]],
                                 f"{inputs} in, {outputs} out, is updated fully by a LoRA of rank {useful}): lower lora.{key} to at most {useful}")  # fmt: skip
 
 
-def add_lora(model: torch.nn.Module, target_modules: list[str], weight_dtype: torch.dtype, settings, ranks_checked: bool = False) -> None:
+def add_lora(model: torch.nn.Module, target_modules: list[str], weight_dtype: torch.dtype, settings) -> None:
     """Freeze `model` in `weight_dtype` and attach a LoRA whose own weights stay fp32 (the 3x3
-    convolutions at lora.conv_rank where it is set). `ranks_checked`: `check_ranks_fit` ran over every model the
-    run adapts (the UNet and the text encoder), not this one alone."""
+    convolutions at lora.conv_rank where it is set). The ranks are the caller's to check first (`check_ranks_fit`, over
+    every model the run adapts: the UNet and the text encoder)."""
     check_targets(model, target_modules)
     convs = conv_3x3_targets(model, target_modules) if settings.conv_rank is not None else []
     conv_rank, conv_alpha = settings.conv_rank_alpha()
-    if not ranks_checked:
-        check_ranks_fit([(model, target_modules, convs)], settings)
     freeze(model, weight_dtype)
     model.train()  # LoRA dropout is active while training
     model.add_adapter(
