@@ -11,7 +11,7 @@ exact statements about the world rather than perceptual guesses:
 - :func:`frechet_distance`: a small FID on the classifier's features.
 
 ``images`` are lists of PIL images (any size; they are resized to 64 px for the
-classifier). ``model`` arguments default to the shipped classifier.
+classifier), scored by the shipped classifier.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from .world import ATTRIBUTES, parse_caption
 SEGMENT_THRESHOLD = 40.0
 
 
-def prompt_adherence(images, prompts, model=None) -> dict:
+def prompt_adherence(images, prompts) -> dict:
     """Share of images whose classified attributes match those their prompt names.
 
     Each prompt is parsed with :func:`world.parse_caption`; attributes it does not
@@ -41,7 +41,7 @@ def prompt_adherence(images, prompts, model=None) -> dict:
         raise ValueError("need one prompt per image")
     from .classifier import predict  # torch: loaded when images are scored, not when the command line is read
 
-    preds = predict(images, model)
+    preds = predict(images)
     hits = {k: [] for k in ATTRIBUTES}
     all_ok = []
     for pred, prompt in zip(preds, prompts):
@@ -55,7 +55,7 @@ def prompt_adherence(images, prompts, model=None) -> dict:
     return out
 
 
-def attribute_share(images, attribute: str, value: str, model=None) -> float:
+def attribute_share(images, attribute: str, value: str) -> float:
     """Share of images the classifier assigns ``attribute == value`` (e.g. style striped)."""
     if attribute not in ATTRIBUTES or value not in ATTRIBUTES[attribute]:
         raise ValueError(f"unknown {attribute}={value!r}")
@@ -63,19 +63,19 @@ def attribute_share(images, attribute: str, value: str, model=None) -> float:
         return float("nan")
     from .classifier import predict
 
-    return float(np.mean([p[attribute] == value for p in predict(images, model)]))
+    return float(np.mean([p[attribute] == value for p in predict(images)]))
 
 
-def subject_fidelity(images, subject_shape: str = "star", model=None) -> float:
+def subject_fidelity(images, subject_shape: str = "star") -> float:
     """Share of images classified as the subject shape.
 
     Apply to images generated from *subject* prompts (e.g. "a sks star" or "a photo of
     sks"): it measures how reliably the fine-tuned model draws the new subject.
     """
-    return attribute_share(images, "shape", subject_shape, model)
+    return attribute_share(images, "shape", subject_shape)
 
 
-def prior_drift(images, subject_shape: str = "star", model=None) -> float:
+def prior_drift(images, subject_shape: str = "star") -> float:
     """Share of *class-prompt* images that turned into the subject shape.
 
     Same classifier as :func:`subject_fidelity`, applied to images generated from
@@ -85,7 +85,7 @@ def prior_drift(images, subject_shape: str = "star", model=None) -> float:
     the subject everywhere: high drift. Lower is better; the base model's value is the
     baseline.
     """
-    return attribute_share(images, "shape", subject_shape, model)
+    return attribute_share(images, "shape", subject_shape)
 
 
 # ------------------------------------------------------------------------- ControlNet
@@ -109,33 +109,32 @@ def _as_mask(mask, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(img) > 127
 
 
-def segment(image: Image.Image, threshold: float = SEGMENT_THRESHOLD, smooth: bool = True) -> np.ndarray:
+def segment(image: Image.Image) -> np.ndarray:
     """bool mask of the foreground shape of a (generated) toy-world image.
 
     1. The background colour is the per-channel median of the border pixels (shapes
        never cover most of the border); ``distance`` is each pixel's RGB distance to it.
-    2. Noise floor: the cut is at least ``threshold`` and at least 3x the median
+    2. Noise floor: the cut is at least ``SEGMENT_THRESHOLD`` and at least 3x the median
        distance of the border pixels, so grainy backgrounds do not count as shape.
     3. Halo: blur and compression put in-between colours around high-contrast shapes,
        so the cut is raised to 0.4x the median distance of the pixels above the floor
        (a bit under the background/shape midpoint; 0.4 rather than 0.5 keeps the gray
        stripes of a white striped shape on black, at 187 vs. the body's 390).
-    4. With ``smooth``, selected pixels with fewer than 2 of their 8 neighbours also
+    4. Selected pixels with fewer than 2 of their 8 neighbours also
        selected are dropped (isolated speckles; removal only, clean masks keep ~all).
     """
     arr = np.asarray(image.convert("RGB"), dtype=np.float32)
     border = np.concatenate([arr[0], arr[-1], arr[1:-1, 0], arr[1:-1, -1]])
     background = np.median(border, axis=0)
     distance = np.linalg.norm(arr - background, axis=2)
-    cut = max(threshold, 3.0 * float(np.median(np.linalg.norm(border - background, axis=1))))
+    cut = max(SEGMENT_THRESHOLD, 3.0 * float(np.median(np.linalg.norm(border - background, axis=1))))
     mask = distance > cut
     if mask.any():
         mask = distance > max(cut, 0.4 * float(np.median(distance[mask])))
-    if smooth:
-        padded = np.pad(mask, 1, mode="edge").astype(np.uint8)
-        h, w = mask.shape
-        votes = sum(padded[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3))
-        mask &= votes >= 3  # the pixel itself + at least 2 neighbours
+    padded = np.pad(mask, 1, mode="edge").astype(np.uint8)
+    h, w = mask.shape
+    votes = sum(padded[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3))
+    mask &= votes >= 3  # the pixel itself + at least 2 neighbours
     return mask
 
 
@@ -144,7 +143,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def control_iou(images, masks, threshold: float = SEGMENT_THRESHOLD) -> float:
+def control_iou(images, masks) -> float:
     """Mean IoU between each image's segmented shape (:func:`segment`) and its control mask.
 
     ``masks`` are bool arrays or mask images (white shape on black), resized to the
@@ -152,22 +151,22 @@ def control_iou(images, masks, threshold: float = SEGMENT_THRESHOLD) -> float:
     """
     if len(images) != len(masks):
         raise ValueError("need one mask per image")
-    ious = [_iou(segment(im, threshold), _as_mask(m, im.size)) for im, m in zip(images, masks)]
+    ious = [_iou(segment(im), _as_mask(m, im.size)) for im, m in zip(images, masks)]
     return float(np.mean(ious))
 
 
-def chance_iou(images, masks, threshold: float = SEGMENT_THRESHOLD) -> float:
+def chance_iou(images, masks) -> float:
     """:func:`control_iou` with the masks shifted by one (image ``i`` vs. mask ``i+1``, a
     fixed derangement): the IoU a model ignoring its control would get by chance."""
     if len(images) < 2:
         raise ValueError("need at least two images")
-    return control_iou(images, list(masks[1:]) + [masks[0]], threshold)
+    return control_iou(images, list(masks[1:]) + [masks[0]])
 
 
 # ------------------------------------------------------------------------------ FID
 
 
-def frechet_distance(images_a, images_b, model=None) -> float:
+def frechet_distance(images_a, images_b) -> float:
     """Fréchet distance between gaussians fitted to the classifier features of two
     image sets (a small FID): ``|mu_a - mu_b|^2 + Tr(C_a + C_b - 2 (C_a C_b)^1/2)``.
 
@@ -178,7 +177,7 @@ def frechet_distance(images_a, images_b, model=None) -> float:
 
     from .classifier import extract_features
 
-    fa, fb = extract_features(images_a, model), extract_features(images_b, model)
+    fa, fb = extract_features(images_a), extract_features(images_b)
     mu_a, mu_b = fa.mean(0), fb.mean(0)
     ca, cb = np.cov(fa, rowvar=False), np.cov(fb, rowvar=False)
     covmean = linalg.sqrtm(ca @ cb)
