@@ -48,6 +48,9 @@ def generation_record(class_prompts: list[str], settings: ClassImageGeneration, 
 
 # A base's parts as diffusers lays them out (configs included: a scheduler config changes how images are sampled).
 BASE_PARTS = ("model_index.json", "unet", "text_encoder", "vae", "scheduler", "tokenizer")
+# How much of a file its digest reads: SAMPLE_SLICES evenly spaced slices of SLICE_BYTES (4 MiB; a smaller file whole).
+# The digests are in the class folders' records: other values would make every local base's class images again.
+SAMPLE_SLICES, SLICE_BYTES = 64, 65536
 
 
 def local_base_fingerprint(source: Path) -> str:
@@ -70,16 +73,16 @@ def base_files(source: Path) -> list[Path]:
     return files
 
 
-def file_sample_digest(path: Path, slices: int = 64, slice_bytes: int = 65536) -> str:
-    """A hash of the file's size and `slices` evenly spaced slices of it (the whole of a small file)."""
+def file_sample_digest(path: Path) -> str:
+    """A hash of the file's size and SAMPLE_SLICES evenly spaced slices of it (the whole of a small file)."""
     size = path.stat().st_size
     digest = hashlib.sha256(str(size).encode())
     with path.open("rb") as file:
-        if size <= slices * slice_bytes:
+        if size <= SAMPLE_SLICES * SLICE_BYTES:
             digest.update(file.read())
-        for i in range(slices if size > slices * slice_bytes else 0):
-            file.seek(size * i // slices)
-            digest.update(file.read(slice_bytes))
+        for i in range(SAMPLE_SLICES if size > SAMPLE_SLICES * SLICE_BYTES else 0):
+            file.seek(size * i // SAMPLE_SLICES)
+            digest.update(file.read(SLICE_BYTES))
     return digest.hexdigest()
 
 
