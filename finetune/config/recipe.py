@@ -12,10 +12,9 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from finetune.config.base import SamplingSteps, Section, Seed, UserPath
 from finetune.config.data import DataConfig
 from finetune.errors import FinetuneError
-from finetune.image_bounds import class_batch_problem
+from finetune.image_bounds import class_batch_problem, grid_problem
 from finetune.config.methods import ControlNetConfig, DreamBoothConfig, FullConfig, LoRAConfig, VAEConfig
 from finetune.config.training import DENOISING_SETTINGS, OptimizerConfig, TrainConfig
-from finetune.config.validation_grid import validation_grid_problem
 from finetune.prompt_options import PromptSettings, with_options
 from finetune.samplers import DEFAULT_SAMPLER, KARRAS_ON_ZERO_TERMINAL_SNR, SamplerName
 from finetune.validation_prompts import read_prompts_file
@@ -263,7 +262,16 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _validation_grid_fits(self) -> "Recipe":
-        if (problem := validation_grid_problem(self)) is not None:
+        """The validation grid (samples/step-N.png) is drawable and opens again: every image of a validation is held in
+        memory to draw it, and an image past PIL's decompression-bomb bound cannot be opened (finetune/image_bounds.py)."""
+        validation, controlnet = self.validation, self.method == "controlnet"
+        if not validation.all_prompts:
+            return self
+        rows = max(len(validation.all_prompts), len(self.controlnet.validation_conditions) if controlnet else 0)
+        fix = "lower validation.images_per_prompt" + (" or list fewer validation.prompts" if rows > 1 else "")
+        problem = grid_problem("validation grid", "validation.images_per_prompt", validation.images_per_prompt, rows, self.data.resolution,
+                               1 if controlnet else 0, fix)  # fmt: skip
+        if problem is not None:
             raise ValueError(problem)
         return self
 
