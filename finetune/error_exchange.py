@@ -143,10 +143,10 @@ def wait_for_error_readers() -> None:
     global _store_kept_for_readers
     if _store_kept_for_readers is not None:
         (store, readers), _store_kept_for_readers = _store_kept_for_readers, None
-        _wait_for_readers(store, ERROR_LINES_READ, readers)
+        _wait_for_readers(store, readers)
 
 
-def _wait_for_readers(store, read: str, others: int) -> None:
+def _wait_for_readers(store, others: int) -> None:
     """Keep the store up until the processes of every machine that failed too have read their first process's line (at once
     where all met it), or READ_WAIT has passed (those that did not fail never read it). Its process exiting at once, a process
     that had seen the line posted lost the store before reading it, and said the same line again; the first process of
@@ -154,7 +154,7 @@ def _wait_for_readers(store, read: str, others: int) -> None:
     this machine's processes as one of them exits) ends the wait, as does the store gone: the line is still said."""
     deadline = time.monotonic() + READ_WAIT.total_seconds()
     try:
-        while store.add(read, 0) < others and time.monotonic() < deadline:
+        while store.add(ERROR_LINES_READ, 0) < others and time.monotonic() < deadline:
             time.sleep(0.02)
     except (RuntimeError, KeyboardInterrupt):
         pass

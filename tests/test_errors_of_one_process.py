@@ -93,5 +93,5 @@ def test_the_first_process_keeps_the_store_up_as_long_as_another_waits_for_its_l
         def add(self, key, amount):
             return 1 if now[0] >= late else 0
 
-    error_exchange._wait_for_readers(Store(), error_exchange.ERROR_LINES_READ, others=1)
+    error_exchange._wait_for_readers(Store(), others=1)
     assert late <= now[0] < late + 1
