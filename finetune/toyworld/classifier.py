@@ -240,9 +240,9 @@ def predict(images, model=None, batch_size: int = 256) -> list[dict[str, str]]:
 
 
 @torch.no_grad()
-def extract_features(images, model=None, batch_size: int = 256) -> np.ndarray:
-    """Penultimate features (N, 128) as float64, for Fréchet distances."""
-    net = get_classifier(model)
+def extract_features(images, batch_size: int = 256) -> np.ndarray:
+    """Penultimate features (N, 128) of the shipped classifier as float64, for Fréchet distances."""
+    net = get_classifier()
     feats = [net.features(to_tensor(images[i : i + batch_size])) for i in range(0, len(images), batch_size)]
     return torch.cat(feats).double().numpy()
 
