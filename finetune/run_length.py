@@ -113,14 +113,12 @@ def run_sampler(layout: ItemLayout, train: TrainConfig, processes: int, process_
         raise unusable_position(resume_from, position, str(err)) from None
 
 
-def epoch_count(layout: ItemLayout, train: TrainConfig, processes: int, resume_from: Path | None, seed: int | None = None, sampler=None) -> EpochCount:
+def epoch_count(layout: ItemLayout, train: TrainConfig, processes: int, resume_from: Path | None, sampler=None) -> EpochCount:
     """This run's epochs; resumed from a checkpoint whose steps had other images (another number of processes,
     train.batch_size or gradient_accumulation_steps), its steps count at the global batch they had. With the run's
-    `seed`, from where the checkpoint's data stood (`finetune.data_order`): the epoch under way ends where its images do.
-    `sampler`: the run's own (`run_sampler`), read instead of dealing the data again (as `seed` does)."""
+    `sampler` (`run_sampler`), from where the checkpoint's data stood (`finetune.data_order`): the epoch under way ends
+    where its images do."""
     now = StepShape(train.batch_size, processes, train.gradient_accumulation_steps)
-    if sampler is None and seed is not None:
-        sampler = run_sampler(layout, train, processes, 0, seed, resume_from)
     batches_now = sampler.batches_per_epoch if sampler is not None else now.batches_per_epoch(layout)
     state = read_state(resume_from) if resume_from is not None else {}
     recorded = state.get("recipe") or {}  # (a checkpoint from before the recipe was kept: this run's settings)

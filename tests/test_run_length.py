@@ -14,7 +14,7 @@ from finetune.errors import FinetuneError
 from finetune.kohya import export_lora, load_lora, to_kohya
 from finetune.run_files import LORA_WEIGHTS_NAME
 from finetune.recipe_loading import load_recipe
-from finetune.run_length import STEPS_BY_SHAPE, EpochCount, due, epoch_count, planned_steps
+from finetune.run_length import STEPS_BY_SHAPE, EpochCount, due, epoch_count, planned_steps, run_sampler
 from finetune.trainer import train
 
 
@@ -153,14 +153,15 @@ def test_a_run_resumed_with_a_second_batch_counts_each_batchs_steps(make_recipe,
     now = make_recipe(train__batch_size=1).train
     del state["data_order"]  # where the position does not say the epochs: counted from each batch's steps, 1 + 0.5
     (checkpoint / STATE_FILE).write_text(json.dumps(state))
-    assert epoch_count(ItemLayout(None, 4), now, 1, checkpoint, seed=3).at(4) == 1.5
+    counted = lambda: epoch_count(ItemLayout(None, 4), now, 1, checkpoint, sampler=run_sampler(ItemLayout(None, 4), now, 1, 0, 3, checkpoint))
+    assert counted().at(4) == 1.5
     for other in ([[2, 1, 1, 2]], [[2, 1, 1, 2], [2, 1, 1, 2]]):  # not its 4 steps, or not ending at its recipe's batch (one edited): all at its last
         (checkpoint / STATE_FILE).write_text(json.dumps({**state, STEPS_BY_SHAPE: other}))
-        assert epoch_count(ItemLayout(None, 4), now, 1, checkpoint, seed=3).at(4) == 1.0
+        assert counted().at(4) == 1.0
     for wrong in ([[2, 1, 1, 3, 0]], [[2, 1, 1, 0]], [], "4"):
         (checkpoint / STATE_FILE).write_text(json.dumps({**state, STEPS_BY_SHAPE: wrong}))
         with pytest.raises(FinetuneError, match=rf"^checkpoint {checkpoint}: its {STEPS_BY_SHAPE} \(.*\) is not a list of .*resume from another checkpoint"):
-            epoch_count(ItemLayout(None, 4), now, 1, checkpoint, seed=3)
+            counted()
 
 
 def test_a_resume_on_other_processes_at_the_same_global_batch_says_it_stays(make_recipe, tmp_path):
