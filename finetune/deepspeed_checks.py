@@ -7,9 +7,11 @@ later) and a resumed checkpoint's files. `finetune.distributed.configure_deepspe
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 from finetune.config import Recipe
@@ -25,10 +27,27 @@ def launch_deepspeed_config() -> dict | None:
     """The DeepSpeed config this launch gives the run, as `Accelerator()` will read it; None when launched without DeepSpeed."""
     if not deepspeed_requested():
         return None
+    require_deepspeed_installed()
     require_config_file(os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none"))
     from accelerate.utils import DeepSpeedPlugin
 
     return DeepSpeedPlugin().deepspeed_config
+
+
+def require_deepspeed_installed() -> None:
+    """A DeepSpeed launch where the deepspeed package is missing (pyproject.toml installs it on Linux alone): `Accelerator()`
+    raised accelerate's ImportError with its traceback, once the data check had decoded every image."""
+    if importlib.util.find_spec("deepspeed") is not None:
+        return
+    fix = ('pip install "deepspeed>=0.16"' if sys.platform.startswith("linux") else
+           f"DeepSpeed is installed with finetune on Linux only, not on {PLATFORM_NAMES.get(sys.platform, sys.platform)}")
+    raise FinetuneError(
+        f"this launch runs under DeepSpeed (accelerate's distributed_type DEEPSPEED, as accelerate_config.yaml sets it), which is "
+        f"not installed: {fix}; or launch without DeepSpeed (accelerate launch --multi_gpu --num_processes N, or finetune train alone)"
+    )
+
+
+PLATFORM_NAMES = {"darwin": "macOS", "win32": "Windows"}
 
 
 def require_config_file(path: str) -> None:

@@ -214,3 +214,17 @@ def test_a_lora_init_from_of_other_ranks_or_layers_is_refused_before_the_data_ch
     save_file(weights, str(lora), metadata={"finetune.method": "lora"})
     line = refused_first(write_recipe(tmp_path, image_folder, lora={"init_from": str(lora)}))
     assert line.startswith(f"error: lora.init_from {lora}") and said in line, line
+
+
+def test_a_deepspeed_launch_without_deepspeed_installed_is_refused_before_the_data_check(image_folder, tmp_path, refused_first, monkeypatch):
+    """pyproject.toml installs DeepSpeed on Linux alone: a Mac launching accelerate_config.yaml got accelerate's ImportError
+    traceback from `Accelerator()`, once every image had been decoded."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` of a DEEPSPEED config sets
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(REPO / "configs" / "deepspeed" / "zero2.json"))
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # not found, as where it is not installed
+    recipe = write_recipe(tmp_path, image_folder)
+    launch_without = "or launch without DeepSpeed (accelerate launch --multi_gpu --num_processes N, or finetune train alone)"
+    missing = "error: this launch runs under DeepSpeed (accelerate's distributed_type DEEPSPEED, as accelerate_config.yaml sets it), which is not installed: "
+    assert refused_first(recipe) == missing + f'pip install "deepspeed>=0.16"; {launch_without}'
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert refused_first(recipe) == missing + f"DeepSpeed is installed with finetune on Linux only, not on macOS; {launch_without}"
