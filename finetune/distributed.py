@@ -148,9 +148,7 @@ def launch_problem(mixed_precision: str) -> str | None:
         # conv_norm_out for truth, which a compiled wrapper answers with a TypeError (torch 2.13, accelerate 1.15).
         return ("accelerate's regional compilation (--dynamo_use_regional_compilation) cannot run diffusers' UNet: "
                 "compile the whole UNet with --dynamo_backend inductor alone")  # fmt: skip
-    # The run's device is the CPU, whatever GPU the machine has: `accelerate launch --cpu`, or several processes without CUDA
-    # (a Mac's: joined over gloo on the CPU). There fp16 cannot run, and bf16 can.
-    on_the_cpu = bool(str_to_bool(os.environ.get("ACCELERATE_USE_CPU", "false"))) or accelerator_options().get("cpu", False)
+    on_the_cpu = launched_on_the_cpu()  # there fp16 cannot run, and bf16 can
     if dynamic_shapes_requested() and (on_the_cpu or not gpu_available()):
         # torch 2.13's inductor fails on the UNet compiled dynamic, in its first step (an InductorError comparing symbolic sizes).
         return ("accelerate's --dynamo_use_dynamic: inductor cannot compile diffusers' UNet with dynamic sizes on a CPU; "
@@ -164,6 +162,18 @@ def launch_problem(mixed_precision: str) -> str | None:
     if mixed_precision == "bf16" and not on_the_cpu and (missing := mps_without_bf16()):
         return f"train.mixed_precision bf16: {missing}: set train.mixed_precision: fp16 (or no), or update macOS"
     return None
+
+
+def launched_on_the_cpu() -> bool:
+    """Whether the run's device is the CPU, whatever GPU the machine has: `accelerate launch --cpu`, or several processes
+    without CUDA (a Mac's: joined over gloo on the CPU)."""
+    return bool(str_to_bool(os.environ.get("ACCELERATE_USE_CPU", "false"))) or accelerator_options().get("cpu", False)
+
+
+def trains_on_mps() -> bool:
+    """Whether accelerate will train on Apple's MPS: a Mac's GPU, in a launch not on the CPU."""
+    mps = getattr(torch.backends, "mps", None)
+    return not torch.cuda.is_available() and bool(mps and mps.is_available()) and not launched_on_the_cpu()
 
 
 def regional_compilation_requested() -> bool:

@@ -14,7 +14,7 @@ from finetune.config import OptimizerConfig
 from finetune.config.training import ADAMW_BETAS
 from finetune.console import warn
 from finetune.library_noise import quiet_paged_optimizer_on_cpu
-from finetune.optimizer_packages import BITSANDBYTES_OPTIMIZERS, check_optimizer_installed, say_bitsandbytes_fallback
+from finetune.optimizer_packages import BITSANDBYTES_OPTIMIZERS, check_optimizer_installed, eight_bit_step_missing, say_bitsandbytes_fallback
 
 
 def build_optimizer(config: OptimizerConfig, parameters: list, device: torch.device | None = None, sharded: bool = False) -> torch.optim.Optimizer:
@@ -34,17 +34,19 @@ def build_optimizer(config: OptimizerConfig, parameters: list, device: torch.dev
         try:
             import bitsandbytes as bnb
 
-            optimizer_class = getattr(bnb.optim, BITSANDBYTES_OPTIMIZERS[config.name])
-            extra = {} if config.name == "lion8bit" else {"eps": config.eps}  # Lion has no epsilon
-            optimizer = optimizer_class(parameters, **kwargs, **extra)
-            if config.name == "paged_adamw8bit" and (device or first_device(parameters)).type == "cpu":
-                warn("optimizer.name=paged_adamw8bit: paging needs a CUDA GPU, so on CPU the 8-bit states are kept unpaged, "
-                     "as adamw8bit keeps them: name adamw8bit for the same training without this warning")
-                quiet_paged_optimizer_on_cpu()  # the library's own copy, from every process
-            return optimizer
+            if (missing := eight_bit_step_missing((device or first_device(parameters)).type)) is None:  # else Apple's MPS
+                optimizer_class = getattr(bnb.optim, BITSANDBYTES_OPTIMIZERS[config.name])
+                extra = {} if config.name == "lion8bit" else {"eps": config.eps}  # Lion has no epsilon
+                optimizer = optimizer_class(parameters, **kwargs, **extra)
+                if config.name == "paged_adamw8bit" and (device or first_device(parameters)).type == "cpu":
+                    warn("optimizer.name=paged_adamw8bit: paging needs a CUDA GPU, so on CPU the 8-bit states are kept unpaged, "
+                         "as adamw8bit keeps them: name adamw8bit for the same training without this warning")
+                    quiet_paged_optimizer_on_cpu()  # the library's own copy, from every process
+                return optimizer
+            say_bitsandbytes_fallback(config.name, missing)  # unless `finetune train` said it before its data check
         except Exception as err:  # no CUDA/CPU backend, or bitsandbytes missing
-            say_bitsandbytes_fallback(config.name, f"cannot run here ({err})")  # unless `finetune train` said it before its data check
-            kwargs["betas"] = tuple(config.betas) if config.betas is not None else ADAMW_BETAS  # not Lion's own, for AdamW
+            say_bitsandbytes_fallback(config.name, f"cannot run here ({err})")  # as above
+        kwargs["betas"] = tuple(config.betas) if config.betas is not None else ADAMW_BETAS  # not Lion's own, for AdamW
     # One fused kernel for all tensors instead of a loop over them (CPU's default): LoRA has hundreds of
     # small tensors; the loop took ~5% of a cached LoRA step of the medium benchmark model.
     return torch.optim.AdamW(parameters, eps=config.eps, fused=fused_supported(parameters), **kwargs)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 from finetune.checked_once import kept_check
 from finetune.config import OptimizerConfig
@@ -23,11 +24,42 @@ def check_optimizer_installed(config: OptimizerConfig) -> None:
 
 
 def warn_bitsandbytes_missing(config: OptimizerConfig) -> None:
-    """An 8-bit optimizer.name where bitsandbytes is not installed: its fallback to AdamW, said by `finetune train` before
-    its data check (it came once every image was decoded, minutes late on a large folder). One installed that cannot run
-    here (a build for another CUDA) is found only by importing it (and torch): train() says that as it builds the optimizer."""
-    if config.name in BITSANDBYTES_OPTIMIZERS and importlib.util.find_spec("bitsandbytes") is None:
+    """An 8-bit optimizer.name where bitsandbytes is not installed, or (on a Mac) cannot step on its MPS: its fallback to
+    AdamW, said by `finetune train` before its data check (it came once every image was decoded, minutes late on a large
+    folder). One installed that cannot run here otherwise (a build for another CUDA) is found only by importing it (and
+    torch): train() says that as it builds the optimizer."""
+    if config.name not in BITSANDBYTES_OPTIMIZERS:
+        return
+    if importlib.util.find_spec("bitsandbytes") is None:
         say_bitsandbytes_fallback(config.name, "is not installed (pip install bitsandbytes for its 8-bit states)")
+    elif sys.platform == "darwin":  # MPS is macOS's alone: torch and bitsandbytes are imported only there
+        from finetune.distributed import trains_on_mps
+
+        if trains_on_mps() and (missing := eight_bit_step_missing("mps")):
+            say_bitsandbytes_fallback(config.name, missing)
+
+
+# The kernel that steps bitsandbytes' 8-bit optimizers (AdamW8bit, Lion8bit, their paged forms: block-wise 8-bit states).
+EIGHT_BIT_STEP = "bitsandbytes::optimizer_update_8bit_blockwise"
+
+
+def eight_bit_step_missing(device_type: str) -> str | None:
+    """Why bitsandbytes (imported here) cannot step its 8-bit optimizers on Apple's MPS, in words; None where it can, or on
+    another device. bitsandbytes installs on a Mac (0.50.2 has a macOS arm64 wheel), but registers that step for the CPU,
+    CUDA and XPU alone (its 32-bit one, for weights under 4096 values, for every device): on MPS the optimizer was built and
+    the run failed at its first step, once the model had loaded. Asked of torch's dispatcher as a call on an MPS tensor
+    would find its kernel, so a bitsandbytes that adds one is used."""
+    if device_type != "mps":
+        return None
+    import bitsandbytes  # registers its kernels
+    import torch
+
+    try:
+        if torch._C._dispatch_has_computed_kernel_for_dispatch_key(EIGHT_BIT_STEP, "MPS"):
+            return None
+    except RuntimeError:  # "operator ... does not exist": a bitsandbytes from before its torch operators, with no MPS kernels
+        pass
+    return f"{bitsandbytes.__version__} has no 8-bit optimizer step for Apple's MPS"  # said as "bitsandbytes 0.50.2 has no ..."
 
 
 def say_bitsandbytes_fallback(name: str, why: str) -> None:

@@ -147,3 +147,48 @@ def test_sample_out_of_mps_memory_is_one_line(tiny_model, tmp_path, monkeypatch,
     monkeypatch.setattr(finetune.inference, "generate_with_settings", out_of_memory)
     assert main(["sample", "--base", str(tiny_model), "--prompt", "a", "--resolution", "2048", "--out", str(tmp_path / "s")]) == 2
     assert capsys.readouterr().err.strip().endswith("error: out of memory sampling 2048x2048 px images: lower --resolution (this model's own is 64)")
+
+
+def test_8bit_optimizers_fall_back_to_adamw_on_mps_said_before_the_data_check(image_folder, tmp_path, monkeypatch, capsys):
+    """bitsandbytes installs on a Mac but has no 8-bit optimizer step for MPS: recipes/dreambooth.yaml's adamw8bit was built,
+    and the run failed at its first step, once the model had loaded. Now torch's AdamW, said once, before the data check."""
+    import sys
+
+    import yaml
+    from conftest import SHIPPED_BASE
+
+    import finetune.train_command
+    import finetune.train_inputs
+    from finetune.cli import main
+    from finetune.config import OptimizerConfig
+    from finetune.optim import build_optimizer
+
+    a_mac(monkeypatch, (14, 0))
+    monkeypatch.setattr(sys, "platform", "darwin")
+    said, built = {}, []
+
+    def data_check(recipe):
+        said["before the data check"] = capsys.readouterr().out
+
+    def training(recipe, args, base_location):  # train() as far as its optimizer, on the Mac's MPS, within the command
+        built.append(build_optimizer(recipe.optimizer, [torch.nn.Parameter(torch.zeros(4096))], torch.device("mps")))
+        said["by train()"] = capsys.readouterr().out
+        raise FinetuneError("stopped here by the test")
+
+    monkeypatch.setattr(finetune.train_inputs, "check_data_first", data_check)
+    monkeypatch.setattr(finetune.train_command, "_run_training", training)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"pretrained": str(SHIPPED_BASE)}, "output_dir": str(tmp_path / "run"), "optimizer": {"name": "adamw8bit"},
+                                      "data": {"image_dir": str(image_folder), "resolution": 64}, "validation": {"prompts": []}}))  # fmt: skip
+    assert main(["train", str(recipe)]) == 2
+    import bitsandbytes
+
+    fallback = (f"warning: optimizer.name=adamw8bit: bitsandbytes {bitsandbytes.__version__} has no 8-bit optimizer step for Apple's MPS; "
+                "falling back to torch AdamW (32-bit states)")  # fmt: skip
+    assert said["before the data check"].count(fallback) == 1, said
+    assert "bitsandbytes" not in said["by train()"], said
+    assert type(built[0]) is torch.optim.AdamW
+    lion = build_optimizer(OptimizerConfig(name="lion8bit", lr=1e-4), [torch.nn.Parameter(torch.zeros(4096))], torch.device("mps"))
+    assert type(lion) is torch.optim.AdamW and lion.param_groups[0]["betas"] == (0.9, 0.999)  # AdamW's betas, not Lion's own
+    cpu = build_optimizer(OptimizerConfig(name="adamw8bit", lr=1e-4), [torch.nn.Parameter(torch.zeros(4096))], torch.device("cpu"))
+    assert type(cpu) is bitsandbytes.optim.AdamW8bit  # the Mac's CPU (accelerate launch --cpu) steps it
