@@ -31,10 +31,12 @@ def build_optimizer(config: OptimizerConfig, parameters: list, device: torch.dev
         # its factored second moments (a row and a column per matrix) are what make it small.
         return Adafactor(parameters, lr=config.lr, weight_decay=config.weight_decay, scale_parameter=False, relative_step=False)
     if config.name in BITSANDBYTES_OPTIMIZERS:
-        try:
-            import bitsandbytes as bnb
+        if missing := eight_bit_step_missing((device or first_device(parameters)).type):  # Apple's MPS
+            say_bitsandbytes_fallback(config.name, missing)  # unless `finetune train` said it before its data check
+        else:
+            try:
+                import bitsandbytes as bnb
 
-            if (missing := eight_bit_step_missing((device or first_device(parameters)).type)) is None:  # else Apple's MPS
                 optimizer_class = getattr(bnb.optim, BITSANDBYTES_OPTIMIZERS[config.name])
                 extra = {} if config.name == "lion8bit" else {"eps": config.eps}  # Lion has no epsilon
                 optimizer = optimizer_class(parameters, **kwargs, **extra)
@@ -43,9 +45,8 @@ def build_optimizer(config: OptimizerConfig, parameters: list, device: torch.dev
                          "as adamw8bit keeps them: name adamw8bit for the same training without this warning")
                     quiet_paged_optimizer_on_cpu()  # the library's own copy, from every process
                 return optimizer
-            say_bitsandbytes_fallback(config.name, missing)  # unless `finetune train` said it before its data check
-        except Exception as err:  # no CUDA/CPU backend, or bitsandbytes missing
-            say_bitsandbytes_fallback(config.name, f"cannot run here ({err})")  # as above
+            except Exception as err:  # no CUDA/CPU backend, or bitsandbytes missing
+                say_bitsandbytes_fallback(config.name, f"cannot run here ({err})")  # as above
         kwargs["betas"] = tuple(config.betas) if config.betas is not None else ADAMW_BETAS  # not Lion's own, for AdamW
     # One fused kernel for all tensors instead of a loop over them (CPU's default): LoRA has hundreds of
     # small tensors; the loop took ~5% of a cached LoRA step of the medium benchmark model.

@@ -30,13 +30,15 @@ def warn_bitsandbytes_missing(config: OptimizerConfig) -> None:
     torch): train() says that as it builds the optimizer."""
     if config.name not in BITSANDBYTES_OPTIMIZERS:
         return
-    if importlib.util.find_spec("bitsandbytes") is None:
-        say_bitsandbytes_fallback(config.name, "is not installed (pip install bitsandbytes for its 8-bit states)")
-    elif sys.platform == "darwin":  # MPS is macOS's alone: torch and bitsandbytes are imported only there
+    if sys.platform == "darwin":  # MPS is macOS's alone: torch (and bitsandbytes, where installed) are imported only there
         from finetune.distributed import trains_on_mps
 
-        if trains_on_mps() and (missing := eight_bit_step_missing("mps")):
-            say_bitsandbytes_fallback(config.name, missing)
+        if trains_on_mps():  # installing bitsandbytes would not help there: no "pip install" advice
+            if missing := eight_bit_step_missing("mps"):
+                say_bitsandbytes_fallback(config.name, missing)
+            return
+    if importlib.util.find_spec("bitsandbytes") is None:
+        say_bitsandbytes_fallback(config.name, "is not installed (pip install bitsandbytes for its 8-bit states)")
 
 
 # The kernel that steps bitsandbytes' 8-bit optimizers (AdamW8bit, Lion8bit, their paged forms: block-wise 8-bit states).
@@ -44,22 +46,23 @@ EIGHT_BIT_STEP = "bitsandbytes::optimizer_update_8bit_blockwise"
 
 
 def eight_bit_step_missing(device_type: str) -> str | None:
-    """Why bitsandbytes (imported here) cannot step its 8-bit optimizers on Apple's MPS, in words; None where it can, or on
-    another device. bitsandbytes installs on a Mac (0.50.2 has a macOS arm64 wheel), but registers that step for the CPU,
-    CUDA and XPU alone (its 32-bit one, for weights under 4096 values, for every device): on MPS the optimizer was built and
-    the run failed at its first step, once the model had loaded. Asked of torch's dispatcher as a call on an MPS tensor
-    would find its kernel, so a bitsandbytes that adds one is used."""
+    """Why bitsandbytes cannot step its 8-bit optimizers on Apple's MPS, in words; None where it can, or on another device.
+    It registers that step for the CPU, CUDA and XPU alone (0.50.2; its 32-bit one, for weights under 4096 values, for
+    every device): on MPS the optimizer was built and the run failed at its first step, once the model had loaded. Asked
+    of torch's dispatcher as a call on an MPS tensor would find its kernel, so a bitsandbytes that adds one is used; not
+    installed (pyproject.toml leaves it out on macOS), it has none either."""
     if device_type != "mps":
         return None
-    import bitsandbytes  # registers its kernels
-    import torch
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        import bitsandbytes  # noqa: F401  (registers its kernels)
+        import torch
 
-    try:
-        if torch._C._dispatch_has_computed_kernel_for_dispatch_key(EIGHT_BIT_STEP, "MPS"):
-            return None
-    except RuntimeError:  # "operator ... does not exist": a bitsandbytes from before its torch operators, with no MPS kernels
-        pass
-    return f"{bitsandbytes.__version__} has no 8-bit optimizer step for Apple's MPS"  # said as "bitsandbytes 0.50.2 has no ..."
+        try:
+            if torch._C._dispatch_has_computed_kernel_for_dispatch_key(EIGHT_BIT_STEP, "MPS"):
+                return None
+        except RuntimeError:  # "operator ... does not exist": a bitsandbytes from before its torch operators, with no MPS kernels
+            pass
+    return "has no 8-bit optimizer step for Apple's MPS"
 
 
 def say_bitsandbytes_fallback(name: str, why: str) -> None:
