@@ -102,3 +102,28 @@ def test_in_a_log_the_table_keeps_the_longest_variant_and_every_column_whole(cap
     print_table({"settings": settings, "machine": machine, "results": [row]})
     out = capsys.readouterr().out
     assert "…" not in out and longest in out and all(column in out for column in COLUMNS)
+
+
+def test_on_a_macs_gpu_the_window_waits_for_it_and_the_memory_is_its_allocators(make_recipe, monkeypatch):
+    """Apple's MPS, simulated: accelerate trains there, asynchronously, as on CUDA. The bench timed it as a CPU (the
+    window's ends did not wait for the GPU: it measured the steps queued), named the device "cpu" and reported the
+    process's RSS. Now its ends wait, and the peak is MPS's allocated memory read at each step's end (it has no peak)."""
+    from finetune.bench.report import memory_label
+
+    allocated, waits = {"now": 100 * MB}, []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "current_allocated_memory", lambda: allocated["now"])
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: waits.append(allocated["step"]))
+
+    def fake_train(recipe, on_step, overwrite):
+        for step in range(1, 6):
+            allocated.update(step=step, now=(100 + {1: 900, 4: 300}.get(step, 10)) * MB)  # still allocated at the step's end
+            on_step(step)
+        return SimpleNamespace(losses=[1.0] * 5)
+
+    row = measure_with(make_recipe, fake_train, monkeypatch, warmup=2, steps=3)
+    assert waits == [2, 5]  # the timed window's two ends
+    assert (row["device"], row["memory_kind"]) == ("mps", "mps allocated at step ends")
+    assert (row["peak_memory_mb"], row["timed_peak_memory_mb"], row["baseline_memory_mb"]) == (1000, 400, 100)
+    assert memory_label({"results": [row]}) == "peak MB (mps allocated at step ends)"

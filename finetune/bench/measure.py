@@ -71,6 +71,8 @@ def reset_peak_rss() -> bool:
     return True
 
 
+MPS_MEMORY = "mps allocated at step ends"  # a row's memory_kind on a Mac's GPU (see measure)
+
 # What torch says (`torch.cuda.set_sync_debug_mode("warn")`) when the host waits for the GPU.
 SYNC_WARNING = "called a synchronizing CUDA operation"
 
@@ -84,22 +86,34 @@ def measure(spec: dict) -> dict:
     import torch
 
     from finetune.bench.compiled_check import CompiledCheck  # torch: here, as above (tests/test_bench's peak of a bare process)
+    from finetune.distributed import trains_on_mps
     from finetune.recipe_loading import recipe_from_dict
     from finetune.trainer import train
 
     recipe = recipe_from_dict(spec["recipe"], source=f"bench variant {spec['name']}")
     warmup, steps = spec["warmup"], spec["steps"]
     cuda = torch.cuda.is_available()
-    marks: dict = {"ends": [], "untimed_ends": [], "syncs": {}, "step": 0}
+    # A Mac's GPU, where accelerate trains: asynchronous as CUDA is (the window's ends wait for it), and its allocator has
+    # no peak to read, so its allocated memory is read at each step's end (a step's own activations, freed within it, are
+    # not seen). Timed as the CPU's, the window measured the steps queued, and the memory was the process's RSS.
+    mps = not cuda and trains_on_mps()
+    marks: dict = {"ends": [], "untimed_ends": [], "syncs": {}, "step": 0, "mps_peak": 0}
     checker = CompiledCheck() if spec.get("check_compiled") else None  # a compiled variant: are its gradients eager's?
     if spec.get("cudnn_benchmark"):  # cuDNN times its algorithms for each new convolution shape and keeps the fastest
         torch.backends.cudnn.benchmark = True
-    baseline = torch.cuda.memory_allocated() / 2**20 if cuda else peak_rss_mb()
+    baseline = torch.cuda.memory_allocated() / 2**20 if cuda else torch.mps.current_allocated_memory() / 2**20 if mps else peak_rss_mb()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
 
     def peak_mb() -> float:
+        if mps:
+            marks["mps_peak"] = max(marks["mps_peak"], torch.mps.current_allocated_memory())
+            return marks["mps_peak"] / 2**20
         return torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mb()
+
+    def restart_mps_peak() -> bool:
+        marks["mps_peak"] = torch.mps.current_allocated_memory()
+        return True
 
     def restart_peak() -> bool:
         """The peak from here on: the timed steps' own. The warm-up's peak can be higher (a cached variant's
@@ -108,7 +122,7 @@ def measure(spec: dict) -> dict:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             return True
-        return reset_peak_rss()
+        return restart_mps_peak() if mps else reset_peak_rss()
 
     def mark_untimed(step: int, now: float) -> None:
         marks["untimed_ends"].append(round(now - started, 1))
@@ -127,7 +141,7 @@ def measure(spec: dict) -> dict:
         after = peak_mb()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        restarted = cuda or reset_peak_rss()  # else the OS keeps the check's peak in the run's
+        restarted = cuda or (restart_mps_peak() if mps else reset_peak_rss())  # else the OS keeps the check's peak in the run's
         marks["peak_before_check_mb"] = before if restarted else after
         marks["compiled_check"] = check
         if spec.get("check_file"):  # for the bench, should a deadline stop this process before it writes its row
@@ -138,6 +152,8 @@ def measure(spec: dict) -> dict:
         # per step, which the training loop avoids so that the CPU queues a step's kernels while the GPU runs the
         # last ones; waiting each step here measured a loop that could never overlap them.
         marks["step"] = step
+        if mps:
+            peak_mb()  # this step's end, read into the peak
         if step == 1 and checker is not None:
             mark_untimed(step, time.perf_counter())  # the compile's end, before the check
             check_compiled()
@@ -145,6 +161,8 @@ def measure(spec: dict) -> dict:
             torch.cuda.set_sync_debug_mode(0)  # the window's end: the wait below is the benchmark's own
         if cuda and step in (warmup, warmup + steps):
             torch.cuda.synchronize()
+        if mps and step in (warmup, warmup + steps):
+            torch.mps.synchronize()
         if step == warmup:
             marks["window_peak_restarted"] = restart_peak()
         if cuda and step == warmup:
@@ -196,7 +214,7 @@ def measure(spec: dict) -> dict:
         "peak_memory_mb": marks["peak_mb"],
         "timed_peak_memory_mb": marks["timed_peak_mb"],
         "baseline_memory_mb": baseline,
-        "memory_kind": "cuda max allocated" if cuda else "max RSS",
+        "memory_kind": "cuda max allocated" if cuda else MPS_MEMORY if mps else "max RSS",
         # CPU seconds of all this process's threads: per step, and per wall second (well under the thread
         # count: the process waited, for other processes on a shared machine or for a GPU). With one thread
         # on a busy CPU, CPU seconds per step are close to the wall time the step takes on an idle one.
@@ -206,7 +224,7 @@ def measure(spec: dict) -> dict:
         # Seconds from the process's start to the end of each untimed step: the first step's compile shows here.
         "untimed_step_ends": marks["untimed_ends"],
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "device": torch.cuda.get_device_name() if cuda else "mps" if mps else "cpu",
         "torch_threads": torch.get_num_threads(),
     }
     if "compiled_check" in marks:  # the compiled module's gradients against eager's, on the first step's inputs

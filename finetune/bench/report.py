@@ -8,6 +8,8 @@ import platform
 import sys
 from pathlib import Path
 
+from finetune.bench.measure import MPS_MEMORY
+
 
 def median_run(runs: list[dict]) -> dict:
     """Of several fresh-process runs of one variant, the one with the median seconds per step (a failure wins), with
@@ -133,8 +135,9 @@ def row_cells(row: dict) -> list[str]:
 
 
 def memory_label(report: dict) -> str:
-    on_gpu = any(row.get("memory_kind") == "cuda max allocated" for row in report["results"])
-    return "peak MB (cuda max allocated)" if on_gpu else "peak MB (max RSS)"
+    kinds = [row.get("memory_kind") for row in report["results"]]
+    kind = next((gpu for gpu in ("cuda max allocated", MPS_MEMORY) if gpu in kinds), "max RSS")
+    return f"peak MB ({kind})"
 
 
 def print_table(report: dict) -> None:
