@@ -16,10 +16,17 @@ from finetune.errors import FinetuneError
 
 def launcher_command_line() -> list[str]:
     """The command line of this process's parent, which under `accelerate launch` (its standard launcher) is the launcher
-    itself; empty where it cannot be read (no /proc: not Linux)."""
+    itself; empty where it cannot be read. /proc on Linux; elsewhere (macOS, Windows) psutil's, where /proc is missing:
+    this read [] there, so a launch there that asked for several processes and started one trained on, unsaid."""
     try:
         return Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
     except OSError:
+        pass
+    import psutil
+
+    try:
+        return psutil.Process(os.getppid()).cmdline()
+    except psutil.Error:  # gone, or not this user's to read
         return []
 
 

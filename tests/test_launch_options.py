@@ -60,3 +60,27 @@ def test_finetune_train_refuses_its_launch_before_the_data_check_decodes_every_i
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and said in err[0], err
     assert not (tmp_path / "run").exists()  # nothing made for a launch refused
+
+
+def test_the_launchers_command_line_is_read_without_proc_as_on_macos_and_windows(monkeypatch):
+    """Without /proc (macOS, Windows) the launcher's command line read as empty: `accelerate launch --num_processes 2`
+    that started one process (no --multi_gpu) trained on there at half the global batch asked, unsaid. psutil reads it."""
+    import os
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import psutil
+
+    real_read = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: (_ for _ in ()).throw(FileNotFoundError(self)) if str(self).startswith("/proc/") else real_read(self))
+    parents = {os.getppid(): [*LAUNCHER, "--num_processes", "2", *SCRIPT]}
+    monkeypatch.setattr(psutil, "Process", lambda pid: SimpleNamespace(cmdline=lambda: parents[pid]))
+    assert launch_options.launcher_command_line() == [*LAUNCHER, "--num_processes", "2", *SCRIPT]
+    with pytest.raises(FinetuneError, match=r"^accelerate launch --num_processes 2 started this run as 1 process"):
+        launch_options.check_processes_started(1)
+
+    def gone(pid):
+        raise psutil.NoSuchProcess(pid)
+
+    monkeypatch.setattr(psutil, "Process", gone)
+    assert launch_options.launcher_command_line() == []
