@@ -93,21 +93,43 @@ def schedule_factor(config: OptimizerConfig, max_steps: int, step: int) -> float
     return build_lr_scheduler(config, probe, max_steps).lr_lambdas[0](step)
 
 
-def schedule_change_line(config: OptimizerConfig, checkpoint_name: str, step: int, old_steps: int | None, new_steps: int) -> str | None:
+# The settings that shape a schedule besides its length; a checkpoint keeps them among its recipe's (flat settings).
+SCHEDULE_KEYS = ("scheduler", "warmup_steps", "num_cycles")
+
+
+def schedule_as_recorded(config: OptimizerConfig, settings: dict) -> OptimizerConfig:
+    """The schedule a checkpoint trained on: `config` with the checkpoint's recorded optimizer.scheduler, warmup_steps and
+    num_cycles (`settings`, flat); a key it lacks is a setting added since it was made, so this run's (as changed_settings reads it)."""
+    return config.model_copy(update={key: settings[f"optimizer.{key}"] for key in SCHEDULE_KEYS if f"optimizer.{key}" in settings})
+
+
+def schedule_change_line(then: OptimizerConfig, now: OptimizerConfig, checkpoint_name: str, step: int, old_steps: int | None,
+                         new_steps: int) -> str | None:  # fmt: skip
     """A warning where a resume changes the run's length under a schedule that follows it (linear, cosine, cosine_with_restarts).
     The schedule is built again for the new length and continues at the checkpoint's step, as diffusers' and
-    sd-scripts' trainers do on a resume; they say nothing of the jump in the learning rate, we say it."""
+    sd-scripts' trainers do on a resume; they say nothing of the jump in the learning rate, we say it. `then`: the
+    checkpoint's schedule (`schedule_as_recorded`), `now`: this run's; each side is laid out with its own settings."""
     if old_steps is None or old_steps == new_steps:
         return None
     shorter = min(old_steps, new_steps)  # where one schedule has decayed to 0 and the other has not
-    if schedule_factor(config, old_steps, shorter) == schedule_factor(config, new_steps, shorter):
-        return None  # constant schedules (past any warm-up): the length does not shape them
-    before, after = schedule_factor(config, old_steps, step), schedule_factor(config, new_steps, step)
-    said = (f"warning: {checkpoint_name} was trained on a {config.scheduler} schedule of {old_steps} steps, this run has {new_steps}: "
+
+    def shaped_by_length(config: OptimizerConfig) -> bool:  # not a constant schedule (past any warm-up)
+        return schedule_factor(config, old_steps, shorter) != schedule_factor(config, new_steps, shorter)
+
+    if not (shaped_by_length(then) or shaped_by_length(now)):
+        return None
+    before, after = schedule_factor(then, old_steps, step), schedule_factor(now, new_steps, step)
+    this_run = str(new_steps) if schedule_named(then) == schedule_named(now) else f"a {schedule_named(now)} schedule of {new_steps} steps"
+    said = (f"warning: {checkpoint_name} was trained on a {schedule_named(then)} schedule of {old_steps} steps, this run has {this_run}: "
             f"the schedule is laid out again over {new_steps} steps, so ")
     if abs(before - after) < 1e-6:  # in the warm-up: the same rate now, another decay later
         return said + f"the learning rate decays to 0 at step {new_steps}, not {old_steps}"
-    return said + f"at step {step} the learning rate goes from {before:.0%} to {after:.0%} of optimizer.lr ({config.lr:g}) and decays to 0 at step {new_steps}"
+    return said + f"at step {step} the learning rate goes from {before:.0%} to {after:.0%} of optimizer.lr ({now.lr:g}) and decays to 0 at step {new_steps}"
+
+
+def schedule_named(config: OptimizerConfig) -> str:
+    """"cosine", or "cosine_with_restarts (3 cycles)": how the line above names a schedule."""
+    return config.scheduler + (f" ({config.num_cycles} cycles)" if config.scheduler == "cosine_with_restarts" and config.num_cycles > 1 else "")
 
 
 def apply_recipe_settings(optimizer: torch.optim.Optimizer, lr_scheduler, group_lrs: list[float], config: OptimizerConfig) -> None:

@@ -29,7 +29,7 @@ from finetune.counts import counted
 from finetune.data_order import OutsideTheData, continues, recorded_position, unusable_position
 from finetune.earlier_run import finish_a_finished_runs_saves
 from finetune.errors import FinetuneError
-from finetune.optim import schedule_change_line
+from finetune.optim import schedule_as_recorded, schedule_change_line
 
 STEPS_BY_SHAPE = "steps_by_batch"  # checkpoint state: [batch_size, processes, accumulation, steps] each, in order
 
@@ -250,7 +250,8 @@ def resume_warnings(checkpoint: Path, state: dict, recipe: Recipe, max_steps: in
         lines.append(f"warning: {checkpoint.name} was trained by {processes_named(processes_then)}, this run has {processes}: the global batch {change}")
     # The planned steps (kept since they were: train.max_epochs counts them from the data), else the recipe's.
     steps_then = state.get("max_steps", (state.get("recipe") or {}).get("train.max_steps"))
-    if line := schedule_change_line(recipe.optimizer, checkpoint.name, state["step"], steps_then, max_steps):
+    schedule_then = schedule_as_recorded(recipe.optimizer, state.get("recipe") or {})
+    if line := schedule_change_line(schedule_then, recipe.optimizer, checkpoint.name, state["step"], steps_then, max_steps):
         keep = recipe.train.max_epochs is None and state["step"] < steps_then  # (a run of epochs changes length with the processes)
         lines.append(line + (f"; to keep the old schedule, resume with train.max_steps={steps_then}" if keep else ""))
     return lines
