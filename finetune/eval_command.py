@@ -161,13 +161,12 @@ def check_subject_options_are_read(args, suites) -> None:
             raise FinetuneError(f"--{name.replace('_', '-')} writes the prompts of {which}, which this eval does not run: add {wanted}, or leave it out")
 
 
-def recorded_as_found(args) -> str | None:
-    """The base the adapter's run recorded, found as `sample` finds it without --base: a relative path from the folders
-    above the adapter too, so the report of a run scored from another folder, on that same base, is not named -on-<base>."""
-    from finetune.adapter_records import adapter_base, found_from_adapter
+def recorded_as_found(recorded: str | None, adapter: str) -> str | None:
+    """The base the adapter's run recorded (`recorded`), found as `sample` finds it without --base: a relative path from the
+    folders above `adapter` too, so the report of a run scored from another folder, on that same base, is not named -on-<base>."""
+    from finetune.adapter_records import found_from_adapter
 
-    recorded = adapter_base(args.lora, args.controlnet)
-    return recorded and (found_from_adapter(recorded, args.lora or args.controlnet) or recorded)
+    return recorded and (found_from_adapter(recorded, adapter) or recorded)
 
 
 def run_eval_command(args) -> int:
@@ -188,11 +187,13 @@ def run_eval_command(args) -> int:
 
     for note in guidance_notes([PromptSettings("", None, args.seed, args.guidance, args.steps)]):
         print(f"note: {note}")
-    recorded = recorded_as_found(args) if args.base else base  # without --base, it is the recorded one
-    prompt_parts = subject_prompt_parts(suites, args.identifier, args.class_word, args.subject)
-    out = Path(args.out) if args.out else default_out(base, args.lora, args.controlnet, suites, args.lora_scale, args.conditioning_scale, recorded, prompt_parts)
-    check_report_path(out)
     from finetune.adapter_records import adapter_base  # pydantic, through the base's finders: after the quick refusals above
+
+    recorded = adapter_base(args.lora, args.controlnet)  # the base the adapter's run recorded (its header or metadata file)
+    found = recorded_as_found(recorded, args.lora or args.controlnet) if args.base else base  # without --base, it is the recorded one
+    prompt_parts = subject_prompt_parts(suites, args.identifier, args.class_word, args.subject)
+    out = Path(args.out) if args.out else default_out(base, args.lora, args.controlnet, suites, args.lora_scale, args.conditioning_scale, found, prompt_parts)
+    check_report_path(out)
     from finetune.base_names import shared_base_name
 
     result = run_eval(
@@ -201,7 +202,7 @@ def run_eval_command(args) -> int:
         controlnet=args.controlnet, conditioning_scale=args.conditioning_scale, out=out, base_config=args.base_config,
         # Without --base, by name as shared files name it (finetune.base_names; an older output's recorded path too): not
         # the path on this machine its run's base_paths.json gave, which no one typed, in a report left in the run folder.
-        base_as=None if args.base else shared_base_name(adapter_base(args.lora, args.controlnet) or base),
+        base_as=None if args.base else shared_base_name(recorded or base),
     )  # fmt: skip
     print_table(result)
     print(f"wrote {out}")
