@@ -81,11 +81,16 @@ def recorded_options(metadata: dict[str, str], kind: str, named: str = "the Cont
 def recorded_conditioning(metadata: dict[str, str]) -> str | None:
     """'canny (low 20, high 40, sigma 1)': how a ControlNet's training images were made (its finetune.conditioning), if known."""
     try:
-        record = json.loads(metadata["finetune.conditioning"])
-        options = ", ".join(f"{name} {value:g}" for name, value in record.items() if name != "kind")
-        return f"{record['kind']} ({options})" if options else str(record["kind"])
+        return conditioning_named(json.loads(metadata["finetune.conditioning"]))
     except (KeyError, ValueError, TypeError, AttributeError):  # not recorded, or not by us
         return None
+
+
+def conditioning_named(record: dict) -> str:
+    """'canny (low 20, high 40, sigma 1)': how conditioning images were made, from their record ({"kind": ..., its options}).
+    A record not by us (no kind, an option of no number) raises KeyError, ValueError or TypeError."""
+    options = ", ".join(f"{name} {value:g}" for name, value in record.items() if name != "kind")
+    return f"{record['kind']} ({options})" if options else str(record["kind"])
 
 
 # What sample and the data check advise where a conditioning image is unlike its kind ("{kind}" filled in by kind_mismatch_line).

@@ -198,9 +198,9 @@ class ControlNetMethod(DiffusionMethod):
 
     def _inherited_line(self) -> str:
         """Where the data folder records no conditioning kind: that the outputs record the one controlnet.pretrained does."""
-        from finetune.conditioning_records import recorded_conditioning
+        from finetune.conditioning_records import conditioning_named
 
-        made = recorded_conditioning({"finetune.conditioning": json.dumps(self.inherited_conditioning)})
+        made = conditioning_named(self.inherited_conditioning)  # checked as it was taken (conditioning_records.inherited_record)
         folder = self.recipe.data.image_dir or self.recipe.data.dataset
         data = f"the data folder {folder}" if folder else "the training data"
         return (f"{data} records no conditioning kind (no conditioning.json, which finetune make-conditions writes): the outputs "
