@@ -29,7 +29,7 @@ from finetune.counts import counted
 from finetune.data_order import OutsideTheData, continues, recorded_position, unusable_position
 from finetune.earlier_run import finish_a_finished_runs_saves
 from finetune.errors import FinetuneError
-from finetune.optim import schedule_as_recorded, schedule_change_line
+from finetune.optim import SCHEDULE_KEYS, schedule_as_recorded, schedule_change_line
 
 STEPS_BY_SHAPE = "steps_by_batch"  # checkpoint state: [batch_size, processes, accumulation, steps] each, in order
 
@@ -253,5 +253,8 @@ def resume_warnings(checkpoint: Path, state: dict, recipe: Recipe, max_steps: in
     schedule_then = schedule_as_recorded(recipe.optimizer, state.get("recipe") or {})
     if line := schedule_change_line(schedule_then, recipe.optimizer, checkpoint.name, state["step"], steps_then, max_steps):
         keep = recipe.train.max_epochs is None and state["step"] < steps_then  # (a run of epochs changes length with the processes)
-        lines.append(line + (f"; to keep the old schedule, resume with train.max_steps={steps_then}" if keep else ""))
+        # With the checkpoint's schedule settings too, where this recipe changed them (the length alone would not keep it).
+        settings = [f"train.max_steps={steps_then}"] + [f"optimizer.{key}={getattr(schedule_then, key)}" for key in SCHEDULE_KEYS
+                                                         if getattr(schedule_then, key) != getattr(recipe.optimizer, key)]  # fmt: skip
+        lines.append(line + (f"; to keep the old schedule, resume with {', '.join(settings)}" if keep else ""))
     return lines

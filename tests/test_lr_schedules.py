@@ -57,7 +57,7 @@ def test_a_warm_up_given_as_a_share_of_the_run_is_said_to_count_steps():
 
 def test_a_resume_that_changes_the_length_lays_out_each_side_with_its_own_schedule(make_recipe, tmp_path):
     """A checkpoint of 1 cycle over 10 steps resumed at step 4 for 3 cycles over 20: the old side was laid out with the new
-    num_cycles (90% at step 4, where its own 1 cycle gave 65%)."""
+    num_cycles (90% at step 4, where its own 1 cycle gave 65%), and train.max_steps=10 alone was said to keep it."""
     from finetune.run_length import resume_warnings
 
     state = {"step": 4, "max_steps": 10, "recipe": {"optimizer.scheduler": "cosine_with_restarts", "optimizer.num_cycles": 1, "optimizer.warmup_steps": 0}}
@@ -65,7 +65,7 @@ def test_a_resume_that_changes_the_length_lays_out_each_side_with_its_own_schedu
     assert resume_warnings(tmp_path / "checkpoint-4", state, recipe, 20, 1) == [
         "warning: checkpoint-4 was trained on a cosine_with_restarts schedule of 10 steps, this run has a cosine_with_restarts (3 cycles) "
         "schedule of 20 steps: the schedule is laid out again over 20 steps, so at step 4 the learning rate goes from 65% to 35% of "
-        "optimizer.lr (0.001) and decays to 0 at step 20; to keep the old schedule, resume with train.max_steps=10"]
+        "optimizer.lr (0.001) and decays to 0 at step 20; to keep the old schedule, resume with train.max_steps=10, optimizer.num_cycles=1"]
     # Another scheduler then: each side named with its own (cosine at 4 of 10: 65%; linear at 4 of 20: 80%).
     state["recipe"] = {"optimizer.scheduler": "cosine", "optimizer.warmup_steps": 0}
     lines = resume_warnings(tmp_path / "checkpoint-4", state, make_recipe(train__max_steps=20, optimizer__scheduler="linear"), 20, 1)
