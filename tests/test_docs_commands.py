@@ -316,3 +316,32 @@ def test_the_readmes_text_encoder_lora_loads_without_a_warning(monkeypatch, caps
         args = parse_arguments(argv)
         assert load_recipe(args.recipe, args.overrides).lora.train_text_encoder
         assert "warning" not in capsys.readouterr().err, argv
+
+
+def test_the_help_examples_parse_and_their_recipes_load(monkeypatch):
+    # `finetune --help` and each command's epilog show commands to copy, as the docs do; the docs' are parsed above,
+    # these were checked only to stay whole (test_cli_help), so a renamed option or key there went unnoticed.
+    import argparse
+    import re
+    import shlex
+
+    from finetune.cli_arguments import build_parser, parse_arguments
+    from finetune.recipe_loading import load_recipe
+
+    monkeypatch.chdir(ROOT)
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    examples = []
+    for epilog in [parser.epilog, *(command.epilog for command in commands.values())]:
+        for line in (epilog or "").splitlines():
+            if match := re.search(r"(?:^\s*|-m )finetune (\S.*)", line):
+                examples.append(re.sub(r"\s{2,}(#|\().*$", "", match[1]))  # "   # writes ...", "     (control and placement suites)"
+    assert len(examples) > 30 and {shlex.split(example)[0] for example in examples} == set(commands)
+    for example in examples:
+        try:
+            args = parse_arguments(shlex.split(example))
+        except SystemExit:
+            raise AssertionError(f"--help: finetune {example} does not parse") from None
+        if args.command in ("train", "check-data") and args.recipe:
+            assert Path(args.recipe).is_file(), f"--help: finetune {example}: no recipe {args.recipe}"
+            load_recipe(args.recipe, args.overrides)
