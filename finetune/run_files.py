@@ -156,6 +156,9 @@ def resolve_lora_file(lora: str) -> Path:
             checkpoints = list_checkpoints(Path(lora))
             if checkpoints:  # a run's checkpoints/: each checkpoint-N holds the LoRA as of step N
                 raise FinetuneError(f"{lora} holds a run's checkpoints: pick a checkpoint (checkpoint-N, of step N), e.g. {checkpoints[-1]}, the latest")
+            if checkpoints := list_checkpoints(Path(lora) / "checkpoints"):  # a run stopped (Ctrl-C, a crash) before it wrote its outputs
+                raise FinetuneError(f"{lora} holds no {LORA_WEIGHTS_NAME} yet (its run has not ended), but its checkpoints hold the LoRA "
+                                    f"of their step: pass one, e.g. {checkpoints[-1]}, the latest (or finish the run with --resume latest)")
             if len(candidates) > 1:
                 names = ", ".join(c.name for c in candidates[:3]) + (", ..." if len(candidates) > 3 else "")
                 raise FinetuneError(f"{lora} holds {len(candidates)} .safetensors files ({names}) and no {LORA_WEIGHTS_NAME}: pass the LoRA file itself")

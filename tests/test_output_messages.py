@@ -86,3 +86,17 @@ def test_export_from_inside_the_run_or_checkpoint_names_the_file_after_the_run(t
         assert main(["export", ".", str(tmp_path / "webui"), "--to", "kohya"]) == 0
         assert f"wrote {tmp_path / 'webui' / name}.safetensors (kohya layout), its model card {tmp_path / 'webui' / name}.md" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "webui").iterdir()) == ["stars-step00000005.md", "stars-step00000005.safetensors", "stars.md", "stars.safetensors"]
+
+
+@pytest.mark.parametrize("command", [["sample", "--prompt", "a star", "--lora"], ["export", "--to", "kohya"]])
+def test_a_run_stopped_before_its_outputs_names_its_latest_checkpoint(command, tmp_path, capsys):
+    # Ctrl-C, or a crash, leaves checkpoints and no pytorch_lora_weights.safetensors in the output_dir: `sample --lora RUN`
+    # said "LoRA RUN not found", of a folder that is there and holds the LoRA in each checkpoint (README: every checkpoint
+    # is also a usable result).
+    run = tmp_path / "run"
+    checkpoints = fake_checkpoints(run, [50, 61])
+    argv = [*command, str(run)] if command[0] == "sample" else [command[0], str(run), str(tmp_path / "out"), *command[1:]]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {run} holds no pytorch_lora_weights.safetensors yet (its run has not ended), but its checkpoints hold the LoRA of their step: "
+        f"pass one, e.g. {checkpoints / 'checkpoint-61'}, the latest (or finish the run with --resume latest)"]
