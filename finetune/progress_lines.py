@@ -83,8 +83,8 @@ class ProgressLines:
 
 def in_a_log() -> bool:
     """Whether progress goes to a log as plain lines (sys.stderr is a `ProgressLines`): tqdm's `leave` for a bar that
-    clears itself on a terminal, so that in a log it ends on a line of its last state (`checking images: 100%| 120/120
-    [00:03<00:00, ...]`) rather than on its 0% line."""
+    clears itself on a terminal, so that in a log it ends on a line of its last state (`checking data folder photos: 100%|...|
+    120/120 [00:03<00:00, ...]`) rather than on its 0% line."""
     return isinstance(sys.stderr, ProgressLines)
 
 
