@@ -143,5 +143,7 @@ if __name__ == "__main__":
         else:
             runs.append((argument, options.pop("--resume", None), options.pop("--interrupt", None), options.pop("--weights", False),
                          options.pop("--forwards", False)))  # fmt: skip
-    train_and_record(runs)
-    leave_process_group()
+    try:
+        train_and_record(runs)
+    finally:  # a failed run's process leaves the group too, as a finished one does
+        leave_process_group()
