@@ -15,7 +15,6 @@ from __future__ import annotations
 import gc
 import html
 import os
-import re
 import time
 from pathlib import Path
 
@@ -106,14 +105,11 @@ def labelled_grid(rows: list[list], column_labels: list[str], seeds: list[int]):
 
 def header_lines(label: str, width: float, font) -> list[str]:
     """A column's label in lines of at most `width` px, broken after '+', ' ', '/', '_' or '-' (a name too long for a
-    line anywhere): written on one line, a long label ran into the next column's and hid both strengths."""
-    lines = [""]
-    for token in re.split(r"(?<=[+ /_-])", label):
-        for piece in [token] if font.getlength(token) <= width else list(token):
-            if lines[-1] and font.getlength(lines[-1] + piece) > width:
-                lines.append("")
-            lines[-1] += piece
-    return [line.strip() for line in lines]
+    line anywhere; grid_labels.AFTER_JOINS): written on one line, a long label ran into the next column's and hid both
+    strengths."""
+    from finetune.grid_labels import AFTER_JOINS, wrapped
+
+    return ["".join(line).strip() for line in wrapped(label, font, width, AFTER_JOINS)] or [""]
 
 
 def offline_theme():

@@ -5,6 +5,9 @@ less than the gaps hinting leaves inside words), and a long prompt ran over the 
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 from PIL import ImageDraw, ImageFont
 
 PADDING = 2  # px between a label and its margin's edges
@@ -42,26 +45,59 @@ def line_width(words: list[str], font) -> float:
     return sum(font.getlength(word) for word in words) + word_gap(font) * max(0, len(words) - 1)
 
 
-def label_lines(text: str, font, width: float, height: float) -> list[list[str]]:
-    """`text`'s words in lines of at most `width` px (a word wider than a line broken into pieces that fit), as many lines
-    as `height` px holds (at least one); where they do not all fit, the last one ends in ELLIPSIS, still within `width`."""
+@dataclass(frozen=True)
+class BreakRule:
+    """Where a text may break into lines, and how the tokens of a line sit: apart by `word_gap` (`spaced`: a label's
+    words, drawn one at a time, the text's own separators dropped), or touching, each keeping its separator (a line drawn
+    as one string). `split`: a pattern for re.split giving the tokens."""
+
+    split: str
+    spaced: bool
+
+    def tokens(self, text: str) -> list[str]:
+        return [token for token in re.split(self.split, text) if token]
+
+    def width(self, tokens: list[str], font) -> float:
+        return line_width(tokens, font) if self.spaced else font.getlength("".join(tokens))
+
+
+AT_SPACES = BreakRule(r"\s+", spaced=True)  # a prompt beside its row
+# A column's name (the demo's "quickstart+quickstart@30+db x0.25"): a run's name breaks where its parts join.
+AFTER_JOINS = BreakRule(r"(?<=[+ /_-])", spaced=False)
+
+
+def wrapped(text: str, font, width: float, rule: BreakRule = AT_SPACES) -> list[list[str]]:
+    """`text`'s tokens (`rule`'s) in lines of at most `width` px, a token wider than a line broken into pieces that fit."""
     lines: list[list[str]] = []
-    for word in text.split():
-        for piece in _pieces(word, font, width):
-            if lines and line_width(lines[-1] + [piece], font) <= width:
+    for token in rule.tokens(text):
+        for piece in _pieces(token, font, width, rule):
+            if lines and rule.width(lines[-1] + [piece], font) <= width:
                 lines[-1].append(piece)
             else:
                 lines.append([piece])
+    return lines
+
+
+def label_lines(text: str, font, width: float, height: float) -> list[list[str]]:
+    """`text`'s words in lines of at most `width` px (`wrapped`), as many lines as `height` px holds (at least one); where
+    they do not all fit, the last one ends in ELLIPSIS, still within `width`."""
+    lines = wrapped(text, font, width, AT_SPACES)
     room = max(1, int(height // line_height(font)))
     if len(lines) <= room:
         return lines
     return lines[: room - 1] + [_ellipsized(lines[room - 1], font, width)]
 
 
-def _pieces(word: str, font, width: float) -> list[str]:
-    """`word`, or where it is wider than `width` (a URL, a long tag list without spaces), pieces of it that fit."""
+def _pieces(token: str, font, width: float, rule: BreakRule) -> list[str]:
+    """`token`, or where it is wider than `width` (a URL, a long tag list without spaces), pieces of it: touching pieces
+    are its letters, each filling the line it is on; spaced ones each fill a line of their own, as a gap between two
+    pieces on one line would read as two words."""
+    if font.getlength(token) <= width:
+        return [token]
+    if not rule.spaced:
+        return list(token)
     pieces = [""]
-    for letter in word:
+    for letter in token:
         if pieces[-1] and font.getlength(pieces[-1] + letter) > width:
             pieces.append("")
         pieces[-1] += letter

@@ -92,3 +92,24 @@ def test_the_demos_grid_is_drawn_with_pillow_10_0s_font_too(monkeypatch):
     grid = labelled_grid([[Image.new("RGB", (64, 64), "gray")] * 2], ["base", "quickstart x1"], [0])
     header = np.asarray(grid)[: grid.height - MIN_CELL]
     assert grid.width == 64 + 2 * MIN_CELL and (header < 128).any()  # the columns' names written
+
+
+def test_one_wrapper_breaks_a_prompt_at_spaces_and_a_column_name_after_its_joins():
+    """grid_labels.wrapped with each rule: a row's prompt breaks at spaces, which are dropped (its words are drawn a
+    word_gap apart), a word too wide for a line on lines of its own; the demo's column name breaks after + / _ - or a
+    space, each kept, a part too wide for a line continuing the line it starts on, letter by letter."""
+    from finetune.demo import header_lines
+    from finetune.grid_labels import AFTER_JOINS, AT_SPACES, wrapped
+
+    font = ImageFont.load_default(size=14)
+    width = font.getlength("quickstart+") + 1
+    assert wrapped("quickstart+db x0.25", font, width, AFTER_JOINS) == [["quickstart+"], ["db ", "x0.25"]]
+    assert header_lines("quickstart+db x0.25", width, font) == ["quickstart+", "db x0.25"]
+    assert wrapped("a photo  of\tsks", font, width, AT_SPACES) == [["a", "photo", "of"], ["sks"]]
+    long = "x" * 40
+    for rule in (AFTER_JOINS, AT_SPACES):
+        lines = wrapped(f"db {long}", font, width, rule)
+        assert "".join("".join(line) for line in lines).replace(" ", "") == "db" + long
+        assert all(rule.width(line, font) <= width for line in lines)
+        # Spaced, "db" alone on its line (a gap inside the long word would read as two words); touching, filled.
+        assert lines[0] == (["db"] if rule.spaced else ["db ", *"x" * (len(lines[0]) - 1)]), rule
