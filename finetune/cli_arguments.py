@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--controlnet", help="ControlNet folder (config.json + weights), or a controlnet training output folder")
     sample.add_argument("--condition", action="append", help="conditioning image for --controlnet (edges, mask, ...), used for every prompt")
     sample.add_argument("--conditioning-scale", type=finite_float, default=None, help="ControlNet strength (default 1.0; 0 = the base model alone)")
-    sample.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several); may end in --n NEGATIVE --d SEED --l GUIDANCE --s STEPS, quoted with it")
+    sample.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several); may end in --n NEGATIVE --d SEED --l GUIDANCE --s STEPS --ss SAMPLER, quoted with it")
     sample.add_argument("--negative-prompt", default=None, help="what to steer away from, for every prompt without its own --n (acts only at --guidance above 1)")
     sample.add_argument("--num-images", type=positive_int, default=4, help="images per prompt (default 4; seeds seed..seed+N-1, from a prompt's own --d if it has one)")
     sample.add_argument("--seed", type=seed_number, default=0, help="seed of each prompt's first image (default 0)")

@@ -2,12 +2,13 @@
 
     a photo of sks dog on a beach --n blurry, lowres --d 7 --l 5.5 --s 30
 
-`--n` is the negative prompt, `--d` the seed, `--l` the guidance scale and `--s` the number of steps;
+`--n` is the negative prompt, `--d` the seed, `--l` the guidance scale, `--s` the number of steps and
+`--ss` the sampler (finetune/samplers.py's names, or sd-scripts' for them: k_euler, k_euler_a, dpmsolver++);
 each replaces the section's own setting (validation.*, or the command's options) for that prompt
 only. Option letters are read in any case, and an option starts at " --", as in sd-scripts. Its other
-options (`--w`/`--h` sizes, `--ss` sampler, `--cn`, `--am`, `--f`) are accepted and ignored, so its
-prompt lines can be pasted: a grid's images share the run's resolution and scheduler. Any other option
-is refused (a typo would otherwise vanish).
+options (`--w`/`--h` sizes, `--cn`, `--am`, `--f`) are accepted and ignored, so its prompt lines can
+be pasted: a grid's images share the run's resolution. Any other option is refused (a typo would
+otherwise vanish), as is a sampler with none here (sd-scripts' heun, lms, dpm_2, ...).
 """
 
 from __future__ import annotations
@@ -16,14 +17,17 @@ import math
 import re
 from dataclasses import dataclass, replace
 
+from finetune.samplers import SAMPLER_CHOICES, sampler_named
+
 # Option letter -> (field of PromptSettings, the type its value is read as, what it means).
 OPTIONS = {
     "n": ("negative_prompt", str, "negative prompt"),
     "d": ("seed", int, "seed"),
     "l": ("guidance_scale", float, "guidance scale"),
     "s": ("num_inference_steps", int, "steps"),
+    "ss": ("sampler", sampler_named, "sampler"),
 }
-IGNORED = ("w", "h", "ss", "cn", "am", "f")  # sd-scripts' other options: sizes, sampler, ControlNet image, ...
+IGNORED = ("w", "h", "cn", "am", "f")  # sd-scripts' other options: sizes, ControlNet image, ...
 MAX_SEED = 2**63 - 1  # torch's generators take a signed 64-bit seed
 # Below the schedulers' 1000 training timesteps: DDIM with SD's steps_offset 1 reaches timestep 1000 at 1000
 # steps (an IndexError after loading), and 999 steps or fewer stay within them (sd-scripts caps --s at 1000).
@@ -41,10 +45,11 @@ class PromptSettings:
     seed: int
     guidance_scale: float
     num_inference_steps: int
+    sampler: str | None = None  # a --ss's (finetune/samplers.py's name); None: the pipeline's own
 
 
 def prompts_settings(prompts: list[str], negative_prompt: str | None, seed: int, guidance: float, steps: int) -> list[PromptSettings]:
-    """Each `--prompt` with its own options (--n, --d, --l, --s), the others from the command's; one line for an option
+    """Each `--prompt` with its own options (--n, --d, --l, --s, --ss), the others from the command's; one line for an option
     that is unknown or has no valid value."""
     from finetune.errors import FinetuneError
 
@@ -71,7 +76,8 @@ def with_options(text: str, defaults: PromptSettings) -> PromptSettings:
         try:
             parsed = kind(value)
         except ValueError:
-            raise ValueError(f"'{text}': --{name} needs a {meaning}, got '{value}'") from None
+            choices = f" ({SAMPLER_CHOICES})" if letter == "ss" else ""
+            raise ValueError(f"'{text}': --{name} needs a {meaning}{choices}, got '{value}'") from None
         if (letter == "d" and not 0 <= parsed <= MAX_SEED) or (letter == "s" and not 1 <= parsed <= MAX_STEPS) or (letter == "l" and not math.isfinite(parsed)):
             limits = {"d": f"0 to {MAX_SEED}", "s": f"1 to {MAX_STEPS}", "l": "a finite number"}[letter]
             raise ValueError(f"'{text}': --{name} {value} is out of range ({limits})")
@@ -123,4 +129,4 @@ def unread_options_notes(texts: list[str]) -> list[str]:
     if not found:
         return []
     return [f"'{found[0]}' is an option of validation's and sample's prompts, which is not read here: it is encoded as words; "
-            "set the negative prompt, seed, guidance and steps in their own fields"]  # fmt: skip
+            "set the negative prompt, seed, guidance, steps and sampler in their own fields"]  # fmt: skip

@@ -11,6 +11,11 @@ from typing import Literal, get_args
 SamplerName = Literal["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc"]
 SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)
 DEFAULT_SAMPLER = "ddim"
+# sd-scripts' names (its --sample_sampler, and a sample prompt's --ss) of the samplers here: its DPMSolverMultistep
+# "dpmsolver++" is diffusers' default of it, order 2 without Karras sigmas. Its others (ddpm, pndm, lms, heun, dpm_2,
+# dpm_2_a, dpmsolver, dpmsingle; k_ names included) have none here.
+SD_SCRIPTS_NAMES = {"k_euler": "euler", "k_euler_a": "euler_a", "dpmsolver++": "dpmpp_2m"}
+SAMPLER_CHOICES = ", ".join(name + "".join(f" or {other}" for other, ours in SD_SCRIPTS_NAMES.items() if ours == name) for name in SAMPLER_NAMES)
 
 # name: (diffusers scheduler class, the settings that make it that sampler), as the webui's names map onto diffusers.
 _SCHEDULERS = {
@@ -24,6 +29,16 @@ _SCHEDULERS = {
 # Settings a scheduler config of one kind carries that would make another kind another sampler (a dpmpp_2m_karras
 # pipeline's config handed to euler must not bring its Karras sigmas): each kind gets its own, or diffusers' default.
 _SAMPLER_SETTINGS = ("algorithm_type", "solver_order", "use_karras_sigmas")
+
+
+def sampler_named(name: str) -> str:
+    """The sampler here that `name` (ours or sd-scripts', in any case) names; a ValueError for any other."""
+    name = name.strip().lower()
+    if name in SAMPLER_NAMES:
+        return name
+    if name in SD_SCRIPTS_NAMES:
+        return SD_SCRIPTS_NAMES[name]
+    raise ValueError(f"no sampler here is named {name!r}")
 
 
 def sampler_scheduler(name: str, config, **changes):

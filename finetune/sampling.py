@@ -20,7 +20,7 @@ from finetune.models import BaseModel
 from finetune.placement import free_device_memory, out_of_device_memory
 from finetune.progress_lines import in_a_log
 from finetune.prompt_options import PromptSettings
-from finetune.samplers import DEFAULT_SAMPLER, sampler_scheduler
+from finetune.samplers import DEFAULT_SAMPLER, sampler_of, sampler_scheduler
 
 
 def build_pipeline(
@@ -266,20 +266,39 @@ def generate_with_settings(
     pipeline, settings: list[PromptSettings], images_per_prompt: int, resolution: int, conditions: list[Image.Image] | None = None, **call_kwargs
 ) -> list[list[Image.Image]]:
     """`generate` for prompts with their own options (finetune/prompt_options.py): one row per prompt, prompts
-    of the same steps and guidance in one batch; `conditions` as there, one per prompt."""
+    of the same steps, guidance and sampler in one batch; `conditions` as there, one per prompt. A prompt's sampler
+    (--ss) is made on the pipeline's noise schedule (`sampler_scheduler`), the pipeline's own sampler meanwhile set aside."""
     rows: list[list[Image.Image]] = [[] for _ in settings]
-    groups: dict[tuple[int, float], list[int]] = {}
+    # A --ss naming the pipeline's own sampler draws in the batch of the prompts without one (None: the pipeline's own).
+    own = sampler_of(pipeline.scheduler) if any(prompt.sampler for prompt in settings) else None
+    groups: dict[tuple[int, float, str | None], list[int]] = {}
     for i, prompt in enumerate(settings):
-        groups.setdefault((prompt.num_inference_steps, prompt.guidance_scale), []).append(i)
-    for (steps, guidance), members in groups.items():
-        made = generate(
-            pipeline, [settings[i].prompt for i in members], images_per_prompt, [settings[i].seed for i in members], steps, guidance,
-            resolution, [settings[i].negative_prompt for i in members], None if conditions is None else [conditions[i] for i in members],
-            **call_kwargs,
-        )  # fmt: skip
+        groups.setdefault((prompt.num_inference_steps, prompt.guidance_scale, None if prompt.sampler == own else prompt.sampler), []).append(i)
+    # Every sampler made before the first image: one that cannot draw on this schedule is refused before any drawing.
+    schedulers = {name: sampler_scheduler(name, pipeline.scheduler.config) for _, _, name in groups if name is not None}
+    for (steps, guidance, sampler), members in groups.items():
+        with _drawing_with(pipeline, schedulers.get(sampler)):
+            made = generate(
+                pipeline, [settings[i].prompt for i in members], images_per_prompt, [settings[i].seed for i in members], steps, guidance,
+                resolution, [settings[i].negative_prompt for i in members], None if conditions is None else [conditions[i] for i in members],
+                **call_kwargs,
+            )  # fmt: skip
         for i, row in zip(members, made):
             rows[i] = row
     return rows
+
+
+@contextlib.contextmanager
+def _drawing_with(pipeline, scheduler):
+    """`pipeline` drawing with `scheduler` meanwhile (a prompt's --ss), its own given back after; None: with its own."""
+    if scheduler is None:
+        yield
+        return
+    own, pipeline.scheduler = pipeline.scheduler, scheduler
+    try:
+        yield
+    finally:
+        pipeline.scheduler = own
 
 
 def prompt_arguments(pipeline, prompt: str | list[str], negative_prompt: str | list[str] | None) -> dict:

@@ -51,7 +51,7 @@ def test_a_prompt_line_with_sample_options_is_said_to_be_read_as_words(engine):
     validation's with no word: the demo reads no options, and its text encoder read them as words."""
     _, _, _, summary = engine.render(Request(prompt="a red circle --n blurry, dark --d 7", steps=1))
     assert ("note: '--n blurry, dark' is an option of validation's and sample's prompts, which is not read here: it is encoded as "
-            "words; set the negative prompt, seed, guidance and steps in their own fields") in summary  # fmt: skip
+            "words; set the negative prompt, seed, guidance, steps and sampler in their own fields") in summary  # fmt: skip
     _, _, _, summary = engine.render(Request(prompt="a red circle -- on a mat", negative_prompt="x --S 3", steps=1))
     assert "'--S 3' is an option" in summary and "'-- on" not in summary
 

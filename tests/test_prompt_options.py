@@ -17,21 +17,22 @@ def test_options_replace_the_defaults_they_name():
     assert with_options("a dog, sunny --n blurry, dark --d 7 --l 5.5 --s 30", DEFAULTS) == PromptSettings("a dog, sunny", "blurry, dark", 7, 5.5, 30)
     assert with_options("a dog --d 3", DEFAULTS) == PromptSettings("a dog", "lowres", 3, 7.5, 25)
     assert with_options("a dog--d", DEFAULTS).prompt == "a dog--d"  # an option starts after a space, as in sd-scripts' files
-    # sd-scripts' lines paste as they are: letters in any case, its sizes and sampler accepted and ignored.
+    # sd-scripts' lines paste as they are: letters in any case, its sizes accepted and ignored, its sampler read.
     pasted = "masterpiece, 1girl --N lowres --W 512 --h 768 --D 12 --ss euler_a --s 28"
-    assert with_options(pasted, DEFAULTS) == PromptSettings("masterpiece, 1girl", "lowres", 12, 7.5, 28)
+    assert with_options(pasted, DEFAULTS) == PromptSettings("masterpiece, 1girl", "lowres", 12, 7.5, 28, "euler_a")
     assert with_options("--n blurry", DEFAULTS) == PromptSettings("", "blurry", 0, 7.5, 25)  # only options: the empty prompt
 
 
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("a dog --x 1", r"unknown option --x \(' --' starts an option\); the options are --n \(negative prompt\), --d \(seed\), --l \(guidance scale\), --s \(steps\)"),
+        ("a dog --x 1", r"unknown option --x \(' --' starts an option\); the options are --n \(negative prompt\), --d \(seed\), --l \(guidance scale\), --s \(steps\), --ss \(sampler\)"),
         ("a cat -- sitting", r"unknown option --sitting \(' --' starts an option\)"),
         ("a dog --d seven", r"--d needs a seed, got 'seven'"),
         ("a dog --s 0", r"--s 0 is out of range \(1 to 999\)"),
         ("a dog --d 99999999999999999999999", r"--d 99999999999999999999999 is out of range \(0 to 9223372036854775807\)"),
         ("a dog --l nan", r"--l nan is out of range \(a finite number\)"),
+        ("a dog --ss heun", r"--ss needs a sampler \(ddim, euler or k_euler, euler_a or k_euler_a, dpmpp_2m or dpmsolver\+\+, dpmpp_2m_karras, unipc\), got 'heun'"),
     ],
 )
 def test_unknown_options_and_bad_values_are_refused_in_one_line(make_recipe, text, message):

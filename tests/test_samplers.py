@@ -133,3 +133,36 @@ def test_the_demo_draws_with_the_sampler_picked(tiny_model, tmp_path):
     assert not np.array_equal(drawn["ddim"], drawn["euler_a"])
     with pytest.raises(FinetuneError, match="sampler must be one of ddim, euler, .*got 'Euler a'"):
         engine.render(Request("a red circle", steps=2, sampler="Euler a"))
+
+
+def test_a_prompts_ss_draws_it_with_that_sampler_and_the_others_as_before(base, monkeypatch):
+    """sd-scripts' per-prompt --ss was accepted and ignored: a prompt asking for euler_a was drawn with the run's DDIM."""
+    import finetune.sampling as sampling
+    from finetune.prompt_options import PromptSettings, with_options
+
+    defaults = PromptSettings("", None, 3, 7.5, 2)
+    settings = [with_options(text, defaults) for text in ("a red circle", "a red circle --ss k_euler_a", "a red circle --ss DDIM")]
+    assert [prompt.sampler for prompt in settings] == [None, "euler_a", "ddim"]  # sd-scripts' name, any case: ours
+    calls, real = [], sampling.generate
+    monkeypatch.setattr(sampling, "generate", lambda pipeline, prompts, *args, **kwargs: calls.append((prompts, type(pipeline.scheduler).__name__)) or real(pipeline, prompts, *args, **kwargs))
+    pipeline = build_pipeline(base)
+    rows = sampling.generate_with_settings(pipeline, settings, 1, 64)
+    # The pipeline's own sampler asked for by name draws in the batch of the prompts without --ss; euler_a in its own.
+    assert calls == [(["a red circle", "a red circle"], "DDIMScheduler"), (["a red circle"], "EulerAncestralDiscreteScheduler")]
+    assert sampler_of(pipeline.scheduler) == "ddim"  # given back after the euler_a prompt
+    alone = {name: sampling.generate(build_pipeline(base, sampler=name), ["a red circle"], 1, 3, 2, 7.5, 64)[0][0] for name in ("ddim", "euler_a")}
+    as_drawn = [np.asarray(row[0], dtype=np.int16) for row in rows]
+    assert np.abs(as_drawn[0] - np.asarray(alone["ddim"], dtype=np.int16)).max() <= 1  # a batch of 2: up to float rounding
+    assert np.array_equal(as_drawn[1], np.asarray(alone["euler_a"])) and not np.array_equal(as_drawn[1], as_drawn[0])
+
+
+def test_a_ss_with_no_sampler_here_is_one_line_naming_the_prompts_file_and_line(make_recipe, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --ss euler\n# sd-scripts' heun:\na blue square --ss heun --d 3\n", encoding="utf-8")
+    with pytest.raises(FinetuneError, match=rf"validation.prompts_file {prompts} line 3: 'a blue square --ss heun --d 3': --ss needs a sampler \(ddim, euler or k_euler, .*unipc\), got 'heun'"):
+        make_recipe(validation__prompts_file=str(prompts))
+
+
+def test_a_prompts_dpmpp_2m_karras_with_zero_terminal_snr_is_refused_where_the_recipe_loads(make_recipe):
+    with pytest.raises(FinetuneError, match="validation prompt 'a dog --ss dpmpp_2m_karras' .its --ss. with model.zero_terminal_snr: the dpmpp_2m_karras sampler cannot"):
+        make_recipe(validation__prompts=["a cat", "a dog --ss dpmpp_2m_karras"], model__zero_terminal_snr=True, model__prediction_type="v_prediction")

@@ -258,6 +258,9 @@ class Recipe(Section):
         # Else an IndexError at the first validation, once the data check and the base's loading are done.
         if self.validation.sampler == "dpmpp_2m_karras" and self.model.zero_terminal_snr:
             raise ValueError(f"validation.sampler with model.zero_terminal_snr: {KARRAS_ON_ZERO_TERMINAL_SNR}")
+        karras = [text for text in self.validation.all_prompts if self.validation.prompt_settings(text).sampler == "dpmpp_2m_karras"]
+        if karras and self.model.zero_terminal_snr:
+            raise ValueError(f"validation prompt '{karras[0]}' (its --ss) with model.zero_terminal_snr: {KARRAS_ON_ZERO_TERMINAL_SNR}")
         return self
 
     @model_validator(mode="after")

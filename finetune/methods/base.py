@@ -156,7 +156,7 @@ class TrainingMethod(ABC):
         settings = self.recipe.validation
         if not settings.all_prompts:
             return [], []
-        prompts = [settings.prompt_settings(text) for text in settings.all_prompts]  # each with its own --n, --d, --l, --s, if any
+        prompts = [settings.prompt_settings(text) for text in settings.all_prompts]  # each with its own --n, --d, --l, --s, --ss, if any
         rows = generate_with_settings(self.pipeline(modules), prompts, settings.images_per_prompt, self.recipe.data.resolution,
                                       not_finite_cause=VALIDATION_OVERFLOW)  # said, never raised: training goes on
         return rows, settings.all_prompts
