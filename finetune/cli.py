@@ -184,7 +184,7 @@ def _sample(args) -> int:
         from finetune.controlnet_folder import check_control_options  # yaml and pydantic: loaded where there are options to check
 
         check_control_options(args.controlnet, args.condition[0] if args.condition else None, args.conditioning_scale)
-    prompts_settings(args.prompt, args.negative_prompt, args.seed, args.guidance, args.steps)  # before the base is looked for
+    prompts_settings(args.prompt, args.negative_prompt, args.seed, args.guidance, args.steps, args.sampler)  # before the base is looked for
     base = base_or_recorded(args)
     if args.resolution is None:  # the model's own, from its configs (where they cannot be read, once it loads: finetune.inference)
         check_grid(native_resolution(base, args.base_config))

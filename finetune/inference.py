@@ -212,7 +212,7 @@ def sample_to_folder(
     """
     check_control_options(controlnet, condition, conditioning_scale)
     placement = inference_placement(device, precision)
-    settings = prompts_settings(prompts, negative_prompt, seed, guidance, steps)  # before anything loads
+    settings = prompts_settings(prompts, negative_prompt, seed, guidance, steps, sampler)  # before anything loads
     for note in guidance_notes(settings) + webui_syntax_notes(settings):
         print(f"note: {note}")
     recorded = saved_model_metadata(resolve_controlnet_folder(controlnet)) if controlnet is not None else {}

@@ -17,7 +17,7 @@ import math
 import re
 from dataclasses import dataclass, replace
 
-from finetune.samplers import SAMPLER_CHOICES, sampler_named
+from finetune.samplers import DEFAULT_SAMPLER, SAMPLER_CHOICES, sampler_named, steps_problem
 
 # Option letter -> (field of PromptSettings, the type its value is read as, what it means).
 OPTIONS = {
@@ -48,15 +48,20 @@ class PromptSettings:
     sampler: str | None = None  # a --ss's (finetune/samplers.py's name); None: the pipeline's own
 
 
-def prompts_settings(prompts: list[str], negative_prompt: str | None, seed: int, guidance: float, steps: int) -> list[PromptSettings]:
+def prompts_settings(prompts: list[str], negative_prompt: str | None, seed: int, guidance: float, steps: int, sampler: str = DEFAULT_SAMPLER) -> list[PromptSettings]:
     """Each `--prompt` with its own options (--n, --d, --l, --s, --ss), the others from the command's; one line for an option
-    that is unknown or has no valid value."""
+    that is unknown or has no valid value, or for steps the prompt's sampler cannot draw (`steps_problem`)."""
     from finetune.errors import FinetuneError
 
     try:
-        return [with_options(text, PromptSettings(text, negative_prompt, seed, guidance, steps)) for text in prompts]
+        settings = [with_options(text, PromptSettings(text, negative_prompt, seed, guidance, steps)) for text in prompts]
     except ValueError as err:
         raise FinetuneError(f"--prompt {err}") from None
+    for text, prompt in zip(prompts, settings):
+        if problem := steps_problem(prompt.sampler or sampler, prompt.num_inference_steps):
+            own = prompt.sampler is not None or prompt.num_inference_steps != steps  # its --ss or --s
+            raise FinetuneError(f"{f'--prompt {text!r}' if own else '--steps with --sampler'}: {problem}")
+    return settings
 
 
 def with_options(text: str, defaults: PromptSettings) -> PromptSettings:

@@ -59,6 +59,21 @@ KARRAS_ON_ZERO_TERMINAL_SNR = ("the dpmpp_2m_karras sampler cannot draw on the z
                                "last timestep, where diffusers' DPM++ solver steps past its end): pick dpmpp_2m, euler, euler_a, unipc or ddim")
 
 
+# diffusers' DPM++ and UniPC (0.42) space "leading" steps, SD1.x's and SD2.x's own, num_train_timesteps // (steps + 1) apart
+# from timestep steps_offset: at 999 steps the first is timestep 1000, past the 1000 trained (0 to 999), and every image
+# came out NaN (the shipped toy-world base); 998 steps draw. DDIM, Euler and Euler a space them // steps: 999 draws.
+MOST_STEPS = {"dpmpp_2m": 998, "unipc": 998}
+
+
+def steps_problem(sampler: str, steps: int) -> str | None:
+    """Why sampler `sampler` cannot draw `steps` steps (the end of a line naming where they were asked), or None."""
+    most = MOST_STEPS.get(sampler)
+    if most is None or steps <= most:
+        return None
+    return (f"the {sampler} sampler draws at most {most} steps, got {steps} (at {most + 1}, diffusers' DPM++ and UniPC start past "
+            f"the model's last timestep and every image is NaN): ask {most} or fewer, or another sampler")
+
+
 def checked(scheduler):
     """`scheduler`, where it can draw on its schedule; else a FinetuneError of one line saying which sampler to pick."""
     from finetune.errors import FinetuneError

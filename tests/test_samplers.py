@@ -166,3 +166,36 @@ def test_a_ss_with_no_sampler_here_is_one_line_naming_the_prompts_file_and_line(
 def test_a_prompts_dpmpp_2m_karras_with_zero_terminal_snr_is_refused_where_the_recipe_loads(make_recipe):
     with pytest.raises(FinetuneError, match="validation prompt 'a dog --ss dpmpp_2m_karras' .its --ss. with model.zero_terminal_snr: the dpmpp_2m_karras sampler cannot"):
         make_recipe(validation__prompts=["a cat", "a dog --ss dpmpp_2m_karras"], model__zero_terminal_snr=True, model__prediction_type="v_prediction")
+
+
+def test_dpmpp_2m_and_unipc_are_held_to_the_steps_they_can_draw_on_sds_leading_spacing(base):
+    """At 999 steps diffusers' DPM++ and UniPC start at timestep 1000, past the 1000 trained: the shipped toy-world base
+    drew NaN images (a minute of CPU later). The others draw 999; these 998, all within the trained timesteps."""
+    from finetune.samplers import MOST_STEPS, steps_problem
+
+    assert base.noise_scheduler.config.timestep_spacing == "leading"  # SD1.x's and SD2.x's own, and the tiny model's
+    for name in SAMPLER_NAMES:
+        scheduler = build_pipeline(base, sampler=name).scheduler
+        most = MOST_STEPS.get(name, 999)
+        scheduler.set_timesteps(most)
+        assert 0 <= int(scheduler.timesteps.min()) and int(scheduler.timesteps.max()) <= 999, name
+        if name in MOST_STEPS:
+            scheduler.set_timesteps(most + 1)
+            assert int(scheduler.timesteps.max()) == 1000, name  # the cause: fixed in diffusers, MOST_STEPS can go
+            assert steps_problem(name, most + 1) and not steps_problem(name, most)
+        else:
+            assert steps_problem(name, 999) is None
+
+
+def test_steps_a_sampler_cannot_draw_are_refused_before_anything_loads(make_recipe, tiny_model, capsys):
+    said = "the unipc sampler draws at most 998 steps, got 999"
+    with pytest.raises(FinetuneError, match=f"validation.num_inference_steps with validation.sampler: {said}"):
+        make_recipe(validation__sampler="unipc", validation__num_inference_steps=999, validation__prompts=["a cat"])
+    with pytest.raises(FinetuneError, match=f"validation prompt 'a dog --ss unipc --s 999': {said}"):
+        make_recipe(validation__prompts=["a cat", "a dog --ss unipc --s 999"])
+    assert make_recipe(validation__sampler="unipc", validation__num_inference_steps=998, validation__prompts=["a cat"])
+    assert make_recipe(validation__num_inference_steps=999, validation__prompts=["a cat --ss euler"])
+    for options, where in ((["--sampler", "unipc", "--steps", "999"], "--steps with --sampler"), (["--steps", "999", "--prompt", "p --ss unipc"], "--prompt 'p --ss unipc'")):
+        assert main(["sample", "--base", str(tiny_model), "--prompt", "a cat", *options]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"{where}: {said} (at 999, diffusers' DPM++ and UniPC start past the model's "
+                                                                           "last timestep and every image is NaN): ask 998 or fewer, or another sampler")

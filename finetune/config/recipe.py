@@ -16,7 +16,7 @@ from finetune.image_bounds import class_batch_problem, grid_problem
 from finetune.config.methods import ControlNetConfig, DreamBoothConfig, FullConfig, LoRAConfig, VAEConfig
 from finetune.config.training import DENOISING_SETTINGS, OptimizerConfig, TrainConfig
 from finetune.prompt_options import PromptSettings, with_options
-from finetune.samplers import DEFAULT_SAMPLER, KARRAS_ON_ZERO_TERMINAL_SNR, SamplerName
+from finetune.samplers import DEFAULT_SAMPLER, KARRAS_ON_ZERO_TERMINAL_SNR, SamplerName, steps_problem
 from finetune.validation_prompts import read_prompts_file
 
 
@@ -261,6 +261,12 @@ class Recipe(Section):
         karras = [text for text in self.validation.all_prompts if self.validation.prompt_settings(text).sampler == "dpmpp_2m_karras"]
         if karras and self.model.zero_terminal_snr:
             raise ValueError(f"validation prompt '{karras[0]}' (its --ss) with model.zero_terminal_snr: {KARRAS_ON_ZERO_TERMINAL_SNR}")
+        validation = self.validation
+        for text in validation.all_prompts:
+            prompt = validation.prompt_settings(text)
+            if problem := steps_problem(prompt.sampler or validation.sampler, prompt.num_inference_steps):
+                own = prompt.sampler is not None or prompt.num_inference_steps != validation.num_inference_steps  # its --ss or --s
+                raise ValueError(f"{f'validation prompt {text!r}' if own else 'validation.num_inference_steps with validation.sampler'}: {problem}")
         return self
 
     @model_validator(mode="after")
