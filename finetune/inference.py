@@ -33,7 +33,7 @@ from finetune.placement import inference_placement, out_of_device_memory, place,
 from finetune.prompt_options import guidance_notes, prompts_settings, webui_syntax_notes
 from finetune.samplers import DEFAULT_SAMPLER
 from finetune.sampling import build_pipeline, denoising_bar, generate_with_settings, make_grid, read_prompts_as_trained
-from finetune.sample_files import write_numbered
+from finetune.sample_files import PARAMETERS, parameters_text, write_numbered
 from finetune.sources import Example
 from finetune.views import cover_and_center_crop
 
@@ -240,6 +240,10 @@ def sample_to_folder(
             raise
         native = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
         raise FinetuneError(f"out of memory sampling {resolution}x{resolution} px images: lower --resolution (this model's own is {native})") from None
+    for prompt, row in zip(settings, rows):
+        for k, image in enumerate(row):
+            image.info[PARAMETERS] = parameters_text(prompt.prompt, prompt.negative_prompt, prompt.num_inference_steps, prompt.sampler or sampler,
+                                                     prompt.guidance_scale, prompt.seed + k, resolution, lora, lora_scale)  # fmt: skip
     named = [(f"prompt{p}_seed{settings[p].seed + k}.png", image) for p, row in enumerate(rows) for k, image in enumerate(row)]
     grid_rows = [[control["image"], *row] for row in rows] if control else rows
     named.append(("grid.png", make_grid(grid_rows, row_labels=prompts, label_width=GRID_LABEL_WIDTH)))

@@ -13,10 +13,14 @@ import re
 from pathlib import Path
 
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from finetune.atomic_files import flush_to_disk, sync_folder
 
 NUMBER_WIDTH = 5  # 00000-, as the webui's; more runs than that just take more digits
+# The PNG text chunk an image's settings are written in, as the webui writes them and its PNG Info tab reads them: runs
+# of several samplers and step counts in one folder were told apart only by their numbers.
+PARAMETERS = "parameters"
 _NUMBERED = re.compile(r"^(\d+)-")
 
 
@@ -28,8 +32,27 @@ def next_run_number(folder: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
+def parameters_text(prompt: str, negative_prompt: str | None, steps: int, sampler: str, guidance: float, seed: int, size: int,
+                    lora: str | None = None, lora_scale: float = 1.0) -> str:
+    """An image's settings in the webui's words: the prompt, its negative, then "Steps: 25, Sampler: ddim, ..."
+    (the sampler by finetune/samplers.py's name)."""
+    lines = [prompt, *([f"Negative prompt: {negative_prompt}"] if negative_prompt else [])]
+    adapter = f", Lora: {Path(lora).name}, Lora strength: {lora_scale:g}" if lora else ""
+    return "\n".join([*lines, f"Steps: {steps}, Sampler: {sampler}, CFG scale: {guidance:g}, Seed: {seed}, Size: {size}x{size}{adapter}"])
+
+
+def _png_text(image: Image.Image) -> PngInfo | None:
+    """The image's PARAMETERS (image.info) as a PNG text chunk: Pillow writes none of image.info by itself."""
+    if PARAMETERS not in image.info:
+        return None
+    chunks = PngInfo()
+    chunks.add_text(PARAMETERS, image.info[PARAMETERS])
+    return chunks
+
+
 def write_numbered(folder: Path, named_images: list[tuple[str, Image.Image]]) -> list[Path]:
-    """Write each (name, image) as `NNNNN-name` under the folder's next run number; the paths, in order.
+    """Write each (name, image) as `NNNNN-name` under the folder's next run number, with its PARAMETERS where it has
+    them; the paths, in order.
 
     A file is published only where no file of that name is (hard-linked into place from its temporary name,
     which fails on an existing name rather than replacing it): a second process numbering the same run at
@@ -40,7 +63,7 @@ def write_numbered(folder: Path, named_images: list[tuple[str, Image.Image]]) ->
     try:
         for name, image in named_images:  # written once, under temporary names, then linked as often as needed
             partial = folder / f".{os.getpid()}-{len(partials)}-{name}.partial"
-            image.save(partial, format="PNG")
+            image.save(partial, format="PNG", pnginfo=_png_text(image))
             partials.append(flush_to_disk(partial))
         while True:
             number = next_run_number(folder)

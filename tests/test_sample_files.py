@@ -42,3 +42,21 @@ def test_a_number_taken_meanwhile_moves_the_run_to_the_next_and_replaces_nothing
     assert [p.name for p in written] == ["00001-prompt0_seed0.png", "00001-grid.png"]
     assert (tmp_path / "00000-grid.png").read_bytes() == b"the other run's grid"
     assert not (tmp_path / "00000-prompt0_seed0.png").exists()  # published before the clash, then taken back
+
+
+def test_each_sampled_image_records_its_settings_as_the_webui_does(tiny_model, tmp_path):
+    """Runs of several samplers and step counts in one folder were told apart only by their numbers: each image now
+    carries its prompt and settings in the PNG text chunk the webui writes (its PNG Info tab reads it)."""
+    from finetune.cli import main
+
+    out = tmp_path / "samples"
+    code = main(["sample", "--base", str(tiny_model), "--prompt", "a red circle --n blurry --d 42 --s 2 --ss k_euler_a --l 3", "--prompt", "a square",
+                 "--steps", "1", "--seed", "3", "--num-images", "2", "--sampler", "unipc", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    read = lambda name: Image.open(out / name).text.get("parameters")
+    assert read("00000-prompt0_seed43.png") == "a red circle\nNegative prompt: blurry\nSteps: 2, Sampler: euler_a, CFG scale: 3, Seed: 43, Size: 64x64"
+    assert read("00000-prompt1_seed3.png") == "a square\nSteps: 1, Sampler: unipc, CFG scale: 7.5, Seed: 3, Size: 64x64"
+    assert read("00000-grid.png") is None  # rows of several prompts: each image says its own
+    from finetune.sample_files import parameters_text
+
+    assert parameters_text("p", None, 25, "ddim", 7.5, 0, 64, "outputs/quickstart", 0.5).endswith("Size: 64x64, Lora: quickstart, Lora strength: 0.5")
