@@ -74,6 +74,22 @@ def steps_problem(sampler: str, steps: int) -> str | None:
             f"the model's last timestep and every image is NaN): ask {most} or fewer, or another sampler")
 
 
+def trailing_steps_problem(steps: int, num_train_timesteps: int = 1000) -> str | None:
+    """Why `steps` steps cannot be drawn on "trailing" spacing (model.zero_terminal_snr's, or a base's own), or None.
+    diffusers (0.42) spaces them np.arange(num_train_timesteps, 0, -num_train_timesteps / steps): where float rounding
+    leaves a last one just above 0 (61, 103, 121, ... steps; 62 counts up to 999) it takes a step more, at timestep -1."""
+    import numpy as np
+
+    def taken(count: int) -> int:
+        return len(np.arange(num_train_timesteps, 0, -num_train_timesteps / count))
+
+    if taken(steps) == steps:
+        return None
+    near = next(count for count in (steps - 1, steps + 1, steps - 2, steps + 2) if 1 <= count < num_train_timesteps and taken(count) == count)
+    return (f"{steps} steps on trailing timestep spacing (the zero-terminal-SNR schedule's) are {steps + 1} in diffusers, the last at "
+            f"timestep -1 (unipc's images can come out NaN; the other samplers take a last step at the wrong noise level): ask {near}")
+
+
 def checked(scheduler):
     """`scheduler`, where it can draw on its schedule; else a FinetuneError of one line saying which sampler to pick."""
     from finetune.errors import FinetuneError

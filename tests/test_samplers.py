@@ -1,6 +1,8 @@
 """The sampler choice (finetune/samplers.py): validation.sampler, `finetune sample --sampler` and the demo's list draw with
 the webui's samplers on the run's noise schedule; DDIM, the default, draws what it drew before there was a choice."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -199,3 +201,33 @@ def test_steps_a_sampler_cannot_draw_are_refused_before_anything_loads(make_reci
         assert main(["sample", "--base", str(tiny_model), "--prompt", "a cat", *options]) == 2
         assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"{where}: {said} (at 999, diffusers' DPM++ and UniPC start past the model's "
                                                                            "last timestep and every image is NaN): ask 998 or fewer, or another sampler")
+
+
+def test_step_counts_trailing_spacing_takes_one_more_of_are_refused(make_recipe, tiny_model, tmp_path, capsys):
+    """On the zero-terminal-SNR schedule (trailing spacing) diffusers took 61 steps as 62, the last at timestep -1: unipc
+    at 998 drew NaN images of the toy-world base, and every sampler took a last step at the wrong noise level."""
+    import json
+    import shutil
+
+    from diffusers import DDIMScheduler
+
+    from finetune.samplers import trailing_steps_problem
+
+    scheduler = DDIMScheduler(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    for steps in (60, 61, 998):
+        scheduler.set_timesteps(steps)
+        assert (len(scheduler.timesteps) == steps + 1 and int(scheduler.timesteps[-1]) == -1) == bool(trailing_steps_problem(steps)), steps
+    said = "61 steps on trailing timestep spacing .the zero-terminal-SNR schedule's. are 62 in diffusers, the last at timestep -1"
+    ztsnr = dict(model__zero_terminal_snr=True, model__prediction_type="v_prediction")
+    with pytest.raises(FinetuneError, match=f"validation.num_inference_steps: {said}.*: ask 60"):
+        make_recipe(validation__num_inference_steps=61, validation__prompts=["a cat"], **ztsnr)
+    with pytest.raises(FinetuneError, match=f"validation prompt 'a dog --s 61': {said}"):
+        make_recipe(validation__prompts=["a cat", "a dog --s 61"], **ztsnr)
+    assert make_recipe(validation__num_inference_steps=61, validation__prompts=["a cat"])  # leading spacing: 61 steps are 61
+    assert make_recipe(validation__num_inference_steps=60, validation__prompts=["a cat"], **ztsnr)
+    trailing = tmp_path / "trailing-base"  # a base whose own schedule is spaced so
+    shutil.copytree(tiny_model, trailing)
+    config = json.loads((trailing / "scheduler" / "scheduler_config.json").read_text())
+    (trailing / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "timestep_spacing": "trailing"}))
+    assert main(["sample", "--base", str(trailing), "--prompt", "a cat", "--steps", "61", "--out", str(tmp_path / "out")]) == 2
+    assert re.search(f"--steps: {said}", capsys.readouterr().err) and not (tmp_path / "out").exists()

@@ -16,7 +16,7 @@ from finetune.image_bounds import class_batch_problem, grid_problem
 from finetune.config.methods import ControlNetConfig, DreamBoothConfig, FullConfig, LoRAConfig, VAEConfig
 from finetune.config.training import DENOISING_SETTINGS, OptimizerConfig, TrainConfig
 from finetune.prompt_options import PromptSettings, with_options
-from finetune.samplers import DEFAULT_SAMPLER, KARRAS_ON_ZERO_TERMINAL_SNR, SamplerName, steps_problem
+from finetune.samplers import DEFAULT_SAMPLER, KARRAS_ON_ZERO_TERMINAL_SNR, SamplerName, steps_problem, trailing_steps_problem
 from finetune.validation_prompts import read_prompts_file
 
 
@@ -264,9 +264,11 @@ class Recipe(Section):
         validation = self.validation
         for text in validation.all_prompts:
             prompt = validation.prompt_settings(text)
-            if problem := steps_problem(prompt.sampler or validation.sampler, prompt.num_inference_steps):
+            trailing = trailing_steps_problem(prompt.num_inference_steps) if self.model.zero_terminal_snr else None
+            if problem := steps_problem(prompt.sampler or validation.sampler, prompt.num_inference_steps) or trailing:
                 own = prompt.sampler is not None or prompt.num_inference_steps != validation.num_inference_steps  # its --ss or --s
-                raise ValueError(f"{f'validation prompt {text!r}' if own else 'validation.num_inference_steps with validation.sampler'}: {problem}")
+                keys = "validation.num_inference_steps" + ("" if trailing else " with validation.sampler")
+                raise ValueError(f"{f'validation prompt {text!r}' if own else keys}: {problem}")
         return self
 
     @model_validator(mode="after")
