@@ -2,10 +2,10 @@
 
 Read `_train` top to bottom: the checks that need no model (the data, the base model, a resume: cheap, before anything
 heavy), the data's layout and the run's length, `_set_up_model` (the frozen base, and what the method attaches to train),
-the optimizer and accelerate's wrapping, a resume's state, then the loop: each micro-batch's loss from the method
-(encode, noise, predict: `finetune.methods.base`), the optimizer step, logs, checkpoints and validation grids. A clean
-stop on Ctrl-C leaves a checkpoint; the run's end (outputs, final samples) is `finetune.run_end`'s.
-"""
+the optimizer and accelerate's wrapping, then the run itself (`finetune.training_run.TrainingRun`): a resume's state, the
+loop (each micro-batch's loss from the method: encode, noise, predict, `finetune.methods.base`; the optimizer step, logs,
+checkpoints and validation grids) and the end. A clean stop on Ctrl-C leaves a checkpoint; the run's end (outputs, final
+samples) is `finetune.run_end`'s."""
 
 from __future__ import annotations
 
@@ -17,46 +17,45 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
-from tqdm.auto import tqdm
 
 from finetune import checkpoint as ckpt
+from finetune import training_run  # the run from its prepared model to its end (it looks up the stand-ins below here)
 from finetune.accelerate_state import clears_accelerate_settings, trackers_finished
 from finetune.buckets import too_few_to_batch
 from finetune.config import Recipe
 from finetune.console import say, warn
 from finetune.counts import counted
-from finetune.cpu_adam_steps import continue_step_powers
 from finetune.data_loader import training_loader
 from finetune.batches import item_layout
-from finetune.diffusion import BatchRandomness
-from finetune.draw_keys import DRAWN, key_offset
-from finetune.device_copy import to_device
-from finetune.distributed import accelerator_options, agree_on_start, autocast, checkpoint_options, configure_deepspeed, full_parameters, keep_autocast_outputs, launch_problem, ready_to_compile, release_gathered, several_processes, trained_parameters, uncompiled_forwards, unsharded_loading, unwrap, uses_deepspeed, zero_stage
+from finetune.draw_keys import key_offset
+from finetune.distributed import accelerator_options, agree_on_start, checkpoint_options, configure_deepspeed, keep_autocast_outputs, launch_problem, ready_to_compile, several_processes, trained_parameters, unsharded_loading, uses_deepspeed, zero_stage
 from finetune.deepspeed_checks import check_deepspeed_launch
-from finetune.earlier_run import clear_earlier_run, guard_earlier_run, put_back_interrupted_checkpoints
-from finetune.ema import EMA_FILE, weight_average
+from finetune.earlier_run import clear_earlier_run, guard_earlier_run
+from finetune.ema import weight_average
 from finetune.caption_tokens import caption_warnings
 from finetune.errors import FinetuneError
-from finetune.finite_weights import ensure_finite_weights
 from finetune.library_noise import quiet_deepspeed_shm_build
-from finetune.held_out import HELD_OUT_STATE, TrainingSubset, concept_held_out_whole, held_out_for_run, held_out_loss, held_out_sources
+from finetune.held_out import TrainingSubset, concept_held_out_whole, held_out_for_run, held_out_sources
 from finetune.model_source import BaseLocation
 from finetune.models import load_base_model
-from finetune.output_metadata import dataset_metadata, output_metadata
-from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer, check_optimizer_installed, clip_gradients, step_size
-from finetune.run_length import STEPS_BY_SHAPE, check_epoch_run, due, epoch_count, epochs_text, planned_steps, resume_warnings, run_length_line, run_sampler
+from finetune.output_metadata import dataset_metadata
+from finetune.optim import build_lr_scheduler, build_optimizer, check_optimizer_installed
+from finetune.run_length import check_epoch_run, epoch_count, planned_steps, run_length_line, run_sampler
 from finetune.run_files import checkpoint_step, resolve_resume
-from finetune.run_end import LOGGED_AT_STEP, OUTPUTS_PENDING, VALIDATION_PENDING, final_samples_wanted, finish_cut_short, finish_training, left_to_finish, next_step_said, remove_killed_grids
+from finetune.run_end import left_to_finish
 from finetune.resume_checks import check_resumable
-from finetune.run_recipe import write_run_recipe
-from finetune.logged_settings import start_trackers
 from finetune.loss_mask import preview as mask_preview
 from finetune.sampling import save_image_atomic
 from finetune.start_weights import resumed_method
-from finetune.step_losses import StepLosses, backward, micro_batch_shares, train_logs, weighted
 from finetune.train_inputs import check_base_and_data
-from finetune.validation import run_validation
-from finetune.stopping import StopRequest, batches_of
+
+# Not called here: `finetune.training_run` calls them as `trainer.<name>`, so that tests' stand-ins set on this module
+# (as for load_base_model or build_optimizer above) reach the loop too.
+from finetune.diffusion import BatchRandomness  # noqa: F401
+from finetune.held_out import held_out_loss  # noqa: F401
+from finetune.output_metadata import output_metadata  # noqa: F401
+from finetune.step_losses import weighted  # noqa: F401
+from finetune.validation import run_validation  # noqa: F401
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -190,173 +189,19 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
         ckpt.register_trainable_only_hooks(accelerator)
 
     average = weight_average(trained_parameters(modules, accelerator), train_cfg.ema_decay) if train_cfg.ema_decay else None
-
-    step, state = 0, None  # a resume's: its checkpoint's step and trainer state (trainer_state.json)
+    data = training_run.RunData(sources=sources, trained_indices=trained_indices, held_out=held_out, held_out_split=held_out_split, trained_examples=trained_examples,
+                                layout=layout, trained_data=trained_data, sampler=sampler, epochs_by=epochs_by, max_steps=max_steps, draws_from=draws_from,
+                                pending_end=pending_end)  # fmt: skip
+    run = training_run.TrainingRun(recipe, method, accelerator, data, resume_from, dataset, training_set, collate_fn, images_record, modules, optimizer, lr_scheduler,
+                                   group_names, group_lrs, clipped_parameters, average, save_options, load_options, on_step)  # fmt: skip
     if resume_from is not None:
-        state = ckpt.load_checkpoint(accelerator, resume_from, recipe.flat_settings(), **load_options)
-        step = state["step"]
-        accelerator.step = 0  # its micro-batch count, restored: count % accumulation must say a step's last at another accumulation too
-        method.load_checkpoint_state(state.get("method", {}))
-        apply_recipe_settings(optimizer, lr_scheduler, group_lrs, recipe.optimizer)
-        continue_step_powers(optimizer)  # DeepSpeed's CPU Adam keeps them outside its checkpoint
-        say(f"resumed from {resume_from} at step {step}")
-        for line in resume_warnings(resume_from, state, recipe, max_steps, accelerator.num_processes, layout.order_key(recipe.seed)):  # processes, length
-            say(line)
-        if average is not None and not average.load(resume_from / EMA_FILE):
-            warn(f"{resume_from.name} has no weight average (train.ema_decay was off): it starts from the resumed weights")
-        changed = ckpt.changed_settings(state.get("recipe"), recipe.flat_settings()) + ckpt.changed_data(state.get("data"), images_record)
-        if changed:
-            warn(f"settings changed since {resume_from.name}: {', '.join(changed)}")
-        put_back_interrupted_checkpoints(accelerator, checkpoints_dir)  # the checkpoint read where a kill left it: in place before any save
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        remove_killed_grids(output_dir)
-        write_run_recipe(recipe, output_dir)  # never over a recipe.yaml of the user's there (finetune.run_recipe)
-        start_trackers(accelerator, recipe.flat_settings(), output_dir, state, step)
-
-    accumulation = train_cfg.gradient_accumulation_steps
+        run.resume()
+    run.start_outputs()
     say(run_length_line(train_cfg, max_steps, sampler, len(training_set), accelerator.num_processes, epochs_by))
     loader = training_loader(training_set, sampler, collate_fn, recipe.data.num_workers, recipe.seed)
-    result = TrainResult(output_dir=output_dir, final_step=step)
-
-    @contextlib.contextmanager
-    def averaged(saving: bool = False):
-        """The weight average in place of the trained weights, with train.ema_decay. `saving`: only the process that
-        writes needs it, unless the average is sharded (DeepSpeed's masters), which every process puts in together."""
-        if average is None or (saving and not average.sharded and not accelerator.is_main_process):
-            yield
-            return
-        with average.applied():
-            method.hold_weight_limits(modules)
-            yield
-
-    def validate(at_step: int) -> Path | None:
-        """The validation grid of this step (and the held-out loss); returns the grid's path, if one was drawn."""
-        with averaged(), uncompiled_forwards(modules) as forwards:
-            grid = run_validation(recipe, method, forwards, accelerator, at_step)
-            if held_out:
-                terms = held_out_loss(method, forwards, dataset, collate_fn, held_out, recipe.seed, accelerator.device, lambda: autocast(accelerator))
-                result.validation_losses.append((at_step, terms["loss"]))
-                say(f"validation loss at step {at_step}: {terms['loss']:.4f}")
-                accelerator.log({f"validation/{name}": value for name, value in terms.items()}, step=at_step)
-        release_gathered(accelerator, modules)
-        if grid is not None:
-            result.sample_grids.append(grid)
-        return grid
-
-    def save_outputs(folder: Path) -> list[Path]:
-        """Collective: the method's outputs (from the weight average, if any) into `folder`, by the main process."""
-        ensure_finite_weights(accelerator, trained_parameters(modules, accelerator).values(), step, checkpoints_dir)
-        # Under DeepSpeed the average goes into the fp32 masters, which full_parameters then gathers.
-        with averaged(saving=True), full_parameters(accelerator, modules):
-            if not accelerator.is_main_process:
-                return []
-            unwrapped = {name: unwrap(accelerator, module) for name, module in modules.items()}
-            progress = {"epoch": int(epochs_by.at(step)), "max_steps": max_steps, "dataset": trained_data, "started": method.start_metadata()}
-            with unsharded_loading(accelerator):  # saving may load frozen parts again at the source's precision: whole, as at the start
-                return method.save(folder, unwrapped, output_metadata(recipe, step, method.base.noise_scheduler.config.prediction_type, **progress))
-
-    def save_checkpoint(validation_pending: bool = False, logged_at_step: dict | None = None, outputs_pending: bool = False) -> None:
-        ensure_finite_weights(accelerator, trained_parameters(modules, accelerator).values(), step, checkpoints_dir)
-
-        def extra(folder: Path) -> None:
-            if average is not None:  # sharded (DeepSpeed), it is gathered by every process for the main one to write
-                average.save(folder / EMA_FILE, writer=accelerator.is_main_process)
-            if recipe.checkpoint.save_outputs:
-                save_outputs(folder)
-
-        ckpt.save_checkpoint(
-            accelerator, checkpoints_dir, step,
-            {"recipe_hash": recipe.fingerprint(), "recipe": recipe.flat_settings(), "processes": accelerator.num_processes, "max_steps": max_steps,
-             "method": method.checkpoint_state(), "data": images_record, HELD_OUT_STATE: held_out_split.images, "data_order": sampler.position_after(step * accumulation),
-             DRAWN: step * accumulation + draws_from, STEPS_BY_SHAPE: epochs_by.steps_by_shape(step),  # what its steps drew, and trained at which batch
-             "losses_since_log": running.since_last_log_state(accelerator),  # the resumed run's first log covers the same steps
-             VALIDATION_PENDING: validation_pending, LOGGED_AT_STEP: logged_at_step or {}, OUTPUTS_PENDING: outputs_pending},
-            recipe.checkpoint.keep_last, extra=extra, **save_options
-        )
-        say(f"saved {checkpoints_dir / f'checkpoint-{step}'} (step {step}, {epochs_text(epochs_by.at(step))})")
-
-    # Before the first step (validation.at_start), or due at the step its checkpoint was saved before it (by a stop, or
-    # before a kill while it drew): the curve keeps that step.
-    if (step == 0 and recipe.validation.at_start) or (resume_from is not None and state.get(VALIDATION_PENDING) and not pending_end):
-        if (grid := validate(step)) is not None:  # named as the loop names its grids
-            say(f"samples: {grid}")
-
-    progress = tqdm(total=max_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process)
-    running = StepLosses()  # the loss and its terms over each step's micro-batches, and since the last log
-    running.resume_since_last_log(state.get("losses_since_log") if resume_from is not None else None, accelerator.device)
-    step_logs: dict[str, torch.Tensor | float] = {}  # what the method reports after each optimizer step (lora.max_norm)
-    logged = {}  # the last step's train logs: its checkpoint keeps them (LOGGED_AT_STEP)
-    stop = closing.enter_context(StopRequest(accelerator).closed_at_the_end())  # its gloo group too, after an error
-    # A second stop mid-run is raised at once: its line names the command that continues (the checkpoints on disk), as at the end.
-    with next_step_said(output_dir, checkpoints_dir, max_steps, resume_from), stop, batches_of(loader) as batches:
-        while step < max_steps:
-            step_batches = [sampler.rows_of(step * accumulation + micro) for micro in range(accumulation)]  # (global size, rows here)
-            shares = micro_batch_shares(sampler, range(step * accumulation, (step + 1) * accumulation), accelerator.num_processes)  # each image counts alike
-            for micro in range(accumulation):
-                micro_batch = step * accumulation + micro
-                batch = next(batches)
-                if "pixel_values" in batch:  # absent when the batch names cached latents instead (finetune.views)
-                    batch["pixel_values"] = to_device(batch["pixel_values"], accelerator.device)
-                # Bucketed global batches vary in size (a bucket's last batch may be smaller).
-                global_size, rows = step_batches[micro]
-                randomness = BatchRandomness(recipe.seed, micro_batch + draws_from, global_size, rows)
-                share = shares[micro]
-                with accelerator.accumulate(*modules.values()):
-                    with autocast(accelerator):
-                        losses = method.loss(modules, batch, randomness)
-                    backward(accelerator, weighted(losses["loss"], share))
-                    if accelerator.sync_gradients and train_cfg.max_grad_norm:
-                        clip_gradients(accelerator, clipped_parameters, train_cfg.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    if accelerator.sync_gradients:  # a real step, not one of accumulation's
-                        step_logs = method.hold_weight_limits(modules)
-                running.add(losses, share / accumulation)
-            if not optimizer.step_was_skipped:  # fp16 loss scaling skips a step whose gradients overflowed
-                lr_scheduler.step()
-            if average is not None:
-                average.update()
-            step += 1
-
-            running.end_step(accelerator)
-            if on_step is not None:
-                on_step(step)
-            progress.update(1)
-            lr = step_size(optimizer)
-            ended, epochs = epochs_by.ended_by(step), epochs_by.at(step)
-            logged = {}  # this step's train logs, kept by its checkpoint
-            if step % recipe.logging.every_n_steps == 0 or step == max_steps:  # losses are read on the host here only (StepLosses)
-                logged = train_logs(running.since_last_log(accelerator), step_logs, lr, optimizer, group_names, epochs)
-                accelerator.log(logged, step=step)
-            # Drawn by update() at most 10 times a second, not at every step's postfix.
-            shown_epochs = {"epoch": f"{epochs:.2f}/{train_cfg.max_epochs}"} if train_cfg.max_epochs else {}
-            progress.set_postfix(**running.shown(), lr=f"{lr:.2e}", **shown_epochs, refresh=False)
-
-            validation_due = due(step, recipe.validation.every_n_steps, ended, recipe.validation.every_n_epochs)
-            if step < max_steps and stop.agreed():  # at the last step: finished, the outputs are written below
-                save_checkpoint(validation_pending=validation_due, logged_at_step=logged)  # a stop skips it; the resumed run draws it
-                result.interrupted, result.stopped_by = True, stop.signal
-                break
-            if due(step, recipe.checkpoint.every_n_steps, ended, recipe.checkpoint.every_n_epochs) and step < max_steps:
-                # Its validation is drawn after it is written: a kill while that draws (a grid takes minutes) left a checkpoint
-                # whose resume never drew it. The resumed run draws it (again, the same, if the kill came later).
-                save_checkpoint(validation_pending=validation_due, logged_at_step=logged)
-            if validation_due and step < max_steps:
-                grid = validate(step)
-                if grid is not None:
-                    say(f"samples: {grid}")
-    progress.close()
-    if result.interrupted:  # under the progress bar it ends: by the main process, whose checkpoint it names
-        say(f"stopped at step {step}; checkpoint saved in {checkpoints_dir}; continue with --resume latest")
-    result.final_step, result.losses = step, running.read_steps(accelerator)  # with a stop's steps since the last log step
-
-    if pending_end and not result.interrupted:
-        finish_cut_short(result, stop, output_dir, checkpoints_dir, save_outputs, validate, pending_end, resume_from)
-    elif not result.interrupted:
-        finish_training(result, stop, output_dir, checkpoints_dir, save_outputs, lambda **pending: save_checkpoint(logged_at_step=logged, **pending), validate,
-                        final_samples_wanted(recipe, method, held_out))  # fmt: skip
-    return result  # `closing` closes the stop agreement, then the trackers
+    run.train(loader, closing)
+    run.end()
+    return run.result  # `closing` closes the stop agreement, then the trackers
 
 
 def _set_up_model(recipe: Recipe, method, accelerator: Accelerator, base_location: BaseLocation | None, fresh_run: bool) -> None:
