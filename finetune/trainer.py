@@ -1,11 +1,13 @@
 """The one training loop, shared by every method (see `finetune.methods`).
 
-Read `_train` top to bottom: the checks that need no model (the data, the base model, a resume: cheap, before anything
-heavy), the data's layout and the run's length, `_set_up_model` (the frozen base, and what the method attaches to train),
-the optimizer and accelerate's wrapping, then the run itself (`finetune.training_run.TrainingRun`): a resume's state, the
-loop (each micro-batch's loss from the method: encode, noise, predict, `finetune.methods.base`; the optimizer step, logs,
-checkpoints and validation grids) and the end. A clean stop on Ctrl-C leaves a checkpoint; the run's end (outputs, final
-samples) is `finetune.run_end`'s."""
+Read `_train` top to bottom: the checks that need no model (`_checked_start`: the data, the base model, a resume: cheap,
+before anything heavy), the processes joined (`_accelerator`), the data's layout and the run's length (`_laid_out_data`),
+`_set_up_model` (the frozen base, and what the method attaches to train), the optimizer and accelerate's wrapping
+(`_prepared_run`), then the run itself (`finetune.training_run.TrainingRun`): a resume's state, the loop (each
+micro-batch's loss from the method: encode, noise, predict, `finetune.methods.base`; the optimizer step, logs, checkpoints
+and validation grids) and the end. A clean stop on Ctrl-C leaves a checkpoint; the run's end (outputs, final samples) is
+`finetune.run_end`'s.
+"""
 
 from __future__ import annotations
 
@@ -82,12 +84,33 @@ def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], No
 
 def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | None, overwrite: bool, base_location: BaseLocation | None,
            closing: contextlib.ExitStack) -> TrainResult:  # fmt: skip
-    output_dir = Path(recipe.output_dir)
-    checkpoints_dir = output_dir / "checkpoints"
-    train_cfg = recipe.train
-
     # Cheap checks first: a bad image or a missing model is reported before any weight is loaded.
-    resume_from = resolve_resume(resume, checkpoints_dir)
+    resume_from, method, base_location, resumed_to = _checked_start(recipe, resume, overwrite, base_location)
+    accelerator = _accelerator(recipe, closing)
+    # Joined, the processes agree on the step they start at (each found its checkpoint on its own disk), and the resume
+    # check that waited for them is theirs now.
+    agree_on_start(accelerator, checkpoint_step(resume_from) if resume_from else 0, Path(recipe.output_dir) / "checkpoints", resume == "latest")
+    if resume_from is not None and several_processes():
+        check_resumable(resume_from, resumed_to, recipe.flat_settings())
+    data = _laid_out_data(recipe, method, accelerator, resume_from)
+    _set_up_model(recipe, method, accelerator, base_location, fresh_run=resume_from is None)
+    run = _prepared_run(recipe, method, accelerator, data, resume_from, overwrite, on_step)
+    if resume_from is not None:
+        run.resume()
+    run.start_outputs()
+    say(run_length_line(recipe.train, data.max_steps, data.sampler, len(run.training_set), accelerator.num_processes, data.epochs_by))
+    loader = training_loader(run.training_set, data.sampler, run.collate_fn, recipe.data.num_workers, recipe.seed)
+    run.train(loader, closing)
+    run.end()
+    return run.result  # `closing` closes the stop agreement, then the trackers
+
+
+def _checked_start(recipe: Recipe, resume: str | None, overwrite: bool, base_location: BaseLocation | None) -> tuple[Path | None, object, BaseLocation | None, int | None]:
+    """The checks that load no model, in the order their refusals come: the checkpoint to resume (`resume_from`), the
+    method (with a resume's starting weights), the launch, the optimizer's package, the base and the data (`base_location`),
+    the resume's state, an earlier run in output_dir. Returns those two, the method, and `resumed_to` (`check_resumable`)."""
+    output_dir, train_cfg = Path(recipe.output_dir), recipe.train
+    resume_from = resolve_resume(resume, output_dir / "checkpoints")
     method = resumed_method(recipe, resume_from)  # a resume's starting weights (lora.init_from, ...) are its checkpoint's
     check_deepspeed_launch(recipe, method.trained_module_names(), resume_from)  # DeepSpeed's refusals; a checkpoint of another engine
     check_optimizer_installed(recipe.optimizer)
@@ -100,7 +123,12 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     guard_earlier_run(output_dir, resume_from, overwrite)
     if problem := launch_problem(train_cfg.mixed_precision):
         raise FinetuneError(problem)
+    return resume_from, method, base_location, resumed_to
 
+
+def _accelerator(recipe: Recipe, closing: contextlib.ExitStack) -> Accelerator:
+    """The processes joined (or the one alone), the run's precision and accumulation, its trackers (closed by `closing`)."""
+    output_dir, train_cfg = Path(recipe.output_dir), recipe.train
     with quiet_deepspeed_shm_build():
         accelerator = Accelerator(
             **accelerator_options(),  # how several processes join, also on machines without CUDA
@@ -114,9 +142,13 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
         f"training on {counted(accelerator.num_processes, 'process', 'processes')} (distributed: {accelerator.distributed_type.value.lower()}), "
         f"device {accelerator.device}, mixed precision {train_cfg.mixed_precision}"
     )
-    agree_on_start(accelerator, checkpoint_step(resume_from) if resume_from else 0, checkpoints_dir, resume == "latest")
-    if resume_from is not None and several_processes():
-        check_resumable(resume_from, resumed_to, recipe.flat_settings())
+    return accelerator
+
+
+def _laid_out_data(recipe: Recipe, method, accelerator: Accelerator, resume_from: Path | None) -> training_run.RunData:
+    """The checked data split into trained and held-out images (said, with the data check's summary), laid out as the
+    sampler will batch them, and the run's length from that; refused where too few train."""
+    train_cfg = recipe.train
     items = method.training_items()
     sources = [item.source for item in items]
     held_out_split = held_out_for_run(items, recipe.validation.loss_images, recipe.seed, resume_from)  # a resume's: its checkpoint's
@@ -150,31 +182,35 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     method.held_out_items = frozenset(range(len(sources))) - frozenset(trained_indices)
     if held_out:
         say(f"validation loss: {counted(len(held_out), 'image')} held out of training, scored at each validation")
-    _set_up_model(recipe, method, accelerator, base_location, fresh_run=resume_from is None)
+    return training_run.RunData(sources=sources, trained_indices=trained_indices, held_out=held_out, held_out_split=held_out_split,
+                                trained_examples=trained_examples, layout=layout, trained_data=trained_data, sampler=sampler,
+                                epochs_by=epochs_by, max_steps=max_steps, draws_from=draws_from, pending_end=pending_end)  # fmt: skip
 
+
+def _prepared_run(recipe: Recipe, method, accelerator: Accelerator, data: training_run.RunData, resume_from: Path | None, overwrite: bool,
+                  on_step: Callable[[int], None] | None) -> training_run.TrainingRun:  # fmt: skip
+    """With the model set up: the dataset built, the optimizer and its schedule made, the trained modules prepared by
+    accelerate (compiled, wrapped, sharded), the weight average; an earlier run's files cleared only now (`overwrite`)."""
     configure_deepspeed(accelerator, recipe)
     # Before `prepare`: DreamBooth may generate class images with the UNet, which ZeRO-3 then shards. Then the record a resume compares.
-    (dataset, collate_fn), images_record = method.training_data(accelerator), ckpt.data_record(trained_examples, method.recorded_data())
-    training_set = TrainingSubset(dataset, trained_indices) if held_out else dataset
-    if (len(training_set), getattr(training_set, "bucket_of", None)) != (len(layout), layout.bucket_of):
+    (dataset, collate_fn), images_record = method.training_data(accelerator), ckpt.data_record(data.trained_examples, method.recorded_data())
+    training_set = TrainingSubset(dataset, data.trained_indices) if data.held_out else dataset
+    if (len(training_set), getattr(training_set, "bucket_of", None)) != (len(data.layout), data.layout.bucket_of):
         raise RuntimeError(f"method {recipe.method}: its dataset is not laid out as its training_items() said")  # a bug, not the data
     parameter_groups = method.parameter_groups()
     group_names = [group.pop("name") for group in parameter_groups]  # for the logs; optimizers need no names
     # The recipe's rates, read before the optimizer and the schedule's warm-up write into these groups.
     group_lrs = [group.get("lr", recipe.optimizer.lr) for group in parameter_groups]
     optimizer = build_optimizer(recipe.optimizer, parameter_groups, accelerator.device, sharded=zero_stage(accelerator) > 0)
-    lr_scheduler = build_lr_scheduler(recipe.optimizer, optimizer, max_steps)
+    lr_scheduler = build_lr_scheduler(recipe.optimizer, optimizer, data.max_steps)
     # Only now, with the model set up, the data built and the optimizer made, has every check that could refuse the
     # run passed: an earlier run's files are not cleared for a run that is then refused.
     if overwrite and resume_from is None:
-        clear_earlier_run(accelerator, output_dir)
-    strip = mask_preview(dataset, sources, recipe.data.loss_mask.unmasked_weight) if (
-        recipe.data.loss_mask.enabled and accelerator.is_main_process and resume_from is None) else None  # fmt: skip
-    if strip is not None:
-        path = save_image_atomic(strip, output_dir / "samples" / "loss-masks.png")
-        say(f"loss masks: what trains in the first images (the rest dimmed): {path}")
+        clear_earlier_run(accelerator, Path(recipe.output_dir))
+    if recipe.data.loss_mask.enabled and accelerator.is_main_process and resume_from is None:
+        _save_loss_mask_preview(recipe, dataset, data.sources)
     names = list(method.trained_modules())
-    batch_shapes = 2 * len(set(layout.bucket_of)) if layout.bucket_of else 2  # a bucket's (or the square's) full and last batch
+    batch_shapes = 2 * len(set(data.layout.bucket_of)) if data.layout.bucket_of else 2  # a bucket's (or the square's) full and last batch
     ready_to_compile(accelerator, list(method.trained_modules().values()), batch_shapes)  # --dynamo_backend: compiles once a shape
     *wrapped, optimizer = accelerator.prepare(*method.trained_modules().values(), optimizer)
     modules = dict(zip(names, wrapped))
@@ -188,20 +224,17 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     if not uses_deepspeed(accelerator):  # DeepSpeed's engine writes its own, see finetune.distributed
         ckpt.register_trainable_only_hooks(accelerator)
 
-    average = weight_average(trained_parameters(modules, accelerator), train_cfg.ema_decay) if train_cfg.ema_decay else None
-    data = training_run.RunData(sources=sources, trained_indices=trained_indices, held_out=held_out, held_out_split=held_out_split, trained_examples=trained_examples,
-                                layout=layout, trained_data=trained_data, sampler=sampler, epochs_by=epochs_by, max_steps=max_steps, draws_from=draws_from,
-                                pending_end=pending_end)  # fmt: skip
-    run = training_run.TrainingRun(recipe, method, accelerator, data, resume_from, dataset, training_set, collate_fn, images_record, modules, optimizer, lr_scheduler,
-                                   group_names, group_lrs, clipped_parameters, average, save_options, load_options, on_step)  # fmt: skip
-    if resume_from is not None:
-        run.resume()
-    run.start_outputs()
-    say(run_length_line(train_cfg, max_steps, sampler, len(training_set), accelerator.num_processes, epochs_by))
-    loader = training_loader(training_set, sampler, collate_fn, recipe.data.num_workers, recipe.seed)
-    run.train(loader, closing)
-    run.end()
-    return run.result  # `closing` closes the stop agreement, then the trackers
+    average = weight_average(trained_parameters(modules, accelerator), recipe.train.ema_decay) if recipe.train.ema_decay else None
+    return training_run.TrainingRun(recipe, method, accelerator, data, resume_from, dataset, training_set, collate_fn, images_record, modules, optimizer,
+                                    lr_scheduler, group_names, group_lrs, clipped_parameters, average, save_options, load_options, on_step)  # fmt: skip
+
+
+def _save_loss_mask_preview(recipe: Recipe, dataset, sources: list) -> None:
+    """By the main process of a fresh run: the first images as the loss masks weigh them, to check before it trains."""
+    strip = mask_preview(dataset, sources, recipe.data.loss_mask.unmasked_weight)
+    if strip is not None:
+        path = save_image_atomic(strip, Path(recipe.output_dir) / "samples" / "loss-masks.png")
+        say(f"loss masks: what trains in the first images (the rest dimmed): {path}")
 
 
 def _set_up_model(recipe: Recipe, method, accelerator: Accelerator, base_location: BaseLocation | None, fresh_run: bool) -> None:

@@ -45,7 +45,7 @@ from finetune.stopping import StopRequest, batches_of
 
 @dataclass
 class RunData:
-    """The checked data as the run trains them, and the run's length (`finetune.trainer._lay_out_data`)."""
+    """The checked data as the run trains them, and the run's length (`finetune.trainer._laid_out_data`)."""
 
     sources: list  # each training item's image (the method's `training_items()`), held out or not
     trained_indices: list[int]  # into `sources`: the items that train
@@ -63,6 +63,9 @@ class RunData:
 
 @dataclass
 class TrainingRun:
+    """What the run's phases share once its model is prepared (`finetune.trainer._prepared_run`), with the work they
+    share it for: a validation, the outputs, a checkpoint, an optimizer step."""
+
     recipe: Recipe
     method: object  # a `finetune.methods` method, set up
     accelerator: Accelerator
@@ -76,7 +79,7 @@ class TrainingRun:
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     group_names: list[str]  # the parameter groups', for the logs
-    group_lrs: list[float]  # the recipe's rates for them, which a resume puts back (the checkpoint's schedule wrote its own)
+    group_lrs: list[float]  # the recipe's rates for them, read before the optimizer's warm-up wrote into them: a resume's to apply
     clipped_parameters: list  # fixed for the run: gathered once, since walking a UNet's modules each step costs milliseconds
     average: WeightAverage | None  # train.ema_decay's weight average
     save_options: dict  # how the accelerator saves and loads checkpoints (`finetune.distributed.checkpoint_options`)
@@ -87,6 +90,11 @@ class TrainingRun:
     running: StepLosses = field(default_factory=StepLosses)  # the loss and its terms over each step's micro-batches, and since the last log
     step_logs: dict = field(default_factory=dict)  # what the method reports after each optimizer step (lora.max_norm)
     logged: dict = field(default_factory=dict)  # the last step's train logs: its checkpoint keeps them (LOGGED_AT_STEP)
+    progress: tqdm | None = field(default=None, init=False)  # the loop's progress bar
+    stop: StopRequest | None = field(default=None, init=False)  # whether the processes agree to stop (Ctrl-C, SIGTERM): the loop's and the end's
+    output_dir: Path = field(init=False)
+    checkpoints_dir: Path = field(init=False)
+    result: trainer.TrainResult = field(init=False)
 
     def __post_init__(self):
         self.output_dir = Path(self.recipe.output_dir)
