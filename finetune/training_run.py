@@ -3,9 +3,9 @@
 average, the step, the result), and `finetune.trainer` builds it, then calls `resume`, `start_outputs`, `train` and `end`.
 
 `train` reads as the loop: each optimizer step (`optimizer_step`: its micro-batches' losses from the method, the gradients,
-the step), what follows it (`after_step`: the losses and logs, the progress bar), then a stop's checkpoint, a checkpoint
-due, a validation due. Every process runs the same calls in the same order: the collective ones (a save, a validation, a
-stop's agreement, a log step's reductions) are reached by all of them at the same step.
+the step), what follows it (`after_step`: the losses and logs, the progress bar), then `between_steps`: a stop's
+checkpoint, a checkpoint due, a validation due. Every process runs the same calls in the same order: the collective ones
+(a save, a validation, a stop's agreement, a log step's reductions) are reached by all of them at the same step.
 """
 
 from __future__ import annotations
@@ -206,23 +206,10 @@ class TrainingRun:
         self.stop = closing.enter_context(StopRequest(self.accelerator).closed_at_the_end())  # its gloo group too, after an error
         # A second stop mid-run is raised at once: its line names the command that continues (the checkpoints on disk), as at the end.
         with next_step_said(self.output_dir, self.checkpoints_dir, data.max_steps, self.resume_from), self.stop, batches_of(loader) as batches:
-            while self.step < data.max_steps:
+            while self.step < data.max_steps and not self.result.interrupted:
                 self.optimizer_step(batches)
                 self.after_step()
-                ended = data.epochs_by.ended_by(self.step)
-                validation_due = due(self.step, recipe.validation.every_n_steps, ended, recipe.validation.every_n_epochs)
-                if self.step < data.max_steps and self.stop.agreed():  # at the last step: finished, the outputs are written by `end`
-                    self.save_checkpoint(validation_pending=validation_due, logged_at_step=self.logged)  # a stop skips it; the resumed run draws it
-                    self.result.interrupted, self.result.stopped_by = True, self.stop.signal
-                    break
-                if due(self.step, recipe.checkpoint.every_n_steps, ended, recipe.checkpoint.every_n_epochs) and self.step < data.max_steps:
-                    # Its validation is drawn after it is written: a kill while that draws (a grid takes minutes) left a checkpoint
-                    # whose resume never drew it. The resumed run draws it (again, the same, if the kill came later).
-                    self.save_checkpoint(validation_pending=validation_due, logged_at_step=self.logged)
-                if validation_due and self.step < data.max_steps:
-                    grid = self.validate(self.step)
-                    if grid is not None:
-                        say(f"samples: {grid}")
+                self.between_steps()
         self.progress.close()
         if self.result.interrupted:  # under the progress bar it ends: by the main process, whose checkpoint it names
             say(f"stopped at step {self.step}; checkpoint saved in {self.checkpoints_dir}; continue with --resume latest")
@@ -275,6 +262,25 @@ class TrainingRun:
         # Drawn by update() at most 10 times a second, not at every step's postfix.
         shown_epochs = {"epoch": f"{epochs:.2f}/{train_cfg.max_epochs}"} if train_cfg.max_epochs else {}
         self.progress.set_postfix(**self.running.shown(), lr=f"{lr:.2e}", **shown_epochs, refresh=False)
+
+    def between_steps(self) -> None:
+        """Collective, unless the step was the run's last (its outputs and final samples are `end`'s): a stop all processes
+        agree on, with its checkpoint (the loop ends), else the checkpoint and the validation due at this step."""
+        recipe, step = self.recipe, self.step
+        if step >= self.data.max_steps:
+            return
+        ended = self.data.epochs_by.ended_by(step)
+        validation_due = due(step, recipe.validation.every_n_steps, ended, recipe.validation.every_n_epochs)
+        if self.stop.agreed():
+            self.save_checkpoint(validation_pending=validation_due, logged_at_step=self.logged)  # a stop skips it; the resumed run draws it
+            self.result.interrupted, self.result.stopped_by = True, self.stop.signal
+            return
+        if due(step, recipe.checkpoint.every_n_steps, ended, recipe.checkpoint.every_n_epochs):
+            # Its validation is drawn after it is written: a kill while that draws (a grid takes minutes) left a checkpoint
+            # whose resume never drew it. The resumed run draws it (again, the same, if the kill came later).
+            self.save_checkpoint(validation_pending=validation_due, logged_at_step=self.logged)
+        if validation_due and (grid := self.validate(step)) is not None:
+            say(f"samples: {grid}")
 
     def end(self) -> None:
         """Collective, unless stopped: the outputs and the final samples, or what a resumed finished run's end had left."""
