@@ -12,7 +12,6 @@ and validation grids) and the end. A clean stop on Ctrl-C leaves a checkpoint; t
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +20,6 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 
 from finetune import checkpoint as ckpt
-from finetune import training_run  # the run from its prepared model to its end (it looks up the stand-ins below here)
 from finetune.accelerate_state import clears_accelerate_settings, trackers_finished
 from finetune.buckets import too_few_to_batch
 from finetune.config import Recipe
@@ -50,28 +48,9 @@ from finetune.loss_mask import preview as mask_preview
 from finetune.sampling import save_image_atomic
 from finetune.start_weights import resumed_method
 from finetune.train_inputs import check_base_and_data
-
-# Not called here: `finetune.training_run` calls them as `trainer.<name>`, so that tests' stand-ins set on this module
-# (as for load_base_model or build_optimizer above) reach the loop too.
-from finetune.diffusion import BatchRandomness  # noqa: F401
-from finetune.held_out import held_out_loss  # noqa: F401
-from finetune.output_metadata import output_metadata  # noqa: F401
-from finetune.step_losses import weighted  # noqa: F401
-from finetune.validation import run_validation  # noqa: F401
+from finetune.training_run import RunData, TrainingRun, TrainResult  # the run from its prepared model to its end
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@dataclass
-class TrainResult:
-    output_dir: Path
-    final_step: int
-    saved_files: list[Path] = field(default_factory=list)
-    sample_grids: list[Path] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)  # per optimizer step, this run only
-    validation_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss on the held-out images)
-    interrupted: bool = False
-    stopped_by: int = 0  # the signal that stopped it (SIGINT, SIGTERM), where `interrupted` or where it skipped the final samples
 
 
 @clears_accelerate_settings  # however it ends: a later train() in this process may choose another precision
@@ -145,7 +124,7 @@ def _accelerator(recipe: Recipe, closing: contextlib.ExitStack) -> Accelerator:
     return accelerator
 
 
-def _laid_out_data(recipe: Recipe, method, accelerator: Accelerator, resume_from: Path | None) -> training_run.RunData:
+def _laid_out_data(recipe: Recipe, method, accelerator: Accelerator, resume_from: Path | None) -> RunData:
     """The checked data split into trained and held-out images (said, with the data check's summary), laid out as the
     sampler will batch them, and the run's length from that; refused where too few train."""
     train_cfg = recipe.train
@@ -182,13 +161,13 @@ def _laid_out_data(recipe: Recipe, method, accelerator: Accelerator, resume_from
     method.held_out_items = frozenset(range(len(sources))) - frozenset(trained_indices)
     if held_out:
         say(f"validation loss: {counted(len(held_out), 'image')} held out of training, scored at each validation")
-    return training_run.RunData(sources=sources, trained_indices=trained_indices, held_out=held_out, held_out_split=held_out_split,
+    return RunData(sources=sources, trained_indices=trained_indices, held_out=held_out, held_out_split=held_out_split,
                                 trained_examples=trained_examples, layout=layout, trained_data=trained_data, sampler=sampler,
                                 epochs_by=epochs_by, max_steps=max_steps, draws_from=draws_from, pending_end=pending_end)  # fmt: skip
 
 
-def _prepared_run(recipe: Recipe, method, accelerator: Accelerator, data: training_run.RunData, resume_from: Path | None, overwrite: bool,
-                  on_step: Callable[[int], None] | None) -> training_run.TrainingRun:  # fmt: skip
+def _prepared_run(recipe: Recipe, method, accelerator: Accelerator, data: RunData, resume_from: Path | None, overwrite: bool,
+                  on_step: Callable[[int], None] | None) -> TrainingRun:  # fmt: skip
     """With the model set up: the dataset built, the optimizer and its schedule made, the trained modules prepared by
     accelerate (compiled, wrapped, sharded), the weight average; an earlier run's files cleared only now (`overwrite`)."""
     configure_deepspeed(accelerator, recipe)
@@ -225,7 +204,7 @@ def _prepared_run(recipe: Recipe, method, accelerator: Accelerator, data: traini
         ckpt.register_trainable_only_hooks(accelerator)
 
     average = weight_average(trained_parameters(modules, accelerator), recipe.train.ema_decay) if recipe.train.ema_decay else None
-    return training_run.TrainingRun(recipe, method, accelerator, data, resume_from, dataset, training_set, collate_fn, images_record, modules, optimizer,
+    return TrainingRun(recipe, method, accelerator, data, resume_from, dataset, training_set, collate_fn, images_record, modules, optimizer,
                                     lr_scheduler, group_names, group_lrs, clipped_parameters, average, save_options, load_options, on_step)  # fmt: skip
 
 

@@ -19,28 +19,41 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-# `trainer.<name>`: the loop's calls that tests stand in for (run_validation, held_out_loss, output_metadata, BatchRandomness, weighted)
-# are looked up on finetune.trainer at each call, as when this loop was trainer's, so that a stand-in set there reaches the
-# run. Both modules import the other as a module (not its names): either may be imported first.
-from finetune import trainer
 from finetune import checkpoint as ckpt
 from finetune.config import Recipe
 from finetune.console import say, warn
 from finetune.cpu_adam_steps import continue_step_powers
 from finetune.device_copy import to_device
+from finetune.diffusion import BatchRandomness
 from finetune.distributed import autocast, full_parameters, release_gathered, trained_parameters, uncompiled_forwards, unsharded_loading, unwrap
 from finetune.draw_keys import DRAWN
 from finetune.earlier_run import put_back_interrupted_checkpoints
 from finetune.ema import EMA_FILE, WeightAverage
 from finetune.finite_weights import ensure_finite_weights
-from finetune.held_out import HELD_OUT_STATE, HeldOutSplit
+from finetune.held_out import HELD_OUT_STATE, HeldOutSplit, held_out_loss
 from finetune.logged_settings import start_trackers
+from finetune.output_metadata import output_metadata
 from finetune.optim import apply_recipe_settings, clip_gradients, step_size
 from finetune.run_end import LOGGED_AT_STEP, OUTPUTS_PENDING, VALIDATION_PENDING, final_samples_wanted, finish_cut_short, finish_training, next_step_said, remove_killed_grids
 from finetune.run_length import STEPS_BY_SHAPE, due, epochs_text, resume_warnings
 from finetune.run_recipe import write_run_recipe
-from finetune.step_losses import StepLosses, backward, micro_batch_shares, train_logs
+from finetune.step_losses import StepLosses, backward, micro_batch_shares, train_logs, weighted
 from finetune.stopping import StopRequest, batches_of
+from finetune.validation import run_validation
+
+
+@dataclass
+class TrainResult:
+    """What `finetune.trainer.train` returns: the run's outputs, its losses, and whether a stop ended it."""
+
+    output_dir: Path
+    final_step: int
+    saved_files: list[Path] = field(default_factory=list)
+    sample_grids: list[Path] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # per optimizer step, this run only
+    validation_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss on the held-out images)
+    interrupted: bool = False
+    stopped_by: int = 0  # the signal that stopped it (SIGINT, SIGTERM), where `interrupted` or where it skipped the final samples
 
 
 @dataclass
@@ -94,12 +107,12 @@ class TrainingRun:
     stop: StopRequest | None = field(default=None, init=False)  # whether the processes agree to stop (Ctrl-C, SIGTERM): the loop's and the end's
     output_dir: Path = field(init=False)
     checkpoints_dir: Path = field(init=False)
-    result: trainer.TrainResult = field(init=False)
+    result: TrainResult = field(init=False)
 
     def __post_init__(self):
         self.output_dir = Path(self.recipe.output_dir)
         self.checkpoints_dir = self.output_dir / "checkpoints"
-        self.result = trainer.TrainResult(output_dir=self.output_dir, final_step=self.step)  # its final step is set as the loop ends
+        self.result = TrainResult(output_dir=self.output_dir, final_step=self.step)  # its final step is set as the loop ends
 
     @contextlib.contextmanager
     def averaged(self, saving: bool = False):
@@ -115,9 +128,9 @@ class TrainingRun:
     def validate(self, at_step: int) -> Path | None:
         """The validation grid of this step (and the held-out loss); returns the grid's path, if one was drawn."""
         with self.averaged(), uncompiled_forwards(self.modules) as forwards:
-            grid = trainer.run_validation(self.recipe, self.method, forwards, self.accelerator, at_step)
+            grid = run_validation(self.recipe, self.method, forwards, self.accelerator, at_step)
             if self.data.held_out:
-                terms = trainer.held_out_loss(self.method, forwards, self.dataset, self.collate_fn, self.data.held_out, self.recipe.seed,
+                terms = held_out_loss(self.method, forwards, self.dataset, self.collate_fn, self.data.held_out, self.recipe.seed,
                                               self.accelerator.device, lambda: autocast(self.accelerator))  # fmt: skip
                 self.result.validation_losses.append((at_step, terms["loss"]))
                 say(f"validation loss at step {at_step}: {terms['loss']:.4f}")
@@ -138,7 +151,7 @@ class TrainingRun:
             progress = {"epoch": int(self.data.epochs_by.at(self.step)), "max_steps": self.data.max_steps, "dataset": self.data.trained_data,
                         "started": self.method.start_metadata()}  # fmt: skip
             with unsharded_loading(self.accelerator):  # saving may load frozen parts again at the source's precision: whole, as at the start
-                metadata = trainer.output_metadata(self.recipe, self.step, self.method.base.noise_scheduler.config.prediction_type, **progress)
+                metadata = output_metadata(self.recipe, self.step, self.method.base.noise_scheduler.config.prediction_type, **progress)
                 return self.method.save(folder, unwrapped, metadata)
 
     def save_checkpoint(self, validation_pending: bool = False, logged_at_step: dict | None = None, outputs_pending: bool = False) -> None:
@@ -228,11 +241,11 @@ class TrainingRun:
                 batch["pixel_values"] = to_device(batch["pixel_values"], accelerator.device)
             # Bucketed global batches vary in size (a bucket's last batch may be smaller).
             global_size, rows = step_batches[micro]
-            randomness = trainer.BatchRandomness(self.recipe.seed, first + micro + self.data.draws_from, global_size, rows)
+            randomness = BatchRandomness(self.recipe.seed, first + micro + self.data.draws_from, global_size, rows)
             with accelerator.accumulate(*self.modules.values()):
                 with autocast(accelerator):
                     losses = self.method.loss(self.modules, batch, randomness)
-                backward(accelerator, trainer.weighted(losses["loss"], shares[micro]))
+                backward(accelerator, weighted(losses["loss"], shares[micro]))
                 if accelerator.sync_gradients and self.recipe.train.max_grad_norm:
                     clip_gradients(accelerator, self.clipped_parameters, self.recipe.train.max_grad_norm)
                 self.optimizer.step()

@@ -24,6 +24,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 import finetune.trainer as trainer
+import finetune.training_run as training_run
 from finetune.distributed import leave_process_group
 from finetune.methods import METHODS
 from finetune.recipe_loading import load_recipe
@@ -87,10 +88,10 @@ def record_masters(out: Path):
 
 @contextlib.contextmanager
 def sampled_weights_recorded(out: Path):
-    """For --weights: trainer.run_validation (called by every rank) first records the engine's copies, gathered whole."""
+    """For --weights: training_run.run_validation (called by every rank) first records the engine's copies, gathered whole."""
     import deepspeed
 
-    run_validation = trainer.run_validation
+    run_validation = training_run.run_validation
 
     def recording(recipe, method, modules, accelerator, step):
         sharded = [p for p in trained_parameters(method).values() if hasattr(p, "ds_id")]  # ZeRO-3
@@ -98,11 +99,11 @@ def sampled_weights_recorded(out: Path):
             save_by_rank_0(trained_weights(method), out / f"sampled-{step}.safetensors")
         return run_validation(recipe, method, modules, accelerator, step)
 
-    trainer.run_validation = recording
+    training_run.run_validation = recording
     try:
         yield
     finally:
-        trainer.run_validation = run_validation
+        training_run.run_validation = run_validation
 
 
 def train_and_record(runs: list[tuple]) -> None:

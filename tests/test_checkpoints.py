@@ -137,12 +137,12 @@ def test_a_run_that_fails_with_loader_workers_exits(make_recipe, tmp_path):
     path = tmp_path / "failing.yaml"
     path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
     script = (
-        "import sys, finetune.trainer as trainer\n"
+        "import sys, finetune.training_run as training_run\n"
         "def failing(*args, **kwargs):\n"
         "    raise RuntimeError('the third step failed')\n"
-        "real = trainer.BatchRandomness\n"
+        "real = training_run.BatchRandomness\n"
         "calls = []\n"
-        "trainer.BatchRandomness = lambda *a, **k: calls.append(1) or (failing() if len(calls) == 3 else real(*a, **k))\n"
+        "training_run.BatchRandomness = lambda *a, **k: calls.append(1) or (failing() if len(calls) == 3 else real(*a, **k))\n"
         "from finetune.cli import main\n"
         f"sys.exit(main(['train', {str(path)!r}]))\n"
     )

@@ -8,6 +8,7 @@ import signal
 import pytest
 
 import finetune.trainer as trainer
+import finetune.training_run as training_run
 from finetune.errors import FinetuneError
 from finetune.run_files import LORA_WEIGHTS_NAME, STATE_FILE
 
@@ -31,14 +32,14 @@ def test_a_stop_while_the_last_checkpoint_is_written_waits_for_it_and_the_output
 def test_the_outputs_are_on_disk_before_the_last_samples_are_drawn(make_recipe, monkeypatch, tmp_path):
     """A kill (OOM, a scheduler's SIGKILL) while the last grid renders left the last checkpoint and no output:
     `--resume latest` then had nothing left to train. The outputs now come first."""
-    real, written_at_last_samples = trainer.run_validation, []
+    real, written_at_last_samples = training_run.run_validation, []
 
     def validation(recipe, method, modules, accelerator, step):
         if step == recipe.train.max_steps:
             written_at_last_samples.append((tmp_path / "run" / LORA_WEIGHTS_NAME).is_file())
         return real(recipe, method, modules, accelerator, step)
 
-    monkeypatch.setattr(trainer, "run_validation", validation)
+    monkeypatch.setattr(training_run, "run_validation", validation)
     result = trainer.train(make_recipe(output_dir=str(tmp_path / "run"), train__max_steps=2, validation__prompts=["a shape"],
                                        validation__num_inference_steps=1, validation__at_start=False))  # fmt: skip
     assert written_at_last_samples == [True] and len(result.sample_grids) == 1
@@ -271,15 +272,15 @@ def test_a_kill_while_a_checkpoints_validation_draws_is_drawn_by_the_resumed_run
     settings = dict(train__max_steps=4, checkpoint__every_n_steps=2, validation__prompts=["a shape"], validation__num_inference_steps=1,
                     validation__images_per_prompt=1, validation__at_start=False, validation__every_n_steps=2, validation__loss_images=1)  # fmt: skip
     straight = trainer.train(make_recipe(output_dir=str(tmp_path / "straight"), **settings))
-    real = trainer.run_validation
+    real = training_run.run_validation
 
     def killed_while_drawing(recipe, method, modules, accelerator, step):
         raise Killed
 
-    monkeypatch.setattr(trainer, "run_validation", killed_while_drawing)
+    monkeypatch.setattr(training_run, "run_validation", killed_while_drawing)
     with pytest.raises(Killed):
         trainer.train(make_recipe(output_dir=str(tmp_path / "killed"), **settings))
-    monkeypatch.setattr(trainer, "run_validation", real)
+    monkeypatch.setattr(training_run, "run_validation", real)
     resumed = trainer.train(make_recipe(output_dir=str(tmp_path / "killed"), **settings), resume="latest")
     assert resumed.validation_losses == straight.validation_losses and [step for step, _ in straight.validation_losses] == [2, 4]
     grids = lambda run: {path.name: path.read_bytes() for path in (tmp_path / run / "samples").glob("*.png")}  # noqa: E731

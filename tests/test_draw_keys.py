@@ -6,6 +6,7 @@ import json
 import pytest
 
 import finetune.trainer as trainer
+import finetune.training_run as training_run
 from finetune.run_files import STATE_FILE
 from finetune.diffusion import BatchRandomness
 from finetune.draw_keys import DRAWN
@@ -21,7 +22,7 @@ def keys(monkeypatch):
         seen.append(micro_batch)
         return BatchRandomness(seed, micro_batch, *rest)
 
-    monkeypatch.setattr(trainer, "BatchRandomness", recorded)
+    monkeypatch.setattr(training_run, "BatchRandomness", recorded)
     return seen
 
 

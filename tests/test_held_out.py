@@ -19,11 +19,12 @@ from finetune.trainer import train
 
 def test_held_out_images_never_train_and_their_loss_is_reported_at_each_validation(make_recipe, tmp_path, monkeypatch, capsys):
     import finetune.trainer as trainer
+    import finetune.training_run as training_run
 
     trained_on, scored = set(), set()
-    real_getitem, real_loss = held_out_module.TrainingSubset.__getitem__, trainer.held_out_loss
+    real_getitem, real_loss = held_out_module.TrainingSubset.__getitem__, training_run.held_out_loss
     monkeypatch.setattr(held_out_module.TrainingSubset, "__getitem__", lambda self, key: trained_on.add(self.kept[key[0]]) or real_getitem(self, key))
-    monkeypatch.setattr(trainer, "held_out_loss", lambda *args: scored.update(args[4]) or real_loss(*args))
+    monkeypatch.setattr(training_run, "held_out_loss", lambda *args: scored.update(args[4]) or real_loss(*args))
     common = dict(validation__loss_images=1, validation__every_n_steps=2, checkpoint__every_n_steps=2, train__max_steps=4)
     whole = train(make_recipe(output_dir=str(tmp_path / "whole"), **common))  # 4 images, batch 2
     assert len(scored) == 1 and trained_on == {0, 1, 2, 3} - scored

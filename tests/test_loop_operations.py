@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import finetune.step_losses as step_losses
-import finetune.trainer as trainer
+import finetune.training_run as training_run
 from finetune.methods.dreambooth import DreamBoothMethod
 from finetune.trainer import train
 from operation_counts import CountOperations
@@ -52,7 +52,7 @@ def test_a_step_of_one_process_multiplies_no_loss_by_one(make_recipe):
 def test_skipping_the_multiplies_leaves_every_loss_and_weight_bit_identical(make_recipe, monkeypatch, tmp_path):
     ours = train(make_recipe(train__max_steps=3, output_dir=str(tmp_path / "ours")))
     multiplying = lambda value, weight: value * weight  # noqa: E731 (what the loop did)
-    for module in (trainer, step_losses):
+    for module in (training_run, step_losses):
         monkeypatch.setattr(module, "weighted", multiplying)
     theirs = train(make_recipe(train__max_steps=3, output_dir=str(tmp_path / "theirs")))
     assert ours.losses == theirs.losses

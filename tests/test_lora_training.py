@@ -326,12 +326,12 @@ def test_lora_on_the_text_encoder_trains_at_its_own_rate_and_loads_in_diffusers(
 
 
 def test_the_trained_adapter_is_on_disk_before_the_last_validation_samples(make_recipe, monkeypatch):
-    import finetune.trainer as trainer_module
+    import finetune.training_run as training_run
 
     def broken_sampler(*args, **kwargs):
         raise RuntimeError("the sampler broke")
 
-    monkeypatch.setattr(trainer_module, "run_validation", broken_sampler)
+    monkeypatch.setattr(training_run, "run_validation", broken_sampler)
     recipe = make_recipe(train__max_steps=2, validation__at_start=False)
     with pytest.raises(RuntimeError, match="the sampler broke"):
         train(recipe)

@@ -10,6 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 import finetune.trainer as trainer
+import finetune.training_run as training_run
 from finetune.errors import FinetuneError
 from finetune.run_end import OUTPUTS_PENDING, VALIDATION_PENDING
 from finetune.run_files import LORA_WEIGHTS_NAME, STATE_FILE
@@ -30,14 +31,14 @@ def test_a_kill_while_the_final_samples_are_drawn_is_finished_by_resume_latest(m
     """Killed while the last grid was drawn, after the last checkpoint was written: `--resume latest` refused (nothing left
     to train) and the grid was never drawn. It draws it now, the grid (and held-out loss) the run would have ended with."""
     straight = trainer.train(make_recipe(output_dir=str(tmp_path / "straight"), **SAMPLED))
-    real = trainer.run_validation
+    real = training_run.run_validation
 
     def killed_at_the_last(recipe, method, modules, accelerator, step):
         if step == 3:
             raise Killed
         return real(recipe, method, modules, accelerator, step)
 
-    monkeypatch.setattr(trainer, "run_validation", killed_at_the_last)
+    monkeypatch.setattr(training_run, "run_validation", killed_at_the_last)
     with pytest.raises(Killed):
         trainer.train(make_recipe(output_dir=str(tmp_path / "killed"), **SAMPLED))
     monkeypatch.undo()
@@ -58,7 +59,7 @@ def test_a_kill_while_the_final_samples_are_drawn_is_finished_by_resume_latest(m
 def stopped_while_the_outputs_are_written(make_recipe, monkeypatch, output_dir):
     """A 3-step run stopped by a second Ctrl-C as its last step's outputs are written (their metadata is made first;
     the checkpoint's copy of them after)."""
-    real, calls = trainer.output_metadata, []
+    real, calls = training_run.output_metadata, []
 
     def second_ctrl_c(recipe, step, *args, **kwargs):
         calls.append(step)
@@ -67,7 +68,7 @@ def stopped_while_the_outputs_are_written(make_recipe, monkeypatch, output_dir):
         return real(recipe, step, *args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(trainer, "output_metadata", second_ctrl_c)
+        patch.setattr(training_run, "output_metadata", second_ctrl_c)
         with pytest.raises(KeyboardInterrupt):
             trainer.train(make_recipe(output_dir=str(output_dir), **SAMPLED))
 
@@ -143,7 +144,7 @@ def test_a_second_stop_during_the_end_says_what_is_left(make_recipe, monkeypatch
     the line now says what --resume latest does from what is on disk."""
     from finetune.stop_signals import stop_line
 
-    real_metadata, real_validation, real_replace, real_write = trainer.output_metadata, trainer.run_validation, trainer.ckpt.replace_folder, trainer.ckpt.atomic_write_text
+    real_metadata, real_validation, real_replace, real_write = training_run.output_metadata, training_run.run_validation, trainer.ckpt.replace_folder, trainer.ckpt.atomic_write_text
 
     def second_stop(*args, **kwargs):
         raise KeyboardInterrupt
@@ -155,9 +156,9 @@ def test_a_second_stop_during_the_end_says_what_is_left(make_recipe, monkeypatch
         return second_stop() if last_steps == [3] and step == 3 else real_metadata(recipe, step, *args, **kwargs)
 
     if where == "outputs":
-        monkeypatch.setattr(trainer, "output_metadata", stopped_at_the_outputs)
+        monkeypatch.setattr(training_run, "output_metadata", stopped_at_the_outputs)
     elif where == "samples":
-        monkeypatch.setattr(trainer, "run_validation", lambda recipe, method, modules, accelerator, step: second_stop() if step == 3 else
+        monkeypatch.setattr(training_run, "run_validation", lambda recipe, method, modules, accelerator, step: second_stop() if step == 3 else
                             real_validation(recipe, method, modules, accelerator, step))  # fmt: skip
     elif where == "checkpoint-state":  # before the last checkpoint is complete: checkpoint-2 is the latest
         monkeypatch.setattr(trainer.ckpt, "atomic_write_text", lambda path, text: second_stop() if "checkpoint-3" in path.parent.name else real_write(path, text))
@@ -216,7 +217,7 @@ def test_a_run_counted_in_epochs_is_finished_by_resume_latest_too(make_recipe, m
     def killed_at_the_last(recipe, method, modules, accelerator, step):
         raise Killed
 
-    monkeypatch.setattr(trainer, "run_validation", killed_at_the_last)
+    monkeypatch.setattr(training_run, "run_validation", killed_at_the_last)
     with pytest.raises(Killed):
         trainer.train(make_recipe(**epochs))
     monkeypatch.undo()
@@ -250,7 +251,7 @@ def test_a_second_stop_mid_run_names_the_command_that_continues_from_its_checkpo
 def test_a_first_stop_while_the_final_samples_are_drawn_is_said_at_once(make_recipe, monkeypatch, tmp_path, capfd):
     """A first Ctrl-C during the final samples (minutes, after the last checkpoint) was held without a word: it is said as
     it comes, with what is being finished, what a second one does and what --resume latest then does."""
-    real_validation, said_as_it_came = trainer.run_validation, []
+    real_validation, said_as_it_came = training_run.run_validation, []
 
     def ctrl_c_while_drawing(recipe, method, modules, accelerator, step):
         if step == 3:
@@ -259,7 +260,7 @@ def test_a_first_stop_while_the_final_samples_are_drawn_is_said_at_once(make_rec
             said_as_it_came.append(capfd.readouterr().err)  # before the grid is drawn
         return real_validation(recipe, method, modules, accelerator, step)
 
-    monkeypatch.setattr(trainer, "run_validation", ctrl_c_while_drawing)
+    monkeypatch.setattr(training_run, "run_validation", ctrl_c_while_drawing)
     result = trainer.train(make_recipe(**SAMPLED))
     run = tmp_path / "run"
     assert said_as_it_came == [
@@ -310,15 +311,15 @@ def test_the_end_of_a_run_resumed_from_a_checkpoint_copied_elsewhere_names_that_
     said `--resume latest`, which finds none there. It names the checkpoint the run resumed from, which does continue."""
     import shutil
 
-    real_metadata, real_validation, said_as_it_came = trainer.output_metadata, trainer.run_validation, []
+    real_metadata, real_validation, said_as_it_came = training_run.output_metadata, training_run.run_validation, []
 
     def second_ctrl_c(recipe, step, *args, **kwargs):  # the outputs of the last step cut short, as in the test above
         if step == 3:
-            monkeypatch.setattr(trainer, "output_metadata", real_metadata)
+            monkeypatch.setattr(training_run, "output_metadata", real_metadata)
             raise KeyboardInterrupt
         return real_metadata(recipe, step, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "output_metadata", second_ctrl_c)
+    monkeypatch.setattr(training_run, "output_metadata", second_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         trainer.train(make_recipe(output_dir=str(tmp_path / "stopped"), **SAMPLED))
     copied = tmp_path / "copied" / "checkpoint-3"
@@ -330,12 +331,12 @@ def test_the_end_of_a_run_resumed_from_a_checkpoint_copied_elsewhere_names_that_
         said_as_it_came.append(capfd.readouterr().err)
         return real_validation(recipe, method, modules, accelerator, step)
 
-    monkeypatch.setattr(trainer, "run_validation", ctrl_c_while_drawing)
+    monkeypatch.setattr(training_run, "run_validation", ctrl_c_while_drawing)
     trainer.train(make_recipe(output_dir=str(tmp_path / "other"), **SAMPLED), resume=str(copied))
     assert said_as_it_came[0].endswith(f"--resume {copied} then draws them, without training "
                                        f"(finetune train {tmp_path / 'other' / 'recipe_as_run.yaml'} --resume {copied})\n"), said_as_it_came  # fmt: skip
     assert not (tmp_path / "other" / "checkpoints").exists()  # `--resume latest` had nothing there to resume
-    monkeypatch.setattr(trainer, "run_validation", real_validation)
+    monkeypatch.setattr(training_run, "run_validation", real_validation)
     (tmp_path / "other" / "samples" / "step-000003.png").unlink()  # as a second stop leaves it: the command draws it
     again = trainer.train(make_recipe(output_dir=str(tmp_path / "other"), **SAMPLED), resume=str(copied))
     assert again.sample_grids[0] == tmp_path / "other" / "samples" / "step-000003.png" and again.sample_grids[0].is_file()
@@ -354,7 +355,7 @@ def test_a_second_stop_while_the_final_samples_of_an_end_resumed_from_a_copy_are
     def second_ctrl_c(recipe, method, modules, accelerator, step):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer, "run_validation", second_ctrl_c)
+    monkeypatch.setattr(training_run, "run_validation", second_ctrl_c)
     other = tmp_path / "other"
     with pytest.raises(KeyboardInterrupt) as stop:
         trainer.train(make_recipe(output_dir=str(other), **SAMPLED), resume=str(copied))

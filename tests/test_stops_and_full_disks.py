@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import finetune.trainer as trainer
+import finetune.training_run as training_run
 from finetune.atomic_files import atomic_save_safetensors
 from finetune.run_files import list_checkpoints
 from finetune.errors import FinetuneError
@@ -103,7 +104,7 @@ def test_a_disk_that_fills_under_a_sample_grid_or_the_logs_is_one_line(make_reci
             raise OSError(errno.ENOSPC, "No space left on device", str(grid))
         return None
 
-    monkeypatch.setattr(trainer, "run_validation", full_at_step_2)
+    monkeypatch.setattr(training_run, "run_validation", full_at_step_2)
     previous = signal.getsignal(signal.SIGTERM)
     try:
         assert cli.main(["train", str(tmp_path / "recipe.yaml"), "validation.every_n_steps=1"]) == 2

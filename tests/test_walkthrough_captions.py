@@ -173,16 +173,16 @@ def test_held_out_images_are_scored_with_their_captions_as_written(method, make_
     # A held-out image's caption was drawn like a training one: with data.caption_dropout (0.05 in
     # recipes/lora.yaml; ControlNet's empty_prompt_share, 0.5) it could be scored with the empty prompt for
     # the whole run, with tag dropout without some tags, so runs with other settings did not compare.
-    import finetune.trainer as trainer
+    import finetune.training_run as training_run
 
     scored = []
-    real = trainer.held_out_loss
+    real = training_run.held_out_loss
 
     def recording(method_, modules, dataset, collate_fn, held_out, *args, **kwargs):
         scored.extend(dataset[(index, 0)]["caption"] for index in held_out)
         return real(method_, modules, dataset, collate_fn, held_out, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "held_out_loss", recording)
+    monkeypatch.setattr(training_run, "held_out_loss", recording)
     settings = dict(validation__loss_images=1, validation__at_start=False, train__max_steps=1, train__batch_size=1)
     if method == "controlnet":
         recipe = make_recipe(method="controlnet", data__image_dir=str(pairs_folder), controlnet__empty_prompt_share=1.0, **settings)
