@@ -46,7 +46,7 @@ from finetune.controlnet_folder import check_controlnet_fits, weights_variant
 from finetune.models import BaseModel, freeze, load_base_model
 from finetune.placement import inference_placement, place
 from finetune.prompt_options import PromptSettings, guidance_notes, unread_options_notes, webui_syntax_notes
-from finetune.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
+from finetune.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES, spacing_steps_problem
 from finetune.sampling import build_pipeline, generate, read_prompts_as_trained
 
 CACHE_SIZE = {"lora": 8, "controlnet": 2, "pipeline": 1}
@@ -203,19 +203,24 @@ class DemoEngine:
             condition = conditioning_image(request.conditioning_image, request.conditioning_kind, request.size, made_with, self._made_condition,
                                            request.conditioning_source)  # fmt: skip
         columns = self._columns(request, model, loras, controlnet, decoder)
-        for column in columns:  # adapters that cannot be combined stop the request before anything renders
+        pipelines = []
+        # Adapters that cannot be combined, or steps their schedule cannot draw, stop the request before anything renders.
+        for column in columns:
             trained_for = self._trained_for(column)
             adapters_prediction_type(trained_for)
             adapters_zero_terminal_snr(trained_for)
             adapters_clip_skip(trained_for)
-        total, done, in_call = max(1, len(columns) * request.rows * request.steps), 0, 0
-        results: list[list[Image.Image]] = [[] for _ in range(request.rows)]
-        warned: list[str] = []  # images that decoded to NaN or inf: said on the page, and in the terminal as sample says it
-        for column in columns:
-            trained_for = self._trained_for(column)
             unet = column.unet or column.model.unet
             pipeline = _pipeline(column.model, column.controlnet, unet, request.sampler)
             follow_adapters_schedule(pipeline, trained_for)
+            if problem := spacing_steps_problem(pipeline.scheduler, request.steps):  # a last step at timestep -1
+                raise FinetuneError(f"steps, in column {column.label}: {problem}")
+            pipelines.append((pipeline, unet))
+        total, done, in_call = max(1, len(columns) * request.rows * request.steps), 0, 0
+        results: list[list[Image.Image]] = [[] for _ in range(request.rows)]
+        warned: list[str] = []  # images that decoded to NaN or inf: said on the page, and in the terminal as sample says it
+        for column, (pipeline, unet) in zip(columns, pipelines):
+            trained_for = self._trained_for(column)
             read_prompts_as_trained(pipeline, adapters_max_token_length(trained_for))
             extra = dict(image=condition, controlnet_conditioning_scale=column.scale) if column.controlnet is not None else {}
 

@@ -209,6 +209,7 @@ def run_eval(
     from finetune.adapter_records import adapter_base
     from finetune.controlnet_folder import resolve_controlnet_folder
     from finetune.inference import base_model_metadata, load_sampling_pipeline
+    from finetune.samplers import spacing_steps_problem
 
     if controlnet is None and conditioning_scale is not None:
         raise FinetuneError("--conditioning-scale steers a ControlNet: pass --controlnet PATH too, or leave it out")
@@ -225,6 +226,10 @@ def run_eval(
     from finetune.sampling import denoising_bar
 
     pipeline = load_sampling_pipeline(base, lora, lora_scale, controlnet, base_config=base_config)
+    # DDIM (eval's one sampler) has no step limit below --steps' 999, but on trailing spacing (an adapter trained with
+    # model.zero_terminal_snr, or a base's own) some counts draw a last step at timestep -1: refused before drawing.
+    if problem := spacing_steps_problem(pipeline.scheduler, steps):
+        raise FinetuneError(f"--steps: {problem}")
     pipeline.unet.eval()
     place(pipeline, *inference_placement("auto", "fp32"))  # the GPU if any; fp32, so reports compare across machines
     resolution = pipeline.unet.config.sample_size * pipeline.vae_scale_factor

@@ -31,7 +31,7 @@ from finetune.run_files import LORA_WEIGHTS_NAME, resolve_lora_file
 from finetune.models import BaseModel, load_base_model
 from finetune.placement import inference_placement, out_of_device_memory, place, placement_line
 from finetune.prompt_options import guidance_notes, prompts_settings, webui_syntax_notes
-from finetune.samplers import DEFAULT_SAMPLER, trailing_steps_problem
+from finetune.samplers import DEFAULT_SAMPLER, spacing_steps_problem
 from finetune.sampling import build_pipeline, denoising_bar, generate_with_settings, make_grid, read_prompts_as_trained
 from finetune.sample_files import PARAMETERS, parameters_text, write_numbered
 from finetune.sources import Example
@@ -223,10 +223,9 @@ def sample_to_folder(
         print(f"note: {line}")
     pipeline = place(load_sampling_pipeline(base, lora, lora_scale, controlnet, base_config, sampler), *placement)
     print(placement_line(*placement))
-    if pipeline.scheduler.config.get("timestep_spacing") == "trailing":  # the base's, or its adapters' zero-terminal-SNR schedule
-        for text, prompt in zip(prompts, settings):
-            if problem := trailing_steps_problem(prompt.num_inference_steps):
-                raise FinetuneError(f"{f'--prompt {text!r}' if prompt.num_inference_steps != steps else '--steps'}: {problem}")
+    for text, prompt in zip(prompts, settings):
+        if problem := spacing_steps_problem(pipeline.scheduler, prompt.num_inference_steps):
+            raise FinetuneError(f"{f'--prompt {text!r}' if prompt.num_inference_steps != steps else '--steps'}: {problem}")
     resolution = resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     if resolution % 8:
         raise FinetuneError(f"--resolution {resolution} must be a multiple of 8")

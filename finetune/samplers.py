@@ -90,6 +90,14 @@ def trailing_steps_problem(steps: int, num_train_timesteps: int = 1000) -> str |
             f"timestep -1 (unipc's images can come out NaN; the other samplers take a last step at the wrong noise level): ask {near}")
 
 
+def spacing_steps_problem(scheduler, steps: int) -> str | None:
+    """`trailing_steps_problem` of `steps` where `scheduler` spaces its steps "trailing" (the adapters' zero-terminal-SNR
+    schedule, or a base's own), else None: what `finetune sample`, eval and the demo check once their pipeline is made."""
+    if scheduler.config.get("timestep_spacing") != "trailing":
+        return None
+    return trailing_steps_problem(steps, scheduler.config.num_train_timesteps)
+
+
 def checked(scheduler):
     """`scheduler`, where it can draw on its schedule; else a FinetuneError of one line saying which sampler to pick."""
     from finetune.errors import FinetuneError

@@ -15,6 +15,7 @@ from finetune.errors import FinetuneError
 from finetune.models import load_base_model
 from finetune.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES, sampler_of
 from finetune.sampling import build_pipeline, generate
+from test_walkthrough_commands import trained_lora
 
 
 def pixels(pipeline) -> np.ndarray:
@@ -203,12 +204,25 @@ def test_steps_a_sampler_cannot_draw_are_refused_before_anything_loads(make_reci
                                                                            "last timestep and every image is NaN): ask 998 or fewer, or another sampler")
 
 
-def test_step_counts_trailing_spacing_takes_one_more_of_are_refused(make_recipe, tiny_model, tmp_path, capsys):
-    """On the zero-terminal-SNR schedule (trailing spacing) diffusers took 61 steps as 62, the last at timestep -1: unipc
-    at 998 drew NaN images of the toy-world base, and every sampler took a last step at the wrong noise level."""
+TRAILING_61 = "61 steps on trailing timestep spacing .the zero-terminal-SNR schedule's. are 62 in diffusers, the last at timestep -1"
+
+
+@pytest.fixture
+def trailing_base(tiny_model, tmp_path):
+    """The tiny model with its own schedule spaced "trailing" (as a zero-terminal-SNR base ships)."""
     import json
     import shutil
 
+    trailing = tmp_path / "trailing-base"
+    shutil.copytree(tiny_model, trailing)
+    config = json.loads((trailing / "scheduler" / "scheduler_config.json").read_text())
+    (trailing / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "timestep_spacing": "trailing"}))
+    return trailing
+
+
+def test_step_counts_trailing_spacing_takes_one_more_of_are_refused(make_recipe, trailing_base, tmp_path, capsys):
+    """On the zero-terminal-SNR schedule (trailing spacing) diffusers took 61 steps as 62, the last at timestep -1: unipc
+    at 998 drew NaN images of the toy-world base, and every sampler took a last step at the wrong noise level."""
     from diffusers import DDIMScheduler
 
     from finetune.samplers import trailing_steps_problem
@@ -217,7 +231,7 @@ def test_step_counts_trailing_spacing_takes_one_more_of_are_refused(make_recipe,
     for steps in (60, 61, 998):
         scheduler.set_timesteps(steps)
         assert (len(scheduler.timesteps) == steps + 1 and int(scheduler.timesteps[-1]) == -1) == bool(trailing_steps_problem(steps)), steps
-    said = "61 steps on trailing timestep spacing .the zero-terminal-SNR schedule's. are 62 in diffusers, the last at timestep -1"
+    said = TRAILING_61
     ztsnr = dict(model__zero_terminal_snr=True, model__prediction_type="v_prediction")
     with pytest.raises(FinetuneError, match=f"validation.num_inference_steps: {said}.*: ask 60"):
         make_recipe(validation__num_inference_steps=61, validation__prompts=["a cat"], **ztsnr)
@@ -225,9 +239,35 @@ def test_step_counts_trailing_spacing_takes_one_more_of_are_refused(make_recipe,
         make_recipe(validation__prompts=["a cat", "a dog --s 61"], **ztsnr)
     assert make_recipe(validation__num_inference_steps=61, validation__prompts=["a cat"])  # leading spacing: 61 steps are 61
     assert make_recipe(validation__num_inference_steps=60, validation__prompts=["a cat"], **ztsnr)
-    trailing = tmp_path / "trailing-base"  # a base whose own schedule is spaced so
-    shutil.copytree(tiny_model, trailing)
-    config = json.loads((trailing / "scheduler" / "scheduler_config.json").read_text())
-    (trailing / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "timestep_spacing": "trailing"}))
-    assert main(["sample", "--base", str(trailing), "--prompt", "a cat", "--steps", "61", "--out", str(tmp_path / "out")]) == 2
+    assert main(["sample", "--base", str(trailing_base), "--prompt", "a cat", "--steps", "61", "--out", str(tmp_path / "out")]) == 2
     assert re.search(f"--steps: {said}", capsys.readouterr().err) and not (tmp_path / "out").exists()
+
+
+def test_the_demo_says_steps_its_columns_schedule_cannot_draw_before_any_column_renders(tiny_model, tmp_path):
+    """A LoRA trained with model.zero_terminal_snr draws on trailing spacing: the demo's steps slider at 61 drew its
+    column's last step at timestep -1 without a word (the base's column, on leading spacing, draws 61 as asked)."""
+    from finetune.demo_engine import DemoEngine, Request
+
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    unet = load_base_model(ModelConfig(pretrained=str(tiny_model))).unet
+    record = {"finetune.method": "lora", "finetune.zero_terminal_snr": "true", "finetune.prediction_type": "v_prediction"}
+    trained_lora(unet, adapters / "zsnr.safetensors", record)
+    engine = DemoEngine(str(tiny_model), adapters)
+    [name] = engine.names("lora")
+    progress = []
+    request = Request("a cat", steps=61, loras=[(name, 1.0)])
+    with pytest.raises(FinetuneError, match=f"^steps, in column {name}.*: {TRAILING_61} .*: ask 60$"):
+        engine.render(request, lambda done, total: progress.append(done))
+    assert progress == []  # refused before the base's column drew
+    assert engine.render(Request("a cat", steps=61))[0]  # the base alone: leading spacing, 61 steps are 61
+    assert engine.render(Request("a cat", steps=60, loras=[(name, 1.0)]))[0]
+
+
+def test_eval_refuses_steps_its_schedule_cannot_draw_before_drawing(trailing_base, tmp_path, capsys, monkeypatch):
+    import finetune.evaluate
+
+    monkeypatch.setattr(finetune.evaluate, "_score", lambda *args: pytest.fail("drew: --steps 61 on trailing spacing should be refused"))
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--base", str(trailing_base), "--steps", "61", "--suite", "adherence", "--num-prompts", "1", "--out", str(out)]) == 2
+    assert re.search(f"^error: --steps: {TRAILING_61} .*: ask 60$", capsys.readouterr().err.strip()) and not out.exists()
