@@ -300,7 +300,7 @@ class ControlNetMethod(DiffusionMethod):
         prompts = prompts * rows_count if len(prompts) == 1 else prompts
         pipeline = self.pipeline(modules)
         scale = self.settings.conditioning_scale
-        options = [settings.prompt_settings(prompt) for prompt in prompts]  # each with its own --n, --d, --l, --s, if any
+        options = [settings.prompt_settings(prompt) for prompt in prompts]  # each with its own --n, --d, --l, --s, --ss, if any
         # The ControlNet's residuals reach the UNet in autocast's dtype, as in training (`feeding_another_model`).
         samples = generate_with_settings(pipeline, options, settings.images_per_prompt, self.recipe.data.resolution,
                                          conditions=conditions, controlnet_conditioning_scale=scale, not_finite_cause=VALIDATION_OVERFLOW)  # fmt: skip
