@@ -246,7 +246,7 @@ def sample_to_folder(
     for prompt, row in zip(settings, rows):
         for k, image in enumerate(row):
             image.info[PARAMETERS] = parameters_text(prompt.prompt, prompt.negative_prompt, prompt.num_inference_steps, prompt.sampler or sampler,
-                                                     prompt.guidance_scale, prompt.seed + k, resolution, lora, lora_scale)  # fmt: skip
+                                                     prompt.guidance_scale, prompt.seed + k, resolution, base, lora, lora_scale)  # fmt: skip
     named = [(f"prompt{p}_seed{settings[p].seed + k}.png", image) for p, row in enumerate(rows) for k, image in enumerate(row)]
     grid_rows = [[control["image"], *row] for row in rows] if control else rows
     named.append(("grid.png", make_grid(grid_rows, row_labels=prompts, label_width=GRID_LABEL_WIDTH)))

@@ -33,12 +33,31 @@ def next_run_number(folder: Path) -> int:
 
 
 def parameters_text(prompt: str, negative_prompt: str | None, steps: int, sampler: str, guidance: float, seed: int, size: int,
-                    lora: str | None = None, lora_scale: float = 1.0) -> str:
-    """An image's settings in the webui's words: the prompt, its negative, then "Steps: 25, Sampler: ddim, ..."
-    (the sampler by finetune/samplers.py's name)."""
+                    base: str, lora: str | None = None, lora_scale: float = 1.0) -> str:
+    """An image's settings in the webui's words and order: the prompt, its negative, then "Steps: 25, Sampler: ddim,
+    CFG scale: 7.5, Seed: 0, Size: 64x64, Model: sd15, Lora: ..." (the sampler by finetune/samplers.py's name). The base
+    and LoRA by name (`base_names.shared_base_name`, `lora_name`): an image is shared, and a path would carry the user's
+    folders into every copy."""
+    from finetune.base_names import shared_base_name
+
     lines = [prompt, *([f"Negative prompt: {negative_prompt}"] if negative_prompt else [])]
-    adapter = f", Lora: {Path(lora).name}, Lora strength: {lora_scale:g}" if lora else ""
-    return "\n".join([*lines, f"Steps: {steps}, Sampler: {sampler}, CFG scale: {guidance:g}, Seed: {seed}, Size: {size}x{size}{adapter}"])
+    adapter = f", Lora: {lora_name(lora)}, Lora strength: {lora_scale:g}" if lora else ""
+    settings = f"Steps: {steps}, Sampler: {sampler}, CFG scale: {guidance:g}, Seed: {seed}, Size: {size}x{size}, Model: {shared_base_name(base)}"
+    return "\n".join([*lines, settings + adapter])
+
+
+def lora_name(lora: str) -> str:
+    """A LoRA given as `lora` (a file, or a run's or checkpoint's folder) by name: a file by its stem, a run's
+    pytorch_lora_weights.safetensors by its run, a checkpoint's as run@step (as the demo's columns name it); `--lora .`
+    from inside a run folder by that folder's name."""
+    from finetune.run_files import LORA_WEIGHTS_NAME
+
+    path = Path(os.path.abspath(os.path.expanduser(lora)))
+    if path.name == LORA_WEIGHTS_NAME:
+        path = path.parent
+    if path.parent.name == "checkpoints" and path.name.startswith("checkpoint-"):
+        return f"{path.parent.parent.name}@{path.name.removeprefix('checkpoint-')}"
+    return path.stem if path.suffix == ".safetensors" else path.name
 
 
 def _png_text(image: Image.Image) -> PngInfo | None:

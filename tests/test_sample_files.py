@@ -54,9 +54,31 @@ def test_each_sampled_image_records_its_settings_as_the_webui_does(tiny_model, t
                  "--steps", "1", "--seed", "3", "--num-images", "2", "--sampler", "unipc", "--out", str(out)])  # fmt: skip
     assert code == 0
     read = lambda name: Image.open(out / name).text.get("parameters")
-    assert read("00000-prompt0_seed43.png") == "a red circle\nNegative prompt: blurry\nSteps: 2, Sampler: euler_a, CFG scale: 3, Seed: 43, Size: 64x64"
-    assert read("00000-prompt1_seed3.png") == "a square\nSteps: 1, Sampler: unipc, CFG scale: 7.5, Seed: 3, Size: 64x64"
+    model = f"Model: {tiny_model.name}"  # the base by name, as the webui names its checkpoint
+    assert read("00000-prompt0_seed43.png") == f"a red circle\nNegative prompt: blurry\nSteps: 2, Sampler: euler_a, CFG scale: 3, Seed: 43, Size: 64x64, {model}"
+    assert read("00000-prompt1_seed3.png") == f"a square\nSteps: 1, Sampler: unipc, CFG scale: 7.5, Seed: 3, Size: 64x64, {model}"
     assert read("00000-grid.png") is None  # rows of several prompts: each image says its own
-    from finetune.sample_files import parameters_text
 
-    assert parameters_text("p", None, 25, "ddim", 7.5, 0, 64, "outputs/quickstart", 0.5).endswith("Size: 64x64, Lora: quickstart, Lora strength: 0.5")
+
+def test_an_images_settings_name_its_base_and_lora_without_the_folders_they_are_in(tiny_model, tmp_path, monkeypatch):
+    """An image is what a creator shares: sampled with --lora /home/alice/outputs/striped/pytorch_lora_weights.safetensors, it
+    carried "Lora: pytorch_lora_weights.safetensors", and `--lora .` inside the run "Lora: " (no name); nor did it name its base."""
+    from finetune.cli import main
+    from finetune.models import load_base_model
+    from finetune.config import ModelConfig
+    from test_walkthrough_commands import trained_lora
+
+    run = tmp_path / "home" / "alice" / "outputs" / "striped"
+    (run / "checkpoints" / "checkpoint-200").mkdir(parents=True)
+    for folder in (run, run / "checkpoints" / "checkpoint-200"):
+        trained_lora(load_base_model(ModelConfig(pretrained=str(tiny_model))).unet, folder / "pytorch_lora_weights.safetensors", {})
+    base = tmp_path / "home" / "alice" / "models" / "sd-tiny"
+    base.parent.mkdir(parents=True)
+    base.symlink_to(tiny_model)
+    out = tmp_path / "samples"
+    monkeypatch.chdir(run)
+    for lora, named in ((run / "pytorch_lora_weights.safetensors", "striped"), (".", "striped"), ("checkpoints/checkpoint-200", "striped@200")):
+        assert main(["sample", "--base", str(base), "--lora", str(lora), "--lora-scale", "0.5", "--prompt", "a cat", "--steps", "1", "--out", str(out)]) == 0
+        [image] = sorted(out.glob("*-prompt0_seed0.png"))[-1:]
+        text = Image.open(image).text["parameters"]
+        assert text.endswith(f"Size: 64x64, Model: sd-tiny, Lora: {named}, Lora strength: 0.5") and "alice" not in text, text
