@@ -271,3 +271,16 @@ def test_eval_refuses_steps_its_schedule_cannot_draw_before_drawing(trailing_bas
     out = tmp_path / "eval.json"
     assert main(["eval", "--base", str(trailing_base), "--steps", "61", "--suite", "adherence", "--num-prompts", "1", "--out", str(out)]) == 2
     assert re.search(f"^error: --steps: {TRAILING_61} .*: ask 60$", capsys.readouterr().err.strip()) and not out.exists()
+
+
+def test_validation_steps_a_bases_own_trailing_spacing_cannot_draw_are_refused_before_training(trailing_base, image_folder, tmp_path):
+    """The recipe refuses them under model.zero_terminal_snr as it loads; a base whose scheduler config spaces its steps
+    "trailing" itself drew every validation's last step at timestep -1 without a word."""
+    from conftest import build_recipe
+    from finetune.trainer import train
+
+    with pytest.raises(FinetuneError, match=f"^validation.num_inference_steps: {TRAILING_61} .*: ask 60$"):
+        train(build_recipe(trailing_base, image_folder, tmp_path / "run", train__max_steps=1, validation__num_inference_steps=61,
+                           validation__prompts=["a cat"]))  # fmt: skip
+    with pytest.raises(FinetuneError, match=f"^validation prompt 'a dog --s 61': {TRAILING_61}"):
+        train(build_recipe(trailing_base, image_folder, tmp_path / "run2", train__max_steps=1, validation__prompts=["a cat", "a dog --s 61"]))

@@ -37,6 +37,7 @@ from finetune.finite_images import VALIDATION_OVERFLOW
 from finetune.images import upright_size
 from finetune.loss_mask import latent_loss_weights
 from finetune.models import BaseModel
+from finetune.samplers import spacing_steps_problem
 from finetune.sampling import build_pipeline, generate_with_settings
 from finetune.sources import Example
 from finetune.train_inputs import data_configs
@@ -182,6 +183,8 @@ class DiffusionMethod(TrainingMethod):
         train = self.recipe.train
         self.timestep_range = training_timesteps(train, base.noise_scheduler.config.num_train_timesteps)
         if problem := debiased_zero_snr_problem(train, base):
+            raise FinetuneError(problem)
+        if problem := validation_steps_problem(self.recipe.validation, base.noise_scheduler):
             raise FinetuneError(problem)
 
     def _set_up_caches(self, base: BaseModel) -> None:
@@ -348,6 +351,17 @@ def training_timesteps(train, num_train_timesteps: int) -> range:
     if problem := timestep_range_problem(train, num_train_timesteps):  # said before the data check where the base's scheduler config is at hand
         raise FinetuneError(problem)
     return range(train.min_timestep, num_train_timesteps if train.max_timestep is None else train.max_timestep)
+
+
+def validation_steps_problem(validation, scheduler) -> str | None:
+    """Why a validation prompt's steps cannot be drawn on the base's own "trailing" spacing (a last step at timestep -1:
+    `samplers.spacing_steps_problem`), or None. model.zero_terminal_snr's spacing is refused as the recipe loads; a base
+    whose scheduler config spaces its steps so is known once it is loaded."""
+    for text in validation.all_prompts:
+        steps = validation.prompt_settings(text).num_inference_steps
+        if problem := spacing_steps_problem(scheduler, steps):
+            return f"{f'validation prompt {text!r}' if steps != validation.num_inference_steps else 'validation.num_inference_steps'}: {problem}"
+    return None
 
 
 def debiased_zero_snr_problem(train, base: BaseModel) -> str | None:
