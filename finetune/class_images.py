@@ -27,6 +27,7 @@ from finetune.encoders import chunks_needed
 from finetune.errors import FinetuneError
 from finetune.finite_images import decoded_pixels, not_finite_rows
 from finetune.placement import free_device_memory, out_of_device_memory
+from finetune.samplers import spacing_steps_problem
 from finetune.sampling import autocast_for, prompt_arguments, save_image_atomic
 
 
@@ -76,6 +77,9 @@ def generate_class_images(
     num_processes: int = 1,
 ) -> int:
     """Generate this process's share of `indices`; returns how many images it wrote."""
+    # The base's own schedule draws them (as it samples itself): spaced "trailing", some step counts end at timestep -1.
+    if problem := spacing_steps_problem(pipeline.scheduler, settings.num_inference_steps):
+        raise FinetuneError(f"dreambooth.class_generation.num_inference_steps: {problem}")
     folder.mkdir(parents=True, exist_ok=True)
     mine = indices[process_index::num_processes]
     # Batches of prompts read in the same number of 75-token chunks: a short prompt batched with a long one

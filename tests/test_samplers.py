@@ -284,3 +284,17 @@ def test_validation_steps_a_bases_own_trailing_spacing_cannot_draw_are_refused_b
                            validation__prompts=["a cat"]))  # fmt: skip
     with pytest.raises(FinetuneError, match=f"^validation prompt 'a dog --s 61': {TRAILING_61}"):
         train(build_recipe(trailing_base, image_folder, tmp_path / "run2", train__max_steps=1, validation__prompts=["a cat", "a dog --s 61"]))
+
+
+def test_class_images_steps_the_bases_trailing_spacing_cannot_draw_are_refused_before_any_is_made(trailing_base, tmp_path):
+    """DreamBooth's class images are drawn on the base's own schedule: spaced "trailing", 61 steps ended at timestep -1."""
+    from finetune.class_images import generate_class_images
+    from finetune.config import ClassImageGeneration
+    from finetune.inference import load_sampling_pipeline
+
+    pipeline = load_sampling_pipeline(str(trailing_base))
+    folder = tmp_path / "class"
+    with pytest.raises(FinetuneError, match=f"^dreambooth.class_generation.num_inference_steps: {TRAILING_61} .*: ask 60$"):
+        generate_class_images(pipeline, ["a shape"], folder, "key", [0], ClassImageGeneration(num_inference_steps=61), 64)
+    assert not folder.exists()
+    assert generate_class_images(pipeline, ["a shape"], folder, "key", [0], ClassImageGeneration(num_inference_steps=2), 64) == 1
