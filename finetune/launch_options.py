@@ -16,12 +16,8 @@ from finetune.errors import FinetuneError
 
 def launcher_command_line() -> list[str]:
     """The command line of this process's parent, which under `accelerate launch` (its standard launcher) is the launcher
-    itself; empty where it cannot be read. /proc on Linux; elsewhere (macOS, Windows) psutil's, where /proc is missing:
-    this read [] there, so a launch there that asked for several processes and started one trained on, unsaid."""
-    try:
-        return Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
-    except OSError:
-        pass
+    itself; empty where it cannot be read. psutil's, on every platform (/proc on Linux): read from /proc alone, it was []
+    on macOS and Windows, so a launch there that asked for several processes and started one trained on, unsaid."""
     import psutil
 
     try:

@@ -159,13 +159,10 @@ def lone_launcher() -> int | None:
     processes, nor under a shell or `nohup`, whose end must not stop the run."""
     if "LOCAL_RANK" in os.environ:  # torchrun's
         return None
-    import psutil
+    from finetune.launch_options import launcher_command_line
 
     parent = os.getppid()
-    try:
-        arguments = psutil.Process(parent).cmdline()[:3]  # python, .../bin/accelerate, launch (or -m accelerate.commands.launch)
-    except psutil.Error:
-        return None
+    arguments = launcher_command_line()[:3]  # python, .../bin/accelerate, launch (or -m accelerate.commands.launch); [] if unread
     launched = any(Path(argument).name == "accelerate" or argument.startswith("accelerate.commands") for argument in arguments)
     return parent if launched else None
 

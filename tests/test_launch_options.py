@@ -63,16 +63,14 @@ def test_finetune_train_refuses_its_launch_before_the_data_check_decodes_every_i
 
 
 def test_the_launchers_command_line_is_read_without_proc_as_on_macos_and_windows(monkeypatch):
-    """Without /proc (macOS, Windows) the launcher's command line read as empty: `accelerate launch --num_processes 2`
-    that started one process (no --multi_gpu) trained on there at half the global batch asked, unsaid. psutil reads it."""
+    """Read from /proc alone (missing on macOS and Windows), the launcher's command line was empty there: `accelerate launch
+    --num_processes 2` that started one process (no --multi_gpu) trained on at half the global batch asked, unsaid. psutil
+    reads it on every platform (here a stand-in for macOS's)."""
     import os
-    from pathlib import Path
     from types import SimpleNamespace
 
     import psutil
 
-    real_read = Path.read_bytes
-    monkeypatch.setattr(Path, "read_bytes", lambda self: (_ for _ in ()).throw(FileNotFoundError(self)) if str(self).startswith("/proc/") else real_read(self))
     parents = {os.getppid(): [*LAUNCHER, "--num_processes", "2", *SCRIPT]}
     monkeypatch.setattr(psutil, "Process", lambda pid: SimpleNamespace(cmdline=lambda: parents[pid]))
     assert launch_options.launcher_command_line() == [*LAUNCHER, "--num_processes", "2", *SCRIPT]
