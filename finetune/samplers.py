@@ -85,7 +85,8 @@ def trailing_steps_problem(steps: int, num_train_timesteps: int = 1000) -> str |
 
     if taken(steps) == steps:
         return None
-    near = next(count for count in (steps - 1, steps + 1, steps - 2, steps + 2) if 1 <= count < num_train_timesteps and taken(count) == count)
+    # The nearest that draws, looked for outward (a schedule of 999 timesteps has 6 such counts in a row, 968 to 973; one step always draws).
+    near = next(count for apart in range(1, steps) for count in (steps - apart, steps + apart) if 1 <= count < num_train_timesteps and taken(count) == count)
     return (f"{steps} steps on trailing timestep spacing (the zero-terminal-SNR schedule's) are {steps + 1} in diffusers, the last at "
             f"timestep -1 (unipc's images can come out NaN; the other samplers take a last step at the wrong noise level): ask {near}")
 

@@ -298,3 +298,15 @@ def test_class_images_steps_the_bases_trailing_spacing_cannot_draw_are_refused_b
         generate_class_images(pipeline, ["a shape"], folder, "key", [0], ClassImageGeneration(num_inference_steps=61), 64)
     assert not folder.exists()
     assert generate_class_images(pipeline, ["a shape"], folder, "key", [0], ClassImageGeneration(num_inference_steps=2), 64) == 1
+
+
+def test_the_count_a_trailing_refusal_advises_draws_on_any_schedule_length():
+    """The nearest count that draws was looked for 2 steps either side: on a schedule of 999 timesteps (a base's
+    num_train_timesteps), 968 to 973 steps all take one more, and 970 raised StopIteration, a traceback for a refusal."""
+    import numpy as np
+
+    from finetune.samplers import trailing_steps_problem
+
+    for steps in range(968, 974):
+        advised = int(trailing_steps_problem(steps, 999).rsplit("ask ", 1)[1])
+        assert len(np.arange(999, 0, -999 / advised)) == advised and abs(advised - steps) <= 4, (steps, advised)
