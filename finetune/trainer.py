@@ -162,8 +162,8 @@ def _laid_out_data(recipe: Recipe, method, accelerator: Accelerator, resume_from
     if held_out:
         say(f"validation loss: {counted(len(held_out), 'image')} held out of training, scored at each validation")
     return RunData(sources=sources, trained_indices=trained_indices, held_out=held_out, held_out_split=held_out_split,
-                                trained_examples=trained_examples, layout=layout, trained_data=trained_data, sampler=sampler,
-                                epochs_by=epochs_by, max_steps=max_steps, draws_from=draws_from, pending_end=pending_end)  # fmt: skip
+                   trained_examples=trained_examples, layout=layout, trained_data=trained_data, sampler=sampler,
+                   epochs_by=epochs_by, max_steps=max_steps, draws_from=draws_from, pending_end=pending_end)  # fmt: skip
 
 
 def _prepared_run(recipe: Recipe, method, accelerator: Accelerator, data: RunData, resume_from: Path | None, overwrite: bool,
@@ -205,7 +205,7 @@ def _prepared_run(recipe: Recipe, method, accelerator: Accelerator, data: RunDat
 
     average = weight_average(trained_parameters(modules, accelerator), recipe.train.ema_decay) if recipe.train.ema_decay else None
     return TrainingRun(recipe, method, accelerator, data, resume_from, dataset, training_set, collate_fn, images_record, modules, optimizer,
-                                    lr_scheduler, group_names, group_lrs, clipped_parameters, average, save_options, load_options, on_step)  # fmt: skip
+                       lr_scheduler, group_names, group_lrs, clipped_parameters, average, save_options, load_options, on_step)  # fmt: skip
 
 
 def _save_loss_mask_preview(recipe: Recipe, dataset, sources: list) -> None:
