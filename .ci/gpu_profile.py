@@ -17,8 +17,8 @@ import torch
 
 from finetune.bench.runner import BenchSettings, common_recipe, default_resolution, parse_variants, prepare_data
 from finetune.bench.variants import VARIANTS
-from finetune.recipe_loading import recipe_from_dict
-from finetune.trainer import train
+from finetune.config.recipe_loading import recipe_from_dict
+from finetune.training.trainer import train
 
 
 def main(model: str, workdir: Path, out: Path, batch: int = 4, variant: str = "lora_cached") -> None:

@@ -1,5 +1,5 @@
 """The lines a run says on the console: one `warning: ...` style for every warning, written above any
-progress bar (not onto its line), and each said once: by the process whose turn it is (`finetune.process_env`)."""
+progress bar (not onto its line), and each said once: by the process whose turn it is (`finetune.distributed.process_env`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Literal, TextIO
 
 from tqdm.auto import tqdm
 
-from finetune.process_env import first_on_its_machine, machine_name, main_process
+from finetune.distributed.process_env import first_on_its_machine, machine_name, main_process
 
 # Who says a line: the main process, once for the run (every process of a launch meets the same recipe, data
 # and files, and another machine's processes may not even see the files the main process wrote); each

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import save_file
 from torch._dynamo.utils import counters
 
-import finetune.trainer as trainer
-from finetune.distributed import leave_process_group
+from finetune.config.recipe_loading import load_recipe
+from finetune.distributed.processes import leave_process_group
 from finetune.methods import METHODS
-from finetune.recipe_loading import load_recipe
+import finetune.training.trainer as trainer
 
 made = []
 

@@ -23,7 +23,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch_extensions",
     f"finetune-tests-{hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]}"))  # fmt: skip
 
-from finetune.library_noise import quiet_third_party_warnings
+from finetune.cli.library_noise import quiet_third_party_warnings
 
 # As the command line does: pytest-xdist's workers import the libraries before any capture, and their import-time
 # warnings (bitsandbytes' CPU kernels, CLIP's image processor without torchvision) printed after the suite's summary.
@@ -39,8 +39,8 @@ import yaml
 from ports import free_port
 
 from finetune.config import LoRAConfig
-from finetune.recipe_loading import load_recipe, recipe_from_dict
-from finetune.tiny_model import make_tiny_model
+from finetune.config.recipe_loading import load_recipe, recipe_from_dict
+from finetune.models.tiny_model import make_tiny_model
 from finetune.toyworld.datasets import write_folder
 
 
@@ -56,10 +56,10 @@ def no_accelerate_settings_left():
     yield
     state = sys.modules.get("accelerate.state")
     if state is not None and state.AcceleratorState._shared_state:
-        from finetune.accelerate_state import clear_accelerate_settings
+        from finetune.training.accelerate_state import clear_accelerate_settings
 
         clear_accelerate_settings()
-        pytest.fail("the test left accelerate's AcceleratorState set: clear it (finetune.accelerate_state.clear_accelerate_settings)")
+        pytest.fail("the test left accelerate's AcceleratorState set: clear it (finetune.training.accelerate_state.clear_accelerate_settings)")
 
 
 def made_once_per_run(tmp_path_factory, name: str, make) -> Path:
@@ -89,7 +89,7 @@ def made_once_per_run(tmp_path_factory, name: str, make) -> Path:
 def quickstart_lora(tmp_path_factory) -> Path:
     """recipes/quickstart.yaml (about 20 s) on the shipped base: the output folder of a LoRA that draws stars. Made
     once per run (three files use it); its folder holds that LoRA alone."""
-    from finetune.trainer import train
+    from finetune.training.trainer import train
 
     def make(out: Path) -> None:
         train(load_recipe(
@@ -176,11 +176,11 @@ def adapters_dir(tmp_path_factory, tiny_model, image_folder) -> Path:
     must not fit (a pickle file, a LoRA of another base)."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    from finetune.kohya import load_lora, save_lora_file
+    from finetune.formats.kohya import load_lora, save_lora_file
     from finetune.methods.controlnet import save_model_folder
     from finetune.methods.lora import add_lora, save_lora
-    from finetune.tiny_model import build_tiny_pipeline, make_tiny_model
-    from finetune.trainer import train
+    from finetune.models.tiny_model import build_tiny_pipeline, make_tiny_model
+    from finetune.training.trainer import train
 
     root = tmp_path_factory.mktemp("adapters")
     train(recipe_from_dict({
@@ -219,8 +219,8 @@ def adapters_dir(tmp_path_factory, tiny_model, image_folder) -> Path:
 def demo(adapters_dir, tiny_model):
     """The demo launched for real on a free localhost port, with the tiny model as its base: one app for all of
     tests/test_demo.py and test_demo_browser.py (session-scoped here so that file stays readable at its size)."""
-    from finetune.demo import build_app, launch_app
-    from finetune.demo_engine import DemoEngine
+    from finetune.demo.engine import DemoEngine
+    from finetune.demo.page import build_app, launch_app
 
     engine = DemoEngine(str(tiny_model), adapters_dir)
     app = build_app(engine, note="tiny test model", queue_size=4)

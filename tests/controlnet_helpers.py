@@ -15,11 +15,11 @@ import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 from PIL import Image
 
-from finetune.controlnet_data import ControlNetDataset, controlnet_collate
-from finetune.inference import fit_condition, read_condition
+from finetune.checkpoints.run_files import CONTROLNET_DIR
+from finetune.controlnet.data import ControlNetDataset, controlnet_collate
 from finetune.methods.controlnet import ControlNetMethod, save_model_folder
-from finetune.models import load_base_model
-from finetune.run_files import CONTROLNET_DIR
+from finetune.models.loading import load_base_model
+from finetune.sampling.inference import fit_condition, read_condition
 
 METADATA = {"finetune.method": "controlnet", "finetune.steps": "0"}
 

@@ -1,12 +1,12 @@
-"""The training examples of a data config for a test: as a run reads them (`finetune.check_data.checked_examples`, the
+"""The training examples of a data config for a test: as a run reads them (`finetune.data_check.check.checked_examples`, the
 one path training takes), or with `check=False` without decoding the images (captions still required)."""
 
-from finetune.captions import missing_caption_message
-from finetune.check_data import checked_examples
+from finetune.captions.captions import missing_caption_message
 from finetune.config import DataConfig
-from finetune.epoch_uses import expand_repeats
+from finetune.data.epoch_uses import expand_repeats
+from finetune.data.sources import Example, read_examples
+from finetune.data_check.check import checked_examples
 from finetune.errors import FinetuneError
-from finetune.sources import Example, read_examples
 
 
 def load_examples(config: DataConfig, check: bool = True) -> list[Example]:

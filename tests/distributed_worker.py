@@ -23,11 +23,11 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-import finetune.trainer as trainer
-import finetune.training_run as training_run
-from finetune.distributed import leave_process_group
+from finetune.config.recipe_loading import load_recipe
+from finetune.distributed.processes import leave_process_group
 from finetune.methods import METHODS
-from finetune.recipe_loading import load_recipe
+import finetune.training.trainer as trainer
+import finetune.training.training_run as training_run
 
 methods = []  # each run's method: it knows which modules trained (the UNet's LoRA, the ControlNet, ...)
 

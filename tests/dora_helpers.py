@@ -2,8 +2,8 @@
 
 from diffusers import StableDiffusionPipeline
 
-from finetune.run_files import LORA_WEIGHTS_NAME
-from finetune.trainer import train
+from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
+from finetune.training.trainer import train
 
 # The attention, a 1x1 (proj_in) and a 3x3 (conv1) convolution: peft decomposes Linear and Conv2d layers alike.
 DORA = dict(lora__use_dora=True, lora__target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"], lora__rank=4, lora__alpha=2)

@@ -1,5 +1,5 @@
 """When each LoRA gradient is ready in a training step's backward, with the LoRA weights cast together
-(`finetune.lora_casts`) and with autocast's cast per layer: what DDP could overlap. DDP all-reduces a bucket of
+(`finetune.models.lora_casts`) and with autocast's cast per layer: what DDP could overlap. DDP all-reduces a bucket of
 gradients (1 MiB first, then 25 MiB each, in the reverse of the parameters' order) as soon as all of its gradients are
 accumulated; a bucket ready before the backward's last kernel can be reduced while the backward runs. The casts'
 backward is one node, which runs when every LoRA layer has given it its gradient: every LoRA gradient is ready at once.
@@ -48,12 +48,12 @@ def ddp_buckets(parameters: list[torch.nn.Parameter], first: int = 1 << 20, cap:
 
 def measure(workdir: Path, cast_together: bool) -> tuple[list[dict], int, list[float]]:
     """(a row per DDP bucket: its bytes and the backward's kernels left when it was ready, the backward's kernels, losses)."""
-    import finetune.lora_unit_scale as lora_unit_scale
-    import finetune.methods.lora as lora_method
     from finetune.bench.runner import BenchSettings, common_recipe, prepare_data, prepare_model
     from finetune.bench.variants import VARIANTS
-    from finetune.recipe_loading import recipe_from_dict
-    from finetune.trainer import train
+    from finetune.config.recipe_loading import recipe_from_dict
+    import finetune.methods.lora as lora_method
+    import finetune.models.lora_unit_scale as lora_unit_scale
+    from finetune.training.trainer import train
 
     settings = BenchSettings("medium", 2, 2, 4, 64, "bf16", 8, False, None)
     model_dir = str(prepare_model("medium", workdir / "models" / "medium", print))

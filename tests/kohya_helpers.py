@@ -5,8 +5,8 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from finetune.cli import main
-from finetune.kohya import LoRA, load_lora
+from finetune.cli.main import main
+from finetune.formats.kohya import LoRA, load_lora
 
 
 def sd_scripts_round_trip(source: Path, folder: Path) -> tuple[dict[str, str], LoRA]:

@@ -30,7 +30,7 @@ def run_ranks(call, folder: Path, processes: int = 2, timeout: float = 60) -> li
                 from accelerate import Accelerator
                 from accelerate.state import PartialState
 
-                from finetune.accelerate_state import clear_accelerate_settings
+                from finetune.training.accelerate_state import clear_accelerate_settings
 
                 clear_accelerate_settings()
                 PartialState._reset_state()  # the test process's own (one process) is not this launch's

@@ -6,8 +6,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from conftest import SHIPPED_BASE
-from finetune.inference import load_sampling_pipeline
-from finetune.evaluate import generate_per_prompt
+from finetune.evaluation.evaluate import generate_per_prompt
+from finetune.sampling.inference import load_sampling_pipeline
 from finetune.toyworld.metrics import attribute_share
 from finetune.toyworld.world import caption, sample_scenes
 

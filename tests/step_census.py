@@ -73,8 +73,8 @@ BATCH = 4
 def census(variant: str, root: Path, train_text_encoder: bool = False) -> tuple[list[tuple[str, str, str]], list[float]]:
     from finetune.bench.runner import BenchSettings, common_recipe, prepare_data, prepare_model
     from finetune.bench.variants import VARIANTS
-    from finetune.recipe_loading import recipe_from_dict
-    from finetune.trainer import train
+    from finetune.config.recipe_loading import recipe_from_dict
+    from finetune.training.trainer import train
 
     settings = BenchSettings("medium", 2, 2, BATCH, 64, "bf16", 8, False, None)
     model = str(prepare_model("medium", root / "models" / "medium", print))

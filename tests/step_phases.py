@@ -15,27 +15,27 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # (file, function, phase): an operator belongs to the innermost of these functions it runs in.
 PHASES = [
     ("accelerate/accelerator.py", "backward", "backward call"),
-    ("finetune/step_losses.py", "backward", "backward call"),
+    ("finetune/training/step_losses.py", "backward", "backward call"),
     ("accelerate/accelerator.py", "clip_grad_norm_", "clipping"),
-    ("finetune/optim.py", "clip_gradients", "clipping"),
+    ("finetune/optim/optimizers.py", "clip_gradients", "clipping"),
     ("accelerate/optimizer.py", "step", "optimizer step"),
     ("accelerate/optimizer.py", "zero_grad", "zero_grad"),
     ("accelerate/scheduler.py", "step", "lr schedule"),
-    ("finetune/ema.py", "update", "weight average"),
+    ("finetune/training/ema.py", "update", "weight average"),
     ("finetune/methods/base.py", "predict", "UNet"),
     ("finetune/methods/lora.py", "hold_weight_limits", "lora.max_norm"),
     ("finetune/methods/base.py", "encode_latents", "cached latents"),
     ("finetune/methods/base.py", "encode_text", "cached text states"),
-    ("finetune/diffusion.py", "draw_noise", "noise and timestep draws"),
-    ("finetune/diffusion.py", "draw_perturbation", "noise and timestep draws"),
-    ("finetune/diffusion.py", "normal", "noise and timestep draws"),
-    ("finetune/diffusion.py", "add_noise", "noising"),
-    ("finetune/diffusion.py", "per_sample_loss", "loss and its weighting"),
+    ("finetune/training/diffusion.py", "draw_noise", "noise and timestep draws"),
+    ("finetune/training/diffusion.py", "draw_perturbation", "noise and timestep draws"),
+    ("finetune/training/diffusion.py", "normal", "noise and timestep draws"),
+    ("finetune/training/diffusion.py", "add_noise", "noising"),
+    ("finetune/training/diffusion.py", "per_sample_loss", "loss and its weighting"),
     ("finetune/methods/base.py", "combine_losses", "loss and its weighting"),
-    ("finetune/device_copy.py", "to_device", "device copies"),
-    ("finetune/step_losses.py", "add", "running losses"),
-    ("finetune/step_losses.py", "end_step", "running losses"),
-    ("finetune/step_losses.py", "weighted", "running losses"),
+    ("finetune/training/device_copy.py", "to_device", "device copies"),
+    ("finetune/training/step_losses.py", "add", "running losses"),
+    ("finetune/training/step_losses.py", "end_step", "running losses"),
+    ("finetune/training/step_losses.py", "weighted", "running losses"),
 ]
 LOOP = "the loop's other work"
 # Not kernels: a view without autograd's aliasing, and allocations (on a GPU the caching allocator's, no launch).
@@ -88,7 +88,7 @@ class StepPhases(TorchDispatchMode):
 
 def count_step(recipe, counted_step: int = 2) -> tuple[StepPhases, list[float]]:
     """Train `recipe` (at least `counted_step` steps) and count step `counted_step`, from the end of the one before."""
-    from finetune.trainer import train
+    from finetune.training.trainer import train
 
     counting = StepPhases()
 
@@ -106,7 +106,7 @@ def bench_step(workdir, **train_settings) -> tuple[StepPhases, list[float]]:
 
     from finetune.bench.runner import BenchSettings, common_recipe, prepare_data, prepare_model
     from finetune.bench.variants import VARIANTS
-    from finetune.recipe_loading import recipe_from_dict
+    from finetune.config.recipe_loading import recipe_from_dict
 
     root = Path(workdir)
     settings = BenchSettings("medium", 2, 2, 4, 64, "bf16", 8, False, None)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from accelerate.state import AcceleratorState
 
-import finetune.trainer as trainer
 from finetune.errors import FinetuneError
+import finetune.training.trainer as trainer
 
 
 def test_a_run_that_stopped_after_its_accelerator_leaves_its_precision_to_no_later_run(make_recipe, tmp_path, monkeypatch):

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from finetune.adapter_scan import scan_adapters
+from finetune.checkpoints.run_files import MAX_RECORD_BYTES
+from finetune.demo.adapter_scan import scan_adapters
 from finetune.errors import FinetuneError
-from finetune.kohya import load_lora
-from finetune.run_files import MAX_RECORD_BYTES
+from finetune.formats.kohya import load_lora
 
 Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 PLAIN = {f"{Q}.lora_down.weight": torch.zeros(4, 32), f"{Q}.lora_up.weight": torch.zeros(32, 4), f"{Q}.alpha": torch.tensor(4.0)}
@@ -107,7 +107,7 @@ def test_a_record_too_large_to_be_ours_refuses_its_model_not_the_scan(tmp_path):
 
 
 def test_the_scan_reads_every_kind_without_torch(tmp_path, adapters):
-    """The demo's folder scan reads headers and JSON only, yet importing it loaded torch (finetune.dora's module-level
+    """The demo's folder scan reads headers and JSON only, yet importing it loaded torch (finetune.formats.dora's module-level
     import, for a name test) and each LoRA header was opened for torch (safe_open's "pt"): the scan alone is cheap."""
     assets = Path(__file__).resolve().parents[1] / "finetune" / "assets"
     for folder, shipped in (("mask", "toyworld-controlnet-mask"), ("world", "toyworld-base")):  # a ControlNet, a pipeline
@@ -116,7 +116,7 @@ def test_the_scan_reads_every_kind_without_torch(tmp_path, adapters):
             (tmp_path / folder / part.name).symlink_to(part)
     script = f"""
 import json, sys
-from finetune.adapter_scan import scan_adapters
+from finetune.demo.adapter_scan import scan_adapters
 found = {{name: [adapter.kind, adapter.metadata.get("finetune.use_dora")] for name, adapter in scan_adapters({str(tmp_path)!r}).items()}}
 print(json.dumps([found, "torch" in sys.modules]))
 """

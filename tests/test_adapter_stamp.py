@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from finetune.adapter_scan import Adapter, adapter_files_stamp
+from finetune.demo.adapter_scan import Adapter, adapter_files_stamp
 
 # A pipeline folder as a hub clone has it; no file is read by the stamp, so none needs to be a real model.
 LOADED = ["model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json", "text_encoder/model.safetensors",
@@ -66,7 +66,7 @@ def test_a_link_to_nothing_that_a_load_reads_refuses_its_folder_naming_the_link_
     """A hub cache's blob deleted: the pipeline was listed as usable and each render said the weights 'damaged (No such
     file or directory)'; a ControlNet's was said to have no weights file. A link to nothing that no load reads (a safety
     checker's weights) leaves its pipeline usable, and the stamp of a folder with one is taken (no 'gone, press Rescan')."""
-    from finetune.adapter_scan import scan_adapters
+    from finetune.demo.adapter_scan import scan_adapters
 
     pipeline = tmp_path / "adapters" / "pipeline"
     hub_pipeline(pipeline)

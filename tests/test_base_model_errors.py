@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 
-from finetune.cli import main
+from finetune.cli.main import main
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
-from finetune.model_source import resolve_model_folder
+from finetune.models.model_source import resolve_model_folder
 
 
 def damage(folder, case):
@@ -136,7 +136,7 @@ def test_a_single_file_bases_config_folder_not_there_is_said_before_anything_loa
     configs/sd15 beside a configs/ folder was asked of the hub."""
     from safetensors.torch import save_file
 
-    from finetune.model_source import locate_base
+    from finetune.models.model_source import locate_base
 
     monkeypatch.chdir(tmp_path)
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
@@ -203,7 +203,7 @@ def hub_base_requests(tiny_model, tmp_path, monkeypatch) -> list[str]:
     import huggingface_hub
     import huggingface_hub.constants
 
-    import finetune.train_inputs as train_inputs
+    import finetune.data_check.train_inputs as train_inputs
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     fake_hub_cache(tmp_path / "hub", "someone/tiny", tiny_model)
@@ -241,8 +241,8 @@ def test_a_hub_base_is_looked_up_once_per_training_run(tiny_model, image_folder,
     """The command's check, train() and loading each looked the hub id up (offline a cache search, online a request
     to the hub each); so did the outputs' reload of the parts a bf16 run holds in bf16. Stopped once the base is loaded:
     its configs were fetched once, before the data check, and its weights once, after it."""
-    import finetune.trainer as trainer
-    from finetune.models import at_source_precision, load_base_model
+    from finetune.models.loading import at_source_precision, load_base_model
+    import finetune.training.trainer as trainer
 
     events = hub_base_requests(tiny_model, tmp_path, monkeypatch)
     loaded = []
@@ -267,7 +267,7 @@ def test_an_offline_cache_holding_part_of_a_hub_base_is_one_line_naming_the_miss
     import huggingface_hub.constants
 
     from finetune.config import ModelConfig
-    from finetune.model_source import locate_base, with_weights
+    from finetune.models.model_source import locate_base, with_weights
 
     partial = tmp_path / "partial"
     for pattern in kept:
@@ -347,7 +347,7 @@ def test_downloads_are_off_exactly_where_huggingface_hub_is_offline(env, said, m
     import subprocess
     import sys
 
-    from finetune.model_source import downloads_off, hub_offline_by
+    from finetune.models.model_source import downloads_off, hub_offline_by
 
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)

@@ -8,10 +8,10 @@ import shutil
 
 import pytest
 
-from finetune.cli import main
+from finetune.cli.main import main
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
-from finetune.model_source import resolve_model_folder
+from finetune.models.model_source import resolve_model_folder
 
 GONE = os.path.join("..", "..", "blobs", "3f2a")  # as a hub cache's snapshot links to its blobs
 

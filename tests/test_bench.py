@@ -11,13 +11,13 @@ import torch
 
 from finetune.bench.measure import _worker, reset_peak_rss
 from finetune.bench.report import memory_label
-from finetune.bench.sd15 import build_sd15_pipeline, peak_tflops
 from finetune.bench.runner import default_resolution
-from finetune.cli import main
-from finetune.models import load_base_model
+from finetune.bench.sd15 import build_sd15_pipeline, peak_tflops
+from finetune.cli.main import main
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
-from finetune.trainer import train
+from finetune.models.loading import load_base_model
+from finetune.training.trainer import train
 
 
 def test_bench_runs_two_variants_and_writes_the_report(tmp_path, capsys, monkeypatch):
@@ -94,7 +94,7 @@ def test_bad_bench_arguments_are_one_line_errors(tmp_path, capsys):
 
 
 def test_a_resolution_past_the_recipes_bound_is_refused_before_the_model_and_data_are_made(tmp_path, monkeypatch):
-    """data.resolution is at most 4096 (finetune/image_bounds.py): --resolution 8192 made the model and wrote the data at
+    """data.resolution is at most 4096 (finetune/data/image_bounds.py): --resolution 8192 made the model and wrote the data at
     8192 px, then failed in every variant's process with an error naming data.resolution, a key the command has not."""
     import finetune.bench.runner as runner
 
@@ -104,7 +104,7 @@ def test_a_resolution_past_the_recipes_bound_is_refused_before_the_model_and_dat
 
 
 def test_more_images_than_dreambooth_makes_class_images_are_refused_by_the_benchs_own_check(tmp_path, monkeypatch):
-    """The DreamBooth variants make as many class images as --num-images, at most 100,000 (finetune/image_bounds.py):
+    """The DreamBooth variants make as many class images as --num-images, at most 100,000 (finetune/data/image_bounds.py):
     --num-images 100001 made the model and data, then failed in their processes naming dreambooth.num_class_images."""
     import finetune.bench.runner as runner
 
@@ -279,7 +279,7 @@ def test_the_recorded_command_reads_back_as_the_options_of_the_run(model):
     import shlex
 
     from finetune.bench import format_command
-    from finetune.cli_arguments import parse_arguments
+    from finetune.cli.arguments import parse_arguments
 
     args = parse_arguments(["bench", *model, "--steps", "3", "--warmup", "1", "--batch", "2", "--resolution", "32", "--mixed-precision", "bf16",
                             "--num-images", "4", "--repeat", "2", "--recipes", "lora,lora_gc", "--no-flops", "--peak-tflops", "100.5",
@@ -295,8 +295,8 @@ def test_on_a_gpu_each_wait_for_it_in_the_timed_window_is_reported_by_step_and_l
     import warnings
     from types import SimpleNamespace
 
-    import finetune.trainer
     from finetune.bench.measure import measure
+    import finetune.training.trainer
 
     mode = [0]
 
@@ -318,7 +318,7 @@ def test_on_a_gpu_each_wait_for_it_in_the_timed_window_is_reported_by_step_and_l
             on_step(step)
         return SimpleNamespace(losses=[1.0] * 8)
 
-    monkeypatch.setattr(finetune.trainer, "train", fake_train)
+    monkeypatch.setattr(finetune.training.trainer, "train", fake_train)
     recipe = make_recipe().model_dump(mode="json")
     with pytest.warns(UserWarning, match="another library's warning"):
         row = measure({"name": "lora", "recipe": recipe, "warmup": 2, "steps": 5, "count_flops": False, "images_per_step": 2})
@@ -365,7 +365,7 @@ def test_a_workdir_kept_from_a_run_with_other_data_settings_trains_only_this_run
     from PIL import Image
 
     from finetune.bench.runner import prepare_data
-    from finetune.sources import folder_images
+    from finetune.data.sources import folder_images
 
     prepare_data(tmp_path, 6, 128)
     data, classes = prepare_data(tmp_path, 3, 64)

@@ -91,8 +91,8 @@ def test_the_bench_checks_its_compiled_variants_after_the_first_step_and_before_
     """The check runs once, after the compile's step (whose end is kept as the compile's) and before the timed window."""
     import time
 
-    import finetune.trainer
     from finetune.bench.measure import measure
+    import finetune.training.trainer
 
     events = []
 
@@ -104,7 +104,7 @@ def test_the_bench_checks_its_compiled_variants_after_the_first_step_and_before_
             events.append(("step", step, time.perf_counter()))
         return SimpleNamespace(losses=[1.0] * 4)
 
-    monkeypatch.setattr(finetune.trainer, "train", fake_train)
+    monkeypatch.setattr(finetune.training.trainer, "train", fake_train)
     real_run = CompiledCheck.run
     monkeypatch.setattr(CompiledCheck, "run", lambda self, precision: events.append(("check",)) or real_run(self, precision))
     torch._dynamo.reset()
@@ -181,7 +181,7 @@ def test_a_compiled_variant_cut_by_a_deadline_keeps_its_check_or_says_it_had_non
 
 
 def bench_compiled(tmp_path, variant: str, precision: str, capsys) -> tuple[dict, str]:
-    from finetune.cli import main
+    from finetune.cli.main import main
 
     out = tmp_path / "bench.json"
     args = ["bench", "--preset", "tiny", "--steps", "1", "--warmup", "1", "--batch", "2", "--num-images", "2", "--no-flops"]

@@ -22,9 +22,9 @@ def current_rss_mb() -> float:
 
 
 def measure_with(make_recipe, fake_train, monkeypatch, warmup: int, steps: int) -> dict:
-    import finetune.trainer
+    import finetune.training.trainer
 
-    monkeypatch.setattr(finetune.trainer, "train", fake_train)
+    monkeypatch.setattr(finetune.training.trainer, "train", fake_train)
     recipe = make_recipe().model_dump(mode="json")
     return measure({"name": "lora_cached", "recipe": recipe, "warmup": warmup, "steps": steps, "count_flops": False, "images_per_step": 2})
 

@@ -1,15 +1,15 @@
 """A bucket's last global batch with fewer images than processes borrows images of its bucket, so that every process has a
-row (finetune.buckets): the borrowed rows weigh nothing in the step, so N processes train what one process does with the same
-global batch (finetune.step_losses.micro_batch_shares)."""
+row (finetune.data.buckets): the borrowed rows weigh nothing in the step, so N processes train what one process does with the same
+global batch (finetune.training.step_losses.micro_batch_shares)."""
 
 from collections import Counter
 
 import pytest
 from test_distributed import BORROWING, TALL, WIDE, assert_one_process_trains_what_two_did, borrowing_run, deepspeed, launch, mixed_folder, wait, write
 
-from finetune.buckets import BucketBatchSampler
-from finetune.data_order import PaddedBatch
-from finetune.step_losses import micro_batch_shares
+from finetune.data.buckets import BucketBatchSampler
+from finetune.data.order import PaddedBatch
+from finetune.training.step_losses import micro_batch_shares
 
 
 def test_a_borrowed_row_weighs_nothing_and_every_own_image_of_a_step_weighs_alike():

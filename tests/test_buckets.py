@@ -10,16 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.batches import EpochBatchSampler, make_batch_sampler
-from finetune.buckets import BucketBatchSampler, assign_buckets, make_buckets, nearest_bucket, split_rows
-from finetune.check_data import inspect_examples
 from finetune.config import DataConfig
-from finetune.data import CaptionedImageDataset, collate
+from finetune.data.batches import EpochBatchSampler, make_batch_sampler
+from finetune.data.buckets import BucketBatchSampler, assign_buckets, make_buckets, nearest_bucket, split_rows
+from finetune.data.items import CaptionedImageDataset, collate
+from finetune.data_check.check import inspect_examples
 from data_examples import load_examples
+from finetune.data.sources import Example, read_examples
+from finetune.data.views import ViewPlan, cover_and_center_crop, plan_cover_crop, view_key
 from finetune.errors import FinetuneError
-from finetune.sources import Example, read_examples
-from finetune.trainer import train
-from finetune.views import ViewPlan, cover_and_center_crop, plan_cover_crop, view_key
+from finetune.training.trainer import train
 
 SHAPES = {"wide0": (96, 48), "wide1": (100, 50), "tall0": (48, 96), "tall1": (50, 100), "square": (64, 64)}
 
@@ -83,7 +83,7 @@ def test_each_image_goes_to_the_closest_aspect_ratio():
 def test_images_of_one_size_are_matched_to_a_bucket_once(monkeypatch):
     """20,000 photos of a few cameras: the nearest bucket is looked up per distinct size, not per image (a run
     assigns buckets four times before its first step), and each image still gets its own size's bucket."""
-    import finetune.buckets as buckets_module
+    import finetune.data.buckets as buckets_module
 
     config = DataConfig(image_dir="x", resolution=512, bucketing={"enabled": True})
     sizes = [(4032, 3024), (3024, 4032), (1024, 1024), (6000, 4000)] * 500
@@ -275,8 +275,8 @@ def test_repeats_are_counted_per_bucket(tmp_path):
 
 
 def test_dreambooth_class_images_take_their_instance_images_bucket(tmp_path):
-    from finetune.dreambooth_data import DreamBoothDataset, dreambooth_collate
-    from finetune.recipe_loading import recipe_from_dict
+    from finetune.config.recipe_loading import recipe_from_dict
+    from finetune.dreambooth.data import DreamBoothDataset, dreambooth_collate
 
     for i, (width, height) in enumerate([(96, 48), (48, 96)]):
         noise_image(width, height, seed=i).save(tmp_path / f"{i}.png")

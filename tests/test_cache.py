@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.cache import EncodingCache, caption_key
+from finetune.data.cache import EncodingCache, caption_key
 from finetune.errors import FinetuneError
-from finetune.trainer import train
+from finetune.training.trainer import train
 from numerics import loss_rtol
 
 
@@ -45,7 +45,7 @@ def test_lookup_encodes_only_the_rows_not_cached():
 def test_two_processes_writing_the_same_disk_entry_at_once_both_succeed(tmp_path, monkeypatch):
     """Processes share the disk cache, and all of them encode a shared caption at the first step. Here
     the second writes the whole entry while the first is between writing and renaming its file."""
-    import finetune.cache as cache_module
+    import finetune.data.cache as cache_module
 
     first, second = EncodingCache(tmp_path), EncodingCache(tmp_path)
     save_file = cache_module.save_file
@@ -63,7 +63,7 @@ def test_two_processes_writing_the_same_disk_entry_at_once_both_succeed(tmp_path
 
 
 def test_a_failed_disk_write_leaves_no_partial_file_and_a_stale_one_is_removed(tmp_path, monkeypatch):
-    import finetune.cache as cache_module
+    import finetune.data.cache as cache_module
 
     def disk_full(tensors, path):
         Path(path).write_bytes(b"half an entry")
@@ -111,7 +111,7 @@ def test_a_cached_view_is_never_decoded_again_and_a_changed_image_is_encoded_ane
     import numpy as np
     from PIL import Image
 
-    import finetune.files_as_checked as files_module
+    import finetune.data.files_as_checked as files_module
     import finetune.methods.base as base_module
 
     folder = tmp_path / "images"
@@ -138,7 +138,7 @@ def test_a_cached_view_is_never_decoded_again_and_a_changed_image_is_encoded_ane
 def test_with_loader_workers_the_first_epoch_is_decoded_by_them(make_recipe, tmp_path, monkeypatch):
     """Views likely new (the first epoch) come decoded from the loader processes; the training process
     decodes nothing, and later epochs are served by the cache."""
-    import finetune.files_as_checked as files_module
+    import finetune.data.files_as_checked as files_module
 
     in_training_process = []
     open_rgb = files_module.open_rgb
@@ -171,7 +171,7 @@ def test_a_cached_view_reads_its_loss_mask_once_and_a_changed_mask_is_cut_anew(m
     """With cached latents each view's loss mask is cached beside them, at their size: later epochs and later
     runs read no mask file (nor, for source alpha, the image's transparency), and a changed mask is another
     entry, so it trains as an uncached run with that mask does."""
-    import finetune.check_data as check_module
+    import finetune.data_check.check as check_module
     from test_loss_mask import half_mask, masked_folder
 
     folder = masked_folder(tmp_path / "data")

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from finetune.cache import EncodingCache
+from finetune.data.cache import EncodingCache
 from finetune.errors import FinetuneError
 
 
@@ -30,7 +30,7 @@ def test_a_read_only_cache_still_serves_what_it_holds(tmp_path, monkeypatch):
     cache = EncodingCache(tmp_path)
     cache.lookup(["k"], lambda rows: torch.ones(len(rows), 3), torch.device("cpu"))
     (tmp_path / ".old.1.partial").write_bytes(b"left by a killed run")
-    monkeypatch.setattr("finetune.cache.STALE_PARTIAL_SECONDS", -1)
+    monkeypatch.setattr("finetune.data.cache.STALE_PARTIAL_SECONDS", -1)
 
     def read_only(self, missing_ok=False):
         raise OSError(30, "Read-only file system")
@@ -43,7 +43,7 @@ def test_a_read_only_cache_still_serves_what_it_holds(tmp_path, monkeypatch):
 def test_caches_of_inputs_that_rarely_repeat_are_warned_about(make_recipe, tmp_path, capsys):
     from PIL import Image
 
-    from finetune.trainer import train
+    from finetune.training.trainer import train
 
     wide = tmp_path / "wide"  # 96x64 photos cut to 64x64: a random crop moves across 32 columns
     wide.mkdir()
@@ -67,7 +67,7 @@ def test_caches_of_inputs_that_rarely_repeat_are_warned_about(make_recipe, tmp_p
 
 def test_a_disk_cache_says_what_it_holds_at_the_start(make_recipe, tmp_path, capsys):
     """So a user sees whether a later run reuses the cache, or starts another folder (another base, dtype, clip skip)."""
-    from finetune.trainer import train
+    from finetune.training.trainer import train
 
     caches = dict(train__max_steps=1, train__cache_latents=True, train__cache_text_embeddings=True, train__cache_dir=str(tmp_path / "cache"))
     train(make_recipe(output_dir=str(tmp_path / "first"), **caches))
@@ -92,7 +92,7 @@ def test_a_damaged_entry_of_a_read_only_cache_is_one_line(tmp_path, monkeypatch)
         raise OSError(30, "Read-only file system")
 
     monkeypatch.setattr("pathlib.Path.unlink", read_only)
-    monkeypatch.setattr("finetune.cache.save_file", read_only)
+    monkeypatch.setattr("finetune.data.cache.save_file", read_only)
     with pytest.raises(FinetuneError, match="train.cache_dir: .* cannot be written .*Read-only file system"):
         cache.lookup(["k"], lambda rows: torch.ones(len(rows), 3), torch.device("cpu"))
 
@@ -107,7 +107,7 @@ def test_an_unwritable_cache_says_what_fixes_it(tmp_path, monkeypatch, code, rem
     def refused(*args, **kwargs):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr("finetune.cache.save_file", refused)
+    monkeypatch.setattr("finetune.data.cache.save_file", refused)
     with pytest.raises(FinetuneError, match=rf"cannot be written \(\w+: {re.escape(os.strerror(code))}\): {remedy} another train.cache_dir \(or remove it"):
         cache.lookup(["k"], lambda rows: torch.ones(len(rows), 3), torch.device("cpu"))
 
@@ -115,10 +115,10 @@ def test_an_unwritable_cache_says_what_fixes_it(tmp_path, monkeypatch, code, rem
 def test_the_shuffled_tags_warning_reads_a_caption_s_lines_as_training_does():
     """A caption holding U+2028 (text pasted from a web page) is one line to training (captions.caption_lines cuts at line
     ends alone), whose tags shuffle: the warning cut it at U+2028 too, into lines of too few tags, and said nothing."""
-    from finetune.captions import training_caption
+    from finetune.captions.captions import training_caption
     from finetune.config import DataConfig
+    from finetune.data.sources import Example
     from finetune.methods.base import any_tags_to_move
-    from finetune.sources import Example
 
     caption = "sks, dog\u2028grass, sky"
     data = DataConfig(image_dir="x", shuffle_tags=True, keep_tokens=1)

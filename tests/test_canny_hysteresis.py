@@ -3,7 +3,7 @@ the flood fill kept: make-conditions' images, and the demo's made the same way, 
 
 import numpy as np
 
-from finetune.conditions import _hysteresis
+from finetune.controlnet.conditions import _hysteresis
 
 
 def flood_filled(strong: np.ndarray, weak: np.ndarray) -> np.ndarray:

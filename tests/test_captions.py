@@ -10,14 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.captions import edit_tags, training_caption
+from finetune.captions.captions import edit_tags, training_caption
 from finetune.config import DataConfig
-from finetune.batches import EpochBatchSampler
-from finetune.data import CaptionedImageDataset
+from finetune.data.batches import EpochBatchSampler
+from finetune.data.items import CaptionedImageDataset
 from data_examples import load_examples
+from finetune.config.recipe_loading import recipe_from_dict
+from finetune.data.sources import Example
 from finetune.errors import FinetuneError
-from finetune.recipe_loading import recipe_from_dict
-from finetune.sources import Example
 
 TAGS = "sks, dog, grass, sunny, red collar, park, running"
 
@@ -94,7 +94,7 @@ def test_a_metadata_jsonl_row_is_one_line_whatever_its_caption_holds(tmp_path):
 def test_a_caption_is_lines_only_at_line_ends():
     """A caption of several lines trains one line per epoch (as sd-scripts splits at "\\n"); str.splitlines also split at
     U+2028, U+0085 and form feeds, which text pasted from a web page may hold: half the caption trained at a time."""
-    from finetune.captions import caption_lines
+    from finetune.captions.captions import caption_lines
 
     config = DataConfig(image_dir=".", resolution=64)
     for caption in ("a red square\u2028on white", "a blue\x85square", "a page\x0cbreak"):
@@ -106,7 +106,7 @@ def test_a_caption_is_lines_only_at_line_ends():
 def test_a_folder_named_dataset_is_no_datasets_row_in_caption_messages(tmp_path):
     """Messages told an image file from a dataset row by "dataset " at the start of its path: the images of a
     folder named "dataset v2" were told to fill a caption column they do not have."""
-    from finetune.check_data import checked_report
+    from finetune.data_check.check import checked_report
 
     folder = tmp_path / "dataset v2"
     write_image(folder / "a.png")
@@ -132,8 +132,8 @@ def test_a_name_in_either_unicode_form_finds_its_metadata_row(tmp_path, file_for
 
 def test_caption_files_a_metadata_row_overrides_are_said_when_they_differ(tmp_path):
     """A tagger's .txt files written into a folder that has a metadata.jsonl did not train, unseen: the row wins."""
-    from finetune.check_data import WARNING, inspect_examples
-    from finetune.sources import read_examples
+    from finetune.data.sources import read_examples
+    from finetune.data_check.check import WARNING, inspect_examples
 
     def warnings(**settings):
         config = DataConfig(image_dir=str(tmp_path), resolution=64, **settings)
@@ -198,8 +198,8 @@ def test_repeats_multiply_an_images_uses_per_epoch(tmp_path):
 
 
 def test_each_folders_share_of_an_epoch_is_reported_and_one_folder_under_two_templates_is_no_copy(tmp_path):
-    from finetune.check_data import inspect_examples
-    from finetune.sources import read_examples
+    from finetune.data.sources import read_examples
+    from finetune.data_check.check import inspect_examples
 
     write_image(tmp_path / "rare" / "r.png", "green")
     write_image(tmp_path / "common" / "c0.png")
@@ -327,7 +327,7 @@ def test_keep_tokens_separator_without_shuffle_or_dropout_or_as_a_comma_is_refus
 def test_shuffle_or_dropout_that_changes_no_caption_is_said():
     """data.shuffle_tags on captions written as sentences (no commas), or with no more tags than keep_tokens, trained
     them as written, without a word: the switch looked on and did nothing."""
-    from finetune.captions import unmoved_tags_warning
+    from finetune.captions.captions import unmoved_tags_warning
 
     shuffled = DataConfig(image_dir="x", shuffle_tags=True, keep_tokens=1)
     said = unmoved_tags_warning(["a photo of sks dog on grass", "sks dog, sitting"], shuffled)
@@ -343,7 +343,7 @@ def test_shuffle_or_dropout_that_changes_no_caption_is_said():
 
 def test_a_run_whose_shuffle_changes_no_caption_says_so_at_its_start(make_recipe, capsys):
     """The tiny data's captions are two tags ('a ... shape, top left'): with keep_tokens 1 one is left to shuffle."""
-    from finetune.trainer import train
+    from finetune.training.trainer import train
 
     train(make_recipe(train__max_steps=1, data__shuffle_tags=True, data__keep_tokens=1))
     assert "warning: data.shuffle_tags changes no caption" in capsys.readouterr().out
@@ -352,7 +352,7 @@ def test_a_run_whose_shuffle_changes_no_caption_says_so_at_its_start(make_recipe
 
 
 def test_check_data_says_a_shuffle_that_changes_no_caption_as_training_does(tmp_path, tiny_model, image_folder, capsys):
-    from finetune.cli import main
+    from finetune.cli.main import main
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"model: {{pretrained: {tiny_model}}}\ndata: {{image_dir: {image_folder}, resolution: 64, shuffle_tags: true, keep_tokens: 1}}\n")
@@ -364,7 +364,7 @@ def test_check_data_says_a_shuffle_that_changes_no_caption_as_training_does(tmp_
 
 def test_captions_holding_sd_scripts_separator_unread_here_are_said():
     """A kohya dataset's 'sks, dog ||| grass' without data.keep_tokens_separator trains the bars as words."""
-    from finetune.captions import tag_warnings
+    from finetune.captions.captions import tag_warnings
 
     captions = ["a photo of a dog", "sks, dog ||| grass, sunny"]
     assert tag_warnings(captions, DataConfig(image_dir="x")) == [

@@ -10,16 +10,16 @@ import pytest
 import yaml
 from PIL import Image
 
-from finetune.check_data import CONVERTED, FATAL, WARNING, inspect_examples
-from finetune.cli import main
+from finetune.cli.main import main
 from finetune.config import DataConfig
-from finetune.data import CaptionedImageDataset
+from finetune.data.items import CaptionedImageDataset
+from finetune.data_check.check import CONVERTED, FATAL, WARNING, inspect_examples
 from conftest import SHIPPED_BASE  # a base the check finds offline (the default hub id is in no cache)
 from data_examples import load_examples
+from finetune.data.images import open_rgb
+from finetune.data.sources import read_examples
 from finetune.errors import FinetuneError
-from finetune.images import open_rgb
-from finetune.sources import read_examples
-from finetune.trainer import train
+from finetune.training.trainer import train
 from odd_images import captioned, noise, save_exif_rotated, write_odd_folder
 
 
@@ -321,7 +321,7 @@ def test_training_warns_once_about_captions_the_text_encoder_cuts(make_recipe, i
     assert len(warnings) == 1
     assert warnings[0].startswith(f"warning: 1 of 4 captions are longer than model.max_token_length (75 tokens) and are cut there (the longest: {sidecars[0].with_suffix('.png')}, ")
     assert warnings[0].endswith("shorten those captions, or raise model.max_token_length to 150 or 225 (sd-scripts' long captions)")
-    from finetune.caption_tokens import load_tokenizer, long_captions_line
+    from finetune.captions.tokens import load_tokenizer, long_captions_line
 
     recipe = make_recipe()
     line = long_captions_line(load_tokenizer(recipe.model), {"a.png": "a red circle, " * 60}, 150)  # already at 150: only 225 is left
@@ -363,9 +363,9 @@ def test_an_image_refused_after_it_decodes_is_said_with_its_missing_caption(tmp_
     """An image without a caption that decodes but cannot train (float levels, a colour conversion that fails) was told
     only its image problem: fixed, it stopped again on the caption. A file that does not decode (a text file named .png)
     is still told only that, not to get a caption too."""
-    import finetune.check_data as check_data_module
-    from finetune.check_data import inspect
-    from finetune.sources import Example
+    from finetune.data.sources import Example
+    from finetune.data_check.check import inspect
+    import finetune.data_check.check as check_data_module
 
     Image.new("RGB", (64, 64), "red").save(tmp_path / "odd.png")
     (tmp_path / "text.png").write_text("not an image")

@@ -3,7 +3,7 @@
 
 from PIL import Image
 
-from finetune.cli import main
+from finetune.cli.main import main
 
 
 def test_the_result_line_says_one_problem_or_warning_in_the_singular(tmp_path, capsys):

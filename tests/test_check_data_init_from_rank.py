@@ -7,7 +7,7 @@ import torch
 from conftest import REPO, SHIPPED_BASE
 from safetensors.torch import save_file
 
-from finetune.cli import main
+from finetune.cli.main import main
 
 
 def test_check_data_says_the_rank_line_training_stops_with(tmp_path, capsys):

@@ -7,12 +7,13 @@ import time
 
 import pytest
 
-from finetune import check_data, check_threads
-from finetune.check_data import inspect_examples
-from finetune.check_threads import each_on_threads
 from finetune.config import DataConfig
+from finetune.data.sources import read_examples
+from finetune.data_check import check as check_data
+from finetune.data_check import threads as check_threads
+from finetune.data_check.check import inspect_examples
+from finetune.data_check.threads import each_on_threads
 from finetune.errors import FinetuneError
-from finetune.sources import read_examples
 from odd_images import write_odd_folder
 
 

@@ -1,6 +1,6 @@
 """The model card a full run's checkpoint holds beside its pipeline (checkpoint.save_outputs) names where it is."""
 
-from finetune.trainer import train
+from finetune.training.trainer import train
 
 
 def test_a_checkpoints_pipeline_card_names_the_checkpoint_not_the_folder_it_was_written_in(make_recipe):

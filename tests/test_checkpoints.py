@@ -16,10 +16,10 @@ import yaml
 from forked import start_forked
 
 from finetune.__main__ import run as finetune_command
-from finetune.run_files import STATE_FILE, list_checkpoints, resolve_resume
+from finetune.checkpoints.run_files import STATE_FILE, list_checkpoints, resolve_resume
 from finetune.errors import FinetuneError
-import finetune.trainer as trainer_module
-from finetune.trainer import train
+from finetune.training.trainer import train
+import finetune.training.trainer as trainer_module
 
 
 def test_latest_ignores_partial_and_incomplete_folders(tmp_path):
@@ -47,7 +47,7 @@ def test_rotation_keeps_the_last_n(make_recipe):
 
 
 def test_a_new_run_does_not_mix_with_an_earlier_one_in_its_output_dir(make_recipe, monkeypatch):
-    import finetune.trainer as trainer
+    import finetune.training.trainer as trainer
 
     earlier = train(make_recipe(train__max_steps=3, checkpoint__every_n_steps=1))
     monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
@@ -96,7 +96,7 @@ def test_a_stop_signal_writes_a_checkpoint_and_resume_finishes(make_recipe, tmp_
     recipe = make_recipe(train__max_steps=100_000, checkpoint__every_n_steps=0, data__num_workers=num_workers)
     path = tmp_path / "long.yaml"
     path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
-    said, log = tmp_path / "stdout.log", tmp_path / "stderr.log"  # stderr: each redraw of the training bar a line of its own (finetune.progress_lines)
+    said, log = tmp_path / "stdout.log", tmp_path / "stderr.log"  # stderr: each redraw of the training bar a line of its own (finetune.cli.progress_lines)
     quiet = {"FINETUNE_PROGRESS_EVERY": "0"}
     if forked:
         def command() -> int:
@@ -137,13 +137,13 @@ def test_a_run_that_fails_with_loader_workers_exits(make_recipe, tmp_path):
     path = tmp_path / "failing.yaml"
     path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
     script = (
-        "import sys, finetune.training_run as training_run\n"
+        "import sys, finetune.training.training_run as training_run\n"
         "def failing(*args, **kwargs):\n"
         "    raise RuntimeError('the third step failed')\n"
         "real = training_run.BatchRandomness\n"
         "calls = []\n"
         "training_run.BatchRandomness = lambda *a, **k: calls.append(1) or (failing() if len(calls) == 3 else real(*a, **k))\n"
-        "from finetune.cli import main\n"
+        "from finetune.cli.main import main\n"
         f"sys.exit(main(['train', {str(path)!r}]))\n"
     )
     process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)  # a hang would never end; 60 s was too little on a loaded host
@@ -164,8 +164,8 @@ def test_each_checkpoint_holds_the_outputs_of_its_step(make_recipe, pairs_folder
     output_dir); checkpoint.save_outputs=false leaves them out. The outputs are readable by other users like any new file."""
     import os
 
-    from finetune.adapter_scan import scan_adapters
-    from finetune.run_files import resolve_lora_file
+    from finetune.checkpoints.run_files import resolve_lora_file
+    from finetune.demo.adapter_scan import scan_adapters
 
     data = {} if method == "lora" else {"data__image_dir": str(pairs_folder)}
     long = train(make_recipe(method=method, output_dir=str(tmp_path / "long"), train__max_steps=4, checkpoint__every_n_steps=2, **data))
@@ -198,7 +198,7 @@ def test_each_checkpoint_holds_the_outputs_of_its_step(make_recipe, pairs_folder
     if method == "lora":
         assert resolve_lora_file(str(at_step_2)) == held
         # The demo compares the run with its step 2, one column each (together they would add up).
-        from finetune.demo_engine import DemoEngine, Request
+        from finetune.demo.engine import DemoEngine, Request
 
         engine = DemoEngine(str(make_recipe().model.pretrained), tmp_path)
         request = dict(prompt="a red circle", steps=2, include_base=False)
@@ -206,7 +206,7 @@ def test_each_checkpoint_holds_the_outputs_of_its_step(make_recipe, pairs_folder
         assert labels == ["long x1", "long@2 x1"]
         alone, _, _, _ = engine.render(Request(**request, loras=[("long/checkpoints/checkpoint-2", 1.0)]))
         assert images[0][1].tobytes() == alone[0][0].tobytes() and images[0][0].tobytes() != alone[0][0].tobytes()
-        from finetune.kohya import export_lora
+        from finetune.formats.kohya import export_lora
 
         exported, *_ = export_lora(at_step_2, tmp_path / "webui", "kohya")  # sd-scripts' name for a step: webui lists it apart
         assert exported.name == "long-step00000002.safetensors"
@@ -221,7 +221,7 @@ def test_an_fp16_run_resumes_a_checkpoint_written_without_a_loss_scaler(tmp_path
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
-    from finetune import checkpoint as ckpt
+    from finetune.checkpoints import checkpoint as ckpt
 
     accelerator = Accelerator(mixed_precision="bf16")
     try:

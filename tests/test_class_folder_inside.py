@@ -7,10 +7,10 @@ import yaml
 from conftest import SHIPPED_BASE
 from PIL import Image
 
-from finetune.cli import main
+from finetune.cli.main import main
+from finetune.config.recipe_loading import load_recipe
+from finetune.data_check.train_inputs import check_inputs_exist
 from finetune.errors import FinetuneError
-from finetune.recipe_loading import load_recipe
-from finetune.train_inputs import check_inputs_exist
 
 
 def class_inside_recipe(tmp_path, subject_images=("a", "b")):

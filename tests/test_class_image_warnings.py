@@ -25,7 +25,7 @@ def start_and_check_data(recipe, tmp_path, capsys) -> tuple[list[str], str]:
     """What a run of `recipe` says as it starts (its start lines), and `finetune check-data`'s output for it."""
     import yaml
 
-    from finetune.cli import main
+    from finetune.cli.main import main
 
     method = DreamBoothMethod(recipe)
     method.check_data()
@@ -65,7 +65,7 @@ def test_class_prompts_without_own_class_images_are_said_as_before(make_recipe, 
 def test_files_named_as_generated_class_images_but_no_png_are_said_to_be_ignored(make_recipe, star_folder, tmp_path, capsys):  # noqa: F811
     """`<key>-00001.jpg` (generated images converted to JPEG) was neither the user's own nor a generated image: left
     out without a word, and made again, when its key was this run's."""
-    from finetune.class_image_plans import class_image_plans
+    from finetune.dreambooth.class_image_plans import class_image_plans
 
     recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path)
     (_, key, _, missing), = class_image_plans(recipe)
@@ -82,7 +82,7 @@ def test_check_data_says_the_unused_class_prompts_in_trainings_words(make_recipe
     """Said only once training had started (the model loaded); check-data, there to find such things first, said nothing."""
     import yaml
 
-    from finetune.cli import main
+    from finetune.cli.main import main
 
     recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path, dreambooth={"concepts": [concept(tmp_path, star_folder)], "num_class_images": 2})
     path = tmp_path / "recipe.yaml"
@@ -96,7 +96,7 @@ def test_check_data_says_the_unused_class_prompts_in_trainings_words(make_recipe
 
 def test_the_shared_warning_loads_no_torch():
     """check-data reads it; its module must stay free of torch (see test_cli_startup)."""
-    loaded = subprocess.run([sys.executable, "-c", "import sys, finetune.class_image_names; print('torch' in sys.modules)"],
+    loaded = subprocess.run([sys.executable, "-c", "import sys, finetune.dreambooth.class_image_names; print('torch' in sys.modules)"],
                             capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent).stdout
     assert loaded.strip() == "False"
 
@@ -121,7 +121,7 @@ def test_a_subfolder_with_images_in_a_class_folder_is_said_as_in_an_instance_fol
     """Only a class folder's own images are class images: one in a subfolder of class_dir was left out without a word,
     where the data check says a subfolder of instance_dir. Said once for a folder two concepts share, at a run's start and
     by check-data."""
-    from finetune.class_image_plans import unread_class_images_lines
+    from finetune.dreambooth.class_image_plans import unread_class_images_lines
 
     instances = shutil.copytree(star_folder, tmp_path / "instances")
     for folder in (instances / "more", tmp_path / "class" / "more"):
@@ -142,7 +142,7 @@ def test_an_instance_folder_inside_a_class_folder_is_not_said_to_be_left_out(mak
     """A concept's instance_dir kept inside its class_dir (photos/ of the class, photos/sks/ of the subject) was said to be
     a subfolder of class images not read, with the advice to move its images into the class folder: the subject's photos
     would then train as its class. Another subfolder there is still said."""
-    from finetune.class_image_plans import unread_class_images_lines
+    from finetune.dreambooth.class_image_plans import unread_class_images_lines
 
     subject = shutil.copytree(star_folder, tmp_path / "class" / "sks")
     (tmp_path / "class" / "more").mkdir()

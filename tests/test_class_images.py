@@ -5,12 +5,12 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.class_image_names import class_image_caption, generation_record, record_key
-from finetune.class_image_plans import plan_class_images
-from finetune.class_images import generate_class_images
 from finetune.config import ClassImageGeneration, ModelConfig
-from finetune.models import load_base_model
-from finetune.sampling import build_pipeline
+from finetune.dreambooth.class_image_names import class_image_caption, generation_record, record_key
+from finetune.dreambooth.class_image_plans import plan_class_images
+from finetune.dreambooth.class_images import generate_class_images
+from finetune.models.loading import load_base_model
+from finetune.sampling.pipelines import build_pipeline
 
 SETTINGS = ClassImageGeneration(num_inference_steps=2, guidance_scale=3.0, batch_size=2, seed=5)
 BASE = ModelConfig(pretrained="some/base")

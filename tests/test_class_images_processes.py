@@ -10,9 +10,9 @@ import pytest
 import torch
 from diffusers.image_processor import VaeImageProcessor
 
-import finetune.class_images as class_images
-from finetune.class_images import generate_class_images, generate_on_every_process
 from finetune.config import ClassImageGeneration
+from finetune.dreambooth.class_images import generate_class_images, generate_on_every_process
+import finetune.dreambooth.class_images as class_images
 from ranks import run_ranks
 
 SETTINGS = ClassImageGeneration(num_inference_steps=2, guidance_scale=3.0, batch_size=2, seed=5)
@@ -33,7 +33,7 @@ def nan_on_rank_1(monkeypatch):
 def test_class_images_that_decode_to_nan_on_one_process_stop_every_process_with_its_line(nan_on_rank_1, tmp_path):
     """Before, process 1 raised alone while process 0 waited for it in the barrier after generating, which then ended in gloo's
     traceback of a closed connection once process 1 had exited."""
-    # A scheduler of SD's own spacing: its step count is checked (finetune.samplers.spacing_steps_problem) before any image.
+    # A scheduler of SD's own spacing: its step count is checked (finetune.sampling.samplers.spacing_steps_problem) before any image.
     scheduler = SimpleNamespace(config={"timestep_spacing": "leading"})
     folder, pipeline = tmp_path / "class", SimpleNamespace(tokenizer=None, image_processor=VaeImageProcessor(), scheduler=scheduler)
 

@@ -14,7 +14,7 @@ from PIL import Image
 from conftest import SHIPPED_BASE
 from ports import free_port
 
-from finetune.cli import main
+from finetune.cli.main import main
 
 
 def write_recipe(tmp_path: Path, **sections) -> Path:
@@ -107,7 +107,7 @@ def test_an_uncached_hub_model_is_said_to_need_the_network_or_a_local_copy(monke
 
     from finetune.config import ModelConfig
     from finetune.errors import FinetuneError
-    from finetune.models import load_base_model
+    from finetune.models.loading import load_base_model
 
     def not_in_the_cache(*args, **kwargs):  # what huggingface_hub raises offline, and online when the hub is out of reach
         raise LocalEntryNotFoundError("not in the cache")
@@ -122,7 +122,7 @@ def test_an_uncached_hub_model_is_said_to_need_the_network_or_a_local_copy(monke
 def test_under_a_launcher_the_error_line_comes_once_per_machine(tmp_path, capsys, monkeypatch):
     """Every process of `accelerate launch` checks the same recipe: local rank 0 says it, the others only exit 2."""
     recipe = write_recipe(tmp_path, train={"max_step": 1})
-    monkeypatch.setattr("finetune.cli.FIRST_PROCESS_GRACE", 0)  # the others' wait for the launcher: tests/test_error_lines.py
+    monkeypatch.setattr("finetune.cli.main.FIRST_PROCESS_GRACE", 0)  # the others' wait for the launcher: tests/test_error_lines.py
     for local_rank, lines in (("1", 0), ("0", 1)):
         monkeypatch.setenv("LOCAL_RANK", local_rank)
         code, err = run_train(tmp_path, capsys, recipe)
@@ -224,9 +224,9 @@ def test_python_dash_m_entry_point(tmp_path):
     result = subprocess.run([sys.executable, "-m", "finetune", "train", str(tmp_path / "missing.yaml")], capture_output=True, text=True)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == f"error: recipe {tmp_path / 'missing.yaml'} not found: pass the path of a YAML file such as recipes/lora.yaml\n"
-    script = "import sys; from finetune.cli import main; assert main(['train', 'missing.yaml']) == 2; print(' '.join(sys.modules))"
+    script = "import sys; from finetune.cli.main import main; assert main(['train', 'missing.yaml']) == 2; print(' '.join(sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert loaded.returncode == 0 and "finetune.recipe_loading" in loaded.stdout.split(), loaded.stderr[-2000:]
+    assert loaded.returncode == 0 and "finetune.config.recipe_loading" in loaded.stdout.split(), loaded.stderr[-2000:]
     assert "torch" not in loaded.stdout.split()
 
 
@@ -239,7 +239,7 @@ def test_train_and_sample_print_no_third_party_noise(tmp_path, tiny_model, image
                 ["sample", "--base", str(tiny_model), "--lora", str(tmp_path / "out"), "--prompt", "x", "--steps", "1", "--out", str(tmp_path / "s")],
                 ["train", str(recipe), "lora.train_text_encoder=true", f"output_dir={tmp_path / 'te'}"]]  # fmt: skip
     # One interpreter start; a run without DeepSpeed never imports it (accelerate's unwrap_model did, at the first validation).
-    script = f"import sys\nfrom finetune.cli import main\nfor command in {commands!r}:\n    assert main(command) == 0\nassert 'deepspeed' not in sys.modules"
+    script = f"import sys\nfrom finetune.cli.main import main\nfor command in {commands!r}:\n    assert main(command) == 0\nassert 'deepspeed' not in sys.modules"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "s" / "00000-grid.png").is_file()
@@ -271,12 +271,12 @@ def test_accelerate_launch_with_the_top_level_config_trains_with_deepspeed(tmp_p
 
 
 def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(monkeypatch, capsys):
-    import finetune.inference
+    import finetune.sampling.inference
 
     def interrupted(**kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(finetune.inference, "sample_to_folder", interrupted)
+    monkeypatch.setattr(finetune.sampling.inference, "sample_to_folder", interrupted)
     assert main(["sample", "--base", str(SHIPPED_BASE), "--prompt", "p"]) == 130
     # A rerun makes every image anew: "run the command again to continue" promised what it does not do.
     assert capsys.readouterr().err.strip() == ("stopped (Ctrl-C): files written so far are kept; "
@@ -292,12 +292,12 @@ def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(monkeypatch, 
 
 def test_eval_stopped_says_a_rerun_starts_over(monkeypatch, capsys):
     """eval makes and scores every image anew when run again: its stop line said "run the command again to continue"."""
-    import finetune.eval_command
+    import finetune.evaluation.command
 
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(finetune.eval_command, "run_eval_command", interrupted)
+    monkeypatch.setattr(finetune.evaluation.command, "run_eval_command", interrupted)
     assert main(["eval", "--lora", "run"]) == 130
     assert capsys.readouterr().err.strip() == ("stopped (Ctrl-C): files written so far are kept; "
                                                "run the command again to start over (every image is made and scored anew)")
@@ -308,7 +308,7 @@ def test_eval_stopped_says_a_rerun_starts_over(monkeypatch, capsys):
 def test_commands_that_make_their_outputs_anew_say_so_when_stopped(command, rerun, monkeypatch, capsys):
     """Every command but train starts over when run again; their stop line said "run the command again to continue".
     make-conditions also refuses its own earlier images unless told to replace them."""
-    from finetune import cli
+    from finetune.cli import main as cli
 
     def interrupted(args):
         raise KeyboardInterrupt
@@ -319,7 +319,7 @@ def test_commands_that_make_their_outputs_anew_say_so_when_stopped(command, reru
 
 
 def test_a_run_folder_of_the_wrong_kind_says_what_to_pass(tmp_path, capsys, tiny_model, monkeypatch):
-    from finetune.eval_command import default_out
+    from finetune.evaluation.command import default_out
 
     full = tmp_path / "full-run"  # what method full or full DreamBooth writes
     shutil.copytree(tiny_model, full / "pipeline")
@@ -349,7 +349,7 @@ def test_a_run_folder_of_the_wrong_kind_says_what_to_pass(tmp_path, capsys, tiny
     (tmp_path / "db" / "checkpoints" / "checkpoint-500" / "pipeline").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "db" / "checkpoints" / "checkpoint-500")  # `--base pipeline` from inside a checkpoint
     assert default_out("pipeline", str(full), suites=["style"], recorded_base="base") == full / "eval-style-on-db-500.json"
-    from finetune.eval_command import base_tag
+    from finetune.evaluation.command import base_tag
 
     (tmp_path / "blobs").mkdir()
     (tmp_path / "blobs" / "9f8e7d").write_bytes(b"")

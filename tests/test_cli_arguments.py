@@ -1,14 +1,14 @@
-"""The command's arguments as the parser reads them (finetune/cli_arguments.py): recipe overrides after the options,
+"""The command's arguments as the parser reads them (finetune/cli/arguments.py): recipe overrides after the options,
 a recipe setting given as an option answered with the override it means, a strength of nan refused, a second --lora
 refused."""
 
 import pytest
 
-from finetune.cli import main
+from finetune.cli.main import main
 
 
 def test_overrides_may_follow_the_options_and_anything_else_is_still_refused(capsys):
-    from finetune.cli_arguments import parse_arguments
+    from finetune.cli.arguments import parse_arguments
 
     args = parse_arguments(["train", "recipes/lora.yaml", "data.image_dir=a", "--resume", "latest", "train.max_steps=5", "--overwrite", "lora.rank=4"])
     assert args.overrides == ["data.image_dir=a", "train.max_steps=5", "lora.rank=4"] and args.resume == "latest" and args.overwrite
@@ -22,7 +22,7 @@ def test_overrides_may_follow_the_options_and_anything_else_is_still_refused(cap
 def test_a_setting_given_as_an_option_gets_the_override_it_means(capsys):
     """diffusers' scripts take --max_train_steps 100: said by the command's own parser (not `finetune [-h] COMMAND`), with
     the key=value that means it, its value kept; an option that names no key is told how overrides are written."""
-    from finetune.cli_arguments import parse_arguments
+    from finetune.cli.arguments import parse_arguments
 
     cases = {("train", "recipes/lora.yaml", "--max_train_steps", "100"): "finetune train: error: unrecognized arguments: --max_train_steps 100: "
                                                                          "recipe keys are given as key=value after the recipe: train.max_steps=100",
@@ -45,7 +45,7 @@ def test_a_switch_given_as_an_option_gets_the_override_that_sets_it(capsys):
     """diffusers' scripts' store_true flags take no value: --gradient_checkpointing was told train.gradient_checkpointing=VALUE
     (and with an override after it, that override as its value), --use_8bit_adam and --train_text_encoder only how overrides
     are written. The recipe's method picks the section of a key several have."""
-    from finetune.cli_arguments import parse_arguments
+    from finetune.cli.arguments import parse_arguments
 
     advice = "recipe keys are given as key=value after the recipe: "
     cases = {("train", "recipes/lora.yaml", "--gradient_checkpointing"): advice + "train.gradient_checkpointing=true",
@@ -68,7 +68,7 @@ def test_a_switch_given_as_an_option_gets_the_override_that_sets_it(capsys):
 
 def test_sd_scripts_options_get_their_override_with_the_choice_spelled_as_here(capsys):
     """sd-scripts' --optimizer_type AdamW8bit was told optimizer.name=AdamW8bit, which the recipe then refused."""
-    from finetune.cli_arguments import parse_arguments
+    from finetune.cli.arguments import parse_arguments
 
     with pytest.raises(SystemExit):
         parse_arguments(["train", "recipes/lora.yaml", "--optimizer_type", "AdamW8bit", "--loss_type", "l2", "--ip_noise_gamma", "0.1"])

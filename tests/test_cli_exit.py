@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune import cli
+from finetune.cli import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Automatic collection is off so that the cycle is still there at the exit, not collected by chance before it.
 SCRIPT = """
 import atexit, gc, json, sys
-from finetune import cli
+from finetune.cli import main as cli
 
 folder, seen = sys.argv[1], {}
 atexit.register(lambda: (seen.update(after_all=gc.get_freeze_count()), open(folder + "/seen.json", "w").write(json.dumps(seen))))
@@ -60,7 +60,7 @@ def test_the_exit_collects_once_then_freezes_after_the_commands_own_exit_handler
 # A Ctrl-C pressed while the exit collects (it comes from a finalizer the collection runs, so it comes then).
 CTRL_C_AT_THE_EXIT = """
 import gc, os, signal, sys
-from finetune import cli
+from finetune.cli import main as cli
 
 class CtrlCWhenCollected:
     def __init__(self):

@@ -7,8 +7,8 @@ import argparse
 
 import pytest
 
-from finetune.cli import main
-from finetune.cli_arguments import build_parser, parse_arguments
+from finetune.cli.arguments import build_parser, parse_arguments
+from finetune.cli.main import main
 
 
 def subcommands() -> dict[str, argparse.ArgumentParser]:
@@ -93,7 +93,7 @@ def test_a_negative_number_in_scientific_notation_is_a_value_not_an_option(argv,
 def test_every_command_reads_negative_numbers_as_values_and_has_no_option_like_one(capsys):
     """The demo's --max-upload-mb -1e3 gets its own bound's message, not argparse's; no option of any command looks like
     a number (argparse would then read every negative number as an option)."""
-    from finetune.cli_arguments import NegativeNumbersAsValues
+    from finetune.cli.arguments import NegativeNumbersAsValues
 
     for command, parser in subcommands().items():
         assert isinstance(parser, NegativeNumbersAsValues), command

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from finetune.cli_arguments import build_parser
+from finetune.cli.arguments import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ def run_in_fresh_python(calls: list[list[str]]) -> tuple[set[str], list[str]]:
     the heavy modules it then holds, and what each call wrote to stderr."""
     script = f"""
 import contextlib, io, json, sys
-from finetune.cli import main
+from finetune.cli.main import main
 errors = []
 for argv in {calls!r}:
     err = io.StringIO()
@@ -53,8 +53,8 @@ def test_help_imports_no_heavy_library():
 
 def test_eval_choices_are_the_suites_and_shapes():
     """eval's options name the suites and shapes without importing them (numpy, PIL): the same names."""
-    from finetune.eval_command import SHAPE_NAMES, SUITE_NAMES
-    from finetune.evaluate import SUITES
+    from finetune.evaluation.command import SHAPE_NAMES, SUITE_NAMES
+    from finetune.evaluation.evaluate import SUITES
     from finetune.toyworld.world import SHAPES
 
     assert SUITE_NAMES == tuple(SUITES) and SHAPE_NAMES == SHAPES
@@ -83,7 +83,7 @@ def test_train_says_a_missing_data_folder_or_base_model_before_torch_loads(tmp_p
 def test_check_data_reads_every_image_without_torch(tmp_path):
     """check-data decodes and checks images with PIL and numpy; it loaded torch (~800 modules) through the training
     dataset's module, the bucket sampler's, the loss masks' and the held-out split's, and for a DreamBooth recipe through
-    the class images' plan (finetune/methods/dreambooth.py, finetune/class_images.py). With a recipe it reads the base
+    the class images' plan (finetune/methods/dreambooth.py, finetune/dreambooth/class_images.py). With a recipe it reads the base
     model's tokenizer (transformers) to count caption tokens, as training warns."""
     base = tmp_path / "base"  # a local base: its files are read for the class images' key
     base.mkdir()

@@ -12,15 +12,15 @@ from safetensors.torch import load_file, save_file
 from kohya_helpers import sd_scripts_round_trip
 from test_quickstart import python_block
 
-from finetune import demo_engine
-from finetune.cli import main
-from finetune.demo_engine import DemoEngine, Request
-from finetune.encoders import clip_skipped, encode_prompts, layer_stack, tokenize
+from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
+from finetune.cli.main import main
+from finetune.demo import engine as demo_engine
+from finetune.demo.engine import DemoEngine, Request
 from finetune.errors import FinetuneError
-from finetune.inference import load_sampling_pipeline
-from finetune.run_files import LORA_WEIGHTS_NAME
-from finetune.models import load_base_model
-from finetune.trainer import train
+from finetune.models.encoders import clip_skipped, encode_prompts, layer_stack, tokenize
+from finetune.models.loading import load_base_model
+from finetune.sampling.inference import load_sampling_pipeline
+from finetune.training.trainer import train
 
 
 def layer_count(text_encoder) -> int:
@@ -132,7 +132,7 @@ def test_training_the_whole_text_encoder_with_clip_skip_is_refused(make_recipe):
 def test_a_clip_skip_past_the_text_encoders_layers_is_refused_as_the_base_is_located(tiny_model):
     """It was refused once the base had loaded, after the data check: the base's text encoder config says its layers."""
     from finetune.config import ModelConfig
-    from finetune.model_source import locate_base
+    from finetune.models.model_source import locate_base
 
     layers = json.loads((tiny_model / "text_encoder" / "config.json").read_text())["num_hidden_layers"]
     with pytest.raises(FinetuneError, match=rf"^model.clip_skip {layers + 1}: this text encoder has {layers} layers; use 1 to {layers}$"):

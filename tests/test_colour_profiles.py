@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-import finetune.colour_profiles as colour_profiles
-from finetune.check_data import CONVERTED, inspect_examples
 from finetune.config import DataConfig
-from finetune.controlnet_data import ControlNetDataset
-from finetune.controlnet_pairs import Pair, read_conditioning
-from finetune.data import CaptionedImageDataset, render_pixels
+from finetune.controlnet.data import ControlNetDataset
+from finetune.controlnet.pairs import Pair, read_conditioning
+import finetune.data.colour_profiles as colour_profiles
+from finetune.data.items import CaptionedImageDataset, render_pixels
+from finetune.data_check.check import CONVERTED, inspect_examples
 from data_examples import load_examples
-from finetune.images import open_rgb, pixel_digest
-from finetune.sources import Example, read_examples
-from finetune.views import plan_view, view_key
+from finetune.data.images import open_rgb, pixel_digest
+from finetune.data.sources import Example, read_examples
+from finetune.data.views import plan_view, view_key
 from icc_profiles import DISPLAY_P3_D50, SRGB_D50, rgb_profile
 
 RED = (230, 60, 40)  # a saturated red: in Display P3 it is redder than sRGB's (230, 60, 40)

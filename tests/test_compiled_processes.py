@@ -1,6 +1,6 @@
 """Compiled training under DDP (`accelerate launch --multi_gpu --num_processes 2 --dynamo_backend ...`, CPU: gloo). With
 aspect-ratio buckets a bucket's last global batch is split unevenly over the processes, so each process has shapes of its own
-(still at most two a bucket, as `finetune.distributed.ready_to_compile` counts them): each compiles each of its shapes once,
+(still at most two a bucket, as `finetune.distributed.processes.ready_to_compile` counts them): each compiles each of its shapes once,
 none past torch's recompile limit, and the processes end identical, with the weights of one uncompiled process of the same
 global batch. dynamo's `eager` backend: its guards decide the compiles whichever backend compiles (aot_eager, measured, trains
 the same weights as uncompiled DDP bit for bit; inductor takes minutes a graph here)."""

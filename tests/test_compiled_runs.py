@@ -14,9 +14,9 @@ from accelerate import Accelerator
 from PIL import Image
 from torch._dynamo.utils import counters
 
-from finetune.accelerate_state import clear_accelerate_settings
-from finetune.distributed import ready_to_compile
-from finetune.trainer import train
+from finetune.distributed.processes import ready_to_compile
+from finetune.training.accelerate_state import clear_accelerate_settings
+from finetune.training.trainer import train
 
 # As `accelerate launch --dynamo_backend eager` sets them without --dynamo_use_dynamic.
 LAUNCH_ENVIRONMENT = {"ACCELERATE_DYNAMO_BACKEND": "EAGER", "ACCELERATE_DYNAMO_MODE": "default", "ACCELERATE_DYNAMO_USE_DYNAMIC": "False"}
@@ -60,8 +60,8 @@ def test_a_module_compiled_as_accelerate_launch_asks_compiles_each_shape_of_batc
 
 def test_dynamic_sizes_are_refused_on_a_cpu_before_loading_the_model(make_recipe, monkeypatch):
     """torch 2.13's inductor failed on the tiny UNet compiled with --dynamo_use_dynamic, after minutes of compiling."""
-    from finetune import trainer
     from finetune.errors import FinetuneError
+    from finetune.training import trainer
 
     monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")
@@ -83,7 +83,7 @@ def test_a_new_controlnets_first_save_changes_nothing_its_compiled_forward_reads
     is guarded on: the first checkpoint compiled the ControlNet again."""
     from diffusers import ControlNetModel
 
-    from finetune.tiny_model import build_tiny_pipeline
+    from finetune.models.tiny_model import build_tiny_pipeline
 
     controlnet = ControlNetModel.from_unet(build_tiny_pipeline().unet)
     accelerator = Accelerator(cpu=True)
@@ -158,8 +158,8 @@ def inductor_and_eager(tiny_model, precision):
     """(loss, LoRA gradients) of one forward and backward on a fixed batch, uncompiled and compiled by inductor."""
     from finetune.config import LoRAConfig, ModelConfig
     from finetune.methods.lora import add_lora
-    from finetune.models import load_base_model
-    from finetune.trainer import WEIGHT_DTYPES
+    from finetune.models.loading import load_base_model
+    from finetune.training.trainer import WEIGHT_DTYPES
 
     torch._dynamo.reset()
     torch.manual_seed(0)

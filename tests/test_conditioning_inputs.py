@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from finetune.config import DataConfig
+from finetune.data.sources import read_examples
 from finetune.errors import FinetuneError
-from finetune.sources import read_examples
 
 
 def noise(path, size=(64, 64), seed=0):
@@ -50,7 +50,7 @@ def test_metadata_in_another_encoding_is_one_line_naming_the_file(tmp_path):
 def test_make_conditions_keeps_every_column_and_row_of_the_users_metadata(tmp_path):
     """Rewriting a folder's own metadata.jsonl in place (or writing another folder from a metadata.csv) adds the
     conditioning column: the user's other columns, and rows naming no image, stay."""
-    from finetune.conditions import make_conditions
+    from finetune.controlnet.conditions import make_conditions
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -72,8 +72,8 @@ def test_make_conditions_keeps_every_column_and_row_of_the_users_metadata(tmp_pa
 def test_make_conditions_keeps_the_columns_of_a_row_naming_its_image_in_another_letter_case(tmp_path):
     """A `Cat.PNG` row is `cat.png`'s, as its caption is read (and training finds it): its other columns were dropped,
     and the row kept again as one naming no image, which then named cat.png a second time."""
-    from finetune.conditions import make_conditions
-    from finetune.metadata_files import read_metadata_captions
+    from finetune.captions.metadata_files import read_metadata_captions
+    from finetune.controlnet.conditions import make_conditions
 
     (tmp_path / "in").mkdir()
     noise(tmp_path / "in" / "cat.png")
@@ -87,7 +87,7 @@ def test_make_conditions_keeps_the_columns_of_a_row_naming_its_image_in_another_
 def test_make_conditions_replaces_no_file_of_another_folder_without_overwrite(tmp_path):
     """The output folder's own metadata.jsonl, and its images of the input images' names, were replaced without --overwrite
     (only conditioning images already there were refused): a folder of the user's data lost its captions and images."""
-    from finetune.conditions import make_condition_folders
+    from finetune.controlnet.conditions import make_condition_folders
 
     (tmp_path / "in").mkdir(), (tmp_path / "out").mkdir()
     noise(tmp_path / "in" / "a.png"), noise(tmp_path / "out" / "a.png", seed=1)
@@ -106,7 +106,7 @@ def test_make_conditions_replaces_no_file_of_another_folder_without_overwrite(tm
 def test_make_conditions_refuses_images_whose_conditioning_names_differ_only_in_letter_case(tmp_path):
     """IMG_1.JPG and img_1.png made conditioning/IMG_1.png and conditioning/img_1.png: one file on macOS and Windows,
     where the second was written over the first and both images trained with its edges."""
-    from finetune.conditions import make_conditions
+    from finetune.controlnet.conditions import make_conditions
 
     noise(tmp_path / "IMG_1.png"), noise(tmp_path / "img_1.jpg", seed=1)
     with pytest.raises(FinetuneError, match=r"^images IMG_1\.png and img_1\.jpg would share conditioning/img_1\.png on macOS or Windows, which ignore letter case: rename one$"):
@@ -146,8 +146,8 @@ def test_sample_reads_its_condition_as_training_reads_conditioning_images(tmp_pa
 
 
 def test_the_demo_reads_an_upload_as_sample_reads_its_condition(tmp_path):
-    from finetune.demo_inputs import read_upload
-    from finetune.demo_conditioning import conditioning_image
+    from finetune.demo.conditioning import conditioning_image
+    from finetune.demo.inputs import read_upload
 
     paths = odd_conditions(tmp_path)
     with pytest.raises(FinetuneError, match=r"^conditioning image alpha_only\.png \(uploaded\) is one colour once its transparency is flattened onto white"):
@@ -177,7 +177,7 @@ def test_the_demo_api_names_an_input_that_is_no_number(demo):
             client.predict(api_name="/generate", **{"prompt": "a circle", "steps": 2, "conditioning_image": None, name: value})
     assert client.predict(api_name="/generate", prompt="a circle", steps=2, seed=None, conditioning_image=None)[2].startswith("1 column x 1 row in")
     # NaN passes gradio's bounds check (a raw JSON request may send it; gradio_client cannot): refused too.
-    from finetune.demo_inputs import number_required
+    from finetune.demo.inputs import number_required
 
     slider = number_required(gr.Slider(0, 20, value=5.0, step=0.5, label="guidance"))
     with pytest.raises(gr.Error) as refused:
@@ -189,8 +189,8 @@ def test_the_demo_api_names_an_input_that_is_no_number(demo):
 def test_a_controlnet_of_other_than_rgb_conditioning_is_one_line_in_training_sample_and_the_demo(tiny_model, make_recipe, pairs_folder, tmp_path, capsys):
     """Conditioning images are read as RGB: a 1-channel ControlNet failed mid-run on torch's shape error; now it is
     one line before any model loads (training, sample) or listed as refused with the reason (the demo)."""
-    from finetune.adapter_scan import scan_adapters
-    from finetune.cli import main
+    from finetune.cli.main import main
+    from finetune.demo.adapter_scan import scan_adapters
     from finetune.methods.controlnet import ControlNetMethod
 
     folder = tmp_path / "adapters" / "depth"
@@ -211,7 +211,7 @@ def test_a_loss_mask_is_found_in_either_unicode_form_and_any_letter_case_as_a_ca
     """macOS writes `café` decomposed (NFD), most tools composed; a mask saved by either is the image's mask."""
     import unicodedata
 
-    from finetune.check_data import inspect_examples
+    from finetune.data_check.check import inspect_examples
 
     nfd, nfc = unicodedata.normalize("NFD", "café"), unicodedata.normalize("NFC", "café")
     (tmp_path / "masks").mkdir()
@@ -228,8 +228,8 @@ def test_a_loss_mask_is_found_in_either_unicode_form_and_any_letter_case_as_a_ca
 def test_a_conditioning_image_made_from_a_phone_photos_stored_pixels_says_to_save_it_upright(make_recipe, tmp_path):
     """Training turns the photo upright by its EXIF orientation, and its conditioning image and mask by theirs: one
     made from the stored pixels (the two files the same size on disk) said only 'they must be the same size'."""
-    from finetune.controlnet_pairs import inspect_pairs
-    from finetune.conditions import make_conditions
+    from finetune.controlnet.conditions import make_conditions
+    from finetune.controlnet.pairs import inspect_pairs
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -250,7 +250,7 @@ def test_a_conditioning_image_made_from_a_phone_photos_stored_pixels_says_to_sav
 
 def test_make_conditions_reads_each_input_folder_once(tmp_path, monkeypatch):
     """The folders are all checked before any is written, and written from that check (it was done again per folder)."""
-    import finetune.conditions as conditions
+    import finetune.controlnet.conditions as conditions
 
     for folder in (tmp_path / "in", tmp_path / "in" / "10_cat"):
         folder.mkdir(parents=True)

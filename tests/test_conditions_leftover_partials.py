@@ -7,7 +7,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from finetune.cli import main
+from finetune.cli.main import main
 
 
 def photos(folder, names):

@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 
 from finetune.config import Recipe
+from finetune.config.recipe_keys import section_type
+from finetune.config.recipe_loading import load_recipe, recipe_from_dict
 from finetune.errors import FinetuneError
-from finetune.recipe_keys import section_type
-from finetune.recipe_loading import load_recipe, recipe_from_dict
 
 RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").rglob("*.yaml"))  # toyworld/ too
 MINIMAL = {"data": {"image_dir": "images"}}
@@ -133,7 +133,7 @@ def test_fingerprint_changes_with_any_setting():
 
 
 def test_override_indexes_lists():
-    from finetune.recipe_loading import apply_override
+    from finetune.config.recipe_loading import apply_override
 
     raw = {"dreambooth": {"concepts": [{"instance_dir": "a"}, {"instance_dir": "b"}]}}
     apply_override(raw, "dreambooth.concepts.1.instance_dir=photos")
@@ -258,7 +258,7 @@ def test_a_seed_the_random_generators_cannot_take_is_refused_where_it_is_given(c
     """torch's generators take at most 64 bits and numpy's no negative seed: `sample --seed 2**64` was an
     overflow traceback. Sampling seeds take 0 to 2**63 - 1, in recipes and on the command line (the run's
     own seed, which numpy takes through accelerate's set_seed, 0 to 2**32 - 1)."""
-    from finetune.cli import main
+    from finetune.cli.main import main
 
     for value, bound in ((2**63, "less than or equal to 9223372036854775807"), (-1, "greater than or equal to 0")):
         with pytest.raises(FinetuneError, match=rf"validation.seed.*{bound}"):

@@ -8,10 +8,10 @@ import shutil
 
 from controlnet_helpers import controlnet_recipe, set_up, write_controlnet_run
 
-from finetune.adapter_records import saved_model_metadata
-from finetune.cli import main
-from finetune.run_files import CONTROLNET_DIR, METADATA_FILE
-from finetune.trainer import train
+from finetune.checkpoints.run_files import CONTROLNET_DIR, METADATA_FILE
+from finetune.cli.main import main
+from finetune.sampling.adapter_records import saved_model_metadata
+from finetune.training.trainer import train
 
 CANNY = {"kind": "canny", "low": 20.0, "high": 40.0, "sigma": 1.0}
 

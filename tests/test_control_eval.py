@@ -10,12 +10,12 @@ import torch
 from controlnet_helpers import write_controlnet_run
 from PIL import Image
 
-import finetune.sampling as sampling
 from finetune.errors import FinetuneError
-from finetune.evaluate import evaluate_real_images, run_eval
-from finetune.toyworld.prompt_sets import CONTROL_SEED, control_set, placement_set
-from finetune.toyworld.metrics import chance_iou, control_iou
+from finetune.evaluation.evaluate import evaluate_real_images, run_eval
+import finetune.sampling.pipelines as sampling
 from finetune.toyworld.datasets import write_folder
+from finetune.toyworld.metrics import chance_iou, control_iou
+from finetune.toyworld.prompt_sets import CONTROL_SEED, control_set, placement_set
 from finetune.toyworld.world import HELD_OUT_SHAPES, parse_caption
 
 torch.set_num_threads(1)
@@ -158,7 +158,7 @@ def test_real_renders_follow_the_caption_not_the_control_jitter():
 
 
 def test_cli_defaults_to_the_control_suites_next_to_the_run(tiny_model, runs, capsys):
-    from finetune.cli import main
+    from finetune.cli.main import main
 
     assert main(["eval", "--base", str(tiny_model), "--controlnet", str(runs["fresh"]), "--num-prompts", "2", "--steps", "1"]) == 0
     assert "control_iou" in capsys.readouterr().out
@@ -179,7 +179,7 @@ def test_cli_defaults_to_the_control_suites_next_to_the_run(tiny_model, runs, ca
     ],
 )
 def test_bad_requests_fail_in_one_line_before_any_model_loads(options, pattern, tiny_model, runs, tmp_path, monkeypatch):
-    import finetune.inference as inference
+    import finetune.sampling.inference as inference
 
     (tmp_path / "empty").mkdir()
     folders = {"RUN": str(runs["fresh"]), "EMPTY": str(tmp_path / "empty")}

@@ -10,10 +10,10 @@ import torch
 from controlnet_helpers import Capture, controlnet_recipe, fixed_batch, set_up, zero_convs
 from PIL import Image
 
-from finetune.diffusion import BatchRandomness
 from finetune.methods.controlnet import ControlNetMethod
 from finetune.toyworld.datasets import write_folder
-from finetune.trainer import train
+from finetune.training.diffusion import BatchRandomness
+from finetune.training.trainer import train
 
 ROOT = Path(__file__).resolve().parent.parent
 TOYWORLD_BASE = ROOT / "finetune" / "assets" / "toyworld-base"
@@ -95,7 +95,7 @@ def test_control_use_score_of_the_shipped_toyworld_controlnet_is_clearly_positiv
     """The same score on the shipped base: 0 for a ControlNet just created from its UNet, clearly positive
     for the one recipes/toyworld/controlnet_mask.yaml trained for 3,000 steps (measured 0.84-0.99 in fp32).
     The next test trains one from scratch."""
-    from finetune.recipe_loading import recipe_from_dict
+    from finetune.config.recipe_loading import recipe_from_dict
 
     folder = write_folder(tmp_path / "world", 16, seed=21, conditioning=True)
 
@@ -125,7 +125,7 @@ def test_control_use_is_clearly_positive_after_training_on_the_toyworld_base(tmp
     800 of batch 32 at lr 5e-4, ended within +-0.001 (the ControlNet lowers the loss without reading the
     mask before the control takes hold).
     """
-    from finetune.recipe_loading import load_recipe
+    from finetune.config.recipe_loading import load_recipe
 
     folder = write_folder(tmp_path / "world", 10000, seed=3, conditioning=True)
     recipe = load_recipe(ROOT / "recipes" / "toyworld" / "controlnet_mask.yaml", [

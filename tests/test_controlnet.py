@@ -12,12 +12,12 @@ from controlnet_helpers import Capture, controlnet_recipe, set_up, write_control
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel
 from PIL import Image
 
+from finetune.checkpoints.run_files import CONTROLNET_DIR
 from finetune.errors import FinetuneError
 from finetune.methods import METHODS
 from finetune.methods.controlnet import ControlNetMethod
-from finetune.models import load_base_model
-from finetune.run_files import CONTROLNET_DIR
-from finetune.trainer import train
+from finetune.models.loading import load_base_model
+from finetune.training.trainer import train
 from numerics import bit_identical_on_cpu
 
 
@@ -110,7 +110,7 @@ def test_a_run_from_a_pretrained_controlnet_says_which_and_its_outputs_record_it
     """As a lora.init_from start is said and recorded: the steps an output records are its own run's, from those weights."""
     from controlnet_helpers import write_controlnet_run
 
-    from finetune.output_metadata import started_from
+    from finetune.outputs.metadata import started_from
 
     run = write_controlnet_run(tiny_model, tmp_path / "edges", trained=False)
     recorded = {"finetune.method": "controlnet", "finetune.steps": "7", "finetune.conditioning": '{"kind": "canny", "low": 20.0, "high": 40.0, "sigma": 1.0}'}
@@ -201,7 +201,7 @@ def test_unlocked_decoder_and_mid_only_control(make_recipe, pairs_folder, monkey
     assert all(not residual.any() for residual in down) and mid.any()
 
     # finetune sample takes the run's UNet with its ControlNet, and says so.
-    from finetune.cli import main
+    from finetune.cli.main import main
 
     condition = sorted((pairs_folder / "conditioning").glob("*.png"))[0]
     arguments = ["--condition", str(condition), "--prompt", "x", "--num-images", "1", "--steps", "1", "--out", str(tmp_path / "s")]

@@ -15,19 +15,19 @@ import torch
 from controlnet_helpers import controlnet_recipe
 from PIL import Image
 
-import finetune.trainer as trainer_module
-from finetune.cli import main
-from finetune.conditions import border_mask, canny, luminance
+from finetune.cli.main import main
 from finetune.config import DataConfig
-from finetune.controlnet_data import ControlNetDataset
-from finetune.controlnet_pairs import Pair, paired_views
-from finetune.data import CaptionedImageDataset, item_rng
+from finetune.controlnet.conditions import border_mask, canny, luminance
+from finetune.controlnet.data import ControlNetDataset
+from finetune.controlnet.pairs import Pair, paired_views
+from finetune.data.items import CaptionedImageDataset, item_rng
+from finetune.data.sources import Example
 from finetune.errors import FinetuneError
 from finetune.methods.controlnet import ControlNetMethod
-from finetune.sources import Example
 from finetune.toyworld.datasets import generate, write_folder
 from finetune.toyworld.world import mask_image
-from finetune.trainer import train
+from finetune.training.trainer import train
+import finetune.training.trainer as trainer_module
 from conftest import SHIPPED_BASE  # a base check-data finds offline (the default hub id is in no cache)
 
 
@@ -60,8 +60,8 @@ def test_image_and_conditioning_get_the_same_crop_and_flip():
 
 
 def test_empty_prompt_share(pairs_folder):
-    from finetune.controlnet_pairs import checked_pairs
-    from finetune.recipe_loading import recipe_from_dict
+    from finetune.config.recipe_loading import recipe_from_dict
+    from finetune.controlnet.pairs import checked_pairs
 
     recipe = recipe_from_dict({"method": "controlnet", "data": {"image_dir": str(pairs_folder), "resolution": 64}})
     pairs, _ = checked_pairs(recipe)
@@ -83,8 +83,8 @@ def test_a_conditioning_image_edited_mid_run_trains_unless_its_size_changed(pair
     """A conditioning image is decoded at every use (never cached): an edit trains as it now is. One whose size changed
     was cut by its image's plan all the same, stretched unseen; one removed stopped with the loader's traceback. Each
     use stats it as an uncached image's (files_as_checked.require_checked_size): those stop with one line naming it."""
-    from finetune.controlnet_pairs import checked_pairs
-    from finetune.recipe_loading import recipe_from_dict
+    from finetune.config.recipe_loading import recipe_from_dict
+    from finetune.controlnet.pairs import checked_pairs
 
     folder = shutil.copytree(pairs_folder, tmp_path / "pairs")
     recipe = recipe_from_dict({"method": "controlnet", "data": {"image_dir": str(folder), "resolution": 64, "random_flip": False}})
@@ -115,9 +115,9 @@ def test_a_conditioning_image_pillow_warned_about_trains_and_is_said(pairs_folde
     whose EXIF was cut short trained without its pair, unsaid as such, and with every pair so a crash (IndexError)."""
     from test_image_warnings import cut_exif_photo
 
-    from finetune.check_data import WARNING
-    from finetune.controlnet_pairs import checked_pairs
-    from finetune.recipe_loading import recipe_from_dict
+    from finetune.config.recipe_loading import recipe_from_dict
+    from finetune.controlnet.pairs import checked_pairs
+    from finetune.data_check.check import WARNING
 
     folder = shutil.copytree(pairs_folder, tmp_path / "pairs")
     cut_exif_photo(folder / "conditioning" / "0000.jpg").with_suffix(".txt").unlink()

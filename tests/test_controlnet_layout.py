@@ -14,12 +14,12 @@ import torch
 from controlnet_helpers import controlnet_recipe, layoutless_refusal
 from diffusers import ControlNetModel, UNet2DConditionModel
 
-from finetune.checkpoint import DEEPSPEED_FOLDER
-from finetune.run_files import STATE_FILE
+from finetune.checkpoints.checkpoint import DEEPSPEED_FOLDER
+from finetune.checkpoints.run_files import STATE_FILE
 from finetune.errors import FinetuneError
 from finetune.methods.controlnet import ControlNetMethod
-from finetune.models import load_base_model
-from finetune.start_weights import resumed_method
+from finetune.models.loading import load_base_model
+from finetune.models.start_weights import resumed_method
 
 
 def deepspeed_checkpoint(checkpoint, controlnet: ControlNetModel, began: str, file: str = "mp_rank_00_model_states.pt") -> None:
@@ -66,7 +66,7 @@ def test_the_layout_check_reads_deepspeeds_model_states_weights_only(make_recipe
     """It read them with weights_only=False before the resume's check of DeepSpeed's files: an object made to run code ran."""
     from test_untrusted_checkpoints import RunsCodeWhenUnpickled
 
-    from finetune.checkpoint_pickles import refuse_unknown_objects
+    from finetune.checkpoints.pickles import refuse_unknown_objects
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
     checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-1"

@@ -1,5 +1,5 @@
 """Where controlnet.pretrained is: a local folder, or a hub id, told apart as the base model's source is
-(`finetune.model_source.looks_like_hub_id`). A local folder that moved or was never written, spelled as a hub id
+(`finetune.models.model_source.looks_like_hub_id`). A local folder that moved or was never written, spelled as a hub id
 (runs/edges), was asked of the hub as the ControlNet loaded, after the base model: the hub's error, late."""
 
 import json
@@ -10,12 +10,12 @@ import pytest
 from controlnet_helpers import controlnet_recipe, write_controlnet_run
 from test_base_model_errors import fake_hub_cache
 
-import finetune.trainer as trainer
+from finetune.checkpoints.run_files import CONTROLNET_DIR
 from finetune.errors import FinetuneError
 from finetune.methods.controlnet import ControlNetMethod
-from finetune.model_source import looks_like_hub_id
-from finetune.run_files import CONTROLNET_DIR
-from finetune.trainer import train
+from finetune.models.model_source import looks_like_hub_id
+from finetune.training.trainer import train
+import finetune.training.trainer as trainer
 
 EXPECTED = ("controlnet.pretrained must be a diffusers ControlNet folder (a ControlNetModel's config.json beside its weights, as "
             "ControlNetModel.from_pretrained reads it), a controlnet run's output folder, a hub id, or null to start from the UNet")  # fmt: skip
@@ -121,8 +121,8 @@ def test_the_step_0_samples_of_a_controlnet_recording_no_prediction_type_read_it
     from accelerate import Accelerator
     from controlnet_helpers import set_up
 
-    from finetune.accelerate_state import clear_accelerate_settings
-    from finetune.validation import run_validation
+    from finetune.training.accelerate_state import clear_accelerate_settings
+    from finetune.training.validation import run_validation
 
     def sampled_as(method, step: int) -> str:
         seen = []

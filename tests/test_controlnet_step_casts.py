@@ -11,9 +11,9 @@ from controlnet_helpers import Capture, controlnet_recipe
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import finetune.trainer as trainer
-from finetune.run_files import CONTROLNET_DIR
-from finetune.trainer import train
+from finetune.checkpoints.run_files import CONTROLNET_DIR
+from finetune.training.trainer import train
+import finetune.training.trainer as trainer
 from numerics import bit_identical_on_cpu
 
 

@@ -9,8 +9,8 @@ import pytest
 from controlnet_helpers import controlnet_recipe
 from PIL import Image
 
-from finetune.conditions import make_conditions
-from finetune.controlnet_pairs import inspect_pairs
+from finetune.controlnet.conditions import make_conditions
+from finetune.controlnet.pairs import inspect_pairs
 from finetune.errors import FinetuneError
 from finetune.methods.controlnet import ControlNetMethod
 
@@ -230,7 +230,7 @@ def test_a_conditioning_column_that_is_the_image_column_is_refused(make_recipe, 
 def test_a_conditioning_image_of_its_images_shape_at_another_scale_trains_the_same_view(make_recipe, tmp_path):
     import datasets
 
-    from finetune.controlnet_data import ControlNetDataset
+    from finetune.controlnet.data import ControlNetDataset
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8))
     edges = Image.fromarray(np.kron(np.random.default_rng(1).integers(0, 2, (12, 16), dtype=np.uint8) * 255, np.ones((8, 8), np.uint8))).convert("RGB")

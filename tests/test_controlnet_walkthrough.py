@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finetune.controlnet_folder import check_control_options
+from finetune.controlnet.folder import check_control_options
 from finetune.errors import FinetuneError
 from finetune.methods.controlnet import ControlNetMethod
 from finetune.toyworld.datasets import generate
@@ -91,7 +91,7 @@ def test_diffusers_images_and_conditioning_images_subfolders_are_one_line(make_r
 
 
 def test_resuming_with_only_mid_control_switched_is_one_line_naming_it(make_recipe, pairs_folder, monkeypatch):
-    import finetune.trainer as trainer
+    import finetune.training.trainer as trainer
 
     first = trainer.train(make_recipe(method="controlnet", data__image_dir=str(pairs_folder), train__max_steps=2, checkpoint__every_n_steps=2))
     checkpoint = first.output_dir / "checkpoints" / "checkpoint-2"
@@ -116,7 +116,7 @@ def test_validation_rows_show_different_conditioning_images_when_folders_repeat_
     (["--kind", "canny", "--low", "50", "--high", "10"], "canny thresholds must satisfy 0 <= low <= high, got low=50.0, high=10.0"),
 ])  # fmt: skip
 def test_make_conditions_refuses_degenerate_thresholds_before_writing_anything(options, said, tmp_path, capsys):
-    from finetune.cli import main
+    from finetune.cli.main import main
 
     star = Path(__file__).parent.parent / "datasets" / "star"
     assert main(["make-conditions", str(star), str(tmp_path / "out"), *options]) == 2  # a negative threshold wrote all-white masks
@@ -125,9 +125,9 @@ def test_make_conditions_refuses_degenerate_thresholds_before_writing_anything(o
 
 
 def test_make_conditions_of_one_folder_refuses_the_thresholds_make_conditions_refuses(tmp_path):
-    """finetune.conditions.make_conditions (one folder) checked the kind and the folder as the command does, but not the
+    """finetune.controlnet.conditions.make_conditions (one folder) checked the kind and the folder as the command does, but not the
     thresholds: a negative mask threshold wrote a folder of all-white masks."""
-    from finetune.conditions import make_conditions
+    from finetune.controlnet.conditions import make_conditions
 
     star = Path(__file__).parent.parent / "datasets" / "star"
     with pytest.raises(FinetuneError, match=r"^mask --threshold must be 0 or more .*, got -5$"):
@@ -136,7 +136,7 @@ def test_make_conditions_of_one_folder_refuses_the_thresholds_make_conditions_re
 
 
 def test_make_conditions_refuses_captions_under_another_key_than_text(tmp_path, capsys):
-    from finetune.cli import main
+    from finetune.cli.main import main
 
     star = Path(__file__).parent.parent / "datasets" / "star"
     photos = tmp_path / "photos"
@@ -179,7 +179,7 @@ def test_conditioning_file_names_written_on_windows_are_found(make_recipe, pairs
 
 
 def test_check_data_says_a_missing_validation_conditioning_image_stops_training(make_recipe, pairs_folder, tmp_path, capsys):
-    from finetune.cli import main
+    from finetune.cli.main import main
 
     recipe = tmp_path / "recipe.json"
     data = {"method": "controlnet", "model": {"pretrained": str(SHIPPED_BASE)}, "data": {"image_dir": str(pairs_folder), "resolution": 64}, "validation": {"prompts": ["a star"]},

@@ -7,10 +7,10 @@ import signal
 
 import pytest
 
-import finetune.trainer as trainer
-import finetune.training_run as training_run
+from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME, STATE_FILE
 from finetune.errors import FinetuneError
-from finetune.run_files import LORA_WEIGHTS_NAME, STATE_FILE
+import finetune.training.trainer as trainer
+import finetune.training.training_run as training_run
 
 
 def test_a_stop_while_the_last_checkpoint_is_written_waits_for_it_and_the_outputs(make_recipe, monkeypatch, tmp_path):
@@ -104,7 +104,7 @@ def test_a_folder_is_replaced_so_that_a_crash_at_any_moment_leaves_a_whole_one(t
     """The old folder was deleted before the new one was renamed in: a kill in between left neither."""
     from pathlib import Path
 
-    from finetune.atomic_files import replace_folder
+    from finetune.outputs.atomic_files import replace_folder
 
     for name, content in (("final", "old"), (".partial", "new")):
         (tmp_path / name).mkdir()
@@ -136,7 +136,7 @@ def test_an_output_dir_that_cannot_be_written_is_one_line_before_the_model_loads
 
 def test_sigterm_outside_training_stops_a_command_as_ctrl_c_does(monkeypatch, capsys):
     """It ended the process silently (exit -15) while the data was checked or class images were made."""
-    from finetune import cli
+    from finetune.cli import main as cli
 
     previous = signal.getsignal(signal.SIGTERM)
     monkeypatch.setitem(cli.COMMANDS, "check-data", lambda args: os.kill(os.getpid(), signal.SIGTERM))
@@ -152,7 +152,7 @@ def test_a_second_run_in_the_same_output_dir_is_refused_while_the_first_runs(tmp
     import subprocess
     import sys
 
-    from finetune.run_lock import output_dir_lock
+    from finetune.checkpoints.run_lock import output_dir_lock
 
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; f = open(sys.argv[1], 'a+'); "
                                "fcntl.flock(f, fcntl.LOCK_EX); f.write(str(os.getpid())); f.flush(); print('locked', flush=True); time.sleep(60)",
@@ -172,7 +172,7 @@ def test_a_second_run_in_the_same_output_dir_is_refused_while_the_first_runs(tmp
 
 @pytest.mark.parametrize("text", ["", "null", "[1, 2]", '{"step": 4'])
 def test_a_trainer_state_that_is_not_a_json_object_is_one_line(tmp_path, text):
-    from finetune.run_files import STATE_FILE, read_state
+    from finetune.checkpoints.run_files import STATE_FILE, read_state
 
     (tmp_path / STATE_FILE).write_text(text)
     with pytest.raises(FinetuneError, match=rf"checkpoint .* is damaged \({STATE_FILE}: .*\): move it out of .* and resume from the one before it$"):
@@ -181,7 +181,7 @@ def test_a_trainer_state_that_is_not_a_json_object_is_one_line(tmp_path, text):
 
 def test_a_trainer_state_larger_than_a_record_is_one_line_without_reading_it(tmp_path):
     """Read whole, a damaged trainer_state.json of gigabytes filled the memory before the line that it is damaged."""
-    from finetune.run_files import MAX_RECORD_BYTES, STATE_FILE, read_state
+    from finetune.checkpoints.run_files import MAX_RECORD_BYTES, STATE_FILE, read_state
 
     with open(tmp_path / STATE_FILE, "w") as file:
         file.truncate(MAX_RECORD_BYTES + 1)  # sparse: no disk, and nothing read with the bound
@@ -193,7 +193,7 @@ def test_a_trainer_state_larger_than_a_record_is_one_line_without_reading_it(tmp
 def test_a_file_system_without_locks_trains_without_one(tmp_path, monkeypatch):
     import fcntl
 
-    from finetune.run_lock import output_dir_lock
+    from finetune.checkpoints.run_lock import output_dir_lock
 
     tried = []
 

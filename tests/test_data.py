@@ -7,13 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.batches import EpochBatchSampler
 from finetune.config import DataConfig
-from finetune.data import CaptionedImageDataset
+from finetune.data.batches import EpochBatchSampler
+from finetune.data.items import CaptionedImageDataset
 from data_examples import load_examples
+from finetune.data.images import open_rgb
+from finetune.data.sources import Example
 from finetune.errors import FinetuneError
-from finetune.images import open_rgb
-from finetune.sources import Example
 
 
 def write_image(path, size=(64, 64), colour="red", mode="RGB"):
@@ -108,7 +108,7 @@ def test_tiny_image_is_an_error(tmp_path):
 def test_odd_modes_become_rgb(tmp_path, mode, colour):
     path = tmp_path / ("x.tiff" if mode == "CMYK" else "x.png")
     Image.new(mode, (8, 8), colour).save(path)
-    from finetune.sources import Example
+    from finetune.data.sources import Example
 
     image = open_rgb(Example(str(path), "", lambda: Image.open(path)))
     assert image.mode == "RGB"
@@ -149,8 +149,8 @@ def test_a_saved_dataset_dict_picks_its_split_and_a_wrong_split_is_one_line(tmp_
 def test_datasets_missing_caption_names_the_row_and_an_empty_one_is_a_warning(tmp_path):
     import datasets
 
-    from finetune.check_data import WARNING, inspect_examples
-    from finetune.sources import read_examples
+    from finetune.data.sources import read_examples
+    from finetune.data_check.check import WARNING, inspect_examples
 
     images = [Image.new("RGB", (64, 64), c) for c in ("red", "blue")]
     datasets.Dataset.from_dict({"image": images, "text": ["a red thing", None]}).save_to_disk(tmp_path / "ds")

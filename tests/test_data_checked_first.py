@@ -1,6 +1,6 @@
 """`finetune train` checks the data before torch and the model stack load: a corrupt image was said some 25 s in, after
 diffusers had been imported (train()'s own data check ran after them). The check's result is kept for train(), so every
-image is still decoded once a run (finetune/checked_once.py)."""
+image is still decoded once a run (finetune/data_check/checked_once.py)."""
 
 import json
 import shutil
@@ -10,9 +10,9 @@ import pytest
 import yaml
 from conftest import SHIPPED_BASE
 
-import finetune.check_data
-import finetune.train_command
-from finetune.cli import main
+from finetune.cli.main import main
+import finetune.cli.train_command
+import finetune.data_check.check
 
 
 def write_recipe(tmp_path, method: str, folder, base=SHIPPED_BASE, **sections):
@@ -37,7 +37,7 @@ def test_a_corrupt_image_is_said_before_the_training_stack_loads(method, image_f
     def training_stack(*args):  # torch, diffusers and the model: what the data check must come before
         pytest.fail("the training stack was loaded before the data check said the corrupt image")
 
-    monkeypatch.setattr(finetune.train_command, "_run_training", training_stack)
+    monkeypatch.setattr(finetune.cli.train_command, "_run_training", training_stack)
     assert main(["train", str(write_recipe(tmp_path, method, folder))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "zz_corrupt.png cannot be read" in err[0] and err[0].endswith("skip bad images"), err
@@ -46,13 +46,13 @@ def test_a_corrupt_image_is_said_before_the_training_stack_loads(method, image_f
 @pytest.fixture
 def inspected(monkeypatch) -> Counter:
     """How many times each image has been inspected (decoded and checked) since the test began."""
-    counts, inspect = Counter(), finetune.check_data.inspect
+    counts, inspect = Counter(), finetune.data_check.check.inspect
 
     def counted_inspect(example, config):
         counts[example.source] += 1
         return inspect(example, config)
 
-    monkeypatch.setattr(finetune.check_data, "inspect", counted_inspect)
+    monkeypatch.setattr(finetune.data_check.check, "inspect", counted_inspect)
     return counts
 
 
@@ -66,7 +66,7 @@ def test_a_run_decodes_each_image_once_and_a_later_check_decodes_them_afresh(tin
 
     from finetune.config import DataConfig
 
-    finetune.check_data.checked_report(DataConfig(image_dir=str(image_folder), resolution=64))
+    finetune.data_check.check.checked_report(DataConfig(image_dir=str(image_folder), resolution=64))
     assert set(inspected.values()) == {2}, inspected
 
 
@@ -77,7 +77,7 @@ def test_a_controlnet_folders_record_make_conditions_could_not_write_is_said_bef
     (folder / "conditioning.json").write_text(json.dumps({"kind": "canny", "low": 20, "high": 40, "sigma": 1e9}))
     image = json.loads((folder / "metadata.jsonl").read_text().splitlines()[0])["file_name"]
     (folder / image).write_bytes(b"garbage")
-    monkeypatch.setattr(finetune.train_command, "_run_training", lambda *args: pytest.fail("the training stack was loaded"))
+    monkeypatch.setattr(finetune.cli.train_command, "_run_training", lambda *args: pytest.fail("the training stack was loaded"))
     assert main(["train", str(write_recipe(tmp_path, "controlnet", folder))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{folder / 'conditioning.json'} records conditioning images made in a way make-conditions does not" in err[0], err
@@ -88,7 +88,7 @@ def test_a_vae_runs_perceptual_network_not_there_is_said_before_its_images_are_d
     made before train(), read them first: a corrupt image was said in its place, and a large folder was read in full."""
     folder = shutil.copytree(image_folder, tmp_path / "data")
     (folder / "zz_corrupt.png").write_bytes(b"garbage")
-    monkeypatch.setattr(finetune.train_command, "_run_training", lambda *args: pytest.fail("the training stack was loaded"))
+    monkeypatch.setattr(finetune.cli.train_command, "_run_training", lambda *args: pytest.fail("the training stack was loaded"))
     missing = tmp_path / "perceptual.safetensors"
     assert main(["train", str(write_recipe(tmp_path, "vae", folder, vae={"perceptual_weight": 0.1, "perceptual_network": str(missing)}))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -109,7 +109,7 @@ def test_a_corrupt_class_image_of_the_users_is_said_before_the_training_stack_lo
     def training_stack(*args):
         pytest.fail("the training stack was loaded before the data check said the corrupt class image")
 
-    monkeypatch.setattr(finetune.train_command, "_run_training", training_stack)
+    monkeypatch.setattr(finetune.cli.train_command, "_run_training", training_stack)
     recipe = write_recipe(tmp_path, "dreambooth", None, **dreambooth_sections(image_folder, classes, 5))
     assert main(["train", str(recipe)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -128,9 +128,9 @@ def test_a_dreambooth_run_decodes_each_of_its_own_class_images_once(tiny_model, 
 def test_concepts_sharing_a_class_folder_each_report_its_own_class_images_once(make_recipe, image_folder, tmp_path):
     """Two concepts of one class folder and prompt check the same images under one key: each takes a copy of the kept
     report, labelled as its own (the kept one, labelled by both, was listed twice with both labels)."""
-    from finetune.checked_once import checks_kept
+    from finetune.data_check.checked_once import checks_kept
+    from finetune.data_check.train_inputs import check_data_first
     from finetune.methods.dreambooth import DreamBoothMethod
-    from finetune.train_inputs import check_data_first
 
     classes = shutil.copytree(image_folder, tmp_path / "classes")
     concepts = [{"instance_dir": str(image_folder), "instance_prompt": f"a {name} shape", "class_prompt": "a shape", "class_dir": str(classes)}

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from finetune.data_loader import training_loader
+from finetune.data.loader import training_loader
 
 
 @pytest.mark.parametrize("asked", [3, 1_000_000])

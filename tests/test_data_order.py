@@ -1,4 +1,4 @@
-"""A resumed run continues the data order where its checkpoint stopped (finetune.data_order): at the same global batch
+"""A resumed run continues the data order where its checkpoint stopped (finetune.data.order): at the same global batch
 the very batches of a run never stopped (accumulation changed or not), at another (processes, train.batch_size) the
 rest of the epoch's shuffle, each image once, before the next epoch's."""
 
@@ -7,15 +7,15 @@ from itertools import islice
 
 import pytest
 
-import finetune.trainer as trainer
-from finetune.batches import EpochBatchSampler, ItemLayout, make_batch_sampler
-from finetune.buckets import BucketBatchSampler, split_rows
-from finetune.run_files import STATE_FILE
-from finetune.data_order import MAX_EPOCH, OutsideTheData
+from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
+from finetune.checkpoints.run_files import STATE_FILE
+from finetune.data.batches import EpochBatchSampler, ItemLayout, make_batch_sampler
+from finetune.data.buckets import BucketBatchSampler, split_rows
+from finetune.data.order import MAX_EPOCH, OutsideTheData
 from finetune.errors import FinetuneError
-from finetune.kohya import load_lora
-from finetune.run_files import LORA_WEIGHTS_NAME
-from finetune.trainer import train
+from finetune.formats.kohya import load_lora
+from finetune.training.trainer import train
+import finetune.training.trainer as trainer
 
 
 def global_batches(samplers, start, count):

@@ -6,7 +6,7 @@ from PIL import Image
 
 from finetune.config import DataConfig
 from data_examples import load_examples
-from finetune.dataset_images import row_image
+from finetune.data.dataset_images import row_image
 from finetune.errors import FinetuneError
 
 
@@ -62,8 +62,8 @@ def test_a_dataset_config_there_is_none_of_is_one_line_not_ignored(tmp_path):
 def test_copies_in_a_dataset_or_a_dreambooth_concept_are_not_told_to_use_data_folders(tmp_path):
     import datasets
 
-    from finetune.check_data import WARNING, inspect_examples
-    from finetune.sources import read_examples
+    from finetune.data.sources import read_examples
+    from finetune.data_check.check import WARNING, inspect_examples
 
     red = Image.new("RGB", (64, 64), "red")
     datasets.Dataset.from_dict({"image": [red, red], "text": ["a", "b"]}).save_to_disk(tmp_path / "copies")
@@ -84,8 +84,8 @@ def test_an_image_stored_as_a_web_address_that_cannot_be_downloaded_says_so(tmp_
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from finetune.check_data import FATAL, inspect_examples
-    from finetune.sources import read_examples
+    from finetune.data.sources import read_examples
+    from finetune.data_check.check import FATAL, inspect_examples
 
     # As a dataset made with cast_column(datasets.Image()) over URLs keeps them: each read downloads the image.
     cells = pa.array([{"bytes": None, "path": "http://127.0.0.1:9/a.png"}], type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
@@ -101,7 +101,7 @@ def test_an_image_stored_as_a_web_address_that_cannot_be_downloaded_says_so(tmp_
 def test_a_datasets_captions_are_read_as_one_column_not_row_by_row(tmp_path, monkeypatch):
     import datasets
 
-    from finetune.sources import read_examples
+    from finetune.data.sources import read_examples
 
     rows = 50
     datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8))] * rows, "text": [f"caption {i}" for i in range(rows)]}).save_to_disk(tmp_path / "ds")
@@ -115,7 +115,7 @@ def test_a_datasets_captions_are_read_as_one_column_not_row_by_row(tmp_path, mon
 
 
 def test_a_folder_of_sd_scripts_image_folders_given_as_a_dataset_says_how_to_train_it(tmp_path):
-    from finetune.sources import read_examples
+    from finetune.data.sources import read_examples
 
     (tmp_path / "kohya" / "10_sks dog").mkdir(parents=True)
     Image.new("RGB", (64, 64)).save(tmp_path / "kohya" / "10_sks dog" / "1.png")
@@ -132,8 +132,8 @@ def test_a_folder_of_sd_scripts_image_folders_given_as_a_dataset_says_how_to_tra
 def test_a_folder_datasets_conditioning_file_names_say_the_metadata_key_that_reads_them(tmp_path):
     import json
 
-    from finetune.dataset_images import require_image_column
-    from finetune.dataset_source import open_dataset
+    from finetune.data.dataset_images import require_image_column
+    from finetune.data.dataset_source import open_dataset
 
     (tmp_path / "data" / "conditioning").mkdir(parents=True)
     Image.new("RGB", (64, 64), "red").save(tmp_path / "data" / "1.png")
@@ -171,7 +171,7 @@ def test_a_webdataset_shard_is_a_dataset_of_its_samples(tmp_path):
 
 
 def test_a_datasets_dataset_given_as_an_image_folder_says_to_give_it_as_data_dataset(tmp_path):
-    from finetune.sources import read_examples
+    from finetune.data.sources import read_examples
 
     two_images().save_to_disk(tmp_path / "saved")
     (tmp_path / "repo" / "data").mkdir(parents=True)  # a hub dataset's repository, cloned
@@ -191,8 +191,8 @@ def test_a_training_image_of_float_values_0_to_1_is_a_fatal_problem_not_a_black_
     import datasets
     import numpy as np
 
-    from finetune.check_data import FATAL, inspect_examples
-    from finetune.sources import read_examples
+    from finetune.data.sources import read_examples
+    from finetune.data_check.check import FATAL, inspect_examples
 
     # datasets stores a float array as a 32-bit float TIFF: read as levels 0-255 it trained all but black.
     depth = np.random.default_rng(0).random((64, 64)).astype(np.float32)
@@ -336,7 +336,7 @@ def test_an_image_stored_as_a_path_relative_to_its_data_file_is_read_from_any_fo
 def test_a_row_of_a_slice_or_another_split_is_named_by_its_place_in_its_split(tmp_path):
     import datasets
 
-    from finetune.sources import read_examples, source_folder
+    from finetune.data.sources import read_examples, source_folder
 
     ten = datasets.Dataset.from_dict({"image": [Image.new("RGB", (64, 64))] * 10, "text": [f"c{i}" for i in range(9)] + [None]})
     ten.to_parquet(str(tmp_path / "ten.parquet"))
@@ -373,8 +373,8 @@ def test_a_dataset_cell_of_bytes_that_are_no_image_is_named_by_its_row_not_by_a_
 
     import datasets
 
-    from finetune.check_data import FATAL, inspect_examples
-    from finetune.sources import read_examples
+    from finetune.data.sources import read_examples
+    from finetune.data_check.check import FATAL, inspect_examples
 
     png = io.BytesIO()
     Image.new("RGB", (64, 64), "red").save(png, "PNG")

@@ -1,4 +1,4 @@
-"""What a run under DeepSpeed refuses (finetune.deepspeed_checks), in this process: accelerate's launch settings are
+"""What a run under DeepSpeed refuses (finetune.distributed.deepspeed_checks), in this process: accelerate's launch settings are
 environment variables, and each refusal comes before anything loads, so no launch (nor DeepSpeed itself) is needed."""
 
 import json
@@ -8,12 +8,12 @@ from types import SimpleNamespace
 import pytest
 from accelerate.utils import DistributedType
 
-from finetune.checkpoint import DEEPSPEED_FOLDER
-from finetune.run_files import STATE_FILE
-from finetune.deepspeed_checks import check_deepspeed_recipe
-from finetune.distributed import configure_deepspeed
+from finetune.checkpoints.checkpoint import DEEPSPEED_FOLDER
+from finetune.checkpoints.run_files import STATE_FILE
+from finetune.distributed.deepspeed_checks import check_deepspeed_recipe
+from finetune.distributed.processes import configure_deepspeed
 from finetune.errors import FinetuneError
-from finetune.trainer import train
+from finetune.training.trainer import train
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
 
@@ -109,7 +109,7 @@ def test_deepspeeds_untested_optimizer_line_is_left_out_for_the_optimizers_teste
     import deepspeed.runtime.zero.utils
     import torch
 
-    from finetune.optim import build_optimizer
+    from finetune.optim.optimizers import build_optimizer
 
     monkeypatch.setattr(deepspeed.runtime.zero.utils, "dist", SimpleNamespace(get_rank=lambda: 0))  # no process group here
     engine = SimpleNamespace(get_data_types=lambda: (torch.float32, torch.float32), zero_optimization=lambda: True, zero_optimization_stage=lambda: 2,

@@ -13,10 +13,10 @@ import pytest
 from ports import free_port
 from test_distributed import write
 
-import finetune.deepspeed_checks as deepspeed_checks
-from finetune.deepspeed_checks import launcher_compile_backend
+from finetune.distributed.deepspeed_checks import launcher_compile_backend
+import finetune.distributed.deepspeed_checks as deepspeed_checks
 from finetune.errors import FinetuneError
-from finetune.trainer import train
+from finetune.training.trainer import train
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs" / "deepspeed"

@@ -15,9 +15,9 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 from test_distributed import RESUME_IS_EXACT, assert_same_weights, deepspeed, launch, wait, write
 
-from finetune.ema import EMA_FILE
-from finetune.run_files import LORA_WEIGHTS_NAME, PIPELINE_DIR
+from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME, PIPELINE_DIR
 from finetune.toyworld.datasets import write_folder
+from finetune.training.ema import EMA_FILE
 
 DECAY = 0.5  # the warm-up's (1 + n) / (10 + n) stays below it for these 4 steps
 STEPS = 4
@@ -163,7 +163,7 @@ def test_under_an_offloaded_zero3_optimizer_the_average_is_of_the_masters_as_wit
     assert_validation_samples_the_average(offloaded)
     assert_training_as_without_the_average(offloaded)
     # Resumed, the training is the uninterrupted run's (DeepSpeed's CPU Adam given back its bias-correction powers:
-    # finetune/cpu_adam_steps.py), and the average continues from checkpoint-2's over those masters.
+    # finetune/checkpoints/cpu_adam_steps.py), and the average continues from checkpoint-2's over those masters.
     resumed, average = offloaded / "resumed", load_file(offloaded / "averaged" / "checkpoints" / "checkpoint-2" / EMA_FILE)
     for step in range(3, STEPS + 1):
         assert_equal(masters(resumed, step), masters(offloaded / "averaged", step))

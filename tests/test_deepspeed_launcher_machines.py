@@ -7,10 +7,10 @@ from datetime import timedelta
 import pytest
 import torch.distributed as dist
 
-import finetune.gloo_interface as gloo_interface
-from finetune import check_threads
+from finetune.data_check import threads as check_threads
+import finetune.distributed.gloo_interface as gloo_interface
+from finetune.distributed.stop_answers import Answers
 from finetune.errors import FinetuneError
-from finetune.stop_answers import Answers
 
 TIMED_OUT = RuntimeError("Timed out waiting 900000ms for recv operation to complete")
 

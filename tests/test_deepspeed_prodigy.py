@@ -1,6 +1,6 @@
 """Prodigy (optimizer.name: prodigy) under DeepSpeed ZeRO-2 and ZeRO-3, two processes on CPU (gloo): each process's
 optimizer holds only its shard of the LoRA, yet both find the step size d that one process holding all of it finds with
-the same global batch (finetune.sharded_prodigy sums Prodigy's estimate over the processes), so the LoRA trains as in one
+the same global batch (finetune.optim.sharded_prodigy sums Prodigy's estimate over the processes), so the LoRA trains as in one
 process; a run resumed from its DeepSpeed checkpoint goes on with that d to the uninterrupted run's weights (one that
 started again from Prodigy's first d, 1e-6, would end 4e-2 of the update away). ZeRO-3 stepping a shard in parts is one line."""
 
@@ -14,7 +14,7 @@ from distributed_worker import train_and_record
 from safetensors.torch import load_file
 from test_distributed import REPO, RESUME_IS_EXACT, assert_same_weights, deepspeed, launch, wait, write
 
-from finetune.run_files import LORA_WEIGHTS_NAME
+from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
 
 pytestmark = pytest.mark.slow  # a launch of 2 runs per ZeRO stage (about a minute each), and one run in this process
 

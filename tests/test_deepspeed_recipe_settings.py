@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from finetune.errors import FinetuneError
-from finetune.trainer import train
+from finetune.training.trainer import train
 from test_deepspeed_checks import CONFIGS
 
 

@@ -9,9 +9,9 @@ from ports import free_port
 from safetensors.torch import load_file
 from test_distributed import RESUME_IS_EXACT, assert_same_weights, launch, wait, write
 
-from finetune.ema import EMA_FILE
-from finetune.run_files import LORA_WEIGHTS_NAME
-from finetune.trainer import train
+from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
+from finetune.training.ema import EMA_FILE
+from finetune.training.trainer import train
 
 
 def test_deepspeed_zero2_trains_checkpoints_resumes_and_saves_the_single_process_adapter(make_recipe, tmp_path):

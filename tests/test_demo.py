@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.cli import main
+from finetune.cli.main import main
 from finetune.errors import FinetuneError
 from test_demo_conditioning import declared_canvas
 
@@ -73,7 +73,7 @@ def test_several_strengths_and_layouts(client):
 
 
 def test_strengths_that_are_not_numbers_in_range_are_refused():
-    from finetune.demo_engine import parse_strengths
+    from finetune.demo.engine import parse_strengths
 
     assert parse_strengths(" 0.5 ; 1") == [0.5, 1.0]
     for text in ("nan", "0.5, nan", "inf", "5"):  # "nan" rendered black columns labelled "xnan"
@@ -83,7 +83,7 @@ def test_strengths_that_are_not_numbers_in_range_are_refused():
 
 def test_the_summary_counts_columns_and_rows_in_words():
     """It said "1 column(s) x 2 row(s)"."""
-    from finetune.demo_engine import summary_of
+    from finetune.demo.engine import summary_of
 
     assert summary_of(1, 2, 3.44) == "1 column x 2 rows in 3.4 s"
     assert summary_of(3, 1, 0.5) == "3 columns x 1 row in 0.5 s"
@@ -183,13 +183,13 @@ def test_a_dreambooth_pipeline_replaces_the_base(client, demo):
     images, captions, _ = run(client, model="db/pipeline")
     assert [c.split(",")[0] for c in captions] == ["base", "db"]  # strengths scale adapters: one column for a model
     assert np.abs(images[0] - images[1]).mean() > 0.5
-    from finetune.demo_engine import Request
+    from finetune.demo.engine import Request
 
     assert demo.engine.render(Request(prompt=PROMPT, steps=1, model="db/pipeline", strengths=[0.5, 1.0]))[1] == ["base", "db"]
 
 
 def test_separate_columns_are_labelled_so_they_tell_the_adapters_apart(demo):
-    from finetune.demo_engine import Request, label_of, short_name
+    from finetune.demo.engine import Request, label_of, short_name
 
     _, labels, _, _ = demo.engine.render(Request(prompt=PROMPT, steps=1, loras=[("trained", 1.0), ("webui/trained", 1.0)], separate=True))
     assert labels == ["base", "trained x1", "webui/trained x1"]  # both are "trained" for short: full names then
@@ -239,7 +239,7 @@ def test_offline_and_local_by_default(demo):
 
 
 def test_progress_is_reported_per_denoising_step(demo):
-    from finetune.demo_engine import Request
+    from finetune.demo.engine import Request
 
     seen = []
     demo.engine.render(Request(prompt=PROMPT, steps=3, loras=[("trained", 1.0)], strengths=[0.5, 1.0], rows=2), lambda done, total: seen.append((done, total)))
@@ -247,9 +247,9 @@ def test_progress_is_reported_per_denoising_step(demo):
 
 
 def test_progress_does_not_count_a_batch_remade_after_running_out_of_memory(demo, monkeypatch):
-    import finetune.demo_engine as demo_engine
-    import finetune.sampling as sampling
-    from finetune.demo_engine import Request
+    from finetune.demo.engine import Request
+    import finetune.demo.engine as demo_engine
+    import finetune.sampling.pipelines as sampling
 
     class OutOfMemoryAtTheSecondStep:  # a GPU that holds the two rows for one step, then one at a time
         def __init__(self, pipeline):
@@ -279,7 +279,7 @@ def test_progress_does_not_count_a_batch_remade_after_running_out_of_memory(demo
 
 
 def test_default_base_falls_back_to_a_tiny_model(tmp_path, monkeypatch):
-    import finetune.demo as demo_module
+    import finetune.demo.page as demo_module
 
     monkeypatch.setattr(demo_module, "DEFAULT_BASE", tmp_path / "missing")
     monkeypatch.setattr(demo_module, "FALLBACK_BASE", tmp_path / "demo-base")

@@ -119,8 +119,8 @@ def test_in_a_browser_the_quickstart_star_on_the_shipped_base(quickstart_lora, t
     require_browser()
     from selenium.webdriver.common.by import By
 
-    from finetune.demo import build_app, launch_app, resolve_base
-    from finetune.demo_engine import DemoEngine
+    from finetune.demo.engine import DemoEngine
+    from finetune.demo.page import build_app, launch_app, resolve_base
 
     base, note = resolve_base(None)
     engine = DemoEngine(base, quickstart_lora.parent)

@@ -6,9 +6,9 @@ import shutil
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from finetune.conditions import make_condition
-from finetune.demo_engine import DemoEngine, Request
-from finetune.run_files import METADATA_FILE
+from finetune.checkpoints.run_files import METADATA_FILE
+from finetune.controlnet.conditions import make_condition
+from finetune.demo.engine import DemoEngine, Request
 
 
 def test_canny_from_a_photo_uses_the_thresholds_the_controlnet_recorded(adapters_dir, tiny_model, tmp_path):
@@ -31,8 +31,8 @@ def test_canny_from_a_photo_uses_the_thresholds_the_controlnet_recorded(adapters
 def test_an_upload_of_another_shape_is_fitted_as_sample_fits_its_condition():
     """The demo cropped a non-square upload before resizing it (ImageOps.fit), `finetune sample` (and training) resize it to
     cover and crop after: edges a pixel apart, so the ControlNet was steered otherwise than in sample by the same image."""
-    from finetune.demo_conditioning import conditioning_image
-    from finetune.inference import fit_condition
+    from finetune.demo.conditioning import conditioning_image
+    from finetune.sampling.inference import fit_condition
 
     mask = np.zeros((150, 200), dtype=np.uint8)
     mask[40:110, 70:140] = 255  # a square, as make-conditions' mask of a centred shape
@@ -60,11 +60,11 @@ def test_a_condition_made_from_a_photo_is_the_one_make_conditions_makes_fitted_a
     """The demo shrank the photo to the sampling size and made its edges (or mask) there, make-conditions makes them at the
     photo's full size and training (or sample --condition) shrinks those: other lines (a fifth of a 256 px canny image's
     pixels differed here, half of a mask's), so the ControlNet was steered by images unlike those it trained on."""
-    from finetune.conditions import make_conditions
-    from finetune.demo_conditioning import conditioning_image
-    from finetune.demo_inputs import read_upload
-    from finetune.inference import fit_condition
-    from finetune.views import plan_view, render
+    from finetune.controlnet.conditions import make_conditions
+    from finetune.data.views import plan_view, render
+    from finetune.demo.conditioning import conditioning_image
+    from finetune.demo.inputs import read_upload
+    from finetune.sampling.inference import fit_condition
 
     (tmp_path / "photos").mkdir()
     photo_with_shapes(1024, 768).save(tmp_path / "photos" / "photo.png")
@@ -84,10 +84,10 @@ def test_a_condition_made_from_a_photo_is_the_one_make_conditions_makes_fitted_a
 def test_a_photo_with_a_colour_profile_makes_the_condition_make_conditions_makes(tmp_path):
     """make-conditions reads its photos in sRGB (a Display P3 photo converted), so the demo reads a photo it makes the
     condition of so too; it read every upload's values as they are, as a conditioning image's are (they are data)."""
-    from finetune.conditions import make_conditions
-    from finetune.demo_conditioning import conditioning_image
-    from finetune.demo_inputs import read_upload
-    from finetune.inference import fit_condition
+    from finetune.controlnet.conditions import make_conditions
+    from finetune.demo.conditioning import conditioning_image
+    from finetune.demo.inputs import read_upload
+    from finetune.sampling.inference import fit_condition
     from icc_profiles import rgb_profile
 
     (tmp_path / "photos").mkdir()
@@ -104,7 +104,7 @@ def test_a_photo_with_a_colour_profile_makes_the_condition_make_conditions_makes
 def test_the_condition_made_of_an_upload_is_made_once_for_renders_of_the_same_photo(adapters_dir, tiny_model, tmp_path, monkeypatch):
     """Made at the photo's full size, a large photo's edges take seconds: made again for every render of the same upload
     (another prompt, seed or strength), each render waited for them. Another photo, kind or size is made (or fitted) anew."""
-    import finetune.conditions as conditions
+    import finetune.controlnet.conditions as conditions
 
     made = []
     monkeypatch.setattr(conditions, "make_condition", lambda image, kind, **options: made.append(kind) or make_condition(image, kind, **options))
@@ -142,8 +142,8 @@ def test_the_demo_takes_a_phones_photo_and_refuses_past_64_megapixels_in_one_lin
     make-conditions, which reads more."""
     import pytest
 
-    from finetune.demo_conditioning import conditioning_image
-    from finetune.demo_inputs import check_upload, read_upload
+    from finetune.demo.conditioning import conditioning_image
+    from finetune.demo.inputs import check_upload, read_upload
     from finetune.errors import FinetuneError
 
     photo = tmp_path / "photo.png"
@@ -194,7 +194,7 @@ def test_an_uploads_kind_is_judged_without_copying_its_full_size(tmp_path):
     and more for its means. Judged on 1024 px a side, picked without new greys, it is told the same."""
     import tracemalloc
 
-    from finetune.conditioning_records import unlike_its_kind
+    from finetune.controlnet.conditioning_records import unlike_its_kind
 
     photo = photo_with_shapes(256, 256).resize((4000, 4000), Image.Resampling.NEAREST)
     edges = make_condition(photo_with_shapes(256, 256), "canny").resize((4000, 4000), Image.Resampling.NEAREST)

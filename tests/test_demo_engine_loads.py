@@ -6,9 +6,9 @@ import weakref
 
 import pytest
 
-import finetune.demo_engine as demo_engine
-from finetune.demo_engine import DemoEngine, Request
-from finetune.tiny_model import make_tiny_model
+from finetune.demo.engine import DemoEngine, Request
+import finetune.demo.engine as demo_engine
+from finetune.models.tiny_model import make_tiny_model
 
 
 @pytest.fixture

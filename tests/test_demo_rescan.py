@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from finetune.demo_engine import DemoEngine, Request
+from finetune.demo.engine import DemoEngine, Request
 from finetune.errors import FinetuneError
 
 
@@ -48,7 +48,7 @@ def test_a_rescan_while_a_render_stores_what_it_loaded_leaves_the_cache_whole(ad
 
 def test_a_lora_file_cut_short_is_listed_with_what_is_wrong_and_what_to_do(adapters_dir, tmp_path):
     """Its status said "unreadable safetensors file (SafetensorError)": neither what was wrong nor what to do."""
-    from finetune.adapter_scan import scan_adapters
+    from finetune.demo.adapter_scan import scan_adapters
 
     whole = (adapters_dir / "trained" / "pytorch_lora_weights.safetensors").read_bytes()
     (tmp_path / "copied").mkdir()

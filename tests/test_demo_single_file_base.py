@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 from test_single_file import sd15_shaped_pipeline
 from test_untrusted_checkpoints import RunsCodeWhenUnpickled
 
-from finetune.demo_engine import DemoEngine, Request
+from finetune.demo.engine import DemoEngine, Request
 from finetune.errors import FinetuneError
-from finetune.single_file_export import export_checkpoint
+from finetune.formats.single_file_export import export_checkpoint
 
 
 @pytest.fixture(scope="module")

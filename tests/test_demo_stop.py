@@ -12,7 +12,7 @@ import gradio
 import pytest
 from ports import free_port
 
-from finetune.demo import launch_app
+from finetune.demo.page import launch_app
 
 
 class Served:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finetune.demo_conditioning import conditioning_image
-from finetune.demo_inputs import read_upload
+from finetune.demo.conditioning import conditioning_image
+from finetune.demo.inputs import read_upload
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_the_upload_check_leaves_pillow_s_warnings_to_the_line_naming_the_upload
     line, not the upload: a line in the demo's terminal beside the one read_upload says."""
     import warnings
 
-    from finetune.demo_inputs import check_upload
+    from finetune.demo.inputs import check_upload
 
     exif = Image.Exif()
     exif[0x010E] = "x" * 200  # Pillow warns "Truncated File Read"

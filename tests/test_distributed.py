@@ -21,12 +21,12 @@ from numerics import ON_GPU
 from ports import free_port
 from safetensors.torch import load_file
 
-from finetune.run_files import list_checkpoints
-from finetune.distributed import agree_on_start
+from finetune.checkpoints.run_files import CONTROLNET_DIR, LORA_WEIGHTS_NAME
+from finetune.checkpoints.run_files import list_checkpoints
+from finetune.distributed.processes import agree_on_start
 from finetune.errors import FinetuneError
-from finetune.run_files import CONTROLNET_DIR, LORA_WEIGHTS_NAME
 from finetune.toyworld.datasets import write_folder
-from finetune.trainer import train
+from finetune.training.trainer import train
 
 WORKER = Path(__file__).parent / "distributed_worker.py"
 REPO = Path(__file__).resolve().parent.parent
@@ -221,7 +221,7 @@ def test_two_processes_share_the_validation_grid_and_save_the_grid_one_process_d
 
 def test_a_stop_that_reaches_one_process_stops_both_at_the_same_step_with_one_checkpoint(ddp):
     """Rank 1 alone got a Ctrl-C after step 3 (a signal sent to one process, or to one machine's): both processes stopped
-    at step 4, the step after the request (finetune.stopping), wrote one checkpoint, and the launch went on."""
+    at step 4, the step after the request (finetune.distributed.stopping), wrote one checkpoint, and the launch went on."""
     out = ddp.root / "stopped-ddp"
     assert [path.name for path in list_checkpoints(out / "checkpoints")] == ["checkpoint-4"]
     assert not (out / LORA_WEIGHTS_NAME).exists()  # stopped: no outputs

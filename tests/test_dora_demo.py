@@ -5,11 +5,11 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from finetune.lora_hooks import loras_applied
-from finetune.encoders import encode_prompts
-from finetune.kohya import load_lora
-from finetune.run_files import LORA_WEIGHTS_NAME
-from finetune.trainer import train
+from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
+from finetune.demo.lora_hooks import loras_applied
+from finetune.formats.kohya import load_lora
+from finetune.models.encoders import encode_prompts
+from finetune.training.trainer import train
 from dora_helpers import DORA, PROMPTS, train_dora
 from test_lora_training import unet_output
 
@@ -41,9 +41,9 @@ def test_the_demo_applies_a_dora_as_sample_does_alone_and_with_another_lora(dora
 
 
 def test_the_demo_lists_a_dora_as_one_in_either_layout(dora_run, tmp_path):
-    from finetune.adapter_scan import scan_adapters
-    from finetune.demo import table_row
-    from finetune.kohya import export_lora, load_lora, save_lora_file
+    from finetune.demo.adapter_scan import scan_adapters
+    from finetune.demo.page import table_row
+    from finetune.formats.kohya import export_lora, load_lora, save_lora_file
 
     _, dora_file = dora_run
     export_lora(dora_file, tmp_path / "adapters", "kohya")

@@ -4,8 +4,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from finetune.encoders import encode_prompts
-from finetune.merge import merge_lora
+from finetune.formats.merge import merge_lora
+from finetune.models.encoders import encode_prompts
 from dora_helpers import PROMPTS, train_dora
 from test_lora_training import unet_output
 
@@ -34,7 +34,7 @@ def test_finetune_sample_of_a_dora_in_either_layout_draws_its_merge(dora_run, tm
     import numpy as np
     from PIL import Image
 
-    from finetune.cli import main
+    from finetune.cli.main import main
 
     recipe, lora_file = dora_run
     assert main(["export", str(lora_file), str(tmp_path / "webui"), "--to", "kohya"]) == 0

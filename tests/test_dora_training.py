@@ -10,13 +10,13 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from finetune.encoders import encode_prompts
+from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
 from finetune.errors import FinetuneError
-from finetune.kohya import load_lora
+from finetune.formats.kohya import load_lora
 from finetune.methods.lora import LoRAMethod
-from finetune.run_files import LORA_WEIGHTS_NAME
-from finetune.models import load_base_model
-from finetune.trainer import train
+from finetune.models.encoders import encode_prompts
+from finetune.models.loading import load_base_model
+from finetune.training.trainer import train
 from dora_helpers import DORA, PROMPTS, loaded_by_diffusers
 from test_lora_training import unet_output
 
@@ -57,7 +57,7 @@ def test_a_dora_run_saves_what_diffusers_loads_as_the_model_it_trained(make_reci
     for layer in lora.layers.values():
         layer.magnitude = None
     plain = StableDiffusionPipeline.from_pretrained(recipe.model.pretrained)
-    from finetune.inference import load_lora_into
+    from finetune.sampling.inference import load_lora_into
 
     load_lora_into(plain, lora, lora_file, "plain")
     assert not torch.allclose(unet_output(plain.unet), unet_output(trained.unet), atol=1e-4)

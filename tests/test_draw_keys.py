@@ -1,16 +1,16 @@
-"""A micro-batch's noise and timesteps are keyed by its number in the whole run (finetune.draw_keys): a resume with
+"""A micro-batch's noise and timesteps are keyed by its number in the whole run (finetune.training.draw_keys): a resume with
 other gradient accumulation goes on from the micro-batches drawn before its checkpoint, never drawing their noise again."""
 
 import json
 
 import pytest
 
-import finetune.trainer as trainer
-import finetune.training_run as training_run
-from finetune.run_files import STATE_FILE
-from finetune.diffusion import BatchRandomness
-from finetune.draw_keys import DRAWN
+from finetune.checkpoints.run_files import STATE_FILE
 from finetune.errors import FinetuneError
+from finetune.training.diffusion import BatchRandomness
+from finetune.training.draw_keys import DRAWN
+import finetune.training.trainer as trainer
+import finetune.training.training_run as training_run
 
 
 @pytest.fixture

@@ -11,13 +11,13 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from finetune.config import ClassImageGeneration
-from finetune.dreambooth_data import dreambooth_collate
+from finetune.data.sources import Example
+from finetune.dreambooth.data import dreambooth_collate
 from finetune.errors import FinetuneError
 from finetune.methods.dreambooth import DreamBoothMethod
-from finetune.models import load_base_model
-from finetune.sources import Example
+from finetune.models.loading import load_base_model
 from finetune.toyworld.datasets import write_folder
-from finetune.trainer import train
+from finetune.training.trainer import train
 
 SETTINGS = ClassImageGeneration(num_inference_steps=2, guidance_scale=3.0, batch_size=2, seed=5)
 
@@ -73,7 +73,7 @@ def test_prior_loss_is_computed_on_the_class_half(make_recipe, star_folder, tmp_
 
 def test_full_dreambooth_trains_the_unet_only_and_the_saved_pipeline_reproduces_it(make_recipe, star_folder, tmp_path):
     recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path, train__max_steps=3, optimizer__lr=1e-4)
-    import finetune.trainer as trainer_module
+    import finetune.training.trainer as trainer_module
 
     captured = {}
     original = trainer_module.load_base_model
@@ -112,7 +112,7 @@ def test_full_dreambooth_trains_the_unet_only_and_the_saved_pipeline_reproduces_
 def test_full_dreambooth_trains_the_text_encoder_at_its_own_rate(make_recipe, star_folder, tmp_path, monkeypatch):
     """One AdamW step moves each weight by at most its group's rate (Adam's first step is lr x the gradient's sign, here
     without weight decay or warmup): the text encoder's largest change is dreambooth.text_encoder_lr, the UNet's optimizer.lr."""
-    import finetune.trainer as trainer_module
+    import finetune.training.trainer as trainer_module
 
     recipe = dreambooth_recipe(
         make_recipe, star_folder, tmp_path, train__max_steps=1, optimizer__lr=1e-3, optimizer__scheduler="constant", optimizer__warmup_steps=0,
@@ -130,7 +130,7 @@ def test_full_dreambooth_trains_the_text_encoder_at_its_own_rate(make_recipe, st
 
 
 def test_dreambooth_lora_with_two_concepts_and_text_encoder(make_recipe, star_folder, image_folder, tmp_path, capsys, monkeypatch):
-    import finetune.trainer as trainer_module
+    import finetune.training.trainer as trainer_module
 
     concepts = [
         {"instance_dir": str(star_folder), "instance_prompt": "a sks shape", "class_prompt": "a shape"},
@@ -198,7 +198,7 @@ def test_class_images_of_another_size_are_resized_but_tiny_ones_stop_the_run(mak
 
 
 def test_a_bad_class_image_of_the_user_stops_the_run_before_the_model_loads_to_generate(make_recipe, star_folder, tmp_path, monkeypatch):
-    import finetune.trainer as trainer
+    import finetune.training.trainer as trainer
 
     class_dir = tmp_path / "classes"
     class_dir.mkdir()
@@ -232,7 +232,7 @@ def test_cached_encoders_give_the_same_instance_and_class_losses(make_recipe, st
 def test_every_class_image_of_every_concept_is_used(make_recipe, star_folder, tmp_path):
     """Two concepts of two instances and four class images each: two epochs deal out all eight. (Dealing
     by the item's index over all instances used only half of each pool.)"""
-    from finetune.dreambooth_data import DreamBoothDataset
+    from finetune.dreambooth.data import DreamBoothDataset
 
     def image_example(name: str) -> Example:
         return Example(name, name, lambda: Image.new("RGB", (64, 64)), size=(64, 64))
@@ -271,7 +271,7 @@ def concept_with_a_broken_class_image(star_folder, tmp_path) -> tuple[Path, dict
 def test_check_data_checks_the_class_images_as_training_does(make_recipe, star_folder, tmp_path, capsys):
     import yaml
 
-    from finetune.cli import main
+    from finetune.cli.main import main
 
     class_dir, concept = concept_with_a_broken_class_image(star_folder, tmp_path)
     recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path, dreambooth={"concepts": [concept], "num_class_images": 3})

@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 
-import finetune.trainer as trainer_module
-from finetune.earlier_run import guard_earlier_run
+from finetune.checkpoints.earlier_run import guard_earlier_run
+from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
 from finetune.errors import FinetuneError
-from finetune.run_files import LORA_WEIGHTS_NAME
-from finetune.trainer import train
+from finetune.training.trainer import train
+import finetune.training.trainer as trainer_module
 
 
 def test_a_new_run_keeps_the_outputs_of_a_finished_run_whose_checkpoints_were_deleted(make_recipe, monkeypatch):

@@ -7,10 +7,10 @@ import re
 
 import pytest
 
-import finetune.trainer as trainer_module
-from finetune.run_files import list_checkpoints, read_state
+from finetune.checkpoints.run_files import list_checkpoints, read_state
 from finetune.errors import FinetuneError
-from finetune.trainer import train
+from finetune.training.trainer import train
+import finetune.training.trainer as trainer_module
 
 
 def test_a_file_of_the_earlier_run_that_cannot_be_removed_stops_the_run_before_it_trains(make_recipe, monkeypatch):

@@ -6,11 +6,11 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
-from finetune.run_files import list_checkpoints
-from finetune.ema import EMA_FILE
+from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME, PIPELINE_DIR
+from finetune.checkpoints.run_files import list_checkpoints
 from finetune.errors import FinetuneError
-from finetune.run_files import LORA_WEIGHTS_NAME, PIPELINE_DIR
-from finetune.trainer import train
+from finetune.training.ema import EMA_FILE
+from finetune.training.trainer import train
 
 DECAY = 0.15  # the warm-up gives 0.1 at the first update, then this cap: both branches of the rule
 
@@ -71,7 +71,7 @@ def test_the_average_of_bf16_weights_is_kept_in_float32_so_small_steps_still_mov
     """Under DeepSpeed's bf16 the trained parameters are bf16. An average kept in their dtype would round every
     update away (decay 0.9999: 1e-4 of a one-bit step is far below bf16's resolution, so it stays the same number);
     it is kept in float32 and rounded to the weights' dtype only where it is written into them."""
-    from finetune.ema import WeightAverage
+    from finetune.training.ema import WeightAverage
 
     layer = torch.nn.Linear(4, 4, bias=False).to(torch.bfloat16)
     with torch.no_grad():

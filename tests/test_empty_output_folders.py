@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune.atomic_files import folder_written_whole
-from finetune.cli import main
+from finetune.cli.main import main
+from finetune.outputs.atomic_files import folder_written_whole
 
 
 def test_make_tiny_model_and_export_base_fill_an_empty_folder_in_place(tmp_path, monkeypatch, tiny_model):

@@ -4,12 +4,12 @@ repeats of 10**12 were listed (8 TB) until memory ran out, without a word."""
 import pytest
 from PIL import Image
 
-from finetune.check_data import checked_examples
-from finetune.cli import main
+from finetune.cli.main import main
 from finetune.config import DataConfig
 from finetune.config.base import MAX_USES_PER_EPOCH
+from finetune.config.recipe_loading import load_recipe, recipe_from_dict
+from finetune.data_check.check import checked_examples
 from finetune.errors import FinetuneError
-from finetune.recipe_loading import load_recipe, recipe_from_dict
 
 BOUND = f"must be at most {MAX_USES_PER_EPOCH:,} (an epoch is listed and shuffled in memory, each image its repeats times): lower it"
 

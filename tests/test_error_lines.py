@@ -4,9 +4,9 @@ other processes of a machine leave the line to its first, and give it the time t
 
 import yaml
 
-import finetune.cli
-from finetune.cli import main
-from finetune.stop_signals import Terminated
+from finetune.cli.main import main
+import finetune.cli.main
+from finetune.cli.stop_signals import Terminated
 
 
 def test_each_machine_names_itself_in_its_error_line(tmp_path, capsys, monkeypatch):
@@ -34,15 +34,15 @@ def test_the_other_processes_wait_for_the_launcher_quietly_so_the_first_one_says
         waits.append(seconds)
         raise Terminated()  # what stop_outside_imports raises for the SIGTERM torchrun sends
 
-    monkeypatch.setattr(finetune.cli.time, "sleep", stopped_by_the_launcher)
+    monkeypatch.setattr(finetune.cli.main.time, "sleep", stopped_by_the_launcher)
     for name, value in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(name, value)
     assert main(["train", str(recipe)]) == 2
-    assert waits == [finetune.cli.FIRST_PROCESS_GRACE] and waits[0] >= 5
+    assert waits == [finetune.cli.main.FIRST_PROCESS_GRACE] and waits[0] >= 5
     assert capsys.readouterr().err == ""
     monkeypatch.setenv("LOCAL_RANK", "0")  # the first process: says it, at once
     assert main(["train", str(recipe)]) == 2
-    assert waits == [finetune.cli.FIRST_PROCESS_GRACE] and "max_step" in capsys.readouterr().err
+    assert waits == [finetune.cli.main.FIRST_PROCESS_GRACE] and "max_step" in capsys.readouterr().err
 
 
 def test_the_line_is_said_before_the_process_keeps_the_store_up_for_the_others(capsys, monkeypatch):
@@ -57,6 +57,6 @@ def test_the_line_is_said_before_the_process_keeps_the_store_up_for_the_others(c
         err.said_here, err.after_said = True, lambda: seen_during_the_wait.append(capsys.readouterr().err)
         raise err
 
-    monkeypatch.setitem(finetune.cli.COMMANDS, "train", train_failing)
+    monkeypatch.setitem(finetune.cli.main.COMMANDS, "train", train_failing)
     assert main(["train", "recipe.yaml"]) == 2
     assert seen_during_the_wait == ["error: checkpoint-3 could not be written: the disk is full\n"]

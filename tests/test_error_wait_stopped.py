@@ -1,4 +1,4 @@
-"""A process that is not its machine's first waits for its first's error line (`finetune.error_exchange.says_its_error`):
+"""A process that is not its machine's first waits for its first's error line (`finetune.distributed.error_exchange.says_its_error`):
 torchrun's agent ends it there (SIGTERM) as its first, failing, exits, or Ctrl-C does. The stop escaped, and its own line,
 which may differ from its first's, was said by no one: now it reads its first's line once, without waiting, and says its
 own unless that is the same."""
@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import finetune.error_exchange as error_exchange
-from finetune.stop_signals import Terminated
+from finetune.cli.stop_signals import Terminated
+import finetune.distributed.error_exchange as error_exchange
 
 SAID = "finetune/error-of-machine/0"
 

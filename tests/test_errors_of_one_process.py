@@ -14,8 +14,8 @@ ONE_FAILS = r"""
 import sys, time
 from types import SimpleNamespace
 import torch.distributed as dist
-import finetune.cli as cli, finetune.native_resolution, finetune.recipe_loading, finetune.run_refusals, finetune.starting_files, finetune.train_command, finetune.train_inputs
-import finetune.distributed  # (accelerate: seconds) before the processes join, as the run's errors meet them after it
+import finetune.cli.main as cli, finetune.models.native_resolution, finetune.config.recipe_loading, finetune.cli.run_refusals, finetune.data_check.starting_files, finetune.cli.train_command, finetune.data_check.train_inputs
+import finetune.distributed.processes  # (accelerate: seconds) before the processes join, as the run's errors meet them after it
 from finetune.errors import FinetuneError
 
 dist.init_process_group("gloo")
@@ -32,13 +32,13 @@ if dist.get_rank() == 1:  # a loaded machine: process 1 reads the first's line a
             return store.get(key)
 
     c10d._get_default_store = SlowStore
-finetune.recipe_loading.load_recipe = lambda path, overrides: SimpleNamespace(output_dir=sys.argv[1], data=SimpleNamespace(resolution=512), model=SimpleNamespace(pretrained="", single_file_config=None))
-finetune.train_inputs.check_inputs_exist = lambda recipe: None
-finetune.train_inputs.check_data_first = lambda recipe: None  # nor data
-finetune.starting_files.check_starting_files = lambda recipe, resuming: None  # nor the files it starts from
-finetune.run_refusals.check_run_first = lambda *a: None  # nor train()'s refusals of the run
-finetune.native_resolution.far_from_native_line = lambda *a: None  # the fake recipe names no real base
-finetune.train_command.quiet_weight_progress_bars = lambda: None  # (imports diffusers and transformers: 3 CPU s a process)
+finetune.config.recipe_loading.load_recipe = lambda path, overrides: SimpleNamespace(output_dir=sys.argv[1], data=SimpleNamespace(resolution=512), model=SimpleNamespace(pretrained="", single_file_config=None))
+finetune.data_check.train_inputs.check_inputs_exist = lambda recipe: None
+finetune.data_check.train_inputs.check_data_first = lambda recipe: None  # nor data
+finetune.data_check.starting_files.check_starting_files = lambda recipe, resuming: None  # nor the files it starts from
+finetune.cli.run_refusals.check_run_first = lambda *a: None  # nor train()'s refusals of the run
+finetune.models.native_resolution.far_from_native_line = lambda *a: None  # the fake recipe names no real base
+finetune.cli.train_command.quiet_weight_progress_bars = lambda: None  # (imports diffusers and transformers: 3 CPU s a process)
 
 def train(recipe, **options):
     if dist.get_rank() == 1:
@@ -49,7 +49,7 @@ def train(recipe, **options):
     time.sleep(5)
     return SimpleNamespace(interrupted=True, stopped_by=2)  # SIGINT
 
-sys.modules["finetune.trainer"] = SimpleNamespace(train=train)  # (diffusers not imported: seconds)
+sys.modules["finetune.training.trainer"] = SimpleNamespace(train=train)  # (diffusers not imported: seconds)
 sys.exit(cli.main(["train", "recipe.yaml"]))
 """
 
@@ -83,7 +83,7 @@ def test_the_first_process_keeps_the_store_up_as_long_as_another_waits_for_its_l
     may take to reach the processes on a busy machine; one reading it 5 to 10 s late found the store gone and said it again."""
     from types import SimpleNamespace
 
-    import finetune.error_exchange as error_exchange
+    import finetune.distributed.error_exchange as error_exchange
 
     now = [0.0]
     monkeypatch.setattr(error_exchange, "time", SimpleNamespace(monotonic=lambda: now[0], sleep=lambda seconds: now.__setitem__(0, now[0] + seconds)))

@@ -1,5 +1,5 @@
 """An error every process of a run meets, on two machines of two processes each: said once per machine, by its first process
-(`finetune.error_exchange.says_its_error`). The first process of machine 0 kept the launch's store up only until its own machine's
+(`finetune.distributed.error_exchange.says_its_error`). The first process of machine 0 kept the launch's store up only until its own machine's
 other process had read its line: machine 1's other process, reading its own first's line later, found the store gone, took it
 for "my first did not fail" and said the line again."""
 
@@ -18,11 +18,11 @@ import sys, time
 from datetime import timedelta
 from types import SimpleNamespace
 import torch.distributed as dist
-import finetune.cli as cli, finetune.native_resolution, finetune.recipe_loading, finetune.run_refusals, finetune.starting_files, finetune.train_command, finetune.train_inputs
-import finetune.error_exchange
+import finetune.cli.main as cli, finetune.models.native_resolution, finetune.config.recipe_loading, finetune.cli.run_refusals, finetune.data_check.starting_files, finetune.cli.train_command, finetune.data_check.train_inputs
+import finetune.distributed.error_exchange
 from finetune.errors import FinetuneError
 
-finetune.error_exchange.READ_WAIT = timedelta(seconds=120)  # the test waits on the reads themselves, not on the clock
+finetune.distributed.error_exchange.READ_WAIT = timedelta(seconds=120)  # the test waits on the reads themselves, not on the clock
 dist.init_process_group("gloo")
 if dist.get_rank() == 3:  # machine 1, loaded: its other process reads its first's line once rank 0 has left (or 3 s on)
     import torch.distributed.distributed_c10d as c10d
@@ -43,19 +43,19 @@ if dist.get_rank() == 3:  # machine 1, loaded: its other process reads its first
             return store.get(key)
 
     c10d._get_default_store = SlowStore
-finetune.recipe_loading.load_recipe = lambda path, overrides: SimpleNamespace(output_dir=sys.argv[1], data=SimpleNamespace(resolution=512), model=SimpleNamespace(pretrained="", single_file_config=None))
-finetune.train_inputs.check_inputs_exist = lambda recipe: None
-finetune.train_inputs.check_data_first = lambda recipe: None  # nor data
-finetune.starting_files.check_starting_files = lambda recipe, resuming: None  # nor the files it starts from
-finetune.run_refusals.check_run_first = lambda *a: None  # nor train()'s refusals of the run
-finetune.native_resolution.far_from_native_line = lambda *a: None  # the fake recipe names no real base
-finetune.train_command.quiet_weight_progress_bars = lambda: None  # (imports diffusers and transformers: 3 CPU s a process)
+finetune.config.recipe_loading.load_recipe = lambda path, overrides: SimpleNamespace(output_dir=sys.argv[1], data=SimpleNamespace(resolution=512), model=SimpleNamespace(pretrained="", single_file_config=None))
+finetune.data_check.train_inputs.check_inputs_exist = lambda recipe: None
+finetune.data_check.train_inputs.check_data_first = lambda recipe: None  # nor data
+finetune.data_check.starting_files.check_starting_files = lambda recipe, resuming: None  # nor the files it starts from
+finetune.cli.run_refusals.check_run_first = lambda *a: None  # nor train()'s refusals of the run
+finetune.models.native_resolution.far_from_native_line = lambda *a: None  # the fake recipe names no real base
+finetune.cli.train_command.quiet_weight_progress_bars = lambda: None  # (imports diffusers and transformers: 3 CPU s a process)
 
 def train(recipe, **options):
     dist.barrier()  # a collective's error: every process meets it
     raise FinetuneError("the weights hold NaN")
 
-sys.modules["finetune.trainer"] = SimpleNamespace(train=train)  # (diffusers not imported: seconds)
+sys.modules["finetune.training.trainer"] = SimpleNamespace(train=train)  # (diffusers not imported: seconds)
 sys.exit(cli.main(["train", "recipe.yaml"]))
 """
 
@@ -107,7 +107,7 @@ def launched(monkeypatch, rank: int, agent_store: bool):
 
     import torch
 
-    import finetune.error_exchange as error_exchange
+    import finetune.distributed.error_exchange as error_exchange
 
     now = [0.0]
     store = Store(now, {"finetune/error-of-machine/0": b"the weights hold NaN", "finetune/error-of-machine/1": b"the weights hold NaN"})
@@ -175,7 +175,7 @@ def test_deepspeeds_launcher_tells_the_machines_apart_by_its_own_names(monkeypat
     assert error_exchange.says_its_error("the weights hold NaN") is True
     error_exchange.wait_for_error_readers()
     assert READS_AT[1] <= now[0] < READS_AT[1] + 1
-    from finetune.process_env import machine_name
+    from finetune.distributed.process_env import machine_name
 
     monkeypatch.setenv("CROSS_RANK", "1")
     assert machine_name() == "machine 1"

@@ -15,8 +15,8 @@ from PIL import Image
 from safetensors import safe_open
 
 from finetune.errors import FinetuneError
-from finetune.eval_command import add_eval_parser, run_eval_command
-from finetune.evaluate import SUITES, evaluate_real_images, run_eval
+from finetune.evaluation.command import add_eval_parser, run_eval_command
+from finetune.evaluation.evaluate import SUITES, evaluate_real_images, run_eval
 from finetune.toyworld.metrics import frechet_distance
 from finetune.toyworld.prompt_sets import class_set, held_in_set, style_set, subject_set
 from finetune.toyworld.world import SHAPES, parse_caption, sample_scenes
@@ -126,7 +126,7 @@ def test_cli_writes_report_and_documents_every_flag(tiny_model, tmp_path, capsys
 
 
 def test_finetune_cli_main_runs_eval(tiny_model, tmp_path, capsys):
-    from finetune import cli
+    from finetune.cli import main as cli
 
     out = tmp_path / "eval.json"
     assert cli.main(["eval", "--base", str(tiny_model), "--suite", "adherence", "--num-prompts", "2", "--steps", "1", "--seed", "3", "--out", str(out)]) == 0
@@ -146,8 +146,8 @@ def test_finetune_cli_main_runs_eval(tiny_model, tmp_path, capsys):
 def test_a_report_without_base_names_the_base_by_name_as_shared_files_do(make_recipe, tiny_model, tmp_path, capsys):
     """Without --base the report's base was the absolute path the run's base_paths.json gave, which no one typed, in a
     report left in the run folder: named as shared files name it, as merge does (--base given: as given, above)."""
-    from finetune import cli
-    from finetune.trainer import train
+    from finetune.cli import main as cli
+    from finetune.training.trainer import train
 
     run = train(make_recipe(train__max_steps=1)).output_dir
     out = tmp_path / "eval.json"
@@ -157,8 +157,8 @@ def test_a_report_without_base_names_the_base_by_name_as_shared_files_do(make_re
     # An older output, which recorded the path itself (no base_paths.json then): named so too.
     from safetensors.numpy import load_file, save_file
 
-    from finetune.base_names import BASE_PATHS_FILE
-    from finetune.run_files import LORA_WEIGHTS_NAME
+    from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
+    from finetune.outputs.base_names import BASE_PATHS_FILE
 
     old = tmp_path / "old" / LORA_WEIGHTS_NAME
     old.parent.mkdir()
@@ -172,9 +172,9 @@ def test_a_report_without_base_names_the_base_by_name_as_shared_files_do(make_re
 def test_an_out_that_is_a_folder_is_one_line_before_any_image_is_made_and_scoring_runs_in_full_fp32(tiny_model, tmp_path, monkeypatch):
     """--out of a folder failed after all the generating, with a traceback and stray files beside it. Scoring
     runs with TF32 off for matmuls and convolutions alike (on a GPU, cuDNN's is on by default)."""
-    import finetune.evaluate as evaluate
+    import finetune.evaluation.evaluate as evaluate
 
-    monkeypatch.setattr("finetune.inference.load_sampling_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("finetune.sampling.inference.load_sampling_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
     (tmp_path / "a-file").write_text("")
     for out, message in ((tmp_path, f"--out {tmp_path} is a folder: give the report's file name, e.g. {tmp_path / 'eval.json'}"),
                          (tmp_path / "a-file" / "eval.json", f"--out {tmp_path / 'a-file' / 'eval.json'}: {tmp_path / 'a-file'} is a file, not a folder: give a folder for the report and its grids")):  # fmt: skip

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from finetune.run_files import MAX_RECORD_BYTES
+from finetune.checkpoints.run_files import MAX_RECORD_BYTES
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "finetune/assets/toyworld-base"  # a real local base: its weights' headers are read as it is located
@@ -27,7 +27,7 @@ def said_without_the_training_stack(calls: list[list[str]]) -> list[str]:
     stderr, after asserting that it exited 2 (an error said) and that none of TRAINING_STACK was imported."""
     script = f"""
 import contextlib, io, json, sys
-from finetune.cli import main
+from finetune.cli.main import main
 said = []
 for argv in {calls!r}:
     err = io.StringIO()
@@ -99,7 +99,7 @@ def test_sample_merge_exports_eval_and_demo_say_missing_inputs_before_torch(tmp_
 
 
 def test_check_data_checks_controlnet_pairs_without_torch(tmp_path):
-    """A ControlNet recipe's pairs were checked by finetune.controlnet_data, which holds the training dataset and
+    """A ControlNet recipe's pairs were checked by finetune.controlnet.data, which holds the training dataset and
     imported torch with it: `finetune check-data`, which reads images only, must not (1.4 s more of its 2.9 s of CPU)."""
     from PIL import Image, ImageDraw
 
@@ -114,7 +114,7 @@ def test_check_data_checks_controlnet_pairs_without_torch(tmp_path):
     (tmp_path / "metadata.jsonl").write_text("\n".join(rows) + "\n")
     script = f"""
 import sys
-from finetune.cli import main
+from finetune.cli.main import main
 status = main(["check-data", "recipes/controlnet.yaml", "data.image_dir={tmp_path}", "data.resolution=64", "train.batch_size=2", "model.pretrained={BASE}"])
 print([status, [name for name in {TRAINING_STACK!r} if name in sys.modules]])
 """
@@ -125,7 +125,7 @@ print([status, [name for name in {TRAINING_STACK!r} if name in sys.modules]])
 
 
 def test_sample_eval_and_merge_without_base_say_the_adapters_record_before_torch(tmp_path):
-    """Without --base the base an adapter's run recorded was read by loading the LoRA (torch) or through finetune.inference
+    """Without --base the base an adapter's run recorded was read by loading the LoRA (torch) or through finetune.sampling.inference
     (torch and diffusers): a LoRA recording none, a recorded base not there, a LyCORIS or SDXL file were said after them. A
     checkpoint-N that is not there names the newest checkpoint there is (sample and export alike)."""
     import numpy as np
@@ -182,8 +182,8 @@ def test_check_data_says_a_lora_init_from_that_is_no_lora_without_torch(tmp_path
     save_file({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": np.zeros((4, 32), np.float32)}, sdxl)
     script = f"""
 import json, sys
-from finetune.check_data_command import init_from_problem
 from finetune.config import LoRAConfig
+from finetune.data_check.command import init_from_problem
 said = [init_from_problem(LoRAConfig(init_from=source)) for source in {[str(tmp_path / "gone.safetensors"), str(sdxl)]!r}]
 print(json.dumps([said, [name for name in {TRAINING_STACK!r} if name in sys.modules]]))
 """

@@ -11,16 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.cache import EncodingCache
+from finetune.data.cache import EncodingCache
 from finetune.errors import FinetuneError
 
 
 def test_a_mask_edited_after_the_check_stops_a_cached_run_instead_of_being_cached_under_the_old_one(tmp_path):
     """Its views are named by the mask the check read; stored under that name, an edited mask would be served
     to a later run whose mask is the checked one again (an edit undone)."""
-    from finetune.cache import EncodingCache
     from finetune.config import DataConfig
-    from finetune.data import CaptionedImageDataset
+    from finetune.data.cache import EncodingCache
+    from finetune.data.items import CaptionedImageDataset
     from data_examples import load_examples
     from finetune.errors import FinetuneError
     from test_loss_mask import half_mask, masked_folder
@@ -43,7 +43,7 @@ def test_an_image_edited_after_the_check_stops_a_cached_run_and_a_touched_one_tr
     """As for masks: a view cut from an edited image would be cached under the name of the checked pixels.
     A file that was only touched or copied over with the same pixels (its time or size changed) trains on."""
     from finetune.config import DataConfig
-    from finetune.data import CaptionedImageDataset
+    from finetune.data.items import CaptionedImageDataset
     from data_examples import load_examples
     from finetune.errors import FinetuneError
 
@@ -79,7 +79,7 @@ def test_an_image_replaced_mid_run_is_never_served_stale_at_a_later_epoch(tmp_pa
     disk) a changed image stops the run with one line; without it the edit trains (it is decoded every use) unless its
     size changed, as the view planned for the checked size would be stretched."""
     from finetune.config import DataConfig
-    from finetune.data import CaptionedImageDataset
+    from finetune.data.items import CaptionedImageDataset
     from data_examples import load_examples
     from finetune.errors import FinetuneError
 
@@ -118,7 +118,7 @@ def test_a_mask_file_replaced_mid_run_is_never_served_stale_from_the_cache(tmp_p
     """As for images: a cached view's mask is served by its key at a later epoch, so an edited mask file trained on as it
     was; now it stops the run with one line, and a touched mask file with the same pixels trains on."""
     from finetune.config import DataConfig
-    from finetune.data import CaptionedImageDataset
+    from finetune.data.items import CaptionedImageDataset
     from data_examples import load_examples
     from test_loss_mask import half_mask, masked_folder
 
@@ -142,9 +142,9 @@ def test_an_image_rewritten_in_place_mid_run_is_read_once_written(tmp_path, monk
     """A tool rewriting a file in place (the same pixels: an optimiser, a save over it) was caught half-written by the use
     that found it changed: 'cannot be read: fix or remove it' stopped a cached run (reproduced with the tiny model and
     PIL saving over an image mid-run). A file still changing is read again once written; one that stays cut still stops."""
-    import finetune.files_as_checked as files_module
     from finetune.config import DataConfig
-    from finetune.data import CaptionedImageDataset
+    import finetune.data.files_as_checked as files_module
+    from finetune.data.items import CaptionedImageDataset
     from data_examples import load_examples
 
     folder = tmp_path / "data"
@@ -180,9 +180,9 @@ def test_a_mask_rewritten_in_place_mid_run_is_read_once_written(tmp_path, monkey
     """As for images: a mask file caught half-rewritten (the same pixels) by the use that found it changed stopped the run."""
     from types import SimpleNamespace
 
-    import finetune.files_as_checked as files_module
     from finetune.config import DataConfig
-    from finetune.data import CaptionedImageDataset
+    import finetune.data.files_as_checked as files_module
+    from finetune.data.items import CaptionedImageDataset
     from data_examples import load_examples
     from test_loss_mask import masked_folder
 
@@ -205,9 +205,9 @@ def test_without_the_cache_an_image_rewritten_in_place_is_read_once_written_and_
     written, as with the cache, and a file left cut is the data check's one line."""
     from types import SimpleNamespace
 
-    import finetune.files_as_checked as files_module
     from finetune.config import DataConfig
-    from finetune.data import CaptionedImageDataset
+    import finetune.data.files_as_checked as files_module
+    from finetune.data.items import CaptionedImageDataset
     from data_examples import load_examples
 
     folder = tmp_path / "data"
@@ -233,9 +233,9 @@ def test_without_the_cache_an_image_rewritten_in_place_is_read_once_written_and_
 def test_without_the_cache_a_touched_image_has_its_size_read_once_not_at_every_use(tmp_path, monkeypatch):
     """require_checked_size read a changed file's size at each of its uses, for the rest of the run: a PNG's EXIF is read by
     decoding it whole, so each use of a touched PNG (a backup tool, `touch`) decoded it twice. Its size is read once a stamp."""
-    import finetune.files_as_checked as files_module
     from finetune.config import DataConfig
-    from finetune.data import CaptionedImageDataset
+    import finetune.data.files_as_checked as files_module
+    from finetune.data.items import CaptionedImageDataset
     from data_examples import load_examples
 
     folder = tmp_path / "data"
@@ -265,12 +265,12 @@ def test_without_the_cache_a_file_caught_half_rewritten_at_its_decode_is_read_on
     import shutil
     from types import SimpleNamespace
 
-    import finetune.files_as_checked as files_module
-    import finetune.images as images_module
-    from finetune.controlnet_data import ControlNetDataset
-    from finetune.controlnet_pairs import checked_pairs
-    from finetune.data import CaptionedImageDataset
-    from finetune.recipe_loading import recipe_from_dict
+    from finetune.config.recipe_loading import recipe_from_dict
+    from finetune.controlnet.data import ControlNetDataset
+    from finetune.controlnet.pairs import checked_pairs
+    import finetune.data.files_as_checked as files_module
+    import finetune.data.images as images_module
+    from finetune.data.items import CaptionedImageDataset
     from data_examples import load_examples
 
     if kind == "image":
@@ -317,9 +317,9 @@ def test_without_the_cache_a_jpeg_caught_with_its_header_written_and_its_pixels_
 
     import numpy as np
 
-    import finetune.files_as_checked as files_module
     from finetune.config import DataConfig
-    from finetune.data import CaptionedImageDataset
+    import finetune.data.files_as_checked as files_module
+    from finetune.data.items import CaptionedImageDataset
     from data_examples import load_examples
 
     folder = tmp_path / "data"
@@ -340,9 +340,9 @@ def test_with_the_cache_an_image_rewritten_between_its_check_and_its_decode_is_n
     """A view to be cached was decoded after require_as_checked's stat found the file as checked: a rewrite in that gap
     was decoded and its view stored under the checked pixels' key, to be served to later runs. The file is statted again
     after the decode: other pixels stop the run, the same pixels (a save over it) are the view, from one full decode."""
-    import finetune.images as images_module
     from finetune.config import DataConfig
-    from finetune.data import CaptionedImageDataset
+    import finetune.data.images as images_module
+    from finetune.data.items import CaptionedImageDataset
     from data_examples import load_examples
 
     folder = tmp_path / "data"

@@ -5,13 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune.run_files import list_checkpoints
+from finetune.checkpoints.run_files import list_checkpoints
 from finetune.errors import FinetuneError
-from finetune.trainer import train
+from finetune.training.trainer import train
 
 
 def test_weights_turned_nan_are_not_saved_and_the_last_good_checkpoint_stays(make_recipe, monkeypatch):
-    import finetune.trainer as trainer
+    import finetune.training.trainer as trainer
 
     built, build_optimizer = [], trainer.build_optimizer
     monkeypatch.setattr(trainer, "build_optimizer", lambda *args, **kwargs: built.append(build_optimizer(*args, **kwargs)) or built[-1])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.cli import main
+from finetune.cli.main import main
 from odd_images import captioned, noise
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def test_check_data_run_from_another_folder_says_the_base_model_is_not_there(tmp
 def test_a_command_copied_from_sd_scripts_gets_every_override_at_once_quoted_for_the_shell(capsys):
     """Only the first option got its override (the next try named the next); a folder with spaces was given unquoted, so
     pasting it split the path; sd-scripts' `--resolution 512,512` became data.resolution=512,512, an error of its own."""
-    from finetune.cli_arguments import parse_arguments
+    from finetune.cli.arguments import parse_arguments
 
     argv = ["train", "recipes/lora.yaml", "--train_data_dir", "my dog pics", "--max_train_steps=20", "--resolution", "512,512", "--network_dim", "8",
             "--foo", "3"]  # fmt: skip
@@ -99,7 +99,7 @@ def test_a_run_folder_given_as_the_recipe_is_told_the_recipe_it_ran_with(tmp_pat
 
 def test_an_override_typed_with_spaces_around_its_equals_sign_is_told_how_to_write_it(capsys):
     """`data.image_dir = my photos` reached finetune as four items: "override 'data.image_dir' must look like key=value"."""
-    from finetune.cli_arguments import parse_arguments
+    from finetune.cli.arguments import parse_arguments
 
     for typed in (["data.image_dir", "=", "my photos"], ["data.image_dir=", "my photos"], ["data.image_dir", "=my photos"]):
         with pytest.raises(SystemExit):
@@ -129,7 +129,7 @@ def test_a_resolution_far_from_the_base_models_own_is_warned_of(tmp_path, capsys
 
 def test_an_option_of_sample_spelled_as_diffusers_spells_it_is_told_its_name_here(capsys):
     """`finetune sample --num_images 2 --guidance_scale 5` was the top-level parser's bare "unrecognized arguments"."""
-    from finetune.cli_arguments import parse_arguments
+    from finetune.cli.arguments import parse_arguments
 
     with pytest.raises(SystemExit):
         parse_arguments(["sample", "--prompt", "x", "--num_images", "2", "--guidance_scale", "5", "--zzz"])
@@ -139,7 +139,7 @@ def test_an_option_of_sample_spelled_as_diffusers_spells_it_is_told_its_name_her
 
 def test_an_adapter_given_to_sample_without_its_option_is_told_the_options(tmp_path, capsys):
     """`finetune sample outputs/lora --prompt x` was "finetune: error: unrecognized arguments: outputs/lora" alone."""
-    from finetune.cli_arguments import parse_arguments
+    from finetune.cli.arguments import parse_arguments
 
     with pytest.raises(SystemExit):
         parse_arguments(["sample", str(tmp_path), "--prompt", "x"])
@@ -151,9 +151,9 @@ def test_accelerate_launch_asking_for_two_processes_that_started_one_is_refused_
     """`accelerate launch --num_processes 2 -m finetune train ...` on a machine without GPUs runs accelerate's one-process
     launcher unless given --multi_gpu (docs/scale.md): the run trained on one process, half the global batch asked for,
     said only as "training on 1 process"."""
-    import finetune.launch_options as launch_options
+    import finetune.distributed.launch_options as launch_options
     from finetune.errors import FinetuneError
-    from finetune.trainer import train
+    from finetune.training.trainer import train
 
     launcher = ["/venv/bin/python", "/venv/bin/accelerate", "launch"]
     script = ["-m", "finetune", "train", "recipes/controlnet.yaml"]
@@ -229,9 +229,9 @@ def test_accelerate_config_launched_from_another_folder_names_the_deepspeed_conf
     """README's `accelerate launch --config_file accelerate_config.yaml` from a folder of one's own (the config given by
     its path): its configs/deepspeed/zero2.json is read from the current folder, and every process failed in accelerate's
     plugin with three chained tracebacks ("Expected a string path to an existing deepspeed config")."""
-    import finetune.deepspeed_checks as deepspeed_checks
+    import finetune.distributed.deepspeed_checks as deepspeed_checks
     from finetune.errors import FinetuneError
-    from finetune.trainer import train
+    from finetune.training.trainer import train
 
     config = REPOSITORY / "accelerate_config.yaml"
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
@@ -253,7 +253,7 @@ def test_accelerate_config_launched_from_another_folder_names_the_deepspeed_conf
 def test_a_deepspeed_config_given_on_the_launch_command_line_is_named_as_that_option(monkeypatch, tmp_path):
     """`accelerate launch --config_file accelerate_config.yaml --deepspeed_config_file zero3.json` with no zero3.json here was
     said to be "deepspeed_config_file of accelerate_config.yaml", and told to launch from the config file's folder."""
-    import finetune.deepspeed_checks as deepspeed_checks
+    import finetune.distributed.deepspeed_checks as deepspeed_checks
     from finetune.errors import FinetuneError
 
     config = REPOSITORY / "accelerate_config.yaml"
@@ -272,7 +272,7 @@ def test_a_deepspeed_config_given_on_the_launch_command_line_is_named_as_that_op
 def test_accelerate_launch_options_typed_after_the_command_say_where_they_go(command, capsys):
     """`accelerate launch -m finetune train recipes/lora.yaml --multi_gpu --num_processes 2` (the options after the script,
     where accelerate hands them to it) was told that recipe keys are given as key=value, which --num_processes is none of."""
-    from finetune.cli_arguments import parse_arguments
+    from finetune.cli.arguments import parse_arguments
 
     with pytest.raises(SystemExit):
         parse_arguments([command, "recipes/controlnet.yaml", "--multi_gpu", "--num_processes", "2", "--max_train_steps=20"])

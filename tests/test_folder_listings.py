@@ -8,11 +8,11 @@ import os
 import pytest
 from PIL import Image
 
-from finetune import file_names
-from finetune.captions import sidecar_path
+from finetune.captions import file_names
+from finetune.captions.captions import sidecar_path
+from finetune.captions.file_names import loosely_named_file, row_image_key
 from finetune.config import LossMaskConfig
-from finetune.file_names import loosely_named_file, row_image_key
-from finetune.loss_mask import image_sharing_mask, mask_path
+from finetune.data.loss_mask import image_sharing_mask, mask_path
 
 # When the test folders last changed, as their mtime says (any fixed time: nothing here reads the real clock).
 CHANGED_NS = 1_700_000_000 * 10**9

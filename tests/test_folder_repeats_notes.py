@@ -1,11 +1,11 @@
 """Where a folder's repeats are read from its sd-scripts `N_name` name (a suggested `folders:` entry), an N that is likely part
-of the name (`2024_trip`: a year) is said with the rename that trains it once an epoch (finetune/folder_repeats.py). A recipe's
+of the name (`2024_trip`: a year) is said with the rename that trains it once an epoch (finetune/data/folder_repeats.py). A recipe's
 own `repeats:` is what its user chose: said in the check's uses per epoch by folder, with no note."""
 
 from conftest import SHIPPED_BASE
 from odd_images import captioned
 
-from finetune.cli import main
+from finetune.cli.main import main
 
 
 def kohya_folders(root):

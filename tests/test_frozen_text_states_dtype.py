@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
 import finetune.methods.base as method_base
 from finetune.methods.lora import LoRAMethod
-from finetune.run_files import LORA_WEIGHTS_NAME
-from finetune.trainer import train
+from finetune.training.trainer import train
 
 
 class StateCasts(TorchDispatchMode):

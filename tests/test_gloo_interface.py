@@ -14,9 +14,9 @@ import psutil
 import pytest
 import torch.distributed as dist
 
-import finetune.gloo_interface as gloo_interface
+from finetune.distributed.gloo_interface import interface_for_gloo, interface_reaching, new_gloo_group
+import finetune.distributed.gloo_interface as gloo_interface
 from finetune.errors import FinetuneError
-from finetune.gloo_interface import interface_for_gloo, interface_reaching, new_gloo_group
 from ports import free_port
 
 TIMEOUT = timedelta(minutes=1)
@@ -135,7 +135,7 @@ UNDER_NCCL = r"""
 import json, os, signal
 from types import SimpleNamespace
 import torch.distributed as dist
-from finetune.stopping import StopRequest
+from finetune.distributed.stopping import StopRequest
 
 dist.init_process_group("gloo")
 dist.get_backend = lambda group=None: "nccl"
@@ -174,7 +174,7 @@ ONE_MACHINE_REFUSES = r"""
 import json, os
 from datetime import timedelta
 import torch.distributed as dist
-import finetune.gloo_interface as gloo_interface
+import finetune.distributed.gloo_interface as gloo_interface
 from finetune.errors import FinetuneError
 
 dist.init_process_group("gloo")

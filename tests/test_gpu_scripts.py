@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from finetune.bench.runner import default_resolution, parse_variants
-from finetune.launch_options import processes_asked
+from finetune.distributed.launch_options import processes_asked
 
 CI = Path(__file__).parents[1] / ".ci"
 

@@ -1,14 +1,14 @@
-"""The prompt beside a grid's row (finetune/grid_labels.py via sampling.make_grid): its words apart, its text within its
+"""The prompt beside a grid's row (finetune/sampling/grid_labels.py via sampling.make_grid): its words apart, its text within its
 row's part of the margin, in a font that grows with the cell; with Pillow's bitmap font too, where FreeType is missing."""
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFont
 
-import finetune.grid_labels as grid_labels
-from finetune.grid_labels import ELLIPSIS, label_font, label_lines, line_width
-from finetune.image_bounds import GRID_LABEL_WIDTH
-from finetune.sampling import make_grid
+from finetune.data.image_bounds import GRID_LABEL_WIDTH
+from finetune.sampling.grid_labels import ELLIPSIS, label_font, label_lines, line_width
+import finetune.sampling.grid_labels as grid_labels
+from finetune.sampling.pipelines import make_grid
 
 BLUE = (90, 140, 200)
 LONG = "a very long prompt " * 50 + "a_tag_list_written_without_a_single_space_in_it_" * 3
@@ -86,7 +86,7 @@ def test_a_long_prompt_stays_in_its_rows_margin_ellipsized(cell, fonts, monkeypa
 
 def test_the_demos_grid_is_drawn_with_pillow_10_0s_font_too(monkeypatch):
     """pyproject.toml allows Pillow 10.0, whose load_default takes no size: the demo's grid asked for 14 px and raised."""
-    from finetune.demo import MIN_CELL, labelled_grid
+    from finetune.demo.page import MIN_CELL, labelled_grid
 
     bitmap_font_only(monkeypatch)
     grid = labelled_grid([[Image.new("RGB", (64, 64), "gray")] * 2], ["base", "quickstart x1"], [0])
@@ -98,8 +98,8 @@ def test_one_wrapper_breaks_a_prompt_at_spaces_and_a_column_name_after_its_joins
     """grid_labels.wrapped with each rule: a row's prompt breaks at spaces, which are dropped (its words are drawn a
     word_gap apart), a word too wide for a line on lines of its own; the demo's column name breaks after + / _ - or a
     space, each kept, a part too wide for a line continuing the line it starts on, letter by letter."""
-    from finetune.demo import header_lines
-    from finetune.grid_labels import AFTER_JOINS, AT_SPACES, wrapped
+    from finetune.demo.page import header_lines
+    from finetune.sampling.grid_labels import AFTER_JOINS, AT_SPACES, wrapped
 
     font = ImageFont.load_default(size=14)
     width = font.getlength("quickstart+") + 1

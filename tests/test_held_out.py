@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 from controlnet_helpers import controlnet_recipe
 
-import finetune.held_out as held_out_module
-from finetune.check_data import checked_examples
 from finetune.config import DataConfig
+from finetune.data_check.check import checked_examples
 from finetune.errors import FinetuneError
-from finetune.held_out import image_identities, split_held_out
-from finetune.trainer import train
+from finetune.training.held_out import image_identities, split_held_out
+import finetune.training.held_out as held_out_module
+from finetune.training.trainer import train
 
 
 def test_held_out_images_never_train_and_their_loss_is_reported_at_each_validation(make_recipe, tmp_path, monkeypatch, capsys):
-    import finetune.trainer as trainer
-    import finetune.training_run as training_run
+    import finetune.training.trainer as trainer
+    import finetune.training.training_run as training_run
 
     trained_on, scored = set(), set()
     real_getitem, real_loss = held_out_module.TrainingSubset.__getitem__, training_run.held_out_loss
@@ -105,7 +105,7 @@ def test_check_datas_choice_is_a_new_runs_beside_no_checkpoint_or_a_damaged_one(
     """A damaged trainer state stops a resume (`read_state`), not a new run: check-data says it and shows a new run's choice."""
     from types import SimpleNamespace
 
-    from finetune.held_out import held_out_for_check
+    from finetune.training.held_out import held_out_for_check
 
     items = [SimpleNamespace(digest=f"pixels {i}", source=f"{i}.png") for i in range(6)]
     new = split_held_out(image_identities(items), 2, 3)

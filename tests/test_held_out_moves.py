@@ -7,9 +7,9 @@ import shutil
 import pytest
 from PIL import Image
 
-import finetune.held_out as held_out_module
 from finetune.toyworld.datasets import write_folder
-from finetune.trainer import train
+import finetune.training.held_out as held_out_module
+from finetune.training.trainer import train
 
 COMMON = dict(validation__loss_images=1, validation__every_n_steps=2, checkpoint__every_n_steps=2, train__max_steps=4)
 
@@ -70,7 +70,7 @@ def test_moving_a_data_folder_keeps_the_held_out_images_and_the_resumed_curve(ma
 
 def run_from_before(make_recipe, two_folders, output_dir, monkeypatch):
     """A run as finetune made them before: held out by the images' full paths, its checkpoints list none of them."""
-    import finetune.trainer as trainer
+    import finetune.training.trainer as trainer
 
     def by_full_paths(items, count, seed, checkpoint=None):
         return held_out_module.HeldOutSplit(*held_out_module.split_by_full_paths([item.source for item in items], count, seed), [], [])
@@ -113,8 +113,8 @@ def test_a_checkpoint_from_before_keeps_the_images_it_held_out_or_says_they_chan
 def test_check_data_of_a_run_to_resume_shows_the_images_the_resume_holds_out(make_recipe, two_folders, tmp_path, held_out_names, monkeypatch, capsys):
     """output_dir holds checkpoints: the next run resumes (or starts over with --overwrite), and a checkpoint from before
     keeps the images it held out by full paths, which are not the ones a new run would hold out with this data."""
-    import finetune.check_data_command as command
-    from finetune.cli import main
+    from finetune.cli.main import main
+    import finetune.data_check.command as command
 
     old = run_from_before(make_recipe, two_folders, tmp_path / "old", monkeypatch)
     shown = []

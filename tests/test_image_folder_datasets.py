@@ -7,9 +7,9 @@ import json
 import pytest
 from PIL import Image
 
-from finetune.cli import main
+from finetune.cli.main import main
 from finetune.config import DataConfig
-from finetune.sources import read_examples
+from finetune.data.sources import read_examples
 from conftest import SHIPPED_BASE  # a base check-data finds offline (the default hub id is in no cache)
 
 ADVICE = "which datasets' imagefolder searches for its files at every load"
@@ -17,7 +17,7 @@ ADVICE = "which datasets' imagefolder searches for its files at every load"
 
 @pytest.fixture
 def many_images(tmp_path, monkeypatch):
-    monkeypatch.setattr("finetune.image_folder_datasets.SLOW_IMAGE_FOLDER_COUNT", 3)
+    monkeypatch.setattr("finetune.data.image_folder_datasets.SLOW_IMAGE_FOLDER_COUNT", 3)
     folder = tmp_path / "photos"
     folder.mkdir()
     rows = []
@@ -59,5 +59,5 @@ def test_it_is_not_said_where_image_dir_would_read_other_images_or_captions(many
     (many_images / "more" / "x.png").unlink()
     (many_images / "metadata.jsonl").write_text("".join(json.dumps({key: row[key] for key in ("file_name", "text")}) + "\n" for row in rows))
     assert ADVICE in check_data(many_images, tmp_path, capsys)  # as it was: said again
-    monkeypatch.setattr("finetune.image_folder_datasets.SLOW_IMAGE_FOLDER_COUNT", 4)  # no more than the threshold: quick enough
+    monkeypatch.setattr("finetune.data.image_folder_datasets.SLOW_IMAGE_FOLDER_COUNT", 4)  # no more than the threshold: quick enough
     assert ADVICE not in check_data(many_images, tmp_path, capsys)

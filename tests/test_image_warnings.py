@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from finetune.check_data import WARNING, inspect_examples
-from finetune.conditions import make_conditions
 from finetune.config import DataConfig
+from finetune.controlnet.conditions import make_conditions
+from finetune.data.images import open_rgb
+from finetune.data.sources import Example, read_examples
+from finetune.data_check.check import WARNING, inspect_examples
 from finetune.errors import FinetuneError
-from finetune.images import open_rgb
-from finetune.sources import Example, read_examples
 
 
 def cut_exif_photo(path: Path) -> Path:
@@ -57,9 +57,9 @@ def test_an_image_is_named_once_and_not_by_the_training_loader_after_the_check(t
 
 
 def test_other_warnings_and_pillows_outside_a_decode_are_shown_as_ever(tmp_path, recwarn, monkeypatch):
-    import finetune.image_warnings
+    import finetune.data.image_warnings
 
-    monkeypatch.setattr(finetune.image_warnings, "_shown_outside", set())  # as in a process that has shown none yet
+    monkeypatch.setattr(finetune.data.image_warnings, "_shown_outside", set())  # as in a process that has shown none yet
     photo = cut_exif_photo(tmp_path / "e.jpg")
     open_rgb(Example(str(photo), "", lambda: Image.open(photo)))
     warnings.warn("not about an image")

@@ -15,13 +15,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import finetune.earlier_run as earlier_run
-import finetune.trainer as trainer
-from finetune.cli import main
-from finetune.earlier_run import put_back_interrupted_checkpoints
+from finetune.checkpoints.earlier_run import put_back_interrupted_checkpoints
+import finetune.checkpoints.earlier_run as earlier_run
+from finetune.checkpoints.run_files import STATE_FILE
+from finetune.cli.main import main
+from finetune.config.recipe_loading import load_recipe
 from finetune.errors import FinetuneError
-from finetune.recipe_loading import load_recipe
-from finetune.run_files import STATE_FILE
+import finetune.training.trainer as trainer
 from ranks import run_ranks
 
 
@@ -70,8 +70,8 @@ def test_every_process_picks_the_newest_whole_folder_whichever_lists_the_checkpo
 
 
 def test_a_resume_names_a_checkpoint_a_kill_left_by_its_own_name_and_a_fresh_run_counts_it(tmp_path):
-    from finetune.earlier_run import guard_earlier_run
-    from finetune.run_files import resolve_resume
+    from finetune.checkpoints.earlier_run import guard_earlier_run
+    from finetune.checkpoints.run_files import resolve_resume
 
     checkpoints = tmp_path / "checkpoints"
     killed_between_the_renames(checkpoints, new_complete=True)
@@ -157,7 +157,7 @@ def test_a_run_resumes_from_a_checkpoint_a_kill_left_unrenamed_and_keeps_it(make
 def test_a_complete_checkpoint_a_kill_left_before_its_rename_is_resumed_and_put_back(tmp_path):
     """The first save of step 4, killed after it had written the folder and before renaming it: its next save deleted the
     `.partial-` folder. Complete, it holds trainer_state.json, which a save writes last, once the other files are on the disk."""
-    from finetune.run_files import resolve_resume
+    from finetune.checkpoints.run_files import resolve_resume
 
     checkpoints = tmp_path / "checkpoints"
     killed_between_the_renames(checkpoints, new_complete=True)
@@ -186,7 +186,7 @@ def test_an_old_folder_left_alone_is_put_back_without_a_word_of_a_replacement(tm
 
 
 def test_check_data_shows_the_held_out_images_of_the_checkpoint_resume_latest_takes(tmp_path):
-    from finetune.held_out import HELD_OUT_STATE, held_out_for_check
+    from finetune.training.held_out import HELD_OUT_STATE, held_out_for_check
 
     items = [SimpleNamespace(digest=f"pixels {i}", source=f"{i}.png") for i in range(6)]
     (tmp_path / "checkpoints" / ".partial-checkpoint-4").mkdir(parents=True)
@@ -200,8 +200,8 @@ def test_a_finished_runs_saves_are_finished_once_every_process_has_read_its_chec
     main process put the checkpoint back (and rotated) while another still read it where it lay, which then failed on the
     folder gone; and a process that listed the folder after the rename named the `.partial-` folder in its error line, which
     then differed from the main one's and was said too. Now the main process waits for the others, and each names it alike."""
-    from finetune.earlier_run import finish_a_finished_runs_saves
-    from finetune.run_files import read_state
+    from finetune.checkpoints.earlier_run import finish_a_finished_runs_saves
+    from finetune.checkpoints.run_files import read_state
 
     checkpoints = tmp_path / "run" / "checkpoints"
     for name in ("checkpoint-2", ".partial-checkpoint-4"):

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-import finetune.checkpoint as checkpoint
-import finetune.resume_checks as resume_checks
-import finetune.trainer as trainer
+import finetune.checkpoints.checkpoint as checkpoint
+import finetune.checkpoints.resume_checks as resume_checks
+from finetune.checkpoints.run_files import STATE_FILE, resolve_resume
 from finetune.errors import FinetuneError
-from finetune.run_files import STATE_FILE, resolve_resume
+import finetune.training.trainer as trainer
 
 
 def test_a_finished_runs_last_checkpoint_a_stop_left_before_its_rename_is_put_back_and_named(make_recipe, monkeypatch, capsys):

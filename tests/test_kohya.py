@@ -15,18 +15,18 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from finetune.cli import main
-from finetune.image_bounds import GRID_LABEL_WIDTH
-from finetune.sampling import make_grid
+from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
+from finetune.cli.main import main
 from finetune.config import LoRAConfig
-from finetune.kohya import LoRA, LoRALayer, export_lora, kohya_name, load_lora, module_key, save_lora_file, to_kohya
-from finetune.merge import merge_into
 from finetune.config.methods import TEXT_ENCODER_TARGETS
+from finetune.data.image_bounds import GRID_LABEL_WIDTH
+from finetune.formats.kohya import LoRA, LoRALayer, export_lora, kohya_name, load_lora, module_key, save_lora_file, to_kohya
+from finetune.formats.merge import merge_into
 from finetune.methods.lora import add_lora, save_lora
-from finetune.run_files import LORA_WEIGHTS_NAME
-from finetune.tiny_model import build_tiny_pipeline
-from finetune.output_metadata import output_metadata
-from finetune.trainer import train
+from finetune.models.tiny_model import build_tiny_pipeline
+from finetune.outputs.metadata import output_metadata
+from finetune.sampling.pipelines import make_grid
+from finetune.training.trainer import train
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -72,7 +72,7 @@ def assert_close(a, b, atol=1e-5):
 def trained(tiny_model, tmp_path_factory, image_folder):
     """A training output folder as `finetune train` leaves it: LoRA (UNet + text encoder), samples, and
     the reference outputs of the live peft model."""
-    from finetune.recipe_loading import recipe_from_dict
+    from finetune.config.recipe_loading import recipe_from_dict
 
     run = tmp_path_factory.mktemp("run") / "striped-lora"
     recipe = recipe_from_dict({
@@ -235,7 +235,7 @@ def test_export_command_writes_metadata_and_a_model_card(trained, tiny_model, tm
 def test_a_cards_samples_are_never_the_grid_drawn_before_training(tmp_path):
     # The quickstart's checkpoint-200, exported, showed samples/step-000000.png (the base's squares for "star") as its
     # samples and their first image as the webui's thumbnail: the newest grid up to step 200, the run's next being 300.
-    from finetune.model_card import newest_sample_grid
+    from finetune.formats.model_card import newest_sample_grid
 
     (tmp_path / "samples").mkdir()
     for step in (0, 300):
@@ -290,7 +290,7 @@ def test_merge_replaces_an_existing_folder_only_when_asked_and_never_its_source(
     assert (mine / "notes.txt").read_text() == "keep me"
     assert main([*merge, str(mine), "--overwrite"]) == 0 and (mine / "model_index.json").is_file()
     # The demo lists it with what was merged, as it lists a training run's pipeline.
-    from finetune.adapter_scan import scan_adapters
+    from finetune.demo.adapter_scan import scan_adapters
 
     [merged] = [a for a in scan_adapters(tmp_path).values() if a.path == mine]
     merged_loras = json.loads(merged.metadata.pop("finetune.merged_loras"))
@@ -358,7 +358,7 @@ def test_an_fp16_export_is_half_the_file_and_loads_in_diffusers_alike(trained, t
 def test_locon_files_name_the_linear_layers_rank_and_the_convolutions_apart(tmp_path):
     """sd-scripts' network_dim is the linear (and 1x1) layers' rank, conv_dim the 3x3 convolutions', even
     where the convolutions are the most; rsLoRA's alphas (alpha x sqrt(rank)) are written rounded."""
-    from finetune.model_card import write_model_card
+    from finetune.formats.model_card import write_model_card
 
     linear = LoRALayer(torch.zeros(4, 8), torch.zeros(8, 4), 4.000000000000001)
     conv = LoRALayer(torch.zeros(2, 8, 3, 3), torch.zeros(8, 2, 1, 1), 2.0000000000000004)

@@ -4,8 +4,8 @@ name the webui shows and every shared copy of the file carries; sd-scripts write
 import pytest
 from safetensors import safe_open
 
-from finetune.adapter_records import adapter_base, recorded_base
-from finetune.base_names import shared_base_name
+from finetune.outputs.base_names import shared_base_name
+from finetune.sampling.adapter_records import adapter_base, recorded_base
 
 
 @pytest.mark.parametrize(("given", "written"), [("/home/alice/models/sd15", "sd15"), ("/home/alice/models/sd15/", "sd15"),
@@ -34,7 +34,7 @@ def test_the_webuis_name_of_the_base_is_the_one_finetune_base_model_shares(adapt
     the revision's folder, in what the webui shows."""
     from safetensors.numpy import load_file, save_file
 
-    from finetune.cli import main
+    from finetune.cli.main import main
 
     snapshot = tmp_path / "hub" / "models--runwayml--stable-diffusion-v1-5" / "snapshots" / "1d0c4eb"
     snapshot.mkdir(parents=True)

@@ -1,9 +1,9 @@
-"""finetune/launch_options.py reads an `accelerate launch` command line as accelerate 1.16 does: a --cpu launch never reads
+"""finetune/distributed/launch_options.py reads an `accelerate launch` command line as accelerate 1.16 does: a --cpu launch never reads
 the default config file and always starts one process (launch_command's simple launcher), and refuses --multi_gpu."""
 
 import pytest
 
-import finetune.launch_options as launch_options
+import finetune.distributed.launch_options as launch_options
 from finetune.errors import FinetuneError
 
 LAUNCHER = ["/venv/bin/python", "/venv/bin/accelerate", "launch"]
@@ -35,18 +35,18 @@ def test_a_cpu_launch_asking_for_two_processes_is_not_told_to_add_multi_gpu_whic
 
 @pytest.mark.parametrize("launch", ["two processes asked", "deepspeed config not found"])
 def test_finetune_train_refuses_its_launch_before_the_data_check_decodes_every_image(launch, image_folder, tmp_path, monkeypatch, capsys):
-    """finetune/deepspeed_checks.py's refusals are made "before anything loads (the data check, ...)": since the command
-    checks the data before train() (finetune/checked_once.py), a corrupt image (after every image decoded) was said in their place."""
+    """finetune/distributed/deepspeed_checks.py's refusals are made "before anything loads (the data check, ...)": since the command
+    checks the data before train() (finetune/data_check/checked_once.py), a corrupt image (after every image decoded) was said in their place."""
     import shutil
 
-    import finetune.train_command
-    from finetune.cli import main
+    from finetune.cli.main import main
+    import finetune.cli.train_command
     from test_data_checked_first import write_recipe
 
     folder = shutil.copytree(image_folder, tmp_path / "data")
     (folder / "zz_corrupt.png").write_bytes(b"garbage")
     (folder / "zz_corrupt.txt").write_text("x")
-    monkeypatch.setattr(finetune.train_command, "_run_training", lambda *args: pytest.fail("the training stack was loaded"))
+    monkeypatch.setattr(finetune.cli.train_command, "_run_training", lambda *args: pytest.fail("the training stack was loaded"))
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     if launch == "two processes asked":
         monkeypatch.setattr(launch_options, "launcher_command_line", lambda: [*LAUNCHER, "--num_processes", "2", *SCRIPT])

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from finetune.stopping import lone_launcher
+from finetune.distributed.stopping import lone_launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,7 +19,7 @@ TRAINING = """
 import os, sys, time
 from pathlib import Path
 from types import SimpleNamespace
-from finetune.stopping import StopRequest
+from finetune.distributed.stopping import StopRequest
 
 out = Path(sys.argv[1])
 with StopRequest(SimpleNamespace(num_processes=1)) as stop:

@@ -14,14 +14,14 @@ from PIL import Image
 from transformers import CLIPTokenizer
 from conftest import SHIPPED_BASE
 
-from finetune.cache import caption_key
 from finetune.config import ModelConfig
-from finetune.encoders import chunks_needed, text_hidden_states, token_chunks
-from finetune.kohya import to_kohya
-from finetune.kohya_metadata import finetune_metadata_from_kohya
-from finetune.models import load_base_model
-from finetune.sampling import build_pipeline, generate, prompt_arguments
-from finetune.trainer import train
+from finetune.data.cache import caption_key
+from finetune.formats.kohya import to_kohya
+from finetune.formats.kohya_metadata import finetune_metadata_from_kohya
+from finetune.models.encoders import chunks_needed, text_hidden_states, token_chunks
+from finetune.models.loading import load_base_model
+from finetune.sampling.pipelines import build_pipeline, generate, prompt_arguments
+from finetune.training.trainer import train
 
 LONG = ", ".join(["red circle", "blue square", "green triangle"] * 14)  # ~84 words: over 75 tokens, under 150
 
@@ -104,7 +104,7 @@ def test_training_reads_long_captions_whole_and_the_text_cache_agrees(make_recip
 
 
 def to_kohya_metadata(path):
-    from finetune.kohya import load_lora
+    from finetune.formats.kohya import load_lora
 
     return to_kohya(load_lora(path))[1]
 
@@ -121,8 +121,8 @@ def test_sampling_reads_a_long_prompt_whole(base):
 
 
 def test_class_images_and_batches_read_long_prompts_whole(base, tmp_path):
-    from finetune.class_images import generate_class_images
     from finetune.config import ClassImageGeneration
+    from finetune.dreambooth.class_images import generate_class_images
 
     pipeline = build_pipeline(base)
     batch = prompt_arguments(pipeline, ["red circle", LONG], None)
@@ -147,8 +147,8 @@ def test_starting_from_a_lora_trained_on_another_caption_length_warns(make_recip
 
 
 def test_the_model_card_says_the_pipeline_cuts_long_prompts(tmp_path):
-    from finetune.kohya import LoRA, LoRALayer
-    from finetune.model_card import write_model_card
+    from finetune.formats.kohya import LoRA, LoRALayer
+    from finetune.formats.model_card import write_model_card
 
     layers = {"unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q": LoRALayer(torch.zeros(2, 4), torch.zeros(4, 2), 2.0)}
     long_card = write_model_card(LoRA(layers, {"finetune.max_token_length": "150"}), tmp_path / "long.safetensors", "kohya")[0].read_text()
@@ -158,7 +158,7 @@ def test_the_model_card_says_the_pipeline_cuts_long_prompts(tmp_path):
 
 
 def test_check_data_counts_caption_tokens_with_the_recipes_tokenizer(tiny_model, tmp_path, capsys):
-    from finetune.cli import main
+    from finetune.cli.main import main
 
     folder = tmp_path / "data"
     folder.mkdir()
@@ -178,7 +178,7 @@ def test_check_data_counts_caption_tokens_with_the_recipes_tokenizer(tiny_model,
     assert f"fatal: base model {tmp_path / 'nowhere'} not found" in out
     assert f"captions: not counted in tokens, {tmp_path / 'nowhere'}'s tokenizer is not at hand" in out
     # The tokenizer alone: the check does not wait for diffusers and the models to load.
-    script = f"import sys; from finetune.cli import main; assert main(['check-data', {str(recipe)!r}]) == 0; print(' '.join(sys.modules))"
+    script = f"import sys; from finetune.cli.main import main; assert main(['check-data', {str(recipe)!r}]) == 0; print(' '.join(sys.modules))"
     checked = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert checked.returncode == 0 and "captions are longer" in checked.stdout, checked.stderr[-2000:]
     assert "transformers" in checked.stdout.split() and "diffusers" not in checked.stdout.split()
@@ -198,7 +198,7 @@ def test_check_data_with_the_hub_out_of_reach_says_its_own_line_alone_and_reads_
     shutil.copytree(SHIPPED_BASE / "tokenizer", cached / "snapshots" / ("0" * 40) / "tokenizer")
     (cached / "refs").mkdir()
     (cached / "refs" / "main").write_text("0" * 40)
-    script = (f"from finetune.cli import main\nfor base in ('someone/not-cached', 'someone/cached-sd'):\n"
+    script = (f"from finetune.cli.main import main\nfor base in ('someone/not-cached', 'someone/cached-sd'):\n"
               f"    assert main(['check-data', {str(recipe)!r}, 'model.pretrained=' + base]) == 0")  # fmt: skip
     hub_settings = ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ENDPOINT", "HF_HOME")
     env = {**{k: v for k, v in os.environ.items() if k not in hub_settings}, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
@@ -214,7 +214,7 @@ def test_the_untrained_step_0_grid_reads_prompts_as_the_base_did(base):
     """The step-0 validation grid of a run from the base alone is drawn as the base itself samples (predicting_as_pretrained):
     with model.max_token_length 150 it read even a short prompt in 2 chunks, states the base never learned, so the
     'before' grid was not what the base draws (`finetune sample --base` reads it in one)."""
-    from finetune.sampling import trained_prompt_chunks
+    from finetune.sampling.pipelines import trained_prompt_chunks
 
     with base.predicting_as_pretrained():
         assert trained_prompt_chunks(build_pipeline(base, max_token_length=150)) == 1

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import finetune.step_losses as step_losses
-import finetune.training_run as training_run
 from finetune.methods.dreambooth import DreamBoothMethod
-from finetune.trainer import train
+import finetune.training.step_losses as step_losses
+from finetune.training.trainer import train
+import finetune.training.training_run as training_run
 from operation_counts import CountOperations
 
 
@@ -76,7 +76,7 @@ def test_the_running_losses_add_no_term_to_zero_and_weigh_the_loss_once():
     """StepLosses began each sum at 0.0 (an add of the first term to 0) and weighed the loss twice (for its running sum
     and for the step's): on a GPU a kernel launch each. Now a term is multiplied once where its weight is not 1, and
     added from a sum's second term on; the sums are the same bits."""
-    from finetune.step_losses import StepLosses
+    from finetune.training.step_losses import StepLosses
 
     micro_batches = [{"loss": torch.tensor(0.7 + i), "prior": torch.tensor(0.3 * i + 0.1)} for i in range(2)]
     running = StepLosses()

@@ -1,4 +1,4 @@
-"""A LoRA's weights cast to autocast's precision together in a training forward (`finetune.lora_casts`): the loss and
+"""A LoRA's weights cast to autocast's precision together in a training forward (`finetune.models.lora_casts`): the loss and
 every gradient those of autocast's casts one weight at a time, to the bit; where autocast's casts stay (gradient
 checkpointing's recomputed forward, inference), they are autocast's own."""
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 
-from finetune.accelerate_state import clear_accelerate_settings
 from finetune.config import LoRAConfig, ModelConfig
 from finetune.methods.lora import add_lora
-from finetune.models import load_base_model
+from finetune.models.loading import load_base_model
+from finetune.training.accelerate_state import clear_accelerate_settings
 
 
 def test_the_lora_unet_under_accelerates_bf16_wrapper_is_one_graph(tiny_model):

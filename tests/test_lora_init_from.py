@@ -11,17 +11,17 @@ import yaml
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
-from finetune.encoders import encode_prompts
+from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
 from finetune.errors import FinetuneError
-from finetune.kohya import load_lora, save_lora_file
-from finetune.run_files import LORA_WEIGHTS_NAME
-from finetune.trainer import train
+from finetune.formats.kohya import load_lora, save_lora_file
+from finetune.models.encoders import encode_prompts
+from finetune.training.trainer import train
 from test_lora_training import lora_model, unet_output
 
 
 def test_init_from_starts_as_base_plus_that_lora_in_any_layout(make_recipe, tiny_model, tmp_path):
     """sd-scripts' network_weights: a new run starts from a trained LoRA (ours or sd-scripts' layout, another alpha)."""
-    from finetune.cli import main
+    from finetune.cli.main import main
 
     first = train(make_recipe(output_dir=str(tmp_path / "first"), train__max_steps=3, lora__train_text_encoder=True))
     assert main(["export", str(first.output_dir), str(tmp_path / "kohya"), "--to", "kohya"]) == 0
@@ -106,7 +106,7 @@ def test_a_run_started_from_a_lora_says_so_records_it_and_keeps_it_when_resumed(
     assert f"starting from the LoRA {first.output_dir} (lora.init_from): {layers} layers, rank 4, alpha 2, trained 3 steps" in capsys.readouterr().out
     with safe_open(str(continued.output_dir / LORA_WEIGHTS_NAME), "pt") as f:
         assert f.metadata()["finetune.init_from"] == "first" and f.metadata()["finetune.steps"] == "2"
-    from finetune.cli import main
+    from finetune.cli.main import main
 
     assert main(["export", str(continued.output_dir), str(tmp_path / "webui"), "--to", "kohya"]) == 0
     assert "| started from | the LoRA `first`" in (tmp_path / "webui" / "continued.md").read_text()
@@ -131,11 +131,11 @@ def test_a_lora_recording_no_prediction_type_is_taken_as_the_bases_and_sampled_s
     as epsilon and later grids as v; one recording v is read as v from the start. DreamBooth's LoRA does the same."""
     from accelerate import Accelerator
 
-    from finetune.accelerate_state import clear_accelerate_settings
     from finetune.methods import METHODS
     from finetune.methods.lora import add_lora, save_lora
-    from finetune.models import load_base_model
-    from finetune.validation import run_validation
+    from finetune.models.loading import load_base_model
+    from finetune.training.accelerate_state import clear_accelerate_settings
+    from finetune.training.validation import run_validation
 
     recipe = make_recipe()
     unet = load_base_model(recipe.model).unet
@@ -173,7 +173,7 @@ def test_a_lora_recording_no_prediction_type_is_taken_as_the_bases_and_sampled_s
 
 def test_the_recorded_name_of_lora_init_from_is_its_folders_name_also_when_given_as_a_dot(make_recipe, tmp_path, monkeypatch):
     """`lora.init_from=.`, run in the LoRA's folder, recorded an empty name ("." has none)."""
-    from finetune.output_metadata import output_metadata
+    from finetune.outputs.metadata import output_metadata
 
     (tmp_path / "first").mkdir()
     monkeypatch.chdir(tmp_path / "first")

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from finetune.errors import FinetuneError
-from finetune import trainer
-from finetune.kohya import LoRA, LoRALayer, save_lora_file
-from finetune.trainer import train
+from finetune.formats.kohya import LoRA, LoRALayer, save_lora_file
+from finetune.training import trainer
+from finetune.training.trainer import train
 from test_lora_training import lora_model
 
 TO_K = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"

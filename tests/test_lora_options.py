@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
 from finetune.errors import FinetuneError
-from finetune.kohya import load_lora, to_kohya
-from finetune.kohya_metadata import LORAPLUS_KEYS, finetune_metadata_from_kohya
-from finetune.run_files import LORA_WEIGHTS_NAME
-from finetune.model_card import write_model_card
-from finetune.trainer import train
+from finetune.formats.kohya import load_lora, to_kohya
+from finetune.formats.kohya_metadata import LORAPLUS_KEYS, finetune_metadata_from_kohya
+from finetune.formats.model_card import write_model_card
+from finetune.training.trainer import train
 
 
 def test_loraplus_moves_the_up_weights_ratio_times_faster_in_each_group(make_recipe, tmp_path, capsys, monkeypatch):
@@ -121,7 +121,7 @@ def test_a_rank_past_every_adapted_layer_is_refused_before_peft_allocates():
 
     from finetune.config import LoRAConfig
     from finetune.methods.lora import add_lora, check_ranks_fit, conv_3x3_targets
-    from finetune.tiny_model import build_tiny_pipeline
+    from finetune.models.tiny_model import build_tiny_pipeline
 
     pipeline = build_tiny_pipeline(seed=3)
     refused = [

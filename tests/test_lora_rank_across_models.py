@@ -5,7 +5,7 @@ import pytest
 
 from finetune.errors import FinetuneError
 from finetune.methods.lora import LoRAMethod
-from finetune.models import load_base_model
+from finetune.models.loading import load_base_model
 
 
 def test_a_rank_the_unet_uses_is_kept_with_a_narrower_text_encoder(make_recipe):

@@ -15,7 +15,7 @@ def truncated_while_loaded(path: str) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from finetune.kohya import load_lora
+    from finetune.formats.kohya import load_lora
 
     down, up = torch.randn(4, 65536), torch.randn(65536, 4)  # a megabyte each: pages of their own, past the header's
     save_file({"unet.mid_block.attentions.0.proj_in.lora.down.weight": down, "unet.mid_block.attentions.0.proj_in.lora.up.weight": up},
@@ -48,7 +48,7 @@ def test_a_file_that_is_no_lora_is_refused_from_its_header_before_it_is_read_who
     from safetensors.torch import save_file
 
     from finetune.errors import FinetuneError
-    from finetune.kohya import load_lora
+    from finetune.formats.kohya import load_lora
 
     path = tmp_path / "model.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4_000_000)}, str(path))  # 16 MB

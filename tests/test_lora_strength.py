@@ -5,10 +5,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from finetune.cli import main
-from finetune.inference import load_sampling_pipeline
-from finetune.run_files import LORA_WEIGHTS_NAME
-from finetune.trainer import train
+from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
+from finetune.cli.main import main
+from finetune.sampling.inference import load_sampling_pipeline
+from finetune.training.trainer import train
 
 
 def unet_output(pipeline) -> torch.Tensor:

@@ -10,18 +10,18 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from finetune.run_files import list_checkpoints
-from finetune.data import CaptionedImageDataset, collate
+from finetune.checkpoints.run_files import list_checkpoints
+from finetune.data.items import CaptionedImageDataset, collate
 from data_examples import load_examples
+from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
 from finetune.errors import FinetuneError
-from finetune.kohya import load_lora, save_lora_file, to_kohya
-from finetune.diffusion import add_noise, per_sample_loss
-from finetune.encoders import encode_prompts, latents_from_moments, posterior_moments
+from finetune.formats.kohya import load_lora, save_lora_file, to_kohya
+from finetune.formats.model_card import write_model_card
 from finetune.methods.lora import LoRAMethod
-from finetune.run_files import LORA_WEIGHTS_NAME
-from finetune.model_card import write_model_card
-from finetune.models import load_base_model
-from finetune.trainer import train
+from finetune.models.encoders import encode_prompts, latents_from_moments, posterior_moments
+from finetune.models.loading import load_base_model
+from finetune.training.diffusion import add_noise, per_sample_loss
+from finetune.training.trainer import train
 from numerics import bit_identical_on_cpu
 
 
@@ -80,7 +80,7 @@ LOCON = {"lora__conv_rank": 2, "lora__conv_alpha": 3.0}
 
 @pytest.mark.parametrize("targets, conv", [("attention", {}), ("all", {}), ("all", LOCON)], ids=["attention", "all", "locon"])
 def test_only_lora_weights_change_and_saved_file_reproduces_the_trained_unet(make_recipe, targets, conv, monkeypatch):
-    import finetune.trainer as trainer_module
+    import finetune.training.trainer as trainer_module
 
     trained = []
     monkeypatch.setattr(trainer_module, "load_base_model", lambda *a, **k: trained.append(load_base_model(*a, **k)) or trained[-1])
@@ -128,7 +128,7 @@ def test_only_lora_weights_change_and_saved_file_reproduces_the_trained_unet(mak
         assert (metadata["finetune.conv_rank"], metadata["finetune.conv_alpha"]) == ("2", "3.0")
         from types import SimpleNamespace
 
-        from finetune.demo import table_row  # the demo's adapter table
+        from finetune.demo.page import table_row  # the demo's adapter table
 
         assert table_row(SimpleNamespace(name="r", kind="lora", layout="diffusers", metadata=metadata, refused=None))[5] == "4 (3x3 conv 2)"
         assert "| 3x3 conv layers (LoCon) | rank 2 / alpha 3 (scaled by 1.5) |" in write_model_card(lora, lora_file, "diffusers")[0].read_text()
@@ -141,7 +141,7 @@ def test_only_lora_weights_change_and_saved_file_reproduces_the_trained_unet(mak
 def test_frozen_parts_are_bit_identical_after_training(make_recipe):
     """Train in-process and compare every non-LoRA tensor of the UNet, VAE and text encoder to a fresh load."""
     recipe = make_recipe(train__max_steps=3)
-    import finetune.trainer as trainer_module
+    import finetune.training.trainer as trainer_module
 
     captured = {}
     original = trainer_module.load_base_model
@@ -248,7 +248,7 @@ def test_bf16_mixed_precision_keeps_lora_weights_fp32(make_recipe):
 
 @bit_identical_on_cpu
 def test_channels_last_is_applied_and_trains_the_same_adapter(make_recipe, tmp_path, monkeypatch):
-    import finetune.trainer as trainer
+    import finetune.training.trainer as trainer
 
     loaded = []
     monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: loaded.append(load_base_model(*a, **k)) or loaded[-1])
@@ -326,7 +326,7 @@ def test_lora_on_the_text_encoder_trains_at_its_own_rate_and_loads_in_diffusers(
 
 
 def test_the_trained_adapter_is_on_disk_before_the_last_validation_samples(make_recipe, monkeypatch):
-    import finetune.training_run as training_run
+    import finetune.training.training_run as training_run
 
     def broken_sampler(*args, **kwargs):
         raise RuntimeError("the sampler broke")

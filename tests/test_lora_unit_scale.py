@@ -1,4 +1,4 @@
-"""The training step's LoRA layers without peft's multiply by a scale of 1 (`finetune.lora_unit_scale`): the same
+"""The training step's LoRA layers without peft's multiply by a scale of 1 (`finetune.models.lora_unit_scale`): the same
 loss and gradients to the bit as peft's own forward, fp32 and under bf16 autocast, with two operators fewer per
 layer (the multiply and its gradient) where alpha = rank, and one gradient copy fewer per attention output
 projection (a Linear's tokens as one matrix)."""
@@ -10,9 +10,9 @@ import torch
 from peft.tuners.lora.layer import LoraLayer
 
 from finetune.config import LoRAConfig
-from finetune.lora_unit_scale import UnitScaleLoRA
 from finetune.methods.lora import add_lora
-from finetune.tiny_model import build_tiny_pipeline
+from finetune.models.lora_unit_scale import UnitScaleLoRA
+from finetune.models.tiny_model import build_tiny_pipeline
 from operation_counts import CountOperations
 
 
@@ -54,7 +54,7 @@ def test_loss_and_gradients_are_peft_plain_forwards_to_the_bit(mixed_precision, 
     fewer, more = peft_plain[2] - ours[2], ours[2] - peft_plain[2]
     # Each to_out's gradient comes non-contiguous (Transformer2DModel permutes its output to NCHW): copied once for
     # the base layer and lora_B together, not once by each. And at alpha = rank one multiply forward and one backward
-    # fewer per layer. Under autocast the Linear LoRAs' weights are cast together (finetune.lora_casts), not one by one:
+    # fewer per layer. Under autocast the Linear LoRAs' weights are cast together (finetune.models.lora_casts), not one by one:
     # a foreach copy forward and one backward for a cast per weight each way (each still allocated). Nothing else.
     to_outs = sum(name.endswith("to_out.0") for name, module in unet.named_modules() if isinstance(module, LoraLayer))
     cast = 2 * sum(isinstance(layer.lora_A["default"], torch.nn.Linear) for layer in layers) if mixed_precision else 0  # A and B

@@ -11,17 +11,17 @@ import torch
 import yaml
 from PIL import Image
 
-import finetune.methods.base as method_base
-from finetune.check_data import CONVERTED, WARNING, inspect_examples
-from finetune.cli import main
+from finetune.cli.main import main
 from finetune.config import DataConfig, LossMaskConfig
-from finetune.data import CaptionedImageDataset
+from finetune.data.items import CaptionedImageDataset
+from finetune.data_check.check import CONVERTED, WARNING, inspect_examples
+import finetune.methods.base as method_base
 from data_examples import load_examples
-from finetune.diffusion import NoisedBatch, per_sample_loss
+from finetune.data.loss_mask import MIN_NORMALIZING_SHARE, latent_loss_weights, preview, read_mask_file
+from finetune.data.sources import read_examples
 from finetune.errors import FinetuneError
-from finetune.loss_mask import MIN_NORMALIZING_SHARE, latent_loss_weights, preview, read_mask_file
-from finetune.sources import read_examples
-from finetune.trainer import train
+from finetune.training.diffusion import NoisedBatch, per_sample_loss
+from finetune.training.trainer import train
 from test_dreambooth import dreambooth_recipe
 from odd_images import noise
 from test_objective import SCHEDULER
@@ -209,7 +209,7 @@ def test_cached_latents_give_the_masked_run_the_same_losses(make_recipe, tmp_pat
             assert halves[0] < 0.3 * halves[1]  # one half (the left, or the right when flipped) dimmed
     assert not (unmasked.output_dir / "samples" / "loss-masks.png").exists()
     # Recorded, and in the kohya export as sd-scripts' ss_masked_loss (which LoRA inspectors show).
-    from finetune.kohya import load_lora, to_kohya
+    from finetune.formats.kohya import load_lora, to_kohya
 
     masked_lora, plain_lora = (load_lora(run.output_dir / "pytorch_lora_weights.safetensors") for run in (plain, unmasked))
     assert masked_lora.metadata["finetune.loss_mask"] == "files" and "finetune.loss_mask" not in plain_lora.metadata
@@ -338,8 +338,8 @@ def test_a_mask_no_view_can_reach_and_alpha_without_any_transparency_stop_before
 
 
 def test_review_cases_exact_names_first_8_bit_values_in_16_bits_opaque_alpha_and_16_bit_keyed_images(tmp_path, capsys):
-    from finetune.images import open_rgb
-    from finetune.sources import Example
+    from finetune.data.images import open_rgb
+    from finetune.data.sources import Example
 
     folder = tmp_path / "data"
     (folder / "masks").mkdir(parents=True)

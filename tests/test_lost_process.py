@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from finetune.error_exchange import lost_process_said
+from finetune.distributed.error_exchange import lost_process_said
 from finetune.errors import FinetuneError
 from ports import free_port
 
@@ -17,17 +17,17 @@ ONE_KILLED = r"""
 import os, signal, sys, time
 from types import SimpleNamespace
 import torch, torch.distributed as dist
-import finetune.cli as cli, finetune.native_resolution, finetune.recipe_loading, finetune.run_refusals, finetune.starting_files, finetune.train_command, finetune.train_inputs
-import finetune.distributed  # (accelerate: seconds) before the processes join, as the run's errors meet them after it
+import finetune.cli.main as cli, finetune.models.native_resolution, finetune.config.recipe_loading, finetune.cli.run_refusals, finetune.data_check.starting_files, finetune.cli.train_command, finetune.data_check.train_inputs
+import finetune.distributed.processes  # (accelerate: seconds) before the processes join, as the run's errors meet them after it
 
 dist.init_process_group("gloo")
-finetune.recipe_loading.load_recipe = lambda path, overrides: SimpleNamespace(output_dir=sys.argv[1], data=SimpleNamespace(resolution=512), model=SimpleNamespace(pretrained="", single_file_config=None))
-finetune.train_inputs.check_inputs_exist = lambda recipe: None
-finetune.train_inputs.check_data_first = lambda recipe: None  # nor data
-finetune.starting_files.check_starting_files = lambda recipe, resuming: None  # nor the files it starts from
-finetune.run_refusals.check_run_first = lambda *a: None  # nor train()'s refusals of the run
-finetune.native_resolution.far_from_native_line = lambda *a: None  # the fake recipe names no real base
-finetune.train_command.quiet_weight_progress_bars = lambda: None  # (imports diffusers and transformers: 3 CPU s a process)
+finetune.config.recipe_loading.load_recipe = lambda path, overrides: SimpleNamespace(output_dir=sys.argv[1], data=SimpleNamespace(resolution=512), model=SimpleNamespace(pretrained="", single_file_config=None))
+finetune.data_check.train_inputs.check_inputs_exist = lambda recipe: None
+finetune.data_check.train_inputs.check_data_first = lambda recipe: None  # nor data
+finetune.data_check.starting_files.check_starting_files = lambda recipe, resuming: None  # nor the files it starts from
+finetune.cli.run_refusals.check_run_first = lambda *a: None  # nor train()'s refusals of the run
+finetune.models.native_resolution.far_from_native_line = lambda *a: None  # the fake recipe names no real base
+finetune.cli.train_command.quiet_weight_progress_bars = lambda: None  # (imports diffusers and transformers: 3 CPU s a process)
 
 def train(recipe, **options):
     if dist.get_rank() == 0:
@@ -35,7 +35,7 @@ def train(recipe, **options):
     time.sleep(1)
     dist.all_reduce(torch.ones(4))  # a step's gradients
 
-sys.modules["finetune.trainer"] = SimpleNamespace(train=train)  # (diffusers not imported: seconds)
+sys.modules["finetune.training.trainer"] = SimpleNamespace(train=train)  # (diffusers not imported: seconds)
 sys.exit(cli.main(["train", "recipe.yaml"]))
 """
 

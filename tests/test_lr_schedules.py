@@ -3,9 +3,9 @@
 import pytest
 
 from finetune.config import OptimizerConfig
+from finetune.config.recipe_loading import recipe_from_dict
 from finetune.errors import FinetuneError
-from finetune.optim import schedule_factor
-from finetune.recipe_loading import recipe_from_dict
+from finetune.optim.optimizers import schedule_factor
 
 MINIMAL = {"data": {"image_dir": "images"}}
 
@@ -36,7 +36,7 @@ def test_a_run_with_restarts_logs_the_rate_starting_again(make_recipe, monkeypat
     """The trainer builds the recipe's schedule: train/lr, logged each step, goes back up at the restart."""
     from accelerate import Accelerator
 
-    from finetune.trainer import train
+    from finetune.training.trainer import train
 
     logged = []
     monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, log_kwargs=None: logged.append(values["train/lr"]))
@@ -58,7 +58,7 @@ def test_a_warm_up_given_as_a_share_of_the_run_is_said_to_count_steps():
 def test_a_resume_that_changes_the_length_lays_out_each_side_with_its_own_schedule(make_recipe, tmp_path):
     """A checkpoint of 1 cycle over 10 steps resumed at step 4 for 3 cycles over 20: the old side was laid out with the new
     num_cycles (90% at step 4, where its own 1 cycle gave 65%), and train.max_steps=10 alone was said to keep it."""
-    from finetune.run_length import resume_warnings
+    from finetune.training.run_length import resume_warnings
 
     state = {"step": 4, "max_steps": 10, "recipe": {"optimizer.scheduler": "cosine_with_restarts", "optimizer.num_cycles": 1, "optimizer.warmup_steps": 0}}
     recipe = make_recipe(train__max_steps=20, optimizer__scheduler="cosine_with_restarts", optimizer__num_cycles=3)

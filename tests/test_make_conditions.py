@@ -8,17 +8,17 @@ import pytest
 from controlnet_helpers import controlnet_recipe
 from PIL import Image
 
-from finetune.cli import main
-from finetune.conditions import make_conditions
+from finetune.cli.main import main
+from finetune.controlnet.conditions import make_conditions
 from finetune.errors import FinetuneError
 from finetune.methods.controlnet import ControlNetMethod
 from finetune.toyworld.datasets import write_folder
 from finetune.toyworld.world import draw, sample_scenes
-from finetune.trainer import train
+from finetune.training.trainer import train
 
 
 def test_make_conditions_into_a_file_is_one_line(tmp_path, capsys):
-    from finetune.cli import main
+    from finetune.cli.main import main
 
     (tmp_path / "notes.txt").write_text("not a folder")
     assert main(["make-conditions", str(Path(__file__).parent.parent / "datasets" / "star"), str(tmp_path / "notes.txt" / "out"), "--kind", "canny"]) == 2
@@ -60,8 +60,8 @@ def test_a_controlnet_records_how_its_conditioning_was_made_and_sample_says_it(m
     """make-conditions writes its kind and thresholds beside metadata.jsonl; a ControlNet trained on the folder
     records them, and `finetune sample` says what kind of --condition it wants (a photo given to an edge
     ControlNet is the usual mistake). A folder of conditioning images made otherwise records nothing."""
-    from finetune.adapter_records import saved_model_metadata
-    from finetune.run_files import CONTROLNET_DIR
+    from finetune.checkpoints.run_files import CONTROLNET_DIR
+    from finetune.sampling.adapter_records import saved_model_metadata
 
     source = write_folder(tmp_path / "photos", 2, seed=4)
     data = tmp_path / "edges"

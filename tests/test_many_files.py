@@ -8,9 +8,9 @@ import pathlib
 import pytest
 from PIL import Image
 
-import finetune.caption_overrides as caption_overrides
+import finetune.captions.overrides as caption_overrides
 from finetune.config import DataConfig
-from finetune.sources import folder_images, image_subfolders, unread_images
+from finetune.data.sources import folder_images, image_subfolders, unread_images
 
 
 def captioned_folder(folder: pathlib.Path, count: int) -> pathlib.Path:
@@ -80,7 +80,7 @@ def test_the_caption_files_of_a_folder_are_listed_once_for_all_readers(tmp_path,
     a_minute_ago = time.time_ns() - 60 * 10**9  # a folder changed within a tick of its listing is listed again (test_folder_listings)
     os.utime(folder, ns=(a_minute_ago, a_minute_ago))
     listed, scandir = [], os.scandir
-    by_captions = ("captions.py", "caption_overrides.py")  # not the image listings of folder_images
+    by_captions = (os.path.join("captions", "captions.py"), os.path.join("captions", "overrides.py"))  # not the image listings of folder_images
     monkeypatch.setattr(os, "scandir", lambda path=".": listed.append(sys._getframe(1).f_code.co_filename.endswith(by_captions)) or scandir(path))
     config = DataConfig(image_dir=str(folder), resolution=64)
     for _ in range(2):
@@ -95,7 +95,7 @@ def test_captions_are_counted_in_tokens_a_chunk_at_a_time():
     from transformers import CLIPTokenizer
 
     from conftest import SHIPPED_BASE
-    from finetune.caption_tokens import long_captions_line
+    from finetune.captions.tokens import long_captions_line
 
     tokenizer = CLIPTokenizer.from_pretrained(SHIPPED_BASE, subfolder="tokenizer")
     batches = []

@@ -1,4 +1,4 @@
-"""finetune.master_weights.local_slice: the part of a whole parameter value that each process's fp32 master holds,
+"""finetune.training.master_weights.local_slice: the part of a whole parameter value that each process's fp32 master holds,
 as DeepSpeed lays them out (what a resumed weight average takes back from ema.safetensors). The launched runs of
 test_deepspeed_ema.py resume through it, but none of the tiny models' parameters has an odd size, so ZeRO-3's padded
 last partition is checked here."""
@@ -8,9 +8,9 @@ from types import MethodType, SimpleNamespace
 import pytest
 import torch
 
-from finetune.ema import MasterWeightAverage
 from finetune.errors import FinetuneError
-from finetune.master_weights import local_master, local_slice
+from finetune.training.ema import MasterWeightAverage
+from finetune.training.master_weights import local_master, local_slice
 
 
 def test_zero3_partitions_each_parameter_and_pads_the_last_one(monkeypatch):

@@ -1,5 +1,5 @@
 """The start-up check that DeepSpeed's fp32 masters are where the weight average reads each process's slice of them
-(finetune.master_weights.check_layout): under ZeRO-1/2 through the parameter's `_hp_mapping`, which no public API
+(finetune.training.master_weights.check_layout): under ZeRO-1/2 through the parameter's `_hp_mapping`, which no public API
 replaces. Here on one process holding part of a flat fp32 group, the fragments made by DeepSpeed's own
 get_hp_fragment_mapping; the launched runs of tests/test_deepspeed_ema.py pass it under ZeRO-2, ZeRO-3 and ZeRO-3
 with an offloaded optimizer. A DeepSpeed that lays the masters out otherwise is one line, not a silent wrong average."""
@@ -8,9 +8,9 @@ import pytest
 import torch
 from deepspeed.utils import fragment_address, get_hp_fragment_mapping
 
-from finetune import master_weights
-from finetune.ema import MasterWeightAverage, WeightAverage, weight_average
 from finetune.errors import FinetuneError
+from finetune.training import master_weights
+from finetune.training.ema import MasterWeightAverage, WeightAverage, weight_average
 
 REFUSAL = r"^train.ema_decay: DeepSpeed \S+ keeps the fp32 master weights otherwise than finetune reads each process's slice of them \(%s.*\); .*pip install deepspeed==0.19.8\), or set train.ema_decay: null$"
 

@@ -6,16 +6,16 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
 from finetune.config import LoRAConfig
-from finetune.ema import WeightAverage
 from finetune.errors import FinetuneError
-from finetune.kohya import load_lora, to_kohya
-from finetune.max_norm import apply_max_norm, lora_layers
+from finetune.formats.kohya import load_lora, to_kohya
+from finetune.formats.model_card import write_model_card
 from finetune.methods.lora import add_lora
-from finetune.run_files import LORA_WEIGHTS_NAME
-from finetune.model_card import write_model_card
-from finetune.models import load_base_model
-from finetune.trainer import train
+from finetune.models.loading import load_base_model
+from finetune.optim.max_norm import apply_max_norm, lora_layers
+from finetune.training.ema import WeightAverage
+from finetune.training.trainer import train
 
 
 def explicit_norm(layer) -> torch.Tensor:

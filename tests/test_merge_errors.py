@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from finetune.errors import FinetuneError
-from finetune.merge import merge_lora
+from finetune.formats.merge import merge_lora
 
 Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 

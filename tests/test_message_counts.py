@@ -3,10 +3,10 @@
 
 from PIL import Image
 
-from finetune.check_data import inspect_examples
 from finetune.config import DataConfig
-from finetune.sources import read_examples
-from finetune.trainer import train
+from finetune.data.sources import read_examples
+from finetune.data_check.check import inspect_examples
+from finetune.training.trainer import train
 
 
 def test_the_training_line_says_one_process_in_the_singular(make_recipe, capsys):

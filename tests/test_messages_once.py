@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-import finetune.cache
-from finetune.cache import EncodingCache
 from finetune.config import OptimizerConfig
-from finetune.optim import build_optimizer
-from finetune.recipe_loading import load_recipe
-from finetune.trainer import train
+from finetune.config.recipe_loading import load_recipe
+from finetune.data.cache import EncodingCache
+import finetune.data.cache
+from finetune.optim.optimizers import build_optimizer
+from finetune.training.trainer import train
 
 RECIPES = Path(__file__).parent.parent / "recipes"
 UNUSED = [f"dreambooth.concepts.0.instance_dir={RECIPES.parent / 'datasets' / 'star'}", "dreambooth.prior_preservation=false"]
@@ -57,14 +57,14 @@ def test_a_damaged_cache_entry_two_processes_meet_is_told_once(tmp_path, monkeyp
     Now the process that removes it says so (any process may be the one), the others find it gone."""
     ours, theirs = EncodingCache(tmp_path), EncodingCache(tmp_path)
     (tmp_path / "k.safetensors").write_bytes(b"cut short")
-    real = finetune.cache.load_file
+    real = finetune.data.cache.load_file
 
     def load_file(path):  # while this process reads it, the other reads it, finds it damaged and removes it
-        monkeypatch.setattr(finetune.cache, "load_file", real)
+        monkeypatch.setattr(finetune.data.cache, "load_file", real)
         assert theirs._load("k") is None
         return real(path)
 
-    monkeypatch.setattr(finetune.cache, "load_file", load_file)
+    monkeypatch.setattr(finetune.data.cache, "load_file", load_file)
     assert ours._load("k") is None
     assert capsys.readouterr().out == f"warning: cache entry {tmp_path / 'k.safetensors'} is damaged: encoding it again\n"
 

@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finetune.check_data import CONVERTED, FATAL, WARNING, inspect_examples
-from finetune.cli import main
+from finetune.cli.main import main
 from finetune.config import DataConfig
-from finetune.data import CaptionedImageDataset
+from finetune.data.items import CaptionedImageDataset
+from finetune.data_check.check import CONVERTED, FATAL, WARNING, inspect_examples
 from data_examples import load_examples
-from finetune.images import decode
+from finetune.data.images import decode
+from finetune.data.sources import Example, read_examples
 from finetune.errors import FinetuneError
-from finetune.sources import Example, read_examples
 
 
 def noise(path, size=(64, 64), seed=0):
@@ -137,7 +137,7 @@ def test_captions_in_upper_case_files_and_of_several_lines(tmp_path):
 def test_a_datasets_lists_of_captions_train_one_each_epoch_and_paths_for_images_are_one_line(tmp_path):
     import datasets
 
-    from finetune.captions import training_caption
+    from finetune.captions.captions import training_caption
 
     images = [Image.new("RGB", (64, 64), colour) for colour in ("red", "blue", "green")]
     # COCO's several captions per image: it stopped ("holds list, not text"), where diffusers' script draws one.
@@ -191,17 +191,17 @@ def test_paths_may_start_with_the_home_folder_and_bad_settings_name_their_key(tm
 
 
 def test_a_108_megapixel_photo_is_no_decompression_bomb(tmp_path, monkeypatch):
-    import finetune.images
+    import finetune.data.images
 
-    # As importing finetune.images (and so finetune.data) sets it; a demo test in this process may have lowered it for browser uploads.
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", finetune.images.TRUSTED_IMAGE_PIXELS)
+    # As importing finetune.data.images (and so finetune.data.items) sets it; a demo test in this process may have lowered it for browser uploads.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", finetune.data.images.TRUSTED_IMAGE_PIXELS)
     Image.new("L", (12000, 9000)).save(tmp_path / "phone.png")  # a real phone's size; Pillow warns above 89M pixels
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert decode(Example(str(tmp_path / "phone.png"), "x", lambda: Image.open(tmp_path / "phone.png"))).size == (12000, 9000)
-    fresh = subprocess.run([sys.executable, "-c", "import finetune.data; from PIL import Image; print(Image.MAX_IMAGE_PIXELS)"],
+    fresh = subprocess.run([sys.executable, "-c", "import finetune.data.items; from PIL import Image; print(Image.MAX_IMAGE_PIXELS)"],
                            capture_output=True, text=True, check=True)  # fmt: skip
-    assert int(fresh.stdout.split()[-1]) == finetune.images.TRUSTED_IMAGE_PIXELS
+    assert int(fresh.stdout.split()[-1]) == finetune.data.images.TRUSTED_IMAGE_PIXELS
 
 
 def test_invalid_exif_orientations_are_not_said_to_rotate(tmp_path):
@@ -214,7 +214,7 @@ def test_invalid_exif_orientations_are_not_said_to_rotate(tmp_path):
 
 
 def test_make_conditions_reads_captions_as_training_does(tmp_path):
-    from finetune.conditions import make_conditions
+    from finetune.controlnet.conditions import make_conditions
 
     (tmp_path / "in").mkdir()
     noise(tmp_path / "in" / "a.png")
@@ -227,7 +227,7 @@ def test_make_conditions_reads_captions_as_training_does(tmp_path):
 
 
 def test_errors_from_loader_workers_and_closed_pipes_are_one_line(tmp_path, monkeypatch, capsys):
-    import finetune.cli as cli
+    import finetune.cli.main as cli
 
     worker = "Caught FinetuneError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n  File ...\nfinetune.errors.FinetuneError: the real message"
     monkeypatch.setitem(cli.COMMANDS, "check-data", lambda args: (_ for _ in ()).throw(FinetuneError(worker)))

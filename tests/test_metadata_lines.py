@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from finetune.captions import split_at_line_ends
-from finetune.metadata_files import folder_captions, metadata_rows
+from finetune.captions.captions import split_at_line_ends
+from finetune.captions.metadata_files import folder_captions, metadata_rows
+from finetune.captions.metadata_lines import metadata_lines
 from finetune.errors import FinetuneError
-from finetune.metadata_lines import metadata_lines
 
 ROWS = 40
 NOTES = 100_000  # an extra column of each row: 4 MB of file, none of it a caption
@@ -99,7 +99,7 @@ def test_a_csv_cell_as_long_as_a_row_reads_and_a_quote_never_closed_is_one_line(
 def test_a_quote_never_closed_names_the_line_its_row_starts_on_for_every_reader(tmp_path):
     """A reader that iterates the rows without asking for the header first (metadata_rows, make-conditions' _input_rows)
     named the header's line 1 for a quote opened in the first row, whose line is 2; an open quote in the header is line 1."""
-    from finetune.metadata_lines import csv_rows
+    from finetune.captions.metadata_lines import csv_rows
 
     table = tmp_path / "metadata.csv"
     table.write_text('file_name,text\na.png,"a cat\n' + "".join(f"{name}.png,{name * 150_000}\n" for name in "bc"))
@@ -114,7 +114,7 @@ def test_a_quote_never_closed_names_the_line_its_row_starts_on_for_every_reader(
 def test_a_quote_never_closed_in_a_controlnet_metadata_csv_header_names_the_file_with_its_folder(tmp_path):
     """ControlNet's reader of conditioning file names said 'metadata.csv line 1: ...' of a header's open quote: not which
     folder's file (a user with several data folders, or a check-data of several sources, could not tell)."""
-    from finetune.controlnet_pairs import _conditioning_files
+    from finetune.controlnet.pairs import _conditioning_files
 
     table = tmp_path / "pairs" / "metadata.csv"
     table.parent.mkdir()
@@ -125,7 +125,7 @@ def test_a_quote_never_closed_in_a_controlnet_metadata_csv_header_names_the_file
 def test_a_bad_csv_row_below_blank_lines_is_said_at_its_own_line(tmp_path):
     """csv skips blank lines: a row's error named the blank line above it (a quote never closed) or counted rows, not
     lines ('row 3' for the row on line 5). Each names the line the row starts on, as a metadata.jsonl's do."""
-    from finetune.metadata_files import read_csv_captions
+    from finetune.captions.metadata_files import read_csv_captions
 
     table = tmp_path / "metadata.csv"
     table.write_text("file_name,text\na.png,a cat\n\n\nb.png,1girl, solo\n")
@@ -147,7 +147,7 @@ def test_a_csv_header_below_blank_lines_is_read_as_the_header(tmp_path):
     """A metadata.csv starting with a blank line (an export, a hand edit) was read as a header of no columns ('has: none'),
     though csv skips blank lines above a row and pandas, which datasets reads it with, above the header too. Each row's
     line is still its own."""
-    from finetune.metadata_files import read_csv_captions
+    from finetune.captions.metadata_files import read_csv_captions
 
     table = tmp_path / "metadata.csv"
     table.write_text("\n\r\nfile_name;text\na.png;a cat\n")
@@ -164,7 +164,7 @@ def test_a_quote_never_closed_in_a_short_metadata_csv_header_is_one_line_saying_
     """Short of csv's field limit, a header's open quote took the rows below into a column's name: the error dumped the
     file over many lines ("has: file_name, conditioning_file_name,text\\n0.png,..."), and said to double a quote inside
     a caption, which a header holds none of."""
-    from finetune.metadata_files import read_csv_captions
+    from finetune.captions.metadata_files import read_csv_captions
 
     table = tmp_path / "metadata.csv"
     table.write_text('file_name,"text\na.png,a cat\nb.png,a dog\n')

@@ -1,6 +1,6 @@
 """A metadata row finds its image as a case-insensitive file system (macOS, Windows) would open it for
 `datasets`' imagefolder, and as .txt captions are found: by the exact name, else by the one file whose name
-differs only in letter case (finetune/file_names.py). A row that fits no image, or two, stops training and
+differs only in letter case (finetune/captions/file_names.py). A row that fits no image, or two, stops training and
 check-data alike with one line naming the metadata file and the row."""
 
 import json
@@ -8,12 +8,12 @@ import re
 
 import pytest
 
-from finetune.check_data import inspect_examples
-from finetune.cli import main
+from finetune.cli.main import main
 from finetune.config import DataConfig
-from finetune.controlnet_pairs import _conditioning_files
+from finetune.controlnet.pairs import _conditioning_files
+from finetune.data.sources import read_examples
+from finetune.data_check.check import inspect_examples
 from finetune.errors import FinetuneError
-from finetune.sources import read_examples
 from odd_images import captioned, noise
 
 

@@ -14,13 +14,13 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-import finetune.trainer as trainer
 from finetune.config import OptimizerConfig
 from finetune.errors import FinetuneError
-from finetune.models import load_base_model
-from finetune.optim import build_optimizer
+from finetune.models.loading import load_base_model
+from finetune.optim.optimizers import build_optimizer
 from finetune.toyworld.datasets import write_folder
-from finetune.trainer import train
+from finetune.training.trainer import train
+import finetune.training.trainer as trainer
 from conftest import build_recipe
 from numerics import bit_identical_on_cpu
 
@@ -202,7 +202,7 @@ def test_accelerates_regional_compilation_does_fail_on_the_unet():
     """Why the run above is refused; when this stops failing, the refusal can go."""
     from accelerate.utils import compile_regions
 
-    from finetune.tiny_model import build_tiny_pipeline
+    from finetune.models.tiny_model import build_tiny_pipeline
 
     unet = build_tiny_pipeline().unet
     compiled = compile_regions(unet, backend="eager")  # the same wrapping, without inductor's minutes

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from finetune.adapter_records import recorded_base, recorded_base_config
-from finetune.cli import base_or_recorded
+from finetune.cli.main import base_or_recorded
 from finetune.errors import FinetuneError
+from finetune.sampling.adapter_records import recorded_base, recorded_base_config
 
 LORA_KEY = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"
 

@@ -4,11 +4,11 @@
 import pytest
 import torch
 
-import finetune.trainer as trainer
-from finetune.device_copy import to_device
 from finetune.errors import FinetuneError
-from finetune.placement import inference_placement
-from finetune.trainer import train
+from finetune.sampling.placement import inference_placement
+from finetune.training.device_copy import to_device
+from finetune.training.trainer import train
+import finetune.training.trainer as trainer
 
 
 def test_copies_to_mps_wait_for_their_source(monkeypatch):
@@ -61,7 +61,7 @@ def test_a_launch_on_the_cpu_of_a_machine_with_a_gpu_is_checked_for_the_cpu(make
     trains on the CPU whatever GPU the machine has. fp16 went past the check because the machine had one, to fail in
     the model (fp16 weights meeting fp32 inputs, accelerate's autocast being off on the CPU); bf16 was refused for the
     GPU's want of it (a Mac before macOS 14, a T4), with advice to use fp16, which the CPU cannot run."""
-    import finetune.distributed as distributed
+    import finetune.distributed.processes as distributed
 
     class PastTheCheck(Exception):
         pass
@@ -95,7 +95,7 @@ MPS_OUT_OF_MEMORY = ("MPS backend out of memory (MPS allocated: 9.00 GiB, other 
 def test_sampling_out_of_mps_memory_is_made_in_halves(monkeypatch, capsys):
     """Validation grids, `finetune sample` and the demo remake a batch that ran out of GPU memory in halves: on a Mac the
     error went through, and a validation grid too large for its memory stopped the run."""
-    import finetune.sampling as sampling
+    import finetune.sampling.pipelines as sampling
 
     monkeypatch.setattr(sampling, "PIXELS_PER_CALL", 4 * 64 * 64)
     tried = []
@@ -117,10 +117,10 @@ def test_sampling_out_of_mps_memory_is_made_in_halves(monkeypatch, capsys):
 
 
 def test_class_images_out_of_mps_memory_are_made_in_halves(tiny_model, tmp_path, monkeypatch):
-    import finetune.class_images as class_images
     from finetune.config import ClassImageGeneration, ModelConfig
-    from finetune.models import load_base_model
-    from finetune.sampling import build_pipeline
+    import finetune.dreambooth.class_images as class_images
+    from finetune.models.loading import load_base_model
+    from finetune.sampling.pipelines import build_pipeline
 
     real_make, tried = class_images._make, []
 
@@ -138,13 +138,13 @@ def test_class_images_out_of_mps_memory_are_made_in_halves(tiny_model, tmp_path,
 
 
 def test_sample_out_of_mps_memory_is_one_line(tiny_model, tmp_path, monkeypatch, capsys):
-    import finetune.inference
-    from finetune.cli import main
+    from finetune.cli.main import main
+    import finetune.sampling.inference
 
     def out_of_memory(*args, **kwargs):
         raise RuntimeError(MPS_OUT_OF_MEMORY)
 
-    monkeypatch.setattr(finetune.inference, "generate_with_settings", out_of_memory)
+    monkeypatch.setattr(finetune.sampling.inference, "generate_with_settings", out_of_memory)
     assert main(["sample", "--base", str(tiny_model), "--prompt", "a", "--resolution", "2048", "--out", str(tmp_path / "s")]) == 2
     assert capsys.readouterr().err.strip().endswith("error: out of memory sampling 2048x2048 px images: lower --resolution (this model's own is 64)")
 
@@ -157,11 +157,11 @@ def test_8bit_optimizers_fall_back_to_adamw_on_mps_said_before_the_data_check(im
     import yaml
     from conftest import SHIPPED_BASE
 
-    import finetune.train_command
-    import finetune.train_inputs
-    from finetune.cli import main
+    from finetune.cli.main import main
+    import finetune.cli.train_command
     from finetune.config import OptimizerConfig
-    from finetune.optim import build_optimizer
+    import finetune.data_check.train_inputs
+    from finetune.optim.optimizers import build_optimizer
 
     a_mac(monkeypatch, (14, 0))
     monkeypatch.setattr(sys, "platform", "darwin")
@@ -175,8 +175,8 @@ def test_8bit_optimizers_fall_back_to_adamw_on_mps_said_before_the_data_check(im
         said["by train()"] = capsys.readouterr().out
         raise FinetuneError("stopped here by the test")
 
-    monkeypatch.setattr(finetune.train_inputs, "check_data_first", data_check)
-    monkeypatch.setattr(finetune.train_command, "_run_training", training)
+    monkeypatch.setattr(finetune.data_check.train_inputs, "check_data_first", data_check)
+    monkeypatch.setattr(finetune.cli.train_command, "_run_training", training)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"model": {"pretrained": str(SHIPPED_BASE)}, "output_dir": str(tmp_path / "run"), "optimizer": {"name": "adamw8bit"},
                                       "data": {"image_dir": str(image_folder), "resolution": 64}, "validation": {"prompts": []}}))  # fmt: skip

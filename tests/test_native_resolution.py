@@ -10,8 +10,8 @@ import shutil
 from test_cli_startup import run_in_fresh_python
 
 from finetune.config import SINGLE_FILE_SUFFIXES
-from finetune.native_resolution import SINGLE_FILE_SUFFIXES as SUFFIXES_WITHOUT_PYDANTIC
-from finetune.native_resolution import native_resolution
+from finetune.models.native_resolution import SINGLE_FILE_SUFFIXES as SUFFIXES_WITHOUT_PYDANTIC
+from finetune.models.native_resolution import native_resolution
 
 TOO_LARGE = "more than the 600,000,000 pixels finetune opens (PIL refuses larger images as decompression bombs)"
 

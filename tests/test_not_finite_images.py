@@ -7,9 +7,9 @@ import warnings
 import numpy as np
 import pytest
 
-from finetune.finite_images import SAMPLING_OVERFLOW, VALIDATION_OVERFLOW
-from finetune.models import load_base_model
-from finetune.sampling import build_pipeline, generate
+from finetune.models.loading import load_base_model
+from finetune.sampling.finite_images import SAMPLING_OVERFLOW, VALIDATION_OVERFLOW
+from finetune.sampling.pipelines import build_pipeline, generate
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_finite_images_are_the_pipelines_own_pixels_and_say_nothing(pipeline):
 
 
 def test_a_validation_grid_of_nan_says_the_run_may_have_diverged_and_training_goes_on(make_recipe, capsys):
-    from finetune.trainer import train
+    from finetune.training.trainer import train
 
     recipe = make_recipe(train__max_steps=2, validation__prompts=["a red circle --l 1e30"], validation__images_per_prompt=1,
                          validation__num_inference_steps=2, validation__every_n_steps=1)  # fmt: skip
@@ -49,7 +49,7 @@ def test_a_validation_grid_of_nan_says_the_run_may_have_diverged_and_training_go
 
 
 def test_the_demo_says_the_line_in_its_status_text(tiny_model, tmp_path, capsys):
-    from finetune.demo_engine import DemoEngine, Request
+    from finetune.demo.engine import DemoEngine, Request
 
     (tmp_path / "adapters").mkdir()
     images, _, _, status = DemoEngine(str(tiny_model), tmp_path / "adapters").render(Request(prompt="a red circle", steps=2, guidance=1e30, seed=3))
@@ -63,7 +63,7 @@ def test_the_line_is_said_over_samples_denoising_bar_not_after_it(pipeline, monk
     import io
     import sys
 
-    from finetune.sampling import denoising_bar
+    from finetune.sampling.pipelines import denoising_bar
 
     terminal = io.StringIO()  # stdout and stderr: one terminal
     monkeypatch.setattr(sys, "stdout", terminal)

@@ -7,12 +7,12 @@ import torch
 from diffusers import DDPMScheduler
 
 import finetune.methods.base as method_base
-from finetune.diffusion import (
+from finetune.training.diffusion import (
     BatchRandomness, NoisedBatch, NoiseOptions, add_noise, debiased_weight, draw_noise, draw_perturbation, huber_threshold, per_sample_loss, snr,
 )  # fmt: skip
+from finetune.config.recipe_loading import recipe_from_dict
 from finetune.errors import FinetuneError
-from finetune.recipe_loading import recipe_from_dict
-from finetune.trainer import train
+from finetune.training.trainer import train
 
 SCHEDULER = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 V_SCHEDULER = DDPMScheduler.from_config(SCHEDULER.config, prediction_type="v_prediction")
@@ -201,7 +201,7 @@ def test_a_timestep_range_the_model_does_not_have_is_said_before_the_data_check(
     import json
     import shutil
 
-    from finetune.cli import main
+    from finetune.cli.main import main
 
     data = shutil.copytree(image_folder, tmp_path / "data")
     (data / "0000.png").write_bytes(b"cut short")
@@ -215,7 +215,7 @@ def test_a_timestep_range_the_model_does_not_have_is_said_before_the_data_check(
 def test_offset_noise_of_random_strength_scales_the_offset_by_one_uniform_draw_a_batch():
     """sd-scripts' noise_offset_random_strength: the offset of test_offset_noise_... times one U(0, 1) value for the micro-batch;
     the noise and timesteps are the same draws, and without the switch the offset is as before."""
-    from finetune.diffusion import OFFSET_STRENGTH_STREAM
+    from finetune.training.diffusion import OFFSET_STRENGTH_STREAM
 
     shape = (4, 16, 16)
     plain, timesteps = draw_noise(randomness(), shape, range(1000))

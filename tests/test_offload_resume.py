@@ -1,6 +1,6 @@
 """A resume under DeepSpeed with the optimizer offloaded to CPU (DeepSpeed's CPU Adam; the shipped zero2_offload.json
 and zero3_offload.json) continues the uninterrupted run's curve bit for bit. The CPU Adam keeps Adam's bias-correction powers outside its checkpoint and a
-fresh one computes them otherwise (finetune/cpu_adam_steps.py): without the replay the masters differed by 1.2e-7 after
+fresh one computes them otherwise (finetune/checkpoints/cpu_adam_steps.py): without the replay the masters differed by 1.2e-7 after
 the first resumed step, and by more after each next."""
 
 import pytest
@@ -9,7 +9,7 @@ from conftest import build_recipe
 from safetensors.torch import load_file
 from test_distributed import deepspeed, launch, wait, write
 
-from finetune.cpu_adam_steps import continue_step_powers
+from finetune.checkpoints.cpu_adam_steps import continue_step_powers
 
 STEPS = 4
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from finetune.config import OptimizerConfig
-from finetune.optim import build_optimizer, step_size
+from finetune.optim.optimizers import build_optimizer, step_size
 
 
 @pytest.mark.parametrize("name,states", [("adamw8bit", ("state1", "state2")), ("paged_adamw8bit", ("state1", "state2")), ("lion8bit", ("state1",))])
@@ -84,7 +84,7 @@ def test_adafactor_keeps_a_row_and_a_column_per_matrix_and_descends():
 
 
 def test_adafactor_on_one_flat_tensor_moves_the_weights_otherwise_than_on_each_weight():
-    """Why DeepSpeed refuses it (finetune.deepspeed_checks): ZeRO hands the optimizer each process's shard of
+    """Why DeepSpeed refuses it (finetune.distributed.deepspeed_checks): ZeRO hands the optimizer each process's shard of
     the weights as one flat tensor, which Adafactor neither factors nor clips weight by weight. AdamW moves them alike."""
     torch.manual_seed(0)
     weights = [torch.randn(16, 8), torch.randn(8) * 10]
@@ -128,7 +128,7 @@ def test_a_step_fp16_loss_scaling_skips_does_not_advance_the_learning_rate_sched
     from accelerate import Accelerator
     from accelerate.optimizer import AcceleratedOptimizer
 
-    from finetune.trainer import train
+    from finetune.training.trainer import train
 
     def learning_rates(skipped_steps: set[int], name: str) -> list[float]:
         logged, finished = [], [0]

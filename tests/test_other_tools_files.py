@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from finetune.adapter_scan import scan_adapters
+from finetune.demo.adapter_scan import scan_adapters
 from finetune.errors import FinetuneError
-from finetune.kohya import load_lora
+from finetune.formats.kohya import load_lora
 
 Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 PLAIN = {f"{Q}.lora_down.weight": torch.zeros(4, 32), f"{Q}.lora_up.weight": torch.zeros(32, 4), f"{Q}.alpha": torch.tensor(4.0)}
@@ -77,7 +77,7 @@ def test_an_attention_processor_lora_of_diffusers_loads_as_diffusers_loads_it(tm
     from conftest import SHIPPED_BASE
     from diffusers import StableDiffusionPipeline
 
-    from finetune.inference import load_sampling_pipeline
+    from finetune.sampling.inference import load_sampling_pipeline
 
     base = load_sampling_pipeline(str(SHIPPED_BASE))
     path = tmp_path / "pytorch_lora_weights.safetensors"
@@ -105,7 +105,7 @@ def test_a_controlnet_given_as_one_file_is_said_to_be_one_not_missing(make_recip
     """`--controlnet FILE` and `controlnet.pretrained: FILE` said '... not found' of a file that is there."""
     from conftest import REPO
 
-    from finetune.cli import main
+    from finetune.cli.main import main
     from finetune.methods.controlnet import ControlNetMethod
 
     original = tmp_path / "control_sd15_canny.safetensors"
@@ -134,8 +134,8 @@ def test_a_single_file_base_of_one_part_only_is_one_line(tmp_path, capfd):
     """A UNet-only file (or a ControlNet's, or a VAE's) given as the base was diffusers' SingleFileComponentError traceback."""
     from test_single_file import sd15_shaped_pipeline
 
-    from finetune.cli import main
-    from finetune.single_file_export import UNET_ROOT, export_checkpoint
+    from finetune.cli.main import main
+    from finetune.formats.single_file_export import UNET_ROOT, export_checkpoint
 
     sd15_shaped_pipeline(tmp_path).save_pretrained(tmp_path / "configs")
     whole = export_checkpoint(tmp_path / "configs", tmp_path / "model.safetensors")[0]
@@ -150,7 +150,7 @@ def test_a_single_file_base_of_one_part_only_is_one_line(tmp_path, capfd):
 @pytest.mark.parametrize("context_width, v2", [(1024, "True"), (768, "False")])
 def test_a_kohya_export_says_whether_it_is_an_sd2_lora_as_the_webui_reads_it(context_width, v2):
     """The webui shows a LoRA with the models of its version, told by ss_v2 (it read every export as SD1's)."""
-    from finetune.kohya import LoRA, LoRALayer, to_kohya
+    from finetune.formats.kohya import LoRA, LoRALayer, to_kohya
 
     to_k = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
     lora = LoRA({to_k: LoRALayer(torch.zeros(4, context_width), torch.zeros(320, 4), 4.0)})
@@ -163,7 +163,7 @@ def test_check_data_says_training_would_stop_on_a_lora_init_from_it_cannot_start
     """It said 'ready to train' of a LoHa or pickle lora.init_from; training then stopped at once."""
     from conftest import REPO, SHIPPED_BASE
 
-    from finetune.cli import main
+    from finetune.cli.main import main
 
     loha = tmp_path / "loha.safetensors"
     save_file(REFUSED["loha"][0], str(loha))
@@ -181,10 +181,10 @@ def test_a_controlnet_folder_holding_only_its_fp16_variant_loads_in_sample_the_d
     from conftest import REPO, SHIPPED_BASE
 
     from finetune.config import ModelConfig
-    from finetune.demo_engine import _load_controlnet
-    from finetune.inference import load_controlnet
+    from finetune.demo.engine import _load_controlnet
     from finetune.methods.controlnet import ControlNetMethod
-    from finetune.models import load_base_model
+    from finetune.models.loading import load_base_model
+    from finetune.sampling.inference import load_controlnet
 
     shipped = REPO / "finetune" / "assets" / "toyworld-controlnet-mask"
     folder = tmp_path / "controlnet-fp16"
@@ -209,7 +209,7 @@ def test_a_base_folder_saved_with_only_a_variants_weights_loads(tmp_path):
     from diffusers import StableDiffusionPipeline
 
     from finetune.config import ModelConfig
-    from finetune.models import load_base_model
+    from finetune.models.loading import load_base_model
 
     shipped = StableDiffusionPipeline.from_pretrained(SHIPPED_BASE, safety_checker=None)
     shipped.save_pretrained(tmp_path / "base", variant="fp16")

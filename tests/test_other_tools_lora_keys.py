@@ -23,12 +23,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from test_single_file import sd15_shaped_pipeline
 
-from finetune.dora import row_norms
-from finetune.kohya import export_lora, kohya_name
-from finetune.merge import merge_lora
-from finetune.run_files import LORA_WEIGHTS_NAME
-from finetune.single_file_export import export_checkpoint
-from finetune.trainer import train
+from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
+from finetune.formats.dora import row_norms
+from finetune.formats.kohya import export_lora, kohya_name
+from finetune.formats.merge import merge_lora
+from finetune.formats.single_file_export import export_checkpoint
+from finetune.training.trainer import train
 
 # lora.target_modules naming every kind of Linear and Conv2d layer of SD1.x's UNet ("conv": the down- and upsamplers').
 EVERY_UNET_LAYER = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",

@@ -4,7 +4,7 @@ known, where a recipe holding the same name is told what it is here (recipe_keys
 
 import pytest
 
-from finetune.cli_arguments import parse_arguments
+from finetune.cli.arguments import parse_arguments
 
 
 @pytest.mark.parametrize("options,said", [

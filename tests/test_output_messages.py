@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from finetune.cli import main
+from finetune.cli.main import main
 
 
 def fake_checkpoints(run, steps):
@@ -39,7 +39,7 @@ def test_export_checkpoint_of_a_controlnet_run_says_it_is_a_controlnet(tmp_path,
 
 
 def test_merge_of_a_lora_from_another_base_names_the_lora_file(tmp_path, capsys):
-    from finetune.kohya import LoRA, LoRALayer, save_lora_file
+    from finetune.formats.kohya import LoRA, LoRALayer, save_lora_file
     from conftest import SHIPPED_BASE
 
     layer = LoRALayer(down=torch.zeros(4, 7), up=torch.zeros(7, 4), alpha=4.0)  # 7 features: no layer of the shipped base
@@ -52,11 +52,11 @@ def test_merge_of_a_lora_from_another_base_names_the_lora_file(tmp_path, capsys)
 def test_a_lora_naming_a_block_not_a_layer_is_one_line_in_merge_sample_and_the_demo(tmp_path, capsys):
     """A LoRA key naming a block of layers (unet.down_blocks.0, a CrossAttnDownBlock2D with no weight of its own) was a
     traceback ('object has no attribute weight') in merge and sample; the demo said it in one line. One check serves all three."""
-    from finetune.demo_engine import _check_lora_fits
-    from finetune.errors import FinetuneError
-    from finetune.kohya import LoRA, LoRALayer, load_lora, save_lora_file
-    from finetune.models import load_base_model
     from finetune.config import ModelConfig
+    from finetune.demo.engine import _check_lora_fits
+    from finetune.errors import FinetuneError
+    from finetune.formats.kohya import LoRA, LoRALayer, load_lora, save_lora_file
+    from finetune.models.loading import load_base_model
     from conftest import SHIPPED_BASE
 
     layer = LoRALayer(down=torch.zeros(4, 32), up=torch.zeros(32, 4), alpha=4.0)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune.atomic_files import folder_written_whole
-from finetune.cli import main
+from finetune.cli.main import main
+from finetune.outputs.atomic_files import folder_written_whole
 
 
 def old_run(folder: Path) -> None:
@@ -94,8 +94,8 @@ def test_make_tiny_model_overwrite_keeps_the_folder_and_drops_the_old_files(tmp_
 def test_an_output_folder_that_cannot_be_written_is_one_line_before_anything_loads(tmp_path, monkeypatch, capsys):
     """--overwrite of a folder the user cannot write (or a new one in such a folder) failed with a traceback at the first
     write, once the model had loaded (export-base, merge) or been made. Root writes any folder: os.access says what a user meets."""
-    import finetune.pipeline_io
-    import finetune.tiny_model
+    import finetune.models.tiny_model
+    import finetune.outputs.pipeline_io
 
     final, shared, source = tmp_path / "model", tmp_path / "shared", tmp_path / "source"
     old_run(final)
@@ -104,8 +104,8 @@ def test_an_output_folder_that_cannot_be_written_is_one_line_before_anything_loa
     (source / "model_index.json").write_text("{}")
     access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode, *a, **k: Path(path).absolute() not in (final, shared) and access(path, mode, *a, **k))
-    monkeypatch.setattr(finetune.tiny_model, "make_tiny_model", lambda *a, **k: pytest.fail("the model was made"))
-    monkeypatch.setattr(finetune.pipeline_io.StableDiffusionPipeline, "from_pretrained", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(finetune.models.tiny_model, "make_tiny_model", lambda *a, **k: pytest.fail("the model was made"))
+    monkeypatch.setattr(finetune.outputs.pipeline_io.StableDiffusionPipeline, "from_pretrained", lambda *a, **k: pytest.fail("the model loaded"))
     assert main(["make-tiny-model", str(final), "--overwrite"]) == 2
     assert main(["export-base", str(source), str(final), "--overwrite"]) == 2
     assert main(["merge", "--base", str(source), "--lora", str(source), str(shared / "merged")]) == 2

@@ -33,9 +33,9 @@ import pytest
 from numerics import ON_GPU
 from safetensors.torch import load_file
 
-from finetune.run_files import CONTROLNET_DIR, LORA_WEIGHTS_NAME, PIPELINE_DIR, UNET_DIR
+from finetune.checkpoints.run_files import CONTROLNET_DIR, LORA_WEIGHTS_NAME, PIPELINE_DIR, UNET_DIR
 from finetune.toyworld.datasets import write_folder
-from finetune.trainer import train
+from finetune.training.trainer import train
 
 REPIN = os.environ.get("FINETUNE_REPIN") == "1"
 STEPS = 6

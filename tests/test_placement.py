@@ -1,15 +1,15 @@
 """Where sample, eval and the demo run: the GPU in fp16 when there is one, the CPU in fp32 otherwise,
-and --device/--precision as asked (finetune/placement.py)."""
+and --device/--precision as asked (finetune/sampling/placement.py)."""
 
 import numpy as np
 import pytest
 import torch
 
-import finetune.inference as inference
-from finetune.cli import main
-from finetune.demo_engine import DemoEngine, Request
+from finetune.cli.main import main
+from finetune.demo.engine import DemoEngine, Request
 from finetune.errors import FinetuneError
-from finetune.placement import inference_placement, without_tf32
+import finetune.sampling.inference as inference
+from finetune.sampling.placement import inference_placement, without_tf32
 
 
 def test_auto_is_the_gpu_in_fp16_when_there_is_one_and_the_cpu_in_fp32(monkeypatch):
@@ -67,8 +67,8 @@ def test_the_demo_renders_in_the_precision_asked_and_gives_the_base_weights_back
 def test_training_sets_tf32_for_convolutions_as_for_matmuls_and_eval_turns_both_off(make_recipe, monkeypatch, tmp_path):
     """cuDNN's TF32 switch is on by default: `train.allow_tf32: false` left a GPU's convolutions in TF32, and
     eval's "fp32, so reports compare across machines" was not fp32 for them."""
-    import finetune.trainer as trainer
-    from finetune.models import load_base_model
+    from finetune.models.loading import load_base_model
+    import finetune.training.trainer as trainer
 
     flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     saved = flags()

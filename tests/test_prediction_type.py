@@ -9,15 +9,15 @@ from safetensors import safe_open
 from kohya_helpers import sd_scripts_round_trip
 from test_quickstart import python_block
 
-from finetune import demo_engine
-from finetune.cli import main
-from finetune.demo_engine import DemoEngine, Request
+from finetune.checkpoints.run_files import CONTROLNET_DIR, LORA_WEIGHTS_NAME
+from finetune.checkpoints.run_files import METADATA_FILE
+from finetune.cli.main import main
+from finetune.config.recipe_loading import recipe_from_dict
+from finetune.demo import engine as demo_engine
+from finetune.demo.engine import DemoEngine, Request
 from finetune.errors import FinetuneError
-from finetune.inference import load_sampling_pipeline
-from finetune.run_files import CONTROLNET_DIR, LORA_WEIGHTS_NAME
-from finetune.run_files import METADATA_FILE
-from finetune.recipe_loading import recipe_from_dict
-from finetune.trainer import train
+from finetune.sampling.inference import load_sampling_pipeline
+from finetune.training.trainer import train
 
 
 def one_step(method: str, output_dir, base, data, prediction_type: str | None):
@@ -94,7 +94,7 @@ def test_the_demo_samples_each_column_with_its_adapters_prediction_type(adapters
 def test_validation_samples_the_untrained_step_0_as_the_base_predicts_and_later_steps_as_trained(tiny_model, image_folder, tmp_path, monkeypatch):
     """Training v on an epsilon base: the "before" grid is the base itself, read as epsilon; afterwards
     the model predicts v. (Step 0 read as v was noise.)"""
-    import finetune.sampling as sampling
+    import finetune.sampling.pipelines as sampling
 
     used, real_generate = [], sampling.generate
     monkeypatch.setattr(sampling, "generate", lambda pipeline, *a, **k: used.append(pipeline.scheduler.config.prediction_type) or real_generate(pipeline, *a, **k))
@@ -111,7 +111,7 @@ def test_a_run_from_a_pretrained_controlnet_samples_step_0_as_trained_and_one_tr
         make_recipe, pairs_folder, tiny_model, tmp_path, monkeypatch):  # fmt: skip
     """Its step 0 is not the base: it was read as the base's epsilon (as a run without lora.init_from is), noise for
     a ControlNet trained for v. A ControlNet whose run trained another target is refused, as such a lora.init_from is."""
-    import finetune.sampling as sampling
+    import finetune.sampling.pipelines as sampling
     from controlnet_helpers import controlnet_recipe, set_up, write_controlnet_run
 
     run = write_controlnet_run(tiny_model, tmp_path / "v-edges", trained=True)
@@ -126,10 +126,10 @@ def test_a_run_from_a_pretrained_controlnet_samples_step_0_as_trained_and_one_tr
 
 
 def test_zero_terminal_snr_trains_on_the_rescaled_schedule_and_everything_samples_on_it(tiny_model, image_folder, tmp_path, monkeypatch):
-    import finetune.sampling as sampling
     from finetune.config import ModelConfig
-    from finetune.models import load_base_model
-    from finetune.adapters_as_trained import adapters_zero_terminal_snr
+    from finetune.models.loading import load_base_model
+    from finetune.sampling.adapters_as_trained import adapters_zero_terminal_snr
+    import finetune.sampling.pipelines as sampling
 
     def recipe(output_dir, **model):
         return recipe_from_dict({
@@ -170,7 +170,7 @@ def test_zero_terminal_snr_without_v_prediction_is_refused_before_the_data_check
     import shutil
 
     from finetune.config import ModelConfig
-    from finetune.model_source import locate_base
+    from finetune.models.model_source import locate_base
 
     with pytest.raises(FinetuneError, match=r"^recipe: key 'model': model.zero_terminal_snr needs v-prediction .*, and model.prediction_type is epsilon: set it to v_prediction$"):
         recipe_from_dict({"data": {"image_dir": "x"}, "model": {"zero_terminal_snr": True, "prediction_type": "epsilon"}})

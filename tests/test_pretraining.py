@@ -4,13 +4,13 @@ import torch
 import yaml
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 
-from finetune.models import load_base_model
-from finetune.trainer import train
+from finetune.models.loading import load_base_model
+from finetune.training.trainer import train
 
 
 def trained_base(monkeypatch) -> list:
     """The base model training loads (and trains), once train() has run."""
-    import finetune.trainer as trainer
+    import finetune.training.trainer as trainer
 
     loaded = []
     monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: loaded.append(load_base_model(*a, **k)) or loaded[-1])
@@ -52,7 +52,7 @@ def test_full_method_with_text_encoder_trains_both_and_reloads(make_recipe, monk
     recipe = make_recipe(method="full", full__train_text_encoder=True, full__text_encoder_lr=1e-4, train__max_steps=2)
     before = load_base_model(recipe.model)
     trained = trained_base(monkeypatch)
-    import finetune.trainer as trainer
+    import finetune.training.trainer as trainer
 
     rates, build_optimizer = [], trainer.build_optimizer
 
@@ -87,14 +87,14 @@ def test_vae_perceptual_network_must_be_a_classifier_file(make_recipe, tmp_path,
     from safetensors.torch import save_file
     from finetune.errors import FinetuneError
     import finetune.methods.base
-    import finetune.trainer
+    import finetune.training.trainer
     import pytest
 
     def too_late(*args, **kwargs):
         raise AssertionError("the data check or the model load ran first")
 
     monkeypatch.setattr(finetune.methods.base, "checked_examples", too_late)
-    monkeypatch.setattr(finetune.trainer, "load_base_model", too_late)
+    monkeypatch.setattr(finetune.training.trainer, "load_base_model", too_late)
 
     save_file({"unet.up.lora_A.weight": torch.zeros(2, 2)}, tmp_path / "lora.safetensors")
     for network, message in ((tmp_path / "none.safetensors", r"vae.perceptual_network .* not found"),
@@ -106,7 +106,7 @@ def test_vae_perceptual_network_must_be_a_classifier_file(make_recipe, tmp_path,
 
 def test_the_vae_trains_on_images_without_captions_and_check_data_says_so(make_recipe, tmp_path, capsys):
     """The autoencoder reads no prompt: an uncaptioned image stopped its run ("has no caption") and check-data's."""
-    from finetune.cli import main
+    from finetune.cli.main import main
     from finetune.toyworld.datasets import write_folder
 
     folder = write_folder(tmp_path / "images", 4, seed=3, metadata=False)

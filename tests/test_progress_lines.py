@@ -14,9 +14,9 @@ import yaml
 from forked import run_forked
 from tqdm import tqdm
 
-from finetune.check_threads import each_on_threads
-from finetune.cli import main
-from finetune.progress_lines import ProgressLines, progress_as_lines_in_logs
+from finetune.cli.main import main
+from finetune.cli.progress_lines import ProgressLines, progress_as_lines_in_logs
+from finetune.data_check.threads import each_on_threads
 
 
 

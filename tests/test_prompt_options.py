@@ -3,11 +3,11 @@ validation samples and `finetune sample`."""
 
 import pytest
 
-import finetune.sampling as sampling
-from finetune.cli import main
+from finetune.cli.main import main
 from finetune.errors import FinetuneError
-from finetune.prompt_options import PromptSettings, with_options
-from finetune.trainer import train
+import finetune.sampling.pipelines as sampling
+from finetune.sampling.prompt_options import PromptSettings, with_options
+from finetune.training.trainer import train
 
 DEFAULTS = PromptSettings("", "lowres", 0, 7.5, 25)
 

@@ -14,7 +14,7 @@ import numpy as np
 from conftest import SHIPPED_BASE
 from star_share import star_share
 
-from finetune.cli import main
+from finetune.cli.main import main
 
 
 def test_quickstart_lora_learns_the_star(quickstart_lora, base_star_share):

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from finetune.config import ModelConfig
+from finetune.config.recipe_loading import load_recipe, recipe_from_dict
 from finetune.errors import FinetuneError
-from finetune.recipe_loading import load_recipe, recipe_from_dict
 
 
 def recipe_with(dotted: str, value) -> dict:
@@ -60,7 +60,7 @@ def test_an_empty_base_config_option_is_one_line():
     ],
 )
 def test_a_yaml_error_names_its_line_and_problem(text, said, tmp_path):
-    from finetune.recipe_loading import load_recipe
+    from finetune.config.recipe_loading import load_recipe
 
     (tmp_path / "recipe.yaml").write_text(text)
     with pytest.raises(FinetuneError) as raised:
@@ -69,7 +69,7 @@ def test_a_yaml_error_names_its_line_and_problem(text, said, tmp_path):
 
 
 def test_a_recipe_in_another_encoding_is_told_to_be_saved_as_utf8(tmp_path):
-    from finetune.recipe_loading import load_recipe
+    from finetune.config.recipe_loading import load_recipe
 
     text = "# café\ndata:\n  caption: a photo of sks\n"
     said = {

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from finetune.config.recipe_loading import load_recipe
 from finetune.errors import FinetuneError
-from finetune.recipe_loading import load_recipe
 
 RECIPES = Path(__file__).parent.parent / "recipes"
 STAR_FOLDER = RECIPES.parent / "datasets" / "star"
@@ -51,9 +51,9 @@ def test_text_encoder_settings_of_the_methods_own_section_load():
 def test_a_dreambooth_lora_started_from_a_file_with_text_encoder_layers_names_dreambooths_switch(make_recipe, tmp_path):
     import torch
 
-    from finetune.kohya import LoRA, LoRALayer, save_lora_file
+    from finetune.formats.kohya import LoRA, LoRALayer, save_lora_file
     from finetune.methods.lora import LoRAMethod
-    from finetune.models import load_base_model
+    from finetune.models.loading import load_base_model
 
     layer = LoRALayer(down=torch.zeros(4, 32), up=torch.zeros(32, 4), alpha=4.0)
     source = save_lora_file(LoRA({"text_encoder.text_model.encoder.layers.0.self_attn.q_proj": layer}), tmp_path / "te.safetensors", "diffusers")
@@ -79,7 +79,7 @@ def test_a_class_prompt_of_another_type_names_its_key(class_prompt, tmp_path):
 
 
 def test_a_class_dir_that_is_a_file_is_one_line_before_the_model_loads(tmp_path, capsys):
-    from finetune.cli import main
+    from finetune.cli.main import main
 
     recipe = RECIPES / "dreambooth_lora.yaml"
     overrides = STAR + [f"dreambooth.concepts.0.class_dir={STAR_FOLDER / '0000.png'}", f"output_dir={tmp_path / 'run'}", "data.resolution=64"]
@@ -90,7 +90,7 @@ def test_a_class_dir_that_is_a_file_is_one_line_before_the_model_loads(tmp_path,
 
 @pytest.mark.parametrize("class_dir", [STAR_FOLDER, f"{STAR_FOLDER}/"])
 def test_a_class_dir_that_is_an_instance_dir_is_refused(class_dir, tmp_path, capsys):
-    from finetune.cli import main
+    from finetune.cli.main import main
 
     # It trained the subject's own photos as "a photo of a dog", and would have generated class images among them.
     overrides = STAR + [f"dreambooth.concepts.0.class_dir={class_dir}", f"output_dir={tmp_path / 'run'}", "data.resolution=64"]
@@ -221,7 +221,7 @@ def test_an_index_past_a_list_says_how_to_add_an_entry():
 
 
 def test_validation_loss_images_holding_out_a_whole_concept_is_refused(capsys):
-    from finetune.cli import main
+    from finetune.cli.main import main
 
     # Held-out images are drawn among every concept's: 21 of 22 leave the striped concept none to train on (it said "ready to train").
     striped = RECIPES.parent / "datasets" / "striped"

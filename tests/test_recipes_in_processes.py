@@ -18,7 +18,7 @@ from ports import free_port
 from test_distributed import RESUME_IS_EXACT, assert_same_update, assert_same_weights, deepspeed, launch, wait, write
 from dora_helpers import DORA
 
-from finetune.run_files import CONTROLNET_DIR, LORA_WEIGHTS_NAME
+from finetune.checkpoints.run_files import CONTROLNET_DIR, LORA_WEIGHTS_NAME
 from finetune.toyworld.datasets import write_folder
 
 pytestmark = pytest.mark.slow  # a launch of 9 runs per mode: about a minute each under DeepSpeed, 30 s under DDP
@@ -85,7 +85,7 @@ def test_each_method_resumes_from_its_checkpoint_to_the_uninterrupted_weights(la
         trained = [t for key, t in uninterrupted.items() if "lora.up" in key or key.startswith("controlnet_mid_block")]  # zero at the start
         assert trained and any(t.any() for t in trained), name
         # Bit for bit on the CPU under DDP and every ZeRO config (test_distributed.RESUME_IS_EXACT); under optimizer offload
-        # because DeepSpeed's CPU Adam is handed back its bias-correction powers at a resume (finetune/cpu_adam_steps.py;
+        # because DeepSpeed's CPU Adam is handed back its bias-correction powers at a resume (finetune/checkpoints/cpu_adam_steps.py;
         # they rounded 1e-7 apart after the first resumed step, more after each next).
         assert_same_weights(resumed, uninterrupted, exact=RESUME_IS_EXACT)
 

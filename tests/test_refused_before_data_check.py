@@ -1,5 +1,5 @@
 """`finetune train` makes train()'s refusals of the run itself before its data check decodes every image (minutes for a
-large folder): they came only from inside train(), once every image had been decoded (finetune/run_refusals.py). Each test
+large folder): they came only from inside train(), once every image had been decoded (finetune/cli/run_refusals.py). Each test
 runs the command with the data check and the training stack standing in as failures: the refusal must come first."""
 
 import json
@@ -11,19 +11,19 @@ import pytest
 import yaml
 from conftest import REPO, SHIPPED_BASE
 
-import finetune.train_command
-import finetune.train_inputs
-from finetune.cli import main
-from finetune.recipe_loading import load_recipe
-from finetune.run_files import CONTROLNET_DIR, METADATA_FILE
+from finetune.checkpoints.run_files import CONTROLNET_DIR, METADATA_FILE
+from finetune.cli.main import main
+import finetune.cli.train_command
+from finetune.config.recipe_loading import load_recipe
+import finetune.data_check.train_inputs
 
 
 @pytest.fixture
 def refused_first(monkeypatch, capsys):
     """Runs `finetune train ARGS`, with the data check and the training stack failing the test where reached; returns its one
     line of error."""
-    monkeypatch.setattr(finetune.train_inputs, "check_data_first", lambda recipe: pytest.fail("every image was decoded before the refusal"))
-    monkeypatch.setattr(finetune.train_command, "_run_training", lambda *args: pytest.fail("the training stack was loaded before the refusal"))
+    monkeypatch.setattr(finetune.data_check.train_inputs, "check_data_first", lambda recipe: pytest.fail("every image was decoded before the refusal"))
+    monkeypatch.setattr(finetune.cli.train_command, "_run_training", lambda *args: pytest.fail("the training stack was loaded before the refusal"))
 
     def run(*args: str) -> str:
         assert main(["train", *args]) == 2
@@ -85,7 +85,7 @@ def test_an_8bit_optimizer_without_bitsandbytes_falls_back_said_before_the_data_
     import torch
 
     from finetune.errors import FinetuneError
-    from finetune.optim import build_optimizer
+    from finetune.optim.optimizers import build_optimizer
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not found, as where it is not installed
     said: dict[str, str] = {}
@@ -98,8 +98,8 @@ def test_an_8bit_optimizer_without_bitsandbytes_falls_back_said_before_the_data_
         said["by train()"] = capsys.readouterr().out
         raise FinetuneError("stopped here by the test")
 
-    monkeypatch.setattr(finetune.train_inputs, "check_data_first", data_check)
-    monkeypatch.setattr(finetune.train_command, "_run_training", training)
+    monkeypatch.setattr(finetune.data_check.train_inputs, "check_data_first", data_check)
+    monkeypatch.setattr(finetune.cli.train_command, "_run_training", training)
     assert main(["train", write_recipe(tmp_path, image_folder, optimizer={"name": "adamw8bit"})]) == 2
     fallback = ("warning: optimizer.name=adamw8bit: bitsandbytes is not installed (pip install bitsandbytes for its 8-bit states); "
                 "falling back to torch AdamW (32-bit states)")  # fmt: skip

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from finetune.cli import main
+from finetune.cli.main import main
+from finetune.config.recipe_loading import load_recipe
 from finetune.errors import FinetuneError
-from finetune.recipe_loading import load_recipe
 
 
 @pytest.mark.parametrize("command", [["sample", "--prompt", "x"], ["eval"]])
@@ -114,7 +114,7 @@ def test_the_most_sampling_steps_taken_stay_within_the_schedulers_timesteps(spac
     prompt's --s 1000) was an IndexError after loading the model."""
     from diffusers import DDIMScheduler
 
-    from finetune.prompt_options import MAX_STEPS
+    from finetune.sampling.prompt_options import MAX_STEPS
 
     config = DDIMScheduler.load_config(Path(__file__).parent.parent / "finetune" / "assets" / "toyworld-base" / "scheduler")
     scheduler = DDIMScheduler.from_config(config, **spacing)

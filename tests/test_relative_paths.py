@@ -11,7 +11,7 @@ from finetune.config import DataConfig, ModelConfig
 from data_examples import load_examples
 from finetune.errors import FinetuneError
 from finetune.methods.lora_init import read_initial_lora
-from finetune.model_source import resolve_model_folder
+from finetune.models.model_source import resolve_model_folder
 
 
 def test_a_relative_path_not_found_names_the_current_folder(tmp_path, monkeypatch):
@@ -53,7 +53,7 @@ def test_a_data_path_that_names_a_folder_here_and_another_beside_the_recipe_is_o
     unseen. Which was meant cannot be told; one of them alone, or the same folder both ways, is no question."""
     from PIL import Image
 
-    from finetune.recipe_loading import load_recipe
+    from finetune.config.recipe_loading import load_recipe
 
     project, here = tmp_path / "project", tmp_path / "here"
     for folder in (project / "star", here / "star", project / "dogs"):
@@ -79,7 +79,7 @@ def test_a_data_path_that_names_a_folder_here_and_another_beside_the_recipe_is_o
 def test_a_data_path_given_on_the_command_line_is_the_current_folders(tmp_path, monkeypatch):
     """`cd photos && finetune train ~/recipes/lora.yaml data.image_dir=.`: '.' named the recipe's folder too, so every such
     run was refused; a path typed in the shell is read from where it was typed, as the shell completes it."""
-    from finetune.recipe_loading import load_recipe
+    from finetune.config.recipe_loading import load_recipe
 
     (tmp_path / "recipes").mkdir()
     (tmp_path / "photos" / "star").mkdir(parents=True)
@@ -98,8 +98,8 @@ def test_a_runs_recipe_as_run_resumes_from_any_folder_with_the_data_path_its_com
     """`cd photos && finetune train ~/recipes/lora.yaml data.image_dir=.` records image_dir '.' in output_dir/recipe_as_run.yaml;
     resuming with that file (as README says) was refused from every folder but the output_dir: '.' named the output_dir
     too, 'beside the recipe'. A run's record holds its run's paths, never its output_dir's."""
-    from finetune.recipe_loading import load_recipe
-    from finetune.run_recipe import write_run_recipe
+    from finetune.config.recipe_loading import load_recipe
+    from finetune.config.run_recipe import write_run_recipe
 
     (tmp_path / "recipes").mkdir()
     (tmp_path / "photos").mkdir()
@@ -124,7 +124,7 @@ def test_an_earlier_finetunes_record_of_its_run_resumes_from_the_folder_that_run
     says where that run started, which its relative output_dir tells."""
     import yaml
 
-    from finetune.recipe_loading import load_recipe
+    from finetune.config.recipe_loading import load_recipe
 
     project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
     (project / "outputs" / "run").mkdir(parents=True)

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from finetune.batches import ItemLayout, make_batch_sampler
-from finetune.resume_checks import DEEPSPEED_FOLDER, check_same_engine
+from finetune.checkpoints.resume_checks import DEEPSPEED_FOLDER, check_same_engine
+from finetune.checkpoints.run_files import STATE_FILE, list_checkpoints
+from finetune.data.batches import ItemLayout, make_batch_sampler
 from finetune.errors import FinetuneError
-from finetune.optim import build_lr_scheduler
-from finetune.run_files import STATE_FILE, list_checkpoints
-from finetune.trainer import train
+from finetune.optim.optimizers import build_lr_scheduler
+from finetune.training.trainer import train
 
 
 def test_resuming_names_the_settings_changed_since_the_checkpoint(make_recipe, capsys):
@@ -29,7 +29,7 @@ def test_resuming_names_the_settings_changed_since_the_checkpoint(make_recipe, c
 def test_a_change_in_a_list_of_sections_is_named_by_its_item_and_setting(make_recipe, tmp_path):
     """DreamBooth concepts and data.folders are compared setting by setting; a checkpoint that kept such a
     list as one value (made before) does not count the new form, or a concept's new default, as a change."""
-    from finetune.checkpoint import changed_settings
+    from finetune.checkpoints.checkpoint import changed_settings
 
     def concepts(*prompts, **extra):
         return make_recipe(method="dreambooth", data__image_dir=None, dreambooth={"concepts": [
@@ -57,7 +57,7 @@ def test_a_change_in_a_list_of_sections_is_named_by_its_item_and_setting(make_re
 def test_a_resumed_run_uses_the_optimizer_settings_it_reports_as_changed(make_recipe, monkeypatch, optimizer):
     """The checkpoint restores the optimizer's own settings with its state; the recipe's changed ones win,
     and the schedule continues at its step (linear: the lr at step 3 of 4 is a quarter of the new one)."""
-    import finetune.trainer as trainer
+    import finetune.training.trainer as trainer
 
     built = []
     monkeypatch.setattr(trainer, "build_lr_scheduler", lambda config, opt, steps: built.append((opt, build_lr_scheduler(config, opt, steps))) or built[-1][1])
@@ -79,7 +79,7 @@ def test_a_resumed_run_uses_the_optimizer_settings_it_reports_as_changed(make_re
 def test_resuming_an_older_checkpoint_beside_later_ones_says_to_move_them(make_recipe, monkeypatch):
     """Its run would train their steps again: rotation would keep theirs over the new ones, and a later
     --resume latest would pick them. Before anything loads; they are not touched."""
-    import finetune.trainer as trainer
+    import finetune.training.trainer as trainer
 
     first = train(make_recipe(train__max_steps=4, checkpoint__every_n_steps=2))
     checkpoints = first.output_dir / "checkpoints"
@@ -95,7 +95,7 @@ def test_resuming_an_older_checkpoint_beside_later_ones_says_to_move_them(make_r
 def test_resuming_another_runs_checkpoint_into_a_folder_holding_checkpoints_is_refused(make_recipe, tmp_path, monkeypatch):
     """Continued into an output_dir of another run, its checkpoints were rotated away (checkpoint.keep_last), unasked
     (--overwrite is no resume). Refused before anything loads; a checkpoint copied out of its own run may go back."""
-    import finetune.trainer as trainer
+    import finetune.training.trainer as trainer
 
     theirs = train(make_recipe(output_dir=str(tmp_path / "a"), train__max_steps=4, checkpoint__every_n_steps=2)).output_dir / "checkpoints"
     mine = train(make_recipe(output_dir=str(tmp_path / "b"), train__max_steps=1)).output_dir / "checkpoints"
@@ -110,7 +110,7 @@ def test_resuming_another_runs_checkpoint_into_a_folder_holding_checkpoints_is_r
 
 
 def test_resuming_where_nothing_is_left_or_with_another_process_count_says_so(make_recipe, monkeypatch, capsys):
-    import finetune.trainer as trainer
+    import finetune.training.trainer as trainer
 
     train(make_recipe(train__max_steps=2))
     checkpoint = list_checkpoints(Path(make_recipe().output_dir) / "checkpoints")[-1]
@@ -155,7 +155,7 @@ def test_resuming_with_the_same_lora_target_modules_listed_in_another_order_cont
 
 
 def test_resuming_with_other_trained_modules_or_parameter_groups_is_one_line_naming_the_change(make_recipe, capsys, monkeypatch):
-    import finetune.trainer as trainer
+    import finetune.training.trainer as trainer
 
     first = train(make_recipe(train__max_steps=4, checkpoint__every_n_steps=2, lora__loraplus_lr_ratio=4.0))
     checkpoint = first.output_dir / "checkpoints" / "checkpoint-2"

@@ -6,8 +6,8 @@ import shlex
 import signal
 from types import SimpleNamespace
 
-import finetune.run_end as run_end
-from finetune.run_files import STATE_FILE
+from finetune.checkpoints.run_files import STATE_FILE
+import finetune.training.run_end as run_end
 
 
 def test_the_resume_commands_of_a_runs_end_quote_its_recipe_for_the_shell(tmp_path, monkeypatch):

@@ -20,8 +20,8 @@ from accelerate import Accelerator
 from numerics import bit_identical_on_cpu
 from safetensors.torch import load_file
 
-from finetune.run_files import METADATA_FILE
-from finetune.trainer import train
+from finetune.checkpoints.run_files import METADATA_FILE
+from finetune.training.trainer import train
 
 # Stopped at 3 of 6 with a log every 2 steps: the log at step 4 must be the mean of steps 3 and 4, across the stop.
 COMMON = dict(train__max_steps=6, logging__every_n_steps=2, optimizer__scheduler="cosine", optimizer__warmup_steps=2)
@@ -57,7 +57,7 @@ def _run(recipe, monkeypatch, resume=None, stop_at=None):
 
     def on_step(step):
         if step == stop_at:
-            os.kill(os.getpid(), signal.SIGINT)  # caught by the run (finetune.stopping), as a terminal's Ctrl-C
+            os.kill(os.getpid(), signal.SIGINT)  # caught by the run (finetune.distributed.stopping), as a terminal's Ctrl-C
 
     log = lambda self, values, step=None, log_kwargs=None: logged.setdefault(step, {}).update(values)  # noqa: E731
     monkeypatch.setattr(Accelerator, "log", log)

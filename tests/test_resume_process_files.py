@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from finetune.checkpoint import DEEPSPEED_FOLDER, load_checkpoint
-from finetune.run_files import STATE_FILE
+from finetune.checkpoints.checkpoint import DEEPSPEED_FOLDER, load_checkpoint
+from finetune.checkpoints.run_files import STATE_FILE
 from finetune.errors import FinetuneError
 
 

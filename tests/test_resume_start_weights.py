@@ -1,6 +1,6 @@
 """A resume of a run that started from trained weights (lora.init_from, controlnet.pretrained): the checkpoint
 holds them, so the file or folder may be gone and the key left out; the record keeps where they began
-(finetune.start_weights)."""
+(finetune.models.start_weights)."""
 
 import json
 import shutil
@@ -12,11 +12,11 @@ import yaml
 from controlnet_helpers import METADATA, controlnet_recipe, layoutless_refusal
 from diffusers import ControlNetModel, UNet2DConditionModel
 
-from finetune.methods.controlnet import save_model_folder
+from finetune.checkpoints.run_files import CONTROLNET_DIR
 from finetune.errors import FinetuneError
-from finetune.run_files import CONTROLNET_DIR
-from finetune.start_weights import keep_where_weights_began
-from finetune.trainer import train
+from finetune.methods.controlnet import save_model_folder
+from finetune.models.start_weights import keep_where_weights_began
+from finetune.training.trainer import train
 
 
 def test_a_controlnet_run_resumes_without_its_pretrained_folder_and_keeps_it_in_the_record(make_recipe, pairs_folder, tiny_model, tmp_path, capsys):

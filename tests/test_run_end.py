@@ -1,4 +1,4 @@
-"""The end of a run (finetune.run_end): what a kill, a Ctrl-C or two leave after the last step is finished, or said, never
+"""The end of a run (finetune.training.run_end): what a kill, a Ctrl-C or two leave after the last step is finished, or said, never
 lost. Each kill is put at its point by a monkeypatch that raises where the process would have died."""
 
 import json
@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-import finetune.trainer as trainer
-import finetune.training_run as training_run
+from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME, STATE_FILE
 from finetune.errors import FinetuneError
-from finetune.run_end import OUTPUTS_PENDING, VALIDATION_PENDING
-from finetune.run_files import LORA_WEIGHTS_NAME, STATE_FILE
+from finetune.training.run_end import OUTPUTS_PENDING, VALIDATION_PENDING
+import finetune.training.trainer as trainer
+import finetune.training.training_run as training_run
 
 SAMPLED = dict(train__max_steps=3, checkpoint__every_n_steps=2, validation__prompts=["a shape"], validation__num_inference_steps=1,
                validation__images_per_prompt=1, validation__at_start=False, validation__loss_images=1)  # fmt: skip
@@ -115,19 +115,19 @@ def test_a_stop_after_the_last_step_says_the_final_samples_it_skipped_and_resume
 def test_finetune_train_exits_as_the_stop_that_skipped_the_final_samples(monkeypatch, tmp_path, capsys):
     from types import SimpleNamespace
 
-    import finetune.native_resolution
-    import finetune.recipe_loading
-    import finetune.run_refusals
-    import finetune.starting_files
-    import finetune.train_inputs
-    from finetune import cli
+    from finetune.cli import main as cli
+    import finetune.cli.run_refusals
+    import finetune.config.recipe_loading
+    import finetune.data_check.starting_files
+    import finetune.data_check.train_inputs
+    import finetune.models.native_resolution
 
-    monkeypatch.setattr(finetune.recipe_loading, "load_recipe", lambda *a: SimpleNamespace(output_dir=str(tmp_path), data=SimpleNamespace(resolution=512), model=SimpleNamespace(pretrained="", single_file_config=None)))
-    monkeypatch.setattr(finetune.train_inputs, "check_inputs_exist", lambda recipe: None)
-    monkeypatch.setattr(finetune.train_inputs, "check_data_first", lambda recipe: None)  # nor data (this recipe names none)
-    monkeypatch.setattr(finetune.starting_files, "check_starting_files", lambda recipe, resuming: None)  # nor the files it starts from
-    monkeypatch.setattr(finetune.run_refusals, "check_run_first", lambda *a: None)  # nor train()'s refusals of the run
-    monkeypatch.setattr(finetune.native_resolution, "far_from_native_line", lambda *a: None)
+    monkeypatch.setattr(finetune.config.recipe_loading, "load_recipe", lambda *a: SimpleNamespace(output_dir=str(tmp_path), data=SimpleNamespace(resolution=512), model=SimpleNamespace(pretrained="", single_file_config=None)))
+    monkeypatch.setattr(finetune.data_check.train_inputs, "check_inputs_exist", lambda recipe: None)
+    monkeypatch.setattr(finetune.data_check.train_inputs, "check_data_first", lambda recipe: None)  # nor data (this recipe names none)
+    monkeypatch.setattr(finetune.data_check.starting_files, "check_starting_files", lambda recipe, resuming: None)  # nor the files it starts from
+    monkeypatch.setattr(finetune.cli.run_refusals, "check_run_first", lambda *a: None)  # nor train()'s refusals of the run
+    monkeypatch.setattr(finetune.models.native_resolution, "far_from_native_line", lambda *a: None)
     output = tmp_path / LORA_WEIGHTS_NAME
     monkeypatch.setattr(trainer, "train", lambda *a, **k: SimpleNamespace(interrupted=False, stopped_by=2, sample_grids=[], saved_files=[output]))
     previous = signal.getsignal(signal.SIGTERM)
@@ -142,7 +142,7 @@ def test_finetune_train_exits_as_the_stop_that_skipped_the_final_samples(monkeyp
 def test_a_second_stop_during_the_end_says_what_is_left(make_recipe, monkeypatch, tmp_path, where):
     """A second Ctrl-C during the final save said "run the command again to continue", though nothing was left to train:
     the line now says what --resume latest does from what is on disk."""
-    from finetune.stop_signals import stop_line
+    from finetune.cli.stop_signals import stop_line
 
     real_metadata, real_validation, real_replace, real_write = training_run.output_metadata, training_run.run_validation, trainer.ckpt.replace_folder, trainer.ckpt.atomic_write_text
 
@@ -188,7 +188,7 @@ def test_the_hidden_half_grid_a_kill_left_is_removed_by_the_next_run_and_a_users
 
 def test_a_second_stop_whose_last_checkpoint_cannot_be_read_is_still_the_stop(tmp_path):
     """The line of what is left reads the last checkpoint's state: one a kill left unreadable must not turn the stop into its error."""
-    from finetune.run_end import next_step_said
+    from finetune.training.run_end import next_step_said
 
     (tmp_path / "checkpoints" / "checkpoint-3").mkdir(parents=True)
     (tmp_path / "checkpoints" / "checkpoint-3" / STATE_FILE).write_text('{"step": 3, "max_st')
@@ -203,7 +203,7 @@ def test_the_vaes_final_grid_is_wanted_without_prompts_and_another_methods_is_no
 
     from finetune.methods.lora import LoRAMethod
     from finetune.methods.vae import VAEMethod
-    from finetune.run_end import final_samples_wanted
+    from finetune.training.run_end import final_samples_wanted
 
     no_prompts, prompts = SimpleNamespace(validation=SimpleNamespace(all_prompts=[])), SimpleNamespace(validation=SimpleNamespace(all_prompts=["a shape"]))
     assert final_samples_wanted(no_prompts, VAEMethod, []) and not final_samples_wanted(no_prompts, LoRAMethod, [])
@@ -230,8 +230,8 @@ def test_a_second_stop_mid_run_names_the_command_that_continues_from_its_checkpo
     """A second Ctrl-C mid-run (during a step, or while the first one's checkpoint is saved) said "run the command again to
     continue": run again without --resume, the command is refused (the output_dir holds an earlier run). It names
     --resume latest and the checkpoint it continues from."""
-    from finetune.cli import RERUN_AFTER_A_STOP
-    from finetune.stop_signals import stop_line
+    from finetune.cli.main import RERUN_AFTER_A_STOP
+    from finetune.cli.stop_signals import stop_line
 
     def two_ctrl_cs(step):
         if step == 3:
@@ -368,7 +368,7 @@ def test_a_second_stop_while_the_final_samples_of_an_end_resumed_from_a_copy_are
 def test_what_is_left_of_an_end_resumed_from_a_copy_that_wanted_no_samples(tmp_path, outputs_written):
     """The same end, its copy naming its outputs only (no final samples wanted): the line said "run the same command again
     ... to continue from its step 3 again" with nothing left to train, or nothing of its outputs being there."""
-    from finetune.run_end import _what_is_left
+    from finetune.training.run_end import _what_is_left
 
     copied, output_dir = tmp_path / "copied" / "checkpoint-3", tmp_path / "other"
     copied.mkdir(parents=True)

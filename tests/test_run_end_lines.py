@@ -3,7 +3,7 @@ command then 'output: PATH' for the same files, two lines apart."""
 
 import yaml
 
-from finetune.cli import main
+from finetune.cli.main import main
 
 
 def test_train_names_each_output_once(make_recipe, tmp_path, capsys):

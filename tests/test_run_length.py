@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finetune.batches import ItemLayout
-from finetune.run_files import STATE_FILE, list_checkpoints
+from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
+from finetune.checkpoints.run_files import STATE_FILE, list_checkpoints
+from finetune.config.recipe_loading import load_recipe
+from finetune.data.batches import ItemLayout
 from finetune.errors import FinetuneError
-from finetune.kohya import export_lora, load_lora, to_kohya
-from finetune.run_files import LORA_WEIGHTS_NAME
-from finetune.recipe_loading import load_recipe
-from finetune.run_length import STEPS_BY_SHAPE, EpochCount, due, epoch_count, planned_steps, run_sampler
-from finetune.trainer import train
+from finetune.formats.kohya import export_lora, load_lora, to_kohya
+from finetune.training.run_length import STEPS_BY_SHAPE, EpochCount, due, epoch_count, planned_steps, run_sampler
+from finetune.training.trainer import train
 
 
 def test_epochs_are_counted_in_micro_batches_and_end_inside_an_accumulated_step(make_recipe):
@@ -54,7 +54,7 @@ def test_max_steps_and_max_epochs_take_one_length(tmp_path, make_recipe):
 
 
 def test_a_run_of_epochs_saves_and_samples_at_epoch_ends_and_resumes_for_more(make_recipe, capsys, monkeypatch):
-    import finetune.trainer as trainer
+    import finetune.training.trainer as trainer
 
     # 4 images in batches of 2: two steps an epoch, so 3 epochs are 6 steps.
     recipe = make_recipe(train__max_steps=None, train__max_epochs=3, checkpoint__every_n_epochs=2, validation__every_n_epochs=1,
@@ -92,7 +92,7 @@ def test_a_run_of_epochs_saves_and_samples_at_epoch_ends_and_resumes_for_more(ma
 
 
 def test_warmup_longer_than_the_epochs_is_one_line_before_the_model_loads_and_before_overwrite_clears(make_recipe, monkeypatch):
-    import finetune.trainer as trainer
+    import finetune.training.trainer as trainer
 
     earlier = train(make_recipe(train__max_steps=2, checkpoint__every_n_steps=1))
     recipe = make_recipe(train__max_steps=None, train__max_epochs=2, optimizer__warmup_steps=4, optimizer__scheduler="linear")
@@ -125,7 +125,7 @@ def test_the_run_length_is_also_said_in_epochs(make_recipe, capsys):
     assert "length: 3 steps of 3 images = 3 epochs of 3 of the 4 images (each epoch leaves 1 out at random, to fill whole batches)" in capsys.readouterr().out.splitlines()
     from types import SimpleNamespace
 
-    from finetune.run_length import run_length_line
+    from finetune.training.run_length import run_length_line
 
     buckets = SimpleNamespace(batches_per_epoch=8, images_per_epoch=24)  # 24 images in buckets, some batches partial
     line = run_length_line(make_recipe(train__max_steps=10, train__batch_size=4).train, 10, buckets, 24, 1)
@@ -166,7 +166,7 @@ def test_a_run_resumed_with_a_second_batch_counts_each_batchs_steps(make_recipe,
 
 def test_a_resume_on_other_processes_at_the_same_global_batch_says_it_stays(make_recipe, tmp_path):
     """2 processes of batch 1 resumed by 1 of batch 2: the warning said the global batch "changes from 2 to 2"."""
-    from finetune.run_length import resume_warnings
+    from finetune.training.run_length import resume_warnings
 
     order = {"order": "this run's", "epoch": 0, "dealt": [[2, 2, 1]]}
     state = {"step": 1, "max_steps": 4, "processes": 2, "recipe": {"train.batch_size": 1}, "data_order": order}

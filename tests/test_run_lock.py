@@ -4,9 +4,9 @@ opened the file just before it went in as well (its lock would be on a file nobo
 
 import pytest
 
-import finetune.run_lock as run_lock
+from finetune.checkpoints.run_lock import LOCK_FILE, output_dir_lock
+import finetune.checkpoints.run_lock as run_lock
 from finetune.errors import FinetuneError
-from finetune.run_lock import LOCK_FILE, output_dir_lock
 
 
 def test_the_lock_file_goes_when_the_run_ends(tmp_path):
@@ -72,7 +72,7 @@ def test_finetune_train_that_fails_its_data_check_leaves_no_new_output_dir(tiny_
     import yaml
 
     from conftest import build_recipe
-    from finetune.cli import main
+    from finetune.cli.main import main
 
     photos = tmp_path / "photos"
     photos.mkdir()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from finetune.cli import main
+from finetune.cli.main import main
 
 
 def test_sample_refuses_pickle_files(tmp_path, capsys, tiny_model):
@@ -27,12 +27,12 @@ def test_sample_refuses_zero_images_or_steps_a_file_as_out_and_a_second_conditio
 
 
 def test_sample_at_a_size_that_runs_out_of_memory_is_one_line(capsys, tiny_model, tmp_path, monkeypatch):
-    import finetune.inference
+    import finetune.sampling.inference
 
     def out_of_memory(*args, **kwargs):  # what the CPU's allocator raises at a size past its memory (4096, the largest taken, on a small machine)
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to allocate 40000000000 bytes")
 
-    monkeypatch.setattr(finetune.inference, "generate_with_settings", out_of_memory)
+    monkeypatch.setattr(finetune.sampling.inference, "generate_with_settings", out_of_memory)
     assert main(["sample", "--base", str(tiny_model), "--prompt", "a", "--resolution", "4096", "--out", str(tmp_path / "s")]) == 2
     assert capsys.readouterr().err.strip().endswith("error: out of memory sampling 4096x4096 px images: lower --resolution (this model's own is 64)")
     with pytest.raises(SystemExit):  # 0 was the model's own size, and -64 a traceback

@@ -12,11 +12,11 @@ from controlnet_helpers import METADATA, write_controlnet_run
 from diffusers import ControlNetModel, UNet2DConditionModel
 from PIL import Image
 
-import finetune.inference as inference
-from finetune.cli import main
-from finetune.controlnet_folder import check_controlnet_fits
+from finetune.cli.main import main
+from finetune.controlnet.folder import check_controlnet_fits
 from finetune.errors import FinetuneError
 from finetune.methods.controlnet import save_model_folder
+import finetune.sampling.inference as inference
 from finetune.toyworld.world import Scene, draw, mask_image
 
 torch.set_num_threads(1)
@@ -90,7 +90,7 @@ def test_run_folder_with_an_unlocked_decoder_samples_with_its_unet(tiny_model, t
     saved = ControlNetModel.from_pretrained(run / "controlnet")
     assert all(torch.equal(a, b) for a, b in zip(pipeline.controlnet.parameters(), saved.parameters()))
     # The demo too: the ControlNet's columns sample with its UNet, the base column with the base's.
-    from finetune import demo_engine
+    from finetune.demo import engine as demo_engine
 
     used = []
     real_generate = demo_engine.generate
@@ -101,7 +101,7 @@ def test_run_folder_with_an_unlocked_decoder_samples_with_its_unet(tiny_model, t
     assert used == [engine.base.unet.conv_out.weight.sum().item(), unet.conv_out.weight.sum().item()]
 
     # On a fine-tuned model (a DreamBooth pipeline) it would replace that model's UNet: refused, in both.
-    from finetune.tiny_model import make_tiny_model
+    from finetune.models.tiny_model import make_tiny_model
 
     dreambooth = make_tiny_model(tmp_path / "db" / "pipeline", seed=1)
     (dreambooth / "finetune_metadata.json").write_text('{"finetune.method": "dreambooth"}')
@@ -121,7 +121,7 @@ def test_run_folder_with_an_unlocked_decoder_samples_with_its_unet(tiny_model, t
 def test_an_unlocked_decoder_cut_short_is_one_line_in_sample_and_the_demo(tiny_model, tmp_path):
     """The UNet a run with controlnet.unlock_unet_decoder saved beside its ControlNet, cut short (a copy, or a run still
     writing): sample ended in diffusers' traceback where the demo said one line; both load it with one function now."""
-    from finetune import demo_engine
+    from finetune.demo import engine as demo_engine
 
     run = write_controlnet_run(tiny_model, tmp_path / "run", trained=True)
     save_model_folder(UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet"), run / "unet", METADATA)
@@ -144,7 +144,7 @@ def test_an_unlocked_decoder_of_pickle_weights_is_refused_by_the_demo_and_checke
     .bin; sample reads it as it reads a --controlnet's .bin: only a file torch.load(weights_only=True) reads."""
     import shutil
 
-    from finetune import demo_engine
+    from finetune.demo import engine as demo_engine
 
     run = write_controlnet_run(tiny_model, tmp_path / "run", trained=True)
     unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
@@ -180,7 +180,7 @@ def test_controlnet_of_another_architecture_is_one_line(tiny_model, tmp_path, ca
     assert code == 2 and "does not fit base model" in err and "cross_attention_dim" in err
 
     # The demo refuses it in the same line, naming it as its list does (one check: controlnet_folder.check_controlnet_fits).
-    from finetune import demo_engine
+    from finetune.demo import engine as demo_engine
 
     engine = demo_engine.DemoEngine(str(tiny_model), tmp_path)
     with pytest.raises(FinetuneError, match=r"^ControlNet 'other' does not fit base model .*: its cross_attention_dim is 64, the UNet's is 32$"):

@@ -3,8 +3,8 @@
 import numpy as np
 from PIL import Image
 
-import finetune.sample_files as sample_files
-from finetune.sample_files import next_run_number, write_numbered
+from finetune.sampling.sample_files import next_run_number, write_numbered
+import finetune.sampling.sample_files as sample_files
 
 
 def image(value: int) -> Image.Image:
@@ -47,7 +47,7 @@ def test_a_number_taken_meanwhile_moves_the_run_to_the_next_and_replaces_nothing
 def test_each_sampled_image_records_its_settings_as_the_webui_does(tiny_model, tmp_path):
     """Runs of several samplers and step counts in one folder were told apart only by their numbers: each image now
     carries its prompt and settings in the PNG text chunk the webui writes (its PNG Info tab reads it)."""
-    from finetune.cli import main
+    from finetune.cli.main import main
 
     out = tmp_path / "samples"
     code = main(["sample", "--base", str(tiny_model), "--prompt", "a red circle --n blurry --d 42 --s 2 --ss k_euler_a --l 3", "--prompt", "a square",
@@ -63,9 +63,9 @@ def test_each_sampled_image_records_its_settings_as_the_webui_does(tiny_model, t
 def test_an_images_settings_name_its_base_and_lora_without_the_folders_they_are_in(tiny_model, tmp_path, monkeypatch):
     """An image is what a creator shares: sampled with --lora /home/alice/outputs/striped/pytorch_lora_weights.safetensors, it
     carried "Lora: pytorch_lora_weights.safetensors", and `--lora .` inside the run "Lora: " (no name); nor did it name its base."""
-    from finetune.cli import main
-    from finetune.models import load_base_model
+    from finetune.cli.main import main
     from finetune.config import ModelConfig
+    from finetune.models.loading import load_base_model
     from test_walkthrough_commands import trained_lora
 
     run = tmp_path / "home" / "alice" / "outputs" / "striped"

@@ -1,4 +1,4 @@
-"""The sampler choice (finetune/samplers.py): validation.sampler, `finetune sample --sampler` and the demo's list draw with
+"""The sampler choice (finetune/sampling/samplers.py): validation.sampler, `finetune sample --sampler` and the demo's list draw with
 the webui's samplers on the run's noise schedule; DDIM, the default, draws what it drew before there was a choice."""
 
 import re
@@ -8,13 +8,13 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from finetune.adapters_as_trained import follow_adapters_schedule
-from finetune.cli import main
+from finetune.cli.main import main
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
-from finetune.models import load_base_model
-from finetune.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES, sampler_of
-from finetune.sampling import build_pipeline, generate
+from finetune.models.loading import load_base_model
+from finetune.sampling.adapters_as_trained import follow_adapters_schedule
+from finetune.sampling.pipelines import build_pipeline, generate
+from finetune.sampling.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES, sampler_of
 from test_walkthrough_commands import trained_lora
 
 
@@ -104,7 +104,7 @@ def test_validation_draws_with_the_recipes_sampler(make_recipe):
 
 
 def test_an_unknown_sampler_is_one_line_listing_the_choices(make_recipe, tiny_model, capsys):
-    from finetune.recipe_loading import recipe_from_dict
+    from finetune.config.recipe_loading import recipe_from_dict
 
     with pytest.raises(Exception) as refused:
         recipe_from_dict({**make_recipe().model_dump(mode="json"), "validation": {"sampler": "euler a"}})
@@ -116,19 +116,19 @@ def test_an_unknown_sampler_is_one_line_listing_the_choices(make_recipe, tiny_mo
 
 
 def test_sample_passes_its_sampler_on(tiny_model, monkeypatch, tmp_path):
-    import finetune.inference
+    import finetune.sampling.inference
 
     asked = []
-    monkeypatch.setattr(finetune.inference, "sample_to_folder", lambda **kwargs: asked.append(kwargs["sampler"]) or [tmp_path / "grid.png"])
+    monkeypatch.setattr(finetune.sampling.inference, "sample_to_folder", lambda **kwargs: asked.append(kwargs["sampler"]) or [tmp_path / "grid.png"])
     assert main(["sample", "--base", str(tiny_model), "--prompt", "p", "--out", str(tmp_path)]) == 0
     assert main(["sample", "--base", str(tiny_model), "--prompt", "p", "--out", str(tmp_path), "--sampler", "unipc"]) == 0
     assert asked == ["ddim", "unipc"]
-    pipeline = finetune.inference.load_sampling_pipeline(str(tiny_model), sampler="euler")
+    pipeline = finetune.sampling.inference.load_sampling_pipeline(str(tiny_model), sampler="euler")
     assert sampler_of(pipeline.scheduler) == "euler"
 
 
 def test_the_demo_draws_with_the_sampler_picked(tiny_model, tmp_path):
-    from finetune.demo_engine import DemoEngine, Request
+    from finetune.demo.engine import DemoEngine, Request
     from finetune.errors import FinetuneError
 
     engine = DemoEngine(str(tiny_model), tmp_path)
@@ -140,8 +140,8 @@ def test_the_demo_draws_with_the_sampler_picked(tiny_model, tmp_path):
 
 def test_a_prompts_ss_draws_it_with_that_sampler_and_the_others_as_before(base, monkeypatch):
     """sd-scripts' per-prompt --ss was accepted and ignored: a prompt asking for euler_a was drawn with the run's DDIM."""
-    import finetune.sampling as sampling
-    from finetune.prompt_options import PromptSettings, with_options
+    import finetune.sampling.pipelines as sampling
+    from finetune.sampling.prompt_options import PromptSettings, with_options
 
     defaults = PromptSettings("", None, 3, 7.5, 2)
     settings = [with_options(text, defaults) for text in ("a red circle", "a red circle --ss k_euler_a", "a red circle --ss DDIM")]
@@ -174,7 +174,7 @@ def test_a_prompts_dpmpp_2m_karras_with_zero_terminal_snr_is_refused_where_the_r
 def test_dpmpp_2m_and_unipc_are_held_to_the_steps_they_can_draw_on_sds_leading_spacing(base):
     """At 999 steps diffusers' DPM++ and UniPC start at timestep 1000, past the 1000 trained: the shipped toy-world base
     drew NaN images (a minute of CPU later). The others draw 999; these 998, all within the trained timesteps."""
-    from finetune.samplers import MOST_STEPS, steps_problem
+    from finetune.sampling.samplers import MOST_STEPS, steps_problem
 
     assert base.noise_scheduler.config.timestep_spacing == "leading"  # SD1.x's and SD2.x's own, and the tiny model's
     for name in SAMPLER_NAMES:
@@ -225,7 +225,7 @@ def test_step_counts_trailing_spacing_takes_one_more_of_are_refused(make_recipe,
     at 998 drew NaN images of the toy-world base, and every sampler took a last step at the wrong noise level."""
     from diffusers import DDIMScheduler
 
-    from finetune.samplers import trailing_steps_problem
+    from finetune.sampling.samplers import trailing_steps_problem
 
     scheduler = DDIMScheduler(rescale_betas_zero_snr=True, timestep_spacing="trailing")
     for steps in (60, 61, 998):
@@ -246,7 +246,7 @@ def test_step_counts_trailing_spacing_takes_one_more_of_are_refused(make_recipe,
 def test_the_demo_says_steps_its_columns_schedule_cannot_draw_before_any_column_renders(tiny_model, tmp_path):
     """A LoRA trained with model.zero_terminal_snr draws on trailing spacing: the demo's steps slider at 61 drew its
     column's last step at timestep -1 without a word (the base's column, on leading spacing, draws 61 as asked)."""
-    from finetune.demo_engine import DemoEngine, Request
+    from finetune.demo.engine import DemoEngine, Request
 
     adapters = tmp_path / "adapters"
     adapters.mkdir()
@@ -265,9 +265,9 @@ def test_the_demo_says_steps_its_columns_schedule_cannot_draw_before_any_column_
 
 
 def test_eval_refuses_steps_its_schedule_cannot_draw_before_drawing(trailing_base, tmp_path, capsys, monkeypatch):
-    import finetune.evaluate
+    import finetune.evaluation.evaluate
 
-    monkeypatch.setattr(finetune.evaluate, "_score", lambda *args: pytest.fail("drew: --steps 61 on trailing spacing should be refused"))
+    monkeypatch.setattr(finetune.evaluation.evaluate, "_score", lambda *args: pytest.fail("drew: --steps 61 on trailing spacing should be refused"))
     out = tmp_path / "eval.json"
     assert main(["eval", "--base", str(trailing_base), "--steps", "61", "--suite", "adherence", "--num-prompts", "1", "--out", str(out)]) == 2
     assert re.search(f"^error: --steps: {TRAILING_61} .*: ask 60$", capsys.readouterr().err.strip()) and not out.exists()
@@ -277,7 +277,7 @@ def test_validation_steps_a_bases_own_trailing_spacing_cannot_draw_are_refused_b
     """The recipe refuses them under model.zero_terminal_snr as it loads; a base whose scheduler config spaces its steps
     "trailing" itself drew every validation's last step at timestep -1 without a word."""
     from conftest import build_recipe
-    from finetune.trainer import train
+    from finetune.training.trainer import train
 
     with pytest.raises(FinetuneError, match=f"^validation.num_inference_steps: {TRAILING_61} .*: ask 60$"):
         train(build_recipe(trailing_base, image_folder, tmp_path / "run", train__max_steps=1, validation__num_inference_steps=61,
@@ -288,9 +288,9 @@ def test_validation_steps_a_bases_own_trailing_spacing_cannot_draw_are_refused_b
 
 def test_class_images_steps_the_bases_trailing_spacing_cannot_draw_are_refused_before_any_is_made(trailing_base, tmp_path):
     """DreamBooth's class images are drawn on the base's own schedule: spaced "trailing", 61 steps ended at timestep -1."""
-    from finetune.class_images import generate_class_images
     from finetune.config import ClassImageGeneration
-    from finetune.inference import load_sampling_pipeline
+    from finetune.dreambooth.class_images import generate_class_images
+    from finetune.sampling.inference import load_sampling_pipeline
 
     pipeline = load_sampling_pipeline(str(trailing_base))
     folder = tmp_path / "class"
@@ -305,7 +305,7 @@ def test_the_count_a_trailing_refusal_advises_draws_on_any_schedule_length():
     num_train_timesteps), 968 to 973 steps all take one more, and 970 raised StopIteration, a traceback for a refusal."""
     import numpy as np
 
-    from finetune.samplers import trailing_steps_problem
+    from finetune.sampling.samplers import trailing_steps_problem
 
     for steps in range(968, 974):
         advised = int(trailing_steps_problem(steps, 999).rsplit("ask ", 1)[1])

@@ -1,13 +1,13 @@
-"""Sampling in batches (finetune.sampling.generate): each image is the one its prompt and seed make alone."""
+"""Sampling in batches (finetune.sampling.pipelines.generate): each image is the one its prompt and seed make alone."""
 
 import numpy as np
 import pytest
 import torch
 
-import finetune.sampling as sampling
 from finetune.config import ModelConfig
-from finetune.models import load_base_model
-from finetune.sampling import build_pipeline, generate
+from finetune.models.loading import load_base_model
+from finetune.sampling.pipelines import build_pipeline, generate
+import finetune.sampling.pipelines as sampling
 
 LONG = ", ".join(["red circle", "blue square", "green triangle"] * 14)  # over 75 tokens: read in two chunks
 

@@ -3,11 +3,11 @@ where the recipe loads (before any model loads or image is read)."""
 
 import pytest
 
-from finetune.cli import main
+from finetune.cli.main import main
+from finetune.config.recipe_loading import recipe_from_dict
 from finetune.errors import FinetuneError
-from finetune.recipe_loading import recipe_from_dict
 
-MAX_RESOLUTION = 4096  # finetune.image_bounds.MAX_RESOLUTION
+MAX_RESOLUTION = 4096  # finetune.data.image_bounds.MAX_RESOLUTION
 RESOLUTION_BOUND = (f"must be at most {MAX_RESOLUTION} (SD1.5 trains at 512, SDXL at 1024; one image's VAE pass alone holds some 2.5 KB "
                     "per pixel): lower it")  # fmt: skip
 
@@ -31,7 +31,7 @@ def test_class_images_past_five_digit_names_are_refused_where_the_recipe_loads()
     a million); image 100,000 on would be named in 6 digits and read back as a user's own class image."""
     from pathlib import Path
 
-    from finetune.class_image_names import is_generated_name
+    from finetune.dreambooth.class_image_names import is_generated_name
 
     raw = {"method": "dreambooth", "dreambooth": {"concepts": [{"instance_dir": "x", "instance_prompt": "sks dog", "class_prompt": "a dog"}]}}
     raw["dreambooth"]["num_class_images"] = 10**9
@@ -71,8 +71,8 @@ def test_a_class_image_batch_past_the_pixels_of_the_largest_image_is_refused_whe
 
 def test_a_validation_grid_finetune_could_not_open_is_refused_where_the_recipe_loads():
     """validation.images_per_prompt: 1000000 sampled for days, every image held in memory, before drawing a grid past
-    the pixels PIL opens in finetune (twice finetune.images.TRUSTED_IMAGE_PIXELS)."""
-    from finetune.images import TRUSTED_IMAGE_PIXELS
+    the pixels PIL opens in finetune (twice finetune.data.images.TRUSTED_IMAGE_PIXELS)."""
+    from finetune.data.images import TRUSTED_IMAGE_PIXELS
 
     def recipe(images_per_prompt, method="lora", prompts=("a dog",)):
         return recipe_from_dict({"method": method, "data": {"image_dir": "x", "resolution": 512},
@@ -94,7 +94,7 @@ def test_a_validation_grid_finetune_could_not_open_is_refused_where_the_recipe_l
 
 def test_sample_refuses_a_resolution_past_the_recipes_bound_before_the_model_loads(tmp_path, capsys):
     """sample --resolution 100000 made one image of 10 gigapixels once the model had loaded, until memory ran out."""
-    from finetune.cli_arguments import parse_arguments
+    from finetune.cli.arguments import parse_arguments
 
     with pytest.raises(SystemExit):
         parse_arguments(["sample", "--base", str(tmp_path / "not-there"), "--prompt", "a dog", "--resolution", "5120"])
@@ -149,7 +149,7 @@ def test_a_run_length_or_accumulation_no_run_ends_is_refused_where_the_recipe_lo
 
 def test_epochs_that_make_more_steps_than_the_bound_are_refused_once_the_data_is_counted():
     """train.max_epochs is within its bound, but its steps of this data are not: one line before any model loads."""
-    from finetune.run_length import EpochCount, check_epoch_run, planned_steps
+    from finetune.training.run_length import EpochCount, check_epoch_run, planned_steps
 
     recipe = recipe_from_dict({"data": {"image_dir": "x"}, "train": {"max_steps": None, "max_epochs": 10**6}})
     count = EpochCount(accumulation=1, batches_per_epoch=1000)  # 1000 batches an epoch: 10**9 steps

@@ -6,10 +6,10 @@ import re
 import pytest
 from pydantic import ValidationError
 
-from finetune.cli import main
+from finetune.cli.main import main
 from finetune.config import Concept, DreamBoothConfig, FolderConfig, Recipe, Section
+from finetune.config.recipe_loading import load_recipe, recipe_from_dict
 from finetune.errors import FinetuneError
-from finetune.recipe_loading import load_recipe, recipe_from_dict
 
 NUMBER_MESSAGE = "takes a number; YAML reads an unquoted yes/no/on/off/true/false as a boolean: write a number"
 

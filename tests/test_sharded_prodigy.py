@@ -1,4 +1,4 @@
-"""Prodigy's step size over DeepSpeed ZeRO's shards (finetune.sharded_prodigy): in one process it steps exactly as
+"""Prodigy's step size over DeepSpeed ZeRO's shards (finetune.optim.sharded_prodigy): in one process it steps exactly as
 prodigyopt's Prodigy does; over processes that each hold a shard of the weights, as ZeRO hands them out, every process
 finds the step size of one process holding them all, where each shard's own estimate differs. The launched run under
 ZeRO-2: tests/test_deepspeed_prodigy.py."""
@@ -13,8 +13,8 @@ from prodigyopt import Prodigy
 
 from finetune.config import OptimizerConfig
 from finetune.errors import FinetuneError
-from finetune.optim import build_optimizer
-from finetune.sharded_prodigy import ShardedProdigy
+from finetune.optim.optimizers import build_optimizer
+from finetune.optim.sharded_prodigy import ShardedProdigy
 
 
 @pytest.fixture

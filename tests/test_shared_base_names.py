@@ -13,10 +13,10 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from finetune.adapter_records import recorded_base
-from finetune.base_names import BASE_PATHS_FILE, shared_base_name, shared_record
-from finetune.cli import base_or_recorded, main
-from finetune.run_files import CONTROLNET_DIR, LORA_WEIGHTS_NAME, METADATA_FILE
+from finetune.checkpoints.run_files import CONTROLNET_DIR, LORA_WEIGHTS_NAME, METADATA_FILE
+from finetune.cli.main import base_or_recorded, main
+from finetune.outputs.base_names import BASE_PATHS_FILE, shared_base_name, shared_record
+from finetune.sampling.adapter_records import recorded_base
 
 from conftest import build_recipe
 from test_moved_base import lora_recording
@@ -50,7 +50,7 @@ def test_a_local_base_is_shared_by_its_name_and_a_hub_cache_folder_by_the_hub_id
 
 
 def test_a_run_on_a_relative_base_shares_its_name_and_finds_it_from_another_folder(tiny_model, image_folder, tmp_path, monkeypatch, capsys):
-    from finetune.trainer import train
+    from finetune.training.trainer import train
 
     project, run = tmp_path / "home" / "alice" / "proj", tmp_path / "runs" / "cat"
     (project / "models").mkdir(parents=True)

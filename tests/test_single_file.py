@@ -19,15 +19,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from finetune.cli import main
+from finetune.cli.main import main
 from finetune.config import LoRAConfig, ModelConfig
-from finetune.demo_engine import DemoEngine
+from finetune.demo.engine import DemoEngine
 from finetune.errors import FinetuneError
+from finetune.formats.single_file_export import export_checkpoint
 from finetune.methods.lora import add_lora, save_lora
-from finetune.models import load_base_model
-from finetune.single_file_export import export_checkpoint
-from finetune.tiny_model import DEFAULT_WORDS, sd15_scheduler_config
-from finetune.tokenizer import make_clip_tokenizer
+from finetune.models.loading import load_base_model
+from finetune.models.tiny_model import DEFAULT_WORDS, sd15_scheduler_config
+from finetune.models.tokenizer import make_clip_tokenizer
 
 
 def sd15_shaped_pipeline(tmp_path) -> StableDiffusionPipeline:
@@ -113,7 +113,7 @@ def test_the_medium_preset_exports_and_loads_back_with_a_note(tmp_path, capsys):
     """`finetune make-tiny-model --preset medium` (SD1.5's block pattern) then `finetune export-checkpoint`, as a user runs
     them: its VAE of 1 layer per block was refused. The original layout names each VAE layer within its block, so it holds
     any count, as it holds any width, and diffusers reads it back whole given the configs; the note says the webui will not."""
-    from finetune.tiny_model import build_tiny_pipeline
+    from finetune.models.tiny_model import build_tiny_pipeline
 
     medium, path = tmp_path / "medium", tmp_path / "medium.safetensors"
     assert main(["make-tiny-model", str(medium), "--preset", "medium"]) == 0
@@ -139,7 +139,7 @@ def test_fp16_export_is_half_the_size_and_loads_back_rounded(single_file, tmp_pa
     assert_loads_back(half, configs, pipeline, rounded=lambda tensor: tensor.half().float())
 
     # Without --precision each weight stays as the pipeline holds it: an fp16 pipeline gives the same file.
-    from finetune.pipeline_io import export_fp16
+    from finetune.outputs.pipeline_io import export_fp16
 
     fp16_pipeline = export_fp16(configs, tmp_path / "fp16-pipeline")
     as_held = tmp_path / "as-held.safetensors"
@@ -150,7 +150,7 @@ def test_fp16_export_is_half_the_size_and_loads_back_rounded(single_file, tmp_pa
 
 def test_a_full_run_folder_exports_with_its_metadata_and_a_v_prediction_note(single_file, image_folder, tmp_path, capsys):
     """`finetune export-checkpoint RUN`: a full fine-tune's pipeline/ (here trained to predict v), its recorded metadata in the header."""
-    from finetune.trainer import train
+    from finetune.training.trainer import train
 
     _, configs, _ = single_file
     run = tmp_path / "run"
@@ -245,8 +245,8 @@ def test_what_the_layout_cannot_hold_is_refused_in_one_line_before_anything_is_w
 def test_a_variants_weights_are_read_and_the_notes_say_what_the_layout_cannot(single_file, tmp_path):
     """A pipeline of fp16 variant files (as model.variant downloads them) exports; the notes name the widths
     the webui would not build and a recorded clip skip, and say nothing at SD1.5's own widths."""
-    from finetune.run_files import METADATA_FILE
-    from finetune.single_file_export import SD15_WIDTHS, usage_notes
+    from finetune.checkpoints.run_files import METADATA_FILE
+    from finetune.formats.single_file_export import SD15_WIDTHS, usage_notes
 
     _, configs, pipeline = single_file
     variant = tmp_path / "variant"
@@ -300,7 +300,7 @@ def test_sample_merge_and_demo_take_a_single_file_base_with_base_config(single_f
 def test_a_lora_trained_on_a_single_file_base_samples_and_merges_with_its_recorded_configs(single_file, image_folder, tmp_path, capsys):
     """Without --base, sample and merge take the recorded base; a single file loads offline only with the
     configs its run named (model.single_file_config), which the LoRA records too."""
-    from finetune.trainer import train
+    from finetune.training.trainer import train
 
     path, configs, _ = single_file
     run = tmp_path / "run"
@@ -316,7 +316,7 @@ def test_a_single_file_base_samples_with_the_clip_skip_its_header_records(single
     """export-checkpoint's header holds what training recorded; the layout itself cannot say clip skip 2."""
     from PIL import Image
 
-    from finetune.run_files import METADATA_FILE
+    from finetune.checkpoints.run_files import METADATA_FILE
 
     _, configs, _ = single_file
     pipeline = tmp_path / "clip-skip-2"
@@ -336,7 +336,7 @@ def test_a_single_file_base_samples_with_the_clip_skip_its_header_records(single
 
 
 def test_a_lora_given_as_the_base_is_named_as_one(make_recipe, capsys):
-    from finetune.trainer import train
+    from finetune.training.trainer import train
 
     # Any LoRA the trainer saves: the check reads the file's names, never the base it was trained on.
     lora = train(make_recipe(train__max_steps=1, train__batch_size=1)).output_dir / "pytorch_lora_weights.safetensors"
@@ -366,7 +366,7 @@ def test_a_hub_base_downloads_the_parts_of_its_variant_and_not_the_single_file_c
     model.variant: fp16, the fp16 weights (which from_pretrained then asks for)."""
     from huggingface_hub.utils import filter_repo_objects
 
-    from finetune.model_source import download_patterns
+    from finetune.models.model_source import download_patterns
 
     allow, ignore = download_patterns(variant)
     fetched = set(filter_repo_objects(SD15_REPO_FILES, allow_patterns=allow, ignore_patterns=ignore))
@@ -384,7 +384,7 @@ def test_the_model_card_of_a_lora_trained_on_a_single_file_loads_it_with_from_si
     """The card's diffusers code was from_pretrained("model.safetensors"), which reads folders and hub ids only (and the
     comment above it called the file a folder): pasted where the base is, it raised. Now from_single_file, with the
     configs the run named, both by name as the card names them."""
-    from finetune.trainer import train
+    from finetune.training.trainer import train
 
     path, configs, _ = single_file
     run = tmp_path / "run"

@@ -10,12 +10,12 @@ import pytest
 from test_base_model_errors import fake_hub_cache
 from test_single_file import sd15_shaped_pipeline
 
-from finetune.cli import main
+from finetune.cli.main import main
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
-from finetune.model_source import check_single_file_settings, locate_base
-from finetune.single_file_configs import SD1_CONFIGS
-from finetune.single_file_export import export_checkpoint
+from finetune.formats.single_file_export import export_checkpoint
+from finetune.models.model_source import check_single_file_settings, locate_base
+from finetune.models.single_file_configs import SD1_CONFIGS
 
 
 @pytest.fixture

@@ -13,12 +13,12 @@ from safetensors.torch import save_file
 from test_base_model_errors import fake_hub_cache
 from test_single_file import sd15_shaped_pipeline
 
-from finetune.cli import main
+from finetune.cli.main import main
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
-from finetune.model_source import locate_base
-from finetune.single_file_configs import SD1_CONFIGS, SD2_CONFIGS, hub_configs_for
-from finetune.single_file_export import export_checkpoint
+from finetune.formats.single_file_export import export_checkpoint
+from finetune.models.model_source import locate_base
+from finetune.models.single_file_configs import SD1_CONFIGS, SD2_CONFIGS, hub_configs_for
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ def test_configs_not_in_the_cache_are_one_line_before_the_data_check_in_every_co
                  ["eval", "--out", str(tmp_path / "e")]):  # fmt: skip
         assert main([argv[0], "--base", str(single_file), *argv[1:]]) == 2, argv
         assert capsys.readouterr().err == f"error: {said.format(key='--base-config')}\n", argv
-    from finetune.demo_engine import DemoEngine
+    from finetune.demo.engine import DemoEngine
 
     with pytest.raises(FinetuneError, match="^" + said.format(key="--base-config").replace("(", r"\(").replace(")", r"\)") + "$"):
         DemoEngine(str(single_file), tmp_path / "adapters")
@@ -111,7 +111,7 @@ def test_the_hub_model_picked_for_a_file_is_diffusers_pick(tmp_path, cross_atten
     """`hub_configs_for` reads the header alone, without diffusers: it must name the model diffusers' loader fetches."""
     from diffusers.loaders.single_file_utils import fetch_diffusers_config
 
-    from finetune.single_file_configs import CROSS_ATTENTION_KEY, INPUT_CONV_KEY
+    from finetune.models.single_file_configs import CROSS_ATTENTION_KEY, INPUT_CONV_KEY
 
     state = {CROSS_ATTENTION_KEY: torch.zeros(320, cross_attention), INPUT_CONV_KEY: torch.zeros(320, input_channels, 3, 3)}
     save_file(state, str(tmp_path / "model.safetensors"))

@@ -15,8 +15,8 @@ import worker_batches
 from conftest import REPO, build_recipe
 from worker_batches import first_batch, model_libraries_loaded
 
-import finetune.trainer as trainer
-from finetune.trainer import train
+from finetune.training.trainer import train
+import finetune.training.trainer as trainer
 
 STAR = REPO / "datasets" / "star"  # 64 px images with loss masks in masks/
 
@@ -106,12 +106,12 @@ def spawn_by_default():
 
 
 def test_a_run_trains_with_spawned_data_workers(make_recipe, spawn_by_default, tmp_path, monkeypatch):
-    import finetune.data_loader
+    import finetune.data.loader
 
     # Each worker notes whether it has this process's memory: a run whose workers were forked (or that started none)
     # passed here as well.
     monkeypatch.setattr(worker_batches, "IN_THE_TEST_PROCESS", True)
-    monkeypatch.setattr(finetune.data_loader, "leave_stop_signals_to_the_trainer", worker_batches.noting_how_it_started)
+    monkeypatch.setattr(finetune.data.loader, "leave_stop_signals_to_the_trainer", worker_batches.noting_how_it_started)
     notes = tmp_path / "worker-notes"
     notes.mkdir()
     monkeypatch.setenv(worker_batches.WORKER_NOTES, str(notes))

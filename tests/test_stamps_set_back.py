@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.cache import EncodingCache
+from finetune.data.cache import EncodingCache
 from finetune.errors import FinetuneError
 
 
@@ -25,7 +25,7 @@ def _replace_keeping_size_and_mtime(path, image: Image.Image) -> None:
 def test_an_image_replaced_with_its_size_and_mtime_kept_is_not_cached_under_the_checked_pixels(tmp_path):
     from data_examples import load_examples
     from finetune.config import DataConfig
-    from finetune.data import CaptionedImageDataset
+    from finetune.data.items import CaptionedImageDataset
 
     folder = tmp_path / "data"
     folder.mkdir()
@@ -47,7 +47,7 @@ def test_an_image_replaced_with_its_size_and_mtime_kept_is_not_cached_under_the_
 def test_a_mask_file_replaced_with_its_size_and_mtime_kept_stops_a_cached_run(tmp_path):
     from data_examples import load_examples
     from finetune.config import DataConfig
-    from finetune.data import CaptionedImageDataset
+    from finetune.data.items import CaptionedImageDataset
     from test_loss_mask import half_mask, masked_folder
 
     folder = masked_folder(tmp_path / "data", count=2)
@@ -67,7 +67,7 @@ def test_a_file_only_copied_over_with_its_own_bytes_and_times_trains_on(tmp_path
     """The ctime moved, the pixels did not: read and compared once, then taken by its new stamp."""
     from data_examples import load_examples
     from finetune.config import DataConfig
-    from finetune.data import CaptionedImageDataset
+    from finetune.data.items import CaptionedImageDataset
 
     folder = tmp_path / "data"
     folder.mkdir()

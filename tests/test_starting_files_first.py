@@ -1,5 +1,5 @@
 """The recipe's own files a run reads besides its data (controlnet.pretrained, controlnet.validation_conditions, lora.init_from)
-are checked before its data check decodes every image (finetune/starting_files.py): they were said after it, so a large folder
+are checked before its data check decodes every image (finetune/data_check/starting_files.py): they were said after it, so a large folder
 was read in full before a typo in one of them was said."""
 
 import json
@@ -10,11 +10,11 @@ import sys
 import pytest
 from test_data_checked_first import write_recipe
 
-import finetune.train_command
+from finetune.cli.main import main
+import finetune.cli.train_command
+from finetune.config.recipe_loading import load_recipe
+from finetune.data_check.starting_files import check_starting_files
 from finetune.errors import FinetuneError
-from finetune.cli import main
-from finetune.recipe_loading import load_recipe
-from finetune.starting_files import check_starting_files
 
 
 def corrupt_copy(folder, tmp_path, method: str):
@@ -45,7 +45,7 @@ def test_a_starting_file_not_there_is_said_before_the_images_are_decoded(case, i
     method, sections, said = CASES[case]
     (tmp_path / "edges.txt").write_text("not a ControlNet")
     data = corrupt_copy(pairs_folder if method == "controlnet" else image_folder, tmp_path, method)
-    monkeypatch.setattr(finetune.train_command, "_run_training", lambda *args: pytest.fail("the training stack was loaded"))
+    monkeypatch.setattr(finetune.cli.train_command, "_run_training", lambda *args: pytest.fail("the training stack was loaded"))
     assert main(["train", str(write_recipe(tmp_path, method, data, **sections(tmp_path)))]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and said.format(tmp=tmp_path) in err[0] and "zz_corrupt" not in err[0], err
@@ -62,7 +62,7 @@ def test_train_without_the_command_checks_controlnet_pretrained_before_decoding_
 
 
 def test_a_resume_does_not_check_the_weights_it_does_not_read(pairs_folder, tmp_path):
-    """A resume's checkpoint holds the weights the run started from: their folder may be gone (finetune.start_weights)."""
+    """A resume's checkpoint holds the weights the run started from: their folder may be gone (finetune.models.start_weights)."""
     recipe = load_recipe(write_recipe(tmp_path, "controlnet", pairs_folder, controlnet={"pretrained": str(tmp_path / "edges")}), [])
     check_starting_files(recipe, resuming=True)
     with pytest.raises(FinetuneError, match="edges not found"):
@@ -72,8 +72,8 @@ def test_a_resume_does_not_check_the_weights_it_does_not_read(pairs_folder, tmp_
 def test_the_starting_files_are_checked_without_torch(pairs_folder, tmp_path):
     """The point of checking them first: `finetune train` loads torch after its data check."""
     recipe = write_recipe(tmp_path, "controlnet", pairs_folder, controlnet={"pretrained": str(tmp_path / "edges")})
-    code = ("import sys\nfrom finetune.errors import FinetuneError\nfrom finetune.recipe_loading import load_recipe\n"
-            "from finetune.starting_files import check_starting_files\n"
+    code = ("import sys\nfrom finetune.errors import FinetuneError\nfrom finetune.config.recipe_loading import load_recipe\n"
+            "from finetune.data_check.starting_files import check_starting_files\n"
             f"try:\n    check_starting_files(load_recipe({str(recipe)!r}, []), resuming=False)\nexcept FinetuneError as err:\n    print(err)\n"
             "print('torch' in sys.modules)")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()

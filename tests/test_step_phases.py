@@ -67,7 +67,7 @@ def test_the_draws_of_a_step_are_its_draws(plain_step):
 
 
 def test_draws_of_several_parts_and_from_a_minimum_timestep_are_those_drawn():
-    from finetune.diffusion import BatchRandomness, draw_noise
+    from finetune.training.diffusion import BatchRandomness, draw_noise
 
     randomness = BatchRandomness(seed=5, micro_batch=3, global_batch=4, rows=slice(1, 3))
     noise, timesteps = draw_noise(randomness, (4, 2, 2), range(0, 1000))
@@ -89,7 +89,7 @@ def test_latents_of_a_vae_without_a_shift_are_scaled_and_not_shifted():
     A VAE with a shift (SD3's, 0.1159) still has it subtracted before the scaling."""
     from types import SimpleNamespace
 
-    from finetune.encoders import latents_from_moments
+    from finetune.models.encoders import latents_from_moments
 
     moments, noise = torch.randn(2, 8, 4, 4), torch.randn(2, 4, 4, 4)
     mean, std = moments.chunk(2, dim=1)
@@ -114,7 +114,7 @@ def test_noising_from_the_table_is_diffusers_add_noise_and_velocity_to_the_bit(p
     timestep too (a zero-terminal-SNR schedule's last has alpha_bar 0); the velocity is 3 kernels more, not 8."""
     from diffusers import DDPMScheduler
 
-    from finetune.diffusion import add_noise
+    from finetune.training.diffusion import add_noise
 
     for zero_snr in (False, True):
         scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type,
@@ -138,7 +138,7 @@ def test_the_loss_weights_by_timestep_are_an_indexing_each_with_the_formulas_val
     entries the formulas' own, to the bit (at gammas 5 and 1: a table per setting)."""
     from diffusers import DDPMScheduler
 
-    from finetune.diffusion import NoisedBatch, debiased_weight, huber_threshold, min_snr_weight, per_sample_loss
+    from finetune.training.diffusion import NoisedBatch, debiased_weight, huber_threshold, min_snr_weight, per_sample_loss
 
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
     generator = torch.Generator().manual_seed(6)
@@ -177,7 +177,7 @@ def test_the_min_snr_weighted_loss_of_a_step_looks_its_weight_up(cached_step):
 def test_latents_of_half_precision_moments_are_those_of_their_fp32_copy(dtype):
     from types import SimpleNamespace
 
-    from finetune.encoders import latents_from_moments
+    from finetune.models.encoders import latents_from_moments
 
     vae = SimpleNamespace(config=SimpleNamespace(shift_factor=None, scaling_factor=0.18215))
     moments, noise = torch.randn(2, 8, 4, 4).to(dtype), torch.randn(2, 4, 4, 4)

@@ -11,11 +11,11 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from finetune.trainer import train
+from finetune.training.trainer import train
 
 HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy")
 # Tensors that live on the host by design (no device to wait for): the sampler's CPU permutation.
-HOST_ONLY_CALLERS = ("finetune/batches.py",)
+HOST_ONLY_CALLERS = ("finetune/data/batches.py",)
 
 
 @pytest.fixture
@@ -103,7 +103,7 @@ def _device_argument(args, kwargs):
 def test_copies_to_the_device_in_a_step_are_queued_without_waiting(make_recipe, monkeypatch, settings):
     """On a GPU, `.to(device)` from pageable host memory waits for the stream's queued kernels (a sync in the
     middle of each step); the loop's copies (pixels, noise, timesteps, cached latents, tokens) go through
-    finetune.device_copy, which stages them in pinned memory and copies with non_blocking=True. On the CPU the
+    finetune.training.device_copy, which stages them in pinned memory and copies with non_blocking=True. On the CPU the
     staging is skipped; what is checked is that no copy from the training code asks for a blocking one."""
     blocking, step = [], [0]
     original = torch.Tensor.to
@@ -124,8 +124,8 @@ def test_the_benchmark_waits_for_the_gpu_at_the_ends_of_its_window_only(make_rec
     it measured a loop whose CPU could never queue a step while the GPU ran the last. Here on a pretend GPU."""
     from types import SimpleNamespace
 
-    import finetune.trainer
     from finetune.bench.measure import measure
+    import finetune.training.trainer
 
     synchronized_at, current = [], [0]
     for name, fake in {"is_available": lambda: True, "synchronize": lambda: synchronized_at.append(current[0]), "memory_allocated": lambda: 0,
@@ -139,7 +139,7 @@ def test_the_benchmark_waits_for_the_gpu_at_the_ends_of_its_window_only(make_rec
             on_step(step)
         return SimpleNamespace(losses=[1.0] * 8)
 
-    monkeypatch.setattr(finetune.trainer, "train", fake_train)
+    monkeypatch.setattr(finetune.training.trainer, "train", fake_train)
     recipe = make_recipe().model_dump(mode="json")
     row = measure({"name": "lora", "recipe": recipe, "warmup": 2, "steps": 5, "count_flops": False, "images_per_step": 2})
     assert synchronized_at == [2, 7]  # the window: after step 2, after step 7
@@ -151,7 +151,7 @@ def test_the_weight_average_moves_every_parameter_in_one_foreach_call():
     one foreach lerp does them all (a few fused kernels on a GPU), to the same values."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from finetune.ema import WeightAverage
+    from finetune.training.ema import WeightAverage
 
     class CountLerps(TorchDispatchMode):
         def __init__(self):
@@ -186,7 +186,7 @@ SYNCING_OPS = {"_local_scalar_dense", "is_nonzero", "nonzero", "masked_select", 
                "repeat_interleave", "bincount"}  # fmt: skip
 INDEXING_OPS = {"index", "index_put", "index_put_", "_index_put_impl_"}  # with a boolean mask: a nonzero inside
 # Host-only tensors by design: the sampler's permutation, a draw from BatchRandomness's CPU generator (multires noise).
-HOST_ONLY_FUNCTIONS = {("finetune/batches.py", None), ("finetune/diffusion.py", "uniform")}
+HOST_ONLY_FUNCTIONS = {("finetune/data/batches.py", None), ("finetune/training/diffusion.py", "uniform")}
 
 
 def _syncing(func, args) -> bool:

@@ -17,7 +17,7 @@ import yaml
 
 from ports import free_port
 
-from finetune.stopping import StopRequest
+from finetune.distributed.stopping import StopRequest
 
 # Each of 2 processes: the per-step agreements with a SIGTERM that reaches rank 1 alone before step 3's, the
 # collectives they ran, then the agreement after the loop (waited for), and the process groups left after close().
@@ -26,7 +26,7 @@ import json, os, signal
 from types import SimpleNamespace
 import torch
 import torch.distributed as dist
-from finetune.stopping import StopRequest
+from finetune.distributed.stopping import StopRequest
 
 def threads():  # this process's threads, gloo's among them (Linux; None elsewhere)
     return len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else None
@@ -134,16 +134,16 @@ def test_a_run_that_fails_closes_its_stop_agreement_without_waiting_for_a_sum():
 TRAIN_COMMAND = r"""
 import sys
 import torch.distributed as dist
-import finetune.distributed
-from finetune.cli import main
+from finetune.cli.main import main
+import finetune.distributed.processes
 
-leave_process_group = finetune.distributed.leave_process_group
+leave_process_group = finetune.distributed.processes.leave_process_group
 
 def leave():
     print(f"groups left: {len(dist.distributed_c10d._world.pg_map)}")
     leave_process_group()
 
-finetune.distributed.leave_process_group = leave
+finetune.distributed.processes.leave_process_group = leave
 sys.exit(main(sys.argv[1:]))
 """
 

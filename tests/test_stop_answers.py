@@ -14,8 +14,8 @@ import torch.distributed as dist
 
 from ports import free_port
 
-from finetune.stop_answers import Answers, agreement_timeout, main_group_timeout
-from finetune.stopping import StopRequest
+from finetune.distributed.stop_answers import Answers, agreement_timeout, main_group_timeout
+from finetune.distributed.stopping import StopRequest
 
 TIMED_OUT = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 900000ms for recv operation to complete")
 
@@ -84,9 +84,9 @@ import json, os, time
 from datetime import timedelta
 from types import SimpleNamespace
 import torch.distributed as dist
-import finetune.stop_answers as stop_answers
+import finetune.distributed.stop_answers as stop_answers
+from finetune.distributed.stopping import StopRequest
 from finetune.errors import FinetuneError
-from finetune.stopping import StopRequest
 
 dist.init_process_group("gloo")
 stop_answers.main_group_timeout, stop_answers.MARGIN = (lambda: timedelta(seconds=3)), timedelta(0)
@@ -129,7 +129,7 @@ def test_a_process_that_hangs_ends_the_other_after_the_timeout_with_a_line_namin
 
 def test_the_first_process_of_a_machine_is_not_always_the_one_that_says_a_line(tmp_path, capsys, monkeypatch):
     """cli said every error from local rank 0 alone, which may be the process that did not answer."""
-    import finetune.cli as cli
+    import finetune.cli.main as cli
     from finetune.errors import FinetuneError
 
     def fails(args):

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from finetune import cli
-from finetune.stop_signals import Terminated
-from finetune.stopping import StopRequest
+from finetune.cli import main as cli
+from finetune.cli.stop_signals import Terminated
+from finetune.distributed.stopping import StopRequest
 
 
 @pytest.fixture(autouse=True)
@@ -45,21 +45,21 @@ def test_a_command_stopped_exits_as_the_signal_says(monkeypatch, capsys, stop, l
 
 @pytest.mark.parametrize(("sent", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_training_run_stopped_at_a_step_exits_as_the_signal_says(monkeypatch, tmp_path, sent, status):
-    import finetune.native_resolution
-    import finetune.recipe_loading
-    import finetune.run_refusals
-    import finetune.starting_files
-    import finetune.run_lock
-    import finetune.train_inputs
-    import finetune.trainer
+    import finetune.checkpoints.run_lock
+    import finetune.cli.run_refusals
+    import finetune.config.recipe_loading
+    import finetune.data_check.starting_files
+    import finetune.data_check.train_inputs
+    import finetune.models.native_resolution
+    import finetune.training.trainer
 
-    monkeypatch.setattr(finetune.recipe_loading, "load_recipe", lambda *a: SimpleNamespace(output_dir=str(tmp_path), data=SimpleNamespace(resolution=512), model=SimpleNamespace(pretrained="", single_file_config=None)))
-    monkeypatch.setattr(finetune.train_inputs, "check_inputs_exist", lambda recipe: None)
-    monkeypatch.setattr(finetune.train_inputs, "check_data_first", lambda recipe: None)  # nor data
-    monkeypatch.setattr(finetune.starting_files, "check_starting_files", lambda recipe, resuming: None)  # nor the files it starts from
-    monkeypatch.setattr(finetune.run_refusals, "check_run_first", lambda *a: None)  # nor train()'s refusals of the run
-    monkeypatch.setattr(finetune.native_resolution, "far_from_native_line", lambda *a: None)  # the fake recipe names no real base
-    monkeypatch.setattr(finetune.trainer, "train", lambda *a, **k: SimpleNamespace(interrupted=True, stopped_by=sent))
+    monkeypatch.setattr(finetune.config.recipe_loading, "load_recipe", lambda *a: SimpleNamespace(output_dir=str(tmp_path), data=SimpleNamespace(resolution=512), model=SimpleNamespace(pretrained="", single_file_config=None)))
+    monkeypatch.setattr(finetune.data_check.train_inputs, "check_inputs_exist", lambda recipe: None)
+    monkeypatch.setattr(finetune.data_check.train_inputs, "check_data_first", lambda recipe: None)  # nor data
+    monkeypatch.setattr(finetune.data_check.starting_files, "check_starting_files", lambda recipe, resuming: None)  # nor the files it starts from
+    monkeypatch.setattr(finetune.cli.run_refusals, "check_run_first", lambda *a: None)  # nor train()'s refusals of the run
+    monkeypatch.setattr(finetune.models.native_resolution, "far_from_native_line", lambda *a: None)  # the fake recipe names no real base
+    monkeypatch.setattr(finetune.training.trainer, "train", lambda *a, **k: SimpleNamespace(interrupted=True, stopped_by=sent))
     assert cli.main(["train", "recipe.yaml"]) == status
 
 

@@ -1,7 +1,7 @@
 """A stop while `python -m finetune` imports the CLI (0.1 to 0.4 s after Enter on a busy host, before `main` sets up its
 stop line): a Ctrl-C printed a traceback of importlib's frames and exited as killed by SIGINT, and a SIGTERM ended the
 process with no line at all. The signal is sent at that moment for sure: a `sitecustomize` of the test's own, on
-PYTHONPATH, sends it when finetune.cli is looked for, and the real command runs as a user runs it."""
+PYTHONPATH, sends it when finetune.cli.main is looked for, and the real command runs as a user runs it."""
 
 import os
 import signal
@@ -18,7 +18,7 @@ import os, signal, sys
 
 class SignalWhenImported:
     def find_spec(self, name, path=None, target=None):
-        if name == "finetune.cli":
+        if name == "finetune.cli.main":
             os.kill(os.getpid(), signal.{signal})  # its handler runs at the next bytecode: inside the import
         return None
 
@@ -46,7 +46,7 @@ def test_a_stop_while_the_cli_is_imported_is_the_stop_line(tmp_path, sent, line,
 
 
 def test_the_installed_command_runs_the_same_entry_point():
-    """The `finetune` script pip writes imports its entry point first: the one above, not finetune.cli's main."""
+    """The `finetune` script pip writes imports its entry point first: the one above, not finetune.cli.main's main."""
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert '\nfinetune = "finetune.__main__:run"' in pyproject
 
@@ -62,7 +62,7 @@ except BaseException:  # a library's own fallback
 """
 COMMAND_IMPORTING_IT = """
 import os, signal, sys
-from finetune import cli
+from finetune.cli import main as cli
 
 class SignalWhenImported:
     def find_spec(self, name, path=None, target=None):

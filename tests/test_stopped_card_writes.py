@@ -15,7 +15,7 @@ def left_in(folder: Path) -> list[str]:
 
 
 def test_a_stop_while_merge_writes_its_card_leaves_no_half_card(tmp_path, monkeypatch):
-    from finetune.merge import _write_card
+    from finetune.formats.merge import _write_card
 
     lora = SimpleNamespace(common_rank_alpha=lambda: (4, 4.0), layers={"unet.down.0": None}, metadata={"finetune.steps": "10"})
     stopped_halfway_through_write_text(monkeypatch, "README.md")
@@ -25,7 +25,7 @@ def test_a_stop_while_merge_writes_its_card_leaves_no_half_card(tmp_path, monkey
 
 
 def test_a_stop_while_a_trained_pipelines_card_is_written_leaves_no_half_card(tmp_path, monkeypatch):
-    from finetune.model_card import write_pipeline_card
+    from finetune.formats.model_card import write_pipeline_card
 
     folder = tmp_path / "run" / "pipeline"
     folder.mkdir(parents=True)
@@ -39,8 +39,8 @@ def test_a_stop_while_a_trained_pipelines_card_is_written_leaves_no_half_card(tm
 def test_a_stop_while_an_exported_loras_card_is_written_leaves_no_half_card(tmp_path, monkeypatch, layout):
     import torch
 
-    from finetune.kohya import LoRA, LoRALayer
-    from finetune.model_card import model_card_path, write_model_card
+    from finetune.formats.kohya import LoRA, LoRALayer
+    from finetune.formats.model_card import model_card_path, write_model_card
 
     lora = LoRA({"unet.down.0": LoRALayer(down=torch.zeros(4, 8), up=torch.zeros(8, 4), alpha=4.0)})
     path = tmp_path / ("lora.safetensors" if layout == "kohya" else "lora/pytorch_lora_weights.safetensors")
@@ -56,7 +56,7 @@ def test_an_export_stopped_before_its_card_leaves_no_file_so_its_rerun_is_not_re
     """The stop's line says to run the command again: a LoRA file left without its card made that rerun ask for --overwrite."""
     import torch
 
-    from finetune.kohya import LoRA, LoRALayer, export_lora, save_lora_file
+    from finetune.formats.kohya import LoRA, LoRALayer, export_lora, save_lora_file
 
     source = save_lora_file(LoRA({"unet.down.0": LoRALayer(down=torch.zeros(4, 8), up=torch.zeros(8, 4), alpha=4.0)}), tmp_path / "trained.safetensors", "kohya")
     with monkeypatch.context() as stopped:

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finetune.class_image_names import RECORD_FILE, read_generation_records
-from finetune.class_images import write_generation_record
-from finetune.conditions import make_conditions
+from finetune.controlnet.conditions import make_conditions
+from finetune.dreambooth.class_image_names import RECORD_FILE, read_generation_records
+from finetune.dreambooth.class_images import write_generation_record
 from finetune.errors import FinetuneError
 
 
@@ -122,8 +122,8 @@ def test_a_stop_while_make_conditions_writes_an_image_leaves_no_half_image(tmp_p
 def test_a_stop_while_make_conditions_rewrites_a_folder_as_another_kind_leaves_no_record_of_the_old_kind(tmp_path, monkeypatch):
     """A rerun as masks (--overwrite) stopped after the first image kept conditioning.json saying luminance over a mix
     of both kinds, and a ControlNet trained on the folder recorded luminance for `finetune sample` and the demo."""
-    from finetune.conditioning_records import conditioning_record
-    from finetune.conditions import make_condition_folders
+    from finetune.controlnet.conditioning_records import conditioning_record
+    from finetune.controlnet.conditions import make_condition_folders
 
     source, out = photos(tmp_path / "photos"), tmp_path / "out"
     (source / "sub").mkdir()

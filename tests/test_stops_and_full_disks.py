@@ -7,12 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import finetune.trainer as trainer
-import finetune.training_run as training_run
-from finetune.atomic_files import atomic_save_safetensors
-from finetune.run_files import list_checkpoints
+from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
+from finetune.checkpoints.run_files import list_checkpoints
 from finetune.errors import FinetuneError
-from finetune.run_files import LORA_WEIGHTS_NAME
+from finetune.outputs.atomic_files import atomic_save_safetensors
+import finetune.training.trainer as trainer
+import finetune.training.training_run as training_run
 
 
 def test_a_stop_during_the_last_step_finishes_the_run_with_its_outputs(make_recipe, tmp_path):
@@ -49,7 +49,7 @@ def test_a_disk_that_fills_while_the_outputs_are_written_is_one_line(make_recipe
     """The last checkpoint was written, the outputs beside it were not: a traceback of safetensors' own error."""
     from safetensors import SafetensorError
 
-    import finetune.atomic_files as atomic_files
+    import finetune.outputs.atomic_files as atomic_files
 
     real = atomic_files.save_file
 
@@ -93,7 +93,7 @@ def test_a_disk_that_fills_under_a_sample_grid_or_the_logs_is_one_line(make_reci
 
     import yaml
 
-    from finetune import cli
+    from finetune.cli import main as cli
 
     recipe = make_recipe(output_dir=str(tmp_path / "run"), train__max_steps=3, checkpoint__every_n_steps=1)
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
@@ -236,10 +236,10 @@ def test_ctrl_c_while_an_image_a_report_or_a_tiny_model_is_written_leaves_no_hid
 
     from PIL import Image
 
-    import finetune.tiny_model
-    from finetune.cli import main
-    from finetune.evaluate import write_report
-    from finetune.sampling import save_image_atomic
+    from finetune.cli.main import main
+    from finetune.evaluation.evaluate import write_report
+    import finetune.models.tiny_model
+    from finetune.sampling.pipelines import save_image_atomic
 
     def interrupted(*args):
         raise KeyboardInterrupt
@@ -257,6 +257,6 @@ def test_ctrl_c_while_an_image_a_report_or_a_tiny_model_is_written_leaves_no_hid
         (Path(folder) / "unet" / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(finetune.tiny_model, "make_tiny_model", half_a_model)
+    monkeypatch.setattr(finetune.models.tiny_model, "make_tiny_model", half_a_model)
     assert main(["make-tiny-model", str(tmp_path / "tiny")]) == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == []

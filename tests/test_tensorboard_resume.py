@@ -17,7 +17,7 @@ from conftest import build_recipe
 from forked import run_forked
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from finetune.trainer import train
+from finetune.training.trainer import train
 
 def killed_run(recipe, after_step: int) -> SimpleNamespace:
     """Trains `recipe` in a process of its own (forked: see tests/forked.py) that SIGKILLs itself when step `after_step` is
@@ -137,7 +137,7 @@ def test_a_resume_from_an_older_checkpoint_logs_its_later_steps_once(tiny_model,
 
 
 def test_settings_on_record_are_those_of_a_whole_record_alike(tmp_path):
-    from finetune.logged_settings import settings_on_record
+    from finetune.training.logged_settings import settings_on_record
 
     settings = {"lora.rank": 4, "optimizer.lr": 0.0001, "validation.prompts": "['a café']", "train.cache_latents": True}
     (tmp_path / "1.5").mkdir()

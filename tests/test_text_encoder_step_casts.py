@@ -14,7 +14,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from finetune.methods.lora import LoRAMethod
-from finetune.trainer import train
+from finetune.training.trainer import train
 from numerics import bit_identical_on_cpu
 
 

@@ -4,12 +4,12 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
-from finetune.tiny_model import DEFAULT_WORDS
-from finetune.tokenizer import make_clip_tokenizer
+from finetune.models.tiny_model import DEFAULT_WORDS
+from finetune.models.tokenizer import make_clip_tokenizer
 from finetune.toyworld.world import WORLD_WORDS
 
 SHIPPED_TOKENIZER = Path(__file__).resolve().parent.parent / "finetune" / "assets" / "toyworld-base" / "tokenizer"
-# BPE's merge order splits these (finetune/tokenizer.py's note): kept, as the shipped base learned them so.
+# BPE's merge order splits these (finetune/models/tokenizer.py's note): kept, as the shipped base learned them so.
 SPLIT_WORDS = {"diamond": ["dia", "mo", "n", "d</w>"], "photo": ["p", "ho", "to</w>"], "striped": ["s", "tri", "pe", "d</w>"]}
 
 

@@ -3,11 +3,11 @@ shortage from the processes (3 processes, 2 images) it told the user to lower tr
 
 import pytest
 
-from finetune.batches import EpochBatchSampler
-from finetune.buckets import BucketBatchSampler
-from finetune.buckets import too_few_to_batch
+from finetune.config.recipe_loading import recipe_from_dict
+from finetune.data.batches import EpochBatchSampler
+from finetune.data.buckets import BucketBatchSampler
+from finetune.data.buckets import too_few_to_batch
 from finetune.errors import FinetuneError
-from finetune.recipe_loading import recipe_from_dict
 
 
 def recipe(batch_size: int, bucketing: bool = False, loss_images: int = 0):

@@ -8,11 +8,11 @@ from accelerate import Accelerator
 
 from safetensors.torch import load_file
 
-from finetune.ema import EMA_FILE
 from finetune.errors import FinetuneError
-from finetune.max_norm import apply_max_norm
+from finetune.optim.max_norm import apply_max_norm
 from finetune.toyworld.datasets import write_folder
-from finetune.trainer import train
+from finetune.training.ema import EMA_FILE
+from finetune.training.trainer import train
 
 
 def test_logged_loss_terms_average_every_micro_batch_as_the_loss_does(make_recipe, tmp_path, monkeypatch):

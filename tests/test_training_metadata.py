@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from finetune.kohya import export_lora
-from finetune.kohya_metadata import finetune_metadata_from_kohya
-from finetune.run_files import LORA_WEIGHTS_NAME
-from finetune.trainer import train
+from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
+from finetune.formats.kohya import export_lora
+from finetune.formats.kohya_metadata import finetune_metadata_from_kohya
+from finetune.training.trainer import train
 
 
 def metadata_of(path):
@@ -47,7 +47,7 @@ def test_a_lora_records_its_folders_and_caption_tags_as_sd_scripts_does(make_rec
 
 
 def test_the_cards_tag_row_survives_other_trainers_metadata():
-    from finetune.model_card import frequent_tags
+    from finetune.formats.model_card import frequent_tags
 
     assert frequent_tags(None) is None and frequent_tags("{oops") is None and frequent_tags('{"dir": 3}') is None and frequent_tags("{}") is None
     assert frequent_tags('{"a": {"x|y": 2, "z": 1}, "b": {"z": 2}}') == "z (3), x\\|y (2)"  # over all folders; | kept out of the table
@@ -60,8 +60,8 @@ def test_caption_tags_can_be_left_out_of_the_files(make_recipe, tmp_path):
 
 
 def test_folders_of_one_name_stay_apart_and_tags_are_capped():
-    from finetune.output_metadata import MAX_TAGS_PER_FOLDER, dataset_metadata
-    from finetune.sources import Example
+    from finetune.data.sources import Example
+    from finetune.outputs.metadata import MAX_TAGS_PER_FOLDER, dataset_metadata
 
     def image(path, caption, repeats=1):
         return Example(path, caption, lambda: None, repeats=repeats)
@@ -78,8 +78,8 @@ def test_folders_of_one_name_stay_apart_and_tags_are_capped():
 def test_tags_are_counted_per_caption_line_where_training_splits_lines():
     """A caption's lines are split only at line ends (LF, CRLF, CR), as training splits them: a U+2028 inside a tag
     is part of that one caption line, which str.splitlines cut into two tags."""
-    from finetune.output_metadata import dataset_metadata
-    from finetune.sources import Example
+    from finetune.data.sources import Example
+    from finetune.outputs.metadata import dataset_metadata
 
     items = [Example("/data/d/1.png", "sks, red\u2028dog\nsks, cat", lambda: None)]
     assert json.loads(dataset_metadata(items)["finetune.tag_frequency"]) == {"d": {"sks": 1, "red\u2028dog": 1, "cat": 1}}
@@ -88,8 +88,8 @@ def test_tags_are_counted_per_caption_line_where_training_splits_lines():
 def test_a_keep_tokens_separator_parts_tags_as_a_comma_does():
     """With data.keep_tokens_separator '|||', 'sks, dog ||| grass' trains the tags sks, dog and grass: its tag counts
     (trigger words in LoRA managers) recorded 'dog ||| grass' as one tag."""
-    from finetune.output_metadata import dataset_metadata
-    from finetune.sources import Example
+    from finetune.data.sources import Example
+    from finetune.outputs.metadata import dataset_metadata
 
     items = [Example("/data/e/1.png", "sks, dog ||| grass|||sunny", lambda: None)]
     assert json.loads(dataset_metadata(items, tag_separator="|||")["finetune.tag_frequency"]) == {"e": {"sks": 1, "dog": 1, "grass": 1, "sunny": 1}}
@@ -97,8 +97,8 @@ def test_a_keep_tokens_separator_parts_tags_as_a_comma_does():
 
 def test_images_linked_into_a_data_folder_are_recorded_under_its_name(tmp_path):
     """A data folder of links into a photo library was recorded under the library's folders (2019, 2020), not its own."""
-    from finetune.output_metadata import dataset_metadata
-    from finetune.sources import Example
+    from finetune.data.sources import Example
+    from finetune.outputs.metadata import dataset_metadata
 
     folder = tmp_path / "data" / "10_sks dog"
     folder.mkdir(parents=True)
@@ -111,8 +111,8 @@ def test_images_linked_into_a_data_folder_are_recorded_under_its_name(tmp_path):
 
 
 def test_the_kohya_export_writes_the_data_once_and_an_import_reads_it_back(tmp_path):
-    from finetune.kohya import LoRA, LoRALayer, load_lora, save_lora_file
-    from finetune.model_card import frequent_tags
+    from finetune.formats.kohya import LoRA, LoRALayer, load_lora, save_lora_file
+    from finetune.formats.model_card import frequent_tags
 
     metadata = {"finetune.tag_frequency": json.dumps({"img": {"sks": 3}}), "finetune.num_train_images": "3", "finetune.resolution": "512"}
     layers = {"unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q": LoRALayer(torch.zeros(2, 4), torch.zeros(4, 2), 2.0)}
@@ -130,7 +130,7 @@ def test_a_runs_lora_records_its_tags_parted_at_its_keep_tokens_separator(make_r
     """The trainer hands data.keep_tokens_separator to the tag counts (the test above: the counting itself)."""
     from safetensors import safe_open
 
-    from finetune.trainer import train
+    from finetune.training.trainer import train
 
     result = train(make_recipe(train__max_steps=1, data__caption="sks, dog ||| grass", data__shuffle_tags=True, data__keep_tokens_separator="|||"))
     with safe_open(str(result.saved_files[0]), "np") as f:

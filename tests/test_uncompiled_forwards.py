@@ -1,11 +1,11 @@
-"""Validation and the held-out loss call the trained modules uncompiled (`finetune.distributed.uncompiled_forwards`): each
+"""Validation and the held-out loss call the trained modules uncompiled (`finetune.distributed.processes.uncompiled_forwards`): each
 would compile a graph of its own. torch 2.6's stance does it; on torch 2.4 and 2.5 (pyproject allows them), which lack it,
 the held-out loss compiled an extra graph: there the module under torch.compile's wrapper is called as the module it wraps
 (a compiled run without the stance: tests/test_compiled_runs.py)."""
 
 import torch
 
-from finetune.distributed import uncompiled_forwards
+from finetune.distributed.processes import uncompiled_forwards
 
 
 def test_without_torchs_stance_a_compiled_module_is_called_as_the_module_it_wraps(monkeypatch):

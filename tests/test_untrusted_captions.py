@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from finetune.caption_cells import MAX_CAPTION_LENGTH, dataset_caption
-from finetune.caption_overrides import shadowed_caption_files
+from finetune.captions.cells import MAX_CAPTION_LENGTH, dataset_caption
+from finetune.captions.overrides import shadowed_caption_files
 from finetune.config import DataConfig
+from finetune.data.sources import read_examples
 from finetune.errors import FinetuneError
-from finetune.sources import read_examples
 
 TOO_LONG = r"long, more than a caption finetune reads \(100,000 (characters|bytes); a caption trains its first 75 tokens"
 

@@ -16,9 +16,9 @@ from test_single_file import sd15_shaped_pipeline
 
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
-from finetune.model_source import locate_base
-from finetune.models import load_parts
-from finetune.single_file_export import export_checkpoint
+from finetune.formats.single_file_export import export_checkpoint
+from finetune.models.loading import load_parts
+from finetune.models.model_source import locate_base
 
 
 class RunsCodeWhenUnpickled:
@@ -115,7 +115,7 @@ def test_a_base_folder_whose_pickle_weights_would_run_code_is_refused_as_it_is_l
 def test_a_controlnet_folder_whose_pickle_weights_would_run_code_is_refused_before_it_loads(tmp_path):
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    from finetune.controlnet_folder import resolve_controlnet_folder
+    from finetune.controlnet.folder import resolve_controlnet_folder
 
     folder = tmp_path / "controlnet"
     ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(SHIPPED_BASE, subfolder="unet")).save_pretrained(folder, safe_serialization=False)

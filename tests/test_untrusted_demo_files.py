@@ -16,8 +16,8 @@ SECRET = "not for the browser"
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from finetune.demo import build_app, launch_app
-    from finetune.demo_engine import DemoEngine
+    from finetune.demo.engine import DemoEngine
+    from finetune.demo.page import build_app, launch_app
 
     folder = tmp_path_factory.mktemp("demo")
     (folder / "adapters").mkdir()

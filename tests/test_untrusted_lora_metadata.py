@@ -10,9 +10,9 @@ import torch
 from conftest import SHIPPED_BASE
 from safetensors.torch import save_file
 
-from finetune.cli import main
+from finetune.cli.main import main
 from finetune.errors import FinetuneError
-from finetune.adapters_as_trained import adapters_max_token_length
+from finetune.sampling.adapters_as_trained import adapters_max_token_length
 
 LAYER = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q"  # a layer of the shipped base (64 wide)
 
@@ -49,7 +49,7 @@ def test_a_controlnets_record_of_conditioning_make_conditions_could_not_write_is
     1e9 from a downloaded folder asked canny for a 48 GB kernel, and a name no maker takes was a TypeError mid-render."""
     import json
 
-    from finetune.conditioning_records import recorded_options
+    from finetune.controlnet.conditioning_records import recorded_options
 
     def record(**options):
         return {"finetune.conditioning": json.dumps({"kind": "canny", **options})}
@@ -83,8 +83,8 @@ def test_a_data_folders_record_make_conditions_could_not_write_is_one_line_befor
     import json
     import shutil
 
-    from finetune import trainer
-    from finetune.trainer import train
+    from finetune.training import trainer
+    from finetune.training.trainer import train
 
     folder = tmp_path / "pairs"
     shutil.copytree(pairs_folder, folder)
@@ -116,8 +116,8 @@ def test_controlnet_pretrained_recording_a_prediction_type_no_model_predicts_is_
 
     from diffusers import ControlNetModel, UNet2DConditionModel
 
+    from finetune.checkpoints.run_files import METADATA_FILE
     from finetune.methods.controlnet import ControlNetMethod
-    from finetune.run_files import METADATA_FILE
 
     folder = tmp_path / "controlnet"
     ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")).save_pretrained(folder)

@@ -2,7 +2,7 @@
 (custom_checkpoint_0.pkl) with torch.load(weights_only=False), so a file made to run code ran it at `--resume`. One of
 ours holds numbers alone there, in torch's zip format; one holding other objects, or of a format whose objects cannot be
 listed before it is unpickled (torch's legacy format, a plain pickle), is refused in one line before anything is unpickled.
-DeepSpeed's own files, which it unpickles whole too, are held to the objects DeepSpeed writes (finetune/checkpoint_pickles.py)."""
+DeepSpeed's own files, which it unpickles whole too, are held to the objects DeepSpeed writes (finetune/checkpoints/pickles.py)."""
 
 import shutil
 from pathlib import Path
@@ -11,8 +11,8 @@ import pytest
 import torch
 from test_untrusted_checkpoints import RunsCodeWhenUnpickled
 
-from finetune import trainer
 from finetune.errors import FinetuneError
+from finetune.training import trainer
 
 
 @pytest.mark.parametrize("written", [{}, {"_use_new_zipfile_serialization": False}, {"pickle_protocol": 4}], ids=["zip", "legacy-format", "protocol-4"])
@@ -44,8 +44,8 @@ def test_deepspeeds_files_holding_objects_it_never_writes_are_refused_before_the
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    from finetune.checkpoint import DEEPSPEED_FOLDER
-    from finetune.checkpoint_pickles import refuse_unknown_objects
+    from finetune.checkpoints.checkpoint import DEEPSPEED_FOLDER
+    from finetune.checkpoints.pickles import refuse_unknown_objects
 
     checkpoint = tmp_path / "checkpoint-2"
     (checkpoint / DEEPSPEED_FOLDER).mkdir(parents=True)
@@ -72,7 +72,7 @@ def test_a_resume_checks_deepspeeds_files_before_accelerate_and_deepspeed_load_a
     """load_checkpoint, as under DeepSpeed (whose launch is slow: tests/test_deepspeed_zero2.py resumes a real one)."""
     from types import SimpleNamespace
 
-    from finetune.checkpoint import load_checkpoint
+    from finetune.checkpoints.checkpoint import load_checkpoint
 
     common = dict(train__max_steps=2, checkpoint__every_n_steps=2, validation__prompts=[])
     checkpoint = Path(trainer.train(make_recipe(output_dir=str(tmp_path / "run"), **common)).output_dir) / "checkpoints" / "checkpoint-2"

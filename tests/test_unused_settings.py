@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from finetune.config.recipe_loading import load_recipe
 from finetune.errors import FinetuneError
-from finetune.recipe_loading import load_recipe
 
 RECIPES = Path(__file__).parent.parent / "recipes"
 STAR = [f"dreambooth.concepts.0.instance_dir={RECIPES.parent / 'datasets' / 'star'}"]

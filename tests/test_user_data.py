@@ -11,17 +11,17 @@ from conftest import SHIPPED_BASE
 from PIL import Image
 from transformers import CLIPTokenizer
 
-from finetune.caption_overrides import imageless_caption_files
-from finetune.caption_tokens import long_captions_line
-from finetune.check_data import FATAL, inspect_examples
-from finetune.cli import main
-from finetune.conditions import make_condition_folders
+from finetune.captions.overrides import imageless_caption_files
+from finetune.captions.tokens import long_captions_line
+from finetune.cli.main import main
 from finetune.config import DataConfig
-from finetune.data import CaptionedImageDataset
+from finetune.controlnet.conditions import make_condition_folders
+from finetune.data.items import CaptionedImageDataset
+from finetune.data.sources import read_examples
+from finetune.data_check.check import FATAL, inspect_examples
 from finetune.errors import FinetuneError
 from finetune.methods.controlnet import ControlNetMethod
-from finetune.output_metadata import dataset_metadata
-from finetune.sources import read_examples
+from finetune.outputs.metadata import dataset_metadata
 
 
 def noise(path, size=(64, 64), seed=0):
@@ -61,7 +61,7 @@ def test_two_images_sharing_one_caption_file_is_one_line_naming_both(tmp_path, m
                 "or rename it with a caption file of its own, or caption each in a metadata.jsonl row")  # fmt: skip
     assert main(["check-data", "--image-dir", str(folder), "--resolution", "64"]) == 2
     assert capsys.readouterr().err.strip() == f"error: {expected}"
-    import finetune.trainer as trainer
+    import finetune.training.trainer as trainer
 
     monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
     with pytest.raises(FinetuneError, match=f"^{re.escape(expected)}$"):

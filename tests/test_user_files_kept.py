@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from finetune.recipe_loading import load_recipe
-from finetune.run_recipe import RUN_RECIPE, RUN_RECIPE_HEADER
-from finetune.trainer import train
+from finetune.config.recipe_loading import load_recipe
+from finetune.config.run_recipe import RUN_RECIPE, RUN_RECIPE_HEADER
+from finetune.training.trainer import train
 
 
 def test_a_recipe_kept_in_its_output_dir_is_never_written_over(tiny_model, image_folder, tmp_path, monkeypatch):
@@ -35,7 +35,7 @@ def test_a_recipe_kept_in_its_output_dir_is_never_written_over(tiny_model, image
 def test_overwrite_removes_the_earlier_runs_files_and_keeps_the_users_beside_them(tmp_path):
     """--overwrite removed checkpoints/, samples/ and logs/ whole: a file of the user's there went with them, even the log
     of this very run (`finetune train ... --overwrite > run/logs/train.log`, reproduced with the CLI)."""
-    from finetune.earlier_run import _removal_failure, check_clearable
+    from finetune.checkpoints.earlier_run import _removal_failure, check_clearable
 
     theirs = ["checkpoints/notes.txt", "samples/favourite.png", "logs/train.log", "logs/mine/a.txt"]
     runs = ["checkpoints/checkpoint-2/trainer_state.json", "checkpoints/.partial-checkpoint-3/x", "checkpoints/.removed-checkpoint-1/x",
@@ -78,7 +78,7 @@ def test_bench_never_trains_in_a_folder_of_its_workdir_that_it_did_not_make(tmp_
 def test_a_folder_named_as_a_checkpoint_that_no_run_completed_is_said_before_anything_loads(tmp_path, overwrite):
     """checkpoints/checkpoint-1 holding weights the user copied in (no trainer_state.json): a fresh run's save of step 1
     replaced it, and its rotation deleted that (reproduced with `finetune train`); --overwrite removed it by its name."""
-    from finetune.earlier_run import guard_earlier_run
+    from finetune.checkpoints.earlier_run import guard_earlier_run
     from finetune.errors import FinetuneError
 
     theirs = tmp_path / "checkpoints" / "checkpoint-1"
@@ -100,9 +100,9 @@ def test_a_folder_named_as_a_checkpoint_that_no_run_completed_is_said_before_any
 def test_export_refuses_to_write_the_cards_images_over_the_users_files(tmp_path, layout, theirs):
     """The card's images were written over files of those names unasked: the webui's `cat.preview.png` beside a LoRA,
     the user's own thumbnail, went (reproduced with `finetune export runs/cat webui --to kohya`)."""
+    from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
     from finetune.errors import FinetuneError
-    from finetune.kohya import export_lora
-    from finetune.run_files import LORA_WEIGHTS_NAME
+    from finetune.formats.kohya import export_lora
 
     run = tmp_path / "cat"
     (run / "samples").mkdir(parents=True)
@@ -123,7 +123,7 @@ def test_eval_refuses_an_out_that_is_no_report_of_its_own(tiny_model, tmp_path):
     import shutil
 
     from finetune.errors import FinetuneError
-    from finetune.eval_command import check_report_path
+    from finetune.evaluation.command import check_report_path
 
     base = shutil.copytree(tiny_model, tmp_path / "base", ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
     with pytest.raises(FinetuneError) as refused:
@@ -161,7 +161,7 @@ def test_bench_refuses_an_out_that_is_no_report_of_its_own(tmp_path, monkeypatch
 def test_a_resume_is_not_stopped_by_a_folder_named_as_an_earlier_checkpoint(tmp_path):
     """A resume saves only the steps past its checkpoint: checkpoint-1 without its state (an older finetune's rotation,
     killed while it deleted it) stopped `--resume latest` from checkpoint-2 as if the run would replace it."""
-    from finetune.earlier_run import guard_earlier_run
+    from finetune.checkpoints.earlier_run import guard_earlier_run
     from finetune.errors import FinetuneError
 
     checkpoints = tmp_path / "checkpoints"

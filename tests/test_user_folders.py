@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finetune.check_data import FATAL, inspect_examples
 from finetune.config import DataConfig
+from finetune.data.sources import read_examples, unread_images
+from finetune.data_check.check import FATAL, inspect_examples
 from finetune.errors import FinetuneError
-from finetune.sources import read_examples, unread_images
 
 
 def noise(path, size=(64, 64), seed=0):

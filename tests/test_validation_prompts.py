@@ -1,15 +1,15 @@
-"""validation.prompts_file (finetune/validation_prompts.py): a text file of validation prompts, one a line with sd-scripts'
+"""validation.prompts_file (finetune/sampling/validation_prompts.py): a text file of validation prompts, one a line with sd-scripts'
 per-prompt options, blank lines and # comments skipped; a missing or empty one refused where the recipe loads."""
 
 import pytest
 import yaml
 from conftest import SHIPPED_BASE
 
-import finetune.methods.base
-import finetune.train_command
-import finetune.train_inputs
-from finetune.cli import main
+from finetune.cli.main import main
+import finetune.cli.train_command
+import finetune.data_check.train_inputs
 from finetune.errors import FinetuneError
+import finetune.methods.base
 
 FILE = """# validation prompts of my LoRA
 a red circle --d 7 --s 3
@@ -21,7 +21,7 @@ a red circle --d 7 --s 3
 
 def test_the_files_prompts_are_the_ones_sampled_after_the_recipes(make_recipe, tmp_path, monkeypatch):
     from finetune.methods import METHODS
-    from finetune.models import load_base_model
+    from finetune.models.loading import load_base_model
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(FILE)
@@ -42,8 +42,8 @@ def test_the_files_prompts_are_the_ones_sampled_after_the_recipes(make_recipe, t
 @pytest.fixture
 def refused_at_load(monkeypatch, capsys, image_folder, tmp_path):
     """`finetune train` of a recipe whose validation.prompts_file is `path`: its one line of error, said before the data check."""
-    monkeypatch.setattr(finetune.train_inputs, "check_data_first", lambda recipe: pytest.fail("the data was checked before the refusal"))
-    monkeypatch.setattr(finetune.train_command, "_run_training", lambda *args: pytest.fail("the training stack was loaded before the refusal"))
+    monkeypatch.setattr(finetune.data_check.train_inputs, "check_data_first", lambda recipe: pytest.fail("the data was checked before the refusal"))
+    monkeypatch.setattr(finetune.cli.train_command, "_run_training", lambda *args: pytest.fail("the training stack was loaded before the refusal"))
 
     def run(path) -> str:
         recipe = tmp_path / "recipe.yaml"

@@ -1,4 +1,4 @@
-"""Validation's grid shared out between processes (finetune.sampling.shared_between, finetune.validation): every image
+"""Validation's grid shared out between processes (finetune.sampling.pipelines.shared_between, finetune.training.validation): every image
 is drawn by exactly one process, in the batch one process would draw it in, and the main process puts each in its place.
 tests/test_distributed.py draws a grid with two processes and compares it with one process's, pixel for pixel."""
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-import finetune.sampling as sampling
-from finetune.prompt_options import PromptSettings
-from finetune.sampling import generate_with_settings, shared_between
-from finetune.validation import merged_rows
+from finetune.sampling.pipelines import generate_with_settings, shared_between
+import finetune.sampling.pipelines as sampling
+from finetune.sampling.prompt_options import PromptSettings
+from finetune.training.validation import merged_rows
 
 
 class WordTokenizer:

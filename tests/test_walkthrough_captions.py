@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from data_examples import load_examples
+from finetune.config.recipe_loading import load_recipe
 from finetune.errors import FinetuneError
-from finetune.recipe_loading import load_recipe
-from finetune.trainer import train
+from finetune.training.trainer import train
 from conftest import SHIPPED_BASE  # a base check-data finds offline (the default hub id is in no cache)
 
 
@@ -51,9 +51,9 @@ def test_an_empty_caption_file_in_a_template_folder_is_said_with_the_prompt_it_t
     # empty in a folder with a template trained as the template alone without a word.
     from odd_images import captioned
 
-    from finetune.check_data import WARNING, inspect_examples
     from finetune.config import DataConfig
-    from finetune.sources import read_examples
+    from finetune.data.sources import read_examples
+    from finetune.data_check.check import WARNING, inspect_examples
 
     captioned(tmp_path / "style", "a.png", caption="a red circle")
     captioned(tmp_path / "style", "b.png", caption="\n")
@@ -73,8 +73,8 @@ def test_long_captions_with_shuffled_tags_are_said_to_train_less_often_not_never
     # said "the words past the cut do not train" whatever the shuffle, in training and in check-data.
     import shutil
 
-    from finetune.cli import main
-    from finetune.trainer import train
+    from finetune.cli.main import main
+    from finetune.training.trainer import train
 
     folder = tmp_path / "data"
     shutil.copytree(image_folder, folder)
@@ -94,8 +94,8 @@ def test_long_captions_with_shuffled_tags_are_said_to_train_less_often_not_never
 def test_bucketing_that_makes_the_square_its_only_bucket_is_refused_on_load():
     # At resolution 64 with the default step of 64 (the toy base's size), or with min_side at the
     # resolution, the square was the only bucket: bucketing was on and every image was cropped square.
-    from finetune.buckets import make_buckets
     from finetune.config import DataConfig
+    from finetune.data.buckets import make_buckets
 
     cases = {
         (64, (("step", 64),)): "(sides 64-128 in steps of 64), so every image would be cropped as without bucketing: "
@@ -126,9 +126,9 @@ def test_kohya_folders_without_captions_are_suggested_with_their_name_as_the_pro
     # repeats only, so pasting it stopped the check with 'no caption' for every image of the folder.
     from odd_images import captioned, noise
 
-    from finetune.cli import main
+    from finetune.cli.main import main
     from finetune.config import DataConfig
-    from finetune.sources import read_examples
+    from finetune.data.sources import read_examples
 
     root = tmp_path / "train"
     (root / "10_sks dog").mkdir(parents=True)
@@ -153,9 +153,9 @@ def test_an_uncaptioned_image_of_a_data_folders_entry_is_told_to_give_that_entry
     # images alike, the captioned ones too.
     from odd_images import captioned, noise
 
-    from finetune.check_data import FATAL, inspect_examples
     from finetune.config import DataConfig
-    from finetune.sources import read_examples
+    from finetune.data.sources import read_examples
+    from finetune.data_check.check import FATAL, inspect_examples
 
     (tmp_path / "10_sks dog").mkdir()
     noise(64, 64, seed=1).save(tmp_path / "10_sks dog" / "a.png")
@@ -173,7 +173,7 @@ def test_held_out_images_are_scored_with_their_captions_as_written(method, make_
     # A held-out image's caption was drawn like a training one: with data.caption_dropout (0.05 in
     # recipes/lora.yaml; ControlNet's empty_prompt_share, 0.5) it could be scored with the empty prompt for
     # the whole run, with tag dropout without some tags, so runs with other settings did not compare.
-    import finetune.training_run as training_run
+    import finetune.training.training_run as training_run
 
     scored = []
     real = training_run.held_out_loss
@@ -206,7 +206,7 @@ def test_the_lora_recipes_commented_data_settings_load_when_uncommented():
     # uncommenting the block, as its comment invites, stopped with "min_side and max_side do not apply".
     from pathlib import Path
 
-    from finetune.recipe_loading import recipe_from_dict
+    from finetune.config.recipe_loading import recipe_from_dict
 
     lines, commented = [], False
     for line in (Path(__file__).parent.parent / "recipes" / "lora.yaml").read_text().splitlines():

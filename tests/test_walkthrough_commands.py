@@ -3,7 +3,7 @@ nothing, or did something else than asked, without a word."""
 
 import pytest
 
-from finetune.cli import main
+from finetune.cli.main import main
 
 
 def trained_lora(unet, path, metadata: dict[str, str]):
@@ -26,7 +26,7 @@ def refuse_to_sample(*args, **kwargs):
 
 def test_a_lora_scale_without_a_lora_is_refused_before_sampling(tmp_path, monkeypatch, capsys):
     """sample --lora-scale 0.5 without --lora sampled the base model at no strength at all, and said nothing (eval refused it)."""
-    monkeypatch.setattr("finetune.inference.sample_to_folder", refuse_to_sample)
+    monkeypatch.setattr("finetune.sampling.inference.sample_to_folder", refuse_to_sample)
     argv = ["sample", "--base", "finetune/assets/toyworld-base", "--lora-scale", "0.5", "--prompt", "a star", "--out", str(tmp_path / "out")]
     assert main(argv) == 2
     assert "--lora-scale is the LoRA's strength: pass --lora too, or leave it out" in capsys.readouterr().err
@@ -73,7 +73,7 @@ def test_a_merged_v_prediction_lora_exported_as_one_file_samples_as_its_folder_d
 def test_guidance_that_leaves_an_option_unused_says_so(options, said, tmp_path, monkeypatch, capsys):
     """At guidance 1 or below diffusers runs no classifier-free guidance: a negative prompt changed nothing, and guidance
     0.5 drew what guidance 1 draws (as 0 does), with no word of either."""
-    from finetune import inference
+    from finetune.sampling import inference
 
     monkeypatch.setattr(inference, "load_sampling_pipeline", refuse_to_sample)
     argv = ["sample", "--base", "finetune/assets/toyworld-base", "--prompt", "a star", *options, "--out", str(tmp_path / "out")]
@@ -85,7 +85,7 @@ def test_guidance_that_leaves_an_option_unused_says_so(options, said, tmp_path, 
 
 @pytest.mark.parametrize("options", [["--guidance", "0"], ["--guidance", "1"], ["--guidance", "1.5", "--negative-prompt", "blurry"]])
 def test_guidance_that_uses_every_option_given_says_nothing_of_it(options, tmp_path, monkeypatch, capsys):
-    from finetune import inference
+    from finetune.sampling import inference
 
     monkeypatch.setattr(inference, "load_sampling_pipeline", refuse_to_sample)
     with pytest.raises(AssertionError, match="sampled"):
@@ -94,7 +94,7 @@ def test_guidance_that_uses_every_option_given_says_nothing_of_it(options, tmp_p
 
 
 def test_eval_says_a_guidance_below_1_samples_as_1(monkeypatch, capsys):
-    monkeypatch.setattr("finetune.evaluate.run_eval", refuse_to_sample)  # eval_command imports it when eval runs
+    monkeypatch.setattr("finetune.evaluation.evaluate.run_eval", refuse_to_sample)  # eval_command imports it when eval runs
     with pytest.raises(AssertionError, match="sampled"):
         main(["eval", "--base", "finetune/assets/toyworld-base", "--guidance", "0.5"])
     assert "note: guidance 0.5 samples as guidance 1 does" in capsys.readouterr().out
@@ -109,13 +109,13 @@ def test_eval_says_a_guidance_below_1_samples_as_1(monkeypatch, capsys):
 def test_eval_refuses_subject_options_no_suite_it_runs_reads(options, said, monkeypatch, capsys):
     """eval --lora dreambooth --identifier zwx scored the default suites (adherence and fid), whose prompts have no
     identifier, and said nothing: the DreamBooth subject looked scored."""
-    monkeypatch.setattr("finetune.evaluate.run_eval", refuse_to_sample)  # eval_command imports it when eval runs
+    monkeypatch.setattr("finetune.evaluation.evaluate.run_eval", refuse_to_sample)  # eval_command imports it when eval runs
     assert main(["eval", "--base", "finetune/assets/toyworld-base", *options]) == 2
     assert said in capsys.readouterr().err
 
 
 def test_eval_takes_subject_options_with_a_suite_that_reads_them(monkeypatch):
-    monkeypatch.setattr("finetune.evaluate.run_eval", refuse_to_sample)  # eval_command imports it when eval runs
+    monkeypatch.setattr("finetune.evaluation.evaluate.run_eval", refuse_to_sample)  # eval_command imports it when eval runs
     with pytest.raises(AssertionError, match="sampled"):
         main(["eval", "--base", "finetune/assets/toyworld-base", "--suite", "drift", "--class-word", "dog", "--subject", "circle"])
 
@@ -123,7 +123,7 @@ def test_eval_takes_subject_options_with_a_suite_that_reads_them(monkeypatch):
 def test_eval_writes_its_report_only_to_a_json_file_name(tmp_path, monkeypatch, capsys):
     """eval --out LORA.safetensors (or a grid, or the run's recipe.yaml) wrote the JSON report over that file after
     making every image: the LoRA was gone."""
-    monkeypatch.setattr("finetune.evaluate.run_eval", refuse_to_sample)  # eval_command imports it when eval runs
+    monkeypatch.setattr("finetune.evaluation.evaluate.run_eval", refuse_to_sample)  # eval_command imports it when eval runs
     lora = tmp_path / "pytorch_lora_weights.safetensors"
     lora.write_bytes(b"weights")
     assert main(["eval", "--base", "finetune/assets/toyworld-base", "--out", str(lora)]) == 2
@@ -137,8 +137,8 @@ def test_merging_loras_one_by_one_keeps_what_the_first_was_trained_with_and_refu
     and one trained at 1 was merged in silently, a combination sample refuses."""
     from diffusers import UNet2DConditionModel
 
-    from finetune.evaluate import sampled_as
-    from finetune.inference import load_sampling_pipeline
+    from finetune.evaluation.evaluate import sampled_as
+    from finetune.sampling.inference import load_sampling_pipeline
 
     def lora(name, metadata):
         return str(trained_lora(UNet2DConditionModel.from_pretrained(tiny_model / "unet"), tmp_path / name, metadata))
@@ -148,7 +148,7 @@ def test_merging_loras_one_by_one_keeps_what_the_first_was_trained_with_and_refu
     assert main(["merge", "--base", str(tmp_path / "a"), "--lora", elsewhere, str(tmp_path / "ab")]) == 0
     assert sampled_as(load_sampling_pipeline(str(tmp_path / "ab")))["clip_skip"] == 2
 
-    monkeypatch.setattr("finetune.merge.load_base_model", refuse_to_sample)
+    monkeypatch.setattr("finetune.formats.merge.load_base_model", refuse_to_sample)
     capsys.readouterr()
     assert main(["merge", "--base", str(tmp_path / "a"), "--lora", at_one, str(tmp_path / "ac")]) == 2
     assert "adapters trained with different clip_skip cannot be combined" in capsys.readouterr().err
@@ -179,7 +179,7 @@ def test_a_lora_given_again_with_its_own_merge_as_the_base_is_said_to_be_added_t
     export in fp16 is the same LoRA."""
     from diffusers import UNet2DConditionModel
 
-    from finetune.kohya import export_lora
+    from finetune.formats.kohya import export_lora
 
     lora = trained_lora(UNet2DConditionModel.from_pretrained(tiny_model / "unet"), tmp_path / "lora.safetensors", {})
     other = trained_lora(UNet2DConditionModel.from_pretrained(tiny_model / "unet"), tmp_path / "other.safetensors", {})
@@ -216,7 +216,7 @@ def test_an_eval_of_a_fine_tuned_pipeline_records_its_training_steps(tiny_model,
     import json
     import shutil
 
-    from finetune.run_files import METADATA_FILE
+    from finetune.checkpoints.run_files import METADATA_FILE
 
     pipeline = tmp_path / "run" / "pipeline"
     shutil.copytree(tiny_model, pipeline)
@@ -240,7 +240,7 @@ def test_eval_names_no_other_base_when_the_recorded_one_is_found_from_the_adapte
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     reports = []
-    monkeypatch.setattr("finetune.evaluate.run_eval", lambda *args, out, **kwargs: reports.append(out) or refuse_to_sample())
+    monkeypatch.setattr("finetune.evaluation.evaluate.run_eval", lambda *args, out, **kwargs: reports.append(out) or refuse_to_sample())
     for base in (tmp_path / "project" / "models" / "base", tiny_model):  # the recorded base by another path, then the same model's folder
         with pytest.raises(AssertionError, match="sampled"):
             main(["eval", "--base", str(base), "--lora", str(run), "--suite", "style"])

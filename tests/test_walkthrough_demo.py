@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.demo_engine import DemoEngine, Request
-from finetune.inference import sample_to_folder
+from finetune.demo.engine import DemoEngine, Request
+from finetune.sampling.inference import sample_to_folder
 
 PROMPT = "a large red striped circle on a blue background, center"
 
@@ -75,7 +75,7 @@ def test_long_column_labels_stay_within_their_columns():
     strengths: a label is written in lines that fit its column."""
     from PIL import ImageFont
 
-    from finetune.demo import MIN_CELL, header_lines, labelled_grid
+    from finetune.demo.page import MIN_CELL, header_lines, labelled_grid
 
     labels = ["base", "quickstart+quickstart@30+db x0.25", "quickstart+quickstart@30+db x0.5", "a_very_long_run_name_with_no_plus_at_all x1"]
     grid = np.asarray(labelled_grid([[Image.new("RGB", (64, 64), "gray")] * 4], labels, [0]))

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from finetune.class_image_names import class_image_caption
-from finetune.class_image_plans import class_image_plans
-from finetune.recipe_loading import load_recipe
+from finetune.config.recipe_loading import load_recipe
+from finetune.dreambooth.class_image_names import class_image_caption
+from finetune.dreambooth.class_image_plans import class_image_plans
 from finetune.toyworld.datasets import write_folder
 
 
@@ -144,8 +144,8 @@ def test_class_images_of_a_local_base_retrained_in_place_are_not_reused(tiny_mod
 
     from safetensors.torch import load_file, save_file
 
-    from finetune.class_image_names import generation_record
     from finetune.config import ClassImageGeneration, ModelConfig
+    from finetune.dreambooth.class_image_names import generation_record
     from test_class_images import generation_key
 
     base = tmp_path / "base"
@@ -164,7 +164,7 @@ def test_class_images_of_a_local_base_retrained_in_place_are_not_reused(tiny_mod
     assert generation_key(["a shape"], settings, 64, model) != key
     assert "base_contents" in generation_record(["a shape"], settings, 64, model, "no")
     # A large file is read in slices spread over it: a change deep inside still shows.
-    from finetune.class_image_names import file_sample_digest
+    from finetune.dreambooth.class_image_names import file_sample_digest
 
     large = tmp_path / "large.bin"
     large.write_bytes(bytes(8 << 20))
@@ -193,9 +193,9 @@ def test_class_images_of_another_weights_variant_or_precision_are_not_reused(mak
     weights, or in bf16, were reused by a run of its full weights in fp32, and an interrupted generation went on in
     another precision, without a word. Now each makes its own. A record of an earlier version, which lacks both,
     cannot say which it was made with: its images are made again, and the warning says why."""
-    from finetune.class_image_names import record_key
-    from finetune.class_image_plans import recipe_generation_record
-    from finetune.class_images import write_generation_record
+    from finetune.dreambooth.class_image_names import record_key
+    from finetune.dreambooth.class_image_plans import recipe_generation_record
+    from finetune.dreambooth.class_images import write_generation_record
 
     recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path)
     (folder, key, paths, _), = class_image_plans(recipe)

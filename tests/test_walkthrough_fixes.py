@@ -8,11 +8,11 @@ import shutil
 import pytest
 from PIL import Image
 
-from finetune.check_data import checked_examples
-from finetune.train_inputs import data_configs
-from finetune.cli import main
+from finetune.cli.main import main
+from finetune.config.recipe_loading import recipe_from_dict
+from finetune.data_check.check import checked_examples
+from finetune.data_check.train_inputs import data_configs
 from finetune.errors import FinetuneError
-from finetune.recipe_loading import recipe_from_dict
 from conftest import SHIPPED_BASE  # a base check-data finds offline (the default hub id is in no cache)
 
 
@@ -44,7 +44,7 @@ def test_a_dreambooth_recipe_training_refuses_is_refused_on_load_so_check_data_s
 
 
 def test_controlnet_folders_take_diffusers_conditioning_image_key_and_a_metadata_without_one_is_one_line(make_recipe, pairs_folder, tmp_path):
-    from finetune.controlnet_pairs import read_pairs
+    from finetune.controlnet.pairs import read_pairs
 
     folder = tmp_path / "pairs"
     shutil.copytree(pairs_folder, folder)
@@ -93,7 +93,7 @@ def test_a_condition_that_is_no_image_names_the_option(tmp_path):
 
 
 def test_a_pipeline_or_controlnet_folder_given_as_the_lora_says_which_option_takes_it(tmp_path):
-    from finetune.run_files import resolve_lora_file
+    from finetune.checkpoints.run_files import resolve_lora_file
 
     (tmp_path / "pipeline").mkdir()
     (tmp_path / "pipeline" / "model_index.json").write_text("{}")
@@ -116,8 +116,8 @@ def test_a_pipeline_or_controlnet_folder_given_as_the_lora_says_which_option_tak
 
 
 def test_review_cases_old_checkpoints_overrides_repeats_in_check_data_and_diffusers_conditioning_folders(make_recipe, pairs_folder, tmp_path, capsys):
-    from finetune.checkpoint import changed_settings
-    from finetune.recipe_loading import load_recipe
+    from finetune.checkpoints.checkpoint import changed_settings
+    from finetune.config.recipe_loading import load_recipe
 
     # A setting added since a checkpoint was made is no change at its resume.
     assert changed_settings({"lora.rank": 4}, {"lora.rank": 4, "data.tag_dropout": 0.0}) == []

@@ -8,14 +8,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_kohya import Settings, UNET_TARGETS, assert_close, load_pipeline, outputs, randomise_lora
 
-from finetune.adapter_scan import scan_adapters
-from finetune.inference import load_sampling_pipeline
-from finetune.kohya import LoRA, LoRALayer, export_lora, load_lora, module_key, save_lora_file
+from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
 from finetune.config.methods import TEXT_ENCODER_TARGETS
+from finetune.demo.adapter_scan import scan_adapters
+from finetune.formats.kohya import LoRA, LoRALayer, export_lora, load_lora, module_key, save_lora_file
+from finetune.formats.single_file_export import UNET_ROOT, to_original_unet
 from finetune.methods.lora import add_lora, save_lora
-from finetune.run_files import LORA_WEIGHTS_NAME
-from finetune.single_file_export import UNET_ROOT, to_original_unet
-from finetune.tiny_model import make_tiny_model
+from finetune.models.tiny_model import make_tiny_model
+from finetune.sampling.inference import load_sampling_pipeline
 
 CLIP_PROJECTIONS = [f"self_attn.{name}" for name in TEXT_ENCODER_TARGETS]
 

@@ -48,7 +48,7 @@ def test_make_base_model_run_again_skips_finished_stages_and_continues_the_stopp
 
 def test_resume_latest_in_a_new_output_dir_trains_from_the_start(make_recipe):
     """What `make base-model` relies on for a stage it has not started yet."""
-    from finetune.trainer import train
+    from finetune.training.trainer import train
 
     result = train(make_recipe(method="vae", train__max_steps=2, validation__at_start=False), resume="latest")
     assert result.final_step == 2 and (result.output_dir / "pipeline" / "model_index.json").is_file()
@@ -60,8 +60,8 @@ def test_make_world_data_stopped_midway_leaves_nothing_the_next_run_refuses(tmp_
     which refused the folder ('is not empty')."""
     import itertools
 
+    from finetune.cli.main import main
     import finetune.toyworld.datasets as datasets
-    from finetune.cli import main
 
     def stopped(n, *args, **kwargs):
         yield from itertools.islice(real_generate(n, *args, **kwargs), 2)
@@ -82,7 +82,7 @@ def test_export_base_takes_a_pretraining_runs_folder(tiny_model, tmp_path, capsy
     for the folder a stage writes (its pipeline in pipeline/), which export-checkpoint and sample take or name."""
     from diffusers import StableDiffusionPipeline
 
-    from finetune.cli import main
+    from finetune.cli.main import main
 
     shutil.copytree(tiny_model, tmp_path / "unet3" / "pipeline")
     assert main(["export-base", str(tmp_path / "unet3"), str(tmp_path / "base")]) == 0, capsys.readouterr().err
@@ -107,8 +107,8 @@ def test_make_world_data_fills_an_empty_folder_in_place(tmp_path, monkeypatch, c
     temporary folder beside), and an empty folder given by name was removed and replaced: a shell's working folder
     then no longer existed, a mounted disk could not be removed (after every image was made). An empty folder is
     filled in place now, and emptied again where the run stops."""
+    from finetune.cli.main import main
     import finetune.toyworld.datasets as datasets
-    from finetune.cli import main
 
     (tmp_path / "world").mkdir()
     monkeypatch.chdir(tmp_path / "world")

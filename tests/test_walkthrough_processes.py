@@ -12,12 +12,12 @@ from safetensors.torch import load_file
 from ports import free_port
 from test_distributed import RESUME_IS_EXACT, assert_same_weights, launch, write
 
-from finetune.batches import ItemLayout, make_batch_sampler
-from finetune.run_files import STATE_FILE, read_state
+from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
+from finetune.checkpoints.run_files import STATE_FILE, read_state
+from finetune.data.batches import ItemLayout, make_batch_sampler
 from finetune.errors import FinetuneError
-from finetune.run_files import LORA_WEIGHTS_NAME
-from finetune.run_length import EpochCount, StepShape, epoch_count, planned_steps, resume_warnings, run_length_line
-from finetune.trainer import train
+from finetune.training.run_length import EpochCount, StepShape, epoch_count, planned_steps, resume_warnings, run_length_line
+from finetune.training.trainer import train
 
 
 @pytest.mark.slow  # two launched machines on loopback under DeepSpeed: ~30 s
@@ -57,7 +57,7 @@ def test_a_resume_that_changes_the_length_of_a_decaying_schedule_says_what_the_l
     state = {"step": 2, "max_steps": 4, "processes": 1}
     assert resume_warnings(checkpoint, state, make_recipe(train__max_steps=4), 4, 2) == [  # 1 -> 2 processes: "1 process", not "1 processes"
         "warning: checkpoint-2 was trained by 1 process, this run has 2: the global batch changes from 2 to 4 images per micro-step (and the data order with it)"]
-    # A checkpoint that recorded where its data stood (finetune.data_order): the new global batch takes them up there.
+    # A checkpoint that recorded where its data stood (finetune.data.order): the new global batch takes them up there.
     data_order = read_state(checkpoint)["data_order"]
     assert resume_warnings(checkpoint, {**state, "data_order": data_order}, make_recipe(train__max_steps=4), 4, 2, data_order["order"])[0].endswith(
         "images per micro-step (the data continue where they stopped)")

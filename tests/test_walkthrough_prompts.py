@@ -1,5 +1,5 @@
 """How prompts become text embeddings: training (frozen, cached, or through a trained text encoder) and
-sampling (validation, `finetune sample`, the demo: all through finetune.sampling.generate) must hand the
+sampling (validation, `finetune sample`, the demo: all through finetune.sampling.pipelines.generate) must hand the
 UNet the same states for the same prompt and settings, or an adapter is sampled with prompts encoded
 another way than it learned them."""
 
@@ -8,8 +8,8 @@ import torch
 import yaml
 
 from finetune.methods.lora import LoRAMethod
-from finetune.models import load_base_model
-from finetune.sampling import generate
+from finetune.models.loading import load_base_model
+from finetune.sampling.pipelines import generate
 
 LONG = ", ".join(["red circle", "blue square", "green triangle"] * 14)  # past 77 tokens, under 150
 
@@ -64,9 +64,9 @@ def test_training_and_sampling_encode_a_prompt_alike(make_recipe, settings, prom
 
 
 def test_the_webuis_prompt_weighting_is_said_to_be_read_as_words(tiny_model, make_recipe, tmp_path, capsys):
-    from finetune.cli import main
-    from finetune.demo_engine import DemoEngine, Request
-    from finetune.recipe_warnings import unused_settings
+    from finetune.cli.main import main
+    from finetune.config.recipe_warnings import unused_settings
+    from finetune.demo.engine import DemoEngine, Request
 
     # Nothing here reads "(words:1.3)": the pipeline encodes the parentheses, colon and number as words.
     tokenizer = load_base_model(make_recipe().model).tokenizer
@@ -99,7 +99,7 @@ def test_the_webuis_prompt_weighting_is_said_to_be_read_as_words(tiny_model, mak
 
 
 def test_a_text_cache_asked_for_while_the_text_encoder_trains_is_said_to_do_nothing(make_recipe, tmp_path):
-    from finetune.recipe_warnings import unused_settings
+    from finetune.config.recipe_warnings import unused_settings
 
     said = ("train.cache_text_embeddings does nothing while the text encoder trains (lora.train_text_encoder): its embeddings change "
             "at every step and are encoded anew: set cache_text_embeddings: false")  # fmt: skip
@@ -116,8 +116,8 @@ def test_a_text_cache_asked_for_while_the_text_encoder_trains_is_said_to_do_noth
 def test_captions_written_with_weights_are_said_to_train_as_words(make_recipe, image_folder, tmp_path, capsys):
     import shutil
 
-    from finetune.cli import main
-    from finetune.trainer import train
+    from finetune.cli.main import main
+    from finetune.training.trainer import train
 
     folder = tmp_path / "data"
     shutil.copytree(image_folder, folder)
@@ -141,9 +141,9 @@ def test_a_class_image_is_the_one_its_prompt_draws_alone_when_batched_with_a_lon
     import numpy as np
     from PIL import Image
 
-    from finetune.class_images import generate_class_images
     from finetune.config import ClassImageGeneration
-    from finetune.sampling import build_pipeline
+    from finetune.dreambooth.class_images import generate_class_images
+    from finetune.sampling.pipelines import build_pipeline
 
     pipeline = build_pipeline(load_base_model(make_recipe().model))
     images = {}
@@ -162,12 +162,12 @@ def test_sample_and_the_demo_read_a_short_prompt_in_the_chunks_its_model_was_tra
     import json
     import shutil
 
-    from finetune.demo_engine import DemoEngine, Request
-    from finetune.encoders import text_hidden_states
-    from finetune.evaluate import sampled_as
-    from finetune.inference import load_sampling_pipeline
-    from finetune.run_files import METADATA_FILE
-    from finetune.adapters_as_trained import adapters_max_token_length
+    from finetune.checkpoints.run_files import METADATA_FILE
+    from finetune.demo.engine import DemoEngine, Request
+    from finetune.evaluation.evaluate import sampled_as
+    from finetune.models.encoders import text_hidden_states
+    from finetune.sampling.adapters_as_trained import adapters_max_token_length
+    from finetune.sampling.inference import load_sampling_pipeline
 
     model = tmp_path / "trained-150"  # a full fine-tune's pipeline: its record is what a LoRA's metadata holds
     shutil.copytree(tiny_model, model)

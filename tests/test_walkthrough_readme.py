@@ -9,7 +9,7 @@ ROOT = Path(__file__).parent.parent
 
 
 def module_table() -> dict[str, str]:
-    """The README's "How it is built" table: each module it names (`finetune/cli.py`, and `cli_arguments.py`
+    """The README's "How it is built" table: each module it names (`finetune/cli/main.py`, and `arguments.py`
     beside it in the same row, read from that row's folder) -> its row's description."""
     text = (ROOT / "README.md").read_text()
     table = text.split("## How it is built", 1)[1].split("\n\n", 1)[1].split("\n\n", 1)[0]
@@ -30,19 +30,18 @@ def test_the_module_table_names_every_module_of_the_package_and_only_those():
     named = module_table()
     missing_files = sorted(name for name in named if not (ROOT / name).exists())
     assert not missing_files, f"the README's module table names modules that do not exist: {missing_files}"
-    package = ROOT / "finetune"
-    modules = {path.relative_to(ROOT).as_posix() for path in package.glob("*.py") if path.stem != "__init__"}
-    modules |= {path.parent.relative_to(ROOT).as_posix() for path in package.glob("*/__init__.py")}
-    unlisted = sorted(modules - set(named))
+    # Every module at any depth: named itself, or by a row for its whole package (`finetune/methods/`).
+    modules = {path.relative_to(ROOT).as_posix() for path in (ROOT / "finetune").rglob("*.py") if path.stem != "__init__"}
+    unlisted = sorted(module for module in modules if not {module, *(parent.as_posix() for parent in Path(module).parents)} & set(named))
     assert not unlisted, f"the README's module table does not list: {unlisted}"
 
 
 def test_the_readmes_length_line_is_the_one_training_prints():
     # The README showed 'length: 1000 steps of 4 images = 12.3 epochs of 325 images': 325 images do not fill
     # batches of 4, so training says '... of 324 of the 325 images (each epoch leaves 1 out ...)' instead.
-    from finetune.batches import EpochBatchSampler
     from finetune.config.training import TrainConfig
-    from finetune.run_length import run_length_line
+    from finetune.data.batches import EpochBatchSampler
+    from finetune.training.run_length import run_length_line
 
     # The line moved with README's Data paragraph to docs/data.md's Overview.
     shown = re.search(r"`(length: (\d+) steps of (\d+) images = [^`]* of (\d+) images)`", (ROOT / "docs" / "data.md").read_text())

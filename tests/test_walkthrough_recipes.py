@@ -17,7 +17,7 @@ def test_every_shipped_recipe_is_named_in_the_readme(recipe):
 
 def recipe_keys(section, prefix: str = "") -> set[str]:
     """Every dotted key under a config class, with list entries' keys (data.folders.path) and nested sections."""
-    from finetune.recipe_keys import section_type
+    from finetune.config.recipe_keys import section_type
 
     keys = set()
     for name, field in section.model_fields.items():
@@ -31,7 +31,7 @@ def test_every_key_the_docs_name_in_backticks_is_a_recipe_key():
     # A guard while keys change in parallel (optimizer.betas, the data keys): a renamed key left in the README
     # sends users to an "unknown key" error.
     from finetune.config import Recipe
-    from finetune.recipe_keys import section_type
+    from finetune.config.recipe_keys import section_type
 
     keys = recipe_keys(Recipe)
     sections = "|".join(name for name, field in Recipe.model_fields.items() if section_type(field.annotation) is not None)
@@ -46,8 +46,8 @@ def test_every_key_the_docs_name_in_backticks_is_a_recipe_key():
 def test_a_dataset_given_to_a_recipe_that_names_a_folder_says_to_null_the_folder(recipe, dataset):
     # The recipes' comments offer a dataset (controlnet.yaml: "e.g. fusing/fill50k"); given one, the error said
     # "set exactly one of data.image_dir or data.dataset" without saying the recipe's folder was the other.
+    from finetune.config.recipe_loading import load_recipe
     from finetune.errors import FinetuneError
-    from finetune.recipe_loading import load_recipe
 
     with pytest.raises(FinetuneError, match=rf"data.image_dir \(my_\w+\) and data.dataset \({dataset}\) are both set: keep one "
                                             r"\(data.image_dir=null to train on the dataset\)$"):  # fmt: skip
@@ -64,8 +64,8 @@ OUTPUTS = {"lora.yaml": "pytorch_lora_weights.safetensors", "dreambooth_lora.yam
 
 @pytest.mark.parametrize("name", list(OUTPUTS))  # about a second each
 def test_each_reference_recipe_trains_a_step_without_a_warning(name, tiny_model, image_folder, pairs_folder, tmp_path, capsys):
-    from finetune.recipe_loading import load_recipe
-    from finetune.trainer import train
+    from finetune.config.recipe_loading import load_recipe
+    from finetune.training.trainer import train
 
     data = {"controlnet.yaml": [f"data.image_dir={pairs_folder}"], "lora.yaml": [f"data.image_dir={image_folder}"]}.get(name, [
         f"dreambooth.concepts.0.instance_dir={image_folder}", "dreambooth.num_class_images=2", "dreambooth.class_generation.num_inference_steps=2"])
@@ -79,8 +79,8 @@ def test_each_reference_recipe_trains_a_step_without_a_warning(name, tiny_model,
 @pytest.mark.parametrize("betas", ["[0.9]", "[0.9, 0.99, 0.999]"])
 def test_a_wrong_number_of_betas_says_to_give_two(betas):
     # [0.9] said "missing required key 'optimizer.betas.1'", as if a key of a section were missing.
+    from finetune.config.recipe_loading import load_recipe
     from finetune.errors import FinetuneError
-    from finetune.recipe_loading import load_recipe
 
     with pytest.raises(FinetuneError, match=r"key 'optimizer.betas': give two betas, the first and second moments' decay, e.g. \[0.9, 0.999\] "):
         load_recipe(ROOT / "recipes" / "lora.yaml", [f"optimizer.betas={betas}"])

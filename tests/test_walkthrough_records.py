@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from finetune.config import OptimizerConfig
-from finetune.optim import apply_recipe_settings, build_lr_scheduler, build_optimizer
+from finetune.optim.optimizers import apply_recipe_settings, build_lr_scheduler, build_optimizer
 
 # Each library's own defaults (bitsandbytes' Lion8bit and the Lion paper: 0.9, 0.99).
 LIBRARY_BETAS = {"adamw": (0.9, 0.999), "adamw8bit": (0.9, 0.999), "paged_adamw8bit": (0.9, 0.999), "lion8bit": (0.9, 0.99), "prodigy": (0.9, 0.999)}
@@ -33,7 +33,7 @@ def test_betas_a_recipe_names_are_used_and_the_saved_recipe_says_which_trained()
 
 def _resume_lines(recipe_at, capsys, change) -> tuple[str, str]:
     """The console of a resume with nothing changed, and of one after `change()`."""
-    from finetune.trainer import train
+    from finetune.training.trainer import train
 
     train(recipe_at(2))
     capsys.readouterr()
@@ -105,7 +105,7 @@ def test_a_resume_says_when_the_loss_masks_changed(make_recipe, tmp_path, capsys
 
 def test_a_checkpoint_that_kept_no_record_of_a_kind_of_data_is_no_change():
     """Checkpoints made before conditioning and class images were recorded: nothing to compare them with."""
-    from finetune.checkpoint import changed_data, data_record
+    from finetune.checkpoints.checkpoint import changed_data, data_record
 
     older = data_record([])
     assert changed_data(older, data_record([], {"class images": [["abc", "a dog"]]})) == []
@@ -119,7 +119,7 @@ def test_another_tokenizer_with_the_same_text_encoder_makes_another_text_cache(m
     import shutil
 
     import finetune.methods.base as base_module
-    from finetune.trainer import train
+    from finetune.training.trainer import train
 
     model = shutil.copytree(tiny_model, tmp_path / "model")
     settings = dict(train__max_steps=1, train__cache_text_embeddings=True, train__cache_dir=str(tmp_path / "cache"))
@@ -137,8 +137,8 @@ def test_the_tokenizers_part_of_the_fingerprint_does_not_follow_its_last_call(ti
     """transformers keeps the last call's padding and truncation in the tokenizer: not the tokenizer's own."""
     from transformers import CLIPTokenizer
 
-    from finetune.cache import model_fingerprint
-    from finetune.encoders import tokenize
+    from finetune.data.cache import model_fingerprint
+    from finetune.models.encoders import tokenize
 
     tokenizer = CLIPTokenizer.from_pretrained(tiny_model / "tokenizer")
     encoder = torch.nn.Linear(2, 2)
@@ -149,7 +149,7 @@ def test_the_tokenizers_part_of_the_fingerprint_does_not_follow_its_last_call(ti
 
 def test_a_count_of_one_takes_the_singular():
     from finetune.counts import counted
-    from finetune.run_length import epochs_text
+    from finetune.training.run_length import epochs_text
 
     assert [counted(n, "image") for n in (0, 1, 2)] == ["0 images", "1 image", "2 images"]
     assert counted(1, "entry", "entries") == "1 entry" and counted(3, "entry", "entries") == "3 entries"
@@ -161,7 +161,7 @@ def test_the_run_length_says_one_image_and_the_last_checkpoint_is_announced_as_t
     'saved ...checkpoint-2 (step 2, 0.5 epochs)' while the one the run ends with was saved without a word."""
     from pathlib import Path
 
-    from finetune.trainer import train
+    from finetune.training.trainer import train
 
     recipe = make_recipe(train__batch_size=1, train__max_steps=4, checkpoint__every_n_steps=2)
     train(recipe)
@@ -173,7 +173,7 @@ def test_the_run_length_says_one_image_and_the_last_checkpoint_is_announced_as_t
 
 
 def test_too_small_a_dataset_is_counted_in_the_singular():
-    from finetune.batches import EpochBatchSampler
+    from finetune.data.batches import EpochBatchSampler
     from finetune.errors import FinetuneError
 
     with pytest.raises(FinetuneError, match=r"^the dataset has 1 image, fewer than one global batch \(2 x 1 process\): "):
@@ -181,6 +181,6 @@ def test_too_small_a_dataset_is_counted_in_the_singular():
 
 
 def test_one_training_image_short_of_a_batch_is_counted_in_the_singular(make_recipe):
-    from finetune.buckets import too_few_to_batch
+    from finetune.data.buckets import too_few_to_batch
 
     assert too_few_to_batch(1, make_recipe(train__batch_size=2)).startswith("1 training image (repeats counted) is fewer than one batch (train.batch_size 2)")

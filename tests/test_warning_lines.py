@@ -1,10 +1,10 @@
 """Every warning a run gives reads as the project's do (`warning: ...` on the console), not as Python
-logging's `WARNING finetune.cache: ...`, which only the command line's logging set-up printed at all."""
+logging's `WARNING finetune.data.cache: ...`, which only the command line's logging set-up printed at all."""
 
 from safetensors.torch import save_file
 import torch
 
-from finetune.cache import EncodingCache
+from finetune.data.cache import EncodingCache
 
 
 def test_a_damaged_cache_entry_is_one_warning_line(tmp_path, capsys):

@@ -7,7 +7,7 @@ import yaml
 from huggingface_hub.utils import are_progress_bars_disabled
 from transformers.utils import logging as transformers_logging
 
-from finetune.cli import main
+from finetune.cli.main import main
 
 
 def test_train_draws_no_bar_for_the_text_encoders_weights(make_recipe, tmp_path, monkeypatch, capsys):

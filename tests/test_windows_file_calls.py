@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import numpy as np
 from PIL import Image
 
-import finetune.atomic_files as atomic_files
-from finetune.sample_files import write_numbered
+import finetune.outputs.atomic_files as atomic_files
+from finetune.sampling.sample_files import write_numbered
 
 
 def test_files_are_flushed_through_a_handle_that_may_write_them_on_windows(tmp_path, monkeypatch):
@@ -74,7 +74,7 @@ def test_the_tiny_models_tokenizer_is_written_in_utf8_where_the_locale_is_a_code
     UnicodeEncodeError there. pathlib asks io.text_encoding for the encoding it was not given: here cp1252."""
     import io
 
-    from finetune.tokenizer import COMMON_WORDS, make_clip_tokenizer
+    from finetune.models.tokenizer import COMMON_WORDS, make_clip_tokenizer
 
     monkeypatch.setattr(io, "text_encoding", lambda encoding, stacklevel=2: encoding or "cp1252")
     tokenizer = make_clip_tokenizer(COMMON_WORDS, tmp_path)
@@ -87,10 +87,10 @@ def test_a_path_on_a_drive_this_system_lacks_is_said_in_one_line(tmp_path, monke
     a root that reads as missing, as Z:/ does there."""
     import pytest
 
-    from finetune.cli import check_output_folder
-    from finetune.earlier_run import guard_earlier_run
+    from finetune.checkpoints.earlier_run import guard_earlier_run
+    from finetune.cli.main import check_output_folder
+    from finetune.config.recipe_loading import recipe_from_dict
     from finetune.errors import FinetuneError
-    from finetune.recipe_loading import recipe_from_dict
 
     monkeypatch.setattr(Path, "exists", lambda self: not (str(self) == "/" or str(self).startswith("/nodrive")))
     with pytest.raises(FinetuneError, match=r"^/nodrive/runs/lora: / does not exist here \(a drive this system does not have\?\)"):

@@ -15,7 +15,7 @@ WORKER_NOTES = "FINETUNE_TEST_WORKER_NOTES"  # the folder where each worker note
 def noting_how_it_started(worker_id: int) -> None:
     """The trainer's worker_init_fn, after writing $FINETUNE_TEST_WORKER_NOTES/<pid>: whether this worker has the test
     process's memory (forked) or not (spawned)."""
-    from finetune.stopping import leave_stop_signals_to_the_trainer
+    from finetune.distributed.stopping import leave_stop_signals_to_the_trainer
 
     Path(os.environ[WORKER_NOTES], str(os.getpid())).write_text(json.dumps(IN_THE_TEST_PROCESS))
     leave_stop_signals_to_the_trainer(worker_id)

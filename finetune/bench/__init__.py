@@ -1,7 +1,7 @@
 """`finetune bench`: how fast each method trains, and how much memory it takes, through the real loop.
 
 Every variant (LoRA with and without cached encoders or gradient checkpointing, DreamBooth full and
-LoRA, ControlNet) is a recipe run by `finetune.trainer.train` in a fresh Python process, so one
+LoRA, ControlNet) is a recipe run by `finetune.training.trainer.train` in a fresh Python process, so one
 variant's peak memory never includes another's. The trainer reports the end of each optimizer step
 (`train(..., on_step=...)`); the first `warmup` steps (allocation, caches filling, lazy kernels) are
 not timed, the next `steps` are, and one more step runs under `torch.utils.flop_counter.FlopCounterMode`
@@ -26,7 +26,7 @@ step's inputs (`compiled_check`): a compile that computes the wrong thing is no 
   precision the matmuls run in (`PEAK_TFLOPS`; override with `--peak-tflops`). With gradient
   checkpointing the count includes the recomputed forward, so that row is hardware, not model, FLOPs.
 
-Presets: the tiny-model presets (`finetune.tiny_model.PRESETS`, `medium` keeps SD1.5's block pattern at
+Presets: the tiny-model presets (`finetune.models.tiny_model.PRESETS`, `medium` keeps SD1.5's block pattern at
 ~19M UNet parameters), and `sd15`: SD1.5's exact architecture (860M UNet, 123M CLIP text encoder, 84M VAE)
 with random weights at 512 px, for a GPU.
 

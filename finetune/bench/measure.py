@@ -86,9 +86,9 @@ def measure(spec: dict) -> dict:
     import torch
 
     from finetune.bench.compiled_check import CompiledCheck  # torch: here, as above (tests/test_bench's peak of a bare process)
-    from finetune.distributed import trains_on_mps
-    from finetune.recipe_loading import recipe_from_dict
-    from finetune.trainer import train
+    from finetune.config.recipe_loading import recipe_from_dict
+    from finetune.distributed.processes import trains_on_mps
+    from finetune.training.trainer import train
 
     recipe = recipe_from_dict(spec["recipe"], source=f"bench variant {spec['name']}")
     warmup, steps = spec["warmup"], spec["steps"]

@@ -14,13 +14,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
-from finetune.atomic_files import atomic_write_text
 from finetune.bench.report import add_speedups, machine_info, median_run
 from finetune.bench.sd15 import build_sd15_pipeline
 from finetune.bench.variants import DEFAULT_VARIANTS, VARIANTS, images_per_step
+from finetune.cli.library_noise import quiet_weight_progress_bars
+from finetune.data.image_bounds import MAX_CLASS_IMAGES, MAX_RESOLUTION, RESOLUTION_BOUND
 from finetune.errors import FinetuneError
-from finetune.image_bounds import MAX_CLASS_IMAGES, MAX_RESOLUTION, RESOLUTION_BOUND
-from finetune.library_noise import quiet_weight_progress_bars
+from finetune.outputs.atomic_files import atomic_write_text
 
 # ---------------------------------------------------------------------------------------------------
 # The parent: model, data, one subprocess per variant, and the JSON report (the table: report.py)
@@ -45,11 +45,11 @@ def default_resolution(preset: str, base: str | None = None) -> int:
     """The preset's resolution; with a base model, the base's own (its UNet's sample size times the
     VAE's downsampling; 512, SD1.x's, for a single-file base). A base that is not there is one line."""
     if base is None:
-        from finetune.tiny_model import PRESETS
+        from finetune.models.tiny_model import PRESETS
 
         return 512 if preset == "sd15" else PRESETS[preset].resolution
     from finetune.config import ModelConfig
-    from finetune.model_source import resolve_model_folder
+    from finetune.models.model_source import resolve_model_folder
 
     folder = resolve_model_folder(ModelConfig.from_option(base))
     if folder is None:
@@ -71,7 +71,7 @@ RECIPE_SEED = 0  # every variant's: the data order, and so which images the firs
 
 def training_order(num_images: int, batch: int) -> Iterator[list[int]]:
     """The images of each step, in the trainer's order (one process): each epoch's whole batches of a new shuffle."""
-    from finetune.batches import EpochBatchSampler
+    from finetune.data.batches import EpochBatchSampler
 
     sampler = EpochBatchSampler(num_images, batch, 1, 0, RECIPE_SEED)
     for epoch in itertools.count():
@@ -266,7 +266,7 @@ def prepare_model(preset: str, folder: Path, log: Callable[[str], None]) -> Path
         # Random init of ~1.07B weights is much faster on the GPU; the files are the same either way.
         build_sd15_pipeline(device="cuda" if torch.cuda.is_available() else None).save_pretrained(folder, safe_serialization=True)
         return folder
-    from finetune.tiny_model import PRESETS, make_tiny_model
+    from finetune.models.tiny_model import PRESETS, make_tiny_model
 
     if preset not in PRESETS:
         raise FinetuneError(f"--preset {preset}: choose one of {', '.join([*PRESETS, 'sd15'])}")

@@ -49,8 +49,8 @@ def build_sd15_pipeline(width_divisor: int = 1, device: str | None = None):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from finetune.tiny_model import DEFAULT_WORDS, assemble_pipeline
-    from finetune.tokenizer import make_clip_tokenizer
+    from finetune.models.tiny_model import DEFAULT_WORDS, assemble_pipeline
+    from finetune.models.tokenizer import make_clip_tokenizer
 
     if 32 % width_divisor:
         raise ValueError(f"width_divisor must divide 32 (the norm groups), got {width_divisor}")

@@ -2,7 +2,7 @@
 
 Every knob has a name and a default here; recipe files under `recipes/` document them for users.
 Unknown keys are rejected, so a typo never silently trains the wrong thing. Reading a YAML file,
-`key=value` overrides and the one-line errors are finetune/recipe_loading.py.
+`key=value` overrides and the one-line errors are finetune/config/recipe_loading.py.
 
 - `base.py`: `Section`, what every section is;
 - `data.py`: the `data:` section (folders, buckets);

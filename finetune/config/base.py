@@ -11,8 +11,8 @@ from typing import Annotated, ClassVar, Iterable, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from finetune.image_bounds import MAX_RESOLUTION, RESOLUTION_BOUND
-from finetune.prompt_options import MAX_STEPS
+from finetune.data.image_bounds import MAX_RESOLUTION, RESOLUTION_BOUND
+from finetune.sampling.prompt_options import MAX_STEPS
 
 
 class Section(BaseModel):
@@ -75,9 +75,9 @@ def _between_0_and_1(value: float) -> float:
 
 
 # An epoch is listed whole, each image its repeats times, and shuffled whole each epoch (torch.randperm(n).tolist(),
-# finetune/batches.py): 10 million uses is some 550 MB in each process (measured: the list and its shuffle) and 10 million steps at batch 1, longer
+# finetune/data/batches.py): 10 million uses is some 550 MB in each process (measured: the list and its shuffle) and 10 million steps at batch 1, longer
 # than any fine-tune; repeats of 10**12 (a typo) were listed until memory ran out (8 TB), without a word. The whole epoch is checked when
-# the data is read (finetune/epoch_uses.py); one folder's or concept's repeats already here.
+# the data is read (finetune/data/epoch_uses.py); one folder's or concept's repeats already here.
 MAX_USES_PER_EPOCH = 10_000_000
 
 
@@ -88,7 +88,7 @@ def _countable_repeats(value: int) -> int:
 
 
 def _trainable_side(value: int) -> int:
-    if value > MAX_RESOLUTION:  # why that bound: finetune/image_bounds.py (sample's --resolution has it too)
+    if value > MAX_RESOLUTION:  # why that bound: finetune/data/image_bounds.py (sample's --resolution has it too)
         raise ValueError(RESOLUTION_BOUND)
     return value
 

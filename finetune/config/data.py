@@ -12,7 +12,7 @@ from finetune.config.base import PixelSize, Repeats, Resolution, Section, Share,
 
 
 class BucketConfig(Section):
-    """`data.bucketing`: train each image near its own aspect ratio (see finetune/buckets.py)."""
+    """`data.bucketing`: train each image near its own aspect ratio (see finetune/data/buckets.py)."""
 
     # Off: every image is resized and cropped to resolution x resolution, as without this section.
     enabled: bool = False
@@ -167,7 +167,7 @@ class DataConfig(Section):
 
     def _one_bucket_only(self) -> str | None:
         """Why bucketing, on, would make the square its only bucket (and crop every image as without it), or None."""
-        from finetune.buckets import make_buckets, side_limits  # here: buckets.py builds on this module
+        from finetune.data.buckets import make_buckets, side_limits  # here: buckets.py builds on this module
 
         if len(make_buckets(self)) > 1:
             return None

@@ -7,7 +7,7 @@ from typing import Literal, Optional, Union
 from pydantic import Field, field_validator, model_validator
 
 from finetune.config.base import Repeats, SamplingSteps, Section, Seed, Share, UserPath
-from finetune.image_bounds import CLASS_BATCH_DEFAULT, MAX_CLASS_IMAGES
+from finetune.data.image_bounds import CLASS_BATCH_DEFAULT, MAX_CLASS_IMAGES
 
 # A text-encoder LoRA's layers by default (each CLIP layer's attention projections), and all it may adapt: those and
 # the layer's MLP, which sd-scripts' LoRA adapts too.

@@ -11,13 +11,13 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from finetune.config.base import SamplingSteps, Section, Seed, UserPath
 from finetune.config.data import DataConfig
-from finetune.errors import FinetuneError
-from finetune.image_bounds import class_batch_problem, grid_problem
 from finetune.config.methods import ControlNetConfig, DreamBoothConfig, FullConfig, LoRAConfig, VAEConfig
 from finetune.config.training import DENOISING_SETTINGS, OptimizerConfig, TrainConfig
-from finetune.prompt_options import PromptSettings, with_options
-from finetune.samplers import DEFAULT_SAMPLER, KARRAS_ON_ZERO_TERMINAL_SNR, SamplerName, steps_problem, trailing_steps_problem
-from finetune.validation_prompts import read_prompts_file
+from finetune.data.image_bounds import class_batch_problem, grid_problem
+from finetune.errors import FinetuneError
+from finetune.sampling.prompt_options import PromptSettings, with_options
+from finetune.sampling.samplers import DEFAULT_SAMPLER, KARRAS_ON_ZERO_TERMINAL_SNR, SamplerName, steps_problem, trailing_steps_problem
+from finetune.sampling.validation_prompts import read_prompts_file
 
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")  # a model.pretrained of one file (the webui's layout), not a folder or hub id
@@ -49,7 +49,7 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _zero_terminal_snr_predicts_v(self) -> "ModelConfig":
-        # Else refused once the base had loaded, after the data check. A base's own epsilon: finetune.model_source.
+        # Else refused once the base had loaded, after the data check. A base's own epsilon: finetune.models.model_source.
         if self.zero_terminal_snr and self.prediction_type == "epsilon":
             raise ValueError("model.zero_terminal_snr needs v-prediction (at the last timestep the input is pure noise), and model.prediction_type "
                              "is epsilon: set it to v_prediction")  # fmt: skip
@@ -69,10 +69,10 @@ class ModelConfig(Section):
 
 class ValidationConfig(Section):
     # Each may end in sd-scripts' per-prompt options: "a dog --n blurry --d 7 --l 5 --s 30" (negative
-    # prompt, seed, guidance scale, steps; finetune/prompt_options.py).
+    # prompt, seed, guidance scale, steps; finetune/sampling/prompt_options.py).
     prompts: list[str] = []
     # A text file of more prompts, one a line (sd-scripts' sample prompts file, options included; blank lines and # comments
-    # skipped), sampled after `prompts`; read as the recipe loads (finetune/validation_prompts.py).
+    # skipped), sampled after `prompts`; read as the recipe loads (finetune/sampling/validation_prompts.py).
     prompts_file: Optional[UserPath] = None
     every_n_steps: int = Field(0, ge=0)  # 0: only at the end of training
     every_n_epochs: int = Field(0, ge=0)  # also at the end of every Nth epoch (sd-scripts' sample_every_n_epochs); 0: off
@@ -82,7 +82,7 @@ class ValidationConfig(Section):
     negative_prompt: Optional[str] = None  # e.g. "blurry, low quality"; for every prompt without its own --n
     images_per_prompt: int = Field(2, ge=1)
     seed: Seed = 0  # image k of a prompt uses seed + k (a prompt's --d replaces it)
-    # The sampler the grids are drawn with, by the webui's names (finetune/samplers.py): judge a LoRA with the one you
+    # The sampler the grids are drawn with, by the webui's names (finetune/sampling/samplers.py): judge a LoRA with the one you
     # will use. Each keeps the run's prediction type and noise schedule; ddim is what grids were drawn with before.
     sampler: SamplerName = DEFAULT_SAMPLER
     # Hold this many training images out of training and report the loss on them at each validation
@@ -228,7 +228,7 @@ class Recipe(Section):
             unused += ["validation.prompts_file"] if self.validation.prompts_file else []
             # The denoiser's target and the prompts' encoding: the saved pipeline's scheduler would claim a target its UNet never learned.
             unused += [f"model.{key}" for key in self.model.changed(("prediction_type", "zero_terminal_snr", "clip_skip", "max_token_length"))]
-            # It reads no captions (finetune.train_inputs.data_configs): what gives or changes them is unread too.
+            # It reads no captions (finetune.data_check.train_inputs.data_configs): what gives or changes them is unread too.
             unused += [f"data.{key}" for key in self.data.changed(("caption", "caption_dropout", "shuffle_tags", "keep_tokens", "keep_tokens_separator", "tag_dropout"))]
             if unused:
                 raise ValueError(f"method vae trains the autoencoder on reconstructions, so {', '.join(unused)} would do nothing: remove {'them' if len(unused) > 1 else 'it'}")
@@ -274,7 +274,7 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _validation_grid_fits(self) -> "Recipe":
         """The validation grid (samples/step-N.png) is drawable and opens again: every image of a validation is held in
-        memory to draw it, and an image past PIL's decompression-bomb bound cannot be opened (finetune/image_bounds.py)."""
+        memory to draw it, and an image past PIL's decompression-bomb bound cannot be opened (finetune/data/image_bounds.py)."""
         validation, controlnet = self.validation, self.method == "controlnet"
         if not validation.all_prompts:
             return self

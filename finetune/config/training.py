@@ -1,5 +1,5 @@
 """The recipe's `train:` and `optimizer:` sections: the run's length, precision and loss, and the optimizer with its
-schedule (finetune/optim.py builds them)."""
+schedule (finetune/optim/optimizers.py builds them)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ DENOISING_SETTINGS = ("snr_gamma", "debiased_estimation", "noise_offset", "noise
 
 # Bounds no real run reaches (a fine-tune trains some 10**3 to 10**5 steps; 10**8 at 10 steps a second is 4 months), so a
 # typo is one line where the recipe loads: train.max_steps: 1.0e+14 or a gradient accumulation of 10**12 started a run that
-# never ended, without a word. train.max_epochs is bounded by the steps it makes, once the data is read (finetune.run_length).
+# never ended, without a word. train.max_epochs is bounded by the steps it makes, once the data is read (finetune.training.run_length).
 MAX_TRAIN_STEPS = 100_000_000
 MAX_ACCUMULATION = 10_000  # micro-batches an optimizer step: 10,000 of batch 1 are a step of 10,000 images
 
@@ -61,10 +61,10 @@ class TrainConfig(Section):
     min_timestep: int = Field(0, ge=0)
     max_timestep: Optional[int] = Field(None, ge=1)
     allow_tf32: bool = True  # TF32 for fp32 matmuls and convolutions on Ampere and newer GPUs (off: full fp32)
-    # Keep an exponential moving average of the trained weights (finetune/ema.py) and sample and save
+    # Keep an exponential moving average of the trained weights (finetune/training/ema.py) and sample and save
     # it instead of the last step's weights; 0.999-0.9999 for full fine-tunes. None: off.
     ema_decay: Optional[float] = Field(None, gt=0, lt=1)
-    # Compute frozen encoders' outputs once per distinct input (see finetune/cache.py): VAE posteriors
+    # Compute frozen encoders' outputs once per distinct input (see finetune/data/cache.py): VAE posteriors
     # keyed by the image's content and view (crop, flip, size), text hidden states by caption. The
     # same loss as uncached (in bf16 to rounding); a cached view is not decoded again.
     cache_latents: bool = False
@@ -214,7 +214,7 @@ class OptimizerConfig(Section):
 ADAMW_BETAS = (0.9, 0.999)  # torch's AdamW, bitsandbytes' 8-bit AdamWs, Prodigy
 OWN_BETAS = {"lion8bit": (0.9, 0.99)}
 
-# What an optimizer does not read of the section (finetune/optim.py), and why.
+# What an optimizer does not read of the section (finetune/optim/optimizers.py), and why.
 UNREAD_OPTIMIZER_SETTINGS = {
     "adafactor": (("betas", "eps"), "it keeps no first moment, and epsilons of its own"),
     "lion8bit": (("eps",), "Lion divides by no second moment, so it has no epsilon"),

@@ -1,6 +1,6 @@
 """What a training method is: its data, which parameters train, how a batch becomes a loss, and what is saved.
 
-The training loop (`finetune.trainer`) owns everything else: the data loader and its order, precision,
+The training loop (`finetune.training.trainer`) owns everything else: the data loader and its order, precision,
 accumulation, checkpoints, logging and validation. A new method is a subclass in its own module, named in
 `finetune.methods.METHODS`. Three classes here, each building on the one before:
 - `TrainingMethod`: what the trainer calls (method vae subclasses it: it trains the autoencoder on pixels).
@@ -22,32 +22,32 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from torch.utils.data import Dataset
 
-from finetune.batches import item_layout
-from finetune.cache import EncodingCache, caption_key, model_fingerprint
-from finetune.captions import tag_warnings, tags_move_in
-from finetune.check_data import DataReport, checked_examples
+from finetune.captions.captions import tag_warnings, tags_move_in
 from finetune.config import Recipe
 from finetune.config.training import timestep_range_problem
-from finetune.data import CaptionedImageDataset, collate
-from finetune.device_copy import to_device
-from finetune.diffusion import POSTERIOR_STREAM, BatchRandomness, NoiseOptions, add_noise, draw_noise, draw_perturbation, per_sample_loss
-from finetune.encoders import encode_prompts, in_autocast_dtype, latents_from_moments, posterior_moments, text_hidden_states
+from finetune.data.batches import item_layout
+from finetune.data.cache import EncodingCache, caption_key, model_fingerprint
+from finetune.data.images import upright_size
+from finetune.data.items import CaptionedImageDataset, collate
+from finetune.data.loss_mask import latent_loss_weights
+from finetune.data.sources import Example
+from finetune.data.views import plan_cover_crop
+from finetune.data_check.check import DataReport, checked_examples
+from finetune.data_check.train_inputs import data_configs
 from finetune.errors import FinetuneError
-from finetune.finite_images import VALIDATION_OVERFLOW
-from finetune.images import upright_size
-from finetune.loss_mask import latent_loss_weights
-from finetune.models import BaseModel
-from finetune.samplers import spacing_steps_problem
-from finetune.sampling import build_pipeline, generate_with_settings
-from finetune.sources import Example
-from finetune.train_inputs import data_configs
-from finetune.views import plan_cover_crop
+from finetune.models.encoders import encode_prompts, in_autocast_dtype, latents_from_moments, posterior_moments, text_hidden_states
+from finetune.models.loading import BaseModel
+from finetune.sampling.finite_images import VALIDATION_OVERFLOW
+from finetune.sampling.pipelines import build_pipeline, generate_with_settings
+from finetune.sampling.samplers import spacing_steps_problem
+from finetune.training.device_copy import to_device
+from finetune.training.diffusion import POSTERIOR_STREAM, BatchRandomness, NoiseOptions, add_noise, draw_noise, draw_perturbation, per_sample_loss
 
 
 class TrainingMethod(ABC):
     name: str
     # The trained modules whose outputs another model reads, not the loss: they keep autocast's dtype (not cast to
-    # fp32 by accelerate and back; `finetune.distributed.keep_autocast_outputs`). Not a trained text encoder: the UNet
+    # fp32 by accelerate and back; `finetune.distributed.processes.keep_autocast_outputs`). Not a trained text encoder: the UNet
     # reads its states in every cross-attention, whose gradients accelerate's fp32 cast sums in fp32 (on a GPU they
     # leave its final layer norm in fp32 anyway; tests/test_text_encoder_step_casts.py).
     feeding_another_model: tuple[str, ...] = ()
@@ -81,12 +81,12 @@ class TrainingMethod(ABC):
         """Attach adapters, set what trains (fp32) and what is frozen (cast to `weight_dtype`)."""
 
     def training_data(self, accelerator) -> tuple[Dataset, Callable]:
-        """(dataset, collate function); items are looked up by (index, epoch) keys, see finetune.batches."""
+        """(dataset, collate function); items are looked up by (index, epoch) keys, see finetune.data.batches."""
         self.training_dataset = CaptionedImageDataset(self.examples, self.recipe.data, self.recipe.seed, self.item_latent_cache(), self.held_out_items)
         return self.training_dataset, collate
 
     def item_latent_cache(self) -> EncodingCache | None:
-        """The latent cache whose keys dataset items carry (see `finetune.data.view_entry`), if any."""
+        """The latent cache whose keys dataset items carry (see `finetune.data.items.view_entry`), if any."""
         return None
 
     @abstractmethod
@@ -140,7 +140,7 @@ class TrainingMethod(ABC):
         return {"loss masks": masks} if masks else {}
 
     def resuming(self, checkpoint: Path, state: dict) -> None:
-        """Told before `check_data` that the run resumes from `checkpoint` (its trainer state: `state`), see finetune.start_weights."""
+        """Told before `check_data` that the run resumes from `checkpoint` (its trainer state: `state`), see finetune.models.start_weights."""
         self.resumed_state = state.get("method") or {}
 
     def load_checkpoint_state(self, state: dict) -> None:

@@ -12,8 +12,8 @@ model's behaviour instead of disturbing it.
   the output norm + conv) trains too and is saved as a UNet folder beside the ControlNet.
 - `controlnet.only_mid_control`: only the mid-block residual reaches the UNet. The down-block zero
   convs are set to zero and frozen, so the saved ControlNet behaves the same in any diffusers pipeline.
-- Data are triples (image, conditioning image, caption), read and checked by `finetune.controlnet_pairs` and
-  served by `finetune.controlnet_data`. One crop and one flip are drawn per item from the (seed, epoch, index)
+- Data are triples (image, conditioning image, caption), read and checked by `finetune.controlnet.pairs` and
+  served by `finetune.controlnet.data`. One crop and one flip are drawn per item from the (seed, epoch, index)
   generator and applied to both images; then a share of captions (`controlnet.empty_prompt_share`, 0.5 as in
   the paper) is emptied, so the model learns to read the conditioning image rather than the prompt.
   Conditioning images reach the ControlNet in [0, 1].
@@ -32,27 +32,27 @@ import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 from PIL import Image
 
-from finetune.adapter_records import saved_model_metadata
-from finetune.adapters_as_trained import adapters_prediction_type
-from finetune.atomic_files import removed_if_unfinished, replace_folder, with_default_permissions
+from finetune.checkpoints.run_files import CONTROLNET_DIR, METADATA_FILE, UNET_DIR
 from finetune.config import Recipe
-from finetune.controlnet_folder import conditioning_channels_problem
-from finetune.controlnet_layout import RESUMED_LAYOUT, kept_layout, unknown_layout_problem
-from finetune.controlnet_data import ControlNetDataset, controlnet_collate
-from finetune.controlnet_pairs import checked_pairs, paired_views, validation_conditions_problem, validation_conditions_warnings
-from finetune.images import open_rgb
-from finetune.inference import load_controlnet
-from finetune.device_copy import to_device
+from finetune.controlnet.data import ControlNetDataset, controlnet_collate
+from finetune.controlnet.folder import conditioning_channels_problem
+from finetune.controlnet.layout import RESUMED_LAYOUT, kept_layout, unknown_layout_problem
+from finetune.controlnet.pairs import checked_pairs, paired_views, validation_conditions_problem, validation_conditions_warnings
 from finetune.counts import counted
+from finetune.data.images import open_rgb
+from finetune.data.sources import Example
+from finetune.data_check.starting_files import controlnet_to_load
 from finetune.errors import FinetuneError
 from finetune.methods.base import DiffusionMethod
-from finetune.models import freeze, unrecorded_target_warning
-from finetune.output_metadata import started_from
-from finetune.finite_images import VALIDATION_OVERFLOW
-from finetune.sampling import build_pipeline, generate_with_settings
-from finetune.run_files import CONTROLNET_DIR, METADATA_FILE, UNET_DIR
-from finetune.sources import Example
-from finetune.starting_files import controlnet_to_load
+from finetune.models.loading import freeze, unrecorded_target_warning
+from finetune.outputs.atomic_files import removed_if_unfinished, replace_folder, with_default_permissions
+from finetune.outputs.metadata import started_from
+from finetune.sampling.adapter_records import saved_model_metadata
+from finetune.sampling.adapters_as_trained import adapters_prediction_type
+from finetune.sampling.finite_images import VALIDATION_OVERFLOW
+from finetune.sampling.inference import load_controlnet
+from finetune.sampling.pipelines import build_pipeline, generate_with_settings
+from finetune.training.device_copy import to_device
 
 STARTED_FROM = "controlnet_started_from"  # in a checkpoint's method state: the outputs' record of controlnet.pretrained, made when the run started
 INHERITED_CONDITIONING = "controlnet_inherited_conditioning"  # in it too: the conditioning record taken from controlnet.pretrained
@@ -92,7 +92,7 @@ class ControlNetMethod(DiffusionMethod):
         return {"finetune.conditioning": json.dumps(record)} if record else {}
 
     def _conditioning_record(self) -> dict | None:
-        from finetune.conditioning_records import data_folder_record
+        from finetune.controlnet.conditioning_records import data_folder_record
 
         return data_folder_record(self.recipe.data)
 
@@ -112,12 +112,12 @@ class ControlNetMethod(DiffusionMethod):
         """controlnet.pretrained, before any model loads: a controlnet run's output folder stands for its controlnet/
         (`load_from`); a file, a folder of something else, a ControlNet that works only with its own UNet, or a hub id
         not found is one line (`controlnet_to_load`). Its record in the outputs (`started_from`) is made here."""
-        self.load_from = controlnet_to_load(pretrained)  # its folder, config and UNet checked without torch (finetune.starting_files)
+        self.load_from = controlnet_to_load(pretrained)  # its folder, config and UNet checked without torch (finetune.data_check.starting_files)
         self.started_from = started_from(self.load_from)  # now, while a local folder is there to be told from a hub id
         recorded = self._recorded_by_its_run()
         # A type no model predicts (an edited record) is one line now, not advice to set model.prediction_type to it once loaded.
         adapters_prediction_type({f"controlnet.pretrained {pretrained}": recorded})
-        from finetune.conditioning_records import inherited_record
+        from finetune.controlnet.conditioning_records import inherited_record
 
         self.inherited_conditioning = None if self._conditioning_record() else inherited_record(recorded)
 
@@ -180,7 +180,7 @@ class ControlNetMethod(DiffusionMethod):
     def _check_trained_for_this_target(self, recorded: dict) -> None:
         """As lora.init_from's: a ControlNet trained for another target (its run's finetune.prediction_type) would start
         from what it did not learn, and the step-0 samples, read as this run's target, would be noise."""
-        from finetune.init_from_record import check_same_target
+        from finetune.models.init_from_record import check_same_target
 
         check_same_target("controlnet.pretrained", self.settings.pretrained, recorded.get("finetune.prediction_type"), self.base.noise_scheduler.config.prediction_type)
 
@@ -188,7 +188,7 @@ class ControlNetMethod(DiffusionMethod):
         """Which ControlNet the run starts from, and what its run recorded of it (steps, conditioning kind), as
         lora.init_from's start is said: its outputs' steps are this run's. One that records no prediction type (a hub
         id's, or one trained elsewhere) is taken to be trained for the base's own, as ControlNets are made for a base: said."""
-        from finetune.conditioning_records import recorded_conditioning
+        from finetune.controlnet.conditioning_records import recorded_conditioning
 
         steps, made = recorded.get("finetune.steps"), recorded_conditioning(recorded)
         facts = [f"trained {counted(steps, 'step')}" if steps else "", f"on {made} conditioning images" if made else "",
@@ -198,7 +198,7 @@ class ControlNetMethod(DiffusionMethod):
 
     def _inherited_line(self) -> str:
         """Where the data folder records no conditioning kind: that the outputs record the one controlnet.pretrained does."""
-        from finetune.conditioning_records import conditioning_named
+        from finetune.controlnet.conditioning_records import conditioning_named
 
         made = conditioning_named(self.inherited_conditioning)  # checked as it was taken (conditioning_records.inherited_record)
         folder = self.recipe.data.image_dir or self.recipe.data.dataset
@@ -219,7 +219,7 @@ class ControlNetMethod(DiffusionMethod):
             self.inherited_conditioning = self.resumed_state.get(INHERITED_CONDITIONING)  # a resume reads no controlnet.pretrained
 
     def checkpoint_state(self) -> dict:
-        # A resume does not read controlnet.pretrained (finetune.start_weights): it builds that ControlNet's layout
+        # A resume does not read controlnet.pretrained (finetune.models.start_weights): it builds that ControlNet's layout
         # (its config, which from_unet would not make) from this, and loads its weights from the checkpoint.
         if not self.started_from:  # made from the UNet: a resume makes it so again
             return {}

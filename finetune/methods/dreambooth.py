@@ -18,26 +18,26 @@ from pathlib import Path
 
 import torch
 
-from finetune.check_data import DataReport, checked_report
-from finetune.check_data_command import said_once
-from finetune.class_image_names import is_generated_name
-from finetune.class_image_plans import (
+from finetune.data_check.check import DataReport, checked_report
+from finetune.data_check.command import said_once
+from finetune.dreambooth.class_image_names import is_generated_name
+from finetune.dreambooth.class_image_plans import (
     ClassImagePlan, check_class_images, checked_own_class_images, class_image_plans, recipe_generation_record, unread_class_images_lines,
     unused_class_images_lines,
 )
-from finetune.class_images import as_loaded_base, generate_class_images, generate_on_every_process, write_generation_record
 from finetune.config import Concept, Recipe
 from finetune.console import say, warn
 from finetune.counts import counted
-from finetune.dreambooth_data import DreamBoothDataset, dreambooth_collate
-from finetune.epoch_uses import expand_together
+from finetune.data.epoch_uses import expand_together
+from finetune.data.sources import Example
+from finetune.data_check.train_inputs import data_configs
+from finetune.dreambooth.class_images import as_loaded_base, generate_class_images, generate_on_every_process, write_generation_record
+from finetune.dreambooth.data import DreamBoothDataset, dreambooth_collate
 from finetune.methods.base import DiffusionMethod
 from finetune.methods.full import FullMethod
 from finetune.methods.lora import LoRAMethod
-from finetune.sampling import build_pipeline
-from finetune.sources import Example
-from finetune.step_losses import weighted
-from finetune.train_inputs import data_configs
+from finetune.sampling.pipelines import build_pipeline
+from finetune.training.step_losses import weighted
 
 
 class DreamBoothMethod(DiffusionMethod):

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
+from finetune.checkpoints.run_files import PIPELINE_DIR
+from finetune.formats.model_card import write_pipeline_card
 from finetune.methods.base import UNetMethod
-from finetune.model_card import write_pipeline_card
-from finetune.pipeline_io import save_pipeline
-from finetune.run_files import PIPELINE_DIR
+from finetune.outputs.pipeline_io import save_pipeline
 
 
 

@@ -17,18 +17,18 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
-from finetune.atomic_files import atomic_save_safetensors
+from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
 from finetune.counts import counted
-from finetune.dora import DIFFUSERS_MAGNITUDE
 from finetune.errors import FinetuneError
-from finetune.init_from_record import text_encoder_switch
-from finetune.kohya import DIFFUSERS_SUFFIXES
-from finetune.lora_kinds import written_path
-from finetune.lora_unit_scale import skip_unit_scales
-from finetune.max_norm import apply_max_norm, lora_layers
+from finetune.formats.dora import DIFFUSERS_MAGNITUDE
+from finetune.formats.kohya import DIFFUSERS_SUFFIXES
+from finetune.formats.lora_kinds import written_path
 from finetune.methods.base import UNetMethod
-from finetune.models import freeze, unrecorded_target_warning
-from finetune.run_files import LORA_WEIGHTS_NAME
+from finetune.models.init_from_record import text_encoder_switch
+from finetune.models.loading import freeze, unrecorded_target_warning
+from finetune.models.lora_unit_scale import skip_unit_scales
+from finetune.optim.max_norm import apply_max_norm, lora_layers
+from finetune.outputs.atomic_files import atomic_save_safetensors
 
 
 class LoRAMethod(UNetMethod):

@@ -8,17 +8,17 @@ import re
 
 import torch
 
-from finetune.adapter_records import initial_lora_file
-from finetune.counts import counted
-from finetune.dora import row_norms, uses_dora
-from finetune.encoders import layer_stack
-from finetune.errors import FinetuneError
-from finetune.kohya import LoRA, load_lora
-from finetune.merge import find_module
 from finetune.config.methods import TEXT_ENCODER_LAYERS, TEXT_ENCODER_TARGETS
+from finetune.counts import counted
+from finetune.errors import FinetuneError
+from finetune.formats.dora import row_norms, uses_dora
+from finetune.formats.kohya import LoRA, load_lora
+from finetune.formats.merge import find_module
 from finetune.methods.lora import is_conv_3x3
-from finetune.adapters_as_trained import adapters_max_token_length, adapters_prediction_type
-from finetune.init_from_record import check_recorded_alike
+from finetune.models.encoders import layer_stack
+from finetune.models.init_from_record import check_recorded_alike
+from finetune.sampling.adapter_records import initial_lora_file
+from finetune.sampling.adapters_as_trained import adapters_max_token_length, adapters_prediction_type
 
 
 def read_checked(settings, trains_text_encoder: bool = False, text_encoder_switch: str = "lora.train_text_encoder") -> LoRA:
@@ -95,7 +95,7 @@ def check_initial_record(lora: LoRA, source: str) -> None:
 
 def check_trained_alike(lora: LoRA, source: str, clip_skip: int, prediction_type: str) -> None:
     """A LoRA continued with another prompt encoding (model.clip_skip) or another target (model.prediction_type) would
-    start from what it did not learn (`finetune train` said it before its data check: finetune.init_from_record)."""
+    start from what it did not learn (`finetune train` said it before its data check: finetune.models.init_from_record)."""
     check_recorded_alike(lora.metadata, source, clip_skip, prediction_type)
 
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
+from finetune.checkpoints.run_files import PIPELINE_DIR
+from finetune.data_check.train_inputs import perceptual_network_file
 from finetune.errors import FinetuneError
 from finetune.methods.base import TrainingMethod
-from finetune.pipeline_io import save_pipeline
-from finetune.run_files import PIPELINE_DIR
-from finetune.sampling import tensor_to_image
-from finetune.train_inputs import perceptual_network_file
+from finetune.outputs.pipeline_io import save_pipeline
+from finetune.sampling.pipelines import tensor_to_image
 
 
 

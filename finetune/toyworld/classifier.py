@@ -244,7 +244,7 @@ def extract_features(images, batch_size: int = 256) -> np.ndarray:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from finetune.cli_arguments import ExamplesKeptWhole
+    from finetune.cli.arguments import ExamplesKeptWhole
 
     p = argparse.ArgumentParser(prog="python -m finetune.toyworld.classifier", formatter_class=ExamplesKeptWhole,
                                 description="Train the toy-world evaluator classifier (finetune eval's), then report its accuracy on fresh images.",

@@ -1,8 +1,8 @@
-"""The fixed prompt sets `finetune eval` scores (``finetune.evaluate``), with the scenes they describe.
+"""The fixed prompt sets `finetune eval` scores (``finetune.evaluation.evaluate``), with the scenes they describe.
 
 Prompt sets come from their own fixed seeds, not from the generation ``seed``, so every
 run, method and checkpoint is scored on the same prompts (the eval's ``seed`` only picks the
-noise, see ``finetune.evaluate.generate_per_prompt``):
+noise, see ``finetune.evaluation.evaluate.generate_per_prompt``):
 
 - ``held_in_set``: captions of ``sample_scenes(n, 2_000_001, "no")``, the world the
   base model was pretrained on ("a small red circle on a blue background, top left").

@@ -1,0 +1,1 @@
+"""ControlNet's data and conditioning: image/conditioning pairs, conditioning makers and records, ControlNet folders."""

@@ -1,0 +1,377 @@
+"""Check a dataset the way training reads it, before any model is loaded: `finetune check-data`.
+
+Every image is decoded once. Findings come in three levels:
+
+- fatal: training would stop (unreadable or truncated file, image too small, no caption). Training
+  stops on the first one with a one-line error naming the file, unless `data.skip_bad_images` is
+  set: then such images are left out and listed.
+- warning: training runs, but the data may not be what you meant (upscaled images, duplicates, an
+  empty caption).
+- converted: handled on the fly (EXIF rotation, CMYK, 16-bit, transparency, palette): said so that
+  nothing happens unseen.
+
+Training runs the same check (`checked_examples`) and prints the same summary at its start; the
+command that prints it is finetune/data_check/command.py.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from finetune.captions.captions import caption_alternative, caption_lines, dataset_of_row, empty_caption_message, missing_caption_message
+from finetune.captions.cells import list_text_message
+from finetune.config import DataConfig
+from finetune.counts import counted
+from finetune.data.buckets import Size, assign_buckets, bucket_counts_line, no_upscale_advice
+from finetune.data.colour_profiles import profile_note
+from finetune.data.epoch_uses import expand_repeats
+from finetune.data.image_folder_datasets import image_dir_advice
+from finetune.data.image_warnings import pillow_warning_line, pillow_warnings
+from finetune.data.images import decode, file_stamp, float_levels_problem, has_alpha, holds_8_bit_values, is_16_bit, pixel_digest, turned_on_its_side, upright_rgb
+from finetune.data.loss_mask import alpha_mask, image_sharing_mask, mask_area, mask_digest, mask_path, read_mask_file
+from finetune.data.sources import Example, read_examples
+from finetune.data.views import cut, plan_cover_crop
+from finetune.data_check.checked_once import kept_check
+from finetune.data_check.folder_warnings import folder_warnings
+from finetune.data_check.threads import each_on_threads
+from finetune.errors import FinetuneError
+
+FATAL, WARNING, CONVERTED = "fatal", "warning", "converted"
+SKIP_HINT = "or set data.skip_bad_images: true to skip bad images"
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # FATAL, WARNING or CONVERTED
+    source: str  # the image it is about
+    message: str  # one line naming the image, what is wrong, and what to do (or what is done)
+
+
+@dataclass
+class DataReport:
+    label: str  # what was checked, e.g. "data folder my_photos"
+    config: DataConfig
+    found: int = 0
+    usable: list[Example] = field(default_factory=list)  # each once, with its size; repeats not expanded
+    findings: list[Finding] = field(default_factory=list)
+    skipped: list[Finding] = field(default_factory=list)  # fatal findings left out by data.skip_bad_images
+    skipping: bool = False  # data.skip_bad_images: every image not `usable` is skipped (its finding may be said by another report)
+
+    def of_level(self, level: str) -> list[Finding]:
+        return [finding for finding in self.findings if finding.level == level]
+
+    @property
+    def bucket_of(self) -> list[Size] | None:
+        return assign_buckets([example.size for example in self.usable], self.config)
+
+    def lines(self, limit: int | None = None, held_out: frozenset[str] = frozenset()) -> list[str]:
+        """The summary: counts, sizes, buckets, then every finding (at most `limit` of each level). `held_out`:
+        the sources validation.loss_images keeps out of training, which an epoch does not use."""
+        config, uses = self.config, sum(example.repeats for example in self.usable if example.source not in held_out)
+        skipped = self.found - len(self.usable) if self.skipping else 0  # images, not findings (one may have two)
+        files = len({example.source for example in self.usable})  # data.folders may list a folder under two templates
+        found = counted(self.found, "image") + (f" ({files} files, some under two templates)" if files < len(self.usable) else "")
+        held = len({example.source for example in self.usable} & held_out)
+        lines = [f"{self.label}: {found}, {len(self.usable)} used, {skipped} skipped; {counted(uses, 'use')} per epoch"
+                 + (f" ({held} held out by validation.loss_images)" if held else "")]  # fmt: skip
+        sizes = [example.size for example in self.usable]
+        if sizes:
+            shapes = Counter("landscape" if w > h else "portrait" if h > w else "square" for w, h in sizes)
+            short = sorted(min(size) for size in sizes)
+            lines.append(f"sizes: short side {short[0]}-{short[-1]} px; " + ", ".join(f"{n} {shape}" for shape, n in sorted(shapes.items())))
+            if config.bucketing.enabled:
+                lines.append(bucket_counts_line(self.bucket_of))
+            else:
+                lines.append(f"training size: {config.resolution}x{config.resolution}, {config.crop} crops (data.bucketing keeps aspect ratios)")
+        if len(config.folders) > 1:
+            lines.append(folder_shares_line([example for example in self.usable if example.source not in held_out], config))
+        if config.loss_mask.enabled and self.usable:
+            lines.append(loss_mask_line(self.usable, config))
+        for level, entries in ((FATAL, self.of_level(FATAL)), ("skipped", self.skipped), (WARNING, self.of_level(WARNING)), (CONVERTED, self.of_level(CONVERTED))):
+            shown = entries if limit is None else entries[:limit]
+            lines += [f"{level}: {finding.message}" for finding in shown]
+            if len(entries) > len(shown):
+                lines.append(f"{level}: ... and {len(entries) - len(shown)} more (finetune check-data lists them all)")
+        return lines
+
+
+def loss_mask_line(usable: list[Example], config: DataConfig) -> str:
+    """How many images are masked and how much of them trains: a mask that is nearly all white or black shows."""
+    settings = config.loss_mask
+    where = "their transparency" if settings.source == "alpha" else f"files in each folder's {settings.folder}/"
+    areas = sorted(example.mask_area for example in usable if example.mask_area is not None)
+    unmasked = [folder.path for folder in config.folders if not folder.loss_mask]
+    line = f"loss masks ({where}): {len(areas)} of {counted(len(usable), 'image')} masked" + (f" (unmasked folders: {', '.join(unmasked)})" if unmasked else "")
+    if areas:
+        line += f", trained area {100 * areas[0]:.0f}-{100 * areas[-1]:.0f}% (mean {100 * sum(areas) / len(areas):.0f}%)"
+    return line + f"; background weight {settings.unmasked_weight:g}"
+
+
+def folder_shares_line(usable: list[Example], config: DataConfig) -> str:
+    """How much each data.folders entry weighs in an epoch: the balance its repeats are there to set."""
+    images, uses = [0] * len(config.folders), [0] * len(config.folders)
+    for example in usable:
+        images[example.folder_index] += 1
+        uses[example.folder_index] += example.repeats
+    total = max(sum(uses), 1)
+    paths = [folder.path for folder in config.folders]
+    labels = [f"'{f.path}'" + (f" ({f.template or 'captions'})" if paths.count(f.path) > 1 else "") for f in config.folders]
+    shares = [f"{label} {n} x{folder.repeats} = {u} ({100 * u / total:.0f}%)" for label, folder, n, u in zip(labels, config.folders, images, uses)]
+    return "uses per epoch by folder: " + ", ".join(shares)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One image
+
+
+def conversions(image, alpha_is_mask: bool = False) -> list[str]:
+    """What `upright_rgb` will do to this decoded image, in words (`alpha_is_mask`: its transparency is
+    its loss mask, data.loss_mask.source alpha)."""
+    done = []
+    # An animated WebP or PNG (APNG) trains its first frame; not a camera's MPO JPEG, whose second "frame" is its preview.
+    if image.format in ("WEBP", "PNG") and getattr(image, "n_frames", 1) > 1:
+        done.append(f"animated ({image.n_frames} frames): its first frame trains (save the frames to train as images of their own)")
+    orientation = image.getexif().get(0x0112, 1)
+    if orientation in range(2, 9):  # 1 is upright; other values are invalid, and ImageOps.exif_transpose ignores them
+        done.append(f"EXIF orientation {orientation}: rotated upright")
+    if image.mode == "CMYK":
+        done.append("CMYK: converted to RGB")
+    elif is_16_bit(image):
+        done.append(f"16-bit ({image.mode}): " + ("its values are 8-bit ones (none above 255), read as such" if holds_8_bit_values(image) else "scaled to 8-bit RGB"))
+    elif has_alpha(image):
+        done.append(f"transparency ({image.mode}): " + ("its loss mask; the pixels composited on white" if alpha_is_mask else "composited on white"))
+    elif image.mode == "P":
+        done.append("palette image: converted to RGB")
+    elif image.mode != "RGB":
+        done.append(f"mode {image.mode}: converted to RGB")
+    return done + [note] if (note := profile_note(image)) else done
+
+
+def inspect(example: Example, config: DataConfig) -> tuple[Example | None, list[Finding], str | None]:
+    """(the example with its size, or None if unusable; findings; a hash of its decoded pixels)."""
+    source, findings = example.source, []
+    # Said once the file decodes: a text file named .jpg is told it is no image, not to get a caption as well.
+    no_caption = [Finding(FATAL, source, missing_caption_message(source, caption_alternative(config, example.folder_index)))] if example.caption is None else []
+    if example.caption is not None:
+        if message := empty_caption_message(source, example.caption, config, example.folder_index) or list_text_message(source, example.caption):
+            findings.append(Finding(WARNING, source, message))
+        elif len(lines := caption_lines(example.caption)) > 1:
+            message = (f"image {source}: caption of {len(lines)} lines" + (" (or list entries)" if dataset_of_row(source) else "") + ", each a caption of "
+                       "its own: one line trains each epoch (to train them together, join them with commas on one line)")  # fmt: skip
+            findings.append(Finding(CONVERTED, source, message))
+    try:
+        stamp = file_stamp(source)  # before decoding: an edit while it decodes shows as a changed file
+        with pillow_warnings() as heard:  # said in the summary, naming the image (Pillow's own lines name none)
+            raw = decode(example)
+            if message := float_levels_problem(raw, f"image {source}"):
+                return None, no_caption + findings + [Finding(FATAL, source, message)], None  # it decodes: both are said
+            image = upright_rgb(raw)  # reads its EXIF and converts its palette: the warnings are of these
+    except FinetuneError as err:
+        return None, findings + [Finding(FATAL, source, str(err))], None
+    except Exception as err:  # a file that decodes but cannot be converted
+        message = f"image {source} cannot be converted to RGB ({err.__class__.__name__}: {err}): re-save it as PNG or JPEG"
+        return None, no_caption + findings + [Finding(FATAL, source, message)], None
+    findings = no_caption + findings
+    if heard:
+        findings.append(Finding(WARNING, source, pillow_warning_line(source, heard)))
+    width, height = image.size
+    if (message := too_small_problem(source, width, height, config)) is not None:
+        findings.append(Finding(FATAL, source, message))
+    digest = pixel_digest(image)
+    example = replace(example, size=(width, height), digest=digest, file_stamp=stamp)
+    if config.loss_mask.enabled:
+        example, mask_findings = inspect_loss_mask(example, raw, config)
+        findings += mask_findings
+    alpha_is_mask = config.loss_mask.source == "alpha" and example.load_mask is not None  # some of it is transparent, and that masks
+    findings += [Finding(CONVERTED, source, f"image {source}: {what}") for what in conversions(raw, alpha_is_mask)]
+    usable = None if any(f.level == FATAL for f in findings) else example
+    return usable, findings, digest
+
+
+def too_small_problem(source: str, width: int, height: int, config: DataConfig) -> str | None:
+    """Why an image is too small to train, or None. Every way out is named (an upscaled file passes too; with the
+    default limit, half of data.resolution, so does a lower resolution), not only a lower data.min_image_size."""
+    min_size = config.min_image_size or config.resolution // 2
+    if min(width, height) >= min_size:
+        return None
+    limit, lower = ("data.min_image_size", "or lower data.min_image_size") if config.min_image_size else (
+        f"half of data.resolution {config.resolution}", "lower data.min_image_size, or train at a lower data.resolution")
+    return f"image {source} is {width}x{height}, smaller than {min_size} px on its short side ({limit}): remove it, upscale it to {min_size} px or more, {lower}"
+
+
+def _loaded_alpha_mask(load):
+    """The transparency of the image `load` opens: an example's mask loader, which spawned data workers (macOS,
+    Windows) receive pickled, so a module-level function rather than a lambda."""
+    return alpha_mask(load())
+
+
+def inspect_loss_mask(example: Example, raw, config: DataConfig) -> tuple[Example, list[Finding]]:
+    """(the example with its mask loader and trained area, findings): the mask must be there, readable,
+    of the image's upright size, and train something."""
+    settings, source = config.loss_mask, example.source
+    if config.folders and not config.folders[example.folder_index].loss_mask:
+        return example, []  # its folder trains whole (data.folders loss_mask: false)
+    if settings.source == "alpha":
+        mask = alpha_mask(raw) if has_alpha(raw) else None
+        if mask is None or mask.getextrema()[0] == 255:  # no alpha channel, or one opaque everywhere
+            message = f"image {source} has no transparency: it trains whole (data.loss_mask.source alpha); add an alpha channel to mask it"
+            return example, [Finding(WARNING, source, message)]
+        named, load = f"the transparency of image {source}", functools.partial(_loaded_alpha_mask, example.load)
+    else:
+        path = mask_path(source, settings)
+        if not path.is_file():
+            message = (f"image {source} has no loss mask: expected {path} (or {path.stem} with another image suffix; greyscale, "
+                       "the image's size, white where it trains)")  # fmt: skip
+            return example, [Finding(FATAL, source, message)]
+        if (other := image_sharing_mask(source, settings)) is not None:
+            own = Path(settings.folder) / Path(source).name
+            message = (f"images {other} and {Path(source).name} share the loss mask {path}: name each image's mask by its full file name "
+                       f"({own} for {Path(source).name}), or remove one image (a copy?)")  # fmt: skip
+            return example, [Finding(FATAL, source, message)]
+        try:
+            stamp = file_stamp(str(path))  # before reading: an edit while it is read shows as a changed file
+            mask = read_mask_file(path)
+        except FinetuneError as err:
+            return example, [Finding(FATAL, source, str(err))]
+        named, load = f"loss mask {path}", functools.partial(read_mask_file, path)
+        example = replace(example, mask_file_stamp=(str(path), *stamp) if stamp else None)
+    (mask_width, mask_height), (width, height) = mask.size, example.size
+    if abs(mask_width * height / (mask_height * width) - 1.0) > 0.01:  # another scale is fine: it is resized with its image
+        rotated = turned_on_its_side(raw) and (mask_width, mask_height) == (height, width)
+        hint = "save the mask upright: the image is turned by its EXIF orientation" if rotated else "a mask must have its image's shape (its size, or another scale of it)"
+        message = f"{named} is {mask_width}x{mask_height} but image {source} is {width}x{height} upright: {hint}"
+        return example, [Finding(FATAL, source, message)]
+    area = mask_area(mask)
+    if area == 0.0 and settings.unmasked_weight == 0.0:
+        message = f"{named} is black everywhere, so image {source} would train nothing: whiten what should train, or remove the image"
+        return example, [Finding(FATAL, source, message)]
+    return replace(example, load_mask=load, mask_area=area, mask_digest=mask_digest(mask)), []
+
+
+# ---------------------------------------------------------------------------------------------------
+# A dataset
+
+
+def inspect_examples(examples: list[Example], config: DataConfig, label: str) -> DataReport:
+    """Check every example; never raises for a bad image (see `check_examples`)."""
+    report = DataReport(label=label, config=config, found=len(examples))
+    by_hash: dict[str, list[str]] = {}
+    for example, (usable, findings, digest) in zip(examples, each_on_threads(lambda e: inspect(e, config), examples, f"checking {label}")):
+        report.findings += findings
+        if usable is not None:
+            report.usable.append(usable)
+        if digest is not None and example.source not in by_hash.get(digest, []):  # one file in two data.folders entries is no copy
+            by_hash.setdefault(digest, []).append(example.source)
+    targets = report.bucket_of or [(config.resolution, config.resolution)] * len(report.usable)
+    for example, (width, height) in zip(report.usable, targets):
+        scale = max(width / example.size[0], height / example.size[1])
+        if scale > 1.0:
+            message = (
+                f"image {example.source} is {example.size[0]}x{example.size[1]}, upscaled {scale:.2f}x to cover "
+                f"{width}x{height}: it may train soft"
+            ) + (f" ({no_upscale_advice(example.size, config)})" if config.bucketing.enabled and config.bucketing.no_upscale else "")
+            report.findings.append(Finding(WARNING, example.source, message))
+        kept = (width / scale) * (height / scale) / (example.size[0] * example.size[1])  # the crop's share of the image
+        if kept < 0.5:
+            message = (f"image {example.source} is {example.size[0]}x{example.size[1]}: its {width}x{height} {config.crop} crop keeps {kept:.0%} of it"
+                       + ("" if config.bucketing.enabled else "; data.bucketing.enabled: true trains it near its own shape"))  # fmt: skip
+            report.findings.append(Finding(WARNING, example.source, message))
+    report.findings += masks_out_of_view(report, targets)
+    # Copies among the images that train: not a skipped one, nor one the masks' check took out.
+    trained = {example.source for example in report.usable}
+    for sources in by_hash.values():
+        sources = [source for source in sources if source in trained]
+        if len(sources) > 1:
+            others = ", ".join(sources[1:6]) + (f" and {len(sources) - 6} more" if len(sources) > 6 else "")
+            message = f"image {sources[0]} has the same pixels as {others}: each copy trains as its own image ({_copies_remedy(config)})"
+            report.findings.append(Finding(WARNING, sources[0], message))
+    report.findings += [Finding(WARNING, str(folder), message) for folder, message in folder_warnings(config)]
+    if message := image_dir_advice(config):
+        report.findings.append(Finding(WARNING, report.label, message))
+    if config.skip_bad_images:
+        skip_fatal(report)
+    return report
+
+
+def _copies_remedy(config: DataConfig) -> str:
+    """What to do about copies of an image: data.folders repeats only where there are folders to list."""
+    if config.dataset is not None:
+        return "remove the copies' rows"
+    concept = config.dreambooth_concept  # a DreamBooth concept has repeats of its own
+    return f"remove copies, or raise {concept}.repeats" if concept else "remove copies, or use data.folders repeats"
+
+
+def masks_out_of_view(report: DataReport, targets: list[Size]) -> list[Finding]:
+    """Fatal findings for masks that train nothing as the data is read: a centre crop (or bucket) that
+    leaves the whole mask out (a random crop finds it at times), or source alpha with no transparency at all.
+    The images whose crop leaves their mask out are taken out of `report.usable` too."""
+    config, findings = report.config, []
+    if not config.loss_mask.enabled or config.loss_mask.unmasked_weight > 0.0:
+        return []
+    if config.loss_mask.source == "alpha" and report.usable and all(example.mask_area is None for example in report.usable):
+        concept = config.dreambooth_concept
+        message = (f"{report.label}: data.loss_mask.source alpha, and {f'none of its {len(report.usable)} images has' if len(report.usable) > 1 else 'its one image has no'} transparency, so none is "
+                   "masked: save cut-outs with an alpha channel, or use source files"
+                   + (f", or set {concept}.loss_mask: false to train this concept whole" if concept else ""))  # fmt: skip
+        return [Finding(FATAL, report.label, message)]
+    if config.crop == "random":
+        return []
+    blind = []
+    for example, target in zip(report.usable, targets):
+        if example.load_mask is not None:
+            resized, top_left = plan_cover_crop(example.size, target, "center", None)
+            if mask_area(cut(example.load_mask(), resized, top_left, target)) == 0.0:
+                blind.append(example)
+                message = (f"image {example.source}: its loss mask is black everywhere in its centre crop to {target[0]}x{target[1]}, so it would "
+                           "train nothing: set data.crop: random, or widen the mask")  # fmt: skip
+                findings.append(Finding(FATAL, example.source, message))
+    report.usable = [example for example in report.usable if not any(example is other for other in blind)]
+    return findings
+
+
+def skip_fatal(report: DataReport) -> None:
+    """data.skip_bad_images: fatal findings become the skipped list (their images are not in `usable`)."""
+    skipped = [finding for finding in report.of_level(FATAL) if finding.source != report.label]  # findings about the whole dataset stay
+    report.skipped += skipped
+    report.skipping = True
+    report.findings = [finding for finding in report.findings if not any(finding is other for other in skipped)]
+
+
+def check_examples(examples: list[Example], config: DataConfig, label: str = "data") -> DataReport:
+    """Inspect, then stop on the first fatal problem with a one-line error (unless bad images are skipped)."""
+    return stop_unless_trainable(inspect_examples(examples, config, label))
+
+
+def stop_unless_trainable(report: DataReport) -> DataReport:
+    """Raise a one-line error for the first fatal finding, or when every image was skipped."""
+    label = report.label
+    fatal = report.of_level(FATAL)
+    if fatal:
+        others = len(fatal) - 1
+        more = f" ({others} more problem{'s' if others > 1 else ''}: finetune check-data lists {'them' if others > 1 else 'it'})" if others else ""
+        hint = "" if fatal[0].source == label else f", {SKIP_HINT}"  # about the whole dataset: skipping images is no fix
+        raise FinetuneError(f"{fatal[0].message}{hint}{more}")
+    if not report.usable:
+        raise FinetuneError(f"{label}: no image is usable ({counted(report.found, 'image')} skipped as bad: {report.skipped[0].message}): fix them")
+    return report
+
+
+def data_label(config: DataConfig) -> str:
+    return f"data folder {config.image_dir}" if config.image_dir else f"dataset {config.dataset}"
+
+
+def checked_report(config: DataConfig) -> DataReport:
+    """The data's report, as training prints it at its start, after a one-line stop on the first fatal problem (made once
+    in a `finetune train`: its command checks before torch loads, train() takes that, finetune/data_check/checked_once.py)."""
+    key = f"{config.model_dump_json()} {config._image_dir_key} {config._caption_alternative} {config._repeats} {config._class_dirs}"  # and what names it
+    return kept_check(key, lambda: check_examples(read_examples(config), config, data_label(config)))
+
+
+def checked_examples(config: DataConfig) -> tuple[list[Example], DataReport]:
+    """The training examples (repeats expanded) and the report training prints at its start."""
+    report = checked_report(config)
+    return expand_repeats(report.usable), report
+

@@ -1,0 +1,1 @@
+"""`finetune eval`: scores on the toy world, and the command around them."""

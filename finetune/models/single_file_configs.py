@@ -1,0 +1,79 @@
+"""The configs diffusers reads a single-file base (.safetensors/.ckpt) with, where model.single_file_config names no local
+folder: those of a hub model, from the Hugging Face cache or downloaded as the base loads. Offline, a cache without them
+was huggingface_hub's long error once the base loaded, after the data check; `check_configs_at_hand` says it in one line
+as the base is located. No torch, no diffusers: a safetensors header tells the model's kind.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from finetune.config import ModelConfig
+from finetune.errors import FinetuneError
+from finetune.models.base_folder import TOKENIZER_FILES
+
+# diffusers' choice of hub model by the file's tensors (loaders/single_file_utils.py: infer_diffusers_model_type and
+# DIFFUSERS_DEFAULT_PIPELINE_PATHS), for the kinds finetune reads; tests/test_single_file_offline.py holds it to diffusers'.
+SD1_CONFIGS, SD2_CONFIGS = "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-2-1"
+SD1_INPAINTING_CONFIGS, SD2_INPAINTING_CONFIGS = "stable-diffusion-v1-5/stable-diffusion-inpainting", "stabilityai/stable-diffusion-2-inpainting"
+CROSS_ATTENTION_KEY = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"  # SD2's is 1024 wide
+INPUT_CONV_KEY = "model.diffusion_model.input_blocks.0.0.weight"  # an inpainting UNet's takes 9 channels
+# What diffusers reads of the hub model's snapshot (with the file's own weights): the pipeline's and each part's configs,
+# and the tokenizer's files (its tokenizer.json, or TOKENIZER_FILES).
+CONFIG_FILES = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json")
+
+
+def hub_configs_for(path: Path) -> tuple[str, ...]:
+    """The hub model(s) whose configs diffusers reads `path` with: the one its tensors pick for a .safetensors file;
+    for a .ckpt, whose names are not read before it loads, SD1.x's and SD2.x's (either may be its kind)."""
+    if path.suffix != ".safetensors":
+        return SD1_CONFIGS, SD2_CONFIGS
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as file:  # the header alone (`check_single_file` read it whole before this)
+        keys = set(file.keys())
+        shape = {key: file.get_slice(key).get_shape() for key in (CROSS_ATTENTION_KEY, INPUT_CONV_KEY) if key in keys}
+    sd2 = shape.get(CROSS_ATTENTION_KEY, [0])[-1] == 1024
+    if len(shape.get(INPUT_CONV_KEY, [])) > 1 and shape[INPUT_CONV_KEY][1] == 9:
+        return (SD2_INPAINTING_CONFIGS if sd2 else SD1_INPAINTING_CONFIGS),
+    return (SD2_CONFIGS if sd2 else SD1_CONFIGS),
+
+
+def missing_config(repo_id: str) -> str | None:
+    """What the local Hugging Face cache lacks of `repo_id`'s configs (as diffusers looks them up offline: the snapshot
+    its main ref names): "all of them", the first file not there, or None where they are all there."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:  # (offline, the snapshot folder its ref names, whatever it holds)
+        folder = Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=["*.json", "*.txt"]))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        return "all of them"
+    if missing := next((name for name in CONFIG_FILES if not (folder / name).is_file()), None):
+        return missing
+    if (folder / "tokenizer" / "tokenizer.json").is_file():
+        return None
+    return next((f"tokenizer/{name}" for name in TOKENIZER_FILES if not (folder / "tokenizer" / name).is_file()), None)
+
+
+def check_configs_at_hand(path: Path, config: ModelConfig, offline: str | None) -> None:
+    """Offline (`offline`: the variable that says so, `finetune.models.model_source.hub_offline_by`), the hub configs a
+    single-file base is read with are in the local cache: else one line naming the key to give, before the data check."""
+    configs = config.single_file_config
+    if offline is None or (configs and Path(configs).expanduser().exists()):
+        return
+    candidates = (configs,) if configs else hub_configs_for(path)
+    lacking = {repo_id: missing_config(repo_id) for repo_id in candidates}
+    if any(missing is None for missing in lacking.values()):
+        return
+    key = config._single_file_config_key
+    picked = f"({key})" if configs else "(diffusers' pick for its kind)" if len(candidates) == 1 else "(diffusers' pick for a .ckpt of SD1.x or SD2.x)"
+    if len(candidates) > 1:
+        lack = "neither of which the local Hugging Face cache holds whole"
+    elif (missing := lacking[candidates[0]]) == "all of them":
+        lack = "which the local Hugging Face cache does not hold"
+    else:
+        lack = f"of which the local Hugging Face cache lacks {missing}"
+    raise FinetuneError(f"base model file {config.pretrained} is read with hub model {' or '.join(candidates)}'s configs {picked}, {lack}, and "
+                        f"downloads are off ({offline}): set {key} to a local diffusers folder of the model the file was made from, or run once "
+                        "with network so the cache holds them")  # fmt: skip

@@ -1,0 +1,71 @@
+"""The packages an optimizer.name needs beyond torch, looked up without importing them (nor torch, which they import):
+`finetune train` says a missing one before its data check decodes every image, train() before the base model loads."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+from finetune.config import OptimizerConfig
+from finetune.console import warn
+from finetune.data_check.checked_once import kept_check
+from finetune.errors import FinetuneError
+
+# optimizer.name -> its bitsandbytes class (finetune.optim.optimizers builds it).
+BITSANDBYTES_OPTIMIZERS = {"adamw8bit": "AdamW8bit", "paged_adamw8bit": "PagedAdamW8bit", "lion8bit": "Lion8bit"}
+_FALLBACK_SAID = "optimizer.name: bitsandbytes fallback said"  # its checked_once key
+
+
+def check_optimizer_installed(config: OptimizerConfig) -> None:
+    """optimizer.name prodigy without its package, refused before the model loads (bitsandbytes' optimizers fall
+    back to AdamW with a warning instead: they save memory, where Prodigy's learning rate is another training)."""
+    if config.name == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
+        raise FinetuneError("optimizer.name prodigy needs the prodigyopt package: pip install prodigyopt")
+
+
+def warn_bitsandbytes_missing(config: OptimizerConfig) -> None:
+    """An 8-bit optimizer.name where bitsandbytes is not installed, or (on a Mac) cannot step on its MPS: its fallback to
+    AdamW, said by `finetune train` before its data check (it came once every image was decoded, minutes late on a large
+    folder). One installed that cannot run here otherwise (a build for another CUDA) is found only by importing it (and
+    torch): train() says that as it builds the optimizer."""
+    if config.name not in BITSANDBYTES_OPTIMIZERS:
+        return
+    if sys.platform == "darwin":  # MPS is macOS's alone: torch (and bitsandbytes, where installed) are imported only there
+        from finetune.distributed.processes import trains_on_mps
+
+        if trains_on_mps():  # installing bitsandbytes would not help there: no "pip install" advice
+            if missing := eight_bit_step_missing("mps"):
+                say_bitsandbytes_fallback(config.name, missing)
+            return
+    if importlib.util.find_spec("bitsandbytes") is None:
+        say_bitsandbytes_fallback(config.name, "is not installed (pip install bitsandbytes for its 8-bit states)")
+
+
+# The kernel that steps bitsandbytes' 8-bit optimizers (AdamW8bit, Lion8bit, their paged forms: block-wise 8-bit states).
+EIGHT_BIT_STEP = "bitsandbytes::optimizer_update_8bit_blockwise"
+
+
+def eight_bit_step_missing(device_type: str) -> str | None:
+    """Why bitsandbytes cannot step its 8-bit optimizers on Apple's MPS, in words; None where it can, or on another device.
+    It registers that step for the CPU, CUDA and XPU alone (0.50.2; its 32-bit one, for weights under 4096 values, for
+    every device): on MPS the optimizer was built and the run failed at its first step, once the model had loaded. Asked
+    of torch's dispatcher as a call on an MPS tensor would find its kernel, so a bitsandbytes that adds one is used; not
+    installed (pyproject.toml leaves it out on macOS), it has none either."""
+    if device_type != "mps":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        import bitsandbytes  # noqa: F401  (registers its kernels)
+        import torch
+
+        try:
+            if torch._C._dispatch_has_computed_kernel_for_dispatch_key(EIGHT_BIT_STEP, "MPS"):
+                return None
+        except RuntimeError:  # "operator ... does not exist": a bitsandbytes from before its torch operators, with no MPS kernels
+            pass
+    return "has no 8-bit optimizer step for Apple's MPS"
+
+
+def say_bitsandbytes_fallback(name: str, why: str) -> None:
+    """optimizer.name `name` falling back to torch's AdamW because bitsandbytes `why`: said by each machine, once in a
+    `finetune train` (checked_once.py: its early word stands for train()'s), each time outside one (a test, the benchmark)."""
+    kept_check(_FALLBACK_SAID, lambda: warn(f"optimizer.name={name}: bitsandbytes {why}; falling back to torch AdamW (32-bit states)", by="machine"))

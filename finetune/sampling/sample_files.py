@@ -1,0 +1,115 @@
+"""The files `finetune sample` writes: numbered runs that never replace what a folder already holds.
+
+Each run's images and grid share one number, the next after the highest any file in the folder starts with
+(`00003-prompt0_seed0.png`, ..., `00003-grid.png`), as AUTOMATIC1111's webui numbers its outputs: two runs
+with different prompts into one --out keep both, and a run's files sort together and after the earlier runs'.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from pathlib import Path
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from finetune.outputs.atomic_files import flush_to_disk, sync_folder
+
+NUMBER_WIDTH = 5  # 00000-, as the webui's; more runs than that just take more digits
+# The PNG text chunk an image's settings are written in, as the webui writes them and its PNG Info tab reads them: runs
+# of several samplers and step counts in one folder were told apart only by their numbers.
+PARAMETERS = "parameters"
+_NUMBERED = re.compile(r"^(\d+)-")
+
+
+def next_run_number(folder: Path) -> int:
+    """One past the highest number a name in `folder` starts with (`12-...`, `00012-...`); 0 in a folder without any."""
+    if not folder.is_dir():
+        return 0
+    numbers = [int(found.group(1)) for entry in folder.iterdir() if (found := _NUMBERED.match(entry.name))]
+    return max(numbers, default=-1) + 1
+
+
+def parameters_text(prompt: str, negative_prompt: str | None, steps: int, sampler: str, guidance: float, seed: int, size: int,
+                    base: str, lora: str | None = None, lora_scale: float = 1.0) -> str:
+    """An image's settings in the webui's words and order: the prompt, its negative, then "Steps: 25, Sampler: ddim,
+    CFG scale: 7.5, Seed: 0, Size: 64x64, Model: sd15, Lora: ..." (the sampler by finetune/sampling/samplers.py's name). The base
+    and LoRA by name (`base_names.shared_base_name`, `lora_name`): an image is shared, and a path would carry the user's
+    folders into every copy."""
+    from finetune.outputs.base_names import shared_base_name
+
+    lines = [prompt, *([f"Negative prompt: {negative_prompt}"] if negative_prompt else [])]
+    adapter = f", Lora: {lora_name(lora)}, Lora strength: {lora_scale:g}" if lora else ""
+    settings = f"Steps: {steps}, Sampler: {sampler}, CFG scale: {guidance:g}, Seed: {seed}, Size: {size}x{size}, Model: {shared_base_name(base)}"
+    return "\n".join([*lines, settings + adapter])
+
+
+def lora_name(lora: str) -> str:
+    """A LoRA given as `lora` (a file, or a run's or checkpoint's folder) by name: a file by its stem, a run's
+    pytorch_lora_weights.safetensors by its run, a checkpoint's as run@step (as the demo's columns name it); `--lora .`
+    from inside a run folder by that folder's name."""
+    from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
+
+    path = Path(os.path.abspath(os.path.expanduser(lora)))
+    if path.name == LORA_WEIGHTS_NAME:
+        path = path.parent
+    if path.parent.name == "checkpoints" and path.name.startswith("checkpoint-"):
+        return f"{path.parent.parent.name}@{path.name.removeprefix('checkpoint-')}"
+    return path.stem if path.suffix == ".safetensors" else path.name
+
+
+def _png_text(image: Image.Image) -> PngInfo | None:
+    """The image's PARAMETERS (image.info) as a PNG text chunk: Pillow writes none of image.info by itself."""
+    if PARAMETERS not in image.info:
+        return None
+    chunks = PngInfo()
+    chunks.add_text(PARAMETERS, image.info[PARAMETERS])
+    return chunks
+
+
+def write_numbered(folder: Path, named_images: list[tuple[str, Image.Image]]) -> list[Path]:
+    """Write each (name, image) as `NNNNN-name` under the folder's next run number, with its PARAMETERS where it has
+    them; the paths, in order.
+
+    A file is published only where no file of that name is (hard-linked into place from its temporary name,
+    which fails on an existing name rather than replacing it): a second process numbering the same run at
+    the same moment makes this run take the next number instead.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    partials = []
+    try:
+        for name, image in named_images:  # written once, under temporary names, then linked as often as needed
+            partial = folder / f".{os.getpid()}-{len(partials)}-{name}.partial"
+            image.save(partial, format="PNG", pnginfo=_png_text(image))
+            partials.append(flush_to_disk(partial))
+        while True:
+            number = next_run_number(folder)
+            paths = [folder / f"{number:0{NUMBER_WIDTH}d}-{name}" for name, _ in named_images]
+            published = []
+            try:
+                for partial, path in zip(partials, paths):
+                    _publish_without_replacing(partial, path)
+                    published.append(path)
+            except FileExistsError:  # another run took this number meanwhile: ours goes under the next
+                for path in published:
+                    path.unlink(missing_ok=True)
+                continue
+            sync_folder(folder)
+            return paths
+    finally:
+        for partial in partials:
+            partial.unlink(missing_ok=True)
+
+
+def _publish_without_replacing(partial: Path, path: Path) -> None:
+    try:
+        os.link(partial, path)  # FileExistsError where `path` is taken: never replaced
+    except OSError as err:
+        if isinstance(err, FileExistsError) or err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.EINVAL):
+            raise
+        # A file system without hard links (FAT, some network mounts; on Windows an exFAT or FAT32 drive says
+        # ERROR_INVALID_FUNCTION, which Python reads as EINVAL): an exclusive create, then the bytes.
+        with open(path, "xb") as created:
+            created.write(partial.read_bytes())
