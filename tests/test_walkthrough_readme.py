@@ -12,7 +12,8 @@ def module_table() -> dict[str, str]:
     """The README's "How it is built" table: each module it names (`finetune/cli/main.py`, and `arguments.py`
     beside it in the same row, read from that row's folder) -> its row's description."""
     text = (ROOT / "README.md").read_text()
-    table = text.split("## How it is built", 1)[1].split("\n\n", 1)[1].split("\n\n", 1)[0]
+    section = text.split("## How it is built", 1)[1]
+    table = section[section.index("| module |"):].split("\n\n", 1)[0]
     named = {}
     for row in table.splitlines()[2:]:
         cell, description = row.strip("|").split("|", 1)
