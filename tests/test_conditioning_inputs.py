@@ -50,7 +50,7 @@ def test_metadata_in_another_encoding_is_one_line_naming_the_file(tmp_path):
 def test_make_conditions_keeps_every_column_and_row_of_the_users_metadata(tmp_path):
     """Rewriting a folder's own metadata.jsonl in place (or writing another folder from a metadata.csv) adds the
     conditioning column: the user's other columns, and rows naming no image, stay."""
-    from finetune.controlnet.conditions import make_conditions
+    from finetune.controlnet.conditions import make_condition_folders
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -58,13 +58,13 @@ def test_make_conditions_keeps_every_column_and_row_of_the_users_metadata(tmp_pa
     rows = [{"file_name": "a.png", "text": "a cat", "source": "flickr", "depth_file_name": "depth/a.png"},
             {"file_name": "b.png", "text": "a dog", "tags": ["dog", "grass"]}, {"file_name": "typo.png", "text": "a cow"}]  # fmt: skip
     (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    make_conditions(folder, folder, "luminance")
+    make_condition_folders(folder, folder, "luminance")
     written = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
     assert written == [{**rows[0], "conditioning_file_name": "conditioning/a.png"}, {**rows[1], "conditioning_file_name": "conditioning/b.png"}, rows[2]]
 
     (folder / "metadata.jsonl").unlink()
     (folder / "metadata.csv").write_text("file_name,text,source\na.png,a cat,flickr\nb.png,a dog,own\n")
-    make_conditions(folder, tmp_path / "out", "luminance", overwrite=True)
+    make_condition_folders(folder, tmp_path / "out", "luminance", overwrite=True)
     written = [json.loads(line) for line in (tmp_path / "out" / "metadata.jsonl").read_text().splitlines()]
     assert [row["source"] for row in written] == ["flickr", "own"] and [row["text"] for row in written] == ["a cat", "a dog"]
 
@@ -73,12 +73,12 @@ def test_make_conditions_keeps_the_columns_of_a_row_naming_its_image_in_another_
     """A `Cat.PNG` row is `cat.png`'s, as its caption is read (and training finds it): its other columns were dropped,
     and the row kept again as one naming no image, which then named cat.png a second time."""
     from finetune.captions.metadata_files import read_metadata_captions
-    from finetune.controlnet.conditions import make_conditions
+    from finetune.controlnet.conditions import make_condition_folders
 
     (tmp_path / "in").mkdir()
     noise(tmp_path / "in" / "cat.png")
     (tmp_path / "in" / "metadata.jsonl").write_text(json.dumps({"file_name": "Cat.PNG", "text": "a cat", "source": "flickr"}) + "\n")
-    assert make_conditions(tmp_path / "in", tmp_path / "out", "luminance")[1:] == (1, 0)
+    assert make_condition_folders(tmp_path / "in", tmp_path / "out", "luminance") == [(tmp_path / "out", 1, 0)]
     written = [json.loads(line) for line in (tmp_path / "out" / "metadata.jsonl").read_text().splitlines()]
     assert written == [{"file_name": "cat.png", "text": "a cat", "source": "flickr", "conditioning_file_name": "conditioning/cat.png"}]
     assert read_metadata_captions(tmp_path / "out" / "metadata.jsonl") == {"cat.png": "a cat"}
@@ -106,11 +106,11 @@ def test_make_conditions_replaces_no_file_of_another_folder_without_overwrite(tm
 def test_make_conditions_refuses_images_whose_conditioning_names_differ_only_in_letter_case(tmp_path):
     """IMG_1.JPG and img_1.png made conditioning/IMG_1.png and conditioning/img_1.png: one file on macOS and Windows,
     where the second was written over the first and both images trained with its edges."""
-    from finetune.controlnet.conditions import make_conditions
+    from finetune.controlnet.conditions import make_condition_folders
 
     noise(tmp_path / "IMG_1.png"), noise(tmp_path / "img_1.jpg", seed=1)
     with pytest.raises(FinetuneError, match=r"^images IMG_1\.png and img_1\.jpg would share conditioning/img_1\.png on macOS or Windows, which ignore letter case: rename one$"):
-        make_conditions(tmp_path, tmp_path / "out", "luminance")
+        make_condition_folders(tmp_path, tmp_path / "out", "luminance")
     assert not (tmp_path / "out").exists()
 
 
@@ -228,7 +228,7 @@ def test_a_loss_mask_is_found_in_either_unicode_form_and_any_letter_case_as_a_ca
 def test_a_conditioning_image_made_from_a_phone_photos_stored_pixels_says_to_save_it_upright(make_recipe, tmp_path):
     """Training turns the photo upright by its EXIF orientation, and its conditioning image and mask by theirs: one
     made from the stored pixels (the two files the same size on disk) said only 'they must be the same size'."""
-    from finetune.controlnet.conditions import make_conditions
+    from finetune.controlnet.conditions import make_condition_folders
     from finetune.controlnet.pairs import inspect_pairs
 
     photos = tmp_path / "photos"
@@ -237,7 +237,7 @@ def test_a_conditioning_image_made_from_a_phone_photos_stored_pixels_says_to_sav
     exif[0x0112] = 6  # stored 96x64 lying down; upright it is 64x96
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(photos / "phone.jpg", exif=exif)
     (photos / "phone.txt").write_text("a photo")
-    folder, _, _ = make_conditions(photos, tmp_path / "data", "luminance")
+    [(folder, _, _)] = make_condition_folders(photos, tmp_path / "data", "luminance")
     assert Image.open(folder / "conditioning" / "phone.png").size == (64, 96)  # written upright
     recipe = make_recipe(method="controlnet", data__image_dir=str(folder))
     assert [f.message for f in inspect_pairs(recipe)[1].findings if f.level == "fatal"] == []

@@ -9,7 +9,7 @@ import pytest
 from controlnet_helpers import controlnet_recipe
 from PIL import Image
 
-from finetune.controlnet.conditions import make_conditions
+from finetune.controlnet.conditions import make_condition_folders
 from finetune.controlnet.pairs import inspect_pairs
 from finetune.errors import FinetuneError
 from finetune.methods.controlnet import ControlNetMethod
@@ -100,7 +100,7 @@ def test_make_conditions_does_not_take_conditioning_images_beside_their_images_f
     """Hand-made edges beside the photos, made again as canny: each photo gets one, and the old edges no row of their own
     (they trained as uncaptioned images)."""
     folder = write_pairs_beside(tmp_path / "pairs")
-    make_conditions(folder, tmp_path / "canny", "canny")
+    make_condition_folders(folder, tmp_path / "canny", "canny")
     rows = [json.loads(line) for line in (tmp_path / "canny" / "metadata.jsonl").read_text().splitlines()]
     assert [(row["file_name"], row["conditioning_file_name"], row["text"]) for row in rows] == [
         (f"{i}.png", f"conditioning/{i}.png", f"photo {i}") for i in range(3)
@@ -119,7 +119,7 @@ def test_conditioning_images_beside_their_images_named_in_another_letter_case_ar
     (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     pairs, report = inspect_pairs(controlnet_recipe(make_recipe, folder))
     assert len(pairs) == 2 and [f.message for f in report.findings] == []
-    make_conditions(folder, tmp_path / "canny", "canny")
+    make_condition_folders(folder, tmp_path / "canny", "canny")
     written = [json.loads(line) for line in (tmp_path / "canny" / "metadata.jsonl").read_text().splitlines()]
     assert [row["file_name"] for row in written] == ["0.png", "1.png"]
 
@@ -141,7 +141,7 @@ def test_make_conditions_in_place_refuses_to_orphan_conditioning_images_beside_t
     folder = write_pairs_beside(tmp_path / "pairs")
     before = (folder / "metadata.jsonl").read_text()
     with pytest.raises(FinetuneError, match=r"names conditioning images beside the images \(0_edges.png\), which rewriting it in place"):
-        make_conditions(folder, folder, "canny")
+        make_condition_folders(folder, folder, "canny")
     assert (folder / "metadata.jsonl").read_text() == before and not (folder / "conditioning").exists()
 
 
@@ -152,7 +152,7 @@ def test_make_conditions_makes_one_for_an_image_another_row_also_names(tmp_path)
     (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     for i in range(2):
         (folder / f"{i}_edges.png").unlink()
-    make_conditions(folder, tmp_path / "canny", "canny")
+    make_condition_folders(folder, tmp_path / "canny", "canny")
     written = [json.loads(line) for line in (tmp_path / "canny" / "metadata.jsonl").read_text().splitlines()]
     assert [(row["file_name"], row["conditioning_file_name"]) for row in written] == [("0.png", "conditioning/0.png"), ("1.png", "conditioning/1.png")]
 
@@ -165,7 +165,7 @@ def test_a_make_conditions_folder_trains_as_a_dataset_without_naming_its_conditi
         (folder / f"{i}_edges.png").unlink()
         (folder / f"{i}.txt").write_text(f"photo {i}")
     (folder / "metadata.jsonl").unlink()
-    make_conditions(folder, tmp_path / "canny", "canny")
+    make_condition_folders(folder, tmp_path / "canny", "canny")
     recipe = make_recipe(method="controlnet", data__image_dir=None, data__dataset=str(tmp_path / "canny"), controlnet__conditioning_column="conditioning_image")
     pairs, report = inspect_pairs(recipe)
     assert report.findings == []
@@ -204,11 +204,11 @@ def test_conditioning_images_a_metadata_csv_names_beside_their_images_are_read_a
 
     edges = write_pairs_beside(tmp_path / "edges", count=2)
     as_metadata_csv(edges)
-    make_conditions(edges, tmp_path / "canny", "canny")
+    make_condition_folders(edges, tmp_path / "canny", "canny")
     written = [json.loads(line) for line in (tmp_path / "canny" / "metadata.jsonl").read_text().splitlines()]
     assert [(row["file_name"], row["conditioning_file_name"], row["text"]) for row in written] == [(f"{i}.png", f"conditioning/{i}.png", f"photo {i}") for i in range(2)]
     with pytest.raises(FinetuneError, match=r"metadata.csv names conditioning images beside the images \(0_edges.png\), which rewriting it in place"):
-        make_conditions(edges, edges, "canny")
+        make_condition_folders(edges, edges, "canny")
 
 
 def test_a_conditioning_column_that_is_the_image_column_is_refused(make_recipe, tmp_path):

@@ -124,17 +124,6 @@ def test_make_conditions_refuses_degenerate_thresholds_before_writing_anything(o
     assert not (tmp_path / "out").exists()  # bad canny thresholds left an empty conditioning/ folder
 
 
-def test_make_conditions_of_one_folder_refuses_the_thresholds_make_conditions_refuses(tmp_path):
-    """finetune.controlnet.conditions.make_conditions (one folder) checked the kind and the folder as the command does, but not the
-    thresholds: a negative mask threshold wrote a folder of all-white masks."""
-    from finetune.controlnet.conditions import make_conditions
-
-    star = Path(__file__).parent.parent / "datasets" / "star"
-    with pytest.raises(FinetuneError, match=r"^mask --threshold must be 0 or more .*, got -5$"):
-        make_conditions(star, tmp_path / "out", "mask", threshold=-5)
-    assert not (tmp_path / "out").exists()
-
-
 def test_make_conditions_refuses_captions_under_another_key_than_text(tmp_path, capsys):
     from finetune.cli.main import main
 

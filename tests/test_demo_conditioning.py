@@ -60,7 +60,7 @@ def test_a_condition_made_from_a_photo_is_the_one_make_conditions_makes_fitted_a
     """The demo shrank the photo to the sampling size and made its edges (or mask) there, make-conditions makes them at the
     photo's full size and training (or sample --condition) shrinks those: other lines (a fifth of a 256 px canny image's
     pixels differed here, half of a mask's), so the ControlNet was steered by images unlike those it trained on."""
-    from finetune.controlnet.conditions import make_conditions
+    from finetune.controlnet.conditions import make_condition_folders
     from finetune.data.views import plan_view, render
     from finetune.demo.conditioning import conditioning_image
     from finetune.demo.inputs import read_upload
@@ -70,7 +70,7 @@ def test_a_condition_made_from_a_photo_is_the_one_make_conditions_makes_fitted_a
     photo_with_shapes(1024, 768).save(tmp_path / "photos" / "photo.png")
     for kind, options in (("canny", {"low": 15.0, "high": 30.0, "sigma": 1.5}), ("mask", {"threshold": 30.0})):
         out = tmp_path / kind
-        make_conditions(tmp_path / "photos", out, kind, **options)
+        make_condition_folders(tmp_path / "photos", out, kind, **options)
         with Image.open(out / "conditioning" / "photo.png") as made:
             made = made.convert("RGB")
         assert 0.001 < (np.asarray(made) > 0).mean() < 0.5  # lines or a shape, not a blank or noise
@@ -84,7 +84,7 @@ def test_a_condition_made_from_a_photo_is_the_one_make_conditions_makes_fitted_a
 def test_a_photo_with_a_colour_profile_makes_the_condition_make_conditions_makes(tmp_path):
     """make-conditions reads its photos in sRGB (a Display P3 photo converted), so the demo reads a photo it makes the
     condition of so too; it read every upload's values as they are, as a conditioning image's are (they are data)."""
-    from finetune.controlnet.conditions import make_conditions
+    from finetune.controlnet.conditions import make_condition_folders
     from finetune.demo.conditioning import conditioning_image
     from finetune.demo.inputs import read_upload
     from finetune.sampling.inference import fit_condition
@@ -93,7 +93,7 @@ def test_a_photo_with_a_colour_profile_makes_the_condition_make_conditions_makes
     (tmp_path / "photos").mkdir()
     photo = tmp_path / "photos" / "photo.png"
     photo_with_shapes(512, 384).save(photo, icc_profile=rgb_profile("Display P3-like"))
-    make_conditions(tmp_path / "photos", tmp_path / "made", "luminance")
+    make_condition_folders(tmp_path / "photos", tmp_path / "made", "luminance")
     with Image.open(tmp_path / "made" / "conditioning" / "photo.png") as made:
         expected = np.asarray(fit_condition(made.convert("RGB"), "photo.png", 256))
     assert np.array_equal(np.asarray(conditioning_image(read_upload(str(photo), photo=True), "luminance", 256)), expected)

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from finetune.config import DataConfig
-from finetune.controlnet.conditions import make_conditions
+from finetune.controlnet.conditions import make_condition_folders
 from finetune.data.images import open_rgb
 from finetune.data.sources import Example, read_examples
 from finetune.data_check.check import WARNING, inspect_examples
@@ -40,7 +40,7 @@ def test_the_data_check_names_each_image_pillow_warned_about(tmp_path):
 def test_make_conditions_says_one_line_per_image_naming_it(tmp_path, capfd):
     for name in ("a.jpg", "b.jpg"):
         cut_exif_photo(tmp_path / "photos" / name)
-    make_conditions(tmp_path / "photos", tmp_path / "out", "luminance")
+    make_condition_folders(tmp_path / "photos", tmp_path / "out", "luminance")
     out, err = capfd.readouterr()
     lines = [line for line in (out + err).splitlines() if "Truncated File Read" in line]
     assert lines == [f"warning: image {tmp_path / 'photos' / name}: Pillow warned while reading it: Truncated File Read "

@@ -9,7 +9,7 @@ from controlnet_helpers import controlnet_recipe
 from PIL import Image
 
 from finetune.cli.main import main
-from finetune.controlnet.conditions import make_conditions
+from finetune.controlnet.conditions import make_condition_folders
 from finetune.errors import FinetuneError
 from finetune.methods.controlnet import ControlNetMethod
 from finetune.toyworld.datasets import write_folder
@@ -47,7 +47,7 @@ def test_make_conditions_writes_a_training_folder(make_recipe, tmp_path, capsys)
     assert len(method.pairs) == 4
 
     for kind in ("canny", "luminance"):
-        folder, count, _ = make_conditions(source, tmp_path / kind, kind)
+        [(folder, count, _)] = make_condition_folders(source, tmp_path / kind, kind)
         assert count == 4 and Image.open(folder / "conditioning" / "0000.png").size == (64, 64)
     with pytest.raises(SystemExit):
         main(["make-conditions", "--help"])
@@ -116,12 +116,12 @@ def test_make_conditions_reads_csv_captions_and_will_not_leave_two_caption_files
     for text in source.glob("*.txt"):
         text.unlink()
     (source / "metadata.csv").write_text("file_name,text\n0000.png,first\n0001.png,second\n", encoding="utf-8")
-    folder, count, uncaptioned = make_conditions(source, tmp_path / "out", "canny")
+    [(folder, count, uncaptioned)] = make_condition_folders(source, tmp_path / "out", "canny")
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
     assert [row["text"] for row in rows] == ["first", "second"] and uncaptioned == 0
     # In place, its metadata.jsonl would sit beside metadata.csv, which training refuses as ambiguous.
     with pytest.raises(FinetuneError, match=r"metadata\.csv would sit beside the metadata\.jsonl this writes .*: write to another folder"):
-        make_conditions(source, source, "canny")
+        make_condition_folders(source, source, "canny")
     assert not (source / "metadata.jsonl").exists() and not (source / "conditioning").exists()
 
 
@@ -129,7 +129,7 @@ def test_make_conditions_refuses_two_images_of_one_stem_before_writing_anything(
     source = write_folder(tmp_path / "photos", 2, seed=4, metadata=False)
     Image.open(source / "0000.png").convert("RGB").save(source / "0001.jpg")  # 0001.png and 0001.jpg: one conditioning name
     with pytest.raises(FinetuneError, match=r"^images 0001\.jpg and 0001\.png would share conditioning/0001\.png: rename one$"):
-        make_conditions(source, tmp_path / "out", "canny")
+        make_condition_folders(source, tmp_path / "out", "canny")
     assert not (tmp_path / "out").exists()  # so renaming one is all it takes to run it again
     (source / "0001.jpg").rename(source / "0002.jpg")
-    assert make_conditions(source, tmp_path / "out", "canny")[1] == 3
+    assert make_condition_folders(source, tmp_path / "out", "canny") == [(tmp_path / "out", 3, 1)]  # 0002.jpg has no caption

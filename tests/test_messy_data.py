@@ -214,14 +214,14 @@ def test_invalid_exif_orientations_are_not_said_to_rotate(tmp_path):
 
 
 def test_make_conditions_reads_captions_as_training_does(tmp_path):
-    from finetune.controlnet.conditions import make_conditions
+    from finetune.controlnet.conditions import make_condition_folders
 
     (tmp_path / "in").mkdir()
     noise(tmp_path / "in" / "a.png")
     noise(tmp_path / "in" / "b.png", seed=1)
     (tmp_path / "in" / "a.txt").write_text("\ufeffa caption", encoding="utf-8")  # with a byte-order mark
     (tmp_path / "in" / "b.caption").write_text("b caption")  # sd-scripts' other sidecar
-    make_conditions(tmp_path / "in", tmp_path / "out", "canny")
+    make_condition_folders(tmp_path / "in", tmp_path / "out", "canny")
     rows = [json.loads(line) for line in (tmp_path / "out" / "metadata.jsonl").read_text().splitlines()]
     assert [row["text"] for row in rows] == ["a caption", "b caption"]
 

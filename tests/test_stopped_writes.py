@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finetune.controlnet.conditions import make_conditions
+from finetune.controlnet.conditions import make_condition_folders
 from finetune.dreambooth.class_image_names import RECORD_FILE, read_generation_records
 from finetune.dreambooth.class_images import write_generation_record
 from finetune.errors import FinetuneError
@@ -61,7 +61,7 @@ def test_a_stop_while_make_conditions_rewrites_a_folders_own_metadata_keeps_it(t
     own = (folder / "metadata.jsonl").read_bytes()
     stopped_halfway_through_write_text(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
-        make_conditions(folder, folder, "luminance")
+        make_condition_folders(folder, folder, "luminance")
     monkeypatch.undo()
     assert (folder / "metadata.jsonl").read_bytes() == own
     assert not [p for p in folder.rglob(".*")]
@@ -71,10 +71,10 @@ def test_a_stop_while_make_conditions_writes_its_record_leaves_no_half_record(tm
     """conditioning.json was written in place: a stop left half of it. It is written whole or not at all (a rerun
     removes the old one first: see the next test)."""
     out = tmp_path / "out"
-    make_conditions(photos(tmp_path / "photos"), out, "luminance")
+    make_condition_folders(photos(tmp_path / "photos"), out, "luminance")
     stopped_halfway_through_write_text(monkeypatch, "conditioning.json")
     with pytest.raises(KeyboardInterrupt):
-        make_conditions(tmp_path / "photos", out, "luminance", overwrite=True)
+        make_condition_folders(tmp_path / "photos", out, "luminance", overwrite=True)
     monkeypatch.undo()
     assert not (out / "conditioning.json").exists() and not [p for p in out.rglob(".*")]
 
@@ -110,7 +110,7 @@ def test_a_stop_while_make_conditions_writes_an_image_leaves_no_half_image(tmp_p
 
         monkeypatch.setattr(shutil, "copyfile", half_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        make_conditions(source, out, "luminance")
+        make_condition_folders(source, out, "luminance")
     monkeypatch.undo()
     assert len(calls) == 2
     written = [p for p in out.rglob("*") if p.is_file()]
@@ -152,7 +152,7 @@ def test_a_half_image_a_kill_left_hidden_is_no_conditioning_image_a_rerun_refuse
     (out / "conditioning").mkdir(parents=True)
     (out / "conditioning" / ".a.png.partial").write_bytes(b"\x89PNG half")
     (out / "conditioning" / ".DS_Store").write_bytes(b"Bud1")
-    make_conditions(source, out, "luminance")
+    make_condition_folders(source, out, "luminance")
     assert sorted(p.name for p in (out / "conditioning").iterdir() if not p.name.startswith(".")) == ["a.png", "b.png"]
     with pytest.raises(FinetuneError, match="already holds 2 conditioning images"):
-        make_conditions(source, out, "luminance")
+        make_condition_folders(source, out, "luminance")

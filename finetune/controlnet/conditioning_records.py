@@ -18,7 +18,7 @@ from finetune.errors import FinetuneError
 
 
 def conditioning_record(folder: Path) -> dict | None:
-    """What `make_conditions` recorded of the folder's conditioning images ({"kind": ..., its options}), if it made them; one
+    """What make-conditions recorded of the folder's conditioning images ({"kind": ..., its options}), if it made them; one
     line for options it could not have written (a ControlNet trained on the folder records them, and the demo refuses it)."""
     try:
         record = json.loads(record_text(folder / RECORD_FILE))

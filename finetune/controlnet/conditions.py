@@ -11,7 +11,7 @@ Three kinds, each an RGB image of the same size as its source, as ControlNet rea
 - ``mask``: a segmentation for the toy world: pixels whose colour is farther than ``threshold`` from
   the median colour of the image border (the background) are the shape (white on black).
 
-`make_conditions` turns a folder of images into a training folder for ``method: controlnet``: the
+`make_condition_folders` turns a folder of images into a training folder for ``method: controlnet``: the
 images (copied), ``conditioning/<name>.png`` and a ``metadata.jsonl`` with ``file_name``,
 ``conditioning_file_name`` and ``text`` (from the input's ``metadata.jsonl``, ``metadata.csv`` or ``.txt`` sidecars).
 """
@@ -194,9 +194,17 @@ def check_options(kind: str, **options) -> None:
 
 
 def make_condition_folders(input_dir: str | Path, output_dir: str | Path, kind: str, overwrite: bool = False, **options) -> list[tuple[Path, int, int]]:
-    """`make_conditions` for a folder and for each of its subfolders that hold images (sd-scripts' `10_name`
-    folders, trained as data.folders entries, each with its own metadata.jsonl): a subfolder is written to the
-    output's subfolder of its name. Returns (folder, images, uncaptioned) per folder written."""
+    """Write a ControlNet training folder from a folder of images, and one from each of its subfolders that hold images
+    (sd-scripts' `10_name` folders, trained as data.folders entries, each with its own metadata.jsonl): a subfolder is
+    written to the output's subfolder of its name. Returns (folder, images, uncaptioned) per folder written.
+
+    Images are copied to the output folder (unless it is the input folder), conditioning images written to
+    `<output>/conditioning/<stem>.png`, and `metadata.jsonl` lists all three columns, beside any other
+    columns (and rows) of the input's metadata file. Captions come from the input's metadata.jsonl or
+    metadata.csv, else a .txt beside the image; an image with none gets "".
+    Conditioning images already there (a ControlNet may have trained on them), and another folder's metadata.jsonl and
+    files of the images' names, are replaced only with `overwrite`.
+    """
     from finetune.config import DataConfig
     from finetune.data.sources import IMAGE_SUFFIXES, folder_images, image_subfolders
 
@@ -331,24 +339,8 @@ def _input_rows(source: Path) -> dict[str, dict]:
     return {row_image_key(row["file_name"], source): row for row in rows}
 
 
-def make_conditions(input_dir: str | Path, output_dir: str | Path, kind: str, overwrite: bool = False, **options) -> tuple[Path, int, int]:
-    """Write a ControlNet training folder from a folder of images; returns (folder, images, uncaptioned).
-
-    Images are copied to `output_dir` (unless it is `input_dir`), conditioning images written to
-    `output_dir/conditioning/<stem>.png`, and `metadata.jsonl` lists all three columns, beside any other
-    columns (and rows) of the input's metadata file. Captions come from the input's metadata.jsonl or
-    metadata.csv, else a .txt beside the image; an image with none gets "".
-    Conditioning images already there (a ControlNet may have trained on them), and another folder's metadata.jsonl and
-    files of the images' names, are replaced only with `overwrite`.
-    """
-    source, target = Path(input_dir), Path(output_dir)
-    _check_asked(source, kind, options)  # as make_condition_folders checks it: a negative mask threshold wrote all-white masks
-    images, captions = _checked_input(source, target, overwrite)  # before anything is written
-    return _write_conditions(source, target, images, captions, kind, **options)
-
-
 def _write_conditions(source: Path, target: Path, images: list[Path], captions: dict[str, str], kind: str, **options) -> tuple[Path, int, int]:
-    """`make_conditions`' writing, for the images and captions `_checked_input` gave for `source`. Each file is written
+    """One folder's writing, for the images and captions `_checked_input` gave for `source`. Each file is written
     whole or not at all (`atomic_write`): a stop (Ctrl-C) mid-way left a truncated conditioning image or copy under
     its final name, and a half-written conditioning.json or a hidden .metadata.jsonl.partial."""
     from finetune.data.images import open_rgb
