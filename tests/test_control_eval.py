@@ -3,15 +3,17 @@ metrics.control_iou / chance_iou on exactly the generated images and their scene
 end to end on the tiny model with and without a ControlNet, and bad requests fail before loading."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from controlnet_helpers import write_controlnet_run
 from PIL import Image
+from real_renders import evaluate_real_images
 
 from finetune.errors import FinetuneError
-from finetune.evaluation.evaluate import evaluate_real_images, run_eval
+from finetune.evaluation.evaluate import run_eval
 import finetune.sampling.pipelines as sampling
 from finetune.toyworld.datasets import write_folder
 from finetune.toyworld.metrics import chance_iou, control_iou
@@ -155,6 +157,17 @@ def test_control_suite_end_to_end_on_the_tiny_model(tiny_model, runs, tmp_path):
 def test_real_renders_follow_the_caption_not_the_control_jitter():
     metrics = evaluate_real_images(24, suites=["control"])["metrics"]
     assert metrics["control_chance_iou"] < 0.2 < 0.6 < metrics["control_iou"] < 1.0
+
+
+def test_the_real_renders_row_of_docs_results_is_what_the_renders_score():
+    """docs/results.md's ceiling row was typed in, its source a function only tests call: it is what the real renders
+    score at eval's defaults (64 prompts, seed 0), to the 3 places the table shows."""
+    results = Path(__file__).resolve().parent.parent / "docs" / "results.md"
+    (row,) = [line for line in results.read_text().splitlines() if line.startswith("| real renders of the scenes")]
+    control, placement, chance = (float(cell) for cell in row.strip().strip("|").split("|")[1:])
+    metrics = evaluate_real_images(64, seed=0, suites=["control", "placement"])["metrics"]
+    assert (control, placement) == (round(metrics["control_iou"], 3), round(metrics["placement_iou"], 3))
+    assert chance == round(metrics["control_chance_iou"], 3) == round(metrics["placement_chance_iou"], 3)
 
 
 def test_cli_defaults_to_the_control_suites_next_to_the_run(tiny_model, runs, capsys):

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from real_renders import evaluate_real_images
 from safetensors import safe_open
 
 from finetune.errors import FinetuneError
 from finetune.evaluation.command import add_eval_parser, run_eval_command
-from finetune.evaluation.evaluate import SUITES, evaluate_real_images, run_eval
+from finetune.evaluation.evaluate import SUITES, run_eval
 from finetune.toyworld.metrics import frechet_distance
 from finetune.toyworld.prompt_sets import class_set, held_in_set, style_set, subject_set
 from finetune.toyworld.world import SHAPES, parse_caption, sample_scenes

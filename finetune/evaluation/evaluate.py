@@ -276,28 +276,6 @@ def sampled_as(pipeline) -> dict:
                 max_token_length=75 * trained_prompt_chunks(pipeline))  # fmt: skip
 
 
-def evaluate_real_images(
-    num_prompts: int = 64, seed: int = 0, suites=DEFAULT_SUITES, images_per_prompt: int = 1, subject: str = "star"
-) -> dict:
-    """The same suites with the world's own renders in place of a model: the ceiling.
-
-    Each prompt's scene is rendered with a jitter (salted by ``seed``) different from the
-    FID reference, so ``fid`` is the floor a perfect generator would reach at this size
-    and adherence is ~1.0 (anything lower is classifier error). For ``control`` the renders
-    are the right scenes at another jitter than their masks: the IoU of a generator that
-    draws exactly what the caption says but reads nothing from the control (the ceiling of
-    the base model without a ControlNet).
-    """
-    if seed < 0:  # -1 salted by 0 drew the FID reference and the masks' own jitter (fid 0, control_iou 1.0)
-        raise FinetuneError(f"the seed of the real renders is a number from 0 up, got {seed}")
-    options = dict(n=num_prompts, images_per_prompt=images_per_prompt, identifier="sks", subject=subject, class_word="shape", resolution=64)
-    suites = _validate(suites, options)
-    result = _score(lambda name, ps: _render(ps, images_per_prompt, salt=(seed + 1,)), suites, options)
-    result["settings"] = dict(base="real toy-world images", lora=None, suites=suites,
-                              num_prompts=num_prompts, images_per_prompt=images_per_prompt, seed=seed)  # fmt: skip
-    return result
-
-
 def write_report(result: dict, out: str | Path) -> Path:
     """Write ``result`` (without images) as JSON to ``out``, plus ``<out stem>_<prompt set>.png``:
     the first GRID_PROMPTS prompts of each prompt set, one labelled row each (for the docs),
