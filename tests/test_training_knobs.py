@@ -110,3 +110,25 @@ def test_a_perceptual_network_without_its_weight_is_one_line(make_recipe, tmp_pa
     with pytest.raises(FinetuneError, match=r"vae\.perceptual_network does nothing with vae\.perceptual_weight 0: set perceptual_weight"):
         make_recipe(method="vae", vae={"perceptual_network": str(tmp_path / "classifier.safetensors")})
     assert make_recipe(method="vae", vae={"perceptual_weight": 0.1, "perceptual_network": str(tmp_path / "c.safetensors")}).vae.perceptual_weight == 0.1
+
+
+def test_max_grad_norm_clips_the_gradients_the_optimizer_steps_with_to_that_norm(make_recipe, tmp_path, monkeypatch):
+    """train.max_grad_norm is the total norm of every trained weight's gradient at the optimizer's step. Every run of
+    the suite clipped at the default 1.0, which a LoRA's gradients on the tiny model stay under: a clip at 1.0 whatever
+    the setting, or over part of the weights, passed it. The norm is read at the step, over the optimizer's own weights."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    norms, step = [], AcceleratedOptimizer.step
+
+    def step_and_record(self, *args, **kwargs):
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item())
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(AcceleratedOptimizer, "step", step_and_record)
+    common = dict(train__max_steps=2, lora__train_text_encoder=True)  # two parameter groups: the norm is of both
+    train(make_recipe(output_dir=str(tmp_path / "unclipped"), train__max_grad_norm=None, **common))
+    unclipped, norms[:] = list(norms), []
+    max_norm = min(unclipped) / 10  # below every step's own norm: each step is clipped
+    train(make_recipe(output_dir=str(tmp_path / "clipped"), train__max_grad_norm=max_norm, **common))
+    assert len(unclipped) == len(norms) == 2 and norms == pytest.approx([max_norm] * 2, rel=1e-4), (unclipped, norms, max_norm)
