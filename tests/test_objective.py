@@ -228,8 +228,23 @@ def test_offset_noise_of_random_strength_scales_the_offset_by_one_uniform_draw_a
         recipe_from_dict({"data": {"image_dir": "x"}, "train": {"noise_offset_random_strength": True}})
 
 
-def test_the_trainer_draws_offsets_of_random_strength(make_recipe):
-    """One step (the same batch and draws) with and without the switch: only the offset's strength differs."""
-    fixed = train(make_recipe(train__max_steps=1, train__noise_offset=0.5))
-    drawn = train(make_recipe(train__max_steps=1, train__noise_offset=0.5, train__noise_offset_random_strength=True, output_dir=str(fixed.output_dir) + "-drawn"))
-    assert drawn.losses[0] != fixed.losses[0]
+def test_the_trainer_draws_offsets_of_random_strength(make_recipe, monkeypatch):
+    """One step (the same batch and draws) without offset, with it, and with the switch: the trainer's noise with the
+    switch is the plain noise plus the full offset times one strength in (0, 1). (Only that its loss differed from the
+    full offset's was checked, which an offset dropped altogether under the switch passed too.)"""
+    noises, draw = [], method_base.draw_noise
+
+    def draw_and_keep(*args):
+        noise, timesteps = draw(*args)
+        noises.append(noise)
+        return noise, timesteps
+
+    monkeypatch.setattr(method_base, "draw_noise", draw_and_keep)
+    plain = train(make_recipe(train__max_steps=1))
+    for name, settings in (("full", {}), ("drawn", {"train__noise_offset_random_strength": True})):
+        train(make_recipe(train__max_steps=1, train__noise_offset=0.5, output_dir=f"{plain.output_dir}-{name}", **settings))
+    assert len(noises) == 3
+    plain_noise, offset, drawn_offset = noises[0], noises[1] - noises[0], noises[2] - noises[0]
+    strength = (drawn_offset.sum() / offset.sum()).item()
+    assert 0.0 < strength < 1.0 and torch.allclose(drawn_offset, offset * strength, atol=1e-6), strength
+    assert offset.abs().max() > 0.1 * plain_noise.std()  # an offset of 0.5 was drawn at all
