@@ -19,7 +19,8 @@ Scratch edits each of which failed this file: the noise offset's scale x1.001 (i
 gamma x1.001 (6.4e-4), v-prediction's Min-SNR weight over SNR + 1.001, the data order's seed + 1, timesteps drawn from
 one fewer, AdamW's beta1 0.9 -> 0.91, peft's default LoRA init for the gaussian one, the ControlNet's mid-block zero
 convolution at 1e-4 (5.6e-4), cached latents without the posterior's std. AdamW's beta2 0.999 -> 0.998 failed 3 of the
-9 cases only: over 6 bias-corrected steps beta2 hardly changes a step.
+9 cases only: over 6 bias-corrected steps beta2 hardly changes a step. The trainer's input perturbation at half its
+setting, and the multires discount squared, failed only the case of the loss options (test_objective's formulas hold).
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ CASES = {
     "lora-noise-offset": lambda data: {"train__noise_offset": 0.1},
     "lora-v-prediction-min-snr": lambda data: {"model__pretrained": str(data.vpred), "train__snr_gamma": 5.0},
     "lora-cached-latents": lambda data: {"train__cache_latents": True},
+    # The loss options no other case runs, together: each alone is checked against its formula in test_objective.py.
+    "lora-huber-debiased-multires-perturbation": lambda data: {"train__loss": "huber", "train__debiased_estimation": True,
+                                                               "train__multires_noise_iterations": 4, "train__input_perturbation": 0.1},
     "dreambooth-full-unet": lambda data: {**dreambooth(data, "full"), "optimizer__lr": 1e-4},
     "dreambooth-lora": lambda data: dreambooth(data, "lora"),
     "controlnet": lambda data: {"method": "controlnet", "data__image_dir": str(data.pairs)},
@@ -93,6 +97,8 @@ PINS = {
         "weights": {"lora.down": (1.3122728818125324, 988.1820883837499), "lora.up": (-0.3410092129252007, 14.121116815233108)}},
     "lora-v-prediction-min-snr": {"losses": [0.0065049887634813786, 0.011373935267329216, 0.28815019130706787, 0.22175289690494537, 0.3009035289287567, 0.29474106431007385],
         "weights": {"lora.down": (1.3459054794802796, 987.7853725647728), "lora.up": (0.0903270538929064, 12.144784472026004)}},
+    "lora-huber-debiased-multires-perturbation": {"losses": [1.1319348812103271, 1.1524871587753296, 0.3172402083873749, 0.4658014178276062, 0.7308363914489746, 0.42455199360847473],
+        "weights": {"lora.down": (1.2571264262369368, 988.114912981604), "lora.up": (-0.2607295980051276, 14.828489282612281)}},
     "dreambooth-full-unet": {"losses": [2.415984630584717, 2.145383358001709, 2.2454380989074707, 2.1593708992004395, 2.1589462757110596, 2.3176889419555664],
         "weights": {"weights": (0.07721308814435268, 201.2597608465731)}},
     "dreambooth-lora": {"losses": [2.415984630584717, 2.1753077507019043, 2.2878894805908203, 2.241387367248535, 2.261110544204712, 2.446953535079956],
