@@ -71,8 +71,8 @@ def test_a_hub_id_not_in_the_cache_offline_is_said_before_any_model_loads(make_r
         train(controlnet_recipe(make_recipe, pairs_folder, controlnet__pretrained="runs/edges"))
     assert str(refused.value) == (
         "ControlNet runs/edges is not in the local Hugging Face cache and downloads are off (HF_HUB_OFFLINE=1): download it once with "
-        f"network, or set controlnet.pretrained to a local ControlNet folder (there is no folder runs/edges in the current folder, "
-        f"{offline_cache.parent / 'work'}, either)")
+        f"network, or set controlnet.pretrained to a local ControlNet folder (looked in the cache at {offline_cache}; there is no folder "
+        f"runs/edges in the current folder, {offline_cache.parent / 'work'}, either)")
 
 
 def test_a_cached_hub_controlnet_is_checked_from_its_config_before_any_model_loads(make_recipe, pairs_folder, tiny_model, offline_cache):

@@ -275,20 +275,41 @@ def hub_files(repo_id: str, key: str, revision: str | None = None, what: str = "
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    from huggingface_hub import constants
+
     offline = hub_offline_by()
+    silent = None if offline else hub_silence(repo_id, revision)
     try:
-        return Path(snapshot_download(repo_id, revision=revision, local_files_only=offline is not None, **patterns))
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=offline is not None or silent is not None, **patterns))
     except (LocalEntryNotFoundError, FileNotFoundError):
         # Offline, or online with the hub out of reach (huggingface_hub then looks in the cache, and raises this too).
-        why = f"downloads are off ({offline})" if offline else "the hub could not be reached (no network?)"
+        why = f"downloads are off ({offline})" if offline else silent or "the hub could not be reached (no network?)"
         raise FinetuneError(
-            f"{what} {repo_id} is not in the local Hugging Face cache and {why}: "
-            f"download it once with network, or set {key} to {local} (there is no folder {repo_id} in the current folder, {os.getcwd()}, either)"
+            f"{what} {repo_id} is not in the local Hugging Face cache and {why}: download it once with network, or set {key} to {local} "
+            f"(looked in the cache at {constants.HF_HUB_CACHE}; there is no folder {repo_id} in the current folder, {os.getcwd()}, either)"
         ) from None
     except (RepositoryNotFoundError, HFValidationError):
         raise FinetuneError(f"{what} {repo_id} not found on the hub, nor as a folder in the current folder ({os.getcwd()}): check {key}") from None
     except OSError as err:
         raise FinetuneError(f"{what} {repo_id} could not be fetched ({err.__class__.__name__}): check the network or use a local folder") from None
+
+
+def hub_silence(repo_id: str, revision: str | None) -> str | None:
+    """Why the hub counts as out of reach where it takes the connection and never answers (a stalled proxy or network), in
+    words; None where it answers, whatever it answers (snapshot_download says that). snapshot_download asks the hub for the
+    repository's files with no time limit (huggingface_hub 2.4's repo_info), which kept `finetune train` silent for good before
+    its data check: asked here first, within huggingface_hub's own limit for such requests (HF_HUB_ETAG_TIMEOUT, 10 s). Not
+    answered in time, the cache alone is read, as huggingface_hub does where the connection is refused."""
+    import httpx2
+    from huggingface_hub import HfApi, constants
+
+    try:
+        HfApi().repo_info(repo_id, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except httpx2.TimeoutException:
+        return f"the hub ({constants.ENDPOINT}) did not answer within {constants.HF_HUB_ETAG_TIMEOUT} s (HF_HUB_ETAG_TIMEOUT)"
+    except Exception:  # noqa: BLE001  (not found, gated, refused: snapshot_download meets it again and it is said there)
+        return None
+    return None
 
 
 TRUE_VALUES = ("1", "ON", "YES", "TRUE")  # huggingface_hub's (and datasets') ENV_VARS_TRUE_VALUES, compared upper-cased
