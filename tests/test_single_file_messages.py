@@ -92,3 +92,33 @@ def test_a_timestep_range_a_single_file_lacks_is_said_before_the_data_check(sing
                                   "output_dir": str(tmp_path / "run"), "validation": {"prompts": []}}))  # fmt: skip
     assert main(["train", str(recipe)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == ["error: train.max_timestep 1200 is beyond the base model's 1000 training timesteps: set at most 1000"]
+
+
+def test_a_lora_init_from_for_another_target_than_a_single_files_is_said_before_the_data_check(single_file, image_folder, tmp_path, capsys, monkeypatch):
+    """Without model.single_file_config, diffusers reads the file with its kind's hub configs (SD1.5's here, from the cache):
+    their scheduler says the prediction type. The LoRA method said a LoRA trained for another one once the file had loaded,
+    after every image was decoded."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    import finetune.cli.train_command
+    import finetune.data_check.train_inputs
+
+    configs_in_the_cache(tmp_path, monkeypatch)
+    monkeypatch.setattr(finetune.data_check.train_inputs, "check_data_first", lambda recipe: pytest.fail("every image was decoded before the refusal"))
+    monkeypatch.setattr(finetune.cli.train_command, "_run_training", lambda *args: pytest.fail("the training stack was loaded before the refusal"))
+    v_configs = shutil.copytree(tmp_path / "configs", tmp_path / "v-configs")  # a hub id's, given as model.single_file_config
+    scheduler = json.loads((v_configs / "scheduler" / "scheduler_config.json").read_text())
+    (v_configs / "scheduler" / "scheduler_config.json").write_text(json.dumps({**scheduler, "prediction_type": "v_prediction"}))
+    fake_hub_cache(tmp_path / "hub", "someone/v-configs", v_configs)
+    layer = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    for recorded, configs, trained in (("v_prediction", {}, "epsilon"), ("epsilon", {"single_file_config": "someone/v-configs"}, "v_prediction")):
+        lora = tmp_path / f"{recorded}.safetensors"
+        save_file({f"{layer}.lora_A.weight": np.zeros((4, 32), np.float32), f"{layer}.lora_B.weight": np.zeros((32, 4), np.float32)}, str(lora),
+                  metadata={"finetune.method": "lora", "finetune.prediction_type": recorded})  # fmt: skip
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text(json.dumps({"model": {"pretrained": str(single_file), **configs}, "data": {"image_dir": str(image_folder), "resolution": 64},
+                                      "lora": {"init_from": str(lora), "rank": 4}, "output_dir": str(tmp_path / "run"), "validation": {"prompts": []}}))  # fmt: skip
+        assert main(["train", str(recipe)]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"error: lora.init_from {lora} was trained for {recorded}, this run trains for {trained}: set model.prediction_type: {recorded}"]

@@ -161,14 +161,18 @@ def check_lora_init_from_first(recipe: Recipe, base: BaseLocation) -> None:
 
 def run_prediction_type(recipe: Recipe, base: BaseLocation) -> str | None:
     """What the run trains its model to predict, as loading the base decides it (finetune.models.loading.load_base_model):
-    model.prediction_type, else the base's scheduler config's (diffusers' default, epsilon, where it names none); None where
-    only loading can say (a single file without model.single_file_config: diffusers reads its kind from its tensors)."""
+    model.prediction_type, else the base's scheduler config's (diffusers' default, epsilon, where it names none): a single
+    file's is its configs folder's, or the cached hub configs' it is read with (`cached_prediction_type`); None where only
+    loading can say (those configs not in the cache)."""
     if recipe.model.prediction_type is not None:
         return recipe.model.prediction_type
     configs = recipe.model.single_file_config
-    folder = base.folder or (Path(configs).expanduser() if configs and Path(configs).expanduser().is_dir() else None)
-    scheduler = folder / "scheduler" / "scheduler_config.json" if folder else None
-    if scheduler is None or not scheduler.is_file():
+    if base.folder is None and not (configs and Path(configs).expanduser().exists()):  # (a hub id's configs, or none given)
+        from finetune.models.single_file_configs import cached_prediction_type
+
+        return cached_prediction_type(Path(recipe.model.pretrained).expanduser(), configs)
+    scheduler = (base.folder or Path(configs).expanduser()) / "scheduler" / "scheduler_config.json"
+    if not scheduler.is_file():
         return None
     from finetune.models.base_folder import read_config
 

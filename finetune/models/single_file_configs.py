@@ -77,3 +77,19 @@ def check_configs_at_hand(path: Path, config: ModelConfig, offline: str | None) 
     raise FinetuneError(f"base model file {config.pretrained} is read with hub model {' or '.join(candidates)}'s configs {picked}, {lack}, and "
                         f"downloads are off ({offline}): set {key} to a local diffusers folder of the model the file was made from, or run once "
                         "with network so the cache holds them")  # fmt: skip
+
+
+def cached_prediction_type(path: Path, configs: str | None) -> str | None:
+    """What a single-file base is trained to predict as diffusers reads it with a hub model's configs (`configs`, a hub id
+    given as model.single_file_config, else the one its tensors pick: `hub_configs_for`): that model's scheduler config in
+    the local Hugging Face cache (offline what diffusers reads; diffusers' default, epsilon, where it names none). None for a
+    .ckpt without `configs` (SD1.x's or SD2.x's), or where the cache does not hold the config: loading says it then."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from finetune.models.base_folder import read_config
+
+    if not configs and path.suffix != ".safetensors":
+        return None
+    repo_id = configs or hub_configs_for(path)[0]
+    found = try_to_load_from_cache(repo_id, "scheduler/scheduler_config.json")
+    return read_config(Path(found), repo_id).get("prediction_type", "epsilon") if isinstance(found, str) else None
