@@ -228,3 +228,18 @@ def test_a_deepspeed_launch_without_deepspeed_installed_is_refused_before_the_da
     assert refused_first(recipe) == missing + f'pip install "deepspeed>=0.16"; {launch_without}'
     monkeypatch.setattr(sys, "platform", "darwin")
     assert refused_first(recipe) == missing + f"DeepSpeed is installed with finetune on Linux only, not on macOS; {launch_without}"
+
+
+def test_an_8bit_optimizer_with_a_bitsandbytes_that_fails_to_import_is_refused_before_the_data_check(image_folder, tmp_path, refused_first, monkeypatch):
+    """A bitsandbytes build for another CUDA raised as it was imported: the run ended in diffusers' traceback (it imports
+    bitsandbytes wherever it is installed) as the trainer loaded, once every image had been decoded. A stand-in package
+    that raises as the broken one did."""
+    stand_in = tmp_path / "site" / "bitsandbytes"
+    stand_in.mkdir(parents=True)
+    (stand_in / "__init__.py").write_text('raise RuntimeError("CUDA Setup failed despite GPU being available.")\n')
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "bitsandbytes", raising=False)  # (restored after the test)
+    line = refused_first(write_recipe(tmp_path, image_folder, optimizer={"name": "adamw8bit"}))
+    assert line == ("error: optimizer.name adamw8bit: bitsandbytes is installed but cannot be imported (RuntimeError: CUDA Setup failed despite GPU "
+                    "being available.), and diffusers imports it wherever it is installed: reinstall it for this machine (pip install "
+                    "--force-reinstall bitsandbytes), or uninstall it (pip uninstall bitsandbytes; 8-bit optimizers then fall back to torch AdamW)"), line

@@ -21,6 +21,25 @@ def check_optimizer_installed(config: OptimizerConfig) -> None:
     back to AdamW with a warning instead: they save memory, where Prodigy's learning rate is another training)."""
     if config.name == "prodigy" and importlib.util.find_spec("prodigyopt") is None:
         raise FinetuneError("optimizer.name prodigy needs the prodigyopt package: pip install prodigyopt")
+    if config.name in BITSANDBYTES_OPTIMIZERS and (problem := bitsandbytes_import_problem()):
+        # No fallback to AdamW then: diffusers imports bitsandbytes wherever it is installed, and its import failed in
+        # diffusers' traceback as the trainer loaded, once every image had been decoded.
+        raise FinetuneError(f"optimizer.name {config.name}: bitsandbytes is installed but cannot be imported ({problem}), and diffusers imports it "
+                            "wherever it is installed: reinstall it for this machine (pip install --force-reinstall bitsandbytes), or uninstall it "
+                            "(pip uninstall bitsandbytes; 8-bit optimizers then fall back to torch AdamW)")  # fmt: skip
+
+
+def bitsandbytes_import_problem() -> str | None:
+    """Why bitsandbytes, installed, fails to import (its error, on one line: a build for another CUDA raised "CUDA Setup
+    failed" as it was imported); None where it imports or is not installed. Importing it imports torch (3.5 s to 6 s): it is
+    asked for runs of its optimizers alone, which import it with diffusers moments later anyway."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as err:  # noqa: BLE001  (whatever a broken build raises: ImportError, RuntimeError, OSError)
+        return f"{err.__class__.__name__}: {' '.join(str(err).split())[:200]}"
+    return None
 
 
 def warn_bitsandbytes_missing(config: OptimizerConfig) -> None:
