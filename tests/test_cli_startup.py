@@ -145,3 +145,15 @@ def test_merge_refuses_its_output_folder_before_torch_loads(tmp_path):
         f"error: merge output {tmp_path} holds the LoRA being merged ({tmp_path / 'run'}): pick another folder\n",
     ]
     assert modules == set()
+
+
+def test_eval_refuses_its_report_path_before_torch_loads(tmp_path):
+    """--out that is no .json file name, or a folder, was said once torch, transformers and diffusers had imported (12 s
+    to 20 s on a busy 2-core machine): the report's path is known from the options alone."""
+    from conftest import SHIPPED_BASE
+
+    calls = [["eval", "--base", str(SHIPPED_BASE), "--out", str(tmp_path / "report")], ["eval", "--base", str(SHIPPED_BASE), "--out", str(tmp_path)]]
+    modules, errors = run_in_fresh_python(calls)
+    assert errors[0] == f"error: --out {tmp_path / 'report'} is not a .json file name: give the report's, e.g. {tmp_path / 'report.json'} (its grids go beside it)\n"
+    assert errors[1].startswith(f"error: --out {tmp_path} is a folder: give the report's file name"), errors[1]
+    assert not modules & {"torch", "diffusers", "transformers"}, modules

@@ -182,18 +182,18 @@ def run_eval_command(args) -> int:
     # At the model's own resolution, from its configs: torch and the model loaded (seconds to a minute) before it was said.
     refuse_a_report_grid(suites, args.num_prompts, args.images_per_prompt, native_resolution(base, args.base_config))
     check_local_base(base, args.base_config)
-    quiet_weight_progress_bars()  # transformers, then torch and diffusers: after the checks above, which need neither
-    from finetune.sampling.prompt_options import PromptSettings, guidance_notes
-
-    for note in guidance_notes([PromptSettings("", None, args.seed, args.guidance, args.steps)]):
-        print(f"note: {note}")
     from finetune.sampling.adapter_records import adapter_base  # pydantic, through the base's finders: after the quick refusals above
 
     recorded = adapter_base(args.lora, args.controlnet)  # the base the adapter's run recorded (its header or metadata file)
     found = recorded_as_found(recorded, args.lora or args.controlnet) if args.base else base  # without --base, it is the recorded one
     prompt_parts = subject_prompt_parts(suites, args.identifier, args.class_word, args.subject)
     out = Path(args.out) if args.out else default_out(base, args.lora, args.controlnet, suites, args.lora_scale, args.conditioning_scale, found, prompt_parts)
-    check_report_path(out)
+    check_report_path(out)  # before torch and diffusers load (it came after them, 12 s to 20 s on a busy 2-core machine)
+    quiet_weight_progress_bars()  # transformers, then torch and diffusers: after the checks above, which need neither
+    from finetune.sampling.prompt_options import PromptSettings, guidance_notes
+
+    for note in guidance_notes([PromptSettings("", None, args.seed, args.guidance, args.steps)]):
+        print(f"note: {note}")
     from finetune.outputs.base_names import shared_base_name
 
     result = run_eval(
