@@ -157,3 +157,12 @@ def test_eval_refuses_its_report_path_before_torch_loads(tmp_path):
     assert errors[0] == f"error: --out {tmp_path / 'report'} is not a .json file name: give the report's, e.g. {tmp_path / 'report.json'} (its grids go beside it)\n"
     assert errors[1].startswith(f"error: --out {tmp_path} is a folder: give the report's file name"), errors[1]
     assert not modules & {"torch", "diffusers", "transformers"}, modules
+
+
+def test_export_checkpoint_refuses_a_pipeline_of_another_shape_before_torch_loads(tiny_model, tmp_path):
+    """The original layout names SD1.x's blocks alone: a pipeline of another shape was refused from its configs, but after
+    torch and the weights' libraries had imported (13 s on a busy 2-core machine)."""
+    modules, errors = run_in_fresh_python([["export-checkpoint", str(tiny_model), str(tmp_path / "model.safetensors")]])
+    assert errors[0].startswith(f"error: {tiny_model} cannot be exported as a webui checkpoint: that layout describes SD1.x's architecture, "
+                                "and this UNet has 2 blocks of 1 layer (SD1.x's: 4 of 2)"), errors  # fmt: skip
+    assert not modules & {"torch", "diffusers", "transformers"}, modules

@@ -279,8 +279,12 @@ def _export_checkpoint(args) -> int:
     from finetune.models.model_source import resolve_pipeline_folder  # pydantic: not loaded for --help
     from finetune.outputs.folders import check_export_checkpoint_output
 
-    # Before torch loads; export_checkpoint checks them again.
-    check_export_checkpoint_output(resolve_pipeline_folder(Path(args.input)), Path(args.output), args.overwrite)
+    from finetune.formats.original_layout import check_sd1_shape
+
+    # Before torch loads (a pipeline of another shape was said after its import, 13 s); export_checkpoint checks them again.
+    folder = resolve_pipeline_folder(Path(args.input))
+    check_export_checkpoint_output(folder, Path(args.output), args.overwrite)
+    check_sd1_shape(folder)
     quiet_weight_progress_bars()
     from finetune.formats.single_file_export import export_checkpoint
 

@@ -10,7 +10,9 @@ sd-scripts names SDXL's and some tools SD1.x's) are read under diffusers' names
 from __future__ import annotations
 
 import functools
+import json
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from finetune.errors import FinetuneError
@@ -25,6 +27,8 @@ KOHYA_UNET = "lora_unet_"
 ORIGINAL_UNET_ROOTS = tuple(KOHYA_UNET + root for root in ("input_blocks_", "middle_block_", "output_blocks_", "time_embed_", "out_"))
 # SD1.x's and SD2.x's transformers are one block deep; SDXL's (same original block names) up to ten.
 SDXL_TRANSFORMER_BLOCK = re.compile(r"_transformer_blocks_[1-9]")
+SD1_DOWN_BLOCKS = ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+SD1_UP_BLOCKS = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
 
 
 def unet_prefixes() -> dict[str, str]:
@@ -101,3 +105,45 @@ def with_diffusers_unet_names(tensors: dict[str, torch.Tensor]) -> dict[str, tor
 def names_sdxl_blocks(keys: list[str]) -> bool:
     """Whether original-layout UNet names are SDXL's: its transformers are deeper than SD1.x's single block."""
     return any(key.startswith(ORIGINAL_UNET_ROOTS) and SDXL_TRANSFORMER_BLOCK.search(key) for key in keys)
+
+
+def pipeline_config(path: Path) -> dict:
+    """A pipeline part's JSON config, or one line naming the file."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise FinetuneError(f"{path} cannot be read ({err.__class__.__name__}): copy the whole pipeline folder again") from None
+
+
+def layers_said(count) -> str:
+    """`count` layers, in words ("1 layer", "2 layers")."""
+    return f"{count} layer{'' if count == 1 else 's'}"
+
+
+def check_sd1_shape(folder: Path) -> dict[str, dict]:
+    """The parts' configs, once each is known to be SD1.x's shape (whatever its widths): only such a pipeline has names in
+    the original layout (`finetune export-checkpoint`). From its configs alone, without torch: the command says it before
+    torch loads."""
+    configs = {part: pipeline_config(folder / part / "config.json") for part in ("unet", "vae", "text_encoder")}
+    unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
+    encoder_class = (pipeline_config(folder / "model_index.json").get("text_encoder") or [None, None])[-1]
+    down, up = list(unet.get("down_block_types", [])), list(unet.get("up_block_types", []))
+    vae_blocks, vae_layers, latent_channels = len(vae.get("down_block_types", [])), vae.get("layers_per_block"), vae.get("latent_channels")
+    problems = [
+        (encoder_class != "CLIPTextModel", f"its text encoder is a {encoder_class}, not a CLIPTextModel"),
+        ((len(down), unet.get("layers_per_block")) != (4, 2), f"this UNet has {len(down)} blocks of {layers_said(unet.get('layers_per_block'))} (SD1.x's: 4 of 2)"),
+        ((down, up) != (SD1_DOWN_BLOCKS, SD1_UP_BLOCKS) or unet.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn",
+         f"this UNet's blocks are {down} down, {up} up (SD1.x's: 3 CrossAttnDownBlock2D and a DownBlock2D, mirrored up)"),
+        (unet.get("transformer_layers_per_block", 1) != 1, "this UNet has several transformer layers per attention (SD1.x's: 1)"),
+        (unet.get("class_embed_type") or unet.get("addition_embed_type"), "this UNet takes class or added embeddings (SD1.x's does not)"),
+        (unet.get("time_cond_proj_dim"), "this UNet takes a guidance embedding (time_cond_proj_dim, as LCM-distilled models), which SD1.x's has no place for"),
+        (unet.get("use_linear_projection") or unet.get("cross_attention_dim") == 1024 or text.get("hidden_act") != "quick_gelu",
+         "this is SD2-style (OpenCLIP text encoder, 1024-wide cross-attention or linear attention projections), which that layout stores differently"),
+        # (its layers per block are a size, as the widths are: `usage_notes` says the webui builds SD1.5's 2)
+        ((vae_blocks, latent_channels) != (4, 4) or not isinstance(vae_layers, int) or vae_layers < 1,
+         f"this VAE has {vae_blocks} blocks of {layers_said(vae_layers)} and {latent_channels} latent channels (SD1.x's: 4 blocks, 4 channels)"),
+    ]  # fmt: skip
+    for wrong, what in problems:
+        if wrong:
+            raise FinetuneError(f"{folder} cannot be exported as a webui checkpoint: that layout describes SD1.x's architecture, and {what}")
+    return configs

@@ -10,7 +10,6 @@ exactly (tests/test_single_file.py).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ from safetensors.torch import load_file
 
 from finetune.errors import FinetuneError
 from finetune.formats.lora_kinds import CLIP_ROOT
-from finetune.formats.original_layout import UNET_RESNET_NAMES, unet_prefixes
+from finetune.formats.original_layout import UNET_RESNET_NAMES, check_sd1_shape, layers_said, pipeline_config, unet_prefixes
 from finetune.models.model_source import resolve_pipeline_folder
 from finetune.outputs.atomic_files import atomic_save_safetensors
 from finetune.outputs.base_names import shared_record
@@ -28,8 +27,6 @@ from finetune.sampling.placement import PRECISIONS
 
 UNET_ROOT, VAE_ROOT, TEXT_ENCODER_ROOT = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model."
 WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors"}
-SD1_DOWN_BLOCKS = ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
-SD1_UP_BLOCKS = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
 # SD1.5's widths: the webui builds SD1.x from its v1-inference.yaml at these sizes, whatever the file holds.
 SD15_WIDTHS = {"unet": [320, 640, 1280, 1280], "text_encoder": 768, "vae": [128, 256, 512, 512]}
 
@@ -99,44 +96,6 @@ def to_original_text_encoder(state: dict[str, torch.Tensor], positions: int) -> 
 # --- the pipeline --------------------------------------------------------------------------------
 
 
-def _config(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise FinetuneError(f"{path} cannot be read ({err.__class__.__name__}): copy the whole pipeline folder again") from None
-
-
-def _layers(count) -> str:
-    return f"{count} layer{'' if count == 1 else 's'}"
-
-
-def check_sd1_shape(folder: Path) -> dict[str, dict]:
-    """The parts' configs, once each is known to be SD1.x's shape (whatever its widths)."""
-    configs = {part: _config(folder / part / "config.json") for part in ("unet", "vae", "text_encoder")}
-    unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
-    encoder_class = (_config(folder / "model_index.json").get("text_encoder") or [None, None])[-1]
-    down, up = list(unet.get("down_block_types", [])), list(unet.get("up_block_types", []))
-    vae_blocks, vae_layers, latent_channels = len(vae.get("down_block_types", [])), vae.get("layers_per_block"), vae.get("latent_channels")
-    problems = [
-        (encoder_class != "CLIPTextModel", f"its text encoder is a {encoder_class}, not a CLIPTextModel"),
-        ((len(down), unet.get("layers_per_block")) != (4, 2), f"this UNet has {len(down)} blocks of {_layers(unet.get('layers_per_block'))} (SD1.x's: 4 of 2)"),
-        ((down, up) != (SD1_DOWN_BLOCKS, SD1_UP_BLOCKS) or unet.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn",
-         f"this UNet's blocks are {down} down, {up} up (SD1.x's: 3 CrossAttnDownBlock2D and a DownBlock2D, mirrored up)"),
-        (unet.get("transformer_layers_per_block", 1) != 1, "this UNet has several transformer layers per attention (SD1.x's: 1)"),
-        (unet.get("class_embed_type") or unet.get("addition_embed_type"), "this UNet takes class or added embeddings (SD1.x's does not)"),
-        (unet.get("time_cond_proj_dim"), "this UNet takes a guidance embedding (time_cond_proj_dim, as LCM-distilled models), which SD1.x's has no place for"),
-        (unet.get("use_linear_projection") or unet.get("cross_attention_dim") == 1024 or text.get("hidden_act") != "quick_gelu",
-         "this is SD2-style (OpenCLIP text encoder, 1024-wide cross-attention or linear attention projections), which that layout stores differently"),
-        # (its layers per block are a size, as the widths are: `usage_notes` says the webui builds SD1.5's 2)
-        ((vae_blocks, latent_channels) != (4, 4) or not isinstance(vae_layers, int) or vae_layers < 1,
-         f"this VAE has {vae_blocks} blocks of {_layers(vae_layers)} and {latent_channels} latent channels (SD1.x's: 4 blocks, 4 channels)"),
-    ]  # fmt: skip
-    for wrong, what in problems:
-        if wrong:
-            raise FinetuneError(f"{folder} cannot be exported as a webui checkpoint: that layout describes SD1.x's architecture, and {what}")
-    return configs
-
-
 def weights_file(folder: Path, part: str) -> Path:
     """The part's safetensors weights: the plain file, else its one variant (diffusion_pytorch_model.fp16.safetensors)."""
     path = folder / part / WEIGHTS[part]
@@ -157,7 +116,7 @@ def export_checkpoint(source: Path, output: Path, precision: str | None = None, 
     folder = resolve_pipeline_folder(Path(source))
     check_export_checkpoint_output(folder, output, overwrite)
     configs = check_sd1_shape(folder)
-    schedule = _config(folder / "scheduler" / "scheduler_config.json")
+    schedule = pipeline_config(folder / "scheduler" / "scheduler_config.json")
     files = {part: weights_file(folder, part) for part in ("unet", "vae", "text_encoder")}
     tensors = {**to_original_unet(load_file(str(files["unet"])), folder), **to_original_vae(load_file(str(files["vae"])), folder, configs["vae"]["layers_per_block"]),
                **to_original_text_encoder(load_file(str(files["text_encoder"])), configs["text_encoder"].get("max_position_embeddings", 77))}  # fmt: skip
@@ -198,7 +157,7 @@ def usage_notes(output: Path, configs: dict[str, dict], schedule: dict, recorded
     vae_layers = configs["vae"].get("layers_per_block", 2)
     if widths != SD15_WIDTHS or vae_layers != 2:
         sizes = f"widths are not SD1.5's ({widths})" if widths != SD15_WIDTHS else "sizes are not SD1.5's"
-        sizes += f", and its VAE has {_layers(vae_layers)} per block (SD1.5's: 2)" if vae_layers != 2 else ""
+        sizes += f", and its VAE has {layers_said(vae_layers)} per block (SD1.5's: 2)" if vae_layers != 2 else ""
         notes.append(f"its {sizes}: the webui builds SD1.x at SD1.5's and will not load it; "
                      "diffusers' from_single_file does, given this pipeline's configs (config=<the pipeline folder>)")  # fmt: skip
     return notes
