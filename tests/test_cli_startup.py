@@ -9,7 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from finetune.cli.arguments import build_parser
+from finetune.errors import FinetuneError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -165,4 +168,18 @@ def test_export_checkpoint_refuses_a_pipeline_of_another_shape_before_torch_load
     modules, errors = run_in_fresh_python([["export-checkpoint", str(tiny_model), str(tmp_path / "model.safetensors")]])
     assert errors[0].startswith(f"error: {tiny_model} cannot be exported as a webui checkpoint: that layout describes SD1.x's architecture, "
                                 "and this UNet has 2 blocks of 1 layer (SD1.x's: 4 of 2)"), errors  # fmt: skip
+    assert not modules & {"torch", "diffusers", "transformers"}, modules
+
+
+def test_sample_refuses_fp16_on_the_cpu_asked_for_before_torch_loads():
+    """--device cpu --precision fp16 is wrong on any machine: it was said by inference_placement, once torch, diffusers and
+    the models had loaded (16 s on a busy 2-core machine)."""
+    from conftest import SHIPPED_BASE
+
+    from finetune.sampling.placement import inference_placement
+
+    modules, errors = run_in_fresh_python([["sample", "--prompt", "x", "--base", str(SHIPPED_BASE), "--device", "cpu", "--precision", "fp16"]])
+    with pytest.raises(FinetuneError) as placed:  # the same words as inference_placement's
+        inference_placement("cpu", "fp16")
+    assert errors == [f"error: {placed.value}\n"]
     assert not modules & {"torch", "diffusers", "transformers"}, modules

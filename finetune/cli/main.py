@@ -174,6 +174,8 @@ def _sample(args) -> int:
     if args.condition and len(args.condition) > 1:
         raise FinetuneError("--condition takes one image, used for every prompt: sample each conditioning image in its own run")
     check_lora_scale_has_a_lora(args)
+    if args.device == "cpu" and args.precision == "fp16":  # wrong together on any machine: said before torch loads, as inference_placement says it
+        raise FinetuneError("--precision fp16 needs a GPU: on a CPU use fp32 or bf16")
     check_output_folder(Path(args.out), "--out", "the images and grid")
     def check_grid(resolution: int | None) -> None:
         if resolution and (problem := sample_grid_problem(args.num_images, len(args.prompt), resolution, args.controlnet is not None)):
