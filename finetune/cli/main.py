@@ -22,6 +22,7 @@ from finetune.data.image_bounds import sample_grid_problem
 from finetune.distributed.process_env import first_on_its_machine, machine_name, main_process
 from finetune.errors import FinetuneError, one_line, refuse_a_file_in_the_way
 from finetune.models.native_resolution import native_resolution
+from finetune.optim.packages import broken_bitsandbytes_as_one_line
 from finetune.sampling.prompt_options import prompts_settings
 
 
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         quiet_third_party_warnings()
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        with progress_as_lines_in_logs():  # a bar's redraws in a log file: a line every 30 s (on a terminal: as ever)
+        # A bar's redraws in a log file: a line every 30 s (on a terminal: as ever).
+        with progress_as_lines_in_logs(), broken_bitsandbytes_as_one_line():
             return COMMANDS[args.command](args)
     except FinetuneError as err:
         # Under `accelerate launch` every process checks the same recipe and files: one line per machine (each

@@ -3,13 +3,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
-from finetune.config import OptimizerConfig
 from finetune.console import warn
 from finetune.data_check.checked_once import kept_check
 from finetune.errors import FinetuneError
+
+if TYPE_CHECKING:  # annotations only: the command line imports this module before any command (no pydantic)
+    from finetune.config import OptimizerConfig
 
 # optimizer.name -> its bitsandbytes class (finetune.optim.optimizers builds it).
 BITSANDBYTES_OPTIMIZERS = {"adamw8bit": "AdamW8bit", "paged_adamw8bit": "PagedAdamW8bit", "lion8bit": "Lion8bit"}
@@ -24,9 +30,39 @@ def check_optimizer_installed(config: OptimizerConfig) -> None:
     if config.name in BITSANDBYTES_OPTIMIZERS and (problem := bitsandbytes_import_problem()):
         # No fallback to AdamW then: diffusers imports bitsandbytes wherever it is installed, and its import failed in
         # diffusers' traceback as the trainer loaded, once every image had been decoded.
-        raise FinetuneError(f"optimizer.name {config.name}: bitsandbytes is installed but cannot be imported ({problem}), and diffusers imports it "
-                            "wherever it is installed: reinstall it for this machine (pip install --force-reinstall bitsandbytes), or uninstall it "
-                            "(pip uninstall bitsandbytes; 8-bit optimizers then fall back to torch AdamW)")  # fmt: skip
+        raise FinetuneError(f"optimizer.name {config.name}: {broken_bitsandbytes_said(problem)}")
+
+
+def broken_bitsandbytes_said(problem: str) -> str:
+    """The line for a bitsandbytes that is installed and fails to import (`problem`: its error), and what to do."""
+    return (f"bitsandbytes is installed but cannot be imported ({problem}), and diffusers imports it wherever it is installed: reinstall it "
+            "for this machine (pip install --force-reinstall bitsandbytes), or uninstall it (pip uninstall bitsandbytes; 8-bit optimizers "
+            "then fall back to torch AdamW)")  # fmt: skip
+
+
+@contextlib.contextmanager
+def broken_bitsandbytes_as_one_line() -> Iterator[None]:
+    """A bitsandbytes import that fails inside diffusers' or transformers' (they import it wherever it is installed, so every
+    command that loads a model meets it) as one line, where it was their two tracebacks ("Failed to import
+    diffusers.models...", after `finetune train`'s data check). Told by where it was raised: the top level of a module of a
+    bitsandbytes package. Any other error goes on as it was."""
+    try:
+        yield
+    except FinetuneError:  # already one line
+        raise
+    except Exception as err:  # noqa: BLE001  (re-raised unless bitsandbytes' import raised it)
+        if (cause := bitsandbytes_import_error(err)) is None:
+            raise
+        raise FinetuneError(broken_bitsandbytes_said(f"{cause.__class__.__name__}: {' '.join(str(cause).split())[:200]}")) from err
+
+
+def bitsandbytes_import_error(err: BaseException | None) -> BaseException | None:
+    """The error in `err`'s chain (itself, its causes and contexts) raised as a bitsandbytes module was imported; None if none."""
+    while err is not None:
+        if any(frame.name == "<module>" and "bitsandbytes" in Path(frame.filename).parts for frame in traceback.extract_tb(err.__traceback__)):
+            return err
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+    return None
 
 
 def bitsandbytes_import_problem() -> str | None:
@@ -38,7 +74,7 @@ def bitsandbytes_import_problem() -> str | None:
     try:
         import bitsandbytes  # noqa: F401
     except Exception as err:  # noqa: BLE001  (whatever a broken build raises: ImportError, RuntimeError, OSError)
-        return f"{err.__class__.__name__}: {' '.join(str(err).split())[:200]}"
+        return f"{err.__class__.__name__}: {' '.join(str(err).split())[:200]}"  # (as broken_bitsandbytes_as_one_line says it)
     return None
 
 
