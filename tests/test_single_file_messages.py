@@ -122,3 +122,25 @@ def test_a_lora_init_from_for_another_target_than_a_single_files_is_said_before_
         assert main(["train", str(recipe)]) == 2
         assert capsys.readouterr().err.strip().splitlines() == [
             f"error: lora.init_from {lora} was trained for {recorded}, this run trains for {trained}: set model.prediction_type: {recorded}"]
+
+
+def test_a_single_file_whose_yaml_says_another_prediction_than_its_hub_configs_is_said_before_the_data_check(single_file, image_folder, tmp_path, capsys, monkeypatch):
+    """A v-prediction SD1.x file (its .yaml beside it says parameterization "v", as the webui reads it) is read by diffusers
+    with SD1.5's configs, of epsilon: the run trained it for epsilon without a word (an SD2.x 512 base of epsilon, the other
+    way round). model.prediction_type decides it."""
+    import finetune.cli.train_command
+    import finetune.data_check.train_inputs
+
+    configs_in_the_cache(tmp_path, monkeypatch)
+    monkeypatch.setattr(finetune.data_check.train_inputs, "check_data_first", lambda recipe: pytest.fail("every image was decoded before the refusal"))
+    monkeypatch.setattr(finetune.cli.train_command, "_run_training", lambda *args: pytest.fail("the training stack was loaded before the refusal"))
+    single_file.with_suffix(".yaml").write_text("model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params:\n    parameterization: \"v\"\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({"model": {"pretrained": str(single_file)}, "data": {"image_dir": str(image_folder), "resolution": 64},
+                                  "output_dir": str(tmp_path / "run"), "validation": {"prompts": []}}))  # fmt: skip
+    assert main(["train", str(recipe)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: base model file {single_file} predicts v_prediction by model.yaml beside it, and diffusers reads it with hub model {SD1_CONFIGS}'s "
+        "configs, which predict epsilon: set model.prediction_type: v_prediction, or model.single_file_config to a diffusers folder of the model it was made from"]
+    with pytest.raises(pytest.fail.Exception, match="every image was decoded"):  # decided: on to the data check
+        main(["train", str(recipe), "model.prediction_type=v_prediction"])

@@ -14,6 +14,7 @@ from finetune.distributed.process_env import deepspeed_requested, launched_proce
 from finetune.dreambooth.class_image_plans import check_class_folders
 from finetune.errors import FinetuneError
 from finetune.models.model_source import BaseLocation
+from finetune.models.single_file_configs import check_original_config
 from finetune.optim.packages import check_optimizer_installed, warn_bitsandbytes_missing
 
 
@@ -21,6 +22,8 @@ def check_run_first(recipe: Recipe, resume_from: Path | None, base: BaseLocation
     """What `finetune train` refuses of the run itself before its data check (its files were checked before: starting_files);
     `base`: the command's lookup of the base model."""
     check_class_folders(recipe)  # as DreamBooth's check_data says it, before its images are read
+    if base.folder is None:  # a single file: loaded as its kind's hub configs say, which its .yaml may contradict
+        check_original_config(Path(recipe.model.pretrained).expanduser(), recipe.model)
     check_perceptual_network_first(recipe)
     check_optimizer_installed(recipe.optimizer)
     check_launch_settings_first(recipe)

@@ -93,3 +93,40 @@ def cached_prediction_type(path: Path, configs: str | None) -> str | None:
     repo_id = configs or hub_configs_for(path)[0]
     found = try_to_load_from_cache(repo_id, "scheduler/scheduler_config.json")
     return read_config(Path(found), repo_id).get("prediction_type", "epsilon") if isinstance(found, str) else None
+
+
+# What the hub models diffusers picks for a file's kind predict (their scheduler configs): where the cache does not hold
+# them yet, online, diffusers fetches these as the file loads.
+HUB_PREDICTION_TYPES = {SD1_CONFIGS: "epsilon", SD2_CONFIGS: "v_prediction"}
+
+
+def check_original_config(path: Path, config: ModelConfig) -> None:
+    """A single-file base whose original config beside it (its name with .yaml, as the webui finds it) says it predicts other
+    than the hub configs diffusers reads it with (without model.single_file_config, and model.prediction_type unset): an
+    SD2.x file of epsilon (SD2's 512 base, whose v2-inference.yaml names no parameterization) is read with
+    stabilityai/stable-diffusion-2-1's, of v_prediction, and the run trained it for v without a word. diffusers does not
+    read that .yaml (finetune passes it no original_config); its header says the kind."""
+    said = original_config_prediction_type(path)
+    if config.single_file_config or config.prediction_type is not None or said is None:
+        return
+    repo_id = hub_configs_for(path)[0] if path.suffix == ".safetensors" else None
+    loads_as = repo_id and (cached_prediction_type(path, None) or HUB_PREDICTION_TYPES.get(repo_id))
+    if loads_as and loads_as != said:
+        raise FinetuneError(f"base model file {config.pretrained} predicts {said} by {path.with_suffix('.yaml').name} beside it, and diffusers reads it "
+                            f"with hub model {repo_id}'s configs, which predict {loads_as}: set model.prediction_type: {said}, or "
+                            f"{config._single_file_config_key} to a diffusers folder of the model it was made from")  # fmt: skip
+
+
+def original_config_prediction_type(path: Path) -> str | None:
+    """What the original (LDM) config beside `path` says the model predicts: v_prediction for model.params.parameterization
+    "v", else epsilon (the original code's default, "eps"); None where there is no such file or it is no such config."""
+    config_file = path.with_suffix(".yaml")
+    if not config_file.is_file():
+        return None
+    import yaml
+
+    try:
+        params = yaml.safe_load(config_file.read_text())["model"]["params"]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, TypeError, KeyError):
+        return None
+    return ("v_prediction" if params.get("parameterization") == "v" else "epsilon") if isinstance(params, dict) else None
