@@ -116,3 +116,16 @@ def test_the_hub_model_picked_for_a_file_is_diffusers_pick(tmp_path, cross_atten
     state = {CROSS_ATTENTION_KEY: torch.zeros(320, cross_attention), INPUT_CONV_KEY: torch.zeros(320, input_channels, 3, 3)}
     save_file(state, str(tmp_path / "model.safetensors"))
     assert hub_configs_for(tmp_path / "model.safetensors") == (fetch_diffusers_config(state)["pretrained_model_name_or_path"],)
+
+
+def test_an_inpainting_file_is_said_to_be_one_from_its_header(tmp_path, offline):
+    """A 9-channel UNet's file (an inpainting model) was sent looking for the inpainting model's configs offline, and online
+    loaded with them, where a folder of that kind is refused from its configs (check_architecture): its header says it."""
+    from finetune.models.single_file_configs import CROSS_ATTENTION_KEY, INPUT_CONV_KEY
+
+    for width in (768, 1024):  # SD1.x's, SD2.x's
+        save_file({INPUT_CONV_KEY: torch.zeros(8, 9, 3, 3), CROSS_ATTENTION_KEY: torch.zeros(8, width)}, str(tmp_path / "inpainting.safetensors"))
+        with pytest.raises(FinetuneError) as refused:
+            locate_base(ModelConfig(pretrained=str(tmp_path / "inpainting.safetensors")))
+        assert str(refused.value) == (f"base model {tmp_path / 'inpainting.safetensors'} has a UNet of 9 input channels (an inpainting model), not a "
+                                      "text-to-image one of 4: set the base to the model it was made from")  # fmt: skip

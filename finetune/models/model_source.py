@@ -15,7 +15,7 @@ from finetune.models.base_folder import (WEIGHTS_STEMS, check_architecture, chec
 from finetune.checkpoints.run_files import CONTROLNET_DIR, LORA_WEIGHTS_NAME, PIPELINE_DIR
 from finetune.config import SINGLE_FILE_SUFFIXES, ModelConfig
 from finetune.errors import FinetuneError, looked_for_here
-from finetune.models.single_file_configs import check_configs_at_hand
+from finetune.models.single_file_configs import SD1_INPAINTING_CONFIGS, SD2_INPAINTING_CONFIGS, check_configs_at_hand, hub_configs_for
 
 
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -71,6 +71,9 @@ def locate_base(config: ModelConfig) -> BaseLocation:
                        if config._key == "model.pretrained" else
                        f"pass it as --lora, with {config._key} the model it was trained on (the demo lists the LoRAs under --adapters)")
             raise FinetuneError(f"{name} is a LoRA, not a base model: {instead}")
+        if keys is not None and hub_configs_for(path)[0] in (SD1_INPAINTING_CONFIGS, SD2_INPAINTING_CONFIGS):  # as check_architecture says a folder's
+            raise FinetuneError(f"base model {name} has a UNet of 9 input channels (an inpainting model), not a text-to-image one of 4: "
+                                "set the base to the model it was made from")  # fmt: skip
         configs = config.single_file_config
         if configs and not looks_like_hub_id(configs) and not Path(configs).expanduser().exists():  # was diffusers' error as it loaded
             raise FinetuneError(f"{config._single_file_config_key} {configs} not found: give the diffusers folder or hub id of the model "
