@@ -303,15 +303,14 @@ def hub_silence(repo_id: str, revision: str | None) -> str | None:
     repository's files with no time limit (huggingface_hub 2.4's repo_info), which kept `finetune train` silent for good before
     its data check: asked here first, within huggingface_hub's own limit for such requests (HF_HUB_ETAG_TIMEOUT, 10 s). Not
     answered in time, the cache alone is read, as huggingface_hub does where the connection is refused."""
-    import httpx2
     from huggingface_hub import HfApi, constants
 
     try:
         HfApi().repo_info(repo_id, revision=revision, timeout=constants.HF_HUB_ETAG_TIMEOUT)
-    except httpx2.TimeoutException:
-        return f"the hub ({constants.ENDPOINT}) did not answer within {constants.HF_HUB_ETAG_TIMEOUT} s (HF_HUB_ETAG_TIMEOUT)"
-    except Exception:  # noqa: BLE001  (not found, gated, refused: snapshot_download meets it again and it is said there)
-        return None
+    except Exception as err:  # noqa: BLE001  (not found, gated, refused: snapshot_download meets it again and it is said there)
+        # By name: the HTTP library under huggingface_hub changed between its versions (requests' Timeout, httpx's TimeoutException).
+        if isinstance(err, TimeoutError) or any(kind.__name__ in ("Timeout", "TimeoutException") for kind in type(err).__mro__):
+            return f"the hub ({constants.ENDPOINT}) did not answer within {constants.HF_HUB_ETAG_TIMEOUT} s (HF_HUB_ETAG_TIMEOUT)"
     return None
 
 
