@@ -38,12 +38,20 @@ def test_other_trainers_data_settings_point_to_ours_not_to_a_lookalike(tmp_path)
         "resolution=512": "data.resolution",
         "data.max_token_length=150": "model.max_token_length",
         "data.crop_style=random": "data.crop: center or random",  # SimpleTuner's
-        "data.caption_strategy=textfile": "a .txt beside each image, a metadata.jsonl, or data.caption",
+        "data.caption_strategy=textfile": "a .txt or .caption file beside each image, a metadata.jsonl, or data.caption",
         "data.prepend_instance_prompt=true": 'data.folders: [{path: ., template: "sks, {caption}"}]',
     }
     for override, ours in cases.items():
         key = override.split("=")[0]
         assert _unknown_key_message(tmp_path, override) == f"override '{override}': unknown key '{key}' (here it is '{ours}')"
+
+
+def test_sd_scripts_caption_extension_is_told_that_both_sidecar_kinds_are_read(tmp_path):
+    # It was told "here it is 'a .txt beside each image'", as if a folder of sd-scripts' .caption files had to be
+    # renamed, though they are read as they are (tests/test_captions.py reads them).
+    message = _unknown_key_message(tmp_path, "data.caption_extension=.caption")
+    assert message == ("override 'data.caption_extension=.caption': unknown key 'data.caption_extension' (none is needed here: "
+                       "a .txt or .caption file beside each image is read as its caption, the .txt where both are)")
 
 
 def test_an_empty_caption_file_in_a_template_folder_is_said_with_the_prompt_it_trains_as(tmp_path):

@@ -74,7 +74,7 @@ OTHER_TRAINERS_NAMES = {
     "learning_rate": "optimizer.lr", "lr_scheduler": "optimizer.scheduler", "lr_warmup_steps": "optimizer.warmup_steps",
     "network_dim": "lora.rank", "network_alpha": "lora.alpha", "rank": "lora.rank", "max_train_steps": "train.max_steps",
     "max_train_epochs": "train.max_epochs", "train_batch_size": "train.batch_size", "output_dir": "output_dir",
-    "pretrained_model_name_or_path": "model.pretrained", "train_data_dir": "data.image_dir", "caption_extension": "a .txt beside each image",
+    "pretrained_model_name_or_path": "model.pretrained", "train_data_dir": "data.image_dir", "caption_extension": "none: a .txt or .caption file beside each image is read as its caption, the .txt where both are",
     "save_every_n_steps": "checkpoint.every_n_steps", "save_every_n_epochs": "checkpoint.every_n_epochs", "min_snr_gamma": "train.snr_gamma",
     "enable_bucket": "data.bucketing.enabled", "shuffle_caption": "data.shuffle_tags", "caption_tag_dropout_rate": "data.tag_dropout",
     # The data section's (sd-scripts', SimpleTuner's, diffusers'): close spellings here mean other things
@@ -85,7 +85,7 @@ OTHER_TRAINERS_NAMES = {
     "bucket_reso_steps": "data.bucketing.step", "num_repeats": "data.folders: [{path: ., repeats: 10}]", "dataset_repeats": "data.folders: [{path: ., repeats: 10}]",
     "caption_prefix": 'data.folders: [{path: ., template: "sks, {caption}"}]', "caption_suffix": 'data.folders: [{path: ., template: "{caption}, sks"}]',
     "max_token_length": "model.max_token_length", "dataset_name": "data.dataset", "crop_style": "data.crop: center or random",
-    "caption_strategy": "a .txt beside each image, a metadata.jsonl, or data.caption", "prepend_instance_prompt": 'data.folders: [{path: ., template: "sks, {caption}"}]',
+    "caption_strategy": "a .txt or .caption file beside each image, a metadata.jsonl, or data.caption", "prepend_instance_prompt": 'data.folders: [{path: ., template: "sks, {caption}"}]',
     "scale_weight_norms": "lora.max_norm", "v_parameterization": "model.prediction_type: v_prediction", "instance_data_dir": "dreambooth.concepts.0.instance_dir",
     "use_8bit_adam": "optimizer.name: adamw8bit", "with_prior_preservation": "dreambooth.prior_preservation",
     # The objective, the LoRA, the schedule, checkpoints and sampling, as sd-scripts, diffusers' scripts and SimpleTuner
