@@ -55,9 +55,24 @@ def test_each_sampled_image_records_its_settings_as_the_webui_does(tiny_model, t
     assert code == 0
     read = lambda name: Image.open(out / name).text.get("parameters")
     model = f"Model: {tiny_model.name}"  # the base by name, as the webui names its checkpoint
-    assert read("00000-prompt0_seed43.png") == f"a red circle\nNegative prompt: blurry\nSteps: 2, Sampler: euler_a, CFG scale: 3, Seed: 43, Size: 64x64, {model}"
-    assert read("00000-prompt1_seed3.png") == f"a square\nSteps: 1, Sampler: unipc, CFG scale: 7.5, Seed: 3, Size: 64x64, {model}"
+    assert read("00000-prompt0_seed43.png") == f"a red circle\nNegative prompt: blurry\nSteps: 2, Sampler: Euler a, CFG scale: 3, Seed: 43, Size: 64x64, {model}"
+    assert read("00000-prompt1_seed3.png") == f"a square\nSteps: 1, Sampler: UniPC, CFG scale: 7.5, Seed: 3, Size: 64x64, {model}"
     assert read("00000-grid.png") is None  # rows of several prompts: each image says its own
+
+
+def test_an_images_sampler_is_written_by_the_name_the_webui_reads_back():
+    """The webui's txt2img looks an image's Sampler up by its own labels and takes its default sampler (DPM++ 2M) for any
+    other name: "Sampler: euler_a" sent from PNG Info drew with DPM++ 2M. Its "DPM++ 2M" alone is on Karras sigmas since
+    webui 1.9 (hence the plain one's Uniform schedule), and it reads "DPM++ 2M Karras" as DPM++ 2M on Karras sigmas."""
+    from finetune.sampling.sample_files import parameters_text
+    from finetune.sampling.samplers import SAMPLER_NAMES
+
+    webui = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M, Schedule type: Uniform",
+             "dpmpp_2m_karras": "DPM++ 2M Karras", "unipc": "UniPC"}
+    assert set(webui) == set(SAMPLER_NAMES)  # a sampler added here needs its webui name too
+    for sampler, written in webui.items():
+        text = parameters_text("a star", None, 20, sampler, 7.5, 0, 64, "finetune/assets/toyworld-base")
+        assert text == f"a star\nSteps: 20, Sampler: {written}, CFG scale: 7.5, Seed: 0, Size: 64x64, Model: toyworld-base"
 
 
 def test_an_images_settings_name_its_base_and_lora_without_the_folders_they_are_in(tiny_model, tmp_path, monkeypatch):

@@ -34,15 +34,17 @@ def next_run_number(folder: Path) -> int:
 
 def parameters_text(prompt: str, negative_prompt: str | None, steps: int, sampler: str, guidance: float, seed: int, size: int,
                     base: str, lora: str | None = None, lora_scale: float = 1.0) -> str:
-    """An image's settings in the webui's words and order: the prompt, its negative, then "Steps: 25, Sampler: ddim,
-    CFG scale: 7.5, Seed: 0, Size: 64x64, Model: sd15, Lora: ..." (the sampler by finetune/sampling/samplers.py's name). The base
+    """An image's settings in the webui's words and order: the prompt, its negative, then "Steps: 25, Sampler: DDIM,
+    CFG scale: 7.5, Seed: 0, Size: 64x64, Model: sd15, Lora: ..." (the sampler by the webui's name for it, which its
+    txt2img reads back: finetune/sampling/samplers.py's webui_sampler_fields). The base
     and LoRA by name (`base_names.shared_base_name`, `lora_name`): an image is shared, and a path would carry the user's
     folders into every copy."""
     from finetune.outputs.base_names import shared_base_name
+    from finetune.sampling.samplers import webui_sampler_fields
 
     lines = [prompt, *([f"Negative prompt: {negative_prompt}"] if negative_prompt else [])]
     adapter = f", Lora: {lora_name(lora)}, Lora strength: {lora_scale:g}" if lora else ""
-    settings = f"Steps: {steps}, Sampler: {sampler}, CFG scale: {guidance:g}, Seed: {seed}, Size: {size}x{size}, Model: {shared_base_name(base)}"
+    settings = f"Steps: {steps}, {webui_sampler_fields(sampler)}, CFG scale: {guidance:g}, Seed: {seed}, Size: {size}x{size}, Model: {shared_base_name(base)}"
     return "\n".join([*lines, settings + adapter])
 
 

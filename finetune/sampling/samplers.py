@@ -30,6 +30,18 @@ _SCHEDULERS = {
 # pipeline's config handed to euler must not bring its Karras sigmas): each kind gets its own, or diffusers' default.
 _SAMPLER_SETTINGS = ("algorithm_type", "solver_order", "use_karras_sigmas")
 
+# The webui's own names, as an image's settings (its PNG "parameters", which the PNG Info tab sends to txt2img) must spell a
+# sampler: the webui looks the Sampler field up by these labels and takes its default sampler (DPM++ 2M) for any other, so
+# "Sampler: euler_a" drew with DPM++ 2M there. Its "DPM++ 2M" alone means Karras sigmas since webui 1.9, hence the plain
+# one's schedule; "DPM++ 2M Karras" reads as DPM++ 2M on Karras sigmas in the webui before 1.9 and since.
+_WEBUI_SAMPLERS = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M, Schedule type: Uniform",
+                   "dpmpp_2m_karras": "DPM++ 2M Karras", "unipc": "UniPC"}
+
+
+def webui_sampler_fields(name: str) -> str:
+    """'Sampler: Euler a': sampler `name` (ours) as the webui's infotext writes it, with its schedule type where needed."""
+    return f"Sampler: {_WEBUI_SAMPLERS[name]}"
+
 
 def sampler_named(name: str) -> str:
     """The sampler here that `name` (ours or sd-scripts', in any case) names; a ValueError for any other."""
