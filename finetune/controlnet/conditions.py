@@ -218,7 +218,9 @@ def make_condition_folders(input_dir: str | Path, output_dir: str | Path, kind: 
     checked = [(folder, written, *_checked_input(folder, written, overwrite)) for folder, written in pairs]
     if subfolders:  # written again last: a stop while the subfolders are rewritten must not leave the old kind's record
         (target / RECORD_FILE).unlink(missing_ok=True)
-    made = [_write_conditions(folder, written, images, captions, kind, **options) for folder, written, images, captions in checked]
+    made = []
+    for folder, written, images, captions in checked:  # each told whether the folders before it were written
+        made.append(_write_conditions(folder, written, images, captions, kind, others_written=bool(made), **options))
     if subfolders:  # where a ControlNet trained on data.image_dir (with data.folders) looks for how its conditioning was made
         from finetune.outputs.atomic_files import atomic_write_text
 
@@ -339,10 +341,12 @@ def _input_rows(source: Path) -> dict[str, dict]:
     return {row_image_key(row["file_name"], source): row for row in rows}
 
 
-def _write_conditions(source: Path, target: Path, images: list[Path], captions: dict[str, str], kind: str, **options) -> tuple[Path, int, int]:
-    """One folder's writing, for the images and captions `_checked_input` gave for `source`. Each file is written
-    whole or not at all (`atomic_write`): a stop (Ctrl-C) mid-way left a truncated conditioning image or copy under
-    its final name, and a half-written conditioning.json or a hidden .metadata.jsonl.partial."""
+def _write_conditions(source: Path, target: Path, images: list[Path], captions: dict[str, str], kind: str, others_written: bool = False,
+                      **options) -> tuple[Path, int, int]:  # fmt: skip
+    """One folder's writing, for the images and captions `_checked_input` gave for `source` (`others_written`: other
+    folders were written before it in this run). Each file is written whole or not at all (`atomic_write`): a stop
+    (Ctrl-C) mid-way left a truncated conditioning image or copy under its final name, and a half-written conditioning.json
+    or a hidden .metadata.jsonl.partial."""
     from finetune.data.images import open_rgb
     from finetune.data.sources import IMAGE_SUFFIXES, Example
     from finetune.outputs.atomic_files import atomic_write, atomic_write_text, remove_leftover_partials
@@ -360,7 +364,15 @@ def _write_conditions(source: Path, target: Path, images: list[Path], captions: 
     rows, uncaptioned = [], 0
     for path in images:
         conditioning_name = f"conditioning/{path.stem}.png"
-        image = open_rgb(Example(str(path), "", lambda p=path: Image.open(p)))
+        try:
+            image = open_rgb(Example(str(path), "", lambda p=path: Image.open(p)))
+        except FinetuneError as err:
+            if not (rows or others_written):
+                raise
+            # The images before it have their conditioning images, which the next run finds and will not replace without
+            # --overwrite: "already holds N conditioning images" read as an earlier, finished run's.
+            raise FinetuneError(f"{err}; make-conditions stopped there, the images before it given their conditioning images: "
+                                "run it again with --overwrite once that image is fixed or removed") from None  # fmt: skip
         condition = make_condition(image, kind, **options)
         atomic_write(target / conditioning_name, lambda partial: condition.save(partial, format="PNG"), durable=False)
         if not same_folder:
