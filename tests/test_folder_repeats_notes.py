@@ -45,3 +45,36 @@ def test_a_recipes_own_repeats_are_its_users_choice_and_get_no_note(tmp_path, ca
     out = capsys.readouterr().out
     assert "uses per epoch by folder: '10_sks dog' 2 x10 = 20 (0%), '2024_trip' 2 x2024 = 4048 (100%)" in out, out
     assert "reads as 2024 repeats" not in out and "rename" not in out, out
+
+
+def check_data_lines(tmp_path, capsys, recipe_text: str, *overrides: str) -> list[str]:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {{pretrained: {SHIPPED_BASE}}}\n" + recipe_text)
+    assert main(["check-data", str(recipe), *overrides]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_an_n_name_folder_given_whole_says_its_n_is_no_repeats_here(tmp_path, capsys):
+    """sd-scripts trains `10_sks dog` 10 times an epoch; as data.image_dir (or an instance_dir) it trained once an epoch here,
+    unsaid, so an sd-scripts user's train.max_epochs=10 ran a tenth of the steps they counted on."""
+    root = kohya_folders(tmp_path / "train")
+    lines = check_data_lines(tmp_path, capsys, f"data: {{image_dir: '{root / '10_sks dog'}', resolution: 64}}\n")
+    assert f"warning: data folder {root / '10_sks dog'} is named as sd-scripts' N_name folders are, which sd-scripts trains 10 times an epoch; " \
+           "data.image_dir trains each of its images once an epoch: for sd-scripts' epochs set data.folders: [{path: ., repeats: 10}] " \
+           "(or leave it, where 10 is part of its name)" in lines, lines  # fmt: skip
+    concept = (f"method: dreambooth\noutput_dir: {tmp_path / 'out'}\ndata: {{resolution: 64}}\ndreambooth:\n  prior_preservation: false\n"
+               f"  concepts: [{{instance_dir: '{root / '10_sks dog'}', instance_prompt: a photo of sks dog}}]\n")  # fmt: skip
+    lines = check_data_lines(tmp_path, capsys, concept)
+    assert any(line.endswith("dreambooth.concepts.0.instance_dir trains each of its images once an epoch: for sd-scripts' epochs set "
+                             "dreambooth.concepts.0.repeats=10 (or leave it, where 10 is part of its name)") for line in lines), lines  # fmt: skip
+
+
+def test_an_n_name_folder_with_its_repeats_set_or_a_year_gets_no_warning(tmp_path, capsys):
+    root = kohya_folders(tmp_path / "train")
+    for text in (f"data: {{image_dir: '{root / '10_sks dog'}', resolution: 64, folders: [{{path: ., repeats: 10}}]}}\n",
+                 f"data: {{image_dir: '{root / '2024_trip'}', resolution: 64}}\n"):
+        lines = check_data_lines(tmp_path, capsys, text)
+        assert not any("N_name" in line for line in lines), lines
+    concept = (f"method: dreambooth\noutput_dir: {tmp_path / 'out'}\ndata: {{resolution: 64}}\ndreambooth:\n  prior_preservation: false\n"
+               f"  concepts: [{{instance_dir: '{root / '10_sks dog'}', instance_prompt: a photo of sks dog, repeats: 10}}]\n")  # fmt: skip
+    assert not any("N_name" in line for line in check_data_lines(tmp_path, capsys, concept))

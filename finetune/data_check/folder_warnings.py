@@ -1,7 +1,7 @@
 """The data check's warnings about a dataset's folders rather than its images (finetune/data_check/check.py): caption files that
 name no image or are shadowed, images of kinds training does not read, subfolders of images that are not read, folders
-no data.folders entry lists, and a DreamBooth class folder inside an instance folder. Nothing a user put there is left
-out unseen."""
+no data.folders entry lists, a DreamBooth class folder inside an instance folder, and an sd-scripts `N_name` folder given
+whole, whose N is read as no repeats. Nothing a user put there is left out unseen."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path, PurePosixPath
 from finetune.captions.overrides import imageless_caption_files, shadowed_caption_files
 from finetune.config import DataConfig
 from finetune.counts import counted
+from finetune.data.folder_repeats import YEARS, name_repeats
 from finetune.data.sources import convert_unread, data_folders, folder_images, subfolder_names, unlisted_image_folders, unread_images
 from finetune.data_check.class_folders_inside import class_folder_inside_message, class_folders_inside, outside_class_folders
 
@@ -35,7 +36,24 @@ def folder_warnings(config: DataConfig) -> list[tuple[Path, str]]:
         count, entry = len(folder_images(folder)), "{path: .}" if path == "." else f"{{path: {json.dumps(path, ensure_ascii=False)}}}"
         said.append((folder, f"data folder {folder} holds {counted(count, 'image')} that no data.folders entry lists: {'it does' if count == 1 else 'they do'} "
                              f"not train (add {entry} with its repeats to data.folders to train {'it' if count == 1 else 'them'})"))  # fmt: skip
+    if message := repeats_in_name_warning(config):
+        said.append((Path(config.image_dir), message))
     return said
+
+
+def repeats_in_name_warning(config: DataConfig) -> str | None:
+    """sd-scripts trains a folder named `10_name` 10 times an epoch; given whole as data.image_dir (or a concept's
+    instance_dir), it trained once an epoch here, unsaid: an sd-scripts user's epochs (train.max_epochs,
+    checkpoint.every_n_epochs) came out 10 times shorter. Not for a year (`2024_trip`), nor where repeats are set."""
+    key = config._image_dir_key
+    if not config.image_dir or config.folders or config._repeats != 1 or not (key in ("data.image_dir", "--image-dir") or key.endswith(".instance_dir")):
+        return None
+    repeats = name_repeats(os.path.basename(os.path.abspath(config.image_dir)))
+    if repeats is None or repeats <= 1 or repeats in YEARS:
+        return None
+    setting = f"{key.removesuffix('.instance_dir')}.repeats={repeats}" if key.endswith(".instance_dir") else f"data.folders: [{{path: ., repeats: {repeats}}}]"
+    return (f"data folder {config.image_dir} is named as sd-scripts' N_name folders are, which sd-scripts trains {repeats} times an epoch; "
+            f"{key} trains each of its images once an epoch: for sd-scripts' epochs set {setting} (or leave it, where {repeats} is part of its name)")
 
 
 def folder_entry_path(folder: Path, root: Path) -> str:
