@@ -380,3 +380,20 @@ def test_tag_dropout_never_drops_the_tags_kept_around_the_separator():
     captions = [training_caption("sks, dog ||| grass, sunny, park, tree ||| masterpiece", config, seed=0, epoch=0, index=i) for i in range(20)]
     assert all(caption.startswith("sks, dog, ") and caption.endswith(", masterpiece") for caption in captions), captions
     assert min(len(caption.split(", ")) for caption in captions) < 7  # the middle's tags were dropped
+
+
+def test_captions_written_in_a_json_file_that_is_not_read_are_named_with_the_missing_caption(tmp_path):
+    """A metadata.json (for metadata.jsonl) or sd-scripts' meta_cap.json beside the images: each image was told "add a.txt,
+    a metadata.jsonl or metadata.csv entry", and the file the captions were written in went unnamed."""
+    write_image(tmp_path / "a.png")
+    config = DataConfig(image_dir=str(tmp_path), resolution=64)
+    (tmp_path / "meta_cap.json").write_text(json.dumps({"a": {"caption": "a red square"}}))
+    with pytest.raises(FinetuneError) as raised:
+        load_examples(config)
+    assert str(raised.value).startswith(f"image {tmp_path / 'a.png'} has no caption: add a.txt, a metadata.jsonl or metadata.csv entry, or set "
+                                        "data.caption to one prompt for all images (meta_cap.json beside it is not read: a folder's captions "
+                                        "in JSON are read from metadata.jsonl, one object a line with file_name and text)")  # fmt: skip
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": None}) + "\n")
+    with pytest.raises(FinetuneError) as raised:  # a metadata.jsonl is read: its row's missing caption is the news
+        load_examples(config)
+    assert "a.png has no caption" in str(raised.value) and "meta_cap.json" not in str(raised.value)

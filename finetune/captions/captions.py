@@ -145,12 +145,24 @@ def dataset_of_row(source: str | Path) -> str | None:
     return row.group(1) if row else None
 
 
+# Captions kept in JSON files no folder's captions are read from: a metadata.json (for metadata.jsonl), and sd-scripts'
+# fine-tuning metadata as its scripts name it (merge_captions_to_metadata.py's meta_cap.json, and its later steps').
+UNREAD_CAPTION_JSON = ("metadata.json", "meta_cap.json", "meta_cap_dd.json", "meta_clean.json", "meta_lat.json")
+
+
 def missing_caption_message(source: str | Path, alternative: str = "set data.caption to one prompt for all images") -> str:
     """`source` is an image file, or a `datasets` row ("dataset NAME row N"); `alternative` is the other fix."""
+    from finetune.captions.metadata_files import metadata_file
+
     if dataset_of_row(source) is not None:
         return f"{source} has no caption (a null cell): fill the caption column, or {alternative}"
     image_path = Path(source)
-    return f"image {image_path} has no caption: add {image_path.with_suffix('.txt').name}, a metadata.jsonl or metadata.csv entry, or {alternative}"
+    message = f"image {image_path} has no caption: add {image_path.with_suffix('.txt').name}, a metadata.jsonl or metadata.csv entry, or {alternative}"
+    # Each image was told to add a metadata.jsonl beside the metadata.json its captions were written in, which went unnamed.
+    if metadata_file(image_path.parent) is None and (unread := [name for name in UNREAD_CAPTION_JSON if (image_path.parent / name).is_file()]):
+        message += (f" ({' and '.join(unread)} beside it {'is' if len(unread) == 1 else 'are'} not read: a folder's captions in JSON are "
+                    "read from metadata.jsonl, one object a line with file_name and text)")
+    return message
 
 
 def empty_caption_message(source: str, caption: str, config: DataConfig, folder_index: int = 0) -> str | None:
