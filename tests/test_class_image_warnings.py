@@ -170,3 +170,22 @@ def test_own_class_images_past_num_class_images_are_said_to_be_left_out(make_rec
     recipe = dreambooth_recipe(make_recipe, instances, tmp_path, dreambooth={"concepts": concepts, "num_class_images": 5})
     start_lines, out = start_and_check_data(recipe, tmp_path, capsys)
     assert not [line for line in start_lines if "of your images" in line] and "of your images" not in out
+
+
+def test_captions_beside_own_class_images_are_said_to_be_unread(make_recipe, star_folder, tmp_path, capsys):  # noqa: F811
+    """An sd-scripts regularisation folder (1_dog, each image with its .txt) given as class_dir: sd-scripts trains those images
+    with their captions, here they train with the first class prompt, and nothing said the captions went unread. Said once,
+    at a run's start and by check-data; not for a class folder without captions."""
+    (tmp_path / "class").mkdir()
+    for name in ("a", "b"):
+        Image.new("RGB", (64, 64), "red").save(tmp_path / "class" / f"{name}.png")
+    recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path, dreambooth={"concepts": [concept(tmp_path, star_folder)], "num_class_images": 2})
+    start_lines, out = start_and_check_data(recipe, tmp_path, capsys)
+    assert not [line for line in start_lines if "has captions (" in line] and "has captions (" not in out, start_lines
+    for name in ("a", "b"):
+        (tmp_path / "class" / f"{name}.txt").write_text("dog, grass")
+    said = (f"warning: class folder {tmp_path / 'class'} has captions (2 caption files, e.g. a.txt), which are not read: its images train "
+            "with the class prompt 'a shape' (sd-scripts trains a regularisation folder's images with their captions)")  # fmt: skip
+    start_lines, out = start_and_check_data(recipe, tmp_path, capsys)
+    assert [line for line in start_lines if "has captions (" in line] == [said]
+    assert out.count(said + "\n") == 1

@@ -117,7 +117,26 @@ def unread_class_images_lines(folders: list[Path], recipe: Recipe) -> list[str]:
         if subfolders:
             lines.append(f"warning: class folder {folder} has subfolders with images ({subfolder_names(folder, subfolders)}), which are not read: "
                          "move their images into it to train them as class images")  # fmt: skip
+    # Captions beside class images (an sd-scripts regularisation folder's .txt files, which it trains them with) are not
+    # read: a user's class images train with the class prompt, and nothing said so. Per concept, for its prompt.
+    said = set()
+    for concept, folder in zip(recipe.dreambooth.concepts, folders):
+        if folder.is_dir() and folder.resolve() not in said and concept.class_prompts and (captions := _caption_files_named(folder)):
+            said.add(folder.resolve())
+            lines.append(f"warning: class folder {folder} has captions ({captions}), which are not read: its images train with the class prompt "
+                         f"'{concept.class_prompts[0]}' (sd-scripts trains a regularisation folder's images with their captions)")  # fmt: skip
     return lines
+
+
+def _caption_files_named(folder: Path) -> str:
+    """'2 caption files, e.g. a.txt' (and its metadata file) for the captions in `folder`; "" where it holds none."""
+    from finetune.captions.captions import caption_file_names
+    from finetune.captions.metadata_files import metadata_file
+
+    files = sorted(caption_file_names(folder).values())
+    named = [f"{counted(len(files), 'caption file')}, e.g. {files[0]}"] if files else []
+    named += [table.name] if (table := metadata_file(folder)) is not None else []
+    return ", ".join(named)
 
 
 def _same_file(path: Path, other: Path) -> bool:
