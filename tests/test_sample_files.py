@@ -92,8 +92,22 @@ def test_an_images_settings_name_its_base_and_lora_without_the_folders_they_are_
     base.symlink_to(tiny_model)
     out = tmp_path / "samples"
     monkeypatch.chdir(run)
-    for lora, named in ((run / "pytorch_lora_weights.safetensors", "striped"), (".", "striped"), ("checkpoints/checkpoint-200", "striped@200")):
+    for lora, named in ((run / "pytorch_lora_weights.safetensors", "striped"), (".", "striped"), ("checkpoints/checkpoint-200", "striped-step00000200")):
         assert main(["sample", "--base", str(base), "--lora", str(lora), "--lora-scale", "0.5", "--prompt", "a cat", "--steps", "1", "--out", str(out)]) == 0
         [image] = sorted(out.glob("*-prompt0_seed0.png"))[-1:]
         text = Image.open(image).text["parameters"]
         assert text.endswith(f"Size: 64x64, Model: sd-tiny, Lora: {named}, Lora strength: 0.5") and "alice" not in text, text
+
+
+def test_a_checkpoints_lora_is_named_in_an_images_settings_as_export_names_its_file(tmp_path):
+    """A checkpoint's LoRA was `run@314` in an image's settings but `run-step00000314.safetensors` once exported for the webui:
+    the name in the image found no file there. Both now come from one function."""
+    from finetune.formats.kohya import resolve_output_file
+    from finetune.sampling.sample_files import lora_name
+
+    for folder in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "checkpoint-314"):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "pytorch_lora_weights.safetensors").write_bytes(b"")  # only its place is read
+        exported = resolve_output_file(tmp_path / "webui" / "models" / "Lora", "kohya", folder / "pytorch_lora_weights.safetensors")
+        assert lora_name(str(folder)) == exported.stem
+    assert lora_name(str(tmp_path / "run" / "checkpoints" / "checkpoint-314")) == "run-step00000314"

@@ -173,3 +173,14 @@ def resolve_lora_file(lora: str) -> Path:
     if path.suffix != ".safetensors":
         raise FinetuneError(f"LoRA {path} is not a .safetensors file: pickle checkpoints are not loaded (they can run code)")
     return path
+
+
+def webui_lora_stem(lora_file: Path) -> str:
+    """The name the webui lists `lora_file` by once `finetune export` has written it in kohya layout into a folder (its file
+    name's stem): a run's LORA_WEIGHTS_NAME by its run, a checkpoint's by run and step as sd-scripts names its step saves
+    (`quickstart-step00000200`; `quickstart-000004` would read as its epoch 4), any other file by its own stem. One name for
+    export's file and sample's image settings, whose `<lora:name:...>` then finds that file. `lora_file`: absolute."""
+    checkpoint = CHECKPOINT_PATTERN.match(lora_file.parent.name) if lora_file.parent.parent.name == "checkpoints" else None
+    if checkpoint is not None:
+        return f"{lora_file.parent.parent.parent.name}-step{int(checkpoint.group(1)):08d}"
+    return lora_file.parent.name if lora_file.name == LORA_WEIGHTS_NAME else lora_file.stem

@@ -343,15 +343,9 @@ def resolve_output_file(output: Path, layout: str, source: Path) -> Path:
     """A .safetensors path is used as given; a folder gets the conventional name for the layout."""
     if output.suffix == ".safetensors":
         return output
-    from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
+    from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME, webui_lora_stem
 
-    # webui lists a LoRA by its file name, so a kohya file is named after the training run, and a
-    # checkpoint's after its run and step as sd-scripts names its step saves (`quickstart-step00000200`;
-    # `quickstart-000004` would read as its epoch 4).
-    run_name = source.parent.name if source.name == LORA_WEIGHTS_NAME else source.stem
-    checkpoint = checkpoint_step_of(source)
-    if checkpoint is not None:
-        run_name = f"{source.parent.parent.parent.name}-step{checkpoint:08d}"
+    run_name = webui_lora_stem(source)  # the webui lists a LoRA by its file name: the run's (and a checkpoint's step)
     return output / (f"{run_name}.safetensors" if layout == "kohya" else LORA_WEIGHTS_NAME)
 
 

@@ -49,17 +49,12 @@ def parameters_text(prompt: str, negative_prompt: str | None, steps: int, sample
 
 
 def lora_name(lora: str) -> str:
-    """A LoRA given as `lora` (a file, or a run's or checkpoint's folder) by name: a file by its stem, a run's
-    pytorch_lora_weights.safetensors by its run, a checkpoint's as run@step (as the demo's columns name it); `--lora .`
-    from inside a run folder by that folder's name."""
-    from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
+    """A LoRA given as `lora` (a file, or a run's or checkpoint's folder; `--lora .` from inside one) by the name the webui
+    lists it by once `finetune export` has written it there (`run_files.webui_lora_stem`): a checkpoint's as run-stepNNNNNNNN,
+    the name of export's file. It was `run@314`, which named no file a webui user had."""
+    from finetune.checkpoints.run_files import resolve_lora_file, webui_lora_stem
 
-    path = Path(os.path.abspath(os.path.expanduser(lora)))
-    if path.name == LORA_WEIGHTS_NAME:
-        path = path.parent
-    if path.parent.name == "checkpoints" and path.name.startswith("checkpoint-"):
-        return f"{path.parent.parent.name}@{path.name.removeprefix('checkpoint-')}"
-    return path.stem if path.suffix == ".safetensors" else path.name
+    return webui_lora_stem(Path(os.path.abspath(resolve_lora_file(lora))))
 
 
 def _png_text(image: Image.Image) -> PngInfo | None:
