@@ -96,7 +96,53 @@ def test_an_images_settings_name_its_base_and_lora_without_the_folders_they_are_
         assert main(["sample", "--base", str(base), "--lora", str(lora), "--lora-scale", "0.5", "--prompt", "a cat", "--steps", "1", "--out", str(out)]) == 0
         [image] = sorted(out.glob("*-prompt0_seed0.png"))[-1:]
         text = Image.open(image).text["parameters"]
-        assert text.endswith(f"Size: 64x64, Model: sd-tiny, Lora: {named}, Lora strength: 0.5") and "alice" not in text, text
+        assert text.startswith(f"a cat <lora:{named}:0.5>\n") and text.endswith("Size: 64x64, Model: sd-tiny") and "alice" not in text, text
+
+
+def test_an_images_lora_is_written_as_the_webui_writes_it_so_its_txt2img_applies_it(tiny_model, tmp_path):
+    """The webui applies a LoRA named by `<lora:name:strength>` in the prompt; the "Lora: x, Lora strength: s" settings this
+    wrote it ignores, so PNG Info's send-to-txt2img drew without the LoRA. A LoRA file sampled as the webui would hold it
+    carries its `Lora hashes` too, the webui's hash of it (a run's LoRA none: export's file is another layout)."""
+    import hashlib
+    import shutil
+    from finetune.cli.main import main
+    from finetune.config import ModelConfig
+    from finetune.models.loading import load_base_model
+    from test_walkthrough_commands import trained_lora
+
+    run = tmp_path / "striped"
+    run.mkdir()
+    trained_lora(load_base_model(ModelConfig(pretrained=str(tiny_model))).unet, run / "pytorch_lora_weights.safetensors", {})
+    shared = tmp_path / "webui" / "models" / "Lora" / "striped-v2.safetensors"
+    shared.parent.mkdir(parents=True)
+    shutil.copy(run / "pytorch_lora_weights.safetensors", shared)
+    data = shared.read_bytes()
+    addnet = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]  # sd-scripts': past the header
+    out = tmp_path / "samples"
+    for lora, settings in ((run, ""), (shared, f', Lora hashes: "striped-v2: {addnet}"')):
+        args = ["sample", "--base", str(tiny_model), "--lora", str(lora), "--lora-scale", "0.8", "--prompt", "a cat --n blurry", "--steps", "1", "--num-images", "1"]
+        assert main([*args, "--out", str(out)]) == 0
+        [image] = sorted(out.glob("*-prompt0_seed0.png"))[-1:]
+        name = "striped-v2" if settings else "striped"
+        assert Image.open(image).text["parameters"] == (f"a cat <lora:{name}:0.8>\nNegative prompt: blurry\nSteps: 1, Sampler: DDIM, "
+                                                        f"CFG scale: 7.5, Seed: 0, Size: 64x64, Model: {tiny_model.name}{settings}")
+
+
+def test_the_webui_hash_of_a_lora_is_its_recorded_one_else_sd_scripts_hash_past_the_header(tmp_path):
+    """The webui keys a .safetensors LoRA by the sshs_model_hash in its header where sd-scripts wrote one, else by the sha256
+    of the file past its header: the whole file's sha256 would name no LoRA there."""
+    import hashlib
+    import torch
+    from safetensors.torch import save_file
+    from finetune.sampling.sample_files import webui_lora_hash
+
+    plain, recorded = tmp_path / "plain.safetensors", tmp_path / "recorded.safetensors"
+    save_file({"w": torch.arange(6.0)}, plain, {"ss_output_name": "plain"})
+    save_file({"w": torch.arange(6.0)}, recorded, {"sshs_model_hash": "abcdef0123456789" * 4})
+    data = plain.read_bytes()
+    assert webui_lora_hash(plain) == hashlib.sha256(torch.arange(6.0).numpy().tobytes()).hexdigest()[:12]
+    assert webui_lora_hash(plain) != hashlib.sha256(data).hexdigest()[:12]
+    assert webui_lora_hash(recorded) == "abcdef012345"
 
 
 def test_a_checkpoints_lora_is_named_in_an_images_settings_as_export_names_its_file(tmp_path):

@@ -8,6 +8,8 @@ with different prompts into one --out keep both, and a run's files sort together
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -33,19 +35,54 @@ def next_run_number(folder: Path) -> int:
 
 
 def parameters_text(prompt: str, negative_prompt: str | None, steps: int, sampler: str, guidance: float, seed: int, size: int,
-                    base: str, lora: str | None = None, lora_scale: float = 1.0) -> str:
+                    base: str, lora: tuple[str, str | None] | None = None, lora_scale: float = 1.0) -> str:
     """An image's settings in the webui's words and order: the prompt, its negative, then "Steps: 25, Sampler: DDIM,
-    CFG scale: 7.5, Seed: 0, Size: 64x64, Model: sd15, Lora: ..." (the sampler by the webui's name for it, which its
-    txt2img reads back: finetune/sampling/samplers.py's webui_sampler_fields). The base
-    and LoRA by name (`base_names.shared_base_name`, `lora_name`): an image is shared, and a path would carry the user's
-    folders into every copy."""
+    CFG scale: 7.5, Seed: 0, Size: 64x64, Model: sd15" (the sampler by the webui's name for it, which its txt2img reads
+    back: finetune/sampling/samplers.py's webui_sampler_fields). `lora`: `webui_lora`'s (name, short hash or None), written
+    as the webui's own infotext writes a LoRA: `<lora:name:strength>` in the prompt, which is what its txt2img applies (a
+    "Lora: name" setting, as this wrote before, it ignores), and `Lora hashes: "name: hash"`, by which its PNG Info finds
+    the file under another name. The base and LoRA by name (`base_names.shared_base_name`): an image is shared, and a path
+    would carry the user's folders into every copy."""
     from finetune.outputs.base_names import shared_base_name
     from finetune.sampling.samplers import webui_sampler_fields
 
+    adapter = ""
+    if lora is not None:
+        name, short_hash = lora
+        # After a space, not ", ": the webui takes the tag out of the prompt, and a comma left behind would be a token
+        # finetune did not draw with.
+        prompt = " ".join(filter(None, [prompt, f"<lora:{name}:{lora_scale:g}>"]))
+        # Quoted as the webui quotes a setting holding ':' or ','; the name without those, as it writes it.
+        adapter = f', Lora hashes: "{name.replace(":", "").replace(",", "")}: {short_hash}"' if short_hash else ""
     lines = [prompt, *([f"Negative prompt: {negative_prompt}"] if negative_prompt else [])]
-    adapter = f", Lora: {lora_name(lora)}, Lora strength: {lora_scale:g}" if lora else ""
     settings = f"Steps: {steps}, {webui_sampler_fields(sampler)}, CFG scale: {guidance:g}, Seed: {seed}, Size: {size}x{size}, Model: {shared_base_name(base)}"
     return "\n".join([*lines, settings + adapter])
+
+
+def webui_lora(lora: str) -> tuple[str, str | None]:
+    """The LoRA given as `lora` as the webui names it (`lora_name`) and its short hash there (`webui_lora_hash`) where the
+    file sampled with is the file of that name; None for a run's or checkpoint's LoRA, which the webui gets as export
+    writes it, in another layout and so with another hash (a hash of no file there is worse than none)."""
+    from finetune.checkpoints.run_files import resolve_lora_file
+
+    lora_file = resolve_lora_file(lora)
+    name = lora_name(lora)
+    return name, webui_lora_hash(lora_file) if lora_file.name == f"{name}.safetensors" else None
+
+
+def webui_lora_hash(lora_file: Path) -> str:
+    """What the webui keys a .safetensors LoRA by, first 12 hex digits: the `sshs_model_hash` sd-scripts records in its
+    header where there is one, else sd-scripts' "addnet" hash, the sha256 of the file past its header (not of the whole
+    file: a header edited in a metadata editor leaves it as it was). Read once per run, at disk speed."""
+    with open(lora_file, "rb") as opened:
+        header_size = int.from_bytes(opened.read(8), "little")
+        recorded = json.loads(opened.read(header_size)).get("__metadata__", {}).get("sshs_model_hash")
+        if recorded:
+            return recorded[:12]
+        digest = hashlib.sha256()
+        while chunk := opened.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
 
 
 def lora_name(lora: str) -> str:
