@@ -32,7 +32,8 @@ def test_options_replace_the_defaults_they_name():
         ("a dog --s 0", r"--s 0 is out of range \(1 to 999\)"),
         ("a dog --d 99999999999999999999999", r"--d 99999999999999999999999 is out of range \(0 to 9223372036854775807\)"),
         ("a dog --l nan", r"--l nan is out of range \(a finite number\)"),
-        ("a dog --ss heun", r"--ss needs a sampler \(ddim, euler or k_euler, euler_a or k_euler_a, dpmpp_2m or dpmsolver\+\+, dpmpp_2m_karras, unipc\), got 'heun'"),
+        ("a dog --ss heun", r"--ss needs a sampler \(ddim, euler or k_euler, euler_a or k_euler_a or \"Euler a\", dpmpp_2m or dpmsolver\+\+ or \"DPM\+\+ 2M Uniform\", "
+         r"dpmpp_2m_karras or \"DPM\+\+ 2M Karras\" or \"DPM\+\+ 2M\", unipc\), got 'heun'"),
     ],
 )
 def test_unknown_options_and_bad_values_are_refused_in_one_line(make_recipe, text, message):

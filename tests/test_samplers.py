@@ -14,7 +14,7 @@ from finetune.errors import FinetuneError
 from finetune.models.loading import load_base_model
 from finetune.sampling.adapters_as_trained import follow_adapters_schedule
 from finetune.sampling.pipelines import build_pipeline, generate
-from finetune.sampling.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES, sampler_of
+from finetune.sampling.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES, sampler_named, sampler_of
 from test_walkthrough_commands import trained_lora
 
 
@@ -107,12 +107,32 @@ def test_an_unknown_sampler_is_one_line_listing_the_choices(make_recipe, tiny_mo
     from finetune.config.recipe_loading import recipe_from_dict
 
     with pytest.raises(Exception) as refused:
-        recipe_from_dict({**make_recipe().model_dump(mode="json"), "validation": {"sampler": "euler a"}})
+        recipe_from_dict({**make_recipe().model_dump(mode="json"), "validation": {"sampler": "heun"}})
     assert "validation.sampler" in str(refused.value) and all(name in str(refused.value) for name in SAMPLER_NAMES)
     with pytest.raises(SystemExit):
-        main(["sample", "--base", str(tiny_model), "--prompt", "p", "--sampler", "Euler a"])
+        main(["sample", "--base", str(tiny_model), "--prompt", "p", "--sampler", "heun"])
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "--sampler" in error and all(name in error for name in SAMPLER_NAMES)
+    assert "--sampler" in error and "'heun'" in error and all(name in error for name in [*SAMPLER_NAMES, '"Euler a"', '"DPM++ 2M Karras"'])
+
+
+def test_the_webuis_sampler_names_pick_its_samplers(make_recipe, tiny_model, monkeypatch, tmp_path):
+    """`sample --sampler "Euler a"`, the webui's name, was an argparse error, as was `validation.sampler: Euler a`; a prompt's
+    --ss took sd-scripts' names only. Each takes the webui's names now, in any case; its "DPM++ 2M" alone is on Karras
+    sigmas since webui 1.9."""
+    import finetune.sampling.inference
+    from finetune.config.recipe_loading import recipe_from_dict
+    from finetune.sampling.prompt_options import PromptSettings, with_options
+
+    webui = {"DDIM": "ddim", "Euler": "euler", "Euler a": "euler_a", "DPM++ 2M Karras": "dpmpp_2m_karras", "DPM++ 2M": "dpmpp_2m_karras",
+             "UniPC": "unipc", "euler A": "euler_a"}
+    asked = []
+    monkeypatch.setattr(finetune.sampling.inference, "sample_to_folder", lambda **kwargs: asked.append(kwargs["sampler"]) or [tmp_path / "grid.png"])
+    for name, ours in webui.items():
+        assert main(["sample", "--base", str(tiny_model), "--prompt", "p", "--out", str(tmp_path), "--sampler", name]) == 0
+        assert with_options(f"p --ss {name}", PromptSettings("", None, 0, 1.0, 1)).sampler == ours
+        recipe = recipe_from_dict({**make_recipe().model_dump(mode="json"), "validation": {"sampler": name}})
+        assert recipe.validation.sampler == ours
+    assert asked == list(webui.values())
 
 
 def test_sample_passes_its_sampler_on(tiny_model, monkeypatch, tmp_path):
@@ -132,10 +152,17 @@ def test_the_demo_draws_with_the_sampler_picked(tiny_model, tmp_path):
     from finetune.errors import FinetuneError
 
     engine = DemoEngine(str(tiny_model), tmp_path)
-    drawn = {name: np.asarray(engine.render(Request("a red circle", steps=2, sampler=name))[0][0][0]) for name in ("ddim", "euler_a")}
+    drawn = {name: np.asarray(engine.render(Request("a red circle", steps=2, sampler=name))[0][0][0]) for name in ("ddim", "euler_a", "Euler a")}
     assert not np.array_equal(drawn["ddim"], drawn["euler_a"])
-    with pytest.raises(FinetuneError, match="sampler must be one of ddim, euler, .*got 'Euler a'"):
-        engine.render(Request("a red circle", steps=2, sampler="Euler a"))
+    assert np.array_equal(drawn["euler_a"], drawn["Euler a"])  # the webui's name for it, as an API caller may send it
+    with pytest.raises(FinetuneError, match="sampler: no sampler here is named 'heun': choose ddim, euler"):
+        engine.render(Request("a red circle", steps=2, sampler="heun"))
+    from finetune.demo.page import build_app
+
+    [listed] = [block for block in build_app(engine).blocks.values() if getattr(block, "elem_id", None) == "sampler"]
+    assert [tuple(choice) for choice in listed.choices] == [("DDIM", "ddim"), ("Euler", "euler"), ("Euler a", "euler_a"), ("DPM++ 2M Uniform", "dpmpp_2m"),
+                                                            ("DPM++ 2M Karras", "dpmpp_2m_karras"), ("UniPC", "unipc")]  # the webui's names on the page
+    assert all(sampler_named(label) == name for label, name in listed.choices)  # and each read back as the sampler it names
 
 
 def test_a_prompts_ss_draws_it_with_that_sampler_and_the_others_as_before(base, monkeypatch):

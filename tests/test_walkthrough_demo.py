@@ -50,7 +50,7 @@ def test_values_gradio_refuses_through_the_api_name_the_input_and_print_no_trace
     for odd, named in ((dict(steps=0), "steps: Value 0 is less than minimum value 1"), (dict(lora_2="nope"), "unknown lora 'nope': pick one from the list"),
                        (dict(conditioning_kind="bogus"), "use the upload as is"), (dict(seed=-1), "seed: Value -1 is less than"),
                        (dict(model="db"), "unknown pipeline 'db'"), (dict(lora_1=["trained"]), "LoRA 1 must be a name from its list"),
-                       (dict(sampler="Euler a"), "sampler (as the webui names them): Value: Euler a is not in the list of choices: ['ddim'")):  # fmt: skip
+                       (dict(sampler="heun"), "sampler (as the webui names them): Value: heun is not in the list of choices: ['ddim'")):  # fmt: skip
         with pytest.raises(AppError) as refused:
             client.predict(api_name="/generate", **{"prompt": PROMPT, "steps": 2, "conditioning_image": None, **odd})
         assert str(refused.value).strip("'\"").startswith(named), refused.value

@@ -10,7 +10,7 @@ from finetune.cli.option_advice import options_meant, override_for, recipe_metho
 from finetune.controlnet.condition_kinds import CANNY_HIGH, CANNY_LOW, CANNY_SIGMA, KINDS, MASK_THRESHOLD, MAX_CANNY_SIGMA
 from finetune.data.image_bounds import MAX_RESOLUTION, RESOLUTION_BOUND
 from finetune.sampling.prompt_options import MAX_STEPS
-from finetune.sampling.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
+from finetune.sampling.samplers import DEFAULT_SAMPLER, SAMPLER_CHOICES, sampler_named
 
 
 EXAMPLES = """examples:
@@ -98,6 +98,14 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
+
+
+def sampler_option(text: str) -> str:
+    """An argparse type: a sampler by our name, sd-scripts' or the webui's ("Euler a", as its sampler list spells it)."""
+    try:
+        return sampler_named(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def positive_number(text: str) -> float:
@@ -205,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--num-images", type=positive_int, default=4, help="images per prompt (default 4; seeds seed..seed+N-1, from a prompt's own --d if it has one)")
     sample.add_argument("--seed", type=seed_number, default=0, help="seed of each prompt's first image (default 0)")
     sample.add_argument("--steps", type=sampling_steps, default=25, help="sampling steps (default 25)")
-    sample.add_argument("--sampler", choices=SAMPLER_NAMES, default=DEFAULT_SAMPLER,
-                        help=f"the sampler, by the webui's names (default {DEFAULT_SAMPLER}; each keeps the model's prediction type and noise schedule)")
+    sample.add_argument("--sampler", type=sampler_option, default=DEFAULT_SAMPLER, metavar="SAMPLER",
+                        help=f"the sampler: {SAMPLER_CHOICES} (default {DEFAULT_SAMPLER}; each keeps the model's prediction type and noise schedule)")
     sample.add_argument("--guidance", type=finite_float, default=7.5, help="classifier-free guidance scale (default 7.5; 1 or below: none)")
     sample.add_argument("--resolution", type=sample_side, default=None, help="image size (default: the model's)")
     sample.add_argument("--out", default="outputs/samples", help="output folder (default outputs/samples)")

@@ -16,7 +16,7 @@ from finetune.config.training import DENOISING_SETTINGS, OptimizerConfig, TrainC
 from finetune.data.image_bounds import class_batch_problem, grid_problem
 from finetune.errors import FinetuneError
 from finetune.sampling.prompt_options import PromptSettings, with_options
-from finetune.sampling.samplers import DEFAULT_SAMPLER, KARRAS_ON_ZERO_TERMINAL_SNR, SamplerName, steps_problem, trailing_steps_problem
+from finetune.sampling.samplers import DEFAULT_SAMPLER, KARRAS_ON_ZERO_TERMINAL_SNR, SamplerName, sampler_named, steps_problem, trailing_steps_problem
 from finetune.sampling.validation_prompts import read_prompts_file
 
 
@@ -88,6 +88,16 @@ class ValidationConfig(Section):
     # Hold this many training images out of training and report the loss on them at each validation
     # (fixed noise and timesteps: it falls while the model generalises and turns up when it overfits). 0: off.
     loss_images: int = Field(0, ge=0)
+
+    @field_validator("sampler", mode="before")
+    @classmethod
+    def _sampler_by_any_name(cls, sampler):
+        """sd-scripts' and the webui's names too ("Euler a"), as `sample --sampler` and a prompt's --ss take them; any other
+        is left to the Literal's error, which lists ours."""
+        try:
+            return sampler_named(sampler) if isinstance(sampler, str) else sampler
+        except ValueError:
+            return sampler
 
     @field_validator("prompts")
     @classmethod

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -47,7 +47,7 @@ from finetune.sampling.inference import base_model_metadata, load_unlocked_decod
 from finetune.sampling.pipelines import build_pipeline, generate, read_prompts_as_trained
 from finetune.sampling.placement import inference_placement, place
 from finetune.sampling.prompt_options import PromptSettings, guidance_notes, unread_options_notes, webui_syntax_notes
-from finetune.sampling.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES, spacing_steps_problem
+from finetune.sampling.samplers import DEFAULT_SAMPLER, sampler_named, spacing_steps_problem
 
 CACHE_SIZE = {"lora": 8, "controlnet": 2, "pipeline": 1}
 
@@ -76,7 +76,7 @@ class Request:
     include_base: bool = True
     rows: int = 1
     separate: bool = False  # each LoRA in columns of its own (compare runs, or a run's steps), not all together
-    sampler: str = DEFAULT_SAMPLER  # finetune/sampling/samplers.py's names
+    sampler: str = DEFAULT_SAMPLER  # finetune/sampling/samplers.py's names, sd-scripts' or the webui's (`sampler_named`)
 
 
 @dataclass
@@ -177,6 +177,10 @@ class DemoEngine:
 
     def _render(self, request: Request, progress):
         started = time.perf_counter()
+        try:  # by any name the samplers have ("Euler a", as the webui and the page's list name it): ours from here on
+            request = replace(request, sampler=sampler_named(request.sampler))
+        except ValueError as err:
+            raise FinetuneError(f"sampler: {err}") from None
         _check_request(request)
         model = self.model(request.model)
         models = {"unet": model.unet, "text_encoder": model.text_encoder}
@@ -334,7 +338,6 @@ def _check_request(request: Request) -> None:
         (not 1 <= request.steps <= 150, f"steps must be 1 to 150, got {request.steps}"),
         (request.size % 8 or not 32 <= request.size <= 1024, f"size must be a multiple of 8 from 32 to 1024, got {request.size}"),
         (not 1 <= request.rows <= 4, f"rows must be 1 to 4, got {request.rows}"),
-        (request.sampler not in SAMPLER_NAMES, f"sampler must be one of {', '.join(SAMPLER_NAMES)}, got '{request.sampler}'"),
         (len(set(names)) != len(names), "the same LoRA is selected twice: pick each LoRA once and set its strength"),
     ):
         if bad:

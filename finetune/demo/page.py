@@ -35,7 +35,7 @@ from finetune.demo.inputs import (
 )
 from finetune.cli.library_noise import quiet_weight_progress_bars
 from finetune.errors import FinetuneError
-from finetune.sampling.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES
+from finetune.sampling.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES, webui_label
 
 DEFAULT_BASE = Path(__file__).resolve().parents[1] / "assets" / "toyworld-base"
 FALLBACK_BASE = Path("outputs/demo-base")
@@ -150,7 +150,7 @@ def build_app(engine, note: str = "", queue_size: int = 8):
                     steps = gr.Slider(1, 100, value=20, step=1, label="steps")
                     guidance = gr.Slider(0, 20, value=5.0, step=0.5, label="guidance")
                     size = gr.Slider(32, 1024, value=engine.base.unet.config.sample_size * 8, step=8, label="size")
-                sampler = gr.Dropdown(list(SAMPLER_NAMES), value=DEFAULT_SAMPLER, label="sampler (as the webui names them)", elem_id="sampler")
+                sampler = gr.Dropdown([(webui_label(name), name) for name in SAMPLER_NAMES], value=DEFAULT_SAMPLER, label="sampler (as the webui names them)", elem_id="sampler")
                 model = gr.Dropdown([BASE, *engine.names("pipeline")], value=BASE, label="model (base or a trained pipeline)", elem_id="model", **ADAPTER_LIST)
                 slots = []
                 with gr.Accordion("LoRAs (several at once, each with its strength)", open=True):

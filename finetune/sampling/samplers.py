@@ -15,7 +15,14 @@ DEFAULT_SAMPLER = "ddim"
 # "dpmsolver++" is diffusers' default of it, order 2 without Karras sigmas. Its others (ddpm, pndm, lms, heun, dpm_2,
 # dpm_2_a, dpmsolver, dpmsingle; k_ names included) have none here.
 SD_SCRIPTS_NAMES = {"k_euler": "euler", "k_euler_a": "euler_a", "dpmsolver++": "dpmpp_2m"}
-SAMPLER_CHOICES = ", ".join(name + "".join(f" or {other}" for other, ours in SD_SCRIPTS_NAMES.items() if ours == name) for name in SAMPLER_NAMES)
+# The webui's names (its sampler list, and what its infotext's Sampler field says), read in any case. Its "DPM++ 2M" alone
+# is on Karras sigmas since webui 1.9 (its "Automatic" schedule type for it), so that is what it names here.
+# "DPM++ 2M Uniform": the demo's list's name (`webui_label`) of the plain one. DDIM, Euler and UniPC are ours in another case.
+WEBUI_NAMES = {"Euler a": "euler_a", "DPM++ 2M Karras": "dpmpp_2m_karras", "DPM++ 2M": "dpmpp_2m_karras", "DPM++ 2M Uniform": "dpmpp_2m"}
+_OTHER_NAMES = {**SD_SCRIPTS_NAMES, **WEBUI_NAMES}
+_BY_LOWER_CASE = {other.lower(): ours for other, ours in _OTHER_NAMES.items()}
+SAMPLER_CHOICES = ", ".join(name + "".join(f' or "{other}"' if " " in other else f" or {other}" for other, ours in _OTHER_NAMES.items() if ours == name)
+                            for name in SAMPLER_NAMES)
 
 # name: (diffusers scheduler class, the settings that make it that sampler), as the webui's names map onto diffusers.
 _SCHEDULERS = {
@@ -43,14 +50,21 @@ def webui_sampler_fields(name: str) -> str:
     return f"Sampler: {_WEBUI_SAMPLERS[name]}"
 
 
+def webui_label(name: str) -> str:
+    """Sampler `name` (ours) as a list shows it to a webui user: "Euler a"; dpmpp_2m as "DPM++ 2M Uniform", its DPM++ 2M
+    on the Uniform schedule type (its plain "DPM++ 2M" is dpmpp_2m_karras)."""
+    return _WEBUI_SAMPLERS[name].replace(", Schedule type: ", " ")
+
+
 def sampler_named(name: str) -> str:
-    """The sampler here that `name` (ours or sd-scripts', in any case) names; a ValueError for any other."""
-    name = name.strip().lower()
-    if name in SAMPLER_NAMES:
-        return name
-    if name in SD_SCRIPTS_NAMES:
-        return SD_SCRIPTS_NAMES[name]
-    raise ValueError(f"no sampler here is named {name!r}")
+    """The sampler here that `name` (ours, sd-scripts' or the webui's, in any case: "Euler a") names; a ValueError listing
+    the choices for any other."""
+    key = " ".join(name.split()).lower()
+    if key in SAMPLER_NAMES:
+        return key
+    if key in _BY_LOWER_CASE:
+        return _BY_LOWER_CASE[key]
+    raise ValueError(f"no sampler here is named {name!r}: choose {SAMPLER_CHOICES}")
 
 
 def sampler_scheduler(name: str, config, **changes):
