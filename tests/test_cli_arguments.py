@@ -93,3 +93,14 @@ def test_a_second_lora_is_refused_not_dropped(command, capsys):
         main([*command, "--lora", "a.safetensors", "--lora", "b.safetensors"])
     assert capsys.readouterr().err.strip().endswith("error: --lora is given twice: these commands take one LoRA (the demo applies several together; "
                                                     "to merge several, merge one, then merge the next into that output given as --base)")
+
+
+def test_several_lora_strengths_in_sample_say_where_strengths_are_compared(capsys):
+    """`sample --lora-scale 1,0.5` (the demo's strengths field takes that) was argparse's bare "invalid finite_float value"."""
+    for value in ("1,0.5", "0.5;1"):
+        with pytest.raises(SystemExit):
+            main(["sample", "--prompt", "x", "--lora", "a.safetensors", "--lora-scale", value])
+        error = capsys.readouterr().err.strip().splitlines()
+        assert error[-1].endswith(f"error: argument --lora-scale: takes one strength, got '{value}': run sample once per strength (each run is "
+                                  "numbered apart in --out, and each image's settings name its strength), or compare them side by side in "
+                                  "finetune demo, whose strengths field takes 1, 0.5"), error

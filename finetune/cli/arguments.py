@@ -100,6 +100,14 @@ def finite_float(text: str) -> float:
     return value
 
 
+def lora_strength(text: str) -> float:
+    """An argparse type: one strength (`finite_float`); several ("1,0.5") say where to compare them (a sample grid's columns are seeds)."""
+    if any(separator in text for separator in ",;"):
+        raise argparse.ArgumentTypeError(f"takes one strength, got {text!r}: run sample once per strength (each run is numbered apart in --out, and each "
+                                         "image's settings name its strength), or compare them side by side in finetune demo, whose strengths field takes 1, 0.5")
+    return finite_float(text)
+
+
 def sampler_option(text: str) -> str:
     """An argparse type: a sampler by our name, sd-scripts' or the webui's ("Euler a", as its sampler list spells it)."""
     try:
@@ -204,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_base_options(sample, default_help=RECORDED_BASE_HELP)
     sample.add_argument("--lora", action=OneLoRA, help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
-    sample.add_argument("--lora-scale", type=finite_float, default=1.0, help="LoRA strength (default 1.0)")
+    sample.add_argument("--lora-scale", type=lora_strength, default=1.0, help="LoRA strength (default 1.0; one: compare several in finetune demo)")
     sample.add_argument("--controlnet", help="ControlNet folder (config.json + weights), or a controlnet training output folder")
     sample.add_argument("--condition", action="append", help="conditioning image for --controlnet (edges, mask, ...), used for every prompt")
     sample.add_argument("--conditioning-scale", type=finite_float, default=None, help="ControlNet strength (default 1.0; 0 = the base model alone)")
