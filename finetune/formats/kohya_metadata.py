@@ -10,7 +10,10 @@ import contextlib
 import json
 import re
 
-KOHYA_ONLY_METADATA = ("ss_",)
+# sd-scripts' `sshs_model_hash` and `sshs_legacy_hash` are hashes of the very file they are in, which the webui keys a LoRA by
+# in preference to hashing it: carried into an export (fp16, or the other layout) they named the source file's bytes, and
+# the webui took the new file for the old one. Not read, so never written again.
+KOHYA_ONLY_METADATA = ("ss_", "sshs_")
 # LoRA+ ratios: sd-scripts takes them as network_args and records those as JSON in ss_network_args.
 LORAPLUS_KEYS = ("loraplus_lr_ratio", "loraplus_text_encoder_lr_ratio")
 # Our metadata keys and sd-scripts' keys for the same thing, copied across on import and export.
