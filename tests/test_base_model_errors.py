@@ -215,7 +215,7 @@ def hub_base_requests(tiny_model, tmp_path, monkeypatch) -> list[str]:
         return download(repo_id, **kwargs)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    monkeypatch.setattr(train_inputs, "check_data_first", lambda recipe: events.append("data check") or check(recipe))
+    monkeypatch.setattr(train_inputs, "check_data_first", lambda recipe, resume_from=None: events.append("data check") or check(recipe, resume_from))
     return events
 
 

@@ -142,3 +142,23 @@ def test_concepts_sharing_a_class_folder_each_report_its_own_class_images_once(m
         method.check_data()
     labels = [report.label for report in method.data_reports if report.label.startswith("class images")]
     assert labels == [f"class images {classes} (your own; 0 generated earlier, 0 to generate)"] * 2, labels
+
+
+@pytest.mark.parametrize(("method", "settings", "processes", "said"), [
+    ("lora", {"train": {"batch_size": 8}}, 1, "4 training images (repeats counted) are fewer than one batch (train.batch_size 8): "),
+    ("controlnet", {"train": {"batch_size": 3}}, 2, "4 training images (repeats counted) are fewer than one batch (train.batch_size 3 x 2 processes): "),
+    ("lora", {"train": {"batch_size": 3}, "validation": {"loss_images": 2}}, 1,
+     "2 training images (repeats counted) (4 before validation.loss_images held some out) are fewer than one batch (train.batch_size 3): "),
+])  # fmt: skip
+def test_too_few_images_for_a_batch_are_said_before_the_training_stack_loads(method, settings, processes, said, image_folder, pairs_folder, tmp_path,
+                                                                            monkeypatch, capsys):  # fmt: skip
+    """train.batch_size over the images left to train (by the launch's processes, less those held out) was said by train()
+    once torch, accelerate and diffusers had loaded (about 10 s of CPU): the command says it after its data check."""
+    monkeypatch.setenv("WORLD_SIZE", str(processes))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))  # on one machine
+    monkeypatch.setattr(finetune.cli.train_command, "_run_training", lambda *args: pytest.fail("the training stack was loaded before the refusal"))
+    monkeypatch.setattr("finetune.distributed.launch_options.check_launch_first", lambda: None)  # a launch of `processes` this test does not start
+    folder = pairs_folder if method == "controlnet" else image_folder
+    assert main(["train", str(write_recipe(tmp_path, method, folder, **settings))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {said}"), err

@@ -34,7 +34,7 @@ if dist.get_rank() == 1:  # a loaded machine: process 1 reads the first's line a
     c10d._get_default_store = SlowStore
 finetune.config.recipe_loading.load_recipe = lambda path, overrides: SimpleNamespace(output_dir=sys.argv[1], data=SimpleNamespace(resolution=512), model=SimpleNamespace(pretrained="", single_file_config=None))
 finetune.data_check.train_inputs.check_inputs_exist = lambda recipe: None
-finetune.data_check.train_inputs.check_data_first = lambda recipe: None  # nor data
+finetune.data_check.train_inputs.check_data_first = lambda recipe, resume_from=None: None  # nor data
 finetune.data_check.starting_files.check_starting_files = lambda recipe, resuming: None  # nor the files it starts from
 finetune.cli.run_refusals.check_run_first = lambda *a: None  # nor train()'s refusals of the run
 finetune.models.native_resolution.far_from_native_line = lambda *a: None  # the fake recipe names no real base

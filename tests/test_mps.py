@@ -167,7 +167,7 @@ def test_8bit_optimizers_fall_back_to_adamw_on_mps_said_before_the_data_check(im
     monkeypatch.setattr(sys, "platform", "darwin")
     said, built = {}, []
 
-    def data_check(recipe):
+    def data_check(recipe, resume_from=None):
         said["before the data check"] = capsys.readouterr().out
 
     def training(recipe, args, base_location):  # train() as far as its optimizer, on the Mac's MPS, within the command

@@ -22,7 +22,7 @@ import finetune.data_check.train_inputs
 def refused_first(monkeypatch, capsys):
     """Runs `finetune train ARGS`, with the data check and the training stack failing the test where reached; returns its one
     line of error."""
-    monkeypatch.setattr(finetune.data_check.train_inputs, "check_data_first", lambda recipe: pytest.fail("every image was decoded before the refusal"))
+    monkeypatch.setattr(finetune.data_check.train_inputs, "check_data_first", lambda recipe, resume_from=None: pytest.fail("every image was decoded before the refusal"))
     monkeypatch.setattr(finetune.cli.train_command, "_run_training", lambda *args: pytest.fail("the training stack was loaded before the refusal"))
 
     def run(*args: str) -> str:
@@ -90,7 +90,7 @@ def test_an_8bit_optimizer_without_bitsandbytes_falls_back_said_before_the_data_
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not found, as where it is not installed
     said: dict[str, str] = {}
 
-    def data_check(recipe):
+    def data_check(recipe, resume_from=None):
         said["before the data check"] = capsys.readouterr().out
 
     def training(recipe, args, base_location):  # train() as far as its optimizer, within the command

@@ -105,7 +105,7 @@ def test_a_lora_init_from_for_another_target_than_a_single_files_is_said_before_
     import finetune.data_check.train_inputs
 
     configs_in_the_cache(tmp_path, monkeypatch)
-    monkeypatch.setattr(finetune.data_check.train_inputs, "check_data_first", lambda recipe: pytest.fail("every image was decoded before the refusal"))
+    monkeypatch.setattr(finetune.data_check.train_inputs, "check_data_first", lambda recipe, resume_from=None: pytest.fail("every image was decoded before the refusal"))
     monkeypatch.setattr(finetune.cli.train_command, "_run_training", lambda *args: pytest.fail("the training stack was loaded before the refusal"))
     v_configs = shutil.copytree(tmp_path / "configs", tmp_path / "v-configs")  # a hub id's, given as model.single_file_config
     scheduler = json.loads((v_configs / "scheduler" / "scheduler_config.json").read_text())
@@ -132,7 +132,7 @@ def test_a_single_file_whose_yaml_says_another_prediction_than_its_hub_configs_i
     import finetune.data_check.train_inputs
 
     configs_in_the_cache(tmp_path, monkeypatch)
-    monkeypatch.setattr(finetune.data_check.train_inputs, "check_data_first", lambda recipe: pytest.fail("every image was decoded before the refusal"))
+    monkeypatch.setattr(finetune.data_check.train_inputs, "check_data_first", lambda recipe, resume_from=None: pytest.fail("every image was decoded before the refusal"))
     monkeypatch.setattr(finetune.cli.train_command, "_run_training", lambda *args: pytest.fail("the training stack was loaded before the refusal"))
     single_file.with_suffix(".yaml").write_text("model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params:\n    parameterization: \"v\"\n")
     recipe = tmp_path / "recipe.yaml"

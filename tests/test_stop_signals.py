@@ -55,7 +55,7 @@ def test_a_training_run_stopped_at_a_step_exits_as_the_signal_says(monkeypatch, 
 
     monkeypatch.setattr(finetune.config.recipe_loading, "load_recipe", lambda *a: SimpleNamespace(output_dir=str(tmp_path), data=SimpleNamespace(resolution=512), model=SimpleNamespace(pretrained="", single_file_config=None)))
     monkeypatch.setattr(finetune.data_check.train_inputs, "check_inputs_exist", lambda recipe: None)
-    monkeypatch.setattr(finetune.data_check.train_inputs, "check_data_first", lambda recipe: None)  # nor data
+    monkeypatch.setattr(finetune.data_check.train_inputs, "check_data_first", lambda recipe, resume_from=None: None)  # nor data
     monkeypatch.setattr(finetune.data_check.starting_files, "check_starting_files", lambda recipe, resuming: None)  # nor the files it starts from
     monkeypatch.setattr(finetune.cli.run_refusals, "check_run_first", lambda *a: None)  # nor train()'s refusals of the run
     monkeypatch.setattr(finetune.models.native_resolution, "far_from_native_line", lambda *a: None)  # the fake recipe names no real base

@@ -42,7 +42,7 @@ def test_the_files_prompts_are_the_ones_sampled_after_the_recipes(make_recipe, t
 @pytest.fixture
 def refused_at_load(monkeypatch, capsys, image_folder, tmp_path):
     """`finetune train` of a recipe whose validation.prompts_file is `path`: its one line of error, said before the data check."""
-    monkeypatch.setattr(finetune.data_check.train_inputs, "check_data_first", lambda recipe: pytest.fail("the data was checked before the refusal"))
+    monkeypatch.setattr(finetune.data_check.train_inputs, "check_data_first", lambda recipe, resume_from=None: pytest.fail("the data was checked before the refusal"))
     monkeypatch.setattr(finetune.cli.train_command, "_run_training", lambda *args: pytest.fail("the training stack was loaded before the refusal"))
 
     def run(path) -> str:

@@ -48,7 +48,7 @@ def run_train_command(args) -> int:
         guard_earlier_run(output_dir, resume_from, args.overwrite)
         check_starting_files(recipe, resuming=resume_from is not None)  # controlnet.pretrained, lora.init_from, the validation conditions
         check_run_first(recipe, resume_from, base_location)  # train()'s refusals of the run itself (finetune/cli/run_refusals.py)
-        check_data_first(recipe)  # every image decoded, after the cheaper checks above; train() takes its result
+        check_data_first(recipe, resume_from)  # every image decoded, after the cheaper checks above (train() takes its result), then whether they fill a batch
         result = _run_training(recipe, args, base_location)
     if result.interrupted:
         return exit_status(result.stopped_by)

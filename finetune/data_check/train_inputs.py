@@ -9,6 +9,7 @@ from typing import Callable
 
 from finetune.config import DataConfig, FolderConfig, LossMaskConfig, Recipe
 from finetune.config.training import timestep_range_problem
+from finetune.data.epoch_uses import expand_together
 from finetune.data.sources import check_folders_exist, folder_images, refuse_a_folder_without_images
 from finetune.data_check.class_folders_inside import RUNS_OWN
 from finetune.dreambooth.class_image_plans import checked_own_class_images, class_folder, own_class_images
@@ -68,27 +69,46 @@ def perceptual_network_file(recipe: Recipe) -> Path | None:
     return path
 
 
-def check_data_first(recipe: Recipe) -> None:
+def check_data_first(recipe: Recipe, resume_from: Path | None = None) -> None:
     """The data check `train()` makes (its images decoded: a corrupt, tiny or uncaptioned one stops in one line), made by
     `finetune train` before torch and the model stack load, some 20 s; within `checks_kept` train() takes its result. A
-    DreamBooth run's class images a user brought are checked too (those it generates are checked once made)."""
+    DreamBooth run's class images a user brought are checked too (those it generates are checked once made). Then whether
+    the images left to train (`resume_from`'s held-out ones kept out) fill one batch, as train() refuses it once torch,
+    accelerate and diffusers have loaded."""
     if recipe.method == "controlnet":
         from finetune.controlnet.conditioning_records import data_folder_record
         from finetune.controlnet.pairs import checked_pairs
 
         data_folder_record(recipe.data)  # a record make-conditions could not have written: before the images are decoded, as train() says it
-        checked_pairs(recipe)
+        pairs, report = checked_pairs(recipe)
+        check_batches_filled(recipe, [pair.image for pair in pairs], [report], resume_from)
         return
     if recipe.method == "vae":
         perceptual_network_file(recipe)  # as VAEMethod.check_data says it: before the images are read
     from finetune.data_check.check import checked_report
 
-    for config in data_configs(recipe):
-        checked_report(config)
+    reports = [checked_report(config) for config in data_configs(recipe)]
     if recipe.method == "dreambooth" and recipe.dreambooth.prior_preservation:
         for index in range(len(recipe.dreambooth.concepts)):
             folder = class_folder(recipe, index)
             checked_own_class_images(recipe, index, folder, own_class_images(folder, recipe.dreambooth.num_class_images))
+    items = [example for examples in expand_together([report.usable for report in reports]) for example in examples]  # as the methods list them
+    check_batches_filled(recipe, items, reports, resume_from)
+
+
+def check_batches_filled(recipe: Recipe, items: list, reports: list, resume_from: Path | None) -> None:
+    """train()'s refusal of too few images to fill one global batch (or of a DreamBooth concept held out whole), from the
+    data check's items (repeats counted) as the method lists them, with the images validation.loss_images holds out (a
+    resume's: its checkpoint's) and the launch's processes."""
+    from finetune.data.buckets import too_few_to_batch
+    from finetune.distributed.process_env import launched_processes
+    from finetune.training.held_out import concept_held_out_whole, held_out_for_run, held_out_sources
+
+    trained = held_out_for_run(items, recipe.validation.loss_images, recipe.seed, resume_from).trained
+    sources = [item.source for item in items]
+    short = too_few_to_batch(len(trained), recipe, launched_processes(), len(sources))
+    if short := short or concept_held_out_whole(reports, held_out_sources(sources, trained), recipe):
+        raise FinetuneError(short)
 
 
 def check_folders_hold_images(config: DataConfig) -> None:
