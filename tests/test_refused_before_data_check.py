@@ -3,6 +3,7 @@ large folder): they came only from inside train(), once every image had been dec
 runs the command with the data check and the training stack standing in as failures: the refusal must come first."""
 
 import json
+from pathlib import Path
 import shutil
 import sys
 
@@ -243,3 +244,36 @@ def test_an_8bit_optimizer_with_a_bitsandbytes_that_fails_to_import_is_refused_b
     assert line == ("error: optimizer.name adamw8bit: bitsandbytes is installed but cannot be imported (RuntimeError: CUDA Setup failed despite GPU "
                     "being available.), and diffusers imports it wherever it is installed: reinstall it for this machine (pip install "
                     "--force-reinstall bitsandbytes), or uninstall it (pip uninstall bitsandbytes; 8-bit optimizers then fall back to torch AdamW)"), line
+
+
+def test_an_8bit_optimizer_whose_bitsandbytes_has_no_native_library_falls_back_said_before_the_data_check(image_folder, tmp_path, monkeypatch, capsys):
+    """bitsandbytes installed without its native library (a build never compiled, its .so files gone) imports and says
+    nothing on the CPU: its 8-bit step ran in its slow pure-torch code (on a GPU it raised at the first step). Its own
+    record of it (`cextension.lib`, its mock library) is read after the import the command makes anyway, and the run
+    falls back to AdamW, said before the data check."""
+    import torch
+    from bitsandbytes import cextension
+
+    from finetune.errors import FinetuneError
+    from finetune.optim.optimizers import build_optimizer
+
+    # What bitsandbytes sets where its library fails to load on the CPU (cextension.py, 0.50.2), its own words.
+    monkeypatch.setattr(cextension, "lib", cextension.ErrorHandlerMockBNBNativeLibrary("XPU/CPU can run without native library."))
+    said: dict[str, object] = {}
+
+    def data_check(recipe, resume_from=None):
+        said["before the data check"] = capsys.readouterr().out
+
+    def training(recipe, args, base_location):  # train() as far as its optimizer, within the command
+        said["built"] = type(build_optimizer(recipe.optimizer, [torch.nn.Parameter(torch.zeros(4096))]))
+        said["by train()"] = capsys.readouterr().out
+        raise FinetuneError("stopped here by the test")
+
+    monkeypatch.setattr(finetune.data_check.train_inputs, "check_data_first", data_check)
+    monkeypatch.setattr(finetune.cli.train_command, "_run_training", training)
+    assert main(["train", write_recipe(tmp_path, image_folder, optimizer={"name": "adamw8bit"})]) == 2
+    before = said["before the data check"].splitlines()
+    fallbacks = [line for line in before if line.startswith("warning: optimizer.name=adamw8bit: bitsandbytes has no native library for this machine")]
+    assert len(fallbacks) == 1 and fallbacks[0].endswith("; falling back to torch AdamW (32-bit states)"), before
+    assert f"{Path(cextension.__file__).parent}/libbitsandbytes_*" in fallbacks[0], fallbacks
+    assert said["built"] is torch.optim.AdamW and "bitsandbytes" not in said["by train()"], said

@@ -14,7 +14,7 @@ from finetune.cli.library_noise import quiet_paged_optimizer_on_cpu
 from finetune.config import OptimizerConfig
 from finetune.config.training import ADAMW_BETAS
 from finetune.console import warn
-from finetune.optim.packages import BITSANDBYTES_OPTIMIZERS, check_optimizer_installed, eight_bit_step_missing, say_bitsandbytes_fallback
+from finetune.optim.packages import BITSANDBYTES_OPTIMIZERS, check_optimizer_installed, eight_bit_step_missing, native_library_missing, say_bitsandbytes_fallback
 
 
 def build_optimizer(config: OptimizerConfig, parameters: list, device: torch.device | None = None, sharded: bool = False) -> torch.optim.Optimizer:
@@ -31,7 +31,7 @@ def build_optimizer(config: OptimizerConfig, parameters: list, device: torch.dev
         # its factored second moments (a row and a column per matrix) are what make it small.
         return Adafactor(parameters, lr=config.lr, weight_decay=config.weight_decay, scale_parameter=False, relative_step=False)
     if config.name in BITSANDBYTES_OPTIMIZERS:
-        if missing := eight_bit_step_missing((device or first_device(parameters)).type):  # Apple's MPS
+        if missing := eight_bit_step_missing((device or first_device(parameters)).type) or native_library_missing():  # Apple's MPS; no .so
             say_bitsandbytes_fallback(config.name, missing)  # unless `finetune train` said it before its data check
         else:
             try:
