@@ -209,11 +209,13 @@ def test_train_then_sample_with_the_adapter(tmp_path, capsys, tiny_model, image_
                  "--out", str(s5)])  # fmt: skip
     assert code == 0 and (f"wrote 5 images and a grid: {s5 / '00002-grid.png'} "
                           "(images beside it: 00002-prompt0_seed0.png, 00002-prompt0_seed1.png, ... 00002-prompt0_seed4.png)\n") in capsys.readouterr().out
-    # Another base model: one line naming a layer that does not fit; a base that is not there names --base.
+    # Another base model: one line naming a layer that does not fit, from the LoRA's header and the base's configs (before
+    # torch loads: finetune/formats/lora_base_fit.py); a base that is not there names --base.
     code = main(["sample", "--base", str(SHIPPED_BASE), "--lora", str(tmp_path / "out"), "--prompt", "x", "--out", str(tmp_path / "s3")])
-    err = capsys.readouterr().err.strip().splitlines()  # sample draws no transformers bar for the text encoder's weights
+    err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    assert re.search(r"does not fit this base model: LoRA layer unet\..* has shape \(.*\) but the base model's is \(.*\): another base model\?$", err[0])
+    assert re.search(rf"does not fit base model {SHIPPED_BASE}: its layer \S+ reads text 32 wide, the base's \S+ has (cross_attention_dim|hidden_size) 64 "
+                     r"\(.*\): the LoRA was trained on another base; pass that one as --base$", err[0]), err
     code = main(["sample", "--base", str(tmp_path / "nowhere"), "--prompt", "x"])
     assert code == 2 and capsys.readouterr().err.strip().endswith("nowhere not found: no such folder or file (check --base)")
 

@@ -71,6 +71,15 @@ def check_local_base(base: str, base_config: str | None) -> None:
         locate_base(ModelConfig.from_option(base, base_config))
 
 
+def check_lora_fits_base(lora: str | None, base: str, base_config: str | None) -> None:
+    """A --lora trained on another base (its text widths against the base's configs), said before torch loads: it was said
+    once the base had loaded, 23 to 25 s in (finetune.formats.lora_base_fit)."""
+    if lora:
+        from finetune.formats.lora_base_fit import check_lora_base_fit  # safetensors' header reader: where there is a LoRA
+
+        check_lora_base_fit(resolve_lora_file(lora), base, base_config)
+
+
 def check_lora_scale_has_a_lora(args) -> None:
     """--lora-scale without --lora: refused, not ignored (the images would be the base model's, at no strength asked for)."""
     if args.lora is None and args.lora_scale != 1.0:
@@ -193,6 +202,7 @@ def _sample(args) -> int:
     if args.resolution is None:  # the model's own, from its configs (where they cannot be read, once it loads: finetune.sampling.inference)
         check_grid(native_resolution(base, args.base_config))
     check_local_base(base, args.base_config)
+    check_lora_fits_base(args.lora, base, args.base_config)
     quiet_weight_progress_bars()  # transformers loads with torch: after the checks, so a refusal stays quick
     from finetune.sampling.inference import sample_to_folder  # torch and diffusers: after the checks above, which need neither
 
@@ -305,6 +315,7 @@ def _merge(args) -> int:
     check_merge_output(Path(args.output_dir), Path(args.lora), args.overwrite)  # before the LoRA's base is read (torch)
     base = base_or_recorded(args)
     check_local_base(base, args.base_config)
+    check_lora_fits_base(args.lora, base, args.base_config)
     quiet_weight_progress_bars()
     from finetune.formats.merge import merge_lora  # torch and diffusers: after the checks above, which need neither
 

@@ -18,7 +18,7 @@ def native_resolution(base: str, base_config: str | None = None) -> int | None:
     source = base_config if Path(base).suffix in SINGLE_FILE_SUFFIXES else base
     if source is None:
         return None
-    unet, vae = (_config_file(source, f"{part}/config.json") for part in ("unet", "vae"))
+    unet, vae = (base_config_file(source, f"{part}/config.json") for part in ("unet", "vae"))
     if unet is None or vae is None:
         return None
     try:
@@ -31,7 +31,7 @@ def native_resolution(base: str, base_config: str | None = None) -> int | None:
     return sample_size * 2 ** (len(blocks) - 1)  # diffusers' vae_scale_factor
 
 
-def _config_file(source: str, name: str) -> Path | None:
+def base_config_file(source: str, name: str) -> Path | None:
     """`name` in the folder `source`, or in the local cache of hub id `source` (never a download)."""
     folder = Path(source).expanduser()
     if folder.is_dir():

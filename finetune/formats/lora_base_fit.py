@@ -1,0 +1,75 @@
+"""Whether a LoRA file fits a base model, told from the file's header (its tensors' names and shapes) and the base's
+configs, without torch: `finetune sample` and `merge` said a LoRA for another base (an SDXL or SD2.x one on SD1.5) once
+torch, diffusers and the base had loaded, 23 to 25 s in. The layers that read the prompt tell it: the UNet's
+cross-attention keys and values take text as wide as the base's `cross_attention_dim`, the text encoder's attention
+projections its `hidden_size`. What these cannot tell (a layer the base lacks, another depth) is said as the LoRA loads."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from finetune.errors import FinetuneError
+from finetune.formats.lora_kinds import lora_layout
+from finetune.models.native_resolution import SINGLE_FILE_SUFFIXES, base_config_file
+
+# The down (A) weight of a LoRA layer in each layout: kohya's, diffusers' UNet and text encoder, peft's. Its shape is
+# (rank, input width) for a linear layer.
+DOWN_ENDINGS = (".lora_down.weight", ".lora.down.weight", ".lora_linear_layer.down.weight", ".lora_A.weight")
+# Layers whose input is the prompt's encoding, by the config key that gives its width: `.`- and `_`-joined names alike.
+CROSS_ATTENTION = re.compile(r"attn2[._]to_[kv][._]")
+TEXT_ATTENTION = re.compile(r"self_attn[._][qkv]_proj")
+TEXT_ENCODER_PREFIXES = ("text_encoder.", "lora_te_")
+# What each width says of a base, for the line.
+WIDTHS = "SD1.x: 768, SD2.x: 1024, SDXL: 2048"
+
+
+def lora_base_problem(lora_file: Path, base: str, base_config: str | None = None) -> str | None:
+    """Why LoRA file `lora_file` cannot load into `base` (a folder, a hub id in the local cache, or a single file with
+    `base_config`'s configs), naming both; None where it may (what loading checks besides), or where the base's configs
+    cannot be read without loading it. A file of a kind not loaded here (SDXL's names, LyCORIS) is one line too."""
+    from safetensors import SafetensorError, safe_open  # numpy's reader: "pt" imports torch
+
+    try:
+        with safe_open(str(lora_file), "np") as f:
+            keys = list(f.keys())
+            lora_layout(lora_file, keys)  # an SDXL or LyCORIS file by its names, as loading says it
+            shapes = {key: f.get_slice(key).get_shape() for key in keys if key.endswith(DOWN_ENDINGS)}
+    except (SafetensorError, OSError):  # loading says what is wrong with the file
+        return None
+    source = base_config if Path(base).suffix in SINGLE_FILE_SUFFIXES else base
+    if source is None:  # a single file described by its weights alone: loading checks it
+        return None
+    for key, shape in shapes.items():
+        if len(shape) != 2:  # a convolution's: no text width
+            continue
+        if CROSS_ATTENTION.search(key) and not key.startswith(TEXT_ENCODER_PREFIXES):
+            part, setting = "unet", "cross_attention_dim"
+        elif TEXT_ATTENTION.search(key) and key.startswith(TEXT_ENCODER_PREFIXES):
+            part, setting = "text_encoder", "hidden_size"
+        else:
+            continue
+        config_file = base_config_file(source, f"{part}/config.json")
+        width = _config_value(config_file, setting)
+        if width is not None and shape[1] != width:
+            return (f"LoRA {lora_file} does not fit base model {base}: its layer {key.removesuffix('.weight')} reads text {shape[1]} wide, "
+                    f"the base's {config_file} has {setting} {width} ({WIDTHS}): the LoRA was trained on another base; pass that one as --base")
+    return None
+
+
+def check_lora_base_fit(lora_file: Path, base: str, base_config: str | None = None) -> None:
+    if problem := lora_base_problem(lora_file, base, base_config):
+        raise FinetuneError(problem)
+
+
+def _config_value(config_file: Path | None, setting: str) -> int | None:
+    """An int setting of a config file; None where the file or the setting is not there or is something else (a list of
+    widths per block: loading checks it)."""
+    if config_file is None:
+        return None
+    try:
+        value = json.loads(config_file.read_text()).get(setting)
+    except (OSError, ValueError, AttributeError):  # loading says what is wrong with the file
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

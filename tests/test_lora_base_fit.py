@@ -1,0 +1,80 @@
+"""A LoRA of another base (an SDXL or SD2.x one given to SD1.5, here one of the tiny model given to the toy-world base) is
+said by `finetune sample` and `merge` from the LoRA file's header and the base's configs, before torch loads: it was said
+once torch, diffusers and the base had loaded, 23 to 25 s in. LoRAs that load are not refused: ours with the UNet and the
+text encoder, their kohya export, a DoRA."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import SHIPPED_BASE
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from test_fast_errors import said_without_the_training_stack
+
+from finetune.formats.lora_base_fit import lora_base_problem
+
+
+def lora_file(path, layers: dict[str, tuple[int, int]], down: str = ".lora_A.weight", up: str = ".lora_B.weight"):
+    """A LoRA file of rank-4 layers named `layers` (module: (input width, output width)), written without torch."""
+    tensors = {}
+    for module, (width_in, width_out) in layers.items():
+        tensors[module + down] = np.zeros((4, width_in), np.float32)
+        tensors[module + up] = np.zeros((width_out, 4), np.float32)
+    save_file(tensors, str(path))
+    return str(path)
+
+
+CROSS_KEY = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+
+
+def test_a_lora_of_another_base_is_said_before_the_training_stack_loads(tmp_path):
+    base_unet, base_clip = SHIPPED_BASE / "unet" / "config.json", SHIPPED_BASE / "text_encoder" / "config.json"
+    narrow = lora_file(tmp_path / "narrow.safetensors", {CROSS_KEY: (32, 32)})  # trained on a base reading 32-wide text
+    sdxl = lora_file(tmp_path / "sdxl.safetensors", {"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_v": (2048, 640)},
+                     ".lora_down.weight", ".lora_up.weight")  # fmt: skip
+    clip = lora_file(tmp_path / "clip.safetensors", {"lora_te_text_model_encoder_layers_0_self_attn_q_proj": (32, 32)}, ".lora_down.weight", ".lora_up.weight")
+    named_sdxl = lora_file(tmp_path / "te2.safetensors", {"lora_te2_text_model_encoder_layers_0_self_attn_q_proj": (1280, 1280)},
+                           ".lora_down.weight", ".lora_up.weight")  # fmt: skip
+    sample = ["sample", "--base", str(SHIPPED_BASE), "--prompt", "a star", "--out", str(tmp_path / "out")]
+    said = said_without_the_training_stack([
+        [*sample, "--lora", narrow],
+        ["merge", "--base", str(SHIPPED_BASE), "--lora", narrow, str(tmp_path / "merged")],
+        [*sample, "--lora", sdxl],
+        [*sample, "--lora", clip],
+        [*sample, "--lora", named_sdxl],
+    ])  # fmt: skip
+    fix = "(SD1.x: 768, SD2.x: 1024, SDXL: 2048): the LoRA was trained on another base; pass that one as --base"
+    assert said[0] == said[1] == (f"LoRA {narrow} does not fit base model {SHIPPED_BASE}: its layer {CROSS_KEY}.lora_A reads text 32 wide, "
+                                  f"the base's {base_unet} has cross_attention_dim 64 {fix}")  # fmt: skip
+    assert said[2] == (f"LoRA {sdxl} does not fit base model {SHIPPED_BASE}: its layer lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_v"
+                       f".lora_down reads text 2048 wide, the base's {base_unet} has cross_attention_dim 64 {fix}")  # fmt: skip
+    assert said[3] == (f"LoRA {clip} does not fit base model {SHIPPED_BASE}: its layer lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down "
+                       f"reads text 32 wide, the base's {base_clip} has hidden_size 64 {fix}")  # fmt: skip
+    assert said[4].startswith(f"LoRA {named_sdxl} is an SDXL LoRA (lora_te1_/lora_te2_ or text_encoder_2 names)"), said[4]
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_loras_of_the_base_are_not_refused(dora, tiny_model, tmp_path):
+    """The tiny model's own LoRA (UNet and text encoder, every attention layer), as we save it and as its kohya export,
+    and a DoRA: each fits its base; each on the toy-world base (64 wide where the tiny model is 32) does not."""
+    import torch
+
+    from finetune.config import ModelConfig
+    from finetune.config.methods import LoRAConfig
+    from finetune.formats.dora import names_magnitudes
+    from finetune.formats.kohya import load_lora, save_lora_file
+    from finetune.methods.lora import add_lora, save_lora
+    from finetune.models.loading import load_base_model
+
+    model = load_base_model(ModelConfig(pretrained=str(tiny_model)))
+    settings = LoRAConfig(rank=4, alpha=4, use_dora=dora)
+    add_lora(model.unet, ["to_q", "to_k", "to_v", "to_out.0"], torch.float32, settings)
+    add_lora(model.text_encoder, ["q_proj", "k_proj", "v_proj", "out_proj"], torch.float32, settings)
+    ours = save_lora({"unet": model.unet, "text_encoder": model.text_encoder}, tmp_path / "ours" / "pytorch_lora_weights.safetensors", {})
+    kohya = save_lora_file(load_lora(ours), tmp_path / "kohya.safetensors", "kohya")
+    for path in (ours, kohya):
+        keys = safe_open(str(path), "np").keys()
+        assert names_magnitudes(keys) == dora and any("te_" in key or key.startswith("text_encoder.") for key in keys), path
+        assert lora_base_problem(path, str(tiny_model)) is None, path
+        assert "does not fit base model" in lora_base_problem(path, str(SHIPPED_BASE)), path
