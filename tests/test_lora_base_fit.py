@@ -1,5 +1,5 @@
 """A LoRA of another base (an SDXL or SD2.x one given to SD1.5, here one of the tiny model given to the toy-world base) is
-said by `finetune sample` and `merge` from the LoRA file's header and the base's configs, before torch loads: it was said
+said by `finetune sample`, `merge` and `eval` from the LoRA file's header and the base's configs, before torch loads: it was said
 once torch, diffusers and the base had loaded, 23 to 25 s in. LoRAs that load are not refused: ours with the UNet and the
 text encoder, their kohya export, a DoRA."""
 
@@ -40,18 +40,19 @@ def test_a_lora_of_another_base_is_said_before_the_training_stack_loads(tmp_path
     said = said_without_the_training_stack([
         [*sample, "--lora", narrow],
         ["merge", "--base", str(SHIPPED_BASE), "--lora", narrow, str(tmp_path / "merged")],
+        ["eval", "--base", str(SHIPPED_BASE), "--lora", narrow, "--out", str(tmp_path / "report.json")],
         [*sample, "--lora", sdxl],
         [*sample, "--lora", clip],
         [*sample, "--lora", named_sdxl],
     ])  # fmt: skip
     fix = "(SD1.x: 768, SD2.x: 1024, SDXL: 2048): the LoRA was trained on another base; pass that one as --base"
-    assert said[0] == said[1] == (f"LoRA {narrow} does not fit base model {SHIPPED_BASE}: its layer {CROSS_KEY}.lora_A reads text 32 wide, "
+    assert said[0] == said[1] == said[2] == (f"LoRA {narrow} does not fit base model {SHIPPED_BASE}: its layer {CROSS_KEY}.lora_A reads text 32 wide, "
                                   f"the base's {base_unet} has cross_attention_dim 64 {fix}")  # fmt: skip
-    assert said[2] == (f"LoRA {sdxl} does not fit base model {SHIPPED_BASE}: its layer lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_v"
+    assert said[3] == (f"LoRA {sdxl} does not fit base model {SHIPPED_BASE}: its layer lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_v"
                        f".lora_down reads text 2048 wide, the base's {base_unet} has cross_attention_dim 64 {fix}")  # fmt: skip
-    assert said[3] == (f"LoRA {clip} does not fit base model {SHIPPED_BASE}: its layer lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down "
+    assert said[4] == (f"LoRA {clip} does not fit base model {SHIPPED_BASE}: its layer lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down "
                        f"reads text 32 wide, the base's {base_clip} has hidden_size 64 {fix}")  # fmt: skip
-    assert said[4].startswith(f"LoRA {named_sdxl} is an SDXL LoRA (lora_te1_/lora_te2_ or text_encoder_2 names)"), said[4]
+    assert said[5].startswith(f"LoRA {named_sdxl} is an SDXL LoRA (lora_te1_/lora_te2_ or text_encoder_2 names)"), said[5]
 
 
 @pytest.mark.parametrize("dora", [False, True])

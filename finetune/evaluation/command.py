@@ -171,7 +171,7 @@ def recorded_as_found(recorded: str | None, adapter: str) -> str | None:
 
 def run_eval_command(args) -> int:
     """``finetune eval``: run, print the table, write the report."""
-    from finetune.cli.main import base_or_recorded, check_local_base, check_lora_scale_has_a_lora
+    from finetune.cli.main import base_or_recorded, check_local_base, check_lora_fits_base, check_lora_scale_has_a_lora
     from finetune.evaluation.evaluate import default_suites, print_table, refuse_a_report_grid, run_eval
     from finetune.models.native_resolution import native_resolution
 
@@ -182,6 +182,7 @@ def run_eval_command(args) -> int:
     # At the model's own resolution, from its configs: torch and the model loaded (seconds to a minute) before it was said.
     refuse_a_report_grid(suites, args.num_prompts, args.images_per_prompt, native_resolution(base, args.base_config))
     check_local_base(base, args.base_config)
+    check_lora_fits_base(args.lora, base, args.base_config)  # a LoRA of another base: from its header, as sample says it
     from finetune.sampling.adapter_records import adapter_base  # pydantic, through the base's finders: after the quick refusals above
 
     recorded = adapter_base(args.lora, args.controlnet)  # the base the adapter's run recorded (its header or metadata file)
