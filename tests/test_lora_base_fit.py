@@ -79,3 +79,24 @@ def test_loras_of_the_base_are_not_refused(dora, tiny_model, tmp_path):
         assert names_magnitudes(keys) == dora and any("te_" in key or key.startswith("text_encoder.") for key in keys), path
         assert lora_base_problem(path, str(tiny_model)) is None, path
         assert "does not fit base model" in lora_base_problem(path, str(SHIPPED_BASE)), path
+
+
+def test_a_single_file_base_without_configs_is_read_by_its_own_tensors(tmp_path):
+    """A webui single-file base with no --base-config: its cross-attention and CLIP widths are read from its header (diffusers
+    picks the hub configs it loads with by the same tensors); a .ckpt, whose names are not read before it loads, is left to
+    loading."""
+    from finetune.formats.lora_base_fit import SD1_CLIP_KEYS
+    from finetune.models.single_file_configs import CROSS_ATTENTION_KEY
+
+    base = tmp_path / "sd15.safetensors"
+    save_file({CROSS_ATTENTION_KEY: np.zeros((320, 768), np.float16), SD1_CLIP_KEYS[0]: np.zeros((768, 768), np.float16)}, str(base))
+    sd15 = lora_file(tmp_path / "sd15-lora.safetensors", {CROSS_KEY: (768, 320), "text_encoder.text_model.encoder.layers.0.self_attn.k_proj": (768, 768)})
+    sd2 = lora_file(tmp_path / "sd2-lora.safetensors", {CROSS_KEY: (1024, 320)})
+    clip = lora_file(tmp_path / "clip.safetensors", {"text_encoder.text_model.encoder.layers.0.self_attn.k_proj": (1024, 1024)})
+    assert lora_base_problem(sd15, str(base)) is None
+    assert lora_base_problem(sd2, str(base)) == (
+        f"LoRA {sd2} does not fit base model {base}: its layer {CROSS_KEY}.lora_A reads text 1024 wide, the base's sd15.safetensors has "
+        f"{CROSS_ATTENTION_KEY.removesuffix('.weight')} reading text 768 (SD1.x: 768, SD2.x: 1024, SDXL: 2048): the LoRA was trained on "
+        "another base; pass that one as --base")  # fmt: skip
+    assert f"the base's sd15.safetensors has {SD1_CLIP_KEYS[0].removesuffix('.weight')} reading text 768 " in lora_base_problem(clip, str(base))
+    assert lora_base_problem(sd2, str(tmp_path / "sd15.ckpt")) is None

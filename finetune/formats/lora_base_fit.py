@@ -13,6 +13,7 @@ from pathlib import Path
 from finetune.errors import FinetuneError
 from finetune.formats.lora_kinds import lora_layout
 from finetune.models.native_resolution import SINGLE_FILE_SUFFIXES, base_config_file
+from finetune.models.single_file_configs import CROSS_ATTENTION_KEY
 
 # The down (A) weight of a LoRA layer in each layout: kohya's, diffusers' UNet and text encoder, peft's. Its shape is
 # (rank, input width) for a linear layer.
@@ -21,14 +22,17 @@ DOWN_ENDINGS = (".lora_down.weight", ".lora.down.weight", ".lora_linear_layer.do
 CROSS_ATTENTION = re.compile(r"attn2[._]to_[kv][._]")
 TEXT_ATTENTION = re.compile(r"self_attn[._][qkv]_proj")
 TEXT_ENCODER_PREFIXES = ("text_encoder.", "lora_te_")
+# An SD1.x single file's CLIP attention (transformers 4's names, and those of files from before its text_model level).
+SD1_CLIP_KEYS = tuple(f"cond_stage_model.transformer.{root}encoder.layers.0.self_attn.q_proj.weight" for root in ("text_model.", ""))
 # What each width says of a base, for the line.
 WIDTHS = "SD1.x: 768, SD2.x: 1024, SDXL: 2048"
 
 
 def lora_base_problem(lora_file: Path, base: str, base_config: str | None = None) -> str | None:
-    """Why LoRA file `lora_file` cannot load into `base` (a folder, a hub id in the local cache, or a single file with
-    `base_config`'s configs), naming both; None where it may (what loading checks besides), or where the base's configs
-    cannot be read without loading it. A file of a kind not loaded here (SDXL's names, LyCORIS) is one line too."""
+    """Why LoRA file `lora_file` cannot load into `base` (a folder, a hub id in the local cache, a single file with
+    `base_config`'s configs, or a .safetensors single file by its own tensors), naming both; None where it may (what loading
+    checks besides), or where the base's widths cannot be read without loading it. A file of a kind not loaded here (SDXL's
+    names, LyCORIS) is one line too."""
     from safetensors import SafetensorError, safe_open  # numpy's reader: "pt" imports torch
 
     try:
@@ -38,24 +42,54 @@ def lora_base_problem(lora_file: Path, base: str, base_config: str | None = None
             shapes = {key: f.get_slice(key).get_shape() for key in keys if key.endswith(DOWN_ENDINGS)}
     except (SafetensorError, OSError):  # loading says what is wrong with the file
         return None
-    source = base_config if Path(base).suffix in SINGLE_FILE_SUFFIXES else base
-    if source is None:  # a single file described by its weights alone: loading checks it
-        return None
+    widths = base_text_widths(base, base_config)
     for key, shape in shapes.items():
         if len(shape) != 2:  # a convolution's: no text width
             continue
         if CROSS_ATTENTION.search(key) and not key.startswith(TEXT_ENCODER_PREFIXES):
-            part, setting = "unet", "cross_attention_dim"
+            part = "unet"
         elif TEXT_ATTENTION.search(key) and key.startswith(TEXT_ENCODER_PREFIXES):
-            part, setting = "text_encoder", "hidden_size"
+            part = "text_encoder"
         else:
             continue
-        config_file = base_config_file(source, f"{part}/config.json")
-        width = _config_value(config_file, setting)
-        if width is not None and shape[1] != width:
+        if part in widths and shape[1] != widths[part][1]:
+            said, width = widths[part]
             return (f"LoRA {lora_file} does not fit base model {base}: its layer {key.removesuffix('.weight')} reads text {shape[1]} wide, "
-                    f"the base's {config_file} has {setting} {width} ({WIDTHS}): the LoRA was trained on another base; pass that one as --base")
+                    f"the base's {said} {width} ({WIDTHS}): the LoRA was trained on another base; pass that one as --base")
     return None
+
+
+def base_text_widths(base: str, base_config: str | None) -> dict[str, tuple[str, int]]:
+    """The width of the text the base's UNet cross-attends to ("unet") and its text encoder's ("text_encoder"), each with
+    where it is said: from its configs, or a single .safetensors file's own tensors where no configs are given (diffusers
+    then picks a hub model's configs by those same tensors); those that cannot be read without loading are left out."""
+    single_file = Path(base).suffix in SINGLE_FILE_SUFFIXES
+    if single_file and base_config is None:
+        return _single_file_widths(Path(base).expanduser()) if Path(base).suffix == ".safetensors" else {}
+    source = base_config if single_file else base
+    widths = {}
+    for part, setting in (("unet", "cross_attention_dim"), ("text_encoder", "hidden_size")):
+        config_file = base_config_file(source, f"{part}/config.json")
+        if (width := _config_value(config_file, setting)) is not None:
+            widths[part] = (f"{config_file} has {setting}", width)
+    return widths
+
+
+def _single_file_widths(path: Path) -> dict[str, tuple[str, int]]:
+    """`base_text_widths` of an original-layout (webui) SD file, from its header: a cross-attention key's input width, and
+    its CLIP's (SD1.x's names; SD2.x's OpenCLIP packs q, k and v in one tensor, left to loading)."""
+    from safetensors import SafetensorError, safe_open
+
+    widths = {}
+    try:
+        with safe_open(str(path), "np") as f:
+            keys = set(f.keys())
+            for part, key in (("unet", CROSS_ATTENTION_KEY), *(("text_encoder", clip) for clip in SD1_CLIP_KEYS)):
+                if key in keys and part not in widths and len(shape := f.get_slice(key).get_shape()) == 2:
+                    widths[part] = (f"{path.name} has {key.removesuffix('.weight')} reading text", shape[1])
+    except (SafetensorError, OSError):  # loading says what is wrong with the file
+        return {}
+    return widths
 
 
 def check_lora_base_fit(lora_file: Path, base: str, base_config: str | None = None) -> None:
