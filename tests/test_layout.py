@@ -20,7 +20,7 @@ def test_import_datasets_from_repo_root_is_the_installed_package():
 
 
 def test_sample_data_is_what_the_generator_writes(tmp_path):
-    from finetune.data.sample_data import make_sample_data
+    from finetune.toyworld.sample_data import make_sample_data
 
     files = lambda root: sorted(path.relative_to(root) for path in root.rglob("*") if path.is_file())  # noqa: E731
     folders = make_sample_data(tmp_path)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from finetune.cli.main import main
-import finetune.data.sample_data as sample_data
+import finetune.toyworld.sample_data as sample_data
 
 
 def test_make_world_data_refuses_a_folder_it_cannot_write_before_drawing_an_image(tmp_path, monkeypatch, capsys):

@@ -290,7 +290,7 @@ def test_make_sample_data_rewrites_the_shipped_sets_but_never_a_users_files(tmp_
 def test_make_sample_data_fills_an_empty_set_folder_in_place(tmp_path, monkeypatch):
     """An empty star/ was renamed aside and replaced: a shell working in it was left in a deleted folder (and a mount
     point cannot be renamed). It is filled in place, as atomic_files.folder_written_whole does, and emptied again on a stop."""
-    from finetune.data.sample_data import make_sample_data
+    from finetune.toyworld.sample_data import make_sample_data
 
     def empty_star(root: Path) -> tuple[Path, int]:
         (root / "star").mkdir(parents=True)
@@ -301,7 +301,7 @@ def test_make_sample_data_fills_an_empty_set_folder_in_place(tmp_path, monkeypat
     assert star.stat().st_ino == inode and len(list(star.glob("*.png"))) == 6 and (star / "masks").is_dir()
 
     star, inode = empty_star(tmp_path / "stopped")
-    import finetune.data.sample_data as sample_data
+    import finetune.toyworld.sample_data as sample_data
 
     def stopped_at_the_check(folder, sample):  # both sets written, neither in place yet
         raise KeyboardInterrupt
@@ -317,7 +317,7 @@ def test_make_sample_data_rewrites_a_set_folder_in_place(tmp_path, monkeypatch):
     """A set folder with the sample's files was replaced by one renamed into its place (losing its inode, permissions, and a
     shell working in it), and an empty one got its files renamed in from a folder beside it, which fails where it is a mount
     point (another file system). Its contents are swapped in place, as make-tiny-model's and merge's are."""
-    from finetune.data.sample_data import make_sample_data
+    from finetune.toyworld.sample_data import make_sample_data
 
     make_sample_data(tmp_path / "again")
     star = tmp_path / "again" / "star"

@@ -251,7 +251,7 @@ def _make_tiny_model(args) -> int:
 
 
 def _make_sample_data(args) -> int:
-    from finetune.data.sample_data import make_sample_data
+    from finetune.toyworld.sample_data import make_sample_data
 
     for folder in make_sample_data(args.output_dir):
         print(f"wrote {folder}")
@@ -259,7 +259,7 @@ def _make_sample_data(args) -> int:
 
 
 def _make_world_data(args) -> int:
-    from finetune.data.sample_data import check_world_data_arguments, make_world_data
+    from finetune.toyworld.sample_data import check_world_data_arguments, make_world_data
 
     check_world_data_arguments(Path(args.output_dir), args.num_images, args.partial_captions)
     folder = make_world_data(args.output_dir, args.num_images, args.seed, args.include_held_out,
