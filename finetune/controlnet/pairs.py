@@ -48,7 +48,8 @@ def checked_pairs(recipe: Recipe) -> tuple[list[Pair], DataReport]:
     A bad pair stops the run with a one-line error naming it, or with data.skip_bad_images is left out
     and listed.
     """
-    # Once in a `finetune train` (checked_once.py); by what it reads, not controlnet.pretrained, which a resume's method has not.
+    # Once in a `finetune train` (finetune/data_check/checked_once.py); by what it reads, not controlnet.pretrained, which a
+    # resume's method has not.
     key = f"pairs {recipe.data.model_dump_json()} {recipe.controlnet.model_dump_json(exclude={'pretrained'})}"
     return kept_check(key, lambda: _checked_pairs(recipe))
 

@@ -95,8 +95,8 @@ def check_launch_first() -> None:
     """`finetune train`'s refusals of how it was launched, made before its data check decodes every image (seconds to
     minutes): a launch that asked for several processes and started one, and a DeepSpeed config file that is not there.
     train() makes them again (finetune.distributed.deepspeed_checks), for callers that do not come through the command."""
-    check_processes_started(int(os.environ.get("WORLD_SIZE", "1")))  # finetune.distributed.processes.launched_processes, without torch
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":  # distributed.deepspeed_requested
+    check_processes_started(int(os.environ.get("WORLD_SIZE", "1")))  # finetune.distributed.process_env.launched_processes, without torch
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":  # finetune.distributed.process_env.deepspeed_requested
         from finetune.distributed.deepspeed_checks import require_config_file
 
         require_config_file(os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none"))

@@ -61,8 +61,9 @@ def check_class_images(recipe: Recipe, concept: Concept, folder: Path, paths: li
 
 
 def checked_own_class_images(recipe: Recipe, index: int, folder: Path, paths: list[Path]) -> DataReport | None:
-    """`check_class_images` of the images a user brought for concept `index`, once per `finetune train` (checked_once.py):
-    its command checks them before torch loads (a corrupt one said in seconds), and the DreamBooth method takes that report."""
+    """`check_class_images` of the images a user brought for concept `index`, once per `finetune train`
+    (finetune/data_check/checked_once.py): its command checks them before torch loads (a corrupt one said in seconds), and the
+    DreamBooth method takes that report."""
     concept = recipe.dreambooth.concepts[index]
     key = f"class images {folder} {class_data_config(recipe).model_dump_json()} {json.dumps([str(p) for p in paths])} {json.dumps(concept.class_prompts)}"
     return kept_check(key, lambda: check_class_images(recipe, concept, folder, paths))

@@ -73,7 +73,8 @@ class DreamBoothMethod(DiffusionMethod):
             if (folder.resolve(), key) in planned:  # concepts of one class folder and prompt share its images: made once
                 missing = []
             planned.add((folder.resolve(), key))
-            # The report `finetune train` made before torch loaded (checked_once.py), a copy of it: two concepts sharing one folder label theirs.
+            # The report `finetune train` made before torch loaded (finetune/data_check/checked_once.py), a copy of it: two
+            # concepts sharing one folder label theirs.
             report = copy.copy(checked_own_class_images(self.recipe, i, folder, [p for p in paths if not is_generated_name(p)]))
             made = sum(1 for p in paths if is_generated_name(p) and p.is_file())  # by an earlier run: checked once generation is done
             if report is not None:
