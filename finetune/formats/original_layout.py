@@ -5,6 +5,9 @@ LoRA files that name the UNet's layers by the original blocks (`lora_unet_input_
 sd-scripts names SDXL's and some tools SD1.x's) are read under diffusers' names
 (`lora_unet_down_blocks_0_attentions_0_proj_in`). The numbering is diffusers' own single-file conversion's
 (`convert_ldm_unet_checkpoint`); SD1.x and SD2.x both have 4 blocks of 2 layers, so it holds for either.
+
+Whether a whole pipeline is of the shape that layout describes (`check_sd1_shape`) is here too, read from its configs
+without torch: `finetune export-checkpoint` says another shape before torch loads.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from finetune.counts import counted
 from finetune.errors import FinetuneError
 
 if TYPE_CHECKING:  # annotations only: a LoRA file's names are checked before torch loads (finetune.formats.lora_kinds)
@@ -115,11 +119,6 @@ def pipeline_config(path: Path) -> dict:
         raise FinetuneError(f"{path} cannot be read ({err.__class__.__name__}): copy the whole pipeline folder again") from None
 
 
-def layers_said(count) -> str:
-    """`count` layers, in words ("1 layer", "2 layers")."""
-    return f"{count} layer{'' if count == 1 else 's'}"
-
-
 def check_sd1_shape(folder: Path) -> dict[str, dict]:
     """The parts' configs, once each is known to be SD1.x's shape (whatever its widths): only such a pipeline has names in
     the original layout (`finetune export-checkpoint`). From its configs alone, without torch: the command says it before
@@ -131,7 +130,7 @@ def check_sd1_shape(folder: Path) -> dict[str, dict]:
     vae_blocks, vae_layers, latent_channels = len(vae.get("down_block_types", [])), vae.get("layers_per_block"), vae.get("latent_channels")
     problems = [
         (encoder_class != "CLIPTextModel", f"its text encoder is a {encoder_class}, not a CLIPTextModel"),
-        ((len(down), unet.get("layers_per_block")) != (4, 2), f"this UNet has {len(down)} blocks of {layers_said(unet.get('layers_per_block'))} (SD1.x's: 4 of 2)"),
+        ((len(down), unet.get("layers_per_block")) != (4, 2), f"this UNet has {len(down)} blocks of {counted(unet.get('layers_per_block'), 'layer')} (SD1.x's: 4 of 2)"),
         ((down, up) != (SD1_DOWN_BLOCKS, SD1_UP_BLOCKS) or unet.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn",
          f"this UNet's blocks are {down} down, {up} up (SD1.x's: 3 CrossAttnDownBlock2D and a DownBlock2D, mirrored up)"),
         (unet.get("transformer_layers_per_block", 1) != 1, "this UNet has several transformer layers per attention (SD1.x's: 1)"),
@@ -141,7 +140,7 @@ def check_sd1_shape(folder: Path) -> dict[str, dict]:
          "this is SD2-style (OpenCLIP text encoder, 1024-wide cross-attention or linear attention projections), which that layout stores differently"),
         # (its layers per block are a size, as the widths are: `usage_notes` says the webui builds SD1.5's 2)
         ((vae_blocks, latent_channels) != (4, 4) or not isinstance(vae_layers, int) or vae_layers < 1,
-         f"this VAE has {vae_blocks} blocks of {layers_said(vae_layers)} and {latent_channels} latent channels (SD1.x's: 4 blocks, 4 channels)"),
+         f"this VAE has {vae_blocks} blocks of {counted(vae_layers, 'layer')} and {latent_channels} latent channels (SD1.x's: 4 blocks, 4 channels)"),
     ]  # fmt: skip
     for wrong, what in problems:
         if wrong:

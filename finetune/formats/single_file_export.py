@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from finetune.counts import counted
 from finetune.errors import FinetuneError
 from finetune.formats.lora_kinds import CLIP_ROOT
-from finetune.formats.original_layout import UNET_RESNET_NAMES, check_sd1_shape, layers_said, pipeline_config, unet_prefixes
+from finetune.formats.original_layout import UNET_RESNET_NAMES, check_sd1_shape, pipeline_config, unet_prefixes
 from finetune.models.model_source import resolve_pipeline_folder
 from finetune.outputs.atomic_files import atomic_save_safetensors
 from finetune.outputs.base_names import shared_record
@@ -157,7 +158,7 @@ def usage_notes(output: Path, configs: dict[str, dict], schedule: dict, recorded
     vae_layers = configs["vae"].get("layers_per_block", 2)
     if widths != SD15_WIDTHS or vae_layers != 2:
         sizes = f"widths are not SD1.5's ({widths})" if widths != SD15_WIDTHS else "sizes are not SD1.5's"
-        sizes += f", and its VAE has {layers_said(vae_layers)} per block (SD1.5's: 2)" if vae_layers != 2 else ""
+        sizes += f", and its VAE has {counted(vae_layers, 'layer')} per block (SD1.5's: 2)" if vae_layers != 2 else ""
         notes.append(f"its {sizes}: the webui builds SD1.x at SD1.5's and will not load it; "
                      "diffusers' from_single_file does, given this pipeline's configs (config=<the pipeline folder>)")  # fmt: skip
     return notes
