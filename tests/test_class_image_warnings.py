@@ -189,3 +189,20 @@ def test_captions_beside_own_class_images_are_said_to_be_unread(make_recipe, sta
     start_lines, out = start_and_check_data(recipe, tmp_path, capsys)
     assert [line for line in start_lines if "has captions (" in line] == [said]
     assert out.count(said + "\n") == 1
+
+
+def test_a_text_file_of_no_class_image_is_not_said_to_be_a_caption(make_recipe, star_folder, tmp_path, capsys):  # noqa: F811
+    """A notes.txt beside a user's class images names none of them: it was said as a caption the images train without
+    ("has captions (1 caption file, e.g. notes.txt)"). Only the caption files of the folder's images are."""
+    (tmp_path / "class").mkdir()
+    for name in ("a", "b"):
+        Image.new("RGB", (64, 64), "red").save(tmp_path / "class" / f"{name}.png")
+    (tmp_path / "class" / "notes.txt").write_text("downloaded from my drive")
+    recipe = dreambooth_recipe(make_recipe, star_folder, tmp_path, dreambooth={"concepts": [concept(tmp_path, star_folder)], "num_class_images": 2})
+    start_lines, out = start_and_check_data(recipe, tmp_path, capsys)
+    assert not [line for line in start_lines if "has captions (" in line] and "has captions (" not in out, start_lines
+    (tmp_path / "class" / "B.TXT").write_text("dog, grass")  # b.png's, as a case-insensitive file system finds it
+    start_lines, out = start_and_check_data(recipe, tmp_path, capsys)
+    assert [line for line in start_lines if "has captions (" in line] == [
+        f"warning: class folder {tmp_path / 'class'} has captions (1 caption file, e.g. B.TXT), which are not read: its images train with the "
+        "class prompt 'a shape' (sd-scripts trains a regularisation folder's images with their captions)"]

@@ -130,11 +130,14 @@ def unread_class_images_lines(folders: list[Path], recipe: Recipe) -> list[str]:
 
 
 def _caption_files_named(folder: Path) -> str:
-    """'2 caption files, e.g. a.txt' (and its metadata file) for the captions in `folder`; "" where it holds none."""
+    """'2 caption files, e.g. a.txt' (and its metadata file) for the captions of `folder`'s images; "" where they have none.
+    A .txt of no image there (a notes.txt) is nobody's caption: it was said as one, "its images train with the class prompt"."""
     from finetune.captions.captions import caption_file_names
+    from finetune.captions.file_names import loose_name_key
     from finetune.captions.metadata_files import metadata_file
 
-    files = sorted(caption_file_names(folder).values())
+    images = {loose_name_key(image.stem) for image in folder_images(folder)}  # as sidecar_path finds an image's caption file
+    files = sorted(name for name in caption_file_names(folder).values() if loose_name_key(Path(name).stem) in images)
     named = [f"{counted(len(files), 'caption file')}, e.g. {files[0]}"] if files else []
     named += [table.name] if (table := metadata_file(folder)) is not None else []
     return ", ".join(named)
