@@ -144,3 +144,17 @@ def test_a_single_file_whose_yaml_says_another_prediction_than_its_hub_configs_i
         "configs, which predict epsilon: set model.prediction_type: v_prediction, or model.single_file_config to a diffusers folder of the model it was made from"]
     with pytest.raises(pytest.fail.Exception, match="every image was decoded"):  # decided: on to the data check
         main(["train", str(recipe), "model.prediction_type=v_prediction"])
+
+
+def test_train_itself_refuses_a_single_file_whose_yaml_says_another_prediction(single_file, make_recipe, tmp_path, monkeypatch):
+    """finetune/cli/run_refusals.py makes train()'s refusals again before the data check; this one was the command's alone:
+    train() called directly (the benchmark, a notebook) trained the v-prediction file for epsilon without a word."""
+    import finetune.training.trainer as trainer
+
+    configs_in_the_cache(tmp_path, monkeypatch)
+    monkeypatch.setattr(trainer, "load_base_model", lambda *args: pytest.fail("the base was loaded before the refusal"))
+    single_file.with_suffix(".yaml").write_text("model:\n  params:\n    parameterization: \"v\"\n")
+    with pytest.raises(FinetuneError) as refused:
+        trainer.train(make_recipe(model__pretrained=str(single_file)))
+    assert str(refused.value).startswith(f"base model file {single_file} predicts v_prediction by model.yaml beside it, and diffusers reads it "
+                                         f"with hub model {SD1_CONFIGS}'s configs, which predict epsilon: set model.prediction_type: v_prediction")

@@ -38,6 +38,7 @@ from finetune.distributed.processes import accelerator_options, agree_on_start, 
 from finetune.errors import FinetuneError
 from finetune.models.loading import load_base_model
 from finetune.models.model_source import BaseLocation
+from finetune.models.single_file_configs import check_original_config
 from finetune.models.start_weights import resumed_method
 from finetune.optim.optimizers import build_lr_scheduler, build_optimizer, check_optimizer_installed
 from finetune.outputs.metadata import dataset_metadata
@@ -87,13 +88,15 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
 def _checked_start(recipe: Recipe, resume: str | None, overwrite: bool, base_location: BaseLocation | None) -> tuple[Path | None, object, BaseLocation | None, int | None]:
     """The checks that load no model, in the order their refusals come: the checkpoint to resume (`resume_from`), the
     method (with a resume's starting weights), the launch, the optimizer's package, the base and the data (`base_location`),
-    the resume's state, an earlier run in output_dir. Returns those two, the method, and `resumed_to` (`check_resumable`)."""
+    a single-file base's prediction type, the resume's state, an earlier run in output_dir. Returns those two, the method, and `resumed_to` (`check_resumable`)."""
     output_dir, train_cfg = Path(recipe.output_dir), recipe.train
     resume_from = resolve_resume(resume, output_dir / "checkpoints")
     method = resumed_method(recipe, resume_from)  # a resume's starting weights (lora.init_from, ...) are its checkpoint's
     check_deepspeed_launch(recipe, method.trained_module_names(), resume_from)  # DeepSpeed's refusals; a checkpoint of another engine
     check_optimizer_installed(recipe.optimizer)
     base_location = check_base_and_data(recipe, method.check_data, base_location)
+    if base_location.folder is None:  # a single file's .yaml against the hub configs it loads with (finetune train says it first)
+        check_original_config(Path(recipe.model.pretrained).expanduser(), recipe.model)
     # A run's last checkpoint whose end a kill cut short is resumed to finish it (finetune.training.run_end). A finished one's "nothing left
     # to train" waits, with several processes, until they have joined: its end's saves are finished there (check_resumable).
     resumed_to = None if resume_from is None or left_to_finish(resume_from, train_cfg.max_steps) else train_cfg.max_steps
