@@ -275,10 +275,8 @@ def hub_files(repo_id: str, key: str, revision: str | None = None, what: str = "
     """The files of hub id `repo_id` (given as `key`, a `what`) at `revision` that `patterns` (snapshot_download's
     allow/ignore) select, from the cache, else downloaded (offline, by HF_HUB_OFFLINE=1 or TRANSFORMERS_OFFLINE=1: the cache only); the revision's
     snapshot folder. Not there is one line naming `key`, and `local`: what else it may be set to."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    from huggingface_hub import constants
 
     offline = hub_offline_by()
     silent = None if offline else hub_silence(repo_id, revision)
