@@ -1,6 +1,6 @@
 """finetune: fine-tune Stable Diffusion on your own images (LoRA, DreamBooth, ControlNet)."""
 
-from finetune.cli.library_noise import quiet_bitsandbytes_cpu_kernel_note, quiet_torchvision_fallback_notes
+from finetune.library_noise import quiet_bitsandbytes_cpu_kernel_note, quiet_torchvision_fallback_notes
 
 __version__ = "0.1.0"
 

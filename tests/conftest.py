@@ -23,7 +23,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch_extensions",
     f"finetune-tests-{hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]}"))  # fmt: skip
 
-from finetune.cli.library_noise import quiet_third_party_warnings
+from finetune.library_noise import quiet_third_party_warnings
 
 # As the command line does: pytest-xdist's workers import the libraries before any capture, and their import-time
 # warnings (bitsandbytes' CPU kernels, CLIP's image processor without torchvision) printed after the suite's summary.

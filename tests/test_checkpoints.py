@@ -96,7 +96,7 @@ def test_a_stop_signal_writes_a_checkpoint_and_resume_finishes(make_recipe, tmp_
     recipe = make_recipe(train__max_steps=100_000, checkpoint__every_n_steps=0, data__num_workers=num_workers)
     path = tmp_path / "long.yaml"
     path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
-    said, log = tmp_path / "stdout.log", tmp_path / "stderr.log"  # stderr: each redraw of the training bar a line of its own (finetune.cli.progress_lines)
+    said, log = tmp_path / "stdout.log", tmp_path / "stderr.log"  # stderr: each redraw of the training bar a line of its own (finetune.progress_lines)
     quiet = {"FINETUNE_PROGRESS_EVERY": "0"}
     if forked:
         def command() -> int:

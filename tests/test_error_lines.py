@@ -6,7 +6,7 @@ import yaml
 
 from finetune.cli.main import main
 import finetune.cli.main
-from finetune.cli.stop_signals import Terminated
+from finetune.stop_signals import Terminated
 
 
 def test_each_machine_names_itself_in_its_error_line(tmp_path, capsys, monkeypatch):

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from finetune.cli.stop_signals import Terminated
 import finetune.distributed.error_exchange as error_exchange
+from finetune.stop_signals import Terminated
 
 SAID = "finetune/error-of-machine/0"
 

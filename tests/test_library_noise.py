@@ -20,7 +20,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").warning(
     "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already `pip install kernels`",
     "No module named 'kernels'",
 )
-from finetune.cli.library_noise import quiet_third_party_warnings
+from finetune.library_noise import quiet_third_party_warnings
 quiet_third_party_warnings()
 logging.getLogger("bitsandbytes.cextension").warning("No prebuilt binary for CUDA 12.9, loading CUDA 12.8 instead.")
 """
@@ -35,7 +35,7 @@ def test_bitsandbytes_cpu_kernel_line_is_quiet_from_python_and_its_other_warning
 
 def test_a_hub_warning_is_said_once_on_the_command_line():
     """huggingface_hub's own handler and the root one the command line sets up (cli.main's basicConfig) both printed it."""
-    script = ("import logging\nfrom finetune.cli.library_noise import quiet_third_party_warnings\n"
+    script = ("import logging\nfrom finetune.library_noise import quiet_third_party_warnings\n"
               "logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')\nquiet_third_party_warnings()\n"
               "from huggingface_hub.utils import logging as hub_logging\nhub_logging.get_logger('huggingface_hub.utils._http').warning('Retrying in 1s')")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
@@ -73,7 +73,7 @@ def test_transformers_torchvision_line_of_a_user_s_own_import_is_said():
 SCRIPT = """
 import importlib, os
 import torch, torch.distributed as dist
-from finetune.cli.library_noise import quiet_deepspeed_shm_build, quiet_third_party_warnings
+from finetune.library_noise import quiet_deepspeed_shm_build, quiet_third_party_warnings
 
 quiet_third_party_warnings()
 dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -99,7 +99,7 @@ def test_deepspeed_launch_lines_no_user_can_act_on_are_quiet():
 
 
 def test_outside_a_deepspeed_launch_deepspeed_is_not_imported():
-    script = "import sys\nfrom finetune.cli.library_noise import quiet_deepspeed_shm_build\nwith quiet_deepspeed_shm_build(): pass\nassert 'deepspeed' not in sys.modules"
+    script = "import sys\nfrom finetune.library_noise import quiet_deepspeed_shm_build\nwith quiet_deepspeed_shm_build(): pass\nassert 'deepspeed' not in sys.modules"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_DEEPSPEED"})
     assert result.returncode == 0, result.stderr[-2000:]
 
@@ -131,7 +131,7 @@ def test_a_bench_worker_quiets_bitsandbytes_cpu_kernel_line_only(tmp_path):
 # recipes/controlnet.yaml on the toy-world base), then the same for a 3x3 kernel, whose strides do move its elements.
 DDP_STRIDES = """
 import warnings
-from finetune.cli.library_noise import quiet_third_party_warnings
+from finetune.library_noise import quiet_third_party_warnings
 quiet_third_party_warnings()
 said = ("Grad strides do not match bucket view strides. This may indicate grad was not created according to the gradient layout "
         "contract, or that the param's strides changed since DDP was constructed.  This is not an error, but may impair performance.\\n"

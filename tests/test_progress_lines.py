@@ -15,8 +15,8 @@ from forked import run_forked
 from tqdm import tqdm
 
 from finetune.cli.main import main
-from finetune.cli.progress_lines import ProgressLines, progress_as_lines_in_logs
 from finetune.data_check.threads import each_on_threads
+from finetune.progress_lines import ProgressLines, progress_as_lines_in_logs
 
 
 

@@ -142,7 +142,7 @@ def test_finetune_train_exits_as_the_stop_that_skipped_the_final_samples(monkeyp
 def test_a_second_stop_during_the_end_says_what_is_left(make_recipe, monkeypatch, tmp_path, where):
     """A second Ctrl-C during the final save said "run the command again to continue", though nothing was left to train:
     the line now says what --resume latest does from what is on disk."""
-    from finetune.cli.stop_signals import stop_line
+    from finetune.stop_signals import stop_line
 
     real_metadata, real_validation, real_replace, real_write = training_run.output_metadata, training_run.run_validation, trainer.ckpt.replace_folder, trainer.ckpt.atomic_write_text
 
@@ -231,7 +231,7 @@ def test_a_second_stop_mid_run_names_the_command_that_continues_from_its_checkpo
     continue": run again without --resume, the command is refused (the output_dir holds an earlier run). It names
     --resume latest and the checkpoint it continues from."""
     from finetune.cli.main import RERUN_AFTER_A_STOP
-    from finetune.cli.stop_signals import stop_line
+    from finetune.stop_signals import stop_line
 
     def two_ctrl_cs(step):
         if step == 3:

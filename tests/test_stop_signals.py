@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from finetune.cli import main as cli
-from finetune.cli.stop_signals import Terminated
 from finetune.distributed.stopping import StopRequest
+from finetune.stop_signals import Terminated
 
 
 @pytest.fixture(autouse=True)

@@ -67,7 +67,7 @@ def test_a_variant_stopped_by_a_deadline_says_how_far_it_got(tmp_path, monkeypat
     import pytest
 
     from finetune.bench import runner
-    from finetune.cli.stop_signals import Terminated
+    from finetune.stop_signals import Terminated
 
     real_run = runner.subprocess.run
 

@@ -17,9 +17,9 @@ from typing import Callable, Iterator
 from finetune.bench.report import add_speedups, machine_info, median_run
 from finetune.bench.sd15 import build_sd15_pipeline
 from finetune.bench.variants import DEFAULT_VARIANTS, VARIANTS, images_per_step
-from finetune.cli.library_noise import quiet_weight_progress_bars
 from finetune.data.image_bounds import MAX_CLASS_IMAGES, MAX_RESOLUTION, RESOLUTION_BOUND
 from finetune.errors import FinetuneError
+from finetune.library_noise import quiet_weight_progress_bars
 from finetune.outputs.atomic_files import atomic_write_text
 
 # ---------------------------------------------------------------------------------------------------

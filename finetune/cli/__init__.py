@@ -1,1 +1,1 @@
-"""The `finetune` command: its arguments, its handlers, what `finetune train` checks before torch loads, and how a stop is said."""
+"""The `finetune` command: its arguments, its handlers, and what `finetune train` checks before torch loads."""

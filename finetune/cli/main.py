@@ -14,16 +14,16 @@ from pathlib import Path
 
 from finetune.checkpoints.run_files import resolve_lora_file
 from finetune.cli.arguments import parse_arguments
-from finetune.cli.library_noise import quiet_third_party_warnings, quiet_weight_progress_bars
-from finetune.cli.progress_lines import progress_as_lines_in_logs
-from finetune.cli.stop_signals import START_OVER, exit_status, signal_of, stop_line, stop_outside_imports
 from finetune.counts import counted
 from finetune.data.image_bounds import sample_grid_problem
 from finetune.distributed.process_env import first_on_its_machine, machine_name, main_process
 from finetune.errors import FinetuneError, one_line, refuse_a_file_in_the_way
+from finetune.library_noise import quiet_third_party_warnings, quiet_weight_progress_bars
 from finetune.models.native_resolution import native_resolution
 from finetune.optim.packages import broken_bitsandbytes_as_one_line
+from finetune.progress_lines import progress_as_lines_in_logs
 from finetune.sampling.prompt_options import prompts_settings
+from finetune.stop_signals import START_OVER, exit_status, signal_of, stop_line, stop_outside_imports
 
 
 def base_or_recorded(args) -> str:

@@ -8,9 +8,9 @@ import errno
 from pathlib import Path
 
 from finetune.checkpoints.run_files import resolve_resume
-from finetune.cli.library_noise import quiet_weight_progress_bars
-from finetune.cli.stop_signals import exit_status
 from finetune.errors import FinetuneError, one_line
+from finetune.library_noise import quiet_weight_progress_bars
+from finetune.stop_signals import exit_status
 
 
 def run_train_command(args) -> int:

@@ -13,13 +13,13 @@ from pathlib import Path
 
 from finetune.captions.captions import DATASET_ROW
 from finetune.captions.cells import dataset_caption
-from finetune.cli.library_noise import quiet_local_dataset_bars
 from finetune.config import DataConfig
 from finetune.data.dataset_images import require_image_column, row_image
 from finetune.data.dataset_splits import no_rows_message, require_split_syntax, row_labels, saved_split_rows
 from finetune.data.folder_repeats import implausible_repeats_notes
 from finetune.data.sources import Example, folder_images, folders_entries, image_subfolders, saved_dataset
 from finetune.errors import FinetuneError
+from finetune.library_noise import quiet_local_dataset_bars
 from finetune.models.model_source import TRUE_VALUES, hub_offline_by
 
 # A data file given as data.dataset, by the `datasets` builder that reads it: load_dataset(path) itself reads

@@ -15,9 +15,9 @@ from typing import Callable, Sequence, TypeVar
 
 from tqdm.auto import tqdm
 
-from finetune.cli.progress_lines import in_a_log
 from finetune.distributed.process_env import first_on_its_machine, processes_on_this_machine
 from finetune.errors import FinetuneError
+from finetune.progress_lines import in_a_log
 
 Item, Result = TypeVar("Item"), TypeVar("Result")
 

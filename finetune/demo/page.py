@@ -33,8 +33,8 @@ from finetune.demo.inputs import (
     upload_source,
     uploads_only,
 )
-from finetune.cli.library_noise import quiet_weight_progress_bars
 from finetune.errors import FinetuneError
+from finetune.library_noise import quiet_weight_progress_bars
 from finetune.sampling.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES, webui_label
 
 DEFAULT_BASE = Path(__file__).resolve().parents[1] / "assets" / "toyworld-base"

@@ -13,10 +13,10 @@ from typing import Callable
 import torch
 from accelerate import Accelerator
 
-from finetune.cli.stop_signals import interrupt_for
 from finetune.distributed.gloo_interface import new_gloo_group
 from finetune.distributed.process_env import main_process
 from finetune.distributed.stop_answers import Answers, agreement_timeout
+from finetune.stop_signals import interrupt_for
 
 
 class StopRequest:

@@ -7,8 +7,8 @@ import os
 import re
 from pathlib import Path
 
-from finetune.cli.library_noise import quiet_weight_progress_bars
 from finetune.errors import FinetuneError, refuse_a_file_in_the_way
+from finetune.library_noise import quiet_weight_progress_bars
 
 # finetune.evaluation.evaluate's suites and the toy world's shapes, named here so that building the command line (every
 # `finetune` command, --help too) does not import numpy and PIL with them; tests/test_cli_startup.py checks they match.

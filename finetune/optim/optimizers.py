@@ -10,10 +10,10 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from diffusers.optimization import get_scheduler
 
-from finetune.cli.library_noise import quiet_paged_optimizer_on_cpu
 from finetune.config import OptimizerConfig
 from finetune.config.training import ADAMW_BETAS
 from finetune.console import warn
+from finetune.library_noise import quiet_paged_optimizer_on_cpu
 from finetune.optim.packages import BITSANDBYTES_OPTIMIZERS, check_optimizer_installed, eight_bit_step_missing, native_library_missing, say_bitsandbytes_fallback
 
 

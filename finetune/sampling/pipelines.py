@@ -11,11 +11,11 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image, ImageDraw
 
-from finetune.cli.progress_lines import in_a_log
 from finetune.data.image_bounds import GRID_LABEL_WIDTH
 from finetune.models.encoders import chunks_needed, text_hidden_states
 from finetune.models.loading import BaseModel
 from finetune.outputs.atomic_files import removed_if_unfinished
+from finetune.progress_lines import in_a_log
 from finetune.sampling.finite_images import SAMPLING_OVERFLOW, decoded_pixels, not_finite_line, not_finite_rows, say_warning
 from finetune.sampling.grid_labels import draw_label, label_font
 from finetune.sampling.placement import free_device_memory, out_of_device_memory

@@ -15,12 +15,12 @@ from typing import Callable
 
 from finetune.checkpoints.earlier_run import RUN_ENTRIES, RUN_OUTPUTS, finish_a_finished_runs_saves
 from finetune.checkpoints.run_files import STATE_FILE, checkpoint_step, read_state, resolve_resume
-from finetune.cli.stop_signals import signal_name, with_next_step
 from finetune.config.run_recipe import RUN_RECIPE
 from finetune.console import say
 from finetune.distributed.process_env import main_process
 from finetune.errors import FinetuneError
 from finetune.outputs.atomic_files import atomic_write_text, outputs_written, remove_leftover_partials
+from finetune.stop_signals import signal_name, with_next_step
 
 # A checkpoint's state: its step's validation is still to draw, by its resume (the key is named from when only a stop's recorded it).
 VALIDATION_PENDING = "stopped_before_validation"

@@ -24,7 +24,6 @@ from finetune.checkpoints import checkpoint as ckpt
 from finetune.checkpoints.earlier_run import clear_earlier_run, guard_earlier_run
 from finetune.checkpoints.resume_checks import check_resumable
 from finetune.checkpoints.run_files import checkpoint_step, resolve_resume
-from finetune.cli.library_noise import quiet_deepspeed_shm_build
 from finetune.config import Recipe
 from finetune.console import say, warn
 from finetune.counts import counted
@@ -36,6 +35,7 @@ from finetune.data_check.train_inputs import check_base_and_data
 from finetune.distributed.deepspeed_checks import check_deepspeed_launch
 from finetune.distributed.processes import accelerator_options, agree_on_start, checkpoint_options, configure_deepspeed, keep_autocast_outputs, launch_problem, ready_to_compile, several_processes, trained_parameters, unsharded_loading, uses_deepspeed, zero_stage
 from finetune.errors import FinetuneError
+from finetune.library_noise import quiet_deepspeed_shm_build
 from finetune.models.loading import load_base_model
 from finetune.models.model_source import BaseLocation
 from finetune.models.single_file_configs import check_original_config
