@@ -1,5 +1,6 @@
-"""The packages an optimizer.name needs beyond torch, looked up without importing them (nor torch, which they import):
-`finetune train` says a missing one before its data check decodes every image, train() before the base model loads."""
+"""The packages an optimizer.name needs beyond torch: `finetune train` says a missing one before its data check decodes
+every image, train() before the base model loads. A missing one is looked up without importing it (nor torch, which it
+imports); only an installed bitsandbytes asked for its 8-bit optimizers is imported, to tell a broken build early."""
 
 from __future__ import annotations
 
@@ -144,5 +145,5 @@ def eight_bit_step_missing(device_type: str) -> str | None:
 
 def say_bitsandbytes_fallback(name: str, why: str) -> None:
     """optimizer.name `name` falling back to torch's AdamW because bitsandbytes `why`: said by each machine, once in a
-    `finetune train` (checked_once.py: its early word stands for train()'s), each time outside one (a test, the benchmark)."""
+    `finetune train` (finetune/data_check/checked_once.py: its early word stands for train()'s), each time outside one (a test, the benchmark)."""
     kept_check(_FALLBACK_SAID, lambda: warn(f"optimizer.name={name}: bitsandbytes {why}; falling back to torch AdamW (32-bit states)", by="machine"))
