@@ -26,7 +26,7 @@ def test_a_relative_path_not_found_names_the_current_folder(tmp_path, monkeypatc
     # A local folder typed as owner/name is looked up on the hub: that it is no folder here is said too.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(FinetuneError, match=rf"\(there is no folder models/sd15 in the current folder, {tmp_path}, either\)$"):
+    with pytest.raises(FinetuneError, match=rf"\(looked in the cache at .*; there is no folder models/sd15 in the current folder, {tmp_path}, either\)$"):
         resolve_model_folder(ModelConfig(pretrained="models/sd15"))
 
 
