@@ -388,18 +388,3 @@ def test_merge_writes_fp16_when_asked_and_it_loads(trained, tiny_model, tmp_path
     for name, tensor in full.unet.state_dict().items():  # the same merge, rounded to fp16
         assert torch.allclose(half_unet[name], tensor.half().float()), name
 
-
-def test_an_export_of_an_sd_scripts_file_does_not_carry_its_hashes(tmp_path):
-    """sd-scripts records its file's own hashes (sshs_model_hash, sshs_legacy_hash), which the webui keys a LoRA by rather
-    than hashing it: an fp16 export of such a file carried them, and the webui took the new file for the old one."""
-    from safetensors import safe_open
-
-    layer = LoRALayer(torch.randn(4, 8), torch.randn(8, 4), 4.0)
-    lora = LoRA({"unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k": layer}, {"sshs_model_hash": "a" * 64, "sshs_legacy_hash": "b" * 8})
-    source = save_lora_file(lora, tmp_path / "theirs.safetensors", "kohya")
-    with safe_open(str(source), "pt") as opened:
-        assert opened.metadata()["sshs_model_hash"] == "a" * 64  # as sd-scripts' file has it
-    for layout in ("kohya", "diffusers"):
-        exported = save_lora_file(load_lora(source), tmp_path / f"{layout}.safetensors", layout, "fp16")
-        with safe_open(str(exported), "pt") as opened:
-            assert not [key for key in opened.metadata() if key.startswith("sshs_")], opened.metadata()

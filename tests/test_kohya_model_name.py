@@ -1,9 +1,12 @@
 """An export to the kohya layout wrote the base model's path as given (/home/alice/models/...) into ss_sd_model_name, the
-name the webui shows and every shared copy of the file carries; sd-scripts writes the file or folder name there."""
+name the webui shows and every shared copy of the file carries; sd-scripts writes the file or folder name there. Also
+what else of a file's sd-scripts metadata an export must not carry (its own hashes)."""
 
 import pytest
+import torch
 from safetensors import safe_open
 
+from finetune.formats.kohya import LoRA, LoRALayer, load_lora, save_lora_file
 from finetune.outputs.base_names import shared_base_name
 from finetune.sampling.adapter_records import adapter_base, recorded_base
 
@@ -47,3 +50,17 @@ def test_the_webuis_name_of_the_base_is_the_one_finetune_base_model_shares(adapt
     with safe_open(str(tmp_path / "webui" / "old.safetensors"), "np") as f:
         exported = f.metadata()
     assert exported["ss_sd_model_name"] == exported["finetune.base_model"] == "runwayml/stable-diffusion-v1-5"
+
+
+def test_an_export_of_an_sd_scripts_file_does_not_carry_its_hashes(tmp_path):
+    """sd-scripts records its file's own hashes (sshs_model_hash, sshs_legacy_hash), which the webui keys a LoRA by rather
+    than hashing it: an fp16 export of such a file carried them, and the webui took the new file for the old one."""
+    layer = LoRALayer(torch.randn(4, 8), torch.randn(8, 4), 4.0)
+    lora = LoRA({"unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k": layer}, {"sshs_model_hash": "a" * 64, "sshs_legacy_hash": "b" * 8})
+    source = save_lora_file(lora, tmp_path / "theirs.safetensors", "kohya")
+    with safe_open(str(source), "pt") as opened:
+        assert opened.metadata()["sshs_model_hash"] == "a" * 64  # as sd-scripts' file has it
+    for layout in ("kohya", "diffusers"):
+        exported = save_lora_file(load_lora(source), tmp_path / f"{layout}.safetensors", layout, "fp16")
+        with safe_open(str(exported), "pt") as opened:
+            assert not [key for key in opened.metadata() if key.startswith("sshs_")], opened.metadata()
