@@ -2,11 +2,7 @@
 process meets (a collective check) is said once per machine, by its first process. Said by each machine's first process
 alone (local rank 0), process 1's own error was said by no one while process 0 waited for it in the run."""
 
-import os
-import subprocess
-import sys
-
-from ports import free_port
+from train_stand_ins import outputs, start_processes
 
 # Each of 2 processes of one machine runs `finetune train` whose run fails on process 1 alone (argument "alone": process 0's run
 # waits, then ends as a stopped run would; the launcher would kill it) or on both with the same line ("both").
@@ -14,7 +10,7 @@ ONE_FAILS = r"""
 import sys, time
 from types import SimpleNamespace
 import torch.distributed as dist
-import finetune.cli.main as cli, finetune.models.native_resolution, finetune.config.recipe_loading, finetune.cli.run_refusals, finetune.data_check.starting_files, finetune.cli.train_command, finetune.data_check.train_inputs
+from train_stand_ins import run_train, stand_in_early_checks
 import finetune.distributed.processes  # (accelerate: seconds) before the processes join, as the run's errors meet them after it
 from finetune.errors import FinetuneError
 
@@ -32,13 +28,7 @@ if dist.get_rank() == 1:  # a loaded machine: process 1 reads the first's line a
             return store.get(key)
 
     c10d._get_default_store = SlowStore
-finetune.config.recipe_loading.load_recipe = lambda path, overrides: SimpleNamespace(output_dir=sys.argv[1], data=SimpleNamespace(resolution=512), model=SimpleNamespace(pretrained="", single_file_config=None))
-finetune.data_check.train_inputs.check_inputs_exist = lambda recipe: None
-finetune.data_check.train_inputs.check_data_first = lambda recipe, resume_from=None: None  # nor data
-finetune.data_check.starting_files.check_starting_files = lambda recipe, resuming: None  # nor the files it starts from
-finetune.cli.run_refusals.check_run_first = lambda *a: None  # nor train()'s refusals of the run
-finetune.models.native_resolution.far_from_native_line = lambda *a: None  # the fake recipe names no real base
-finetune.cli.train_command.quiet_weight_progress_bars = lambda: None  # (imports diffusers and transformers: 3 CPU s a process)
+stand_in_early_checks(output_dir=sys.argv[1])
 
 def train(recipe, **options):
     if dist.get_rank() == 1:
@@ -49,27 +39,15 @@ def train(recipe, **options):
     time.sleep(5)
     return SimpleNamespace(interrupted=True, stopped_by=2)  # SIGINT
 
-sys.modules["finetune.training.trainer"] = SimpleNamespace(train=train)  # (diffusers not imported: seconds)
-sys.exit(cli.main(["train", "recipe.yaml"]))
+sys.exit(run_train(train))
 """
 
 
 def test_an_error_one_process_meets_alone_is_said_by_it_and_one_they_all_meet_once(tmp_path):
-    launches = {}
-    for mode in ("alone", "both"):  # side by side: each launch is 2 interpreters that mostly wait
-        port = str(free_port())
-        launches[mode] = [
-            subprocess.Popen([sys.executable, "-c", ONE_FAILS, str(tmp_path / mode), mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={
-                **os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2",
-                "LOCAL_WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0"})
-            for rank in (0, 1)
-        ]  # fmt: skip
-    try:
-        # A hang only: 4 interpreters importing torch took 70 s on a busy host (load 12 on 2 cores); 120 s was that bound.
-        results = {mode: [process.communicate(timeout=600) for process in processes] for mode, processes in launches.items()}
-    finally:
-        for process in [process for processes in launches.values() for process in processes]:
-            process.kill()
+    # Side by side: each launch is 2 interpreters that mostly wait.
+    launches = {mode: start_processes(ONE_FAILS, str(tmp_path / mode), mode, world_size=2, per_machine=2) for mode in ("alone", "both")}
+    said = outputs(launches["alone"] + launches["both"])
+    results = {"alone": said[:2], "both": said[2:]}
     codes = {mode: [process.returncode for process in processes] for mode, processes in launches.items()}
     assert codes == {"alone": [130, 2], "both": [2, 2]}, results
     errors = {mode: [[line for line in stderr.splitlines() if line.startswith("error:")] for _, stderr in said] for mode, said in results.items()}

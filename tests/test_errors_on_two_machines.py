@@ -3,22 +3,16 @@
 other process had read its line: machine 1's other process, reading its own first's line later, found the store gone, took it
 for "my first did not fail" and said the line again."""
 
-import os
-import subprocess
-import sys
-
 import pytest
-
-from ports import free_port
+from train_stand_ins import outputs, start_processes
 
 # Each of 4 processes ("machine" rank // 2, over loopback, started without torchrun's agent: rank 0's process hosts the store, as
 # under DeepSpeed's multi-machine launcher) runs `finetune train`, whose run fails on every process with the same line.
 EVERY_ONE_FAILS = r"""
 import sys, time
 from datetime import timedelta
-from types import SimpleNamespace
 import torch.distributed as dist
-import finetune.cli.main as cli, finetune.models.native_resolution, finetune.config.recipe_loading, finetune.cli.run_refusals, finetune.data_check.starting_files, finetune.cli.train_command, finetune.data_check.train_inputs
+from train_stand_ins import run_train, stand_in_early_checks
 import finetune.distributed.error_exchange
 from finetune.errors import FinetuneError
 
@@ -43,37 +37,20 @@ if dist.get_rank() == 3:  # machine 1, loaded: its other process reads its first
             return store.get(key)
 
     c10d._get_default_store = SlowStore
-finetune.config.recipe_loading.load_recipe = lambda path, overrides: SimpleNamespace(output_dir=sys.argv[1], data=SimpleNamespace(resolution=512), model=SimpleNamespace(pretrained="", single_file_config=None))
-finetune.data_check.train_inputs.check_inputs_exist = lambda recipe: None
-finetune.data_check.train_inputs.check_data_first = lambda recipe, resume_from=None: None  # nor data
-finetune.data_check.starting_files.check_starting_files = lambda recipe, resuming: None  # nor the files it starts from
-finetune.cli.run_refusals.check_run_first = lambda *a: None  # nor train()'s refusals of the run
-finetune.models.native_resolution.far_from_native_line = lambda *a: None  # the fake recipe names no real base
-finetune.cli.train_command.quiet_weight_progress_bars = lambda: None  # (imports diffusers and transformers: 3 CPU s a process)
+stand_in_early_checks(output_dir=sys.argv[1])
 
 def train(recipe, **options):
     dist.barrier()  # a collective's error: every process meets it
     raise FinetuneError("the weights hold NaN")
 
-sys.modules["finetune.training.trainer"] = SimpleNamespace(train=train)  # (diffusers not imported: seconds)
-sys.exit(cli.main(["train", "recipe.yaml"]))
+sys.exit(run_train(train))
 """
 
 
 @pytest.mark.slow  # 4 interpreters importing torch and accelerate: 20 to 60 s on 2 cores
 def test_an_error_every_process_meets_is_said_once_per_machine(tmp_path):
-    port = str(free_port())
-    processes = [
-        subprocess.Popen([sys.executable, "-c", EVERY_ONE_FAILS, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={
-            **os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "4",
-            "LOCAL_WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank % 2), "GROUP_RANK": str(rank // 2)})
-        for rank in range(4)
-    ]  # fmt: skip
-    try:
-        results = [process.communicate(timeout=600) for process in processes]  # a hang only
-    finally:
-        for process in processes:
-            process.kill()
+    processes = start_processes(EVERY_ONE_FAILS, str(tmp_path), world_size=4, per_machine=2)
+    results = outputs(processes)
     assert [process.returncode for process in processes] == [2, 2, 2, 2], results
     errors = [[line for line in stderr.splitlines() if line.startswith("error:")] for _, stderr in results]
     assert errors == [["error: machine 0: the weights hold NaN"], [], ["error: machine 1: the weights hold NaN"], []], results

@@ -1,33 +1,22 @@
 """A process of a run killed (SIGKILL, the out-of-memory killer): the others' next collective failed in gloo's traceback
 ("Connection closed by peer ... GLHF!"), which named neither the cause nor what to do. It is one line now."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from train_stand_ins import outputs, start_processes
 
 from finetune.distributed.error_exchange import lost_process_said
 from finetune.errors import FinetuneError
-from ports import free_port
 
 # 2 processes of one machine run `finetune train`; process 0 is killed in its run, process 1's run meets it in a collective.
 ONE_KILLED = r"""
 import os, signal, sys, time
-from types import SimpleNamespace
 import torch, torch.distributed as dist
-import finetune.cli.main as cli, finetune.models.native_resolution, finetune.config.recipe_loading, finetune.cli.run_refusals, finetune.data_check.starting_files, finetune.cli.train_command, finetune.data_check.train_inputs
+from train_stand_ins import run_train, stand_in_early_checks
 import finetune.distributed.processes  # (accelerate: seconds) before the processes join, as the run's errors meet them after it
 
 dist.init_process_group("gloo")
-finetune.config.recipe_loading.load_recipe = lambda path, overrides: SimpleNamespace(output_dir=sys.argv[1], data=SimpleNamespace(resolution=512), model=SimpleNamespace(pretrained="", single_file_config=None))
-finetune.data_check.train_inputs.check_inputs_exist = lambda recipe: None
-finetune.data_check.train_inputs.check_data_first = lambda recipe, resume_from=None: None  # nor data
-finetune.data_check.starting_files.check_starting_files = lambda recipe, resuming: None  # nor the files it starts from
-finetune.cli.run_refusals.check_run_first = lambda *a: None  # nor train()'s refusals of the run
-finetune.models.native_resolution.far_from_native_line = lambda *a: None  # the fake recipe names no real base
-finetune.cli.train_command.quiet_weight_progress_bars = lambda: None  # (imports diffusers and transformers: 3 CPU s a process)
+stand_in_early_checks(output_dir=sys.argv[1])
 
 def train(recipe, **options):
     if dist.get_rank() == 0:
@@ -35,24 +24,13 @@ def train(recipe, **options):
     time.sleep(1)
     dist.all_reduce(torch.ones(4))  # a step's gradients
 
-sys.modules["finetune.training.trainer"] = SimpleNamespace(train=train)  # (diffusers not imported: seconds)
-sys.exit(cli.main(["train", "recipe.yaml"]))
+sys.exit(run_train(train))
 """
 
 
 def test_the_process_left_when_another_is_killed_says_one_line(tmp_path):
-    port = str(free_port())
-    processes = [
-        subprocess.Popen([sys.executable, "-c", ONE_KILLED, str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={
-            **os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2",
-            "LOCAL_WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0"})
-        for rank in (0, 1)
-    ]  # fmt: skip
-    try:
-        said = [process.communicate(timeout=600) for process in processes]  # a hang only
-    finally:
-        for process in processes:
-            process.kill()
+    processes = start_processes(ONE_KILLED, str(tmp_path / "run"), world_size=2, per_machine=2)
+    said = outputs(processes)
     assert [process.returncode for process in processes] == [-9, 2], said
     stderr = said[1][1]
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
