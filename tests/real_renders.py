@@ -1,12 +1,12 @@
 """The eval suites scored on the toy world's own renders in place of a model's images: the ceiling each suite can
 reach, which tells the scorers work (adherence ~1.0 is the classifier reading what the caption says) and gives
 docs/results.md its "real renders of the scenes" row. Only the tests and that row use it, so it lives here, not in
-finetune.evaluation.evaluate, beside `finetune eval`'s scoring (`_score`), which it shares."""
+finetune.evaluation.evaluate, whose public scoring (`score_suites`, `checked_suites`, `render_scenes`) it shares with `finetune eval`."""
 
 from __future__ import annotations
 
 from finetune.errors import FinetuneError
-from finetune.evaluation.evaluate import DEFAULT_SUITES, _render, _score, _validate
+from finetune.evaluation.evaluate import DEFAULT_SUITES, checked_suites, render_scenes, score_suites
 
 
 def evaluate_real_images(
@@ -24,8 +24,8 @@ def evaluate_real_images(
     if seed < 0:  # -1 salted by 0 drew the FID reference and the masks' own jitter (fid 0, control_iou 1.0)
         raise FinetuneError(f"the seed of the real renders is a number from 0 up, got {seed}")
     options = dict(n=num_prompts, images_per_prompt=images_per_prompt, identifier="sks", subject=subject, class_word="shape", resolution=64)
-    suites = _validate(suites, options)
-    result = _score(lambda name, ps: _render(ps, images_per_prompt, salt=(seed + 1,)), suites, options)
+    suites = checked_suites(suites, options)
+    result = score_suites(lambda name, ps: render_scenes(ps, images_per_prompt, salt=(seed + 1,)), suites, options)
     result["settings"] = dict(base="real toy-world images", lora=None, suites=suites,
                               num_prompts=num_prompts, images_per_prompt=images_per_prompt, seed=seed)  # fmt: skip
     return result

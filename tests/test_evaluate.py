@@ -190,7 +190,7 @@ def test_an_out_that_is_a_folder_is_one_line_before_any_image_is_made_and_scorin
         flags.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
         raise InterruptedError
 
-    monkeypatch.setattr(evaluate, "_score", record)
+    monkeypatch.setattr(evaluate, "score_suites", record)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     with pytest.raises(InterruptedError):
         run_eval(str(tiny_model), suites=["adherence"], num_prompts=1, steps=1)

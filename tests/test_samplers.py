@@ -294,7 +294,7 @@ def test_the_demo_says_steps_its_columns_schedule_cannot_draw_before_any_column_
 def test_eval_refuses_steps_its_schedule_cannot_draw_before_drawing(trailing_base, tmp_path, capsys, monkeypatch):
     import finetune.evaluation.evaluate
 
-    monkeypatch.setattr(finetune.evaluation.evaluate, "_score", lambda *args: pytest.fail("drew: --steps 61 on trailing spacing should be refused"))
+    monkeypatch.setattr(finetune.evaluation.evaluate, "score_suites", lambda *args: pytest.fail("drew: --steps 61 on trailing spacing should be refused"))
     out = tmp_path / "eval.json"
     assert main(["eval", "--base", str(trailing_base), "--steps", "61", "--suite", "adherence", "--num-prompts", "1", "--out", str(out)]) == 2
     assert re.search(f"^error: --steps: {TRAILING_61} .*: ask 60$", capsys.readouterr().err.strip()) and not out.exists()

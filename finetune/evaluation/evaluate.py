@@ -65,8 +65,9 @@ CONTROL_SUITES = ("control", "placement")  # the default, and the only suites, w
 GRID_PROMPTS = 8  # the prompts of each prompt set a report's grid shows, a row each
 
 
-def _render(ps: PromptSet, per_prompt: int, salt: tuple[int, ...] = ()) -> list[list]:
-    """Real world images of the prompt set's scenes, jittered by (set seed, prompt, image, *salt).
+def render_scenes(ps: PromptSet, per_prompt: int, salt: tuple[int, ...] = ()) -> list[list]:
+    """Real world images of the prompt set's scenes, jittered by (set seed, prompt, image, *salt): images[p][k], as a
+    model's rows are (the fid suite's reference; tests/real_renders.py scores them in a model's place).
 
     numpy's seed sequences ignore trailing zeros ([s, i, k, 0] draws as [s, i, k] does), so a salt must
     not end in 0: it would draw the unsalted renders (and [s, i, 0] with k 0 draws datasets.generate's)."""
@@ -80,7 +81,7 @@ def _adherence(images, prompts, ps, o):
 
 
 def _fid(images, prompts, ps, o):
-    real = [im for row in _render(ps, o["images_per_prompt"]) for im in row]
+    real = [im for row in render_scenes(ps, o["images_per_prompt"]) for im in row]
     return {"fid": (frechet_distance(images, real), len(images))}
 
 
@@ -109,8 +110,9 @@ def default_suites(suites, controlnet: str | None) -> list[str]:
     return list(dict.fromkeys(suites or (CONTROL_SUITES if controlnet else DEFAULT_SUITES)))
 
 
-def _validate(suites, options: dict) -> list[str]:
-    """Check the request before any model is loaded; return the suites, deduplicated."""
+def checked_suites(suites, options: dict) -> list[str]:
+    """The suites asked for (the default ones where none are), deduplicated, once the request (`options`: n, images_per_prompt,
+    subject, class_word, controlnet) is checked: raises FinetuneError before any model is loaded."""
     suites = list(dict.fromkeys(suites or DEFAULT_SUITES))
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
@@ -133,9 +135,10 @@ def _validate(suites, options: dict) -> list[str]:
     return suites
 
 
-def _score(make_rows, suites, options: dict) -> dict:
-    """Generate each needed prompt set once (``make_rows(name, prompt set) -> images[p][k]``), score every suite."""
-    suites = _validate(suites, options)
+def score_suites(make_rows, suites, options: dict) -> dict:
+    """Generate each needed prompt set once (``make_rows(name, prompt set) -> images[p][k]``), score every suite: the result
+    run_eval returns, without its settings. `make_rows` may draw with a model (run_eval) or be the world's own renders."""
+    suites = checked_suites(suites, options)
     sets, rows, result = {}, {}, {"metrics": {}, "n": {}, "prompts": {}, "images": {}, "conditions": {}}
     for suite in suites:
         name, scorer = SUITES[suite]
@@ -218,7 +221,7 @@ def run_eval(
     scale = 1.0 if conditioning_scale is None else conditioning_scale
     options = dict(n=num_prompts, images_per_prompt=images_per_prompt, identifier=identifier, subject=subject,
                    class_word=class_word, controlnet=controlnet is not None)  # fmt: skip
-    suites = _validate(default_suites(suites, controlnet), options)  # before the (slow) model load
+    suites = checked_suites(default_suites(suites, controlnet), options)  # before the (slow) model load
     # `finetune eval` checked this already, before torch imported (as this function's first line does); read again
     # (two small JSON files) so that every caller of run_eval is refused before the model loads.
     refuse_a_report_grid(suites, num_prompts, images_per_prompt, native_resolution(base, base_config))
@@ -244,7 +247,7 @@ def run_eval(
                                        ps.conditions if controlnet is not None else None, **control)  # fmt: skip
 
     with without_tf32():  # fp32 in full: TF32 would make a GPU's scores differ more from a CPU's
-        result = _score(make_rows, suites, options)
+        result = score_suites(make_rows, suites, options)
     result["settings"] = dict(
         base=base_as or str(base), lora=None if lora is None else str(lora), lora_scale=lora_scale,
         controlnet=None if controlnet is None else str(controlnet), conditioning_scale=scale if controlnet else None, suites=suites,
