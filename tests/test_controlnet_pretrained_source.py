@@ -118,20 +118,8 @@ def test_the_step_0_samples_of_a_controlnet_recording_no_prediction_type_read_it
     """Under model.prediction_type, a ControlNet taken to be trained for the base's target (it records none) was sampled at
     step 0 as this run's target: noise, where the user expects the ControlNet as it was loaded. It is read as the base's
     then, and as the run's once it trains; one that records the run's target is read as that from the start."""
-    from accelerate import Accelerator
     from controlnet_helpers import set_up
-
-    from finetune.training.accelerate_state import clear_accelerate_settings
-    from finetune.training.validation import run_validation
-
-    def sampled_as(method, step: int) -> str:
-        seen = []
-        method.validation_images = lambda modules: (seen.append(method.pipeline(modules).scheduler.config.prediction_type), ([], []))[1]
-        try:
-            run_validation(method.recipe, method, method.trained_modules(), Accelerator(cpu=True), step)
-        finally:  # as train() does: a later test's Accelerator in this process may take another precision
-            clear_accelerate_settings()
-        return seen[0]
+    from validation_sampling import sampled_as
 
     run = write_controlnet_run(tiny_model, offline_cache.parent / "made", trained=False)
     fake_hub_cache(offline_cache, "someone/edges", run / CONTROLNET_DIR)

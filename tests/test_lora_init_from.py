@@ -129,13 +129,11 @@ def test_a_lora_recording_no_prediction_type_is_taken_as_the_bases_and_sampled_s
     trained for the base's epsilon, as sample reads it. Under model.prediction_type it was continued without a word and
     its step-0 grid read as v: noise, where the user expects the LoRA as loaded. Now a warning says so, step 0 reads it
     as epsilon and later grids as v; one recording v is read as v from the start. DreamBooth's LoRA does the same."""
-    from accelerate import Accelerator
+    from validation_sampling import sampled_as
 
     from finetune.methods import METHODS
     from finetune.methods.lora import add_lora, save_lora
     from finetune.models.loading import load_base_model
-    from finetune.training.accelerate_state import clear_accelerate_settings
-    from finetune.training.validation import run_validation
 
     recipe = make_recipe()
     unet = load_base_model(recipe.model).unet
@@ -147,15 +145,6 @@ def test_a_lora_recording_no_prediction_type_is_taken_as_the_bases_and_sampled_s
         method = METHODS[overrides.get("method", "lora")](make_recipe(lora__init_from=str(source), model__prediction_type="v_prediction", **overrides))
         method.setup(load_base_model(method.recipe.model))
         return method
-
-    def sampled_as(method, step: int) -> str:
-        seen = []
-        method.validation_images = lambda modules: (seen.append(method.pipeline(modules).scheduler.config.prediction_type), ([], []))[1]
-        try:
-            run_validation(method.recipe, method, method.trained_modules(), Accelerator(cpu=True), step)
-        finally:  # as train() does: a later test's Accelerator in this process may take another precision
-            clear_accelerate_settings()
-        return seen[0]
 
     method = set_up(unrecorded)
     assert method.start_lines[-1] == (
