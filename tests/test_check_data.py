@@ -21,6 +21,7 @@ from finetune.data.sources import read_examples
 from finetune.errors import FinetuneError
 from finetune.training.trainer import train
 from odd_images import captioned, noise, save_exif_rotated, write_odd_folder
+from train_command_files import corrupt_copy
 
 
 @pytest.fixture
@@ -226,16 +227,8 @@ def test_all_images_bad_is_an_error_even_when_skipping(tmp_path):
         load_examples(DataConfig(image_dir=str(tmp_path), caption="x", resolution=64, skip_bad_images=True))
 
 
-def corrupt_among_good(tmp_path, image_folder):
-    folder = tmp_path / "data"
-    shutil.copytree(image_folder, folder)
-    (folder / "zz_corrupt.png").write_bytes(b"garbage")
-    (folder / "zz_corrupt.txt").write_text("x")
-    return folder
-
-
 def test_training_stops_before_it_starts_on_a_corrupt_image(make_recipe, image_folder, tmp_path):
-    folder = corrupt_among_good(tmp_path, image_folder)
+    folder = corrupt_copy(image_folder, tmp_path)
     recipe = make_recipe(data__image_dir=str(folder), train__max_steps=1)
     with pytest.raises(FinetuneError, match=r"zz_corrupt\.png cannot be read.*skip bad images$"):  # the only problem: no "(N more)"
         train(recipe)
@@ -243,7 +236,7 @@ def test_training_stops_before_it_starts_on_a_corrupt_image(make_recipe, image_f
 
 
 def test_training_with_the_skip_switch_skips_and_lists_the_file(make_recipe, image_folder, tmp_path, capsys):
-    folder = corrupt_among_good(tmp_path, image_folder)
+    folder = corrupt_copy(image_folder, tmp_path)
     result = train(make_recipe(data__image_dir=str(folder), data__skip_bad_images=True, train__max_steps=1))
     assert result.final_step == 1
     out = capsys.readouterr().out

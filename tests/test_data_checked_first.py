@@ -7,32 +7,16 @@ import shutil
 from collections import Counter
 
 import pytest
-import yaml
-from conftest import SHIPPED_BASE
+from train_command_files import corrupt_copy, write_recipe
 
 from finetune.cli.main import main
 import finetune.cli.train_command
 import finetune.data_check.check
 
 
-def write_recipe(tmp_path, method: str, folder, base=SHIPPED_BASE, **sections):
-    path = tmp_path / "recipe.yaml"
-    data = {"resolution": 64, **({"image_dir": str(folder)} if folder else {})}  # none for DreamBooth: its concepts name theirs
-    path.write_text(yaml.safe_dump({"method": method, "model": {"pretrained": str(base)}, "data": data,
-                                    "output_dir": str(tmp_path / "run"), "validation": {"prompts": []}, **sections}))  # fmt: skip
-    return path
-
-
 @pytest.mark.parametrize("method", ["lora", "controlnet"])
 def test_a_corrupt_image_is_said_before_the_training_stack_loads(method, image_folder, pairs_folder, tmp_path, monkeypatch, capsys):
-    folder = shutil.copytree(pairs_folder if method == "controlnet" else image_folder, tmp_path / "data")
-    (folder / "zz_corrupt.png").write_bytes(b"garbage")
-    if method == "controlnet":  # a pair of its own: its image is the corrupt file
-        shutil.copy(folder / json.loads((folder / "metadata.jsonl").read_text().splitlines()[0])["conditioning_file_name"], folder / "zz_cond.png")
-        with (folder / "metadata.jsonl").open("a") as rows:
-            rows.write(json.dumps({"file_name": "zz_corrupt.png", "conditioning_file_name": "zz_cond.png", "text": "x"}) + "\n")
-    else:
-        (folder / "zz_corrupt.txt").write_text("x")
+    folder = corrupt_copy(pairs_folder if method == "controlnet" else image_folder, tmp_path, method)
 
     def training_stack(*args):  # torch, diffusers and the model: what the data check must come before
         pytest.fail("the training stack was loaded before the data check said the corrupt image")
@@ -86,8 +70,7 @@ def test_a_controlnet_folders_record_make_conditions_could_not_write_is_said_bef
 def test_a_vae_runs_perceptual_network_not_there_is_said_before_its_images_are_decoded(image_folder, tmp_path, monkeypatch, capsys):
     """VAEMethod.check_data says a vae.perceptual_network not found "before the images are read"; the command's own data check,
     made before train(), read them first: a corrupt image was said in its place, and a large folder was read in full."""
-    folder = shutil.copytree(image_folder, tmp_path / "data")
-    (folder / "zz_corrupt.png").write_bytes(b"garbage")
+    folder = corrupt_copy(image_folder, tmp_path)
     monkeypatch.setattr(finetune.cli.train_command, "_run_training", lambda *args: pytest.fail("the training stack was loaded"))
     missing = tmp_path / "perceptual.safetensors"
     assert main(["train", str(write_recipe(tmp_path, "vae", folder, vae={"perceptual_weight": 0.1, "perceptual_network": str(missing)}))]) == 2

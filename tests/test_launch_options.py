@@ -37,15 +37,12 @@ def test_a_cpu_launch_asking_for_two_processes_is_not_told_to_add_multi_gpu_whic
 def test_finetune_train_refuses_its_launch_before_the_data_check_decodes_every_image(launch, image_folder, tmp_path, monkeypatch, capsys):
     """finetune/distributed/deepspeed_checks.py's refusals are made "before anything loads (the data check, ...)": since the command
     checks the data before train() (finetune/data_check/checked_once.py), a corrupt image (after every image decoded) was said in their place."""
-    import shutil
+    from train_command_files import corrupt_copy, write_recipe
 
     from finetune.cli.main import main
     import finetune.cli.train_command
-    from test_data_checked_first import write_recipe
 
-    folder = shutil.copytree(image_folder, tmp_path / "data")
-    (folder / "zz_corrupt.png").write_bytes(b"garbage")
-    (folder / "zz_corrupt.txt").write_text("x")
+    folder = corrupt_copy(image_folder, tmp_path)
     monkeypatch.setattr(finetune.cli.train_command, "_run_training", lambda *args: pytest.fail("the training stack was loaded"))
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     if launch == "two processes asked":

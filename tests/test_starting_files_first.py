@@ -2,32 +2,17 @@
 are checked before its data check decodes every image (finetune/data_check/starting_files.py): they were said after it, so a large folder
 was read in full before a typo in one of them was said."""
 
-import json
-import shutil
 import subprocess
 import sys
 
 import pytest
-from test_data_checked_first import write_recipe
+from train_command_files import corrupt_copy, write_recipe
 
 from finetune.cli.main import main
 import finetune.cli.train_command
 from finetune.config.recipe_loading import load_recipe
 from finetune.data_check.starting_files import check_starting_files
 from finetune.errors import FinetuneError
-
-
-def corrupt_copy(folder, tmp_path, method: str):
-    """`folder` with one more image, a corrupt one: what the data check stops on, were it made first."""
-    data = shutil.copytree(folder, tmp_path / "data")
-    (data / "zz_corrupt.png").write_bytes(b"garbage")
-    if method == "controlnet":  # a pair of its own: its image is the corrupt file
-        shutil.copy(data / json.loads((data / "metadata.jsonl").read_text().splitlines()[0])["conditioning_file_name"], data / "zz_cond.png")
-        with (data / "metadata.jsonl").open("a") as rows:
-            rows.write(json.dumps({"file_name": "zz_corrupt.png", "conditioning_file_name": "zz_cond.png", "text": "x"}) + "\n")
-    else:
-        (data / "zz_corrupt.txt").write_text("x")
-    return data
 
 
 CASES = {  # a recipe section naming a file that is not there (or is no ControlNet), and what the one line says
