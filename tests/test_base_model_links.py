@@ -2,11 +2,11 @@
 where it points, before anything loads. It was "is damaged (No such file or directory ...)" for a folder's weights, and
 "not found" for a single file, naming neither."""
 
-import json
 import os
 import shutil
 
 import pytest
+from train_command_files import write_recipe
 
 from finetune.cli.main import main
 from finetune.config import ModelConfig
@@ -32,10 +32,7 @@ def test_a_folders_file_that_links_to_nothing_is_one_line_naming_the_link_and_it
 
 def test_training_on_it_stops_with_that_line_before_loading(tiny_model, image_folder, tmp_path, capsys):
     folder = with_link_to_nothing(shutil.copytree(tiny_model, tmp_path / "base"), "vae/diffusion_pytorch_model.safetensors")
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(json.dumps({"model": {"pretrained": str(folder)}, "data": {"image_dir": str(image_folder), "resolution": 64},
-                                  "output_dir": str(tmp_path / "run"), "validation": {"prompts": []}}))  # fmt: skip
-    assert main(["train", str(recipe)]) == 2
+    assert main(["train", str(write_recipe(tmp_path, "lora", image_folder, folder))]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: base model folder {folder}: vae/diffusion_pytorch_model.safetensors is a link to {GONE}, which is not there: put that file back "
         "(copy or download the model again)"

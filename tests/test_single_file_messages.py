@@ -9,6 +9,7 @@ import huggingface_hub.constants
 import pytest
 from test_base_model_errors import fake_hub_cache
 from test_single_file import sd15_shaped_pipeline
+from train_command_files import write_recipe
 
 from finetune.cli.main import main
 from finetune.config import ModelConfig
@@ -135,9 +136,7 @@ def test_a_single_file_whose_yaml_says_another_prediction_than_its_hub_configs_i
     monkeypatch.setattr(finetune.data_check.train_inputs, "check_data_first", lambda recipe, resume_from=None: pytest.fail("every image was decoded before the refusal"))
     monkeypatch.setattr(finetune.cli.train_command, "_run_training", lambda *args: pytest.fail("the training stack was loaded before the refusal"))
     single_file.with_suffix(".yaml").write_text("model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params:\n    parameterization: \"v\"\n")
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(json.dumps({"model": {"pretrained": str(single_file)}, "data": {"image_dir": str(image_folder), "resolution": 64},
-                                  "output_dir": str(tmp_path / "run"), "validation": {"prompts": []}}))  # fmt: skip
+    recipe = write_recipe(tmp_path, "lora", image_folder, single_file)
     assert main(["train", str(recipe)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: base model file {single_file} predicts v_prediction by model.yaml beside it, and diffusers reads it with hub model {SD1_CONFIGS}'s "
