@@ -190,26 +190,6 @@ def test_fp16_on_a_cpu_stops_with_one_line_before_loading_the_model(make_recipe,
         train(make_recipe(train__mixed_precision="fp16"))
 
 
-def test_accelerates_regional_compilation_stops_with_one_line_before_loading_the_model(make_recipe, monkeypatch):
-    monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
-    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")
-    monkeypatch.setenv("ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION", "true")
-    with pytest.raises(FinetuneError, match=r"^accelerate's regional compilation \(--dynamo_use_regional_compilation\) cannot run diffusers' UNet"):
-        train(make_recipe())
-
-
-def test_accelerates_regional_compilation_does_fail_on_the_unet():
-    """Why the run above is refused; when this stops failing, the refusal can go."""
-    from accelerate.utils import compile_regions
-
-    from finetune.models.tiny_model import build_tiny_pipeline
-
-    unet = build_tiny_pipeline().unet
-    compiled = compile_regions(unet, backend="eager")  # the same wrapping, without inductor's minutes
-    with pytest.raises(TypeError, match="GroupNorm does not support len"):
-        compiled(torch.randn(1, 4, 8, 8), torch.tensor([1]), torch.randn(1, 77, unet.config.cross_attention_dim))
-
-
 def test_bf16_on_a_gpu_without_it_stops_with_one_line_before_loading_the_model(make_recipe, monkeypatch):
     """torch and accelerate accept bf16 on a GPU before Ampere (a T4, as free notebooks give) and emulate it."""
     monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("loaded the model"))
