@@ -23,6 +23,23 @@ def captions(folder, **settings):
     return {e.source.rsplit("/", 1)[1]: e.caption for e in read_examples(DataConfig(image_dir=str(folder), resolution=64, **settings))}
 
 
+def metadata_refusal(folder, metadata: str, text: str, **settings) -> str:
+    """What reading `folder`'s captions raises with `text` as its only metadata file (`metadata`: metadata.jsonl or metadata.csv)."""
+    for name in ("metadata.jsonl", "metadata.csv"):
+        (folder / name).unlink(missing_ok=True)
+    (folder / metadata).write_text(text)
+    with pytest.raises(FinetuneError) as raised:
+        captions(folder, **settings)
+    return str(raised.value)
+
+
+def jsonl_row(**keys) -> str:
+    return json.dumps(keys) + "\n"
+
+
+IMAGEFOLDER_NAME = "(the image's file name, as datasets' imagefolder reads it)"
+
+
 def test_a_folders_metadata_reads_the_caption_column(tmp_path):
     """data.caption_column names the caption's key in a folder's metadata.jsonl or column in its metadata.csv, as for a dataset."""
     noise(tmp_path / "a.png")
@@ -45,38 +62,27 @@ def test_a_metadata_row_naming_its_image_under_another_key_is_not_told_to_set_th
     """{"image": "a.png", "text": ...}, as other tools write rows, was told "rename the key, or set data.caption_column", which
     reads captions only: the key to rename is named; a csv header alike."""
     noise(tmp_path / "a.png")
-    (tmp_path / "metadata.jsonl").write_text(json.dumps({"image": "a.png", "text": "a dog"}) + "\n")
-    with pytest.raises(FinetuneError, match=r"but its keys are 'image', 'text': rename 'image' to 'file_name' \(the image's file name, as datasets' imagefolder reads it\)$"):
-        captions(tmp_path)
-    (tmp_path / "metadata.jsonl").write_text(json.dumps({"path": "a.png", "caption": "a dog"}) + "\n")
-    with pytest.raises(FinetuneError, match=r"name each image in a 'file_name' key \(the image's file name, as datasets' imagefolder reads it\), and its caption in 'text' \(or set data.caption_column\)$"):
-        captions(tmp_path)
-    (tmp_path / "metadata.jsonl").unlink()
-    (tmp_path / "metadata.csv").write_text("image,text\na.png,a cat\n")
-    with pytest.raises(FinetuneError, match=r"\(has: image, text\): rename 'image' to 'file_name' \(the image's file name, as datasets' imagefolder reads it\)$"):
-        captions(tmp_path)
+    assert metadata_refusal(tmp_path, "metadata.jsonl", jsonl_row(image="a.png", text="a dog")).endswith(
+        f"but its keys are 'image', 'text': rename 'image' to 'file_name' {IMAGEFOLDER_NAME}")
+    assert metadata_refusal(tmp_path, "metadata.jsonl", jsonl_row(path="a.png", caption="a dog")).endswith(
+        f"name each image in a 'file_name' key {IMAGEFOLDER_NAME}, and its caption in 'text' (or set data.caption_column)")
+    assert metadata_refusal(tmp_path, "metadata.csv", "image,text\na.png,a cat\n").endswith(
+        f"(has: image, text): rename 'image' to 'file_name' {IMAGEFOLDER_NAME}")
 
 
 def test_a_metadata_file_of_image_names_alone_is_told_to_add_the_captions(tmp_path):
     """A row or header with 'file_name' and nothing else was told to "rename the caption's key to 'text'": there is none."""
     noise(tmp_path / "a.png")
-    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png"}) + "\n")
-    with pytest.raises(FinetuneError, match=r"but its keys are 'file_name': add each image's caption as a 'text' key$"):
-        captions(tmp_path)
-    (tmp_path / "metadata.jsonl").unlink()
-    (tmp_path / "metadata.csv").write_text("file_name\na.png\n")
-    with pytest.raises(FinetuneError, match=r"\(has: file_name\): add each image's caption as a 'text' column$"):
-        captions(tmp_path)
+    assert metadata_refusal(tmp_path, "metadata.jsonl", jsonl_row(file_name="a.png")).endswith("but its keys are 'file_name': add each image's caption as a 'text' key")
+    assert metadata_refusal(tmp_path, "metadata.csv", "file_name\na.png\n").endswith("(has: file_name): add each image's caption as a 'text' column")
 
 
 def test_a_metadata_jsonl_row_that_is_no_json_says_how_to_write_one(tmp_path):
     """A row pretty-printed over several lines said only 'expected a JSON object' of its first line, '{'."""
     noise(tmp_path / "a.png")
-    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "a dog"}, indent=2) + "\n")
-    expected = (f"{tmp_path / 'metadata.jsonl'} line 1: expected a JSON object with 'file_name' and 'text' (Expecting property name enclosed "
-                'in double quotes): write each row as one JSON object on one line, e.g. {"file_name": "0001.png", "text": "a photo of ..."}')  # fmt: skip
-    with pytest.raises(FinetuneError, match=f"^{re.escape(expected)}$"):
-        captions(tmp_path)
+    assert metadata_refusal(tmp_path, "metadata.jsonl", json.dumps({"file_name": "a.png", "text": "a dog"}, indent=2) + "\n") == (
+        f"{tmp_path / 'metadata.jsonl'} line 1: expected a JSON object with 'file_name' and 'text' (Expecting property name enclosed "
+        'in double quotes): write each row as one JSON object on one line, e.g. {"file_name": "0001.png", "text": "a photo of ..."}')  # fmt: skip
 
 
 def test_caption_files_are_decoded_by_their_byte_order_mark(tmp_path):
