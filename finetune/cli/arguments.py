@@ -1,16 +1,15 @@
-"""The `finetune` command's arguments: one subparser per command (the handlers are in finetune/cli/main.py)."""
+"""The `finetune` command's arguments: one subparser per command, and one function per group of options that several
+commands take (the values' types: finetune/cli/argument_types.py; the handlers: finetune/cli/main.py)."""
 
 from __future__ import annotations
 
 import argparse
-import math
 import re
 
+from finetune.cli.argument_types import finite_float, lora_strength, number_or_text, positive_int, sample_side, sampler_option, sampling_steps, seed_number
 from finetune.cli.option_advice import options_meant, override_for, recipe_method, spaced_override
 from finetune.controlnet.condition_kinds import CANNY_HIGH, CANNY_LOW, CANNY_SIGMA, KINDS, MASK_THRESHOLD, MAX_CANNY_SIGMA
-from finetune.data.image_bounds import MAX_RESOLUTION, RESOLUTION_BOUND
-from finetune.sampling.prompt_options import MAX_STEPS
-from finetune.sampling.samplers import DEFAULT_SAMPLER, SAMPLER_CHOICES, sampler_named
+from finetune.sampling.samplers import DEFAULT_SAMPLER, SAMPLER_CHOICES
 
 
 EXAMPLES = """examples:
@@ -29,124 +28,6 @@ EXAMPLES = """examples:
   finetune bench --preset medium --steps 10 --out outputs/bench.json
   finetune demo --adapters outputs
 """
-
-
-def whole_number(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1 (0 images or steps crashed deep in sampling)."""
-    value = whole_number(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def pixel_size(text: str) -> int:
-    """An argparse type: an image side, a positive multiple of 8 (the VAE downsamples by 8), checked before a base
-    model loads (or downloads) rather than after."""
-    value = positive_int(text)
-    if value % 8:
-        raise argparse.ArgumentTypeError(f"must be a multiple of 8 (the VAE downsamples by 8), got {value}")
-    return value
-
-
-def sample_side(text: str) -> int:
-    """An argparse type: the side of sampled images, a pixel_size at most data.resolution's bound (finetune/data/image_bounds.py):
-    --resolution 100000 made one image of 10 gigapixels, until memory ran out."""
-    value = pixel_size(text)
-    if value > MAX_RESOLUTION:
-        raise argparse.ArgumentTypeError(f"{RESOLUTION_BOUND} (got {value})")
-    return value
-
-
-def sampling_steps(text: str) -> int:
-    """An argparse type: sampling steps, 1 to MAX_STEPS (more was diffusers' traceback after the model loaded),
-    as a prompt's --s takes them."""
-    value = positive_int(text)
-    if value > MAX_STEPS:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_STEPS} (the scheduler has 1000 training timesteps), got {value}")
-    return value
-
-
-def seed_number(text: str) -> int:
-    """An argparse type: a seed as recipes take one (finetune.config.base.Seed): 0 to 2**63 - 1, which torch's
-    and numpy's generators both take (a larger one was an overflow traceback)."""
-    value = whole_number(text)
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"must be from 0 to 2**63 - 1, got {value}")
-    return value
-
-
-def number_or_text(text: str) -> int | str:
-    """An argparse type: a whole number as one, anything else as typed, for the recipe key it replaces to say what is
-    wrong with it (check-data's --resolution: sd-scripts' 512,512 was argparse's "invalid int value")."""
-    return int(text) if re.fullmatch(r"-?\d+", text.strip()) else text
-
-
-def finite_float(text: str) -> float:
-    """An argparse type: a number, but not nan or inf, which float() reads and which give black images (and
-    a merged pipeline of nan weights) rather than an error."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def lora_strength(text: str) -> float:
-    """An argparse type: one strength (`finite_float`); several ("1,0.5") say where to compare them (a sample grid's columns are seeds)."""
-    if any(separator in text for separator in ",;"):
-        raise argparse.ArgumentTypeError(f"takes one strength, got {text!r}: run sample once per strength (each run is numbered apart in --out, and each "
-                                         "image's settings name its strength), or compare them side by side in finetune demo, whose strengths field takes 1, 0.5")
-    return finite_float(text)
-
-
-def sampler_option(text: str) -> str:
-    """An argparse type: a sampler by our name, sd-scripts' or the webui's ("Euler a", as its sampler list spells it)."""
-    try:
-        return sampler_named(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def positive_number(text: str) -> float:
-    """An argparse type: a finite number above 0 (the demo's --max-upload-mb: 0 refused every upload)."""
-    value = finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-    return value
-
-
-def port_number(text: str) -> int:
-    """An argparse type: a TCP port, 1 to 65535 (another was a bind() OverflowError traceback after the model loaded)."""
-    value = whole_number(text)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535, got {value}")
-    return value
-
-
-def add_base_options(parser: argparse.ArgumentParser, default_help: str) -> None:
-    """--base and --base-config, as sample, merge, eval and demo take them (training: model.pretrained and
-    model.single_file_config); each finds a base without --base, the one `default_help` names."""
-    parser.add_argument("--base", help="base model: hub id, diffusers folder or .safetensors file" + default_help)
-    parser.add_argument(
-        "--base-config",
-        help="for a .safetensors/.ckpt base: a diffusers folder or hub id with the configs that describe it (needed offline)",
-    )
-
-
-def add_placement_options(parser: argparse.ArgumentParser) -> None:
-    """--device and --precision, as sample and demo take them (finetune/sampling/placement.py)."""
-    parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="where to sample (default: the GPU if there is one)")
-    parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
-                        help="the model's weights while sampling (default: fp16 on CUDA, fp32 elsewhere)")  # fmt: skip
 
 
 class OneLoRA(argparse.Action):
@@ -182,6 +63,54 @@ class NegativeNumbersAsValues(argparse.ArgumentParser):
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
+def add_base_options(parser: argparse.ArgumentParser, default_help: str) -> None:
+    """--base and --base-config, as sample, merge, eval and demo take them (training: model.pretrained and
+    model.single_file_config); each finds a base without --base, the one `default_help` names."""
+    parser.add_argument("--base", help="base model: hub id, diffusers folder or .safetensors file" + default_help)
+    parser.add_argument(
+        "--base-config",
+        help="for a .safetensors/.ckpt base: a diffusers folder or hub id with the configs that describe it (needed offline)",
+    )
+
+
+def add_placement_options(parser: argparse.ArgumentParser) -> None:
+    """--device and --precision, as sample and demo take them (finetune/sampling/placement.py)."""
+    parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="where to sample (default: the GPU if there is one)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                        help="the model's weights while sampling (default: fp16 on CUDA, fp32 elsewhere)")  # fmt: skip
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser, recipe_help: str, overrides_example: str, optional: bool = False) -> None:
+    """A recipe and its dotted key=value overrides, as train and check-data take them (parse_arguments adds the
+    overrides typed after an option)."""
+    parser.add_argument("recipe", nargs="?" if optional else None, help=recipe_help)
+    parser.add_argument("overrides", nargs="*", default=[], metavar="key=value", help=f"recipe overrides, e.g. {overrides_example}")
+
+
+def add_lora_option(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    """--lora, as sample and merge take it: one LoRA, a file or the run folder that holds it (OneLoRA)."""
+    parser.add_argument("--lora", action=OneLoRA, required=required, help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
+
+
+def add_seed_option(parser: argparse.ArgumentParser, seeds_what: str) -> None:
+    """--seed, a recipe's seed (`seed_number`), 0 unless given; `seeds_what` says what it decides."""
+    parser.add_argument("--seed", type=seed_number, default=0, help=f"{seeds_what} (default 0)")
+
+
+def add_overwrite_option(parser: argparse.ArgumentParser, replaces: str) -> None:
+    """--overwrite, the switch each command that writes somewhere takes to replace what is there; `replaces` says what goes."""
+    parser.add_argument("--overwrite", action="store_true", help=replaces)
+
+
+WEIGHT_PRECISIONS = ["fp32", "fp16", "bf16"]  # of the weights a command writes (sampling's --precision also has auto)
+
+
+def add_file_precision_option(parser: argparse.ArgumentParser, shared_as: str, default_said: str) -> None:
+    """--precision of the weights export and export-checkpoint write: as their input holds them unless given."""
+    parser.add_argument("--precision", choices=WEIGHT_PRECISIONS,
+                        help=f"the weights' precision: fp16 halves the file, as most shared {shared_as} are (default: {default_said})")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = NegativeNumbersAsValues(
         prog="finetune",
@@ -197,10 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train with a YAML recipe. Any recipe key can be overridden as dotted.key=value.",
         epilog="example:\n  finetune train recipes/lora.yaml optimizer.lr=1e-4 data.image_dir=my_photos",
     )
-    train.add_argument("recipe", help="path of a recipe, e.g. recipes/lora.yaml")
-    train.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="recipe overrides, e.g. train.max_steps=500")
+    add_recipe_arguments(train, "path of a recipe, e.g. recipes/lora.yaml", overrides_example="train.max_steps=500")
     train.add_argument("--resume", metavar="CHECKPOINT", help="'latest' or a checkpoints/checkpoint-N folder to continue from")
-    train.add_argument("--overwrite", action="store_true", help="start over in an output_dir that holds an earlier run (deletes its checkpoints, samples and logs)")
+    add_overwrite_option(train, "start over in an output_dir that holds an earlier run (deletes its checkpoints, samples and logs)")
 
     sample = commands.add_parser(
         "sample",
@@ -211,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         '--condition mask.png --prompt "a small red circle on a blue background, top left"',
     )
     add_base_options(sample, default_help=RECORDED_BASE_HELP)
-    sample.add_argument("--lora", action=OneLoRA, help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
+    add_lora_option(sample)
     sample.add_argument("--lora-scale", type=lora_strength, default=1.0, help="LoRA strength (default 1.0; one: compare several in finetune demo)")
     sample.add_argument("--controlnet", help="ControlNet folder (config.json + weights), or a controlnet training output folder")
     sample.add_argument("--condition", action="append", help="conditioning image for --controlnet (edges, mask, ...), used for every prompt")
@@ -219,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several); may end in --n NEGATIVE --d SEED --l GUIDANCE --s STEPS --ss SAMPLER, quoted with it")
     sample.add_argument("--negative-prompt", default=None, help="what to steer away from, for every prompt without its own --n (acts only at --guidance above 1)")
     sample.add_argument("--num-images", type=positive_int, default=4, help="images per prompt (default 4; seeds seed..seed+N-1, from a prompt's own --d if it has one)")
-    sample.add_argument("--seed", type=seed_number, default=0, help="seed of each prompt's first image (default 0)")
+    add_seed_option(sample, "seed of each prompt's first image")
     sample.add_argument("--steps", type=sampling_steps, default=25, help="sampling steps (default 25)")
     sample.add_argument("--sampler", type=sampler_option, default=DEFAULT_SAMPLER, metavar="SAMPLER",
                         help=f"the sampler: {SAMPLER_CHOICES} (default {DEFAULT_SAMPLER}; each keeps the model's prediction type and noise schedule)")
@@ -238,10 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("output_dir", help="folder to write the pipeline to (model_index.json and one subfolder per part)")
     tiny.add_argument("--preset", choices=["tiny", "world", "medium"], default="tiny",
                       help="tiny (~1M UNet params), world (the toy-world base architecture) or medium (SD1.5 block pattern, ~19M)")
-    tiny.add_argument("--seed", type=seed_number, default=0, help="seed of the random weights (default 0)")
+    add_seed_option(tiny, "seed of the random weights")
     tiny.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon",
                       help="what the scheduler says the UNet predicts (default epsilon; v_prediction as SD2.x's 768 px models)")
-    tiny.add_argument("--overwrite", action="store_true", help="replace everything in an existing output folder (the folder itself is kept)")
+    add_overwrite_option(tiny, "replace everything in an existing output folder (the folder itself is kept)")
 
     data = commands.add_parser(
         "make-sample-data",
@@ -261,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     world.add_argument("output_dir", help="a new or empty folder")
     world.add_argument("--num-images", type=int, default=20000, help="images to write (default 20000, ~160 MB)")
-    world.add_argument("--seed", type=seed_number, default=0, help="the same seed writes the same images (default 0)")
+    add_seed_option(world, "the same seed writes the same images")
     world.add_argument("--include-held-out", choices=["no", "only_shape", "only_style", "all"], default="no",
                        help="no (default): held-in only (UNet pretraining); only_shape: solid stars only (a DreamBooth subject); "
                        "only_style: striped shapes only (a new-style LoRA's data); all: stars and stripes too (VAE pretraining)")
@@ -278,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("source", help="a diffusers pipeline folder, or a full run's folder holding pipeline/ (e.g. outputs/base/unet3)")
     export.add_argument("destination", help="a new folder for the fp16 copy")
-    export.add_argument("--overwrite", action="store_true", help="replace everything in an existing destination folder (the folder itself is kept)")
+    add_overwrite_option(export, "replace everything in an existing destination folder (the folder itself is kept)")
 
     lora_export = commands.add_parser(
         "export",
@@ -292,9 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     lora_export.add_argument("input", help="a LoRA .safetensors file (either layout) or a training output folder")
     lora_export.add_argument("output", help="a .safetensors path, or a folder for the file and its model card")
     lora_export.add_argument("--to", required=True, choices=["kohya", "diffusers"], help="layout to write")
-    lora_export.add_argument("--overwrite", action="store_true", help="replace the file and its model card if they exist")
-    lora_export.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
-                             help="the weights' precision: fp16 halves the file, as most shared LoRAs are (default: the input's; training writes fp32)")  # fmt: skip
+    add_overwrite_option(lora_export, "replace the file and its model card if they exist")
+    add_file_precision_option(lora_export, shared_as="LoRAs", default_said="the input's; training writes fp32")
 
     checkpoint_export = commands.add_parser(
         "export-checkpoint",
@@ -307,9 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     checkpoint_export.add_argument("input", help="a pipeline folder (model_index.json), or a run or checkpoint folder holding pipeline/")
     checkpoint_export.add_argument("output", help="the .safetensors file to write")
-    checkpoint_export.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
-                                   help="the weights' precision: fp16 halves the file, as most shared checkpoints are (default: as the pipeline holds them)")  # fmt: skip
-    checkpoint_export.add_argument("--overwrite", action="store_true", help="replace the file if it exists")
+    add_file_precision_option(checkpoint_export, shared_as="checkpoints", default_said="as the pipeline holds them")
+    add_overwrite_option(checkpoint_export, "replace the file if it exists")
 
     merge = commands.add_parser(
         "merge",
@@ -320,10 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("output_dir", help="folder for the merged pipeline")
     add_base_options(merge, default_help=" (default: the base the --lora run recorded)")
-    merge.add_argument("--lora", action=OneLoRA, required=True, help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
+    add_lora_option(merge, required=True)
     merge.add_argument("--strength", type=finite_float, default=1.0, help="LoRA strength, as --lora-scale in sampling (default 1.0)")
-    merge.add_argument("--overwrite", action="store_true", help="replace the contents of an existing output folder")
-    merge.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="weights of the merged pipeline (default fp32; fp16 halves it)")
+    add_overwrite_option(merge, "replace the contents of an existing output folder")
+    merge.add_argument("--precision", choices=WEIGHT_PRECISIONS, default="fp32", help="weights of the merged pipeline (default fp32; fp16 halves it)")
 
     conditions = commands.add_parser(
         "make-conditions",
@@ -345,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help=f"canny: Gaussian blur before the gradients, in pixels, 0 to {MAX_CANNY_SIGMA:g} (default {CANNY_SIGMA})")  # fmt: skip
     conditions.add_argument("--threshold", type=float, default=MASK_THRESHOLD,
                             help=f"mask: RGB distance from the border colour that counts as shape (default {MASK_THRESHOLD:g})")  # fmt: skip
-    conditions.add_argument("--overwrite", action="store_true", help="replace what the output folder holds: an earlier run's conditioning images, its metadata.jsonl, files of the images' names")
+    add_overwrite_option(conditions, "replace what the output folder holds: an earlier run's conditioning images, its metadata.jsonl, files of the images' names")
 
     check = commands.add_parser(
         "check-data",
@@ -357,8 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  finetune check-data recipes/lora.yaml data.image_dir=my_photos\n"
         "  finetune check-data --image-dir my_photos --resolution 512",
     )
-    check.add_argument("recipe", nargs="?", help="a recipe, e.g. recipes/lora.yaml (default: data settings' defaults)")
-    check.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="recipe overrides, e.g. data.bucketing.enabled=true")
+    add_recipe_arguments(check, "a recipe, e.g. recipes/lora.yaml (default: data settings' defaults)", overrides_example="data.bucketing.enabled=true", optional=True)
     check.add_argument("--image-dir", help="folder of images to check (instead of the recipe's data.image_dir)")
     check.add_argument("--resolution", type=number_or_text, help="training resolution (instead of the recipe's data.resolution)")
 

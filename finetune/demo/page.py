@@ -275,7 +275,8 @@ def serve_until_stopped(app, running_line: str) -> None:
 
 
 def add_demo_parser(commands) -> None:
-    from finetune.cli.arguments import add_base_options, add_placement_options, port_number, positive_int, positive_number
+    from finetune.cli.argument_types import port_number, positive_int, positive_number
+    from finetune.cli.arguments import add_base_options, add_placement_options
 
     demo = commands.add_parser(
         "demo",
