@@ -36,7 +36,7 @@ class Preset:
     text_hidden: int
     text_layers: int
     vae_channels: tuple[int, ...]
-    vae_norm_groups: int | None = None  # None: half the first block's channels, at most 32
+    vae_norm_groups: int | None = None  # None: `norm_groups(vae_channels)`, as the UNet's
 
 
 PRESETS = {
@@ -80,6 +80,12 @@ PRESETS = {
 }
 
 
+def norm_groups(channels: tuple[int, ...]) -> int:
+    """GroupNorm's group count for blocks of these widths: SD's 32, or half the first block's channels where that is
+    fewer (the narrow presets: 32 groups cannot split the tiny VAE's 16 channels)."""
+    return min(32, channels[0] // 2)
+
+
 def sd15_scheduler_config(prediction_type: str = "epsilon") -> dict:
     """SD1.5's noise schedule (scaled-linear betas, 1000 steps)."""
     return dict(
@@ -117,7 +123,7 @@ def build_tiny_pipeline(
         layers_per_block=spec.layers_per_block,
         cross_attention_dim=spec.text_hidden,
         attention_head_dim=spec.attention_head_dim,
-        norm_num_groups=min(32, spec.unet_channels[0] // 2),
+        norm_num_groups=norm_groups(spec.unet_channels),
     )
     vae = AutoencoderKL(
         in_channels=3,
@@ -127,7 +133,7 @@ def build_tiny_pipeline(
         block_out_channels=spec.vae_channels,
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=spec.vae_norm_groups or min(32, spec.vae_channels[0] // 2),
+        norm_num_groups=spec.vae_norm_groups or norm_groups(spec.vae_channels),
         sample_size=spec.resolution,
     )
     text_encoder = CLIPTextModel(
