@@ -41,13 +41,13 @@ def check_perceptual_network_first(recipe: Recipe) -> None:
     a classifier of other attribute vocabularies), which VAEMethod.check_data says as it loads it (torch), after the command's
     data check. Told from its header alone: a classifier's tensors are the shipped one's, by name and shape (one architecture,
     `ToyWorldClassifier()`), and its vocabularies the world's."""
-    from finetune.data_check.train_inputs import SHIPPED_PERCEPTUAL_NETWORK, perceptual_network_file
+    from finetune.data_check.train_inputs import SHIPPED_PERCEPTUAL_NETWORK, not_a_classifier, perceptual_network_file
 
     if recipe.method != "vae" or (path := perceptual_network_file(recipe)) is None:
         return
     problem = classifier_header_problem(path, SHIPPED_PERCEPTUAL_NETWORK)
     if problem:
-        raise FinetuneError(f"vae.perceptual_network {path} is not a toy-world classifier file ({problem}): train one with python -m finetune.toyworld.classifier")
+        raise not_a_classifier(path, problem)
 
 
 def classifier_header_problem(path: Path, shipped: Path) -> str | None:

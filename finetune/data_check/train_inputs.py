@@ -69,6 +69,12 @@ def perceptual_network_file(recipe: Recipe) -> Path | None:
     return path
 
 
+def not_a_classifier(path: Path, problem: str) -> FinetuneError:
+    """The refusal of a vae.perceptual_network that is no toy-world classifier file, `problem` saying why: `finetune train`
+    makes it from the file's header (finetune/cli/run_refusals.py), method vae as it loads the file."""
+    return FinetuneError(f"vae.perceptual_network {path} is not a toy-world classifier file ({problem}): train one with python -m finetune.toyworld.classifier")
+
+
 def check_data_first(recipe: Recipe, resume_from: Path | None = None) -> None:
     """The data check `train()` makes (its images decoded: a corrupt, tiny or uncaptioned one stops in one line), made by
     `finetune train` before torch and the model stack load, some 20 s; within `checks_kept` train() takes its result. A

@@ -18,8 +18,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from finetune.checkpoints.run_files import PIPELINE_DIR
-from finetune.data_check.train_inputs import perceptual_network_file
-from finetune.errors import FinetuneError
+from finetune.data_check.train_inputs import not_a_classifier, perceptual_network_file
 from finetune.methods.base import TrainingMethod
 from finetune.outputs.pipeline_io import save_pipeline
 from finetune.sampling.pipelines import tensor_to_image
@@ -94,8 +93,7 @@ class VAEMethod(TrainingMethod):
         try:
             classifier = load_classifier(path)
         except (RuntimeError, ValueError, OSError) as err:  # another model's weights (a LoRA, a UNet), or not safetensors
-            raise FinetuneError(f"vae.perceptual_network {path} is not a toy-world classifier file ({str(err).splitlines()[0][:120]}): "
-                                "train one with python -m finetune.toyworld.classifier") from None
+            raise not_a_classifier(path, str(err).splitlines()[0][:120]) from None
         return classifier.requires_grad_(False).eval()
 
     def configure_model(self) -> None:
