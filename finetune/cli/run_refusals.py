@@ -120,13 +120,11 @@ def check_resume_first(recipe: Recipe, resume_from: Path) -> None:
     processes that waits until they have joined, where a kill cut its end's saves short)."""
     from finetune.checkpoints.resume_checks import check_resumable, check_same_engine
     from finetune.checkpoints.run_files import read_state
-    from finetune.training.run_end import left_to_finish
+    from finetune.training.run_end import resume_limit
 
     if not deepspeed_requested():
         check_same_engine(resume_from, read_state(resume_from).get("processes"), None, launched_processes())
-    max_steps = recipe.train.max_steps
-    resumed_to = None if left_to_finish(resume_from, max_steps) or several_processes() else max_steps
-    check_resumable(resume_from, resumed_to, recipe.flat_settings())
+    check_resumable(resume_from, None if several_processes() else resume_limit(resume_from, recipe.train.max_steps), recipe.flat_settings())
 
 
 def check_controlnet_target_first(recipe: Recipe, base: BaseLocation) -> None:

@@ -45,6 +45,13 @@ def left_to_finish(checkpoint: Path | None, max_steps: int | None) -> list[str]:
     return [key for key in WHAT_IS_PENDING if state.get("max_steps") == max_steps and state.get(key)]
 
 
+def resume_limit(checkpoint: Path | None, max_steps: int | None) -> int | None:
+    """The train.max_steps a resume of `checkpoint` is held to (`checkpoint.check_resumable`: nothing left to train at or past
+    it), as train() and `finetune train`'s early check both read it: None without a resume, and for the last checkpoint of a
+    run whose end a kill cut short, resumed to finish that end."""
+    return None if checkpoint is None or left_to_finish(checkpoint, max_steps) else max_steps
+
+
 @contextlib.contextmanager
 def next_step_said(output_dir: Path, checkpoints_dir: Path, max_steps: int, resumed_from: Path | None = None):
     """A second stop during the training loop or the run's end (raised at once, out of `finetune train`): its line says what

@@ -47,7 +47,7 @@ from finetune.training.accelerate_state import clears_accelerate_settings, track
 from finetune.training.draw_keys import key_offset
 from finetune.training.ema import weight_average
 from finetune.training.held_out import TrainingSubset, concept_held_out_whole, held_out_for_run, held_out_sources
-from finetune.training.run_end import left_to_finish
+from finetune.training.run_end import left_to_finish, resume_limit
 from finetune.training.run_length import check_epoch_run, epoch_count, planned_steps, run_length_line, run_sampler
 from finetune.training.training_run import RunData, TrainingRun, TrainResult  # the run from its prepared model to its end
 
@@ -99,7 +99,7 @@ def _checked_start(recipe: Recipe, resume: str | None, overwrite: bool, base_loc
         check_original_config(Path(recipe.model.pretrained).expanduser(), recipe.model)
     # A run's last checkpoint whose end a kill cut short is resumed to finish it (finetune.training.run_end). A finished one's "nothing left
     # to train" waits, with several processes, until they have joined: its end's saves are finished there (check_resumable).
-    resumed_to = None if resume_from is None or left_to_finish(resume_from, train_cfg.max_steps) else train_cfg.max_steps
+    resumed_to = resume_limit(resume_from, train_cfg.max_steps)
     if resume_from is not None:
         check_resumable(resume_from, None if several_processes() else resumed_to, recipe.flat_settings())
     guard_earlier_run(output_dir, resume_from, overwrite)
