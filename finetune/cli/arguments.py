@@ -41,6 +41,7 @@ class OneLoRA(argparse.Action):
 
 
 RECORDED_BASE_HELP = " (default: the base the --lora or --controlnet run recorded)"
+WEIGHT_PRECISIONS = ["fp32", "fp16", "bf16"]  # of weights written or sampled with (sampling's --precision also takes auto)
 
 
 class ExamplesKeptWhole(argparse.HelpFormatter):
@@ -76,7 +77,7 @@ def add_base_options(parser: argparse.ArgumentParser, default_help: str) -> None
 def add_placement_options(parser: argparse.ArgumentParser) -> None:
     """--device and --precision, as sample and demo take them (finetune/sampling/placement.py)."""
     parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto", help="where to sample (default: the GPU if there is one)")
-    parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+    parser.add_argument("--precision", choices=["auto", *WEIGHT_PRECISIONS], default="auto",
                         help="the model's weights while sampling (default: fp16 on CUDA, fp32 elsewhere)")  # fmt: skip
 
 
@@ -93,16 +94,13 @@ def add_lora_option(parser: argparse.ArgumentParser, required: bool = False) -> 
 
 
 def add_seed_option(parser: argparse.ArgumentParser, seeds_what: str) -> None:
-    """--seed, a recipe's seed (`seed_number`), 0 unless given; `seeds_what` says what it decides."""
+    """--seed, a seed as a recipe takes one (`seed_number`), 0 unless given; `seeds_what` says what it decides."""
     parser.add_argument("--seed", type=seed_number, default=0, help=f"{seeds_what} (default 0)")
 
 
 def add_overwrite_option(parser: argparse.ArgumentParser, replaces: str) -> None:
     """--overwrite, the switch each command that writes somewhere takes to replace what is there; `replaces` says what goes."""
     parser.add_argument("--overwrite", action="store_true", help=replaces)
-
-
-WEIGHT_PRECISIONS = ["fp32", "fp16", "bf16"]  # of the weights a command writes (sampling's --precision also has auto)
 
 
 def add_file_precision_option(parser: argparse.ArgumentParser, shared_as: str, default_said: str) -> None:
