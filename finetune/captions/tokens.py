@@ -23,7 +23,7 @@ def load_tokenizer(config: ModelConfig) -> CLIPTokenizer:
     """The base model's tokenizer alone, nothing else loaded or downloaded: from its diffusers folder, a
     single file's `model.single_file_config` folder, or the hub (its tokenizer/ files only)."""
     source, key = config.pretrained, config._key
-    if Path(source).suffix in SINGLE_FILE_SUFFIXES:
+    if Path(source).suffix.lower() in SINGLE_FILE_SUFFIXES:
         if not config.single_file_config:  # the tokenizer comes with the configs diffusers picks when the file loads
             raise FinetuneError(f"{source} is a single file: its tokenizer is known once it loads")
         source, key = config.single_file_config, config._single_file_config_key

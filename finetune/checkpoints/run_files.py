@@ -136,7 +136,8 @@ def resolve_lora_file(lora: str) -> Path:
     if path.is_dir():
         # A checkpoint's other .safetensors files are resumable state (trainable_0, ema), never the LoRA.
         # A model folder's (config.json: a ControlNet's) single file is not a LoRA either.
-        candidates = [] if (path / STATE_FILE).is_file() or (path / "config.json").is_file() else sorted(path.glob("*.safetensors"))
+        candidates = [] if (path / STATE_FILE).is_file() or (path / "config.json").is_file() else sorted(
+            entry for entry in path.iterdir() if entry.suffix.lower() == ".safetensors")  # (a glob would miss a LoRA.SafeTensors)
         path = path / LORA_WEIGHTS_NAME if (path / LORA_WEIGHTS_NAME).is_file() or len(candidates) != 1 else candidates[0]
         if not path.is_file():
             # The same words for every command that takes a LoRA (sample, eval, merge, export): what the folder is
@@ -170,7 +171,7 @@ def resolve_lora_file(lora: str) -> Path:
             f"LoRA {lora} not found: pass a .safetensors file, a training output folder containing {LORA_WEIGHTS_NAME}, "
             "or a folder holding one .safetensors file"
         )
-    if path.suffix != ".safetensors":
+    if path.suffix.lower() != ".safetensors":  # (a Windows user's LoRA.SafeTensors is one: safetensors reads it by its bytes)
         raise FinetuneError(f"LoRA {path} is not a .safetensors file: pickle checkpoints are not loaded (they can run code)")
     return path
 

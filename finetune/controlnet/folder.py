@@ -92,7 +92,7 @@ def refuse_a_controlnet_file(path: Path, named: str) -> None:
         return
     if (path.parent / "config.json").is_file():
         raise FinetuneError(f"{named} is a file of the model folder {path.parent}: pass that folder")
-    if path.suffix != ".safetensors":
+    if path.suffix.lower() != ".safetensors":
         raise FinetuneError(f"{named} is not a .safetensors file: pickle checkpoints are not loaded (they can run code)")
     from safetensors import SafetensorError, safe_open
 

@@ -90,9 +90,9 @@ def _adapters_here(here: Path, root: Path, dirs: list[str], files: list[str], ex
         if _is_checkpoint(here) and name not in CHECKPOINT_OUTPUTS:
             continue
         path = here / name
-        if name.endswith(".safetensors"):
+        if name.lower().endswith(".safetensors"):  # (a Windows user's LoRA.SafeTensors too)
             adapter = _lora_file(path, root)
-        elif name.endswith(PICKLE_SUFFIXES):
+        elif name.lower().endswith(PICKLE_SUFFIXES):
             adapter = Adapter(_name(path, root), "lora", path, "pickle", refused="pickle checkpoint: only .safetensors files are loaded")
         else:
             continue
@@ -292,7 +292,7 @@ def _model_entry(folder: Path, root: Path, kind: str, refused: str | None) -> Ad
 
 
 def _holds_pickles(folder: Path) -> bool:
-    return folder.is_dir() and any(path.suffix in PICKLE_SUFFIXES for path in folder.iterdir())
+    return folder.is_dir() and any(path.suffix.lower() in PICKLE_SUFFIXES for path in folder.iterdir())
 
 
 def _folder_metadata(folder: Path) -> dict[str, str]:

@@ -110,7 +110,7 @@ class DemoEngine:
                  device: str = "auto", precision: str = "auto"):  # fmt: skip
         # A .ckpt loads as `finetune sample` loads it (finetune.models.loading: weights-only, one holding other objects refused in
         # one line as it is located); other pickle files are no single-file model diffusers reads.
-        if (suffix := Path(base).suffix) in PICKLE_SUFFIXES and suffix != ".ckpt":
+        if (suffix := Path(base).suffix.lower()) in PICKLE_SUFFIXES and suffix != ".ckpt":
             raise FinetuneError(f"base model {base} is a {suffix} pickle file: give a diffusers folder, or a single .safetensors or .ckpt file")
         self.base_name, self.adapters_dir, self.exclude = base, Path(adapters_dir), exclude
         self.placement = inference_placement(device, precision)  # every model the demo loads goes there (finetune/sampling/placement.py)

@@ -135,7 +135,7 @@ def module_key(name: str) -> str:
 def load_lora(path: Path) -> LoRA:
     """Read a LoRA .safetensors file in either layout (detected from its keys)."""
     path = Path(path)
-    if path.suffix != ".safetensors":
+    if path.suffix.lower() != ".safetensors":
         raise FinetuneError(f"LoRA {path} is not a .safetensors file: pickle checkpoints are not loaded (they can run code)")
     if not path.is_file():
         raise FinetuneError(f"LoRA file {path} not found")
@@ -341,7 +341,7 @@ def save_lora_file(lora: LoRA, path: Path, layout: str, precision: str | None = 
 
 def resolve_output_file(output: Path, layout: str, source: Path) -> Path:
     """A .safetensors path is used as given; a folder gets the conventional name for the layout."""
-    if output.suffix == ".safetensors":
+    if output.suffix.lower() == ".safetensors":
         return output
     from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME, webui_lora_stem
 

@@ -63,9 +63,9 @@ def base_text_widths(base: str, base_config: str | None) -> dict[str, tuple[str,
     """The width of the text the base's UNet cross-attends to ("unet") and its text encoder's ("text_encoder"), each with
     where it is said: from its configs, or a single .safetensors file's own tensors where no configs are given (diffusers
     then picks a hub model's configs by those same tensors); those that cannot be read without loading are left out."""
-    single_file = Path(base).suffix in SINGLE_FILE_SUFFIXES
+    single_file = Path(base).suffix.lower() in SINGLE_FILE_SUFFIXES
     if single_file and base_config is None:
-        return _single_file_widths(Path(base).expanduser()) if Path(base).suffix == ".safetensors" else {}
+        return _single_file_widths(Path(base).expanduser()) if Path(base).suffix.lower() == ".safetensors" else {}
     source = base_config if single_file else base
     widths = {}
     for part, setting in (("unet", "cross_attention_dim"), ("text_encoder", "hidden_size")):

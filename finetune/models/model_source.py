@@ -121,7 +121,7 @@ def resolve_pipeline_folder(source: Path) -> Path:
     if (folder / "model_index.json").is_file():
         check_pipeline_parts(folder, str(folder))
         return folder
-    if (source / LORA_WEIGHTS_NAME).is_file() or (source.suffix == ".safetensors" and source.is_file() and holds_a_lora(source)):
+    if (source / LORA_WEIGHTS_NAME).is_file() or (source.suffix.lower() == ".safetensors" and source.is_file() and holds_a_lora(source)):
         raise FinetuneError(f"{source} holds a LoRA, not a whole model: fold it into its base first (finetune merge --lora {source} MERGED), then export MERGED")
     if not source.exists():
         raise FinetuneError(f"export-checkpoint input {source} not found: pass a pipeline folder, or a full or DreamBooth run's output folder")

@@ -15,7 +15,7 @@ def native_resolution(base: str, base_config: str | None = None) -> int | None:
     configs of a diffusers folder, of a hub id in the local cache, or of a single file's `base_config`; None where they
     cannot be read without loading (a single file described by its weights alone, a hub id not in the cache): the
     loaded model's is checked then."""
-    source = base_config if Path(base).suffix in SINGLE_FILE_SUFFIXES else base
+    source = base_config if Path(base).suffix.lower() in SINGLE_FILE_SUFFIXES else base
     if source is None:
         return None
     unet, vae = (base_config_file(source, f"{part}/config.json") for part in ("unet", "vae"))

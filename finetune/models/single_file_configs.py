@@ -26,7 +26,7 @@ CONFIG_FILES = ("model_index.json", "unet/config.json", "vae/config.json", "text
 def hub_configs_for(path: Path) -> tuple[str, ...]:
     """The hub model(s) whose configs diffusers reads `path` with: the one its tensors pick for a .safetensors file;
     for a .ckpt, whose names are not read before it loads, SD1.x's and SD2.x's (either may be its kind)."""
-    if path.suffix != ".safetensors":
+    if path.suffix.lower() != ".safetensors":
         return SD1_CONFIGS, SD2_CONFIGS
     from safetensors import safe_open
 
@@ -88,7 +88,7 @@ def cached_prediction_type(path: Path, configs: str | None) -> str | None:
 
     from finetune.models.base_folder import read_config
 
-    if not configs and path.suffix != ".safetensors":
+    if not configs and path.suffix.lower() != ".safetensors":
         return None
     repo_id = configs or hub_configs_for(path)[0]
     found = try_to_load_from_cache(repo_id, "scheduler/scheduler_config.json")

@@ -67,7 +67,7 @@ def base_model_metadata(base: str) -> dict[str, str]:
     path = Path(base)
     if path.is_dir():
         return saved_model_metadata(path)
-    if path.suffix != ".safetensors" or not path.is_file():
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
         return {}
     try:
         with safe_open(str(path), "pt") as opened:

@@ -67,7 +67,7 @@ def webui_lora(lora: str) -> tuple[str, str | None]:
 
     lora_file = resolve_lora_file(lora)
     name = lora_name(lora)
-    return name, webui_lora_hash(lora_file) if lora_file.name == f"{name}.safetensors" else None
+    return name, webui_lora_hash(lora_file) if lora_file.stem == name and lora_file.suffix.lower() == ".safetensors" else None
 
 
 def webui_lora_hash(lora_file: Path) -> str:

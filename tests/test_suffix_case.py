@@ -1,0 +1,82 @@
+"""A file's suffix in capitals (a Windows user's LoRA.SafeTensors, MODEL.SAFETENSORS, old.CKPT) is the suffix it is, wherever
+a base, LoRA or ControlNet path is told apart by it: a LoRA .SafeTensors was refused as "not a .safetensors file: pickle
+checkpoints are not loaded", a base's fit to a LoRA went unchecked, and the demo did not list such files. (A single-file base in
+capitals is told to be renamed, as diffusers reads it by its lowercase suffix: tests/test_base_model_errors.py.)"""
+
+from __future__ import annotations
+
+import numpy as np
+from conftest import SHIPPED_BASE
+from safetensors.numpy import save_file
+from test_fast_errors import said_without_the_training_stack
+from test_lora_base_fit import CROSS_KEY, lora_file
+
+from finetune.checkpoints.run_files import resolve_lora_file
+from finetune.formats.lora_base_fit import lora_base_problem
+from finetune.models.single_file_configs import CROSS_ATTENTION_KEY
+
+
+def test_a_lora_whose_suffix_is_in_capitals_is_read_as_safetensors(tmp_path):
+    """Its fit to the base is said before torch loads, as of any LoRA file (it was "not a .safetensors file: pickle ..."), and
+    a folder holding it alone names it."""
+    narrow = lora_file(tmp_path / "Narrow.SafeTensors", {CROSS_KEY: (32, 32)})  # trained on a base reading 32-wide text
+    (tmp_path / "export").mkdir()
+    alone = lora_file(tmp_path / "export" / "STYLE.SAFETENSORS", {CROSS_KEY: (32, 32)})
+    said = said_without_the_training_stack([
+        ["merge", "--base", str(SHIPPED_BASE), "--lora", narrow, str(tmp_path / "merged")],
+        ["sample", "--base", str(SHIPPED_BASE), "--lora", str(tmp_path / "export"), "--prompt", "a star", "--out", str(tmp_path / "out")],
+    ])  # fmt: skip
+    assert said[0].startswith(f"LoRA {narrow} does not fit base model {SHIPPED_BASE}: its layer {CROSS_KEY}.lora_A reads text 32 wide"), said[0]
+    assert said[1].startswith(f"LoRA {alone} does not fit base model {SHIPPED_BASE}"), said[1]
+    assert resolve_lora_file(str(tmp_path / "export")) == tmp_path / "export" / "STYLE.SAFETENSORS"
+
+
+def test_a_lora_whose_suffix_is_in_capitals_loads(tmp_path):
+    from finetune.formats.kohya import load_lora
+
+    lora = load_lora(lora_file(tmp_path / "ours.SafeTensors", {CROSS_KEY: (32, 64)}))
+    assert list(lora.layers) == [CROSS_KEY]
+
+
+def test_a_single_file_base_whose_suffix_is_in_capitals_is_read_by_its_tensors(tmp_path):
+    """lora_base_fit took MODEL.SAFETENSORS for a folder or hub id, whose configs are not there: no fit was checked."""
+    for name in ("SD15.SAFETENSORS", "sd15.SafeTensors"):
+        save_file({CROSS_ATTENTION_KEY: np.zeros((320, 768), np.float16)}, str(tmp_path / name))
+        sd2 = lora_file(tmp_path / "sd2-lora.safetensors", {CROSS_KEY: (1024, 320)})
+        assert f"does not fit base model {tmp_path / name}: its layer {CROSS_KEY}.lora_A reads text 1024 wide, the base's {name} has" in (
+            lora_base_problem(sd2, str(tmp_path / name)) or ""), name
+
+
+def test_a_controlnet_file_whose_suffix_is_in_capitals_is_said_to_be_what_it_is(tmp_path):
+    """A single-file ControlNet in the original layout, as model sites share it: said to be one, and how to convert it (it was
+    "not a .safetensors file: pickle checkpoints are not loaded")."""
+    import pytest
+
+    from finetune.controlnet.folder import CONVERT_ORIGINAL_CONTROLNET, refuse_a_controlnet_file
+    from finetune.errors import FinetuneError
+
+    path = tmp_path / "control_canny.SafeTensors"
+    save_file({"control_model.input_blocks.0.0.weight": np.zeros((4, 4), np.float32)}, str(path))
+    with pytest.raises(FinetuneError) as refused:
+        refuse_a_controlnet_file(path, f"--controlnet {path}")
+    assert str(refused.value) == (f"--controlnet {path} is a single-file ControlNet in the original layout (control_model. keys, as model "
+                                  f"sites share it): {CONVERT_ORIGINAL_CONTROLNET} and pass that folder")  # fmt: skip
+
+
+def test_the_demo_lists_loras_and_pickles_whose_suffix_is_in_capitals(tmp_path):
+    from finetune.demo.adapter_scan import scan_adapters
+
+    lora_file(tmp_path / "Style.SafeTensors", {CROSS_KEY: (32, 32)})
+    (tmp_path / "old.CKPT").write_bytes(b"pickle")
+    found = {adapter.path.name: adapter for adapter in scan_adapters(tmp_path).values()}
+    assert sorted(found) == ["Style.SafeTensors", "old.CKPT"], found
+    assert found["Style.SafeTensors"].refused is None and found["old.CKPT"].refused.startswith("pickle checkpoint"), found
+
+
+def test_export_to_a_file_name_whose_suffix_is_in_capitals_writes_that_file(tmp_path):
+    """It made a folder of that name, holding the LoRA as lora.safetensors."""
+    from finetune.cli.main import main
+
+    lora = lora_file(tmp_path / "lora.safetensors", {CROSS_KEY: (32, 32)})
+    assert main(["export", lora, str(tmp_path / "webui" / "Style.SafeTensors"), "--to", "kohya"]) == 0
+    assert (tmp_path / "webui" / "Style.SafeTensors").is_file()
