@@ -16,7 +16,7 @@ from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
 from finetune.formats.single_file_export import export_checkpoint
 from finetune.models.model_source import check_single_file_settings, locate_base
-from finetune.models.single_file_configs import SD1_CONFIGS
+from finetune.models.single_file_configs import SD1_CONFIGS, SD2_CONFIGS
 
 
 @pytest.fixture
@@ -157,3 +157,31 @@ def test_train_itself_refuses_a_single_file_whose_yaml_says_another_prediction(s
         trainer.train(make_recipe(model__pretrained=str(single_file)))
     assert str(refused.value).startswith(f"base model file {single_file} predicts v_prediction by model.yaml beside it, and diffusers reads it "
                                          f"with hub model {SD1_CONFIGS}'s configs, which predict epsilon: set model.prediction_type: v_prediction")
+
+
+@pytest.mark.parametrize("width, configs", [(768, SD1_CONFIGS), (1024, SD2_CONFIGS)])
+def test_a_ckpt_whose_yaml_says_another_prediction_than_its_hub_configs_is_said_before_the_data_check(width, configs, single_file, image_folder, tmp_path,
+                                                                                                     capsys, monkeypatch):  # fmt: skip
+    """As of a .safetensors file (above): a .ckpt's kind, whose tensors' names are not read before it loads, is its .yaml's UNet
+    width (SD1.x's 768, SD2.x's 1024), as diffusers picks the hub configs by those tensors. It was checked for .safetensors
+    files alone: the v-prediction SD1.x .ckpt trained for epsilon, the SD2.x 512 base's for v, without a word."""
+    import torch
+    from safetensors.torch import load_file
+
+    import finetune.data_check.train_inputs
+
+    configs_in_the_cache(tmp_path, monkeypatch)  # SD1.5's; SD2's not in it: diffusers' pick predicts v (HUB_PREDICTION_TYPES)
+    monkeypatch.setattr(finetune.data_check.train_inputs, "check_data_first", lambda recipe, resume_from=None: pytest.fail("every image was decoded before the refusal"))
+    ckpt = tmp_path / "model.ckpt"
+    torch.save(load_file(single_file), ckpt)
+    parameterization = "" if width == 1024 else '    parameterization: "v"\n'  # (SD2's 512 base names none: epsilon)
+    ckpt.with_suffix(".yaml").write_text(f"model:\n  params:\n{parameterization}    unet_config:\n      params:\n        context_dim: {width}\n")
+    said, loads_as = ("v_prediction", "epsilon") if width == 768 else ("epsilon", "v_prediction")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({"model": {"pretrained": str(ckpt)}, "data": {"image_dir": str(image_folder), "resolution": 64},
+                                  "output_dir": str(tmp_path / "run"), "validation": {"prompts": []}}))  # fmt: skip
+    assert main(["train", str(recipe)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: base model file {ckpt} predicts {said} by model.yaml beside it, and diffusers reads it with hub model {configs}'s "
+        f"configs, which predict {loads_as}: set model.prediction_type: {said}, or model.single_file_config to a diffusers folder of the model "
+        "it was made from"]  # fmt: skip

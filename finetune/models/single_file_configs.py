@@ -105,21 +105,23 @@ def check_original_config(path: Path, config: ModelConfig) -> None:
     than the hub configs diffusers reads it with (without model.single_file_config, and model.prediction_type unset): an
     SD2.x file of epsilon (SD2's 512 base, whose v2-inference.yaml names no parameterization) is read with
     stabilityai/stable-diffusion-2-1's, of v_prediction, and the run trained it for v without a word. diffusers does not
-    read that .yaml (finetune passes it no original_config); its header says the kind."""
-    said = original_config_prediction_type(path)
+    read that .yaml (finetune passes it no original_config); a .safetensors file's header says the kind, a .ckpt's (whose
+    names are not read before it loads) the .yaml's UNet width, as its tensors will."""
+    params = original_config_params(path)
+    said = None if params is None else "v_prediction" if params.get("parameterization") == "v" else "epsilon"
     if config.single_file_config or config.prediction_type is not None or said is None:
         return
-    repo_id = hub_configs_for(path)[0] if path.suffix == ".safetensors" else None
-    loads_as = repo_id and (cached_prediction_type(path, None) or HUB_PREDICTION_TYPES.get(repo_id))
+    repo_id = hub_configs_for(path)[0] if path.suffix.lower() == ".safetensors" else original_config_hub_configs(params)
+    loads_as = repo_id and (cached_prediction_type(path, repo_id) or HUB_PREDICTION_TYPES.get(repo_id))
     if loads_as and loads_as != said:
         raise FinetuneError(f"base model file {config.pretrained} predicts {said} by {path.with_suffix('.yaml').name} beside it, and diffusers reads it "
                             f"with hub model {repo_id}'s configs, which predict {loads_as}: set model.prediction_type: {said}, or "
                             f"{config._single_file_config_key} to a diffusers folder of the model it was made from")  # fmt: skip
 
 
-def original_config_prediction_type(path: Path) -> str | None:
-    """What the original (LDM) config beside `path` says the model predicts: v_prediction for model.params.parameterization
-    "v", else epsilon (the original code's default, "eps"); None where there is no such file or it is no such config."""
+def original_config_params(path: Path) -> dict | None:
+    """The model.params of the original (LDM) config beside `path`: its parameterization ("v" for v-prediction, else the
+    original code's default, "eps") and its parts' configs; None where there is no such file or it is no such config."""
     config_file = path.with_suffix(".yaml")
     if not config_file.is_file():
         return None
@@ -129,4 +131,17 @@ def original_config_prediction_type(path: Path) -> str | None:
         params = yaml.safe_load(config_file.read_text())["model"]["params"]
     except (OSError, UnicodeDecodeError, yaml.YAMLError, TypeError, KeyError):
         return None
-    return ("v_prediction" if params.get("parameterization") == "v" else "epsilon") if isinstance(params, dict) else None
+    return params if isinstance(params, dict) else None
+
+
+def original_config_hub_configs(params: dict) -> str | None:
+    """The hub model diffusers reads a .ckpt with, as its original config's UNet says its kind (the width of the text it reads,
+    which diffusers tells the kind by: SD2.x's 1024, SD1.x's 768); None where that config does not say it."""
+    try:
+        unet = params["unet_config"]["params"]
+        width, inputs = unet["context_dim"], unet.get("in_channels", 4)
+    except (TypeError, KeyError, AttributeError):
+        return None
+    if inputs != 4:  # an inpainting UNet's (9 inputs): other hub configs, not guessed here
+        return None
+    return {1024: SD2_CONFIGS, 768: SD1_CONFIGS}.get(width) if isinstance(width, int) else None
