@@ -83,8 +83,7 @@ def test_loras_of_the_base_are_not_refused(dora, tiny_model, tmp_path):
 
 def test_a_single_file_base_without_configs_is_read_by_its_own_tensors(tmp_path):
     """A webui single-file base with no --base-config: its cross-attention and CLIP widths are read from its header (diffusers
-    picks the hub configs it loads with by the same tensors); a .ckpt, whose names are not read before it loads, is left to
-    loading."""
+    picks the hub configs it loads with by the same tensors); a .ckpt's from its pickle's shapes (`test_a_ckpt_base_...`)."""
     from finetune.formats.lora_base_fit import SD1_CLIP_KEYS
     from finetune.models.single_file_configs import CROSS_ATTENTION_KEY
 
@@ -99,4 +98,54 @@ def test_a_single_file_base_without_configs_is_read_by_its_own_tensors(tmp_path)
         f"{CROSS_ATTENTION_KEY.removesuffix('.weight')} reading text 768 (SD1.x: 768, SD2.x: 1024, SDXL: 2048): the LoRA was trained on "
         "another base; pass that one as --base")  # fmt: skip
     assert f"the base's sd15.safetensors has {SD1_CLIP_KEYS[0].removesuffix('.weight')} reading text 768 " in lora_base_problem(clip, str(base))
-    assert lora_base_problem(sd2, str(tmp_path / "sd15.ckpt")) is None
+    assert lora_base_problem(sd2, str(tmp_path / "sd15.ckpt")) is None  # not there: loading says it
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_a_ckpt_base_is_read_by_its_own_tensors_before_it_loads(wrapped, tmp_path, monkeypatch, capsys):
+    """A .ckpt base's widths from its pickle's tensor shapes, nothing of it unpickled but dicts and shapes (and its weights
+    not read): `finetune merge` said an SD2.x LoRA on an SD1.x .ckpt only as the LoRA loaded into the loaded base. As webui
+    files keep it, the state dict may sit under "state_dict", beside the run's step."""
+    import huggingface_hub.constants
+    import torch
+    from test_base_model_errors import fake_hub_cache
+
+    from finetune.cli.main import main
+    from finetune.formats.lora_base_fit import SD1_CLIP_KEYS
+    from finetune.models.single_file_configs import CROSS_ATTENTION_KEY, SD1_CONFIGS
+
+    fake_hub_cache(tmp_path / "hub", SD1_CONFIGS, SHIPPED_BASE)  # offline, the configs the .ckpt is read with are at hand
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    state = {CROSS_ATTENTION_KEY: torch.zeros(320, 768, dtype=torch.float16), SD1_CLIP_KEYS[0]: torch.zeros(768, 768, dtype=torch.float16)}
+    base = tmp_path / "sd15.ckpt"
+    torch.save({"state_dict": state, "global_step": 470000} if wrapped else state, base)
+    sd15 = lora_file(tmp_path / "sd15-lora.safetensors", {CROSS_KEY: (768, 320), "text_encoder.text_model.encoder.layers.0.self_attn.k_proj": (768, 768)})
+    sd2 = lora_file(tmp_path / "sd2-lora.safetensors", {CROSS_KEY: (1024, 320)})
+    assert lora_base_problem(sd15, str(base)) is None
+    fix = "(SD1.x: 768, SD2.x: 1024, SDXL: 2048): the LoRA was trained on another base; pass that one as --base"
+    capsys.readouterr()
+    assert main(["merge", "--base", str(base), "--lora", sd2, str(tmp_path / "merged")]) == 2  # before the base loads
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: LoRA {sd2} does not fit base model {base}: its layer {CROSS_KEY}.lora_A reads text 1024 wide, the base's sd15.ckpt has "
+        f"{CROSS_ATTENTION_KEY.removesuffix('.weight')} reading text 768 {fix}"]  # fmt: skip
+
+
+def test_a_ckpt_holding_other_objects_is_not_read_for_its_shapes(tmp_path):
+    """The .ckpt's pickle is read by an unpickler that finds no callable but the tensor builders: one that would run code as it
+    loads gives no shapes (loading refuses it: finetune.models.base_folder.pickle_refusal), and runs nothing."""
+    import os
+
+    import torch
+
+    from finetune.models.single_file_configs import CROSS_ATTENTION_KEY
+    from finetune.models.single_file_shapes import tensor_shapes
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    torch.save({"state_dict": {CROSS_ATTENTION_KEY: torch.zeros(320, 768)}, "callback": RunsCode()}, tmp_path / "model.ckpt")
+    assert tensor_shapes(tmp_path / "model.ckpt", (CROSS_ATTENTION_KEY,)) == {}
+    assert not (tmp_path / "ran").exists()
+    torch.save({"state_dict": {CROSS_ATTENTION_KEY: torch.zeros(320, 768)}}, tmp_path / "plain.ckpt")
+    assert tensor_shapes(tmp_path / "plain.ckpt", (CROSS_ATTENTION_KEY,)) == {CROSS_ATTENTION_KEY: (320, 768)}

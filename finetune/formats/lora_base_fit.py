@@ -30,7 +30,7 @@ WIDTHS = "SD1.x: 768, SD2.x: 1024, SDXL: 2048"
 
 def lora_base_problem(lora_file: Path, base: str, base_config: str | None = None) -> str | None:
     """Why LoRA file `lora_file` cannot load into `base` (a folder, a hub id in the local cache, a single file with
-    `base_config`'s configs, or a .safetensors single file by its own tensors), naming both; None where it may (what loading
+    `base_config`'s configs, or a single file (.safetensors or .ckpt) by its own tensors), naming both; None where it may (what loading
     checks besides), or where the base's widths cannot be read without loading it. A file of a kind not loaded here (SDXL's
     names, LyCORIS) is one line too."""
     from safetensors import SafetensorError, safe_open  # numpy's reader: "pt" imports torch
@@ -61,11 +61,11 @@ def lora_base_problem(lora_file: Path, base: str, base_config: str | None = None
 
 def base_text_widths(base: str, base_config: str | None) -> dict[str, tuple[str, int]]:
     """The width of the text the base's UNet cross-attends to ("unet") and its text encoder's ("text_encoder"), each with
-    where it is said: from its configs, or a single .safetensors file's own tensors where no configs are given (diffusers
+    where it is said: from its configs, or a single file's own tensors where no configs are given (diffusers
     then picks a hub model's configs by those same tensors); those that cannot be read without loading are left out."""
     single_file = Path(base).suffix.lower() in SINGLE_FILE_SUFFIXES
     if single_file and base_config is None:
-        return _single_file_widths(Path(base).expanduser()) if Path(base).suffix.lower() == ".safetensors" else {}
+        return _single_file_widths(Path(base).expanduser())
     source = base_config if single_file else base
     widths = {}
     for part, setting in (("unet", "cross_attention_dim"), ("text_encoder", "hidden_size")):
@@ -76,19 +76,15 @@ def base_text_widths(base: str, base_config: str | None) -> dict[str, tuple[str,
 
 
 def _single_file_widths(path: Path) -> dict[str, tuple[str, int]]:
-    """`base_text_widths` of an original-layout (webui) SD file, from its header: a cross-attention key's input width, and
-    its CLIP's (SD1.x's names; SD2.x's OpenCLIP packs q, k and v in one tensor, left to loading)."""
-    from safetensors import SafetensorError, safe_open
+    """`base_text_widths` of an original-layout (webui) SD file, from its tensors' shapes (a .safetensors header, a .ckpt's
+    pickle: `finetune.models.single_file_shapes`): a cross-attention key's input width, and its CLIP's (SD1.x's names;
+    SD2.x's OpenCLIP packs q, k and v in one tensor, left to loading)."""
+    from finetune.models.single_file_shapes import tensor_shapes
 
-    widths = {}
-    try:
-        with safe_open(str(path), "np") as f:
-            keys = set(f.keys())
-            for part, key in (("unet", CROSS_ATTENTION_KEY), *(("text_encoder", clip) for clip in SD1_CLIP_KEYS)):
-                if key in keys and part not in widths and len(shape := f.get_slice(key).get_shape()) == 2:
-                    widths[part] = (f"{path.name} has {key.removesuffix('.weight')} reading text", shape[1])
-    except (SafetensorError, OSError):  # loading says what is wrong with the file
-        return {}
+    shapes, widths = tensor_shapes(path, (CROSS_ATTENTION_KEY, *SD1_CLIP_KEYS)), {}
+    for part, key in (("unet", CROSS_ATTENTION_KEY), *(("text_encoder", clip) for clip in SD1_CLIP_KEYS)):
+        if key in shapes and part not in widths and len(shapes[key]) == 2:
+            widths[part] = (f"{path.name} has {key.removesuffix('.weight')} reading text", shapes[key][1])
     return widths
 
 
