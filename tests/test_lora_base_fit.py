@@ -149,3 +149,40 @@ def test_a_ckpt_holding_other_objects_is_not_read_for_its_shapes(tmp_path):
     assert not (tmp_path / "ran").exists()
     torch.save({"state_dict": {CROSS_ATTENTION_KEY: torch.zeros(320, 768)}}, tmp_path / "plain.ckpt")
     assert tensor_shapes(tmp_path / "plain.ckpt", (CROSS_ATTENTION_KEY,)) == {CROSS_ATTENTION_KEY: (320, 768)}
+
+
+def test_a_lora_of_a_base_as_wide_but_of_another_depth_is_said_before_the_training_stack_loads(tmp_path):
+    """Layers the toy-world base does not have, in a LoRA as wide as its own (here: one layer each, of a base with more text-encoder
+    layers, UNet blocks, attentions or transformer blocks): said only as the LoRA loaded into the loaded base, 23 to 25 s in."""
+    import json
+
+    unet_file, clip_file = SHIPPED_BASE / "unet" / "config.json", SHIPPED_BASE / "text_encoder" / "config.json"
+    unet, clip = json.loads(unet_file.read_text()), json.loads(clip_file.read_text())
+    width, text_layers, down = unet["cross_attention_dim"], clip["num_hidden_layers"], unet["down_block_types"]
+    plain = next(i for i, kind in enumerate(down) if "Attn" not in kind)  # a block without attentions (a DownBlock2D)
+    crossed = next(i for i, kind in enumerate(unet["up_block_types"]) if "Attn" in kind)
+    places = {
+        f"text_encoder.text_model.encoder.layers.{text_layers}.self_attn.q_proj":
+            f"is in text-encoder layer {text_layers}, which the base's {clip_file} does not have (its num_hidden_layers is {text_layers})",
+        f"lora_te_text_model_encoder_layers_{text_layers}_self_attn_q_proj":
+            f"is in text-encoder layer {text_layers}, which the base's {clip_file} does not have (its num_hidden_layers is {text_layers})",
+        f"unet.down_blocks.{len(down)}.attentions.0.transformer_blocks.0.attn2.to_k":
+            f"is in down block {len(down)}, which the base's {unet_file} does not have (its down_block_types are {len(down)})",
+        f"unet.down_blocks.{plain}.attentions.0.transformer_blocks.0.attn2.to_k":
+            f"is in down block {plain}'s attentions, which the base's {unet_file} does not have (its down_block_types[{plain}] is {down[plain]})",
+        f"unet.up_blocks.{crossed}.attentions.{unet['layers_per_block'] + 1}.transformer_blocks.0.attn2.to_k":
+            f"is in up block {crossed}'s attentions {unet['layers_per_block'] + 1}, which the base's {unet_file} does not have (its layers_per_block "
+            f"is {unet['layers_per_block']})",
+        f"unet.up_blocks.{crossed}.attentions.0.transformer_blocks.{unet['transformer_layers_per_block']}.attn2.to_k":
+            f"is in up block {crossed}'s transformer block {unet['transformer_layers_per_block']}, which the base's {unet_file} does not have (its "
+            f"transformer_layers_per_block is {unet['transformer_layers_per_block']})",
+    }  # fmt: skip
+    loras = []
+    for i, key in enumerate(places):
+        kohya = key.startswith("lora_")
+        loras.append(lora_file(tmp_path / f"{i}.safetensors", {key: (width, width)}, *((".lora_down.weight", ".lora_up.weight") if kohya else ())))
+    said = said_without_the_training_stack([["merge", "--base", str(SHIPPED_BASE), "--lora", lora, str(tmp_path / "merged")] for lora in loras])
+    for lora, (key, place), line in zip(loras, places.items(), said):
+        layer = key + (".lora_down" if key.startswith("lora_") else ".lora_A")
+        assert line == (f"LoRA {lora} does not fit base model {SHIPPED_BASE}: its layer {layer} {place}: the LoRA was trained on another base; "
+                        "pass that one as --base"), line  # fmt: skip

@@ -2,7 +2,8 @@
 configs, without torch: `finetune sample` and `merge` said a LoRA for another base (an SDXL or SD2.x one on SD1.5) once
 torch, diffusers and the base had loaded, 23 to 25 s in. The layers that read the prompt tell it: the UNet's
 cross-attention keys and values take text as wide as the base's `cross_attention_dim`, the text encoder's attention
-projections its `hidden_size`. What these cannot tell (a layer the base lacks, another depth) is said as the LoRA loads."""
+projections its `hidden_size`; then the layers' places against the base's depth (`finetune.formats.lora_base_depth`). What
+these cannot tell (a layer the base lacks by name) is said as the LoRA loads."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import re
 from pathlib import Path
 
 from finetune.errors import FinetuneError
+from finetune.formats.lora_base_depth import lora_depth_problem
 from finetune.formats.lora_kinds import lora_layout
 from finetune.models.native_resolution import SINGLE_FILE_SUFFIXES, base_config_file
 from finetune.models.single_file_configs import CROSS_ATTENTION_KEY
@@ -56,6 +58,8 @@ def lora_base_problem(lora_file: Path, base: str, base_config: str | None = None
             said, width = widths[part]
             return (f"LoRA {lora_file} does not fit base model {base}: its layer {key.removesuffix('.weight')} reads text {shape[1]} wide, "
                     f"the base's {said} {width} ({WIDTHS}): the LoRA was trained on another base; pass that one as --base")
+    if problem := lora_depth_problem(list(shapes), base, base_config):  # as wide, but of another depth
+        return f"LoRA {lora_file} does not fit base model {base}: its layer {problem}: the LoRA was trained on another base; pass that one as --base"
     return None
 
 
