@@ -186,3 +186,20 @@ def test_a_lora_of_a_base_as_wide_but_of_another_depth_is_said_before_the_traini
         layer = key + (".lora_down" if key.startswith("lora_") else ".lora_A")
         assert line == (f"LoRA {lora} does not fit base model {SHIPPED_BASE}: its layer {layer} {place}: the LoRA was trained on another base; "
                         "pass that one as --base"), line  # fmt: skip
+
+
+def test_an_sd2_single_file_base_says_its_text_encoders_width(tmp_path):
+    """SD2.x's OpenCLIP packs q, k and v in one tensor: its width was left to loading, so a LoRA of SD1.x's text encoder alone
+    (768 wide) on an SD2.x file (1024) was said only as it loaded into the loaded base."""
+    from finetune.formats.lora_base_fit import SD2_CLIP_KEY
+    from finetune.models.single_file_configs import CROSS_ATTENTION_KEY
+
+    base = tmp_path / "sd21.safetensors"
+    save_file({CROSS_ATTENTION_KEY: np.zeros((320, 1024), np.float16), SD2_CLIP_KEY: np.zeros((3 * 1024, 1024), np.float16)}, str(base))
+    te = "text_encoder.text_model.encoder.layers.0.self_attn.k_proj"
+    sd1 = lora_file(tmp_path / "sd1-te.safetensors", {te: (768, 768)})
+    assert lora_base_problem(lora_file(tmp_path / "sd2-te.safetensors", {te: (1024, 1024)}), str(base)) is None
+    assert lora_base_problem(sd1, str(base)) == (
+        f"LoRA {sd1} does not fit base model {base}: its layer {te}.lora_A reads text 768 wide, the base's sd21.safetensors has "
+        f"{SD2_CLIP_KEY.removesuffix('_weight')} reading text 1024 (SD1.x: 768, SD2.x: 1024, SDXL: 2048): the LoRA was trained on another "
+        "base; pass that one as --base")  # fmt: skip

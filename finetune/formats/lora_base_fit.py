@@ -26,6 +26,8 @@ TEXT_ATTENTION = re.compile(r"self_attn[._][qkv]_proj")
 TEXT_ENCODER_PREFIXES = ("text_encoder.", "lora_te_")
 # An SD1.x single file's CLIP attention (transformers 4's names, and those of files from before its text_model level).
 SD1_CLIP_KEYS = tuple(f"cond_stage_model.transformer.{root}encoder.layers.0.self_attn.q_proj.weight" for root in ("text_model.", ""))
+# An SD2.x single file's OpenCLIP attention: q, k and v packed in one tensor, (3 x width, width).
+SD2_CLIP_KEY = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"
 # What each width says of a base, for the line.
 WIDTHS = "SD1.x: 768, SD2.x: 1024, SDXL: 2048"
 
@@ -81,14 +83,15 @@ def base_text_widths(base: str, base_config: str | None) -> dict[str, tuple[str,
 
 def _single_file_widths(path: Path) -> dict[str, tuple[str, int]]:
     """`base_text_widths` of an original-layout (webui) SD file, from its tensors' shapes (a .safetensors header, a .ckpt's
-    pickle: `finetune.models.single_file_shapes`): a cross-attention key's input width, and its CLIP's (SD1.x's names;
-    SD2.x's OpenCLIP packs q, k and v in one tensor, left to loading)."""
+    pickle: `finetune.models.single_file_shapes`): a cross-attention key's input width, and its CLIP's (SD1.x's CLIP, or
+    SD2.x's OpenCLIP, whose width an SD1.x text-encoder LoRA was not checked against before it loaded)."""
     from finetune.models.single_file_shapes import tensor_shapes
 
-    shapes, widths = tensor_shapes(path, (CROSS_ATTENTION_KEY, *SD1_CLIP_KEYS)), {}
-    for part, key in (("unet", CROSS_ATTENTION_KEY), *(("text_encoder", clip) for clip in SD1_CLIP_KEYS)):
+    clips = (*SD1_CLIP_KEYS, SD2_CLIP_KEY)
+    shapes, widths = tensor_shapes(path, (CROSS_ATTENTION_KEY, *clips)), {}
+    for part, key in (("unet", CROSS_ATTENTION_KEY), *(("text_encoder", clip) for clip in clips)):
         if key in shapes and part not in widths and len(shapes[key]) == 2:
-            widths[part] = (f"{path.name} has {key.removesuffix('.weight')} reading text", shapes[key][1])
+            widths[part] = (f"{path.name} has {re.sub(r'[._]weight$', '', key)} reading text", shapes[key][1])
     return widths
 
 
