@@ -48,3 +48,28 @@ def test_a_rank_to_change_is_said_before_the_model_loads(make_recipe, tmp_path, 
     monkeypatch.setattr(trainer, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(FinetuneError, match=rf"^lora.init_from \S+r4.safetensors has rank 4 {says}$"):
         train(make_recipe(lora__init_from=str(tmp_path / "r4.safetensors"), lora__target_modules=["to_q", "conv1"], **override))
+
+
+def test_a_lora_of_another_base_is_said_before_the_data_check(tiny_model, image_folder, tmp_path, capsys, monkeypatch):
+    """A text-encoder LoRA of SD1.x's width (768) given to a run on another base, said from its header and the base's configs
+    (finetune/formats/lora_base_fit.py) before `finetune train` decodes every image: it was said once the base had loaded."""
+    import json
+
+    import finetune.data_check.train_inputs
+    from test_lora_base_fit import lora_file
+
+    from finetune.cli.main import main
+
+    monkeypatch.setattr(finetune.data_check.train_inputs, "check_data_first", lambda recipe, resume_from=None: pytest.fail("every image was decoded before the refusal"))
+    te = "text_encoder.text_model.encoder.layers.0.self_attn.k_proj"
+    lora = lora_file(tmp_path / "sd1-te.safetensors", {te: (768, 768)})  # peft's names, as ours
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({"model": {"pretrained": str(tiny_model)}, "data": {"image_dir": str(image_folder), "resolution": 64},
+                                  "lora": {"init_from": str(lora), "rank": 4, "train_text_encoder": True}, "output_dir": str(tmp_path / "run"),
+                                  "validation": {"prompts": []}}))  # fmt: skip
+    width = json.loads((tiny_model / "text_encoder" / "config.json").read_text())["hidden_size"]
+    assert main(["train", str(recipe)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: lora.init_from {lora} does not fit base model {tiny_model}: its layer {te}.lora_A reads text 768 wide, the base's "
+        f"{tiny_model / 'text_encoder' / 'config.json'} has hidden_size {width} (SD1.x: 768, SD2.x: 1024, SDXL: 2048): the LoRA was trained on "
+        "another base; start from a LoRA trained on this base (model.pretrained), or set model.pretrained to its"]  # fmt: skip

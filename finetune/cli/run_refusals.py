@@ -148,7 +148,8 @@ def check_lora_init_from_first(recipe: Recipe, base: BaseLocation) -> None:
     which the LoRA method refuses once the base has loaded (its prediction type); then its ranks and layers against the
     recipe's (lora.rank, target_modules, the text encoder's switch), as the method reads the file. Those need its tensors read
     (NaN ones refused too): torch is imported here, only for a run that starts from a LoRA file, seconds before train()
-    would import it, where the method's refusal came after every image was decoded."""
+    would import it, where the method's refusal came after every image was decoded. Then its fit to the base (widths and
+    depths: `finetune.formats.lora_base_fit`), which the method said once the base had loaded."""
     if not recipe.lora.init_from:
         return
     from finetune.models.init_from_record import check_recorded_alike, text_encoder_switch
@@ -158,6 +159,15 @@ def check_lora_init_from_first(recipe: Recipe, base: BaseLocation) -> None:
     from finetune.methods.lora_init import read_checked
 
     read_checked(recipe.lora, *text_encoder_switch(recipe))
+    from finetune.formats.lora_base_fit import check_lora_base_fit
+    from finetune.sampling.adapter_records import initial_lora_file
+
+    check_lora_base_fit(initial_lora_file(recipe.lora.init_from), recipe.model.pretrained, recipe.model.single_file_config,
+                        named=f"lora.init_from {recipe.lora.init_from}", fix=INIT_FROM_FIX)
+
+
+# What to do with a lora.init_from of another base (as the LoRA method says it: finetune.methods.lora_init).
+INIT_FROM_FIX = "start from a LoRA trained on this base (model.pretrained), or set model.pretrained to its"
 
 
 def run_prediction_type(recipe: Recipe, base: BaseLocation) -> str | None:

@@ -32,11 +32,13 @@ SD2_CLIP_KEY = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weig
 WIDTHS = "SD1.x: 768, SD2.x: 1024, SDXL: 2048"
 
 
-def lora_base_problem(lora_file: Path, base: str, base_config: str | None = None) -> str | None:
+def lora_base_problem(lora_file: Path, base: str, base_config: str | None = None, named: str | None = None,
+                      fix: str = "pass that one as --base") -> str | None:
     """Why LoRA file `lora_file` cannot load into `base` (a folder, a hub id in the local cache, a single file with
     `base_config`'s configs, or a single file (.safetensors or .ckpt) by its own tensors), naming both; None where it may (what loading
     checks besides), or where the base's widths cannot be read without loading it. A file of a kind not loaded here (SDXL's
-    names, LyCORIS) is one line too."""
+    names, LyCORIS) is one line too. `named`: the LoRA as the line names it ("LoRA FILE"); `fix`: what to do, for the command
+    or key that gave it."""
     from safetensors import SafetensorError, safe_open  # numpy's reader: "pt" imports torch
 
     try:
@@ -58,10 +60,10 @@ def lora_base_problem(lora_file: Path, base: str, base_config: str | None = None
             continue
         if part in widths and shape[1] != widths[part][1]:
             said, width = widths[part]
-            return (f"LoRA {lora_file} does not fit base model {base}: its layer {key.removesuffix('.weight')} reads text {shape[1]} wide, "
-                    f"the base's {said} {width} ({WIDTHS}): the LoRA was trained on another base; pass that one as --base")
+            return (f"{named or f'LoRA {lora_file}'} does not fit base model {base}: its layer {key.removesuffix('.weight')} reads text "
+                    f"{shape[1]} wide, the base's {said} {width} ({WIDTHS}): the LoRA was trained on another base; {fix}")
     if problem := lora_depth_problem(list(shapes), base, base_config):  # as wide, but of another depth
-        return f"LoRA {lora_file} does not fit base model {base}: its layer {problem}: the LoRA was trained on another base; pass that one as --base"
+        return f"{named or f'LoRA {lora_file}'} does not fit base model {base}: its layer {problem}: the LoRA was trained on another base; {fix}"
     return None
 
 
@@ -95,8 +97,9 @@ def _single_file_widths(path: Path) -> dict[str, tuple[str, int]]:
     return widths
 
 
-def check_lora_base_fit(lora_file: Path, base: str, base_config: str | None = None) -> None:
-    if problem := lora_base_problem(lora_file, base, base_config):
+def check_lora_base_fit(lora_file: Path, base: str, base_config: str | None = None, **line) -> None:
+    """`lora_base_problem`, raised; `line`: its `named` and `fix`."""
+    if problem := lora_base_problem(lora_file, base, base_config, **line):
         raise FinetuneError(problem)
 
 
