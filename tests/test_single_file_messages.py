@@ -159,12 +159,13 @@ def test_train_itself_refuses_a_single_file_whose_yaml_says_another_prediction(s
                                          f"with hub model {SD1_CONFIGS}'s configs, which predict epsilon: set model.prediction_type: v_prediction")
 
 
-@pytest.mark.parametrize("width, configs", [(768, SD1_CONFIGS), (1024, SD2_CONFIGS)])
-def test_a_ckpt_whose_yaml_says_another_prediction_than_its_hub_configs_is_said_before_the_data_check(width, configs, single_file, image_folder, tmp_path,
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_ckpt_whose_yaml_says_another_prediction_than_its_hub_configs_is_said_before_the_data_check(legacy, single_file, image_folder, tmp_path,
                                                                                                      capsys, monkeypatch):  # fmt: skip
-    """As of a .safetensors file (above): a .ckpt's kind, whose tensors' names are not read before it loads, is its .yaml's UNet
-    width (SD1.x's 768, SD2.x's 1024), as diffusers picks the hub configs by those tensors. It was checked for .safetensors
-    files alone: the v-prediction SD1.x .ckpt trained for epsilon, the SD2.x 512 base's for v, without a word."""
+    """As of a .safetensors file (above): a .ckpt's kind is its tensors' (its pickle's shapes), or where they are not read
+    before it loads (torch's legacy format), its .yaml's UNet width (SD1.x's 768, SD2.x's 1024), as diffusers picks the hub
+    configs by those tensors. It was checked for .safetensors files alone: the v-prediction SD1.x .ckpt trained for epsilon,
+    the SD2.x 512 base's for v, without a word."""
     import torch
     from safetensors.torch import load_file
 
@@ -173,10 +174,11 @@ def test_a_ckpt_whose_yaml_says_another_prediction_than_its_hub_configs_is_said_
     configs_in_the_cache(tmp_path, monkeypatch)  # SD1.5's; SD2's not in it: diffusers' pick predicts v (HUB_PREDICTION_TYPES)
     monkeypatch.setattr(finetune.data_check.train_inputs, "check_data_first", lambda recipe, resume_from=None: pytest.fail("every image was decoded before the refusal"))
     ckpt = tmp_path / "model.ckpt"
-    torch.save(load_file(single_file), ckpt)
-    parameterization = "" if width == 1024 else '    parameterization: "v"\n'  # (SD2's 512 base names none: epsilon)
-    ckpt.with_suffix(".yaml").write_text(f"model:\n  params:\n{parameterization}    unet_config:\n      params:\n        context_dim: {width}\n")
-    said, loads_as = ("v_prediction", "epsilon") if width == 768 else ("epsilon", "v_prediction")
+    torch.save(load_file(single_file), ckpt, _use_new_zipfile_serialization=not legacy)  # an SD1.x-shaped file's tensors
+    # The legacy file's .yaml says SD2.x's width and names no parameterization (SD2's 512 base: epsilon); the other's, "v".
+    yaml = "    unet_config:\n      params:\n        context_dim: 1024\n" if legacy else '    parameterization: "v"\n'
+    ckpt.with_suffix(".yaml").write_text(f"model:\n  params:\n{yaml}")
+    said, configs, loads_as = ("epsilon", SD2_CONFIGS, "v_prediction") if legacy else ("v_prediction", SD1_CONFIGS, "epsilon")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(json.dumps({"model": {"pretrained": str(ckpt)}, "data": {"image_dir": str(image_folder), "resolution": 64},
                                   "output_dir": str(tmp_path / "run"), "validation": {"prompts": []}}))  # fmt: skip

@@ -96,14 +96,30 @@ def test_a_hub_id_given_as_the_configs_is_looked_for_in_the_cache(single_file, t
 
 
 def test_a_ckpt_whose_kind_is_not_read_before_loading_needs_either_kinds_configs(tmp_path, offline):
+    """torch's legacy format keeps no pickle apart from the weights: its tensors are not read before it loads."""
     ckpt = tmp_path / "model.ckpt"
-    torch.save({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}}, ckpt)
+    torch.save({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}}, ckpt, _use_new_zipfile_serialization=False)
     with pytest.raises(FinetuneError, match=rf"^base model file {ckpt} is read with hub model {SD1_CONFIGS} or {SD2_CONFIGS}'s configs "
                                             r"\(diffusers' pick for a .ckpt of SD1.x or SD2.x\), neither of which the local Hugging Face cache holds whole"):  # fmt: skip
         locate_base(ModelConfig(pretrained=str(ckpt)))
     sd15_shaped_pipeline(tmp_path).save_pretrained(tmp_path / "configs")
     fake_hub_cache(offline, SD2_CONFIGS, configs_alone(tmp_path / "configs", tmp_path / "fetched"))
     assert locate_base(ModelConfig(pretrained=str(ckpt))).folder is None
+
+
+def test_a_ckpt_needs_the_configs_of_the_kind_its_tensors_say(tmp_path, offline):
+    """A .ckpt's kind from its pickle's shapes (finetune.models.single_file_shapes), nothing of it unpickled but dicts and
+    shapes: an SD2.x file with SD1.5's configs alone in the cache passed as either kind's, and failed offline as it loaded."""
+    from finetune.models.single_file_configs import CROSS_ATTENTION_KEY, INPUT_CONV_KEY
+
+    ckpt = tmp_path / "sd2.ckpt"
+    torch.save({"state_dict": {CROSS_ATTENTION_KEY: torch.zeros(320, 1024), INPUT_CONV_KEY: torch.zeros(320, 4, 3, 3)}, "global_step": 1}, ckpt)
+    sd15_shaped_pipeline(tmp_path).save_pretrained(tmp_path / "configs")
+    fake_hub_cache(offline, SD1_CONFIGS, configs_alone(tmp_path / "configs", tmp_path / "fetched"))
+    with pytest.raises(FinetuneError, match=rf"^base model file {ckpt} is read with hub model {SD2_CONFIGS}'s configs \(diffusers' pick for its "
+                                            r"kind\), which the local Hugging Face cache does not hold"):  # fmt: skip
+        locate_base(ModelConfig(pretrained=str(ckpt)))
+    assert hub_configs_for(ckpt) == (SD2_CONFIGS,)
 
 
 @pytest.mark.parametrize("cross_attention, input_channels", [(768, 4), (1024, 4), (768, 9), (1024, 9)])
@@ -115,7 +131,9 @@ def test_the_hub_model_picked_for_a_file_is_diffusers_pick(tmp_path, cross_atten
 
     state = {CROSS_ATTENTION_KEY: torch.zeros(320, cross_attention), INPUT_CONV_KEY: torch.zeros(320, input_channels, 3, 3)}
     save_file(state, str(tmp_path / "model.safetensors"))
-    assert hub_configs_for(tmp_path / "model.safetensors") == (fetch_diffusers_config(state)["pretrained_model_name_or_path"],)
+    torch.save({"state_dict": state}, tmp_path / "model.ckpt")  # (a .ckpt's from its pickle's shapes)
+    for name in ("model.safetensors", "model.ckpt"):
+        assert hub_configs_for(tmp_path / name) == (fetch_diffusers_config(state)["pretrained_model_name_or_path"],), name
 
 
 def test_an_inpainting_file_is_said_to_be_one_from_its_header(tmp_path, offline):
@@ -124,8 +142,11 @@ def test_an_inpainting_file_is_said_to_be_one_from_its_header(tmp_path, offline)
     from finetune.models.single_file_configs import CROSS_ATTENTION_KEY, INPUT_CONV_KEY
 
     for width in (768, 1024):  # SD1.x's, SD2.x's
-        save_file({INPUT_CONV_KEY: torch.zeros(8, 9, 3, 3), CROSS_ATTENTION_KEY: torch.zeros(8, width)}, str(tmp_path / "inpainting.safetensors"))
-        with pytest.raises(FinetuneError) as refused:
-            locate_base(ModelConfig(pretrained=str(tmp_path / "inpainting.safetensors")))
-        assert str(refused.value) == (f"base model {tmp_path / 'inpainting.safetensors'} has a UNet of 9 input channels (an inpainting model), not a "
-                                      "text-to-image one of 4: set the base to the model it was made from")  # fmt: skip
+        state = {INPUT_CONV_KEY: torch.zeros(8, 9, 3, 3), CROSS_ATTENTION_KEY: torch.zeros(8, width)}
+        save_file(state, str(tmp_path / "inpainting.safetensors"))
+        torch.save({"state_dict": state}, tmp_path / "inpainting.ckpt")  # a .ckpt's from its pickle's shapes
+        for name in ("inpainting.safetensors", "inpainting.ckpt"):
+            with pytest.raises(FinetuneError) as refused:
+                locate_base(ModelConfig(pretrained=str(tmp_path / name)))
+            assert str(refused.value) == (f"base model {tmp_path / name} has a UNet of 9 input channels (an inpainting model), not a "
+                                          "text-to-image one of 4: set the base to the model it was made from")  # fmt: skip

@@ -71,7 +71,7 @@ def locate_base(config: ModelConfig) -> BaseLocation:
                        if config._key == "model.pretrained" else
                        f"pass it as --lora, with {config._key} the model it was trained on (the demo lists the LoRAs under --adapters)")
             raise FinetuneError(f"{name} is a LoRA, not a base model: {instead}")
-        if keys is not None and hub_configs_for(path)[0] in (SD1_INPAINTING_CONFIGS, SD2_INPAINTING_CONFIGS):  # as check_architecture says a folder's
+        if hub_configs_for(path)[0] in (SD1_INPAINTING_CONFIGS, SD2_INPAINTING_CONFIGS):  # as check_architecture says a folder's (a .ckpt's too)
             raise FinetuneError(f"base model {name} has a UNet of 9 input channels (an inpainting model), not a text-to-image one of 4: "
                                 "set the base to the model it was made from")  # fmt: skip
         configs = config.single_file_config

@@ -24,17 +24,16 @@ CONFIG_FILES = ("model_index.json", "unet/config.json", "vae/config.json", "text
 
 
 def hub_configs_for(path: Path) -> tuple[str, ...]:
-    """The hub model(s) whose configs diffusers reads `path` with: the one its tensors pick for a .safetensors file;
-    for a .ckpt, whose names are not read before it loads, SD1.x's and SD2.x's (either may be its kind)."""
-    if path.suffix.lower() != ".safetensors":
-        return SD1_CONFIGS, SD2_CONFIGS
-    from safetensors import safe_open
+    """The hub model(s) whose configs diffusers reads `path` with: the one its tensors pick (a .safetensors file's header,
+    a .ckpt's pickle: `finetune.models.single_file_shapes`); for a .ckpt whose tensors are not read so (torch's legacy
+    format, or no UNet's names), SD1.x's and SD2.x's (either may be its kind)."""
+    from finetune.models.single_file_shapes import tensor_shapes
 
-    with safe_open(str(path), "np") as file:  # the header alone (`check_single_file` read it whole before this)
-        keys = set(file.keys())
-        shape = {key: file.get_slice(key).get_shape() for key in (CROSS_ATTENTION_KEY, INPUT_CONV_KEY) if key in keys}
-    sd2 = shape.get(CROSS_ATTENTION_KEY, [0])[-1] == 1024
-    if len(shape.get(INPUT_CONV_KEY, [])) > 1 and shape[INPUT_CONV_KEY][1] == 9:
+    shape = tensor_shapes(path, (CROSS_ATTENTION_KEY, INPUT_CONV_KEY))  # (`check_single_file` read a .safetensors header whole before this)
+    if not shape and path.suffix.lower() != ".safetensors":
+        return SD1_CONFIGS, SD2_CONFIGS
+    sd2 = shape.get(CROSS_ATTENTION_KEY, (0,))[-1] == 1024
+    if len(shape.get(INPUT_CONV_KEY, ())) > 1 and shape[INPUT_CONV_KEY][1] == 9:
         return (SD2_INPAINTING_CONFIGS if sd2 else SD1_INPAINTING_CONFIGS),
     return (SD2_CONFIGS if sd2 else SD1_CONFIGS),
 
@@ -83,14 +82,15 @@ def cached_prediction_type(path: Path, configs: str | None) -> str | None:
     """What a single-file base is trained to predict as diffusers reads it with a hub model's configs (`configs`, a hub id
     given as model.single_file_config, else the one its tensors pick: `hub_configs_for`): that model's scheduler config in
     the local Hugging Face cache (offline what diffusers reads; diffusers' default, epsilon, where it names none). None for a
-    .ckpt without `configs` (SD1.x's or SD2.x's), or where the cache does not hold the config: loading says it then."""
+    .ckpt of either kind without `configs` (its tensors not read before it loads), or where the cache does not hold the config: loading says it then."""
     from huggingface_hub import try_to_load_from_cache
 
     from finetune.models.base_folder import read_config
 
-    if not configs and path.suffix.lower() != ".safetensors":
+    picks = (configs,) if configs else hub_configs_for(path)
+    if len(picks) > 1:  # a .ckpt of either kind
         return None
-    repo_id = configs or hub_configs_for(path)[0]
+    repo_id = picks[0]
     found = try_to_load_from_cache(repo_id, "scheduler/scheduler_config.json")
     return read_config(Path(found), repo_id).get("prediction_type", "epsilon") if isinstance(found, str) else None
 
@@ -105,13 +105,14 @@ def check_original_config(path: Path, config: ModelConfig) -> None:
     than the hub configs diffusers reads it with (without model.single_file_config, and model.prediction_type unset): an
     SD2.x file of epsilon (SD2's 512 base, whose v2-inference.yaml names no parameterization) is read with
     stabilityai/stable-diffusion-2-1's, of v_prediction, and the run trained it for v without a word. diffusers does not
-    read that .yaml (finetune passes it no original_config); a .safetensors file's header says the kind, a .ckpt's (whose
-    names are not read before it loads) the .yaml's UNet width, as its tensors will."""
+    read that .yaml (finetune passes it no original_config); the file's tensors say the kind (`hub_configs_for`), or for a
+    .ckpt whose tensors are not read so (torch's legacy format), the .yaml's UNet width, as they will."""
     params = original_config_params(path)
     said = None if params is None else "v_prediction" if params.get("parameterization") == "v" else "epsilon"
     if config.single_file_config or config.prediction_type is not None or said is None:
         return
-    repo_id = hub_configs_for(path)[0] if path.suffix.lower() == ".safetensors" else original_config_hub_configs(params)
+    picks = hub_configs_for(path)
+    repo_id = picks[0] if len(picks) == 1 else original_config_hub_configs(params)  # (a .ckpt of either kind: as its .yaml says)
     loads_as = repo_id and (cached_prediction_type(path, repo_id) or HUB_PREDICTION_TYPES.get(repo_id))
     if loads_as and loads_as != said:
         raise FinetuneError(f"base model file {config.pretrained} predicts {said} by {path.with_suffix('.yaml').name} beside it, and diffusers reads it "
