@@ -3,6 +3,8 @@ before its model loads (`lora_init.read_checked`): it said "ready to train" of i
 
 from __future__ import annotations
 
+import json
+
 import torch
 from conftest import REPO, SHIPPED_BASE
 from safetensors.torch import save_file
@@ -27,10 +29,12 @@ def test_check_data_says_the_rank_line_training_stops_with(tmp_path, capsys):
 def test_check_data_says_the_layers_a_recipe_leaves_out_as_training_does_before_its_model_loads(tmp_path, capsys):
     """A kohya-trained LoRA of layers the recipe does not adapt (sd-scripts' text encoder, its MLP included; UNet layers
     outside lora.target_modules) was "ready to train" to check-data, and the run refused it only once its base had loaded."""
+    width = json.loads((SHIPPED_BASE / "text_encoder" / "config.json").read_text())["hidden_size"]  # as wide as the base reads text (else: of another base)
+
     def lora_file(name: str, layers: list[str]):
         tensors = {}
         for layer in layers:
-            tensors[f"{layer}.lora.down.weight"], tensors[f"{layer}.lora.up.weight"] = torch.zeros(16, 32), torch.zeros(32, 16)
+            tensors[f"{layer}.lora.down.weight"], tensors[f"{layer}.lora.up.weight"] = torch.zeros(16, width), torch.zeros(width, 16)
         save_file(tensors, str(tmp_path / name))
         return tmp_path / name
 

@@ -68,8 +68,11 @@ def test_a_lora_of_another_base_is_said_before_the_data_check(tiny_model, image_
                                   "lora": {"init_from": str(lora), "rank": 4, "train_text_encoder": True}, "output_dir": str(tmp_path / "run"),
                                   "validation": {"prompts": []}}))  # fmt: skip
     width = json.loads((tiny_model / "text_encoder" / "config.json").read_text())["hidden_size"]
+    said = (f"lora.init_from {lora} does not fit base model {tiny_model}: its layer {te}.lora_A reads text 768 wide, the base's "
+            f"{tiny_model / 'text_encoder' / 'config.json'} has hidden_size {width} (SD1.x: 768, SD2.x: 1024, SDXL: 2048): the LoRA was trained on "
+            "another base; start from a LoRA trained on this base (model.pretrained), or set model.pretrained to its")  # fmt: skip
     assert main(["train", str(recipe)]) == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
-        f"error: lora.init_from {lora} does not fit base model {tiny_model}: its layer {te}.lora_A reads text 768 wide, the base's "
-        f"{tiny_model / 'text_encoder' / 'config.json'} has hidden_size {width} (SD1.x: 768, SD2.x: 1024, SDXL: 2048): the LoRA was trained on "
-        "another base; start from a LoRA trained on this base (model.pretrained), or set model.pretrained to its"]  # fmt: skip
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {said}"]
+    monkeypatch.undo()  # check-data decodes every image: then says it too (it said "ready to train")
+    assert main(["check-data", str(recipe)]) == 1
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"result: training would stop: {said}"

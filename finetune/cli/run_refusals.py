@@ -159,15 +159,10 @@ def check_lora_init_from_first(recipe: Recipe, base: BaseLocation) -> None:
     from finetune.methods.lora_init import read_checked
 
     read_checked(recipe.lora, *text_encoder_switch(recipe))
-    from finetune.formats.lora_base_fit import check_lora_base_fit
-    from finetune.sampling.adapter_records import initial_lora_file
+    from finetune.formats.lora_base_fit import init_from_base_problem
 
-    check_lora_base_fit(initial_lora_file(recipe.lora.init_from), recipe.model.pretrained, recipe.model.single_file_config,
-                        named=f"lora.init_from {recipe.lora.init_from}", fix=INIT_FROM_FIX)
-
-
-# What to do with a lora.init_from of another base (as the LoRA method says it: finetune.methods.lora_init).
-INIT_FROM_FIX = "start from a LoRA trained on this base (model.pretrained), or set model.pretrained to its"
+    if problem := init_from_base_problem(recipe.lora.init_from, recipe.model):
+        raise FinetuneError(problem)
 
 
 def run_prediction_type(recipe: Recipe, base: BaseLocation) -> str | None:

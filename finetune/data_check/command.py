@@ -135,7 +135,7 @@ def run_check_data_command(args) -> int:
         if recipe.lora.init_from and not short:
             from finetune.models.init_from_record import text_encoder_switch
 
-            short = init_from_problem(recipe.lora, *text_encoder_switch(recipe))
+            short = init_from_problem(recipe.lora, *text_encoder_switch(recipe), model=recipe.model)
     if short:
         print(f"result: training would stop: {short}")
         return 1
@@ -177,11 +177,13 @@ def said_once(reports: list[DataReport]) -> None:
         said |= {(finding.level, finding.message) for finding in report.findings + report.skipped}
 
 
-def init_from_problem(settings, trains_text_encoder: bool = False, text_encoder_switch: str = "lora.train_text_encoder") -> str | None:
+def init_from_problem(settings, trains_text_encoder: bool = False, text_encoder_switch: str = "lora.train_text_encoder",
+                      model: ModelConfig | None = None) -> str | None:
     """Why the `lora` settings' init_from would stop the run as it starts (not there, a pickle, a LyCORIS or SDXL file, NaN
-    weights, a DoRA without lora.use_dora, a rank other than lora.rank's, layers its targets leave out), or None. Its path and header first, without
-    torch; only a file they pass is loaded, with torch (its tensors' values are checked, NaN or infinite ones in bf16 too,
-    which numpy cannot read), and checked as training checks it before the model loads (`read_checked`: the same lines)."""
+    weights, a DoRA without lora.use_dora, a rank other than lora.rank's, layers its targets leave out, a LoRA of another
+    base than `model`'s), or None. Its path and header first, without torch; only a file they pass is loaded, with torch
+    (its tensors' values are checked, NaN or infinite ones in bf16 too, which numpy cannot read), and checked as training
+    checks it before the model loads (`read_checked`, `init_from_base_problem`: the same lines)."""
     from finetune.sampling.adapter_records import initial_lora_file
 
     try:
@@ -189,6 +191,10 @@ def init_from_problem(settings, trains_text_encoder: bool = False, text_encoder_
         from finetune.methods.lora_init import read_checked  # torch; it builds on this module
 
         read_checked(settings, trains_text_encoder, text_encoder_switch)
+        if model is not None:
+            from finetune.formats.lora_base_fit import init_from_base_problem
+
+            return init_from_base_problem(settings.init_from, model)
     except FinetuneError as err:
         return str(err)
     return None

@@ -97,6 +97,18 @@ def _single_file_widths(path: Path) -> dict[str, tuple[str, int]]:
     return widths
 
 
+# What to do with a lora.init_from of another base (as the LoRA method says it: finetune.methods.lora_init).
+INIT_FROM_FIX = "start from a LoRA trained on this base (model.pretrained), or set model.pretrained to its"
+
+
+def init_from_base_problem(init_from: str, model) -> str | None:
+    """`lora_base_problem` of lora.init_from on the recipe's base (`model`: its ModelConfig), said by `finetune train` before its
+    data check and by check-data; the LoRA method said it once the base had loaded."""
+    from finetune.sampling.adapter_records import initial_lora_file
+
+    return lora_base_problem(initial_lora_file(init_from), model.pretrained, model.single_file_config, named=f"lora.init_from {init_from}", fix=INIT_FROM_FIX)
+
+
 def check_lora_base_fit(lora_file: Path, base: str, base_config: str | None = None, **line) -> None:
     """`lora_base_problem`, raised; `line`: its `named` and `fix`."""
     if problem := lora_base_problem(lora_file, base, base_config, **line):
