@@ -80,3 +80,12 @@ def test_export_to_a_file_name_whose_suffix_is_in_capitals_writes_that_file(tmp_
     lora = lora_file(tmp_path / "lora.safetensors", {CROSS_KEY: (32, 32)})
     assert main(["export", lora, str(tmp_path / "webui" / "Style.SafeTensors"), "--to", "kohya"]) == 0
     assert (tmp_path / "webui" / "Style.SafeTensors").is_file()
+
+
+def test_a_lora_whose_suffix_is_in_capitals_is_named_with_its_webui_hash(tmp_path):
+    """A sampled image's settings name the LoRA the webui way, with its hash where the file sampled with is the file of that
+    name: Style.SafeTensors is (the webui lists it as Style), and got no hash."""
+    from finetune.sampling.sample_files import webui_lora, webui_lora_hash
+
+    lora = lora_file(tmp_path / "Style.SafeTensors", {CROSS_KEY: (32, 32)})
+    assert webui_lora(lora) == ("Style", webui_lora_hash(tmp_path / "Style.SafeTensors"))

@@ -109,9 +109,8 @@ def init_from_base_problem(init_from: str, model) -> str | None:
     return lora_base_problem(initial_lora_file(init_from), model.pretrained, model.single_file_config, named=f"lora.init_from {init_from}", fix=INIT_FROM_FIX)
 
 
-def check_lora_base_fit(lora_file: Path, base: str, base_config: str | None = None, **line) -> None:
-    """`lora_base_problem`, raised; `line`: its `named` and `fix`."""
-    if problem := lora_base_problem(lora_file, base, base_config, **line):
+def check_lora_base_fit(lora_file: Path, base: str, base_config: str | None = None) -> None:
+    if problem := lora_base_problem(lora_file, base, base_config):
         raise FinetuneError(problem)
 
 
