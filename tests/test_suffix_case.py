@@ -89,3 +89,17 @@ def test_a_lora_whose_suffix_is_in_capitals_is_named_with_its_webui_hash(tmp_pat
 
     lora = lora_file(tmp_path / "Style.SafeTensors", {CROSS_KEY: (32, 32)})
     assert webui_lora(lora) == ("Style", webui_lora_hash(tmp_path / "Style.SafeTensors"))
+
+
+def test_export_checkpoint_to_a_suffix_in_capitals_is_told_the_lowercase_name(tmp_path):
+    """A whole model written as Model.SafeTensors is a base finetune (and diffusers) would not read: said so, not 'not a
+    .safetensors file name'."""
+    import pytest
+
+    from finetune.errors import FinetuneError
+    from finetune.outputs.folders import check_export_checkpoint_output
+
+    with pytest.raises(FinetuneError) as refused:
+        check_export_checkpoint_output(SHIPPED_BASE, tmp_path / "Model.SafeTensors", overwrite=False)
+    assert str(refused.value) == (f"export-checkpoint output {tmp_path / 'Model.SafeTensors'} ends in .SafeTensors: give it as Model.safetensors "
+                                  "(diffusers and finetune know a single-file model by its suffix, in lowercase)")  # fmt: skip
