@@ -187,3 +187,28 @@ def test_a_ckpt_whose_yaml_says_another_prediction_than_its_hub_configs_is_said_
         f"error: base model file {ckpt} predicts {said} by model.yaml beside it, and diffusers reads it with hub model {configs}'s "
         f"configs, which predict {loads_as}: set model.prediction_type: {said}, or model.single_file_config to a diffusers folder of the model "
         "it was made from"]  # fmt: skip
+
+
+def test_a_lora_init_from_for_another_target_than_a_ckpts_is_said_before_the_data_check(single_file, image_folder, tmp_path, capsys, monkeypatch):
+    """As of a .safetensors file (above): a .ckpt's kind, and so the prediction type of the hub configs it is read with, is
+    known from its pickle's shapes before it loads; it was not, and the LoRA method said it after every image was decoded."""
+    import numpy as np
+    import torch
+    from safetensors.numpy import save_file
+    from safetensors.torch import load_file
+
+    import finetune.data_check.train_inputs
+
+    configs_in_the_cache(tmp_path, monkeypatch)
+    monkeypatch.setattr(finetune.data_check.train_inputs, "check_data_first", lambda recipe, resume_from=None: pytest.fail("every image was decoded before the refusal"))
+    ckpt = tmp_path / "model.ckpt"
+    torch.save(load_file(single_file), ckpt)
+    layer, lora = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", tmp_path / "v.safetensors"
+    save_file({f"{layer}.lora_A.weight": np.zeros((4, 32), np.float32), f"{layer}.lora_B.weight": np.zeros((32, 4), np.float32)}, str(lora),
+              metadata={"finetune.method": "lora", "finetune.prediction_type": "v_prediction"})  # fmt: skip
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({"model": {"pretrained": str(ckpt)}, "data": {"image_dir": str(image_folder), "resolution": 64},
+                                  "lora": {"init_from": str(lora), "rank": 4}, "output_dir": str(tmp_path / "run"), "validation": {"prompts": []}}))  # fmt: skip
+    assert main(["train", str(recipe)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: lora.init_from {lora} was trained for v_prediction, this run trains for epsilon: set model.prediction_type: v_prediction"]
