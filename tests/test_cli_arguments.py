@@ -104,3 +104,14 @@ def test_several_lora_strengths_in_sample_say_where_strengths_are_compared(capsy
         assert error[-1].endswith(f"error: argument --lora-scale: takes one strength, got '{value}': run sample once per strength (each run is "
                                   "numbered apart in --out, and each image's settings name its strength), or compare them side by side in "
                                   "finetune demo, whose strengths field takes 1, 0.5"), error
+
+
+def test_several_lora_strengths_in_eval_say_to_score_each_strength_apart(capsys):
+    """`eval --lora-scale 1,0.5` (sample refuses it in one line) was argparse's bare "expected a number, got '1,0.5'"."""
+    for value in ("1,0.5", "0.5;1"):
+        with pytest.raises(SystemExit):
+            main(["eval", "--lora", "a.safetensors", "--lora-scale", value])
+        error = capsys.readouterr().err.strip().splitlines()
+        assert error[-1].endswith(f"error: argument --lora-scale: takes one strength, got '{value}': run eval once per strength (without "
+                                  "--out each report is named by its strength, e.g. eval-adherence-fid-strength0.5.json, and none "
+                                  "replaces another)"), error

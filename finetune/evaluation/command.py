@@ -45,7 +45,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     )
     add_base_options(p, default_help=RECORDED_BASE_HELP)
     p.add_argument("--lora", action=OneLoRA, help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
-    p.add_argument("--lora-scale", type=finite_float, default=1.0, help="LoRA strength (default 1.0)")
+    p.add_argument("--lora-scale", type=eval_lora_strength, default=1.0, help="LoRA strength (default 1.0; one: run eval once per strength)")
     p.add_argument("--controlnet", help="ControlNet folder, or a controlnet training output folder (runs the control and placement suites)")
     p.add_argument("--conditioning-scale", type=finite_float, default=None, help="ControlNet strength (default 1.0)")
     p.add_argument("--suite", action="append", choices=SUITE_NAMES,
@@ -61,6 +61,17 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", help="JSON report file (default: eval-<suites>.json in the LoRA's or ControlNet's run folder, in a full "
                    "run's folder for its pipeline, else in outputs/eval/<name of the ControlNet folder or base>/)")
     return p
+
+
+def eval_lora_strength(text: str) -> float:
+    """An argparse type: one strength, as `sample --lora-scale` takes it; several ("1,0.5", as the demo's strengths field
+    takes them) say how to score each: a report is one set of scores, and each eval's is named by its strength."""
+    from finetune.cli.arguments import finite_float
+
+    if any(separator in text for separator in ",;"):
+        raise argparse.ArgumentTypeError(f"takes one strength, got {text!r}: run eval once per strength (without --out each report is "
+                                         "named by its strength, e.g. eval-adherence-fid-strength0.5.json, and none replaces another)")
+    return finite_float(text)
 
 
 def base_tag(base: str) -> str:
