@@ -2,6 +2,8 @@
 (and exactly not at creation or at scale 0), run folders and unlocked decoders load, and half-given
 options are one line before any model loads."""
 
+import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -76,6 +78,30 @@ def test_condition_is_resized_and_center_cropped_to_the_model_resolution(tiny_mo
     sample(tiny_model, tmp_path / "out", "--controlnet", str(runs["trained"]), "--condition", str(wide))
     cell = np.asarray(Image.open(tmp_path / "out" / "00000-grid.png"))[:, 160:224]
     assert cell.shape == (64, 64, 3) and cell.min() == 255
+
+
+def test_each_image_records_its_controlnet_as_the_webuis_controlnet_extension_does(tiny_model, runs, condition, tmp_path):
+    """An image sampled with a ControlNet said nothing of it: its settings now end with the unit the webui's ControlNet
+    extension writes (`ControlNet 0: "Module: none, Model: name [hash], Weight: ..."`), the ControlNet by its run's name and
+    the webui's hash of its weights file (which the extension loads as it is), no path of this machine."""
+    sample(tiny_model, tmp_path / "out", "--controlnet", str(runs["trained"]), "--condition", str(condition), "--conditioning-scale", "0.5")
+    text = Image.open(tmp_path / "out" / "00000-prompt0_seed1.png").text["parameters"]
+    settings, unit = text.splitlines()[-1].split(", ControlNet 0: ")
+    assert settings.endswith(f"Seed: 1, Size: 64x64, Model: {tiny_model.name}") and str(tmp_path) not in text
+    with open(runs["trained"] / "controlnet" / "diffusion_pytorch_model.safetensors", "rb") as weights:
+        weights.seek(2**20)  # the webui's old model hash: sha256 of the 64 KiB from 1 MiB in
+        webui_hash = hashlib.sha256(weights.read(2**16)).hexdigest()[:8]
+    fields = dict(item.strip().split(": ") for item in json.loads(unit).split(","))  # as the extension parses a unit
+    assert fields == {"Module": "none", "Model": f"trained [{webui_hash}]", "Weight": "0.5", "Resize Mode": "Crop and Resize",
+                      "Guidance Start": "0.0", "Guidance End": "1.0", "Pixel Perfect": "False", "Control Mode": "Balanced"}
+    assert unit.startswith('"Module: none, Model: trained [')  # quoted whole, as the webui quotes a setting holding ',' or ':'
+    sample(tiny_model, tmp_path / "plain")
+    assert "ControlNet" not in Image.open(tmp_path / "plain" / "00000-prompt0_seed0.png").text["parameters"]
+    # A checkpoint's by its run and step, as its LoRA is named; a hub download by its repository's name.
+    from finetune.sampling.sample_files import controlnet_name
+
+    assert controlnet_name(tmp_path / "edges" / "checkpoints" / "checkpoint-200" / "controlnet") == "edges-step00000200"
+    assert controlnet_name(tmp_path / "models--lllyasviel--sd-controlnet-canny" / "snapshots" / "abc123") == "sd-controlnet-canny"
 
 
 def test_run_folder_with_an_unlocked_decoder_samples_with_its_unet(tiny_model, tmp_path):

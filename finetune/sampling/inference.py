@@ -34,7 +34,7 @@ from finetune.sampling.adapters_as_trained import adapters_clip_skip, adapters_m
 from finetune.sampling.pipelines import build_pipeline, denoising_bar, generate_with_settings, make_grid, read_prompts_as_trained
 from finetune.sampling.placement import inference_placement, out_of_device_memory, place, placement_line
 from finetune.sampling.prompt_options import guidance_notes, prompts_settings, webui_syntax_notes
-from finetune.sampling.sample_files import PARAMETERS, parameters_text, webui_lora, write_numbered
+from finetune.sampling.sample_files import PARAMETERS, parameters_text, webui_controlnet, webui_lora, write_numbered
 from finetune.sampling.samplers import DEFAULT_SAMPLER, spacing_steps_problem
 
 def load_lora_into(pipeline, lora: LoRA, lora_file: Path, adapter_name: str) -> None:
@@ -244,10 +244,12 @@ def sample_to_folder(
         native = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
         raise FinetuneError(f"out of memory sampling {resolution}x{resolution} px images: lower --resolution (this model's own is {native})") from None
     named_lora = webui_lora(lora) if lora else None  # its hash read once, not per image
+    named_controlnet = webui_controlnet(controlnet) if controlnet else None
     for prompt, row in zip(settings, rows):
         for k, image in enumerate(row):
             image.info[PARAMETERS] = parameters_text(prompt.prompt, prompt.negative_prompt, prompt.num_inference_steps, prompt.sampler or sampler,
-                                                     prompt.guidance_scale, prompt.seed + k, resolution, base, named_lora, lora_scale)  # fmt: skip
+                                                     prompt.guidance_scale, prompt.seed + k, resolution, base, named_lora, lora_scale,
+                                                     named_controlnet, control.get("controlnet_conditioning_scale", 1.0))  # fmt: skip
     named = [(f"prompt{p}_seed{settings[p].seed + k}.png", image) for p, row in enumerate(rows) for k, image in enumerate(row)]
     grid_rows = [[control["image"], *row] for row in rows] if control else rows
     named.append(("grid.png", make_grid(grid_rows, row_labels=prompts, label_width=GRID_LABEL_WIDTH)))

@@ -35,14 +35,16 @@ def next_run_number(folder: Path) -> int:
 
 
 def parameters_text(prompt: str, negative_prompt: str | None, steps: int, sampler: str, guidance: float, seed: int, size: int,
-                    base: str, lora: tuple[str, str | None] | None = None, lora_scale: float = 1.0) -> str:
+                    base: str, lora: tuple[str, str | None] | None = None, lora_scale: float = 1.0, controlnet: str | None = None,
+                    conditioning_scale: float = 1.0) -> str:
     """An image's settings in the webui's words and order: the prompt, its negative, then "Steps: 25, Sampler: DDIM,
     CFG scale: 7.5, Seed: 0, Size: 64x64, Model: sd15" (the sampler by the webui's name for it, which its txt2img reads
     back: finetune/sampling/samplers.py's webui_sampler_fields). `lora`: `webui_lora`'s (name, short hash or None), written
     as the webui's own infotext writes a LoRA: `<lora:name:strength>` in the prompt, which is what its txt2img applies (a
     "Lora: name" setting, as this wrote before, it ignores), and `Lora hashes: "name: hash"`, by which its PNG Info finds
-    the file under another name. The base and LoRA by name (`base_names.shared_base_name`): an image is shared, and a path
-    would carry the user's folders into every copy."""
+    the file under another name. `controlnet`: `webui_controlnet`'s model, at `conditioning_scale`, as the webui's ControlNet
+    extension writes its first unit (`controlnet_unit_text`). The base, LoRA and ControlNet by name (`base_names.shared_base_name`):
+    an image is shared, and a path would carry the user's folders into every copy."""
     from finetune.outputs.base_names import shared_base_name
     from finetune.sampling.samplers import webui_sampler_fields
 
@@ -56,7 +58,57 @@ def parameters_text(prompt: str, negative_prompt: str | None, steps: int, sample
         adapter = f', Lora hashes: "{name.replace(":", "").replace(",", "")}: {short_hash}"' if short_hash else ""
     lines = [prompt, *([f"Negative prompt: {negative_prompt}"] if negative_prompt else [])]
     settings = f"Steps: {steps}, {webui_sampler_fields(sampler)}, CFG scale: {guidance:g}, Seed: {seed}, Size: {size}x{size}, Model: {shared_base_name(base)}"
-    return "\n".join([*lines, settings + adapter])
+    control = f", ControlNet 0: {json.dumps(controlnet_unit_text(controlnet, conditioning_scale), ensure_ascii=False)}" if controlnet else ""
+    return "\n".join([*lines, settings + adapter + control])
+
+
+def controlnet_unit_text(model: str, weight: float) -> str:
+    """A ControlNet unit as sd-webui-controlnet's infotext writes one (its ControlNetUnit's fields by their display names,
+    values as Python's str() writes them; the webui quotes the whole as it quotes any setting holding ',' or ':'), set as
+    `finetune sample` draws: the conditioning image as given (Module: none, no preprocessor), covered and center-cropped to
+    the size (its "Crop and Resize"), at `weight` (--conditioning-scale) over every step (Guidance Start 0, End 1), in
+    diffusers' plain mode (its "Balanced"). The preprocessor's resolution and thresholds are left out, as the extension
+    leaves out a hidden slider's: module none runs no preprocessor. Its PNG Info sets the unit from this; a weight outside
+    the 0 to 2 the unit takes is not set (the webui's console says why)."""
+    fields = {"Module": "none", "Model": model, "Weight": float(weight), "Resize Mode": "Crop and Resize", "Guidance Start": 0.0,
+              "Guidance End": 1.0, "Pixel Perfect": False, "Control Mode": "Balanced"}
+    return ", ".join(f"{field}: {value}" for field, value in fields.items())
+
+
+def webui_controlnet(controlnet: str) -> str:
+    """The ControlNet given as `controlnet` as the webui's ControlNet extension lists it, "name [hash]", once its weights
+    file is copied into the webui's models/ControlNet as `<name>.safetensors` (the extension loads diffusers' layout as it
+    is, so the copy is that file, byte for byte): the name `controlnet_name`'s, the hash the webui's old model hash of that
+    file (sha256 of the 64 KiB from 1 MiB in, 8 hex digits). The name alone where the folder holds no single safetensors file."""
+    from finetune.controlnet.folder import resolve_controlnet_folder, weights_variant
+
+    folder = resolve_controlnet_folder(controlnet)
+    variant = weights_variant(folder).get("variant")
+    weights = folder / ".".join(filter(None, ["diffusion_pytorch_model", variant, "safetensors"]))
+    name = controlnet_name(folder)
+    return f"{name} [{webui_model_hash(weights)}]" if weights.is_file() else name
+
+
+def webui_model_hash(weights: Path) -> str:
+    """The webui's old model hash (sd_models.model_hash), by which its ControlNet extension names a model in its list."""
+    with open(weights, "rb") as opened:
+        opened.seek(0x100000)
+        return hashlib.sha256(opened.read(0x10000)).hexdigest()[:8]
+
+
+def controlnet_name(folder: Path) -> str:
+    """A ControlNet folder by the name a creator knows it by: a run's `<run>/controlnet` by its run, a checkpoint's by run
+    and step (`edges-step00000200`, as a checkpoint's LoRA is named), a hub download by its repository's name, any other
+    by its own; without ',' or ':', which the extension's unit text cannot hold."""
+    from finetune.checkpoints.run_files import CHECKPOINT_PATTERN, CONTROLNET_DIR
+    from finetune.outputs.base_names import hub_id_of_snapshot
+
+    folder = Path(os.path.abspath(folder))
+    name = (hub_id_of_snapshot(folder) or "").split("/")[-1] or folder.name
+    if folder.name == CONTROLNET_DIR:
+        checkpoint = CHECKPOINT_PATTERN.match(folder.parent.name) if folder.parent.parent.name == "checkpoints" else None
+        name = f"{folder.parent.parent.parent.name}-step{int(checkpoint.group(1)):08d}" if checkpoint else folder.parent.name
+    return name.replace(",", "").replace(":", "")
 
 
 def webui_lora(lora: str) -> tuple[str, str | None]:
