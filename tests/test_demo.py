@@ -193,7 +193,7 @@ def test_separate_columns_are_labelled_so_they_tell_the_adapters_apart(demo):
 
     _, labels, _, _ = demo.engine.render(Request(prompt=PROMPT, steps=1, loras=[("trained", 1.0), ("webui/trained", 1.0)], separate=True))
     assert labels == ["base", "trained x1", "webui/trained x1"]  # both are "trained" for short: full names then
-    assert [short_name(n) for n in ("q/checkpoints/checkpoint-200", "db/checkpoints/checkpoint-4/pipeline", "edges/controlnet")] == ["q@200", "db@4", "edges"]
+    assert [short_name(n) for n in ("q/checkpoints/checkpoint-200", "db/checkpoints/checkpoint-4/pipeline", "edges/controlnet")] == ["q, step 200", "db, step 4", "edges"]
     assert label_of(["a_very_long_run_name_for_style_v2", "edges/controlnet", "db/pipeline"], short=True) == "a_very_long_run_name_for_style_v2 +2 more"
 
 

@@ -71,13 +71,13 @@ def test_a_checkbox_sent_text_through_the_api_is_refused_naming_it(demo):
 
 
 def test_long_column_labels_stay_within_their_columns():
-    """Three LoRAs on a pipeline ('quickstart+quickstart@30+db x0.25') ran into the next column's label, hiding both
+    """Three LoRAs on a pipeline ('quickstart+quickstart, step 30+db x0.25') ran into the next column's label, hiding both
     strengths: a label is written in lines that fit its column."""
     from PIL import ImageFont
 
     from finetune.demo.page import MIN_CELL, header_lines, labelled_grid
 
-    labels = ["base", "quickstart+quickstart@30+db x0.25", "quickstart+quickstart@30+db x0.5", "a_very_long_run_name_with_no_plus_at_all x1"]
+    labels = ["base", "quickstart+quickstart, step 30+db x0.25", "quickstart+quickstart, step 30+db x0.5", "a_very_long_run_name_with_no_plus_at_all x1"]
     grid = np.asarray(labelled_grid([[Image.new("RGB", (64, 64), "gray")] * 4], labels, [0]))
     header = grid[: grid.shape[0] - MIN_CELL]
     for boundary in (64 + c * MIN_CELL for c in range(1, 4)):  # a 64 px margin for the seeds, then the columns

@@ -318,13 +318,13 @@ def label_of(names: list[str], short: bool) -> str:
 
 
 def short_name(name: str) -> str:
-    """A checkpoint's run and step (`quickstart@200`); a run's pipeline or ControlNet by its run's name;
-    else the last part of the name."""
+    """A checkpoint's run and step in words (`quickstart, step 200`: it was `quickstart@200`, a notation of ours no creator
+    knew); a run's pipeline or ControlNet by its run's name; else the last part of the name."""
     parts = name.split("/")
     if len(parts) >= 3 and parts[-2] == "checkpoints" and parts[-1].startswith("checkpoint-"):
-        return f"{parts[-3]}@{parts[-1].removeprefix('checkpoint-')}"
+        return f"{parts[-3]}, step {parts[-1].removeprefix('checkpoint-')}"
     if len(parts) >= 4 and parts[-3] == "checkpoints" and parts[-1] in ("pipeline", "controlnet"):
-        return f"{parts[-4]}@{parts[-2].removeprefix('checkpoint-')}"
+        return f"{parts[-4]}, step {parts[-2].removeprefix('checkpoint-')}"
     if len(parts) >= 2 and parts[-1] in ("pipeline", "controlnet"):
         return parts[-2]
     return parts[-1]
