@@ -111,9 +111,24 @@ def test_a_lora_of_another_base_is_a_readable_message(client, capfd):
     with pytest.raises(AppError) as error:
         run(client, lora_1="other-base")
     message = str(error.value)
-    assert "LoRA 'other-base' does not fit base model" in message and "trained on toyworld" in message
+    assert "LoRA 'other-base' does not fit base model" in message and "reads text" in message  # as sample says it, by its header
+    assert message.endswith("the LoRA was trained on another base; pick the model it was trained on (it records toyworld), or start "
+                            "the demo with that model as --base")
     assert "Traceback" not in message and len(message.splitlines()) == 1
     assert "Traceback" not in capfd.readouterr().err  # nor in the terminal that runs the demo
+
+
+def test_a_lora_of_another_base_is_refused_before_its_weights_are_read(tiny_model, adapters_dir, monkeypatch):
+    """The demo said it once load_lora had read the whole file (the page's model's shapes against the LoRA's); `sample` says
+    it from the file's header and the base's configs (finetune.formats.lora_base_fit), and so does the demo now."""
+    from finetune.demo import engine as demo_engine
+
+    engine = demo_engine.DemoEngine(str(tiny_model), adapters_dir)
+    read = []
+    monkeypatch.setattr(demo_engine, "load_lora", lambda path: read.append(path))
+    with pytest.raises(FinetuneError, match="^LoRA 'other-base' does not fit base model .* reads text"):
+        engine.render(demo_engine.Request(prompt=PROMPT, steps=1, loras=[("other-base", 1.0)]))
+    assert read == []
 
 
 def test_a_busy_port_or_a_missing_adapters_folder_is_one_line(tiny_model, tmp_path, capsys):

@@ -37,6 +37,7 @@ from finetune.demo.inputs import UPLOADED, other_kind_notes
 from finetune.demo.lora_hooks import loras_applied
 from finetune.errors import FinetuneError
 from finetune.formats.kohya import LoRA, load_lora
+from finetune.formats.lora_base_fit import lora_base_problem
 from finetune.formats.merge import check_lora_fits
 from finetune.models.encoders import clip_skipped
 from finetune.models.loading import BaseModel, freeze, load_base_model
@@ -187,6 +188,7 @@ class DemoEngine:
         loras = []
         for name, strength in request.loras:
             adapter = self.adapter(name, "lora")
+            _check_lora_header_fits(adapter, model)  # before the file is read whole
             lora = self._cached(adapter, lambda: load_lora(adapter.path))
             _check_lora_fits(models, lora, name, model.source)
             loras.append((lora, strength))
@@ -342,6 +344,16 @@ def _check_request(request: Request) -> None:
     ):
         if bad:
             raise FinetuneError(message)
+
+
+def _check_lora_header_fits(adapter: Adapter, model: BaseModel) -> None:
+    """A LoRA of another base (an SD2.x or SDXL one on SD1.5) told from its header and the model's configs, as `sample` tells
+    it (finetune.formats.lora_base_fit), before its weights are read: it was said once load_lora had read the whole file."""
+    recorded = adapter.metadata.get("finetune.base_model")
+    trained_on = f" (it records {recorded})" if recorded else ""
+    remedy = f"pick the model it was trained on{trained_on}, or start the demo with that model as --base"
+    if problem := lora_base_problem(adapter.path, model.source, model.config.single_file_config, f"LoRA '{adapter.name}'", remedy):
+        raise FinetuneError(problem)
 
 
 def _check_lora_fits(models: dict[str, torch.nn.Module], lora: LoRA, name: str, base: str) -> None:

@@ -37,8 +37,8 @@ def lora_base_problem(lora_file: Path, base: str, base_config: str | None = None
     """Why LoRA file `lora_file` cannot load into `base` (a folder, a hub id in the local cache, a single file with
     `base_config`'s configs, or a single file (.safetensors or .ckpt) by its own tensors), naming both; None where it may (what loading
     checks besides), or where the base's widths cannot be read without loading it. A file of a kind not loaded here (SDXL's
-    names, LyCORIS) is one line too. `named`: the LoRA as the line names it ("LoRA FILE"); `fix`: what to do, for the command
-    or key that gave it."""
+    names, LyCORIS) is one line too. `named`: the LoRA as the line names it ("LoRA FILE", or the
+    demo's name for it); `fix`: what to do, for the command, key or page that gave it."""
     from safetensors import SafetensorError, safe_open  # numpy's reader: "pt" imports torch
 
     try:
