@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Iterable, Literal, Optional, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from finetune.config.base import Repeats, SamplingSteps, Section, Seed, Share, UserPath
 from finetune.data.image_bounds import CLASS_BATCH_DEFAULT, MAX_CLASS_IMAGES
@@ -13,12 +13,17 @@ from finetune.data.image_bounds import CLASS_BATCH_DEFAULT, MAX_CLASS_IMAGES
 # the layer's MLP, which sd-scripts' LoRA adapts too.
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 TEXT_ENCODER_LAYERS = (*TEXT_ENCODER_TARGETS, "fc1", "fc2")
+# lora.alpha unset with rsLoRA: one alpha at every rank, as the rsLoRA paper scales (alpha / sqrt(rank) shrinks as the
+# rank grows); an alpha following the rank would scale by sqrt(rank) instead, larger the higher the rank.
+RSLORA_ALPHA = 16.0
 
 
 class LoRAConfig(Section):
     rank: int = Field(16, ge=1)
-    # The LoRA update is scaled by alpha / rank; saved with the weights so strength is preserved.
-    alpha: float = Field(16.0, gt=0)
+    # The LoRA update is scaled by alpha / rank; saved with the weights so strength is preserved. None (unset): the rank,
+    # a scale of 1 at any rank, as diffusers' training examples and SimpleTuner default it (sd-scripts' default is 1);
+    # with rsLoRA RSLORA_ALPHA. Filled in as the recipe loads, so the recipe as run and every saved file record it.
+    alpha: Optional[float] = Field(None, gt=0)
     # peft's lora_dropout: dropout on each adapted layer's input to its LoRA (sd-scripts' network_dropout drops the down
     # projection's output instead; its rank_dropout and module_dropout have no key here).
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -65,6 +70,29 @@ class LoRAConfig(Section):
             raise ValueError(f"lora.text_encoder_target_modules: '{unknown[0]}' is no text-encoder layer a LoRA adapts; pick from {', '.join(TEXT_ENCODER_LAYERS)}")
         # In one order, whatever the recipe's: a resume compares the list, and the same layers train in any order.
         return [layer for layer in TEXT_ENCODER_LAYERS if layer in targets]
+
+    # Whether lora.alpha was left unset (filled in from the rank): a resume takes its checkpoint's alpha then
+    # (finetune.checkpoints.resumed_alpha), where a recipe's own alpha is the user's to change.
+    _alpha_unset: bool = PrivateAttr(False)
+
+    @model_validator(mode="after")
+    def _alpha_follows_rank(self) -> "LoRAConfig":
+        if self.alpha is None:
+            self._alpha_unset = True
+            self.alpha = self.unset_alpha()
+        return self
+
+    def unset_alpha(self) -> float:
+        """What lora.alpha is where the recipe leaves it unset: the rank (a scale of 1), with rsLoRA RSLORA_ALPHA."""
+        return RSLORA_ALPHA if self.use_rslora else float(self.rank)
+
+    @property
+    def alpha_unset(self) -> bool:
+        return self._alpha_unset
+
+    def changed(self, keys: Iterable[str] | None = None) -> list[str]:
+        """As every section's, with an alpha at what an unset one is counted at its default (a recipe may name it so)."""
+        return [key for key in super().changed(keys) if not (key == "alpha" and self.alpha == self.unset_alpha())]
 
     @model_validator(mode="after")
     def _conv_alpha_needs_a_conv_rank(self) -> "LoRAConfig":

@@ -23,6 +23,7 @@ from finetune.captions.tokens import caption_warnings
 from finetune.checkpoints import checkpoint as ckpt
 from finetune.checkpoints.earlier_run import clear_earlier_run, guard_earlier_run
 from finetune.checkpoints.resume_checks import check_resumable
+from finetune.checkpoints.resumed_alpha import keep_checkpoint_alpha
 from finetune.checkpoints.run_files import checkpoint_step, resolve_resume
 from finetune.config import Recipe
 from finetune.console import say, warn
@@ -91,6 +92,8 @@ def _checked_start(recipe: Recipe, resume: str | None, overwrite: bool, base_loc
     a single-file base's prediction type, the resume's state, an earlier run in output_dir. Returns those two, the method, and `resumed_to` (`check_resumable`)."""
     output_dir, train_cfg = Path(recipe.output_dir), recipe.train
     resume_from = resolve_resume(resume, output_dir / "checkpoints")
+    if resume_from is not None:
+        keep_checkpoint_alpha(recipe, resume_from)  # an unset lora.alpha is the checkpoint's: its scale, where the default has changed since
     method = resumed_method(recipe, resume_from)  # a resume's starting weights (lora.init_from, ...) are its checkpoint's
     check_deepspeed_launch(recipe, method.trained_module_names(), resume_from)  # DeepSpeed's refusals; a checkpoint of another engine
     check_optimizer_installed(recipe.optimizer)
