@@ -15,6 +15,7 @@ from finetune.dreambooth.class_image_plans import check_class_folders
 from finetune.errors import FinetuneError
 from finetune.models.model_source import BaseLocation
 from finetune.models.single_file_configs import check_original_config
+from finetune.models.unet_layer_names import check_unet_targets_first
 from finetune.optim.packages import check_optimizer_installed, warn_bitsandbytes_missing
 
 
@@ -28,6 +29,8 @@ def check_run_first(recipe: Recipe, resume_from: Path | None, base: BaseLocation
     check_optimizer_installed(recipe.optimizer)
     check_launch_settings_first(recipe)
     check_deepspeed_first(recipe, resume_from)
+    if recipe.method == "lora" or (recipe.dreambooth is not None and recipe.dreambooth.adapter == "lora"):
+        check_unet_targets_first(recipe.lora.target_modules, base.folder, recipe.model.variant)  # the UNet weights' header: no torch
     if resume_from is not None:
         check_resume_first(recipe, resume_from)
     else:  # a resume reads no starting weights: its checkpoint holds them (finetune.models.start_weights)

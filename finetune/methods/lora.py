@@ -27,6 +27,7 @@ from finetune.methods.base import UNetMethod
 from finetune.models.init_from_record import text_encoder_switch
 from finetune.models.loading import freeze, unrecorded_target_warning
 from finetune.models.lora_unit_scale import skip_unit_scales
+from finetune.models.unet_layer_names import matches, unmatched_targets_line
 from finetune.optim.max_norm import apply_max_norm, lora_layers
 from finetune.outputs.atomic_files import atomic_save_safetensors
 
@@ -134,11 +135,13 @@ def loraplus_groups(groups: list[dict], modules: dict[str, torch.nn.Module], def
 
 def check_targets(model: torch.nn.Module, target_modules: list[str]) -> None:
     """Each name must match layers LoRA can adapt (peft matches a name or a dotted suffix of one, and
-    skips a name that matches nothing as long as another name matches)."""
+    skips a name that matches nothing as long as another name matches). `finetune train` says the names matching
+    no UNet layer before its data check, from the weights' header (finetune.models.unet_layer_names), in the same line."""
+    if unmatched := [target for target in target_modules if not any(matches(name, target) for name, _ in model.named_modules())]:
+        adaptable = [name for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))]
+        raise FinetuneError(unmatched_targets_line(unmatched, adaptable, type(model).__name__))
     for target in target_modules:
-        matched = [m for name, m in model.named_modules() if name == target or name.endswith("." + target)]
-        if not matched:
-            raise FinetuneError(f"lora.target_modules: '{target}' names no layer of the {type(model).__name__} (e.g. to_q, proj_in, ff.net.2, conv1)")
+        matched = [m for name, m in model.named_modules() if matches(name, target)]
         kinds = {type(m).__name__ for m in matched if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
         if kinds:
             raise FinetuneError(f"lora.target_modules: '{target}' names {', '.join(sorted(kinds))} layers; LoRA adapts Linear and Conv2d layers")

@@ -1,0 +1,56 @@
+"""lora.target_modules naming no layer of the UNet was said only when the LoRA was made, after the model had loaded and
+`finetune train`'s data check had decoded every image: now from the UNet weights' header, before both, in the line the
+LoRA's own check says (which every target it names, and some that would do)."""
+
+import pytest
+from PIL import Image
+
+from finetune.errors import FinetuneError
+from finetune.methods.lora import check_targets
+from finetune.models.model_source import locate_base
+from finetune.models.unet_layer_names import EXAMPLE_TARGETS, check_unet_targets_first
+from test_fast_errors import BASE, said_without_the_training_stack
+
+WRONG = ["to_qq", "to_k", "conv3"]
+
+
+def test_train_says_targets_naming_no_unet_layer_before_its_data_check_and_torch(tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not a png")  # what the data check would refuse, had it come first
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "red.png")
+    recipe = ["train", "recipes/quickstart.yaml", f"data.image_dir={tmp_path}", f"output_dir={tmp_path / 'run'}", f"model.pretrained={BASE}"]
+    said = said_without_the_training_stack([[*recipe, f"lora.target_modules=[{', '.join(WRONG)}]"],
+                                            [*recipe, "method=dreambooth", "dreambooth.adapter=lora", "dreambooth.prior_preservation=false",
+                                             f"dreambooth.concepts=[{{instance_dir: {tmp_path}, instance_prompt: a sks star}}]",
+                                             "data.image_dir=null", "lora.target_modules=[to_qq]"]])  # fmt: skip
+    assert said[0].startswith("lora.target_modules: 'to_qq', 'conv3' name no layer of the UNet2DConditionModel (it has e.g. to_q, ")
+    assert said[0].endswith("): fix or remove them")
+    assert said[1].startswith("lora.target_modules: 'to_qq' names no layer of the UNet2DConditionModel")
+
+
+def test_the_header_check_says_what_the_loaded_unets_check_says():
+    from finetune.models.loading import load_base_model
+
+    location = locate_base(_model(BASE))
+    with pytest.raises(FinetuneError) as early:
+        check_unet_targets_first(WRONG, location.folder, None)
+    unet = load_base_model(_model(BASE)).unet
+    with pytest.raises(FinetuneError) as loaded:
+        check_targets(unet, WRONG)
+    assert str(early.value) == str(loaded.value)
+    # Names that match, the loaded model's way: leaf names, dotted suffixes, whole paths, a block (whose kind the LoRA's check refuses).
+    named = [name for name, _ in unet.named_modules() if name.endswith("attn1.to_q")][0]
+    for targets in ([target for target in EXAMPLE_TARGETS if any(name.endswith(target) for name, _ in unet.named_modules())],
+                    ["attn1.to_q", named, "attn1"]):  # fmt: skip
+        check_unet_targets_first(targets, location.folder, None)  # no refusal
+
+
+def test_a_base_without_a_weights_header_is_left_to_the_loaded_check(tmp_path):
+    check_unet_targets_first(WRONG, None, None)  # a single-file base: no folder
+    (tmp_path / "unet").mkdir()
+    check_unet_targets_first(WRONG, tmp_path, None)  # a hub base whose weights are not fetched: no safetensors there
+
+
+def _model(pretrained: str):
+    from finetune.config import Recipe
+
+    return Recipe.model_fields["model"].annotation(pretrained=pretrained)
