@@ -7,8 +7,8 @@ from PIL import Image
 
 from finetune.errors import FinetuneError
 from finetune.methods.lora import check_targets
-from finetune.models.model_source import locate_base
-from finetune.models.unet_layer_names import EXAMPLE_TARGETS, check_unet_targets_first
+from finetune.models.model_source import BaseLocation, locate_base
+from finetune.models.unet_layer_names import EXAMPLE_TARGETS, ORIGINAL_UNET, check_unet_targets_first, diffusers_names, weight_dims
 from test_fast_errors import BASE, said_without_the_training_stack
 
 WRONG = ["to_qq", "to_k", "conv3"]
@@ -32,7 +32,7 @@ def test_the_header_check_says_what_the_loaded_unets_check_says():
 
     location = locate_base(_model(BASE))
     with pytest.raises(FinetuneError) as early:
-        check_unet_targets_first(WRONG, location.folder, None)
+        check_unet_targets_first(WRONG, location)
     unet = load_base_model(_model(BASE)).unet
     with pytest.raises(FinetuneError) as loaded:
         check_targets(unet, WRONG)
@@ -41,13 +41,29 @@ def test_the_header_check_says_what_the_loaded_unets_check_says():
     named = [name for name, _ in unet.named_modules() if name.endswith("attn1.to_q")][0]
     for targets in ([target for target in EXAMPLE_TARGETS if any(name.endswith(target) for name, _ in unet.named_modules())],
                     ["attn1.to_q", named, "attn1"]):  # fmt: skip
-        check_unet_targets_first(targets, location.folder, None)  # no refusal
+        check_unet_targets_first(targets, location)  # no refusal
+
+
+def test_a_single_files_unet_names_are_read_under_diffusers_names(tmp_path):
+    """A single .safetensors base names its UNet's weights by the original layout's blocks: renamed to diffusers' names,
+    they are the weights of the UNet it loads as, each with its number of dimensions."""
+    from finetune.formats.single_file_export import export_checkpoint
+    from test_single_file import sd15_shaped_pipeline
+
+    pipeline = sd15_shaped_pipeline(tmp_path)
+    pipeline.save_pretrained(tmp_path / "configs")
+    path, _ = export_checkpoint(tmp_path / "configs", tmp_path / "model.safetensors")
+    expected = {name.removesuffix(".weight"): weight.dim() for name, weight in pipeline.unet.state_dict().items() if name.endswith(".weight")}
+    assert diffusers_names(weight_dims(path, ORIGINAL_UNET)) == expected
+    with pytest.raises(FinetuneError, match=r"^lora.target_modules: 'to_qq', 'conv3' name no layer of the UNet2DConditionModel"):
+        check_unet_targets_first(WRONG, BaseLocation(_model(str(path)), None))
+    check_unet_targets_first(["to_q", "conv1", "down_blocks.0.downsamplers.0.conv", "time_embedding.linear_1"], BaseLocation(_model(str(path)), None))
 
 
 def test_a_base_without_a_weights_header_is_left_to_the_loaded_check(tmp_path):
-    check_unet_targets_first(WRONG, None, None)  # a single-file base: no folder
     (tmp_path / "unet").mkdir()
-    check_unet_targets_first(WRONG, tmp_path, None)  # a hub base whose weights are not fetched: no safetensors there
+    check_unet_targets_first(WRONG, BaseLocation(_model(str(tmp_path)), tmp_path))  # a hub base whose weights are not fetched: no safetensors
+    check_unet_targets_first(WRONG, BaseLocation(_model(str(tmp_path / "model.ckpt")), None))  # a pickle file: no header
 
 
 def _model(pretrained: str):

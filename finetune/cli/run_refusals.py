@@ -30,7 +30,7 @@ def check_run_first(recipe: Recipe, resume_from: Path | None, base: BaseLocation
     check_launch_settings_first(recipe)
     check_deepspeed_first(recipe, resume_from)
     if recipe.method == "lora" or (recipe.dreambooth is not None and recipe.dreambooth.adapter == "lora"):
-        check_unet_targets_first(recipe.lora.target_modules, base.folder, recipe.model.variant)  # the UNet weights' header: no torch
+        check_unet_targets_first(recipe.lora.target_modules, base)  # the UNet weights' header: no torch
     if resume_from is not None:
         check_resume_first(recipe, resume_from)
     else:  # a resume reads no starting weights: its checkpoint holds them (finetune.models.start_weights)
