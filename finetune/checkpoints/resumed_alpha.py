@@ -12,10 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from finetune.checkpoints.run_files import read_state
+from finetune.config import Recipe
 from finetune.console import warn
 
 
-def keep_checkpoint_alpha(recipe, checkpoint: Path) -> None:
+def keep_checkpoint_alpha(recipe: Recipe, checkpoint: Path) -> None:
     """Set the recipe's unset lora.alpha to the one `checkpoint` trained with, where they differ, and say so."""
     trains_lora = recipe.method == "lora" or (recipe.dreambooth is not None and recipe.dreambooth.adapter == "lora")
     saved = read_state(checkpoint).get("recipe")  # None: a checkpoint from before the recipe was kept

@@ -91,7 +91,7 @@ def check_unet_targets_first(target_modules: list[str], base: BaseLocation) -> N
     modules = {prefix for name in dims for prefix in _prefixes(name)}  # a block, an attention, a ModuleList: modules too
     unmatched = [target for target in target_modules if not any(matches(name, target) for name in modules)]
     if unmatched:
-        adaptable = [name for name, rank in dims.items() if rank in (2, 4)]
+        adaptable = [name for name, ndim in dims.items() if ndim in (2, 4)]  # Linear and Conv2d weights
         raise FinetuneError(unmatched_targets_line(unmatched, adaptable, "UNet2DConditionModel"))
 
 
