@@ -205,3 +205,34 @@ def test_bad_requests_fail_in_one_line_before_any_model_loads(options, pattern, 
     with pytest.raises(FinetuneError, match=pattern) as error:
         run_eval(str(tiny_model), steps=1, **options)
     assert "\n" not in str(error.value)
+
+
+class ModelLoaded(Exception):
+    pass
+
+
+def no_model(*args, **kwargs):
+    raise ModelLoaded()
+
+
+@pytest.mark.parametrize("kind, noted", [("canny", True), ("luminance", True), ("mask", False), (None, False)])
+def test_a_controlnet_of_another_kind_than_masks_is_said_before_the_mask_suites_score_it(kind, noted, tiny_model, runs, tmp_path, monkeypatch, capsys):
+    """A ControlNet trained on make-conditions' canny images scored as the base does (the suites steer with masks), unsaid."""
+    import finetune.sampling.inference as inference
+    from finetune.checkpoints.run_files import CONTROLNET_DIR, METADATA_FILE
+    from finetune.cli.main import main
+
+    record = runs["fresh"] / CONTROLNET_DIR / METADATA_FILE
+    recorded = json.loads(record.read_text())
+    made = {"kind": kind, **({"low": 20.0, "high": 40.0, "sigma": 1.0} if kind == "canny" else {"threshold": 40.0} if kind == "mask" else {})}
+    monkeypatch.setattr(inference, "load_sampling_pipeline", no_model)  # the note comes before any model loads
+    try:
+        record.write_text(json.dumps({**recorded, **({"finetune.conditioning": json.dumps(made)} if kind else {})}))
+        with pytest.raises(ModelLoaded):
+            main(["eval", "--base", str(tiny_model), "--controlnet", str(runs["fresh"]), "--num-prompts", "2", "--steps", "1", "--out", str(tmp_path / "r.json")])
+    finally:
+        record.write_text(json.dumps(recorded))
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: this ControlNet was trained on")]
+    assert len(notes) == noted, notes
+    if noted:
+        assert f"trained on {kind}" in notes[0] and "steer it with the toy world's shape masks" in notes[0]
