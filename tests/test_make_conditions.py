@@ -59,7 +59,8 @@ def test_make_conditions_writes_a_training_folder(make_recipe, tmp_path, capsys)
 def test_a_controlnet_records_how_its_conditioning_was_made_and_sample_says_it(make_recipe, tiny_model, pairs_folder, tmp_path, capsys):
     """make-conditions writes its kind and thresholds beside metadata.jsonl; a ControlNet trained on the folder
     records them, and `finetune sample` says what kind of --condition it wants (a photo given to an edge
-    ControlNet is the usual mistake). A folder of conditioning images made otherwise records nothing."""
+    ControlNet is the usual mistake), except for one made as its training images were. A folder of conditioning images made
+    otherwise records nothing."""
     from finetune.checkpoints.run_files import CONTROLNET_DIR
     from finetune.sampling.adapter_records import saved_model_metadata
 
@@ -79,7 +80,13 @@ def test_a_controlnet_records_how_its_conditioning_was_made_and_sample_says_it(m
     assert (f"note: --condition {source / '0000.png'} is no canny image (make-conditions makes them black and white; it has colours): "
             "a photo steers as the ControlNet never learned; make its canny image with finetune make-conditions PHOTOS OUT --kind canny (it reads a folder)") in out  # fmt: skip
     assert main([*sample[:-1], str(data / "conditioning" / "0000.png"), "--controlnet", str(run), "--out", str(tmp_path / "s")]) == 0
-    assert "is no canny image" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # one of the very images it trained on (its folder's conditioning.json records the same) is not asked to be one of that kind
+    assert "is no canny image" not in out and "note: this ControlNet was trained on" not in out
+    assert main(["make-conditions", str(source), str(tmp_path / "edges20"), "--kind", "canny"]) == 0  # canny of other thresholds
+    capsys.readouterr()
+    assert main([*sample[:-1], str(tmp_path / "edges20" / "conditioning" / "0000.png"), "--controlnet", str(run), "--out", str(tmp_path / "s")]) == 0
+    assert "note: this ControlNet was trained on canny (low 25, high 50, sigma 1)" in capsys.readouterr().out
 
     other = train(controlnet_recipe(make_recipe, pairs_folder, output_dir=str(tmp_path / "other"), train__max_steps=1)).output_dir
     assert "finetune.conditioning" not in saved_model_metadata(other / CONTROLNET_DIR)

@@ -129,3 +129,17 @@ def recorded_kind(metadata: dict[str, str]) -> str | None:
         return json.loads(metadata["finetune.conditioning"])["kind"]
     except (KeyError, ValueError, TypeError):
         return None
+
+
+def made_as_recorded(condition: str | Path, metadata: dict[str, str]) -> bool:
+    """Whether `condition` is an image make-conditions wrote (OUT/conditioning/NAME.png) into a folder whose conditioning.json
+    records the kind and thresholds a ControlNet's finetune.conditioning does: `sample` given the very images the ControlNet
+    trained on told its user to "give one of that kind" all the same."""
+    folder = Path(condition).parent
+    if folder.name != "conditioning":
+        return False
+    try:
+        made, recorded = conditioning_record(folder.parent), json.loads(metadata["finetune.conditioning"])
+        return made is not None and conditioning_named(made) == conditioning_named(recorded)
+    except (FinetuneError, KeyError, ValueError, TypeError, AttributeError):  # a damaged record here or there: the note stays
+        return False

@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME, resolve_lora_file
 from finetune.config import ModelConfig
-from finetune.controlnet.conditioning_records import MAKE_ONE, kind_mismatch_line, recorded_conditioning, recorded_kind
+from finetune.controlnet.conditioning_records import MAKE_ONE, kind_mismatch_line, made_as_recorded, recorded_conditioning, recorded_kind
 from finetune.controlnet.folder import check_control_options, check_controlnet_fits, resolve_controlnet_folder, unlocked_decoder_folder, weights_variant
 from finetune.controlnet.pairs import read_conditioning, small_conditioning_problem
 from finetune.data.image_bounds import GRID_LABEL_WIDTH, sample_grid_problem
@@ -216,7 +216,7 @@ def sample_to_folder(
     for note in guidance_notes(settings) + webui_syntax_notes(settings):
         print(f"note: {note}")
     recorded = saved_model_metadata(resolve_controlnet_folder(controlnet)) if controlnet is not None else {}
-    if made := recorded_conditioning(recorded):
+    if (made := recorded_conditioning(recorded)) and not (condition and made_as_recorded(condition, recorded)):
         print(f"note: this ControlNet was trained on {made} conditioning images (finetune make-conditions); --condition is used as it is: give one of that kind")
     condition_image = read_condition(condition) if controlnet is not None else None  # a bad one stops before the model loads
     if condition_image is not None and (line := kind_mismatch_line(condition_image, recorded_kind(recorded), f"--condition {condition}", MAKE_ONE)):
