@@ -1,5 +1,6 @@
 """Caption files that train nothing, which the data check says: those a folder's metadata rows override (the row
-trains, the file is not read) where the two differ, and those that name no file of their folder."""
+trains, the file is not read) where the two differ, those that name no file of their folder, and a folder's captions that one
+prompt for every image leaves unread."""
 
 from __future__ import annotations
 
@@ -52,6 +53,23 @@ def imageless_caption_files(folder: Path, config: DataConfig) -> str | None:
     return (f"data folder {folder}: {len(alone)} caption file{'' if one else 's'} ({', '.join(alone[:3])}{', ...' if len(alone) > 3 else ''}) "
             f"name{'s' if one else ''} no image in it and train{'s' if one else ''} nothing: rename {'it' if one else 'each'} as its image "
             f"(0001.jpg's caption is 0001.txt), or remove {'it' if one else 'them'}")  # fmt: skip
+
+
+def unread_captions_line(folder: Path, config: DataConfig) -> str | None:
+    """'captions: ...' where one prompt for every image (a DreamBooth concept's instance_prompt, data.caption) leaves the
+    folder's caption files and metadata file unread, or None. Not a warning, as that is often meant; but a DreamBooth folder
+    captioned for sd-scripts, which reads captions there, trained on its instance prompt alone without a word."""
+    if not config.caption:  # "": uncaptioned on purpose (a VAE's images); None: the captions are read
+        return None
+    stems = other_entry_stems(folder)
+    files = [name for name in caption_file_names(folder).values() if not name.startswith(".") and loose_name_key(Path(name).stem) in stems]
+    unread = ([f"{len(files)} caption file{'' if len(files) == 1 else 's'} ({', '.join(sorted(files)[:2])}{', ...' if len(files) > 2 else ''})"] if files else [])
+    unread += [metadata.name] if (metadata := metadata_file(folder)) is not None else []
+    if not unread:
+        return None
+    concept = config.dreambooth_concept
+    key, remedy = (f"{concept}.instance_prompt", f"{concept}.use_captions: true") if concept else ("data.caption", "data.caption: null")
+    return f"captions: {' and '.join(unread)} in {folder} not read: every image trains as {config.caption!r} ({key}); {remedy} trains with them"
 
 
 def _reads_captions(folder: Path, config: DataConfig) -> bool:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from finetune.captions.captions import caption_alternative, caption_lines, dataset_of_row, empty_caption_message, missing_caption_message
+from finetune.captions.overrides import unread_captions_line
 from finetune.captions.cells import list_text_message
 from finetune.config import DataConfig
 from finetune.counts import counted
@@ -32,7 +33,7 @@ from finetune.data.image_folder_datasets import image_dir_advice
 from finetune.data.image_warnings import pillow_warning_line, pillow_warnings
 from finetune.data.images import decode, file_stamp, float_levels_problem, has_alpha, holds_8_bit_values, is_16_bit, pixel_digest, turned_on_its_side, upright_rgb
 from finetune.data.loss_mask import alpha_mask, image_sharing_mask, mask_area, mask_digest, mask_path, read_mask_file
-from finetune.data.sources import Example, read_examples
+from finetune.data.sources import Example, data_folders, read_examples
 from finetune.data.views import cut, plan_cover_crop
 from finetune.data_check.checked_once import kept_check
 from finetune.data_check.folder_warnings import folder_warnings
@@ -59,6 +60,7 @@ class DataReport:
     findings: list[Finding] = field(default_factory=list)
     skipped: list[Finding] = field(default_factory=list)  # fatal findings left out by data.skip_bad_images
     skipping: bool = False  # data.skip_bad_images: every image not `usable` is skipped (its finding may be said by another report)
+    notes: list[str] = field(default_factory=list)  # lines of what training does with the data, said beside the counts
 
     def of_level(self, level: str) -> list[Finding]:
         return [finding for finding in self.findings if finding.level == level]
@@ -86,6 +88,7 @@ class DataReport:
                 lines.append(bucket_counts_line(self.bucket_of))
             else:
                 lines.append(f"training size: {config.resolution}x{config.resolution}, {config.crop} crops (data.bucketing keeps aspect ratios)")
+        lines += self.notes
         if len(config.folders) > 1:
             lines.append(folder_shares_line([example for example in self.usable if example.source not in held_out], config))
         if config.loss_mask.enabled and self.usable:
@@ -289,6 +292,7 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
             message = f"image {sources[0]} has the same pixels as {others}: each copy trains as its own image ({_copies_remedy(config)})"
             report.findings.append(Finding(WARNING, sources[0], message))
     report.findings += [Finding(WARNING, str(folder), message) for folder, message in folder_warnings(config)]
+    report.notes += [line for folder in data_folders(config) if (line := unread_captions_line(folder, config))]
     if message := image_dir_advice(config):
         report.findings.append(Finding(WARNING, report.label, message))
     if config.skip_bad_images:
