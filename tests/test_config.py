@@ -81,6 +81,17 @@ def test_a_key_written_in_the_wrong_section_is_pointed_to_where_it_is(tmp_path):
     assert str(raised.value).endswith("(it belongs to another section: 'validation.every_n_steps', 'checkpoint.every_n_steps' or 'logging.every_n_steps')")
 
 
+def test_enabled_in_a_section_without_that_switch_says_how_it_is_switched_not_that_it_belongs_to_data_bucketing():
+    """data.loss_mask.enabled (as data.bucketing.enabled is written) was said to belong to data.bucketing."""
+    with pytest.raises(FinetuneError) as raised:
+        recipe_from_dict({**MINIMAL, "data": {**MINIMAL["data"], "loss_mask": {"enabled": True}}})
+    assert str(raised.value).endswith("unknown key 'data.loss_mask.enabled' (data.loss_mask has no switch: masks are on where "
+                                      "data.loss_mask.source is alpha or files, off where it is none)")  # fmt: skip
+    with pytest.raises(FinetuneError) as raised:  # a section with no such word for it: its keys
+        recipe_from_dict({**MINIMAL, "validation": {"enabled": False}})
+    assert "unknown key 'validation.enabled' (valid keys: prompts, " in str(raised.value) and "bucketing" not in str(raised.value)
+
+
 def test_unknown_top_level_section():
     with pytest.raises(FinetuneError, match=r"unknown key 'optimzer' \(did you mean 'optimizer'\?\)"):
         recipe_from_dict({**MINIMAL, "optimzer": {}})

@@ -21,6 +21,9 @@ class Section(BaseModel):
     # What to write instead, when a user gives a plain value for the whole section (data.bucketing=true,
     # sd-scripts' enable_bucket habit); {value!r} is the value. None: that it is a section.
     plain_value_hint: ClassVar[str | None] = None
+    # How a section without an `enabled` key is switched on, said for `enabled` written there (data.bucketing has one,
+    # so data.loss_mask.enabled was said to belong to data.bucketing). None: its keys are listed.
+    switched_by: ClassVar[str | None] = None
 
     @model_validator(mode="before")
     @classmethod

@@ -70,6 +70,7 @@ class LossMaskConfig(Section):
 
     # data.loss_mask=files, or sd-scripts' masked_loss: true
     plain_value_hint: ClassVar[str] = "data.loss_mask is a section, not {value!r}: set data.loss_mask.source: files or alpha"
+    switched_by: ClassVar[str] = "masks are on where data.loss_mask.source is alpha or files, off where it is none"
 
     @field_validator("unmasked_weight")
     @classmethod

@@ -32,6 +32,8 @@ def describe_validation_error(err: ValidationError) -> str:
             hint = f" (here it is '{OTHER_TRAINERS_NAMES[location[-1]]}')"
         elif listed:  # dreambooth.class_prompt, as diffusers' script has it: each concept has its own
             hint = f" (each entry of '{'.'.join(path[:-1] + [listed])}' has its own: '{'.'.join(path[:-1] + [listed, '0', location[-1]])}')"
+        elif location[-1] == "enabled" and location[:-1] and (section := _section_at(location[:-1])) is not None:  # a switch only data.bucketing has
+            hint = f" ({'.'.join(path[:-1])} has no switch: {section.switched_by})" if section.switched_by else f" (valid keys: {', '.join(valid)})"
         elif elsewhere := [key for key in _dotted_keys(Recipe) if key.split(".")[-1] == location[-1]]:  # train.lr for optimizer.lr
             hint = f" (it belongs to another section: {', '.join(repr(key) for key in elsewhere[:-1])}{' or ' if elsewhere[1:] else ''}{elsewhere[-1]!r})"
         else:
@@ -134,12 +136,18 @@ def choice_meant(location: list[str], received: Any) -> str | None:
 
 
 def _valid_keys(section_path: list[str]) -> list[str]:
-    model: type[BaseModel] = Recipe
+    model = _section_at(section_path)
+    return [] if model is None else list(model.model_fields)
+
+
+def _section_at(section_path: list[str]) -> type[BaseModel] | None:
+    """The section class at a dotted path of section names (list indexes left out): Recipe for [], None for no section."""
+    model: type[BaseModel] | None = Recipe
     for name in section_path:
         model = section_type(model.model_fields[name].annotation)
         if model is None:
-            return []
-    return list(model.model_fields)
+            return None
+    return model
 
 
 def recipe_key_named(name: str) -> str | None:
