@@ -35,7 +35,7 @@ def test_a_dreambooth_folders_captions_unread_by_its_instance_prompt_are_said(tm
     folder = captioned_folder(tmp_path / "subject")
     lines = check_dreambooth(tmp_path, folder, capsys)
     said = [line for line in lines if line.startswith("captions:")]
-    assert said == [f"captions: 1 caption file (a.txt) and metadata.jsonl in {folder} not read: every image trains as 'a sks shape' "
+    assert said == [f"captions: not read from 1 caption file (a.txt) and metadata.jsonl's 'text' column in {folder}: every image trains as 'a sks shape' "
                     "(dreambooth.concepts.0.instance_prompt); dreambooth.concepts.0.use_captions: true trains with them"], lines  # fmt: skip
     assert lines[-1] == "result: ready to train"  # a note, not a warning: one prompt for every image is often meant
 
@@ -51,7 +51,17 @@ def test_data_caption_leaving_a_folders_captions_unread_is_said_naming_it(tmp_pa
     check = ["check-data", str(tmp_path / "recipe.yaml")]
     assert main([*check, "data.caption=a shape"]) == 0
     said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("captions:")]
-    assert said == [f"captions: 1 caption file (a.txt) and metadata.jsonl in {folder} not read: every image trains as 'a shape' (data.caption); "
+    assert said == [f"captions: not read from 1 caption file (a.txt) and metadata.jsonl's 'text' column in {folder}: every image trains as 'a shape' (data.caption); "
                     "data.caption: null trains with them"]  # fmt: skip
     assert main(check) == 0
+    assert "captions:" not in capsys.readouterr().out
+
+
+def test_a_metadata_file_without_captions_is_not_said_unread(tmp_path, capsys):
+    """A ControlNet folder's rows name its conditioning images and may caption nothing: with data.caption, nothing is unread."""
+    folder = captioned_folder(tmp_path / "pairs", captions=False)
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{n}.png", "conditioning_file_name": f"{n}.png"}) + "\n" for n in "abc"))
+    recipe = {"method": "lora", "model": {"pretrained": str(SHIPPED_BASE)}, "data": {"image_dir": str(folder), "resolution": 64, "caption": "a shape"}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["check-data", str(tmp_path / "recipe.yaml")]) == 0
     assert "captions:" not in capsys.readouterr().out

@@ -10,7 +10,7 @@ from pathlib import Path
 from finetune.captions.captions import SIDECAR_SUFFIXES, caption_file_names, other_entry_stems, sidecar_path, template_needs_caption
 from finetune.captions.cells import MAX_CAPTION_LENGTH
 from finetune.captions.file_names import loose_name_key, name_key
-from finetune.captions.metadata_files import folder_captions, metadata_file
+from finetune.captions.metadata_files import folder_captions, metadata_file, metadata_rows
 from finetune.captions.text_encodings import caption_file_encoding
 from finetune.config import DataConfig, FolderConfig
 from finetune.data.sources import folder_images
@@ -64,12 +64,14 @@ def unread_captions_line(folder: Path, config: DataConfig) -> str | None:
     stems = other_entry_stems(folder)
     files = [name for name in caption_file_names(folder).values() if not name.startswith(".") and loose_name_key(Path(name).stem) in stems]
     unread = ([f"{len(files)} caption file{'' if len(files) == 1 else 's'} ({', '.join(sorted(files)[:2])}{', ...' if len(files) > 2 else ''})"] if files else [])
-    unread += [metadata.name] if (metadata := metadata_file(folder)) is not None else []
+    # A metadata file's rows with a caption column (a ControlNet's is read all the same, for its conditioning images).
+    if (metadata := metadata_file(folder)) is not None and any(config.caption_column in row for row in metadata_rows(folder)):
+        unread.append(f"{metadata.name}'s {config.caption_column!r} column")
     if not unread:
         return None
     concept = config.dreambooth_concept
     key, remedy = (f"{concept}.instance_prompt", f"{concept}.use_captions: true") if concept else ("data.caption", "data.caption: null")
-    return f"captions: {' and '.join(unread)} in {folder} not read: every image trains as {config.caption!r} ({key}); {remedy} trains with them"
+    return f"captions: not read from {' and '.join(unread)} in {folder}: every image trains as {config.caption!r} ({key}); {remedy} trains with them"
 
 
 def _reads_captions(folder: Path, config: DataConfig) -> bool:
