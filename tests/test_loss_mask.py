@@ -139,7 +139,7 @@ def test_alpha_masks_come_from_transparency_and_an_opaque_image_trains_whole(tmp
     assert [(f.level, f.message) for f in report.findings if f.level == WARNING] == [
         (WARNING, f"image {folder / 'opaque.png'} has no transparency: it trains whole (data.loss_mask.source alpha); add an alpha channel to mask it")
     ]
-    assert "loss masks (their transparency): 1 of 2 images masked, trained area 50-50% (mean 50%); background weight 0" in report.lines()
+    assert "loss masks (their transparency): 1 of 2 images masked, trained area 50%; background weight 0" in report.lines()
     converted = [f.message for f in report.findings if f.level == CONVERTED]
     assert converted == [f"image {folder / 'cut-out.png'}: transparency (RGBA): its loss mask; the pixels composited on white"]
     dataset = CaptionedImageDataset(load_examples(config), config, seed=0)
@@ -234,7 +234,7 @@ def test_check_data_reports_the_masks_and_stops_on_a_missing_one(tmp_path, capsy
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"model: {{pretrained: {SHIPPED_BASE}}}\ndata:\n  image_dir: {folder}\n  resolution: 64\n  loss_mask:\n    source: files\n")
     assert main(["check-data", str(recipe)]) == 0
-    assert "loss masks (files in each folder's masks/): 4 of 4 images masked, trained area 50-50% (mean 50%); background weight 0" in capsys.readouterr().out
+    assert "loss masks (files in each folder's masks/): 4 of 4 images masked, trained area 50%; background weight 0" in capsys.readouterr().out
     (folder / "masks" / "2.png").unlink()
     assert main(["check-data", str(recipe)]) == 1
     assert f"fatal: image {folder / '2.png'} has no loss mask" in capsys.readouterr().out

@@ -109,7 +109,8 @@ def loss_mask_line(usable: list[Example], config: DataConfig) -> str:
     unmasked = [folder.path for folder in config.folders if not folder.loss_mask]
     line = f"loss masks ({where}): {len(areas)} of {counted(len(usable), 'image')} masked" + (f" (unmasked folders: {', '.join(unmasked)})" if unmasked else "")
     if areas:
-        line += f", trained area {100 * areas[0]:.0f}-{100 * areas[-1]:.0f}% (mean {100 * sum(areas) / len(areas):.0f}%)"
+        low, high, mean = (f"{100 * share:.0f}" for share in (areas[0], areas[-1], sum(areas) / len(areas)))
+        line += f", trained area {low}%" if low == high else f", trained area {low}-{high}% (mean {mean}%)"  # not "28-28% (mean 28%)"
     return line + f"; background weight {settings.unmasked_weight:g}"
 
 
