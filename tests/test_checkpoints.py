@@ -203,7 +203,7 @@ def test_each_checkpoint_holds_the_outputs_of_its_step(make_recipe, pairs_folder
         engine = DemoEngine(str(make_recipe().model.pretrained), tmp_path)
         request = dict(prompt="a red circle", steps=2, include_base=False)
         images, labels, _, _ = engine.render(Request(**request, loras=[("long", 1.0), ("long/checkpoints/checkpoint-2", 1.0)], separate=True))
-        assert labels == ["long x1", "long@2 x1"]
+        assert labels == ["long x1", "long, step 2 x1"]
         alone, _, _, _ = engine.render(Request(**request, loras=[("long/checkpoints/checkpoint-2", 1.0)]))
         assert images[0][1].tobytes() == alone[0][0].tobytes() and images[0][0].tobytes() != alone[0][0].tobytes()
         from finetune.formats.kohya import export_lora
