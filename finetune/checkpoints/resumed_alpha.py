@@ -18,9 +18,8 @@ from finetune.console import warn
 
 def keep_checkpoint_alpha(recipe: Recipe, checkpoint: Path) -> None:
     """Set the recipe's unset lora.alpha to the one `checkpoint` trained with, where they differ, and say so."""
-    trains_lora = recipe.method == "lora" or (recipe.dreambooth is not None and recipe.dreambooth.adapter == "lora")
     saved = read_state(checkpoint).get("recipe")  # None: a checkpoint from before the recipe was kept
-    if not trains_lora or not recipe.lora.alpha_unset or saved is None or saved.get("lora.alpha") is None:
+    if not recipe.trains_lora or not recipe.lora.alpha_unset or saved is None or saved.get("lora.alpha") is None:
         return
     if saved.get("lora.rank") != recipe.lora.rank:  # another rank is refused (`resume_checks.check_resumable`)
         return

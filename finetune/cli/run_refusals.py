@@ -29,7 +29,7 @@ def check_run_first(recipe: Recipe, resume_from: Path | None, base: BaseLocation
     check_optimizer_installed(recipe.optimizer)
     check_launch_settings_first(recipe)
     check_deepspeed_first(recipe, resume_from)
-    if recipe.method == "lora" or (recipe.dreambooth is not None and recipe.dreambooth.adapter == "lora"):
+    if recipe.trains_lora:
         check_unet_targets_first(recipe.lora.target_modules, base)  # the UNet weights' header: no torch
     if resume_from is not None:
         check_resume_first(recipe, resume_from)

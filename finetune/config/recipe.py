@@ -199,7 +199,7 @@ class Recipe(Section):
                                ("dreambooth.text_encoder_lr", self.dreambooth.text_encoder_lr if self.dreambooth else None)):  # fmt: skip
                 if value is not None and value != self.optimizer.lr:
                     raise ValueError(f"{key} with prodigy: it takes one optimizer.lr for every parameter; remove {key}")
-        uses_lora = self.method == "lora" or (self.dreambooth is not None and self.dreambooth.adapter == "lora")
+        uses_lora = self.trains_lora
         remedy = "dreambooth.adapter: lora" if self.method == "dreambooth" else "method lora"  # where no LoRA trains
         if self.lora.init_from and not uses_lora:
             raise ValueError(f"lora.init_from starts a LoRA, and method {self.method} trains none: remove it (or use {remedy})")
@@ -320,6 +320,11 @@ class Recipe(Section):
         if settings is not None and settings.text_encoder_lr is not None and not settings.train_text_encoder:
             raise ValueError(f"{own}.text_encoder_lr is the text encoder's rate, and it stays frozen: set {own}.train_text_encoder: true, or remove {own}.text_encoder_lr")
         return self
+
+    @property
+    def trains_lora(self) -> bool:
+        """Whether a LoRA trains: method lora, or DreamBooth with a LoRA adapter."""
+        return self.method == "lora" or (self.dreambooth is not None and self.dreambooth.adapter == "lora")
 
     def flat_settings(self) -> dict:
         """Every setting by its dotted key ("lora.rank"), as scalars and strings (what TensorBoard's hparams

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from finetune.errors import FinetuneError
-from finetune.formats.lora_base_depth import lora_depth_problem
+from finetune.formats.lora_base_depth import TEXT_ENCODER_PREFIXES, lora_depth_problem
 from finetune.formats.lora_kinds import lora_layout
 from finetune.models.native_resolution import SINGLE_FILE_SUFFIXES, base_config_file
 from finetune.models.single_file_configs import CROSS_ATTENTION_KEY
@@ -23,7 +23,6 @@ DOWN_ENDINGS = (".lora_down.weight", ".lora.down.weight", ".lora_linear_layer.do
 # Layers whose input is the prompt's encoding, by the config key that gives its width: `.`- and `_`-joined names alike.
 CROSS_ATTENTION = re.compile(r"attn2[._]to_[kv][._]")
 TEXT_ATTENTION = re.compile(r"self_attn[._][qkv]_proj")
-TEXT_ENCODER_PREFIXES = ("text_encoder.", "lora_te_")
 # An SD1.x single file's CLIP attention (transformers 4's names, and those of files from before its text_model level).
 SD1_CLIP_KEYS = tuple(f"cond_stage_model.transformer.{root}encoder.layers.0.self_attn.q_proj.weight" for root in ("text_model.", ""))
 # An SD2.x single file's OpenCLIP attention: q, k and v packed in one tensor, (3 x width, width).

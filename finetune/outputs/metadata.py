@@ -78,7 +78,7 @@ def output_metadata(
         "finetune.resolution": str(recipe.data.resolution),
         "finetune.recipe_hash": recipe.fingerprint(),
     }
-    if recipe.method == "lora" or (recipe.dreambooth and recipe.dreambooth.adapter == "lora"):
+    if recipe.trains_lora:
         metadata.update({"finetune.rank": str(recipe.lora.rank), "finetune.alpha": str(recipe.lora.alpha)})
         if recipe.lora.conv_rank is not None:
             metadata.update(zip(("finetune.conv_rank", "finetune.conv_alpha"), map(str, recipe.lora.conv_rank_alpha())))
