@@ -181,7 +181,13 @@ def webui_lora_stem(lora_file: Path) -> str:
     name's stem): a run's LORA_WEIGHTS_NAME by its run, a checkpoint's by run and step as sd-scripts names its step saves
     (`quickstart-step00000200`; `quickstart-000004` would read as its epoch 4), any other file by its own stem. One name for
     export's file and sample's image settings, whose `<lora:name:...>` then finds that file. `lora_file`: absolute."""
-    checkpoint = CHECKPOINT_PATTERN.match(lora_file.parent.name) if lora_file.parent.parent.name == "checkpoints" else None
-    if checkpoint is not None:
-        return f"{lora_file.parent.parent.parent.name}-step{int(checkpoint.group(1)):08d}"
+    if (stem := checkpoint_stem(lora_file.parent)) is not None:
+        return stem
     return lora_file.parent.name if lora_file.name == LORA_WEIGHTS_NAME else lora_file.stem
+
+
+def checkpoint_stem(folder: Path) -> str | None:
+    """A checkpoint folder (`RUN/checkpoints/checkpoint-200`, absolute) by run and step, `RUN-step00000200`, the name its
+    exported files and sampled images give what it holds; None for any other folder."""
+    checkpoint = CHECKPOINT_PATTERN.match(folder.name) if folder.parent.name == "checkpoints" else None
+    return f"{folder.parent.parent.name}-step{int(checkpoint.group(1)):08d}" if checkpoint else None

@@ -100,14 +100,13 @@ def controlnet_name(folder: Path) -> str:
     """A ControlNet folder by the name a creator knows it by: a run's `<run>/controlnet` by its run, a checkpoint's by run
     and step (`edges-step00000200`, as a checkpoint's LoRA is named), a hub download by its repository's name, any other
     by its own; without ',' or ':', which the extension's unit text cannot hold."""
-    from finetune.checkpoints.run_files import CHECKPOINT_PATTERN, CONTROLNET_DIR
+    from finetune.checkpoints.run_files import CONTROLNET_DIR, checkpoint_stem
     from finetune.outputs.base_names import hub_id_of_snapshot
 
     folder = Path(os.path.abspath(folder))
     name = (hub_id_of_snapshot(folder) or "").split("/")[-1] or folder.name
     if folder.name == CONTROLNET_DIR:
-        checkpoint = CHECKPOINT_PATTERN.match(folder.parent.name) if folder.parent.parent.name == "checkpoints" else None
-        name = f"{folder.parent.parent.parent.name}-step{int(checkpoint.group(1)):08d}" if checkpoint else folder.parent.name
+        name = checkpoint_stem(folder.parent) or folder.parent.name
     return name.replace(",", "").replace(":", "")
 
 
