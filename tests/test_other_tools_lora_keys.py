@@ -135,12 +135,18 @@ def trained_updates(base, run) -> dict[str, tuple[torch.Tensor, torch.Tensor, to
     return updates
 
 
-# Found failing on session 37's machine (AVX-512) at 87be01d as well, with the same packages as before: the DoRA case
-# passes there under ATEN_CPU_CAPABILITY=avx2, the fp16 LoRA case does not. Not strict until the cause is known (issue 6's note).
-CPU_KERNEL_DEPENDENT = pytest.mark.xfail(reason="fails on an AVX-512 CPU, cause not yet found (see the session-37 note)", strict=False)
+def fp16_rounding(tensors, layer: str, shape) -> torch.Tensor:
+    """How far an fp16 export's rounding of a layer's lora_up and lora_down (here, the fp32 export's) can move each
+    element of its update, to first order. fp16 keeps 11 significant bits (2^-11 of a value, at most) down to 2^-14 and
+    steps of 2^-24 below: where the up weights of a layer that barely trained lie, as the mid block's self-attention q
+    and k (over its one token the softmax is 1, so their gradient is 0 but for the CPU kernels' rounding)."""
+    up, down = (tensors[f"{layer}.lora_{part}.weight"].double().flatten(1) for part in ("up", "down"))
+    scale = tensors[f"{layer}.alpha"].item() / down.shape[0]
+    rounded = lambda factor: factor.abs() * 2**-11 + 2**-25  # noqa: E731
+    return (scale * (rounded(up) @ down.abs() + up.abs() @ rounded(down))).reshape(shape)
 
 
-@pytest.mark.parametrize("name", ["lora", pytest.param("lora-fp16", marks=CPU_KERNEL_DEPENDENT), "dreambooth"])
+@pytest.mark.parametrize("name", ["lora", "lora-fp16", "dreambooth"])
 def test_comfyui_forge_and_the_webui_add_the_update_we_trained_at_each_strength(made, name):
     """The file's alpha/rank, which ComfyUI and the webui scale by, is the scale peft trained with (rsLoRA's alpha/sqrt(rank),
     LoCon's conv_alpha), and their strength multiplies the update as `finetune sample --lora-scale` does."""
@@ -149,16 +155,17 @@ def test_comfyui_forge_and_the_webui_add_the_update_we_trained_at_each_strength(
     comfyui = comfyui_key_map(model)
     updates = trained_updates(folder / "base", runs[name.removesuffix("-fp16")])
     assert updates.keys() == layer_names(tensors)
-    tolerance = 2e-3 if name.endswith("fp16") else 1e-6  # of the largest change: fp16's rounding of up and down
+    fp32_tensors = load_file(exports["lora"]) if name.endswith("fp16") else None
     for layer, (weight, update, _) in updates.items():
         assert torch.equal(model[checkpoint_key(comfyui[layer])].double(), weight), layer  # the tools' weight is the one peft adapted
+        rounding = fp16_rounding(fp32_tensors, layer, weight.shape) if fp32_tensors else 0.0
         for strength in (1.0, 0.5):
-            expected, atol = strength * update, tolerance * update.abs().max().item()
-            assert torch.allclose(comfyui_weight(weight, tensors, layer, strength) - weight, expected, rtol=0, atol=atol), layer
-            assert torch.allclose(webui_weight(weight, tensors, layer, strength) - weight, expected, rtol=0, atol=atol), layer
+            expected = strength * update
+            atol = 1e-6 * update.abs().max().item() + strength * rounding  # fp32's rounding of peft's up @ down, and fp16's
+            for tool_weight in (comfyui_weight, webui_weight):
+                assert ((tool_weight(weight, tensors, layer, strength) - weight - expected).abs() <= atol).all(), (tool_weight.__name__, layer)
 
 
-@CPU_KERNEL_DEPENDENT
 def test_comfyui_reads_the_dora_magnitudes_on_their_output_axis_and_the_webui_does_not(made):
     """Both load `dora_scale` beside the LoRA. ComfyUI and Forge tell the axis from its first dimension (ours: the output
     channels, as peft decomposes) but divide by the base weight's row norms, not the adapted weight's as peft and LyCORIS
@@ -175,7 +182,8 @@ def test_comfyui_reads_the_dora_magnitudes_on_their_output_axis_and_the_webui_do
         assert tuple(tensors[f"{layer}.dora_scale"].shape) == (weight.shape[0], *[1] * (weight.dim() - 1)), layer
         assert torch.allclose(tensors[f"{layer}.dora_scale"].double().reshape(-1), magnitude.double()), layer
         per_channel = (row_norms(weight + update) / row_norms(weight)).reshape(-1, *[1] * (weight.dim() - 1))
-        assert torch.allclose(comfyui_weight(weight, tensors, layer, 1.0), ours * per_channel, rtol=1e-6, atol=1e-9), layer
+        atol = 1e-6 * update.abs().max().item()  # fp32's rounding of peft's up @ down, which `ours` is made of
+        assert torch.allclose(comfyui_weight(weight, tensors, layer, 1.0), ours * per_channel, rtol=1e-6, atol=atol), layer
         assert not torch.allclose(webui_weight(weight, tensors, layer, 1.0), ours, atol=1e-3), layer
 
 
