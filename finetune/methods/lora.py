@@ -23,6 +23,7 @@ from finetune.errors import FinetuneError
 from finetune.formats.dora import DIFFUSERS_MAGNITUDE
 from finetune.formats.kohya import DIFFUSERS_SUFFIXES
 from finetune.formats.lora_kinds import written_path
+from finetune.methods import lora_init
 from finetune.methods.base import UNetMethod
 from finetune.models.init_from_record import text_encoder_switch
 from finetune.models.loading import freeze, unrecorded_target_warning
@@ -42,8 +43,6 @@ class LoRAMethod(UNetMethod):
         super().__init__(recipe, train_text_encoder, text_encoder_lr)
         self.max_norm_layers: dict[str, torch.nn.Module] | None = None  # lora.max_norm's layers, found at the first step
         self.target_unrecorded = False  # lora.init_from records no prediction type: taken to be trained as the base was
-        from finetune.methods import lora_init  # it builds on this module
-
         self.text_encoder_switch = text_encoder_switch(recipe)[1]  # the key lora.init_from's refusals name (DreamBooth has its own)
         # Read now, before any model loads: a missing or broken file is one line at once.
         self.initial_lora = lora_init.read_checked(recipe.lora, train_text_encoder, self.text_encoder_switch) if recipe.lora.init_from else None
@@ -76,8 +75,6 @@ class LoRAMethod(UNetMethod):
 
     def _start_from_initial_lora(self) -> None:
         """lora.init_from: refuse a file trained otherwise, warn where it differs in what it assumed, and load its weights."""
-        from finetune.methods import lora_init  # it builds on this module
-
         settings = self.recipe.lora
         lora_init.check_trained_alike(self.initial_lora, settings.init_from, self.recipe.model.clip_skip, self.base.noise_scheduler.config.prediction_type)
         self.target_unrecorded = not self.initial_lora.metadata.get("finetune.prediction_type")

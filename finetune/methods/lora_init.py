@@ -14,7 +14,6 @@ from finetune.errors import FinetuneError
 from finetune.formats.dora import row_norms, uses_dora
 from finetune.formats.kohya import LoRA, load_lora
 from finetune.formats.merge import find_module
-from finetune.methods.lora import is_conv_3x3
 from finetune.models.encoders import layer_stack
 from finetune.models.init_from_record import check_recorded_alike
 from finetune.sampling.adapter_records import initial_lora_file
@@ -158,7 +157,7 @@ def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str, tex
                                 f"the base model's is {base_shape}: start from a LoRA trained on this base (model.pretrained), or set model.pretrained to its")  # fmt: skip
         down, up = module.lora_A["default"].weight, module.lora_B["default"].weight
         if tuple(down.shape) != tuple(layer.down.shape) or tuple(up.shape) != tuple(layer.up.shape):
-            raise FinetuneError(rank_problem(source, key, layer.rank, down.shape[0], is_conv_3x3(module.get_base_layer())))
+            raise FinetuneError(rank_problem(source, key, layer.rank, down.shape[0], layer.is_conv_3x3))  # its shape is the base layer's (above)
         with torch.no_grad():
             down.copy_(layer.down)
             up.copy_(layer.up * (layer.alpha / layer.rank) / module.scaling["default"])
