@@ -310,7 +310,7 @@ class Recipe(Section):
     def _text_encoder_settings_take_effect(self) -> "Recipe":
         """The text encoder's switch and rate are read from the method's own section only (controlnet and vae
         train none): another section's, or a rate for a text encoder left frozen, would do nothing."""
-        own = self.method if self.method in ("lora", "full", "dreambooth") else None
+        own = self.text_encoder_section
         for section in ("lora", "full"):
             for key in ("train_text_encoder", "text_encoder_lr"):
                 if section != own and getattr(getattr(self, section), key):
@@ -325,6 +325,12 @@ class Recipe(Section):
     def trains_lora(self) -> bool:
         """Whether a LoRA trains: method lora, or DreamBooth with a LoRA adapter."""
         return self.method == "lora" or (self.dreambooth is not None and self.dreambooth.adapter == "lora")
+
+    @property
+    def text_encoder_section(self) -> str | None:
+        """The section whose train_text_encoder and text_encoder_lr the run reads: the method's own (lora:, full:, and
+        dreambooth:, which decides for its adapter); None for controlnet and vae, which train no text encoder."""
+        return self.method if self.method in ("lora", "full", "dreambooth") else None
 
     def flat_settings(self) -> dict:
         """Every setting by its dotted key ("lora.rank"), as scalars and strings (what TensorBoard's hparams

@@ -293,10 +293,12 @@ class DiffusionMethod(TrainingMethod):
 class UNetMethod(DiffusionMethod):
     """A method that trains (part of) the UNet, and optionally the text encoder at its own rate."""
 
-    def __init__(self, recipe: Recipe, train_text_encoder: bool = False, text_encoder_lr: float | None = None):
+    def __init__(self, recipe: Recipe):
         super().__init__(recipe)
-        self.train_text_encoder = train_text_encoder
-        self.text_encoder_lr = text_encoder_lr
+        # Whether the text encoder trains too, and at what rate, from the section that says so: the method's own (lora:,
+        # full:), or as DreamBooth's adapter dreambooth:.
+        settings = getattr(recipe, recipe.text_encoder_section)
+        self.train_text_encoder, self.text_encoder_lr = settings.train_text_encoder, settings.text_encoder_lr
 
     def trained_module_names(self) -> list[str]:
         return ["unet", "text_encoder"] if self.train_text_encoder else ["unet"]

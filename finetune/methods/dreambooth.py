@@ -45,9 +45,8 @@ class DreamBoothMethod(DiffusionMethod):
 
     def __init__(self, recipe: Recipe):
         super().__init__(recipe)
-        settings = recipe.dreambooth
-        adapter_class = FullMethod if settings.adapter == "full" else LoRAMethod
-        self.adapter = adapter_class(recipe, train_text_encoder=settings.train_text_encoder, text_encoder_lr=settings.text_encoder_lr)
+        adapter_class = FullMethod if recipe.dreambooth.adapter == "full" else LoRAMethod
+        self.adapter = adapter_class(recipe)  # its text encoder trains as dreambooth: says (`UNetMethod`)
 
     # -- data -----------------------------------------------------------------------------------
 

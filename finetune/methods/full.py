@@ -16,15 +16,8 @@ from finetune.methods.base import UNetMethod
 from finetune.outputs.pipeline_io import save_pipeline
 
 
-
 class FullMethod(UNetMethod):
     name = "full"
-
-    def __init__(self, recipe, train_text_encoder: bool | None = None, text_encoder_lr: float | None = None):
-        # Standalone (`method: full`) the recipe's full: section decides; DreamBooth passes its own switch.
-        if train_text_encoder is None:
-            train_text_encoder, text_encoder_lr = recipe.full.train_text_encoder, recipe.full.text_encoder_lr
-        super().__init__(recipe, train_text_encoder, text_encoder_lr)
 
     def configure_model(self) -> None:
         unet = self.base.unet

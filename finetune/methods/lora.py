@@ -36,16 +36,13 @@ from finetune.outputs.atomic_files import atomic_save_safetensors
 class LoRAMethod(UNetMethod):
     name = "lora"
 
-    def __init__(self, recipe, train_text_encoder: bool | None = None, text_encoder_lr: float | None = None):
-        # Standalone (`method: lora`) the recipe's lora: section decides; DreamBooth passes its own switch.
-        if train_text_encoder is None:
-            train_text_encoder, text_encoder_lr = recipe.lora.train_text_encoder, recipe.lora.text_encoder_lr
-        super().__init__(recipe, train_text_encoder, text_encoder_lr)
+    def __init__(self, recipe):
+        super().__init__(recipe)
         self.max_norm_layers: dict[str, torch.nn.Module] | None = None  # lora.max_norm's layers, found at the first step
         self.target_unrecorded = False  # lora.init_from records no prediction type: taken to be trained as the base was
         self.text_encoder_switch = text_encoder_switch(recipe)[1]  # the key lora.init_from's refusals name (DreamBooth has its own)
         # Read now, before any model loads: a missing or broken file is one line at once.
-        self.initial_lora = lora_init.read_checked(recipe.lora, train_text_encoder, self.text_encoder_switch) if recipe.lora.init_from else None
+        self.initial_lora = lora_init.read_checked(recipe.lora, self.train_text_encoder, self.text_encoder_switch) if recipe.lora.init_from else None
 
     def configure_model(self) -> None:
         settings = self.recipe.lora
