@@ -37,6 +37,7 @@ from finetune.distributed.deepspeed_checks import check_deepspeed_launch
 from finetune.distributed.processes import accelerator_options, agree_on_start, checkpoint_options, configure_deepspeed, keep_autocast_outputs, launch_problem, ready_to_compile, several_processes, trained_parameters, unsharded_loading, uses_deepspeed, zero_stage
 from finetune.errors import FinetuneError
 from finetune.library_noise import quiet_deepspeed_shm_build
+from finetune.methods.base import TrainingMethod
 from finetune.models.loading import load_base_model
 from finetune.models.model_source import BaseLocation
 from finetune.models.single_file_configs import check_original_config
@@ -86,10 +87,11 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
     return run.result  # `closing` closes the stop agreement, then the trackers
 
 
-def _checked_start(recipe: Recipe, resume: str | None, overwrite: bool, base_location: BaseLocation | None) -> tuple[Path | None, object, BaseLocation | None, int | None]:
+def _checked_start(recipe: Recipe, resume: str | None, overwrite: bool, base_location: BaseLocation | None) -> tuple[Path | None, TrainingMethod, BaseLocation | None, int | None]:
     """The checks that load no model, in the order their refusals come: the checkpoint to resume (`resume_from`), the
     method (with a resume's starting weights), the launch, the optimizer's package, the base and the data (`base_location`),
-    a single-file base's prediction type, the resume's state, an earlier run in output_dir. Returns those two, the method, and `resumed_to` (`check_resumable`)."""
+    a single-file base's prediction type, the resume's state, an earlier run in output_dir. Returns (resume_from, the method,
+    base_location, `resumed_to`: the train.max_steps `check_resumable` holds the resume to)."""
     output_dir, train_cfg = Path(recipe.output_dir), recipe.train
     resume_from = resolve_resume(resume, output_dir / "checkpoints")
     if resume_from is not None:
@@ -130,7 +132,7 @@ def _accelerator(recipe: Recipe, closing: contextlib.ExitStack) -> Accelerator:
     return accelerator
 
 
-def _laid_out_data(recipe: Recipe, method, accelerator: Accelerator, resume_from: Path | None) -> RunData:
+def _laid_out_data(recipe: Recipe, method: TrainingMethod, accelerator: Accelerator, resume_from: Path | None) -> RunData:
     """The checked data split into trained and held-out images (said, with the data check's summary), laid out as the
     sampler will batch them, and the run's length from that; refused where too few train."""
     train_cfg = recipe.train
@@ -172,7 +174,7 @@ def _laid_out_data(recipe: Recipe, method, accelerator: Accelerator, resume_from
                    epochs_by=epochs_by, max_steps=max_steps, draws_from=draws_from, pending_end=pending_end)  # fmt: skip
 
 
-def _prepared_run(recipe: Recipe, method, accelerator: Accelerator, data: RunData, resume_from: Path | None, overwrite: bool,
+def _prepared_run(recipe: Recipe, method: TrainingMethod, accelerator: Accelerator, data: RunData, resume_from: Path | None, overwrite: bool,
                   on_step: Callable[[int], None] | None) -> TrainingRun:  # fmt: skip
     """With the model set up: the dataset built, the optimizer and its schedule made, the trained modules prepared by
     accelerate (compiled, wrapped, sharded), the weight average; an earlier run's files cleared only now (`overwrite`)."""
@@ -222,7 +224,7 @@ def _save_loss_mask_preview(recipe: Recipe, dataset, sources: list) -> None:
         say(f"loss masks: what trains in the first images (the rest dimmed): {path}")
 
 
-def _set_up_model(recipe: Recipe, method, accelerator: Accelerator, base_location: BaseLocation | None, fresh_run: bool) -> None:
+def _set_up_model(recipe: Recipe, method: TrainingMethod, accelerator: Accelerator, base_location: BaseLocation | None, fresh_run: bool) -> None:
     """Load the base model (frozen, at the run's precision), let the method attach what trains (`method.setup`), and put
     them on the run's device and memory layout. A fresh run says what the method found (a resume said it at its start)."""
     train_cfg = recipe.train

@@ -27,6 +27,7 @@ from finetune.config.run_recipe import write_run_recipe
 from finetune.console import say, warn
 from finetune.distributed.processes import autocast, full_parameters, release_gathered, trained_parameters, uncompiled_forwards, unsharded_loading, unwrap
 from finetune.distributed.stopping import StopRequest, batches_of
+from finetune.methods.base import TrainingMethod
 from finetune.optim.optimizers import apply_recipe_settings, clip_gradients, step_size
 from finetune.outputs.metadata import output_metadata
 from finetune.training.device_copy import to_device
@@ -80,7 +81,7 @@ class TrainingRun:
     share it for: a validation, the outputs, a checkpoint, an optimizer step."""
 
     recipe: Recipe
-    method: object  # a `finetune.methods` method, set up
+    method: TrainingMethod  # set up (`finetune.training.trainer._set_up_model`)
     accelerator: Accelerator
     data: RunData
     resume_from: Path | None  # the checkpoint the run continues
