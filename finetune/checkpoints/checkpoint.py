@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from finetune.checkpoints.earlier_run import remove_checkpoint
 from finetune.checkpoints.pickles import refuse_unknown_objects
-from finetune.checkpoints.run_files import PARTIAL, REMOVED, STATE_FILE, list_checkpoints, read_state
+from finetune.checkpoints.run_files import PARTIAL, REMOVED, STATE_FILE, checkpoint_folder, list_checkpoints, read_state
 from finetune.distributed.processes import unwrap
 from finetune.errors import FinetuneError
 from finetune.outputs.atomic_files import atomic_write_text, failed_write, flush_to_disk, replace_folder
@@ -146,7 +146,7 @@ def save_checkpoint(
     """Collective: every process calls it. Returns the final folder. `extra(folder)`, also called on every
     process (it may gather sharded weights), writes more files before the folder is complete;
     `save_options` go to accelerate's save_state."""
-    final = checkpoints_dir / f"checkpoint-{step}"
+    final = checkpoint_folder(checkpoints_dir, step)
     partial = checkpoints_dir / f"{PARTIAL}{final.name}"
     try:
         if accelerator.is_main_process:

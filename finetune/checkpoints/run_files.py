@@ -130,6 +130,11 @@ def checkpoint_step(checkpoint: Path) -> int:
     return read_state(checkpoint).get("step", 0)
 
 
+def checkpoint_folder(checkpoints_dir: Path, step: int) -> Path:
+    """Where the checkpoint of `step` stands once complete (CHECKPOINT_PATTERN reads its name)."""
+    return checkpoints_dir / f"checkpoint-{step}"
+
+
 def resolve_lora_file(lora: str) -> Path:
     """A LoRA file, a training output folder, or a folder holding one .safetensors file (`finetune export`'s)."""
     path = Path(lora)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from finetune.checkpoints.earlier_run import RUN_ENTRIES, RUN_OUTPUTS, finish_a_finished_runs_saves
-from finetune.checkpoints.run_files import STATE_FILE, checkpoint_step, read_state, resolve_resume
+from finetune.checkpoints.run_files import STATE_FILE, checkpoint_folder, checkpoint_step, read_state, resolve_resume
 from finetune.config.run_recipe import RUN_RECIPE
 from finetune.console import say
 from finetune.distributed.process_env import main_process
@@ -81,7 +81,7 @@ def _what_is_left(output_dir: Path, checkpoints_dir: Path, max_steps: int, resum
     if latest is None:
         return "no checkpoint and no outputs were kept: run the command again to start over"
     if checkpoint_step(latest) < max_steps:
-        return f"continue with --resume latest ({again}): it trains again from {checkpoints_dir / f'checkpoint-{checkpoint_step(latest)}'}"
+        return f"continue with --resume latest ({again}): it trains again from {checkpoint_folder(checkpoints_dir, checkpoint_step(latest))}"
     if pending := left_to_finish(latest, max_steps):
         return f"the run trained to its end; --resume latest writes {' and '.join(WHAT_IS_PENDING[key] for key in pending)}, without training ({again})"
     return f"the run trained to its end and its outputs are in {output_dir}: nothing is left to do"
@@ -119,7 +119,7 @@ def finish_training(result, stop, output_dir: Path, checkpoints_dir: Path, save_
             with stop.said_at_once(_finishing_the_samples(result.final_step, output_dir)) if samples_wanted else contextlib.nullcontext():
                 validate(result.final_step)  # the outputs' paths are the result's (`finetune train` ends with them: output: PATH)
             if samples_wanted:
-                _mark_written(checkpoints_dir / f"checkpoint-{result.final_step}", VALIDATION_PENDING)
+                _mark_written(checkpoint_folder(checkpoints_dir, result.final_step), VALIDATION_PENDING)
 
 
 def finish_cut_short(result, stop, output_dir: Path, checkpoints_dir: Path, save_outputs: Callable[[Path], list[Path]],

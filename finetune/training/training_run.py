@@ -167,7 +167,7 @@ class TrainingRun:
                 self.save_outputs(folder)
 
         micro_batches = step * recipe.train.gradient_accumulation_steps
-        ckpt.save_checkpoint(
+        folder = ckpt.save_checkpoint(
             accelerator, self.checkpoints_dir, step,
             {"recipe_hash": recipe.fingerprint(), "recipe": recipe.flat_settings(), "processes": accelerator.num_processes, "max_steps": data.max_steps,
              "method": self.method.checkpoint_state(), "data": self.images_record, HELD_OUT_STATE: data.held_out_split.images,
@@ -177,7 +177,7 @@ class TrainingRun:
              VALIDATION_PENDING: validation_pending, LOGGED_AT_STEP: logged_at_step or {}, OUTPUTS_PENDING: outputs_pending},
             recipe.checkpoint.keep_last, extra=extra, **self.save_options
         )  # fmt: skip
-        say(f"saved {self.checkpoints_dir / f'checkpoint-{step}'} (step {step}, {epochs_text(data.epochs_by.at(step))})")
+        say(f"saved {folder} (step {step}, {epochs_text(data.epochs_by.at(step))})")
 
     def resume(self) -> None:
         """Collective: the trained state, the data order's and the schedule's, from `resume_from`; then what changed since."""
