@@ -8,7 +8,7 @@ import re
 
 import torch
 
-from finetune.config.methods import TEXT_ENCODER_LAYERS, TEXT_ENCODER_TARGETS
+from finetune.config.methods import TEXT_ENCODER_LAYERS
 from finetune.counts import counted
 from finetune.errors import FinetuneError
 from finetune.formats.dora import row_norms, uses_dora
@@ -20,7 +20,7 @@ from finetune.sampling.adapter_records import initial_lora_file
 from finetune.sampling.adapters_as_trained import adapters_max_token_length, adapters_prediction_type
 
 
-def read_checked(settings, trains_text_encoder: bool = False, text_encoder_switch: str = "lora.train_text_encoder") -> LoRA:
+def read_checked(settings, trains_text_encoder: bool, text_encoder_switch: str) -> LoRA:
     """The `lora` settings' init_from file, with what can be checked against the recipe from the file alone;
     `trains_text_encoder`: whether the run trains a text-encoder LoRA, which `text_encoder_switch` turns on."""
     lora = read_initial_lora(settings.init_from, settings.use_dora)
@@ -120,8 +120,7 @@ def trained_otherwise_warnings(lora: LoRA, source: str, model_settings) -> list[
     return lines
 
 
-def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str, text_encoder_switch: str = "lora.train_text_encoder",
-               text_encoder_targets: list[str] = TEXT_ENCODER_TARGETS) -> list[str]:  # fmt: skip
+def start_from(modules: dict[str, torch.nn.Module], lora: LoRA, source: str, text_encoder_switch: str, text_encoder_targets: list[str]) -> list[str]:
     """Set the attached (peft) LoRA to `lora`'s weights, so the model starts as base + that LoRA; its own
     alpha is kept by scaling the up weights to this recipe's alpha/rank. Layers that model.clip_skip leaves
     out have nothing to start (sd-scripts saves LoRAs of them, unused). `text_encoder_switch` is the key
