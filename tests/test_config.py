@@ -12,6 +12,16 @@ RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").rglob("*.yaml"
 MINIMAL = {"data": {"image_dir": "images"}}
 
 
+def test_every_method_is_a_choice_of_recipe_method():
+    # Recipes load without torch, so Recipe.method lists the names finetune.methods.METHODS registers again: a method
+    # added to one and not the other is either refused as a recipe or a KeyError once torch has loaded.
+    from typing import get_args
+
+    from finetune.methods import METHODS
+
+    assert sorted(get_args(Recipe.model_fields["method"].annotation)) == sorted(METHODS)
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.parent.name + "/" + p.name)
 def test_every_shipped_recipe_validates(path):
     recipe = load_recipe(path)

@@ -2,7 +2,8 @@
 
 The training loop (`finetune.training.trainer`) owns everything else: the data loader and its order, precision,
 accumulation, checkpoints, logging and validation. A new method is a subclass in its own module, named in
-`finetune.methods.METHODS`. Three classes here, each building on the one before:
+`finetune.methods.METHODS` and among `Recipe.method`'s choices (finetune/config/recipe.py, read without torch), with its
+settings a section of finetune/config/methods.py. Three classes here, each building on the one before:
 - `TrainingMethod`: what the trainer calls (method vae subclasses it: it trains the autoencoder on pixels).
 - `DiffusionMethod`: the denoising objective every other method shares (encode, noise, predict, weigh the
   loss), with the frozen encoders' caches; a subclass gives the model's prediction. DreamBooth and ControlNet.
