@@ -196,11 +196,11 @@ def _prepared_run(recipe: Recipe, method: TrainingMethod, accelerator: Accelerat
         clear_earlier_run(accelerator, Path(recipe.output_dir))
     if recipe.data.loss_mask.enabled and accelerator.is_main_process and resume_from is None:
         _save_loss_mask_preview(recipe, dataset, data.sources)
-    names = list(method.trained_modules())
+    trained = method.trained_modules()
     batch_shapes = 2 * len(set(data.layout.bucket_of)) if data.layout.bucket_of else 2  # a bucket's (or the square's) full and last batch
-    ready_to_compile(accelerator, list(method.trained_modules().values()), batch_shapes)  # --dynamo_backend: compiles once a shape
-    *wrapped, optimizer = accelerator.prepare(*method.trained_modules().values(), optimizer)
-    modules = dict(zip(names, wrapped))
+    ready_to_compile(accelerator, list(trained.values()), batch_shapes)  # --dynamo_backend: compiles once a shape
+    *wrapped, optimizer = accelerator.prepare(*trained.values(), optimizer)
+    modules = dict(zip(trained, wrapped))  # by the same names, as accelerate wrapped them
     for name in method.feeding_another_model:
         keep_autocast_outputs(accelerator, modules[name])
     # Fixed for the run: gathered once, since walking every module of a UNet each step costs milliseconds
