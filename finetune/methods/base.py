@@ -37,7 +37,7 @@ from finetune.data_check.check import DataReport, checked_examples
 from finetune.data_check.train_inputs import data_configs
 from finetune.errors import FinetuneError
 from finetune.models.encoders import encode_prompts, in_autocast_dtype, latents_from_moments, posterior_moments, text_hidden_states
-from finetune.models.loading import BaseModel
+from finetune.models.loading import BaseModel, unrecorded_target_warning
 from finetune.sampling.finite_images import VALIDATION_OVERFLOW
 from finetune.sampling.pipelines import build_pipeline, generate_with_settings
 from finetune.sampling.samplers import spacing_steps_problem
@@ -62,6 +62,9 @@ class TrainingMethod(ABC):
         self.start_lines: list[str] = []  # what check_data and setup found that a fresh run says once set up (not on resume)
         self.held_out_items: frozenset[int] = frozenset()  # dataset items validation.loss_images keeps out of training
         self.resumed_state: dict | None = None  # a resume's checkpoint_state(), known before setup (`resuming`)
+        # The weights the run starts from (lora.init_from, controlnet.pretrained) record no prediction type: taken to be
+        # trained for the base's (`note_starting_target`).
+        self.target_unrecorded = False
 
     def check_data(self) -> None:
         """Read and check the training data; runs before any model is loaded, so errors come fast."""
@@ -151,7 +154,15 @@ class TrainingMethod(ABC):
         """Whether the weights the run starts from (lora.init_from, controlnet.pretrained) record no prediction type, so
         are taken to predict the base's own target: the step-0 samples then read them so (`BaseModel.predicting_as_pretrained`),
         as they were loaded, not as this run's target. A run from the base alone samples so at step 0 whatever this says."""
-        return False
+        return self.target_unrecorded
+
+    def note_starting_target(self, recorded: dict[str, str], named: str) -> None:
+        """As the weights the run starts from load (`named`: "lora.init_from FILE"), with what their run `recorded`: weights
+        that record no prediction type are taken to be trained for the base's (`started_as_pretrained`), a start line
+        warning where this run trains for another."""
+        self.target_unrecorded = not recorded.get("finetune.prediction_type")
+        if self.target_unrecorded:
+            self.start_lines += unrecorded_target_warning(self.base, named)
 
     def validation_images(self, modules: dict[str, torch.nn.Module]) -> tuple[list[list[Image.Image]], list[str]]:
         """(rows of images, a label per row) for the validation grid, from the unwrapped modules."""

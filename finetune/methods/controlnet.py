@@ -44,7 +44,7 @@ from finetune.data.sources import Example
 from finetune.data_check.starting_files import controlnet_to_load
 from finetune.errors import FinetuneError
 from finetune.methods.base import DiffusionMethod
-from finetune.models.loading import freeze, unrecorded_target_warning
+from finetune.models.loading import freeze
 from finetune.outputs.atomic_files import removed_if_unfinished, replace_folder, with_default_permissions
 from finetune.outputs.metadata import started_from
 from finetune.sampling.adapter_records import saved_model_metadata
@@ -76,7 +76,6 @@ class ControlNetMethod(DiffusionMethod):
         self.controlnet: ControlNetModel | None = None
         self.started_from: str | None = None  # its record in the outputs (`start_metadata`)
         self.unknown_layout: tuple[Path, str] | None = None  # a resume's checkpoint that keeps no layout, and where it began
-        self.target_unrecorded = False  # controlnet.pretrained records no prediction type: taken to be trained as the base was
         self.inherited_conditioning: dict | None = None  # controlnet.pretrained's conditioning record, where the data records none
 
     def training_items(self) -> list[Example]:
@@ -165,12 +164,10 @@ class ControlNetMethod(DiffusionMethod):
         controlnet = load_controlnet(pretrained, self.base)  # as `finetune sample` loads one: in fp32, refused where it does not fit the UNet
         if (problem := conditioning_channels_problem(controlnet.config)) is not None:  # a hub id: its config is read only here
             raise FinetuneError(f"controlnet.pretrained {pretrained} {problem}")
-        self.target_unrecorded = not recorded.get("finetune.prediction_type")
         self.start_lines.append(self._start_line(recorded))
         if self.inherited_conditioning:
             self.start_lines.append(self._inherited_line())
-        if self.target_unrecorded:
-            self.start_lines += unrecorded_target_warning(self.base, f"controlnet.pretrained {self.settings.pretrained}")
+        self.note_starting_target(recorded, f"controlnet.pretrained {self.settings.pretrained}")
         return controlnet
 
     def _recorded_by_its_run(self) -> dict:
@@ -205,9 +202,6 @@ class ControlNetMethod(DiffusionMethod):
         data = f"the data folder {folder}" if folder else "the training data"
         return (f"{data} records no conditioning kind (no conditioning.json, which finetune make-conditions writes): the outputs "
                 f"record controlnet.pretrained's, {made}, so finetune sample and the demo make and check conditions for them as for it")
-
-    def started_as_pretrained(self) -> bool:
-        return self.target_unrecorded
 
     def resuming(self, checkpoint: Path, state: dict) -> None:
         super().resuming(checkpoint, state)

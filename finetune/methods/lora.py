@@ -26,7 +26,7 @@ from finetune.formats.lora_kinds import written_path
 from finetune.methods import lora_init
 from finetune.methods.base import UNetMethod
 from finetune.models.init_from_record import text_encoder_switch
-from finetune.models.loading import freeze, unrecorded_target_warning
+from finetune.models.loading import freeze
 from finetune.models.lora_unit_scale import skip_unit_scales
 from finetune.models.unet_layer_names import matches, unmatched_targets_line
 from finetune.optim.max_norm import apply_max_norm, lora_layers
@@ -39,7 +39,6 @@ class LoRAMethod(UNetMethod):
     def __init__(self, recipe):
         super().__init__(recipe)
         self.max_norm_layers: dict[str, torch.nn.Module] | None = None  # lora.max_norm's layers, found at the first step
-        self.target_unrecorded = False  # lora.init_from records no prediction type: taken to be trained as the base was
         self.text_encoder_switch = text_encoder_switch(recipe)[1]  # the key lora.init_from's refusals name (DreamBooth has its own)
         # Read now, before any model loads: a missing or broken file is one line at once.
         self.initial_lora = lora_init.read_checked(recipe.lora, self.train_text_encoder, self.text_encoder_switch) if recipe.lora.init_from else None
@@ -74,7 +73,6 @@ class LoRAMethod(UNetMethod):
         """lora.init_from: refuse a file trained otherwise, warn where it differs in what it assumed, and load its weights."""
         settings = self.recipe.lora
         lora_init.check_trained_alike(self.initial_lora, settings.init_from, self.recipe.model.clip_skip, self.base.noise_scheduler.config.prediction_type)
-        self.target_unrecorded = not self.initial_lora.metadata.get("finetune.prediction_type")
         self.start_lines += lora_init.trained_otherwise_warnings(self.initial_lora, settings.init_from, self.recipe.model)
         fresh = lora_init.start_from(self.trained_modules(), self.initial_lora, settings.init_from, self.text_encoder_switch,
                                      settings.text_encoder_target_modules)  # fmt: skip
@@ -88,11 +86,7 @@ class LoRAMethod(UNetMethod):
             names = ", ".join(dict.fromkeys(lora_init.target_name(key) for key in fresh))
             self.start_lines.append(f"warning: lora.init_from {settings.init_from} has no weights for {len(fresh)} of this recipe's LoRA layers "
                                     f"({names}; e.g. {fresh[0]}): they start fresh, as in a new LoRA")  # fmt: skip
-        if self.target_unrecorded:
-            self.start_lines += unrecorded_target_warning(self.base, f"lora.init_from {settings.init_from}")
-
-    def started_as_pretrained(self) -> bool:
-        return self.target_unrecorded
+        self.note_starting_target(self.initial_lora.metadata, f"lora.init_from {settings.init_from}")
 
     def parameter_groups(self) -> list[dict]:
         groups, settings = super().parameter_groups(), self.recipe.lora
