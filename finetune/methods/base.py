@@ -85,7 +85,9 @@ class TrainingMethod(ABC):
         """Attach adapters, set what trains (fp32) and what is frozen (cast to `weight_dtype`)."""
 
     def training_data(self, accelerator) -> tuple[Dataset, Callable]:
-        """(dataset, collate function); items are looked up by (index, epoch) keys, see finetune.data.batches."""
+        """(dataset, collate function); items are looked up by (index, epoch) keys, see finetune.data.batches. An override
+        keeps its dataset as `training_dataset` too: with the latent cache, `encode_latents` and `loss_weights` render from it
+        the views and masks not cached yet that the data loader did not decode."""
         self.training_dataset = CaptionedImageDataset(self.examples, self.recipe.data, self.recipe.seed, self.item_latent_cache(), self.held_out_items)
         return self.training_dataset, collate
 
