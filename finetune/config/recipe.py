@@ -192,13 +192,20 @@ class Recipe(Section):
             reads = "each concept's instance_dir" if self.method == "dreambooth" else "data.image_dir"
             raise ValueError(f"{', '.join(unread)} {'pick' if len(unread) > 1 else 'picks'} what a dataset (data.dataset) gives, and this recipe reads "
                              f"{reads}: remove {'them' if len(unread) > 1 else 'it'}")  # fmt: skip
-        trains_text_encoder = self.full.train_text_encoder if self.method == "full" else (
-            self.dreambooth is not None and self.dreambooth.adapter == "full" and self.dreambooth.train_text_encoder)
+        return self
+
+    @model_validator(mode="after")
+    def _prodigy_takes_one_rate(self) -> "Recipe":
         if self.optimizer.name == "prodigy":  # it finds one step size for all parameters; its own check fails mid-run
             for key, value in (("lora.text_encoder_lr", self.lora.text_encoder_lr), ("full.text_encoder_lr", self.full.text_encoder_lr),
                                ("dreambooth.text_encoder_lr", self.dreambooth.text_encoder_lr if self.dreambooth else None)):  # fmt: skip
                 if value is not None and value != self.optimizer.lr:
                     raise ValueError(f"{key} with prodigy: it takes one optimizer.lr for every parameter; remove {key}")
+        return self
+
+    @model_validator(mode="after")
+    def _lora_settings_need_a_lora(self) -> "Recipe":
+        """The lora: keys that shape a LoRA, its rates and its text-encoder layers: each with a LoRA that reads it."""
         uses_lora = self.trains_lora
         remedy = "dreambooth.adapter: lora" if self.method == "dreambooth" else "method lora"  # where no LoRA trains
         if self.lora.init_from and not uses_lora:
@@ -221,8 +228,20 @@ class Recipe(Section):
         if self.lora.loraplus_text_encoder_lr_ratio is not None and not trains_text_encoder_lora:
             raise ValueError("lora.loraplus_text_encoder_lr_ratio is the text encoder's LoRA+ ratio, and no text encoder trains: remove it "
                              f"(or set {switch}: true)")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
+    def _clip_skip_leaves_no_trained_layer_out(self) -> "Recipe":
+        """A text encoder trained whole keeps every layer; clip skip would leave its last ones unused."""
+        trains_text_encoder = self.full.train_text_encoder if self.method == "full" else (
+            self.dreambooth is not None and self.dreambooth.adapter == "full" and self.dreambooth.train_text_encoder)
         if self.model.clip_skip > 1 and trains_text_encoder:  # its skipped layers would be saved untrained, or not at all
             raise ValueError("model.clip_skip above 1 leaves the text encoder's last layers out: train it with a LoRA, or set clip_skip to 1")
+        return self
+
+    @model_validator(mode="after")
+    def _warmup_ends_within_the_run(self) -> "Recipe":
+        """A warm-up as long as the run never reaches optimizer.lr."""
         # With train.max_epochs the trainer checks this once it knows the steps.
         if self.optimizer.scheduler != "constant" and self.train.max_epochs is None and self.optimizer.warmup_steps >= self.train.max_steps:
             raise ValueError(
@@ -230,8 +249,17 @@ class Recipe(Section):
                 f"the learning rate would never reach optimizer.lr; lower it with the run's length (optimizer.warmup_steps={self.train.max_steps // 10}, "
                 "a tenth of it)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _loss_mask_under_a_method_that_reads_it(self) -> "Recipe":
+        """data.loss_mask weighs a denoising loss on latents, which controlnet's and vae's do not read."""
         if self.data.loss_mask.enabled and self.method in ("controlnet", "vae"):
             raise ValueError(f"data.loss_mask weighs the denoising loss of lora, full and dreambooth; method {self.method} does not use it: remove it")
+        return self
+
+    @model_validator(mode="after")
+    def _vae_reads_no_denoising_settings(self) -> "Recipe":
         if self.method == "vae":  # it trains the autoencoder on reconstructions: no denoising loss, no prompts
             unused = [f"train.{key}" for key in self.train.changed(DENOISING_SETTINGS)]
             unused += ["validation.prompts"] if self.validation.prompts else []
@@ -242,6 +270,11 @@ class Recipe(Section):
             unused += [f"data.{key}" for key in self.data.changed(("caption", "caption_dropout", "shuffle_tags", "keep_tokens", "keep_tokens_separator", "tag_dropout"))]
             if unused:
                 raise ValueError(f"method vae trains the autoencoder on reconstructions, so {', '.join(unused)} would do nothing: remove {'them' if len(unused) > 1 else 'it'}")
+        return self
+
+    @model_validator(mode="after")
+    def _controlnet_settings_fit(self) -> "Recipe":
+        """ControlNet empties captions its own way, and pairs validation conditioning images with prompts."""
         if self.method == "controlnet":
             if self.data.caption_dropout:
                 raise ValueError("method controlnet empties captions with controlnet.empty_prompt_share; set data.caption_dropout to 0")
