@@ -15,6 +15,7 @@ from finetune.config.methods import ControlNetConfig, DreamBoothConfig, FullConf
 from finetune.config.training import DENOISING_SETTINGS, OptimizerConfig, TrainConfig
 from finetune.data.image_bounds import class_batch_problem, grid_problem
 from finetune.errors import FinetuneError
+from finetune.models.init_from_record import text_encoder_switch
 from finetune.sampling.prompt_options import PromptSettings, with_options
 from finetune.sampling.samplers import DEFAULT_SAMPLER, KARRAS_ON_ZERO_TERMINAL_SNR, SamplerName, sampler_named, steps_problem, trailing_steps_problem
 from finetune.sampling.validation_prompts import read_prompts_file
@@ -220,8 +221,7 @@ class Recipe(Section):
                 raise ValueError(f"lora.{key} sets a LoRA's learning rates, and method {self.method} trains none: remove it (or use {remedy})")
             if self.optimizer.name == "prodigy":
                 raise ValueError(f"lora.{key} with prodigy: it takes one optimizer.lr for every parameter; remove lora.{key}")
-        trains_text_encoder_lora = self.lora.train_text_encoder or (self.method == "dreambooth" and self.dreambooth.train_text_encoder)
-        switch = "dreambooth.train_text_encoder" if self.method == "dreambooth" else "lora.train_text_encoder"
+        trains_text_encoder_lora, switch = text_encoder_switch(self)
         if self.lora.changed(("text_encoder_target_modules",)) and not (uses_lora and trains_text_encoder_lora):
             raise ValueError("lora.text_encoder_target_modules picks the text encoder's LoRA layers, and no text-encoder LoRA trains: remove it "
                              f"(or {f'set {switch}: true' if uses_lora else f'use {remedy}'})")  # fmt: skip
