@@ -1,14 +1,17 @@
 """Typed recipes: every section of a recipe, its defaults and its validation (pydantic).
 
 Every knob has a name and a default here; recipe files under `recipes/` document them for users.
-Unknown keys are rejected, so a typo never silently trains the wrong thing. Reading a YAML file,
-`key=value` overrides and the one-line errors are finetune/config/recipe_loading.py.
+Unknown keys are rejected, so a typo never silently trains the wrong thing.
 
 - `base.py`: `Section`, what every section is;
 - `data.py`: the `data:` section (folders, buckets);
 - `methods.py`: the sections of the methods (`lora:`, `full:`, `vae:`, `dreambooth:`, `controlnet:`);
 - `training.py`: the `train:` and `optimizer:` sections;
 - `recipe.py`: the other sections and `Recipe`, which checks that the sections fit together.
+
+Around the schema: `recipe_loading.py` reads a YAML file and `key=value` overrides, `recipe_keys.py` turns a validation
+error into one line naming the key, `recipe_paths.py` asks about a relative data path that names two folders,
+`recipe_warnings.py` says the settings that load but do nothing, and `run_recipe.py` keeps the recipe as run.
 """
 
 from finetune.config.base import Section
