@@ -166,7 +166,6 @@ def _laid_out_data(recipe: Recipe, method: TrainingMethod, accelerator: Accelera
     pending_end = left_to_finish(resume_from, max_steps)  # the outputs or final samples of a finished run's end, cut short
     if train_cfg.max_epochs is not None:
         check_epoch_run(recipe, max_steps, epochs_by, None if pending_end else resume_from)
-    method.held_out_items = frozenset(range(len(sources))) - frozenset(trained_indices)
     if held_out:
         say(f"validation loss: {counted(len(held_out), 'image')} held out of training, scored at each validation")
     return RunData(sources=sources, trained_indices=trained_indices, held_out=held_out, held_out_split=held_out_split,
@@ -179,6 +178,8 @@ def _prepared_run(recipe: Recipe, method: TrainingMethod, accelerator: Accelerat
     """With the model set up: the dataset built, the optimizer and its schedule made, the trained modules prepared by
     accelerate (compiled, wrapped, sharded), the weight average; an earlier run's files cleared only now (`overwrite`)."""
     configure_deepspeed(accelerator, recipe)
+    # The items validation.loss_images holds out of training: the datasets give them their captions as written, to score.
+    method.held_out_items = frozenset(range(len(data.sources))) - frozenset(data.trained_indices)
     # Before `prepare`: DreamBooth may generate class images with the UNet, which ZeRO-3 then shards. Then the record a resume compares.
     (dataset, collate_fn), images_record = method.training_data(accelerator), ckpt.data_record(data.trained_examples, method.recorded_data())
     training_set = TrainingSubset(dataset, data.trained_indices) if data.held_out else dataset
