@@ -25,6 +25,9 @@ from finetune.checkpoints.earlier_run import put_back_interrupted_checkpoints
 from finetune.config import Recipe
 from finetune.config.run_recipe import write_run_recipe
 from finetune.console import say, warn
+from finetune.data.batches import ItemLayout
+from finetune.data.order import DealtOrder
+from finetune.data.sources import Example
 from finetune.distributed.processes import autocast, full_parameters, release_gathered, trained_parameters, uncompiled_forwards, unsharded_loading, unwrap
 from finetune.distributed.stopping import StopRequest, batches_of
 from finetune.methods.base import TrainingMethod
@@ -38,7 +41,7 @@ from finetune.training.finite_weights import ensure_finite_weights
 from finetune.training.held_out import HELD_OUT_STATE, HeldOutSplit, held_out_loss
 from finetune.training.logged_settings import start_trackers
 from finetune.training.run_end import LOGGED_AT_STEP, OUTPUTS_PENDING, VALIDATION_PENDING, final_samples_wanted, finish_cut_short, finish_training, next_step_said, remove_killed_grids
-from finetune.training.run_length import STEPS_BY_SHAPE, due, epochs_text, resume_warnings
+from finetune.training.run_length import STEPS_BY_SHAPE, EpochCount, due, epochs_text, resume_warnings
 from finetune.training.step_losses import StepLosses, backward, micro_batch_shares, train_logs, weighted
 from finetune.training.validation import run_validation
 
@@ -65,11 +68,11 @@ class RunData:
     trained_indices: list[int]  # into `sources`: the items that train
     held_out: list[int]  # one item per held-out image that validation.loss_images scores
     held_out_split: HeldOutSplit  # its images go into each checkpoint: a resume holds out the same
-    trained_examples: list  # the items that train
-    layout: object  # `finetune.data.batches.item_layout` of them: the sizes the sampler batches by
+    trained_examples: list[Example]  # the items that train
+    layout: ItemLayout  # `finetune.data.batches.item_layout` of them: the sizes the sampler batches by
     trained_data: dict  # what the outputs' metadata say of them (folders, tags)
-    sampler: object  # `finetune.data.order.DealtOrder`: each micro-batch's rows, continued from a resume's position
-    epochs_by: object  # `finetune.training.run_length`'s count of the epochs at each step
+    sampler: DealtOrder  # each micro-batch's rows, continued from a resume's position
+    epochs_by: EpochCount  # the epochs at each step
     max_steps: int  # train.max_steps, or train.max_epochs counted in steps
     draws_from: int  # the noise's keys go on from a resumed checkpoint's draws
     pending_end: list[str]  # what a finished run's end, cut short by a kill, has still to write (`finetune.training.run_end`)
