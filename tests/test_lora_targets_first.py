@@ -8,7 +8,8 @@ from PIL import Image
 from finetune.errors import FinetuneError
 from finetune.methods.lora import check_targets
 from finetune.models.model_source import BaseLocation, locate_base
-from finetune.models.unet_layer_names import EXAMPLE_TARGETS, ORIGINAL_UNET, check_unet_targets_first, diffusers_names, weight_dims
+from finetune.models.unet_layer_names import (EXAMPLE_TARGETS, ORIGINAL_UNET, check_unet_targets_first, diffusers_names, module_names,
+                                              unet_weight_dims, weight_dims, weightless_modules)
 from test_fast_errors import BASE, said_without_the_training_stack
 
 WRONG = ["to_qq", "to_k", "conv3"]
@@ -42,6 +43,29 @@ def test_the_header_check_says_what_the_loaded_unets_check_says():
     for targets in ([target for target in EXAMPLE_TARGETS if any(name.endswith(target) for name, _ in unet.named_modules())],
                     ["attn1.to_q", named, "attn1"]):  # fmt: skip
         check_unet_targets_first(targets, location)  # no refusal
+
+
+def test_targets_naming_layers_without_weights_are_said_as_that_before_the_model_loads():
+    """A Dropout or an activation has no weights, so the header names none: such a target was said to name no layer. The
+    header's check knows them by where diffusers puts them (WEIGHTLESS), and says what the loaded UNet's check says."""
+    from finetune.models.loading import load_base_model
+
+    location = locate_base(_model(BASE))
+    unet = load_base_model(_model(BASE)).unet
+    with_weights = {name for name, module in unet.named_modules() if next(module.parameters(), None) is not None}
+    assert weightless_modules(module_names(unet_weight_dims(location))) == {
+        name: type(module).__name__ for name, module in unet.named_modules() if name not in with_weights}  # the table, against diffusers
+    for targets, start in ((["to_out.1"], "'to_out.1' names Dropout layers of the UNet2DConditionModel, which have no weights"),
+                           (["to_q", "act", "nonlinearity", "ff.net.1"], "'act', 'nonlinearity', 'ff.net.1' name Dropout, SiLU layers of")):
+        with pytest.raises(FinetuneError) as early:
+            check_unet_targets_first(targets, location)
+        with pytest.raises(FinetuneError) as loaded:
+            check_targets(unet, targets)
+        assert str(early.value) == str(loaded.value)
+        assert str(early.value).startswith(f"lora.target_modules: {start}")
+        assert "(it adapts Linear and Conv2d layers, e.g. to_q, to_k, to_v, to_out.0, " in str(early.value)
+    with pytest.raises(FinetuneError, match=r"^lora.target_modules: 'to_qq' names no layer"):  # a name naming nothing is said first
+        check_unet_targets_first(["to_out.1", "to_qq"], location)
 
 
 def test_a_single_files_unet_names_are_read_under_diffusers_names(tmp_path):

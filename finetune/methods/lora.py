@@ -28,7 +28,7 @@ from finetune.methods.base import UNetMethod
 from finetune.models.init_from_record import text_encoder_switch
 from finetune.models.loading import freeze
 from finetune.models.lora_unit_scale import skip_unit_scales
-from finetune.models.unet_layer_names import matches, unmatched_targets_line
+from finetune.models.unet_layer_names import matches, unmatched_targets_line, weightless_targets_line
 from finetune.optim.max_norm import apply_max_norm, lora_layers
 from finetune.outputs.atomic_files import atomic_save_safetensors
 
@@ -124,13 +124,17 @@ def loraplus_groups(groups: list[dict], modules: dict[str, torch.nn.Module], def
 def check_targets(model: torch.nn.Module, target_modules: list[str]) -> None:
     """Each name must match layers LoRA can adapt (peft matches a name or a dotted suffix of one, and
     skips a name that matches nothing as long as another name matches). `finetune train` says the names matching
-    no UNet layer before its data check, from the weights' header (finetune.models.unet_layer_names), in the same line."""
+    no UNet layer, or only layers without weights, before its data check, from the weights' header
+    (finetune.models.unet_layer_names), in the same lines."""
+    adaptable = [name for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))]
     if unmatched := [target for target in target_modules if not any(matches(name, target) for name, _ in model.named_modules())]:
-        adaptable = [name for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))]
         raise FinetuneError(unmatched_targets_line(unmatched, adaptable, type(model).__name__))
-    for target in target_modules:
-        matched = [m for name, m in model.named_modules() if matches(name, target)]
-        kinds = {type(m).__name__ for m in matched if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    matched = {target: [module for name, module in model.named_modules() if matches(name, target)] for target in target_modules}
+    if weightless := {target: sorted({type(m).__name__ for m in found}) for target, found in matched.items()
+                      if all(next(m.parameters(), None) is None for m in found)}:  # a Dropout, an activation; fmt: skip
+        raise FinetuneError(weightless_targets_line(weightless, adaptable, type(model).__name__))  # as the header's check says it
+    for target, found in matched.items():
+        kinds = {type(m).__name__ for m in found if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
         if kinds:
             raise FinetuneError(f"lora.target_modules: '{target}' names {', '.join(sorted(kinds))} layers; LoRA adapts Linear and Conv2d layers")
 

@@ -9,10 +9,13 @@ without torch or the weights, as `finetune train` does before its data check (fi
 `finetune.formats.original_layout` maps them (SD1.x's and SD2.x's UNet, the only ones a single file trains).
 A base without such a header (a .ckpt, `.bin` weights, a hub base whose weights are not fetched yet) is checked
 as the LoRA is made (`finetune.methods.lora.check_targets`), in the same words.
+The header has no module without weights (a Dropout, an activation): those are known by where diffusers puts them
+(WEIGHTLESS), so a target naming one is said as that, not as naming no layer.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from finetune.errors import FinetuneError
@@ -31,11 +34,52 @@ def matches(name: str, target: str) -> bool:
 def unmatched_targets_line(unmatched: list[str], adaptable: list[str], model: str) -> str:
     """The one line for the targets naming no layer of `model`, with a few that name some (`adaptable`: the full names
     of its Linear and Conv2d layers)."""
-    examples = [target for target in EXAMPLE_TARGETS if any(matches(name, target) for name in adaptable)]
-    examples = examples or list(dict.fromkeys(name.rpartition(".")[2] for name in adaptable))
     names = ", ".join(f"'{target}'" for target in unmatched)
     return (f"lora.target_modules: {names} {'names' if len(unmatched) == 1 else 'name'} no layer of the {model} "
-            f"(it has e.g. {', '.join(examples[:6])}): fix or remove {'it' if len(unmatched) == 1 else 'them'}")
+            f"(it has e.g. {_examples(adaptable)}): fix or remove {'it' if len(unmatched) == 1 else 'them'}")
+
+
+def weightless_targets_line(weightless: dict[str, list[str]], adaptable: list[str], model: str) -> str:
+    """The one line for the targets naming only layers without weights of `model` (target -> their kinds: Dropout,
+    SiLU), with a few targets that name layers LoRA adapts (`adaptable`, as `unmatched_targets_line` takes them)."""
+    names = ", ".join(f"'{target}'" for target in weightless)
+    kinds = ", ".join(sorted({kind for found in weightless.values() for kind in found}))
+    one = len(weightless) == 1
+    return (f"lora.target_modules: {names} {'names' if one else 'name'} {kinds} layers of the {model}, which have no weights for "
+            f"LoRA to adapt (it adapts Linear and Conv2d layers, e.g. {_examples(adaptable)}): fix or remove {'it' if one else 'them'}")
+
+
+def _examples(adaptable: list[str]) -> str:
+    """A few targets naming some of the `adaptable` layers: EXAMPLE_TARGETS's, else their own names (a text encoder's)."""
+    examples = [target for target in EXAMPLE_TARGETS if any(matches(name, target) for name in adaptable)]
+    return ", ".join((examples or list(dict.fromkeys(name.rpartition(".")[2] for name in adaptable)))[:6])
+
+
+# The modules of SD1.x's and SD2.x's UNet2DConditionModel without weights, which its header therefore leaves out: each
+# module that holds some (a regular expression of its full name; "" the UNet itself) -> its weightless children and their
+# kinds. Read from the installed diffusers' source (0.42): Attention.to_out is [Linear, Dropout]
+# (diffusers/models/attention_processor.py), FeedForward.net [GELU (holding `proj`), Dropout, Linear]
+# (diffusers/models/attention.py), ResnetBlock2D has `dropout` and `nonlinearity` (diffusers/models/resnet.py),
+# TimestepEmbedding `act` (diffusers/models/embeddings.py), and UNet2DConditionModel `conv_act` and `time_proj`
+# (diffusers/models/unets/unet_2d_condition.py). tests/test_lora_targets_first.py checks them against a loaded UNet.
+WEIGHTLESS = {
+    r"(.+\.)?to_out": {"1": "Dropout"},
+    r"(.+\.)?ff\.net": {"1": "Dropout"},
+    r"(.+\.)?resnets\.\d+": {"dropout": "Dropout", "nonlinearity": "SiLU"},
+    r"time_embedding": {"act": "SiLU"},
+    r"": {"conv_act": "SiLU", "time_proj": "Timesteps"},
+}
+
+
+def weightless_modules(modules: set[str]) -> dict[str, str]:
+    """The full names of the modules without weights beside `modules` (those holding some, and the modules above them)
+    -> their kinds, by WEIGHTLESS."""
+    found = {}
+    for holder in [*modules, ""]:
+        for pattern, children in WEIGHTLESS.items():
+            if re.fullmatch(pattern, holder):
+                found.update({f"{holder}.{child}".lstrip("."): kind for child, kind in children.items()})
+    return found
 
 
 ORIGINAL_UNET = "model.diffusion_model."  # where a single file keeps its UNet's weights
@@ -83,19 +127,22 @@ def diffusers_names(original: dict[str, int]) -> dict[str, int] | None:
 
 
 def check_unet_targets_first(target_modules: list[str], base: BaseLocation) -> None:
-    """Refuse the targets that name no module of the base's UNet, from its weights' header; nothing is said where no
-    header is at hand (the LoRA's check says it once the model has loaded)."""
+    """Refuse the targets that name no module of the base's UNet, or only ones without weights, from its weights' header;
+    nothing is said where no header is at hand (the LoRA's check says it once the model has loaded)."""
     dims = unet_weight_dims(base)
     if not dims:
         return
-    modules = {prefix for name in dims for prefix in _prefixes(name)}  # a block, an attention, a ModuleList: modules too
+    modules = module_names(dims)
+    weightless = weightless_modules(modules)
     unmatched = [target for target in target_modules if not any(matches(name, target) for name in modules)]
-    if unmatched:
-        adaptable = [name for name, ndim in dims.items() if ndim in (2, 4)]  # Linear and Conv2d weights
-        raise FinetuneError(unmatched_targets_line(unmatched, adaptable, "UNet2DConditionModel"))
+    adaptable = [name for name, ndim in dims.items() if ndim in (2, 4)]  # Linear and Conv2d weights
+    if without_weights := {target: sorted({kind for name, kind in weightless.items() if matches(name, target)}) for target in unmatched}:
+        if missing := [target for target, kinds in without_weights.items() if not kinds]:
+            raise FinetuneError(unmatched_targets_line(missing, adaptable, "UNet2DConditionModel"))
+        raise FinetuneError(weightless_targets_line(without_weights, adaptable, "UNet2DConditionModel"))
 
 
-def _prefixes(name: str) -> list[str]:
-    """`a.b.c` and the modules above it: `a.b`, `a`."""
-    parts = name.split(".")
-    return [".".join(parts[:end]) for end in range(1, len(parts) + 1)]
+def module_names(dims: dict[str, int]) -> set[str]:
+    """The modules holding the weights `dims` names, and those above them (a block, an attention, a ModuleList): `a.b.c`,
+    `a.b`, `a`."""
+    return {".".join(parts[:end]) for parts in (name.split(".") for name in dims) for end in range(1, len(parts) + 1)}
