@@ -94,3 +94,20 @@ def _model(pretrained: str):
     from finetune.config import Recipe
 
     return Recipe.model_fields["model"].annotation(pretrained=pretrained)
+
+
+def test_check_data_says_the_targets_train_refuses_before_its_data_check(tmp_path, capsys):
+    """check-data said "ready to train" of a recipe whose lora.target_modules `finetune train` refuses before its own data
+    check: it runs the same check now, a fatal problem in its report."""
+    from finetune.cli.main import main
+    from odd_images import captioned, noise
+
+    for seed in range(4):  # a batch of the quickstart's 4
+        captioned(tmp_path / "photos", f"dog{seed}.png", noise(64, 64, seed=seed))
+    command = ["check-data", "recipes/quickstart.yaml", f"data.image_dir={tmp_path / 'photos'}", f"model.pretrained={BASE}"]
+    assert main([*command, "lora.target_modules=[to_q, to_qq]"]) == 1
+    out = capsys.readouterr().out
+    assert "\nfatal: lora.target_modules: 'to_qq' names no layer of the UNet2DConditionModel (it has e.g. to_q, " in f"\n{out}"
+    assert out.rstrip().endswith("result: training would stop: 1 fatal problem; fix it")
+    assert main([*command, "lora.target_modules=[to_q, to_out.0]"]) == 0
+    assert "fatal" not in capsys.readouterr().out

@@ -94,7 +94,7 @@ def run_check_data_command(args) -> int:
         class_reports, class_image_lines = inspect_class_images(recipe)
         reports += class_reports
     said_once(reports)
-    if recipe is not None and (problem := base_model_problem(recipe.model)):
+    if recipe is not None and (problem := base_model_problem(recipe)):
         print(f"fatal: {problem}")
         fatal += 1
     elif recipe is not None and (line := far_from_native_line(configs[0].resolution, recipe.model.pretrained, recipe.model.single_file_config)):
@@ -149,18 +149,23 @@ def run_check_data_command(args) -> int:
     return 0
 
 
-def base_model_problem(model: ModelConfig) -> str | None:
+def base_model_problem(recipe: Recipe) -> str | None:
     """Why training would stop on the recipe's base model before reading any image, for a local one (a path not there,
     from this folder: a recipe run from another folder than the one its relative paths start from; a folder that is no
-    pipeline): said as a fatal problem, as check-data said "ready to train" of a run that stops on it. A hub id is looked up
-    offline (HF_HUB_OFFLINE=1) alone, in the local cache as training looks it up then (a hub id not there was "ready to
-    train"); online it is left to training, which fetches it (check-data downloads nothing)."""
+    pipeline), or on its lora.target_modules against that base's UNet: said as a fatal problem, as check-data said "ready to
+    train" of a run that stops on it. A hub id is looked up offline (HF_HUB_OFFLINE=1) alone, in the local cache as training
+    looks it up then (a hub id not there was "ready to train"); online it is left to training, which fetches it (check-data
+    downloads nothing)."""
     from finetune.models.model_source import downloads_off, locate_base, looks_like_hub_id
+    from finetune.models.unet_layer_names import check_unet_targets_first
 
+    model = recipe.model
     if looks_like_hub_id(model.pretrained) and not Path(model.pretrained).expanduser().exists() and not downloads_off():
         return None
     try:
-        locate_base(model)  # what `finetune train` checks first; a local base's configs and weights' headers, no torch
+        base = locate_base(model)  # what `finetune train` checks first; a local base's configs and weights' headers, no torch
+        if recipe.trains_lora:  # train's check before its data check (finetune/cli/run_refusals.py), from the UNet weights' header
+            check_unet_targets_first(recipe.lora.target_modules, base)
     except FinetuneError as err:
         return str(err)
     return None
