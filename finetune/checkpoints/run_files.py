@@ -92,6 +92,17 @@ def resolve_resume(resume: str | None, checkpoints_dir: Path) -> Path | None:
     return path
 
 
+def say_fresh_start(checkpoints_dir: Path) -> None:
+    """Where `--resume latest` found no checkpoint the run starts at step 0, as a first run (a job that always passes it
+    runs one command the first time and after a stop): said once. `finetune train` says it before its data check (said
+    once the model stack had loaded, a mistyped output_dir was told minutes late on a large folder), train() for callers
+    that do not come through the command, which within `checks_kept` is the same run: said by the first alone."""
+    from finetune.console import say
+    from finetune.data_check.checked_once import kept_check
+
+    kept_check(f"fresh start in {checkpoints_dir}", lambda: say(f"--resume latest: no checkpoint in {checkpoints_dir} yet, starting at step 0"))
+
+
 def newest_checkpoint(checkpoints_dir: Path) -> str:
     """What a checkpoint path that is not there is told instead: the newest one there is, or that there is none yet."""
     found = list_checkpoints(checkpoints_dir)

@@ -7,7 +7,7 @@ import contextlib
 import errno
 from pathlib import Path
 
-from finetune.checkpoints.run_files import resolve_resume
+from finetune.checkpoints.run_files import resolve_resume, say_fresh_start
 from finetune.errors import FinetuneError, one_line
 from finetune.library_noise import quiet_weight_progress_bars
 from finetune.stop_signals import exit_status
@@ -48,6 +48,8 @@ def run_train_command(args) -> int:
         guard_earlier_run(output_dir, resume_from, args.overwrite)
         check_starting_files(recipe, resuming=resume_from is not None)  # controlnet.pretrained, lora.init_from, the validation conditions
         check_run_first(recipe, resume_from, base_location)  # train()'s refusals of the run itself (finetune/cli/run_refusals.py)
+        if args.resume == "latest" and resume_from is None:  # once nothing cheaper refuses the run: a mistyped output_dir, before minutes of decoding
+            say_fresh_start(checkpoints_dir)
         check_data_first(recipe, resume_from)  # every image decoded, after the cheaper checks above (train() takes its result), then whether they fill a batch
         result = _run_training(recipe, args, base_location)
     if result.interrupted:

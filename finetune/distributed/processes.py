@@ -31,6 +31,7 @@ from accelerate.utils import DistributedType, DynamoBackend, InitProcessGroupKwa
 
 from finetune.config import Recipe
 from finetune.console import say, warn
+from finetune.checkpoints.run_files import say_fresh_start
 from finetune.distributed.process_env import deepspeed_requested, several_processes
 from finetune.errors import FinetuneError
 from finetune.sampling.placement import bf16_emulated, mps_without_bf16
@@ -202,7 +203,7 @@ def agree_on_start(accelerator: Accelerator, step: int, checkpoints_dir: Path, l
     disk: where output_dir is not one folder shared by every machine, one would start over while the others
     resume, and their collectives would never match (a hang, not an error)."""
     if latest and step == 0:
-        say(f"--resume latest: no checkpoint in {checkpoints_dir} yet, starting at step 0")
+        say_fresh_start(checkpoints_dir)  # unless `finetune train` said it before its data check
     if accelerator.num_processes == 1:
         return
     steps = accelerator.gather(torch.tensor([step], device=accelerator.device)).tolist()
