@@ -30,7 +30,9 @@ def test_make_conditions_writes_a_training_folder(make_recipe, tmp_path, capsys)
     (source / "0003.txt").unlink()
     out = tmp_path / "controlnet-data"
     assert main(["make-conditions", str(source), str(out), "--kind", "mask"]) == 0
-    assert "wrote 4 mask conditioning images" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "wrote 4 mask conditioning images" in said
+    assert said.splitlines()[-1] == f"next: finetune train recipes/controlnet.yaml data.image_dir={out}"  # the command that trains on it
 
     rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     scenes = sample_scenes(4, seed=4, include_held_out="all")

@@ -3,6 +3,7 @@ of several lines, two images sharing one caption file, and folders of folders fo
 
 import json
 import re
+import shlex
 
 import numpy as np
 import pytest
@@ -107,7 +108,13 @@ def test_make_conditions_writes_each_image_subfolder_as_its_own_training_folder(
     assert printed == [f"wrote 2 luminance conditioning images and metadata.jsonl to {out / '10_sks dog'}",
                        f"wrote 3 luminance conditioning images and metadata.jsonl to {out / '1_style'}",
                        'note: train the subfolders as data.folders entries, in the recipe\'s data section: '
-                       'folders: [{path: "10_sks dog", repeats: 10}, {path: "1_style", repeats: 1}]']  # fmt: skip
+                       'folders: [{path: "10_sks dog", repeats: 10}, {path: "1_style", repeats: 1}]',
+                       f"next: finetune train recipes/controlnet.yaml data.image_dir={out} "
+                       "'data.folders=[{path: \"10_sks dog\", repeats: 10}, {path: \"1_style\", repeats: 1}]'"]  # fmt: skip
+    from finetune.config.recipe_loading import load_recipe
+
+    typed = shlex.split(printed[-1].removeprefix("next: "))  # the command as the shell splits it: the recipe reads the folder
+    assert [(entry.path, entry.repeats) for entry in load_recipe(typed[2], typed[3:]).data.folders] == [("10_sks dog", 10), ("1_style", 1)]
     method = ControlNetMethod(make_recipe(method="controlnet", data__image_dir=str(out), data__folders=[{"path": "10_sks dog", "repeats": 10}, {"path": "1_style"}]))
     method.check_data()  # ready to train as written
     assert len(method.pairs) == 23 and method.data_metadata()["finetune.conditioning"] == '{"kind": "luminance"}'

@@ -326,6 +326,7 @@ def _merge(args) -> int:
 def _make_conditions(args) -> int:
     from finetune.console import warn
     from finetune.controlnet.conditions import images_left_out, make_condition_folders
+    from finetune.controlnet.made_folders import made_folder_lines
 
     options = {"canny": dict(low=args.low, high=args.high, sigma=args.sigma), "mask": dict(threshold=args.threshold)}.get(args.kind, {})
     check_output_folder(Path(args.output_dir), "output_dir", "the conditioning images and metadata.jsonl")
@@ -334,18 +335,10 @@ def _make_conditions(args) -> int:
         print(f"wrote {counted(count, args.kind + ' conditioning image')} and metadata.jsonl to {folder}")
         if uncaptioned:
             print(f"note: {counted(uncaptioned, 'image')} had no caption (.txt or metadata.jsonl) and train with an empty prompt")
-    subfolders = [(folder.name, count) for folder, count, _ in made if folder.parent == Path(args.output_dir)]
-    if subfolders:  # each has its own metadata.jsonl: training reads them as data.folders entries
-        from finetune.data.folder_repeats import implausible_repeats_notes
-        from finetune.data.sources import folders_entries
-
-        # The suggestion reads each N_name folder's repeats from its name, as check-data's does: `2024_trip` is said as likely a year.
-        own = [(".", count) for folder, count, _ in made if folder == Path(args.output_dir)]
-        entries = folders_entries([name for name, _ in own + subfolders])
-        notes = "".join(f"; {note}" for note in implausible_repeats_notes(own + subfolders))
-        print(f"note: train the subfolders as data.folders entries, in the recipe's data section: {entries}{notes}")
     for line in images_left_out(args.input_dir, args.output_dir, [folder for folder, _, _ in made]):
         warn(line)
+    for line in made_folder_lines(args.output_dir, made):  # the data.folders entries of subfolders, then the train command: last
+        print(line)
     return 0
 
 
