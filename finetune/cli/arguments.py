@@ -89,7 +89,7 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, recipe_help: str, over
 
 
 def add_lora_option(parser: argparse.ArgumentParser, required: bool = False) -> None:
-    """--lora, as sample and merge take it: one LoRA, a file or the run folder that holds it (OneLoRA)."""
+    """--lora, as sample, merge and eval take it: one LoRA, a file or the run folder that holds it (OneLoRA)."""
     parser.add_argument("--lora", action=OneLoRA, required=required, help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
 
 

@@ -33,7 +33,7 @@ SUBJECT_OPTIONS = {"identifier": ("sks", ("subject",)), "class_word": ("shape", 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``eval`` on the ``finetune`` subcommand parsers (``parser.add_subparsers()``)."""
-    from finetune.cli.arguments import RECORDED_BASE_HELP, OneLoRA, add_base_options, finite_float, positive_int, sampling_steps, seed_number
+    from finetune.cli.arguments import RECORDED_BASE_HELP, add_base_options, add_lora_option, add_seed_option, finite_float, positive_int, sampling_steps
 
     p = subparsers.add_parser(
         "eval",
@@ -44,7 +44,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_base_options(p, default_help=RECORDED_BASE_HELP)
-    p.add_argument("--lora", action=OneLoRA, help="LoRA file, or a training output folder holding pytorch_lora_weights.safetensors")
+    add_lora_option(p)
     p.add_argument("--lora-scale", type=eval_lora_strength, default=1.0, help="LoRA strength (default 1.0; one: run eval once per strength)")
     p.add_argument("--controlnet", help="ControlNet folder, or a controlnet training output folder (runs the control and placement suites)")
     p.add_argument("--conditioning-scale", type=finite_float, default=None, help="ControlNet strength (default 1.0)")
@@ -54,7 +54,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--images-per-prompt", type=positive_int, default=1, help="images per prompt; prompt p's image k has seed seed+p*N+k (default 1)")
     p.add_argument("--steps", type=sampling_steps, default=25, help="DDIM steps (default 25)")
     p.add_argument("--guidance", type=finite_float, default=5.0, help="classifier-free guidance scale (default 5.0)")
-    p.add_argument("--seed", type=seed_number, default=0, help="noise seed; the prompts are fixed (default 0)")
+    add_seed_option(p, "noise seed; the prompts are fixed")
     p.add_argument("--identifier", default=SUBJECT_OPTIONS["identifier"][0], help="DreamBooth identifier in subject prompts (default sks)")
     p.add_argument("--subject", default=SUBJECT_OPTIONS["subject"][0], choices=SHAPE_NAMES, help="shape the subject should look like (default star)")
     p.add_argument("--class-word", default=SUBJECT_OPTIONS["class_word"][0], help="class word of subject/class prompts, 'a sks <class word>' (default shape)")
