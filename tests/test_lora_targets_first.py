@@ -22,10 +22,12 @@ def test_train_says_targets_naming_no_unet_layer_before_its_data_check_and_torch
     said = said_without_the_training_stack([[*recipe, f"lora.target_modules=[{', '.join(WRONG)}]"],
                                             [*recipe, "method=dreambooth", "dreambooth.adapter=lora", "dreambooth.prior_preservation=false",
                                              f"dreambooth.concepts=[{{instance_dir: {tmp_path}, instance_prompt: a sks star}}]",
-                                             "data.image_dir=null", "lora.target_modules=[to_qq]"]])  # fmt: skip
+                                             "data.image_dir=null", "lora.target_modules=[to_qq]"],
+                                            [*recipe, "lora.target_modules=[to_q, to_out.1]"]])  # fmt: skip
     assert said[0].startswith("lora.target_modules: 'to_qq', 'conv3' name no layer of the UNet2DConditionModel (it has e.g. to_q, ")
     assert said[0].endswith("): fix or remove them")
     assert said[1].startswith("lora.target_modules: 'to_qq' names no layer of the UNet2DConditionModel")
+    assert said[2].startswith("lora.target_modules: 'to_out.1' names Dropout layers of the UNet2DConditionModel, which have no weights")
 
 
 def test_the_header_check_says_what_the_loaded_unets_check_says():
