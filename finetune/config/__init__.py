@@ -7,6 +7,7 @@ Unknown keys are rejected, so a typo never silently trains the wrong thing.
 - `data.py`: the `data:` section (folders, buckets);
 - `methods.py`: the sections of the methods (`lora:`, `full:`, `vae:`, `dreambooth:`, `controlnet:`);
 - `training.py`: the `train:` and `optimizer:` sections;
+- `validation.py`: the `validation:` section (its grids' prompts, how and when they are drawn);
 - `recipe.py`: the other sections and `Recipe`, which checks that the sections fit together.
 
 Around the schema: `recipe_loading.py` reads a YAML file and `key=value` overrides, `recipe_keys.py` turns a validation
@@ -17,8 +18,9 @@ error into one line naming the key, `recipe_paths.py` asks about a relative data
 from finetune.config.base import Section
 from finetune.config.data import BucketConfig, DataConfig, FolderConfig, LossMaskConfig
 from finetune.config.methods import ClassImageGeneration, Concept, ControlNetConfig, DreamBoothConfig, FullConfig, LoRAConfig, VAEConfig
-from finetune.config.recipe import SINGLE_FILE_SUFFIXES, CheckpointConfig, LoggingConfig, ModelConfig, Recipe, ValidationConfig
+from finetune.config.recipe import SINGLE_FILE_SUFFIXES, CheckpointConfig, LoggingConfig, ModelConfig, Recipe
 from finetune.config.training import OptimizerConfig, TrainConfig
+from finetune.config.validation import ValidationConfig
 
 __all__ = [
     "SINGLE_FILE_SUFFIXES", "BucketConfig", "CheckpointConfig", "ClassImageGeneration", "Concept", "ControlNetConfig", "DataConfig", "DreamBoothConfig",

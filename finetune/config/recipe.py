@@ -7,18 +7,18 @@ import hashlib
 import json
 from typing import Literal, Optional
 
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 
-from finetune.config.base import SamplingSteps, Section, Seed, UserPath
+from finetune.config.base import Section, UserPath
 from finetune.config.data import DataConfig
 from finetune.config.methods import ControlNetConfig, DreamBoothConfig, FullConfig, LoRAConfig, VAEConfig
 from finetune.config.training import DENOISING_SETTINGS, OptimizerConfig, TrainConfig
 from finetune.data.image_bounds import class_batch_problem, grid_problem
+from finetune.config.validation import ValidationConfig
 from finetune.errors import FinetuneError
 from finetune.models.init_from_record import text_encoder_switch
-from finetune.sampling.prompt_options import PromptSettings, with_options
-from finetune.sampling.samplers import DEFAULT_SAMPLER, KARRAS_ON_ZERO_TERMINAL_SNR, SamplerName, sampler_named, steps_problem, trailing_steps_problem
-from finetune.sampling.validation_prompts import read_prompts_file
+from finetune.sampling.samplers import KARRAS_ON_ZERO_TERMINAL_SNR, steps_problem, trailing_steps_problem
+from finetune.sampling.unset_prompts import METHODS as UNSET_PROMPT_METHODS, unset_prompt_rows
 
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")  # a model.pretrained of one file (the webui's layout), not a folder or hub id
@@ -66,62 +66,6 @@ class ModelConfig(Section):
         config = cls(pretrained=pretrained, single_file_config=single_file_config)
         config._key, config._single_file_config_key = "--base", "--base-config"
         return config
-
-
-class ValidationConfig(Section):
-    # Each may end in sd-scripts' per-prompt options: "a dog --n blurry --d 7 --l 5 --s 30" (negative
-    # prompt, seed, guidance scale, steps; finetune/sampling/prompt_options.py).
-    prompts: list[str] = []
-    # A text file of more prompts, one a line (sd-scripts' sample prompts file, options included; blank lines and # comments
-    # skipped), sampled after `prompts`; read as the recipe loads (finetune/sampling/validation_prompts.py).
-    prompts_file: Optional[UserPath] = None
-    every_n_steps: int = Field(0, ge=0)  # 0: only at the end of training
-    every_n_epochs: int = Field(0, ge=0)  # also at the end of every Nth epoch (sd-scripts' sample_every_n_epochs); 0: off
-    at_start: bool = True  # also sample before the first step, for a before/after comparison
-    num_inference_steps: SamplingSteps = 25
-    guidance_scale: float = 7.5
-    negative_prompt: Optional[str] = None  # e.g. "blurry, low quality"; for every prompt without its own --n
-    images_per_prompt: int = Field(2, ge=1)
-    seed: Seed = 0  # image k of a prompt uses seed + k (a prompt's --d replaces it)
-    # The sampler the grids are drawn with, by the webui's names (finetune/sampling/samplers.py): judge a LoRA with the one you
-    # will use. Each keeps the run's prediction type and noise schedule; ddim is what grids were drawn with before.
-    sampler: SamplerName = DEFAULT_SAMPLER
-    # Hold this many training images out of training and report the loss on them at each validation
-    # (fixed noise and timesteps: it falls while the model generalises and turns up when it overfits). 0: off.
-    loss_images: int = Field(0, ge=0)
-
-    @field_validator("sampler", mode="before")
-    @classmethod
-    def _sampler_by_any_name(cls, sampler):
-        """sd-scripts' and the webui's names too ("Euler a"), as `sample --sampler` and a prompt's --ss take them; any other
-        is left to the Literal's error, which lists ours."""
-        try:
-            return sampler_named(sampler) if isinstance(sampler, str) else sampler
-        except ValueError:
-            return sampler
-
-    @field_validator("prompts")
-    @classmethod
-    def _options_known(cls, prompts: list[str]) -> list[str]:
-        for prompt in prompts:
-            with_options(prompt, PromptSettings("", None, 0, 1.0, 1))  # raises on an unknown option or value
-        return prompts
-
-    _file_prompts: list[str] = PrivateAttr(default_factory=list)
-
-    @model_validator(mode="after")
-    def _prompts_file_read(self) -> "ValidationConfig":
-        self._file_prompts = read_prompts_file(self.prompts_file) if self.prompts_file is not None else []
-        return self
-
-    @property
-    def all_prompts(self) -> list[str]:
-        """Every prompt the grids draw, one row each: `prompts`, then the lines of `prompts_file`."""
-        return [*self.prompts, *self._file_prompts]
-
-    def prompt_settings(self, text: str) -> PromptSettings:
-        """A validation prompt with its own options, the section's settings for the rest."""
-        return with_options(text, PromptSettings(text, self.negative_prompt, self.seed, self.guidance_scale, self.num_inference_steps))
 
 
 class CheckpointConfig(Section):
@@ -276,6 +220,9 @@ class Recipe(Section):
     def _controlnet_settings_fit(self) -> "Recipe":
         """ControlNet empties captions its own way, and pairs validation conditioning images with prompts."""
         if self.method == "controlnet":
+            if self.validation.prompts is None:  # its grids pair each prompt with a conditioning image (controlnet.validation_conditions)
+                raise ValueError("validation.prompts: null (the training captions) is for lora, full and dreambooth; method controlnet pairs "
+                                 "each prompt with a conditioning image: list the prompts, or [] for no grid")  # fmt: skip
             if self.data.caption_dropout:
                 raise ValueError("method controlnet empties captions with controlnet.empty_prompt_share; set data.caption_dropout to 0")
             conditions, prompts = len(self.controlnet.validation_conditions), len(self.validation.all_prompts)
@@ -305,7 +252,8 @@ class Recipe(Section):
         if karras and self.model.zero_terminal_snr:
             raise ValueError(f"validation prompt '{karras[0]}' (its --ss) with model.zero_terminal_snr: {KARRAS_ON_ZERO_TERMINAL_SNR}")
         validation = self.validation
-        for text in validation.all_prompts:
+        unset = [""] if self.samples_unset_prompts else []  # prompts: null samples captions, found later, with the section's own settings
+        for text in validation.all_prompts or unset:
             prompt = validation.prompt_settings(text)
             trailing = trailing_steps_problem(prompt.num_inference_steps) if self.model.zero_terminal_snr else None
             if problem := steps_problem(prompt.sampler or validation.sampler, prompt.num_inference_steps) or trailing:
@@ -319,9 +267,10 @@ class Recipe(Section):
         """The validation grid (samples/step-N.png) is drawable and opens again: every image of a validation is held in
         memory to draw it, and an image past PIL's decompression-bomb bound cannot be opened (finetune/data/image_bounds.py)."""
         validation, controlnet = self.validation, self.method == "controlnet"
-        if not validation.all_prompts:
+        prompts = len(validation.all_prompts) or (unset_prompt_rows(self) if self.samples_unset_prompts else 0)  # at most, for prompts: null
+        if not prompts:
             return self
-        rows = max(len(validation.all_prompts), len(self.controlnet.validation_conditions) if controlnet else 0)
+        rows = max(prompts, len(self.controlnet.validation_conditions) if controlnet else 0)
         fix = "lower validation.images_per_prompt" + (" or list fewer validation.prompts" if rows > 1 else "")
         problem = grid_problem("validation grid", "validation.images_per_prompt", validation.images_per_prompt, rows, self.data.resolution,
                                1 if controlnet else 0, fix)  # fmt: skip
@@ -353,6 +302,11 @@ class Recipe(Section):
         if settings is not None and settings.text_encoder_lr is not None and not settings.train_text_encoder:
             raise ValueError(f"{own}.text_encoder_lr is the text encoder's rate, and it stays frozen: set {own}.train_text_encoder: true, or remove {own}.text_encoder_lr")
         return self
+
+    @property
+    def samples_unset_prompts(self) -> bool:
+        """Whether the grids sample prompts of the training data, found once it is checked (validation.prompts: null)."""
+        return self.validation.prompts_unset and self.method in UNSET_PROMPT_METHODS
 
     @property
     def trains_lora(self) -> bool:

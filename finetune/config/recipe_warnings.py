@@ -56,7 +56,7 @@ def _switched_off(recipe: Recipe) -> list[str]:
         lines.append(f"train.cache_text_embeddings does nothing while the text encoder trains ({recipe.method}.train_text_encoder): "
                      "its embeddings change at every step and are encoded anew: set cache_text_embeddings: false")  # fmt: skip
     validation = recipe.validation
-    if not validation.all_prompts:
+    if not validation.all_prompts and not recipe.samples_unset_prompts:  # prompts: null samples the training captions
         keys = ("num_inference_steps", "guidance_scale", "negative_prompt", "images_per_prompt", "seed", "sampler")
         if recipe.method != "vae" and not validation.loss_images:  # the VAE's grids and the held-out loss are due on these too
             keys += ("every_n_steps", "every_n_epochs", "at_start")

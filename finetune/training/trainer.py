@@ -45,6 +45,7 @@ from finetune.models.start_weights import resumed_method
 from finetune.optim.optimizers import build_lr_scheduler, build_optimizer, check_optimizer_installed
 from finetune.outputs.metadata import dataset_metadata
 from finetune.sampling.pipelines import save_image_atomic
+from finetune.sampling.unset_prompts import fill_unset_prompts
 from finetune.training.accelerate_state import clears_accelerate_settings, trackers_finished
 from finetune.training.draw_keys import key_offset
 from finetune.training.ema import weight_average
@@ -148,6 +149,8 @@ def _laid_out_data(recipe: Recipe, method: TrainingMethod, accelerator: Accelera
     for report in method.data_reports:
         for line in report.lines(limit=10, held_out=held_out_images):
             say(line)
+    if unset_prompts := fill_unset_prompts(recipe, items):  # validation.prompts: null samples prompts of this data
+        say(unset_prompts)
     short = too_few_to_batch(len(trained_indices), recipe, accelerator.num_processes, len(sources)) or concept_held_out_whole(method.data_reports, held_out_images, recipe)
     if short:
         raise FinetuneError(short)

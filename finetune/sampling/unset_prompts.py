@@ -1,0 +1,60 @@
+"""What the validation grids sample where `validation.prompts` is left unset (null): prompts about what trains.
+
+A recipe's example prompts ("a photo of a cat sitting on a windowsill") show nothing of a creator's images, and
+diffusers' example scripts and sd-scripts sample only the prompts they are given. Unset, a LoRA or full fine-tune
+samples the first few distinct captions of its training set, as they are written (neither shuffled nor dropped: the
+caption a held-out image is scored with). Known once the data is checked; said in one line at the run's start.
+"""
+
+from __future__ import annotations
+
+CAPTION_PROMPTS = 2  # the grid's rows taken from captions: as many prompts as the shipped LoRA recipe listed before
+METHODS = ("lora", "full")  # those whose grids draw prompts (controlnet pairs its own with conditioning images)
+
+
+def unset_prompt_rows(recipe) -> int:
+    """At most how many rows the unset prompts give the grid, known as the recipe loads (its bound on the grid's size)."""
+    return CAPTION_PROMPTS
+
+
+def unset_prompts(recipe, items) -> list[str]:
+    """The prompts `validation.prompts: null` stands for, given the checked training items (`training_items()`)."""
+    from finetune.captions.captions import scored_caption  # not at the top: finetune.config imports this module, and captions imports it
+
+    prompts = []
+    for index, item in enumerate(items):
+        caption = scored_caption(item.caption, recipe.data, recipe.seed, index) if item.caption else ""
+        if caption.strip() and _reads_as_a_prompt(caption) and caption not in prompts:
+            prompts.append(caption)
+            if len(prompts) == CAPTION_PROMPTS:
+                break
+    return prompts
+
+
+def unset_prompts_line(recipe, prompts: list[str]) -> str:
+    """The run's line at its start saying what the grids sample in place of validation.prompts."""
+    shown = ", ".join(f"'{_shortened(text)}'" for text in prompts)
+    if not prompts:
+        return ("validation prompts: none (validation.prompts unset, and the training set has no captions): no grid is sampled; "
+                "list validation.prompts to sample one")  # fmt: skip
+    count = f"{len(prompts)} caption{'s' if len(prompts) > 1 else ''}"
+    return f"validation prompts: {count} of the training set (validation.prompts unset): {shown}"
+
+
+def fill_unset_prompts(recipe, items) -> str | None:
+    """Give `recipe.validation` the prompts its unset `prompts` stand for; the line saying so, or None where they were set."""
+    if recipe.method not in METHODS or not recipe.validation.prompts_unset:
+        return None
+    prompts = unset_prompts(recipe, items)
+    recipe.validation.fill_unset_prompts(prompts)
+    return unset_prompts_line(recipe, prompts)
+
+
+def _reads_as_a_prompt(text: str) -> bool:
+    # " --" starts one of sd-scripts' options in a validation prompt ("--n blurry"): a caption holding it would not sample as written.
+    return " --" not in f" {text}"
+
+
+def _shortened(text: str, limit: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
