@@ -9,7 +9,7 @@ from PIL import Image
 import finetune.methods.base
 from finetune.config.recipe_loading import load_recipe
 from finetune.errors import FinetuneError
-from finetune.sampling.unset_prompts import CAPTION_PROMPTS
+from finetune.sampling.unset_prompts import CAPTION_PROMPTS, unset_prompts
 from finetune.training.trainer import train
 
 RECIPES = Path(__file__).parent.parent / "recipes"
@@ -65,3 +65,33 @@ def test_unset_prompts_are_bounded_in_the_grid_and_checked_with_the_sections_sam
 def test_a_controlnet_is_told_to_list_its_prompts(make_recipe, pairs_folder):
     with pytest.raises(FinetuneError, match="validation.prompts: null .* method controlnet pairs each prompt with a conditioning image"):
         make_recipe(method="controlnet", data__image_dir=str(pairs_folder), data__caption_dropout=0.0, validation__prompts=None)
+
+
+def test_a_dreamboths_unset_prompts_are_its_instance_and_class_prompts(make_recipe, tmp_path, monkeypatch, capsys):
+    """The subject by its identifier, and the class prior preservation keeps: a grid that shows both whatever the
+    instance prompt (a recipe's 'a photo of sks dog in a bucket' showed nothing of 'zwx cat')."""
+    from finetune.config import ClassImageGeneration
+    from finetune.toyworld.datasets import write_folder
+
+    folder = write_folder(tmp_path / "star", 2, seed=11, include_held_out="only_shape")
+    concept = {"instance_dir": str(folder), "instance_prompt": "a zwx shape", "class_prompt": ["a shape", "a shape on grass"]}
+    generation = ClassImageGeneration(num_inference_steps=2, guidance_scale=3.0, batch_size=2, seed=5).model_dump()
+    settings = {"concepts": [concept], "num_class_images": 2, "class_generation": generation}
+    drawn = sampled_prompts(monkeypatch)
+    train(make_recipe(method="dreambooth", dreambooth=settings, data__image_dir=None, train__batch_size=1, train__max_steps=1,
+                      validation__prompts=None, validation__at_start=False))  # fmt: skip
+    assert drawn == ["a zwx shape", "a shape"]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("validation prompts:")]
+    assert lines == ["validation prompts: the instance and class prompts of dreambooth.concepts (validation.prompts unset): 'a zwx shape', 'a shape'"]
+    # Without prior preservation no class trains: the subject alone.
+    alone = make_recipe(method="dreambooth", dreambooth={"concepts": [concept], "prior_preservation": False}, data__image_dir=None,
+                        validation__prompts=None)  # fmt: skip
+    assert unset_prompts(alone, []) == ["a zwx shape"]
+
+
+def test_the_shipped_dreambooth_recipes_follow_an_instance_prompt_given_on_the_command_line(capsys):
+    for name in ("dreambooth.yaml", "dreambooth_lora.yaml"):
+        recipe = load_recipe(RECIPES / name, ["dreambooth.concepts.0.instance_dir=somewhere", "dreambooth.concepts.0.instance_prompt=a photo of zwx cat",
+                                              "dreambooth.concepts.0.class_prompt=a photo of a cat"])  # fmt: skip
+        assert unset_prompts(recipe, []) == ["a photo of zwx cat", "a photo of a cat"]
+        assert capsys.readouterr().err == ""  # no 'none names the subject' warning: the grids do

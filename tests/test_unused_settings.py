@@ -34,14 +34,15 @@ def test_an_instance_prompt_with_captions_is_named_as_unused(capsys):
 def test_a_subject_no_validation_prompt_names_is_warned_of(capsys):
     """instance_prompt 'a photo of zwx cat' given on the command line, the recipe's validation prompts ('a photo of sks dog
     in a bucket') left as they were: every grid sampled prompts that cannot show the subject, without a word."""
-    load_recipe(RECIPES / "dreambooth_lora.yaml", STAR + ["dreambooth.concepts.0.instance_prompt=a photo of zwx cat"])
+    bucket = ["validation.prompts=[a photo of sks dog in a bucket, a photo of a dog]"]  # listed: the recipe's own (null) follow the instance prompt
+    load_recipe(RECIPES / "dreambooth_lora.yaml", STAR + bucket + ["dreambooth.concepts.0.instance_prompt=a photo of zwx cat"])
     assert capsys.readouterr().err == (
         "warning: validation.prompts: none names dreambooth.concepts.0's subject ('zwx cat', the words of its instance_prompt that no "
         "class prompt has): the grids cannot show it; add one such as 'a photo of zwx cat'\n"
     )
     # the class prompt changed with it: the identifier alone; a prompt naming it (with its own options) is enough
     zwx_cat = STAR + ["dreambooth.concepts.0.instance_prompt=a photo of zwx cat", "dreambooth.concepts.0.class_prompt=a photo of a cat"]
-    load_recipe(RECIPES / "dreambooth_lora.yaml", zwx_cat)
+    load_recipe(RECIPES / "dreambooth_lora.yaml", zwx_cat + bucket)
     assert "('zwx', the words" in capsys.readouterr().err
     load_recipe(RECIPES / "dreambooth_lora.yaml", zwx_cat + ["validation.prompts=[a zwx cat on a sofa --d 3, a photo of a cat]"])
     assert capsys.readouterr().err == ""

@@ -3,22 +3,38 @@
 A recipe's example prompts ("a photo of a cat sitting on a windowsill") show nothing of a creator's images, and
 diffusers' example scripts and sd-scripts sample only the prompts they are given. Unset, a LoRA or full fine-tune
 samples the first few distinct captions of its training set, as they are written (neither shuffled nor dropped: the
-caption a held-out image is scored with). Known once the data is checked; said in one line at the run's start.
+caption a held-out image is scored with), and a DreamBooth run its concepts' instance prompts and, with prior
+preservation, each concept's first class prompt (the subject, and the class the prior keeps). Known once the data is
+checked; said in one line at the run's start.
 """
 
 from __future__ import annotations
 
 CAPTION_PROMPTS = 2  # the grid's rows taken from captions: as many prompts as the shipped LoRA recipe listed before
-METHODS = ("lora", "full")  # those whose grids draw prompts (controlnet pairs its own with conditioning images)
+METHODS = ("lora", "full", "dreambooth")  # those whose grids draw prompts (controlnet pairs its own with conditioning images)
+
+
+def dreambooth_prompts(recipe) -> list[str]:
+    """Each concept's instance prompt (one captioned per image has none), then with prior preservation its first class prompt."""
+    prompts = []
+    for concept in recipe.dreambooth.concepts:
+        own = [concept.instance_prompt] if concept.instance_prompt and not concept.use_captions else []
+        prior = concept.class_prompts[:1] if recipe.dreambooth.prior_preservation else []
+        prompts += [text for text in own + prior if _reads_as_a_prompt(text) and text not in prompts]
+    return prompts
 
 
 def unset_prompt_rows(recipe) -> int:
     """At most how many rows the unset prompts give the grid, known as the recipe loads (its bound on the grid's size)."""
+    if recipe.method == "dreambooth":
+        return len(dreambooth_prompts(recipe)) or CAPTION_PROMPTS
     return CAPTION_PROMPTS
 
 
 def unset_prompts(recipe, items) -> list[str]:
     """The prompts `validation.prompts: null` stands for, given the checked training items (`training_items()`)."""
+    if recipe.method == "dreambooth" and (prompts := dreambooth_prompts(recipe)):
+        return prompts
     from finetune.captions.captions import scored_caption  # not at the top: finetune.config imports this module, and captions imports it
 
     prompts = []
@@ -37,6 +53,8 @@ def unset_prompts_line(recipe, prompts: list[str]) -> str:
     if not prompts:
         return ("validation prompts: none (validation.prompts unset, and the training set has no captions): no grid is sampled; "
                 "list validation.prompts to sample one")  # fmt: skip
+    if recipe.method == "dreambooth" and prompts == dreambooth_prompts(recipe):
+        return f"validation prompts: the instance and class prompts of dreambooth.concepts (validation.prompts unset): {shown}"
     count = f"{len(prompts)} caption{'s' if len(prompts) > 1 else ''}"
     return f"validation prompts: {count} of the training set (validation.prompts unset): {shown}"
 
