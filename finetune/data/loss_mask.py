@@ -103,6 +103,24 @@ def alpha_mask(raw: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(raw).convert("RGBA").getchannel("A")
 
 
+def opaque_images(usable: list, config) -> list[str]:
+    """The images (each once, in order) data.loss_mask.source alpha finds no transparency in, which train whole; not those
+    of a data.folders entry with loss_mask: false, trained whole by choice."""
+    if config.loss_mask.source != "alpha":
+        return []
+    masked = [example for example in usable if not config.folders or config.folders[example.folder_index].loss_mask]
+    return list(dict.fromkeys(example.source for example in masked if example.mask_area is None))
+
+
+def opaque_images_warning(sources: list[str], named: int = 3) -> str:
+    """One line for every opaque image however many (a folder of JPEGs said one line each), the first few by name."""
+    if len(sources) == 1:
+        return f"image {sources[0]} has no transparency: it trains whole (data.loss_mask.source alpha); add an alpha channel to mask it"
+    names = ", ".join(Path(source).name for source in sources[:named]) + (", ..." if len(sources) > named else "")
+    return (f"{len(sources)} images have no transparency ({names}): their loss is unmasked, they train whole "
+            "(data.loss_mask.source alpha); add an alpha channel to mask them")  # fmt: skip
+
+
 def mask_digest(mask: Image.Image) -> str:
     """A hash of a mask's pixels (8-bit greyscale, as read): the name of its views in the latent cache."""
     return hashlib.blake2b(f"{mask.width}x{mask.height}".encode() + mask.tobytes(), digest_size=16).hexdigest()

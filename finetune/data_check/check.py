@@ -32,7 +32,7 @@ from finetune.data.epoch_uses import expand_repeats
 from finetune.data.image_folder_datasets import image_dir_advice
 from finetune.data.image_warnings import pillow_warning_line, pillow_warnings
 from finetune.data.images import decode, file_stamp, float_levels_problem, has_alpha, holds_8_bit_values, is_16_bit, pixel_digest, turned_on_its_side, upright_rgb
-from finetune.data.loss_mask import alpha_mask, image_sharing_mask, mask_area, mask_digest, mask_path, read_mask_file
+from finetune.data.loss_mask import alpha_mask, image_sharing_mask, mask_area, mask_digest, mask_path, opaque_images, opaque_images_warning, read_mask_file
 from finetune.data.sources import Example, data_folders, read_examples
 from finetune.data.views import cut, plan_cover_crop
 from finetune.data_check.checked_once import kept_check
@@ -220,9 +220,8 @@ def inspect_loss_mask(example: Example, raw, config: DataConfig) -> tuple[Exampl
         return example, []  # its folder trains whole (data.folders loss_mask: false)
     if settings.source == "alpha":
         mask = alpha_mask(raw) if has_alpha(raw) else None
-        if mask is None or mask.getextrema()[0] == 255:  # no alpha channel, or one opaque everywhere
-            message = f"image {source} has no transparency: it trains whole (data.loss_mask.source alpha); add an alpha channel to mask it"
-            return example, [Finding(WARNING, source, message)]
+        if mask is None or mask.getextrema()[0] == 255:  # no alpha channel, or one opaque everywhere: said for all at once (masks_out_of_view)
+            return example, []
         named, load = f"the transparency of image {source}", functools.partial(_loaded_alpha_mask, example.load)
     else:
         path = mask_path(source, settings)
@@ -310,12 +309,17 @@ def _copies_remedy(config: DataConfig) -> str:
 
 
 def masks_out_of_view(report: DataReport, targets: list[Size]) -> list[Finding]:
-    """Fatal findings for masks that train nothing as the data is read: a centre crop (or bucket) that
-    leaves the whole mask out (a random crop finds it at times), or source alpha with no transparency at all.
+    """Findings for masks that train nothing as the data is read: a centre crop (or bucket) that leaves the whole
+    mask out (a random crop finds it at times), or source alpha with no transparency at all (fatal), or in some images
+    (one warning for them all).
     The images whose crop leaves their mask out are taken out of `report.usable` too."""
     config, findings = report.config, []
-    if not config.loss_mask.enabled or config.loss_mask.unmasked_weight > 0.0:
+    if not config.loss_mask.enabled:
         return []
+    opaque = opaque_images(report.usable, config)
+    whole = [Finding(WARNING, report.label, opaque_images_warning(opaque))] if opaque else []
+    if config.loss_mask.unmasked_weight > 0.0:
+        return whole
     if config.loss_mask.source == "alpha" and report.usable and all(example.mask_area is None for example in report.usable):
         concept = config.dreambooth_concept
         message = (f"{report.label}: data.loss_mask.source alpha, and {f'none of its {len(report.usable)} images has' if len(report.usable) > 1 else 'its one image has no'} transparency, so none is "
@@ -323,8 +327,8 @@ def masks_out_of_view(report: DataReport, targets: list[Size]) -> list[Finding]:
                    + (f", or set {concept}.loss_mask: false to train this concept whole" if concept else ""))  # fmt: skip
         return [Finding(FATAL, report.label, message)]
     if config.crop == "random":
-        return []
-    blind = []
+        return whole
+    findings, blind = whole, []
     for example, target in zip(report.usable, targets):
         if example.load_mask is not None:
             resized, top_left = plan_cover_crop(example.size, target, "center", None)
