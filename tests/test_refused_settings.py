@@ -136,7 +136,8 @@ def test_a_datasets_settings_without_a_dataset_are_refused(recipe, overrides, sa
     path = Path(__file__).parent.parent / "recipes" / recipe
     with pytest.raises(FinetuneError) as refused:
         load_recipe(path, overrides)
-    assert str(refused.value) == f"override '{overrides[-1]}': {said}"
+    named = " and ".join(f"'{override}'" for override in overrides)  # each of them refused: all named
+    assert str(refused.value) == f"override{'s' if len(overrides) > 1 else ''} {named}: {said}"
     assert load_recipe(path, ["data.image_dir=null", "data.dataset=some/dataset", *overrides]) if recipe == "lora.yaml" else True
 
 

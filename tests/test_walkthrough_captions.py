@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -127,6 +128,19 @@ def test_one_bucket_made_by_a_resolution_on_the_command_line_names_that_override
     recipe.write_text("data: {image_dir: x, resolution: 512, bucketing: {enabled: true, step: 64}}\n")
     with pytest.raises(FinetuneError, match=r"^override 'data.resolution=64': key 'data': data.bucketing at data.resolution 64 has one bucket"):
         load_recipe(recipe, ["data.resolution=64"])
+
+
+def test_one_bucket_made_by_two_overrides_names_both_and_the_bucketing_one_alone(tmp_path):
+    """recipes/lora.yaml data.resolution=64 data.bucketing.enabled=true (bucketing off in the recipe): the error blamed the
+    resolution, fine before the bucketing override turned on the default step of 64 that leaves the square its one bucket."""
+    lora = Path(__file__).parent.parent / "recipes" / "lora.yaml"
+    with pytest.raises(FinetuneError, match=r"^overrides 'data.resolution=64' and 'data.bucketing.enabled=true': key 'data': data.bucketing at "
+                                            r"data.resolution 64 has one bucket.*: lower data.bucketing.step"):  # fmt: skip
+        load_recipe(lora, ["data.image_dir=x", "data.resolution=64", "data.bucketing.enabled=true"])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: {image_dir: x, resolution: 64}\n")  # was: the file named, its resolution not the one changed
+    with pytest.raises(FinetuneError, match=r"^override 'data.bucketing.enabled=true': key 'data': data.bucketing at data.resolution 64"):
+        load_recipe(recipe, ["data.bucketing.enabled=true"])
 
 
 def test_kohya_folders_without_captions_are_suggested_with_their_name_as_the_prompt(tmp_path, capsys):

@@ -178,7 +178,7 @@ class DataConfig(Section):
                   if value is not None]  # fmt: skip
         fix = (f"lower data.bucketing.step to a multiple of 8 that divides {resolution}, at most {resolution // 2}" if 2 * step > resolution
                else " or ".join(limits))  # fmt: skip
-        # data.resolution named: where it came from the command line (data.resolution=64), the error names that override, not the recipe
+        # data.resolution and data.bucketing named: the error names each override of them (data.resolution=64, data.bucketing.enabled=true), not the recipe
         return (f"data.bucketing at data.resolution {resolution} has one bucket, the {resolution}x{resolution} square (sides {low}-{high} in steps of {step}), so every image "
                 f"would be cropped as without bucketing: {fix}")  # fmt: skip
 

@@ -69,10 +69,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
             # data.folders=[...] and its data.folders.0.repeats; validation.prompts.0=... and its list validation.prompts
             if named and (named.group(1) == key or named.group(1).startswith(key + ".") or re.fullmatch(rf"{re.escape(named.group(1))}\.\d+", key)):
                 raise FinetuneError(f"override '{override}'{str(err).removeprefix(str(path))}") from None
-        for override in reversed(overrides):  # a check across keys names the settings it compares ("train.max_steps (12)")
-            key = _override_key(override)
-            if re.search(rf"(?<![\w.]){re.escape(key)}(?![\w.])", str(err)):
-                raise FinetuneError(f"override '{override}'{str(err).removeprefix(str(path))}") from None
+        if causes := _overrides_named(str(err), overrides):  # a check across keys: each override it names is a cause
+            named = " and ".join(f"'{cause}'" for cause in causes)
+            raise FinetuneError(f"override{'s' if len(causes) > 1 else ''} {named}{str(err).removeprefix(str(path))}") from None
         raise
     print_unused_settings(raw, recipe)
     # A run's record (recipe_as_run.yaml, resumed from) holds the paths its run read from the folder it started in; its
@@ -155,6 +154,15 @@ def _length_from_the_command_line(raw: dict[str, Any], overrides: list[str]) -> 
         train = raw.get("train")
         if f"train.{key}" in given and f"train.{other}" not in given and isinstance(train, dict) and train.get(key) is not None:
             train.pop(other, None)
+
+
+def _overrides_named(message: str, overrides: list[str]) -> list[str]:
+    """The overrides (the last of each key, in command-line order) a check across keys names: by their key ("train.max_steps
+    (12)"), or by a section they set a key of ("data.bucketing at data.resolution 64" names data.bucketing.enabled=true,
+    which turned that bucketing on: blaming data.resolution=64 alone told to change what had been fine before)."""
+    named = set(re.findall(r"(?<![\w.])[a-z_]+(?:\.\w+)+(?![\w.])", message))
+    last = {_override_key(override): override for override in overrides}
+    return [override for key, override in last.items() if any(key == name or key.startswith(name + ".") for name in named)]
 
 
 def _override_key(override: str) -> str:
