@@ -252,3 +252,16 @@ def test_half_given_control_options_are_one_line_before_any_model_loads(case, ti
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert re.search(pattern, err), err
+
+
+def test_a_conditioning_scale_over_the_webuis_weights_is_said_once_and_sampled(tiny_model, runs, condition, tmp_path, capsys):
+    """--conditioning-scale 2.5 is recorded in each image's ControlNet unit, whose weight the webui's extension (a 0-2
+    slider) will not set from PNG Info: one line says so, and the images are drawn at it all the same."""
+    controlnet = ["--controlnet", str(runs["trained"]), "--condition", str(condition)]
+    sample(tiny_model, tmp_path / "strong", *controlnet, "--conditioning-scale", "2.5")
+    notes = [line for line in capsys.readouterr().out.splitlines() if "--conditioning-scale" in line]
+    assert notes == ["note: --conditioning-scale 2.5 is over 2, the most the webui's ControlNet extension takes as a unit's weight: the images "
+                     "record it (ControlNet 0: Weight), and its PNG Info will not set that weight from them (sampling goes on at it)"]  # fmt: skip
+    assert "Weight: 2.5" in Image.open(tmp_path / "strong" / "00000-prompt0_seed0.png").text["parameters"]
+    sample(tiny_model, tmp_path / "within", *controlnet, "--conditioning-scale", "2")
+    assert "--conditioning-scale" not in capsys.readouterr().out

@@ -34,7 +34,7 @@ from finetune.sampling.adapters_as_trained import adapters_clip_skip, adapters_m
 from finetune.sampling.pipelines import build_pipeline, denoising_bar, generate_with_settings, make_grid, read_prompts_as_trained
 from finetune.sampling.placement import inference_placement, out_of_device_memory, place, placement_line
 from finetune.sampling.prompt_options import guidance_notes, prompts_settings, webui_syntax_notes
-from finetune.sampling.sample_files import PARAMETERS, parameters_text, webui_controlnet, webui_lora, write_numbered
+from finetune.sampling.sample_files import PARAMETERS, parameters_text, webui_controlnet, webui_lora, webui_weight_note, write_numbered
 from finetune.sampling.samplers import DEFAULT_SAMPLER, spacing_steps_problem
 
 def load_lora_into(pipeline, lora: LoRA, lora_file: Path, adapter_name: str) -> None:
@@ -213,7 +213,10 @@ def sample_to_folder(
     check_control_options(controlnet, condition, conditioning_scale)
     placement = inference_placement(device, precision)
     settings = prompts_settings(prompts, negative_prompt, seed, guidance, steps, sampler)  # before anything loads
-    for note in guidance_notes(settings) + webui_syntax_notes(settings):
+    notes = guidance_notes(settings) + webui_syntax_notes(settings)
+    if controlnet is not None and conditioning_scale is not None and (weight := webui_weight_note(conditioning_scale)):
+        notes.append(weight)  # the images record a weight the webui's ControlNet unit will not take
+    for note in notes:
         print(f"note: {note}")
     recorded = saved_model_metadata(resolve_controlnet_folder(controlnet)) if controlnet is not None else {}
     if (made := recorded_conditioning(recorded)) and not (condition and made_as_recorded(condition, recorded)):

@@ -23,6 +23,7 @@ NUMBER_WIDTH = 5  # 00000-, as the webui's; more runs than that just take more d
 # The PNG text chunk an image's settings are written in, as the webui writes them and its PNG Info tab reads them: runs
 # of several samplers and step counts in one folder were told apart only by their numbers.
 PARAMETERS = "parameters"
+WEBUI_CONTROLNET_WEIGHTS = (0.0, 2.0)  # sd-webui-controlnet's unit weight slider: its PNG Info sets no weight outside it
 _NUMBERED = re.compile(r"^(\d+)-")
 
 
@@ -73,6 +74,17 @@ def controlnet_unit_text(model: str, weight: float) -> str:
     fields = {"Module": "none", "Model": model, "Weight": float(weight), "Resize Mode": "Crop and Resize", "Guidance Start": 0.0,
               "Guidance End": 1.0, "Pixel Perfect": False, "Control Mode": "Balanced"}
     return ", ".join(f"{field}: {value}" for field, value in fields.items())
+
+
+def webui_weight_note(weight: float) -> str | None:
+    """A line where `weight` (--conditioning-scale) is outside the 0 to 2 of the webui's ControlNet unit weight slider:
+    the images record it (`controlnet_unit_text`), and the webui's PNG Info leaves a weight it cannot take unset. None within."""
+    low, high = WEBUI_CONTROLNET_WEIGHTS
+    if low <= weight <= high:
+        return None
+    side = f"over {high:g}, the most" if weight > high else f"below {low:g}, the least"
+    return (f"--conditioning-scale {weight:g} is {side} the webui's ControlNet extension takes as a unit's weight: the images record it "
+            "(ControlNet 0: Weight), and its PNG Info will not set that weight from them (sampling goes on at it)")  # fmt: skip
 
 
 def webui_controlnet(controlnet: str) -> str:
