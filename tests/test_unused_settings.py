@@ -37,8 +37,9 @@ def test_a_subject_no_validation_prompt_names_is_warned_of(capsys):
     bucket = ["validation.prompts=[a photo of sks dog in a bucket, a photo of a dog]"]  # listed: the recipe's own (null) follow the instance prompt
     load_recipe(RECIPES / "dreambooth_lora.yaml", STAR + bucket + ["dreambooth.concepts.0.instance_prompt=a photo of zwx cat"])
     assert capsys.readouterr().err == (
-        "warning: validation.prompts: none names dreambooth.concepts.0's subject ('zwx cat', the words of its instance_prompt that no "
-        "class prompt has): the grids cannot show it; add one such as 'a photo of zwx cat'\n"
+        "warning: validation.prompts: none of 'a photo of sks dog in a bucket', 'a photo of a dog' names dreambooth.concepts.0's subject "
+        "('zwx cat', the words of its instance_prompt that no class prompt has): the grids cannot show it; add one such as 'a photo of zwx cat', "
+        "or set validation.prompts: null to sample the instance and class prompts\n"
     )
     # the class prompt changed with it: the identifier alone; a prompt naming it (with its own options) is enough
     zwx_cat = STAR + ["dreambooth.concepts.0.instance_prompt=a photo of zwx cat", "dreambooth.concepts.0.class_prompt=a photo of a cat"]

@@ -96,7 +96,9 @@ def _subject_never_sampled(recipe: Recipe) -> list[str]:
     prompts, or captioned per image, has none to tell)."""
     if recipe.method != "dreambooth" or not recipe.validation.all_prompts:
         return []
-    said = set().union(*(_words(recipe.validation.prompt_settings(text).prompt) for text in recipe.validation.all_prompts))
+    prompts = [recipe.validation.prompt_settings(text).prompt for text in recipe.validation.all_prompts]
+    said = set().union(*map(_words, prompts))
+    listed = ", ".join(f"'{prompt}'" for prompt in prompts[:3]) + (f" and {len(prompts) - 3} more" if len(prompts) > 3 else "")
     lines = []
     for i, concept in enumerate(recipe.dreambooth.concepts):
         if concept.use_captions or not concept.instance_prompt or not concept.class_prompts:
@@ -104,8 +106,9 @@ def _subject_never_sampled(recipe: Recipe) -> list[str]:
         class_words = set().union(*map(_words, concept.class_prompts))
         identifier = [word for word in re.findall(r"[\w']+", concept.instance_prompt.lower()) if word not in class_words]
         if identifier and not said & set(identifier):
-            lines.append(f"validation.prompts: none names dreambooth.concepts.{i}'s subject ('{' '.join(identifier)}', the words of its "
-                         f"instance_prompt that no class prompt has): the grids cannot show it; add one such as '{concept.instance_prompt}'")  # fmt: skip
+            lines.append(f"validation.prompts: none of {listed} names dreambooth.concepts.{i}'s subject ('{' '.join(identifier)}', the words of its "
+                         f"instance_prompt that no class prompt has): the grids cannot show it; add one such as '{concept.instance_prompt}', "
+                         "or set validation.prompts: null to sample the instance and class prompts")  # fmt: skip
     return lines
 
 
