@@ -95,3 +95,13 @@ def test_the_shipped_dreambooth_recipes_follow_an_instance_prompt_given_on_the_c
                                               "dreambooth.concepts.0.class_prompt=a photo of a cat"])  # fmt: skip
         assert unset_prompts(recipe, []) == ["a photo of zwx cat", "a photo of a cat"]
         assert capsys.readouterr().err == ""  # no 'none names the subject' warning: the grids do
+
+
+def test_captions_kept_private_are_not_sampled(make_recipe, monkeypatch, capsys):
+    """checkpoint.record_caption_tags: false keeps the captions out of shared files; a grid's labels (copied beside the model
+    card) would show them: no grid, said in the line."""
+    drawn = sampled_prompts(monkeypatch)
+    train(make_recipe(validation__prompts=None, validation__at_start=False, train__max_steps=1, checkpoint__record_caption_tags=False))
+    assert drawn == []
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("validation prompts:")]
+    assert len(lines) == 1 and "checkpoint.record_caption_tags: false keeps the captions out of shared files" in lines[0]

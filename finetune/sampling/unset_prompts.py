@@ -5,7 +5,8 @@ diffusers' example scripts and sd-scripts sample only the prompts they are given
 samples the first few distinct captions of its training set, as they are written (neither shuffled nor dropped: the
 caption a held-out image is scored with), and a DreamBooth run its concepts' instance prompts and, with prior
 preservation, each concept's first class prompt (the subject, and the class the prior keeps). Known once the data is
-checked; said in one line at the run's start.
+checked; said in one line at the run's start. Captions kept out of shared files (checkpoint.record_caption_tags: false) are
+not sampled: a grid's labels show its prompts (SimpleTuner's validation from dataset images warns of the same).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def unset_prompts(recipe, items) -> list[str]:
     """The prompts `validation.prompts: null` stands for, given the checked training items (`training_items()`)."""
     if recipe.method == "dreambooth" and (prompts := dreambooth_prompts(recipe)):
         return prompts
+    if not recipe.checkpoint.record_caption_tags:  # captions kept out of shared files: a grid's labels (the model card's copy) would show them
+        return []
     from finetune.captions.captions import scored_caption  # not at the top: finetune.config imports this module, and captions imports it
 
     prompts = []
@@ -50,6 +53,9 @@ def unset_prompts(recipe, items) -> list[str]:
 def unset_prompts_line(recipe, prompts: list[str]) -> str:
     """The run's line at its start saying what the grids sample in place of validation.prompts."""
     shown = ", ".join(f"'{_shortened(text)}'" for text in prompts)
+    if not prompts and not recipe.checkpoint.record_caption_tags:
+        return ("validation prompts: none (validation.prompts unset, and checkpoint.record_caption_tags: false keeps the captions out of shared "
+                "files, which a grid's labels would show): no grid is sampled; list validation.prompts to sample one")  # fmt: skip
     if not prompts:
         return ("validation prompts: none (validation.prompts unset, and the training set has no captions): no grid is sampled; "
                 "list validation.prompts to sample one")  # fmt: skip
