@@ -13,8 +13,8 @@ from finetune.config.base import Section, UserPath
 from finetune.config.data import DataConfig
 from finetune.config.methods import ControlNetConfig, DreamBoothConfig, FullConfig, LoRAConfig, VAEConfig
 from finetune.config.training import DENOISING_SETTINGS, OptimizerConfig, TrainConfig
-from finetune.data.image_bounds import class_batch_problem, grid_problem
 from finetune.config.validation import ValidationConfig
+from finetune.data.image_bounds import class_batch_problem, grid_problem
 from finetune.errors import FinetuneError
 from finetune.models.init_from_record import text_encoder_switch
 from finetune.sampling.samplers import KARRAS_ON_ZERO_TERMINAL_SNR, steps_problem, trailing_steps_problem
