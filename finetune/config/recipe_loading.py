@@ -21,7 +21,7 @@ from finetune.config import Recipe
 from finetune.config.recipe_keys import describe_validation_error, section_type
 from finetune.config.recipe_paths import require_unambiguous_data_paths
 from finetune.config.recipe_warnings import print_empty_recipe, print_unused_settings
-from finetune.config.run_recipe import EARLIER_RUN_RECIPE, RUN_RECIPE, RUN_RECIPE_HEADER
+from finetune.config.run_recipe import EARLIER_RUN_RECIPE, RUN_RECIPE, RUN_RECIPE_HEADER, read_where_the_run_is
 from finetune.errors import FinetuneError
 
 
@@ -57,6 +57,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         print_empty_recipe(path)
     if not isinstance(raw, dict):
         raise FinetuneError(f"recipe {path} must be a mapping of keys to values at the top level")
+    if text.startswith(RUN_RECIPE_HEADER):  # a run's record: its paths as of where its folder is now (the overrides' are the user's)
+        read_where_the_run_is(raw, path)
     for override in overrides:
         apply_override(raw, override, source=str(path))
     _length_from_the_command_line(raw, overrides)

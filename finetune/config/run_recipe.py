@@ -5,6 +5,7 @@ is theirs: a run wrote `recipe.yaml` there once, over the user's comments and la
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 RUN_RECIPE = "recipe_as_run.yaml"
@@ -33,3 +34,68 @@ def run_recipe_file(folder: Path) -> Path:
     """The recipe a run in `folder` recorded: this version's file, else an earlier version's `recipe.yaml` (which may
     be the user's own recipe, kept there: a recipe too, read only for the run's method, base and length)."""
     return folder / RUN_RECIPE if (folder / RUN_RECIPE).is_file() else folder / EARLIER_RUN_RECIPE
+
+
+def read_where_the_run_is(raw: dict, record: Path) -> None:
+    """A run's record (`raw`, read from `record`) as of where its folder is now. It names the paths its run was given,
+    absolute where they were given so; a run folder copied to another machine, or moved with its project (a parent
+    renamed), kept naming the old places: a resume stopped on its data "not found", and a copy resumed beside its
+    original wrote into the original's folder. Now its output_dir is the folder holding the record; an absolute path
+    inside the run's old folder is inside this one; one not there that lies under the folder the run moved out of
+    (/home/alice/proj/data, the run moved from /home/alice/proj/runs/a to /home/bob/proj/runs/a) is read under the one it
+    moved into, where that holds it. Each path read elsewhere is said in one line. Relative paths stay the current
+    folder's, as in any recipe (`finetune train outputs/lora/recipe_as_run.yaml` is run from the folder the run was)."""
+    from finetune.console import say
+
+    recorded, here = raw.get("output_dir"), Path(os.path.abspath(record.parent))
+    if not isinstance(recorded, str) or _same_folder(Path.cwd() / os.path.expanduser(recorded), here):
+        return
+    old = Path(os.path.abspath(os.path.expanduser(recorded))) if os.path.isabs(os.path.expanduser(recorded)) else None
+    common = _common_tail(old, here) if old is not None else 0
+    roots = (Path(*old.parts[:-common]), Path(*here.parts[:-common])) if common else None
+
+    def moved(value: str) -> str | None:
+        path = Path(os.path.expanduser(value))
+        if old is None or not path.is_absolute():
+            return None
+        path = Path(os.path.abspath(path))
+        if path.is_relative_to(old):  # it moved with the run folder, there or not
+            return str(here / path.relative_to(old))
+        if roots is None or path.exists() or not path.is_relative_to(roots[0]):
+            return None
+        candidate = roots[1] / path.relative_to(roots[0])
+        return str(candidate) if candidate.exists() else None
+
+    read_elsewhere, not_here = [], []
+
+    def rewrite(node, key: str):
+        if isinstance(node, dict):
+            return {name: rewrite(value, f"{key}.{name}" if key else str(name)) for name, value in node.items()}
+        if isinstance(node, list):
+            return [rewrite(value, f"{key}.{index}") for index, value in enumerate(node)]
+        if isinstance(node, str) and (now := moved(node)) is not None and now != node:
+            read_elsewhere.append(f"{key} {now}")
+            return now
+        if isinstance(node, str) and old is not None and os.path.isabs(os.path.expanduser(node)) and not os.path.exists(os.path.expanduser(node)):
+            not_here.append(f"{key} {node}")
+        return node
+
+    raw.update(rewrite({key: value for key, value in raw.items() if key != "output_dir"}, ""))
+    raw["output_dir"] = str(here)
+    line = f"run folder moved: {record.name} names it {recorded}; output_dir is {here}"
+    line += f", {', '.join(read_elsewhere)} (where the run moved)" if read_elsewhere else ""
+    if not_here:  # (not all are read: a resume reads no lora.init_from) the line that stops on one names its key; this says how to give it
+        line += f"; not here: {', '.join(not_here)}: give where each is now after the recipe, as {not_here[0].split()[0]}=PATH"
+    say(line)
+
+
+def _same_folder(path: Path, folder: Path) -> bool:
+    return path.exists() and os.path.samefile(path, folder)
+
+
+def _common_tail(old: Path, new: Path) -> int:
+    """How many trailing parts two folders share by name (runs/a of /home/alice/proj/runs/a and /mnt/proj/runs/a: 3)."""
+    count = 0
+    while count < min(len(old.parts), len(new.parts)) - 1 and old.parts[-1 - count] == new.parts[-1 - count]:
+        count += 1
+    return count
