@@ -1,17 +1,23 @@
 """A finished run folder copied to another machine, or moved with its project (a parent renamed). Its record
 (recipe_as_run.yaml) names the paths its run was given, absolute where they were given so: a resume of the moved folder
-stopped on its data "not found", and a copy resumed beside its original trained on in the original's folder."""
+stopped on its data "not found", and a copy resumed beside its original trained on in the original's folder. sample,
+merge and eval of a moved run whose base did not move said the base was recorded "by its name only", of a run whose
+base_paths.json names where it was."""
 
 import shutil
 
+import pytest
 import yaml
 
 from finetune.cli.main import main
 from finetune.config.recipe_loading import load_recipe
 from finetune.config.run_recipe import RUN_RECIPE, write_run_recipe
-from finetune.outputs.base_names import read_base_paths
+from finetune.errors import FinetuneError
+from finetune.outputs.base_names import BASE_PATHS_FILE, read_base_paths
+from finetune.sampling.adapter_records import recorded_base
 
 from conftest import build_recipe
+from test_moved_base import lora_recording
 
 
 def recorded_run(project, **more):
@@ -95,3 +101,10 @@ def test_a_moved_run_resumes_and_samples_from_its_new_place(tiny_model, image_fo
     assert (run / "checkpoints" / "checkpoint-2").is_dir() and not (tmp_path / "alice").exists()
     assert read_base_paths(run) == {"tiny": str(tmp_path / "bob" / "proj" / "models" / "tiny")}  # where sample finds it from now on
 
+
+def test_a_moved_runs_base_not_there_is_said_with_where_the_run_had_it(tmp_path):
+    lora = lora_recording(tmp_path / "bob" / "a" / "pytorch_lora_weights.safetensors", "sd15")
+    (tmp_path / "bob" / "a" / BASE_PATHS_FILE).write_text('{"sd15": "/home/alice/models/sd15"}')
+    with pytest.raises(FinetuneError, match=rf"^pass --base MODEL: {lora} was trained on /home/alice/models/sd15 \(its run's {BASE_PATHS_FILE}\), "
+                                            r"which is not there from here, nor a folder of its name \(sd15\) above it: give where that base is now$"):  # fmt: skip
+        recorded_base(lora, None)

@@ -14,7 +14,7 @@ from finetune.errors import FinetuneError, looked_for_here
 from finetune.formats.kohya_metadata import finetune_metadata_from_kohya
 from finetune.formats.lora_kinds import lora_layout
 from finetune.models.model_source import looks_like_hub_id, spelled_as_hub_id
-from finetune.outputs.base_names import local_base_path, shared_base_name
+from finetune.outputs.base_names import BASE_PATHS_FILE, local_base_path, shared_base_name
 
 
 def lora_header(path: Path) -> tuple[list[str], dict[str, str]]:
@@ -85,6 +85,9 @@ def recorded_base(lora: str | None, controlnet: str | None) -> str:
         adapter = f" ({lora or controlnet} records none)" if lora or controlnet else ""
         raise FinetuneError(f"pass --base MODEL: the base model to use{adapter}")
     found = found_from_adapter(recorded, lora or controlnet)
+    if found is None and (local := local_base_path(recorded, lora or controlnet)) is not None:  # its run folder copied or moved, its base not
+        raise FinetuneError(f"pass --base MODEL: {lora or controlnet} was trained on {local} (its run's {BASE_PATHS_FILE}), which is not there "
+                            f"from here, nor a folder of its name ({recorded}) above it: give where that base is now")  # fmt: skip
     if found is None and recorded == shared_base_name(recorded) and not spelled_as_hub_id(recorded):  # a file taken out of its run folder
         raise FinetuneError(f"pass --base MODEL: {lora or controlnet} records the base by its name only, {recorded} (shared files name no folders), "
                             "and no folder above it holds one of that name")
