@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from kohya_helpers import sd_scripts_round_trip
-from test_quickstart import python_block
+from test_quickstart import pasted_in_its_folder
 
 from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
 from finetune.cli.main import main
@@ -73,8 +73,7 @@ def test_a_lora_trained_with_clip_skip_records_it_and_is_sampled_with_it(tiny_mo
     [card_path] = (tmp_path / "kohya").glob("*.md")
     assert "set *Clip skip* to 2 in the webui" in card_path.read_text()
     namespace: dict = {}  # the card's diffusers code, pasted, encodes prompts without the last layer
-    monkeypatch.chdir(tiny_model.parent)  # the card names its local base by name only: pasted beside it
-    exec(python_block(card_path), namespace)
+    exec(pasted_in_its_folder(card_path, tiny_model, monkeypatch), namespace)
     assert layer_count(namespace["pipeline"].text_encoder) == whole - 1
 
     # eval samples with it and its report says so.

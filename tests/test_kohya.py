@@ -195,7 +195,7 @@ def test_merge_equals_the_lora_at_that_strength(trained, tiny_model, tmp_path, c
     assert "strength" in (tmp_path / "merged" / "README.md").read_text()
 
 
-def test_export_command_writes_metadata_and_a_model_card(trained, tiny_model, tmp_path, capsys):
+def test_export_command_writes_metadata_and_a_model_card(trained, tiny_model, tmp_path, capsys, monkeypatch):
     assert main(["export", str(trained.path), str(tmp_path / "webui"), "--to", "kohya"]) == 0
     path, webui = tmp_path / "webui" / "striped-lora.safetensors", tmp_path / "webui"
     assert capsys.readouterr().out.strip() == (f"wrote {path} (kohya layout), its model card {webui / 'striped-lora.md'}, "
@@ -227,8 +227,9 @@ def test_export_command_writes_metadata_and_a_model_card(trained, tiny_model, tm
     assert metadata["finetune.steps"] == "150" and not any(k.startswith("ss_") for k in metadata)
     ours_card = (tmp_path / "ours" / "README.md").read_text()
     assert "pipeline.load_lora_weights" in ours_card
-    # The webui conversion that card gives runs as written, into the same folder.
-    convert = ours_card.split("Convert first: `finetune ", 1)[1].split("`", 1)[0].split()
+    # The webui conversion that card gives runs as written in its folder, into the same folder.
+    convert = ours_card.split("Convert first, in this card's folder: `finetune ", 1)[1].split("`", 1)[0].split()
+    monkeypatch.chdir(tmp_path / "ours")
     assert main(convert) == 0 and (tmp_path / "ours" / "ours.safetensors").is_file() and (tmp_path / "ours" / "ours.md").is_file()
 
 

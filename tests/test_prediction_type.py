@@ -7,7 +7,7 @@ import pytest
 from safetensors import safe_open
 
 from kohya_helpers import sd_scripts_round_trip
-from test_quickstart import python_block
+from test_quickstart import pasted_in_its_folder
 
 from finetune.checkpoints.run_files import CONTROLNET_DIR, LORA_WEIGHTS_NAME
 from finetune.checkpoints.run_files import METADATA_FILE
@@ -71,8 +71,7 @@ def test_sample_merge_and_export_follow_a_v_prediction_adapter(adapters, tiny_mo
     # The export's model card: its diffusers code, pasted, samples as v.
     namespace: dict = {}
     [card] = (tmp_path / "kohya").glob("*.md")
-    monkeypatch.chdir(tiny_model.parent)  # the card names its local base by name only: pasted beside it
-    exec(python_block(card), namespace)
+    exec(pasted_in_its_folder(card, tiny_model, monkeypatch), namespace)
     assert namespace["pipeline"].scheduler.config.prediction_type == "v_prediction"
 
 
@@ -158,8 +157,7 @@ def test_zero_terminal_snr_trains_on_the_rescaled_schedule_and_everything_sample
     metadata, theirs = sd_scripts_round_trip(run, tmp_path / "kohya")
     assert metadata["ss_zero_terminal_snr"] == "True" and theirs.metadata["finetune.zero_terminal_snr"] == "true"
     namespace: dict = {}  # the export's model card: its diffusers code, pasted, samples on that schedule
-    monkeypatch.chdir(tiny_model.parent)  # the card names its local base by name only: pasted beside it
-    exec(python_block(next((tmp_path / "kohya").glob("*.md"))), namespace)
+    exec(pasted_in_its_folder(next((tmp_path / "kohya").glob("*.md")), tiny_model, monkeypatch), namespace)
     assert namespace["pipeline"].scheduler.config.rescale_betas_zero_snr is True
     with pytest.raises(FinetuneError, match=r"adapters trained on different noise schedules cannot be combined"):
         adapters_zero_terminal_snr({"zsnr": theirs.metadata, "plain": {"finetune.method": "lora"}})

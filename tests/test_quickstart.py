@@ -29,19 +29,26 @@ def python_block(card: Path) -> str:
     return text.split("```python\n", 1)[1].split("```", 1)[0]
 
 
+def pasted_in_its_folder(card: Path, base: Path, monkeypatch) -> str:
+    """A LoRA card's diffusers code as a reader runs it: in the card's folder (its code loads the LoRA from "."), with the
+    base it names by name only beside it."""
+    (card.parent / base.name).symlink_to(base)
+    monkeypatch.chdir(card.parent)
+    return python_block(card)
+
+
 def test_the_model_cards_diffusers_code_runs_on_the_shipped_base(quickstart_lora, tmp_path, capsys, monkeypatch):
     """What `finetune export` and `finetune merge` tell a user to paste, pasted: the shipped base keeps
     an fp16 text encoder beside fp32 parts, which mixed dtypes in a plain from_pretrained. The LoRA's card names its
-    local base by name only (a shared file names no folders of this machine): pasted where that folder is."""
+    local base by name only (a shared file names no folders of this machine): pasted in its folder, the base beside it."""
     assert main(["export", str(quickstart_lora), str(tmp_path / "webui"), "--to", "kohya"]) == 0
     assert main(["merge", "--base", str(SHIPPED_BASE), "--lora", str(tmp_path / "webui"), str(tmp_path / "merged")]) == 0
     exported = [path.with_suffix(".md") for path in (tmp_path / "webui").glob("*.safetensors")]
     assert len(exported) == 1 and exported[0].is_file(), sorted(path.name for path in (tmp_path / "webui").iterdir())  # its card, beside it
     assert f'# "{SHIPPED_BASE.name}": the base it was trained on' in exported[0].read_text()
-    monkeypatch.chdir(SHIPPED_BASE.parent)
-    for card in (*exported, tmp_path / "merged" / "README.md"):
+    for card, code in ((exported[0], pasted_in_its_folder(exported[0], SHIPPED_BASE, monkeypatch)), (tmp_path / "merged" / "README.md", None)):
         namespace: dict = {}
-        exec(python_block(card), namespace)
+        exec(code or python_block(card), namespace)
         image = namespace["pipeline"]("a star", num_inference_steps=1, output_type="np").images[0]
         assert image.shape == (64, 64, 3) and np.isfinite(image).all(), card
 

@@ -78,6 +78,7 @@ def test_a_run_on_a_relative_base_shares_its_name_and_finds_it_from_another_fold
         assert "models/sd15" not in json.dumps(metadata) and str(tmp_path) not in json.dumps(metadata), path
     card = (tmp_path / "webui" / "cat.md").read_text()
     assert "| base model | `sd15` |" in card and 'from_pretrained("sd15"' in card and str(project) not in card
+    assert str(tmp_path) not in card and 'load_lora_weights(".", weight_name="cat.safetensors"' in card  # nor its own folder's path
     # merge without --base takes the path from the run's record, never given: its pipeline's record and card name it.
     assert main(["merge", "--lora", str(run), str(tmp_path / "merged")]) == 0
     assert json.loads((tmp_path / "merged" / METADATA_FILE).read_text())["finetune.base_model"] == "sd15"
@@ -91,7 +92,7 @@ def test_a_run_on_a_relative_base_shares_its_name_and_finds_it_from_another_fold
     with safe_open(str(tmp_path / "old-export" / LORA_WEIGHTS_NAME), "np") as f:
         assert f.metadata()["finetune.base_model"] == "sd15"
     card = (tmp_path / "old-export" / "README.md").read_text()
-    assert "| base model | `sd15` |" in card and str(project) not in card
+    assert "| base model | `sd15` |" in card and str(project) not in card and str(tmp_path) not in card
 
 
 def test_a_controlnet_in_a_runs_checkpoint_finds_its_base_by_the_runs_record(tmp_path, monkeypatch):

@@ -394,7 +394,9 @@ def test_the_model_card_of_a_lora_trained_on_a_single_file_loads_it_with_from_si
     code = card.split("```python\n", 1)[1].split("```", 1)[0]
     assert f'from_single_file("{path.name}", config="{configs.name}", torch_dtype=dtype)' in code, code
     assert f'# "{path.name}": the base it was trained on, a local file (its configs "{configs.name}" too) named by its name only' in code
-    monkeypatch.chdir(path.parent)  # pasted where the base and its configs are
+    for named in (path, configs):  # pasted in the card's folder (it loads the LoRA from "."), the base and its configs beside it
+        (tmp_path / "webui" / named.name).symlink_to(named)
+    monkeypatch.chdir(tmp_path / "webui")
     namespace: dict = {}
     exec(code, namespace)  # from_pretrained raised here: "model.safetensors" is no folder
     assert namespace["pipeline"].get_active_adapters() == ["lora"]

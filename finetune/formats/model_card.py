@@ -227,7 +227,8 @@ def write_model_card(
         "",
         "```python",
         *base_loading_code(meta.get("finetune.base_model"), meta.get("finetune.base_config")),
-        f'pipeline.load_lora_weights("{path.parent}", weight_name="{path.name}", adapter_name="lora")  # this folder',
+        # Not its path here (/home/alice/...): the creator's folders, in a card shared wherever the file goes.
+        f'pipeline.load_lora_weights(".", weight_name="{path.name}", adapter_name="lora")  # this card\'s folder: run it there, or give its path',
         'pipeline.set_adapters(["lora"], adapter_weights=[1.0])  # the strength',
     ]
     if meta.get("finetune.max_token_length"):
@@ -269,7 +270,7 @@ def write_model_card(
             f"In webui, add `<lora:{path.stem}:1.0>` to the prompt; in ComfyUI, use a *Load LoRA* node.",
         ]
     else:
-        lines += [f"Convert first: `finetune export {path} {path.parent} --to kohya`, then copy the `.safetensors` file to `models/Lora/`."]
+        lines += [f"Convert first, in this card's folder: `finetune export {path.name} . --to kohya`, then copy the `.safetensors` file to `models/Lora/`."]
     lines += ["", f"Fold it into the base model instead: `{merge}`.", ""]
     card = model_card_path(path, layout)
     atomic_write_text(card, "\n".join(lines))  # whole or not there: a Ctrl-C while it was written left half a card
