@@ -125,3 +125,27 @@ def test_the_shuffled_tags_warning_reads_a_caption_s_lines_as_training_does():
     assert len({training_caption(caption, data, seed=0, epoch=epoch, index=0) for epoch in range(20)}) > 1  # training moves its tags
     assert any_tags_to_move([Example("x/0.png", caption, lambda: None)], data)
     assert not any_tags_to_move([Example("x/0.png", "sks, dog\ngrass, sky", lambda: None)], data)  # two lines, each of one tag to move
+
+
+def test_a_partial_file_whose_writer_on_this_machine_has_ended_is_removed_at_once(tmp_path):
+    """What a run killed mid-write (SIGKILL, the OOM killer) leaves: it never kept a restarted run from writing its entries
+    (each write has a partial file of its own), but stayed an hour, a Ctrl-C'd run's restart and each after it leaving it
+    there. Its name now says its writer: one of this machine that has ended is removed when a cache next opens the folder;
+    one still running, one of another machine (a shared disk) or of a finetune that named none waits for the hour."""
+    import subprocess
+    import sys
+
+    from finetune.data.cache import HOST, partial_path
+
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait()
+    killed = partial_path(tmp_path, "a", pid=ended.pid)
+    running = partial_path(tmp_path, "b")  # this process's
+    elsewhere = tmp_path / killed.name.replace(f"@{HOST}.", f"@{HOST}x.")
+    unnamed = tmp_path / ".d.0123456789abcdef0123456789abcdef.partial"
+    for path in (killed, running, elsewhere, unnamed):
+        path.write_bytes(b"half an entry")
+    cache = EncodingCache(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (running, elsewhere, unnamed))
+    cache.lookup(["a"], lambda rows: torch.ones(len(rows), 3), torch.device("cpu"))  # its entry written as ever
+    assert (tmp_path / "a.safetensors").is_file()

@@ -14,11 +14,15 @@ import contextlib
 import errno
 import hashlib
 import json
+import os
+import re
+import socket
 import time
 import uuid
 from pathlib import Path
 from typing import Callable
 
+import psutil
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -28,8 +32,32 @@ from finetune.counts import counted
 from finetune.errors import FinetuneError
 from finetune.training.device_copy import to_device
 
-# A partial file this old was left by a run that was killed mid-write (a live write takes well under a second).
+# A partial file this old was left by a run that was killed mid-write (a live write takes well under a second): what
+# tells one whose writer is on another machine (a cache_dir on a shared disk), or of a finetune that did not name it.
 STALE_PARTIAL_SECONDS = 3600
+# This machine as a partial file's name says it: a host name's dots would split the name where its parts are read.
+HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
+
+
+def partial_path(folder: Path, key: str, pid: int | None = None) -> Path:
+    """Where a process (`pid`, this one by default) writes entry `key` before renaming it: its own file, named with
+    its writer (pid@host), so that one its writer left, killed mid-write, is told from one being written."""
+    return folder / f".{key}.{os.getpid() if pid is None else pid}@{HOST}.{uuid.uuid4().hex}.partial"
+
+
+def writer_gone(partial: Path, written: float) -> bool:
+    """Whether the process that wrote `partial` (at `written`, its mtime) is one of this machine that has ended: no
+    process has its pid, or the one that has it started after the file was written. A partial of another machine,
+    or of a finetune whose partials named no writer, cannot be told: False."""
+    named = re.fullmatch(r"\.[^.]+\.(\d+)@([A-Za-z0-9_-]+)\.[0-9a-f]{32}\.partial", partial.name)
+    if named is None or named.group(2) != HOST:
+        return False
+    try:
+        return psutil.Process(int(named.group(1))).create_time() > written
+    except psutil.NoSuchProcess:
+        return True
+    except (psutil.Error, OSError):  # (no permission to see it: a live process of another user)
+        return False
 
 
 def caption_key(caption: str, chunks: int = 1) -> str:
@@ -86,10 +114,12 @@ class EncodingCache:
                              f"{remedy} another train.cache_dir (or remove it to cache in memory)")  # fmt: skip
 
     def _remove_stale_partial_files(self) -> None:
-        """Partial files a killed run left (SIGKILL, power loss); a young one may be another process's write."""
+        """Partial files a killed run left (SIGKILL, power loss; a Ctrl-C leaves none): at once where their writer was a
+        process of this machine that has ended; else once old, a young one maybe another live process's write."""
         for partial in self.folder.glob(".*.partial"):
             try:
-                if time.time() - partial.stat().st_mtime > STALE_PARTIAL_SECONDS:
+                written = partial.stat().st_mtime
+                if time.time() - written > STALE_PARTIAL_SECONDS or writer_gone(partial, written):
                     partial.unlink()
             except OSError:  # renamed or removed by its writer meanwhile, or a read-only cache (still read from)
                 pass
@@ -131,10 +161,11 @@ class EncodingCache:
         if self.folder is not None:
             # Its own partial file: several processes may write the same entry at once (every one
             # encodes the DreamBooth instance prompt at the first step), each then renames its own.
-            partial = self.folder / f".{key}.{uuid.uuid4().hex}.partial"
+            partial = partial_path(self.folder, key)
             try:
                 save_file({"value": value}, str(partial))
-                partial.replace(self.folder / f"{key}.safetensors")
+                with contextlib.suppress(FileNotFoundError):  # taken for a dead writer's by a process that shares this host
+                    partial.replace(self.folder / f"{key}.safetensors")  # name but not its pids (a container's): held in memory
             except OSError as err:  # a full disk mid-run, or a read-only cache that misses an entry
                 raise self._unwritable(err) from None
             finally:  # a full disk or a second Ctrl-C mid-write leaves no partial file behind
