@@ -103,3 +103,20 @@ def test_export_checkpoint_to_a_suffix_in_capitals_is_told_the_lowercase_name(tm
         check_export_checkpoint_output(SHIPPED_BASE, tmp_path / "Model.SafeTensors", overwrite=False)
     assert str(refused.value) == (f"export-checkpoint output {tmp_path / 'Model.SafeTensors'} ends in .SafeTensors: give it as Model.safetensors "
                                   "(diffusers and finetune know a single-file model by its suffix, in lowercase)")  # fmt: skip
+
+
+def test_a_base_folder_whose_weights_end_in_capitals_is_told_to_rename_them(tmp_path):
+    """A pipeline folder copied from Windows (unet/diffusion_pytorch_model.SafeTensors) was said to have "no weights in unet:
+    copy the whole pipeline folder again", of weights that are there: finetune looked for them by a lowercase pattern alone.
+    Found in any case now; where the disk tells case apart, diffusers, which opens the lowercase name, would not find them:
+    said before torch loads, with the rename that fixes it."""
+    import shutil
+
+    base = tmp_path / "copied"
+    shutil.copytree(SHIPPED_BASE, base)
+    for weights in (base / "unet").glob("*.safetensors"):
+        weights.rename(weights.with_name(weights.name.replace(".safetensors", ".SafeTensors")))
+    said = said_without_the_training_stack([["sample", "--base", str(base), "--prompt", "a star", "--out", str(tmp_path / "out")]])
+    assert said == [f"base model folder {base}: unet/diffusion_pytorch_model.SafeTensors ends in .SafeTensors, and diffusers opens "
+                    "unet/diffusion_pytorch_model.safetensors by that name, in lowercase (a folder copied from Windows?): rename its "
+                    "weights files to end in .safetensors"]  # fmt: skip

@@ -40,10 +40,36 @@ def read_config(path: Path, name: str) -> dict:
 WEIGHTS_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}  # as save_pretrained names them
 
 
+WEIGHTS_SUFFIXES = (".safetensors", ".bin")
+
+
+def files_ending(folder: Path, suffix: str) -> list[Path]:
+    """`folder`'s files ending in `suffix` (lowercase) in any letter case, sorted: a folder copied from Windows may name
+    them model.SafeTensors, which a disk that ignores case (macOS's, Windows') serves as model.safetensors too."""
+    try:
+        return sorted(file for file in folder.iterdir() if file.name.lower().endswith(suffix))
+    except OSError:  # no such folder (a part missing is said by its own check)
+        return []
+
+
 def part_weights(path: Path, part: str, variant: str | None = None) -> list[Path]:
     """A part's weights files (safetensors or pickles, whole or sharded), of `variant` (e.g. fp16) where one is given."""
-    files = [*(path / part).glob("*.safetensors"), *(path / part).glob("*.bin")]
+    files = [file for suffix in WEIGHTS_SUFFIXES for file in files_ending(path / part, suffix)]
     return [file for file in files if variant is None or f".{variant}." in file.name or f".{variant}-" in file.name]
+
+
+def misnamed_weights(path: Path, name: str) -> str | None:
+    """Why a folder whose weights end in another letter case (unet/diffusion_pytorch_model.SafeTensors) does not load where
+    the disk tells case apart: diffusers and transformers open each file by its exact name, in lowercase; None where
+    there is none, or the disk finds the file by that name too. Was "has no weights in unet: copy the whole folder again"."""
+    for part in WEIGHTS_STEMS:
+        for weights in part_weights(path, part):
+            suffix = next(suffix for suffix in WEIGHTS_SUFFIXES if weights.name.lower().endswith(suffix))
+            lowered = weights.name[: -len(suffix)] + suffix
+            if lowered != weights.name and not (weights.parent / lowered).is_file():
+                return (f"base model folder {name}: {part}/{weights.name} ends in {weights.name[-len(suffix):]}, and diffusers opens "
+                        f"{part}/{lowered} by that name, in lowercase (a folder copied from Windows?): rename its weights files to end in {suffix}")  # fmt: skip
+    return None
 
 
 def missing_part_file(path: Path, variant: str | None = None) -> str | None:
@@ -78,11 +104,11 @@ def check_part_files(path: Path, name: str) -> None:
         raise FinetuneError(f"base model folder {name}: tokenizer/ has no tokenizer.json (nor {' and '.join(TOKENIZER_FILES)}): copy the whole pipeline folder again")
     check_architecture(path, name)
     for part in PART_CLASSES:
-        if not any((path / part).glob("*.safetensors")):  # (beside safetensors, pickle weights are not read)
-            for weights in sorted((path / part).glob("*.bin")):
+        if not files_ending(path / part, ".safetensors"):  # (beside safetensors, pickle weights are not read)
+            for weights in files_ending(path / part, ".bin"):
                 if refusal := pickle_refusal(weights, f"base model folder {name}: {part}/{weights.name}", "weights"):
                     raise FinetuneError(refusal)
-        for weights in sorted((path / part).glob("*.safetensors")):
+        for weights in files_ending(path / part, ".safetensors"):
             try:
                 with safe_open(str(weights), "np"):  # the header, checked against the file's length ("np": "pt" imports torch, seconds)
                     pass
@@ -98,7 +124,7 @@ def link_to_nothing(path: Path) -> str | None:
     read = [*(path / part / "config.json" for part in PART_CLASSES), path / "scheduler" / "scheduler_config.json",
             *(path / "tokenizer" / file for file in ("tokenizer.json", *TOKENIZER_FILES))]  # fmt: skip
     for part in PART_CLASSES:
-        read += sorted((path / part).glob("*.safetensors")) or sorted((path / part).glob("*.bin"))  # .bin read without safetensors
+        read += files_ending(path / part, ".safetensors") or files_ending(path / part, ".bin")  # .bin read without safetensors
     for file in read:
         if file.is_symlink() and not file.exists():
             return f"{file.relative_to(path).as_posix()} is a link to {os.readlink(file)}, which is not there: put that file back (copy or download the model again)"

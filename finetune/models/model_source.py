@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.models.base_folder import (WEIGHTS_STEMS, check_architecture, check_part_files, check_single_file, check_variant, missing_part_file, part_weights,
+from finetune.models.base_folder import (WEIGHTS_STEMS, check_architecture, check_part_files, check_single_file, check_variant, misnamed_weights, missing_part_file, part_weights,
                                   pickle_refusal, read_config)  # fmt: skip
 from finetune.checkpoints.run_files import CONTROLNET_DIR, LORA_WEIGHTS_NAME, PIPELINE_DIR
 from finetune.config import SINGLE_FILE_SUFFIXES, ModelConfig
@@ -29,6 +29,8 @@ def check_pipeline_parts(path: Path, name: str) -> None:
     for part in WEIGHTS_STEMS:
         if not part_weights(path, part):
             raise FinetuneError(f"base model folder {name} has no weights in {part}: copy the whole pipeline folder again")
+    if misnamed := misnamed_weights(path, name):
+        raise FinetuneError(misnamed)
     check_part_files(path, name)
 
 
