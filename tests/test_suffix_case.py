@@ -1,7 +1,7 @@
 """A file's suffix in capitals (a Windows user's LoRA.SafeTensors, MODEL.SAFETENSORS, old.CKPT) is the suffix it is, wherever
 a base, LoRA or ControlNet path is told apart by it: a LoRA .SafeTensors was refused as "not a .safetensors file: pickle
-checkpoints are not loaded", a base's fit to a LoRA went unchecked, and the demo did not list such files. (A single-file base in
-capitals is told to be renamed, as diffusers reads it by its lowercase suffix: tests/test_base_model_errors.py.)"""
+checkpoints are not loaded", a base's fit to a LoRA went unchecked, and the demo did not list such files. A single-file base in
+capitals, told to be renamed (diffusers reads a single file by its lowercase suffix), loads as it is."""
 
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def test_export_checkpoint_to_a_suffix_in_capitals_is_told_the_lowercase_name(tm
     with pytest.raises(FinetuneError) as refused:
         check_export_checkpoint_output(SHIPPED_BASE, tmp_path / "Model.SafeTensors", overwrite=False)
     assert str(refused.value) == (f"export-checkpoint output {tmp_path / 'Model.SafeTensors'} ends in .SafeTensors: give it as Model.safetensors "
-                                  "(diffusers and finetune know a single-file model by its suffix, in lowercase)")  # fmt: skip
+                                  "(diffusers knows a single-file model by its suffix, in lowercase)")  # fmt: skip
 
 
 def test_a_base_folder_whose_weights_end_in_capitals_is_told_to_rename_them(tmp_path):
@@ -120,3 +120,18 @@ def test_a_base_folder_whose_weights_end_in_capitals_is_told_to_rename_them(tmp_
     assert said == [f"base model folder {base}: unet/diffusion_pytorch_model.SafeTensors ends in .SafeTensors, and diffusers opens "
                     "unet/diffusion_pytorch_model.safetensors by that name, in lowercase (a folder copied from Windows?): rename its "
                     "weights files to end in .safetensors"]  # fmt: skip
+
+
+def test_a_single_file_base_whose_suffix_is_in_capitals_loads_as_it_is(tmp_path):
+    """It was told to rename the file (diffusers would read Model.SafeTensors as a pickle): loading gives diffusers a
+    lowercase name for it, the file itself where the disk ignores case, else a link in a temporary folder."""
+    from test_single_file import assert_loads_back, sd15_shaped_pipeline
+
+    from finetune.formats.single_file_export import export_checkpoint
+
+    pipeline = sd15_shaped_pipeline(tmp_path)
+    pipeline.save_pretrained(tmp_path / "configs")
+    export_checkpoint(tmp_path / "configs", tmp_path / "exported.safetensors")
+    copied = (tmp_path / "exported.safetensors").rename(tmp_path / "Model.SafeTensors")
+    assert_loads_back(copied, tmp_path / "configs", pipeline)
+    assert [p.name for p in tmp_path.iterdir() if p.suffix.lower() == ".safetensors"] == ["Model.SafeTensors"]  # no other name for it left

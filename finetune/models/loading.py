@@ -7,7 +7,9 @@ result is the same `BaseModel` bundle, and a source that is not there is one cle
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,6 +161,26 @@ def at_source_precision(base: BaseModel, names: list[str]) -> dict[str, torch.nn
     return {name: reloaded.get(name, getattr(base, name)) for name in names}
 
 
+@contextmanager
+def lowercase_suffix(path: Path):
+    """`path` as diffusers' single-file loader can read it: by a lowercase suffix, which tells it a safetensors file from a
+    pickle (it read model.SafeTensors as a pickle, and finetune told the user to rename it). The file itself where its
+    suffix is lowercase, or where the disk ignores case (the lowercase name is the same file); else a link by that name
+    in a temporary folder, for the load alone (a file copied from Windows, loaded where it is, as it is)."""
+    lowered = path.with_suffix(path.suffix.lower())
+    if lowered == path or (lowered.exists() and os.path.samefile(lowered, path)):
+        yield lowered
+        return
+    with tempfile.TemporaryDirectory(prefix="finetune-base-") as folder:
+        link = Path(folder) / lowered.name
+        try:
+            link.symlink_to(os.path.abspath(path))
+        except OSError as err:  # (a system without links, where no disk ignores case)
+            raise FinetuneError(f"base model file {path} ends in {path.suffix}, and diffusers reads a single file by its suffix in lowercase "
+                                f"(a link by that name could not be made: {err.strerror or err}): rename it to end in {lowered.suffix}") from None
+        yield link
+
+
 def _load_single_file(config: ModelConfig) -> StableDiffusionPipeline:
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
@@ -167,7 +189,8 @@ def _load_single_file(config: ModelConfig) -> StableDiffusionPipeline:
         kwargs["config"] = config.single_file_config
     config_key = config._single_file_config_key
     try:
-        return StableDiffusionPipeline.from_single_file(config.pretrained, **kwargs)
+        with lowercase_suffix(Path(config.pretrained).expanduser()) as readable:
+            return StableDiffusionPipeline.from_single_file(str(readable), **kwargs)
     except OSError as err:
         if (refused := pickled_object_refused(err)) is not None:  # a .ckpt holding more than tensors: not damaged, and not unpickled
             raise FinetuneError(objects_refused_message(f"base model file {config.pretrained}", refused)) from None

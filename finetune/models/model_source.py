@@ -60,14 +60,14 @@ def locate_base(config: ModelConfig) -> BaseLocation:
             raise FinetuneError(f"base model file {name} is a link to {os.readlink(path)}, which is not there: put that file back, or check {config._key}")
         if not path.is_file():
             raise FinetuneError(f"base model file {name} not found: check {config._key}{looked_for_here(name)}")
-        if path.suffix not in SINGLE_FILE_SUFFIXES:  # was "not found: no such folder or file"; diffusers reads a file by its lowercase suffix
-            raise FinetuneError(f"base model file {name} ends in {path.suffix}: rename it to end in {path.suffix.lower()} (diffusers and finetune "
-                                "know a single-file model by its suffix, in lowercase)")  # fmt: skip
+        # In any letter case (a file copied from Windows, model.SafeTensors): loading gives diffusers its lowercase name
+        # (finetune.models.loading.lowercase_suffix), by which it tells a safetensors file from a pickle.
+        suffix = path.suffix.lower()
         check_hub_settings(config, "one file")
-        if path.suffix == ".ckpt" and (refusal := pickle_refusal(path, f"base model file {name}")):  # before the data check (loading says it too)
+        if suffix == ".ckpt" and (refusal := pickle_refusal(path, f"base model file {name}")):  # before the data check (loading says it too)
             raise FinetuneError(refusal)
-        keys = check_single_file(path, config._key) if path.suffix == ".safetensors" else None
-        if path.suffix == ".safetensors" and holds_a_lora(path):
+        keys = check_single_file(path, config._key) if suffix == ".safetensors" else None
+        if suffix == ".safetensors" and holds_a_lora(path):
             # What to do instead depends on where it was given: a recipe has no --lora (its key starts from a LoRA).
             instead = ("set model.pretrained to the model it was trained on (lora.init_from starts a run from this LoRA)"
                        if config._key == "model.pretrained" else

@@ -102,8 +102,8 @@ def unet_weight_dims(base: BaseLocation) -> dict[str, int] | None:
 
     if base.folder is None:
         path = Path(base.config.pretrained).expanduser()
-        return diffusers_names(weight_dims(path, ORIGINAL_UNET)) if path.suffix == ".safetensors" else None
-    files = [file for file in part_weights(base.folder, "unet", base.config.variant) if file.suffix == ".safetensors"]
+        return diffusers_names(weight_dims(path, ORIGINAL_UNET)) if path.suffix.lower() == ".safetensors" else None
+    files = [file for file in part_weights(base.folder, "unet", base.config.variant) if file.suffix.lower() == ".safetensors"]
     return {name: dims for file in files for name, dims in weight_dims(file).items()} or None
 
 

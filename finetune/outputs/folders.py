@@ -72,9 +72,9 @@ def check_merge_output(output_dir: Path, lora: Path, overwrite: bool) -> None:
 def check_export_checkpoint_output(folder: Path, output: Path, overwrite: bool) -> None:
     """export-checkpoint's output: a .safetensors file name, outside the pipeline `folder` it reads, not a folder nor
     inside a file, and not an existing file unless `overwrite`. Checked by the command before torch loads."""
-    if output.suffix.lower() == ".safetensors" and output.suffix != ".safetensors":  # finetune would refuse it as a base, as diffusers reads it
+    if output.suffix.lower() == ".safetensors" and output.suffix != ".safetensors":  # diffusers would read it as a pickle
         raise FinetuneError(f"export-checkpoint output {output} ends in {output.suffix}: give it as {output.with_suffix('.safetensors').name} "
-                            "(diffusers and finetune know a single-file model by its suffix, in lowercase)")  # fmt: skip
+                            "(diffusers knows a single-file model by its suffix, in lowercase)")  # fmt: skip
     if output.suffix != ".safetensors":
         raise FinetuneError(f"export-checkpoint output {output} is not a .safetensors file name: give one, e.g. outputs/webui/mymodel.safetensors")
     if output.resolve().is_relative_to(folder.resolve()):
