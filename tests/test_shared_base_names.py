@@ -84,6 +84,7 @@ def test_a_run_on_a_relative_base_shares_its_name_and_finds_it_from_another_fold
     assert json.loads((tmp_path / "merged" / METADATA_FILE).read_text())["finetune.base_model"] == "sd15"
     assert "pipeline: `sd15` with the LoRA" in (tmp_path / "merged" / "README.md").read_text()
     assert str(project) not in (tmp_path / "merged" / METADATA_FILE).read_text() + (tmp_path / "merged" / "README.md").read_text()
+    assert [config for config in (tmp_path / "merged").rglob("*.json") if str(project) in config.read_text()] == []  # diffusers' _name_or_path
 
     # A file of an older run, which recorded the path: its export and card name the base as a new run's do.
     old = tmp_path / "old.safetensors"

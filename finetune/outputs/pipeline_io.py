@@ -48,10 +48,21 @@ def save_pipeline(
         finally:
             for name, module in parts.items():
                 module.to(original_dtypes[name])
+        without_load_paths(written)
         if metadata is not None:
             (written / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
         with_default_permissions(written)
     return output_dir
+
+
+def without_load_paths(folder: Path) -> None:
+    """diffusers writes into each saved part's config.json where that part was loaded from (`_name_or_path`: a merge's
+    UNet said /home/alice/models/sd15): the creator's folders, in a pipeline that may be shared, as its record names a
+    base by name only (finetune.outputs.base_names). No loader reads it (each load sets it anew): left out."""
+    for config in folder.glob("*/config.json"):
+        written = json.loads(config.read_text())
+        if isinstance(written, dict) and written.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")  # as diffusers writes it
 
 
 def as_loaded(tokenizer):
