@@ -86,6 +86,24 @@ def test_a_run_resumed_where_it_ran_reads_its_record_as_written(tmp_path, monkey
     assert capsys.readouterr().out == ""
 
 
+def test_a_run_of_relative_paths_resumed_from_another_folder_is_its_folders_run(tmp_path, monkeypatch, capsys):
+    """Its output_dir named a folder of that name under the current one (a new run there, or another run's folder); its
+    relative data paths are the current folder's, as in any recipe: said, with the folder they meant."""
+    project = tmp_path / "proj"
+    (project / "outputs" / "b").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(project)
+    (project / "lora.yaml").write_text("output_dir: outputs/b\ndata:\n  image_dir: star\n")
+    record = write_run_recipe(load_recipe(project / "lora.yaml"), project / "outputs" / "b")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    recipe = load_recipe(record)
+    assert (recipe.output_dir, recipe.data.image_dir) == (str(record.parent), "star")
+    assert capsys.readouterr().out == (f"run folder {record.parent}: {RUN_RECIPE} names it outputs/b, from the folder its run started in; output_dir "
+                                       f"is this folder, and the record's relative paths are read from the current folder (the run's own from "
+                                       f"{project}: cd {project})\n")  # fmt: skip
+
+
 def test_a_moved_run_resumes_and_samples_from_its_new_place(tiny_model, image_folder, tmp_path, monkeypatch):
     """The whole way: trained, its project folder renamed, resumed with `finetune train RUN/recipe_as_run.yaml --resume latest`."""
     project = tmp_path / "alice" / "proj"

@@ -36,7 +36,7 @@ def require_unambiguous_data_paths(recipe, recipe_path: Path, set_on_command_lin
         read, other = here / value, beside / value
         if read.exists() and other.exists() and not os.path.samefile(read, other) and not _same(other, output_dir):
             remedy = ": write the one meant as an absolute path, or run from its folder"
-            if (start := _run_start(beside, recipe.output_dir)) is not None:  # its folder is its output_dir from `start`: run from there
+            if (start := run_start(beside, recipe.output_dir)) is not None:  # its folder is its output_dir from `start`: run from there
                 remedy = (f", its output_dir ({recipe.output_dir}) seen from {start}: run from {start} (cd {start}), or write the one meant as an absolute path"
                           if start != here else ": write the one meant as an absolute path")  # fmt: skip
             raise FinetuneError(f"{setting} {value} names two: {read}, which it would read (relative paths are read from the current folder), "
@@ -47,7 +47,7 @@ def _same(path: Path, other: Path) -> bool:
     return other.exists() and os.path.samefile(path, other)
 
 
-def _run_start(folder: Path, output_dir: str) -> Path | None:
+def run_start(folder: Path, output_dir: str) -> Path | None:
     """The folder a run whose relative `output_dir` is `folder` was started in (`folder` less `output_dir`'s parts: the
     recipe kept in its output_dir, as an earlier finetune kept its record of the run), or None where that cannot be told."""
     parts = Path(os.path.normpath(output_dir)).parts

@@ -83,6 +83,12 @@ def read_where_the_run_is(raw: dict, record: Path) -> None:
     raw.update(rewrite({key: value for key, value in raw.items() if key != "output_dir"}, ""))
     raw["output_dir"] = str(here)
     line = f"run folder moved: {record.name} names it {recorded}; output_dir is {here}"
+    if old is None:  # relative: the record's folder seen from where its run started, not from here
+        from finetune.config.recipe_paths import run_start
+
+        start = run_start(here, recorded)
+        line = (f"run folder {here}: {record.name} names it {recorded}, from the folder its run started in; output_dir is this folder, and the "
+                "record's relative paths are read from the current folder" + (f" (the run's own from {start}: cd {start})" if start else ""))  # fmt: skip
     line += f", {', '.join(read_elsewhere)} (where the run moved)" if read_elsewhere else ""
     if not_here:  # (not all are read: a resume reads no lora.init_from) the line that stops on one names its key; this says how to give it
         line += f"; not here: {', '.join(not_here)}: give where each is now after the recipe, as {not_here[0].split()[0]}=PATH"
