@@ -93,7 +93,7 @@ def test_a_run_of_relative_paths_resumed_from_another_folder_is_its_folders_run(
     (project / "outputs" / "b").mkdir(parents=True)
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(project)
-    (project / "lora.yaml").write_text("output_dir: outputs/b\ndata:\n  image_dir: star\n")
+    (project / "lora.yaml").write_text(f"output_dir: outputs/b\nmodel:\n  pretrained: {tmp_path / 'gone'}\ndata:\n  image_dir: star\n")
     record = write_run_recipe(load_recipe(project / "lora.yaml"), project / "outputs" / "b")
     monkeypatch.chdir(tmp_path / "elsewhere")
     capsys.readouterr()
@@ -101,7 +101,8 @@ def test_a_run_of_relative_paths_resumed_from_another_folder_is_its_folders_run(
     assert (recipe.output_dir, recipe.data.image_dir) == (str(record.parent), "star")
     assert capsys.readouterr().out == (f"run folder {record.parent}: {RUN_RECIPE} names it outputs/b, from the folder its run started in; output_dir "
                                        f"is this folder, and the record's relative paths are read from the current folder (the run's own from "
-                                       f"{project}: cd {project})\n")  # fmt: skip
+                                       f"{project}: cd {project}); not here: model.pretrained {tmp_path / 'gone'}: give where each is now after "
+                                       "the recipe, as model.pretrained=PATH\n")  # fmt: skip
 
 
 def test_a_moved_run_resumes_and_samples_from_its_new_place(tiny_model, image_folder, tmp_path, monkeypatch):

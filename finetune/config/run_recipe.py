@@ -76,7 +76,7 @@ def read_where_the_run_is(raw: dict, record: Path) -> None:
         if isinstance(node, str) and (now := moved(node)) is not None and now != node:
             read_elsewhere.append(f"{key} {now}")
             return now
-        if isinstance(node, str) and old is not None and os.path.isabs(os.path.expanduser(node)) and not os.path.exists(os.path.expanduser(node)):
+        if isinstance(node, str) and os.path.isabs(os.path.expanduser(node)) and not os.path.exists(os.path.expanduser(node)):
             not_here.append(f"{key} {node}")
         return node
 
@@ -100,7 +100,8 @@ def _same_folder(path: Path, folder: Path) -> bool:
 
 
 def _common_tail(old: Path, new: Path) -> int:
-    """How many trailing parts two folders share by name (runs/a of /home/alice/proj/runs/a and /mnt/proj/runs/a: 3)."""
+    """How many trailing parts two folders share by name, short of the whole (/home/alice/proj/runs/a and /mnt/proj/runs/a:
+    3, proj/runs/a)."""
     count = 0
     while count < min(len(old.parts), len(new.parts)) - 1 and old.parts[-1 - count] == new.parts[-1 - count]:
         count += 1
