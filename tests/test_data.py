@@ -171,8 +171,25 @@ def test_datasets_missing_column_lists_the_columns(tmp_path):
     import datasets
 
     datasets.Dataset.from_dict({"img": [Image.new("RGB", (64, 64))], "text": ["x"]}).save_to_disk(tmp_path / "ds")
-    with pytest.raises(FinetuneError, match=r"no column 'image' \(data.image_column\); its columns are: 'img', 'text'"):
+    with pytest.raises(FinetuneError, match=r"no column 'image' \(data.image_column\); its columns are: 'img', 'text': set data.image_column=img$"):
         load_examples(DataConfig(dataset=str(tmp_path / "ds"), resolution=64))
+
+
+def test_datasets_missing_caption_column_names_the_text_column_or_data_caption(tmp_path):
+    """A dataset's captions under another name, or none at all: the line listed the columns, and never said that
+    data.caption trains a dataset with no caption column (one prompt for every image), as it does a folder."""
+    import datasets
+
+    image = Image.new("RGB", (64, 64))
+    datasets.Dataset.from_dict({"picture": [image], "prompt": ["x"]}).save_to_disk(tmp_path / "named")
+    with pytest.raises(FinetuneError, match=r"no column 'text' \(data.caption_column\); its columns are: 'picture', 'prompt': "
+                                            r"set data.caption_column=prompt, or data.caption for one prompt for every image$"):
+        load_examples(DataConfig(dataset=str(tmp_path / "named"), image_column="picture", resolution=64))
+    datasets.Dataset.from_dict({"picture": [image]}).save_to_disk(tmp_path / "uncaptioned")
+    uncaptioned = DataConfig(dataset=str(tmp_path / "uncaptioned"), image_column="picture", resolution=64)
+    with pytest.raises(FinetuneError, match=r"its columns are: 'picture': it has no column of text; set data.caption for one prompt for every image$"):
+        load_examples(uncaptioned)
+    assert [example.caption for example in load_examples(uncaptioned.model_copy(update={"caption": "a photo"}))] == ["a photo"]
 
 
 def test_random_crop_and_flip_are_reproducible_per_epoch(tmp_path):

@@ -128,7 +128,8 @@ def dataset_examples(config: DataConfig) -> list[Example]:
         needed.append(("data.caption_column", config.caption_column))
     for key, column in needed:
         if column not in columns:
-            raise FinetuneError(f"dataset {name} has no column '{column}' ({key}); its columns are: {', '.join(repr(c) for c in columns)}")
+            raise FinetuneError(f"dataset {name} has no column '{column}' ({key}); its columns are: {', '.join(repr(c) for c in columns)}"
+                                + _column_hint(loaded, key))  # fmt: skip
     if len(loaded) == 0:
         raise FinetuneError(no_rows_message(name, config.dataset_split))
     require_image_column(loaded, name, config.image_column, "data.image_column")
@@ -146,6 +147,20 @@ def dataset_examples(config: DataConfig) -> list[Example]:
                 functools.partial(row_image, images, row, config.image_column, source, name))  # fmt: skip
         for row in range(len(loaded))
     ]
+
+
+def _column_hint(loaded, key: str) -> str:
+    """What to set for a missing column: the one column of its kind where there is one (of images for
+    data.image_column, of text for data.caption_column); for captions also data.caption, one prompt for every image."""
+    features = loaded.features
+    if key == "data.image_column":
+        images = [c for c in loaded.column_names if type(features[c]).__name__ == "Image"]
+        return f": set data.image_column={images[0]}" if len(images) == 1 else ""
+    texts = [c for c in loaded.column_names if getattr(features[c], "dtype", None) in ("string", "large_string")]
+    if not texts:
+        return ": it has no column of text; set data.caption for one prompt for every image"
+    column = f"data.caption_column={texts[0]}" if len(texts) == 1 else "data.caption_column to the captions' column"
+    return f": set {column}, or data.caption for one prompt for every image"
 
 
 def _class_numbers_message(name: str, column: str, classes: list[str]) -> str:
