@@ -42,3 +42,24 @@ def test_a_run_killed_before_its_first_checkpoint_may_start_again(tmp_path):
         (tmp_path / folder).mkdir()
     (tmp_path / "recipe_as_run.yaml").write_text("method: lora\n")
     guard_earlier_run(tmp_path, None, overwrite=False)
+
+
+def test_overwrite_removes_the_earlier_runs_outputs_before_the_new_run_trains(make_recipe):
+    """--overwrite removed the earlier run's checkpoints, samples and logs but left its LoRA file until the new run's end:
+    a new run stopped (Ctrl-C) or failed before then left the earlier LoRA beside its own checkpoints, which `finetune
+    sample --lora` and the demo took for this run's, and a stop before its first checkpoint said "the run's outputs are in ..."."""
+    earlier = train(make_recipe(train__max_steps=2))
+    adapter = earlier.output_dir / LORA_WEIGHTS_NAME
+    there_while_training = []
+    train(make_recipe(train__max_steps=1, optimizer__lr=5e-4), overwrite=True, on_step=lambda step: there_while_training.append(adapter.exists()))
+    assert there_while_training == [False] and adapter.is_file()  # gone once the new run trains; the new run's at its end
+
+
+def test_overwrite_keeps_an_earlier_output_the_new_run_starts_from(make_recipe):
+    """lora.init_from naming the earlier run's folder (continue its LoRA as a new run): that LoRA is read, so it stays."""
+    earlier = train(make_recipe(train__max_steps=2))
+    adapter = earlier.output_dir / LORA_WEIGHTS_NAME
+    there_while_training = []
+    train(make_recipe(train__max_steps=1, lora__init_from=str(earlier.output_dir)), overwrite=True,
+          on_step=lambda step: there_while_training.append(adapter.exists()))  # fmt: skip
+    assert there_while_training == [True]

@@ -4,6 +4,7 @@ a new run's checkpoints, and never the resume of another run's checkpoint."""
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import re
 import shutil
@@ -67,7 +68,7 @@ def guard_earlier_run(output_dir: Path, resume_from: Path | None, overwrite: boo
     if earlier:
         raise FinetuneError(
             f"output_dir {output_dir} holds an earlier run ({named.get(earlier[-1], earlier[-1].name)}): continue it with --resume latest, "
-            f"replace it with --overwrite (deletes its checkpoints, samples and logs), or set output_dir to a new folder"
+            f"replace it with --overwrite (deletes its checkpoints, samples, logs and outputs), or set output_dir to a new folder"
         )
     if outputs := [name for name in RUN_OUTPUTS if (output_dir / name).exists()]:
         raise FinetuneError(f"output_dir {output_dir} holds the outputs of an earlier run ({outputs[0]}) and no checkpoint to continue: "
@@ -219,19 +220,20 @@ def _run_entries(folder: Path, pattern: re.Pattern) -> list[Path]:
         return []
 
 
-def clear_earlier_run(accelerator, output_dir: Path) -> None:
-    """--overwrite, once every check has passed: the earlier run's checkpoints, samples and logs go (removed by the main
-    process). One that cannot be removed (a busy file on a network disk, a read-only one) stops the run on every process:
+def clear_earlier_run(accelerator, output_dir: Path, read: tuple[str | None, ...] = ()) -> None:
+    """--overwrite, once every check has passed: the earlier run's checkpoints, samples, logs and outputs go (removed by the
+    main process), but for an output the new run reads (`read`: the paths it starts from, lora.init_from naming the earlier
+    run). One that cannot be removed (a busy file on a network disk, a read-only one) stops the run on every process:
     left there silently, its checkpoints mixed with the new run's, and a later `--resume latest` picked a stale one."""
     from accelerate.utils import broadcast_object_list
 
-    failure = _removal_failure(output_dir) if accelerator.is_main_process else None
+    failure = _removal_failure(output_dir, read) if accelerator.is_main_process else None
     failure = broadcast_object_list([failure])[0]  # the other processes wait for the main one's clear, and stop with it
     if failure:
         raise FinetuneError(failure)
 
 
-def _removal_failure(output_dir: Path) -> str | None:
+def _removal_failure(output_dir: Path, read: tuple[str | None, ...] = ()) -> str | None:
     """Removes what it can of the earlier run; the line to say for the first entry (by name) that stayed, or None."""
     failures: list[tuple[str, OSError]] = []
 
@@ -240,16 +242,42 @@ def _removal_failure(output_dir: Path) -> str | None:
         if not isinstance(error, FileNotFoundError):  # gone already (a folder this run had none of): nothing stays
             failures.append((path, error))
 
-    for name, pattern in RUN_ENTRIES.items():
-        _remove_run_entries(output_dir / name, pattern, note)
+    mixed, taken = "its checkpoints would mix with this run's", "it would be taken for this run's output"
+    removals = [(functools.partial(_remove_run_entries, output_dir / name, pattern, note), mixed) for name, pattern in RUN_ENTRIES.items()]
+    # Its outputs too: left until the new run's end, a new run stopped or failed before then left them beside its own
+    # checkpoints, where `finetune sample --lora` and the demo took the earlier run's LoRA for this run's.
+    removals += [(functools.partial(_remove_output, output_dir / name, note), taken) for name in RUN_OUTPUTS if not _read_by_the_run(output_dir, output_dir / name, read)]
+    for remove, left_there in removals:
+        remove()
         if failures:
             # The file that stayed, not the folders it kept from going (not empty); by name: the same line each time.
             causes = [(path, error) for path, error in failures if getattr(error, "errno", None) != errno.ENOTEMPTY] or failures
             path, error = min(causes, key=lambda failure: str(failure[0]))
             return (f"--overwrite: could not remove {path} of the earlier run ({getattr(error, 'strerror', None) or error}): remove "
-                    f"it yourself (or free the file: another program may hold it open), then run again; left there, "
-                    f"its checkpoints would mix with this run's")  # fmt: skip
+                    f"it yourself (or free the file: another program may hold it open), then run again; left there, {left_there}")  # fmt: skip
     return None
+
+
+def _read_by_the_run(output_dir: Path, output: Path, read: tuple[str | None, ...]) -> bool:
+    """Whether the new run reads `output` of the earlier run: a path it starts from is that output, inside it, or the
+    run's folder that holds it (lora.init_from=outputs/lora reads its LoRA file)."""
+    output = output.absolute()
+    for path in (Path(p).expanduser().absolute() for p in read if p):
+        if path in (output, output_dir.absolute()) or output in path.parents:
+            return True
+    return False
+
+
+def _remove_output(output: Path, note) -> None:
+    """Removes one of the earlier run's outputs (RUN_OUTPUTS): its LoRA file, or its pipeline, UNet or ControlNet folder (a
+    link to one: the link)."""
+    if output.is_dir() and not output.is_symlink():
+        shutil.rmtree(output, **{"onexc" if sys.version_info >= (3, 12) else "onerror": note})
+    elif output.is_symlink() or output.exists():
+        try:
+            os.unlink(output)
+        except OSError as error:
+            note(os.unlink, str(output), error)
 
 
 def _remove_run_entries(folder: Path, pattern: re.Pattern, note) -> None:

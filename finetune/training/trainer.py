@@ -60,7 +60,7 @@ WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 @clears_accelerate_settings  # however it ends: a later train() in this process may choose another precision
 def train(recipe: Recipe, resume: str | None = None, on_step: Callable[[int], None] | None = None, overwrite: bool = False, base_location: BaseLocation | None = None) -> TrainResult:
     """Train `recipe`; `on_step(step)` is called after each optimizer step (the benchmark times steps with it).
-    `overwrite`: start over in an output_dir that holds an earlier run (its checkpoints, samples and logs go). `base_location`: the command's lookup of the base."""
+    `overwrite`: start over in an output_dir that holds an earlier run (its checkpoints, samples, logs and outputs go). `base_location`: the command's lookup of the base."""
     with contextlib.ExitStack() as closing:  # the run's TensorBoard writers and stop agreement, closed however it ends
         return _train(recipe, resume, on_step, overwrite, base_location, closing)
 
@@ -197,7 +197,7 @@ def _prepared_run(recipe: Recipe, method: TrainingMethod, accelerator: Accelerat
     # Only now, with the model set up, the data built and the optimizer made, has every check that could refuse the
     # run passed: an earlier run's files are not cleared for a run that is then refused.
     if overwrite and resume_from is None:
-        clear_earlier_run(accelerator, Path(recipe.output_dir))
+        clear_earlier_run(accelerator, Path(recipe.output_dir), (recipe.model.pretrained, recipe.lora.init_from, recipe.controlnet.pretrained))
     if recipe.data.loss_mask.enabled and accelerator.is_main_process and resume_from is None:
         _save_loss_mask_preview(recipe, dataset, data.sources)
     trained = method.trained_modules()
