@@ -166,3 +166,15 @@ def test_a_folder_this_user_cannot_read_is_said_and_skipped_not_raised(tmp_path,
     assert capsys.readouterr().out.splitlines() == [
         f"warning: {name} cannot be read by this user (permission denied), so its adapters are not listed: give this user read "
         "access to it (chmod -R u+rX), then Rescan" for name in ("no-search", "private")]
+
+
+def test_runs_linked_into_the_adapters_folder_are_listed(tmp_path):
+    """Runs gathered as links (`ln -s ../outputs/lora adapters/lora`): os.walk does not follow a link to a folder, and the
+    demo said "0 adapters under adapters" without a word. A link back up the tree is walked once, not in a loop."""
+    (tmp_path / "outputs" / "lora").mkdir(parents=True)
+    save_file(PLAIN, str(tmp_path / "outputs" / "lora" / "pytorch_lora_weights.safetensors"))
+    (tmp_path / "adapters").mkdir()
+    (tmp_path / "adapters" / "lora").symlink_to(tmp_path / "outputs" / "lora", target_is_directory=True)
+    (tmp_path / "adapters" / "up").symlink_to(tmp_path / "adapters", target_is_directory=True)
+    found = scan_adapters(tmp_path / "adapters")
+    assert [(name, adapter.path) for name, adapter in found.items()] == [("lora", tmp_path / "adapters" / "lora" / "pytorch_lora_weights.safetensors")]

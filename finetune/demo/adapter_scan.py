@@ -62,7 +62,14 @@ def scan_adapters(root: Path, exclude: tuple[Path, ...] = ()) -> dict[str, Adapt
         return {}
     # A folder this user may not read (copied as another user, or chmod'ed) is said in one line and skipped: raised out of
     # the scan it would stop the demo, and os.walk alone skips one it cannot list without a word.
-    for folder, dirs, files in os.walk(root, onerror=lambda err: _say_unreadable(err.filename, root) if isinstance(err, PermissionError) else None):
+    # Links to folders are followed: runs gathered into one adapters folder as links (ln -s ../outputs/lora) were listed as
+    # nothing ("0 adapters") without a word. Each folder once, by its real path: a link back up the tree is no loop.
+    walked: set[str] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True, onerror=lambda err: _say_unreadable(err.filename, root) if isinstance(err, PermissionError) else None):
+        if (real := os.path.realpath(folder)) in walked:
+            dirs.clear()
+            continue
+        walked.add(real)
         here = Path(folder)
         try:
             found += _adapters_here(here, root, dirs, files, excluded)
