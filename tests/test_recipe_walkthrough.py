@@ -41,6 +41,16 @@ def test_text_encoder_settings_that_would_do_nothing_are_refused(recipe, overrid
         load_recipe(RECIPES / recipe, overrides)
 
 
+def test_a_key_of_the_file_to_remove_is_said_as_its_null_override():
+    """Turning the text encoder off on the command line of a recipe that sets its rate was told to "remove
+    full.text_encoder_lr", a key of the file no override removes; `=null` does, and the line now says so."""
+    with pytest.raises(FinetuneError, match=r"or remove full.text_encoder_lr \(full.text_encoder_lr=null on the command line\)$"):
+        load_recipe(RECIPES / "pretrain_unet.yaml", ["full.train_text_encoder=false"])
+    assert load_recipe(RECIPES / "pretrain_unet.yaml", ["full.train_text_encoder=false", "full.text_encoder_lr=null"]).full.text_encoder_lr is None
+    with pytest.raises(FinetuneError, match=r"remove full.train_text_encoder$"):  # a key whose default is not null: as before
+        load_recipe(RECIPES / "lora.yaml", ["full.train_text_encoder=true"])
+
+
 def test_text_encoder_settings_of_the_methods_own_section_load():
     # Loading is the check (a refusal raises); what loaded is what was given.
     assert load_recipe(RECIPES / "dreambooth.yaml", STAR + ["dreambooth.train_text_encoder=true", "dreambooth.text_encoder_lr=1e-6"]).dreambooth.text_encoder_lr == 1e-6

@@ -43,7 +43,7 @@ def describe_validation_error(err: ValidationError) -> str:
         return f"missing required key '{dotted}'"
     if first["input"] is None and dotted and (first["type"].endswith("_type") or first["type"] == "literal_error"):
         # `output_dir:` with nothing after it, or `output_dir=$OUT` with OUT unset: pydantic's "Input should be a valid string (got None)"
-        field = _field_at(location)
+        field = field_at(location)
         default = "" if field is None or field.is_required() else f", or leave the key out for its default ({_as_yaml(field.get_default(call_default_factory=True))})"
         return f"key '{dotted}' has no value (null, or nothing after its : or =): give it one{default}"
     message = first["msg"].removeprefix("Value error, ")
@@ -120,7 +120,7 @@ OTHER_TRAINERS_CHOICES = {"train.loss": {"l2": "mse"}, "train.mixed_precision": 
 def choice_meant(location: list[str], received: Any) -> str | None:
     """The one choice of a Literal field that `received` spells otherwise (AdamW8bit, PagedAdamW8bit: in another case, without
     its underscores), or names as another trainer does (l2 for mse); None where no choice is meant."""
-    field = _field_at(location)
+    field = field_at(location)
     if field is None or not isinstance(received, str):
         return None
     if (named := OTHER_TRAINERS_CHOICES.get(".".join(location), {}).get(received.lower())) is not None:
@@ -175,7 +175,7 @@ def _as_yaml(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
 
 
-def _field_at(location: list[str]):
+def field_at(location: list[str]):
     """The schema's field at a dotted location (list indexes left out), or None."""
     model: type[BaseModel] | None = Recipe
     for name in location[:-1]:

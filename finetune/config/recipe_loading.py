@@ -18,7 +18,7 @@ import yaml
 from pydantic import ValidationError
 
 from finetune.config import Recipe
-from finetune.config.recipe_keys import describe_validation_error, section_type
+from finetune.config.recipe_keys import describe_validation_error, field_at, section_type
 from finetune.config.recipe_paths import require_unambiguous_data_paths
 from finetune.config.recipe_warnings import print_empty_recipe, print_unused_settings
 from finetune.config.run_recipe import EARLIER_RUN_RECIPE, RUN_RECIPE, RUN_RECIPE_HEADER, read_where_the_run_is
@@ -70,10 +70,11 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
             key = _override_key(override)
             # data.folders=[...] and its data.folders.0.repeats; validation.prompts.0=... and its list validation.prompts
             if named and (named.group(1) == key or named.group(1).startswith(key + ".") or re.fullmatch(rf"{re.escape(named.group(1))}\.\d+", key)):
-                raise FinetuneError(f"override '{override}'{str(err).removeprefix(str(path))}") from None
+                raise FinetuneError(f"override '{override}'{_removals_on_the_command_line(str(err).removeprefix(str(path)), overrides)}") from None
         if causes := _overrides_named(str(err), overrides):  # a check across keys: each override it names is a cause
             named = " and ".join(f"'{cause}'" for cause in causes)
-            raise FinetuneError(f"override{'s' if len(causes) > 1 else ''} {named}{str(err).removeprefix(str(path))}") from None
+            message = _removals_on_the_command_line(str(err).removeprefix(str(path)), overrides)
+            raise FinetuneError(f"override{'s' if len(causes) > 1 else ''} {named}{message}") from None
         raise
     print_unused_settings(raw, recipe)
     # A run's record (recipe_as_run.yaml, resumed from) holds the paths its run read from the folder it started in; its
@@ -81,6 +82,20 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not text.startswith(RUN_RECIPE_HEADER):
         require_unambiguous_data_paths(recipe, path, tuple(_override_key(override) for override in overrides))
     return recipe
+
+
+def _removals_on_the_command_line(message: str, overrides: list[str]) -> str:
+    """An override's fault whose line says "remove K" of a key the recipe file sets: no override removes a key, but K=null
+    gives it its default where that is none (`dreambooth.train_text_encoder=false` on a recipe that sets
+    dreambooth.text_encoder_lr was told to remove that, and `=null` was left to guess). A K an override sets: drop it."""
+    given = {_override_key(override) for override in overrides}
+
+    def with_null(removal: re.Match) -> str:
+        field = None if removal.group(1) in given else field_at(removal.group(1).split("."))
+        unset = field is not None and not field.is_required() and field.get_default(call_default_factory=True) is None
+        return f"{removal.group(0)} ({removal.group(1)}=null on the command line)" if unset else removal.group(0)
+
+    return re.sub(r"\bremove ([a-z_]+(?:\.[a-z_0-9]+)+)", with_null, message)
 
 
 def looks_like_override(text: str) -> bool:
