@@ -23,7 +23,7 @@ def test_one_data_file_is_a_dataset_of_its_rows(tmp_path):
         examples = load_examples(DataConfig(dataset=str(path), resolution=64))
         assert [example.caption for example in examples] == ["a red thing", "a blue thing"]
         assert examples[1].load().convert("RGB").getpixel((0, 0)) == (0, 0, 255)
-    with pytest.raises(FinetuneError, match=r"train.parquet has no split 'test' .*: set data.dataset_split$"):
+    with pytest.raises(FinetuneError, match=r"train.parquet has no split 'test' \(has train\): set data.dataset_split$"):
         load_examples(DataConfig(dataset=str(tmp_path / "train.parquet"), dataset_split="test", resolution=64))
 
 

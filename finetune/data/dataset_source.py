@@ -78,7 +78,10 @@ def open_dataset(config: DataConfig):
                             f"the local cache and {why}: check the path, or {fix}") from None  # fmt: skip
     except Exception as err:  # datasets' builders raise many kinds (pyarrow's ArrowInvalid, a ValueError, on a malformed metadata row)
         if isinstance(err, ValueError) and "Unknown split" in str(err):
-            raise FinetuneError(f"dataset {name} has no split '{config.dataset_split}' ({str(err).splitlines()[0]}): set data.dataset_split") from None
+            # As a save_to_disk folder's is said: "(has train)", not datasets' 'Unknown split "test". Should be one of ['train'].'
+            splits = re.search(r"Should be one of \[(.*)\]", str(err))
+            has = "has " + ", ".join(split.strip(" '\"") for split in splits.group(1).split(",")) if splits else str(err).splitlines()[0]
+            raise FinetuneError(f"dataset {name} has no split '{config.dataset_split}' ({has}): set data.dataset_split") from None
         if isinstance(err, ValueError) and "corresponds to no data" in str(err):  # an empty data file, or a slice of none of its rows
             raise FinetuneError(no_rows_message(name, config.dataset_split)) from None
         if isinstance(err, ValueError) and (configs := re.search(r"Config name is missing.*available configs: \[(.*?)\]", str(err), re.S)):
