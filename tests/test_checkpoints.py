@@ -236,3 +236,14 @@ def test_an_fp16_run_resumes_a_checkpoint_written_without_a_loss_scaler(tmp_path
         GradientState._reset_state()
 
 
+
+
+def test_a_stop_mid_run_names_the_command_that_continues_it(make_recipe, tmp_path, capsys):
+    """A first Ctrl-C said "continue with --resume latest" alone, where a second one and a stop at the end name the command
+    (a run launched as `accelerate launch ... recipes/lora.yaml data.image_dir=...` is continued from its recipe_as_run.yaml)."""
+    recipe = make_recipe(train__max_steps=4, checkpoint__every_n_steps=0)
+    stopped = train(recipe, on_step=lambda step: os.kill(os.getpid(), signal.SIGINT) if step == 1 else None)
+    assert stopped.interrupted and stopped.final_step == 1
+    run = tmp_path / "run"
+    assert (f"stopped at step 1; checkpoint saved in {run / 'checkpoints'}; continue with --resume latest "
+            f"(finetune train {run / 'recipe_as_run.yaml'} --resume latest)") in capsys.readouterr().out

@@ -40,7 +40,7 @@ from finetune.training.ema import EMA_FILE, WeightAverage
 from finetune.training.finite_weights import ensure_finite_weights
 from finetune.training.held_out import HELD_OUT_STATE, HeldOutSplit, held_out_loss
 from finetune.training.logged_settings import start_trackers
-from finetune.training.run_end import LOGGED_AT_STEP, OUTPUTS_PENDING, VALIDATION_PENDING, final_samples_wanted, finish_cut_short, finish_training, next_step_said, remove_killed_grids
+from finetune.training.run_end import LOGGED_AT_STEP, OUTPUTS_PENDING, VALIDATION_PENDING, final_samples_wanted, finish_cut_short, finish_training, next_step_said, remove_killed_grids, resume_command
 from finetune.training.run_length import STEPS_BY_SHAPE, EpochCount, due, epochs_text, resume_warnings
 from finetune.training.step_losses import StepLosses, backward, micro_batch_shares, train_logs, weighted
 from finetune.training.validation import run_validation
@@ -229,7 +229,8 @@ class TrainingRun:
                 self.between_steps()
         self.progress.close()
         if self.result.interrupted:  # under the progress bar it ends: by the main process, whose checkpoint it names
-            say(f"stopped at step {self.step}; checkpoint saved in {self.checkpoints_dir}; continue with --resume latest")
+            # With the command, as a second stop and one at the end say it: the run may have been launched with overrides.
+            say(f"stopped at step {self.step}; checkpoint saved in {self.checkpoints_dir}; continue with --resume latest ({resume_command(self.output_dir)})")
         self.result.final_step, self.result.losses = self.step, self.running.read_steps(self.accelerator)  # with a stop's steps since the last log step
 
     def optimizer_step(self, batches) -> None:
