@@ -129,7 +129,8 @@ def test_a_folder_of_sd_scripts_image_folders_given_as_a_dataset_says_how_to_tra
         read_examples(DataConfig(dataset=str(tmp_path / "kohya")))
 
 
-def test_a_folder_datasets_conditioning_file_names_say_the_metadata_key_that_reads_them(tmp_path):
+@pytest.mark.parametrize("metadata,word", [("metadata.jsonl", "key"), ("metadata.csv", "column")])
+def test_a_folder_datasets_conditioning_file_names_say_the_metadata_key_that_reads_them(tmp_path, metadata, word):
     import json
 
     from finetune.data.dataset_images import require_image_column
@@ -138,14 +139,19 @@ def test_a_folder_datasets_conditioning_file_names_say_the_metadata_key_that_rea
     (tmp_path / "data" / "conditioning").mkdir(parents=True)
     Image.new("RGB", (64, 64), "red").save(tmp_path / "data" / "1.png")
     Image.new("L", (64, 64), 255).save(tmp_path / "data" / "conditioning" / "1.png")
-    row = {"file_name": "1.png", "conditioning_image": "conditioning/1.png", "text": "a red square"}
-    (tmp_path / "data" / "metadata.jsonl").write_text(json.dumps(row) + "\n")
+
+    def write(key: str) -> None:
+        row = {"file_name": "1.png", key: "conditioning/1.png", "text": "a red square"}
+        text = json.dumps(row) + "\n" if metadata == "metadata.jsonl" else ",".join(row) + "\n" + ",".join(row.values()) + "\n"
+        (tmp_path / "data" / metadata).write_text(text)
+
+    write("conditioning_image")
     config = DataConfig(dataset=str(tmp_path / "data"))
-    # It said to cast the column in Python and save it again: in a folder, the key's name is the fix.
-    with pytest.raises(FinetuneError, match=r"holds Value\('string'\), not decoded images: name its key 'conditioning_image_file_name' in .*metadata.jsonl"):
+    # It said to cast the column in Python and save it again: in a folder, the key's name is the fix (for a metadata.csv too,
+    # whose text datasets reads as a large_string, which the check did not take for file names).
+    with pytest.raises(FinetuneError, match=rf"not decoded images: name its {word} 'conditioning_image_file_name' in .*{metadata} \(datasets reads {word}s ending"):
         require_image_column(open_dataset(config), config.dataset, "conditioning_image", "controlnet.conditioning_column")
-    row["conditioning_image_file_name"] = row.pop("conditioning_image")  # as it says
-    (tmp_path / "data" / "metadata.jsonl").write_text(json.dumps(row) + "\n")
+    write("conditioning_image_file_name")  # as it says
     loaded = open_dataset(config)
     require_image_column(loaded, config.dataset, "conditioning_image", "controlnet.conditioning_column")
     assert loaded[0]["conditioning_image"].getpixel((0, 0)) == 255

@@ -45,8 +45,10 @@ def require_image_column(loaded, name: str, column: str, key: str) -> None:
         metadata = next((Path(name) / meta for meta in ("metadata.jsonl", "metadata.csv") if (Path(name) / meta).is_file()), None)
         if type(getattr(feature, "feature", None)).__name__ == "Image":  # a list of images per row: casting it to one image fails
             fix = f"give each row one image (e.g. the first, with dataset.map: {{'{column}': row['{column}'][0]}}) and save it with save_to_disk"
-        elif metadata is not None and getattr(feature, "dtype", None) == "string":  # a folder's file names: no Python needed
-            fix = f"name its key '{column}_file_name' in {metadata} (datasets reads keys ending in _file_name as images of the folder)"
+        elif metadata is not None and getattr(feature, "dtype", None) in ("string", "large_string"):  # a folder's file names: no Python needed
+            # (a metadata.csv's text is a large_string: it was told to cast the column in Python)
+            word = "column" if metadata.suffix == ".csv" else "key"
+            fix = f"name its {word} '{column}_file_name' in {metadata} (datasets reads {word}s ending in _file_name as images of the folder)"
         else:
             # save_to_disk stores the files' bytes in the dataset (a csv or jsonl written again would hold the paths again).
             fix = f"cast it with dataset.cast_column('{column}', datasets.Image()), save it with save_to_disk (which stores the images in it) and train that folder"
