@@ -261,9 +261,9 @@ def _removal_failure(output_dir: Path, read: tuple[str | None, ...] = ()) -> str
 def _read_by_the_run(output_dir: Path, output: Path, read: tuple[str | None, ...]) -> bool:
     """Whether the new run reads `output` of the earlier run: a path it starts from is that output, inside it, or the
     run's folder that holds it (lora.init_from=outputs/lora reads its LoRA file)."""
-    output = output.absolute()
-    for path in (Path(p).expanduser().absolute() for p in read if p):
-        if path in (output, output_dir.absolute()) or output in path.parents:
+    output = output.resolve()
+    for path in (Path(p).expanduser().resolve() for p in read if p):
+        if path in (output, output_dir.resolve()) or output in path.parents:
             return True
     return False
 
