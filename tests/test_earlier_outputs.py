@@ -63,3 +63,13 @@ def test_overwrite_keeps_an_earlier_output_the_new_run_starts_from(make_recipe):
     train(make_recipe(train__max_steps=1, lora__init_from=str(earlier.output_dir)), overwrite=True,
           on_step=lambda step: there_while_training.append(adapter.exists()))  # fmt: skip
     assert there_while_training == [True]
+
+
+def test_an_output_the_run_starts_from_is_known_by_its_resolved_path(tmp_path):
+    from finetune.checkpoints.earlier_run import _read_by_the_run
+
+    run = tmp_path / "run"
+    (run / "pipeline").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    assert _read_by_the_run(run, run / "pipeline", (str(tmp_path / "elsewhere" / ".." / "run" / "pipeline"),))
+    assert not _read_by_the_run(run, run / "pipeline", (str(tmp_path / "elsewhere"), None, "hub-user/some-model"))
