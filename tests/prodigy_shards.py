@@ -1,5 +1,5 @@
-"""What each process of tests/test_sharded_prodigy.py runs: a shard of the weights stepped as ZeRO steps it. Its own
-module, importing no more than the optimizer needs, so the spawned processes start in seconds."""
+"""What each process of tests/test_sharded_prodigy.py runs (forked from the test's): a shard of the weights stepped as
+ZeRO steps it. Its own module, importing no more than the optimizer needs."""
 
 import torch
 import torch.distributed as dist
