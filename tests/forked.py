@@ -48,10 +48,10 @@ def run_forked(call: Callable[[], int | None], timeout: float = 300) -> SimpleNa
 
 class StartedFork:
     """A child `start_forked` left running, read as a subprocess.Popen is: `pid`, `poll()`, `wait(timeout)`, `returncode`
-    (-N for a signal N that ended it)."""
+    (-N for a signal N that ended it); `stdout` and `stderr`: the files its output goes to."""
 
-    def __init__(self, pid: int):
-        self.pid, self.returncode = pid, None
+    def __init__(self, pid: int, stdout: Path, stderr: Path):
+        self.pid, self.returncode, self.stdout, self.stderr = pid, None, stdout, stderr
 
     def _ended(self, status: int) -> int:
         self.returncode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
@@ -88,7 +88,7 @@ def start_forked(call: Callable[[], int | None], stdout: Path, stderr: Path, env
             sys.stdout, sys.stderr = open(1, "w", buffering=1, closefd=False), open(2, "w", buffering=1, closefd=False)
 
         _child_exits_with(on_its_own, call, "start_forked")
-    return StartedFork(pid)
+    return StartedFork(pid, stdout, stderr)
 
 
 def _child_exits_with(setup: Callable[[], None], call: Callable[[], int | None], caller: str) -> NoReturn:

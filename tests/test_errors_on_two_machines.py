@@ -47,7 +47,7 @@ sys.exit(run_train(train))
 """
 
 
-@pytest.mark.slow  # 4 interpreters importing torch and accelerate: 20 to 60 s on 2 cores
+@pytest.mark.slow  # 4 processes (forks of this one since tests/train_stand_ins.py forks them: seconds; 20 to 60 s as interpreters)
 def test_an_error_every_process_meets_is_said_once_per_machine(tmp_path):
     processes = start_processes(EVERY_ONE_FAILS, str(tmp_path), world_size=4, per_machine=2)
     results = outputs(processes)

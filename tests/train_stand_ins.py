@@ -1,13 +1,15 @@
 """`finetune train` in processes of a launch started by hand, reaching its run in seconds: for the tests of what a run's
 processes say when it fails (tests/test_errors_of_one_process.py, test_errors_on_two_machines.py, test_lost_process.py).
 
-Their scripts (run with `python -c`, this folder on their path) import this module, set stand-ins on the command's early
+Their scripts (run as `python -c` runs one, by `start_processes`) import this module, set stand-ins on the command's early
 checks with `stand_in_early_checks`, and run the command with a train() of their own (`run_train`). The stand-ins are
 here once: a check whose signature changes is changed here, not in each script."""
 
 import os
-import subprocess
+import shutil
+import signal
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +20,7 @@ import finetune.config.recipe_loading
 import finetune.data_check.starting_files
 import finetune.data_check.train_inputs
 import finetune.models.native_resolution
+from forked import StartedFork, start_forked
 from ports import free_port
 
 TESTS = Path(__file__).resolve().parent
@@ -42,25 +45,43 @@ def run_train(train) -> int:
     return finetune.cli.main.main(["train", "recipe.yaml"])
 
 
-def start_processes(script: str, *args: str, world_size: int, per_machine: int) -> list[subprocess.Popen]:
-    """`python -c script *args` as each process of a launch of `world_size` processes, `per_machine` to a machine (all on
-    loopback, without torchrun's agent: rank 0's process hosts the store), in rank order."""
+def start_processes(script: str, *args: str, world_size: int, per_machine: int) -> list[StartedFork]:
+    """`script` run as `python -c script *args` runs it, as each process of a launch of `world_size` processes, `per_machine`
+    to a machine (all on loopback, without torchrun's agent: rank 0's process hosts the store), in rank order. Each is a fork
+    of this process (tests/forked.py), not a fresh interpreter: one of those spent seconds of CPU importing torch and
+    accelerate, several per test, before the run whose lines these tests read."""
     port = str(free_port())
-    path = os.pathsep.join([str(TESTS), str(TESTS.parent)])  # this module, and this checkout's finetune
+    folder = Path(tempfile.mkdtemp(prefix="stand-ins-"))
+
+    def as_python_c() -> int:
+        sys.argv = ["-c", *args]
+        try:
+            exec(compile(script, "<string>", "exec"), {"__name__": "__main__"})
+        except SystemExit as exit:  # sys.exit(code): the interpreter's exit code, as it would end with it
+            if exit.code is None or isinstance(exit.code, int):
+                return exit.code or 0
+            print(exit.code, file=sys.stderr)
+            return 1
+        return 0
+
     return [
-        subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={
-            **os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-            "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(per_machine), "RANK": str(rank), "LOCAL_RANK": str(rank % per_machine),
-            "GROUP_RANK": str(rank // per_machine)})
+        start_forked(as_python_c, folder / f"{rank}.out", folder / f"{rank}.err", {
+            "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(per_machine), "RANK": str(rank), "LOCAL_RANK": str(rank % per_machine), "GROUP_RANK": str(rank // per_machine)})
         for rank in range(world_size)
     ]  # fmt: skip
 
 
-def outputs(processes: list[subprocess.Popen]) -> list[tuple[str, str]]:
+def outputs(processes: list[StartedFork]) -> list[tuple[str, str]]:
     """Each process's (stdout, stderr) once it has ended; every one is killed after, or on a hang (the wait's 600 s bound
-    only ends a hang: 4 interpreters importing torch took 70 s on a busy host, load 12 on 2 cores)."""
+    only ends a hang)."""
     try:
-        return [process.communicate(timeout=600) for process in processes]
+        for process in processes:
+            process.wait(timeout=600)
+        return [(process.stdout.read_text(), process.stderr.read_text()) for process in processes]
     finally:
         for process in processes:
-            process.kill()
+            if process.poll() is None:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait(timeout=60)
+        shutil.rmtree(processes[0].stdout.parent, ignore_errors=True)
