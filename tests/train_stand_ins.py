@@ -84,4 +84,5 @@ def outputs(processes: list[StartedFork]) -> list[tuple[str, str]]:
             if process.poll() is None:
                 os.kill(process.pid, signal.SIGKILL)
                 process.wait(timeout=60)
-        shutil.rmtree(processes[0].stdout.parent, ignore_errors=True)
+        for folder in {process.stdout.parent for process in processes}:  # one per start_processes call
+            shutil.rmtree(folder, ignore_errors=True)
