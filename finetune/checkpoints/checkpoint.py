@@ -31,6 +31,7 @@ from finetune.checkpoints.run_files import PARTIAL, REMOVED, STATE_FILE, checkpo
 from finetune.distributed.processes import unwrap
 from finetune.errors import FinetuneError
 from finetune.outputs.atomic_files import atomic_write_text, failed_write, flush_to_disk, replace_folder
+from finetune.outputs.full_disk import disk_full, room_text, size_on_disk, size_text
 
 # Read from a checkpoint's JSON and file names alone, without torch: `finetune train` checks a resume before its data check.
 from finetune.checkpoints.resume_checks import DEEPSPEED_FOLDER
@@ -165,10 +166,13 @@ def save_checkpoint(
             # kill (or a power cut) left before its rename into place (`run_files.interrupted_checkpoints` resumes it then).
             atomic_write_text(flush_to_disk(partial) / STATE_FILE, json.dumps({**state, "step": step}, indent=2))
     except BaseException as err:  # a second Ctrl-C too: the half-written folder would keep its space until the next save
+        written = size_on_disk(partial)  # (before it goes: what the line says a first checkpoint needs, at least)
         if accelerator.is_main_process:
             shutil.rmtree(partial, ignore_errors=True)
         if not failed_write(err):
             raise
+        if line := _full_disk_line(err, checkpoints_dir, final, written):
+            raise FinetuneError(line) from None
         raise FinetuneError(
             f"could not write checkpoint {final} ({type(err).__name__}: {str(err).splitlines()[0][:100]}): make room or fix the "
             f"permissions of {checkpoints_dir}, then --resume latest (the last complete checkpoint is kept)"
@@ -179,6 +183,20 @@ def save_checkpoint(
             remove_checkpoint(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _full_disk_line(err: BaseException, checkpoints_dir: Path, final: Path, written: int) -> str | None:
+    """What a save the disk filled under says: the room the checkpoint needs (the size of the last complete one, of the same
+    run and so of the same files; for a first checkpoint, what it had written when the disk filled, at least), and the last
+    complete checkpoint, which is kept. None for a failed write that is no full disk (permissions)."""
+    previous = list_checkpoints(checkpoints_dir)[-1:]
+    needed = size_on_disk(previous[0]) if previous else written
+    if not disk_full(err, checkpoints_dir, needed):
+        return None
+    need = f"about {size_text(needed)}, as {previous[0].name}" if previous else f"at least {size_text(needed)}, what it had written when the disk filled"
+    kept = f"{previous[0].name}, the last complete checkpoint, is kept" if previous else "none was complete yet: it starts at step 0"
+    return (f"no space left on the disk of {checkpoints_dir}{room_text(checkpoints_dir)} for {final.name}, which needs {need}: "
+            f"make room, then --resume latest ({kept}; the unfinished {final.name} was removed)")
 
 
 def damaged_file(err: Exception) -> bool:

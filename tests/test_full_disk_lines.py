@@ -1,0 +1,50 @@
+"""A disk that fills while a run writes what it keeps: one line that says the disk is full, names the folder, and says how
+much room the write needs; the last good checkpoint stays, and `--resume latest` takes it."""
+
+import errno
+
+import pytest
+
+from finetune.checkpoints.run_files import list_checkpoints, resolve_resume
+from finetune.errors import FinetuneError
+from finetune.outputs.full_disk import size_on_disk, size_text
+import finetune.training.trainer as trainer
+
+
+def full_part_way(monkeypatch, at_call: int):
+    """safetensors' writer of the checkpoints, filling the disk on its `at_call`-th file: half of it written, then ENOSPC."""
+    real, calls = trainer.ckpt.save_file, []
+
+    def writer(tensors, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == at_call:
+            with open(path, "wb") as file:
+                file.write(b"\0" * 4096)
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.ckpt, "save_file", writer)
+
+
+def test_a_disk_that_fills_under_a_checkpoint_says_so_and_how_much_the_checkpoint_needs(make_recipe, monkeypatch, tmp_path):
+    """It said "could not write checkpoint ... (OSError: [Errno 28] ...): make room or fix the permissions": neither that the
+    disk was full nor how much room to make."""
+    full_part_way(monkeypatch, at_call=2)  # checkpoint-2 whole, checkpoint-4 cut short
+    checkpoints = tmp_path / "run" / "checkpoints"
+    with pytest.raises(FinetuneError) as raised:
+        trainer.train(make_recipe(output_dir=str(tmp_path / "run"), train__max_steps=6, checkpoint__every_n_steps=2, checkpoint__keep_last=1))
+    needs = size_text(size_on_disk(checkpoints / "checkpoint-2"))
+    assert str(raised.value).startswith(f"no space left on the disk of {checkpoints} (")
+    assert str(raised.value).endswith(f" free) for checkpoint-4, which needs about {needs}, as checkpoint-2: make room, then --resume latest "
+                                      f"(checkpoint-2, the last complete checkpoint, is kept; the unfinished checkpoint-4 was removed)")
+    assert "\n" not in str(raised.value)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2"]  # no partial folder, the previous one kept
+    assert resolve_resume("latest", checkpoints) == checkpoints / "checkpoint-2"
+
+
+def test_a_disk_that_fills_under_the_first_checkpoint_says_what_it_had_written(make_recipe, monkeypatch, tmp_path):
+    full_part_way(monkeypatch, at_call=1)
+    with pytest.raises(FinetuneError, match=rf"^no space left on the disk of .*checkpoints \(.* free\) for checkpoint-2, which needs at least {size_text(4096)}, "
+                                            r"what it had written when the disk filled: make room, then --resume latest \(none was complete yet"):
+        trainer.train(make_recipe(output_dir=str(tmp_path / "run"), train__max_steps=4, checkpoint__every_n_steps=2))
+    assert list_checkpoints(tmp_path / "run" / "checkpoints") == [] and not any((tmp_path / "run" / "checkpoints").iterdir())
