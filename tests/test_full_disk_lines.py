@@ -48,3 +48,32 @@ def test_a_disk_that_fills_under_the_first_checkpoint_says_what_it_had_written(m
                                             r"what it had written when the disk filled: make room, then --resume latest \(none was complete yet"):
         trainer.train(make_recipe(output_dir=str(tmp_path / "run"), train__max_steps=4, checkpoint__every_n_steps=2))
     assert list_checkpoints(tmp_path / "run" / "checkpoints") == [] and not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_a_disk_that_fills_under_the_final_lora_says_so_and_a_resume_writes_it_without_training(make_recipe, monkeypatch, tmp_path, capsys):
+    """It said "could not write the outputs in RUN (OSError: [Errno 28] ...): make room or fix its permissions": not that the
+    disk was full, how much the LoRA needs, nor that --resume latest writes it."""
+    import finetune.outputs.atomic_files as atomic_files
+    from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
+
+    real = atomic_files.save_file
+
+    def full_outside_the_checkpoints(tensors, path, *args, **kwargs):
+        if ".partial-checkpoint-" not in path:
+            with open(path, "wb") as file:
+                file.write(b"\0" * 4096)
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real(tensors, path, *args, **kwargs)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(atomic_files, "save_file", full_outside_the_checkpoints)
+    with pytest.raises(FinetuneError) as raised:
+        trainer.train(make_recipe(output_dir=str(run), train__max_steps=2))
+    needs = size_text(size_on_disk(run / "checkpoints" / "checkpoint-2" / LORA_WEIGHTS_NAME))
+    assert str(raised.value).startswith(f"no space left on the disk of {run} (")
+    assert str(raised.value).endswith(f" free) for the run's outputs, which need about {needs} (their copy in checkpoint-2): make room, "
+                                      f"then --resume latest finishes the run from checkpoint-2, the newest complete checkpoint")
+    assert not (run / LORA_WEIGHTS_NAME).exists() and not list(run.glob(".*.partial"))
+    monkeypatch.setattr(atomic_files, "save_file", real)
+    result = trainer.train(make_recipe(output_dir=str(run), train__max_steps=2), resume="latest")
+    assert (run / LORA_WEIGHTS_NAME).is_file() and result.losses == []  # written, nothing trained again

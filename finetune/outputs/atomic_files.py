@@ -236,6 +236,10 @@ def outputs_written(output_dir: Path, checkpoints_dir: Path):
     except (OSError, RuntimeError, SafetensorError) as err:
         if not failed_write(err):
             raise
+        from finetune.outputs.full_disk import outputs_full_disk_line
+
+        if line := outputs_full_disk_line(err, output_dir, checkpoints_dir):
+            raise FinetuneError(line) from None
         raise FinetuneError(
             f"could not write the outputs in {output_dir} ({type(err).__name__}: {str(err).splitlines()[0][:100]}): make room or fix "
             f"its permissions; the newest complete checkpoint in {checkpoints_dir} holds what trained, as of its step"

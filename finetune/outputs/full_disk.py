@@ -53,3 +53,19 @@ def room_text(folder: Path) -> str:
     """' (N free)' for `folder`'s disk, or '' where its room cannot be read."""
     free = free_bytes(folder)
     return "" if free is None else f" ({size_text(free)} free)"
+
+
+def outputs_full_disk_line(err: BaseException, output_dir: Path, checkpoints_dir: Path) -> str | None:
+    """What a run's end says where the disk filled under its outputs (its LoRA file, its model folders): the room they need
+    (their copies in the newest complete checkpoint, where `checkpoint.save_outputs` keeps them there), and the checkpoint
+    `--resume latest` finishes the run from. None for a failed write that is no full disk (permissions)."""
+    from finetune.checkpoints.earlier_run import RUN_OUTPUTS
+    from finetune.checkpoints.run_files import list_checkpoints
+
+    latest = list_checkpoints(checkpoints_dir)[-1:]
+    needed = sum(size_on_disk(latest[0] / name) for name in RUN_OUTPUTS) if latest else 0
+    if not disk_full(err, output_dir, needed):
+        return None
+    need = f", which need about {size_text(needed)} (their copy in {latest[0].name})" if needed else ""
+    then = f"--resume latest finishes the run from {latest[0].name}, the newest complete checkpoint" if latest else "run again (no checkpoint was kept)"
+    return f"no space left on the disk of {output_dir}{room_text(output_dir)} for the run's outputs{need}: make room, then {then}"
