@@ -2,6 +2,7 @@
 much room the write needs; the last good checkpoint stays, and `--resume latest` takes it."""
 
 import errno
+from pathlib import Path
 
 import pytest
 
@@ -77,3 +78,47 @@ def test_a_disk_that_fills_under_the_final_lora_says_so_and_a_resume_writes_it_w
     monkeypatch.setattr(atomic_files, "save_file", real)
     result = trainer.train(make_recipe(output_dir=str(run), train__max_steps=2), resume="latest")
     assert (run / LORA_WEIGHTS_NAME).is_file() and result.losses == []  # written, nothing trained again
+
+
+def grid_full_at(monkeypatch, step: int):
+    """PIL's writer meets a full disk under the validation grid of `step` (half of it written); the others are written."""
+    from PIL import Image
+
+    real = Image.Image.save
+
+    def writer(image, file, *args, **kwargs):
+        if Path(file).name == f".step-{step:06d}.png.partial":
+            Path(file).write_bytes(b"\0" * 4096)
+            raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        return real(image, file, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", writer)
+
+
+SAMPLED = dict(train__max_steps=3, checkpoint__every_n_steps=1, validation__prompts=["a shape"], validation__every_n_steps=1,
+               validation__num_inference_steps=1, validation__at_start=False)  # fmt: skip
+
+
+def test_a_grid_the_disk_is_full_for_mid_run_is_a_warning_and_the_run_goes_on(make_recipe, monkeypatch, tmp_path, capsys):
+    """A grid is a view of the run, not its state: a full disk under one ended the run (hours of training, for a picture),
+    where the checkpoint due next says a disk that stays full, keeping the last good one."""
+    from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
+
+    grid_full_at(monkeypatch, 2)
+    result = trainer.train(make_recipe(output_dir=str(tmp_path / "run"), **SAMPLED))
+    samples = tmp_path / "run" / "samples"
+    assert f"warning: could not write the sample grid {samples / 'step-000002.png'} (no space left on the disk (" in capsys.readouterr().out
+    assert result.final_step == 3 and (tmp_path / "run" / LORA_WEIGHTS_NAME).is_file()
+    assert sorted(p.name for p in samples.iterdir()) == ["step-000001.png", "step-000003.png"]  # no hidden half of the one not written
+
+
+def test_a_final_grid_the_disk_is_full_for_is_the_runs_error_and_its_resume_draws_it(make_recipe, monkeypatch, tmp_path):
+    """The last grid keeps its checkpoint's word that the final samples are to come, so that --resume latest draws them."""
+    grid_full_at(monkeypatch, 3)
+    run = tmp_path / "run"
+    with pytest.raises(FinetuneError, match=rf"^could not write the sample grid .*step-000003.png \(no space left on the disk \(.* free\)\): the outputs and "
+                                            rf"the last checkpoint are written; make room, then --resume latest draws the final samples, without training"):
+        trainer.train(make_recipe(output_dir=str(run), **SAMPLED))
+    monkeypatch.undo()
+    result = trainer.train(make_recipe(output_dir=str(run), **SAMPLED), resume="latest")
+    assert result.losses == [] and result.sample_grids == [run / "samples" / "step-000003.png"] and result.sample_grids[0].is_file()

@@ -116,7 +116,8 @@ def finish_training(result, stop, output_dir: Path, checkpoints_dir: Path, save_
         if stopped and samples_wanted:
             _say_skipped(result, stop.signal, output_dir)
         elif not stopped:
-            with stop.said_at_once(_finishing_the_samples(result.final_step, output_dir)) if samples_wanted else contextlib.nullcontext():
+            with stop.said_at_once(_finishing_the_samples(result.final_step, output_dir)) if samples_wanted else contextlib.nullcontext(), \
+                    final_grid_said(output_dir):
                 validate(result.final_step)  # the outputs' paths are the result's (`finetune train` ends with them: output: PATH)
             if samples_wanted:
                 _mark_written(checkpoint_folder(checkpoints_dir, result.final_step), VALIDATION_PENDING)
@@ -141,11 +142,25 @@ def finish_cut_short(result, stop, output_dir: Path, checkpoints_dir: Path, save
         if VALIDATION_PENDING in pending and stop.agreed_now():
             _say_skipped(result, stop.signal, output_dir, again_from)
         elif VALIDATION_PENDING in pending:
-            with stop.said_at_once(_finishing_the_samples(result.final_step, output_dir, again_from)):
+            with stop.said_at_once(_finishing_the_samples(result.final_step, output_dir, again_from)), final_grid_said(output_dir, again_from):
                 validate(result.final_step)  # its path is the result's, as `finish_training`'s
             if ours:
                 _mark_written(checkpoint, VALIDATION_PENDING)
     finish_a_finished_runs_saves(checkpoint, output_dir)  # a rotation the kill cut short, as a resume with nothing left does
+
+
+@contextlib.contextmanager
+def final_grid_said(output_dir: Path, resume_from: Path | None = None):
+    """The final grid that could not be written (a full disk) is the run's error, unlike a grid mid-run (`TrainingRun.validate`):
+    nothing is left to train that going on would save, and the last checkpoint still says the final samples are to come
+    (`VALIDATION_PENDING`), so its resume draws them. `resume_from`: as `resume_command`'s."""
+    from finetune.training.validation import GridNotWritten  # (torch: loaded by now; `finetune train`'s early checks read this module)
+
+    try:
+        yield
+    except GridNotWritten as failure:
+        raise FinetuneError(f"{failure.what}: the outputs and the last checkpoint are written; make room, then --resume "
+                            f"{_resume_option(resume_from)} draws the final samples, without training ({resume_command(output_dir, resume_from)})") from None
 
 
 def _finishing_the_samples(step: int, output_dir: Path, resume_from: Path | None = None) -> Callable[[int], str]:

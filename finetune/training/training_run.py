@@ -43,7 +43,7 @@ from finetune.training.logged_settings import start_trackers
 from finetune.training.run_end import LOGGED_AT_STEP, OUTPUTS_PENDING, VALIDATION_PENDING, final_samples_wanted, finish_cut_short, finish_training, next_step_said, remove_killed_grids, resume_command
 from finetune.training.run_length import STEPS_BY_SHAPE, EpochCount, due, epochs_text, resume_warnings
 from finetune.training.step_losses import StepLosses, backward, micro_batch_shares, train_logs, weighted
-from finetune.training.validation import run_validation
+from finetune.training.validation import GridNotWritten, run_validation
 
 
 @dataclass
@@ -129,10 +129,17 @@ class TrainingRun:
             self.method.hold_weight_limits(self.modules)
             yield
 
-    def validate(self, at_step: int) -> Path | None:
-        """The validation grid of this step (and the held-out loss); returns the grid's path, if one was drawn."""
+    def validate(self, at_step: int, going_on: bool = False) -> Path | None:
+        """The validation grid of this step (and the held-out loss); returns the grid's path, if one was drawn. A grid that
+        cannot be written (`GridNotWritten`) is raised once the rest is done; mid-run (`going_on`) it is a warning and the run
+        goes on: a grid is a view of the run, not its state, and a full disk that stays full stops the run at the next
+        checkpoint with that one's line, the last good checkpoint kept; where room is made meanwhile, nothing is lost."""
+        unwritten = None
         with self.averaged(), uncompiled_forwards(self.modules) as forwards:
-            grid = run_validation(self.recipe, self.method, forwards, self.accelerator, at_step)
+            try:
+                grid = run_validation(self.recipe, self.method, forwards, self.accelerator, at_step)
+            except GridNotWritten as failure:
+                grid, unwritten = None, failure
             if self.data.held_out:
                 terms = held_out_loss(self.method, forwards, self.dataset, self.collate_fn, self.data.held_out, self.recipe.seed,
                                               self.accelerator.device, lambda: autocast(self.accelerator))  # fmt: skip
@@ -140,6 +147,10 @@ class TrainingRun:
                 say(f"validation loss at step {at_step}: {terms['loss']:.4f}")
                 self.accelerator.log({f"validation/{name}": value for name, value in terms.items()}, step=at_step)
         release_gathered(self.accelerator, self.modules)
+        if unwritten is not None and not going_on:
+            raise unwritten
+        if unwritten is not None:
+            warn(f"{unwritten.what}: training goes on without it (the checkpoints hold what a resume needs)")
         if grid is not None:
             self.result.sample_grids.append(grid)
         return grid
@@ -215,7 +226,7 @@ class TrainingRun:
         # Before the first step (validation.at_start), or due at the step its checkpoint was saved before it (by a stop, or
         # before a kill while it drew): the curve keeps that step.
         if (self.step == 0 and recipe.validation.at_start) or (self.resume_from is not None and self.state.get(VALIDATION_PENDING) and not data.pending_end):
-            if (grid := self.validate(self.step)) is not None:  # named as the loop names its grids
+            if (grid := self.validate(self.step, going_on=True)) is not None:  # named as the loop names its grids
                 say(f"samples: {grid}")
 
         self.progress = tqdm(total=data.max_steps, initial=self.step, desc="training", disable=not self.accelerator.is_local_main_process)
@@ -297,7 +308,7 @@ class TrainingRun:
             # Its validation is drawn after it is written: a kill while that draws (a grid takes minutes) left a checkpoint
             # whose resume never drew it. The resumed run draws it (again, the same, if the kill came later).
             self.save_checkpoint(validation_pending=validation_due, logged_at_step=self.logged)
-        if validation_due and (grid := self.validate(step)) is not None:
+        if validation_due and (grid := self.validate(step, going_on=True)) is not None:
             say(f"samples: {grid}")
 
     def end(self) -> None:

@@ -21,7 +21,10 @@ from PIL import Image
 
 from finetune.data.image_bounds import GRID_LABEL_WIDTH
 from finetune.distributed.processes import unwrap, zero_stage
+from finetune.errors import FinetuneError
 from finetune.models.start_weights import starting_weights
+from finetune.outputs.atomic_files import failed_write
+from finetune.outputs.full_disk import disk_full, room_text
 from finetune.sampling.pipelines import in_lockstep, make_grid, save_image_atomic, shared_between
 
 
@@ -48,14 +51,38 @@ def run_validation(recipe, method, modules, accelerator: Accelerator, step: int)
         module.train()
     if share is not None:
         rows = gathered_rows(rows, share.drawn, accelerator.is_main_process)
+    failure = None
     if rows and accelerator.is_main_process:
         grid = make_grid(rows, row_labels=labels, label_width=GRID_LABEL_WIDTH)
-        path = save_image_atomic(grid, Path(recipe.output_dir) / "samples" / f"step-{step:06d}.png")
+        try:
+            path = save_image_atomic(grid, Path(recipe.output_dir) / "samples" / f"step-{step:06d}.png")
+        except Exception as err:
+            if not failed_write(err):
+                raise
+            failure = GridNotWritten(Path(recipe.output_dir) / "samples" / f"step-{step:06d}.png", err)
         tensorboard = _tensorboard_writer(accelerator)
         if tensorboard is not None:
             tensorboard.add_image("validation", np.asarray(grid), step, dataformats="HWC")
-    accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()  # (raised after it: the other processes are not left waiting here)
+    if failure is not None:
+        raise failure
     return path
+
+
+class GridNotWritten(FinetuneError):
+    """A validation grid drawn that could not be written (a full disk, samples/ read-only): mid-run the run goes on without it
+    (`TrainingRun.validate`), at the run's end it is the run's error (`run_end.finish_training`)."""
+
+    def __init__(self, path: Path, err: Exception):
+        self.path = path
+        self.what = f"could not write the sample grid {path} ({_write_problem(err, path.parent)})"
+        super().__init__(self.what)
+
+
+def _write_problem(err: Exception, folder: Path) -> str:
+    if disk_full(err, folder):
+        return f"no space left on the disk{room_text(folder)}"
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:100]}"
 
 
 def gathered_rows(rows: list[list[Image.Image | None]], drawn: set[int], main: bool) -> list[list[Image.Image]]:
