@@ -116,8 +116,8 @@ def test_a_final_grid_the_disk_is_full_for_is_the_runs_error_and_its_resume_draw
     """The last grid keeps its checkpoint's word that the final samples are to come, so that --resume latest draws them."""
     grid_full_at(monkeypatch, 3)
     run = tmp_path / "run"
-    with pytest.raises(FinetuneError, match=rf"^could not write the sample grid .*step-000003.png \(no space left on the disk \(.* free\)\): the outputs and "
-                                            rf"the last checkpoint are written; make room, then --resume latest draws the final samples, without training"):
+    with pytest.raises(FinetuneError, match=r"^could not write the sample grid .*step-000003.png \(no space left on the disk \(.* free\)\): the outputs and "
+                                            r"the last checkpoint are written; make room, then --resume latest draws the final samples, without training"):
         trainer.train(make_recipe(output_dir=str(run), **SAMPLED))
     monkeypatch.undo()
     result = trainer.train(make_recipe(output_dir=str(run), **SAMPLED), resume="latest")
