@@ -108,11 +108,11 @@ def test_once_the_processes_have_loaded_it_the_main_one_puts_it_back_and_every_p
     assert [found for found, _ in said] == ["new" if new_complete else "old"] * 2
     lines = {
         True: f"put back {checkpoints / 'checkpoint-4'}: a kill while it was saved left it as .partial-checkpoint-4 (the folder it replaced, .checkpoint-4.old, is removed)\n",
-        False: f"put back {checkpoints / 'checkpoint-4'}: a kill while it was replaced left it as .checkpoint-4.old (its replacement, unfinished, is not used)\n",
+        False: f"put back {checkpoints / 'checkpoint-4'}: a kill while it was replaced left it as .checkpoint-4.old (its replacement, unfinished, is removed)\n",
     }  # fmt: skip
     assert [lines for _, lines in said] == [lines[new_complete], ""]  # said once, by the main process
-    # The old folder of a step put back new is removed; an unfinished partial is the next save's to remove, as ever.
-    assert sorted(p.name for p in checkpoints.iterdir()) == sorted(["checkpoint-2", "checkpoint-4"] + ([] if new_complete else [".partial-checkpoint-4"]))
+    # The old folder of a step put back new is removed, and so is an unfinished partial (it was the next save's to remove, unsaid).
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]
 
 
 def test_a_put_back_that_fails_on_the_main_process_stops_every_process_with_its_line(tmp_path, monkeypatch):
@@ -171,8 +171,10 @@ def test_a_complete_checkpoint_a_kill_left_before_its_rename_is_resumed_and_put_
         put_back_interrupted_checkpoints(SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None), checkpoints)
     resumed = checkpoints / "checkpoint-4"
     assert (resumed / "trainable_0.safetensors").read_text() == "new"
-    assert said.getvalue() == f"put back {resumed}: a kill after it was saved, before it was renamed into place, left it as .partial-checkpoint-4\n"
-    assert sorted(p.name for p in checkpoints.iterdir()) == [".partial-checkpoint-5", ".partial-checkpoint-6", "checkpoint-2", "checkpoint-4"]
+    unfinished = [f"removed {checkpoints / f'.partial-checkpoint-{step}'}: the save of checkpoint-{step}, cut short by a kill or a crash "
+                  f"(no {STATE_FILE}: unfinished), which no resume can take\n" for step in (5, 6)]
+    assert said.getvalue() == "".join([f"put back {resumed}: a kill after it was saved, before it was renamed into place, left it as .partial-checkpoint-4\n", *unfinished])
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]
 
 
 def test_an_old_folder_left_alone_is_put_back_without_a_word_of_a_replacement(tmp_path):
@@ -251,3 +253,42 @@ def test_two_processes_resuming_a_finished_run_say_nothing_is_left_once_joined_w
     assert said == [f"FinetuneError: {checkpoints / 'checkpoint-4'} is at step 4 and train.max_steps is 4: nothing left to train; "
                     f"raise train.max_steps to continue (e.g. train.max_steps=6)"] * 2, said  # fmt: skip
     assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-4"]  # put back, and checkpoint-2 rotated out (keep_last 1)
+
+
+KILLED_WHILE_SAVING = r"""
+import os, signal, sys
+import finetune.checkpoints.checkpoint as ckpt
+real = ckpt.save_file
+
+def half_then_killed(tensors, path, *args, **kwargs):  # SIGKILL with checkpoint-4's first file half written
+    if ".partial-checkpoint-4" in path:
+        with open(path, "wb") as file:
+            file.write(b"\0" * 4096)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(tensors, path, *args, **kwargs)
+
+ckpt.save_file = half_then_killed
+from finetune.cli.main import main
+sys.exit(main(["train", sys.argv[1]]))
+"""
+
+
+def test_a_run_killed_while_it_saves_resumes_from_the_last_whole_checkpoint_and_says_the_unfinished_one_is_removed(make_recipe, tmp_path, capsys):
+    """--resume latest took checkpoint-2 and said only that: the kill's `.partial-checkpoint-4` went at the next save, unsaid."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    run = tmp_path / "run"
+    recipe = make_recipe(output_dir=str(run), train__max_steps=6, checkpoint__every_n_steps=2)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_SAVING, str(tmp_path / "recipe.yaml")], env=env, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [".partial-checkpoint-4", "checkpoint-2"]
+    trainer.train(make_recipe(output_dir=str(run), train__max_steps=3, checkpoint__every_n_steps=2), resume="latest")
+    said = capsys.readouterr().out
+    assert f"resumed from {run / 'checkpoints' / 'checkpoint-2'} at step 2\n" in said
+    assert (f"removed {run / 'checkpoints' / '.partial-checkpoint-4'}: the save of checkpoint-4, cut short by a kill or a crash "
+            f"(no {STATE_FILE}: unfinished), which no resume can take\n") in said

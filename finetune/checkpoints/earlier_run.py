@@ -154,7 +154,9 @@ def _put_back(checkpoints_dir: Path) -> str | None:
             return (f"could not put back {final} from the folders a killed save left ({err.strerror or err}): fix the permissions "
                     f"of {checkpoints_dir}, or rename {source.name} there to {final.name} yourself")  # fmt: skip
         if source == aside:
-            unfinished = " (its replacement, unfinished, is not used)" if final.with_name(f"{PARTIAL}{final.name}").exists() else ""
+            replacement = final.with_name(f"{PARTIAL}{final.name}")
+            unfinished = " (its replacement, unfinished, is removed)" if replacement.exists() else ""
+            shutil.rmtree(replacement, ignore_errors=True)  # (else `_remove_unfinished_saves` said it again, as a save of its own)
             say(f"put back {final}: a kill while it was replaced left it as {aside.name}{unfinished}")
         elif aside.is_dir():
             shutil.rmtree(aside, ignore_errors=True)  # the older state of the same step
@@ -166,7 +168,20 @@ def _put_back(checkpoints_dir: Path) -> str | None:
         final = checkpoints_dir / aside.name[1 : -len(".old")]
         if CHECKPOINT_PATTERN.match(final.name) and aside.is_dir() and (final / STATE_FILE).is_file():
             shutil.rmtree(aside, ignore_errors=True)
+    _remove_unfinished_saves(checkpoints_dir)
     return None
+
+
+def _remove_unfinished_saves(checkpoints_dir: Path) -> None:
+    """The `.partial-checkpoint-N` folders still there once the whole ones are put back: saves a kill or a crash cut short
+    (no trainer_state.json, written last), which no resume can take. Removed with a line: the resume had said only the older
+    checkpoint it took, so a run killed while it saved seemed to have lost its newer one without a word (the next save
+    removed them, unsaid)."""
+    for partial in sorted(checkpoints_dir.glob(f"{PARTIAL}checkpoint-*")) if checkpoints_dir.is_dir() else []:
+        shutil.rmtree(partial, ignore_errors=True)
+        name = partial.name.removeprefix(PARTIAL)
+        say(f"{'could not remove' if partial.exists() else 'removed'} {partial}: the save of {name}, cut short by a kill or a crash "
+            f"(no {STATE_FILE}: unfinished), which no resume can take")
 
 
 def check_run_folder_links(output_dir: Path) -> None:
