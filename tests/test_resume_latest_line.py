@@ -26,3 +26,11 @@ def test_the_line_is_said_once_per_run(tmp_path, capsys):
     say_fresh_start(tmp_path / "checkpoints")  # train() called alone, twice: two runs, each says it
     say_fresh_start(tmp_path / "checkpoints")
     assert capsys.readouterr().out.count("no checkpoint in") == 2
+
+
+def test_a_first_save_a_kill_cut_short_is_named_where_no_checkpoint_is_found(tmp_path, capsys):
+    """The kill's `.partial-checkpoint-2` went at the first save, unsaid: the run seemed to have lost its checkpoint."""
+    (tmp_path / "checkpoints" / ".partial-checkpoint-2").mkdir(parents=True)
+    say_fresh_start(tmp_path / "checkpoints")
+    assert capsys.readouterr().out == (f"--resume latest: no checkpoint in {tmp_path / 'checkpoints'} yet, starting at step 0 (.partial-checkpoint-2: a "
+                                       f"save a kill or a crash cut short, without its trainer_state.json, which no resume can take; the run's first save removes it)\n")

@@ -100,7 +100,11 @@ def say_fresh_start(checkpoints_dir: Path) -> None:
     from finetune.console import say
     from finetune.data_check.checked_once import kept_check
 
-    kept_check(f"fresh start in {checkpoints_dir}", lambda: say(f"--resume latest: no checkpoint in {checkpoints_dir} yet, starting at step 0"))
+    unfinished = sorted(checkpoints_dir.glob(f"{PARTIAL}checkpoint-*")) if checkpoints_dir.is_dir() else []
+    # A first save a kill or a crash cut short: without a word, the run seemed to have lost its checkpoint.
+    cut_short = (f" ({', '.join(path.name for path in unfinished)}: a save a kill or a crash cut short, without its {STATE_FILE}, which "
+                 f"no resume can take; the run's first save removes it)") if unfinished else ""  # fmt: skip
+    kept_check(f"fresh start in {checkpoints_dir}", lambda: say(f"--resume latest: no checkpoint in {checkpoints_dir} yet, starting at step 0{cut_short}"))
 
 
 def newest_checkpoint(checkpoints_dir: Path) -> str:
