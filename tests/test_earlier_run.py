@@ -70,3 +70,22 @@ def test_a_run_folder_that_links_to_nothing_is_said_before_the_model_loads(make_
     assert str(stopped.value) == (f"output_dir {tmp_path / 'run'}: {link} is a link to {tmp_path / 'unmounted' / name}, which does not exist "
                                   f"(a disk not mounted?): mount or make that folder, or remove the link")
     assert link.is_symlink()
+
+
+def test_a_checkpoints_folder_that_cannot_be_written_is_said_before_the_data_check(tmp_path, monkeypatch, capsys):
+    """output_dir writable, its checkpoints/ not (a read-only mount, another user's): the run loaded the model and trained to
+    its first save, which failed ("could not write checkpoint ... Read-only file system")."""
+    from PIL import Image
+
+    from finetune.cli.main import main
+
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "red.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")  # the data check refuses it: its line would come first
+    locked = tmp_path / "run" / "checkpoints"
+    locked.mkdir(parents=True)
+    access = os.access  # as for a read-only mount (root writes any folder whatever its mode)
+    monkeypatch.setattr(os, "access", lambda path, mode, *a, **k: False if os.path.abspath(path) == str(locked) else access(path, mode, *a, **k))
+    assert main(["train", "recipes/quickstart.yaml", f"data.image_dir={tmp_path}", f"output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: output_dir {tmp_path / 'run'}: {locked} cannot be written to (permissions, or a read-only disk), and the run saves "
+                          f"its checkpoints there: fix its permissions (or mount it writable), or choose another output_dir\n"), err

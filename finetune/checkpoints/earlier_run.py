@@ -42,6 +42,10 @@ def guard_earlier_run(output_dir: Path, resume_from: Path | None, overwrite: boo
     if not os.access(existing, os.W_OK | os.X_OK):
         raise FinetuneError(f"output_dir {output_dir}: {existing} cannot be written to (permissions, or a read-only disk): choose another output_dir")
     check_run_folder_links(output_dir)
+    checkpoints = output_dir / "checkpoints"  # every run saves there (its last step at least): refused there, it had trained to its first save
+    if checkpoints.is_dir() and not os.access(checkpoints, os.W_OK | os.X_OK):
+        raise FinetuneError(f"output_dir {output_dir}: {checkpoints} cannot be written to (permissions, or a read-only disk), and the run saves its "
+                            f"checkpoints there: fix its permissions (or mount it writable), or choose another output_dir")  # fmt: skip
     earlier = resumable_checkpoints(output_dir / "checkpoints")  # with those a kill left under other names, which a resume puts back
     named = {final: source.name for final, source in interrupted_checkpoints(output_dir / "checkpoints").items()}  # (what is there)
     # A resume saves only steps past its checkpoint's: a folder of an earlier step is in no save's way (one an older finetune's
