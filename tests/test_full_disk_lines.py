@@ -122,3 +122,17 @@ def test_a_final_grid_the_disk_is_full_for_is_the_runs_error_and_its_resume_draw
     monkeypatch.undo()
     result = trainer.train(make_recipe(output_dir=str(run), **SAMPLED), resume="latest")
     assert result.losses == [] and result.sample_grids == [run / "samples" / "step-000003.png"] and result.sample_grids[0].is_file()
+
+
+def test_a_disk_that_fills_under_the_last_checkpoint_says_the_outputs_are_written(make_recipe, monkeypatch, tmp_path):
+    """The outputs are written before the last checkpoint: its line said only to make room and resume, as if the run's
+    LoRA were lost, when it was in output_dir, whole."""
+    from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
+
+    full_part_way(monkeypatch, at_call=2)  # checkpoint-2 whole; checkpoint-4, the last, cut short
+    run = tmp_path / "run"
+    with pytest.raises(FinetuneError) as raised:
+        trainer.train(make_recipe(output_dir=str(run), train__max_steps=4, checkpoint__every_n_steps=2))
+    assert str(raised.value).startswith(f"no space left on the disk of {run / 'checkpoints'} (")
+    assert str(raised.value).endswith(f"is kept; the unfinished checkpoint-4 was removed). The run's outputs are written, whole: {run / LORA_WEIGHTS_NAME}")
+    assert (run / LORA_WEIGHTS_NAME).is_file()

@@ -111,7 +111,8 @@ def finish_training(result, stop, output_dir: Path, checkpoints_dir: Path, save_
             result.saved_files = save_outputs(output_dir)
             written = True
         finally:  # whatever happens while writing the outputs, the trained state goes to disk (a longer run resumes it)
-            save_checkpoint(validation_pending=samples_wanted, outputs_pending=not written)
+            with _written_outputs_said(result.saved_files if written else []):
+                save_checkpoint(validation_pending=samples_wanted, outputs_pending=not written)
         stopped = stop.agreed_now()  # collective: once, on every process
         if stopped and samples_wanted:
             _say_skipped(result, stop.signal, output_dir)
@@ -147,6 +148,19 @@ def finish_cut_short(result, stop, output_dir: Path, checkpoints_dir: Path, save
             if ours:
                 _mark_written(checkpoint, VALIDATION_PENDING)
     finish_a_finished_runs_saves(checkpoint, output_dir)  # a rotation the kill cut short, as a resume with nothing left does
+
+
+@contextlib.contextmanager
+def _written_outputs_said(saved_files: list[Path]):
+    """The last checkpoint that fails (a disk that filled) once the outputs are written: its line says they are there, whole.
+    Its "--resume latest" alone read as if the run's result were lost; that resume trains the last steps again, for the
+    checkpoint (and the final samples) alone."""
+    try:
+        yield
+    except FinetuneError as err:
+        if not saved_files:
+            raise
+        raise FinetuneError(f"{err}. The run's outputs are written, whole: {', '.join(str(path) for path in saved_files)}") from None
 
 
 @contextlib.contextmanager
