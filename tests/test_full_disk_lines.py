@@ -136,3 +136,25 @@ def test_a_disk_that_fills_under_the_last_checkpoint_says_the_outputs_are_writte
     assert str(raised.value).startswith(f"no space left on the disk of {run / 'checkpoints'} (")
     assert str(raised.value).endswith(f"is kept; the unfinished checkpoint-4 was removed). The run's outputs are written, whole: {run / LORA_WEIGHTS_NAME}")
     assert (run / LORA_WEIGHTS_NAME).is_file()
+
+
+def test_torch_saves_stream_error_on_a_full_disk_is_the_full_disk_line(make_recipe, monkeypatch, tmp_path):
+    """A real run on a full tmpfs: torch.save (accelerate's custom state) failed with "basic_ios::clear: iostream error",
+    no errno, which no check knew for a failed write: a traceback. Here the disk is full by its room, as it read there."""
+    from accelerate import Accelerator
+
+    import finetune.outputs.full_disk as full_disk
+
+    real, calls = Accelerator.save_state, []
+
+    def full_at_the_second(self, output_dir, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 2:
+            monkeypatch.setattr(full_disk, "free_bytes", lambda folder: 49_000)
+            raise RuntimeError("basic_ios::clear: iostream error")
+        return real(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", full_at_the_second)
+    with pytest.raises(FinetuneError, match=r"^no space left on the disk of .*checkpoints \(49 KB free\) for checkpoint-4, which needs about .*, as checkpoint-2"):
+        trainer.train(make_recipe(output_dir=str(tmp_path / "run"), train__max_steps=6, checkpoint__every_n_steps=2))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["checkpoint-2"]

@@ -221,10 +221,15 @@ def with_default_permissions(path: Path) -> Path:
     return path
 
 
+# How torch.save says a write failed, without an errno: its zip writer ("[enforce fail at inline_container.cc] unexpected pos",
+# "file write failed") and the C++ stream under it, which a full disk ended a real run's checkpoint with (its traceback).
+TORCH_WRITE_ERRORS = ("inline_container", "file write failed", "basic_ios::clear: iostream error")
+
+
 def failed_write(err: Exception) -> bool:
     """A file that could not be written (a full disk, permissions): an OSError, or how torch.save reports one (a
-    RuntimeError of its zip writer: "unexpected pos") and safetensors ("I/O error: No space left on device")."""
-    return isinstance(err, OSError) or (isinstance(err, RuntimeError) and "inline_container" in str(err)) or (
+    RuntimeError: `TORCH_WRITE_ERRORS`) and safetensors ("I/O error: No space left on device")."""
+    return isinstance(err, OSError) or (isinstance(err, RuntimeError) and any(words in str(err) for words in TORCH_WRITE_ERRORS)) or (
         isinstance(err, SafetensorError) and "I/O error" in str(err))
 
 

@@ -13,12 +13,14 @@ FULL_WORDS = ("No space left on device", "os error 28", "Disk quota exceeded", "
 
 
 def disk_full(err: BaseException, folder: Path, needed: int = 0) -> bool:
-    """Whether `err`, raised while writing in `folder`, is a full disk (or quota). torch.save's zip writer says only "file
-    write failed" (no errno): for it, a disk with less room left than the write `needed` is taken for the cause."""
+    """Whether `err`, raised while writing in `folder`, is a full disk (or quota). torch.save says only "file write failed"
+    or "iostream error" (no errno): for it, a disk with less room left than the write `needed` is taken for the cause."""
     if getattr(err, "errno", None) in FULL_ERRNOS or any(words in str(err) for words in FULL_WORDS):
         return True
+    from finetune.outputs.atomic_files import TORCH_WRITE_ERRORS
+
     free = free_bytes(folder)
-    return isinstance(err, RuntimeError) and "inline_container" in str(err) and free is not None and free < needed
+    return isinstance(err, RuntimeError) and any(words in str(err) for words in TORCH_WRITE_ERRORS) and free is not None and free < needed
 
 
 def free_bytes(folder: Path) -> int | None:
