@@ -2,15 +2,23 @@
 `finetune train`'s data check had decoded every image: now from the UNet weights' header, before both, in the line the
 LoRA's own check says (which every target it names, and some that would do)."""
 
+import copy
+from pathlib import Path
+
 import pytest
+import torch
+import yaml
 from PIL import Image
 
 from finetune.errors import FinetuneError
 from finetune.methods.lora import check_targets
 from finetune.models.model_source import BaseLocation, locate_base
-from finetune.models.unet_layer_names import (EXAMPLE_TARGETS, ORIGINAL_UNET, check_unet_targets_first, diffusers_names, module_names,
+from finetune.models.unet_layer_names import (EXAMPLE_TARGETS, ORIGINAL_UNET, check_unet_targets_first, diffusers_names, module_names, norm_kind,
                                               unet_weight_dims, weight_dims, weightless_modules)
 from test_fast_errors import BASE, said_without_the_training_stack
+from test_other_tools_lora_keys import EVERY_UNET_LAYER
+
+RECIPES = Path(__file__).parent.parent / "recipes"
 
 WRONG = ["to_qq", "to_k", "conv3"]
 
@@ -40,11 +48,56 @@ def test_the_header_check_says_what_the_loaded_unets_check_says():
     with pytest.raises(FinetuneError) as loaded:
         check_targets(unet, WRONG)
     assert str(early.value) == str(loaded.value)
-    # Names that match, the loaded model's way: leaf names, dotted suffixes, whole paths, a block (whose kind the LoRA's check refuses).
+    # Names that match, the loaded model's way: leaf names, dotted suffixes, whole paths.
     named = [name for name, _ in unet.named_modules() if name.endswith("attn1.to_q")][0]
     for targets in ([target for target in EXAMPLE_TARGETS if any(name.endswith(target) for name, _ in unet.named_modules())],
-                    ["attn1.to_q", named, "attn1"]):  # fmt: skip
+                    ["attn1.to_q", named]):  # fmt: skip
         check_unet_targets_first(targets, location)  # no refusal
+
+
+# Every target_modules the recipes and the tests train with (tests/test_other_tools_lora_keys.py's every kind of UNet layer).
+ACCEPTED = sorted({*EVERY_UNET_LAYER, *(name for path in RECIPES.glob("*.yaml") for name in (yaml.safe_load(path.read_text()).get("lora") or {})
+                                        .get("target_modules", []))})  # fmt: skip
+
+
+@pytest.mark.parametrize("target, start", [
+    ("norm1", "'norm1' names GroupNorm, LayerNorm layers of the UNet2DConditionModel, which LoRA does not adapt (it adapts Linear and Conv2d"),
+    ("norm", "'norm' names GroupNorm layers of the UNet2DConditionModel, which LoRA does not adapt"),
+    ("attn1", "'attn1' names blocks of the UNet2DConditionModel, not the layers in them LoRA adapts: name their layers instead, e.g. attn1.to_q, "),
+    ("transformer_blocks", "'transformer_blocks' names blocks of the UNet2DConditionModel, not the layers in them LoRA adapts: name their layers "
+                           "instead, e.g. to_q, "),
+])  # fmt: skip
+def test_targets_naming_norm_layers_or_blocks_are_said_before_the_model_loads(target, start):
+    """A norm's weight is 1-D in the header, a block holds none of its own: both passed the header's check, and peft
+    refused them once the model had loaded (after the data check). Said from the header now, as the loaded check says it;
+    every name peft accepts (those the recipes and the tests train with) still passes."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from finetune.models.loading import load_base_model
+
+    location = locate_base(_model(BASE))
+    unet = load_base_model(_model(BASE)).unet
+    with pytest.raises(FinetuneError) as early:
+        check_unet_targets_first(["to_q", target], location)
+    with pytest.raises(FinetuneError) as loaded:
+        check_targets(unet, ["to_q", target])
+    assert str(early.value).startswith(f"lora.target_modules: {start}") and str(early.value) == str(loaded.value)
+    with pytest.raises(ValueError, match="is not supported"):  # what peft itself says of it
+        inject_adapter_in_model(LoraConfig(r=2, target_modules=["to_q", target]), copy.deepcopy(unet))
+    accepted = [name for name in ACCEPTED if any(module.endswith(name) for module, _ in unet.named_modules())]  # the tiny UNet's own
+    assert {"to_q", "to_out.0", "proj_in", "ff.net.0.proj", "conv1"} <= set(accepted)
+    check_unet_targets_first(accepted, location)
+    check_targets(unet, accepted)
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=accepted), copy.deepcopy(unet))
+
+
+def test_the_norm_kinds_by_name_are_the_loaded_unets():
+    from finetune.models.loading import load_base_model
+
+    unet = load_base_model(_model(BASE)).unet
+    norms = {name: type(module).__name__ for name, module in unet.named_modules() if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm))}
+    assert norms and {name: norm_kind(name) for name in norms} == norms
+    assert set(norms) == {name for name, ndim in unet_weight_dims(locate_base(_model(BASE))).items() if ndim == 1}  # every 1-D weight a norm's
 
 
 def test_targets_naming_layers_without_weights_are_said_as_that_before_the_model_loads():

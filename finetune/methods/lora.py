@@ -28,7 +28,7 @@ from finetune.methods.base import UNetMethod
 from finetune.models.init_from_record import text_encoder_switch
 from finetune.models.loading import freeze
 from finetune.models.lora_unit_scale import skip_unit_scales
-from finetune.models.unet_layer_names import matches, unmatched_targets_line, weightless_targets_line
+from finetune.models.unet_layer_names import block_targets_line, matches, norm_targets_line, unmatched_targets_line, weightless_targets_line
 from finetune.optim.max_norm import apply_max_norm, lora_layers
 from finetune.outputs.atomic_files import atomic_save_safetensors
 
@@ -123,20 +123,34 @@ def loraplus_groups(groups: list[dict], modules: dict[str, torch.nn.Module], def
 
 def check_targets(model: torch.nn.Module, target_modules: list[str]) -> None:
     """Each name must match layers LoRA can adapt (peft matches a name or a dotted suffix of one, and
-    skips a name that matches nothing as long as another name matches). `finetune train` says the names matching
-    no UNet layer, or only layers without weights, before its data check, from the weights' header
-    (finetune.models.unet_layer_names), in the same lines."""
+    skips a name that matches nothing as long as another name matches, but refuses one any of whose matches it cannot
+    adapt). `finetune train` says the names matching no UNet layer, only layers without weights, norm layers or blocks,
+    before its data check, from the weights' header (finetune.models.unet_layer_names), in the same lines."""
     adaptable = [name for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))]
     if unmatched := [target for target in target_modules if not any(matches(name, target) for name, _ in model.named_modules())]:
         raise FinetuneError(unmatched_targets_line(unmatched, adaptable, type(model).__name__))
-    matched = {target: [module for name, module in model.named_modules() if matches(name, target)] for target in target_modules}
-    if weightless := {target: sorted({type(m).__name__ for m in found}) for target, found in matched.items()
-                      if all(next(m.parameters(), None) is None for m in found)}:  # a Dropout, an activation; fmt: skip
+    matched = {target: [(name, module) for name, module in model.named_modules() if matches(name, target)] for target in target_modules}
+    if weightless := {target: sorted({type(m).__name__ for _, m in found}) for target, found in matched.items()
+                      if all(next(m.parameters(), None) is None for _, m in found)}:  # a Dropout, an activation; fmt: skip
         raise FinetuneError(weightless_targets_line(weightless, adaptable, type(model).__name__))  # as the header's check says it
+    norms = {target: sorted({type(m).__name__ for _, m in found if _own_weight_dims(m) == 1}) for target, found in matched.items()}
+    if norms := {target: kinds for target, kinds in norms.items() if kinds}:
+        raise FinetuneError(norm_targets_line(norms, adaptable, type(model).__name__))
+    blocks = {target: [name for name in adaptable if any(name.startswith(f"{block}.") for block, m in found
+                                                         if next(m.parameters(recurse=False), None) is None)]
+              for target, found in matched.items()}  # fmt: skip
+    if blocks := {target: inside for target, inside in blocks.items() if inside}:
+        raise FinetuneError(block_targets_line(blocks, type(model).__name__))
     for target, found in matched.items():
-        kinds = {type(m).__name__ for m in found if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+        kinds = {type(m).__name__ for _, m in found if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
         if kinds:
             raise FinetuneError(f"lora.target_modules: '{target}' names {', '.join(sorted(kinds))} layers; LoRA adapts Linear and Conv2d layers")
+
+
+def _own_weight_dims(module: torch.nn.Module) -> int | None:
+    """The number of dimensions of the module's own weight (1: a norm's), or None without one."""
+    weight = module._parameters.get("weight")
+    return weight.dim() if weight is not None else None
 
 
 def is_conv_3x3(module: torch.nn.Module) -> bool:

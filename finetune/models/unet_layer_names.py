@@ -10,7 +10,9 @@ without torch or the weights, as `finetune train` does before its data check (fi
 A base without such a header (a .ckpt, `.bin` weights, a hub base whose weights are not fetched yet) is checked
 as the LoRA is made (`finetune.methods.lora.check_targets`), in the same words.
 The header has no module without weights (a Dropout, an activation): those are known by where diffusers puts them
-(WEIGHTLESS), so a target naming one is said as that, not as naming no layer.
+(WEIGHTLESS), so a target naming one is said as that, not as naming no layer. A norm's weight is 1-D there (a Linear's
+2-D, a Conv2d's 4-D), and a block (an attention, a transformer block, a ModuleList) holds none of its own but its
+layers do: peft refuses a target naming either once the model has loaded, so they are said here too (NORM_KINDS).
 """
 
 from __future__ import annotations
@@ -49,6 +51,30 @@ def weightless_targets_line(weightless: dict[str, list[str]], adaptable: list[st
             f"LoRA to adapt (it adapts Linear and Conv2d layers, e.g. {_examples(adaptable)}): fix or remove {'it' if one else 'them'}")
 
 
+def norm_targets_line(norms: dict[str, list[str]], adaptable: list[str], model: str) -> str:
+    """The one line for the targets naming norm layers of `model` (target -> their kinds: GroupNorm, LayerNorm), whose
+    weights scale each channel: peft adapts no such layer."""
+    names = ", ".join(f"'{target}'" for target in norms)
+    kinds = ", ".join(sorted({kind for found in norms.values() for kind in found}))
+    one = len(norms) == 1
+    return (f"lora.target_modules: {names} {'names' if one else 'name'} {kinds} layers of the {model}, which LoRA does not adapt "
+            f"(it adapts Linear and Conv2d layers, e.g. {_examples(adaptable)}): fix or remove {'it' if one else 'them'}")
+
+
+def block_targets_line(blocks: dict[str, list[str]], model: str) -> str:
+    """The one line for the targets naming blocks of `model` (an attention, a transformer block: modules whose layers hold
+    the weights), with names of their layers (target -> the full names of the Linear and Conv2d layers inside them)."""
+    names = ", ".join(f"'{target}'" for target in blocks)
+    examples = []
+    for target, inside in blocks.items():
+        # Under the target's own name where that names the layer (attn1.to_q), else the layer's (to_q): never a path of indices.
+        examples += [f"{target}.{example}" if any(name.endswith(f"{target}.{example}") for name in inside) else example
+                     for example in _examples(inside).split(", ")]  # fmt: skip
+    one = len(blocks) == 1
+    return (f"lora.target_modules: {names} {'names' if one else 'name'} blocks of the {model}, not the layers in them LoRA adapts: "
+            f"name their layers instead, e.g. {', '.join(list(dict.fromkeys(examples))[:6])}")
+
+
 def _examples(adaptable: list[str]) -> str:
     """A few targets naming some of the `adaptable` layers: EXAMPLE_TARGETS's, else their own names (a text encoder's)."""
     examples = [target for target in EXAMPLE_TARGETS if any(matches(name, target) for name in adaptable)]
@@ -69,6 +95,16 @@ WEIGHTLESS = {
     r"time_embedding": {"act": "SiLU"},
     r"": {"conv_act": "SiLU", "time_proj": "Timesteps"},
 }
+
+
+# The norm layers of SD1.x's and SD2.x's UNet2DConditionModel (a 1-D weight in the header) by their full names: a transformer
+# block's norm1-3 are LayerNorm (diffusers/models/attention.py's BasicTransformerBlock), every other GroupNorm (a resnet's,
+# Transformer2DModel's `norm`, `conv_norm_out`). tests/test_lora_targets_first.py checks them against a loaded UNet.
+NORM_KINDS = {r"(.+\.)?transformer_blocks\.\d+\.norm\d": "LayerNorm"}
+
+
+def norm_kind(name: str) -> str:
+    return next((kind for pattern, kind in NORM_KINDS.items() if re.fullmatch(pattern, name)), "GroupNorm")
 
 
 def weightless_modules(modules: set[str]) -> dict[str, str]:
@@ -127,8 +163,8 @@ def diffusers_names(original: dict[str, int]) -> dict[str, int] | None:
 
 
 def check_unet_targets_first(target_modules: list[str], base: BaseLocation) -> None:
-    """Refuse the targets that name no module of the base's UNet, or only ones without weights, from its weights' header;
-    nothing is said where no header is at hand (the LoRA's check says it once the model has loaded)."""
+    """Refuse the targets that name no module of the base's UNet, only ones without weights, norm layers or blocks, from
+    its weights' header; nothing is said where no header is at hand (the LoRA's check says it once the model has loaded)."""
     dims = unet_weight_dims(base)
     if not dims:
         return
@@ -140,6 +176,19 @@ def check_unet_targets_first(target_modules: list[str], base: BaseLocation) -> N
         if missing := [target for target, kinds in without_weights.items() if not kinds]:
             raise FinetuneError(unmatched_targets_line(missing, adaptable, "UNet2DConditionModel"))
         raise FinetuneError(weightless_targets_line(without_weights, adaptable, "UNet2DConditionModel"))
+    # peft refuses a target any of whose matches it cannot adapt, though others it could (`norm1` names a resnet's GroupNorm too).
+    norms = {target: sorted({norm_kind(name) for name, ndim in dims.items() if ndim == 1 and matches(name, target)}) for target in target_modules}
+    if norms := {target: kinds for target, kinds in norms.items() if kinds}:
+        raise FinetuneError(norm_targets_line(norms, adaptable, "UNet2DConditionModel"))
+    blocks = {target: [name for name in adaptable if any(name.startswith(f"{block}.") for block in _blocks(modules - dims.keys(), target))]
+              for target in target_modules}  # fmt: skip
+    if blocks := {target: inside for target, inside in blocks.items() if inside}:
+        raise FinetuneError(block_targets_line(blocks, "UNet2DConditionModel"))
+
+
+def _blocks(holders: set[str], target: str) -> list[str]:
+    """The modules of `holders` (those holding no weight of their own, only their layers do) that `target` names."""
+    return [name for name in holders if matches(name, target)]
 
 
 def module_names(dims: dict[str, int]) -> set[str]:
