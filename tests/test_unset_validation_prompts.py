@@ -1,13 +1,17 @@
 """validation.prompts: null (finetune/sampling/unset_prompts.py): the grids sample prompts of the training data, not a
 recipe's examples that show nothing of it; said in one line at the run's start. Explicit prompts sample as before."""
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 import finetune.methods.base
+import finetune.methods.controlnet
 from finetune.config.recipe_loading import load_recipe
+from finetune.controlnet.pairs import checked_pairs
 from finetune.errors import FinetuneError
 from finetune.sampling.unset_prompts import CAPTION_PROMPTS, unset_prompts
 from finetune.training.trainer import train
@@ -48,9 +52,11 @@ def test_listed_prompts_sample_as_they_were(make_recipe, monkeypatch, capsys):
     assert "validation prompts:" not in capsys.readouterr().out
 
 
-def test_the_shipped_lora_recipe_leaves_them_unset_without_a_warning(capsys):
-    """Its sampling settings sample (the captions): not 'nothing without validation.prompts'."""
-    recipe = load_recipe(RECIPES / "lora.yaml", ["data.image_dir=somewhere"])
+@pytest.mark.parametrize("name", ["lora.yaml", "controlnet.yaml"])
+def test_the_shipped_lora_and_controlnet_recipes_leave_them_unset_without_a_warning(name, capsys):
+    """Their sampling settings sample (the captions): not 'nothing without validation.prompts'. controlnet.yaml listed a
+    living room and a sports car, which show nothing of a creator's pairs."""
+    recipe = load_recipe(RECIPES / name, ["data.image_dir=somewhere"])
     assert recipe.validation.prompts is None and recipe.samples_unset_prompts
     assert capsys.readouterr().err == ""
 
@@ -62,9 +68,36 @@ def test_unset_prompts_are_bounded_in_the_grid_and_checked_with_the_sections_sam
         make_recipe(validation__prompts=None, validation__sampler="dpmpp_2m", validation__num_inference_steps=999)
 
 
-def test_a_controlnet_is_told_to_list_its_prompts(make_recipe, pairs_folder):
-    with pytest.raises(FinetuneError, match="validation.prompts: null .* method controlnet pairs each prompt with a conditioning image"):
-        make_recipe(method="controlnet", data__image_dir=str(pairs_folder), data__caption_dropout=0.0, validation__prompts=None)
+def test_a_controlnets_unset_prompts_are_its_first_pairs_captions_with_their_own_conditioning_images(make_recipe, pairs_folder, tmp_path,
+                                                                                                        monkeypatch, capsys):  # fmt: skip
+    """null was refused for a ControlNet, whose grid pairs each prompt with a conditioning image: it samples the first pairs'
+    captions, each with its own pair's conditioning image (the first pair, uncaptioned, is passed over with its image)."""
+    folder = tmp_path / "pairs"
+    shutil.copytree(pairs_folder, folder)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    rows[0]["text"] = ""
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    drawn = []
+
+    def generate(pipeline, settings, *args, conditions, **kwargs):
+        drawn.extend((prompt.prompt, condition.tobytes()) for prompt, condition in zip(settings, conditions))
+        return [[Image.new("RGB", (64, 64))] for _ in settings]
+
+    monkeypatch.setattr(finetune.methods.controlnet, "generate_with_settings", generate)
+    recipe = make_recipe(method="controlnet", data__image_dir=str(folder), validation__prompts=None, validation__at_start=False, train__max_steps=1)
+    train(recipe)
+    own = [(row["text"], Image.open(folder / row["conditioning_file_name"]).convert("RGB").tobytes()) for row in rows[1:3]]
+    assert drawn == own
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("validation prompts:")]
+    assert len(lines) == 1 and lines[0].startswith("validation prompts: 2 captions of the training set, each with its image's conditioning image "
+                                                   f"(validation.prompts unset): '{rows[1]['text'][:40]}")  # fmt: skip
+    assert lines[0].endswith("(0002.png)") and "(0001.png), '" in lines[0]
+    private = make_recipe(method="controlnet", data__image_dir=str(folder), validation__prompts=None, checkpoint__record_caption_tags=False)
+    assert unset_prompts(private, [pair.image for pair in checked_pairs(private)[0]]) == []  # captions kept private: no grid, as for the others
+    # Conditioning images of its own need prompts of its own: a caption of another pair would not describe them.
+    with pytest.raises(FinetuneError, match=r"validation.prompts: null samples the first training pairs' captions, each with its own conditioning "
+                                            r"image; controlnet.validation_conditions needs prompts of its own"):  # fmt: skip
+        make_recipe(method="controlnet", data__image_dir=str(folder), validation__prompts=None, controlnet__validation_conditions=["a.png"])
 
 
 def test_a_dreamboths_unset_prompts_are_its_instance_and_class_prompts(make_recipe, tmp_path, monkeypatch, capsys):

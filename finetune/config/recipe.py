@@ -220,9 +220,10 @@ class Recipe(Section):
     def _controlnet_settings_fit(self) -> "Recipe":
         """ControlNet empties captions its own way, and pairs validation conditioning images with prompts."""
         if self.method == "controlnet":
-            if self.validation.prompts is None:  # its grids pair each prompt with a conditioning image (controlnet.validation_conditions)
-                raise ValueError("validation.prompts: null (the training captions) is for lora, full and dreambooth; method controlnet pairs "
-                                 "each prompt with a conditioning image: list the prompts, or [] for no grid")  # fmt: skip
+            if self.validation.prompts_unset and self.controlnet.validation_conditions:  # null samples pairs' captions with their own images
+                raise ValueError("validation.prompts: null samples the first training pairs' captions, each with its own conditioning image; "
+                                 "controlnet.validation_conditions needs prompts of its own: list validation.prompts (one serves every image; "
+                                 "'' for none), or leave controlnet.validation_conditions empty")  # fmt: skip
             if self.data.caption_dropout:
                 raise ValueError("method controlnet empties captions with controlnet.empty_prompt_share; set data.caption_dropout to 0")
             conditions, prompts = len(self.controlnet.validation_conditions), len(self.validation.all_prompts)

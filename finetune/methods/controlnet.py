@@ -52,6 +52,7 @@ from finetune.sampling.adapters_as_trained import adapters_prediction_type
 from finetune.sampling.finite_images import VALIDATION_OVERFLOW
 from finetune.sampling.inference import load_controlnet
 from finetune.sampling.pipelines import build_pipeline, generate_with_settings
+from finetune.sampling.unset_prompts import unset_prompt_items
 from finetune.training.device_copy import to_device
 
 STARTED_FROM = "controlnet_started_from"  # in a checkpoint's method state: the outputs' record of controlnet.pretrained, made when the run started
@@ -270,16 +271,20 @@ class ControlNetMethod(DiffusionMethod):
 
     def validation_conditions(self) -> list[Image.Image]:
         """Conditioning views (resized, center-cropped) for validation: the recipe's images, or the
-        first training examples' conditioning images, one per validation prompt."""
+        first training examples' conditioning images, one per validation prompt (with validation.prompts: null, those of
+        the pairs whose captions it samples)."""
         config = self.recipe.data.model_copy(update={"crop": "center", "random_flip": False})
         paths = self.settings.validation_conditions
         if paths:
             images = [open_rgb(Example(p, "", lambda p=p: Image.open(p)), colour_managed=False) for p in paths]
             return [paired_views(image, image, config, np.random.default_rng(0))[1] for image in images]
-        count = len(self.recipe.validation.all_prompts)
-        # Each conditioning image once: data.folders repeats (and templates) list a pair several times in a row.
-        distinct = list({pair.conditioning.source: pair for pair in self.pairs}.values())
-        pairs = [distinct[i % len(distinct)] for i in range(count)]
+        if self.recipe.validation.prompts_unset:  # validation.prompts: null: the captions of the first pairs, each with its own image
+            pairs = [self.pairs[index] for index in unset_prompt_items(self.recipe, self.training_items())]
+        else:
+            count = len(self.recipe.validation.all_prompts)
+            # Each conditioning image once: data.folders repeats (and templates) list a pair several times in a row.
+            distinct = list({pair.conditioning.source: pair for pair in self.pairs}.values())
+            pairs = [distinct[i % len(distinct)] for i in range(count)]
         return [paired_views(open_rgb(p.image), open_rgb(p.conditioning, colour_managed=False), config, np.random.default_rng(0))[1] for p in pairs]
 
     def validation_images(self, modules) -> tuple[list[list[Image.Image]], list[str]]:
