@@ -138,3 +138,20 @@ def test_captions_kept_private_are_not_sampled(make_recipe, monkeypatch, capsys)
     assert drawn == []
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("validation prompts:")]
     assert len(lines) == 1 and "checkpoint.record_caption_tags: false keeps the captions out of shared files" in lines[0]
+
+
+def test_check_data_says_the_line_train_starts_with(make_recipe, tiny_model, image_folder, pairs_folder, tmp_path, monkeypatch, capsys):
+    """check-data did not say which captions a null validation.prompts samples (or why none), which train says at its start."""
+    from finetune.cli.main import main
+
+    sampled_prompts(monkeypatch)
+    train(make_recipe(validation__prompts=None, validation__at_start=False, train__max_steps=1))
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("validation prompts:")]
+    for method, data, private, start in (("lora", image_folder, False, said[0]), ("lora", image_folder, True, "validation prompts: none ("),
+                                         ("controlnet", pairs_folder, False, "validation prompts: 2 captions of the training set, each with its ")):  # fmt: skip
+        recipe = tmp_path / f"{method}-{private}.json"
+        recipe.write_text(json.dumps({"method": method, "seed": 3, "model": {"pretrained": str(tiny_model)}, "data": {"image_dir": str(data), "resolution": 64},
+                                      "validation": {"prompts": None}, "checkpoint": {"record_caption_tags": not private}}))  # fmt: skip
+        assert main(["check-data", str(recipe)]) == 0
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("validation prompts:")]
+        assert len(lines) == 1 and lines[0].startswith(start), lines

@@ -20,6 +20,7 @@ from finetune.data_check.check import FATAL, SKIP_HINT, WARNING, DataReport, dat
 from finetune.data_check.train_inputs import data_configs
 from finetune.errors import FinetuneError
 from finetune.models.native_resolution import far_from_native_line
+from finetune.sampling.unset_prompts import fill_unset_prompts
 from finetune.training.held_out import concept_held_out_whole, held_out_for_check, held_out_sources
 
 
@@ -122,6 +123,8 @@ def run_check_data_command(args) -> int:
         for line in tag_warnings([e.caption or "" for report in reports for e in report.usable], recipe.data):  # as training's start says them
             print(line)
             warnings += 1
+        if line := fill_unset_prompts(recipe, items):  # validation.prompts: null: which captions the grids will sample, or why none
+            print(line)
     short = None
     if recipe is not None and not fatal:
         if held:

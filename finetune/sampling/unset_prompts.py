@@ -7,8 +7,9 @@ caption a held-out image is scored with), and a DreamBooth run its concepts' ins
 preservation, each concept's first class prompt (the subject, and the class the prior keeps). A ControlNet samples its
 first pairs' captions, each with its own conditioning image (as SimpleTuner validates from dataset images), each pair once:
 its rows differ by their conditioning images, one caption for every image (data.caption) too. Known once the data is
-checked; said in one line at the run's start. Captions kept out of shared files (checkpoint.record_caption_tags: false) are
-not sampled: a grid's labels show its prompts (SimpleTuner's validation from dataset images warns of the same).
+checked; said in one line at the run's start and by `finetune check-data`. Captions kept out of shared files
+(checkpoint.record_caption_tags: false) are not sampled: a grid's labels show its prompts (SimpleTuner's validation from
+dataset images warns of the same).
 """
 
 from __future__ import annotations
