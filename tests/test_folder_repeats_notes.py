@@ -20,7 +20,8 @@ def test_make_conditions_suggestion_says_a_folder_whose_number_is_a_year(tmp_pat
     check-data's suggestion has was left out of it."""
     out = tmp_path / "conditioned"
     assert main(["make-conditions", str(kohya_folders(tmp_path / "photos")), str(out), "--kind", "luminance"]) == 0
-    note = capsys.readouterr().out.splitlines()[-1]
+    *_, note, next_command = capsys.readouterr().out.splitlines()
+    assert next_command.startswith("next: finetune train ")
     assert note == ("""note: train the subfolders as data.folders entries, in the recipe's data section: folders: [{path: "10_sks dog", repeats: 10}, """
                     """{path: "2024_trip", repeats: 2024}]; '2024_trip' reads as 2024 repeats (sd-scripts' N_name: each of its images 2024 times an """
                     "epoch, 99.5% of the epoch): if 2024 is part of its name, give it repeats 1 there (and for sd-scripts rename the folder '1_2024_trip')"), note  # fmt: skip
@@ -31,7 +32,7 @@ def test_make_conditions_suggestion_has_no_note_for_plausible_repeats(tmp_path, 
         captioned(tmp_path / "photos" / "10_sks dog", name)
         captioned(tmp_path / "photos" / "1_dog", name)
     assert main(["make-conditions", str(tmp_path / "photos"), str(tmp_path / "out"), "--kind", "luminance"]) == 0
-    assert capsys.readouterr().out.splitlines()[-1].endswith('folders: [{path: "10_sks dog", repeats: 10}, {path: "1_dog", repeats: 1}]')
+    assert capsys.readouterr().out.splitlines()[-2].endswith('folders: [{path: "10_sks dog", repeats: 10}, {path: "1_dog", repeats: 1}]')
 
 
 def test_a_recipes_own_repeats_are_its_users_choice_and_get_no_note(tmp_path, capsys):
