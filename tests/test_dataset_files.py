@@ -223,18 +223,17 @@ def test_class_labels_as_captions_say_how_to_prompt_each_class(tmp_path):
         load_examples(DataConfig(dataset=str(tmp_path / "classes"), caption_column="label", resolution=64))
 
 
-def test_a_data_file_of_image_paths_says_to_save_it_with_save_to_disk_which_stores_the_images(tmp_path, monkeypatch):
+def test_a_saved_dataset_of_image_paths_says_to_save_it_with_save_to_disk_which_stores_the_images(tmp_path, monkeypatch):
     import datasets
 
     Image.new("RGB", (64, 64), "red").save(tmp_path / "1.png")
-    (tmp_path / "train.jsonl").write_text('{"image": "1.png", "text": "a red square"}\n')
-    # It said "cast it ... and save it again": a jsonl written again holds the paths again.
+    datasets.Dataset.from_dict({"image": ["1.png"], "text": ["a red square"]}).save_to_disk(tmp_path / "paths")
+    # A data file of paths is read as images (tests/test_image_path_tables.py); a dataset saved with them is told how to store its images.
     with pytest.raises(FinetuneError, match=r"holds Value\('string'\), not decoded images: cast it with dataset.cast_column\('image', datasets.Image\(\)\), "
                                             r"save it with save_to_disk \(which stores the images in it\) and train that folder, or set data.image_column$"):  # fmt: skip
-        load_examples(DataConfig(dataset=str(tmp_path / "train.jsonl"), resolution=64))
+        load_examples(DataConfig(dataset=str(tmp_path / "paths"), resolution=64))
     monkeypatch.chdir(tmp_path)  # as it says (a relative path is read from the current folder)
-    loaded = datasets.load_dataset("json", data_files="train.jsonl", split="train").cast_column("image", datasets.Image())
-    loaded.save_to_disk(tmp_path / "saved")
+    datasets.load_from_disk(str(tmp_path / "paths")).cast_column("image", datasets.Image()).save_to_disk(tmp_path / "saved")
     (tmp_path / "1.png").unlink()  # stored in the dataset: the file is no longer needed
     [example] = load_examples(DataConfig(dataset=str(tmp_path / "saved"), resolution=64))
     assert example.caption == "a red square" and example.load().getpixel((0, 0)) == (255, 0, 0)

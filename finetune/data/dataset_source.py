@@ -15,6 +15,7 @@ from finetune.captions.captions import DATASET_ROW
 from finetune.captions.cells import dataset_caption
 from finetune.config import DataConfig
 from finetune.data.dataset_images import require_image_column, row_image
+from finetune.data.image_paths import cast_image_paths, data_file_image_column, path_row_image
 from finetune.data.dataset_splits import no_rows_message, require_split_syntax, row_labels, saved_split_rows
 from finetune.data.folder_repeats import implausible_repeats_notes
 from finetune.data.sources import Example, folder_images, folders_entries, image_subfolders, saved_dataset
@@ -125,17 +126,16 @@ def dataset_examples(config: DataConfig) -> list[Example]:
     """Every row of `config.dataset` once, as an Example (checked: its columns, rows, and captions of text)."""
     name = config.dataset
     loaded = open_dataset(config)
-    columns = loaded.column_names
-    needed = [("data.image_column", config.image_column)]
+    image_column = data_file_image_column(loaded, name, config.image_column)
+    _require_column(loaded, name, image_column, "data.image_column")
+    # Before the caption column is looked for: its hint offers the columns of text, which a data file's paths are not.
+    loaded, paths = cast_image_paths(loaded, name, image_column, "data.image_column")
     if config.caption is None:
-        needed.append(("data.caption_column", config.caption_column))
-    for key, column in needed:
-        if column not in columns:
-            raise FinetuneError(f"dataset {name} has no column '{column}' ({key}); its columns are: {', '.join(repr(c) for c in columns)}"
-                                + _column_hint(loaded, key))  # fmt: skip
+        _require_column(loaded, name, config.caption_column, "data.caption_column")
+    columns = loaded.column_names
     if len(loaded) == 0:
         raise FinetuneError(no_rows_message(name, config.dataset_split))
-    require_image_column(loaded, name, config.image_column, "data.image_column")
+    require_image_column(loaded, name, image_column, "data.image_column")
     if config.caption is None and (classes := getattr(loaded.features[config.caption_column], "names", None)):  # a ClassLabel: numbers
         raise FinetuneError(_class_numbers_message(name, config.caption_column, classes))
     if config.caption is None and type(feature := loaded.features[config.caption_column]).__name__ in ("Image", "Audio", "Video"):  # not decoded, row by row, to fail at the first
@@ -144,12 +144,18 @@ def dataset_examples(config: DataConfig) -> list[Example]:
                             f"set data.caption_column to the captions' column ({', '.join(texts) or 'it has no column of text: set data.caption for one prompt'})")  # fmt: skip
     # [:]: the whole column as a list (datasets 4+ gives a lazy Column, whose rows read one by one took 1 ms each)
     captions = [config.caption] * len(loaded) if config.caption is not None else loaded[config.caption_column][:]
-    images, labels = loaded.select_columns([config.image_column]), row_labels(name, config.dataset_split, loaded, saved_dataset(Path(name)))
+    images, labels = loaded.select_columns([image_column]), row_labels(name, config.dataset_split, loaded, saved_dataset(Path(name)))
     return [
         Example(source := DATASET_ROW.format(name=name, row=labels[row]), dataset_caption(captions[row], name, config.caption_column, labels[row]),
-                functools.partial(row_image, images, row, config.image_column, source, name))  # fmt: skip
+                functools.partial(row_image, images, row, image_column, source, name) if paths is None
+                else functools.partial(path_row_image, images, row, image_column, source, name, paths[row]))  # fmt: skip
         for row in range(len(loaded))
     ]
+
+
+def _require_column(loaded, name: str, column: str, key: str) -> None:
+    if column not in (columns := loaded.column_names):
+        raise FinetuneError(f"dataset {name} has no column '{column}' ({key}); its columns are: {', '.join(repr(c) for c in columns)}" + _column_hint(loaded, key))
 
 
 def _column_hint(loaded, key: str) -> str:

@@ -56,14 +56,16 @@ def decode(example: Example, at_least: int | None = None) -> Image.Image:
 HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
 
 
-def unreadable_message(source: str, err: Exception) -> str:
+def unreadable_message(source: str, err: Exception, named: str | None = None) -> str:
     """Why an image file cannot be read, in the terms of what its user did: an empty file, a phone's HEIC photo
-    renamed .jpg and a photo over the pixel limit are told apart from a damaged file."""
+    renamed .jpg and a photo over the pixel limit are told apart from a damaged file. `named`: what the message
+    calls it where that is not its path (a data file's row naming the file)."""
+    path, source = source, named or source  # the file read; what the message calls it
     if isinstance(err, Image.DecompressionBombError):
         return too_many_pixels_message(source, str(err))
     try:
-        with open(source, "rb") as file:
-            head = file.read(12)
+        with open(path, "rb") as opened:
+            head = opened.read(12)
     except (OSError, ValueError):  # a dataset row, or a file gone since
         head = None
     if head == b"":  # a copy or download cut off before its first byte; OneDrive's and iCloud's placeholders read so too
