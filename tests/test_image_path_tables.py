@@ -48,6 +48,16 @@ def test_a_csv_of_paths_relative_to_it_trains_a_step_from_any_folder(make_recipe
     assert result.final_step == 1 and len(result.losses) == 1 and result.saved_files[0].is_file()
 
 
+def test_excels_csv_of_semicolons_is_read_as_a_folders_metadata_csv_is(tmp_path):
+    colour_images(tmp_path / "photos", ("red", "blue"))
+    # Excel's "CSV UTF-8" where a comma is the decimal mark: a byte-order mark, semicolons, CRLF line ends.
+    (tmp_path / "images.csv").write_bytes("\ufefffile_name;text\r\nphotos/red.png;a red, plain square\r\nphotos/blue.png;a blue square\r\n".encode())
+    # It was "has no column 'image' ...; its columns are: 'file_name;text', '__index_level_0__'" (with a comma in the first caption,
+    # "cannot be read (ParserError: Error tokenizing data ...): fix or replace it").
+    examples = load_examples(DataConfig(dataset=str(tmp_path / "images.csv"), resolution=64))
+    assert [(e.caption, e.load().convert("RGB").getpixel((0, 0))) for e in examples] == [("a red, plain square", (255, 0, 0)), ("a blue square", (0, 0, 255))]
+
+
 @pytest.mark.parametrize("kind", ["images.jsonl", "images.parquet"])
 def test_a_jsonl_or_parquet_of_image_caption_paths_reads_its_files_and_an_absolute_path_as_it_is(kind, tmp_path):
     colour_images(tmp_path / "photos", ("red", "green"))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from finetune.captions.captions import DATASET_ROW
 from finetune.captions.cells import dataset_caption
+from finetune.captions.metadata_lines import csv_delimiter
 from finetune.config import DataConfig
 from finetune.data.dataset_images import require_image_column, row_image
 from finetune.data.image_paths import cast_image_paths, data_file_image_column, path_row_image
@@ -63,7 +64,7 @@ def open_dataset(config: DataConfig):
             if saved:
                 return saved_split_rows(name, config.dataset_split)
             elif builder:
-                loaded = datasets.load_dataset(builder, data_files=name, split=config.dataset_split)
+                loaded = datasets.load_dataset(builder, data_files=name, split=config.dataset_split, **_csv_separator(name, builder))
             else:
                 loaded = datasets.load_dataset(name, config.dataset_config, split=config.dataset_split)
     except FinetuneError:
@@ -93,6 +94,17 @@ def open_dataset(config: DataConfig):
             raise
         raise FinetuneError(_unreadable_dataset_message(name, saved, err)) from None
     return loaded  # a Dataset: load_dataset with a split names one
+
+
+def _csv_separator(name: str, builder: str) -> dict[str, str]:
+    """The `sep` of a .csv data file whose header is separated by semicolons (Excel's CSV where a comma is the decimal
+    mark: German, French, ...) or tabs, as a folder's metadata.csv is read; datasets reads commas alone (its pandas
+    failed on such a file's first caption with a comma)."""
+    if builder != "csv":
+        return {}
+    with open(name, encoding="utf-8-sig", errors="replace") as file:
+        header = file.readline()
+    return {} if (separator := csv_delimiter(header)) == "," else {"sep": separator}
 
 
 def datasets_offline_by() -> str | None:
