@@ -58,6 +58,14 @@ def test_excels_csv_of_semicolons_is_read_as_a_folders_metadata_csv_is(tmp_path)
     assert [(e.caption, e.load().convert("RGB").getpixel((0, 0))) for e in examples] == [("a red, plain square", (255, 0, 0)), ("a blue square", (0, 0, 255))]
 
 
+def test_paths_written_on_windows_read_their_backslashes_as_folders(tmp_path):
+    colour_images(tmp_path / "photos", ("red",))
+    # It was "names image files that are not there (row 0: photos\red.png, ...)": a spreadsheet made on Windows, trained on Linux.
+    table = write_table(tmp_path, [("photos\\red.png", "a red square")])
+    [example] = load_examples(DataConfig(dataset=str(table), resolution=64))
+    assert example.load().convert("RGB").getpixel((0, 0)) == (255, 0, 0)
+
+
 @pytest.mark.parametrize("kind", ["images.jsonl", "images.parquet"])
 def test_a_jsonl_or_parquet_of_image_caption_paths_reads_its_files_and_an_absolute_path_as_it_is(kind, tmp_path):
     colour_images(tmp_path / "photos", ("red", "green"))

@@ -36,8 +36,12 @@ def data_file_image_column(loaded, name: str, column: str) -> str:
 
 
 def resolved_path(data_file: str, written: str) -> str:
-    """Where an image path of a data file's row is read: from the data file's folder, so that training finds it wherever it starts."""
-    return os.path.join(os.path.abspath(os.path.dirname(data_file)), written)  # an absolute `written` stays as it is
+    """Where an image path of a data file's row is read: from the data file's folder, so that training finds it wherever it
+    starts. A path written on Windows (`photos\\0001.jpg`) is read with its backslashes as folders where no file has that name."""
+    path = os.path.join(os.path.abspath(os.path.dirname(data_file)), written)  # an absolute `written` stays as it is
+    if os.sep == "/" and "\\" in written and not os.path.lexists(path):
+        return resolved_path(data_file, written.replace("\\", "/"))
+    return path
 
 
 def cast_image_paths(loaded, name: str, column: str, key: str):
