@@ -79,12 +79,14 @@ def test_a_jsonl_or_parquet_of_image_caption_paths_reads_its_files_and_an_absolu
 def test_a_caption_column_given_as_the_image_column_is_one_line_before_any_file_is_opened(kind, tmp_path, monkeypatch):
     import datasets
 
-    colour_images(tmp_path / "photos", ("red",))
-    table = write_table(tmp_path, [("photos/red.png", "a red square")], kind, columns=("image", "caption"))
+    colour_images(tmp_path / "photos", ("red", "blue"))
+    table = write_table(tmp_path, [("photos/red.png", "a red square"), ("photos/blue.png", "a blue square")], kind, columns=("image", "caption"))
     monkeypatch.setattr(datasets.Image, "decode_example", lambda *args, **kwargs: pytest.fail("an image was decoded"))
     with pytest.raises(FinetuneError, match=rf"^dataset {table} column 'caption' \(data.image_column\) holds text, not image file names \(row 0: 'a red square'\): "
                                             r"set data.image_column to the column of image paths \(.png, .*files, read from the data file's folder\)$"):  # fmt: skip
         load_examples(DataConfig(dataset=str(table), image_column="caption", caption_column="image", resolution=64), check=False)
+    with pytest.raises(FinetuneError, match=r"holds text, not image file names \(row 1: 'a blue square'\)"):  # named by its row in the split, not in the slice
+        load_examples(DataConfig(dataset=str(table), dataset_split="train[1:]", image_column="caption", caption_column="image", resolution=64), check=False)
     # The default columns, image and text: the caption column's hint offers the captions, not the paths.
     with pytest.raises(FinetuneError, match=r"has no column 'text' \(data.caption_column\); its columns are: 'image', 'caption': set data.caption_column=caption, or"):
         load_examples(DataConfig(dataset=str(table), resolution=64), check=False)

@@ -140,8 +140,9 @@ def dataset_examples(config: DataConfig) -> list[Example]:
     loaded = open_dataset(config)
     image_column = data_file_image_column(loaded, name, config.image_column)
     _require_column(loaded, name, image_column, "data.image_column")
+    labels = row_labels(name, config.dataset_split, loaded, saved_dataset(Path(name)))
     # Before the caption column is looked for: its hint offers the columns of text, which a data file's paths are not.
-    loaded, paths = cast_image_paths(loaded, name, image_column, "data.image_column")
+    loaded, paths = cast_image_paths(loaded, name, image_column, "data.image_column", labels)
     if config.caption is None:
         _require_column(loaded, name, config.caption_column, "data.caption_column")
     columns = loaded.column_names
@@ -156,7 +157,7 @@ def dataset_examples(config: DataConfig) -> list[Example]:
                             f"set data.caption_column to the captions' column ({', '.join(texts) or 'it has no column of text: set data.caption for one prompt'})")  # fmt: skip
     # [:]: the whole column as a list (datasets 4+ gives a lazy Column, whose rows read one by one took 1 ms each)
     captions = [config.caption] * len(loaded) if config.caption is not None else loaded[config.caption_column][:]
-    images, labels = loaded.select_columns([image_column]), row_labels(name, config.dataset_split, loaded, saved_dataset(Path(name)))
+    images = loaded.select_columns([image_column])
     return [
         Example(source := DATASET_ROW.format(name=name, row=labels[row]), dataset_caption(captions[row], name, config.caption_column, labels[row]),
                 functools.partial(row_image, images, row, image_column, source, name) if paths is None

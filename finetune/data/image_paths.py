@@ -44,24 +44,25 @@ def resolved_path(data_file: str, written: str) -> str:
     return path
 
 
-def cast_image_paths(loaded, name: str, column: str, key: str):
+def cast_image_paths(loaded, name: str, column: str, key: str, labels: list[str]):
     """(`loaded` with its column of image paths cast to datasets' Image(), each path made absolute from the data file's
-    folder; the paths as written, per row), or (`loaded`, None) where `column` holds no text of a local data file."""
+    folder; the paths as written, per row), or (`loaded`, None) where `column` holds no text of a local data file.
+    `labels`: each row as messages name it (its number in its split, dataset_splits.row_labels)."""
     import datasets
 
     if not is_path_data_file(name) or getattr(loaded.features[column], "dtype", None) not in ("string", "large_string"):
         return loaded, None
     written = loaded[column][:]  # [:]: the whole column as a list (a lazy Column reads row by row)
-    require_image_paths(written, name, column, key)
+    require_image_paths(written, name, column, key, labels)
     absolute = [None if path is None else resolved_path(name, path) for path in written]
     cast = loaded.remove_columns([column]).add_column(column, absolute).cast_column(column, datasets.Image())
     return cast.select_columns(loaded.column_names), written  # the columns in their order
 
 
-def require_image_paths(paths: list[str | None], name: str, column: str, key: str) -> None:
+def require_image_paths(paths: list[str | None], name: str, column: str, key: str, labels: list[str]) -> None:
     """Stop, before any image decodes, if the first rows' values are no image file names (a caption column picked as
     the images') or none of their files is there (paths written from another folder)."""
-    first = [(row, path) for row, path in enumerate(paths) if path][:LOOKED_UP_ROWS]
+    first = [(labels[row], path) for row, path in enumerate(paths) if path][:LOOKED_UP_ROWS]
     suffixes = IMAGE_SUFFIXES + UNREAD_IMAGE_SUFFIXES  # an unread kind is said by the data check, with its row
     for row, path in first:
         if "://" in path:
