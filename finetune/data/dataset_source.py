@@ -1,6 +1,7 @@
 """A `datasets` dataset as training's images (data.dataset): a hub name, a local folder or data file, or a save_to_disk
 folder, opened with its split and config, its image and caption columns checked, its rows read into `Example`s (the
-pixels are decoded when used). Folders of images are finetune/data/sources.py's; the rows a split names, dataset_splits.py's.
+pixels are decoded when used). Folders of images are finetune/data/sources.py's; the rows a split names, dataset_splits.py's;
+a data file's column of image paths (a spreadsheet's images.csv), image_paths.py's.
 """
 
 from __future__ import annotations
