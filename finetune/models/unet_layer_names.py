@@ -44,20 +44,20 @@ def unmatched_targets_line(unmatched: list[str], adaptable: list[str], model: st
 def weightless_targets_line(weightless: dict[str, list[str]], adaptable: list[str], model: str) -> str:
     """The one line for the targets naming only layers without weights of `model` (target -> their kinds: Dropout,
     SiLU), with a few targets that name layers LoRA adapts (`adaptable`, as `unmatched_targets_line` takes them)."""
-    names = ", ".join(f"'{target}'" for target in weightless)
-    kinds = ", ".join(sorted({kind for found in weightless.values() for kind in found}))
-    one = len(weightless) == 1
-    return (f"lora.target_modules: {names} {'names' if one else 'name'} {kinds} layers of the {model}, which have no weights for "
-            f"LoRA to adapt (it adapts Linear and Conv2d layers, e.g. {_examples(adaptable)}): fix or remove {'it' if one else 'them'}")
+    return _unadapted_targets_line(weightless, adaptable, model, "which have no weights for LoRA to adapt")
 
 
 def norm_targets_line(norms: dict[str, list[str]], adaptable: list[str], model: str) -> str:
     """The one line for the targets naming norm layers of `model` (target -> their kinds: GroupNorm, LayerNorm), whose
     weights scale each channel: peft adapts no such layer."""
-    names = ", ".join(f"'{target}'" for target in norms)
-    kinds = ", ".join(sorted({kind for found in norms.values() for kind in found}))
-    one = len(norms) == 1
-    return (f"lora.target_modules: {names} {'names' if one else 'name'} {kinds} layers of the {model}, which LoRA does not adapt "
+    return _unadapted_targets_line(norms, adaptable, model, "which LoRA does not adapt")
+
+
+def _unadapted_targets_line(kinds_named: dict[str, list[str]], adaptable: list[str], model: str, why: str) -> str:
+    names = ", ".join(f"'{target}'" for target in kinds_named)
+    kinds = ", ".join(sorted({kind for found in kinds_named.values() for kind in found}))
+    one = len(kinds_named) == 1
+    return (f"lora.target_modules: {names} {'names' if one else 'name'} {kinds} layers of the {model}, {why} "
             f"(it adapts Linear and Conv2d layers, e.g. {_examples(adaptable)}): fix or remove {'it' if one else 'them'}")
 
 
