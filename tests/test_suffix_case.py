@@ -135,3 +135,57 @@ def test_a_single_file_base_whose_suffix_is_in_capitals_loads_as_it_is(tmp_path)
     copied = (tmp_path / "exported.safetensors").rename(tmp_path / "Model.SafeTensors")
     assert_loads_back(copied, tmp_path / "configs", pipeline)
     assert [p.name for p in tmp_path.iterdir() if p.suffix.lower() == ".safetensors"] == ["Model.SafeTensors"]  # no other name for it left
+
+
+def test_a_controlnet_folder_whose_weights_end_in_capitals_is_told_to_rename_them(tmp_path):
+    """A ControlNet folder copied from Windows (diffusion_pytorch_model.SafeTensors), and the UNet a run with
+    controlnet.unlock_unet_decoder saved beside it, loaded with diffusers' error naming a .bin, after torch: where the disk
+    tells case apart diffusers opens the lowercase name alone. Said before torch loads, with the rename, as of a base folder."""
+    import json
+    import shutil
+
+    from finetune.checkpoints.run_files import CONTROLNET_DIR, METADATA_FILE, UNET_DIR
+
+    shipped = SHIPPED_BASE.parent / "toyworld-controlnet-mask"
+    run = tmp_path / "run"
+    shutil.copytree(shipped, run / CONTROLNET_DIR)
+    shutil.copytree(SHIPPED_BASE / "unet", run / UNET_DIR)  # as a run with controlnet.unlock_unet_decoder saves it
+    for folder in (run / CONTROLNET_DIR, run / UNET_DIR):
+        (folder / METADATA_FILE).write_text(json.dumps({"finetune.method": "controlnet", "finetune.steps": "5"}))
+    condition = SHIPPED_BASE.parents[2] / "datasets" / "star" / "0000.png"
+    sample = ["sample", "--base", str(SHIPPED_BASE), "--controlnet", str(run), "--condition", str(condition), "--prompt", "a star", "--out", str(tmp_path / "out")]
+    rename = ("diffusion_pytorch_model.SafeTensors ends in .SafeTensors, and diffusers opens diffusion_pytorch_model.safetensors by that "
+              "name, in lowercase (a folder copied from Windows?): rename its weights files to end in .safetensors")  # fmt: skip
+    (run / UNET_DIR / "diffusion_pytorch_model.safetensors").rename(run / UNET_DIR / "diffusion_pytorch_model.SafeTensors")
+    assert said_without_the_training_stack([sample]) == [f"the UNet {run / UNET_DIR} its ControlNet was trained with: {rename}"]
+    (run / CONTROLNET_DIR / "diffusion_pytorch_model.safetensors").rename(run / CONTROLNET_DIR / "diffusion_pytorch_model.SafeTensors")
+    assert said_without_the_training_stack([sample]) == [f"--controlnet {run}: {rename}"]
+
+
+def test_the_demo_is_told_to_rename_the_weights_of_a_controlnets_unet_that_end_in_capitals(tmp_path):
+    """The demo loads a ControlNet's UNet (controlnet.unlock_unet_decoder) with load_unlocked_decoder, which said diffusers'
+    'no file named diffusion_pytorch_model.safetensors' of the weights that are there in another letter case."""
+    import shutil
+
+    import pytest
+
+    from finetune.errors import FinetuneError
+    from finetune.sampling.inference import load_unlocked_decoder
+
+    shutil.copytree(SHIPPED_BASE / "unet", tmp_path / "unet")
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").rename(tmp_path / "unet" / "diffusion_pytorch_model.SafeTensors")
+    with pytest.raises(FinetuneError) as refused:
+        load_unlocked_decoder(tmp_path / "unet", safetensors_only=True)
+    assert str(refused.value).startswith(f"the UNet {tmp_path / 'unet'} its ControlNet was trained with: diffusion_pytorch_model.SafeTensors "
+                                         "ends in .SafeTensors, and diffusers opens diffusion_pytorch_model.safetensors"), refused.value  # fmt: skip
+
+
+def test_a_controlnets_weights_variant_in_capitals_is_its_variant(tmp_path):
+    """A ControlNet holding only diffusion_pytorch_model.fp16.SafeTensors: on a disk that ignores case diffusers opens it as
+    .fp16.safetensors when told the variant, which weights_variant found by a lowercase pattern alone (it said none, and
+    diffusers looked for the plain file)."""
+    from finetune.controlnet.folder import weights_variant
+
+    (tmp_path / "diffusion_pytorch_model.fp16.SafeTensors").write_bytes(b"")
+    (tmp_path / "config.json").write_text("{}")
+    assert weights_variant(tmp_path) == {"variant": "fp16"}

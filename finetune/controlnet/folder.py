@@ -15,7 +15,7 @@ import yaml
 from finetune.checkpoints.run_files import CONTROLNET_DIR, METADATA_FILE, STATE_FILE, UNET_DIR, list_checkpoints, record_text
 from finetune.config.run_recipe import run_recipe_file
 from finetune.errors import FinetuneError, looked_for_here
-from finetune.models.base_folder import pickle_refusal
+from finetune.models.base_folder import files_ending, misnamed_weights_in, pickle_refusal
 from finetune.models.model_source import hub_files, where_looked
 
 # A UNet or a pipeline given where the user meant to make a ControlNet of it.
@@ -77,11 +77,12 @@ CONVERT_ORIGINAL_CONTROLNET = "convert it to a diffusers folder (diffusers' Cont
 def weights_variant(folder: Path | str) -> dict[str, str]:
     """`from_pretrained`'s variant for a ControlNet folder holding only one variant's weights (hub ControlNets ship
     diffusion_pytorch_model.fp16.safetensors beside the full file, and a copy may keep only that): {"variant": "fp16"},
-    else {} (diffusers looks for the plain file, then a .bin, and names only the .bin when both are missing)."""
+    else {} (diffusers looks for the plain file, then a .bin, and names only the .bin when both are missing). A variant's
+    suffix in any letter case (.fp16.SafeTensors, which a disk ignoring case serves by its lowercase name)."""
     folder = Path(folder)
     if not folder.is_dir() or (folder / "diffusion_pytorch_model.safetensors").is_file():
         return {}
-    variants = sorted(folder.glob("diffusion_pytorch_model.*.safetensors"))
+    variants = [file for file in files_ending(folder, ".safetensors") if file.name.startswith("diffusion_pytorch_model.") and file.name.count(".") > 1]
     return {"variant": variants[0].name.split(".")[1]} if len(variants) == 1 else {}
 
 
@@ -118,8 +119,10 @@ def require_controlnet_config(folder: Path, named: str, other_model_hint: str = 
                             + other_model_hint)  # fmt: skip
     if (problem := conditioning_channels_problem(config)) is not None:
         raise FinetuneError(f"{named} {problem}")
-    if not any(folder.glob("*.safetensors")):  # its pickle weights load (with torch.load(weights_only=True)), or none
-        for weights in sorted(folder.glob("*.bin")):
+    if misnamed := misnamed_weights_in(folder):  # found in any case, and opened by diffusers in lowercase alone
+        raise FinetuneError(f"{named}: {misnamed}")
+    if not files_ending(folder, ".safetensors"):  # its pickle weights load (with torch.load(weights_only=True)), or none
+        for weights in files_ending(folder, ".bin"):
             if refusal := pickle_refusal(weights, f"{named}: {weights.name}", "weights"):  # was diffusers' traceback as it loaded
                 raise FinetuneError(refusal)
 
@@ -174,6 +177,8 @@ def resolve_controlnet_folder(controlnet: str) -> Path:
         raise FinetuneError(not_a_controlnet_message(path, controlnet, "--controlnet"))
     in_a_pipeline = (path.parent / "model_index.json").is_file()  # a pipeline's unet/, say
     require_controlnet_config(path, f"--controlnet {controlnet}", f"; to sample with its pipeline, pass {path.parent} as --base" if in_a_pipeline else "")
+    if (decoder := unlocked_decoder_folder(path)) and (misnamed := misnamed_weights_in(decoder)):  # sampled with it, said before torch
+        raise FinetuneError(f"the UNet {decoder} its ControlNet was trained with: {misnamed}")
     return path
 
 

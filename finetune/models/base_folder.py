@@ -60,15 +60,24 @@ def part_weights(path: Path, part: str, variant: str | None = None) -> list[Path
 
 def misnamed_weights(path: Path, name: str) -> str | None:
     """Why a folder whose weights end in another letter case (unet/diffusion_pytorch_model.SafeTensors) does not load where
-    the disk tells case apart: diffusers and transformers open each file by its exact name, in lowercase; None where
-    there is none, or the disk finds the file by that name too. Was "has no weights in unet: copy the whole folder again"."""
+    the disk tells case apart (`misnamed_weights_in`), or None. Was "has no weights in unet: copy the whole folder again"."""
     for part in WEIGHTS_STEMS:
-        for weights in part_weights(path, part):
-            suffix = next(suffix for suffix in WEIGHTS_SUFFIXES if weights.name.lower().endswith(suffix))
+        if misnamed := misnamed_weights_in(path / part, f"{part}/"):
+            return f"base model folder {name}: {misnamed}"
+    return None
+
+
+def misnamed_weights_in(folder: Path, shown: str = "") -> str | None:
+    """Why `folder`'s weights ending in another letter case (diffusion_pytorch_model.SafeTensors, copied from Windows) do
+    not load where the disk tells case apart: diffusers and transformers open each file by its exact name, in lowercase.
+    None where there is none, or the disk finds the file by that name too (macOS's, Windows'). `shown`: what the line
+    puts before a file's name (unet/ for a part of a pipeline)."""
+    for suffix in WEIGHTS_SUFFIXES:
+        for weights in files_ending(folder, suffix):
             lowered = weights.name[: -len(suffix)] + suffix
-            if lowered != weights.name and not (weights.parent / lowered).is_file():
-                return (f"base model folder {name}: {part}/{weights.name} ends in {weights.name[-len(suffix):]}, and diffusers opens "
-                        f"{part}/{lowered} by that name, in lowercase (a folder copied from Windows?): rename its weights files to end in {suffix}")  # fmt: skip
+            if lowered != weights.name and not (folder / lowered).is_file():
+                return (f"{shown}{weights.name} ends in {weights.name[-len(suffix):]}, and diffusers opens {shown}{lowered} by that name, "
+                        f"in lowercase (a folder copied from Windows?): rename its weights files to end in {suffix}")  # fmt: skip
     return None
 
 

@@ -25,7 +25,7 @@ from finetune.data.views import cover_and_center_crop
 from finetune.errors import FinetuneError
 from finetune.formats.kohya import LoRA, load_lora, to_diffusers
 from finetune.formats.merge import check_lora_fits, merged_already_note
-from finetune.models.base_folder import pickle_refusal
+from finetune.models.base_folder import files_ending, misnamed_weights_in, pickle_refusal
 from finetune.models.encoders import skip_last_layers
 from finetune.models.loading import BaseModel, load_base_model
 from finetune.outputs.atomic_files import atomic_save_safetensors
@@ -85,8 +85,10 @@ def load_unlocked_decoder(decoder: Path, safetensors_only: bool = False, cut_sho
     users download, and never unpickles), and read by sample as its --controlnet's are: only where torch.load(weights_only=True)
     reads them (`pickle_refusal`). The demo loaded them unchecked."""
     named = f"the UNet {decoder} its ControlNet was trained with"
-    if not any(decoder.glob("*.safetensors")):
-        for weights in sorted(decoder.glob("*.bin")):
+    if misnamed := misnamed_weights_in(decoder):  # (sample said it before torch: controlnet.folder.resolve_controlnet_folder; the demo here)
+        raise FinetuneError(f"{named}: {misnamed}")
+    if not files_ending(decoder, ".safetensors"):
+        for weights in files_ending(decoder, ".bin"):
             if safetensors_only:
                 raise FinetuneError(f"{named} holds pickle weights ({weights.name}), which the demo does not load (unpickling can run code): "
                                     "convert that folder to safetensors (UNet2DConditionModel.from_pretrained, then save_pretrained) on a "
