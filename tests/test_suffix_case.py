@@ -189,3 +189,22 @@ def test_a_controlnets_weights_variant_in_capitals_is_its_variant(tmp_path):
     (tmp_path / "diffusion_pytorch_model.fp16.SafeTensors").write_bytes(b"")
     (tmp_path / "config.json").write_text("{}")
     assert weights_variant(tmp_path) == {"variant": "fp16"}
+
+
+def test_the_demo_lists_a_pipeline_and_a_controlnet_whose_weights_end_in_capitals_with_the_rename(tmp_path):
+    """A pipeline copied from Windows (unet/diffusion_pytorch_model.SafeTensors) was listed as refused with 'no unet weights (a
+    copy cut short?): copy the pipeline folder again', a ControlNet as 'no diffusion_pytorch_model.safetensors': the weights
+    are there; where the disk tells case apart diffusers does not open them by that name, said with the rename."""
+    import shutil
+
+    from finetune.demo.adapter_scan import scan_adapters
+
+    shutil.copytree(SHIPPED_BASE, tmp_path / "copied")
+    shutil.copytree(SHIPPED_BASE.parent / "toyworld-controlnet-mask", tmp_path / "edges")
+    for weights in (tmp_path / "copied" / "unet" / "diffusion_pytorch_model.safetensors", tmp_path / "edges" / "diffusion_pytorch_model.safetensors"):
+        weights.rename(weights.with_name("diffusion_pytorch_model.SafeTensors"))
+    rename = ("diffusion_pytorch_model.SafeTensors ends in .SafeTensors, and diffusers opens {0}diffusion_pytorch_model.safetensors by that "
+              "name, in lowercase (a folder copied from Windows?): rename its weights files to end in .safetensors")  # fmt: skip
+    adapters = scan_adapters(tmp_path)
+    assert (adapters["copied"].kind, adapters["copied"].refused) == ("pipeline", "unet/" + rename.format("unet/"))
+    assert (adapters["edges"].kind, adapters["edges"].refused) == ("controlnet", rename.format(""))

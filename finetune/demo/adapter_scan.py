@@ -26,6 +26,7 @@ from finetune.errors import FinetuneError
 from finetune.formats.dora import names_magnitudes
 from finetune.formats.kohya_metadata import finetune_metadata_from_kohya
 from finetune.formats.lora_kinds import unsupported_kind
+from finetune.models.base_folder import files_ending, misnamed_weights_in
 from finetune.sampling.adapter_records import saved_model_metadata
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
@@ -269,11 +270,14 @@ def _problem_or_unreadable(problem: Callable[[], str | None], folder: Path, root
 
 
 def _pipeline_problem(folder: Path, root: Path) -> str | None:
-    missing = [part for part in ("unet", "vae", "text_encoder") if not list((folder / part).glob("*.safetensors"))]
+    parts = ("unet", "vae", "text_encoder")
+    missing = [part for part in parts if not files_ending(folder / part, ".safetensors")]  # in any case (unet/...SafeTensors too)
     pickled = [part for part in missing if _holds_pickles(folder / part)]
     absent = [part for part in missing if part not in pickled]  # no weights at all: said to be pickles, they were looked for in vain
+    # Weights in another letter case, which diffusers opens by their lowercase name alone: there where the disk ignores case.
+    misnamed = next(filter(None, (misnamed_weights_in(folder / part, f"{part}/") for part in parts)), None)
     refused = (f"{', '.join(pickled)} weights are not .safetensors (pickle checkpoints are not loaded)" if pickled
-               else f"no {', '.join(absent)} weights (a copy cut short?): copy the pipeline folder again" if absent else None)  # fmt: skip
+               else f"no {', '.join(absent)} weights (a copy cut short?): copy the pipeline folder again" if absent else misnamed)  # fmt: skip
     try:  # a copy cut short, or a file edited by hand: loading it would fail only when chosen
         json.loads((folder / "model_index.json").read_text())
     except PermissionError:
@@ -285,7 +289,7 @@ def _pipeline_problem(folder: Path, root: Path) -> str | None:
 
 def _controlnet_problem(folder: Path, root: Path, config: dict) -> str | None:
     has_weights = (folder / "diffusion_pytorch_model.safetensors").is_file() or bool(weights_variant(folder))
-    refused = None if has_weights else "no diffusion_pytorch_model.safetensors (pickle checkpoints are not loaded)"
+    refused = misnamed_weights_in(folder) or (None if has_weights else "no diffusion_pytorch_model.safetensors (pickle checkpoints are not loaded)")
     return _link_to_nothing(folder, root, "controlnet") or refused or conditioning_channels_problem(config)
 
 
