@@ -208,3 +208,16 @@ def test_the_demo_lists_a_pipeline_and_a_controlnet_whose_weights_end_in_capital
     adapters = scan_adapters(tmp_path)
     assert (adapters["copied"].kind, adapters["copied"].refused) == ("pipeline", "unet/" + rename.format("unet/"))
     assert (adapters["edges"].kind, adapters["edges"].refused) == ("controlnet", rename.format(""))
+
+
+def test_a_base_folders_weights_variant_in_capitals_is_its_variant(tmp_path):
+    """A pipeline saved with only fp16 weights, copied from Windows (unet/diffusion_pytorch_model.fp16.SafeTensors): on a disk
+    that ignores case it loads by the variant, which saved_variant found by a lowercase pattern alone (it said none, and
+    diffusers stopped on the plain file's absence, naming a .bin)."""
+    from finetune.models.loading import saved_variant
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "diffusion_pytorch_model.fp16.SafeTensors").write_bytes(b"")
+    assert saved_variant(tmp_path) == {"variant": "fp16"}
+    (tmp_path / "unet" / "diffusion_pytorch_model.SafeTensors").write_bytes(b"")  # the plain file too: no variant to name
+    assert saved_variant(tmp_path) == {}

@@ -20,7 +20,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from finetune.config import ModelConfig
 from finetune.errors import FinetuneError
-from finetune.models.base_folder import SAFE_LOADER_PROTOCOL, objects_refused_message, pickle_protocol, unreadable_protocol_message
+from finetune.models.base_folder import SAFE_LOADER_PROTOCOL, files_ending, objects_refused_message, pickle_protocol, unreadable_protocol_message
 from finetune.models.encoders import skip_last_layers
 from finetune.models.model_source import BaseLocation, located_folder, location_of, with_weights
 
@@ -144,11 +144,14 @@ def load_parts(config: ModelConfig, names: list[str], location: BaseLocation | N
 def saved_variant(folder: Path) -> dict[str, str]:
     """The variant of a local pipeline folder saved with only one variant's weights (save_pretrained(variant="fp16")
     writes unet/diffusion_pytorch_model.fp16.safetensors and no plain file): {"variant": "fp16"}, else {}.
-    Without it diffusers looks for the plain file and stops, naming a .bin."""
-    unet = folder / "unet"
-    if any(unet.glob("diffusion_pytorch_model.safetensors*")) or any(unet.glob("*.bin")):  # the plain file, or its shards' index
+    Without it diffusers looks for the plain file and stops, naming a .bin. Suffixes in any letter case: a disk that
+    ignores case serves diffusion_pytorch_model.fp16.SafeTensors by its lowercase name (one telling case apart is said
+    to rename it before: `base_folder.misnamed_weights`)."""
+    unet, stem = folder / "unet", "diffusion_pytorch_model."
+    after_stem = [file.name[len(stem) :] for file in files_ending(unet, "") if file.name.startswith(stem)]  # fp16.SafeTensors, ...
+    if any(rest.lower().startswith("safetensors") for rest in after_stem) or files_ending(unet, ".bin"):  # the plain file, or its shards' index
         return {}
-    variants = {path.name.split(".")[1] for path in unet.glob("diffusion_pytorch_model.*.safetensors")}
+    variants = {rest.split(".")[0] for rest in after_stem if rest.lower().endswith(".safetensors")}  # (none is the plain file here)
     return {"variant": variants.pop()} if len(variants) == 1 else {}
 
 
