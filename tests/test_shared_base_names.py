@@ -126,3 +126,19 @@ def test_an_older_outputs_record_of_its_bases_path_is_still_found(tmp_path, monk
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert recorded_base(old, None) == str(base)
     assert recorded_base(relative, None) == str(base)  # from the folders above the adapter, as before
+
+
+def test_a_controlnet_trained_from_a_local_one_does_not_carry_its_path(tmp_path):
+    """A ControlNet (and the UNet saved beside it) loaded from /home/alice/edges, as a run on a local controlnet.pretrained
+    loads it, was saved with that path as _name_or_path in its config.json: saved as pipelines are, without it."""
+    from diffusers import ControlNetModel
+
+    from finetune.methods.controlnet import save_model_folder
+
+    started = tmp_path / "home" / "alice" / "edges"
+    shutil.copytree(CONTROLNET_CONFIG.parent, started)
+    controlnet = ControlNetModel.from_pretrained(started)
+    assert str(controlnet.config._name_or_path) == str(started)  # what diffusers writes, unless left out
+    saved = json.loads((save_model_folder(controlnet, tmp_path / "run" / CONTROLNET_DIR, {}) / "config.json").read_text())
+    assert "_name_or_path" not in saved and str(started) not in json.dumps(saved)
+    assert ControlNetModel.from_pretrained(tmp_path / "run" / CONTROLNET_DIR).config.block_out_channels == controlnet.config.block_out_channels

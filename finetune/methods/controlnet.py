@@ -47,6 +47,7 @@ from finetune.methods.base import DiffusionMethod
 from finetune.models.loading import freeze
 from finetune.outputs.atomic_files import removed_if_unfinished, replace_folder, with_default_permissions
 from finetune.outputs.metadata import started_from
+from finetune.outputs.pipeline_io import without_load_paths
 from finetune.sampling.adapter_records import saved_model_metadata
 from finetune.sampling.adapters_as_trained import adapters_prediction_type
 from finetune.sampling.finite_images import VALIDATION_OVERFLOW
@@ -321,5 +322,6 @@ def save_model_folder(model: torch.nn.Module, folder: Path, metadata: dict[str, 
         finally:
             for parameter, dtype in zip(model.parameters(), dtypes):
                 parameter.data = parameter.data.to(dtype)
+        without_load_paths(partial)  # the local controlnet.pretrained or base it was loaded from, as saved pipelines leave it out
         (partial / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
     return replace_folder(with_default_permissions(partial), folder)

@@ -58,8 +58,9 @@ def save_pipeline(
 def without_load_paths(folder: Path) -> None:
     """diffusers writes into each saved part's config.json where that part was loaded from (`_name_or_path`: a merge's
     UNet said /home/alice/models/sd15): the creator's folders, in a pipeline that may be shared, as its record names a
-    base by name only (finetune.outputs.base_names). No loader reads it (each load sets it anew): left out."""
-    for config in folder.glob("*/config.json"):
+    base by name only (finetune.outputs.base_names). No loader reads it (each load sets it anew): left out. `folder`: a
+    pipeline (its parts' configs), or one model's (its config.json: a ControlNet trained from a local one named it)."""
+    for config in (*folder.glob("config.json"), *folder.glob("*/config.json")):
         written = json.loads(config.read_text())
         if isinstance(written, dict) and written.pop("_name_or_path", None) is not None:
             config.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")  # as diffusers writes it
