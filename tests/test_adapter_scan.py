@@ -68,8 +68,8 @@ def test_damaged_run_files_are_listed_not_raised(tmp_path):
     (tmp_path / "half-copied").mkdir()
     (tmp_path / "half-copied" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", ')
     adapters = scan_adapters(tmp_path)
-    assert sorted(adapters) == ["cut/pipeline", "half-copied", "own/pipeline", "plain-model/pipeline"]
-    assert adapters["cut/pipeline"].metadata == adapters["plain-model/pipeline"].metadata == adapters["own/pipeline"].metadata == {}
+    assert sorted(adapters) == ["cut", "half-copied", "own", "plain-model"]  # a run's pipeline by its run
+    assert adapters["cut"].metadata == adapters["plain-model"].metadata == adapters["own"].metadata == {}
     assert adapters["half-copied"].refused == "its model_index.json is not readable JSON (a copy cut short?): copy the pipeline folder again"
 
 
@@ -178,3 +178,21 @@ def test_runs_linked_into_the_adapters_folder_are_listed(tmp_path):
     (tmp_path / "adapters" / "up").symlink_to(tmp_path / "adapters", target_is_directory=True)
     found = scan_adapters(tmp_path / "adapters")
     assert [(name, adapter.path) for name, adapter in found.items()] == [("lora", tmp_path / "adapters" / "lora" / "pytorch_lora_weights.safetensors")]
+
+
+def test_a_runs_pipeline_is_listed_by_its_run_as_its_lora_is(tmp_path):
+    """A DreamBooth run's pipeline was listed as db/pipeline, a LoRA run's file as lora (not lora/pytorch_lora_weights), and
+    the demo's model='db' was an unknown pipeline. Now both by their run; db/pipeline, the folder, still finds it, and a
+    checkpoint's pipeline is its checkpoint's, as a checkpoint's LoRA is."""
+    from finetune.demo.adapter_scan import by_name
+
+    for pipeline, steps in ((tmp_path / "db" / "pipeline", 8), (tmp_path / "db" / "checkpoints" / "checkpoint-4" / "pipeline", 4), (tmp_path / "merged", 8)):
+        pipeline.mkdir(parents=True)
+        (pipeline / "model_index.json").write_text("{}")
+        (pipeline / "finetune_metadata.json").write_text(json.dumps({"finetune.steps": steps}))
+    (tmp_path / "db" / "checkpoints" / "checkpoint-4" / "trainer_state.json").write_text('{"step": 4}')
+    adapters = scan_adapters(tmp_path)
+    assert {name: adapter.path.relative_to(tmp_path).as_posix() for name, adapter in adapters.items()} == {
+        "db": "db/pipeline", "db/checkpoints/checkpoint-4": "db/checkpoints/checkpoint-4/pipeline", "merged": "merged"}
+    assert by_name(adapters, tmp_path, "db/pipeline") is by_name(adapters, tmp_path, "db") is adapters["db"]
+    assert by_name(adapters, tmp_path, "db/nothing") is by_name(adapters, tmp_path, str(tmp_path / "db" / "pipeline")) is None  # names, not paths

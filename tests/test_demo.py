@@ -147,9 +147,9 @@ def test_a_busy_port_or_a_missing_adapters_folder_is_one_line(tiny_model, tmp_pa
 def test_the_table_lists_every_adapter_with_its_metadata(client, tiny_model):
     note, table, *_ = client.predict(api_name="/rescan")
     rows = {row[0]: row for row in table["data"]}
-    for name in ("trained", "webui/trained", "edges/controlnet", "db/pipeline"):
+    for name in ("trained", "webui/trained", "edges/controlnet", "db"):  # a run's pipeline by its run, as its LoRA
         assert str(tiny_model).endswith(rows[name][2].lstrip("…")), rows[name]  # the base the trainer recorded
-    assert [rows[name][i] for name in ("trained", "webui/trained", "edges/controlnet", "db/pipeline") for i in (1, 3, 4, 5, 6)] == [
+    assert [rows[name][i] for name in ("trained", "webui/trained", "edges/controlnet", "db") for i in (1, 3, 4, 5, 6)] == [
         "LoRA (diffusers)", "lora", "2", "4", "ok",
         "LoRA (kohya)", "lora", "2", "4", "ok",
         "ControlNet, trained on canny (low 20, high 40, sigma 1)", "controlnet", "7", "-", "ok",
@@ -195,9 +195,12 @@ def test_controlnet_with_a_conditioning_made_from_a_photo(client, image_folder):
 
 
 def test_a_dreambooth_pipeline_replaces_the_base(client, demo):
-    images, captions, _ = run(client, model="db/pipeline")
+    """A run's pipeline is listed and taken by its run's name, as its LoRA is (it was listed as db/pipeline, and 'db' was an
+    unknown pipeline); db/pipeline, its folder, is taken too."""
+    images, captions, _ = run(client, model="db")
     assert [c.split(",")[0] for c in captions] == ["base", "db"]  # strengths scale adapters: one column for a model
     assert np.abs(images[0] - images[1]).mean() > 0.5
+    assert demo.engine.names("pipeline") == ["db"]
     from finetune.demo.engine import Request
 
     assert demo.engine.render(Request(prompt=PROMPT, steps=1, model="db/pipeline", strengths=[0.5, 1.0]))[1] == ["base", "db"]

@@ -49,7 +49,7 @@ def test_values_gradio_refuses_through_the_api_name_the_input_and_print_no_trace
     capfd.readouterr()
     for odd, named in ((dict(steps=0), "steps: Value 0 is less than minimum value 1"), (dict(lora_2="nope"), "unknown lora 'nope': pick one from the list"),
                        (dict(conditioning_kind="bogus"), "use the upload as is"), (dict(seed=-1), "seed: Value -1 is less than"),
-                       (dict(model="db"), "unknown pipeline 'db'"), (dict(lora_1=["trained"]), "LoRA 1 must be a name from its list"),
+                       (dict(model="trained"), "unknown pipeline 'trained'"), (dict(lora_1=["trained"]), "LoRA 1 must be a name from its list"),
                        (dict(sampler="heun"), "sampler (as the webui names them): Value: heun is not in the list of choices: ['ddim'")):  # fmt: skip
         with pytest.raises(AppError) as refused:
             client.predict(api_name="/generate", **{"prompt": PROMPT, "steps": 2, "conditioning_image": None, **odd})
@@ -99,8 +99,8 @@ def test_rescan_clears_a_selection_whose_adapter_is_gone(demo, adapters_dir):
     try:
         client.predict(api_name="/rescan")
         (adapters_dir / "soon-gone.safetensors").unlink()
-        _, _, *lists = client.predict("db/pipeline", "edges/controlnet", "soon-gone", "trained", "(none)", api_name="/rescan")
-        assert [update["value"] for update in lists] == ["db/pipeline", "edges/controlnet", "(none)", "trained", "(none)"]
+        _, _, *lists = client.predict("db", "edges/controlnet", "soon-gone", "trained", "(none)", api_name="/rescan")
+        assert [update["value"] for update in lists] == ["db", "edges/controlnet", "(none)", "trained", "(none)"]
         assert ["soon-gone", "soon-gone"] not in lists[2]["choices"]
     finally:
         (adapters_dir / "soon-gone.safetensors").unlink(missing_ok=True)

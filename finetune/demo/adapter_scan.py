@@ -132,6 +132,14 @@ def _without_copies_of_the_run(found: list[Adapter]) -> list[Adapter]:
     return kept
 
 
+def by_name(adapters: dict[str, Adapter], root: Path, name: str) -> Adapter | None:
+    """The scanned adapter listed as `name`, or the pipeline whose folder under `root` is `name` (db/pipeline, listed as its
+    run db: the name the demo listed before, in a saved request or a script). Names of the scan only, never a path."""
+    if name in adapters or not isinstance(name, str):
+        return adapters.get(name)
+    return next((adapter for adapter in adapters.values() if adapter.kind == "pipeline" and _relative(adapter.path, Path(root)) == name), None)
+
+
 def adapter_files_stamp(adapter: Adapter) -> tuple:
     """What tells an adapter's files from what they held when it was loaded, cheaply (a stat of each file a load reads,
     nothing read): each one's path, inode, size, modification and change time. A file replaced (renamed over, even within
@@ -294,12 +302,15 @@ def _controlnet_problem(folder: Path, root: Path, config: dict) -> str | None:
 
 
 def _model_entry(folder: Path, root: Path, kind: str, refused: str | None) -> Adapter:
-    """A pipeline's or ControlNet's entry; a record beside it too large to be read refuses it, not the whole scan."""
+    """A pipeline's or ControlNet's entry; a record beside it too large to be read refuses it, not the whole scan. A run's
+    pipeline (DreamBooth's, a full fine-tune's: RUN/pipeline) is named after its run, as a run's LoRA is (`_name`): db, not
+    db/pipeline, which the demo takes too (`by_name`)."""
     try:
         metadata = _folder_metadata(folder)
     except FinetuneError as err:
         metadata, refused = {}, refused or str(err)
-    return Adapter(_relative(folder, root), kind, folder, "diffusers", metadata, refused)
+    name = _relative(folder.parent if kind == "pipeline" and folder.name == PIPELINE_DIR and folder.parent != root else folder, root)
+    return Adapter(name, kind, folder, "diffusers", metadata, refused)
 
 
 def _holds_pickles(folder: Path) -> bool:

@@ -31,7 +31,7 @@ from finetune.config import ModelConfig
 from finetune.controlnet.conditioning_records import kind_mismatch_line, recorded_kind, recorded_options
 from finetune.controlnet.folder import check_controlnet_fits, weights_variant
 from finetune.counts import counted
-from finetune.demo.adapter_scan import BASE, PICKLE_SUFFIXES, Adapter, adapter_files_stamp, scan_adapters
+from finetune.demo.adapter_scan import BASE, PICKLE_SUFFIXES, Adapter, adapter_files_stamp, by_name, scan_adapters
 from finetune.demo.conditioning import conditioning_image
 from finetune.demo.inputs import UPLOADED, other_kind_notes
 from finetune.demo.lora_hooks import loras_applied
@@ -135,7 +135,7 @@ class DemoEngine:
 
     def adapter(self, name: str, kind: str) -> Adapter:
         """The scanned adapter called `name`: the only way a request reaches a file."""
-        adapter = self.adapters.get(name)
+        adapter = by_name(self.adapters, self.adapters_dir, name)  # (a run's pipeline by its folder too: db/pipeline)
         if adapter is None or adapter.kind != kind:
             raise FinetuneError(f"unknown {kind} '{name}': pick one from the list (press Rescan for newly trained ones)")
         if adapter.refused:
@@ -278,7 +278,7 @@ class DemoEngine:
     def _metadata_now(self, name: str) -> dict[str, str]:
         """What an adapter's files record now: one retrained since the last scan is loaded again (see
         `_cached`), and its clip skip or prediction type may have changed with it."""
-        adapter = self.adapters.get(name)
+        adapter = by_name(self.adapters, self.adapters_dir, name)
         if adapter is None:  # a Rescan (not queued behind renders) while this request rendered found it deleted
             raise FinetuneError(f"'{name}' was removed from {self.adapters_dir} while this request rendered: pick another")
         if adapter.kind == "lora":
