@@ -101,3 +101,14 @@ def test_every_command_reads_negative_numbers_as_values_and_has_no_option_like_o
     with pytest.raises(SystemExit):
         main(["demo", "--max-upload-mb", "-1e3"])
     assert "argument --max-upload-mb: must be above 0, got -1e3" in capsys.readouterr().err
+
+
+def test_train_overwrite_help_says_it_deletes_the_earlier_runs_outputs():
+    """train --overwrite's help said it 'deletes its checkpoints, samples and logs': it deletes the earlier run's outputs too
+    (checkpoints.earlier_run.RUN_OUTPUTS), except one the new run starts from."""
+    from finetune.checkpoints.earlier_run import RUN_OUTPUTS
+    from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
+
+    said = next(action.help for action in subcommands()["train"]._actions if "--overwrite" in action.option_strings)
+    assert "LoRA file" in said and all(f"{name}/" in said for name in RUN_OUTPUTS if name != LORA_WEIGHTS_NAME), said
+    assert "except one the new run starts from" in said, said

@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_recipe_arguments(train, "path of a recipe, e.g. recipes/lora.yaml", overrides_example="train.max_steps=500")
     train.add_argument("--resume", metavar="CHECKPOINT", help="'latest' or a checkpoints/checkpoint-N folder to continue from")
-    add_overwrite_option(train, "start over in an output_dir that holds an earlier run (deletes its checkpoints, samples and logs)")
+    add_overwrite_option(train, "start over in an output_dir that holds an earlier run (deletes its checkpoints, samples, logs and outputs: its "
+                                "LoRA file, pipeline/, unet/ or controlnet/ folder, except one the new run starts from, e.g. lora.init_from)")  # fmt: skip
 
     sample = commands.add_parser(
         "sample",
