@@ -85,3 +85,13 @@ def test_a_link_to_nothing_that_a_load_reads_refuses_its_folder_naming_the_link_
                                            "put that file back, or remove the link, then Rescan")  # fmt: skip
     assert scanned["controlnet"].refused == (f"controlnet/diffusion_pytorch_model.safetensors is a link to {tmp_path / 'blobs' / 'moved'}, which is not there: "
                                              "put that file back, or remove the link, then Rescan")  # fmt: skip
+
+
+def test_a_controlnets_stamp_stats_its_weights_whose_suffix_is_in_capitals(tmp_path):
+    """diffusion_pytorch_model.SafeTensors, which a disk ignoring case loads as .safetensors, was left out of the stamp (a
+    lowercase suffix alone): replaced under the demo, the ControlNet loaded before was kept."""
+    (tmp_path / "edges").mkdir()
+    for name in ("config.json", "diffusion_pytorch_model.SafeTensors"):
+        (tmp_path / "edges" / name).write_bytes(b"weights")
+    stamp = adapter_files_stamp(Adapter("edges", "controlnet", tmp_path / "edges"))
+    assert [entry[0] for entry in stamp] == [str(tmp_path / "edges" / name) for name in ("config.json", "diffusion_pytorch_model.SafeTensors")]

@@ -163,15 +163,15 @@ def _loaded_entries_of(folder: Path, kind: str) -> list[os.DirEntry]:
 
 
 def _loaded_entries(folder: Path, parts: tuple[str, ...] = (), suffixes: tuple[str, ...] = LOADED_SUFFIXES) -> list[os.DirEntry]:
-    """The entries of `folder` named with `suffixes`, and those a load may read in its subfolders named in `parts` (a part
-    that is a link to nothing among them), listed without a stat each (a listing says which entries are files, folders
-    and links)."""
+    """The entries of `folder` named with `suffixes` (in any letter case: a disk ignoring case loads model.SafeTensors), and
+    those a load may read in its subfolders named in `parts` (a part that is a link to nothing among them), listed without
+    a stat each (a listing says which entries are files, folders and links)."""
     found = []
     with os.scandir(folder) as entries:
         for entry in entries:
             if entry.name in parts and entry.is_dir():
                 found += _loaded_entries(Path(entry.path))
-            elif entry.name.endswith(suffixes) or (entry.name in parts and entry.is_symlink()):
+            elif entry.name.lower().endswith(suffixes) or (entry.name in parts and entry.is_symlink()):
                 found.append(entry)
     return found
 
