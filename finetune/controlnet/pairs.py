@@ -23,10 +23,12 @@ from finetune.captions.metadata_lines import csv_rows, metadata_lines, metadata_
 from finetune.config import ControlNetConfig, DataConfig, FolderConfig, Recipe
 from finetune.data.dataset_images import require_image_column, row_image
 from finetune.data.dataset_source import open_dataset
+from finetune.data.dataset_splits import row_labels
 from finetune.data.epoch_uses import check_epoch_uses
+from finetune.data.image_paths import cast_image_paths, path_row_image
 from finetune.data.image_warnings import pillow_warning_line, pillow_warnings, pillow_warnings_named
 from finetune.data.images import decode, file_stamp, float_levels_problem, has_alpha, pixel_digest, turned_on_its_side, upright_rgb
-from finetune.data.sources import IMAGE_SUFFIXES, Example, read_examples
+from finetune.data.sources import IMAGE_SUFFIXES, Example, read_examples, saved_dataset
 from finetune.data.views import plan_view, render
 from finetune.data_check.check import FATAL, WARNING, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable, too_small_problem
 from finetune.data_check.checked_once import kept_check
@@ -133,10 +135,16 @@ def read_pairs(recipe: Recipe) -> tuple[list[Pair], list[Finding]]:
     if config.dataset is not None:
         dataset = open_dataset(config)
         column = dataset_conditioning_column(dataset, config, settings.conditioning_column)
-        require_image_column(dataset, config.dataset, column, "controlnet.conditioning_column")  # not file paths: those would fail row by row
+        # A data file's column of paths (images.csv's conditioning_image) is read as its image column is, refused as it
+        # is (a caption column, files not there) before any image decodes.
+        labels = row_labels(config.dataset, config.dataset_split, dataset, saved_dataset(Path(config.dataset)))
+        dataset, paths = cast_image_paths(dataset, config.dataset, column, "controlnet.conditioning_column", labels)
+        require_image_column(dataset, config.dataset, column, "controlnet.conditioning_column")  # other paths would fail row by row
         conditionings = dataset.select_columns([column])
         pairs = [
-            Pair(example, Example(source := f"{example.source} column '{column}'", "", functools.partial(row_image, conditionings, row, column, source, config.dataset)))
+            Pair(example, Example(source := f"{example.source} column '{column}'", "",
+                                  functools.partial(row_image, conditionings, row, column, source, config.dataset) if paths is None
+                                  else functools.partial(path_row_image, conditionings, row, column, source, config.dataset, paths[row])))  # fmt: skip
             for row, example in enumerate(read_examples(config))
         ]
         return pairs, []
