@@ -17,13 +17,13 @@ from finetune.errors import FinetuneError
 COLUMNS = ("image", "conditioning_image", "text")
 
 
-def pairs_table(pairs_folder, folder, name="pairs.csv"):
+def pairs_table(pairs_folder, folder, name="pairs.csv", columns=COLUMNS):
     """`pairs_folder`'s images, conditioning images and captions copied into `folder`/pairs, listed in a table beside it."""
     shutil.copytree(pairs_folder, folder / "pairs")
     rows = [json.loads(line) for line in (folder / "pairs" / "metadata.jsonl").read_text().splitlines()]
     (folder / "pairs" / "metadata.jsonl").unlink()  # the table alone names the pairs
     cells = [(f"pairs/{row['file_name']}", f"pairs/{row['conditioning_file_name']}", row["text"]) for row in rows]
-    return write_table(folder, cells, name, columns=COLUMNS), rows
+    return write_table(folder, cells, name, columns=columns), rows
 
 
 def test_a_csv_of_images_conditioning_images_and_captions_trains_a_step_from_any_folder(make_recipe, pairs_folder, tmp_path, monkeypatch):
@@ -69,3 +69,12 @@ def test_conditioning_paths_from_another_folder_are_one_line_and_a_missing_one_i
                                    f"which is not there (looked for at {gone}, from the data file's folder)"),  # fmt: skip
     ]
     assert [pair.image.source for pair in pairs] == [f"dataset {table} row {i}" for i in range(len(rows)) if i != 1]
+
+
+def test_a_table_with_a_folders_metadata_names_reads_its_conditioning_file_name_column(make_recipe, pairs_folder, tmp_path):
+    """A folder's metadata.jsonl names (file_name, conditioning_file_name, text) as a table's columns, the recipe's defaults unchanged."""
+    table, rows = pairs_table(pairs_folder, tmp_path, columns=("file_name", "conditioning_file_name", "text"))
+    # It was "has no conditioning column 'conditioning_image' (controlnet.conditioning_column); its columns are: 'file_name', ...".
+    pairs, report = inspect_pairs(make_recipe(method="controlnet", data__image_dir=None, data__dataset=str(table)))
+    assert report.findings == []
+    assert [pair.conditioning.source for pair in pairs] == [f"dataset {table} row {i} column 'conditioning_file_name'" for i in range(len(rows))]

@@ -25,7 +25,7 @@ from finetune.data.dataset_images import require_image_column, row_image
 from finetune.data.dataset_source import open_dataset
 from finetune.data.dataset_splits import row_labels
 from finetune.data.epoch_uses import check_epoch_uses
-from finetune.data.image_paths import cast_image_paths, path_row_image
+from finetune.data.image_paths import cast_image_paths, is_path_data_file, path_row_image
 from finetune.data.image_warnings import pillow_warning_line, pillow_warnings, pillow_warnings_named
 from finetune.data.images import decode, file_stamp, float_levels_problem, has_alpha, pixel_digest, turned_on_its_side, upright_rgb
 from finetune.data.sources import IMAGE_SUFFIXES, Example, read_examples, saved_dataset
@@ -237,11 +237,15 @@ def require_pair_columns(config: DataConfig, conditioning_column: str) -> None:
 # What datasets names a folder's conditioning_file_name key (it reads `X_file_name` as column X, an image of the
 # folder): the layout make-conditions writes, given as data.dataset in place of data.image_dir.
 FOLDER_CONDITIONING_COLUMN = "conditioning"
+# A table of paths (pairs.csv) written with a folder's metadata names: its conditioning_file_name column is the
+# conditioning images', as its file_name column is the images' (image_paths.data_file_image_column).
+TABLE_CONDITIONING_COLUMN = "conditioning_file_name"
 
 
 def dataset_conditioning_column(dataset, config: DataConfig, column: str) -> str:
     """The dataset's column of conditioning images: `column` (controlnet.conditioning_column), else, where that is
-    the default one and missing, the `conditioning` image column datasets makes of a folder's conditioning_file_name.
+    the default one and missing, the `conditioning` image column datasets makes of a folder's conditioning_file_name,
+    or a data file's conditioning_file_name column of paths.
     Missing otherwise: one line naming the columns, and the override where one other image column is there."""
     names = dataset.column_names
     if column == config.image_column:  # each image would steer itself: a ControlNet that learns to copy its input, unseen
@@ -255,6 +259,8 @@ def dataset_conditioning_column(dataset, config: DataConfig, column: str) -> str
     images = [name for name in names if type(dataset.features[name]).__name__ == "Image" and name != config.image_column]
     if column == ControlNetConfig().conditioning_column and FOLDER_CONDITIONING_COLUMN in images:
         return FOLDER_CONDITIONING_COLUMN
+    if column == ControlNetConfig().conditioning_column and TABLE_CONDITIONING_COLUMN in names and is_path_data_file(config.dataset):
+        return TABLE_CONDITIONING_COLUMN
     hint = f": set controlnet.conditioning_column={images[0]}" if len(images) == 1 else ""
     raise FinetuneError(f"dataset {config.dataset} has no conditioning column '{column}' (controlnet.conditioning_column); "
                         f"its columns are: {', '.join(repr(c) for c in names)}{hint}")  # fmt: skip
