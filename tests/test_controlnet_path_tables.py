@@ -78,3 +78,16 @@ def test_a_table_with_a_folders_metadata_names_reads_its_conditioning_file_name_
     pairs, report = inspect_pairs(make_recipe(method="controlnet", data__image_dir=None, data__dataset=str(table)))
     assert report.findings == []
     assert [pair.conditioning.source for pair in pairs] == [f"dataset {table} row {i} column 'conditioning_file_name'" for i in range(len(rows))]
+
+
+def test_a_tables_columns_of_paths_are_offered_as_its_image_columns_are(make_recipe, pairs_folder, tmp_path):
+    table, _ = pairs_table(pairs_folder, tmp_path, columns=("file_name", "conditioning_file_name", "text"))
+    # Its file_name column is the images': it trained each image as its own conditioning image, without a word.
+    with pytest.raises(FinetuneError, match=r"controlnet.conditioning_column 'file_name' is data.image_column too, so each image would be its own "
+                                            r"conditioning image: set it to the conditioning images' column \('conditioning_file_name'\)$"):  # fmt: skip
+        inspect_pairs(make_recipe(method="controlnet", data__image_dir=None, data__dataset=str(table), controlnet__conditioning_column="file_name"))
+    table, _ = pairs_table(pairs_folder, tmp_path / "canny", columns=("image", "canny", "text"))
+    # It named the columns, none as the conditioning images' (the captions are text too, not image files).
+    with pytest.raises(FinetuneError, match=r"has no conditioning column 'conditioning_image' \(controlnet.conditioning_column\); "
+                                            r"its columns are: 'image', 'canny', 'text': set controlnet.conditioning_column=canny$"):  # fmt: skip
+        inspect_pairs(make_recipe(method="controlnet", data__image_dir=None, data__dataset=str(table)))

@@ -25,7 +25,7 @@ from finetune.data.dataset_images import require_image_column, row_image
 from finetune.data.dataset_source import open_dataset
 from finetune.data.dataset_splits import row_labels
 from finetune.data.epoch_uses import check_epoch_uses
-from finetune.data.image_paths import cast_image_paths, is_path_data_file, path_row_image
+from finetune.data.image_paths import LOOKED_UP_ROWS, cast_image_paths, data_file_image_column, is_path_data_file, path_row_image
 from finetune.data.image_warnings import pillow_warning_line, pillow_warnings, pillow_warnings_named
 from finetune.data.images import decode, file_stamp, float_levels_problem, has_alpha, pixel_digest, turned_on_its_side, upright_rgb
 from finetune.data.sources import IMAGE_SUFFIXES, Example, read_examples, saved_dataset
@@ -248,9 +248,10 @@ def dataset_conditioning_column(dataset, config: DataConfig, column: str) -> str
     or a data file's conditioning_file_name column of paths.
     Missing otherwise: one line naming the columns, and the override where one other image column is there."""
     names = dataset.column_names
-    if column == config.image_column:  # each image would steer itself: a ControlNet that learns to copy its input, unseen
-        others = [repr(name) for name in names if type(dataset.features[name]).__name__ == "Image" and name != column]
-        fix = (f"set it to the conditioning images' column ({', '.join(others)})" if others else
+    image_column = data_file_image_column(dataset, config.dataset, config.image_column)  # a table's file_name stands for `image`
+    others = _image_columns(dataset, config.dataset, image_column)
+    if column == image_column:  # each image would steer itself: a ControlNet that learns to copy its input, unseen
+        fix = (f"set it to the conditioning images' column ({', '.join(repr(name) for name in others)})" if others else
                "the dataset has no other image column: add the conditioning images to it as a column of their own, and set it to that")  # fmt: skip
         raise FinetuneError(f"dataset {config.dataset}: controlnet.conditioning_column '{column}' is data.image_column too, so each image would be "
                             f"its own conditioning image: {fix}")  # fmt: skip
@@ -261,9 +262,18 @@ def dataset_conditioning_column(dataset, config: DataConfig, column: str) -> str
         return FOLDER_CONDITIONING_COLUMN
     if column == ControlNetConfig().conditioning_column and TABLE_CONDITIONING_COLUMN in names and is_path_data_file(config.dataset):
         return TABLE_CONDITIONING_COLUMN
-    hint = f": set controlnet.conditioning_column={images[0]}" if len(images) == 1 else ""
+    hint = f": set controlnet.conditioning_column={others[0]}" if len(others) == 1 else ""
     raise FinetuneError(f"dataset {config.dataset} has no conditioning column '{column}' (controlnet.conditioning_column); "
                         f"its columns are: {', '.join(repr(c) for c in names)}{hint}")  # fmt: skip
+
+
+def _image_columns(dataset, name: str, image_column: str) -> list[str]:
+    """The columns but `image_column` that may be the conditioning images': of decoded images, or in a table of paths
+    (image_paths.py) of text whose first value names an image file."""
+    texts = [column for column, feature in dataset.features.items() if getattr(feature, "dtype", None) in ("string", "large_string")]
+    first = {column: next((value for value in dataset[column][:LOOKED_UP_ROWS] if value), "") for column in texts} if is_path_data_file(name) else {}
+    return [column for column, feature in dataset.features.items()
+            if column != image_column and (type(feature).__name__ == "Image" or Path(first.get(column, "")).suffix.lower() in IMAGE_SUFFIXES)]  # fmt: skip
 
 
 def _conditioning_files(folder: Path, column: str = "conditioning_file_name") -> RowCaptions:
