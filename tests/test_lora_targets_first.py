@@ -13,7 +13,7 @@ from PIL import Image
 from finetune.errors import FinetuneError
 from finetune.methods.lora import check_targets
 from finetune.models.model_source import BaseLocation, locate_base
-from finetune.models.unet_layer_names import (EXAMPLE_TARGETS, ORIGINAL_UNET, check_unet_targets_first, diffusers_names, module_names, norm_kind,
+from finetune.models.unet_layer_names import (EXAMPLE_TARGETS, ORIGINAL_UNET, check_unet_targets_first, diffusers_names, matches, module_names, norm_kind,
                                               unet_weight_dims, weight_dims, weightless_modules)
 from test_fast_errors import BASE, said_without_the_training_stack
 from test_other_tools_lora_keys import EVERY_UNET_LAYER
@@ -166,3 +166,32 @@ def test_check_data_says_the_targets_train_refuses_before_its_data_check(tmp_pat
     assert out.rstrip().endswith("result: training would stop: 1 fatal problem; fix it")
     assert main([*command, "lora.target_modules=[to_q, to_out.0]"]) == 0
     assert "fatal" not in capsys.readouterr().out
+
+
+def test_a_text_encoder_target_typo_is_said_before_the_data_check_and_torch(tmp_path):
+    """lora.text_encoder_target_modules needs no header check as lora.target_modules does: the recipe itself takes only
+    TEXT_ENCODER_LAYERS (finetune.config.methods), so a typo is said as the recipe loads, by train (with method lora or
+    DreamBooth's text-encoder LoRA) and check-data alike, before any image is read or torch imported."""
+    (tmp_path / "broken.png").write_bytes(b"not a png")  # what the data check would refuse, had it come first
+    recipe = ["recipes/quickstart.yaml", f"data.image_dir={tmp_path}", f"model.pretrained={BASE}"]
+    dreambooth = ["method=dreambooth", "dreambooth.adapter=lora", "dreambooth.prior_preservation=false", "dreambooth.train_text_encoder=true",
+                  f"dreambooth.concepts=[{{instance_dir: {tmp_path}, instance_prompt: a sks star}}]", "data.image_dir=null"]  # fmt: skip
+    said = said_without_the_training_stack([["train", *recipe, f"output_dir={tmp_path / 'run'}", "lora.train_text_encoder=true",
+                                             "lora.text_encoder_target_modules=[q_proj, q_projj]"],
+                                            ["train", *recipe, f"output_dir={tmp_path / 'run'}", *dreambooth, "lora.text_encoder_target_modules=[to_q]"],
+                                            ["check-data", *recipe, "lora.train_text_encoder=true", "lora.text_encoder_target_modules=[fc3]"]])  # fmt: skip
+    for line, typo in zip(said, ("q_projj", "to_q", "fc3")):
+        assert f"lora.text_encoder_target_modules: '{typo}' is no text-encoder layer a LoRA adapts; pick from q_proj, " in line
+
+
+def test_every_text_encoder_target_the_recipe_takes_is_a_linear_layer_of_the_clip_text_model():
+    """Why the recipe's list is enough: each name it takes matches Linear layers of CLIPTextModel (the one text encoder a
+    base may have: finetune.models.base_folder), which the loaded check (`check_targets`) accepts."""
+    from transformers import CLIPTextModel
+
+    from finetune.config.methods import TEXT_ENCODER_LAYERS
+
+    text_encoder = CLIPTextModel.from_pretrained(Path(BASE) / "text_encoder")
+    check_targets(text_encoder, list(TEXT_ENCODER_LAYERS))
+    for target in TEXT_ENCODER_LAYERS:
+        assert {type(module) for name, module in text_encoder.named_modules() if matches(name, target)} == {torch.nn.Linear}, target
