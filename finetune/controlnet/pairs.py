@@ -2,7 +2,8 @@
 checks a ControlNet recipe's pairs as it checks any data (finetune/controlnet/data.py serves them to training).
 
 Pairs come from a data folder's metadata.jsonl (`conditioning_file_name`) or a dataset's conditioning
-column (`controlnet.conditioning_column`); every pair is checked before training (`checked_pairs`).
+column (`controlnet.conditioning_column`, read by finetune/controlnet/dataset_pairs.py); every pair is checked before
+training (`checked_pairs`).
 """
 
 from __future__ import annotations
@@ -20,15 +21,12 @@ from finetune.captions.captions import split_at_line_ends, template_needs_captio
 from finetune.captions.file_names import file_names_by_loose_key, loosely_named_file, name_key, row_image_key
 from finetune.captions.metadata_files import RowCaptions, metadata_file, metadata_rows, read_csv_captions
 from finetune.captions.metadata_lines import csv_rows, metadata_lines, metadata_text
-from finetune.config import ControlNetConfig, DataConfig, FolderConfig, Recipe
-from finetune.data.dataset_images import require_image_column, row_image
-from finetune.data.dataset_source import open_dataset
-from finetune.data.dataset_splits import row_labels
+from finetune.config import DataConfig, FolderConfig, Recipe
+from finetune.controlnet.dataset_pairs import dataset_pairs
 from finetune.data.epoch_uses import check_epoch_uses
-from finetune.data.image_paths import LOOKED_UP_ROWS, cast_image_paths, data_file_image_column, is_path_data_file, path_row_image
 from finetune.data.image_warnings import pillow_warning_line, pillow_warnings, pillow_warnings_named
 from finetune.data.images import decode, file_stamp, float_levels_problem, has_alpha, pixel_digest, turned_on_its_side, upright_rgb
-from finetune.data.sources import IMAGE_SUFFIXES, Example, read_examples, saved_dataset
+from finetune.data.sources import IMAGE_SUFFIXES, Example, read_examples
 from finetune.data.views import plan_view, render
 from finetune.data_check.check import FATAL, WARNING, DataReport, Finding, data_label, inspect_examples, skip_fatal, stop_unless_trainable, too_small_problem
 from finetune.data_check.checked_once import kept_check
@@ -133,21 +131,7 @@ def read_pairs(recipe: Recipe) -> tuple[list[Pair], list[Finding]]:
     """Every image with the conditioning image the data names for it, and fatal findings for images without one."""
     config, settings = recipe.data, recipe.controlnet
     if config.dataset is not None:
-        dataset = open_dataset(config)
-        column = dataset_conditioning_column(dataset, config, settings.conditioning_column)
-        # A data file's column of paths (images.csv's conditioning_image) is read as its image column is, refused as it
-        # is (a caption column, files not there) before any image decodes.
-        labels = row_labels(config.dataset, config.dataset_split, dataset, saved_dataset(Path(config.dataset)))
-        dataset, paths = cast_image_paths(dataset, config.dataset, column, "controlnet.conditioning_column", labels)
-        require_image_column(dataset, config.dataset, column, "controlnet.conditioning_column")  # other paths would fail row by row
-        conditionings = dataset.select_columns([column])
-        pairs = [
-            Pair(example, Example(source := f"{example.source} column '{column}'", "",
-                                  functools.partial(row_image, conditionings, row, column, source, config.dataset) if paths is None
-                                  else functools.partial(path_row_image, conditionings, row, column, source, config.dataset, paths[row])))  # fmt: skip
-            for row, example in enumerate(read_examples(config))
-        ]
-        return pairs, []
+        return [Pair(image, conditioning) for image, conditioning in dataset_pairs(config, settings.conditioning_column)], []
     require_pair_columns(config, settings.conditioning_column)
     files_in: dict[Path, RowCaptions] = {}  # each folder's metadata.jsonl (data.folders: one per subfolder)
     partners_in: dict[Path, set[Path]] = {}  # the conditioning images each names
@@ -232,48 +216,6 @@ def require_pair_columns(config: DataConfig, conditioning_column: str) -> None:
             advice = f"rename {', '.join(renames)} (ControlNet's fill50k names)" + ("" if len(renames) == len(missing) else f"; for the others, {advice}")
         listed = ", ".join(f"{name!r} ({roles[name]})" for name in missing)
         raise FinetuneError(f"{path} lacks the columns {listed}: its columns are {', '.join(repr(name) for name in has) or 'none'}; {advice}")
-
-
-# What datasets names a folder's conditioning_file_name key (it reads `X_file_name` as column X, an image of the
-# folder): the layout make-conditions writes, given as data.dataset in place of data.image_dir.
-FOLDER_CONDITIONING_COLUMN = "conditioning"
-# A table of paths (pairs.csv) written with a folder's metadata names: its conditioning_file_name column is the
-# conditioning images', as its file_name column is the images' (image_paths.data_file_image_column).
-TABLE_CONDITIONING_COLUMN = "conditioning_file_name"
-
-
-def dataset_conditioning_column(dataset, config: DataConfig, column: str) -> str:
-    """The dataset's column of conditioning images: `column` (controlnet.conditioning_column), else, where that is
-    the default one and missing, the `conditioning` image column datasets makes of a folder's conditioning_file_name,
-    or a data file's conditioning_file_name column of paths.
-    Missing otherwise: one line naming the columns, and the override where one other image column is there."""
-    names = dataset.column_names
-    image_column = data_file_image_column(dataset, config.dataset, config.image_column)  # a table's file_name stands for `image`
-    others = _image_columns(dataset, config.dataset, image_column)
-    if column == image_column:  # each image would steer itself: a ControlNet that learns to copy its input, unseen
-        fix = (f"set it to the conditioning images' column ({', '.join(repr(name) for name in others)})" if others else
-               "the dataset has no other image column: add the conditioning images to it as a column of their own, and set it to that")  # fmt: skip
-        raise FinetuneError(f"dataset {config.dataset}: controlnet.conditioning_column '{column}' is data.image_column too, so each image would be "
-                            f"its own conditioning image: {fix}")  # fmt: skip
-    if column in names:
-        return column
-    images = [name for name in names if type(dataset.features[name]).__name__ == "Image" and name != config.image_column]
-    if column == ControlNetConfig().conditioning_column and FOLDER_CONDITIONING_COLUMN in images:
-        return FOLDER_CONDITIONING_COLUMN
-    if column == ControlNetConfig().conditioning_column and TABLE_CONDITIONING_COLUMN in names and is_path_data_file(config.dataset):
-        return TABLE_CONDITIONING_COLUMN
-    hint = f": set controlnet.conditioning_column={others[0]}" if len(others) == 1 else ""
-    raise FinetuneError(f"dataset {config.dataset} has no conditioning column '{column}' (controlnet.conditioning_column); "
-                        f"its columns are: {', '.join(repr(c) for c in names)}{hint}")  # fmt: skip
-
-
-def _image_columns(dataset, name: str, image_column: str) -> list[str]:
-    """The columns but `image_column` that may be the conditioning images': of decoded images, or in a table of paths
-    (image_paths.py) of text whose first value names an image file."""
-    texts = [column for column, feature in dataset.features.items() if getattr(feature, "dtype", None) in ("string", "large_string")]
-    first = {column: next((value for value in dataset[column][:LOOKED_UP_ROWS] if value), "") for column in texts} if is_path_data_file(name) else {}
-    return [column for column, feature in dataset.features.items()
-            if column != image_column and (type(feature).__name__ == "Image" or Path(first.get(column, "")).suffix.lower() in IMAGE_SUFFIXES)]  # fmt: skip
 
 
 def _conditioning_files(folder: Path, column: str = "conditioning_file_name") -> RowCaptions:
