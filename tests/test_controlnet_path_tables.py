@@ -91,3 +91,16 @@ def test_a_tables_columns_of_paths_are_offered_as_its_image_columns_are(make_rec
     with pytest.raises(FinetuneError, match=r"has no conditioning column 'conditioning_image' \(controlnet.conditioning_column\); "
                                             r"its columns are: 'image', 'canny', 'text': set controlnet.conditioning_column=canny$"):  # fmt: skip
         inspect_pairs(make_recipe(method="controlnet", data__image_dir=None, data__dataset=str(table)))
+
+
+def test_a_tables_pairs_are_read_from_one_open_of_it(make_recipe, pairs_folder, tmp_path, monkeypatch):
+    """The conditioning column and the images are read from the one dataset opened: a hub dataset's second open resolved
+    it again, a large table was parsed again."""
+    import datasets
+
+    table, rows = pairs_table(pairs_folder, tmp_path)
+    opened, load_dataset = [], datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: opened.append(args) or load_dataset(*args, **kwargs))
+    pairs, report = inspect_pairs(make_recipe(method="controlnet", data__image_dir=None, data__dataset=str(table)))
+    assert report.findings == [] and len(pairs) == len(rows)
+    assert len(opened) == 1

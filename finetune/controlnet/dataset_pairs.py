@@ -9,16 +9,16 @@ from pathlib import Path
 
 from finetune.config import ControlNetConfig, DataConfig
 from finetune.data.dataset_images import require_image_column, row_image
-from finetune.data.dataset_source import open_dataset
+from finetune.data.dataset_source import dataset_examples, open_dataset
 from finetune.data.dataset_splits import row_labels
 from finetune.data.image_paths import LOOKED_UP_ROWS, cast_image_paths, data_file_image_column, is_path_data_file, path_row_image
-from finetune.data.sources import IMAGE_SUFFIXES, Example, read_examples, saved_dataset
+from finetune.data.sources import IMAGE_SUFFIXES, Example, saved_dataset
 from finetune.errors import FinetuneError
 
 
 def dataset_pairs(config: DataConfig, conditioning_column: str) -> list[tuple[Example, Example]]:
     """Every row's image example with its conditioning image's (from controlnet.conditioning_column, `conditioning_column`)."""
-    dataset = open_dataset(config)
+    opened = dataset = open_dataset(config)  # once: its images are read from it too, after its conditioning column is checked
     column = dataset_conditioning_column(dataset, config, conditioning_column)
     # A data file's column of paths (images.csv's conditioning_image) is read as its image column is, refused as it
     # is (a caption column, files not there) before any image decodes.
@@ -30,7 +30,7 @@ def dataset_pairs(config: DataConfig, conditioning_column: str) -> list[tuple[Ex
         (example, Example(source := f"{example.source} column '{column}'", "",
                           functools.partial(row_image, conditionings, row, column, source, config.dataset) if paths is None
                           else functools.partial(path_row_image, conditionings, row, column, source, config.dataset, paths[row])))  # fmt: skip
-        for row, example in enumerate(read_examples(config))
+        for row, example in enumerate(dataset_examples(config, opened))
     ]
 
 

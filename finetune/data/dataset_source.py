@@ -135,10 +135,11 @@ def _unreadable_dataset_message(name: str, saved: bool, err: Exception) -> str:
     return f"dataset folder {name} cannot be read ({reason}): fix or replace its damaged data file"
 
 
-def dataset_examples(config: DataConfig) -> list[Example]:
-    """Every row of `config.dataset` once, as an Example (checked: its columns, rows, and captions of text)."""
+def dataset_examples(config: DataConfig, opened=None) -> list[Example]:
+    """Every row of `config.dataset` once, as an Example (checked: its columns, rows, and captions of text), from
+    `opened` where the caller has opened it (a ControlNet's pairs read their conditioning column from it first)."""
     name = config.dataset
-    loaded = open_dataset(config)
+    loaded = open_dataset(config) if opened is None else opened
     image_column = data_file_image_column(loaded, name, config.image_column)
     _require_column(loaded, name, image_column, "data.image_column")
     labels = row_labels(name, config.dataset_split, loaded, saved_dataset(Path(name)))
