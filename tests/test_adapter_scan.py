@@ -196,3 +196,23 @@ def test_a_runs_pipeline_is_listed_by_its_run_as_its_lora_is(tmp_path):
         "db": "db/pipeline", "db/checkpoints/checkpoint-4": "db/checkpoints/checkpoint-4/pipeline", "merged": "merged"}
     assert by_name(adapters, tmp_path, "db/pipeline") is by_name(adapters, tmp_path, "db") is adapters["db"]
     assert by_name(adapters, tmp_path, "db/nothing") is by_name(adapters, tmp_path, str(tmp_path / "db" / "pipeline")) is None  # names, not paths
+
+
+def test_a_runs_controlnet_is_listed_by_its_run_as_its_pipeline_is(tmp_path):
+    """A ControlNet run's folder was listed as edges/controlnet while its pipeline and LoRA were listed by their run. Now edges;
+    edges/controlnet, the folder, still finds it, and a checkpoint's ControlNet is its checkpoint's. One saved directly in
+    the adapters folder as controlnet keeps its own name."""
+    from finetune.demo.adapter_scan import by_name
+
+    for folder, steps in ((tmp_path / "edges" / "controlnet", 8), (tmp_path / "edges" / "checkpoints" / "checkpoint-4" / "controlnet", 4), (tmp_path / "controlnet", 8)):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text('{"_class_name": "ControlNetModel"}')
+        (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+        (folder / "finetune_metadata.json").write_text(json.dumps({"finetune.steps": steps}))
+    (tmp_path / "edges" / "checkpoints" / "checkpoint-4" / "trainer_state.json").write_text('{"step": 4}')
+    adapters = scan_adapters(tmp_path)
+    assert {name: (adapter.kind, adapter.path.relative_to(tmp_path).as_posix()) for name, adapter in adapters.items()} == {
+        "edges": ("controlnet", "edges/controlnet"), "controlnet": ("controlnet", "controlnet"),
+        "edges/checkpoints/checkpoint-4": ("controlnet", "edges/checkpoints/checkpoint-4/controlnet")}
+    assert by_name(adapters, tmp_path, "edges/controlnet") is by_name(adapters, tmp_path, "edges") is adapters["edges"]
+    assert by_name(adapters, tmp_path, "edges/checkpoints/checkpoint-4/controlnet") is adapters["edges/checkpoints/checkpoint-4"]

@@ -147,9 +147,9 @@ def test_a_busy_port_or_a_missing_adapters_folder_is_one_line(tiny_model, tmp_pa
 def test_the_table_lists_every_adapter_with_its_metadata(client, tiny_model):
     note, table, *_ = client.predict(api_name="/rescan")
     rows = {row[0]: row for row in table["data"]}
-    for name in ("trained", "webui/trained", "edges/controlnet", "db"):  # a run's pipeline by its run, as its LoRA
+    for name in ("trained", "webui/trained", "edges", "db"):  # a run's ControlNet and pipeline by its run, as its LoRA
         assert str(tiny_model).endswith(rows[name][2].lstrip("…")), rows[name]  # the base the trainer recorded
-    assert [rows[name][i] for name in ("trained", "webui/trained", "edges/controlnet", "db") for i in (1, 3, 4, 5, 6)] == [
+    assert [rows[name][i] for name in ("trained", "webui/trained", "edges", "db") for i in (1, 3, 4, 5, 6)] == [
         "LoRA (diffusers)", "lora", "2", "4", "ok",
         "LoRA (kohya)", "lora", "2", "4", "ok",
         "ControlNet, trained on canny (low 20, high 40, sigma 1)", "controlnet", "7", "-", "ok",

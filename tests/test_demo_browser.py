@@ -103,7 +103,7 @@ def test_in_a_browser_pick_an_adapter_and_generate(demo, tmp_path):
         click_when_ready(wait, '[role=option][aria-label="(none)"]')
         next(b for b in driver.find_elements(By.CSS_SELECTOR, "button.label-wrap") if "ControlNet" in b.text).click()
         click_when_ready(wait, "#controlnet input")
-        click_when_ready(wait, '[role=option][aria-label="edges/controlnet"]')
+        click_when_ready(wait, '[role=option][aria-label="edges"]')  # a run's ControlNet by its run
         Image.new("L", (16, 16), 255).save(tmp_path / "small-mask.png")
         wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "input[type=file]")).send_keys(str(tmp_path / "small-mask.png"))
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "img[src*='small-mask']"))

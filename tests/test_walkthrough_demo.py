@@ -99,8 +99,8 @@ def test_rescan_clears_a_selection_whose_adapter_is_gone(demo, adapters_dir):
     try:
         client.predict(api_name="/rescan")
         (adapters_dir / "soon-gone.safetensors").unlink()
-        _, _, *lists = client.predict("db", "edges/controlnet", "soon-gone", "trained", "(none)", api_name="/rescan")
-        assert [update["value"] for update in lists] == ["db", "edges/controlnet", "(none)", "trained", "(none)"]
+        _, _, *lists = client.predict("db", "edges", "soon-gone", "trained", "(none)", api_name="/rescan")
+        assert [update["value"] for update in lists] == ["db", "edges", "(none)", "trained", "(none)"]
         assert ["soon-gone", "soon-gone"] not in lists[2]["choices"]
     finally:
         (adapters_dir / "soon-gone.safetensors").unlink(missing_ok=True)

@@ -40,6 +40,8 @@ MAX_SCAN_DEPTH = 6
 LOADED_SUFFIXES = (".json", ".txt", ".safetensors")
 PIPELINE_PARTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
 BASE = "(base model)"
+# The folder a run saves its pipeline or ControlNet in (RUN/pipeline, RUN/controlnet): listed by the run, as its LoRA is.
+RUN_OUTPUT_FOLDERS = {"pipeline": PIPELINE_DIR, "controlnet": CONTROLNET_DIR}
 
 
 @dataclass
@@ -133,11 +135,13 @@ def _without_copies_of_the_run(found: list[Adapter]) -> list[Adapter]:
 
 
 def by_name(adapters: dict[str, Adapter], root: Path, name: str) -> Adapter | None:
-    """The scanned adapter listed as `name`, or the pipeline whose folder under `root` is `name` (db/pipeline, listed as its
-    run db: the name the demo listed before, in a saved request or a script). Names of the scan only, never a path."""
+    """The scanned adapter listed as `name`, or the pipeline or ControlNet whose folder under `root` is `name` (db/pipeline,
+    edges/controlnet, listed as their runs db and edges: the names the demo listed before, in a saved request or a script).
+    Names of the scan only, never a path."""
     if name in adapters or not isinstance(name, str):
         return adapters.get(name)
-    return next((adapter for adapter in adapters.values() if adapter.kind == "pipeline" and _relative(adapter.path, Path(root)) == name), None)
+    folders = (adapter for adapter in adapters.values() if adapter.kind in RUN_OUTPUT_FOLDERS)
+    return next((adapter for adapter in folders if _relative(adapter.path, Path(root)) == name), None)
 
 
 def adapter_files_stamp(adapter: Adapter) -> tuple:
@@ -303,13 +307,13 @@ def _controlnet_problem(folder: Path, root: Path, config: dict) -> str | None:
 
 def _model_entry(folder: Path, root: Path, kind: str, refused: str | None) -> Adapter:
     """A pipeline's or ControlNet's entry; a record beside it too large to be read refuses it, not the whole scan. A run's
-    pipeline (DreamBooth's, a full fine-tune's: RUN/pipeline) is named after its run, as a run's LoRA is (`_name`): db, not
-    db/pipeline, which the demo takes too (`by_name`)."""
+    pipeline (DreamBooth's, a full fine-tune's: RUN/pipeline) or ControlNet (RUN/controlnet) is named after its run, as a
+    run's LoRA is (`_name`): db and edges, not db/pipeline and edges/controlnet, which the demo takes too (`by_name`)."""
     try:
         metadata = _folder_metadata(folder)
     except FinetuneError as err:
         metadata, refused = {}, refused or str(err)
-    name = _relative(folder.parent if kind == "pipeline" and folder.name == PIPELINE_DIR and folder.parent != root else folder, root)
+    name = _relative(folder.parent if folder.name == RUN_OUTPUT_FOLDERS[kind] and folder.parent != root else folder, root)
     return Adapter(name, kind, folder, "diffusers", metadata, refused)
 
 

@@ -4,8 +4,9 @@ Kept apart from `finetune.demo.page` (the Gradio page) so it can be tested and r
 server, and so every safety rule lives in one place that the page cannot go around:
 
 - Adapters are found by scanning one folder (`finetune.demo.adapter_scan`) and are addressed by **name**
-  (their path relative to that folder). A request names adapters; `DemoEngine.adapter` looks the name
-  up in the last scan and refuses anything else, so no path from the browser ever reaches the file system.
+  (their path relative to that folder; a run's LoRA, pipeline or ControlNet by its run's). A request names
+  adapters; `DemoEngine.adapter` looks the name up in the last scan and refuses anything else, so no path from
+  the browser ever reaches the file system.
 - Only safetensors adapters are read. Pickle files (`.bin`, `.ckpt`, `.pt`, `.pth`) found while scanning are
   listed as refused, with the reason, and never loaded (unpickling can run code); so are a ControlNet's and the UNet
   its run saved beside it (`inference.load_unlocked_decoder`), which load with use_safetensors. A `.ckpt` *base* (`--base`,
@@ -135,7 +136,7 @@ class DemoEngine:
 
     def adapter(self, name: str, kind: str) -> Adapter:
         """The scanned adapter called `name`: the only way a request reaches a file."""
-        adapter = by_name(self.adapters, self.adapters_dir, name)  # (a run's pipeline by its folder too: db/pipeline)
+        adapter = by_name(self.adapters, self.adapters_dir, name)  # (a run's pipeline or ControlNet by its folder too: db/pipeline)
         if adapter is None or adapter.kind != kind:
             raise FinetuneError(f"unknown {kind} '{name}': pick one from the list (press Rescan for newly trained ones)")
         if adapter.refused:
