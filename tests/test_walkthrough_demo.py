@@ -132,3 +132,14 @@ def test_a_conditioning_image_sent_as_text_through_the_api_is_one_line(demo, cap
         with pytest.raises(AppError, match=rf"^conditioning image, or a photo to make one from must be an image file, got '{odd}'$"):
             client.predict(api_name="/generate", prompt=PROMPT, steps=1, controlnet="edges/controlnet", conditioning_image=odd)
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_rescan_keeps_a_selection_by_a_runs_folder_under_the_name_it_is_listed_by(demo):
+    """A model or ControlNet picked by its run's folder (db/pipeline, edges/controlnet: the names the demo listed before, and
+    still takes) went back to the base and none on Rescan; it stays picked, by the name listed now. Such a name in a list
+    of another kind (a pipeline's folder as a LoRA) still goes back to none."""
+    from gradio_client import Client
+
+    client = Client(demo.url, verbose=False)
+    _, _, *lists = client.predict("db/pipeline", "edges/controlnet", "db/pipeline", "trained", "(none)", api_name="/rescan")
+    assert [update["value"] for update in lists] == ["db", "edges", "(none)", "trained", "(none)"]

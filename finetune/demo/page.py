@@ -124,7 +124,7 @@ def build_app(engine, note: str = "", queue_size: int = 8):
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     import gradio as gr
 
-    from finetune.demo.adapter_scan import BASE
+    from finetune.demo.adapter_scan import BASE, by_name
     from finetune.demo.conditioning import CONDITIONING_KINDS
     from finetune.demo.engine import Request, parse_strengths
 
@@ -215,11 +215,20 @@ def build_app(engine, note: str = "", queue_size: int = 8):
         def listed_names() -> list[list[str]]:  # each of `lists`' choices, as the engine's last scan has them
             return [[BASE, *engine.names("pipeline")], choices("controlnet"), *(choices("lora") for _ in range(LORA_SLOTS))]
 
+        def still_picked(value, names: list[str], kind: str) -> str:
+            """A list's selection as the last scan lists it: by the name it lists now where it was picked by the one listed
+            before, a run's folder (db/pipeline, edges/controlnet: now db and edges; it went back to none); else none."""
+            if value in names or not isinstance(value, str):
+                return value if value in names else names[0]
+            adapter = by_name(engine.adapters, engine.adapters_dir, value)
+            return adapter.name if adapter is not None and adapter.kind == kind and adapter.name in names else names[0]
+
         def adapter_views(*picked):
             """The table and lists as the last scan has them; a list's selection (`picked`, where given) whose adapter
             that scan no longer found (a checkpoint rotated away, a run deleted) goes back to none."""
-            updates = [gr.Dropdown(choices=names, **({"value": value if value in names else names[0]} if picked else {}))
-                       for names, value in zip(listed_names(), picked or [None] * len(lists))]  # fmt: skip
+            kinds = ["pipeline", "controlnet", *["lora"] * LORA_SLOTS]  # of `lists`
+            updates = [gr.Dropdown(choices=names, **({"value": still_picked(value, names, kind)} if picked else {}))
+                       for names, value, kind in zip(listed_names(), picked or [None] * len(lists), kinds)]  # fmt: skip
             return (folder_note(), table(), *updates)
 
         def rescan_adapters(*picked):
