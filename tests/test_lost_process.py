@@ -16,6 +16,9 @@ from train_stand_ins import run_train, stand_in_early_checks
 import finetune.distributed.processes  # (accelerate: seconds) before the processes join, as the run's errors meet them after it
 
 dist.init_process_group("gloo")
+# Rank 0's process hosts the store (no torchrun agent here): killed while process 1 was still in its group's setup, it
+# failed there, in the store's "Connection reset by peer", before any run (seen once on a loaded CI machine).
+dist.barrier()
 stand_in_early_checks(output_dir=sys.argv[1])
 
 def train(recipe, **options):
