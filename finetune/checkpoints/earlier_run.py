@@ -42,10 +42,7 @@ def guard_earlier_run(output_dir: Path, resume_from: Path | None, overwrite: boo
     if not os.access(existing, os.W_OK | os.X_OK):
         raise FinetuneError(f"output_dir {output_dir}: {existing} cannot be written to (permissions, or a read-only disk): choose another output_dir")
     check_run_folder_links(output_dir)
-    checkpoints = output_dir / "checkpoints"  # every run saves there (its last step at least): refused there, it had trained to its first save
-    if checkpoints.is_dir() and not os.access(checkpoints, os.W_OK | os.X_OK):
-        raise FinetuneError(f"output_dir {output_dir}: {checkpoints} cannot be written to (permissions, or a read-only disk), and the run saves its "
-                            f"checkpoints there: fix its permissions (or mount it writable), or choose another output_dir")  # fmt: skip
+    check_run_folder_writable(output_dir, "checkpoints", "saves its checkpoints")  # every run does (its last step at least)
     earlier = resumable_checkpoints(output_dir / "checkpoints")  # with those a kill left under other names, which a resume puts back
     named = {final: source.name for final, source in interrupted_checkpoints(output_dir / "checkpoints").items()}  # (what is there)
     # A resume saves only steps past its checkpoint's: a folder of an earlier step is in no save's way (one an older finetune's
@@ -196,6 +193,20 @@ def check_run_folder_links(output_dir: Path) -> None:
         if folder.is_symlink() and not folder.exists():
             raise FinetuneError(f"output_dir {output_dir}: {folder} is a link to {os.readlink(folder)}, which does not exist "
                                 f"(a disk not mounted?): mount or make that folder, or remove the link")  # fmt: skip
+
+
+def check_run_folder_writable(output_dir: Path, name: str, writes: str) -> None:
+    """output_dir's run folder `name` (RUN_FOLDERS), where the run `writes` ("saves its checkpoints"), can be made and written,
+    said before anything loads: one refused there had failed once the model was loaded, a checkpoint at the first save (the run
+    trained to it), TensorBoard's writer at the start (a traceback), a grid mid-run (a warning). An output_dir that cannot be
+    written, where it would be made, is guard_earlier_run's line."""
+    folder = output_dir / name
+    if folder.exists() and not folder.is_dir():
+        raise FinetuneError(f"output_dir {output_dir}: {folder} is a file, and the run {writes} in a folder of that name: move the file "
+                            f"out of {output_dir}, or choose another output_dir")  # fmt: skip
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        raise FinetuneError(f"output_dir {output_dir}: {folder} cannot be written to (permissions, or a read-only disk), and the run {writes} "
+                            f"there: fix its permissions (or mount it writable), or choose another output_dir")  # fmt: skip
 
 
 def check_no_other_checkpoint_names(checkpoints_dir: Path, complete: list[Path], after_step: int = -1) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from finetune.checkpoints.earlier_run import check_run_folder_writable
 from finetune.config import Recipe
 from finetune.distributed.process_env import deepspeed_requested, launched_processes, several_processes
 from finetune.dreambooth.class_image_plans import check_class_folders
@@ -22,6 +23,7 @@ from finetune.optim.packages import check_optimizer_installed, warn_bitsandbytes
 def check_run_first(recipe: Recipe, resume_from: Path | None, base: BaseLocation) -> None:
     """What `finetune train` refuses of the run itself before its data check (its files were checked before: starting_files);
     `base`: the command's lookup of the base model."""
+    check_output_folders_first(recipe)
     check_class_folders(recipe)  # as DreamBooth's check_data says it, before its images are read
     if base.folder is None:  # a single file: loaded as its kind's hub configs say, which its .yaml may contradict
         check_original_config(Path(recipe.model.pretrained).expanduser(), recipe.model)
@@ -186,3 +188,14 @@ def run_prediction_type(recipe: Recipe, base: BaseLocation) -> str | None:
     from finetune.models.base_folder import read_config
 
     return read_config(scheduler, recipe.model.pretrained).get("prediction_type", "epsilon")
+
+
+def check_output_folders_first(recipe: Recipe) -> None:
+    """output_dir's samples/ and logs/, where this run writes there, as its checkpoints/ is (guard_earlier_run): a grid not
+    written was a warning mid-run, TensorBoard's writer a traceback once the model had loaded."""
+    output_dir = Path(recipe.output_dir)
+    # Prompts [] (the key left out) and no prompts file draw no grid (null draws the data's captions'); loss masks' preview is saved there too.
+    if recipe.validation.prompts != [] or recipe.validation.prompts_file is not None or recipe.data.loss_mask.source != "none":
+        check_run_folder_writable(output_dir, "samples", "writes its sample images")
+    if recipe.logging.tensorboard:
+        check_run_folder_writable(output_dir, "logs", "writes its TensorBoard logs")
