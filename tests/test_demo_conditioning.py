@@ -164,9 +164,19 @@ def test_a_condition_made_as_another_kind_than_the_controlnet_trained_on_is_said
     photo = photo_with_shapes(256, 256)
     summaries = {kind: demo.engine.render(Request(prompt="x", steps=1, controlnet="edges/controlnet", conditioning_image=photo, conditioning_kind=kind))[3]
                  for kind in ("mask", "canny", "as uploaded")}  # fmt: skip
-    assert summaries["mask"].endswith("; note: ControlNet edges/controlnet was trained on canny images and this condition was made as mask: "
+    # Asked for by its folder (edges/controlnet, still taken), named as the list shows it: the note named the folder.
+    assert summaries["mask"].endswith("; note: ControlNet edges was trained on canny images and this condition was made as mask: "
                                       "pick canny to steer as it learned")  # fmt: skip
     assert "note" not in summaries["canny"]
+
+
+def test_a_run_folder_asked_for_is_labelled_as_the_list_shows_it(demo):
+    """Two LoRAs whose short names are the same ('trained') label their columns by full names, the ControlNet's among them:
+    asked for by its folder, it was labelled edges/controlnet, an entry the list does not have (it lists edges)."""
+    request = Request(prompt="x", steps=1, loras=[("trained", 1.0), ("webui/trained", 1.0)], separate=True, controlnet="edges/controlnet",
+                      conditioning_image=photo_with_shapes(256, 256), conditioning_kind="canny", include_base=False)  # fmt: skip
+    assert demo.engine.render(request)[1] == ["conditioning", "trained+edges x1", "webui/trained+edges x1"]
+    assert "edges" in demo.engine.names("controlnet") and "edges/controlnet" not in demo.engine.names("controlnet")
 
 
 def test_a_photo_uploaded_as_is_for_an_edge_controlnet_is_said(demo):

@@ -184,6 +184,7 @@ class DemoEngine:
         except ValueError as err:
             raise FinetuneError(f"sampler: {err}") from None
         _check_request(request)
+        request = self._as_listed(request)
         model = self.model(request.model)
         models = {"unet": model.unet, "text_encoder": model.text_encoder}
         loras = []
@@ -259,6 +260,15 @@ class DemoEngine:
         notes = "".join(f"; warning: {line}" for line in warned) + "".join(f"; note: {note}" for note in said)
         return results, labels, seeds, summary_of(len(columns), request.rows, time.perf_counter() - started) + notes
 
+    def _as_listed(self, request: Request) -> Request:
+        """`request` with each adapter by the name the list shows (edges for edges/controlnet, still taken: `by_name`), which
+        its labels and notes name; one the scan does not know as that kind stays as asked, as its error names it."""
+        def listed(name, kind: str):
+            adapter = by_name(self.adapters, self.adapters_dir, name) if name not in (BASE, "", None) else None
+            return adapter.name if adapter is not None and adapter.kind == kind else name
+
+        return replace(request, model=listed(request.model, "pipeline"), controlnet=listed(request.controlnet, "controlnet"),
+                       loras=[(listed(name, "lora"), strength) for name, strength in request.loras])
 
     def _made_condition(self, image: Image.Image, kind: str, **options) -> Image.Image:
         """`make_condition` of an upload at its full size, kept for the next request: a large photo's canny edges take
