@@ -206,6 +206,7 @@ def adapters_dir(tmp_path_factory, tiny_model, image_folder) -> Path:
         conv.weight.data.normal_(0, 0.3)
     made = {"finetune.conditioning": '{"kind": "canny", "low": 20.0, "high": 40.0, "sigma": 1.0}'}  # as make-conditions records it
     save_model_folder(controlnet, root / "edges" / "controlnet", {"finetune.method": "controlnet", "finetune.base_model": str(tiny_model), "finetune.steps": "7", **made})
+    (root / "edges" / "recipe_as_run.yaml").write_text(yaml.safe_dump({"method": "controlnet", "model": {"pretrained": str(tiny_model)}}))  # its run's record
 
     make_tiny_model(root / "db" / "pipeline", seed=1)  # a "DreamBooth" pipeline: other weights, same architecture
     (root / "db" / "recipe.yaml").write_text(yaml.safe_dump({"method": "dreambooth", "model": {"pretrained": str(tiny_model)}, "train": {"max_steps": 5}}))

@@ -191,6 +191,7 @@ def test_a_runs_pipeline_is_listed_by_its_run_as_its_lora_is(tmp_path):
         (pipeline / "model_index.json").write_text("{}")
         (pipeline / "finetune_metadata.json").write_text(json.dumps({"finetune.steps": steps}))
     (tmp_path / "db" / "checkpoints" / "checkpoint-4" / "trainer_state.json").write_text('{"step": 4}')
+    (tmp_path / "db" / "recipe_as_run.yaml").write_text("method: dreambooth\n")  # the run's record: what makes db a run
     adapters = scan_adapters(tmp_path)
     assert {name: adapter.path.relative_to(tmp_path).as_posix() for name, adapter in adapters.items()} == {
         "db": "db/pipeline", "db/checkpoints/checkpoint-4": "db/checkpoints/checkpoint-4/pipeline", "merged": "merged"}
@@ -210,9 +211,31 @@ def test_a_runs_controlnet_is_listed_by_its_run_as_its_pipeline_is(tmp_path):
         (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"")
         (folder / "finetune_metadata.json").write_text(json.dumps({"finetune.steps": steps}))
     (tmp_path / "edges" / "checkpoints" / "checkpoint-4" / "trainer_state.json").write_text('{"step": 4}')
+    (tmp_path / "edges" / "recipe_as_run.yaml").write_text("method: controlnet\n")
     adapters = scan_adapters(tmp_path)
     assert {name: (adapter.kind, adapter.path.relative_to(tmp_path).as_posix()) for name, adapter in adapters.items()} == {
         "edges": ("controlnet", "edges/controlnet"), "controlnet": ("controlnet", "controlnet"),
         "edges/checkpoints/checkpoint-4": ("controlnet", "edges/checkpoints/checkpoint-4/controlnet")}
     assert by_name(adapters, tmp_path, "edges/controlnet") is by_name(adapters, tmp_path, "edges") is adapters["edges"]
     assert by_name(adapters, tmp_path, "edges/checkpoints/checkpoint-4/controlnet") is adapters["edges/checkpoints/checkpoint-4"]
+
+
+def test_a_pipeline_or_controlnet_folder_in_a_folder_that_is_no_run_is_listed_by_its_own_path(tmp_path):
+    """A user's models/controlnet and models/pipeline were listed by their parent's name, as a run's are, though models is
+    no run (it holds no run's record): listed as 'models', twice over. By their own path now; a run's (a record beside
+    them, of this version or an earlier one) still by its run."""
+    from finetune.demo.adapter_scan import by_name
+
+    for parent in ("models", "edges", "db"):
+        (tmp_path / parent / "controlnet").mkdir(parents=True)
+        (tmp_path / parent / "controlnet" / "config.json").write_text('{"_class_name": "ControlNetModel"}')
+        (tmp_path / parent / "controlnet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    (tmp_path / "models" / "pipeline").mkdir()
+    (tmp_path / "models" / "pipeline" / "model_index.json").write_text("{}")
+    (tmp_path / "edges" / "recipe_as_run.yaml").write_text("method: controlnet\n")
+    (tmp_path / "db" / "recipe.yaml").write_text("method: controlnet\n")  # an earlier finetune's record of its run
+    adapters = scan_adapters(tmp_path)
+    assert {name: (adapter.kind, adapter.path.relative_to(tmp_path).as_posix()) for name, adapter in adapters.items()} == {
+        "db": ("controlnet", "db/controlnet"), "edges": ("controlnet", "edges/controlnet"),
+        "models/controlnet": ("controlnet", "models/controlnet"), "models/pipeline": ("pipeline", "models/pipeline")}
+    assert by_name(adapters, tmp_path, "models") is None

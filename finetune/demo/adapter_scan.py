@@ -313,8 +313,15 @@ def _model_entry(folder: Path, root: Path, kind: str, refused: str | None) -> Ad
         metadata = _folder_metadata(folder)
     except FinetuneError as err:
         metadata, refused = {}, refused or str(err)
-    name = _relative(folder.parent if folder.name == RUN_OUTPUT_FOLDERS[kind] and folder.parent != root else folder, root)
+    name = _relative(folder.parent if folder.name == RUN_OUTPUT_FOLDERS[kind] and _is_run(folder.parent, root) else folder, root)
     return Adapter(name, kind, folder, "diffusers", metadata, refused)
+
+
+def _is_run(folder: Path, root: Path) -> bool:
+    """A run's output_dir (it holds the run's record) or one of its checkpoints, below the adapters folder: what names the
+    pipeline or ControlNet it saved. Any other folder holding one (a user's models/controlnet) is no run, and was listed
+    as the run `models`."""
+    return folder != root and (_is_checkpoint(folder) or run_recipe_file(folder).is_file())
 
 
 def _holds_pickles(folder: Path) -> bool:
