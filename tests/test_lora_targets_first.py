@@ -195,3 +195,28 @@ def test_every_text_encoder_target_the_recipe_takes_is_a_linear_layer_of_the_cli
     check_targets(text_encoder, list(TEXT_ENCODER_LAYERS))
     for target in TEXT_ENCODER_LAYERS:
         assert {type(module) for name, module in text_encoder.named_modules() if matches(name, target)} == {torch.nn.Linear}, target
+
+
+@pytest.mark.parametrize("target, said", [("q_projj", "names no layer of the CLIPTextModel"), ("activation_fn", "layers of the CLIPTextModel, which have no weights"),
+                                          ("layer_norm1", "LayerNorm layers of the CLIPTextModel"), ("mlp", "names blocks of the CLIPTextModel")])  # fmt: skip
+def test_the_loaded_check_of_the_text_encoders_targets_names_their_key(target, said):
+    """The loaded check's lines named lora.target_modules, the UNet's key, whichever model they checked: the text encoder's
+    targets are lora.text_encoder_target_modules (its recipe check lets only CLIP's Linear layers through; a check of the
+    loaded model speaks of the list it was given)."""
+    from transformers import CLIPTextModel
+
+    text_encoder = CLIPTextModel.from_pretrained(Path(BASE) / "text_encoder")
+    with pytest.raises(FinetuneError) as refused:
+        check_targets(text_encoder, ["q_proj", target], "lora.text_encoder_target_modules")
+    assert str(refused.value).startswith(f"lora.text_encoder_target_modules: '{target}' ") and said in str(refused.value), str(refused.value)
+
+
+def test_a_lora_run_checks_its_text_encoders_targets_under_their_key(make_recipe, monkeypatch):
+    """What the run's method passes: the UNet's targets as lora.target_modules, the text encoder's as their own key."""
+    from finetune.methods.lora import LoRAMethod
+    from finetune.models.loading import load_base_model
+
+    recipe = make_recipe(lora__train_text_encoder=True)
+    monkeypatch.setitem(recipe.lora.__dict__, "text_encoder_target_modules", ["q_proj", "mlp"])  # past the recipe's own check
+    with pytest.raises(FinetuneError, match=r"^lora\.text_encoder_target_modules: 'mlp' names blocks of the CLIPTextModel"):
+        LoRAMethod(recipe).setup(load_base_model(recipe.model))

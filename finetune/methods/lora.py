@@ -28,7 +28,7 @@ from finetune.methods.base import UNetMethod
 from finetune.models.init_from_record import text_encoder_switch
 from finetune.models.loading import freeze
 from finetune.models.lora_unit_scale import skip_unit_scales
-from finetune.models.unet_layer_names import block_targets_line, matches, norm_targets_line, unmatched_targets_line, weightless_targets_line
+from finetune.models.unet_layer_names import UNET_TARGETS_KEY, block_targets_line, matches, norm_targets_line, unmatched_targets_line, weightless_targets_line
 from finetune.optim.max_norm import apply_max_norm, lora_layers
 from finetune.outputs.atomic_files import atomic_save_safetensors
 
@@ -55,8 +55,8 @@ class LoRAMethod(UNetMethod):
         adapted = [(self.base.unet, settings.target_modules)] + ([(self.base.text_encoder, settings.text_encoder_target_modules)] if self.train_text_encoder else [])
         # One lora.rank for both models: a rank the UNet's wider layers use is kept though the text encoder's are narrower.
         check_ranks_fit([(model, targets, conv_3x3_targets(model, targets) if settings.conv_rank is not None else []) for model, targets in adapted], settings)
-        for model, targets in adapted:
-            add_lora(model, targets, self.weight_dtype, settings)
+        for (model, targets), key in zip(adapted, (UNET_TARGETS_KEY, "lora.text_encoder_target_modules")):
+            add_lora(model, targets, self.weight_dtype, settings, key)
         if settings.use_dora:
             self.start_lines.append("DoRA (lora.use_dora): each adapted layer also learns a magnitude per output channel")
         if settings.max_norm is not None:
@@ -121,30 +121,31 @@ def loraplus_groups(groups: list[dict], modules: dict[str, torch.nn.Module], def
     return split
 
 
-def check_targets(model: torch.nn.Module, target_modules: list[str]) -> None:
+def check_targets(model: torch.nn.Module, target_modules: list[str], key: str = UNET_TARGETS_KEY) -> None:
     """Each name must match layers LoRA can adapt (peft matches a name or a dotted suffix of one, and
     skips a name that matches nothing as long as another name matches, but refuses one any of whose matches it cannot
     adapt). `finetune train` says the names matching no UNet layer, only layers without weights, norm layers or blocks,
-    before its data check, from the weights' header (finetune.models.unet_layer_names), in the same lines."""
+    before its data check, from the weights' header (finetune.models.unet_layer_names), in the same lines. `key`: the
+    recipe key the lines name (lora.text_encoder_target_modules for the text encoder's)."""
     adaptable = [name for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))]
     if unmatched := [target for target in target_modules if not any(matches(name, target) for name, _ in model.named_modules())]:
-        raise FinetuneError(unmatched_targets_line(unmatched, adaptable, type(model).__name__))
+        raise FinetuneError(unmatched_targets_line(unmatched, adaptable, type(model).__name__, key))
     matched = {target: [(name, module) for name, module in model.named_modules() if matches(name, target)] for target in target_modules}
     if weightless := {target: sorted({type(m).__name__ for _, m in found}) for target, found in matched.items()
                       if all(next(m.parameters(), None) is None for _, m in found)}:  # a Dropout, an activation; fmt: skip
-        raise FinetuneError(weightless_targets_line(weightless, adaptable, type(model).__name__))  # as the header's check says it
+        raise FinetuneError(weightless_targets_line(weightless, adaptable, type(model).__name__, key))  # as the header's check says it
     norms = {target: sorted({type(m).__name__ for _, m in found if _own_weight_dims(m) == 1}) for target, found in matched.items()}
     if norms := {target: kinds for target, kinds in norms.items() if kinds}:
-        raise FinetuneError(norm_targets_line(norms, adaptable, type(model).__name__))
+        raise FinetuneError(norm_targets_line(norms, adaptable, type(model).__name__, key))
     blocks = {target: [name for name in adaptable if any(name.startswith(f"{block}.") for block, m in found
                                                          if next(m.parameters(recurse=False), None) is None)]
               for target, found in matched.items()}  # fmt: skip
     if blocks := {target: inside for target, inside in blocks.items() if inside}:
-        raise FinetuneError(block_targets_line(blocks, type(model).__name__))
+        raise FinetuneError(block_targets_line(blocks, type(model).__name__, key))
     for target, found in matched.items():
         kinds = {type(m).__name__ for _, m in found if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
         if kinds:
-            raise FinetuneError(f"lora.target_modules: '{target}' names {', '.join(sorted(kinds))} layers; LoRA adapts Linear and Conv2d layers")
+            raise FinetuneError(f"{key}: '{target}' names {', '.join(sorted(kinds))} layers; LoRA adapts Linear and Conv2d layers")
 
 
 def _own_weight_dims(module: torch.nn.Module) -> int | None:
@@ -194,11 +195,11 @@ def check_ranks_fit(adapted: list[tuple[torch.nn.Module, list[str], list[str]]],
                                 f"{inputs} in, {outputs} out, is updated fully by a LoRA of rank {useful}): lower lora.{key} to at most {useful}")  # fmt: skip
 
 
-def add_lora(model: torch.nn.Module, target_modules: list[str], weight_dtype: torch.dtype, settings) -> None:
+def add_lora(model: torch.nn.Module, target_modules: list[str], weight_dtype: torch.dtype, settings, key: str = UNET_TARGETS_KEY) -> None:
     """Freeze `model` in `weight_dtype` and attach a LoRA whose own weights stay fp32 (the 3x3
     convolutions at lora.conv_rank where it is set). The ranks are the caller's to check first (`check_ranks_fit`, over
-    every model the run adapts: the UNet and the text encoder)."""
-    check_targets(model, target_modules)
+    every model the run adapts: the UNet and the text encoder). `key`: the recipe key `target_modules` is given by."""
+    check_targets(model, target_modules, key)
     convs = conv_3x3_targets(model, target_modules) if settings.conv_rank is not None else []
     conv_rank, conv_alpha = settings.conv_rank_alpha()
     freeze(model, weight_dtype)

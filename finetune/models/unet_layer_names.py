@@ -33,35 +33,40 @@ def matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def unmatched_targets_line(unmatched: list[str], adaptable: list[str], model: str) -> str:
+# The recipe key a target list is given by, which the lines below name: the UNet's, unless a caller checks the text encoder's
+# (lora.text_encoder_target_modules, as methods.lora.check_targets does once the model has loaded).
+UNET_TARGETS_KEY = "lora.target_modules"
+
+
+def unmatched_targets_line(unmatched: list[str], adaptable: list[str], model: str, key: str = UNET_TARGETS_KEY) -> str:
     """The one line for the targets naming no layer of `model`, with a few that name some (`adaptable`: the full names
     of its Linear and Conv2d layers)."""
     names = ", ".join(f"'{target}'" for target in unmatched)
-    return (f"lora.target_modules: {names} {'names' if len(unmatched) == 1 else 'name'} no layer of the {model} "
+    return (f"{key}: {names} {'names' if len(unmatched) == 1 else 'name'} no layer of the {model} "
             f"(it has e.g. {_examples(adaptable)}): fix or remove {'it' if len(unmatched) == 1 else 'them'}")
 
 
-def weightless_targets_line(weightless: dict[str, list[str]], adaptable: list[str], model: str) -> str:
+def weightless_targets_line(weightless: dict[str, list[str]], adaptable: list[str], model: str, key: str = UNET_TARGETS_KEY) -> str:
     """The one line for the targets naming only layers without weights of `model` (target -> their kinds: Dropout,
     SiLU), with a few targets that name layers LoRA adapts (`adaptable`, as `unmatched_targets_line` takes them)."""
-    return _unadapted_targets_line(weightless, adaptable, model, "which have no weights for LoRA to adapt")
+    return _unadapted_targets_line(weightless, adaptable, model, "which have no weights for LoRA to adapt", key)
 
 
-def norm_targets_line(norms: dict[str, list[str]], adaptable: list[str], model: str) -> str:
+def norm_targets_line(norms: dict[str, list[str]], adaptable: list[str], model: str, key: str = UNET_TARGETS_KEY) -> str:
     """The one line for the targets naming norm layers of `model` (target -> their kinds: GroupNorm, LayerNorm), whose
     weights scale each channel: peft adapts no such layer."""
-    return _unadapted_targets_line(norms, adaptable, model, "which LoRA does not adapt")
+    return _unadapted_targets_line(norms, adaptable, model, "which LoRA does not adapt", key)
 
 
-def _unadapted_targets_line(kinds_named: dict[str, list[str]], adaptable: list[str], model: str, why: str) -> str:
+def _unadapted_targets_line(kinds_named: dict[str, list[str]], adaptable: list[str], model: str, why: str, key: str) -> str:
     names = ", ".join(f"'{target}'" for target in kinds_named)
     kinds = ", ".join(sorted({kind for found in kinds_named.values() for kind in found}))
     one = len(kinds_named) == 1
-    return (f"lora.target_modules: {names} {'names' if one else 'name'} {kinds} layers of the {model}, {why} "
+    return (f"{key}: {names} {'names' if one else 'name'} {kinds} layers of the {model}, {why} "
             f"(it adapts Linear and Conv2d layers, e.g. {_examples(adaptable)}): fix or remove {'it' if one else 'them'}")
 
 
-def block_targets_line(blocks: dict[str, list[str]], model: str) -> str:
+def block_targets_line(blocks: dict[str, list[str]], model: str, key: str = UNET_TARGETS_KEY) -> str:
     """The one line for the targets naming blocks of `model` (an attention, a transformer block: modules whose layers hold
     the weights), with names of their layers (target -> the full names of the Linear and Conv2d layers inside them)."""
     names = ", ".join(f"'{target}'" for target in blocks)
@@ -71,7 +76,7 @@ def block_targets_line(blocks: dict[str, list[str]], model: str) -> str:
         examples += [f"{target}.{example}" if any(name.endswith(f"{target}.{example}") for name in inside) else example
                      for example in _examples(inside).split(", ")]  # fmt: skip
     one = len(blocks) == 1
-    return (f"lora.target_modules: {names} {'names' if one else 'name'} blocks of the {model}, not the layers in them LoRA adapts: "
+    return (f"{key}: {names} {'names' if one else 'name'} blocks of the {model}, not the layers in them LoRA adapts: "
             f"name their layers instead, e.g. {', '.join(list(dict.fromkeys(examples))[:6])}")
 
 
