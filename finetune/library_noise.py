@@ -139,6 +139,25 @@ def quiet_local_dataset_bars():
         datasets.enable_progress_bars()
 
 
+@contextlib.contextmanager
+def quiet_data_file_read_errors(builder: str):
+    """datasets' own ERROR line as it fails to read a data file (its csv builder's "Failed to read file ... ParserError" for a
+    row of too many fields, its json builder's "Failed to load JSON from file ...", parquet's), logged just before it raises
+    what finetune says in its one line (`dataset_source`): printed twice above that line (by datasets' handler and the root
+    logger's). Only `builder`'s ERROR records, and only while the caller reads the file: its warnings (a bad parquet file
+    skipped) are said as ever."""
+    logger = logging.getLogger(f"datasets.packaged_modules.{builder}.{builder}")  # each builder's module logs by its name
+
+    def below_error(record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+    logger.addFilter(below_error)
+    try:
+        yield
+    finally:
+        logger.removeFilter(below_error)
+
+
 def quiet_weight_progress_bars() -> None:
     """transformers' bars loading and writing the text encoder ('Loading weights', 'Writing model shards'), and
     diffusers' loading a whole pipeline ('Loading pipeline components', export-base's): done in a blink, drawn by

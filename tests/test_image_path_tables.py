@@ -130,3 +130,18 @@ def test_paths_none_of_whose_first_files_is_there_or_web_addresses_are_one_line_
     table = write_table(tmp_path, [("https://example.com/red.png", "red")], "web.csv")  # datasets would download each at every read
     with pytest.raises(FinetuneError, match=r"column 'file_name' \(data.image_column\) holds web addresses \(row 0: https://example.com/red.png\), not image files: download"):
         load_examples(DataConfig(dataset=str(table), resolution=64), check=False)
+
+
+@pytest.mark.parametrize("name, bad_row", [("table.csv", "blue.png,a blue, thing,extra\n"), ("table.jsonl", '{"file_name": "blue.png", "text": "b"\n')])
+def test_a_table_with_a_bad_row_is_our_one_line_alone(name, bad_row, tmp_path, capfd):
+    """datasets logged its own parser error ('Failed to read file ... ParserError', at ERROR) twice, by its handler and the
+    root logger's, above the line finetune says of it (which names the file and what to do)."""
+    from finetune.cli.main import main
+
+    colour_images(tmp_path, ("red", "blue"))
+    table = write_table(tmp_path, [("red.png", "a red thing")], name=name)
+    table.write_text(table.read_text() + bad_row)
+    assert main(["check-data", "recipes/quickstart.yaml", "data.image_dir=null", f"data.dataset={table}"]) == 2
+    out, err = capfd.readouterr()
+    assert err.startswith(f"error: dataset file {table} cannot be read (") and err.endswith("): fix or replace it\n") and err.count("\n") == 1, err
+    assert "Failed to" not in out + err

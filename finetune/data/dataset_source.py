@@ -22,7 +22,7 @@ from finetune.data.dataset_splits import no_rows_message, require_split_syntax, 
 from finetune.data.folder_repeats import implausible_repeats_notes
 from finetune.data.sources import Example, folder_images, folders_entries, image_subfolders, saved_dataset
 from finetune.errors import FinetuneError
-from finetune.library_noise import quiet_local_dataset_bars
+from finetune.library_noise import quiet_data_file_read_errors, quiet_local_dataset_bars
 from finetune.models.model_source import TRUE_VALUES, hub_offline_by
 
 # A data file given as data.dataset, by the `datasets` builder that reads it: load_dataset(path) itself reads
@@ -65,7 +65,8 @@ def open_dataset(config: DataConfig):
             if saved:
                 return saved_split_rows(name, config.dataset_split)
             elif builder:
-                loaded = datasets.load_dataset(builder, data_files=name, split=config.dataset_split, **_csv_separator(name, builder))
+                with quiet_data_file_read_errors(builder):  # its own line of a bad row, twice: the one below says it
+                    loaded = datasets.load_dataset(builder, data_files=name, split=config.dataset_split, **_csv_separator(name, builder))
             else:
                 loaded = datasets.load_dataset(name, config.dataset_config, split=config.dataset_split)
     except FinetuneError:
