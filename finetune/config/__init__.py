@@ -18,12 +18,12 @@ error into one line naming the key, `recipe_paths.py` asks about a relative data
 from finetune.config.base import Section
 from finetune.config.data import BucketConfig, DataConfig, FolderConfig, LossMaskConfig
 from finetune.config.methods import ClassImageGeneration, Concept, ControlNetConfig, DreamBoothConfig, FullConfig, LoRAConfig, VAEConfig
-from finetune.config.recipe import SINGLE_FILE_SUFFIXES, CheckpointConfig, LoggingConfig, ModelConfig, Recipe
+from finetune.config.recipe import SINGLE_FILE_SUFFIXES, CheckpointConfig, LoggingConfig, ModelConfig, Recipe, WandBConfig
 from finetune.config.training import OptimizerConfig, TrainConfig
 from finetune.config.validation import ValidationConfig
 
 __all__ = [
     "SINGLE_FILE_SUFFIXES", "BucketConfig", "CheckpointConfig", "ClassImageGeneration", "Concept", "ControlNetConfig", "DataConfig", "DreamBoothConfig",
     "FolderConfig", "FullConfig", "LoRAConfig", "LoggingConfig", "LossMaskConfig", "ModelConfig", "OptimizerConfig", "Recipe", "Section",
-    "TrainConfig", "VAEConfig", "ValidationConfig",
+    "TrainConfig", "VAEConfig", "ValidationConfig", "WandBConfig",
 ]  # fmt: skip

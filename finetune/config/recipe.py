@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from finetune.config.base import Section, UserPath
 from finetune.config.data import DataConfig
@@ -80,9 +80,44 @@ class CheckpointConfig(Section):
     record_caption_tags: bool = True
 
 
+# Characters W&B refuses in a project's name (its server answers "invalid project name" only once the run starts).
+WANDB_PROJECT_REFUSES = "/\\#?%:"
+
+
+class WandBConfig(Section):
+    """`logging.wandb`: the run followed in Weights & Biases too (diffusers' `--report_to wandb`), beside TensorBoard or
+    instead of it: the same scalars, the validation grids, the settings (finetune.training.logged_settings)."""
+
+    enabled: bool = False
+    project: str = "finetune"  # W&B's project the run is listed in
+    entity: Optional[str] = None  # the team or user owning the project; None: the API key's default entity
+    run_name: Optional[str] = None  # the name W&B shows; None: the output_dir's folder name ("lora" for outputs/lora)
+
+    plain_value_hint: ClassVar[str] = "logging.wandb is a section, not {value!r}: set logging.wandb.enabled: true"
+
+    @field_validator("project", "entity", "run_name")
+    @classmethod
+    def _a_name(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
+        if value is not None and not value.strip():
+            raise ValueError("is empty: give a name, or remove the key")
+        if info.field_name == "project" and (refused := [c for c in value if c in WANDB_PROJECT_REFUSES]):
+            raise ValueError(f"holds {refused[0]!r}: W&B refuses any of {' '.join(WANDB_PROJECT_REFUSES)} in a project's name (a team or "
+                             "user goes in logging.wandb.entity)")  # fmt: skip
+        return value
+
+    @model_validator(mode="after")
+    def _names_of_a_run_that_logs(self) -> "WandBConfig":
+        # A project named with W&B left off would log nowhere, without a word (the run's name given, the switch forgotten).
+        if not self.enabled and (named := self.changed(("project", "entity", "run_name"))):
+            raise ValueError(f"logging.wandb.{named[0]} names the W&B run, and logging.wandb.enabled is false: set logging.wandb.enabled: true "
+                             f"to log to W&B, or remove logging.wandb.{named[0]}")  # fmt: skip
+        return self
+
+
 class LoggingConfig(Section):
     every_n_steps: int = Field(10, ge=1)
     tensorboard: bool = True
+    wandb: WandBConfig = WandBConfig()
 
 
 class Recipe(Section):

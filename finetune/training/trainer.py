@@ -50,6 +50,7 @@ from finetune.training.accelerate_state import clears_accelerate_settings, track
 from finetune.training.draw_keys import key_offset
 from finetune.training.ema import weight_average
 from finetune.training.held_out import TrainingSubset, concept_held_out_whole, held_out_for_run, held_out_sources
+from finetune.training.logged_settings import run_trackers
 from finetune.training.run_end import left_to_finish, resume_limit
 from finetune.training.run_length import check_epoch_run, epoch_count, planned_steps, run_length_line, run_sampler
 from finetune.training.training_run import RunData, TrainingRun, TrainResult  # the run from its prepared model to its end
@@ -122,7 +123,7 @@ def _accelerator(recipe: Recipe, closing: contextlib.ExitStack) -> Accelerator:
             **accelerator_options(),  # how several processes join, also on machines without CUDA
             mixed_precision=train_cfg.mixed_precision,
             gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
-            log_with="tensorboard" if recipe.logging.tensorboard else None,
+            log_with=run_trackers(recipe) or None,
             project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         )
     closing.enter_context(trackers_finished(accelerator))  # a failed run's last logs are written too, its writers' threads end

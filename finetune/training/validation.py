@@ -1,4 +1,4 @@
-"""The validation grid: the recipe's prompts drawn at fixed seeds into samples/step-N.png and TensorBoard.
+"""The validation grid: the recipe's prompts drawn at fixed seeds into samples/step-N.png, TensorBoard and W&B.
 
 Under several processes that each hold the whole model (DDP; DeepSpeed ZeRO-0/1/2, which partition the optimizer's state
 and gradients, not the weights that sample) the grid's batches are dealt out between them (`finetune.sampling.pipelines.shared_between`):
@@ -60,9 +60,7 @@ def run_validation(recipe, method, modules, accelerator: Accelerator, step: int)
             if not failed_write(err):
                 raise
             failure = GridNotWritten(Path(recipe.output_dir) / "samples" / f"step-{step:06d}.png", err)
-        tensorboard = _tensorboard_writer(accelerator)
-        if tensorboard is not None:
-            tensorboard.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+        log_grid(accelerator, grid, step)
     accelerator.wait_for_everyone()  # (raised after it: the other processes are not left waiting here)
     if failure is not None:
         raise failure
@@ -110,5 +108,11 @@ def merged_rows(rows: list[list[Image.Image | None]], cells_by_process: list[dic
     return merged
 
 
-def _tensorboard_writer(accelerator: Accelerator):
-    return next((tracker.writer for tracker in accelerator.trackers if tracker.name == "tensorboard"), None)
+# What each tracker's log_images needs to read a batch of one image, as its pixels (height, width, channels).
+IMAGE_OPTIONS = {"tensorboard": {"dataformats": "NHWC"}}
+
+
+def log_grid(accelerator: Accelerator, grid: Image.Image, step: int) -> None:
+    """The grid as the image "validation" of `step`, to each of the main process's trackers (TensorBoard, W&B)."""
+    for tracker in accelerator.trackers:
+        tracker.log_images({"validation": np.asarray(grid)[None]}, step, **IMAGE_OPTIONS.get(tracker.name, {}))

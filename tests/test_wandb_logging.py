@@ -1,0 +1,100 @@
+"""logging.wandb: a run followed in Weights & Biases as in TensorBoard (the same scalars at the same steps, the validation
+grids, the settings as its config). Runs log offline (WANDB_MODE=offline) under tmp_path, read back from wandb's own files
+(tests/wandb_records.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import build_recipe
+from PIL import Image
+from wandb_records import offline_runs
+
+from finetune.config.recipe_loading import load_recipe
+from finetune.errors import FinetuneError
+
+ROOT = Path(__file__).resolve().parents[1]
+WANDB_VARIABLES = ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "WANDB_BASE_URL", "NETRC", "WANDB_DIR", "WANDB_CONFIG_DIR")
+
+
+@pytest.fixture
+def wandb_home(monkeypatch, tmp_path) -> Path:
+    """A home with no W&B credentials nor settings (HOME, and every variable wandb reads them from, in tmp_path)."""
+    for name in WANDB_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(home / ".config" / "wandb"))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
+    return home
+
+
+@pytest.fixture
+def offline(wandb_home, monkeypatch, tmp_path) -> Path:
+    """W&B logging to local files under the returned folder (WANDB_DIR), as `WANDB_MODE=offline` runs do."""
+    wandb = pytest.importorskip("wandb", reason="wandb is in the dev extra: pip install -e '.[dev]'")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    (tmp_path / "wandb-dir").mkdir()
+    yield tmp_path / "wandb-dir"
+    wandb.teardown()  # wandb reads its settings (WANDB_DIR) once a process: the next test's runs would go into this one's folder
+
+
+def wandb_recipe(tiny_model, image_folder, run_dir, **overrides):
+    """A grid at steps 2 and 4, every step's scalars, TensorBoard and W&B both on."""
+    grids = {"validation__prompts": ["a red square"], "validation__every_n_steps": 2, "validation__num_inference_steps": 2,
+             "validation__images_per_prompt": 1, "validation__at_start": False}  # fmt: skip
+    return build_recipe(tiny_model, image_folder, run_dir, logging__tensorboard=True, logging__every_n_steps=1, logging__wandb__enabled=True,
+                        **{**grids, **overrides})  # fmt: skip
+
+
+def tensorboard_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "logs" / "finetune"))
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+def test_a_run_logs_to_wandb_the_scalars_tensorboard_gets_its_grids_and_its_settings(tiny_model, image_folder, offline, tmp_path):
+    from finetune.training.trainer import train
+
+    recipe = wandb_recipe(tiny_model, image_folder, tmp_path / "run", logging__wandb__project="stars", validation__loss_images=1)
+    result = train(recipe)
+    (run,) = offline_runs(offline)
+    assert (run.project, run.name) == ("stars", "run")  # named as its output_dir's folder, unless logging.wandb.run_name names it
+    for tag in ("train/loss", "train/lr", "train/epoch", "validation/loss"):
+        logged = tensorboard_scalars(tmp_path / "run", tag)
+        assert [step for step, _ in run.steps_of(tag)] == [step for step, _ in logged], tag
+        assert [value for _, value in run.steps_of(tag)] == pytest.approx([value for _, value in logged], rel=1e-6), tag  # TensorBoard's in float32
+    assert [grid.name for grid in result.sample_grids] == ["step-000002.png", "step-000004.png"]
+    for grid in result.sample_grids:
+        step = int(grid.stem.removeprefix("step-"))
+        assert np.array_equal(np.asarray(Image.open(run.image_file("validation", step))), np.asarray(Image.open(grid))), step
+    assert run.config == recipe.flat_settings()  # once: a run's config in W&B
+
+
+@pytest.mark.slow  # a launch of 2 processes (30 s and more on 2 busy cores)
+def test_two_processes_log_one_wandb_run_from_the_main_process(tiny_model, image_folder, offline, tmp_path):
+    from ports import free_port
+    from test_distributed import launch, wait, write
+
+    recipe = wandb_recipe(tiny_model, image_folder, tmp_path / "run", train__batch_size=1)
+    wait(launch(["--num_processes", "2", "--main_process_port", str(free_port())], write(recipe, tmp_path / "recipe.yaml")))
+    (run,) = offline_runs(offline)
+    assert [step for step, _ in run.steps_of("train/loss")] == [1, 2, 3, 4] and run.image_file("validation", 4).is_file()
+
+
+def test_wandb_settings_are_checked_as_the_recipe_loads():
+    quickstart = ROOT / "recipes" / "quickstart.yaml"
+    assert load_recipe(quickstart, ["logging.wandb.enabled=true"]).logging.wandb.enabled
+    for overrides, said in [
+        (["logging.wandb.project=stars"], "logging.wandb.project names the W&B run, and logging.wandb.enabled is false"),
+        (["logging.wandb=true"], "logging.wandb is a section, not True: set logging.wandb.enabled: true"),
+        (["logging.wandb.enabled=true", "logging.wandb.project=team/stars"], "W&B refuses any of / \\ # ? % : in a project's name"),
+    ]:  # fmt: skip
+        with pytest.raises(FinetuneError) as raised:
+            load_recipe(quickstart, overrides)
+        assert said in str(raised.value), overrides
