@@ -1,9 +1,10 @@
 """logging.wandb: a run followed in Weights & Biases as in TensorBoard (the same scalars at the same steps, the validation
-grids, the settings as its config). Runs log offline (WANDB_MODE=offline) under tmp_path, read back from wandb's own files
-(tests/wandb_records.py)."""
+grids, the settings as its config), and a resume continuing the same W&B run. Runs log offline (WANDB_MODE=offline) under
+tmp_path, read back from wandb's own files (tests/wandb_records.py)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,19 @@ def test_a_run_logs_to_wandb_the_scalars_tensorboard_gets_its_grids_and_its_sett
         step = int(grid.stem.removeprefix("step-"))
         assert np.array_equal(np.asarray(Image.open(run.image_file("validation", step))), np.asarray(Image.open(grid))), step
     assert run.config == recipe.flat_settings()  # once: a run's config in W&B
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(tiny_model, image_folder, offline, tmp_path):
+    from finetune.training.trainer import train
+
+    train(wandb_recipe(tiny_model, image_folder, tmp_path / "run", train__max_steps=2, checkpoint__every_n_steps=2))
+    # An offline run's folder is named by the second it started in and its id: a resume of the same id in the same second wrote into its run's.
+    time.sleep(1.0 - time.time() % 1.0 + 0.01)
+    train(wandb_recipe(tiny_model, image_folder, tmp_path / "run", train__max_steps=4, checkpoint__every_n_steps=2), resume="latest")
+    first, resumed = offline_runs(offline)  # `wandb sync` uploads both into the one run of their id
+    assert resumed.run_id == first.run_id
+    assert [step for step, _ in first.steps_of("train/loss")] == [1, 2] and [step for step, _ in resumed.steps_of("train/loss")] == [3, 4]
+    assert resumed.config["train.max_steps"] == 4  # the settings the resume changed, updated
 
 
 @pytest.mark.slow  # a launch of 2 processes (30 s and more on 2 busy cores)

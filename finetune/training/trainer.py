@@ -50,7 +50,7 @@ from finetune.training.accelerate_state import clears_accelerate_settings, track
 from finetune.training.draw_keys import key_offset
 from finetune.training.ema import weight_average
 from finetune.training.held_out import TrainingSubset, concept_held_out_whole, held_out_for_run, held_out_sources
-from finetune.training.logged_settings import run_trackers
+from finetune.training.logged_settings import resumed_wandb_run, run_trackers
 from finetune.training.run_end import left_to_finish, resume_limit
 from finetune.training.run_length import check_epoch_run, epoch_count, planned_steps, run_length_line, run_sampler
 from finetune.training.training_run import RunData, TrainingRun, TrainResult  # the run from its prepared model to its end
@@ -70,7 +70,7 @@ def _train(recipe: Recipe, resume: str | None, on_step: Callable[[int], None] | 
            closing: contextlib.ExitStack) -> TrainResult:  # fmt: skip
     # Cheap checks first: a bad image or a missing model is reported before any weight is loaded.
     resume_from, method, base_location, resumed_to = _checked_start(recipe, resume, overwrite, base_location)
-    accelerator = _accelerator(recipe, closing)
+    accelerator = _accelerator(recipe, resume_from, closing)
     # Joined, the processes agree on the step they start at (each found its checkpoint on its own disk), and the resume
     # check that waited for them is theirs now.
     agree_on_start(accelerator, checkpoint_step(resume_from) if resume_from else 0, Path(recipe.output_dir) / "checkpoints", resume == "latest")
@@ -115,15 +115,17 @@ def _checked_start(recipe: Recipe, resume: str | None, overwrite: bool, base_loc
     return resume_from, method, base_location, resumed_to
 
 
-def _accelerator(recipe: Recipe, closing: contextlib.ExitStack) -> Accelerator:
-    """The processes joined (or the one alone), the run's precision and accumulation, its trackers (closed by `closing`)."""
+def _accelerator(recipe: Recipe, resume_from: Path | None, closing: contextlib.ExitStack) -> Accelerator:
+    """The processes joined (or the one alone), the run's precision and accumulation, its trackers (closed by `closing`; a
+    resume's W&B run is its checkpoint's)."""
     output_dir, train_cfg = Path(recipe.output_dir), recipe.train
+    wandb_run = resumed_wandb_run(resume_from)  # the W&B run a resume continues
     with quiet_deepspeed_shm_build():
         accelerator = Accelerator(
             **accelerator_options(),  # how several processes join, also on machines without CUDA
             mixed_precision=train_cfg.mixed_precision,
             gradient_accumulation_steps=train_cfg.gradient_accumulation_steps,
-            log_with=run_trackers(recipe) or None,
+            log_with=run_trackers(recipe, wandb_run) or None,
             project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         )
     closing.enter_context(trackers_finished(accelerator))  # a failed run's last logs are written too, its writers' threads end

@@ -39,7 +39,7 @@ from finetune.training.draw_keys import DRAWN
 from finetune.training.ema import EMA_FILE, WeightAverage
 from finetune.training.finite_weights import ensure_finite_weights
 from finetune.training.held_out import HELD_OUT_STATE, HeldOutSplit, held_out_loss
-from finetune.training.logged_settings import start_trackers
+from finetune.training.logged_settings import WANDB_RUN, start_trackers, wandb_run_id
 from finetune.training.run_end import LOGGED_AT_STEP, OUTPUTS_PENDING, VALIDATION_PENDING, final_samples_wanted, finish_cut_short, finish_training, next_step_said, remove_killed_grids, resume_command
 from finetune.training.run_length import STEPS_BY_SHAPE, EpochCount, due, epochs_text, resume_warnings
 from finetune.training.step_losses import StepLosses, backward, micro_batch_shares, train_logs, weighted
@@ -188,7 +188,8 @@ class TrainingRun:
              "data_order": data.sampler.position_after(micro_batches),
              DRAWN: micro_batches + data.draws_from, STEPS_BY_SHAPE: data.epochs_by.steps_by_shape(step),  # what its steps drew, and trained at which batch
              "losses_since_log": self.running.since_last_log_state(accelerator),  # the resumed run's first log covers the same steps
-             VALIDATION_PENDING: validation_pending, LOGGED_AT_STEP: logged_at_step or {}, OUTPUTS_PENDING: outputs_pending},
+             VALIDATION_PENDING: validation_pending, LOGGED_AT_STEP: logged_at_step or {}, OUTPUTS_PENDING: outputs_pending,
+             WANDB_RUN: wandb_run_id(accelerator) or (self.state or {}).get(WANDB_RUN)},  # (a resume with W&B off keeps its run for one with it on)
             recipe.checkpoint.keep_last, extra=extra, **self.save_options
         )  # fmt: skip
         say(f"saved {folder} (step {step}, {epochs_text(data.epochs_by.at(step))})")
