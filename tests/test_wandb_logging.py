@@ -1,9 +1,13 @@
 """logging.wandb: a run followed in Weights & Biases as in TensorBoard (the same scalars at the same steps, the validation
-grids, the settings as its config), and a resume continuing the same W&B run. Runs log offline (WANDB_MODE=offline) under
-tmp_path, read back from wandb's own files (tests/wandb_records.py)."""
+grids, the settings as its config), a resume continuing the same W&B run, and a setup wandb cannot log with (no package,
+no API key: its prompt held a launched run) said in one line before the data check. Runs log offline (WANDB_MODE=offline)
+under tmp_path, read back from wandb's own files (tests/wandb_records.py)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,10 +15,12 @@ import numpy as np
 import pytest
 from conftest import build_recipe
 from PIL import Image
+from test_fast_errors import TRAINING_STACK
 from wandb_records import offline_runs
 
 from finetune.config.recipe_loading import load_recipe
 from finetune.errors import FinetuneError
+from finetune.training.wandb_checks import wandb_problem
 
 ROOT = Path(__file__).resolve().parents[1]
 WANDB_VARIABLES = ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "WANDB_BASE_URL", "NETRC", "WANDB_DIR", "WANDB_CONFIG_DIR")
@@ -112,3 +118,55 @@ def test_wandb_settings_are_checked_as_the_recipe_loads():
         with pytest.raises(FinetuneError) as raised:
             load_recipe(quickstart, overrides)
         assert said in str(raised.value), overrides
+
+
+def test_wandb_finds_a_key_as_wandb_does_or_needs_none_offline(wandb_home, monkeypatch, tmp_path):
+    pytest.importorskip("wandb", reason="wandb is in the dev extra: pip install -e '.[dev]'")
+    assert wandb_problem(False) is None
+    assert wandb_problem(True).startswith(f"logging.wandb.enabled: no W&B API key (WANDB_API_KEY is not set, and {wandb_home / '.netrc'} has none for api.wandb.ai)")
+    (wandb_home / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")  # what `wandb login` writes
+    assert wandb_problem(True) is None
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com")  # a server of one's own: its entry, not api.wandb.ai's
+    assert "has none for wandb.example.com" in wandb_problem(True)
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert wandb_problem(True) is None
+    monkeypatch.delenv("WANDB_API_KEY")
+    settings = tmp_path / "wandb-dir" / "wandb" / "settings"  # `wandb offline` in the run's folder
+    settings.parent.mkdir(parents=True)
+    settings.write_text("[default]\nmode = offline\n")
+    assert wandb_problem(True) is None
+    monkeypatch.setenv("WANDB_MODE", "online")  # the variable before the file, as wandb reads them
+    assert wandb_problem(True) is not None
+
+
+def said_by(argv: list[str], hidden: tuple[str, ...] = ()) -> tuple[int, str, str, list[str]]:
+    """`finetune ARGV` in a fresh interpreter, the modules `hidden` as if not installed: its exit status, stdout, stderr, and
+    which of the training stack it imported."""
+    script = f"""
+import contextlib, io, json, sys
+for name in {hidden!r}:
+    sys.modules[name] = None  # importlib.util.find_spec answers None, as for a package not installed
+from finetune.cli.main import main
+out, err = io.StringIO(), io.StringIO()
+with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    status = main({argv!r})
+print(json.dumps([status, out.getvalue(), err.getvalue(), [name for name in {TRAINING_STACK!r} if name in sys.modules]]))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return tuple(json.loads(result.stdout))
+
+
+def test_train_and_check_data_say_a_missing_wandb_or_key_before_the_data_check_without_torch(wandb_home, tmp_path):
+    train = ["train", "recipes/quickstart.yaml", "logging.wandb.enabled=true", f"output_dir={tmp_path / 'run'}"]
+    status, _, err, imported = said_by(train)
+    assert (status, imported) == (2, []) and err.count("\n") == 1, err
+    assert err.startswith("error: logging.wandb.enabled: no W&B API key") and "run `wandb login` (or set WANDB_API_KEY) first, or set WANDB_MODE=offline" in err
+    assert not (tmp_path / "run").exists()  # refused before the run's folder is made (its lock's, left empty, removed)
+    status, _, err, imported = said_by(train, hidden=("wandb",))
+    assert (status, imported) == (2, []) and err == ('error: logging.wandb.enabled needs the wandb package, which is not installed: pip install wandb '
+                                                     '(or pip install -e ".[wandb]"), or set logging.wandb.enabled=false\n')  # fmt: skip
+    status, out, _, _ = said_by(["check-data", "recipes/quickstart.yaml", "logging.wandb.enabled=true"])
+    fatal = [line for line in out.splitlines() if line.startswith("fatal: ")]
+    assert status == 1 and len(fatal) == 1 and fatal[0].startswith("fatal: logging.wandb.enabled: no W&B API key"), out
+    assert out.endswith("result: training would stop: 1 fatal problem; fix it\n"), out

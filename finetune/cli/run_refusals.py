@@ -18,6 +18,7 @@ from finetune.models.model_source import BaseLocation
 from finetune.models.single_file_configs import check_original_config
 from finetune.models.unet_layer_names import check_unet_targets_first
 from finetune.optim.packages import check_optimizer_installed, warn_bitsandbytes_missing
+from finetune.training.wandb_checks import check_wandb
 
 
 def check_run_first(recipe: Recipe, resume_from: Path | None, base: BaseLocation) -> None:
@@ -29,6 +30,7 @@ def check_run_first(recipe: Recipe, resume_from: Path | None, base: BaseLocation
         check_original_config(Path(recipe.model.pretrained).expanduser(), recipe.model)
     check_perceptual_network_first(recipe)
     check_optimizer_installed(recipe.optimizer)
+    check_wandb(recipe.logging.wandb.enabled)  # wandb missing, or no API key: its prompt would hold the run once the model had loaded
     check_launch_settings_first(recipe)
     check_deepspeed_first(recipe, resume_from)
     if recipe.trains_lora:

@@ -22,6 +22,7 @@ from finetune.errors import FinetuneError
 from finetune.models.native_resolution import far_from_native_line
 from finetune.sampling.unset_prompts import fill_unset_prompts
 from finetune.training.held_out import concept_held_out_whole, held_out_for_check, held_out_sources
+from finetune.training.wandb_checks import wandb_problem
 
 
 def configs_from_args(args, recipe: Recipe | None) -> list[DataConfig]:
@@ -101,6 +102,9 @@ def run_check_data_command(args) -> int:
     elif recipe is not None and (line := far_from_native_line(configs[0].resolution, recipe.model.pretrained, recipe.model.single_file_config)):
         print(f"warning: {line}")
         warnings += 1
+    if recipe is not None and (problem := wandb_problem(recipe.logging.wandb.enabled)):  # as finetune train says it, before its data check
+        print(f"fatal: {problem}")
+        fatal += 1
     for report in reports:
         for line in report.lines(held_out=held_sources):
             print(line)

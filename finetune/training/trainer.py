@@ -54,6 +54,7 @@ from finetune.training.logged_settings import resumed_wandb_run, run_trackers
 from finetune.training.run_end import left_to_finish, resume_limit
 from finetune.training.run_length import check_epoch_run, epoch_count, planned_steps, run_length_line, run_sampler
 from finetune.training.training_run import RunData, TrainingRun, TrainResult  # the run from its prepared model to its end
+from finetune.training.wandb_checks import check_wandb
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -101,6 +102,7 @@ def _checked_start(recipe: Recipe, resume: str | None, overwrite: bool, base_loc
     method = resumed_method(recipe, resume_from)  # a resume's starting weights (lora.init_from, ...) are its checkpoint's
     check_deepspeed_launch(recipe, method.trained_module_names(), resume_from)  # DeepSpeed's refusals; a checkpoint of another engine
     check_optimizer_installed(recipe.optimizer)
+    check_wandb(recipe.logging.wandb.enabled)  # no package, or no API key: wandb would ask for one once the model had loaded
     base_location = check_base_and_data(recipe, method.check_data, base_location)
     if base_location.folder is None:  # a single file's .yaml against the hub configs it loads with (finetune train says it first)
         check_original_config(Path(recipe.model.pretrained).expanduser(), recipe.model)
