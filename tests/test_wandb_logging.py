@@ -170,3 +170,12 @@ def test_train_and_check_data_say_a_missing_wandb_or_key_before_the_data_check_w
     fatal = [line for line in out.splitlines() if line.startswith("fatal: ")]
     assert status == 1 and len(fatal) == 1 and fatal[0].startswith("fatal: logging.wandb.enabled: no W&B API key"), out
     assert out.endswith("result: training would stop: 1 fatal problem; fix it\n"), out
+
+
+def test_report_to_wandb_given_as_diffusers_takes_it_is_told_its_switch(capsys):
+    from finetune.cli.arguments import parse_arguments
+
+    for options, override in ((["--report_to", "wandb"], "logging.wandb.enabled=true"), (["--report_to=tensorboard"], "logging.tensorboard=true")):
+        with pytest.raises(SystemExit):
+            parse_arguments(["train", "recipes/lora.yaml", *options])
+        assert capsys.readouterr().err.splitlines()[-1].endswith(f"recipe keys are given as key=value after the recipe: {override}"), options

@@ -29,6 +29,11 @@ ACCELERATE_LAUNCH_OPTIONS = {
 }  # fmt: skip
 
 
+# What --report_to (--log_with) TRACKER turns on here.
+TRACKER_SWITCHES = {"tensorboard": "logging.tensorboard=true", "wandb": "logging.wandb.enabled=true",
+                    "all": "logging.tensorboard=true logging.wandb.enabled=true"}  # fmt: skip
+
+
 def override_for(options: list[str], method: str | None, command: str = "train") -> str:
     """How to give the options that are no options of the command (`--max_steps 3 --learning_rate=1e-4`, the first of
     them first in `options`) as the recipe overrides they most likely mean, all in one line: a command copied from
@@ -88,6 +93,9 @@ def _override(option: list[str], method: str | None) -> str | None:
     from finetune.config.recipe_keys import OTHER_TRAINERS_NAMES, choice_meant, recipe_key_named
 
     name, (_, equals, value) = _name(option[0]), option[0].partition("=")
+    if name in ("report_to", "log_with"):  # diffusers' --report_to wandb: the tracker is its value, each one a switch here
+        value = value if equals else option[1] if option[1:] and not option[1].startswith("-") else ""
+        return TRACKER_SWITCHES.get(value.lower())  # another tracker (comet_ml): said as the recipe key names it
     setting = re.fullmatch(r"([a-z0-9_.]+): ([a-z0-9_.]+)", OTHER_TRAINERS_NAMES.get(name, ""))  # use_8bit_adam: optimizer.name: adamw8bit; use_ema
     if setting is not None:
         return f"{setting[1]}={setting[2]}"
