@@ -158,6 +158,7 @@ print(json.dumps([status, out.getvalue(), err.getvalue(), [name for name in {TRA
 
 
 def test_train_and_check_data_say_a_missing_wandb_or_key_before_the_data_check_without_torch(wandb_home, tmp_path):
+    pytest.importorskip("wandb", reason="wandb is in the dev extra: pip install -e '.[dev]'")  # (the key is looked for where it is installed)
     train = ["train", "recipes/quickstart.yaml", "logging.wandb.enabled=true", f"output_dir={tmp_path / 'run'}"]
     status, _, err, imported = said_by(train)
     assert (status, imported) == (2, []) and err.count("\n") == 1, err
