@@ -29,7 +29,7 @@ def test_resuming_names_the_settings_changed_since_the_checkpoint(make_recipe, c
 def test_a_change_in_a_list_of_sections_is_named_by_its_item_and_setting(make_recipe, tmp_path):
     """DreamBooth concepts and data.folders are compared setting by setting; a checkpoint that kept such a
     list as one value (made before) does not count the new form, or a concept's new default, as a change."""
-    from finetune.checkpoints.checkpoint import changed_settings
+    from finetune.checkpoints.resume_changes import changed_settings
 
     def concepts(*prompts, **extra):
         return make_recipe(method="dreambooth", data__image_dir=None, dreambooth={"concepts": [

@@ -116,7 +116,7 @@ def test_a_pipeline_or_controlnet_folder_given_as_the_lora_says_which_option_tak
 
 
 def test_review_cases_old_checkpoints_overrides_repeats_in_check_data_and_diffusers_conditioning_folders(make_recipe, pairs_folder, tmp_path, capsys):
-    from finetune.checkpoints.checkpoint import changed_settings
+    from finetune.checkpoints.resume_changes import changed_settings
     from finetune.config.recipe_loading import load_recipe
 
     # A setting added since a checkpoint was made is no change at its resume.

@@ -105,7 +105,7 @@ def test_a_resume_says_when_the_loss_masks_changed(make_recipe, tmp_path, capsys
 
 def test_a_checkpoint_that_kept_no_record_of_a_kind_of_data_is_no_change():
     """Checkpoints made before conditioning and class images were recorded: nothing to compare them with."""
-    from finetune.checkpoints.checkpoint import changed_data, data_record
+    from finetune.checkpoints.resume_changes import changed_data, data_record
 
     older = data_record([])
     assert changed_data(older, data_record([], {"class images": [["abc", "a dog"]]})) == []

@@ -4,7 +4,7 @@ An unset alpha was 16 at every rank until it followed the rank (a scale of 1): a
 rank other than 16, trained at 16/rank, and a recipe that still leaves alpha unset would continue it at another
 scale. The checkpoint keeps its run's settings (flat, `lora.alpha` filled in), read here before the method is built:
 an unset alpha becomes the checkpoint's, said in one line. An alpha the recipe sets is the user's choice and is used
-(the resume's warning names the change, `finetune.checkpoints.checkpoint.changed_settings`).
+(the resume's warning names the change, `finetune.checkpoints.resume_changes.changed_settings`).
 """
 
 from __future__ import annotations

@@ -140,7 +140,7 @@ class TrainingMethod(ABC):
         return {}
 
     def recorded_data(self) -> dict[str, list]:
-        """The data besides the training images a checkpoint records (checkpoint.data_record), by kind, so a resume
+        """The data besides the training images a checkpoint records (resume_changes.data_record), by kind, so a resume
         says when they changed; asked once the training data is built (DreamBooth's class images are made by then)."""
         masks = [item.mask_digest for item in self.training_items() if item.mask_digest is not None]  # data.loss_mask
         return {"loss masks": masks} if masks else {}

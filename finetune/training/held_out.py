@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from finetune.checkpoints.resume_changes import data_record
 from finetune.checkpoints.run_files import read_state, resolve_resume
 from finetune.counts import counted
 
@@ -84,8 +85,6 @@ def held_out_for_run(items: list, count: int, seed: int, checkpoint: Path | None
     split, lines = split_held_out(images, count, seed), []
     if checkpoint is None or count == 0:
         return _run_split(images, split, lines)
-    from finetune.checkpoints.checkpoint import data_record  # torch and accelerate: loaded for a resume only
-
     state = read_state(checkpoint)
     if (kept := state.get(HELD_OUT_STATE)) is not None:
         missing = set(kept) - set(images)

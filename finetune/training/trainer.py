@@ -22,6 +22,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from finetune.captions.tokens import caption_warnings
 from finetune.checkpoints import checkpoint as ckpt
 from finetune.checkpoints.earlier_run import clear_earlier_run, guard_earlier_run
+from finetune.checkpoints.resume_changes import data_record
 from finetune.checkpoints.resume_checks import check_resumable
 from finetune.checkpoints.resumed_alpha import keep_checkpoint_alpha
 from finetune.checkpoints.run_files import checkpoint_step, resolve_resume
@@ -189,7 +190,7 @@ def _prepared_run(recipe: Recipe, method: TrainingMethod, accelerator: Accelerat
     # The items validation.loss_images holds out of training: the datasets give them their captions as written, to score.
     method.held_out_items = frozenset(range(len(data.sources))) - frozenset(data.trained_indices)
     # Before `prepare`: DreamBooth may generate class images with the UNet, which ZeRO-3 then shards. Then the record a resume compares.
-    (dataset, collate_fn), images_record = method.training_data(accelerator), ckpt.data_record(data.trained_examples, method.recorded_data())
+    (dataset, collate_fn), images_record = method.training_data(accelerator), data_record(data.trained_examples, method.recorded_data())
     training_set = TrainingSubset(dataset, data.trained_indices) if data.held_out else dataset
     if (len(training_set), getattr(training_set, "bucket_of", None)) != (len(data.layout), data.layout.bucket_of):
         raise RuntimeError(f"method {recipe.method}: its dataset is not laid out as its training_items() said")  # a bug, not the data

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from finetune.checkpoints import checkpoint as ckpt
 from finetune.checkpoints.cpu_adam_steps import continue_step_powers
 from finetune.checkpoints.earlier_run import put_back_interrupted_checkpoints
+from finetune.checkpoints.resume_changes import changed_data, changed_settings
 from finetune.config import Recipe
 from finetune.config.run_recipe import write_run_recipe
 from finetune.console import say, warn
@@ -208,7 +209,7 @@ class TrainingRun:
             say(line)
         if self.average is not None and not self.average.load(resume_from / EMA_FILE):
             warn(f"{resume_from.name} has no weight average (train.ema_decay was off): it starts from the resumed weights")
-        changed = ckpt.changed_settings(self.state.get("recipe"), recipe.flat_settings()) + ckpt.changed_data(self.state.get("data"), self.images_record)
+        changed = changed_settings(self.state.get("recipe"), recipe.flat_settings()) + changed_data(self.state.get("data"), self.images_record)
         if changed:
             warn(f"settings changed since {resume_from.name}: {', '.join(changed)}")
         put_back_interrupted_checkpoints(accelerator, self.checkpoints_dir)  # the checkpoint read where a kill left it: in place before any save
