@@ -177,7 +177,7 @@ def adapters_dir(tmp_path_factory, tiny_model, image_folder) -> Path:
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     from finetune.formats.kohya import load_lora, save_lora_file
-    from finetune.methods.controlnet import save_model_folder
+    from finetune.outputs.pipeline_io import save_model_folder
     from finetune.methods.lora import add_lora, save_lora
     from finetune.models.tiny_model import build_tiny_pipeline, make_tiny_model
     from finetune.training.trainer import train

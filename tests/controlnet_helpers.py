@@ -17,8 +17,9 @@ from PIL import Image
 
 from finetune.checkpoints.run_files import CONTROLNET_DIR
 from finetune.controlnet.data import ControlNetDataset, controlnet_collate
-from finetune.methods.controlnet import ControlNetMethod, save_model_folder
+from finetune.methods.controlnet import ControlNetMethod
 from finetune.models.loading import load_base_model
+from finetune.outputs.pipeline_io import save_model_folder
 from finetune.sampling.inference import fit_condition, read_condition
 
 METADATA = {"finetune.method": "controlnet", "finetune.steps": "0"}

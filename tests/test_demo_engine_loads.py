@@ -63,7 +63,7 @@ def test_a_controlnet_cut_short_is_one_line(engine, tiny_model, tmp_path):
     from PIL import Image
 
     from finetune.errors import FinetuneError
-    from finetune.methods.controlnet import save_model_folder
+    from finetune.outputs.pipeline_io import save_model_folder
 
     folder = tmp_path / "adapters" / "edges" / "controlnet"
     save_model_folder(ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")), folder, {})

@@ -96,7 +96,7 @@ def test_a_controlnet_whose_weights_are_replaced_inside_its_folder_is_read_again
     from diffusers import ControlNetModel, UNet2DConditionModel
     from PIL import Image
 
-    from finetune.methods.controlnet import save_model_folder
+    from finetune.outputs.pipeline_io import save_model_folder
 
     controlnet = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet"))
     folders = {}

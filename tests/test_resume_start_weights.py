@@ -14,8 +14,8 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 
 from finetune.checkpoints.run_files import CONTROLNET_DIR
 from finetune.errors import FinetuneError
-from finetune.methods.controlnet import save_model_folder
 from finetune.models.start_weights import keep_where_weights_began
+from finetune.outputs.pipeline_io import save_model_folder
 from finetune.training.trainer import train
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 from finetune.cli.main import main
 from finetune.controlnet.folder import check_controlnet_fits
 from finetune.errors import FinetuneError
-from finetune.methods.controlnet import save_model_folder
+from finetune.outputs.pipeline_io import save_model_folder
 import finetune.sampling.inference as inference
 from finetune.toyworld.world import Scene, draw, mask_image
 

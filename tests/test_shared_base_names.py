@@ -133,7 +133,7 @@ def test_a_controlnet_trained_from_a_local_one_does_not_carry_its_path(tmp_path)
     loads it, was saved with that path as _name_or_path in its config.json: saved as pipelines are, without it."""
     from diffusers import ControlNetModel
 
-    from finetune.methods.controlnet import save_model_folder
+    from finetune.outputs.pipeline_io import save_model_folder
 
     started = tmp_path / "home" / "alice" / "edges"
     shutil.copytree(CONTROLNET_CONFIG.parent, started)

@@ -171,7 +171,7 @@ def test_a_pipeline_or_controlnet_folder_that_fails_half_written_leaves_no_hidde
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from finetune.methods.controlnet import save_model_folder
+    from finetune.outputs.pipeline_io import save_model_folder
 
     real = StableDiffusionPipeline.save_pretrained
 

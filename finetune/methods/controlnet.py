@@ -24,7 +24,6 @@ model's behaviour instead of disturbing it.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 from PIL import Image
 
-from finetune.checkpoints.run_files import CONTROLNET_DIR, METADATA_FILE, UNET_DIR
+from finetune.checkpoints.run_files import CONTROLNET_DIR, UNET_DIR
 from finetune.config import Recipe
 from finetune.controlnet.data import ControlNetDataset, controlnet_collate
 from finetune.controlnet.folder import conditioning_channels_problem
@@ -45,9 +44,8 @@ from finetune.data_check.starting_files import controlnet_to_load
 from finetune.errors import FinetuneError
 from finetune.methods.base import DiffusionMethod
 from finetune.models.loading import freeze
-from finetune.outputs.atomic_files import removed_if_unfinished, replace_folder, with_default_permissions
 from finetune.outputs.metadata import started_from
-from finetune.outputs.pipeline_io import without_load_paths
+from finetune.outputs.pipeline_io import save_model_folder
 from finetune.sampling.adapter_records import saved_model_metadata
 from finetune.sampling.adapters_as_trained import adapters_prediction_type
 from finetune.sampling.finite_images import VALIDATION_OVERFLOW
@@ -307,21 +305,3 @@ class ControlNetMethod(DiffusionMethod):
         rows = [[condition, *row] for condition, row in zip(conditions, samples)]
         labels = [prompt if scale == 1.0 else f"{prompt} (control x{scale:g})" for prompt in prompts]
         return rows, labels
-
-
-def save_model_folder(model: torch.nn.Module, folder: Path, metadata: dict[str, str]) -> Path:
-    """`model.save_pretrained` in fp32, written beside `folder` and renamed into place."""
-    partial = folder.with_name(f".{folder.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    dtypes = [p.dtype for p in model.parameters()]
-    with removed_if_unfinished(partial):
-        try:
-            for parameter in model.parameters():
-                parameter.data = parameter.data.float()
-            model.save_pretrained(partial, safe_serialization=True)
-        finally:
-            for parameter, dtype in zip(model.parameters(), dtypes):
-                parameter.data = parameter.data.to(dtype)
-        without_load_paths(partial)  # the local controlnet.pretrained or base it was loaded from, as saved pipelines leave it out
-        (partial / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
-    return replace_folder(with_default_permissions(partial), folder)

@@ -1,4 +1,5 @@
-"""Saving whole pipelines: what full fine-tunes and pretraining produce, in diffusers format."""
+"""Saving whole pipelines (what full fine-tunes and pretraining produce) and single models (a ControlNet, its unlocked
+UNet), in diffusers format."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from finetune.checkpoints.run_files import METADATA_FILE
 from finetune.models.loading import BaseModel, at_source_precision
-from finetune.outputs.atomic_files import folder_written_whole, with_default_permissions
+from finetune.outputs.atomic_files import folder_written_whole, removed_if_unfinished, replace_folder, with_default_permissions
 from finetune.outputs.folders import export_base_source
 
 
@@ -53,6 +54,24 @@ def save_pipeline(
             (written / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
         with_default_permissions(written)
     return output_dir
+
+
+def save_model_folder(model: torch.nn.Module, folder: Path, metadata: dict[str, str]) -> Path:
+    """`model.save_pretrained` in fp32, written beside `folder` and renamed into place."""
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    dtypes = [p.dtype for p in model.parameters()]
+    with removed_if_unfinished(partial):
+        try:
+            for parameter in model.parameters():
+                parameter.data = parameter.data.float()
+            model.save_pretrained(partial, safe_serialization=True)
+        finally:
+            for parameter, dtype in zip(model.parameters(), dtypes):
+                parameter.data = parameter.data.to(dtype)
+        without_load_paths(partial)  # the local controlnet.pretrained or base it was loaded from, as saved pipelines leave it out
+        (partial / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+    return replace_folder(with_default_permissions(partial), folder)
 
 
 def without_load_paths(folder: Path) -> None:
