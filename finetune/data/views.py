@@ -3,7 +3,7 @@
 A view is planned (`plan_view`: the draws from the item's generator) before any pixel is decoded, so
 it can be named without decoding: `view_key` hashes the image's content digest (from the data check)
 and the plan. With cached latents an item carries that key, and pixels only while its view is likely
-new (the first epoch, or two with flips; see `data.view_entry`): the data loader decodes those, later
+new (the first epoch, or two with flips; see `finetune.data.items.view_entry`): the data loader decodes those, later
 epochs decode nothing, and a view that was not cached after all is decoded by the training process.
 """
 
