@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from finetune.data.image_bounds import GRID_LABEL_WIDTH
 from finetune.models.encoders import chunks_needed, text_hidden_states
 from finetune.models.loading import BaseModel
-from finetune.outputs.atomic_files import removed_if_unfinished
+from finetune.outputs.atomic_files import atomic_write
 from finetune.progress_lines import in_a_log
 from finetune.sampling.finite_images import SAMPLING_OVERFLOW, decoded_pixels, not_finite_line, not_finite_rows, say_warning
 from finetune.sampling.grid_labels import draw_label, label_font
@@ -345,9 +345,7 @@ def make_grid(rows: list[list[Image.Image]], row_labels: list[str] | None = None
 
 
 def save_image_atomic(image: Image.Image, path: Path) -> Path:
+    """`image` as a PNG at `path`, whole or as it was (`atomic_write`), its folder made first; not flushed to disk before
+    the rename (`durable=False`): one image among the thousands a run or class-image generation may write."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    with removed_if_unfinished(partial):  # Ctrl-C (or a full disk) between the write and the rename left it beside the image
-        image.save(partial, format="PNG")
-        partial.replace(path)
-    return path
+    return atomic_write(path, lambda partial: image.save(partial, format="PNG"), durable=False)
