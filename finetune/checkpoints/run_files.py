@@ -209,5 +209,18 @@ def webui_lora_stem(lora_file: Path) -> str:
 def checkpoint_stem(folder: Path) -> str | None:
     """A checkpoint folder (`RUN/checkpoints/checkpoint-200`, absolute) by run and step, `RUN-step00000200`, the name its
     exported files and sampled images give what it holds; None for any other folder."""
-    checkpoint = CHECKPOINT_PATTERN.match(folder.name) if folder.parent.name == "checkpoints" else None
-    return f"{folder.parent.parent.name}-step{int(checkpoint.group(1)):08d}" if checkpoint else None
+    step = checkpoint_folder_step(folder)
+    return f"{folder.parent.parent.name}-step{step:08d}" if step is not None else None
+
+
+def checkpoint_folder_step(folder: Path) -> int | None:
+    """The step of a run's checkpoint folder, by its name in the run's checkpoints/ (`RUN/checkpoints/checkpoint-200`: 200);
+    None for any other folder."""
+    found = CHECKPOINT_PATTERN.match(folder.name) if folder.parent.name == "checkpoints" else None
+    return int(found.group(1)) if found else None
+
+
+def run_or_checkpoint_name(folder: Path) -> str:
+    """A folder by its name, a run's checkpoint by its run's too (`edges/checkpoints/checkpoint-500`: `checkpoint-500`
+    alone says not which run), as a pipeline's card and an output's record of its starting ControlNet name it."""
+    return f"{folder.parent.parent.name}/checkpoints/{folder.name}" if checkpoint_folder_step(folder) is not None else folder.name

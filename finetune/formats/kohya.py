@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from finetune.checkpoints.run_files import CHECKPOINT_PATTERN
+from finetune.checkpoints.run_files import checkpoint_folder_step
 from finetune.outputs.atomic_files import atomic_save_safetensors
 from finetune.outputs.base_names import shared_base_name, shared_record
 from finetune.sampling.adapter_records import lora_header
@@ -349,12 +349,6 @@ def resolve_output_file(output: Path, layout: str, source: Path) -> Path:
     return output / (f"{run_name}.safetensors" if layout == "kohya" else LORA_WEIGHTS_NAME)
 
 
-def checkpoint_step_of(lora_file: Path) -> int | None:
-    """The step of a LoRA file a run's checkpoint holds (`<run>/checkpoints/checkpoint-N/...`), else None."""
-    checkpoint = CHECKPOINT_PATTERN.match(lora_file.parent.name) if lora_file.parent.parent.name == "checkpoints" else None
-    return int(checkpoint.group(1)) if checkpoint else None
-
-
 def export_lora(source: Path, output: Path, layout: str, overwrite: bool = False, precision: str | None = None) -> tuple[Path, Path, list[Path]]:
     """Convert `source` (a file or training folder) to `layout`; write the file and its model card.
     Files already there (an earlier export, a trained LoRA, the user's README) are replaced only with `overwrite`.
@@ -371,7 +365,7 @@ def export_lora(source: Path, output: Path, layout: str, overwrite: bool = False
     from finetune.formats.model_card import card_images, model_card_path, write_model_card
 
     # A checkpoint's card shows its run's samples up to its step.
-    step = checkpoint_step_of(source)
+    step = checkpoint_folder_step(source.parent)  # of a LoRA file a run's checkpoint holds, else None
     training_dir = source.parent if step is None else source.parent.parent.parent
     # The card's images too: a webui folder's <name>.preview.png, the user's own thumbnail, was written over unasked.
     written = [destination, model_card_path(destination, layout), *filter(None, card_images(destination, layout, training_dir, step)[1:])]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.checkpoints.run_files import CHECKPOINT_PATTERN, PARTIAL
+from finetune.checkpoints.run_files import CHECKPOINT_PATTERN, PARTIAL, run_or_checkpoint_name
 from finetune.counts import counted
 from finetune.formats.dora import uses_dora
 from finetune.formats.kohya import LoRA
@@ -114,9 +114,8 @@ def write_pipeline_card(folder: Path, meta: dict[str, str]) -> Path:
     tags = frequent_tags(meta.get("finetune.tag_frequency"))
     card, folder = folder / "README.md", published_folder(folder)
     at = folder.parent  # the run, or a checkpoint of it
-    title = f"{at.parent.parent.name}/checkpoints/{at.name}" if CHECKPOINT_PATTERN.match(at.name) and at.parent.name == "checkpoints" else at.name
     lines = [
-        f"# {title} ({meta.get('finetune.method', 'full')})",
+        f"# {run_or_checkpoint_name(at)} ({meta.get('finetune.method', 'full')})",
         "",
         "A Stable Diffusion 1.x pipeline fine-tuned with `finetune`: every part is here, in the diffusers layout.",
         "",

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from finetune.captions.captions import caption_lines
-from finetune.checkpoints.run_files import CHECKPOINT_PATTERN
+from finetune.checkpoints.run_files import run_or_checkpoint_name
 from finetune.config import Recipe
 from finetune.data.sources import Example, source_folder
 from finetune.formats.kohya_metadata import LORAPLUS_KEYS
@@ -104,7 +104,4 @@ def started_from(source: str) -> str:
     if looks_like_hub_id(source) and not path.exists():
         return source
     path = path.resolve()
-    folder = path.parent if path.name == "controlnet" else path
-    if CHECKPOINT_PATTERN.match(folder.name) and folder.parent.name == "checkpoints":  # "checkpoint-500" alone says not which run
-        return f"{folder.parent.parent.name}/checkpoints/{folder.name}"
-    return folder.name
+    return run_or_checkpoint_name(path.parent if path.name == "controlnet" else path)
