@@ -37,6 +37,7 @@ from finetune.sampling.prompt_options import guidance_notes, prompts_settings, w
 from finetune.sampling.sample_files import PARAMETERS, parameters_text, webui_controlnet, webui_lora, webui_weight_note, write_numbered
 from finetune.sampling.samplers import DEFAULT_SAMPLER, spacing_steps_problem
 
+
 def load_lora_into(pipeline, lora: LoRA, lora_file: Path, adapter_name: str) -> None:
     """Load a LoRA read from a file of either layout (ours/diffusers or kohya) as a named adapter.
 
@@ -56,10 +57,6 @@ def load_lora_into(pipeline, lora: LoRA, lora_file: Path, adapter_name: str) -> 
             raise FinetuneError(f"LoRA {lora_file} does not fit this base model: {str(err).splitlines()[0][:200]}") from None
 
 
-# ---------------------------------------------------------------------------------------------------
-# ControlNet
-
-
 def base_model_metadata(base: str) -> dict[str, str]:
     """What training or merge recorded of a base model of ours: beside its pipeline folder, or in the header
     of `finetune export-checkpoint`'s file (its clip skip and prediction type, which that layout cannot
@@ -75,6 +72,10 @@ def base_model_metadata(base: str) -> dict[str, str]:
     except (SafetensorError, OSError):  # loading the model says what is wrong with the file
         return {}
     return {key: value for key, value in header.items() if key.startswith("finetune.")}
+
+
+# ---------------------------------------------------------------------------------------------------
+# ControlNet
 
 
 def load_unlocked_decoder(decoder: Path, safetensors_only: bool = False, cut_short_hint: str = "") -> UNet2DConditionModel:
