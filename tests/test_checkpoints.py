@@ -205,7 +205,7 @@ def test_each_checkpoint_holds_the_outputs_of_its_step(make_recipe, pairs_folder
         assert labels == ["long x1", "long, step 2 x1"]
         alone, _, _, _ = engine.render(Request(**request, loras=[("long/checkpoints/checkpoint-2", 1.0)]))
         assert images[0][1].tobytes() == alone[0][0].tobytes() and images[0][0].tobytes() != alone[0][0].tobytes()
-        from finetune.formats.kohya import export_lora
+        from finetune.formats.lora_export import export_lora
 
         exported, *_ = export_lora(at_step_2, tmp_path / "webui", "kohya")  # sd-scripts' name for a step: webui lists it apart
         assert exported.name == "long-step00000002.safetensors"

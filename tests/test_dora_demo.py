@@ -43,7 +43,8 @@ def test_the_demo_applies_a_dora_as_sample_does_alone_and_with_another_lora(dora
 def test_the_demo_lists_a_dora_as_one_in_either_layout(dora_run, tmp_path):
     from finetune.demo.adapter_scan import scan_adapters
     from finetune.demo.page import table_row
-    from finetune.formats.kohya import export_lora, load_lora, save_lora_file
+    from finetune.formats.kohya import load_lora, save_lora_file
+    from finetune.formats.lora_export import export_lora
 
     _, dora_file = dora_run
     export_lora(dora_file, tmp_path / "adapters", "kohya")

@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
 from finetune.errors import FinetuneError
-from finetune.formats.kohya import LoRA, LoRALayer, export_lora, load_lora, save_lora_file
+from finetune.formats.kohya import LoRA, LoRALayer, load_lora, save_lora_file
+from finetune.formats.lora_export import export_lora
 from finetune.sampling.inference import load_lora_into
 from dora_helpers import loaded_by_diffusers, train_dora
 from test_lora_training import unet_output

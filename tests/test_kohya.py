@@ -20,7 +20,8 @@ from finetune.cli.main import main
 from finetune.config import LoRAConfig
 from finetune.config.methods import TEXT_ENCODER_TARGETS
 from finetune.data.image_bounds import GRID_LABEL_WIDTH
-from finetune.formats.kohya import LoRA, LoRALayer, export_lora, kohya_name, load_lora, module_key, save_lora_file, to_kohya
+from finetune.formats.kohya import LoRA, LoRALayer, kohya_name, load_lora, module_key, save_lora_file, to_kohya
+from finetune.formats.lora_export import export_lora
 from finetune.formats.merge import merge_into
 from finetune.methods.lora import add_lora, save_lora
 from finetune.models.tiny_model import build_tiny_pipeline

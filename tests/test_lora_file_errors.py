@@ -6,7 +6,8 @@ import torch
 from safetensors.torch import save_file
 
 from finetune.errors import FinetuneError
-from finetune.formats.kohya import export_lora, load_lora
+from finetune.formats.kohya import load_lora
+from finetune.formats.lora_export import export_lora
 
 Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 

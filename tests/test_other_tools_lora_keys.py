@@ -25,7 +25,8 @@ from test_single_file import sd15_shaped_pipeline
 
 from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
 from finetune.formats.dora import row_norms
-from finetune.formats.kohya import export_lora, kohya_name
+from finetune.formats.kohya import kohya_name
+from finetune.formats.lora_export import export_lora
 from finetune.formats.merge import merge_lora
 from finetune.formats.single_file_export import export_checkpoint
 from finetune.training.trainer import train

@@ -13,7 +13,8 @@ from finetune.checkpoints.run_files import STATE_FILE, list_checkpoints
 from finetune.config.recipe_loading import load_recipe
 from finetune.data.batches import ItemLayout
 from finetune.errors import FinetuneError
-from finetune.formats.kohya import export_lora, load_lora, to_kohya
+from finetune.formats.kohya import load_lora, to_kohya
+from finetune.formats.lora_export import export_lora
 from finetune.training.run_length import STEPS_BY_SHAPE, EpochCount, due, epoch_count, planned_steps, run_sampler
 from finetune.training.trainer import train
 

@@ -56,7 +56,8 @@ def test_an_export_stopped_before_its_card_leaves_no_file_so_its_rerun_is_not_re
     """The stop's line says to run the command again: a LoRA file left without its card made that rerun ask for --overwrite."""
     import torch
 
-    from finetune.formats.kohya import LoRA, LoRALayer, export_lora, save_lora_file
+    from finetune.formats.kohya import LoRA, LoRALayer, save_lora_file
+    from finetune.formats.lora_export import export_lora
 
     source = save_lora_file(LoRA({"unet.down.0": LoRALayer(down=torch.zeros(4, 8), up=torch.zeros(8, 4), alpha=4.0)}), tmp_path / "trained.safetensors", "kohya")
     with monkeypatch.context() as stopped:

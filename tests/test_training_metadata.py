@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
-from finetune.formats.kohya import export_lora
+from finetune.formats.lora_export import export_lora
 from finetune.formats.kohya_metadata import finetune_metadata_from_kohya
 from finetune.training.trainer import train
 

@@ -102,7 +102,7 @@ def test_export_refuses_to_write_the_cards_images_over_the_users_files(tmp_path,
     the user's own thumbnail, went (reproduced with `finetune export runs/cat webui --to kohya`)."""
     from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
     from finetune.errors import FinetuneError
-    from finetune.formats.kohya import export_lora
+    from finetune.formats.lora_export import export_lora
 
     run = tmp_path / "cat"
     (run / "samples").mkdir(parents=True)

@@ -179,7 +179,7 @@ def test_a_lora_given_again_with_its_own_merge_as_the_base_is_said_to_be_added_t
     export in fp16 is the same LoRA."""
     from diffusers import UNet2DConditionModel
 
-    from finetune.formats.kohya import export_lora
+    from finetune.formats.lora_export import export_lora
 
     lora = trained_lora(UNet2DConditionModel.from_pretrained(tiny_model / "unet"), tmp_path / "lora.safetensors", {})
     other = trained_lora(UNet2DConditionModel.from_pretrained(tiny_model / "unet"), tmp_path / "other.safetensors", {})

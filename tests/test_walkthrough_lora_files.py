@@ -11,7 +11,8 @@ from test_kohya import Settings, UNET_TARGETS, assert_close, load_pipeline, outp
 from finetune.checkpoints.run_files import LORA_WEIGHTS_NAME
 from finetune.config.methods import TEXT_ENCODER_TARGETS
 from finetune.demo.adapter_scan import scan_adapters
-from finetune.formats.kohya import LoRA, LoRALayer, export_lora, load_lora, module_key, save_lora_file
+from finetune.formats.kohya import LoRA, LoRALayer, load_lora, module_key, save_lora_file
+from finetune.formats.lora_export import export_lora
 from finetune.formats.single_file_export import UNET_ROOT, to_original_unet
 from finetune.methods.lora import add_lora, save_lora
 from finetune.models.tiny_model import make_tiny_model

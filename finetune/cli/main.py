@@ -283,7 +283,7 @@ def _export(args) -> int:
     output = Path(args.output)
     check_output_folder(output, "export output", "the LoRA and its model card", is_file=output.suffix.lower() == ".safetensors")
     resolve_lora_file(args.input)
-    from finetune.formats.kohya import export_lora  # torch: after the checks above
+    from finetune.formats.lora_export import export_lora  # torch: after the checks above
     path, card, images = export_lora(Path(args.input), Path(args.output), args.to, overwrite=args.overwrite, precision=args.precision)
     print(f"wrote {path} ({args.to} layout{', ' + args.precision if args.precision else ''}), its model card {card}" + "".join(f", {i}" for i in images))
     return 0
