@@ -167,6 +167,8 @@ def read_whole(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def from_kohya(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> LoRA:
+    """Kohya's layout (`lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`; the UNet's original block names
+    too), its sd-scripts `ss_` metadata read as ours (`finetune_metadata_from_kohya`)."""
     tensors, layers = with_diffusers_unet_names(tensors), {}
     for key in sorted(tensors):
         if not key.endswith(".lora_down.weight"):

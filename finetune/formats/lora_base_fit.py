@@ -109,6 +109,7 @@ def init_from_base_problem(init_from: str, model) -> str | None:
 
 
 def check_lora_base_fit(lora_file: Path, base: str, base_config: str | None = None) -> None:
+    """`lora_base_problem` as the FinetuneError `sample`, `merge` and `eval` stop with, before torch loads."""
     if problem := lora_base_problem(lora_file, base, base_config):
         raise FinetuneError(problem)
 

@@ -159,6 +159,7 @@ def weights_fingerprint(lora: LoRA) -> str:
 
 
 def merged_loras(record: dict[str, str]) -> list[dict]:
+    """The LoRAs a merged pipeline's record lists (MERGED_LORAS), in the order merged; [] where it lists none or is not JSON."""
     try:
         merged = json.loads(record.get(MERGED_LORAS, "[]"))
     except ValueError:

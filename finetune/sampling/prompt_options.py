@@ -40,6 +40,8 @@ LORA_TAG = re.compile(r"<(?:lora|lyco|hypernet):[^<>]*>", re.IGNORECASE)  # the 
 
 @dataclass(frozen=True)
 class PromptSettings:
+    """How one prompt is sampled: the section's or command's settings, with the prompt's own options applied (`with_options`)."""
+
     prompt: str
     negative_prompt: str | None
     seed: int
