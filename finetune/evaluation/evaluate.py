@@ -39,7 +39,6 @@ a prompt set's ``conditions`` (one image per prompt) reach a ControlNet pipeline
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -284,7 +283,7 @@ def write_report(result: dict, out: str | Path) -> Path:
     the first GRID_PROMPTS prompts of each prompt set, one labelled row each (for the docs),
     starting with the prompt's conditioning image where the set has them."""
     from finetune.data.image_bounds import GRID_LABEL_WIDTH
-    from finetune.outputs.atomic_files import removed_if_unfinished
+    from finetune.outputs.atomic_files import atomic_write
     from finetune.sampling.pipelines import make_grid, save_image_atomic
 
     out = Path(out)
@@ -298,11 +297,7 @@ def write_report(result: dict, out: str | Path) -> Path:
         grid = out.with_name(f"{out.stem}_{name}.png")
         save_image_atomic(make_grid(rows[:GRID_PROMPTS], row_labels=result["prompts"][name][:GRID_PROMPTS], label_width=GRID_LABEL_WIDTH), grid)
         report["grids"][name] = grid.name
-    partial = out.with_name(f".{out.name}.partial")
-    with removed_if_unfinished(partial):
-        partial.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(partial, out)
-    return out
+    return atomic_write(out, lambda partial: partial.write_text(json.dumps(report, indent=2) + "\n"), durable=False)
 
 
 def print_table(result: dict) -> None:

@@ -27,15 +27,15 @@ def save_file(tensors: dict[str, torch.Tensor], filename: str, metadata: dict[st
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    try:
+    """`tensors` and `metadata` as the .safetensors file `path`, whole or as it was (`atomic_write`: a full disk, Ctrl-C or a
+    folder where the file goes leaves no half file), with the default permissions; its folder made first."""
+
+    def write(partial: Path) -> None:
         save_file(tensors, str(partial), metadata=metadata)
-        flush_to_disk(with_default_permissions(partial)).replace(path)
-    except BaseException:  # a full disk, Ctrl-C, a folder where the file goes: no half file left behind
-        partial.unlink(missing_ok=True)
-        raise
-    sync_folder(path.parent)
+        with_default_permissions(partial)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, write)
 
 
 def atomic_write(path: Path, write: Callable[[Path], object], durable: bool = True) -> Path:
