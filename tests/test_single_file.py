@@ -189,6 +189,25 @@ def edited_pipeline(configs, tmp_path, part: str, **changes):
     return folder
 
 
+def test_a_disk_that_fills_while_the_file_is_written_is_one_line_and_leaves_no_partial_copy(single_file, tmp_path, monkeypatch):
+    """The file is written under a hidden name and renamed once whole: a full disk mid-write removes what was written."""
+    import errno
+
+    import finetune.outputs.atomic_files
+
+    written = finetune.outputs.atomic_files.save_file
+
+    def fills_the_disk(tensors, filename, metadata=None):
+        written(tensors, filename, metadata)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(finetune.outputs.atomic_files, "save_file", fills_the_disk)
+    out = tmp_path / "webui" / "model.safetensors"
+    with pytest.raises(FinetuneError, match=rf"^export-checkpoint could not write {out} \(OSError: No space left on device\): free space or pick another folder$"):
+        export_checkpoint(single_file[1], out)
+    assert list(out.parent.iterdir()) == []
+
+
 def test_what_the_layout_cannot_hold_is_refused_in_one_line_before_anything_is_written(single_file, tiny_model, tmp_path, capsys):
     path, shared_configs, _ = single_file
     configs = shutil.copytree(shared_configs, tmp_path / "configs")  # its own: a refusal that failed would write over the UNet's weights

@@ -139,7 +139,6 @@ def export_checkpoint(source: Path, output: Path, precision: str | None = None, 
     try:
         atomic_save_safetensors({key: value.contiguous() for key, value in tensors.items()}, output, metadata)
     except OSError as err:  # a full disk, a folder not writable
-        output.with_name(f".{output.name}.partial").unlink(missing_ok=True)
         raise FinetuneError(f"export-checkpoint could not write {output} ({err.__class__.__name__}: {err.strerror or err}): free space or pick another folder") from None
     return output, usage_notes(output, configs, schedule, recorded)
 
