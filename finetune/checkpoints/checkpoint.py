@@ -26,14 +26,12 @@ from safetensors.torch import load_file, save_file
 from finetune.checkpoints.earlier_run import remove_checkpoint
 from finetune.checkpoints.pickles import refuse_unknown_objects
 from finetune.checkpoints.resume_changes import changed_settings
+from finetune.checkpoints.resume_checks import DEEPSPEED_FOLDER  # defined where a resume is checked without torch
 from finetune.checkpoints.run_files import PARTIAL, REMOVED, STATE_FILE, checkpoint_folder, list_checkpoints, read_state
 from finetune.distributed.processes import unwrap
 from finetune.errors import FinetuneError
 from finetune.outputs.atomic_files import atomic_write_text, failed_write, flush_to_disk, replace_folder
 from finetune.outputs.full_disk import disk_full, room_text, size_on_disk, size_text
-
-# Read from a checkpoint's JSON and file names alone, without torch: `finetune train` checks a resume before its data check.
-from finetune.checkpoints.resume_checks import DEEPSPEED_FOLDER
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from finetune.checkpoints.checkpoint import DEEPSPEED_FOLDER
+from finetune.checkpoints.resume_checks import DEEPSPEED_FOLDER
 
 RESUMED_LAYOUT = "controlnet_config"  # in a checkpoint's method state
 
