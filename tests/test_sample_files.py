@@ -148,7 +148,7 @@ def test_the_webui_hash_of_a_lora_is_its_recorded_one_else_sd_scripts_hash_past_
 def test_a_checkpoints_lora_is_named_in_an_images_settings_as_export_names_its_file(tmp_path):
     """A checkpoint's LoRA was `run@314` in an image's settings but `run-step00000314.safetensors` once exported for the webui:
     the name in the image found no file there. Both now come from one function."""
-    from finetune.formats.kohya import resolve_output_file
+    from finetune.formats.lora_export import resolve_output_file
     from finetune.sampling.sample_files import lora_name
 
     for folder in (tmp_path / "run", tmp_path / "run" / "checkpoints" / "checkpoint-314"):
