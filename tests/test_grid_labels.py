@@ -1,4 +1,4 @@
-"""The prompt beside a grid's row (finetune/sampling/grid_labels.py via sampling.make_grid): its words apart, its text within its
+"""The prompt beside a grid's row (finetune/sampling/grid_labels.py via grids.make_grid): its words apart, its text within its
 row's part of the margin, in a font that grows with the cell; with Pillow's bitmap font too, where FreeType is missing."""
 
 import numpy as np
@@ -8,7 +8,7 @@ from PIL import Image, ImageFont
 from finetune.data.image_bounds import GRID_LABEL_WIDTH
 from finetune.sampling.grid_labels import ELLIPSIS, label_font, label_lines, line_width
 import finetune.sampling.grid_labels as grid_labels
-from finetune.sampling.pipelines import make_grid
+from finetune.sampling.grids import make_grid
 
 BLUE = (90, 140, 200)
 LONG = "a very long prompt " * 50 + "a_tag_list_written_without_a_single_space_in_it_" * 3

@@ -26,7 +26,7 @@ from finetune.formats.merge import merge_into
 from finetune.methods.lora import add_lora, save_lora
 from finetune.models.tiny_model import build_tiny_pipeline
 from finetune.outputs.metadata import output_metadata
-from finetune.sampling.pipelines import make_grid
+from finetune.sampling.grids import make_grid
 from finetune.training.trainer import train
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]

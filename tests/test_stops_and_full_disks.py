@@ -239,7 +239,7 @@ def test_ctrl_c_while_an_image_a_report_or_a_tiny_model_is_written_leaves_no_hid
     from finetune.cli.main import main
     from finetune.evaluation.evaluate import write_report
     import finetune.models.tiny_model
-    from finetune.sampling.pipelines import save_image_atomic
+    from finetune.sampling.grids import save_image_atomic
 
     def interrupted(*args):
         raise KeyboardInterrupt

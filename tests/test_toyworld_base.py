@@ -14,7 +14,7 @@ from conftest import SHIPPED_BASE
 from finetune.config import ModelConfig
 from finetune.evaluation.evaluate import run_eval
 from finetune.models.loading import load_base_model
-from finetune.sampling.pipelines import tensor_to_image
+from finetune.sampling.grids import tensor_to_image
 from finetune.toyworld.classifier import predict, to_tensor
 from finetune.toyworld.datasets import generate
 

@@ -86,7 +86,7 @@ def labelled_grid(rows: list[list], column_labels: list[str], seeds: list[int]):
     from PIL import Image, ImageDraw
 
     from finetune.sampling.grid_labels import default_font
-    from finetune.sampling.pipelines import make_grid
+    from finetune.sampling.grids import make_grid
 
     cell = rows[0][0].size
     factor = max(1, -(-MIN_CELL // min(cell)))

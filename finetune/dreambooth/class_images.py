@@ -26,7 +26,8 @@ from finetune.errors import FinetuneError
 from finetune.models.encoders import chunks_needed
 from finetune.outputs.atomic_files import atomic_write_text
 from finetune.sampling.finite_images import decoded_pixels, not_finite_rows
-from finetune.sampling.pipelines import autocast_for, prompt_arguments, save_image_atomic
+from finetune.sampling.grids import save_image_atomic
+from finetune.sampling.pipelines import autocast_for, prompt_arguments
 from finetune.sampling.placement import free_device_memory, out_of_device_memory
 from finetune.sampling.samplers import spacing_steps_problem
 

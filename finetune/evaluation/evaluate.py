@@ -284,7 +284,7 @@ def write_report(result: dict, out: str | Path) -> Path:
     starting with the prompt's conditioning image where the set has them."""
     from finetune.data.image_bounds import GRID_LABEL_WIDTH
     from finetune.outputs.atomic_files import atomic_write
-    from finetune.sampling.pipelines import make_grid, save_image_atomic
+    from finetune.sampling.grids import make_grid, save_image_atomic
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -77,7 +77,7 @@ def write_webui_preview(grid: Path, resolution: str | None, preview: Path) -> Pa
     the grid's cell size is not known."""
     from PIL import Image
 
-    from finetune.sampling.pipelines import first_cell
+    from finetune.sampling.grids import first_cell
 
     with Image.open(grid) as image:
         cell = first_cell(image, int(resolution)) if resolution and resolution.isdigit() else None

@@ -21,7 +21,7 @@ from finetune.checkpoints.run_files import PIPELINE_DIR
 from finetune.data_check.train_inputs import not_a_classifier, perceptual_network_file
 from finetune.methods.base import TrainingMethod
 from finetune.outputs.pipeline_io import save_pipeline
-from finetune.sampling.pipelines import tensor_to_image
+from finetune.sampling.grids import tensor_to_image
 
 
 

@@ -31,7 +31,8 @@ from finetune.models.loading import BaseModel, load_base_model
 from finetune.outputs.atomic_files import atomic_save_safetensors
 from finetune.sampling.adapter_records import saved_model_metadata
 from finetune.sampling.adapters_as_trained import adapters_clip_skip, adapters_max_token_length, follow_adapters_schedule
-from finetune.sampling.pipelines import build_pipeline, denoising_bar, generate_with_settings, make_grid, read_prompts_as_trained
+from finetune.sampling.grids import make_grid
+from finetune.sampling.pipelines import build_pipeline, denoising_bar, generate_with_settings, read_prompts_as_trained
 from finetune.sampling.placement import inference_placement, out_of_device_memory, place, placement_line
 from finetune.sampling.prompt_options import guidance_notes, prompts_settings, webui_syntax_notes
 from finetune.sampling.sample_files import PARAMETERS, parameters_text, webui_controlnet, webui_lora, webui_weight_note, write_numbered

@@ -1,23 +1,19 @@
-"""Turning models into pictures: inference pipelines, fixed-seed generation, and image grids."""
+"""Turning models into pictures: inference pipelines and fixed-seed generation (grids and image files: finetune/sampling/grids.py)."""
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
 from diffusers import StableDiffusionPipeline
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from finetune.data.image_bounds import GRID_LABEL_WIDTH
 from finetune.models.encoders import chunks_needed, text_hidden_states
 from finetune.models.loading import BaseModel
-from finetune.outputs.atomic_files import atomic_write
 from finetune.progress_lines import in_a_log
 from finetune.sampling.finite_images import SAMPLING_OVERFLOW, decoded_pixels, not_finite_line, not_finite_rows, say_warning
-from finetune.sampling.grid_labels import draw_label, label_font
 from finetune.sampling.placement import free_device_memory, out_of_device_memory
 from finetune.sampling.prompt_options import PromptSettings
 from finetune.sampling.samplers import DEFAULT_SAMPLER, sampler_of, sampler_scheduler
@@ -312,40 +308,3 @@ def prompt_arguments(pipeline, prompt: str | list[str], negative_prompt: str | l
         return {"prompt": prompt, "negative_prompt": negative_prompt}
     encode = lambda texts: text_hidden_states(pipeline.tokenizer, pipeline.text_encoder, texts, pipeline.text_encoder.device, chunks)
     return {"prompt_embeds": encode(prompts), "negative_prompt_embeds": encode(negatives)}
-
-
-def tensor_to_image(pixels: torch.Tensor) -> Image.Image:
-    """CHW in [-1, 1] (the VAE's range) -> a PIL image."""
-    array = ((pixels.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(array)
-
-
-def first_cell(grid: Image.Image, cell: int) -> Image.Image | None:
-    """The top-left image of a labelled grid of `cell` x `cell` images (None when it holds none)."""
-    if grid.width < GRID_LABEL_WIDTH + cell or grid.height < cell:
-        return None
-    return grid.crop((GRID_LABEL_WIDTH, 0, GRID_LABEL_WIDTH + cell, cell))
-
-
-def make_grid(rows: list[list[Image.Image]], row_labels: list[str] | None = None, label_width: int = 0) -> Image.Image:
-    """Paste images into a grid, one row per list; optional text labels in a left margin of `label_width` px, each wrapped
-    (and ellipsized) within its row's part of it, in a font growing with the row (finetune/sampling/grid_labels.py)."""
-    cell_w, cell_h = rows[0][0].size
-    columns = max(len(row) for row in rows)
-    margin = label_width if row_labels else 0
-    grid = Image.new("RGB", (margin + columns * cell_w, len(rows) * cell_h), "white")
-    draw = ImageDraw.Draw(grid)
-    font = label_font(cell_h, margin) if row_labels else None
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            grid.paste(image.convert("RGB"), (margin + c * cell_w, r * cell_h))
-        if row_labels:
-            draw_label(draw, row_labels[r], 0, r * cell_h, margin, cell_h, font)
-    return grid
-
-
-def save_image_atomic(image: Image.Image, path: Path) -> Path:
-    """`image` as a PNG at `path`, whole or as it was (`atomic_write`), its folder made first; not flushed to disk before
-    the rename (`durable=False`): one image among the thousands a run or class-image generation may write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(path, lambda partial: image.save(partial, format="PNG"), durable=False)

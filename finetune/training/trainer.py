@@ -45,7 +45,7 @@ from finetune.models.single_file_configs import check_original_config
 from finetune.models.start_weights import resumed_method
 from finetune.optim.optimizers import build_lr_scheduler, build_optimizer, check_optimizer_installed
 from finetune.outputs.metadata import dataset_metadata
-from finetune.sampling.pipelines import save_image_atomic
+from finetune.sampling.grids import save_image_atomic
 from finetune.sampling.unset_prompts import fill_unset_prompts
 from finetune.training.accelerate_state import clears_accelerate_settings, trackers_finished
 from finetune.training.draw_keys import key_offset

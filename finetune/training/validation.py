@@ -25,7 +25,8 @@ from finetune.errors import FinetuneError
 from finetune.models.start_weights import starting_weights
 from finetune.outputs.atomic_files import failed_write
 from finetune.outputs.full_disk import disk_full, room_text
-from finetune.sampling.pipelines import in_lockstep, make_grid, save_image_atomic, shared_between
+from finetune.sampling.grids import make_grid, save_image_atomic
+from finetune.sampling.pipelines import in_lockstep, shared_between
 
 
 def run_validation(recipe, method, modules, accelerator: Accelerator, step: int) -> Path | None:
