@@ -10,7 +10,7 @@ import json
 import re
 from pathlib import Path
 
-from finetune.models.native_resolution import SINGLE_FILE_SUFFIXES, base_config_file
+from finetune.models.native_resolution import base_part_config
 
 # Where a layer sits, by the numbers in its name (`.`- and `_`-joined names alike): a UNet block, and in it an attention or
 # resnet and that attention's transformer block; a text-encoder layer.
@@ -36,8 +36,7 @@ def lora_depth_problem(keys: list[str], base: str, base_config: str | None) -> s
 def _config(base: str, base_config: str | None, part: str) -> tuple[Path | None, dict]:
     """The config file of `part` of the base (its folder's, a hub id's in the local cache, a single file's --base-config's)
     and what it holds; (None, {}) where it is not at hand."""
-    source = base_config if Path(base).suffix.lower() in SINGLE_FILE_SUFFIXES else base
-    config_file = base_config_file(source, f"{part}/config.json") if source else None
+    config_file = base_part_config(base, base_config, part)
     try:
         config = json.loads(config_file.read_text()) if config_file else {}
     except (OSError, ValueError):  # loading says what is wrong with the file

@@ -14,7 +14,7 @@ from pathlib import Path
 from finetune.errors import FinetuneError
 from finetune.formats.lora_base_depth import TEXT_ENCODER_PREFIXES, lora_depth_problem
 from finetune.formats.lora_kinds import lora_layout
-from finetune.models.native_resolution import SINGLE_FILE_SUFFIXES, base_config_file
+from finetune.models.native_resolution import SINGLE_FILE_SUFFIXES, base_part_config
 from finetune.models.single_file_configs import CROSS_ATTENTION_KEY
 
 # The down (A) weight of a LoRA layer in each layout: kohya's, diffusers' UNet and text encoder, peft's. Its shape is
@@ -70,13 +70,11 @@ def base_text_widths(base: str, base_config: str | None) -> dict[str, tuple[str,
     """The width of the text the base's UNet cross-attends to ("unet") and its text encoder's ("text_encoder"), each with
     where it is said: from its configs, or a single file's own tensors where no configs are given (diffusers
     then picks a hub model's configs by those same tensors); those that cannot be read without loading are left out."""
-    single_file = Path(base).suffix.lower() in SINGLE_FILE_SUFFIXES
-    if single_file and base_config is None:
+    if Path(base).suffix.lower() in SINGLE_FILE_SUFFIXES and base_config is None:
         return _single_file_widths(Path(base).expanduser())
-    source = base_config if single_file else base
     widths = {}
     for part, setting in (("unet", "cross_attention_dim"), ("text_encoder", "hidden_size")):
-        config_file = base_config_file(source, f"{part}/config.json")
+        config_file = base_part_config(base, base_config, part)
         if (width := _config_value(config_file, setting)) is not None:
             widths[part] = (f"{config_file} has {setting}", width)
     return widths

@@ -1,6 +1,7 @@
 """A base model's own image side (what `finetune sample` without --resolution and `finetune eval` sample at), read from
 its configs before it loads: a grid too large to open is then refused in a second, not after torch and the UNet have
-loaded (seconds to a minute). Imports neither torch nor diffusers."""
+loaded (seconds to a minute). Where a base's configs are (`base_part_config`) is read here for the LoRA fit checks too
+(finetune/formats/lora_base_fit.py, lora_base_depth.py). Imports neither torch nor diffusers."""
 
 from __future__ import annotations
 
@@ -15,10 +16,7 @@ def native_resolution(base: str, base_config: str | None = None) -> int | None:
     configs of a diffusers folder, of a hub id in the local cache, or of a single file's `base_config`; None where they
     cannot be read without loading (a single file described by its weights alone, a hub id not in the cache): the
     loaded model's is checked then."""
-    source = base_config if Path(base).suffix.lower() in SINGLE_FILE_SUFFIXES else base
-    if source is None:
-        return None
-    unet, vae = (base_config_file(source, f"{part}/config.json") for part in ("unet", "vae"))
+    unet, vae = (base_part_config(base, base_config, part) for part in ("unet", "vae"))
     if unet is None or vae is None:
         return None
     try:
@@ -29,6 +27,13 @@ def native_resolution(base: str, base_config: str | None = None) -> int | None:
     if not isinstance(sample_size, int) or not isinstance(blocks, list) or not blocks:
         return None
     return sample_size * 2 ** (len(blocks) - 1)  # diffusers' vae_scale_factor
+
+
+def base_part_config(base: str, base_config: str | None, part: str) -> Path | None:
+    """The config.json of `part` ("unet", "vae", "text_encoder") of `base`: in its folder or its hub id's local cache,
+    or for a single file in its `base_config`'s; None where it is not at hand (a single file without `base_config`)."""
+    source = base_config if Path(base).suffix.lower() in SINGLE_FILE_SUFFIXES else base
+    return None if source is None else base_config_file(source, f"{part}/config.json")
 
 
 def base_config_file(source: str, name: str) -> Path | None:
