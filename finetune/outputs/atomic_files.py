@@ -54,7 +54,8 @@ def atomic_write(path: Path, write: Callable[[Path], object], durable: bool = Tr
 
 
 def partial_path(path: Path) -> Path:
-    """Where `atomic_write` writes `path` before renaming it into place: a hidden `.NAME.partial` beside it."""
+    """Where `atomic_write` writes `path` before renaming it into place: a hidden `.NAME.partial` beside it (a new
+    folder's too: `folder_written_whole`, `save_model_folder`)."""
     return path.with_name(f".{path.name}.partial")
 
 
@@ -120,7 +121,7 @@ def folder_written_whole(final: Path, durable: bool = True):
             yield new
         contents_replaced(final, new, durable)
         return
-    partial = final.with_name(f".{final.name}.partial")
+    partial = partial_path(final)
     shutil.rmtree(partial, ignore_errors=True)
     with removed_if_unfinished(partial):
         partial.mkdir(parents=True)

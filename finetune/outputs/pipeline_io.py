@@ -13,7 +13,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from finetune.checkpoints.run_files import METADATA_FILE
 from finetune.models.loading import BaseModel, at_source_precision
-from finetune.outputs.atomic_files import folder_written_whole, removed_if_unfinished, replace_folder, with_default_permissions
+from finetune.outputs.atomic_files import folder_written_whole, partial_path, removed_if_unfinished, replace_folder, with_default_permissions
 from finetune.outputs.folders import export_base_source
 
 
@@ -58,7 +58,7 @@ def save_pipeline(
 
 def save_model_folder(model: torch.nn.Module, folder: Path, metadata: dict[str, str]) -> Path:
     """`model.save_pretrained` in fp32, written beside `folder` and renamed into place."""
-    partial = folder.with_name(f".{folder.name}.partial")
+    partial = partial_path(folder)
     shutil.rmtree(partial, ignore_errors=True)
     dtypes = [p.dtype for p in model.parameters()]
     with removed_if_unfinished(partial):
