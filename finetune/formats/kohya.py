@@ -25,16 +25,19 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
+from finetune.errors import FinetuneError
+from finetune.formats.dora import (
+    DIFFUSERS_MAGNITUDE, KOHYA_DORA_ARGS, KOHYA_DORA_METADATA, KOHYA_MAGNITUDE, check_config_magnitudes, check_kohya_magnitudes, diffusers_magnitude,
+    kohya_magnitude, read_magnitude, uses_dora,
+)
+from finetune.formats.kohya_metadata import DATASET_KOHYA_KEYS, KOHYA_KEYS, LORAPLUS_KEYS, finetune_metadata_from_kohya
+from finetune.formats.lora_kinds import (
+    CONTEXT_INPUTS, KOHYA_PARTS, held_path, lora_layout, sd_version_metadata, with_current_diffusers_names, written_path,
+)
+from finetune.formats.original_layout import with_diffusers_unet_names
 from finetune.outputs.atomic_files import atomic_save_safetensors
 from finetune.outputs.base_names import shared_base_name, shared_record
 from finetune.sampling.adapter_records import lora_header
-from finetune.formats.dora import (DIFFUSERS_MAGNITUDE, KOHYA_DORA_ARGS, KOHYA_DORA_METADATA, KOHYA_MAGNITUDE, check_config_magnitudes, check_kohya_magnitudes,
-                           diffusers_magnitude, kohya_magnitude, read_magnitude, uses_dora)
-from finetune.errors import FinetuneError
-from finetune.formats.kohya_metadata import DATASET_KOHYA_KEYS, KOHYA_KEYS, LORAPLUS_KEYS, finetune_metadata_from_kohya
-from finetune.formats.lora_kinds import (CONTEXT_INPUTS, KOHYA_PARTS, held_path, lora_layout, sd_version_metadata, with_current_diffusers_names,
-                                 written_path)
-from finetune.formats.original_layout import with_diffusers_unet_names
 from finetune.sampling.placement import PRECISIONS
 
 # Module-path segments of the SD UNet and CLIP that contain "_": kohya's names flatten `.` and `_`
