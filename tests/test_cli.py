@@ -275,7 +275,7 @@ def test_accelerate_launch_with_the_top_level_config_trains_with_deepspeed(tmp_p
 def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_130(monkeypatch, capsys):
     import finetune.sampling.inference
 
-    def interrupted(**kwargs):
+    def interrupted(request):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(finetune.sampling.inference, "sample_to_folder", interrupted)

@@ -126,7 +126,7 @@ def test_the_webuis_sampler_names_pick_its_samplers(make_recipe, tiny_model, mon
     webui = {"DDIM": "ddim", "Euler": "euler", "Euler a": "euler_a", "DPM++ 2M Karras": "dpmpp_2m_karras", "DPM++ 2M": "dpmpp_2m_karras",
              "UniPC": "unipc", "euler A": "euler_a"}
     asked = []
-    monkeypatch.setattr(finetune.sampling.inference, "sample_to_folder", lambda **kwargs: asked.append(kwargs["sampler"]) or [tmp_path / "grid.png"])
+    monkeypatch.setattr(finetune.sampling.inference, "sample_to_folder", lambda request: asked.append(request.sampler) or [tmp_path / "grid.png"])
     for name, ours in webui.items():
         assert main(["sample", "--base", str(tiny_model), "--prompt", "p", "--out", str(tmp_path), "--sampler", name]) == 0
         assert with_options(f"p --ss {name}", PromptSettings("", None, 0, 1.0, 1)).sampler == ours
@@ -139,7 +139,7 @@ def test_sample_passes_its_sampler_on(tiny_model, monkeypatch, tmp_path):
     import finetune.sampling.inference
 
     asked = []
-    monkeypatch.setattr(finetune.sampling.inference, "sample_to_folder", lambda **kwargs: asked.append(kwargs["sampler"]) or [tmp_path / "grid.png"])
+    monkeypatch.setattr(finetune.sampling.inference, "sample_to_folder", lambda request: asked.append(request.sampler) or [tmp_path / "grid.png"])
     assert main(["sample", "--base", str(tiny_model), "--prompt", "p", "--out", str(tmp_path)]) == 0
     assert main(["sample", "--base", str(tiny_model), "--prompt", "p", "--out", str(tmp_path), "--sampler", "unipc"]) == 0
     assert asked == ["ddim", "unipc"]

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from finetune.demo.engine import DemoEngine, Request
-from finetune.sampling.inference import sample_to_folder
+from finetune.sampling.inference import SampleRequest, sample_to_folder
 
 PROMPT = "a large red striped circle on a blue background, center"
 
@@ -28,8 +28,8 @@ def test_a_weak_lora_in_bf16_renders_as_finetune_sample_renders_it(tiny_model, a
     images, labels, _, _ = engine.render(request)
     base, at_zero, weak = (pixels(image) for image in images[0])
     assert labels == ["base", "trained x0", "trained x0.1"]
-    sample_to_folder(str(tiny_model), str(adapters_dir / "trained"), 0.1, [PROMPT], None, 1, 4, 3, 5.0, 64, tmp_path,
-                     device="cpu", precision="bf16")  # fmt: skip
+    sample_to_folder(SampleRequest(str(tiny_model), str(adapters_dir / "trained"), 0.1, [PROMPT], None, 1, 4, 3, 5.0, 64, tmp_path,
+                                   device="cpu", precision="bf16"))  # fmt: skip
     sampled = pixels(Image.open(tmp_path / "00000-prompt0_seed4.png"))
     assert np.array_equal(at_zero, base)
     assert not np.array_equal(weak, base)

@@ -204,9 +204,9 @@ def _sample(args) -> int:
     check_local_base(base, args.base_config)
     check_lora_fits_base(args.lora, base, args.base_config)
     quiet_weight_progress_bars()  # transformers loads with torch: after the checks, so a refusal stays quick
-    from finetune.sampling.inference import sample_to_folder  # torch and diffusers: after the checks above, which need neither
+    from finetune.sampling.inference import SampleRequest, sample_to_folder  # torch and diffusers: after the checks above, which need neither
 
-    written = sample_to_folder(
+    request = SampleRequest(
         base=base,
         base_config=args.base_config,
         lora=args.lora,
@@ -226,6 +226,7 @@ def _sample(args) -> int:
         device=args.device,
         precision=args.precision,
     )
+    written = sample_to_folder(request)
     # The files by name: a run's number is new each time (finetune/sampling/sample_files.py), so it is read here. Many images
     # (--num-images 64 with several prompts) by their first and last, in one line a person reads.
     names = [path.name for path in written[:-1]]

@@ -7,6 +7,7 @@ starts with that image as the ControlNet saw it: conditioning | samples, as in t
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,7 +35,7 @@ from finetune.sampling.adapters_as_trained import adapters_clip_skip, adapters_m
 from finetune.sampling.grids import make_grid
 from finetune.sampling.pipelines import build_pipeline, denoising_bar, generate_with_settings, read_prompts_as_trained
 from finetune.sampling.placement import inference_placement, out_of_device_memory, place, placement_line
-from finetune.sampling.prompt_options import guidance_notes, prompts_settings, webui_syntax_notes
+from finetune.sampling.prompt_options import PromptSettings, guidance_notes, prompts_settings, webui_syntax_notes
 from finetune.sampling.sample_files import PARAMETERS, parameters_text, webui_controlnet, webui_lora, webui_weight_note, write_numbered
 from finetune.sampling.samplers import DEFAULT_SAMPLER, spacing_steps_problem
 
@@ -188,77 +189,112 @@ def load_sampling_pipeline(
     return pipeline
 
 
-def sample_to_folder(
-    base: str,
-    lora: str | None,
-    lora_scale: float,
-    prompts: list[str],
-    negative_prompt: str | None,
-    num_images: int,
-    seed: int,
-    steps: int,
-    guidance: float,
-    resolution: int | None,
-    output_dir: Path,
-    controlnet: str | None = None,
-    condition: str | None = None,
-    conditioning_scale: float | None = None,
-    base_config: str | None = None,
-    device: str = "auto",
-    precision: str = "auto",
-    sampler: str = DEFAULT_SAMPLER,
-) -> list[Path]:
-    """Write NNNNN-promptP_seedS.png for each image, then NNNNN-grid.png (rows = prompts), under the folder's
-    next run number (finetune/sampling/sample_files.py); return all paths, grid last.
+@dataclass
+class SampleRequest:
+    """What `finetune sample` asks for: its options, as the CLI checked them before torch loaded.
 
-    With `controlnet`, every image is steered by the `condition` image (at `conditioning_scale`, default
-    1.0) and each grid row starts with it. `device`, `precision`: see finetune/sampling/placement.py; `sampler`: finetune/sampling/samplers.py.
-    """
-    check_control_options(controlnet, condition, conditioning_scale)
-    placement = inference_placement(device, precision)
-    settings = prompts_settings(prompts, negative_prompt, seed, guidance, steps, sampler)  # before anything loads
+    With `controlnet`, every image is steered by the `condition` image (at `conditioning_scale`, default 1.0) and each
+    grid row starts with it. `resolution` None: the model's own. `device`, `precision`: see finetune/sampling/placement.py;
+    `sampler`: finetune/sampling/samplers.py."""
+
+    base: str
+    lora: str | None
+    lora_scale: float
+    prompts: list[str]
+    negative_prompt: str | None
+    num_images: int
+    seed: int
+    steps: int
+    guidance: float
+    resolution: int | None
+    output_dir: Path
+    controlnet: str | None = None
+    condition: str | None = None
+    conditioning_scale: float | None = None
+    base_config: str | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    sampler: str = DEFAULT_SAMPLER
+
+
+def sample_to_folder(request: SampleRequest) -> list[Path]:
+    """Write NNNNN-promptP_seedS.png for each image, then NNNNN-grid.png (rows = prompts), under the folder's
+    next run number (finetune/sampling/sample_files.py); return all paths, grid last. In order: the request checked
+    (before any model loads), the model loaded and placed, the request checked against it, the images drawn, written."""
+    placement, settings, condition_image = _checked_before_loading(request)
+    loaded = load_sampling_pipeline(request.base, request.lora, request.lora_scale, request.controlnet, request.base_config, request.sampler)
+    pipeline = place(loaded, *placement)
+    print(placement_line(*placement))
+    resolution = _checked_on_the_model(request, pipeline, settings)
+    control = {}
+    if request.controlnet is not None:
+        scale = 1.0 if request.conditioning_scale is None else request.conditioning_scale
+        control = dict(image=fit_condition(condition_image, request.condition, resolution), controlnet_conditioning_scale=scale)
+    rows = _drawn(pipeline, settings, request.num_images, resolution, control)
+    return _written(request, settings, rows, resolution, control)
+
+
+def _checked_before_loading(request: SampleRequest) -> tuple[tuple, list[PromptSettings], Image.Image | None]:
+    """Where sampling runs (`inference_placement`), each prompt's settings and the --condition image, read and checked
+    before any model loads, with the notes on them said."""
+    check_control_options(request.controlnet, request.condition, request.conditioning_scale)
+    placement = inference_placement(request.device, request.precision)
+    settings = prompts_settings(request.prompts, request.negative_prompt, request.seed, request.guidance, request.steps, request.sampler)
     notes = guidance_notes(settings) + webui_syntax_notes(settings)
-    if controlnet is not None and conditioning_scale is not None and (weight := webui_weight_note(conditioning_scale)):
+    if request.controlnet is not None and request.conditioning_scale is not None and (weight := webui_weight_note(request.conditioning_scale)):
         notes.append(weight)  # the images record a weight the webui's ControlNet unit will not take
     for note in notes:
         print(f"note: {note}")
-    recorded = saved_model_metadata(resolve_controlnet_folder(controlnet)) if controlnet is not None else {}
+    if request.controlnet is None:
+        return placement, settings, None
+    recorded = saved_model_metadata(resolve_controlnet_folder(request.controlnet))
+    condition = request.condition
     if (made := recorded_conditioning(recorded)) and not (condition and made_as_recorded(condition, recorded)):
         print(f"note: this ControlNet was trained on {made} conditioning images (finetune make-conditions); --condition is used as it is: give one of that kind")
-    condition_image = read_condition(condition) if controlnet is not None else None  # a bad one stops before the model loads
-    if condition_image is not None and (line := kind_mismatch_line(condition_image, recorded_kind(recorded), f"--condition {condition}", MAKE_ONE)):
+    condition_image = read_condition(condition)  # a bad one stops before the model loads
+    if line := kind_mismatch_line(condition_image, recorded_kind(recorded), f"--condition {condition}", MAKE_ONE):
         print(f"note: {line}")
-    pipeline = place(load_sampling_pipeline(base, lora, lora_scale, controlnet, base_config, sampler), *placement)
-    print(placement_line(*placement))
-    for text, prompt in zip(prompts, settings):
+    return placement, settings, condition_image
+
+
+def _checked_on_the_model(request: SampleRequest, pipeline, settings: list[PromptSettings]) -> int:
+    """The side the images are drawn at (--resolution, or the model's own), checked with each prompt's steps against
+    what the loaded model allows."""
+    for text, prompt in zip(request.prompts, settings):
         if problem := spacing_steps_problem(pipeline.scheduler, prompt.num_inference_steps):
-            raise FinetuneError(f"{f'--prompt {text!r}' if prompt.num_inference_steps != steps else '--steps'}: {problem}")
-    resolution = resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+            raise FinetuneError(f"{f'--prompt {text!r}' if prompt.num_inference_steps != request.steps else '--steps'}: {problem}")
+    resolution = request.resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     if resolution % 8:
         raise FinetuneError(f"--resolution {resolution} must be a multiple of 8")
-    if problem := sample_grid_problem(num_images, len(settings), resolution, controlnet is not None):  # the model's own resolution
+    if problem := sample_grid_problem(request.num_images, len(settings), resolution, request.controlnet is not None):  # the model's own resolution
         raise FinetuneError(problem)
-    control = {}
-    if controlnet is not None:
-        control_image = fit_condition(condition_image, condition, resolution)
-        control = dict(image=control_image, controlnet_conditioning_scale=1.0 if conditioning_scale is None else conditioning_scale)
+    return resolution
+
+
+def _drawn(pipeline, settings: list[PromptSettings], num_images: int, resolution: int, control: dict) -> list[list[Image.Image]]:
+    """Each prompt's row of images, under one bar of the denoising steps; running out of memory is one line."""
     try:  # a bar of the denoising steps: minutes for SD1.5 images on a CPU, which nothing between this line and the last said
         with denoising_bar(pipeline, "sampling", sum(num_images * prompt.num_inference_steps for prompt in settings)):
-            rows = generate_with_settings(pipeline, settings, num_images, resolution, **control)
+            return generate_with_settings(pipeline, settings, num_images, resolution, **control)
     except RuntimeError as err:  # torch.OutOfMemoryError on CUDA; plain RuntimeErrors on MPS and from the CPU's allocator
         if not (out_of_device_memory(err) or "can't allocate memory" in str(err)):
             raise
         native = pipeline.unet.config.sample_size * pipeline.vae_scale_factor
         raise FinetuneError(f"out of memory sampling {resolution}x{resolution} px images: lower --resolution (this model's own is {native})") from None
-    named_lora = webui_lora(lora) if lora else None  # its hash read once, not per image
-    named_controlnet = webui_controlnet(controlnet) if controlnet else None
+
+
+def _written(
+    request: SampleRequest, settings: list[PromptSettings], rows: list[list[Image.Image]], resolution: int, control: dict
+) -> list[Path]:
+    """The images, each with the webui's parameters text, and the grid, under the folder's next run number (earlier runs' files stay)."""
+    named_lora = webui_lora(request.lora) if request.lora else None  # its hash read once, not per image
+    named_controlnet = webui_controlnet(request.controlnet) if request.controlnet else None
     for prompt, row in zip(settings, rows):
         for k, image in enumerate(row):
-            image.info[PARAMETERS] = parameters_text(prompt.prompt, prompt.negative_prompt, prompt.num_inference_steps, prompt.sampler or sampler,
-                                                     prompt.guidance_scale, prompt.seed + k, resolution, base, named_lora, lora_scale,
+            image.info[PARAMETERS] = parameters_text(prompt.prompt, prompt.negative_prompt, prompt.num_inference_steps, prompt.sampler or request.sampler,
+                                                     prompt.guidance_scale, prompt.seed + k, resolution, request.base, named_lora, request.lora_scale,
                                                      named_controlnet, control.get("controlnet_conditioning_scale", 1.0))  # fmt: skip
     named = [(f"prompt{p}_seed{settings[p].seed + k}.png", image) for p, row in enumerate(rows) for k, image in enumerate(row)]
     grid_rows = [[control["image"], *row] for row in rows] if control else rows
-    named.append(("grid.png", make_grid(grid_rows, row_labels=prompts, label_width=GRID_LABEL_WIDTH)))
-    written = write_numbered(output_dir, named)  # under the folder's next run number: earlier runs' files stay
-    return written
+    named.append(("grid.png", make_grid(grid_rows, row_labels=request.prompts, label_width=GRID_LABEL_WIDTH)))
+    return write_numbered(request.output_dir, named)
