@@ -11,7 +11,8 @@ from finetune.config import DataConfig
 from finetune.data.batches import EpochBatchSampler
 from finetune.data.items import CaptionedImageDataset
 from data_examples import load_examples
-from finetune.data.images import open_rgb
+from odd_images import save_exif_rotated
+from finetune.data.images import open_rgb, upright_rgb
 from finetune.data.sources import Example
 from finetune.errors import FinetuneError
 
@@ -265,3 +266,19 @@ def test_a_large_jpeg_is_decoded_at_reduced_scale_into_the_same_view(tmp_path):
     got = (item["pixel_values"].permute(1, 2, 0).numpy().astype(np.float64) + 1.0) * 127.5
     psnr = 10 * np.log10(255.0**2 / ((got - expected) ** 2).mean())
     assert psnr > 35.0, psnr
+
+
+def test_an_upright_rgb_photo_is_read_without_copies_of_its_pixels(tmp_path):
+    """Most phone photos are RGB JPEGs with EXIF orientation 1 (or none): upright_rgb returns the decoded image itself.
+    ImageOps.exif_transpose (nothing to turn) and convert("RGB") (already RGB) each returned a copy, 36 MB of a 12 MP
+    photo apiece, in every check thread and at every decode. A photo that does need turning is still turned."""
+    exif = Image.Exif()
+    exif[0x0112] = 1  # upright, as a phone writes for a landscape photo
+    for name, extra in (("tagged.jpg", {"exif": exif.tobytes()}), ("untagged.jpg", {})):
+        Image.new("RGB", (64, 48), "red").save(tmp_path / name, **extra)
+        decoded = Image.open(tmp_path / name)
+        decoded.load()
+        assert upright_rgb(decoded) is decoded
+    save_exif_rotated(tmp_path / "turned.png")
+    turned = upright_rgb(Image.open(tmp_path / "turned.png"))
+    assert turned.size == (64, 96) and turned.mode == "RGB" and turned.getpixel((0, 0)) == (255, 0, 0)  # red on top
