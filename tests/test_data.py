@@ -282,3 +282,40 @@ def test_an_upright_rgb_photo_is_read_without_copies_of_its_pixels(tmp_path):
     save_exif_rotated(tmp_path / "turned.png")
     turned = upright_rgb(Image.open(tmp_path / "turned.png"))
     assert turned.size == (64, 96) and turned.mode == "RGB" and turned.getpixel((0, 0)) == (255, 0, 0)  # red on top
+
+
+@pytest.mark.parametrize("target, decoded", [((256, 192), (1200, 900)), ((128, 96), (600, 450))])
+def test_a_cached_view_of_a_reduced_decode_is_as_close_to_a_full_decode_as_another_resampling(tmp_path, target, decoded):
+    """The latent cache's views (render_pixels) of a large JPEG decode it at 1/2 or 1/4 scale (Image.draft, both sides
+    kept >= 2x the view's longer side) and shrink it with LANCZOS's reducing gap. Against the view of a full decode and
+    a plain LANCZOS resize, they differ less than that full decode resized with BICUBIC does: no more than a resampling's
+    own difference. A reduced decode that keeps less margin (1/8 scale here: 300x225) does not."""
+    from PIL import ImageDraw
+
+    from finetune.data.items import render_pixels
+    from finetune.data.views import plan_view
+
+    coarse = np.random.default_rng(0).integers(0, 256, (45, 60, 3), dtype=np.uint8)
+    photo = Image.fromarray(coarse).resize((2400, 1800), Image.Resampling.BICUBIC)
+    pen = ImageDraw.Draw(photo)
+    for i in range(30):  # sharp edges, where a reduced decode loses most
+        pen.line((80 * i, 0, 2400 - 60 * i, 1800), fill=(255, 255 - 8 * i, 8 * i), width=3 + i % 5)
+    path = tmp_path / "photo.jpg"
+    photo.save(path, quality=92)
+    opened = []
+
+    def load():
+        opened.append(Image.open(path))
+        return opened[-1]
+
+    plan = plan_view((2400, 1800), target, "center", False, np.random.default_rng(0))
+    view = (render_pixels(Example(str(path), "a photo", load), plan).permute(1, 2, 0).numpy().astype(np.float64) + 1.0) * 127.5
+    assert [image.size for image in opened] == [decoded]
+    top, left = plan.top_left
+    full = Image.open(path).convert("RGB")
+
+    def resized(method):
+        return np.asarray(full.resize(plan.resized, method).crop((left, top, left + target[0], top + target[1])), dtype=np.float64)
+
+    reference = resized(Image.Resampling.LANCZOS)
+    assert ((view - reference) ** 2).mean() < ((resized(Image.Resampling.BICUBIC) - reference) ** 2).mean()
