@@ -21,7 +21,8 @@ from finetune.progress_lines import in_a_log
 
 Item, Result = TypeVar("Item"), TypeVar("Result")
 
-# Each thread holds one decoded image and its RGB copy (~150 MB at 12 MP, ~4 GB at 300 MP), hence a cap.
+# Each thread holds one decoded image, and its upright copy where EXIF turns it: Pillow keeps RGB in 4 bytes a pixel,
+# so ~50-100 MB at 12 MP (check-data's peak grew 67 MB a thread on phone photos), ~1.2-2.4 GB at 300 MP; hence a cap.
 MAX_CHECK_THREADS = 8
 # A check of fewer images ends too soon for a progress bar to say anything.
 PROGRESS_FROM = 50
