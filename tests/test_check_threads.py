@@ -60,8 +60,21 @@ def test_a_long_check_shows_progress_on_the_machines_first_process_only(odd_fold
     monkeypatch.setenv("LOCAL_RANK", "1")
     report_of(odd_folder, monkeypatch, threads=2)
     assert "checking odd" not in capsys.readouterr().err
-    monkeypatch.setattr(check_threads, "PROGRESS_FROM", 50)  # the odd folder's 13 images are below it
+    monkeypatch.setattr(check_threads, "PROGRESS_FROM", 50)  # the odd folder's 13 images are below it ...
+    monkeypatch.setattr(check_threads, "PROGRESS_AFTER_SECONDS", 3600)  # ... and checked well within this
     monkeypatch.setenv("LOCAL_RANK", "0")
+    report_of(odd_folder, monkeypatch, threads=2)
+    assert "checking odd" not in capsys.readouterr().err
+
+
+def test_a_check_of_few_images_shows_progress_once_it_runs_long(odd_folder, monkeypatch, capsys):
+    """30 phone photos of 48 MP (some 20 s on one core) are fewer than PROGRESS_FROM, and were checked
+    without a word: such a check's bar shows once it has run PROGRESS_AFTER_SECONDS (here at once)."""
+    monkeypatch.setattr(check_threads, "PROGRESS_FROM", 50)
+    monkeypatch.setattr(check_threads, "PROGRESS_AFTER_SECONDS", 0.0)
+    report_of(odd_folder, monkeypatch, threads=2)
+    assert "checking odd" in capsys.readouterr().err
+    monkeypatch.setenv("LOCAL_RANK", "1")  # still one bar per machine
     report_of(odd_folder, monkeypatch, threads=2)
     assert "checking odd" not in capsys.readouterr().err
 

@@ -24,8 +24,9 @@ Item, Result = TypeVar("Item"), TypeVar("Result")
 # Each thread holds one decoded image, and its upright copy where EXIF turns it: Pillow keeps RGB in 4 bytes a pixel,
 # so ~50-100 MB at 12 MP (check-data's peak grew 67 MB a thread on phone photos), ~1.2-2.4 GB at 300 MP; hence a cap.
 MAX_CHECK_THREADS = 8
-# A check of fewer images ends too soon for a progress bar to say anything.
-PROGRESS_FROM = 50
+# A check of this many images shows its progress bar from the start; a check of fewer, once it has run this many seconds:
+# most end before (a few ms an image), but a 48 MP phone photo takes 0.64 s of one core: 30 of them some 20 s.
+PROGRESS_FROM, PROGRESS_AFTER_SECONDS = 50, 3.0
 
 
 def check_threads() -> int:
@@ -42,11 +43,12 @@ def check_threads() -> int:
 
 def each_on_threads(function: Callable[[Item], Result], items: Sequence[Item], description: str) -> list[Result]:
     """[function(item) for item in items], computed on `check_threads()` threads."""
-    shown = len(items) >= PROGRESS_FROM and first_on_its_machine()  # one bar per machine
+    delay = 0.0 if len(items) >= PROGRESS_FROM else PROGRESS_AFTER_SECONDS
     pool = ThreadPoolExecutor(check_threads(), thread_name_prefix="check")
     results = []
     try:
-        with tqdm(total=len(items), desc=description, unit="image", disable=not shown, leave=in_a_log()) as progress:
+        with tqdm(total=len(items), desc=description, unit="image", delay=delay,
+              disable=not first_on_its_machine(), leave=in_a_log()) as progress:  # one bar per machine
             for result in pool.map(function, items):
                 results.append(result)
                 progress.update()
