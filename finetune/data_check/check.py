@@ -27,15 +27,15 @@ from finetune.captions.cells import list_text_message
 from finetune.config import DataConfig
 from finetune.counts import counted
 from finetune.data.buckets import Size, assign_buckets, bucket_counts_line, no_upscale_advice
-from finetune.data.colour_profiles import profile_note
 from finetune.data.epoch_uses import expand_repeats
 from finetune.data.image_folder_datasets import image_dir_advice
 from finetune.data.image_warnings import pillow_warning_line, pillow_warnings
-from finetune.data.images import decode, file_stamp, float_levels_problem, has_alpha, holds_8_bit_values, is_16_bit, pixel_digest, turned_on_its_side, upright_rgb
+from finetune.data.images import decode, file_stamp, float_levels_problem, has_alpha, pixel_digest, turned_on_its_side, upright_rgb
 from finetune.data.loss_mask import alpha_mask, image_sharing_mask, mask_area, mask_digest, mask_path, opaque_images, opaque_images_warning, read_mask_file
 from finetune.data.sources import Example, data_folders, read_examples
 from finetune.data.views import cut, plan_cover_crop
 from finetune.data_check.checked_once import kept_check
+from finetune.data_check.conversions import TURNED_NAMED, conversions, is_turn, turns_line
 from finetune.data_check.folder_warnings import folder_warnings
 from finetune.data_check.threads import each_on_threads
 from finetune.errors import FinetuneError
@@ -129,29 +129,6 @@ def folder_shares_line(usable: list[Example], config: DataConfig) -> str:
 
 # ---------------------------------------------------------------------------------------------------
 # One image
-
-
-def conversions(image, alpha_is_mask: bool = False) -> list[str]:
-    """What `upright_rgb` will do to this decoded image, in words (`alpha_is_mask`: its transparency is
-    its loss mask, data.loss_mask.source alpha)."""
-    done = []
-    # An animated WebP or PNG (APNG) trains its first frame; not a camera's MPO JPEG, whose second "frame" is its preview.
-    if image.format in ("WEBP", "PNG") and getattr(image, "n_frames", 1) > 1:
-        done.append(f"animated ({image.n_frames} frames): its first frame trains (save the frames to train as images of their own)")
-    orientation = image.getexif().get(0x0112, 1)
-    if orientation in range(2, 9):  # 1 is upright; other values are invalid, and ImageOps.exif_transpose ignores them
-        done.append(f"EXIF orientation {orientation}: rotated upright")
-    if image.mode == "CMYK":
-        done.append("CMYK: converted to RGB")
-    elif is_16_bit(image):
-        done.append(f"16-bit ({image.mode}): " + ("its values are 8-bit ones (none above 255), read as such" if holds_8_bit_values(image) else "scaled to 8-bit RGB"))
-    elif has_alpha(image):
-        done.append(f"transparency ({image.mode}): " + ("its loss mask; the pixels composited on white" if alpha_is_mask else "composited on white"))
-    elif image.mode == "P":
-        done.append("palette image: converted to RGB")
-    elif image.mode != "RGB":
-        done.append(f"mode {image.mode}: converted to RGB")
-    return done + [note] if (note := profile_note(image)) else done
 
 
 def inspect(example: Example, config: DataConfig) -> tuple[Example | None, list[Finding], str | None]:
@@ -283,6 +260,7 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
                        + ("" if config.bucketing.enabled else "; data.bucketing.enabled: true trains it near its own shape"))  # fmt: skip
             report.findings.append(Finding(WARNING, example.source, message))
     report.findings += masks_out_of_view(report, targets)
+    report.findings = turns_together(report.findings, report.label)
     # Copies among the images that train: not a skipped one, nor one the masks' check took out.
     trained = {example.source for example in report.usable}
     for sources in by_hash.values():
@@ -298,6 +276,17 @@ def inspect_examples(examples: list[Example], config: DataConfig, label: str) ->
     if config.skip_bad_images:
         skip_fatal(report)
     return report
+
+
+def turns_together(findings: list[Finding], label: str) -> list[Finding]:
+    """The images turned by their EXIF orientation, past TURNED_NAMED, said in one line where the first was."""
+    turns = [finding for finding in findings if finding.level == CONVERTED and is_turn(finding.source, finding.message)]
+    if len(turns) <= TURNED_NAMED:
+        return findings
+    turned = {id(turn) for turn in turns}
+    at = findings.index(turns[0])
+    rest = [finding for finding in findings if id(finding) not in turned]
+    return rest[:at] + [Finding(CONVERTED, label, turns_line([turn.source for turn in turns]))] + rest[at:]
 
 
 def _copies_remedy(config: DataConfig) -> str:
